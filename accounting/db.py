@@ -1,0 +1,83 @@
+"""The PostgreSQL pool every accounting caller uses, bound to the gateway's schema."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+from queuegate.broker import redact_url
+from queuegate.errors import ServiceUnavailable
+from queuegate.settings import Settings
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for a connection; asyncpg's default (60 s) hides an outage for a minute."""
+
+_CONNECT_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    """A pool whose connections resolve unqualified names in ``settings.database_schema``.
+
+    The schema is created when missing. The caller closes it: ``await pool.close()``.
+    """
+    schema = settings.database_schema
+    try:
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"search_path": schema},
+            init=_init_connection,
+        )
+    except _CONNECT_ERRORS as exc:
+        raise _unreachable(settings) from exc
+    try:
+        # Also the first connection when min_size is 0: a wrong URL fails here, not later.
+        async with pool.acquire() as conn, conn.transaction():
+            await lock_schema(conn, schema)
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+    except _CONNECT_ERRORS as exc:
+        await pool.close()
+        raise _unreachable(settings) from exc
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
+def _unreachable(settings: Settings) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"PostgreSQL is not reachable at {redact_url(settings.database_url)}: "
+        "start it or set QUEUEGATE_DATABASE_URL"
+    )
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a PostgreSQL identifier, safe to put into SQL text."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def lock_schema(conn: asyncpg.Connection, schema: str) -> None:
+    """Hold the schema's advisory lock until the transaction ends.
+
+    DDL on one schema (creating it, migrating it) from several processes at once would race
+    on the catalog, so every such transaction takes this lock first.
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"queuegate.ddl.{schema}")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb (teams.config) reads and writes as Python dicts and lists instead of strings.
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename, schema="pg_catalog", encoder=json.dumps, decoder=json.loads
+        )

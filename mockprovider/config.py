@@ -1,0 +1,54 @@
+"""How the mock provider behaves: latency and faults, per upstream model name.
+
+Configs are strict (unknown fields are refused) so that a typo in a test fails loudly
+instead of silently injecting nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Behavior(BaseModel):
+    """Latency and faults for calls to one model.
+
+    Faults are decided in this order: the rate limit (429), then ``fail_first``, then
+    ``timeout_rate``, then ``error_rate``. ``latency_ms`` delays every answer except a hang;
+    requests the provider would refuse as invalid are answered 400 at once, free of faults.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_ms: float = Field(default=0, ge=0)
+    error_rate: float = Field(default=0, ge=0, le=1)
+    """Fraction of calls answered with ``error_status``."""
+    error_status: int = Field(default=500, ge=400, le=599)
+    error_body: dict[str, Any] | None = None
+    """JSON body of injected errors instead of the provider's default for ``error_status``."""
+    fail_first: int = Field(default=0, ge=0)
+    """The first N calls for the model fail with ``error_status``: deterministic faults."""
+    timeout_rate: float = Field(default=0, ge=0, le=1)
+    """Fraction of calls that hang ``hang_s`` seconds, then close the connection unanswered."""
+    hang_s: float = Field(default=30, ge=0)
+    rate_limit_rpm: int | None = Field(default=None, ge=1)
+    """Calls admitted per sliding 60 s window per model; the excess gets 429."""
+    retry_after: float = Field(default=1, ge=0)
+    """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``."""
+
+
+class MockConfig(BaseModel):
+    """The whole mock: a default behaviour and overrides keyed by the model named in requests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Behavior = Behavior()
+    models: dict[str, Behavior] = Field(default_factory=dict)
+    seed: int | None = None
+    """Seeds the draws for ``error_rate`` and ``timeout_rate``, for reproducible runs."""
+    log_size: int = Field(default=10_000, ge=0)
+    """How many recent calls the request log keeps."""
+
+    def behavior(self, model: str) -> Behavior:
+        return self.models.get(model, self.default)

@@ -1,0 +1,393 @@
+"""The providers' wire formats, as the mock speaks them.
+
+``OPENAI`` answers ``POST /v1/chat/completions`` and ``ANTHROPIC`` answers ``POST /v1/messages``.
+Each reads a request into a `Reply` (what the mock model says) and renders it as a JSON body,
+as server-sent events, or renders an error, in the provider's documented shape.
+
+Replies are deterministic, so tests can predict them: the text is ``"mock reply to: "`` and the
+first 60 characters of the last user text (or tool result), cut at a stop sequence and at
+``max_tokens`` words (a word counts as a token); prompt tokens are the characters of all message
+text / 4, rounded up. When the request offers tools and the user spoke last, the reply calls the
+first tool (or the one ``tool_choice`` names) with ``{}`` as arguments. The same conversation
+gets the same reply and usage from both providers.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+REPLY_PREFIX = "mock reply to: "
+QUOTED_CHARS = 60
+WORDS_PER_CHUNK = 3
+"""Streamed replies arrive in deltas of this many words."""
+
+Finish = Literal["end", "stop_sequence", "length", "tool_use"]
+
+
+class InvalidRequest(Exception):
+    """The request breaks the provider's schema: answered 400 ``invalid_request_error``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the mock model says to one request, before it takes a provider's shape."""
+
+    text: str
+    finish: Finish
+    stop_sequence: str | None
+    tool: str | None
+    """The name of the tool called; set exactly when ``finish`` is ``tool_use``."""
+    input_tokens: int
+    output_tokens: int
+
+
+def _messages(body: dict[str, Any]) -> list[Any]:
+    model, messages = body.get("model"), body.get("messages")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: a non-empty string is required")
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise InvalidRequest("messages: a non-empty list of objects is required")
+    return messages
+
+
+def _texts(content: object) -> Iterator[str]:
+    """The text in message content: a string, or the text of its parts (tool results included)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str):
+                yield part["text"]
+            elif part.get("type") == "tool_result":
+                yield from _texts(part.get("content"))
+
+
+def _estimate_tokens(*contents: object) -> int:
+    chars = sum(len(text) for content in contents for text in _texts(content))
+    return -(-chars // 4)
+
+
+def _last_text(messages: list[dict[str, Any]], roles: tuple[str, ...]) -> str:
+    for message in reversed(messages):
+        if message.get("role") in roles:
+            return " ".join(_texts(message.get("content")))
+    return ""
+
+
+def _positive_int(body: dict[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    if value is None or (type(value) is int and value >= 1):
+        return value
+    raise InvalidRequest(f"{field}: must be a positive integer")
+
+
+def _string_list(value: object, field: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise InvalidRequest(f"{field}: must be a string or a list of strings")
+
+
+def _tools(body: dict[str, Any]) -> list[Any]:
+    tools = body.get("tools") or []
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools: must be a list")
+    return tools
+
+
+def _tool_name(tool: object) -> str:
+    name = tool.get("name") if isinstance(tool, dict) else None
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("tools: every tool needs a name")
+    return name
+
+
+def _compose(user_text: str, max_tokens: int | None, stops: list[str], input_tokens: int) -> Reply:
+    text = REPLY_PREFIX + user_text[:QUOTED_CHARS]
+    cut, matched = len(text), None
+    for stop in stops:
+        at = text.find(stop) if stop else -1
+        if 0 <= at < cut:
+            cut, matched = at, stop
+    words = text[:cut].split()
+    finish: Finish = "stop_sequence" if matched else "end"
+    if max_tokens is not None and len(words) > max_tokens:
+        words, finish, matched = words[:max_tokens], "length", None
+    return Reply(" ".join(words), finish, matched, None, input_tokens, len(words))
+
+
+def _tool_reply(name: str, input_tokens: int) -> Reply:
+    # Output tokens of a call follow the same characters / 4 rule as prompts: name plus "{}".
+    return Reply("", "tool_use", None, name, input_tokens, -(-(len(name) + 2) // 4))
+
+
+def _pieces(text: str) -> list[str]:
+    """The text in deltas of a few words that concatenate back to exactly ``text``."""
+    words = text.split(" ") if text else []
+    return [
+        " ".join(words[i : i + WORDS_PER_CHUNK]) + (" " if i + WORDS_PER_CHUNK < len(words) else "")
+        for i in range(0, len(words), WORDS_PER_CHUNK)
+    ]
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+class Wire(ABC):
+    """One provider's API: how to read a request and how to shape answers and errors."""
+
+    path: str
+
+    @abstractmethod
+    def reply(self, body: dict[str, Any]) -> Reply:
+        """Validate the request and say what the model replies; raises `InvalidRequest`."""
+
+    @abstractmethod
+    def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        """The non-streamed response body."""
+
+    @abstractmethod
+    def events(self, body: dict[str, Any], reply: Reply) -> Iterator[bytes]:
+        """The streamed response, one server-sent event at a time."""
+
+    @abstractmethod
+    def error(self, status: int, message: str) -> dict[str, Any]:
+        """The error body the provider sends with ``status``."""
+
+
+def _data(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+OPENAI_FINISH = {
+    "end": "stop",
+    "stop_sequence": "stop",
+    "length": "length",
+    "tool_use": "tool_calls",
+}
+OPENAI_ERRORS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+"""OpenAI's ``error.type`` and ``error.code`` by status; other 5xx are ``server_error``."""
+
+
+class OpenAIWire(Wire):
+    path = "/v1/chat/completions"
+
+    def reply(self, body: dict[str, Any]) -> Reply:
+        messages = _messages(body)
+        max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(
+            body, "max_tokens"
+        )
+        stops = _string_list(body.get("stop"), "stop")
+        input_tokens = _estimate_tokens(*(m.get("content") for m in messages))
+        tools, choice = _tools(body), body.get("tool_choice")
+        if tools and messages[-1].get("role") == "user" and choice != "none":
+            # A tool_choice object forces one function; it has the same shape as a tool.
+            tool = choice if isinstance(choice, dict) else tools[0]
+            function = tool.get("function") if isinstance(tool, dict) else None
+            return _tool_reply(_tool_name(function), input_tokens)
+        # Tool results quote like user text, as in Anthropic's format where they are user turns:
+        # the same conversation gets the same reply from both providers.
+        user_text = _last_text(messages, ("user", "tool"))
+        return _compose(user_text, max_tokens, stops, input_tokens)
+
+    def _usage(self, reply: Reply) -> dict[str, Any]:
+        return {
+            "prompt_tokens": reply.input_tokens,
+            "completion_tokens": reply.output_tokens,
+            "total_tokens": reply.input_tokens + reply.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+
+    def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if reply.tool is not None:
+            call = {"name": reply.tool, "arguments": "{}"}
+            message["content"] = None
+            message["tool_calls"] = [{"id": _new_id("call_"), "type": "function", "function": call}]
+        return {
+            "id": _new_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": OPENAI_FINISH[reply.finish],
+                }
+            ],
+            "usage": self._usage(reply),
+        }
+
+    def events(self, body: dict[str, Any], reply: Reply) -> Iterator[bytes]:
+        base = {
+            "id": _new_id("chatcmpl-"),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
+        options = body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            # With include_usage, OpenAI sends "usage": null on every chunk but the last.
+            return _data(base | {"choices": [choice]} | ({"usage": None} if with_usage else {}))
+
+        yield chunk({"role": "assistant", "content": "" if reply.tool is None else None})
+        if reply.tool is not None:
+            start = {"name": reply.tool, "arguments": ""}
+            call = {"index": 0, "id": _new_id("call_"), "type": "function", "function": start}
+            yield chunk({"tool_calls": [call]})
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
+        for piece in _pieces(reply.text):
+            yield chunk({"content": piece})
+        yield chunk({}, OPENAI_FINISH[reply.finish])
+        if with_usage:
+            yield _data(base | {"choices": [], "usage": self._usage(reply)})
+        yield b"data: [DONE]\n\n"
+
+    def error(self, status: int, message: str) -> dict[str, Any]:
+        kind, code = OPENAI_ERRORS.get(
+            status, ("server_error" if status >= 500 else "invalid_request_error", None)
+        )
+        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"event: " + str(obj["type"]).encode() + b"\n" + _data(obj)
+
+
+ANTHROPIC_STOP = {
+    "end": "end_turn",
+    "stop_sequence": "stop_sequence",
+    "length": "max_tokens",
+    "tool_use": "tool_use",
+}
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def _is_user_text(message: dict[str, Any]) -> bool:
+    """A user turn that is not only handing back tool results (those are user turns too)."""
+    content = message.get("content")
+    returns_tool = isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") == "tool_result" for part in content
+    )
+    return message.get("role") == "user" and not returns_tool
+
+
+class AnthropicWire(Wire):
+    path = "/v1/messages"
+
+    def reply(self, body: dict[str, Any]) -> Reply:
+        messages = _messages(body)
+        max_tokens = _positive_int(body, "max_tokens")
+        if max_tokens is None:
+            raise InvalidRequest("max_tokens: Field required")
+        system = body.get("system")
+        if system is not None and not isinstance(system, str | list):
+            raise InvalidRequest("system: must be a string or a list of text blocks")
+        stops = _string_list(body.get("stop_sequences"), "stop_sequences")
+        input_tokens = _estimate_tokens(system, *(m.get("content") for m in messages))
+        tools, choice = _tools(body), body.get("tool_choice") or {}
+        if not isinstance(choice, dict):
+            raise InvalidRequest("tool_choice: must be an object")
+        if tools and _is_user_text(messages[-1]) and choice.get("type") != "none":
+            # {"type": "tool", "name": ...} forces that tool.
+            tool = choice if choice.get("type") == "tool" else tools[0]
+            return _tool_reply(_tool_name(tool), input_tokens)
+        return _compose(_last_text(messages, ("user",)), max_tokens, stops, input_tokens)
+
+    def _usage(self, reply: Reply, output_tokens: int) -> dict[str, Any]:
+        return {
+            "input_tokens": reply.input_tokens,
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+
+    def _block(self, reply: Reply, text: str) -> dict[str, Any]:
+        if reply.tool is None:
+            return {"type": "text", "text": text}
+        return {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
+
+    def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        return {
+            "id": _new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [self._block(reply, reply.text)],
+            "stop_reason": ANTHROPIC_STOP[reply.finish],
+            "stop_sequence": reply.stop_sequence,
+            "usage": self._usage(reply, reply.output_tokens),
+        }
+
+    def events(self, body: dict[str, Any], reply: Reply) -> Iterator[bytes]:
+        message = {
+            "id": _new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            # As documented, message_start carries a placeholder output count;
+            # message_delta carries the real one.
+            "usage": self._usage(reply, 1),
+        }
+        yield _event({"type": "message_start", "message": message})
+        block = self._block(reply, "")
+        yield _event({"type": "content_block_start", "index": 0, "content_block": block})
+        yield _event({"type": "ping"})
+        if reply.tool is None:
+            deltas = [{"type": "text_delta", "text": piece} for piece in _pieces(reply.text)]
+        else:
+            deltas = [{"type": "input_json_delta", "partial_json": "{}"}]
+        for delta in deltas:
+            yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
+        yield _event({"type": "content_block_stop", "index": 0})
+        stop = {"stop_reason": ANTHROPIC_STOP[reply.finish], "stop_sequence": reply.stop_sequence}
+        usage = {"output_tokens": reply.output_tokens}
+        yield _event({"type": "message_delta", "delta": stop, "usage": usage})
+        yield _event({"type": "message_stop"})
+
+    def error(self, status: int, message: str) -> dict[str, Any]:
+        kind = ANTHROPIC_ERRORS.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+OPENAI = OpenAIWire()
+ANTHROPIC = AnthropicWire()

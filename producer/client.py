@@ -1,0 +1,215 @@
+"""The client library apps use to publish chat jobs and await their results."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pydantic import ValidationError
+
+from producer.replies import ReplyBook
+from queuegate.broker import connect, json_message
+from queuegate.errors import PublishRefused, QueueFull, ResultTimeout
+from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
+from queuegate.registry import check_team_name
+from queuegate.settings import Settings
+from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, MESSAGE_TYPE_RESULT, Topology
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """A published job: ``await handle.result()`` waits for its answer."""
+
+    job_id: str
+    _client: GatewayClient
+
+    async def result(self, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
+        return await self._client.wait(self.job_id, timeout)
+
+
+class GatewayClient:
+    """Publishes a team's chat jobs and awaits their results::
+
+        async with GatewayClient(settings, team="search") as client:
+            result = await client.chat("gpt-4o-mini", [{"role": "user", "content": "Hi"}])
+            print(result.content)
+
+    Replies arrive on an exclusive, server-named queue that lives as long as the client. A
+    pipeline that must survive its own restart passes ``reply_queue="nightly"``: a durable
+    queue that keeps results while nobody listens, read again by the next client of that name.
+    Do not share one named reply queue between two live clients: each takes half the results.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        team: str,
+        reply_queue: str | None = None,
+        user_id: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._topology = Topology(settings.namespace, settings.delivery_limit)
+        self.team = check_team_name(team)
+        self._reply_name = reply_queue
+        self._user_id = user_id
+        self._replies = ReplyBook()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._reply_queue: AbstractQueue | None = None
+
+    async def __aenter__(self) -> Self:
+        self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
+        try:
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._exchange = await self._topology.declare_jobs_exchange(self._channel)
+            if self._reply_name is None:
+                self._reply_queue = await self._channel.declare_queue(exclusive=True)
+                await self._reply_queue.consume(self._on_reply, no_ack=True)
+            else:
+                self._reply_queue = await self._topology.declare_results_queue(
+                    self._channel, self.team, self._reply_name
+                )
+                await self._channel.set_qos(prefetch_count=1000)
+                await self._reply_queue.consume(self._on_reply)
+        except BaseException:
+            await self._connection.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    @property
+    def reply_to(self) -> str:
+        if self._reply_queue is None:
+            raise RuntimeError("use the client inside `async with`")
+        return self._reply_queue.name
+
+    @property
+    def duplicates(self) -> int:
+        """Results dropped because the same job was already answered (after a redelivery)."""
+        return self._replies.duplicates
+
+    def job(
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any] | ChatMessage],
+        *,
+        job_id: str | None = None,
+        deadline: datetime | timedelta | None = None,
+        fallbacks: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **params: Any,
+    ) -> ChatJob:
+        """Build a ChatJob for this team; ``params`` are OpenAI chat parameters."""
+        if isinstance(deadline, timedelta):
+            deadline = datetime.now(UTC) + deadline
+        return ChatJob(
+            job_id=job_id or uuid.uuid4().hex,
+            team=self.team,
+            model=model,
+            messages=[ChatMessage.model_validate(m) for m in messages],
+            params=ChatParams.model_validate(params),
+            fallbacks=fallbacks,
+            metadata=metadata or {},
+            deadline=deadline,
+        )
+
+    async def submit(self, job: ChatJob) -> JobHandle:
+        """Publish a job and wait for the broker's confirm; the result comes later."""
+        if self._exchange is None:
+            raise RuntimeError("use the client inside `async with`")
+        self._replies.expect(job.job_id)
+        message = json_message(
+            job.model_dump_json(exclude_defaults=True).encode(),
+            message_type=MESSAGE_TYPE_JOB,
+            message_id=job.job_id,
+            correlation_id=job.job_id,
+            reply_to=self.reply_to,
+            user_id=self._user_id,
+            expiration_ms=_expiration_ms(job.deadline),
+            headers={HEADER_SENT_MS: int(time.time() * 1000)},
+        )
+        try:
+            await self._exchange.publish(message, routing_key=job.team, mandatory=True)
+        except aiormq.exceptions.PublishError as exc:
+            self._replies.forget(job.job_id)
+            raise PublishRefused(
+                f"no queue for team {job.team!r}: register it (queuegate teams add "
+                f"{job.team}) or start a worker for it"
+            ) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            self._replies.forget(job.job_id)
+            raise QueueFull(
+                f"the broker refused job {job.job_id}: team {job.team!r}'s queue is full; "
+                "retry later"
+            ) from exc
+        return JobHandle(job.job_id, self)
+
+    async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
+        try:
+            return await self._replies.wait(job_id, timeout)
+        except TimeoutError as exc:
+            raise ResultTimeout(
+                f"no result for job {job_id} within {timeout} s; it may still be answered: "
+                "wait again, or check the workers (queuegate status)"
+            ) from exc
+
+    async def chat(
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any] | ChatMessage],
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        **params: Any,
+    ) -> ChatResult:
+        """Publish one chat job and await its result."""
+        handle = await self.submit(self.job(model, messages, **params))
+        return await handle.result(timeout)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        if message.type == MESSAGE_TYPE_RESULT:
+            try:
+                self._replies.deliver(ChatResult.model_validate_json(message.body))
+            except ValidationError:
+                log.warning("dropped a malformed result for job %s", message.correlation_id)
+        if self._reply_name is not None:
+            await message.ack()
+
+
+def _expiration_ms(deadline: datetime | None) -> int | None:
+    """Message TTL from the deadline, so the broker itself dead-letters an expired job."""
+    if deadline is None:
+        return None
+    return max(1, int((deadline - datetime.now(UTC)).total_seconds() * 1000))
+
+
+__all__ = ["GatewayClient", "JobHandle"]

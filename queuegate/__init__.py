@@ -1,0 +1,7 @@
+"""What every part of queuegate shares: wire messages, settings, topology, errors, the CLI."""
+
+from queuegate.errors import GatewayError
+from queuegate.messages import ChatJob, ChatResult, StreamChunk, UsageEvent
+from queuegate.settings import Settings
+
+__all__ = ["ChatJob", "ChatResult", "GatewayError", "Settings", "StreamChunk", "UsageEvent"]

@@ -1,0 +1,3 @@
+from queuegate.cli import main
+
+main()

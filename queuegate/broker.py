@@ -1,0 +1,64 @@
+"""Connecting to RabbitMQ and building messages, the same way in every component."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection, DeliveryMode
+
+from queuegate.errors import ServiceUnavailable
+from queuegate.messages import CONTENT_TYPE
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+async def connect(url: str, *, name: str) -> AbstractRobustConnection:
+    """A robust connection: it reconnects and restores channels and consumers by itself."""
+    try:
+        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        raise ServiceUnavailable(
+            f"RabbitMQ is not reachable at {redact_url(url)}: start it "
+            "(rabbitmq-server -detached) or set QUEUEGATE_AMQP_URL"
+        ) from exc
+
+
+def json_message(
+    body: bytes,
+    *,
+    message_type: str,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    user_id: str | None = None,
+    expiration_ms: int | None = None,
+    headers: Mapping[str, str | int] | None = None,
+    persistent: bool = True,
+) -> aio_pika.Message:
+    """An AMQP message with a JSON body and the properties our components read."""
+    return aio_pika.Message(
+        body,
+        content_type=CONTENT_TYPE,
+        type=message_type,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        user_id=user_id,
+        expiration=expiration_ms / 1000 if expiration_ms is not None else None,
+        headers=dict(headers) if headers else None,
+        timestamp=datetime.now(UTC),
+        delivery_mode=DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT,
+    )

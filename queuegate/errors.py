@@ -1,0 +1,95 @@
+"""The one error tree of queuegate.
+
+    GatewayError                     base of everything queuegate raises on purpose
+    ├── ConfigError                  settings or catalog are invalid
+    ├── ServiceUnavailable           RabbitMQ, Redis or PostgreSQL cannot be reached
+    ├── JobError                     a job ends in an error; ``code`` is its wire error code
+    │   ├── InvalidRequest           the job is malformed or breaks a limit (400)
+    │   ├── UnknownModel             the alias is not in the catalog (400)
+    │   ├── Unauthorized             the publisher may not act for the team (401)
+    │   ├── DeadlineExceeded         the deadline passed before the job could be served (504)
+    │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
+    └── ClientError                  raised to producers
+        ├── ResultTimeout            no result arrived within the timeout
+        ├── QueueFull                the broker refused the job: the team's queue is full (503)
+        └── PublishRefused           the broker did not accept the job (unroutable or nacked)
+
+Third-party errors (aiormq, httpx, asyncpg, redis) are translated at the boundary with
+``raise ... from exc``, so callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from queuegate.messages import Attempt, ErrorCode
+
+
+class GatewayError(Exception):
+    """Base of every error queuegate raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """Settings or the model catalog are invalid; the message says which field and why."""
+
+
+class ServiceUnavailable(GatewayError):
+    """A backing service cannot be reached; the message names it and how to start it."""
+
+
+class JobError(GatewayError):
+    """A job ends with an error result; ``code`` is the wire error code it is answered with."""
+
+    code: ErrorCode
+
+    def __init__(self, message: str, attempts: list[Attempt] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.attempts = attempts or []
+
+
+class InvalidRequest(JobError):
+    """The job is not valid JSON, not a valid ChatJob, or breaks an input limit."""
+
+    code = "invalid_request"
+
+
+class UnknownModel(JobError):
+    """The job names a model alias the catalog does not have."""
+
+    code = "unknown_model"
+
+
+class Unauthorized(JobError):
+    """The job's proven publisher or team field does not own the queue it came from."""
+
+    code = "unauthorized"
+
+
+class DeadlineExceeded(JobError):
+    """The job's deadline passed before a provider could be called."""
+
+    code = "deadline_exceeded"
+
+
+class AllProvidersFailed(JobError):
+    """Every deployment of the model and its fallbacks failed; ``attempts`` says how."""
+
+    code = "all_providers_failed"
+
+
+class ClientError(GatewayError):
+    """Raised to producers by the client library."""
+
+
+class ResultTimeout(ClientError):
+    """No result arrived for a job within the timeout; the job may still be answered later."""
+
+
+class QueueFull(ClientError):
+    """The team's queue is at its quota and the broker refused the job; retry later."""
+
+
+class PublishRefused(ClientError):
+    """The broker did not accept the job: no queue for the team, or a negative confirm."""

@@ -1,0 +1,182 @@
+"""The wire contract: every body that crosses the broker, as pydantic v2 models.
+
+Bodies are JSON (``content_type=application/json``) and carry ``v``, the schema version.
+Unknown fields are ignored on read, so a newer producer never breaks an older worker.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+CONTENT_TYPE = "application/json"
+
+ErrorCode = Literal[
+    "unauthorized",
+    "budget_exhausted",
+    "invalid_request",
+    "unknown_model",
+    "rate_limited",
+    "deadline_exceeded",
+    "provider_error",
+    "all_providers_failed",
+    "queue_full",
+]
+
+HTTP_STATUS: dict[str, int] = {
+    "unauthorized": 401,
+    "budget_exhausted": 402,
+    "invalid_request": 400,
+    "unknown_model": 400,
+    "rate_limited": 429,
+    "deadline_exceeded": 504,
+    "provider_error": 502,
+    "all_providers_failed": 502,
+    "queue_full": 503,
+}
+"""The HTTP status an HTTP gateway would answer for each error code."""
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ChatMessage(BaseModel):
+    """One message in OpenAI chat format; content is a string or a list of content parts."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatParams(BaseModel):
+    """Sampling and tool parameters in OpenAI form; unknown ones pass through to the provider."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+class ChatJob(WireModel):
+    """A chat completion to run; ``job_id`` is the idempotency key, set by the producer."""
+
+    v: int = SCHEMA_VERSION
+    job_id: str = Field(min_length=1, max_length=128)
+    team: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    model: str = Field(min_length=1, max_length=128)
+    messages: list[ChatMessage] = Field(min_length=1)
+    params: ChatParams = ChatParams()
+    fallbacks: list[str] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    deadline: datetime | None = None
+    stream: bool = False
+    cache: bool = False
+
+
+class Attempt(WireModel):
+    """One call to one deployment, as recorded on results and usage events."""
+
+    model: str
+    deployment: str
+    provider: str
+    status: int | None = None
+    """The provider's HTTP status; None when no response arrived (timeout, connection)."""
+    error: str | None = None
+    """The error class (``timeout``, ``connection``, ``server_error``, ``rate_limited``, …)."""
+    latency_ms: float = 0.0
+
+
+class ErrorInfo(WireModel):
+    code: ErrorCode
+    message: str
+    attempts: int = 0
+
+
+class GatewayInfo(WireModel):
+    """How the gateway served a job: which model, where, how long, at what cost."""
+
+    model_requested: str
+    model_used: str | None = None
+    provider: str | None = None
+    deployment: str | None = None
+    fallback_used: bool = False
+    cached: bool = False
+    queued_ms: float = 0.0
+    latency_ms: float = 0.0
+    attempts: list[Attempt] = Field(default_factory=list)
+    cost_usd: Decimal = Decimal(0)
+    worker: str = ""
+
+
+class ChatResult(WireModel):
+    """The final answer to a job: an OpenAI ``chat.completion`` or an error, and how it went."""
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    team: str
+    status: Literal["ok", "error"]
+    response: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    gateway: GatewayInfo
+
+    @property
+    def content(self) -> str | None:
+        """The first choice's text, for callers that want just that."""
+        if self.response is None:
+            return None
+        choices = self.response.get("choices") or [{}]
+        message = choices[0].get("message") or {}
+        text = message.get("content")
+        return text if isinstance(text, str) else None
+
+
+class StreamChunk(WireModel):
+    """One streamed delta, sent to ``reply_to`` in ``seq`` order before the final ChatResult."""
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    seq: int
+    delta: dict[str, Any]
+
+
+class UsageEvent(WireModel):
+    """What one finished job cost; accounting writes exactly one row per ``job_id``."""
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    team: str
+    model_requested: str
+    model_used: str | None = None
+    provider: str | None = None
+    deployment: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    status: Literal["ok", "error"]
+    error_code: ErrorCode | None = None
+    queued_ms: float = 0.0
+    latency_ms: float = 0.0
+    attempts: int = 0
+    fallback_used: bool = False
+    cached: bool = False
+    reply_delivered: bool = True
+    """False when the reply queue was gone and the broker returned the result."""
+    worker: str = ""
+    ts: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -1,0 +1,124 @@
+"""Broker names and their idempotent declarations, all under one namespace.
+
+| name                         | kind                       | purpose                           |
+|------------------------------|----------------------------|-----------------------------------|
+| ``<ns>.jobs``                | topic exchange             | producers publish, key = team     |
+| ``<ns>.jobs.<team>``         | quorum queue               | one per team, dead-letters        |
+| ``<ns>.results.<team>.<n>``  | durable queue              | a pipeline's named reply queue    |
+| ``<ns>.usage``               | fanout exchange            | one UsageEvent per finished job   |
+| ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
+| ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
+
+Arguments of a queue cannot change once it exists (RabbitMQ refuses a redeclare that differs),
+so per-team quotas are applied as policies, never as declare arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+MESSAGE_TYPE_JOB = "job"
+MESSAGE_TYPE_RESULT = "result"
+MESSAGE_TYPE_CHUNK = "chunk"
+MESSAGE_TYPE_USAGE = "usage"
+
+HEADER_DEAD_REASON = "x-queuegate-reason"
+HEADER_DEAD_DETAIL = "x-queuegate-detail"
+HEADER_DEAD_QUEUE = "x-queuegate-queue"
+HEADER_SENT_MS = "x-queuegate-sent-ms"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The names of one namespace's exchanges and queues, and how to declare them."""
+
+    namespace: str
+    delivery_limit: int = 5
+
+    @property
+    def jobs_exchange(self) -> str:
+        return f"{self.namespace}.jobs"
+
+    def team_queue(self, team: str) -> str:
+        return f"{self.namespace}.jobs.{team}"
+
+    def team_of_queue(self, queue: str) -> str:
+        return queue.removeprefix(f"{self.namespace}.jobs.")
+
+    def results_queue(self, team: str, name: str) -> str:
+        return f"{self.namespace}.results.{team}.{name}"
+
+    @property
+    def usage_exchange(self) -> str:
+        return f"{self.namespace}.usage"
+
+    @property
+    def accounting_queue(self) -> str:
+        return f"{self.namespace}.accounting"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.namespace}.dead"
+
+    def _quorum_args(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": self.dead_exchange,
+            # At-least-once dead-lettering: a dead letter is never dropped on the way.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    async def declare_jobs_exchange(self, channel: AbstractChannel) -> AbstractExchange:
+        return await channel.declare_exchange(
+            self.jobs_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+    async def declare_dead(self, channel: AbstractChannel) -> AbstractExchange:
+        exchange = await channel.declare_exchange(
+            self.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue(
+            self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await queue.bind(exchange)
+        return exchange
+
+    async def declare_team_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
+        """The team's job queue, bound to the jobs exchange under the team's routing key."""
+        exchange = await self.declare_jobs_exchange(channel)
+        await self.declare_dead(channel)
+        queue = await channel.declare_queue(
+            self.team_queue(team), durable=True, arguments=self._quorum_args()
+        )
+        await queue.bind(exchange, routing_key=team)
+        return queue
+
+    async def declare_results_queue(
+        self, channel: AbstractChannel, team: str, name: str
+    ) -> AbstractQueue:
+        """A durable reply queue that outlives its consumer, for pipelines that restart."""
+        return await channel.declare_queue(
+            self.results_queue(team, name), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+
+    async def declare_usage(self, channel: AbstractChannel) -> AbstractExchange:
+        """The usage fanout exchange and the accounting queue bound to it."""
+        exchange = await channel.declare_exchange(
+            self.usage_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await self.declare_dead(channel)
+        queue = await channel.declare_queue(
+            self.accounting_queue, durable=True, arguments=self._quorum_args()
+        )
+        await queue.bind(exchange)
+        return exchange

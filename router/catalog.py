@@ -1,0 +1,199 @@
+"""The model catalog: aliases that jobs name, their deployments, and their fallbacks.
+
+Loaded from YAML with ``load_catalog``, which interpolates ``${VAR}`` and ``${VAR:-default}``
+in string values from the environment it is given (not ``os.environ`` behind the caller's back)::
+
+    models:
+      gpt-4o-mini:
+        fallbacks: [claude-haiku]
+        deployments:
+          - name: openai-main
+            provider: openai
+            model: gpt-4o-mini
+            api_base: ${OPENAI_BASE:-https://api.openai.com}
+            api_key_env: OPENAI_API_KEY
+            input_per_mtok: 0.15
+            output_per_mtok: 0.60
+
+Keys never live in the catalog: it names the environment variable that holds each one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from queuegate.errors import ConfigError, UnknownModel
+
+ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Strict(BaseModel):
+    # A misspelt field (or a key pasted inline as `api_key:`) is refused, not ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Deployment(_Strict):
+    """One place a model is served: a provider account, its upstream model name and prices."""
+
+    name: str = Field(min_length=1)
+    """Unique across the catalog; recorded on every attempt."""
+    provider: ProviderKind
+    model: str = Field(min_length=1)
+    """The upstream model name sent to the provider."""
+    api_base: str = Field(pattern=r"^https?://[^/\s]+")
+    """Scheme and host (and port); the provider's path is appended to it."""
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable that holds the key; only ``openai_compatible`` may go without."""
+    input_per_mtok: Decimal = Field(ge=0)
+    """USD per million input tokens."""
+    output_per_mtok: Decimal = Field(ge=0)
+    """USD per million output tokens."""
+    timeout: float = Field(default=60.0, gt=0)
+    """Seconds one call may take in total, connection included."""
+
+    @model_validator(mode="after")
+    def _key_required(self) -> Deployment:
+        if self.api_key_env is None and self.provider != "openai_compatible":
+            raise ValueError(f"api_key_env: required for provider {self.provider}")
+        return self
+
+
+class ModelEntry(_Strict):
+    """What an alias means: deployments tried in order, then the fallback aliases."""
+
+    deployments: list[Deployment] = Field(min_length=1)
+    fallbacks: list[str] = Field(default_factory=list)
+
+
+class Catalog(_Strict):
+    """Every alias a job may name. Build it with ``load_catalog``; it is immutable."""
+
+    models: dict[str, ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Catalog:
+        seen: set[str] = set()
+        for alias, entry in self.models.items():
+            for i, deployment in enumerate(entry.deployments):
+                if deployment.name in seen:
+                    raise ValueError(
+                        f"models.{alias}.deployments.{i}.name: duplicate deployment name "
+                        f"{deployment.name!r}"
+                    )
+                seen.add(deployment.name)
+            for fallback in entry.fallbacks:
+                if fallback not in self.models:
+                    raise ValueError(f"models.{alias}.fallbacks: unknown alias {fallback!r}")
+        _refuse_cycles(self.models)
+        return self
+
+    def resolve(self, alias: str) -> ModelEntry:
+        """The entry of ``alias``; raises UnknownModel."""
+        entry = self.models.get(alias)
+        if entry is None:
+            raise UnknownModel(f"unknown model {alias!r}")
+        return entry
+
+    def chain(self, alias: str, override: list[str] | None = None) -> list[str]:
+        """The aliases to try, in order: ``alias``, its fallbacks, then theirs, without repeats.
+
+        ``override`` (a job's own fallbacks) replaces the fallbacks of ``alias`` only; the
+        aliases it names keep their catalog fallbacks. Breadth first, so the aliases a model
+        names itself come before the ones their own fallbacks add. Raises UnknownModel naming
+        the first alias the catalog does not have.
+        """
+        entry = self.resolve(alias)
+        chain = [alias]
+        queue = list(entry.fallbacks if override is None else override)
+        while queue:
+            candidate = queue.pop(0)
+            if candidate not in chain:
+                chain.append(candidate)
+                queue.extend(self.resolve(candidate).fallbacks)
+        return chain
+
+
+def _refuse_cycles(models: Mapping[str, ModelEntry]) -> None:
+    """Depth first; an alias met again on the current path closes a cycle."""
+    done: set[str] = set()
+
+    def visit(alias: str, path: tuple[str, ...]) -> None:
+        if alias in path:
+            loop = " -> ".join((*path[path.index(alias) :], alias))
+            raise ValueError(f"models.{path[-1]}.fallbacks: fallback cycle {loop}")
+        if alias not in done:
+            for fallback in models[alias].fallbacks:
+                visit(fallback, (*path, alias))
+            done.add(alias)
+
+    for alias in models:
+        visit(alias, ())
+
+
+def load_catalog(path: Path | None, env: Mapping[str, str]) -> Catalog:
+    """Read, interpolate and validate a catalog; ``None`` loads the bundled mock catalog.
+
+    Raises ConfigError with one line naming the file and the field.
+    """
+    if path is None:
+        source = "router/catalogs/mock.yaml"
+        text = resources.files("router").joinpath("catalogs/mock.yaml").read_text("utf-8")
+    else:
+        source = str(path)
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read the catalog ({exc.strerror})") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: invalid YAML{where}") from exc
+    try:
+        return Catalog.model_validate(_interpolate(raw, env, source, ""))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def _interpolate(value: Any, env: Mapping[str, str], source: str, where: str) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, env, source, f"{where}.{k}".lstrip(".")) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, env, source, f"{where}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if default is not None:  # like the shell's ${VAR:-default}: unset or empty
+            return env.get(name) or default
+        if name not in env:
+            raise ConfigError(f"{source}: {where}: environment variable {name} is not set")
+        return env[name]
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per pydantic error, joined; input values are left out (they may be secrets)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        cause = error.get("ctx", {}).get("error")
+        # Our own catalog-wide checks name their field in the message (their location is empty).
+        message = str(cause) if cause is not None else error["msg"]
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts)

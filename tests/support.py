@@ -1,0 +1,104 @@
+"""A whole gateway in the test's event loop: mock provider, router, worker, accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from accounting import Accountant, create_pool
+from mockprovider import MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from router import Router, load_catalog
+from workers import Worker
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait for a condition that no event announces, checking every few milliseconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+class Gateway:
+    """The running pieces of one test's gateway."""
+
+    def __init__(
+        self, settings: Settings, mock: MockProvider, worker: Worker, pool: asyncpg.Pool
+    ) -> None:
+        self.settings = settings
+        self.mock = mock
+        self.worker = worker
+        self.pool = pool
+        self.topology = Topology(settings.namespace, settings.delivery_limit)
+
+    def client(self, team: str, **kwargs: object) -> GatewayClient:
+        return GatewayClient(self.settings, team=team, **kwargs)  # type: ignore[arg-type]
+
+    async def usage_rows(self, expected: int, timeout: float = 10.0) -> list[asyncpg.Record]:
+        """The usage_log rows, once accounting has written ``expected`` of them."""
+
+        async def count() -> int:
+            return int(await self.pool.fetchval("SELECT count(*) FROM usage_log"))
+
+        deadline = time.monotonic() + timeout
+        while (n := await count()) < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} usage rows, expected {expected}")
+            await asyncio.sleep(0.02)
+        return list(await self.pool.fetch("SELECT * FROM usage_log ORDER BY job_id"))
+
+    async def dead_letters(
+        self, expected: int, timeout: float = 10.0
+    ) -> list[AbstractIncomingMessage]:
+        """Take ``expected`` messages from the dead-letter queue."""
+        connection = await aio_pika.connect(self.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(self.topology.dead_queue)
+            taken: list[AbstractIncomingMessage] = []
+            async with asyncio.timeout(timeout), queue.iterator() as messages:
+                async for message in messages:
+                    await message.ack()
+                    taken.append(message)
+                    if len(taken) == expected:
+                        break
+            return taken
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    settings: Settings,
+    *,
+    teams: Sequence[str] = ("alpha",),
+    mock_config: MockConfig | None = None,
+    catalog: Path | None = None,
+) -> AsyncIterator[Gateway]:
+    stop = asyncio.Event()
+    async with MockProvider(mock_config or MockConfig()) as mock:
+        env = {"QUEUEGATE_MOCK_URL": mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
+        async with Router(load_catalog(catalog, env), env) as router:
+            worker = Worker(settings, router, teams=list(teams), name="test-worker")
+            async with Accountant(settings) as accountant:
+                tasks = [
+                    asyncio.create_task(worker.run(stop)),
+                    asyncio.create_task(accountant.run(stop)),
+                ]
+                await asyncio.wait_for(worker.ready.wait(), 10)
+                pool = await create_pool(settings)
+                try:
+                    yield Gateway(settings, mock, worker, pool)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*tasks)
+                    await pool.close()

@@ -1,0 +1,342 @@
+"""Accounting against the real broker and PostgreSQL: rows, idempotency, dead letters, reports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+
+import accounting
+from accounting import Accountant, TeamSpend, create_pool, migrate, monthly_spend
+from accounting.reports import month_range
+from accounting.store import COLUMNS, insert_usage
+from queuegate.broker import json_message
+from queuegate.errors import ServiceUnavailable
+from queuegate.messages import UsageEvent
+from queuegate.settings import Settings
+from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
+
+WAIT = 5.0
+"""Seconds any awaited outcome may take before the test fails."""
+
+
+def usage(job_id: str, **fields: Any) -> UsageEvent:
+    values: dict[str, Any] = {
+        "team": "alpha",
+        "model_requested": "gpt-mini",
+        "model_used": "gpt-mini",
+        "provider": "openai",
+        "deployment": "openai-main",
+        "input_tokens": 120,
+        "output_tokens": 30,
+        "cost_usd": Decimal("0.0001234567"),
+        "status": "ok",
+        "worker": "w1",
+    }
+    return UsageEvent(job_id=job_id, **(values | fields))
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(settings)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def usage_exchange(settings: Settings) -> AsyncIterator[AbstractExchange]:
+    """The usage exchange on a channel with publisher confirms, as workers publish."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = Topology(settings.namespace, settings.delivery_limit)
+        yield await topology.declare_usage(channel)
+
+
+async def publish(exchange: AbstractExchange, *bodies: bytes | UsageEvent) -> None:
+    # Each publish returns once the broker confirms it: the message is in the queue.
+    for body in bodies:
+        raw = body.model_dump_json().encode() if isinstance(body, UsageEvent) else body
+        await exchange.publish(json_message(raw, message_type=MESSAGE_TYPE_USAGE), "")
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Accountant]:
+    stop = asyncio.Event()
+    async with Accountant(settings) as accountant:
+        task = asyncio.create_task(accountant.run(stop))
+        try:
+            yield accountant
+        finally:
+            stop.set()
+            async with asyncio.timeout(WAIT):
+                await task
+
+
+async def wait_until(accountant: Accountant, predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        await accountant.wait_until(predicate)
+
+
+async def dead_letters(settings: Settings, count: int) -> list[AbstractIncomingMessage]:
+    """The next ``count`` messages of the dead-letter queue, acknowledged."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(Topology(settings.namespace).dead_queue)
+        messages: list[AbstractIncomingMessage] = []
+        async with asyncio.timeout(WAIT), queue.iterator() as incoming:
+            async for message in incoming:
+                await message.ack()
+                messages.append(message)
+                if len(messages) == count:
+                    break
+        return messages
+
+
+async def row_count(pool: asyncpg.Pool) -> int:
+    count: int = await pool.fetchval("SELECT count(*) FROM usage_log")
+    return count
+
+
+def test_public_api_is_pinned() -> None:
+    assert accounting.__all__ == [
+        "Accountant",
+        "TeamSpend",
+        "create_pool",
+        "migrate",
+        "monthly_spend",
+    ]
+
+
+def test_every_usage_event_field_has_a_column() -> None:
+    assert {name for name, _ in COLUMNS} == set(UsageEvent.model_fields) - {"v"}
+
+
+async def test_migrations_apply_once_when_two_processes_start_together(
+    settings: Settings,
+) -> None:
+    # Given two pools, as two processes starting at once would have
+    first, second = await create_pool(settings), await create_pool(settings)
+    try:
+        # When both migrate concurrently, then once more
+        results = await asyncio.gather(
+            migrate(first, settings.database_schema), migrate(second, settings.database_schema)
+        )
+        again = await migrate(first, settings.database_schema)
+
+        # Expect exactly one of them applied 0001, and nothing is left to apply
+        assert sorted(results) == [[], ["0001"]]
+        assert again == []
+        ledger = await first.fetch("SELECT version, name FROM schema_migrations")
+        assert [tuple(row) for row in ledger] == [("0001", "init")]
+        tables = await first.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+            settings.database_schema,
+        )
+        assert {row["table_name"] for row in tables} == {"schema_migrations", "usage_log", "teams"}
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_unreachable_postgres_is_named_without_its_password(settings: Settings) -> None:
+    # Given a URL with a password and a port nothing listens on
+    bad = settings.model_copy(update={"database_url": "postgresql://app:s3cret@127.0.0.1:1/test"})
+
+    # Expect one clear error that names the server, not the password
+    with pytest.raises(ServiceUnavailable) as caught:
+        await create_pool(bad)
+    message = str(caught.value)
+    assert "127.0.0.1:1" in message
+    assert "QUEUEGATE_DATABASE_URL" in message
+    assert "s3cret" not in message
+
+
+async def test_published_events_land_as_rows(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given twenty usage events, one of them a failed job that fell back
+    events = [usage(f"job-{i}") for i in range(19)]
+    failed = usage(
+        "job-failed",
+        team="beta",
+        status="error",
+        error_code="all_providers_failed",
+        cost_usd=Decimal("0.5000000001"),
+        attempts=3,
+        fallback_used=True,
+        reply_delivered=False,
+        ts=datetime(2025, 3, 1, 12, 30, tzinfo=timezone(timedelta(hours=2))),
+    )
+    async with running(settings) as accountant:
+        # When they are published to the usage exchange
+        await publish(usage_exchange, *events, failed)
+        await wait_until(accountant, lambda: accountant.events_written == 20)
+
+    # Expect one row per event, every field as sent
+    assert await row_count(pool) == 20
+    assert accountant.rows_inserted == 20
+    row = await pool.fetchrow("SELECT * FROM usage_log WHERE job_id = 'job-failed'")
+    assert {name: row[name] for name, _ in COLUMNS} == failed.model_dump(exclude={"v"})
+
+
+async def test_an_event_delivered_three_times_is_one_row(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given an accountant that writes every event in a batch of its own
+    one_by_one = settings.model_copy(update={"accounting_batch": 1})
+    event = usage("job-repeated")
+    async with running(one_by_one) as accountant:
+        # When the same event arrives three times
+        await publish(usage_exchange, event, event, event)
+        await wait_until(accountant, lambda: accountant.events_written == 3)
+
+    # Expect three batches written and acknowledged, and one row
+    assert accountant.batches == 3
+    assert accountant.rows_inserted == 1
+    assert await row_count(pool) == 1
+
+
+async def test_duplicates_within_one_batch_are_one_row(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given an event three times and another once, queued before the accountant starts
+    await publish(usage_exchange, usage("job-a"), usage("job-a"), usage("job-b"), usage("job-a"))
+
+    # When it takes them all in one batch
+    async with running(settings) as accountant:
+        await wait_until(accountant, lambda: accountant.events_written == 4)
+
+    # Expect one row per job
+    assert accountant.batches == 1
+    assert accountant.last_batch_size == 4
+    assert accountant.rows_inserted == 2
+    assert await row_count(pool) == 2
+
+
+async def test_a_malformed_body_is_dead_lettered_and_consuming_goes_on(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    async with running(settings) as accountant:
+        # When a body that is not JSON and one that is not a UsageEvent arrive before a good one
+        await publish(usage_exchange, b"not json", b'{"job_id": "x"}', usage("job-good"))
+        await wait_until(
+            accountant, lambda: accountant.events_rejected == 2 and accountant.events_written == 1
+        )
+
+    # Expect both bad bodies in the dead-letter queue, and the good event written
+    dead = await dead_letters(settings, 2)
+    assert sorted(message.body for message in dead) == [b"not json", b'{"job_id": "x"}']
+    assert await row_count(pool) == 1
+
+
+async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given a valid UsageEvent with a value PostgreSQL refuses (text cannot hold NUL), queued
+    # between two good events so that all three share one batch
+    unstorable = usage("job-nul", worker="w\x00")
+    await publish(usage_exchange, usage("job-1"), unstorable, usage("job-2"))
+
+    # When the accountant writes the batch
+    async with running(settings) as accountant:
+        await wait_until(accountant, lambda: accountant.events_rejected == 1)
+
+    # Expect the good events written and only the bad one dead-lettered
+    assert accountant.events_written == 2
+    assert await row_count(pool) == 2
+    [dead] = await dead_letters(settings, 1)
+    assert UsageEvent.model_validate_json(dead.body).job_id == "job-nul"
+
+
+async def test_graceful_stop_writes_what_it_holds(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given an accountant that would wait half a minute to fill a batch, holding five events
+    patient = settings.model_copy(update={"accounting_linger": 30.0})
+    stop = asyncio.Event()
+    async with Accountant(patient) as accountant:
+        task = asyncio.create_task(accountant.run(stop))
+        await publish(usage_exchange, *(usage(f"job-{i}") for i in range(5)))
+        await wait_until(accountant, lambda: accountant.events_received == 5)
+        assert await row_count(pool) == 0
+
+        # When it is asked to stop
+        stop.set()
+        async with asyncio.timeout(WAIT):
+            await task
+
+    # Expect everything it held written in one last batch
+    assert await row_count(pool) == 5
+    assert (accountant.batches, accountant.events_written) == (1, 5)
+
+
+async def test_monthly_spend_equals_sums_of_the_rows(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given usage of three teams around the November/December 2025 boundary, some failed
+    await migrate(pool, settings.database_schema)
+    rng = random.Random(7)
+    edges = [
+        datetime(2025, 10, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(2025, 11, 1, tzinfo=UTC),
+        datetime(2025, 12, 1, 1, 0, tzinfo=timezone(timedelta(hours=2))),  # 30 Nov, 23:00 UTC
+        datetime(2025, 12, 1, tzinfo=UTC),
+    ]
+    events = [
+        usage(
+            f"job-{i}",
+            team=rng.choice(["alpha", "beta", "gamma"]),
+            status=rng.choice(["ok", "ok", "error"]),
+            input_tokens=rng.randrange(10_000),
+            output_tokens=rng.randrange(2_000),
+            cost_usd=Decimal(rng.randrange(10**9)) / 10**10,
+            ts=edges[i] if i < len(edges) else edges[1] + timedelta(hours=rng.randrange(24 * 45)),
+        )
+        for i in range(300)
+    ]
+    await insert_usage(pool, events)
+    rows = await pool.fetch("SELECT * FROM usage_log")
+
+    for day in (date(2025, 11, 17), date(2025, 12, 31)):
+        # When the month's spend is reported
+        report = await monthly_spend(pool, day)
+
+        # Expect per-team totals equal to sums over the rows inside that UTC month
+        start, end = month_range(day)
+        expected: dict[str, TeamSpend] = {}
+        for row in rows:
+            if not start <= row["ts"] < end:
+                continue
+            seen = expected.get(row["team"], TeamSpend(row["team"], 0, 0, 0, 0, Decimal(0)))
+            expected[row["team"]] = TeamSpend(
+                team=row["team"],
+                requests=seen.requests + 1,
+                errors=seen.errors + (row["status"] == "error"),
+                input_tokens=seen.input_tokens + row["input_tokens"],
+                output_tokens=seen.output_tokens + row["output_tokens"],
+                cost_usd=seen.cost_usd + row["cost_usd"],
+            )
+        assert sorted(report, key=lambda spend: spend.team) == [
+            expected[team] for team in sorted(expected)
+        ]
+        assert [spend.cost_usd for spend in report] == sorted(
+            (spend.cost_usd for spend in report), reverse=True
+        )
+
+
+def test_month_range_wraps_at_the_year_end() -> None:
+    assert month_range(date(2025, 12, 31)) == (
+        datetime(2025, 12, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),
+    )

@@ -1,0 +1,202 @@
+"""A job's path end to end: producer → broker → worker → mock provider → result + usage row."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import aio_pika
+import orjson
+import pytest
+
+from mockprovider import Behavior, MockConfig
+from queuegate.errors import ResultTimeout
+from queuegate.settings import Settings
+from queuegate.topology import HEADER_DEAD_REASON
+from tests.support import running_gateway
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.mark.parametrize(
+    ("alias", "provider"),
+    [
+        ("gpt-4o-mini", "openai"),
+        ("claude-haiku", "anthropic"),
+        ("local-llama", "openai_compatible"),
+    ],
+)
+async def test_each_provider_kind_answers_and_is_accounted(
+    settings: Settings, alias: str, provider: str
+) -> None:
+    # Given a gateway serving team alpha
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When the team asks one model
+        result = await client.chat(alias, HELLO, max_tokens=20, timeout=10)
+
+        # Expect an OpenAI-shaped answer from that provider kind, and one usage row
+        assert result.status == "ok", result.error
+        assert result.response is not None
+        assert result.response["object"] == "chat.completion"
+        assert result.content and "Hello there" in result.content
+        assert result.gateway.model_used == alias
+        assert result.gateway.provider == provider
+        assert not result.gateway.fallback_used
+        assert result.gateway.cost_usd > 0
+        [row] = await gw.usage_rows(1)
+        assert row["job_id"] == result.job_id
+        assert row["team"] == "alpha"
+        assert row["status"] == "ok"
+        assert row["input_tokens"] == result.response["usage"]["prompt_tokens"]
+        assert row["output_tokens"] == result.response["usage"]["completion_tokens"]
+        assert Decimal(row["cost_usd"]) == result.gateway.cost_usd
+
+
+async def test_a_failing_primary_falls_back_and_says_so(settings: Settings) -> None:
+    # Given flaky-gpt answering 500 to everything, with claude-haiku as its fallback
+    faults = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        result = await client.chat("flaky-gpt", HELLO, timeout=10)
+
+        assert result.status == "ok"
+        assert result.gateway.model_used == "claude-haiku"
+        assert result.gateway.fallback_used
+        assert [(a.model, a.status) for a in result.gateway.attempts] == [
+            ("flaky-gpt", 500),
+            ("claude-haiku", 200),
+        ]
+        [row] = await gw.usage_rows(1)
+        assert row["fallback_used"] and row["model_used"] == "claude-haiku"
+        assert row["attempts"] == 2
+
+
+async def test_a_timed_out_primary_falls_back(settings: Settings, tmp_path: Path) -> None:
+    # Given a primary that hangs longer than its 0.3 s timeout
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  slow:
+    fallbacks: [fast]
+    deployments:
+      - {name: slow-1, provider: openai, model: slow, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY,
+         input_per_mtok: 1, output_per_mtok: 2, timeout: 0.3}
+  fast:
+    deployments:
+      - {name: fast-1, provider: anthropic, model: fast, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2}
+"""
+    )
+    faults = MockConfig(models={"slow": Behavior(timeout_rate=1.0, hang_s=5)})
+    async with (
+        running_gateway(settings, mock_config=faults, catalog=catalog) as gw,
+        gw.client("alpha") as client,
+    ):
+        result = await client.chat("slow", HELLO, timeout=10)
+
+        assert result.status == "ok"
+        assert result.gateway.model_used == "fast"
+        assert result.gateway.attempts[0].error == "timeout"
+
+
+async def test_all_providers_failing_is_answered_not_lost(settings: Settings) -> None:
+    faults = MockConfig(default=Behavior(error_rate=1.0, error_status=503))
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        result = await client.chat("flaky-gpt", HELLO, timeout=10)
+
+        assert result.status == "error"
+        assert result.error is not None
+        assert result.error.code == "all_providers_failed"
+        assert result.error.attempts == 2
+        [row] = await gw.usage_rows(1)
+        assert row["status"] == "error" and row["error_code"] == "all_providers_failed"
+
+
+def _raw_bodies(team: str) -> dict[str, bytes]:
+    def good(kind: str) -> dict[str, object]:
+        return {"job_id": kind, "team": team, "model": "gpt-4o-mini", "messages": HELLO}
+
+    return {
+        "not_json": b"\x00\xffnot json at all{",
+        "not_a_job": orjson.dumps({"hello": "world"}),
+        "wrong_types": orjson.dumps({**good("wrong_types"), "messages": "hi"}),
+        "missing_team": orjson.dumps(
+            {k: v for k, v in good("missing_team").items() if k != "team"}
+        ),
+        "unknown_model": orjson.dumps({**good("unknown_model"), "model": "gpt-99-imaginary"}),
+        "forged_team": orjson.dumps({**good("forged_team"), "team": "beta"}),
+        "mismatched_id": orjson.dumps(good("someone-elses-job")),
+        "oversized": orjson.dumps(
+            {**good("oversized"), "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+        ),
+    }
+
+
+EXPECTED_CODE = {
+    "not_json": "invalid_request",
+    "not_a_job": "invalid_request",
+    "wrong_types": "invalid_request",
+    "missing_team": "invalid_request",
+    "unknown_model": "unknown_model",
+    "forged_team": "unauthorized",
+    "mismatched_id": "invalid_request",
+    "oversized": "invalid_request",
+}
+
+
+async def test_bad_messages_are_answered_dead_lettered_and_the_worker_keeps_going(
+    settings: Settings,
+) -> None:
+    # Given a running gateway and a client whose reply queue receives the error results
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            # When every kind of bad message is published straight onto the team's queue
+            for kind, body in _raw_bodies("alpha").items():
+                await exchange.publish(
+                    aio_pika.Message(
+                        body, message_id=kind, correlation_id=kind, reply_to=client.reply_to
+                    ),
+                    routing_key="alpha",
+                )
+            # Expect an error result for each, with the right code
+            for kind, code in EXPECTED_CODE.items():
+                result = await client.wait(kind, timeout=10)
+                assert result.status == "error", kind
+                assert result.error is not None and result.error.code == code, kind
+            # ... each original kept in the dead-letter queue with its reason
+            dead = await gw.dead_letters(len(EXPECTED_CODE))
+            reasons = {m.message_id: m.headers[HEADER_DEAD_REASON] for m in dead}
+            assert reasons == EXPECTED_CODE
+            # ... and the worker still serves good jobs
+            result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+            assert result.status == "ok"
+
+
+async def test_a_redelivered_finished_job_is_answered_from_the_store(settings: Settings) -> None:
+    # Given a job that has been answered once
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        job = client.job("gpt-4o-mini", HELLO, job_id=f"again-{uuid.uuid4().hex}")
+        first = await (await client.submit(job)).result(10)
+        calls = gw.mock.stats.calls
+        # When the same job arrives again (as after a crash before the ack)
+        await client.submit(job)
+        # Expect no second provider call, one usage row, and the duplicate dropped by the client
+        await gw.usage_rows(1)
+        from tests.support import wait_until
+
+        await wait_until(lambda: client.duplicates == 1)
+        assert gw.mock.stats.calls == calls
+        rows = await gw.usage_rows(1)
+        assert len(rows) == 1 and rows[0]["job_id"] == first.job_id
+
+
+async def test_waiting_past_the_timeout_raises_a_clear_error(settings: Settings) -> None:
+    slow = MockConfig(default=Behavior(latency_ms=2000))
+    async with running_gateway(settings, mock_config=slow) as gw, gw.client("alpha") as client:
+        with pytest.raises(ResultTimeout, match="no result for job"):
+            await client.chat("gpt-4o-mini", HELLO, timeout=0.2)

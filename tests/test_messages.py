@@ -1,0 +1,120 @@
+"""The wire contract: bodies round-trip, unknown fields are ignored, bad ones are refused."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from queuegate.messages import (
+    HTTP_STATUS,
+    Attempt,
+    ChatJob,
+    ChatResult,
+    ErrorCode,
+    ErrorInfo,
+    GatewayInfo,
+    StreamChunk,
+    UsageEvent,
+)
+
+JOB = {
+    "job_id": "j-1",
+    "team": "alpha",
+    "model": "gpt-4o-mini",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ],
+        },
+    ],
+    "params": {"max_tokens": 50, "temperature": 0.2, "stop": ["\n"], "logprobs": True},
+    "fallbacks": ["claude-haiku"],
+    "metadata": {"custom_id": "line-7"},
+    "deadline": "2030-01-01T00:00:00Z",
+}
+
+
+def test_job_round_trips_with_content_parts_and_extra_params() -> None:
+    job = ChatJob.model_validate(JOB)
+    again = ChatJob.model_validate_json(job.model_dump_json())
+    assert again == job
+    assert again.params.model_extra == {"logprobs": True}
+    assert again.deadline == datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
+    job = ChatJob.model_validate_json(orjson.dumps({**JOB, "v": 2, "priority": "high"}))
+    assert job.job_id == "j-1"
+    assert not hasattr(job, "priority")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"team": None}, "team"),
+        ({"team": "Not A Team"}, "team"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"job_id": ""}, "job_id"),
+        ({"params": {"max_tokens": 0}}, "params"),
+        ({"deadline": "tomorrow-ish"}, "deadline"),
+    ],
+)
+def test_invalid_jobs_are_refused_naming_the_field(change: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatJob.model_validate({**JOB, **change})
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_result_round_trips_with_attempts_and_exact_cost() -> None:
+    result = ChatResult(
+        job_id="j-1",
+        team="alpha",
+        status="ok",
+        response={"choices": [{"message": {"role": "assistant", "content": "hi"}}]},
+        gateway=GatewayInfo(
+            model_requested="flaky-gpt",
+            model_used="claude-haiku",
+            provider="anthropic",
+            fallback_used=True,
+            attempts=[
+                Attempt(model="flaky-gpt", deployment="d1", provider="openai", status=500),
+                Attempt(model="claude-haiku", deployment="d2", provider="anthropic", status=200),
+            ],
+            cost_usd=Decimal("0.000123456789"),
+        ),
+    )
+    again = ChatResult.model_validate_json(result.model_dump_json())
+    assert again == result
+    assert again.content == "hi"
+    assert again.gateway.cost_usd == Decimal("0.000123456789")
+
+
+def test_error_result_and_every_error_code_has_an_http_status() -> None:
+    result = ChatResult(
+        job_id="j-2",
+        team="alpha",
+        status="error",
+        error=ErrorInfo(code="unknown_model", message="no model 'x'"),
+        gateway=GatewayInfo(model_requested="x"),
+    )
+    assert ChatResult.model_validate_json(result.model_dump_json()) == result
+    assert result.content is None
+    assert set(HTTP_STATUS) == set(ErrorCode.__args__)  # type: ignore[attr-defined]
+
+
+def test_stream_chunk_and_usage_event_round_trip() -> None:
+    chunk = StreamChunk(job_id="j", seq=3, delta={"content": "lo"})
+    assert StreamChunk.model_validate_json(chunk.model_dump_json()) == chunk
+    event = UsageEvent(
+        job_id="j", team="alpha", model_requested="m", status="error", error_code="rate_limited"
+    )
+    assert UsageEvent.model_validate_json(event.model_dump_json()) == event

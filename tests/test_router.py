@@ -1,0 +1,488 @@
+"""The router over real HTTP against the mock provider: serving, fallback, failures, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import traceback
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from queuegate.errors import (
+    AllProvidersFailed,
+    DeadlineExceeded,
+    InvalidRequest,
+    JobError,
+    UnknownModel,
+)
+from queuegate.messages import ChatJob
+from router import Catalog, Router, load_catalog
+from router.providers import ProviderError
+from router.providers.base import classify
+from router.providers.openai import OpenAIAdapter
+from router.transport import post, time_limit
+
+SENTINEL_KEY = "sk-SENTINEL-0123456789abcdef"
+ENV = {"QUEUEGATE_MOCK_KEY": SENTINEL_KEY}
+CONTEXT_TOO_LONG_OPENAI = {
+    "error": {
+        "message": "This model's maximum context length is 128000 tokens. However, your "
+        "messages resulted in 130000 tokens. Please reduce the length of the messages.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+}
+CONTEXT_TOO_LONG_ANTHROPIC = {
+    "type": "error",
+    "error": {
+        "type": "invalid_request_error",
+        "message": "prompt is too long: 210000 tokens > 200000 maximum",
+    },
+}
+
+
+def chat(model: str, text: str = "Hello there", **fields: Any) -> ChatJob:
+    return ChatJob.model_validate(
+        {
+            "job_id": f"job-{time.monotonic_ns()}",
+            "team": "alpha",
+            "model": model,
+            "messages": [{"role": "user", "content": text}],
+            **fields,
+        }
+    )
+
+
+def deployment(name: str, model: str, url: str, /, **fields: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "provider": "openai",
+        "model": model,
+        "api_base": url,
+        "api_key_env": "QUEUEGATE_MOCK_KEY",
+        "input_per_mtok": "1",
+        "output_per_mtok": "2",
+        "timeout": 5,
+    } | fields
+
+
+def primary_and_backup(mock_url: str, /, **primary: Any) -> Catalog:
+    """Alias ``primary`` (upstream model ``primary-model``) falling back to ``backup``.
+
+    Both deployments are at ``mock_url`` unless ``primary`` fields say otherwise.
+    """
+    return Catalog.model_validate(
+        {
+            "models": {
+                "primary": {
+                    "fallbacks": ["backup"],
+                    "deployments": [
+                        deployment("primary-dep", "primary-model", mock_url, **primary)
+                    ],
+                },
+                "backup": {"deployments": [deployment("backup-dep", "backup-model", mock_url)]},
+            }
+        }
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def everything_said(exc: BaseException) -> str:
+    """The error as anyone could see it: message, attempts, chained causes, traceback."""
+    said = "".join(traceback.format_exception(exc))
+    if isinstance(exc, JobError):
+        said += repr(exc.attempts)
+    return said
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockProvider]:
+    async with MockProvider() as provider:
+        yield provider
+
+
+@pytest.fixture
+def mock_catalog(mock: MockProvider) -> Catalog:
+    return load_catalog(None, {"QUEUEGATE_MOCK_URL": mock.url})
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alias", "path", "keyed"),
+    [
+        ("gpt-4o-mini", "/v1/chat/completions", True),
+        ("claude-haiku", "/v1/messages", True),
+        ("local-llama", "/v1/chat/completions", False),
+    ],
+)
+async def test_each_provider_kind_serves_a_chat_completion(
+    mock: MockProvider, mock_catalog: Catalog, alias: str, path: str, keyed: bool
+) -> None:
+    expected = mock_catalog.resolve(alias).deployments[0]
+
+    async with Router(mock_catalog, ENV) as router:
+        routed = await router.complete(chat(alias, "Hello there"))
+
+    assert routed.response["object"] == "chat.completion"
+    message = routed.response["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "mock reply to: Hello there"}
+    assert routed.response["choices"][0]["finish_reason"] == "stop"
+    assert (routed.model_used, routed.deployment, routed.provider) == (
+        alias,
+        expected.name,
+        expected.provider,
+    )
+    assert not routed.fallback_used
+    assert routed.input_tokens > 0 and routed.output_tokens > 0
+    assert routed.response["usage"]["prompt_tokens"] == routed.input_tokens
+    [attempt] = routed.attempts
+    assert (attempt.model, attempt.deployment, attempt.status, attempt.error) == (
+        alias,
+        expected.name,
+        200,
+        None,
+    )
+    assert routed.latency_ms == attempt.latency_ms > 0
+    [call] = mock.requests
+    assert (call.path, call.model, call.had_key) == (path, expected.model, keyed)
+
+
+async def test_anthropic_deployment_gets_a_translated_request_and_answers_tool_calls(
+    mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    job = chat(
+        "claude-haiku",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+        ],
+        params={
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+            "stop": "END",
+        },
+    )
+
+    async with Router(mock_catalog, ENV) as router:
+        routed = await router.complete(job)
+
+    [call] = mock.requests
+    assert call.system == "Be brief."
+    assert call.messages == [{"role": "user", "content": "Weather in Paris?"}]
+    assert call.body is not None and call.body["max_tokens"] == 1024
+    assert call.body["stop_sequences"] == ["END"]
+    choice = routed.response["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": "{}",
+    }
+
+
+async def test_cost_is_exact_from_the_deployment_prices(
+    mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    async with Router(mock_catalog, ENV) as router:
+        routed = await router.complete(chat("claude-haiku"))
+
+    expected = (
+        routed.input_tokens * Decimal("0.80") + routed.output_tokens * Decimal("4.00")
+    ) / 1_000_000
+    assert routed.cost_usd == expected > 0
+
+
+async def test_many_concurrent_jobs_share_the_pooled_clients(
+    mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    mock.configure(MockConfig(default=Behavior(latency_ms=50)))
+    aliases = ["gpt-4o-mini", "claude-haiku", "local-llama"] * 40
+
+    async with Router(mock_catalog, ENV) as router:
+        started = time.monotonic()
+        served = await asyncio.gather(*(router.complete(chat(alias)) for alias in aliases))
+        elapsed = time.monotonic() - started
+
+    assert [routed.model_used for routed in served] == aliases
+    assert mock.stats.calls == 120
+    assert elapsed < 3  # concurrent: one after another would take 120 x 50 ms
+
+
+# --- fallback ----------------------------------------------------------------------------------
+
+
+async def test_500_falls_back_to_the_next_alias(mock: MockProvider, mock_catalog: Catalog) -> None:
+    mock.configure(MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)}))
+
+    async with Router(mock_catalog, ENV) as router:
+        routed = await router.complete(chat("flaky-gpt"))
+
+    assert (routed.model_used, routed.deployment, routed.provider) == (
+        "claude-haiku",
+        "anthropic-main",
+        "anthropic",
+    )
+    assert routed.fallback_used
+    assert [(a.model, a.deployment, a.status, a.error) for a in routed.attempts] == [
+        ("flaky-gpt", "openai-flaky", 500, "server_error"),
+        ("claude-haiku", "anthropic-main", 200, None),
+    ]
+    assert (
+        routed.cost_usd
+        == (routed.input_tokens * Decimal("0.80") + routed.output_tokens * Decimal("4.00"))
+        / 1_000_000
+    )
+
+
+async def test_timeout_falls_back_after_the_deployment_timeout(mock: MockProvider) -> None:
+    mock.configure(MockConfig(models={"primary-model": Behavior(timeout_rate=1.0, hang_s=10)}))
+    catalog = primary_and_backup(mock.url, timeout=0.3)
+
+    async with Router(catalog, ENV) as router:
+        routed = await router.complete(chat("primary"))
+
+    assert routed.deployment == "backup-dep"
+    first = routed.attempts[0]
+    assert (first.deployment, first.status, first.error) == ("primary-dep", None, "timeout")
+    assert 250 <= first.latency_ms < 2000
+
+
+async def test_connection_refused_falls_back(mock: MockProvider) -> None:
+    catalog = primary_and_backup(mock.url, api_base=f"http://127.0.0.1:{closed_port()}")
+
+    async with Router(catalog, ENV) as router:
+        routed = await router.complete(chat("primary"))
+
+    assert routed.deployment == "backup-dep"
+    assert [(a.status, a.error) for a in routed.attempts] == [(None, "connection"), (200, None)]
+
+
+@pytest.mark.parametrize(
+    "body", [CONTEXT_TOO_LONG_OPENAI, CONTEXT_TOO_LONG_ANTHROPIC], ids=["openai", "anthropic"]
+)
+async def test_context_length_error_moves_on(mock: MockProvider, body: dict[str, Any]) -> None:
+    behavior = Behavior(error_rate=1.0, error_status=400, error_body=body)
+    mock.configure(MockConfig(models={"primary-model": behavior}))
+
+    async with Router(primary_and_backup(mock.url), ENV) as router:
+        routed = await router.complete(chat("primary"))
+
+    assert routed.deployment == "backup-dep"
+    assert [(a.status, a.error) for a in routed.attempts] == [(400, "context_length"), (200, None)]
+
+
+async def test_job_fallbacks_override_the_catalog(
+    mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    mock.configure(MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0)}))
+
+    async with Router(mock_catalog, ENV) as router:
+        routed = await router.complete(chat("flaky-gpt", fallbacks=["local-llama"]))
+
+    assert routed.model_used == "local-llama"
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+async def test_400_fails_the_job_without_fallback(mock: MockProvider) -> None:
+    mock.configure(MockConfig(models={"primary-model": Behavior(error_rate=1.0, error_status=400)}))
+
+    async with Router(primary_and_backup(mock.url), ENV) as router:
+        with pytest.raises(InvalidRequest) as caught:
+            await router.complete(chat("primary"))
+
+    assert caught.value.code == "invalid_request"
+    assert str(caught.value) == "primary-dep: 400 bad_request: mock: injected 400 for primary-model"
+    assert [(a.deployment, a.status, a.error) for a in caught.value.attempts] == [
+        ("primary-dep", 400, "bad_request")
+    ]
+    assert mock.stats.calls == 1  # neither retried nor fallen back
+
+
+async def test_every_deployment_failing_lists_each_attempt(
+    mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    mock.configure(
+        MockConfig(
+            models={
+                "flaky-gpt": Behavior(error_rate=1.0, error_status=500),
+                "claude-3-5-haiku-latest": Behavior(error_rate=1.0, error_status=529),
+            }
+        )
+    )
+
+    async with Router(mock_catalog, ENV) as router:
+        with pytest.raises(AllProvidersFailed) as caught:
+            await router.complete(chat("flaky-gpt"))
+
+    assert caught.value.code == "all_providers_failed"
+    assert str(caught.value) == (
+        "all 2 deployments failed: "
+        "openai-flaky: 500 server_error: mock: injected 500 for flaky-gpt; "
+        "anthropic-main: 529 overloaded: mock: injected 529 for claude-3-5-haiku-latest"
+    )
+    assert [(a.model, a.status, a.error) for a in caught.value.attempts] == [
+        ("flaky-gpt", 500, "server_error"),
+        ("claude-haiku", 529, "overloaded"),
+    ]
+
+
+async def test_missing_key_variable_fails_that_deployment_and_names_the_variable(
+    mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    async with Router(mock_catalog, {}) as router:
+        with pytest.raises(AllProvidersFailed) as caught:
+            await router.complete(chat("gpt-4o-mini"))
+        keyless = await router.complete(chat("local-llama"))  # needs no key
+
+    assert "openai-main: no_api_key: QUEUEGATE_MOCK_KEY is not set" in str(caught.value)
+    assert [(a.deployment, a.status, a.error) for a in caught.value.attempts] == [
+        ("openai-main", None, "no_api_key"),
+        ("anthropic-main", None, "no_api_key"),
+    ]
+    assert keyless.deployment == "local-vllm"
+    assert mock.stats.calls == 1
+
+
+async def test_no_key_value_appears_in_any_error(mock: MockProvider) -> None:
+    echo = {"error": {"message": f"Incorrect API key provided: {SENTINEL_KEY}", "code": "x"}}
+    mock.configure(
+        MockConfig(
+            models={
+                "primary-model": Behavior(error_rate=1.0, error_status=401, error_body=echo),
+                "backup-model": Behavior(error_rate=1.0, error_status=400, error_body=echo),
+            }
+        )
+    )
+    async with Router(primary_and_backup(mock.url), ENV) as router:
+        with pytest.raises(InvalidRequest) as echoed:
+            await router.complete(chat("primary"))
+    mock.configure(MockConfig(models={"backup-model": Behavior(timeout_rate=1.0, hang_s=5)}))
+    unreachable = primary_and_backup(mock.url, api_base=f"http://127.0.0.1:{closed_port()}")
+    async with Router(unreachable, ENV) as router:
+        with pytest.raises(AllProvidersFailed) as lost:
+            await router.complete(chat("primary"), deadline=time.monotonic() + 0.5)
+
+    assert "[redacted]" in str(echoed.value)
+    assert [a.error for a in echoed.value.attempts] == ["auth", "bad_request"]
+    assert [a.error for a in lost.value.attempts] == ["connection", "timeout"]
+    for failure in (echoed.value, lost.value):
+        assert SENTINEL_KEY not in everything_said(failure)
+
+
+# --- deadlines ---------------------------------------------------------------------------------
+
+
+async def test_deadline_already_passed_calls_nothing(
+    mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    async with Router(mock_catalog, ENV) as router:
+        with pytest.raises(DeadlineExceeded) as caught:
+            await router.complete(chat("gpt-4o-mini"), deadline=time.monotonic() - 1)
+
+    assert caught.value.code == "deadline_exceeded"
+    assert caught.value.attempts == []
+    assert mock.stats.calls == 0
+
+
+async def test_deadline_caps_the_call_and_stops_the_chain(mock: MockProvider) -> None:
+    mock.configure(MockConfig(models={"primary-model": Behavior(timeout_rate=1.0, hang_s=10)}))
+    catalog = primary_and_backup(mock.url, timeout=30)
+
+    async with Router(catalog, ENV) as router:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as caught:
+            await router.complete(chat("primary"), deadline=started + 0.3)
+        elapsed = time.monotonic() - started
+
+    assert 0.25 <= elapsed < 1.5
+    assert [(a.deployment, a.error) for a in caught.value.attempts] == [("primary-dep", "timeout")]
+    assert "before calling backup-dep" in str(caught.value)
+    assert mock.stats.calls == 1
+
+
+# --- router contract ---------------------------------------------------------------------------
+
+
+async def test_check_refuses_unknown_models_and_fallbacks(mock_catalog: Catalog) -> None:
+    router = Router(mock_catalog, ENV)
+
+    router.check(chat("gpt-4o-mini", fallbacks=["local-llama"]))
+    with pytest.raises(UnknownModel, match="'gpt-9'"):
+        router.check(chat("gpt-9"))
+    with pytest.raises(UnknownModel, match="'ghost'"):
+        router.check(chat("gpt-4o-mini", fallbacks=["local-llama", "ghost"]))
+
+
+async def test_router_must_be_open_to_complete_and_opens_once(mock_catalog: Catalog) -> None:
+    router = Router(mock_catalog, ENV)
+
+    with pytest.raises(RuntimeError, match="not open"):
+        await router.complete(chat("gpt-4o-mini"))
+    async with router:
+        pass
+    with pytest.raises(RuntimeError, match="opened only once"):
+        await router.__aenter__()
+
+
+# --- the HTTP boundary and the classification table --------------------------------------------
+
+
+async def test_rate_limit_is_classified_with_the_retry_after_the_provider_sent(
+    mock: MockProvider,
+) -> None:
+    mock.configure(MockConfig(default=Behavior(rate_limit_rpm=1, retry_after=2.5)))
+    request = OpenAIAdapter().build_request(chat("m"), "gpt-4o-mini", SENTINEL_KEY)
+
+    async with httpx.AsyncClient(base_url=mock.url) as client, time_limit(5):
+        await post(client, request, SENTINEL_KEY)
+        with pytest.raises(ProviderError) as caught:
+            await post(client, request, SENTINEL_KEY)
+
+    error = caught.value
+    assert (error.status, error.error_class, error.moves_on) == (429, "rate_limited", True)
+    assert error.retry_after == 2.5
+
+
+@pytest.mark.parametrize(
+    ("status", "error_class", "moves_on"),
+    [
+        (400, "bad_request", False),
+        (422, "bad_request", False),
+        (401, "auth", True),
+        (403, "auth", True),
+        (404, "not_found", True),
+        (408, "timeout", True),
+        (409, "server_error", True),
+        (429, "rate_limited", True),
+        (500, "server_error", True),
+        (502, "server_error", True),
+        (503, "overloaded", True),
+        (529, "overloaded", True),
+        (418, "bad_response", True),
+    ],
+)
+def test_status_classification(status: int, error_class: str, moves_on: bool) -> None:
+    assert classify(status) == error_class
+    assert ProviderError(classify(status), status=status).moves_on is moves_on
+
+
+def test_context_length_400_is_recognised_by_code_or_message() -> None:
+    assert classify(400, "context_length_exceeded", "too long") == "context_length"
+    assert classify(400, "invalid_request_error", "prompt is too long: 2 > 1") == "context_length"
+    assert classify(400, None, "This model's maximum context length is 8192") == "context_length"
+    assert classify(400, "invalid_request_error", "temperature: too hot") == "bad_request"

@@ -1,0 +1,72 @@
+"""SIGTERM with jobs in flight: the worker drains, exits 0, and no job is lost or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate.broker import connect
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.support import running_gateway, wait_until
+
+JOBS = 40
+
+
+async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Settings) -> None:
+    # Given a worker process holding 8 jobs at a time against a provider taking 300 ms a call
+    slow = MockConfig(default=Behavior(latency_ms=300))
+    async with MockProvider(slow) as mock:
+        connection = await connect(settings.amqp_url, name="test")
+        async with connection:
+            await Topology(settings.namespace).declare_team_queue(
+                await connection.channel(), "alpha"
+            )
+        env = {
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "QUEUEGATE_PREFETCH": "8",
+            "QUEUEGATE_SHUTDOWN_GRACE": "10",
+            "QUEUEGATE_MOCK_URL": mock.url,
+            "QUEUEGATE_MOCK_KEY": "sk-test",
+        }
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "queuegate",
+            "worker",
+            "--teams",
+            "alpha",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with GatewayClient(settings, team="alpha") as client:
+            handles = [
+                await client.submit(
+                    client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}])
+                )
+                for i in range(JOBS)
+            ]
+            # When SIGTERM arrives while jobs are at the provider
+            await wait_until(lambda: mock.stats.calls >= 4, timeout=20)
+            worker.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(worker.communicate(), timeout=20)
+
+            # Expect a clean exit, having finished what it held
+            assert worker.returncode == 0, stderr.decode()[-2000:]
+            assert b"Traceback" not in stderr, stderr.decode()[-2000:]
+            answered_by_first = mock.stats.calls
+
+            # ... and every job answered exactly once after a new worker takes over the rest
+            async with running_gateway(settings, mock_config=MockConfig()) as gw:
+                results = [await handle.result(timeout=30) for handle in handles]
+                assert all(r.status == "ok" for r in results)
+                assert len({r.job_id for r in results}) == JOBS
+                rows = await gw.usage_rows(JOBS)
+                assert len(rows) == JOBS
+                assert 0 < answered_by_first < JOBS

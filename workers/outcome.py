@@ -1,0 +1,88 @@
+"""What happened to a job, as its ChatResult and UsageEvent: a pair always built together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict
+
+from queuegate.errors import JobError
+from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, UsageEvent
+from router import Routed
+
+
+class Outcome(BaseModel):
+    """A finished job: what the caller is told and what accounting records."""
+
+    model_config = ConfigDict(frozen=True)
+
+    result: ChatResult
+    usage: UsageEvent
+
+
+@dataclass(frozen=True)
+class Timing:
+    queued_ms: float
+    worker: str
+
+
+def served(job: ChatJob, routed: Routed, timing: Timing) -> Outcome:
+    gateway = GatewayInfo(
+        model_requested=job.model,
+        model_used=routed.model_used,
+        provider=routed.provider,
+        deployment=routed.deployment,
+        fallback_used=routed.fallback_used,
+        queued_ms=timing.queued_ms,
+        latency_ms=routed.latency_ms,
+        attempts=routed.attempts,
+        cost_usd=routed.cost_usd,
+        worker=timing.worker,
+    )
+    result = ChatResult(
+        job_id=job.job_id, team=job.team, status="ok", response=routed.response, gateway=gateway
+    )
+    usage = UsageEvent(
+        job_id=job.job_id,
+        team=job.team,
+        model_requested=job.model,
+        model_used=routed.model_used,
+        provider=routed.provider,
+        deployment=routed.deployment,
+        input_tokens=routed.input_tokens,
+        output_tokens=routed.output_tokens,
+        cached_tokens=routed.cached_tokens,
+        cost_usd=routed.cost_usd,
+        status="ok",
+        queued_ms=timing.queued_ms,
+        latency_ms=routed.latency_ms,
+        attempts=len(routed.attempts),
+        fallback_used=routed.fallback_used,
+        worker=timing.worker,
+    )
+    return Outcome(result=result, usage=usage)
+
+
+def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) -> Outcome:
+    attempts = error.attempts
+    gateway = GatewayInfo(
+        model_requested=model,
+        queued_ms=timing.queued_ms,
+        attempts=attempts,
+        worker=timing.worker,
+    )
+    info = ErrorInfo(code=error.code, message=error.message, attempts=len(attempts))
+    result = ChatResult(job_id=job_id, team=team, status="error", error=info, gateway=gateway)
+    usage = UsageEvent(
+        job_id=job_id,
+        team=team,
+        model_requested=model,
+        cost_usd=Decimal(0),
+        status="error",
+        error_code=error.code,
+        queued_ms=timing.queued_ms,
+        attempts=len(attempts),
+        worker=timing.worker,
+    )
+    return Outcome(result=result, usage=usage)

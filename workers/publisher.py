@@ -1,0 +1,80 @@
+"""Everything a worker publishes, each with a broker confirm before the job is acknowledged."""
+
+from __future__ import annotations
+
+import logging
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from queuegate.broker import json_message
+from queuegate.messages import ChatResult, UsageEvent
+from queuegate.topology import (
+    HEADER_DEAD_DETAIL,
+    HEADER_DEAD_QUEUE,
+    HEADER_DEAD_REASON,
+    MESSAGE_TYPE_RESULT,
+    MESSAGE_TYPE_USAGE,
+)
+
+log = logging.getLogger(__name__)
+
+DETAIL_LIMIT = 500
+
+
+class Publisher:
+    """Publishes on one channel opened with publisher confirms and ``on_return_raises``."""
+
+    def __init__(
+        self, channel: AbstractChannel, usage: AbstractExchange, dead: AbstractExchange
+    ) -> None:
+        self._default = channel.default_exchange
+        self._usage = usage
+        self._dead = dead
+
+    async def result(self, reply_to: str, result: ChatResult) -> bool:
+        """Send a result to the caller's reply queue; False when that queue no longer exists."""
+        message = json_message(
+            result.model_dump_json(exclude_none=True).encode(),
+            message_type=MESSAGE_TYPE_RESULT,
+            message_id=result.job_id,
+            correlation_id=result.job_id,
+            persistent=True,
+        )
+        try:
+            await self._default.publish(message, routing_key=reply_to, mandatory=True)
+        except aiormq.exceptions.PublishError:
+            log.warning(
+                "result of job %s returned: reply queue %s no longer exists",
+                result.job_id,
+                reply_to,
+            )
+            return False
+        return True
+
+    async def usage(self, event: UsageEvent) -> None:
+        message = json_message(
+            event.model_dump_json().encode(),
+            message_type=MESSAGE_TYPE_USAGE,
+            message_id=event.job_id,
+        )
+        await self._usage.publish(message, routing_key="", mandatory=True)
+
+    async def dead_letter(
+        self, original: AbstractIncomingMessage, *, reason: str, detail: str, queue: str
+    ) -> None:
+        """Keep the original job, with why it was refused, in the dead-letter queue."""
+        headers = {
+            HEADER_DEAD_REASON: reason,
+            HEADER_DEAD_DETAIL: detail[:DETAIL_LIMIT],
+            HEADER_DEAD_QUEUE: queue,
+        }
+        message = json_message(
+            original.body,
+            message_type=original.type or "job",
+            message_id=original.message_id,
+            correlation_id=original.correlation_id,
+            reply_to=original.reply_to,
+            headers=headers,
+        )
+        await self._dead.publish(message, routing_key=queue, mandatory=True)
