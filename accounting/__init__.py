@@ -1,8 +1,7 @@
 """Accounting: usage events from the broker to PostgreSQL, the schema's migrations, reports."""
 
 from accounting.consumer import Accountant
-from accounting.db import create_pool
 from accounting.migrate import migrate
 from accounting.reports import TeamSpend, monthly_spend
 
-__all__ = ["Accountant", "TeamSpend", "create_pool", "migrate", "monthly_spend"]
+__all__ = ["Accountant", "TeamSpend", "migrate", "monthly_spend"]

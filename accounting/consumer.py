@@ -15,10 +15,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
-from accounting.db import create_pool
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
 from queuegate.broker import connect
+from queuegate.db import create_pool
 from queuegate.messages import UsageEvent
 from queuegate.settings import Settings
 from queuegate.topology import Topology

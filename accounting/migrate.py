@@ -13,7 +13,7 @@ from importlib import resources
 
 import asyncpg
 
-from accounting.db import lock_schema, quote_ident
+from queuegate.db import lock_schema, quote_ident
 
 _FILE_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 

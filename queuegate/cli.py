@@ -89,8 +89,8 @@ def accounting(log_level: LogLevel = "info") -> None:
 @app.command()
 def migrate() -> None:
     """Apply the database migrations that are not applied yet."""
-    from accounting import create_pool
     from accounting import migrate as apply_migrations
+    from queuegate.db import create_pool
 
     settings = _settings()
 
@@ -177,7 +177,8 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """Spend per team for a month, from PostgreSQL."""
-    from accounting import create_pool, monthly_spend
+    from accounting import monthly_spend
+    from queuegate.db import create_pool
     from queuegate.tables import spend_table
 
     day = _month(month)

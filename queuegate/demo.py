@@ -17,6 +17,7 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
+from queuegate.db import create_pool
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatResult
 from queuegate.services import check_services
@@ -44,7 +45,7 @@ ROWS_TIMEOUT = 30.0
 
 
 async def run_demo(base: Settings, console: Console) -> None:
-    from accounting import Accountant, create_pool, monthly_spend
+    from accounting import Accountant, monthly_spend
     from mockprovider import Behavior, MockConfig, MockProvider
     from router import Router, load_catalog
     from workers import Worker

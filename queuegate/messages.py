@@ -25,6 +25,7 @@ ErrorCode = Literal[
     "provider_error",
     "all_providers_failed",
     "queue_full",
+    "canceled",
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -37,6 +38,7 @@ HTTP_STATUS: dict[str, int] = {
     "provider_error": 502,
     "all_providers_failed": 502,
     "queue_full": 503,
+    "canceled": 499,
 }
 """The HTTP status an HTTP gateway would answer for each error code."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from queuegate.broker import connect
+from queuegate.db import create_pool
 from queuegate.registry import Team, add_team, disable_team, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -10,7 +11,7 @@ from queuegate.topology import Topology
 
 async def add(settings: Settings, name: str) -> None:
     """Register the team and declare its queue, so producers can publish before a worker runs."""
-    from accounting import create_pool, migrate
+    from accounting import migrate
 
     pool = await create_pool(settings)
     try:
@@ -27,8 +28,6 @@ async def add(settings: Settings, name: str) -> None:
 
 
 async def listing(settings: Settings) -> list[Team]:
-    from accounting import create_pool
-
     pool = await create_pool(settings)
     try:
         return await list_teams(pool)
@@ -37,8 +36,6 @@ async def listing(settings: Settings) -> list[Team]:
 
 
 async def disable(settings: Settings, name: str) -> bool:
-    from accounting import create_pool
-
     pool = await create_pool(settings)
     try:
         return await disable_team(pool, name)

@@ -12,9 +12,10 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from accounting import Accountant, create_pool
+from accounting import Accountant
 from mockprovider import MockConfig, MockProvider
 from producer import GatewayClient
+from queuegate.db import create_pool
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router, load_catalog

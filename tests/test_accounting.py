@@ -16,10 +16,11 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 import accounting
-from accounting import Accountant, TeamSpend, create_pool, migrate, monthly_spend
+from accounting import Accountant, TeamSpend, migrate, monthly_spend
 from accounting.reports import month_range
 from accounting.store import COLUMNS, insert_usage
 from queuegate.broker import json_message
+from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import UsageEvent
 from queuegate.settings import Settings
@@ -112,7 +113,6 @@ def test_public_api_is_pinned() -> None:
     assert accounting.__all__ == [
         "Accountant",
         "TeamSpend",
-        "create_pool",
         "migrate",
         "monthly_spend",
     ]

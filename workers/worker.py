@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from queuegate.broker import connect
+from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.registry import list_teams
 from queuegate.settings import Settings
@@ -88,8 +89,6 @@ class Worker:
                 max_job_bytes=s.max_job_bytes,
             )
             if self._fixed_teams is None:
-                from accounting import create_pool
-
                 pool = await create_pool(s)
             await self._serve_teams(consume, pool)
             self.ready.set()

@@ -1,4 +1,4 @@
-"""The PostgreSQL pool every accounting caller uses, bound to the gateway's schema."""
+"""The PostgreSQL pool every component uses, bound to the gateway's schema."""
 
 from __future__ import annotations
 
