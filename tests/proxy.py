@@ -1,0 +1,109 @@
+"""A TCP proxy that tests put in front of a real service to cut it off on purpose.
+
+Outage tests never stop the shared RabbitMQ, Redis or PostgreSQL (other tests use them):
+they point the component under test at a proxy and take the proxy down instead::
+
+    async with TcpProxy(settings.redis_url) as proxy:
+        s = settings.model_copy(update={"redis_url": proxy.url})
+        ...
+        await proxy.down()   # every open connection is cut; new ones are refused
+        await proxy.up()     # the service is back
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from typing import Self
+from urllib.parse import urlsplit, urlunsplit
+
+CHUNK = 65536
+
+
+class TcpProxy:
+    def __init__(self, target_url: str) -> None:
+        parts = urlsplit(target_url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"{target_url!r} needs an explicit host and port")
+        self._target_url = target_url
+        self._target = (parts.hostname, parts.port)
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._up = True
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The target URL with the proxy's port in place of the service's."""
+        parts = urlsplit(self._target_url)
+        host = parts.netloc.rsplit("@", 1)
+        netloc = f"127.0.0.1:{self.port}"
+        if len(host) == 2:
+            netloc = f"{host[0]}@{netloc}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.down()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def down(self) -> None:
+        """Cut every open connection and refuse new ones, as a stopped service would."""
+        self._up = False
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._pipes):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def up(self) -> None:
+        self._up = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._up:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        pipes = [
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        ]
+        self._pipes.update(pipes)
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pipes:
+                task.cancel()
+                self._pipes.discard(task)
+            for w in (writer, up_writer):
+                w.transport.abort()
+                self._writers.discard(w)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(CHUNK):
+                writer.write(data)
+                await writer.drain()
+
+
+__all__ = ["TcpProxy"]
