@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
+    management_url: str = "http://guest:guest@127.0.0.1:15672/"
+    """RabbitMQ's management API, for operator commands (users, quotas); never on a job's path."""
 
     namespace: str = Field(default="queuegate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Prefix of every broker name and Redis key, so environments and test runs never collide."""

@@ -1,0 +1,118 @@
+"""RabbitMQ's management HTTP API: users, permissions and policies, which AMQP cannot set.
+
+Used by operators' commands (teams, quotas), never on a job's path::
+
+    async with BrokerAdmin(settings.management_url) as admin:
+        await admin.put_policy("quota-alpha", pattern="^ns\\.jobs\\.alpha$", definition={...})
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+from queuegate.broker import redact_url
+from queuegate.errors import GatewayError, ServiceUnavailable
+
+TIMEOUT = 10.0
+
+
+class ManagementError(GatewayError):
+    """The management API refused a request; the message says which and why."""
+
+
+class BrokerAdmin:
+    def __init__(self, url: str, *, vhost: str = "/") -> None:
+        parts = urlsplit(url)
+        self._display = redact_url(url)
+        auth = (parts.username or "guest", parts.password or "guest")
+        netloc = parts.hostname or "127.0.0.1"
+        if parts.port:
+            netloc = f"{netloc}:{parts.port}"
+        base = urlunsplit((parts.scheme or "http", netloc, "/api/", "", ""))
+        self._client = httpx.AsyncClient(base_url=base, auth=auth, timeout=TIMEOUT)
+        self._vhost = quote(vhost, safe="")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.aclose()
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            response = await self._client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(
+                f"RabbitMQ management API is not reachable at {self._display}: enable it "
+                "(rabbitmq-plugins enable rabbitmq_management) or set QUEUEGATE_MANAGEMENT_URL"
+            ) from exc
+        if response.status_code == 404 and method in ("GET", "DELETE"):
+            return None
+        if response.status_code >= 400:
+            reason = response.json().get("reason", response.text) if response.content else ""
+            raise ManagementError(f"{method} {path}: {response.status_code} {reason}")
+        return response.json() if response.content else None
+
+    async def put_user(self, name: str, password: str, *, tags: str = "") -> None:
+        await self._request(
+            "PUT", f"users/{quote(name, safe='')}", {"password": password, "tags": tags}
+        )
+
+    async def delete_user(self, name: str) -> None:
+        await self._request("DELETE", f"users/{quote(name, safe='')}")
+
+    async def put_permissions(self, user: str, *, configure: str, write: str, read: str) -> None:
+        await self._request(
+            "PUT",
+            f"permissions/{self._vhost}/{quote(user, safe='')}",
+            {"configure": configure, "write": write, "read": read},
+        )
+
+    async def put_topic_permissions(
+        self, user: str, *, exchange: str, write: str, read: str
+    ) -> None:
+        """Which routing keys the user may publish (write) to ``exchange``, as a regex."""
+        await self._request(
+            "PUT",
+            f"topic-permissions/{self._vhost}/{quote(user, safe='')}",
+            {"exchange": exchange, "write": write, "read": read},
+        )
+
+    async def put_policy(
+        self,
+        name: str,
+        *,
+        pattern: str,
+        definition: dict[str, Any],
+        priority: int = 0,
+        apply_to: str = "queues",
+    ) -> None:
+        await self._request(
+            "PUT",
+            f"policies/{self._vhost}/{quote(name, safe='')}",
+            {
+                "pattern": pattern,
+                "definition": definition,
+                "priority": priority,
+                "apply-to": apply_to,
+            },
+        )
+
+    async def delete_policy(self, name: str) -> None:
+        await self._request("DELETE", f"policies/{self._vhost}/{quote(name, safe='')}")
+
+    async def queue(self, name: str) -> dict[str, Any] | None:
+        """The queue's state as the broker reports it, or None when it does not exist."""
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"queues/{self._vhost}/{quote(name, safe='')}"
+        )
+        return result
