@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from datetime import UTC, date, datetime
@@ -23,13 +24,16 @@ app = typer.Typer(
 teams_app = typer.Typer(help="Register, list and disable teams.", no_args_is_help=True)
 app.add_typer(teams_app, name="teams")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # lines stay whole (for grep and logs); tables still fit
+err = Console(stderr=True, soft_wrap=True)
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 
 
 def main() -> None:
+    # One-shot commands say what went wrong in one line of their own; long-running ones
+    # (worker, accounting) configure logging again at the level they are given.
+    configure_logging("warning", libraries=logging.CRITICAL)
     try:
         app()
     except GatewayError as exc:

@@ -33,12 +33,16 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, *, libraries: int = logging.WARNING) -> None:
+    """Our own log lines at ``level``; the broker and HTTP libraries only at ``libraries``.
+
+    aio-pika logs every failed connect and reconnect at length; our lines say what matters,
+    so one-shot commands silence it entirely and long-running ones keep its warnings.
+    """
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
-    # aio-pika logs every reconnect attempt at length; our own lines say what matters.
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("aio_pika", "aiormq", "httpx"):
+        logging.getLogger(name).setLevel(libraries)
