@@ -1,0 +1,102 @@
+"""``python -m bench [SCENARIO ...]``: measure the gateway and print a table per scenario.
+
+Scenarios: floor, overhead, throughput, latency, accounting (default: all of them).
+Figures are also written as JSON to bench/results/. Every scenario is bounded in count,
+runs on loopback only, and starts and removes its own namespace and schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.accounting import accounting
+from bench.floor import floor
+from bench.gateway import overhead, throughput
+from bench.measure import Figure
+from queuegate.settings import Settings
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
+    async def both_throughputs() -> list[Figure]:
+        return [await throughput(jobs=jobs * 2, workers=n) for n in (1, 2)]
+
+    async def latency_hiding() -> list[Figure]:
+        return [await throughput(jobs=5000, workers=1, latency_ms=1000, prefetch=5000)]
+
+    async def usage() -> list[Figure]:
+        return [await accounting(events=jobs * 10)]
+
+    return {
+        "floor": lambda: floor(Settings(), jobs=jobs),
+        "overhead": lambda: overhead(jobs=jobs),
+        "throughput": both_throughputs,
+        "latency": latency_hiding,
+        "accounting": usage,
+    }
+
+
+def table(name: str, figures: list[Figure]) -> Table:
+    columns: list[str] = []
+    for figure in figures:
+        columns += [key for key in figure.values if key not in columns]
+    out = Table(title=name)
+    out.add_column("case")
+    for column in columns:
+        out.add_column(column, justify="right")
+    for figure in figures:
+        out.add_row(figure.case, *(_cell(figure.values.get(c)) for c in columns))
+    return out
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+async def main(names: list[str], jobs: int) -> None:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # figures in CI logs and files stay one row per case
+    available = scenarios(jobs)
+    unknown = set(names) - set(available)
+    if unknown:
+        raise SystemExit(
+            f"unknown scenario {', '.join(sorted(unknown))}: use {', '.join(available)}"
+        )
+    results: dict[str, list[dict[str, object]]] = {}
+    for name in names or list(available):
+        console.print(f"[dim]running {name}…[/]")
+        figures = await available[name]()
+        console.print(table(name, figures))
+        results[name] = [asdict(f) for f in figures]
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    meta = {"machine": platform.platform(), "python": platform.python_version(), "jobs": jobs}
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    console.print(f"figures written to {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "scenario", nargs="*", help="floor, overhead, throughput, latency, accounting"
+    )
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs per measured case")
+    args = parser.parse_args()
+    from queuegate.runtime import run
+
+    run(lambda: main(args.scenario, args.jobs))

@@ -1,0 +1,61 @@
+"""Usage events per second from the usage exchange into PostgreSQL rows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aio_pika
+
+from bench.measure import Figure, cpu_per_thousand
+from bench.stack import running_stack
+from queuegate.broker import json_message
+from queuegate.messages import UsageEvent
+from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
+
+
+async def accounting(*, events: int, window: int = 500) -> Figure:
+    async with running_stack(workers=0) as stack:
+        topo = Topology(stack.settings.namespace)
+        bodies = [
+            UsageEvent(
+                job_id=uuid.uuid4().hex,
+                team="bench",
+                model_requested="gpt-4o-mini",
+                model_used="gpt-4o-mini",
+                input_tokens=12,
+                output_tokens=30,
+                status="ok",
+            )
+            .model_dump_json()
+            .encode()
+            for _ in range(events)
+        ]
+        connection = await aio_pika.connect(stack.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(topo.usage_exchange)
+            gate = asyncio.Semaphore(window)
+
+            async def publish(body: bytes) -> None:
+                async with gate:
+                    await exchange.publish(
+                        json_message(body, message_type=MESSAGE_TYPE_USAGE), routing_key=""
+                    )
+
+            before, started = stack.cpu(), time.perf_counter()
+            await asyncio.gather(*(publish(body) for body in bodies))
+            published = time.perf_counter() - started
+            await stack.wait_rows(events)
+            elapsed = time.perf_counter() - started
+            after = stack.cpu()
+    return Figure(
+        "accounting",
+        f"{events} events",
+        {
+            "per_s": round(events / elapsed),
+            "publish_per_s": round(events / published),
+            **cpu_per_thousand(before, after, events),
+        },
+    )

@@ -1,0 +1,109 @@
+"""Scenarios through the whole gateway: producer → broker → worker → mock → result + usage row."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+
+from bench.measure import Figure, cpu_per_thousand, latency_figures, run_lanes
+from bench.stack import TEAM, Stack, peak_rss_mb, running_stack
+from producer import GatewayClient, JobHandle
+
+MESSAGES = [{"role": "user", "content": "Summarise the benefits of a message queue in one line."}]
+WARM_UP = 200
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu(stack: Stack) -> dict[str, float]:
+    return {**stack.cpu(), "producer": _self_cpu()}
+
+
+async def overhead(*, jobs: int) -> list[Figure]:
+    """End-to-end time per job with the mock at 0 ms, at concurrency 1, 16 and 64."""
+    figures = []
+    async with (
+        running_stack(workers=1) as stack,
+        GatewayClient(stack.settings, team=TEAM) as client,
+    ):
+
+        async def one() -> float:
+            started = time.perf_counter()
+            result = await client.chat("gpt-4o-mini", MESSAGES, max_tokens=16, timeout=60)
+            if result.status != "ok":
+                raise RuntimeError(f"bench job failed: {result.error}")
+            return (time.perf_counter() - started) * 1000
+
+        await run_lanes(one, WARM_UP, 16)  # connections, pools and caches warm
+        for concurrency in (1, 16, 64):
+            before, started = _cpu(stack), time.perf_counter()
+            ms = await run_lanes(one, jobs, concurrency)
+            elapsed = time.perf_counter() - started
+            values = {
+                **latency_figures(ms),
+                "per_s": round(jobs / elapsed),
+                **cpu_per_thousand(before, _cpu(stack), jobs),
+            }
+            figures.append(Figure("overhead", f"c={concurrency}", values))
+    return figures
+
+
+async def throughput(
+    *, jobs: int, workers: int, latency_ms: float = 0, prefetch: int = 256
+) -> Figure:
+    """Jobs/s from the first publish to the last result and the last usage row in PostgreSQL."""
+    async with (
+        running_stack(workers=workers, prefetch=prefetch, latency_ms=latency_ms) as stack,
+        GatewayClient(stack.settings, team=TEAM) as client,
+    ):
+        for handle in await _publish(client, WARM_UP):
+            await handle.result(60)
+        await stack.wait_rows(WARM_UP)
+        before, started = _cpu(stack), time.perf_counter()
+        handles = await _publish(client, jobs)
+        published = time.perf_counter() - started
+        failed = sum([(await h.result(600)).status != "ok" for h in handles])
+        answered = time.perf_counter() - started
+        await stack.wait_rows(jobs + WARM_UP)
+        accounted = time.perf_counter() - started
+        after = _cpu(stack)
+        rss = {
+            f"peak_rss_mb {name}": round(peak_rss_mb(process.pid))
+            for name, process in stack.processes.items()
+            if name.startswith("worker")
+        }
+        in_flight = await stack.max_concurrent_calls(latency_ms) if latency_ms else None
+    name = "latency hiding" if latency_ms else "throughput"
+    case = f"{workers} worker{'s' if workers > 1 else ''}"
+    if latency_ms:
+        case += f", mock {latency_ms:.0f} ms"
+    return Figure(
+        name,
+        case,
+        {
+            "jobs": jobs,
+            "per_s": round(jobs / accounted),
+            "publish_per_s": round(jobs / published),
+            "answered_s": round(answered, 2),
+            "accounted_s": round(accounted, 2),
+            "errors": failed,
+            **({"max_in_flight": in_flight} if in_flight is not None else {}),
+            **rss,
+            **cpu_per_thousand(before, after, jobs),
+        },
+    )
+
+
+async def _publish(client: GatewayClient, jobs: int, window: int = 256) -> list[JobHandle]:
+    """Publish with up to ``window`` confirms outstanding, as a pipeline would."""
+    gate = asyncio.Semaphore(window)
+
+    async def one() -> JobHandle:
+        async with gate:
+            return await client.submit(client.job("gpt-4o-mini", MESSAGES, max_tokens=16))
+
+    return list(await asyncio.gather(*(one() for _ in range(jobs))))

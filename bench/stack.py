@@ -1,0 +1,203 @@
+"""The gateway as separate processes (mock provider, workers, accounting), for benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aio_pika
+import asyncpg
+import httpx
+import redis.asyncio as aioredis
+
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+
+TEAM = "bench"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    mock_url: str
+    processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(p.pid) for name, p in self.processes.items()}
+
+    async def mock_calls(self) -> int:
+        async with httpx.AsyncClient() as client:
+            return int((await client.get(f"{self.mock_url}/_mock/stats")).json()["calls"])
+
+    async def max_concurrent_calls(self, latency_ms: float) -> int:
+        """The most calls the mock held at once, from its log (each call lasts latency_ms)."""
+        async with httpx.AsyncClient() as client:
+            log = (await client.get(f"{self.mock_url}/_mock/stats?log=1")).json()["log"]
+        edges = sorted(
+            [(entry["t"] - latency_ms / 1000, 1) for entry in log]
+            + [(entry["t"], -1) for entry in log]
+        )
+        peak = current = 0
+        for _, step in edges:
+            current += step
+            peak = max(peak, current)
+        return peak
+
+    async def usage_rows(self) -> int:
+        conn = await asyncpg.connect(
+            self.settings.database_url,
+            server_settings={"search_path": self.settings.database_schema},
+        )
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM usage_log"))
+        finally:
+            await conn.close()
+
+    async def wait_rows(self, count: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while await self.usage_rows() < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"usage rows did not reach {count}")
+            await asyncio.sleep(0.05)
+
+
+def bench_settings() -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings(namespace=f"qgbench-{tag}", database_schema=f"qgbench_{tag}")
+
+
+@asynccontextmanager
+async def running_stack(
+    *, workers: int = 1, prefetch: int = 256, latency_ms: float = 0, accounting: bool = True
+) -> AsyncIterator[Stack]:
+    """Start the processes, wait until each is serving, and tear everything down after."""
+    settings = bench_settings()
+    port = free_port()
+    stack = Stack(settings, f"http://127.0.0.1:{port}")
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_MOCK_URL": stack.mock_url,
+        "QUEUEGATE_MOCK_KEY": "bench-key",
+        "QUEUEGATE_PREFETCH": str(prefetch),
+    }
+    cli = [sys.executable, "-m", "queuegate"]
+
+    async def spawn(name: str, *args: str) -> None:
+        stack.processes[name] = await asyncio.create_subprocess_exec(
+            *cli, *args, env=env, stdout=asyncio.subprocess.DEVNULL
+        )
+
+    try:
+        await spawn("mock", "mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
+        await _wait_http(stack.mock_url)
+        await _prepare(settings)
+        if accounting:
+            await spawn("accounting", "accounting", "--log-level", "warning")
+        for i in range(workers):
+            await spawn(f"worker{i + 1}", "worker", "--teams", TEAM, "--log-level", "warning")
+        await _wait_consumers(settings, workers, accounting)
+        yield stack
+    finally:
+        for process in stack.processes.values():
+            if process.returncode is None:
+                process.terminate()
+        for process in stack.processes.values():
+            await process.wait()
+        await _drop(settings)
+
+
+async def _wait_http(url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            try:
+                await client.get(f"{url}/_mock/stats")
+                return
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+    raise TimeoutError(f"mock provider did not start at {url}")
+
+
+async def _prepare(settings: Settings) -> None:
+    from accounting import migrate
+    from queuegate.db import create_pool
+
+    pool = await create_pool(settings)
+    try:
+        await migrate(pool, settings.database_schema)
+    finally:
+        await pool.close()
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        topo = Topology(settings.namespace)
+        await topo.declare_team_queue(channel, TEAM)
+        await topo.declare_usage(channel)
+
+
+async def _wait_consumers(settings: Settings, workers: int, accounting: bool) -> None:
+    topo = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for _ in range(600):
+            jobs = await channel.declare_queue(topo.team_queue(TEAM), passive=True)
+            usage = await channel.declare_queue(topo.accounting_queue, passive=True)
+            ready = (jobs.declaration_result.consumer_count or 0) >= workers
+            if ready and (not accounting or (usage.declaration_result.consumer_count or 0) >= 1):
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError("workers or accounting did not start consuming")
+
+
+async def _drop(settings: Settings) -> None:
+    topo = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (topo.team_queue(TEAM), topo.accounting_queue, topo.dead_queue):
+            await channel.queue_delete(queue)
+        for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
+            await channel.exchange_delete(exchange)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
+    finally:
+        await conn.close()
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
