@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import aio_pika
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
 
+from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -134,7 +134,7 @@ async def running_stack(
                 process.terminate()
         for process in stack.processes.values():
             await process.wait()
-        await _drop(settings)
+        await drop_namespace(settings, [TEAM])
 
 
 async def _wait_http(url: str) -> None:
@@ -178,26 +178,3 @@ async def _wait_consumers(settings: Settings, workers: int, accounting: bool) ->
                 return
             await asyncio.sleep(0.05)
     raise TimeoutError("workers or accounting did not start consuming")
-
-
-async def _drop(settings: Settings) -> None:
-    topo = Topology(settings.namespace)
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (topo.team_queue(TEAM), topo.accounting_queue, topo.dead_queue):
-            await channel.queue_delete(queue)
-        for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
-            await channel.exchange_delete(exchange)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
-    finally:
-        await conn.close()
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()

@@ -20,6 +20,7 @@ from rich.table import Table
 from queuegate.db import create_pool
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatResult
+from queuegate.namespace import drop_namespace
 from queuegate.services import check_services
 from queuegate.settings import Settings
 from queuegate.tables import spend_table
@@ -57,7 +58,7 @@ async def run_demo(base: Settings, console: Console) -> None:
         }
     )
     await check_services(settings)
-    await _reset_schema(settings)
+    await drop_namespace(settings, sorted({job.team for job in JOBS}))
     faults = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=503)})
     teams = sorted({job.team for job in JOBS})
     stop = asyncio.Event()
@@ -128,14 +129,6 @@ async def _submit_all(settings: Settings, console: Console) -> list[ChatResult]:
     for line in replies:
         console.print(f"  {line}", highlight=False)
     return results
-
-
-async def _reset_schema(settings: Settings) -> None:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 async def _await_rows(pool: asyncpg.Pool, count: int) -> None:

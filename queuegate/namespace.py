@@ -1,0 +1,40 @@
+"""Removing everything one namespace created: broker objects, Redis keys, database schema.
+
+For the demo's reset, test teardown and benchmarks; never run it against a namespace in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from queuegate.broker import connect
+from queuegate.db import quote_ident
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+
+
+async def drop_namespace(settings: Settings, teams: Iterable[str]) -> None:
+    topo = Topology(settings.namespace)
+    connection = await connect(settings.amqp_url, name="queuegate-drop")
+    async with connection:
+        channel = await connection.channel()
+        for queue in [*(topo.team_queue(t) for t in teams), topo.accounting_queue, topo.dead_queue]:
+            await channel.queue_delete(queue)
+        for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
+            await channel.exchange_delete(exchange)
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        pattern = f"{settings.redis_prefix}:*"
+        keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(settings.database_schema)} CASCADE")
+    finally:
+        await conn.close()
