@@ -1,6 +1,7 @@
 """``python -m bench [SCENARIO ...]``: measure the gateway and print a table per scenario.
 
-Scenarios: floor, overhead, throughput, latency, accounting (default: all of them).
+Scenarios: floor, overhead, throughput, latency, accounting, litellm (default: all).
+``litellm`` installs LiteLLM Proxy into its own virtual environment on first use.
 Figures are also written as JSON to bench/results/. Every scenario is bounded in count,
 runs on loopback only, and starts and removes its own namespace and schema.
 """
@@ -21,6 +22,7 @@ from rich.table import Table
 from bench.accounting import accounting
 from bench.floor import floor
 from bench.gateway import overhead, throughput
+from bench.litellm_proxy import litellm
 from bench.measure import Figure
 from queuegate.settings import Settings
 
@@ -37,12 +39,16 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
     async def usage() -> list[Figure]:
         return [await accounting(events=jobs * 10)]
 
+    async def peer() -> list[Figure]:
+        return [*await litellm(jobs=jobs, workers=1), *await litellm(jobs=jobs, workers=2)]
+
     return {
         "floor": lambda: floor(Settings(), jobs=jobs),
         "overhead": lambda: overhead(jobs=jobs),
         "throughput": both_throughputs,
         "latency": latency_hiding,
         "accounting": usage,
+        "litellm": peer,
     }
 
 
