@@ -48,39 +48,84 @@ def _split(teams: str | None) -> list[str] | None:
 @app.command()
 def worker(
     teams: Annotated[
-        str | None, typer.Option(help="Comma-separated teams to serve; all registered if unset.")
+        str | None,
+        typer.Option(help="Comma-separated teams to serve (a dedicated pool); all if unset."),
     ] = None,
-    prefetch: Annotated[int | None, typer.Option(help="Jobs held per team queue.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", "--prefetch", help="Jobs held per team queue, per process."),
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes under one supervisor.")
+    ] = 1,
     catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Consume team queues and serve their jobs until SIGTERM or Ctrl-C."""
+    """Consume team queues and serve their jobs until SIGTERM or Ctrl-C.
+
+    With --processes N, a supervisor runs N worker processes, restarts one that dies, and
+    stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i.
+    """
+    configure_logging(log_level)
+    settings = _settings(prefetch=concurrency, catalog=catalog)
+    if processes > 1:
+        _supervise(settings, processes, teams, catalog, log_level)
+        return
+
+    from queuegate.metrics_server import MetricsServer
     from router import Router, load_catalog
     from workers import Worker
 
-    configure_logging(log_level)
-    settings = _settings(prefetch=prefetch, catalog=catalog)
     cat = load_catalog(settings.catalog, os.environ)
 
     async def serve() -> None:
         stop = stop_on_signals()
         async with Router(cat, os.environ) as router:
-            await Worker(settings, router, teams=_split(teams)).run(stop)
+            pool = Worker(settings, router, teams=_split(teams))
+            async with MetricsServer(settings.metrics_host, settings.metrics_port, pool.is_ready):
+                await pool.run(stop)
 
     run(serve)
+
+
+def _supervise(
+    settings: Settings, processes: int, teams: str | None, catalog: Path | None, log_level: str
+) -> None:
+    from queuegate.supervisor import Supervisor
+
+    argv = [sys.executable, "-m", "queuegate", "worker", "--log-level", log_level]
+    argv += ["--concurrency", str(settings.prefetch)]
+    if teams:
+        argv += ["--teams", teams]
+    if catalog:
+        argv += ["--catalog", str(catalog)]
+
+    def command(slot: int) -> tuple[list[str], dict[str, str]]:
+        port = settings.metrics_port + slot if settings.metrics_port else 0
+        return argv, {**os.environ, "QUEUEGATE_METRICS_PORT": str(port)}
+
+    async def supervise() -> None:
+        stop = stop_on_signals()
+        await Supervisor(command, processes=processes, grace=settings.shutdown_grace).run(stop)
+
+    run(supervise)
 
 
 @app.command()
 def accounting(log_level: LogLevel = "info") -> None:
     """Write usage events to PostgreSQL in batches until SIGTERM or Ctrl-C."""
     from accounting import Accountant
+    from queuegate.metrics_server import MetricsServer
 
     configure_logging(log_level)
     settings = _settings()
 
     async def serve() -> None:
         stop = stop_on_signals()
-        async with Accountant(settings) as accountant:
+        async with (
+            Accountant(settings) as accountant,
+            MetricsServer(settings.metrics_host, settings.metrics_port, accountant.is_ready),
+        ):
             await accountant.run(stop)
 
     run(serve)
