@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-import json
 import os
 import sys
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from queuegate.errors import GatewayError
+from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.runtime import configure_logging, run, stop_on_signals
 from queuegate.settings import Settings
 
@@ -219,28 +221,117 @@ def submit(
 @app.command()
 def usage(
     month: Annotated[str | None, typer.Option(help="YYYY-MM; this month when unset.")] = None,
+    by: Annotated[str, typer.Option(help="Group by team, or by team and model.")] = "team",
+    daily: Annotated[
+        bool, typer.Option("--daily", help="A day-by-day trend instead of the month.")
+    ] = False,
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days in the --daily trend.")] = 30,
+    team: Annotated[str | None, typer.Option(help="Only this team (with --daily).")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="Only the N most expensive.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
 ) -> None:
-    """Spend per team for a month, from PostgreSQL."""
-    from accounting import monthly_spend
+    """Requests, tokens, cost and budget remaining per team and month, from PostgreSQL."""
+    from accounting.reports import daily_spend, model_spend, monthly_spend
     from queuegate.db import create_pool
-    from queuegate.tables import spend_table
+    from queuegate.reporting import records, table, to_csv, to_json
 
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
+    if by not in ("team", "model"):
+        raise typer.BadParameter(f"--by {by!r}: use team or model")
     day = _month(month)
     settings = _settings()
 
-    async def go() -> Any:
+    async def go() -> list[Any]:
         pool = await create_pool(settings)
         try:
-            return await monthly_spend(pool, day)
+            if daily:
+                last = datetime.now(UTC).date() if month is None else _month_end(day)
+                return await daily_spend(pool, last, days=days, team=team)
+            if by == "model":
+                return await model_spend(pool, day, top=top)
+            return await monthly_spend(pool, day, top=top)
         finally:
             await pool.close()
 
-    rows = run(go)
+    rows = records(run(go))
     if as_json:
-        sys.stdout.write(json.dumps([dataclasses.asdict(row) for row in rows], default=str) + "\n")
+        sys.stdout.write(to_json(rows))
+    elif as_csv:
+        sys.stdout.write(to_csv(rows))
     else:
-        out.print(spend_table(rows, title=f"spend in {day:%Y-%m}"))
+        what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
+        out.print(table(rows, title=what))
+
+
+@app.command()
+def status(
+    teams: Annotated[
+        str | None, typer.Option(help="Comma-separated teams; those live workers serve if unset.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+) -> None:
+    """Queue depth, in-flight jobs, rates, waits and spend per team; breakers per deployment.
+
+    Reads the broker and Redis only (budgets too when PostgreSQL answers).
+    """
+    from rich.live import Live
+
+    from queuegate.reporting import status_view, to_json
+    from queuegate.status import StatusReader
+
+    settings = _settings()
+    wanted = _split(teams)
+
+    async def once() -> Any:
+        budgets = await _budgets_if_reachable(settings)
+        async with StatusReader(settings) as reader:
+            return await reader.read(wanted, budgets)
+
+    async def forever() -> None:
+        stop = stop_on_signals()
+        budgets = await _budgets_if_reachable(settings)
+        async with StatusReader(settings) as reader:
+            with Live(status_view(await reader.read(wanted, budgets)), console=out) as live:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=interval)
+                    live.update(status_view(await reader.read(wanted, budgets)))
+
+    if watch:
+        run(forever)
+    elif as_json:
+        sys.stdout.write(to_json(dataclasses.asdict(run(once))))
+    else:
+        out.print(status_view(run(once)))
+
+
+async def _budgets_if_reachable(settings: Settings) -> dict[str, Decimal]:
+    """Budgets from the team registry, or none when PostgreSQL is down: status goes on."""
+    import asyncpg
+
+    from accounting.reports import team_budgets
+    from queuegate.db import create_pool
+
+    try:
+        pool = await create_pool(settings)
+    except ServiceUnavailable:
+        return {}
+    try:
+        return await team_budgets(pool)
+    except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
+        return {}
+    finally:
+        await pool.close()
+
+
+def _month_end(day: date) -> date:
+    from accounting.reports import month_range
+
+    return month_range(day)[1].date() - timedelta(days=1)
 
 
 def _month(text: str | None) -> date:
