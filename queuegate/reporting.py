@@ -99,11 +99,13 @@ def status_view(status: Status) -> RenderableType:
             f"{d.calls_per_s:.1f}",
             "-" if d.error_rate is None else f"{d.error_rate:.1%}",
         )
+    if not status.deployments:
+        deployments.add_row("(no provider calls reported)", "", "", "")
     return Group(teams, deployments)
 
 
 def _count(value: int | None) -> str:
-    return "no queue" if value is None else f"{value:,}"
+    return "none" if value is None else f"{value:,}"
 
 
 def _ms(value: float | None) -> str:
