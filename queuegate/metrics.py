@@ -30,7 +30,7 @@ _BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000)
 
 JOBS = Counter(
     "queuegate_jobs",
-    "Jobs finished by workers, by team, model alias and status (ok or the error code).",
+    "Jobs finished by workers, by team, requested model alias and status (ok or error code).",
     ["team", "model", "status"],
 )
 QUEUE_WAIT = Histogram(
@@ -53,12 +53,12 @@ PROVIDER_LATENCY = Histogram(
 )
 TOKENS = Counter(
     "queuegate_tokens",
-    "Tokens of finished jobs, by team, model alias and direction (input or output).",
+    "Tokens of finished jobs, by team, requested model alias and direction (input or output).",
     ["team", "model", "direction"],
 )
 COST = Counter(
     "queuegate_cost_usd",
-    "Cost in USD of finished jobs, by team and model alias.",
+    "Cost in USD of finished jobs, by team and requested model alias.",
     ["team", "model"],
 )
 RETRIES = Counter(

@@ -13,14 +13,13 @@ import json
 from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from queuegate.status import Status
-
-Format = Literal["table", "json", "csv"]
+if TYPE_CHECKING:  # the usage command needs no broker or Redis client
+    from queuegate.status import Status
 
 _MONEY = ("cost_usd", "budget_usd", "budget_remaining", "spend_usd")
 

@@ -124,13 +124,17 @@ def test_disruption_budget_and_autoscaler_target_the_workers() -> None:
         assert ref["key"] == "QUEUEGATE_AMQP_URL"
 
 
-def test_compose_checks_readiness_on_the_metrics_port() -> None:
+def test_compose_checks_readiness_and_scrapes_on_the_metrics_port() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     port = Settings().metrics_port
     assert compose["x-queuegate"]["environment"]["QUEUEGATE_METRICS_PORT"] == str(port)
     for service in ("worker", "accounting"):
         check = " ".join(compose["services"][service]["healthcheck"]["test"])
         assert f"127.0.0.1:{port}/readyz" in check
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [scrape] = prometheus["scrape_configs"][0]["dns_sd_configs"]
+    assert scrape["port"] == port
+    assert set(scrape["names"]) == {"worker", "accounting"}
     definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
     patterns = [re.compile(p["pattern"]) for p in definitions["policies"]]
     assert any(p.match(f"{Settings().namespace}.jobs.research") for p in patterns)
