@@ -62,6 +62,7 @@ class Worker:
         self._processor: JobProcessor | None = None
         self._registry_down = False
         self._connected: asyncio.Event | None = None
+        self._draining = False
         self._telemetry = Telemetry(router.catalog.models)
         self.ready = asyncio.Event()
         """Set once the worker consumes every team it serves."""
@@ -75,9 +76,9 @@ class Worker:
         return len(self._inflight)
 
     def is_ready(self) -> bool:
-        """Connected to the broker and consuming: what ``/readyz`` reports."""
+        """Connected to the broker and consuming (every team it serves, even if none yet)."""
         connected = self._connected is not None and self._connected.is_set()
-        return connected and bool(self._consumers)
+        return connected and self.ready.is_set() and not self._draining
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -171,6 +172,7 @@ class Worker:
 
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
+        self._draining = True
         for queue, tag in self._consumers.values():
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
