@@ -47,16 +47,22 @@ async def test_job_counts_tokens_and_cost_match_postgresql(settings: Settings) -
     keys = {(team, model, "ok") for team, model in plan if model != "no-such-model"}
     keys.add(("alpha", "-", "unknown_model"))  # an alias outside the catalog is not a label
     before = _snapshot(keys)
-    async with running_gateway(settings, teams=("alpha", "beta")) as gw:
-        async with gw.client("alpha") as alpha, gw.client("beta") as beta:
-            clients = {"alpha": alpha, "beta": beta}
+    written_before = _sample("queuegate_accounting_events_total", {"outcome": "written"})
+    async with (
+        running_gateway(settings, teams=("alpha", "beta")) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+    ):
+        clients = {"alpha": alpha, "beta": beta}
 
-            # When every job is answered and accounted
-            await asyncio.gather(
-                *(clients[team].chat(model, HELLO, timeout=10) for team, model in plan)
-            )
-            rows = await gw.usage_rows(len(plan))
-        after = _snapshot(keys)
+        # When every job is answered and accounted
+        await asyncio.gather(
+            *(clients[team].chat(model, HELLO, timeout=10) for team, model in plan)
+        )
+        rows = await gw.usage_rows(len(plan))
+    # Read once worker and accounting have stopped: each counts a job after announcing it
+    after = _snapshot(keys)
+    written = _sample("queuegate_accounting_events_total", {"outcome": "written"})
 
     # Expect the metrics' increments to equal the sums over the usage rows
     jobs: Counter[tuple[str, str, str]] = Counter()
@@ -76,6 +82,8 @@ async def test_job_counts_tokens_and_cost_match_postgresql(settings: Settings) -
     for key, usd in cost.items():
         assert after["cost"][key] - before["cost"][key] == pytest.approx(float(usd), rel=1e-9)
     assert jobs[("alpha", "-", "unknown_model")] == 1
+    # ... and accounting's count of events written equal to the rows
+    assert written - written_before == len(rows)
 
 
 async def test_readyz_follows_the_worker_and_metrics_are_served(settings: Settings) -> None:
