@@ -20,6 +20,7 @@ from accounting.store import first_per_job, insert_usage
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.messages import UsageEvent
+from queuegate.metrics import observe_accounting_batch
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -77,6 +78,8 @@ class Accountant:
         self._stop_deadline = math.inf
         self._outage_since: float | None = None
         self._pool: asyncpg.Pool | None = None
+        self._connected: asyncio.Event | None = None
+        self._consuming = False
         self._queue: AbstractQueue | None = None
         self._resources = contextlib.AsyncExitStack()
 
@@ -89,6 +92,7 @@ class Accountant:
             await migrate(pool, self.settings.database_schema)
             connection = await connect(self.settings.amqp_url, name="queuegate-accounting")
             stack.push_async_callback(connection.close)
+            self._connected = connection.connected
             channel = await connection.channel()
             # Twice the batch: the next batch arrives while this one is being written.
             await channel.set_qos(prefetch_count=2 * self.settings.accounting_batch)
@@ -111,6 +115,7 @@ class Accountant:
         if self._queue is None:
             raise RuntimeError("use `async with Accountant(settings) as accountant` first")
         tag = await self._queue.consume(self._on_message)
+        self._consuming = True
         stopper = asyncio.create_task(self._stop_consuming(stop, self._queue, tag))
         try:
             await self._write_until_stopped()
@@ -118,6 +123,11 @@ class Accountant:
             stopper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stopper
+
+    def is_ready(self) -> bool:
+        """Connected to the broker and consuming: what ``/readyz`` reports."""
+        connected = self._connected is not None and self._connected.is_set()
+        return connected and self._consuming
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; it is checked after every delivery and batch.
@@ -161,6 +171,7 @@ class Accountant:
         self, stop: asyncio.Event, queue: AbstractQueue, tag: ConsumerTag
     ) -> None:
         await stop.wait()
+        self._consuming = False
         self._stop_deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
         try:
             # Bounded: while the connection is down the cancel would wait for it to return.
@@ -245,6 +256,9 @@ class Accountant:
         self.rows_inserted += inserted
         self.batches += 1
         self.last_batch_size = len(batch)
+        observe_accounting_batch(
+            len(written), len(batch) - len(written), min(d.event.ts for d in batch)
+        )
         self._notify()
         return True
 

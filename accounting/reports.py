@@ -1,9 +1,14 @@
-"""Reports read from ``usage_log``."""
+"""Usage reports, read from the daily rollup ``usage_daily`` (migration 0004).
+
+The rollup holds one row per UTC day, team and requested model, kept by a trigger on
+``usage_log`` inserts, so a month's report reads a few hundred rows however many jobs ran.
+``bench/reports.py`` measures every query here against 10 million usage rows.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -12,7 +17,7 @@ import asyncpg
 
 @dataclass(frozen=True)
 class TeamSpend:
-    """One team's usage in a period."""
+    """One team's usage in a period, and its monthly budget when the registry sets one."""
 
     team: str
     requests: int
@@ -20,21 +25,79 @@ class TeamSpend:
     input_tokens: int
     output_tokens: int
     cost_usd: Decimal
+    budget_usd: Decimal | None = None
+
+    @property
+    def budget_remaining(self) -> Decimal | None:
+        return None if self.budget_usd is None else self.budget_usd - self.cost_usd
 
 
-# A half-open range on ts, so the (ts) index serves it and no row falls between two months.
-_MONTHLY_SPEND = """
-SELECT team,
-       count(*) AS requests,
-       count(*) FILTER (WHERE status = 'error') AS errors,
-       coalesce(sum(input_tokens), 0)::bigint AS input_tokens,
-       coalesce(sum(output_tokens), 0)::bigint AS output_tokens,
-       coalesce(sum(cost_usd), 0) AS cost_usd
-FROM usage_log
-WHERE ts >= $1 AND ts < $2
-GROUP BY team
-ORDER BY cost_usd DESC, team
+@dataclass(frozen=True)
+class ModelSpend:
+    """One team's usage of one requested model alias in a period."""
+
+    team: str
+    model: str
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+
+
+@dataclass(frozen=True)
+class DaySpend:
+    """All usage (or one team's) on one UTC day."""
+
+    day: date
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+
+
+_SUMS = """
+       sum(requests)::bigint AS requests,
+       sum(errors)::bigint AS errors,
+       sum(input_tokens)::bigint AS input_tokens,
+       sum(output_tokens)::bigint AS output_tokens,
+       sum(cost_usd) AS cost_usd"""
+
+# A budget is read only when it is a plain number, so a malformed config cannot fail a report.
+_BUDGET = r"""
+CASE WHEN t.config->>'budget_usd' ~ '^[0-9]+(\.[0-9]+)?$'
+     THEN (t.config->>'budget_usd')::numeric END"""
+
+# Days are a half-open range, so no day falls between two months. $3 is the row limit (NULL:
+# all), applied to the most expensive first.
+MONTHLY_SPEND = f"""
+SELECT d.team, {_SUMS}, {_BUDGET} AS budget_usd
+FROM usage_daily d LEFT JOIN teams t ON t.name = d.team
+WHERE d.day >= $1 AND d.day < $2
+GROUP BY d.team, t.config
+ORDER BY cost_usd DESC, d.team
+LIMIT $3
 """
+
+MODEL_SPEND = f"""
+SELECT team, model, {_SUMS}
+FROM usage_daily
+WHERE day >= $1 AND day < $2
+GROUP BY team, model
+ORDER BY cost_usd DESC, team, model
+LIMIT $3
+"""
+
+DAILY_SPEND = f"""
+SELECT day, {_SUMS}
+FROM usage_daily
+WHERE day >= $1 AND day < $2 AND ($3::text IS NULL OR team = $3)
+GROUP BY day
+ORDER BY day
+"""
+
+TEAM_BUDGETS = f"SELECT t.name, {_BUDGET} AS budget_usd FROM teams t"
 
 
 def month_range(day: date) -> tuple[datetime, datetime]:
@@ -45,20 +108,41 @@ def month_range(day: date) -> tuple[datetime, datetime]:
     return start, start.replace(month=day.month + 1)
 
 
-async def monthly_spend(pool: asyncpg.Pool, month: date) -> list[TeamSpend]:
-    """Each team's requests, errors, tokens and cost in the UTC month containing ``month``.
+def _month_days(month: date) -> tuple[date, date]:
+    start, end = month_range(month)
+    return start.date(), end.date()
 
-    Most expensive team first; teams without usage that month are absent.
+
+async def monthly_spend(
+    pool: asyncpg.Pool, month: date, *, top: int | None = None
+) -> list[TeamSpend]:
+    """Each team's requests, errors, tokens, cost and budget in the UTC month of ``month``.
+
+    Most expensive team first (only the ``top`` ones when given); teams without usage that
+    month are absent.
     """
-    rows: list[Any] = await pool.fetch(_MONTHLY_SPEND, *month_range(month))
-    return [
-        TeamSpend(
-            team=row["team"],
-            requests=row["requests"],
-            errors=row["errors"],
-            input_tokens=row["input_tokens"],
-            output_tokens=row["output_tokens"],
-            cost_usd=row["cost_usd"],
-        )
-        for row in rows
-    ]
+    rows: list[Any] = await pool.fetch(MONTHLY_SPEND, *_month_days(month), top)
+    return [TeamSpend(**dict(row)) for row in rows]
+
+
+async def model_spend(
+    pool: asyncpg.Pool, month: date, *, top: int | None = None
+) -> list[ModelSpend]:
+    """Usage per team and requested model in the UTC month of ``month``, most expensive first."""
+    rows: list[Any] = await pool.fetch(MODEL_SPEND, *_month_days(month), top)
+    return [ModelSpend(**dict(row)) for row in rows]
+
+
+async def daily_spend(
+    pool: asyncpg.Pool, last_day: date, *, days: int = 30, team: str | None = None
+) -> list[DaySpend]:
+    """Usage per UTC day over the ``days`` days ending with ``last_day``; idle days are absent."""
+    first = last_day - timedelta(days=days - 1)
+    rows: list[Any] = await pool.fetch(DAILY_SPEND, first, last_day + timedelta(days=1), team)
+    return [DaySpend(**dict(row)) for row in rows]
+
+
+async def team_budgets(pool: asyncpg.Pool) -> dict[str, Decimal]:
+    """Monthly budgets (USD) of the teams whose registry config sets ``budget_usd``."""
+    rows: list[Any] = await pool.fetch(TEAM_BUDGETS)
+    return {row["name"]: row["budget_usd"] for row in rows if row["budget_usd"] is not None}

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import sys
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from queuegate.errors import GatewayError
+from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.runtime import configure_logging, run, stop_on_signals
 from queuegate.settings import Settings
 
@@ -52,39 +54,84 @@ def _split(teams: str | None) -> list[str] | None:
 @app.command()
 def worker(
     teams: Annotated[
-        str | None, typer.Option(help="Comma-separated teams to serve; all registered if unset.")
+        str | None,
+        typer.Option(help="Comma-separated teams to serve (a dedicated pool); all if unset."),
     ] = None,
-    prefetch: Annotated[int | None, typer.Option(help="Jobs held per team queue.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", "--prefetch", help="Jobs held per team queue, per process."),
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes under one supervisor.")
+    ] = 1,
     catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Consume team queues and serve their jobs until SIGTERM or Ctrl-C."""
+    """Consume team queues and serve their jobs until SIGTERM or Ctrl-C.
+
+    With --processes N, a supervisor runs N worker processes, restarts one that dies, and
+    stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i.
+    """
+    configure_logging(log_level)
+    settings = _settings(prefetch=concurrency, catalog=catalog)
+    if processes > 1:
+        _supervise(settings, processes, teams, catalog, log_level)
+        return
+
+    from queuegate.metrics_server import MetricsServer
     from router import Router, load_catalog
     from workers import Worker
 
-    configure_logging(log_level)
-    settings = _settings(prefetch=prefetch, catalog=catalog)
     cat = load_catalog(settings.catalog, os.environ)
 
     async def serve() -> None:
         stop = stop_on_signals()
         async with Router(cat, os.environ) as router:
-            await Worker(settings, router, teams=_split(teams)).run(stop)
+            pool = Worker(settings, router, teams=_split(teams))
+            async with MetricsServer(settings.metrics_host, settings.metrics_port, pool.is_ready):
+                await pool.run(stop)
 
     run(serve)
+
+
+def _supervise(
+    settings: Settings, processes: int, teams: str | None, catalog: Path | None, log_level: str
+) -> None:
+    from queuegate.supervisor import Supervisor
+
+    argv = [sys.executable, "-m", "queuegate", "worker", "--log-level", log_level]
+    argv += ["--concurrency", str(settings.prefetch)]
+    if teams:
+        argv += ["--teams", teams]
+    if catalog:
+        argv += ["--catalog", str(catalog)]
+
+    def command(slot: int) -> tuple[list[str], dict[str, str]]:
+        port = settings.metrics_port + slot if settings.metrics_port else 0
+        return argv, {**os.environ, "QUEUEGATE_METRICS_PORT": str(port)}
+
+    async def supervise() -> None:
+        stop = stop_on_signals()
+        await Supervisor(command, processes=processes, grace=settings.shutdown_grace).run(stop)
+
+    run(supervise)
 
 
 @app.command()
 def accounting(log_level: LogLevel = "info") -> None:
     """Write usage events to PostgreSQL in batches until SIGTERM or Ctrl-C."""
     from accounting import Accountant
+    from queuegate.metrics_server import MetricsServer
 
     configure_logging(log_level)
     settings = _settings()
 
     async def serve() -> None:
         stop = stop_on_signals()
-        async with Accountant(settings) as accountant:
+        async with (
+            Accountant(settings) as accountant,
+            MetricsServer(settings.metrics_host, settings.metrics_port, accountant.is_ready),
+        ):
             await accountant.run(stop)
 
     run(serve)
@@ -178,28 +225,117 @@ def submit(
 @app.command()
 def usage(
     month: Annotated[str | None, typer.Option(help="YYYY-MM; this month when unset.")] = None,
+    by: Annotated[str, typer.Option(help="Group by team, or by team and model.")] = "team",
+    daily: Annotated[
+        bool, typer.Option("--daily", help="A day-by-day trend instead of the month.")
+    ] = False,
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days in the --daily trend.")] = 30,
+    team: Annotated[str | None, typer.Option(help="Only this team (with --daily).")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="Only the N most expensive.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
 ) -> None:
-    """Spend per team for a month, from PostgreSQL."""
-    from accounting import monthly_spend
+    """Requests, tokens, cost and budget remaining per team and month, from PostgreSQL."""
+    from accounting.reports import daily_spend, model_spend, monthly_spend
     from queuegate.db import create_pool
-    from queuegate.tables import spend_table
+    from queuegate.reporting import records, table, to_csv, to_json
 
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
+    if by not in ("team", "model"):
+        raise typer.BadParameter(f"--by {by!r}: use team or model")
     day = _month(month)
     settings = _settings()
 
-    async def go() -> Any:
+    async def go() -> list[Any]:
         pool = await create_pool(settings)
         try:
-            return await monthly_spend(pool, day)
+            if daily:
+                last = datetime.now(UTC).date() if month is None else _month_end(day)
+                return await daily_spend(pool, last, days=days, team=team)
+            if by == "model":
+                return await model_spend(pool, day, top=top)
+            return await monthly_spend(pool, day, top=top)
         finally:
             await pool.close()
 
-    rows = run(go)
+    rows = records(run(go))
     if as_json:
-        sys.stdout.write(json.dumps([dataclasses.asdict(row) for row in rows], default=str) + "\n")
+        sys.stdout.write(to_json(rows))
+    elif as_csv:
+        sys.stdout.write(to_csv(rows))
     else:
-        out.print(spend_table(rows, title=f"spend in {day:%Y-%m}"))
+        what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
+        out.print(table(rows, title=what))
+
+
+@app.command()
+def status(
+    teams: Annotated[
+        str | None, typer.Option(help="Comma-separated teams; those live workers serve if unset.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+) -> None:
+    """Queue depth, in-flight jobs, rates, waits and spend per team; breakers per deployment.
+
+    Reads the broker and Redis only (budgets too when PostgreSQL answers).
+    """
+    from rich.live import Live
+
+    from queuegate.reporting import status_view, to_json
+    from queuegate.status import StatusReader
+
+    settings = _settings()
+    wanted = _split(teams)
+
+    async def once() -> Any:
+        budgets = await _budgets_if_reachable(settings)
+        async with StatusReader(settings) as reader:
+            return await reader.read(wanted, budgets)
+
+    async def forever() -> None:
+        stop = stop_on_signals()
+        budgets = await _budgets_if_reachable(settings)
+        async with StatusReader(settings) as reader:
+            with Live(status_view(await reader.read(wanted, budgets)), console=out) as live:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=interval)
+                    live.update(status_view(await reader.read(wanted, budgets)))
+
+    if watch:
+        run(forever)
+    elif as_json:
+        sys.stdout.write(to_json(dataclasses.asdict(run(once))))
+    else:
+        out.print(status_view(run(once)))
+
+
+async def _budgets_if_reachable(settings: Settings) -> dict[str, Decimal]:
+    """Budgets from the team registry, or none when PostgreSQL is down: status goes on."""
+    import asyncpg
+
+    from accounting.reports import team_budgets
+    from queuegate.db import create_pool
+
+    try:
+        pool = await create_pool(settings)
+    except ServiceUnavailable:
+        return {}
+    try:
+        return await team_budgets(pool)
+    except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
+        return {}
+    finally:
+        await pool.close()
+
+
+def _month_end(day: date) -> date:
+    from accounting.reports import month_range
+
+    return month_range(day)[1].date() - timedelta(days=1)
 
 
 def _month(text: str | None) -> date:

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     teams_refresh: float = Field(default=5.0, gt=0)
     """Seconds between reads of the team registry, so new teams are served without restart."""
 
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes."""
+    stats_interval: float = Field(default=1.0, gt=0)
+    """Seconds between a worker's writes of its live stats to Redis (read by ``status``)."""
+
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
     accounting_linger: float = Field(default=0.05, ge=0)
     """Seconds accounting waits to fill a batch before writing what it has."""

@@ -208,17 +208,18 @@ async def test_cost_is_exact_from_the_deployment_prices(
 async def test_many_concurrent_jobs_share_the_pooled_clients(
     mock: MockProvider, mock_catalog: Catalog
 ) -> None:
-    mock.configure(MockConfig(default=Behavior(latency_ms=50)))
+    mock.configure(MockConfig(default=Behavior(latency_ms=200)))
     aliases = ["gpt-4o-mini", "claude-haiku", "local-llama"] * 40
 
     async with Router(mock_catalog, ENV) as router:
-        started = time.monotonic()
         served = await asyncio.gather(*(router.complete(chat(alias)) for alias in aliases))
-        elapsed = time.monotonic() - started
 
     assert [routed.model_used for routed in served] == aliases
     assert mock.stats.calls == 120
-    assert elapsed < 3  # concurrent: one after another would take 120 x 50 ms
+    # Each call held the mock 200 ms: many of those windows overlap when calls run together.
+    ends = sorted(record.t for record in mock.requests)
+    most_at_once = max(sum(1 for other in ends if end - 0.2 < other <= end) for end in ends)
+    assert most_at_once >= 20
 
 
 # --- fallback ----------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ async def test_deadline_caps_the_call_and_stops_the_chain(mock: MockProvider) ->
             await router.complete(chat("primary"), deadline=started + 0.3)
         elapsed = time.monotonic() - started
 
-    assert 0.25 <= elapsed < 1.5
+    assert 0.25 <= elapsed < 5  # cut at the deadline, not at the 10 s hang
     assert [(a.deployment, a.error) for a in caught.value.attempts] == [("primary-dep", "timeout")]
     assert "before calling backup-dep" in str(caught.value)
     assert mock.stats.calls == 1

@@ -32,6 +32,7 @@ async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Set
             "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
             "QUEUEGATE_PREFETCH": "8",
             "QUEUEGATE_SHUTDOWN_GRACE": "10",
+            "QUEUEGATE_METRICS_PORT": "0",  # any free port: other test runs share the host
             "QUEUEGATE_MOCK_URL": mock.url,
             "QUEUEGATE_MOCK_KEY": "sk-test",
         }

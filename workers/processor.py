@@ -25,6 +25,7 @@ from router import Routed, Router
 from workers.outcome import Outcome, Timing, failed, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
+from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,14 @@ class JobProcessor:
         publisher: Publisher,
         worker: str,
         max_job_bytes: int,
+        telemetry: Telemetry,
     ) -> None:
         self._router = router
         self._store = store
         self._publisher = publisher
         self._worker = worker
         self._max_job_bytes = max_job_bytes
+        self._telemetry = telemetry
 
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
@@ -116,6 +119,7 @@ class JobProcessor:
         error: JobError | None,
     ) -> None:
         await self._announce(message, outcome)
+        self._telemetry.finished(outcome)
         if error is not None and error.code in BAD_INPUT:
             await self._publisher.dead_letter(
                 message, reason=error.code, detail=error.message, queue=queue

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.keys import Keys
+from queuegate.livestats import LiveStatsWriter
 from queuegate.registry import list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -24,6 +25,7 @@ from router import Router
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
+from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ class Worker:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
         self._registry_down = False
+        self._connected: asyncio.Event | None = None
+        self._draining = False
+        self._telemetry = Telemetry(router.catalog.models)
         self.ready = asyncio.Event()
         """Set once the worker consumes every team it serves."""
 
@@ -70,11 +75,23 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    def is_ready(self) -> bool:
+        """Connected to the broker and consuming (every team it serves, even if none yet)."""
+        connected = self._connected is not None and self._connected.is_set()
+        return connected and self.ready.is_set() and not self._draining
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
         connection = await connect(s.amqp_url, name=f"worker:{self.name}")
+        self._connected = connection.connected
         redis = aioredis.from_url(s.redis_url)
         pool: asyncpg.Pool | None = None
+        live = LiveStatsWriter(
+            redis, Keys(s.redis_prefix), self.name, s.stats_interval, self._live_in_flight
+        )
+        self._telemetry.live = live
+        live_stop = asyncio.Event()
+        live_task = asyncio.create_task(live.run(live_stop))
         try:
             consume = await connection.channel()
             await consume.set_qos(prefetch_count=s.prefetch)
@@ -87,6 +104,7 @@ class Worker:
                 publisher=Publisher(publish, usage, dead),
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
+                telemetry=self._telemetry,
             )
             if self._fixed_teams is None:
                 pool = await create_pool(s)
@@ -100,6 +118,8 @@ class Worker:
                     await self._serve_teams(consume, pool)
             await self._drain()
         finally:
+            live_stop.set()
+            await live_task
             await connection.close()
             await redis.aclose()
             if pool is not None:
@@ -140,14 +160,19 @@ class Worker:
             assert task is not None
             self._inflight.add(task)
             try:
-                await self._processor.process(message, team, queue)
+                with self._telemetry.holding(team):
+                    await self._processor.process(message, team, queue)
             finally:
                 self._inflight.discard(task)
 
         return on_job
 
+    def _live_in_flight(self) -> dict[str, int]:
+        return {team: self._telemetry.in_flight[team] for team in self._consumers}
+
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
+        self._draining = True
         for queue, tag in self._consumers.values():
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)

@@ -1,0 +1,205 @@
+"""Usage report queries against 10 million usage rows, in a schema of the benchmark's own.
+
+    .venv/bin/python -m bench.reports [--rows 10000000] [--runs 5]
+
+Loads synthetic rows (generate_series in SQL, chunk by chunk, the rollup trigger on), runs
+every report query with EXPLAIN ANALYZE, then the same month read straight from usage_log
+for comparison, and what the rollup trigger costs accounting's batch inserts. Prints a table
+and JSON, then drops the schema. Figures are noisy on a shared machine: read them as orders
+of magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from accounting import migrate
+from accounting.reports import (
+    DAILY_SPEND,
+    MODEL_SPEND,
+    MONTHLY_SPEND,
+    TEAM_BUDGETS,
+    month_range,
+)
+from accounting.store import insert_usage
+from queuegate.db import create_pool, quote_ident
+from queuegate.messages import UsageEvent
+from queuegate.settings import Settings
+
+CHUNK = 500_000
+TEAMS = 50
+MODELS = ("gpt-4o-mini", "gpt-4o", "claude-haiku", "claude-sonnet", "local-llama", "o3-mini")
+DAYS = 90
+
+# Rows spread evenly over the last DAYS days, across TEAMS teams and the models; 5% failed.
+_LOAD = f"""
+INSERT INTO usage_log (job_id, team, model_requested, model_used, provider, deployment,
+                       input_tokens, output_tokens, cost_usd, status, error_code, latency_ms,
+                       attempts, worker, ts)
+SELECT 'bench-' || i, 'team-' || (i % {TEAMS}),
+       (ARRAY{list(MODELS)!r})[1 + (i / {TEAMS}) % {len(MODELS)}],
+       (ARRAY{list(MODELS)!r})[1 + (i / {TEAMS}) % {len(MODELS)}], 'openai', 'main',
+       100 + i % 4000, 10 + i % 800, ((100 + i % 4000) * 15 + (10 + i % 800) * 60) / 1e8,
+       CASE WHEN i % 20 = 0 THEN 'error' ELSE 'ok' END,
+       CASE WHEN i % 20 = 0 THEN 'provider_error' END,
+       200 + i % 1000, 1, 'bench',
+       $3::timestamptz - ((i::float8 / $4) * interval '{DAYS} days')
+FROM generate_series($1::bigint, $2::bigint) AS i
+"""
+
+RAW_MONTHLY = """
+SELECT team, count(*), count(*) FILTER (WHERE status = 'error'), sum(input_tokens),
+       sum(output_tokens), sum(cost_usd)
+FROM usage_log WHERE ts >= $1 AND ts < $2 GROUP BY team ORDER BY 6 DESC
+"""
+
+
+async def load(pool: asyncpg.Pool, rows: int, console: Console) -> float:
+    now = datetime.now(UTC)
+    started = time.perf_counter()
+    async with pool.acquire() as conn:
+        await conn.execute("SET synchronous_commit = off")
+        # Secondary indexes are built once after the load: faster than row by row.
+        await conn.execute("DROP INDEX usage_log_team_ts, usage_log_ts")
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"loading {rows:,} usage rows", total=rows)
+            for first in range(1, rows + 1, CHUNK):
+                last = min(first + CHUNK - 1, rows)
+                await conn.execute(_LOAD, first, last, now, rows, timeout=None)
+                progress.update(task, completed=last)
+        await conn.execute("CREATE INDEX usage_log_team_ts ON usage_log (team, ts)", timeout=None)
+        await conn.execute("CREATE INDEX usage_log_ts ON usage_log (ts)", timeout=None)
+        await conn.execute("VACUUM ANALYZE usage_log", timeout=None)
+        await conn.execute("VACUUM ANALYZE usage_daily", timeout=None)
+        await conn.execute(
+            "INSERT INTO teams (name, config) SELECT 'team-' || i,"
+            " jsonb_build_object('budget_usd', '500') FROM generate_series(0, $1 - 1) i",
+            TEAMS,
+        )
+    return time.perf_counter() - started
+
+
+async def explain(pool: asyncpg.Pool, sql: str, args: tuple[Any, ...], runs: int) -> dict[str, Any]:
+    """Median planning and execution time (ms) of EXPLAIN ANALYZE over ``runs`` runs."""
+    planning, execution = [], []
+    rows = 0
+    for _ in range(runs):
+        plan = await pool.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args, timeout=None)
+        top = (json.loads(plan) if isinstance(plan, str) else plan)[0]
+        planning.append(top["Planning Time"])
+        execution.append(top["Execution Time"])
+        rows = top["Plan"]["Actual Rows"]
+    return {
+        "planning_ms": round(statistics.median(planning), 3),
+        "execution_ms": round(statistics.median(execution), 3),
+        "rows": rows,
+    }
+
+
+async def trigger_cost(pool: asyncpg.Pool, batches: int = 20, size: int = 500) -> dict[str, float]:
+    """Batch inserts per second (events/s) with and without the rollup trigger."""
+    figures: dict[str, float] = {}
+    for label, action in (("with_rollup", "ENABLE"), ("without_rollup", "DISABLE")):
+        await pool.execute(f"ALTER TABLE usage_log {action} TRIGGER usage_daily_add")
+        started = time.perf_counter()
+        for b in range(batches):
+            events = [
+                UsageEvent(
+                    job_id=f"cost-{label}-{b}-{i}",
+                    team=f"team-{i % TEAMS}",
+                    model_requested=MODELS[i % len(MODELS)],
+                    input_tokens=100,
+                    output_tokens=20,
+                    cost_usd=Decimal("0.0001"),
+                    status="ok",
+                )
+                for i in range(size)
+            ]
+            await insert_usage(pool, events)
+        figures[f"{label}_events_per_s"] = round(batches * size / (time.perf_counter() - started))
+    await pool.execute("ALTER TABLE usage_log ENABLE TRIGGER usage_daily_add")
+    return figures
+
+
+async def main(rows: int, runs: int) -> None:
+    console = Console()
+    schema = f"qg_bench_{uuid.uuid4().hex[:8]}"
+    settings = Settings(database_schema=schema)
+    pool = await create_pool(settings, max_size=2)
+    try:
+        await migrate(pool, schema)
+        load_s = await load(pool, rows, console)
+        today = datetime.now(UTC).date()
+        month = month_range(today)
+        month_days = (month[0].date(), month[1].date())
+        queries: dict[str, tuple[str, tuple[Any, ...]]] = {
+            "usage (by team, month)": (MONTHLY_SPEND, (*month_days, None)),
+            "usage --top 5": (MONTHLY_SPEND, (*month_days, 5)),
+            "usage --by model": (MODEL_SPEND, (*month_days, None)),
+            "usage --daily (30 days)": (
+                DAILY_SPEND,
+                (today - timedelta(days=29), today + timedelta(days=1), None),
+            ),
+            "usage --daily --team": (
+                DAILY_SPEND,
+                (today - timedelta(days=29), today + timedelta(days=1), "team-7"),
+            ),
+            "budgets": (TEAM_BUDGETS, ()),
+            "month from usage_log (no rollup)": (RAW_MONTHLY, month),
+        }
+        results = {}
+        for name, (sql, args) in queries.items():
+            console.print(f"[dim]measuring {name}…[/]")
+            results[name] = await explain(pool, sql, args, runs if "no rollup" not in name else 1)
+        rollup_rows = await pool.fetchval("SELECT count(*) FROM usage_daily")
+        insert = await trigger_cost(pool)
+    finally:
+        await pool.execute(f"DROP SCHEMA {quote_ident(schema)} CASCADE", timeout=None)
+        await pool.close()
+
+    table = Table(title=f"report queries over {rows:,} usage rows ({rollup_rows:,} rollup rows)")
+    for column in ("query", "planning ms", "execution ms", "rows out"):
+        table.add_column(column, justify="left" if column == "query" else "right")
+    for name, figures in results.items():
+        table.add_row(
+            name,
+            f"{figures['planning_ms']:.2f}",
+            f"{figures['execution_ms']:.2f}",
+            f"{figures['rows']:,}",
+        )
+    console.print(table)
+    console.print(
+        f"load: {load_s:.0f} s; accounting batch inserts: {insert['with_rollup_events_per_s']:,}"
+        f" events/s with the rollup trigger, {insert['without_rollup_events_per_s']:,} without"
+    )
+    summary = {
+        "rows": rows,
+        "rollup_rows": rollup_rows,
+        "runs": runs,
+        "load_s": round(load_s, 1),
+        "queries": results,
+        "insert": insert,
+        "date": date.today().isoformat(),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--runs", type=int, default=5, help="EXPLAIN ANALYZE runs per query")
+    args = parser.parse_args()
+    asyncio.run(main(args.rows, args.runs))

@@ -1,0 +1,219 @@
+"""Live stats: what workers are doing right now, kept in Redis for ``queuegate status``.
+
+Each worker buffers counts in memory and writes them every ``settings.stats_interval``
+seconds in one pipeline, so a job costs no Redis round trip of its own:
+
+- per team and 10-second window: jobs taken and finished, errors (the rates over a minute);
+- per team: the last ``WAIT_SAMPLES`` queue waits (the p50/p99 wait);
+- per deployment and window: provider calls and failed ones (the recent error rate);
+- per team and month: spend as the workers saw it (accounting's PostgreSQL stays the truth);
+- per worker: a snapshot with its in-flight jobs per team, breaker states and bucket fills,
+  expiring unless renewed, so a dead worker drops out of the picture by itself.
+
+Best effort by design: while Redis is down the counts are dropped, never the jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from queuegate.keys import Keys
+from queuegate.messages import Attempt, UsageEvent
+from queuegate.metrics import BREAKER_STATE, BUCKET_FILL, gauge_values
+
+log = logging.getLogger(__name__)
+
+WINDOW = 10
+"""Seconds per counting window."""
+RATE_SPAN = 60
+"""Seconds the job and error rates are computed over."""
+WAIT_SAMPLES = 1000
+SPEND_TTL = 40 * 24 * 3600
+"""A month's live spend outlives the month by a few days, then goes."""
+WORKERS_TTL = 3600
+"""Workers silent for this long are dropped from the workers set."""
+
+
+def window_of(now: float) -> int:
+    return int(now // WINDOW)
+
+
+@dataclass
+class _Buffer:
+    team_counts: defaultdict[tuple[str, int], Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )
+    waits: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    deployment_counts: defaultdict[tuple[str, int], Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )
+    spend: defaultdict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+
+
+class LiveStatsWriter:
+    """One worker's live stats; ``run(stop)`` writes them until stop, then once more."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        worker: str,
+        interval: float,
+        in_flight: Callable[[], dict[str, int]],
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._worker = worker
+        self._interval = interval
+        self._in_flight = in_flight
+        self._buffer = _Buffer()
+        self._deployments: set[str] = set()
+        self._down = False
+
+    def taken(self, team: str) -> None:
+        self._buffer.team_counts[(team, window_of(time.time()))]["taken"] += 1
+
+    def finished(self, usage: UsageEvent, attempts: Iterable[Attempt]) -> None:
+        now = time.time()
+        counts = self._buffer.team_counts[(usage.team, window_of(now))]
+        counts["finished"] += 1
+        if usage.status == "error":
+            counts["errors"] += 1
+        self._buffer.waits[usage.team].append(round(usage.queued_ms, 1))
+        if usage.cost_usd:
+            self._buffer.spend[(usage.team, usage.ts.strftime("%Y-%m"))] += float(usage.cost_usd)
+        for attempt in attempts:
+            self._deployments.add(attempt.deployment)
+            calls = self._buffer.deployment_counts[(attempt.deployment, window_of(now))]
+            calls["calls"] += 1
+            if attempt.error is not None:
+                calls["errors"] += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        buffer, self._buffer = self._buffer, _Buffer()
+        keys = self._keys
+        now = time.time()
+        pipe = self._client.pipeline(transaction=False)
+        for (team, window), counts in buffer.team_counts.items():
+            key = keys.live_team(team, window)
+            for name, n in counts.items():
+                pipe.hincrby(key, name, n)
+            pipe.expire(key, 2 * RATE_SPAN)
+        for team, waits in buffer.waits.items():
+            pipe.lpush(keys.live_waits(team), *waits)
+            pipe.ltrim(keys.live_waits(team), 0, WAIT_SAMPLES - 1)
+        for (deployment, window), counts in buffer.deployment_counts.items():
+            key = keys.live_deployment(deployment, window)
+            for name, n in counts.items():
+                pipe.hincrby(key, name, n)
+            pipe.expire(key, 2 * RATE_SPAN)
+        for (team, month), usd in buffer.spend.items():
+            pipe.incrbyfloat(keys.live_spend(team, month), usd)
+            pipe.expire(keys.live_spend(team, month), SPEND_TTL)
+        breakers = gauge_values(BREAKER_STATE)
+        snapshot = {
+            "in_flight": self._in_flight(),
+            "breakers": breakers,
+            "bucket_fill": gauge_values(BUCKET_FILL),
+            "deployments": sorted(self._deployments | set(breakers)),
+            "ts": now,
+        }
+        ttl = max(5, round(3 * self._interval))
+        pipe.set(keys.live_worker(self._worker), json.dumps(snapshot), ex=ttl)
+        pipe.zadd(keys.live_workers, {self._worker: now})
+        pipe.zremrangebyscore(keys.live_workers, 0, now - WORKERS_TTL)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            if not self._down:
+                log.warning("live stats not written: Redis unavailable (%s)", type(exc).__name__)
+            self._down = True
+            return
+        if self._down:
+            log.info("live stats are written again")
+        self._down = False
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """Everything the workers reported, merged across live workers."""
+
+    workers: int
+    teams: list[str]
+    in_flight: dict[str, int]
+    breakers: dict[str, float]
+    bucket_fill: dict[str, float]
+    deployments: list[str]
+
+
+async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
+    """Merge the snapshots of the workers that reported recently."""
+    names = [
+        n.decode() if isinstance(n, bytes) else str(n)
+        for n in await client.zrangebyscore(keys.live_workers, time.time() - WORKERS_TTL, "+inf")
+    ]
+    raw = await client.mget([keys.live_worker(name) for name in names]) if names else []
+    snapshots: list[dict[str, Any]] = [json.loads(r) for r in raw if r is not None]
+    in_flight: Counter[str] = Counter()
+    breakers: dict[str, float] = {}
+    fills: dict[str, float] = {}
+    deployments: set[str] = set()
+    for snap in snapshots:
+        in_flight.update(snap["in_flight"])
+        # Breakers and buckets are shared state in Redis: every worker reports the same
+        # value, give or take an interval; the highest state is the safe one to show.
+        for name, value in snap["breakers"].items():
+            breakers[name] = max(value, breakers.get(name, 0))
+        for team, value in snap["bucket_fill"].items():
+            fills[team] = min(value, fills.get(team, 1.0))
+        deployments.update(snap["deployments"])
+    return LiveView(
+        workers=len(snapshots),
+        teams=sorted(set(in_flight)),
+        in_flight=dict(in_flight),
+        breakers=breakers,
+        bucket_fill=fills,
+        deployments=sorted(deployments),
+    )
+
+
+async def window_sums(
+    client: aioredis.Redis, key_of: Callable[[int], str], now: float
+) -> tuple[Counter[str], float]:
+    """The counts over the last ``RATE_SPAN`` seconds, and the seconds they cover."""
+    last = window_of(now)
+    first = window_of(now - RATE_SPAN) + 1
+    pipe = client.pipeline(transaction=False)
+    for window in range(first, last + 1):
+        pipe.hgetall(key_of(window))
+    total: Counter[str] = Counter()
+    for counts in await pipe.execute():
+        for name, n in counts.items():
+            total[name.decode() if isinstance(name, bytes) else name] += int(n)
+    return total, now - first * WINDOW
+
+
+async def recent_waits(client: aioredis.Redis, keys: Keys, team: str) -> list[float]:
+    return [float(w) for w in await client.lrange(keys.live_waits(team), 0, -1)]
+
+
+async def live_spend(client: aioredis.Redis, keys: Keys, team: str, month: str) -> float:
+    value = await client.get(keys.live_spend(team, month))
+    return float(value) if value is not None else 0.0

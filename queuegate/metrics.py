@@ -1,0 +1,138 @@
+"""Every Prometheus metric queuegate exports, in one place, and the calls that feed them.
+
+Labels are bounded: teams (the registry), model aliases and deployment names (the catalog),
+job statuses (``ok`` or a wire error code). Never a job id, a worker name or free text.
+
+Components call the small functions below rather than touching the metric objects, so one
+line at a call site is enough::
+
+    observe_bucket_wait("search", seconds)       # admission control, after a bucket wait
+    set_breaker_state("openai-main", "open")     # circuit breakers, on every transition
+
+The metrics live in prometheus_client's default registry (with its process collector);
+``queuegate.metrics_server`` serves them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BreakerState = Literal["closed", "half_open", "open"]
+BREAKER_VALUES: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
+"""The value of ``queuegate_breaker_state`` for each state."""
+
+# Seconds: from a few milliseconds in the queue to a provider call near its timeout.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000)
+
+JOBS = Counter(
+    "queuegate_jobs",
+    "Jobs finished by workers, by team, requested model alias and status (ok or error code).",
+    ["team", "model", "status"],
+)
+QUEUE_WAIT = Histogram(
+    "queuegate_queue_wait_seconds",
+    "Time a job spent in its team queue, from publish to delivery.",
+    ["team"],
+    buckets=_LATENCY_BUCKETS,
+)
+BUCKET_WAIT = Histogram(
+    "queuegate_bucket_wait_seconds",
+    "Time a job waited in the worker for its token buckets to refill.",
+    ["team"],
+    buckets=_LATENCY_BUCKETS,
+)
+PROVIDER_LATENCY = Histogram(
+    "queuegate_provider_latency_seconds",
+    "Time of each provider call, by deployment and outcome (ok or the error class).",
+    ["deployment", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+TOKENS = Counter(
+    "queuegate_tokens",
+    "Tokens of finished jobs, by team, requested model alias and direction (input or output).",
+    ["team", "model", "direction"],
+)
+COST = Counter(
+    "queuegate_cost_usd",
+    "Cost in USD of finished jobs, by team and requested model alias.",
+    ["team", "model"],
+)
+RETRIES = Counter(
+    "queuegate_retries",
+    "Provider calls beyond the first one of a job, by team and requested model alias.",
+    ["team", "model"],
+)
+FALLBACKS = Counter(
+    "queuegate_fallbacks",
+    "Jobs served by a deployment other than the requested alias's first one.",
+    ["team", "model"],
+)
+BREAKER_STATE = Gauge(
+    "queuegate_breaker_state",
+    "Circuit breaker state per deployment: 0 closed, 1 half-open, 2 open.",
+    ["deployment"],
+)
+BUCKET_FILL = Gauge(
+    "queuegate_bucket_fill_ratio",
+    "How full a team's request bucket is, from 0 (empty: jobs wait) to 1 (full).",
+    ["team"],
+)
+IN_FLIGHT = Gauge(
+    "queuegate_in_flight_jobs",
+    "Jobs a worker process holds right now, by team.",
+    ["team"],
+)
+ACCOUNTING_EVENTS = Counter(
+    "queuegate_accounting_events",
+    "Usage events handled by accounting, by outcome (written or rejected).",
+    ["outcome"],
+)
+ACCOUNTING_BATCH = Histogram(
+    "queuegate_accounting_batch_size",
+    "Usage events per batch written to PostgreSQL.",
+    buckets=_BATCH_BUCKETS,
+)
+ACCOUNTING_LAG = Gauge(
+    "queuegate_accounting_lag_seconds",
+    "Age of the oldest event in the last batch written: how far accounting trails the jobs.",
+)
+
+
+def observe_bucket_wait(team: str, seconds: float) -> None:
+    """A job of ``team`` waited ``seconds`` for its token buckets (0 when it did not wait)."""
+    BUCKET_WAIT.labels(team).observe(seconds)
+
+
+def set_bucket_fill(team: str, ratio: float) -> None:
+    """The team's request bucket after a take: 0 empty, 1 full."""
+    BUCKET_FILL.labels(team).set(ratio)
+
+
+def set_breaker_state(deployment: str, state: BreakerState) -> None:
+    """The deployment's breaker changed state (or was read at start)."""
+    BREAKER_STATE.labels(deployment).set(BREAKER_VALUES[state])
+
+
+def observe_accounting_batch(written: int, rejected: int, oldest: datetime) -> None:
+    """A batch committed: its size, and how old its oldest event was when it did."""
+    ACCOUNTING_BATCH.observe(written + rejected)
+    ACCOUNTING_EVENTS.labels("written").inc(written)
+    if rejected:
+        ACCOUNTING_EVENTS.labels("rejected").inc(rejected)
+    if oldest.tzinfo is None:  # an event's time without an offset is UTC, as accounting stores it
+        oldest = oldest.replace(tzinfo=UTC)
+    ACCOUNTING_LAG.set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+
+
+def gauge_values(gauge: Gauge) -> dict[str, float]:
+    """The current values of a gauge with one label, by that label's value."""
+    return {
+        sample.labels[next(iter(sample.labels))]: sample.value
+        for metric in gauge.collect()
+        for sample in metric.samples
+        if sample.labels
+    }

@@ -1,0 +1,169 @@
+"""``queuegate status``: what the gateway is doing now, from the broker and Redis alone.
+
+Queue depth and consumers come from a passive declare of each team queue (no management
+plugin needed); in-flight jobs, rates, waits, breaker states and spend from the live stats
+workers write to Redis (queuegate.livestats). Budgets are shown when the caller has them.
+
+    async with StatusReader(settings) as reader:
+        status = await reader.read(teams=None, budgets={})
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import partial
+from typing import Self
+
+import aio_pika
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from redis.exceptions import RedisError
+
+from queuegate.broker import connect, redact_url
+from queuegate.errors import ServiceUnavailable
+from queuegate.keys import Keys
+from queuegate.livestats import live_spend, read_view, recent_waits, window_sums
+from queuegate.metrics import BREAKER_VALUES
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+
+BREAKER_NAMES = {value: name for name, value in BREAKER_VALUES.items()}
+
+
+@dataclass(frozen=True)
+class TeamStatus:
+    team: str
+    queue_depth: int | None
+    """Jobs ready in the team queue (not counting those workers hold); None: no such queue."""
+    consumers: int | None
+    in_flight: int
+    jobs_in_per_s: float
+    """Jobs taken from the queue by workers, per second over the last minute."""
+    jobs_out_per_s: float
+    """Jobs finished, per second over the last minute."""
+    errors_per_s: float
+    wait_p50_ms: float | None
+    wait_p99_ms: float | None
+    bucket_fill: float | None
+    """How full the team's bucket is, 0-1; None until admission control reports it."""
+    spend_usd: float
+    """This month's spend as the workers saw it."""
+    budget_usd: Decimal | None
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    deployment: str
+    breaker: str | None
+    calls_per_s: float
+    error_rate: float | None
+    """Failed calls over all calls in the last minute; None without calls."""
+
+
+@dataclass(frozen=True)
+class Status:
+    at: datetime
+    workers: int
+    teams: list[TeamStatus]
+    deployments: list[DeploymentStatus]
+
+
+class StatusReader:
+    """Holds one broker connection and one Redis client, so ``--watch`` reads cheaply."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._keys = Keys(settings.redis_prefix)
+        self._topology = Topology(settings.namespace, settings.delivery_limit)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._redis: aioredis.Redis | None = None
+
+    async def __aenter__(self) -> Self:
+        self._connection = await connect(self._settings.amqp_url, name="queuegate-status")
+        self._redis = aioredis.from_url(self._settings.redis_url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def read(
+        self, teams: Sequence[str] | None = None, budgets: Mapping[str, Decimal] | None = None
+    ) -> Status:
+        """The teams given (or those live workers serve) and every deployment workers called."""
+        try:
+            return await self._read(teams, budgets or {})
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"Redis is not reachable at {redact_url(self._settings.redis_url)}: "
+                "start it or set QUEUEGATE_REDIS_URL"
+            ) from exc
+
+    async def _read(self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal]) -> Status:
+        assert self._redis is not None
+        client, keys = self._redis, self._keys
+        now = time.time()
+        view = await read_view(client, keys)
+        month = datetime.now(UTC).strftime("%Y-%m")
+        rows = []
+        for team in sorted(set(teams or view.teams)):
+            depth, consumers = await self._queue_counts(self._topology.team_queue(team))
+            counts, span = await window_sums(client, partial(keys.live_team, team), now)
+            waits = sorted(await recent_waits(client, keys, team))
+            rows.append(
+                TeamStatus(
+                    team=team,
+                    queue_depth=depth,
+                    consumers=consumers,
+                    in_flight=view.in_flight.get(team, 0),
+                    jobs_in_per_s=counts["taken"] / span,
+                    jobs_out_per_s=counts["finished"] / span,
+                    errors_per_s=counts["errors"] / span,
+                    wait_p50_ms=_percentile(waits, 50),
+                    wait_p99_ms=_percentile(waits, 99),
+                    bucket_fill=view.bucket_fill.get(team),
+                    spend_usd=await live_spend(client, keys, team, month),
+                    budget_usd=budgets.get(team),
+                )
+            )
+        deployments = []
+        for name in view.deployments:
+            counts, span = await window_sums(client, partial(keys.live_deployment, name), now)
+            state = view.breakers.get(name)
+            deployments.append(
+                DeploymentStatus(
+                    deployment=name,
+                    breaker=BREAKER_NAMES.get(int(state)) if state is not None else None,
+                    calls_per_s=counts["calls"] / span,
+                    error_rate=counts["errors"] / counts["calls"] if counts["calls"] else None,
+                )
+            )
+        return Status(datetime.now(UTC), view.workers, rows, deployments)
+
+    async def _queue_counts(self, queue: str) -> tuple[int | None, int | None]:
+        assert self._connection is not None
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        try:
+            declared = await self._channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            # The broker closed the channel over the missing queue; the next read opens one.
+            return None, None
+        result = declared.declaration_result
+        return result.message_count, result.consumer_count
+
+
+def _percentile(ordered: Sequence[float], pct: int) -> float | None:
+    """Nearest-rank percentile of an ascending sequence; None when it is empty."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]

@@ -1,0 +1,99 @@
+"""Runs N copies of a command (worker processes) and keeps them running until told to stop.
+
+    stop = stop_on_signals()
+    await Supervisor(argv_of, processes=4, grace=30).run(stop)
+
+A process that exits on its own is started again after a backoff that doubles while it keeps
+crashing soon after start (so a broken config does not spin) and resets once it has run for
+a while. On stop every process gets SIGTERM and ``grace`` seconds (plus a margin) to drain;
+one still running then gets SIGKILL, and the broker requeues what it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.5
+BACKOFF_CAP = 30.0
+STABLE_AFTER = 30.0
+"""Seconds after which a process counts as having started fine: its next crash restarts fast."""
+KILL_MARGIN = 10.0
+"""Seconds beyond the drain grace before a process that will not stop is killed."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        command: Callable[[int], tuple[Sequence[str], Mapping[str, str]]],
+        *,
+        processes: int,
+        grace: float,
+    ) -> None:
+        """``command(slot)`` gives the argv and environment of the process in ``slot``."""
+        self._command = command
+        self._processes = processes
+        self._grace = grace
+        self.restarts = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(*(self._keep(slot, stop) for slot in range(self._processes)))
+        log.info("all %d processes stopped", self._processes)
+
+    async def _keep(self, slot: int, stop: asyncio.Event) -> None:
+        delay = BACKOFF_FIRST
+        while not stop.is_set():
+            argv, env = self._command(slot)
+            process = await asyncio.create_subprocess_exec(*argv, env=dict(env))
+            started = time.monotonic()
+            log.info("process %d started (pid %d)", slot, process.pid)
+            exited = asyncio.create_task(process.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                stopping.cancel()
+                await self._terminate(slot, process, exited)
+                return
+            stopping.cancel()
+            code = exited.result()
+            if time.monotonic() - started > STABLE_AFTER:
+                delay = BACKOFF_FIRST
+            log.warning(
+                "process %d (pid %d) exited with %s; restarting in %.1f s",
+                slot,
+                process.pid,
+                _describe(code),
+                delay,
+            )
+            self.restarts += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    async def _terminate(
+        self, slot: int, process: asyncio.subprocess.Process, exited: asyncio.Task[int]
+    ) -> None:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(self._grace + KILL_MARGIN):
+                code = await exited
+        except TimeoutError:
+            log.error("process %d (pid %d) did not stop in time; killing it", slot, process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            code = await exited
+        log.info("process %d (pid %d) stopped: %s", slot, process.pid, _describe(code))
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"

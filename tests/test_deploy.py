@@ -1,0 +1,162 @@
+"""deploy/: the manifests parse, carry what operators rely on, and agree with the code."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+from typer.main import get_command
+
+import queuegate.metrics
+from queuegate.cli import app
+from queuegate.settings import Settings
+from router import load_catalog
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+K8S = DEPLOY / "k8s"
+
+
+def _k8s() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def _one(kind: str, name: str) -> dict[str, Any]:
+    [doc] = [d for d in _k8s() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def _container(deployment: str) -> dict[str, Any]:
+    [container] = _one("Deployment", deployment)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+def _catalog_text() -> str:
+    text: str = _one("ConfigMap", "queuegate-catalog")["data"]["catalog.yaml"]
+    return text
+
+
+def test_every_manifest_is_listed_and_has_kind_and_name() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    for doc in _k8s():
+        assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
+
+
+def test_images_are_this_version_and_commands_exist() -> None:
+    commands = set(get_command(app).commands)  # type: ignore[attr-defined]
+    pods = [d["spec"]["template"]["spec"] for d in _k8s() if d["kind"] in ("Deployment", "Job")]
+    for pod in pods:
+        for container in pod["containers"]:
+            assert container["image"].endswith(f"/queuegate:{version('queuegate')}")
+            assert container["args"][0] in commands
+        assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("deployment", ["queuegate-worker", "queuegate-accounting"])
+def test_probes_and_metrics_port_match_the_settings(deployment: str) -> None:
+    container = _container(deployment)
+    port = Settings().metrics_port
+    [metrics] = container["ports"]
+    assert (metrics["name"], metrics["containerPort"]) == ("metrics", port)
+    assert int(_env(container)["QUEUEGATE_METRICS_PORT"]) == port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    annotations = _one("Deployment", deployment)["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == port
+
+
+def test_workers_outlive_the_longest_provider_call_when_terminated(tmp_path: Path) -> None:
+    catalog = _load_catalog(tmp_path)
+    longest = max(d.timeout for m in catalog.models.values() for d in m.deployments)
+    pod = _one("Deployment", "queuegate-worker")["spec"]["template"]["spec"]
+    grace = float(_env(_container("queuegate-worker"))["QUEUEGATE_SHUTDOWN_GRACE"])
+    assert longest < grace < pod["terminationGracePeriodSeconds"]
+
+
+def _load_catalog(tmp_path: Path) -> Any:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(_catalog_text())
+    return load_catalog(path, {})
+
+
+def test_catalog_keys_come_from_the_secret_which_holds_placeholders_only(tmp_path: Path) -> None:
+    catalog = _load_catalog(tmp_path)
+    secret = _one("Secret", "queuegate-secrets")["stringData"]
+    for entry in catalog.models.values():
+        for deployment in entry.deployments:
+            assert deployment.api_key_env in secret
+    for name, value in secret.items():
+        if name.endswith("_KEY"):
+            assert value == "REPLACE_ME"
+        assert "REPLACE_ME" in value or "@" not in value, name
+
+
+def test_disruption_budget_and_autoscaler_target_the_workers() -> None:
+    worker = _one("Deployment", "queuegate-worker")
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    pdb = _one("PodDisruptionBudget", "queuegate-worker")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    scaled = _one("ScaledObject", "queuegate-worker")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "queuegate-worker"
+    prefix = f"{Settings().namespace}.jobs."
+    assert scaled["spec"]["triggers"]
+    for trigger in scaled["spec"]["triggers"]:
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert trigger["metadata"]["queueName"].startswith(prefix)
+        auth = _one("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        [ref] = auth["spec"]["secretTargetRef"]
+        assert ref["key"] == "QUEUEGATE_AMQP_URL"
+
+
+def test_compose_checks_readiness_and_scrapes_on_the_metrics_port() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    port = Settings().metrics_port
+    assert compose["x-queuegate"]["environment"]["QUEUEGATE_METRICS_PORT"] == str(port)
+    for service in ("worker", "accounting"):
+        check = " ".join(compose["services"][service]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/readyz" in check
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [scrape] = prometheus["scrape_configs"][0]["dns_sd_configs"]
+    assert scrape["port"] == port
+    assert set(scrape["names"]) == {"worker", "accounting"}
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    patterns = [re.compile(p["pattern"]) for p in definitions["policies"]]
+    assert any(p.match(f"{Settings().namespace}.jobs.research") for p in patterns)
+
+
+def test_every_metric_the_dashboard_plots_is_exported() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "queuegate.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"queuegate_[a-z_]+", expr)}
+    exported = {
+        sample_name
+        for metric in vars(queuegate.metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+        for family in metric.describe()
+        for sample_name in _sample_names(family.name, family.type)
+    }
+    assert used and used <= exported, used - exported
+
+
+def _sample_names(name: str, kind: str) -> set[str]:
+    if kind == "counter":
+        return {f"{name}_total"}
+    if kind == "histogram":
+        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return {name}

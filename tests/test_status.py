@@ -1,0 +1,95 @@
+"""``queuegate status``: what a run in progress looks like, from the broker and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from mockprovider import Behavior, MockConfig
+from queuegate.metrics import BREAKER_STATE, set_breaker_state
+from queuegate.settings import Settings
+from queuegate.status import Status, StatusReader
+from tests.support import running_gateway
+
+JOBS = 8
+PREFETCH = 3
+
+
+async def _until(
+    reader: StatusReader, ok: Callable[[Status], bool], timeout: float = 10.0
+) -> Status:
+    """Read the status until ``ok(status)`` holds: live stats arrive every stats_interval."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status = await reader.read(["alpha"])
+            if ok(status):
+                return status
+            await asyncio.sleep(0.05)
+
+
+async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: Settings) -> None:
+    # Given a worker holding 3 jobs of team alpha at a slow provider, and 5 more queued
+    settings = settings.model_copy(update={"prefetch": PREFETCH, "stats_interval": 0.1})
+    slow = MockConfig(default=Behavior(latency_ms=4000))
+    async with (
+        running_gateway(settings, mock_config=slow) as gw,
+        gw.client("alpha") as client,
+        StatusReader(settings) as reader,
+    ):
+        for i in range(JOBS):
+            await client.submit(client.job("gpt-4o-mini", [{"role": "user", "content": f"{i}"}]))
+        await _until(reader, lambda s: bool(s.teams) and s.teams[0].in_flight == PREFETCH)
+
+        # When an operator asks for the status as JSON
+        env = {
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        }
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "queuegate", "status", "--json", "--teams", "alpha",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
+
+    # Expect the queue's depth and consumer, the worker's in-flight jobs and its presence
+    assert cli.returncode == 0, stderr.decode()
+    status = json.loads(stdout)
+    assert status["workers"] == 1
+    [alpha] = status["teams"]
+    assert alpha["team"] == "alpha"
+    assert alpha["queue_depth"] == JOBS - PREFETCH
+    assert alpha["consumers"] == 1
+    assert alpha["in_flight"] == PREFETCH
+    assert alpha["jobs_in_per_s"] > 0
+
+
+async def test_status_reports_breaker_state_and_error_rate_per_deployment(
+    settings: Settings,
+) -> None:
+    # Given a primary deployment answering 500 to everything, its breaker reported open
+    settings = settings.model_copy(update={"stats_interval": 0.1})
+    faults = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)})
+    async with (
+        running_gateway(settings, mock_config=faults) as gw,
+        gw.client("alpha") as client,
+        StatusReader(settings) as reader,
+    ):
+        set_breaker_state("openai-flaky", "open")
+        try:
+            # When jobs for it fall back to claude-haiku
+            for _ in range(3):
+                assert (
+                    await client.chat("flaky-gpt", [{"role": "user", "content": "x"}])
+                ).status == "ok"
+
+            # Expect the failing deployment at 100 % errors and open, the fallback at 0 %
+            status = await _until(reader, lambda s: len(s.deployments) == 2)
+        finally:
+            BREAKER_STATE.remove("openai-flaky")
+    flaky, haiku = sorted(status.deployments, key=lambda d: d.deployment != "openai-flaky")
+    assert (flaky.deployment, flaky.breaker, flaky.error_rate) == ("openai-flaky", "open", 1.0)
+    assert (haiku.deployment, haiku.breaker, haiku.error_rate) == ("anthropic-main", None, 0.0)

@@ -1,0 +1,115 @@
+"""``queuegate worker --processes N``: a supervisor restarts a dead worker and stops them all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate.broker import connect
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.support import running_gateway, wait_until
+
+JOBS = 60
+STARTED = re.compile(r"process (\d) started \(pid (\d+)\)")
+SERVING = re.compile(r"worker \S+:(\d+) serving alpha")
+
+
+class LogLines:
+    """Collects a process's stderr lines and wakes whoever waits for a pattern."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[str] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            async with self._changed:
+                self.lines.append(raw.decode(errors="replace"))
+                self._changed.notify_all()
+
+    async def matches(self, pattern: re.Pattern[str], count: int) -> list[re.Match[str]]:
+        """The first ``count`` lines matching ``pattern``, once that many have been logged."""
+
+        def found() -> list[re.Match[str]]:
+            return [m for line in self.lines if (m := pattern.search(line))]
+
+        async with asyncio.timeout(30), self._changed:
+            await self._changed.wait_for(lambda: len(found()) >= count)
+        return found()[:count]
+
+    async def closed(self) -> str:
+        await self._task
+        return "".join(self.lines)
+
+
+async def test_supervisor_restarts_a_killed_worker_and_stops_all_without_losing_a_job(
+    settings: Settings,
+) -> None:
+    # Given a supervisor running two worker processes against a provider taking 500 ms a call
+    slow = MockConfig(default=Behavior(latency_ms=500))
+    async with MockProvider(slow) as mock:
+        connection = await connect(settings.amqp_url, name="test")
+        async with connection:
+            await Topology(settings.namespace).declare_team_queue(
+                await connection.channel(), "alpha"
+            )
+        env = {
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "QUEUEGATE_SHUTDOWN_GRACE": "10",
+            "QUEUEGATE_METRICS_PORT": "0",  # any free port: other test runs share the host
+            "QUEUEGATE_MOCK_URL": mock.url,
+            "QUEUEGATE_MOCK_KEY": "sk-test",
+        }
+        supervisor = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "queuegate", "worker",
+            "--processes", "2", "--concurrency", "4", "--teams", "alpha",
+            env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert supervisor.stderr is not None
+        log = LogLines(supervisor.stderr)
+        first, _ = await log.matches(STARTED, 2)
+
+        async with GatewayClient(settings, team="alpha") as client:
+            handles = [
+                await client.submit(
+                    client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}])
+                )
+                for i in range(JOBS)
+            ]
+            # When one worker process is killed while jobs are at the provider
+            await wait_until(lambda: mock.stats.calls >= 4, timeout=20)
+            os.kill(int(first[2]), signal.SIGKILL)
+
+            # Expect it started again, in the same slot, as a new process that serves
+            restarted = (await log.matches(STARTED, 3))[2]
+            assert restarted[1] == first[1] and restarted[2] != first[2]
+            serving = await log.matches(SERVING, 3)
+            assert serving[2][1] == restarted[2]
+
+            # When SIGTERM reaches the supervisor while jobs are still in flight
+            supervisor.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(supervisor.wait(), timeout=30)
+            output = await log.closed()
+
+            # Expect all of them stopped cleanly and the supervisor exited 0
+            assert supervisor.returncode == 0, output[-3000:]
+            assert "Traceback" not in output, output[-3000:]
+            assert len(re.findall(r"process \d \(pid \d+\) stopped: status 0", output)) == 2
+            assert mock.stats.calls < JOBS + 8
+
+            # ... and every job answered and accounted exactly once, the rest by a new worker
+            async with running_gateway(settings) as gw:
+                results = [await handle.result(timeout=30) for handle in handles]
+                assert all(r.status == "ok" for r in results)
+                assert len({r.job_id for r in results}) == JOBS
+                rows = await gw.usage_rows(JOBS)
+                assert len(rows) == JOBS
