@@ -33,16 +33,36 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("reply_delivered", "boolean"),
     ("worker", "text"),
     ("ts", "timestamptz"),
+    ("identity", "text"),
+    ("pii", "text"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
 
+_CONTENT = (
+    ("job_id", "text"),
+    ("team", "text"),
+    ("capture", "text"),
+    ("prompt", "jsonb"),
+    ("response", "jsonb"),
+    ("ts", "timestamptz"),
+)
+
 # One array parameter per column: the statement's text and plan stay the same whatever the
-# batch size, and PostgreSQL receives the whole batch in one round trip.
+# batch size, and PostgreSQL receives the whole batch in one round trip. Captured content is
+# written by the same statement, for the rows it inserts, so a row and its content commit
+# together and a redelivered event adds neither twice.
+_N = len(COLUMNS)
 _INSERT = (
-    f"INSERT INTO usage_log ({', '.join(name for name, _ in COLUMNS)})"
+    f"WITH inserted AS (INSERT INTO usage_log ({', '.join(name for name, _ in COLUMNS)})"
     " SELECT * FROM unnest("
     + ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(COLUMNS, start=1))
-    + ") ON CONFLICT (job_id) DO NOTHING"
+    + ") ON CONFLICT (job_id) DO NOTHING RETURNING job_id),"
+    f" kept AS (INSERT INTO audit_content ({', '.join(name for name, _ in _CONTENT)})"
+    " SELECT c.* FROM unnest("
+    + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(_CONTENT, start=_N + 1))
+    + f") AS c({', '.join(name for name, _ in _CONTENT)})"
+    " WHERE c.job_id IN (SELECT job_id FROM inserted) ON CONFLICT (job_id) DO NOTHING)"
+    " SELECT count(*) FROM inserted"
 )
 
 
@@ -66,8 +86,19 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
         return 0
     columns = {name: [getattr(event, name) for event in unique] for name, _ in COLUMNS}
     columns["ts"] = [_as_utc(ts) for ts in columns["ts"]]
-    status: str = await db.execute(_INSERT, *columns.values(), timeout=STATEMENT_TIMEOUT)
-    return int(status.rsplit(" ", 1)[1])
+    captured = [e for e in unique if e.content is not None]
+    content = [
+        [e.job_id for e in captured],
+        [e.team for e in captured],
+        [e.content.capture for e in captured if e.content],
+        [e.content.prompt for e in captured if e.content],
+        [e.content.response for e in captured if e.content],
+        [_as_utc(e.ts) for e in captured],
+    ]
+    inserted: int = await db.fetchval(
+        _INSERT, *columns.values(), *content, timeout=STATEMENT_TIMEOUT
+    )
+    return inserted
 
 
 def _as_utc(ts: datetime) -> datetime:

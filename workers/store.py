@@ -46,7 +46,8 @@ class OutcomeStore:
         try:
             await self._client.set(
                 self._keys.result(outcome.result.job_id),
-                outcome.model_dump_json(),
+                # Captured prompts go to the audit table only, never into the cache.
+                outcome.model_dump_json(exclude={"usage": {"content"}}),
                 ex=self._ttl,
             )
         except RedisError as exc:
