@@ -89,6 +89,11 @@ async def _issue(
         await create_broker_user(settings, team, user, password)
         await put_security(pool, team, security.model_copy(update={"broker_user": user}))
         return Credentials("broker", user, password, _with_user(settings.amqp_url, user, password))
+    if security.broker_user is not None:
+        # No longer the team's identity: a user left behind would still reach the broker.
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(security.broker_user)
+        security = security.model_copy(update={"broker_user": None})
     await put_security(pool, team, security)
     if security.identity == "api_key":
         await revoke_api_keys(pool, team)
