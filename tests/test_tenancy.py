@@ -1,0 +1,266 @@
+"""Team identities on the real broker: what a team's own user may do, and what workers refuse."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+
+from producer import GatewayClient
+from queuegate.management import BrokerAdmin
+from queuegate.messages import ChatJob
+from queuegate.settings import Settings
+from queuegate.teams_admin import Credentials, add, revoke_key, rotate, set_security
+from queuegate.topology import HEADER_DEAD_REASON
+from tests.support import running_gateway
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+async def teams(settings: Settings) -> AsyncIterator[dict[str, Credentials]]:
+    """Teams alpha and beta, each with its own broker user (deleted afterwards)."""
+    created: dict[str, Credentials] = {}
+    try:
+        for team in ("alpha", "beta"):
+            created[team] = await add(settings, team)
+        yield created
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            for credentials in created.values():
+                if credentials.user:
+                    await admin.delete_user(credentials.user)
+
+
+async def ignore(message: AbstractIncomingMessage) -> None:
+    """A consumer callback for consumes that must be refused."""
+
+
+def as_team(settings: Settings, credentials: Credentials) -> Settings:
+    assert credentials.amqp_url is not None
+    return settings.model_copy(update={"amqp_url": credentials.amqp_url})
+
+
+def forged(team: str, *, job_id: str | None = None) -> bytes:
+    job = {"job_id": job_id or uuid.uuid4().hex, "team": team, "model": "m", "messages": HELLO}
+    return ChatJob.model_validate(job).model_dump_json().encode()
+
+
+async def test_a_team_cannot_publish_under_another_teams_routing_key(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given team alpha connected with its own broker user
+    assert teams["alpha"].amqp_url is not None
+    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(f"{settings.namespace}.jobs")
+        # When it publishes a job under beta's routing key
+        # Expect the broker to close the channel: access refused
+        with pytest.raises(ChannelAccessRefused, match="topic 'beta'"):
+            await exchange.publish(aio_pika.Message(forged("beta")), routing_key="beta")
+
+
+async def test_a_team_cannot_publish_on_the_default_exchange(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given team alpha's user, when it publishes straight into beta's queue by name
+    assert teams["alpha"].amqp_url is not None
+    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        # Expect the broker to refuse: the team has no write on amq.default
+        with pytest.raises(ChannelAccessRefused, match=r"amq\.default"):
+            await channel.default_exchange.publish(
+                aio_pika.Message(forged("beta")), routing_key=f"{settings.namespace}.jobs.beta"
+            )
+
+
+async def test_a_team_cannot_consume_another_teams_job_or_reply_queue(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given beta's job queue and a durable reply queue of beta's
+    ns = settings.namespace
+    beta_results = f"{ns}.results.beta.nightly"
+    async with GatewayClient(as_team(settings, teams["beta"]), team="beta", reply_queue="nightly"):
+        pass
+    assert teams["alpha"].amqp_url is not None
+    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    try:
+        async with connection:
+            for queue_name in (f"{ns}.jobs.beta", beta_results, f"{ns}.jobs.alpha"):
+                # When alpha tries to consume it
+                channel = await connection.channel()
+                queue = await channel.get_queue(queue_name, ensure=False)
+                # Expect access refused (its own job queue included: only workers read it)
+                with pytest.raises(ChannelAccessRefused, match="access to queue"):
+                    await queue.consume(ignore)
+    finally:
+        admin_connection = await aio_pika.connect(settings.amqp_url)
+        async with admin_connection:
+            await (await admin_connection.channel()).queue_delete(beta_results)
+
+
+async def test_a_user_id_other_than_the_connections_user_is_refused_by_the_broker(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    assert teams["alpha"].amqp_url is not None
+    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(f"{settings.namespace}.jobs")
+        # When alpha's connection claims to be beta's user
+        message = aio_pika.Message(forged("alpha"), user_id=teams["beta"].user)
+        # Expect the broker itself to refuse it
+        with pytest.raises(ChannelPreconditionFailed, match="user_id property set to"):
+            await exchange.publish(message, routing_key="alpha")
+
+
+async def test_a_team_with_its_broker_user_is_served_and_its_identity_recorded(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha uses its broker user
+    async with (
+        running_gateway(settings, teams=("alpha",)) as gw,
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as client,
+    ):
+        # When it asks for a completion
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+        # Expect an answer, and the audit row naming the proven publisher
+        assert result.status == "ok", result.error
+        [row] = await gw.usage_rows(1)
+        assert row["identity"] == f"broker:{teams['alpha'].user}"
+
+
+async def test_a_job_forged_with_another_team_field_is_unauthorized(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha's client and alpha's user publishing under its own key
+    alpha = as_team(settings, teams["alpha"])
+    async with (
+        running_gateway(settings, teams=("alpha", "beta")) as gw,
+        GatewayClient(alpha, team="alpha") as client,
+    ):
+        connection = await aio_pika.connect(alpha.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            # When the job inside says it is beta's
+            await exchange.publish(
+                aio_pika.Message(
+                    forged("beta", job_id="forged"),
+                    message_id="forged",
+                    correlation_id="forged",
+                    reply_to=client.reply_to,
+                    user_id=teams["alpha"].user,
+                ),
+                routing_key="alpha",
+            )
+        # Expect unauthorized, and the job dead-lettered
+        result = await client.wait("forged", timeout=10)
+        assert result.error is not None and result.error.code == "unauthorized"
+        [dead] = await gw.dead_letters(1)
+        assert dead.headers[HEADER_DEAD_REASON] == "unauthorized"
+
+
+async def test_a_broker_identity_team_refuses_jobs_from_any_other_user(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha requires its broker user, when the gateway's own (admin) user publishes for it
+    async with running_gateway(settings, teams=("alpha",)) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+        # Expect unauthorized and no provider call
+        assert result.error is not None and result.error.code == "unauthorized"
+        assert "may not publish for team 'alpha'" in result.error.message
+        assert gw.mock.stats.calls == 0
+
+
+async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answered(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given a durable reply queue of beta's
+    ns = settings.namespace
+    victim = f"{ns}.results.beta.inbox"
+    async with running_gateway(settings, teams=("alpha", "beta")) as gw:
+        admin_connection = await aio_pika.connect(settings.amqp_url)
+        async with admin_connection:
+            admin_channel = await admin_connection.channel()
+            await gw.topology.declare_results_queue(admin_channel, "beta", "inbox")
+            try:
+                # When alpha sends a job whose reply_to is beta's queue
+                assert teams["alpha"].amqp_url is not None
+                connection = await aio_pika.connect(teams["alpha"].amqp_url)
+                async with connection:
+                    channel = await connection.channel(publisher_confirms=True)
+                    exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+                    await exchange.publish(
+                        aio_pika.Message(
+                            forged("alpha", job_id="misdirected"),
+                            message_id="misdirected",
+                            reply_to=victim,
+                            user_id=teams["alpha"].user,
+                        ),
+                        routing_key="alpha",
+                    )
+                # Expect it refused and dead-lettered, and nothing delivered into beta's queue
+                [dead] = await gw.dead_letters(1)
+                assert dead.headers[HEADER_DEAD_REASON] == "unauthorized"
+                [row] = await gw.usage_rows(1)
+                assert row["error_code"] == "unauthorized" and not row["reply_delivered"]
+                queue = await admin_channel.declare_queue(victim, passive=True)
+                assert queue.declaration_result.message_count == 0
+                assert gw.mock.stats.calls == 0
+            finally:
+                await admin_channel.queue_delete(victim)
+
+
+async def test_rotated_credentials_replace_the_old_password(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha's credentials, when they are rotated
+    old = teams["alpha"]
+    new = await rotate(settings, "alpha")
+    # Expect the same user, a new password that connects, and the old one refused
+    assert new.user == old.user and new.password != old.password
+    assert new.amqp_url is not None and old.amqp_url is not None
+    connection = await aio_pika.connect(new.amqp_url)
+    await connection.close()
+    with pytest.raises(aio_pika.exceptions.AMQPError):
+        await aio_pika.connect(old.amqp_url)
+
+
+async def test_a_revoked_api_key_is_unauthorized_within_the_cache_lifetime(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha identified by API key, and workers caching keys for half a second
+    settings = settings.model_copy(update={"security_cache_ttl": 0.5})
+    _, credentials = await set_security(settings, "alpha", identity="api_key")
+    assert credentials is not None and credentials.api_key is not None
+    assert credentials.api_key_id is not None
+    async with (
+        running_gateway(settings, teams=("alpha",)) as gw,
+        gw.client("alpha", api_key=credentials.api_key) as client,
+        gw.client("alpha", api_key="qg_000000000000_" + "x" * 43) as stranger,
+    ):
+        ok = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+        assert ok.status == "ok", ok.error
+        refused = await stranger.chat("gpt-4o-mini", HELLO, timeout=10)
+        assert refused.error is not None and refused.error.code == "unauthorized"
+        # When the key is revoked
+        assert await revoke_key(settings, "alpha", credentials.api_key_id)
+        revoked_at = time.monotonic()
+        # Expect unauthorized once the cached answer expires, and no later than that
+        while (result := await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok":
+            assert time.monotonic() - revoked_at < 0.5 + 1.0, "revoked key still accepted"
+        assert result.error is not None and result.error.code == "unauthorized"
+        assert result.error.message == "the API key is unknown or revoked"
+        await gw.usage_rows(3)
+        identity = await gw.pool.fetchval(
+            "SELECT identity FROM usage_log WHERE job_id = $1", ok.job_id
+        )
+        assert identity == f"api_key:{credentials.api_key_id}"
