@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 
 from queuegate.messages import UsageEvent
 
@@ -42,8 +43,9 @@ _CONTENT = (
     ("job_id", "text"),
     ("team", "text"),
     ("capture", "text"),
-    ("prompt", "jsonb"),
-    ("response", "jsonb"),
+    # JSON text, cast in the statement: a list of lists would be sent as a 2-D array.
+    ("prompt", "text"),
+    ("response", "text"),
     ("ts", "timestamptz"),
 )
 
@@ -58,7 +60,8 @@ _INSERT = (
     + ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(COLUMNS, start=1))
     + ") ON CONFLICT (job_id) DO NOTHING RETURNING job_id),"
     f" kept AS (INSERT INTO audit_content ({', '.join(name for name, _ in _CONTENT)})"
-    " SELECT c.* FROM unnest("
+    " SELECT c.job_id, c.team, c.capture, c.prompt::jsonb, c.response::jsonb, c.ts"
+    " FROM unnest("
     + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(_CONTENT, start=_N + 1))
     + f") AS c({', '.join(name for name, _ in _CONTENT)})"
     " WHERE c.job_id IN (SELECT job_id FROM inserted) ON CONFLICT (job_id) DO NOTHING)"
@@ -86,19 +89,23 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
         return 0
     columns = {name: [getattr(event, name) for event in unique] for name, _ in COLUMNS}
     columns["ts"] = [_as_utc(ts) for ts in columns["ts"]]
-    captured = [e for e in unique if e.content is not None]
+    captured = [(e, e.content) for e in unique if e.content is not None]
     content = [
-        [e.job_id for e in captured],
-        [e.team for e in captured],
-        [e.content.capture for e in captured if e.content],
-        [e.content.prompt for e in captured if e.content],
-        [e.content.response for e in captured if e.content],
-        [_as_utc(e.ts) for e in captured],
+        [e.job_id for e, _ in captured],
+        [e.team for e, _ in captured],
+        [c.capture for _, c in captured],
+        [_json(c.prompt) for _, c in captured],
+        [None if c.response is None else _json(c.response) for _, c in captured],
+        [_as_utc(e.ts) for e, _ in captured],
     ]
     inserted: int = await db.fetchval(
         _INSERT, *columns.values(), *content, timeout=STATEMENT_TIMEOUT
     )
     return inserted
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _as_utc(ts: datetime) -> datetime:
