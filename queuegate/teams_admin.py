@@ -103,10 +103,14 @@ async def _issue(
 
 
 async def create_broker_user(settings: Settings, team: str, user: str, password: str) -> None:
-    """Create (or re-password) the team's user with only the permissions of ``permissions``."""
+    """Create (or re-password) the team's user with only the permissions of ``permissions``.
+
+    Connections opened with the old password are closed: apps reconnect with the new one.
+    """
     allowed = permissions(settings.namespace, team)
     async with BrokerAdmin(settings.management_url) as admin:
         await admin.put_user(user, password)
+        await admin.close_connections(user, reason="queuegate: credentials rotated")
         await admin.put_permissions(
             user, configure=allowed.configure, write=allowed.write, read=allowed.read
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -264,3 +265,26 @@ async def test_a_revoked_api_key_is_unauthorized_within_the_cache_lifetime(
             "SELECT identity FROM usage_log WHERE job_id = $1", ok.job_id
         )
         assert identity == f"api_key:{credentials.api_key_id}"
+
+
+async def test_rotating_credentials_closes_connections_opened_with_the_old_ones(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given an app connected with alpha's current password
+    assert teams["alpha"].amqp_url is not None
+    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    closed = asyncio.Event()
+    connection.close_callbacks.add(lambda *_: closed.set())
+    async with BrokerAdmin(settings.management_url) as admin:
+        # (the management API lists a connection once the broker has reported it)
+        assert teams["alpha"].user is not None
+        for _ in range(200):  # no event announces it: up to 10 s
+            if await admin.connections(teams["alpha"].user):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the broker never listed the connection")
+    # When the credentials are rotated
+    await rotate(settings, "alpha")
+    # Expect the broker to close that connection
+    await asyncio.wait_for(closed.wait(), 10)
