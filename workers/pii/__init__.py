@@ -9,6 +9,8 @@ that contains digits is a secret, not a phone number).
 
 from __future__ import annotations
 
+import bisect
+
 from workers.pii import card, email, iban, ip, phone, secrets, ssn
 from workers.pii.base import Find, Finding
 
@@ -21,14 +23,17 @@ KINDS = tuple(kind for kind, _ in DETECTORS)
 
 def scan(text: str, kinds: tuple[str, ...] = KINDS) -> list[Finding]:
     """Non-overlapping findings in text order."""
-    taken: list[Finding] = []
+    taken: list[Finding] = []  # kept sorted, so an overlap check looks at two neighbours
     for kind, find in DETECTORS:
         if kind not in kinds:
             continue
         for start, end in find(text):
-            if all(end <= f.start or start >= f.end for f in taken):
-                taken.append(Finding(start, end, kind))
-    return sorted(taken)
+            at = bisect.bisect_left(taken, (start, end), key=lambda f: (f.start, f.end))
+            before = taken[at - 1] if at else None
+            after = taken[at] if at < len(taken) else None
+            if (before is None or before.end <= start) and (after is None or end <= after.start):
+                taken.insert(at, Finding(start, end, kind))
+    return taken
 
 
 def redact(text: str) -> tuple[str, list[str]]:

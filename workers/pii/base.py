@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -15,3 +16,11 @@ class Finding:
 
 Find = Callable[[str], Iterator[tuple[int, int]]]
 """A detector: the (start, end) spans of its family in a text."""
+
+
+_DIGIT = re.compile(r"\d")
+
+
+def has_digit(text: str) -> bool:
+    """Whether the text has a digit: detectors of numbers skip the regex when not."""
+    return _DIGIT.search(text) is not None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from workers.pii.base import has_digit
+
 KIND = "card"
 
 # Digits in one run, or in groups split by one space or dash (4-4-4-4, 4-6-5 for Amex).
@@ -23,6 +25,8 @@ def luhn_ok(digits: str) -> bool:
 
 
 def find(text: str) -> Iterator[tuple[int, int]]:
+    if not has_digit(text):
+        return
     for match in _CANDIDATE.finditer(text):
         raw = match.group()
         if len({ch for ch in raw if not ch.isdigit()}) > 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from workers.pii.base import has_digit
+
 KIND = "iban"
 
 LENGTHS = {
@@ -28,6 +30,8 @@ def mod97_ok(iban: str) -> bool:
 
 
 def find(text: str) -> Iterator[tuple[int, int]]:
+    if not has_digit(text):
+        return
     for match in _CANDIDATE.finditer(text):
         length = LENGTHS.get(match.group(1))
         if length is None:

@@ -6,6 +6,8 @@ import ipaddress
 import re
 from collections.abc import Iterator
 
+from workers.pii.base import has_digit
+
 KIND = "ip"
 
 _V4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
@@ -16,6 +18,8 @@ _V6 = re.compile(
 
 
 def find(text: str) -> Iterator[tuple[int, int]]:
+    if not has_digit(text):
+        return
     for match in _V4.finditer(text):
         try:
             ipaddress.IPv4Address(match.group())

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from workers.pii.base import has_digit
+
 KIND = "phone"
 
 _INTERNATIONAL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,6}(?![\w-]|[.]\d)")
@@ -17,6 +19,8 @@ _NANP = re.compile(
 
 
 def find(text: str) -> Iterator[tuple[int, int]]:
+    if not has_digit(text):
+        return
     for match in _INTERNATIONAL.finditer(text):
         digits = sum(ch.isdigit() for ch in match.group())
         if 8 <= digits <= 15:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from workers.pii.base import has_digit
+
 KIND = "ssn"
 
 _SSN = re.compile(r"(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-])")
@@ -23,6 +25,8 @@ def valid(area: str, group: str, serial: str) -> bool:
 
 
 def find(text: str) -> Iterator[tuple[int, int]]:
+    if not has_digit(text):
+        return
     for match in _SSN.finditer(text):
         if valid(match.group(1), match.group(3), match.group(4)):
             yield match.span()
