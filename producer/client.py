@@ -58,6 +58,10 @@ class GatewayClient:
     pipeline that must survive its own restart passes ``reply_queue="nightly"``: a durable
     queue that keeps results while nobody listens, read again by the next client of that name.
     Do not share one named reply queue between two live clients: each takes half the results.
+
+    Connect with the team's own broker user (``settings.amqp_url`` from ``queuegate teams
+    add``): every job carries it as ``user_id``, which the broker checks. A team identified
+    by API key passes ``api_key=``, sent in the ``x-queuegate-api-key`` header.
     """
 
     def __init__(
