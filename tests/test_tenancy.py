@@ -288,3 +288,37 @@ async def test_rotating_credentials_closes_connections_opened_with_the_old_ones(
     await rotate(settings, "alpha")
     # Expect the broker to close that connection
     await asyncio.wait_for(closed.wait(), 10)
+
+
+async def test_teams_add_prints_credentials_that_work_and_stores_no_password(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from queuegate.cli import app
+    from queuegate.db import create_pool
+
+    # Given the CLI pointed at this test's namespace and schema
+    monkeypatch.setenv("QUEUEGATE_NAMESPACE", settings.namespace)
+    monkeypatch.setenv("QUEUEGATE_DATABASE_SCHEMA", settings.database_schema)
+    user = f"{settings.namespace}.gamma"
+    try:
+        # When an operator adds a team
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["teams", "add", "gamma"])
+        # Expect the broker user and a URL printed, which connects
+        assert result.exit_code == 0, result.output
+        [url] = [w.split("=", 1)[1] for w in result.output.split() if w.startswith("QUEUEGATE_")]
+        password = url.split(":")[2].split("@")[0]
+        connection = await aio_pika.connect(url)
+        await connection.close()
+        # ... and the password nowhere in the registry
+        pool = await create_pool(settings)
+        try:
+            rows = await pool.fetch("SELECT row_to_json(t)::text FROM team_security t")
+        finally:
+            await pool.close()
+        assert [user in row[0] for row in rows] == [True]
+        assert all(password not in row[0] for row in rows)
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(user)
