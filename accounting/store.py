@@ -1,4 +1,5 @@
-"""Writing usage events to ``usage_log``: one statement per batch, idempotent by ``job_id``."""
+"""Writing usage events to ``usage_log``: one statement per batch, idempotent by team and
+``job_id`` (producers choose job ids, so they are unique within a team only)."""
 
 from __future__ import annotations
 
@@ -58,22 +59,23 @@ _INSERT = (
     f"WITH inserted AS (INSERT INTO usage_log ({', '.join(name for name, _ in COLUMNS)})"
     " SELECT * FROM unnest("
     + ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(COLUMNS, start=1))
-    + ") ON CONFLICT (job_id) DO NOTHING RETURNING job_id),"
+    + ") ON CONFLICT (team, job_id) DO NOTHING RETURNING team, job_id),"
     f" kept AS (INSERT INTO audit_content ({', '.join(name for name, _ in _CONTENT)})"
     " SELECT c.job_id, c.team, c.capture, c.prompt::jsonb, c.response::jsonb, c.ts"
     " FROM unnest("
     + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(_CONTENT, start=_N + 1))
     + f") AS c({', '.join(name for name, _ in _CONTENT)})"
-    " WHERE c.job_id IN (SELECT job_id FROM inserted) ON CONFLICT (job_id) DO NOTHING)"
+    " WHERE (c.team, c.job_id) IN (SELECT team, job_id FROM inserted)"
+    " ON CONFLICT (team, job_id) DO NOTHING)"
     " SELECT count(*) FROM inserted"
 )
 
 
 def first_per_job(events: Iterable[UsageEvent]) -> list[UsageEvent]:
-    """The first event of each ``job_id``, in order: a batch may hold redeliveries."""
-    unique: dict[str, UsageEvent] = {}
+    """The first event of each team's ``job_id``, in order: a batch may hold redeliveries."""
+    unique: dict[tuple[str, str], UsageEvent] = {}
     for event in events:
-        unique.setdefault(event.job_id, event)
+        unique.setdefault((event.team, event.job_id), event)
     return list(unique.values())
 
 

@@ -322,3 +322,52 @@ async def test_teams_add_prints_credentials_that_work_and_stores_no_password(
     finally:
         async with BrokerAdmin(settings.management_url) as admin:
             await admin.delete_user(user)
+
+
+async def test_a_job_id_another_team_used_gets_its_own_answer_and_is_accounted(
+    settings: Settings,
+) -> None:
+    # Given beta's job answered under id "shared"
+    async with (
+        running_gateway(settings, teams=("alpha", "beta")) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+    ):
+        secret = [{"role": "user", "content": "beta's private question"}]
+        first = await (await beta.submit(beta.job("gpt-4o-mini", secret, job_id="shared"))).result(
+            10
+        )
+        # When alpha sends its own job under the same id
+        job = alpha.job("gpt-4o-mini", HELLO, job_id="shared")
+        second = await (await alpha.submit(job)).result(10)
+        # Expect alpha served afresh (never beta's stored answer), and both jobs accounted
+        assert first.content and "private" in first.content
+        assert second.team == "alpha" and second.content and "private" not in second.content
+        assert gw.mock.stats.calls == 2
+        rows = await gw.usage_rows(2)
+        assert sorted((row["team"], row["job_id"]) for row in rows) == [
+            ("alpha", "shared"),
+            ("beta", "shared"),
+        ]
+
+
+async def test_a_refused_forgery_does_not_answer_the_real_job_in_advance(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha requires its broker user, and someone else sends a job under alpha's next id
+    async with (
+        running_gateway(settings, teams=("alpha",)) as gw,
+        gw.client("alpha") as impostor,
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as client,
+    ):
+        forged_job = impostor.job("gpt-4o-mini", HELLO, job_id="next")
+        refused = await (await impostor.submit(forged_job)).result(10)
+        assert refused.error is not None and refused.error.code == "unauthorized"
+        # When alpha's real job with that id arrives
+        real = await (await client.submit(client.job("gpt-4o-mini", HELLO, job_id="next"))).result(
+            10
+        )
+        # Expect it served, not answered with the stored refusal, and accounted
+        assert real.status == "ok", real.error
+        rows = await gw.usage_rows(2)
+        assert [row["status"] for row in rows if row["job_id"] == "next"] == ["ok"]

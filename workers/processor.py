@@ -1,6 +1,6 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
-decode → validate → team → already finished? → proven publisher → PII policy → deadline →
+decode → validate → team → proven publisher → already finished? → PII policy → deadline →
 router → store outcome → publish result (confirmed) → publish usage (confirmed) →
 dead-letter bad input → ack.
 
@@ -23,8 +23,8 @@ from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unautho
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
-from workers.gate import Admitted, Gate
-from workers.outcome import Outcome, Timing, failed, served
+from workers.gate import Gate
+from workers.outcome import Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
 
@@ -72,24 +72,29 @@ class JobProcessor:
             job = self._decode(message, team)
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
-            await self._finish(message, failed(job_id, team, "", exc, timing), queue, exc)
+            await self._finish(message, refused(job_id, team, "", exc, timing), queue, exc)
             return
-        stored = await self._store.get(job.job_id)
+        try:
+            # Before the stored result: only a proven publisher may have it sent again. A
+            # refusal is not stored, or a forger could answer the real job in advance.
+            admitted = await self._gate.admit(message, job, team)
+        except JobError as exc:
+            outcome = refused(job.job_id, team, job.model, exc, timing)
+            await self._finish(message, outcome, queue, exc)
+            return
+        stored = await self._store.get(team, job.job_id)
         if stored is not None:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
             await self._announce(message, stored, team)
             await message.ack()
             return
         error: JobError | None = None
-        admitted: Admitted | None = None
         try:
-            admitted = await self._gate.admit(message, job, team)
             outcome = served(job, await self._serve(admitted.screen()), timing)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
-        if admitted is not None:
-            outcome = admitted.stamp(outcome)
+        outcome = admitted.stamp(outcome)
         await self._store.put(outcome)
         await self._finish(message, outcome, queue, error)
 

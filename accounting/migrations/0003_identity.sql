@@ -1,6 +1,11 @@
 -- Tenancy and audit (issue 6): who published each job, the teams' security settings,
 -- API keys (hashes only), and captured content kept apart from the usage rows.
 
+-- Job ids are chosen by producers, so they are unique per team, not across teams: with one
+-- global key a team could reuse another's job id and have its own usage dropped as a duplicate.
+ALTER TABLE usage_log DROP CONSTRAINT usage_log_job_id_key;
+ALTER TABLE usage_log ADD CONSTRAINT usage_log_team_job_id_key UNIQUE (team, job_id);
+
 -- The proven publisher of each job: 'broker:<user>', 'api_key:<key id>' or 'queue'.
 ALTER TABLE usage_log ADD COLUMN identity text;
 -- PII families found in the prompt (comma-separated) when the team's policy is warn or redact.
@@ -31,11 +36,12 @@ CREATE TABLE api_keys (
 
 -- Prompts and responses of teams whose capture is 'redacted' or 'full', pruned by age.
 CREATE TABLE audit_content (
-    job_id   text PRIMARY KEY,
+    job_id   text NOT NULL,
     team     text NOT NULL,
     capture  text NOT NULL CHECK (capture IN ('redacted', 'full')),
     prompt   jsonb NOT NULL,
     response jsonb,
-    ts       timestamptz NOT NULL
+    ts       timestamptz NOT NULL,
+    PRIMARY KEY (team, job_id)
 );
 CREATE INDEX audit_content_ts ON audit_content (ts);
