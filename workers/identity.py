@@ -41,6 +41,8 @@ from queuegate.tenancy import (
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SIZE = 10_000
+MISSING_TEAM_RECHECK = 0.5
+"""Seconds between registry reads while a team has no security row."""
 _DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -66,11 +68,17 @@ class Identities:
 
     async def security(self, team: str) -> TeamSecurity:
         """The team's settings; the defaults for a team without a row."""
-        if self._loaded_at is None or time.monotonic() - self._loaded_at > self._ttl:
+        # A team missing from the copy may have just been added with a stricter identity:
+        # look again soon rather than serve it with the defaults for a whole ttl.
+        max_age = self._ttl if team in self._security else min(self._ttl, MISSING_TEAM_RECHECK)
+        if self._stale(max_age):
             async with self._lock:
-                if self._loaded_at is None or time.monotonic() - self._loaded_at > self._ttl:
+                if self._stale(max_age):
                     await self._reload()
         return self._security.get(team, TeamSecurity())
+
+    def _stale(self, max_age: float) -> bool:
+        return self._loaded_at is None or time.monotonic() - self._loaded_at > max_age
 
     async def prove(self, message: AbstractIncomingMessage, team: str) -> Proof:
         """The job's proven identity; raises Unauthorized when it may not act for ``team``."""
