@@ -179,6 +179,9 @@ async def test_a_broker_identity_team_refuses_jobs_from_any_other_user(
         assert result.error is not None and result.error.code == "unauthorized"
         assert "may not publish for team 'alpha'" in result.error.message
         assert gw.mock.stats.calls == 0
+        # ... and the audit row saying who it claimed to be
+        [row] = await gw.usage_rows(1)
+        assert row["identity"] == "claimed:user_id=guest"
 
 
 async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answered(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractIncomingMessage
 
 from queuegate.messages import AuditContent, ChatJob
-from queuegate.tenancy import TeamSecurity
+from queuegate.tenancy import API_KEY_HEADER, TeamSecurity
 from workers.identity import Identities
 from workers.outcome import Outcome
 from workers.pii.policy import apply, redact_value
@@ -59,6 +59,16 @@ class Gate:
     async def admit(self, message: AbstractIncomingMessage, job: ChatJob, team: str) -> Admitted:
         proof = await self._identities.prove(message, team)
         return Admitted(job, proof.identity, proof.security)
+
+    @staticmethod
+    def claimed(message: AbstractIncomingMessage, outcome: Outcome) -> Outcome:
+        """A refused job's outcome, its audit row naming who it claimed to come from."""
+        parts = [f"user_id={message.user_id}"] if message.user_id else []
+        if API_KEY_HEADER in (message.headers or {}):
+            parts.append("api_key")  # which key is unknown, and the key itself is never kept
+        identity = f"claimed:{','.join(parts)}" if parts else None
+        usage = outcome.usage.model_copy(update={"identity": identity})
+        return outcome.model_copy(update={"usage": usage})
 
     async def reply_to(self, message: AbstractIncomingMessage, team: str) -> str | None:
         """Where the job's result may go: nowhere when a proven team names another's queue."""

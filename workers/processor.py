@@ -79,7 +79,7 @@ class JobProcessor:
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
         except JobError as exc:
-            outcome = refused(job.job_id, team, job.model, exc, timing)
+            outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
             await self._finish(message, outcome, queue, exc)
             return
         stored = await self._store.get(team, job.job_id)
