@@ -24,6 +24,15 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _printed_like_a_card(groups: list[int]) -> bool:
+    """One run of digits, groups of four (the last may be shorter), or Amex/Diners 4-6-5/4."""
+    if len(groups) == 1:
+        return True
+    return groups in ([4, 6, 5], [4, 6, 4]) or (
+        all(n == 4 for n in groups[:-1]) and 1 <= groups[-1] <= 4
+    )
+
+
 def find(text: str) -> Iterator[tuple[int, int]]:
     if not has_digit(text):
         return
@@ -31,6 +40,8 @@ def find(text: str) -> Iterator[tuple[int, int]]:
         raw = match.group()
         if len({ch for ch in raw if not ch.isdigit()}) > 1:
             continue  # mixed separators: a reference number, not a card
+        if not _printed_like_a_card([len(group) for group in re.split(r"[ -]", raw)]):
+            continue
         digits = re.sub(r"\D", "", raw)
         if 13 <= len(digits) <= 19 and _ISSUER.match(digits) and luhn_ok(digits):
             yield match.span()
