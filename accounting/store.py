@@ -1,4 +1,5 @@
-"""Writing usage events to ``usage_log``: one statement per batch, idempotent by ``job_id``."""
+"""Writing usage events to ``usage_log``: one statement per batch, idempotent by team and
+``job_id`` (producers choose job ids, so they are unique within a team only)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 
 from queuegate.messages import UsageEvent
 
@@ -33,24 +35,47 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("reply_delivered", "boolean"),
     ("worker", "text"),
     ("ts", "timestamptz"),
+    ("identity", "text"),
+    ("pii", "text"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
 
+_CONTENT = (
+    ("job_id", "text"),
+    ("team", "text"),
+    ("capture", "text"),
+    # JSON text, cast in the statement: a list of lists would be sent as a 2-D array.
+    ("prompt", "text"),
+    ("response", "text"),
+    ("ts", "timestamptz"),
+)
+
 # One array parameter per column: the statement's text and plan stay the same whatever the
-# batch size, and PostgreSQL receives the whole batch in one round trip.
+# batch size, and PostgreSQL receives the whole batch in one round trip. Captured content is
+# written by the same statement, for the rows it inserts, so a row and its content commit
+# together and a redelivered event adds neither twice.
+_N = len(COLUMNS)
 _INSERT = (
-    f"INSERT INTO usage_log ({', '.join(name for name, _ in COLUMNS)})"
+    f"WITH inserted AS (INSERT INTO usage_log ({', '.join(name for name, _ in COLUMNS)})"
     " SELECT * FROM unnest("
     + ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(COLUMNS, start=1))
-    + ") ON CONFLICT (job_id) DO NOTHING"
+    + ") ON CONFLICT (team, job_id) DO NOTHING RETURNING team, job_id),"
+    f" kept AS (INSERT INTO audit_content ({', '.join(name for name, _ in _CONTENT)})"
+    " SELECT c.job_id, c.team, c.capture, c.prompt::jsonb, c.response::jsonb, c.ts"
+    " FROM unnest("
+    + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(_CONTENT, start=_N + 1))
+    + f") AS c({', '.join(name for name, _ in _CONTENT)})"
+    " WHERE (c.team, c.job_id) IN (SELECT team, job_id FROM inserted)"
+    " ON CONFLICT (team, job_id) DO NOTHING)"
+    " SELECT count(*) FROM inserted"
 )
 
 
 def first_per_job(events: Iterable[UsageEvent]) -> list[UsageEvent]:
-    """The first event of each ``job_id``, in order: a batch may hold redeliveries."""
-    unique: dict[str, UsageEvent] = {}
+    """The first event of each team's ``job_id``, in order: a batch may hold redeliveries."""
+    unique: dict[tuple[str, str], UsageEvent] = {}
     for event in events:
-        unique.setdefault(event.job_id, event)
+        unique.setdefault((event.team, event.job_id), event)
     return list(unique.values())
 
 
@@ -66,8 +91,23 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
         return 0
     columns = {name: [getattr(event, name) for event in unique] for name, _ in COLUMNS}
     columns["ts"] = [_as_utc(ts) for ts in columns["ts"]]
-    status: str = await db.execute(_INSERT, *columns.values(), timeout=STATEMENT_TIMEOUT)
-    return int(status.rsplit(" ", 1)[1])
+    captured = [(e, e.content) for e in unique if e.content is not None]
+    content = [
+        [e.job_id for e, _ in captured],
+        [e.team for e, _ in captured],
+        [c.capture for _, c in captured],
+        [_json(c.prompt) for _, c in captured],
+        [None if c.response is None else _json(c.response) for _, c in captured],
+        [_as_utc(e.ts) for e, _ in captured],
+    ]
+    inserted: int = await db.fetchval(
+        _INSERT, *columns.values(), *content, timeout=STATEMENT_TIMEOUT
+    )
+    return inserted
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _as_utc(ts: datetime) -> datetime:

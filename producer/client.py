@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import unquote, urlsplit
 
 import aiormq
 from aio_pika.abc import (
@@ -27,6 +28,7 @@ from queuegate.errors import PublishRefused, QueueFull, ResultTimeout
 from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
+from queuegate.tenancy import API_KEY_HEADER
 from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, MESSAGE_TYPE_RESULT, Topology
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,14 @@ class GatewayClient:
             result = await client.chat("gpt-4o-mini", [{"role": "user", "content": "Hi"}])
             print(result.content)
 
-    Replies arrive on an exclusive, server-named queue that lives as long as the client. A
+    Replies arrive on an exclusive queue that lives as long as the client. A
     pipeline that must survive its own restart passes ``reply_queue="nightly"``: a durable
     queue that keeps results while nobody listens, read again by the next client of that name.
     Do not share one named reply queue between two live clients: each takes half the results.
+
+    Connect with the team's own broker user (``settings.amqp_url`` from ``queuegate teams
+    add``): every job carries it as ``user_id``, which the broker checks. A team identified
+    by API key passes ``api_key=``, sent in the ``x-queuegate-api-key`` header.
     """
 
     def __init__(
@@ -65,12 +71,15 @@ class GatewayClient:
         team: str,
         reply_queue: str | None = None,
         user_id: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._settings = settings
         self._topology = Topology(settings.namespace, settings.delivery_limit)
         self.team = check_team_name(team)
         self._reply_name = reply_queue
-        self._user_id = user_id
+        # The broker checks user_id against the connection's user, so a worker can trust it.
+        self._user_id = user_id or unquote(urlsplit(settings.amqp_url).username or "") or None
+        self._api_key = api_key
         self._replies = ReplyBook()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -83,9 +92,18 @@ class GatewayClient:
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            self._exchange = await self._topology.declare_jobs_exchange(self._channel)
+            # Passive: a team's broker user may publish to the exchange but not declare it.
+            try:
+                self._exchange = await self._channel.get_exchange(self._topology.jobs_exchange)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise PublishRefused(
+                    f"no jobs exchange in namespace {self._settings.namespace!r}: register "
+                    f"the team first (queuegate teams add {self.team})"
+                ) from exc
             if self._reply_name is None:
-                self._reply_queue = await self._channel.declare_queue(exclusive=True)
+                self._reply_queue = await self._channel.declare_queue(
+                    self._topology.replies_queue(self.team, uuid.uuid4().hex), exclusive=True
+                )
                 await self._reply_queue.consume(self._on_reply, no_ack=True)
             else:
                 self._reply_queue = await self._topology.declare_results_queue(
@@ -156,7 +174,7 @@ class GatewayClient:
             reply_to=self.reply_to,
             user_id=self._user_id,
             expiration_ms=_expiration_ms(job.deadline),
-            headers={HEADER_SENT_MS: int(time.time() * 1000)},
+            headers=self._headers(),
         )
         try:
             await self._exchange.publish(message, routing_key=job.team, mandatory=True)
@@ -173,6 +191,12 @@ class GatewayClient:
                 "retry later"
             ) from exc
         return JobHandle(job.job_id, self)
+
+    def _headers(self) -> dict[str, str | int]:
+        headers: dict[str, str | int] = {HEADER_SENT_MS: int(time.time() * 1000)}
+        if self._api_key is not None:
+            headers[API_KEY_HEADER] = self._api_key
+        return headers
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:

@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 teams_app = typer.Typer(help="Register, list and disable teams.", no_args_is_help=True)
 app.add_typer(teams_app, name="teams")
+audit_app = typer.Typer(help="Captured prompts and responses: retention.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 out = Console(soft_wrap=True)  # lines stay whole (for grep and logs); tables still fit
 err = Console(stderr=True, soft_wrap=True)
@@ -348,12 +350,13 @@ def _month(text: str | None) -> date:
 
 
 @teams_app.command("add")
-def teams_add(name: str) -> None:
-    """Register a team (or enable it again) and create its queue."""
+def teams_add(name: str, identity: IdentityOption = "broker") -> None:
+    """Register a team (or enable it again), create its queue and its credentials."""
     from queuegate.teams_admin import add
 
-    run(lambda: add(_settings(), name))
+    credentials = run(lambda: add(_settings(), name, identity=_identity(identity)))
     out.print(f"team {name} is registered; workers serve it within seconds")
+    _show_credentials(credentials)
 
 
 @teams_app.command("list")
@@ -383,3 +386,118 @@ def demo(log_level: LogLevel = "warning") -> None:
 
     configure_logging(log_level)
     run(lambda: run_demo(_settings(), out))
+
+
+# --- tenancy and audit (issue 6) ---------------------------------------------------------
+
+IdentityOption = Annotated[
+    str,
+    typer.Option(
+        help="How workers know a job is the team's: broker (its own RabbitMQ user), "
+        "api_key (a key in a header) or queue (whoever can publish to its queue)."
+    ),
+]
+_IDENTITIES = ("queue", "broker", "api_key")
+_PII = ("off", "warn", "redact", "block")
+_CAPTURE = ("none", "redacted", "full")
+
+
+def _choice(value: str, choices: tuple[str, ...], option: str) -> Any:
+    value = value.replace("-", "_")
+    if value not in choices:
+        raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}")
+    return value
+
+
+def _identity(value: str) -> Any:
+    return _choice(value, _IDENTITIES, "--identity")
+
+
+def _show_credentials(credentials: Any) -> None:
+    if credentials is None or credentials.identity == "queue":
+        return
+    if credentials.identity == "broker":
+        out.print(f"broker user: {credentials.user}", highlight=False, soft_wrap=True)
+        out.print(f"password:    {credentials.password}", highlight=False, soft_wrap=True)
+        out.print(
+            f"for its apps: QUEUEGATE_AMQP_URL={credentials.amqp_url}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(
+            f"API key ({credentials.api_key_id}): {credentials.api_key}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        out.print("apps pass it as GatewayClient(..., api_key=...)", soft_wrap=True)
+    err.print("[yellow]shown once: queuegate keeps no copy; rotate-credentials makes new ones[/]")
+
+
+@teams_app.command("rotate-credentials")
+def teams_rotate(name: str) -> None:
+    """New broker password or API key for the team; the old one stops working."""
+    from queuegate.teams_admin import rotate
+
+    _show_credentials(run(lambda: rotate(_settings(), name)))
+
+
+@teams_app.command("security")
+def teams_security(
+    name: str,
+    identity: Annotated[str | None, typer.Option(help="queue, broker or api_key.")] = None,
+    pii: Annotated[str | None, typer.Option(help="off, warn, redact or block.")] = None,
+    capture: Annotated[
+        str | None, typer.Option(help="Content kept in the audit log: none, redacted, full.")
+    ] = None,
+) -> None:
+    """Show or change a team's identity mode, PII policy and content capture."""
+    from queuegate.teams_admin import set_security
+
+    security, credentials = run(
+        lambda: set_security(
+            _settings(),
+            name,
+            identity=_identity(identity) if identity else None,
+            pii=_choice(pii, _PII, "--pii") if pii else None,
+            capture=_choice(capture, _CAPTURE, "--capture") if capture else None,
+        )
+    )
+    out.print(
+        f"team {name}: identity {security.identity}, pii {security.pii}, "
+        f"capture {security.capture}",
+        highlight=False,
+    )
+    _show_credentials(credentials)
+
+
+@teams_app.command("revoke-key")
+def teams_revoke_key(name: str, key_id: str) -> None:
+    """Revoke one of the team's API keys; workers refuse it within their cache lifetime."""
+    from queuegate.teams_admin import revoke_key
+
+    if not run(lambda: revoke_key(_settings(), name, key_id)):
+        err.print(f"team {name} has no live key {key_id}: nothing revoked")
+        raise typer.Exit(1)
+    out.print(f"key {key_id} of team {name} is revoked")
+
+
+@audit_app.command("prune")
+def audit_prune(
+    older_than: Annotated[str, typer.Option(help="Age like 90d, 12h or 30m.")] = "90d",
+) -> None:
+    """Delete captured prompts and responses older than the given age (usage rows stay)."""
+    from accounting.audit import parse_age, prune_content
+    from queuegate.db import create_pool
+
+    age = parse_age(older_than)
+    settings = _settings()
+
+    async def go() -> int:
+        pool = await create_pool(settings)
+        try:
+            return await prune_content(pool, age)
+        finally:
+            await pool.close()
+
+    out.print(f"deleted {run(go):,} captured jobs older than {older_than}")

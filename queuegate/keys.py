@@ -9,9 +9,12 @@ from dataclasses import dataclass
 class Keys:
     prefix: str
 
-    def result(self, job_id: str) -> str:
-        """A finished job's result and usage event, so a redelivery is answered, not re-run."""
-        return f"{self.prefix}:result:{job_id}"
+    def result(self, team: str, job_id: str) -> str:
+        """A finished job's result and usage event, so a redelivery is answered, not re-run.
+
+        Per team: job ids are chosen by producers, so one team's id must never find another's.
+        """
+        return f"{self.prefix}:result:{team}:{job_id}"
 
     # Live stats: written by workers every few seconds, read by `queuegate status`.
 

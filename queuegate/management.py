@@ -47,9 +47,11 @@ class BrokerAdmin:
     ) -> None:
         await self._client.aclose()
 
-    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+    async def _request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         try:
-            response = await self._client.request(method, path, json=body)
+            response = await self._client.request(method, path, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(
                 f"RabbitMQ management API is not reachable at {self._display}: enable it "
@@ -69,6 +71,25 @@ class BrokerAdmin:
 
     async def delete_user(self, name: str) -> None:
         await self._request("DELETE", f"users/{quote(name, safe='')}")
+
+    async def connections(self, user: str) -> list[str]:
+        """The names of ``user``'s connections, as the broker last reported them.
+
+        The list comes from the management statistics: a connection opened in the last few
+        seconds (``collect_statistics_interval``, 5 s by default) may not be in it yet.
+        """
+        listed: list[dict[str, Any]] = await self._request("GET", "connections") or []
+        return [c["name"] for c in listed if c.get("user") == user]
+
+    async def close_connections(self, user: str, *, reason: str) -> int:
+        """Close every listed connection of ``user`` (a new password does not end open ones)."""
+        names = await self.connections(user)
+        for name in names:
+            # A 404 (it closed meanwhile) is not an error: _request answers None.
+            await self._request(
+                "DELETE", f"connections/{quote(name, safe='')}", headers={"X-Reason": reason}
+            )
+        return len(names)
 
     async def put_permissions(self, user: str, *, configure: str, write: str, read: str) -> None:
         await self._request(

@@ -157,6 +157,14 @@ class StreamChunk(WireModel):
     delta: dict[str, Any]
 
 
+class AuditContent(WireModel):
+    """A job's prompt and response, kept as its team's capture setting says (issue 6)."""
+
+    capture: Literal["redacted", "full"]
+    prompt: list[dict[str, Any]]
+    response: dict[str, Any] | None = None
+
+
 class UsageEvent(WireModel):
     """What one finished job cost; accounting writes exactly one row per ``job_id``."""
 
@@ -182,3 +190,9 @@ class UsageEvent(WireModel):
     """False when the reply queue was gone and the broker returned the result."""
     worker: str = ""
     ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # Tenancy and audit: who published the job, what PII its prompt held, what is kept of it.
+    identity: str | None = None
+    """``queue``, ``broker:<user>`` or ``api_key:<key id>``; None when it was never proven."""
+    pii: str | None = None
+    """PII families found in the prompt, comma-separated (policies warn, redact, block)."""
+    content: AuditContent | None = None

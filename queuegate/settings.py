@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     """Seconds a finished job's result is kept, so a redelivery is answered without a new call."""
     max_job_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest job body a worker accepts; larger ones are answered ``invalid_request``."""
+    max_job_messages: int = Field(default=256, ge=1)
+    """Most messages one job may carry; more are answered ``invalid_request``."""
+    security_cache_ttl: float = Field(default=5.0, gt=0)
+    """Seconds a worker trusts its copy of teams' security settings and API keys: a revoked
+    key or changed policy takes effect within this time."""
     teams_refresh: float = Field(default=5.0, gt=0)
     """Seconds between reads of the team registry, so new teams are served without restart."""
 

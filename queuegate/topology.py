@@ -5,6 +5,7 @@
 | ``<ns>.jobs``                | topic exchange             | producers publish, key = team     |
 | ``<ns>.jobs.<team>``         | quorum queue               | one per team, dead-letters        |
 | ``<ns>.results.<team>.<n>``  | durable queue              | a pipeline's named reply queue    |
+| ``<ns>.replies.<team>.<id>`` | exclusive queue            | a live client's reply queue       |
 | ``<ns>.usage``               | fanout exchange            | one UsageEvent per finished job   |
 | ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
 | ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
@@ -51,6 +52,10 @@ class Topology:
 
     def results_queue(self, team: str, name: str) -> str:
         return f"{self.namespace}.results.{team}.{name}"
+
+    def replies_queue(self, team: str, name: str) -> str:
+        # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.
+        return f"{self.namespace}.replies.{team}.{name}"
 
     @property
     def usage_exchange(self) -> str:

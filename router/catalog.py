@@ -15,7 +15,8 @@ in string values from the environment it is given (not ``os.environ`` behind the
             input_per_mtok: 0.15
             output_per_mtok: 0.60
 
-Keys never live in the catalog: it names the environment variable that holds each one.
+Keys never live in the catalog: it names the environment variable (``api_key_env``) or the
+secret file (``api_key_file``) that holds each one.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class Deployment(_Strict):
     """Scheme and host (and port); the provider's path is appended to it."""
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """The environment variable that holds the key; only ``openai_compatible`` may go without."""
+    api_key_file: Path | None = None
+    """Or a file that holds it (a mounted secret), read at each call so rotation needs no
+    restart; surrounding whitespace is ignored."""
     input_per_mtok: Decimal = Field(ge=0)
     """USD per million input tokens."""
     output_per_mtok: Decimal = Field(ge=0)
@@ -63,8 +67,16 @@ class Deployment(_Strict):
 
     @model_validator(mode="after")
     def _key_required(self) -> Deployment:
-        if self.api_key_env is None and self.provider != "openai_compatible":
-            raise ValueError(f"api_key_env: required for provider {self.provider}")
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise ValueError("api_key_file: set api_key_env or api_key_file, not both")
+        if (
+            self.api_key_env is None
+            and self.api_key_file is None
+            and self.provider != "openai_compatible"
+        ):
+            raise ValueError(
+                f"api_key_env: required for provider {self.provider} (or api_key_file)"
+            )
         return self
 
 

@@ -153,6 +153,17 @@ class Router:
         return status, adapter.parse_response(body, deployment.model)
 
     def _key(self, deployment: Deployment) -> str | None:
+        if deployment.api_key_file is not None:
+            try:
+                text = deployment.api_key_file.read_text("utf-8").strip()
+            except OSError as exc:
+                # The path and the OS's reason, never the file's content.
+                raise ProviderError(
+                    "no_api_key", f"cannot read {deployment.api_key_file} ({exc.strerror})"
+                ) from exc
+            if not text:
+                raise ProviderError("no_api_key", f"{deployment.api_key_file} is empty")
+            return text
         if deployment.api_key_env is None:
             return None
         key = self._env.get(deployment.api_key_env)

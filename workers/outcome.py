@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -86,3 +87,15 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         worker=timing.worker,
     )
     return Outcome(result=result, usage=usage)
+
+
+def refused(job_id: str, team: str, model: str, error: JobError, timing: Timing) -> Outcome:
+    """A job refused before it was admitted (malformed, or not its team's): answered under its
+    job id, but accounted under an id of its own.
+
+    The job id is the producer's; a refusal must not take it in ``usage_log``, or sending a
+    bad copy first would leave the real job, served later under that id, unaccounted.
+    """
+    outcome = failed(job_id, team, model, error, timing)
+    usage = outcome.usage.model_copy(update={"job_id": f"{job_id}/refused/{uuid.uuid4().hex}"})
+    return outcome.model_copy(update={"usage": usage})

@@ -1,7 +1,8 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
-decode → validate → team → deadline → already finished? → router → store outcome →
-publish result (confirmed) → publish usage (confirmed) → dead-letter bad input → ack.
+decode → validate → team → proven publisher → already finished? → PII policy → deadline →
+router → store outcome → publish result (confirmed) → publish usage (confirmed) →
+dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again.
@@ -22,7 +23,8 @@ from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unautho
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
-from workers.outcome import Outcome, Timing, failed, served
+from workers.gate import Gate
+from workers.outcome import Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
 from workers.telemetry import Telemetry
@@ -42,6 +44,8 @@ class JobProcessor:
         publisher: Publisher,
         worker: str,
         max_job_bytes: int,
+        max_job_messages: int,
+        gate: Gate,
         telemetry: Telemetry,
     ) -> None:
         self._router = router
@@ -49,6 +53,8 @@ class JobProcessor:
         self._publisher = publisher
         self._worker = worker
         self._max_job_bytes = max_job_bytes
+        self._max_job_messages = max_job_messages
+        self._gate = gate
         self._telemetry = telemetry
 
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
@@ -69,20 +75,29 @@ class JobProcessor:
             job = self._decode(message, team)
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
-            await self._finish(message, failed(job_id, team, "", exc, timing), queue, exc)
+            await self._finish(message, refused(job_id, team, "", exc, timing), queue, exc)
             return
-        stored = await self._store.get(job.job_id)
+        try:
+            # Before the stored result: only a proven publisher may have it sent again. A
+            # refusal is not stored, or a forger could answer the real job in advance.
+            admitted = await self._gate.admit(message, job, team)
+        except JobError as exc:
+            outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
+            await self._finish(message, outcome, queue, exc)
+            return
+        stored = await self._store.get(team, job.job_id)
         if stored is not None:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
-            await self._announce(message, stored)
+            await self._announce(message, stored, team)
             await message.ack()
             return
         error: JobError | None = None
         try:
-            outcome = served(job, await self._serve(job), timing)
+            outcome = served(job, await self._serve(admitted.screen()), timing)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
+        outcome = admitted.stamp(outcome)
         await self._store.put(outcome)
         await self._finish(message, outcome, queue, error)
 
@@ -102,6 +117,10 @@ class JobProcessor:
             )
         if job.team != team:
             raise Unauthorized(f"job for team {job.team!r} arrived on team {team!r}'s queue")
+        if len(job.messages) > self._max_job_messages:
+            raise InvalidRequest(
+                f"job has {len(job.messages)} messages; the limit is {self._max_job_messages}"
+            )
         return job
 
     async def _serve(self, job: ChatJob) -> Routed:
@@ -118,7 +137,7 @@ class JobProcessor:
         queue: str,
         error: JobError | None,
     ) -> None:
-        await self._announce(message, outcome)
+        await self._announce(message, outcome, outcome.result.team)
         self._telemetry.finished(outcome)
         if error is not None and error.code in BAD_INPUT:
             await self._publisher.dead_letter(
@@ -126,10 +145,13 @@ class JobProcessor:
             )
         await message.ack()
 
-    async def _announce(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+    async def _announce(
+        self, message: AbstractIncomingMessage, outcome: Outcome, team: str
+    ) -> None:
         usage = outcome.usage
-        if message.reply_to:
-            if not await self._publisher.result(message.reply_to, outcome.result):
+        reply_to = await self._gate.reply_to(message, team)
+        if reply_to:
+            if not await self._publisher.result(reply_to, outcome.result):
                 usage = usage.model_copy(update={"reply_delivered": False})
         else:
             usage = usage.model_copy(update={"reply_delivered": False})

@@ -27,9 +27,9 @@ class OutcomeStore:
         self._ttl = ttl
         self._down = False
 
-    async def get(self, job_id: str) -> Outcome | None:
+    async def get(self, team: str, job_id: str) -> Outcome | None:
         try:
-            raw: bytes | str | None = await self._client.get(self._keys.result(job_id))
+            raw: bytes | str | None = await self._client.get(self._keys.result(team, job_id))
         except RedisError as exc:
             self._outage(exc)
             return None
@@ -45,8 +45,9 @@ class OutcomeStore:
     async def put(self, outcome: Outcome) -> None:
         try:
             await self._client.set(
-                self._keys.result(outcome.result.job_id),
-                outcome.model_dump_json(),
+                self._keys.result(outcome.result.team, outcome.result.job_id),
+                # Captured prompts go to the audit table only, never into the cache.
+                outcome.model_dump_json(exclude={"usage": {"content"}}),
                 ex=self._ttl,
             )
         except RedisError as exc:

@@ -22,6 +22,8 @@ from queuegate.registry import list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
+from workers.gate import Gate
+from workers.identity import Identities
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
@@ -82,10 +84,15 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
-        connection = await connect(s.amqp_url, name=f"worker:{self.name}")
+        # The registry: teams to serve (unless fixed) and their security settings.
+        pool = await create_pool(s)
+        try:
+            connection = await connect(s.amqp_url, name=f"worker:{self.name}")
+        except BaseException:
+            await pool.close()
+            raise
         self._connected = connection.connected
         redis = aioredis.from_url(s.redis_url)
-        pool: asyncpg.Pool | None = None
         live = LiveStatsWriter(
             redis, Keys(s.redis_prefix), self.name, s.stats_interval, self._live_in_flight
         )
@@ -104,17 +111,17 @@ class Worker:
                 publisher=Publisher(publish, usage, dead),
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
+                max_job_messages=s.max_job_messages,
+                gate=Gate(Identities(pool, namespace=s.namespace, ttl=s.security_cache_ttl)),
                 telemetry=self._telemetry,
             )
-            if self._fixed_teams is None:
-                pool = await create_pool(s)
-            await self._serve_teams(consume, pool)
+            await self._serve_teams(consume, None if self._fixed_teams else pool)
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=s.teams_refresh)
-                if not stop.is_set() and pool is not None:
+                if not stop.is_set() and self._fixed_teams is None:
                     await self._serve_teams(consume, pool)
             await self._drain()
         finally:
@@ -122,8 +129,7 @@ class Worker:
             await live_task
             await connection.close()
             await redis.aclose()
-            if pool is not None:
-                await pool.close()
+            await pool.close()
 
     async def _serve_teams(self, channel: AbstractChannel, pool: asyncpg.Pool | None) -> None:
         wanted = self._fixed_teams if pool is None else await self._registry_teams(pool)

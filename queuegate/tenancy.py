@@ -1,0 +1,167 @@
+"""Who may act for a team, and how its jobs are guarded: a team's security settings.
+
+Kept apart from the team's limits and budgets (``teams.config``), in ``team_security``:
+
+- ``identity``: how a worker knows a job comes from the team.
+  ``queue`` trusts whoever can publish to the team's queue (one trusted broker user for all
+  apps: development, single tenant); ``broker``: the team's own RabbitMQ user, proven by the
+  broker through ``user_id``; ``api_key``: a key in the ``x-queuegate-api-key`` header, for
+  deployments that cannot give each team its own broker user.
+- ``pii``: ``off``, ``warn`` (flag the audit row), ``redact`` (before the provider sees it),
+  ``block`` (answer ``invalid_request``).
+- ``capture``: prompts and responses kept in ``audit_content``: ``none``, ``redacted``, ``full``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+
+IdentityMode = Literal["queue", "broker", "api_key"]
+PiiPolicy = Literal["off", "warn", "redact", "block"]
+Capture = Literal["none", "redacted", "full"]
+
+API_KEY_HEADER = "x-queuegate-api-key"
+_API_KEY = re.compile(r"^qg_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
+
+
+class TeamSecurity(BaseModel):
+    """A team's security settings; the defaults are what a team without a row gets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    identity: IdentityMode = "queue"
+    pii: PiiPolicy = "off"
+    capture: Capture = "none"
+    broker_user: str | None = None
+
+
+def broker_user(namespace: str, team: str) -> str:
+    """The team's RabbitMQ user, under the namespace so environments never share one."""
+    return f"{namespace}.{team}"
+
+
+def reply_queue_pattern(namespace: str, team: str) -> str:
+    """The reply queues a team may declare, read, and have results sent to, as a regex."""
+    ns, t = re.escape(namespace), re.escape(team)
+    return rf"^{ns}\.(replies|results)\.{t}\.[^.]+$"
+
+
+@dataclass(frozen=True)
+class BrokerPermissions:
+    """What a team's broker user may do; see ``permissions``."""
+
+    configure: str
+    write: str
+    read: str
+    topic_exchange: str
+    topic_write: str
+
+
+def permissions(namespace: str, team: str) -> BrokerPermissions:
+    """Declare and read its own reply queues; publish only to the jobs exchange, under its key.
+
+    No write on ``amq.default`` (it would let the team publish into any queue by name) and no
+    configure on the jobs exchange (the producer declares it passively).
+    """
+    replies = reply_queue_pattern(namespace, team)
+    return BrokerPermissions(
+        configure=replies,
+        write=rf"^{re.escape(namespace)}\.jobs$",
+        read=replies,
+        topic_exchange=f"{namespace}.jobs",
+        topic_write=rf"^{re.escape(team)}$",
+    )
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def new_api_key() -> tuple[str, str]:
+    """A new key and its id; the key is shown once and only its hash is stored."""
+    key_id = secrets.token_hex(6)
+    return key_id, f"qg_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def hash_api_key(key: str) -> str:
+    """SHA-256, not bcrypt: the key is 256 random bits, so nobody can guess it from the hash
+    however fast the hash is, and a deterministic hash is looked up by an index in one query."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def looks_like_api_key(key: str) -> bool:
+    return bool(_API_KEY.match(key))
+
+
+async def get_security(pool: asyncpg.Pool, team: str) -> TeamSecurity:
+    row = await pool.fetchrow(
+        "SELECT identity, pii, capture, broker_user FROM team_security WHERE team = $1", team
+    )
+    return TeamSecurity() if row is None else TeamSecurity(**dict(row))
+
+
+async def all_security(pool: asyncpg.Pool) -> dict[str, TeamSecurity]:
+    rows: list[Any] = await pool.fetch(
+        "SELECT team, identity, pii, capture, broker_user FROM team_security"
+    )
+    return {
+        row["team"]: TeamSecurity(
+            identity=row["identity"],
+            pii=row["pii"],
+            capture=row["capture"],
+            broker_user=row["broker_user"],
+        )
+        for row in rows
+    }
+
+
+async def put_security(pool: asyncpg.Pool, team: str, security: TeamSecurity) -> None:
+    await pool.execute(
+        "INSERT INTO team_security (team, identity, pii, capture, broker_user)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (team) DO UPDATE SET"
+        " identity = $2, pii = $3, capture = $4, broker_user = $5, updated_at = now()",
+        team,
+        security.identity,
+        security.pii,
+        security.capture,
+        security.broker_user,
+    )
+
+
+async def add_api_key(pool: asyncpg.Pool, team: str) -> tuple[str, str]:
+    """Store a new key's hash for the team; return its id and the key (shown once)."""
+    key_id, key = new_api_key()
+    await pool.execute(
+        "INSERT INTO api_keys (id, team, key_hash) VALUES ($1, $2, $3)",
+        key_id,
+        team,
+        hash_api_key(key),
+    )
+    return key_id, key
+
+
+async def revoke_api_keys(pool: asyncpg.Pool, team: str, *, key_id: str | None = None) -> int:
+    """Revoke one key of the team, or all of them; return how many were live."""
+    status: str = await pool.execute(
+        "UPDATE api_keys SET revoked_at = now()"
+        " WHERE team = $1 AND revoked_at IS NULL AND (id = $2 OR $2 IS NULL)",
+        team,
+        key_id,
+    )
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def team_of_api_key(pool: asyncpg.Pool, key: str) -> tuple[str, str] | None:
+    """The team and key id of a live key, or None (unknown or revoked)."""
+    row = await pool.fetchrow(
+        "SELECT team, id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        hash_api_key(key),
+    )
+    return None if row is None else (row["team"], row["id"])

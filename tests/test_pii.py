@@ -1,0 +1,164 @@
+"""PII detectors on the labelled sample, and each team PII policy on the real job path."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from accounting.audit import parse_age, prune_content
+from bench.pii import SAMPLE, measure
+from queuegate.db import create_pool
+from queuegate.errors import ConfigError
+from queuegate.registry import add_team
+from queuegate.settings import Settings
+from queuegate.tenancy import Capture, PiiPolicy, TeamSecurity, put_security
+from queuegate.topology import HEADER_DEAD_REASON
+from tests.support import running_gateway
+from workers.pii import card, iban, redact, scan, ssn
+
+FLOOR = 0.9
+EMAIL, CARD = "jane.doe@example.com", "4111 1111 1111 1111"
+PROMPT = f"Refund {EMAIL}, card {CARD}, please."
+REDACTED = "Refund [EMAIL], card [CARD], please."
+
+
+def test_the_sample_is_large_and_has_hard_negatives() -> None:
+    items = [json.loads(line) for line in SAMPLE.read_text("utf-8").splitlines()]
+    assert len(items) >= 150
+    assert sum(1 for item in items if not item["pii"]) >= 40
+
+
+@pytest.mark.parametrize("kind", ["secret", "email", "iban", "card", "ssn", "ip", "phone"])
+def test_each_detector_meets_the_precision_and_recall_floor(kind: str) -> None:
+    figures = measure()[kind]
+    assert figures["tp"] >= 10, "too few labelled examples to measure"
+    assert figures["precision"] >= FLOOR, figures
+    assert figures["recall"] >= FLOOR, figures
+
+
+def test_checksums_and_invalid_ranges_are_what_make_a_finding() -> None:
+    assert card.luhn_ok("4111111111111111") and not card.luhn_ok("4111111111111112")
+    assert iban.mod97_ok("GB82WEST12345698765432") and not iban.mod97_ok("GB83WEST12345698765432")
+    assert ssn.valid("123", "45", "6789")
+    for area, group, serial in [
+        ("000", "12", "3456"),
+        ("666", "12", "3456"),
+        ("912", "34", "5678"),
+    ]:
+        assert not ssn.valid(area, group, serial)
+    assert not scan("order 4111 1111 1111 1112 and 999.1.1.1 and 12:30:45")
+
+
+def test_redaction_names_the_family_and_keeps_the_rest() -> None:
+    assert redact(PROMPT) == (REDACTED, ["card", "email"])
+
+
+async def _configure(settings: Settings, pii: PiiPolicy, capture: Capture = "none") -> None:
+    from accounting import migrate
+
+    pool = await create_pool(settings)
+    try:
+        await migrate(pool, settings.database_schema)
+        await add_team(pool, "alpha")
+        await put_security(pool, "alpha", TeamSecurity(pii=pii, capture=capture))
+    finally:
+        await pool.close()
+
+
+async def test_redact_replaces_pii_before_the_provider_sees_it(settings: Settings) -> None:
+    # Given alpha's policy is redact, with full capture
+    await _configure(settings, "redact", "full")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a prompt holds an email address and a card number
+        result = await client.chat("gpt-4o-mini", [{"role": "user", "content": PROMPT}])
+        # Expect the provider received the redacted prompt, and the audit says what was found
+        assert result.status == "ok", result.error
+        assert gw.mock.requests[-1].messages == [{"role": "user", "content": REDACTED}]
+        [row] = await gw.usage_rows(1)
+        assert row["pii"] == "card,email"
+        content = await gw.pool.fetchrow("SELECT * FROM audit_content")
+        assert content["prompt"] == [{"role": "user", "content": REDACTED}]
+        assert EMAIL not in json.dumps(content["response"])
+
+
+async def test_warn_sends_the_prompt_and_flags_the_audit_row(settings: Settings) -> None:
+    await _configure(settings, "warn")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", [{"role": "user", "content": PROMPT}])
+        assert result.status == "ok", result.error
+        assert gw.mock.requests[-1].messages == [{"role": "user", "content": PROMPT}]
+        [row] = await gw.usage_rows(1)
+        assert row["pii"] == "card,email"
+        # capture none (the default): no content kept
+        assert await gw.pool.fetchval("SELECT count(*) FROM audit_content") == 0
+
+
+async def test_block_answers_invalid_request_without_calling_the_provider(
+    settings: Settings,
+) -> None:
+    await _configure(settings, "block")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", [{"role": "user", "content": PROMPT}])
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert "card, email" in result.error.message and EMAIL not in result.error.message
+        assert gw.mock.stats.calls == 0
+        [dead] = await gw.dead_letters(1)
+        assert dead.headers[HEADER_DEAD_REASON] == "invalid_request"
+        [row] = await gw.usage_rows(1)
+        assert row["pii"] == "card,email" and row["identity"] == "queue"
+
+
+async def test_off_passes_the_prompt_and_flags_nothing(settings: Settings) -> None:
+    await _configure(settings, "off", "redacted")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", [{"role": "user", "content": PROMPT}])
+        assert result.status == "ok", result.error
+        assert gw.mock.requests[-1].messages == [{"role": "user", "content": PROMPT}]
+        [row] = await gw.usage_rows(1)
+        assert row["pii"] is None
+        # redacted capture keeps the content without the PII, whatever the policy
+        prompt = await gw.pool.fetchval("SELECT prompt FROM audit_content")
+        assert prompt == [{"role": "user", "content": REDACTED}]
+
+
+async def test_too_many_messages_is_a_clear_invalid_request(settings: Settings) -> None:
+    settings = settings.model_copy(update={"max_job_messages": 3})
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        messages = [{"role": "user", "content": f"line {i}"} for i in range(4)]
+        result = await client.chat("gpt-4o-mini", messages)
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert result.error.message == "job has 4 messages; the limit is 3"
+
+
+async def test_prune_deletes_captured_content_older_than_the_cut_off(settings: Settings) -> None:
+    # Given two captured jobs, one 100 days old
+    await _configure(settings, "off", "full")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        for _ in range(2):
+            await client.chat("gpt-4o-mini", [{"role": "user", "content": "hi"}])
+        rows = await gw.usage_rows(2)
+        await gw.pool.execute(
+            "UPDATE audit_content SET ts = now() - interval '100 days' WHERE job_id = $1",
+            rows[0]["job_id"],
+        )
+        # When content older than 90 days is pruned
+        deleted = await prune_content(gw.pool, parse_age("90d"))
+        # Expect only the old content gone, and every usage row kept
+        assert deleted == 1
+        assert await gw.pool.fetchval("SELECT job_id FROM audit_content") == rows[1]["job_id"]
+        assert await gw.pool.fetchval("SELECT count(*) FROM usage_log") == 2
+
+
+def test_an_age_that_is_not_one_is_a_clear_error() -> None:
+    assert parse_age("12h") == timedelta(hours=12)
+    with pytest.raises(ConfigError, match="use a number and d, h or m"):
+        parse_age("90 days")
+
+
+def test_the_bench_reads_the_sample_it_is_given(tmp_path: Path) -> None:
+    sample = tmp_path / "one.jsonl"
+    sample.write_text(json.dumps({"text": "x a@example.com", "pii": []}) + "\n")
+    assert measure(sample)["email"]["fp"] == 1

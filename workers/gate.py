@@ -1,0 +1,78 @@
+"""What a team's security settings do to a job: prove its publisher, apply the PII policy,
+and mark its outcome for the audit log (identity, PII found, captured content).
+
+    admitted = await gate.admit(message, job, team)  # Unauthorized
+    sent = admitted.screen()                          # InvalidRequest when the policy blocks
+    outcome = admitted.stamp(served(sent, ...))       # also for failed outcomes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from queuegate.messages import AuditContent, ChatJob
+from queuegate.tenancy import API_KEY_HEADER, TeamSecurity
+from workers.identity import Identities
+from workers.outcome import Outcome
+from workers.pii.policy import apply, redact_value
+
+
+@dataclass
+class Admitted:
+    job: ChatJob
+    identity: str
+    security: TeamSecurity
+    sent: ChatJob | None = None
+    """The job as the provider sees it (redacted when the team's policy says so)."""
+    pii: list[str] = field(default_factory=list)
+
+    def screen(self) -> ChatJob:
+        """Apply the team's PII policy; raises InvalidRequest when it blocks the prompt."""
+        self.sent, self.pii = apply(self.job, self.security.pii, on_found=self._found)
+        return self.sent
+
+    def _found(self, kinds: list[str]) -> None:
+        self.pii = kinds  # kept even when the policy then blocks the job
+
+    def stamp(self, outcome: Outcome) -> Outcome:
+        """The outcome with its usage event carrying identity, PII flags and captured content."""
+        content = None
+        capture = self.security.capture
+        if capture != "none":
+            job = self.sent or self.job
+            prompt = [m.model_dump(mode="json", exclude_none=True) for m in job.messages]
+            response = outcome.result.response
+            if capture == "redacted" or self.sent is None:
+                # An unscreened prompt (a refused job) is never kept in full.
+                prompt, response = redact_value(prompt), redact_value(response)
+            content = AuditContent(capture=capture, prompt=prompt, response=response)
+        update = {"identity": self.identity, "pii": ",".join(self.pii) or None, "content": content}
+        return outcome.model_copy(update={"usage": outcome.usage.model_copy(update=update)})
+
+
+class Gate:
+    def __init__(self, identities: Identities) -> None:
+        self._identities = identities
+
+    async def admit(self, message: AbstractIncomingMessage, job: ChatJob, team: str) -> Admitted:
+        proof = await self._identities.prove(message, team)
+        return Admitted(job, proof.identity, proof.security)
+
+    @staticmethod
+    def claimed(message: AbstractIncomingMessage, outcome: Outcome) -> Outcome:
+        """A refused job's outcome, its audit row naming who it claimed to come from."""
+        parts = [f"user_id={message.user_id}"] if message.user_id else []
+        if API_KEY_HEADER in (message.headers or {}):
+            parts.append("api_key")  # which key is unknown, and the key itself is never kept
+        identity = f"claimed:{','.join(parts)}" if parts else None
+        usage = outcome.usage.model_copy(update={"identity": identity})
+        return outcome.model_copy(update={"usage": usage})
+
+    async def reply_to(self, message: AbstractIncomingMessage, team: str) -> str | None:
+        """Where the job's result may go: nowhere when a proven team names another's queue."""
+        security = await self._identities.security(team)
+        if security.identity == "queue" or self._identities.may_reply(team, message.reply_to):
+            return message.reply_to
+        return None
