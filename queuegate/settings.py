@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     """Seconds a finished job's result is kept, so a redelivery is answered without a new call."""
     max_job_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest job body a worker accepts; larger ones are answered ``invalid_request``."""
+    reconnect_wait: float = Field(default=60.0, ge=0)
+    """Seconds a publish waits for a lost broker connection to return before it fails."""
+    reply_queue_expires: float = Field(default=300.0, ge=1)
+    """Seconds a client's reply queue outlives its client (a dropped connection included)."""
+    job_time_limit: float = Field(default=1500.0, gt=0)
+    """Seconds a worker spends on one job at most, every provider call included. Keep it below
+    RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""
     teams_refresh: float = Field(default=5.0, gt=0)
     """Seconds between reads of the team registry, so new teams are served without restart."""
 
