@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -33,6 +34,8 @@ from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, MESSAGE_TYPE_RE
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
+CLOSE_TIMEOUT = 5.0
+"""Seconds a closing client tries to delete its reply queue before leaving it to expire."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,11 @@ class GatewayClient:
         if self._connection is None:
             return
         if self._reply_name is None and self._reply_queue is not None:
-            # Our own queue goes with us; should this fail, the broker expires it later.
-            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError):
-                await self._reply_queue.delete(if_unused=False, if_empty=False)
+            # Our own queue goes with us; should this fail (the broker is away: do not wait
+            # for it), the broker expires the queue later.
+            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._reply_queue.delete(if_unused=False, if_empty=False)
         await self._connection.close()
 
     @property

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=32, ge=1, le=10_000)
     """Unacknowledged jobs a worker holds per team queue: one team can fill only these slots."""
     delivery_limit: int = Field(default=5, ge=1)
-    """Deliveries of one job before the broker dead-letters it (each crash or requeue counts)."""
+    """Times a job may go back to its queue (a crash, a requeue) before the broker dead-letters
+    it: it is delivered at most ``delivery_limit + 1`` times."""
     shutdown_grace: float = Field(default=30.0, ge=0)
     """Seconds in-flight jobs get to finish on SIGTERM before the rest go back to the queue."""
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)

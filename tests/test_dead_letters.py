@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import orjson
+import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from queuegate import dlq
@@ -45,7 +46,7 @@ async def _refusing_queue(channel: AbstractChannel, name: str) -> None:
 
 
 async def test_a_job_that_fails_every_delivery_is_dead_lettered_at_the_limit(
-    settings: Settings,
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a job whose reply queue refuses every result, so the worker fails it each time
     settings = settings.model_copy(update={"delivery_limit": 2})
@@ -64,12 +65,32 @@ async def test_a_job_that_fails_every_delivery_is_dead_lettered_at_the_limit(
             assert dead.message_id == "poison-1"
             assert death["reason"] == "delivery_limit"
             assert death["queue"] == gw.topology.team_queue("alpha")
+            # ... after its first delivery and `delivery_limit` more
+            failures = [r for r in caplog.records if "failed in the worker" in str(r.msg)]
+            assert len(failures) == settings.delivery_limit + 1
             # ... the provider called once: redeliveries were answered from the stored outcome
             assert gw.mock.stats.calls == 1
             # ... and the worker still serves good jobs
             async with gw.client("alpha") as client:
                 result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
                 assert result.status == "ok"
+
+
+async def test_a_result_whose_reply_queue_is_gone_is_recorded_not_retried(
+    settings: Settings,
+) -> None:
+    async with running_gateway(settings) as gw:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            # Given a job whose reply queue no longer exists
+            channel = await connection.channel(publisher_confirms=True)
+            await _publish_job(gw, channel, "caller-gone", f"{settings.namespace}.nobody")
+            # Expect it served once, its usage row saying the reply was not delivered
+            [row] = await gw.usage_rows(1)
+            assert row["job_id"] == "caller-gone" and row["status"] == "ok"
+            assert not row["reply_delivered"]
+            assert gw.mock.stats.calls == 1
+            assert (await dlq.peek(settings))[1] == 0
 
 
 async def test_replay_answers_a_dead_letter_once_and_counts_it_once(settings: Settings) -> None:
