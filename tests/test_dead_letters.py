@@ -41,7 +41,9 @@ async def _publish_job(gw: Gateway, channel: AbstractChannel, job_id: str, reply
 async def _refusing_queue(channel: AbstractChannel, name: str) -> None:
     """A reply queue at its quota that refuses every publish (the broker nacks it)."""
     await channel.declare_queue(
-        name, auto_delete=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        name,
+        # Never consumed, so never auto-deleted: it expires by itself after the test.
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish", "x-expires": 30_000},
     )
 
 
