@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -23,8 +25,8 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from producer.replies import ReplyBook
-from queuegate.broker import connect, json_message
-from queuegate.errors import PublishRefused, QueueFull, ResultTimeout
+from queuegate.broker import CONNECTION_LOST, connect, json_message, when_connected
+from queuegate.errors import PublishRefused, QueueFull, ResultTimeout, ServiceUnavailable
 from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
@@ -34,6 +36,8 @@ from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, MESSAGE_TYPE_RE
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
+CLOSE_TIMEOUT = 5.0
+"""Seconds a closing client tries to delete its reply queue before leaving it to expire."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,10 @@ class GatewayClient:
             result = await client.chat("gpt-4o-mini", [{"role": "user", "content": "Hi"}])
             print(result.content)
 
-    Replies arrive on an exclusive queue that lives as long as the client. A
+    Replies arrive on the client's own queue (``<ns>.replies.<team>.<id>``), which survives a
+    dropped broker connection, so a reply in flight is not lost; the broker deletes it
+    ``settings.reply_queue_expires`` seconds after the client is gone. While the connection is
+    down, ``submit`` waits up to ``settings.reconnect_wait`` seconds for it to return. A
     pipeline that must survive its own restart passes ``reply_queue="nightly"``: a durable
     queue that keeps results while nobody listens, read again by the next client of that name.
     Do not share one named reply queue between two live clients: each takes half the results.
@@ -101,16 +108,19 @@ class GatewayClient:
                     f"the team first (queuegate teams add {self.team})"
                 ) from exc
             if self._reply_name is None:
-                self._reply_queue = await self._channel.declare_queue(
-                    self._topology.replies_queue(self.team, uuid.uuid4().hex), exclusive=True
+                self._reply_queue = await self._topology.declare_replies_queue(
+                    self._channel,
+                    self.team,
+                    uuid.uuid4().hex,
+                    expires_s=self._settings.reply_queue_expires,
                 )
-                await self._reply_queue.consume(self._on_reply, no_ack=True)
             else:
                 self._reply_queue = await self._topology.declare_results_queue(
                     self._channel, self.team, self._reply_name
                 )
-                await self._channel.set_qos(prefetch_count=1000)
-                await self._reply_queue.consume(self._on_reply)
+            # Acknowledged replies only: one in flight when the connection drops is redelivered.
+            await self._channel.set_qos(prefetch_count=1000)
+            await self._reply_queue.consume(self._on_reply)
         except BaseException:
             await self._connection.close()
             raise
@@ -122,8 +132,15 @@ class GatewayClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._connection is not None:
-            await self._connection.close()
+        if self._connection is None:
+            return
+        if self._reply_name is None and self._reply_queue is not None:
+            # Our own queue goes with us; should this fail (the broker is away: do not wait
+            # for it), the broker expires the queue later.
+            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._reply_queue.delete(if_unused=False, if_empty=False)
+        await self._connection.close()
 
     @property
     def reply_to(self) -> str:
@@ -163,7 +180,7 @@ class GatewayClient:
 
     async def submit(self, job: ChatJob) -> JobHandle:
         """Publish a job and wait for the broker's confirm; the result comes later."""
-        if self._exchange is None:
+        if self._exchange is None or self._channel is None:
             raise RuntimeError("use the client inside `async with`")
         self._replies.expect(job.job_id)
         message = json_message(
@@ -176,8 +193,17 @@ class GatewayClient:
             expiration_ms=_expiration_ms(job.deadline),
             headers=self._headers(),
         )
+        exchange = self._exchange
         try:
-            await self._exchange.publish(message, routing_key=job.team, mandatory=True)
+            await when_connected(
+                self._channel,
+                lambda: exchange.publish(message, routing_key=job.team, mandatory=True),
+                within=self._settings.reconnect_wait,
+                what=f"publishing job {job.job_id}",
+            )
+        except ServiceUnavailable:
+            self._replies.forget(job.job_id)
+            raise
         except aiormq.exceptions.PublishError as exc:
             self._replies.forget(job.job_id)
             raise PublishRefused(
@@ -225,7 +251,9 @@ class GatewayClient:
                 self._replies.deliver(ChatResult.model_validate_json(message.body))
             except ValidationError:
                 log.warning("dropped a malformed result for job %s", message.correlation_id)
-        if self._reply_name is not None:
+        # After a reconnect the delivery's channel is gone: the broker redelivers the reply, and
+        # the book drops it as a duplicate.
+        with contextlib.suppress(*CONNECTION_LOST):
             await message.ack()
 
 

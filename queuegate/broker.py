@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection, DeliveryMode
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+from aiormq.exceptions import ChannelInvalidStateError
 
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CONNECTION_LOST = (ConnectionError, ChannelInvalidStateError)
+"""What a publish or settle raises while the connection is down: aiormq's connection errors
+(``AMQPConnectionError`` is a ``ConnectionError``) and the closed channel's invalid state."""
+
+RETRY_PAUSE = 0.2
+"""Seconds between attempts, so a channel not yet known to be lost is not hammered."""
 
 
 def redact_url(url: str) -> str:
@@ -34,6 +54,38 @@ async def connect(url: str, *, name: str) -> AbstractRobustConnection:
             f"RabbitMQ is not reachable at {redact_url(url)}: start it "
             "(rabbitmq-server -detached) or set QUEUEGATE_AMQP_URL"
         ) from exc
+
+
+async def when_connected(
+    channel: AbstractChannel, action: Callable[[], Awaitable[T]], *, within: float, what: str
+) -> T:
+    """Run a broker action, retrying it once the robust channel is back after a lost connection.
+
+    Robust connections restore channels, queues and consumers, but never replay a publish that
+    failed during the outage: that is the caller's, and this does it. Retry only actions that
+    are safe twice (every publish of ours is: job ids make its duplicate harmless). Raises
+    ServiceUnavailable when the connection is not back within ``within`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            return await action()
+        except CONNECTION_LOST as exc:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ServiceUnavailable(
+                    f"lost the RabbitMQ connection while {what} and it did not come back "
+                    f"within {within:.0f} s: check the broker"
+                ) from exc
+            log.info("connection lost while %s (%s); waiting for it", what, type(exc).__name__)
+            try:
+                async with asyncio.timeout(left):
+                    await asyncio.sleep(RETRY_PAUSE)
+                    if isinstance(channel, AbstractRobustChannel):
+                        await channel.ready()
+            except TimeoutError:
+                continue
 
 
 def json_message(

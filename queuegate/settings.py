@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=32, ge=1, le=10_000)
     """Unacknowledged jobs a worker holds per team queue: one team can fill only these slots."""
     delivery_limit: int = Field(default=5, ge=1)
-    """Deliveries of one job before the broker dead-letters it (each crash or requeue counts)."""
+    """Times a job may go back to its queue (a crash, a requeue) before the broker dead-letters
+    it: it is delivered at most ``delivery_limit + 1`` times."""
     shutdown_grace: float = Field(default=30.0, ge=0)
     """Seconds in-flight jobs get to finish on SIGTERM before the rest go back to the queue."""
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
@@ -45,6 +46,13 @@ class Settings(BaseSettings):
     security_cache_ttl: float = Field(default=5.0, gt=0)
     """Seconds a worker trusts its copy of teams' security settings and API keys: a revoked
     key or changed policy takes effect within this time."""
+    reconnect_wait: float = Field(default=60.0, ge=0)
+    """Seconds a publish waits for a lost broker connection to return before it fails."""
+    reply_queue_expires: float = Field(default=300.0, ge=1)
+    """Seconds a client's reply queue outlives its client (a dropped connection included)."""
+    job_time_limit: float = Field(default=1500.0, gt=0)
+    """Seconds a worker spends on one job at most, every provider call included. Keep it below
+    RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""
     teams_refresh: float = Field(default=5.0, gt=0)
     """Seconds between reads of the team registry, so new teams are served without restart."""
 

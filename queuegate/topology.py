@@ -5,7 +5,7 @@
 | ``<ns>.jobs``                | topic exchange             | producers publish, key = team     |
 | ``<ns>.jobs.<team>``         | quorum queue               | one per team, dead-letters        |
 | ``<ns>.results.<team>.<n>``  | durable queue              | a pipeline's named reply queue    |
-| ``<ns>.replies.<team>.<id>`` | exclusive queue            | a live client's reply queue       |
+| ``<ns>.replies.<team>.<id>`` | durable queue, expires     | one client's own reply queue      |
 | ``<ns>.usage``               | fanout exchange            | one UsageEvent per finished job   |
 | ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
 | ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
@@ -53,9 +53,9 @@ class Topology:
     def results_queue(self, team: str, name: str) -> str:
         return f"{self.namespace}.results.{team}.{name}"
 
-    def replies_queue(self, team: str, name: str) -> str:
+    def replies_queue(self, team: str, client_id: str) -> str:
         # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.
-        return f"{self.namespace}.replies.{team}.{name}"
+        return f"{self.namespace}.replies.{team}.{client_id}"
 
     @property
     def usage_exchange(self) -> str:
@@ -114,6 +114,22 @@ class Topology:
         """A durable reply queue that outlives its consumer, for pipelines that restart."""
         return await channel.declare_queue(
             self.results_queue(team, name), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+
+    async def declare_replies_queue(
+        self, channel: AbstractChannel, team: str, client_id: str, *, expires_s: float
+    ) -> AbstractQueue:
+        """One client's reply queue, named by the client so it survives a dropped connection.
+
+        An exclusive server-named queue dies with its connection, and a robust reconnect would
+        declare a new name, so replies in flight would be returned as unroutable. This one is
+        declared again under the same name on reconnect, and the broker deletes it once it has
+        gone ``expires_s`` unused (the client is gone for good).
+        """
+        return await channel.declare_queue(
+            self.replies_queue(team, client_id),
+            durable=True,
+            arguments={"x-expires": int(expires_s * 1000)},
         )
 
     async def declare_usage(self, channel: AbstractChannel) -> AbstractExchange:

@@ -84,13 +84,17 @@ async def running_gateway(
     teams: Sequence[str] = ("alpha",),
     mock_config: MockConfig | None = None,
     catalog: Path | None = None,
+    components: Settings | None = None,
 ) -> AsyncIterator[Gateway]:
+    """A gateway of ``settings``; ``components`` (its clients, worker and accounting) may reach
+    the services another way, e.g. through a TcpProxy, while the test reads rows directly."""
+    components = components or settings
     stop = asyncio.Event()
     async with MockProvider(mock_config or MockConfig()) as mock:
         env = {"QUEUEGATE_MOCK_URL": mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
         async with Router(load_catalog(catalog, env), env) as router:
-            worker = Worker(settings, router, teams=list(teams), name="test-worker")
-            async with Accountant(settings) as accountant:
+            worker = Worker(components, router, teams=list(teams), name="test-worker")
+            async with Accountant(components) as accountant:
                 tasks = [
                     asyncio.create_task(worker.run(stop)),
                     asyncio.create_task(accountant.run(stop)),
@@ -98,7 +102,7 @@ async def running_gateway(
                 await asyncio.wait_for(worker.ready.wait(), 10)
                 pool = await create_pool(settings)
                 try:
-                    yield Gateway(settings, mock, worker, pool)
+                    yield Gateway(components, mock, worker, pool)
                 finally:
                     stop.set()
                     await asyncio.gather(*tasks)

@@ -19,6 +19,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
+from queuegate.broker import CONNECTION_LOST
 from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unauthorized
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
@@ -47,6 +48,7 @@ class JobProcessor:
         max_job_messages: int,
         gate: Gate,
         telemetry: Telemetry,
+        job_time_limit: float,
     ) -> None:
         self._router = router
         self._store = store
@@ -56,11 +58,16 @@ class JobProcessor:
         self._max_job_messages = max_job_messages
         self._gate = gate
         self._telemetry = telemetry
+        self._job_time_limit = job_time_limit
 
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
         try:
             await self._process(message, team, queue)
+        except CONNECTION_LOST as exc:
+            # The delivery's channel died with the connection: the broker delivers the job
+            # again, and the outcome stored before it was announced answers it.
+            log.info("job %s: its channel is gone (%s); it comes back", message.message_id, exc)
         except Exception:
             log.exception(
                 "job %s failed in the worker; returning it to the queue", message.message_id
@@ -127,6 +134,9 @@ class JobProcessor:
         deadline = _monotonic_deadline(job.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
+        # Below the broker's consumer timeout, which would take the job back mid-call.
+        limit = time.monotonic() + self._job_time_limit
+        deadline = limit if deadline is None else min(deadline, limit)
         self._router.check(job)
         return await self._router.complete(job, deadline=deadline)
 

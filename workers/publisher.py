@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from queuegate.broker import json_message
+from queuegate.broker import json_message, when_connected
 from queuegate.messages import ChatResult, UsageEvent
 from queuegate.topology import (
     HEADER_DEAD_DETAIL,
@@ -23,14 +24,29 @@ DETAIL_LIMIT = 500
 
 
 class Publisher:
-    """Publishes on one channel opened with publisher confirms and ``on_return_raises``."""
+    """Publishes on one channel opened with publisher confirms and ``on_return_raises``.
+
+    A publish that fails because the connection dropped waits up to ``reconnect_wait`` seconds
+    for the robust channel to return and is sent again, rather than failing the job: a failed
+    job is requeued, and requeues while the broker is away would spend its delivery limit.
+    """
 
     def __init__(
-        self, channel: AbstractChannel, usage: AbstractExchange, dead: AbstractExchange
+        self,
+        channel: AbstractChannel,
+        usage: AbstractExchange,
+        dead: AbstractExchange,
+        *,
+        reconnect_wait: float,
     ) -> None:
+        self._channel = channel
         self._default = channel.default_exchange
         self._usage = usage
         self._dead = dead
+        self._reconnect_wait = reconnect_wait
+
+    async def _send(self, publish: Callable[[], Awaitable[object]], what: str) -> None:
+        await when_connected(self._channel, publish, within=self._reconnect_wait, what=what)
 
     async def result(self, reply_to: str, result: ChatResult) -> bool:
         """Send a result to the caller's reply queue; False when that queue no longer exists."""
@@ -42,7 +58,10 @@ class Publisher:
             persistent=True,
         )
         try:
-            await self._default.publish(message, routing_key=reply_to, mandatory=True)
+            await self._send(
+                lambda: self._default.publish(message, routing_key=reply_to, mandatory=True),
+                f"answering job {result.job_id}",
+            )
         except aiormq.exceptions.PublishError:
             log.warning(
                 "result of job %s returned: reply queue %s no longer exists",
@@ -58,7 +77,10 @@ class Publisher:
             message_type=MESSAGE_TYPE_USAGE,
             message_id=event.job_id,
         )
-        await self._usage.publish(message, routing_key="", mandatory=True)
+        await self._send(
+            lambda: self._usage.publish(message, routing_key="", mandatory=True),
+            f"accounting job {event.job_id}",
+        )
 
     async def dead_letter(
         self, original: AbstractIncomingMessage, *, reason: str, detail: str, queue: str
@@ -77,4 +99,7 @@ class Publisher:
             reply_to=original.reply_to,
             headers=headers,
         )
-        await self._dead.publish(message, routing_key=queue, mandatory=True)
+        await self._send(
+            lambda: self._dead.publish(message, routing_key=queue, mandatory=True),
+            f"dead-lettering job {original.message_id}",
+        )

@@ -14,7 +14,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from queuegate.broker import connect
+from queuegate.broker import CONNECTION_LOST, connect
 from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
@@ -108,12 +108,13 @@ class Worker:
             self._processor = JobProcessor(
                 router=self._router,
                 store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
-                publisher=Publisher(publish, usage, dead),
+                publisher=Publisher(publish, usage, dead, reconnect_wait=s.reconnect_wait),
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
                 max_job_messages=s.max_job_messages,
                 gate=Gate(Identities(pool, namespace=s.namespace, ttl=s.security_cache_ttl)),
                 telemetry=self._telemetry,
+                job_time_limit=s.job_time_limit,
             )
             await self._serve_teams(consume, None if self._fixed_teams else pool)
             self.ready.set()
@@ -122,7 +123,11 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=s.teams_refresh)
                 if not stop.is_set() and self._fixed_teams is None:
-                    await self._serve_teams(consume, pool)
+                    try:
+                        await self._serve_teams(consume, pool)
+                    except CONNECTION_LOST as exc:
+                        # The robust connection restores the consumers it has; new teams next time.
+                        log.warning("broker unavailable (%s); teams are refreshed later", exc)
             await self._drain()
         finally:
             live_stop.set()

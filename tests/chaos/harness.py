@@ -1,0 +1,102 @@
+"""What every chaos scenario does: publish many jobs, collect what comes back, count it all."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import aio_pika
+import asyncpg
+
+from producer import GatewayClient, JobHandle
+from queuegate.messages import ChatResult
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+
+TEAMS = ("alpha", "beta", "gamma")
+CONCURRENT_SUBMITS = 200
+"""Jobs awaiting their confirm at once: about what a pipeline keeps outstanding."""
+
+FIGURES: list[Figures] = []
+"""Every scenario's figures, printed at the end of the run (tests/chaos/conftest.py)."""
+
+
+@dataclass
+class Figures:
+    scenario: str
+    sent: int = 0
+    answered: int = 0
+    duplicates: int = 0
+    """Results the producer dropped because the job had already been answered."""
+    usage_rows: int = 0
+    provider_calls: int = 0
+    dead_lettered: int = 0
+    seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+    def done(self) -> None:
+        self.seconds = round(time.monotonic() - self.started, 1)
+        FIGURES.append(self)
+        print(f"\n[chaos] {self.line()}")
+
+    def line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items() if k != "started")
+
+
+async def declare_teams(settings: Settings, teams: Sequence[str] = TEAMS) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for team in teams:
+            await Topology(settings.namespace, settings.delivery_limit).declare_team_queue(
+                channel, team
+            )
+
+
+async def submit_all(clients: Sequence[GatewayClient], count: int) -> list[JobHandle]:
+    """Submit ``count`` jobs round-robin over the clients' teams, a few hundred at a time."""
+    gate = asyncio.Semaphore(CONCURRENT_SUBMITS)
+
+    async def one(i: int) -> JobHandle:
+        client = clients[i % len(clients)]
+        async with gate:
+            return await client.submit(
+                client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}])
+            )
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def collect(handles: Sequence[JobHandle], timeout: float) -> list[ChatResult]:
+    async with asyncio.timeout(timeout):
+        return list(await asyncio.gather(*(h.result(timeout=None) for h in handles)))
+
+
+async def usage_rows(pool: asyncpg.Pool, expected: int, timeout: float) -> tuple[int, int]:
+    """``(rows, distinct job ids)`` of usage_log once it holds ``expected`` rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await pool.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM usage_log"
+        )
+        if row["n"] >= expected or time.monotonic() > deadline:
+            return int(row["n"]), int(row["d"])
+        await asyncio.sleep(0.1)
+
+
+async def dead_lettered(settings: Settings, expected: int = 0, timeout: float = 0) -> int:
+    """Messages in the dead-letter queue, once there are ``expected`` (or ``timeout`` is up)."""
+    deadline = time.monotonic() + timeout
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        while True:
+            queue = await channel.declare_queue(
+                Topology(settings.namespace).dead_queue, passive=True
+            )
+            count = int(queue.declaration_result.message_count or 0)
+            if count >= expected or time.monotonic() > deadline:
+                return count
+            await asyncio.sleep(0.1)

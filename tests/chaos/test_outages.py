@@ -1,0 +1,76 @@
+"""Chaos 2, 3 and 5: RabbitMQ, PostgreSQL or Redis goes away mid-run, then comes back.
+
+Each service is cut through a TcpProxy (the shared services keep running for other tests):
+RabbitMQ for producer, worker and accounting at once; PostgreSQL for accounting; Redis, whose
+outcome store is best effort, for the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from mockprovider import Behavior, MockConfig
+from queuegate.settings import Settings
+from tests.chaos.harness import TEAMS, Figures, collect, dead_lettered, submit_all, usage_rows
+from tests.faults import Service, behind_proxies
+from tests.support import running_gateway
+
+JOBS = 400
+CUT_AFTER_CALLS = 100
+
+NOTICED: dict[Service, tuple[str, ...]] = {
+    "amqp": ("connection lost while", "its channel is gone"),
+    "database": ("cannot write usage to PostgreSQL",),
+    "redis": ("Redis unavailable",),
+}
+"""What a component logs when it meets the outage: proof that the cut happened mid-run."""
+
+
+@pytest.mark.parametrize(
+    ("service", "outage"),
+    [("amqp", 3.0), ("database", 5.0), ("redis", 3.0)],
+    ids=["rabbitmq", "postgresql", "redis"],
+)
+async def test_an_outage_loses_no_confirmed_job_and_counts_none_twice(
+    settings: Settings, service: Service, outage: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    figures = Figures(f"{service} cut for {outage:.0f} s")
+    # Given a gateway whose components reach the service through a proxy
+    mock = MockConfig(default=Behavior(latency_ms=20))
+    async with (
+        behind_proxies(settings, service) as (through, proxies),
+        running_gateway(settings, teams=TEAMS, mock_config=mock, components=through) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+        gw.client("gamma") as gamma,
+    ):
+        clients = [alpha, beta, gamma]
+        # When jobs are flowing and the service becomes unreachable for a while
+        submitting = asyncio.create_task(submit_all(clients, JOBS))
+        async with asyncio.timeout(60):
+            await gw.mock.wait_for_calls(CUT_AFTER_CALLS)
+        await proxies[service].down()
+        await asyncio.sleep(outage)
+        await proxies[service].up()
+
+        # Expect every confirmed job answered once and accounted once
+        handles = await submitting
+        figures.sent = len(handles)
+        results = await collect(handles, timeout=60)
+        figures.answered = len({r.job_id for r in results})
+        figures.duplicates = sum(c.duplicates for c in clients)
+        rows, distinct = await usage_rows(gw.pool, JOBS, timeout=30)
+        figures.usage_rows = rows
+        figures.provider_calls = gw.mock.stats.calls
+        figures.dead_lettered = await dead_lettered(settings)
+        figures.done()
+        assert all(r.status == "ok" for r in results)
+        assert figures.answered == JOBS
+        assert rows == distinct == JOBS
+        assert figures.dead_lettered == 0
+        logged = [str(r.msg) for r in caplog.records]  # aio-pika args may not format
+        assert any(n in line for line in logged for n in NOTICED[service])

@@ -1,0 +1,218 @@
+"""Poison jobs and expired jobs end in the dead-letter queue; replay brings them back once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from queuegate import dlq
+from queuegate.messages import ChatResult
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.support import Gateway, running_gateway, wait_until
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def _death(message: AbstractIncomingMessage) -> dict[str, object]:
+    deaths = (message.headers or {})["x-death"]
+    assert isinstance(deaths, list)
+    death = deaths[0]
+    assert isinstance(death, dict)
+    return death
+
+
+async def _publish_job(gw: Gateway, channel: AbstractChannel, job_id: str, reply_to: str) -> None:
+    body = {"job_id": job_id, "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
+    exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+    await exchange.publish(
+        aio_pika.Message(orjson.dumps(body), message_id=job_id, reply_to=reply_to),
+        routing_key="alpha",
+    )
+
+
+async def _refusing_queue(channel: AbstractChannel, name: str) -> None:
+    """A reply queue at its quota that refuses every publish (the broker nacks it)."""
+    await channel.declare_queue(
+        name,
+        # Never consumed, so never auto-deleted: it expires by itself after the test.
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish", "x-expires": 30_000},
+    )
+
+
+async def test_a_job_that_fails_every_delivery_is_dead_lettered_at_the_limit(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a job whose reply queue refuses every result, so the worker fails it each time
+    settings = settings.model_copy(update={"delivery_limit": 2})
+    refusing = f"{settings.namespace}.refusing"
+    async with running_gateway(settings) as gw:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await _refusing_queue(channel, refusing)
+            # When it is published
+            await _publish_job(gw, channel, "poison-1", refusing)
+
+            # Expect the broker to dead-letter it once its deliveries run out, saying why
+            [dead] = await gw.dead_letters(1)
+            death = _death(dead)
+            assert dead.message_id == "poison-1"
+            assert death["reason"] == "delivery_limit"
+            assert death["queue"] == gw.topology.team_queue("alpha")
+            # ... after its first delivery and `delivery_limit` more
+            failures = [r for r in caplog.records if "failed in the worker" in str(r.msg)]
+            assert len(failures) == settings.delivery_limit + 1
+            # ... the provider called once: redeliveries were answered from the stored outcome
+            assert gw.mock.stats.calls == 1
+            # ... and the worker still serves good jobs
+            async with gw.client("alpha") as client:
+                result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+                assert result.status == "ok"
+
+
+async def test_a_result_whose_reply_queue_is_gone_is_recorded_not_retried(
+    settings: Settings,
+) -> None:
+    async with running_gateway(settings) as gw:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            # Given a job whose reply queue no longer exists
+            channel = await connection.channel(publisher_confirms=True)
+            await _publish_job(gw, channel, "caller-gone", f"{settings.namespace}.nobody")
+            # Expect it served once, its usage row saying the reply was not delivered
+            [row] = await gw.usage_rows(1)
+            assert row["job_id"] == "caller-gone" and row["status"] == "ok"
+            assert not row["reply_delivered"]
+            assert gw.mock.stats.calls == 1
+            assert (await dlq.peek(settings))[1] == 0
+
+
+async def test_replay_answers_a_dead_letter_once_and_counts_it_once(settings: Settings) -> None:
+    # Given a poison job dead-lettered because its reply queue refused every result
+    settings = settings.model_copy(update={"delivery_limit": 1})
+    refusing = f"{settings.namespace}.refusing"
+    async with running_gateway(settings) as gw:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await _refusing_queue(channel, refusing)
+            await _publish_job(gw, channel, "poison-2", refusing)
+            await wait_until(lambda: gw.mock.stats.calls == 1)
+            letters: list[dlq.DeadLetter] = []
+            async with asyncio.timeout(10):
+                while not letters:  # the broker announces no dead-lettering: look again
+                    letters, total = await dlq.peek(settings)
+            assert total == 1 and letters[0].reason == "delivery_limit"
+
+            # When the reply queue is fixed and the dead letter replayed
+            await channel.queue_delete(refusing)
+            replies = await channel.declare_queue(refusing, auto_delete=True)
+            replayed = await dlq.replay(settings, {"poison-2"})
+
+            # Expect the result delivered, from the stored outcome (no second provider call)
+            assert [x.message_id for x in replayed] == ["poison-2"]
+            async with asyncio.timeout(10), replies.iterator() as messages:
+                async for message in messages:
+                    result = ChatResult.model_validate_json(message.body)
+                    break
+            assert result.job_id == "poison-2" and result.status == "ok"
+            assert gw.mock.stats.calls == 1
+            # ... exactly one usage row, and the dead-letter queue empty
+            [row] = await gw.usage_rows(1)
+            assert row["job_id"] == "poison-2"
+            assert (await dlq.peek(settings))[1] == 0
+
+
+async def test_a_job_past_its_deadline_is_answered_without_a_provider_call(
+    settings: Settings,
+) -> None:
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # Given a job whose deadline passed while it waited (published without a TTL)
+        job = client.job("gpt-4o-mini", HELLO, deadline=datetime.now(UTC) - timedelta(seconds=1))
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            await exchange.publish(
+                aio_pika.Message(
+                    job.model_dump_json().encode(),
+                    message_id=job.job_id,
+                    reply_to=client.reply_to,
+                ),
+                routing_key="alpha",
+            )
+        # When the worker takes it, expect deadline_exceeded, no call, and a usage row
+        result = await client.wait(job.job_id, timeout=10)
+        assert result.error is not None and result.error.code == "deadline_exceeded"
+        [row] = await gw.usage_rows(1)
+        assert row["error_code"] == "deadline_exceeded"
+        assert gw.mock.stats.calls == 0
+
+
+async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs(
+    settings: Settings,
+) -> None:
+    # Given a team queue and no worker
+    from producer import GatewayClient
+
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await Topology(settings.namespace).declare_team_queue(channel, "alpha")
+        async with GatewayClient(settings, team="alpha") as client:
+            # When a job with a 100 ms deadline is submitted
+            job = client.job("gpt-4o-mini", HELLO, deadline=timedelta(milliseconds=100))
+            await client.submit(job)
+        # Expect the broker itself to dead-letter it as expired
+        dead_queue = await channel.get_queue(Topology(settings.namespace).dead_queue)
+        async with asyncio.timeout(10), dead_queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                break
+        assert message.message_id == job.job_id
+        assert _death(message)["reason"] == "expired"
+
+
+async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
+    # Given one dead-lettered job (bad input, dead-lettered by the worker)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        body = {"job_id": "bad-1", "team": "alpha", "model": "no-such-model", "messages": HELLO}
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            await exchange.publish(
+                aio_pika.Message(orjson.dumps(body), message_id="bad-1", reply_to=client.reply_to),
+                routing_key="alpha",
+            )
+        await client.wait("bad-1", timeout=10)
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "COLUMNS": "200",
+    }
+
+    async def cli(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "queuegate", "dlq", *args, env=env, stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode == 0, stdout.decode()
+        return stdout.decode()
+
+    # When an operator lists, shows and purges, expect the reason, the body, and an empty queue
+    listing = await cli("list")
+    assert "bad-1" in listing and "unknown_model" in listing
+    shown = await cli("show", "bad-1")
+    assert "no-such-model" in shown and "x-queuegate-reason" in shown
+    assert "purged 1 dead letters" in await cli("purge", "--yes")
+    assert (await dlq.peek(settings))[1] == 0
