@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,21 @@ class Settings(BaseSettings):
     """Largest job body a worker accepts; larger ones are answered ``invalid_request``."""
     teams_refresh: float = Field(default=5.0, gt=0)
     """Seconds between reads of the team registry, so new teams are served without restart."""
+
+    admission_max_wait: float = Field(default=600.0, gt=0, le=1200)
+    """Seconds a job may wait for its buckets before it is answered ``rate_limited``.
+
+    Capped well below RabbitMQ's consumer timeout (30 min on 3.10, counted from delivery, and
+    closing the whole channel): wait + provider timeout + publishing must stay far inside it.
+    """
+    expected_output_tokens: int = Field(default=256, ge=1)
+    """Output tokens reserved for a job that sets no ``max_tokens`` (a team may override it)."""
+    redis_outage: Literal["fail_closed", "fail_open"] = "fail_closed"
+    """While Redis is unreachable: jobs wait for it (up to their deadline), or each worker
+    admits from a local bucket holding its fair share of every limit."""
+    admission_workers: int = Field(default=1, ge=1)
+    """Worker processes that share each limit: a fail-open bucket holds 1/N of it, and
+    per-team prefetch is sized from the share of the rate each worker gets."""
 
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
     accounting_linger: float = Field(default=0.05, ge=0)

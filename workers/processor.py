@@ -1,6 +1,7 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
-decode → validate → team → deadline → already finished? → router → store outcome →
+decode → validate → team → deadline → already finished? → admission (budget, buckets) →
+router (each deployment's buckets) → settle admission → store outcome →
 publish result (confirmed) → publish usage (confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
@@ -22,6 +23,7 @@ from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unautho
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
+from workers.admission import Admission
 from workers.outcome import Outcome, Timing, failed, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
@@ -39,10 +41,12 @@ class JobProcessor:
         router: Router,
         store: OutcomeStore,
         publisher: Publisher,
+        admission: Admission,
         worker: str,
         max_job_bytes: int,
     ) -> None:
         self._router = router
+        self._admission = admission
         self._store = store
         self._publisher = publisher
         self._worker = worker
@@ -106,7 +110,13 @@ class JobProcessor:
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
         self._router.check(job)
-        return await self._router.complete(job, deadline=deadline)
+        ticket = await self._admission.admit(job, deadline)
+        routed: Routed | None = None
+        try:
+            routed = await self._router.complete(job, deadline=deadline, gate=ticket)
+        finally:
+            await ticket.settle(routed)
+        return routed
 
     async def _finish(
         self,

@@ -16,11 +16,13 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from queuegate.broker import connect
 from queuegate.db import create_pool
+from queuegate.errors import ConfigError
 from queuegate.keys import Keys
-from queuegate.registry import list_teams
+from queuegate.registry import TeamConfig, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
+from workers.admission import Admission, prefetch_for
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 class Worker:
     """Serves the jobs of some teams (``teams``) or of every enabled team in the registry.
 
-    Each team queue gets its own consumer with ``settings.prefetch`` slots, so a team with a
-    deep queue can occupy only its own slots and never starve the others::
+    Each team queue gets its own consumer with at most ``settings.prefetch`` slots (fewer for
+    a team whose rate limit could not admit that many in time: see ``prefetch_for``), so a team
+    with a deep queue can occupy only its own slots and never starve the others::
 
         stop = asyncio.Event()
         async with Router(catalog, os.environ) as router:
@@ -55,9 +58,10 @@ class Worker:
         self._fixed_teams = list(teams) if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology(settings.namespace, settings.delivery_limit)
-        self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
+        self._consumers: dict[str, tuple[AbstractQueue, str, int]] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
+        self._admission: Admission | None = None
         self._registry_down = False
         self.ready = asyncio.Event()
         """Set once the worker consumes every team it serves."""
@@ -76,8 +80,9 @@ class Worker:
         redis = aioredis.from_url(s.redis_url)
         pool: asyncpg.Pool | None = None
         try:
+            pool = await create_pool(s)
+            self._admission = Admission(s, redis, pool, self._router.catalog)
             consume = await connection.channel()
-            await consume.set_qos(prefetch_count=s.prefetch)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             usage = await self._topology.declare_usage(publish)
             dead = await self._topology.declare_dead(publish)
@@ -85,18 +90,17 @@ class Worker:
                 router=self._router,
                 store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
                 publisher=Publisher(publish, usage, dead),
+                admission=self._admission,
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
             )
-            if self._fixed_teams is None:
-                pool = await create_pool(s)
             await self._serve_teams(consume, pool)
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=s.teams_refresh)
-                if not stop.is_set() and pool is not None:
+                if not stop.is_set():
                     await self._serve_teams(consume, pool)
             await self._drain()
         finally:
@@ -105,25 +109,37 @@ class Worker:
             if pool is not None:
                 await pool.close()
 
-    async def _serve_teams(self, channel: AbstractChannel, pool: asyncpg.Pool | None) -> None:
-        wanted = self._fixed_teams if pool is None else await self._registry_teams(pool)
+    async def _serve_teams(self, channel: AbstractChannel, pool: asyncpg.Pool) -> None:
+        assert self._admission is not None
+        registry = await self._registry_teams(pool)
+        if registry is not None:
+            self._admission.update(registry)
+        wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
             return
         for team in wanted:
-            if team not in self._consumers:
-                queue = await self._topology.declare_team_queue(channel, team)
-                tag = await queue.consume(self._callback(team, queue.name))
-                self._consumers[team] = (queue, tag)
-                log.info("now serving team %s", team)
+            prefetch = prefetch_for(self._admission.config(team), self._settings)
+            current = self._consumers.get(team)
+            if current is not None and current[2] == prefetch:
+                continue
+            if current is not None:  # its jobs in flight finish and are acked as usual
+                await current[0].cancel(current[1])
+            # A non-global basic.qos applies to the consumers started after it on the channel.
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await self._topology.declare_team_queue(channel, team)
+            tag = await queue.consume(self._callback(team, queue.name))
+            self._consumers[team] = (queue, tag, prefetch)
+            log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
-            queue, tag = self._consumers.pop(team)
+            queue, tag, _ = self._consumers.pop(team)
             await queue.cancel(tag)
             log.info("stopped serving team %s (disabled)", team)
 
-    async def _registry_teams(self, pool: asyncpg.Pool) -> list[str] | None:
+    async def _registry_teams(self, pool: asyncpg.Pool) -> dict[str, TeamConfig] | None:
+        """Enabled teams and their configs; None while the registry cannot be read."""
         try:
-            teams = [team.name for team in await list_teams(pool, enabled_only=True)]
-        except (OSError, asyncpg.PostgresError) as exc:
+            teams = {team.name: team.config for team in await list_teams(pool, enabled_only=True)}
+        except (OSError, asyncpg.PostgresError, ConfigError) as exc:
             if not self._registry_down:
                 log.warning("team registry unreadable (%s); serving the teams I have", exc)
             self._registry_down = True
@@ -148,7 +164,7 @@ class Worker:
 
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
-        for queue, tag in self._consumers.values():
+        for queue, tag, _ in self._consumers.values():
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
         self._consumers.clear()
