@@ -71,6 +71,11 @@ class Worker:
         return sorted(self._consumers)
 
     @property
+    def admission(self) -> Admission | None:
+        """The worker's admission gate, once it runs."""
+        return self._admission
+
+    @property
     def in_flight(self) -> int:
         return len(self._inflight)
 
