@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import aio_pika
 
@@ -139,3 +140,35 @@ async def test_a_team_over_its_rate_waits_for_the_refill_instead_of_failing(
         # Expect both served once the bucket refilled, not refused
         assert {r.status for r in results} == {"ok"}
         assert gw.mock.stats.calls == 122
+
+
+async def test_a_deployments_own_limit_holds_across_teams(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a deployment whose provider account allows 2 requests per minute, used by two
+    # teams that have no limits of their own
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  small:
+    deployments:
+      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 2}
+"""
+    )
+    async with (
+        running_gateway(settings, teams=("alpha", "beta"), catalog=catalog) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+    ):
+        # When each team sends one job, then beta a third with a 2-second deadline
+        first = await alpha.chat("small", WORDS, timeout=10)
+        second = await beta.chat("small", WORDS, timeout=10)
+        third = await beta.chat("small", WORDS, timeout=10, deadline=timedelta(seconds=2))
+
+        # Expect the first two served and the third never sent to the provider
+        assert (first.status, second.status) == ("ok", "ok")
+        assert third.error is not None and third.error.code == "rate_limited"
+        assert "deployment small-1" in third.error.message
+        assert gw.mock.stats.calls == 2
