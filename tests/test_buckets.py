@@ -7,7 +7,9 @@ import redis.asyncio as aioredis
 
 from queuegate.errors import InvalidRequest
 from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from workers.admission import prefetch_for
 from workers.admission.buckets import Buckets, Limit
 from workers.admission.scripts import Scripts
 
@@ -19,17 +21,17 @@ def _buckets(client: aioredis.Redis) -> Buckets:
 async def test_a_full_bucket_admits_a_minute_of_its_limit_then_says_how_long_to_wait(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    # Given a team bucket of 60 requests per minute (one per second)
+    # Given a team bucket of 6 requests per minute (one every 10 s)
     buckets = _buckets(redis_client)
-    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", 60, None)
+    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", 6, None)
 
-    # When 60 requests are taken, then one more
-    waits = [await buckets.take([limit], 10) for _ in range(60)]
+    # When 6 requests are taken, then one more
+    waits = [await buckets.take([limit], 10) for _ in range(6)]
     wait = await buckets.take([limit], 10)
 
-    # Expect the 60 admitted at once, and the next told to wait about one second
-    assert waits == [0] * 60
-    assert 900 <= wait <= 1000
+    # Expect the 6 admitted at once, and the next told to wait about 10 s
+    assert waits == [0] * 6
+    assert 9000 <= wait <= 10_000
 
 
 async def test_a_take_takes_from_every_scope_or_from_none(
@@ -80,3 +82,17 @@ async def test_a_job_larger_than_a_minute_of_the_limit_is_refused_at_once(
     # When a job needs 101 tokens, expect a clear error rather than an endless wait
     with pytest.raises(InvalidRequest, match="more than team alpha admits in a minute"):
         await _buckets(redis_client).take([limit], 101)
+
+
+def test_a_slow_team_gets_only_the_slots_its_rate_can_admit_in_time(
+    base_settings: Settings,
+) -> None:
+    # Given 32 slots a team and a 600 s maximum wait
+    s = base_settings.model_copy(update={"prefetch": 32, "admission_max_wait": 600})
+
+    # Expect a fast or unlimited team to get them all, a 2 RPM team 10 (2/min over half of 600 s),
+    # and a 1 RPM team shared by 10 workers still one
+    assert prefetch_for(TeamConfig(), s) == 32
+    assert prefetch_for(TeamConfig(rpm=6000), s) == 32
+    assert prefetch_for(TeamConfig(rpm=2), s) == 10
+    assert prefetch_for(TeamConfig(rpm=1), s.model_copy(update={"admission_workers": 10})) == 1
