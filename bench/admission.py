@@ -15,7 +15,8 @@
 - cost: what admission adds per job (budget reserve, team and deployment buckets, then the
   three settles at once), job after job, p50 and p99.
 
-Each run uses a namespace and schema of its own and removes them. Prints tables and one JSON
+Every process runs on uvloop, as ``queuegate worker`` does. Each run uses a namespace and
+schema of its own and removes them. Prints tables and one JSON
 line. Figures are noisy on a shared machine: say so when quoting them.
 """
 
@@ -43,6 +44,7 @@ from accounting import migrate
 from queuegate.db import create_pool
 from queuegate.messages import ChatJob, ChatMessage
 from queuegate.registry import TeamConfig, add_team, set_team_config
+from queuegate.runtime import run
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Catalog, Routed, load_catalog
@@ -137,7 +139,7 @@ def _precision_process(settings: Settings, seconds: float, waiters: int, out: An
             await pool.close()
         return [t for t in admitted if t < end]
 
-    out.put(asyncio.run(main()))
+    out.put(run(main))
 
 
 async def precision(seconds: float) -> dict[str, float]:
@@ -208,7 +210,7 @@ def _gateway_process(settings: Settings, latency_ms: float, ready: Any, stop: An
                     halt.set()
                     await asyncio.gather(*tasks)
 
-    asyncio.run(main())
+    run(main)
 
 
 async def _b_latencies(settings: Settings, seconds: float) -> list[float]:
@@ -389,12 +391,12 @@ def main() -> None:
     args = parser.parse_args()
     figures: dict[str, object] = {"cpus": os.cpu_count()}
     if args.which in ("precision", "all"):
-        figures["precision"] = asyncio.run(precision(args.seconds))
+        figures["precision"] = run(lambda: precision(args.seconds))
     if args.which in ("cost", "all"):
-        figures["cost"] = asyncio.run(cost(args.jobs))
+        figures["cost"] = run(lambda: cost(args.jobs))
     if args.which in ("fairness", "all"):
-        figures["fairness"] = asyncio.run(
-            fairness(args.a_jobs, args.b_seconds, args.latency_ms, not args.no_limits)
+        figures["fairness"] = run(
+            lambda: fairness(args.a_jobs, args.b_seconds, args.latency_ms, not args.no_limits)
         )
     print(json.dumps(figures))
 
