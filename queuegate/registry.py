@@ -101,11 +101,16 @@ async def get_team(pool: asyncpg.Pool, name: str) -> Team | None:
 
 
 async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> bool:
-    """Replace the team's config; False when there is no such team."""
+    """Write the team's config; False when there is no such team.
+
+    Merged into the stored one, so fields this version does not know (written by a newer
+    gateway) are kept; a field set to None is removed.
+    """
     status: str = await pool.execute(
-        "UPDATE teams SET config = $2, updated_at = now() WHERE name = $1",
+        "UPDATE teams SET config = jsonb_strip_nulls(config || $2::jsonb), updated_at = now()"
+        " WHERE name = $1",
         name,
-        config.model_dump(mode="json", exclude_defaults=True),
+        config.model_dump(mode="json"),
     )
     return status.endswith(" 1")
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from producer import GatewayClient
 from queuegate.cli import app
+from queuegate.db import create_pool
 from queuegate.errors import QueueFull
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
@@ -116,3 +117,25 @@ def test_an_invalid_setting_is_one_clear_error(settings: Settings) -> None:
     result = runner.invoke(app, ["teams", "set", "alpha", "--rpm", "-5"], env=env)
     assert result.exit_code != 0
     assert "rpm" in str(result.exception or result.stdout)
+
+
+async def test_setting_a_config_keeps_fields_a_newer_gateway_wrote(
+    settings: Settings, alpha: str
+) -> None:
+    # Given a stored config with a field this version does not know
+    pool = await create_pool(settings)
+    try:
+        await pool.execute(
+            "UPDATE teams SET config = $2 WHERE name = $1", alpha, {"rpm": 5, "pii": "redact"}
+        )
+
+        # When an operator changes the rate and clears nothing else
+        await configure(settings, alpha, {"rpm": 10, "tpm": None})
+
+        # Expect the new rate, and the unknown field untouched
+        stored = await pool.fetchval("SELECT config FROM teams WHERE name = $1", alpha)
+        assert stored["rpm"] == 10
+        assert stored["pii"] == "redact"
+        assert "tpm" not in stored
+    finally:
+        await pool.close()
