@@ -10,6 +10,7 @@ import aio_pika
 import pytest
 from typer.testing import CliRunner
 
+from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.cli import app
 from queuegate.db import create_pool
@@ -139,3 +140,33 @@ async def test_setting_a_config_keeps_fields_a_newer_gateway_wrote(
         assert "tpm" not in stored
     finally:
         await pool.close()
+
+
+async def test_a_teams_slots_follow_its_rate_limit_live(settings: Settings, alpha: str) -> None:
+    # Given team alpha limited to 2 requests a minute: 10 slots (what 2/min admits in 300 s),
+    # and a provider slow enough that no job finishes during the test
+    await configure(settings, alpha, {"rpm": 2})
+    quick = settings.model_copy(update={"teams_refresh": 0.1, "shutdown_grace": 0.2})
+    slow = MockConfig(default=Behavior(latency_ms=60_000))
+    async with running_gateway(quick, mock_config=slow) as gw, gw.client(alpha) as client:
+        # When 30 jobs are queued, the worker holds 10 of them
+        for _ in range(30):
+            await client.submit(client.job("gpt-4o-mini", HELLO))
+        await wait_until(lambda: gw.worker.in_flight == 10)
+        assert await _ready(settings, alpha) == 20
+
+        # And when the limit rises to 4 a minute, expect a new consumer with 20 slots without
+        # a restart (the old one's 10 jobs stay held until they finish): the queue drains
+        await configure(settings, alpha, {"rpm": 4})
+        await wait_until(lambda: gw.worker.in_flight == 30)
+        assert await _ready(settings, alpha) == 0
+
+
+async def _ready(settings: Settings, team: str) -> int:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            Topology(settings.namespace).team_queue(team), passive=True
+        )
+        return queue.declaration_result.message_count or 0

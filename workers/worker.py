@@ -127,7 +127,10 @@ class Worker:
             current = self._consumers.get(team)
             if current is not None and current[2] == prefetch:
                 continue
-            if current is not None:  # its jobs in flight finish and are acked as usual
+            # A consumer's prefetch is fixed when it starts (quorum queues refuse a global
+            # one), so a new limit means a new consumer; the old one's held jobs finish and
+            # are acked as usual, and count on top of the new slots until then.
+            if current is not None:
                 await current[0].cancel(current[1])
             # A non-global basic.qos applies to the consumers started after it on the channel.
             await channel.set_qos(prefetch_count=prefetch)
