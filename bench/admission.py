@@ -350,8 +350,9 @@ async def cost(jobs: int) -> dict[str, float]:
     samples: list[float] = []
     try:
         for _ in range(jobs):
+            job = _job("bench")
             started = time.perf_counter()
-            ticket = await admission.admit(_job("bench"), deadline=None)
+            ticket = await admission.admit(job, deadline=None)
             await ticket.enter(deployment)
             await ticket.settle(routed)
             samples.append((time.perf_counter() - started) * 1000)
