@@ -117,6 +117,7 @@ async def running_stack(
         "QUEUEGATE_MOCK_URL": stack.mock_url,
         "QUEUEGATE_MOCK_KEY": "bench-key",
         "QUEUEGATE_PREFETCH": str(prefetch),
+        "QUEUEGATE_METRICS_PORT": "0",  # any free port: two workers share the host
     }
     cli = [sys.executable, "-m", "queuegate"]
 

@@ -24,7 +24,9 @@ from queuegate.settings import Settings
 app = typer.Typer(
     help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
 )
-teams_app = typer.Typer(help="Register, list and disable teams.", no_args_is_help=True)
+teams_app = typer.Typer(
+    help="Register, list, show, configure and disable teams.", no_args_is_help=True
+)
 app.add_typer(teams_app, name="teams")
 audit_app = typer.Typer(help="Captured prompts and responses: retention.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
@@ -368,6 +370,85 @@ def teams_list() -> None:
 
     for team in run(lambda: listing(_settings())):
         out.print(f"{team.name}\t{'enabled' if team.enabled else 'disabled'}")
+
+
+@teams_app.command("show")
+def teams_show(
+    name: str,
+    as_json: Annotated[bool, typer.Option("--json", help="The config as JSON.")] = False,
+) -> None:
+    """A team's limits, budget and quota."""
+    from queuegate.tables import team_table
+    from queuegate.teams_admin import show
+
+    team = run(lambda: show(_settings(), name))
+    if as_json:
+        out.print_json(team.config.model_dump_json())
+    else:
+        out.print(team_table(team))
+
+
+_MODEL_HELP = "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,budget=USD (ALIAS: clears them)."
+
+
+@teams_app.command("set")
+def teams_set(
+    name: str,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
+    budget: Annotated[str | None, typer.Option(help="Monthly budget, USD.")] = None,
+    alert_threshold: Annotated[
+        float | None, typer.Option(help="Budget fraction that alerts, e.g. 0.8.")
+    ] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Jobs the queue holds at most.")] = None,
+    expected_output: Annotated[
+        int | None, typer.Option(help="Output tokens reserved when a job sets no max_tokens.")
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option(help=_MODEL_HELP)] = None,
+    unset: Annotated[
+        list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
+    ] = None,
+) -> None:
+    """Change a team's limits, budget or queue quota; workers apply it within seconds."""
+    from queuegate.teams_admin import configure, show
+
+    settings = _settings()
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "rpm": rpm,
+            "tpm": tpm,
+            "budget_usd": budget,
+            "alert_threshold": alert_threshold,
+            "max_queue_length": max_queue,
+            "expected_output_tokens": expected_output,
+        }.items()
+        if v is not None
+    }
+    changes |= dict.fromkeys(unset or [])
+    if model:
+        models = run(lambda: show(settings, name)).config.model_dump()["models"]
+        changes["models"] = models | _model_limits(model)
+        changes["models"] = {k: v for k, v in changes["models"].items() if v}
+    config = run(lambda: configure(settings, name, changes))
+    out.print(f"team {name}: {config.model_dump_json(exclude_defaults=True)}", highlight=False)
+
+
+def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
+    limits: dict[str, dict[str, str]] = {}
+    names = {"rpm": "rpm", "tpm": "tpm", "budget": "budget_usd"}
+    for spec in specs:
+        alias, _, rest = spec.partition(":")
+        fields: dict[str, str] = {}
+        for pair in filter(None, rest.split(",")):
+            key, _, value = pair.partition("=")
+            if key not in names or not value:
+                raise typer.BadParameter(
+                    f"{spec!r}: use ALIAS:rpm=N,tpm=N,budget=USD (any of the three)"
+                )
+            fields[names[key]] = value
+        limits[alias] = fields
+    return limits
 
 
 @teams_app.command("disable")

@@ -8,6 +8,8 @@
     │   ├── UnknownModel             the alias is not in the catalog (400)
     │   ├── Unauthorized             the publisher may not act for the team (401)
     │   ├── DeadlineExceeded         the deadline passed before the job could be served (504)
+    │   ├── RateLimited              the job's limits would not admit it in time (429)
+    │   ├── BudgetExhausted          the team's (or model's) monthly budget is spent (402)
     │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
     └── ClientError                  raised to producers
         ├── ResultTimeout            no result arrived within the timeout
@@ -42,6 +44,8 @@ class JobError(GatewayError):
     """A job ends with an error result; ``code`` is the wire error code it is answered with."""
 
     code: ErrorCode
+    retry_after_ms: float | None = None
+    """How long the caller should wait before trying again, when the gateway knows."""
 
     def __init__(self, message: str, attempts: list[Attempt] | None = None) -> None:
         super().__init__(message)
@@ -71,6 +75,22 @@ class DeadlineExceeded(JobError):
     """The job's deadline passed before a provider could be called."""
 
     code = "deadline_exceeded"
+
+
+class RateLimited(JobError):
+    """The job's buckets would not admit it before its deadline or the maximum wait."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_ms: float) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class BudgetExhausted(JobError):
+    """The team's monthly budget (or its cap for the model) cannot cover the job's estimate."""
+
+    code = "budget_exhausted"
 
 
 class AllProvidersFailed(JobError):

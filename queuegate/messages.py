@@ -108,6 +108,8 @@ class ErrorInfo(WireModel):
     code: ErrorCode
     message: str
     attempts: int = 0
+    retry_after_ms: float | None = None
+    """For ``rate_limited``: how much longer the job would have had to wait."""
 
 
 class GatewayInfo(WireModel):

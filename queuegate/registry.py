@@ -1,16 +1,19 @@
-"""The team registry: which teams exist and are enabled, held in PostgreSQL's ``teams`` table.
+"""The team registry: which teams exist, whether they are enabled, and their ``TeamConfig``.
 
-Workers read it every few seconds, so a team added with ``queuegate teams add`` is served
-without a restart. The table itself is created by accounting's migrations.
+Held in PostgreSQL's ``teams`` table (``config`` is jsonb). Workers read it every few
+seconds, so a team added or changed with ``queuegate teams add|set`` is served under its new
+settings without a restart. The table itself is created by accounting's migrations.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from queuegate.errors import ConfigError
 
@@ -25,17 +28,91 @@ def check_team_name(name: str) -> str:
     return name
 
 
+class ModelLimits(BaseModel):
+    """A team's own limits on one model alias, on top of its team-wide ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    budget_usd: Decimal | None = Field(default=None, ge=0)
+    """Monthly cap on what the team spends on this alias (requested, fallbacks included)."""
+
+
+class TeamConfig(BaseModel):
+    """A team's limits, budget and quota; every field optional, ``{}`` means no limits.
+
+    Flat on purpose: a new concern adds its fields here. Unknown fields are ignored on read,
+    so a config written by a newer gateway never stops an older worker from serving the team.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    rpm: int | None = Field(default=None, ge=1)
+    """Requests per minute across all the team's models."""
+    tpm: int | None = Field(default=None, ge=1)
+    """Tokens (prompt + output) per minute across all the team's models."""
+    models: dict[str, ModelLimits] = Field(default_factory=dict)
+    """Per-alias limits and budget caps."""
+    budget_usd: Decimal | None = Field(default=None, ge=0)
+    """Monthly budget (UTC calendar month); jobs beyond it are answered ``budget_exhausted``."""
+    alert_threshold: float = Field(default=0.8, gt=0, le=1)
+    """Fraction of the budget whose crossing emits one alert per month."""
+    max_queue_length: int | None = Field(default=None, ge=1)
+    """Jobs the team's queue holds before the broker refuses more (the producer's QueueFull)."""
+    expected_output_tokens: int | None = Field(default=None, ge=1)
+    """Output tokens reserved for a job without ``max_tokens``; the gateway default if unset."""
+
+
 @dataclass(frozen=True)
 class Team:
     name: str
     enabled: bool
+    config: TeamConfig = field(default_factory=TeamConfig)
+
+
+def parse_config(name: str, raw: Any) -> TeamConfig:
+    try:
+        return TeamConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ConfigError(f"team {name!r} has an invalid config: {exc.errors()[0]['msg']}") from exc
 
 
 async def list_teams(pool: asyncpg.Pool, *, enabled_only: bool = False) -> list[Team]:
     rows: list[Any] = await pool.fetch(
-        "SELECT name, enabled FROM teams WHERE enabled OR NOT $1 ORDER BY name", enabled_only
+        "SELECT name, enabled, config FROM teams WHERE enabled OR NOT $1 ORDER BY name",
+        enabled_only,
     )
-    return [Team(name=row["name"], enabled=row["enabled"]) for row in rows]
+    return [
+        Team(
+            name=row["name"],
+            enabled=row["enabled"],
+            config=parse_config(row["name"], row["config"]),
+        )
+        for row in rows
+    ]
+
+
+async def get_team(pool: asyncpg.Pool, name: str) -> Team | None:
+    row: Any = await pool.fetchrow("SELECT name, enabled, config FROM teams WHERE name = $1", name)
+    if row is None:
+        return None
+    return Team(name=row["name"], enabled=row["enabled"], config=parse_config(name, row["config"]))
+
+
+async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> bool:
+    """Write the team's config; False when there is no such team.
+
+    Merged into the stored one, so fields this version does not know (written by a newer
+    gateway) are kept; a field set to None is removed.
+    """
+    status: str = await pool.execute(
+        "UPDATE teams SET config = jsonb_strip_nulls(config || $2::jsonb), updated_at = now()"
+        " WHERE name = $1",
+        name,
+        config.model_dump(mode="json"),
+    )
+    return status.endswith(" 1")
 
 
 async def add_team(pool: asyncpg.Pool, name: str) -> None:

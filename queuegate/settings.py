@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,20 @@ class Settings(BaseSettings):
     """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes."""
     stats_interval: float = Field(default=1.0, gt=0)
     """Seconds between a worker's writes of its live stats to Redis (read by ``status``)."""
+    admission_max_wait: float = Field(default=600.0, gt=0, le=1200)
+    """Seconds a job may wait for its buckets before it is answered ``rate_limited``.
+
+    Capped well below RabbitMQ's consumer timeout (30 min on 3.10, counted from delivery, and
+    closing the whole channel): wait + provider timeout + publishing must stay far inside it.
+    """
+    expected_output_tokens: int = Field(default=256, ge=1)
+    """Output tokens reserved for a job that sets no ``max_tokens`` (a team may override it)."""
+    redis_outage: Literal["fail_closed", "fail_open"] = "fail_closed"
+    """While Redis is unreachable: jobs wait for it (up to their deadline), or each worker
+    admits from a local bucket holding its fair share of every limit."""
+    admission_workers: int = Field(default=1, ge=1)
+    """Worker processes that share each limit: a fail-open bucket holds 1/N of it, and
+    per-team prefetch is sized from the share of the rate each worker gets."""
 
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
     accounting_linger: float = Field(default=0.05, ge=0)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from rich.table import Table
 
+from queuegate.registry import Team
+
 if TYPE_CHECKING:
     from queuegate.dlq import DeadLetter
 
@@ -65,4 +67,26 @@ def dead_letter_table(letters: Sequence[DeadLetter], *, total: int) -> Table:
         )
     if not letters:
         table.add_row("", "(empty)", "", "", "", "", "", "")
+    return table
+
+
+def team_table(team: Team) -> Table:
+    """A team's config, one row per limit; per-model limits below the team-wide ones."""
+    config = team.config
+    table = Table(title=f"team {team.name} ({'enabled' if team.enabled else 'disabled'})")
+    table.add_column("scope")
+    for column in ("rpm", "tpm", "budget (USD)"):
+        table.add_column(column, justify="right")
+
+    def cell(value: object) -> str:
+        return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+    table.add_row("team", cell(config.rpm), cell(config.tpm), cell(config.budget_usd))
+    for alias, limits in sorted(config.models.items()):
+        table.add_row(alias, cell(limits.rpm), cell(limits.tpm), cell(limits.budget_usd))
+    table.caption = (
+        f"alert at {config.alert_threshold:.0%} of the budget · "
+        f"max queue length {cell(config.max_queue_length)} · "
+        f"expected output {cell(config.expected_output_tokens)} tokens"
+    )
     return table

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
+from pydantic import ValidationError
 
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError
 from queuegate.management import BrokerAdmin
-from queuegate.registry import Team, add_team, check_team_name, disable_team, list_teams
+from queuegate.registry import (
+    Team,
+    TeamConfig,
+    add_team,
+    check_team_name,
+    disable_team,
+    get_team,
+    list_teams,
+    set_team_config,
+)
 from queuegate.settings import Settings
 from queuegate.tenancy import (
     Capture,
@@ -179,3 +191,50 @@ async def disable(settings: Settings, name: str) -> bool:
         return await disable_team(pool, name)
     finally:
         await pool.close()
+
+
+def quota_policy(settings: Settings, team: str) -> str:
+    return f"{settings.namespace}-quota-{team}"
+
+
+async def show(settings: Settings, name: str) -> Team:
+    pool = await create_pool(settings)
+    try:
+        team = await get_team(pool, name)
+    finally:
+        await pool.close()
+    if team is None:
+        raise ConfigError(f"no team named {name}: list them with queuegate teams list")
+    return team
+
+
+async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> TeamConfig:
+    """Merge ``changes`` (None clears a field) into the team's config, store it, and apply its
+    queue quota as a broker policy (a queue's own arguments cannot change once declared).
+
+    Workers pick the rest up at their next registry read.
+    """
+    team = await show(settings, name)
+    merged = team.config.model_dump() | changes
+    try:
+        config = TeamConfig.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"team {name}: {field}: {first['msg']}") from None
+    pool = await create_pool(settings)
+    try:
+        await set_team_config(pool, name, config)
+    finally:
+        await pool.close()
+    topology = Topology(settings.namespace, settings.delivery_limit)
+    async with BrokerAdmin(settings.management_url) as admin:
+        if config.max_queue_length is None:
+            await admin.delete_policy(quota_policy(settings, name))
+        else:
+            await admin.put_policy(
+                quota_policy(settings, name),
+                pattern=f"^{re.escape(topology.team_queue(name))}$",
+                definition={"max-length": config.max_queue_length},
+            )
+    return config

@@ -6,6 +6,6 @@ async with Router(catalog, os.environ) as router:
 """
 
 from router.catalog import Catalog, Deployment, ModelEntry, load_catalog
-from router.router import Routed, Router
+from router.router import AttemptGate, Routed, Router
 
-__all__ = ["Catalog", "Deployment", "ModelEntry", "Routed", "Router", "load_catalog"]
+__all__ = ["AttemptGate", "Catalog", "Deployment", "ModelEntry", "Routed", "Router", "load_catalog"]

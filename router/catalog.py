@@ -64,6 +64,10 @@ class Deployment(_Strict):
     """USD per million output tokens."""
     timeout: float = Field(default=60.0, gt=0)
     """Seconds one call may take in total, connection included."""
+    rpm: int | None = Field(default=None, ge=1)
+    """The provider account's requests per minute for this model; workers keep under it."""
+    tpm: int | None = Field(default=None, ge=1)
+    """The provider account's tokens per minute for this model; workers keep under it."""
 
     @model_validator(mode="after")
     def _key_required(self) -> Deployment:

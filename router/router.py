@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -45,6 +45,13 @@ class Routed:
     cost_usd: Decimal
     latency_ms: float
     """Time spent in the successful call."""
+
+
+class AttemptGate(Protocol):
+    """Called before each attempt with the deployment about to be called; it may wait (the
+    deployment's own rate limits) or raise a JobError, which ends the job."""
+
+    async def enter(self, deployment: Deployment) -> None: ...
 
 
 class Router:
@@ -85,13 +92,15 @@ class Router:
         """Raise UnknownModel if the job's model or any of its fallbacks is not in the catalog."""
         self.catalog.chain(job.model, job.fallbacks)
 
-    async def complete(self, job: ChatJob, *, deadline: float | None = None) -> Routed:
+    async def complete(
+        self, job: ChatJob, *, deadline: float | None = None, gate: AttemptGate | None = None
+    ) -> Routed:
         """Serve ``job`` from the first deployment along its chain that answers.
 
         ``deadline`` is a ``time.monotonic()`` instant: no call starts after it, and none is
         allowed to run past it. Raises UnknownModel, InvalidRequest (the provider refused the
         request itself: no fallback would accept it), DeadlineExceeded or AllProvidersFailed,
-        each carrying the attempts made.
+        each carrying the attempts made. ``gate.enter`` runs before each attempt.
         """
         clients = self._clients
         if clients is None:
@@ -104,6 +113,8 @@ class Router:
         attempts: list[Attempt] = []
         failures: list[str] = []
         for position, (alias, deployment) in enumerate(targets):
+            if gate is not None:
+                await gate.enter(deployment)
             timeout = deployment.timeout
             if deadline is not None:
                 left = deadline - time.monotonic()

@@ -197,6 +197,7 @@ async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
     env = {
         **os.environ,
         "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
         "COLUMNS": "200",
     }

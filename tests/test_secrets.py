@@ -104,6 +104,7 @@ async def test_sentinel_keys_appear_nowhere_after_failing_and_succeeding_jobs(
                 env={
                     **os.environ,
                     "QUEUEGATE_NAMESPACE": settings.namespace,
+                    "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
                     "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
                     "QUEUEGATE_MOCK_KEY": env_key,
                 },

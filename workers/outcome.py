@@ -73,7 +73,12 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         attempts=attempts,
         worker=timing.worker,
     )
-    info = ErrorInfo(code=error.code, message=error.message, attempts=len(attempts))
+    info = ErrorInfo(
+        code=error.code,
+        message=error.message,
+        attempts=len(attempts),
+        retry_after_ms=error.retry_after_ms,
+    )
     result = ChatResult(job_id=job_id, team=team, status="error", error=info, gateway=gateway)
     usage = UsageEvent(
         job_id=job_id,

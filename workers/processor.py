@@ -1,7 +1,8 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
 decode → validate → team → proven publisher → already finished? → PII policy → deadline →
-router → store outcome → publish result (confirmed) → publish usage (confirmed) →
+admission (budget, team buckets) → router (each deployment's buckets) → settle admission →
+store outcome → publish result (confirmed) → publish usage (confirmed) →
 dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
@@ -24,6 +25,7 @@ from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unautho
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
+from workers.admission import Admission
 from workers.gate import Gate
 from workers.outcome import Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
@@ -43,6 +45,7 @@ class JobProcessor:
         router: Router,
         store: OutcomeStore,
         publisher: Publisher,
+        admission: Admission,
         worker: str,
         max_job_bytes: int,
         max_job_messages: int,
@@ -51,6 +54,7 @@ class JobProcessor:
         job_time_limit: float,
     ) -> None:
         self._router = router
+        self._admission = admission
         self._store = store
         self._publisher = publisher
         self._worker = worker
@@ -138,7 +142,13 @@ class JobProcessor:
         limit = time.monotonic() + self._job_time_limit
         deadline = limit if deadline is None else min(deadline, limit)
         self._router.check(job)
-        return await self._router.complete(job, deadline=deadline)
+        ticket = await self._admission.admit(job, deadline)
+        routed: Routed | None = None
+        try:
+            routed = await self._router.complete(job, deadline=deadline, gate=ticket)
+        finally:
+            await ticket.settle(routed)
+        return routed
 
     async def _finish(
         self,

@@ -16,12 +16,14 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from queuegate.broker import CONNECTION_LOST, connect
 from queuegate.db import create_pool
+from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
-from queuegate.registry import list_teams
+from queuegate.registry import TeamConfig, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
+from workers.admission import Admission, prefetch_for
 from workers.gate import Gate
 from workers.identity import Identities
 from workers.processor import JobProcessor
@@ -35,8 +37,9 @@ log = logging.getLogger(__name__)
 class Worker:
     """Serves the jobs of some teams (``teams``) or of every enabled team in the registry.
 
-    Each team queue gets its own consumer with ``settings.prefetch`` slots, so a team with a
-    deep queue can occupy only its own slots and never starve the others::
+    Each team queue gets its own consumer with at most ``settings.prefetch`` slots (fewer for
+    a team whose rate limit could not admit that many in time: see ``prefetch_for``), so a team
+    with a deep queue can occupy only its own slots and never starve the others::
 
         stop = asyncio.Event()
         async with Router(catalog, os.environ) as router:
@@ -59,9 +62,10 @@ class Worker:
         self._fixed_teams = list(teams) if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology(settings.namespace, settings.delivery_limit)
-        self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
+        self._consumers: dict[str, tuple[AbstractQueue, str, int]] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
+        self._admission: Admission | None = None
         self._registry_down = False
         self._connected: asyncio.Event | None = None
         self._draining = False
@@ -72,6 +76,11 @@ class Worker:
     @property
     def teams(self) -> list[str]:
         return sorted(self._consumers)
+
+    @property
+    def admission(self) -> Admission | None:
+        """The worker's admission gate, once it runs."""
+        return self._admission
 
     @property
     def in_flight(self) -> int:
@@ -100,8 +109,8 @@ class Worker:
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
         try:
+            self._admission = Admission(s, redis, pool, self._router.catalog)
             consume = await connection.channel()
-            await consume.set_qos(prefetch_count=s.prefetch)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             usage = await self._topology.declare_usage(publish)
             dead = await self._topology.declare_dead(publish)
@@ -109,6 +118,7 @@ class Worker:
                 router=self._router,
                 store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
                 publisher=Publisher(publish, usage, dead, reconnect_wait=s.reconnect_wait),
+                admission=self._admission,
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
                 max_job_messages=s.max_job_messages,
@@ -116,13 +126,13 @@ class Worker:
                 telemetry=self._telemetry,
                 job_time_limit=s.job_time_limit,
             )
-            await self._serve_teams(consume, None if self._fixed_teams else pool)
+            await self._serve_teams(consume, pool)
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=s.teams_refresh)
-                if not stop.is_set() and self._fixed_teams is None:
+                if not stop.is_set():
                     try:
                         await self._serve_teams(consume, pool)
                     except CONNECTION_LOST as exc:
@@ -136,25 +146,40 @@ class Worker:
             await redis.aclose()
             await pool.close()
 
-    async def _serve_teams(self, channel: AbstractChannel, pool: asyncpg.Pool | None) -> None:
-        wanted = self._fixed_teams if pool is None else await self._registry_teams(pool)
+    async def _serve_teams(self, channel: AbstractChannel, pool: asyncpg.Pool) -> None:
+        assert self._admission is not None
+        registry = await self._registry_teams(pool)
+        if registry is not None:
+            self._admission.update(registry)
+        wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
             return
         for team in wanted:
-            if team not in self._consumers:
-                queue = await self._topology.declare_team_queue(channel, team)
-                tag = await queue.consume(self._callback(team, queue.name))
-                self._consumers[team] = (queue, tag)
-                log.info("now serving team %s", team)
+            prefetch = prefetch_for(self._admission.config(team), self._settings)
+            current = self._consumers.get(team)
+            if current is not None and current[2] == prefetch:
+                continue
+            # A consumer's prefetch is fixed when it starts (quorum queues refuse a global
+            # one), so a new limit means a new consumer; the old one's held jobs finish and
+            # are acked as usual, and count on top of the new slots until then.
+            if current is not None:
+                await current[0].cancel(current[1])
+            # A non-global basic.qos applies to the consumers started after it on the channel.
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await self._topology.declare_team_queue(channel, team)
+            tag = await queue.consume(self._callback(team, queue.name))
+            self._consumers[team] = (queue, tag, prefetch)
+            log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
-            queue, tag = self._consumers.pop(team)
+            queue, tag, _ = self._consumers.pop(team)
             await queue.cancel(tag)
             log.info("stopped serving team %s (disabled)", team)
 
-    async def _registry_teams(self, pool: asyncpg.Pool) -> list[str] | None:
+    async def _registry_teams(self, pool: asyncpg.Pool) -> dict[str, TeamConfig] | None:
+        """Enabled teams and their configs; None while the registry cannot be read."""
         try:
-            teams = [team.name for team in await list_teams(pool, enabled_only=True)]
-        except (OSError, asyncpg.PostgresError) as exc:
+            teams = {team.name: team.config for team in await list_teams(pool, enabled_only=True)}
+        except (OSError, asyncpg.PostgresError, ConfigError) as exc:
             if not self._registry_down:
                 log.warning("team registry unreadable (%s); serving the teams I have", exc)
             self._registry_down = True
@@ -184,7 +209,7 @@ class Worker:
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
         self._draining = True
-        for queue, tag in self._consumers.values():
+        for queue, tag, _ in self._consumers.values():
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
         self._consumers.clear()

@@ -49,6 +49,7 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
         env = {
             **os.environ,
             "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
             "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
             "QUEUEGATE_PREFETCH": "50",
             "QUEUEGATE_MOCK_URL": mock.url,

@@ -1,0 +1,174 @@
+"""Admission through the whole gateway: buckets, budgets and fairness under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import aio_pika
+
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from tests.support import running_gateway
+from tests.teams import register
+
+# 40 characters (the mock counts 10 prompt tokens) whose reply is longer than max_tokens, so
+# every job really uses 10 + 11 = 21 tokens; the gateway estimates 10 + 3 + 11 = 24.
+WORDS = [{"role": "user", "content": "ab " * 13 + "a"}]
+MAX_TOKENS = 11
+REAL_TOKENS = 21
+ESTIMATE_ERROR = 3
+
+
+async def test_concurrent_jobs_never_exceed_the_token_rate_in_any_window(
+    settings: Settings,
+) -> None:
+    # Given team alpha limited to 1,000 tokens per minute
+    capacity, rate = 1000, 1000 / 60
+    await register(settings, "alpha", TeamConfig(tpm=capacity))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When 50 jobs (1,050 tokens) arrive at once
+        handles = [
+            await client.submit(client.job("gpt-4o-mini", WORDS, max_tokens=MAX_TOKENS))
+            for _ in range(50)
+        ]
+        results = [await h.result(timeout=30) for h in handles]
+
+        # Expect every job served, and the tokens called in any window within the bucket's
+        # capacity plus its refill over the window plus one job's estimate error
+        assert {r.status for r in results} == {"ok"}
+        assert {r.response["usage"]["total_tokens"] for r in results if r.response} == {21}
+        times = sorted(call.t for call in gw.mock.requests)
+        assert len(times) == 50
+        for i, start in enumerate(times):
+            for j in range(i, len(times)):
+                admitted = (j - i + 1) * REAL_TOKENS
+                assert admitted <= capacity + rate * (times[j] - start) + ESTIMATE_ERROR
+        # and the last jobs did wait for the refill
+        assert times[-1] - times[0] > 1.0
+
+
+async def test_concurrent_jobs_never_overspend_a_budget(settings: Settings) -> None:
+    # Given a budget worth exactly 20 jobs of gpt-4o-mini (10 input + 11 output tokens)
+    job_cost = (10 * Decimal("0.15") + 11 * Decimal("0.60")) / 1_000_000
+    budget = 20 * job_cost
+    await register(settings, "alpha", TeamConfig(budget_usd=budget))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When 100 jobs arrive at once (no fallback: the estimate uses gpt-4o-mini's price)
+        handles = [
+            await client.submit(
+                client.job("gpt-4o-mini", WORDS, fallbacks=[], max_tokens=MAX_TOKENS)
+            )
+            for _ in range(100)
+        ]
+        results = [await h.result(timeout=30) for h in handles]
+
+        # Expect at most 20 served, the rest refused without a provider call
+        served = [r for r in results if r.status == "ok"]
+        refused = [r for r in results if r.status == "error"]
+        assert 1 <= len(served) <= 20
+        assert {r.error.code for r in refused if r.error} == {"budget_exhausted"}
+        assert gw.mock.stats.calls == len(served)
+        # and PostgreSQL's spend within the budget
+        await gw.usage_rows(100)
+        spent = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
+        assert spent <= budget
+
+
+async def test_a_flooding_team_does_not_hold_up_a_trickling_one(settings: Settings) -> None:
+    # Given team alpha limited to 30 requests per minute, and team beta without limits
+    await register(settings, "alpha", TeamConfig(rpm=30))
+    await register(settings, "beta", TeamConfig())
+    quick = settings.model_copy(update={"shutdown_grace": 0.2})
+    async with (
+        running_gateway(quick, teams=("alpha", "beta")) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+    ):
+        # When alpha floods its queue with 100 jobs and beta sends 5, one at a time
+        flood = [await alpha.submit(alpha.job("gpt-4o-mini", WORDS)) for _ in range(100)]
+        trickle = [await beta.chat("gpt-4o-mini", WORDS, timeout=10) for _ in range(5)]
+
+        # Expect beta's jobs all served while most of alpha's still wait in its queue
+        assert {r.status for r in trickle} == {"ok"}
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(gw.topology.team_queue("alpha"), passive=True)
+            assert queue.declaration_result.message_count is not None
+            assert queue.declaration_result.message_count > 0
+        assert len(flood) == 100
+        assert gw.mock.stats.calls <= 30 + 5 + 1
+
+
+async def test_a_job_that_cannot_be_admitted_in_time_is_answered_rate_limited(
+    settings: Settings,
+) -> None:
+    # Given team alpha allowed 1 request per minute, whose one request is spent
+    await register(settings, "alpha", TeamConfig(rpm=1))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        first = await client.chat("gpt-4o-mini", WORDS, timeout=10)
+
+        # When a second job with a 2-second deadline arrives
+        handle = await client.submit(
+            client.job("gpt-4o-mini", WORDS, deadline=timedelta(seconds=2))
+        )
+        second = await handle.result(timeout=10)
+
+        # Expect it answered rate_limited at once, with the wait it would have needed
+        assert first.status == "ok"
+        assert second.error is not None and second.error.code == "rate_limited"
+        assert second.error.retry_after_ms is not None and second.error.retry_after_ms > 50_000
+        assert gw.mock.stats.calls == 1
+
+
+async def test_a_team_over_its_rate_waits_for_the_refill_instead_of_failing(
+    settings: Settings,
+) -> None:
+    # Given team alpha allowed 120 requests per minute (two a second), all spent
+    await register(settings, "alpha", TeamConfig(rpm=120))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        first = [await client.submit(client.job("gpt-4o-mini", WORDS)) for _ in range(120)]
+        await asyncio.gather(*(h.result(timeout=10) for h in first))
+
+        # When two more jobs arrive
+        late = [await client.submit(client.job("gpt-4o-mini", WORDS)) for _ in range(2)]
+        results = [await h.result(timeout=10) for h in late]
+
+        # Expect both served once the bucket refilled, not refused
+        assert {r.status for r in results} == {"ok"}
+        assert gw.mock.stats.calls == 122
+
+
+async def test_a_deployments_own_limit_holds_across_teams(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a deployment whose provider account allows 2 requests per minute, used by two
+    # teams that have no limits of their own
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  small:
+    deployments:
+      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 2}
+"""
+    )
+    async with (
+        running_gateway(settings, teams=("alpha", "beta"), catalog=catalog) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+    ):
+        # When each team sends one job, then beta a third with a 2-second deadline
+        first = await alpha.chat("small", WORDS, timeout=10)
+        second = await beta.chat("small", WORDS, timeout=10)
+        third = await beta.chat("small", WORDS, timeout=10, deadline=timedelta(seconds=2))
+
+        # Expect the first two served and the third never sent to the provider
+        assert (first.status, second.status) == ("ok", "ok")
+        assert third.error is not None and third.error.code == "rate_limited"
+        assert "deployment small-1" in third.error.message
+        assert gw.mock.stats.calls == 2

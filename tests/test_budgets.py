@@ -1,0 +1,116 @@
+"""Monthly budgets in the real Redis, rebuilt from the real PostgreSQL when Redis lost them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from accounting import migrate
+from accounting.store import insert_usage
+from queuegate.db import create_pool
+from queuegate.errors import BudgetExhausted
+from queuegate.keys import Keys
+from queuegate.messages import UsageEvent
+from queuegate.registry import ModelLimits, TeamConfig
+from queuegate.settings import Settings
+from workers.admission.budgets import Budgets
+from workers.admission.estimate import to_nano
+from workers.admission.scripts import Scripts
+
+DOLLAR = to_nano(Decimal(1))
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(settings)
+    await migrate(pool, settings.database_schema)
+    yield pool
+    await pool.close()
+
+
+def _budgets(settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool) -> Budgets:
+    return Budgets(client, Scripts(client), Keys(settings.redis_prefix), pool)
+
+
+def _usage(job_id: str, cost: str, ts: datetime, model: str = "gpt-4o-mini") -> UsageEvent:
+    return UsageEvent(
+        job_id=job_id,
+        team="alpha",
+        model_requested=model,
+        status="ok",
+        cost_usd=Decimal(cost),
+        ts=ts,
+    )
+
+
+async def test_a_lost_spend_counter_is_rebuilt_from_this_months_usage(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given $0.90 spent this month and $5 last month in PostgreSQL, and no counter in Redis
+    now = datetime.now(UTC)
+    last_month = now.replace(day=1) - timedelta(days=1)
+    await insert_usage(pool, [_usage("a", "0.90", now), _usage("b", "5", last_month)])
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(budget_usd=Decimal(1))
+
+    # When a $0.20 job and then a $0.05 job ask for the budget
+    # Expect the first refused (0.90 + 0.20 > 1) and the second admitted
+    with pytest.raises(BudgetExhausted, match=r"\$0\.9000 of its monthly budget"):
+        await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5)
+    assert await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 20) is not None
+
+
+async def test_settling_replaces_the_estimate_with_the_real_cost(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget with $0.60 reserved by a job
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(budget_usd=Decimal(1))
+    reservation = await budgets.reserve("alpha", "m", config, DOLLAR * 6 // 10)
+    assert reservation is not None
+
+    # When the job really cost $0.10
+    await budgets.settle(reservation, DOLLAR // 10)
+
+    # Expect $0.90 left: a $0.85 job fits
+    assert await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100) is not None
+
+
+async def test_a_model_cap_refuses_that_model_only(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $10 budget with a $0.10 cap on gpt-4o
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(
+        budget_usd=Decimal(10), models={"gpt-4o": ModelLimits(budget_usd=Decimal("0.1"))}
+    )
+
+    # When each model asks for $0.20, expect gpt-4o refused and the other admitted
+    with pytest.raises(BudgetExhausted, match="its gpt-4o cap"):
+        await budgets.reserve("alpha", "gpt-4o", config, DOLLAR // 5)
+    assert await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5) is not None
+
+
+async def test_crossing_the_alert_threshold_alerts_once_a_month(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget alerting at 50 %
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(budget_usd=Decimal(1), alert_threshold=0.5)
+
+    # When three $0.30 jobs reserve it (crossing 50 % on the second)
+    for _ in range(3):
+        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10)
+
+    # Expect exactly one alert on the stream, naming the team and the month
+    entries = await redis_client.xrange(Keys(settings.redis_prefix).alerts)
+    assert len(entries) == 1
+    _, fields = entries[0]
+    assert fields[b"team"] == b"alpha"
+    assert fields[b"month"] == datetime.now(UTC).strftime("%Y-%m").encode()
+    assert int(fields[b"spent_nano_usd"]) == DOLLAR * 6 // 10

@@ -1,0 +1,14 @@
+"""Admission control: token buckets, budgets and the Redis outage policy, one module each.
+
+| module        | holds                                                           |
+|---------------|-----------------------------------------------------------------|
+| ``gate``      | ``Admission`` and the per-job ``Ticket``: wait, reserve, settle |
+| ``buckets``   | requests/tokens per minute in Redis (``lua/take.lua``)          |
+| ``budgets``   | monthly spend per team and model (``lua/spend.lua``)            |
+| ``estimate``  | a job's tokens and cost before it runs                          |
+| ``policy``    | what happens while Redis is down                                |
+"""
+
+from workers.admission.gate import Admission, Ticket, prefetch_for
+
+__all__ = ["Admission", "Ticket", "prefetch_for"]

@@ -1,0 +1,66 @@
+"""What a job will cost before it runs: tokens and USD, reserved now and settled after.
+
+Prompt tokens are estimated as characters / 4 plus a few per message, with no tokenizer:
+one tokenizer would be wrong for every other provider (Anthropic and self-hosted models count
+differently), the rule is OpenAI's own rule of thumb for English, and any error only affects
+the reservation, which is settled with the provider's real usage after the call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+
+import orjson
+
+from queuegate.messages import ChatJob
+from router.catalog import Catalog
+
+PER_MESSAGE = 3
+"""Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
+NANO = Decimal(1_000_000_000)
+_PER_MTOK = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    prompt_tokens: int
+    output_tokens: int
+    cost_nano: int
+    """The dearest deployment along the job's chain: the worst case of its fallbacks."""
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+
+def prompt_tokens(job: ChatJob) -> int:
+    chars = 0
+    for message in job.messages:
+        if isinstance(message.content, str):
+            chars += len(message.content)
+        elif message.content is not None:
+            chars += len(orjson.dumps(message.content))
+        if message.tool_calls:
+            chars += len(orjson.dumps(message.tool_calls))
+    if job.params.tools:
+        chars += len(orjson.dumps(job.params.tools))
+    return math.ceil(chars / 4) + PER_MESSAGE * len(job.messages)
+
+
+def estimate(job: ChatJob, catalog: Catalog, expected_output: int) -> Estimate:
+    """``expected_output`` counts when the job sets no ``max_tokens``."""
+    prompt = prompt_tokens(job)
+    output = job.params.max_tokens or expected_output
+    price = max(
+        prompt * d.input_per_mtok + output * d.output_per_mtok
+        for alias in catalog.chain(job.model, job.fallbacks)
+        for d in catalog.resolve(alias).deployments
+    )
+    return Estimate(prompt, output, to_nano(price / _PER_MTOK))
+
+
+def to_nano(usd: Decimal) -> int:
+    """USD as whole nano-dollars, rounded up so a reservation never falls short."""
+    return math.ceil(usd * NANO)

@@ -1,0 +1,219 @@
+"""Admission: the gate every job passes before a provider is called, and settles after.
+
+    ticket = await admission.admit(job, deadline)       # budget, then the team's buckets
+    routed = await router.complete(job, deadline=deadline, gate=ticket)  # + each deployment's
+    await ticket.settle(routed)                          # real usage replaces the estimates
+
+A job over its limit waits here, in its own consumer's slot, for exactly as long as the
+buckets say, so other teams' jobs keep flowing. It never waits past its deadline or
+``settings.admission_max_wait`` (far inside the broker's consumer timeout): past that it is
+answered ``rate_limited`` with the wait it would have needed, and never requeued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from queuegate.errors import RateLimited
+from queuegate.keys import Keys
+from queuegate.messages import ChatJob
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from router import Catalog, Deployment, Routed
+from workers.admission.buckets import Buckets, Limit
+from workers.admission.budgets import Budgets, Reservation
+from workers.admission.estimate import Estimate, estimate, to_nano
+from workers.admission.policy import RETRY_SECONDS, LocalBuckets, Outage
+from workers.admission.scripts import Scripts
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Admission:
+    """One per worker process; ``update`` hands it the registry's team configs."""
+
+    def __init__(
+        self, settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool, catalog: Catalog
+    ) -> None:
+        scripts = Scripts(client)
+        self._keys = Keys(settings.redis_prefix)
+        self._settings = settings
+        self._catalog = catalog
+        self._buckets = Buckets(scripts)
+        self._budgets = Budgets(client, scripts, self._keys, pool)
+        self._local = LocalBuckets(share=1 / settings.admission_workers)
+        self.outage = Outage(settings.redis_outage)
+        self._configs: Mapping[str, TeamConfig] = {}
+
+    def update(self, configs: Mapping[str, TeamConfig]) -> None:
+        self._configs = dict(configs)
+
+    def config(self, team: str) -> TeamConfig:
+        return self._configs.get(team) or TeamConfig()
+
+    async def admit(self, job: ChatJob, deadline: float | None) -> Ticket:
+        """Reserve the job's budget, then wait until the team's buckets admit it.
+
+        Raises BudgetExhausted, RateLimited, or InvalidRequest (larger than a bucket).
+        """
+        config = self.config(job.team)
+        until = time.monotonic() + self._settings.admission_max_wait
+        if deadline is not None:
+            until = min(until, deadline)
+        expected = config.expected_output_tokens or self._settings.expected_output_tokens
+        ticket = Ticket(self, estimate(job, self._catalog, expected), until)
+        ticket.budget = await self._guard(
+            lambda: self._budgets.reserve(job.team, job.model, config, ticket.estimate.cost_nano),
+            lambda: None,
+            until,
+        )
+        try:
+            ticket.team_limits = self._team_limits(job, config)
+            await ticket.take(ticket.team_limits)
+        except BaseException:
+            await ticket.settle(None)
+            raise
+        return ticket
+
+    def _team_limits(self, job: ChatJob, config: TeamConfig) -> list[Limit]:
+        limits = []
+        if config.rpm or config.tpm:
+            limits.append(
+                Limit(self._keys.team_bucket(job.team), f"team {job.team}", config.rpm, config.tpm)
+            )
+        model = config.models.get(job.model)
+        if model is not None and (model.rpm or model.tpm):
+            key = self._keys.team_bucket(job.team, job.model)
+            limits.append(Limit(key, f"team {job.team} on {job.model}", model.rpm, model.tpm))
+        return limits
+
+    async def _guard(
+        self, call: Callable[[], Awaitable[T]], fail_open: Callable[[], T], until: float
+    ) -> T:
+        """``call`` under the outage policy: retried until ``until``, or ``fail_open()``."""
+        while True:
+            try:
+                result = await call()
+            except RedisError as exc:
+                self.outage.failed(exc)
+                if self.outage.policy == "fail_open":
+                    return fail_open()
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise RateLimited(
+                        "Redis, which holds the limits, was unreachable until the job's "
+                        "deadline or the maximum wait",
+                        retry_after_ms=RETRY_SECONDS * 1000,
+                    ) from exc
+                await asyncio.sleep(min(RETRY_SECONDS, left))
+                continue
+            self.outage.succeeded()
+            return result
+
+    async def _settle(self, call: Callable[[], Awaitable[None]]) -> None:
+        """Best effort: a settle lost to an outage leaves a bucket one estimate error off."""
+        try:
+            await call()
+        except RedisError as exc:
+            self.outage.failed(exc)
+        else:
+            self.outage.succeeded()
+
+
+class Ticket:
+    """A job's admission: what it reserved, where; the router's gate before each attempt."""
+
+    def __init__(self, admission: Admission, estimate: Estimate, until: float) -> None:
+        self._admission = admission
+        self.estimate = estimate
+        self._until = until
+        self.budget: Reservation | None = None
+        self.team_limits: list[Limit] = []
+        self._deployments: list[Limit] = []
+        self._settled = False
+
+    async def enter(self, deployment: Deployment) -> None:
+        """Wait for the deployment's own buckets (the provider account's RPM/TPM)."""
+        if deployment.rpm is None and deployment.tpm is None:
+            return
+        a = self._admission
+        key = a._keys.deployment_bucket(deployment.name)
+        limit = Limit(key, f"deployment {deployment.name}", deployment.rpm, deployment.tpm)
+        await self.take([limit])
+        self._deployments.append(limit)
+
+    async def take(self, limits: list[Limit]) -> None:
+        if not limits:
+            return
+        a = self._admission
+        tokens = self.estimate.tokens
+        while True:
+            wait_ms = await a._guard(
+                lambda: a._buckets.take(limits, tokens),
+                lambda: a._local.take(limits, tokens),
+                self._until,
+            )
+            if wait_ms == 0:
+                return
+            left = self._until - time.monotonic()
+            if wait_ms / 1000 > left:
+                scopes = ", ".join(limit.scope for limit in limits)
+                raise RateLimited(
+                    f"{scopes}: over its rate limit; admitting the job needed "
+                    f"{wait_ms / 1000:.1f} s more than its deadline or the maximum wait allow",
+                    retry_after_ms=wait_ms,
+                )
+            await asyncio.sleep(wait_ms / 1000)
+
+    async def settle(self, routed: Routed | None) -> None:
+        """Replace every estimate with the real usage (``None``: nothing served, refund all).
+
+        Requests stay taken: a failed call still counted at the provider.
+        """
+        if self._settled:
+            return
+        self._settled = True
+        a = self._admission
+        used = routed.input_tokens + routed.output_tokens if routed is not None else 0
+        back = self.estimate.tokens - used
+        # Independent counters: settled concurrently, one round trip of latency instead of three.
+        calls: list[Awaitable[None]] = []
+        if self.team_limits:
+            calls.append(a._settle(partial(a._buckets.settle, self.team_limits, back)))
+        for limit in self._deployments:
+            served = routed is not None and limit.key == a._keys.deployment_bucket(
+                routed.deployment
+            )
+            refund = back if served else self.estimate.tokens
+            calls.append(a._settle(partial(a._buckets.settle, [limit], refund)))
+        if self.budget is not None:
+            actual = to_nano(routed.cost_usd) if routed is not None else 0
+            calls.append(a._settle(partial(a._budgets.settle, self.budget, actual)))
+        await asyncio.gather(*calls)
+
+
+def prefetch_for(config: TeamConfig, settings: Settings) -> int:
+    """Jobs a worker should hold of a team: no more than its share of the rate admits within
+    half the maximum wait.
+
+    Every job a worker holds waits for admission from its delivery on, and RabbitMQ's consumer
+    timeout (30 min on 3.10) counts from delivery too; a job the bucket cannot reach within
+    the maximum wait would be answered ``rate_limited`` although it could have waited in the
+    queue. So a slow team gets few slots and the rest of its backlog stays in the broker.
+    """
+    if config.rpm is None:
+        return settings.prefetch
+    per_worker = config.rpm / settings.admission_workers / 60
+    return max(1, min(settings.prefetch, math.floor(per_worker * settings.admission_max_wait / 2)))
