@@ -55,7 +55,7 @@ def worker(
     log_level: LogLevel = "info",
 ) -> None:
     """Consume team queues and serve their jobs until SIGTERM or Ctrl-C."""
-    from router import Router, load_catalog
+    from router import load_catalog, open_router
     from workers import Worker
 
     configure_logging(log_level)
@@ -64,7 +64,7 @@ def worker(
 
     async def serve() -> None:
         stop = stop_on_signals()
-        async with Router(cat, os.environ) as router:
+        async with open_router(cat, os.environ, settings) as router:
             await Worker(settings, router, teams=_split(teams)).run(stop)
 
     run(serve)

@@ -8,6 +8,8 @@
     │   ├── UnknownModel             the alias is not in the catalog (400)
     │   ├── Unauthorized             the publisher may not act for the team (401)
     │   ├── DeadlineExceeded         the deadline passed before the job could be served (504)
+    │   ├── RateLimited              every deployment tried answered 429, within the budget (429)
+    │   ├── StreamInterrupted        the provider failed after the stream had started (502)
     │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
     └── ClientError                  raised to producers
         ├── ResultTimeout            no result arrived within the timeout
@@ -71,6 +73,19 @@ class DeadlineExceeded(JobError):
     """The job's deadline passed before a provider could be called."""
 
     code = "deadline_exceeded"
+
+
+class RateLimited(JobError):
+    """Every deployment tried was rate limited, and waiting longer would pass the deadline or
+    the job's retry budget."""
+
+    code = "rate_limited"
+
+
+class StreamInterrupted(JobError):
+    """The provider failed after deltas were relayed: no fallback can continue that stream."""
+
+    code = "provider_error"
 
 
 class AllProvidersFailed(JobError):

@@ -35,7 +35,7 @@ class Worker:
     deep queue can occupy only its own slots and never starve the others::
 
         stop = asyncio.Event()
-        async with Router(catalog, os.environ) as router:
+        async with open_router(catalog, os.environ, settings) as router:
             await Worker(settings, router, teams=["search"]).run(stop)  # until stop is set
 
     On stop it cancels its consumers, gives in-flight jobs ``settings.shutdown_grace``
