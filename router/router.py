@@ -246,7 +246,7 @@ class Router:
             raise DeadlineExceeded(run.summary(head), run.attempts)
         now = time.monotonic()
         for deployment in self._slots.order(entry.routing, left):
-            if ready_at.get(deployment.name, 0.0) > now or not self._slots.free(deployment):
+            if ready_at.get(deployment.name, 0.0) > now:
                 continue
             try:
                 call = self._prepare(run, deployment)
@@ -257,9 +257,13 @@ class Router:
                 run.failures.append(f"{deployment.name}: {err}")
                 self._after_failure(run, entry, err)
                 continue
+            # The slot is taken before awaiting Redis, so concurrent jobs cannot all pass the cap.
+            if not self._slots.take(deployment):
+                continue
             verdict: Verdict = await self.health.allow(deployment)
             if verdict.allowed:
-                return call
+                return call  # _attempt releases the slot
+            await self._slots.release(deployment)
             if verdict.state == "paused":
                 ready_at[deployment.name] = now + verdict.wait
             else:  # open, or half open with another worker's probe in flight
@@ -297,14 +301,18 @@ class Router:
         return _Call(deployment, request, key)
 
     async def _attempt(self, run: _Job, alias: str, call: _Call) -> Routed:
-        """One call; records its attempt and health; raises ProviderError to go on."""
+        """One call in the slot ``_pick`` took; releases it, then records the attempt and the
+        deployment's health; raises ProviderError to go on."""
+        try:
+            return await self._call_once(run, alias, call)
+        finally:
+            await self._slots.release(call.deployment)
+
+    async def _call_once(self, run: _Job, alias: str, call: _Call) -> Routed:
         deployment = call.deployment
         started = time.monotonic()
         try:
-            async with (
-                self._slots.hold(deployment),
-                transport.time_limit(min(deployment.timeout, run.left())),
-            ):
+            async with transport.time_limit(min(deployment.timeout, run.left())):
                 completion = await self._call(run, call)
         except ProviderError as err:
             run.attempts.append(

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 from router.catalog import Deployment, Routing
 
@@ -25,20 +24,18 @@ class Slots:
     def running(self, deployment: Deployment) -> int:
         return self._running[deployment.name]
 
-    def free(self, deployment: Deployment) -> bool:
+    def take(self, deployment: Deployment) -> bool:
+        """Count one call as running, if under the deployment's cap; ``release`` it after."""
         cap = deployment.max_in_flight
-        return cap is None or self._running[deployment.name] < cap
-
-    @asynccontextmanager
-    async def hold(self, deployment: Deployment) -> AsyncIterator[None]:
-        """Count one call as running; take it only when ``free(deployment)``."""
+        if cap is not None and self._running[deployment.name] >= cap:
+            return False
         self._running[deployment.name] += 1
-        try:
-            yield
-        finally:
-            self._running[deployment.name] -= 1
-            async with self._freed:
-                self._freed.notify_all()
+        return True
+
+    async def release(self, deployment: Deployment) -> None:
+        self._running[deployment.name] -= 1
+        async with self._freed:
+            self._freed.notify_all()
 
     async def wait_freed(self) -> None:
         """Return when any call ends (run it under a timeout)."""

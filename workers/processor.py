@@ -1,7 +1,8 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
-decode → validate → team → deadline → already finished? → router → store outcome →
-publish result (confirmed) → publish usage (confirmed) → dead-letter bad input → ack.
+decode → validate → team → deadline → already finished? → cache → router (streaming deltas
+to reply_to) → store outcome → publish result (confirmed) → publish usage (confirmed) →
+dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again.
@@ -22,9 +23,11 @@ from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unautho
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
+from workers.cache import ResponseCache
 from workers.outcome import Outcome, Timing, failed, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
+from workers.streaming import StreamRelay, relay_for
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,14 @@ class JobProcessor:
         *,
         router: Router,
         store: OutcomeStore,
+        cache: ResponseCache,
         publisher: Publisher,
         worker: str,
         max_job_bytes: int,
     ) -> None:
         self._router = router
         self._store = store
+        self._cache = cache
         self._publisher = publisher
         self._worker = worker
         self._max_job_bytes = max_job_bytes
@@ -76,7 +81,7 @@ class JobProcessor:
             return
         error: JobError | None = None
         try:
-            outcome = served(job, await self._serve(job), timing)
+            outcome = await self._answer(job, message.reply_to, timing)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
@@ -101,12 +106,26 @@ class JobProcessor:
             raise Unauthorized(f"job for team {job.team!r} arrived on team {team!r}'s queue")
         return job
 
-    async def _serve(self, job: ChatJob) -> Routed:
+    async def _answer(self, job: ChatJob, reply_to: str | None, timing: Timing) -> Outcome:
+        """From the response cache when the job allows it, else from the router (streamed to
+        ``reply_to`` when the job asks for it)."""
+        relay = relay_for(job, reply_to, self._publisher)
+        hit = await self._cache.get(job) if job.cache else None
+        if hit is not None:
+            if relay is not None:
+                await relay.replay(hit.response)
+            return served(job, hit, timing, cached=True)
+        routed = await self._serve(job, relay)
+        if job.cache:
+            await self._cache.put(job, routed)
+        return served(job, routed, timing)
+
+    async def _serve(self, job: ChatJob, relay: StreamRelay | None) -> Routed:
         deadline = _monotonic_deadline(job.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
         self._router.check(job)
-        return await self._router.complete(job, deadline=deadline)
+        return await self._router.complete(job, deadline=deadline, on_delta=relay)
 
     async def _finish(
         self,

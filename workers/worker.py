@@ -21,6 +21,7 @@ from queuegate.registry import list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
+from workers.cache import ResponseCache
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
@@ -84,6 +85,7 @@ class Worker:
             self._processor = JobProcessor(
                 router=self._router,
                 store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
+                cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
                 publisher=Publisher(publish, usage, dead),
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
