@@ -44,6 +44,11 @@ MAX_CONNECTIONS = 1000
 KEEPALIVE_EXPIRY = 30.0
 """Seconds an idle connection is kept; providers close theirs after about a minute."""
 
+REDIS_CONNECTIONS = 50
+"""Redis connections a Router keeps for breaker and pause checks (each takes well under 1 ms)."""
+REDIS_WAIT = 5.0
+"""Seconds a check waits for a free connection before the deployment counts as healthy."""
+
 DeltaSink = Callable[[Delta], Awaitable[None]]
 """Receives a streamed job's deltas, in order, as they arrive."""
 
@@ -396,12 +401,17 @@ async def open_router(
     catalog: Catalog, env: Mapping[str, str], settings: Settings
 ) -> AsyncIterator[Router]:
     """A Router with a Redis client of its own, both from ``settings``, closed on exit."""
-    redis = aioredis.from_url(settings.redis_url)
+    # Blocking: past its connections a call waits for one instead of raising (redis-py's
+    # default pool raises MaxConnectionsError at 100, which hundreds of jobs in flight reach).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT
+    )
+    redis = aioredis.Redis(connection_pool=pool)
     try:
         async with Router(catalog, env, redis=redis, keys=Keys(settings.redis_prefix)) as router:
             yield router
     finally:
-        await redis.aclose()
+        await redis.aclose(close_connection_pool=True)
 
 
 def _client(api_base: str) -> httpx.AsyncClient:

@@ -94,18 +94,20 @@ async def test_a_flaky_primary_with_a_healthy_fallback_serves_every_job_within_t
         }
     )
 
-    # When 60 jobs run at once
+    # When 30 jobs run at once
     async with open_router(cat, ENV, settings) as router:
-        served = await asyncio.gather(*(router.complete(chat("primary")) for _ in range(60)))
+        served = await asyncio.gather(*(router.complete(chat("primary")) for _ in range(30)))
 
     # Expect every one served, none making more than the per-deployment attempts on the primary
     # plus one call to the fallback
-    assert len(served) == 60
+    assert len(served) == 30
     assert max(len(routed.attempts) for routed in served) <= 3
     for routed in served:
         flaky = [a for a in routed.attempts if a.deployment == "flaky-dep"]
         assert len(flaky) <= 2
         assert all(a.error in ("server_error", "timeout") for a in flaky if a.status != 200)
+    seen = Counter(a.error for routed in served for a in routed.attempts)
+    assert seen["server_error"] > 0 and seen["timeout"] > 0
     assert Counter(r.deployment for r in served)["backup-dep"] > 0
     assert any(len(r.attempts) == 2 and r.deployment == "flaky-dep" for r in served)
 
