@@ -53,7 +53,8 @@ class BreakerPolicy(_Strict):
     failures: int = Field(default=5, ge=1)
     """Failures within ``window`` that open the circuit."""
     ratio: float = Field(default=0.5, gt=0, le=1)
-    """Or this share of failed calls, once ``min_calls`` calls were made within ``window``."""
+    """Or this share of failed calls, once ``min_calls`` calls were made within ``window``
+    (checked when a call fails: a success never opens the circuit)."""
     min_calls: int = Field(default=10, ge=1)
     window: float = Field(default=60.0, gt=0)
     """Seconds over which calls and failures are counted (a fixed window)."""

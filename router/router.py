@@ -108,6 +108,8 @@ class _Job:
     waited: float = 0.0
     streamed: bool = False
     """A delta reached the sink: from now on a failure cannot fall back."""
+    paused: bool = False
+    """A deployment was passed over because a 429 paused it."""
 
     def left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -194,7 +196,8 @@ class Router:
                 break
             if routed is not None:
                 return routed
-        if run.attempts and all(a.error == "rate_limited" for a in run.attempts):
+        errors = {attempt.error for attempt in run.attempts}
+        if errors == {"rate_limited"} or (run.paused and errors <= {"rate_limited"}):
             raise RateLimited(run.summary("every deployment is rate limited"), run.attempts)
         raise AllProvidersFailed(
             run.summary(f"all {len(tried)} models failed after {len(run.attempts)} calls"),
@@ -270,6 +273,7 @@ class Router:
                 return call  # _attempt releases the slot
             await self._slots.release(deployment)
             if verdict.state == "paused":
+                run.paused = True
                 ready_at[deployment.name] = now + verdict.wait
             else:  # open, or half open with another worker's probe in flight
                 done.add(deployment.name)

@@ -75,7 +75,7 @@ async def events(
     """
     async with _opened(client, request, secret, connect, first_byte) as response:
         lines = response.aiter_lines()
-        parser = _EventParser()
+        parser = EventParser()
         first: ServerEvent | None = None
         async with _first_byte(first_byte), _mapped():
             async for line in lines:
@@ -94,7 +94,7 @@ async def events(
                 yield event
 
 
-class _EventParser:
+class EventParser:
     """Lines in, events out, as the SSE spec says: fields until a blank line, comments skipped."""
 
     def __init__(self) -> None:

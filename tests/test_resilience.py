@@ -14,12 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from queuegate.errors import InvalidRequest, RateLimited
+from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
 from router import Catalog, open_router
+from router.health import Health
 from router.policies import RetryPolicy
 from router.transport import retry_after
 
@@ -178,6 +181,24 @@ async def test_a_429_past_the_deadline_ends_the_job_rate_limited(
 
     assert caught.value.code == "rate_limited"
     assert [a.error for a in caught.value.attempts] == ["rate_limited"]
+
+
+async def test_a_deployment_paused_by_another_worker_past_the_deadline_is_rate_limited(
+    settings: Settings, mock: MockProvider
+) -> None:
+    mock.configure(MockConfig(models={"busy": Behavior(rate_limit_rpm=1, retry_after=30)}))
+    cat = catalog({"solo": {"deployments": [dep("busy-dep", "busy", mock.url)]}})
+    async with open_router(cat, ENV, settings) as first:
+        await first.complete(chat("solo"))
+        with pytest.raises(RateLimited):
+            await first.complete(chat("solo"))
+
+    async with open_router(cat, ENV, settings) as second:
+        with pytest.raises(RateLimited) as caught:
+            await second.complete(chat("solo"), deadline=time.monotonic() + 1)
+
+    assert caught.value.attempts == []
+    assert len(calls_to(mock, "busy")) == 2
 
 
 def test_backoff_is_full_jitter_capped_and_never_below_the_floor() -> None:
@@ -446,3 +467,80 @@ async def test_first_byte_timeout_moves_on_before_the_total_timeout(
     assert (first.deployment, first.error) == ("slow-dep", "timeout")
     assert 150 <= first.latency_ms < 1000
     assert routed.deployment == "backup-dep"
+
+
+async def test_breaker_opens_on_the_failure_ratio_once_enough_calls_were_made(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    cat = catalog(
+        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
+        breaker={"failures": 1000, "ratio": 0.5, "min_calls": 4, "cooldown": 30},
+    )
+    health = Health(redis_client, Keys(settings.redis_prefix), cat)
+    [deployment] = cat.models["m"].deployments
+
+    await health.failure(deployment)
+    await health.success(deployment)
+    await health.success(deployment)
+    still_closed = await health.state(deployment)
+    await health.failure(deployment)  # 4 calls, 2 failed: half
+    verdict = await health.allow(deployment)
+
+    assert still_closed == "closed"
+    assert (verdict.state, verdict.allowed) == ("open", False)
+    assert 29 < verdict.wait <= 30
+
+
+async def test_a_failed_probe_opens_the_circuit_again_and_only_one_caller_probes(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    cat = catalog(
+        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
+        breaker={"failures": 1, "cooldown": 0.05},
+    )
+    health = Health(redis_client, Keys(settings.redis_prefix), cat)
+    [deployment] = cat.models["m"].deployments
+    await health.failure(deployment)
+    await asyncio.sleep(0.06)  # the cooldown: a span of time, no event to await
+
+    verdicts = await asyncio.gather(*(health.allow(deployment) for _ in range(5)))
+    await health.failure(deployment)  # the probe fails
+    after = await health.allow(deployment)
+
+    assert sorted(v.state for v in verdicts) == ["half_open"] * 4 + ["probe"]
+    assert after.state == "open"
+
+
+# --- the catalog -------------------------------------------------------------------------------
+
+
+def test_resilience_has_defaults_and_a_deployment_may_override_them() -> None:
+    cat = Catalog.model_validate(
+        {
+            "models": {
+                "m": {
+                    "deployments": [
+                        dep("plain", "m", "http://h"),
+                        dep("patient", "m", "http://h", retry={"attempts": 5}),
+                    ]
+                }
+            }
+        }
+    )
+    plain, patient = cat.models["m"].deployments
+
+    assert cat.retry(plain).attempts == 2 and cat.retry(patient).attempts == 5
+    assert cat.breaker(plain).failures == 5
+    assert cat.resilience.budget.attempts == 6
+    assert cat.models["m"].routing == "ordered"
+
+
+def test_context_fallbacks_must_name_known_aliases() -> None:
+    with pytest.raises(ValueError, match=r"models\.m\.context_fallbacks: unknown alias 'big'"):
+        Catalog.model_validate(
+            {
+                "models": {
+                    "m": {"context_fallbacks": ["big"], "deployments": [dep("d", "m", "http://h")]}
+                }
+            }
+        )
