@@ -10,6 +10,7 @@ waiting, and nothing waits past the job's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -285,21 +286,22 @@ class Router:
         if not waiting:
             return True
         now = time.monotonic()
-        backoff = min((ready_at.get(d.name, now) - now for d in waiting), default=0.0)
-        if backoff > 0:
-            budget = self.catalog.resilience.budget.wait - run.waited
-            if backoff > min(budget, run.left()):
-                run.failures.append(f"waiting {backoff:.3g}s more would pass the job's budget")
-                return False
-            run.waited += backoff
-            await asyncio.sleep(backoff)
+        backoffs = [ready_at[d.name] - now for d in waiting if ready_at.get(d.name, 0.0) > now]
+        if len(backoffs) < len(waiting):
+            # Some deployment is only at its concurrency cap: wait for any call to end, or
+            # for the first backoff, whichever comes first.
+            limit = min([*backoffs, run.left()])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if limit == float("inf") else max(0.0, limit)):
+                    await self._slots.wait_freed()
             return True
-        # Every deployment left is at its concurrency cap: wait for any call to end.
-        try:
-            async with asyncio.timeout(max(0.0, run.left()) if run.deadline else None):
-                await self._slots.wait_freed()
-        except TimeoutError:
+        backoff = min(backoffs)
+        budget = self.catalog.resilience.budget.wait - run.waited
+        if backoff > min(budget, run.left()):
+            run.failures.append(f"waiting {backoff:.3g}s more would pass the job's budget")
             return False
+        run.waited += backoff
+        await asyncio.sleep(backoff)
         return True
 
     def _prepare(self, run: _Job, deployment: Deployment) -> _Call:
