@@ -24,6 +24,8 @@ from queuegate.settings import Settings
 from router import Catalog, open_router
 from router.health import Health
 from router.policies import RetryPolicy
+from router.providers import ProviderError
+from router.providers.base import classify
 from router.transport import retry_after
 
 ENV = {"QUEUEGATE_MOCK_KEY": "sk-test"}
@@ -544,3 +546,33 @@ def test_context_fallbacks_must_name_known_aliases() -> None:
                 }
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("status", "retries", "moves_on", "trips_breaker"),
+    [
+        (429, True, True, False),
+        (500, True, True, True),
+        (529, True, True, True),
+        (408, True, True, True),
+        (401, False, True, True),
+        (400, False, False, False),
+        (422, False, False, False),
+    ],
+)
+def test_one_table_says_what_each_failure_does(
+    status: int, retries: bool, moves_on: bool, trips_breaker: bool
+) -> None:
+    error = ProviderError(classify(status), status=status)
+
+    assert (error.retries, error.moves_on, error.trips_breaker) == (
+        retries,
+        moves_on,
+        trips_breaker,
+    )
+
+
+def test_content_policy_400_is_recognised_by_code_or_message() -> None:
+    assert classify(400, "content_policy_violation", "rejected") == "content_policy"
+    assert classify(400, None, "flagged by our safety system") == "content_policy"
+    assert classify(400, "invalid_request_error", "temperature: too hot") == "bad_request"
