@@ -198,6 +198,44 @@ def usage(
         out.print(spend_table(rows, title=f"spend in {day:%Y-%m}"))
 
 
+@app.command()
+def deployments(
+    catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
+) -> None:
+    """Circuit breaker and 429 pause of every deployment, as every worker sees them."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from queuegate.broker import redact_url
+    from queuegate.errors import ServiceUnavailable
+    from queuegate.keys import Keys
+    from router import load_catalog
+    from router.health import Health
+    from router.tables import deployments_table
+
+    settings = _settings(catalog=catalog)
+    cat = load_catalog(settings.catalog, os.environ)
+
+    async def go() -> Any:
+        client = aioredis.from_url(settings.redis_url)
+        health = Health(client, Keys(settings.redis_prefix), cat)
+        try:
+            return [
+                (alias, deployment, await health.status(deployment))
+                for alias, entry in cat.models.items()
+                for deployment in entry.deployments
+            ]
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"Redis is not reachable at {redact_url(settings.redis_url)}: start it or set "
+                "QUEUEGATE_REDIS_URL"
+            ) from exc
+        finally:
+            await client.aclose()
+
+    out.print(deployments_table(run(go)))
+
+
 def _month(text: str | None) -> date:
     if text is None:
         return datetime.now(UTC).date().replace(day=1)

@@ -45,6 +45,18 @@ class Verdict:
 _ALLOWED = Verdict("closed", 0.0)
 
 
+@dataclass(frozen=True)
+class Status:
+    """A deployment's shared health, for operators: ``queuegate deployments``."""
+
+    state: str
+    """``closed``, ``open`` or ``half_open`` (a probe is out)."""
+    wait: float
+    """Seconds until an open circuit lets a probe through, or a probe's time runs out."""
+    paused_for: float
+    """Seconds left of a 429 pause (0: not paused)."""
+
+
 class Health:
     """Circuit breaker and pause of every deployment of a catalog, in Redis under ``keys``."""
 
@@ -70,10 +82,20 @@ class Health:
         """Pause the deployment for everyone for ``pause`` seconds (a longer pause stays)."""
         await self._run("rate_limit", deployment, pause)
 
-    async def state(self, deployment: Deployment) -> str:
-        """The breaker state as stored (``closed`` when nothing is), for tests and operators."""
-        raw = await self._client.hget(self._keys.breaker(deployment.name), "state")
-        return raw.decode() if isinstance(raw, bytes) else "closed"
+    async def status(self, deployment: Deployment) -> Status:
+        """What every worker sees of a deployment now (read only; raises RedisError)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hmget(self._keys.breaker(deployment.name), "state", "until")
+            pipe.time()
+            pipe.pttl(self._keys.paused(deployment.name))
+            (state, until), (seconds, micros), paused = await pipe.execute()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        left = max(0, int(until) - now) if until is not None else 0
+        return Status(
+            state=state.decode() if state is not None else "closed",
+            wait=left / 1000,
+            paused_for=max(0, int(paused)) / 1000,
+        )
 
     async def _run(self, op: Op, deployment: Deployment, pause: float = 0.0) -> Verdict:
         policy = self._catalog.breaker(deployment)

@@ -269,7 +269,8 @@ async def test_breaker_opens_after_the_threshold_probes_once_and_two_workers_agr
         # Expect the circuit open for both: no more calls reach the broken deployment
         assert len(calls_to(mock, "broken")) == 3
         assert [len(routed.attempts) for routed in skipped] == [1, 1, 1]
-        assert await two.health.state(cat.models["primary"].deployments[0]) == "open"
+        status = await two.health.status(cat.models["primary"].deployments[0])
+        assert status.state == "open" and 0 < status.wait <= 0.5
 
         # When the cooldown has passed (a wait in time: no event marks it) and the deployment
         # is healthy but slow, and both workers send jobs at once
@@ -311,9 +312,9 @@ async def test_429s_do_not_open_the_breaker(settings: Settings, mock: MockProvid
     async with open_router(cat, ENV, settings) as router:
         for _ in range(4):
             await router.complete(chat("primary"))
-        state = await router.health.state(cat.models["primary"].deployments[0])
+        status = await router.health.status(cat.models["primary"].deployments[0])
 
-    assert state == "closed"
+    assert status.state == "closed"
     assert len(calls_to(mock, "busy")) == 4
 
 
@@ -484,7 +485,7 @@ async def test_breaker_opens_on_the_failure_ratio_once_enough_calls_were_made(
     await health.failure(deployment)
     await health.success(deployment)
     await health.success(deployment)
-    still_closed = await health.state(deployment)
+    still_closed = (await health.status(deployment)).state
     await health.failure(deployment)  # 4 calls, 2 failed: half
     verdict = await health.allow(deployment)
 
@@ -576,3 +577,19 @@ def test_content_policy_400_is_recognised_by_code_or_message() -> None:
     assert classify(400, "content_policy_violation", "rejected") == "content_policy"
     assert classify(400, None, "flagged by our safety system") == "content_policy"
     assert classify(400, "invalid_request_error", "temperature: too hot") == "bad_request"
+
+
+def test_the_deployments_command_shows_every_deployment_and_its_circuit() -> None:
+    from typer.testing import CliRunner
+
+    from queuegate.cli import app
+
+    namespace = f"qgt-cli-{time.monotonic_ns()}"  # read only: nothing to clean up
+    result = CliRunner().invoke(
+        app, ["deployments"], env={"QUEUEGATE_NAMESPACE": namespace, "COLUMNS": "200"}
+    )
+
+    assert result.exit_code == 0, result.output
+    for name in ("openai-main", "anthropic-main", "local-vllm", "openai-flaky"):
+        assert name in result.output
+    assert result.output.count("closed") == 4
