@@ -298,7 +298,9 @@ class Router:
         backoff = min(backoffs)
         budget = self.catalog.resilience.budget.wait - run.waited
         if backoff > min(budget, run.left()):
-            run.failures.append(f"waiting {backoff:.3g}s more would pass the job's budget")
+            run.failures.append(
+                f"waiting {backoff:.3g}s more would pass the job's budget or deadline"
+            )
             return False
         run.waited += backoff
         await asyncio.sleep(backoff)
