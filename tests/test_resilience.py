@@ -27,6 +27,7 @@ from router.policies import RetryPolicy
 from router.providers import ProviderError
 from router.providers.base import classify
 from router.transport import retry_after
+from tests.proxy import TcpProxy
 
 ENV = {"QUEUEGATE_MOCK_KEY": "sk-test"}
 FAST = {
@@ -593,3 +594,36 @@ def test_the_deployments_command_shows_every_deployment_and_its_circuit() -> Non
     for name in ("openai-main", "anthropic-main", "local-vllm", "openai-flaky"):
         assert name in result.output
     assert result.output.count("closed") == 4
+
+
+async def test_jobs_are_served_while_redis_is_down_and_breakers_return_with_it(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a router whose Redis is behind a proxy, and a primary failing every call
+    mock.configure(MockConfig(models={"broken": Behavior(error_rate=1.0)}))
+    cat = catalog(
+        {
+            "primary": {
+                "fallbacks": ["backup"],
+                "deployments": [dep("broken-dep", "broken", mock.url)],
+            },
+            "backup": {"deployments": [dep("backup-dep", "steady", mock.url)]},
+        },
+        retry={"attempts": 1},
+        breaker={"failures": 2, "cooldown": 30},
+    )
+    async with TcpProxy(settings.redis_url) as proxy:
+        behind = settings.model_copy(update={"redis_url": proxy.url})
+        async with open_router(cat, ENV, behind) as router:
+            # When Redis goes away
+            await proxy.down()
+            during = [await router.complete(chat("primary")) for _ in range(3)]
+
+            # Expect every job served (no shared breaker: each still tries the primary)
+            assert {routed.deployment for routed in during} == {"backup-dep"}
+            assert len(calls_to(mock, "broken")) == 3
+
+            # And once it is back, the breaker counts again and opens
+            await proxy.up()
+            after = [await router.complete(chat("primary")) for _ in range(4)]
+            assert [len(routed.attempts) for routed in after] == [2, 2, 1, 1]
