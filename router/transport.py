@@ -51,7 +51,8 @@ async def post(
     ``secret`` is the key sent with the request, scrubbed from anything the provider echoes.
     ``connect`` bounds opening a connection, ``first_byte`` the wait for the response headers.
     """
-    async with _opened(client, request, secret, connect, first_byte) as response, _mapped():
+    limit = _FirstByte(first_byte)
+    async with _opened(client, request, secret, connect, limit) as response, _mapped():
         content = await response.aread()
     try:
         return response.status_code, orjson.loads(content)
@@ -73,11 +74,12 @@ async def events(
 
     ``first_byte`` bounds the wait for the first event, headers included.
     """
-    async with _opened(client, request, secret, connect, first_byte) as response:
+    limit = _FirstByte(first_byte)
+    async with _opened(client, request, secret, connect, limit) as response:
         lines = response.aiter_lines()
         parser = EventParser()
         first: ServerEvent | None = None
-        async with _first_byte(first_byte), _mapped():
+        async with limit.bound(), _mapped():
             async for line in lines:
                 if (first := parser.feed(line)) is not None:
                     break
@@ -124,7 +126,7 @@ async def _opened(
     request: UpstreamRequest,
     secret: str | None,
     connect: float | None,
-    first_byte: float | None,
+    first_byte: _FirstByte,
 ) -> AsyncIterator[httpx.Response]:
     """The response of a 2xx answer, body unread; an error answer raises its ProviderError."""
     built = client.build_request(
@@ -135,7 +137,7 @@ async def _opened(
         # Only the connect phase is bounded here; time_limit bounds the whole call.
         timeout=httpx.Timeout(None, connect=connect),
     )
-    async with _first_byte(first_byte), _mapped():
+    async with first_byte.bound(), _mapped():
         response = await client.send(built, stream=True)
     try:
         if not response.is_success:
@@ -147,13 +149,21 @@ async def _opened(
         await response.aclose()
 
 
-@asynccontextmanager
-async def _first_byte(seconds: float | None) -> AsyncIterator[None]:
-    try:
-        async with asyncio.timeout(seconds):
-            yield
-    except TimeoutError as exc:
-        raise ProviderError("timeout", f"no first byte within {seconds:.3g}s") from exc
+class _FirstByte:
+    """One first-byte limit, counted from its creation across the steps that share it (the
+    response headers, then a stream's first event), so together they never exceed it."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self._seconds = seconds
+        self._when = None if seconds is None else asyncio.get_running_loop().time() + seconds
+
+    @asynccontextmanager
+    async def bound(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout_at(self._when):
+                yield
+        except TimeoutError as exc:
+            raise ProviderError("timeout", f"no first byte within {self._seconds:.3g}s") from exc
 
 
 @asynccontextmanager
