@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (tables and JSON); never pass/fail tests."""

@@ -189,7 +189,7 @@ async def precision(seconds: float) -> dict[str, float]:
 def _gateway_process(settings: Settings, latency_ms: float, ready: Any, stop: Any) -> None:
     from accounting import Accountant
     from mockprovider import Behavior, MockConfig, MockProvider
-    from router import Router
+    from router import open_router
     from workers import Worker
 
     async def main() -> None:
@@ -197,7 +197,7 @@ def _gateway_process(settings: Settings, latency_ms: float, ready: Any, stop: An
         mock_config = MockConfig(default=Behavior(latency_ms=latency_ms))
         async with MockProvider(mock_config) as mock:
             env = {"QUEUEGATE_MOCK_URL": mock.url, "QUEUEGATE_MOCK_KEY": "sk-bench"}
-            async with Router(load_catalog(None, env), env) as router:
+            async with open_router(load_catalog(None, env), env, settings) as router:
                 worker = Worker(settings, router, teams=["a", "b"], name="bench-worker")
                 async with Accountant(settings) as accountant:
                     tasks = [

@@ -34,6 +34,8 @@ class Behavior(BaseModel):
     hang_s: float = Field(default=30, ge=0)
     rate_limit_rpm: int | None = Field(default=None, ge=1)
     """Calls admitted per sliding 60 s window per model; the excess gets 429."""
+    stream_cut_after: int | None = Field(default=None, ge=0)
+    """A streamed answer stops after this many events and the connection is closed mid-body."""
     retry_after: float = Field(default=1, ge=0)
     """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``."""
 

@@ -181,13 +181,19 @@ def _json(status: int, obj: object, keep_alive: bool, headers: Iterable[Header] 
     return _head(status, keep_alive, fields) + body
 
 
-def _sse(events: Iterable[bytes], keep_alive: bool) -> bytes:
+class _Cut(bytes):
+    """A response the connection closes after, unfinished (an injected mid-stream failure)."""
+
+
+def _sse(events: Iterable[bytes], keep_alive: bool, cut_after: int | None = None) -> bytes:
     fields = [
         ("content-type", "text/event-stream"),
         ("cache-control", "no-cache"),
         ("transfer-encoding", "chunked"),
     ]
     chunks = [b"%x\r\n%s\r\n" % (len(event), event) for event in events]
+    if cut_after is not None:
+        return _Cut(b"".join([_head(200, keep_alive, fields), *chunks[:cut_after]]))
     return b"".join([_head(200, keep_alive, fields), *chunks, b"0\r\n\r\n"])
 
 
@@ -369,7 +375,7 @@ class MockProvider:
                     return
                 writer.write(response)
                 await writer.drain()
-                if not request.keep_alive:
+                if not request.keep_alive or isinstance(response, _Cut):
                     return
         except _BadRequest as exc:
             error = {"error": {"message": str(exc), "type": "invalid_request_error"}}
@@ -401,7 +407,8 @@ class MockProvider:
         if outcome == "answer":
             self._record(request, body, 200)
             if body.get("stream") is True:
-                return _sse(wire.events(body, reply), request.keep_alive)
+                events = wire.events(body, reply)
+                return _sse(events, request.keep_alive, behavior.stream_cut_after)
             return _json(200, wire.completion(body, reply), request.keep_alive)
         if outcome == "rate_limited":
             status, rpm = 429, behavior.rate_limit_rpm

@@ -1,5 +1,6 @@
 """The client library apps use: publish chat jobs, await their results."""
 
 from producer.client import GatewayClient, JobHandle
+from producer.streams import ChatStream
 
-__all__ = ["GatewayClient", "JobHandle"]
+__all__ = ["ChatStream", "GatewayClient", "JobHandle"]

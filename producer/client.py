@@ -25,13 +25,20 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from producer.replies import ReplyBook
+from producer.streams import ChatStream, StreamBook
 from queuegate.broker import CONNECTION_LOST, connect, json_message, when_connected
 from queuegate.errors import PublishRefused, QueueFull, ResultTimeout, ServiceUnavailable
-from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
+from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult, StreamChunk
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.tenancy import API_KEY_HEADER
-from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, MESSAGE_TYPE_RESULT, Topology
+from queuegate.topology import (
+    HEADER_SENT_MS,
+    MESSAGE_TYPE_CHUNK,
+    MESSAGE_TYPE_JOB,
+    MESSAGE_TYPE_RESULT,
+    Topology,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,7 @@ class GatewayClient:
         self._user_id = user_id or unquote(urlsplit(settings.amqp_url).username or "") or None
         self._api_key = api_key
         self._replies = ReplyBook()
+        self._streams = StreamBook()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -162,9 +170,14 @@ class GatewayClient:
         deadline: datetime | timedelta | None = None,
         fallbacks: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
+        stream: bool = False,
+        cache: bool = False,
         **params: Any,
     ) -> ChatJob:
-        """Build a ChatJob for this team; ``params`` are OpenAI chat parameters."""
+        """Build a ChatJob for this team; ``params`` are OpenAI chat parameters.
+
+        ``cache``: an identical earlier request of the team may be answered from the cache.
+        """
         if isinstance(deadline, timedelta):
             deadline = datetime.now(UTC) + deadline
         return ChatJob(
@@ -176,6 +189,8 @@ class GatewayClient:
             fallbacks=fallbacks,
             metadata=metadata or {},
             deadline=deadline,
+            stream=stream,
+            cache=cache,
         )
 
     async def submit(self, job: ChatJob) -> JobHandle:
@@ -245,12 +260,36 @@ class GatewayClient:
         handle = await self.submit(self.job(model, messages, **params))
         return await handle.result(timeout)
 
+    def stream(
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any] | ChatMessage],
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        **params: Any,
+    ) -> ChatStream:
+        """Publish a streamed chat job when iterated: ``async for chunk in client.stream(...)``.
+
+        ``params`` are those of ``job``; see ChatStream for what iteration yields.
+        """
+        job = self.job(model, messages, stream=True, **params)
+        stream = ChatStream(job.job_id, lambda: self._submit_stream(stream, job), timeout)
+        return stream
+
+    async def _submit_stream(self, stream: ChatStream, job: ChatJob) -> None:
+        self._streams.open(stream)
+        await self.submit(job)
+
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        if message.type == MESSAGE_TYPE_RESULT:
-            try:
-                self._replies.deliver(ChatResult.model_validate_json(message.body))
-            except ValidationError:
-                log.warning("dropped a malformed result for job %s", message.correlation_id)
+        try:
+            if message.type == MESSAGE_TYPE_RESULT:
+                result = ChatResult.model_validate_json(message.body)
+                if self._replies.deliver(result) and self._streams.finish(result):
+                    self._replies.forget(result.job_id)
+            elif message.type == MESSAGE_TYPE_CHUNK:
+                self._streams.chunk(StreamChunk.model_validate_json(message.body))
+        except ValidationError:
+            log.warning("dropped a malformed %s for job %s", message.type, message.correlation_id)
         # After a reconnect the delivery's channel is gone: the broker redelivers the reply, and
         # the book drops it as a duplicate.
         with contextlib.suppress(*CONNECTION_LOST):

@@ -85,17 +85,19 @@ def worker(
         return
 
     from queuegate.metrics_server import MetricsServer
-    from router import Router, load_catalog
+    from router import load_catalog, open_router
     from workers import Worker
 
     cat = load_catalog(settings.catalog, os.environ)
 
     async def serve() -> None:
         stop = stop_on_signals()
-        async with Router(cat, os.environ) as router:
-            pool = Worker(settings, router, teams=_split(teams))
-            async with MetricsServer(settings.metrics_host, settings.metrics_port, pool.is_ready):
-                await pool.run(stop)
+        async with open_router(cat, os.environ, settings) as router:
+            serving = Worker(settings, router, teams=_split(teams))
+            async with MetricsServer(
+                settings.metrics_host, settings.metrics_port, serving.is_ready
+            ):
+                await serving.run(stop)
 
     run(serve)
 
@@ -342,6 +344,44 @@ def _month_end(day: date) -> date:
     from accounting.reports import month_range
 
     return month_range(day)[1].date() - timedelta(days=1)
+
+
+@app.command()
+def deployments(
+    catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
+) -> None:
+    """Circuit breaker and 429 pause of every deployment, as every worker sees them."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from queuegate.broker import redact_url
+    from queuegate.errors import ServiceUnavailable
+    from queuegate.keys import Keys
+    from router import load_catalog
+    from router.health import Health
+    from router.tables import deployments_table
+
+    settings = _settings(catalog=catalog)
+    cat = load_catalog(settings.catalog, os.environ)
+
+    async def go() -> Any:
+        client = aioredis.from_url(settings.redis_url)
+        health = Health(client, Keys(settings.redis_prefix), cat)
+        try:
+            return [
+                (alias, deployment, await health.status(deployment))
+                for alias, entry in cat.models.items()
+                for deployment in entry.deployments
+            ]
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"Redis is not reachable at {redact_url(settings.redis_url)}: start it or set "
+                "QUEUEGATE_REDIS_URL"
+            ) from exc
+        finally:
+            await client.aclose()
+
+    out.print(deployments_table(run(go)))
 
 
 def _month(text: str | None) -> date:

@@ -48,7 +48,7 @@ ROWS_TIMEOUT = 30.0
 async def run_demo(base: Settings, console: Console) -> None:
     from accounting import Accountant, monthly_spend
     from mockprovider import Behavior, MockConfig, MockProvider
-    from router import Router, load_catalog
+    from router import load_catalog, open_router
     from workers import Worker
 
     settings = base.model_copy(
@@ -66,7 +66,7 @@ async def run_demo(base: Settings, console: Console) -> None:
         # The mock takes any key; real deployments read theirs from the environment.
         env = {"QUEUEGATE_MOCK_KEY": "demo-key", **os.environ, "QUEUEGATE_MOCK_URL": mock.url}
         console.print(f"mock provider at {mock.url}; serving teams {', '.join(teams)}")
-        async with Router(load_catalog(settings.catalog, env), env) as router:
+        async with open_router(load_catalog(settings.catalog, env), env, settings) as router:
             worker = Worker(settings, router, teams=teams, name="demo-worker")
             async with Accountant(settings) as accountant:
                 tasks = [

@@ -8,8 +8,9 @@
     │   ├── UnknownModel             the alias is not in the catalog (400)
     │   ├── Unauthorized             the publisher may not act for the team (401)
     │   ├── DeadlineExceeded         the deadline passed before the job could be served (504)
-    │   ├── RateLimited              the job's limits would not admit it in time (429)
+    │   ├── RateLimited              limits would not let the job through in time (429)
     │   ├── BudgetExhausted          the team's (or model's) monthly budget is spent (402)
+    │   ├── StreamInterrupted        the provider failed after the stream had started (502)
     │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
     └── ClientError                  raised to producers
         ├── ResultTimeout            no result arrived within the timeout
@@ -78,12 +79,20 @@ class DeadlineExceeded(JobError):
 
 
 class RateLimited(JobError):
-    """The job's buckets would not admit it before its deadline or the maximum wait."""
+    """Limits would not let the job through in time: its own buckets would not admit it
+    before its deadline or the maximum wait, or every deployment tried answered 429 within
+    the job's retry budget."""
 
     code = "rate_limited"
 
-    def __init__(self, message: str, retry_after_ms: float) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        attempts: list[Attempt] | None = None,
+        *,
+        retry_after_ms: float | None = None,
+    ) -> None:
+        super().__init__(message, attempts)
         self.retry_after_ms = retry_after_ms
 
 
@@ -91,6 +100,12 @@ class BudgetExhausted(JobError):
     """The team's monthly budget (or its cap for the model) cannot cover the job's estimate."""
 
     code = "budget_exhausted"
+
+
+class StreamInterrupted(JobError):
+    """The provider failed after deltas were relayed: no fallback can continue that stream."""
+
+    code = "provider_error"
 
 
 class AllProvidersFailed(JobError):

@@ -65,3 +65,15 @@ class Keys:
     def alerts(self) -> str:
         """A stream of budget alerts (XREAD it); entries: team, month, spent_usd, budget_usd."""
         return f"{self.prefix}:alerts"
+
+    def breaker(self, deployment: str) -> str:
+        """A deployment's circuit breaker: state, window counts (hash; router/lua/health.lua)."""
+        return f"{self.prefix}:breaker:{deployment}"
+
+    def paused(self, deployment: str) -> str:
+        """Present while a deployment is paused after a provider 429; its TTL is the pause."""
+        return f"{self.prefix}:paused:{deployment}"
+
+    def cache(self, digest: str) -> str:
+        """A cached response, by the hash of model, messages and parameters."""
+        return f"{self.prefix}:cache:{digest}"

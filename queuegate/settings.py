@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     """Seconds in-flight jobs get to finish on SIGTERM before the rest go back to the queue."""
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
     """Seconds a finished job's result is kept, so a redelivery is answered without a new call."""
+    cache_ttl: int = Field(default=3600, ge=1)
+    """Seconds a cached response (jobs with ``cache`` set) is served again."""
     max_job_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest job body a worker accepts; larger ones are answered ``invalid_request``."""
     max_job_messages: int = Field(default=256, ge=1)

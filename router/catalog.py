@@ -32,8 +32,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from queuegate.errors import ConfigError, UnknownModel
+from router.policies import BreakerPolicy, Resilience, RetryPolicy
 
 ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
+Routing = Literal["ordered", "weighted", "least_in_flight"]
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -68,6 +70,18 @@ class Deployment(_Strict):
     """The provider account's requests per minute for this model; workers keep under it."""
     tpm: int | None = Field(default=None, ge=1)
     """The provider account's tokens per minute for this model; workers keep under it."""
+    connect_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to open a connection (a pooled keep-alive one needs none)."""
+    first_byte_timeout: float | None = Field(default=None, gt=0)
+    """Seconds until the response starts (headers; for a stream, its first event)."""
+    weight: int = Field(default=1, ge=1)
+    """Share of the alias's traffic under ``weighted`` routing."""
+    max_in_flight: int | None = Field(default=None, ge=1)
+    """Calls one worker runs on this deployment at once; more wait or go elsewhere."""
+    retry: RetryPolicy | None = None
+    """Overrides the catalog's ``resilience.retry`` for this deployment."""
+    breaker: BreakerPolicy | None = None
+    """Overrides the catalog's ``resilience.breaker`` for this deployment."""
 
     @model_validator(mode="after")
     def _key_required(self) -> Deployment:
@@ -85,16 +99,30 @@ class Deployment(_Strict):
 
 
 class ModelEntry(_Strict):
-    """What an alias means: deployments tried in order, then the fallback aliases."""
+    """What an alias means: its deployments, how to choose among them, then the fallbacks."""
 
     deployments: list[Deployment] = Field(min_length=1)
+    routing: Routing = "ordered"
+    """``ordered``: the first healthy one; ``weighted``: drawn by weight; ``least_in_flight``:
+    the one with the fewest calls running (per weight), ties drawn by weight."""
     fallbacks: list[str] = Field(default_factory=list)
+    context_fallbacks: list[str] = Field(default_factory=list)
+    """Aliases with a larger context window: a context-length error goes straight to them."""
+    content_policy_fallbacks: list[str] = Field(default_factory=list)
+    """Aliases tried when the provider refuses the content (otherwise the job fails)."""
 
 
 class Catalog(_Strict):
     """Every alias a job may name. Build it with ``load_catalog``; it is immutable."""
 
     models: dict[str, ModelEntry] = Field(min_length=1)
+    resilience: Resilience = Resilience()
+
+    def retry(self, deployment: Deployment) -> RetryPolicy:
+        return deployment.retry or self.resilience.retry
+
+    def breaker(self, deployment: Deployment) -> BreakerPolicy:
+        return deployment.breaker or self.resilience.breaker
 
     @model_validator(mode="after")
     def _consistent(self) -> Catalog:
@@ -107,9 +135,10 @@ class Catalog(_Strict):
                         f"{deployment.name!r}"
                     )
                 seen.add(deployment.name)
-            for fallback in entry.fallbacks:
-                if fallback not in self.models:
-                    raise ValueError(f"models.{alias}.fallbacks: unknown alias {fallback!r}")
+            for field in ("fallbacks", "context_fallbacks", "content_policy_fallbacks"):
+                for fallback in getattr(entry, field):
+                    if fallback not in self.models:
+                        raise ValueError(f"models.{alias}.{field}: unknown alias {fallback!r}")
         _refuse_cycles(self.models)
         return self
 
@@ -129,8 +158,15 @@ class Catalog(_Strict):
         the first alias the catalog does not have.
         """
         entry = self.resolve(alias)
-        chain = [alias]
-        queue = list(entry.fallbacks if override is None else override)
+        return self._expand([alias], list(entry.fallbacks if override is None else override))
+
+    def redirect(self, aliases: list[str], tried: list[str]) -> list[str]:
+        """``aliases`` and their fallbacks, breadth first, leaving out the ``tried`` ones: where
+        a job goes when a failure names its own fallbacks (context length, content policy)."""
+        return self._expand(tried, list(aliases))[len(tried) :]
+
+    def _expand(self, chain: list[str], queue: list[str]) -> list[str]:
+        chain = list(chain)
         while queue:
             candidate = queue.pop(0)
             if candidate not in chain:

@@ -1,28 +1,57 @@
-"""The router: serves a job from the first deployment along its fallback chain that answers."""
+"""The router: serves a job along its fallback chain, with retries, breakers and streaming.
+
+For each alias of the chain it picks a deployment (routing order, concurrency cap, circuit
+breaker, 429 pause), calls it, and on a failure consults the one classification table
+(router.providers.base.HANDLING): retry the same deployment after a backoff, move on to
+another deployment or alias, or fail the job. A per-job budget bounds the calls and the
+waiting, and nothing waits past the job's deadline.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Protocol
 
 import httpx
+import redis.asyncio as aioredis
 
-from queuegate.errors import AllProvidersFailed, DeadlineExceeded, InvalidRequest
+from queuegate.errors import (
+    AllProvidersFailed,
+    DeadlineExceeded,
+    InvalidRequest,
+    RateLimited,
+    StreamInterrupted,
+)
+from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob
+from queuegate.settings import Settings
 from router import transport
-from router.catalog import Catalog, Deployment
+from router.catalog import Catalog, Deployment, ModelEntry
+from router.health import Health, Verdict
 from router.pricing import cost
-from router.providers import ADAPTERS, Completion, ProviderError
+from router.providers import ADAPTERS, Completion, Delta, ProviderError, UpstreamRequest
+from router.selection import Slots
 
 MAX_CONNECTIONS = 1000
 """Per api_base: a worker runs up to about this many calls at once, all kept alive."""
 KEEPALIVE_EXPIRY = 30.0
 """Seconds an idle connection is kept; providers close theirs after about a minute."""
+
+REDIS_CONNECTIONS = 50
+"""Redis connections a Router keeps for breaker and pause checks (each takes well under 1 ms)."""
+REDIS_WAIT = 5.0
+"""Seconds a check waits for a free connection before the deployment counts as healthy."""
+
+DeltaSink = Callable[[Delta], Awaitable[None]]
+"""Receives a streamed job's deltas, in order, as they arrive."""
 
 
 @dataclass(frozen=True)
@@ -30,13 +59,13 @@ class Routed:
     """A served job: the canonical response, who served it, and what it cost."""
 
     response: dict[str, Any]
-    """An OpenAI ``chat.completion``, whichever provider served it."""
+    """An OpenAI ``chat.completion``, whichever provider served it (streamed ones too)."""
     model_used: str
     """The alias that served it (the requested one, or a fallback)."""
     deployment: str
     provider: str
     fallback_used: bool
-    """Served by something other than the first deployment of the requested alias."""
+    """Served by an alias other than the requested one."""
     attempts: list[Attempt]
     """Every call made, failed ones first, the successful one last."""
     input_tokens: int
@@ -54,21 +83,76 @@ class AttemptGate(Protocol):
     async def enter(self, deployment: Deployment) -> None: ...
 
 
-class Router:
-    """Calls providers for chat jobs, walking each job's fallback chain; one attempt per deployment.
+class _Spent(Exception):
+    """The job's budget of calls is spent: it ends with the failures it has."""
 
-        async with Router(load_catalog(path, os.environ), os.environ) as router:
+
+class _Redirect(Exception):
+    """A failure that names where the job goes next (context-length, content-policy fallbacks)."""
+
+    def __init__(self, aliases: list[str]) -> None:
+        self.aliases = aliases
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A call ready to go: the deployment, its translated request, the key it carries."""
+
+    deployment: Deployment
+    request: UpstreamRequest = field(repr=False)
+    key: str | None = field(repr=False)
+    """Scrubbed from whatever the provider echoes back."""
+
+
+@dataclass
+class _Job:
+    """One job's way through the router: what it has spent and what it has tried."""
+
+    job: ChatJob
+    deadline: float | None
+    sink: DeltaSink | None
+    gate: AttemptGate | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    waited: float = 0.0
+    streamed: bool = False
+    """A delta reached the sink: from now on a failure cannot fall back."""
+    paused: bool = False
+    """A deployment was passed over because a 429 paused it."""
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def summary(self, head: str) -> str:
+        return f"{head}: {'; '.join(self.failures)}" if self.failures else head
+
+    async def emit(self, delta: Delta) -> None:
+        assert self.sink is not None
+        self.streamed = True
+        await self.sink(delta)
+
+
+class Router:
+    """Calls providers for chat jobs, walking each job's fallback chain::
+
+        async with Router(catalog, os.environ, redis=client, keys=Keys(prefix)) as router:
             router.check(job)  # UnknownModel before any work is done
             routed = await router.complete(job, deadline=time.monotonic() + 30)
 
     It owns one pooled HTTP client per api_base, opened on enter and closed on exit, so open one
     Router per process (per event loop) and share it; it can be opened only once. Keys are read
-    from ``env`` at each call, so a rotated key is picked up without a restart.
+    from ``env`` at each call, so a rotated key is picked up without a restart. ``redis`` holds
+    the deployments' circuit breakers and 429 pauses, shared with every other worker; the
+    caller owns and closes it.
     """
 
-    def __init__(self, catalog: Catalog, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, catalog: Catalog, env: Mapping[str, str], *, redis: aioredis.Redis, keys: Keys
+    ) -> None:
         self.catalog = catalog
+        self.health = Health(redis, keys, catalog)
         self._env = env
+        self._slots = Slots()
         self._clients: dict[str, httpx.AsyncClient] | None = None
         self._closed = False
 
@@ -93,75 +177,240 @@ class Router:
         self.catalog.chain(job.model, job.fallbacks)
 
     async def complete(
-        self, job: ChatJob, *, deadline: float | None = None, gate: AttemptGate | None = None
+        self,
+        job: ChatJob,
+        *,
+        deadline: float | None = None,
+        on_delta: DeltaSink | None = None,
+        gate: AttemptGate | None = None,
     ) -> Routed:
         """Serve ``job`` from the first deployment along its chain that answers.
 
         ``deadline`` is a ``time.monotonic()`` instant: no call starts after it, and none is
-        allowed to run past it. Raises UnknownModel, InvalidRequest (the provider refused the
-        request itself: no fallback would accept it), DeadlineExceeded or AllProvidersFailed,
-        each carrying the attempts made. ``gate.enter`` runs before each attempt.
+        allowed to run past it. With ``on_delta``, a job with ``stream`` set is streamed: its
+        deltas go to ``on_delta`` in order, and the Routed still carries the whole response.
+        ``gate.enter`` runs immediately before each call (a deployment's own rate limits).
+        Raises UnknownModel, InvalidRequest (the provider refused the request itself: no
+        fallback would accept it), DeadlineExceeded, RateLimited, StreamInterrupted or
+        AllProvidersFailed, each carrying the attempts made.
         """
-        clients = self._clients
-        if clients is None:
+        if self._clients is None:
             raise RuntimeError("the Router is not open: use `async with Router(...) as router`")
-        targets = [
-            (alias, deployment)
-            for alias in self.catalog.chain(job.model, job.fallbacks)
-            for deployment in self.catalog.resolve(alias).deployments
-        ]
-        attempts: list[Attempt] = []
-        failures: list[str] = []
-        for position, (alias, deployment) in enumerate(targets):
-            if gate is not None:
-                await gate.enter(deployment)
-            timeout = deployment.timeout
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DeadlineExceeded(
-                        _summary(f"deadline passed before calling {deployment.name}", failures),
-                        attempts,
-                    )
-                timeout = min(timeout, left)
-            started = time.monotonic()
+        run = _Job(job, deadline, on_delta if job.stream else None, gate)
+        chain = self.catalog.chain(job.model, job.fallbacks)
+        tried: list[str] = []
+        while chain:
+            alias = chain.pop(0)
+            tried.append(alias)
             try:
-                async with transport.time_limit(timeout):
-                    status, completion = await self._call(
-                        clients[deployment.api_base], deployment, job
-                    )
-            except ProviderError as err:
-                attempts.append(_attempt(alias, deployment, started, err.status, err.error_class))
-                failures.append(f"{deployment.name}: {err}")
-                if not err.moves_on:
-                    raise InvalidRequest(failures[-1], attempts) from err
+                routed = await self._serve_alias(run, alias)
+            except _Redirect as redirect:
+                chain = self.catalog.redirect(redirect.aliases, tried)
                 continue
-            attempts.append(_attempt(alias, deployment, started, status, None))
-            return Routed(
-                response=completion.response,
-                model_used=alias,
-                deployment=deployment.name,
-                provider=deployment.provider,
-                fallback_used=position > 0,
-                attempts=attempts,
-                input_tokens=completion.usage.input_tokens,
-                output_tokens=completion.usage.output_tokens,
-                cached_tokens=completion.usage.cached_tokens,
-                cost_usd=cost(deployment, completion.usage),
-                latency_ms=attempts[-1].latency_ms,
-            )
+            except _Spent:
+                break
+            if routed is not None:
+                return routed
+        errors = {attempt.error for attempt in run.attempts}
+        if errors == {"rate_limited"} or (run.paused and errors <= {"rate_limited"}):
+            raise RateLimited(run.summary("every deployment is rate limited"), run.attempts)
         raise AllProvidersFailed(
-            _summary(f"all {len(targets)} deployments failed", failures), attempts
+            run.summary(f"all {len(tried)} models failed after {len(run.attempts)} calls"),
+            run.attempts,
         )
 
-    async def _call(
-        self, client: httpx.AsyncClient, deployment: Deployment, job: ChatJob
-    ) -> tuple[int, Completion]:
+    async def _serve_alias(self, run: _Job, alias: str) -> Routed | None:
+        """Serve from one alias's deployments, retrying them; None when none of them can."""
+        entry = self.catalog.resolve(alias)
+        done: set[str] = set()
+        calls: Counter[str] = Counter()
+        ready_at: dict[str, float] = {}
+        while True:
+            left = [d for d in entry.deployments if d.name not in done]
+            if not left:
+                return None
+            if len(run.attempts) >= self.catalog.resilience.budget.attempts:
+                run.failures.append(f"the job's budget of {len(run.attempts)} calls is spent")
+                raise _Spent
+            picked = await self._pick(run, alias, entry, left=left, done=done, ready_at=ready_at)
+            if picked is None:
+                if not await self._wait(run, [d for d in left if d.name not in done], ready_at):
+                    return None
+                continue
+            deployment = picked.deployment
+            calls[deployment.name] += 1
+            try:
+                return await self._attempt(run, alias, picked)
+            except ProviderError as err:
+                retry = self.catalog.retry(deployment)
+                if err.retries and calls[deployment.name] < retry.attempts:
+                    floor = err.retry_after
+                    if err.error_class == "rate_limited" and floor is None:
+                        floor = self.catalog.resilience.rate_limit_pause
+                    delay = retry.backoff(calls[deployment.name] - 1, floor)
+                    ready_at[deployment.name] = time.monotonic() + delay
+                else:
+                    done.add(deployment.name)
+                self._after_failure(run, entry, err)
+
+    async def _pick(
+        self,
+        run: _Job,
+        alias: str,
+        entry: ModelEntry,
+        *,
+        left: list[Deployment],
+        done: set[str],
+        ready_at: dict[str, float],
+    ) -> _Call | None:
+        """The deployment to call now and its request, or None when each must wait."""
+        if run.left() <= 0:
+            head = f"deadline passed before calling {left[0].name}"
+            raise DeadlineExceeded(run.summary(head), run.attempts)
+        now = time.monotonic()
+        for deployment in self._slots.order(entry.routing, left):
+            if ready_at.get(deployment.name, 0.0) > now:
+                continue
+            try:
+                call = self._prepare(run, deployment)
+            except ProviderError as err:
+                # Nothing was sent: this deployment cannot take this job at all.
+                done.add(deployment.name)
+                run.attempts.append(_attempt_of(alias, deployment, now, None, err.error_class))
+                run.failures.append(f"{deployment.name}: {err}")
+                self._after_failure(run, entry, err)
+                continue
+            # The slot is taken before awaiting Redis, so concurrent jobs cannot all pass the cap.
+            if not self._slots.take(deployment):
+                continue
+            verdict: Verdict = await self.health.allow(deployment)
+            if verdict.allowed:
+                return call  # _attempt releases the slot
+            await self._slots.release(deployment)
+            if verdict.state == "paused":
+                run.paused = True
+                ready_at[deployment.name] = now + verdict.wait
+            else:  # open, or half open with another worker's probe in flight
+                done.add(deployment.name)
+                run.failures.append(f"{deployment.name}: circuit {verdict.state}")
+        return None
+
+    async def _wait(self, run: _Job, waiting: list[Deployment], ready_at: dict[str, float]) -> bool:
+        """Wait for a backoff to end or a slot to free; False when that would take too long."""
+        if not waiting:
+            return True
+        now = time.monotonic()
+        backoffs = [ready_at[d.name] - now for d in waiting if ready_at.get(d.name, 0.0) > now]
+        if len(backoffs) < len(waiting):
+            # Some deployment is only at its concurrency cap: wait for any call to end, or
+            # for the first backoff, whichever comes first.
+            limit = min([*backoffs, run.left()])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if limit == float("inf") else max(0.0, limit)):
+                    await self._slots.wait_freed()
+            return True
+        backoff = min(backoffs)
+        budget = self.catalog.resilience.budget.wait - run.waited
+        if backoff > min(budget, run.left()):
+            run.failures.append(
+                f"waiting {backoff:.3g}s more would pass the job's budget or deadline"
+            )
+            return False
+        run.waited += backoff
+        await asyncio.sleep(backoff)
+        return True
+
+    def _prepare(self, run: _Job, deployment: Deployment) -> _Call:
         adapter = ADAPTERS[deployment.provider]
         key = self._key(deployment)
-        request = adapter.build_request(job, deployment.model, key)
-        status, body = await transport.post(client, request, key)
-        return status, adapter.parse_response(body, deployment.model)
+        stream = run.sink is not None
+        request = adapter.build_request(run.job, deployment.model, key, stream=stream)
+        return _Call(deployment, request, key)
+
+    async def _attempt(self, run: _Job, alias: str, call: _Call) -> Routed:
+        """One call in the slot ``_pick`` took; releases it, then records the attempt and the
+        deployment's health; raises ProviderError to go on."""
+        try:
+            return await self._call_once(run, alias, call)
+        finally:
+            await self._slots.release(call.deployment)
+
+    async def _call_once(self, run: _Job, alias: str, call: _Call) -> Routed:
+        deployment = call.deployment
+        if run.gate is not None:
+            # Immediately before the call, so every retry and fallback is admitted too.
+            await run.gate.enter(deployment)
+        started = time.monotonic()
+        try:
+            async with transport.time_limit(min(deployment.timeout, run.left())):
+                completion = await self._call(run, call)
+        except ProviderError as err:
+            run.attempts.append(
+                _attempt_of(alias, deployment, started, err.status, err.error_class)
+            )
+            run.failures.append(f"{deployment.name}: {err}")
+            await self._report(deployment, err)
+            if run.streamed:
+                raise StreamInterrupted(
+                    run.summary("the stream broke after it had started"), run.attempts
+                ) from err
+            raise
+        await self.health.success(deployment)
+        run.attempts.append(_attempt_of(alias, deployment, started, 200, None))
+        return Routed(
+            response=completion.response,
+            model_used=alias,
+            deployment=deployment.name,
+            provider=deployment.provider,
+            fallback_used=alias != run.job.model,
+            attempts=run.attempts,
+            input_tokens=completion.usage.input_tokens,
+            output_tokens=completion.usage.output_tokens,
+            cached_tokens=completion.usage.cached_tokens,
+            cost_usd=cost(deployment, completion.usage),
+            latency_ms=run.attempts[-1].latency_ms,
+        )
+
+    async def _call(self, run: _Job, call: _Call) -> Completion:
+        assert self._clients is not None
+        deployment = call.deployment
+        client = self._clients[deployment.api_base]
+        adapter = ADAPTERS[deployment.provider]
+        connect, first_byte = deployment.connect_timeout, deployment.first_byte_timeout
+        if run.sink is None:
+            _, body = await transport.post(
+                client, call.request, call.key, connect=connect, first_byte=first_byte
+            )
+            return adapter.parse_response(body, deployment.model)
+        parser = adapter.stream_parser(deployment.model)
+        events = transport.events(
+            client, call.request, call.key, connect=connect, first_byte=first_byte
+        )
+        async with aclosing(events):
+            async for event in events:
+                for delta in parser.feed(event):
+                    await run.emit(delta)
+        return parser.completion()
+
+    async def _report(self, deployment: Deployment, err: ProviderError) -> None:
+        if err.error_class == "rate_limited":
+            pause = err.retry_after
+            if pause is None:
+                pause = self.catalog.resilience.rate_limit_pause
+            await self.health.rate_limited(deployment, pause)
+        elif err.trips_breaker:
+            await self.health.failure(deployment)
+        else:  # it answered, if only to refuse this request
+            await self.health.success(deployment)
+
+    def _after_failure(self, run: _Job, entry: ModelEntry, err: ProviderError) -> None:
+        """Fail the job, or send it to the fallbacks the failure names; else carry on."""
+        if err.error_class == "context_length" and entry.context_fallbacks:
+            raise _Redirect(entry.context_fallbacks)
+        if err.error_class == "content_policy" and entry.content_policy_fallbacks:
+            raise _Redirect(entry.content_policy_fallbacks)
+        if not err.moves_on:
+            raise InvalidRequest(run.failures[-1], run.attempts) from err
 
     def _key(self, deployment: Deployment) -> str | None:
         if deployment.api_key_file is not None:
@@ -183,6 +432,24 @@ class Router:
         return key
 
 
+@asynccontextmanager
+async def open_router(
+    catalog: Catalog, env: Mapping[str, str], settings: Settings
+) -> AsyncIterator[Router]:
+    """A Router with a Redis client of its own, both from ``settings``, closed on exit."""
+    # Blocking: past its connections a call waits for one instead of raising (redis-py's
+    # default pool raises MaxConnectionsError at 100, which hundreds of jobs in flight reach).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT
+    )
+    redis = aioredis.Redis(connection_pool=pool)
+    try:
+        async with Router(catalog, env, redis=redis, keys=Keys(settings.redis_prefix)) as router:
+            yield router
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
 def _client(api_base: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=api_base,
@@ -191,15 +458,15 @@ def _client(api_base: str) -> httpx.AsyncClient:
             max_keepalive_connections=MAX_CONNECTIONS,
             keepalive_expiry=KEEPALIVE_EXPIRY,
         ),
-        # No per-phase timeouts: transport.time_limit bounds each call's total, capped at the
-        # job's deadline, which per-phase limits cannot express.
+        # Only connect is bounded per request (the deployment's connect_timeout);
+        # transport.time_limit bounds each call's total, capped at the job's deadline.
         timeout=None,
         # Proxies and CA bundles come from what we are given, not from the process environment.
         trust_env=False,
     )
 
 
-def _attempt(
+def _attempt_of(
     alias: str, deployment: Deployment, started: float, status: int | None, error: str | None
 ) -> Attempt:
     return Attempt(
@@ -210,7 +477,3 @@ def _attempt(
         error=error,
         latency_ms=(time.monotonic() - started) * 1000,
     )
-
-
-def _summary(head: str, failures: list[str]) -> str:
-    return f"{head}: {'; '.join(failures)}" if failures else head

@@ -18,7 +18,7 @@ from producer import GatewayClient
 from queuegate.db import create_pool
 from queuegate.settings import Settings
 from queuegate.topology import Topology
-from router import Router, load_catalog
+from router import load_catalog, open_router
 from workers import Worker
 
 
@@ -92,7 +92,7 @@ async def running_gateway(
     stop = asyncio.Event()
     async with MockProvider(mock_config or MockConfig()) as mock:
         env = {"QUEUEGATE_MOCK_URL": mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
-        async with Router(load_catalog(catalog, env), env) as router:
+        async with open_router(load_catalog(catalog, env), env, components) as router:
             worker = Worker(components, router, teams=list(teams), name="test-worker")
             async with Accountant(components) as accountant:
                 tasks = [

@@ -64,11 +64,12 @@ async def test_a_failing_primary_falls_back_and_says_so(settings: Settings) -> N
         assert result.gateway.fallback_used
         assert [(a.model, a.status) for a in result.gateway.attempts] == [
             ("flaky-gpt", 500),
+            ("flaky-gpt", 500),  # retried once by default
             ("claude-haiku", 200),
         ]
         [row] = await gw.usage_rows(1)
         assert row["fallback_used"] and row["model_used"] == "claude-haiku"
-        assert row["attempts"] == 2
+        assert row["attempts"] == 3
 
 
 async def test_a_timed_out_primary_falls_back(settings: Settings, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ async def test_all_providers_failing_is_answered_not_lost(settings: Settings) ->
         assert result.status == "error"
         assert result.error is not None
         assert result.error.code == "all_providers_failed"
-        assert result.error.attempts == 2
+        assert result.error.attempts == 4  # each of the two deployments retried once
         [row] = await gw.usage_rows(1)
         assert row["status"] == "error" and row["error_code"] == "all_providers_failed"
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from queuegate.errors import (
@@ -21,8 +22,10 @@ from queuegate.errors import (
     JobError,
     UnknownModel,
 )
+from queuegate.keys import Keys
 from queuegate.messages import ChatJob
-from router import Catalog, Router, load_catalog
+from queuegate.settings import Settings
+from router import Catalog, Router, load_catalog, open_router
 from router.providers import ProviderError
 from router.providers.base import classify
 from router.providers.openai import OpenAIAdapter
@@ -123,19 +126,21 @@ def mock_catalog(mock: MockProvider) -> Catalog:
 
 
 @pytest.mark.parametrize(
-    ("alias", "path", "keyed"),
+    "case",
     [
         ("gpt-4o-mini", "/v1/chat/completions", True),
         ("claude-haiku", "/v1/messages", True),
         ("local-llama", "/v1/chat/completions", False),
     ],
+    ids=["openai", "anthropic", "openai_compatible"],
 )
 async def test_each_provider_kind_serves_a_chat_completion(
-    mock: MockProvider, mock_catalog: Catalog, alias: str, path: str, keyed: bool
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog, case: tuple[str, str, bool]
 ) -> None:
+    alias, path, keyed = case
     expected = mock_catalog.resolve(alias).deployments[0]
 
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         routed = await router.complete(chat(alias, "Hello there"))
 
     assert routed.response["object"] == "chat.completion"
@@ -163,7 +168,7 @@ async def test_each_provider_kind_serves_a_chat_completion(
 
 
 async def test_anthropic_deployment_gets_a_translated_request_and_answers_tool_calls(
-    mock: MockProvider, mock_catalog: Catalog
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
     job = chat(
         "claude-haiku",
@@ -177,7 +182,7 @@ async def test_anthropic_deployment_gets_a_translated_request_and_answers_tool_c
         },
     )
 
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         routed = await router.complete(job)
 
     [call] = mock.requests
@@ -194,9 +199,9 @@ async def test_anthropic_deployment_gets_a_translated_request_and_answers_tool_c
 
 
 async def test_cost_is_exact_from_the_deployment_prices(
-    mock: MockProvider, mock_catalog: Catalog
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         routed = await router.complete(chat("claude-haiku"))
 
     expected = (
@@ -206,12 +211,12 @@ async def test_cost_is_exact_from_the_deployment_prices(
 
 
 async def test_many_concurrent_jobs_share_the_pooled_clients(
-    mock: MockProvider, mock_catalog: Catalog
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
     mock.configure(MockConfig(default=Behavior(latency_ms=200)))
     aliases = ["gpt-4o-mini", "claude-haiku", "local-llama"] * 40
 
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         served = await asyncio.gather(*(router.complete(chat(alias)) for alias in aliases))
 
     assert [routed.model_used for routed in served] == aliases
@@ -225,10 +230,12 @@ async def test_many_concurrent_jobs_share_the_pooled_clients(
 # --- fallback ----------------------------------------------------------------------------------
 
 
-async def test_500_falls_back_to_the_next_alias(mock: MockProvider, mock_catalog: Catalog) -> None:
+async def test_500_falls_back_to_the_next_alias(
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
+) -> None:
     mock.configure(MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)}))
 
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         routed = await router.complete(chat("flaky-gpt"))
 
     assert (routed.model_used, routed.deployment, routed.provider) == (
@@ -239,6 +246,7 @@ async def test_500_falls_back_to_the_next_alias(mock: MockProvider, mock_catalog
     assert routed.fallback_used
     assert [(a.model, a.deployment, a.status, a.error) for a in routed.attempts] == [
         ("flaky-gpt", "openai-flaky", 500, "server_error"),
+        ("flaky-gpt", "openai-flaky", 500, "server_error"),  # retried once by default
         ("claude-haiku", "anthropic-main", 200, None),
     ]
     assert (
@@ -248,11 +256,13 @@ async def test_500_falls_back_to_the_next_alias(mock: MockProvider, mock_catalog
     )
 
 
-async def test_timeout_falls_back_after_the_deployment_timeout(mock: MockProvider) -> None:
+async def test_timeout_falls_back_after_the_deployment_timeout(
+    settings: Settings, mock: MockProvider
+) -> None:
     mock.configure(MockConfig(models={"primary-model": Behavior(timeout_rate=1.0, hang_s=10)}))
     catalog = primary_and_backup(mock.url, timeout=0.3)
 
-    async with Router(catalog, ENV) as router:
+    async with open_router(catalog, ENV, settings) as router:
         routed = await router.complete(chat("primary"))
 
     assert routed.deployment == "backup-dep"
@@ -261,24 +271,30 @@ async def test_timeout_falls_back_after_the_deployment_timeout(mock: MockProvide
     assert 250 <= first.latency_ms < 2000
 
 
-async def test_connection_refused_falls_back(mock: MockProvider) -> None:
+async def test_connection_refused_falls_back(settings: Settings, mock: MockProvider) -> None:
     catalog = primary_and_backup(mock.url, api_base=f"http://127.0.0.1:{closed_port()}")
 
-    async with Router(catalog, ENV) as router:
+    async with open_router(catalog, ENV, settings) as router:
         routed = await router.complete(chat("primary"))
 
     assert routed.deployment == "backup-dep"
-    assert [(a.status, a.error) for a in routed.attempts] == [(None, "connection"), (200, None)]
+    assert [(a.status, a.error) for a in routed.attempts] == [
+        (None, "connection"),
+        (None, "connection"),
+        (200, None),
+    ]
 
 
 @pytest.mark.parametrize(
     "body", [CONTEXT_TOO_LONG_OPENAI, CONTEXT_TOO_LONG_ANTHROPIC], ids=["openai", "anthropic"]
 )
-async def test_context_length_error_moves_on(mock: MockProvider, body: dict[str, Any]) -> None:
+async def test_context_length_error_moves_on(
+    settings: Settings, mock: MockProvider, body: dict[str, Any]
+) -> None:
     behavior = Behavior(error_rate=1.0, error_status=400, error_body=body)
     mock.configure(MockConfig(models={"primary-model": behavior}))
 
-    async with Router(primary_and_backup(mock.url), ENV) as router:
+    async with open_router(primary_and_backup(mock.url), ENV, settings) as router:
         routed = await router.complete(chat("primary"))
 
     assert routed.deployment == "backup-dep"
@@ -286,11 +302,11 @@ async def test_context_length_error_moves_on(mock: MockProvider, body: dict[str,
 
 
 async def test_job_fallbacks_override_the_catalog(
-    mock: MockProvider, mock_catalog: Catalog
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
     mock.configure(MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0)}))
 
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         routed = await router.complete(chat("flaky-gpt", fallbacks=["local-llama"]))
 
     assert routed.model_used == "local-llama"
@@ -299,10 +315,10 @@ async def test_job_fallbacks_override_the_catalog(
 # --- failures ----------------------------------------------------------------------------------
 
 
-async def test_400_fails_the_job_without_fallback(mock: MockProvider) -> None:
+async def test_400_fails_the_job_without_fallback(settings: Settings, mock: MockProvider) -> None:
     mock.configure(MockConfig(models={"primary-model": Behavior(error_rate=1.0, error_status=400)}))
 
-    async with Router(primary_and_backup(mock.url), ENV) as router:
+    async with open_router(primary_and_backup(mock.url), ENV, settings) as router:
         with pytest.raises(InvalidRequest) as caught:
             await router.complete(chat("primary"))
 
@@ -315,7 +331,7 @@ async def test_400_fails_the_job_without_fallback(mock: MockProvider) -> None:
 
 
 async def test_every_deployment_failing_lists_each_attempt(
-    mock: MockProvider, mock_catalog: Catalog
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
     mock.configure(
         MockConfig(
@@ -326,26 +342,28 @@ async def test_every_deployment_failing_lists_each_attempt(
         )
     )
 
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         with pytest.raises(AllProvidersFailed) as caught:
             await router.complete(chat("flaky-gpt"))
 
     assert caught.value.code == "all_providers_failed"
+    flaky = "openai-flaky: 500 server_error: mock: injected 500 for flaky-gpt"
+    haiku = "anthropic-main: 529 overloaded: mock: injected 529 for claude-3-5-haiku-latest"
     assert str(caught.value) == (
-        "all 2 deployments failed: "
-        "openai-flaky: 500 server_error: mock: injected 500 for flaky-gpt; "
-        "anthropic-main: 529 overloaded: mock: injected 529 for claude-3-5-haiku-latest"
+        f"all 2 models failed after 4 calls: {flaky}; {flaky}; {haiku}; {haiku}"
     )
     assert [(a.model, a.status, a.error) for a in caught.value.attempts] == [
         ("flaky-gpt", 500, "server_error"),
+        ("flaky-gpt", 500, "server_error"),
+        ("claude-haiku", 529, "overloaded"),
         ("claude-haiku", 529, "overloaded"),
     ]
 
 
 async def test_missing_key_variable_fails_that_deployment_and_names_the_variable(
-    mock: MockProvider, mock_catalog: Catalog
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
-    async with Router(mock_catalog, {}) as router:
+    async with open_router(mock_catalog, {}, settings) as router:
         with pytest.raises(AllProvidersFailed) as caught:
             await router.complete(chat("gpt-4o-mini"))
         keyless = await router.complete(chat("local-llama"))  # needs no key
@@ -359,7 +377,7 @@ async def test_missing_key_variable_fails_that_deployment_and_names_the_variable
     assert mock.stats.calls == 1
 
 
-async def test_no_key_value_appears_in_any_error(mock: MockProvider) -> None:
+async def test_no_key_value_appears_in_any_error(settings: Settings, mock: MockProvider) -> None:
     echo = {"error": {"message": f"Incorrect API key provided: {SENTINEL_KEY}", "code": "x"}}
     mock.configure(
         MockConfig(
@@ -369,18 +387,18 @@ async def test_no_key_value_appears_in_any_error(mock: MockProvider) -> None:
             }
         )
     )
-    async with Router(primary_and_backup(mock.url), ENV) as router:
+    async with open_router(primary_and_backup(mock.url), ENV, settings) as router:
         with pytest.raises(InvalidRequest) as echoed:
             await router.complete(chat("primary"))
     mock.configure(MockConfig(models={"backup-model": Behavior(timeout_rate=1.0, hang_s=5)}))
     unreachable = primary_and_backup(mock.url, api_base=f"http://127.0.0.1:{closed_port()}")
-    async with Router(unreachable, ENV) as router:
-        with pytest.raises(AllProvidersFailed) as lost:
+    async with open_router(unreachable, ENV, settings) as router:
+        with pytest.raises(DeadlineExceeded) as lost:
             await router.complete(chat("primary"), deadline=time.monotonic() + 0.5)
 
     assert "[redacted]" in str(echoed.value)
     assert [a.error for a in echoed.value.attempts] == ["auth", "bad_request"]
-    assert [a.error for a in lost.value.attempts] == ["connection", "timeout"]
+    assert [a.error for a in lost.value.attempts] == ["connection", "connection", "timeout"]
     for failure in (echoed.value, lost.value):
         assert SENTINEL_KEY not in everything_said(failure)
 
@@ -389,9 +407,9 @@ async def test_no_key_value_appears_in_any_error(mock: MockProvider) -> None:
 
 
 async def test_deadline_already_passed_calls_nothing(
-    mock: MockProvider, mock_catalog: Catalog
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
-    async with Router(mock_catalog, ENV) as router:
+    async with open_router(mock_catalog, ENV, settings) as router:
         with pytest.raises(DeadlineExceeded) as caught:
             await router.complete(chat("gpt-4o-mini"), deadline=time.monotonic() - 1)
 
@@ -400,11 +418,13 @@ async def test_deadline_already_passed_calls_nothing(
     assert mock.stats.calls == 0
 
 
-async def test_deadline_caps_the_call_and_stops_the_chain(mock: MockProvider) -> None:
+async def test_deadline_caps_the_call_and_stops_the_chain(
+    settings: Settings, mock: MockProvider
+) -> None:
     mock.configure(MockConfig(models={"primary-model": Behavior(timeout_rate=1.0, hang_s=10)}))
     catalog = primary_and_backup(mock.url, timeout=30)
 
-    async with Router(catalog, ENV) as router:
+    async with open_router(catalog, ENV, settings) as router:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as caught:
             await router.complete(chat("primary"), deadline=started + 0.3)
@@ -412,15 +432,17 @@ async def test_deadline_caps_the_call_and_stops_the_chain(mock: MockProvider) ->
 
     assert 0.25 <= elapsed < 5  # cut at the deadline, not at the 10 s hang
     assert [(a.deployment, a.error) for a in caught.value.attempts] == [("primary-dep", "timeout")]
-    assert "before calling backup-dep" in str(caught.value)
+    assert "deadline passed before calling" in str(caught.value)
     assert mock.stats.calls == 1
 
 
 # --- router contract ---------------------------------------------------------------------------
 
 
-async def test_check_refuses_unknown_models_and_fallbacks(mock_catalog: Catalog) -> None:
-    router = Router(mock_catalog, ENV)
+async def test_check_refuses_unknown_models_and_fallbacks(
+    settings: Settings, redis_client: aioredis.Redis, mock_catalog: Catalog
+) -> None:
+    router = Router(mock_catalog, ENV, redis=redis_client, keys=Keys(settings.redis_prefix))
 
     router.check(chat("gpt-4o-mini", fallbacks=["local-llama"]))
     with pytest.raises(UnknownModel, match="'gpt-9'"):
@@ -429,8 +451,10 @@ async def test_check_refuses_unknown_models_and_fallbacks(mock_catalog: Catalog)
         router.check(chat("gpt-4o-mini", fallbacks=["local-llama", "ghost"]))
 
 
-async def test_router_must_be_open_to_complete_and_opens_once(mock_catalog: Catalog) -> None:
-    router = Router(mock_catalog, ENV)
+async def test_router_must_be_open_to_complete_and_opens_once(
+    settings: Settings, redis_client: aioredis.Redis, mock_catalog: Catalog
+) -> None:
+    router = Router(mock_catalog, ENV, redis=redis_client, keys=Keys(settings.redis_prefix))
 
     with pytest.raises(RuntimeError, match="not open"):
         await router.complete(chat("gpt-4o-mini"))

@@ -28,13 +28,14 @@ class Timing:
     worker: str
 
 
-def served(job: ChatJob, routed: Routed, timing: Timing) -> Outcome:
+def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False) -> Outcome:
     gateway = GatewayInfo(
         model_requested=job.model,
         model_used=routed.model_used,
         provider=routed.provider,
         deployment=routed.deployment,
         fallback_used=routed.fallback_used,
+        cached=cached,
         queued_ms=timing.queued_ms,
         latency_ms=routed.latency_ms,
         attempts=routed.attempts,
@@ -60,6 +61,7 @@ def served(job: ChatJob, routed: Routed, timing: Timing) -> Outcome:
         latency_ms=routed.latency_ms,
         attempts=len(routed.attempts),
         fallback_used=routed.fallback_used,
+        cached=cached,
         worker=timing.worker,
     )
     return Outcome(result=result, usage=usage)

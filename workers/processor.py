@@ -1,8 +1,9 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
 decode → validate → team → proven publisher → already finished? → PII policy → deadline →
-admission (budget, team buckets) → router (each deployment's buckets) → settle admission →
-store outcome → publish result (confirmed) → publish usage (confirmed) →
+cache → admission (budget, team buckets) → router (each deployment's buckets; streaming
+deltas to reply_to) → settle admission → store outcome → publish result (confirmed) →
+publish usage (confirmed) →
 dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
@@ -26,10 +27,12 @@ from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
 from workers.admission import Admission
+from workers.cache import ResponseCache
 from workers.gate import Gate
 from workers.outcome import Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
+from workers.streaming import StreamRelay, relay_for
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class JobProcessor:
         *,
         router: Router,
         store: OutcomeStore,
+        cache: ResponseCache,
         publisher: Publisher,
         admission: Admission,
         worker: str,
@@ -56,6 +60,7 @@ class JobProcessor:
         self._router = router
         self._admission = admission
         self._store = store
+        self._cache = cache
         self._publisher = publisher
         self._worker = worker
         self._max_job_bytes = max_job_bytes
@@ -104,7 +109,9 @@ class JobProcessor:
             return
         error: JobError | None = None
         try:
-            outcome = served(job, await self._serve(admitted.screen()), timing)
+            # Stream deltas only to a reply queue the team may use, as its result.
+            reply_to = await self._gate.reply_to(message, team)
+            outcome = await self._answer(admitted.screen(), reply_to, timing)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
@@ -134,7 +141,21 @@ class JobProcessor:
             )
         return job
 
-    async def _serve(self, job: ChatJob) -> Routed:
+    async def _answer(self, job: ChatJob, reply_to: str | None, timing: Timing) -> Outcome:
+        """From the response cache when the job allows it, else from the router (streamed to
+        ``reply_to`` when the job asks for it)."""
+        relay = relay_for(job, reply_to, self._publisher)
+        hit = await self._cache.get(job) if job.cache else None
+        if hit is not None:
+            if relay is not None:
+                await relay.replay(hit.response)
+            return served(job, hit, timing, cached=True)
+        routed = await self._serve(job, relay)
+        if job.cache:
+            await self._cache.put(job, routed)
+        return served(job, routed, timing)
+
+    async def _serve(self, job: ChatJob, relay: StreamRelay | None) -> Routed:
         deadline = _monotonic_deadline(job.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
@@ -145,7 +166,9 @@ class JobProcessor:
         ticket = await self._admission.admit(job, deadline)
         routed: Routed | None = None
         try:
-            routed = await self._router.complete(job, deadline=deadline, gate=ticket)
+            routed = await self._router.complete(
+                job, deadline=deadline, on_delta=relay, gate=ticket
+            )
         finally:
             await ticket.settle(routed)
         return routed

@@ -9,11 +9,12 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from queuegate.broker import json_message, when_connected
-from queuegate.messages import ChatResult, UsageEvent
+from queuegate.messages import ChatResult, StreamChunk, UsageEvent
 from queuegate.topology import (
     HEADER_DEAD_DETAIL,
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
+    MESSAGE_TYPE_CHUNK,
     MESSAGE_TYPE_RESULT,
     MESSAGE_TYPE_USAGE,
 )
@@ -68,6 +69,26 @@ class Publisher:
                 result.job_id,
                 reply_to,
             )
+            return False
+        return True
+
+    async def chunk(self, reply_to: str, chunk: StreamChunk) -> bool:
+        """Send one streamed delta; False when the reply queue no longer exists.
+
+        Not persistent: a delta is worth nothing after a broker restart, the final result is.
+        """
+        message = json_message(
+            chunk.model_dump_json().encode(),
+            message_type=MESSAGE_TYPE_CHUNK,
+            correlation_id=chunk.job_id,
+            persistent=False,
+        )
+        try:
+            await self._send(
+                lambda: self._default.publish(message, routing_key=reply_to, mandatory=True),
+                f"streaming job {chunk.job_id}",
+            )
+        except aiormq.exceptions.PublishError:
             return False
         return True
 

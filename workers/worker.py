@@ -24,6 +24,7 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
 from workers.admission import Admission, prefetch_for
+from workers.cache import ResponseCache
 from workers.gate import Gate
 from workers.identity import Identities
 from workers.processor import JobProcessor
@@ -42,7 +43,7 @@ class Worker:
     with a deep queue can occupy only its own slots and never starve the others::
 
         stop = asyncio.Event()
-        async with Router(catalog, os.environ) as router:
+        async with open_router(catalog, os.environ, settings) as router:
             await Worker(settings, router, teams=["search"]).run(stop)  # until stop is set
 
     On stop it cancels its consumers, gives in-flight jobs ``settings.shutdown_grace``
@@ -117,6 +118,7 @@ class Worker:
             self._processor = JobProcessor(
                 router=self._router,
                 store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
+                cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
                 publisher=Publisher(publish, usage, dead, reconnect_wait=s.reconnect_wait),
                 admission=self._admission,
                 worker=self.name,

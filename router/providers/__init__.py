@@ -2,7 +2,16 @@
 
 from router.catalog import ProviderKind
 from router.providers.anthropic import AnthropicAdapter
-from router.providers.base import Adapter, Completion, ProviderError, UpstreamRequest, Usage
+from router.providers.base import (
+    Adapter,
+    Completion,
+    Delta,
+    ProviderError,
+    ServerEvent,
+    StreamParser,
+    UpstreamRequest,
+    Usage,
+)
 from router.providers.openai import OpenAIAdapter
 
 ADAPTERS: dict[ProviderKind, Adapter] = {
@@ -16,8 +25,11 @@ __all__ = [
     "Adapter",
     "AnthropicAdapter",
     "Completion",
+    "Delta",
     "OpenAIAdapter",
     "ProviderError",
+    "ServerEvent",
+    "StreamParser",
     "UpstreamRequest",
     "Usage",
 ]

@@ -18,10 +18,14 @@ from typing import Any
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
 from router.providers.base import (
     Completion,
+    Delta,
     ProviderError,
+    ServerEvent,
     UpstreamRequest,
     Usage,
     as_int,
+    json_data,
+    stream_error,
 )
 
 PATH = "/v1/messages"
@@ -49,12 +53,16 @@ Block = dict[str, Any]
 class AnthropicAdapter:
     """Requests for ``/v1/messages`` with ``x-api-key`` and a pinned ``anthropic-version``."""
 
-    def build_request(self, job: ChatJob, model: str, api_key: str | None) -> UpstreamRequest:
+    def build_request(
+        self, job: ChatJob, model: str, api_key: str | None, *, stream: bool = False
+    ) -> UpstreamRequest:
         system, messages = _messages(job.messages)
         body: dict[str, Any] = {"model": model, "messages": messages}
         if system:
             body["system"] = system
         body.update(_params(job.params))
+        if stream:
+            body["stream"] = True
         headers = {"anthropic-version": API_VERSION}
         if api_key:
             headers["x-api-key"] = api_key
@@ -99,6 +107,88 @@ class AnthropicAdapter:
             },
         }
         return Completion(response=response, usage=usage)
+
+    def stream_parser(self, model: str) -> AnthropicStream:
+        return AnthropicStream(self, model)
+
+
+class AnthropicStream:
+    """The Messages event stream, rebuilt into the Messages body it stands for.
+
+    Text deltas become ``content`` deltas; a ``tool_use`` block becomes a tool call whose
+    arguments arrive as ``input_json_delta`` pieces, as in OpenAI's streamed tool calls.
+    """
+
+    def __init__(self, adapter: AnthropicAdapter, model: str) -> None:
+        self._adapter = adapter
+        self._message: dict[str, Any] = {"model": model, "content": []}
+        self._usage: dict[str, Any] = {}
+        self._calls: dict[int, int] = {}
+        """Tool call position (OpenAI's ``index``) of each tool_use block index."""
+        self._json: dict[int, list[str]] = {}
+        self._stopped = False
+
+    def feed(self, event: ServerEvent) -> list[Delta]:
+        data = json_data(event)
+        kind = data.get("type")
+        if kind == "error":
+            raise stream_error(data.get("error"))
+        if kind == "message_start":
+            start = data.get("message") or {}
+            self._message |= {k: v for k, v in start.items() if k not in ("content", "usage")}
+            self._usage |= start.get("usage") or {}
+        elif kind == "content_block_start":
+            return self._start(as_int(data.get("index")), data.get("content_block") or {})
+        elif kind == "content_block_delta":
+            return self._delta(as_int(data.get("index")), data.get("delta") or {})
+        elif kind == "message_delta":
+            self._message |= data.get("delta") or {}
+            self._usage |= data.get("usage") or {}
+        elif kind == "message_stop":
+            self._stopped = True
+        return []
+
+    def _start(self, index: int, block: Block) -> list[Delta]:
+        blocks = self._message["content"]
+        while len(blocks) <= index:
+            blocks.append({"type": "text", "text": ""})
+        blocks[index] = dict(block)
+        if block.get("type") == "tool_use":
+            position = self._calls[index] = len(self._calls)
+            self._json[index] = []
+            function = {"name": block.get("name"), "arguments": ""}
+            call = {"index": position, "id": block.get("id"), "type": "function"}
+            return [{"tool_calls": [call | {"function": function}]}]
+        if block.get("type") == "text" and block.get("text"):
+            return [{"content": block["text"]}]
+        return []
+
+    def _delta(self, index: int, delta: Block) -> list[Delta]:
+        blocks = self._message["content"]
+        if index >= len(blocks):
+            raise ProviderError("bad_response", "a stream delta for a block never started")
+        if delta.get("type") == "text_delta":
+            text = str(delta.get("text") or "")
+            blocks[index]["text"] = blocks[index].get("text", "") + text
+            return [{"content": text}] if text else []
+        if delta.get("type") == "input_json_delta" and index in self._calls:
+            piece = str(delta.get("partial_json") or "")
+            self._json[index].append(piece)
+            function = {"arguments": piece}
+            return [{"tool_calls": [{"index": self._calls[index], "function": function}]}]
+        return []  # thinking and signature deltas have no place in an OpenAI message
+
+    def completion(self) -> Completion:
+        if not self._stopped:
+            raise ProviderError("bad_response", "the stream ended before message_stop")
+        for index, pieces in self._json.items():
+            try:
+                self._message["content"][index]["input"] = json.loads("".join(pieces) or "{}")
+            except ValueError as exc:
+                raise ProviderError("bad_response", "streamed tool input is not JSON") from exc
+        return self._adapter.parse_response(
+            self._message | {"usage": self._usage}, self._message["model"]
+        )
 
 
 def _messages(messages: list[ChatMessage]) -> tuple[str, list[Block]]:

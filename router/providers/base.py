@@ -6,17 +6,22 @@ canonical OpenAI ``chat.completion`` and its token usage. The HTTP call itself l
 ``router.transport``, so retries, streaming and breakers can wrap it without touching adapters.
 
 Every failure becomes a ``ProviderError`` whose ``error_class`` comes from the one table below,
-which also says whether the router moves on to the next deployment.
+which also says whether the router retries the deployment, moves on to the next one, and
+whether the failure counts toward the deployment's circuit breaker.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatJob
+
+MAX_DETAIL = 160
+"""Characters of an upstream error message kept: enough to say what was wrong, no more."""
 
 ErrorClass = Literal[
     "timeout",
@@ -28,30 +33,53 @@ ErrorClass = Literal[
     "auth",
     "not_found",
     "context_length",
+    "content_policy",
     "no_api_key",
     "unsupported",
     "bad_response",
 ]
 
-MOVES_ON: dict[ErrorClass, bool] = {
-    # Transient on the provider's side: another deployment may well answer.
-    "timeout": True,
-    "connection": True,
-    "rate_limited": True,
-    "server_error": True,
-    "overloaded": True,
-    # That deployment's configuration is wrong (key, account, model name): try the next one.
-    "auth": True,
-    "not_found": True,
-    "no_api_key": True,
+
+@dataclass(frozen=True)
+class Handling:
+    """What the router does after one failure of a class."""
+
+    retries: bool
+    """Worth calling the same deployment again (after a backoff)."""
+    moves_on: bool
+    """Worth trying the next deployment; False: every deployment would refuse it, the job fails."""
+    trips_breaker: bool
+    """Counts as a failure toward the deployment's circuit breaker."""
+
+
+_TRANSIENT = Handling(retries=True, moves_on=True, trips_breaker=True)
+_MISCONFIGURED = Handling(retries=False, moves_on=True, trips_breaker=True)
+_NOT_HERE = Handling(retries=False, moves_on=True, trips_breaker=False)
+
+HANDLING: dict[ErrorClass, Handling] = {
+    # Transient on the provider's side: the same deployment may answer soon, another one now.
+    "timeout": _TRANSIENT,
+    "connection": _TRANSIENT,
+    "server_error": _TRANSIENT,
+    "overloaded": _TRANSIENT,
+    # The provider is healthy and asks us to slow down: retried after its Retry-After, and the
+    # deployment is paused for every worker instead, so it never counts as a breaker failure.
+    "rate_limited": Handling(retries=True, moves_on=True, trips_breaker=False),
+    # That deployment's configuration is wrong (key, account, model name, wire): every call
+    # fails alike, so the breaker takes it out of rotation instead of each job learning it.
+    "auth": _MISCONFIGURED,
+    "not_found": _MISCONFIGURED,
+    "bad_response": _MISCONFIGURED,
+    "no_api_key": _NOT_HERE,  # no call was made
     # The request fits another model (bigger window, other content types) or another wire.
-    "context_length": True,
-    "unsupported": True,
-    "bad_response": True,
-    # The caller's request is wrong: every other deployment would refuse it too.
-    "bad_request": False,
+    "context_length": _NOT_HERE,
+    "unsupported": _NOT_HERE,
+    # The caller's request is wrong (or refused for its content): every other deployment would
+    # refuse it too, unless the catalog names a fallback for exactly this case.
+    "bad_request": Handling(retries=False, moves_on=False, trips_breaker=False),
+    "content_policy": Handling(retries=False, moves_on=False, trips_breaker=False),
 }
-"""Whether a failure of each class moves on to the next deployment (False: the job fails)."""
+"""How the router treats each failure class: the one table of retryable and final errors."""
 
 _STATUS_CLASSES: dict[int, ErrorClass] = {
     400: "bad_request",
@@ -69,19 +97,23 @@ _STATUS_CLASSES: dict[int, ErrorClass] = {
 }
 
 _CONTEXT_LENGTH_CODES = frozenset({"context_length_exceeded"})
+_CONTENT_POLICY_CODES = frozenset({"content_policy_violation", "content_filter"})
 _CONTEXT_LENGTH_TEXT = re.compile(
     r"context[ _-]?(length|window)|prompt is too long|too many (input )?tokens", re.IGNORECASE
 )
 """OpenAI sends a code; Anthropic ("prompt is too long") and vLLM only say it in the message."""
+_CONTENT_POLICY_TEXT = re.compile(r"content (management )?polic|safety system", re.IGNORECASE)
+"""OpenAI's code, or its and Azure's wording when the code is missing."""
 
 
 def classify(status: int, code: str | None = None, message: str = "") -> ErrorClass:
     """The error class of an HTTP error response (status, error code and message from its body)."""
     error_class = _STATUS_CLASSES.get(status)
-    if error_class == "bad_request" and (
-        code in _CONTEXT_LENGTH_CODES or _CONTEXT_LENGTH_TEXT.search(message)
-    ):
-        return "context_length"
+    if error_class == "bad_request":
+        if code in _CONTEXT_LENGTH_CODES or _CONTEXT_LENGTH_TEXT.search(message):
+            return "context_length"
+        if code in _CONTENT_POLICY_CODES or _CONTENT_POLICY_TEXT.search(message):
+            return "content_policy"
     if error_class is not None:
         return error_class
     if status >= 500:
@@ -107,9 +139,13 @@ class ProviderError(GatewayError):
     ) -> None:
         self.error_class: ErrorClass = error_class
         self.status = status
-        self.moves_on = MOVES_ON[error_class]
+        handling = HANDLING[error_class]
+        self.retries = handling.retries
+        self.moves_on = handling.moves_on
+        self.trips_breaker = handling.trips_breaker
         self.retry_after = retry_after
-        """Seconds the provider asked us to wait (Retry-After or retry-after-ms), if it said."""
+        """Seconds the provider asked us to wait (Retry-After, retry-after-ms or the
+        x-ratelimit-reset-* headers), if it said: a floor for the next call to the deployment."""
         head = f"{status} {error_class}" if status is not None else error_class
         super().__init__(f"{head}: {detail}" if detail else head)
 
@@ -141,16 +177,79 @@ class UpstreamRequest:
     """Kept out of repr: they carry the API key."""
 
 
+@dataclass(frozen=True)
+class ServerEvent:
+    """One server-sent event of a streamed answer: its ``event:`` name (or None) and data."""
+
+    name: str | None
+    data: str
+
+
+Delta = dict[str, Any]
+"""A canonical stream delta: the ``delta`` of an OpenAI ``chat.completion.chunk`` choice."""
+
+
+class StreamParser(Protocol):
+    """Reads one streamed answer, event by event, into canonical deltas and a completion."""
+
+    def feed(self, event: ServerEvent) -> list[Delta]:
+        """The deltas carrying content or tool calls in ``event`` (often none); raises
+        ProviderError for an error event or a malformed one."""
+        ...
+
+    def completion(self) -> Completion:
+        """The whole answer, as if it had not been streamed, with the usage the provider
+        reported; raises ProviderError("bad_response") when the stream ended early."""
+        ...
+
+
 class Adapter(Protocol):
     """Translates between the canonical job/response and one provider's wire format."""
 
-    def build_request(self, job: ChatJob, model: str, api_key: str | None) -> UpstreamRequest:
-        """The request for ``model`` (the upstream name); raises ProviderError("unsupported")."""
+    def build_request(
+        self, job: ChatJob, model: str, api_key: str | None, *, stream: bool = False
+    ) -> UpstreamRequest:
+        """The request for ``model`` (the upstream name), streamed when ``stream``; raises
+        ProviderError("unsupported")."""
         ...
 
     def parse_response(self, body: Any, model: str) -> Completion:
         """The canonical completion of a 2xx body; raises ProviderError("bad_response")."""
         ...
+
+    def stream_parser(self, model: str) -> StreamParser:
+        """A parser for one streamed answer from ``model``."""
+        ...
+
+
+def json_data(event: ServerEvent) -> dict[str, Any]:
+    """The JSON object an event carries; raises ProviderError("bad_response")."""
+    try:
+        data = json.loads(event.data)
+    except ValueError as exc:
+        raise ProviderError("bad_response", "a stream event is not JSON") from exc
+    if not isinstance(data, dict):
+        raise ProviderError("bad_response", "a stream event is not a JSON object")
+    return data
+
+
+def stream_error(error: Any) -> ProviderError:
+    """The ProviderError of an error sent inside a stream (after a 200 status)."""
+    if not isinstance(error, dict):
+        return ProviderError("server_error", "the stream carried an error")
+    kind = str(error.get("type") or error.get("code") or "")
+    message = " ".join(str(error.get("message") or kind).split())[:MAX_DETAIL]
+    return ProviderError(_STREAM_ERRORS.get(kind, "server_error"), message)
+
+
+_STREAM_ERRORS: dict[str, ErrorClass] = {
+    "overloaded_error": "overloaded",
+    "rate_limit_error": "rate_limited",
+    "rate_limit_exceeded": "rate_limited",
+    "invalid_request_error": "bad_request",
+    "timeout_error": "timeout",
+}
+"""Error types sent in a stream (Anthropic's ``event: error``, OpenAI's ``{"error": ...}``)."""
 
 
 def as_int(value: Any) -> int:

@@ -1,0 +1,82 @@
+"""Streamed replies: a job's StreamChunks as an async iterator, ended by its ChatResult."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Self
+
+from queuegate.errors import ResultTimeout
+from queuegate.messages import ChatResult, StreamChunk
+
+
+class ChatStream:
+    """The deltas of one streamed job, in order, as they arrive::
+
+        stream = client.stream("gpt-4o-mini", messages, max_tokens=200)
+        async for chunk in stream:
+            print(chunk.delta.get("content", ""), end="")
+        print(stream.result.gateway.cost_usd)  # the final ChatResult, usage included
+
+    The job is published when iteration starts. Iteration ends with the result, which is
+    ``ok`` with the whole response, or ``error`` (a failure after the first chunk ends the
+    stream with ``provider_error``; one before it falls back like any other call). ``timeout``
+    is the longest wait for the next chunk; past it, ResultTimeout.
+    """
+
+    def __init__(self, job_id: str, start: Callable[[], Awaitable[object]], timeout: float | None):
+        self.job_id = job_id
+        self.result: ChatResult | None = None
+        """The final result, once the iteration has ended."""
+        self._start: Callable[[], Awaitable[object]] | None = start
+        self._timeout = timeout
+        self._items: asyncio.Queue[StreamChunk | ChatResult] = asyncio.Queue()
+        self._next_seq = 0
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._start is not None:
+            start, self._start = self._start, None
+            await start()
+        while self.result is None:
+            try:
+                item = await asyncio.wait_for(self._items.get(), self._timeout)
+            except TimeoutError as exc:
+                raise ResultTimeout(
+                    f"no chunk of job {self.job_id} within {self._timeout} s; "
+                    "check the workers (queuegate status)"
+                ) from exc
+            if isinstance(item, ChatResult):
+                self.result = item
+            elif item.seq >= self._next_seq:  # lower: a redelivered job streaming again
+                self._next_seq = item.seq + 1
+                return item
+        raise StopAsyncIteration
+
+    def put(self, item: StreamChunk | ChatResult) -> None:
+        self._items.put_nowait(item)
+
+
+class StreamBook:
+    """The open streams of a client, by job id."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, ChatStream] = {}
+
+    def open(self, stream: ChatStream) -> None:
+        self._streams[stream.job_id] = stream
+
+    def chunk(self, chunk: StreamChunk) -> None:
+        stream = self._streams.get(chunk.job_id)
+        if stream is not None:
+            stream.put(chunk)
+
+    def finish(self, result: ChatResult) -> bool:
+        """Hand the result to its stream, if it has one; False otherwise."""
+        stream = self._streams.pop(result.job_id, None)
+        if stream is None:
+            return False
+        stream.put(result)
+        return True

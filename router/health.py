@@ -1,0 +1,135 @@
+"""Deployment health shared by every worker through Redis: circuit breakers and 429 pauses.
+
+One Lua script (``router/lua/health.lua``, registered once per Router) reads and changes a
+deployment's state atomically, so two workers never both probe a half-open circuit.
+
+Best effort by design: while Redis is down every deployment counts as healthy, and jobs are
+still served (without shared breakers) rather than failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Literal, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from queuegate.keys import Keys
+from router.catalog import Catalog, Deployment
+
+log = logging.getLogger(__name__)
+
+State = Literal["closed", "probe", "open", "half_open", "paused"]
+Op = Literal["allow", "success", "failure", "rate_limit"]
+
+PROBE_GRACE = 1.0
+"""Seconds a probe may outlive its deployment's timeout before another caller may probe."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a call to a deployment may start now, and if not, for how long it may not."""
+
+    state: State
+    wait: float
+    """Seconds until it may be allowed again (0 when allowed)."""
+
+    @property
+    def allowed(self) -> bool:
+        return self.state in ("closed", "probe")
+
+
+_ALLOWED = Verdict("closed", 0.0)
+
+
+@dataclass(frozen=True)
+class Status:
+    """A deployment's shared health, for operators: ``queuegate deployments``."""
+
+    state: str
+    """``closed``, ``open`` or ``half_open`` (a probe is out)."""
+    wait: float
+    """Seconds until an open circuit lets a probe through, or a probe's time runs out."""
+    paused_for: float
+    """Seconds left of a 429 pause (0: not paused)."""
+
+
+class Health:
+    """Circuit breaker and pause of every deployment of a catalog, in Redis under ``keys``."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, catalog: Catalog) -> None:
+        self._client = client
+        self._keys = keys
+        self._catalog = catalog
+        source = resources.files("router").joinpath("lua/health.lua").read_text("utf-8")
+        self._script = client.register_script(source)
+        self._down = False
+
+    async def allow(self, deployment: Deployment) -> Verdict:
+        """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
+        return await self._run("allow", deployment)
+
+    async def success(self, deployment: Deployment) -> None:
+        await self._run("success", deployment)
+
+    async def failure(self, deployment: Deployment) -> None:
+        await self._run("failure", deployment)
+
+    async def rate_limited(self, deployment: Deployment, pause: float) -> None:
+        """Pause the deployment for everyone for ``pause`` seconds (a longer pause stays)."""
+        await self._run("rate_limit", deployment, pause)
+
+    async def status(self, deployment: Deployment) -> Status:
+        """What every worker sees of a deployment now (read only; raises RedisError)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hmget(self._keys.breaker(deployment.name), "state", "until")
+            pipe.time()
+            pipe.pttl(self._keys.paused(deployment.name))
+            (state, until), (seconds, micros), paused = await pipe.execute()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        left = max(0, int(until) - now) if until is not None else 0
+        return Status(
+            state=state.decode() if state is not None else "closed",
+            wait=left / 1000,
+            paused_for=max(0, int(paused)) / 1000,
+        )
+
+    async def _run(self, op: Op, deployment: Deployment, pause: float = 0.0) -> Verdict:
+        policy = self._catalog.breaker(deployment)
+        args = [
+            op,
+            _ms(policy.window),
+            policy.failures,
+            repr(policy.ratio),
+            policy.min_calls,
+            _ms(policy.cooldown),
+            _ms(deployment.timeout + PROBE_GRACE),
+            _ms(pause),
+        ]
+        keys = [self._keys.breaker(deployment.name), self._keys.paused(deployment.name)]
+        try:
+            state, millis = await self._script(keys=keys, args=args)
+        except RedisError as exc:
+            if not self._down:
+                self._down = True
+                log.warning(
+                    "Redis unavailable (%s): circuit breakers and 429 pauses are not shared "
+                    "until it returns",
+                    type(exc).__name__,
+                )
+            return _ALLOWED
+        if self._down:
+            self._down = False
+            log.info("Redis is back: circuit breakers and 429 pauses are shared again")
+        name = state.decode() if isinstance(state, bytes) else str(state)
+        verdict = Verdict(cast(State, name), millis / 1000)
+        if op == "failure" and verdict.state == "open" and verdict.wait > 0:
+            log.warning("circuit of deployment %s opened", deployment.name)
+        return verdict
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

@@ -1,0 +1,97 @@
+-- The health of one deployment, shared by every worker: its circuit breaker and its 429 pause.
+-- Atomic, on Redis's own clock, so workers with skewed clocks agree.
+--
+-- KEYS[1]  breaker hash: state (closed | open | half_open), until (ms), start, calls, failures
+-- KEYS[2]  pause key: present while the deployment is paused; its TTL is what is left
+-- ARGV     op, window_ms, failures, ratio, min_calls, cooldown_ms, probe_ms, pause_ms
+--
+-- op = allow       may a call start?  {"closed"|"probe", 0} yes; {"paused"|"open"|"half_open",
+--                                     ms left} no.  After the cooldown exactly one caller gets
+--                                     "probe" and the circuit is half open until it reports
+--                                     (or probe_ms pass without a report: a crashed prober).
+-- op = success     a call answered; a probe's success closes the circuit.
+-- op = failure     a call failed; counted in the window, may open the circuit.
+-- op = rate_limit  a 429: pause for pause_ms (never shortened); not a failure, and a probe
+--                  that got it is inconclusive, so the next allowed caller probes again.
+-- Every op returns {state, ms}.
+
+local breaker, paused = KEYS[1], KEYS[2]
+local op = ARGV[1]
+local window = tonumber(ARGV[2])
+local max_failures = tonumber(ARGV[3])
+local ratio = tonumber(ARGV[4])
+local min_calls = tonumber(ARGV[5])
+local cooldown = tonumber(ARGV[6])
+local probe = tonumber(ARGV[7])
+local pause = tonumber(ARGV[8])
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local state = redis.call('HGET', breaker, 'state') or 'closed'
+local keep = window + cooldown + probe
+
+local function open()
+  redis.call('HSET', breaker, 'state', 'open', 'until', now + cooldown)
+  redis.call('HDEL', breaker, 'start', 'calls', 'failures')
+  redis.call('PEXPIRE', breaker, keep)
+  return {'open', cooldown}
+end
+
+if op == 'allow' then
+  local left = redis.call('PTTL', paused)
+  if left > 0 then
+    return {'paused', left}
+  end
+  if state == 'closed' then
+    return {'closed', 0}
+  end
+  local until_ms = tonumber(redis.call('HGET', breaker, 'until') or '0')
+  if now < until_ms then
+    return {state, until_ms - now}
+  end
+  redis.call('HSET', breaker, 'state', 'half_open', 'until', now + probe)
+  redis.call('PEXPIRE', breaker, keep)
+  return {'probe', 0}
+end
+
+if op == 'rate_limit' then
+  if redis.call('PTTL', paused) < pause then
+    redis.call('SET', paused, '1', 'PX', pause)
+  end
+  if state == 'half_open' then
+    redis.call('HSET', breaker, 'until', now)
+  end
+  return {state, pause}
+end
+
+if state == 'half_open' then
+  if op == 'success' then
+    redis.call('DEL', breaker)
+    return {'closed', 0}
+  end
+  return open()
+end
+if state == 'open' then
+  -- A call that started before the circuit opened: it changes nothing.
+  return {'open', 0}
+end
+
+local start = tonumber(redis.call('HGET', breaker, 'start') or '0')
+local calls, failures = 0, 0
+if now - start < window then
+  calls = tonumber(redis.call('HGET', breaker, 'calls') or '0')
+  failures = tonumber(redis.call('HGET', breaker, 'failures') or '0')
+else
+  start = now
+end
+calls = calls + 1
+if op == 'failure' then
+  failures = failures + 1
+  if failures >= max_failures or (calls >= min_calls and failures / calls >= ratio) then
+    return open()
+  end
+end
+redis.call('HSET', breaker, 'state', 'closed', 'start', start, 'calls', calls,
+  'failures', failures)
+redis.call('PEXPIRE', breaker, keep)
+return {'closed', 0}

@@ -1,0 +1,62 @@
+"""The response cache: an opted-in repeat is answered from Redis, free, and still accounted."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from queuegate.settings import Settings
+from tests.support import running_gateway
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+async def test_a_repeated_cached_job_is_answered_from_the_cache_for_free(
+    settings: Settings,
+) -> None:
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # Given a job that opted in to the cache, answered once
+        first = await (await client.submit(client.job("gpt-4o-mini", HELLO, cache=True))).result(10)
+
+        # When the same request comes again
+        again = await (await client.submit(client.job("gpt-4o-mini", HELLO, cache=True))).result(10)
+
+        # Expect the same answer, marked cached, costing nothing, with no second call
+        assert again.status == "ok" and again.gateway.cached
+        assert again.response == first.response
+        assert again.gateway.cost_usd == 0 and again.gateway.attempts == []
+        assert not first.gateway.cached and first.gateway.cost_usd > 0
+        assert gw.mock.stats.calls == 1
+        rows = {row["job_id"]: row for row in await gw.usage_rows(2)}
+        assert rows[again.job_id]["cached"] and rows[again.job_id]["cost_usd"] == Decimal(0)
+        assert not rows[first.job_id]["cached"]
+
+
+async def test_jobs_without_the_flag_and_other_requests_are_not_served_from_the_cache(
+    settings: Settings,
+) -> None:
+    async with running_gateway(settings, teams=("alpha", "beta")) as gw:
+        async with gw.client("alpha") as alpha:
+            await (await alpha.submit(alpha.job("gpt-4o-mini", HELLO, cache=True))).result(10)
+            plain = await alpha.chat("gpt-4o-mini", HELLO, timeout=10)
+            other = await (
+                await alpha.submit(alpha.job("gpt-4o-mini", HELLO, cache=True, max_tokens=5))
+            ).result(10)
+        async with gw.client("beta") as beta:
+            elsewhere = await (
+                await beta.submit(beta.job("gpt-4o-mini", HELLO, cache=True))
+            ).result(10)
+
+        assert not any(r.gateway.cached for r in (plain, other, elsewhere))
+        assert gw.mock.stats.calls == 4
+
+
+async def test_a_cached_answer_to_a_streamed_job_arrives_as_one_chunk(settings: Settings) -> None:
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        await (await client.submit(client.job("claude-haiku", HELLO, cache=True))).result(10)
+
+        stream = client.stream("claude-haiku", HELLO, cache=True, timeout=10)
+        chunks = [chunk async for chunk in stream]
+
+        assert stream.result is not None and stream.result.gateway.cached
+        assert [c.delta for c in chunks] == [{"content": stream.result.content}]
+        assert gw.mock.stats.calls == 1

@@ -1,0 +1,279 @@
+"""Streamed answers, pure: the providers' documented event streams into canonical deltas."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from router.providers import AnthropicAdapter, OpenAIAdapter, ProviderError, ServerEvent
+from router.transport import EventParser
+
+CLAUDE = "claude-3-5-sonnet-20241022"
+
+
+def anthropic_events(*events: dict[str, Any]) -> list[ServerEvent]:
+    return [ServerEvent(str(e["type"]), json.dumps(e)) for e in events]
+
+
+def openai_events(*chunks: dict[str, Any] | str) -> list[ServerEvent]:
+    return [ServerEvent(None, c if isinstance(c, str) else json.dumps(c)) for c in chunks]
+
+
+# Anthropic's "Basic streaming request" example (docs: Messages, Streaming Messages).
+ANTHROPIC_TEXT = anthropic_events(
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": CLAUDE,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 25, "output_tokens": 1},
+        },
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "ping"},
+    {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "Hello"},
+    },
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "!"}},
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 15},
+    },
+    {"type": "message_stop"},
+)
+
+# Anthropic's "Streaming request with tool use" example, shortened: text, then a tool_use
+# block whose input arrives as partial JSON.
+ANTHROPIC_TOOL = anthropic_events(
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_014p7gG3wDgGV9EUtLvnow3U",
+            "type": "message",
+            "role": "assistant",
+            "model": CLAUDE,
+            "content": [],
+            "usage": {"input_tokens": 472, "output_tokens": 2},
+        },
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "Okay, let's check the weather"},
+    },
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {
+            "type": "tool_use",
+            "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+            "name": "get_weather",
+            "input": {},
+        },
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": ""},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '{"location":'},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": ' "San Francisco, CA"}'},
+    },
+    {"type": "content_block_stop", "index": 1},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"output_tokens": 89},
+    },
+    {"type": "message_stop"},
+)
+
+
+def _openai_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-123",
+        "object": "chat.completion.chunk",
+        "created": 1694268190,
+        "model": "gpt-4o-mini",
+        "system_fingerprint": "fp_44709d6fcb",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+# OpenAI's streaming example (API reference: The chat completion chunk object), with
+# stream_options.include_usage, so a last chunk with empty choices carries the usage.
+OPENAI_TEXT = openai_events(
+    _openai_chunk({"role": "assistant", "content": ""}),
+    _openai_chunk({"content": "Hello"}),
+    _openai_chunk({"content": "!"}),
+    _openai_chunk({}, "stop"),
+    {
+        **_openai_chunk({}),
+        "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    },
+    "[DONE]",
+)
+
+
+def feed(parser: Any, events: list[ServerEvent]) -> list[dict[str, Any]]:
+    return [delta for event in events for delta in parser.feed(event)]
+
+
+def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None:
+    parser = AnthropicAdapter().stream_parser(CLAUDE)
+
+    deltas = feed(parser, ANTHROPIC_TEXT)
+    completion = parser.completion()
+
+    assert deltas == [{"content": "Hello"}, {"content": "!"}]
+    choice = completion.response["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "Hello!"}
+    assert choice["finish_reason"] == "stop"
+    assert completion.response["id"] == "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY"
+    assert (completion.usage.input_tokens, completion.usage.output_tokens) == (25, 15)
+
+
+def test_anthropic_tool_use_stream_becomes_openai_tool_call_deltas() -> None:
+    parser = AnthropicAdapter().stream_parser(CLAUDE)
+
+    deltas = feed(parser, ANTHROPIC_TOOL)
+    completion = parser.completion()
+
+    assert deltas[0] == {"content": "Okay, let's check the weather"}
+    assert deltas[1] == {
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+        ]
+    }
+    pieces = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:]]
+    assert json.loads("".join(pieces)) == {"location": "San Francisco, CA"}
+    choice = completion.response["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"location": "San Francisco, CA"}
+    assert completion.usage.output_tokens == 89
+
+
+def test_openai_stream_passes_its_deltas_through_and_reads_the_usage_chunk() -> None:
+    parser = OpenAIAdapter().stream_parser("gpt-4o-mini")
+
+    deltas = feed(parser, OPENAI_TEXT)
+    completion = parser.completion()
+
+    assert deltas == [{"content": "Hello"}, {"content": "!"}]
+    assert completion.response["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Hello!",
+    }
+    assert completion.response["id"] == "chatcmpl-123"
+    assert (completion.usage.input_tokens, completion.usage.output_tokens) == (9, 2)
+
+
+def test_openai_streamed_tool_call_pieces_are_joined() -> None:
+    call = {"index": 0, "id": "call_abc", "type": "function"}
+    parser = OpenAIAdapter().stream_parser("gpt-4o-mini")
+    feed(
+        parser,
+        openai_events(
+            _openai_chunk({"role": "assistant", "content": None}),
+            _openai_chunk({"tool_calls": [call | {"function": {"name": "f", "arguments": ""}}]}),
+            _openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]}),
+            _openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}),
+            _openai_chunk({}, "tool_calls"),
+            "[DONE]",
+        ),
+    )
+
+    message = parser.completion().response["choices"][0]["message"]
+
+    assert message["content"] is None
+    assert message["tool_calls"] == [
+        {"id": "call_abc", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "event", "error_class"),
+    [
+        (
+            AnthropicAdapter(),
+            ServerEvent(
+                "error",
+                '{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}',
+            ),
+            "overloaded",
+        ),
+        (OpenAIAdapter(), ServerEvent(None, '{"error": {"message": "boom"}}'), "server_error"),
+        (OpenAIAdapter(), ServerEvent(None, "not json"), "bad_response"),
+    ],
+)
+def test_errors_inside_a_stream_are_classified(
+    adapter: Any, event: ServerEvent, error_class: str
+) -> None:
+    with pytest.raises(ProviderError) as caught:
+        adapter.stream_parser("m").feed(event)
+
+    assert caught.value.error_class == error_class
+
+
+@pytest.mark.parametrize(
+    ("adapter", "events"),
+    [(AnthropicAdapter(), ANTHROPIC_TEXT[:-2]), (OpenAIAdapter(), OPENAI_TEXT[:3])],
+)
+def test_a_stream_that_ends_early_is_a_bad_response(
+    adapter: Any, events: list[ServerEvent]
+) -> None:
+    parser = adapter.stream_parser("m")
+    feed(parser, events)
+
+    with pytest.raises(ProviderError) as caught:
+        parser.completion()
+
+    assert caught.value.error_class == "bad_response"
+
+
+def test_server_sent_event_lines_are_parsed_as_the_spec_says() -> None:
+    parser = EventParser()
+    lines = [
+        ": a comment",
+        "event: message_start",
+        "data: {",
+        'data: "a": 1}',
+        "",
+        "",
+        "data:[DONE]",
+        "",
+    ]
+
+    events = [event for line in lines if (event := parser.feed(line)) is not None]
+
+    assert events == [
+        ServerEvent("message_start", '{\n"a": 1}'),
+        ServerEvent(None, "[DONE]"),
+    ]

@@ -1,0 +1,101 @@
+"""The response cache: exact-match answers in Redis, for jobs that opt in with ``cache``.
+
+The key is a hash of the team, the model (and fallbacks), the messages and the parameters,
+so a team never reads another team's answers. A hit costs nothing: it is answered with the
+stored response, marked ``cached``, and still accounted (no tokens, cost 0, ``cached`` set).
+Best effort, like the outcome store: while Redis is down every lookup misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from queuegate.keys import Keys
+from queuegate.messages import ChatJob
+from router import Routed
+
+log = logging.getLogger(__name__)
+
+
+class _Entry(BaseModel):
+    response: dict[str, Any]
+    model_used: str
+    deployment: str
+    provider: str
+
+
+class ResponseCache:
+    def __init__(self, client: aioredis.Redis, keys: Keys, ttl: int) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl
+        self._down = False
+
+    async def get(self, job: ChatJob) -> Routed | None:
+        """The cached answer to ``job`` as a Routed with no attempts, tokens or cost, or None.
+
+        No tokens: the provider processed none, so buckets and token reports stay true; the
+        response keeps the ``usage`` of the call that was cached.
+        """
+        try:
+            raw: bytes | str | None = await self._client.get(self._keys.cache(digest(job)))
+        except RedisError as exc:
+            self._outage(exc)
+            return None
+        self._down = False
+        if raw is None:
+            return None
+        try:
+            entry = _Entry.model_validate_json(raw)
+        except ValidationError:
+            log.warning("cached answer for job %s is unreadable; calling the provider", job.job_id)
+            return None
+        return Routed(
+            **entry.model_dump(),
+            fallback_used=entry.model_used != job.model,
+            attempts=[],
+            input_tokens=0,
+            output_tokens=0,
+            cached_tokens=0,
+            cost_usd=Decimal(0),
+            latency_ms=0.0,
+        )
+
+    async def put(self, job: ChatJob, routed: Routed) -> None:
+        entry = _Entry(
+            response=routed.response,
+            model_used=routed.model_used,
+            deployment=routed.deployment,
+            provider=routed.provider,
+        )
+        try:
+            await self._client.set(
+                self._keys.cache(digest(job)), entry.model_dump_json(), ex=self._ttl
+            )
+        except RedisError as exc:
+            self._outage(exc)
+
+    def _outage(self, exc: RedisError) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("Redis unavailable (%s): the response cache misses", type(exc).__name__)
+
+
+def digest(job: ChatJob) -> str:
+    """What makes two jobs the same request: team, model, fallbacks, messages, parameters."""
+    request = {
+        "team": job.team,
+        "model": job.model,
+        "fallbacks": job.fallbacks,
+        "messages": [m.model_dump(exclude_none=True) for m in job.messages],
+        "params": job.params.model_dump(exclude_none=True),
+    }
+    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -1,0 +1,50 @@
+"""Relaying a streamed job's deltas to its caller, as StreamChunks before the final result.
+
+Chunks go to the job's ``reply_to`` one at a time, each confirmed before the next, so they
+arrive in ``seq`` order and always before the result, which is published after them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from queuegate.messages import ChatJob, StreamChunk
+from router.providers import Delta
+from workers.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+
+class StreamRelay:
+    """A Router ``on_delta`` sink that publishes each delta with the next ``seq``."""
+
+    def __init__(self, publisher: Publisher, reply_to: str, job_id: str) -> None:
+        self._publisher = publisher
+        self._reply_to = reply_to
+        self._job_id = job_id
+        self._seq = 0
+        self._gone = False
+
+    async def __call__(self, delta: Delta) -> None:
+        if self._gone:
+            return  # nobody listens: the job still runs to the end and is accounted
+        chunk = StreamChunk(job_id=self._job_id, seq=self._seq, delta=delta)
+        self._seq += 1
+        if not await self._publisher.chunk(self._reply_to, chunk):
+            self._gone = True
+            log.warning("reply queue of streamed job %s is gone; not relaying", self._job_id)
+
+    async def replay(self, response: dict[str, Any]) -> None:
+        """An answer that was not streamed (a cache hit), sent as one delta."""
+        message = (response.get("choices") or [{}])[0].get("message") or {}
+        delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
+        if delta:
+            await self(delta)
+
+
+def relay_for(job: ChatJob, reply_to: str | None, publisher: Publisher) -> StreamRelay | None:
+    """The relay of a job that asked to be streamed and has somewhere to stream to."""
+    if not job.stream or not reply_to:
+        return None
+    return StreamRelay(publisher, reply_to, job.job_id)
