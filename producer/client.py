@@ -100,6 +100,7 @@ class GatewayClient:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._reply_queue: AbstractQueue | None = None
+        self._consumer_tag = ""
 
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
@@ -128,7 +129,7 @@ class GatewayClient:
                 )
             # Acknowledged replies only: one in flight when the connection drops is redelivered.
             await self._channel.set_qos(prefetch_count=1000)
-            await self._reply_queue.consume(self._on_reply)
+            self._consumer_tag = await self._reply_queue.consume(self._on_reply)
         except BaseException:
             await self._connection.close()
             raise
@@ -147,6 +148,8 @@ class GatewayClient:
             # for it), the broker expires the queue later.
             with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
+                    # Our consumer first, so the broker does not cancel it under us.
+                    await self._reply_queue.cancel(self._consumer_tag)
                     await self._reply_queue.delete(if_unused=False, if_empty=False)
         await self._connection.close()
 
