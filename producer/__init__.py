@@ -1,5 +1,24 @@
-"""The client library apps use: publish chat jobs, await their results."""
+"""The client library apps use: publish chat jobs, await their results, run batch files."""
 
+from producer.batch import (
+    BatchStatus,
+    CollectReport,
+    SubmitReport,
+    batch_status,
+    cancel_batch,
+    collect,
+    submit_batch,
+)
 from producer.client import GatewayClient, JobHandle
 
-__all__ = ["GatewayClient", "JobHandle"]
+__all__ = [
+    "BatchStatus",
+    "CollectReport",
+    "GatewayClient",
+    "JobHandle",
+    "SubmitReport",
+    "batch_status",
+    "cancel_batch",
+    "collect",
+    "submit_batch",
+]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
+import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from producer.replies import ReplyBook
 from queuegate.broker import connect, json_message
-from queuegate.errors import PublishRefused, QueueFull, ResultTimeout
+from queuegate.errors import ClientError, PublishRefused, QueueFull, ResultTimeout
 from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
@@ -148,30 +149,12 @@ class GatewayClient:
         if self._exchange is None:
             raise RuntimeError("use the client inside `async with`")
         self._replies.expect(job.job_id)
-        message = json_message(
-            job.model_dump_json(exclude_defaults=True).encode(),
-            message_type=MESSAGE_TYPE_JOB,
-            message_id=job.job_id,
-            correlation_id=job.job_id,
-            reply_to=self.reply_to,
-            user_id=self._user_id,
-            expiration_ms=_expiration_ms(job.deadline),
-            headers={HEADER_SENT_MS: int(time.time() * 1000)},
-        )
+        message = job_message(job, reply_to=self.reply_to, user_id=self._user_id)
         try:
             await self._exchange.publish(message, routing_key=job.team, mandatory=True)
-        except aiormq.exceptions.PublishError as exc:
+        except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
             self._replies.forget(job.job_id)
-            raise PublishRefused(
-                f"no queue for team {job.team!r}: register it (queuegate teams add "
-                f"{job.team}) or start a worker for it"
-            ) from exc
-        except aiormq.exceptions.DeliveryError as exc:
-            self._replies.forget(job.job_id)
-            raise QueueFull(
-                f"the broker refused job {job.job_id}: team {job.team!r}'s queue is full; "
-                "retry later"
-            ) from exc
+            raise publish_error(job, exc) from exc
         return JobHandle(job.job_id, self)
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
@@ -203,6 +186,32 @@ class GatewayClient:
                 log.warning("dropped a malformed result for job %s", message.correlation_id)
         if self._reply_name is not None:
             await message.ack()
+
+
+def job_message(job: ChatJob, *, reply_to: str, user_id: str | None) -> aio_pika.Message:
+    """The AMQP message of a job: ids, reply queue, TTL from its deadline, send time."""
+    return json_message(
+        job.model_dump_json(exclude_defaults=True).encode(),
+        message_type=MESSAGE_TYPE_JOB,
+        message_id=job.job_id,
+        correlation_id=job.job_id,
+        reply_to=reply_to,
+        user_id=user_id,
+        expiration_ms=_expiration_ms(job.deadline),
+        headers={HEADER_SENT_MS: int(time.time() * 1000)},
+    )
+
+
+def publish_error(job: ChatJob, exc: aiormq.exceptions.DeliveryError) -> ClientError:
+    """Our error for a job the broker returned (no team queue) or refused (queue full)."""
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return PublishRefused(
+            f"no queue for team {job.team!r}: register it (queuegate teams add "
+            f"{job.team}) or start a worker for it"
+        )
+    return QueueFull(
+        f"the broker refused job {job.job_id}: team {job.team!r}'s queue is full; retry later"
+    )
 
 
 def _expiration_ms(deadline: datetime | None) -> int | None:

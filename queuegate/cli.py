@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from queuegate.cli_batch import batch_app
 from queuegate.errors import GatewayError
 from queuegate.runtime import configure_logging, run, stop_on_signals
 from queuegate.settings import Settings
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 teams_app = typer.Typer(help="Register, list and disable teams.", no_args_is_help=True)
 app.add_typer(teams_app, name="teams")
+app.add_typer(batch_app, name="batch")
 
 out = Console()
 err = Console(stderr=True)

@@ -8,11 +8,14 @@
     │   ├── UnknownModel             the alias is not in the catalog (400)
     │   ├── Unauthorized             the publisher may not act for the team (401)
     │   ├── DeadlineExceeded         the deadline passed before the job could be served (504)
+    │   ├── Canceled                 the job's batch was canceled before it was served (499)
     │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
     └── ClientError                  raised to producers
         ├── ResultTimeout            no result arrived within the timeout
         ├── QueueFull                the broker refused the job: the team's queue is full (503)
-        └── PublishRefused           the broker did not accept the job (unroutable or nacked)
+        ├── PublishRefused           the broker did not accept the job (unroutable or nacked)
+        └── BatchError               a batch cannot be submitted, collected or canceled
+            └── BatchInvalid         lines of a batch file are invalid; ``problems`` lists them
 
 Third-party errors (aiormq, httpx, asyncpg, redis) are translated at the boundary with
 ``raise ... from exc``, so callers only ever catch these.
@@ -73,6 +76,12 @@ class DeadlineExceeded(JobError):
     code = "deadline_exceeded"
 
 
+class Canceled(JobError):
+    """The job belongs to a batch that was canceled; no provider is called for it."""
+
+    code = "canceled"
+
+
 class AllProvidersFailed(JobError):
     """Every deployment of the model and its fallbacks failed; ``attempts`` says how."""
 
@@ -93,3 +102,15 @@ class QueueFull(ClientError):
 
 class PublishRefused(ClientError):
     """The broker did not accept the job: no queue for the team, or a negative confirm."""
+
+
+class BatchError(ClientError):
+    """A batch cannot be submitted, collected or canceled; the message says what to do."""
+
+
+class BatchInvalid(BatchError):
+    """Lines of a batch file are invalid; ``problems`` holds (line number, reason) pairs."""
+
+    def __init__(self, message: str, problems: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.problems = problems

@@ -22,6 +22,7 @@ from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unautho
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
+from workers.batch_cancel import BatchCancels
 from workers.outcome import Outcome, Timing, failed, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
@@ -41,12 +42,14 @@ class JobProcessor:
         publisher: Publisher,
         worker: str,
         max_job_bytes: int,
+        cancels: BatchCancels,
     ) -> None:
         self._router = router
         self._store = store
         self._publisher = publisher
         self._worker = worker
         self._max_job_bytes = max_job_bytes
+        self._cancels = cancels
 
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
@@ -105,6 +108,7 @@ class JobProcessor:
         deadline = _monotonic_deadline(job.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
+        await self._cancels.check(job)
         self._router.check(job)
         return await self._router.complete(job, deadline=deadline)
 

@@ -21,6 +21,7 @@ from queuegate.registry import list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
+from workers.batch_cancel import BatchCancels
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
@@ -87,6 +88,7 @@ class Worker:
                 publisher=Publisher(publish, usage, dead),
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
+                cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
             if self._fixed_teams is None:
                 pool = await create_pool(s)
