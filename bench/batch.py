@@ -33,11 +33,15 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
+from queuegate.keys import Keys
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
 TEAM = "bench"
 NAME = "bench"
+
+
+HEADERS = "lines|latency ms|workers|submit s|e2e s|jobs/s|submit MiB|collect MiB|file MiB"
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def _start(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait(process: subprocess.Popen[bytes], timeout: float) -> tuple[float, float]:
+def _wait(process: subprocess.Popen[bytes], what: str, timeout: float) -> tuple[float, float]:
     """Wait for a process; (seconds it ran after this call, its peak RSS in MiB)."""
     start = time.monotonic()
     while True:
@@ -91,11 +95,11 @@ def _wait(process: subprocess.Popen[bytes], timeout: float) -> tuple[float, floa
             break
         if time.monotonic() - start > timeout:
             process.kill()
-            raise TimeoutError(f"{process.args} ran over {timeout} s")
+            raise TimeoutError(f"{what} ran over {timeout} s")
         time.sleep(0.05)
     stderr = process.stderr.read().decode() if process.stderr else ""
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, process.args))} failed: {stderr[-2000:]}")
+        raise RuntimeError(f"{what} failed: {stderr[-2000:]}")
     return time.monotonic() - start, usage.ru_maxrss / 1024
 
 
@@ -125,6 +129,18 @@ async def _team_queue_ready(settings: Settings, timeout: float = 30) -> None:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+
+
+async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) -> None:
+    """Collect starts once submit has validated the file and recorded the batch."""
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        while not await client.exists(Keys(settings.redis_prefix).batch(NAME)):
+            if submit.poll() is not None:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
 
 
 async def _cleanup(settings: Settings) -> None:
@@ -195,10 +211,11 @@ def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Fig
             start = time.monotonic()
             submit = _start(env, "batch", "submit", str(source), "--team", TEAM, "--name", NAME)
             out = Path(tmp) / "out.jsonl"
+            asyncio.run(_batch_created(settings, submit))
             collect = _start(env, "batch", "collect", NAME, "--out", str(out))
-            _, submit_peak = _wait(submit, timeout)
+            _, submit_peak = _wait(submit, "batch submit", timeout)
             submit_s = time.monotonic() - start
-            _, collect_peak = _wait(collect, timeout)
+            _, collect_peak = _wait(collect, "batch collect", timeout)
             end_to_end = time.monotonic() - start
             written = sum(1 for _ in out.open("rb"))
             if written != lines:
@@ -232,11 +249,11 @@ def main() -> None:
         for latency in args.latency_ms or [0.0, 500.0]
     ]
     table = Table(title="batch end to end (noisy: shared machine)")
-    for column in asdict(runs[0]):
-        table.add_column(column.replace("_", " "), justify="right")
+    for column in HEADERS.split("|"):
+        table.add_column(column, justify="right")
     for figures in runs:
         table.add_row(*(f"{v:,}" for v in asdict(figures).values()))
-    Console().print(table)
+    Console(width=120).print(table)
     print(json.dumps([asdict(r) for r in runs]))
 
 

@@ -88,7 +88,7 @@ def submit(
 
 def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:
     for number, reason in problems[:PROBLEMS_SHOWN]:
-        err.print(f"{file}:{number}: {reason}", highlight=False, markup=False)
+        err.print(f"{file}:{number}: {reason}", highlight=False, markup=False, soft_wrap=True)
     if len(problems) > PROBLEMS_SHOWN:
         err.print(f"... and {len(problems) - PROBLEMS_SHOWN:,} more", highlight=False)
 
@@ -125,7 +125,7 @@ def status(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> No
 
 @batch_app.command("cancel")
 def cancel(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> None:
-    """Answer the batch's remaining requests ``canceled``, without calling a provider."""
+    """Answer the batch's remaining requests 'canceled', without calling a provider."""
     from producer.batch import cancel_batch
 
     report = run(lambda: cancel_batch(Settings(), name))

@@ -58,14 +58,15 @@ class _Lines:
         self._label = label
         self._every = every
         self._start = time.monotonic()
-        self._printed = 0.0
+        self._printed = float("-inf")
         self._last: tuple[int, int] | None = None
         self._shown: tuple[int, int] | None = None
 
     def update(self, done: int, total: int) -> None:
         self._last = (done, total)
         now = time.monotonic()
-        if now - self._printed >= self._every or done >= total:
+        finished = done >= total and self._last != self._shown
+        if finished or now - self._printed >= self._every:
             self._print(now)
 
     def flush(self) -> None:

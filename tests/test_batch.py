@@ -31,6 +31,7 @@ from tests.batch_files import (
     write_jsonl,
 )
 from tests.conftest import TEST_TEAMS
+from tests.proxy import TcpProxy
 from tests.support import running_gateway, wait_until
 
 BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small")
@@ -263,8 +264,8 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
 async def test_a_killed_submit_resumes_without_answering_twice(
     settings: Settings, tmp_path: Path, redis_client: aioredis.Redis
 ) -> None:
-    # Given a gateway, and `batch submit` of 1,000 lines killed once it recorded confirms
-    total = 1000
+    # Given a gateway, and `batch submit` of 600 lines killed once it recorded confirms
+    total = 600
     source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
     published = Keys(settings.redis_prefix).batch_published("resume")
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
@@ -294,14 +295,14 @@ async def test_a_killed_submit_resumes_without_answering_twice(
 async def test_a_killed_collect_resumes_without_writing_twice(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # Given a submitted batch of 1,000 and `batch collect` killed after 200 lines
-    total = 1000
+    # Given a submitted batch of 600 and `batch collect` killed after 100 lines
+    total = 600
     source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
     out = tmp_path / "out.jsonl"
     async with running_gateway(settings):
         await submit_batch(settings, source, team="alpha")
         first = start_cli(settings, "batch", "collect", "resume", "--out", str(out))
-        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 200, timeout=60)
+        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100, timeout=60)
         kill(first)
         written_before = len(read_jsonl(out))
 
@@ -413,3 +414,27 @@ async def test_a_second_collect_of_the_same_batch_is_refused(
     # Expect the first to go on undisturbed until stopped
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_collect_rides_out_a_broker_outage_without_writing_twice(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a batch of 300 being collected through a connection to the broker we can cut
+    total = 300
+    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings), TcpProxy(settings.amqp_url) as proxy:
+        await submit_batch(settings, source, team="alpha")
+        cut_off = settings.model_copy(update={"amqp_url": proxy.url})
+        collecting = asyncio.create_task(collect(cut_off, "resume", out, idle=0.2))
+        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100)
+
+        # When the broker connection is cut mid-way and comes back
+        await proxy.down()
+        await proxy.up()
+        report = await asyncio.wait_for(collecting, 60)
+
+    # Expect every custom_id exactly once
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == total and set(counts.values()) == {1}
+    assert report.counts.written == total

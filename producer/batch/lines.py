@@ -55,7 +55,7 @@ class BatchFile:
                 try:
                     yield number, orjson.loads(raw)
                 except orjson.JSONDecodeError as exc:
-                    yield number, ValueError(f"not JSON: {exc}")
+                    yield number, ValueError(f"not JSON: {exc.msg} (column {exc.pos + 1})")
 
     def _document(self) -> Iterator[tuple[int, Any]]:
         raw = self.path.read_bytes()

@@ -121,10 +121,12 @@ class BatchState:
         async with self._r.pipeline(transaction=False) as pipe:
             for custom_id, number in entries:
                 pipe.hsetnx(self._index, custom_id, number)
-                pipe.hget(self._index, custom_id)
             pipe.expire(self._index, 3600)
-            replies = await self._call(pipe.execute())
-        return [int(first) for first in replies[1:-1:2]]
+            added = (await self._call(pipe.execute()))[:-1]
+        taken = [custom_id for (custom_id, _), new in zip(entries, added, strict=True) if not new]
+        firsts = iter(await self._call(self._r.hmget(self._index, taken)) if taken else [])
+        pairs = zip(entries, added, strict=True)
+        return [number if new else int(next(firsts)) for (_, number), new in pairs]
 
     async def line_numbers(self, custom_ids: Sequence[str]) -> list[int | None]:
         if not custom_ids:

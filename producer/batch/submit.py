@@ -40,6 +40,8 @@ WINDOW = 256
 """Confirms outstanding at once: one at a time caps a publisher near 1.4k jobs/s."""
 CHUNK = 500
 """Entries checked against Redis per round trip."""
+RECORD_EVERY = 100
+"""Confirmed jobs recorded per round trip: at most this many are published again on resume."""
 DEFAULT_DEADLINE = timedelta(hours=24)
 
 Progress = Callable[[int, int], None]
@@ -240,7 +242,11 @@ async def _publish_chunk(
 
 
 class _Window:
-    """Publishes with at most ``size`` confirms outstanding; records confirmed custom_ids."""
+    """Publishes with at most ``size`` confirms outstanding; records confirmed custom_ids.
+
+    A semaphore bounds the window: waiting on the whole pending set per publish would cost
+    O(size) each time.
+    """
 
     def __init__(
         self,
@@ -254,16 +260,23 @@ class _Window:
         self._reply_to = reply_to
         self._user_id = user_id
         self._state = state
-        self._size = size
+        self._slots = asyncio.Semaphore(size)
         self._pending: set[asyncio.Task[str]] = set()
         self._unrecorded: list[str] = []
+        self._failure: BaseException | None = None
         self.confirmed = 0
         self.on_flush: Callable[[int], None] | None = None
 
     async def publish(self, job: ChatJob) -> None:
-        while len(self._pending) >= self._size:
-            await self._reap(asyncio.FIRST_COMPLETED)
-        self._pending.add(asyncio.create_task(self._one(job)))
+        await self._slots.acquire()
+        if self._failure is not None:
+            self._slots.release()
+            raise self._failure
+        if len(self._unrecorded) >= RECORD_EVERY:
+            await self._record()
+        task = asyncio.create_task(self._one(job))
+        self._pending.add(task)
+        task.add_done_callback(self._done)
 
     async def _one(self, job: ChatJob) -> str:
         message = job_message(job, reply_to=self._reply_to, user_id=self._user_id)
@@ -278,34 +291,28 @@ class _Window:
             ) from exc
         return str(job.metadata["custom_id"])
 
-    async def _reap(self, when: str) -> None:
-        done, self._pending = await asyncio.wait(self._pending, return_when=when)
-        failure: BaseException | None = None
-        for task in done:
-            if task.cancelled():
-                continue
-            if (exc := task.exception()) is not None:
-                failure = failure or exc
-            else:
-                self._unrecorded.append(task.result())
-        if len(self._unrecorded) >= CHUNK or failure is not None:
-            await self._record()
-        if failure is not None:
-            raise failure
+    def _done(self, task: asyncio.Task[str]) -> None:
+        self._pending.discard(task)
+        self._slots.release()
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            self._failure = self._failure or exc
+        else:
+            self._unrecorded.append(task.result())
 
     async def _record(self) -> None:
-        await self._state.mark_published(self._unrecorded)
-        self.confirmed += len(self._unrecorded)
-        self._unrecorded.clear()
+        confirmed, self._unrecorded = self._unrecorded, []
+        await self._state.mark_published(confirmed)
+        self.confirmed += len(confirmed)
         if self.on_flush is not None:
             self.on_flush(self.confirmed)
 
     async def close(self) -> None:
-        """Wait for the confirms still outstanding and record them, even after a failure."""
+        """Wait for the confirms still outstanding and record them; then raise any failure."""
         try:
-            if self._pending:
-                await self._reap(asyncio.ALL_COMPLETED)
+            await asyncio.gather(*self._pending, return_exceptions=True)
         finally:
-            for task in self._pending:
-                task.cancel()
             await self._record()
+        if self._failure is not None:
+            raise self._failure
