@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from anthropic.types import Message
 
+from producer.batch.lines import BatchFile
+from queuegate.errors import BatchError
 from queuegate.messages import ChatJob
 from router.providers import AnthropicAdapter
 from router.providers.anthropic import anthropic_message, openai_request
+from tests.batch_files import ANTHROPIC_EXAMPLE
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -149,3 +155,35 @@ def test_what_the_canonical_format_cannot_carry_is_refused_by_name(
 ) -> None:
     with pytest.raises(ValueError, match=reason):
         openai_request(params)
+
+
+def _document(path: Path, n: int) -> bytes:
+    requests = [{**ANTHROPIC_EXAMPLE[0], "custom_id": f"r{i}"} for i in range(n)]
+    raw = orjson.dumps({"requests": requests}, option=orjson.OPT_INDENT_2)
+    path.write_bytes(raw)
+    return raw
+
+
+def test_a_requests_document_is_read_one_request_at_a_time(tmp_path: Path) -> None:
+    # Given a {"requests": [...]} document spanning many read blocks
+    raw = _document(tmp_path / "doc.json", 3000)
+
+    # When it is read
+    file = BatchFile(tmp_path / "doc.json")
+    entries = list(file)
+
+    # Expect every request, numbered by position, and the digest of the whole file
+    assert file.unit == "request"
+    assert [n for n, _ in entries] == list(range(1, 3001))
+    assert entries[-1][1]["custom_id"] == "r2999"
+    assert file.digest.hexdigest() == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:
+    # Given a document cut off in its middle
+    raw = _document(tmp_path / "doc.json", 500)
+    (tmp_path / "doc.json").write_bytes(raw[: len(raw) // 2])
+
+    # Expect an error naming the file and the request cut short
+    with pytest.raises(BatchError, match=r"doc\.json: request \d+ is not valid JSON"):
+        list(BatchFile(tmp_path / "doc.json"))
