@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -53,9 +54,11 @@ def submit(
 ) -> None:
     """Validate a batch file and publish its requests; re-run it to resume."""
     from producer.batch import submit_batch
+    from router import load_catalog
 
     settings = Settings()
     window = parse_duration(deadline)
+    aliases = set(load_catalog(settings.catalog, os.environ).models)
     try:
         with progress(err, "published") as update:
             report = run(
@@ -67,6 +70,7 @@ def submit(
                     model=model,
                     skip_invalid=skip_invalid,
                     deadline=window,
+                    models=aliases,
                     on_progress=update,
                 )
             )

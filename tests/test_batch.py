@@ -438,3 +438,19 @@ async def test_collect_rides_out_a_broker_outage_without_writing_twice(
     counts = once_each(read_jsonl(out))
     assert len(counts) == total and set(counts.values()) == {1}
     assert report.counts.written == total
+
+
+async def test_a_model_outside_the_catalog_is_an_invalid_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given OpenAI's documented lines, whose model is not a catalog alias
+    source = write_jsonl(tmp_path / "docs.jsonl", OPENAI_EXAMPLE)
+
+    # When they are submitted against the catalog's aliases
+    with pytest.raises(BatchInvalid) as caught:
+        await submit_batch(settings, source, team="alpha", models={"gpt-4o-mini"})
+
+    # Expect both lines reported, naming the model and the way out
+    assert caught.value.problems == [
+        (n, "model 'gpt-3.5-turbo-0125' is not in the catalog: pass --model ALIAS") for n in (1, 2)
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,14 @@ class JobReader:
         model: str | None,
         deadline: datetime | None,
         format: FormatName | None = None,
+        models: Collection[str] | None = None,
     ) -> None:
         self._batch = batch
         self._team = team
         self._model = model
         self.deadline = deadline
         self.format = format
+        self._models = models
 
     def job(self, entry: Any) -> ChatJob:
         if isinstance(entry, ValueError):
@@ -72,6 +75,8 @@ class JobReader:
         model = self._model or request.model
         if not model:
             raise ValueError("no model: name one in the request or pass --model")
+        if self._models is not None and model not in self._models:
+            raise ValueError(f"model {model!r} is not in the catalog: pass --model ALIAS")
         try:
             return ChatJob(
                 job_id=job_id(self._batch, custom_id),

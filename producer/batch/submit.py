@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,12 +74,14 @@ async def submit_batch(
     deadline: timedelta = DEFAULT_DEADLINE,
     window: int = WINDOW,
     user_id: str | None = None,
+    models: Collection[str] | None = None,
     on_progress: Progress | None = None,
 ) -> SubmitReport:
     """Publish a batch file's requests as jobs whose results go to the batch's reply queue.
 
     Re-running it with the same file publishes only what an interrupted run had not. Raises
     BatchInvalid listing every bad entry (nothing is published) unless ``skip_invalid``.
+    ``models``, when given, are the catalog's aliases: a request naming another is invalid.
     """
     path = Path(path)
     name = check_batch_name(name or default_name(path))
@@ -98,6 +100,7 @@ async def submit_batch(
             model=model,
             deadline=meta.deadline if meta else datetime.now(UTC) + deadline,
             format=meta.format if meta else None,
+            models=models,
         )
         file = BatchFile(path)
         total, problems = await _validate(file, reader, state)
