@@ -1,6 +1,26 @@
-"""The client library apps use: publish chat jobs, await their results."""
+"""The client library apps use: publish chat jobs, await their results, run batch files."""
 
+from producer.batch import (
+    BatchStatus,
+    CollectReport,
+    SubmitReport,
+    batch_status,
+    cancel_batch,
+    collect,
+    submit_batch,
+)
 from producer.client import GatewayClient, JobHandle
 from producer.streams import ChatStream
 
-__all__ = ["ChatStream", "GatewayClient", "JobHandle"]
+__all__ = [
+    "BatchStatus",
+    "ChatStream",
+    "CollectReport",
+    "GatewayClient",
+    "JobHandle",
+    "SubmitReport",
+    "batch_status",
+    "cancel_batch",
+    "collect",
+    "submit_batch",
+]

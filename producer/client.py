@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
+import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
@@ -27,7 +28,13 @@ from pydantic import ValidationError
 from producer.replies import ReplyBook
 from producer.streams import ChatStream, StreamBook
 from queuegate.broker import CONNECTION_LOST, connect, json_message, when_connected
-from queuegate.errors import PublishRefused, QueueFull, ResultTimeout, ServiceUnavailable
+from queuegate.errors import (
+    ClientError,
+    PublishRefused,
+    QueueFull,
+    ResultTimeout,
+    ServiceUnavailable,
+)
 from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult, StreamChunk
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
@@ -201,15 +208,8 @@ class GatewayClient:
         if self._exchange is None or self._channel is None:
             raise RuntimeError("use the client inside `async with`")
         self._replies.expect(job.job_id)
-        message = json_message(
-            job.model_dump_json(exclude_defaults=True).encode(),
-            message_type=MESSAGE_TYPE_JOB,
-            message_id=job.job_id,
-            correlation_id=job.job_id,
-            reply_to=self.reply_to,
-            user_id=self._user_id,
-            expiration_ms=_expiration_ms(job.deadline),
-            headers=self._headers(),
+        message = job_message(
+            job, reply_to=self.reply_to, user_id=self._user_id, api_key=self._api_key
         )
         exchange = self._exchange
         try:
@@ -222,25 +222,10 @@ class GatewayClient:
         except ServiceUnavailable:
             self._replies.forget(job.job_id)
             raise
-        except aiormq.exceptions.PublishError as exc:
+        except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
             self._replies.forget(job.job_id)
-            raise PublishRefused(
-                f"no queue for team {job.team!r}: register it (queuegate teams add "
-                f"{job.team}) or start a worker for it"
-            ) from exc
-        except aiormq.exceptions.DeliveryError as exc:
-            self._replies.forget(job.job_id)
-            raise QueueFull(
-                f"the broker refused job {job.job_id}: team {job.team!r}'s queue is full; "
-                "retry later"
-            ) from exc
+            raise publish_error(job, exc) from exc
         return JobHandle(job.job_id, self)
-
-    def _headers(self) -> dict[str, str | int]:
-        headers: dict[str, str | int] = {HEADER_SENT_MS: int(time.time() * 1000)}
-        if self._api_key is not None:
-            headers[API_KEY_HEADER] = self._api_key
-        return headers
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:
@@ -297,6 +282,38 @@ class GatewayClient:
         # the book drops it as a duplicate.
         with contextlib.suppress(*CONNECTION_LOST):
             await message.ack()
+
+
+def job_message(
+    job: ChatJob, *, reply_to: str, user_id: str | None, api_key: str | None = None
+) -> aio_pika.Message:
+    """The AMQP message of a job: ids, reply queue, TTL from its deadline, send time, and the
+    team's API key where the team proves itself with one."""
+    headers: dict[str, str | int] = {HEADER_SENT_MS: int(time.time() * 1000)}
+    if api_key is not None:
+        headers[API_KEY_HEADER] = api_key
+    return json_message(
+        job.model_dump_json(exclude_defaults=True).encode(),
+        message_type=MESSAGE_TYPE_JOB,
+        message_id=job.job_id,
+        correlation_id=job.job_id,
+        reply_to=reply_to,
+        user_id=user_id,
+        expiration_ms=_expiration_ms(job.deadline),
+        headers=headers,
+    )
+
+
+def publish_error(job: ChatJob, exc: aiormq.exceptions.DeliveryError) -> ClientError:
+    """Our error for a job the broker returned (no team queue) or refused (queue full)."""
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return PublishRefused(
+            f"no queue for team {job.team!r}: register it (queuegate teams add "
+            f"{job.team}) or start a worker for it"
+        )
+    return QueueFull(
+        f"the broker refused job {job.job_id}: team {job.team!r}'s queue is full; retry later"
+    )
 
 
 def _expiration_ms(deadline: datetime | None) -> int | None:

@@ -48,12 +48,18 @@ def redact_url(url: str) -> str:
 async def connect(url: str, *, name: str) -> AbstractRobustConnection:
     """A robust connection: it reconnects and restores channels and consumers by itself."""
     try:
-        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
         raise ServiceUnavailable(
             f"RabbitMQ is not reachable at {redact_url(url)}: start it "
             "(rabbitmq-server -detached) or set QUEUEGATE_AMQP_URL"
         ) from exc
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # A cancel (Ctrl-C) landing while aio-pika connects is swallowed by it: honour it here.
+        await connection.close()
+        raise asyncio.CancelledError
+    return connection
 
 
 async def when_connected(

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from queuegate.cli_batch import batch_app
 from queuegate.dlq_cli import dlq_app
 from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.runtime import configure_logging, run, stop_on_signals
@@ -31,6 +32,7 @@ app.add_typer(teams_app, name="teams")
 audit_app = typer.Typer(help="Captured prompts and responses: retention.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(batch_app, name="batch")
 
 out = Console(soft_wrap=True)  # lines stay whole (for grep and logs); tables still fit
 err = Console(stderr=True, soft_wrap=True)

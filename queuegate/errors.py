@@ -11,11 +11,14 @@
     │   ├── RateLimited              limits would not let the job through in time (429)
     │   ├── BudgetExhausted          the team's (or model's) monthly budget is spent (402)
     │   ├── StreamInterrupted        the provider failed after the stream had started (502)
+    │   ├── Canceled                 the job's batch was canceled before it was served (499)
     │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
     └── ClientError                  raised to producers
         ├── ResultTimeout            no result arrived within the timeout
         ├── QueueFull                the broker refused the job: the team's queue is full (503)
-        └── PublishRefused           the broker did not accept the job (unroutable or nacked)
+        ├── PublishRefused           the broker did not accept the job (unroutable or nacked)
+        └── BatchError               a batch cannot be submitted, collected or canceled
+            └── BatchInvalid         lines of a batch file are invalid; ``problems`` lists them
 
 Third-party errors (aiormq, httpx, asyncpg, redis) are translated at the boundary with
 ``raise ... from exc``, so callers only ever catch these.
@@ -108,6 +111,12 @@ class StreamInterrupted(JobError):
     code = "provider_error"
 
 
+class Canceled(JobError):
+    """The job belongs to a batch that was canceled; no provider is called for it."""
+
+    code = "canceled"
+
+
 class AllProvidersFailed(JobError):
     """Every deployment of the model and its fallbacks failed; ``attempts`` says how."""
 
@@ -128,3 +137,15 @@ class QueueFull(ClientError):
 
 class PublishRefused(ClientError):
     """The broker did not accept the job: no queue for the team, or a negative confirm."""
+
+
+class BatchError(ClientError):
+    """A batch cannot be submitted, collected or canceled; the message says what to do."""
+
+
+class BatchInvalid(BatchError):
+    """Lines of a batch file are invalid; ``problems`` holds (line number, reason) pairs."""
+
+    def __init__(self, message: str, problems: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.problems = problems

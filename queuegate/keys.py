@@ -77,3 +77,27 @@ class Keys:
     def cache(self, digest: str) -> str:
         """A cached response, by the hash of model, messages and parameters."""
         return f"{self.prefix}:cache:{digest}"
+
+    def batch(self, name: str) -> str:
+        """A batch's description and running counts (hash)."""
+        return f"{self.prefix}:batch:{name}"
+
+    def batch_lines(self, name: str) -> str:
+        """custom_id → line number of every valid request of a batch (hash)."""
+        return f"{self.prefix}:batch:{name}:lines"
+
+    def batch_index(self, name: str) -> str:
+        """The lines hash being built while a batch file is validated, renamed when valid."""
+        return f"{self.prefix}:batch:{name}:index"
+
+    def batch_published(self, name: str) -> str:
+        """custom_ids whose job the broker confirmed (set)."""
+        return f"{self.prefix}:batch:{name}:published"
+
+    def batch_written(self, name: str) -> str:
+        """custom_ids whose result line is on disk (set)."""
+        return f"{self.prefix}:batch:{name}:written"
+
+    def batch_canceled(self, name: str) -> str:
+        """Set when a batch is canceled; workers answer its remaining jobs ``canceled``."""
+        return f"{self.prefix}:batch:{name}:canceled"

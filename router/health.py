@@ -104,7 +104,6 @@ class Health:
             _ms(policy.window),
             policy.failures,
             repr(policy.ratio),
-            policy.min_calls,
             _ms(policy.cooldown),
             _ms(deployment.timeout + PROBE_GRACE),
             _ms(pause),

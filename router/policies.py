@@ -6,7 +6,7 @@ may override ``retry`` and ``breaker`` for itself::
     resilience:
       retry: {attempts: 3, base_delay: 0.25, max_delay: 8}
       budget: {attempts: 6, wait: 10}
-      breaker: {failures: 5, ratio: 0.5, min_calls: 10, window: 60, cooldown: 30}
+      breaker: {failures: 5, ratio: 0.5, window: 60, cooldown: 30}
       rate_limit_pause: 1
 """
 
@@ -51,11 +51,11 @@ class BreakerPolicy(_Strict):
     """When a deployment's circuit opens (state shared by every worker through Redis)."""
 
     failures: int = Field(default=5, ge=1)
-    """Failures within ``window`` that open the circuit."""
+    """Failures within ``window`` that open the circuit, provided they are also ``ratio``
+    of its calls: a dead deployment opens after this many calls, while a busy one with a
+    few percent of errors never does (a count alone would open it at any error rate)."""
     ratio: float = Field(default=0.5, gt=0, le=1)
-    """Or this share of failed calls, once ``min_calls`` calls were made within ``window``
-    (checked when a call fails: a success never opens the circuit)."""
-    min_calls: int = Field(default=10, ge=1)
+    """The share of the window's calls that must have failed (checked when a call fails)."""
     window: float = Field(default=60.0, gt=0)
     """Seconds over which calls and failures are counted (a fixed window)."""
     cooldown: float = Field(default=30.0, gt=0)

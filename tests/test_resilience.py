@@ -33,7 +33,7 @@ ENV = {"QUEUEGATE_MOCK_KEY": "sk-test"}
 FAST = {
     "retry": {"attempts": 2, "base_delay": 0.01, "max_delay": 0.05},
     "budget": {"attempts": 6, "wait": 5},
-    "breaker": {"failures": 1000, "min_calls": 1000, "cooldown": 0.5},
+    "breaker": {"failures": 1000, "cooldown": 0.5},
 }
 """Quick backoffs, and a breaker that does not open unless a test says so."""
 
@@ -473,12 +473,12 @@ async def test_first_byte_timeout_moves_on_before_the_total_timeout(
     assert routed.deployment == "backup-dep"
 
 
-async def test_breaker_opens_on_the_failure_ratio_once_enough_calls_were_made(
+async def test_breaker_opens_once_enough_failures_are_also_enough_of_the_calls(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     cat = catalog(
         {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
-        breaker={"failures": 1000, "ratio": 0.5, "min_calls": 4, "cooldown": 30},
+        breaker={"failures": 2, "ratio": 0.5, "cooldown": 30},
     )
     health = Health(redis_client, Keys(settings.redis_prefix), cat)
     [deployment] = cat.models["m"].deployments
@@ -493,6 +493,22 @@ async def test_breaker_opens_on_the_failure_ratio_once_enough_calls_were_made(
     assert still_closed == "closed"
     assert (verdict.state, verdict.allowed) == ("open", False)
     assert 29 < verdict.wait <= 30
+
+
+async def test_a_busy_deployment_with_a_few_failures_stays_closed(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given the default breaker: 5 failures that are also half of the window's calls
+    cat = catalog({"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}})
+    health = Health(redis_client, Keys(settings.redis_prefix), cat)
+    [deployment] = cat.models["m"].deployments
+
+    # When 100 calls fail one in ten, ten failures in all
+    for call in range(100):
+        await (health.failure if call % 10 == 0 else health.success)(deployment)
+
+    # Expect the circuit closed: a count alone would have opened it at the fifth failure
+    assert (await health.status(deployment)).state == "closed"
 
 
 async def test_a_failed_probe_opens_the_circuit_again_and_only_one_caller_probes(

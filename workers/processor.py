@@ -27,6 +27,7 @@ from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
 from workers.admission import Admission
+from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache
 from workers.gate import Gate
 from workers.outcome import Outcome, Timing, failed, refused, served
@@ -56,6 +57,7 @@ class JobProcessor:
         gate: Gate,
         telemetry: Telemetry,
         job_time_limit: float,
+        cancels: BatchCancels,
     ) -> None:
         self._router = router
         self._admission = admission
@@ -68,6 +70,7 @@ class JobProcessor:
         self._gate = gate
         self._telemetry = telemetry
         self._job_time_limit = job_time_limit
+        self._cancels = cancels
 
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
@@ -162,6 +165,7 @@ class JobProcessor:
         # Below the broker's consumer timeout, which would take the job back mid-call.
         limit = time.monotonic() + self._job_time_limit
         deadline = limit if deadline is None else min(deadline, limit)
+        await self._cancels.check(job)
         self._router.check(job)
         ticket = await self._admission.admit(job, deadline)
         routed: Routed | None = None

@@ -24,6 +24,7 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
 from workers.admission import Admission, prefetch_for
+from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache
 from workers.gate import Gate
 from workers.identity import Identities
@@ -127,6 +128,7 @@ class Worker:
                 gate=Gate(Identities(pool, namespace=s.namespace, ttl=s.security_cache_ttl)),
                 telemetry=self._telemetry,
                 job_time_limit=s.job_time_limit,
+                cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
             await self._serve_teams(consume, pool)
             self.ready.set()

@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  breaker hash: state (closed | open | half_open), until (ms), start, calls, failures
 -- KEYS[2]  pause key: present while the deployment is paused; its TTL is what is left
--- ARGV     op, window_ms, failures, ratio, min_calls, cooldown_ms, probe_ms, pause_ms
+-- ARGV     op, window_ms, failures, ratio, cooldown_ms, probe_ms, pause_ms
 --
 -- op = allow       may a call start?  {"closed"|"probe", 0} yes; {"paused"|"open"|"half_open",
 --                                     ms left} no.  After the cooldown exactly one caller gets
@@ -20,10 +20,9 @@ local op = ARGV[1]
 local window = tonumber(ARGV[2])
 local max_failures = tonumber(ARGV[3])
 local ratio = tonumber(ARGV[4])
-local min_calls = tonumber(ARGV[5])
-local cooldown = tonumber(ARGV[6])
-local probe = tonumber(ARGV[7])
-local pause = tonumber(ARGV[8])
+local cooldown = tonumber(ARGV[5])
+local probe = tonumber(ARGV[6])
+local pause = tonumber(ARGV[7])
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -87,7 +86,9 @@ end
 calls = calls + 1
 if op == 'failure' then
   failures = failures + 1
-  if failures >= max_failures or (calls >= min_calls and failures / calls >= ratio) then
+  -- Both: a dead deployment opens after max_failures calls, a busy one with a few percent
+  -- of errors never does (a count alone would open it at any error rate, given volume).
+  if failures >= max_failures and failures / calls >= ratio then
     return open()
   end
 end

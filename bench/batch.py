@@ -1,0 +1,261 @@
+"""Benchmark: a batch file end to end through real processes, and the memory submit and collect
+need.
+
+    .venv/bin/python -m bench.batch                      # 20,000 lines, mock at 0 and 500 ms
+    .venv/bin/python -m bench.batch --lines 5000 --latency-ms 0
+
+Every part runs as its own process, as deployed: the mock provider, ``--workers`` workers,
+accounting, then ``queuegate batch submit`` and ``queuegate batch collect`` started together.
+Peak memory is each process's max RSS (``wait4``). Loopback only, one namespace of its own,
+removed afterwards. Figures on a shared machine are noisy: compare runs made side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from rich.console import Console
+from rich.table import Table
+
+from queuegate.keys import Keys
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+
+TEAM = "bench"
+NAME = "bench"
+
+
+HEADERS = "lines|latency ms|workers|submit s|e2e s|jobs/s|submit MiB|collect MiB|file MiB"
+
+
+@dataclass(frozen=True)
+class Figures:
+    lines: int
+    latency_ms: float
+    workers: int
+    submit_s: float
+    end_to_end_s: float
+    jobs_per_s: float
+    submit_peak_mib: float
+    collect_peak_mib: float
+    file_mib: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(settings: Settings, mock_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "QUEUEGATE_AMQP_URL": settings.amqp_url,
+        "QUEUEGATE_REDIS_URL": settings.redis_url,
+        "QUEUEGATE_DATABASE_URL": settings.database_url,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_MOCK_URL": mock_url,
+        "QUEUEGATE_MOCK_KEY": "sk-bench",
+    }
+
+
+def _start(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "queuegate", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait(process: subprocess.Popen[bytes], what: str, timeout: float) -> tuple[float, float]:
+    """Wait for a process; (seconds it ran after this call, its peak RSS in MiB)."""
+    start = time.monotonic()
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() - start > timeout:
+            process.kill()
+            raise TimeoutError(f"{what} ran over {timeout} s")
+        time.sleep(0.05)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if process.returncode != 0:
+        raise RuntimeError(f"{what} failed: {stderr[-2000:]}")
+    return time.monotonic() - start, usage.ru_maxrss / 1024
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _team_queue_ready(settings: Settings, timeout: float = 30) -> None:
+    """The workers declare the team queue on start; submit needs it to route jobs."""
+    deadline = time.monotonic() + timeout
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        while True:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(
+                    Topology(settings.namespace).team_queue(TEAM), passive=True
+                )
+                return
+            except aio_pika.exceptions.ChannelClosed:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+
+async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) -> None:
+    """Collect starts once submit has validated the file and recorded the batch."""
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        while not await client.exists(Keys(settings.redis_prefix).batch(NAME)):
+            if submit.poll() is not None:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def _cleanup(settings: Settings) -> None:
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (
+            topology.team_queue(TEAM),
+            topology.results_queue(TEAM, NAME),
+            topology.accounting_queue,
+            topology.dead_queue,
+        ):
+            await channel.queue_delete(queue)
+        for exchange in (topology.jobs_exchange, topology.usage_exchange, topology.dead_exchange):
+            await channel.exchange_delete(exchange)
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Figures:
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(namespace=f"bench-{tag}", database_schema=f"bench_{tag}")
+    port = _free_port()
+    env = _env(settings, f"http://127.0.0.1:{port}")
+    prefetch = str(max(32, int(latency_ms * 2)))  # enough calls in flight to hide the latency
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "batch.jsonl"
+        with source.open("wb") as f:
+            for i in range(lines):
+                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Q{i}"}]}
+                line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions"}
+                f.write(orjson.dumps({**line, "body": body}) + b"\n")
+        file_mib = source.stat().st_size / 2**20
+        services: list[subprocess.Popen[bytes]] = []
+        try:
+            services.append(
+                _start(env, "mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
+            )
+            subprocess.run(
+                [sys.executable, "-m", "queuegate", "migrate"], env=env, check=True, stdout=-3
+            )
+            services.append(_start(env, "accounting", "--log-level", "warning"))
+            for _ in range(workers):
+                services.append(
+                    _start(
+                        env,
+                        "worker",
+                        "--teams",
+                        TEAM,
+                        "--prefetch",
+                        prefetch,
+                        "--log-level",
+                        "warning",
+                    )
+                )
+            asyncio.run(_team_queue_ready(settings))
+            start = time.monotonic()
+            submit = _start(env, "batch", "submit", str(source), "--team", TEAM, "--name", NAME)
+            out = Path(tmp) / "out.jsonl"
+            asyncio.run(_batch_created(settings, submit))
+            collect = _start(env, "batch", "collect", NAME, "--out", str(out))
+            _, submit_peak = _wait(submit, "batch submit", timeout)
+            submit_s = time.monotonic() - start
+            _, collect_peak = _wait(collect, "batch collect", timeout)
+            end_to_end = time.monotonic() - start
+            written = sum(1 for _ in out.open("rb"))
+            if written != lines:
+                raise RuntimeError(f"{written} result lines for {lines} requests")
+        finally:
+            for process in reversed(services):
+                _stop(process)
+            asyncio.run(_cleanup(settings))
+        return Figures(
+            lines=lines,
+            latency_ms=latency_ms,
+            workers=workers,
+            submit_s=round(submit_s, 2),
+            end_to_end_s=round(end_to_end, 2),
+            jobs_per_s=round(lines / end_to_end, 1),
+            submit_peak_mib=round(submit_peak, 1),
+            collect_peak_mib=round(collect_peak, 1),
+            file_mib=round(file_mib, 2),
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=20_000)
+    parser.add_argument("--latency-ms", type=float, action="append")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=900, help="per run, seconds")
+    args = parser.parse_args()
+    runs = [
+        run_once(args.lines, latency, args.workers, args.timeout)
+        for latency in args.latency_ms or [0.0, 500.0]
+    ]
+    table = Table(title="batch end to end (noisy: shared machine)")
+    for column in HEADERS.split("|"):
+        table.add_column(column, justify="right")
+    for figures in runs:
+        table.add_row(*(f"{v:,}" for v in asdict(figures).values()))
+    Console(width=120).print(table)
+    print(json.dumps([asdict(r) for r in runs]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""What both batch formats share: a request read from a line, an answer to write back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from queuegate.messages import ChatResult
+
+Category = Literal["done", "failed", "expired", "canceled"]
+CATEGORIES: tuple[Category, ...] = ("done", "failed", "expired", "canceled")
+
+MAX_CUSTOM_ID = 64
+"""Anthropic's limit, applied to both formats so a job id always fits."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a batch file, in canonical (OpenAI chat) form, not yet validated."""
+
+    custom_id: str
+    model: str | None
+    messages: Any
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How one request ended; ``result`` is None when the gateway never answered it."""
+
+    custom_id: str
+    job_id: str
+    category: Category
+    result: ChatResult | None = None
+
+
+def job_id(batch: str, custom_id: str) -> str:
+    """The job id of a request: the same on every run, so a re-run is recognised."""
+    return f"{batch}:{custom_id}"
+
+
+def custom_id_of(batch: str, job: str) -> str | None:
+    prefix = f"{batch}:"
+    return job[len(prefix) :] if job.startswith(prefix) else None
+
+
+def category_of(result: ChatResult) -> Category:
+    if result.status == "ok":
+        return "done"
+    code = result.error.code if result.error else None
+    if code == "deadline_exceeded":
+        return "expired"
+    if code == "canceled":
+        return "canceled"
+    return "failed"
+
+
+def gateway_block(answer: Answer) -> dict[str, Any]:
+    """How the gateway served it: model used, fallback, cost; added to every output line."""
+    result = answer.result
+    if result is None:
+        return {"job_id": answer.job_id, "cost_usd": 0.0}
+    g = result.gateway
+    return {
+        "job_id": answer.job_id,
+        "model_requested": g.model_requested,
+        "model_used": g.model_used,
+        "provider": g.provider,
+        "fallback_used": g.fallback_used,
+        "cost_usd": float(g.cost_usd),
+        "latency_ms": round(g.latency_ms, 1),
+        "attempts": len(g.attempts),
+    }

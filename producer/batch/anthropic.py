@@ -1,0 +1,63 @@
+"""The Anthropic Message Batches format: ``params`` requests in, ``result`` lines out.
+
+In:  {"custom_id", "params": {"model", "max_tokens", "messages", ...}}
+Out: {"custom_id", "result": {"type": "succeeded", "message"} | {"type": "errored", "error"}
+      | {"type": "canceled"} | {"type": "expired"}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.batch.answers import Answer, Category, Request
+from router.providers.anthropic import anthropic_message, openai_request
+
+_ERROR_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "unknown_model": "invalid_request_error",
+    "unauthorized": "permission_error",
+    "budget_exhausted": "billing_error",
+    "rate_limited": "rate_limit_error",
+    "queue_full": "overloaded_error",
+}
+"""Our error codes as Anthropic error types; the rest (provider failures) are ``api_error``."""
+
+
+def parse(entry: dict[str, Any]) -> Request:
+    """The request of one line in canonical form; ValueError names what is wrong."""
+    messages, params = openai_request(entry.get("params"))
+    model = entry["params"].get("model")
+    return Request(
+        custom_id=entry["custom_id"],
+        model=model if isinstance(model, str) else None,
+        messages=messages,
+        params=params,
+    )
+
+
+def line(answer: Answer) -> dict[str, Any]:
+    result = answer.result
+    out: dict[str, Any]
+    if answer.category in ("expired", "canceled"):
+        out = {"type": answer.category}
+    elif result is not None and result.status == "ok" and result.response is not None:
+        out = {"type": "succeeded", "message": anthropic_message(result.response)}
+    else:
+        assert result is not None and result.error is not None
+        kind = _ERROR_TYPES.get(result.error.code, "api_error")
+        error = {"type": kind, "message": f"{result.error.code}: {result.error.message}"}
+        out = {"type": "errored", "error": {"type": "error", "error": error}}
+    return {"custom_id": answer.custom_id, "result": out}
+
+
+_CATEGORIES: dict[str, Category] = {
+    "succeeded": "done",
+    "errored": "failed",
+    "expired": "expired",
+    "canceled": "canceled",
+}
+
+
+def category(line: dict[str, Any]) -> Category:
+    """What an output line says happened, read back when a collect resumes."""
+    return _CATEGORIES.get(str((line.get("result") or {}).get("type")), "failed")

@@ -1,0 +1,230 @@
+"""Collecting a batch: results from its durable reply queue, written in the batch's format.
+
+Each round takes what has arrived, drops custom_ids already written, appends the lines,
+fsyncs, records them in Redis, and only then acknowledges the messages. A crash before the
+fsync leaves the results in the queue; a crash after it leaves lines Redis does not know
+yet, which the next run reads back from the files before taking anything new. So every
+custom_id is written exactly once, however often a run is interrupted.
+
+Requests that can no longer be answered are written without waiting for the gateway: all
+that remain once the deadline has passed (``expired``: the broker dropped their jobs), and
+all that remain once the batch is canceled and nothing has arrived for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import aiormq
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from producer.batch.answers import (
+    Answer,
+    Category,
+    category_of,
+    custom_id_of,
+    gateway_block,
+    job_id,
+)
+from producer.batch.files import ResultFiles
+from producer.batch.formats import FORMATS, Format
+from producer.batch.jobs import check_batch_name
+from producer.batch.state import NANO, BatchMeta, BatchState, Counts
+from producer.batch.submit import Progress
+from queuegate.broker import connect
+from queuegate.errors import BatchError
+from queuegate.keys import Keys
+from queuegate.messages import ChatResult
+from queuegate.settings import Settings
+from queuegate.topology import MESSAGE_TYPE_RESULT, Topology
+
+log = logging.getLogger(__name__)
+
+PREFETCH = 1000
+"""Results held unacknowledged at once; each round writes up to this many."""
+IDLE = 1.0
+"""Seconds without a result after which collect checks for expired or canceled requests."""
+EXPIRY_GRACE = 5.0
+"""Seconds past the deadline before unanswered requests are written ``expired``: a job
+started just before the deadline may still be answered."""
+RECONCILE_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class CollectReport:
+    name: str
+    written: int
+    """Lines written by this run."""
+    counts: Counts
+
+
+async def collect(
+    settings: Settings,
+    name: str,
+    out: Path | str,
+    errors: Path | str | None = None,
+    *,
+    on_progress: Progress | None = None,
+    idle: float = IDLE,
+    expiry_grace: float = EXPIRY_GRACE,
+) -> CollectReport:
+    """Write every result of batch ``name`` to ``out`` (failures to ``errors`` when given).
+
+    Returns once every request has a line. Interrupted, it resumes where it stopped when run
+    again with the same files. One collect per batch at a time: a second one is refused.
+    """
+    name = check_batch_name(name)
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        state = BatchState(redis, Keys(settings.redis_prefix), name)
+        meta = await state.require()
+        run = _Run(state, meta, FORMATS[meta.format], on_progress)
+        with ResultFiles(Path(out), Path(errors) if errors else None) as files:
+            run.files = files
+            await _consume(settings, run, idle, expiry_grace)
+        return CollectReport(name, run.written, await state.counts(meta))
+    finally:
+        await redis.aclose()
+
+
+async def _consume(settings: Settings, run: _Run, idle: float, expiry_grace: float) -> None:
+    topology = Topology(settings.namespace, settings.delivery_limit)
+    connection = await connect(settings.amqp_url, name=f"batch-collect:{run.meta.name}")
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=PREFETCH)
+        queue = await topology.declare_results_queue(channel, run.meta.team, run.meta.name)
+        try:
+            # An exclusive queue is a lock the broker drops with the connection, even on
+            # SIGKILL; quorum queues ignore exclusive consumers, so it cannot be the consumer.
+            await channel.declare_queue(f"{queue.name}.collector", exclusive=True)
+        except aiormq.exceptions.ChannelLockedResource as exc:
+            raise BatchError(
+                f"batch {run.meta.name!r} is being collected by another process; "
+                "wait for it or stop it first"
+            ) from exc
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(inbox.put)
+        await run.reconcile()
+        deadline = run.meta.deadline.timestamp() + expiry_grace
+        while run.done < run.meta.total:
+            messages = await _take(inbox, idle)
+            if messages:
+                await run.results(messages)
+            elif time.time() >= deadline:
+                await run.unanswerable("expired")
+            elif await run.state.is_canceled():
+                await run.unanswerable("canceled")
+
+
+async def _take(
+    inbox: asyncio.Queue[AbstractIncomingMessage], idle: float
+) -> list[AbstractIncomingMessage]:
+    """What has arrived, waiting up to ``idle`` seconds for the first."""
+    try:
+        first = await asyncio.wait_for(inbox.get(), idle)
+    except TimeoutError:
+        return []
+    taken = [first]
+    while len(taken) < PREFETCH and not inbox.empty():
+        taken.append(inbox.get_nowait())
+    return taken
+
+
+class _Run:
+    def __init__(
+        self, state: BatchState, meta: BatchMeta, fmt: Format, on_progress: Progress | None
+    ) -> None:
+        self.state = state
+        self.meta = meta
+        self._fmt = fmt
+        self._on_progress = on_progress
+        self.files: ResultFiles | None = None
+        self.done = 0
+        self.written = 0
+
+    async def reconcile(self) -> None:
+        """Record lines a crashed run wrote but did not record; learn how many are done."""
+        assert self.files is not None
+        chunk: list[tuple[str, Category, int]] = []
+        for line in self.files.existing():
+            cost = (line.get("gateway") or {}).get("cost_usd") or 0
+            chunk.append((str(line["custom_id"]), self._fmt.category(line), _nano(cost)))
+            if len(chunk) >= RECONCILE_CHUNK:
+                await self._record_known(chunk)
+                chunk = []
+        await self._record_known(chunk)
+        self.done = (await self.state.counts(self.meta)).written
+        self._progress()
+
+    async def _record_known(self, chunk: list[tuple[str, Category, int]]) -> None:
+        unique = {entry[0]: entry for entry in chunk}
+        ids = list(unique)
+        known = await self.state.written_among(ids)
+        await self.state.mark_written([unique[i] for i, k in zip(ids, known, strict=True) if not k])
+
+    async def results(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        answers: dict[str, Answer] = {}
+        for message in messages:
+            if message.type != MESSAGE_TYPE_RESULT:
+                continue
+            try:
+                result = ChatResult.model_validate_json(message.body)
+            except ValidationError:
+                log.warning("dropped a malformed result %s", message.message_id)
+                continue
+            custom_id = custom_id_of(self.meta.name, result.job_id)
+            if custom_id is not None:
+                answers.setdefault(
+                    custom_id, Answer(custom_id, result.job_id, category_of(result), result)
+                )
+        await self._write(list(answers.values()))
+        try:
+            await messages[-1].ack(multiple=True)
+        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            # The channel was replaced after a reconnect: these come again, and are dropped.
+            log.warning("could not acknowledge results (%s); they will be redelivered", exc)
+
+    async def unanswerable(self, category: Category) -> None:
+        """Write ``category`` for every request still without a line."""
+        async for chunk in self.state.unwritten():
+            await self._write([Answer(c, job_id(self.meta.name, c), category) for c, _ in chunk])
+
+    async def _write(self, answers: list[Answer]) -> None:
+        assert self.files is not None
+        if not answers:
+            return
+        written = await self.state.written_among([a.custom_id for a in answers])
+        fresh = [a for a, w in zip(answers, written, strict=True) if not w]
+        if not fresh:
+            return
+        entries: list[tuple[str, Category, int]] = []
+        for answer in fresh:
+            line = self._fmt.line(answer)
+            line["gateway"] = gateway_block(answer)
+            self.files.write(line, failed=answer.category != "done")
+            entries.append((answer.custom_id, answer.category, _nano(line["gateway"]["cost_usd"])))
+        self.files.sync()
+        await self.state.mark_written(entries)
+        self.done += len(fresh)
+        self.written += len(fresh)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress(self.done, self.meta.total)
+
+
+def _nano(cost: object) -> int:
+    with contextlib.suppress(ArithmeticError, ValueError, TypeError):
+        return int(Decimal(str(cost)) * NANO)
+    return 0

@@ -1,0 +1,88 @@
+"""Result files: lines appended, flushed and fsynced before their results are acknowledged."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import orjson
+
+from queuegate.errors import BatchError
+
+_BLOCK = 65536
+
+
+class ResultFiles:
+    """The output file and, when given, a separate file for failed requests.
+
+    On open, a line cut short by a crash is removed, so the files hold whole lines only.
+    """
+
+    def __init__(self, out: Path, errors: Path | None) -> None:
+        self._paths = [out] if errors is None or errors == out else [out, errors]
+        self._files: list[IO[bytes]] = []
+
+    def __enter__(self) -> Self:
+        try:
+            for path in self._paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("ab"):
+                    pass
+                _cut_partial_line(path)
+                self._files.append(path.open("ab"))
+        except OSError as exc:
+            self.close()
+            raise BatchError(f"cannot write {exc.filename}: {exc.strerror}") from exc
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+    def existing(self) -> Iterator[dict[str, Any]]:
+        """Every line already in the files, as JSON."""
+        for path in self._paths:
+            with path.open("rb") as f:
+                for raw in f:
+                    if raw.strip():
+                        yield orjson.loads(raw)
+
+    def write(self, line: dict[str, Any], *, failed: bool) -> None:
+        target = self._files[-1] if failed else self._files[0]
+        target.write(orjson.dumps(line) + b"\n")
+
+    def sync(self) -> None:
+        """Flush and fsync: only then may the results written be acknowledged."""
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _cut_partial_line(path: Path) -> None:
+    with path.open("r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:
+            start = max(0, position - _BLOCK)
+            f.seek(start)
+            block = f.read(position - start)
+            if position == end and block.endswith(b"\n"):
+                return
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            position = start
+        f.truncate(0)

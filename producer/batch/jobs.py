@@ -1,0 +1,93 @@
+"""Turning entries of a batch file into chat jobs, the same way in every pass over the file."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from producer.batch.answers import MAX_CUSTOM_ID, job_id
+from producer.batch.formats import FORMATS, FormatName, detect
+from queuegate.errors import BatchError
+from queuegate.messages import ChatJob
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
+"""A batch name: part of queue names, Redis keys and every job id."""
+
+
+def check_batch_name(name: str) -> str:
+    if not NAME.match(name):
+        raise BatchError(
+            f"batch name {name!r} is not valid: use 1-48 lowercase letters, digits, - and _"
+        )
+    return name
+
+
+def default_name(path: Path) -> str:
+    """The file's stem, made a valid batch name."""
+    stem = re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_")
+    return (stem or "batch")[:48]
+
+
+class JobReader:
+    """Builds the job of each entry, or raises ValueError saying what is wrong with it.
+
+    The first valid entry fixes the batch's format; entries of the other format are refused.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: str,
+        team: str,
+        model: str | None,
+        deadline: datetime | None,
+        format: FormatName | None = None,
+        models: Collection[str] | None = None,
+    ) -> None:
+        self._batch = batch
+        self._team = team
+        self._model = model
+        self.deadline = deadline
+        self.format = format
+        self._models = models
+
+    def job(self, entry: Any) -> ChatJob:
+        if isinstance(entry, ValueError):
+            raise entry
+        if not isinstance(entry, dict):
+            raise ValueError("not a JSON object")
+        custom_id = entry.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id.strip():
+            raise ValueError("custom_id must be a non-empty string")
+        if len(custom_id) > MAX_CUSTOM_ID:
+            raise ValueError(f"custom_id is longer than {MAX_CUSTOM_ID} characters")
+        kind = detect(entry)
+        if self.format is None:
+            self.format = kind
+        elif kind != self.format:
+            raise ValueError(f"an {kind} request in an {self.format} batch")
+        request = FORMATS[kind].parse(entry)
+        model = self._model or request.model
+        if not model:
+            raise ValueError("no model: name one in the request or pass --model")
+        if self._models is not None and model not in self._models:
+            raise ValueError(f"model {model!r} is not in the catalog: pass --model ALIAS")
+        try:
+            return ChatJob(
+                job_id=job_id(self._batch, custom_id),
+                team=self._team,
+                model=model,
+                messages=request.messages,
+                params=request.params,
+                metadata={"batch": self._batch, "custom_id": custom_id},
+                deadline=self.deadline,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "request"
+            raise ValueError(f"{where}: {first['msg']}") from None

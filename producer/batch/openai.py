@@ -1,0 +1,74 @@
+"""The OpenAI Batch format: ``/v1/chat/completions`` request lines in, output lines out.
+
+In:  {"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+Out: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+A job that failed has its error in ``response.body.error`` (with the HTTP status an HTTP
+gateway would answer); an expired or canceled one has ``response: null`` and ``error.code``
+``batch_expired`` or ``batch_cancelled``, as OpenAI writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from producer.batch.answers import Answer, Category, Request
+from queuegate.messages import HTTP_STATUS
+
+URL = "/v1/chat/completions"
+_OWNED = frozenset({"model", "messages", "stream", "stream_options"})
+_BATCH_ERRORS: dict[Category, tuple[str, str]] = {
+    "expired": ("batch_expired", "This request could not be executed before the deadline."),
+    "canceled": ("batch_cancelled", "This request was canceled with its batch."),
+}
+
+
+def parse(entry: dict[str, Any]) -> Request:
+    """The request of one line; ValueError names what is wrong."""
+    if entry.get("method") != "POST":
+        raise ValueError(f"method must be POST, not {entry.get('method')!r}")
+    if entry.get("url") != URL:
+        raise ValueError(f"url {entry.get('url')!r} is not served: only {URL}")
+    body = entry.get("body")
+    if not isinstance(body, dict):
+        raise ValueError("body must be an object")
+    model = body.get("model")
+    return Request(
+        custom_id=entry["custom_id"],
+        model=model if isinstance(model, str) else None,
+        messages=body.get("messages"),
+        params={k: v for k, v in body.items() if k not in _OWNED},
+    )
+
+
+def line(answer: Answer) -> dict[str, Any]:
+    """The output line of an answer."""
+    digest = hashlib.sha256(answer.job_id.encode()).hexdigest()[:24]
+    out: dict[str, Any] = {"id": f"batch_req_{digest}", "custom_id": answer.custom_id}
+    result = answer.result
+    if answer.category in _BATCH_ERRORS:
+        code, message = _BATCH_ERRORS[answer.category]
+        out.update(response=None, error={"code": code, "message": message})
+    elif result is not None and result.status == "ok":
+        body = result.response
+        out.update(response={"status_code": 200, "request_id": f"req_{digest}", "body": body})
+        out["error"] = None
+    else:
+        assert result is not None and result.error is not None
+        error = result.error
+        body = {"error": {"message": error.message, "type": error.code, "param": None}}
+        body["error"]["code"] = error.code
+        status = HTTP_STATUS.get(error.code, 500)
+        out.update(response={"status_code": status, "request_id": f"req_{digest}", "body": body})
+        out["error"] = None
+    return out
+
+
+def category(line: dict[str, Any]) -> Category:
+    """What an output line says happened, read back when a collect resumes."""
+    error = line.get("error") or {}
+    for kind, (code, _) in _BATCH_ERRORS.items():
+        if error.get("code") == code:
+            return kind
+    response = line.get("response") or {}
+    return "done" if response.get("status_code") == 200 else "failed"

@@ -1,0 +1,167 @@
+"""``queuegate batch``: submit batch files, collect their results, follow and cancel them."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from queuegate.errors import BatchInvalid
+from queuegate.progress import progress
+from queuegate.runtime import run
+from queuegate.settings import Settings
+
+batch_app = typer.Typer(
+    help="Run OpenAI- or Anthropic-format batch files through the queue, resumably.",
+    no_args_is_help=True,
+)
+out = Console()
+err = Console(stderr=True)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+PROBLEMS_SHOWN = 200
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``2d``."""
+    match = _DURATION.match(text)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration: use e.g. 30m, 24h or 2d")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+@batch_app.command("submit")
+def submit(
+    file: Annotated[Path, typer.Argument(help="OpenAI or Anthropic batch file (JSONL).")],
+    team: Annotated[str, typer.Option(help="The team the batch runs for.")],
+    model: Annotated[
+        str | None, typer.Option(help="A catalog alias for every request, over the file's.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The batch's name; the file's by default.")
+    ] = None,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Publish the valid requests, skip the rest.")
+    ] = False,
+    deadline: Annotated[str, typer.Option(help="Time the batch has, e.g. 24h or 90m.")] = "24h",
+) -> None:
+    """Validate a batch file and publish its requests; re-run it to resume."""
+    from producer.batch import submit_batch
+    from router import load_catalog
+
+    settings = Settings()
+    window = parse_duration(deadline)
+    aliases = set(load_catalog(settings.catalog, os.environ).models)
+    try:
+        with progress(err, "published") as update:
+            report = run(
+                lambda: submit_batch(
+                    settings,
+                    file,
+                    team=team,
+                    name=name,
+                    model=model,
+                    skip_invalid=skip_invalid,
+                    deadline=window,
+                    models=aliases,
+                    on_progress=update,
+                )
+            )
+    except BatchInvalid as exc:
+        _print_problems(file, exc.problems)
+        raise
+    _print_problems(file, report.skipped)
+    line = (
+        f"batch {report.name}: {report.total:,} requests, {report.published:,} published now, "
+        f"{report.already:,} before"
+    )
+    if report.skipped:
+        line += f", {len(report.skipped):,} invalid skipped"
+    if report.stopped:
+        line += f"; stopped: {report.stopped}"
+    out.print(line, highlight=False)
+    out.print(f"collect with: queuegate batch collect {report.name} --out results.jsonl")
+
+
+def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:
+    for number, reason in problems[:PROBLEMS_SHOWN]:
+        err.print(f"{file}:{number}: {reason}", highlight=False, markup=False, soft_wrap=True)
+    if len(problems) > PROBLEMS_SHOWN:
+        err.print(f"... and {len(problems) - PROBLEMS_SHOWN:,} more", highlight=False)
+
+
+@batch_app.command("collect")
+def collect(
+    name: Annotated[str, typer.Argument(help="The batch's name.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Results file (appended to).")],
+    errors: Annotated[
+        Path | None, typer.Option(help="Failed requests here instead of in --out.")
+    ] = None,
+) -> None:
+    """Write a batch's results as they arrive, in its own format; re-run it to resume."""
+    from producer.batch import collect as collect_batch
+
+    settings = Settings()
+    with progress(err, "collected") as update:
+        report = run(lambda: collect_batch(settings, name, out_file, errors, on_progress=update))
+    c = report.counts
+    out.print(
+        f"batch {name}: {c.done:,} done, {c.failed:,} failed, {c.expired:,} expired, "
+        f"{c.canceled:,} canceled; {report.written:,} lines written now; ${c.spend_usd:.6f}",
+        highlight=False,
+    )
+
+
+@batch_app.command("status")
+def status(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> None:
+    """Counts, spend, rate and ETA of a batch."""
+    from producer.batch import batch_status
+
+    out.print(_status_table(run(lambda: batch_status(Settings(), name))))
+
+
+@batch_app.command("cancel")
+def cancel(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> None:
+    """Answer the batch's remaining requests 'canceled', without calling a provider."""
+    from producer.batch import cancel_batch
+
+    report = run(lambda: cancel_batch(Settings(), name))
+    out.print(_status_table(report))
+    out.print(f"batch {name} is canceled; collect writes the rest as canceled")
+
+
+def _status_table(status: object) -> Table:
+    from producer.batch import BatchStatus
+
+    assert isinstance(status, BatchStatus)
+    c = status.counts
+    table = Table(title=f"batch {status.name} ({status.format}, team {status.team})")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [
+        ("total", f"{c.total:,}"),
+        ("published", f"{c.published:,}"),
+        ("queued", f"{status.queued:,}"),
+        ("answered, to collect", f"{status.waiting:,}"),
+        ("done", f"{c.done:,}"),
+        ("failed", f"{c.failed:,}"),
+        ("expired", f"{c.expired:,}"),
+        ("canceled", f"{c.canceled:,}"),
+        ("spend (USD)", f"{c.spend_usd:.6f}"),
+        ("rate", f"{status.rate:,.1f}/s" if status.rate else "-"),
+        ("ETA", f"{status.eta_s:,.0f} s" if status.eta_s is not None else "-"),
+        ("deadline", f"{status.deadline:%Y-%m-%d %H:%M:%S} UTC"),
+    ]
+    if c.canceled_flag:
+        rows.append(("state", "canceled"))
+    for label, value in rows:
+        table.add_row(label, value)
+    table.show_header = False
+    return table

@@ -1,0 +1,457 @@
+"""Batch files through the queue: formats in and out, validation, resumption, cancel, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import aio_pika
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from anthropic.types.messages import MessageBatchIndividualResponse
+from openai.types.chat import ChatCompletion
+
+from mockprovider import Behavior, MockConfig
+from producer import batch_status, cancel_batch, collect, submit_batch
+from queuegate.errors import BatchError, BatchInvalid
+from queuegate.keys import Keys
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.batch_files import (
+    ANTHROPIC_EXAMPLE,
+    OPENAI_EXAMPLE,
+    kill,
+    openai_line,
+    read_jsonl,
+    start_cli,
+    write_jsonl,
+)
+from tests.conftest import TEST_TEAMS
+from tests.proxy import TcpProxy
+from tests.support import running_gateway, wait_until
+
+BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small")
+"""Every batch name these tests use; their reply queues are deleted after each test."""
+
+
+@pytest.fixture(autouse=True)
+async def reply_queues(settings: Settings) -> AsyncIterator[None]:
+    yield
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for team in TEST_TEAMS:
+            for name in BATCH_NAMES:
+                await channel.queue_delete(topology.results_queue(team, name))
+
+
+async def declare_team_queue(settings: Settings, team: str) -> None:
+    """A team queue no worker consumes yet: its jobs wait."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await Topology(settings.namespace).declare_team_queue(await connection.channel(), team)
+
+
+async def consumed(settings: Settings, team: str, name: str) -> None:
+    """Until a batch's reply queue has a consumer: the broker announces it to nobody."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        name = Topology(settings.namespace).results_queue(team, name)
+        while True:
+            queue = await channel.declare_queue(name, passive=True)
+            if queue.declaration_result.consumer_count:
+                return
+            await asyncio.sleep(0.01)
+
+
+def once_each(lines: list[dict[str, object]]) -> Counter[object]:
+    return Counter(line["custom_id"] for line in lines)
+
+
+async def test_openai_documented_lines_come_back_as_openai_output(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given the request lines of OpenAI's Batch guide
+    source = write_jsonl(tmp_path / "docs.jsonl", OPENAI_EXAMPLE)
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    async with running_gateway(settings):
+        # When they are submitted, their model mapped to a catalog alias, and collected
+        report = await submit_batch(settings, source, team="alpha", model="gpt-4o-mini")
+        await collect(settings, report.name, out, errors, idle=0.2)
+
+    # Expect one OpenAI output line each, whose body the openai SDK reads as a ChatCompletion
+    lines = read_jsonl(out)
+    assert sorted(line["custom_id"] for line in lines) == ["request-1", "request-2"]
+    for line in lines:
+        assert line["id"].startswith("batch_req_")
+        assert line["error"] is None
+        assert line["response"]["status_code"] == 200
+        assert line["response"]["request_id"]
+        completion = ChatCompletion.model_validate(line["response"]["body"])
+        assert completion.choices[0].message.content
+        assert "Hello world!" in completion.choices[0].message.content
+        assert line["gateway"]["model_used"] == "gpt-4o-mini"
+        assert line["gateway"]["cost_usd"] > 0
+    assert errors.read_bytes() == b""
+
+
+async def test_anthropic_documented_requests_come_back_as_message_batch_results(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given Anthropic's documented requests, as the {"requests": [...]} document it shows
+    source = tmp_path / "docs.json"
+    source.write_bytes(orjson.dumps({"requests": ANTHROPIC_EXAMPLE}, option=orjson.OPT_INDENT_2))
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings) as gw:
+        # When they run on the Anthropic deployment and are collected
+        report = await submit_batch(settings, source, team="alpha", model="claude-haiku")
+        await collect(settings, report.name, out, idle=0.2)
+        sent = [call.body for call in gw.mock.requests]
+
+    # Expect the SDK's MessageBatchIndividualResponse to read every line as succeeded
+    results = [MessageBatchIndividualResponse.model_validate(line) for line in read_jsonl(out)]
+    by_id = {r.custom_id: r for r in results}
+    assert set(by_id) == {"my-first-request", "my-second-request"}
+    first = by_id["my-first-request"].result
+    assert first.type == "succeeded"
+    assert first.message.content[0].type == "text"
+    assert "Hello, world" in first.message.content[0].text
+    assert first.message.usage.output_tokens > 0
+    # and the requests reached the provider with their own max_tokens
+    assert [body["max_tokens"] for body in sent if body] == [1024, 1024]
+
+
+async def test_failures_are_errored_results_in_the_anthropic_format(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a provider failing every call
+    source = write_jsonl(tmp_path / "docs.jsonl", ANTHROPIC_EXAMPLE)
+    out = tmp_path / "out.jsonl"
+    faults = MockConfig(default=Behavior(error_rate=1.0, error_status=500))
+    async with running_gateway(settings, mock_config=faults):
+        await submit_batch(settings, source, team="alpha", model="claude-haiku")
+        await collect(settings, "docs", out, idle=0.2)
+
+    # Expect errored results the SDK reads, with an Anthropic error type
+    for line in read_jsonl(out):
+        result = MessageBatchIndividualResponse.model_validate(line).result
+        assert result.type == "errored"
+        assert result.error.error.type == "api_error"
+        assert "all_providers_failed" in result.error.error.message
+
+
+HELLO = [{"role": "user", "content": "Hello"}]
+MALFORMED = [
+    b'{"custom_id": "cut-short", "method": "POST"',
+    b"[1, 2, 3]",
+    b'"just a string"',
+    orjson.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}),
+    orjson.dumps({**openai_line(0), "custom_id": ""}),
+    orjson.dumps({**openai_line(0), "custom_id": 7}),
+    orjson.dumps({**openai_line(0), "custom_id": "x" * 65}),
+    orjson.dumps({**openai_line(0), "custom_id": "get", "method": "GET"}),
+    orjson.dumps({**openai_line(0), "custom_id": "emb", "url": "/v1/embeddings"}),
+    orjson.dumps({"custom_id": "nobody", "method": "POST", "url": "/v1/chat/completions"}),
+    orjson.dumps({**openai_line(0), "custom_id": "strbody", "body": "hello"}),
+    orjson.dumps({**openai_line(0), "custom_id": "nomsgs", "body": {"model": "gpt-4o-mini"}}),
+    orjson.dumps({**openai_line(0), "custom_id": "empty", "body": {"messages": []}}),
+    orjson.dumps(
+        {**openai_line(0), "custom_id": "robot", "body": {"messages": [{"role": "robot"}]}}
+    ),
+    orjson.dumps(
+        {**openai_line(0), "custom_id": "zero", "body": {**openai_line(0)["body"], "max_tokens": 0}}
+    ),
+    orjson.dumps(
+        {**openai_line(0), "custom_id": "hot", "body": {**openai_line(0)["body"], "temperature": 5}}
+    ),
+    orjson.dumps(
+        {**openai_line(0), "custom_id": "nomodel", "body": {"messages": [{"role": "user"}]}}
+    ),
+    orjson.dumps({**openai_line(1)}),  # a duplicate of the valid line 2
+    orjson.dumps(ANTHROPIC_EXAMPLE[0]),  # an Anthropic request in an OpenAI batch
+    orjson.dumps({"custom_id": "neither", "prompt": "hello"}),
+]
+
+
+def malformed_file(path: Path) -> tuple[Path, list[int]]:
+    """Valid lines 1-3, then the 20 malformed ones with a valid line after each."""
+    raw = [orjson.dumps(openai_line(i)) for i in range(3)]
+    bad_numbers = []
+    for i, bad in enumerate(MALFORMED):
+        raw.append(bad)
+        bad_numbers.append(len(raw))
+        raw.append(orjson.dumps(openai_line(100 + i)))
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    return path, bad_numbers
+
+
+async def test_malformed_lines_are_reported_by_number_and_nothing_is_published(
+    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis
+) -> None:
+    # Given a file with 20 malformed lines of different kinds among valid ones
+    source, bad_numbers = malformed_file(tmp_path / "bad.jsonl")
+    await declare_team_queue(settings, "alpha")
+
+    # When it is submitted
+    with pytest.raises(BatchInvalid) as caught:
+        await submit_batch(settings, source, team="alpha")
+
+    # Expect each bad line reported with its number and a reason, and no job published
+    assert [number for number, _ in caught.value.problems] == bad_numbers
+    reasons = dict(caught.value.problems)
+    assert "not JSON" in reasons[bad_numbers[0]]
+    assert "method must be POST" in reasons[bad_numbers[7]]
+    assert "only /v1/chat/completions" in reasons[bad_numbers[8]]
+    assert "duplicate custom_id 'req-1' (first on line 2)" in reasons[bad_numbers[17]]
+    assert "anthropic request in an openai batch" in reasons[bad_numbers[18]]
+    assert "--skip-invalid" in str(caught.value)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).declare_queue(
+            Topology(settings.namespace).team_queue("alpha"), passive=True
+        )
+        assert queue.declaration_result.message_count == 0
+    assert not await redis_client.exists(Keys(settings.redis_prefix).batch("bad"))
+
+
+async def test_skip_invalid_publishes_the_valid_lines_only(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given the file with 20 malformed lines and 23 valid ones
+    source, _ = malformed_file(tmp_path / "bad.jsonl")
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings):
+        # When it is submitted with skip_invalid and collected
+        report = await submit_batch(settings, source, team="alpha", skip_invalid=True)
+        await collect(settings, "bad", out, idle=0.2)
+
+    # Expect the valid requests answered once each, the bad ones reported as skipped
+    assert report.total == report.published == 23
+    assert len(report.skipped) == 20
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == 23 and set(counts.values()) == {1}
+
+
+@pytest.mark.timeout(300)  # 5,000 jobs through one in-process gateway: CPU-bound on a busy machine
+async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given 5,000 requests to a model whose provider fails 5% of calls (no fallback)
+    source = write_jsonl(tmp_path / "big.jsonl", [openai_line(i) for i in range(5000)])
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    faults = MockConfig(models={"llama-3.1-8b": Behavior(error_rate=0.05)}, seed=7)
+    async with running_gateway(settings, mock_config=faults):
+        # When the batch is submitted and collected
+        await submit_batch(settings, source, team="alpha", model="local-llama")
+        report = await collect(settings, "big", out, errors, idle=0.2)
+
+    # Expect every custom_id exactly once across both files, failures in the error file
+    ok, failed = read_jsonl(out), read_jsonl(errors)
+    counts = once_each(ok + failed)
+    assert len(counts) == 5000 and set(counts.values()) == {1}
+    assert {line["response"]["status_code"] for line in ok} == {200}
+    assert {line["response"]["status_code"] for line in failed} == {502}
+    # Each call is tried twice before it fails: about 0.05² of 5,000 jobs, some dozen, fail
+    assert 0 < len(failed) < 100
+    assert (report.counts.done, report.counts.failed) == (len(ok), len(failed))
+
+
+async def test_a_killed_submit_resumes_without_answering_twice(
+    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis
+) -> None:
+    # Given a gateway, and `batch submit` of 600 lines killed once it recorded confirms
+    total = 600
+    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    published = Keys(settings.redis_prefix).batch_published("resume")
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    async with running_gateway(settings):
+        first = start_cli(settings, "batch", "submit", str(source), "--team", "alpha")
+
+        async def recorded() -> int:
+            return int(await redis_client.scard(published))
+
+        # Another process's progress: no event announces it, so it is polled.
+        while (n := await recorded()) == 0 and first.poll() is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        kill(first)
+        assert n < total, "the first submit finished before it could be killed"
+
+        # When it is run again to the end, and the batch collected
+        second = start_cli(settings, "batch", "submit", str(source), "--team", "alpha")
+        _, stderr = await asyncio.to_thread(second.communicate)
+        assert second.returncode == 0, stderr.decode()
+        await collect(settings, "resume", out, errors, idle=0.2)
+
+    # Expect every custom_id answered exactly once
+    counts = once_each(read_jsonl(out, errors))
+    assert len(counts) == total and set(counts.values()) == {1}
+
+
+async def test_a_killed_collect_resumes_without_writing_twice(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a submitted batch of 600 and `batch collect` killed after 100 lines
+    total = 600
+    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings):
+        await submit_batch(settings, source, team="alpha")
+        first = start_cli(settings, "batch", "collect", "resume", "--out", str(out))
+        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100, timeout=60)
+        kill(first)
+        written_before = len(read_jsonl(out))
+
+        # When it is run again
+        await collect(settings, "resume", out, idle=0.2)
+
+    # Expect every custom_id exactly once in the file
+    assert written_before < total, "the first collect finished before it could be killed"
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == total and set(counts.values()) == {1}
+
+
+async def test_cancel_answers_the_rest_canceled_without_calling_a_provider(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a batch waiting in a queue no worker serves yet
+    source = write_jsonl(tmp_path / "cancel.jsonl", ANTHROPIC_EXAMPLE * 1)
+    out = tmp_path / "out.jsonl"
+    await declare_team_queue(settings, "beta")
+    await submit_batch(settings, source, team="beta", model="claude-haiku")
+
+    # When it is canceled and a worker then takes its jobs
+    await cancel_batch(settings, "cancel")
+    async with running_gateway(settings, teams=("beta",)) as gw:
+        rows = await gw.usage_rows(2)
+        await collect(settings, "cancel", out, idle=0.2)
+        calls = gw.mock.stats.calls
+
+    # Expect canceled results, answered by the worker without a provider call
+    assert {row["error_code"] for row in rows} == {"canceled"}
+    assert calls == 0
+    for line in read_jsonl(out):
+        assert MessageBatchIndividualResponse.model_validate(line).result.type == "canceled"
+
+
+async def test_requests_past_the_deadline_are_written_expired(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a batch with a one-second deadline in a queue nobody serves
+    source = write_jsonl(tmp_path / "expire.jsonl", [openai_line(i) for i in range(5)])
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    await declare_team_queue(settings, "beta")
+    await submit_batch(settings, source, team="beta", deadline=timedelta(seconds=1))
+
+    # When it is collected
+    report = await collect(settings, "expire", out, errors, idle=0.2, expiry_grace=0)
+
+    # Expect every request in the error file as batch_expired, as OpenAI writes it
+    assert out.read_bytes() == b""
+    lines = read_jsonl(errors)
+    assert len(once_each(lines)) == 5
+    assert {(line["response"], line["error"]["code"]) for line in lines} == {
+        (None, "batch_expired")
+    }
+    assert report.counts.expired == 5
+
+
+async def test_status_counts_results_and_spend(settings: Settings, tmp_path: Path) -> None:
+    # Given a collected batch of 10
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
+    async with running_gateway(settings):
+        await submit_batch(settings, source, team="alpha")
+        await collect(settings, "small", tmp_path / "out.jsonl", idle=0.2)
+
+        # When its status is read
+        status = await batch_status(settings, "small")
+
+    # Expect every request done, with its spend
+    c = status.counts
+    assert (c.total, c.published, c.done, c.failed, status.queued) == (10, 10, 10, 0, 0)
+    assert c.spend_usd > 0
+    assert status.eta_s == 0
+
+
+async def test_a_resubmitted_batch_publishes_nothing_new_and_refuses_another_file(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a batch submitted in full
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
+    await declare_team_queue(settings, "beta")
+    await submit_batch(settings, source, team="beta")
+
+    # When it is submitted again, then with a different file under its name
+    again = await submit_batch(settings, source, team="beta")
+    other = write_jsonl(tmp_path / "other.jsonl", [openai_line(i) for i in range(11)])
+
+    # Expect nothing published twice, and the other file refused
+    assert (again.published, again.already) == (0, 10)
+    with pytest.raises(BatchError, match="another file"):
+        await submit_batch(settings, other, team="beta", name="small")
+
+
+async def test_a_second_collect_of_the_same_batch_is_refused(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a batch being collected, waiting for results no worker will send
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    await declare_team_queue(settings, "beta")
+    await submit_batch(settings, source, team="beta")
+    first = asyncio.create_task(collect(settings, "small", tmp_path / "a.jsonl", idle=0.05))
+    try:
+        await consumed(settings, "beta", "small")
+
+        # When another collect of it starts
+        with pytest.raises(BatchError, match="being collected by another process"):
+            await collect(settings, "small", tmp_path / "b.jsonl")
+    finally:
+        first.cancel()
+    # Expect the first to go on undisturbed until stopped
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_collect_rides_out_a_broker_outage_without_writing_twice(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a batch of 300 being collected through a connection to the broker we can cut
+    total = 300
+    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings), TcpProxy(settings.amqp_url) as proxy:
+        await submit_batch(settings, source, team="alpha")
+        cut_off = settings.model_copy(update={"amqp_url": proxy.url})
+        collecting = asyncio.create_task(collect(cut_off, "resume", out, idle=0.2))
+        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100)
+
+        # When the broker connection is cut mid-way and comes back
+        await proxy.down()
+        await proxy.up()
+        report = await asyncio.wait_for(collecting, 60)
+
+    # Expect every custom_id exactly once
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == total and set(counts.values()) == {1}
+    assert report.counts.written == total
+
+
+async def test_a_model_outside_the_catalog_is_an_invalid_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given OpenAI's documented lines, whose model is not a catalog alias
+    source = write_jsonl(tmp_path / "docs.jsonl", OPENAI_EXAMPLE)
+
+    # When they are submitted against the catalog's aliases
+    with pytest.raises(BatchInvalid) as caught:
+        await submit_batch(settings, source, team="alpha", models={"gpt-4o-mini"})
+
+    # Expect both lines reported, naming the model and the way out
+    assert caught.value.problems == [
+        (n, "model 'gpt-3.5-turbo-0125' is not in the catalog: pass --model ALIAS") for n in (1, 2)
+    ]

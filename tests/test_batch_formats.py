@@ -1,0 +1,189 @@
+"""The Anthropic batch format read as canonical requests, and canonical answers written back."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from anthropic.types import Message
+
+from producer.batch.lines import BatchFile
+from queuegate.errors import BatchError
+from queuegate.messages import ChatJob
+from router.providers import AnthropicAdapter
+from router.providers.anthropic import anthropic_message, openai_request
+from tests.batch_files import ANTHROPIC_EXAMPLE
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Get the current weather in a given location",
+    "input_schema": {
+        "type": "object",
+        "properties": {"location": {"type": "string"}},
+        "required": ["location"],
+    },
+}
+
+TOOL_PARAMS: dict[str, Any] = {
+    "model": "claude-haiku",
+    "max_tokens": 512,
+    "system": "You are terse.",
+    "stop_sequences": ["\n\nHuman:"],
+    "metadata": {"user_id": "u-42"},
+    "tools": [WEATHER_TOOL],
+    "tool_choice": {"type": "any"},
+    "messages": [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me check."},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01",
+                    "name": "get_weather",
+                    "input": {"location": "Paris"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "18 C"}],
+        },
+    ],
+}
+
+
+def test_anthropic_params_become_a_canonical_request() -> None:
+    # When a Messages API request with a system prompt and a tool round trip is read
+    messages, params = openai_request(TOOL_PARAMS)
+
+    # Expect OpenAI chat messages and params with the same meaning
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert messages[0]["content"] == "You are terse."
+    assert messages[2]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert messages[3] == {"role": "tool", "tool_call_id": "toolu_01", "content": "18 C"}
+    assert params["max_tokens"] == 512
+    assert params["stop"] == ["\n\nHuman:"]
+    assert params["user"] == "u-42"
+    assert params["tool_choice"] == "required"
+    assert params["tools"][0]["function"]["parameters"] == WEATHER_TOOL["input_schema"]
+
+
+def test_an_anthropic_request_survives_the_round_trip_to_the_anthropic_adapter() -> None:
+    # Given a Messages API request read as a canonical job
+    messages, params = openai_request(TOOL_PARAMS)
+    job = ChatJob(job_id="j", team="alpha", model="m", messages=messages, params=params)
+
+    # When the Anthropic adapter builds the provider request from it
+    body = AnthropicAdapter().build_request(job, "claude-3-5-haiku-latest", None).body
+
+    # Expect the original request back
+    for key in ("system", "max_tokens", "stop_sequences", "metadata", "messages"):
+        assert body[key] == TOOL_PARAMS[key], key
+    assert body["tools"] == [WEATHER_TOOL]
+    assert body["tool_choice"] == {"type": "any"}
+
+
+OSLO = '{"location": "Oslo"}'
+
+
+def test_a_canonical_answer_is_written_as_an_anthropic_message() -> None:
+    # Given a chat.completion that calls a tool, with cached prompt tokens
+    completion = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "claude-3-5-haiku-latest",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": "Checking.",
+                    "tool_calls": [
+                        {
+                            "id": "toolu_02",
+                            "type": "function",
+                            "function": {
+                                "name": "get_weather",
+                                "arguments": '{"location": "Oslo"}',
+                            },
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 30,
+            "completion_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 10},
+        },
+    }
+
+    # When it is written in the Anthropic format
+    message = Message.model_validate(anthropic_message(completion))
+
+    # Expect the SDK's Message, with the tool use, stop reason and usage Anthropic reports
+    assert message.stop_reason == "tool_use"
+    assert message.content[0].type == "text"
+    assert message.content[1].type == "tool_use"
+    assert message.content[1].input == {"location": "Oslo"}
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (20, 10)
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        ({"max_tokens": 5, "messages": []}, "params.messages must be a non-empty list"),
+        ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
+        (
+            {
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}],
+            },
+            "params.messages.0.content.0: document blocks are not supported",
+        ),
+    ],
+)
+def test_what_the_canonical_format_cannot_carry_is_refused_by_name(
+    params: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(ValueError, match=reason):
+        openai_request(params)
+
+
+def _document(path: Path, n: int) -> bytes:
+    requests = [{**ANTHROPIC_EXAMPLE[0], "custom_id": f"r{i}"} for i in range(n)]
+    raw = orjson.dumps({"requests": requests}, option=orjson.OPT_INDENT_2)
+    path.write_bytes(raw)
+    return raw
+
+
+def test_a_requests_document_is_read_one_request_at_a_time(tmp_path: Path) -> None:
+    # Given a {"requests": [...]} document spanning many read blocks
+    raw = _document(tmp_path / "doc.json", 3000)
+
+    # When it is read
+    file = BatchFile(tmp_path / "doc.json")
+    entries = list(file)
+
+    # Expect every request, numbered by position, and the digest of the whole file
+    assert file.unit == "request"
+    assert [n for n, _ in entries] == list(range(1, 3001))
+    assert entries[-1][1]["custom_id"] == "r2999"
+    assert file.digest.hexdigest() == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:
+    # Given a document cut off in its middle
+    raw = _document(tmp_path / "doc.json", 500)
+    (tmp_path / "doc.json").write_bytes(raw[: len(raw) // 2])
+
+    # Expect an error naming the file and the request cut short
+    with pytest.raises(BatchError, match=r"doc\.json: request \d+ is not valid JSON"):
+        list(BatchFile(tmp_path / "doc.json"))
