@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aio_pika
-import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
 from queuegate.keys import Keys
+from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -144,31 +144,9 @@ async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) ->
 
 
 async def _cleanup(settings: Settings) -> None:
-    topology = Topology(settings.namespace)
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (
-            topology.team_queue(TEAM),
-            topology.results_queue(TEAM, NAME),
-            topology.accounting_queue,
-            topology.dead_queue,
-        ):
-            await channel.queue_delete(queue)
-        for exchange in (topology.jobs_exchange, topology.usage_exchange, topology.dead_exchange):
-            await channel.exchange_delete(exchange)
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000)]
-        for start in range(0, len(keys), 1000):
-            await client.delete(*keys[start : start + 1000])
-    finally:
-        await client.aclose()
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
-    finally:
-        await conn.close()
+    await drop_namespace(
+        settings, [TEAM], queues=[Topology(settings.namespace).results_queue(TEAM, NAME)]
+    )
 
 
 def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Figures:

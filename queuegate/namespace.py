@@ -16,12 +16,16 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 
 
-async def drop_namespace(settings: Settings, teams: Iterable[str]) -> None:
+async def drop_namespace(
+    settings: Settings, teams: Iterable[str], *, queues: Iterable[str] = ()
+) -> None:
+    """``queues``: more queues of the namespace to delete (reply or results queues)."""
     topo = Topology(settings.namespace)
     connection = await connect(settings.amqp_url, name="queuegate-drop")
     async with connection:
         channel = await connection.channel()
-        for queue in [*(topo.team_queue(t) for t in teams), topo.accounting_queue, topo.dead_queue]:
+        team_queues = [topo.team_queue(team) for team in teams]
+        for queue in [*team_queues, *queues, topo.accounting_queue, topo.dead_queue]:
             await channel.queue_delete(queue)
         for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
             await channel.exchange_delete(exchange)
@@ -29,8 +33,8 @@ async def drop_namespace(settings: Settings, teams: Iterable[str]) -> None:
     try:
         pattern = f"{settings.redis_prefix}:*"
         keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
-        if keys:
-            await client.delete(*keys)
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
     finally:
         await client.aclose()
     conn = await asyncpg.connect(settings.database_url)
