@@ -88,7 +88,9 @@ class ChatJob(WireModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     deadline: datetime | None = None
     stream: bool = False
-    cache: bool = False
+    cache: bool | None = None
+    """True: may be answered from the response cache (and fills it); False: never; None
+    (unset): as the team's ``cache`` default says."""
 
 
 class Attempt(WireModel):
