@@ -37,6 +37,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ts", "timestamptz"),
     ("identity", "text"),
     ("pii", "text"),
+    ("attempt_log", "jsonb"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
 
@@ -50,6 +51,14 @@ _CONTENT = (
     ("ts", "timestamptz"),
 )
 
+
+def _array(number: int, pg_type: str) -> str:
+    # A jsonb column travels as JSON text too, for the same reason as the content's.
+    if pg_type == "jsonb":
+        return f"${number}::text[]::jsonb[]"
+    return f"${number}::{pg_type}[]"
+
+
 # One array parameter per column: the statement's text and plan stay the same whatever the
 # batch size, and PostgreSQL receives the whole batch in one round trip. Captured content is
 # written by the same statement, for the rows it inserts, so a row and its content commit
@@ -58,7 +67,7 @@ _N = len(COLUMNS)
 _INSERT = (
     f"WITH inserted AS (INSERT INTO usage_log ({', '.join(name for name, _ in COLUMNS)})"
     " SELECT * FROM unnest("
-    + ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(COLUMNS, start=1))
+    + ", ".join(_array(i, pg_type) for i, (_, pg_type) in enumerate(COLUMNS, start=1))
     + ") ON CONFLICT (team, job_id) DO NOTHING RETURNING team, job_id),"
     f" kept AS (INSERT INTO audit_content ({', '.join(name for name, _ in _CONTENT)})"
     " SELECT c.job_id, c.team, c.capture, c.prompt::jsonb, c.response::jsonb, c.ts"
@@ -91,6 +100,10 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
         return 0
     columns = {name: [getattr(event, name) for event in unique] for name, _ in COLUMNS}
     columns["ts"] = [_as_utc(ts) for ts in columns["ts"]]
+    columns["attempt_log"] = [
+        None if log is None else _json([attempt.model_dump() for attempt in log])
+        for log in columns["attempt_log"]
+    ]
     captured = [(e, e.content) for e in unique if e.content is not None]
     content = [
         [e.job_id for e, _ in captured],

@@ -11,8 +11,13 @@ import aio_pika
 from bench.measure import Figure, cpu_per_thousand
 from bench.stack import running_stack
 from queuegate.broker import json_message
-from queuegate.messages import UsageEvent
+from queuegate.messages import Attempt, UsageEvent
 from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
+
+ONE_CALL = Attempt(
+    model="gpt-4o-mini", deployment="openai-main", provider="openai", status=200, latency_ms=412.5
+)
+"""What a served job's event carries: its one call, stored as jsonb."""
 
 
 async def accounting(*, events: int, window: int = 500) -> Figure:
@@ -27,6 +32,8 @@ async def accounting(*, events: int, window: int = 500) -> Figure:
                 input_tokens=12,
                 output_tokens=30,
                 status="ok",
+                attempts=1,
+                attempt_log=[ONE_CALL],
             )
             .model_dump_json()
             .encode()

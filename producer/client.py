@@ -181,12 +181,13 @@ class GatewayClient:
         fallbacks: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
         stream: bool = False,
-        cache: bool = False,
+        cache: bool | None = None,
         **params: Any,
     ) -> ChatJob:
         """Build a ChatJob for this team; ``params`` are OpenAI chat parameters.
 
-        ``cache``: an identical earlier request of the team may be answered from the cache.
+        ``cache``: True, an identical earlier request of the team may be answered from the
+        cache; False, never; None, as the team's default (``queuegate teams set --cache``).
         """
         if isinstance(deadline, timedelta):
             deadline = datetime.now(UTC) + deadline

@@ -447,11 +447,19 @@ def teams_set(
         int | None, typer.Option(help="Output tokens reserved when a job sets no max_tokens.")
     ] = None,
     model: Annotated[list[str] | None, typer.Option(help=_MODEL_HELP)] = None,
+    cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Use the response cache for jobs that do not say (a job's cache flag wins).",
+        ),
+    ] = None,
     unset: Annotated[
         list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
     ] = None,
 ) -> None:
-    """Change a team's limits, budget or queue quota; workers apply it within seconds."""
+    """Change a team's limits, budget, queue quota or cache default; workers apply it within
+    seconds."""
     from queuegate.teams_admin import configure, show
 
     settings = _settings()
@@ -464,6 +472,7 @@ def teams_set(
             "alert_threshold": alert_threshold,
             "max_queue_length": max_queue,
             "expected_output_tokens": expected_output,
+            "cache": cache,
         }.items()
         if v is not None
     }

@@ -88,7 +88,9 @@ class ChatJob(WireModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     deadline: datetime | None = None
     stream: bool = False
-    cache: bool = False
+    cache: bool | None = None
+    """True: may be answered from the response cache (and fills it); False: never; None
+    (unset): as the team's ``cache`` default says."""
 
 
 class Attempt(WireModel):
@@ -186,6 +188,7 @@ class UsageEvent(WireModel):
     queued_ms: float = 0.0
     latency_ms: float = 0.0
     attempts: int = 0
+    """How many calls were made; ``attempt_log`` lists them."""
     fallback_used: bool = False
     cached: bool = False
     reply_delivered: bool = True
@@ -198,3 +201,6 @@ class UsageEvent(WireModel):
     pii: str | None = None
     """PII families found in the prompt, comma-separated (policies warn, redact, block)."""
     content: AuditContent | None = None
+    attempt_log: list[Attempt] | None = None
+    """Every call made for the job, in order, as on the result; None from a worker that
+    predates the log (its ``attempts`` still counts them)."""

@@ -62,6 +62,8 @@ class TeamConfig(BaseModel):
     """Jobs the team's queue holds before the broker refuses more (the producer's QueueFull)."""
     expected_output_tokens: int | None = Field(default=None, ge=1)
     """Output tokens reserved for a job without ``max_tokens``; the gateway default if unset."""
+    cache: bool = False
+    """Whether the team's jobs use the response cache when they do not say (``ChatJob.cache``)."""
 
 
 @dataclass(frozen=True)

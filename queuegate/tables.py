@@ -87,6 +87,7 @@ def team_table(team: Team) -> Table:
     table.caption = (
         f"alert at {config.alert_threshold:.0%} of the budget · "
         f"max queue length {cell(config.max_queue_length)} · "
-        f"expected output {cell(config.expected_output_tokens)} tokens"
+        f"expected output {cell(config.expected_output_tokens)} tokens · "
+        f"response cache {'on' if config.cache else 'off'} by default"
     )
     return table

@@ -23,7 +23,7 @@ from accounting.store import COLUMNS, insert_usage
 from queuegate.broker import json_message
 from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
-from queuegate.messages import UsageEvent
+from queuegate.messages import Attempt, UsageEvent
 from queuegate.settings import Settings
 from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
 
@@ -178,6 +178,11 @@ async def test_published_events_land_as_rows(
         error_code="all_providers_failed",
         cost_usd=Decimal("0.5000000001"),
         attempts=3,
+        attempt_log=[
+            Attempt(model="gpt-mini", deployment="openai-main", provider="openai", status=503),
+            Attempt(model="gpt-mini", deployment="openai-main", provider="openai", error="timeout"),
+            Attempt(model="haiku", deployment="claude", provider="anthropic", status=529),
+        ],
         fallback_used=True,
         reply_delivered=False,
         ts=datetime(2025, 3, 1, 12, 30, tzinfo=timezone(timedelta(hours=2))),

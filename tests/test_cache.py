@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.support import running_gateway
+from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -48,6 +50,41 @@ async def test_jobs_without_the_flag_and_other_requests_are_not_served_from_the_
 
         assert not any(r.gateway.cached for r in (plain, other, elsewhere))
         assert gw.mock.stats.calls == 4
+
+
+async def test_a_team_that_caches_by_default_answers_a_repeat_from_the_cache(
+    settings: Settings,
+) -> None:
+    # Given team alpha caching by default, and a job that says nothing about the cache
+    await register(settings, "alpha", TeamConfig(cache=True))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        first = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+
+        # When the same request comes again
+        again = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+
+        # Expect it answered from the cache, with no second provider call
+        assert not first.gateway.cached
+        assert again.gateway.cached and again.response == first.response
+        assert gw.mock.stats.calls == 1
+
+
+async def test_a_job_that_says_no_cache_is_called_fresh_in_a_caching_team(
+    settings: Settings,
+) -> None:
+    # Given team alpha caching by default, and an answer in the cache
+    await register(settings, "alpha", TeamConfig(cache=True))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        await client.chat("gpt-4o-mini", HELLO, timeout=10)
+
+        # When the same request comes with cache=False
+        fresh = await (await client.submit(client.job("gpt-4o-mini", HELLO, cache=False))).result(
+            10
+        )
+
+        # Expect the provider called again
+        assert not fresh.gateway.cached
+        assert gw.mock.stats.calls == 2
 
 
 async def test_a_cached_answer_to_a_streamed_job_arrives_as_one_chunk(settings: Settings) -> None:

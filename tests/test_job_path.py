@@ -72,6 +72,23 @@ async def test_a_failing_primary_falls_back_and_says_so(settings: Settings) -> N
         assert row["attempts"] == 3
 
 
+async def test_the_usage_row_of_a_fallen_back_job_lists_every_attempt(settings: Settings) -> None:
+    # Given flaky-gpt answering 500 to everything, with claude-haiku as its fallback
+    faults = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        # When a job asks flaky-gpt
+        result = await client.chat("flaky-gpt", HELLO, timeout=10)
+
+        # Expect its usage row to name each call's deployment, status and error class, in order
+        [row] = await gw.usage_rows(1)
+        assert [(a["deployment"], a["status"], a["error"]) for a in row["attempt_log"]] == [
+            ("openai-flaky", 500, "server_error"),
+            ("openai-flaky", 500, "server_error"),
+            ("anthropic-main", 200, None),
+        ]
+        assert row["attempt_log"] == [a.model_dump() for a in result.gateway.attempts]
+
+
 async def test_a_timed_out_primary_falls_back(settings: Settings, tmp_path: Path) -> None:
     # Given a primary that hangs longer than its 0.3 s timeout
     catalog = tmp_path / "catalog.yaml"

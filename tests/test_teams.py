@@ -105,6 +105,26 @@ def test_teams_set_and_show_round_trip_a_config(settings: Settings) -> None:
     assert table.exit_code == 0 and "gpt-4o" in table.stdout
 
 
+def test_a_team_s_cache_default_is_switched_on_and_off(settings: Settings) -> None:
+    # Given a registered team
+    env = {
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+    runner = CliRunner()
+    assert runner.invoke(app, ["teams", "add", "alpha"], env=env).exit_code == 0
+
+    def cache() -> bool:
+        shown = runner.invoke(app, ["teams", "show", "alpha", "--json"], env=env)
+        return bool(json.loads(shown.stdout)["cache"])
+
+    # When an operator turns its cache default on, then off; expect the config to follow
+    assert runner.invoke(app, ["teams", "set", "alpha", "--cache"], env=env).exit_code == 0
+    assert cache()
+    assert runner.invoke(app, ["teams", "set", "alpha", "--no-cache"], env=env).exit_code == 0
+    assert not cache()
+
+
 def test_an_invalid_setting_is_one_clear_error(settings: Settings) -> None:
     # Given a registered team
     env = {

@@ -1,4 +1,5 @@
-"""The response cache: exact-match answers in Redis, for jobs that opt in with ``cache``.
+"""The response cache: exact-match answers in Redis, for jobs that opt in with ``cache``
+or whose team caches by default (``TeamConfig.cache``; see ``wanted``).
 
 The key is a hash of the team, the model (and fallbacks), the messages and the parameters,
 so a team never reads another team's answers. A hit costs nothing: it is answered with the
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.registry import TeamConfig
 from router import Routed
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,16 @@ class ResponseCache:
         if not self._down:
             self._down = True
             log.warning("Redis unavailable (%s): the response cache misses", type(exc).__name__)
+
+
+def wanted(job: ChatJob, team: TeamConfig) -> bool:
+    """Whether ``job`` is answered from the cache (and fills it).
+
+    The job's own ``cache`` decides when it set one, either way: in a team that caches by
+    default, some jobs still need a fresh answer (sampled variety, time-dependent prompts).
+    A job that says nothing follows its team's default.
+    """
+    return team.cache if job.cache is None else job.cache
 
 
 def digest(job: ChatJob) -> str:

@@ -60,6 +60,7 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         queued_ms=timing.queued_ms,
         latency_ms=routed.latency_ms,
         attempts=len(routed.attempts),
+        attempt_log=routed.attempts,
         fallback_used=routed.fallback_used,
         cached=cached,
         worker=timing.worker,
@@ -91,6 +92,7 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         error_code=error.code,
         queued_ms=timing.queued_ms,
         attempts=len(attempts),
+        attempt_log=attempts,
         worker=timing.worker,
     )
     return Outcome(result=result, usage=usage)

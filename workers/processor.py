@@ -28,7 +28,7 @@ from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
 from workers.admission import Admission
 from workers.batch_cancel import BatchCancels
-from workers.cache import ResponseCache
+from workers.cache import ResponseCache, wanted
 from workers.gate import Gate
 from workers.outcome import Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
@@ -145,16 +145,17 @@ class JobProcessor:
         return job
 
     async def _answer(self, job: ChatJob, reply_to: str | None, timing: Timing) -> Outcome:
-        """From the response cache when the job allows it, else from the router (streamed to
-        ``reply_to`` when the job asks for it)."""
+        """From the response cache when the job (or its team) wants it, else from the router
+        (streamed to ``reply_to`` when the job asks for it)."""
         relay = relay_for(job, reply_to, self._publisher)
-        hit = await self._cache.get(job) if job.cache else None
+        cache = wanted(job, self._admission.config(job.team))
+        hit = await self._cache.get(job) if cache else None
         if hit is not None:
             if relay is not None:
                 await relay.replay(hit.response)
             return served(job, hit, timing, cached=True)
         routed = await self._serve(job, relay)
-        if job.cache:
+        if cache:
             await self._cache.put(job, routed)
         return served(job, routed, timing)
 
