@@ -56,7 +56,20 @@ def free_port() -> int:
 class Stack:
     settings: Settings
     mock_url: str
+    env: dict[str, str]
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    async def spawn(self, name: str, *args: str) -> None:
+        """Start ``queuegate ARGS`` as process ``name``, stopped when the stack is."""
+        self.processes[name] = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "queuegate", *args),
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+
+    async def start_accounting(self) -> None:
+        await self.spawn("accounting", "accounting", "--log-level", "warning")
+        await _wait_consumers(self.settings, 0, accounting=True)
 
     def cpu(self) -> dict[str, float]:
         return {name: cpu_seconds(p.pid) for name, p in self.processes.items()}
@@ -109,31 +122,27 @@ async def running_stack(
     """Start the processes, wait until each is serving, and tear everything down after."""
     settings = bench_settings()
     port = free_port()
-    stack = Stack(settings, f"http://127.0.0.1:{port}")
+    mock_url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "QUEUEGATE_NAMESPACE": settings.namespace,
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "QUEUEGATE_MOCK_URL": stack.mock_url,
+        "QUEUEGATE_MOCK_URL": mock_url,
         "QUEUEGATE_MOCK_KEY": "bench-key",
         "QUEUEGATE_PREFETCH": str(prefetch),
         "QUEUEGATE_METRICS_PORT": "0",  # any free port: two workers share the host
     }
-    cli = [sys.executable, "-m", "queuegate"]
-
-    async def spawn(name: str, *args: str) -> None:
-        stack.processes[name] = await asyncio.create_subprocess_exec(
-            *cli, *args, env=env, stdout=asyncio.subprocess.DEVNULL
-        )
-
+    stack = Stack(settings, mock_url, env)
     try:
-        await spawn("mock", "mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
+        mock = ("mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
+        await stack.spawn("mock", *mock)
         await _wait_http(stack.mock_url)
         await _prepare(settings)
         if accounting:
-            await spawn("accounting", "accounting", "--log-level", "warning")
+            await stack.spawn("accounting", "accounting", "--log-level", "warning")
         for i in range(workers):
-            await spawn(f"worker{i + 1}", "worker", "--teams", TEAM, "--log-level", "warning")
+            args = ("worker", "--teams", TEAM, "--log-level", "warning")
+            await stack.spawn(f"worker{i + 1}", *args)
         await _wait_consumers(settings, workers, accounting)
         yield stack
     finally:
