@@ -13,8 +13,8 @@ from anthropic.types import Message
 from producer.batch.lines import BatchFile
 from queuegate.errors import BatchError
 from queuegate.messages import ChatJob
+from queuegate.provider_formats import anthropic_message, openai_request
 from router.providers import AnthropicAdapter
-from router.providers.anthropic import anthropic_message, openai_request
 from tests.batch_files import ANTHROPIC_EXAMPLE
 
 WEATHER_TOOL = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
-from router.providers.anthropic import anthropic_message, openai_request
+from queuegate.provider_formats import anthropic_message, openai_request
 
 _ERROR_TYPES = {
     "invalid_request": "invalid_request_error",

@@ -8,9 +8,7 @@ Response: text blocks become the message content, ``tool_use`` blocks its ``tool
 What the Messages API cannot express (audio parts, JSON mode, ``n`` > 1) raises
 ProviderError("unsupported"), so the router moves on to a deployment that can.
 
-The inverse direction serves Anthropic-format batch files: ``openai_request`` reads Messages
-API ``params`` as a canonical request, ``anthropic_message`` turns a canonical response back
-into a Messages API ``message``.
+The inverse direction, for Anthropic-format batch files, is in ``queuegate.provider_formats``.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import time
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
+from queuegate.provider_formats import Block, as_int, tool_call_of, tool_use_block
 from router.providers.base import (
     Completion,
     Delta,
@@ -27,7 +26,6 @@ from router.providers.base import (
     ServerEvent,
     UpstreamRequest,
     Usage,
-    as_int,
     json_data,
     stream_error,
 )
@@ -50,8 +48,6 @@ _FINISH_REASONS = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
-
-Block = dict[str, Any]
 
 
 class AnthropicAdapter:
@@ -82,7 +78,7 @@ class AnthropicAdapter:
             if kind == "text":
                 texts.append(str(block.get("text", "")))
             elif kind == "tool_use":
-                tool_calls.append(_tool_call(block))
+                tool_calls.append(tool_call_of(block))
             # thinking blocks have no place in an OpenAI message
         message: dict[str, Any] = {
             "role": "assistant",
@@ -267,19 +263,10 @@ def _image(image_url: Any) -> Block:
 
 
 def _tool_use(call: dict[str, Any]) -> Block:
-    function = call.get("function") or {}
     try:
-        arguments = json.loads(function.get("arguments") or "{}")
-    except (TypeError, ValueError):
-        arguments = None
-    if not isinstance(arguments, dict):
-        raise ProviderError("unsupported", "tool call arguments that are not a JSON object")
-    return {
-        "type": "tool_use",
-        "id": call.get("id"),
-        "name": function.get("name"),
-        "input": arguments,
-    }
+        return tool_use_block(call)
+    except ValueError as exc:
+        raise ProviderError("unsupported", str(exc)) from exc
 
 
 def _compact(turn: Block) -> Block:
@@ -345,14 +332,6 @@ def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
     return out
 
 
-def _tool_call(block: Block) -> dict[str, Any]:
-    return {
-        "id": block.get("id"),
-        "type": "function",
-        "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})},
-    }
-
-
 def _usage(usage: Any) -> Usage:
     """OpenAI counts cached tokens inside ``prompt_tokens``; Anthropic reports them apart."""
     if not isinstance(usage, dict):
@@ -364,162 +343,3 @@ def _usage(usage: Any) -> Usage:
         output_tokens=as_int(usage.get("output_tokens")),
         cached_tokens=cached,
     )
-
-
-# The inverse direction: Anthropic-format batch files in, Anthropic-format results out.
-
-_STOP_REASONS = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "content_filter": "refusal",
-}
-_INVERSE_PASSED = frozenset({"top_k", "thinking", "service_tier"})
-
-
-def openai_request(params: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The canonical messages and params of Messages API ``params``.
-
-    Raises ValueError naming the field when the request is malformed or uses what the
-    canonical format cannot carry (documents, thinking blocks in the input, server tools).
-    """
-    if not isinstance(params, dict):
-        raise ValueError("params must be an object")
-    turns = params.get("messages")
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("params.messages must be a non-empty list")
-    max_tokens = params.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError("params.max_tokens must be a positive integer")
-    messages: list[dict[str, Any]] = []
-    system = params.get("system")
-    if system:
-        messages.append({"role": "system", "content": _system_text(system)})
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
-            raise ValueError(f"params.messages.{index}.role must be user or assistant")
-        messages.extend(_openai_turn(turn["role"], turn.get("content"), f"params.messages.{index}"))
-    out: dict[str, Any] = {"max_tokens": max_tokens}
-    for key in ("temperature", "top_p"):
-        if params.get(key) is not None:
-            out[key] = params[key]
-    if params.get("stop_sequences"):
-        out["stop"] = params["stop_sequences"]
-    user = (params.get("metadata") or {}).get("user_id")
-    if user:
-        out["user"] = user
-    if params.get("tools"):
-        out["tools"] = [_function_tool(tool) for tool in params["tools"]]
-    if params.get("tool_choice"):
-        out.update(_openai_tool_choice(params["tool_choice"]))
-    out.update({key: params[key] for key in _INVERSE_PASSED & params.keys()})
-    return messages, out
-
-
-def _system_text(system: Any) -> str:
-    if isinstance(system, str):
-        return system
-    if isinstance(system, list) and all(
-        isinstance(b, dict) and b.get("type") == "text" for b in system
-    ):
-        return "\n\n".join(str(b.get("text", "")) for b in system)
-    raise ValueError("params.system must be a string or a list of text blocks")
-
-
-def _openai_turn(role: str, content: Any, where: str) -> list[dict[str, Any]]:
-    """One Anthropic turn as OpenAI messages: tool results become ``tool`` messages first."""
-    if isinstance(content, str):
-        return [{"role": role, "content": content}]
-    if not isinstance(content, list) or not content:
-        raise ValueError(f"{where}.content must be a string or a non-empty list of blocks")
-    tools: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
-    calls: list[dict[str, Any]] = []
-    for index, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            parts.append({"type": "text", "text": str(block.get("text", ""))})
-        elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block)}})
-        elif kind == "tool_use" and role == "assistant":
-            calls.append(_tool_call(block))
-        elif kind == "tool_result" and role == "user":
-            tools.append(_tool_message(block, f"{where}.content.{index}"))
-        else:
-            raise ValueError(f"{where}.content.{index}: {kind} blocks are not supported here")
-    out = list(tools)
-    if parts or calls:
-        message: dict[str, Any] = {"role": role, "content": parts or None}
-        if calls:
-            message["tool_calls"] = calls
-        out.append(message)
-    return out
-
-
-def _image_url(block: Block) -> str:
-    source = block.get("source") or {}
-    if source.get("type") == "base64":
-        return f"data:{source.get('media_type')};base64,{source.get('data')}"
-    if source.get("type") == "url" and isinstance(source.get("url"), str):
-        return str(source["url"])
-    raise ValueError(f"image sources of type {source.get('type')!r} are not supported")
-
-
-def _tool_message(block: Block, where: str) -> dict[str, Any]:
-    content = block.get("content")
-    if isinstance(content, list):
-        if not all(isinstance(b, dict) and b.get("type") == "text" for b in content):
-            raise ValueError(f"{where}: only text tool results are supported")
-        content = "".join(str(b.get("text", "")) for b in content)
-    return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content or ""}
-
-
-def _function_tool(tool: Any) -> dict[str, Any]:
-    if not isinstance(tool, dict) or "input_schema" not in tool:
-        raise ValueError("params.tools: only client tools with an input_schema are supported")
-    function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
-    if tool.get("description"):
-        function["description"] = tool["description"]
-    return {"type": "function", "function": function}
-
-
-def _openai_tool_choice(choice: Any) -> dict[str, Any]:
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    names = {"auto": "auto", "none": "none", "any": "required"}
-    if kind in names:
-        out: dict[str, Any] = {"tool_choice": names[kind]}
-    elif kind == "tool":
-        out = {"tool_choice": {"type": "function", "function": {"name": choice.get("name")}}}
-    else:
-        raise ValueError(f"params.tool_choice of type {kind!r} is not supported")
-    if choice.get("disable_parallel_tool_use"):
-        out["parallel_tool_calls"] = False
-    return out
-
-
-def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
-    """A canonical ``chat.completion`` as a Messages API ``message``."""
-    choice = (response.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    content: list[Block] = []
-    if isinstance(message.get("content"), str) and message["content"]:
-        content.append({"type": "text", "text": message["content"]})
-    content.extend(_tool_use(call) for call in message.get("tool_calls") or [])
-    usage = response.get("usage") or {}
-    cached = as_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
-    return {
-        "id": response.get("id") or "",
-        "type": "message",
-        "role": "assistant",
-        "model": response.get("model") or "",
-        "content": content,
-        "stop_reason": _STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
-        "stop_sequence": None,
-        "usage": {
-            # Anthropic counts cache reads apart from input_tokens; OpenAI includes them.
-            "input_tokens": max(0, as_int(usage.get("prompt_tokens")) - cached),
-            "output_tokens": as_int(usage.get("completion_tokens")),
-            "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0,
-        },
-    }

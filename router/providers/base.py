@@ -250,8 +250,3 @@ _STREAM_ERRORS: dict[str, ErrorClass] = {
     "timeout_error": "timeout",
 }
 """Error types sent in a stream (Anthropic's ``event: error``, OpenAI's ``{"error": ...}``)."""
-
-
-def as_int(value: Any) -> int:
-    """A token count from a usage object; absent or malformed counts are zero."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from queuegate.messages import ChatJob
+from queuegate.provider_formats import as_int
 from router.providers.base import (
     Completion,
     Delta,
@@ -18,7 +19,6 @@ from router.providers.base import (
     ServerEvent,
     UpstreamRequest,
     Usage,
-    as_int,
     json_data,
     stream_error,
 )
