@@ -86,6 +86,9 @@ class PrivateBroker:
                 return
             except OSError:
                 if self._server.poll() is not None or time.monotonic() > deadline:
+                    self._server.kill()  # a node that booted too slowly must not linger
+                    self._server.wait()
+                    self._server = None
                     raise RuntimeError(
                         f"RabbitMQ node {self.node} did not start; see {self.root}/server.out"
                     ) from None
