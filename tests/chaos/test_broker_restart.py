@@ -1,0 +1,98 @@
+"""Chaos 2, for real: the RabbitMQ node itself stops and starts again mid-run.
+
+test_outages.py cuts the connection through a proxy; here a private node (the shared broker is
+never stopped) restarts on its own data, so only what is durable survives: quorum queues,
+persistent messages and the clients' durable reply queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from mockprovider import Behavior, MockConfig
+from queuegate.settings import Settings
+from tests.chaos.harness import TEAMS, Figures, collect, dead_lettered, submit_all, usage_rows
+from tests.chaos.private_broker import PrivateBroker
+from tests.faults import RECONNECT_INTERVAL
+from tests.support import running_gateway
+
+JOBS = 400
+RESTART_AFTER_CALLS = 100
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
+    """One node for the module: booting one costs a few seconds."""
+    with PrivateBroker(tmp_path_factory.mktemp("rabbitmq")) as node:
+        yield node
+
+
+def on_node(settings: Settings, broker: PrivateBroker) -> Settings:
+    """``settings`` whose components use the private node and reconnect to it quickly."""
+    url = f"{broker.amqp_url}?reconnect_interval={RECONNECT_INTERVAL}"
+    return settings.model_copy(update={"amqp_url": url})
+
+
+async def test_a_broker_restart_loses_no_confirmed_job_and_counts_none_twice(
+    settings: Settings, broker: PrivateBroker
+) -> None:
+    figures = Figures("rabbitmq node restarted")
+    # Given a gateway whose producer, worker and accounting all use the private node
+    components = on_node(settings, broker)
+    mock = MockConfig(default=Behavior(latency_ms=20))
+    async with (
+        running_gateway(settings, teams=TEAMS, mock_config=mock, components=components) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+        gw.client("gamma") as gamma,
+    ):
+        clients = [alpha, beta, gamma]
+        # When jobs are flowing and the node stops and starts again
+        submitting = asyncio.create_task(submit_all(clients, JOBS))
+        async with asyncio.timeout(60):
+            await gw.mock.wait_for_calls(RESTART_AFTER_CALLS)
+        calls_at_restart = gw.mock.stats.calls
+        await asyncio.to_thread(broker.restart)
+
+        # Expect every confirmed job answered once and accounted once
+        handles = await submitting
+        figures.sent = len(handles)
+        results = await collect(handles, timeout=60)
+        figures.answered = len({r.job_id for r in results})
+        figures.duplicates = sum(c.duplicates for c in clients)
+        rows, distinct = await usage_rows(gw.pool, JOBS, timeout=30)
+        figures.usage_rows = rows
+        figures.provider_calls = gw.mock.stats.calls
+        figures.dead_lettered = await dead_lettered(components)
+        figures.done()
+        assert all(r.status == "ok" for r in results)
+        assert figures.answered == JOBS
+        assert rows == distinct == JOBS
+        assert figures.dead_lettered == 0
+        # ... and the restart came mid-run: jobs were still to be served when the node stopped
+        assert calls_at_restart < JOBS
+
+
+async def test_a_reply_awaited_across_a_broker_restart_arrives(
+    settings: Settings, broker: PrivateBroker
+) -> None:
+    # Given a job the provider is still answering
+    mock = MockConfig(default=Behavior(latency_ms=1000))
+    async with (
+        running_gateway(settings, mock_config=mock, components=on_node(settings, broker)) as gw,
+        gw.client("alpha") as alpha,
+    ):
+        handle = await alpha.submit(alpha.job("gpt-4o-mini", [{"role": "user", "content": "hi"}]))
+        async with asyncio.timeout(10):
+            await gw.mock.wait_for_calls(1)
+
+        # When the node restarts while its producer awaits the reply
+        await asyncio.to_thread(broker.restart)
+
+        # Expect the reply to arrive
+        result = await handle.result(timeout=60)
+        assert result.status == "ok"
+        assert result.job_id == handle.job_id
