@@ -293,7 +293,10 @@ class Accountant:
         async with self._settling:
             try:
                 await action
-            except _CHANNEL_GONE as exc:
+            except Exception as exc:
+                # The rows are committed before any settlement, and inserts are idempotent,
+                # so whatever this failed of, redelivery is harmless. Besides _CHANNEL_GONE, a
+                # connection closing without a reason fails a pending ack with a bare Exception.
                 log.info(
                     "could not %s usage deliveries (%s: their channel is gone);"
                     " the broker delivers them again",

@@ -190,9 +190,12 @@ class _Run:
         await self._write(list(answers.values()))
         try:
             await messages[-1].ack(multiple=True)
-        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
-            # The channel was replaced after a reconnect: these come again, and are dropped.
-            log.warning("could not acknowledge results (%s); they will be redelivered", exc)
+        except Exception as exc:
+            # Lines are on disk and recorded before this ack, so whatever it failed of, the
+            # broker redelivers these results and they are skipped as written. A connection
+            # that closes without a reason fails the pending ack with a bare Exception
+            # (aiormq), so no narrower type covers every way this goes.
+            log.warning("could not acknowledge results (%r); they will be redelivered", exc)
 
     async def unanswerable(self, category: Category) -> None:
         """Write ``category`` for every request still without a line."""
