@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import aio_pika
@@ -100,3 +100,30 @@ async def dead_lettered(settings: Settings, expected: int = 0, timeout: float = 
             if count >= expected or time.monotonic() > deadline:
                 return count
             await asyncio.sleep(0.1)
+
+
+async def expect_each_job_once(
+    submitting: asyncio.Task[list[JobHandle]],
+    *,
+    clients: Sequence[GatewayClient],
+    pool: asyncpg.Pool,
+    calls: Callable[[], int],
+    dead: Settings,
+    figures: Figures,
+) -> None:
+    """Every confirmed job answered exactly once at the producer and accounted exactly once,
+    nothing dead-lettered; the figures are recorded and printed."""
+    handles = await submitting
+    figures.sent = len(handles)
+    results = await collect(handles, timeout=60)
+    figures.answered = len({r.job_id for r in results})
+    figures.duplicates = sum(c.duplicates for c in clients)
+    rows, distinct = await usage_rows(pool, len(handles), timeout=30)
+    figures.usage_rows = rows
+    figures.provider_calls = calls()
+    figures.dead_lettered = await dead_lettered(dead)
+    figures.done()
+    assert all(r.status == "ok" for r in results)
+    assert figures.answered == len(handles)
+    assert rows == distinct == len(handles)
+    assert figures.dead_lettered == 0

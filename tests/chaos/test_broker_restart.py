@@ -14,7 +14,7 @@ import pytest
 
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.chaos.harness import TEAMS, Figures, collect, dead_lettered, submit_all, usage_rows
+from tests.chaos.harness import TEAMS, Figures, expect_each_job_once, submit_all
 from tests.chaos.private_broker import PrivateBroker
 from tests.faults import RECONNECT_INTERVAL
 from tests.support import running_gateway
@@ -58,20 +58,14 @@ async def test_a_broker_restart_loses_no_confirmed_job_and_counts_none_twice(
         await asyncio.to_thread(broker.restart)
 
         # Expect every confirmed job answered once and accounted once
-        handles = await submitting
-        figures.sent = len(handles)
-        results = await collect(handles, timeout=60)
-        figures.answered = len({r.job_id for r in results})
-        figures.duplicates = sum(c.duplicates for c in clients)
-        rows, distinct = await usage_rows(gw.pool, JOBS, timeout=30)
-        figures.usage_rows = rows
-        figures.provider_calls = gw.mock.stats.calls
-        figures.dead_lettered = await dead_lettered(components)
-        figures.done()
-        assert all(r.status == "ok" for r in results)
-        assert figures.answered == JOBS
-        assert rows == distinct == JOBS
-        assert figures.dead_lettered == 0
+        await expect_each_job_once(
+            submitting,
+            clients=clients,
+            pool=gw.pool,
+            calls=lambda: gw.mock.stats.calls,
+            dead=components,
+            figures=figures,
+        )
         # ... and the restart came mid-run: jobs were still to be served when the node stopped
         assert calls_at_restart < JOBS
 

@@ -13,7 +13,7 @@ import pytest
 
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.chaos.harness import TEAMS, Figures, collect, dead_lettered, submit_all, usage_rows
+from tests.chaos.harness import TEAMS, Figures, expect_each_job_once, submit_all
 from tests.faults import Service, behind_proxies
 from tests.support import running_gateway
 
@@ -50,19 +50,13 @@ async def test_an_outage_loses_no_confirmed_job_and_counts_none_twice(
         await proxies[service].up()
 
         # Expect every confirmed job answered once and accounted once
-        handles = await submitting
-        figures.sent = len(handles)
-        results = await collect(handles, timeout=60)
-        figures.answered = len({r.job_id for r in results})
-        figures.duplicates = sum(c.duplicates for c in clients)
-        rows, distinct = await usage_rows(gw.pool, JOBS, timeout=30)
-        figures.usage_rows = rows
-        figures.provider_calls = gw.mock.stats.calls
-        figures.dead_lettered = await dead_lettered(settings)
-        figures.done()
-        assert all(r.status == "ok" for r in results)
-        assert figures.answered == JOBS
-        assert rows == distinct == JOBS
-        assert figures.dead_lettered == 0
+        await expect_each_job_once(
+            submitting,
+            clients=clients,
+            pool=gw.pool,
+            calls=lambda: gw.mock.stats.calls,
+            dead=settings,
+            figures=figures,
+        )
         # ... and the cut came mid-run: jobs were still to be served when the service went away
         assert calls_at_cut < JOBS
