@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from queuegate.keys import Keys
+from queuegate.outage import OutageLog
 from router.catalog import Catalog, Deployment
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class Health:
         self._catalog = catalog
         source = resources.files("router").joinpath("lua/health.lua").read_text("utf-8")
         self._script = client.register_script(source)
-        self._down = False
+        self._outage = OutageLog(log, "Redis", "circuit breakers and 429 pauses are not shared")
 
     async def allow(self, deployment: Deployment) -> Verdict:
         """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
@@ -112,17 +113,9 @@ class Health:
         try:
             state, millis = await self._script(keys=keys, args=args)
         except RedisError as exc:
-            if not self._down:
-                self._down = True
-                log.warning(
-                    "Redis unavailable (%s): circuit breakers and 429 pauses are not shared "
-                    "until it returns",
-                    type(exc).__name__,
-                )
+            self._outage.failed(exc)
             return _ALLOWED
-        if self._down:
-            self._down = False
-            log.info("Redis is back: circuit breakers and 429 pauses are shared again")
+        self._outage.recovered()
         name = state.decode() if isinstance(state, bytes) else str(state)
         verdict = Verdict(cast(State, name), millis / 1000)
         if op == "failure" and verdict.state == "open" and verdict.wait > 0:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig
 from router import Routed
 
@@ -39,7 +40,7 @@ class ResponseCache:
         self._client = client
         self._keys = keys
         self._ttl = ttl
-        self._down = False
+        self._outage = OutageLog(log, "Redis", "the response cache misses")
 
     async def get(self, job: ChatJob) -> Routed | None:
         """The cached answer to ``job`` as a Routed with no attempts, tokens or cost, or None.
@@ -50,9 +51,9 @@ class ResponseCache:
         try:
             raw: bytes | str | None = await self._client.get(self._keys.cache(digest(job)))
         except RedisError as exc:
-            self._outage(exc)
+            self._outage.failed(exc)
             return None
-        self._down = False
+        self._outage.recovered()
         if raw is None:
             return None
         try:
@@ -83,12 +84,7 @@ class ResponseCache:
                 self._keys.cache(digest(job)), entry.model_dump_json(), ex=self._ttl
             )
         except RedisError as exc:
-            self._outage(exc)
-
-    def _outage(self, exc: RedisError) -> None:
-        if not self._down:
-            self._down = True
-            log.warning("Redis unavailable (%s): the response cache misses", type(exc).__name__)
+            self._outage.failed(exc)
 
 
 def wanted(job: ChatJob, team: TeamConfig) -> bool:

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from queuegate.keys import Keys
+from queuegate.outage import OutageLog
 from workers.outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -25,15 +26,15 @@ class OutcomeStore:
         self._client = client
         self._keys = keys
         self._ttl = ttl
-        self._down = False
+        self._outage = OutageLog(log, "Redis", "finished jobs are not remembered")
 
     async def get(self, team: str, job_id: str) -> Outcome | None:
         try:
             raw: bytes | str | None = await self._client.get(self._keys.result(team, job_id))
         except RedisError as exc:
-            self._outage(exc)
+            self._outage.failed(exc)
             return None
-        self._recovered()
+        self._outage.recovered()
         if raw is None:
             return None
         try:
@@ -51,19 +52,6 @@ class OutcomeStore:
                 ex=self._ttl,
             )
         except RedisError as exc:
-            self._outage(exc)
+            self._outage.failed(exc)
             return
-        self._recovered()
-
-    def _outage(self, exc: RedisError) -> None:
-        if not self._down:
-            self._down = True
-            log.warning(
-                "Redis unavailable (%s): finished jobs are not remembered until it returns",
-                type(exc).__name__,
-            )
-
-    def _recovered(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("Redis is back: finished jobs are remembered again")
+        self._outage.recovered()

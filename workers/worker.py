@@ -19,6 +19,7 @@ from queuegate.db import create_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
+from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -68,7 +69,9 @@ class Worker:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
         self._admission: Admission | None = None
-        self._registry_down = False
+        self._registry = OutageLog(
+            log, "The team registry (PostgreSQL)", "the teams I have are served"
+        )
         self._connected: asyncio.Event | None = None
         self._draining = False
         self._telemetry = Telemetry(router.catalog.models)
@@ -184,11 +187,9 @@ class Worker:
         try:
             teams = {team.name: team.config for team in await list_teams(pool, enabled_only=True)}
         except (OSError, asyncpg.PostgresError, ConfigError) as exc:
-            if not self._registry_down:
-                log.warning("team registry unreadable (%s); serving the teams I have", exc)
-            self._registry_down = True
+            self._registry.failed(exc)
             return None
-        self._registry_down = False
+        self._registry.recovered()
         return teams
 
     def _callback(

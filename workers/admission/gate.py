@@ -27,13 +27,14 @@ from redis.exceptions import RedisError
 from queuegate.errors import RateLimited
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit
 from workers.admission.budgets import Budgets, Reservation
 from workers.admission.estimate import Estimate, estimate, to_nano
-from workers.admission.policy import RETRY_SECONDS, LocalBuckets, Outage
+from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
 from workers.admission.scripts import Scripts
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class Admission:
         self._buckets = Buckets(scripts)
         self._budgets = Budgets(client, scripts, self._keys, pool)
         self._local = LocalBuckets(share=1 / settings.admission_workers)
-        self.outage = Outage(settings.redis_outage)
+        self.policy = settings.redis_outage
+        self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
         self._configs: Mapping[str, TeamConfig] = {}
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
@@ -108,7 +110,7 @@ class Admission:
                 result = await call()
             except RedisError as exc:
                 self.outage.failed(exc)
-                if self.outage.policy == "fail_open":
+                if self.policy == "fail_open":
                     return fail_open()
                 left = until - time.monotonic()
                 if left <= 0:
@@ -119,7 +121,7 @@ class Admission:
                     ) from exc
                 await asyncio.sleep(min(RETRY_SECONDS, left))
                 continue
-            self.outage.succeeded()
+            self.outage.recovered()
             return result
 
     async def _settle(self, call: Callable[[], Awaitable[None]]) -> None:
@@ -129,7 +131,7 @@ class Admission:
         except RedisError as exc:
             self.outage.failed(exc)
         else:
-            self.outage.succeeded()
+            self.outage.recovered()
 
 
 class Ticket:

@@ -12,14 +12,11 @@ An outage is logged once when it starts and once when it ends, not once per job.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from typing import Literal
 
 from workers.admission.buckets import Limit, too_large
-
-log = logging.getLogger(__name__)
 
 OutagePolicy = Literal["fail_closed", "fail_open"]
 
@@ -27,27 +24,11 @@ RETRY_SECONDS = 0.5
 """How often a fail-closed job tries Redis again while it is down."""
 
 
-class Outage:
-    """Tracks whether Redis is down, so the outage is logged once, not once per job."""
-
-    def __init__(self, policy: OutagePolicy) -> None:
-        self.policy = policy
-        self.down = False
-
-    def failed(self, exc: Exception) -> None:
-        if not self.down:
-            self.down = True
-            what = (
-                "jobs wait for it"
-                if self.policy == "fail_closed"
-                else "admitting from local buckets at a fair share, budgets unchecked"
-            )
-            log.warning("Redis unavailable for admission (%s): %s", type(exc).__name__, what)
-
-    def succeeded(self) -> None:
-        if self.down:
-            self.down = False
-            log.info("Redis is back: admission uses the shared buckets again")
+MEANWHILE: dict[OutagePolicy, str] = {
+    "fail_closed": "jobs wait for admission",
+    "fail_open": "admission uses local buckets at a fair share and budgets go unchecked",
+}
+"""What each policy does while Redis is away, for the one line logged per outage."""
 
 
 class LocalBuckets:
