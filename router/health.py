@@ -1,7 +1,8 @@
 """Deployment health shared by every worker through Redis: circuit breakers and 429 pauses.
 
 One Lua script (``router/lua/health.lua``, registered once per Router) reads and changes a
-deployment's state atomically, so two workers never both probe a half-open circuit.
+deployment's state atomically, so two workers never both probe a half-open circuit. A call
+that answered costs no round trip of its own: it is counted with the worker's next one.
 
 Best effort by design: while Redis is down every deployment counts as healthy, and jobs are
 still served (without shared breakers) rather than failed.
@@ -68,13 +69,20 @@ class Health:
         source = resources.files("router").joinpath("lua/health.lua").read_text("utf-8")
         self._script = client.register_script(source)
         self._outage = OutageLog(log, "Redis", "circuit breakers and 429 pauses are not shared")
+        self._unreported: dict[str, int] = {}
+        """Successes per deployment not yet counted in Redis."""
 
     async def allow(self, deployment: Deployment) -> Verdict:
         """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
         return await self._run("allow", deployment)
 
-    async def success(self, deployment: Deployment) -> None:
-        await self._run("success", deployment)
+    async def success(self, deployment: Deployment, *, probe: bool = False) -> None:
+        """A call answered. A probe's answer closes the circuit now; any other only counts in
+        the window, so it waits for this worker's next ``allow`` or ``failure``."""
+        if probe:
+            await self._run("success", deployment)
+        else:
+            self._unreported[deployment.name] = self._unreported.get(deployment.name, 0) + 1
 
     async def failure(self, deployment: Deployment) -> None:
         await self._run("failure", deployment)
@@ -108,6 +116,8 @@ class Health:
             _ms(policy.cooldown),
             _ms(deployment.timeout + PROBE_GRACE),
             _ms(pause),
+            # Lost if this call fails: while Redis is away the window is not shared anyway.
+            self._unreported.pop(deployment.name, 0) if op != "rate_limit" else 0,
         ]
         keys = [self._keys.breaker(deployment.name), self._keys.paused(deployment.name)]
         try:

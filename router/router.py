@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Protocol
@@ -105,6 +105,8 @@ class _Call:
     request: UpstreamRequest = field(repr=False)
     key: str | None = field(repr=False)
     """Scrubbed from whatever the provider echoes back."""
+    probe: bool = False
+    """The call is its half-open circuit's one probe: its answer closes the circuit."""
 
 
 @dataclass
@@ -288,7 +290,8 @@ class Router:
                 continue
             verdict: Verdict = await self.health.allow(deployment)
             if verdict.allowed:
-                return call  # _attempt releases the slot
+                # _attempt releases the slot
+                return replace(call, probe=verdict.state == "probe")
             await self._slots.release(deployment)
             if verdict.state == "paused":
                 run.paused = True
@@ -352,13 +355,13 @@ class Router:
                 _attempt_of(alias, deployment, started, err.status, err.error_class)
             )
             run.failures.append(f"{deployment.name}: {err}")
-            await self._report(deployment, err)
+            await self._report(call, err)
             if run.streamed:
                 raise StreamInterrupted(
                     run.summary("the stream broke after it had started"), run.attempts
                 ) from err
             raise
-        await self.health.success(deployment)
+        await self.health.success(deployment, probe=call.probe)
         run.attempts.append(_attempt_of(alias, deployment, started, 200, None))
         return Routed(
             response=completion.response,
@@ -395,7 +398,8 @@ class Router:
                     await run.emit(delta)
         return parser.completion()
 
-    async def _report(self, deployment: Deployment, err: ProviderError) -> None:
+    async def _report(self, call: _Call, err: ProviderError) -> None:
+        deployment = call.deployment
         if err.error_class == "rate_limited":
             pause = err.retry_after
             if pause is None:
@@ -404,7 +408,7 @@ class Router:
         elif err.trips_breaker:
             await self.health.failure(deployment)
         else:  # it answered, if only to refuse this request
-            await self.health.success(deployment)
+            await self.health.success(deployment, probe=call.probe)
 
     def _after_failure(self, run: _Job, entry: ModelEntry, err: ProviderError) -> None:
         """Fail the job, or send it to the fallbacks the failure names; else carry on."""

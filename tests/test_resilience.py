@@ -643,3 +643,30 @@ async def test_jobs_are_served_while_redis_is_down_and_breakers_return_with_it(
             await proxy.up()
             after = [await router.complete(chat("primary")) for _ in range(4)]
             assert [len(routed.attempts) for routed in after] == [2, 2, 1, 1]
+
+
+async def test_answered_calls_count_in_the_window_without_a_round_trip_each(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a breaker that opens at 2 failures that are also half of the window's calls
+    cat = catalog(
+        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
+        breaker={"failures": 2, "ratio": 0.5, "cooldown": 30},
+    )
+    health = Health(redis_client, Keys(settings.redis_prefix), cat)
+    [deployment] = cat.models["m"].deployments
+    key = Keys(settings.redis_prefix).breaker(deployment.name)
+
+    # When three calls answer, then the next call is allowed and two calls fail
+    for _ in range(3):
+        await health.success(deployment)
+    untouched = await redis_client.exists(key)
+    await health.allow(deployment)
+    counted = await redis_client.hget(key, "calls")
+    await health.failure(deployment)
+    await health.failure(deployment)
+
+    # Expect the answers counted with the allow, and 2 failures of 5 calls leave it closed
+    assert untouched == 0
+    assert counted == b"3"
+    assert (await health.status(deployment)).state == "closed"

@@ -3,16 +3,19 @@
 --
 -- KEYS[1]  breaker hash: state (closed | open | half_open), until (ms), start, calls, failures
 -- KEYS[2]  pause key: present while the deployment is paused; its TTL is what is left
--- ARGV     op, window_ms, failures, ratio, cooldown_ms, probe_ms, pause_ms
+-- ARGV     op, window_ms, failures, ratio, cooldown_ms, probe_ms, pause_ms, successes
 --
 -- op = allow       may a call start?  {"closed"|"probe", 0} yes; {"paused"|"open"|"half_open",
 --                                     ms left} no.  After the cooldown exactly one caller gets
 --                                     "probe" and the circuit is half open until it reports
 --                                     (or probe_ms pass without a report: a crashed prober).
--- op = success     a call answered; a probe's success closes the circuit.
+-- op = success     a probe answered: the circuit closes.
 -- op = failure     a call failed; counted in the window, may open the circuit.
 -- op = rate_limit  a 429: pause for pause_ms (never shortened); not a failure, and a probe
 --                  that got it is inconclusive, so the next allowed caller probes again.
+-- successes       other calls that answered since this worker last ran the script for the
+--                  deployment: they only count in the window, so they ride on its next op
+--                  (allow, success or failure) instead of a round trip each.
 -- Every op returns {state, ms}.
 
 local breaker, paused = KEYS[1], KEYS[2]
@@ -23,6 +26,7 @@ local ratio = tonumber(ARGV[4])
 local cooldown = tonumber(ARGV[5])
 local probe = tonumber(ARGV[6])
 local pause = tonumber(ARGV[7])
+local successes = tonumber(ARGV[8])
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -36,7 +40,33 @@ local function open()
   return {'open', cooldown}
 end
 
+-- Calls and failures in the closed circuit's window; enough failures that are also enough of
+-- the calls open it (a count alone would open a busy deployment at any error rate).
+local function count(calls_added, failures_added)
+  local held = redis.call('HMGET', breaker, 'start', 'calls', 'failures')
+  local start = tonumber(held[1] or '0')
+  local calls, failures = 0, 0
+  if now - start < window then
+    calls = tonumber(held[2] or '0')
+    failures = tonumber(held[3] or '0')
+  else
+    start = now
+  end
+  calls = calls + calls_added
+  failures = failures + failures_added
+  if failures_added > 0 and failures >= max_failures and failures / calls >= ratio then
+    return open()
+  end
+  redis.call('HSET', breaker, 'state', 'closed', 'start', start, 'calls', calls,
+    'failures', failures)
+  redis.call('PEXPIRE', breaker, keep)
+  return {'closed', 0}
+end
+
 if op == 'allow' then
+  if state == 'closed' and successes > 0 then
+    count(successes, 0)
+  end
   local left = redis.call('PTTL', paused)
   if left > 0 then
     return {'paused', left}
@@ -75,24 +105,7 @@ if state == 'open' then
   return {'open', 0}
 end
 
-local start = tonumber(redis.call('HGET', breaker, 'start') or '0')
-local calls, failures = 0, 0
-if now - start < window then
-  calls = tonumber(redis.call('HGET', breaker, 'calls') or '0')
-  failures = tonumber(redis.call('HGET', breaker, 'failures') or '0')
-else
-  start = now
-end
-calls = calls + 1
 if op == 'failure' then
-  failures = failures + 1
-  -- Both: a dead deployment opens after max_failures calls, a busy one with a few percent
-  -- of errors never does (a count alone would open it at any error rate, given volume).
-  if failures >= max_failures and failures / calls >= ratio then
-    return open()
-  end
+  return count(1 + successes, 1)
 end
-redis.call('HSET', breaker, 'state', 'closed', 'start', start, 'calls', calls,
-  'failures', failures)
-redis.call('PEXPIRE', breaker, keep)
-return {'closed', 0}
+return count(1 + successes, 0)
