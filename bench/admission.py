@@ -32,7 +32,7 @@ import time
 import uuid
 from contextlib import AsyncExitStack
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
 import asyncpg
@@ -213,17 +213,27 @@ def _gateway_process(settings: Settings, latency_ms: float, ready: Any, stop: An
     run(main)
 
 
-async def _b_latencies(settings: Settings, seconds: float) -> list[float]:
+class _Split(NamedTuple):
+    """One B job's time to result, and the parts of it spent queued and at the provider."""
+
+    total: float
+    queued: float
+    provider: float
+
+
+async def _b_latencies(settings: Settings, seconds: float) -> list[_Split]:
     from producer import GatewayClient
 
     async with GatewayClient(settings, team="b") as client:
-        latencies: list[float] = []
+        latencies: list[_Split] = []
 
         async def one() -> None:
             started = time.monotonic()
             result = await client.chat("gpt-4o-mini", [{"role": "user", "content": "hi"}])
             assert result.status == "ok", result.error
-            latencies.append((time.monotonic() - started) * 1000)
+            total = (time.monotonic() - started) * 1000
+            gateway = result.gateway
+            latencies.append(_Split(total, gateway.queued_ms, gateway.latency_ms))
 
         tasks = []
         for _ in range(int(seconds * B_RATE)):
@@ -276,16 +286,17 @@ async def fairness(
         stop.set()
         await asyncio.to_thread(proc.join, 120)
         await _cleanup(settings, ["a", "b"])
-    p99_idle, p99_loaded = _pct(idle, 0.99), _pct(loaded, 0.99)
-    result = {
+    total_idle, total_loaded = [b.total for b in idle], [b.total for b in loaded]
+    p99_idle, p99_loaded = _pct(total_idle, 0.99), _pct(total_loaded, 0.99)
+    result: dict[str, Any] = {
         "a_jobs": a_jobs,
         "latency_ms": latency_ms,
         "limits": limits,
         "prefetch": settings.prefetch,
         "b_jobs": len(loaded),
-        "b_p50_idle_ms": round(statistics.median(idle), 1),
+        "b_p50_idle_ms": round(statistics.median(total_idle), 1),
         "b_p99_idle_ms": round(p99_idle, 1),
-        "b_p50_flood_ms": round(statistics.median(loaded), 1),
+        "b_p50_flood_ms": round(statistics.median(total_loaded), 1),
         "b_p99_flood_ms": round(p99_loaded, 1),
         "p99_ratio": round(p99_loaded / p99_idle, 2),
         "a_still_queued_at_end": a_left,
@@ -295,15 +306,30 @@ async def fairness(
         title=f"fairness: B at {B_RATE:.0f} jobs/s while A offers {a_jobs:,} at once "
         f"(provider {latency_ms:.0f} ms, prefetch {settings.prefetch})"
     )
-    for column in ("", "B p50 ms", "B p99 ms"):
+    columns = ("", "B p50 ms", "B p99 ms", "p99 queued", "p99 provider", "p99 rest")
+    for column in columns:
         table.add_column(column, justify="right")
-    table.add_row("A idle", f"{statistics.median(idle):.1f}", f"{p99_idle:.1f}")
-    table.add_row("A flooding", f"{statistics.median(loaded):.1f}", f"{p99_loaded:.1f}")
+    for label, splits in (("A idle", idle), ("A flooding", loaded)):
+        parts = _parts(splits)
+        result[f"b_p99_parts_{label.split()[1]}_ms"] = parts
+        table.add_row(label, *(f"{value:.1f}" for value in parts.values()))
     table.caption = (
-        f"p99 ratio {result['p99_ratio']}x; A jobs still queued when B finished: {a_left:,}"
+        f"p99 ratio {result['p99_ratio']}x; A jobs still queued when B finished: {a_left:,}. "
+        "queued: publish to the worker's pickup; rest: the worker's own work and the reply"
     )
     console.print(table)
     return result
+
+
+def _parts(splits: list[_Split]) -> dict[str, float]:
+    totals = [b.total for b in splits]
+    return {
+        "p50": round(statistics.median(totals), 1),
+        "p99": round(_pct(totals, 0.99), 1),
+        "queued": round(_pct([b.queued for b in splits], 0.99), 1),
+        "provider": round(_pct([b.provider for b in splits], 0.99), 1),
+        "rest": round(_pct([b.total - b.queued - b.provider for b in splits], 0.99), 1),
+    }
 
 
 async def _queue_depth(settings: Settings, team: str) -> int:
