@@ -2,7 +2,10 @@
 
 One Lua script (``router/lua/health.lua``, registered once per Router) reads and changes a
 deployment's state atomically, so two workers never both probe a half-open circuit. A call
-that answered costs no round trip of its own: it is counted with the worker's next one.
+that answered costs no round trip of its own: it is counted with the worker's next one. And a
+worker that has just been told a deployment is closed and unpaused trusts that for
+``TRUST_CLOSED`` seconds instead of asking again before every call: another worker's 429 or
+opened circuit reaches it that much later, while its own failures count at once.
 
 Best effort by design: while Redis is down every deployment counts as healthy, and jobs are
 still served (without shared breakers) rather than failed.
@@ -11,6 +14,7 @@ still served (without shared breakers) rather than failed.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Literal, cast
@@ -29,6 +33,11 @@ Op = Literal["allow", "success", "failure", "rate_limit"]
 
 PROBE_GRACE = 1.0
 """Seconds a probe may outlive its deployment's timeout before another caller may probe."""
+
+TRUST_CLOSED = 0.05
+"""Seconds a closed, unpaused verdict is reused: at hundreds of calls a second per deployment
+it saves a round trip on almost every call, and a pause or an open circuit set by another
+worker costs at most this long of calls that a retry or a fallback then absorbs."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,13 @@ class Health:
         self._outage = OutageLog(log, "Redis", "circuit breakers and 429 pauses are not shared")
         self._unreported: dict[str, int] = {}
         """Successes per deployment not yet counted in Redis."""
+        self._closed_until: dict[str, float] = {}
+        """Per deployment, the monotonic time until which its last closed verdict holds."""
 
     async def allow(self, deployment: Deployment) -> Verdict:
         """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
+        if self._closed_until.get(deployment.name, 0.0) > time.monotonic():
+            return _ALLOWED
         return await self._run("allow", deployment)
 
     async def success(self, deployment: Deployment, *, probe: bool = False) -> None:
@@ -120,6 +133,8 @@ class Health:
             self._unreported.pop(deployment.name, 0) if op != "rate_limit" else 0,
         ]
         keys = [self._keys.breaker(deployment.name), self._keys.paused(deployment.name)]
+        if op != "allow":
+            self._closed_until.pop(deployment.name, None)
         try:
             state, millis = await self._script(keys=keys, args=args)
         except RedisError as exc:
@@ -128,6 +143,8 @@ class Health:
         self._outage.recovered()
         name = state.decode() if isinstance(state, bytes) else str(state)
         verdict = Verdict(cast(State, name), millis / 1000)
+        if op == "allow" and verdict.state == "closed":
+            self._closed_until[deployment.name] = time.monotonic() + TRUST_CLOSED
         if op == "failure" and verdict.state == "open" and verdict.wait > 0:
             log.warning("circuit of deployment %s opened", deployment.name)
         return verdict

@@ -22,7 +22,7 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
 from router import Catalog, open_router
-from router.health import Health
+from router.health import TRUST_CLOSED, Health
 from router.policies import RetryPolicy
 from router.providers import ProviderError
 from router.providers.base import classify
@@ -670,3 +670,31 @@ async def test_answered_calls_count_in_the_window_without_a_round_trip_each(
     assert untouched == 0
     assert counted == b"3"
     assert (await health.status(deployment)).state == "closed"
+
+
+async def test_a_worker_trusts_a_closed_verdict_briefly_and_its_own_failures_at_once(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given two workers' views of one deployment, each just told it is closed
+    cat = catalog(
+        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
+        breaker={"failures": 1, "cooldown": 30},
+    )
+    one = Health(redis_client, Keys(settings.redis_prefix), cat)
+    two = Health(redis_client, Keys(settings.redis_prefix), cat)
+    [deployment] = cat.models["m"].deployments
+    assert (await one.allow(deployment)).state == "closed"
+    assert (await two.allow(deployment)).state == "closed"
+
+    # When worker one meets a 429 and then a failure that opens the circuit
+    await one.rate_limited(deployment, 30)
+    own = await one.allow(deployment)
+    await one.failure(deployment)
+    other_at_once = await two.allow(deployment)
+    await asyncio.sleep(TRUST_CLOSED)  # the trust is a span of time: no event ends it
+    other_later = await two.allow(deployment)
+
+    # Expect worker one to see its own pause at once, and worker two within TRUST_CLOSED
+    assert own.state == "paused"
+    assert other_at_once.state == "closed"
+    assert other_later.state == "paused" and not other_later.allowed
