@@ -5,7 +5,7 @@
 Everything runs on loopback: the mock provider in this process, Redis from QUEUEGATE_REDIS_URL
 under a namespace of its own (deleted at the end). Three scenarios, each a fixed number of jobs:
 
-- baseline: bare pooled httpx POSTs to the same mock, no router, for comparison
+- baseline: bare POSTs through router.transport to the same mock, no router, for comparison
 - healthy:  one deployment, no faults: throughput and latency with two Redis health checks
             per call (allow, then report)
 - flaky:    primary with 30 % 500s and 10 % hangs (timeout 0.5 s), healthy fallback
@@ -27,7 +27,6 @@ from collections import Counter
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
@@ -36,12 +35,12 @@ from mockprovider import Behavior, MockConfig, MockProvider
 from queuegate.errors import JobError
 from queuegate.messages import Attempt, ChatJob, ChatMessage
 from queuegate.settings import Settings
-from router import Catalog, Routed, open_router
+from router import Catalog, Routed, open_router, transport
+from router.providers import UpstreamRequest
 
 ENV = {"QUEUEGATE_MOCK_KEY": "bench"}
 WARMUP = 200
 _AUTH = {"Authorization": "Bearer bench"}
-_POOL = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
 
 
 def _deployment(name: str, model: str, url: str, **fields: Any) -> dict[str, Any]:
@@ -89,17 +88,18 @@ def _job(alias: str) -> ChatJob:
 
 
 class _Plain:
-    """The baseline: one bare pooled httpx POST per job, no router (no checks, no translation)."""
+    """The baseline: one bare POST per job, no router (no checks, no translation)."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self._client = client
+    def __init__(self, upstream: transport.Upstream) -> None:
+        self._upstream = upstream
 
     async def complete(self, job: ChatJob) -> Routed:
         body = {"model": job.model, "messages": [m.model_dump() for m in job.messages]}
-        response = await self._client.post("/v1/chat/completions", json=body, headers=_AUTH)
-        usage = response.json()["usage"]
+        request = UpstreamRequest("/v1/chat/completions", body, _AUTH)
+        _, answer = await transport.post(self._upstream, request, None)
+        usage = answer["usage"]
         return Routed(
-            response=response.json(),
+            response=answer,
             model_used=job.model,
             deployment="plain",
             provider="openai",
@@ -165,7 +165,7 @@ async def main(jobs: int, concurrency: int) -> list[dict[str, Any]]:
     try:
         async with (
             MockProvider(faults) as mock,
-            httpx.AsyncClient(base_url=mock.url, timeout=None, limits=_POOL) as plain,
+            transport.Upstream(mock.url) as plain,
             open_router(_catalog(mock.url), ENV, settings) as router,
         ):
             # Warm up both (connections, Redis script load, lazily built pydantic validators):

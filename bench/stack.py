@@ -136,7 +136,7 @@ async def running_stack(
     try:
         mock = ("mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
         await stack.spawn("mock", *mock)
-        await _wait_http(stack.mock_url)
+        await wait_http(stack.mock_url)
         await _prepare(settings)
         if accounting:
             await stack.spawn("accounting", "accounting", "--log-level", "warning")
@@ -154,7 +154,8 @@ async def running_stack(
         await drop_namespace(settings, [TEAM])
 
 
-async def _wait_http(url: str) -> None:
+async def wait_http(url: str) -> None:
+    """Wait until the mock provider at ``url`` answers."""
     async with httpx.AsyncClient() as client:
         for _ in range(200):
             try:

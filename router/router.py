@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -21,7 +20,6 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, Protocol
 
-import httpx
 import redis.asyncio as aioredis
 
 from queuegate.errors import (
@@ -40,13 +38,6 @@ from router.health import Health, Verdict
 from router.pricing import cost
 from router.providers import ADAPTERS, Completion, Delta, ProviderError, UpstreamRequest
 from router.selection import Slots
-
-MAX_CONNECTIONS = 1000
-"""Per api_base: a worker runs up to about this many calls at once, all kept alive."""
-KEEPALIVE_EXPIRY = 30.0
-SHARDS = 16
-"""Pools per api_base (see _Upstream)."""
-"""Seconds an idle connection is kept; providers close theirs after about a minute."""
 
 REDIS_CONNECTIONS = 50
 """Redis connections a Router keeps for breaker and pause checks (each takes well under 1 ms)."""
@@ -158,14 +149,14 @@ class Router:
         self.health = Health(redis, keys, catalog)
         self._env = env
         self._slots = Slots()
-        self._clients: dict[str, _Upstream] | None = None
+        self._upstreams: dict[str, transport.Upstream] | None = None
         self._closed = False
 
     async def __aenter__(self) -> Router:
-        if self._clients is not None or self._closed:
+        if self._upstreams is not None or self._closed:
             raise RuntimeError("a Router can be opened only once")
         bases = {d.api_base for entry in self.catalog.models.values() for d in entry.deployments}
-        self._clients = {base: _Upstream(base) for base in bases}
+        self._upstreams = {base: transport.Upstream(base) for base in bases}
         return self
 
     async def __aexit__(
@@ -174,8 +165,8 @@ class Router:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        clients, self._clients, self._closed = self._clients or {}, None, True
-        await asyncio.gather(*(client.aclose() for client in clients.values()))
+        upstreams, self._upstreams, self._closed = self._upstreams or {}, None, True
+        await asyncio.gather(*(upstream.aclose() for upstream in upstreams.values()))
 
     def check(self, job: ChatJob) -> None:
         """Raise UnknownModel if the job's model or any of its fallbacks is not in the catalog."""
@@ -199,7 +190,7 @@ class Router:
         fallback would accept it), DeadlineExceeded, RateLimited, StreamInterrupted or
         AllProvidersFailed, each carrying the attempts made.
         """
-        if self._clients is None:
+        if self._upstreams is None:
             raise RuntimeError("the Router is not open: use `async with Router(...) as router`")
         run = _Job(job, deadline, on_delta if job.stream else None, gate)
         chain = self.catalog.chain(job.model, job.fallbacks)
@@ -378,19 +369,19 @@ class Router:
         )
 
     async def _call(self, run: _Job, call: _Call) -> Completion:
-        assert self._clients is not None
+        assert self._upstreams is not None
         deployment = call.deployment
-        client = self._clients[deployment.api_base].next()
+        upstream = self._upstreams[deployment.api_base]
         adapter = ADAPTERS[deployment.provider]
         connect, first_byte = deployment.connect_timeout, deployment.first_byte_timeout
         if run.sink is None:
             _, body = await transport.post(
-                client, call.request, call.key, connect=connect, first_byte=first_byte
+                upstream, call.request, call.key, connect=connect, first_byte=first_byte
             )
             return adapter.parse_response(body, deployment.model)
         parser = adapter.stream_parser(deployment.model)
         events = transport.events(
-            client, call.request, call.key, connect=connect, first_byte=first_byte
+            upstream, call.request, call.key, connect=connect, first_byte=first_byte
         )
         async with aclosing(events):
             async for event in events:
@@ -455,41 +446,6 @@ async def open_router(
             yield router
     finally:
         await redis.aclose(close_connection_pool=True)
-
-
-class _Upstream:
-    """One upstream's connections, spread over several small httpx pools taken in turn.
-
-    httpcore's pool scans every connection it holds on each request, so one pool of a
-    thousand connections spends more CPU choosing a connection than sending the request;
-    ``SHARDS`` pools of a few dozen each keep that scan short.
-    """
-
-    def __init__(self, api_base: str) -> None:
-        self._clients = [_client(api_base, MAX_CONNECTIONS // SHARDS) for _ in range(SHARDS)]
-        self._turn = itertools.cycle(self._clients)
-
-    def next(self) -> httpx.AsyncClient:
-        return next(self._turn)
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(client.aclose() for client in self._clients))
-
-
-def _client(api_base: str, connections: int) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=api_base,
-        limits=httpx.Limits(
-            max_connections=connections,
-            max_keepalive_connections=connections,
-            keepalive_expiry=KEEPALIVE_EXPIRY,
-        ),
-        # Only connect is bounded per request (the deployment's connect_timeout);
-        # transport.time_limit bounds each call's total, capped at the job's deadline.
-        timeout=None,
-        # Proxies and CA bundles come from what we are given, not from the process environment.
-        trust_env=False,
-    )
 
 
 def _attempt_of(

@@ -1,21 +1,30 @@
 """The HTTP boundary: one POST to a provider; every failure leaves here as a ProviderError.
 
-httpx exceptions are mapped with messages written here, never their own text, and the
+aiohttp's exceptions are mapped with messages written here, never their own text, and the
 upstream error message kept as detail is scrubbed of the key and cut to one short line.
+
+aiohttp rather than httpx: per call it spends about a fifth of the CPU (``python -m
+bench.http_client``), and its pool hands out an idle connection without scanning the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from email.utils import parsedate_to_datetime
 from time import time
+from types import TracebackType
 from typing import Any
 
-import httpx
+import aiohttp
+import certifi
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
 from router.providers.base import (
     MAX_DETAIL,
@@ -25,7 +34,72 @@ from router.providers.base import (
     classify,
 )
 
+MAX_CONNECTIONS = 1000
+"""Per api_base: a worker runs up to about this many calls at once, all kept alive."""
+KEEPALIVE_EXPIRY = 30.0
+"""Seconds an idle connection is kept; providers close theirs after about a minute."""
+
 _JSON = {"content-type": "application/json"}
+
+
+class Upstream:
+    """The pooled keep-alive connections to one api_base, shared by every call to it::
+
+        async with Upstream("https://api.openai.com") as upstream, time_limit(30):
+            status, body = await post(upstream, request, key)
+
+    Open it inside the event loop that uses it. Proxies and CA bundles come only from what
+    it is given (today: none, and certifi's bundle), never from the process environment.
+    """
+
+    def __init__(self, api_base: str, *, connections: int = MAX_CONNECTIONS) -> None:
+        self._base = api_base.rstrip("/")
+        self._urls: dict[str, URL] = {}
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=connections, keepalive_timeout=KEEPALIVE_EXPIRY, ssl=_tls()
+            ),
+            # No default bounds: each call sets its connect timeout, and time_limit the rest.
+            timeout=aiohttp.ClientTimeout(),
+            # Calls are stateless: no cookie of one team's answer rides on another's call.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+
+    async def __aenter__(self) -> Upstream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    async def send(self, request: UpstreamRequest, connect: float | None) -> aiohttp.ClientResponse:
+        """The response to ``request`` once its head has arrived, body unread; aiohttp's own
+        errors, unmapped. ``connect`` bounds opening a connection (TLS included)."""
+        url = self._urls.get(request.path)
+        if url is None:
+            # Appended, not joined: an api_base with a path (https://host/openai) keeps it.
+            url = self._urls[request.path] = URL(self._base + request.path)
+        return await self._session.post(
+            url,
+            data=orjson.dumps(request.body),
+            headers={**_JSON, **request.headers},
+            timeout=aiohttp.ClientTimeout(sock_connect=connect),
+            allow_redirects=False,
+        )
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    # cafile only: create_default_context would otherwise also read SSL_CERT_FILE/SSL_CERT_DIR.
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 @asynccontextmanager
@@ -39,7 +113,7 @@ async def time_limit(seconds: float) -> AsyncIterator[None]:
 
 
 async def post(
-    client: httpx.AsyncClient,
+    upstream: Upstream,
     request: UpstreamRequest,
     secret: str | None,
     *,
@@ -52,18 +126,16 @@ async def post(
     ``connect`` bounds opening a connection, ``first_byte`` the wait for the response headers.
     """
     limit = _FirstByte(first_byte)
-    async with _opened(client, request, secret, connect, limit) as response, _mapped():
-        content = await response.aread()
+    async with _opened(upstream, request, secret, connect, limit) as response, _mapped():
+        content = await response.read()
     try:
-        return response.status_code, orjson.loads(content)
+        return response.status, orjson.loads(content)
     except orjson.JSONDecodeError as exc:
-        raise ProviderError(
-            "bad_response", "the body is not JSON", status=response.status_code
-        ) from exc
+        raise ProviderError("bad_response", "the body is not JSON", status=response.status) from exc
 
 
 async def events(
-    client: httpx.AsyncClient,
+    upstream: Upstream,
     request: UpstreamRequest,
     secret: str | None,
     *,
@@ -75,25 +147,56 @@ async def events(
     ``first_byte`` bounds the wait for the first event, headers included.
     """
     limit = _FirstByte(first_byte)
-    async with _opened(client, request, secret, connect, limit) as response:
-        lines = response.aiter_lines()
-        parser = EventParser()
-        first: ServerEvent | None = None
+    async with (
+        _opened(upstream, request, secret, connect, limit) as response,
+        aclosing(_read_events(response.content)) as stream,
+    ):
         async with limit.bound(), _mapped():
-            async for line in lines:
-                if (first := parser.feed(line)) is not None:
-                    break
+            first = await anext(stream, None)
         if first is None:
             return
         yield first
         while True:
+            # Not around the yield: what the consumer raises there is not ours to map.
             with _mapped_sync():
-                try:
-                    line = await anext(lines)
-                except StopAsyncIteration:
-                    break
+                event = await anext(stream, None)
+            if event is None:
+                return
+            yield event
+
+
+async def _read_events(body: aiohttp.StreamReader) -> AsyncGenerator[ServerEvent, None]:
+    lines, parser = LineSplitter(), EventParser()
+    async for chunk in body.iter_any():
+        for line in lines.feed(chunk):
             if (event := parser.feed(line)) is not None:
                 yield event
+    for line in lines.end():
+        if (event := parser.feed(line)) is not None:
+            yield event
+
+
+class LineSplitter:
+    """Bytes in as they arrive, lines out: ended by CRLF, LF or CR, as the SSE spec allows."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        data = self._tail + chunk
+        # A final CR may be the first half of a CRLF split between chunks: it waits.
+        cut = len(data) - 1 if data.endswith(b"\r") else len(data)
+        head = data[:cut]
+        if b"\r" in head:
+            head = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = head.split(b"\n")
+        self._tail = lines.pop() + data[cut:]
+        return [line.decode("utf-8", "replace") for line in lines]
+
+    def end(self) -> list[str]:
+        """The last line, if the stream ended it with a lone CR (it counts, as a blank line may)."""
+        tail, self._tail = self._tail, b""
+        return [tail[:-1].decode("utf-8", "replace")] if tail.endswith(b"\r") else []
 
 
 class EventParser:
@@ -122,31 +225,24 @@ class EventParser:
 
 @asynccontextmanager
 async def _opened(
-    client: httpx.AsyncClient,
+    upstream: Upstream,
     request: UpstreamRequest,
     secret: str | None,
     connect: float | None,
     first_byte: _FirstByte,
-) -> AsyncIterator[httpx.Response]:
+) -> AsyncIterator[aiohttp.ClientResponse]:
     """The response of a 2xx answer, body unread; an error answer raises its ProviderError."""
-    built = client.build_request(
-        "POST",
-        request.path,
-        content=orjson.dumps(request.body),
-        headers={**_JSON, **request.headers},
-        # Only the connect phase is bounded here; time_limit bounds the whole call.
-        timeout=httpx.Timeout(None, connect=connect),
-    )
     async with first_byte.bound(), _mapped():
-        response = await client.send(built, stream=True)
+        response = await upstream.send(request, connect)
     try:
-        if not response.is_success:
+        if not 200 <= response.status < 300:
             async with _mapped():
-                await response.aread()
-            raise _error(response, secret)
+                content = await response.read()
+            raise _error(response.status, response.headers, content, secret)
         yield response
     finally:
-        await response.aclose()
+        # Back to the pool when the body was read to its end, closed otherwise.
+        response.release()
 
 
 class _FirstByte:
@@ -174,49 +270,51 @@ async def _mapped() -> AsyncIterator[None]:
 
 @contextmanager
 def _mapped_sync() -> Iterator[None]:
-    """httpx's errors as ProviderErrors with our own messages."""
+    """aiohttp's errors as ProviderErrors with our own messages."""
     try:
         yield
-    except httpx.ConnectError as exc:
-        raise ProviderError("connection", "cannot connect") from exc
-    except httpx.ConnectTimeout as exc:
+    except aiohttp.ConnectionTimeoutError as exc:
         raise ProviderError("timeout", "no connection within the connect timeout") from exc
-    except httpx.DecodingError as exc:
-        raise ProviderError("bad_response", "the body cannot be decoded") from exc
-    except httpx.TransportError as exc:
+    except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
+        raise ProviderError("connection", "cannot connect") from exc
+    except (aiohttp.ClientError, HttpProcessingError) as exc:
+        # Dropped mid-answer, or bytes that are not HTTP (HttpProcessingError comes through
+        # unwrapped from a malformed body).
         raise ProviderError("connection", f"connection lost ({type(exc).__name__})") from exc
 
 
-def _error(response: httpx.Response, secret: str | None) -> ProviderError:
-    code, message = _error_fields(response)
+def _error(
+    status: int, headers: Mapping[str, str], content: bytes, secret: str | None
+) -> ProviderError:
+    code, message = _error_fields(content)
     if secret:
         message = message.replace(secret, "[redacted]")
     message = " ".join(message.split())[:MAX_DETAIL]
     return ProviderError(
-        classify(response.status_code, code, message),
+        classify(status, code, message),
         message,
-        status=response.status_code,
-        retry_after=retry_after(response.headers),
+        status=status,
+        retry_after=retry_after(headers),
     )
 
 
-def _error_fields(response: httpx.Response) -> tuple[str | None, str]:
+def _error_fields(content: bytes) -> tuple[str | None, str]:
     """Code and message of an error body: ``{"error": {"message", "code" or "type"}}`` for both
     OpenAI and Anthropic; other servers' bodies are kept as text."""
     try:
-        body = orjson.loads(response.content)
+        body = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return None, response.text
+        return None, content.decode("utf-8", "replace")
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
         return (str(code) if code else None), str(error.get("message") or "")
     if isinstance(error, str):
         return None, error
-    return None, response.text
+    return None, content.decode("utf-8", "replace")
 
 
-def retry_after(headers: httpx.Headers) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait, from ``retry-after-ms`` (OpenAI), ``retry-after`` (seconds or an HTTP
     date), or else OpenAI's ``x-ratelimit-reset-*`` (the exhausted limit's, if one says 0)."""
     millis = headers.get("retry-after-ms")

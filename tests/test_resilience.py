@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
+from multidict import CIMultiDict
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from queuegate.errors import InvalidRequest, RateLimited
@@ -235,7 +235,7 @@ def test_backoff_is_full_jitter_capped_and_never_below_the_floor() -> None:
 def test_retry_after_headers_are_read_from_either_provider(
     headers: dict[str, str], seconds: float | None
 ) -> None:
-    assert retry_after(httpx.Headers(headers)) == seconds
+    assert retry_after(CIMultiDict(headers)) == seconds
 
 
 # --- circuit breaker ---------------------------------------------------------------------------

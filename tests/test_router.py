@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -29,7 +28,7 @@ from router import Catalog, Router, load_catalog, open_router
 from router.providers import ProviderError
 from router.providers.base import classify
 from router.providers.openai import OpenAIAdapter
-from router.transport import post, time_limit
+from router.transport import Upstream, post, time_limit
 
 SENTINEL_KEY = "sk-SENTINEL-0123456789abcdef"
 ENV = {"QUEUEGATE_MOCK_KEY": SENTINEL_KEY}
@@ -473,14 +472,54 @@ async def test_rate_limit_is_classified_with_the_retry_after_the_provider_sent(
     mock.configure(MockConfig(default=Behavior(rate_limit_rpm=1, retry_after=2.5)))
     request = OpenAIAdapter().build_request(chat("m"), "gpt-4o-mini", SENTINEL_KEY)
 
-    async with httpx.AsyncClient(base_url=mock.url) as client, time_limit(5):
-        await post(client, request, SENTINEL_KEY)
+    async with Upstream(mock.url) as upstream, time_limit(5):
+        await post(upstream, request, SENTINEL_KEY)
         with pytest.raises(ProviderError) as caught:
-            await post(client, request, SENTINEL_KEY)
+            await post(upstream, request, SENTINEL_KEY)
 
     error = caught.value
     assert (error.status, error.error_class, error.moves_on) == (429, "rate_limited", True)
     assert error.retry_after == 2.5
+
+
+async def test_a_connection_that_does_not_open_within_the_connect_timeout_is_a_timeout() -> None:
+    request = OpenAIAdapter().build_request(chat("m"), "gpt-4o-mini", SENTINEL_KEY)
+    with socket.socket() as listener:
+        # Given a listener that never accepts: once its queue is full, new connects just wait.
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(address)
+        try:
+            async with Upstream(f"http://127.0.0.1:{address[1]}") as upstream, time_limit(5):
+                started = time.monotonic()
+                with pytest.raises(ProviderError) as caught:
+                    await post(upstream, request, SENTINEL_KEY, connect=0.3)
+        finally:
+            for filler in fillers:
+                filler.close()
+
+    assert caught.value.error_class == "timeout"
+    assert "connect timeout" in str(caught.value)
+    assert time.monotonic() - started < 2
+
+
+async def test_proxies_named_in_the_environment_are_not_used(
+    mock: MockProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{closed_port()}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    request = OpenAIAdapter().build_request(chat("m"), "gpt-4o-mini", SENTINEL_KEY)
+
+    async with Upstream(mock.url) as upstream, time_limit(5):
+        status, _ = await post(upstream, request, SENTINEL_KEY)
+
+    assert status == 200
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from router.providers import AnthropicAdapter, OpenAIAdapter, ProviderError, ServerEvent
-from router.transport import EventParser
+from router.transport import EventParser, LineSplitter
 
 CLAUDE = "claude-3-5-sonnet-20241022"
 
@@ -277,3 +277,13 @@ def test_server_sent_event_lines_are_parsed_as_the_spec_says() -> None:
         ServerEvent("message_start", '{\n"a": 1}'),
         ServerEvent(None, "[DONE]"),
     ]
+
+
+def test_lines_end_at_crlf_lf_or_cr_even_split_between_chunks() -> None:
+    splitter = LineSplitter()
+    chunks = [b"data: a\r", b"\ndata: b\rdata: \xc3", b"\xa9\n\n", b"data: c\r"]
+
+    lines = [line for chunk in chunks for line in splitter.feed(chunk)]
+
+    assert lines == ["data: a", "data: b", "data: é", ""]
+    assert splitter.end() == ["data: c"]
