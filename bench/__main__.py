@@ -1,6 +1,6 @@
 """``python -m bench [SCENARIO ...]``: measure the gateway and print a table per scenario.
 
-Scenarios: floor, overhead, throughput, latency, accounting, litellm (default: all).
+Scenarios: floor, overhead, throughput, latency, goodput, accounting, litellm (default: all).
 ``litellm`` installs LiteLLM Proxy into its own virtual environment on first use.
 Figures are also written as JSON to bench/results/. Every scenario is bounded in count,
 runs on loopback only, and starts and removes its own namespace and schema.
@@ -22,6 +22,7 @@ from rich.table import Table
 from bench.accounting import accounting
 from bench.floor import floor
 from bench.gateway import overhead, throughput
+from bench.goodput import goodput
 from bench.litellm_proxy import litellm
 from bench.measure import Figure
 from queuegate.settings import Settings
@@ -36,6 +37,10 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
     async def latency_hiding() -> list[Figure]:
         return [await throughput(jobs=5000, workers=1, latency_ms=1000, prefetch=5000)]
 
+    async def limited() -> list[Figure]:
+        # Two workers share the deployment's bucket, as a pool would.
+        return [await goodput(jobs=jobs * 2, workers=2)]
+
     async def usage() -> list[Figure]:
         return [await accounting(events=jobs * 10)]
 
@@ -47,6 +52,7 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
         "overhead": lambda: overhead(jobs=jobs),
         "throughput": both_throughputs,
         "latency": latency_hiding,
+        "goodput": limited,
         "accounting": usage,
         "litellm": peer,
     }
@@ -99,7 +105,9 @@ async def main(names: list[str], jobs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "scenario", nargs="*", help="floor, overhead, throughput, latency, accounting"
+        "scenario",
+        nargs="*",
+        help="floor, overhead, throughput, latency, goodput, accounting, litellm",
     )
     parser.add_argument("--jobs", type=int, default=1000, help="jobs per measured case")
     args = parser.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from datetime import timedelta
 
 from bench.measure import Figure, cpu_per_thousand, latency_figures, run_lanes
 from bench.stack import TEAM, Stack, peak_rss_mb, running_stack
@@ -19,7 +20,7 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _cpu(stack: Stack) -> dict[str, float]:
+def cpu_with_producer(stack: Stack) -> dict[str, float]:
     return {**stack.cpu(), "producer": _self_cpu()}
 
 
@@ -40,13 +41,13 @@ async def overhead(*, jobs: int) -> list[Figure]:
 
         await run_lanes(one, WARM_UP, 16)  # connections, pools and caches warm
         for concurrency in (1, 16, 64):
-            before, started = _cpu(stack), time.perf_counter()
+            before, started = cpu_with_producer(stack), time.perf_counter()
             ms = await run_lanes(one, jobs, concurrency)
             elapsed = time.perf_counter() - started
             values = {
                 **latency_figures(ms),
                 "per_s": round(jobs / elapsed),
-                **cpu_per_thousand(before, _cpu(stack), jobs),
+                **cpu_per_thousand(before, cpu_with_producer(stack), jobs),
             }
             figures.append(Figure("overhead", f"c={concurrency}", values))
     return figures
@@ -60,17 +61,17 @@ async def throughput(
         running_stack(workers=workers, prefetch=prefetch, latency_ms=latency_ms) as stack,
         GatewayClient(stack.settings, team=TEAM) as client,
     ):
-        for handle in await _publish(client, WARM_UP):
+        for handle in await publish(client, WARM_UP):
             await handle.result(60)
         await stack.wait_rows(WARM_UP)
-        before, started = _cpu(stack), time.perf_counter()
-        handles = await _publish(client, jobs)
+        before, started = cpu_with_producer(stack), time.perf_counter()
+        handles = await publish(client, jobs)
         published = time.perf_counter() - started
         failed = sum([(await h.result(600)).status != "ok" for h in handles])
         answered = time.perf_counter() - started
         await stack.wait_rows(jobs + WARM_UP)
         accounted = time.perf_counter() - started
-        after = _cpu(stack)
+        after = cpu_with_producer(stack)
         rss = {
             f"peak_rss_mb {name}": round(peak_rss_mb(process.pid))
             for name, process in stack.processes.items()
@@ -98,12 +99,19 @@ async def throughput(
     )
 
 
-async def _publish(client: GatewayClient, jobs: int, window: int = 256) -> list[JobHandle]:
+async def publish(
+    client: GatewayClient,
+    jobs: int,
+    window: int = 256,
+    model: str = "gpt-4o-mini",
+    deadline: timedelta | None = None,
+) -> list[JobHandle]:
     """Publish with up to ``window`` confirms outstanding, as a pipeline would."""
     gate = asyncio.Semaphore(window)
 
     async def one() -> JobHandle:
         async with gate:
-            return await client.submit(client.job("gpt-4o-mini", MESSAGES, max_tokens=16))
+            job = client.job(model, MESSAGES, max_tokens=16, deadline=deadline)
+            return await client.submit(job)
 
     return list(await asyncio.gather(*(one() for _ in range(jobs))))

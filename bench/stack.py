@@ -11,11 +11,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
 import httpx
 
+from mockprovider import MockConfig
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -74,9 +77,18 @@ class Stack:
     def cpu(self) -> dict[str, float]:
         return {name: cpu_seconds(p.pid) for name, p in self.processes.items()}
 
-    async def mock_calls(self) -> int:
+    async def mock_stats(self) -> dict[str, Any]:
         async with httpx.AsyncClient() as client:
-            return int((await client.get(f"{self.mock_url}/_mock/stats")).json()["calls"])
+            stats: dict[str, Any] = (await client.get(f"{self.mock_url}/_mock/stats")).json()
+            return stats
+
+    async def configure_mock(self, config: MockConfig) -> None:
+        """Replace the mock's behaviour; its counters and rate buckets start afresh."""
+        async with httpx.AsyncClient() as client:
+            body = config.model_dump_json()
+            response = await client.post(f"{self.mock_url}/_mock/config", content=body)
+            response.raise_for_status()
+            (await client.post(f"{self.mock_url}/_mock/reset")).raise_for_status()
 
     async def max_concurrent_calls(self, latency_ms: float) -> int:
         """The most calls the mock held at once, from its log (each call lasts latency_ms)."""
@@ -117,9 +129,17 @@ def bench_settings() -> Settings:
 
 @asynccontextmanager
 async def running_stack(
-    *, workers: int = 1, prefetch: int = 256, latency_ms: float = 0, accounting: bool = True
+    *,
+    workers: int = 1,
+    prefetch: int = 256,
+    latency_ms: float = 0,
+    accounting: bool = True,
+    catalog: Path | None = None,
 ) -> AsyncIterator[Stack]:
-    """Start the processes, wait until each is serving, and tear everything down after."""
+    """Start the processes, wait until each is serving, and tear everything down after.
+
+    ``catalog`` replaces the bundled mock catalog (``QUEUEGATE_CATALOG``).
+    """
     settings = bench_settings()
     port = free_port()
     mock_url = f"http://127.0.0.1:{port}"
@@ -131,6 +151,7 @@ async def running_stack(
         "QUEUEGATE_MOCK_KEY": "bench-key",
         "QUEUEGATE_PREFETCH": str(prefetch),
         "QUEUEGATE_METRICS_PORT": "0",  # any free port: two workers share the host
+        **({"QUEUEGATE_CATALOG": str(catalog)} if catalog is not None else {}),
     }
     stack = Stack(settings, mock_url, env)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Behavior(BaseModel):
@@ -33,11 +33,23 @@ class Behavior(BaseModel):
     """Fraction of calls that hang ``hang_s`` seconds, then close the connection unanswered."""
     hang_s: float = Field(default=30, ge=0)
     rate_limit_rpm: int | None = Field(default=None, ge=1)
-    """Calls admitted per sliding 60 s window per model; the excess gets 429."""
+    """Requests per minute the model admits, as a token bucket refilled continuously (a
+    sixtieth of it every second); a call finding the bucket empty gets 429 and is not counted."""
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    """The bucket's capacity: calls admitted at once after a quiet spell; unset, a whole
+    minute's. Real providers enforce their limits over shorter periods (OpenAI: 60,000 RPM
+    may be enforced as 1,000 requests a second), which ``rate_limit_rpm / 60`` mimics."""
     stream_cut_after: int | None = Field(default=None, ge=0)
     """A streamed answer stops after this many events and the connection is closed mid-body."""
-    retry_after: float = Field(default=1, ge=0)
-    """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``."""
+    retry_after: float | None = Field(default=None, ge=0)
+    """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``. Unset,
+    a rate-limit 429 announces when the bucket next admits a call, an injected 429 one second."""
+
+    @model_validator(mode="after")
+    def _burst_needs_a_rate(self) -> Behavior:
+        if self.rate_limit_burst is not None and self.rate_limit_rpm is None:
+            raise ValueError("rate_limit_burst: set rate_limit_rpm too")
+        return self
 
 
 class MockConfig(BaseModel):

@@ -86,23 +86,55 @@ class Stats:
 Outcome = Literal["answer", "rate_limited", "error", "hang"]
 
 
+@dataclass(slots=True)
+class _Bucket:
+    """One model's requests: ``rpm / 60`` a second, up to ``capacity``, on the monotonic clock."""
+
+    rpm: int
+    capacity: int
+    level: float
+    at: float
+
+    def take(self, now: float) -> bool:
+        self.level = min(self.capacity, self.level + (now - self.at) * self.rpm / 60)
+        self.at = now
+        if self.level < 1:
+            return False
+        self.level -= 1
+        return True
+
+    def next_in(self) -> float:
+        """Seconds until the bucket admits a call again."""
+        return max(0.0, (1 - self.level) * 60 / self.rpm)
+
+    def quota(self, wire: Wire) -> list[Header]:
+        """What the provider tells every caller of its limit: left now, full again in."""
+        full_in = (self.capacity - self.level) * 60 / self.rpm
+        return wire.quota_headers(self.rpm, math.floor(self.level), full_in)
+
+
 class _Faults:
-    """Which fault, if any, each call gets: per-model windows and counters, seeded draws."""
+    """Which fault, if any, each call gets: per-model buckets and counters, seeded draws."""
 
     def __init__(self, seed: int | None) -> None:
         self._random = random.Random(seed)
         self._calls: Counter[str] = Counter()
-        self._windows: dict[str, deque[float]] = {}
+        self._buckets: dict[str, _Bucket] = {}
 
-    def decide(self, model: str, behavior: Behavior) -> Outcome:
-        if behavior.rate_limit_rpm is not None:
-            now = time.monotonic()
-            window = self._windows.setdefault(model, deque())
-            while window and window[0] <= now - 60:
-                window.popleft()
-            if len(window) >= behavior.rate_limit_rpm:
-                return "rate_limited"
-            window.append(now)
+    def bucket(self, model: str, behavior: Behavior) -> _Bucket | None:
+        """The model's rate-limit bucket, full when first asked for; None without a limit."""
+        rpm = behavior.rate_limit_rpm
+        if rpm is None:
+            return None
+        bucket = self._buckets.get(model)
+        if bucket is None:
+            capacity = behavior.rate_limit_burst or rpm
+            bucket = self._buckets[model] = _Bucket(rpm, capacity, capacity, time.monotonic())
+        return bucket
+
+    def decide(self, model: str, bucket: _Bucket | None, behavior: Behavior) -> Outcome:
+        if bucket is not None and not bucket.take(time.monotonic()):
+            return "rate_limited"
         self._calls[model] += 1
         if self._calls[model] <= behavior.fail_first:
             return "error"
@@ -185,11 +217,17 @@ class _Cut(bytes):
     """A response the connection closes after, unfinished (an injected mid-stream failure)."""
 
 
-def _sse(events: Iterable[bytes], keep_alive: bool, cut_after: int | None = None) -> bytes:
+def _sse(
+    events: Iterable[bytes],
+    keep_alive: bool,
+    cut_after: int | None = None,
+    headers: Iterable[Header] = (),
+) -> bytes:
     fields = [
         ("content-type", "text/event-stream"),
         ("cache-control", "no-cache"),
         ("transfer-encoding", "chunked"),
+        *headers,
     ]
     chunks = [b"%x\r\n%s\r\n" % (len(event), event) for event in events]
     if cut_after is not None:
@@ -202,10 +240,11 @@ def _has_key(headers: dict[str, str]) -> bool:
     return (scheme.lower() == "bearer" and bool(token.strip())) or bool(headers.get("x-api-key"))
 
 
-def _retry_headers(behavior: Behavior) -> list[Header]:
+def _retry_headers(seconds: float) -> list[Header]:
     return [
-        ("retry-after", str(math.ceil(behavior.retry_after))),
-        ("retry-after-ms", str(round(behavior.retry_after * 1000))),
+        ("retry-after", str(math.ceil(seconds))),
+        # Rounded up (past float noise): a caller back a moment early would be refused again.
+        ("retry-after-ms", str(math.ceil(round(seconds * 1000, 6)))),
     ]
 
 
@@ -292,7 +331,7 @@ class MockProvider:
         return self._config
 
     def configure(self, config: MockConfig) -> None:
-        """Swap the behaviour; fault state (fail_first counts, rate windows) starts afresh."""
+        """Swap the behaviour; fault state (fail_first counts, rate buckets) starts afresh."""
         self._config = config
         self._faults = _Faults(config.seed)
         if self._stats.log.maxlen != config.log_size:
@@ -397,7 +436,10 @@ class MockProvider:
             return _json(400, wire.error(400, str(exc)), request.keep_alive)
         model: str = body["model"]
         behavior = self._config.behavior(model)
-        outcome = self._faults.decide(model, behavior)
+        bucket = self._faults.bucket(model, behavior)
+        outcome = self._faults.decide(model, bucket, behavior)
+        # Like OpenAI and Anthropic, a rate-limited model states its limit on every answer.
+        quota = bucket.quota(wire) if bucket is not None else []
         if outcome == "hang":
             self._record(request, body, None)
             await asyncio.sleep(behavior.hang_s)
@@ -408,18 +450,22 @@ class MockProvider:
             self._record(request, body, 200)
             if body.get("stream") is True:
                 events = wire.events(body, reply)
-                return _sse(events, request.keep_alive, behavior.stream_cut_after)
-            return _json(200, wire.completion(body, reply), request.keep_alive)
+                return _sse(events, request.keep_alive, behavior.stream_cut_after, quota)
+            return _json(200, wire.completion(body, reply), request.keep_alive, quota)
         if outcome == "rate_limited":
-            status, rpm = 429, behavior.rate_limit_rpm
-            error = wire.error(429, f"mock: rate limit of {rpm} requests/min reached for {model}")
+            assert bucket is not None
+            status, wait = 429, bucket.next_in()
+            message = f"mock: rate limit of {bucket.rpm} requests/min reached for {model}"
+            error = wire.error(429, message)
         else:
-            status = behavior.error_status
+            status, wait = behavior.error_status, 1.0
             message = f"mock: injected {status} for {model}"
             error = behavior.error_body or wire.error(status, message)
         self._record(request, body, status)
-        headers = _retry_headers(behavior) if status == 429 else []
-        return _json(status, error, request.keep_alive, headers)
+        if status == 429:
+            retry = behavior.retry_after if behavior.retry_after is not None else wait
+            quota = [*_retry_headers(retry), *quota]
+        return _json(status, error, request.keep_alive, quota)
 
     async def _get_stats(self, request: _Request) -> bytes:
         with_log = parse_qs(request.query).get("log") == ["1"]

@@ -19,6 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -167,6 +168,11 @@ class Wire(ABC):
     def error(self, status: int, message: str) -> dict[str, Any]:
         """The error body the provider sends with ``status``."""
 
+    @abstractmethod
+    def quota_headers(self, limit: int, remaining: int, reset: float) -> list[tuple[str, str]]:
+        """The provider's request-limit headers: its limit, the requests left, and the seconds
+        until the limit is back to its initial state (full)."""
+
 
 def _data(obj: object) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
@@ -271,6 +277,21 @@ class OpenAIWire(Wire):
             status, ("server_error" if status >= 500 else "invalid_request_error", None)
         )
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+    def quota_headers(self, limit: int, remaining: int, reset: float) -> list[tuple[str, str]]:
+        return [
+            ("x-ratelimit-limit-requests", str(limit)),
+            ("x-ratelimit-remaining-requests", str(remaining)),
+            ("x-ratelimit-reset-requests", _duration(reset)),
+        ]
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's way of writing a reset time: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    return f"{int(minutes)}m{rest:g}s" if minutes else f"{rest:g}s"
 
 
 def _event(obj: dict[str, Any]) -> bytes:
@@ -387,6 +408,15 @@ class AnthropicWire(Wire):
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
         return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def quota_headers(self, limit: int, remaining: int, reset: float) -> list[tuple[str, str]]:
+        # Anthropic names the instant the limit is full again, in RFC 3339.
+        full = datetime.fromtimestamp(time.time() + reset, UTC)
+        return [
+            ("anthropic-ratelimit-requests-limit", str(limit)),
+            ("anthropic-ratelimit-requests-remaining", str(remaining)),
+            ("anthropic-ratelimit-requests-reset", full.strftime("%Y-%m-%dT%H:%M:%SZ")),
+        ]
 
 
 OPENAI = OpenAIWire()

@@ -21,6 +21,7 @@ secret file (``api_key_file``) that holds each one.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -68,6 +69,12 @@ class Deployment(_Strict):
     """Seconds one call may take in total, connection included."""
     rpm: int | None = Field(default=None, ge=1)
     """The provider account's requests per minute for this model; workers keep under it."""
+    burst: int | None = Field(default=None, ge=1)
+    """Calls workers may start at once after a quiet spell (the requests bucket's capacity);
+    unset, half a second of ``rpm``. Providers enforce a per-minute limit over much shorter
+    periods (OpenAI: 60,000 RPM may be enforced as 1,000 requests a second), so a minute's
+    worth at once would meet 429s; half a second leaves room for calls admitted together to
+    reach the provider apart. Raise it only for a provider known to allow larger bursts."""
     tpm: int | None = Field(default=None, ge=1)
     """The provider account's tokens per minute for this model; workers keep under it."""
     connect_timeout: float = Field(default=5.0, gt=0)
@@ -82,6 +89,23 @@ class Deployment(_Strict):
     """Overrides the catalog's ``resilience.retry`` for this deployment."""
     breaker: BreakerPolicy | None = None
     """Overrides the catalog's ``resilience.breaker`` for this deployment."""
+
+    @property
+    def request_burst(self) -> int | None:
+        """The requests bucket's capacity: ``burst``, or half a second of ``rpm`` (at least 1)."""
+        if self.rpm is None:
+            return None
+        return self.burst or math.ceil(self.rpm / 120)
+
+    @model_validator(mode="after")
+    def _burst_within_rpm(self) -> Deployment:
+        if self.burst is None:
+            return self
+        if self.rpm is None:
+            raise ValueError("burst: set rpm too (burst is the capacity of its bucket)")
+        if self.burst > self.rpm:
+            raise ValueError(f"burst: {self.burst} is more than rpm ({self.rpm}), a minute's worth")
+        return self
 
     @model_validator(mode="after")
     def _key_required(self) -> Deployment:

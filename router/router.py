@@ -72,9 +72,12 @@ class Routed:
 
 class AttemptGate(Protocol):
     """Called before each attempt with the deployment about to be called; it may wait (the
-    deployment's own rate limits) or raise a JobError, which ends the job."""
+    deployment's own rate limits) or raise a JobError, which ends the job. Told of each 429,
+    so that it can slow down to what the provider really admits."""
 
     async def enter(self, deployment: Deployment) -> None: ...
+
+    async def rate_limited(self, deployment: Deployment) -> None: ...
 
 
 class _Spent(Exception):
@@ -347,6 +350,8 @@ class Router:
             )
             run.failures.append(f"{deployment.name}: {err}")
             await self._report(call, err)
+            if err.error_class == "rate_limited" and run.gate is not None:
+                await run.gate.rate_limited(deployment)
             if run.streamed:
                 raise StreamInterrupted(
                     run.summary("the stream broke after it had started"), run.attempts

@@ -6,9 +6,12 @@ import asyncio
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aio_pika
+import pytest
 
+from mockprovider import Behavior, MockConfig
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.support import running_gateway
@@ -145,8 +148,8 @@ async def test_a_team_over_its_rate_waits_for_the_refill_instead_of_failing(
 async def test_a_deployments_own_limit_holds_across_teams(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # Given a deployment whose provider account allows 2 requests per minute, used by two
-    # teams that have no limits of their own
+    # Given a deployment whose provider account allows 2 requests per minute, both at once,
+    # used by two teams that have no limits of their own
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(
         """
@@ -154,7 +157,8 @@ models:
   small:
     deployments:
       - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 2}
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 2,
+         burst: 2}
 """
     )
     async with (
@@ -172,3 +176,80 @@ models:
         assert third.error is not None and third.error.code == "rate_limited"
         assert "deployment small-1" in third.error.message
         assert gw.mock.stats.calls == 2
+
+
+async def test_jobs_waiting_for_a_deployment_go_at_its_pace_without_meeting_a_429(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a provider that enforces 600 requests a minute over short periods (10 a second,
+    # 5 at once), and a deployment that says so: rpm 600, burst 2
+    provider = MockConfig(models={"small": Behavior(rate_limit_rpm=600, rate_limit_burst=5)})
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  small:
+    deployments:
+      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 600,
+         burst: 2}
+"""
+    )
+    async with (
+        running_gateway(settings, catalog=catalog, mock_config=provider) as gw,
+        gw.client("alpha") as client,
+    ):
+        admission = gw.worker.admission
+        assert admission is not None
+        takes = 0
+        take = admission._buckets.take  # counted: waiting jobs must not poll Redis
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal takes
+            takes += 1
+            return await take(*args, **kwargs)
+
+        monkeypatch.setattr(admission._buckets, "take", counted)
+
+        # When 20 jobs arrive at once
+        handles = [await client.submit(client.job("small", WORDS)) for _ in range(20)]
+        results = [await h.result(timeout=30) for h in handles]
+
+        # Expect all served without a 429, the calls at the rate after the burst of 2
+        assert {r.status for r in results} == {"ok"}
+        assert gw.mock.stats.by_status == {200: 20}
+        times = sorted(call.t for call in gw.mock.requests)
+        assert times[-1] - times[0] >= (20 - 2) / 10 - 0.1
+        # and at most two takes per job: one on arrival, one to reserve its turn
+        assert takes <= 2 * 20
+
+
+async def test_a_burst_set_higher_than_the_provider_allows_costs_429s_but_no_failed_job(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a provider that admits 600 requests a minute, 3 at once, and a deployment whose
+    # burst says 30
+    provider = MockConfig(models={"small": Behavior(rate_limit_rpm=600, rate_limit_burst=3)})
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  small:
+    deployments:
+      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 600,
+         burst: 30}
+"""
+    )
+    async with (
+        running_gateway(settings, catalog=catalog, mock_config=provider) as gw,
+        gw.client("alpha") as client,
+    ):
+        # When 20 jobs arrive at once
+        handles = [await client.submit(client.job("small", WORDS)) for _ in range(20)]
+        results = [await h.result(timeout=30) for h in handles]
+
+        # Expect the provider's 429s to slow the deployment to its rate (they empty its
+        # bucket), so each job's retry is admitted in time and every job is served
+        assert {r.status for r in results} == {"ok"}
+        assert gw.mock.stats.by_status[200] == 20

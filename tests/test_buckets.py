@@ -10,7 +10,8 @@ from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from workers.admission import prefetch_for
-from workers.admission.buckets import Buckets, Limit
+from workers.admission.buckets import Buckets, Limit, Take
+from workers.admission.policy import LocalBuckets
 from workers.admission.scripts import Scripts
 
 
@@ -26,12 +27,13 @@ async def test_a_full_bucket_admits_a_minute_of_its_limit_then_says_how_long_to_
     limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", 6, None)
 
     # When 6 requests are taken, then one more
-    waits = [await buckets.take([limit], 10) for _ in range(6)]
-    wait = await buckets.take([limit], 10)
+    takes = [await buckets.take([limit], 10) for _ in range(6)]
+    refused = await buckets.take([limit], 10)
 
     # Expect the 6 admitted at once, and the next told to wait about 10 s
-    assert waits == [0] * 6
-    assert 9000 <= wait <= 10_000
+    assert takes == [Take(True, 0)] * 6
+    assert not refused.taken
+    assert 9000 <= refused.wait_ms <= 10_000
 
 
 async def test_a_take_takes_from_every_scope_or_from_none(
@@ -44,11 +46,12 @@ async def test_a_take_takes_from_every_scope_or_from_none(
     model = Limit(keys.team_bucket("alpha", "m"), "team alpha on m", None, 100)
 
     # When a job takes 80 tokens, then another wants 80
-    assert await buckets.take([team, model], 80) == 0
-    wait = await buckets.take([team, model], 80)
+    assert (await buckets.take([team, model], 80)).taken
+    second = await buckets.take([team, model], 80)
 
     # Expect the second to wait for the model's tokens, and the team's request not taken
-    assert wait > 30_000
+    assert not second.taken
+    assert second.wait_ms > 30_000
     state = await redis_client.hget(team.key, "r")
     assert state is not None and float(state) == pytest.approx(999, abs=0.1)
 
@@ -59,18 +62,92 @@ async def test_settling_a_larger_usage_leaves_debt_and_a_smaller_one_refunds(
     # Given a 600 tokens/minute bucket from which a job reserved 300
     buckets = _buckets(redis_client)
     limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
-    assert await buckets.take([limit], 300) == 0
+    assert (await buckets.take([limit], 300)).taken
 
     # When the job turns out to have used 900 (600 more than reserved)
     await buckets.settle([limit], -600)
 
     # Expect the bucket in debt: even a 1-token job waits about 30 s
-    debt_wait = await buckets.take([limit], 1)
-    assert 29_000 <= debt_wait <= 30_200
+    in_debt = await buckets.take([limit], 1)
+    assert not in_debt.taken
+    assert 29_000 <= in_debt.wait_ms <= 30_200
 
     # And when 600 are refunded, the bucket admits again
     await buckets.settle([limit], 600)
-    assert await buckets.take([limit], 1) == 0
+    assert await buckets.take([limit], 1) == Take(True, 0)
+
+
+async def test_a_burst_admits_that_many_at_once_then_paces_at_the_rate(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a deployment bucket of 600 requests per minute (one every 100 ms) holding 2
+    buckets = _buckets(redis_client)
+    key = Keys(settings.redis_prefix).deployment_bucket("d")
+    limit = Limit(key, "deployment d", 600, None, burst=2)
+
+    # When 3 requests are taken at once
+    takes = [await buckets.take([limit], 10) for _ in range(3)]
+
+    # Expect 2 admitted, and the third told to wait for the refill, not a minute's worth
+    assert takes[:2] == [Take(True, 0)] * 2
+    assert not takes[2].taken
+    assert 1 <= takes[2].wait_ms <= 100
+
+
+async def test_a_take_within_a_wait_reserves_the_next_request_in_debt(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given an empty bucket of 600 requests per minute holding 1
+    buckets = _buckets(redis_client)
+    limit = Limit(Keys(settings.redis_prefix).deployment_bucket("d"), "d", 600, None, burst=1)
+    assert (await buckets.take([limit], 0)).taken
+
+    # When a job willing to wait 1 s takes, then one that will not wait, then one that waits 50 ms
+    reserved = await buckets.take([limit], 0, within_ms=1000)
+    impatient = await buckets.take([limit], 0)
+    too_soon = await buckets.take([limit], 0, within_ms=50)
+
+    # Expect the first to hold the next request (about 100 ms away), and the others told to
+    # wait behind it, about 200 ms, without taking anything
+    assert reserved.taken and 1 <= reserved.wait_ms <= 100
+    assert not impatient.taken and 100 < impatient.wait_ms <= 200
+    assert not too_soon.taken and too_soon.wait_ms > 100
+
+
+async def test_draining_empties_the_requests_and_keeps_the_tokens(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a deployment bucket of 600 requests per minute holding 10, and 600 tokens
+    buckets = _buckets(redis_client)
+    key = Keys(settings.redis_prefix).deployment_bucket("d")
+    limit = Limit(key, "deployment d", 600, 600, burst=10)
+    assert (await buckets.take([limit], 100)).taken
+
+    # When the provider answers 429 and the bucket is drained
+    await buckets.drain([limit])
+
+    # Expect the next request to wait for the refill (100 ms), its tokens still there
+    after = await buckets.take([limit], 100)
+    assert not after.taken and 1 <= after.wait_ms <= 100
+    state = await redis_client.hget(key, "t")
+    assert state is not None and float(state) == pytest.approx(500, abs=1)
+
+
+def test_fail_open_local_buckets_keep_a_share_of_the_burst_and_reserve_alike() -> None:
+    # Given one of two workers' local buckets, for 600 requests per minute holding 4
+    local = LocalBuckets(share=1 / 2)
+    limit = Limit("d", "deployment d", 600, None, burst=4)
+
+    # When 3 requests are taken at once, then one willing to wait a second
+    takes = [local.take([limit], 0) for _ in range(3)]
+    reserved = local.take([limit], 0, within_ms=1000)
+
+    # Expect its half: 2 at once, then one every 200 ms, the next reserved
+    assert [t.taken for t in takes] == [True, True, False]
+    assert 190 <= takes[2].wait_ms <= 200
+    assert reserved.taken and 190 <= reserved.wait_ms <= 200
+    # and a share of a one-request burst still admits one request at a time
+    assert LocalBuckets(share=1 / 8).take([Limit("e", "e", 60, None, burst=1)], 0).taken
 
 
 async def test_a_job_larger_than_a_minute_of_the_limit_is_refused_at_once(

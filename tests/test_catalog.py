@@ -224,6 +224,37 @@ def test_bad_deployment_fields_are_named_without_their_values(
     assert "sk-inline-secret" not in message
 
 
+def test_a_deployments_burst_defaults_to_half_a_second_of_its_rpm(tmp_path: Path) -> None:
+    # Given deployments with an rpm alone, a small rpm, an explicit burst, and no rpm
+    deployments = [
+        deployment("busy", rpm=3000),
+        deployment("slow", rpm=10),
+        deployment("bursty", rpm=3000, burst=500),
+        deployment("free"),
+    ]
+    catalog = load_catalog(models_yaml(tmp_path, {"m": {"deployments": deployments}}), {})
+
+    # Expect half a second's worth (at least one request), the burst as set, and no bucket
+    bursts = [d.request_burst for d in catalog.resolve("m").deployments]
+    assert bursts == [25, 1, 500, None]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"burst": 10}, "models.m.deployments.0: burst: set rpm too"),
+        ({"rpm": 100, "burst": 101}, "models.m.deployments.0: burst: 101 is more than rpm (100)"),
+        ({"rpm": 100, "burst": 0}, "models.m.deployments.0.burst: Input should be greater"),
+    ],
+)
+def test_a_burst_without_rpm_or_beyond_a_minute_of_it_is_refused(
+    tmp_path: Path, fields: dict[str, Any], reason: str
+) -> None:
+    path = models_yaml(tmp_path, {"m": {"deployments": [deployment(**fields)]}})
+
+    assert reason in load_error(path)
+
+
 def test_an_alias_needs_a_deployment(tmp_path: Path) -> None:
     message = load_error(models_yaml(tmp_path, {"m": {"deployments": []}}))
 

@@ -35,6 +35,11 @@ def claude(model: str = "claude-mock", text: str = "hello there", **params: Any)
     return {"model": model, "max_tokens": 100, **chat(model, text), **params}
 
 
+def seconds(duration: str) -> float:
+    """OpenAI's short reset durations: ``850ms``, ``1.5s``."""
+    return float(duration[:-2]) / 1000 if duration.endswith("ms") else float(duration[:-1])
+
+
 @pytest.fixture
 async def mock() -> AsyncIterator[MockProvider]:
     async with MockProvider() as provider:
@@ -211,6 +216,64 @@ async def test_rate_limit_answers_429_with_retry_after(
     assert limited.headers["retry-after-ms"] == "250"
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
     assert other.status_code == 200  # the window is per model
+
+
+async def test_a_rate_limit_with_a_burst_refills_like_a_provider_enforcing_per_second(
+    mock: MockProvider, client: httpx.AsyncClient
+) -> None:
+    # Given a model allowed 600 requests a minute (10 a second), 2 at once
+    mock.configure(
+        MockConfig(models={"gpt-small": Behavior(rate_limit_rpm=600, rate_limit_burst=2)})
+    )
+
+    # When 3 calls come at once, then one more after the next request's refill
+    answers = [await client.post(OPENAI, json=chat("gpt-small")) for _ in range(3)]
+    wait = int(answers[2].headers["retry-after-ms"])
+    await asyncio.sleep(wait / 1000)
+    later = await client.post(OPENAI, json=chat("gpt-small"))
+
+    # Expect 2 served, the third refused and told when the next request is admitted (within
+    # 100 ms, not a minute), and the call after that wait served
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert 1 <= wait <= 100
+    assert answers[2].headers["retry-after"] == "1"  # whole seconds, rounded up
+    assert later.status_code == 200
+    assert mock.stats.by_status == {200: 3, 429: 1}
+
+
+async def test_a_rate_limited_model_states_its_limit_on_every_answer_as_the_provider_does(
+    mock: MockProvider, client: httpx.AsyncClient
+) -> None:
+    # Given a model allowed 60 requests a minute, 2 at once, on both wire formats
+    limited = Behavior(rate_limit_rpm=60, rate_limit_burst=2)
+    mock.configure(MockConfig(models={"gpt-small": limited, "claude-small": limited}))
+
+    # When each format is called until it is refused
+    openai = [await client.post(OPENAI, json=chat("gpt-small")) for _ in range(3)]
+    anthropic = [await client.post(ANTHROPIC, json=claude("claude-small")) for _ in range(3)]
+
+    # Expect OpenAI's x-ratelimit-* headers: the limit, what is left, and when it is full again
+    assert [r.headers["x-ratelimit-limit-requests"] for r in openai] == ["60"] * 3
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in openai] == ["1", "0", "0"]
+    resets = [seconds(r.headers["x-ratelimit-reset-requests"]) for r in openai]
+    assert 0.9 <= resets[0] <= 1 and 1.9 <= resets[2] <= 2  # a second per request used
+    assert openai[2].status_code == 429 and "retry-after-ms" in openai[2].headers
+    # and Anthropic's own, with the instant it is full again
+    assert [r.headers["anthropic-ratelimit-requests-remaining"] for r in anthropic] == [
+        "1",
+        "0",
+        "0",
+    ]
+    assert anthropic[2].status_code == 429
+    assert anthropic[2].headers["anthropic-ratelimit-requests-limit"] == "60"
+    assert anthropic[2].headers["anthropic-ratelimit-requests-reset"].endswith("Z")
+    # while an unlimited model states none
+    assert "x-ratelimit-limit-requests" not in (await client.post(OPENAI, json=chat())).headers
+
+
+def test_a_burst_without_a_rate_is_refused() -> None:
+    with pytest.raises(ValueError, match="rate_limit_burst: set rate_limit_rpm too"):
+        Behavior(rate_limit_burst=5)
 
 
 async def test_an_injected_429_also_says_when_to_retry(

@@ -1,14 +1,16 @@
 """Token buckets in Redis: requests and tokens per minute, for several scopes at once.
 
-A bucket holds one minute of its limit and refills continuously (see ``lua/take.lua``).
-A take covers every scope a job falls under (the team, the team on this model; or the
-deployment) in one script, so a job takes from all of them or from none.
+A bucket refills continuously and holds one minute of its limit, or, for requests, the
+``burst`` a provider tolerates (see ``lua/take.lua``). A take covers every scope a job falls
+under (the team, the team on this model; or the deployment) in one script, so a job takes
+from all of them or from none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from queuegate.errors import InvalidRequest
 from workers.admission.scripts import Scripts
@@ -22,32 +24,51 @@ class Limit:
     scope: str
     rpm: int | None
     tpm: int | None
+    burst: int | None = None
+    """Requests the bucket holds; None: a minute of ``rpm``."""
+
+
+class Take(NamedTuple):
+    """What a take got: ``taken``, and go after ``wait_ms``; or not, and ``wait_ms`` to go."""
+
+    taken: bool
+    wait_ms: int
 
 
 class Buckets:
     def __init__(self, scripts: Scripts) -> None:
         self._scripts = scripts
 
-    async def take(self, limits: Sequence[Limit], tokens: int) -> int:
-        """Take one request and ``tokens`` from every bucket; 0, or the milliseconds to wait.
+    async def take(self, limits: Sequence[Limit], tokens: int, within_ms: int = 0) -> Take:
+        """Take one request and ``tokens`` from every bucket, or from none.
 
-        Raises InvalidRequest when the job is larger than a bucket could ever hold.
+        When the buckets can admit the job within ``within_ms`` but not now, the job reserves
+        its place: it is taken now, into debt, and ``wait_ms`` says when it may go. Raises
+        InvalidRequest when the job is larger than a bucket could ever hold.
         """
         if not limits:
-            return 0
+            return Take(True, 0)
         reply = await self._scripts.take(
-            keys=[limit.key for limit in limits], args=["take", 1, tokens, *_caps(limits)]
+            keys=[limit.key for limit in limits],
+            args=["take", 1, tokens, within_ms, *_caps(limits)],
         )
         if reply[0] == -1:
             raise too_large(limits[int(reply[1]) - 1], tokens)
-        return int(reply[0])
+        return Take(reply[0] == 1, int(reply[1]))
 
     async def settle(self, limits: Sequence[Limit], tokens_back: int) -> None:
         """Give ``tokens_back`` to every bucket (negative: take more, into debt if need be)."""
         if limits and tokens_back:
             await self._scripts.take(
                 keys=[limit.key for limit in limits],
-                args=["settle", 0, tokens_back, *_caps(limits)],
+                args=["settle", 0, tokens_back, 0, *_caps(limits)],
+            )
+
+    async def drain(self, limits: Sequence[Limit]) -> None:
+        """Empty every bucket of its requests: the next ones are admitted at the rate alone."""
+        if limits:
+            await self._scripts.take(
+                keys=[limit.key for limit in limits], args=["drain", 0, 0, 0, *_caps(limits)]
             )
 
 
@@ -59,4 +80,4 @@ def too_large(limit: Limit, tokens: int) -> InvalidRequest:
 
 
 def _caps(limits: Sequence[Limit]) -> list[int]:
-    return [cap for limit in limits for cap in (limit.rpm or 0, limit.tpm or 0)]
+    return [arg for limit in limits for arg in (limit.rpm or 0, limit.tpm or 0, limit.burst or 0)]

@@ -31,7 +31,7 @@ from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from router import Catalog, Deployment, Routed
-from workers.admission.buckets import Buckets, Limit
+from workers.admission.buckets import Buckets, Limit, Take
 from workers.admission.budgets import Budgets, Reservation
 from workers.admission.estimate import Estimate, estimate, to_nano
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
@@ -58,12 +58,33 @@ class Admission:
         self.policy = settings.redis_outage
         self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
         self._configs: Mapping[str, TeamConfig] = {}
+        self._lines: dict[tuple[str, ...], asyncio.Lock] = {}
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
         self._configs = dict(configs)
 
     def config(self, team: str) -> TeamConfig:
         return self._configs.get(team) or TeamConfig()
+
+    def deployment_limit(self, deployment: Deployment) -> Limit | None:
+        """The bucket of the provider account's own limits, if the catalog gives it any."""
+        if deployment.rpm is None and deployment.tpm is None:
+            return None
+        return Limit(
+            self._keys.deployment_bucket(deployment.name),
+            f"deployment {deployment.name}",
+            deployment.rpm,
+            deployment.tpm,
+            deployment.request_burst,
+        )
+
+    def line(self, limits: list[Limit]) -> asyncio.Lock:
+        """Where this process's jobs wait their turn for the same buckets (see Ticket.take)."""
+        key = tuple(limit.key for limit in limits)
+        lock = self._lines.get(key)
+        if lock is None:
+            lock = self._lines[key] = asyncio.Lock()
+        return lock
 
     async def admit(self, job: ChatJob, deadline: float | None) -> Ticket:
         """Reserve the job's budget, then wait until the team's buckets admit it.
@@ -124,8 +145,8 @@ class Admission:
             self.outage.recovered()
             return result
 
-    async def _settle(self, call: Callable[[], Awaitable[None]]) -> None:
-        """Best effort: a settle lost to an outage leaves a bucket one estimate error off."""
+    async def _best_effort(self, call: Callable[[], Awaitable[None]]) -> None:
+        """A settle or drain lost to an outage leaves a bucket one estimate error off, or full."""
         try:
             await call()
         except RedisError as exc:
@@ -148,36 +169,61 @@ class Ticket:
 
     async def enter(self, deployment: Deployment) -> None:
         """Wait for the deployment's own buckets (the provider account's RPM/TPM)."""
-        if deployment.rpm is None and deployment.tpm is None:
-            return
+        limit = self._admission.deployment_limit(deployment)
+        if limit is not None:
+            await self.take([limit])
+            self._deployments.append(limit)
+
+    async def rate_limited(self, deployment: Deployment) -> None:
+        """The deployment answered 429: its provider admits fewer calls at once than the
+        bucket let through (a burst set too high, or another client of the same account), so
+        the bucket is emptied and the next calls, retries included, go at the rate alone."""
         a = self._admission
-        key = a._keys.deployment_bucket(deployment.name)
-        limit = Limit(key, f"deployment {deployment.name}", deployment.rpm, deployment.tpm)
-        await self.take([limit])
-        self._deployments.append(limit)
+        limit = a.deployment_limit(deployment)
+        if limit is not None and limit.rpm is not None:
+            await a._best_effort(partial(a._buckets.drain, [limit]))
 
     async def take(self, limits: list[Limit]) -> None:
         if not limits:
             return
-        a = self._admission
-        tokens = self.estimate.tokens
-        while True:
-            wait_ms = await a._guard(
-                lambda: a._buckets.take(limits, tokens),
-                lambda: a._local.take(limits, tokens),
-                self._until,
-            )
-            if wait_ms == 0:
-                return
-            left = self._until - time.monotonic()
-            if wait_ms / 1000 > left:
-                scopes = ", ".join(limit.scope for limit in limits)
+        line = self._admission.line(limits)
+        if not line.locked() and (await self._take(limits, within_ms=0)).taken:
+            return
+        # Jobs that must wait queue in this process, first come, first served, and only the
+        # first asks Redis: it reserves the next request the buckets will have (taken into
+        # debt) and holds the line until its turn. One script call per job rather than one per
+        # waiter at every refill; and at most one reservation per process and bucket, all a
+        # worker that dies while waiting can waste.
+        scopes = ", ".join(limit.scope for limit in limits)
+        try:
+            async with asyncio.timeout(max(0.0, self._until - time.monotonic())):
+                await line.acquire()
+        except TimeoutError as exc:
+            raise RateLimited(
+                f"{scopes}: over its rate limit; the jobs ahead of this one took until its "
+                "deadline or the maximum wait"
+            ) from exc
+        try:
+            within = math.floor((self._until - time.monotonic()) * 1000)
+            taken, wait_ms = await self._take(limits, within_ms=max(0, within))
+            if not taken:
                 raise RateLimited(
                     f"{scopes}: over its rate limit; admitting the job needed "
                     f"{wait_ms / 1000:.1f} s more than its deadline or the maximum wait allow",
                     retry_after_ms=wait_ms,
                 )
             await asyncio.sleep(wait_ms / 1000)
+        finally:
+            line.release()
+
+    async def _take(self, limits: list[Limit], within_ms: int) -> Take:
+        a = self._admission
+        tokens = self.estimate.tokens
+        return await a._guard(
+            lambda: a._buckets.take(limits, tokens, within_ms),
+            lambda: a._local.take(limits, tokens, within_ms),
+            self._until,
+        )
 
     async def settle(self, routed: Routed | None) -> None:
         """Replace every estimate with the real usage (``None``: nothing served, refund all).
@@ -191,18 +237,22 @@ class Ticket:
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
         back = self.estimate.tokens - used
         # Independent counters: settled concurrently, one round trip of latency instead of three.
+        # Only buckets of tokens have anything to settle.
         calls: list[Awaitable[None]] = []
-        if self.team_limits:
-            calls.append(a._settle(partial(a._buckets.settle, self.team_limits, back)))
+        team_tokens = [limit for limit in self.team_limits if limit.tpm]
+        if team_tokens:
+            calls.append(a._best_effort(partial(a._buckets.settle, team_tokens, back)))
         for limit in self._deployments:
+            if not limit.tpm:
+                continue
             served = routed is not None and limit.key == a._keys.deployment_bucket(
                 routed.deployment
             )
             refund = back if served else self.estimate.tokens
-            calls.append(a._settle(partial(a._buckets.settle, [limit], refund)))
+            calls.append(a._best_effort(partial(a._buckets.settle, [limit], refund)))
         if self.budget is not None:
             actual = to_nano(routed.cost_usd) if routed is not None else 0
-            calls.append(a._settle(partial(a._budgets.settle, self.budget, actual)))
+            calls.append(a._best_effort(partial(a._budgets.settle, self.budget, actual)))
         await asyncio.gather(*calls)
 
 

@@ -12,11 +12,12 @@ An outage is logged once when it starts and once when it ends, not once per job.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Literal
 
-from workers.admission.buckets import Limit, too_large
+from workers.admission.buckets import Limit, Take, too_large
 
 OutagePolicy = Literal["fail_closed", "fail_open"]
 
@@ -39,27 +40,32 @@ class LocalBuckets:
         self._share = share
         self._levels: dict[tuple[str, int], tuple[float, float]] = {}
 
-    def take(self, limits: Sequence[Limit], tokens: int) -> int:
+    def take(self, limits: Sequence[Limit], tokens: int, within_ms: int = 0) -> Take:
         now = time.monotonic()
         need = (1, tokens)
         current: dict[tuple[str, int], float] = {}
         wait = 0.0
         for limit in limits:
-            for d, cap in enumerate(self._caps(limit)):
-                if cap <= 0:
+            for d, (rate, cap) in enumerate(self._dimensions(limit)):
+                if rate <= 0:
                     continue
                 if need[d] > cap:
                     raise too_large(limit, tokens)
                 level, at = self._levels.get((limit.key, d), (cap, now))
-                level = min(cap, level + (now - at) * cap / 60)
+                level = min(cap, level + (now - at) * rate / 60)
                 current[(limit.key, d)] = level
                 if level < need[d]:
-                    wait = max(wait, (need[d] - level) * 60 / cap)
-        if wait > 0:
-            return max(1, round(wait * 1000))
+                    wait = max(wait, (need[d] - level) * 60 / rate)
+        wait_ms = max(1, math.ceil(wait * 1000)) if wait > 0 else 0
+        if wait_ms > within_ms:
+            return Take(False, wait_ms)
         for (key, d), level in current.items():
             self._levels[(key, d)] = (level - need[d], now)
-        return 0
+        return Take(True, wait_ms)
 
-    def _caps(self, limit: Limit) -> tuple[float, float]:
-        return ((limit.rpm or 0) * self._share, (limit.tpm or 0) * self._share)
+    def _dimensions(self, limit: Limit) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(per-minute rate, capacity) of requests and of tokens, at this process's share."""
+        rpm, tpm = (limit.rpm or 0) * self._share, (limit.tpm or 0) * self._share
+        # At least one request: a share of a small burst below one would admit nothing.
+        requests = max(1.0, (limit.burst or limit.rpm or 0) * self._share)
+        return (rpm, requests), (tpm, tpm)

@@ -3,68 +3,81 @@
 -- KEYS[i]   one bucket per scope: a hash {r = requests left, t = tokens left, ts = µs}
 -- ARGV[1]   "take": take ARGV[2] requests and ARGV[3] tokens from every bucket, or nothing
 --           "settle": give back ARGV[3] tokens (negative: take them, even into debt)
+--           "drain": empty the requests (the provider answered 429: it admits fewer)
 -- ARGV[2]   requests
 -- ARGV[3]   tokens
--- ARGV[2+2i], ARGV[3+2i]   rpm and tpm of KEYS[i]; 0 = no limit in that dimension
+-- ARGV[4]   take: milliseconds the caller will wait for the buckets. If they can admit the job
+--           within that, it is taken now, into debt, and the caller goes once the wait is over
+--           (a reservation); 0 = take only what is there now
+-- ARGV[2+3i], ARGV[3+3i], ARGV[4+3i]   rpm, tpm and request capacity of KEYS[i]; 0 = no limit
+--           in that dimension; capacity 0 = a minute of rpm
 --
--- A bucket holds one minute of its limit and refills continuously; Redis TIME is the clock,
--- so every worker sees the same one. Returns {0} when taken (or settled), {wait_ms} when the
--- emptiest bucket needs that long to refill, {-1, i} when the job can never fit KEYS[i].
+-- A bucket refills continuously at its per-minute rate, up to its capacity: a minute of the
+-- rate, or fewer requests where a provider enforces its limit over shorter periods. Redis TIME
+-- is the clock, so every worker sees the same one. Returns {1, wait_ms} when taken (wait 0
+-- unless reserved), {0, wait_ms} when not taken because the emptiest bucket
+-- needs that long to refill, {-1, i} when the job can never fit KEYS[i]. Settle and drain
+-- return {1, 0}.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local need = {tonumber(ARGV[2]), tonumber(ARGV[3])}
+local within = tonumber(ARGV[4])
 local fields = {'r', 't'}
 
 local levels = {}
 local wait = 0
 for i, key in ipairs(KEYS) do
-  local caps = {tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])}
+  local rates = {tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])}
+  local burst = tonumber(ARGV[4 + 3 * i])
+  local caps = {burst > 0 and burst or rates[1], rates[2]}
   local state = redis.call('HMGET', key, 'r', 't', 'ts')
   local elapsed = now - (tonumber(state[3]) or now)
   local level = {}
   for d = 1, 2 do
-    local cap = caps[d]
-    if cap > 0 then
+    local rate, cap = rates[d], caps[d]
+    if rate > 0 then
       local current = tonumber(state[d]) or cap
-      level[d] = math.min(cap, current + elapsed * cap / 60000000)
+      level[d] = math.min(cap, current + elapsed * rate / 60000000)
       if mode == 'take' then
         if need[d] > cap then
           return {-1, i}
         end
         if level[d] < need[d] then
-          wait = math.max(wait, math.ceil((need[d] - level[d]) * 60000 / cap))
+          wait = math.max(wait, math.ceil((need[d] - level[d]) * 60000 / rate))
         end
       end
     end
   end
-  levels[i] = {caps, level}
+  levels[i] = {rates, caps, level}
 end
 
-if wait > 0 then
-  return {wait}
+if wait > within then
+  return {0, wait}
 end
 
 for i, key in ipairs(KEYS) do
-  local caps, level = levels[i][1], levels[i][2]
+  local rates, caps, level = levels[i][1], levels[i][2], levels[i][3]
   local ttl = 1000
   for d = 1, 2 do
-    local cap = caps[d]
-    if cap > 0 then
+    local rate, cap = rates[d], caps[d]
+    if rate > 0 then
       if mode == 'take' then
         level[d] = level[d] - need[d]
-      elseif d == 2 then
+      elseif mode == 'settle' and d == 2 then
         level[d] = math.min(cap, level[d] + need[d])
+      elseif mode == 'drain' and d == 1 then
+        level[d] = math.min(level[d], 0)
       end
       redis.call('HSET', key, fields[d], string.format('%.6f', level[d]))
       -- Kept until it would be full again: a missing bucket reads as full.
-      ttl = math.max(ttl, math.ceil((cap - level[d]) * 60000 / cap) + 1000)
+      ttl = math.max(ttl, math.ceil((cap - level[d]) * 60000 / rate) + 1000)
     end
   end
-  if caps[1] > 0 or caps[2] > 0 then
+  if rates[1] > 0 or rates[2] > 0 then
     redis.call('HSET', key, 'ts', now)
     redis.call('PEXPIRE', key, ttl)
   end
 end
-return {0}
+return {1, wait}
