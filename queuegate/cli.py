@@ -177,7 +177,13 @@ def mock_provider(
     rate_limit_rpm: Annotated[
         int | None, typer.Option(help="Requests/min before answering 429.")
     ] = None,
-    retry_after: Annotated[float, typer.Option(help="Retry-After of those 429s, s.")] = 1.0,
+    rate_limit_burst: Annotated[
+        int | None, typer.Option(help="Requests the limit admits at once (default: a minute's).")
+    ] = None,
+    retry_after: Annotated[
+        float | None,
+        typer.Option(help="Retry-After of those 429s, s (default: until the limit admits one)."),
+    ] = None,
 ) -> None:
     """Serve the OpenAI and Anthropic wire formats with deterministic replies and faults."""
     from mockprovider import Behavior, MockConfig, serve
@@ -188,6 +194,7 @@ def mock_provider(
         error_status=error_status,
         timeout_rate=timeout_rate,
         rate_limit_rpm=rate_limit_rpm,
+        rate_limit_burst=rate_limit_burst,
         retry_after=retry_after,
     )
     out.print(f"mock provider on http://{host}:{port} (Ctrl-C stops it)")
