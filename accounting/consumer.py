@@ -129,15 +129,17 @@ class Accountant:
         # per delivery were a third of accounting's CPU per event. The robust channel restores
         # only its own consumers, so each reopened channel gets this one back here.
         self._channel.reopen_callbacks.add(self._on_reopen)
-        await self._consume()
-        stopper = asyncio.create_task(self._stop_consuming(stop))
         try:
-            await self._write_until_stopped()
+            await self._consume()
+            stopper = asyncio.create_task(self._stop_consuming(stop))
+            try:
+                await self._write_until_stopped()
+            finally:
+                stopper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stopper
         finally:
             self._channel.reopen_callbacks.discard(self._on_reopen)
-            stopper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stopper
 
     def is_ready(self) -> bool:
         """Connected to the broker and consuming: what ``/readyz`` reports."""
