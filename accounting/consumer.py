@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Self
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
+from aio_pika.abc import AbstractRobustChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq import spec
+from aiormq.abc import AbstractChannel, DeliveredMessage
 from pydantic import ValidationError
 
 from accounting.migrate import migrate
@@ -39,9 +42,11 @@ _WRITE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interface
 _CHANNEL_GONE = (ChannelInvalidStateError, AMQPError)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Delivery:
-    message: AbstractIncomingMessage
+    channel: AbstractChannel
+    """The channel it came on: its delivery tag means nothing on any other."""
+    tag: int
     event: UsageEvent
 
 
@@ -74,13 +79,18 @@ class Accountant:
         self.last_batch_size = 0
         self._settling = asyncio.Lock()
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
-        self._inbox: asyncio.Queue[_Delivery | None] = asyncio.Queue()
+        # Deliveries in delivery order; the writer sleeps until `_wanted` of them are here.
+        self._inbox: deque[_Delivery] = deque()
+        self._wanted = 1
+        self._arrived = asyncio.Event()
+        self._stopping = False
         self._stop_deadline = math.inf
         self._outage_since: float | None = None
         self._pool: asyncpg.Pool | None = None
         self._connected: asyncio.Event | None = None
-        self._consuming = False
-        self._queue: AbstractQueue | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._consumer: tuple[AbstractChannel, str] | None = None
+        self._reopening: asyncio.Task[None] | None = None
         self._resources = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Self:
@@ -94,10 +104,11 @@ class Accountant:
             stack.push_async_callback(connection.close)
             self._connected = connection.connected
             channel = await connection.channel()
-            # Twice the batch: the next batch arrives while this one is being written.
-            await channel.set_qos(prefetch_count=2 * self.settings.accounting_batch)
+            # Four batches: deliveries go on arriving while one is written and acknowledged
+            # (with two, the bench wrote 40 % fewer events/s on a busy machine).
+            await channel.set_qos(prefetch_count=4 * self.settings.accounting_batch)
             await self.topology.declare_usage(channel)
-            self._queue = await channel.get_queue(self.topology.accounting_queue)
+            self._channel = channel
             self._pool = pool
             self._resources = stack.pop_all()
         return self
@@ -112,22 +123,28 @@ class Accountant:
         Held events are given ``settings.shutdown_grace`` seconds to be written after ``stop``;
         what cannot be written by then stays unacknowledged and is delivered again later.
         """
-        if self._queue is None:
+        if self._channel is None:
             raise RuntimeError("use `async with Accountant(settings) as accountant` first")
-        tag = await self._queue.consume(self._on_message)
-        self._consuming = True
-        stopper = asyncio.create_task(self._stop_consuming(stop, self._queue, tag))
+        # The consumer is on the underlying aiormq channel: aio-pika's message object and task
+        # per delivery were a third of accounting's CPU per event. The robust channel restores
+        # only its own consumers, so each reopened channel gets this one back here.
+        self._channel.reopen_callbacks.add(self._on_reopen)
         try:
-            await self._write_until_stopped()
+            await self._consume()
+            stopper = asyncio.create_task(self._stop_consuming(stop))
+            try:
+                await self._write_until_stopped()
+            finally:
+                stopper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stopper
         finally:
-            stopper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stopper
+            self._channel.reopen_callbacks.discard(self._on_reopen)
 
     def is_ready(self) -> bool:
         """Connected to the broker and consuming: what ``/readyz`` reports."""
         connected = self._connected is not None and self._connected.is_set()
-        return connected and self._consuming
+        return connected and self._consumer is not None
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; it is checked after every delivery and batch.
@@ -144,7 +161,34 @@ class Accountant:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reopen(self, _: AbstractRobustChannel | None) -> None:
+        await self._consume()
+
+    async def _consume(self) -> None:
+        if self._stopping or self._channel is None:
+            return
+        channel = await self._channel.get_underlay_channel()
+        channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        ok = await channel.basic_consume(self.topology.accounting_queue, self._on_delivery)
+        assert ok.consumer_tag is not None  # the broker names it when we do not
+        self._consumer = (channel, ok.consumer_tag)
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        consumer = self._consumer
+        if consumer is None or frame.consumer_tag != consumer[1]:
+            return
+        self._consumer = None
+        log.warning(
+            "the broker cancelled the usage consumer (was its queue deleted?):"
+            " reopening the channel, which declares the queue again and consumes"
+        )
+        # Not awaited: this runs in the channel's reader, which the close waits for. The task is
+        # kept so that it is not collected before it is done.
+        self._reopening = asyncio.create_task(consumer[0].close())
+
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
+        channel, tag = message.channel, message.delivery_tag
+        assert tag is not None  # a delivery to a consumer always has one
         try:
             event = UsageEvent.model_validate_json(message.body)
         except ValidationError as exc:
@@ -153,71 +197,66 @@ class Accountant:
             log.warning(
                 "dead-lettering a usage message that is not a UsageEvent"
                 " (message_id=%s, %d bytes, %d errors): %s: %s",
-                message.message_id,
+                message.header.properties.message_id,
                 len(message.body),
                 exc.error_count(),
                 where,
                 first["msg"],
             )
-            await self._settle(message.reject(requeue=False), "reject")
+            await self._settle(channel.basic_reject(tag, requeue=False), "reject")
             self.events_rejected += 1
             self._notify()
             return
         self.events_received += 1
-        self._inbox.put_nowait(_Delivery(message, event))
-        self._notify()
+        self._inbox.append(_Delivery(channel, tag, event))
+        if len(self._inbox) >= self._wanted:
+            self._arrived.set()
+        if self._waiters:
+            self._notify()
 
-    async def _stop_consuming(
-        self, stop: asyncio.Event, queue: AbstractQueue, tag: ConsumerTag
-    ) -> None:
+    async def _stop_consuming(self, stop: asyncio.Event) -> None:
         await stop.wait()
-        self._consuming = False
+        self._stopping = True
         self._stop_deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
-        try:
-            # Bounded: while the connection is down the cancel would wait for it to return.
-            async with asyncio.timeout(CANCEL_TIMEOUT):
-                await queue.cancel(tag)
-        except (*_CHANNEL_GONE, TimeoutError) as exc:
-            log.warning("could not cancel the usage consumer (%r); closing will end it", exc)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            channel, tag = consumer
+            try:
+                # Bounded: while the connection is down the cancel would wait for it to return.
+                await channel.basic_cancel(tag, timeout=CANCEL_TIMEOUT)
+            except (*_CHANNEL_GONE, TimeoutError) as exc:
+                log.warning("could not cancel the usage consumer (%r); closing will end it", exc)
         # Wakes the writer, which flushes what it holds and returns.
-        self._inbox.put_nowait(None)
+        self._arrived.set()
 
     async def _write_until_stopped(self) -> None:
-        stopping = False
-        # After the stop marker the inbox is drained too: deliveries that were already on
-        # their way when the consumer was cancelled are written rather than redelivered.
-        while not (stopping and self._inbox.empty()):
-            batch, saw_stop = await self._collect()
-            stopping = stopping or saw_stop
+        # After the stop the inbox is drained too: deliveries that were already on their way
+        # when the consumer was cancelled are written rather than redelivered.
+        while not (self._stopping and not self._inbox):
+            batch = await self._collect()
             if batch and not await self._commit(batch):
                 return
 
-    async def _collect(self) -> tuple[list[_Delivery], bool]:
-        """The next batch, and whether the stop marker ended it.
+    async def _collect(self) -> list[_Delivery]:
+        """The next batch: waits for one delivery, then up to ``accounting_linger`` seconds for
+        the batch to fill; at once what is held after the stop."""
+        size = self.settings.accounting_batch
+        await self._await_inbox(1, math.inf)
+        deadline = asyncio.get_running_loop().time() + self.settings.accounting_linger
+        await self._await_inbox(size, deadline)
+        return [self._inbox.popleft() for _ in range(min(size, len(self._inbox)))]
 
-        Waits for one delivery, then up to ``accounting_linger`` seconds for the batch to fill.
-        """
-        first = await self._inbox.get()
-        if first is None:
-            return [], True
-        batch = [first]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.accounting_linger
-        while len(batch) < self.settings.accounting_batch:
-            try:
-                item = self._inbox.get_nowait()
-            except asyncio.QueueEmpty:
-                if loop.time() >= deadline:
-                    break
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        item = await self._inbox.get()
-                except TimeoutError:
-                    break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+    async def _await_inbox(self, count: int, deadline: float) -> None:
+        """Until the inbox holds ``count`` deliveries, the stop is asked, or ``deadline``."""
+        if len(self._inbox) >= count or self._stopping:
+            return
+        self._wanted = count
+        self._arrived.clear()
+        try:
+            async with asyncio.timeout_at(None if deadline == math.inf else deadline):
+                await self._arrived.wait()
+        except TimeoutError:
+            pass
 
     async def _commit(self, batch: list[_Delivery]) -> bool:
         """Write the batch, retrying while PostgreSQL is unavailable, then settle it.
@@ -244,13 +283,16 @@ class Accountant:
         written = [d for d in batch if d.event.job_id not in unstorable]
         for delivery in batch:
             if delivery.event.job_id in unstorable:
-                await self._settle(delivery.message.reject(requeue=False), "reject")
+                await self._settle(
+                    delivery.channel.basic_reject(delivery.tag, requeue=False), "reject"
+                )
         if written:
             # Deliveries reach the inbox in delivery-tag order and batches are settled in that
             # order, so on the last delivery's channel every earlier tag is in this batch or
             # already settled: one multiple ack covers exactly this batch. Deliveries from a
             # channel lost since cannot be acknowledged; the insert ignores their redelivery.
-            await self._settle(written[-1].message.ack(multiple=True), "acknowledge")
+            last = written[-1]
+            await self._settle(last.channel.basic_ack(last.tag, multiple=True), "acknowledge")
         self.events_rejected += len(batch) - len(written)
         self.events_written += len(written)
         self.rows_inserted += inserted

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import asyncpg
 import orjson
+from pydantic import TypeAdapter
 
-from queuegate.messages import UsageEvent
+from queuegate.messages import Attempt, UsageEvent
 
 STATEMENT_TIMEOUT = 30.0
 """Seconds one batch insert may take before it counts as a failed write (and is retried)."""
@@ -40,6 +42,11 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("attempt_log", "jsonb"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
+
+_ROW = operator.attrgetter(*(name for name, _ in COLUMNS))
+_TS = next(i for i, (name, _) in enumerate(COLUMNS) if name == "ts")
+_ATTEMPT_LOG = next(i for i, (name, _) in enumerate(COLUMNS) if name == "attempt_log")
+_ATTEMPTS = TypeAdapter(list[Attempt])
 
 _CONTENT = (
     ("job_id", "text"),
@@ -98,11 +105,11 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
     unique = first_per_job(events)
     if not unique:
         return 0
-    columns = {name: [getattr(event, name) for event in unique] for name, _ in COLUMNS}
-    columns["ts"] = [_as_utc(ts) for ts in columns["ts"]]
-    columns["attempt_log"] = [
-        None if log is None else _json([attempt.model_dump() for attempt in log])
-        for log in columns["attempt_log"]
+    # Transposed in C (attrgetter, zip): this runs for every event at full rate.
+    columns = [list(column) for column in zip(*map(_ROW, unique), strict=True)]
+    columns[_TS] = [_as_utc(ts) for ts in columns[_TS]]
+    columns[_ATTEMPT_LOG] = [
+        None if log is None else _ATTEMPTS.dump_json(log).decode() for log in columns[_ATTEMPT_LOG]
     ]
     captured = [(e, e.content) for e in unique if e.content is not None]
     content = [
@@ -113,9 +120,7 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
         [None if c.response is None else _json(c.response) for _, c in captured],
         [_as_utc(e.ts) for e, _ in captured],
     ]
-    inserted: int = await db.fetchval(
-        _INSERT, *columns.values(), *content, timeout=STATEMENT_TIMEOUT
-    )
+    inserted: int = await db.fetchval(_INSERT, *columns, *content, timeout=STATEMENT_TIMEOUT)
     return inserted
 
 

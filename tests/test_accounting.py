@@ -105,6 +105,17 @@ async def dead_letters(settings: Settings, count: int) -> list[AbstractIncomingM
         return messages
 
 
+async def queued(settings: Settings) -> int:
+    """Messages waiting in the accounting queue: after the accountant closed, what it left
+    unacknowledged is back there."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        name = Topology(settings.namespace).accounting_queue
+        queue = await channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count or 0
+
+
 async def row_count(pool: asyncpg.Pool) -> int:
     count: int = await pool.fetchval("SELECT count(*) FROM usage_log")
     return count
@@ -249,6 +260,26 @@ async def test_a_malformed_body_is_dead_lettered_and_consuming_goes_on(
     assert await row_count(pool) == 1
 
 
+async def test_a_batch_around_a_malformed_body_is_acknowledged_whole(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given a malformed body queued between good events, before the accountant starts
+    await publish(usage_exchange, usage("job-1"), b"not json", usage("job-2"), usage("job-3"))
+
+    # When it takes them in one batch, acknowledged by one multiple ack over the rejected tag
+    async with running(settings) as accountant:
+        await wait_until(
+            accountant, lambda: accountant.events_written == 3 and accountant.events_rejected == 1
+        )
+
+    # Expect the good events written, the bad one dead-lettered, and none left to redeliver
+    assert accountant.batches == 1
+    assert await row_count(pool) == 3
+    [dead] = await dead_letters(settings, 1)
+    assert dead.body == b"not json"
+    assert await queued(settings) == 0
+
+
 async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:
@@ -266,6 +297,7 @@ async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
     assert await row_count(pool) == 2
     [dead] = await dead_letters(settings, 1)
     assert UsageEvent.model_validate_json(dead.body).job_id == "job-nul"
+    assert await queued(settings) == 0
 
 
 async def test_graceful_stop_writes_what_it_holds(

@@ -1,14 +1,18 @@
-"""A PostgreSQL outage: accounting holds its batch unacknowledged, backs off, and catches up."""
+"""Outages under accounting: PostgreSQL away, the broker connection cut, its queue deleted."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractExchange
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from queuegate.db import create_pool
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.faults import behind_proxies
-from tests.test_accounting import publish, running, usage, wait_until
+from tests.test_accounting import WAIT, publish, running, usage, wait_until
 
 
 async def test_usage_written_during_a_postgres_outage_lands_once_after_it(
@@ -38,3 +42,62 @@ async def test_usage_written_during_a_postgres_outage_lands_once_after_it(
         finally:
             await pool.close()
         assert len(rows) == 150 == len({row["job_id"] for row in rows})
+
+
+async def test_accounting_consumes_again_after_its_broker_connection_drops(
+    settings: Settings,
+) -> None:
+    async with behind_proxies(settings, "amqp") as (through, proxies):
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection, running(through) as accountant:
+            exchange = await _usage_exchange(connection, settings)
+            # Given accounting reaching RabbitMQ through a proxy, with 10 events written
+            await publish(exchange, *(usage(f"before-{i}") for i in range(10)))
+            await wait_until(accountant, lambda: accountant.rows_inserted == 10)
+
+            # When its connection is cut and may come back, and 10 more events arrive
+            await proxies["amqp"].down()
+            await proxies["amqp"].up()
+            await publish(exchange, *(usage(f"after-{i}") for i in range(10)))
+
+            # Expect them written: its consumer is back on the reopened channel
+            await wait_until(accountant, lambda: accountant.rows_inserted == 20)
+
+
+async def test_accounting_declares_its_queue_again_when_it_is_deleted(
+    settings: Settings,
+) -> None:
+    queue = Topology(settings.namespace).accounting_queue
+    admin = await aio_pika.connect(settings.amqp_url)
+    async with admin, running(settings) as accountant:
+        exchange = await _usage_exchange(admin, settings)
+        # Given accounting consuming its queue
+        await publish(exchange, usage("before"))
+        await wait_until(accountant, lambda: accountant.rows_inserted == 1)
+
+        # When an operator deletes the queue under it
+        async with admin.channel() as channel:
+            await channel.queue_delete(queue)
+
+        # Expect the queue back, consumed again, and new events written
+        async with asyncio.timeout(WAIT):
+            # Polled: the broker announces no event when a queue is declared or consumed.
+            while await _consumers(admin, queue) != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await publish(exchange, usage("after"))
+        await wait_until(accountant, lambda: accountant.rows_inserted == 2)
+
+
+async def _usage_exchange(connection: AbstractConnection, settings: Settings) -> AbstractExchange:
+    channel = await connection.channel(publisher_confirms=True)
+    return await Topology(settings.namespace).declare_usage(channel)
+
+
+async def _consumers(connection: AbstractConnection, queue: str) -> int:
+    """How many consumers ``queue`` has; 0 while it does not exist."""
+    try:
+        async with connection.channel() as channel:
+            declared = await channel.declare_queue(queue, passive=True)
+    except ChannelNotFoundEntity:
+        return 0
+    return declared.declaration_result.consumer_count or 0
