@@ -280,9 +280,9 @@ class Accountant:
             await asyncio.sleep(min(delay, grace))
             delay = min(delay * 2, BACKOFF_CAP)
         self._note_recovery()
-        written = [d for d in batch if d.event.job_id not in unstorable]
+        written = [d for d in batch if (d.event.team, d.event.job_id) not in unstorable]
         for delivery in batch:
-            if delivery.event.job_id in unstorable:
+            if (delivery.event.team, delivery.event.job_id) in unstorable:
                 await self._settle(
                     delivery.channel.basic_reject(delivery.tag, requeue=False), "reject"
                 )
@@ -304,8 +304,9 @@ class Accountant:
         self._notify()
         return True
 
-    async def _write(self, batch: list[_Delivery]) -> tuple[int, set[str]]:
-        """Insert the batch; return the rows inserted and the job ids that cannot be stored."""
+    async def _write(self, batch: list[_Delivery]) -> tuple[int, set[tuple[str, str]]]:
+        """Insert the batch; return the rows inserted and the (team, job id) of each event that
+        cannot be stored (job ids are unique within a team only)."""
         events = [delivery.event for delivery in batch]
         try:
             return await insert_usage(self._pool, events), set()
@@ -315,7 +316,7 @@ class Accountant:
         # One value PostgreSQL refuses fails the whole statement. Row by row finds it, so the
         # rest are written and only that event is dead-lettered instead of blocking the queue.
         inserted = 0
-        unstorable = set()
+        unstorable: set[tuple[str, str]] = set()
         for event in first_per_job(events):
             try:
                 inserted += await insert_usage(self._pool, [event])
@@ -325,7 +326,7 @@ class Accountant:
                 log.error(
                     "usage event %s cannot be stored, dead-lettering it: %s", event.job_id, exc
                 )
-                unstorable.add(event.job_id)
+                unstorable.add((event.team, event.job_id))
         return inserted, unstorable
 
     async def _settle(self, action: Awaitable[None], verb: str) -> None:

@@ -284,17 +284,18 @@ async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:
     # Given a valid UsageEvent with a value PostgreSQL refuses (text cannot hold NUL), queued
-    # between two good events so that all three share one batch
+    # among good events so that all share one batch, one of them another team's same job id
     unstorable = usage("job-nul", worker="w\x00")
-    await publish(usage_exchange, usage("job-1"), unstorable, usage("job-2"))
+    namesake = usage("job-nul", team="beta")
+    await publish(usage_exchange, usage("job-1"), unstorable, namesake, usage("job-2"))
 
     # When the accountant writes the batch
     async with running(settings) as accountant:
         await wait_until(accountant, lambda: accountant.events_rejected == 1)
 
-    # Expect the good events written and only the bad one dead-lettered
-    assert accountant.events_written == 2
-    assert await row_count(pool) == 2
+    # Expect the good events written (the namesake too) and only the bad one dead-lettered
+    assert accountant.events_written == 3
+    assert await row_count(pool) == 3
     [dead] = await dead_letters(settings, 1)
     assert UsageEvent.model_validate_json(dead.body).job_id == "job-nul"
     assert await queued(settings) == 0
