@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
-from queuegate.broker import connect
+from queuegate.broker import connect, settle
 from queuegate.db import create_pool
 from queuegate.messages import UsageEvent
 from queuegate.metrics import observe_accounting_batch
@@ -333,19 +333,9 @@ class Accountant:
         # One settlement at a time, in the order issued (the lock is fair): a batch's multiple
         # ack must not overtake the reject of an earlier tag, or the broker would see that
         # reject's tag as unknown and close the channel.
+        # The rows are committed before any settlement, and inserts are idempotent.
         async with self._settling:
-            try:
-                await action
-            except Exception as exc:
-                # The rows are committed before any settlement, and inserts are idempotent,
-                # so whatever this failed of, redelivery is harmless. Besides _CHANNEL_GONE, a
-                # connection closing without a reason fails a pending ack with a bare Exception.
-                log.info(
-                    "could not %s usage deliveries (%s: their channel is gone);"
-                    " the broker delivers them again",
-                    verb,
-                    type(exc).__name__,
-                )
+            await settle(action, f"{verb} usage deliveries", log)
 
     def _notify(self) -> None:
         # Synchronous and a no-op without waiters: it runs for every delivery.

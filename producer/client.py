@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from producer.replies import ReplyBook
 from producer.streams import ChatStream, StreamBook
-from queuegate.broker import CONNECTION_LOST, connect, json_message, when_connected
+from queuegate.broker import CONNECTION_LOST, connect, json_message, settle, when_connected
 from queuegate.errors import (
     ClientError,
     PublishRefused,
@@ -279,10 +279,8 @@ class GatewayClient:
                 self._streams.chunk(StreamChunk.model_validate_json(message.body))
         except ValidationError:
             log.warning("dropped a malformed %s for job %s", message.type, message.correlation_id)
-        # After a reconnect the delivery's channel is gone: the broker redelivers the reply, and
-        # the book drops it as a duplicate.
-        with contextlib.suppress(*CONNECTION_LOST):
-            await message.ack()
+        # The book drops a redelivered reply as a duplicate.
+        await settle(message.ack(), f"acknowledge the reply to {message.correlation_id}", log)
 
 
 def job_message(

@@ -33,6 +33,22 @@ RETRY_PAUSE = 0.2
 """Seconds between attempts, so a channel not yet known to be lost is not hammered."""
 
 
+async def settle(action: Awaitable[object], what: str, logger: logging.Logger) -> bool:
+    """Await an ack, nack or reject; False, logged once, if it failed.
+
+    A settle fails only when its channel or connection is gone, and then the broker delivers
+    the message again, which every consumer of ours answers idempotently: so a failed settle
+    is never an error. A connection that closes without a reason fails a pending settle with
+    a bare ``Exception`` (aiormq), so no narrower type covers every way this goes.
+    """
+    try:
+        await action
+    except Exception as exc:
+        logger.info("could not %s (%s: its channel is gone); it is delivered again", what, exc)
+        return False
+    return True
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(url)

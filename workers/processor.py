@@ -12,16 +12,14 @@ and the redelivery is answered from the store instead of calling the provider ag
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from datetime import UTC, datetime
 
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from queuegate.broker import CONNECTION_LOST
+from queuegate.broker import CONNECTION_LOST, settle
 from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unauthorized
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
@@ -84,9 +82,7 @@ class JobProcessor:
             log.exception(
                 "job %s failed in the worker; returning it to the queue", message.message_id
             )
-            # If the channel is gone the broker requeues the job by itself.
-            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-                await message.nack(requeue=True)
+            await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
 
     async def _process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         timing = Timing(queued_ms=_queued_ms(message), worker=self._worker)
@@ -108,7 +104,7 @@ class JobProcessor:
         if stored is not None:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
             await self._announce(message, stored, team)
-            await message.ack()
+            await settle(message.ack(), f"acknowledge job {job.job_id}", log)
             return
         error: JobError | None = None
         try:
@@ -191,7 +187,7 @@ class JobProcessor:
             await self._publisher.dead_letter(
                 message, reason=error.code, detail=error.message, queue=queue
             )
-        await message.ack()
+        await settle(message.ack(), f"acknowledge job {outcome.result.job_id}", log)
 
     async def _announce(
         self, message: AbstractIncomingMessage, outcome: Outcome, team: str

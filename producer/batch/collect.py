@@ -40,7 +40,7 @@ from producer.batch.formats import FORMATS, Format
 from producer.batch.jobs import check_batch_name
 from producer.batch.state import NANO, BatchMeta, BatchState, Counts
 from producer.batch.submit import Progress
-from queuegate.broker import connect
+from queuegate.broker import connect, settle
 from queuegate.errors import BatchError
 from queuegate.keys import Keys
 from queuegate.messages import ChatResult
@@ -188,14 +188,8 @@ class _Run:
                     custom_id, Answer(custom_id, result.job_id, category_of(result), result)
                 )
         await self._write(list(answers.values()))
-        try:
-            await messages[-1].ack(multiple=True)
-        except Exception as exc:
-            # Lines are on disk and recorded before this ack, so whatever it failed of, the
-            # broker redelivers these results and they are skipped as written. A connection
-            # that closes without a reason fails the pending ack with a bare Exception
-            # (aiormq), so no narrower type covers every way this goes.
-            log.warning("could not acknowledge results (%r); they will be redelivered", exc)
+        # Lines are on disk and recorded before this ack: redelivered results are skipped.
+        await settle(messages[-1].ack(multiple=True), "acknowledge results", log)
 
     async def unanswerable(self, category: Category) -> None:
         """Write ``category`` for every request still without a line."""
