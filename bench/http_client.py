@@ -7,9 +7,10 @@ system, from getrusage) per call: a POST answered with JSON, and a POST answered
 of server-sent events, each at 1 and at 256 calls at once. Every call carries the same bounds
 (a total time limit, a connect and a first-byte timeout) and decodes the whole answer.
 
-Then memory, with tracemalloc: a fresh client sends 1,000 calls at once to a model answering
-in 500 ms; the figures are the most it held per call in flight, and what it keeps per idle
-connection afterwards (the request bodies and answers included).
+Then memory, with tracemalloc: a fresh client with 1,000 connections, then one with 100,
+sends 1,000 calls at once to a model answering in 500 ms; the figures are the most it held
+per call (in flight, or waiting for a connection with 100), and with 1,000 what it keeps
+per idle connection afterwards.
 
 - transport: ``router.transport`` as the router calls it (aiohttp, one pool per upstream)
 - httpx: the router's path before it: 16 httpx pools taken in turn (httpcore scans a pool's
@@ -53,15 +54,15 @@ Call = Callable[[UpstreamRequest], Awaitable[Any]]
 
 
 class _Client(Protocol):
-    def __init__(self, url: str) -> None: ...
+    def __init__(self, url: str, connections: int) -> None: ...
     async def post(self, request: UpstreamRequest) -> Any: ...
     async def events(self, request: UpstreamRequest) -> int: ...
     async def aclose(self) -> None: ...
 
 
 class _Transport:
-    def __init__(self, url: str) -> None:
-        self._upstream = transport.Upstream(url)
+    def __init__(self, url: str, connections: int) -> None:
+        self._upstream = transport.Upstream(url, connections=connections)
 
     async def post(self, request: UpstreamRequest) -> Any:
         return await transport.post(
@@ -79,10 +80,11 @@ class _Transport:
 
 
 class _Httpx:
-    """The former path: 16 pools of 62 connections, taken in turn."""
+    """The former path: 16 pools (of 62 connections for 1,000), taken in turn."""
 
-    def __init__(self, url: str) -> None:
-        limits = httpx.Limits(max_connections=62, max_keepalive_connections=62)
+    def __init__(self, url: str, connections: int) -> None:
+        size = connections // 16
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         self._clients = [
             httpx.AsyncClient(base_url=url, limits=limits, timeout=None, trust_env=False)
             for _ in range(16)
@@ -162,12 +164,12 @@ async def _measure(
     }
 
 
-async def _memory(client_type: type[_Client], url: str) -> dict[str, Any]:
+async def _memory(client_type: type[_Client], url: str, connections: int) -> dict[str, Any]:
     request = _request("slow")
     gc.collect()
     tracemalloc.start()
     try:
-        client = client_type(url)
+        client = client_type(url, connections)
         idle = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         await asyncio.gather(*(client.post(request) for _ in range(AT_ONCE)))
@@ -178,8 +180,11 @@ async def _memory(client_type: type[_Client], url: str) -> dict[str, Any]:
     finally:
         tracemalloc.stop()
     return {
-        "kb/call in flight": round((peak - idle) / AT_ONCE / 1024, 1),
-        "kb/idle connection": round((pooled - idle) / AT_ONCE / 1024, 1),
+        "kb/call": round((peak - idle) / AT_ONCE / 1024, 1),
+        # With fewer connections than calls, what stays is mostly not the connections'.
+        "kb/idle connection": round((pooled - idle) / AT_ONCE / 1024, 1)
+        if connections >= AT_ONCE
+        else "-",
     }
 
 
@@ -194,7 +199,7 @@ async def main(calls: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     try:
         await wait_http(url)
         for name, client_type in CLIENTS.items():
-            client = client_type(url)
+            client = client_type(url, transport.MAX_CONNECTIONS)
             try:
                 for answer, call, stream in (
                     ("json", client.post, False),
@@ -209,8 +214,10 @@ async def main(calls: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         async with httpx.AsyncClient() as control:
             slow = {"models": {"slow": {"latency_ms": SLOW_MS}}}
             (await control.post(f"{url}/_mock/config", json=slow)).raise_for_status()
-        for name, client_type in CLIENTS.items():
-            memory_rows.append({"client": name} | await _memory(client_type, url))
+        for connections in (transport.MAX_CONNECTIONS, 100):
+            for name, client_type in CLIENTS.items():
+                row = {"client": name, "connections": connections}
+                memory_rows.append(row | await _memory(client_type, url, connections))
     finally:
         mock.terminate()
         await mock.wait()
