@@ -65,10 +65,14 @@ async def throughput(
             await handle.result(60)
         await stack.wait_rows(WARM_UP)
         before, started = cpu_with_producer(stack), time.perf_counter()
+        sampled = asyncio.Event()
+        held = asyncio.create_task(stack.max_held(sampled))
         handles = await publish(client, jobs)
         published = time.perf_counter() - started
         failed = sum([(await h.result(600)).status != "ok" for h in handles])
         answered = time.perf_counter() - started
+        sampled.set()
+        max_held = await held
         await stack.wait_rows(jobs + WARM_UP)
         accounted = time.perf_counter() - started
         after = cpu_with_producer(stack)
@@ -92,7 +96,8 @@ async def throughput(
             "answered_s": round(answered, 2),
             "accounted_s": round(accounted, 2),
             "errors": failed,
-            **({"max_in_flight": in_flight} if in_flight is not None else {}),
+            "max_held": max_held,
+            **({"max_calls_at_mock": in_flight} if in_flight is not None else {}),
             **rss,
             **cpu_per_thousand(before, after, jobs),
         },

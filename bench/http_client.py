@@ -7,6 +7,11 @@ system, from getrusage) per call: a POST answered with JSON, and a POST answered
 of server-sent events, each at 1 and at 256 calls at once. Every call carries the same bounds
 (a total time limit, a connect and a first-byte timeout) and decodes the whole answer.
 
+Then memory, with tracemalloc: a fresh client with 1,000 connections, then one with 100,
+sends 1,000 calls at once to a model answering in 500 ms; the figures are the most it held
+per call (in flight, or waiting for a connection with 100), and with 1,000 what it keeps
+per idle connection afterwards.
+
 - transport: ``router.transport`` as the router calls it (aiohttp, one pool per upstream)
 - httpx: the router's path before it: 16 httpx pools taken in turn (httpcore scans a pool's
   connections on every request, so one pool of 1,000 costs more), streamed responses
@@ -16,14 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import resource
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 import httpx
 import orjson
@@ -40,20 +47,52 @@ KEY = "bench-key"
 CONNECT, FIRST_BYTE, TOTAL = 5.0, 20.0, 30.0
 WARM_UP = 500
 CONCURRENCY = (1, 256)
+AT_ONCE, SLOW_MS = 1000, 500
+"""The memory figures: calls sent at once, and how long the mock takes to answer each."""
 
 Call = Callable[[UpstreamRequest], Awaitable[Any]]
 
 
-class _Httpx:
-    """The former path: 16 pools of 62 connections, taken in turn."""
+class _Client(Protocol):
+    def __init__(self, url: str, connections: int) -> None: ...
+    async def post(self, request: UpstreamRequest) -> Any: ...
+    async def events(self, request: UpstreamRequest) -> int: ...
+    async def aclose(self) -> None: ...
 
-    def __init__(self, url: str) -> None:
-        limits = httpx.Limits(max_connections=62, max_keepalive_connections=62)
-        self.clients = [
+
+class _Transport:
+    def __init__(self, url: str, connections: int) -> None:
+        self._upstream = transport.Upstream(url, connections=connections)
+
+    async def post(self, request: UpstreamRequest) -> Any:
+        return await transport.post(
+            self._upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE
+        )
+
+    async def events(self, request: UpstreamRequest) -> int:
+        stream = transport.events(
+            self._upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE
+        )
+        return len([event async for event in stream])
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+class _Httpx:
+    """The former path: 16 pools (of 62 connections for 1,000), taken in turn."""
+
+    def __init__(self, url: str, connections: int) -> None:
+        size = connections // 16
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        self._clients = [
             httpx.AsyncClient(base_url=url, limits=limits, timeout=None, trust_env=False)
             for _ in range(16)
         ]
-        self._turn = itertools.cycle(self.clients)
+        self._turn = itertools.cycle(self._clients)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self._clients))
 
     async def post(self, request: UpstreamRequest) -> Any:
         async with self._opened(request) as response:
@@ -84,18 +123,10 @@ class _Httpx:
             await response.aclose()
 
 
-def _transport_calls(upstream: transport.Upstream) -> tuple[Call, Call]:
-    async def post(request: UpstreamRequest) -> Any:
-        return await transport.post(upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE)
-
-    async def events(request: UpstreamRequest) -> int:
-        stream = transport.events(upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE)
-        return len([event async for event in stream])
-
-    return post, events
+CLIENTS: dict[str, type[_Client]] = {"transport": _Transport, "httpx": _Httpx}
 
 
-def _request(*, stream: bool) -> UpstreamRequest:
+def _request(model: str = "gpt-4o-mini", *, stream: bool = False) -> UpstreamRequest:
     job = ChatJob.model_validate(
         {
             "job_id": "bench",
@@ -105,7 +136,7 @@ def _request(*, stream: bool) -> UpstreamRequest:
             "params": {"max_tokens": 16},
         }
     )
-    return OpenAIAdapter().build_request(job, "gpt-4o-mini", KEY, stream=stream)
+    return OpenAIAdapter().build_request(job, model, KEY, stream=stream)
 
 
 def _cpu() -> float:
@@ -133,50 +164,86 @@ async def _measure(
     }
 
 
-async def main(calls: int) -> list[dict[str, Any]]:
+async def _memory(client_type: type[_Client], url: str, connections: int) -> dict[str, Any]:
+    request = _request("slow")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        client = client_type(url, connections)
+        idle = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        await asyncio.gather(*(client.post(request) for _ in range(AT_ONCE)))
+        peak = tracemalloc.get_traced_memory()[1]
+        gc.collect()
+        pooled = tracemalloc.get_traced_memory()[0]
+        await client.aclose()
+    finally:
+        tracemalloc.stop()
+    return {
+        "kb/call": round((peak - idle) / AT_ONCE / 1024, 1),
+        # With fewer connections than calls, what stays is mostly not the connections'.
+        "kb/idle connection": round((pooled - idle) / AT_ONCE / 1024, 1)
+        if connections >= AT_ONCE
+        else "-",
+    }
+
+
+async def main(calls: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     mock = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "queuegate", "mock-provider", "--port", str(port)),
         stdout=asyncio.subprocess.DEVNULL,
     )
-    rows = []
+    cpu_rows, memory_rows = [], []
     try:
         await wait_http(url)
-        async with AsyncExitStack() as stack:
-            upstream = await stack.enter_async_context(transport.Upstream(url))
-            former = _Httpx(url)
-            for client in former.clients:
-                await stack.enter_async_context(client)
-            clients = {
-                "transport": _transport_calls(upstream),
-                "httpx": (former.post, former.events),
-            }
-            for name, (post, events) in clients.items():
-                for answer, call, stream in (("json", post, False), ("sse", events, True)):
+        for name, client_type in CLIENTS.items():
+            client = client_type(url, transport.MAX_CONNECTIONS)
+            try:
+                for answer, call, stream in (
+                    ("json", client.post, False),
+                    ("sse", client.events, True),
+                ):
                     for concurrency in CONCURRENCY:
                         figures = await _measure(call, _request(stream=stream), calls, concurrency)
                         row = {"client": name, "answer": answer, "concurrency": concurrency}
-                        rows.append(row | figures)
+                        cpu_rows.append(row | figures)
+            finally:
+                await client.aclose()
+        async with httpx.AsyncClient() as control:
+            slow = {"models": {"slow": {"latency_ms": SLOW_MS}}}
+            (await control.post(f"{url}/_mock/config", json=slow)).raise_for_status()
+        for connections in (transport.MAX_CONNECTIONS, 100):
+            for name, client_type in CLIENTS.items():
+                row = {"client": name, "connections": connections}
+                memory_rows.append(row | await _memory(client_type, url, connections))
     finally:
         mock.terminate()
         await mock.wait()
-    return rows
+    return cpu_rows, memory_rows
 
 
-def _report(rows: list[dict[str, Any]], calls: int) -> None:
-    table = Table(title=f"HTTP client paths: {calls} calls per row, mock provider at 0 ms")
-    for column in rows[0]:
-        table.add_column(column, justify="left" if column in ("client", "answer") else "right")
-    for row in rows:
-        table.add_row(*(str(value) for value in row.values()))
-    Console(width=120).print(table)
-    print(json.dumps(rows))
+def _report(rows: tuple[list[dict[str, Any]], list[dict[str, Any]]], calls: int) -> None:
+    cpu, memory = rows
+    titles = (
+        f"CPU: {calls} calls per row, mock provider at 0 ms",
+        f"memory: {AT_ONCE} calls at once, mock provider at {SLOW_MS} ms",
+    )
+    console = Console(width=120)
+    for title, table_rows in zip(titles, rows, strict=True):
+        table = Table(title=title)
+        for column in table_rows[0]:
+            table.add_column(column, justify="left" if column in ("client", "answer") else "right")
+        for row in table_rows:
+            table.add_row(*(str(value) for value in row.values()))
+        console.print(table)
+    print(json.dumps({"cpu": cpu, "memory": memory}))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=4000, help="calls per measured row")
+    parser.add_argument("--calls", type=int, default=4000, help="calls per measured CPU row")
     args = parser.parse_args()
     from queuegate.runtime import run
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -17,14 +18,19 @@ from typing import Any
 import aio_pika
 import asyncpg
 import httpx
+import redis.asyncio as aioredis
 
 from mockprovider import MockConfig
+from queuegate.keys import Keys
+from queuegate.livestats import read_view
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
 TEAM = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+HELD_SAMPLE = 0.25
+"""Seconds between samples of the jobs workers hold (their live stats change each second)."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -127,6 +133,21 @@ class Stack:
         for _, step in edges:
             current += step
             peak = max(peak, current)
+        return peak
+
+    async def max_held(self, stop: asyncio.Event) -> int:
+        """The most jobs the workers held at once (delivered, not yet acked) until ``stop``,
+        from the in-flight counts in their live stats (written every ``stats_interval``)."""
+        client = aioredis.from_url(self.settings.redis_url)
+        keys, peak = Keys(self.settings.redis_prefix), 0
+        try:
+            while not stop.is_set():
+                view = await read_view(client, keys)
+                peak = max(peak, sum(view.in_flight.values()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), HELD_SAMPLE)
+        finally:
+            await client.aclose()
         return peak
 
     async def usage_rows(self) -> int:

@@ -7,6 +7,7 @@ import socket
 import time
 import traceback
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +29,7 @@ from router import Catalog, Router, load_catalog, open_router
 from router.providers import ProviderError
 from router.providers.base import classify
 from router.providers.openai import OpenAIAdapter
-from router.transport import Upstream, post, time_limit
+from router.transport import Upstream, events, post, time_limit
 
 SENTINEL_KEY = "sk-SENTINEL-0123456789abcdef"
 ENV = {"QUEUEGATE_MOCK_KEY": SENTINEL_KEY}
@@ -480,6 +481,35 @@ async def test_rate_limit_is_classified_with_the_retry_after_the_provider_sent(
     error = caught.value
     assert (error.status, error.error_class, error.moves_on) == (429, "rate_limited", True)
     assert error.retry_after == 2.5
+
+
+async def test_calls_past_the_pool_wait_for_a_connection_and_each_gives_it_back(
+    mock: MockProvider,
+) -> None:
+    mock.configure(
+        MockConfig(
+            models={"slow": Behavior(latency_ms=100), "broken": Behavior(fail_first=1)},
+        )
+    )
+    adapter = OpenAIAdapter()
+    slow = adapter.build_request(chat("m"), "slow", SENTINEL_KEY)
+    broken = adapter.build_request(chat("m"), "broken", SENTINEL_KEY)
+    streamed = adapter.build_request(chat("m", stream=True), "slow", SENTINEL_KEY, stream=True)
+
+    async with Upstream(mock.url, connections=2) as upstream, time_limit(10):
+        # Given two connections: six calls at once take three rounds, and all are answered.
+        started = time.monotonic()
+        answers = await asyncio.gather(*(post(upstream, slow, SENTINEL_KEY) for _ in range(6)))
+        elapsed = time.monotonic() - started
+        # An error answer and a stream left after its first event give theirs back too.
+        with pytest.raises(ProviderError):
+            await post(upstream, broken, SENTINEL_KEY)
+        async with aclosing(events(upstream, streamed, SENTINEL_KEY)) as stream:
+            await anext(stream)
+        still = await asyncio.gather(*(post(upstream, slow, SENTINEL_KEY) for _ in range(2)))
+
+    assert [status for status, _ in answers + still] == [200] * 8
+    assert elapsed >= 0.3
 
 
 async def test_a_connection_that_does_not_open_within_the_connect_timeout_is_a_timeout() -> None:
