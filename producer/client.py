@@ -27,7 +27,14 @@ from pydantic import ValidationError
 
 from producer.replies import ReplyBook
 from producer.streams import ChatStream, StreamBook
-from queuegate.broker import CONNECTION_LOST, connect, json_message, settle, when_connected
+from queuegate.broker import (
+    CONNECTION_LOST,
+    connect,
+    json_message,
+    publish,
+    settle,
+    when_connected,
+)
 from queuegate.errors import (
     ClientError,
     PublishRefused,
@@ -212,11 +219,11 @@ class GatewayClient:
         message = job_message(
             job, reply_to=self.reply_to, user_id=self._user_id, api_key=self._api_key
         )
-        exchange = self._exchange
+        channel, exchange = self._channel, self._exchange.name
         try:
             await when_connected(
-                self._channel,
-                lambda: exchange.publish(message, routing_key=job.team, mandatory=True),
+                channel,
+                lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
                 within=self._settings.reconnect_wait,
                 what=f"publishing job {job.job_id}",
             )

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from queuegate.broker import json_message, when_connected
+from queuegate.broker import json_message, publish, when_connected
 from queuegate.messages import ChatResult, StreamChunk, UsageEvent
 from queuegate.topology import (
     HEADER_DEAD_DETAIL,
@@ -41,7 +41,6 @@ class Publisher:
         reconnect_wait: float,
     ) -> None:
         self._channel = channel
-        self._default = channel.default_exchange
         self._usage = usage
         self._dead = dead
         self._reconnect_wait = reconnect_wait
@@ -60,7 +59,7 @@ class Publisher:
         )
         try:
             await self._send(
-                lambda: self._default.publish(message, routing_key=reply_to, mandatory=True),
+                lambda: publish(self._channel, message, exchange="", routing_key=reply_to),
                 f"answering job {result.job_id}",
             )
         except aiormq.exceptions.PublishError:
@@ -85,7 +84,7 @@ class Publisher:
         )
         try:
             await self._send(
-                lambda: self._default.publish(message, routing_key=reply_to, mandatory=True),
+                lambda: publish(self._channel, message, exchange="", routing_key=reply_to),
                 f"streaming job {chunk.job_id}",
             )
         except aiormq.exceptions.PublishError:
@@ -99,7 +98,7 @@ class Publisher:
             message_id=event.job_id,
         )
         await self._send(
-            lambda: self._usage.publish(message, routing_key="", mandatory=True),
+            lambda: publish(self._channel, message, exchange=self._usage.name, routing_key=""),
             f"accounting job {event.job_id}",
         )
 
@@ -121,6 +120,6 @@ class Publisher:
             headers=headers,
         )
         await self._send(
-            lambda: self._dead.publish(message, routing_key=queue, mandatory=True),
+            lambda: publish(self._channel, message, exchange=self._dead.name, routing_key=queue),
             f"dead-lettering job {original.message_id}",
         )

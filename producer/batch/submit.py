@@ -20,13 +20,13 @@ from pathlib import Path
 
 import aiormq
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel
 
 from producer.batch.jobs import JobReader, check_batch_name, default_name
 from producer.batch.lines import BatchFile
 from producer.batch.state import BatchMeta, BatchState
 from producer.client import job_message, publish_error
-from queuegate.broker import connect
+from queuegate.broker import connect, publish
 from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
@@ -199,7 +199,9 @@ async def _publish(
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await topology.declare_jobs_exchange(channel)
         reply = await topology.declare_results_queue(channel, meta.team, meta.name)
-        sender = _Window(exchange, reply.name, user_id, state, window)
+        sender = _Window(
+            channel, exchange.name, reply_to=reply.name, user_id=user_id, state=state, size=window
+        )
         done = already
 
         def progress(n: int) -> None:
@@ -253,12 +255,15 @@ class _Window:
 
     def __init__(
         self,
-        exchange: AbstractExchange,
+        channel: AbstractChannel,
+        exchange: str,
+        *,
         reply_to: str,
         user_id: str | None,
         state: BatchState,
         size: int,
     ) -> None:
+        self._channel = channel
         self._exchange = exchange
         self._reply_to = reply_to
         self._user_id = user_id
@@ -284,7 +289,7 @@ class _Window:
     async def _one(self, job: ChatJob) -> str:
         message = job_message(job, reply_to=self._reply_to, user_id=self._user_id)
         try:
-            await self._exchange.publish(message, routing_key=job.team, mandatory=True)
+            await publish(self._channel, message, exchange=self._exchange, routing_key=job.team)
         except aiormq.exceptions.DeliveryError as exc:
             raise publish_error(job, exc) from exc
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
