@@ -25,6 +25,22 @@ REAL_TOKENS = 21
 ESTIMATE_ERROR = 3
 
 
+def small_deployment(tmp_path: Path, *, rpm: int, burst: int) -> Path:
+    """A catalog of one model served by one deployment with its provider account's limits."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        f"""
+models:
+  small:
+    deployments:
+      - {{name: small-1, provider: openai, model: small, api_base: "${{QUEUEGATE_MOCK_URL}}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: {rpm},
+         burst: {burst}}}
+"""
+    )
+    return catalog
+
+
 async def test_concurrent_jobs_never_exceed_the_token_rate_in_any_window(
     settings: Settings,
 ) -> None:
@@ -150,17 +166,7 @@ async def test_a_deployments_own_limit_holds_across_teams(
 ) -> None:
     # Given a deployment whose provider account allows 2 requests per minute, both at once,
     # used by two teams that have no limits of their own
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(
-        """
-models:
-  small:
-    deployments:
-      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 2,
-         burst: 2}
-"""
-    )
+    catalog = small_deployment(tmp_path, rpm=2, burst=2)
     async with (
         running_gateway(settings, teams=("alpha", "beta"), catalog=catalog) as gw,
         gw.client("alpha") as alpha,
@@ -184,17 +190,7 @@ async def test_jobs_waiting_for_a_deployment_go_at_its_pace_without_meeting_a_42
     # Given a provider that enforces 600 requests a minute over short periods (10 a second,
     # 5 at once), and a deployment that says so: rpm 600, burst 2
     provider = MockConfig(models={"small": Behavior(rate_limit_rpm=600, rate_limit_burst=5)})
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(
-        """
-models:
-  small:
-    deployments:
-      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 600,
-         burst: 2}
-"""
-    )
+    catalog = small_deployment(tmp_path, rpm=600, burst=2)
     async with (
         running_gateway(settings, catalog=catalog, mock_config=provider) as gw,
         gw.client("alpha") as client,
@@ -230,17 +226,7 @@ async def test_a_burst_set_higher_than_the_provider_allows_costs_429s_but_no_fai
     # Given a provider that admits 600 requests a minute, 3 at once, and a deployment whose
     # burst says 30
     provider = MockConfig(models={"small": Behavior(rate_limit_rpm=600, rate_limit_burst=3)})
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(
-        """
-models:
-  small:
-    deployments:
-      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 600,
-         burst: 30}
-"""
-    )
+    catalog = small_deployment(tmp_path, rpm=600, burst=30)
     async with (
         running_gateway(settings, catalog=catalog, mock_config=provider) as gw,
         gw.client("alpha") as client,

@@ -21,7 +21,7 @@ from queuegate.errors import InvalidRequest, RateLimited
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
-from router import Catalog, open_router
+from router import Catalog, Deployment, open_router
 from router.health import TRUST_CLOSED, Health
 from router.policies import RetryPolicy
 from router.providers import ProviderError
@@ -53,6 +53,18 @@ def dep(name: str, model: str, url: str, /, **fields: Any) -> dict[str, Any]:
 
 def catalog(models: dict[str, Any], **resilience: Any) -> Catalog:
     return Catalog.model_validate({"models": models, "resilience": FAST | resilience})
+
+
+def lone_deployment(
+    settings: Settings, redis_client: aioredis.Redis, breaker: dict[str, float] | None = None
+) -> tuple[Health, Deployment]:
+    """A worker's view of the shared health of one deployment (nothing listens at its base)."""
+    cat = catalog(
+        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
+        **({"breaker": breaker} if breaker else {}),
+    )
+    [deployment] = cat.models["m"].deployments
+    return Health(redis_client, Keys(settings.redis_prefix), cat), deployment
 
 
 def chat(model: str, text: str = "Hello there", **fields: Any) -> ChatJob:
@@ -476,12 +488,9 @@ async def test_first_byte_timeout_moves_on_before_the_total_timeout(
 async def test_breaker_opens_once_enough_failures_are_also_enough_of_the_calls(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    cat = catalog(
-        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
-        breaker={"failures": 2, "ratio": 0.5, "cooldown": 30},
+    health, deployment = lone_deployment(
+        settings, redis_client, {"failures": 2, "ratio": 0.5, "cooldown": 30}
     )
-    health = Health(redis_client, Keys(settings.redis_prefix), cat)
-    [deployment] = cat.models["m"].deployments
 
     await health.failure(deployment)
     await health.success(deployment)
@@ -499,9 +508,7 @@ async def test_a_busy_deployment_with_a_few_failures_stays_closed(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given the default breaker: 5 failures that are also half of the window's calls
-    cat = catalog({"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}})
-    health = Health(redis_client, Keys(settings.redis_prefix), cat)
-    [deployment] = cat.models["m"].deployments
+    health, deployment = lone_deployment(settings, redis_client)
 
     # When 100 calls fail one in ten, ten failures in all
     for call in range(100):
@@ -514,12 +521,7 @@ async def test_a_busy_deployment_with_a_few_failures_stays_closed(
 async def test_a_failed_probe_opens_the_circuit_again_and_only_one_caller_probes(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    cat = catalog(
-        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
-        breaker={"failures": 1, "cooldown": 0.05},
-    )
-    health = Health(redis_client, Keys(settings.redis_prefix), cat)
-    [deployment] = cat.models["m"].deployments
+    health, deployment = lone_deployment(settings, redis_client, {"failures": 1, "cooldown": 0.05})
     await health.failure(deployment)
     await asyncio.sleep(0.06)  # the cooldown: a span of time, no event to await
 
@@ -649,12 +651,9 @@ async def test_answered_calls_count_in_the_window_without_a_round_trip_each(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a breaker that opens at 2 failures that are also half of the window's calls
-    cat = catalog(
-        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
-        breaker={"failures": 2, "ratio": 0.5, "cooldown": 30},
+    health, deployment = lone_deployment(
+        settings, redis_client, {"failures": 2, "ratio": 0.5, "cooldown": 30}
     )
-    health = Health(redis_client, Keys(settings.redis_prefix), cat)
-    [deployment] = cat.models["m"].deployments
     key = Keys(settings.redis_prefix).breaker(deployment.name)
 
     # When three calls answer, then the next call is allowed and two calls fail
@@ -676,13 +675,8 @@ async def test_a_worker_trusts_a_closed_verdict_briefly_and_its_own_failures_at_
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given two workers' views of one deployment, each just told it is closed
-    cat = catalog(
-        {"m": {"deployments": [dep("d", "m", "http://127.0.0.1:1")]}},
-        breaker={"failures": 1, "cooldown": 30},
-    )
-    one = Health(redis_client, Keys(settings.redis_prefix), cat)
-    two = Health(redis_client, Keys(settings.redis_prefix), cat)
-    [deployment] = cat.models["m"].deployments
+    one, deployment = lone_deployment(settings, redis_client, {"failures": 1, "cooldown": 30})
+    two, _ = lone_deployment(settings, redis_client, {"failures": 1, "cooldown": 30})
     assert (await one.allow(deployment)).state == "closed"
     assert (await two.allow(deployment)).state == "closed"
 
