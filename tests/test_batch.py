@@ -265,8 +265,9 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
 async def test_a_killed_submit_resumes_without_answering_twice(
     settings: Settings, tmp_path: Path, redis_client: aioredis.Redis
 ) -> None:
-    # Given a gateway, and `batch submit` of 600 lines killed once it recorded confirms
-    total = 600
+    # Given a gateway, and `batch submit` of 2,000 lines killed once it recorded confirms
+    # (enough lines that the submit is still publishing when the first record is seen)
+    total = 2_000
     source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
     published = Keys(settings.redis_prefix).batch_published("resume")
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
