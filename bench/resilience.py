@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mockprovider import Behavior, MockConfig, MockProvider
+from mockprovider.catalog import mock_deployment
 from queuegate.errors import JobError
 from queuegate.messages import Attempt, ChatJob, ChatMessage
 from queuegate.settings import Settings
@@ -43,18 +44,6 @@ WARMUP = 200
 _AUTH = {"Authorization": "Bearer bench"}
 
 
-def _deployment(name: str, model: str, url: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider": "openai",
-        "model": model,
-        "api_base": url,
-        "api_key_env": "QUEUEGATE_MOCK_KEY",
-        "input_per_mtok": "1",
-        "output_per_mtok": "2",
-    } | fields
-
-
 def _catalog(url: str) -> Catalog:
     return Catalog.model_validate(
         {
@@ -63,16 +52,16 @@ def _catalog(url: str) -> Catalog:
                 "breaker": {"failures": 5, "cooldown": 60},
             },
             "models": {
-                "healthy": {"deployments": [_deployment("healthy-dep", "healthy", url)]},
+                "healthy": {"deployments": [mock_deployment("healthy-dep", "healthy", url)]},
                 "flaky": {
                     "fallbacks": ["backup"],
-                    "deployments": [_deployment("flaky-dep", "flaky", url, timeout=0.5)],
+                    "deployments": [mock_deployment("flaky-dep", "flaky", url, timeout=0.5)],
                 },
                 "dead": {
                     "fallbacks": ["backup"],
-                    "deployments": [_deployment("dead-dep", "dead", url)],
+                    "deployments": [mock_deployment("dead-dep", "dead", url)],
                 },
-                "backup": {"deployments": [_deployment("backup-dep", "backup", url)]},
+                "backup": {"deployments": [mock_deployment("backup-dep", "backup", url)]},
             },
         }
     )

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from multidict import CIMultiDict
 
 from mockprovider import Behavior, MockConfig, MockProvider
+from mockprovider.catalog import mock_deployment
 from queuegate.errors import InvalidRequest, RateLimited
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
@@ -39,16 +40,7 @@ FAST = {
 
 
 def dep(name: str, model: str, url: str, /, **fields: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider": "openai",
-        "model": model,
-        "api_base": url,
-        "api_key_env": "QUEUEGATE_MOCK_KEY",
-        "input_per_mtok": "1",
-        "output_per_mtok": "2",
-        "timeout": 5,
-    } | fields
+    return mock_deployment(name, model, url, timeout=5) | fields
 
 
 def catalog(models: dict[str, Any], **resilience: Any) -> Catalog:

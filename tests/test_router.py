@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
+from mockprovider.catalog import mock_deployment
 from queuegate.errors import (
     AllProvidersFailed,
     DeadlineExceeded,
@@ -64,16 +65,7 @@ def chat(model: str, text: str = "Hello there", **fields: Any) -> ChatJob:
 
 
 def deployment(name: str, model: str, url: str, /, **fields: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider": "openai",
-        "model": model,
-        "api_base": url,
-        "api_key_env": "QUEUEGATE_MOCK_KEY",
-        "input_per_mtok": "1",
-        "output_per_mtok": "2",
-        "timeout": 5,
-    } | fields
+    return mock_deployment(name, model, url, timeout=5) | fields
 
 
 def primary_and_backup(mock_url: str, /, **primary: Any) -> Catalog:
