@@ -82,6 +82,9 @@ class Health:
         """Successes per deployment not yet counted in Redis."""
         self._closed_until: dict[str, float] = {}
         """Per deployment, the monotonic time until which its last closed verdict holds."""
+        self._reports: dict[str, int] = {}
+        """Per deployment, failures and 429s met so far: a closed verdict asked for before
+        the latest of them is stale by the time it arrives, and is not trusted."""
 
     async def allow(self, deployment: Deployment) -> Verdict:
         """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
@@ -133,6 +136,9 @@ class Health:
             self._unreported.pop(deployment.name, 0) if op != "rate_limit" else 0,
         ]
         keys = [self._keys.breaker(deployment.name), self._keys.paused(deployment.name)]
+        reports = self._reports.get(deployment.name, 0)
+        if op in ("failure", "rate_limit"):
+            self._reports[deployment.name] = reports + 1
         if op != "allow":
             self._closed_until.pop(deployment.name, None)
         try:
@@ -143,7 +149,8 @@ class Health:
         self._outage.recovered()
         name = state.decode() if isinstance(state, bytes) else str(state)
         verdict = Verdict(cast(State, name), millis / 1000)
-        if op == "allow" and verdict.state == "closed":
+        fresh = self._reports.get(deployment.name, 0) == reports
+        if op == "allow" and verdict.state == "closed" and fresh:
             self._closed_until[deployment.name] = time.monotonic() + TRUST_CLOSED
         if op == "failure" and verdict.state == "open" and verdict.wait > 0:
             log.warning("circuit of deployment %s opened", deployment.name)

@@ -684,3 +684,29 @@ async def test_a_worker_trusts_a_closed_verdict_briefly_and_its_own_failures_at_
     assert own.state == "paused"
     assert other_at_once.state == "closed"
     assert other_later.state == "paused" and not other_later.allowed
+
+
+async def test_a_closed_verdict_asked_for_before_a_failure_is_not_trusted(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a breaker that opens at the first failure, and a failure that opens it while an
+    # allow's answer (closed) is on its way back
+    health, deployment = lone_deployment(settings, redis_client, {"failures": 1})
+    script = health._script
+
+    async def answered_after_a_failure(*args: Any, **kwargs: Any) -> Any:
+        answer = await script(*args, **kwargs)
+        if kwargs["args"][0] == "allow":
+            monkeypatch.setattr(health, "_script", script)
+            await health.failure(deployment)
+        return answer
+
+    monkeypatch.setattr(health, "_script", answered_after_a_failure)
+
+    # When that allow returns, and the next call asks
+    stale = await health.allow(deployment)
+    after = await health.allow(deployment)
+
+    # Expect the stale verdict not trusted: the next call is refused
+    assert stale.state == "closed"
+    assert after.state == "open"
