@@ -35,7 +35,6 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 import aio_pika
-import asyncpg
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +42,7 @@ from rich.table import Table
 from accounting import migrate
 from queuegate.db import create_pool
 from queuegate.messages import ChatJob, ChatMessage
+from queuegate.namespace import drop_namespace
 from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -85,29 +85,6 @@ async def _register(settings: Settings, teams: dict[str, TeamConfig]) -> None:
             await set_team_config(pool, name, config)
     finally:
         await pool.close()
-
-
-async def _cleanup(settings: Settings, teams: list[str]) -> None:
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topo = Topology(settings.namespace)
-        for queue in [*(topo.team_queue(t) for t in teams), topo.accounting_queue, topo.dead_queue]:
-            await channel.queue_delete(queue)
-        for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
-            await channel.exchange_delete(exchange)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 # precision ---------------------------------------------------------------------------------
@@ -156,7 +133,7 @@ async def precision(seconds: float) -> dict[str, float]:
     per_process = [await asyncio.to_thread(queue.get) for _ in procs]
     for proc in procs:
         proc.join()
-    await _cleanup(settings, [])
+    await drop_namespace(settings, [])
     times = sorted(t for ts in per_process for t in ts)
     total = len(times)
     run = times[-1] - times[0] if total > 1 else seconds
@@ -285,7 +262,7 @@ async def fairness(
     finally:
         stop.set()
         await asyncio.to_thread(proc.join, 120)
-        await _cleanup(settings, ["a", "b"])
+        await drop_namespace(settings, ["a", "b"])
     total_idle, total_loaded = [b.total for b in idle], [b.total for b in loaded]
     p99_idle, p99_loaded = _pct(total_idle, 0.99), _pct(total_loaded, 0.99)
     result: dict[str, Any] = {
@@ -385,7 +362,7 @@ async def cost(jobs: int) -> dict[str, float]:
     finally:
         await client.aclose()
         await pool.close()
-        await _cleanup(settings, [])
+        await drop_namespace(settings, [])
     result = {
         "jobs": jobs,
         "p50_ms": round(statistics.median(samples), 3),

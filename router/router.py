@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -43,6 +44,9 @@ REDIS_CONNECTIONS = 50
 """Redis connections a Router keeps for breaker and pause checks (each takes well under 1 ms)."""
 REDIS_WAIT = 5.0
 """Seconds a check waits for a free connection before the deployment counts as healthy."""
+KEY_FILE_REREAD = 10.0
+"""Seconds a key read from a secret file is used before the file is read again, so a secret
+rotated in place is picked up that long after the file changes."""
 
 DeltaSink = Callable[[Delta], Awaitable[None]]
 """Receives a streamed job's deltas, in order, as they arrive."""
@@ -151,6 +155,8 @@ class Router:
         self.catalog = catalog
         self.health = Health(redis, keys, catalog)
         self._env = env
+        self._key_files: dict[Path, tuple[float, str]] = {}
+        """Keys read from secret files, with when each was read (monotonic)."""
         self._slots = Slots()
         self._upstreams: dict[str, transport.Upstream] | None = None
         self._closed = False
@@ -417,22 +423,30 @@ class Router:
 
     def _key(self, deployment: Deployment) -> str | None:
         if deployment.api_key_file is not None:
-            try:
-                text = deployment.api_key_file.read_text("utf-8").strip()
-            except OSError as exc:
-                # The path and the OS's reason, never the file's content.
-                raise ProviderError(
-                    "no_api_key", f"cannot read {deployment.api_key_file} ({exc.strerror})"
-                ) from exc
-            if not text:
-                raise ProviderError("no_api_key", f"{deployment.api_key_file} is empty")
-            return text
+            return self._key_file(deployment.api_key_file)
         if deployment.api_key_env is None:
             return None
         key = self._env.get(deployment.api_key_env)
         if not key:
             raise ProviderError("no_api_key", f"{deployment.api_key_env} is not set")
         return key
+
+    def _key_file(self, path: Path) -> str:
+        """The key in ``path``, read again every ``KEY_FILE_REREAD`` seconds (a mounted secret
+        is rotated in place) rather than on every call; a failed read is never kept."""
+        now = time.monotonic()
+        held = self._key_files.get(path)
+        if held is not None and now - held[0] < KEY_FILE_REREAD:
+            return held[1]
+        try:
+            text = path.read_text("utf-8").strip()
+        except OSError as exc:
+            # The path and the OS's reason, never the file's content.
+            raise ProviderError("no_api_key", f"cannot read {path} ({exc.strerror})") from exc
+        if not text:
+            raise ProviderError("no_api_key", f"{path} is empty")
+        self._key_files[path] = (now, text)
+        return text
 
 
 @asynccontextmanager
