@@ -86,11 +86,14 @@ class JobProcessor:
 
     async def _process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         timing = Timing(queued_ms=_queued_ms(message), worker=self._worker)
+        # Results and streamed deltas go only to a reply queue the team may use.
+        reply_to = await self._gate.reply_to(message, team)
         try:
             job = self._decode(message, team)
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
-            await self._finish(message, refused(job_id, team, "", exc, timing), queue, exc)
+            outcome = refused(job_id, team, "", exc, timing)
+            await self._finish(message, outcome, queue, exc, reply_to)
             return
         try:
             # Before the stored result: only a proven publisher may have it sent again. A
@@ -98,25 +101,23 @@ class JobProcessor:
             admitted = await self._gate.admit(message, job, team)
         except JobError as exc:
             outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
-            await self._finish(message, outcome, queue, exc)
+            await self._finish(message, outcome, queue, exc, reply_to)
             return
         stored = await self._store.get(team, job.job_id)
         if stored is not None:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
-            await self._announce(message, stored, team)
+            await self._announce(stored, reply_to)
             await settle(message.ack(), f"acknowledge job {job.job_id}", log)
             return
         error: JobError | None = None
         try:
-            # Stream deltas only to a reply queue the team may use, as its result.
-            reply_to = await self._gate.reply_to(message, team)
             outcome = await self._answer(admitted.screen(), reply_to, timing)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
         outcome = admitted.stamp(outcome)
         await self._store.put(outcome)
-        await self._finish(message, outcome, queue, error)
+        await self._finish(message, outcome, queue, error, reply_to)
 
     def _decode(self, message: AbstractIncomingMessage, team: str) -> ChatJob:
         size = len(message.body)
@@ -180,8 +181,9 @@ class JobProcessor:
         outcome: Outcome,
         queue: str,
         error: JobError | None,
+        reply_to: str | None,
     ) -> None:
-        await self._announce(message, outcome, outcome.result.team)
+        await self._announce(outcome, reply_to)
         self._telemetry.finished(outcome)
         if error is not None and error.code in BAD_INPUT:
             await self._publisher.dead_letter(
@@ -189,11 +191,8 @@ class JobProcessor:
             )
         await settle(message.ack(), f"acknowledge job {outcome.result.job_id}", log)
 
-    async def _announce(
-        self, message: AbstractIncomingMessage, outcome: Outcome, team: str
-    ) -> None:
+    async def _announce(self, outcome: Outcome, reply_to: str | None) -> None:
         usage = outcome.usage
-        reply_to = await self._gate.reply_to(message, team)
         if reply_to:
             if not await self._publisher.result(reply_to, outcome.result):
                 usage = usage.model_copy(update={"reply_delivered": False})
