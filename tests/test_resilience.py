@@ -47,6 +47,23 @@ def catalog(models: dict[str, Any], **resilience: Any) -> Catalog:
     return Catalog.model_validate({"models": models, "resilience": FAST | resilience})
 
 
+def broken_primary(mock: MockProvider, **resilience: Any) -> Catalog:
+    """Alias ``primary`` on a deployment failing every call (one attempt), falling back to
+    ``backup``; the mock is configured for it."""
+    mock.configure(MockConfig(models={"broken": Behavior(error_rate=1.0)}))
+    return catalog(
+        {
+            "primary": {
+                "fallbacks": ["backup"],
+                "deployments": [dep("broken-dep", "broken", mock.url)],
+            },
+            "backup": {"deployments": [dep("backup-dep", "steady", mock.url)]},
+        },
+        retry={"attempts": 1},
+        **resilience,
+    )
+
+
 def lone_deployment(
     settings: Settings, redis_client: aioredis.Redis, breaker: dict[str, float] | None = None
 ) -> tuple[Health, Deployment]:
@@ -249,18 +266,7 @@ async def test_breaker_opens_after_the_threshold_probes_once_and_two_workers_agr
     settings: Settings, mock: MockProvider
 ) -> None:
     # Given a primary failing every call, a breaker opening at 3 failures, and a fallback
-    mock.configure(MockConfig(models={"broken": Behavior(error_rate=1.0)}))
-    cat = catalog(
-        {
-            "primary": {
-                "fallbacks": ["backup"],
-                "deployments": [dep("broken-dep", "broken", mock.url)],
-            },
-            "backup": {"deployments": [dep("backup-dep", "steady", mock.url)]},
-        },
-        retry={"attempts": 1},
-        breaker={"failures": 3, "cooldown": 0.5},
-    )
+    cat = broken_primary(mock, breaker={"failures": 3, "cooldown": 0.5})
     async with (
         open_router(cat, ENV, settings) as one,
         open_router(cat, ENV, settings) as two,
@@ -610,18 +616,7 @@ async def test_jobs_are_served_while_redis_is_down_and_breakers_return_with_it(
     settings: Settings, mock: MockProvider
 ) -> None:
     # Given a router whose Redis is behind a proxy, and a primary failing every call
-    mock.configure(MockConfig(models={"broken": Behavior(error_rate=1.0)}))
-    cat = catalog(
-        {
-            "primary": {
-                "fallbacks": ["backup"],
-                "deployments": [dep("broken-dep", "broken", mock.url)],
-            },
-            "backup": {"deployments": [dep("backup-dep", "steady", mock.url)]},
-        },
-        retry={"attempts": 1},
-        breaker={"failures": 2, "cooldown": 30},
-    )
+    cat = broken_primary(mock, breaker={"failures": 2, "cooldown": 30})
     async with TcpProxy(settings.redis_url) as proxy:
         behind = settings.model_copy(update={"redis_url": proxy.url})
         async with open_router(cat, ENV, behind) as router:
