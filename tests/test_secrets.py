@@ -195,3 +195,34 @@ async def _redis_values(settings: Settings) -> str:
         await client.aclose()
     assert values
     return "\n".join(values)
+
+
+async def test_a_key_file_is_read_again_only_after_a_while(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a router whose deployment takes its key from a file
+    from mockprovider.catalog import mock_deployment
+    from queuegate.keys import Keys
+    from router import Catalog, Router
+    from router import router as router_module
+
+    key_file = tmp_path / "provider.key"
+    key_file.write_text("sk-first\n")
+    entry = mock_deployment("d", "m", "http://127.0.0.1:1", api_key_file=str(key_file))
+    del entry["api_key_env"]
+    catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+    router = Router(catalog, {}, redis=redis_client, keys=Keys(settings.redis_prefix))
+    [deployment] = catalog.models["m"].deployments
+    first = router._key(deployment)
+
+    # When the secret is rotated in place
+    key_file.write_text("sk-second\n")
+    within = router._key(deployment)
+    monkeypatch.setattr(router_module, "KEY_FILE_REREAD", 0.0)
+    after = router._key(deployment)
+
+    # Expect the file not read on every call, and the new key once it is read again
+    assert (first, within, after) == ("sk-first", "sk-first", "sk-second")
