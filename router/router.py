@@ -32,6 +32,7 @@ from queuegate.errors import (
 )
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob
+from queuegate.redis_client import pooled_redis
 from queuegate.settings import Settings
 from router import transport
 from router.catalog import Catalog, Deployment, ModelEntry
@@ -40,10 +41,6 @@ from router.pricing import cost
 from router.providers import ADAPTERS, Completion, Delta, ProviderError, UpstreamRequest
 from router.selection import Slots
 
-REDIS_CONNECTIONS = 50
-"""Redis connections a Router keeps for breaker and pause checks (each takes well under 1 ms)."""
-REDIS_WAIT = 5.0
-"""Seconds a check waits for a free connection before the deployment counts as healthy."""
 KEY_FILE_REREAD = 10.0
 """Seconds a key read from a secret file is used before the file is read again, so a secret
 rotated in place is picked up that long after the file changes."""
@@ -454,17 +451,12 @@ async def open_router(
     catalog: Catalog, env: Mapping[str, str], settings: Settings
 ) -> AsyncIterator[Router]:
     """A Router with a Redis client of its own, both from ``settings``, closed on exit."""
-    # Blocking: past its connections a call waits for one instead of raising (redis-py's
-    # default pool raises MaxConnectionsError at 100, which hundreds of jobs in flight reach).
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT
-    )
-    redis = aioredis.Redis(connection_pool=pool)
+    redis = pooled_redis(settings.redis_url)
     try:
         async with Router(catalog, env, redis=redis, keys=Keys(settings.redis_prefix)) as router:
             yield router
     finally:
-        await redis.aclose(close_connection_pool=True)
+        await redis.aclose()
 
 
 def _attempt_of(

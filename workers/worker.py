@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from queuegate.broker import CONNECTION_LOST, connect
@@ -20,6 +19,7 @@ from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.outage import OutageLog
+from queuegate.redis_client import pooled_redis
 from queuegate.registry import TeamConfig, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -106,7 +106,7 @@ class Worker:
             await pool.close()
             raise
         self._connected = connection.connected
-        redis = aioredis.from_url(s.redis_url)
+        redis = pooled_redis(s.redis_url)
         live = LiveStatsWriter(
             redis, Keys(s.redis_prefix), self.name, s.stats_interval, self._live_in_flight
         )
