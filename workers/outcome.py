@@ -12,6 +12,9 @@ from queuegate.errors import JobError
 from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, UsageEvent
 from router import Routed
 
+BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized"})
+"""Error codes that mean the job itself is wrong: it is answered and also dead-lettered."""
+
 
 class Outcome(BaseModel):
     """A finished job: what the caller is told and what accounting records."""
@@ -20,6 +23,44 @@ class Outcome(BaseModel):
 
     result: ChatResult
     usage: UsageEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A finished job as the bytes it is announced with, and nothing else of it.
+
+    A worker holds most of its jobs here, while the broker confirms their result and usage
+    (thousands, when the broker is the slowest stage): the job, its outcome's models and the
+    provider's answer are about 8 KB more per job, so they are let go before publishing.
+    """
+
+    job_id: str
+    reply_to: str | None
+    """Where the result goes; None when it may go nowhere (it is then only accounted)."""
+    result: bytes
+    usage: bytes
+    bad_input: JobError | None
+    """Why the job itself is wrong, when it is: it is then also dead-lettered."""
+
+    @classmethod
+    def of(
+        cls, outcome: Outcome, reply_to: str | None, error: JobError | None = None
+    ) -> Announcement:
+        usage = outcome.usage
+        if reply_to is None:
+            usage = usage.model_copy(update={"reply_delivered": False})
+        return cls(
+            job_id=outcome.result.job_id,
+            reply_to=reply_to,
+            result=outcome.result.model_dump_json(exclude_none=True).encode(),
+            usage=usage.model_dump_json().encode(),
+            bad_input=error if error is not None and error.code in BAD_INPUT else None,
+        )
+
+    def undelivered_usage(self) -> bytes:
+        """The usage event for a result that could not be delivered (rare: parsed again)."""
+        event = UsageEvent.model_validate_json(self.usage)
+        return event.model_copy(update={"reply_delivered": False}).model_dump_json().encode()
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,13 @@ from workers.admission import Admission
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
 from workers.gate import Gate
-from workers.outcome import Outcome, Timing, failed, refused, served
+from workers.outcome import Announcement, Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
 from workers.store import OutcomeStore
 from workers.streaming import StreamRelay, relay_for
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized"})
-"""Error codes that mean the job itself is wrong: it is answered and also dead-lettered."""
 
 
 class JobProcessor:
@@ -73,7 +70,10 @@ class JobProcessor:
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
         try:
-            await self._process(message, team, queue)
+            # Two steps, so that while the broker confirms the announcement nothing of the
+            # job but its bytes is alive (see Announcement).
+            announcement = await self._process(message, team)
+            await self._finish(message, announcement, queue)
         except CONNECTION_LOST as exc:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
@@ -84,7 +84,7 @@ class JobProcessor:
             )
             await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
 
-    async def _process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
+    async def _process(self, message: AbstractIncomingMessage, team: str) -> Announcement:
         timing = Timing(queued_ms=_queued_ms(message), worker=self._worker)
         # Results and streamed deltas go only to a reply queue the team may use.
         reply_to = await self._gate.reply_to(message, team)
@@ -92,23 +92,18 @@ class JobProcessor:
             job = self._decode(message, team)
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
-            outcome = refused(job_id, team, "", exc, timing)
-            await self._finish(message, outcome, queue, exc, reply_to)
-            return
+            return self._finished(refused(job_id, team, "", exc, timing), reply_to, exc)
         try:
             # Before the stored result: only a proven publisher may have it sent again. A
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
         except JobError as exc:
             outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
-            await self._finish(message, outcome, queue, exc, reply_to)
-            return
+            return self._finished(outcome, reply_to, exc)
         stored = await self._store.get(team, job.job_id)
         if stored is not None:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
-            await self._announce(stored, reply_to)
-            await settle(message.ack(), f"acknowledge job {job.job_id}", log)
-            return
+            return Announcement.of(stored, reply_to)
         error: JobError | None = None
         try:
             outcome = await self._answer(admitted.screen(), reply_to, timing)
@@ -117,7 +112,13 @@ class JobProcessor:
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
         outcome = admitted.stamp(outcome)
         await self._store.put(outcome)
-        await self._finish(message, outcome, queue, error, reply_to)
+        return self._finished(outcome, reply_to, error)
+
+    def _finished(
+        self, outcome: Outcome, reply_to: str | None, error: JobError | None
+    ) -> Announcement:
+        self._telemetry.finished(outcome)
+        return Announcement.of(outcome, reply_to, error)
 
     def _decode(self, message: AbstractIncomingMessage, team: str) -> ChatJob:
         size = len(message.body)
@@ -176,29 +177,21 @@ class JobProcessor:
         return routed
 
     async def _finish(
-        self,
-        message: AbstractIncomingMessage,
-        outcome: Outcome,
-        queue: str,
-        error: JobError | None,
-        reply_to: str | None,
+        self, message: AbstractIncomingMessage, announcement: Announcement, queue: str
     ) -> None:
-        await self._announce(outcome, reply_to)
-        self._telemetry.finished(outcome)
-        if error is not None and error.code in BAD_INPUT:
+        usage = announcement.usage
+        reply_to = announcement.reply_to
+        if reply_to and not await self._publisher.result(
+            reply_to, announcement.job_id, announcement.result
+        ):
+            usage = announcement.undelivered_usage()
+        await self._publisher.usage(announcement.job_id, usage)
+        error = announcement.bad_input
+        if error is not None:
             await self._publisher.dead_letter(
                 message, reason=error.code, detail=error.message, queue=queue
             )
-        await settle(message.ack(), f"acknowledge job {outcome.result.job_id}", log)
-
-    async def _announce(self, outcome: Outcome, reply_to: str | None) -> None:
-        usage = outcome.usage
-        if reply_to:
-            if not await self._publisher.result(reply_to, outcome.result):
-                usage = usage.model_copy(update={"reply_delivered": False})
-        else:
-            usage = usage.model_copy(update={"reply_delivered": False})
-        await self._publisher.usage(usage)
+        await settle(message.ack(), f"acknowledge job {announcement.job_id}", log)
 
 
 def _queued_ms(message: AbstractIncomingMessage) -> float:

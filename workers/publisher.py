@@ -9,7 +9,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from queuegate.broker import json_message, publish, when_connected
-from queuegate.messages import ChatResult, StreamChunk, UsageEvent
+from queuegate.messages import StreamChunk
 from queuegate.topology import (
     HEADER_DEAD_DETAIL,
     HEADER_DEAD_QUEUE,
@@ -48,25 +48,24 @@ class Publisher:
     async def _send(self, publish: Callable[[], Awaitable[object]], what: str) -> None:
         await when_connected(self._channel, publish, within=self._reconnect_wait, what=what)
 
-    async def result(self, reply_to: str, result: ChatResult) -> bool:
-        """Send a result to the caller's reply queue; False when that queue no longer exists."""
+    async def result(self, reply_to: str, job_id: str, body: bytes) -> bool:
+        """Send a ChatResult's JSON to the caller's reply queue; False when that queue no
+        longer exists."""
         message = json_message(
-            result.model_dump_json(exclude_none=True).encode(),
+            body,
             message_type=MESSAGE_TYPE_RESULT,
-            message_id=result.job_id,
-            correlation_id=result.job_id,
+            message_id=job_id,
+            correlation_id=job_id,
             persistent=True,
         )
         try:
             await self._send(
                 lambda: publish(self._channel, message, exchange="", routing_key=reply_to),
-                f"answering job {result.job_id}",
+                f"answering job {job_id}",
             )
         except aiormq.exceptions.PublishError:
             log.warning(
-                "result of job %s returned: reply queue %s no longer exists",
-                result.job_id,
-                reply_to,
+                "result of job %s returned: reply queue %s no longer exists", job_id, reply_to
             )
             return False
         return True
@@ -91,15 +90,12 @@ class Publisher:
             return False
         return True
 
-    async def usage(self, event: UsageEvent) -> None:
-        message = json_message(
-            event.model_dump_json().encode(),
-            message_type=MESSAGE_TYPE_USAGE,
-            message_id=event.job_id,
-        )
+    async def usage(self, job_id: str, body: bytes) -> None:
+        """Send a UsageEvent's JSON to the usage exchange."""
+        message = json_message(body, message_type=MESSAGE_TYPE_USAGE, message_id=job_id)
         await self._send(
             lambda: publish(self._channel, message, exchange=self._usage.name, routing_key=""),
-            f"accounting job {event.job_id}",
+            f"accounting job {job_id}",
         )
 
     async def dead_letter(
