@@ -7,21 +7,21 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Self
 
 import asyncpg
-from aio_pika.abc import AbstractRobustChannel
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from aiormq import spec
-from aiormq.abc import AbstractChannel, DeliveredMessage
+from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
 
+from accounting.intake import HANDSHAKE_TIMEOUT, Delivery, Intake, IntakeClosed
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
-from queuegate.broker import connect, settle
+from queuegate.broker import connect
 from queuegate.db import create_pool
+from queuegate.errors import ServiceUnavailable
 from queuegate.messages import UsageEvent
 from queuegate.metrics import observe_accounting_batch
 from queuegate.settings import Settings
@@ -37,15 +37,14 @@ CANCEL_TIMEOUT = 5.0
 """Seconds a stopping accountant waits for the broker to confirm its consumer is cancelled."""
 
 _WRITE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-# A settle after a reconnect finds its channel gone (ChannelInvalidStateError); one racing the
-# connection's loss fails inside aiormq (AMQPError). Either way the broker redelivers.
-_CHANNEL_GONE = (ChannelInvalidStateError, AMQPError)
+_BROKER_ERRORS = (OSError, TimeoutError, IntakeClosed, ServiceUnavailable, AMQPError)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass takes 3.5x as long to build, and one is built per message.
+@dataclass(slots=True)
 class _Delivery:
-    channel: AbstractChannel
-    """The channel it came on: its delivery tag means nothing on any other."""
+    intake: Intake
+    """The connection it came on: its delivery tag means nothing on any other."""
     tag: int
     event: UsageEvent
 
@@ -77,7 +76,6 @@ class Accountant:
         self.rows_inserted = 0
         self.batches = 0
         self.last_batch_size = 0
-        self._settling = asyncio.Lock()
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         # Deliveries in delivery order; the writer sleeps until `_wanted` of them are here.
         self._inbox: deque[_Delivery] = deque()
@@ -87,10 +85,8 @@ class Accountant:
         self._stop_deadline = math.inf
         self._outage_since: float | None = None
         self._pool: asyncpg.Pool | None = None
-        self._connected: asyncio.Event | None = None
-        self._channel: AbstractRobustChannel | None = None
-        self._consumer: tuple[AbstractChannel, str] | None = None
-        self._reopening: asyncio.Task[None] | None = None
+        self._intake: Intake | None = None
+        self._broker_down_since: float | None = None
         self._resources = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Self:
@@ -100,21 +96,15 @@ class Accountant:
             pool = await create_pool(self.settings, min_size=0, max_size=2)
             stack.push_async_callback(pool.close)
             await migrate(pool, self.settings.database_schema)
-            connection = await connect(self.settings.amqp_url, name="queuegate-accounting")
-            stack.push_async_callback(connection.close)
-            self._connected = connection.connected
-            channel = await connection.channel()
-            # Four batches: deliveries go on arriving while one is written and acknowledged
-            # (with two, the bench wrote 40 % fewer events/s on a busy machine).
-            await channel.set_qos(prefetch_count=4 * self.settings.accounting_batch)
-            await self.topology.declare_usage(channel)
-            self._channel = channel
+            await self._declare()  # fails here, not in run(), when the broker is unreachable
             self._pool = pool
             self._resources = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        # Closing the channel returns anything still unacknowledged to the queue.
+        # Closing the connection returns anything still unacknowledged to the queue.
+        if self._intake is not None:
+            await self._intake.close()
         await self._resources.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -123,28 +113,22 @@ class Accountant:
         Held events are given ``settings.shutdown_grace`` seconds to be written after ``stop``;
         what cannot be written by then stays unacknowledged and is delivered again later.
         """
-        if self._channel is None:
+        if self._pool is None:
             raise RuntimeError("use `async with Accountant(settings) as accountant` first")
-        # The consumer is on the underlying aiormq channel: aio-pika's message object and task
-        # per delivery were a third of accounting's CPU per event. The robust channel restores
-        # only its own consumers, so each reopened channel gets this one back here.
-        self._channel.reopen_callbacks.add(self._on_reopen)
+        consumer = asyncio.create_task(self._consume())
+        stopper = asyncio.create_task(self._stop_consuming(stop))
         try:
-            await self._consume()
-            stopper = asyncio.create_task(self._stop_consuming(stop))
-            try:
-                await self._write_until_stopped()
-            finally:
-                stopper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stopper
+            await self._write_until_stopped()
         finally:
-            self._channel.reopen_callbacks.discard(self._on_reopen)
+            for task in (stopper, consumer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def is_ready(self) -> bool:
         """Connected to the broker and consuming: what ``/readyz`` reports."""
-        connected = self._connected is not None and self._connected.is_set()
-        return connected and self._consumer is not None
+        intake = self._intake
+        return intake is not None and intake.is_open and not self._stopping
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; it is checked after every delivery and batch.
@@ -161,70 +145,95 @@ class Accountant:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
-    async def _on_reopen(self, _: AbstractRobustChannel | None) -> None:
-        await self._consume()
+    async def _declare(self) -> None:
+        # On a connection of its own: declarations are rare, and aio-pika does them well.
+        connection = await connect(self.settings.amqp_url, name="queuegate-accounting-declare")
+        async with connection:
+            await self.topology.declare_usage(await connection.channel())
 
     async def _consume(self) -> None:
-        if self._stopping or self._channel is None:
-            return
-        channel = await self._channel.get_underlay_channel()
-        channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        ok = await channel.basic_consume(self.topology.accounting_queue, self._on_delivery)
-        assert ok.consumer_tag is not None  # the broker names it when we do not
-        self._consumer = (channel, ok.consumer_tag)
+        """Consume on a connection of our own, and again on a new one whenever it ends (the
+        broker away, the queue deleted): each declares the queue before consuming it."""
+        delay = BACKOFF_FIRST
+        while not self._stopping:
+            try:
+                # Bounded: a robust connection lost mid-declare would wait for its return.
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                    await self._declare()
+                intake = await Intake.open(
+                    self.settings.amqp_url,
+                    self.topology.accounting_queue,
+                    # Four batches: deliveries go on arriving while one is written and
+                    # acknowledged (with two, the bench wrote 40 % fewer events/s).
+                    4 * self.settings.accounting_batch,
+                    self._on_deliveries,
+                    name="queuegate-accounting",
+                )
+            except _BROKER_ERRORS as exc:
+                self._note_broker_down(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_CAP)
+                continue
+            self._intake, delay = intake, BACKOFF_FIRST
+            if self._broker_down_since is not None:
+                down = asyncio.get_running_loop().time() - self._broker_down_since
+                log.warning("consuming usage events again after %.1f s", down)
+                self._broker_down_since = None
+            reason = await asyncio.shield(intake.closed)  # a cancel here must not close it
+            if not self._stopping:
+                self._note_broker_down(reason or IntakeClosed("closed"))
 
-    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        consumer = self._consumer
-        if consumer is None or frame.consumer_tag != consumer[1]:
-            return
-        self._consumer = None
-        log.warning(
-            "the broker cancelled the usage consumer (was its queue deleted?):"
-            " reopening the channel, which declares the queue again and consumes"
-        )
-        # Not awaited: this runs in the channel's reader, which the close waits for. The task is
-        # kept so that it is not collected before it is done.
-        self._reopening = asyncio.create_task(consumer[0].close())
-
-    async def _on_delivery(self, message: DeliveredMessage) -> None:
-        channel, tag = message.channel, message.delivery_tag
-        assert tag is not None  # a delivery to a consumer always has one
-        try:
-            event = UsageEvent.model_validate_json(message.body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
+    def _note_broker_down(self, exc: BaseException) -> None:
+        if self._broker_down_since is None:
+            self._broker_down_since = asyncio.get_running_loop().time()
             log.warning(
-                "dead-lettering a usage message that is not a UsageEvent"
-                " (message_id=%s, %d bytes, %d errors): %s: %s",
-                message.header.properties.message_id,
-                len(message.body),
-                exc.error_count(),
-                where,
-                first["msg"],
+                "not consuming usage events (%s: %s): connecting again with backoff up to %.0f s",
+                type(exc).__name__,
+                exc,
+                BACKOFF_CAP,
             )
-            await self._settle(channel.basic_reject(tag, requeue=False), "reject")
-            self.events_rejected += 1
-            self._notify()
-            return
-        self.events_received += 1
-        self._inbox.append(_Delivery(channel, tag, event))
-        if len(self._inbox) >= self._wanted:
+
+    def _on_deliveries(self, intake: Intake, deliveries: list[Delivery]) -> None:
+        # Called with every read's deliveries, so it must stay synchronous and cheap.
+        inbox = self._inbox
+        for delivery in deliveries:
+            try:
+                event = UsageEvent.model_validate_json(delivery.body)
+            except ValidationError as exc:
+                self._reject_malformed(intake, delivery, exc)
+                continue
+            inbox.append(_Delivery(intake, delivery.tag, event))
+            self.events_received += 1
+        if len(inbox) >= self._wanted:
             self._arrived.set()
         if self._waiters:
             self._notify()
+
+    def _reject_malformed(self, intake: Intake, delivery: Delivery, exc: ValidationError) -> None:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        log.warning(
+            "dead-lettering a usage message that is not a UsageEvent"
+            " (message_id=%s, %d bytes, %d errors): %s: %s",
+            delivery.message_id(),
+            len(delivery.body),
+            exc.error_count(),
+            where,
+            first["msg"],
+        )
+        _settle(intake.reject, delivery.tag, "reject")
+        self.events_rejected += 1
 
     async def _stop_consuming(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._stopping = True
         self._stop_deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            channel, tag = consumer
+        intake = self._intake
+        if intake is not None and intake.is_open:
             try:
-                # Bounded: while the connection is down the cancel would wait for it to return.
-                await channel.basic_cancel(tag, timeout=CANCEL_TIMEOUT)
-            except (*_CHANNEL_GONE, TimeoutError) as exc:
+                async with asyncio.timeout(CANCEL_TIMEOUT):
+                    await intake.cancel()
+            except (IntakeClosed, TimeoutError) as exc:
                 log.warning("could not cancel the usage consumer (%r); closing will end it", exc)
         # Wakes the writer, which flushes what it holds and returns.
         self._arrived.set()
@@ -281,18 +290,18 @@ class Accountant:
             delay = min(delay * 2, BACKOFF_CAP)
         self._note_recovery()
         written = [d for d in batch if (d.event.team, d.event.job_id) not in unstorable]
+        # Settlements are written in the order made: these rejects reach the broker before the
+        # multiple ack below, which would otherwise have settled their tags already.
         for delivery in batch:
             if (delivery.event.team, delivery.event.job_id) in unstorable:
-                await self._settle(
-                    delivery.channel.basic_reject(delivery.tag, requeue=False), "reject"
-                )
+                _settle(delivery.intake.reject, delivery.tag, "reject")
         if written:
             # Deliveries reach the inbox in delivery-tag order and batches are settled in that
-            # order, so on the last delivery's channel every earlier tag is in this batch or
+            # order, so on the last delivery's connection every earlier tag is in this batch or
             # already settled: one multiple ack covers exactly this batch. Deliveries from a
-            # channel lost since cannot be acknowledged; the insert ignores their redelivery.
+            # connection lost since cannot be acknowledged; the insert ignores their redelivery.
             last = written[-1]
-            await self._settle(last.channel.basic_ack(last.tag, multiple=True), "acknowledge")
+            _settle(partial(last.intake.ack, multiple=True), last.tag, "acknowledge")
         self.events_rejected += len(batch) - len(written)
         self.events_written += len(written)
         self.rows_inserted += inserted
@@ -329,14 +338,6 @@ class Accountant:
                 unstorable.add((event.team, event.job_id))
         return inserted, unstorable
 
-    async def _settle(self, action: Awaitable[None], verb: str) -> None:
-        # One settlement at a time, in the order issued (the lock is fair): a batch's multiple
-        # ack must not overtake the reject of an earlier tag, or the broker would see that
-        # reject's tag as unknown and close the channel.
-        # The rows are committed before any settlement, and inserts are idempotent.
-        async with self._settling:
-            await settle(action, f"{verb} usage deliveries", log)
-
     def _notify(self) -> None:
         # Synchronous and a no-op without waiters: it runs for every delivery.
         for predicate, future in self._waiters:
@@ -360,6 +361,15 @@ class Accountant:
             down = asyncio.get_running_loop().time() - self._outage_since
             log.warning("writing usage to PostgreSQL again after %.1f s", down)
             self._outage_since = None
+
+
+def _settle(action: Callable[[int], None], tag: int, verb: str) -> None:
+    # A settlement fails only when its connection is gone: the broker then delivers the
+    # message again, and the insert is idempotent, so that is no error.
+    try:
+        action(tag)
+    except IntakeClosed as exc:
+        log.info("could not %s usage deliveries (%s); they are delivered again", verb, exc)
 
 
 def _is_unstorable(exc: BaseException) -> bool:

@@ -42,7 +42,7 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
         return [await goodput(jobs=jobs * 2, workers=2)]
 
     async def usage() -> list[Figure]:
-        return [await accounting(events=jobs * 10)]
+        return [await accounting(events=jobs * 10, accountants=n) for n in (1, 2)]
 
     async def peer() -> list[Figure]:
         return [*await litellm(jobs=jobs, workers=1), *await litellm(jobs=jobs, workers=2)]

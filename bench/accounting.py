@@ -20,8 +20,9 @@ ONE_CALL = Attempt(
 """What a served job's event carries: its one call, stored as jsonb."""
 
 
-async def accounting(*, events: int, window: int = 500) -> Figure:
-    """The queue is filled first, then accounting starts: its own rate, not the publisher's."""
+async def accounting(*, events: int, accountants: int = 1, window: int = 500) -> Figure:
+    """The queue is filled first, then ``accountants`` processes start: their own rate, not
+    the publisher's. Counted from when all of them consume, over the rows still to write."""
     async with running_stack(workers=0, accounting=False) as stack:
         topo = Topology(stack.settings.namespace)
         bodies = [
@@ -55,17 +56,23 @@ async def accounting(*, events: int, window: int = 500) -> Figure:
             started = time.perf_counter()
             await asyncio.gather(*(publish(body) for body in bodies))
             published = time.perf_counter() - started
-        await stack.start_accounting()
+        await stack.start_accounting(accountants)
+        # The first to start writes while the others start: those rows are not counted.
         before, started = stack.cpu(), time.perf_counter()
+        counted = events - await stack.usage_rows()
         await stack.wait_rows(events)
         elapsed = time.perf_counter() - started
         after = stack.cpu()
+    cpu = cpu_per_thousand(before, after, counted)
+    if accountants > 1:
+        names = ["accounting", *(f"accounting{i + 1}" for i in range(1, accountants))]
+        cpu["cpu_s/1k accountants"] = round(sum(cpu[f"cpu_s/1k {n}"] for n in names), 3)
     return Figure(
         "accounting",
-        f"{events} events",
+        f"{events} events, {accountants} accountant{'s' if accountants > 1 else ''}",
         {
-            "per_s": round(events / elapsed),
+            "per_s": round(counted / elapsed),
             "publish_per_s": round(events / published),
-            **cpu_per_thousand(before, after, events),
+            **cpu,
         },
     )

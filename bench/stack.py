@@ -97,9 +97,13 @@ class Stack:
             stdout=asyncio.subprocess.DEVNULL,
         )
 
-    async def start_accounting(self) -> None:
-        await self.spawn("accounting", "accounting", "--log-level", "warning")
-        await _wait_consumers(self.settings, 0, accounting=True)
+    async def start_accounting(self, count: int = 1) -> None:
+        """Start ``count`` accountants side by side (``accounting``, ``accounting2``, …) and
+        wait until every one consumes."""
+        for i in range(count):
+            name = "accounting" if i == 0 else f"accounting{i + 1}"
+            await self.spawn(name, "accounting", "--log-level", "warning")
+        await _wait_consumers(self.settings, 0, accounting=True, accountants=count)
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds of each process of the stack, and of each local service."""
@@ -250,7 +254,9 @@ async def _prepare(settings: Settings) -> None:
         await topo.declare_usage(channel)
 
 
-async def _wait_consumers(settings: Settings, workers: int, accounting: bool) -> None:
+async def _wait_consumers(
+    settings: Settings, workers: int, accounting: bool, accountants: int = 1
+) -> None:
     topo = Topology(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
@@ -259,7 +265,8 @@ async def _wait_consumers(settings: Settings, workers: int, accounting: bool) ->
             jobs = await channel.declare_queue(topo.team_queue(TEAM), passive=True)
             usage = await channel.declare_queue(topo.accounting_queue, passive=True)
             ready = (jobs.declaration_result.consumer_count or 0) >= workers
-            if ready and (not accounting or (usage.declaration_result.consumer_count or 0) >= 1):
+            consuming = usage.declaration_result.consumer_count or 0
+            if ready and (not accounting or consuming >= accountants):
                 return
             await asyncio.sleep(0.05)
     raise TimeoutError("workers or accounting did not start consuming")
