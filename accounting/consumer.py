@@ -154,6 +154,7 @@ class Accountant:
     async def _consume(self) -> None:
         """Consume on a connection of our own, and again on a new one whenever it ends (the
         broker away, the queue deleted): each declares the queue before consuming it."""
+        loop = asyncio.get_running_loop()
         delay = BACKOFF_FIRST
         while not self._stopping:
             try:
@@ -171,17 +172,23 @@ class Accountant:
                 )
             except _BROKER_ERRORS as exc:
                 self._note_broker_down(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
-                continue
-            self._intake, delay = intake, BACKOFF_FIRST
-            if self._broker_down_since is not None:
-                down = asyncio.get_running_loop().time() - self._broker_down_since
-                log.warning("consuming usage events again after %.1f s", down)
-                self._broker_down_since = None
-            reason = await asyncio.shield(intake.closed)  # a cancel here must not close it
-            if not self._stopping:
-                self._note_broker_down(reason or IntakeClosed("closed"))
+            else:
+                self._intake, opened = intake, loop.time()
+                if self._broker_down_since is not None:
+                    log.warning(
+                        "consuming usage events again after %.1f s",
+                        opened - self._broker_down_since,
+                    )
+                    self._broker_down_since = None
+                reason = await asyncio.shield(intake.closed)  # a cancel here must not close it
+                if not self._stopping:
+                    self._note_broker_down(reason or IntakeClosed("closed"))
+                # A connection the broker ends at once (a channel closed on every consume) is
+                # retried with backoff too; one that lasted starts its outage's backoff afresh.
+                if loop.time() - opened > BACKOFF_CAP:
+                    delay = BACKOFF_FIRST
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_CAP)
 
     def _note_broker_down(self, exc: BaseException) -> None:
         if self._broker_down_since is None:
