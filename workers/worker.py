@@ -200,10 +200,11 @@ class Worker:
             task = asyncio.current_task()
             assert task is not None
             self._inflight.add(task)
+            self._telemetry.taken(team)
             try:
-                with self._telemetry.holding(team):
-                    await self._processor.process(message, team, queue)
+                await self._processor.process(message, team, queue)
             finally:
+                self._telemetry.released(team)
                 self._inflight.discard(task)
 
         return on_job
