@@ -10,7 +10,8 @@ from pathlib import Path
 
 import aio_pika
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from accounting import Accountant
 from mockprovider import MockConfig, MockProvider
@@ -20,6 +21,21 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import load_catalog, open_router
 from workers import Worker
+
+
+async def consumed(connection: AbstractConnection, queue: str, timeout: float = 10.0) -> None:
+    """Wait until ``queue`` exists and has one consumer."""
+    async with asyncio.timeout(timeout):
+        # Polled: the broker announces no event when a queue is declared or consumed.
+        while True:
+            try:
+                async with connection.channel() as channel:
+                    declared = await channel.declare_queue(queue, passive=True)
+            except ChannelNotFoundEntity:
+                declared = None
+            if declared is not None and declared.declaration_result.consumer_count == 1:
+                return
+            await asyncio.sleep(0.01)
 
 
 async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:

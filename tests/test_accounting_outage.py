@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange
-from aio_pika.exceptions import ChannelNotFoundEntity
 
 from queuegate.db import create_pool
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.faults import behind_proxies
+from tests.support import consumed
 from tests.test_accounting import WAIT, publish, running, usage, wait_until
 
 
@@ -80,10 +78,7 @@ async def test_accounting_declares_its_queue_again_when_it_is_deleted(
             await channel.queue_delete(queue)
 
         # Expect the queue back, consumed again, and new events written
-        async with asyncio.timeout(WAIT):
-            # Polled: the broker announces no event when a queue is declared or consumed.
-            while await _consumers(admin, queue) != 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await consumed(admin, queue, WAIT)
         await publish(exchange, usage("after"))
         await wait_until(accountant, lambda: accountant.rows_inserted == 2)
 
@@ -91,13 +86,3 @@ async def test_accounting_declares_its_queue_again_when_it_is_deleted(
 async def _usage_exchange(connection: AbstractConnection, settings: Settings) -> AbstractExchange:
     channel = await connection.channel(publisher_confirms=True)
     return await Topology(settings.namespace).declare_usage(channel)
-
-
-async def _consumers(connection: AbstractConnection, queue: str) -> int:
-    """How many consumers ``queue`` has; 0 while it does not exist."""
-    try:
-        async with connection.channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-    except ChannelNotFoundEntity:
-        return 0
-    return declared.declaration_result.consumer_count or 0

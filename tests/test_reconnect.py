@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import aio_pika
 import pytest
 
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
+from queuegate.topology import Topology
 from tests.faults import behind_proxies
-from tests.support import running_gateway, wait_until
+from tests.support import consumed, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 OUTAGE = 0.5
@@ -39,6 +41,24 @@ async def test_a_reply_sent_while_the_producer_is_disconnected_still_arrives(
         result = await handle.result(timeout=15)
         assert result.status == "ok"
         assert row["job_id"] == handle.job_id and row["reply_delivered"]
+
+
+async def test_a_worker_whose_team_queue_is_deleted_declares_it_again_and_serves_it(
+    settings: Settings,
+) -> None:
+    queue = Topology(settings.namespace).team_queue("alpha")
+    admin = await aio_pika.connect(settings.amqp_url)
+    async with admin, running_gateway(settings) as gw, gw.client("alpha") as client:
+        # Given a worker serving team alpha
+        assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
+
+        # When an operator deletes the team's queue under it
+        async with admin.channel() as channel:
+            await channel.queue_delete(queue)
+
+        # Expect the queue back, consumed again, and new jobs answered
+        await consumed(admin, queue)
+        assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
 
 
 async def test_a_job_in_flight_when_the_worker_loses_the_broker_completes_once(

@@ -7,11 +7,15 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika import IncomingMessage
+from aio_pika.abc import AbstractRobustChannel
+from aiormq import spec
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from queuegate.broker import CONNECTION_LOST, connect
 from queuegate.db import create_pool
@@ -35,6 +39,15 @@ from workers.store import OutcomeStore
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Consumer:
+    queue: str
+    prefetch: int
+    channel: AbstractChannel
+    """The underlying channel it consumes on: a reopened channel needs a new consumer."""
+    tag: str
 
 
 class Worker:
@@ -65,7 +78,8 @@ class Worker:
         self._fixed_teams = list(teams) if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology(settings.namespace, settings.delivery_limit)
-        self._consumers: dict[str, tuple[AbstractQueue, str, int]] = {}
+        self._consumers: dict[str, _Consumer] = {}
+        self._reopening: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
         self._admission: Admission | None = None
@@ -116,6 +130,7 @@ class Worker:
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog)
             consume = await connection.channel()
+            consume.reopen_callbacks.add(self._on_reopen)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             usage = await self._topology.declare_usage(publish)
             dead = await self._topology.declare_dead(publish)
@@ -153,7 +168,7 @@ class Worker:
             await redis.aclose()
             await pool.close()
 
-    async def _serve_teams(self, channel: AbstractChannel, pool: asyncpg.Pool) -> None:
+    async def _serve_teams(self, channel: AbstractRobustChannel, pool: asyncpg.Pool) -> None:
         assert self._admission is not None
         registry = await self._registry_teams(pool)
         if registry is not None:
@@ -164,23 +179,56 @@ class Worker:
         for team in wanted:
             prefetch = prefetch_for(self._admission.config(team), self._settings)
             current = self._consumers.get(team)
-            if current is not None and current[2] == prefetch:
+            if current is not None and current.prefetch == prefetch:
                 continue
             # A consumer's prefetch is fixed when it starts (quorum queues refuse a global
             # one), so a new limit means a new consumer; the old one's held jobs finish and
             # are acked as usual, and count on top of the new slots until then.
             if current is not None:
-                await current[0].cancel(current[1])
-            # A non-global basic.qos applies to the consumers started after it on the channel.
-            await channel.set_qos(prefetch_count=prefetch)
+                await current.channel.basic_cancel(current.tag)
             queue = await self._topology.declare_team_queue(channel, team)
-            tag = await queue.consume(self._callback(team, queue.name))
-            self._consumers[team] = (queue, tag, prefetch)
+            self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
             log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
-            queue, tag, _ = self._consumers.pop(team)
-            await queue.cancel(tag)
+            consumer = self._consumers.pop(team)
+            await consumer.channel.basic_cancel(consumer.tag)
             log.info("stopped serving team %s (disabled)", team)
+
+    async def _consume(
+        self, channel: AbstractRobustChannel, team: str, queue: str, prefetch: int
+    ) -> _Consumer:
+        # On the underlying channel: aio-pika would run each delivery in a task of its own
+        # beside the one aiormq starts, alive as long as the job (2.7 KB each; bench latency,
+        # 5,000 jobs held: 149 -> 136 MB). The robust channel declares the queues again
+        # after a reconnect, and _on_reopen consumes them again.
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        # A non-global basic.qos applies to the consumers started after it on the channel.
+        await underlay.basic_qos(prefetch_count=prefetch)
+        ok = await underlay.basic_consume(queue, self._callback(team, queue))
+        assert ok.consumer_tag is not None  # the broker names it when we do not
+        return _Consumer(queue, prefetch, underlay, ok.consumer_tag)
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        if self._draining or channel is None:
+            return
+        for team, consumer in list(self._consumers.items()):
+            self._consumers[team] = await self._consume(
+                channel, team, consumer.queue, consumer.prefetch
+            )
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        consumer = next((c for c in self._consumers.values() if c.tag == frame.consumer_tag), None)
+        if consumer is None:
+            return
+        log.warning(
+            "the broker cancelled the consumer of %s (was the queue deleted?): reopening the"
+            " channel, which declares the queues again and consumes",
+            consumer.queue,
+        )
+        # Not awaited: this runs in the channel's reader, which the close waits for. Kept so
+        # that the task is not collected before it is done.
+        self._reopening = asyncio.create_task(consumer.channel.close())
 
     async def _registry_teams(self, pool: asyncpg.Pool) -> dict[str, TeamConfig] | None:
         """Enabled teams and their configs; None while the registry cannot be read."""
@@ -194,15 +242,15 @@ class Worker:
 
     def _callback(
         self, team: str, queue: str
-    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def on_job(message: AbstractIncomingMessage) -> None:
+    ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        async def on_job(delivered: DeliveredMessage) -> None:
             assert self._processor is not None
             task = asyncio.current_task()
             assert task is not None
             self._inflight.add(task)
             self._telemetry.taken(team)
             try:
-                await self._processor.process(message, team, queue)
+                await self._processor.process(IncomingMessage(delivered), team, queue)
             finally:
                 self._telemetry.released(team)
                 self._inflight.discard(task)
@@ -215,9 +263,9 @@ class Worker:
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
         self._draining = True
-        for queue, tag, _ in self._consumers.values():
+        for consumer in self._consumers.values():
             with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+                await consumer.channel.basic_cancel(consumer.tag)
         self._consumers.clear()
         if self._inflight:
             log.info(
