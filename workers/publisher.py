@@ -45,8 +45,9 @@ class Publisher:
         self._dead = dead
         self._reconnect_wait = reconnect_wait
 
-    async def _send(self, publish: Callable[[], Awaitable[object]], what: str) -> None:
-        await when_connected(self._channel, publish, within=self._reconnect_wait, what=what)
+    def _send(self, publish: Callable[[], Awaitable[None]], what: str) -> Awaitable[None]:
+        # Not a coroutine of its own: thousands of jobs can be waiting in here at once.
+        return when_connected(self._channel, publish, within=self._reconnect_wait, what=what)
 
     async def result(self, reply_to: str, job_id: str, body: bytes) -> bool:
         """Send a ChatResult's JSON to the caller's reply queue; False when that queue no
