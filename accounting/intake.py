@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from pamqp import commands, frame, header, heartbeat
 from pamqp.base import Frame
@@ -39,6 +40,27 @@ _U64 = struct.Struct(">Q")
 _FRAME_END = 0xCE
 _METHOD, _HEADER, _BODY, _HEARTBEAT = 1, 2, 3, 8
 _DELIVER = b"\x00\x3c\x00\x3c"  # Basic.Deliver: class 60, method 60
+
+
+def tls_context(parts: SplitResult) -> ssl.SSLContext | None:
+    """TLS for an ``amqps`` URL as aiormq sets it up from the same URL, so that the accountant's
+    declaring and consuming connections reach a broker alike: its query's ``cafile``,
+    ``capath``, ``cadata`` (base64), ``certfile`` and ``keyfile``, and ``no_verify_ssl=1``."""
+    if parts.scheme != "amqps":
+        return None
+    query = dict(parse_qsl(parts.query))
+    cadata = query.get("cadata")
+    context = ssl.create_default_context(
+        cafile=query.get("cafile"),
+        capath=query.get("capath"),
+        cadata=b64decode(cadata) if cadata else None,
+    )
+    if certfile := query.get("certfile"):
+        context.load_cert_chain(certfile, query.get("keyfile"))
+    if query.get("no_verify_ssl", "0") != "0":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class IntakeClosed(ConnectionError):
@@ -113,7 +135,7 @@ class Intake(asyncio.Protocol):
         TimeoutError when the broker cannot be reached, IntakeClosed when it refuses.
         """
         parts = urlsplit(url)
-        tls = ssl.create_default_context() if parts.scheme == "amqps" else None
+        tls = tls_context(parts)
         port = parts.port or (5671 if tls else 5672)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -10,7 +11,7 @@ import aio_pika
 import pytest
 import uvloop
 
-from accounting.intake import Delivery, Intake, IntakeClosed
+from accounting.intake import Delivery, Intake, IntakeClosed, tls_context
 from queuegate.broker import json_message
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
@@ -93,3 +94,15 @@ def test_the_intake_runs_on_uvloop(base_settings: Settings) -> None:
         assert [d.body for d in uvloop.run(go())] == [b"{}"]
     finally:
         asyncio.run(drop_namespace(settings, []))
+
+
+def test_tls_is_set_up_from_the_url_as_aio_pika_does() -> None:
+    assert tls_context(urlsplit("amqp://broker/")) is None
+    verified = tls_context(urlsplit("amqps://broker/"))
+    assert verified is not None and verified.verify_mode is ssl.CERT_REQUIRED
+    unverified = tls_context(urlsplit("amqps://broker/?no_verify_ssl=1"))
+    assert unverified is not None and unverified.verify_mode is ssl.CERT_NONE
+    assert not unverified.check_hostname
+    # A named CA is read, not ignored for the system's
+    with pytest.raises(FileNotFoundError):
+        tls_context(urlsplit("amqps://broker/?cafile=/nonexistent/ca.pem"))
