@@ -7,7 +7,7 @@ import resource
 import time
 from datetime import timedelta
 
-from bench.measure import Figure, cpu_per_thousand, latency_figures, run_lanes
+from bench.measure import Figure, cpu_per_thousand, latency_figures, post_load, run_lanes
 from bench.stack import TEAM, Stack, peak_rss_mb, running_stack
 from producer import GatewayClient, JobHandle
 
@@ -25,8 +25,9 @@ def cpu_with_producer(stack: Stack) -> dict[str, float]:
 
 
 async def overhead(*, jobs: int) -> list[Figure]:
-    """End-to-end time per job with the mock at 0 ms, at concurrency 1, 16 and 64."""
-    figures = []
+    """End-to-end time per job with the mock at 0 ms, at concurrency 1, 16 and 64. One at a
+    time, also the gateway's share: the same percentile less that of a call straight to the
+    mock (its own time, measured first; under load that is the gateway's queueing instead)."""
     async with (
         running_stack(workers=1) as stack,
         GatewayClient(stack.settings, team=TEAM) as client,
@@ -40,12 +41,24 @@ async def overhead(*, jobs: int) -> list[Figure]:
             return (time.perf_counter() - started) * 1000
 
         await run_lanes(one, WARM_UP, 16)  # connections, pools and caches warm
+        direct = await post_load(f"{stack.mock_url}/v1/chat/completions", jobs, 1)
+        mock = latency_figures(direct[0])
+        figures = [Figure("overhead", "mock alone, c=1", mock)]
         for concurrency in (1, 16, 64):
             before, started = cpu_with_producer(stack), time.perf_counter()
-            ms = await run_lanes(one, jobs, concurrency)
+            ms = latency_figures(await run_lanes(one, jobs, concurrency))
             elapsed = time.perf_counter() - started
+            own = (
+                {
+                    "overhead_p50_ms": ms["p50_ms"] - mock["p50_ms"],
+                    "overhead_p99_ms": ms["p99_ms"] - mock["p99_ms"],
+                }
+                if concurrency == 1
+                else {}
+            )
             values = {
-                **latency_figures(ms),
+                **ms,
+                **own,
                 "per_s": round(jobs / elapsed),
                 **cpu_per_thousand(before, cpu_with_producer(stack), jobs),
             }

@@ -12,20 +12,16 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
-from bench.measure import Figure, latency_figures
+from bench.measure import Figure, latency_figures, post_load
 from bench.stack import cpu_seconds, free_port, peak_rss_mb
 
 VENV = Path(os.environ.get("LITELLM_VENV", Path(__file__).parent / ".litellm-venv"))
-BODY = {
-    "model": "gpt-4o-mini",
-    "messages": [{"role": "user", "content": "Summarise the benefits of a message queue."}],
-    "max_tokens": 16,
-}
+OWN_OVERHEAD = "x-litellm-overhead-duration-ms"
+"""The response header in which LiteLLM Proxy reports its own time."""
 
 
 def ensure_installed() -> Path:
@@ -50,31 +46,6 @@ def _tree(pid: int) -> list[int]:
         pids += [int(c) for c in children]
         frontier += [int(c) for c in children]
     return pids
-
-
-async def _load(
-    url: str, jobs: int, concurrency: int, headers: dict[str, str] | None = None
-) -> tuple[list[float], float, list[float]]:
-    """Latencies, wall time and LiteLLM's own overhead header, one client per lane."""
-    remaining = jobs
-    ms: list[float] = []
-    own: list[float] = []
-
-    async def lane() -> None:
-        nonlocal remaining
-        async with httpx.AsyncClient(timeout=60, headers=headers) as client:
-            while remaining > 0:
-                remaining -= 1
-                started = time.perf_counter()
-                response = await client.post(url, json=BODY)
-                ms.append((time.perf_counter() - started) * 1000)
-                response.raise_for_status()
-                if header := response.headers.get("x-litellm-overhead-duration-ms"):
-                    own.append(float(header))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
-    return ms, time.perf_counter() - started, own
 
 
 async def litellm(*, jobs: int, workers: int = 1) -> list[Figure]:
@@ -116,12 +87,12 @@ async def litellm(*, jobs: int, workers: int = 1) -> list[Figure]:
         await _wait(f"{base}/health/liveliness", proxy)
         direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         through = f"{base}/v1/chat/completions"
-        await _load(through, 200, 16, auth)  # warm up
+        await post_load(through, 200, 16, auth)  # warm up
         for concurrency in (1, 64):
-            mock_ms, _, _ = await _load(direct, jobs, concurrency)
+            mock_ms, _, _ = await post_load(direct, jobs, concurrency)
             pids = _tree(proxy.pid)
             cpu = sum(cpu_seconds(p) for p in pids)
-            ms, elapsed, own = await _load(through, jobs, concurrency, auth)
+            ms, elapsed, own = await post_load(through, jobs, concurrency, auth, OWN_OVERHEAD)
             cpu = sum(cpu_seconds(p) for p in _tree(proxy.pid)) - cpu
             figures.append(
                 Figure(

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
+
+CHAT_BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Summarise the benefits of a message queue."}],
+    "max_tokens": 16,
+}
+"""The OpenAI chat request of the HTTP scenarios (a direct call, LiteLLM Proxy)."""
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -59,3 +69,33 @@ async def run_lanes(
 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
     return ms
+
+
+async def post_load(
+    url: str,
+    jobs: int,
+    concurrency: int,
+    headers: dict[str, str] | None = None,
+    timing_header: str | None = None,
+) -> tuple[list[float], float, list[float]]:
+    """POST ``CHAT_BODY`` ``jobs`` times, ``concurrency`` at a time, one client per lane:
+    latencies in ms, wall time, and the values of ``timing_header`` in the answers."""
+    remaining = jobs
+    ms: list[float] = []
+    reported: list[float] = []
+
+    async def lane() -> None:
+        nonlocal remaining
+        async with httpx.AsyncClient(timeout=60, headers=headers) as client:
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                response = await client.post(url, json=CHAT_BODY)
+                ms.append((time.perf_counter() - started) * 1000)
+                response.raise_for_status()
+                if timing_header and (value := response.headers.get(timing_header)):
+                    reported.append(float(value))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return ms, time.perf_counter() - started, reported
