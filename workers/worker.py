@@ -158,7 +158,8 @@ class Worker:
                     try:
                         await self._serve_teams(consume, pool)
                     except CONNECTION_LOST as exc:
-                        # The robust connection restores the consumers it has; new teams next time.
+                        # The consumers it has come back with the channel (_on_reopen); new
+                        # teams and limits next time.
                         log.warning("broker unavailable (%s); teams are refreshed later", exc)
             await self._drain()
         finally:
