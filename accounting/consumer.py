@@ -24,6 +24,7 @@ from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import UsageEvent
 from queuegate.metrics import observe_accounting_batch
+from queuegate.outage import OutageLog
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -83,10 +84,20 @@ class Accountant:
         self._arrived = asyncio.Event()
         self._stopping = False
         self._stop_deadline = math.inf
-        self._outage_since: float | None = None
+        self._postgres = OutageLog(
+            log,
+            "PostgreSQL",
+            "usage events stay unacknowledged and are written again with backoff"
+            f" up to {BACKOFF_CAP:.0f} s",
+        )
+        self._broker = OutageLog(
+            log,
+            "RabbitMQ",
+            "usage events wait in their queue; connecting again with backoff"
+            f" up to {BACKOFF_CAP:.0f} s",
+        )
         self._pool: asyncpg.Pool | None = None
         self._intake: Intake | None = None
-        self._broker_down_since: float | None = None
         self._resources = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Self:
@@ -171,34 +182,19 @@ class Accountant:
                     name="queuegate-accounting",
                 )
             except _BROKER_ERRORS as exc:
-                self._note_broker_down(exc)
+                self._broker.failed(exc)
             else:
                 self._intake, opened = intake, loop.time()
-                if self._broker_down_since is not None:
-                    log.warning(
-                        "consuming usage events again after %.1f s",
-                        opened - self._broker_down_since,
-                    )
-                    self._broker_down_since = None
+                self._broker.recovered()
                 reason = await asyncio.shield(intake.closed)  # a cancel here must not close it
                 if not self._stopping:
-                    self._note_broker_down(reason or IntakeClosed("closed"))
+                    self._broker.failed(reason or IntakeClosed("closed"))
                 # A connection the broker ends at once (a channel closed on every consume) is
                 # retried with backoff too; one that lasted starts its outage's backoff afresh.
                 if loop.time() - opened > BACKOFF_CAP:
                     delay = BACKOFF_FIRST
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
-
-    def _note_broker_down(self, exc: BaseException) -> None:
-        if self._broker_down_since is None:
-            self._broker_down_since = asyncio.get_running_loop().time()
-            log.warning(
-                "not consuming usage events (%s: %s): connecting again with backoff up to %.0f s",
-                type(exc).__name__,
-                exc,
-                BACKOFF_CAP,
-            )
 
     def _on_deliveries(self, intake: Intake, deliveries: list[Delivery]) -> None:
         # Called with every read's deliveries, so it must stay synchronous and cheap.
@@ -285,7 +281,7 @@ class Accountant:
                 inserted, unstorable = await self._write(batch)
                 break
             except _WRITE_ERRORS as exc:
-                self._note_outage(exc, len(batch))
+                self._postgres.failed(exc)
             grace = self._stop_deadline - asyncio.get_running_loop().time()
             if grace <= 0:
                 log.warning(
@@ -295,7 +291,7 @@ class Accountant:
                 return False
             await asyncio.sleep(min(delay, grace))
             delay = min(delay * 2, BACKOFF_CAP)
-        self._note_recovery()
+        self._postgres.recovered()
         written = [d for d in batch if (d.event.team, d.event.job_id) not in unstorable]
         # Settlements are written in the order made: these rejects reach the broker before the
         # multiple ack below, which would otherwise have settled their tags already.
@@ -350,24 +346,6 @@ class Accountant:
         for predicate, future in self._waiters:
             if not future.done() and predicate():
                 future.set_result(None)
-
-    def _note_outage(self, exc: BaseException, held: int) -> None:
-        if self._outage_since is None:
-            self._outage_since = asyncio.get_running_loop().time()
-            log.warning(
-                "cannot write usage to PostgreSQL (%s: %s): holding %d events unacknowledged,"
-                " retrying with backoff up to %.0f s",
-                type(exc).__name__,
-                exc,
-                held,
-                BACKOFF_CAP,
-            )
-
-    def _note_recovery(self) -> None:
-        if self._outage_since is not None:
-            down = asyncio.get_running_loop().time() - self._outage_since
-            log.warning("writing usage to PostgreSQL again after %.1f s", down)
-            self._outage_since = None
 
 
 def _settle(action: Callable[[int], None], tag: int, verb: str) -> None:

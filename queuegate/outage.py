@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 
 class OutageLog:
-    """One warning when the first call fails, one info line when a call succeeds again::
+    """One warning when the first call fails, one info line (with how long it lasted) when a
+    call succeeds again::
 
     outage = OutageLog(log, "Redis", "finished jobs are not remembered")
     try: ...
@@ -18,19 +20,24 @@ class OutageLog:
         self._log = logger
         self._service = service
         self._meanwhile = meanwhile
-        self.down = False
+        self._since: float | None = None
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
 
     def failed(self, exc: BaseException) -> None:
-        if not self.down:
-            self.down = True
+        if self._since is None:
+            self._since = time.monotonic()
             self._log.warning(
-                "%s unavailable (%s): %s until it returns",
+                "%s unavailable (%s: %s): %s until it returns",
                 self._service,
                 type(exc).__name__,
+                exc,
                 self._meanwhile,
             )
 
     def recovered(self) -> None:
-        if self.down:
-            self.down = False
-            self._log.info("%s is back", self._service)
+        if self._since is not None:
+            down, self._since = time.monotonic() - self._since, None
+            self._log.info("%s is back after %.1f s", self._service, down)
