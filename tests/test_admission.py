@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -12,9 +14,11 @@ import aio_pika
 import pytest
 
 from mockprovider import Behavior, MockConfig
+from producer import GatewayClient
+from queuegate.messages import ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from tests.support import running_gateway
+from tests.support import Gateway, running_gateway
 from tests.teams import register
 
 # 40 characters (the mock counts 10 prompt tokens) whose reply is longer than max_tokens, so
@@ -39,6 +43,29 @@ models:
 """
     )
     return catalog
+
+
+@asynccontextmanager
+async def rate_limited_small(
+    settings: Settings, tmp_path: Path, *, provider_burst: int, burst: int
+) -> AsyncIterator[tuple[Gateway, GatewayClient]]:
+    """A gateway whose one deployment and its provider both admit 600 requests a minute, the
+    provider ``provider_burst`` at once and the deployment's bucket ``burst``; and a client."""
+    provider = MockConfig(
+        models={"small": Behavior(rate_limit_rpm=600, rate_limit_burst=provider_burst)}
+    )
+    catalog = small_deployment(tmp_path, rpm=600, burst=burst)
+    async with (
+        running_gateway(settings, catalog=catalog, mock_config=provider) as gw,
+        gw.client("alpha") as client,
+    ):
+        yield gw, client
+
+
+async def at_once(client: GatewayClient, jobs: int) -> list[ChatResult]:
+    """Submit ``jobs`` jobs of WORDS to model small, then wait for every result."""
+    handles = [await client.submit(client.job("small", WORDS)) for _ in range(jobs)]
+    return [await h.result(timeout=30) for h in handles]
 
 
 async def test_concurrent_jobs_never_exceed_the_token_rate_in_any_window(
@@ -189,11 +216,9 @@ async def test_jobs_waiting_for_a_deployment_go_at_its_pace_without_meeting_a_42
 ) -> None:
     # Given a provider that enforces 600 requests a minute over short periods (10 a second,
     # 5 at once), and a deployment that says so: rpm 600, burst 2
-    provider = MockConfig(models={"small": Behavior(rate_limit_rpm=600, rate_limit_burst=5)})
-    catalog = small_deployment(tmp_path, rpm=600, burst=2)
-    async with (
-        running_gateway(settings, catalog=catalog, mock_config=provider) as gw,
-        gw.client("alpha") as client,
+    async with rate_limited_small(settings, tmp_path, provider_burst=5, burst=2) as (
+        gw,
+        client,
     ):
         admission = gw.worker.admission
         assert admission is not None
@@ -208,8 +233,7 @@ async def test_jobs_waiting_for_a_deployment_go_at_its_pace_without_meeting_a_42
         monkeypatch.setattr(admission._buckets, "take", counted)
 
         # When 20 jobs arrive at once
-        handles = [await client.submit(client.job("small", WORDS)) for _ in range(20)]
-        results = [await h.result(timeout=30) for h in handles]
+        results = await at_once(client, 20)
 
         # Expect all served without a 429, the calls at the rate after the burst of 2
         assert {r.status for r in results} == {"ok"}
@@ -225,15 +249,12 @@ async def test_a_burst_set_higher_than_the_provider_allows_costs_429s_but_no_fai
 ) -> None:
     # Given a provider that admits 600 requests a minute, 3 at once, and a deployment whose
     # burst says 30
-    provider = MockConfig(models={"small": Behavior(rate_limit_rpm=600, rate_limit_burst=3)})
-    catalog = small_deployment(tmp_path, rpm=600, burst=30)
-    async with (
-        running_gateway(settings, catalog=catalog, mock_config=provider) as gw,
-        gw.client("alpha") as client,
+    async with rate_limited_small(settings, tmp_path, provider_burst=3, burst=30) as (
+        gw,
+        client,
     ):
         # When 20 jobs arrive at once
-        handles = [await client.submit(client.job("small", WORDS)) for _ in range(20)]
-        results = [await h.result(timeout=30) for h in handles]
+        results = await at_once(client, 20)
 
         # Expect the provider's 429s to slow the deployment to its rate (they empty its
         # bucket), so each job's retry is admitted in time and every job is served
