@@ -5,7 +5,8 @@ deployment's state atomically, so two workers never both probe a half-open circu
 that answered costs no round trip of its own: it is counted with the worker's next one. And a
 worker that has just been told a deployment is closed and unpaused trusts that for
 ``TRUST_CLOSED`` seconds instead of asking again before every call: another worker's 429 or
-opened circuit reaches it that much later, while its own failures count at once.
+opened circuit reaches it that much later, while its own failures count at once. Calls that
+find the trust lapsed while one of them is already asking share that one answer.
 
 Best effort by design: while Redis is down every deployment counts as healthy, and jobs are
 still served (without shared breakers) rather than failed.
@@ -13,6 +14,7 @@ still served (without shared breakers) rather than failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -57,6 +59,15 @@ _ALLOWED = Verdict("closed", 0.0)
 
 
 @dataclass(frozen=True)
+class _Asking:
+    """An ``allow`` on its way to Redis, which calls arriving meanwhile wait for."""
+
+    answer: asyncio.Task[Verdict]
+    reports: int
+    """Failures and 429s met when it was asked: after another one its answer is stale."""
+
+
+@dataclass(frozen=True)
 class Status:
     """A deployment's shared health, for operators: ``queuegate deployments``."""
 
@@ -85,12 +96,30 @@ class Health:
         self._reports: dict[str, int] = {}
         """Per deployment, failures and 429s met so far: a closed verdict asked for before
         the latest of them is stale by the time it arrives, and is not trusted."""
+        self._asking: dict[str, _Asking] = {}
 
     async def allow(self, deployment: Deployment) -> Verdict:
         """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
-        if self._closed_until.get(deployment.name, 0.0) > time.monotonic():
+        name = deployment.name
+        if self._closed_until.get(name, 0.0) > time.monotonic():
             return _ALLOWED
-        return await self._run("allow", deployment)
+        reports = self._reports.get(name, 0)
+        asking = self._asking.get(name)
+        if asking is not None and asking.reports == reports:
+            # When the trust lapses, every call arriving within one round trip would ask.
+            verdict = await asyncio.shield(asking.answer)
+            # The probe is whoever asked for it; a later call is told the circuit's state.
+            return verdict if verdict.state != "probe" else await self._run("allow", deployment)
+        answer = asyncio.create_task(self._run("allow", deployment))
+        mine = self._asking[name] = _Asking(answer, reports)
+        answer.add_done_callback(lambda _: self._answered(name, mine))
+        # Shielded: a caller cancelled meanwhile does not take the others' answer with it.
+        return await asyncio.shield(answer)
+
+    def _answered(self, name: str, asking: _Asking) -> None:
+        # A stale ask may end after a fresh one took its place.
+        if self._asking.get(name) is asking:
+            del self._asking[name]
 
     async def success(self, deployment: Deployment, *, probe: bool = False) -> None:
         """A call answered. A probe's answer closes the circuit now; any other only counts in

@@ -705,3 +705,57 @@ async def test_a_closed_verdict_asked_for_before_a_failure_is_not_trusted(
     # Expect the stale verdict not trusted: the next call is refused
     assert stale.state == "closed"
     assert after.state == "open"
+
+
+async def test_calls_that_find_the_trust_lapsed_together_ask_redis_once(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker's view of a closed deployment, counting its round trips to Redis
+    health, deployment = lone_deployment(settings, redis_client)
+    script, asked = health._script, Counter[str]()
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        asked[kwargs["args"][0]] += 1
+        return await script(*args, **kwargs)
+
+    monkeypatch.setattr(health, "_script", counted)
+
+    # When twenty calls ask at once
+    verdicts = await asyncio.gather(*(health.allow(deployment) for _ in range(20)))
+
+    # Expect one round trip, whose answer all twenty share
+    assert asked == {"allow": 1}
+    assert {v.state for v in verdicts} == {"closed"}
+
+
+async def test_a_call_after_a_failure_does_not_share_an_answer_asked_for_before_it(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a breaker that opens at the first failure, and an allow whose answer (closed) is
+    # held on its way back until the test lets it go
+    health, deployment = lone_deployment(settings, redis_client, {"failures": 1})
+    script, asked, release = health._script, [asyncio.Event(), asyncio.Event()], asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        answer = await script(*args, **kwargs)
+        if kwargs["args"][0] == "allow":
+            first = not asked[0].is_set()
+            asked[0 if first else 1].set()
+            if first:
+                await release.wait()
+        return answer
+
+    monkeypatch.setattr(health, "_script", held)
+    first = asyncio.create_task(health.allow(deployment))
+    await asked[0].wait()
+
+    # When a failure opens the circuit, and another call asks while the first is still out
+    await health.failure(deployment)
+    later = asyncio.create_task(health.allow(deployment))
+    async with asyncio.timeout(5):  # it asks for itself, or it would wait for the first
+        await asked[1].wait()
+    release.set()
+
+    # Expect the first told what it asked before the failure, the later call refused
+    assert (await first).state == "closed"
+    assert (await later).state == "open"
