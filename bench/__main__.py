@@ -24,7 +24,7 @@ from bench.floor import floor
 from bench.gateway import overhead, throughput
 from bench.goodput import goodput
 from bench.litellm_proxy import litellm
-from bench.measure import Figure
+from bench.measure import Figure, against_floor
 from queuegate.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,9 +90,14 @@ async def main(names: list[str], jobs: int) -> None:
             f"unknown scenario {', '.join(sorted(unknown))}: use {', '.join(available)}"
         )
     results: dict[str, list[dict[str, object]]] = {}
+    measured_floor: list[Figure] = []
     for name in names or list(available):
         console.print(f"[dim]running {name}…[/]")
         figures = await available[name]()
+        if name == "floor":
+            measured_floor = figures
+        elif measured_floor:
+            against_floor(figures, measured_floor)
         console.print(table(name, figures))
         results[name] = [asdict(f) for f in figures]
     RESULTS.mkdir(exist_ok=True)

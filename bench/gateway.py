@@ -7,7 +7,14 @@ import resource
 import time
 from datetime import timedelta
 
-from bench.measure import Figure, cpu_per_thousand, latency_figures, post_load, run_lanes
+from bench.measure import (
+    Figure,
+    cpu_per_thousand,
+    latency_figures,
+    percentile,
+    post_load,
+    run_lanes,
+)
 from bench.stack import TEAM, Stack, peak_rss_mb, running_stack
 from producer import GatewayClient, JobHandle
 
@@ -32,19 +39,24 @@ async def overhead(*, jobs: int) -> list[Figure]:
         running_stack(workers=1) as stack,
         GatewayClient(stack.settings, team=TEAM) as client,
     ):
+        stages: list[tuple[float, float, float]] = []
 
         async def one() -> float:
             started = time.perf_counter()
             result = await client.chat("gpt-4o-mini", MESSAGES, max_tokens=16, timeout=60)
-            if result.status != "ok":
+            if result.status != "ok" or result.gateway is None:
                 raise RuntimeError(f"bench job failed: {result.error}")
-            return (time.perf_counter() - started) * 1000
+            ms = (time.perf_counter() - started) * 1000
+            queued, called = result.gateway.queued_ms, result.gateway.latency_ms
+            stages.append((queued, called, ms - queued - called))
+            return ms
 
         await run_lanes(one, WARM_UP, 16)  # connections, pools and caches warm
         direct = await post_load(f"{stack.mock_url}/v1/chat/completions", jobs, 1)
         mock = latency_figures(direct[0])
         figures = [Figure("overhead", "mock alone, c=1", mock)]
         for concurrency in (1, 16, 64):
+            stages.clear()
             before, started = cpu_with_producer(stack), time.perf_counter()
             ms = latency_figures(await run_lanes(one, jobs, concurrency))
             elapsed = time.perf_counter() - started
@@ -52,6 +64,7 @@ async def overhead(*, jobs: int) -> list[Figure]:
                 {
                     "overhead_p50_ms": ms["p50_ms"] - mock["p50_ms"],
                     "overhead_p99_ms": ms["p99_ms"] - mock["p99_ms"],
+                    **_stages(stages),
                 }
                 if concurrency == 1
                 else {}
@@ -64,6 +77,18 @@ async def overhead(*, jobs: int) -> list[Figure]:
             }
             figures.append(Figure("overhead", f"c={concurrency}", values))
     return figures
+
+
+def _stages(stages: list[tuple[float, float, float]]) -> dict[str, float]:
+    """Where one job's time goes, each stage's p50: from the producer's publish to the worker
+    (queued), the provider call as the worker timed it (provider), and everything else: the
+    worker's own work before and after the call, the result's way back, the producer's own."""
+    queued, called, rest = zip(*stages, strict=True)
+    return {
+        "queued_p50_ms": percentile(list(queued), 50),
+        "provider_p50_ms": percentile(list(called), 50),
+        "rest_p50_ms": percentile(list(rest), 50),
+    }
 
 
 async def throughput(
