@@ -17,12 +17,12 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from producer.replies import ReplyBook
@@ -111,10 +111,11 @@ class GatewayClient:
         self._replies = ReplyBook()
         self._streams = StreamBook()
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._reply_queue: AbstractQueue | None = None
-        self._consumer_tag = ""
+        self._consumer: tuple[aiormq.abc.AbstractChannel, str] | None = None
+        """The underlying channel replies are consumed on, and the consumer's tag."""
 
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
@@ -143,7 +144,8 @@ class GatewayClient:
                 )
             # Acknowledged replies only: one in flight when the connection drops is redelivered.
             await self._channel.set_qos(prefetch_count=1000)
-            self._consumer_tag = await self._reply_queue.consume(self._on_reply)
+            await self._consume_replies(self._channel)
+            self._channel.reopen_callbacks.add(self._on_reopen)
         except BaseException:
             await self._connection.close()
             raise
@@ -163,7 +165,9 @@ class GatewayClient:
             with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     # Our consumer first, so the broker does not cancel it under us.
-                    await self._reply_queue.cancel(self._consumer_tag)
+                    if self._consumer is not None:
+                        underlay, tag = self._consumer
+                        await underlay.basic_cancel(tag)
                     await self._reply_queue.delete(if_unused=False, if_empty=False)
         await self._connection.close()
 
@@ -276,18 +280,41 @@ class GatewayClient:
         self._streams.open(stream)
         await self.submit(job)
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    async def _consume_replies(self, channel: AbstractRobustChannel) -> None:
+        # On the underlying channel: aio-pika would wrap each reply in a message of its own,
+        # every property decoded, and run it in a second task (about 100 us of CPU a reply).
+        underlay = await channel.get_underlay_channel()
+        ok = await underlay.basic_consume(self.reply_to, self._on_reply)
+        assert ok.consumer_tag is not None  # the broker names it when we do not
+        self._consumer = (underlay, ok.consumer_tag)
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # The robust channel has declared the reply queue again; the consumer is ours.
+        if channel is not None:
+            await self._consume_replies(channel)
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        properties, tag = message.header.properties, message.delivery_tag
+        assert tag is not None  # a consumer's delivery always has one
         try:
-            if message.type == MESSAGE_TYPE_RESULT:
+            if properties.message_type == MESSAGE_TYPE_RESULT:
                 result = ChatResult.model_validate_json(message.body)
                 if self._replies.deliver(result) and self._streams.finish(result):
                     self._replies.forget(result.job_id)
-            elif message.type == MESSAGE_TYPE_CHUNK:
+            elif properties.message_type == MESSAGE_TYPE_CHUNK:
                 self._streams.chunk(StreamChunk.model_validate_json(message.body))
         except ValidationError:
-            log.warning("dropped a malformed %s for job %s", message.type, message.correlation_id)
+            log.warning(
+                "dropped a malformed %s for job %s",
+                properties.message_type,
+                properties.correlation_id,
+            )
         # The book drops a redelivered reply as a duplicate.
-        await settle(message.ack(), f"acknowledge the reply to {message.correlation_id}", log)
+        await settle(
+            message.channel.basic_ack(tag),
+            f"acknowledge the reply to {properties.correlation_id}",
+            log,
+        )
 
 
 def job_message(

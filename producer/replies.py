@@ -44,9 +44,14 @@ class ReplyBook:
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
         """The job's result; on TimeoutError the job stays expected, for a later wait."""
-        result = await asyncio.wait_for(asyncio.shield(self.expect(job_id)), timeout)
+        future = self.expect(job_id)
+        # asyncio.wait leaves the future be on a timeout or a cancel, in one hop fewer
+        # than wait_for around a shield.
+        await asyncio.wait((future,), timeout=timeout)
+        if not future.done():
+            raise TimeoutError
         self._futures.pop(job_id, None)
-        return result
+        return future.result()
 
     def forget(self, job_id: str) -> None:
         future = self._futures.pop(job_id, None)

@@ -213,8 +213,12 @@ async def test_a_redelivered_finished_job_is_answered_from_the_store(settings: S
         assert len(rows) == 1 and rows[0]["job_id"] == first.job_id
 
 
-async def test_waiting_past_the_timeout_raises_a_clear_error(settings: Settings) -> None:
-    slow = MockConfig(default=Behavior(latency_ms=2000))
+async def test_waiting_past_the_timeout_raises_a_clear_error_and_a_later_wait_gets_it(
+    settings: Settings,
+) -> None:
+    slow = MockConfig(default=Behavior(latency_ms=1000))
     async with running_gateway(settings, mock_config=slow) as gw, gw.client("alpha") as client:
+        handle = await client.submit(client.job("gpt-4o-mini", HELLO))
         with pytest.raises(ResultTimeout, match="no result for job"):
-            await client.chat("gpt-4o-mini", HELLO, timeout=0.2)
+            await handle.result(timeout=0.2)
+        assert (await handle.result(timeout=30)).status == "ok"
