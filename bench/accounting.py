@@ -10,7 +10,7 @@ import aio_pika
 
 from bench.measure import Figure, cpu_per_thousand
 from bench.stack import running_stack
-from queuegate.broker import json_message
+from queuegate.broker import json_message, publish
 from queuegate.messages import Attempt, UsageEvent
 from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
 
@@ -47,14 +47,13 @@ async def accounting(*, events: int, accountants: int = 1, window: int = 500) ->
             exchange = await channel.get_exchange(topo.usage_exchange)
             gate = asyncio.Semaphore(window)
 
-            async def publish(body: bytes) -> None:
+            async def one(body: bytes) -> None:
                 async with gate:
-                    await exchange.publish(
-                        json_message(body, message_type=MESSAGE_TYPE_USAGE), routing_key=""
-                    )
+                    message = json_message(body, message_type=MESSAGE_TYPE_USAGE)
+                    await publish(channel, message, exchange=exchange.name, routing_key="")
 
             started = time.perf_counter()
-            await asyncio.gather(*(publish(body) for body in bodies))
+            await asyncio.gather(*(one(body) for body in bodies))
             published = time.perf_counter() - started
         await stack.start_accounting(accountants)
         # The first to start writes while the others start: those rows are not counted.

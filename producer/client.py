@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
-import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractExchange,
@@ -29,6 +28,7 @@ from producer.replies import ReplyBook
 from producer.streams import ChatStream, StreamBook
 from queuegate.broker import (
     CONNECTION_LOST,
+    Outgoing,
     connect,
     json_message,
     publish,
@@ -319,7 +319,7 @@ class GatewayClient:
 
 def job_message(
     job: ChatJob, *, reply_to: str, user_id: str | None, api_key: str | None = None
-) -> aio_pika.Message:
+) -> Outgoing:
     """The AMQP message of a job: ids, reply queue, TTL from its deadline, send time, and the
     team's API key where the team proves itself with one."""
     headers: dict[str, str | int] = {HEADER_SENT_MS: int(time.time() * 1000)}

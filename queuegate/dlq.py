@@ -23,7 +23,7 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from queuegate.broker import connect, json_message
+from queuegate.broker import connect, json_message, publish
 from queuegate.errors import PublishRefused
 from queuegate.settings import Settings
 from queuegate.topology import (
@@ -105,7 +105,7 @@ async def replay(
             else:
                 exchange, key = jobs, topology.team_of_queue(letter.queue)
             try:
-                await exchange.publish(again, routing_key=key, mandatory=True)
+                await publish(channel, again, exchange=exchange.name, routing_key=key)
             except aiormq.exceptions.PublishError as exc:
                 raise PublishRefused(
                     f"cannot replay {letter.message_id}: no queue takes routing key {key!r} "

@@ -20,7 +20,7 @@ from accounting import Accountant, TeamSpend, migrate, monthly_spend
 from accounting.migrate import available_migrations
 from accounting.reports import month_range
 from accounting.store import COLUMNS, insert_usage
-from queuegate.broker import json_message
+from queuegate.broker import json_message, publish
 from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import Attempt, UsageEvent
@@ -64,11 +64,12 @@ async def usage_exchange(settings: Settings) -> AsyncIterator[AbstractExchange]:
         yield await topology.declare_usage(channel)
 
 
-async def publish(exchange: AbstractExchange, *bodies: bytes | UsageEvent) -> None:
+async def send_usage(exchange: AbstractExchange, *bodies: bytes | UsageEvent) -> None:
     # Each publish returns once the broker confirms it: the message is in the queue.
     for body in bodies:
         raw = body.model_dump_json().encode() if isinstance(body, UsageEvent) else body
-        await exchange.publish(json_message(raw, message_type=MESSAGE_TYPE_USAGE), "")
+        message = json_message(raw, message_type=MESSAGE_TYPE_USAGE)
+        await publish(exchange.channel, message, exchange=exchange.name, routing_key="")
 
 
 @contextlib.asynccontextmanager
@@ -200,7 +201,7 @@ async def test_published_events_land_as_rows(
     )
     async with running(settings) as accountant:
         # When they are published to the usage exchange
-        await publish(usage_exchange, *events, failed)
+        await send_usage(usage_exchange, *events, failed)
         await wait_until(accountant, lambda: accountant.events_written == 20)
 
     # Expect one row per event, every field as sent
@@ -218,7 +219,7 @@ async def test_an_event_delivered_three_times_is_one_row(
     event = usage("job-repeated")
     async with running(one_by_one) as accountant:
         # When the same event arrives three times
-        await publish(usage_exchange, event, event, event)
+        await send_usage(usage_exchange, event, event, event)
         await wait_until(accountant, lambda: accountant.events_written == 3)
 
     # Expect three batches written and acknowledged, and one row
@@ -231,7 +232,7 @@ async def test_duplicates_within_one_batch_are_one_row(
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:
     # Given an event three times and another once, queued before the accountant starts
-    await publish(usage_exchange, usage("job-a"), usage("job-a"), usage("job-b"), usage("job-a"))
+    await send_usage(usage_exchange, usage("job-a"), usage("job-a"), usage("job-b"), usage("job-a"))
 
     # When it takes them all in one batch
     async with running(settings) as accountant:
@@ -249,7 +250,7 @@ async def test_a_malformed_body_is_dead_lettered_and_consuming_goes_on(
 ) -> None:
     async with running(settings) as accountant:
         # When a body that is not JSON and one that is not a UsageEvent arrive before a good one
-        await publish(usage_exchange, b"not json", b'{"job_id": "x"}', usage("job-good"))
+        await send_usage(usage_exchange, b"not json", b'{"job_id": "x"}', usage("job-good"))
         await wait_until(
             accountant, lambda: accountant.events_rejected == 2 and accountant.events_written == 1
         )
@@ -264,7 +265,7 @@ async def test_a_batch_around_a_malformed_body_is_acknowledged_whole(
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:
     # Given a malformed body queued between good events, before the accountant starts
-    await publish(usage_exchange, usage("job-1"), b"not json", usage("job-2"), usage("job-3"))
+    await send_usage(usage_exchange, usage("job-1"), b"not json", usage("job-2"), usage("job-3"))
 
     # When it takes them in one batch, acknowledged by one multiple ack over the rejected tag
     async with running(settings) as accountant:
@@ -287,7 +288,7 @@ async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
     # among good events so that all share one batch, one of them another team's same job id
     unstorable = usage("job-nul", worker="w\x00")
     namesake = usage("job-nul", team="beta")
-    await publish(usage_exchange, usage("job-1"), unstorable, namesake, usage("job-2"))
+    await send_usage(usage_exchange, usage("job-1"), unstorable, namesake, usage("job-2"))
 
     # When the accountant writes the batch
     async with running(settings) as accountant:
@@ -309,7 +310,7 @@ async def test_graceful_stop_writes_what_it_holds(
     stop = asyncio.Event()
     async with Accountant(patient) as accountant:
         task = asyncio.create_task(accountant.run(stop))
-        await publish(usage_exchange, *(usage(f"job-{i}") for i in range(5)))
+        await send_usage(usage_exchange, *(usage(f"job-{i}") for i in range(5)))
         await wait_until(accountant, lambda: accountant.events_received == 5)
         assert await row_count(pool) == 0
 

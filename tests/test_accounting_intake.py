@@ -12,7 +12,7 @@ import pytest
 import uvloop
 
 from accounting.intake import Delivery, Intake, IntakeClosed, tls_context
-from queuegate.broker import json_message
+from queuegate.broker import json_message, publish
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
@@ -26,7 +26,7 @@ async def _publish(settings: Settings, *messages: tuple[bytes, str]) -> None:
         exchange = await Topology(settings.namespace).declare_usage(channel)
         for body, message_id in messages:
             message = json_message(body, message_type=MESSAGE_TYPE_USAGE, message_id=message_id)
-            await exchange.publish(message, "")
+            await publish(channel, message, exchange=exchange.name, routing_key="")
 
 
 async def _receive(settings: Settings, count: int, *, frame_max: int = 0) -> list[Delivery]:

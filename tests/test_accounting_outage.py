@@ -10,7 +10,7 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.faults import behind_proxies
 from tests.support import consumed
-from tests.test_accounting import WAIT, publish, running, usage, wait_until
+from tests.test_accounting import WAIT, running, send_usage, usage, wait_until
 
 
 async def test_usage_written_during_a_postgres_outage_lands_once_after_it(
@@ -23,12 +23,12 @@ async def test_usage_written_during_a_postgres_outage_lands_once_after_it(
             channel = await connection.channel(publisher_confirms=True)
             exchange = await Topology(settings.namespace).declare_usage(channel)
             # Given accounting writing through a proxy, with 50 events written
-            await publish(exchange, *(usage(f"before-{i}") for i in range(50)))
+            await send_usage(exchange, *(usage(f"before-{i}") for i in range(50)))
             await wait_until(accountant, lambda: accountant.rows_inserted == 50)
 
             # When PostgreSQL goes away and 100 more events arrive
             await proxies["database"].down()
-            await publish(exchange, *(usage(f"during-{i}") for i in range(100)))
+            await send_usage(exchange, *(usage(f"during-{i}") for i in range(100)))
             await wait_until(accountant, lambda: accountant.events_received == 150)
             assert accountant.rows_inserted == 50  # held, not acknowledged
 
@@ -50,13 +50,13 @@ async def test_accounting_consumes_again_after_its_broker_connection_drops(
         async with connection, running(through) as accountant:
             exchange = await _usage_exchange(connection, settings)
             # Given accounting reaching RabbitMQ through a proxy, with 10 events written
-            await publish(exchange, *(usage(f"before-{i}") for i in range(10)))
+            await send_usage(exchange, *(usage(f"before-{i}") for i in range(10)))
             await wait_until(accountant, lambda: accountant.rows_inserted == 10)
 
             # When its connection is cut and may come back, and 10 more events arrive
             await proxies["amqp"].down()
             await proxies["amqp"].up()
-            await publish(exchange, *(usage(f"after-{i}") for i in range(10)))
+            await send_usage(exchange, *(usage(f"after-{i}") for i in range(10)))
 
             # Expect them written: its consumer is back on the reopened channel
             await wait_until(accountant, lambda: accountant.rows_inserted == 20)
@@ -70,7 +70,7 @@ async def test_accounting_declares_its_queue_again_when_it_is_deleted(
     async with admin, running(settings) as accountant:
         exchange = await _usage_exchange(admin, settings)
         # Given accounting consuming its queue
-        await publish(exchange, usage("before"))
+        await send_usage(exchange, usage("before"))
         await wait_until(accountant, lambda: accountant.rows_inserted == 1)
 
         # When an operator deletes the queue under it
@@ -79,7 +79,7 @@ async def test_accounting_declares_its_queue_again_when_it_is_deleted(
 
         # Expect the queue back, consumed again, and new events written
         await consumed(admin, queue, WAIT)
-        await publish(exchange, usage("after"))
+        await send_usage(exchange, usage("after"))
         await wait_until(accountant, lambda: accountant.rows_inserted == 2)
 
 
