@@ -59,6 +59,7 @@ class Admission:
         self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
         self._configs: Mapping[str, TeamConfig] = {}
         self._lines: dict[tuple[str, ...], asyncio.Lock] = {}
+        self._deployment_limits: dict[str, Limit | None] = {}
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
         self._configs = dict(configs)
@@ -68,15 +69,20 @@ class Admission:
 
     def deployment_limit(self, deployment: Deployment) -> Limit | None:
         """The bucket of the provider account's own limits, if the catalog gives it any."""
-        if deployment.rpm is None and deployment.tpm is None:
-            return None
-        return Limit(
-            self._keys.deployment_bucket(deployment.name),
-            f"deployment {deployment.name}",
-            deployment.rpm,
-            deployment.tpm,
-            deployment.request_burst,
-        )
+        name = deployment.name
+        if name not in self._deployment_limits:
+            self._deployment_limits[name] = (
+                None
+                if deployment.rpm is None and deployment.tpm is None
+                else Limit(
+                    self._keys.deployment_bucket(name),
+                    f"deployment {name}",
+                    deployment.rpm,
+                    deployment.tpm,
+                    deployment.request_burst,
+                )
+            )
+        return self._deployment_limits[name]
 
     def line(self, limits: list[Limit]) -> asyncio.Lock:
         """Where this process's jobs wait their turn for the same buckets (see Ticket.take)."""
@@ -109,6 +115,27 @@ class Admission:
             await ticket.settle(None)
             raise
         return ticket
+
+    async def take(self, limits: list[Limit], tokens: int, within_ms: int, until: float) -> Take:
+        """Take a request and ``tokens`` from every bucket of ``limits`` if they have them
+        within ``within_ms``, under the outage policy (this process's share of the limits
+        while Redis is away, when failing open)."""
+        return await self._guard(
+            lambda: self._buckets.take(limits, tokens, within_ms),
+            lambda: self._local.take(limits, tokens, within_ms),
+            until,
+        )
+
+    async def drain(self, limit: Limit) -> None:
+        await self._best_effort(partial(self._buckets.drain, [limit]))
+
+    async def give_back(self, limits: list[Limit], tokens: int) -> None:
+        """Return ``tokens`` (negative: take more) to buckets of tokens, estimates settled."""
+        await self._best_effort(partial(self._buckets.settle, limits, tokens))
+
+    async def spend(self, budget: Reservation, actual_nano: int) -> None:
+        """Replace a budget reservation by what the job really cost."""
+        await self._best_effort(partial(self._budgets.settle, budget, actual_nano))
 
     def _team_limits(self, job: ChatJob, config: TeamConfig) -> list[Limit]:
         limits = []
@@ -164,7 +191,8 @@ class Ticket:
         self._until = until
         self.budget: Reservation | None = None
         self.team_limits: list[Limit] = []
-        self._deployments: list[Limit] = []
+        self._deployments: list[tuple[str, Limit]] = []
+        """The deployments whose buckets this job took from, by name."""
         self._settled = False
 
     async def enter(self, deployment: Deployment) -> None:
@@ -172,16 +200,15 @@ class Ticket:
         limit = self._admission.deployment_limit(deployment)
         if limit is not None:
             await self.take([limit])
-            self._deployments.append(limit)
+            self._deployments.append((deployment.name, limit))
 
     async def rate_limited(self, deployment: Deployment) -> None:
         """The deployment answered 429: its provider admits fewer calls at once than the
         bucket let through (a burst set too high, or another client of the same account), so
         the bucket is emptied and the next calls, retries included, go at the rate alone."""
-        a = self._admission
-        limit = a.deployment_limit(deployment)
+        limit = self._admission.deployment_limit(deployment)
         if limit is not None and limit.rpm is not None:
-            await a._best_effort(partial(a._buckets.drain, [limit]))
+            await self._admission.drain(limit)
 
     async def take(self, limits: list[Limit]) -> None:
         if not limits:
@@ -217,13 +244,7 @@ class Ticket:
             line.release()
 
     async def _take(self, limits: list[Limit], within_ms: int) -> Take:
-        a = self._admission
-        tokens = self.estimate.tokens
-        return await a._guard(
-            lambda: a._buckets.take(limits, tokens, within_ms),
-            lambda: a._local.take(limits, tokens, within_ms),
-            self._until,
-        )
+        return await self._admission.take(limits, self.estimate.tokens, within_ms, self._until)
 
     async def settle(self, routed: Routed | None) -> None:
         """Replace every estimate with the real usage (``None``: nothing served, refund all).
@@ -241,18 +262,15 @@ class Ticket:
         calls: list[Awaitable[None]] = []
         team_tokens = [limit for limit in self.team_limits if limit.tpm]
         if team_tokens:
-            calls.append(a._best_effort(partial(a._buckets.settle, team_tokens, back)))
-        for limit in self._deployments:
+            calls.append(a.give_back(team_tokens, back))
+        for name, limit in self._deployments:
             if not limit.tpm:
                 continue
-            served = routed is not None and limit.key == a._keys.deployment_bucket(
-                routed.deployment
-            )
-            refund = back if served else self.estimate.tokens
-            calls.append(a._best_effort(partial(a._buckets.settle, [limit], refund)))
+            served = routed is not None and name == routed.deployment
+            calls.append(a.give_back([limit], back if served else self.estimate.tokens))
         if self.budget is not None:
             actual = to_nano(routed.cost_usd) if routed is not None else 0
-            calls.append(a._best_effort(partial(a._budgets.settle, self.budget, actual)))
+            calls.append(a.spend(self.budget, actual))
         await asyncio.gather(*calls)
 
 
