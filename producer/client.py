@@ -28,8 +28,10 @@ from producer.replies import ReplyBook
 from producer.streams import ChatStream, StreamBook
 from queuegate.broker import (
     CONNECTION_LOST,
+    Consumer,
     Outgoing,
     connect,
+    consume,
     json_message,
     publish,
     settle,
@@ -114,8 +116,7 @@ class GatewayClient:
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._reply_queue: AbstractQueue | None = None
-        self._consumer: tuple[aiormq.abc.AbstractChannel, str] | None = None
-        """The underlying channel replies are consumed on, and the consumer's tag."""
+        self._consumer: Consumer | None = None
 
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
@@ -166,8 +167,7 @@ class GatewayClient:
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     # Our consumer first, so the broker does not cancel it under us.
                     if self._consumer is not None:
-                        underlay, tag = self._consumer
-                        await underlay.basic_cancel(tag)
+                        await self._consumer.cancel()
                     await self._reply_queue.delete(if_unused=False, if_empty=False)
         await self._connection.close()
 
@@ -281,12 +281,7 @@ class GatewayClient:
         await self.submit(job)
 
     async def _consume_replies(self, channel: AbstractRobustChannel) -> None:
-        # On the underlying channel: aio-pika would wrap each reply in a message of its own,
-        # every property decoded, and run it in a second task (about 100 us of CPU a reply).
-        underlay = await channel.get_underlay_channel()
-        ok = await underlay.basic_consume(self.reply_to, self._on_reply)
-        assert ok.consumer_tag is not None  # the broker names it when we do not
-        self._consumer = (underlay, ok.consumer_tag)
+        self._consumer = await consume(channel, self.reply_to, self._on_reply)
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # The robust channel has declared the reply queue again; the consumer is ours.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -18,6 +19,7 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 from aiormq import spec
+from aiormq.abc import ConsumerCallback
 from aiormq.exceptions import ChannelInvalidStateError
 
 from queuegate.errors import ServiceUnavailable
@@ -66,6 +68,40 @@ async def publish(
         mandatory=True,
         wait=False,
     )
+
+
+@dataclass(frozen=True)
+class Consumer:
+    channel: aiormq.abc.AbstractChannel
+    """The underlying channel it consumes on: once the robust channel reopens, a new one."""
+    tag: str
+
+    async def cancel(self) -> None:
+        await self.channel.basic_cancel(self.tag)
+
+
+async def consume(
+    channel: AbstractRobustChannel,
+    queue: str,
+    callback: ConsumerCallback,
+    *,
+    prefetch: int | None = None,
+) -> Consumer:
+    """Consume ``queue`` on the robust channel's underlying aiormq channel.
+
+    aio-pika would wrap each delivery in a message of its own, every property decoded, and run
+    the callback in a second task beside aiormq's, alive as long as the delivery is held (about
+    100 us of CPU and 2.7 KB a delivery). Its robust channel restores only the consumers it made
+    itself: consume again from the channel's ``reopen_callbacks``, by which time it has
+    declared its queues again. ``prefetch`` is a non-global basic.qos, which applies to the
+    consumers started after it on the channel.
+    """
+    underlay = await channel.get_underlay_channel()
+    if prefetch is not None:
+        await underlay.basic_qos(prefetch_count=prefetch)
+    ok = await underlay.basic_consume(queue, callback)
+    assert ok.consumer_tag is not None  # the broker names it when we do not
+    return Consumer(underlay, ok.consumer_tag)
 
 
 async def settle(action: Awaitable[object], what: str, logger: logging.Logger) -> bool:

@@ -15,9 +15,9 @@ import asyncpg
 from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractRobustChannel
 from aiormq import spec
-from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.abc import DeliveredMessage
 
-from queuegate.broker import CONNECTION_LOST, connect
+from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
@@ -41,13 +41,11 @@ from workers.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Consumer:
+@dataclass(frozen=True)
+class _TeamConsumer:
     queue: str
     prefetch: int
-    channel: AbstractChannel
-    """The underlying channel it consumes on: a reopened channel needs a new consumer."""
-    tag: str
+    consumer: Consumer
 
 
 class Worker:
@@ -78,7 +76,7 @@ class Worker:
         self._fixed_teams = list(teams) if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology(settings.namespace, settings.delivery_limit)
-        self._consumers: dict[str, _Consumer] = {}
+        self._consumers: dict[str, _TeamConsumer] = {}
         self._reopening: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
@@ -186,29 +184,21 @@ class Worker:
             # one), so a new limit means a new consumer; the old one's held jobs finish and
             # are acked as usual, and count on top of the new slots until then.
             if current is not None:
-                await current.channel.basic_cancel(current.tag)
+                await current.consumer.cancel()
             queue = await self._topology.declare_team_queue(channel, team)
             self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
             log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
-            consumer = self._consumers.pop(team)
-            await consumer.channel.basic_cancel(consumer.tag)
+            await self._consumers.pop(team).consumer.cancel()
             log.info("stopped serving team %s (disabled)", team)
 
     async def _consume(
         self, channel: AbstractRobustChannel, team: str, queue: str, prefetch: int
-    ) -> _Consumer:
-        # On the underlying channel: aio-pika would run each delivery in a task of its own
-        # beside the one aiormq starts, alive as long as the job (2.7 KB each; bench latency,
-        # 5,000 jobs held: 149 -> 136 MB). The robust channel declares the queues again
-        # after a reconnect, and _on_reopen consumes them again.
-        underlay = await channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        # A non-global basic.qos applies to the consumers started after it on the channel.
-        await underlay.basic_qos(prefetch_count=prefetch)
-        ok = await underlay.basic_consume(queue, self._callback(team, queue))
-        assert ok.consumer_tag is not None  # the broker names it when we do not
-        return _Consumer(queue, prefetch, underlay, ok.consumer_tag)
+    ) -> _TeamConsumer:
+        # On the underlying channel (see consume): _on_reopen consumes again after a reconnect.
+        consumer = await consume(channel, queue, self._callback(team, queue), prefetch=prefetch)
+        consumer.channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        return _TeamConsumer(queue, prefetch, consumer)
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         if self._draining or channel is None:
@@ -219,17 +209,19 @@ class Worker:
             )
 
     def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        consumer = next((c for c in self._consumers.values() if c.tag == frame.consumer_tag), None)
-        if consumer is None:
+        served = next(
+            (c for c in self._consumers.values() if c.consumer.tag == frame.consumer_tag), None
+        )
+        if served is None:
             return
         log.warning(
             "the broker cancelled the consumer of %s (was the queue deleted?): reopening the"
             " channel, which declares the queues again and consumes",
-            consumer.queue,
+            served.queue,
         )
         # Not awaited: this runs in the channel's reader, which the close waits for. Kept so
         # that the task is not collected before it is done.
-        self._reopening = asyncio.create_task(consumer.channel.close())
+        self._reopening = asyncio.create_task(served.consumer.channel.close())
 
     async def _registry_teams(self, pool: asyncpg.Pool) -> dict[str, TeamConfig] | None:
         """Enabled teams and their configs; None while the registry cannot be read."""
@@ -264,9 +256,9 @@ class Worker:
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
         self._draining = True
-        for consumer in self._consumers.values():
+        for served in self._consumers.values():
             with contextlib.suppress(Exception):
-                await consumer.channel.basic_cancel(consumer.tag)
+                await served.consumer.cancel()
         self._consumers.clear()
         if self._inflight:
             log.info(
