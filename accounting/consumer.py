@@ -167,11 +167,14 @@ class Accountant:
         broker away, the queue deleted): each declares the queue before consuming it."""
         loop = asyncio.get_running_loop()
         delay = BACKOFF_FIRST
+        declared = True  # __aenter__ has just declared the queue
         while not self._stopping:
             try:
-                # Bounded: a robust connection lost mid-declare would wait for its return.
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                    await self._declare()
+                if not declared:
+                    # Bounded: a robust connection lost mid-declare would wait for its return.
+                    async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                        await self._declare()
+                declared = False
                 intake = await Intake.open(
                     self.settings.amqp_url,
                     self.topology.accounting_queue,
