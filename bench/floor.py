@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import resource
 import time
 import uuid
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.measure import Figure, cpu_per_thousand, latency_figures, run_lanes
+from bench.measure import Figure, cpu_per_thousand, latency_figures, own_cpu, run_lanes
 from bench.stack import services_cpu
 from queuegate.settings import Settings
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def floor(settings: Settings, *, jobs: int) -> list[Figure]:
@@ -62,7 +56,7 @@ async def floor(settings: Settings, *, jobs: int) -> list[Figure]:
 
         figures = []
         for concurrency in (1, 64):
-            cpu, services, started = _cpu(), services_cpu(), time.perf_counter()
+            cpu, services, started = own_cpu(), services_cpu(), time.perf_counter()
             ms = await run_lanes(round_trip, jobs, concurrency)
             elapsed = time.perf_counter() - started
             figures.append(
@@ -72,7 +66,7 @@ async def floor(settings: Settings, *, jobs: int) -> list[Figure]:
                     {
                         **latency_figures(ms),
                         "per_s": round(jobs / elapsed),
-                        "cpu_s/1k bench": round((_cpu() - cpu) * 1000 / jobs, 3),
+                        "cpu_s/1k bench": round((own_cpu() - cpu) * 1000 / jobs, 3),
                         **cpu_per_thousand(services, services_cpu(), jobs),
                     },
                 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import resource
 import time
 from datetime import timedelta
 
@@ -11,6 +10,7 @@ from bench.measure import (
     Figure,
     cpu_per_thousand,
     latency_figures,
+    own_cpu,
     percentile,
     post_load,
     run_lanes,
@@ -22,13 +22,8 @@ MESSAGES = [{"role": "user", "content": "Summarise the benefits of a message que
 WARM_UP = 200
 
 
-def _self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def cpu_with_producer(stack: Stack) -> dict[str, float]:
-    return {**stack.cpu(), "producer": _self_cpu()}
+    return {**stack.cpu(), "producer": own_cpu()}
 
 
 async def overhead(*, jobs: int) -> list[Figure]:

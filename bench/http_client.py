@@ -24,7 +24,6 @@ import asyncio
 import gc
 import itertools
 import json
-import resource
 import sys
 import time
 import tracemalloc
@@ -37,7 +36,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.measure import percentile, run_lanes
+from bench.measure import own_cpu, percentile, run_lanes
 from bench.stack import free_port, wait_http
 from queuegate.messages import ChatJob
 from router import transport
@@ -139,11 +138,6 @@ def _request(model: str = "gpt-4o-mini", *, stream: bool = False) -> UpstreamReq
     return OpenAIAdapter().build_request(job, model, KEY, stream=stream)
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def _measure(
     call: Call, request: UpstreamRequest, calls: int, concurrency: int
 ) -> dict[str, Any]:
@@ -154,9 +148,9 @@ async def _measure(
         return (time.perf_counter() - started) * 1000
 
     await run_lanes(one, WARM_UP, concurrency)
-    cpu, started = _cpu(), time.perf_counter()
+    cpu, started = own_cpu(), time.perf_counter()
     ms = await run_lanes(one, calls, concurrency)
-    elapsed, cpu = time.perf_counter() - started, _cpu() - cpu
+    elapsed, cpu = time.perf_counter() - started, own_cpu() - cpu
     return {
         "cpu_us/call": round(cpu * 1e6 / calls),
         "calls/s": round(calls / elapsed),

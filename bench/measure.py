@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,12 @@ CHAT_BODY = {
     "max_tokens": 16,
 }
 """The OpenAI chat request of the HTTP scenarios (a direct call, LiteLLM Proxy)."""
+
+
+def own_cpu() -> float:
+    """CPU seconds this process has spent, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def percentile(values: list[float], p: float) -> float:
