@@ -143,13 +143,14 @@ class Router:
     Router per process (per event loop) and share it; it can be opened only once. Keys are read
     from ``env`` at each call, so a rotated key is picked up without a restart. ``redis`` holds
     the deployments' circuit breakers and 429 pauses, shared with every other worker; the
-    caller owns and closes it.
+    caller owns and closes it, and may keep its own state there too (``router.redis``).
     """
 
     def __init__(
         self, catalog: Catalog, env: Mapping[str, str], *, redis: aioredis.Redis, keys: Keys
     ) -> None:
         self.catalog = catalog
+        self.redis = redis
         self.health = Health(redis, keys, catalog)
         self._env = env
         self._key_files: dict[Path, tuple[float, str]] = {}

@@ -23,7 +23,6 @@ from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.outage import OutageLog
-from queuegate.redis_client import pooled_redis
 from queuegate.registry import TeamConfig, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -118,7 +117,8 @@ class Worker:
             await pool.close()
             raise
         self._connected = connection.connected
-        redis = pooled_redis(s.redis_url)
+        # One pool per process: the router's, which its opener closes.
+        redis = self._router.redis
         live = LiveStatsWriter(
             redis, Keys(s.redis_prefix), self.name, s.stats_interval, self._live_in_flight
         )
@@ -164,7 +164,6 @@ class Worker:
             live_stop.set()
             await live_task
             await connection.close()
-            await redis.aclose()
             await pool.close()
 
     async def _serve_teams(self, channel: AbstractRobustChannel, pool: asyncpg.Pool) -> None:
