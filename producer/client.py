@@ -317,7 +317,9 @@ def job_message(
 ) -> Outgoing:
     """The AMQP message of a job: ids, reply queue, TTL from its deadline, send time, and the
     team's API key where the team proves itself with one."""
-    headers: dict[str, str | int] = {HEADER_SENT_MS: int(time.time() * 1000)}
+    # Rounded: cut down, every job's queued_ms would read half a millisecond long on average.
+    # An integer: pamqp sends a float as single precision, whole seconds off at this size.
+    headers: dict[str, str | int] = {HEADER_SENT_MS: round(time.time() * 1000)}
     if api_key is not None:
         headers[API_KEY_HEADER] = api_key
     return json_message(

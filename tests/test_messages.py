@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -9,6 +10,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from producer.client import job_message
 from queuegate.messages import (
     HTTP_STATUS,
     Attempt,
@@ -20,6 +22,7 @@ from queuegate.messages import (
     StreamChunk,
     UsageEvent,
 )
+from queuegate.topology import HEADER_SENT_MS
 
 JOB = {
     "job_id": "j-1",
@@ -118,3 +121,14 @@ def test_stream_chunk_and_usage_event_round_trip() -> None:
         job_id="j", team="alpha", model_requested="m", status="error", error_code="rate_limited"
     )
     assert UsageEvent.model_validate_json(event.model_dump_json()) == event
+
+
+def test_a_job_message_carries_its_send_time_to_the_nearest_millisecond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Cut down, every job would look half a millisecond older on average; and the header
+    # must stay an integer (pamqp sends a float in single precision: seconds off).
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0007)
+    message = job_message(ChatJob.model_validate(JOB), reply_to="replies", user_id=None)
+    assert message.properties.headers is not None
+    assert message.properties.headers[HEADER_SENT_MS] == 1_800_000_000_001
