@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from bench.measure import (
     Figure,
+    cpu_bound,
     cpu_per_thousand,
     latency_figures,
     own_cpu,
@@ -115,6 +116,7 @@ async def throughput(
             if name.startswith("worker")
         }
         in_flight = await stack.max_concurrent_calls(latency_ms) if latency_ms else None
+    cpu = cpu_per_thousand(before, after, jobs)
     name = "latency hiding" if latency_ms else "throughput"
     case = f"{workers} worker{'s' if workers > 1 else ''}"
     if latency_ms:
@@ -132,7 +134,8 @@ async def throughput(
             "max_held": max_held,
             **({"max_calls_at_mock": in_flight} if in_flight is not None else {}),
             **rss,
-            **cpu_per_thousand(before, after, jobs),
+            **cpu,
+            **cpu_bound(cpu),
         },
     )
 

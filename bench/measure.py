@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import time
 from collections.abc import Awaitable, Callable
@@ -79,6 +80,16 @@ def cpu_per_thousand(
         f"cpu_s/1k {name}": round((after[name] - before[name]) * 1000 / jobs, 3)
         for name in after
         if name in before
+    }
+
+
+def cpu_bound(cpu: dict[str, float]) -> dict[str, float]:
+    """Every process's CPU per 1,000 jobs together (``cpu_per_thousand``), and the jobs/s this
+    machine's cores allow at that cost: how near a run came to the machine's limit."""
+    total = sum(cpu.values())
+    return {
+        "cpu_s/1k all": round(total, 3),
+        "cpu_bound_per_s": round((os.cpu_count() or 1) * 1000 / total) if total else 0,
     }
 
 
