@@ -32,7 +32,10 @@ RESULTS = Path(__file__).parent / "results"
 
 def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
     async def both_throughputs() -> list[Figure]:
-        return [await throughput(jobs=jobs * 2, workers=n) for n in (1, 2)]
+        return [
+            *[await throughput(jobs=jobs * 2, workers=n) for n in (1, 2)],
+            await throughput(jobs=jobs * 2, workers=1, governed=True),
+        ]
 
     async def latency_hiding() -> list[Figure]:
         return [await throughput(jobs=5000, workers=1, latency_ms=1000, prefetch=5000)]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
 
 from bench.measure import (
     Figure,
@@ -18,9 +21,22 @@ from bench.measure import (
 )
 from bench.stack import TEAM, Stack, peak_rss_mb, running_stack
 from producer import GatewayClient, JobHandle
+from queuegate.registry import TeamConfig
 
 MESSAGES = [{"role": "user", "content": "Summarise the benefits of a message queue in one line."}]
 WARM_UP = 200
+
+GOVERNED = TeamConfig(rpm=10**7, tpm=10**10, budget_usd=Decimal(10**6))
+"""A team as operators run them, rate limits and a monthly budget, none of them reached: every
+job reserves and settles its budget and takes from and settles the team's buckets."""
+GOVERNED_CATALOG = """
+models:
+  gpt-4o-mini:              # the provider account's own limits, not reached either
+    deployments:
+      - {name: openai-main, provider: openai, model: gpt-4o-mini,
+         api_base: "${QUEUEGATE_MOCK_URL}", api_key_env: QUEUEGATE_MOCK_KEY,
+         input_per_mtok: 0.15, output_per_mtok: 0.60, rpm: 10000000, tpm: 10000000000}
+"""
 
 
 def cpu_with_producer(stack: Stack) -> dict[str, float]:
@@ -88,39 +104,56 @@ def _stages(stages: list[tuple[float, float, float]]) -> dict[str, float]:
 
 
 async def throughput(
-    *, jobs: int, workers: int, latency_ms: float = 0, prefetch: int = 256
+    *,
+    jobs: int,
+    workers: int,
+    latency_ms: float = 0,
+    prefetch: int = 256,
+    governed: bool = False,
 ) -> Figure:
-    """Jobs/s from the first publish to the last result and the last usage row in PostgreSQL."""
-    async with (
-        running_stack(workers=workers, prefetch=prefetch, latency_ms=latency_ms) as stack,
-        GatewayClient(stack.settings, team=TEAM) as client,
-    ):
-        for handle in await publish(client, WARM_UP):
-            await handle.result(60)
-        await stack.wait_rows(WARM_UP)
-        before, started = cpu_with_producer(stack), time.perf_counter()
-        sampled = asyncio.Event()
-        held = asyncio.create_task(stack.max_held(sampled))
-        handles = await publish(client, jobs)
-        published = time.perf_counter() - started
-        failed = sum([(await h.result(600)).status != "ok" for h in handles])
-        answered = time.perf_counter() - started
-        sampled.set()
-        max_held = await held
-        await stack.wait_rows(jobs + WARM_UP)
-        accounted = time.perf_counter() - started
-        after = cpu_with_producer(stack)
-        rss = {
-            f"peak_rss_mb {name}": round(peak_rss_mb(process.pid))
-            for name, process in stack.processes.items()
-            if name.startswith("worker")
-        }
-        in_flight = await stack.max_concurrent_calls(latency_ms) if latency_ms else None
+    """Jobs/s from the first publish to the last result and the last usage row in PostgreSQL;
+    ``governed``: for a team with limits and a budget (``GOVERNED``)."""
+    with tempfile.TemporaryDirectory() as directory:
+        catalog = Path(directory) / "catalog.yaml"
+        catalog.write_text(GOVERNED_CATALOG)
+        async with (
+            running_stack(
+                workers=workers,
+                prefetch=prefetch,
+                latency_ms=latency_ms,
+                catalog=catalog if governed else None,
+                team=GOVERNED if governed else None,
+            ) as stack,
+            GatewayClient(stack.settings, team=TEAM) as client,
+        ):
+            for handle in await publish(client, WARM_UP):
+                await handle.result(60)
+            await stack.wait_rows(WARM_UP)
+            before, started = cpu_with_producer(stack), time.perf_counter()
+            sampled = asyncio.Event()
+            held = asyncio.create_task(stack.max_held(sampled))
+            handles = await publish(client, jobs)
+            published = time.perf_counter() - started
+            failed = sum([(await h.result(600)).status != "ok" for h in handles])
+            answered = time.perf_counter() - started
+            sampled.set()
+            max_held = await held
+            await stack.wait_rows(jobs + WARM_UP)
+            accounted = time.perf_counter() - started
+            after = cpu_with_producer(stack)
+            rss = {
+                f"peak_rss_mb {name}": round(peak_rss_mb(process.pid))
+                for name, process in stack.processes.items()
+                if name.startswith("worker")
+            }
+            in_flight = await stack.max_concurrent_calls(latency_ms) if latency_ms else None
     cpu = cpu_per_thousand(before, after, jobs)
     name = "latency hiding" if latency_ms else "throughput"
     case = f"{workers} worker{'s' if workers > 1 else ''}"
     if latency_ms:
         case += f", mock {latency_ms:.0f} ms"
+    if governed:
+        case += ", limits + budget"
     return Figure(
         name,
         case,

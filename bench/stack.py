@@ -24,6 +24,7 @@ from mockprovider import MockConfig
 from queuegate.keys import Keys
 from queuegate.livestats import read_view
 from queuegate.namespace import drop_namespace
+from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -185,10 +186,12 @@ async def running_stack(
     latency_ms: float = 0,
     accounting: bool = True,
     catalog: Path | None = None,
+    team: TeamConfig | None = None,
 ) -> AsyncIterator[Stack]:
     """Start the processes, wait until each is serving, and tear everything down after.
 
-    ``catalog`` replaces the bundled mock catalog (``QUEUEGATE_CATALOG``).
+    ``catalog`` replaces the bundled mock catalog (``QUEUEGATE_CATALOG``); ``team`` registers
+    the bench team with these limits and budget (else it is served unregistered: no limits).
     """
     settings = bench_settings()
     port = free_port()
@@ -208,7 +211,7 @@ async def running_stack(
         mock = ("mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
         await stack.spawn("mock", *mock)
         await wait_http(stack.mock_url)
-        await _prepare(settings)
+        await _prepare(settings, team)
         if accounting:
             await stack.spawn("accounting", "accounting", "--log-level", "warning")
         for i in range(workers):
@@ -237,13 +240,16 @@ async def wait_http(url: str) -> None:
     raise TimeoutError(f"mock provider did not start at {url}")
 
 
-async def _prepare(settings: Settings) -> None:
+async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
     from accounting import migrate
     from queuegate.db import create_pool
 
     pool = await create_pool(settings)
     try:
         await migrate(pool, settings.database_schema)
+        if team is not None:
+            await add_team(pool, TEAM)
+            await set_team_config(pool, TEAM, team)
     finally:
         await pool.close()
     connection = await aio_pika.connect(settings.amqp_url)
