@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
+import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
+from queuegate.keys import Keys
 from queuegate.messages import ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.support import Gateway, running_gateway
 from tests.teams import register
+from workers.admission.scripts import Call, Scripts
 
 # 40 characters (the mock counts 10 prompt tokens) whose reply is longer than max_tokens, so
 # every job really uses 10 + 11 = 21 tokens; the gateway estimates 10 + 3 + 11 = 24.
@@ -121,6 +124,51 @@ async def test_concurrent_jobs_never_overspend_a_budget(settings: Settings) -> N
         await gw.usage_rows(100)
         spent = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
         assert spent <= budget
+
+
+async def test_a_served_jobs_settles_go_together_and_leave_its_real_usage(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given team alpha with a token bucket and a budget, on a deployment with a token limit
+    await register(settings, "alpha", TeamConfig(tpm=1000, budget_usd=Decimal(1)))
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  small:
+    deployments:
+      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, tpm: 1000}
+"""
+    )
+    batches: list[list[str]] = []
+    run_all = Scripts.run_all
+
+    async def counted(self: Scripts, calls: Sequence[Call]) -> list[list[int]]:
+        batches.append([call.script for call in calls])
+        return await run_all(self, calls)
+
+    monkeypatch.setattr(Scripts, "run_all", counted)
+    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
+        # When one job is served
+        result = await client.chat("small", WORDS, max_tokens=MAX_TOKENS, timeout=10)
+        assert result.status == "ok"
+
+    # Expect its settles (both buckets' tokens, then the budget) sent in one round trip
+    assert batches[-1] == ["take", "take", "spend"]
+    # ... and the counters at what the job really used, not at its estimate: the budget at
+    # its cost (10 input tokens at $1/M, 11 output at $2/M), each bucket 21 tokens down
+    # (a refill of 1,000 a minute adds less than one in the time the job takes)
+    keys = Keys(settings.redis_prefix)
+    spent = await redis_client.get(keys.spend("alpha", datetime.now(UTC).strftime("%Y-%m")))
+    assert spent is not None and int(spent) == 32_000
+    for bucket in (keys.team_bucket("alpha"), keys.deployment_bucket("small-1")):
+        tokens = await redis_client.hget(bucket, "t")
+        assert tokens is not None
+        assert 1000 - REAL_TOKENS <= float(tokens) < 1000 - REAL_TOKENS + 1
 
 
 async def test_a_flooding_team_does_not_hold_up_a_trickling_one(settings: Settings) -> None:

@@ -10,13 +10,19 @@ from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from workers.admission import prefetch_for
-from workers.admission.buckets import Buckets, Limit, Take
+from workers.admission.buckets import Buckets, Limit, Take, settle_call
 from workers.admission.policy import LocalBuckets
 from workers.admission.scripts import Scripts
 
 
 def _buckets(client: aioredis.Redis) -> Buckets:
     return Buckets(Scripts(client))
+
+
+async def _settle(client: aioredis.Redis, limit: Limit, tokens_back: int) -> None:
+    call = settle_call([limit], tokens_back)
+    assert call is not None
+    await Scripts(client).run(call)
 
 
 async def test_a_full_bucket_admits_a_minute_of_its_limit_then_says_how_long_to_wait(
@@ -65,7 +71,7 @@ async def test_settling_a_larger_usage_leaves_debt_and_a_smaller_one_refunds(
     assert (await buckets.take([limit], 300)).taken
 
     # When the job turns out to have used 900 (600 more than reserved)
-    await buckets.settle([limit], -600)
+    await _settle(redis_client, limit, -600)
 
     # Expect the bucket in debt: even a 1-token job waits about 30 s
     in_debt = await buckets.take([limit], 1)
@@ -73,7 +79,7 @@ async def test_settling_a_larger_usage_leaves_debt_and_a_smaller_one_refunds(
     assert 29_000 <= in_debt.wait_ms <= 30_200
 
     # And when 600 are refunded, the bucket admits again
-    await buckets.settle([limit], 600)
+    await _settle(redis_client, limit, 600)
     assert await buckets.take([limit], 1) == Take(True, 0)
 
 

@@ -75,7 +75,9 @@ async def test_settling_replaces_the_estimate_with_the_real_cost(
     assert reservation is not None
 
     # When the job really cost $0.10
-    await budgets.settle(reservation, DOLLAR // 10)
+    settle = budgets.settle_call(reservation, DOLLAR // 10)
+    assert settle is not None
+    await Scripts(redis_client).run(settle)
 
     # Expect $0.90 left: a $0.85 job fits
     assert await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100) is not None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from queuegate.errors import InvalidRequest
-from workers.admission.scripts import Scripts
+from workers.admission.scripts import Call, Scripts
 
 
 @dataclass(frozen=True)
@@ -48,28 +48,21 @@ class Buckets:
         """
         if not limits:
             return Take(True, 0)
-        reply = await self._scripts.take(
-            keys=[limit.key for limit in limits],
-            args=["take", 1, tokens, within_ms, *_caps(limits)],
-        )
+        reply = await self._scripts.run(_call(limits, "take", 1, tokens, within_ms))
         if reply[0] == -1:
             raise too_large(limits[int(reply[1]) - 1], tokens)
         return Take(reply[0] == 1, int(reply[1]))
 
-    async def settle(self, limits: Sequence[Limit], tokens_back: int) -> None:
-        """Give ``tokens_back`` to every bucket (negative: take more, into debt if need be)."""
-        if limits and tokens_back:
-            await self._scripts.take(
-                keys=[limit.key for limit in limits],
-                args=["settle", 0, tokens_back, 0, *_caps(limits)],
-            )
-
     async def drain(self, limits: Sequence[Limit]) -> None:
         """Empty every bucket of its requests: the next ones are admitted at the rate alone."""
         if limits:
-            await self._scripts.take(
-                keys=[limit.key for limit in limits], args=["drain", 0, 0, 0, *_caps(limits)]
-            )
+            await self._scripts.run(_call(limits, "drain", 0, 0, 0))
+
+
+def settle_call(limits: Sequence[Limit], tokens_back: int) -> Call | None:
+    """The script call that gives ``tokens_back`` to every bucket (negative: takes more, into
+    debt if need be), to run with a job's other settles; None when it has nothing to do."""
+    return _call(limits, "settle", 0, tokens_back, 0) if limits and tokens_back else None
 
 
 def too_large(limit: Limit, tokens: int) -> InvalidRequest:
@@ -79,5 +72,6 @@ def too_large(limit: Limit, tokens: int) -> InvalidRequest:
     )
 
 
-def _caps(limits: Sequence[Limit]) -> list[int]:
-    return [arg for limit in limits for arg in (limit.rpm or 0, limit.tpm or 0, limit.burst or 0)]
+def _call(limits: Sequence[Limit], mode: str, requests: int, tokens: int, within_ms: int) -> Call:
+    caps = [arg for limit in limits for arg in (limit.rpm or 0, limit.tpm or 0, limit.burst or 0)]
+    return Call("take", [limit.key for limit in limits], [mode, requests, tokens, within_ms, *caps])

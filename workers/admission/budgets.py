@@ -21,7 +21,7 @@ from queuegate.errors import BudgetExhausted, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from workers.admission.estimate import NANO, to_nano
-from workers.admission.scripts import Scripts
+from workers.admission.scripts import Call, Scripts
 
 log = logging.getLogger(__name__)
 
@@ -89,31 +89,37 @@ class Budgets:
                 )
             return Reservation(keys, team, month, nano)
 
-    async def settle(self, reservation: Reservation, actual_nano: int) -> None:
-        """Replace the reserved estimate with what the job really cost."""
+    def settle_call(self, reservation: Reservation, actual_nano: int) -> Call | None:
+        """The script call that replaces the reserved estimate with what the job really cost,
+        to run with the job's other settles (its reply then goes to ``settled``); None when
+        there is nothing to replace."""
         delta = actual_nano - reservation.nano
-        if delta:
-            await self._run(
-                reservation.team,
-                reservation.month,
-                reservation.keys,
-                ["settle", delta, COUNTER_TTL, 0, reservation.team, reservation.month],
-            )
+        if not delta:
+            return None
+        args: list[str | int] = [
+            "settle",
+            delta,
+            COUNTER_TTL,
+            0,
+            reservation.team,
+            reservation.month,
+        ]
+        return self._call(reservation.team, reservation.month, reservation.keys, args)
+
+    def settled(self, reservation: Reservation, reply: list[int]) -> None:
+        _alert(reservation.team, reservation.month, reply)
 
     async def _run(
         self, team: str, month: str, keys: list[str], args: list[str | int]
     ) -> list[int]:
-        reply: list[int] = await self._scripts.spend(
-            keys=[self._keys.budget_alerted(team, month), self._keys.alerts, *keys], args=args
-        )
-        if len(reply) > 2 and reply[0] == 0 and reply[2] == 1:
-            log.warning(
-                "team %s crossed its budget alert threshold for %s: $%s spent or reserved",
-                team,
-                month,
-                Decimal(int(reply[1])) / NANO,
-            )
+        reply = await self._scripts.run(self._call(team, month, keys, args))
+        _alert(team, month, reply)
         return reply
+
+    def _call(self, team: str, month: str, keys: list[str], args: list[str | int]) -> Call:
+        return Call(
+            "spend", [self._keys.budget_alerted(team, month), self._keys.alerts, *keys], args
+        )
 
     async def _rebuild(self, key: str, team: str, month: str, model: str | None) -> None:
         start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
@@ -134,3 +140,14 @@ class Budgets:
         # NX: another worker may have rebuilt it (and counted jobs since) in the meantime.
         await self._client.set(key, to_nano(spent), ex=COUNTER_TTL, nx=True)
         log.info("rebuilt team %s's spend for %s from PostgreSQL: $%s", team, month, spent)
+
+
+def _alert(team: str, month: str, reply: list[int]) -> None:
+    """Log the alert a reserve or settle emitted when it crossed the team's threshold."""
+    if len(reply) > 2 and reply[0] == 0 and reply[2] == 1:
+        log.warning(
+            "team %s crossed its budget alert threshold for %s: $%s spent or reserved",
+            team,
+            month,
+            Decimal(int(reply[1])) / NANO,
+        )

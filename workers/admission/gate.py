@@ -31,11 +31,11 @@ from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from router import Catalog, Deployment, Routed
-from workers.admission.buckets import Buckets, Limit, Take
+from workers.admission.buckets import Buckets, Limit, Take, settle_call
 from workers.admission.budgets import Budgets, Reservation
 from workers.admission.estimate import Estimate, estimate, to_nano
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
-from workers.admission.scripts import Scripts
+from workers.admission.scripts import Call, Scripts
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,12 @@ class Admission:
     def __init__(
         self, settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool, catalog: Catalog
     ) -> None:
-        scripts = Scripts(client)
+        self._scripts = Scripts(client)
         self._keys = Keys(settings.redis_prefix)
         self._settings = settings
         self._catalog = catalog
-        self._buckets = Buckets(scripts)
-        self._budgets = Budgets(client, scripts, self._keys, pool)
+        self._buckets = Buckets(self._scripts)
+        self._budgets = Budgets(client, self._scripts, self._keys, pool)
         self._local = LocalBuckets(share=1 / settings.admission_workers)
         self.policy = settings.redis_outage
         self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
@@ -129,13 +129,21 @@ class Admission:
     async def drain(self, limit: Limit) -> None:
         await self._best_effort(partial(self._buckets.drain, [limit]))
 
-    async def give_back(self, limits: list[Limit], tokens: int) -> None:
-        """Return ``tokens`` (negative: take more) to buckets of tokens, estimates settled."""
-        await self._best_effort(partial(self._buckets.settle, limits, tokens))
+    async def settle(
+        self, buckets: list[Call], budget: Reservation | None, actual_nano: int
+    ) -> None:
+        """Run a job's settles (``buckets``' calls, then its budget's) in one round trip."""
+        spend = self._budgets.settle_call(budget, actual_nano) if budget is not None else None
+        calls = buckets if spend is None else [*buckets, spend]
+        if not calls:
+            return
 
-    async def spend(self, budget: Reservation, actual_nano: int) -> None:
-        """Replace a budget reservation by what the job really cost."""
-        await self._best_effort(partial(self._budgets.settle, budget, actual_nano))
+        async def run() -> None:
+            replies = await self._scripts.run_all(calls)
+            if budget is not None and spend is not None:
+                self._budgets.settled(budget, replies[-1])
+
+        await self._best_effort(run)
 
     def _team_limits(self, job: ChatJob, config: TeamConfig) -> list[Limit]:
         limits = []
@@ -254,24 +262,18 @@ class Ticket:
         if self._settled:
             return
         self._settled = True
-        a = self._admission
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
         back = self.estimate.tokens - used
-        # Independent counters: settled concurrently, one round trip of latency instead of three.
-        # Only buckets of tokens have anything to settle.
-        calls: list[Awaitable[None]] = []
-        team_tokens = [limit for limit in self.team_limits if limit.tpm]
-        if team_tokens:
-            calls.append(a.give_back(team_tokens, back))
+        # Only buckets of tokens have anything to settle; all in one round trip.
+        calls = [settle_call([limit for limit in self.team_limits if limit.tpm], back)]
         for name, limit in self._deployments:
-            if not limit.tpm:
-                continue
-            served = routed is not None and name == routed.deployment
-            calls.append(a.give_back([limit], back if served else self.estimate.tokens))
-        if self.budget is not None:
-            actual = to_nano(routed.cost_usd) if routed is not None else 0
-            calls.append(a.spend(self.budget, actual))
-        await asyncio.gather(*calls)
+            if limit.tpm:
+                served = routed is not None and name == routed.deployment
+                calls.append(settle_call([limit], back if served else self.estimate.tokens))
+        actual = to_nano(routed.cost_usd) if routed is not None else 0
+        await self._admission.settle(
+            [call for call in calls if call is not None], self.budget, actual
+        )
 
 
 def prefetch_for(config: TeamConfig, settings: Settings) -> int:

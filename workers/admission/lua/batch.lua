@@ -1,0 +1,25 @@
+-- Several calls of take.lua and spend.lua in one round trip, in order: the settles of a job,
+-- which would otherwise cost a round trip each. Each script's source is wrapped as a local
+-- function ahead of this one (scripts.py), taking its KEYS and ARGV as it would on its own.
+--
+-- KEYS      every call's keys, call after call
+-- ARGV      per call: its script's name ("take" or "spend"), its number of keys, its number
+--           of arguments, then those arguments
+--
+-- Returns the replies of the calls run. It stops after a call that refuses (its reply starts
+-- with a negative status), so a later call can depend on an earlier one.
+
+local scripts = {take = take, spend = spend}
+local replies = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  local nkeys, nargs = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local reply = scripts[ARGV[a]]({unpack(KEYS, k, k + nkeys - 1)},
+                                 {unpack(ARGV, a + 3, a + 2 + nargs)})
+  replies[#replies + 1] = reply
+  if reply[1] < 0 then
+    break
+  end
+  k, a = k + nkeys, a + 3 + nargs
+end
+return replies
