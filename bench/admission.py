@@ -13,7 +13,7 @@
   process serves both teams against a mock provider answering in ``--latency-ms`` (500: an
   LLM call's order of magnitude; at 20 ms the worker is CPU-bound and B shares its CPU).
 - cost: what admission adds per job (budget reserve, team and deployment buckets, then the
-  three settles at once), job after job, p50 and p99.
+  settles in one script call), job after job, p50 and p99.
 
 Every process runs on uvloop, as ``queuegate worker`` does. Each run uses a namespace and
 schema of its own and removes them. Prints tables and one JSON
@@ -370,7 +370,7 @@ async def cost(jobs: int) -> dict[str, float]:
         "mean_ms": round(statistics.fmean(samples), 3),
     }
     table = Table(
-        title=f"cost of admission per job ({jobs:,} jobs: 3 round trips, then 3 settles at once)"
+        title=f"cost of admission per job ({jobs:,} jobs: 3 round trips, then the settles in one)"
     )
     for column in ("p50 ms", "p99 ms", "mean ms"):
         table.add_column(column, justify="right")

@@ -7,6 +7,7 @@
 | ``budgets``   | monthly spend per team and model (``lua/spend.lua``)            |
 | ``estimate``  | a job's tokens and cost before it runs                          |
 | ``policy``    | what happens while Redis is down                                |
+| ``scripts``   | the Lua scripts' calls, one or several a round trip (``batch``) |
 """
 
 from workers.admission.gate import Admission, Ticket, prefetch_for
