@@ -12,8 +12,8 @@
   ``--b-seconds``; B's time-to-result (p50, p99) with A flooding versus with A idle. A worker
   process serves both teams against a mock provider answering in ``--latency-ms`` (500: an
   LLM call's order of magnitude; at 20 ms the worker is CPU-bound and B shares its CPU).
-- cost: what admission adds per job (budget reserve, team and deployment buckets, then the
-  settles in one script call), job after job, p50 and p99.
+- cost: what admission adds per job (the budget's reservation with the team's buckets, the
+  deployment's bucket, then every settle: three round trips), job after job, p50 and p99.
 
 Every process runs on uvloop, as ``queuegate worker`` does. Each run uses a namespace and
 schema of its own and removes them. Prints tables and one JSON
@@ -369,9 +369,7 @@ async def cost(jobs: int) -> dict[str, float]:
         "p99_ms": round(_pct(samples, 0.99), 3),
         "mean_ms": round(statistics.fmean(samples), 3),
     }
-    table = Table(
-        title=f"cost of admission per job ({jobs:,} jobs: 3 round trips, then the settles in one)"
-    )
+    table = Table(title=f"cost of admission per job ({jobs:,} jobs, 3 round trips each)")
     for column in ("p50 ms", "p99 ms", "mean ms"):
         table.add_column(column, justify="right")
     table.add_row(f"{result['p50_ms']:.3f}", f"{result['p99_ms']:.3f}", f"{result['mean_ms']:.3f}")

@@ -18,6 +18,7 @@ from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
 from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
+from workers.admission.buckets import Limit, take_call, taken
 from workers.admission.budgets import Budgets
 from workers.admission.estimate import to_nano
 from workers.admission.scripts import Scripts
@@ -62,7 +63,8 @@ async def test_a_lost_spend_counter_is_rebuilt_from_this_months_usage(
     # Expect the first refused (0.90 + 0.20 > 1) and the second admitted
     with pytest.raises(BudgetExhausted, match=r"\$0\.9000 of its monthly budget"):
         await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5)
-    assert await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 20) is not None
+    reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 20)
+    assert reserved is not None
 
 
 async def test_settling_replaces_the_estimate_with_the_real_cost(
@@ -71,7 +73,7 @@ async def test_settling_replaces_the_estimate_with_the_real_cost(
     # Given a $1 budget with $0.60 reserved by a job
     budgets = _budgets(settings, redis_client, pool)
     config = TeamConfig(budget_usd=Decimal(1))
-    reservation = await budgets.reserve("alpha", "m", config, DOLLAR * 6 // 10)
+    reservation, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 6 // 10)
     assert reservation is not None
 
     # When the job really cost $0.10
@@ -80,7 +82,8 @@ async def test_settling_replaces_the_estimate_with_the_real_cost(
     await Scripts(redis_client).run(settle)
 
     # Expect $0.90 left: a $0.85 job fits
-    assert await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100) is not None
+    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100)
+    assert reserved is not None
 
 
 async def test_a_model_cap_refuses_that_model_only(
@@ -95,7 +98,30 @@ async def test_a_model_cap_refuses_that_model_only(
     # When each model asks for $0.20, expect gpt-4o refused and the other admitted
     with pytest.raises(BudgetExhausted, match="its gpt-4o cap"):
         await budgets.reserve("alpha", "gpt-4o", config, DOLLAR // 5)
-    assert await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5) is not None
+    reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5)
+    assert reserved is not None
+
+
+async def test_a_call_riding_on_a_reservation_runs_only_once_the_budget_is_reserved(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget and a team bucket of 10 requests a minute
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(budget_usd=Decimal(1))
+    bucket = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", 10, None)
+
+    # When a $2 job and then a $0.50 job reserve with a take of the bucket riding along
+    with pytest.raises(BudgetExhausted):
+        await budgets.reserve("alpha", "m", config, 2 * DOLLAR, then=take_call([bucket], 0))
+    reserved, took = await budgets.reserve(
+        "alpha", "m", config, DOLLAR // 2, then=take_call([bucket], 0)
+    )
+
+    # Expect the refused job to have taken nothing, the reserved one its request
+    assert reserved is not None
+    assert took is not None and taken([bucket], 0, took).taken
+    left = await redis_client.hget(bucket.key, "r")
+    assert left is not None and float(left) == pytest.approx(9, abs=0.01)
 
 
 async def test_crossing_the_alert_threshold_alerts_once_a_month(

@@ -48,15 +48,24 @@ class Buckets:
         """
         if not limits:
             return Take(True, 0)
-        reply = await self._scripts.run(_call(limits, "take", 1, tokens, within_ms))
-        if reply[0] == -1:
-            raise too_large(limits[int(reply[1]) - 1], tokens)
-        return Take(reply[0] == 1, int(reply[1]))
+        return taken(limits, tokens, await self._scripts.run(take_call(limits, tokens, within_ms)))
 
     async def drain(self, limits: Sequence[Limit]) -> None:
         """Empty every bucket of its requests: the next ones are admitted at the rate alone."""
         if limits:
             await self._scripts.run(_call(limits, "drain", 0, 0, 0))
+
+
+def take_call(limits: Sequence[Limit], tokens: int, within_ms: int = 0) -> Call:
+    """The script call of ``Buckets.take``, to run with another; its reply goes to ``taken``."""
+    return _call(limits, "take", 1, tokens, within_ms)
+
+
+def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
+    """What a take's reply says; InvalidRequest when the job is larger than a bucket holds."""
+    if reply[0] == -1:
+        raise too_large(limits[int(reply[1]) - 1], tokens)
+    return Take(reply[0] == 1, int(reply[1]))
 
 
 def settle_call(limits: Sequence[Limit], tokens_back: int) -> Call | None:

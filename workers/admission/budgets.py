@@ -49,11 +49,14 @@ class Budgets:
         self._pool = pool
 
     async def reserve(
-        self, team: str, model: str, config: TeamConfig, nano: int
-    ) -> Reservation | None:
-        """Reserve ``nano`` against the team's budget and the model's cap; None if it has none.
+        self, team: str, model: str, config: TeamConfig, nano: int, *, then: Call | None = None
+    ) -> tuple[Reservation | None, list[int] | None]:
+        """Reserve ``nano`` against the team's budget and the model's cap: the reservation
+        (None when the team has neither), and the reply of ``then``.
 
-        Raises BudgetExhausted when either cannot take it.
+        ``then`` is a call to run in the same round trip once the reservation is made; it does
+        not run (its reply is None) when there is nothing to reserve or the reserve fails.
+        Raises BudgetExhausted when the budget or the cap cannot take ``nano``.
         """
         month = datetime.now(UTC).strftime("%Y-%m")
         model_cap = config.models[model].budget_usd if model in config.models else None
@@ -63,7 +66,7 @@ class Budgets:
         if model_cap is not None:
             scopes.append((self._keys.spend(team, month, model), model, model_cap))
         if not scopes:
-            return None
+            return None, None
         threshold = (
             to_nano(config.budget_usd * Decimal(str(config.alert_threshold)))
             if config.budget_usd is not None
@@ -72,8 +75,11 @@ class Budgets:
         keys = [key for key, _, _ in scopes]
         args: list[str | int] = ["reserve", nano, COUNTER_TTL, threshold, team, month]
         args += [to_nano(limit) for _, _, limit in scopes]
+        calls = [self._call(team, month, keys, args)] + ([then] if then is not None else [])
         while True:
-            reply = await self._run(team, month, keys, args)
+            replies = await self._scripts.run_all(calls)
+            reply = replies[0]
+            _alert(team, month, reply)
             if reply[0] == -2:
                 _, scope_model, _ = scopes[int(reply[1]) - 1]
                 await self._rebuild(keys[int(reply[1]) - 1], team, month, scope_model)
@@ -87,7 +93,7 @@ class Budgets:
                     f"{month}; this job needs about ${Decimal(nano) / NANO:.6f}: raise the "
                     f"budget (queuegate teams set {team} --budget ...) or wait for next month"
                 )
-            return Reservation(keys, team, month, nano)
+            return Reservation(keys, team, month, nano), replies[1] if then is not None else None
 
     def settle_call(self, reservation: Reservation, actual_nano: int) -> Call | None:
         """The script call that replaces the reserved estimate with what the job really cost,
@@ -108,13 +114,6 @@ class Budgets:
 
     def settled(self, reservation: Reservation, reply: list[int]) -> None:
         _alert(reservation.team, reservation.month, reply)
-
-    async def _run(
-        self, team: str, month: str, keys: list[str], args: list[str | int]
-    ) -> list[int]:
-        reply = await self._scripts.run(self._call(team, month, keys, args))
-        _alert(team, month, reply)
-        return reply
 
     def _call(self, team: str, month: str, keys: list[str], args: list[str | int]) -> Call:
         return Call(

@@ -31,7 +31,7 @@ from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from router import Catalog, Deployment, Routed
-from workers.admission.buckets import Buckets, Limit, Take, settle_call
+from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
 from workers.admission.budgets import Budgets, Reservation
 from workers.admission.estimate import Estimate, estimate, to_nano
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
@@ -103,14 +103,21 @@ class Admission:
             until = min(until, deadline)
         expected = config.expected_output_tokens or self._settings.expected_output_tokens
         ticket = Ticket(self, estimate(job, self._catalog, expected), until)
-        ticket.budget = await self._guard(
-            lambda: self._budgets.reserve(job.team, job.model, config, ticket.estimate.cost_nano),
-            lambda: None,
+        limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
+        # The first try at the team's buckets rides with the budget's reservation, in one
+        # round trip, unless jobs already wait in line for them (see Ticket.take).
+        first = take_call(limits, tokens) if limits and not self.line(limits).locked() else None
+        ticket.budget, tried = await self._guard(
+            lambda: self._budgets.reserve(
+                job.team, job.model, config, ticket.estimate.cost_nano, then=first
+            ),
+            lambda: (None, None),
             until,
         )
         try:
-            ticket.team_limits = self._team_limits(job, config)
-            await ticket.take(ticket.team_limits)
+            ticket.team_limits = limits
+            if tried is None or not taken(limits, tokens, tried).taken:
+                await ticket.take(limits, tried=tried is not None)
         except BaseException:
             await ticket.settle(None)
             raise
@@ -218,11 +225,13 @@ class Ticket:
         if limit is not None and limit.rpm is not None:
             await self._admission.drain(limit)
 
-    async def take(self, limits: list[Limit]) -> None:
+    async def take(self, limits: list[Limit], *, tried: bool = False) -> None:
+        """Wait for ``limits``' buckets to admit the job; ``tried``: they refused it just now,
+        so it goes straight to the line."""
         if not limits:
             return
         line = self._admission.line(limits)
-        if not line.locked() and (await self._take(limits, within_ms=0)).taken:
+        if not tried and not line.locked() and (await self._take(limits, within_ms=0)).taken:
             return
         # Jobs that must wait queue in this process, first come, first served, and only the
         # first asks Redis: it reserves the next request the buckets will have (taken into
