@@ -10,7 +10,7 @@ from typing import Literal, NamedTuple
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-SCRIPTS = ("take", "spend")
+_SCRIPTS = ("take", "spend")
 
 
 @cache
@@ -21,7 +21,7 @@ def _source(name: str) -> str:
 def _batch_source() -> str:
     """``batch.lua`` behind each script wrapped as a local function of its KEYS and ARGV."""
     functions = "".join(
-        f"local function {name}(KEYS, ARGV)\n{_source(name)}\nend\n" for name in SCRIPTS
+        f"local function {name}(KEYS, ARGV)\n{_source(name)}\nend\n" for name in _SCRIPTS
     )
     return functions + _source("batch")
 

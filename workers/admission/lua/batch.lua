@@ -1,6 +1,7 @@
--- Several calls of take.lua and spend.lua in one round trip, in order: the settles of a job,
--- which would otherwise cost a round trip each. Each script's source is wrapped as a local
--- function ahead of this one (scripts.py), taking its KEYS and ARGV as it would on its own.
+-- Several calls of take.lua and spend.lua in one round trip, in order, where each would
+-- otherwise cost one: a job's budget reservation with its first take of the team's buckets,
+-- a job's settles. Each script's source is wrapped as a local function ahead of this one
+-- (scripts.py), taking its KEYS and ARGV as it would on its own.
 --
 -- KEYS      every call's keys, call after call
 -- ARGV      per call: its script's name ("take" or "spend"), its number of keys, its number
