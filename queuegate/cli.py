@@ -19,7 +19,7 @@ from rich.console import Console
 from queuegate.cli_batch import batch_app
 from queuegate.dlq_cli import dlq_app
 from queuegate.errors import GatewayError, ServiceUnavailable
-from queuegate.runtime import configure_logging, run, stop_on_signals
+from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
 
 app = typer.Typer(
@@ -91,6 +91,7 @@ def worker(
     from workers import Worker
 
     cat = load_catalog(settings.catalog, os.environ)
+    tune_gc()
 
     async def serve() -> None:
         stop = stop_on_signals()
@@ -135,6 +136,7 @@ def accounting(log_level: LogLevel = "info") -> None:
 
     configure_logging(log_level)
     settings = _settings()
+    tune_gc()
 
     async def serve() -> None:
         stop = stop_on_signals()

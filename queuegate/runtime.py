@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,26 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
 
 async def _call(main: Callable[[], Awaitable[T]]) -> T:
     return await main()
+
+
+YOUNG_COLLECTION = 5_000
+"""Net allocations of tracked objects between collections of the youngest generation (700 by
+default). At 20,000 the worker spent less still, but peaked a few MB higher with 5,000 jobs
+held: garbage in cycles waits longer for its collection."""
+
+
+def tune_gc() -> None:
+    """Collect less often in a long-running service, and never look at its start-up objects.
+
+    With Python's defaults a worker holding 5,000 jobs collected 800 times in a run of as many
+    jobs, seven of them over every object it has (its modules' alone are about 60 MB), and
+    spent 23 % of its CPU there (``gc.callbacks``), although its jobs leave only about 0.3
+    objects each in reference cycles: nearly all of that work found nothing to free. Here the
+    same run collects about 100 times, in 0.65-0.86 s of CPU instead of 2.2-2.3.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION, 10, 10)
 
 
 def stop_on_signals() -> asyncio.Event:
