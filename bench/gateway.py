@@ -114,14 +114,16 @@ async def throughput(
     """Jobs/s from the first publish to the last result and the last usage row in PostgreSQL;
     ``governed``: for a team with limits and a budget (``GOVERNED``)."""
     with tempfile.TemporaryDirectory() as directory:
-        catalog = Path(directory) / "catalog.yaml"
-        catalog.write_text(GOVERNED_CATALOG)
+        catalog = None
+        if governed:
+            catalog = Path(directory) / "catalog.yaml"
+            catalog.write_text(GOVERNED_CATALOG)
         async with (
             running_stack(
                 workers=workers,
                 prefetch=prefetch,
                 latency_ms=latency_ms,
-                catalog=catalog if governed else None,
+                catalog=catalog,
                 team=GOVERNED if governed else None,
             ) as stack,
             GatewayClient(stack.settings, team=TEAM) as client,
