@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench services
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "queuegate needs Python 3.11 or newer")'
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) services
 	$(BIN)/queuegate demo
 
 lint: $(STAMP)
@@ -21,8 +21,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint services
 	$(BIN)/pytest
+
+services:  # start the local services that are not answering
+	@scripts/services
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
