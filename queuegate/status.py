@@ -153,7 +153,9 @@ class StatusReader:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         try:
-            declared = await self._channel.declare_queue(queue, passive=True)
+            # robust=False: a robust channel keeps every queue it declared and answers a later
+            # passive declare of it from that cache, with the counts of the first read.
+            declared = await self._channel.declare_queue(queue, passive=True, robust=False)
         except aio_pika.exceptions.ChannelNotFoundEntity:
             # The broker closed the channel over the missing queue; the next read opens one.
             return None, None
