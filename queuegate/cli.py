@@ -249,7 +249,7 @@ def usage(
         bool, typer.Option("--daily", help="A day-by-day trend instead of the month.")
     ] = False,
     days: Annotated[int, typer.Option(min=1, max=366, help="Days in the --daily trend.")] = 30,
-    team: Annotated[str | None, typer.Option(help="Only this team (with --daily).")] = None,
+    team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
     top: Annotated[int | None, typer.Option(min=1, help="Only the N most expensive.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
@@ -273,8 +273,8 @@ def usage(
                 last = datetime.now(UTC).date() if month is None else _month_end(day)
                 return await daily_spend(pool, last, days=days, team=team)
             if by == "model":
-                return await model_spend(pool, day, top=top)
-            return await monthly_spend(pool, day, top=top)
+                return await model_spend(pool, day, top=top, team=team)
+            return await monthly_spend(pool, day, top=top, team=team)
         finally:
             await pool.close()
 

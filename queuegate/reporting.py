@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 
+from queuegate.numbers import plain_decimal
+
 if TYPE_CHECKING:  # the usage command needs no broker or Redis client
     from queuegate.status import Status
 
@@ -46,8 +48,25 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: "" if value is None else _plain(value) for key, value in row.items()})
+        writer.writerow({key: csv_cell(value) for key, value in row.items()})
     return buffer.getvalue()
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """One CSV cell; text a spreadsheet would run as a formula is prefixed with ``'``.
+
+    A model alias or team name like ``=HYPERLINK(...)`` comes from whoever published the job,
+    so text starting with ``= + - @``, a tab or a carriage return is neutralised as OWASP
+    advises (CSV injection). Numbers stay numbers: a negative amount is not text.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return _plain(value)
 
 
 def table(rows: list[dict[str, Any]], *, title: str, empty: str = "(no usage)") -> Table:
@@ -123,7 +142,7 @@ def _cell(name: str, value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return plain_decimal(value)
     if isinstance(value, datetime | date):
         return value.isoformat()
     return value
