@@ -21,7 +21,7 @@ from typing import Self
 
 import aio_pika
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from redis.exceptions import RedisError
 
 from queuegate.broker import connect, redact_url
@@ -81,7 +81,7 @@ class StatusReader:
         self._keys = Keys(settings.redis_prefix)
         self._topology = Topology(settings.namespace, settings.delivery_limit)
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._redis: aioredis.Redis | None = None
 
     async def __aenter__(self) -> Self:
