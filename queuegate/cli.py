@@ -405,13 +405,54 @@ def _month(text: str | None) -> date:
 
 
 @teams_app.command("add")
-def teams_add(name: str, identity: IdentityOption = "broker") -> None:
-    """Register a team (or enable it again), create its queue and its credentials."""
-    from queuegate.teams_admin import add
+def teams_add(
+    name: str,
+    identity: Annotated[
+        str | None,
+        typer.Option(
+            help="How workers know a job is the team's: broker (its own RabbitMQ user, the "
+            "default), api_key (a key in a header) or queue (whoever can publish to its queue)."
+        ),
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin", help="Give a broker team's user the password read from stdin."
+        ),
+    ] = False,
+) -> None:
+    """Register a team, create its queue and its credentials; for a team that exists, enable
+    it and repair what is missing, but never change its credentials."""
+    from queuegate.teams_admin import register
 
-    credentials = run(lambda: add(_settings(), name, identity=_identity(identity)))
-    out.print(f"team {name} is registered; workers serve it within seconds")
-    _show_credentials(credentials)
+    password = _read_password() if password_stdin else None
+    added = run(
+        lambda: register(
+            _settings(),
+            name,
+            identity=_identity(identity) if identity else None,
+            password=password,
+        )
+    )
+    if added.created:
+        out.print(f"team {name} is registered; workers serve it within seconds")
+    else:
+        again = " and enabled again" if added.enabled_again else ""
+        out.print(
+            f"team {name} exists{again}: its credentials are unchanged "
+            f"(new ones: queuegate teams rotate-credentials {name})"
+        )
+    if password is None:
+        _show_credentials(added.credentials)
+    elif added.credentials.password is not None:
+        out.print(f"broker user: {added.credentials.user} (the password given)", highlight=False)
+
+
+def _read_password() -> str:
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise typer.BadParameter("--password-stdin read an empty password: pipe one in")
+    return password
 
 
 @teams_app.command("list")
@@ -428,15 +469,20 @@ def teams_show(
     name: str,
     as_json: Annotated[bool, typer.Option("--json", help="The config as JSON.")] = False,
 ) -> None:
-    """A team's limits, budget and quota."""
+    """A team's limits, budget, quota and broker user limits."""
     from queuegate.tables import team_table
-    from queuegate.teams_admin import show
+    from queuegate.teams_admin import details, user_limits
 
-    team = run(lambda: show(_settings(), name))
+    settings = _settings()
+    team, security = run(lambda: details(settings, name))
     if as_json:
         out.print_json(team.config.model_dump_json())
-    else:
-        out.print(team_table(team))
+        return
+    broker = None
+    if security.broker_user is not None:
+        limits = user_limits(settings, team.config)
+        broker = (security.broker_user, limits.max_connections, limits.max_channels)
+    out.print(team_table(team, broker))
 
 
 _MODEL_HELP = "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,budget=USD (ALIAS: clears them)."
@@ -452,6 +498,12 @@ def teams_set(
         float | None, typer.Option(help="Budget fraction that alerts, e.g. 0.8.")
     ] = None,
     max_queue: Annotated[int | None, typer.Option(help="Jobs the queue holds at most.")] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(help="Connections its broker user may hold at once.")
+    ] = None,
+    max_channels: Annotated[
+        int | None, typer.Option(help="Channels its broker user may hold at once.")
+    ] = None,
     expected_output: Annotated[
         int | None, typer.Option(help="Output tokens reserved when a job sets no max_tokens.")
     ] = None,
@@ -467,8 +519,8 @@ def teams_set(
         list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
     ] = None,
 ) -> None:
-    """Change a team's limits, budget, queue quota or cache default; workers apply it within
-    seconds."""
+    """Change a team's limits, budget, queue quota, broker user limits or cache default;
+    workers apply it within seconds, the broker at once."""
     from queuegate.teams_admin import configure, show
 
     settings = _settings()
@@ -480,6 +532,8 @@ def teams_set(
             "budget_usd": budget,
             "alert_threshold": alert_threshold,
             "max_queue_length": max_queue,
+            "max_connections": max_connections,
+            "max_channels": max_channels,
             "expected_output_tokens": expected_output,
             "cache": cache,
         }.items()
@@ -533,13 +587,6 @@ def demo(log_level: LogLevel = "warning") -> None:
 
 # --- tenancy and audit (issue 6) ---------------------------------------------------------
 
-IdentityOption = Annotated[
-    str,
-    typer.Option(
-        help="How workers know a job is the team's: broker (its own RabbitMQ user), "
-        "api_key (a key in a header) or queue (whoever can publish to its queue)."
-    ),
-]
 _IDENTITIES = ("queue", "broker", "api_key")
 _PII = ("off", "warn", "redact", "block")
 _CAPTURE = ("none", "redacted", "full")
@@ -557,7 +604,7 @@ def _identity(value: str) -> Any:
 
 
 def _show_credentials(credentials: Any) -> None:
-    if credentials is None or credentials.identity == "queue":
+    if credentials is None or (credentials.password or credentials.api_key) is None:
         return
     if credentials.identity == "broker":
         out.print(f"broker user: {credentials.user}", highlight=False, soft_wrap=True)

@@ -70,8 +70,11 @@ def dead_letter_table(letters: Sequence[DeadLetter], *, total: int) -> Table:
     return table
 
 
-def team_table(team: Team) -> Table:
-    """A team's config, one row per limit; per-model limits below the team-wide ones."""
+def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) -> Table:
+    """A team's config, one row per limit; per-model limits below the team-wide ones.
+
+    ``broker_limits``: the team's broker user and its connection and channel limits.
+    """
     config = team.config
     table = Table(title=f"team {team.name} ({'enabled' if team.enabled else 'disabled'})")
     table.add_column("scope")
@@ -90,4 +93,9 @@ def team_table(team: Team) -> Table:
         f"expected output {cell(config.expected_output_tokens)} tokens · "
         f"response cache {'on' if config.cache else 'off'} by default"
     )
+    if broker_limits is not None:
+        user, connections, channels = broker_limits
+        table.caption += (
+            f" · broker user {user}: at most {connections:,} connections, {channels:,} channels"
+        )
     return table
