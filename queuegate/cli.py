@@ -211,14 +211,49 @@ def submit(
     max_tokens: Annotated[int | None, typer.Option()] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
+    user: Annotated[
+        str | None,
+        typer.Option(help="Broker user to publish as (default: the team's, <namespace>.<team>)."),
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read that user's password from stdin (or set QUEUEGATE_TEAM_PASSWORD).",
+        ),
+    ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="QUEUEGATE_TEAM_API_KEY",
+            show_default=False,
+            show_envvar=True,
+            help="The key of an api_key team (safer in the environment variable).",
+        ),
+    ] = None,
 ) -> None:
-    """Publish one job and print its reply (a worker must be running)."""
+    """Publish one job and print its reply (a worker must be running).
+
+    A team added with teams add (broker identity) publishes as its own broker user: give its
+    password in QUEUEGATE_TEAM_PASSWORD or with --password-stdin. An api_key team passes its
+    key. Otherwise the job goes out as the user of QUEUEGATE_AMQP_URL.
+    """
     from producer import GatewayClient
+    from queuegate.teams_admin import with_user
+    from queuegate.tenancy import broker_user
 
     settings = _settings()
+    password = _read_password() if password_stdin else os.environ.get("QUEUEGATE_TEAM_PASSWORD")
+    if password:
+        publisher = user or broker_user(settings.namespace, team)
+        settings = settings.model_copy(
+            update={"amqp_url": with_user(settings.amqp_url, publisher, password)}
+        )
+    elif user is not None:
+        raise typer.BadParameter("--user needs a password: QUEUEGATE_TEAM_PASSWORD or stdin")
 
     async def go() -> Any:
-        async with GatewayClient(settings, team=team) as client:
+        async with GatewayClient(settings, team=team, api_key=api_key) as client:
             params = {"max_tokens": max_tokens} if max_tokens else {}
             return await client.chat(
                 model, [{"role": "user", "content": prompt}], timeout=timeout, **params

@@ -124,7 +124,7 @@ async def _create(
             made = True
             await create_broker_user(settings, name, user, None, TeamConfig())
             credentials = Credentials(
-                "broker", user, password, _with_user(settings.amqp_url, user, password)
+                "broker", user, password, with_user(settings.amqp_url, user, password)
             )
         async with pool.acquire() as conn, conn.transaction():
             await add_team(conn, name)
@@ -175,7 +175,7 @@ async def _ensure(
         password = (password or new_password()) if missing else None
         if password is not None:
             credentials = Credentials(
-                "broker", user, password, _with_user(settings.amqp_url, user, password)
+                "broker", user, password, with_user(settings.amqp_url, user, password)
             )
         # Permissions and limits are set again (this version's); a password only when new.
         await create_broker_user(settings, team.name, user, password, team.config)
@@ -221,7 +221,7 @@ async def _issue(
         config = (await get_team(pool, team) or Team(team, True)).config
         await create_broker_user(settings, team, user, password, config)
         await put_security(pool, team, security.model_copy(update={"broker_user": user}))
-        return Credentials("broker", user, password, _with_user(settings.amqp_url, user, password))
+        return Credentials("broker", user, password, with_user(settings.amqp_url, user, password))
     if security.broker_user is not None:
         # No longer the team's identity: a user left behind would still reach the broker.
         async with BrokerAdmin(settings.management_url) as admin:
@@ -294,7 +294,8 @@ async def revoke_key(settings: Settings, name: str, key_id: str) -> bool:
         await pool.close()
 
 
-def _with_user(url: str, user: str, password: str) -> str:
+def with_user(url: str, user: str, password: str) -> str:
+    """``url`` with ``user`` and ``password`` in it instead of its own credentials."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     if parts.port:
