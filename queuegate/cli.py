@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 
 from queuegate.cli_batch import batch_app
 from queuegate.dlq_cli import dlq_app
@@ -49,6 +50,16 @@ def main() -> None:
     except GatewayError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(1)
+
+
+def _print_table(renderable: RenderableType, *, wide: bool) -> None:
+    """Tables fit 80 columns; a --wide one is printed as wide as it needs, so a narrower
+    terminal wraps its lines rather than cutting them (and a pipe gets them whole)."""
+    if wide:
+        needed = Measurement.get(out, out.options, renderable).maximum
+        out.print(renderable, width=max(out.width, needed))
+    else:
+        out.print(renderable)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -288,6 +299,9 @@ def usage(
     top: Annotated[int | None, typer.Option(min=1, help="Only the N most expensive.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column (errors, tokens in and out, budget).")
+    ] = False,
 ) -> None:
     """Requests, tokens, cost and budget remaining per team and month, from PostgreSQL."""
     from accounting.reports import daily_spend, model_spend, monthly_spend
@@ -320,7 +334,8 @@ def usage(
         sys.stdout.write(to_csv(rows))
     else:
         what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
-        out.print(table(rows, title=what))
+        what += f", team {team}" if team else ""
+        _print_table(table(rows, title=what, wide=wide), wide=wide)
 
 
 @app.command()
@@ -331,6 +346,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Also errors per second and the p50 wait.")
+    ] = False,
 ) -> None:
     """Queue depth, in-flight jobs, rates, waits and spend per team; breakers per deployment.
 
@@ -353,18 +371,19 @@ def status(
         stop = stop_on_signals()
         budgets = await _budgets_if_reachable(settings)
         async with StatusReader(settings) as reader:
-            with Live(status_view(await reader.read(wanted, budgets)), console=out) as live:
+            view = status_view(await reader.read(wanted, budgets), wide=wide)
+            with Live(view, console=out) as live:
                 while not stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=interval)
-                    live.update(status_view(await reader.read(wanted, budgets)))
+                    live.update(status_view(await reader.read(wanted, budgets), wide=wide))
 
     if watch:
         run(forever)
     elif as_json:
         sys.stdout.write(to_json(dataclasses.asdict(run(once))))
     else:
-        out.print(status_view(run(once)))
+        _print_table(status_view(run(once), wide=wide), wide=wide)
 
 
 async def _budgets_if_reachable(settings: Settings) -> dict[str, Decimal]:
@@ -395,6 +414,10 @@ def _month_end(day: date) -> date:
 @app.command()
 def deployments(
     catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Also each deployment's provider and model.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """Circuit breaker and 429 pause of every deployment, as every worker sees them."""
     import redis.asyncio as aioredis
@@ -403,6 +426,7 @@ def deployments(
     from queuegate.broker import redact_url
     from queuegate.errors import ServiceUnavailable
     from queuegate.keys import Keys
+    from queuegate.reporting import to_json
     from router import load_catalog
     from router.health import Health
     from router.tables import deployments_table
@@ -427,7 +451,24 @@ def deployments(
         finally:
             await client.aclose()
 
-    out.print(deployments_table(run(go)))
+    rows = run(go)
+    if as_json:
+        sys.stdout.write(
+            to_json(
+                [
+                    {
+                        "alias": alias,
+                        "deployment": deployment.name,
+                        "provider": deployment.provider,
+                        "model": deployment.model,
+                        **dataclasses.asdict(health),
+                    }
+                    for alias, deployment, health in rows
+                ]
+            )
+        )
+    else:
+        _print_table(deployments_table(rows, wide=wide), wide=wide)
 
 
 def _month(text: str | None) -> date:

@@ -1,4 +1,10 @@
-"""Tables people read numbers from, rendered with rich."""
+"""Tables people read numbers from, rendered with rich.
+
+Laid out for 80 columns (a terminal's default, and rich's width when output is piped): few
+columns, a border that costs one space between them, and cells that fold onto a second line
+rather than end in "…", so no number or id is ever cut. Commands offer ``--wide`` (and
+``--json``) for the columns left out.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,43 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Protocol
 
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from queuegate.registry import Team
 
 if TYPE_CHECKING:
     from queuegate.dlq import DeadLetter
+
+
+TEXT_MIN_WIDTH = 12
+"""What a text column (a team, a model alias) keeps at least when a table must shrink."""
+
+
+def compact_table(title: str) -> Table:
+    """A table whose columns are one space apart, with a rule under the header."""
+    return Table(title=title, box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+
+
+def add_text_column(table: Table, header: str) -> None:
+    """Left-aligned; a long value folds onto the next line, whole."""
+    table.add_column(header, overflow="fold")
+
+
+def add_number_column(table: Table, header: str) -> None:
+    """Right-aligned and never wrapped (see ``fit``)."""
+    table.add_column(header, justify="right", no_wrap=True, overflow="fold")
+
+
+def fit(table: Table) -> Table:
+    """Call once the rows are in: number columns keep the width of their widest cell and
+    header, so when 80 columns are too few rich narrows the text columns, never a number."""
+    for column in table.columns:
+        widths = [Text.from_markup(str(cell)).cell_len for cell in column.cells]
+        widest = max([Text.from_markup(str(column.header)).cell_len, *widths])
+        column.min_width = widest if column.no_wrap else min(widest, TEXT_MIN_WIDTH)
+    return table
 
 
 class SpendRow(Protocol):
