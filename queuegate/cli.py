@@ -283,7 +283,13 @@ def submit(
         )
     else:
         assert result.error is not None
-        err.print(f"[red]{result.error.code}:[/] {result.error.message}", highlight=False)
+        hint = ""
+        if result.error.code == "unauthorized" and not (password or api_key):
+            hint = (
+                ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
+                "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
+            )
+        err.print(f"[red]{result.error.code}:[/] {result.error.message}{hint}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -124,15 +124,15 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
     table.add_row("team", cell(config.rpm), cell(config.tpm), cell(config.budget_usd))
     for alias, limits in sorted(config.models.items()):
         table.add_row(alias, cell(limits.rpm), cell(limits.tpm), cell(limits.budget_usd))
-    table.caption = (
-        f"alert at {config.alert_threshold:.0%} of the budget · "
-        f"max queue length {cell(config.max_queue_length)} · "
-        f"expected output {cell(config.expected_output_tokens)} tokens · "
-        f"response cache {'on' if config.cache else 'off'} by default"
-    )
+    lines = [
+        f"alert at {config.alert_threshold:.0%} of the budget",
+        f"max queue length {cell(config.max_queue_length)}",
+        f"expected output {cell(config.expected_output_tokens)} tokens",
+        f"response cache {'on' if config.cache else 'off'} by default",
+    ]
     if broker_limits is not None:
         user, connections, channels = broker_limits
-        table.caption += (
-            f" · broker user {user}: at most {connections:,} connections, {channels:,} channels"
-        )
+        lines.append(f"broker user {user}: {connections:,} connections, {channels:,} channels")
+    table.caption = "\n".join(lines)
+    table.caption_justify = "left"
     return table

@@ -107,8 +107,11 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
             as_api_key = await _submit(
                 settings, "--team", "beta", "Hi beta", QUEUEGATE_TEAM_API_KEY=beta.api_key
             )
-            # and as the admin user, without the team's password
+            # and as the admin user, without the team's password, and with a wrong one
             as_admin = await _submit(settings, "--team", "alpha", "Hi again")
+            wrong = await _submit(
+                settings, "--team", "alpha", "Hi", QUEUEGATE_TEAM_PASSWORD="not-the-password"
+            )
     finally:
         async with BrokerAdmin(settings.management_url) as admin:
             await admin.delete_user(broker_team_user(settings.namespace, "alpha"))
@@ -119,4 +122,7 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
         assert f"mock reply to: {text}" in stdout
         assert alpha.password not in stdout + stderr and beta.api_key not in stdout + stderr
     code, _, stderr = as_admin
-    assert code == 1 and "unauthorized" in stderr
+    assert code == 1 and "unauthorized" in stderr and "set QUEUEGATE_TEAM_PASSWORD" in stderr
+    code, _, stderr = wrong
+    assert code == 1 and "refused the user's password" in stderr
+    assert "not-the-password" not in stderr

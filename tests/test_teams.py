@@ -297,4 +297,4 @@ async def test_a_teams_broker_user_cannot_open_more_connections_than_its_limit(
             await connection.close()
     code, stdout, stderr = await _queuegate(settings, "teams", "show", "alpha")
     assert code == 0, stderr
-    assert "at most 2 connections" in " ".join(stdout.split())
+    assert f"{users[0]}: 2 connections" in " ".join(stdout.split())
