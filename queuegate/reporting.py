@@ -108,7 +108,8 @@ def table(
 
 def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     """The status tables: teams, then deployments; ``wide`` adds error rates and p50 waits."""
-    teams = compact_table(f"teams at {status.at:%H:%M:%S} UTC, {status.workers} workers live")
+    live = f"{status.workers} worker{'' if status.workers == 1 else 's'} live"
+    teams = compact_table(f"teams at {status.at:%H:%M:%S} UTC, {live}")
     add_text_column(teams, "team")
     headers = ["queued", "cons.", "in fl.", *(["in/s"] if wide else []), "out/s"]
     headers += ["err/s", "p50 wait"] if wide else []
@@ -136,7 +137,9 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     if not status.teams:
         teams.add_row("(no live worker: name teams with --teams)", *[""] * len(headers))
     if status.teams:
-        teams.caption = "cons.: consumers · in fl.: in flight · spend: this month, as workers saw"
+        teams.caption = (
+            "cons.: consumers · in fl.: in flight · spend: this month, as workers count it"
+        )
     deployments = compact_table("deployments, last minute")
     add_text_column(deployments, "deployment")
     for name in ("breaker", "calls/s", "error rate"):

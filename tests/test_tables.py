@@ -120,8 +120,8 @@ async def test_status_and_deployments_piped_are_whole(settings: Settings) -> Non
         assert cli.returncode == 0, stderr.decode()
         return stdout.decode()
 
-    status, deployments = await asyncio.gather(
-        piped("status", "--teams", "alpha"), piped("deployments")
+    status, deployments, wide = await asyncio.gather(
+        piped("status", "--teams", "alpha"), piped("deployments"), piped("deployments", "--wide")
     )
 
     # Expect 80 columns at most and no cut header or name
@@ -130,3 +130,5 @@ async def test_status_and_deployments_piped_are_whole(settings: Settings) -> Non
         assert "…" not in text, text
     _whole(status.splitlines(), "queued", "cons.", "p99 wait", "budget", "alpha")
     _whole(deployments.splitlines(), "deployment", "anthropic-main", "closed", "429 pause")
+    # and --wide as wide as it needs, every name on one line
+    _whole(wide.splitlines(), "openai_compatible", "claude-3-5-haiku-latest", "upstream model")
