@@ -697,13 +697,18 @@ def _show_credentials(credentials: Any) -> None:
             highlight=False,
             soft_wrap=True,
         )
+        out.print("queuegate submit reads the password from QUEUEGATE_TEAM_PASSWORD")
     else:
         out.print(
             f"API key ({credentials.api_key_id}): {credentials.api_key}",
             highlight=False,
             soft_wrap=True,
         )
-        out.print("apps pass it as GatewayClient(..., api_key=...)", soft_wrap=True)
+        out.print(
+            "apps pass it as GatewayClient(..., api_key=...); "
+            "queuegate submit reads it from QUEUEGATE_TEAM_API_KEY",
+            soft_wrap=True,
+        )
     err.print("[yellow]shown once: queuegate keeps no copy; rotate-credentials makes new ones[/]")
 
 
