@@ -520,11 +520,15 @@ def teams_add(
     if added.created:
         out.print(f"team {name} is registered; workers serve it within seconds")
     else:
-        again = " and enabled again" if added.enabled_again else ""
-        out.print(
-            f"team {name} exists{again}: its credentials are unchanged "
-            f"(new ones: queuegate teams rotate-credentials {name})"
-        )
+        again = " and is enabled again" if added.enabled_again else ""
+        if added.credentials.password is not None:
+            state = f"its broker user {added.credentials.user} was missing and is made again"
+        else:
+            state = (
+                "its credentials are unchanged "
+                f"(new ones: queuegate teams rotate-credentials {name})"
+            )
+        out.print(f"team {name} exists{again}: {state}", highlight=False)
     if password is None:
         _show_credentials(added.credentials)
     elif added.credentials.password is not None:

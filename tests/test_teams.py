@@ -20,7 +20,7 @@ from queuegate.db import create_pool
 from queuegate.errors import QueueFull, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.teams_admin import add, configure, listing, quota_policy
+from queuegate.teams_admin import add, configure, listing, quota_policy, register
 from queuegate.tenancy import broker_user
 from queuegate.topology import Topology
 from tests.support import running_gateway, wait_until
@@ -298,3 +298,21 @@ async def test_a_teams_broker_user_cannot_open_more_connections_than_its_limit(
     code, stdout, stderr = await _queuegate(settings, "teams", "show", "alpha")
     assert code == 0, stderr
     assert f"{users[0]}: 2 connections" in " ".join(stdout.split())
+
+
+async def test_adding_a_team_whose_broker_user_was_deleted_makes_it_again(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given team alpha added the default way, then its broker user deleted by hand
+    await add(settings, "alpha")
+    async with BrokerAdmin(settings.management_url) as admin:
+        await admin.delete_user(users[0])
+
+    # When an operator adds it again
+    again = await register(settings, "alpha")
+
+    # Expect a new password that works, and the user's limits set again
+    assert not again.created and again.credentials.amqp_url is not None
+    await (await aio_pika.connect(again.credentials.amqp_url)).close()
+    async with BrokerAdmin(settings.management_url) as admin:
+        assert (await admin.user_limits(users[0]))["max-connections"] == 64
