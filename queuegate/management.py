@@ -157,6 +157,13 @@ class BrokerAdmin:
             },
         )
 
+    async def policy(self, name: str) -> dict[str, Any] | None:
+        """The policy as the broker holds it (pattern, definition, priority), or None."""
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"policies/{self._vhost}/{quote(name, safe='')}"
+        )
+        return result
+
     async def delete_policy(self, name: str) -> None:
         await self._request("DELETE", f"policies/{self._vhost}/{quote(name, safe='')}")
 

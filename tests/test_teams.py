@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -26,6 +28,7 @@ from queuegate.topology import Topology
 from tests.support import running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 @pytest.fixture
@@ -316,3 +319,44 @@ async def test_adding_a_team_whose_broker_user_was_deleted_makes_it_again(
     await (await aio_pika.connect(again.credentials.amqp_url)).close()
     async with BrokerAdmin(settings.management_url) as admin:
         assert (await admin.user_limits(users[0]))["max-connections"] == 64
+
+
+async def test_a_teams_quota_outranks_the_default_policies_of_the_definitions(
+    settings: Settings, alpha: str
+) -> None:
+    # Given default policies on every team queue like deploy/rabbitmq/definitions.json's,
+    # named to sort before and after the quota's, so a tie on priority would pick one of them
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    [default] = [p for p in definitions["policies"] if p["name"] == "queuegate-team-queues"]
+    pattern = default["pattern"].replace("queuegate", re.escape(settings.namespace), 1)
+    names = [f"{settings.namespace}-a-defaults", f"{settings.namespace}-z-defaults"]
+    async with BrokerAdmin(settings.management_url) as admin:
+        for name in names:
+            await admin.put_policy(
+                name,
+                pattern=pattern,
+                definition=default["definition"],
+                priority=default["priority"],
+            )
+        try:
+            # When an operator sets the team's queue quota
+            await configure(settings, alpha, {"max_queue_length": 5})
+
+            # Expect the quota to hold: the broker refuses the job after the fifth (or sixth)
+            connection = await aio_pika.connect(settings.amqp_url)
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                jobs = await channel.get_exchange(Topology(settings.namespace).jobs_exchange)
+                accepted = 0
+                with pytest.raises(aio_pika.exceptions.DeliveryError):
+                    for _ in range(10):
+                        await jobs.publish(aio_pika.Message(b"{}"), routing_key=alpha)
+                        accepted += 1
+            assert accepted in (5, 6)
+            # deliberately, not by a tie the broker breaks as it likes: a higher priority
+            quota = await admin.policy(quota_policy(settings, alpha))
+            assert quota is not None
+            assert quota["priority"] > max(p["priority"] for p in definitions["policies"])
+        finally:
+            for name in names:
+                await admin.delete_policy(name)
