@@ -701,7 +701,6 @@ def _show_credentials(credentials: Any) -> None:
             highlight=False,
             soft_wrap=True,
         )
-        out.print("queuegate submit reads the password from QUEUEGATE_TEAM_PASSWORD")
     else:
         out.print(
             f"API key ({credentials.api_key_id}): {credentials.api_key}",
