@@ -36,7 +36,9 @@ async def _until(
 async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: Settings) -> None:
     # Given a worker holding 3 jobs of team alpha at a slow provider, and 5 more queued
     settings = settings.model_copy(update={"prefetch": PREFETCH, "stats_interval": 0.1})
-    slow = MockConfig(default=Behavior(latency_ms=4000))
+    # Slower than anything the test waits for (a CLI start on a loaded machine included), so
+    # the 3 jobs are still in flight when the CLI reads: the worker's grace ends them.
+    slow = MockConfig(default=Behavior(latency_ms=120_000))
     async with (
         running_gateway(settings, mock_config=slow) as gw,
         gw.client("alpha") as client,
