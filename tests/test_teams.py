@@ -360,3 +360,22 @@ async def test_a_teams_quota_outranks_the_default_policies_of_the_definitions(
         finally:
             for name in names:
                 await admin.delete_policy(name)
+
+
+async def test_a_teams_broker_user_cannot_open_more_channels_than_its_limit(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given team alpha added the default way, its channels limited to 2
+    credentials = await add(settings, "alpha")
+    assert credentials.amqp_url is not None
+    await configure(settings, "alpha", {"max_channels": 2})
+
+    # When its app opens a third channel on one connection
+    connection = await aio_pika.connect(credentials.amqp_url)
+    async with connection:
+        await connection.channel()
+        await connection.channel()
+
+        # Expect the broker to refuse it
+        with pytest.raises(aio_pika.exceptions.AMQPError):
+            await connection.channel()
