@@ -70,11 +70,11 @@ CASE WHEN t.config->>'budget_usd' ~ '^[0-9]+(\.[0-9]+)?$'
      THEN (t.config->>'budget_usd')::numeric END"""
 
 # Days are a half-open range, so no day falls between two months. $3 is the row limit (NULL:
-# all), applied to the most expensive first.
+# all), applied to the most expensive first; $4 one team (NULL: all).
 MONTHLY_SPEND = f"""
 SELECT d.team, {_SUMS}, {_BUDGET} AS budget_usd
 FROM usage_daily d LEFT JOIN teams t ON t.name = d.team
-WHERE d.day >= $1 AND d.day < $2
+WHERE d.day >= $1 AND d.day < $2 AND ($4::text IS NULL OR d.team = $4)
 GROUP BY d.team, t.config
 ORDER BY cost_usd DESC, d.team
 LIMIT $3
@@ -83,7 +83,7 @@ LIMIT $3
 MODEL_SPEND = f"""
 SELECT team, model, {_SUMS}
 FROM usage_daily
-WHERE day >= $1 AND day < $2
+WHERE day >= $1 AND day < $2 AND ($4::text IS NULL OR team = $4)
 GROUP BY team, model
 ORDER BY cost_usd DESC, team, model
 LIMIT $3
@@ -114,22 +114,23 @@ def _month_days(month: date) -> tuple[date, date]:
 
 
 async def monthly_spend(
-    pool: asyncpg.Pool, month: date, *, top: int | None = None
+    pool: asyncpg.Pool, month: date, *, top: int | None = None, team: str | None = None
 ) -> list[TeamSpend]:
     """Each team's requests, errors, tokens, cost and budget in the UTC month of ``month``.
 
     Most expensive team first (only the ``top`` ones when given); teams without usage that
-    month are absent.
+    month are absent. With ``team``, that team's row alone.
     """
-    rows: list[Any] = await pool.fetch(MONTHLY_SPEND, *_month_days(month), top)
+    rows: list[Any] = await pool.fetch(MONTHLY_SPEND, *_month_days(month), top, team)
     return [TeamSpend(**dict(row)) for row in rows]
 
 
 async def model_spend(
-    pool: asyncpg.Pool, month: date, *, top: int | None = None
+    pool: asyncpg.Pool, month: date, *, top: int | None = None, team: str | None = None
 ) -> list[ModelSpend]:
-    """Usage per team and requested model in the UTC month of ``month``, most expensive first."""
-    rows: list[Any] = await pool.fetch(MODEL_SPEND, *_month_days(month), top)
+    """Usage per team (or of ``team``) and requested model in the UTC month of ``month``, most
+    expensive first."""
+    rows: list[Any] = await pool.fetch(MODEL_SPEND, *_month_days(month), top, team)
     return [ModelSpend(**dict(row)) for row in rows]
 
 

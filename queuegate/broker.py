@@ -136,6 +136,11 @@ async def connect(url: str, *, name: str) -> AbstractRobustConnection:
     """A robust connection: it reconnects and restores channels and consumers by itself."""
     try:
         connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    except aiormq.exceptions.ProbableAuthenticationError as exc:
+        raise ServiceUnavailable(
+            f"RabbitMQ at {redact_url(url)} refused the user's password: check it (a team's "
+            "is shown once by queuegate teams add; rotate-credentials makes a new one)"
+        ) from exc
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
         raise ServiceUnavailable(
             f"RabbitMQ is not reachable at {redact_url(url)}: start it "

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 
 from queuegate.cli_batch import batch_app
 from queuegate.dlq_cli import dlq_app
@@ -49,6 +50,17 @@ def main() -> None:
     except GatewayError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(1)
+
+
+def _print_table(renderable: RenderableType, *, wide: bool) -> None:
+    """Tables fit 80 columns; a --wide one is printed as wide as it needs, so a narrower
+    terminal wraps its lines rather than cutting them (and a pipe gets them whole)."""
+    if wide:
+        needed = Measurement.get(out, out.options.update_width(10_000), renderable).maximum
+        # print(width=) never exceeds the console's own width: a console as wide as needed.
+        Console(width=max(out.width, needed), soft_wrap=True).print(renderable)
+    else:
+        out.print(renderable)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -211,14 +223,49 @@ def submit(
     max_tokens: Annotated[int | None, typer.Option()] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
+    user: Annotated[
+        str | None,
+        typer.Option(help="Broker user to publish as (default: the team's, <namespace>.<team>)."),
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read that user's password from stdin (or set QUEUEGATE_TEAM_PASSWORD).",
+        ),
+    ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="QUEUEGATE_TEAM_API_KEY",
+            show_default=False,
+            show_envvar=True,
+            help="The key of an api_key team (safer in the environment variable).",
+        ),
+    ] = None,
 ) -> None:
-    """Publish one job and print its reply (a worker must be running)."""
+    """Publish one job and print its reply (a worker must be running).
+
+    A team added with teams add (broker identity) publishes as its own broker user: give its
+    password in QUEUEGATE_TEAM_PASSWORD or with --password-stdin. An api_key team passes its
+    key. Otherwise the job goes out as the user of QUEUEGATE_AMQP_URL.
+    """
     from producer import GatewayClient
+    from queuegate.teams_admin import with_user
+    from queuegate.tenancy import broker_user
 
     settings = _settings()
+    password = _read_password() if password_stdin else os.environ.get("QUEUEGATE_TEAM_PASSWORD")
+    if password:
+        publisher = user or broker_user(settings.namespace, team)
+        settings = settings.model_copy(
+            update={"amqp_url": with_user(settings.amqp_url, publisher, password)}
+        )
+    elif user is not None:
+        raise typer.BadParameter("--user needs a password: QUEUEGATE_TEAM_PASSWORD or stdin")
 
     async def go() -> Any:
-        async with GatewayClient(settings, team=team) as client:
+        async with GatewayClient(settings, team=team, api_key=api_key) as client:
             params = {"max_tokens": max_tokens} if max_tokens else {}
             return await client.chat(
                 model, [{"role": "user", "content": prompt}], timeout=timeout, **params
@@ -237,7 +284,13 @@ def submit(
         )
     else:
         assert result.error is not None
-        err.print(f"[red]{result.error.code}:[/] {result.error.message}", highlight=False)
+        hint = ""
+        if result.error.code == "unauthorized" and not (password or api_key):
+            hint = (
+                ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
+                "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
+            )
+        err.print(f"[red]{result.error.code}:[/] {result.error.message}{hint}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -249,10 +302,13 @@ def usage(
         bool, typer.Option("--daily", help="A day-by-day trend instead of the month.")
     ] = False,
     days: Annotated[int, typer.Option(min=1, max=366, help="Days in the --daily trend.")] = 30,
-    team: Annotated[str | None, typer.Option(help="Only this team (with --daily).")] = None,
+    team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
     top: Annotated[int | None, typer.Option(min=1, help="Only the N most expensive.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column (errors, tokens in and out, budget).")
+    ] = False,
 ) -> None:
     """Requests, tokens, cost and budget remaining per team and month, from PostgreSQL."""
     from accounting.reports import daily_spend, model_spend, monthly_spend
@@ -273,8 +329,8 @@ def usage(
                 last = datetime.now(UTC).date() if month is None else _month_end(day)
                 return await daily_spend(pool, last, days=days, team=team)
             if by == "model":
-                return await model_spend(pool, day, top=top)
-            return await monthly_spend(pool, day, top=top)
+                return await model_spend(pool, day, top=top, team=team)
+            return await monthly_spend(pool, day, top=top, team=team)
         finally:
             await pool.close()
 
@@ -285,7 +341,8 @@ def usage(
         sys.stdout.write(to_csv(rows))
     else:
         what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
-        out.print(table(rows, title=what))
+        what += f", team {team}" if team else ""
+        _print_table(table(rows, title=what, wide=wide), wide=wide)
 
 
 @app.command()
@@ -296,6 +353,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Also errors per second and the p50 wait.")
+    ] = False,
 ) -> None:
     """Queue depth, in-flight jobs, rates, waits and spend per team; breakers per deployment.
 
@@ -318,18 +378,19 @@ def status(
         stop = stop_on_signals()
         budgets = await _budgets_if_reachable(settings)
         async with StatusReader(settings) as reader:
-            with Live(status_view(await reader.read(wanted, budgets)), console=out) as live:
+            view = status_view(await reader.read(wanted, budgets), wide=wide)
+            with Live(view, console=out) as live:
                 while not stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=interval)
-                    live.update(status_view(await reader.read(wanted, budgets)))
+                    live.update(status_view(await reader.read(wanted, budgets), wide=wide))
 
     if watch:
         run(forever)
     elif as_json:
         sys.stdout.write(to_json(dataclasses.asdict(run(once))))
     else:
-        out.print(status_view(run(once)))
+        _print_table(status_view(run(once), wide=wide), wide=wide)
 
 
 async def _budgets_if_reachable(settings: Settings) -> dict[str, Decimal]:
@@ -360,6 +421,10 @@ def _month_end(day: date) -> date:
 @app.command()
 def deployments(
     catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Also each deployment's provider and model.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """Circuit breaker and 429 pause of every deployment, as every worker sees them."""
     import redis.asyncio as aioredis
@@ -368,6 +433,7 @@ def deployments(
     from queuegate.broker import redact_url
     from queuegate.errors import ServiceUnavailable
     from queuegate.keys import Keys
+    from queuegate.reporting import to_json
     from router import load_catalog
     from router.health import Health
     from router.tables import deployments_table
@@ -392,7 +458,24 @@ def deployments(
         finally:
             await client.aclose()
 
-    out.print(deployments_table(run(go)))
+    rows = run(go)
+    if as_json:
+        sys.stdout.write(
+            to_json(
+                [
+                    {
+                        "alias": alias,
+                        "deployment": deployment.name,
+                        "provider": deployment.provider,
+                        "model": deployment.model,
+                        **dataclasses.asdict(health),
+                    }
+                    for alias, deployment, health in rows
+                ]
+            )
+        )
+    else:
+        _print_table(deployments_table(rows, wide=wide), wide=wide)
 
 
 def _month(text: str | None) -> date:
@@ -405,13 +488,58 @@ def _month(text: str | None) -> date:
 
 
 @teams_app.command("add")
-def teams_add(name: str, identity: IdentityOption = "broker") -> None:
-    """Register a team (or enable it again), create its queue and its credentials."""
-    from queuegate.teams_admin import add
+def teams_add(
+    name: str,
+    identity: Annotated[
+        str | None,
+        typer.Option(
+            help="How workers know a job is the team's: broker (its own RabbitMQ user, the "
+            "default), api_key (a key in a header) or queue (whoever can publish to its queue)."
+        ),
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin", help="Give a broker team's user the password read from stdin."
+        ),
+    ] = False,
+) -> None:
+    """Register a team, create its queue and its credentials; for a team that exists, enable
+    it and repair what is missing, but never change its credentials."""
+    from queuegate.teams_admin import register
 
-    credentials = run(lambda: add(_settings(), name, identity=_identity(identity)))
-    out.print(f"team {name} is registered; workers serve it within seconds")
-    _show_credentials(credentials)
+    password = _read_password() if password_stdin else None
+    added = run(
+        lambda: register(
+            _settings(),
+            name,
+            identity=_identity(identity) if identity else None,
+            password=password,
+        )
+    )
+    if added.created:
+        out.print(f"team {name} is registered; workers serve it within seconds")
+    else:
+        again = " and is enabled again" if added.enabled_again else ""
+        if added.credentials.password is not None:
+            state = f"its broker user {added.credentials.user} was missing and is made again"
+        else:
+            state = (
+                "its credentials are unchanged "
+                f"(new ones: queuegate teams rotate-credentials {name})"
+            )
+        out.print(f"team {name} exists{again}: {state}", highlight=False)
+    if password is None:
+        _show_credentials(added.credentials)
+    elif added.credentials.password is not None:
+        out.print(f"broker user: {added.credentials.user} (the password given)", highlight=False)
+
+
+def _read_password() -> str:
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise typer.BadParameter("--password-stdin read an empty password: pipe one in")
+    return password
 
 
 @teams_app.command("list")
@@ -428,15 +556,20 @@ def teams_show(
     name: str,
     as_json: Annotated[bool, typer.Option("--json", help="The config as JSON.")] = False,
 ) -> None:
-    """A team's limits, budget and quota."""
+    """A team's limits, budget, quota and broker user limits."""
     from queuegate.tables import team_table
-    from queuegate.teams_admin import show
+    from queuegate.teams_admin import details, user_limits
 
-    team = run(lambda: show(_settings(), name))
+    settings = _settings()
+    team, security = run(lambda: details(settings, name))
     if as_json:
         out.print_json(team.config.model_dump_json())
-    else:
-        out.print(team_table(team))
+        return
+    broker = None
+    if security.broker_user is not None:
+        limits = user_limits(settings, team.config)
+        broker = (security.broker_user, limits.max_connections, limits.max_channels)
+    out.print(team_table(team, broker))
 
 
 _MODEL_HELP = "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,budget=USD (ALIAS: clears them)."
@@ -452,6 +585,12 @@ def teams_set(
         float | None, typer.Option(help="Budget fraction that alerts, e.g. 0.8.")
     ] = None,
     max_queue: Annotated[int | None, typer.Option(help="Jobs the queue holds at most.")] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(help="Connections its broker user may hold at once.")
+    ] = None,
+    max_channels: Annotated[
+        int | None, typer.Option(help="Channels its broker user may hold at once.")
+    ] = None,
     expected_output: Annotated[
         int | None, typer.Option(help="Output tokens reserved when a job sets no max_tokens.")
     ] = None,
@@ -467,8 +606,8 @@ def teams_set(
         list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
     ] = None,
 ) -> None:
-    """Change a team's limits, budget, queue quota or cache default; workers apply it within
-    seconds."""
+    """Change a team's limits, budget, queue quota, broker user limits or cache default;
+    workers apply it within seconds, the broker at once."""
     from queuegate.teams_admin import configure, show
 
     settings = _settings()
@@ -480,6 +619,8 @@ def teams_set(
             "budget_usd": budget,
             "alert_threshold": alert_threshold,
             "max_queue_length": max_queue,
+            "max_connections": max_connections,
+            "max_channels": max_channels,
             "expected_output_tokens": expected_output,
             "cache": cache,
         }.items()
@@ -533,13 +674,6 @@ def demo(log_level: LogLevel = "warning") -> None:
 
 # --- tenancy and audit (issue 6) ---------------------------------------------------------
 
-IdentityOption = Annotated[
-    str,
-    typer.Option(
-        help="How workers know a job is the team's: broker (its own RabbitMQ user), "
-        "api_key (a key in a header) or queue (whoever can publish to its queue)."
-    ),
-]
 _IDENTITIES = ("queue", "broker", "api_key")
 _PII = ("off", "warn", "redact", "block")
 _CAPTURE = ("none", "redacted", "full")
@@ -557,7 +691,7 @@ def _identity(value: str) -> Any:
 
 
 def _show_credentials(credentials: Any) -> None:
-    if credentials is None or credentials.identity == "queue":
+    if credentials is None or (credentials.password or credentials.api_key) is None:
         return
     if credentials.identity == "broker":
         out.print(f"broker user: {credentials.user}", highlight=False, soft_wrap=True)
@@ -573,7 +707,11 @@ def _show_credentials(credentials: Any) -> None:
             highlight=False,
             soft_wrap=True,
         )
-        out.print("apps pass it as GatewayClient(..., api_key=...)", soft_wrap=True)
+        out.print(
+            "apps pass it as GatewayClient(..., api_key=...); "
+            "queuegate submit reads it from QUEUEGATE_TEAM_API_KEY",
+            soft_wrap=True,
+        )
     err.print("[yellow]shown once: queuegate keeps no copy; rotate-credentials makes new ones[/]")
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
 from queuegate.broker import redact_url
-from queuegate.errors import GatewayError, ServiceUnavailable
+from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
 
 TIMEOUT = 10.0
+_SET_URL = "set QUEUEGATE_MANAGEMENT_URL to http://USER:PASSWORD@HOST:15672/ of an administrator"
 
 
 class ManagementError(GatewayError):
@@ -25,10 +26,20 @@ class ManagementError(GatewayError):
 
 
 class BrokerAdmin:
+    """The management API as the user named in ``url``; a URL without one is refused.
+
+    No user means no fallback: guessing ``guest`` would act as whoever that is on the broker
+    (or fail with a 401 that names nobody). ``Settings.management_url`` derives the URL from
+    the AMQP one when it is not set.
+    """
+
     def __init__(self, url: str, *, vhost: str = "/") -> None:
         parts = urlsplit(url)
         self._display = redact_url(url)
-        auth = (parts.username or "guest", parts.password or "guest")
+        if not parts.username or parts.password is None:
+            raise ConfigError(f"the management URL {self._display} names no user: {_SET_URL}")
+        self._user = unquote(parts.username)
+        auth = (self._user, unquote(parts.password))
         netloc = parts.hostname or "127.0.0.1"
         if parts.port:
             netloc = f"{netloc}:{parts.port}"
@@ -59,6 +70,10 @@ class BrokerAdmin:
             ) from exc
         if response.status_code == 404 and method in ("GET", "DELETE"):
             return None
+        if response.status_code == 401:
+            raise ManagementError(
+                f"the management API at {self._display} refused user {self._user}: {_SET_URL}"
+            )
         if response.status_code >= 400:
             reason = response.json().get("reason", response.text) if response.content else ""
             raise ManagementError(f"{method} {path}: {response.status_code} {reason}")
@@ -71,6 +86,20 @@ class BrokerAdmin:
 
     async def delete_user(self, name: str) -> None:
         await self._request("DELETE", f"users/{quote(name, safe='')}")
+
+    async def user_exists(self, name: str) -> bool:
+        return await self._request("GET", f"users/{quote(name, safe='')}") is not None
+
+    async def put_user_limit(self, user: str, limit: str, value: int) -> None:
+        """Set one of the user's limits (``max-connections``, ``max-channels``), broker-wide."""
+        await self._request(
+            "PUT", f"user-limits/{quote(user, safe='')}/{quote(limit, safe='')}", {"value": value}
+        )
+
+    async def user_limits(self, user: str) -> dict[str, int]:
+        """The user's limits the broker holds; empty when it holds none."""
+        listed = await self._request("GET", f"user-limits/{quote(user, safe='')}") or []
+        return {name: int(value) for entry in listed for name, value in entry["value"].items()}
 
     async def connections(self, user: str) -> list[str]:
         """The names of ``user``'s connections, as the broker last reported them.
@@ -127,6 +156,13 @@ class BrokerAdmin:
                 "apply-to": apply_to,
             },
         )
+
+    async def policy(self, name: str) -> dict[str, Any] | None:
+        """The policy as the broker holds it (pattern, definition, priority), or None."""
+        result: dict[str, Any] | None = await self._request(
+            "GET", f"policies/{self._vhost}/{quote(name, safe='')}"
+        )
+        return result
 
     async def delete_policy(self, name: str) -> None:
         await self._request("DELETE", f"policies/{self._vhost}/{quote(name, safe='')}")

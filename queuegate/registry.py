@@ -64,6 +64,10 @@ class TeamConfig(BaseModel):
     """Output tokens reserved for a job without ``max_tokens``; the gateway default if unset."""
     cache: bool = False
     """Whether the team's jobs use the response cache when they do not say (``ChatJob.cache``)."""
+    max_connections: int | None = Field(default=None, ge=1)
+    """Connections the team's broker user may hold at once; the gateway default if unset."""
+    max_channels: int | None = Field(default=None, ge=1)
+    """Channels the team's broker user may hold at once, over all its connections."""
 
 
 @dataclass(frozen=True)

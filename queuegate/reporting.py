@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 
+from queuegate.numbers import plain_decimal
+from queuegate.tables import add_number_column, add_text_column, compact_table, fit
+
 if TYPE_CHECKING:  # the usage command needs no broker or Redis client
     from queuegate.status import Status
 
@@ -46,51 +49,101 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: "" if value is None else _plain(value) for key, value in row.items()})
+        writer.writerow({key: csv_cell(value) for key, value in row.items()})
     return buffer.getvalue()
 
 
-def table(rows: list[dict[str, Any]], *, title: str, empty: str = "(no usage)") -> Table:
-    out = Table(title=title)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """One CSV cell; text a spreadsheet would run as a formula is prefixed with ``'``.
+
+    A model alias or team name like ``=HYPERLINK(...)`` comes from whoever published the job,
+    so text starting with ``= + - @``, a tab or a carriage return is neutralised as OWASP
+    advises (CSV injection). Numbers stay numbers: a negative amount is not text.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return _plain(value)
+
+
+_HEADERS = {
+    "requests": "requests",
+    "input_tokens": "tokens in",
+    "output_tokens": "tokens out",
+    "cost_usd": "cost (USD)",
+    "budget_usd": "budget",
+    "budget_remaining": "budget left",
+}
+_NARROW = ("day", "team", "model", "requests", "errors", "tokens", "cost_usd", "budget_remaining")
+"""The columns of an 80-column report, in this order; ``--wide`` shows every field."""
+
+
+def table(
+    rows: list[dict[str, Any]], *, title: str, wide: bool = False, empty: str = "(no usage)"
+) -> Table:
+    out = compact_table(title)
     if not rows:
-        out.add_column("")
+        add_text_column(out, "")
         out.add_row(empty)
         return out
-    for name, value in rows[0].items():
-        numeric = isinstance(value, int | float | Decimal) or name in _MONEY
-        out.add_column(name.replace("_", " "), justify="right" if numeric else "left")
-    for row in rows:
+    if wide:
+        shown = rows
+    else:
+        tokens = [{**row, "tokens": row["input_tokens"] + row["output_tokens"]} for row in rows]
+        shown = [{k: row[k] for k in _NARROW if k in row} for row in tokens]
+    for name, value in shown[0].items():
+        header = _HEADERS.get(name, name.replace("_", " "))
+        if isinstance(value, int | float | Decimal) or name in _MONEY:
+            add_number_column(out, header)
+        else:
+            add_text_column(out, header)
+    for row in shown:
         out.add_row(*(_cell(name, value) for name, value in row.items()))
-    return out
+    return fit(out)
 
 
-def status_view(status: Status) -> RenderableType:
-    """The status tables: teams, then deployments."""
-    teams = Table(title=f"teams at {status.at:%H:%M:%S} UTC ({status.workers} workers live)")
-    for name in ("team", "queued", "consumers", "in flight", "in/s", "out/s", "err/s"):
-        teams.add_column(name, justify="left" if name == "team" else "right")
-    for name in ("wait p50", "wait p99", "bucket", "spend (month)", "budget"):
-        teams.add_column(name, justify="right")
+def status_view(status: Status, *, wide: bool = False) -> RenderableType:
+    """The status tables: teams, then deployments; ``wide`` adds error rates and p50 waits."""
+    live = f"{status.workers} worker{'' if status.workers == 1 else 's'} live"
+    teams = compact_table(f"teams at {status.at:%H:%M:%S} UTC, {live}")
+    add_text_column(teams, "team")
+    headers = ["queued", "cons.", "in fl.", *(["in/s"] if wide else []), "out/s"]
+    headers += ["err/s", "p50 wait"] if wide else []
+    headers += ["p99 wait", "bucket", "spend", "budget"]
+    for name in headers:
+        add_number_column(teams, name)
     for t in status.teams:
-        teams.add_row(
+        cells = [
             t.team,
             _count(t.queue_depth),
             _count(t.consumers),
             f"{t.in_flight:,}",
-            f"{t.jobs_in_per_s:.1f}",
+            *([f"{t.jobs_in_per_s:.1f}"] if wide else []),
             f"{t.jobs_out_per_s:.1f}",
-            f"{t.errors_per_s:.1f}",
-            _ms(t.wait_p50_ms),
+        ]
+        if wide:
+            cells += [f"{t.errors_per_s:.1f}", _ms(t.wait_p50_ms)]
+        cells += [
             _ms(t.wait_p99_ms),
             "-" if t.bucket_fill is None else f"{t.bucket_fill:.0%}",
             f"${t.spend_usd:,.4f}",
-            "-" if t.budget_usd is None else f"${t.budget_usd:,.2f}",
-        )
+            "-" if t.budget_usd is None else f"${t.budget_usd:,}",
+        ]
+        teams.add_row(*cells)
     if not status.teams:
-        teams.add_row("(no live worker: name teams with --teams)", *[""] * 11)
-    deployments = Table(title="deployments (last minute)")
-    for name in ("deployment", "breaker", "calls/s", "error rate"):
-        deployments.add_column(name, justify="left" if name == "deployment" else "right")
+        teams.add_row("(no live worker: name teams with --teams)", *[""] * len(headers))
+    if status.teams:
+        teams.caption = (
+            "cons.: consumers · in fl.: in flight · spend: this month, as workers count it"
+        )
+    deployments = compact_table("deployments, last minute")
+    add_text_column(deployments, "deployment")
+    for name in ("breaker", "calls/s", "error rate"):
+        add_number_column(deployments, name)
     for d in status.deployments:
         deployments.add_row(
             d.deployment,
@@ -100,7 +153,7 @@ def status_view(status: Status) -> RenderableType:
         )
     if not status.deployments:
         deployments.add_row("(no provider calls reported)", "", "", "")
-    return Group(teams, deployments)
+    return Group(fit(teams), fit(deployments))
 
 
 def _count(value: int | None) -> str:
@@ -108,7 +161,9 @@ def _count(value: int | None) -> str:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f} ms"
+    if value is None:
+        return "-"
+    return f"{value:,.0f} ms" if value < 10_000 else f"{value / 1000:,.1f} s"
 
 
 def _cell(name: str, value: Any) -> str:
@@ -123,7 +178,7 @@ def _cell(name: str, value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return plain_decimal(value)
     if isinstance(value, datetime | date):
         return value.isoformat()
     return value

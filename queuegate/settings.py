@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,8 +22,12 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
-    management_url: str = "http://guest:guest@127.0.0.1:15672/"
-    """RabbitMQ's management API, for operator commands (users, quotas); never on a job's path."""
+    management_url: str = ""
+    """RabbitMQ's management API, for operator commands (users, quotas); never on a job's path.
+
+    Unset: the AMQP URL's host and user on port 15672 (15671 for ``amqps``), so an operator
+    who reaches the broker as an administrator needs nothing more.
+    """
 
     namespace: str = Field(default="queuegate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Prefix of every broker name and Redis key, so environments and test runs never collide."""
@@ -56,6 +61,11 @@ class Settings(BaseSettings):
     job_time_limit: float = Field(default=1500.0, gt=0)
     """Seconds a worker spends on one job at most, every provider call included. Keep it below
     RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""
+    team_max_connections: int = Field(default=64, ge=1)
+    """Connections a team's broker user may hold at once, unless ``teams set`` says otherwise:
+    a RabbitMQ user limit, so one team cannot exhaust the broker's connections."""
+    team_max_channels: int = Field(default=512, ge=1)
+    """Channels a team's broker user may hold at once, over all its connections."""
     teams_refresh: float = Field(default=5.0, gt=0)
     """Seconds between reads of the team registry, so new teams are served without restart."""
 
@@ -83,6 +93,25 @@ class Settings(BaseSettings):
     accounting_linger: float = Field(default=0.05, ge=0)
     """Seconds accounting waits to fill a batch before writing what it has."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _management_from_amqp(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("management_url"):
+            amqp = data.get("amqp_url") or cls.model_fields["amqp_url"].default
+            data = {**data, "management_url": management_url_for(amqp)}
+        return data
+
     @property
     def redis_prefix(self) -> str:
         return self.namespace
+
+
+def management_url_for(amqp_url: str) -> str:
+    """The management API of the broker at ``amqp_url``, as the same user."""
+    parts = urlsplit(amqp_url)
+    tls = parts.scheme == "amqps"
+    credentials, _, _ = parts.netloc.rpartition("@")
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    netloc = f"{credentials}@" if credentials else ""
+    netloc += f"{host or '127.0.0.1'}:{15671 if tls else 15672}"
+    return urlunsplit(("https" if tls else "http", netloc, "/", "", ""))

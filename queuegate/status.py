@@ -21,7 +21,7 @@ from typing import Self
 
 import aio_pika
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from redis.exceptions import RedisError
 
 from queuegate.broker import connect, redact_url
@@ -81,7 +81,7 @@ class StatusReader:
         self._keys = Keys(settings.redis_prefix)
         self._topology = Topology(settings.namespace, settings.delivery_limit)
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._redis: aioredis.Redis | None = None
 
     async def __aenter__(self) -> Self:
@@ -153,7 +153,9 @@ class StatusReader:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         try:
-            declared = await self._channel.declare_queue(queue, passive=True)
+            # robust=False: a robust channel keeps every queue it declared and answers a later
+            # passive declare of it from that cache, with the counts of the first read.
+            declared = await self._channel.declare_queue(queue, passive=True, robust=False)
         except aio_pika.exceptions.ChannelNotFoundEntity:
             # The broker closed the channel over the missing queue; the next read opens one.
             return None, None

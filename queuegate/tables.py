@@ -1,4 +1,10 @@
-"""Tables people read numbers from, rendered with rich."""
+"""Tables people read numbers from, rendered with rich.
+
+Laid out for 80 columns (a terminal's default, and rich's width when output is piped): few
+columns, a border that costs one space between them, and cells that fold onto a second line
+rather than end in "…", so no number or id is ever cut. Commands offer ``--wide`` (and
+``--json``) for the columns left out.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,43 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Protocol
 
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from queuegate.registry import Team
 
 if TYPE_CHECKING:
     from queuegate.dlq import DeadLetter
+
+
+TEXT_MIN_WIDTH = 12
+"""What a text column (a team, a model alias) keeps at least when a table must shrink."""
+
+
+def compact_table(title: str) -> Table:
+    """A table whose columns are one space apart, with a rule under the header."""
+    return Table(title=title, box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+
+
+def add_text_column(table: Table, header: str) -> None:
+    """Left-aligned; a long value folds onto the next line, whole."""
+    table.add_column(header, overflow="fold")
+
+
+def add_number_column(table: Table, header: str) -> None:
+    """Right-aligned and never wrapped (see ``fit``)."""
+    table.add_column(header, justify="right", no_wrap=True, overflow="fold")
+
+
+def fit(table: Table) -> Table:
+    """Call once the rows are in: number columns keep the width of their widest cell and
+    header, so when 80 columns are too few rich narrows the text columns, never a number."""
+    for column in table.columns:
+        widths = [Text.from_markup(str(cell)).cell_len for cell in column.cells]
+        widest = max([Text.from_markup(str(column.header)).cell_len, *widths])
+        column.min_width = widest if column.no_wrap else min(widest, TEXT_MIN_WIDTH)
+    return table
 
 
 class SpendRow(Protocol):
@@ -70,8 +107,11 @@ def dead_letter_table(letters: Sequence[DeadLetter], *, total: int) -> Table:
     return table
 
 
-def team_table(team: Team) -> Table:
-    """A team's config, one row per limit; per-model limits below the team-wide ones."""
+def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) -> Table:
+    """A team's config, one row per limit; per-model limits below the team-wide ones.
+
+    ``broker_limits``: the team's broker user and its connection and channel limits.
+    """
     config = team.config
     table = Table(title=f"team {team.name} ({'enabled' if team.enabled else 'disabled'})")
     table.add_column("scope")
@@ -84,10 +124,15 @@ def team_table(team: Team) -> Table:
     table.add_row("team", cell(config.rpm), cell(config.tpm), cell(config.budget_usd))
     for alias, limits in sorted(config.models.items()):
         table.add_row(alias, cell(limits.rpm), cell(limits.tpm), cell(limits.budget_usd))
-    table.caption = (
-        f"alert at {config.alert_threshold:.0%} of the budget · "
-        f"max queue length {cell(config.max_queue_length)} · "
-        f"expected output {cell(config.expected_output_tokens)} tokens · "
-        f"response cache {'on' if config.cache else 'off'} by default"
-    )
+    lines = [
+        f"alert at {config.alert_threshold:.0%} of the budget",
+        f"max queue length {cell(config.max_queue_length)}",
+        f"expected output {cell(config.expected_output_tokens)} tokens",
+        f"response cache {'on' if config.cache else 'off'} by default",
+    ]
+    if broker_limits is not None:
+        user, connections, channels = broker_limits
+        lines.append(f"broker user {user}: {connections:,} connections, {channels:,} channels")
+    table.caption = "\n".join(lines)
+    table.caption_justify = "left"
     return table

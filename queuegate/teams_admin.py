@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from queuegate.broker import connect
 from queuegate.db import create_pool
-from queuegate.errors import ConfigError
+from queuegate.errors import ConfigError, GatewayError
 from queuegate.management import BrokerAdmin
 from queuegate.registry import (
     Team,
@@ -54,25 +54,145 @@ class Credentials:
     api_key: str | None = None
 
 
-async def add(settings: Settings, name: str, *, identity: IdentityMode = "broker") -> Credentials:
-    """Register the team, declare its queue, and give it its identity (returned once)."""
+@dataclass(frozen=True)
+class Added:
+    """What ``add`` did: ``created`` a new team, or found it and changed no credential."""
+
+    created: bool
+    enabled_again: bool
+    credentials: Credentials
+    """With secrets (shown once) for a new team or an existing team's missing broker user;
+    else its identity and user alone."""
+
+
+async def add(
+    settings: Settings,
+    name: str,
+    *,
+    identity: IdentityMode | None = None,
+    password: str | None = None,
+) -> Credentials:
+    """``register`` the team; its credentials (secrets only when new, see ``Added``)."""
+    added = await register(settings, name, identity=identity, password=password)
+    return added.credentials
+
+
+async def register(
+    settings: Settings,
+    name: str,
+    *,
+    identity: IdentityMode | None = None,
+    password: str | None = None,
+) -> Added:
+    """Register the team, declare its queue and give it its identity (``broker`` by default).
+
+    Idempotent: for a team that exists it enables it, declares its queue and repairs what is
+    missing (a broker user deleted by hand), but never changes a password or key that works:
+    ``rotate`` does that. All or nothing for a new team: its broker user is made first, then
+    the registry rows and the queue in one transaction, and the user is deleted again when a
+    later step fails, so no team is ever served without its identity.
+    """
     from accounting import migrate
 
     check_team_name(name)
     pool = await create_pool(settings)
     try:
         await migrate(pool, settings.database_schema)
-        await add_team(pool, name)
-        connection = await connect(settings.amqp_url, name="queuegate-teams")
-        async with connection:
-            channel = await connection.channel()
-            await Topology(settings.namespace, settings.delivery_limit).declare_team_queue(
-                channel, name
-            )
-        security = (await get_security(pool, name)).model_copy(update={"identity": identity})
-        return await _issue(settings, pool, name, security)
+        existing = await get_team(pool, name)
+        if existing is not None:
+            return await _ensure(settings, pool, existing, identity, password)
+        return await _create(settings, pool, name, identity or "broker", password)
     finally:
         await pool.close()
+
+
+async def _create(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    name: str,
+    identity: IdentityMode,
+    password: str | None,
+) -> Added:
+    credentials = Credentials(identity)
+    user = broker_user(settings.namespace, name) if identity == "broker" else None
+    made = False
+    try:
+        if user is not None:
+            password = password or new_password()
+            async with BrokerAdmin(settings.management_url) as admin:
+                await admin.put_user(user, password)
+            made = True
+            await create_broker_user(settings, name, user, None, TeamConfig())
+            credentials = Credentials(
+                "broker", user, password, with_user(settings.amqp_url, user, password)
+            )
+        async with pool.acquire() as conn, conn.transaction():
+            await add_team(conn, name)
+            await put_security(conn, name, TeamSecurity(identity=identity, broker_user=user))
+            if identity == "api_key":
+                key_id, key = await add_api_key(conn, name)
+                credentials = Credentials("api_key", api_key_id=key_id, api_key=key)
+            # Last before the commit: a broker that refuses the queue rolls the rows back.
+            await _declare_queue(settings, name)
+    except BaseException as exc:
+        if made and user is not None:
+            await _undo_user(settings, user, exc)
+        raise
+    return Added(True, False, credentials)
+
+
+async def _undo_user(settings: Settings, user: str, cause: BaseException) -> None:
+    try:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(user)
+    except GatewayError as exc:
+        raise GatewayError(
+            f"adding the team failed ({cause}) and its broker user {user} could not be "
+            f"deleted again ({exc}): delete it in the management UI"
+        ) from cause
+
+
+async def _ensure(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    team: Team,
+    identity: IdentityMode | None,
+    password: str | None,
+) -> Added:
+    security = await get_security(pool, team.name)
+    if identity is not None and identity != security.identity:
+        raise ConfigError(
+            f"team {team.name} exists with identity {security.identity}: change it with "
+            f"queuegate teams security {team.name} --identity {identity}"
+        )
+    await _declare_queue(settings, team.name)
+    credentials = Credentials(security.identity, user=security.broker_user)
+    if security.identity == "broker":
+        user = security.broker_user or broker_user(settings.namespace, team.name)
+        async with BrokerAdmin(settings.management_url) as admin:
+            missing = not await admin.user_exists(user)
+        # A working password is never replaced here (teams rotate-credentials does that).
+        password = (password or new_password()) if missing else None
+        if password is not None:
+            credentials = Credentials(
+                "broker", user, password, with_user(settings.amqp_url, user, password)
+            )
+        # Permissions and limits are set again (this version's); a password only when new.
+        await create_broker_user(settings, team.name, user, password, team.config)
+        if security.broker_user is None:
+            await put_security(pool, team.name, security.model_copy(update={"broker_user": user}))
+    if not team.enabled:
+        await add_team(pool, team.name)
+    return Added(False, not team.enabled, credentials)
+
+
+async def _declare_queue(settings: Settings, name: str) -> None:
+    connection = await connect(settings.amqp_url, name="queuegate-teams")
+    async with connection:
+        channel = await connection.channel()
+        await Topology(settings.namespace, settings.delivery_limit).declare_team_queue(
+            channel, name
+        )
 
 
 async def rotate(settings: Settings, name: str) -> Credentials:
@@ -98,9 +218,10 @@ async def _issue(
 ) -> Credentials:
     if security.identity == "broker":
         user, password = broker_user(settings.namespace, team), new_password()
-        await create_broker_user(settings, team, user, password)
+        config = (await get_team(pool, team) or Team(team, True)).config
+        await create_broker_user(settings, team, user, password, config)
         await put_security(pool, team, security.model_copy(update={"broker_user": user}))
-        return Credentials("broker", user, password, _with_user(settings.amqp_url, user, password))
+        return Credentials("broker", user, password, with_user(settings.amqp_url, user, password))
     if security.broker_user is not None:
         # No longer the team's identity: a user left behind would still reach the broker.
         async with BrokerAdmin(settings.management_url) as admin:
@@ -114,15 +235,20 @@ async def _issue(
     return Credentials("queue")
 
 
-async def create_broker_user(settings: Settings, team: str, user: str, password: str) -> None:
-    """Create (or re-password) the team's user with only the permissions of ``permissions``.
+async def create_broker_user(
+    settings: Settings, team: str, user: str, password: str | None, config: TeamConfig
+) -> None:
+    """Create (or re-password) the team's user with only the permissions of ``permissions``
+    and the connection and channel limits of ``config``; ``password=None`` keeps the user's.
 
-    Connections opened with the old password are closed: apps reconnect with the new one.
+    Connections opened with an old password are closed: apps reconnect with the new one.
     """
     allowed = permissions(settings.namespace, team)
     async with BrokerAdmin(settings.management_url) as admin:
-        await admin.put_user(user, password)
-        await admin.close_connections(user, reason="queuegate: credentials rotated")
+        if password is not None:
+            await admin.put_user(user, password)
+            await admin.close_connections(user, reason="queuegate: credentials rotated")
+        await _put_limits(admin, settings, user, config)
         await admin.put_permissions(
             user, configure=allowed.configure, write=allowed.write, read=allowed.read
         )
@@ -168,7 +294,8 @@ async def revoke_key(settings: Settings, name: str, key_id: str) -> bool:
         await pool.close()
 
 
-def _with_user(url: str, user: str, password: str) -> str:
+def with_user(url: str, user: str, password: str) -> str:
+    """``url`` with ``user`` and ``password`` in it instead of its own credentials."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     if parts.port:
@@ -197,15 +324,48 @@ def quota_policy(settings: Settings, team: str) -> str:
     return f"{settings.namespace}-quota-{team}"
 
 
+QUOTA_PRIORITY = 10
+"""Above the default policies of ``deploy/rabbitmq/definitions.json`` (priority 0): a queue
+takes the one policy of highest priority, and at equal priority the broker's pick is arbitrary."""
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    max_connections: int
+    max_channels: int
+
+
+def user_limits(settings: Settings, config: TeamConfig) -> UserLimits:
+    """The team's broker user limits: its own, else the gateway's defaults."""
+    return UserLimits(
+        config.max_connections or settings.team_max_connections,
+        config.max_channels or settings.team_max_channels,
+    )
+
+
+async def _put_limits(
+    admin: BrokerAdmin, settings: Settings, user: str, config: TeamConfig
+) -> None:
+    limits = user_limits(settings, config)
+    await admin.put_user_limit(user, "max-connections", limits.max_connections)
+    await admin.put_user_limit(user, "max-channels", limits.max_channels)
+
+
 async def show(settings: Settings, name: str) -> Team:
+    return (await details(settings, name))[0]
+
+
+async def details(settings: Settings, name: str) -> tuple[Team, TeamSecurity]:
+    """The team and its security settings, for ``teams show``."""
     pool = await create_pool(settings)
     try:
         team = await get_team(pool, name)
+        security = await get_security(pool, name)
     finally:
         await pool.close()
     if team is None:
         raise ConfigError(f"no team named {name}: list them with queuegate teams list")
-    return team
+    return team, security
 
 
 async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> TeamConfig:
@@ -225,6 +385,7 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
     pool = await create_pool(settings)
     try:
         await set_team_config(pool, name, config)
+        user = (await get_security(pool, name)).broker_user
     finally:
         await pool.close()
     topology = Topology(settings.namespace, settings.delivery_limit)
@@ -236,5 +397,8 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
                 quota_policy(settings, name),
                 pattern=f"^{re.escape(topology.team_queue(name))}$",
                 definition={"max-length": config.max_queue_length},
+                priority=QUOTA_PRIORITY,
             )
+        if user is not None:
+            await _put_limits(admin, settings, user, config)
     return config

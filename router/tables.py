@@ -6,27 +6,34 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
+from queuegate.tables import add_number_column, add_text_column, compact_table, fit
 from router.catalog import Deployment
 from router.health import Status
 
 _STATE_STYLE = {"closed": "green", "open": "red", "half_open": "yellow"}
 
 
-def deployments_table(rows: Sequence[tuple[str, Deployment, Status]]) -> Table:
-    table = Table(title="deployments")
-    for column in ("alias", "deployment", "provider", "upstream model", "circuit"):
-        table.add_column(column)
-    table.add_column("probe in (s)", justify="right")
-    table.add_column("429 pause (s)", justify="right")
+def deployments_table(
+    rows: Sequence[tuple[str, Deployment, Status]], *, wide: bool = False
+) -> Table:
+    """Alias, deployment and where its breaker and 429 pause stand; ``wide`` adds the
+    provider and upstream model."""
+    table = compact_table("deployments")
+    headers = ["alias", "deployment", *(["provider", "upstream model"] if wide else [])]
+    for column in headers:
+        add_text_column(table, column)
+    add_text_column(table, "circuit")
+    add_number_column(table, "probe in")
+    add_number_column(table, "429 pause")
     for alias, deployment, status in rows:
         style = _STATE_STYLE.get(status.state, "")
+        names = [alias, deployment.name]
+        if wide:
+            names += [deployment.provider, deployment.model]
         table.add_row(
-            alias,
-            deployment.name,
-            deployment.provider,
-            deployment.model,
+            *names,
             f"[{style}]{status.state}[/]",
-            f"{status.wait:.1f}" if status.state != "closed" else "",
-            f"{status.paused_for:.1f}" if status.paused_for else "",
+            f"{status.wait:.1f} s" if status.state != "closed" else "",
+            f"{status.paused_for:.1f} s" if status.paused_for else "",
         )
-    return table
+    return fit(table)

@@ -11,7 +11,10 @@ import sys
 from typer.testing import CliRunner
 
 from queuegate.cli import app
+from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
+from queuegate.teams_admin import add
+from queuegate.tenancy import broker_user as broker_team_user
 from tests.support import running_gateway
 
 runner = CliRunner()
@@ -77,3 +80,49 @@ def test_an_unreachable_broker_is_one_line_that_says_what_to_do(settings: Settin
     assert len(lines) == 1, done.stderr
     assert "RabbitMQ is not reachable at amqp://guest:***@127.0.0.1:1/" in lines[0]
     assert "secret" not in done.stderr
+
+
+async def _submit(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queuegate", "submit", *args,
+        env={**os.environ, **_env(settings), **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=60)
+    assert cli.returncode is not None
+    return cli.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Settings) -> None:
+    # Given team alpha added the default way (its own broker user) and beta with an API key
+    alpha = await add(settings, "alpha")
+    beta = await add(settings, "beta", identity="api_key")
+    assert alpha.password is not None and beta.api_key is not None
+    try:
+        async with running_gateway(settings, teams=("alpha", "beta")):
+            # When an operator submits as each team, as the README says
+            as_broker_user = await _submit(
+                settings, "--team", "alpha", "Hi alpha", QUEUEGATE_TEAM_PASSWORD=alpha.password
+            )
+            as_api_key = await _submit(
+                settings, "--team", "beta", "Hi beta", QUEUEGATE_TEAM_API_KEY=beta.api_key
+            )
+            # and as the admin user, without the team's password, and with a wrong one
+            as_admin = await _submit(settings, "--team", "alpha", "Hi again")
+            wrong = await _submit(
+                settings, "--team", "alpha", "Hi", QUEUEGATE_TEAM_PASSWORD="not-the-password"
+            )
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(broker_team_user(settings.namespace, "alpha"))
+
+    # Expect both served, neither secret echoed, and the admin's job refused
+    for (code, stdout, stderr), text in ((as_broker_user, "Hi alpha"), (as_api_key, "Hi beta")):
+        assert code == 0, stderr
+        assert f"mock reply to: {text}" in stdout
+        assert alpha.password not in stdout + stderr and beta.api_key not in stdout + stderr
+    code, _, stderr = as_admin
+    assert code == 1 and "unauthorized" in stderr and "set QUEUEGATE_TEAM_PASSWORD" in stderr
+    code, _, stderr = wrong
+    assert code == 1 and "refused the user's password" in stderr
+    assert "not-the-password" not in stderr

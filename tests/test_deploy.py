@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -14,9 +20,14 @@ from prometheus_client.metrics import MetricWrapperBase
 from typer.main import get_command
 
 import queuegate.metrics
+import router
 from queuegate.cli import app
+from queuegate.management import BrokerAdmin
+from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
+from queuegate.tenancy import broker_user
 from router import load_catalog
+from tests.support import running_gateway
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"
@@ -59,10 +70,13 @@ def test_every_manifest_is_listed_and_has_kind_and_name() -> None:
 
 def test_images_are_this_version_and_commands_exist() -> None:
     commands = set(get_command(app).commands)  # type: ignore[attr-defined]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    [image] = kustomization["images"]
+    assert (image["name"], image["newTag"]) == ("queuegate", version("queuegate"))
     pods = [d["spec"]["template"]["spec"] for d in _k8s() if d["kind"] in ("Deployment", "Job")]
     for pod in pods:
         for container in pod["containers"]:
-            assert container["image"].endswith(f"/queuegate:{version('queuegate')}")
+            assert container["image"] == "queuegate"  # what kustomize names and tags
             assert container["args"][0] in commands
         assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -160,3 +174,114 @@ def _sample_names(name: str, kind: str) -> set[str]:
     if kind == "histogram":
         return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     return {name}
+
+
+def _compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return compose
+
+
+def _catalog_variables() -> set[str]:
+    """The variables the bundled catalog reads (the mock provider's URL and key)."""
+    text = (Path(router.__file__).parent / "catalogs" / "mock.yaml").read_text()
+    return set(re.findall(r"\$\{(QUEUEGATE_[A-Z_]+)", text)) | set(
+        re.findall(r"api_key_env: (QUEUEGATE_[A-Z_]+)", text)
+    )
+
+
+def test_every_queuegate_variable_in_compose_and_k8s_is_a_setting() -> None:
+    fields = {f"QUEUEGATE_{name.upper()}" for name in Settings.model_fields}
+    known = fields | _catalog_variables()
+    named = set()
+    for service in _compose()["services"].values():
+        named |= {k for k in service.get("environment", {}) if k.startswith("QUEUEGATE_")}
+    for doc in _k8s():
+        if doc["kind"] == "Secret":
+            named |= {k for k in doc["stringData"] if k.startswith("QUEUEGATE_")}
+        if doc["kind"] in ("Deployment", "Job"):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                named |= {k for k in _env(container) if k.startswith("QUEUEGATE_")}
+    assert named and named <= known, named - known
+    assert "QUEUEGATE_MANAGEMENT_URL" in named
+
+
+def test_compose_reaches_the_broker_as_users_its_definitions_create() -> None:
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    users = {u["name"]: (u["password"], u["tags"]) for u in definitions["users"]}
+    allowed = {p["user"] for p in definitions["permissions"] if p["vhost"] == "/"}
+    for service in _compose()["services"].values():
+        env = service.get("environment", {})
+        if "QUEUEGATE_AMQP_URL" not in env:
+            continue
+        settings = Settings(
+            amqp_url=env["QUEUEGATE_AMQP_URL"], management_url=env["QUEUEGATE_MANAGEMENT_URL"]
+        )
+        for url in (settings.amqp_url, settings.management_url):
+            parts = urlsplit(url)
+            assert parts.hostname == "rabbitmq"
+            assert parts.username in allowed
+            assert users[parts.username][0] == parts.password
+        # The operator commands (teams add) need an administrator of the management API.
+        assert "administrator" in users[urlsplit(settings.management_url).username or ""][1]
+        assert urlsplit(settings.management_url).port == 15672
+
+
+def test_compose_services_wait_only_on_services_that_exist_and_commands_that_exist() -> None:
+    compose = _compose()
+    commands = set(get_command(app).commands)  # type: ignore[attr-defined]
+    for name, service in compose["services"].items():
+        for needed in service.get("depends_on", {}):
+            assert needed in compose["services"], (name, needed)
+        if "command" in service:
+            assert service["command"][0] in commands, name
+    teams = " ".join(compose["services"]["teams"]["entrypoint"])
+    assert "--password-stdin" in teams
+
+
+async def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, argv, check=False, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_the_compose_teams_and_submit_commands_serve_a_job(settings: Settings) -> None:
+    """Compose's own commands, run here against the local services in a fresh namespace."""
+    compose = _compose()
+    teams = compose["services"]["teams"]
+    script = teams["entrypoint"][-1].replace("$$", "$")  # Compose's escape of a literal $
+    passwords = {k: v for k, v in teams["environment"].items() if not k.startswith("QUEUEGATE")}
+    env = {
+        **os.environ,
+        **passwords,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    [header] = [
+        line for line in (DEPLOY / "compose.yaml").read_text().splitlines() if "cli submit" in line
+    ]
+    words = shlex.split(header.lstrip("# "))
+    cli_args = words[words.index("cli") + 1 :]
+    submit_env = dict(w.split("=", 1) for w in words[words.index("-e") + 1 : words.index("cli")])
+    try:
+        # Given the teams service run twice, as on two `docker compose up`
+        for _ in range(2):
+            added = await _run(["sh", "-c", script], env)
+            assert added.returncode == 0, added.stderr
+        assert "exists: its credentials are unchanged" in added.stdout
+        assert "research-laptop" not in added.stdout + added.stderr
+
+        # When the header's submit runs while a worker serves the teams
+        async with running_gateway(settings, teams=("research", "support")):
+            submitted = await _run(
+                [sys.executable, "-m", "queuegate", *cli_args], {**env, **submit_env}
+            )
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            for team in ("research", "support"):
+                await admin.delete_user(broker_user(settings.namespace, team))
+        await drop_namespace(settings, ("research", "support"))
+
+    # Expect the job served as team research
+    assert submitted.returncode == 0, submitted.stderr
+    assert "mock reply to: Hello" in submitted.stdout

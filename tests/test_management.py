@@ -8,6 +8,7 @@ import uuid
 import aio_pika
 import pytest
 
+from queuegate.errors import ConfigError
 from queuegate.management import BrokerAdmin, ManagementError
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -54,3 +55,25 @@ async def test_a_refused_request_is_one_clear_error(settings: Settings) -> None:
     async with BrokerAdmin(settings.management_url) as admin:
         with pytest.raises(ManagementError, match=r"policies/.*: 400"):
             await admin.put_policy("bad", pattern="(", definition={"max-length": 1})
+
+
+def test_the_management_url_defaults_to_the_amqp_urls_host_and_user() -> None:
+    # Given only an AMQP URL; expect the management API of that broker, as that user
+    settings = Settings(amqp_url="amqp://ops:s%40cret@rabbitmq:5672/")
+    assert settings.management_url == "http://ops:s%40cret@rabbitmq:15672/"
+    tls = Settings(amqp_url="amqps://ops:pw@broker.example:5671/")
+    assert tls.management_url == "https://ops:pw@broker.example:15671/"
+    # and an explicit one kept as it is
+    explicit = Settings(amqp_url="amqp://a:b@h/", management_url="http://admin:pw@m:15672/")
+    assert explicit.management_url == "http://admin:pw@m:15672/"
+
+
+def test_a_management_url_without_a_user_is_refused_not_guessed() -> None:
+    with pytest.raises(ConfigError, match="names no user: set QUEUEGATE_MANAGEMENT_URL"):
+        BrokerAdmin("http://127.0.0.1:15672/")
+
+
+async def test_a_wrong_password_names_the_user_and_the_setting(settings: Settings) -> None:
+    async with BrokerAdmin("http://guest:wrong@127.0.0.1:15672/") as admin:
+        with pytest.raises(ManagementError, match="refused user guest: set QUEUEGATE_MANAG"):
+            await admin.queue("anything")

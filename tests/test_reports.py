@@ -151,3 +151,48 @@ async def test_usage_command_prints_the_same_totals_as_csv_and_json(
             )
             for r in records
         } == expected
+
+
+async def _usage_cli(settings: Settings, *flags: str) -> str:
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queuegate", "usage", "--month", "2026-03", *flags,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
+    assert cli.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+async def test_usage_csv_is_one_team_plain_numbers_and_no_formulas(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given alpha's free job on a model named like a spreadsheet formula, and beta's paid job
+    formula = '=HYPERLINK("http://attacker.example","invoice")'
+    day = datetime(2026, 3, 5, tzinfo=UTC)
+    await insert_usage(
+        pool,
+        [
+            UsageEvent(job_id="a", team="alpha", model_requested=formula, status="ok", ts=day),
+            UsageEvent(
+                job_id="b", team="beta", model_requested="m", status="ok", cost_usd=1, ts=day
+            ),
+        ],
+    )
+
+    # When an operator exports alpha's month, by team and by model
+    by_team, by_model = await asyncio.gather(
+        _usage_cli(settings, "--team", "alpha", "--csv"),
+        _usage_cli(settings, "--team", "alpha", "--by", "model", "--csv"),
+    )
+
+    # Expect alpha alone, its zero cost written as 0, and the formula neutralised as text
+    [team_row] = list(csv.DictReader(io.StringIO(by_team)))
+    assert (team_row["team"], team_row["cost_usd"]) == ("alpha", "0")
+    [model_row] = list(csv.DictReader(io.StringIO(by_model)))
+    assert (model_row["team"], model_row["model"]) == ("alpha", "'" + formula)
+    assert model_row["cost_usd"] == "0"

@@ -8,10 +8,13 @@ import os
 import sys
 from collections.abc import Callable
 
+import aio_pika
+
 from mockprovider import Behavior, MockConfig
 from queuegate.metrics import BREAKER_STATE, set_breaker_state
 from queuegate.settings import Settings
 from queuegate.status import Status, StatusReader
+from queuegate.topology import Topology
 from tests.support import running_gateway
 
 JOBS = 8
@@ -33,7 +36,9 @@ async def _until(
 async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: Settings) -> None:
     # Given a worker holding 3 jobs of team alpha at a slow provider, and 5 more queued
     settings = settings.model_copy(update={"prefetch": PREFETCH, "stats_interval": 0.1})
-    slow = MockConfig(default=Behavior(latency_ms=4000))
+    # Slower than anything the test waits for (a CLI start on a loaded machine included), so
+    # the 3 jobs are still in flight when the CLI reads: the worker's grace ends them.
+    slow = MockConfig(default=Behavior(latency_ms=120_000))
     async with (
         running_gateway(settings, mock_config=slow) as gw,
         gw.client("alpha") as client,
@@ -93,3 +98,25 @@ async def test_status_reports_breaker_state_and_error_rate_per_deployment(
     flaky, haiku = sorted(status.deployments, key=lambda d: d.deployment != "openai-flaky")
     assert (flaky.deployment, flaky.breaker, flaky.error_rate) == ("openai-flaky", "open", 1.0)
     assert (haiku.deployment, haiku.breaker, haiku.error_rate) == ("anthropic-main", None, 0.0)
+
+
+async def test_a_watching_reader_sees_the_queue_depth_change(settings: Settings) -> None:
+    # Given team alpha's queue holding 2 jobs, and a reader kept open as --watch keeps it
+    topology = Topology(settings.namespace, settings.delivery_limit)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection, StatusReader(settings) as reader:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare_team_queue(channel, "alpha")
+        jobs = await channel.get_exchange(topology.jobs_exchange)
+        for _ in range(2):
+            await jobs.publish(aio_pika.Message(b"{}"), routing_key="alpha")
+        [before] = (await reader.read(["alpha"])).teams
+
+        # When 3 more jobs arrive between two refreshes
+        for _ in range(3):
+            await jobs.publish(aio_pika.Message(b"{}"), routing_key="alpha")
+        [after] = (await reader.read(["alpha"])).teams
+
+    # Expect the second refresh to show the new depth, not the first one again
+    assert (before.queue_depth, after.queue_depth) == (2, 5)
+    assert (before.consumers, after.consumers) == (0, 0)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -14,14 +19,16 @@ from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.cli import app
 from queuegate.db import create_pool
-from queuegate.errors import QueueFull
+from queuegate.errors import QueueFull, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.teams_admin import add, configure, quota_policy
+from queuegate.teams_admin import add, configure, listing, quota_policy, register
+from queuegate.tenancy import broker_user
 from queuegate.topology import Topology
 from tests.support import running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 @pytest.fixture
@@ -190,3 +197,185 @@ async def _ready(settings: Settings, team: str) -> int:
             Topology(settings.namespace).team_queue(team), passive=True
         )
         return queue.declaration_result.message_count or 0
+
+
+@pytest.fixture
+async def users(settings: Settings) -> AsyncIterator[list[str]]:
+    """Broker users a test may create (``<ns>.alpha``), deleted afterwards."""
+    names = [broker_user(settings.namespace, "alpha")]
+    yield names
+    async with BrokerAdmin(settings.management_url) as admin:
+        for name in names:
+            await admin.delete_user(name)
+
+
+def _cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+
+
+async def _queuegate(settings: Settings, *args: str) -> tuple[int, str, str]:
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queuegate", *args, env=_cli_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode is not None
+    return cli.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_adding_a_team_again_keeps_its_password(settings: Settings, users: list[str]) -> None:
+    # Given team alpha added the default way, its app connected with the password it got
+    first = await add(settings, "alpha")
+    assert first.amqp_url is not None
+    app = await aio_pika.connect(first.amqp_url)
+
+    # When an operator (or Compose, on every up) runs teams add alpha again
+    code, stdout, stderr = await _queuegate(settings, "teams", "add", "alpha")
+
+    # Expect no new credentials, said so, and the first password still working
+    assert code == 0, stderr
+    assert "team alpha exists: its credentials are unchanged" in stdout
+    assert "password" not in stdout and "QUEUEGATE_AMQP_URL" not in stdout
+    assert not app.is_closed
+    await app.close()
+    await (await aio_pika.connect(first.amqp_url)).close()
+
+
+async def test_a_failing_management_api_leaves_no_team_behind(settings: Settings) -> None:
+    # Given a management API that cannot be reached
+    broken = settings.model_copy(update={"management_url": "http://guest:guest@127.0.0.1:1/"})
+
+    # When an operator adds team alpha
+    with pytest.raises(ServiceUnavailable, match="management API is not reachable"):
+        await add(broken, "alpha")
+
+    # Expect no team registered (no worker serves it) and no queue declared
+    assert await listing(settings) == []
+    async with BrokerAdmin(settings.management_url) as admin:
+        assert await admin.queue(Topology(settings.namespace).team_queue("alpha")) is None
+
+
+async def test_a_broker_refusing_the_queue_leaves_no_user_and_no_team(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given a management API that works and an AMQP URL that does not
+    broken = settings.model_copy(update={"amqp_url": "amqp://guest:guest@127.0.0.1:1/"})
+
+    # When an operator adds team alpha
+    with pytest.raises(ServiceUnavailable):
+        await add(broken, "alpha")
+
+    # Expect the broker user made first deleted again, and no team registered
+    async with BrokerAdmin(settings.management_url) as admin:
+        assert not await admin.user_exists(users[0])
+    assert await listing(settings) == []
+
+
+async def test_a_teams_broker_user_cannot_open_more_connections_than_its_limit(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given team alpha added the default way: its user gets the gateway's default limits
+    credentials = await add(settings, "alpha")
+    assert credentials.amqp_url is not None
+    async with BrokerAdmin(settings.management_url) as admin:
+        assert await admin.user_limits(users[0]) == {
+            "max-connections": settings.team_max_connections,
+            "max-channels": settings.team_max_channels,
+        }
+
+    # When an operator lowers its connections to 2, and its app opens a third
+    code, _, stderr = await _queuegate(settings, "teams", "set", "alpha", "--max-connections", "2")
+    assert code == 0, stderr
+    opened = [await aio_pika.connect(credentials.amqp_url) for _ in range(2)]
+    try:
+        # Expect the broker to refuse the third, and teams show to say the limit
+        with pytest.raises(aio_pika.exceptions.AMQPError):
+            await aio_pika.connect(credentials.amqp_url)
+    finally:
+        for connection in opened:
+            await connection.close()
+    code, stdout, stderr = await _queuegate(settings, "teams", "show", "alpha")
+    assert code == 0, stderr
+    assert f"{users[0]}: 2 connections" in " ".join(stdout.split())
+
+
+async def test_adding_a_team_whose_broker_user_was_deleted_makes_it_again(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given team alpha added the default way, then its broker user deleted by hand
+    await add(settings, "alpha")
+    async with BrokerAdmin(settings.management_url) as admin:
+        await admin.delete_user(users[0])
+
+    # When an operator adds it again
+    again = await register(settings, "alpha")
+
+    # Expect a new password that works, and the user's limits set again
+    assert not again.created and again.credentials.amqp_url is not None
+    await (await aio_pika.connect(again.credentials.amqp_url)).close()
+    async with BrokerAdmin(settings.management_url) as admin:
+        assert (await admin.user_limits(users[0]))["max-connections"] == 64
+
+
+async def test_a_teams_quota_outranks_the_default_policies_of_the_definitions(
+    settings: Settings, alpha: str
+) -> None:
+    # Given default policies on every team queue like deploy/rabbitmq/definitions.json's,
+    # named to sort before and after the quota's, so a tie on priority would pick one of them
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    [default] = [p for p in definitions["policies"] if p["name"] == "queuegate-team-queues"]
+    pattern = default["pattern"].replace("queuegate", re.escape(settings.namespace), 1)
+    names = [f"{settings.namespace}-a-defaults", f"{settings.namespace}-z-defaults"]
+    async with BrokerAdmin(settings.management_url) as admin:
+        for name in names:
+            await admin.put_policy(
+                name,
+                pattern=pattern,
+                definition=default["definition"],
+                priority=default["priority"],
+            )
+        try:
+            # When an operator sets the team's queue quota
+            await configure(settings, alpha, {"max_queue_length": 5})
+
+            # Expect the quota to hold: the broker refuses the job after the fifth (or sixth)
+            connection = await aio_pika.connect(settings.amqp_url)
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                jobs = await channel.get_exchange(Topology(settings.namespace).jobs_exchange)
+                accepted = 0
+                with pytest.raises(aio_pika.exceptions.DeliveryError):
+                    for _ in range(10):
+                        await jobs.publish(aio_pika.Message(b"{}"), routing_key=alpha)
+                        accepted += 1
+            assert accepted in (5, 6)
+            # deliberately, not by a tie the broker breaks as it likes: a higher priority
+            quota = await admin.policy(quota_policy(settings, alpha))
+            assert quota is not None
+            assert quota["priority"] > max(p["priority"] for p in definitions["policies"])
+        finally:
+            for name in names:
+                await admin.delete_policy(name)
+
+
+async def test_a_teams_broker_user_cannot_open_more_channels_than_its_limit(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given team alpha added the default way, its channels limited to 2
+    credentials = await add(settings, "alpha")
+    assert credentials.amqp_url is not None
+    await configure(settings, "alpha", {"max_channels": 2})
+
+    # When its app opens a third channel on one connection
+    connection = await aio_pika.connect(credentials.amqp_url)
+    async with connection:
+        await connection.channel()
+        await connection.channel()
+
+        # Expect the broker to refuse it
+        with pytest.raises(aio_pika.exceptions.AMQPError):
+            await connection.channel()

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from queuegate.errors import BudgetExhausted, ServiceUnavailable
 from queuegate.keys import Keys
+from queuegate.numbers import plain_decimal
 from queuegate.registry import TeamConfig
 from workers.admission.estimate import NANO, to_nano
 from workers.admission.scripts import Call, Scripts
@@ -89,9 +90,10 @@ class Budgets:
                 spent = Decimal(int(reply[2])) / NANO
                 what = f"its {model} cap" if scope_model else "its monthly budget"
                 raise BudgetExhausted(
-                    f"team {team} has spent or reserved ${spent:.4f} of {what} (${limit}) for "
-                    f"{month}; this job needs about ${Decimal(nano) / NANO:.6f}: raise the "
-                    f"budget (queuegate teams set {team} --budget ...) or wait for next month"
+                    f"team {team} has spent or reserved ${spent:.4f} of {what} "
+                    f"(${plain_decimal(limit)}) for {month}; this job needs about "
+                    f"${Decimal(nano) / NANO:.6f}: raise the budget (queuegate teams set "
+                    f"{team} --budget ...) or wait for next month"
                 )
             return Reservation(keys, team, month, nano), replies[1] if then is not None else None
 
@@ -138,7 +140,9 @@ class Budgets:
             ) from exc
         # NX: another worker may have rebuilt it (and counted jobs since) in the meantime.
         await self._client.set(key, to_nano(spent), ex=COUNTER_TTL, nx=True)
-        log.info("rebuilt team %s's spend for %s from PostgreSQL: $%s", team, month, spent)
+        log.info(
+            "rebuilt team %s's spend for %s from PostgreSQL: $%s", team, month, plain_decimal(spent)
+        )
 
 
 def _alert(team: str, month: str, reply: list[int]) -> None:
@@ -148,5 +152,5 @@ def _alert(team: str, month: str, reply: list[int]) -> None:
             "team %s crossed its budget alert threshold for %s: $%s spent or reserved",
             team,
             month,
-            Decimal(int(reply[1])) / NANO,
+            plain_decimal(Decimal(int(reply[1])) / NANO),
         )

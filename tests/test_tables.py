@@ -1,0 +1,134 @@
+"""The operators' tables at 80 columns (a terminal's default, and what a pipe gets)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from rich.console import Console, RenderableType
+
+from accounting.reports import ModelSpend, TeamSpend
+from queuegate.reporting import records, status_view, table
+from queuegate.settings import Settings
+from queuegate.status import DeploymentStatus, Status, TeamStatus
+from router.catalog import Deployment
+from router.health import Status as Health
+from router.tables import deployments_table
+
+
+def _render(renderable: RenderableType) -> list[str]:
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    lines: list[str] = text.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, text
+    assert "…" not in text, text
+    return lines
+
+
+def _whole(lines: list[str], *values: str) -> None:
+    """Each value appears uncut on one line."""
+    for value in values:
+        assert any(value in line for line in lines), (value, "\n".join(lines))
+
+
+def test_status_fits_80_columns_with_every_number_whole() -> None:
+    # Given a busy team with large numbers and a long name, and a deployment half open
+    team = TeamStatus(
+        team="research-and-development",
+        queue_depth=123_456,
+        consumers=12,
+        in_flight=1_024,
+        jobs_in_per_s=123.4,
+        jobs_out_per_s=120.1,
+        errors_per_s=3.2,
+        wait_p50_ms=1_234.0,
+        wait_p99_ms=98_765.0,
+        bucket_fill=0.42,
+        spend_usd=1_234.567891,
+        budget_usd=Decimal("50000"),
+    )
+    deployment = DeploymentStatus("openai-main-east-us-2", "half_open", 123.4, 0.0081)
+    status = Status(datetime(2026, 3, 1, 12, tzinfo=UTC), 3, [team], [deployment])
+
+    # When it is rendered at 80 columns
+    lines = _render(status_view(status))
+
+    # Expect every header and number whole
+    _whole(lines, "queued", "cons.", "in fl.", "out/s", "p99 wait", "bucket", "spend", "budget")
+    _whole(lines, "123,456", "1,024", "120.1", "98.8 s", "42%", "$1,234.5679", "$50,000")
+    _whole(lines, "openai-main-east-us-2", "half_open", "0.8%")
+
+
+def test_usage_reports_fit_80_columns_with_every_number_whole() -> None:
+    # Given a month of a big team, with a budget, and its most used model
+    spend = TeamSpend(
+        "research", 1_234_567, 12_345, 123_456_789, 12_345_678, Decimal("12345.678901")
+    )
+    spend = TeamSpend(**{**spend.__dict__, "budget_usd": Decimal(50_000)})
+    model = ModelSpend(
+        "research", "claude-3-5-sonnet-latest", 1_234_567, 12_345, 1, 2, Decimal("0.0081")
+    )
+
+    # When both reports are rendered at 80 columns
+    by_team = _render(table(records([spend]), title="usage by team"))
+    by_model = _render(table(records([model]), title="usage by model"))
+
+    # Expect the numbers whole, tokens in and out summed, and the model alias not cut
+    _whole(by_team, "requests", "tokens", "cost (USD)", "budget left")
+    _whole(by_team, "1,234,567", "12,345", "135,802,467", "12,345.678901", "37,654.321099")
+    _whole(by_model, "claude-3-5-sonnet-latest", "0.008100", "3")
+
+
+def test_deployments_fit_80_columns() -> None:
+    deployment = Deployment.model_validate(
+        {
+            "name": "anthropic-main-europe-west-4",
+            "provider": "anthropic",
+            "model": "claude-3-5-haiku-latest",
+            "api_base": "http://127.0.0.1:1",
+            "api_key_env": "K",
+            "input_per_mtok": 0.8,
+            "output_per_mtok": 4,
+        }
+    )
+    rows = [("claude-haiku-fallback", deployment, Health("open", 12.3, 4.5))]
+    lines = _render(deployments_table(rows))
+    _whole(lines, "claude-haiku-fallback", "anthropic-main-europe-west-4", "open")
+    _whole(lines, "12.3 s", "4.5 s", "probe in", "429 pause")
+
+
+async def test_status_and_deployments_piped_are_whole(settings: Settings) -> None:
+    # Given no worker running, as an operator pipes the commands into less or a file
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "COLUMNS": "",
+    }
+
+    async def piped(*args: str) -> str:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "queuegate", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=30)
+        assert cli.returncode == 0, stderr.decode()
+        return stdout.decode()
+
+    status, deployments, wide = await asyncio.gather(
+        piped("status", "--teams", "alpha"), piped("deployments"), piped("deployments", "--wide")
+    )
+
+    # Expect 80 columns at most and no cut header or name
+    for text in (status, deployments):
+        assert max(len(line) for line in text.splitlines()) <= 80, text
+        assert "…" not in text, text
+    _whole(status.splitlines(), "queued", "cons.", "p99 wait", "budget", "alpha")
+    _whole(deployments.splitlines(), "deployment", "anthropic-main", "closed", "429 pause")
+    # and --wide as wide as it needs, every name on one line
+    _whole(wide.splitlines(), "openai_compatible", "claude-3-5-haiku-latest", "upstream model")
