@@ -19,6 +19,7 @@ from rich.console import Console
 from queuegate.cli_batch import batch_app
 from queuegate.dlq_cli import dlq_app
 from queuegate.errors import GatewayError, ServiceUnavailable
+from queuegate.messages import UnsupportedParams
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
 
@@ -463,12 +464,16 @@ def teams_set(
             help="Use the response cache for jobs that do not say (a job's cache flag wins).",
         ),
     ] = None,
+    unsupported_params: Annotated[
+        UnsupportedParams | None,
+        typer.Option(help="Parameters a provider cannot take: refuse (the default) or drop."),
+    ] = None,
     unset: Annotated[
         list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
     ] = None,
 ) -> None:
-    """Change a team's limits, budget, queue quota or cache default; workers apply it within
-    seconds."""
+    """Change a team's limits, budget, queue quota, cache default or parameter policy; workers
+    apply it within seconds."""
     from queuegate.teams_admin import configure, show
 
     settings = _settings()
@@ -482,6 +487,7 @@ def teams_set(
             "max_queue_length": max_queue,
             "expected_output_tokens": expected_output,
             "cache": cache,
+            "unsupported_params": unsupported_params,
         }.items()
         if v is not None
     }

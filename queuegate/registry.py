@@ -16,6 +16,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from queuegate.errors import ConfigError
+from queuegate.messages import UnsupportedParams
 
 TEAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -64,6 +65,9 @@ class TeamConfig(BaseModel):
     """Output tokens reserved for a job without ``max_tokens``; the gateway default if unset."""
     cache: bool = False
     """Whether the team's jobs use the response cache when they do not say (``ChatJob.cache``)."""
+    unsupported_params: UnsupportedParams | None = None
+    """Refuse or drop job parameters a provider cannot take, over the catalog's policy (a
+    job's own ``unsupported_params`` wins); unset, the catalog's."""
 
 
 @dataclass(frozen=True)

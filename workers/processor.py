@@ -170,7 +170,11 @@ class JobProcessor:
         routed: Routed | None = None
         try:
             routed = await self._router.complete(
-                job, deadline=deadline, on_delta=relay, gate=ticket
+                job,
+                deadline=deadline,
+                on_delta=relay,
+                gate=ticket,
+                unsupported_params=self._admission.config(job.team).unsupported_params,
             )
         finally:
             await ticket.settle(routed)
