@@ -467,3 +467,22 @@ async def test_streamed_thinking_arrives_as_reasoning_content_deltas(
     assert thought == "mock thinking about: Hello there"
     assert "".join(d.get("content") or "" for d in received) == "mock reply to: Hello there"
     assert routed.response["choices"][0]["message"]["reasoning_content"] == thought
+
+
+async def test_an_answer_sent_back_as_history_keeps_its_reasoning_out_of_the_request(
+    settings: Settings, mock: MockProvider
+) -> None:
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        first = await router.complete(chat("claude", params={"reasoning_effort": "low"}))
+        history = [
+            {"role": "user", "content": "Hello there"},
+            first.response["choices"][0]["message"],
+            {"role": "user", "content": "And then?"},
+        ]
+        for alias in ("claude", "gpt"):
+            await router.complete(chat(alias, messages=history))
+
+    assert [call.status for call in mock.requests] == [200, 200, 200]
+    for call in mock.requests[1:]:
+        assert call.body is not None
+        assert "reasoning_content" not in str(call.body["messages"])

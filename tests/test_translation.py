@@ -530,3 +530,11 @@ def test_openai_body_without_choices_is_a_bad_response(body: Any) -> None:
         OPENAI.parse_response(body, "gpt-4o-mini")
 
     assert caught.value.error_class == "bad_response"
+
+
+def test_streaming_params_in_a_job_are_the_gateways_to_set_not_refused() -> None:
+    body = to_anthropic(
+        [{"role": "user", "content": "Hi"}], stream=True, stream_options={"include_usage": True}
+    )
+
+    assert "stream" not in body and "stream_options" not in body

@@ -70,9 +70,10 @@ _NEUTRAL: dict[str, Any] = {
 _HANDLED = frozenset(
     {"max_completion_tokens", "parallel_tool_calls", "n", "metadata", "service_tier"}
     | {"reasoning_effort", "modalities", "audio"}
+    | {"stream", "stream_options"}  # the router decides on streaming
     | _NATIVE
 )
-"""Extras read below; any other extra has no Messages API equivalent."""
+"""Extras read below (or owned by the gateway); any other has no Messages API equivalent."""
 
 _FINISH_REASONS = {
     "end_turn": "stop",

@@ -91,6 +91,9 @@ def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
     out = message.model_dump(exclude_none=True)
     if strict:
         out.pop("cache_control", None)
+        # An earlier answer sent back as history carries the gateway's own reasoning_content,
+        # which OpenAI's messages do not have.
+        out.pop("reasoning_content", None)
         if isinstance(out.get("content"), list):
             out["content"] = [_uncached(part) for part in out["content"]]
     return out
