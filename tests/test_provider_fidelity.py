@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
 from queuegate.errors import InvalidRequest, StreamInterrupted
+from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
@@ -22,6 +25,7 @@ from router.providers import Delta
 from router.providers.anthropic import DEFAULT_MAX_TOKENS, THINKING_BUDGETS
 from tests.support import running_gateway
 from tests.teams import register
+from workers.admission.estimate import to_nano
 
 ENV = {"QUEUEGATE_MOCK_KEY": "sk-test-fidelity"}
 LONG = "All work and no play makes a dull prompt. " * 120
@@ -357,7 +361,11 @@ async def test_a_stream_broken_after_text_is_billed_for_what_was_received(
     assert billed.deployment == f"{alias}-dep"
 
 
-async def test_a_broken_stream_is_accounted_on_the_usage_row(settings: Settings) -> None:
+async def test_a_broken_stream_is_accounted_on_the_usage_row_and_the_budget(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a team with a budget, and a provider that cuts its stream after some text
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
     faults = MockConfig(models={"gpt-4o-mini": Behavior(stream_cut_after=4)})
     async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
         job = client.job("gpt-4o-mini", [{"role": "user", "content": "Tell me more"}], stream=True)
@@ -371,6 +379,10 @@ async def test_a_broken_stream_is_accounted_on_the_usage_row(settings: Settings)
         assert row["output_tokens"] > 0 and Decimal(row["cost_usd"]) == result.gateway.cost_usd
         assert row["tokens_estimated"] is True
         assert row["deployment"] == "openai-main"
+        # ... and the team's budget charged the same, not refunded
+        month = datetime.now(UTC).strftime("%Y-%m")
+        spent = await redis_client.get(Keys(settings.redis_prefix).spend("alpha", month))
+        assert int(spent) == to_nano(result.gateway.cost_usd)
 
 
 # --- 6: prompt caching and reasoning carried both ways ------------------------------------------
