@@ -237,19 +237,20 @@ class Fidelity:
     def unsupported(self, param: str, why: str = "") -> None:
         """``param`` cannot be sent: refused, or noted as dropped."""
         if not self.drop:
-            raise ProviderError("unsupported", self._refusal(param, why or "not supported"))
+            why = why or "not supported"
+            raise ProviderError("unsupported", self._refusal(param, why, "drop it"))
         if param not in self.dropped:
             self.dropped.append(param)
 
     def change(self, param: str, why: str) -> None:
         """``param`` can only be sent with another value: refused, or noted as changed."""
         if not self.drop:
-            raise ProviderError("unsupported", self._refusal(param, why))
+            raise ProviderError("unsupported", self._refusal(param, why, "change it"))
         if param not in self.changed:
             self.changed.append(param)
 
-    def _refusal(self, param: str, why: str) -> str:
-        return f"{param}: {why} on {self.provider} (unsupported_params: drop would drop it)"
+    def _refusal(self, param: str, why: str, instead: str) -> str:
+        return f"{param}: {why} on {self.provider} (unsupported_params: drop would {instead})"
 
 
 def request(
