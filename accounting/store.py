@@ -40,6 +40,11 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("identity", "text"),
     ("pii", "text"),
     ("attempt_log", "jsonb"),
+    ("cache_write_tokens", "bigint"),
+    ("reasoning_tokens", "bigint"),
+    ("params_dropped", "text"),
+    ("params_changed", "text"),
+    ("tokens_estimated", "boolean"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
 

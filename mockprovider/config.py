@@ -40,7 +40,11 @@ class Behavior(BaseModel):
     minute's. Real providers enforce their limits over shorter periods (OpenAI: 60,000 RPM
     may be enforced as 1,000 requests a second), which ``rate_limit_rpm / 60`` mimics."""
     stream_cut_after: int | None = Field(default=None, ge=0)
-    """A streamed answer stops after this many events and the connection is closed mid-body."""
+    """A streamed answer stops after this many events and the connection is closed mid-body
+    (with ``stream_error``: the error event is sent there instead, and the body ends)."""
+    stream_error: dict[str, Any] | None = None
+    """The ``error`` object of an error event a streamed answer carries (after a 200) in
+    place of its end, as providers report failures mid-stream."""
     retry_after: float | None = Field(default=None, ge=0)
     """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``. Unset,
     a rate-limit 429 announces when the bucket next admits a call, an injected 429 one second."""

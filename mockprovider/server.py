@@ -26,7 +26,8 @@ import orjson
 from pydantic import ValidationError
 
 from mockprovider.config import Behavior, MockConfig
-from mockprovider.wire import ANTHROPIC, OPENAI, InvalidRequest, Wire
+from mockprovider.validation import InvalidRequest
+from mockprovider.wire import ANTHROPIC, OPENAI, PromptCache, Wire
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,7 @@ class MockProvider:
         self._config = config or MockConfig()
         self._host, self._port = host, port
         self._faults = _Faults(self._config.seed)
+        self._cache = PromptCache()
         self._stats = Stats(log=deque(maxlen=self._config.log_size))
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._server: asyncio.Server | None = None
@@ -338,9 +340,10 @@ class MockProvider:
             self._stats.log = deque(self._stats.log, maxlen=config.log_size)
 
     def reset(self) -> None:
-        """Clear counters, the log and fault state; the behaviour stays."""
+        """Clear counters, the log, fault state and the prompt cache; the behaviour stays."""
         self._stats = Stats(log=deque(maxlen=self._config.log_size))
         self._faults = _Faults(self._config.seed)
+        self._cache = PromptCache()
 
     @property
     def stats(self) -> Stats:
@@ -430,7 +433,7 @@ class MockProvider:
         body = None
         try:
             body = _json_object(request.body)
-            reply = wire.reply(body)
+            reply = wire.reply(body, self._cache)
         except InvalidRequest as exc:
             self._record(request, body, 400)
             return _json(400, wire.error(400, str(exc)), request.keep_alive)
@@ -449,8 +452,12 @@ class MockProvider:
         if outcome == "answer":
             self._record(request, body, 200)
             if body.get("stream") is True:
-                events = wire.events(body, reply)
-                return _sse(events, request.keep_alive, behavior.stream_cut_after, quota)
+                events: Iterable[bytes] = wire.events(body, reply)
+                cut = behavior.stream_cut_after
+                if behavior.stream_error is not None:
+                    events = [*list(events)[:cut], wire.error_event(behavior.stream_error)]
+                    cut = None
+                return _sse(events, request.keep_alive, cut, quota)
             return _json(200, wire.completion(body, reply), request.keep_alive, quota)
         if outcome == "rate_limited":
             assert bucket is not None

@@ -10,19 +10,29 @@ first 60 characters of the last user text (or tool result), cut at a stop sequen
 text / 4, rounded up. When the request offers tools and the user spoke last, the reply calls the
 first tool (or the one ``tool_choice`` names) with ``{}`` as arguments. The same conversation
 gets the same reply and usage from both providers.
+
+Requests are checked strictly (``mockprovider.validation``). Usage reports what the request
+asks for: Anthropic's prompt cache (a prefix marked with ``cache_control`` and at least
+``CACHE_MIN_TOKENS`` long is written the first time, read afterwards), OpenAI's automatic
+one (the same messages before the last, at least ``CACHE_MIN_TOKENS``, are read the second
+time), Anthropic's thinking (a thinking block, ``"mock thinking about: "`` and the quoted
+text) and OpenAI's reasoning (``REASONING_TOKENS`` of the effort, no text).
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
+
+from mockprovider.validation import InvalidRequest, check_anthropic, check_openai
 
 REPLY_PREFIX = "mock reply to: "
 QUOTED_CHARS = 60
@@ -30,10 +40,27 @@ WORDS_PER_CHUNK = 3
 """Streamed replies arrive in deltas of this many words."""
 
 Finish = Literal["end", "stop_sequence", "length", "tool_use"]
+CACHE_MIN_TOKENS = 1024
+"""The shortest prefix either provider caches (shorter ones are sent uncached, no error)."""
+THINKING_PREFIX = "mock thinking about: "
+REASONING_TOKENS = {"minimal": 16, "low": 64, "medium": 256, "high": 1024, "xhigh": 2048}
+"""OpenAI reasoning tokens billed per effort (counted in ``completion_tokens``)."""
+SIGNATURE = "mock-signature"
 
 
-class InvalidRequest(Exception):
-    """The request breaks the provider's schema: answered 400 ``invalid_request_error``."""
+class PromptCache:
+    """The prompt prefixes one mock has seen, by digest: a prefix is written once, read after."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+
+    def hit(self, prefix: object) -> bool:
+        """Whether ``prefix`` was cached before; it is cached from now on."""
+        digest = hashlib.sha256(orjson.dumps(prefix, option=orjson.OPT_SORT_KEYS)).digest()
+        if digest in self._seen:
+            return True
+        self._seen.add(digest)
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +73,16 @@ class Reply:
     tool: str | None
     """The name of the tool called; set exactly when ``finish`` is ``tool_use``."""
     input_tokens: int
+    """Every prompt token, cached ones included."""
     output_tokens: int
+    """Every generated token, reasoning included."""
+    cached_tokens: int = 0
+    """Prompt tokens read from the cache."""
+    cache_write_tokens: int = 0
+    cache_ttl: str = "5m"
+    reasoning: str = ""
+    """Thinking text (Anthropic); empty when the request asked for none."""
+    reasoning_tokens: int = 0
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -153,8 +189,9 @@ class Wire(ABC):
     path: str
 
     @abstractmethod
-    def reply(self, body: dict[str, Any]) -> Reply:
-        """Validate the request and say what the model replies; raises `InvalidRequest`."""
+    def reply(self, body: dict[str, Any], cache: PromptCache) -> Reply:
+        """Validate the request and say what the model replies, reading and filling the
+        prompt ``cache``; raises `InvalidRequest`."""
 
     @abstractmethod
     def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
@@ -167,6 +204,10 @@ class Wire(ABC):
     @abstractmethod
     def error(self, status: int, message: str) -> dict[str, Any]:
         """The error body the provider sends with ``status``."""
+
+    @abstractmethod
+    def error_event(self, error: dict[str, Any]) -> bytes:
+        """The server-sent event of an ``error`` object reported mid-stream."""
 
     @abstractmethod
     def quota_headers(self, limit: int, remaining: int, reset: float) -> list[tuple[str, str]]:
@@ -196,7 +237,22 @@ OPENAI_ERRORS = {
 class OpenAIWire(Wire):
     path = "/v1/chat/completions"
 
-    def reply(self, body: dict[str, Any]) -> Reply:
+    def reply(self, body: dict[str, Any], cache: PromptCache) -> Reply:
+        reply = self._reply(body)
+        check_openai(body)
+        messages = body["messages"]
+        prefix = _estimate_tokens(*(m.get("content") for m in messages[:-1]))
+        if prefix >= CACHE_MIN_TOKENS and cache.hit(messages[:-1]):
+            reply = replace(reply, cached_tokens=prefix)
+        effort = body.get("reasoning_effort")
+        if effort in REASONING_TOKENS:
+            thought = REASONING_TOKENS[effort]
+            reply = replace(
+                reply, reasoning_tokens=thought, output_tokens=reply.output_tokens + thought
+            )
+        return reply
+
+    def _reply(self, body: dict[str, Any]) -> Reply:
         messages = _messages(body)
         max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(
             body, "max_tokens"
@@ -219,7 +275,8 @@ class OpenAIWire(Wire):
             "prompt_tokens": reply.input_tokens,
             "completion_tokens": reply.output_tokens,
             "total_tokens": reply.input_tokens + reply.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens},
         }
 
     def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
@@ -278,6 +335,9 @@ class OpenAIWire(Wire):
         )
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
+    def error_event(self, error: dict[str, Any]) -> bytes:
+        return _data({"error": error})
+
     def quota_headers(self, limit: int, remaining: int, reset: float) -> list[tuple[str, str]]:
         return [
             ("x-ratelimit-limit-requests", str(limit)),
@@ -330,7 +390,47 @@ def _is_user_text(message: dict[str, Any]) -> bool:
 class AnthropicWire(Wire):
     path = "/v1/messages"
 
-    def reply(self, body: dict[str, Any]) -> Reply:
+    def reply(self, body: dict[str, Any], cache: PromptCache) -> Reply:
+        reply = self._reply(body)
+        check_anthropic(body)
+        reply = self._cached(body, reply, cache)
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+            quoted = _last_text(body["messages"], ("user",))[:QUOTED_CHARS]
+            thought = THINKING_PREFIX + quoted
+            words = len(thought.split())
+            reply = replace(
+                reply,
+                reasoning=thought,
+                reasoning_tokens=words,
+                output_tokens=reply.output_tokens + words,
+            )
+        return reply
+
+    def _cached(self, body: dict[str, Any], reply: Reply, cache: PromptCache) -> Reply:
+        """Tools, then system, then messages, up to the last block marked ``cache_control``."""
+        system = body.get("system")
+        items: list[Any] = [*(body.get("tools") or [])]
+        items += system if isinstance(system, list) else [{"type": "text", "text": system or ""}]
+        for message in body["messages"]:
+            content = message.get("content")
+            blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+            items += [{"role": message.get("role")} | block for block in blocks]
+        marked = [i for i, item in enumerate(items) if item.get("cache_control") is not None]
+        if not marked:
+            return reply
+        prefix = items[: marked[-1] + 1]
+        tokens = _estimate_tokens(prefix)
+        if tokens < CACHE_MIN_TOKENS:
+            return reply
+        if cache.hit(prefix):
+            return replace(reply, cached_tokens=tokens)
+        ttl = (
+            "1h" if any((i.get("cache_control") or {}).get("ttl") == "1h" for i in prefix) else "5m"
+        )
+        return replace(reply, cache_write_tokens=tokens, cache_ttl=ttl)
+
+    def _reply(self, body: dict[str, Any]) -> Reply:
         messages = _messages(body)
         max_tokens = _positive_int(body, "max_tokens")
         if max_tokens is None:
@@ -350,17 +450,30 @@ class AnthropicWire(Wire):
         return _compose(_last_text(messages, ("user",)), max_tokens, stops, input_tokens)
 
     def _usage(self, reply: Reply, output_tokens: int) -> dict[str, Any]:
-        return {
-            "input_tokens": reply.input_tokens,
+        written = reply.cache_write_tokens
+        usage: dict[str, Any] = {
+            # Anthropic counts cache reads and writes apart from input_tokens.
+            "input_tokens": reply.input_tokens - reply.cached_tokens - written,
             "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": reply.cached_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": written if reply.cache_ttl == "5m" else 0,
+                "ephemeral_1h_input_tokens": written if reply.cache_ttl == "1h" else 0,
+            },
         }
+        if reply.reasoning:
+            usage["output_tokens_details"] = {"thinking_tokens": reply.reasoning_tokens}
+        return usage
 
     def _block(self, reply: Reply, text: str) -> dict[str, Any]:
         if reply.tool is None:
             return {"type": "text", "text": text}
         return {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
+
+    def _blocks(self, reply: Reply) -> list[dict[str, Any]]:
+        thinking = [{"type": "thinking", "thinking": reply.reasoning, "signature": SIGNATURE}]
+        return [*(thinking if reply.reasoning else []), self._block(reply, reply.text)]
 
     def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         return {
@@ -368,7 +481,7 @@ class AnthropicWire(Wire):
             "type": "message",
             "role": "assistant",
             "model": body["model"],
-            "content": [self._block(reply, reply.text)],
+            "content": self._blocks(reply),
             "stop_reason": ANTHROPIC_STOP[reply.finish],
             "stop_sequence": reply.stop_sequence,
             "usage": self._usage(reply, reply.output_tokens),
@@ -388,16 +501,27 @@ class AnthropicWire(Wire):
             "usage": self._usage(reply, 1),
         }
         yield _event({"type": "message_start", "message": message})
+        index = 0
+        if reply.reasoning:
+            start = {"type": "thinking", "thinking": "", "signature": ""}
+            yield _event({"type": "content_block_start", "index": 0, "content_block": start})
+            for piece in _pieces(reply.reasoning):
+                delta = {"type": "thinking_delta", "thinking": piece}
+                yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
+            seal = {"type": "signature_delta", "signature": SIGNATURE}
+            yield _event({"type": "content_block_delta", "index": 0, "delta": seal})
+            yield _event({"type": "content_block_stop", "index": 0})
+            index = 1
         block = self._block(reply, "")
-        yield _event({"type": "content_block_start", "index": 0, "content_block": block})
+        yield _event({"type": "content_block_start", "index": index, "content_block": block})
         yield _event({"type": "ping"})
         if reply.tool is None:
             deltas = [{"type": "text_delta", "text": piece} for piece in _pieces(reply.text)]
         else:
             deltas = [{"type": "input_json_delta", "partial_json": "{}"}]
         for delta in deltas:
-            yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
-        yield _event({"type": "content_block_stop", "index": 0})
+            yield _event({"type": "content_block_delta", "index": index, "delta": delta})
+        yield _event({"type": "content_block_stop", "index": index})
         stop = {"stop_reason": ANTHROPIC_STOP[reply.finish], "stop_sequence": reply.stop_sequence}
         usage = {"output_tokens": reply.output_tokens}
         yield _event({"type": "message_delta", "delta": stop, "usage": usage})
@@ -408,6 +532,9 @@ class AnthropicWire(Wire):
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
         return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def error_event(self, error: dict[str, Any]) -> bytes:
+        return _event({"type": "error", "error": error})
 
     def quota_headers(self, limit: int, remaining: int, reset: float) -> list[tuple[str, str]]:
         # Anthropic names the instant the limit is full again, in RFC 3339.

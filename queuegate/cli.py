@@ -20,6 +20,7 @@ from rich.measure import Measurement
 from queuegate.cli_batch import batch_app
 from queuegate.dlq_cli import dlq_app
 from queuegate.errors import GatewayError, ServiceUnavailable
+from queuegate.messages import UnsupportedParams
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
 
@@ -602,12 +603,16 @@ def teams_set(
             help="Use the response cache for jobs that do not say (a job's cache flag wins).",
         ),
     ] = None,
+    unsupported_params: Annotated[
+        UnsupportedParams | None,
+        typer.Option(help="Parameters a provider cannot take: refuse (the default) or drop."),
+    ] = None,
     unset: Annotated[
         list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
     ] = None,
 ) -> None:
-    """Change a team's limits, budget, queue quota, broker user limits or cache default;
-    workers apply it within seconds, the broker at once."""
+    """Change a team's limits, budget, queue quota, broker user limits, cache default or
+    parameter policy; workers apply it within seconds, the broker at once."""
     from queuegate.teams_admin import configure, show
 
     settings = _settings()
@@ -623,6 +628,7 @@ def teams_set(
             "max_channels": max_channels,
             "expected_output_tokens": expected_output,
             "cache": cache,
+            "unsupported_params": unsupported_params,
         }.items()
         if v is not None
     }

@@ -5,6 +5,7 @@
     ├── ServiceUnavailable           RabbitMQ, Redis or PostgreSQL cannot be reached
     ├── JobError                     a job ends in an error; ``code`` is its wire error code
     │   ├── InvalidRequest           the job is malformed or breaks a limit (400)
+    │   ├── ContextLengthExceeded    no model along the chain takes a prompt this long (400)
     │   ├── UnknownModel             the alias is not in the catalog (400)
     │   ├── Unauthorized             the publisher may not act for the team (401)
     │   ├── DeadlineExceeded         the deadline passed before the job could be served (504)
@@ -26,6 +27,8 @@ Third-party errors (aiormq, httpx, asyncpg, redis) are translated at the boundar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -61,6 +64,13 @@ class InvalidRequest(JobError):
     """The job is not valid JSON, not a valid ChatJob, or breaks an input limit."""
 
     code = "invalid_request"
+
+
+class ContextLengthExceeded(JobError):
+    """Every deployment along the chain (context fallbacks included) found the prompt too
+    long for its context window."""
+
+    code = "context_length_exceeded"
 
 
 class UnknownModel(JobError):
@@ -105,10 +115,32 @@ class BudgetExhausted(JobError):
     code = "budget_exhausted"
 
 
+@dataclass(frozen=True)
+class Billed:
+    """What a failed call still cost: a stream that broke after the provider generated text."""
+
+    model_used: str
+    deployment: str
+    provider: str
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cost_usd: Decimal
+    estimated: bool
+    """The provider sent no usage: the tokens were counted from the text, characters / 4."""
+
+
 class StreamInterrupted(JobError):
-    """The provider failed after deltas were relayed: no fallback can continue that stream."""
+    """The provider failed after deltas were relayed: no fallback can continue that stream.
+    ``billed`` is what the provider generated until then, which it bills."""
 
     code = "provider_error"
+
+    def __init__(
+        self, message: str, attempts: list[Attempt] | None = None, *, billed: Billed | None = None
+    ) -> None:
+        super().__init__(message, attempts)
+        self.billed = billed
 
 
 class Canceled(JobError):

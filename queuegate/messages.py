@@ -26,6 +26,7 @@ ErrorCode = Literal[
     "all_providers_failed",
     "queue_full",
     "canceled",
+    "context_length_exceeded",
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -39,8 +40,15 @@ HTTP_STATUS: dict[str, int] = {
     "all_providers_failed": 502,
     "queue_full": 503,
     "canceled": 499,
+    "context_length_exceeded": 400,
 }
 """The HTTP status an HTTP gateway would answer for each error code."""
+
+
+UnsupportedParams = Literal["refuse", "drop"]
+"""What the gateway does with a job parameter a provider cannot take as asked: ``refuse`` it
+on that deployment (the job goes on to the next one, and fails ``invalid_request`` naming the
+parameter when none can take it), or ``drop`` it (or change it) and list it on the result."""
 
 
 class WireModel(BaseModel):
@@ -91,6 +99,8 @@ class ChatJob(WireModel):
     cache: bool | None = None
     """True: may be answered from the response cache (and fills it); False: never; None
     (unset): as the team's ``cache`` default says."""
+    unsupported_params: UnsupportedParams | None = None
+    """For this job, overrides the team's and the catalog's policy (docs/providers.md)."""
 
 
 class Attempt(WireModel):
@@ -128,6 +138,13 @@ class GatewayInfo(WireModel):
     attempts: list[Attempt] = Field(default_factory=list)
     cost_usd: Decimal = Decimal(0)
     worker: str = ""
+    params_dropped: list[str] | None = None
+    """Job parameters the provider could not take, left out (``unsupported_params: drop``)."""
+    params_changed: list[str] | None = None
+    """Job parameters sent with another value than asked (``unsupported_params: drop``)."""
+    tokens_estimated: bool | None = None
+    """True when the provider reported no usage for what it generated (a stream that broke)
+    and the tokens were counted from the text received, characters / 4."""
 
 
 class ChatResult(WireModel):
@@ -180,8 +197,14 @@ class UsageEvent(WireModel):
     provider: str | None = None
     deployment: str | None = None
     input_tokens: int = 0
+    """Every prompt token, those read from and written to a prompt cache included."""
     output_tokens: int = 0
+    """Every generated token, reasoning (thinking) tokens included."""
     cached_tokens: int = 0
+    """Prompt tokens read from the provider's prompt cache."""
+    cache_write_tokens: int = 0
+    """Prompt tokens written to the provider's prompt cache (Anthropic bills them apart)."""
+    reasoning_tokens: int = 0
     cost_usd: Decimal = Decimal(0)
     status: Literal["ok", "error"]
     error_code: ErrorCode | None = None
@@ -204,3 +227,7 @@ class UsageEvent(WireModel):
     attempt_log: list[Attempt] | None = None
     """Every call made for the job, in order, as on the result; None from a worker that
     predates the log (its ``attempts`` still counts them)."""
+    params_dropped: str | None = None
+    """As on the result, comma-separated (like ``pii``); None when nothing was."""
+    params_changed: str | None = None
+    tokens_estimated: bool | None = None

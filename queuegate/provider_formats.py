@@ -12,6 +12,26 @@ from typing import Any
 
 Block = dict[str, Any]
 
+OPENAI_CHAT_PARAMS = frozenset(
+    {"model", "messages", "stream", "stream_options", "audio", "frequency_penalty"}
+    | {"function_call", "functions", "logit_bias", "logprobs", "max_completion_tokens"}
+    | {"max_tokens", "metadata", "modalities", "moderation", "n", "parallel_tool_calls"}
+    | {"prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_options"}
+    | {"prompt_cache_retention", "reasoning_effort", "response_format", "safety_identifier"}
+    | {"seed", "service_tier", "stop", "store", "temperature", "tool_choice", "tools"}
+    | {"top_logprobs", "top_p", "user", "verbosity", "web_search_options"}
+)
+"""The request body fields of OpenAI's ``POST /v1/chat/completions`` (the ``openai`` SDK's
+``CompletionCreateParams``, ``stream`` included)."""
+ANTHROPIC_MESSAGES_PARAMS = frozenset(
+    {"model", "messages", "max_tokens", "stream", "system", "metadata", "stop_sequences"}
+    | {"temperature", "top_p", "top_k", "thinking", "tools", "tool_choice", "service_tier"}
+    | {"cache_control", "container", "diagnostics", "inference_geo", "output_config", "speed"}
+    | {"user_profile_id", "workspace_id"}
+)
+"""The request body fields of Anthropic's ``POST /v1/messages`` (the ``anthropic`` SDK's
+``MessageCreateParams``, plus the sampling fields its API reference documents)."""
+
 
 def as_int(value: Any) -> int:
     """A token count from a usage object; absent or malformed counts are zero."""

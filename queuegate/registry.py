@@ -16,6 +16,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from queuegate.errors import ConfigError
+from queuegate.messages import UnsupportedParams
 
 TEAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -68,6 +69,9 @@ class TeamConfig(BaseModel):
     """Connections the team's broker user may hold at once; the gateway default if unset."""
     max_channels: int | None = Field(default=None, ge=1)
     """Channels the team's broker user may hold at once, over all its connections."""
+    unsupported_params: UnsupportedParams | None = None
+    """Refuse or drop job parameters a provider cannot take, over the catalog's policy (a
+    job's own ``unsupported_params`` wins); unset, the catalog's."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ in string values from the environment it is given (not ``os.environ`` behind the
             api_key_env: OPENAI_API_KEY
             input_per_mtok: 0.15
             output_per_mtok: 0.60
+            cached_input_per_mtok: 0.075
 
 Keys never live in the catalog: it names the environment variable (``api_key_env``) or the
 secret file (``api_key_file``) that holds each one.
@@ -31,8 +32,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from yarl import URL
 
 from queuegate.errors import ConfigError, UnknownModel
+from queuegate.messages import UnsupportedParams
 from router.policies import BreakerPolicy, Resilience, RetryPolicy
 
 ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
@@ -64,7 +67,16 @@ class Deployment(_Strict):
     input_per_mtok: Decimal = Field(ge=0)
     """USD per million input tokens."""
     output_per_mtok: Decimal = Field(ge=0)
-    """USD per million output tokens."""
+    """USD per million output tokens (reasoning tokens included: providers bill them so)."""
+    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    """USD per million input tokens read from the prompt cache (OpenAI's cached input,
+    Anthropic's cache reads); unset, ``input_per_mtok``."""
+    cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
+    """USD per million input tokens written to the prompt cache (Anthropic's 5-minute cache
+    writes); unset, ``input_per_mtok``."""
+    cache_write_1h_per_mtok: Decimal | None = Field(default=None, ge=0)
+    """USD per million input tokens written to Anthropic's one-hour cache; unset,
+    ``cache_write_per_mtok``."""
     timeout: float = Field(default=60.0, gt=0)
     """Seconds one call may take in total, connection included."""
     rpm: int | None = Field(default=None, ge=1)
@@ -108,6 +120,26 @@ class Deployment(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _plain_api_base(self) -> Deployment:
+        # The HTTP client would refuse every call (or send the credentials in clear to
+        # whoever reads the URL): one clear error at load instead of every job failing.
+        try:
+            url = URL(self.api_base)
+            host = url.host
+        except ValueError:
+            raise ValueError("api_base: not a valid URL") from None
+        if url.user is not None or url.password is not None:
+            raise ValueError(
+                "api_base: credentials in the URL are not allowed; "
+                "put the key in api_key_env or api_key_file"
+            )
+        if not host:
+            raise ValueError("api_base: no host")
+        if url.query_string or url.fragment:
+            raise ValueError("api_base: a query or fragment is not allowed (the path is appended)")
+        return self
+
+    @model_validator(mode="after")
     def _key_required(self) -> Deployment:
         if self.api_key_env is not None and self.api_key_file is not None:
             raise ValueError("api_key_file: set api_key_env or api_key_file, not both")
@@ -134,6 +166,8 @@ class ModelEntry(_Strict):
     """Aliases with a larger context window: a context-length error goes straight to them."""
     content_policy_fallbacks: list[str] = Field(default_factory=list)
     """Aliases tried when the provider refuses the content (otherwise the job fails)."""
+    unsupported_params: UnsupportedParams | None = None
+    """Overrides the catalog's ``unsupported_params`` for this alias's deployments."""
 
 
 class Catalog(_Strict):
@@ -141,6 +175,11 @@ class Catalog(_Strict):
 
     models: dict[str, ModelEntry] = Field(min_length=1)
     resilience: Resilience = Resilience()
+    unsupported_params: UnsupportedParams = "refuse"
+    """What a deployment does with a job parameter its provider cannot take as asked:
+    ``refuse`` (the job moves on, and fails ``invalid_request`` naming it when no deployment
+    takes it) or ``drop`` (sent without it, listed on the result). A team's setting overrides
+    an alias's, which overrides this; a job's own overrides them all (docs/providers.md)."""
 
     def retry(self, deployment: Deployment) -> RetryPolicy:
         return deployment.retry or self.resilience.retry

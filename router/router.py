@@ -25,20 +25,30 @@ import redis.asyncio as aioredis
 
 from queuegate.errors import (
     AllProvidersFailed,
+    Billed,
+    ContextLengthExceeded,
     DeadlineExceeded,
     InvalidRequest,
     RateLimited,
     StreamInterrupted,
 )
 from queuegate.keys import Keys
-from queuegate.messages import Attempt, ChatJob
+from queuegate.messages import Attempt, ChatJob, UnsupportedParams
 from queuegate.redis_client import pooled_redis
 from queuegate.settings import Settings
 from router import transport
 from router.catalog import Catalog, Deployment, ModelEntry
 from router.health import Health, Verdict
 from router.pricing import cost
-from router.providers import ADAPTERS, Completion, Delta, ProviderError, UpstreamRequest
+from router.providers import (
+    ADAPTERS,
+    Completion,
+    Delta,
+    ProviderError,
+    StreamParser,
+    UpstreamRequest,
+)
+from router.providers.base import UNSENT
 from router.selection import Slots
 
 KEY_FILE_REREAD = 10.0
@@ -69,6 +79,12 @@ class Routed:
     cost_usd: Decimal
     latency_ms: float
     """Time spent in the successful call."""
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    params_dropped: tuple[str, ...] = ()
+    """Job parameters the serving provider could not take, left out (policy ``drop``)."""
+    params_changed: tuple[str, ...] = ()
+    """Job parameters sent to it with another value than asked (policy ``drop``)."""
 
 
 class AttemptGate(Protocol):
@@ -83,6 +99,10 @@ class AttemptGate(Protocol):
 
 class _Spent(Exception):
     """The job's budget of calls is spent: it ends with the failures it has."""
+
+
+_CALLER_REASONS = frozenset({"unsupported", "context_length"})
+"""Failures that say the request itself is what no deployment takes."""
 
 
 class _Redirect(Exception):
@@ -112,8 +132,15 @@ class _Job:
     deadline: float | None
     sink: DeltaSink | None
     gate: AttemptGate | None = None
+    team_policy: UnsupportedParams | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    """Calls that reached the network (or set out to)."""
     failures: list[str] = field(default_factory=list)
+    reasons: set[str] = field(default_factory=set)
+    """Why each deployment passed over did not serve: error classes, ``circuit``, ``budget``."""
+    retry_at: dict[str, float] = field(default_factory=dict)
+    """When each rate-limited deployment takes calls again (``time.monotonic()``), as its
+    latest 429 or pause said."""
     waited: float = 0.0
     streamed: bool = False
     """A delta reached the sink: from now on a failure cannot fall back."""
@@ -122,6 +149,30 @@ class _Job:
 
     def left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def drop(self, entry: ModelEntry, catalog: Catalog) -> bool:
+        """Whether parameters a provider cannot take are dropped rather than refused: the
+        job's policy, else its team's, else the alias's, else the catalog's."""
+        policy = (
+            self.job.unsupported_params
+            or self.team_policy
+            or entry.unsupported_params
+            or catalog.unsupported_params
+        )
+        return policy == "drop"
+
+    def fail(self, name: str, err: ProviderError) -> None:
+        self.failures.append(f"{name}: {err}")
+        self.reasons.add(err.error_class)
+
+    def rate_limited_for(self, deployment: Deployment, seconds: float) -> None:
+        self.retry_at[deployment.name] = time.monotonic() + seconds
+
+    def retry_after_ms(self) -> float | None:
+        """How long until the first of them takes calls again; None when none said."""
+        if not self.retry_at:
+            return None
+        return max(0.0, min(self.retry_at.values()) - time.monotonic()) * 1000
 
     def summary(self, head: str) -> str:
         return f"{head}: {'; '.join(self.failures)}" if self.failures else head
@@ -186,6 +237,7 @@ class Router:
         deadline: float | None = None,
         on_delta: DeltaSink | None = None,
         gate: AttemptGate | None = None,
+        unsupported_params: UnsupportedParams | None = None,
     ) -> Routed:
         """Serve ``job`` from the first deployment along its chain that answers.
 
@@ -193,13 +245,16 @@ class Router:
         allowed to run past it. With ``on_delta``, a job with ``stream`` set is streamed: its
         deltas go to ``on_delta`` in order, and the Routed still carries the whole response.
         ``gate.enter`` runs immediately before each call (a deployment's own rate limits).
-        Raises UnknownModel, InvalidRequest (the provider refused the request itself: no
-        fallback would accept it), DeadlineExceeded, RateLimited, StreamInterrupted or
-        AllProvidersFailed, each carrying the attempts made.
+        ``unsupported_params`` is the team's policy for parameters a provider cannot take
+        (the job's own comes first, the catalog's after).
+        Raises UnknownModel, InvalidRequest (the provider refused the request itself, or no
+        deployment along the chain can take it), ContextLengthExceeded, DeadlineExceeded,
+        RateLimited (with the provider's Retry-After), StreamInterrupted or
+        AllProvidersFailed, each carrying the calls made.
         """
         if self._upstreams is None:
             raise RuntimeError("the Router is not open: use `async with Router(...) as router`")
-        run = _Job(job, deadline, on_delta if job.stream else None, gate)
+        run = _Job(job, deadline, on_delta if job.stream else None, gate, unsupported_params)
         chain = self.catalog.chain(job.model, job.fallbacks)
         tried: list[str] = []
         while chain:
@@ -211,16 +266,11 @@ class Router:
                 chain = self.catalog.redirect(redirect.aliases, tried)
                 continue
             except _Spent:
+                run.reasons.add("budget")
                 break
             if routed is not None:
                 return routed
-        errors = {attempt.error for attempt in run.attempts}
-        if errors == {"rate_limited"} or (run.paused and errors <= {"rate_limited"}):
-            raise RateLimited(run.summary("every deployment is rate limited"), run.attempts)
-        raise AllProvidersFailed(
-            run.summary(f"all {len(tried)} models failed after {len(run.attempts)} calls"),
-            run.attempts,
-        )
+        raise _failure(run, tried)
 
     async def _serve_alias(self, run: _Job, alias: str) -> Routed | None:
         """Serve from one alias's deployments, retrying them; None when none of them can."""
@@ -238,6 +288,7 @@ class Router:
             picked = await self._pick(run, alias, entry, left=left, done=done, ready_at=ready_at)
             if picked is None:
                 if not await self._wait(run, [d for d in left if d.name not in done], ready_at):
+                    run.reasons.add("waiting")
                     return None
                 continue
             deployment = picked.deployment
@@ -245,6 +296,8 @@ class Router:
             try:
                 return await self._attempt(run, alias, picked)
             except ProviderError as err:
+                if err.error_class == "rate_limited" and err.retry_after is not None:
+                    run.rate_limited_for(deployment, err.retry_after)
                 retry = self.catalog.retry(deployment)
                 if err.retries and calls[deployment.name] < retry.attempts:
                     floor = err.retry_after
@@ -275,12 +328,11 @@ class Router:
             if ready_at.get(deployment.name, 0.0) > now:
                 continue
             try:
-                call = self._prepare(run, deployment)
+                call = self._prepare(run, entry, deployment)
             except ProviderError as err:
-                # Nothing was sent: this deployment cannot take this job at all.
+                # Nothing was sent, so it is no call: this deployment cannot take this job.
                 done.add(deployment.name)
-                run.attempts.append(_attempt_of(alias, deployment, now, None, err.error_class))
-                run.failures.append(f"{deployment.name}: {err}")
+                run.fail(deployment.name, err)
                 self._after_failure(run, entry, err)
                 continue
             # The slot is taken before awaiting Redis, so concurrent jobs cannot all pass the cap.
@@ -293,10 +345,12 @@ class Router:
             await self._slots.release(deployment)
             if verdict.state == "paused":
                 run.paused = True
+                run.rate_limited_for(deployment, verdict.wait)
                 ready_at[deployment.name] = now + verdict.wait
             else:  # open, or half open with another worker's probe in flight
                 done.add(deployment.name)
                 run.failures.append(f"{deployment.name}: circuit {verdict.state}")
+                run.reasons.add("circuit")
         return None
 
     async def _wait(self, run: _Job, waiting: list[Deployment], ready_at: dict[str, float]) -> bool:
@@ -324,11 +378,16 @@ class Router:
         await asyncio.sleep(backoff)
         return True
 
-    def _prepare(self, run: _Job, deployment: Deployment) -> _Call:
+    def _prepare(self, run: _Job, entry: ModelEntry, deployment: Deployment) -> _Call:
         adapter = ADAPTERS[deployment.provider]
         key = self._key(deployment)
-        stream = run.sink is not None
-        request = adapter.build_request(run.job, deployment.model, key, stream=stream)
+        request = adapter.build_request(
+            run.job,
+            deployment.model,
+            key,
+            stream=run.sink is not None,
+            drop=run.drop(entry, self.catalog),
+        )
         return _Call(deployment, request, key)
 
     async def _attempt(self, run: _Job, alias: str, call: _Call) -> Routed:
@@ -345,24 +404,32 @@ class Router:
             # Immediately before the call, so every retry and fallback is admitted too.
             await run.gate.enter(deployment)
         started = time.monotonic()
+        parser = None
+        if run.sink is not None:
+            parser = ADAPTERS[deployment.provider].stream_parser(deployment.model, call.key)
         try:
             async with transport.time_limit(min(deployment.timeout, run.left())):
-                completion = await self._call(run, call)
+                completion = await self._call(run, call, parser)
         except ProviderError as err:
-            run.attempts.append(
-                _attempt_of(alias, deployment, started, err.status, err.error_class)
-            )
-            run.failures.append(f"{deployment.name}: {err}")
+            if err.error_class not in UNSENT:
+                run.attempts.append(
+                    _attempt_of(alias, deployment, started, err.status, err.error_class)
+                )
+            run.fail(deployment.name, err)
             await self._report(call, err)
             if err.error_class == "rate_limited" and run.gate is not None:
                 await run.gate.rate_limited(deployment)
             if run.streamed:
+                assert parser is not None
                 raise StreamInterrupted(
-                    run.summary("the stream broke after it had started"), run.attempts
+                    run.summary("the stream broke after it had started"),
+                    run.attempts,
+                    billed=self._billed(run, alias, deployment, parser),
                 ) from err
             raise
         await self.health.success(deployment, probe=call.probe)
         run.attempts.append(_attempt_of(alias, deployment, started, 200, None))
+        usage = completion.usage
         return Routed(
             response=completion.response,
             model_used=alias,
@@ -370,25 +437,43 @@ class Router:
             provider=deployment.provider,
             fallback_used=alias != run.job.model,
             attempts=run.attempts,
-            input_tokens=completion.usage.input_tokens,
-            output_tokens=completion.usage.output_tokens,
-            cached_tokens=completion.usage.cached_tokens,
-            cost_usd=cost(deployment, completion.usage),
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost_usd=cost(deployment, usage),
             latency_ms=run.attempts[-1].latency_ms,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            params_dropped=call.request.dropped,
+            params_changed=call.request.changed,
         )
 
-    async def _call(self, run: _Job, call: _Call) -> Completion:
+    def _billed(
+        self, run: _Job, alias: str, deployment: Deployment, parser: StreamParser
+    ) -> Billed:
+        """What the provider generated before the stream broke, which it bills."""
+        usage = parser.received(_prompt_chars(run.job))
+        return Billed(
+            model_used=alias,
+            deployment=deployment.name,
+            provider=deployment.provider,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost_usd=cost(deployment, usage),
+            estimated=usage.estimated,
+        )
+
+    async def _call(self, run: _Job, call: _Call, parser: StreamParser | None) -> Completion:
         assert self._upstreams is not None
         deployment = call.deployment
         upstream = self._upstreams[deployment.api_base]
-        adapter = ADAPTERS[deployment.provider]
         connect, first_byte = deployment.connect_timeout, deployment.first_byte_timeout
-        if run.sink is None:
+        if parser is None:
             _, body = await transport.post(
                 upstream, call.request, call.key, connect=connect, first_byte=first_byte
             )
-            return adapter.parse_response(body, deployment.model)
-        parser = adapter.stream_parser(deployment.model)
+            return ADAPTERS[deployment.provider].parse_response(body, deployment.model)
         events = transport.events(
             upstream, call.request, call.key, connect=connect, first_byte=first_byte
         )
@@ -458,6 +543,41 @@ async def open_router(
             yield router
     finally:
         await redis.aclose()
+
+
+def _failure(run: _Job, tried: list[str]) -> Exception:
+    """How a job that no deployment served ends: the caller's error when every deployment
+    found the request itself impossible (or too long), a rate limit when only limits stood
+    in the way, else the providers' failure."""
+    errors = {attempt.error for attempt in run.attempts}
+    if errors == {"rate_limited"} or (run.paused and errors <= {"rate_limited"}):
+        return RateLimited(
+            run.summary("every deployment is rate limited"),
+            run.attempts,
+            retry_after_ms=run.retry_after_ms(),
+        )
+    if run.reasons and run.reasons <= _CALLER_REASONS:
+        if "context_length" in run.reasons:
+            head = "the prompt is too long for every model along the chain"
+            return ContextLengthExceeded(run.summary(head), run.attempts)
+        head = "no deployment along the chain can serve this request"
+        return InvalidRequest(run.summary(head), run.attempts)
+    calls = len(run.attempts)
+    return AllProvidersFailed(
+        run.summary(f"all {len(tried)} models failed after {calls} call{'s' * (calls != 1)}"),
+        run.attempts,
+    )
+
+
+def _prompt_chars(job: ChatJob) -> int:
+    """Characters of the job's message text (to estimate its tokens when none were counted)."""
+    chars = 0
+    for message in job.messages:
+        if isinstance(message.content, str):
+            chars += len(message.content)
+        elif message.content:
+            chars += sum(len(str(part.get("text") or "")) for part in message.content)
+    return chars
 
 
 def _attempt_of(

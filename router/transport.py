@@ -1,7 +1,7 @@
 """The HTTP boundary: one POST to a provider; every failure leaves here as a ProviderError.
 
 aiohttp's exceptions are mapped with messages written here, never their own text, and the
-upstream error message kept as detail is scrubbed of the key and cut to one short line.
+upstream error message kept as detail goes through ``scrub`` (key removed, one short line).
 
 aiohttp rather than httpx: per call it spends about a fifth of the CPU (``python -m
 bench.http_client``), and its pool hands out an idle connection without scanning the others.
@@ -27,11 +27,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from router.providers.base import (
-    MAX_DETAIL,
     ProviderError,
     ServerEvent,
     UpstreamRequest,
     classify,
+    scrub,
 )
 
 MAX_CONNECTIONS = 1000
@@ -291,6 +291,13 @@ def _mapped_sync() -> Iterator[None]:
     """aiohttp's errors as ProviderErrors with our own messages."""
     try:
         yield
+    except (aiohttp.InvalidURL, ValueError, TypeError) as exc:
+        # The client refused to build the request: a header it will not send (a key with a
+        # line break), a URL it cannot take. Every call would fail alike; never retried here,
+        # and its text is left out (it may quote the header or URL).
+        raise ProviderError(
+            "misconfigured", f"the HTTP client refused the request ({type(exc).__name__})"
+        ) from None
     except aiohttp.ConnectionTimeoutError as exc:
         raise ProviderError("timeout", "no connection within the connect timeout") from exc
     except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
@@ -305,9 +312,7 @@ def _error(
     status: int, headers: Mapping[str, str], content: bytes, secret: str | None
 ) -> ProviderError:
     code, message = _error_fields(content)
-    if secret:
-        message = message.replace(secret, "[redacted]")
-    message = " ".join(message.split())[:MAX_DETAIL]
+    message = scrub(message, secret)
     return ProviderError(
         classify(status, code, message),
         message,

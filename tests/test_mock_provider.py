@@ -91,6 +91,7 @@ async def test_openai_completion_has_the_documented_shape(client: httpx.AsyncCli
         "completion_tokens": 9,
         "total_tokens": 19,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
     assert second.json()["choices"] == completion["choices"]
 
@@ -116,6 +117,7 @@ async def test_anthropic_message_has_the_documented_shape(client: httpx.AsyncCli
         "output_tokens": 6,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
     }
 
 

@@ -361,10 +361,10 @@ async def test_missing_key_variable_fails_that_deployment_and_names_the_variable
         keyless = await router.complete(chat("local-llama"))  # needs no key
 
     assert "openai-main: no_api_key: QUEUEGATE_MOCK_KEY is not set" in str(caught.value)
-    assert [(a.deployment, a.status, a.error) for a in caught.value.attempts] == [
-        ("openai-main", None, "no_api_key"),
-        ("anthropic-main", None, "no_api_key"),
-    ]
+    assert "anthropic-main: no_api_key" in str(caught.value)
+    # Nothing reached the network: no call is counted.
+    assert caught.value.attempts == []
+    assert "after 0 calls" in str(caught.value)
     assert keyless.deployment == "local-vllm"
     assert mock.stats.calls == 1
 

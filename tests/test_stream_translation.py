@@ -141,7 +141,7 @@ def feed(parser: Any, events: list[ServerEvent]) -> list[dict[str, Any]]:
 
 
 def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None:
-    parser = AnthropicAdapter().stream_parser(CLAUDE)
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
     deltas = feed(parser, ANTHROPIC_TEXT)
     completion = parser.completion()
@@ -155,7 +155,7 @@ def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None
 
 
 def test_anthropic_tool_use_stream_becomes_openai_tool_call_deltas() -> None:
-    parser = AnthropicAdapter().stream_parser(CLAUDE)
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
     deltas = feed(parser, ANTHROPIC_TOOL)
     completion = parser.completion()
@@ -181,7 +181,7 @@ def test_anthropic_tool_use_stream_becomes_openai_tool_call_deltas() -> None:
 
 
 def test_openai_stream_passes_its_deltas_through_and_reads_the_usage_chunk() -> None:
-    parser = OpenAIAdapter().stream_parser("gpt-4o-mini")
+    parser = OpenAIAdapter().stream_parser("gpt-4o-mini", None)
 
     deltas = feed(parser, OPENAI_TEXT)
     completion = parser.completion()
@@ -197,7 +197,7 @@ def test_openai_stream_passes_its_deltas_through_and_reads_the_usage_chunk() -> 
 
 def test_openai_streamed_tool_call_pieces_are_joined() -> None:
     call = {"index": 0, "id": "call_abc", "type": "function"}
-    parser = OpenAIAdapter().stream_parser("gpt-4o-mini")
+    parser = OpenAIAdapter().stream_parser("gpt-4o-mini", None)
     feed(
         parser,
         openai_events(
@@ -237,7 +237,7 @@ def test_errors_inside_a_stream_are_classified(
     adapter: Any, event: ServerEvent, error_class: str
 ) -> None:
     with pytest.raises(ProviderError) as caught:
-        adapter.stream_parser("m").feed(event)
+        adapter.stream_parser("m", None).feed(event)
 
     assert caught.value.error_class == error_class
 
@@ -249,7 +249,7 @@ def test_errors_inside_a_stream_are_classified(
 def test_a_stream_that_ends_early_is_a_bad_response(
     adapter: Any, events: list[ServerEvent]
 ) -> None:
-    parser = adapter.stream_parser("m")
+    parser = adapter.stream_parser("m", None)
     feed(parser, events)
 
     with pytest.raises(ProviderError) as caught:

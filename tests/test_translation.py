@@ -116,22 +116,21 @@ def test_sampling_params_are_translated() -> None:
     body = to_anthropic(
         [{"role": "user", "content": "Hi"}],
         max_tokens=256,
-        temperature=1.7,
+        temperature=0.7,
         top_p=0.9,
         stop="\n\nHuman:",
         user="user-42",
-        seed=7,  # no Anthropic equivalent: dropped
-        frequency_penalty=0.5,  # OpenAI-only extra: dropped
+        frequency_penalty=0,  # OpenAI's default: asks for nothing, so nothing to refuse
         top_k=40,  # Anthropic-native extra: passed through
     )
 
     assert body["max_tokens"] == 256
-    assert body["temperature"] == 1.0  # clamped to Anthropic's range
+    assert body["temperature"] == 0.7
     assert body["top_p"] == 0.9
     assert body["stop_sequences"] == ["\n\nHuman:"]
     assert body["metadata"] == {"user_id": "user-42"}
     assert body["top_k"] == 40
-    assert "seed" not in body and "frequency_penalty" not in body
+    assert "frequency_penalty" not in body
 
 
 def test_max_completion_tokens_stands_in_for_max_tokens() -> None:
@@ -422,8 +421,12 @@ def test_cached_usage_counts_inside_prompt_tokens_as_openai_does() -> None:
     assert completion.usage.input_tokens == 300
     assert completion.usage.output_tokens == 87
     assert completion.usage.cached_tokens == 120
+    assert completion.usage.cache_write_tokens == 30
     assert completion.response["usage"]["prompt_tokens"] == 300
-    assert completion.response["usage"]["prompt_tokens_details"] == {"cached_tokens": 120}
+    assert completion.response["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 120,
+        "cache_write_tokens": 30,
+    }
 
 
 @pytest.mark.parametrize("body", [None, [], {"type": "error"}, {"content": "text"}])
@@ -527,3 +530,11 @@ def test_openai_body_without_choices_is_a_bad_response(body: Any) -> None:
         OPENAI.parse_response(body, "gpt-4o-mini")
 
     assert caught.value.error_class == "bad_response"
+
+
+def test_streaming_params_in_a_job_are_the_gateways_to_set_not_refused() -> None:
+    body = to_anthropic(
+        [{"role": "user", "content": "Hi"}], stream=True, stream_options={"include_usage": True}
+    )
+
+    assert "stream" not in body and "stream_options" not in body

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict
 
-from queuegate.errors import JobError
+from queuegate.errors import JobError, StreamInterrupted
 from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, UsageEvent
 from router import Routed
 
@@ -82,6 +82,8 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         attempts=routed.attempts,
         cost_usd=routed.cost_usd,
         worker=timing.worker,
+        params_dropped=list(routed.params_dropped) or None,
+        params_changed=list(routed.params_changed) or None,
     )
     result = ChatResult(
         job_id=job.job_id, team=job.team, status="ok", response=routed.response, gateway=gateway
@@ -96,6 +98,8 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         input_tokens=routed.input_tokens,
         output_tokens=routed.output_tokens,
         cached_tokens=routed.cached_tokens,
+        cache_write_tokens=routed.cache_write_tokens,
+        reasoning_tokens=routed.reasoning_tokens,
         cost_usd=routed.cost_usd,
         status="ok",
         queued_ms=timing.queued_ms,
@@ -105,6 +109,8 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         fallback_used=routed.fallback_used,
         cached=cached,
         worker=timing.worker,
+        params_dropped=",".join(routed.params_dropped) or None,
+        params_changed=",".join(routed.params_changed) or None,
     )
     return Outcome(result=result, usage=usage)
 
@@ -123,6 +129,18 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         attempts=len(attempts),
         retry_after_ms=error.retry_after_ms,
     )
+    billed = error.billed if isinstance(error, StreamInterrupted) else None
+    spent: dict[str, object] = {}
+    if billed is not None:
+        # The provider bills what it generated before the stream broke.
+        spent = {
+            "model_used": billed.model_used,
+            "provider": billed.provider,
+            "deployment": billed.deployment,
+            "cost_usd": billed.cost_usd,
+            "tokens_estimated": billed.estimated or None,
+        }
+        gateway = gateway.model_copy(update=spent)
     result = ChatResult(job_id=job_id, team=team, status="error", error=info, gateway=gateway)
     usage = UsageEvent(
         job_id=job_id,
@@ -136,6 +154,13 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         attempt_log=attempts,
         worker=timing.worker,
     )
+    if billed is not None:
+        tokens = {
+            "input_tokens": billed.input_tokens,
+            "output_tokens": billed.output_tokens,
+            "cached_tokens": billed.cached_tokens,
+        }
+        usage = usage.model_copy(update=spent | tokens)
     return Outcome(result=result, usage=usage)
 
 

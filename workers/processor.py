@@ -20,7 +20,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from queuegate.broker import CONNECTION_LOST, settle
-from queuegate.errors import DeadlineExceeded, InvalidRequest, JobError, Unauthorized
+from queuegate.errors import (
+    Billed,
+    DeadlineExceeded,
+    InvalidRequest,
+    JobError,
+    StreamInterrupted,
+    Unauthorized,
+)
 from queuegate.messages import ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
@@ -167,13 +174,21 @@ class JobProcessor:
         await self._cancels.check(job)
         self._router.check(job)
         ticket = await self._admission.admit(job, deadline)
-        routed: Routed | None = None
+        spent: Routed | Billed | None = None
         try:
             routed = await self._router.complete(
-                job, deadline=deadline, on_delta=relay, gate=ticket
+                job,
+                deadline=deadline,
+                on_delta=relay,
+                gate=ticket,
+                unsupported_params=self._admission.config(job.team).unsupported_params,
             )
+            spent = routed
+        except StreamInterrupted as exc:
+            spent = exc.billed  # what the provider generated before the stream broke
+            raise
         finally:
-            await ticket.settle(routed)
+            await ticket.settle(spent)
         return routed
 
     async def _finish(

@@ -15,8 +15,9 @@ from router.providers.base import (
 from router.providers.openai import OpenAIAdapter
 
 ADAPTERS: dict[ProviderKind, Adapter] = {
-    "openai": OpenAIAdapter(),
-    "openai_compatible": OpenAIAdapter(),  # same wire; only the catalog's key rule differs
+    "openai": OpenAIAdapter(strict=True),
+    # Same wire; each server has parameters of its own, so they are all passed on.
+    "openai_compatible": OpenAIAdapter(strict=False),
     "anthropic": AnthropicAdapter(),
 }
 

@@ -3,10 +3,15 @@
 Request: system and developer messages become the top-level ``system``; ``tool`` messages become
 user ``tool_result`` blocks and assistant ``tool_calls`` become ``tool_use`` blocks; consecutive
 turns of one role are merged, since the Messages API requires user and assistant to alternate.
-Response: text blocks become the message content, ``tool_use`` blocks its ``tool_calls``.
+``cache_control`` on content parts, messages and tools is kept (prompt caching), and
+``reasoning_effort`` becomes extended ``thinking`` with the budget of ``THINKING_BUDGETS``.
+Response: text blocks become the message content, ``tool_use`` blocks its ``tool_calls``,
+thinking blocks its ``reasoning_content``.
 
-What the Messages API cannot express (audio parts, JSON mode, ``n`` > 1) raises
-ProviderError("unsupported"), so the router moves on to a deployment that can.
+What the Messages API cannot express at all (audio, JSON mode, ``n`` > 1) raises
+ProviderError("unsupported"), so the router moves on to a deployment that can. Parameters it
+has no equivalent for are refused the same way, or dropped and noted when the job's policy
+says ``drop`` (``Fidelity``). docs/providers.md has the whole table.
 
 The inverse direction, for Anthropic-format batch files, is in ``queuegate.provider_formats``.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
@@ -22,11 +28,15 @@ from queuegate.provider_formats import Block, as_int, tool_call_of, tool_use_blo
 from router.providers.base import (
     Completion,
     Delta,
+    Fidelity,
     ProviderError,
     ServerEvent,
     UpstreamRequest,
     Usage,
+    estimate_tokens,
     json_data,
+    openai_usage,
+    request,
     stream_error,
 )
 
@@ -35,10 +45,35 @@ API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
 """The Messages API requires ``max_tokens``; OpenAI does not, so jobs often leave it out."""
 MAX_TEMPERATURE = 1.0
-"""Anthropic's range is 0 to 1, OpenAI's 0 to 2: a hotter request is clamped rather than refused."""
+"""Anthropic's range is 0 to 1, OpenAI's 0 to 2."""
+THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
+"""Thinking tokens allowed for each OpenAI ``reasoning_effort`` (``none``: no thinking)."""
+MIN_THINKING_BUDGET = 1024
+"""Anthropic's smallest ``budget_tokens``; the budget must also stay below ``max_tokens``."""
+MIN_TOP_P_THINKING = 0.95
+"""With thinking on, Anthropic takes ``top_p`` from 0.95 to 1 only."""
 
-_PASSED_THROUGH = frozenset({"top_k", "metadata", "thinking", "service_tier"})
-"""Extra params with the same meaning on the Messages API; OpenAI-only extras are dropped."""
+_NATIVE = frozenset({"top_k", "thinking"})
+"""Extra params of the Messages API itself (from Anthropic-format jobs), passed as they are."""
+_SERVICE_TIERS = {"auto": "auto", "default": "standard_only", "standard_only": "standard_only"}
+"""OpenAI's tiers (and Anthropic's own) that Anthropic has; flex, priority, scale it has not."""
+_NEUTRAL: dict[str, Any] = {
+    "logprobs": False,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": {},
+    "store": False,
+    "n": 1,
+    "parallel_tool_calls": True,
+}
+"""Values that ask for nothing beyond the default: no reason to refuse or note them."""
+_HANDLED = frozenset(
+    {"max_completion_tokens", "parallel_tool_calls", "n", "metadata", "service_tier"}
+    | {"reasoning_effort", "modalities", "audio"}
+    | {"stream", "stream_options"}  # the router decides on streaming
+    | _NATIVE
+)
+"""Extras read below (or owned by the gateway); any other has no Messages API equivalent."""
 
 _FINISH_REASONS = {
     "end_turn": "stop",
@@ -54,24 +89,32 @@ class AnthropicAdapter:
     """Requests for ``/v1/messages`` with ``x-api-key`` and a pinned ``anthropic-version``."""
 
     def build_request(
-        self, job: ChatJob, model: str, api_key: str | None, *, stream: bool = False
+        self,
+        job: ChatJob,
+        model: str,
+        api_key: str | None,
+        *,
+        stream: bool = False,
+        drop: bool = False,
     ) -> UpstreamRequest:
-        system, messages = _messages(job.messages)
+        fidelity = Fidelity("anthropic", drop)
+        system, messages = _messages(job.messages, fidelity)
         body: dict[str, Any] = {"model": model, "messages": messages}
         if system:
             body["system"] = system
-        body.update(_params(job.params))
+        body.update(_params(job.params, fidelity))
         if stream:
             body["stream"] = True
         headers = {"anthropic-version": API_VERSION}
         if api_key:
             headers["x-api-key"] = api_key
-        return UpstreamRequest(path=PATH, body=body, headers=headers)
+        return request(PATH, body, headers, fidelity)
 
     def parse_response(self, body: Any, model: str) -> Completion:
         if not isinstance(body, dict) or not isinstance(body.get("content"), list):
             raise ProviderError("bad_response", "no content in the Messages body")
         texts: list[str] = []
+        thoughts: list[str] = []
         tool_calls: list[dict[str, Any]] = []
         for block in body["content"]:
             kind = block.get("type") if isinstance(block, dict) else None
@@ -79,11 +122,15 @@ class AnthropicAdapter:
                 texts.append(str(block.get("text", "")))
             elif kind == "tool_use":
                 tool_calls.append(tool_call_of(block))
-            # thinking blocks have no place in an OpenAI message
+            elif kind == "thinking":
+                thoughts.append(str(block.get("thinking", "")))
+            # redacted_thinking is encrypted: nothing a caller could read
         message: dict[str, Any] = {
             "role": "assistant",
             "content": "".join(texts) if texts else None,
         }
+        if thoughts:
+            message["reasoning_content"] = "".join(thoughts)
         if tool_calls:
             message["tool_calls"] = tool_calls
         usage = _usage(body.get("usage"))
@@ -99,40 +146,41 @@ class AnthropicAdapter:
                     "finish_reason": _FINISH_REASONS.get(str(body.get("stop_reason")), "stop"),
                 }
             ],
-            "usage": {
-                "prompt_tokens": usage.input_tokens,
-                "completion_tokens": usage.output_tokens,
-                "total_tokens": usage.input_tokens + usage.output_tokens,
-                "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-            },
+            "usage": openai_usage(usage),
         }
         return Completion(response=response, usage=usage)
 
-    def stream_parser(self, model: str) -> AnthropicStream:
-        return AnthropicStream(self, model)
+    def stream_parser(self, model: str, secret: str | None) -> AnthropicStream:
+        return AnthropicStream(self, model, secret)
 
 
 class AnthropicStream:
     """The Messages event stream, rebuilt into the Messages body it stands for.
 
-    Text deltas become ``content`` deltas; a ``tool_use`` block becomes a tool call whose
-    arguments arrive as ``input_json_delta`` pieces, as in OpenAI's streamed tool calls.
+    Text deltas become ``content`` deltas, thinking deltas ``reasoning_content`` ones; a
+    ``tool_use`` block becomes a tool call whose arguments arrive as ``input_json_delta``
+    pieces, as in OpenAI's streamed tool calls.
     """
 
-    def __init__(self, adapter: AnthropicAdapter, model: str) -> None:
+    def __init__(self, adapter: AnthropicAdapter, model: str, secret: str | None) -> None:
         self._adapter = adapter
+        self._secret = secret
         self._message: dict[str, Any] = {"model": model, "content": []}
         self._usage: dict[str, Any] = {}
         self._calls: dict[int, int] = {}
         """Tool call position (OpenAI's ``index``) of each tool_use block index."""
         self._json: dict[int, list[str]] = {}
         self._stopped = False
+        self._final = False
+        """A message_delta brought the real output count."""
+        self._received = 0
+        """Characters of text, thinking and tool input received so far."""
 
     def feed(self, event: ServerEvent) -> list[Delta]:
         data = json_data(event)
         kind = data.get("type")
         if kind == "error":
-            raise stream_error(data.get("error"))
+            raise stream_error(data.get("error"), self._secret)
         if kind == "message_start":
             start = data.get("message") or {}
             self._message |= {k: v for k, v in start.items() if k not in ("content", "usage")}
@@ -144,6 +192,7 @@ class AnthropicStream:
         elif kind == "message_delta":
             self._message |= data.get("delta") or {}
             self._usage |= data.get("usage") or {}
+            self._final = "output_tokens" in self._usage
         elif kind == "message_stop":
             self._stopped = True
         return []
@@ -160,6 +209,7 @@ class AnthropicStream:
             call = {"index": position, "id": block.get("id"), "type": "function"}
             return [{"tool_calls": [call | {"function": function}]}]
         if block.get("type") == "text" and block.get("text"):
+            self._received += len(block["text"])
             return [{"content": block["text"]}]
         return []
 
@@ -167,16 +217,22 @@ class AnthropicStream:
         blocks = self._message["content"]
         if index >= len(blocks):
             raise ProviderError("bad_response", "a stream delta for a block never started")
-        if delta.get("type") == "text_delta":
-            text = str(delta.get("text") or "")
-            blocks[index]["text"] = blocks[index].get("text", "") + text
-            return [{"content": text}] if text else []
-        if delta.get("type") == "input_json_delta" and index in self._calls:
+        kind = delta.get("type")
+        if kind in ("text_delta", "thinking_delta"):
+            field = "text" if kind == "text_delta" else "thinking"
+            text = str(delta.get(field) or "")
+            blocks[index][field] = blocks[index].get(field, "") + text
+            self._received += len(text)
+            if not text:
+                return []
+            return [{"content": text}] if field == "text" else [{"reasoning_content": text}]
+        if kind == "input_json_delta" and index in self._calls:
             piece = str(delta.get("partial_json") or "")
             self._json[index].append(piece)
+            self._received += len(piece)
             function = {"arguments": piece}
             return [{"tool_calls": [{"index": self._calls[index], "function": function}]}]
-        return []  # thinking and signature deltas have no place in an OpenAI message
+        return []  # signature deltas only seal the thinking for a later turn
 
     def completion(self) -> Completion:
         if not self._stopped:
@@ -190,40 +246,68 @@ class AnthropicStream:
             self._message | {"usage": self._usage}, self._message["model"]
         )
 
+    def received(self, prompt_chars: int) -> Usage:
+        """The usage of a stream that broke: the counts a message_delta reported, else
+        message_start's input count (Anthropic sends it first) and the output estimated from
+        what arrived (message_start's output count is a placeholder)."""
+        usage = _usage(self._usage)
+        if self._final:
+            return usage
+        output = estimate_tokens(self._received)
+        if usage.input_tokens:
+            return replace(usage, output_tokens=output, estimated=True)
+        return Usage(estimate_tokens(prompt_chars), output, estimated=True)
 
-def _messages(messages: list[ChatMessage]) -> tuple[str, list[Block]]:
+
+def _messages(
+    messages: list[ChatMessage], fidelity: Fidelity
+) -> tuple[str | list[Block], list[Block]]:
     """The top-level system prompt and the alternating user/assistant turns."""
-    system: list[str] = []
+    system: list[Block] = []
     turns: list[Block] = []
     for message in messages:
+        if message.name is not None:
+            fidelity.unsupported("messages[].name", "a message's name is not supported")
         if message.role in ("system", "developer"):
-            system.extend(block["text"] for block in _blocks(message.content, text_only=True))
+            system.extend(_cached(message, _blocks(message.content, fidelity, text_only=True)))
             continue
-        role, blocks = _turn(message)
+        role, blocks = _turn(message, fidelity)
         if not blocks:  # the Messages API refuses empty turns
             continue
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
-    return "\n\n".join(system), [_compact(turn) for turn in turns]
+    if any("cache_control" in block for block in system):
+        return system, [_compact(turn) for turn in turns]
+    return "\n\n".join(block["text"] for block in system), [_compact(turn) for turn in turns]
 
 
-def _turn(message: ChatMessage) -> tuple[str, list[Block]]:
+def _cached(message: ChatMessage, blocks: list[Block]) -> list[Block]:
+    """A message-level ``cache_control`` marks the end of that message: its last block."""
+    marker = (message.model_extra or {}).get("cache_control")
+    if marker is not None and blocks:
+        blocks[-1] = blocks[-1] | {"cache_control": marker}
+    return blocks
+
+
+def _turn(message: ChatMessage, fidelity: Fidelity) -> tuple[str, list[Block]]:
     if message.role == "tool":
         result: Block = {"type": "tool_result", "tool_use_id": message.tool_call_id or ""}
         if isinstance(message.content, str):
             result["content"] = message.content
         elif message.content:
-            result["content"] = _blocks(message.content)
-        return "user", [result]
-    blocks = _blocks(message.content)
+            result["content"] = _blocks(message.content, fidelity)
+        return "user", _cached(message, [result])
+    blocks = _blocks(message.content, fidelity)
     if message.role == "assistant":
         blocks.extend(_tool_use(call) for call in message.tool_calls or [])
-    return message.role, blocks
+    return message.role, _cached(message, blocks)
 
 
-def _blocks(content: str | list[dict[str, Any]] | None, *, text_only: bool = False) -> list[Block]:
+def _blocks(
+    content: str | list[dict[str, Any]] | None, fidelity: Fidelity, *, text_only: bool = False
+) -> list[Block]:
     """Content blocks of an OpenAI message content; empty text is dropped (Anthropic refuses it)."""
     if content is None:
         return []
@@ -234,20 +318,26 @@ def _blocks(content: str | list[dict[str, Any]] | None, *, text_only: bool = Fal
         kind = part.get("type")
         if kind in ("text", "refusal"):
             text = part.get(kind) or ""
-            if text:
-                blocks.append({"type": "text", "text": text})
+            if not text:
+                continue
+            block: Block = {"type": "text", "text": text}
         elif kind == "image_url" and not text_only:
-            blocks.append(_image(part.get("image_url")))
+            block = _image(part.get("image_url"), fidelity)
         else:
             raise ProviderError("unsupported", f"{kind} content parts")
+        if part.get("cache_control") is not None:
+            block["cache_control"] = part["cache_control"]
+        blocks.append(block)
     return blocks
 
 
-def _image(image_url: Any) -> Block:
+def _image(image_url: Any, fidelity: Fidelity) -> Block:
     """An image block: ``data:`` URLs are sent inline as base64, http(s) URLs by reference."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
         raise ProviderError("unsupported", "image_url parts without a url")
+    if isinstance(image_url, dict) and image_url.get("detail", "auto") != "auto":
+        fidelity.unsupported("image_url.detail", "an image's detail level is not supported")
     if url.startswith("data:"):
         header, _, data = url.partition(",")
         media_type, _, encoding = header.removeprefix("data:").partition(";")
@@ -277,28 +367,116 @@ def _compact(turn: Block) -> Block:
     return turn
 
 
-def _params(params: ChatParams) -> dict[str, Any]:
+def _params(params: ChatParams, fidelity: Fidelity) -> dict[str, Any]:
     extra = params.model_extra or {}
-    if extra.get("n", 1) != 1:
-        raise ProviderError("unsupported", "n > 1")
-    if params.response_format and params.response_format.get("type") != "text":
-        raise ProviderError("unsupported", "response_format (JSON mode)")
+    _refuse_what_cannot_be_expressed(params, extra)
+    for key, value in extra.items():
+        if key not in _HANDLED and _NEUTRAL.get(key, ...) != value:
+            fidelity.unsupported(key)
+    if params.seed is not None:
+        fidelity.unsupported("seed")
     out: dict[str, Any] = {
         "max_tokens": params.max_tokens or extra.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
     }
     if params.temperature is not None:
+        if params.temperature > MAX_TEMPERATURE:
+            fidelity.change("temperature", f"{params.temperature} is above Anthropic's 1.0")
         out["temperature"] = min(params.temperature, MAX_TEMPERATURE)
     if params.top_p is not None:
         out["top_p"] = params.top_p
     if params.stop:
         out["stop_sequences"] = [params.stop] if isinstance(params.stop, str) else params.stop
-    if params.user:
-        out["metadata"] = {"user_id": params.user}
+    metadata = _metadata(params.user, extra.get("metadata"), fidelity)
+    if metadata:
+        out["metadata"] = metadata
+    tier = extra.get("service_tier")
+    if tier is not None:
+        if tier in _SERVICE_TIERS:
+            out["service_tier"] = _SERVICE_TIERS[tier]
+        else:
+            fidelity.unsupported("service_tier", f"tier {tier!r} does not exist")
     if params.tools:
         out["tools"] = [_tool(tool) for tool in params.tools]
         out["tool_choice"] = _tool_choice(params.tool_choice, extra.get("parallel_tool_calls"))
-    out.update({key: extra[key] for key in _PASSED_THROUGH & extra.keys()})
+    out.update({key: extra[key] for key in _NATIVE & extra.keys()})
+    _thinking(params, extra, out, fidelity)
     return out
+
+
+def _refuse_what_cannot_be_expressed(params: ChatParams, extra: dict[str, Any]) -> None:
+    """What no policy can drop without breaking the answer the caller expects."""
+    if extra.get("n", 1) != 1:
+        raise ProviderError("unsupported", "n > 1")
+    if params.response_format and params.response_format.get("type") != "text":
+        raise ProviderError("unsupported", "response_format (JSON mode)")
+    if extra.get("audio") is not None or "audio" in (extra.get("modalities") or []):
+        raise ProviderError("unsupported", "audio output")
+
+
+def _metadata(user: str | None, metadata: Any, fidelity: Fidelity) -> Block:
+    """Anthropic's metadata holds ``user_id`` only: from ``user``, else from the job's own
+    ``metadata.user_id``; OpenAI's free-form metadata has no equivalent."""
+    out: Block = {"user_id": user} if user else {}
+    if metadata is None:
+        return out
+    if not isinstance(metadata, dict):
+        fidelity.unsupported("metadata")
+        return out
+    for key, value in metadata.items():
+        if key == "user_id" and value is not None and value == out.setdefault("user_id", value):
+            continue
+        fidelity.unsupported(f"metadata.{key}")
+    return out
+
+
+def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: Fidelity) -> None:
+    """``reasoning_effort`` as extended thinking, and what thinking requires of the rest."""
+    effort = extra.get("reasoning_effort")
+    if effort not in (None, "none"):
+        if "thinking" in extra:
+            fidelity.unsupported("reasoning_effort", "set together with thinking")
+        elif effort not in THINKING_BUDGETS:
+            fidelity.unsupported("reasoning_effort", f"{effort!r} has no thinking budget")
+        else:
+            _budget(params, extra, out, THINKING_BUDGETS[effort], fidelity)
+    thinking = out.get("thinking")
+    if not (isinstance(thinking, dict) and thinking.get("type") == "enabled"):
+        return
+    # Anthropic's rules for thinking: temperature 1 only, no top_k, top_p 0.95 or more, and
+    # the model must be free to think before any tool call.
+    if out.get("temperature", 1) != 1:
+        fidelity.change("temperature", "must be 1 with thinking")
+        del out["temperature"]
+    if "top_k" in out:
+        fidelity.unsupported("top_k", "not allowed with thinking")
+        del out["top_k"]
+    if out.get("top_p", 1) < MIN_TOP_P_THINKING:
+        fidelity.change("top_p", f"must be at least {MIN_TOP_P_THINKING} with thinking")
+        del out["top_p"]
+    choice = out.get("tool_choice") or {}
+    if choice.get("type") in ("any", "tool"):
+        fidelity.change("tool_choice", "a forced tool is not allowed with thinking")
+        out["tool_choice"] = {"type": "auto"} | {
+            k: v for k, v in choice.items() if k == "disable_parallel_tool_use"
+        }
+
+
+def _budget(
+    params: ChatParams, extra: dict[str, Any], out: Block, budget: int, fidelity: Fidelity
+) -> None:
+    """A job's ``max_tokens`` bounds thinking and answer together, as OpenAI's bounds
+    reasoning and answer; without one the answer keeps ``DEFAULT_MAX_TOKENS`` past the budget."""
+    requested = params.max_tokens or extra.get("max_completion_tokens")
+    if requested is None:
+        out["max_tokens"] = budget + DEFAULT_MAX_TOKENS
+    else:
+        budget = min(budget, requested - 1)
+        if budget < MIN_THINKING_BUDGET:
+            fidelity.unsupported(
+                "reasoning_effort", f"max_tokens must exceed {MIN_THINKING_BUDGET} to think"
+            )
+            return
+    out["thinking"] = {"type": "enabled", "budget_tokens": budget}
 
 
 def _tool(tool: dict[str, Any]) -> Block:
@@ -312,6 +490,10 @@ def _tool(tool: dict[str, Any]) -> Block:
     }
     if function.get("description"):
         out["description"] = function["description"]
+    if function.get("strict") is not None:
+        out["strict"] = function["strict"]
+    if tool.get("cache_control") is not None:
+        out["cache_control"] = tool["cache_control"]
     return out
 
 
@@ -333,13 +515,21 @@ def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
 
 
 def _usage(usage: Any) -> Usage:
-    """OpenAI counts cached tokens inside ``prompt_tokens``; Anthropic reports them apart."""
+    """Anthropic reports cache reads and writes apart from ``input_tokens``; the canonical
+    count includes them, as OpenAI's ``prompt_tokens`` does."""
     if not isinstance(usage, dict):
         return Usage()
     cached = as_int(usage.get("cache_read_input_tokens"))
     written = as_int(usage.get("cache_creation_input_tokens"))
+    creation = usage.get("cache_creation")
+    hour = as_int(creation.get("ephemeral_1h_input_tokens")) if isinstance(creation, dict) else 0
+    details = usage.get("output_tokens_details")
+    thinking = as_int(details.get("thinking_tokens")) if isinstance(details, dict) else 0
     return Usage(
         input_tokens=as_int(usage.get("input_tokens")) + cached + written,
         output_tokens=as_int(usage.get("output_tokens")),
         cached_tokens=cached,
+        cache_write_tokens=written,
+        cache_write_1h_tokens=min(hour, written),
+        reasoning_tokens=thinking,
     )

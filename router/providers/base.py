@@ -12,6 +12,7 @@ whether the failure counts toward the deployment's circuit breaker.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ ErrorClass = Literal[
     "no_api_key",
     "unsupported",
     "bad_response",
+    "misconfigured",
 ]
 
 
@@ -70,8 +72,10 @@ HANDLING: dict[ErrorClass, Handling] = {
     "auth": _MISCONFIGURED,
     "not_found": _MISCONFIGURED,
     "bad_response": _MISCONFIGURED,
+    "misconfigured": _MISCONFIGURED,  # the HTTP client refused the call: never sent
     "no_api_key": _NOT_HERE,  # no call was made
-    # The request fits another model (bigger window, other content types) or another wire.
+    # The request fits another model (bigger window, other content types) or another wire;
+    # "unsupported" is found before sending: no call was made either.
     "context_length": _NOT_HERE,
     "unsupported": _NOT_HERE,
     # The caller's request is wrong (or refused for its content): every other deployment would
@@ -80,6 +84,9 @@ HANDLING: dict[ErrorClass, Handling] = {
     "content_policy": Handling(retries=False, moves_on=False, trips_breaker=False),
 }
 """How the router treats each failure class: the one table of retryable and final errors."""
+
+UNSENT: frozenset[ErrorClass] = frozenset({"no_api_key", "unsupported", "misconfigured"})
+"""Classes of failures found before anything reached the network: not counted as calls."""
 
 _STATUS_CLASSES: dict[int, ErrorClass] = {
     400: "bad_request",
@@ -152,11 +159,44 @@ class ProviderError(GatewayError):
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens of one call; ``input_tokens`` includes the ``cached_tokens`` read from a cache."""
+    """Tokens of one call, by the class each is billed at.
+
+    ``input_tokens`` counts every prompt token: the ``cached_tokens`` read from a prompt cache
+    and the ``cache_write_tokens`` written to one (``cache_write_1h_tokens`` of them with a
+    one-hour lifetime) included. ``output_tokens`` counts the ``reasoning_tokens`` too.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False
+    """Counted by the gateway from the text received (characters / 4), because the provider
+    sent no usage: only for a stream that broke before its end."""
+
+
+def openai_usage(usage: Usage) -> dict[str, Any]:
+    """``usage`` as a ``chat.completion``'s: cache and reasoning details when there are any."""
+    prompt: dict[str, int] = {"cached_tokens": usage.cached_tokens}
+    if usage.cache_write_tokens:
+        prompt["cache_write_tokens"] = usage.cache_write_tokens
+    out: dict[str, Any] = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": prompt,
+    }
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens of ``chars`` characters of text when no one counted them: characters / 4,
+    rounded up (OpenAI's rule of thumb for English, the admission estimate's too)."""
+    return -(-chars // 4)
 
 
 @dataclass(frozen=True)
@@ -175,6 +215,51 @@ class UpstreamRequest:
     body: dict[str, Any]
     headers: dict[str, str] = field(repr=False)
     """Kept out of repr: they carry the API key."""
+    dropped: tuple[str, ...] = ()
+    """Parameters of the job the provider cannot take, left out (the job allowed it)."""
+    changed: tuple[str, ...] = ()
+    """Parameters of the job sent with another value than asked (the job allowed it)."""
+
+
+@dataclass
+class Fidelity:
+    """What one translation could not carry over as asked, under the job's policy::
+
+    fidelity = Fidelity("anthropic", drop=False)
+    fidelity.unsupported("seed")  # raises ProviderError("unsupported") naming it
+    """
+
+    provider: str
+    drop: bool
+    dropped: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    def unsupported(self, param: str, why: str = "") -> None:
+        """``param`` cannot be sent: refused, or noted as dropped."""
+        if not self.drop:
+            why = why or "not supported"
+            raise ProviderError("unsupported", self._refusal(param, why, "drop it"))
+        if param not in self.dropped:
+            self.dropped.append(param)
+
+    def change(self, param: str, why: str) -> None:
+        """``param`` can only be sent with another value: refused, or noted as changed."""
+        if not self.drop:
+            raise ProviderError("unsupported", self._refusal(param, why, "change it"))
+        if param not in self.changed:
+            self.changed.append(param)
+
+    def _refusal(self, param: str, why: str, instead: str) -> str:
+        return f"{param}: {why} on {self.provider} (unsupported_params: drop would {instead})"
+
+
+def request(
+    path: str, body: dict[str, Any], headers: dict[str, str], fidelity: Fidelity
+) -> UpstreamRequest:
+    """The request, with what ``fidelity`` noted as dropped and changed."""
+    return UpstreamRequest(
+        path, body, headers, dropped=tuple(fidelity.dropped), changed=tuple(fidelity.changed)
+    )
 
 
 @dataclass(frozen=True)
@@ -202,23 +287,37 @@ class StreamParser(Protocol):
         reported; raises ProviderError("bad_response") when the stream ended early."""
         ...
 
+    def received(self, prompt_chars: int) -> Usage:
+        """What a stream that broke has used so far: the provider's counts where it sent
+        them, else estimated (``estimate_tokens``) from the text received and from
+        ``prompt_chars``, the characters of the prompt."""
+        ...
+
 
 class Adapter(Protocol):
     """Translates between the canonical job/response and one provider's wire format."""
 
     def build_request(
-        self, job: ChatJob, model: str, api_key: str | None, *, stream: bool = False
+        self,
+        job: ChatJob,
+        model: str,
+        api_key: str | None,
+        *,
+        stream: bool = False,
+        drop: bool = False,
     ) -> UpstreamRequest:
         """The request for ``model`` (the upstream name), streamed when ``stream``; raises
-        ProviderError("unsupported")."""
+        ProviderError("unsupported") for what the provider cannot take, or with ``drop``
+        leaves out what can be left out and notes it on the request."""
         ...
 
     def parse_response(self, body: Any, model: str) -> Completion:
         """The canonical completion of a 2xx body; raises ProviderError("bad_response")."""
         ...
 
-    def stream_parser(self, model: str) -> StreamParser:
-        """A parser for one streamed answer from ``model``."""
+    def stream_parser(self, model: str, secret: str | None) -> StreamParser:
+        """A parser for one streamed answer from ``model``; ``secret``, the key the call
+        carried, is scrubbed from the errors the stream may carry."""
         ...
 
 
@@ -233,13 +332,32 @@ def json_data(event: ServerEvent) -> dict[str, Any]:
     return data
 
 
-def stream_error(error: Any) -> ProviderError:
-    """The ProviderError of an error sent inside a stream (after a 200 status)."""
+def stream_error(error: Any, secret: str | None) -> ProviderError:
+    """The ProviderError of an error sent inside a stream (after a 200 status); ``secret`` is
+    the key the call carried, scrubbed from the message."""
     if not isinstance(error, dict):
         return ProviderError("server_error", "the stream carried an error")
     kind = str(error.get("type") or error.get("code") or "")
-    message = " ".join(str(error.get("message") or kind).split())[:MAX_DETAIL]
+    message = scrub(str(error.get("message") or kind), secret)
     return ProviderError(_STREAM_ERRORS.get(kind, "server_error"), message)
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """Provider-originated text as it may be kept and shown: whitespace collapsed to single
+    spaces, then the key redacted wherever it appears (even broken by a line break or a
+    space), then cut to ``MAX_DETAIL`` characters. Every text a provider sends back (an error
+    body, a stream's error event) passes here, in this order: collapsing after redacting would
+    let a key split across lines through, and cutting before redacting could keep part of it."""
+    text = " ".join(text.split())
+    if secret:
+        text = _spaced(secret).sub("[redacted]", text)
+    return text[:MAX_DETAIL]
+
+
+@functools.lru_cache(maxsize=64)
+def _spaced(secret: str) -> re.Pattern[str]:
+    """``secret`` with any whitespace allowed between its characters."""
+    return re.compile(r"\s*".join(re.escape(char) for char in secret.strip()))
 
 
 _STREAM_ERRORS: dict[str, ErrorClass] = {

@@ -3,6 +3,12 @@
 The canonical job already is this wire format, so the request passes through unchanged apart
 from the upstream model name, and the response is the canonical one. Streams ask for
 ``stream_options.include_usage``, so the last chunk carries the token usage.
+
+For OpenAI itself (``strict``) the request holds only what its API documents: Anthropic's
+``cache_control`` hints are left out (OpenAI caches prompts by itself), Anthropic's
+``thinking`` becomes ``reasoning_effort``, and any other parameter OpenAI does not have is
+refused, or dropped and noted under the job's ``drop`` policy (``Fidelity``). OpenAI-compatible
+servers get every parameter as it is: each server has extras of its own.
 """
 
 from __future__ import annotations
@@ -10,16 +16,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from queuegate.messages import ChatJob
-from queuegate.provider_formats import as_int
+from queuegate.messages import ChatJob, ChatMessage
+from queuegate.provider_formats import OPENAI_CHAT_PARAMS, as_int
 from router.providers.base import (
     Completion,
     Delta,
+    Fidelity,
     ProviderError,
     ServerEvent,
     UpstreamRequest,
     Usage,
+    estimate_tokens,
     json_data,
+    request,
     stream_error,
 )
 
@@ -28,22 +37,41 @@ PATH = "/v1/chat/completions"
 _NOT_PASSED = frozenset({"model", "messages", "stream", "stream_options"})
 """Owned by the adapter: the deployment names the model, the router decides on streaming."""
 
+EFFORT_OF_BUDGET = ((2048, "low"), (8192, "medium"))
+"""Anthropic ``thinking.budget_tokens`` up to each bound as OpenAI's ``reasoning_effort``;
+above the last, ``high`` (the inverse of the Anthropic adapter's ``THINKING_BUDGETS``)."""
+
 
 class OpenAIAdapter:
-    """Requests for ``/v1/chat/completions``; the key, when there is one, is a Bearer token."""
+    """Requests for ``/v1/chat/completions``; the key, when there is one, is a Bearer token.
+
+    ``strict`` (OpenAI itself): only parameters OpenAI documents are sent.
+    """
+
+    def __init__(self, *, strict: bool = True) -> None:
+        self._strict = strict
 
     def build_request(
-        self, job: ChatJob, model: str, api_key: str | None, *, stream: bool = False
+        self,
+        job: ChatJob,
+        model: str,
+        api_key: str | None,
+        *,
+        stream: bool = False,
+        drop: bool = False,
     ) -> UpstreamRequest:
+        fidelity = Fidelity("openai", drop)
         params = job.params.model_dump(exclude_none=True)
         body: dict[str, Any] = {k: v for k, v in params.items() if k not in _NOT_PASSED}
         body["model"] = model
-        body["messages"] = [m.model_dump(exclude_none=True) for m in job.messages]
+        body["messages"] = [_message(m, strict=self._strict) for m in job.messages]
+        if self._strict:
+            _only_openai(body, fidelity)
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return UpstreamRequest(path=PATH, body=body, headers=headers)
+        return request(PATH, body, headers, fidelity)
 
     def parse_response(self, body: Any, model: str) -> Completion:
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
@@ -53,28 +81,76 @@ class OpenAIAdapter:
         usage = body.get("usage")
         if not isinstance(usage, dict):  # OpenAI-compatible servers may leave it out
             usage = {}
-        details = usage.get("prompt_tokens_details")
-        cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-        return Completion(
-            response=body,
-            usage=Usage(
-                input_tokens=as_int(usage.get("prompt_tokens")),
-                output_tokens=as_int(usage.get("completion_tokens")),
-                cached_tokens=as_int(cached),
-            ),
-        )
+        return Completion(response=body, usage=_usage(usage))
 
-    def stream_parser(self, model: str) -> OpenAIStream:
-        return OpenAIStream(self, model)
+    def stream_parser(self, model: str, secret: str | None) -> OpenAIStream:
+        return OpenAIStream(self, model, secret)
+
+
+def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
+    out = message.model_dump(exclude_none=True)
+    if strict:
+        out.pop("cache_control", None)
+        # An earlier answer sent back as history carries the gateway's own reasoning_content,
+        # which OpenAI's messages do not have.
+        out.pop("reasoning_content", None)
+        if isinstance(out.get("content"), list):
+            out["content"] = [_uncached(part) for part in out["content"]]
+    return out
+
+
+def _uncached(block: Any) -> Any:
+    """Without Anthropic's ``cache_control`` marker, which OpenAI would refuse."""
+    if isinstance(block, dict) and "cache_control" in block:
+        return {k: v for k, v in block.items() if k != "cache_control"}
+    return block
+
+
+def _only_openai(body: dict[str, Any], fidelity: Fidelity) -> None:
+    """Anthropic's own parameters mapped where OpenAI has them; the rest refused or dropped."""
+    thinking = body.pop("thinking", None)
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        if "reasoning_effort" in body:
+            fidelity.unsupported("thinking", "set together with reasoning_effort")
+        else:
+            body["reasoning_effort"] = _effort(as_int(thinking.get("budget_tokens")))
+    if "tools" in body:
+        body["tools"] = [_uncached(tool) for tool in body["tools"]]
+    for key in [key for key in body if key not in OPENAI_CHAT_PARAMS]:
+        fidelity.unsupported(key)
+        del body[key]
+
+
+def _effort(budget: int) -> str:
+    return next((effort for bound, effort in EFFORT_OF_BUDGET if budget <= bound), "high")
+
+
+def _usage(usage: dict[str, Any]) -> Usage:
+    prompt = usage.get("prompt_tokens_details")
+    prompt = prompt if isinstance(prompt, dict) else {}
+    completion = usage.get("completion_tokens_details")
+    completion = completion if isinstance(completion, dict) else {}
+    return Usage(
+        input_tokens=as_int(usage.get("prompt_tokens")),
+        output_tokens=as_int(usage.get("completion_tokens")),
+        cached_tokens=as_int(prompt.get("cached_tokens")),
+        cache_write_tokens=as_int(prompt.get("cache_write_tokens")),
+        reasoning_tokens=as_int(completion.get("reasoning_tokens")),
+    )
 
 
 class OpenAIStream:
-    """``chat.completion.chunk`` events until ``[DONE]``; the deltas are already canonical."""
+    """``chat.completion.chunk`` events until ``[DONE]``; the deltas are already canonical
+    (``reasoning_content``, which OpenAI-compatible reasoning servers stream, included)."""
 
-    def __init__(self, adapter: OpenAIAdapter, model: str) -> None:
+    def __init__(self, adapter: OpenAIAdapter, model: str, secret: str | None) -> None:
         self._adapter = adapter
+        self._secret = secret
         self._head: dict[str, Any] = {"model": model}
         self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._received = 0
+        """Characters of content, reasoning and tool arguments received so far."""
         self._calls: dict[int, dict[str, Any]] = {}
         self._finish: str | None = None
         self._usage: Any = None
@@ -84,7 +160,7 @@ class OpenAIStream:
             return []
         chunk = json_data(event)
         if "error" in chunk:
-            raise stream_error(chunk["error"])
+            raise stream_error(chunk["error"], self._secret)
         for field in ("id", "created", "model", "system_fingerprint"):
             if chunk.get(field) is not None:
                 self._head[field] = chunk[field]
@@ -98,9 +174,13 @@ class OpenAIStream:
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self._content.append(delta["content"])
+                self._received += len(delta["content"])
+            if delta.get("reasoning_content"):
+                self._reasoning.append(delta["reasoning_content"])
+                self._received += len(delta["reasoning_content"])
             for call in delta.get("tool_calls") or []:
                 self._add_call(call)
-            if delta.get("content") or delta.get("tool_calls"):
+            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
                 deltas.append(delta)
         return deltas
 
@@ -114,6 +194,7 @@ class OpenAIStream:
         if function.get("name"):
             call["function"]["name"] = function["name"]
         call["function"]["arguments"] += function.get("arguments") or ""
+        self._received += len(function.get("arguments") or "")
 
     def completion(self) -> Completion:
         if self._finish is None:
@@ -122,6 +203,8 @@ class OpenAIStream:
             "role": "assistant",
             "content": "".join(self._content) if self._content or not self._calls else None,
         }
+        if self._reasoning:
+            message["reasoning_content"] = "".join(self._reasoning)
         if self._calls:
             message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
         body = {
@@ -133,3 +216,9 @@ class OpenAIStream:
         if self._usage is not None:
             body["usage"] = self._usage
         return self._adapter.parse_response(body, self._head["model"])
+
+    def received(self, prompt_chars: int) -> Usage:
+        """OpenAI sends the usage only in the last chunk: a broken stream is estimated."""
+        if isinstance(self._usage, dict):
+            return _usage(self._usage)
+        return Usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), estimated=True)

@@ -24,7 +24,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from queuegate.errors import RateLimited
+from queuegate.errors import Billed, RateLimited
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.outage import OutageLog
@@ -263,8 +263,9 @@ class Ticket:
     async def _take(self, limits: list[Limit], within_ms: int) -> Take:
         return await self._admission.take(limits, self.estimate.tokens, within_ms, self._until)
 
-    async def settle(self, routed: Routed | None) -> None:
-        """Replace every estimate with the real usage (``None``: nothing served, refund all).
+    async def settle(self, routed: Routed | Billed | None) -> None:
+        """Replace every estimate with the real usage (``None``: nothing served, refund all;
+        ``Billed``: a stream that broke, charged for what the provider generated).
 
         Requests stay taken: a failed call still counted at the provider.
         """

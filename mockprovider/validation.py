@@ -1,0 +1,210 @@
+"""Strict request checks, as the real APIs document them: unknown fields and invalid values
+are refused with the provider's own wording, so a request the mock accepts is one the provider
+would accept too (field names from ``queuegate.provider_formats``, pinned to the SDKs' types).
+
+OpenAI answers an unknown top-level field with "Unrecognized request argument supplied",
+Anthropic with "<field>: Extra inputs are not permitted"; both are 400
+``invalid_request_error``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
+
+
+class InvalidRequest(Exception):
+    """The request breaks the provider's schema: answered 400 ``invalid_request_error``."""
+
+
+OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+OPENAI_MESSAGE_FIELDS = frozenset(
+    {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio"}
+    | {"function_call"}
+)
+OPENAI_PART_FIELDS = {
+    "text": frozenset({"type", "text"}),
+    "image_url": frozenset({"type", "image_url"}),
+    "input_audio": frozenset({"type", "input_audio"}),
+    "file": frozenset({"type", "file"}),
+    "refusal": frozenset({"type", "refusal"}),
+}
+OPENAI_FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+OPENAI_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
+OPENAI_TIERS = frozenset({"auto", "default", "flex", "scale", "priority"})
+
+ANTHROPIC_BLOCK_FIELDS = {
+    "text": frozenset({"type", "text", "cache_control", "citations"}),
+    "image": frozenset({"type", "source", "cache_control"}),
+    "document": frozenset({"type", "source", "cache_control", "citations", "context", "title"}),
+    "tool_use": frozenset({"type", "id", "name", "input", "cache_control"}),
+    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
+    "thinking": frozenset({"type", "thinking", "signature"}),
+    "redacted_thinking": frozenset({"type", "data"}),
+}
+ANTHROPIC_TOOL_FIELDS = frozenset(
+    {"name", "input_schema", "description", "cache_control", "strict", "type"}
+    | {"allowed_callers", "defer_loading", "eager_input_streaming", "input_examples"}
+)
+ANTHROPIC_TIERS = frozenset({"auto", "standard_only"})
+ANTHROPIC_MIN_THINKING = 1024
+
+
+def check_openai(body: dict[str, Any]) -> None:
+    """Refuse what ``POST /v1/chat/completions`` refuses."""
+    for field in body:
+        if field not in OPENAI_CHAT_PARAMS:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {field}")
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _number(body, "frequency_penalty", -2, 2)
+    _number(body, "presence_penalty", -2, 2)
+    _number(body, "top_logprobs", 0, 20)
+    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        raise InvalidRequest("top_logprobs: logprobs must be true when top_logprobs is set")
+    _one_of(body, "reasoning_effort", OPENAI_EFFORTS)
+    _one_of(body, "service_tier", OPENAI_TIERS)
+    if isinstance(body.get("stop"), list) and len(body["stop"]) > 4:
+        raise InvalidRequest("stop: at most 4 sequences")
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise InvalidRequest("max_tokens: set max_tokens or max_completion_tokens, not both")
+    for i, message in enumerate(body.get("messages") or []):
+        where = f"messages[{i}]"
+        _fields(message, OPENAI_MESSAGE_FIELDS, where, _openai_unknown)
+        if message.get("role") not in OPENAI_ROLES:
+            raise InvalidRequest(f"{where}.role: invalid value {message.get('role')!r}")
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            allowed = OPENAI_PART_FIELDS.get(str(kind))
+            if allowed is None:
+                raise InvalidRequest(f"{where}.content[{j}].type: invalid value")
+            _fields(part, allowed, f"{where}.content[{j}]", _openai_unknown)
+    for i, tool in enumerate(body.get("tools") or []):
+        _fields(tool, {"type", "function", "custom"}, f"tools[{i}]", _openai_unknown)
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict):
+            _fields(function, OPENAI_FUNCTION_FIELDS, f"tools[{i}].function", _openai_unknown)
+
+
+def check_anthropic(body: dict[str, Any]) -> None:
+    """Refuse what ``POST /v1/messages`` refuses."""
+    for field in body:
+        if field not in ANTHROPIC_MESSAGES_PARAMS:
+            raise InvalidRequest(_extra(field))
+    _number(body, "temperature", 0, 1)
+    _number(body, "top_p", 0, 1)
+    _number(body, "top_k", 0, None)
+    _one_of(body, "service_tier", ANTHROPIC_TIERS)
+    metadata = body.get("metadata")
+    if metadata is not None:
+        _fields(metadata, {"user_id"}, "metadata", _extra)
+    for i, message in enumerate(body.get("messages") or []):
+        _fields(message, {"role", "content"}, f"messages.{i}", _extra)
+        if message.get("role") not in ("user", "assistant"):
+            raise InvalidRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        _blocks(message.get("content"), f"messages.{i}.content")
+    system = body.get("system")
+    if isinstance(system, list):
+        for i, block in enumerate(system):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                raise InvalidRequest(f"system.{i}: Input should be a text block")
+            _fields(block, ANTHROPIC_BLOCK_FIELDS["text"], f"system.{i}", _extra)
+            _cache_control(block, f"system.{i}")
+    for i, tool in enumerate(body.get("tools") or []):
+        _fields(tool, ANTHROPIC_TOOL_FIELDS, f"tools.{i}", _extra)
+        schema = tool.get("input_schema") if isinstance(tool, dict) else None
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise InvalidRequest(f"tools.{i}.input_schema.type: Input should be 'object'")
+        _cache_control(tool, f"tools.{i}")
+    _thinking(body)
+
+
+def _thinking(body: dict[str, Any]) -> None:
+    thinking = body.get("thinking")
+    if thinking is None:
+        return
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
+        raise InvalidRequest("thinking.type: Input should be 'enabled' or 'disabled'")
+    if thinking["type"] == "disabled":
+        return
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or budget < ANTHROPIC_MIN_THINKING:
+        raise InvalidRequest(
+            "thinking.budget_tokens: Input should be greater than or equal to 1024"
+        )
+    if not budget < body.get("max_tokens", 0):
+        raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`")
+    if body.get("temperature", 1) != 1:
+        raise InvalidRequest("`temperature` may only be set to 1 when thinking is enabled")
+    if body.get("top_k") is not None:
+        raise InvalidRequest("`top_k` must be unset when thinking is enabled")
+    if body.get("top_p", 1) < 0.95:
+        raise InvalidRequest(
+            "`top_p` must be greater than or equal to 0.95 when thinking is enabled"
+        )
+    choice = body.get("tool_choice") or {}
+    if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+        raise InvalidRequest("Thinking may not be enabled when tool_choice forces tool use.")
+
+
+def _blocks(content: Any, where: str) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}: Input should be a valid string or list")
+    for i, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        allowed = ANTHROPIC_BLOCK_FIELDS.get(str(kind))
+        if allowed is None:
+            raise InvalidRequest(f"{where}.{i}.type: Input tag {kind!r} is not a known block")
+        _fields(block, allowed, f"{where}.{i}", _extra)
+        _cache_control(block, f"{where}.{i}")
+        if kind == "tool_result":
+            _blocks(block.get("content", ""), f"{where}.{i}.content")
+
+
+def _cache_control(block: dict[str, Any], where: str) -> None:
+    marker = block.get("cache_control")
+    if marker is None:
+        return
+    if not isinstance(marker, dict) or marker.get("type") != "ephemeral":
+        raise InvalidRequest(f"{where}.cache_control.type: Input should be 'ephemeral'")
+    _fields(marker, {"type", "ttl"}, f"{where}.cache_control", _extra)
+    if marker.get("ttl", "5m") not in ("5m", "1h"):
+        raise InvalidRequest(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+
+
+def _fields(obj: Any, allowed: Iterable[str], where: str, refusal: Any) -> None:
+    if not isinstance(obj, dict):
+        raise InvalidRequest(f"{where}: Input should be an object")
+    for field in obj:
+        if field not in allowed:
+            raise InvalidRequest(refusal(f"{where}.{field}"))
+
+
+def _openai_unknown(field: str) -> str:
+    return f"Unrecognized request argument supplied: {field}"
+
+
+def _extra(field: str) -> str:
+    return f"{field}: Extra inputs are not permitted"
+
+
+def _number(body: dict[str, Any], field: str, low: float, high: float | None) -> None:
+    value = body.get(field)
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidRequest(f"{field}: Input should be a valid number")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InvalidRequest(f"{field}: Input should be {bound}")
+
+
+def _one_of(body: dict[str, Any], field: str, allowed: frozenset[str]) -> None:
+    value = body.get(field)
+    if value is not None and value not in allowed:
+        raise InvalidRequest(f"{field}: invalid value {value!r}; expected one of {sorted(allowed)}")

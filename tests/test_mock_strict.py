@@ -1,0 +1,177 @@
+"""The mock refuses what the real APIs refuse, in their words, and reports the cache and
+reasoning usage a request asks for; its field lists are pinned to the providers' SDK types."""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from anthropic.types import Message, message_create_params
+from openai.types.chat import ChatCompletion, completion_create_params
+
+from mockprovider import MockProvider
+from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
+
+OPENAI = "/v1/chat/completions"
+ANTHROPIC = "/v1/messages"
+LONG = "Cache me if you can, said the prompt. " * 130
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "gpt-mock", "messages": [{"role": "user", "content": "hello"}], **fields}
+
+
+def claude(**fields: Any) -> dict[str, Any]:
+    return {"max_tokens": 2000, **chat(model="claude-mock"), **fields}
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with MockProvider() as mock, httpx.AsyncClient(base_url=mock.url) as http:
+        yield http
+
+
+def test_the_field_lists_are_the_sdks() -> None:
+    openai = typing.get_type_hints(completion_create_params.CompletionCreateParamsBase)
+    anthropic = typing.get_type_hints(message_create_params.MessageCreateParamsBase)
+
+    assert set(openai) | {"stream"} == OPENAI_CHAT_PARAMS
+    # The Messages API reference also documents the sampling fields and stream.
+    assert ANTHROPIC_MESSAGES_PARAMS - set(anthropic) == {"temperature", "top_p", "top_k", "stream"}
+    assert set(anthropic) <= ANTHROPIC_MESSAGES_PARAMS
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (chat(top_k=40), "Unrecognized request argument supplied: top_k"),
+        (chat(thinking={"type": "enabled"}), "Unrecognized request argument supplied: thinking"),
+        (
+            chat(messages=[{"role": "user", "content": "hi", "cache_control": {}}]),
+            "Unrecognized request argument supplied: messages[0].cache_control",
+        ),
+        (
+            chat(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}
+                        ],
+                    }
+                ]
+            ),
+            "Unrecognized request argument supplied: messages[0].content[0].cache_control",
+        ),
+        (chat(temperature=2.5), "temperature: Input should be between 0 and 2"),
+        (chat(top_logprobs=3), "top_logprobs: logprobs must be true when top_logprobs is set"),
+        (chat(reasoning_effort="extreme"), "reasoning_effort: invalid value 'extreme'"),
+    ],
+)
+async def test_openai_refuses_unknown_fields_and_invalid_values(
+    client: httpx.AsyncClient, body: dict[str, Any], message: str
+) -> None:
+    response = await client.post(OPENAI, json=body)
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (claude(logprobs=True), "logprobs: Extra inputs are not permitted"),
+        (claude(seed=1), "seed: Extra inputs are not permitted"),
+        (claude(metadata={"trace": "x"}), "metadata.trace: Extra inputs are not permitted"),
+        (
+            claude(service_tier="flex"),
+            "service_tier: invalid value 'flex'; expected one of ['auto', 'standard_only']",
+        ),
+        (claude(temperature=1.5), "temperature: Input should be between 0 and 1"),
+        (
+            claude(messages=[{"role": "user", "content": "hi", "name": "alice"}]),
+            "messages.0.name: Extra inputs are not permitted",
+        ),
+        (
+            claude(thinking={"type": "enabled", "budget_tokens": 500}),
+            "thinking.budget_tokens: Input should be greater than or equal to 1024",
+        ),
+        (
+            claude(thinking={"type": "enabled", "budget_tokens": 2000}),
+            "`max_tokens` must be greater than `thinking.budget_tokens`",
+        ),
+        (
+            claude(thinking={"type": "enabled", "budget_tokens": 1024}, temperature=0.5),
+            "`temperature` may only be set to 1 when thinking is enabled",
+        ),
+        (
+            claude(tools=[{"name": "f", "input_schema": {"type": "object"}, "x": 1}]),
+            "tools.0.x: Extra inputs are not permitted",
+        ),
+    ],
+)
+async def test_anthropic_refuses_unknown_fields_and_invalid_values(
+    client: httpx.AsyncClient, body: dict[str, Any], message: str
+) -> None:
+    response = await client.post(ANTHROPIC, json=body)
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": message},
+    }
+
+
+async def test_anthropic_reports_a_cache_write_then_reads(client: httpx.AsyncClient) -> None:
+    system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+
+    first = Message.model_validate(
+        (await client.post(ANTHROPIC, json=claude(system=system))).json()
+    )
+    second = Message.model_validate(
+        (await client.post(ANTHROPIC, json=claude(system=system))).json()
+    )
+
+    written = first.usage.cache_creation_input_tokens
+    assert written is not None and written > 1024
+    assert first.usage.cache_read_input_tokens == 0
+    assert second.usage.cache_read_input_tokens == written
+    assert second.usage.cache_creation_input_tokens == 0
+    assert first.usage.input_tokens == second.usage.input_tokens  # the rest, uncached
+
+
+async def test_anthropic_thinks_when_asked(client: httpx.AsyncClient) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+
+    message = Message.model_validate(
+        (await client.post(ANTHROPIC, json=claude(thinking=thinking))).json()
+    )
+
+    kinds = [block.type for block in message.content]
+    assert kinds == ["thinking", "text"]
+    assert message.usage.output_tokens_details is not None
+    assert message.usage.output_tokens_details.thinking_tokens == 4  # "mock thinking about: hello"
+
+
+async def test_openai_reports_cached_input_and_reasoning_tokens(
+    client: httpx.AsyncClient,
+) -> None:
+    messages = [{"role": "system", "content": LONG}, {"role": "user", "content": "hi"}]
+    body = chat(messages=messages, reasoning_effort="low")
+
+    first = ChatCompletion.model_validate((await client.post(OPENAI, json=body)).json())
+    second = ChatCompletion.model_validate((await client.post(OPENAI, json=body)).json())
+
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and 1024 < cached < second.usage.prompt_tokens
+    assert second.usage.completion_tokens_details is not None
+    assert second.usage.completion_tokens_details.reasoning_tokens == 64

@@ -1,0 +1,309 @@
+"""How a job that no provider served ends: the right error class, the calls really made, the
+provider's retry hint, no key in any text a provider sent back, and no crash on a catalog value
+the HTTP client refuses. Over real HTTP against the mock."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from mockprovider.catalog import mock_deployment
+from queuegate.errors import (
+    AllProvidersFailed,
+    ConfigError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    JobError,
+    RateLimited,
+)
+from queuegate.messages import HTTP_STATUS, ChatJob
+from queuegate.settings import Settings
+from router import Catalog, load_catalog, open_router
+from router.providers.base import scrub
+from tests.support import running_gateway
+
+KEY = "sk-SENTINEL-provider-errors-0123456789"
+ENV = {"QUEUEGATE_MOCK_KEY": KEY}
+CONTEXT_TOO_LONG = {
+    "type": "error",
+    "error": {"type": "invalid_request_error", "message": "prompt is too long: 210000 tokens"},
+}
+
+
+def chat(model: str, **fields: Any) -> ChatJob:
+    return ChatJob.model_validate(
+        {
+            "job_id": f"job-{time.monotonic_ns()}",
+            "team": "alpha",
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello there"}],
+            **fields,
+        }
+    )
+
+
+def everything_said(exc: BaseException) -> str:
+    said = "".join(traceback.format_exception(exc))
+    if isinstance(exc, JobError):
+        said += repr(exc.attempts)
+    return said
+
+
+def two_providers(url: str, **entries: Any) -> Catalog:
+    """``claude`` (Anthropic) falling back to ``gpt`` (OpenAI) unless ``entries`` say."""
+    models: dict[str, Any] = {
+        "claude": {
+            "deployments": [
+                mock_deployment("claude-dep", "claude-model", url, provider="anthropic")
+            ]
+        },
+        "gpt": {"deployments": [mock_deployment("gpt-dep", "gpt-model", url)]},
+    }
+    for alias, fields in entries.items():
+        models[alias] = models[alias] | fields
+    return Catalog.model_validate({"models": models})
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockProvider]:
+    async with MockProvider() as provider:
+        yield provider
+
+
+# --- 3: what no deployment can serve is the caller's error -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "what"),
+    [
+        ({"params": {"response_format": {"type": "json_object"}}}, "JSON mode"),
+        ({"params": {"n": 2}}, "n > 1"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "input_audio",
+                                "input_audio": {"data": "UklG", "format": "wav"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "input_audio",
+        ),
+    ],
+)
+async def test_a_request_no_deployment_can_serve_is_invalid_and_makes_no_call(
+    settings: Settings, mock: MockProvider, fields: dict[str, Any], what: str
+) -> None:
+    async with open_router(two_providers(mock.url), ENV, settings) as router:
+        with pytest.raises(InvalidRequest) as caught:
+            await router.complete(chat("claude", **fields))
+
+    assert caught.value.code == "invalid_request"
+    assert "no deployment along the chain can serve this request" in caught.value.message
+    assert what in caught.value.message
+    assert caught.value.attempts == []
+    assert mock.stats.calls == 0
+
+
+async def test_a_deployment_that_cannot_serve_is_not_counted_beside_one_that_failed(
+    settings: Settings,
+) -> None:
+    faults = MockConfig(models={"gpt-model": Behavior(error_rate=1.0, error_status=500)})
+    async with MockProvider(faults) as mock:
+        catalog = two_providers(mock.url, claude={"fallbacks": ["gpt"]})
+        async with open_router(catalog, ENV, settings) as router:
+            with pytest.raises(AllProvidersFailed) as caught:
+                await router.complete(chat("claude", params={"n": 2}))
+
+    assert "after 2 calls" in caught.value.message  # gpt, retried once; claude made none
+    assert {attempt.deployment for attempt in caught.value.attempts} == {"gpt-dep"}
+
+
+async def test_a_prompt_too_long_for_every_model_is_context_length_exceeded(
+    settings: Settings,
+) -> None:
+    # Given claude whose context fallback gpt is too short as well
+    too_long = Behavior(error_rate=1.0, error_status=400, error_body=CONTEXT_TOO_LONG)
+    faults = MockConfig(models={"claude-model": too_long, "gpt-model": too_long})
+    async with MockProvider(faults) as mock:
+        catalog = two_providers(mock.url, claude={"context_fallbacks": ["gpt"]})
+        async with open_router(catalog, ENV, settings) as router:
+            with pytest.raises(ContextLengthExceeded) as caught:
+                await router.complete(chat("claude"))
+
+    assert caught.value.code == "context_length_exceeded"
+    assert HTTP_STATUS["context_length_exceeded"] == 400
+    assert [a.deployment for a in caught.value.attempts] == ["claude-dep", "gpt-dep"]
+
+
+# --- 4: a provider's 429 hands on its Retry-After -----------------------------------------------
+
+
+async def test_rate_limited_carries_the_providers_retry_after(settings: Settings) -> None:
+    # Given a deployment that answers 429 asking for 30 s, more than a job's budget of waiting
+    faults = MockConfig(
+        models={"gpt-model": Behavior(error_rate=1.0, error_status=429, retry_after=30)}
+    )
+    async with MockProvider(faults) as mock:
+        catalog = two_providers(mock.url)
+        async with open_router(catalog, ENV, settings) as router:
+            with pytest.raises(RateLimited) as caught:
+                await router.complete(chat("gpt"))
+
+    retry_after_ms = caught.value.retry_after_ms
+    # Expect the wait it asked for, less the moments since (not null, not the default pause)
+    assert retry_after_ms is not None and 25_000 < retry_after_ms <= 30_000
+    assert mock.stats.calls == 1
+
+
+# --- 21.6: no key in what a provider sends back, on any path ------------------------------------
+
+
+def split(key: str) -> str:
+    """The key as a provider might echo it, broken across a line."""
+    return key[:12] + "\n" + key[12:]
+
+
+def test_scrub_collapses_whitespace_before_it_redacts() -> None:
+    said = scrub(f"Incorrect API key:\n  {split(KEY)}\r\n please check", KEY)
+
+    assert said == "Incorrect API key: [redacted] please check"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["http error body", "stream error event"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_key_echoed_by_the_provider_is_scrubbed_on_every_path(
+    settings: Settings, stream: bool, provider: str
+) -> None:
+    # Given a provider that echoes the key, once whole and once split across a line break
+    echo = f"invalid key {KEY} (or {split(KEY)})"
+    if stream:
+        error = {"type": "invalid_request_error", "message": echo}
+        behavior = Behavior(stream_error=error, stream_cut_after=0)
+    else:
+        body = {"error": {"type": "invalid_request_error", "message": echo}}
+        behavior = Behavior(error_rate=1.0, error_status=400, error_body=body)
+    async with MockProvider(MockConfig(default=behavior)) as mock:
+        catalog = Catalog.model_validate(
+            {
+                "models": {
+                    "m": {"deployments": [mock_deployment("d", "m", mock.url, provider=provider)]}
+                }
+            }
+        )
+        async with open_router(catalog, ENV, settings) as router:
+            with pytest.raises(JobError) as caught:
+                await router.complete(chat("m", stream=stream), on_delta=_ignore)
+
+    assert caught.value.code == "invalid_request"
+    said = everything_said(caught.value)
+    assert "invalid key [redacted] (or [redacted])" in caught.value.message
+    for piece in (KEY, KEY[:12], KEY[12:]):
+        assert piece not in said
+
+
+async def _ignore(delta: Any) -> None:
+    pass
+
+
+async def test_a_key_echoed_in_a_stream_error_never_reaches_the_stored_result(
+    settings: Settings, tmp_path: Path
+) -> None:
+    echo = {"type": "invalid_request_error", "message": f"key {split('sk-test-mock')} refused"}
+    faults = MockConfig(models={"gpt-4o-mini": Behavior(stream_error=echo, stream_cut_after=0)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        handle = await client.submit(
+            client.job("gpt-4o-mini", [{"role": "user", "content": "Hi"}], stream=True)
+        )
+        result = await handle.result(10)
+
+        assert result.status == "error" and result.error is not None
+        assert "[redacted]" in result.error.message
+        stored = result.model_dump_json()
+        assert "sk-test-mock" not in stored and "sk-test-m" not in stored
+        [row] = await gw.usage_rows(1)
+        assert "sk-test-m" not in str(dict(row))
+
+
+# --- 21.7: no catalog value makes a job crash-loop ----------------------------------------------
+
+
+def test_a_catalog_with_credentials_in_an_api_base_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        "models:\n  m:\n    deployments:\n"
+        "      - {name: d, provider: openai, model: m, api_key_env: K,\n"
+        "         api_base: 'https://user:hunter2@api.example.com',\n"
+        "         input_per_mtok: 1, output_per_mtok: 1}\n"
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_catalog(path, {})
+
+    message = str(caught.value)
+    assert "models.m.deployments.0: api_base: credentials in the URL are not allowed" in message
+    assert "\n" not in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "api_base", ["http://[::1", "http://127.0.0.1:99999", "http://host/?q=1", "http://host/#f"]
+)
+def test_an_api_base_the_http_client_cannot_use_is_refused_at_load(api_base: str) -> None:
+    deployment = mock_deployment("d", "m", api_base)
+    with pytest.raises(ValueError, match="api_base"):
+        Catalog.model_validate({"models": {"m": {"deployments": [deployment]}}})
+
+
+async def test_a_key_the_http_client_refuses_fails_the_job_cleanly(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a key that no HTTP client will put in a header (a line break inside it)
+    broken = "sk-SENTINEL-broken\nkey-0123456789"
+    async with open_router(
+        two_providers(mock.url), {"QUEUEGATE_MOCK_KEY": broken}, settings
+    ) as router:
+        with pytest.raises(AllProvidersFailed) as caught:
+            await router.complete(chat("gpt"))
+
+    assert "misconfigured" in caught.value.message
+    assert caught.value.attempts == []  # it never reached the network
+    said = everything_said(caught.value)
+    assert "SENTINEL" not in said and "0123456789" not in said
+    assert mock.stats.calls == 0
+
+
+async def test_a_worker_answers_a_job_whose_key_the_http_client_refuses(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a deployment whose mounted key file holds a key with a line break inside
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-SENTINEL-file\nkey-0123456789\n")
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        "models:\n  broken:\n    deployments:\n"
+        "      - {name: d, provider: openai, model: m, api_base: '${QUEUEGATE_MOCK_URL}',\n"
+        f"         api_key_file: '{key_file}', input_per_mtok: 1, output_per_mtok: 1}}\n"
+    )
+    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
+        # When a job goes to it
+        result = await client.chat("broken", [{"role": "user", "content": "Hi"}], timeout=10)
+
+        # Expect an answer (not a job crashing back to its queue), accounted once
+        assert result.status == "error" and result.error is not None
+        assert result.error.code == "all_providers_failed"
+        assert "SENTINEL" not in result.model_dump_json()
+        [row] = await gw.usage_rows(1)
+        assert row["job_id"] == result.job_id
+        assert gw.mock.stats.calls == 0

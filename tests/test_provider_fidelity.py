@@ -1,0 +1,500 @@
+"""What each provider cannot take is refused or dropped as the policy says, what it offers
+(prompt caching, reasoning) is carried both ways, and every token class is priced; all over
+real HTTP against the mock, which checks requests as strictly as the real APIs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from mockprovider.catalog import mock_deployment
+from queuegate.errors import InvalidRequest, StreamInterrupted
+from queuegate.keys import Keys
+from queuegate.messages import ChatJob
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from router import Catalog, open_router
+from router.providers import Delta
+from router.providers.anthropic import DEFAULT_MAX_TOKENS, THINKING_BUDGETS
+from tests.support import running_gateway
+from tests.teams import register
+from workers.admission.estimate import to_nano
+
+ENV = {"QUEUEGATE_MOCK_KEY": "sk-test-fidelity"}
+LONG = "All work and no play makes a dull prompt. " * 120
+"""About 5,000 characters: over the providers' shortest cacheable prefix (1,024 tokens)."""
+
+
+def chat(model: str, text: str = "Hello there", **fields: Any) -> ChatJob:
+    return ChatJob.model_validate(
+        {
+            "job_id": f"job-{time.monotonic_ns()}",
+            "team": "alpha",
+            "model": model,
+            "messages": [{"role": "user", "content": text}],
+            **fields,
+        }
+    )
+
+
+def catalog(url: str, **claude: Any) -> Catalog:
+    """``claude`` (Anthropic) and ``gpt`` (OpenAI), each one deployment on the mock, with
+    cache prices; ``claude`` fields go to its alias entry."""
+    return Catalog.model_validate(
+        {
+            "models": {
+                "claude": {
+                    "deployments": [
+                        mock_deployment(
+                            "claude-dep",
+                            "claude-model",
+                            url,
+                            provider="anthropic",
+                            input_per_mtok="3",
+                            output_per_mtok="15",
+                            cached_input_per_mtok="0.30",
+                            cache_write_per_mtok="3.75",
+                            cache_write_1h_per_mtok="6",
+                        )
+                    ],
+                    **claude,
+                },
+                "gpt": {
+                    "deployments": [
+                        mock_deployment(
+                            "gpt-dep",
+                            "gpt-model",
+                            url,
+                            input_per_mtok="2",
+                            output_per_mtok="8",
+                            cached_input_per_mtok="0.5",
+                        )
+                    ]
+                },
+            }
+        }
+    )
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockProvider]:
+    async with MockProvider() as provider:
+        yield provider
+
+
+# --- 1 and 2: refuse or drop, never silently ----------------------------------------------------
+
+UNSUPPORTED_BY_ANTHROPIC: list[tuple[dict[str, Any], str]] = [
+    ({"params": {"logprobs": True, "top_logprobs": 2}}, "logprobs"),
+    ({"params": {"frequency_penalty": 0.5}}, "frequency_penalty"),
+    ({"params": {"presence_penalty": 0.5}}, "presence_penalty"),
+    ({"params": {"logit_bias": {"50256": -100}}}, "logit_bias"),
+    ({"params": {"seed": 7}}, "seed"),
+    ({"params": {"service_tier": "flex"}}, "service_tier"),
+    ({"params": {"metadata": {"trace": "t-1"}}}, "metadata.trace"),
+    ({"params": {"temperature": 1.5}}, "temperature"),
+    (
+        {"messages": [{"role": "user", "content": "Hi", "name": "alice"}]},
+        "messages[].name",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is it?"},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "https://example.com/a.png", "detail": "high"},
+                        },
+                    ],
+                }
+            ]
+        },
+        "image_url.detail",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), UNSUPPORTED_BY_ANTHROPIC)
+async def test_a_parameter_anthropic_lacks_is_refused_by_name_before_any_call(
+    settings: Settings, mock: MockProvider, fields: dict[str, Any], param: str
+) -> None:
+    # Given the default policy (refuse), when a job asks Anthropic for what it lacks
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        with pytest.raises(InvalidRequest) as caught:
+            await router.complete(chat("claude", **fields))
+
+    # Expect the caller's error, naming the parameter, and no call made or counted
+    assert caught.value.code == "invalid_request"
+    assert param in caught.value.message
+    assert caught.value.attempts == []
+    assert mock.stats.calls == 0
+
+
+@pytest.mark.parametrize(("fields", "param"), UNSUPPORTED_BY_ANTHROPIC)
+async def test_with_drop_the_parameter_is_left_out_and_listed(
+    settings: Settings, mock: MockProvider, fields: dict[str, Any], param: str
+) -> None:
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(chat("claude", unsupported_params="drop", **fields))
+
+    [call] = mock.requests
+    assert call.status == 200  # the mock refuses any field the Messages API does not have
+    if param == "temperature":
+        assert routed.params_changed == ("temperature",)
+        assert call.body is not None and call.body["temperature"] == 1.0
+    else:
+        assert param in routed.params_dropped
+        assert routed.params_changed == ()
+
+
+async def test_openai_metadata_never_overwrites_the_user_id_mapped_from_user(
+    settings: Settings, mock: MockProvider
+) -> None:
+    params = {"user": "user-42", "metadata": {"user_id": "someone-else", "trace": "t-1"}}
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(chat("claude", params=params, unsupported_params="drop"))
+
+    [call] = mock.requests
+    assert call.body is not None and call.body["metadata"] == {"user_id": "user-42"}
+    assert set(routed.params_dropped) == {"metadata.user_id", "metadata.trace"}
+
+
+@pytest.mark.parametrize(("tier", "sent"), [("auto", "auto"), ("default", "standard_only")])
+async def test_service_tiers_anthropic_has_are_mapped(
+    settings: Settings, mock: MockProvider, tier: str, sent: str
+) -> None:
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(chat("claude", params={"service_tier": tier}))
+
+    [call] = mock.requests
+    assert call.body is not None and call.body["service_tier"] == sent
+    assert routed.params_dropped == ()
+
+
+async def test_a_refusing_deployment_passes_the_job_to_a_fallback_that_takes_it(
+    settings: Settings, mock: MockProvider
+) -> None:
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(chat("claude", params={"seed": 7}, fallbacks=["gpt"]))
+
+    assert routed.model_used == "gpt"
+    [call] = mock.requests  # Anthropic was never called
+    assert call.body is not None and call.body["seed"] == 7
+    assert [attempt.deployment for attempt in routed.attempts] == ["gpt-dep"]
+
+
+async def test_the_job_policy_overrides_the_team_which_overrides_the_catalog(
+    settings: Settings, mock: MockProvider
+) -> None:
+    seed = {"params": {"seed": 7}}
+    async with open_router(catalog(mock.url, unsupported_params="drop"), ENV, settings) as router:
+        by_model = await router.complete(chat("claude", **seed))
+        with pytest.raises(InvalidRequest):
+            await router.complete(chat("claude", **seed), unsupported_params="refuse")
+        by_job = await router.complete(
+            chat("claude", unsupported_params="drop", **seed), unsupported_params="refuse"
+        )
+
+    assert by_model.params_dropped == ("seed",)
+    assert by_job.params_dropped == ("seed",)
+
+
+async def test_openai_gets_only_its_own_parameters_and_anthropic_thinking_as_effort(
+    settings: Settings, mock: MockProvider
+) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 8000}
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        with pytest.raises(InvalidRequest) as caught:
+            await router.complete(chat("gpt", params={"top_k": 40}))
+        routed = await router.complete(chat("gpt", params={"thinking": thinking}))
+
+    assert "top_k" in caught.value.message
+    [call] = mock.requests
+    assert call.body is not None and call.body["reasoning_effort"] == "medium"
+    assert "thinking" not in call.body
+    assert routed.reasoning_tokens == 256  # the mock's medium effort
+
+
+async def test_team_policy_and_dropped_parameters_reach_the_result_and_the_usage_row(
+    settings: Settings,
+) -> None:
+    # Given team alpha configured to drop what a provider lacks
+    await register(settings, "alpha", TeamConfig(unsupported_params="drop"))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When it asks Claude with a seed and a temperature above Anthropic's range
+        dropped = await client.chat(
+            "claude-haiku", [{"role": "user", "content": "Hi"}], seed=7, temperature=1.5
+        )
+        # ... and one job of it says refuse
+        job = client.job("claude-haiku", [{"role": "user", "content": "Hi"}], seed=7)
+        refused = await (
+            await client.submit(job.model_copy(update={"unsupported_params": "refuse"}))
+        ).result(10)
+
+        # Expect the first served, saying what was dropped and changed, in its usage row too
+        assert dropped.status == "ok", dropped.error
+        assert dropped.gateway.params_dropped == ["seed"]
+        assert dropped.gateway.params_changed == ["temperature"]
+        # ... and the second refused as the caller's error, naming the parameter
+        assert refused.status == "error" and refused.error is not None
+        assert refused.error.code == "invalid_request"
+        assert "seed" in refused.error.message
+        assert refused.error.attempts == 0
+        rows = {row["job_id"]: row for row in await gw.usage_rows(2)}
+        row = rows[dropped.job_id]
+        assert (row["params_dropped"], row["params_changed"]) == ("seed", "temperature")
+        assert gw.mock.stats.calls == 1
+
+
+# --- 5: every token class priced ----------------------------------------------------------------
+
+
+async def test_anthropic_cache_writes_and_reads_are_priced_apart(
+    settings: Settings, mock: MockProvider
+) -> None:
+    system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        first = await router.complete(chat("claude", messages=messages))
+        second = await router.complete(chat("claude", messages=messages))
+
+    sent = mock.requests[0].body
+    assert sent is not None and sent["system"] == system  # the marker reached Anthropic
+    written = first.cache_write_tokens
+    assert written > 1024 and first.cached_tokens == 0
+    assert second.cached_tokens == written and second.cache_write_tokens == 0
+    assert first.input_tokens == second.input_tokens
+    plain = first.input_tokens - written
+    per = Decimal(1_000_000)
+    assert (
+        first.cost_usd
+        == (plain * Decimal(3) + written * Decimal("3.75") + first.output_tokens * Decimal(15))
+        / per
+    )
+    assert (
+        second.cost_usd
+        == (plain * Decimal(3) + written * Decimal("0.30") + second.output_tokens * Decimal(15))
+        / per
+    )
+    usage = second.response["usage"]
+    assert usage["prompt_tokens"] == second.input_tokens
+    assert usage["prompt_tokens_details"]["cached_tokens"] == written
+
+
+async def test_one_hour_cache_writes_have_their_own_price(
+    settings: Settings, mock: MockProvider
+) -> None:
+    marker = {"type": "ephemeral", "ttl": "1h"}
+    content = [{"type": "text", "text": LONG, "cache_control": marker}]
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(
+            chat("claude", messages=[{"role": "user", "content": content}])
+        )
+
+    written = routed.cache_write_tokens
+    assert written > 1024
+    plain = routed.input_tokens - written
+    assert routed.cost_usd == (
+        plain * Decimal(3) + written * Decimal(6) + routed.output_tokens * Decimal(15)
+    ) / Decimal(1_000_000)
+
+
+async def test_openai_cached_input_is_priced_at_its_own_price(
+    settings: Settings, mock: MockProvider
+) -> None:
+    def job(question: str) -> ChatJob:
+        return chat(
+            "gpt",
+            messages=[{"role": "system", "content": LONG}, {"role": "user", "content": question}],
+        )
+
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        first = await router.complete(job("First?"))
+        second = await router.complete(job("Second?"))
+
+    assert first.cached_tokens == 0
+    cached = second.cached_tokens
+    assert cached > 1024
+    assert second.cost_usd == (
+        (second.input_tokens - cached) * Decimal(2)
+        + cached * Decimal("0.5")
+        + second.output_tokens * Decimal(8)
+    ) / Decimal(1_000_000)
+
+
+@pytest.mark.parametrize("alias", ["gpt", "claude"])
+async def test_a_stream_broken_after_text_is_billed_for_what_was_received(
+    settings: Settings, alias: str
+) -> None:
+    # Given a provider that cuts every stream after a few events (text already sent)
+    cut = Behavior(stream_cut_after=4)
+    faults = MockConfig(models={"gpt-model": cut, "claude-model": cut})
+    received: list[Delta] = []
+
+    async def sink(delta: Delta) -> None:
+        received.append(delta)
+
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        with pytest.raises(StreamInterrupted) as caught:
+            await router.complete(chat(alias, "Tell me a long story", stream=True), on_delta=sink)
+
+    text = "".join(delta.get("content") or "" for delta in received)
+    billed = caught.value.billed
+    assert text and billed is not None
+    assert billed.estimated  # neither provider sends the output count before the end
+    assert billed.output_tokens == -(-len(text) // 4)
+    assert billed.input_tokens > 0
+    assert billed.cost_usd > 0
+    assert billed.deployment == f"{alias}-dep"
+
+
+async def test_a_broken_stream_is_accounted_on_the_usage_row_and_the_budget(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a team with a budget, and a provider that cuts its stream after some text
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    faults = MockConfig(models={"gpt-4o-mini": Behavior(stream_cut_after=4)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        job = client.job("gpt-4o-mini", [{"role": "user", "content": "Tell me more"}], stream=True)
+        handle = await client.submit(job)
+        result = await handle.result(10)
+
+        assert result.status == "error" and result.error is not None
+        assert result.gateway.cost_usd > 0
+        assert result.gateway.tokens_estimated is True
+        [row] = await gw.usage_rows(1)
+        assert row["output_tokens"] > 0 and Decimal(row["cost_usd"]) == result.gateway.cost_usd
+        assert row["tokens_estimated"] is True
+        assert row["deployment"] == "openai-main"
+        # ... and the team's budget charged the same, not refunded
+        month = datetime.now(UTC).strftime("%Y-%m")
+        spent = await redis_client.get(Keys(settings.redis_prefix).spend("alpha", month))
+        assert int(spent) == to_nano(result.gateway.cost_usd)
+
+
+# --- 6: prompt caching and reasoning carried both ways ------------------------------------------
+
+
+async def test_cache_control_on_tools_and_messages_reaches_anthropic(
+    settings: Settings, mock: MockProvider
+) -> None:
+    marker = {"type": "ephemeral"}
+    tool = {
+        "type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
+        "cache_control": marker,
+    }
+    messages = [{"role": "user", "content": "Look it up", "cache_control": marker}]
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        await router.complete(chat("claude", messages=messages, params={"tools": [tool]}))
+        await router.complete(chat("gpt", messages=messages, params={"tools": [tool]}))
+
+    anthropic, openai = mock.requests
+    assert anthropic.body is not None and anthropic.body["tools"][0]["cache_control"] == marker
+    assert anthropic.body["messages"][0]["content"] == [
+        {"type": "text", "text": "Look it up", "cache_control": marker}
+    ]
+    # OpenAI caches by itself and refuses the marker: it is left out
+    assert openai.status == 200
+
+
+@pytest.mark.parametrize("effort", ["low", "high"])
+async def test_reasoning_effort_becomes_a_thinking_budget_and_thinking_comes_back(
+    settings: Settings, mock: MockProvider, effort: str
+) -> None:
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(chat("claude", params={"reasoning_effort": effort}))
+
+    [call] = mock.requests
+    budget = THINKING_BUDGETS[effort]
+    assert call.body is not None
+    assert call.body["thinking"] == {"type": "enabled", "budget_tokens": budget}
+    assert call.body["max_tokens"] == budget + DEFAULT_MAX_TOKENS
+    message = routed.response["choices"][0]["message"]
+    assert message["reasoning_content"] == "mock thinking about: Hello there"
+    assert message["content"] == "mock reply to: Hello there"
+    assert routed.reasoning_tokens == 5
+    assert routed.response["usage"]["completion_tokens_details"] == {"reasoning_tokens": 5}
+
+
+async def test_thinking_within_max_tokens_and_anthropic_rules_or_refused(
+    settings: Settings, mock: MockProvider
+) -> None:
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        bounded = await router.complete(
+            chat("claude", params={"reasoning_effort": "high", "max_tokens": 4000})
+        )
+        with pytest.raises(InvalidRequest) as too_small:
+            await router.complete(
+                chat("claude", params={"reasoning_effort": "low", "max_tokens": 1000})
+            )
+        with pytest.raises(InvalidRequest) as hot:
+            await router.complete(
+                chat("claude", params={"reasoning_effort": "low", "temperature": 0.2})
+            )
+        cooled = await router.complete(
+            chat(
+                "claude",
+                params={"reasoning_effort": "low", "temperature": 0.2},
+                unsupported_params="drop",
+            )
+        )
+
+    first, last = mock.requests
+    assert first.body is not None and first.body["max_tokens"] == 4000
+    assert first.body["thinking"]["budget_tokens"] == 3999
+    assert "reasoning_effort" in too_small.value.message
+    assert "temperature" in hot.value.message
+    assert last.body is not None and "temperature" not in last.body
+    assert cooled.params_changed == ("temperature",)
+    assert bounded.reasoning_tokens > 0
+
+
+async def test_streamed_thinking_arrives_as_reasoning_content_deltas(
+    settings: Settings, mock: MockProvider
+) -> None:
+    received: list[Delta] = []
+
+    async def sink(delta: Delta) -> None:
+        received.append(delta)
+
+    job = chat("claude", params={"reasoning_effort": "minimal"}, stream=True)
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(job, on_delta=sink)
+
+    thought = "".join(d.get("reasoning_content") or "" for d in received)
+    assert thought == "mock thinking about: Hello there"
+    assert "".join(d.get("content") or "" for d in received) == "mock reply to: Hello there"
+    assert routed.response["choices"][0]["message"]["reasoning_content"] == thought
+
+
+async def test_an_answer_sent_back_as_history_keeps_its_reasoning_out_of_the_request(
+    settings: Settings, mock: MockProvider
+) -> None:
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        first = await router.complete(chat("claude", params={"reasoning_effort": "low"}))
+        history = [
+            {"role": "user", "content": "Hello there"},
+            first.response["choices"][0]["message"],
+            {"role": "user", "content": "And then?"},
+        ]
+        for alias in ("claude", "gpt"):
+            await router.complete(chat(alias, messages=history))
+
+    assert [call.status for call in mock.requests] == [200, 200, 200]
+    for call in mock.requests[1:]:
+        assert call.body is not None
+        assert "reasoning_content" not in str(call.body["messages"])
