@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,11 @@ class Settings(BaseSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     management_url: str = "http://guest:guest@127.0.0.1:15672/"
     """RabbitMQ's management API, for operator commands (users, quotas); never on a job's path."""
+
+    operator_users: str = ""
+    """Comma-separated broker users trusted as operators: a worker accepts a job one of them
+    publishes (broker-validated ``user_id``) for the team whose queue it is on, and ``dlq
+    replay`` re-publishes as one. Empty: the user of ``amqp_url`` alone."""
 
     namespace: str = Field(default="queuegate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Prefix of every broker name and Redis key, so environments and test runs never collide."""
@@ -82,6 +88,17 @@ class Settings(BaseSettings):
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
     accounting_linger: float = Field(default=0.05, ge=0)
     """Seconds accounting waits to fill a batch before writing what it has."""
+
+    @property
+    def amqp_user(self) -> str | None:
+        """The broker user of ``amqp_url``: the ``user_id`` this process publishes under."""
+        return unquote(urlsplit(self.amqp_url).username or "") or None
+
+    @property
+    def operators(self) -> frozenset[str]:
+        """The broker users trusted as operators (see ``operator_users``)."""
+        named = {user.strip() for user in self.operator_users.split(",") if user.strip()}
+        return frozenset(named or ({self.amqp_user} if self.amqp_user else set()))
 
     @property
     def redis_prefix(self) -> str:

@@ -115,10 +115,10 @@ async def test_replay_answers_a_dead_letter_once_and_counts_it_once(settings: Se
             # When the reply queue is fixed and the dead letter replayed
             await channel.queue_delete(refusing)
             replies = await channel.declare_queue(refusing, auto_delete=True)
-            replayed = await dlq.replay(settings, {"poison-2"})
+            replayed, refused = await dlq.replay(settings, {"poison-2"})
 
             # Expect the result delivered, from the stored outcome (no second provider call)
-            assert [x.message_id for x in replayed] == ["poison-2"]
+            assert [x.message_id for x in replayed] == ["poison-2"] and not refused
             async with asyncio.timeout(10), replies.iterator() as messages:
                 async for message in messages:
                     result = ChatResult.model_validate_json(message.body)
