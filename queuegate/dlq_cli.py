@@ -52,7 +52,8 @@ def dlq_list(
         for letter in letters:
             out.print_json(json.dumps(_as_dict(letter)), indent=None)
         return
-    out.print(dead_letter_table(letters, total=total, wide=wide))
+    # --wide is for a wide terminal or a pipe: not squeezed into the default 80 columns.
+    out.print(dead_letter_table(letters, total=total, wide=wide), width=160 if wide else None)
 
 
 def dead_letter_table(letters: Sequence[DeadLetter], *, total: int, wide: bool) -> Table:

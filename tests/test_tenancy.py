@@ -139,7 +139,7 @@ async def test_a_team_with_its_broker_user_is_served_and_its_identity_recorded(
 
 
 async def test_a_job_forged_with_another_team_field_is_unauthorized(
-    settings: Settings, teams: dict[str, Credentials]
+    settings: Settings, teams: dict[str, Credentials], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given alpha's client and alpha's user publishing under its own key
     alpha = as_team(settings, teams["alpha"])
@@ -167,6 +167,14 @@ async def test_a_job_forged_with_another_team_field_is_unauthorized(
         assert result.error is not None and result.error.code == "unauthorized"
         [dead] = await gw.dead_letters(1)
         assert dead.headers[HEADER_DEAD_REASON] == "unauthorized"
+        # ... audited with who sent it and the model it asked for, and logged
+        [row] = await gw.usage_rows(1)
+        assert row["identity"] == f"claimed:user_id={teams['alpha'].user}"
+        assert row["model_requested"] == "m"
+    assert any(
+        "'forged' for team alpha refused (unauthorized" in record.getMessage()
+        for record in caplog.records
+    )
 
 
 def not_operator(settings: Settings) -> Settings:
@@ -189,6 +197,19 @@ async def test_a_broker_identity_team_refuses_jobs_from_any_other_user(
         # ... and the audit row saying who it claimed to be
         [row] = await gw.usage_rows(1)
         assert row["identity"] == "claimed:user_id=guest"
+
+
+async def test_an_operator_may_submit_for_a_broker_identity_team(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha requires its broker user, when the gateway's own user (an operator, as
+    # `queuegate submit` runs by default) publishes a job for it
+    async with running_gateway(settings, teams=("alpha",)) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+        # Expect it served, and audited as the operator's
+        assert result.status == "ok", result.error
+        [row] = await gw.usage_rows(1)
+        assert row["identity"] == f"operator:{settings.amqp_user}"
 
 
 async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answered(

@@ -93,7 +93,7 @@ class JobProcessor:
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
             outcome = self._gate.claimed(message, refused(job_id, team, "", exc, timing))
-            return self._refused(outcome, reply_to, exc)
+            return self._refused(job_id, outcome, reply_to, exc)
         try:
             if job.team != team:
                 raise Unauthorized(f"job for team {job.team!r} arrived on team {team!r}'s queue")
@@ -102,7 +102,7 @@ class JobProcessor:
             admitted = await self._gate.admit(message, job, team)
         except JobError as exc:
             outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
-            return self._refused(outcome, reply_to, exc)
+            return self._refused(job.job_id, outcome, reply_to, exc)
         stored = await self._store.get(team, job.job_id)
         if stored is not None:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
@@ -123,15 +123,16 @@ class JobProcessor:
         self._telemetry.finished(outcome)
         return Announcement.of(outcome, reply_to, error)
 
-    def _refused(self, outcome: Outcome, reply_to: str | None, error: JobError) -> Announcement:
-        usage = outcome.usage
+    def _refused(
+        self, job_id: str, outcome: Outcome, reply_to: str | None, error: JobError
+    ) -> Announcement:
         # Said in the log too: a refusal is a team's app misbehaving, or someone forging.
         log.warning(
             "job %r for team %s refused (%s, published by %s): %s",
-            usage.job_id,
-            usage.team,
+            job_id,
+            outcome.usage.team,
             error.code,
-            usage.identity,
+            outcome.usage.identity,
             error.message,
         )
         return self._finished(outcome, reply_to, error)
