@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 
+from queuegate.errors import ConfigError
 from queuegate.tenancy import api_key_id, hash_api_key
 
 KEY_ID_HEADER = "x-queuegate-key-id"
@@ -39,7 +40,9 @@ def sign_job(api_key: str, *, job_id: str, team: str, body: bytes) -> dict[str, 
     """The headers that prove ``api_key`` for this job: its id and the job's proof."""
     key_id = api_key_id(api_key)
     if key_id is None:
-        raise ValueError("not a queuegate API key (qg_<id>_<secret>, from queuegate teams)")
+        raise ConfigError(
+            "api_key is not a queuegate API key: pass the key `queuegate teams` printed"
+        )
     proof = job_proof(hash_api_key(api_key), job_id=job_id, team=team, body=body)
     return {KEY_ID_HEADER: key_id, PROOF_HEADER: proof}
 

@@ -18,11 +18,12 @@ from producer.client import job_message
 from queuegate import dlq
 from queuegate.broker import publish
 from queuegate.cli import app
+from queuegate.errors import ConfigError
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER
+from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches, sign_job
 from queuegate.teams_admin import add, create_broker_user, set_security
-from queuegate.tenancy import hash_api_key
+from queuegate.tenancy import hash_api_key, new_api_key
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -121,6 +122,23 @@ async def test_an_api_key_rests_nowhere_through_expiry_refusal_and_replay(
     for where, text in seen.items():
         for secret in (key_team.key, key_team.key.rsplit("_", 1)[1], hash_api_key(key_team.key)):
             assert secret not in text, f"the API key leaked into {where}"
+
+
+def test_a_proof_holds_for_its_own_job_id_team_and_body_only() -> None:
+    _, key = new_api_key()
+    headers = sign_job(key, job_id="j1", team="alpha", body=b"{}")
+    stored = hash_api_key(key)
+    proof = headers[PROOF_HEADER]
+    assert proof_matches(stored, proof, job_id="j1", team="alpha", body=b"{}")
+    assert not proof_matches(stored, proof, job_id="j2", team="alpha", body=b"{}")
+    assert not proof_matches(stored, proof, job_id="j1", team="beta", body=b"{}")
+    assert not proof_matches(stored, proof, job_id="j1", team="alpha", body=b"{ }")
+    assert not proof_matches(
+        hash_api_key(new_api_key()[1]), proof, job_id="j1", team="alpha", body=b"{}"
+    )
+    assert key not in str(headers) and stored not in str(headers)
+    with pytest.raises(ConfigError, match="not a queuegate API key"):
+        sign_job("sk-not-ours", job_id="j1", team="alpha", body=b"{}")
 
 
 async def test_a_proof_copied_onto_another_job_is_refused(

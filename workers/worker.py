@@ -23,7 +23,7 @@ from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.outage import OutageLog
-from queuegate.registry import TeamConfig, list_teams
+from queuegate.registry import TeamConfig, check_team_name, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
@@ -72,7 +72,7 @@ class Worker:
     ) -> None:
         self._settings = settings
         self._router = router
-        self._fixed_teams = list(teams) if teams else None
+        self._fixed_teams = [check_team_name(team) for team in teams] if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology(settings.namespace, settings.delivery_limit)
         self._consumers: dict[str, _TeamConsumer] = {}
