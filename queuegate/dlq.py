@@ -23,7 +23,8 @@ never counted twice; the dead letter is removed only once the broker confirmed t
 
 Reading the queue takes the messages without acknowledging them and closes the channel, which
 returns them all; their ``x-delivery-count`` then grows (quorum queues count every return), so
-it is left out of what is shown: ``deaths`` is the broker's own count in ``x-death``.
+it is left out of what is shown: ``deaths`` is the broker's own count in ``x-death``. (The
+queue's delivery limit is set out of reach, so that reading never drops a letter.)
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ async def replay(
             elif letter.team is not None:
                 exchange, key = jobs.name, letter.team
             else:
-                refused.append((letter, _unreplayable(letter)))
+                refused.append((letter, _unreplayable(letter, topology)))
                 continue
             again = json_message(
                 message.body,
@@ -283,9 +284,14 @@ def _then(letter: DeadLetter) -> str | None:
     return letter.then.split(":", 1)[0] if letter.then else None
 
 
-def _unreplayable(letter: DeadLetter) -> str:
+def _unreplayable(letter: DeadLetter, topology: Topology) -> str:
     if not letter.queue:
         return "nothing the broker or a worker recorded says where it came from"
+    if letter.queue == topology.accounting_queue:
+        return (
+            f"it came from accounting, but was published by {letter.user_id or 'nobody'}, "
+            "no worker (see QUEUEGATE_OPERATOR_USERS)"
+        )
     return f"it came from {letter.queue}, which is no team's job queue"
 
 

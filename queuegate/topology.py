@@ -57,6 +57,10 @@ def header_text(value: object) -> str | None:
 
 DEAD_BODY_LIMIT = 64 * 1024
 """Bytes of a job's body kept when a worker dead-letters it: enough to see what was wrong."""
+DEAD_DELIVERY_LIMIT = 1_000_000_000
+"""Out of reach: every listing returns the letters it read, and each return counts as a
+delivery (RabbitMQ 4 gives quorum queues a default limit of 20, and a dead letter at its
+limit would be dropped)."""
 DEAD_MAX_LENGTH = 100_000
 DEAD_MAX_BYTES = 512 * 1024 * 1024
 """Bounds of ``<ns>.dead``: beyond them the oldest letters are dropped (see declare_dead)."""
@@ -131,6 +135,7 @@ class Topology:
             durable=True,
             arguments={
                 "x-queue-type": "quorum",
+                "x-delivery-limit": DEAD_DELIVERY_LIMIT,
                 "x-max-length": DEAD_MAX_LENGTH,
                 "x-max-length-bytes": DEAD_MAX_BYTES,
                 "x-overflow": "drop-head",

@@ -135,6 +135,34 @@ async def test_a_teams_forged_dead_letter_headers_never_reach_accounting_or_anot
     assert await depth(settings, topology.team_queue("alpha")) == 2
 
 
+async def test_a_usage_event_is_replayed_to_accounting_only_when_a_worker_published_it(
+    settings: Settings,
+) -> None:
+    # Given two usage events that expired in the accounting queue (no accountant ran): one
+    # published under the workers' user, one under no user at all
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        usage = await topology.declare_usage(channel)
+        for job_id, user in (("by-worker", settings.amqp_user), ("unsigned", None)):
+            await usage.publish(
+                aio_pika.Message(
+                    b"{}", message_id=job_id, user_id=user, expiration=timedelta(milliseconds=1)
+                ),
+                routing_key="",
+            )
+    letters = await dead_letters(settings, 2)
+    assert {x.queue for x in letters} == {topology.accounting_queue}
+    # When the operator replays both
+    replayed, refused = await dlq.replay(settings)
+    # Expect only the worker's back in accounting, and the other one left, saying why
+    assert [x.message_id for x in replayed] == ["by-worker"]
+    [(letter, why)] = refused
+    assert letter.message_id == "unsigned" and "published by nobody, no worker" in why
+    assert await depth(settings, topology.accounting_queue) == 1
+
+
 async def test_an_expired_job_of_a_broker_identity_team_is_replayed_served_and_counted_once(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
@@ -237,6 +265,8 @@ async def test_the_dead_letter_queue_is_bounded(settings: Settings) -> None:
     arguments = queue["arguments"]
     assert arguments["x-max-length"] > 0 and arguments["x-max-length-bytes"] > 0
     assert arguments["x-overflow"] == "drop-head"
+    # ... and a delivery limit out of reach, so that listing letters never drops one
+    assert arguments["x-delivery-limit"] >= 1_000_000
 
 
 async def test_an_operators_replay_never_turns_a_refused_forgery_into_a_served_job(
