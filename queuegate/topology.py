@@ -18,11 +18,14 @@ deleted once (``queuegate dlq purge``, then delete the queue) before the upgrade
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from queuegate.errors import ConfigError
 
 MESSAGE_TYPE_JOB = "job"
 MESSAGE_TYPE_RESULT = "result"
@@ -55,6 +58,9 @@ def header_text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+_REPLY_NAME = re.compile(r"[^.\s]{1,200}")
+"""The last part of a durable reply queue's name, matched whole (what workers accept)."""
+
 DEAD_BODY_LIMIT = 64 * 1024
 """Bytes of a job's body kept when a worker dead-letters it: enough to see what was wrong."""
 DEAD_DELIVERY_LIMIT = 1_000_000_000
@@ -84,6 +90,8 @@ class Topology:
         return queue.removeprefix(f"{self.namespace}.jobs.")
 
     def results_queue(self, team: str, name: str) -> str:
+        if not _REPLY_NAME.fullmatch(name):
+            raise ConfigError(f"reply queue name {name!r} is invalid: no dots, spaces or newlines")
         return f"{self.namespace}.results.{team}.{name}"
 
     def replies_queue(self, team: str, client_id: str) -> str:

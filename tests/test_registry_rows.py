@@ -1,4 +1,4 @@
-"""A bad row in the team registry never stops a worker from serving the good teams."""
+"""Names matched whole where they enter; a bad registry row never stops a worker."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from queuegate.db import create_pool
 from queuegate.errors import BatchError, ConfigError
 from queuegate.registry import TeamConfig, check_team_name
 from queuegate.settings import Settings
+from queuegate.topology import Topology
 from tests.support import running_gateway, wait_until
 from tests.teams import register
 
@@ -24,6 +25,12 @@ def test_a_team_name_is_matched_whole(name: str) -> None:
 def test_a_batch_name_is_matched_whole() -> None:
     with pytest.raises(BatchError, match="is not valid"):
         check_batch_name("nightly\n")
+
+
+@pytest.mark.parametrize("name", ["nightly\n", "night.ly", "night ly", ""])
+def test_a_reply_queue_name_is_matched_whole(name: str) -> None:
+    with pytest.raises(ConfigError, match="reply queue name"):
+        Topology("ns").results_queue("alpha", name)
 
 
 async def test_a_worker_serving_every_team_skips_bad_registry_rows_and_serves_the_rest(

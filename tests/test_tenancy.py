@@ -404,3 +404,21 @@ async def test_a_refused_forgery_does_not_answer_the_real_job_in_advance(
         assert real.status == "ok", real.error
         rows = await gw.usage_rows(2)
         assert [row["status"] for row in rows if row["job_id"] == "next"] == ["ok"]
+
+
+async def test_a_team_sees_another_queues_depth_but_never_its_messages(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given a job waiting in beta's queue (no worker runs)
+    async with GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta:
+        await beta.submit(beta.job("gpt-4o-mini", HELLO))
+    assert teams["alpha"].amqp_url is not None
+    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    async with connection:
+        # When alpha declares beta's queue passively: the broker checks no permission for it
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{settings.namespace}.jobs.beta", passive=True)
+        # Expect the depth (accepted, README "Threat model"), and no way to its message
+        assert queue.declaration_result.message_count == 1
+        with pytest.raises(ChannelAccessRefused, match="access to queue"):
+            await queue.get(no_ack=False)
