@@ -47,7 +47,7 @@ from queuegate.errors import (
 from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult, StreamChunk
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
-from queuegate.tenancy import API_KEY_HEADER
+from queuegate.signing import sign_job
 from queuegate.topology import (
     HEADER_SENT_MS,
     MESSAGE_TYPE_CHUNK,
@@ -91,7 +91,8 @@ class GatewayClient:
 
     Connect with the team's own broker user (``settings.amqp_url`` from ``queuegate teams
     add``): every job carries it as ``user_id``, which the broker checks. A team identified
-    by API key passes ``api_key=``, sent in the ``x-queuegate-api-key`` header.
+    by API key passes ``api_key=``: each job carries the key's id and a proof bound to that job
+    (``queuegate.signing``), never the key.
     """
 
     def __init__(
@@ -316,14 +317,15 @@ def job_message(
     job: ChatJob, *, reply_to: str, user_id: str | None, api_key: str | None = None
 ) -> Outgoing:
     """The AMQP message of a job: ids, reply queue, TTL from its deadline, send time, and the
-    team's API key where the team proves itself with one."""
+    proof of the team's API key where the team proves itself with one."""
+    body = job.model_dump_json(exclude_defaults=True).encode()
     # Rounded: cut down, every job's queued_ms would read half a millisecond long on average.
     # An integer: pamqp sends a float as single precision, whole seconds off at this size.
     headers: dict[str, str | int] = {HEADER_SENT_MS: round(time.time() * 1000)}
     if api_key is not None:
-        headers[API_KEY_HEADER] = api_key
+        headers.update(sign_job(api_key, job_id=job.job_id, team=job.team, body=body))
     return json_message(
-        job.model_dump_json(exclude_defaults=True).encode(),
+        body,
         message_type=MESSAGE_TYPE_JOB,
         message_id=job.job_id,
         correlation_id=job.job_id,

@@ -1,15 +1,30 @@
 """The dead-letter queue, for operators: what is in it, why, and sending it back.
 
-Two kinds of dead letter land in ``<ns>.dead``. A worker dead-letters bad input itself, with
-the ``x-queuegate-reason``/``-detail``/``-queue`` headers; the broker dead-letters a job that
-ran out of deliveries (``delivery_limit``: it kept crashing workers) or outlived its TTL
-(``expired``: no worker took it before its deadline), with its ``x-death`` header.
+Two kinds of dead letter land in ``<ns>.dead``. The broker dead-letters a job that ran out of
+deliveries (``delivery_limit``: it kept crashing workers) or outlived its TTL (``expired``: no
+worker took it before its deadline), recording where from in its ``x-death`` header. A worker
+dead-letters bad input itself, with its ``x-queuegate-reason``/``-detail``/``-queue``/``-user``
+headers, under its own broker user as ``user_id``.
 
-Listing takes the messages without acknowledging them and closes the channel, which returns
-them all. Replay publishes the original body, ``message_id``, ``correlation_id`` and
-``reply_to`` back to where it came from (the jobs exchange under its team, or the usage
-exchange) and only then removes the dead letter: the job id is kept, so a job that had already
-been answered is answered from the stored outcome and never counted twice.
+Where a letter came from decides where a replay sends it, so only what no team can forge is
+believed: the broker's latest ``x-death`` entry, or a worker's headers on a letter whose
+broker-validated ``user_id`` is an operator's (``Settings.operators``). A team's message keeps
+whatever headers the team set (an ``x-queuegate-queue`` naming accounting, a forged
+``x-death`` entry behind the broker's own): they are shown, never followed. A letter of unknown
+origin is not replayed; one from ``<ns>.accounting`` is replayed to the usage exchange only if
+a worker published it.
+
+Replay publishes the original body, ``message_id``, ``correlation_id`` and ``reply_to`` back to
+its team's queue under the operator's own ``user_id``, naming the user it was first published
+under (``x-queuegate-replay-of``) and why it was first dead-lettered: the worker proves that
+first publisher again (``workers.identity``), and a second refusal keeps the first cause. The
+job id is kept, so a job that had already been answered is answered from the stored outcome and
+never counted twice; the dead letter is removed only once the broker confirmed the publish.
+
+Reading the queue takes the messages without acknowledging them and closes the channel, which
+returns them all; their ``x-delivery-count`` then grows (quorum queues count every return), so
+it is left out of what is shown: ``deaths`` is the broker's own count in ``x-death``. (The
+queue's delivery limit is set out of reach, so that reading never drops a letter.)
 """
 
 from __future__ import annotations
@@ -24,22 +39,29 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from queuegate.broker import connect, json_message, publish
-from queuegate.errors import PublishRefused
+from queuegate.errors import ConfigError
+from queuegate.registry import TEAM_NAME
 from queuegate.settings import Settings
+from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER
 from queuegate.topology import (
     HEADER_DEAD_DETAIL,
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
+    HEADER_DEAD_TRUNCATED,
+    HEADER_DEAD_USER,
+    HEADER_FIRST_DETAIL,
+    HEADER_FIRST_REASON,
+    HEADER_REPLAY_OF,
+    HEADER_SENT_MS,
     MESSAGE_TYPE_JOB,
     Topology,
+    header_text,
 )
 
-_DEAD_HEADERS = frozenset(
-    {HEADER_DEAD_REASON, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, "x-death", "x-delivery-count"}
-    | {f"x-first-death-{part}" for part in ("reason", "queue", "exchange")}
-    | {f"x-last-death-{part}" for part in ("reason", "queue", "exchange")}
-)
-"""Headers that describe the dead-lettering itself; a replayed message leaves them behind."""
+_REPLAYED_HEADERS = (KEY_ID_HEADER, PROOF_HEADER, HEADER_SENT_MS)
+"""The only headers of a dead letter a replay carries over (the rest describe its death or
+were set by whoever published it, and a replay under an operator's user_id must not lend
+them that trust)."""
 
 
 @dataclass(frozen=True)
@@ -49,23 +71,59 @@ class DeadLetter:
     position: int
     message_id: str | None
     reason: str
-    """``invalid_request``, ``unknown_model``, ``unauthorized`` (worker) or ``delivery_limit``,
-    ``expired``, ``rejected`` (broker)."""
+    """The first cause: ``invalid_request``, ``unknown_model``, ``unauthorized`` (worker) or
+    ``delivery_limit``, ``expired``, ``rejected`` (broker); ``unknown`` when unproven."""
     detail: str
+    then: str | None
+    """Why a replay of it was dead-lettered again (reason: detail), when it was."""
     queue: str
-    """The queue it was dead-lettered from."""
+    """The queue it was dead-lettered from, as the broker or a worker recorded it ("" when
+    nothing trustworthy says: such a letter is not replayed)."""
+    team: str | None
+    """The team whose job queue that is; None for accounting or an unknown origin."""
     deaths: int
-    """How many times the broker dead-lettered it (0 for the worker's own dead letters)."""
+    """How many times it was dead-lettered from that queue (the broker's count, or 1 for a
+    worker's refusal)."""
     at: datetime | None
     headers: Mapping[str, Any]
     body: bytes
     reply_to: str | None
+    user_id: str | None
+    truncated: int | None
+    """The original body's size when a worker cut the kept body short."""
 
 
-async def peek(settings: Settings, *, limit: int | None = None) -> tuple[list[DeadLetter], int]:
-    """Up to ``limit`` dead letters, oldest first, left where they are; and how many there are."""
-    async with _taken(settings, limit) as (_, taken, total):
-        return [_describe(i, message) for i, message in enumerate(taken, start=1)], total
+async def peek(
+    settings: Settings,
+    *,
+    limit: int | None = None,
+    team: str | None = None,
+    reason: str | None = None,
+) -> tuple[list[DeadLetter], int]:
+    """Up to ``limit`` dead letters (of ``team``, for ``reason``), oldest first, left where
+    they are; and how many the queue holds in all."""
+    filtered = team is not None or reason is not None
+    async with _taken(settings, None if filtered else limit) as (_, taken, total):
+        letters = [_describe(i, message, settings) for i, message in enumerate(taken, start=1)]
+    letters = [
+        x
+        for x in letters
+        if (team is None or x.team == team) and (reason is None or reason in (x.reason, _then(x)))
+    ]
+    return letters[:limit] if limit is not None else letters, total
+
+
+def find(letters: Collection[DeadLetter], wanted: str) -> DeadLetter:
+    """The letter whose id is ``wanted`` or starts with it; ConfigError unless exactly one."""
+    exact = [x for x in letters if x.message_id == wanted]
+    found = exact or [x for x in letters if x.message_id and x.message_id.startswith(wanted)]
+    if not found:
+        raise ConfigError(f"no dead letter with id {wanted!r}: list them with queuegate dlq list")
+    if len(found) > 1:
+        raise ConfigError(
+            f"{len(found)} dead letters have ids starting with {wanted!r}: give more of the id"
+        )
+    return found[0]
 
 
 async def replay(
@@ -73,20 +131,36 @@ async def replay(
     job_ids: Collection[str] | None = None,
     *,
     on_replayed: Callable[[DeadLetter], None] | None = None,
-) -> list[DeadLetter]:
+) -> tuple[list[DeadLetter], list[tuple[DeadLetter, str]]]:
     """Send dead letters back where they came from (all, or those of ``job_ids``).
 
-    Each is removed only after the broker confirmed its republication. Raises PublishRefused
-    when its team has no queue any more; that one and the rest stay dead-lettered.
+    Returns those replayed and those left dead-lettered, each with why. Each is removed only
+    after the broker confirmed its republication.
     """
+    operator = settings.amqp_user
+    if operator is None:
+        raise ConfigError(
+            "replay publishes as an operator: put the broker user in QUEUEGATE_AMQP_URL"
+        )
     topology = Topology(settings.namespace, settings.delivery_limit)
     replayed: list[DeadLetter] = []
+    refused: list[tuple[DeadLetter, str]] = []
     async with _taken(settings, None) as (channel, taken, _):
         jobs = await topology.declare_jobs_exchange(channel)
         usage = await topology.declare_usage(channel)
         for position, message in enumerate(taken, start=1):
-            letter = _describe(position, message)
+            letter = _describe(position, message, settings)
             if job_ids is not None and letter.message_id not in job_ids:
+                continue
+            if letter.truncated is not None:
+                refused.append((letter, f"its body was cut from {letter.truncated:,} bytes"))
+                continue
+            if letter.queue == topology.accounting_queue and _trusted(message, settings):
+                exchange, key = usage.name, ""
+            elif letter.team is not None:
+                exchange, key = jobs.name, letter.team
+            else:
+                refused.append((letter, _unreplayable(letter, topology)))
                 continue
             again = json_message(
                 message.body,
@@ -94,28 +168,21 @@ async def replay(
                 message_id=message.message_id,
                 correlation_id=message.correlation_id,
                 reply_to=message.reply_to,
-                headers={
-                    k: v
-                    for k, v in (message.headers or {}).items()
-                    if k not in _DEAD_HEADERS and isinstance(v, str | int)
-                },
+                user_id=operator,
+                headers=_replay_headers(letter, message, settings),
             )
-            if letter.queue == topology.accounting_queue:
-                exchange, key = usage, ""
-            else:
-                exchange, key = jobs, topology.team_of_queue(letter.queue)
             try:
-                await publish(channel, again, exchange=exchange.name, routing_key=key)
-            except aiormq.exceptions.PublishError as exc:
-                raise PublishRefused(
-                    f"cannot replay {letter.message_id}: no queue takes routing key {key!r} "
-                    f"(register the team with `queuegate teams add {key}`), then replay again"
-                ) from exc
+                await publish(channel, again, exchange=exchange, routing_key=key)
+            except aiormq.exceptions.PublishError:
+                refused.append(
+                    (letter, f"no queue takes it: register the team (queuegate teams add {key})")
+                )
+                continue
             await message.ack()
             replayed.append(letter)
             if on_replayed is not None:
                 on_replayed(letter)
-    return replayed
+    return replayed, refused
 
 
 async def purge(settings: Settings) -> int:
@@ -155,31 +222,97 @@ async def _taken(
         yield channel, taken, total
 
 
-def _describe(position: int, message: AbstractIncomingMessage) -> DeadLetter:
-    headers = dict(message.headers or {})
-    deaths = headers.get("x-death")
-    first: Mapping[str, Any] = {}
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-        first = deaths[0]
-    reason = headers.get(HEADER_DEAD_REASON) or first.get("reason") or "unknown"
-    queue = headers.get(HEADER_DEAD_QUEUE) or first.get("queue") or ""
-    at = first.get("time") if isinstance(first.get("time"), datetime) else message.timestamp
+def _trusted(message: AbstractIncomingMessage, settings: Settings) -> bool:
+    """Published by an operator or worker: the broker validated a user_id no team can use."""
+    return bool(message.user_id) and message.user_id in settings.operators
+
+
+def _describe(position: int, message: AbstractIncomingMessage, settings: Settings) -> DeadLetter:
+    headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
+    trusted = _trusted(message, settings)
+    death = _latest_death(headers)
+    reason, detail, queue, deaths, at = "unknown", "", "", 0, message.timestamp
+    if death is not None:
+        # The broker puts its newest entry first; entries a team forged sit behind it.
+        reason = header_text(death.get("reason")) or reason
+        queue = header_text(death.get("queue")) or ""
+        count = death.get("count")
+        deaths = count if isinstance(count, int) else 1
+        at = death["time"] if isinstance(death.get("time"), datetime) else at
+    elif trusted and HEADER_DEAD_REASON in headers:
+        reason = header_text(headers[HEADER_DEAD_REASON]) or reason
+        detail = header_text(headers.get(HEADER_DEAD_DETAIL)) or ""
+        queue = header_text(headers.get(HEADER_DEAD_QUEUE)) or ""
+        deaths = 1
+    then = None
+    first = header_text(headers.get(HEADER_FIRST_REASON)) if trusted else None
+    if first is not None:
+        then = f"{reason}: {detail}" if detail else reason
+        reason, detail = first, header_text(headers.get(HEADER_FIRST_DETAIL)) or ""
+    truncated = headers.get(HEADER_DEAD_TRUNCATED) if trusted else None
     return DeadLetter(
         position=position,
         message_id=message.message_id,
-        reason=_text(reason),
-        detail=_text(headers.get(HEADER_DEAD_DETAIL, "")),
-        queue=_text(queue),
-        deaths=int(first.get("count", 0) or 0),
+        reason=reason,
+        detail=detail,
+        then=then,
+        queue=queue,
+        team=_team_of(queue, settings),
+        deaths=deaths,
         at=at,
         headers=headers,
         body=message.body,
         reply_to=message.reply_to,
+        user_id=message.user_id,
+        truncated=truncated if isinstance(truncated, int) else None,
     )
 
 
-def _text(value: object) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+def _latest_death(headers: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        return deaths[0]
+    return None
 
 
-__all__ = ["DeadLetter", "peek", "purge", "replay"]
+def _team_of(queue: str, settings: Settings) -> str | None:
+    team = queue.removeprefix(f"{settings.namespace}.jobs.")
+    return team if team != queue and TEAM_NAME.fullmatch(team) else None
+
+
+def _then(letter: DeadLetter) -> str | None:
+    return letter.then.split(":", 1)[0] if letter.then else None
+
+
+def _unreplayable(letter: DeadLetter, topology: Topology) -> str:
+    if not letter.queue:
+        return "nothing the broker or a worker recorded says where it came from"
+    if letter.queue == topology.accounting_queue:
+        return (
+            f"it came from accounting, but was published by {letter.user_id or 'nobody'}, "
+            "no worker (see QUEUEGATE_OPERATOR_USERS)"
+        )
+    return f"it came from {letter.queue}, which is no team's job queue"
+
+
+def _replay_headers(
+    letter: DeadLetter, message: AbstractIncomingMessage, settings: Settings
+) -> dict[str, str | int]:
+    headers = {
+        name: value
+        for name in _REPLAYED_HEADERS
+        if isinstance(value := letter.headers.get(name), str | int)
+    }
+    # Who first published it, for the worker to prove again: a worker's letter says so in its
+    # own header; a replayed job names its first publisher already; else the broker's user_id.
+    first = message.user_id or ""
+    if _trusted(message, settings):
+        recorded = letter.headers.get(HEADER_REPLAY_OF, letter.headers.get(HEADER_DEAD_USER))
+        first = (header_text(recorded) or "") if recorded is not None else first
+    headers[HEADER_REPLAY_OF] = first or ""
+    headers[HEADER_FIRST_REASON] = letter.reason
+    headers[HEADER_FIRST_DETAIL] = letter.detail
+    return headers
+
+
+__all__ = ["DeadLetter", "find", "peek", "purge", "replay"]

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from queuegate.runtime import run
 from queuegate.settings import Settings
+
+if TYPE_CHECKING:
+    from queuegate.dlq import DeadLetter
 
 dlq_app = typer.Typer(
     help="Inspect, replay and purge dead-lettered messages.", no_args_is_help=True
@@ -20,44 +27,88 @@ out = Console()
 err = Console(stderr=True)
 
 SHOW_BODY_LIMIT = 4000
-"""Characters of a body ``show`` prints; a 10 MB body would bury the reason."""
+"""Characters of a body ``show`` prints; a long body would bury the reason."""
+
+TeamFilter = Annotated[str | None, typer.Option("--team", help="Only the letters of this team.")]
+ReasonFilter = Annotated[
+    str | None,
+    typer.Option("--reason", help="Only letters dead for this reason (expired, unauthorized…)."),
+]
 
 
 @dlq_app.command("list")
 def dlq_list(
     limit: Annotated[int, typer.Option(help="Show at most this many, oldest first.")] = 100,
+    team: TeamFilter = None,
+    reason: ReasonFilter = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Also deaths, size and detail.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Every field, as JSON lines.")] = False,
 ) -> None:
-    """The dead letters, with why each is there."""
+    """The dead letters, with why each is there. Listing changes none of them."""
     from queuegate.dlq import peek
-    from queuegate.tables import dead_letter_table
 
-    letters, total = run(lambda: peek(Settings(), limit=limit))
-    out.print(dead_letter_table(letters, total=total))
+    letters, total = run(lambda: peek(Settings(), limit=limit, team=team, reason=reason))
+    if as_json:
+        for letter in letters:
+            out.print_json(json.dumps(_as_dict(letter)), indent=None)
+        return
+    # --wide is for a wide terminal or a pipe: not squeezed into the default 80 columns.
+    out.print(dead_letter_table(letters, total=total, wide=wide), width=160 if wide else None)
+
+
+def dead_letter_table(letters: Sequence[DeadLetter], *, total: int, wide: bool) -> Table:
+    """One row per letter; the job id whole (``dlq show`` and ``replay`` take it), the rest
+    short enough for 80 columns unless ``wide``."""
+    table = Table(title=f"dead letters: {len(letters):,} of {total:,}", box=box.SIMPLE_HEAD)
+    longest = max((len(x.message_id or "-") for x in letters), default=6)
+    table.add_column("job id", no_wrap=True, min_width=longest)
+    table.add_column("reason", overflow="fold")
+    table.add_column("from", overflow="fold")
+    table.add_column("age", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("deaths", justify="right")
+        table.add_column("bytes", justify="right")
+        table.add_column("detail", overflow="fold")
+    now = datetime.now(UTC)
+    for letter in letters:
+        row = [
+            letter.message_id or "-",
+            letter.reason + (f" → {letter.then.split(':', 1)[0]}" if letter.then else ""),
+            _origin(letter),
+            _age(letter.at, now),
+        ]
+        if wide:
+            row += [str(letter.deaths), f"{len(letter.body):,}", letter.detail[:200]]
+        table.add_row(*row)
+    if not letters:
+        table.add_row("(none)", *[""] * (len(table.columns) - 1))
+    return table
 
 
 @dlq_app.command("show")
-def dlq_show(job_id: Annotated[str, typer.Argument(help="The message (job) id.")]) -> None:
-    """One dead letter: reason, headers and body."""
-    from queuegate.dlq import peek
+def dlq_show(
+    job_id: Annotated[str, typer.Argument(help="The job id, or a prefix only it starts with.")],
+) -> None:
+    """One dead letter: reason, origin, headers and body."""
+    from queuegate.dlq import find, peek
 
     letters, _ = run(lambda: peek(Settings()))
-    letter = next((x for x in letters if x.message_id == job_id), None)
-    if letter is None:
-        err.print(f"no dead letter with id {job_id}: list them with queuegate dlq list")
-        raise typer.Exit(1)
+    letter = find(letters, job_id)
     out.print(f"[bold]{letter.message_id}[/]  reason: [red]{letter.reason}[/]", highlight=False)
-    out.print(f"from queue: {letter.queue}  deaths: {letter.deaths}  reply_to: {letter.reply_to}")
     if letter.detail:
         out.print(f"detail: {letter.detail}", highlight=False)
-    out.print("headers:", json.dumps(dict(letter.headers), default=str, indent=2))
-    text = letter.body.decode(errors="replace")
-    cut = (
-        f" (first {SHOW_BODY_LIMIT:,} of {len(text):,} characters)"
-        if len(text) > SHOW_BODY_LIMIT
-        else ""
+    if letter.then:
+        out.print(f"replayed, then: {letter.then}", highlight=False)
+    out.print(
+        f"from queue: {letter.queue or '(unknown: not replayable)'}  deaths: {letter.deaths}"
+        f"  published by: {letter.user_id or '-'}  reply_to: {letter.reply_to or '-'}",
+        highlight=False,
     )
-    out.print(f"body{cut}:")
-    out.print(text[:SHOW_BODY_LIMIT], highlight=False, markup=False)
+    out.print("headers:", json.dumps(dict(letter.headers), default=str, indent=2))
+    shown = letter.body.decode(errors="replace")[:SHOW_BODY_LIMIT]
+    size, kept = letter.truncated or len(letter.body), len(shown.encode())
+    out.print(f"body (first {kept:,} of {size:,} bytes):" if kept < size else "body:")
+    out.print(shown, highlight=False, markup=False)
 
 
 @dlq_app.command("replay")
@@ -65,7 +116,11 @@ def dlq_replay(
     job_ids: Annotated[list[str] | None, typer.Argument(help="Ids to replay.")] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
 ) -> None:
-    """Send dead letters back to their queue, keeping their job id (nothing counts twice)."""
+    """Send dead letters back to their queue, keeping their job id (nothing counts twice).
+
+    Published as the operator (your broker user): workers accept it for the queue's team once
+    they have proven the job's first publisher again.
+    """
     from queuegate.dlq import replay
 
     if not job_ids and not replay_all:
@@ -73,7 +128,7 @@ def dlq_replay(
         raise typer.Exit(2)
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("replaying", total=len(job_ids) if job_ids else None)
-        done = run(
+        done, refused = run(
             lambda: replay(
                 Settings(),
                 None if replay_all else set(job_ids or ()),
@@ -81,9 +136,12 @@ def dlq_replay(
             )
         )
     out.print(f"replayed {len(done):,} dead letters")
-    missing = set(job_ids or ()) - {x.message_id for x in done}
+    for letter, why in refused:
+        err.print(f"not replayed {letter.message_id}: {why}", highlight=False)
+    missing = set(job_ids or ()) - {x.message_id for x in done} - {x.message_id for x, _ in refused}
     if missing and not replay_all:
         err.print(f"not in the dead-letter queue: {', '.join(sorted(missing))}")
+    if refused or (missing and not replay_all):
         raise typer.Exit(1)
 
 
@@ -97,3 +155,37 @@ def dlq_purge(
     if not yes:
         typer.confirm("delete every dead letter for good?", abort=True)
     out.print(f"purged {run(lambda: purge(Settings())):,} dead letters")
+
+
+def _origin(letter: DeadLetter) -> str:
+    if letter.team is not None:
+        return letter.team
+    if letter.queue:
+        return letter.queue.rsplit(".", 1)[-1]  # accounting
+    return "?"
+
+
+def _age(at: datetime | None, now: datetime) -> str:
+    if at is None:
+        return "-"
+    seconds = (now - (at if at.tzinfo else at.replace(tzinfo=UTC))).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
+def _as_dict(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "job_id": letter.message_id,
+        "reason": letter.reason,
+        "detail": letter.detail,
+        "then": letter.then,
+        "queue": letter.queue,
+        "team": letter.team,
+        "deaths": letter.deaths,
+        "at": letter.at.isoformat() if letter.at else None,
+        "bytes": letter.truncated or len(letter.body),
+        "published_by": letter.user_id,
+        "reply_to": letter.reply_to,
+    }

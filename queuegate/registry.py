@@ -7,7 +7,9 @@ settings without a restart. The table itself is created by accounting's migratio
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -18,11 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
 
-TEAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+log = logging.getLogger(__name__)
+
+TEAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+"""Matched whole (``fullmatch``): ``$`` would let a trailing newline through."""
 
 
 def check_team_name(name: str) -> str:
-    if not TEAM_NAME.match(name):
+    if not TEAM_NAME.fullmatch(name):
         raise ConfigError(
             f"team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_'"
         )
@@ -88,22 +93,35 @@ def parse_config(name: str, raw: Any) -> TeamConfig:
         raise ConfigError(f"team {name!r} has an invalid config: {exc.errors()[0]['msg']}") from exc
 
 
-async def list_teams(pool: asyncpg.Pool, *, enabled_only: bool = False) -> list[Team]:
+def _log_invalid(name: str, error: ConfigError) -> None:
+    log.warning("team registry row %r skipped: %s", name, error)
+
+
+async def list_teams(
+    pool: asyncpg.Pool,
+    *,
+    enabled_only: bool = False,
+    on_invalid: Callable[[str, ConfigError], None] = _log_invalid,
+) -> list[Team]:
+    """The teams, by name. A row with an invalid name or config (written around ``teams add``
+    and ``teams set``, or by an older version) is left out and reported to ``on_invalid``:
+    one bad row never keeps the others from being served."""
     rows: list[Any] = await pool.fetch(
         "SELECT name, enabled, config FROM teams WHERE enabled OR NOT $1 ORDER BY name",
         enabled_only,
     )
-    return [
-        Team(
-            name=row["name"],
-            enabled=row["enabled"],
-            config=parse_config(row["name"], row["config"]),
-        )
-        for row in rows
-    ]
+    teams: list[Team] = []
+    for row in rows:
+        try:
+            name = check_team_name(row["name"])
+            teams.append(Team(name, row["enabled"], parse_config(name, row["config"])))
+        except ConfigError as exc:
+            on_invalid(row["name"], exc)
+    return teams
 
 
 async def get_team(pool: asyncpg.Pool, name: str) -> Team | None:
+    check_team_name(name)
     row: Any = await pool.fetchrow("SELECT name, enabled, config FROM teams WHERE name = $1", name)
     if row is None:
         return None
@@ -116,6 +134,7 @@ async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> 
     Merged into the stored one, so fields this version does not know (written by a newer
     gateway) are kept; a field set to None is removed.
     """
+    check_team_name(name)
     status: str = await pool.execute(
         "UPDATE teams SET config = jsonb_strip_nulls(config || $2::jsonb), updated_at = now()"
         " WHERE name = $1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     Unset: the AMQP URL's host and user on port 15672 (15671 for ``amqps``), so an operator
     who reaches the broker as an administrator needs nothing more.
     """
+
+    operator_users: str = ""
+    """Comma-separated broker users trusted as operators: a worker accepts a job one of them
+    publishes (broker-validated ``user_id``) for the team whose queue it is on, and ``dlq
+    replay`` re-publishes as one. Empty: the user of ``amqp_url`` alone."""
 
     namespace: str = Field(default="queuegate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Prefix of every broker name and Redis key, so environments and test runs never collide."""
@@ -100,6 +105,17 @@ class Settings(BaseSettings):
             amqp = data.get("amqp_url") or cls.model_fields["amqp_url"].default
             data = {**data, "management_url": management_url_for(amqp)}
         return data
+
+    @property
+    def amqp_user(self) -> str | None:
+        """The broker user of ``amqp_url``: the ``user_id`` this process publishes under."""
+        return unquote(urlsplit(self.amqp_url).username or "") or None
+
+    @property
+    def operators(self) -> frozenset[str]:
+        """The broker users trusted as operators (see ``operator_users``)."""
+        named = {user.strip() for user in self.operator_users.split(",") if user.strip()}
+        return frozenset(named or ({self.amqp_user} if self.amqp_user else set()))
 
     @property
     def redis_prefix(self) -> str:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
 from queuegate.registry import Team
-
-if TYPE_CHECKING:
-    from queuegate.dlq import DeadLetter
 
 
 TEXT_MIN_WIDTH = 12
@@ -82,28 +79,6 @@ def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
         )
     if not rows:
         table.add_row("(no usage)", "", "", "", "", "")
-    return table
-
-
-def dead_letter_table(letters: Sequence[DeadLetter], *, total: int) -> Table:
-    table = Table(title=f"dead letters: {len(letters):,} of {total:,} shown")
-    table.add_column("#", justify="right")
-    for column in ("job id", "reason", "from queue", "deaths", "dead since (UTC)", "bytes"):
-        table.add_column(column, justify="right" if column in {"deaths", "bytes"} else "left")
-    table.add_column("detail", overflow="fold")
-    for letter in letters:
-        table.add_row(
-            str(letter.position),
-            letter.message_id or "-",
-            letter.reason,
-            letter.queue,
-            str(letter.deaths),
-            f"{letter.at:%Y-%m-%d %H:%M:%S}" if letter.at else "-",
-            f"{len(letter.body):,}",
-            letter.detail[:80],
-        )
-    if not letters:
-        table.add_row("", "(empty)", "", "", "", "", "", "")
     return table
 
 

@@ -5,7 +5,8 @@ Kept apart from the team's limits and budgets (``teams.config``), in ``team_secu
 - ``identity``: how a worker knows a job comes from the team.
   ``queue`` trusts whoever can publish to the team's queue (one trusted broker user for all
   apps: development, single tenant); ``broker``: the team's own RabbitMQ user, proven by the
-  broker through ``user_id``; ``api_key``: a key in the ``x-queuegate-api-key`` header, for
+  broker through ``user_id``; ``api_key``: each job carries a proof of one of the team's keys
+  (``queuegate.signing``: the key's id and an HMAC bound to the job, never the key), for
   deployments that cannot give each team its own broker user.
 - ``pii``: ``off``, ``warn`` (flag the audit row), ``redact`` (before the provider sees it),
   ``block`` (answer ``invalid_request``).
@@ -27,8 +28,7 @@ IdentityMode = Literal["queue", "broker", "api_key"]
 PiiPolicy = Literal["off", "warn", "redact", "block"]
 Capture = Literal["none", "redacted", "full"]
 
-API_KEY_HEADER = "x-queuegate-api-key"
-_API_KEY = re.compile(r"^qg_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
+_API_KEY = re.compile(r"qg_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 
 
 class TeamSecurity(BaseModel):
@@ -96,8 +96,10 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def looks_like_api_key(key: str) -> bool:
-    return bool(_API_KEY.match(key))
+def api_key_id(key: str) -> str | None:
+    """The id a key carries in its text; None when it is not shaped like one of ours."""
+    match = _API_KEY.fullmatch(key)
+    return None if match is None else match.group(1)
 
 
 async def get_security(pool: asyncpg.Pool, team: str) -> TeamSecurity:
@@ -158,10 +160,9 @@ async def revoke_api_keys(pool: asyncpg.Pool, team: str, *, key_id: str | None =
     return int(status.rsplit(" ", 1)[1])
 
 
-async def team_of_api_key(pool: asyncpg.Pool, key: str) -> tuple[str, str] | None:
-    """The team and key id of a live key, or None (unknown or revoked)."""
+async def live_api_key(pool: asyncpg.Pool, key_id: str) -> tuple[str, str] | None:
+    """The team and stored hash of a live key, by its id; None when unknown or revoked."""
     row = await pool.fetchrow(
-        "SELECT team, id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-        hash_api_key(key),
+        "SELECT team, key_hash FROM api_keys WHERE id = $1 AND revoked_at IS NULL", key_id
     )
-    return None if row is None else (row["team"], row["id"])
+    return None if row is None else (row["team"], row["key_hash"])

@@ -11,26 +11,65 @@
 | ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
 
 Arguments of a queue cannot change once it exists (RabbitMQ refuses a redeclare that differs),
-so per-team quotas are applied as policies, never as declare arguments.
+so per-team quotas are applied as policies, never as declare arguments. The dead-letter queue's
+bounds are arguments: a ``<ns>.dead`` declared by a version without them must be emptied and
+deleted once (``queuegate dlq purge``, then delete the queue) before the upgrade.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
+from queuegate.errors import ConfigError
+
 MESSAGE_TYPE_JOB = "job"
 MESSAGE_TYPE_RESULT = "result"
 MESSAGE_TYPE_CHUNK = "chunk"
 MESSAGE_TYPE_USAGE = "usage"
 
+# Headers a worker sets on the letters it dead-letters itself. The dead-letter tools trust them
+# only on a letter whose broker-validated user_id is an operator's (the worker's own user):
+# a team's message dead-lettered by the broker keeps whatever headers the team set.
 HEADER_DEAD_REASON = "x-queuegate-reason"
 HEADER_DEAD_DETAIL = "x-queuegate-detail"
 HEADER_DEAD_QUEUE = "x-queuegate-queue"
+HEADER_DEAD_USER = "x-queuegate-user"
+"""The user_id the refused job was published under (empty: none)."""
+HEADER_DEAD_TRUNCATED = "x-queuegate-truncated"
+"""Bytes of the original body, on a letter whose body was cut to ``DEAD_BODY_LIMIT``."""
+# Set by ``dlq replay`` on what it re-publishes (under an operator's user_id, so trusted).
+HEADER_REPLAY_OF = "x-queuegate-replay-of"
+"""The user_id the replayed job was first published under (empty: none)."""
+HEADER_FIRST_REASON = "x-queuegate-first-reason"
+HEADER_FIRST_DETAIL = "x-queuegate-first-detail"
+"""Why the replayed job was first dead-lettered: a second refusal never hides it."""
 HEADER_SENT_MS = "x-queuegate-sent-ms"
+
+
+def header_text(value: object) -> str | None:
+    """A header's string value (the broker may hand one back as bytes); None if not a string."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
+_REPLY_NAME = re.compile(r"[^.\s]{1,200}")
+"""The last part of a durable reply queue's name, matched whole (what workers accept)."""
+
+DEAD_BODY_LIMIT = 64 * 1024
+"""Bytes of a job's body kept when a worker dead-letters it: enough to see what was wrong."""
+DEAD_DELIVERY_LIMIT = 1_000_000_000
+"""Out of reach: every listing returns the letters it read, and each return counts as a
+delivery (RabbitMQ 4 gives quorum queues a default limit of 20, and a dead letter at its
+limit would be dropped)."""
+DEAD_MAX_LENGTH = 100_000
+DEAD_MAX_BYTES = 512 * 1024 * 1024
+"""Bounds of ``<ns>.dead``: beyond them the oldest letters are dropped (see declare_dead)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +90,8 @@ class Topology:
         return queue.removeprefix(f"{self.namespace}.jobs.")
 
     def results_queue(self, team: str, name: str) -> str:
+        if not _REPLY_NAME.fullmatch(name):
+            raise ConfigError(f"reply queue name {name!r} is invalid: no dots, spaces or newlines")
         return f"{self.namespace}.results.{team}.{name}"
 
     def replies_queue(self, team: str, client_id: str) -> str:
@@ -92,8 +133,21 @@ class Topology:
         exchange = await channel.declare_exchange(
             self.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
+        # Bounded, as no team's quota covers it: a team whose jobs expire by the million would
+        # otherwise fill the broker's memory and disk. drop-head, not reject-publish: a full
+        # dead-letter queue must never refuse a worker's dead letter (the job would loop to
+        # its delivery limit) nor hold dead letters back in the team queues; the oldest
+        # letters are the ones an operator has had the longest to see.
         queue = await channel.declare_queue(
-            self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            self.dead_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": DEAD_DELIVERY_LIMIT,
+                "x-max-length": DEAD_MAX_LENGTH,
+                "x-max-length-bytes": DEAD_MAX_BYTES,
+                "x-overflow": "drop-head",
+            },
         )
         await queue.bind(exchange)
         return exchange

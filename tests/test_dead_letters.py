@@ -13,6 +13,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from queuegate import dlq
+from queuegate.errors import ConfigError
 from queuegate.messages import ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -115,10 +116,10 @@ async def test_replay_answers_a_dead_letter_once_and_counts_it_once(settings: Se
             # When the reply queue is fixed and the dead letter replayed
             await channel.queue_delete(refusing)
             replies = await channel.declare_queue(refusing, auto_delete=True)
-            replayed = await dlq.replay(settings, {"poison-2"})
+            replayed, refused = await dlq.replay(settings, {"poison-2"})
 
             # Expect the result delivered, from the stored outcome (no second provider call)
-            assert [x.message_id for x in replayed] == ["poison-2"]
+            assert [x.message_id for x in replayed] == ["poison-2"] and not refused
             async with asyncio.timeout(10), replies.iterator() as messages:
                 async for message in messages:
                     result = ChatResult.model_validate_json(message.body)
@@ -182,24 +183,25 @@ async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs
 
 
 async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
-    # Given one dead-lettered job (bad input, dead-lettered by the worker)
+    # Given one dead-lettered job (bad input, dead-lettered by the worker) with a long id
+    job_id = "bad-" + "0123456789abcdef" * 2
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
-        body = {"job_id": "bad-1", "team": "alpha", "model": "no-such-model", "messages": HELLO}
+        body = {"job_id": job_id, "team": "alpha", "model": "no-such-model", "messages": HELLO}
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(gw.topology.jobs_exchange)
             await exchange.publish(
-                aio_pika.Message(orjson.dumps(body), message_id="bad-1", reply_to=client.reply_to),
+                aio_pika.Message(orjson.dumps(body), message_id=job_id, reply_to=client.reply_to),
                 routing_key="alpha",
             )
-        await client.wait("bad-1", timeout=10)
+        await client.wait(job_id, timeout=10)
     env = {
         **os.environ,
         "QUEUEGATE_NAMESPACE": settings.namespace,
         "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "COLUMNS": "200",
+        "COLUMNS": "80",
     }
 
     async def cli(*args: str) -> str:
@@ -210,10 +212,49 @@ async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
         assert proc.returncode == 0, stdout.decode()
         return stdout.decode()
 
-    # When an operator lists, shows and purges, expect the reason, the body, and an empty queue
+    # When an operator lists at 80 columns, expect the whole id (to copy), the reason, the team
     listing = await cli("list")
-    assert "bad-1" in listing and "unknown_model" in listing
-    shown = await cli("show", "bad-1")
+    assert all(len(line) <= 80 for line in listing.splitlines()), listing
+    [row] = [line for line in listing.splitlines() if job_id in line]
+    assert "unknown_model" in row and "alpha" in row
+    # ... the filters keeping it or leaving it out, and every field as JSON
+    assert job_id in await cli("list", "--team", "alpha", "--reason", "unknown_model")
+    assert job_id not in await cli("list", "--team", "beta")
+    assert job_id not in await cli("list", "--reason", "expired")
+    [entry] = [orjson.loads(line) for line in (await cli("list", "--json")).splitlines()]
+    assert entry["job_id"] == job_id and entry["team"] == "alpha" and entry["deaths"] == 1
+    # ... shown by a prefix of its id, with one death however often it was listed
+    shown = await cli("show", job_id[:8])
     assert "no-such-model" in shown and "x-queuegate-reason" in shown
+    assert "deaths: 1 " in shown and "x-delivery-count" not in shown
     assert "purged 1 dead letters" in await cli("purge", "--yes")
     assert (await dlq.peek(settings))[1] == 0
+
+
+async def test_dlq_show_names_an_unknown_or_ambiguous_prefix_in_one_line(
+    settings: Settings,
+) -> None:
+    letters = [
+        dlq.DeadLetter(
+            position=i,
+            message_id=job_id,
+            reason="expired",
+            detail="",
+            then=None,
+            queue=f"{settings.namespace}.jobs.alpha",
+            team="alpha",
+            deaths=1,
+            at=None,
+            headers={},
+            body=b"{}",
+            reply_to=None,
+            user_id=None,
+            truncated=None,
+        )
+        for i, job_id in enumerate(["abc-1", "abc-2"], start=1)
+    ]
+    assert dlq.find(letters, "abc-2").message_id == "abc-2"
+    with pytest.raises(ConfigError, match="2 dead letters have ids starting with 'abc'"):
+        dlq.find(letters, "abc")
+    with pytest.raises(ConfigError, match="no dead letter with id 'xyz'"):
+        dlq.find(letters, "xyz")

@@ -139,7 +139,7 @@ async def test_a_team_with_its_broker_user_is_served_and_its_identity_recorded(
 
 
 async def test_a_job_forged_with_another_team_field_is_unauthorized(
-    settings: Settings, teams: dict[str, Credentials]
+    settings: Settings, teams: dict[str, Credentials], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given alpha's client and alpha's user publishing under its own key
     alpha = as_team(settings, teams["alpha"])
@@ -167,12 +167,27 @@ async def test_a_job_forged_with_another_team_field_is_unauthorized(
         assert result.error is not None and result.error.code == "unauthorized"
         [dead] = await gw.dead_letters(1)
         assert dead.headers[HEADER_DEAD_REASON] == "unauthorized"
+        # ... audited with who sent it and the model it asked for, and logged
+        [row] = await gw.usage_rows(1)
+        assert row["identity"] == f"claimed:user_id={teams['alpha'].user}"
+        assert row["model_requested"] == "m"
+    assert any(
+        "'forged' for team alpha refused (unauthorized" in record.getMessage()
+        for record in caplog.records
+    )
+
+
+def not_operator(settings: Settings) -> Settings:
+    """The settings of a gateway whose operator is a user nobody connects as: the admin user
+    the tests publish with is then just one more app, not trusted for every team."""
+    return settings.model_copy(update={"operator_users": f"{settings.namespace}.operator"})
 
 
 async def test_a_broker_identity_team_refuses_jobs_from_any_other_user(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
-    # Given alpha requires its broker user, when the gateway's own (admin) user publishes for it
+    # Given alpha requires its broker user, when another user (not an operator) publishes for it
+    settings = not_operator(settings)
     async with running_gateway(settings, teams=("alpha",)) as gw, gw.client("alpha") as client:
         result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
         # Expect unauthorized and no provider call
@@ -182,6 +197,19 @@ async def test_a_broker_identity_team_refuses_jobs_from_any_other_user(
         # ... and the audit row saying who it claimed to be
         [row] = await gw.usage_rows(1)
         assert row["identity"] == "claimed:user_id=guest"
+
+
+async def test_an_operator_may_submit_for_a_broker_identity_team(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha requires its broker user, when the gateway's own user (an operator, as
+    # `queuegate submit` runs by default) publishes a job for it
+    async with running_gateway(settings, teams=("alpha",)) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+        # Expect it served, and audited as the operator's
+        assert result.status == "ok", result.error
+        [row] = await gw.usage_rows(1)
+        assert row["identity"] == f"operator:{settings.amqp_user}"
 
 
 async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answered(
@@ -241,8 +269,9 @@ async def test_rotated_credentials_replace_the_old_password(
 async def test_a_revoked_api_key_is_unauthorized_within_the_cache_lifetime(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
-    # Given alpha identified by API key, and workers caching keys for half a second
-    settings = settings.model_copy(update={"security_cache_ttl": 0.5})
+    # Given alpha identified by API key, its apps sharing a broker user that is no operator's,
+    # and workers caching keys for half a second
+    settings = not_operator(settings).model_copy(update={"security_cache_ttl": 0.5})
     _, credentials = await set_security(settings, "alpha", identity="api_key")
     assert credentials is not None and credentials.api_key is not None
     assert credentials.api_key_id is not None
@@ -358,6 +387,7 @@ async def test_a_refused_forgery_does_not_answer_the_real_job_in_advance(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
     # Given alpha requires its broker user, and someone else sends a job under alpha's next id
+    settings = not_operator(settings)
     async with (
         running_gateway(settings, teams=("alpha",)) as gw,
         gw.client("alpha") as impostor,
@@ -374,3 +404,21 @@ async def test_a_refused_forgery_does_not_answer_the_real_job_in_advance(
         assert real.status == "ok", real.error
         rows = await gw.usage_rows(2)
         assert [row["status"] for row in rows if row["job_id"] == "next"] == ["ok"]
+
+
+async def test_a_team_sees_another_queues_depth_but_never_its_messages(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given a job waiting in beta's queue (no worker runs)
+    async with GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta:
+        await beta.submit(beta.job("gpt-4o-mini", HELLO))
+    assert teams["alpha"].amqp_url is not None
+    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    async with connection:
+        # When alpha declares beta's queue passively: the broker checks no permission for it
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{settings.namespace}.jobs.beta", passive=True)
+        # Expect the depth (accepted, README "Threat model"), and no way to its message
+        assert queue.declaration_result.message_count == 1
+        with pytest.raises(ChannelAccessRefused, match="access to queue"):
+            await queue.get(no_ack=False)

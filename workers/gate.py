@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractIncomingMessage
 
 from queuegate.messages import AuditContent, ChatJob
-from queuegate.tenancy import API_KEY_HEADER, TeamSecurity
+from queuegate.signing import KEY_ID_HEADER
+from queuegate.tenancy import TeamSecurity
+from queuegate.topology import (
+    HEADER_FIRST_DETAIL,
+    HEADER_FIRST_REASON,
+    HEADER_REPLAY_OF,
+    header_text,
+)
 from workers.identity import Identities
 from workers.outcome import Outcome
 from workers.pii.policy import apply, redact_value
@@ -57,18 +64,36 @@ class Gate:
         self._identities = identities
 
     async def admit(self, message: AbstractIncomingMessage, job: ChatJob, team: str) -> Admitted:
-        proof = await self._identities.prove(message, team)
+        proof = await self._identities.prove(message, team, job.job_id)
         return Admitted(job, proof.identity, proof.security)
 
     @staticmethod
     def claimed(message: AbstractIncomingMessage, outcome: Outcome) -> Outcome:
         """A refused job's outcome, its audit row naming who it claimed to come from."""
         parts = [f"user_id={message.user_id}"] if message.user_id else []
-        if API_KEY_HEADER in (message.headers or {}):
-            parts.append("api_key")  # which key is unknown, and the key itself is never kept
-        identity = f"claimed:{','.join(parts)}" if parts else None
+        key_id = header_text((message.headers or {}).get(KEY_ID_HEADER))
+        if key_id is not None:
+            parts.append(f"api_key={key_id[:32]}")  # an id, never a key: the key is never sent
+        identity = f"claimed:{','.join(parts) or 'nobody'}"
         usage = outcome.usage.model_copy(update={"identity": identity})
         return outcome.model_copy(update={"usage": usage})
+
+    def first_user(self, message: AbstractIncomingMessage) -> str:
+        """The user the job was first published under: an operator's replay names it."""
+        if self._identities.is_operator(message):
+            named = header_text((message.headers or {}).get(HEADER_REPLAY_OF))
+            if named is not None:
+                return named
+        return message.user_id or ""
+
+    def first_cause(self, message: AbstractIncomingMessage) -> tuple[str, str] | None:
+        """Why a replayed job was first dead-lettered, as its operator's replay recorded it."""
+        if not self._identities.is_operator(message):
+            return None  # a team's own header proves nothing
+        headers = message.headers or {}
+        reason = header_text(headers.get(HEADER_FIRST_REASON))
+        detail = header_text(headers.get(HEADER_FIRST_DETAIL))
+        return None if reason is None else (reason, detail or "")
 
     async def reply_to(self, message: AbstractIncomingMessage, team: str) -> str | None:
         """Where the job's result may go: nowhere when a proven team names another's queue."""

@@ -5,7 +5,15 @@ The team's ``identity`` setting (queuegate.tenancy) says what counts as proof:
 - ``queue``: the queue itself (whoever can publish to it acts for the team);
 - ``broker``: ``user_id``, which RabbitMQ has checked against the connection's user, must be
   the team's broker user;
-- ``api_key``: the ``x-queuegate-api-key`` header must be a live key of the team.
+- ``api_key``: the job must carry a live key's id and its proof for this very job
+  (``queuegate.signing``), verified against the key's stored hash.
+
+Whatever the setting, a job whose ``user_id`` is an operator's (``Settings.operators``: the
+gateway's own broker user unless configured) is accepted for the team whose queue it is on:
+teams cannot forge ``user_id``. ``dlq replay`` re-publishes that way, naming in a header the
+user the job was first published under; such a replay must still prove that first publisher
+(the team's broker user, or the job's key proof), so an operator's replay never turns a
+refused forgery into a served job.
 
 With a proven identity, ``reply_to`` must also be one of the team's reply queues, or a team
 could have results (even error results) delivered into another team's queue.
@@ -28,19 +36,14 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from queuegate.errors import ServiceUnavailable, Unauthorized
-from queuegate.tenancy import (
-    API_KEY_HEADER,
-    TeamSecurity,
-    all_security,
-    hash_api_key,
-    looks_like_api_key,
-    reply_queue_pattern,
-    team_of_api_key,
-)
+from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches
+from queuegate.tenancy import TeamSecurity, all_security, live_api_key, reply_queue_pattern
+from queuegate.topology import HEADER_REPLAY_OF, header_text
 
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SIZE = 10_000
+_KEY_ID = re.compile(r"[0-9a-f]{12}")
 MISSING_TEAM_RECHECK = 0.5
 """Seconds between registry reads while a team has no security row."""
 _DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -48,15 +51,24 @@ _DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceErr
 
 @dataclass(frozen=True)
 class Proof:
-    """Who a job is from: ``queue``, ``broker:<user>`` or ``api_key:<key id>``."""
+    """Who a job is from: ``queue``, ``broker:<user>``, ``api_key:<key id>``,
+    ``operator:<user>`` or ``operator:<user>(replay of <first publisher>)``."""
 
     identity: str
     security: TeamSecurity
 
 
 class Identities:
-    def __init__(self, pool: asyncpg.Pool, *, namespace: str, ttl: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        namespace: str,
+        ttl: float,
+        operators: frozenset[str] = frozenset(),
+    ) -> None:
         self._pool = pool
+        self._operators = operators
         self._namespace = namespace
         self._ttl = ttl
         self._security: dict[str, TeamSecurity] = {}
@@ -80,26 +92,48 @@ class Identities:
     def _stale(self, max_age: float) -> bool:
         return self._loaded_at is None or time.monotonic() - self._loaded_at > max_age
 
-    async def prove(self, message: AbstractIncomingMessage, team: str) -> Proof:
+    def is_operator(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the broker-validated publisher of ``message`` is an operator."""
+        return bool(message.user_id) and message.user_id in self._operators
+
+    async def prove(self, message: AbstractIncomingMessage, team: str, job_id: str) -> Proof:
         """The job's proven identity; raises Unauthorized when it may not act for ``team``."""
         security = await self.security(team)
         if security.identity == "queue":
             return Proof("queue", security)
-        if security.identity == "broker":
-            user = message.user_id
-            if not user:
-                raise Unauthorized(
-                    f"team {team!r} accepts only jobs from its broker user: "
-                    "the message has no user_id"
-                )
-            if user != security.broker_user:
-                raise Unauthorized(f"broker user {user!r} may not publish for team {team!r}")
-            identity = f"broker:{user}"
+        if self.is_operator(message):
+            identity = await self._prove_operator(message, team, job_id, security)
+        elif security.identity == "broker":
+            identity = self._prove_user(message.user_id, team, security)
         else:
-            identity = await self._prove_key(message, team)
+            identity = await self._prove_key(message, team, job_id)
         if not self.may_reply(team, message.reply_to):
             raise Unauthorized(f"reply_to {message.reply_to!r} is not a reply queue of {team!r}")
         return Proof(identity, security)
+
+    def _prove_user(self, user: str | None, team: str, security: TeamSecurity) -> str:
+        if not user:
+            raise Unauthorized(
+                f"team {team!r} accepts only jobs from its broker user: the message has no user_id"
+            )
+        if user != security.broker_user:
+            raise Unauthorized(f"broker user {user!r} may not publish for team {team!r}")
+        return f"broker:{user}"
+
+    async def _prove_operator(
+        self, message: AbstractIncomingMessage, team: str, job_id: str, security: TeamSecurity
+    ) -> str:
+        operator = f"operator:{message.user_id}"
+        first = header_text((message.headers or {}).get(HEADER_REPLAY_OF))
+        if first is None:
+            return operator  # the operator's own job (e.g. `queuegate submit`)
+        if first in self._operators:
+            proven = f"operator:{first}"
+        elif security.identity == "broker":
+            proven = self._prove_user(first, team, security)
+        else:
+            proven = await self._prove_key(message, team, job_id)
+        return f"{operator}(replay of {proven})"
 
     def may_reply(self, team: str, reply_to: str | None) -> bool:
         """Whether ``reply_to`` is one of the team's reply queues (or absent)."""
@@ -108,36 +142,44 @@ class Identities:
         pattern = self._patterns.get(team)
         if pattern is None:
             pattern = self._patterns[team] = re.compile(reply_queue_pattern(self._namespace, team))
-        return bool(pattern.match(reply_to))
+        return bool(pattern.fullmatch(reply_to))
 
-    async def _prove_key(self, message: AbstractIncomingMessage, team: str) -> str:
-        key = (message.headers or {}).get(API_KEY_HEADER)
-        if isinstance(key, bytes):
-            key = key.decode(errors="replace")
-        if not isinstance(key, str) or not looks_like_api_key(key):
-            raise Unauthorized(f"team {team!r} requires an API key in {API_KEY_HEADER}")
-        owner = await self._key_owner(key)
-        if owner is None:
+    async def _prove_key(self, message: AbstractIncomingMessage, team: str, job_id: str) -> str:
+        headers = message.headers or {}
+        key_id = header_text(headers.get(KEY_ID_HEADER))
+        proof = header_text(headers.get(PROOF_HEADER))
+        if key_id is None or proof is None:
+            raise Unauthorized(
+                f"team {team!r} requires an API key: pass api_key= to the client, which sends "
+                f"its id and a proof in {KEY_ID_HEADER} and {PROOF_HEADER}"
+            )
+        if not _KEY_ID.fullmatch(key_id):
             raise Unauthorized("the API key is unknown or revoked")
-        if owner[0] != team:
-            raise Unauthorized(f"API key {owner[1]} may not publish for team {team!r}")
-        return f"api_key:{owner[1]}"
+        key = await self._live_key(key_id)
+        if key is None:
+            raise Unauthorized("the API key is unknown or revoked")
+        owner, key_hash = key
+        if owner != team:
+            raise Unauthorized(f"API key {key_id} may not publish for team {team!r}")
+        if not proof_matches(key_hash, proof, job_id=job_id, team=team, body=message.body):
+            raise Unauthorized(f"the proof of API key {key_id} does not match this job")
+        return f"api_key:{key_id}"
 
-    async def _key_owner(self, key: str) -> tuple[str, str] | None:
-        digest = hash_api_key(key)  # the cache holds hashes, never keys
-        cached = self._keys.get(digest)
+    async def _live_key(self, key_id: str) -> tuple[str, str] | None:
+        """The team and stored hash of a live key, from a copy at most ``ttl`` old."""
+        cached = self._keys.get(key_id)
         now = time.monotonic()
         if cached is not None and now - cached[0] <= self._ttl:
             return cached[1]
         try:
-            owner = await team_of_api_key(self._pool, key)
+            key = await live_api_key(self._pool, key_id)
         except _DB_ERRORS as exc:
             raise ServiceUnavailable("the team registry (PostgreSQL) is unreachable") from exc
-        self._keys[digest] = (now, owner)
-        self._keys.move_to_end(digest)
+        self._keys[key_id] = (now, key)
+        self._keys.move_to_end(key_id)
         if len(self._keys) > KEY_CACHE_SIZE:
             self._keys.popitem(last=False)
-        return owner
+        return key
 
     async def _reload(self) -> None:
         try:

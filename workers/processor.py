@@ -96,17 +96,20 @@ class JobProcessor:
         # Results and streamed deltas go only to a reply queue the team may use.
         reply_to = await self._gate.reply_to(message, team)
         try:
-            job = self._decode(message, team)
+            job = self._decode(message)
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
-            return self._finished(refused(job_id, team, "", exc, timing), reply_to, exc)
+            outcome = self._gate.claimed(message, refused(job_id, team, "", exc, timing))
+            return self._refused(job_id, outcome, reply_to, exc)
         try:
+            if job.team != team:
+                raise Unauthorized(f"job for team {job.team!r} arrived on team {team!r}'s queue")
             # Before the stored result: only a proven publisher may have it sent again. A
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
         except JobError as exc:
             outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
-            return self._finished(outcome, reply_to, exc)
+            return self._refused(job.job_id, outcome, reply_to, exc)
         stored = await self._store.get(team, job.job_id)
         if stored is not None:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
@@ -127,7 +130,21 @@ class JobProcessor:
         self._telemetry.finished(outcome)
         return Announcement.of(outcome, reply_to, error)
 
-    def _decode(self, message: AbstractIncomingMessage, team: str) -> ChatJob:
+    def _refused(
+        self, job_id: str, outcome: Outcome, reply_to: str | None, error: JobError
+    ) -> Announcement:
+        # Said in the log too: a refusal is a team's app misbehaving, or someone forging.
+        log.warning(
+            "job %r for team %s refused (%s, published by %s): %s",
+            job_id,
+            outcome.usage.team,
+            error.code,
+            outcome.usage.identity,
+            error.message,
+        )
+        return self._finished(outcome, reply_to, error)
+
+    def _decode(self, message: AbstractIncomingMessage) -> ChatJob:
         size = len(message.body)
         if size > self._max_job_bytes:
             raise InvalidRequest(f"job is {size} bytes; the limit is {self._max_job_bytes}")
@@ -141,8 +158,6 @@ class JobProcessor:
             raise InvalidRequest(
                 f"message_id {message.message_id!r} differs from job_id {job.job_id!r}"
             )
-        if job.team != team:
-            raise Unauthorized(f"job for team {job.team!r} arrived on team {team!r}'s queue")
         if len(job.messages) > self._max_job_messages:
             raise InvalidRequest(
                 f"job has {len(job.messages)} messages; the limit is {self._max_job_messages}"
@@ -204,7 +219,12 @@ class JobProcessor:
         error = announcement.bad_input
         if error is not None:
             await self._publisher.dead_letter(
-                message, reason=error.code, detail=error.message, queue=queue
+                message,
+                reason=error.code,
+                detail=error.message,
+                queue=queue,
+                user=self._gate.first_user(message),
+                first=self._gate.first_cause(message),
             )
         await settle(message.ack(), f"acknowledge job {announcement.job_id}", log)
 

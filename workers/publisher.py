@@ -10,13 +10,20 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from queuegate.broker import json_message, publish, when_connected
 from queuegate.messages import StreamChunk
+from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER
 from queuegate.topology import (
+    DEAD_BODY_LIMIT,
     HEADER_DEAD_DETAIL,
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
+    HEADER_DEAD_TRUNCATED,
+    HEADER_DEAD_USER,
+    HEADER_FIRST_DETAIL,
+    HEADER_FIRST_REASON,
     MESSAGE_TYPE_CHUNK,
     MESSAGE_TYPE_RESULT,
     MESSAGE_TYPE_USAGE,
+    header_text,
 )
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,9 @@ class Publisher:
     A publish that fails because the connection dropped waits up to ``reconnect_wait`` seconds
     for the robust channel to return and is sent again, rather than failing the job: a failed
     job is requeued, and requeues while the broker is away would spend its delivery limit.
+
+    Usage events and dead letters carry ``user_id`` (the worker's broker user): the dead-letter
+    tools trust their headers only under an operator's user_id, which no team can forge.
     """
 
     def __init__(
@@ -39,7 +49,9 @@ class Publisher:
         dead: AbstractExchange,
         *,
         reconnect_wait: float,
+        user_id: str | None,
     ) -> None:
+        self._user_id = user_id
         self._channel = channel
         self._usage = usage
         self._dead = dead
@@ -93,27 +105,55 @@ class Publisher:
 
     async def usage(self, job_id: str, body: bytes) -> None:
         """Send a UsageEvent's JSON to the usage exchange."""
-        message = json_message(body, message_type=MESSAGE_TYPE_USAGE, message_id=job_id)
+        message = json_message(
+            body, message_type=MESSAGE_TYPE_USAGE, message_id=job_id, user_id=self._user_id
+        )
         await self._send(
             lambda: publish(self._channel, message, exchange=self._usage.name, routing_key=""),
             f"accounting job {job_id}",
         )
 
     async def dead_letter(
-        self, original: AbstractIncomingMessage, *, reason: str, detail: str, queue: str
+        self,
+        original: AbstractIncomingMessage,
+        *,
+        reason: str,
+        detail: str,
+        queue: str,
+        user: str,
+        first: tuple[str, str] | None = None,
     ) -> None:
-        """Keep the original job, with why it was refused, in the dead-letter queue."""
-        headers = {
+        """Keep the original job, with why it was refused, in the dead-letter queue.
+
+        Only the worker's own headers go with it (a team's ``x-queuegate-*`` headers stay
+        behind), plus the job's API key proof, so that a replay can prove it again. A body
+        beyond DEAD_BODY_LIMIT is cut there: what an operator needs is why, not the megabytes.
+        ``user`` is who first published the job; ``first`` the reason and detail a replayed job
+        was first dead-lettered for.
+        """
+        headers: dict[str, str | int] = {
             HEADER_DEAD_REASON: reason,
             HEADER_DEAD_DETAIL: detail[:DETAIL_LIMIT],
             HEADER_DEAD_QUEUE: queue,
+            HEADER_DEAD_USER: user,
         }
+        if first is not None:
+            headers[HEADER_FIRST_REASON], headers[HEADER_FIRST_DETAIL] = first
+        for name in (KEY_ID_HEADER, PROOF_HEADER):
+            value = header_text((original.headers or {}).get(name))
+            if value is not None:
+                headers[name] = value
+        body = original.body
+        if len(body) > DEAD_BODY_LIMIT:
+            headers[HEADER_DEAD_TRUNCATED] = len(body)
+            body = body[:DEAD_BODY_LIMIT]
         message = json_message(
-            original.body,
+            body,
             message_type=original.type or "job",
             message_id=original.message_id,
             correlation_id=original.correlation_id,
             reply_to=original.reply_to,
+            user_id=self._user_id,
             headers=headers,
         )
         await self._send(

@@ -23,7 +23,7 @@ from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.outage import OutageLog
-from queuegate.registry import TeamConfig, list_teams
+from queuegate.registry import TeamConfig, check_team_name, list_teams
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
@@ -72,7 +72,7 @@ class Worker:
     ) -> None:
         self._settings = settings
         self._router = router
-        self._fixed_teams = list(teams) if teams else None
+        self._fixed_teams = [check_team_name(team) for team in teams] if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology(settings.namespace, settings.delivery_limit)
         self._consumers: dict[str, _TeamConsumer] = {}
@@ -84,6 +84,7 @@ class Worker:
             log, "The team registry (PostgreSQL)", "the teams I have are served"
         )
         self._connected: asyncio.Event | None = None
+        self._invalid_rows: set[tuple[str, str]] = set()
         self._draining = False
         self._telemetry = Telemetry(router.catalog.models)
         self.ready = asyncio.Event()
@@ -136,12 +137,21 @@ class Worker:
                 router=self._router,
                 store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
                 cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
-                publisher=Publisher(publish, usage, dead, reconnect_wait=s.reconnect_wait),
+                publisher=Publisher(
+                    publish, usage, dead, reconnect_wait=s.reconnect_wait, user_id=s.amqp_user
+                ),
                 admission=self._admission,
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
                 max_job_messages=s.max_job_messages,
-                gate=Gate(Identities(pool, namespace=s.namespace, ttl=s.security_cache_ttl)),
+                gate=Gate(
+                    Identities(
+                        pool,
+                        namespace=s.namespace,
+                        ttl=s.security_cache_ttl,
+                        operators=s.operators,
+                    )
+                ),
                 telemetry=self._telemetry,
                 job_time_limit=s.job_time_limit,
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
@@ -225,12 +235,18 @@ class Worker:
     async def _registry_teams(self, pool: asyncpg.Pool) -> dict[str, TeamConfig] | None:
         """Enabled teams and their configs; None while the registry cannot be read."""
         try:
-            teams = {team.name: team.config for team in await list_teams(pool, enabled_only=True)}
-        except (OSError, asyncpg.PostgresError, ConfigError) as exc:
+            listed = await list_teams(pool, enabled_only=True, on_invalid=self._invalid_row)
+        except (OSError, asyncpg.PostgresError) as exc:
             self._registry.failed(exc)
             return None
         self._registry.recovered()
-        return teams
+        return {team.name: team.config for team in listed}
+
+    def _invalid_row(self, name: str, error: ConfigError) -> None:
+        # Read every few seconds: said once per row and error, not on every refresh.
+        if (name, str(error)) not in self._invalid_rows:
+            self._invalid_rows.add((name, str(error)))
+            log.error("team registry row %r is not served: %s", name, error)
 
     def _callback(
         self, team: str, queue: str

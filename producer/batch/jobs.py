@@ -15,12 +15,12 @@ from producer.batch.formats import FORMATS, FormatName, detect
 from queuegate.errors import BatchError
 from queuegate.messages import ChatJob
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
-"""A batch name: part of queue names, Redis keys and every job id."""
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
+"""A batch name: part of queue names, Redis keys and every job id (matched whole)."""
 
 
 def check_batch_name(name: str) -> str:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise BatchError(
             f"batch name {name!r} is not valid: use 1-48 lowercase letters, digits, - and _"
         )

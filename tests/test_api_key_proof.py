@@ -1,0 +1,176 @@
+"""An API key team's jobs prove the key without carrying it: nothing at rest can replay it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aio_pika
+import pytest
+from typer.testing import CliRunner
+
+from producer import GatewayClient
+from producer.client import job_message
+from queuegate import dlq
+from queuegate.broker import publish
+from queuegate.cli import app
+from queuegate.errors import ConfigError
+from queuegate.management import BrokerAdmin
+from queuegate.settings import Settings
+from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches, sign_job
+from queuegate.teams_admin import add, create_broker_user, set_security
+from queuegate.tenancy import hash_api_key, new_api_key
+from tests.support import running_gateway
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@dataclass(frozen=True)
+class KeyTeam:
+    key: str
+    key_id: str
+    apps: Settings
+    """Settings of the team's apps: a broker user of their own, which is no operator."""
+
+
+@pytest.fixture
+async def key_team(settings: Settings) -> AsyncIterator[KeyTeam]:
+    """Team alpha identified by API key, its apps connecting as a user shared by apps."""
+    await add(settings, "alpha")
+    _, credentials = await set_security(settings, "alpha", identity="api_key")
+    assert credentials is not None and credentials.api_key and credentials.api_key_id
+    user, password = f"{settings.namespace}.apps", uuid.uuid4().hex
+    await create_broker_user(settings, "alpha", user, password)
+    parts = urlsplit(settings.amqp_url)
+    netloc = f"{quote(user)}:{password}@{parts.hostname}:{parts.port or 5672}"
+    apps = settings.model_copy(update={"amqp_url": urlunsplit(parts._replace(netloc=netloc))})
+    try:
+        yield KeyTeam(credentials.api_key, credentials.api_key_id, apps)
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(user)
+
+
+async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter]:
+    async with asyncio.timeout(10):
+        while True:  # the broker announces no dead-lettering: look again
+            letters, total = await dlq.peek(settings)
+            if total >= expected:
+                return letters
+            await asyncio.sleep(0.02)
+
+
+async def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    monkeypatch.setenv("QUEUEGATE_NAMESPACE", settings.namespace)
+    monkeypatch.setenv("QUEUEGATE_DATABASE_SCHEMA", settings.database_schema)
+    result = await asyncio.to_thread(CliRunner().invoke, app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+async def test_an_api_key_rests_nowhere_through_expiry_refusal_and_replay(
+    settings: Settings,
+    key_team: KeyTeam,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with GatewayClient(key_team.apps, team="alpha", api_key=key_team.key) as client:
+        # Given a job of alpha's that expired in its queue before any worker took it
+        expired = client.job("gpt-4o-mini", HELLO)
+        message = job_message(
+            expired, reply_to=client.reply_to, user_id=key_team.apps.amqp_user, api_key=key_team.key
+        )
+        message.properties.expiration = "1"
+        connection = await aio_pika.connect(key_team.apps.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await publish(
+                channel, message, exchange=f"{settings.namespace}.jobs", routing_key="alpha"
+            )
+        await dead_letters(settings, 1)
+        async with running_gateway(settings, teams=("alpha",)) as gw:
+            # ... and one a worker refused (an unknown model)
+            refused = await client.chat("no-such-model", HELLO, timeout=10)
+            assert refused.error is not None and refused.error.code == "unknown_model"
+            letters = await dead_letters(settings, 2)
+            # When the operator shows each dead letter, then replays the expired job
+            shown = [
+                await cli(settings, monkeypatch, "dlq", "show", x.message_id or "") for x in letters
+            ]
+            replayed, _ = await dlq.replay(settings, {expired.job_id})
+            assert len(replayed) == 1
+            # Expect the replay served once, proven by the job's own proof of the key
+            result = await client.wait(expired.job_id, timeout=10)
+            assert result.status == "ok", result.error
+            rows = await gw.usage_rows(2)
+            [identity] = [row["identity"] for row in rows if row["job_id"] == expired.job_id]
+            assert identity == (
+                f"operator:{settings.amqp_user}(replay of api_key:{key_team.key_id})"
+            )
+    # ... and neither the key nor its stored hash in any message, listing or log line
+    seen = {
+        "dead letters": "\n".join(f"{x.headers!r} {x.body!r}" for x in letters),
+        "dlq show": "\n".join(shown),
+        "logs": caplog.text,
+    }
+    assert all(KEY_ID_HEADER in x.headers and PROOF_HEADER in x.headers for x in letters)
+    for where, text in seen.items():
+        for secret in (key_team.key, key_team.key.rsplit("_", 1)[1], hash_api_key(key_team.key)):
+            assert secret not in text, f"the API key leaked into {where}"
+
+
+def test_a_proof_holds_for_its_own_job_id_team_and_body_only() -> None:
+    _, key = new_api_key()
+    headers = sign_job(key, job_id="j1", team="alpha", body=b"{}")
+    stored = hash_api_key(key)
+    proof = headers[PROOF_HEADER]
+    assert proof_matches(stored, proof, job_id="j1", team="alpha", body=b"{}")
+    assert not proof_matches(stored, proof, job_id="j2", team="alpha", body=b"{}")
+    assert not proof_matches(stored, proof, job_id="j1", team="beta", body=b"{}")
+    assert not proof_matches(stored, proof, job_id="j1", team="alpha", body=b"{ }")
+    assert not proof_matches(
+        hash_api_key(new_api_key()[1]), proof, job_id="j1", team="alpha", body=b"{}"
+    )
+    assert key not in str(headers) and stored not in str(headers)
+    with pytest.raises(ConfigError, match="not a queuegate API key"):
+        sign_job("sk-not-ours", job_id="j1", team="alpha", body=b"{}")
+
+
+async def test_a_proof_copied_onto_another_job_is_refused(
+    settings: Settings, key_team: KeyTeam
+) -> None:
+    async with (
+        running_gateway(settings, teams=("alpha",)) as gw,
+        GatewayClient(key_team.apps, team="alpha", api_key=key_team.key) as client,
+    ):
+        # Given a proof read from one of alpha's jobs (as from a dead letter)
+        signed = job_message(
+            client.job("gpt-4o-mini", HELLO),
+            reply_to=client.reply_to,
+            user_id=key_team.apps.amqp_user,
+            api_key=key_team.key,
+        )
+        proof = dict(signed.properties.headers or {})
+        # When someone able to publish for alpha sends another job under that proof
+        other = client.job("gpt-4o-mini", [{"role": "user", "content": "bill alpha for this"}])
+        forged = job_message(other, reply_to=client.reply_to, user_id=key_team.apps.amqp_user)
+        forged.properties.headers = proof
+        connection = await aio_pika.connect(key_team.apps.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await publish(
+                channel, forged, exchange=f"{settings.namespace}.jobs", routing_key="alpha"
+            )
+        # Expect it refused, and no provider call
+        result = await client.wait(other.job_id, timeout=10)
+        assert result.error is not None and result.error.code == "unauthorized"
+        assert (
+            result.error.message
+            == f"the proof of API key {key_team.key_id} does not match this job"
+        )
+        assert gw.mock.stats.calls == 0

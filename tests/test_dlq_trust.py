@@ -1,0 +1,307 @@
+"""Dead letters as a team would abuse them, and replays as an operator runs them.
+
+Each team here is added the default way (its own broker user) and attacks with its own
+credentials; the operator is the gateway's own user, as ``queuegate dlq`` runs by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aio_pika
+import pytest
+
+from producer import GatewayClient
+from queuegate import dlq
+from queuegate.management import BrokerAdmin
+from queuegate.messages import ChatJob
+from queuegate.settings import Settings
+from queuegate.teams_admin import Credentials, add, create_broker_user
+from queuegate.topology import (
+    DEAD_BODY_LIMIT,
+    HEADER_DEAD_QUEUE,
+    HEADER_DEAD_REASON,
+    HEADER_DEAD_TRUNCATED,
+    Topology,
+)
+from tests.support import running_gateway
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+async def teams(settings: Settings) -> AsyncIterator[dict[str, Credentials]]:
+    """Teams alpha and beta, each with its own broker user (deleted afterwards)."""
+    created: dict[str, Credentials] = {}
+    try:
+        for team in ("alpha", "beta"):
+            created[team] = await add(settings, team)
+        yield created
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            for credentials in created.values():
+                if credentials.user:
+                    await admin.delete_user(credentials.user)
+
+
+async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter]:
+    """The dead letters, once ``expected`` are there (the broker announces no dead-lettering)."""
+    async with asyncio.timeout(10):
+        while True:
+            letters, total = await dlq.peek(settings)
+            if total >= expected:
+                return letters
+            await asyncio.sleep(0.02)
+
+
+async def depth(settings: Settings, queue: str) -> int:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def publish_as(
+    credentials: Credentials, settings: Settings, message: aio_pika.Message, team: str
+) -> None:
+    assert credentials.amqp_url is not None
+    connection = await aio_pika.connect(credentials.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(f"{settings.namespace}.jobs")
+        await exchange.publish(message, routing_key=team)
+
+
+async def test_a_teams_forged_dead_letter_headers_never_reach_accounting_or_another_team(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await topology.declare_usage(await connection.channel())
+    alpha = teams["alpha"]
+    usage = {"job_id": "forged-usage", "team": "beta", "cost_usd": "777.25", "status": "ok"}
+    # When alpha, with its own user, publishes under its own key messages that expire at once,
+    # one headed (and with a forged x-death entry) as if dead-lettered from accounting
+    await publish_as(
+        alpha,
+        settings,
+        aio_pika.Message(
+            json.dumps(usage).encode(),
+            message_id="forged-usage",
+            user_id=alpha.user,
+            expiration=timedelta(milliseconds=1),
+            headers={
+                HEADER_DEAD_QUEUE: topology.accounting_queue,
+                HEADER_DEAD_REASON: "delivery_limit",
+                "x-death": [{"queue": topology.accounting_queue, "reason": "rejected", "count": 1}],
+            },
+        ),
+        "alpha",
+    )
+    # ... and one headed as if dead-lettered from beta's job queue
+    job = ChatJob.model_validate(
+        {"job_id": "forged-move", "team": "beta", "model": "gpt-4o-mini", "messages": HELLO}
+    )
+    await publish_as(
+        alpha,
+        settings,
+        aio_pika.Message(
+            job.model_dump_json().encode(),
+            message_id="forged-move",
+            user_id=alpha.user,
+            expiration=timedelta(milliseconds=1),
+            headers={HEADER_DEAD_QUEUE: topology.team_queue("beta")},
+        ),
+        "alpha",
+    )
+    # Expect the operator's listing to show both as alpha's expired jobs
+    letters = await dead_letters(settings, 2)
+    assert sorted((x.message_id, x.team, x.queue, x.reason) for x in letters) == [
+        ("forged-move", "alpha", topology.team_queue("alpha"), "expired"),
+        ("forged-usage", "alpha", topology.team_queue("alpha"), "expired"),
+    ]
+    # When the operator replays every dead letter
+    replayed, refused = await dlq.replay(settings)
+    # Expect both back on alpha's own queue: nothing reached accounting or beta's queue
+    assert len(replayed) == 2 and not refused
+    assert await depth(settings, topology.accounting_queue) == 0
+    assert await depth(settings, topology.team_queue("beta")) == 0
+    assert await depth(settings, topology.team_queue("alpha")) == 2
+
+
+async def test_a_usage_event_is_replayed_to_accounting_only_when_a_worker_published_it(
+    settings: Settings,
+) -> None:
+    # Given two usage events that expired in the accounting queue (no accountant ran): one
+    # published under the workers' user, one under no user at all
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        usage = await topology.declare_usage(channel)
+        for job_id, user in (("by-worker", settings.amqp_user), ("unsigned", None)):
+            await usage.publish(
+                aio_pika.Message(
+                    b"{}", message_id=job_id, user_id=user, expiration=timedelta(milliseconds=1)
+                ),
+                routing_key="",
+            )
+    letters = await dead_letters(settings, 2)
+    assert {x.queue for x in letters} == {topology.accounting_queue}
+    # When the operator replays both
+    replayed, refused = await dlq.replay(settings)
+    # Expect only the worker's back in accounting, and the other one left, saying why
+    assert [x.message_id for x in replayed] == ["by-worker"]
+    [(letter, why)] = refused
+    assert letter.message_id == "unsigned" and "published by nobody, no worker" in why
+    assert await depth(settings, topology.accounting_queue) == 1
+
+
+async def test_an_expired_job_of_a_broker_identity_team_is_replayed_served_and_counted_once(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    alpha = teams["alpha"]
+    assert alpha.amqp_url is not None
+    team_settings = settings.model_copy(update={"amqp_url": alpha.amqp_url})
+    async with GatewayClient(team_settings, team="alpha") as client:
+        # Given a job of alpha's that outlived its message TTL while no worker ran
+        job = client.job("gpt-4o-mini", HELLO)
+        await publish_as(
+            alpha,
+            settings,
+            aio_pika.Message(
+                job.model_dump_json().encode(),
+                message_id=job.job_id,
+                correlation_id=job.job_id,
+                reply_to=client.reply_to,
+                user_id=alpha.user,
+                expiration=timedelta(milliseconds=1),
+            ),
+            "alpha",
+        )
+        [letter] = await dead_letters(settings, 1)
+        assert letter.reason == "expired" and letter.team == "alpha" and letter.deaths == 1
+        async with running_gateway(settings, teams=("alpha",)) as gw:
+            # When the operator replays it
+            replayed, refused = await dlq.replay(settings, {job.job_id})
+            assert [x.message_id for x in replayed] == [job.job_id] and not refused
+            # Expect it served once, and accounted once under the operator, naming alpha's user
+            result = await client.wait(job.job_id, timeout=10)
+            assert result.status == "ok", result.error
+            [row] = await gw.usage_rows(1)
+            assert row["identity"] == (
+                f"operator:{settings.amqp_user}(replay of broker:{alpha.user})"
+            )
+            assert gw.mock.stats.calls == 1
+            assert (await dlq.peek(settings))[1] == 0
+
+
+async def test_a_replay_refused_again_keeps_the_first_cause(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given a job alpha forged for beta, which expired in alpha's queue
+    alpha = teams["alpha"]
+    job = ChatJob.model_validate(
+        {"job_id": "forged-1", "team": "beta", "model": "gpt-4o-mini", "messages": HELLO}
+    )
+    await publish_as(
+        alpha,
+        settings,
+        aio_pika.Message(
+            job.model_dump_json().encode(),
+            message_id=job.job_id,
+            user_id=alpha.user,
+            expiration=timedelta(milliseconds=1),
+        ),
+        "alpha",
+    )
+    await dead_letters(settings, 1)
+    async with running_gateway(settings, teams=("alpha", "beta")) as gw:
+        # When the operator replays it, and the worker refuses it
+        await dlq.replay(settings, {"forged-1"})
+        [row] = await gw.usage_rows(1)
+        # Expect the refusal audited with who claimed it and for which model
+        assert row["error_code"] == "unauthorized" and row["model_requested"] == "gpt-4o-mini"
+        assert row["identity"] == f"claimed:user_id={settings.amqp_user}"
+        assert gw.mock.stats.calls == 0
+    # ... and the dead letter still saying why it first died, then why the replay did
+    [letter] = await dead_letters(settings, 1)
+    assert letter.reason == "expired" and letter.team == "alpha"
+    assert letter.then is not None and letter.then.startswith("unauthorized: job for team 'beta'")
+
+
+async def test_a_worker_keeps_only_the_head_of_an_oversized_job_and_says_so(
+    settings: Settings,
+) -> None:
+    # Given a worker that accepts jobs of up to 1 MiB, when a job of 1.5 MiB arrives
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        big = [{"role": "user", "content": "x" * 1_500_000}]
+        result = await client.chat("gpt-4o-mini", big, timeout=10)
+        assert result.error is not None and result.error.code == "invalid_request"
+    # Expect its dead letter cut to the limit, saying how big it was, and not replayable
+    [letter] = await dead_letters(settings, 1)
+    assert len(letter.body) == DEAD_BODY_LIMIT
+    assert letter.truncated is not None and letter.truncated > 1_500_000
+    assert letter.headers[HEADER_DEAD_TRUNCATED] == letter.truncated
+    replayed, [(_, why)] = await dlq.replay(settings)
+    assert not replayed and "cut from" in why
+
+
+async def test_the_dead_letter_queue_is_bounded(settings: Settings) -> None:
+    # Given the dead-letter queue as every component declares it
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await Topology(settings.namespace).declare_dead(await connection.channel())
+    async with BrokerAdmin(settings.management_url) as admin:
+        queue = await admin.queue(f"{settings.namespace}.dead")
+    # Expect a length and a byte bound, dropping the oldest letters rather than refusing any
+    assert queue is not None
+    arguments = queue["arguments"]
+    assert arguments["x-max-length"] > 0 and arguments["x-max-length-bytes"] > 0
+    assert arguments["x-overflow"] == "drop-head"
+    # ... and a delivery limit out of reach, so that listing letters never drops one
+    assert arguments["x-delivery-limit"] >= 1_000_000
+
+
+async def test_an_operators_replay_never_turns_a_refused_forgery_into_a_served_job(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given a user that may publish under alpha's key but is not alpha's (an app user shared
+    # by several teams, say), whose job for alpha was refused and dead-lettered
+    user, password = f"{settings.namespace}.outsider", uuid.uuid4().hex
+    await create_broker_user(settings, "alpha", user, password)
+    try:
+        parts = urlsplit(settings.amqp_url)
+        netloc = f"{quote(user)}:{password}@{parts.hostname}:{parts.port or 5672}"
+        outsider = Credentials("broker", user, password, urlunsplit(parts._replace(netloc=netloc)))
+        async with running_gateway(settings, teams=("alpha",)) as gw:
+            job = ChatJob.model_validate(
+                {"job_id": "forged-2", "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
+            )
+            message = aio_pika.Message(
+                job.model_dump_json().encode(), message_id=job.job_id, user_id=outsider.user
+            )
+            await publish_as(outsider, settings, message, "alpha")
+            [letter] = await dead_letters(settings, 1)
+            assert letter.reason == "unauthorized" and letter.team == "alpha"
+            # When the operator replays it
+            replayed, _ = await dlq.replay(settings)
+            assert len(replayed) == 1
+            # Expect its first publisher proven again, and the job refused again, never served
+            rows = await gw.usage_rows(2)
+            assert [row["error_code"] for row in rows] == ["unauthorized", "unauthorized"]
+            assert gw.mock.stats.calls == 0
+        [again] = await dead_letters(settings, 1)
+        assert again.reason == "unauthorized" and again.then is not None
+        assert again.then.endswith(
+            f"broker user {outsider.user!r} may not publish for team 'alpha'"
+        )
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(user)
