@@ -18,7 +18,6 @@ from rich.text import Text
 
 from queuegate.registry import Team
 
-
 TEXT_MIN_WIDTH = 12
 """What a text column (a team, a model alias) keeps at least when a table must shrink."""
 
