@@ -26,6 +26,8 @@ ErrorCode = Literal[
     "all_providers_failed",
     "queue_full",
     "canceled",
+    "idempotency_conflict",
+    "already_answered",
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -39,6 +41,8 @@ HTTP_STATUS: dict[str, int] = {
     "all_providers_failed": 502,
     "queue_full": 503,
     "canceled": 499,
+    "idempotency_conflict": 422,
+    "already_answered": 409,
 }
 """The HTTP status an HTTP gateway would answer for each error code."""
 

@@ -30,12 +30,14 @@ from router import Router
 from workers.admission import Admission, prefetch_for
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache
+from workers.claims import Claims
 from workers.gate import Gate
 from workers.identity import Identities
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
-from workers.store import OutcomeStore
+from workers.reply_queues import ReplyQueues
 from workers.telemetry import Telemetry
+from workers.usage_record import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,18 @@ class Worker:
             redis, Keys(s.redis_prefix), self.name, s.stats_interval, self._live_in_flight
         )
         self._telemetry.live = live
+        claims = Claims(
+            redis,
+            Keys(s.redis_prefix),
+            UsageRecord(pool),
+            worker=self.name,
+            lease=s.claim_lease,
+            wait=s.claim_wait,
+            ttl=s.result_ttl,
+        )
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
+        claims_task = asyncio.create_task(claims.run(live_stop))
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog)
             consume = await connection.channel()
@@ -134,7 +146,8 @@ class Worker:
             dead = await self._topology.declare_dead(publish)
             self._processor = JobProcessor(
                 router=self._router,
-                store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
+                claims=claims,
+                replies=ReplyQueues(connection),
                 cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
                 publisher=Publisher(publish, usage, dead, reconnect_wait=s.reconnect_wait),
                 admission=self._admission,
@@ -163,6 +176,7 @@ class Worker:
         finally:
             live_stop.set()
             await live_task
+            await claims_task
             await connection.close()
             await pool.close()
 
