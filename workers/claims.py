@@ -108,6 +108,7 @@ class Claims:
         self._claim: AsyncScript = client.register_script(_source("claim"))
         self._hold: AsyncScript = client.register_script(_source("hold"))
         self._finish: AsyncScript = client.register_script(_source("finish"))
+        self._epoch_lock = asyncio.Lock()
         self._held: dict[str, str] = {}
         """Claim key → owner, of every job in flight here: renewed together by ``run``."""
         self._outage = OutageLog(log, "Redis", "jobs are served without claims")
@@ -182,21 +183,37 @@ class Claims:
             )
         return claim
 
+    async def start(self) -> None:
+        """Write the memory epoch if Redis has none (it is new, or lost its data), so that
+        jobs find it."""
+        await self._may_have_forgotten(b"")
+
     async def _may_have_forgotten(self, raw: bytes) -> bool:
         """Whether Redis lost its data less than ``result_ttl`` ago: it may have forgotten
-        outcomes that PostgreSQL still records."""
+        outcomes that PostgreSQL still records. ``raw``: the memory epoch, b"" if missing."""
+        if not raw:
+            # One look at a time: the jobs that found it missing together wait for it.
+            async with self._epoch_lock:
+                raw = await self._epoch()
         now_ms = time.time() * 1000
-        if raw:
-            epoch = float(raw)
-            return epoch > 0 and now_ms < epoch + self._ttl * 1000
-        # No epoch: Redis is new, or lost its data. Forgotten outcomes exist only if jobs
-        # were accounted within the ttl.
-        recent = await self._usage.any_since(self._ttl)
-        if recent is None:
-            return False  # cannot tell now; the next job asks again
-        with contextlib.suppress(RedisError):
-            await self._client.set(self._keys.memory_epoch, int(now_ms) if recent else 0, nx=True)
-        return recent
+        return bool(raw) and float(raw) > 0 and now_ms < float(raw) + self._ttl * 1000
+
+    async def _epoch(self) -> bytes:
+        """The memory epoch; written first if missing: now, when jobs were accounted within
+        the ttl (their outcomes may be forgotten), else 0. b"" when it cannot be told."""
+        key = self._keys.memory_epoch
+        try:
+            if (raw := await self._client.get(key)) is None:
+                recent = await self._usage.any_since(self._ttl)
+                if recent is None:
+                    return b""  # cannot tell now; a later job asks again
+                epoch = int(time.time() * 1000) if recent else 0
+                await self._client.set(key, epoch, nx=True)
+                raw = await self._client.get(key)
+        except RedisError as exc:
+            self._outage.failed(exc)
+            return b""
+        return str(raw or "").encode() if not isinstance(raw, bytes) else raw
 
     async def hold(self, key: str, owner: str, call: LostCall | None = None) -> None:
         """Renew a claim now, with the call about to leave when there is one."""

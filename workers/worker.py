@@ -159,6 +159,7 @@ class Worker:
                 job_time_limit=s.job_time_limit,
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
+            await claims.start()
             await self._serve_teams(consume, pool)
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
