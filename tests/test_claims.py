@@ -99,6 +99,8 @@ async def test_a_reused_job_id_with_a_different_request_is_refused_as_a_conflict
         assert result.status == "error" and result.response is None
         assert result.error is not None and result.error.code == "idempotency_conflict"
         assert gw.mock.stats.calls == 1
+        [dead] = await gw.dead_letters(1)
+        assert dead.headers[HEADER_DEAD_REASON] == "idempotency_conflict"
         # ... while the same request again is answered with the stored result
         again = await (await third.submit(first.job("gpt-4o-mini", HELLO, job_id="x-1"))).result(10)
         assert again.status == "ok" and again.response == answered.response
