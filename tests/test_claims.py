@@ -4,6 +4,7 @@ and a job nobody could read or receive costs nothing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -70,6 +71,28 @@ async def test_a_job_published_twice_at_once_is_called_once(
         assert await _queue_is_empty(gw)
         rows = await gw.usage_rows(20)
         assert len(rows) == 20 and all(r["identity"] == f"broker:{broker_team.user}" for r in rows)
+
+
+async def test_a_duplicate_held_past_the_wait_goes_back_to_its_queue_uncalled(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a call far longer than a duplicate may wait for it (and deliveries to spare)
+    settings = settings.model_copy(update={"claim_wait": 0.2, "delivery_limit": 50})
+    slow = MockConfig(default=Behavior(latency_ms=1500))
+    caplog.set_level(logging.INFO, logger="workers.processor")
+    async with running_gateway(settings, mock_config=slow) as gw, gw.client("alpha") as client:
+        # When one job is published twice at once
+        job = client.job("gpt-4o-mini", HELLO)
+        handles = await asyncio.gather(client.submit(job), client.submit(job))
+        result = await handles[0].result(timeout=30)
+
+        # Expect the duplicate returned to its queue while the first was held, never called,
+        # and answered from the first's outcome once it came back
+        assert result.status == "ok"
+        await wait_until(lambda: client.duplicates == 1, timeout=30)
+        assert any("past the wait" in r.getMessage() for r in caplog.records)
+        assert gw.mock.stats.calls == 1
+        assert len(await gw.usage_rows(1)) == 1
 
 
 async def test_a_reused_job_id_with_a_different_request_is_refused_as_a_conflict(
