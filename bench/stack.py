@@ -187,13 +187,18 @@ async def running_stack(
     accounting: bool = True,
     catalog: Path | None = None,
     team: TeamConfig | None = None,
+    redis_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
     """Start the processes, wait until each is serving, and tear everything down after.
 
     ``catalog`` replaces the bundled mock catalog (``QUEUEGATE_CATALOG``); ``team`` registers
-    the bench team with these limits and budget (else it is served unregistered: no limits).
+    the bench team with these limits and budget (else it is served unregistered: no limits);
+    ``redis_url`` points the stack at another Redis; ``extra_env`` sets more ``QUEUEGATE_*``.
     """
     settings = bench_settings()
+    if redis_url is not None:
+        settings = settings.model_copy(update={"redis_url": redis_url})
     port = free_port()
     mock_url = f"http://127.0.0.1:{port}"
     env = {
@@ -205,6 +210,8 @@ async def running_stack(
         "QUEUEGATE_PREFETCH": str(prefetch),
         "QUEUEGATE_METRICS_PORT": "0",  # any free port: two workers share the host
         **({"QUEUEGATE_CATALOG": str(catalog)} if catalog is not None else {}),
+        "QUEUEGATE_REDIS_URL": settings.redis_url,
+        **(extra_env or {}),
     }
     stack = Stack(settings, mock_url, env)
     try:

@@ -13,6 +13,8 @@
     │   ├── BudgetExhausted          the team's (or model's) monthly budget is spent (402)
     │   ├── StreamInterrupted        the provider failed after the stream had started (502)
     │   ├── Canceled                 the job's batch was canceled before it was served (499)
+    │   ├── IdempotencyConflict      the job id was used by a different request (422)
+    │   ├── AlreadyAnswered          the job was answered before Redis lost its outcome (409)
     │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
     └── ClientError                  raised to producers
         ├── ResultTimeout            no result arrived within the timeout
@@ -147,6 +149,20 @@ class Canceled(JobError):
     """The job belongs to a batch that was canceled; no provider is called for it."""
 
     code = "canceled"
+
+
+class IdempotencyConflict(JobError):
+    """The job's id already names a different request (model, messages, parameters,
+    fallbacks or team differ): it is not served, and never answered with the other's result."""
+
+    code = "idempotency_conflict"
+
+
+class AlreadyAnswered(JobError):
+    """The job was answered (its usage row is in PostgreSQL) but Redis no longer holds the
+    result, which went to the original reply queue: it is not called again."""
+
+    code = "already_answered"
 
 
 class AllProvidersFailed(JobError):

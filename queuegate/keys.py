@@ -16,6 +16,19 @@ class Keys:
         """
         return f"{self.prefix}:result:{team}:{job_id}"
 
+    def claim(self, team: str, job_id: str) -> str:
+        """The delivery answering a job (hash: request fingerprint, owner, lease, the call in
+        flight, calls lost with lapsed owners), from before its first call until its outcome
+        is stored (workers/lua/claim.lua)."""
+        return f"{self.prefix}:claim:{team}:{job_id}"
+
+    @property
+    def memory_epoch(self) -> str:
+        """Milliseconds since the epoch from which Redis may be missing stored outcomes (it
+        lost its data then), or 0: jobs are checked against PostgreSQL's usage rows until
+        ``result_ttl`` after it. Written by the first worker to find it missing."""
+        return f"{self.prefix}:memory-epoch"
+
     # Live stats: written by workers every few seconds, read by `queuegate status`.
 
     @property

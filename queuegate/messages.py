@@ -27,6 +27,8 @@ ErrorCode = Literal[
     "queue_full",
     "canceled",
     "context_length_exceeded",
+    "idempotency_conflict",
+    "already_answered",
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -41,6 +43,8 @@ HTTP_STATUS: dict[str, int] = {
     "queue_full": 503,
     "canceled": 499,
     "context_length_exceeded": 400,
+    "idempotency_conflict": 422,
+    "already_answered": 409,
 }
 """The HTTP status an HTTP gateway would answer for each error code."""
 

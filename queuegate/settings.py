@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     """Seconds in-flight jobs get to finish on SIGTERM before the rest go back to the queue."""
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
     """Seconds a finished job's result is kept, so a redelivery is answered without a new call."""
+    claim_lease: float = Field(default=10.0, gt=0)
+    """Seconds a job's claim outlives a worker that stops renewing it (it died or hangs):
+    then another delivery of the job takes it over. Renewed every third of it meanwhile."""
+    claim_wait: float = Field(default=30.0, gt=0)
+    """Seconds a second delivery of a job waits for the first one's outcome before it goes
+    back to its queue (never calling the provider while the first holds the job)."""
     cache_ttl: int = Field(default=3600, ge=1)
     """Seconds a cached response (jobs with ``cache`` set) is served again."""
     max_job_bytes: int = Field(default=1_048_576, ge=1024)

@@ -16,7 +16,7 @@ from queuegate import dlq
 from queuegate.errors import ConfigError
 from queuegate.messages import ChatResult
 from queuegate.settings import Settings
-from queuegate.topology import Topology
+from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON, Topology
 from tests.support import Gateway, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -79,7 +79,7 @@ async def test_a_job_that_fails_every_delivery_is_dead_lettered_at_the_limit(
                 assert result.status == "ok"
 
 
-async def test_a_result_whose_reply_queue_is_gone_is_recorded_not_retried(
+async def test_a_job_whose_reply_queue_is_gone_is_refused_before_any_call(
     settings: Settings,
 ) -> None:
     async with running_gateway(settings) as gw:
@@ -88,12 +88,15 @@ async def test_a_result_whose_reply_queue_is_gone_is_recorded_not_retried(
             # Given a job whose reply queue no longer exists
             channel = await connection.channel(publisher_confirms=True)
             await _publish_job(gw, channel, "caller-gone", f"{settings.namespace}.nobody")
-            # Expect it served once, its usage row saying the reply was not delivered
+            # Expect it dead-lettered saying why, accounted as refused, the provider not called
+            [dead] = await gw.dead_letters(1)
+            assert dead.message_id == "caller-gone"
+            assert dead.headers[HEADER_DEAD_REASON] == "invalid_request"
+            assert "does not exist" in str(dead.headers[HEADER_DEAD_DETAIL])
             [row] = await gw.usage_rows(1)
-            assert row["job_id"] == "caller-gone" and row["status"] == "ok"
-            assert not row["reply_delivered"]
-            assert gw.mock.stats.calls == 1
-            assert (await dlq.peek(settings))[1] == 0
+            assert row["job_id"].startswith("caller-gone/refused/")
+            assert row["error_code"] == "invalid_request" and not row["reply_delivered"]
+            assert gw.mock.stats.calls == 0
 
 
 async def test_replay_answers_a_dead_letter_once_and_counts_it_once(settings: Settings) -> None:

@@ -12,7 +12,7 @@ from queuegate.errors import JobError, StreamInterrupted
 from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, UsageEvent
 from router import Routed
 
-BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized"})
+BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized", "idempotency_conflict"})
 """Error codes that mean the job itself is wrong: it is answered and also dead-lettered."""
 
 

@@ -1,13 +1,15 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
-decode → validate → team → proven publisher → already finished? → PII policy → deadline →
-cache → admission (budget, team buckets) → router (each deployment's buckets; streaming
-deltas to reply_to) → settle admission → store outcome → publish result (confirmed) →
-publish usage (confirmed) →
-dead-letter bad input → ack.
+decode → validate (content type, schema version) → team → proven publisher → reply queue
+exists → claim (or: answered already, held by another delivery, a different request under
+the id) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
+deployment's buckets, each call recorded in the claim before it leaves; streaming deltas to
+reply_to) → settle admission → store outcome, ending the claim → publish result (confirmed)
+→ publish usage (confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
-and the redelivery is answered from the store instead of calling the provider again.
+and the redelivery is answered from the store instead of calling the provider again. Before
+that point the claim (workers.claims) keeps any other delivery of the job from calling.
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ from queuegate.errors import (
     StreamInterrupted,
     Unauthorized,
 )
-from queuegate.messages import ChatJob
+from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
 from workers.admission import Admission
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
+from workers.claims import Busy, Claim, Claims
 from workers.gate import Gate
 from workers.outcome import Announcement, Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
-from workers.store import OutcomeStore
+from workers.reply_queues import ReplyQueues
 from workers.streaming import StreamRelay, relay_for
 from workers.telemetry import Telemetry
 
@@ -49,7 +52,8 @@ class JobProcessor:
         self,
         *,
         router: Router,
-        store: OutcomeStore,
+        claims: Claims,
+        replies: ReplyQueues,
         cache: ResponseCache,
         publisher: Publisher,
         admission: Admission,
@@ -63,7 +67,8 @@ class JobProcessor:
     ) -> None:
         self._router = router
         self._admission = admission
-        self._store = store
+        self._claims = claims
+        self._replies = replies
         self._cache = cache
         self._publisher = publisher
         self._worker = worker
@@ -81,6 +86,10 @@ class JobProcessor:
             # job but its bytes is alive (see Announcement).
             announcement = await self._process(message, team)
             await self._finish(message, announcement, queue)
+        except Busy as exc:
+            # Not called meanwhile: the job comes back, and by then has its outcome.
+            log.info("%s past the wait; returning this delivery to the queue", exc)
+            await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
         except CONNECTION_LOST as exc:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
@@ -107,22 +116,36 @@ class JobProcessor:
             # Before the stored result: only a proven publisher may have it sent again. A
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
+            await self._receivable(message, reply_to)
         except JobError as exc:
             outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
             return self._refused(job.job_id, outcome, reply_to, exc)
-        stored = await self._store.get(team, job.job_id)
-        if stored is not None:
+        try:
+            claim = await self._claims.take(job, redelivered=bool(message.redelivered))
+        except JobError as exc:  # a different request under the id, or answered before
+            outcome = admitted.stamp(refused(job.job_id, team, job.model, exc, timing))
+            return self._refused(job.job_id, outcome, reply_to, exc)
+        if not isinstance(claim, Claim):
             log.info("job %s was already answered; sending the stored result again", job.job_id)
-            return Announcement.of(stored, reply_to)
+            return Announcement.of(claim, reply_to)
         error: JobError | None = None
         try:
-            outcome = await self._answer(admitted.screen(), reply_to, timing)
+            outcome = await self._answer(admitted.screen(), reply_to, timing, claim)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
-        outcome = admitted.stamp(outcome)
-        await self._store.put(outcome)
+        except BaseException:
+            await claim.abandon()
+            raise
+        outcome = await claim.finish(claim.account(admitted.stamp(outcome)))
         return self._finished(outcome, reply_to, error)
+
+    async def _receivable(self, message: AbstractIncomingMessage, reply_to: str | None) -> None:
+        """Refuse, before it costs anything, a job whose result could reach nobody."""
+        if not message.reply_to:
+            raise InvalidRequest("the job has no reply_to: its result would reach nobody")
+        if reply_to is not None and not await self._replies.exists(reply_to):
+            raise InvalidRequest(f"reply queue {reply_to!r} does not exist")
 
     def _finished(
         self, outcome: Outcome, reply_to: str | None, error: JobError | None
@@ -145,6 +168,11 @@ class JobProcessor:
         return self._finished(outcome, reply_to, error)
 
     def _decode(self, message: AbstractIncomingMessage) -> ChatJob:
+        content_type = (message.content_type or CONTENT_TYPE).split(";")[0].strip().lower()
+        if content_type != CONTENT_TYPE:
+            raise InvalidRequest(
+                f"content_type {message.content_type!r} is not supported; jobs are {CONTENT_TYPE}"
+            )
         size = len(message.body)
         if size > self._max_job_bytes:
             raise InvalidRequest(f"job is {size} bytes; the limit is {self._max_job_bytes}")
@@ -154,6 +182,11 @@ class JobProcessor:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
             raise InvalidRequest(f"not a valid chat job: {where}: {first['msg']}") from exc
+        if job.v > SCHEMA_VERSION:
+            raise InvalidRequest(
+                f"schema version {job.v} is newer than this worker's ({SCHEMA_VERSION}); "
+                "upgrade the workers, then replay it from the dead letters"
+            )
         if message.message_id and message.message_id != job.job_id:
             raise InvalidRequest(
                 f"message_id {message.message_id!r} differs from job_id {job.job_id!r}"
@@ -164,7 +197,9 @@ class JobProcessor:
             )
         return job
 
-    async def _answer(self, job: ChatJob, reply_to: str | None, timing: Timing) -> Outcome:
+    async def _answer(
+        self, job: ChatJob, reply_to: str | None, timing: Timing, claim: Claim
+    ) -> Outcome:
         """From the response cache when the job (or its team) wants it, else from the router
         (streamed to ``reply_to`` when the job asks for it)."""
         relay = relay_for(job, reply_to, self._publisher)
@@ -174,12 +209,12 @@ class JobProcessor:
             if relay is not None:
                 await relay.replay(hit.response)
             return served(job, hit, timing, cached=True)
-        routed = await self._serve(job, relay)
+        routed = await self._serve(job, relay, claim)
         if cache:
             await self._cache.put(job, routed)
         return served(job, routed, timing)
 
-    async def _serve(self, job: ChatJob, relay: StreamRelay | None) -> Routed:
+    async def _serve(self, job: ChatJob, relay: StreamRelay | None, claim: Claim) -> Routed:
         deadline = _monotonic_deadline(job.deadline)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
@@ -195,7 +230,7 @@ class JobProcessor:
                 job,
                 deadline=deadline,
                 on_delta=relay,
-                gate=ticket,
+                gate=claim.gate(ticket, self._router.catalog),
                 unsupported_params=self._admission.config(job.team).unsupported_params,
             )
             spent = routed

@@ -30,12 +30,14 @@ from router import Router
 from workers.admission import Admission, prefetch_for
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache
+from workers.claims import Claims
 from workers.gate import Gate
 from workers.identity import Identities
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
-from workers.store import OutcomeStore
+from workers.reply_queues import ReplyQueues
 from workers.telemetry import Telemetry
+from workers.usage_record import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,18 @@ class Worker:
             redis, Keys(s.redis_prefix), self.name, s.stats_interval, self._live_in_flight
         )
         self._telemetry.live = live
+        claims = Claims(
+            redis,
+            Keys(s.redis_prefix),
+            UsageRecord(pool),
+            worker=self.name,
+            lease=s.claim_lease,
+            wait=s.claim_wait,
+            ttl=s.result_ttl,
+        )
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
+        claims_task = asyncio.create_task(claims.run(live_stop))
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog)
             consume = await connection.channel()
@@ -135,7 +147,8 @@ class Worker:
             dead = await self._topology.declare_dead(publish)
             self._processor = JobProcessor(
                 router=self._router,
-                store=OutcomeStore(redis, Keys(s.redis_prefix), s.result_ttl),
+                claims=claims,
+                replies=ReplyQueues(connection),
                 cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
                 publisher=Publisher(
                     publish, usage, dead, reconnect_wait=s.reconnect_wait, user_id=s.amqp_user
@@ -156,6 +169,7 @@ class Worker:
                 job_time_limit=s.job_time_limit,
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
+            await claims.start()
             await self._serve_teams(consume, pool)
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
@@ -173,6 +187,7 @@ class Worker:
         finally:
             live_stop.set()
             await live_task
+            await claims_task
             await connection.close()
             await pool.close()
 

@@ -1,0 +1,209 @@
+"""Job claims: a job is called once however often it is delivered, a reused id is refused,
+and a job nobody could read or receive costs nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aio_pika
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from mockprovider import Behavior, MockConfig
+from producer import GatewayClient
+from queuegate.management import BrokerAdmin
+from queuegate.settings import Settings
+from queuegate.teams_admin import Credentials, add, set_security
+from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
+from tests.support import Gateway, running_gateway, wait_until
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+SLOW = MockConfig(default=Behavior(latency_ms=300))
+"""Calls slow enough for the deliveries of one job to overlap."""
+
+
+@pytest.fixture
+async def broker_team(settings: Settings) -> AsyncIterator[Credentials]:
+    """Team alpha added the default way: its own broker user, proven by ``user_id``."""
+    credentials = await add(settings, "alpha")
+    try:
+        yield credentials
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            if credentials.user:
+                await admin.delete_user(credentials.user)
+
+
+async def _queue_is_empty(gw: Gateway) -> bool:
+    connection = await aio_pika.connect(gw.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(gw.topology.team_queue("alpha"), passive=True)
+        return queue.declaration_result.message_count == 0
+
+
+async def test_a_job_published_twice_at_once_is_called_once(
+    settings: Settings, broker_team: Credentials
+) -> None:
+    # Given a slow provider and team alpha connected as its own broker user
+    assert broker_team.amqp_url is not None
+    team_settings = settings.model_copy(update={"amqp_url": broker_team.amqp_url})
+    async with (
+        running_gateway(settings, mock_config=SLOW) as gw,
+        GatewayClient(team_settings, team="alpha") as client,
+    ):
+        # When each of 20 jobs is published twice at once (a producer's resend)
+        jobs = [
+            client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}]) for i in range(20)
+        ]
+        handles = await asyncio.gather(*(client.submit(job) for job in jobs + jobs))
+        results = await asyncio.gather(*(h.result(timeout=30) for h in handles[:20]))
+
+        # Expect one provider call per job, every job answered ok, both deliveries answered
+        # with the same result and acknowledged, and one usage row per job
+        assert all(r.status == "ok" for r in results)
+        await wait_until(lambda: client.duplicates == 20, timeout=30)
+        assert gw.mock.stats.calls == 20
+        await wait_until(lambda: gw.worker.in_flight == 0)
+        assert await _queue_is_empty(gw)
+        rows = await gw.usage_rows(20)
+        assert len(rows) == 20 and all(r["identity"] == f"broker:{broker_team.user}" for r in rows)
+
+
+async def test_a_duplicate_held_past_the_wait_goes_back_to_its_queue_uncalled(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a call far longer than a duplicate may wait for it (and deliveries to spare)
+    settings = settings.model_copy(update={"claim_wait": 0.2, "delivery_limit": 50})
+    slow = MockConfig(default=Behavior(latency_ms=1500))
+    caplog.set_level(logging.INFO, logger="workers.processor")
+    async with running_gateway(settings, mock_config=slow) as gw, gw.client("alpha") as client:
+        # When one job is published twice at once
+        job = client.job("gpt-4o-mini", HELLO)
+        handles = await asyncio.gather(client.submit(job), client.submit(job))
+        result = await handles[0].result(timeout=30)
+
+        # Expect the duplicate returned to its queue while the first was held, never called,
+        # and answered from the first's outcome once it came back
+        assert result.status == "ok"
+        await wait_until(lambda: client.duplicates == 1, timeout=30)
+        assert any("past the wait" in r.getMessage() for r in caplog.records)
+        assert gw.mock.stats.calls == 1
+        assert len(await gw.usage_rows(1)) == 1
+
+
+async def test_a_reused_job_id_with_a_different_request_is_refused_as_a_conflict(
+    settings: Settings, broker_team: Credentials
+) -> None:
+    # Given team alpha proving itself with an API key, and a job it had answered
+    _, credentials = await set_security(settings, "alpha", identity="api_key")
+    assert credentials is not None and credentials.api_key is not None
+    async with (
+        running_gateway(settings) as gw,
+        gw.client("alpha", api_key=credentials.api_key) as first,
+        gw.client("alpha", api_key=credentials.api_key) as second,
+        gw.client("alpha", api_key=credentials.api_key) as third,
+    ):
+        answered = await (await first.submit(first.job("gpt-4o-mini", HELLO, job_id="x-1"))).result(
+            10
+        )
+        assert answered.status == "ok"
+
+        # When another request is sent under the same job id
+        other = second.job(
+            "gpt-4o-mini", [{"role": "user", "content": "Another prompt"}], job_id="x-1"
+        )
+        result = await (await second.submit(other)).result(10)
+
+        # Expect a conflict, never the first prompt's answer, and no second call
+        assert result.status == "error" and result.response is None
+        assert result.error is not None and result.error.code == "idempotency_conflict"
+        assert gw.mock.stats.calls == 1
+        [dead] = await gw.dead_letters(1)
+        assert dead.headers[HEADER_DEAD_REASON] == "idempotency_conflict"
+        # ... while the same request again is answered with the stored result
+        again = await (await third.submit(first.job("gpt-4o-mini", HELLO, job_id="x-1"))).result(10)
+        assert again.status == "ok" and again.response == answered.response
+        assert gw.mock.stats.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "content_type", "detail"),
+    [
+        ("newer-schema", {"v": 99}, "application/json", "schema version 99"),
+        ("plain-text", {}, "text/plain", "content_type 'text/plain'"),
+    ],
+)
+async def test_a_job_the_worker_cannot_read_is_refused_before_any_call(
+    settings: Settings, case: str, body: dict[str, object], content_type: str, detail: str
+) -> None:
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # Given a job of a schema version newer than the worker's, or one that is not JSON
+        job = {"job_id": case, "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO, **body}
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            await exchange.publish(
+                aio_pika.Message(
+                    orjson.dumps(job),
+                    message_id=case,
+                    correlation_id=case,
+                    reply_to=client.reply_to,
+                    content_type=content_type,
+                ),
+                routing_key="alpha",
+            )
+        # Expect it answered invalid_request, dead-lettered saying why, and never called
+        result = await client.wait(case, timeout=10)
+        assert result.error is not None and result.error.code == "invalid_request"
+        [dead] = await gw.dead_letters(1)
+        assert dead.headers[HEADER_DEAD_REASON] == "invalid_request"
+        assert detail in str(dead.headers[HEADER_DEAD_DETAIL])
+        assert gw.mock.stats.calls == 0
+
+
+async def test_a_job_without_reply_to_is_refused_before_any_call(settings: Settings) -> None:
+    async with running_gateway(settings) as gw:
+        # Given a job that names no reply queue
+        job = {"job_id": "nowhere", "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            await exchange.publish(
+                aio_pika.Message(orjson.dumps(job), message_id="nowhere"), routing_key="alpha"
+            )
+        # Expect it dead-lettered saying why, accounted as refused, and never called
+        [dead] = await gw.dead_letters(1)
+        assert dead.headers[HEADER_DEAD_REASON] == "invalid_request"
+        assert "no reply_to" in str(dead.headers[HEADER_DEAD_DETAIL])
+        [row] = await gw.usage_rows(1)
+        assert row["job_id"].startswith("nowhere/refused/")
+        assert gw.mock.stats.calls == 0
+
+
+async def test_after_redis_loses_its_data_an_accounted_job_is_not_called_again(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with running_gateway(settings) as gw:
+        # Given a job answered and accounted
+        async with gw.client("alpha") as first:
+            job = first.job("gpt-4o-mini", HELLO, job_id="kept")
+            assert (await (await first.submit(job)).result(10)).status == "ok"
+        await gw.usage_rows(1)
+        # When Redis loses every key of the gateway, and the job is published again
+        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
+            await redis_client.delete(key)
+        async with gw.client("alpha") as second:
+            result = await (await second.submit(job)).result(10)
+        # Expect it refused as already answered, the provider not called again, and the
+        # refusal accounted apart from the job's row
+        assert result.error is not None and result.error.code == "already_answered"
+        assert gw.mock.stats.calls == 1
+        rows = await gw.usage_rows(2)
+        assert sorted(r["job_id"].split("/")[0] for r in rows) == ["kept", "kept"]
+        assert sum(r["job_id"] == "kept" for r in rows) == 1

@@ -1,0 +1,353 @@
+"""Per-job claims: one delivery of a job calls a provider; the others answer from its outcome.
+
+A job can be delivered twice at once (the producer's resend after a lost confirm, a broker
+restart, a pipeline run again). Before any provider call a delivery claims the job id in
+Redis, in the same script call that looks for the job's stored outcome::
+
+    claim = await claims.take(job, redelivered=message.redelivered)
+    # Outcome: answered before; IdempotencyConflict, AlreadyAnswered: refused;
+    # Busy: another delivery holds it past claim_wait, so this one goes back to its queue
+    outcome = ...  # the router called with claim.gate(ticket) as its gate
+    outcome = await claim.finish(claim.account(outcome))  # what the job is announced with
+
+- The claim has an owner (the worker and a token of the delivery) and a lease, renewed by
+  one task of the worker (``run``) while the job is in flight, however slow its call. When
+  the owner dies its lease lapses after ``claim_lease`` seconds and the next delivery takes
+  over; a second delivery meanwhile waits for the outcome, polling the claim with backoff.
+  (Polling: a blocking wait would hold one of the worker's pooled Redis connections per
+  waiting delivery, and a burst of duplicates could starve the jobs they wait for.)
+- The claim and the outcome carry the request's fingerprint (``workers.cache.digest``): a
+  different request under a used id is refused ``idempotency_conflict``.
+- Each call is recorded in the claim before it leaves; a delivery that takes over a lapsed
+  claim accounts the call its owner had in flight (``lost``, priced at its estimate).
+- Redis remembers outcomes for ``result_ttl``. When it lost its data less than that ago
+  (the memory epoch key says when), and for every redelivered job, PostgreSQL's usage row
+  is checked too: a job accounted there is refused ``already_answered``, not called again.
+
+Redis being down does not stop jobs: they are served unclaimed, as before claims existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from decimal import Decimal
+from functools import cache
+from importlib import resources
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from queuegate.errors import AlreadyAnswered, IdempotencyConflict
+from queuegate.keys import Keys
+from queuegate.messages import Attempt, ChatJob
+from queuegate.outage import OutageLog
+from router import Catalog, Deployment
+from router.router import AttemptGate
+from workers.admission import Ticket
+from workers.cache import digest
+from workers.outcome import Outcome
+from workers.usage_record import UsageRecord
+
+log = logging.getLogger(__name__)
+
+FIRST_POLL = 0.005
+LAST_POLL = 0.25
+"""Seconds between looks at a claim another delivery holds: doubling from the first."""
+_PER_MTOK = Decimal(1_000_000)
+FINGERPRINT = 64
+"""Characters of a fingerprint (sha256, hex) before a stored outcome's JSON."""
+
+
+@cache
+def _source(name: str) -> str:
+    return resources.files("workers").joinpath(f"lua/{name}.lua").read_text("utf-8")
+
+
+class Busy(Exception):
+    """Another delivery holds the job beyond the wait: this one goes back to its queue."""
+
+
+class LostCall(Attempt):
+    """A call a lapsed owner of the claim had sent: the provider may bill it, though no
+    outcome records it. On the usage event it is an attempt with error ``lost``."""
+
+    cost_usd: Decimal = Decimal(0)
+    """Its estimate: the job's estimated tokens at the deployment's prices."""
+
+    def attempt(self) -> Attempt:
+        return Attempt(
+            model=self.model, deployment=self.deployment, provider=self.provider, error="lost"
+        )
+
+
+class Claims:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        usage: UsageRecord,
+        *,
+        worker: str,
+        lease: float,
+        wait: float,
+        ttl: int,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._usage = usage
+        self._worker = worker
+        self._lease_ms = int(lease * 1000)
+        self._wait = wait
+        self._ttl = ttl
+        self._claim: AsyncScript = client.register_script(_source("claim"))
+        self._hold: AsyncScript = client.register_script(_source("hold"))
+        self._finish: AsyncScript = client.register_script(_source("finish"))
+        self._epoch_lock = asyncio.Lock()
+        self._held: dict[str, str] = {}
+        """Claim key → owner, of every job in flight here: renewed together by ``run``."""
+        self._outage = OutageLog(log, "Redis", "jobs are served without claims")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Renew the leases of the jobs in flight every third of a lease, until ``stop``."""
+        every = self._lease_ms / 3000
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
+            held = list(self._held.items())
+            if not held or stop.is_set():
+                continue
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for key, owner in held:
+                        await self._hold(keys=[key], args=[owner, self._lease_ms, ""], client=pipe)
+                    owned = await pipe.execute()
+            except RedisError as exc:
+                self._outage.failed(exc)
+                continue
+            for (key, owner), still in zip(held, owned, strict=True):
+                if not still and self._held.get(key) == owner:
+                    log.warning("claim %s was taken over: its lease lapsed while held", key)
+                    del self._held[key]
+
+    async def take(self, job: ChatJob, *, redelivered: bool) -> Claim | Outcome:
+        """The job held by this delivery, or its stored outcome; waits while another delivery
+        holds it. Raises IdempotencyConflict, AlreadyAnswered, or Busy past ``claim_wait``."""
+        key = self._keys.claim(job.team, job.job_id)
+        result = self._keys.result(job.team, job.job_id)
+        fingerprint = digest(job)
+        owner = f"{self._worker}/{uuid.uuid4().hex[:12]}"
+        args: list[str | int] = [owner, self._lease_ms, fingerprint, self._ttl]
+        give_up = time.monotonic() + self._wait
+        pause = FIRST_POLL
+        while True:
+            try:
+                reply = await self._claim(keys=[key, result, self._keys.memory_epoch], args=args)
+            except RedisError as exc:
+                self._outage.failed(exc)
+                return Claim(self, job, fingerprint, key)
+            self._outage.recovered()
+            status = reply[0].decode()
+            if status == "conflict":
+                raise IdempotencyConflict(
+                    f"job id {job.job_id!r} was already used for a different request; "
+                    "give each request its own job id"
+                )
+            if status == "stored":
+                stored = _outcome(reply[1])
+                if stored is not None:
+                    return stored
+                log.warning("stored outcome of job %s is unreadable; serving it", job.job_id)
+                return Claim(self, job, fingerprint, key)
+            if status == "claimed":
+                break
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise Busy(f"job {job.job_id} is held by {reply[1].decode()}")
+            await asyncio.sleep(min(pause, left, int(reply[2]) / 1000))
+            pause = min(pause * 2, LAST_POLL)
+        lost = [LostCall.model_validate_json(line) for line in reply[1].decode().splitlines()]
+        claim = Claim(self, job, fingerprint, key, owner=owner, lost=lost)
+        self._held[key] = owner
+        check = redelivered or await self._may_have_forgotten(reply[2])
+        if check and await self._usage.has(job.team, job.job_id):
+            await claim.abandon()
+            raise AlreadyAnswered(
+                f"job {job.job_id} was already answered (its usage is recorded); its "
+                "result went to the reply queue of the first delivery"
+            )
+        return claim
+
+    async def start(self) -> None:
+        """Write the memory epoch if Redis has none (it is new, or lost its data), so that
+        jobs find it."""
+        await self._may_have_forgotten(b"")
+
+    async def _may_have_forgotten(self, raw: bytes) -> bool:
+        """Whether Redis lost its data less than ``result_ttl`` ago: it may have forgotten
+        outcomes that PostgreSQL still records. ``raw``: the memory epoch, b"" if missing."""
+        if not raw:
+            # One look at a time: the jobs that found it missing together wait for it.
+            async with self._epoch_lock:
+                raw = await self._epoch()
+        now_ms = time.time() * 1000
+        return bool(raw) and float(raw) > 0 and now_ms < float(raw) + self._ttl * 1000
+
+    async def _epoch(self) -> bytes:
+        """The memory epoch; written first if missing: now, when jobs were accounted within
+        the ttl (their outcomes may be forgotten), else 0. b"" when it cannot be told."""
+        key = self._keys.memory_epoch
+        try:
+            if (raw := await self._client.get(key)) is None:
+                recent = await self._usage.any_since(self._ttl)
+                if recent is None:
+                    return b""  # cannot tell now; a later job asks again
+                epoch = int(time.time() * 1000) if recent else 0
+                await self._client.set(key, epoch, nx=True)
+                raw = await self._client.get(key)
+        except RedisError as exc:
+            self._outage.failed(exc)
+            return b""
+        return str(raw or "").encode() if not isinstance(raw, bytes) else raw
+
+    async def hold(self, key: str, owner: str, call: LostCall | None = None) -> None:
+        """Renew a claim now, with the call about to leave when there is one."""
+        await self._hold_for(key, owner, self._lease_ms, call)
+
+    async def let_go(self, key: str, owner: str) -> None:
+        """End the claim's lease now (its record stays): the next delivery takes over."""
+        self.forget(key, owner)
+        await self._hold_for(key, owner, 0, None)
+
+    def forget(self, key: str, owner: str) -> None:
+        """Stop renewing the claim."""
+        if self._held.get(key) == owner:
+            del self._held[key]
+
+    async def _hold_for(self, key: str, owner: str, lease_ms: int, call: LostCall | None) -> None:
+        encoded = "" if call is None else call.model_dump_json()
+        try:
+            await self._hold(keys=[key], args=[owner, lease_ms, encoded])
+        except RedisError as exc:
+            self._outage.failed(exc)
+
+    async def store(self, job: ChatJob, fingerprint: str, outcome: Outcome) -> Outcome | None:
+        """Store a job's outcome and end its claim; the outcome stored before, if any."""
+        key = self._keys.claim(job.team, job.job_id)
+        result = self._keys.result(job.team, job.job_id)
+        # Captured prompts go to the audit table only, never into Redis.
+        stored = fingerprint + outcome.model_dump_json(exclude={"usage": {"content"}})
+        try:
+            earlier = await self._finish(keys=[key, result], args=[stored, self._ttl])
+        except RedisError as exc:
+            self._outage.failed(exc)
+            return None
+        return None if earlier is None else _outcome(earlier)
+
+
+class Claim:
+    """A job this delivery holds (``owner`` None: unclaimed, Redis being unreachable)."""
+
+    def __init__(
+        self,
+        claims: Claims,
+        job: ChatJob,
+        fingerprint: str,
+        key: str,
+        *,
+        owner: str | None = None,
+        lost: list[LostCall] | None = None,
+    ) -> None:
+        self._claims = claims
+        self.job = job
+        self._fingerprint = fingerprint
+        self._key = key
+        self._owner = owner
+        self.lost = lost or []
+        """Calls lapsed owners of the job had in flight."""
+
+    def gate(self, ticket: Ticket, catalog: Catalog) -> AttemptGate:
+        """``ticket`` that also records each call in the claim before it leaves."""
+        return _Recording(self, ticket, catalog)
+
+    async def record(self, call: LostCall) -> None:
+        """Note the call about to leave: lost, should this owner die before its outcome."""
+        if self._owner is not None:
+            await self._claims.hold(self._key, self._owner, call)
+
+    def account(self, outcome: Outcome) -> Outcome:
+        """The outcome whose usage also counts the calls lost with lapsed owners."""
+        if not self.lost:
+            return outcome
+        usage = outcome.usage
+        lost = [call.attempt() for call in self.lost]
+        update = {
+            "attempt_log": lost + (usage.attempt_log or []),
+            "attempts": usage.attempts + len(lost),
+            "cost_usd": usage.cost_usd + sum((c.cost_usd for c in self.lost), Decimal(0)),
+        }
+        return outcome.model_copy(update={"usage": usage.model_copy(update=update)})
+
+    async def finish(self, outcome: Outcome) -> Outcome:
+        """Store the outcome and end the claim; returns what the job is announced with: the
+        outcome stored first, when a delivery that took over finished before this one."""
+        if self._owner is not None:
+            self._claims.forget(self._key, self._owner)
+            self._owner = None
+        earlier = await self._claims.store(self.job, self._fingerprint, outcome)
+        return outcome if earlier is None else earlier
+
+    async def abandon(self) -> None:
+        """Let the job go at once, keeping the call in flight on record: its next delivery
+        takes over without waiting for the lease."""
+        if self._owner is not None:
+            owner, self._owner = self._owner, None
+            await self._claims.let_go(self._key, owner)
+
+
+class _Recording:
+    """The router's gate: the admission ticket, then the call recorded in the claim."""
+
+    def __init__(self, claim: Claim, ticket: Ticket, catalog: Catalog) -> None:
+        self._claim = claim
+        self._ticket = ticket
+        self._catalog = catalog
+
+    async def enter(self, deployment: Deployment) -> None:
+        await self._ticket.enter(deployment)
+        job, estimate = self._claim.job, self._ticket.estimate
+        alias = next(
+            (
+                alias
+                for alias in self._catalog.chain(job.model, job.fallbacks)
+                if deployment in self._catalog.resolve(alias).deployments
+            ),
+            job.model,
+        )
+        price = (
+            estimate.prompt_tokens * deployment.input_per_mtok
+            + estimate.output_tokens * deployment.output_per_mtok
+        )
+        call = LostCall(
+            model=alias,
+            deployment=deployment.name,
+            provider=deployment.provider,
+            cost_usd=price / _PER_MTOK,
+        )
+        await self._claim.record(call)
+
+    async def rate_limited(self, deployment: Deployment) -> None:
+        await self._ticket.rate_limited(deployment)
+
+
+def _outcome(raw: bytes) -> Outcome | None:
+    body = raw if raw[:1] == b"{" else raw[FINGERPRINT:]
+    try:
+        return Outcome.model_validate_json(body)
+    except ValidationError:
+        return None

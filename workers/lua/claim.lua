@@ -1,0 +1,49 @@
+-- Claim a job before any provider call, or learn why not, in one round trip.
+--
+-- KEYS[1]  the job's claim (hash: fp, owner, lease, attempt, lost)
+-- KEYS[2]  the job's stored outcome: its request fingerprint (64 hex) then the outcome JSON
+--          (a value starting with "{" is an outcome stored without a fingerprint)
+-- KEYS[3]  the memory epoch: when Redis may have started forgetting outcomes (ms, 0 = never)
+-- ARGV[1]  owner (worker name and a token of this delivery)
+-- ARGV[2]  lease, ms
+-- ARGV[3]  the request's fingerprint
+-- ARGV[4]  ttl of the claim, seconds (as long as a stored outcome lives)
+--
+-- Returns one of:
+--   {'conflict'}                        the id is used by a different request
+--   {'stored', outcome}                 the job was answered: outcome as stored
+--   {'busy', owner, ms}                 another delivery holds it for ms more
+--   {'claimed', lost, epoch}            held now; lost: calls a lapsed owner had in flight
+--                                       (one JSON object a line), epoch: KEYS[3] or ''
+
+local stored = redis.call('GET', KEYS[2])
+if stored then
+  if string.sub(stored, 1, 1) ~= '{' and string.sub(stored, 1, 64) ~= ARGV[3] then
+    return {'conflict'}
+  end
+  return {'stored', stored}
+end
+
+local claim = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'lease', 'attempt', 'lost')
+local fp, owner, lease, attempt, lost = claim[1], claim[2], claim[3], claim[4], claim[5]
+if fp and fp ~= ARGV[3] then
+  return {'conflict'}
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+if owner and tonumber(lease) > now then
+  return {'busy', owner, tonumber(lease) - now}
+end
+
+-- Free, or its owner's lease lapsed (the owner died): take it over, keeping the call the
+-- owner had in flight, which the provider may bill though no outcome records it.
+lost = lost or ''
+if attempt then
+  lost = lost .. attempt .. '\n'
+  redis.call('HDEL', KEYS[1], 'attempt')
+end
+redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
+  string.format('%d', now + tonumber(ARGV[2])),
+  'lost', lost)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return {'claimed', lost, redis.call('GET', KEYS[3]) or ''}

@@ -1,0 +1,20 @@
+-- Extend a claim's lease, record the call about to leave, or let the claim go: only while
+-- ARGV[1] still owns it.
+--
+-- KEYS[1]  the job's claim (hash; see claim.lua)
+-- ARGV[1]  owner
+-- ARGV[2]  lease from now, ms (0: let it go now, so the next delivery takes over at once)
+-- ARGV[3]  the call about to leave (JSON), or '' to leave the recorded one as it is
+--
+-- Returns 1 while ARGV[1] owns the claim, 0 once another delivery took it over.
+
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])))
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'attempt', ARGV[3])
+end
+return 1

@@ -1,0 +1,55 @@
+"""Whether a job's reply queue exists, asked of the broker before the job costs anything.
+
+A result sent to a queue that does not exist is returned by the broker, after the provider
+was paid for it. A passive declare answers first; a queue seen to exist is believed for
+``REMEMBER`` seconds, so a client's stream of jobs costs one look, not one per job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import aiormq
+from aio_pika.abc import AbstractConnection
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+"""RabbitMQ's direct reply-to pseudo-queues cannot be declared; the result's mandatory flag
+still tells when their consumer is gone."""
+REMEMBER = 10.0
+"""Seconds a queue seen to exist is believed: one deleted meanwhile returns the result, which
+the usage row records as ``reply_delivered = false``."""
+SIZE = 10_000
+
+
+class ReplyQueues:
+    def __init__(self, connection: AbstractConnection) -> None:
+        self._connection = connection
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    async def exists(self, queue: str) -> bool:
+        if queue.startswith(DIRECT_REPLY_TO):
+            return True
+        seen = self._seen.get(queue)
+        now = time.monotonic()
+        if seen is not None and now - seen < REMEMBER:
+            return True
+        transport = self._connection.transport
+        if transport is None:
+            return True  # no broker to ask; the result's mandatory flag still tells
+        # A plain channel of its own: the broker closes the channel of a passive declare that
+        # fails, and a robust one would open again only to be closed.
+        channel = await transport.connection.channel()
+        try:
+            await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self._seen.pop(queue, None)
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        self._seen[queue] = now
+        self._seen.move_to_end(queue)
+        if len(self._seen) > SIZE:
+            self._seen.popitem(last=False)
+        return True
