@@ -20,6 +20,7 @@ from queuegate.broker import publish
 from queuegate.cli import app
 from queuegate.errors import ConfigError
 from queuegate.management import BrokerAdmin
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches, sign_job
 from queuegate.teams_admin import add, create_broker_user, set_security
@@ -44,7 +45,7 @@ async def key_team(settings: Settings) -> AsyncIterator[KeyTeam]:
     _, credentials = await set_security(settings, "alpha", identity="api_key")
     assert credentials is not None and credentials.api_key and credentials.api_key_id
     user, password = f"{settings.namespace}.apps", uuid.uuid4().hex
-    await create_broker_user(settings, "alpha", user, password)
+    await create_broker_user(settings, "alpha", user, password, TeamConfig())
     parts = urlsplit(settings.amqp_url)
     netloc = f"{quote(user)}:{password}@{parts.hostname}:{parts.port or 5672}"
     apps = settings.model_copy(update={"amqp_url": urlunsplit(parts._replace(netloc=netloc))})

@@ -98,8 +98,10 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
     alpha = await add(settings, "alpha")
     beta = await add(settings, "beta", identity="api_key")
     assert alpha.password is not None and beta.api_key is not None
+    # (and workers that trust no operator user, so that the admin user is no team's)
+    strict = settings.model_copy(update={"operator_users": f"{settings.namespace}.nobody"})
     try:
-        async with running_gateway(settings, teams=("alpha", "beta")):
+        async with running_gateway(strict, teams=("alpha", "beta")):
             # When an operator submits as each team, as the README says
             as_broker_user = await _submit(
                 settings, "--team", "alpha", "Hi alpha", QUEUEGATE_TEAM_PASSWORD=alpha.password

@@ -20,6 +20,7 @@ from producer import GatewayClient
 from queuegate import dlq
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.teams_admin import Credentials, add, create_broker_user
 from queuegate.topology import (
@@ -275,7 +276,7 @@ async def test_an_operators_replay_never_turns_a_refused_forgery_into_a_served_j
     # Given a user that may publish under alpha's key but is not alpha's (an app user shared
     # by several teams, say), whose job for alpha was refused and dead-lettered
     user, password = f"{settings.namespace}.outsider", uuid.uuid4().hex
-    await create_broker_user(settings, "alpha", user, password)
+    await create_broker_user(settings, "alpha", user, password, TeamConfig())
     try:
         parts = urlsplit(settings.amqp_url)
         netloc = f"{quote(user)}:{password}@{parts.hostname}:{parts.port or 5672}"
