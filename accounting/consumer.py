@@ -20,7 +20,7 @@ from accounting.intake import HANDSHAKE_TIMEOUT, Delivery, Intake, IntakeClosed
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
 from queuegate.broker import connect
-from queuegate.db import create_pool
+from queuegate.db import DB_ERRORS, create_pool, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import UsageEvent
 from queuegate.metrics import observe_accounting_batch
@@ -37,7 +37,6 @@ BACKOFF_CAP = 5.0
 CANCEL_TIMEOUT = 5.0
 """Seconds a stopping accountant waits for the broker to confirm its consumer is cancelled."""
 
-_WRITE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _BROKER_ERRORS = (OSError, TimeoutError, IntakeClosed, ServiceUnavailable, AMQPError)
 
 
@@ -283,8 +282,11 @@ class Accountant:
             try:
                 inserted, unstorable = await self._write(batch)
                 break
-            except _WRITE_ERRORS as exc:
+            except DB_ERRORS as exc:
                 self._postgres.failed(exc)
+                if is_unreachable(exc):
+                    assert self._pool is not None
+                    await reconnect(self._pool)
             grace = self._stop_deadline - asyncio.get_running_loop().time()
             if grace <= 0:
                 log.warning(
@@ -325,7 +327,7 @@ class Accountant:
         events = [delivery.event for delivery in batch]
         try:
             return await insert_usage(self._pool, events), set()
-        except _WRITE_ERRORS as exc:
+        except DB_ERRORS as exc:
             if not _is_unstorable(exc):
                 raise
         # One value PostgreSQL refuses fails the whole statement. Row by row finds it, so the
@@ -335,7 +337,7 @@ class Accountant:
         for event in first_per_job(events):
             try:
                 inserted += await insert_usage(self._pool, [event])
-            except _WRITE_ERRORS as exc:
+            except DB_ERRORS as exc:
                 if not _is_unstorable(exc):
                     raise
                 log.error(

@@ -18,7 +18,7 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
-from queuegate.db import create_pool
+from queuegate.db import DB_ERRORS, create_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
@@ -38,6 +38,8 @@ from workers.store import OutcomeStore
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+_REGISTRY_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ConfigError)
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,14 @@ class Worker:
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
                 max_job_messages=s.max_job_messages,
-                gate=Gate(Identities(pool, namespace=s.namespace, ttl=s.security_cache_ttl)),
+                gate=Gate(
+                    Identities(
+                        pool,
+                        namespace=s.namespace,
+                        ttl=s.security_cache_ttl,
+                        wait=s.job_time_limit,
+                    )
+                ),
                 telemetry=self._telemetry,
                 job_time_limit=s.job_time_limit,
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
@@ -226,7 +235,7 @@ class Worker:
         """Enabled teams and their configs; None while the registry cannot be read."""
         try:
             teams = {team.name: team.config for team in await list_teams(pool, enabled_only=True)}
-        except (OSError, asyncpg.PostgresError, ConfigError) as exc:
+        except _REGISTRY_ERRORS as exc:
             self._registry.failed(exc)
             return None
         self._registry.recovered()
