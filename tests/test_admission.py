@@ -224,8 +224,9 @@ async def test_a_job_that_cannot_be_admitted_in_time_is_answered_rate_limited(
 async def test_a_team_over_its_rate_waits_for_the_refill_instead_of_failing(
     settings: Settings,
 ) -> None:
-    # Given team alpha allowed 120 requests per minute (two a second), all spent
-    await register(settings, "alpha", TeamConfig(rpm=120))
+    # Given team alpha allowed 120 requests per minute (two a second) and all 120 at once,
+    # all spent
+    await register(settings, "alpha", TeamConfig(rpm=120, burst=120))
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
         first = [await client.submit(client.job("gpt-4o-mini", WORDS)) for _ in range(120)]
         await asyncio.gather(*(h.result(timeout=10) for h in first))
@@ -237,6 +238,28 @@ async def test_a_team_over_its_rate_waits_for_the_refill_instead_of_failing(
         # Expect both served once the bucket refilled, not refused
         assert {r.status for r in results} == {"ok"}
         assert gw.mock.stats.calls == 122
+
+
+async def test_a_new_rpm_limit_starts_with_a_few_seconds_of_requests_not_a_minute(
+    settings: Settings,
+) -> None:
+    # Given team alpha newly limited to 600 requests per minute (its default burst: 5 s, 50)
+    await register(settings, "alpha", TeamConfig(rpm=600))
+    holding = settings.model_copy(update={"prefetch": 200})  # every job reaches the worker
+    async with running_gateway(holding) as gw, gw.client("alpha") as client:
+        # When 150 jobs arrive at once, each allowed to wait 2 s for admission
+        window = timedelta(seconds=2)
+        jobs = [client.job("gpt-4o-mini", WORDS, deadline=window) for _ in range(150)]
+        handles = [await client.submit(job) for job in jobs]
+        results = [await h.result(timeout=30) for h in handles]
+
+    # Expect the burst and what 2 s of the rate refill admitted (50 + 20, not 150) called,
+    # the rest refused without a call: no 60 s window starting on a full bucket can start
+    # more than rpm + burst
+    codes = {r.error.code for r in results if r.error is not None}
+    assert 50 <= gw.mock.stats.calls <= 50 + 20 + 1
+    assert codes <= {"rate_limited", "deadline_exceeded"}
+    assert sum(r.status == "ok" for r in results) <= gw.mock.stats.calls
 
 
 async def test_a_deployments_own_limit_holds_across_teams(

@@ -28,7 +28,7 @@ from queuegate.errors import RateLimited
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.outage import OutageLog
-from queuegate.registry import TeamConfig
+from queuegate.registry import TeamConfig, default_burst
 from queuegate.settings import Settings
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
@@ -155,13 +155,15 @@ class Admission:
     def _team_limits(self, job: ChatJob, config: TeamConfig) -> list[Limit]:
         limits = []
         if config.rpm or config.tpm:
+            key = self._keys.team_bucket(job.team)
             limits.append(
-                Limit(self._keys.team_bucket(job.team), f"team {job.team}", config.rpm, config.tpm)
+                _team_limit(key, f"team {job.team}", config.rpm, config.tpm, config.burst)
             )
         model = config.models.get(job.model)
         if model is not None and (model.rpm or model.tpm):
             key = self._keys.team_bucket(job.team, job.model)
-            limits.append(Limit(key, f"team {job.team} on {job.model}", model.rpm, model.tpm))
+            scope = f"team {job.team} on {job.model}"
+            limits.append(_team_limit(key, scope, model.rpm, model.tpm, model.burst))
         return limits
 
     async def _guard(
@@ -283,6 +285,13 @@ class Ticket:
         await self._admission.settle(
             [call for call in calls if call is not None], self.budget, actual
         )
+
+
+def _team_limit(key: str, scope: str, rpm: int | None, tpm: int | None, burst: int | None) -> Limit:
+    """A team's bucket holds a few seconds of its rpm (``default_burst``), not a minute."""
+    if rpm is not None and burst is None:
+        burst = default_burst(rpm)
+    return Limit(key, scope, rpm, tpm, burst)
 
 
 def prefetch_for(config: TeamConfig, settings: Settings) -> int:
