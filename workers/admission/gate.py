@@ -27,8 +27,9 @@ from redis.exceptions import RedisError
 from queuegate.errors import RateLimited
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.metrics import observe_bucket_wait
 from queuegate.outage import OutageLog
-from queuegate.registry import TeamConfig, default_burst
+from queuegate.registry import ModelLimits, TeamConfig, default_burst
 from queuegate.settings import Settings
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
@@ -102,7 +103,7 @@ class Admission:
         if deadline is not None:
             until = min(until, deadline)
         expected = config.expected_output_tokens or self._settings.expected_output_tokens
-        ticket = Ticket(self, estimate(job, self._catalog, expected), until)
+        ticket = Ticket(self, job.team, estimate(job, self._catalog, expected), until)
         limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
         # The first try at the team's buckets rides with the budget's reservation, in one
         # round trip, unless jobs already wait in line for them (see Ticket.take).
@@ -156,14 +157,12 @@ class Admission:
         limits = []
         if config.rpm or config.tpm:
             key = self._keys.team_bucket(job.team)
-            limits.append(
-                _team_limit(key, f"team {job.team}", config.rpm, config.tpm, config.burst)
-            )
+            limits.append(_team_limit(job.team, key, f"team {job.team}", config))
         model = config.models.get(job.model)
         if model is not None and (model.rpm or model.tpm):
             key = self._keys.team_bucket(job.team, job.model)
             scope = f"team {job.team} on {job.model}"
-            limits.append(_team_limit(key, scope, model.rpm, model.tpm, model.burst))
+            limits.append(_team_limit(job.team, key, scope, model))
         return limits
 
     async def _guard(
@@ -202,8 +201,9 @@ class Admission:
 class Ticket:
     """A job's admission: what it reserved, where; the router's gate before each attempt."""
 
-    def __init__(self, admission: Admission, estimate: Estimate, until: float) -> None:
+    def __init__(self, admission: Admission, team: str, estimate: Estimate, until: float) -> None:
         self._admission = admission
+        self._team = team
         self.estimate = estimate
         self._until = until
         self.budget: Reservation | None = None
@@ -211,6 +211,8 @@ class Ticket:
         self._deployments: list[tuple[str, Limit]] = []
         """The deployments whose buckets this job took from, by name."""
         self._settled = False
+        self._waited: float | None = None
+        """Seconds spent waiting for buckets; None while it met none (no limits)."""
 
     async def enter(self, deployment: Deployment) -> None:
         """Wait for the deployment's own buckets (the provider account's RPM/TPM)."""
@@ -232,9 +234,17 @@ class Ticket:
         so it goes straight to the line."""
         if not limits:
             return
+        waited = self._waited = self._waited or 0.0
         line = self._admission.line(limits)
         if not tried and not line.locked() and (await self._take(limits, within_ms=0)).taken:
             return
+        started = time.monotonic()
+        try:
+            await self._wait_in_line(limits, line)
+        finally:
+            self._waited = waited + time.monotonic() - started
+
+    async def _wait_in_line(self, limits: list[Limit], line: asyncio.Lock) -> None:
         # Jobs that must wait queue in this process, first come, first served, and only the
         # first asks Redis: it reserves the next request the buckets will have (taken into
         # debt) and holds the line until its turn. One script call per job rather than one per
@@ -273,6 +283,8 @@ class Ticket:
         if self._settled:
             return
         self._settled = True
+        if self._waited is not None:
+            observe_bucket_wait(self._team, self._waited)
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
         back = self.estimate.tokens - used
         # Only buckets of tokens have anything to settle; all in one round trip.
@@ -287,11 +299,12 @@ class Ticket:
         )
 
 
-def _team_limit(key: str, scope: str, rpm: int | None, tpm: int | None, burst: int | None) -> Limit:
+def _team_limit(team: str, key: str, scope: str, limits: TeamConfig | ModelLimits) -> Limit:
     """A team's bucket holds a few seconds of its rpm (``default_burst``), not a minute."""
-    if rpm is not None and burst is None:
-        burst = default_burst(rpm)
-    return Limit(key, scope, rpm, tpm, burst)
+    burst = limits.burst
+    if limits.rpm is not None and burst is None:
+        burst = default_burst(limits.rpm)
+    return Limit(key, scope, limits.rpm, limits.tpm, burst, team)
 
 
 def prefetch_for(config: TeamConfig, settings: Settings) -> int:
