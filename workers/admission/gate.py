@@ -31,16 +31,20 @@ from queuegate.metrics import observe_bucket_wait
 from queuegate.outage import OutageLog
 from queuegate.registry import ModelLimits, TeamConfig, default_burst
 from queuegate.settings import Settings
+from queuegate.spend import to_nano
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
 from workers.admission.budgets import Budgets, Reservation
-from workers.admission.estimate import Estimate, estimate, to_nano
+from workers.admission.estimate import Estimate, estimate
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
 from workers.admission.scripts import Call, Scripts
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+LEASE_SLACK = 60.0
+"""Seconds a job's budget reservation outlives its time limit before it lapses."""
 
 
 class Admission:
@@ -54,7 +58,15 @@ class Admission:
         self._settings = settings
         self._catalog = catalog
         self._buckets = Buckets(self._scripts)
-        self._budgets = Budgets(client, self._scripts, self._keys, pool)
+        # A reservation lapses once its job cannot be running any more: the worker bounds a
+        # job by its time limit, and publishing its outcome takes far less than LEASE_SLACK.
+        self._budgets = Budgets(
+            client,
+            self._scripts,
+            self._keys,
+            pool,
+            lease=settings.job_time_limit + LEASE_SLACK,
+        )
         self._local = LocalBuckets(share=1 / settings.admission_workers)
         self.policy = settings.redis_outage
         self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
@@ -110,7 +122,7 @@ class Admission:
         first = take_call(limits, tokens) if limits and not self.line(limits).locked() else None
         ticket.budget, tried = await self._guard(
             lambda: self._budgets.reserve(
-                job.team, job.model, config, ticket.estimate.cost_nano, then=first
+                job.team, job.model, config, ticket.estimate.cost_nano, job.job_id, then=first
             ),
             lambda: (None, None),
             until,
@@ -142,6 +154,8 @@ class Admission:
     ) -> None:
         """Run a job's settles (``buckets``' calls, then its budget's) in one round trip."""
         spend = self._budgets.settle_call(budget, actual_nano) if budget is not None else None
+        # A settle lost to a Redis error is not retried: the job's entry lapses, and
+        # accounting's reconciliation brings the job's real cost in from its usage row.
         calls = buckets if spend is None else [*buckets, spend]
         if not calls:
             return
