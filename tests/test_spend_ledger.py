@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import asyncpg
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from mockprovider import Behavior, MockConfig
 from queuegate.keys import Keys
@@ -52,15 +53,17 @@ async def test_a_settle_lost_to_a_redis_error_is_reconciled_and_refuses_nothing(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given team alpha with room for one reservation, reaching Redis through a proxy, and a
-    # provider that takes half a second
+    # provider that takes a second
     await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
-    slow = MockConfig(default=Behavior(latency_ms=500))
+    slow = MockConfig(default=Behavior(latency_ms=1000))
     quick = settings.model_copy(update={"spend_reconcile_interval": 0.1})
     async with (
         behind_proxies(quick, "redis") as (through, proxies),
         running_gateway(settings, components=through, mock_config=slow) as gw,
         gw.client("alpha") as client,
     ):
+        corrected = {"team": "alpha", "model": "all"}
+        before = REGISTRY.get_sample_value("queuegate_spend_corrected_usd_total", corrected) or 0
         # When Redis goes away while a job is at the provider, so its settle fails
         job = client.job("gpt-4o-mini", MESSAGES, max_tokens=MAX_TOKENS)
         handle = await client.submit(job)
@@ -77,6 +80,9 @@ async def test_a_settle_lost_to_a_redis_error_is_reconciled_and_refuses_nothing(
             redis_client, Keys(settings.redis_prefix), "alpha", current_month()
         )
         assert spent is not None and spent < BUDGET / 100
+        # ... the correction (the estimate the lost settle left, less the real cost) exported
+        after = REGISTRY.get_sample_value("queuegate_spend_corrected_usd_total", corrected)
+        assert after is not None and after - before > float(BUDGET) / 2
 
         # ... and the next job admitted, not refused for the lost settle's estimate
         second = await client.chat("gpt-4o-mini", MESSAGES, max_tokens=MAX_TOKENS)
