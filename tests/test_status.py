@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -67,6 +68,9 @@ async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: 
     assert alpha["jobs_in_per_s"] > 0
 
 
+SEEN = ("openai-flaky", "anthropic-main")
+
+
 async def test_status_reports_breaker_state_and_error_rate_per_deployment(
     settings: Settings,
 ) -> None:
@@ -86,17 +90,21 @@ async def test_status_reports_breaker_state_and_error_rate_per_deployment(
                 ).status == "ok"
 
             # Expect the failing deployment at 100 % errors and open, the fallback at 0 %
+            # (the breaker gauge is the process's: earlier tests' deployments may be listed)
             status = await _until(
                 reader,
                 lambda s: (
-                    {d.deployment: d.breaker for d in s.deployments}
+                    {d.deployment: d.breaker for d in s.deployments if d.deployment in SEEN}
                     == {"openai-flaky": "open", "anthropic-main": "closed"}
                 ),
             )
         finally:
-            # The gauge is the process's: later tests start from no state.
-            for deployment in ("openai-flaky", "anthropic-main"):
-                BREAKER_STATE.remove(deployment)
-    flaky, haiku = sorted(status.deployments, key=lambda d: d.deployment != "openai-flaky")
+            for deployment in SEEN:
+                with contextlib.suppress(KeyError):  # the gauge is the process's: left clean
+                    BREAKER_STATE.remove(deployment)
+    flaky, haiku = sorted(
+        (d for d in status.deployments if d.deployment in SEEN),
+        key=lambda d: d.deployment != "openai-flaky",
+    )
     assert (flaky.deployment, flaky.breaker, flaky.error_rate) == ("openai-flaky", "open", 1.0)
     assert (haiku.deployment, haiku.breaker, haiku.error_rate) == ("anthropic-main", "closed", 0.0)
