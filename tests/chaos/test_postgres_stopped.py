@@ -11,20 +11,26 @@ import asyncio
 import contextlib
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import aio_pika
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from accounting import Accountant
 from queuegate.db import UNREACHABLE, create_pool, is_unreachable
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.spend import current_month
 from queuegate.teams_admin import add
 from queuegate.topology import Topology
 from tests.chaos.harness import dead_lettered
 from tests.chaos.private_postgres import PrivatePostgres
 from tests.support import running_gateway
+from tests.teams import register
 from tests.test_accounting import send_usage, usage
 
 WAIT = 60.0
@@ -172,3 +178,29 @@ def test_every_error_of_a_server_gone_mid_operation_means_unreachable() -> None:
         assert is_unreachable(exc), exc
         assert isinstance(exc, UNREACHABLE)
     assert not is_unreachable(asyncpg.UndefinedTableError("no usage_log"))
+
+
+async def test_a_job_whose_budget_ledger_is_lost_waits_for_postgresql_and_is_served_once(
+    settings: Settings, postgres: PrivatePostgres, redis_client: aioredis.Redis
+) -> None:
+    # Given a budgeted team on a PostgreSQL of its own (reconciled only at start), one job in
+    through = on(settings, postgres).model_copy(update={"spend_reconcile_interval": 3600})
+    await register(through, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    async with running_gateway(through) as gw, gw.client("alpha") as client:
+        first = await client.chat("gpt-4o-mini", [{"role": "user", "content": "a"}])
+        assert first.status == "ok", first.error
+
+        # When PostgreSQL stops and Redis loses the team's ledger, which the next job needs
+        # rebuilt from PostgreSQL
+        await asyncio.to_thread(postgres.stop, "fast")
+        keys, month = Keys(settings.redis_prefix), current_month()
+        await redis_client.delete(keys.spend("alpha", month), keys.spend_expiry("alpha", month))
+        handle = await client.submit(client.job("gpt-4o-mini", [{"role": "user", "content": "b"}]))
+        await asyncio.sleep(2)  # a two-second outage, which the job meets
+        await asyncio.to_thread(postgres.start)
+        result = await handle.result(timeout=WAIT)
+
+    # Expect the job held until PostgreSQL returned and served once, never requeued in a loop
+    assert result.status == "ok", result.error
+    assert gw.mock.stats.calls == 2
+    assert await dead_lettered(settings) == 0

@@ -24,7 +24,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from queuegate.errors import RateLimited
+from queuegate.errors import RateLimited, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.metrics import observe_bucket_wait
@@ -70,6 +70,9 @@ class Admission:
         self._local = LocalBuckets(share=1 / settings.admission_workers)
         self.policy = settings.redis_outage
         self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
+        self._postgres = OutageLog(
+            log, "PostgreSQL (budget ledger rebuild)", "jobs of teams whose ledger is lost wait"
+        )
         self._configs: Mapping[str, TeamConfig] = {}
         self._lines: dict[tuple[str, ...], asyncio.Lock] = {}
         self._deployment_limits: dict[str, Limit | None] = {}
@@ -182,10 +185,26 @@ class Admission:
     async def _guard(
         self, call: Callable[[], Awaitable[T]], fail_open: Callable[[], T], until: float
     ) -> T:
-        """``call`` under the outage policy: retried until ``until``, or ``fail_open()``."""
+        """``call`` under the outage policy: retried until ``until``, or ``fail_open()``.
+
+        A budget ledger Redis lost is rebuilt from PostgreSQL: while that is unreachable too,
+        the job is held and retried until ``until`` whatever the policy (a job given back to
+        its queue would come straight back, over and over).
+        """
         while True:
             try:
                 result = await call()
+            except ServiceUnavailable as exc:
+                self._postgres.failed(exc)
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise RateLimited(
+                        "the team's budget ledger could not be rebuilt: PostgreSQL was "
+                        "unreachable until the job's deadline or the maximum wait",
+                        retry_after_ms=RETRY_SECONDS * 1000,
+                    ) from exc
+                await asyncio.sleep(min(RETRY_SECONDS, left))
+                continue
             except RedisError as exc:
                 self.outage.failed(exc)
                 if self.policy == "fail_open":
@@ -200,6 +219,7 @@ class Admission:
                 await asyncio.sleep(min(RETRY_SECONDS, left))
                 continue
             self.outage.recovered()
+            self._postgres.recovered()
             return result
 
     async def _best_effort(self, call: Callable[[], Awaitable[None]]) -> None:
