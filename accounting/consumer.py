@@ -9,23 +9,29 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import partial
 from typing import Self
 
 import asyncpg
+import redis.asyncio as aioredis
 from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from accounting.intake import HANDSHAKE_TIMEOUT, Delivery, Intake, IntakeClosed
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
 from queuegate.broker import connect
-from queuegate.db import create_pool
-from queuegate.errors import ServiceUnavailable
+from queuegate.db import DB_ERRORS, create_pool, is_unreachable, reconnect
+from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
-from queuegate.metrics import observe_accounting_batch
+from queuegate.metrics import observe_accounting_batch, observe_spend_correction
 from queuegate.outage import OutageLog
+from queuegate.registry import list_teams
 from queuegate.settings import Settings
+from queuegate.spend import Correction, Scope, current_month, reconcile, reconciler_token
 from queuegate.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -37,8 +43,11 @@ BACKOFF_CAP = 5.0
 CANCEL_TIMEOUT = 5.0
 """Seconds a stopping accountant waits for the broker to confirm its consumer is cancelled."""
 
-_WRITE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _BROKER_ERRORS = (OSError, TimeoutError, IntakeClosed, ServiceUnavailable, AMQPError)
+NOTABLE_DRIFT = Decimal("0.000001")
+"""USD of drift worth a log line: each job's cost is rounded up to a nano-dollar in Redis,
+so a few nano-dollars of difference from PostgreSQL's exact sum are no drift."""
+_RECONCILE_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, RedisError, ConfigError)
 
 
 # Not frozen: a frozen dataclass takes 3.5x as long to build, and one is built per message.
@@ -96,7 +105,12 @@ class Accountant:
             "usage events wait in their queue; connecting again with backoff"
             f" up to {BACKOFF_CAP:.0f} s",
         )
+        self._ledgers = OutageLog(
+            log, "Redis or PostgreSQL (spend reconciliation)", "spend ledgers are not reconciled"
+        )
+        self._token = reconciler_token()
         self._pool: asyncpg.Pool | None = None
+        self._redis: aioredis.Redis | None = None
         self._intake: Intake | None = None
         self._resources = contextlib.AsyncExitStack()
 
@@ -108,6 +122,8 @@ class Accountant:
             stack.push_async_callback(pool.close)
             await migrate(pool, self.settings.database_schema)
             await self._declare()  # fails here, not in run(), when the broker is unreachable
+            self._redis = aioredis.from_url(self.settings.redis_url)
+            stack.push_async_callback(self._redis.aclose)
             self._pool = pool
             self._resources = stack.pop_all()
         return self
@@ -128,13 +144,51 @@ class Accountant:
             raise RuntimeError("use `async with Accountant(settings) as accountant` first")
         consumer = asyncio.create_task(self._consume())
         stopper = asyncio.create_task(self._stop_consuming(stop))
+        reconciler = asyncio.create_task(self._reconcile_until(stop))
         try:
             await self._write_until_stopped()
         finally:
-            for task in (stopper, consumer):
+            for task in (reconciler, stopper, consumer):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def reconcile_spend(self) -> list[Correction] | None:
+        """Reconcile this month's spend ledger of every budgeted team (and capped model) with
+        usage_log now; None when another accountant is at it. Raises what Redis or
+        PostgreSQL raise (``run`` calls it every ``settings.spend_reconcile_interval``)."""
+        assert self._pool is not None and self._redis is not None
+        scopes = [
+            scope
+            for team in await list_teams(self._pool)
+            for scope in (
+                ([Scope(team.name)] if team.config.budget_usd is not None else [])
+                + [
+                    Scope(team.name, model)
+                    for model, limits in team.config.models.items()
+                    if limits.budget_usd is not None
+                ]
+            )
+        ]
+        keys = Keys(self.settings.redis_prefix)
+        corrections = await reconcile(
+            self._redis, self._pool, keys, scopes, current_month(), token=self._token
+        )
+        for correction in corrections or []:
+            _report(correction)
+        return corrections
+
+    async def _reconcile_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.reconcile_spend()
+            except _RECONCILE_ERRORS as exc:
+                self._ledgers.failed(exc)
+            else:
+                self._ledgers.recovered()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.spend_reconcile_interval):
+                    await stop.wait()
 
     def is_ready(self) -> bool:
         """Connected to the broker and consuming: what ``/readyz`` reports."""
@@ -283,8 +337,11 @@ class Accountant:
             try:
                 inserted, unstorable = await self._write(batch)
                 break
-            except _WRITE_ERRORS as exc:
+            except DB_ERRORS as exc:
                 self._postgres.failed(exc)
+                if is_unreachable(exc):
+                    assert self._pool is not None
+                    await reconnect(self._pool)
             grace = self._stop_deadline - asyncio.get_running_loop().time()
             if grace <= 0:
                 log.warning(
@@ -325,7 +382,7 @@ class Accountant:
         events = [delivery.event for delivery in batch]
         try:
             return await insert_usage(self._pool, events), set()
-        except _WRITE_ERRORS as exc:
+        except DB_ERRORS as exc:
             if not _is_unstorable(exc):
                 raise
         # One value PostgreSQL refuses fails the whole statement. Row by row finds it, so the
@@ -335,7 +392,7 @@ class Accountant:
         for event in first_per_job(events):
             try:
                 inserted += await insert_usage(self._pool, [event])
-            except _WRITE_ERRORS as exc:
+            except DB_ERRORS as exc:
                 if not _is_unstorable(exc):
                     raise
                 log.error(
@@ -349,6 +406,31 @@ class Accountant:
         for predicate, future in self._waiters:
             if not future.done() and predicate():
                 future.set_result(None)
+
+
+def _report(correction: Correction) -> None:
+    scope = correction.scope
+    what = f"team {scope.team}" + (f" on {scope.model}" if scope.model else "")
+    drift = correction.drift
+    observe_spend_correction(scope.team, scope.model, float(drift))
+    if correction.before is None:
+        log.info(
+            "%s had no spend ledger for %s in Redis (a new month, or Redis lost it): set from"
+            " PostgreSQL at $%s",
+            what,
+            correction.month,
+            correction.after,
+        )
+    elif abs(drift) >= NOTABLE_DRIFT:
+        log.warning(
+            "%s's spend ledger for %s corrected by $%s to $%s (lapsed reservations, lost "
+            "settles): Redis had counted $%s",
+            what,
+            correction.month,
+            -drift,
+            correction.after,
+            correction.before,
+        )
 
 
 def _settle(action: Callable[[int], None], tag: int, verb: str) -> None:

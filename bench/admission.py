@@ -6,8 +6,9 @@
     .venv/bin/python -m bench.admission cost --jobs 2000
 
 - precision: a 600 RPM team bucket shared by 2 worker processes, each with 50 jobs always
-  waiting on it, for ``--seconds``; the bucket starts full (600), so a precise bucket admits
-  600 + 10/s·T. Reports the rate after that initial burst against 600/min.
+  waiting on it, for ``--seconds``; the bucket starts full (its burst: five seconds of the
+  rate, 50), so a precise bucket admits 50 + 10/s·T. Reports the rate after that initial
+  burst against 600/min.
 - fairness: team A offers ``--a-jobs`` at once while team B offers 5 jobs/s for
   ``--b-seconds``; B's time-to-result (p50, p99) with A flooding versus with A idle. A worker
   process serves both teams against a mock provider answering in ``--latency-ms`` (500: an
@@ -43,7 +44,7 @@ from accounting import migrate
 from queuegate.db import create_pool
 from queuegate.messages import ChatJob, ChatMessage
 from queuegate.namespace import drop_namespace
-from queuegate.registry import TeamConfig, add_team, set_team_config
+from queuegate.registry import TeamConfig, add_team, default_burst, set_team_config
 from queuegate.runtime import run
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -137,22 +138,23 @@ async def precision(seconds: float) -> dict[str, float]:
     times = sorted(t for ts in per_process for t in ts)
     total = len(times)
     run = times[-1] - times[0] if total > 1 else seconds
-    steady = (total - 600) / seconds * 60
+    burst = default_burst(600)
+    steady = (total - burst) / seconds * 60
     result = {
         "seconds": seconds,
         "admitted": total,
         "admitted_per_process": [len(ts) for ts in per_process],
-        "expected": 600 + 10 * seconds,
+        "expected": burst + 10 * seconds,
         "steady_rate_per_min": round(steady, 1),
         "error_pct": round((steady - 600) / 600 * 100, 2),
         "span_s": round(run, 2),
     }
     table = Table(title=f"precision: 600 RPM bucket, 2 processes x 50 waiters, {seconds:.0f} s")
-    for column in ("admitted", "expected (600 + 10/s)", "rate after burst /min", "error"):
+    for column in ("admitted", f"expected ({burst} + 10/s)", "rate after burst /min", "error"):
         table.add_column(column, justify="right")
     table.add_row(
         f"{total:,}",
-        f"{600 + 10 * seconds:,.0f}",
+        f"{burst + 10 * seconds:,.0f}",
         f"{steady:.1f}",
         f"{result['error_pct']:+.2f} %",
     )

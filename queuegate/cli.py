@@ -573,7 +573,9 @@ def teams_show(
     out.print(team_table(team, broker))
 
 
-_MODEL_HELP = "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,budget=USD (ALIAS: clears them)."
+_MODEL_HELP = (
+    "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,burst=N,budget=USD (ALIAS: clears them)."
+)
 
 
 @teams_app.command("set")
@@ -581,6 +583,10 @@ def teams_set(
     name: str,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
+    burst: Annotated[
+        int | None,
+        typer.Option(help="Requests that may start at once (default: 5 s of rpm)."),
+    ] = None,
     budget: Annotated[str | None, typer.Option(help="Monthly budget, USD.")] = None,
     alert_threshold: Annotated[
         float | None, typer.Option(help="Budget fraction that alerts, e.g. 0.8.")
@@ -621,6 +627,7 @@ def teams_set(
         for k, v in {
             "rpm": rpm,
             "tpm": tpm,
+            "burst": burst,
             "budget_usd": budget,
             "alert_threshold": alert_threshold,
             "max_queue_length": max_queue,
@@ -643,7 +650,7 @@ def teams_set(
 
 def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
     limits: dict[str, dict[str, str]] = {}
-    names = {"rpm": "rpm", "tpm": "tpm", "budget": "budget_usd"}
+    names = {"rpm": "rpm", "tpm": "tpm", "burst": "burst", "budget": "budget_usd"}
     for spec in specs:
         alias, _, rest = spec.partition(":")
         fields: dict[str, str] = {}
@@ -651,7 +658,7 @@ def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
             key, _, value = pair.partition("=")
             if key not in names or not value:
                 raise typer.BadParameter(
-                    f"{spec!r}: use ALIAS:rpm=N,tpm=N,budget=USD (any of the three)"
+                    f"{spec!r}: use ALIAS:rpm=N,tpm=N,burst=N,budget=USD (any of them)"
                 )
             fields[names[key]] = value
         limits[alias] = fields

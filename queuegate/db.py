@@ -13,14 +13,47 @@ from queuegate.settings import Settings
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for a connection; asyncpg's default (60 s) hides an outage for a minute."""
 
-_CONNECT_ERRORS = (
+UNREACHABLE: tuple[type[Exception], ...] = (
+    # Refused, reset or timed out on the socket: the server is down or the network is.
     OSError,
     TimeoutError,
+    # Lost mid-operation ("connection was closed in the middle of operation"), or refused.
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    # Shut down by an operator or a crash, starting up, shutting down, statement cancelled.
+    asyncpg.OperatorInterventionError,
+    # A connection or pool left unusable by a loss ("connection is closed").
+    asyncpg.InterfaceError,
+    # The protocol's state broken by a loss mid-operation: "cannot switch to state 12;
+    # another operation is in progress", met on a pooled connection after a restart.
+    asyncpg.InternalClientError,
+)
+"""What asyncpg raises when PostgreSQL goes away before, during or after an operation: the
+one list of "the database is unreachable" that every component catches. Each of them is
+passing: the same call succeeds once the server is back (on a fresh connection; see
+``reconnect``)."""
+
+DB_ERRORS: tuple[type[Exception], ...] = (*UNREACHABLE, asyncpg.PostgresError)
+"""Every failure of a database call that is not a bug of ours: unreachable, or an error the
+server reported (a missing table before ``migrate``, a value it refuses)."""
+
+_CONNECT_ERRORS = (
+    *UNREACHABLE,
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
 )
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says PostgreSQL is unreachable (see ``UNREACHABLE``)."""
+    return isinstance(exc, UNREACHABLE)
+
+
+async def reconnect(pool: asyncpg.Pool) -> None:
+    """Have the pool open fresh connections: those it holds may have outlived their server.
+
+    Call it after an ``UNREACHABLE`` error; a connection in use is replaced when released.
+    """
+    await pool.expire_connections()
 
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:

@@ -66,9 +66,21 @@ class Keys:
         return f"{self.prefix}:bucket:deployment:{deployment}"
 
     def spend(self, team: str, month: str, model: str | None = None) -> str:
-        """Nano-USD spent and reserved by a team in a UTC month (``YYYY-MM``), or on one model."""
+        """A team's spend ledger for a UTC month (``YYYY-MM``), or its ledger on one model: a
+        hash of nano-USD, ``base`` (the spend usage_log held when last reconciled), ``open``
+        (the sum of the ``j:<job id>`` fields: what each job reserved, or spent, since and
+        that is not in ``base`` yet). Spent and reserved = base + open (queuegate/spend.py)."""
         base = f"{self.prefix}:spend:{team}:{month}"
         return base if model is None else f"{base}:model:{model}"
+
+    def spend_expiry(self, team: str, month: str, model: str | None = None) -> str:
+        """Sorted set beside a spend ledger: job id → when its entry lapses (ms since epoch)."""
+        return f"{self.spend(team, month, model)}:expiry"
+
+    @property
+    def spend_reconciler(self) -> str:
+        """Held (with a token) by the one accountant reconciling the spend ledgers."""
+        return f"{self.prefix}:spend-reconciler"
 
     def budget_alerted(self, team: str, month: str) -> str:
         """Set once the team's alert for the month has been emitted, so it fires only once."""

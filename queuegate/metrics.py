@@ -101,6 +101,26 @@ ACCOUNTING_LAG = Gauge(
     "Age of the oldest event in the last batch written: how far accounting trails the jobs.",
 )
 
+SPEND_DRIFT = Gauge(
+    "queuegate_spend_drift_usd",
+    "What the last reconciliation corrected in a spend ledger, USD: Redis's count minus "
+    "PostgreSQL's and the jobs still open (positive: Redis had counted more). Model 'all' "
+    "is the team's monthly budget, any other a model's cap.",
+    ["team", "model"],
+)
+SPEND_CORRECTED = Counter(
+    "queuegate_spend_corrected_usd",
+    "USD corrected in spend ledgers by reconciliations, either way, since the process started.",
+    ["team", "model"],
+)
+
+
+def observe_spend_correction(team: str, model: str | None, drift: float) -> None:
+    """A reconciliation corrected ``drift`` USD in the team's (or its model's) ledger."""
+    label = model or "all"
+    SPEND_DRIFT.labels(team, label).set(drift)
+    SPEND_CORRECTED.labels(team, label).inc(abs(drift))
+
 
 def observe_bucket_wait(team: str, seconds: float) -> None:
     """A job of ``team`` waited ``seconds`` for its token buckets (0 when it did not wait)."""

@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 TEAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 """Matched whole (``fullmatch``): ``$`` would let a trailing newline through."""
 
+BURST_SECONDS = 5
+"""Seconds of its rpm a team bucket holds unless its ``burst`` says otherwise: a provider
+counts its limit over any minute, so a bucket holding a full minute would let twice the
+limit through a window that starts on a full bucket (after a start or a long idle)."""
+
+
+def default_burst(rpm: int) -> int:
+    """Requests a bucket of ``rpm`` holds by default: ``BURST_SECONDS`` of the rate, at least 1."""
+    return max(1, rpm * BURST_SECONDS // 60)
+
 
 def check_team_name(name: str) -> str:
     if not TEAM_NAME.fullmatch(name):
@@ -41,6 +51,8 @@ class ModelLimits(BaseModel):
 
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    burst: int | None = Field(default=None, ge=1)
+    """Requests its bucket holds; ``default_burst(rpm)`` when unset."""
     budget_usd: Decimal | None = Field(default=None, ge=0)
     """Monthly cap on what the team spends on this alias (requested, fallbacks included)."""
 
@@ -58,6 +70,9 @@ class TeamConfig(BaseModel):
     """Requests per minute across all the team's models."""
     tpm: int | None = Field(default=None, ge=1)
     """Tokens (prompt + output) per minute across all the team's models."""
+    burst: int | None = Field(default=None, ge=1)
+    """Requests the team's bucket holds, so at most ``rpm + burst`` start in any 60 s;
+    ``default_burst(rpm)`` (five seconds of the rate) when unset."""
     models: dict[str, ModelLimits] = Field(default_factory=dict)
     """Per-alias limits and budget caps."""
     budget_usd: Decimal | None = Field(default=None, ge=0)

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
     accounting_linger: float = Field(default=0.05, ge=0)
     """Seconds accounting waits to fill a batch before writing what it has."""
+    spend_reconcile_interval: float = Field(default=30.0, gt=0)
+    """Seconds between accounting's reconciliations of the Redis spend ledgers with
+    PostgreSQL (queuegate/spend.py)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from queuegate.keys import Keys
+from queuegate.metrics import BreakerState, set_breaker_state
 from queuegate.outage import OutageLog
 from router.catalog import Catalog, Deployment
 
@@ -56,6 +57,14 @@ class Verdict:
 
 
 _ALLOWED = Verdict("closed", 0.0)
+
+_BREAKER: dict[State, BreakerState] = {
+    "closed": "closed",
+    "probe": "half_open",
+    "half_open": "half_open",
+    "open": "open",
+}
+"""The circuit's state each verdict tells (``paused`` tells none), for metrics."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,8 @@ class Health:
         self._outage.recovered()
         name = state.decode() if isinstance(state, bytes) else str(state)
         verdict = Verdict(cast(State, name), millis / 1000)
+        if verdict.state in _BREAKER:
+            set_breaker_state(deployment.name, _BREAKER[verdict.state])
         fresh = self._reports.get(deployment.name, 0) == reports
         if op == "allow" and verdict.state == "closed" and fresh:
             self._closed_until[deployment.name] = time.monotonic() + TRUST_CLOSED

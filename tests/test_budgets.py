@@ -18,9 +18,9 @@ from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
 from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
+from queuegate.spend import to_nano
 from workers.admission.buckets import Limit, take_call, taken
 from workers.admission.budgets import Budgets
-from workers.admission.estimate import to_nano
 from workers.admission.scripts import Scripts
 
 DOLLAR = to_nano(Decimal(1))
@@ -35,7 +35,7 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 
 def _budgets(settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool) -> Budgets:
-    return Budgets(client, Scripts(client), Keys(settings.redis_prefix), pool)
+    return Budgets(client, Scripts(client), Keys(settings.redis_prefix), pool, lease=60)
 
 
 def _usage(job_id: str, cost: str, ts: datetime, model: str = "gpt-4o-mini") -> UsageEvent:
@@ -62,8 +62,8 @@ async def test_a_lost_spend_counter_is_rebuilt_from_this_months_usage(
     # When a $0.20 job and then a $0.05 job ask for the budget
     # Expect the first refused (0.90 + 0.20 > 1) and the second admitted
     with pytest.raises(BudgetExhausted, match=r"\$0\.9000 of its monthly budget"):
-        await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5)
-    reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 20)
+        await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5, "job-1")
+    reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 20, "job-2")
     assert reserved is not None
 
 
@@ -73,16 +73,14 @@ async def test_settling_replaces_the_estimate_with_the_real_cost(
     # Given a $1 budget with $0.60 reserved by a job
     budgets = _budgets(settings, redis_client, pool)
     config = TeamConfig(budget_usd=Decimal(1))
-    reservation, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 6 // 10)
+    reservation, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 6 // 10, "job-3")
     assert reservation is not None
 
     # When the job really cost $0.10
-    settle = budgets.settle_call(reservation, DOLLAR // 10)
-    assert settle is not None
-    await Scripts(redis_client).run(settle)
+    await Scripts(redis_client).run(budgets.settle_call(reservation, DOLLAR // 10))
 
     # Expect $0.90 left: a $0.85 job fits
-    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100)
+    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100, "job-4")
     assert reserved is not None
 
 
@@ -97,8 +95,8 @@ async def test_a_model_cap_refuses_that_model_only(
 
     # When each model asks for $0.20, expect gpt-4o refused and the other admitted
     with pytest.raises(BudgetExhausted, match="its gpt-4o cap"):
-        await budgets.reserve("alpha", "gpt-4o", config, DOLLAR // 5)
-    reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5)
+        await budgets.reserve("alpha", "gpt-4o", config, DOLLAR // 5, "job-5")
+    reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5, "job-6")
     assert reserved is not None
 
 
@@ -112,9 +110,11 @@ async def test_a_call_riding_on_a_reservation_runs_only_once_the_budget_is_reser
 
     # When a $2 job and then a $0.50 job reserve with a take of the bucket riding along
     with pytest.raises(BudgetExhausted):
-        await budgets.reserve("alpha", "m", config, 2 * DOLLAR, then=take_call([bucket], 0))
+        await budgets.reserve(
+            "alpha", "m", config, 2 * DOLLAR, "job-big", then=take_call([bucket], 0)
+        )
     reserved, took = await budgets.reserve(
-        "alpha", "m", config, DOLLAR // 2, then=take_call([bucket], 0)
+        "alpha", "m", config, DOLLAR // 2, "job-small", then=take_call([bucket], 0)
     )
 
     # Expect the refused job to have taken nothing, the reserved one its request
@@ -132,8 +132,8 @@ async def test_crossing_the_alert_threshold_alerts_once_a_month(
     config = TeamConfig(budget_usd=Decimal(1), alert_threshold=0.5)
 
     # When three $0.30 jobs reserve it (crossing 50 % on the second)
-    for _ in range(3):
-        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10)
+    for i in range(3):
+        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, f"job-{i}")
 
     # Expect exactly one alert on the stream, naming the team and the month
     entries = await redis_client.xrange(Keys(settings.redis_prefix).alerts)

@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, defaultdict
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
+from mockprovider import Behavior, MockConfig
+from queuegate.keys import Keys
+from queuegate.livestats import read_view
 from queuegate.metrics_server import MetricsServer
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.support import running_gateway
+from tests.teams import register
 from workers import Worker
 
 HELLO = [{"role": "user", "content": "Hello metrics"}]
@@ -107,3 +115,103 @@ async def test_readyz_follows_the_worker_and_metrics_are_served(settings: Settin
 
         # ... and not ready once it has drained and stopped
         assert (await http.get("/readyz")).status_code == 503
+
+
+async def _scrape(server: MetricsServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample the live ``/metrics`` endpoint serves, by name and labels."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        text = (await http.get("/metrics")).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _at(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+async def test_a_bucket_wait_and_the_buckets_fill_are_recorded_where_status_reads_them(
+    settings: Settings,
+) -> None:
+    # Given team alpha allowed 60 requests a minute, one at a time, and a metrics endpoint
+    await register(settings, "alpha", TeamConfig(rpm=60, burst=1))
+    async with (
+        MetricsServer("127.0.0.1", 0, lambda: True) as server,
+        running_gateway(settings) as gw,
+        gw.client("alpha") as client,
+    ):
+        before = await _scrape(server)
+        # When two jobs arrive at once, so the second waits about a second for the bucket
+        results = await asyncio.gather(*(client.chat("gpt-4o-mini", HELLO) for _ in range(2)))
+        assert {r.status for r in results} == {"ok"}
+        after = await _scrape(server)
+
+        # Expect both jobs' bucket waits observed, the second's near a second, and the
+        # bucket's fill (empty now) exported
+        wait = "queuegate_bucket_wait_seconds"
+        count = (_at(after, f"{wait}_count", team="alpha") or 0) - (
+            _at(before, f"{wait}_count", team="alpha") or 0
+        )
+        waited = (_at(after, f"{wait}_sum", team="alpha") or 0) - (
+            _at(before, f"{wait}_sum", team="alpha") or 0
+        )
+        assert count == 2
+        assert 0.5 < waited < 5
+        assert _at(after, "queuegate_bucket_fill_ratio", team="alpha") == 0
+
+        # ... and in the live stats `queuegate status` reads
+        keys = Keys(settings.redis_prefix)
+        client_redis = aioredis.from_url(settings.redis_url)
+        try:
+            async with asyncio.timeout(10):
+                # Polled: workers write their live stats every stats_interval, unannounced.
+                while "alpha" not in (await read_view(client_redis, keys)).bucket_fill:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            await client_redis.aclose()
+
+
+async def test_a_breaker_opening_retries_and_fallbacks_are_recorded(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given an alias whose deployment fails every call (two attempts each), whose breaker
+    # opens after two failures, and which falls back to a healthy alias
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+resilience:
+  retry: {attempts: 2, base_delay: 0.01, max_delay: 0.02}
+  breaker: {failures: 2, ratio: 0.5, window: 60, cooldown: 60}
+models:
+  primary:
+    fallbacks: [backup]
+    deployments:
+      - {name: broken-dep, provider: openai, model: broken, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2}
+  backup:
+    deployments:
+      - {name: backup-dep, provider: openai, model: steady, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2}
+"""
+    )
+    broken = MockConfig(models={"broken": Behavior(error_rate=1.0)})
+    async with (
+        MetricsServer("127.0.0.1", 0, lambda: True) as server,
+        running_gateway(settings, catalog=catalog, mock_config=broken) as gw,
+        gw.client("alpha") as client,
+    ):
+        before = await _scrape(server)
+        # When a job is served
+        result = await client.chat("primary", HELLO)
+        assert result.status == "ok" and result.gateway.fallback_used
+        after = await _scrape(server)
+
+    # Expect the open breaker, the retries and the fallback on the live endpoint
+    assert _at(after, "queuegate_breaker_state", deployment="broken-dep") == 2
+    labels = {"team": "alpha", "model": "primary"}
+    for name, grew in (("queuegate_retries_total", 2), ("queuegate_fallbacks_total", 1)):
+        assert (_at(after, name, **labels) or 0) - (_at(before, name, **labels) or 0) == grew

@@ -44,8 +44,9 @@ async def test_fail_closed_holds_jobs_until_redis_returns_and_loses_none(
 async def test_fail_open_serves_from_a_local_bucket_while_redis_is_away(
     settings: Settings,
 ) -> None:
-    # Given a team of 4 requests per minute and a fail-open worker with a half share of it
-    await register(settings, "alpha", TeamConfig(rpm=4))
+    # Given a team of 4 requests per minute, all 4 at once, and a fail-open worker with a
+    # half share of it
+    await register(settings, "alpha", TeamConfig(rpm=4, burst=4))
     async with TcpProxy(settings.redis_url) as proxy:
         s = settings.model_copy(
             update={"redis_url": proxy.url, "redis_outage": "fail_open", "admission_workers": 2}

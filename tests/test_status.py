@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import aio_pika
 
 from mockprovider import Behavior, MockConfig
-from queuegate.metrics import BREAKER_STATE, set_breaker_state
+from queuegate.metrics import BREAKER_STATE
 from queuegate.settings import Settings
 from queuegate.status import Status, StatusReader
 from queuegate.topology import Topology
@@ -72,10 +73,13 @@ async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: 
     assert alpha["jobs_in_per_s"] > 0
 
 
+SEEN = ("openai-flaky", "anthropic-main")
+
+
 async def test_status_reports_breaker_state_and_error_rate_per_deployment(
     settings: Settings,
 ) -> None:
-    # Given a primary deployment answering 500 to everything, its breaker reported open
+    # Given a primary deployment answering 500 to everything
     settings = settings.model_copy(update={"stats_interval": 0.1})
     faults = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)})
     async with (
@@ -83,21 +87,32 @@ async def test_status_reports_breaker_state_and_error_rate_per_deployment(
         gw.client("alpha") as client,
         StatusReader(settings) as reader,
     ):
-        set_breaker_state("openai-flaky", "open")
         try:
-            # When jobs for it fall back to claude-haiku
+            # When jobs for it fall back to claude-haiku, opening its breaker (5 failures)
             for _ in range(3):
                 assert (
                     await client.chat("flaky-gpt", [{"role": "user", "content": "x"}])
                 ).status == "ok"
 
             # Expect the failing deployment at 100 % errors and open, the fallback at 0 %
-            status = await _until(reader, lambda s: len(s.deployments) == 2)
+            # (the breaker gauge is the process's: earlier tests' deployments may be listed)
+            status = await _until(
+                reader,
+                lambda s: (
+                    {d.deployment: d.breaker for d in s.deployments if d.deployment in SEEN}
+                    == {"openai-flaky": "open", "anthropic-main": "closed"}
+                ),
+            )
         finally:
-            BREAKER_STATE.remove("openai-flaky")
-    flaky, haiku = sorted(status.deployments, key=lambda d: d.deployment != "openai-flaky")
+            for deployment in SEEN:
+                with contextlib.suppress(KeyError):  # the gauge is the process's: left clean
+                    BREAKER_STATE.remove(deployment)
+    flaky, haiku = sorted(
+        (d for d in status.deployments if d.deployment in SEEN),
+        key=lambda d: d.deployment != "openai-flaky",
+    )
     assert (flaky.deployment, flaky.breaker, flaky.error_rate) == ("openai-flaky", "open", 1.0)
-    assert (haiku.deployment, haiku.breaker, haiku.error_rate) == ("anthropic-main", None, 0.0)
+    assert (haiku.deployment, haiku.breaker, haiku.error_rate) == ("anthropic-main", "closed", 0.0)
 
 
 async def test_a_watching_reader_sees_the_queue_depth_change(settings: Settings) -> None:

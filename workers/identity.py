@@ -21,6 +21,11 @@ could have results (even error results) delivered into another team's queue.
 Settings and keys come from the registry and are cached in process for ``ttl`` seconds: a
 revoked key or a changed setting takes effect within that time, and PostgreSQL is read at
 most once per ``ttl`` per key, not once per job.
+
+While PostgreSQL is unreachable, teams are served with the settings last read; a lookup with
+nothing to fall back on (a key not seen within ``ttl``, the first settings) holds its job and
+asks again with backoff for up to ``wait`` seconds, rather than give the job back to its
+queue at once (it would come straight back, over and over, until dead-lettered).
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
+from queuegate.db import DB_ERRORS, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable, Unauthorized
+from queuegate.outage import OutageLog
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches
 from queuegate.tenancy import TeamSecurity, all_security, live_api_key, reply_queue_pattern
 from queuegate.topology import HEADER_REPLAY_OF, header_text
@@ -46,7 +55,11 @@ KEY_CACHE_SIZE = 10_000
 _KEY_ID = re.compile(r"[0-9a-f]{12}")
 MISSING_TEAM_RECHECK = 0.5
 """Seconds between registry reads while a team has no security row."""
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+RETRY_FIRST = 0.1
+RETRY_CAP = 2.0
+"""Seconds between a held lookup's attempts while PostgreSQL is unreachable: doubling, capped."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,12 +78,19 @@ class Identities:
         *,
         namespace: str,
         ttl: float,
+        wait: float,
         operators: frozenset[str] = frozenset(),
     ) -> None:
         self._pool = pool
         self._operators = operators
         self._namespace = namespace
         self._ttl = ttl
+        self._wait = wait
+        self._outage = OutageLog(
+            log,
+            "PostgreSQL (team registry)",
+            "teams keep the settings last read; jobs needing a lookup wait for it",
+        )
         self._security: dict[str, TeamSecurity] = {}
         self._loaded_at: float | None = None
         self._lock = asyncio.Lock()
@@ -171,10 +191,7 @@ class Identities:
         now = time.monotonic()
         if cached is not None and now - cached[0] <= self._ttl:
             return cached[1]
-        try:
-            key = await live_api_key(self._pool, key_id)
-        except _DB_ERRORS as exc:
-            raise ServiceUnavailable("the team registry (PostgreSQL) is unreachable") from exc
+        key = await self._read(lambda: live_api_key(self._pool, key_id), hold=True)
         self._keys[key_id] = (now, key)
         self._keys.move_to_end(key_id)
         if len(self._keys) > KEY_CACHE_SIZE:
@@ -183,7 +200,10 @@ class Identities:
 
     async def _reload(self) -> None:
         try:
-            self._security = await all_security(self._pool)
+            # Held only when there is no copy to serve from.
+            security = await self._read(
+                lambda: all_security(self._pool), hold=self._loaded_at is None
+            )
         except asyncpg.UndefinedTableError:
             # Not migrated yet: no team can have settings, so every team has the defaults.
             if not self._down:
@@ -191,13 +211,36 @@ class Identities:
             self._down = True
             self._security, self._loaded_at = {}, time.monotonic()
             return
-        except _DB_ERRORS as exc:
+        except ServiceUnavailable:
             if self._loaded_at is None:
-                raise ServiceUnavailable("the team registry (PostgreSQL) is unreachable") from exc
-            if not self._down:
-                log.warning("team registry unreadable (%s); keeping the settings I have", exc)
-            self._down = True
+                raise
             self._loaded_at = time.monotonic()  # try again after ttl, not on every job
             return
+        self._security = security
         self._down = False
         self._loaded_at = time.monotonic()
+
+    async def _read(self, call: Callable[[], Awaitable[T]], *, hold: bool) -> T:
+        """``call()``'s answer; while PostgreSQL is unreachable asked again with backoff for up
+        to ``wait`` seconds when ``hold``, else ServiceUnavailable at once."""
+        give_up = time.monotonic() + (self._wait if hold else 0.0)
+        delay = RETRY_FIRST
+        while True:
+            try:
+                answer = await call()
+            except asyncpg.UndefinedTableError:
+                raise
+            except DB_ERRORS as exc:
+                self._outage.failed(exc)
+                if is_unreachable(exc):
+                    await reconnect(self._pool)
+                left = give_up - time.monotonic()
+                if not is_unreachable(exc) or left <= 0:
+                    raise ServiceUnavailable(
+                        f"the team registry (PostgreSQL) is unreachable ({type(exc).__name__})"
+                    ) from exc
+                await asyncio.sleep(min(delay, left))
+                delay = min(2 * delay, RETRY_CAP)
+                continue
+            self._outage.recovered()
+            return answer

@@ -12,6 +12,7 @@ import time
 
 import asyncpg
 
+from queuegate.db import DB_ERRORS
 from queuegate.outage import OutageLog
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,6 @@ LOOKUP_TIMEOUT = 5.0
 """Seconds one lookup may take: jobs wait for it before their provider call."""
 RETRY_AFTER = 5.0
 """Seconds lookups are skipped after one failed, so an outage costs each job nothing."""
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class UsageRecord:
@@ -87,7 +87,7 @@ class UsageRecord:
                 rows: list[asyncpg.Record] = await self._pool.fetch(query, *args)
         except asyncpg.UndefinedTableError:
             return []  # accounting has not created it yet: nothing was accounted
-        except _DB_ERRORS as exc:
+        except (*DB_ERRORS, TimeoutError) as exc:
             self._down_until = time.monotonic() + RETRY_AFTER
             self._outage.failed(exc)
             return None

@@ -18,7 +18,7 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
-from queuegate.db import create_pool
+from queuegate.db import DB_ERRORS, create_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
@@ -162,6 +162,7 @@ class Worker:
                         pool,
                         namespace=s.namespace,
                         ttl=s.security_cache_ttl,
+                        wait=s.job_time_limit,
                         operators=s.operators,
                     )
                 ),
@@ -251,7 +252,7 @@ class Worker:
         """Enabled teams and their configs; None while the registry cannot be read."""
         try:
             listed = await list_teams(pool, enabled_only=True, on_invalid=self._invalid_row)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             self._registry.failed(exc)
             return None
         self._registry.recovered()

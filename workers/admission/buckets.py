@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from queuegate.errors import InvalidRequest
+from queuegate.metrics import set_bucket_fill
 from workers.admission.scripts import Call, Scripts
 
 
@@ -26,6 +27,8 @@ class Limit:
     tpm: int | None
     burst: int | None = None
     """Requests the bucket holds; None: a minute of ``rpm``."""
+    team: str | None = None
+    """The team whose bucket it is (the label of its metrics); None for a deployment's."""
 
 
 class Take(NamedTuple):
@@ -62,9 +65,15 @@ def take_call(limits: Sequence[Limit], tokens: int, within_ms: int = 0) -> Call:
 
 
 def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
-    """What a take's reply says; InvalidRequest when the job is larger than a bucket holds."""
+    """What a take's reply says; InvalidRequest when the job is larger than a bucket holds.
+
+    A team's first bucket's fill goes to ``queuegate_bucket_fill_ratio`` on the way.
+    """
     if reply[0] == -1:
         raise too_large(limits[int(reply[1]) - 1], tokens)
+    team = limits[0].team
+    if team is not None and len(reply) > 2 and reply[2] >= 0:
+        set_bucket_fill(team, int(reply[2]) / 1000)
     return Take(reply[0] == 1, int(reply[1]))
 
 

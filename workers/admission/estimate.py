@@ -15,11 +15,11 @@ from decimal import Decimal
 import orjson
 
 from queuegate.messages import ChatJob
+from queuegate.spend import to_nano
 from router.catalog import Catalog
 
 PER_MESSAGE = 3
 """Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
-NANO = Decimal(1_000_000_000)
 _PER_MTOK = Decimal(1_000_000)
 
 
@@ -59,8 +59,3 @@ def estimate(job: ChatJob, catalog: Catalog, expected_output: int) -> Estimate:
         for d in catalog.resolve(alias).deployments
     )
     return Estimate(prompt, output, to_nano(price / _PER_MTOK))
-
-
-def to_nano(usd: Decimal) -> int:
-    """USD as whole nano-dollars, rounded up so a reservation never falls short."""
-    return math.ceil(usd * NANO)

@@ -24,22 +24,27 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from queuegate.errors import Billed, RateLimited
+from queuegate.errors import Billed, RateLimited, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.metrics import observe_bucket_wait
 from queuegate.outage import OutageLog
-from queuegate.registry import TeamConfig
+from queuegate.registry import ModelLimits, TeamConfig, default_burst
 from queuegate.settings import Settings
+from queuegate.spend import to_nano
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
 from workers.admission.budgets import Budgets, Reservation
-from workers.admission.estimate import Estimate, estimate, to_nano
+from workers.admission.estimate import Estimate, estimate
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
 from workers.admission.scripts import Call, Scripts
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+LEASE_SLACK = 60.0
+"""Seconds a job's budget reservation outlives its time limit before it lapses."""
 
 
 class Admission:
@@ -53,10 +58,21 @@ class Admission:
         self._settings = settings
         self._catalog = catalog
         self._buckets = Buckets(self._scripts)
-        self._budgets = Budgets(client, self._scripts, self._keys, pool)
+        # A reservation lapses once its job cannot be running any more: the worker bounds a
+        # job by its time limit, and publishing its outcome takes far less than LEASE_SLACK.
+        self._budgets = Budgets(
+            client,
+            self._scripts,
+            self._keys,
+            pool,
+            lease=settings.job_time_limit + LEASE_SLACK,
+        )
         self._local = LocalBuckets(share=1 / settings.admission_workers)
         self.policy = settings.redis_outage
         self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
+        self._postgres = OutageLog(
+            log, "PostgreSQL (budget ledger rebuild)", "jobs of teams whose ledger is lost wait"
+        )
         self._configs: Mapping[str, TeamConfig] = {}
         self._lines: dict[tuple[str, ...], asyncio.Lock] = {}
         self._deployment_limits: dict[str, Limit | None] = {}
@@ -102,14 +118,14 @@ class Admission:
         if deadline is not None:
             until = min(until, deadline)
         expected = config.expected_output_tokens or self._settings.expected_output_tokens
-        ticket = Ticket(self, estimate(job, self._catalog, expected), until)
+        ticket = Ticket(self, job.team, estimate(job, self._catalog, expected), until)
         limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
         # The first try at the team's buckets rides with the budget's reservation, in one
         # round trip, unless jobs already wait in line for them (see Ticket.take).
         first = take_call(limits, tokens) if limits and not self.line(limits).locked() else None
         ticket.budget, tried = await self._guard(
             lambda: self._budgets.reserve(
-                job.team, job.model, config, ticket.estimate.cost_nano, then=first
+                job.team, job.model, config, ticket.estimate.cost_nano, job.job_id, then=first
             ),
             lambda: (None, None),
             until,
@@ -141,6 +157,8 @@ class Admission:
     ) -> None:
         """Run a job's settles (``buckets``' calls, then its budget's) in one round trip."""
         spend = self._budgets.settle_call(budget, actual_nano) if budget is not None else None
+        # A settle lost to a Redis error is not retried: the job's entry lapses, and
+        # accounting's reconciliation brings the job's real cost in from its usage row.
         calls = buckets if spend is None else [*buckets, spend]
         if not calls:
             return
@@ -155,22 +173,38 @@ class Admission:
     def _team_limits(self, job: ChatJob, config: TeamConfig) -> list[Limit]:
         limits = []
         if config.rpm or config.tpm:
-            limits.append(
-                Limit(self._keys.team_bucket(job.team), f"team {job.team}", config.rpm, config.tpm)
-            )
+            key = self._keys.team_bucket(job.team)
+            limits.append(_team_limit(job.team, key, f"team {job.team}", config))
         model = config.models.get(job.model)
         if model is not None and (model.rpm or model.tpm):
             key = self._keys.team_bucket(job.team, job.model)
-            limits.append(Limit(key, f"team {job.team} on {job.model}", model.rpm, model.tpm))
+            scope = f"team {job.team} on {job.model}"
+            limits.append(_team_limit(job.team, key, scope, model))
         return limits
 
     async def _guard(
         self, call: Callable[[], Awaitable[T]], fail_open: Callable[[], T], until: float
     ) -> T:
-        """``call`` under the outage policy: retried until ``until``, or ``fail_open()``."""
+        """``call`` under the outage policy: retried until ``until``, or ``fail_open()``.
+
+        A budget ledger Redis lost is rebuilt from PostgreSQL: while that is unreachable too,
+        the job is held and retried until ``until`` whatever the policy (a job given back to
+        its queue would come straight back, over and over).
+        """
         while True:
             try:
                 result = await call()
+            except ServiceUnavailable as exc:
+                self._postgres.failed(exc)
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise RateLimited(
+                        "the team's budget ledger could not be rebuilt: PostgreSQL was "
+                        "unreachable until the job's deadline or the maximum wait",
+                        retry_after_ms=RETRY_SECONDS * 1000,
+                    ) from exc
+                await asyncio.sleep(min(RETRY_SECONDS, left))
+                continue
             except RedisError as exc:
                 self.outage.failed(exc)
                 if self.policy == "fail_open":
@@ -185,6 +219,7 @@ class Admission:
                 await asyncio.sleep(min(RETRY_SECONDS, left))
                 continue
             self.outage.recovered()
+            self._postgres.recovered()
             return result
 
     async def _best_effort(self, call: Callable[[], Awaitable[None]]) -> None:
@@ -200,8 +235,9 @@ class Admission:
 class Ticket:
     """A job's admission: what it reserved, where; the router's gate before each attempt."""
 
-    def __init__(self, admission: Admission, estimate: Estimate, until: float) -> None:
+    def __init__(self, admission: Admission, team: str, estimate: Estimate, until: float) -> None:
         self._admission = admission
+        self._team = team
         self.estimate = estimate
         self._until = until
         self.budget: Reservation | None = None
@@ -209,6 +245,8 @@ class Ticket:
         self._deployments: list[tuple[str, Limit]] = []
         """The deployments whose buckets this job took from, by name."""
         self._settled = False
+        self._waited: float | None = None
+        """Seconds spent waiting for buckets; None while it met none (no limits)."""
 
     async def enter(self, deployment: Deployment) -> None:
         """Wait for the deployment's own buckets (the provider account's RPM/TPM)."""
@@ -230,9 +268,17 @@ class Ticket:
         so it goes straight to the line."""
         if not limits:
             return
+        waited = self._waited = self._waited or 0.0
         line = self._admission.line(limits)
         if not tried and not line.locked() and (await self._take(limits, within_ms=0)).taken:
             return
+        started = time.monotonic()
+        try:
+            await self._wait_in_line(limits, line)
+        finally:
+            self._waited = waited + time.monotonic() - started
+
+    async def _wait_in_line(self, limits: list[Limit], line: asyncio.Lock) -> None:
         # Jobs that must wait queue in this process, first come, first served, and only the
         # first asks Redis: it reserves the next request the buckets will have (taken into
         # debt) and holds the line until its turn. One script call per job rather than one per
@@ -272,6 +318,8 @@ class Ticket:
         if self._settled:
             return
         self._settled = True
+        if self._waited is not None:
+            observe_bucket_wait(self._team, self._waited)
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
         back = self.estimate.tokens - used
         # Only buckets of tokens have anything to settle; all in one round trip.
@@ -284,6 +332,14 @@ class Ticket:
         await self._admission.settle(
             [call for call in calls if call is not None], self.budget, actual
         )
+
+
+def _team_limit(team: str, key: str, scope: str, limits: TeamConfig | ModelLimits) -> Limit:
+    """A team's bucket holds a few seconds of its rpm (``default_burst``), not a minute."""
+    burst = limits.burst
+    if limits.rpm is not None and burst is None:
+        burst = default_burst(limits.rpm)
+    return Limit(key, scope, limits.rpm, limits.tpm, burst, team)
 
 
 def prefetch_for(config: TeamConfig, settings: Settings) -> int:

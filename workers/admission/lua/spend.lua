@@ -1,44 +1,92 @@
--- Monthly spend counters in nano-USD: reserve a job's estimated cost, or settle it.
+-- Monthly spend ledgers in nano-USD: reserve a job's estimated cost, or settle it.
+--
+-- A ledger (hash) per scope holds `base`, the scope's spend in usage_log when accounting last
+-- reconciled it, and one `j:<job id>` field per job since (its reservation, then what it
+-- cost), summed in `open`: spent and reserved = base + open. Beside it a sorted set holds
+-- when each entry lapses. A reserve first reaps the lapsed ones, so a reservation whose
+-- worker died without settling it stops counting; accounting removes a job's entry once its
+-- usage row is in base (queuegate/lua/reconcile.lua). One entry per job id: a redelivered
+-- job's reservation replaces its earlier one instead of adding to it.
 --
 -- KEYS[1]        the team's alert marker for the month (set once the alert is emitted)
 -- KEYS[2]        the alerts stream
--- KEYS[3..]      spend counters: the team's, then optionally the model's
--- ARGV[1]        "reserve" (all counters or none, refused past a limit) or "settle" (add)
--- ARGV[2]        amount in nano-USD (settle: may be negative, a refund)
--- ARGV[3]        ttl of counters and marker, seconds (past the month's end)
--- ARGV[4]        alert threshold in nano-USD on the team counter; 0 = none
+-- KEYS[1+2i]     scope i's ledger: the team's, then optionally the model's
+-- KEYS[2+2i]     scope i's expiry set
+-- ARGV[1]        "reserve" (all scopes or none, refused past a limit) or "settle"
+-- ARGV[2]        amount in nano-USD: the estimate (reserve) or the real cost (settle)
+-- ARGV[3]        ttl of ledgers and marker, seconds (past the month's end)
+-- ARGV[4]        alert threshold in nano-USD on the team ledger; 0 = none
 -- ARGV[5..6]     team and month, written into the alert
--- ARGV[6+i]      limit of KEYS[2+i] in nano-USD
+-- ARGV[7]        the job id
+-- ARGV[8]        milliseconds until the job's entry lapses
+-- ARGV[8+i]      limit of scope i in nano-USD (reserve)
 --
--- Returns {0, spent} when done, {-1, i, spent} when KEYS[2+i] cannot take the amount, and
--- {-2, i} when KEYS[2+i] is missing (Redis lost it): the caller rebuilds it and calls again.
+-- Returns {0, spent} when done, {-1, i, spent} when scope i cannot take the amount, and
+-- {-2, i} when scope i's ledger is missing (Redis lost it): the caller rebuilds its base and
+-- calls again. A settle whose entry is gone (lapsed, or the job already reconciled) adds
+-- nothing: the job's usage row brings its cost into base.
+
+local REAP = 100 -- lapsed entries reaped per scope and call: bounded work on the hot path
 
 local mode = ARGV[1]
 local amount = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local threshold = tonumber(ARGV[4])
+local job = ARGV[7]
+local field = 'j:' .. job
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local expires = now + tonumber(ARGV[8])
+local scopes = (#KEYS - 2) / 2
 
-local spent = {}
-for i = 3, #KEYS do
-  local value = redis.call('GET', KEYS[i])
-  if not value then
+local spent, held = {}, {}
+for i = 1, scopes do
+  local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local base = redis.call('HGET', ledger, 'base')
+  if not base then
     if mode == 'reserve' then
-      return {-2, i - 2}
+      return {-2, i}
     end
   else
-    spent[i] = tonumber(value)
-    if mode == 'reserve' and spent[i] + amount > tonumber(ARGV[4 + i]) then
-      return {-1, i - 2, spent[i]}
+    if mode == 'reserve' then
+      local lapsed = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, REAP)
+      if #lapsed > 0 then
+        local gone = 0
+        for _, id in ipairs(lapsed) do
+          local f = 'j:' .. id
+          gone = gone + (tonumber(redis.call('HGET', ledger, f)) or 0)
+          redis.call('HDEL', ledger, f)
+        end
+        redis.call('ZREM', expiry, unpack(lapsed))
+        redis.call('HINCRBY', ledger, 'open', -gone)
+      end
+    end
+    local state = redis.call('HMGET', ledger, 'open', field)
+    held[i] = tonumber(state[2])
+    spent[i] = tonumber(base) + (tonumber(state[1]) or 0)
+    if mode == 'reserve' and spent[i] - (held[i] or 0) + amount > tonumber(ARGV[8 + i]) then
+      return {-1, i, spent[i]}
     end
   end
 end
 
-local team_spent = spent[3]
-for i = 3, #KEYS do
-  if spent[i] then
-    local now = redis.call('INCRBY', KEYS[i], amount)
-    if i == 3 then
-      team_spent = now
+local team_spent = spent[1]
+for i = 1, scopes do
+  local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  if spent[i] and (mode == 'reserve' or held[i]) then
+    redis.call('HINCRBY', ledger, 'open', amount - (held[i] or 0))
+    if mode == 'settle' and amount == 0 then
+      -- Nothing spent: nothing for accounting to bring into base either.
+      redis.call('HDEL', ledger, field)
+      redis.call('ZREM', expiry, job)
+    else
+      redis.call('HSET', ledger, field, amount)
+      redis.call('ZADD', expiry, expires, job)
+    end
+    redis.call('EXPIRE', ledger, ttl)
+    redis.call('EXPIRE', expiry, ttl)
+    if i == 1 then
+      team_spent = spent[1] - (held[1] or 0) + amount
     end
   end
 end
@@ -47,7 +95,7 @@ if team_spent and threshold > 0 and team_spent >= threshold then
   if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*',
       'team', ARGV[5], 'month', ARGV[6], 'spent_nano_usd', team_spent,
-      'budget_nano_usd', ARGV[7])
+      'budget_nano_usd', ARGV[9])
     return {0, team_spent, 1}
   end
 end

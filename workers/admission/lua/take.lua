@@ -14,10 +14,11 @@
 --
 -- A bucket refills continuously at its per-minute rate, up to its capacity: a minute of the
 -- rate, or fewer requests where a provider enforces its limit over shorter periods. Redis TIME
--- is the clock, so every worker sees the same one. Returns {1, wait_ms} when taken (wait 0
--- unless reserved), {0, wait_ms} when not taken because the emptiest bucket
--- needs that long to refill, {-1, i} when the job can never fit KEYS[i]. Settle and drain
--- return {1, 0}.
+-- is the clock, so every worker sees the same one. Returns {1, wait_ms, fill} when taken (wait
+-- 0 unless reserved), {0, wait_ms, fill} when not taken because the emptiest bucket
+-- needs that long to refill, {-1, i} when the job can never fit KEYS[i]; fill is how full
+-- KEYS[1]'s requests are after the call, in thousandths (0 in debt; -1 without an rpm), for
+-- metrics. Settle and drain return {1, 0}.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -53,8 +54,16 @@ for i, key in ipairs(KEYS) do
   levels[i] = {rates, caps, level}
 end
 
+local function fill(level)
+  local rate, cap = levels[1][1][1], levels[1][2][1]
+  if rate <= 0 then
+    return -1
+  end
+  return math.max(0, math.floor(level * 1000 / cap))
+end
+
 if wait > within then
-  return {0, wait}
+  return {0, wait, fill(levels[1][3][1] or 0)}
 end
 
 for i, key in ipairs(KEYS) do
@@ -79,5 +88,8 @@ for i, key in ipairs(KEYS) do
     redis.call('HSET', key, 'ts', now)
     redis.call('PEXPIRE', key, ttl)
   end
+end
+if mode == 'take' then
+  return {1, wait, fill(levels[1][3][1] or 0)}
 end
 return {1, wait}

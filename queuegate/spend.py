@@ -1,0 +1,215 @@
+"""Spend ledgers in Redis, kept true to PostgreSQL: the month's sum, reconciliation, drift.
+
+Workers reserve and settle each job's cost in its team's ledger (``workers/admission``,
+``lua/spend.lua``): ``base + open``, where ``base`` is what usage_log held at the last
+reconciliation and ``open`` the sum of one entry per job since. Accounting reconciles every
+budgeted team's ledger on a schedule::
+
+    corrections = await reconcile(client, pool, keys, budgeted, month, token=token)
+
+In one PostgreSQL snapshot it reads the month's sum and which of the ledger's jobs have usage
+rows; then, in one script, it sets ``base`` to that sum and drops those jobs' entries. A job
+written after the snapshot keeps its entry (it is not in the sum), so nothing in flight is
+counted twice or missed, and whatever drifted (a reservation whose worker died, a settle
+lost to a Redis error, a ledger Redis lost) is corrected. ``spend_drift`` says how far a
+ledger is from PostgreSQL at any moment (the jobs in flight, between reconciliations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import cache
+from importlib import resources
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from queuegate.keys import Keys
+
+log = logging.getLogger(__name__)
+
+NANO = Decimal(1_000_000_000)
+LEDGER_TTL = 40 * 24 * 3600
+"""Seconds a month's ledgers are kept: past the month's end, then Redis frees them."""
+LOCK_TTL = 60
+"""Seconds a reconciler's lock outlives its last round: another accountant takes over after
+this when it died holding it (one round takes well under a second)."""
+CHUNK = 1000
+"""Job ids per reconcile script call (Lua's unpack takes a few thousand at most)."""
+
+_SUM = (
+    "SELECT coalesce(sum(cost_usd), 0) FROM usage_log"
+    " WHERE team = $1 AND ts >= $2"
+    " AND ts < ($2 AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC'"
+    " AND ($3::text IS NULL OR model_requested = $3)"
+)
+
+
+def current_month() -> str:
+    return datetime.now(UTC).strftime("%Y-%m")
+
+
+def to_nano(usd: Decimal) -> int:
+    """USD as whole nano-dollars, rounded up so a reservation never falls short."""
+    return math.ceil(usd * NANO)
+
+
+async def month_spend(
+    db: asyncpg.Pool | asyncpg.Connection, team: str, month: str, model: str | None = None
+) -> Decimal:
+    """What usage_log holds of the team's spend in ``month`` (UTC), or on one model alias."""
+    start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
+    spent: Decimal = await db.fetchval(_SUM, team, start, model)
+    return spent
+
+
+async def ledger_spent(
+    client: aioredis.Redis, keys: Keys, team: str, month: str, model: str | None = None
+) -> Decimal | None:
+    """What the ledger counts as spent and reserved (USD); None when Redis has no ledger."""
+    base, open_ = await client.hmget(keys.spend(team, month, model), ["base", "open"])
+    if base is None:
+        return None
+    return Decimal(int(base) + int(open_ or 0)) / NANO
+
+
+async def spend_drift(
+    client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    team: str,
+    month: str,
+    *,
+    model: str | None = None,
+) -> Decimal:
+    """Redis's spend minus PostgreSQL's, USD to the nano-dollar Redis counts in: 0 once every
+    job is written and reconciled."""
+    redis_spent = await ledger_spent(client, keys, team, month, model) or Decimal(0)
+    pg_spent = Decimal(to_nano(await month_spend(pool, team, month, model))) / NANO
+    return redis_spent - pg_spent
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One ledger to reconcile: a team's, or its ledger on one model (a budget cap)."""
+
+    team: str
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What one reconciliation changed in a ledger, USD."""
+
+    scope: Scope
+    month: str
+    before: Decimal | None
+    """Spent and reserved before; None when Redis had lost the ledger."""
+    after: Decimal
+
+    @property
+    def drift(self) -> Decimal:
+        """What the ledger had counted beyond PostgreSQL and the jobs still open (negative:
+        short of them)."""
+        return (self.before or Decimal(0)) - self.after
+
+
+@cache
+def _source() -> str:
+    return resources.files("queuegate").joinpath("lua/reconcile.lua").read_text("utf-8")
+
+
+def reconciler_token() -> str:
+    """A reconciler's name for the lock: one per process, kept across its rounds, so a round
+    that failed holding the lock (Redis lost mid-round) does not keep the next one out."""
+    return secrets.token_hex(8)
+
+
+_TAKE_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
+"""
+
+
+async def reconcile(
+    client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    scopes: Sequence[Scope],
+    month: str,
+    *,
+    token: str,
+) -> list[Correction] | None:
+    """Bring each scope's ledger for ``month`` in line with usage_log (module docstring).
+
+    None when another reconciler (another ``token``) holds the lock: one at a time, or an
+    older snapshot could be applied after a newer one. Raises RedisError or asyncpg's errors
+    (queuegate.db).
+    """
+    if not await client.eval(_TAKE_LOCK, 1, keys.spend_reconciler, token, LOCK_TTL):
+        return None
+    script = client.register_script(_source())
+    corrections: list[Correction] = []
+    try:
+        for scope in scopes:
+            ledger = keys.spend(scope.team, month, scope.model)
+            expiry = keys.spend_expiry(scope.team, month, scope.model)
+            ids = [
+                i.decode() if isinstance(i, bytes) else str(i)
+                for i in await client.zrange(expiry, 0, -1)
+            ]
+            async with (
+                pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                spent = await month_spend(conn, scope.team, month, scope.model)
+                written = [
+                    row["job_id"]
+                    for row in await conn.fetch(
+                        "SELECT job_id FROM usage_log WHERE team = $1 AND job_id = ANY($2)",
+                        scope.team,
+                        ids,
+                    )
+                ]
+            found, before, after = 1, 0, 0
+            for start in range(0, max(1, len(written)), CHUNK):
+                base: str | int = to_nano(spent) if start == 0 else ""
+                chunk = written[start : start + CHUNK]
+                reply = await script(
+                    keys=[ledger, expiry, keys.spend_reconciler],
+                    args=[token, base, LEDGER_TTL, *chunk],
+                )
+                if reply[0] == -1:
+                    return None
+                if start == 0:
+                    found, before = reply[0], reply[1]
+                after = reply[2]
+            correction = Correction(
+                scope,
+                month,
+                Decimal(before) / NANO if found else None,
+                Decimal(after) / NANO,
+            )
+            corrections.append(correction)
+    finally:
+        # Released only if still ours (compare and delete).
+        with contextlib.suppress(RedisError):  # when Redis is away, the lock lapses
+            await client.eval(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end",
+                1,
+                keys.spend_reconciler,
+                token,
+            )
+    return corrections

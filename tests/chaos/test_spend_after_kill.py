@@ -1,0 +1,88 @@
+"""A worker SIGKILLed mid-call leaves no reservation behind: Redis's spend equals PostgreSQL's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from decimal import Decimal
+
+import redis.asyncio as aioredis
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from queuegate.spend import current_month, spend_drift
+from tests.chaos.harness import collect, declare_teams, submit_all, usage_rows
+from tests.chaos.test_worker_killed import accounting
+from tests.teams import register
+
+JOBS = 120
+KILL_AFTER_CALLS = 30
+BUDGET = Decimal("0.05")
+"""About ten times what the jobs really cost, and less than what their reservations (each
+priced at the dearest fallback) would hold if the killed worker's stayed counted."""
+
+
+async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given two worker processes serving team alpha, whose budget holds its jobs' real cost,
+    # and a provider taking 300 ms a call
+    await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
+    quick = settings.model_copy(update={"spend_reconcile_interval": 0.2})
+    async with MockProvider(MockConfig(default=Behavior(latency_ms=300))) as mock:
+        await declare_teams(settings, ("alpha",))
+        env = {
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_METRICS_PORT": "0",
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "QUEUEGATE_PREFETCH": "20",
+            "QUEUEGATE_MOCK_URL": mock.url,
+            "QUEUEGATE_MOCK_KEY": "sk-test",
+        }
+
+        async def start_worker() -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "queuegate", "worker", "--teams", "alpha"),
+                *("--log-level", "warning"),
+                env=env,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+
+        workers = [await start_worker(), await start_worker()]
+        pool = await create_pool(settings)
+        try:
+            async with accounting(quick), GatewayClient(settings, team="alpha") as client:
+                # When jobs flow and one worker is killed mid-call, then restarted
+                submitting = asyncio.create_task(submit_all([client], JOBS))
+                async with asyncio.timeout(60):
+                    await mock.wait_for_calls(KILL_AFTER_CALLS)
+                workers[0].send_signal(signal.SIGKILL)
+                await workers[0].wait()
+                workers[0] = await start_worker()
+                results = await collect(await submitting, timeout=120)
+                rows, distinct = await usage_rows(pool, JOBS, timeout=30)
+
+                # Expect every job served (none refused for the dead worker's reservations),
+                # and Redis's spend equal to PostgreSQL's once reconciled
+                assert [r.error for r in results if r.status != "ok"] == []
+                assert rows == distinct == JOBS
+                keys = Keys(settings.redis_prefix)
+                async with asyncio.timeout(30):
+                    # Polled: reconciliations run on accounting's schedule, unannounced.
+                    while await spend_drift(  # noqa: ASYNC110
+                        redis_client, pool, keys, "alpha", current_month()
+                    ):
+                        await asyncio.sleep(0.1)
+        finally:
+            for worker in workers:
+                if worker.returncode is None:
+                    worker.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
+            await pool.close()

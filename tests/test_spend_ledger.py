@@ -1,0 +1,121 @@
+"""The Redis spend ledger follows PostgreSQL: lost settles and lost ledgers are reconciled."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import asyncpg
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from mockprovider import Behavior, MockConfig
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from queuegate.spend import current_month, ledger_spent, spend_drift
+from tests.faults import behind_proxies
+from tests.support import running_gateway
+from tests.teams import register
+
+MESSAGES = [{"role": "user", "content": "How much?"}]
+MAX_TOKENS = 1000
+"""Priced at the dearest fallback (claude-haiku, $4/M output): a ~$0.004 reservation, while
+the mock's real answer costs ~$0.00001."""
+BUDGET = Decimal("0.006")
+"""Room for one reservation, not two: a job whose reservation is never settled leaves the
+next one refused ``budget_exhausted`` until reconciliation."""
+WAIT = 30.0
+
+
+async def _in_flight(redis_client: aioredis.Redis, settings: Settings, job_id: str) -> None:
+    """Until the job's reservation is in its team's ledger (then it is at the provider)."""
+    ledger = Keys(settings.redis_prefix).spend("alpha", current_month())
+    async with asyncio.timeout(WAIT):
+        # Polled: nothing announces a reservation.
+        while not await redis_client.hexists(ledger, f"j:{job_id}"):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def _reconciled(
+    redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+) -> Decimal:
+    """Until accounting's reconciliation leaves Redis's spend equal to PostgreSQL's."""
+    keys = Keys(settings.redis_prefix)
+    async with asyncio.timeout(WAIT):
+        # Polled: reconciliations run on accounting's schedule, unannounced.
+        while drift := await spend_drift(redis_client, pool, keys, "alpha", current_month()):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return drift
+
+
+async def test_a_settle_lost_to_a_redis_error_is_reconciled_and_refuses_nothing(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with room for one reservation, reaching Redis through a proxy, and a
+    # provider that takes a second
+    await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
+    slow = MockConfig(default=Behavior(latency_ms=1000))
+    quick = settings.model_copy(update={"spend_reconcile_interval": 0.1})
+    async with (
+        behind_proxies(quick, "redis") as (through, proxies),
+        running_gateway(settings, components=through, mock_config=slow) as gw,
+        gw.client("alpha") as client,
+    ):
+        corrected = {"team": "alpha", "model": "all"}
+        before = REGISTRY.get_sample_value("queuegate_spend_corrected_usd_total", corrected) or 0
+        # When Redis goes away while a job is at the provider, so its settle fails
+        job = client.job("gpt-4o-mini", MESSAGES, max_tokens=MAX_TOKENS)
+        handle = await client.submit(job)
+        await _in_flight(redis_client, settings, job.job_id)
+        await proxies["redis"].down()
+        first = await handle.result(timeout=WAIT)
+        await proxies["redis"].up()
+        await gw.usage_rows(1)
+
+        # Expect the ledger reconciled to PostgreSQL's spend, the reservation gone
+        assert first.status == "ok", first.error
+        assert await _reconciled(redis_client, gw.pool, settings) == 0
+        spent = await ledger_spent(
+            redis_client, Keys(settings.redis_prefix), "alpha", current_month()
+        )
+        assert spent is not None and spent < BUDGET / 100
+        # ... the correction (the estimate the lost settle left, less the real cost) exported
+        after = REGISTRY.get_sample_value("queuegate_spend_corrected_usd_total", corrected)
+        assert after is not None and after - before > float(BUDGET) / 2
+
+        # ... and the next job admitted, not refused for the lost settle's estimate
+        second = await client.chat("gpt-4o-mini", MESSAGES, max_tokens=MAX_TOKENS)
+        assert second.status == "ok", second.error
+
+
+async def test_a_ledger_redis_lost_mid_run_is_rebuilt_and_reconciled(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with a budget, three jobs served and one at the provider
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    slow = MockConfig(default=Behavior(latency_ms=300))
+    keys = Keys(settings.redis_prefix)
+    quick = settings.model_copy(update={"spend_reconcile_interval": 0.1})
+    async with running_gateway(quick, mock_config=slow) as gw, gw.client("alpha") as client:
+        for _ in range(3):
+            assert (await client.chat("gpt-4o-mini", MESSAGES)).status == "ok"
+        job = client.job("gpt-4o-mini", MESSAGES)
+        handle = await client.submit(job)
+        await _in_flight(redis_client, settings, job.job_id)
+
+        # When Redis loses the ledger (as a restart without persistence does), then two
+        # more jobs come
+        month = current_month()
+        await redis_client.delete(keys.spend("alpha", month), keys.spend_expiry("alpha", month))
+        assert (await handle.result(timeout=WAIT)).status == "ok"
+        for _ in range(2):
+            assert (await client.chat("gpt-4o-mini", MESSAGES)).status == "ok"
+        await gw.usage_rows(6)
+
+        # Expect Redis's spend equal to PostgreSQL's once reconciled: all six jobs, once each
+        assert await _reconciled(redis_client, gw.pool, settings) == 0
+        spent = await ledger_spent(redis_client, keys, "alpha", month)
+        total = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
+        assert spent is not None and total > 0
+        assert abs(spent - total) < Decimal("0.000000001") * 6
