@@ -87,7 +87,7 @@ class UsageRecord:
                 rows: list[asyncpg.Record] = await self._pool.fetch(query, *args)
         except asyncpg.UndefinedTableError:
             return []  # accounting has not created it yet: nothing was accounted
-        except (*DB_ERRORS, TimeoutError) as exc:
+        except DB_ERRORS as exc:  # TimeoutError (LOOKUP_TIMEOUT) is among them
             self._down_until = time.monotonic() + RETRY_AFTER
             self._outage.failed(exc)
             return None
