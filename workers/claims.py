@@ -150,6 +150,8 @@ class Claims:
                 reply = await self._claim(keys=[key, result, self._keys.memory_epoch], args=args)
             except RedisError as exc:
                 self._outage.failed(exc)
+                # Unclaimed, but never past PostgreSQL's record that it was answered.
+                await self._not_accounted(job)
                 return Claim(self, job, fingerprint, key)
             self._outage.recovered()
             status = reply[0].decode()
@@ -174,14 +176,21 @@ class Claims:
         lost = [LostCall.model_validate_json(line) for line in reply[1].decode().splitlines()]
         claim = Claim(self, job, fingerprint, key, owner=owner, lost=lost)
         self._held[key] = owner
-        check = redelivered or await self._may_have_forgotten(reply[2])
-        if check and await self._usage.has(job.team, job.job_id):
-            await claim.abandon()
+        if redelivered or await self._may_have_forgotten(reply[2]):
+            try:
+                await self._not_accounted(job)
+            except AlreadyAnswered:
+                await claim.abandon()
+                raise
+        return claim
+
+    async def _not_accounted(self, job: ChatJob) -> None:
+        """Raise AlreadyAnswered when PostgreSQL records the job's usage."""
+        if await self._usage.has(job.team, job.job_id):
             raise AlreadyAnswered(
                 f"job {job.job_id} was already answered (its usage is recorded); its "
                 "result went to the reply queue of the first delivery"
             )
-        return claim
 
     async def start(self) -> None:
         """Write the memory epoch if Redis has none (it is new, or lost its data), so that
