@@ -135,7 +135,7 @@ async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) ->
     """Collect starts once submit has validated the file and recorded the batch."""
     client = aioredis.from_url(settings.redis_url)
     try:
-        while not await client.exists(Keys(settings.redis_prefix).batch(NAME)):
+        while not await client.exists(Keys(settings.redis_prefix).batch(TEAM, NAME)):
             if submit.poll() is not None:
                 return
             await asyncio.sleep(0.05)

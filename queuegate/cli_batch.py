@@ -28,6 +28,16 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PROBLEMS_SHOWN = 200
 
+Team = Annotated[str, typer.Option(help="The team the batch runs for (your credentials').")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="QUEUEGATE_API_KEY",
+        show_default=False,
+        help="The team's API key, where it proves itself with one.",
+    ),
+]
+
 
 def parse_duration(text: str) -> timedelta:
     """``90s``, ``30m``, ``24h``, ``2d``."""
@@ -40,7 +50,7 @@ def parse_duration(text: str) -> timedelta:
 @batch_app.command("submit")
 def submit(
     file: Annotated[Path, typer.Argument(help="OpenAI or Anthropic batch file (JSONL).")],
-    team: Annotated[str, typer.Option(help="The team the batch runs for.")],
+    team: Team,
     model: Annotated[
         str | None, typer.Option(help="A catalog alias for every request, over the file's.")
     ] = None,
@@ -51,6 +61,7 @@ def submit(
         bool, typer.Option("--skip-invalid", help="Publish the valid requests, skip the rest.")
     ] = False,
     deadline: Annotated[str, typer.Option(help="Time the batch has, e.g. 24h or 90m.")] = "24h",
+    api_key: ApiKey = None,
 ) -> None:
     """Validate a batch file and publish its requests; re-run it to resume."""
     from producer.batch import submit_batch
@@ -71,6 +82,7 @@ def submit(
                     skip_invalid=skip_invalid,
                     deadline=window,
                     models=aliases,
+                    api_key=api_key,
                     on_progress=update,
                 )
             )
@@ -87,7 +99,10 @@ def submit(
     if report.stopped:
         line += f"; stopped: {report.stopped}"
     out.print(line, highlight=False)
-    out.print(f"collect with: queuegate batch collect {report.name} --out results.jsonl")
+    out.print(
+        f"collect with: queuegate batch collect {report.name} --team {team} "
+        f"--out {report.name}.results.jsonl"
+    )
 
 
 def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:
@@ -100,17 +115,23 @@ def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:
 @batch_app.command("collect")
 def collect(
     name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
     out_file: Annotated[Path, typer.Option("--out", help="Results file (appended to).")],
     errors: Annotated[
         Path | None, typer.Option(help="Failed requests here instead of in --out.")
     ] = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Write a batch's results as they arrive, in its own format; re-run it to resume."""
     from producer.batch import collect as collect_batch
 
     settings = Settings()
     with progress(err, "collected") as update:
-        report = run(lambda: collect_batch(settings, name, out_file, errors, on_progress=update))
+        report = run(
+            lambda: collect_batch(
+                settings, name, out_file, errors, team=team, api_key=api_key, on_progress=update
+            )
+        )
     c = report.counts
     out.print(
         f"batch {name}: {c.done:,} done, {c.failed:,} failed, {c.expired:,} expired, "
@@ -120,21 +141,60 @@ def collect(
 
 
 @batch_app.command("status")
-def status(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> None:
+def status(
+    name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
+    api_key: ApiKey = None,
+) -> None:
     """Counts, spend, rate and ETA of a batch."""
     from producer.batch import batch_status
 
-    out.print(_status_table(run(lambda: batch_status(Settings(), name))))
+    report = run(lambda: batch_status(Settings(), name, team=team, api_key=api_key))
+    out.print(_status_table(report))
 
 
 @batch_app.command("cancel")
-def cancel(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> None:
-    """Answer the batch's remaining requests 'canceled', without calling a provider."""
+def cancel(
+    name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
+    api_key: ApiKey = None,
+) -> None:
+    """Answer the batch's requests not served yet 'canceled', without calling a provider."""
     from producer.batch import cancel_batch
 
-    report = run(lambda: cancel_batch(Settings(), name))
+    report = run(lambda: cancel_batch(Settings(), name, team=team, api_key=api_key))
     out.print(_status_table(report))
-    out.print(f"batch {name} is canceled; collect writes the rest as canceled")
+    out.print(f"batch {name} is canceled; collect writes what was served and the rest canceled")
+
+
+@batch_app.command("list")
+def list_(team: Team, api_key: ApiKey = None) -> None:
+    """The team's batches the gateway still keeps (collected ones are gone)."""
+    from producer.batch import batch_list
+
+    batches = run(lambda: batch_list(Settings(), team=team, api_key=api_key))
+    table = Table(title=f"batches of team {team}")
+    for column in ("name", "format", "written", "total", "state", "deadline (UTC)"):
+        table.add_column(column, justify="right" if column in ("written", "total") else "left")
+    for b in batches:
+        state = "canceled" if b.canceled else ("done" if b.written >= b.total else "running")
+        table.add_row(
+            b.name, b.format, f"{b.written:,}", f"{b.total:,}", state, f"{b.deadline:%m-%d %H:%M}"
+        )
+    out.print(table if batches else f"team {team} has no batch")
+
+
+@batch_app.command("delete")
+def delete(
+    name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
+    api_key: ApiKey = None,
+) -> None:
+    """Forget a batch and drop its results queue, with any result not collected."""
+    from producer.batch import delete_batch
+
+    run(lambda: delete_batch(Settings(), name, team=team, api_key=api_key))
+    out.print(f"batch {name} deleted")
 
 
 def _status_table(status: object) -> Table:

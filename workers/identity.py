@@ -80,8 +80,14 @@ class Identities:
     def _stale(self, max_age: float) -> bool:
         return self._loaded_at is None or time.monotonic() - self._loaded_at > max_age
 
-    async def prove(self, message: AbstractIncomingMessage, team: str) -> Proof:
-        """The job's proven identity; raises Unauthorized when it may not act for ``team``."""
+    async def prove(
+        self, message: AbstractIncomingMessage, team: str, *, check_reply_to: bool = True
+    ) -> Proof:
+        """The job's proven identity; raises Unauthorized when it may not act for ``team``.
+
+        ``check_reply_to=False`` for a control request: its answer goes by direct reply-to,
+        which only the requesting channel can read, so it reaches no other team's queue.
+        """
         security = await self.security(team)
         if security.identity == "queue":
             return Proof("queue", security)
@@ -97,7 +103,7 @@ class Identities:
             identity = f"broker:{user}"
         else:
             identity = await self._prove_key(message, team)
-        if not self.may_reply(team, message.reply_to):
+        if check_reply_to and not self.may_reply(team, message.reply_to):
             raise Unauthorized(f"reply_to {message.reply_to!r} is not a reply queue of {team!r}")
         return Proof(identity, security)
 
