@@ -14,10 +14,12 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import ChannelInvalidStateError
 from pydantic import ValidationError
 
 from queuegate.broker import json_message, publish, when_connected
 from queuegate.control import (
+    BATCH_ERROR,
     CONTROL_KEY_SUFFIX,
     DIRECT_REPLY_TO,
     MESSAGE_TYPE_CONTROL,
@@ -28,7 +30,7 @@ from queuegate.control import (
     ControlResponse,
     OpenReplyQueue,
 )
-from queuegate.errors import ControlRefused, ServiceUnavailable
+from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable
 from queuegate.tenancy import API_KEY_HEADER
 
 CONTROL_TIMEOUT = 30.0
@@ -68,22 +70,31 @@ class ControlClient:
         self._reconnect_wait = reconnect_wait
         self._timeout = timeout
         self._pending: dict[str, asyncio.Future[ControlResponse]] = {}
+        self._consuming_on: object = None
+        self._consuming = asyncio.Lock()
 
     async def start(self) -> None:
-        await self._consume(self._channel)
+        await self._consume()
         self._channel.reopen_callbacks.add(self._on_reopen)
 
-    async def _consume(self, channel: AbstractRobustChannel) -> None:
-        underlay = await channel.get_underlay_channel()
-        await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+    async def _consume(self) -> None:
+        """Consume direct replies on the channel as it is now (a reconnect replaces it).
+
+        Checked before every request: a robust channel is usable again before its reopen
+        callbacks have run, and a request sent with no reply consumer is refused.
+        """
+        async with self._consuming:
+            underlay = await self._channel.get_underlay_channel()
+            if underlay is not self._consuming_on:
+                await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                self._consuming_on = underlay
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # Answers to requests sent on the lost channel can never arrive: ask again.
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("the channel was lost"))
-        if channel is not None:
-            await self._consume(channel)
+                future.exception()  # its caller may have stopped waiting: no warning then
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         future = self._pending.get(message.header.properties.correlation_id or "")
@@ -106,10 +117,16 @@ class ControlClient:
         if not response.ok:
             if response.code == "service_unavailable":
                 raise ServiceUnavailable(response.error or "the gateway is unavailable")
+            if response.code == BATCH_ERROR:
+                raise BatchError(response.error or "the gateway refused the batch step")
             raise ControlRefused(response.error or "the gateway refused the request")
         return response.result
 
     async def _round_trip(self, body: bytes) -> ControlResponse:
+        if self._channel.is_closed:
+            # As publish does: when_connected waits for the channel to come back.
+            raise ChannelInvalidStateError(f"{self._channel} is closed")
+        await self._consume()
         request_id = uuid.uuid4().hex
         future = self._pending[request_id] = asyncio.get_running_loop().create_future()
         message = json_message(

@@ -30,6 +30,8 @@ MESSAGE_TYPE_CONTROL = "control"
 MESSAGE_TYPE_CONTROL_REPLY = "control-reply"
 CONTROL_KEY_SUFFIX = ".control"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+BATCH_ERROR = "batch_error"
+"""The ``code`` of an answer refusing a batch step (raised as BatchError to the client)."""
 
 QUEUE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 """A reply queue's own part of its name: no dot, so it stays inside the team's pattern."""
@@ -56,6 +58,14 @@ BatchCallName = Literal[
     "list",
     "delete",
 ]
+
+
+def no_such_batch(team: str, name: str) -> str:
+    """What a step on a batch the team does not have is refused with."""
+    return (
+        f"no batch named {name!r} for team {team!r}: submit it first "
+        "(queuegate batch submit), or see queuegate batch list"
+    )
 
 
 class OpenReplyQueue(WireModel):

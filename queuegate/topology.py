@@ -178,8 +178,8 @@ class Topology:
         )
 
     def collect_lock_queue(self, team: str, batch: str) -> str:
-        # "~" is outside every name a client may ask for, so no reply queue can take it.
-        return self.replies_queue(team, f"{batch}~collect")
+        # ":" is outside every name a client may ask for, so no reply queue can take it.
+        return self.replies_queue(team, f"{batch}:collect")
 
     async def declare_collect_lock(
         self, channel: AbstractChannel, team: str, batch: str, *, expires_s: float

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
-from queuegate.control import CATEGORIES, BatchMeta, BatchSummary, Category, Counts
+from queuegate.control import CATEGORIES, BatchMeta, BatchSummary, Category, Counts, no_such_batch
 from queuegate.errors import BatchError, ServiceUnavailable
 from queuegate.keys import Keys
 
@@ -64,13 +64,14 @@ class BatchState:
     async def require(self) -> BatchMeta:
         meta = await self.load()
         if meta is None:
-            raise BatchError(
-                f"no batch named {self.name!r}: submit it first (queuegate batch submit)"
-            )
+            raise BatchError(no_such_batch(self.team, self.name))
         return meta
 
     async def create(self, meta: BatchMeta) -> None:
-        """Record a new batch, and adopt the validated index as its lines."""
+        """Record a new batch, and adopt the validated index as its lines. Sent again (its
+        answer lost with a connection), it finds the batch recorded and leaves it be."""
+        if await self.load() is not None:
+            return
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         mapping: dict[Any, str | int | float] = {
             "team": meta.team,
@@ -126,18 +127,34 @@ class BatchState:
         """Record (custom_id, category, nano-dollars) of lines now on disk, all new ones."""
         if not entries:
             return
-        now = time.time()
+        while not await self._call(self._mark_written(entries)):
+            pass  # the written set changed meanwhile: look again
+
+    async def _mark_written(self, entries: Sequence[tuple[str, Category, int]]) -> bool:
+        """Count only the custom_ids not written yet, so a step sent again (its answer lost
+        with a connection) counts nothing twice; False when another step raced this one."""
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.sadd(self._written, *(custom_id for custom_id, _, _ in entries))
-            for category in CATEGORIES:
-                n = sum(1 for _, c, _ in entries if c == category)
-                if n:
-                    pipe.hincrby(self._meta, category, n)
-            pipe.hincrby(self._meta, "spend_nano", sum(nano for _, _, nano in entries))
-            pipe.hsetnx(self._meta, "first_written", now)
-            pipe.hset(self._meta, "last_written", now)
-            self._expire(pipe, self._written)
-            await self._call(pipe.execute())
+            try:
+                await pipe.watch(self._written)
+                known = await pipe.smismember(self._written, [c for c, _, _ in entries])
+                fresh = [entry for entry, k in zip(entries, known, strict=True) if not k]
+                if not fresh:
+                    return True
+                now = time.time()
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.sadd(self._written, *(custom_id for custom_id, _, _ in fresh))
+                for category in CATEGORIES:
+                    n = sum(1 for _, c, _ in fresh if c == category)
+                    if n:
+                        pipe.hincrby(self._meta, category, n)
+                pipe.hincrby(self._meta, "spend_nano", sum(nano for _, _, nano in fresh))
+                pipe.hsetnx(self._meta, "first_written", now)
+                pipe.hset(self._meta, "last_written", now)
+                self._expire(pipe, self._written)
+                await pipe.execute()
+            except WatchError:
+                return False
+        return True
 
     async def unwritten(self, cursor: int, chunk: int = 1000) -> tuple[int, list[tuple[str, bool]]]:
         """One page of (custom_id, published) of requests without a result line, and the

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from queuegate.broker import Consumer, consume, json_message, settle
 from queuegate.control import (
+    BATCH_ERROR,
     CONTROL_KEY_SUFFIX,
     MESSAGE_TYPE_CONTROL_REPLY,
     BatchCall,
@@ -130,13 +131,19 @@ class ControlPlane:
         except JobError as exc:
             log.info("control request %s refused: %s", message.message_id, exc)
             return _error(exc.code, str(exc))
-        except (Refused, BatchError, ConfigError) as exc:
+        except BatchError as exc:
+            return _error(BATCH_ERROR, str(exc))
+        except (Refused, ConfigError) as exc:
             return _error("invalid_request", str(exc))
         except ServiceUnavailable as exc:
             return _error("service_unavailable", str(exc))
         except (RedisError, OSError, aiormq.exceptions.AMQPError) as exc:
             log.warning("control request %s failed: %s", message.message_id, exc)
             return _error("service_unavailable", f"the gateway could not do it ({exc}); retry")
+        except Exception:
+            # A request must never take the consumer down nor stay unanswered.
+            log.exception("control request %s failed", message.message_id)
+            return _error("internal", "the gateway failed on this request; see its log")
 
     async def _do(self, team: str, request: Any) -> Any:
         if isinstance(request, OpenReplyQueue):
@@ -208,6 +215,9 @@ class ControlPlane:
             raise Refused(f"batch {call.call} needs a batch name")
         state = BatchState(self._redis, self._keys, team, call.batch)
         args = call.args
+        if call.call not in ("load", "create", "reset_index", "index", "is_canceled"):
+            # Every other step is on a recorded batch, whose expiry its keys then take.
+            await state.require()
         match call.call:
             case "load":
                 meta = await state.load()
@@ -236,12 +246,10 @@ class ControlPlane:
                 await state.mark_written(_WRITTEN.validate_python(args.get("entries")))
                 return None
             case "unwritten":
-                await state.require()
                 return await state.unwritten(_CURSOR.validate_python(args.get("cursor", 0)))
             case "is_canceled":
                 return await state.is_canceled()
             case "cancel":
-                await state.require()
                 await state.cancel()
                 return await self._status(state)
             case "counts":
@@ -249,13 +257,11 @@ class ControlPlane:
             case "status":
                 return await self._status(state)
             case "lock":
-                await state.require()
                 lock = await self._topology.declare_collect_lock(
                     self._require_channel(), team, call.batch, expires_s=LOCK_EXPIRES
                 )
                 return lock.name
             case "delete":
-                await state.require()
                 channel = self._require_channel()
                 await channel.queue_delete(self._topology.results_queue(team, call.batch))
                 await state.delete()

@@ -115,17 +115,25 @@ async def _consume(
     connection = await connect(settings.amqp_url, name=f"batch-collect:{run.meta.name}")
     async with connection:
         lock = await connection.channel()
-        try:
+        lock_queue = await run.state.lock()
+
+        async def hold(channel: AbstractRobustChannel | None) -> None:
             # An exclusive consumer of an empty queue is a lock the broker drops with the
             # connection, even on SIGKILL (quorum queues ignore exclusive consumers, so it
             # cannot be the results queue's own consumer).
-            underlay = await lock.get_underlay_channel()
-            await underlay.basic_consume(await run.state.lock(), _ignore, exclusive=True)
+            if channel is not None:
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_consume(lock_queue, _ignore, exclusive=True)
+
+        try:
+            await hold(lock)
         except aiormq.exceptions.ChannelAccessRefused as exc:
             raise BatchError(
                 f"batch {run.meta.name!r} is being collected by another process; "
                 "wait for it or stop it first"
             ) from exc
+        # Both come back with the connection: the robust channels restore nothing of ours.
+        lock.reopen_callbacks.add(hold)
         channel: AbstractRobustChannel = await connection.channel()
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
@@ -133,7 +141,13 @@ async def _consume(
             inbox.put_nowait(IncomingMessage(message))
 
         results = topology.results_queue(client.team, run.meta.name)
-        await consume(channel, results, take, prefetch=PREFETCH)
+
+        async def consume_results(channel: AbstractRobustChannel | None) -> None:
+            if channel is not None:
+                await consume(channel, results, take, prefetch=PREFETCH)
+
+        await consume_results(channel)
+        channel.reopen_callbacks.add(consume_results)
         await run.reconcile()
         deadline = run.meta.deadline.timestamp() + expiry_grace
         while run.done < run.meta.total:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from producer.control import ControlClient
-from queuegate.control import BatchMeta, BatchSummary, Category, Counts
+from queuegate.control import BatchMeta, BatchSummary, Category, Counts, no_such_batch
 from queuegate.errors import BatchError
 
 NANO = 10**9
@@ -39,10 +39,7 @@ class BatchState:
     async def require(self) -> BatchMeta:
         meta = await self.load()
         if meta is None:
-            raise BatchError(
-                f"no batch named {self.name!r} for team {self.team!r}: submit it first "
-                "(queuegate batch submit), or see queuegate batch list"
-            )
+            raise BatchError(no_such_batch(self.team, self.name))
         return meta
 
     async def create(self, meta: BatchMeta) -> None:
