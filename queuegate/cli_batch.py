@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -26,7 +27,8 @@ err = Console(stderr=True)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-PROBLEMS_SHOWN = 200
+PROBLEMS_SHOWN = 20
+"""Problems printed; with --skip-invalid all of them also go to a file."""
 
 Team = Annotated[str, typer.Option(help="The team the batch runs for (your credentials').")]
 ApiKey = Annotated[
@@ -61,6 +63,10 @@ def submit(
         bool, typer.Option("--skip-invalid", help="Publish the valid requests, skip the rest.")
     ] = False,
     deadline: Annotated[str, typer.Option(help="Time the batch has, e.g. 24h or 90m.")] = "24h",
+    skipped: Annotated[
+        Path | None,
+        typer.Option(help="Invalid lines (number, reason) go here; <batch>.skipped.jsonl."),
+    ] = None,
     api_key: ApiKey = None,
 ) -> None:
     """Validate a batch file and publish its requests; re-run it to resume."""
@@ -90,6 +96,15 @@ def submit(
         _print_problems(file, exc.problems)
         raise
     _print_problems(file, report.skipped)
+    if report.skipped:
+        target = skipped or Path(f"{report.name}.skipped.jsonl")
+        target.write_bytes(
+            b"".join(
+                orjson.dumps({"line": number, "reason": reason}) + b"\n"
+                for number, reason in report.skipped
+            )
+        )
+        err.print(f"the {len(report.skipped):,} skipped lines are listed in {target}")
     line = (
         f"batch {report.name}: {report.total:,} requests, {report.published:,} published now, "
         f"{report.already:,} before"

@@ -608,3 +608,51 @@ async def test_a_model_outside_the_catalog_is_an_invalid_line(
     assert caught.value.problems == [
         (n, "model 'gpt-3.5-turbo-0125' is not in the catalog: pass --model ALIAS") for n in (1, 2)
     ]
+
+
+async def test_a_request_over_the_job_size_limit_is_an_invalid_line(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a file whose second line carries a 2 MB prompt
+    huge = {
+        **openai_line(1),
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "x" * 2_000_000}],
+        },
+    }
+    source = write_jsonl(tmp_path / "bad.jsonl", [openai_line(0), huge, openai_line(2)])
+
+    # When it is submitted
+    async with nobody_serves(settings):
+        with pytest.raises(BatchInvalid) as caught:
+            await submit_batch(alpha.settings, source, **alpha.who)
+        listed = await batch_list(alpha.settings, **alpha.who)
+
+    # Expect it refused at validation, by its line number, and nothing recorded
+    [(number, reason)] = caught.value.problems
+    assert number == 2 and "over the gateway's 1,048,576" in reason
+    assert listed == []
+
+
+async def test_skip_invalid_lists_every_skipped_line_in_a_file(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given the file with 20 malformed lines among valid ones
+    source, bad_numbers = malformed_file(tmp_path / "bad.jsonl")
+    skipped = tmp_path / "skipped.jsonl"
+    async with nobody_serves(settings):
+        # When the team's CLI submits it with --skip-invalid
+        cli = start_cli(
+            alpha.settings,
+            *("batch", "submit", str(source), "--team", "alpha", "--skip-invalid"),
+            *("--skipped", str(skipped)),
+        )
+        _, stderr = await asyncio.to_thread(cli.communicate)
+    assert cli.returncode == 0, stderr.decode()
+
+    # Expect every skipped line in the file with its reason, not only on the terminal
+    listed = read_jsonl(skipped)
+    assert [entry["line"] for entry in listed] == bad_numbers
+    assert all(entry["reason"] for entry in listed)
+    assert str(skipped) in stderr.decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -172,11 +173,45 @@ def test_a_requests_document_is_read_one_request_at_a_time(tmp_path: Path) -> No
     file = BatchFile(tmp_path / "doc.json")
     entries = list(file)
 
-    # Expect every request, numbered by position, and the digest of the whole file
-    assert file.unit == "request"
-    assert [n for n, _ in entries] == list(range(1, 3001))
+    # Expect every request, numbered by the line it starts on, and the whole file's digest
+    assert file.document
+    lines = raw.split(b"\n")
+    assert len(entries) == 3000
+    for number, entry in entries:
+        assert lines[number - 1].strip() == b"{", number
+        assert f'"custom_id": "{entry["custom_id"]}"'.encode() in lines[number]
     assert entries[-1][1]["custom_id"] == "r2999"
     assert file.digest.hexdigest() == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_requests_document_is_read_whatever_the_order_of_its_keys(tmp_path: Path) -> None:
+    # Given a one-line document whose "requests" comes after another key, and a BOM
+    document = {"description": "nightly", "requests": ANTHROPIC_EXAMPLE, "z": [1, {"a": 2}]}
+    path = tmp_path / "doc.json"
+    path.write_bytes(codecs.BOM_UTF8 + orjson.dumps(document))
+
+    # When it is read, expect the document's requests, not one JSONL line
+    file = BatchFile(path)
+    entries = list(file)
+    assert file.document
+    assert [entry["custom_id"] for _, entry in entries] == [
+        "my-first-request",
+        "my-second-request",
+    ]
+    assert {number for number, _ in entries} == {1}
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Given a UTF-8 JSONL file saved with a BOM (as some editors do)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + b"".join(orjson.dumps(e) + b"\n" for e in ANTHROPIC_EXAMPLE))
+
+    # Expect its first line read as JSON
+    entries = list(BatchFile(path))
+    assert [(n, e["custom_id"]) for n, e in entries] == [
+        (1, "my-first-request"),
+        (2, "my-second-request"),
+    ]
 
 
 def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:
@@ -184,6 +219,6 @@ def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:
     raw = _document(tmp_path / "doc.json", 500)
     (tmp_path / "doc.json").write_bytes(raw[: len(raw) // 2])
 
-    # Expect an error naming the file and the request cut short
-    with pytest.raises(BatchError, match=r"doc\.json: request \d+ is not valid JSON"):
+    # Expect an error naming the file and the line of the request cut short
+    with pytest.raises(BatchError, match=r"doc\.json: the request on line \d+ is not valid JSON"):
         list(BatchFile(tmp_path / "doc.json"))

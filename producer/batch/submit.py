@@ -105,11 +105,11 @@ async def submit_batch(
             models=models,
         )
         file = BatchFile(path)
-        total, problems = await _validate(file, reader, state)
+        total, problems = await _validate(file, reader, state, settings.max_job_bytes)
         fingerprint = file.digest.hexdigest()
         if problems and not skip_invalid:
             await state.reset_index()
-            raise _invalid(path, file.unit, problems)
+            raise _invalid(path, problems)
         if total == 0:
             raise BatchError(f"{path} holds no valid request")
         fresh = meta is None
@@ -147,9 +147,13 @@ async def submit_batch(
 
 
 async def _validate(
-    file: BatchFile, reader: JobReader, state: BatchState
+    file: BatchFile, reader: JobReader, state: BatchState, max_bytes: int
 ) -> tuple[int, list[tuple[int, str]]]:
-    """Valid requests and problems; valid custom_ids land in the state's index."""
+    """Valid requests and problems; valid custom_ids land in the state's index.
+
+    A request whose job would exceed ``max_bytes`` (the gateway's ``max_job_bytes``) is a
+    problem here, with its line, not an error result after it was published.
+    """
     problems: list[tuple[int, str]] = []
     chunk: list[tuple[str, int]] = []
     total = 0
@@ -163,7 +167,7 @@ async def _validate(
                 total += 1
             else:
                 problems.append(
-                    (number, f"duplicate custom_id {custom_id!r} (first on {file.unit} {first})")
+                    (number, f"duplicate custom_id {custom_id!r} (first on line {first})")
                 )
         chunk.clear()
 
@@ -172,6 +176,12 @@ async def _validate(
             job = reader.job(entry)
         except ValueError as exc:
             problems.append((number, str(exc)))
+            continue
+        size = len(job.model_dump_json(exclude_defaults=True))
+        if size > max_bytes:
+            problems.append(
+                (number, f"the request is {size:,} bytes, over the gateway's {max_bytes:,}")
+            )
             continue
         chunk.append((job.metadata["custom_id"], number))
         if len(chunk) >= CHUNK:
@@ -182,10 +192,10 @@ async def _validate(
     return total, problems
 
 
-def _invalid(path: Path, unit: str, problems: list[tuple[int, str]]) -> BatchInvalid:
+def _invalid(path: Path, problems: list[tuple[int, str]]) -> BatchInvalid:
     number, reason = problems[0]
     return BatchInvalid(
-        f"{len(problems)} invalid {unit}s in {path}, nothing published (first: {unit} "
+        f"{len(problems)} invalid requests in {path}, nothing published (first: line "
         f"{number}: {reason}); fix them or pass --skip-invalid",
         problems,
     )
