@@ -6,7 +6,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -24,6 +24,9 @@ batch_app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+if TYPE_CHECKING:
+    from router import Catalog
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -75,7 +78,8 @@ def submit(
 
     settings = Settings()
     window = parse_duration(deadline)
-    aliases = set(load_catalog(settings.catalog, os.environ).models)
+    catalog = load_catalog(settings.catalog, os.environ)
+    aliases = set(catalog.models)
     try:
         with progress(err, "published") as update:
             report = run(
@@ -88,6 +92,7 @@ def submit(
                     skip_invalid=skip_invalid,
                     deadline=window,
                     models=aliases,
+                    anthropic_models=anthropic_only(catalog),
                     api_key=api_key,
                     on_progress=update,
                 )
@@ -118,6 +123,22 @@ def submit(
         f"collect with: queuegate batch collect {report.name} --team {team} "
         f"--out {report.name}.results.jsonl"
     )
+
+
+def anthropic_only(catalog: Catalog) -> set[str]:
+    """Aliases whose deployments, and their fallbacks', are all Anthropic's."""
+
+    def chain(alias: str, seen: set[str]) -> set[str]:
+        entry = catalog.models.get(alias)
+        if entry is None or alias in seen:
+            return set()
+        seen.add(alias)
+        kinds: set[str] = {d.provider for d in entry.deployments}
+        for other in (*entry.fallbacks, *entry.context_fallbacks, *entry.content_policy_fallbacks):
+            kinds |= chain(other, seen)
+        return kinds
+
+    return {alias for alias in catalog.models if chain(alias, set()) == {"anthropic"}}
 
 
 def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:

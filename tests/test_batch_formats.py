@@ -11,10 +11,15 @@ import orjson
 import pytest
 from anthropic.types import Message
 
+from producer.batch.answers import Answer
+from producer.batch.formats import FORMATS
+from producer.batch.jobs import JobReader
 from producer.batch.lines import BatchFile
+from queuegate.cli_batch import anthropic_only
 from queuegate.errors import BatchError
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, ChatResult, ErrorCode, ErrorInfo, GatewayInfo
 from queuegate.provider_formats import anthropic_message, openai_request
+from router import load_catalog
 from router.providers import AnthropicAdapter
 from tests.batch_files import ANTHROPIC_EXAMPLE
 
@@ -222,3 +227,73 @@ def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:
     # Expect an error naming the file and the line of the request cut short
     with pytest.raises(BatchError, match=r"doc\.json: the request on line \d+ is not valid JSON"):
         list(BatchFile(tmp_path / "doc.json"))
+
+
+GATEWAY = GatewayInfo(model_requested="gpt-4o-mini")
+
+
+def _answer(result: ChatResult) -> Answer:
+    return Answer("r1", "nightly:r1", "done" if result.status == "ok" else "failed", result)
+
+
+def test_an_anthropic_line_answered_by_an_openai_deployment_carries_a_message_id() -> None:
+    # Given a request of an Anthropic batch that an OpenAI deployment answered
+    completion = {
+        "id": "chatcmpl-9xYz",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    result = ChatResult(
+        job_id="nightly:r1", team="alpha", status="ok", response=completion, gateway=GATEWAY
+    )
+
+    # When its line is written, expect an Anthropic message id, the same on every collect
+    line = FORMATS["anthropic"].line(_answer(result))
+    message_id = line["result"]["message"]["id"]
+    assert message_id.startswith("msg_") and "chatcmpl" not in message_id
+    assert FORMATS["anthropic"].line(_answer(result))["result"]["message"]["id"] == message_id
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("invalid_request", "invalid_request_error"),
+        ("unknown_model", "invalid_request_error"),
+        ("unauthorized", "invalid_request_error"),
+        ("budget_exhausted", "insufficient_quota"),
+        ("rate_limited", "requests"),
+        ("all_providers_failed", "server_error"),
+        ("deadline_exceeded", "server_error"),
+    ],
+)
+def test_openai_error_lines_use_openais_error_types(code: ErrorCode, kind: str) -> None:
+    # Given a request that failed with one of the gateway's codes
+    error = ErrorInfo(code=code, message="it failed")
+    result = ChatResult(
+        job_id="nightly:r1", team="alpha", status="error", error=error, gateway=GATEWAY
+    )
+
+    # When its OpenAI line is written, expect OpenAI's error type and the gateway's code
+    body = FORMATS["openai"].line(_answer(result))["response"]["body"]
+    assert body["error"]["type"] == kind and body["error"]["code"] == code
+
+
+def test_top_k_for_a_model_another_provider_may_serve_is_an_invalid_line() -> None:
+    # Given an Anthropic request with top_k, and a catalog where only claude-haiku is
+    # served by Anthropic alone (gpt-4o-mini is OpenAI's, falling back to Anthropic)
+    entry = {"custom_id": "r1", "params": {**ANTHROPIC_EXAMPLE[0]["params"], "top_k": 5}}
+    catalog = load_catalog(None, {})
+    only = anthropic_only(catalog)
+    assert only == {"claude-haiku"}
+
+    def reader(model: str) -> JobReader:
+        return JobReader(batch="b", team="alpha", model=model, deadline=None, anthropic_models=only)
+
+    # When it is read for each, expect it refused for the OpenAI model and kept for Claude
+    with pytest.raises(ValueError, match="top_k is Anthropic's alone"):
+        reader("gpt-4o-mini").job(entry)
+    assert reader("claude-haiku").job(entry).params.model_extra == {"top_k": 5}

@@ -74,6 +74,7 @@ async def submit_batch(
     user_id: str | None = None,
     api_key: str | None = None,
     models: Collection[str] | None = None,
+    anthropic_models: Collection[str] | None = None,
     on_progress: Progress | None = None,
 ) -> SubmitReport:
     """Publish a batch file's requests as jobs whose results go to the batch's reply queue.
@@ -83,7 +84,9 @@ async def submit_batch(
 
     Re-running it with the same file publishes only what an interrupted run had not. Raises
     BatchInvalid listing every bad entry (nothing is published) unless ``skip_invalid``.
-    ``models``, when given, are the catalog's aliases: a request naming another is invalid.
+    ``models``, when given, are the catalog's aliases: a request naming another is invalid;
+    ``anthropic_models``, those served by Anthropic alone (fallbacks included): a request
+    with an Anthropic-only parameter (``top_k``) for another model is invalid.
     """
     path = Path(path)
     name = check_batch_name(name or default_name(path))
@@ -103,6 +106,7 @@ async def submit_batch(
             deadline=meta.deadline if meta else datetime.now(UTC) + deadline,
             format=meta.format if meta else None,
             models=models,
+            anthropic_models=anthropic_models,
         )
         file = BatchFile(path)
         total, problems = await _validate(file, reader, state, settings.max_job_bytes)
