@@ -60,8 +60,6 @@ class Settings(BaseSettings):
     """Unread replies a client's reply queue holds at most; past it the oldest is dropped."""
     reply_queues_per_team: int = Field(default=100, ge=1)
     """Reply and results queues a team may have at once (the gateway declares them)."""
-    control_queue_max_length: int = Field(default=10_000, ge=1)
-    """Control requests waiting at most; past it a team's request is refused at once."""
     job_time_limit: float = Field(default=1500.0, gt=0)
     """Seconds a worker spends on one job at most, every provider call included. Keep it below
     RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""

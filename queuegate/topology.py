@@ -33,6 +33,10 @@ HEADER_DEAD_DETAIL = "x-queuegate-detail"
 HEADER_DEAD_QUEUE = "x-queuegate-queue"
 HEADER_SENT_MS = "x-queuegate-sent-ms"
 
+CONTROL_MAX_LENGTH = 10_000
+"""Control requests waiting at most; past it a request is refused at once. A constant, not
+a setting: every declarer must give the queue the same arguments."""
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -107,20 +111,21 @@ class Topology:
         """The team's job queue, bound to the jobs exchange under the team's routing key."""
         exchange = await self.declare_jobs_exchange(channel)
         await self.declare_dead(channel)
+        await self.declare_control_queue(channel)
         queue = await channel.declare_queue(
             self.team_queue(team), durable=True, arguments=self._quorum_args()
         )
         await queue.bind(exchange, routing_key=team)
         return queue
 
-    async def declare_control_queue(
-        self, channel: AbstractChannel, *, max_length: int
-    ) -> AbstractQueue:
+    async def declare_control_queue(self, channel: AbstractChannel) -> AbstractQueue:
         """The control requests of every team (routing key ``<team>.control``; team names
         hold no dot, so ``*`` matches each one and a team's own binding ``<team>`` none).
 
-        Bounded: a team flooding it is refused at the broker, not queued without end. No
-        dead-lettering: a request nobody could serve is of no use once its client gave up.
+        Declared with every team queue too, so that an app started before any worker waits
+        for its answer rather than failing. Bounded: a team flooding it is refused at the
+        broker, not queued without end. No dead-lettering: a request nobody could serve is
+        of no use once its client gave up (it expires with its client's wait).
         """
         exchange = await self.declare_jobs_exchange(channel)
         queue = await channel.declare_queue(
@@ -129,7 +134,7 @@ class Topology:
             arguments={
                 "x-queue-type": "quorum",
                 "x-delivery-limit": self.delivery_limit,
-                "x-max-length": max_length,
+                "x-max-length": CONTROL_MAX_LENGTH,
                 "x-overflow": "reject-publish",
             },
         )

@@ -78,9 +78,7 @@ class ControlPlane:
 
     async def start(self, channel: AbstractRobustChannel) -> None:
         self._channel = channel
-        await self._topology.declare_control_queue(
-            channel, max_length=self._settings.control_queue_max_length
-        )
+        await self._topology.declare_control_queue(channel)
         channel.reopen_callbacks.add(self._on_reopen)
         await self._consume(channel)
 
