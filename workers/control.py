@@ -23,7 +23,7 @@ from aiormq.abc import DeliveredMessage
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
-from queuegate.broker import Consumer, consume, json_message, settle
+from queuegate.broker import CONNECTION_LOST, Consumer, consume, json_message, settle
 from queuegate.control import (
     BATCH_ERROR,
     CONTROL_KEY_SUFFIX,
@@ -107,7 +107,8 @@ class ControlPlane:
                 await delivered.channel.basic_publish(
                     reply.body, exchange="", routing_key=message.reply_to, properties=reply[1]
                 )
-            except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            except (*CONNECTION_LOST, aiormq.exceptions.AMQPError) as exc:
+                # The channel is gone: the request is delivered again, and answered then.
                 log.info("could not answer control request %s (%s)", message.message_id, exc)
         assert delivered.delivery_tag is not None
         await settle(
