@@ -5,8 +5,11 @@ need.
     .venv/bin/python -m bench.batch --lines 5000 --latency-ms 0
 
 Every part runs as its own process, as deployed: the mock provider, ``--workers`` workers,
-accounting, then ``queuegate batch submit`` and ``queuegate batch collect`` started together.
-Peak memory is each process's max RSS (``wait4``). Loopback only, one namespace of its own,
+accounting, then ``queuegate batch submit`` and ``queuegate batch collect`` started together,
+as a team added the default way runs them (its own broker user, no Redis). Peak memory is
+each process's max RSS (``wait4``). Beside the batch's end-to-end rate stands the workers'
+own throughput in the same run (jobs finished per second, first to last, from usage_log):
+the batch's overhead is the gap between them. Loopback only, one namespace of its own,
 removed afterwards. Figures on a shared machine are noisy: compare runs made side by side.
 """
 
@@ -27,21 +30,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aio_pika
+import aiormq
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
+from queuegate.db import quote_ident
 from queuegate.keys import Keys
+from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
+from queuegate.teams_admin import Credentials, add
 from queuegate.topology import Topology
 
 TEAM = "bench"
 NAME = "bench"
 
 
-HEADERS = "lines|latency ms|workers|submit s|e2e s|jobs/s|submit MiB|collect MiB|file MiB"
+HEADERS = (
+    "lines|latency ms|workers|submit s|e2e s|jobs/s|worker jobs/s|e2e/worker"
+    "|submit MiB|collect MiB|file MiB"
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,8 @@ class Figures:
     submit_s: float
     end_to_end_s: float
     jobs_per_s: float
+    worker_jobs_per_s: float
+    ratio: float
     submit_peak_mib: float
     collect_peak_mib: float
     file_mib: float
@@ -73,6 +86,8 @@ def _env(settings: Settings, mock_url: str) -> dict[str, str]:
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
         "QUEUEGATE_MOCK_URL": mock_url,
         "QUEUEGATE_MOCK_KEY": "sk-bench",
+        # Any free port: several workers (and other processes) run on this machine.
+        "QUEUEGATE_METRICS_PORT": "0",
     }
 
 
@@ -113,8 +128,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-async def _team_queue_ready(settings: Settings, timeout: float = 30) -> None:
-    """The workers declare the team queue on start; submit needs it to route jobs."""
+async def _workers_ready(settings: Settings, timeout: float = 30) -> None:
+    """The workers declare the control queue once they serve: submit asks it first."""
     deadline = time.monotonic() + timeout
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
@@ -122,20 +137,42 @@ async def _team_queue_ready(settings: Settings, timeout: float = 30) -> None:
             channel = await connection.channel()
             try:
                 await channel.declare_queue(
-                    Topology(settings.namespace).team_queue(TEAM), passive=True
+                    Topology(settings.namespace).control_queue, passive=True
                 )
                 return
-            except aio_pika.exceptions.ChannelClosed:
+            except (aio_pika.exceptions.ChannelClosed, aiormq.exceptions.ChannelNotFoundEntity):
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+
+
+async def _add_team(settings: Settings) -> Credentials:
+    """The team as ``queuegate teams add`` makes it: its own broker user."""
+    return await add(settings, TEAM)
+
+
+async def _worker_rate(settings: Settings, lines: int, timeout: float = 120) -> float:
+    """Jobs the workers finished per second, first to last, once accounting has them all."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        table = f"{quote_ident(settings.database_schema)}.usage_log"
+        deadline = time.monotonic() + timeout
+        while True:
+            row = await conn.fetchrow(
+                f"SELECT count(*) AS n, extract(epoch FROM max(ts) - min(ts)) AS s FROM {table}"
+            )
+            if row["n"] >= lines or time.monotonic() > deadline:
+                return float((row["n"] - 1) / row["s"]) if row["s"] else 0.0
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
 
 
 async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) -> None:
     """Collect starts once submit has validated the file and recorded the batch."""
     client = aioredis.from_url(settings.redis_url)
     try:
-        while not await client.exists(Keys(settings.redis_prefix).batch(NAME)):
+        while not await client.exists(Keys(settings.redis_prefix).batch(TEAM, NAME)):
             if submit.poll() is not None:
                 return
             await asyncio.sleep(0.05)
@@ -143,10 +180,13 @@ async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) ->
         await client.aclose()
 
 
-async def _cleanup(settings: Settings) -> None:
+async def _cleanup(settings: Settings, user: str | None) -> None:
     await drop_namespace(
         settings, [TEAM], queues=[Topology(settings.namespace).results_queue(TEAM, NAME)]
     )
+    if user is not None:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(user)
 
 
 def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Figures:
@@ -164,6 +204,7 @@ def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Fig
                 f.write(orjson.dumps({**line, "body": body}) + b"\n")
         file_mib = source.stat().st_size / 2**20
         services: list[subprocess.Popen[bytes]] = []
+        user: str | None = None
         try:
             services.append(
                 _start(env, "mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
@@ -171,6 +212,13 @@ def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Fig
             subprocess.run(
                 [sys.executable, "-m", "queuegate", "migrate"], env=env, check=True, stdout=-3
             )
+            team = asyncio.run(_add_team(settings))
+            user = team.user
+            assert team.amqp_url is not None
+            # The batch runs with the team's own credentials and nothing else.
+            team_env = {**env, "QUEUEGATE_AMQP_URL": team.amqp_url}
+            team_env.pop("QUEUEGATE_REDIS_URL", None)
+            team_env.pop("QUEUEGATE_DATABASE_URL", None)
             services.append(_start(env, "accounting", "--log-level", "warning"))
             for _ in range(workers):
                 services.append(
@@ -185,12 +233,14 @@ def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Fig
                         "warning",
                     )
                 )
-            asyncio.run(_team_queue_ready(settings))
+            asyncio.run(_workers_ready(settings))
             start = time.monotonic()
-            submit = _start(env, "batch", "submit", str(source), "--team", TEAM, "--name", NAME)
+            submit = _start(
+                team_env, "batch", "submit", str(source), "--team", TEAM, "--name", NAME
+            )
             out = Path(tmp) / "out.jsonl"
             asyncio.run(_batch_created(settings, submit))
-            collect = _start(env, "batch", "collect", NAME, "--out", str(out))
+            collect = _start(team_env, "batch", "collect", NAME, "--team", TEAM, "--out", str(out))
             _, submit_peak = _wait(submit, "batch submit", timeout)
             submit_s = time.monotonic() - start
             _, collect_peak = _wait(collect, "batch collect", timeout)
@@ -198,10 +248,11 @@ def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Fig
             written = sum(1 for _ in out.open("rb"))
             if written != lines:
                 raise RuntimeError(f"{written} result lines for {lines} requests")
+            worker_rate = asyncio.run(_worker_rate(settings, lines))
         finally:
             for process in reversed(services):
                 _stop(process)
-            asyncio.run(_cleanup(settings))
+            asyncio.run(_cleanup(settings, user))
         return Figures(
             lines=lines,
             latency_ms=latency_ms,
@@ -209,6 +260,8 @@ def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Fig
             submit_s=round(submit_s, 2),
             end_to_end_s=round(end_to_end, 2),
             jobs_per_s=round(lines / end_to_end, 1),
+            worker_jobs_per_s=round(worker_rate, 1),
+            ratio=round(lines / end_to_end / worker_rate, 2) if worker_rate else 0.0,
             submit_peak_mib=round(submit_peak, 1),
             collect_peak_mib=round(collect_peak, 1),
             file_mib=round(file_mib, 2),

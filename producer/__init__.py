@@ -4,9 +4,11 @@ from producer.batch import (
     BatchStatus,
     CollectReport,
     SubmitReport,
+    batch_list,
     batch_status,
     cancel_batch,
     collect,
+    delete_batch,
     submit_batch,
 )
 from producer.client import GatewayClient, JobHandle
@@ -19,8 +21,10 @@ __all__ = [
     "GatewayClient",
     "JobHandle",
     "SubmitReport",
+    "batch_list",
     "batch_status",
     "cancel_batch",
     "collect",
+    "delete_batch",
     "submit_batch",
 ]

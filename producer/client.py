@@ -17,13 +17,13 @@ from urllib.parse import unquote, urlsplit
 import aiormq
 from aio_pika.abc import (
     AbstractExchange,
-    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
+from producer.control import ControlClient
 from producer.replies import ReplyBook
 from producer.streams import ChatStream, StreamBook
 from queuegate.broker import (
@@ -81,9 +81,11 @@ class GatewayClient:
             result = await client.chat("gpt-4o-mini", [{"role": "user", "content": "Hi"}])
             print(result.content)
 
-    Replies arrive on the client's own queue (``<ns>.replies.<team>.<id>``), which survives a
-    dropped broker connection, so a reply in flight is not lost; the broker deletes it
-    ``settings.reply_queue_expires`` seconds after the client is gone. While the connection is
+    Replies arrive on the client's own queue (``<ns>.replies.<team>.<id>``), which the gateway
+    declares when the client asks (one control round trip at start: a team may not declare
+    queues itself). It survives a dropped broker connection, so a reply in flight is not
+    lost; the broker deletes it ``settings.reply_queue_expires`` seconds after the client is
+    gone, and a client that was away longer asks for it again. While the connection is
     down, ``submit`` waits up to ``settings.reconnect_wait`` seconds for it to return. A
     pipeline that must survive its own restart passes ``reply_queue="nightly"``: a durable
     queue that keeps results while nobody listens, read again by the next client of that name.
@@ -93,6 +95,9 @@ class GatewayClient:
     add``): every job carries it as ``user_id``, which the broker checks. A team identified
     by API key passes ``api_key=``: each job carries the key's id and a proof bound to that job
     (``queuegate.signing``), never the key.
+
+    ``listen=False`` opens no reply queue: for tools that only publish (``publish`` with a
+    ``reply_to`` of their own, as batch submit does) or only ask the gateway (``control``).
     """
 
     def __init__(
@@ -103,8 +108,10 @@ class GatewayClient:
         reply_queue: str | None = None,
         user_id: str | None = None,
         api_key: str | None = None,
+        listen: bool = True,
     ) -> None:
         self._settings = settings
+        self._listen = listen
         self._topology = Topology(settings.namespace, settings.delivery_limit)
         self.team = check_team_name(team)
         self._reply_name = reply_queue
@@ -116,8 +123,11 @@ class GatewayClient:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
-        self._reply_queue: AbstractQueue | None = None
+        self._reply_id = reply_queue or uuid.uuid4().hex
+        self._reply_queue: str | None = None
         self._consumer: Consumer | None = None
+        self._control: ControlClient | None = None
+        self._reopening: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
@@ -133,21 +143,24 @@ class GatewayClient:
                     f"no jobs exchange in namespace {self._settings.namespace!r}: register "
                     f"the team first (queuegate teams add {self.team})"
                 ) from exc
-            if self._reply_name is None:
-                self._reply_queue = await self._topology.declare_replies_queue(
-                    self._channel,
-                    self.team,
-                    uuid.uuid4().hex,
-                    expires_s=self._settings.reply_queue_expires,
+            self._control = ControlClient(
+                self._channel,
+                exchange=self._exchange.name,
+                team=self.team,
+                user_id=self._user_id,
+                api_key=self._api_key,
+                reconnect_wait=self._settings.reconnect_wait,
+            )
+            await self._control.start()
+            if self._listen:
+                self._reply_queue = await self._control.open_reply_queue(
+                    self._reply_id, durable=self._reply_name is not None
                 )
-            else:
-                self._reply_queue = await self._topology.declare_results_queue(
-                    self._channel, self.team, self._reply_name
-                )
-            # Acknowledged replies only: one in flight when the connection drops is redelivered.
-            await self._channel.set_qos(prefetch_count=1000)
-            await self._consume_replies(self._channel)
-            self._channel.reopen_callbacks.add(self._on_reopen)
+                # Acknowledged replies only: one in flight when the connection drops is
+                # redelivered.
+                await self._channel.set_qos(prefetch_count=1000)
+                await self._consume_replies(self._channel)
+                self._channel.reopen_callbacks.add(self._on_reopen)
         except BaseException:
             await self._connection.close()
             raise
@@ -161,22 +174,31 @@ class GatewayClient:
     ) -> None:
         if self._connection is None:
             return
-        if self._reply_name is None and self._reply_queue is not None:
+        if self._reopening is not None:
+            self._reopening.cancel()
+        if self._reply_name is None and self._reply_queue is not None and self._control:
             # Our own queue goes with us; should this fail (the broker is away: do not wait
             # for it), the broker expires the queue later.
-            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, TimeoutError):
+            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, ClientError):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     # Our consumer first, so the broker does not cancel it under us.
                     if self._consumer is not None:
                         await self._consumer.cancel()
-                    await self._reply_queue.delete(if_unused=False, if_empty=False)
+                    await self._control.close_reply_queue(self._reply_id, durable=False)
         await self._connection.close()
 
     @property
     def reply_to(self) -> str:
         if self._reply_queue is None:
             raise RuntimeError("use the client inside `async with`")
-        return self._reply_queue.name
+        return self._reply_queue
+
+    @property
+    def control(self) -> ControlClient:
+        """The team's control requests to the gateway (reply queues, batches)."""
+        if self._control is None:
+            raise RuntimeError("use the client inside `async with`")
+        return self._control
 
     @property
     def duplicates(self) -> int:
@@ -218,12 +240,20 @@ class GatewayClient:
 
     async def submit(self, job: ChatJob) -> JobHandle:
         """Publish a job and wait for the broker's confirm; the result comes later."""
+        self._replies.expect(job.job_id)
+        try:
+            await self.publish(job, reply_to=self.reply_to)
+        except (ServiceUnavailable, ClientError):
+            self._replies.forget(job.job_id)
+            raise
+        return JobHandle(job.job_id, self)
+
+    async def publish(self, job: ChatJob, *, reply_to: str) -> None:
+        """Publish a job, proven as the team (``user_id``, API key), its result to go to
+        ``reply_to`` (one of the team's reply queues); return once the broker confirms it."""
         if self._exchange is None or self._channel is None:
             raise RuntimeError("use the client inside `async with`")
-        self._replies.expect(job.job_id)
-        message = job_message(
-            job, reply_to=self.reply_to, user_id=self._user_id, api_key=self._api_key
-        )
+        message = job_message(job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key)
         channel, exchange = self._channel, self._exchange.name
         try:
             await when_connected(
@@ -232,13 +262,8 @@ class GatewayClient:
                 within=self._settings.reconnect_wait,
                 what=f"publishing job {job.job_id}",
             )
-        except ServiceUnavailable:
-            self._replies.forget(job.job_id)
-            raise
         except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
-            self._replies.forget(job.job_id)
             raise publish_error(job, exc) from exc
-        return JobHandle(job.job_id, self)
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:
@@ -285,9 +310,22 @@ class GatewayClient:
         self._consumer = await consume(channel, self.reply_to, self._on_reply)
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
-        # The robust channel has declared the reply queue again; the consumer is ours.
+        # The queue may have expired while we were away: ask for it again (the same name,
+        # declared again if gone), then consume. Not awaited here: the answer comes on this
+        # channel, whose restore waits for its reopen callbacks.
         if channel is not None:
+            self._reopening = asyncio.create_task(self._reopen(channel))
+
+    async def _reopen(self, channel: AbstractRobustChannel) -> None:
+        assert self._control is not None
+        try:
+            await self._control.open_reply_queue(
+                self._reply_id, durable=self._reply_name is not None
+            )
             await self._consume_replies(channel)
+        except (ClientError, ServiceUnavailable, *CONNECTION_LOST) as exc:
+            # The next reconnect tries again; waiting jobs time out meanwhile.
+            log.warning("could not consume reply queue %s again: %s", self._reply_queue, exc)
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         properties, tag = message.header.properties, message.delivery_tag

@@ -6,8 +6,9 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,9 +25,23 @@ batch_app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+if TYPE_CHECKING:
+    from router import Catalog
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-PROBLEMS_SHOWN = 200
+PROBLEMS_SHOWN = 20
+"""Problems printed; with --skip-invalid all of them also go to a file."""
+
+Team = Annotated[str, typer.Option(help="The team the batch runs for (your credentials').")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="QUEUEGATE_API_KEY",
+        show_default=False,
+        help="The team's API key, where it proves itself with one.",
+    ),
+]
 
 
 def parse_duration(text: str) -> timedelta:
@@ -40,7 +55,7 @@ def parse_duration(text: str) -> timedelta:
 @batch_app.command("submit")
 def submit(
     file: Annotated[Path, typer.Argument(help="OpenAI or Anthropic batch file (JSONL).")],
-    team: Annotated[str, typer.Option(help="The team the batch runs for.")],
+    team: Team,
     model: Annotated[
         str | None, typer.Option(help="A catalog alias for every request, over the file's.")
     ] = None,
@@ -51,6 +66,11 @@ def submit(
         bool, typer.Option("--skip-invalid", help="Publish the valid requests, skip the rest.")
     ] = False,
     deadline: Annotated[str, typer.Option(help="Time the batch has, e.g. 24h or 90m.")] = "24h",
+    skipped: Annotated[
+        Path | None,
+        typer.Option(help="Invalid lines (number, reason) go here; <batch>.skipped.jsonl."),
+    ] = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Validate a batch file and publish its requests; re-run it to resume."""
     from producer.batch import submit_batch
@@ -58,7 +78,8 @@ def submit(
 
     settings = Settings()
     window = parse_duration(deadline)
-    aliases = set(load_catalog(settings.catalog, os.environ).models)
+    catalog = load_catalog(settings.catalog, os.environ)
+    aliases = set(catalog.models)
     try:
         with progress(err, "published") as update:
             report = run(
@@ -71,6 +92,8 @@ def submit(
                     skip_invalid=skip_invalid,
                     deadline=window,
                     models=aliases,
+                    anthropic_models=anthropic_only(catalog),
+                    api_key=api_key,
                     on_progress=update,
                 )
             )
@@ -78,6 +101,15 @@ def submit(
         _print_problems(file, exc.problems)
         raise
     _print_problems(file, report.skipped)
+    if report.skipped:
+        target = skipped or Path(f"{report.name}.skipped.jsonl")
+        target.write_bytes(
+            b"".join(
+                orjson.dumps({"line": number, "reason": reason}) + b"\n"
+                for number, reason in report.skipped
+            )
+        )
+        err.print(f"the {len(report.skipped):,} skipped lines are listed in {target}")
     line = (
         f"batch {report.name}: {report.total:,} requests, {report.published:,} published now, "
         f"{report.already:,} before"
@@ -87,7 +119,26 @@ def submit(
     if report.stopped:
         line += f"; stopped: {report.stopped}"
     out.print(line, highlight=False)
-    out.print(f"collect with: queuegate batch collect {report.name} --out results.jsonl")
+    out.print(
+        f"collect with: queuegate batch collect {report.name} --team {team} "
+        f"--out {report.name}.results.jsonl"
+    )
+
+
+def anthropic_only(catalog: Catalog) -> set[str]:
+    """Aliases whose deployments, and their fallbacks', are all Anthropic's."""
+
+    def chain(alias: str, seen: set[str]) -> set[str]:
+        entry = catalog.models.get(alias)
+        if entry is None or alias in seen:
+            return set()
+        seen.add(alias)
+        kinds: set[str] = {d.provider for d in entry.deployments}
+        for other in (*entry.fallbacks, *entry.context_fallbacks, *entry.content_policy_fallbacks):
+            kinds |= chain(other, seen)
+        return kinds
+
+    return {alias for alias in catalog.models if chain(alias, set()) == {"anthropic"}}
 
 
 def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:
@@ -100,17 +151,23 @@ def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:
 @batch_app.command("collect")
 def collect(
     name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
     out_file: Annotated[Path, typer.Option("--out", help="Results file (appended to).")],
     errors: Annotated[
         Path | None, typer.Option(help="Failed requests here instead of in --out.")
     ] = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Write a batch's results as they arrive, in its own format; re-run it to resume."""
     from producer.batch import collect as collect_batch
 
     settings = Settings()
     with progress(err, "collected") as update:
-        report = run(lambda: collect_batch(settings, name, out_file, errors, on_progress=update))
+        report = run(
+            lambda: collect_batch(
+                settings, name, out_file, errors, team=team, api_key=api_key, on_progress=update
+            )
+        )
     c = report.counts
     out.print(
         f"batch {name}: {c.done:,} done, {c.failed:,} failed, {c.expired:,} expired, "
@@ -120,21 +177,60 @@ def collect(
 
 
 @batch_app.command("status")
-def status(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> None:
+def status(
+    name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
+    api_key: ApiKey = None,
+) -> None:
     """Counts, spend, rate and ETA of a batch."""
     from producer.batch import batch_status
 
-    out.print(_status_table(run(lambda: batch_status(Settings(), name))))
+    report = run(lambda: batch_status(Settings(), name, team=team, api_key=api_key))
+    out.print(_status_table(report))
 
 
 @batch_app.command("cancel")
-def cancel(name: Annotated[str, typer.Argument(help="The batch's name.")]) -> None:
-    """Answer the batch's remaining requests 'canceled', without calling a provider."""
+def cancel(
+    name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
+    api_key: ApiKey = None,
+) -> None:
+    """Answer the batch's requests not served yet 'canceled', without calling a provider."""
     from producer.batch import cancel_batch
 
-    report = run(lambda: cancel_batch(Settings(), name))
+    report = run(lambda: cancel_batch(Settings(), name, team=team, api_key=api_key))
     out.print(_status_table(report))
-    out.print(f"batch {name} is canceled; collect writes the rest as canceled")
+    out.print(f"batch {name} is canceled; collect writes what was served and the rest canceled")
+
+
+@batch_app.command("list")
+def list_(team: Team, api_key: ApiKey = None) -> None:
+    """The team's batches the gateway still keeps (collected ones are gone)."""
+    from producer.batch import batch_list
+
+    batches = run(lambda: batch_list(Settings(), team=team, api_key=api_key))
+    table = Table(title=f"batches of team {team}")
+    for column in ("name", "format", "written", "total", "state", "deadline (UTC)"):
+        table.add_column(column, justify="right" if column in ("written", "total") else "left")
+    for b in batches:
+        state = "canceled" if b.canceled else ("done" if b.written >= b.total else "running")
+        table.add_row(
+            b.name, b.format, f"{b.written:,}", f"{b.total:,}", state, f"{b.deadline:%m-%d %H:%M}"
+        )
+    out.print(table if batches else f"team {team} has no batch")
+
+
+@batch_app.command("delete")
+def delete(
+    name: Annotated[str, typer.Argument(help="The batch's name.")],
+    team: Team,
+    api_key: ApiKey = None,
+) -> None:
+    """Forget a batch and drop its results queue, with any result not collected."""
+    from producer.batch import delete_batch
+
+    run(lambda: delete_batch(Settings(), name, team=team, api_key=api_key))
+    out.print(f"batch {name} deleted")
 
 
 def _status_table(status: object) -> Table:

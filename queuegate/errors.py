@@ -20,6 +20,7 @@
         ├── ResultTimeout            no result arrived within the timeout
         ├── QueueFull                the broker refused the job: the team's queue is full (503)
         ├── PublishRefused           the broker did not accept the job (unroutable or nacked)
+        ├── ControlRefused           the gateway refused a control request (limit, permission)
         └── BatchError               a batch cannot be submitted, collected or canceled
             └── BatchInvalid         lines of a batch file are invalid; ``problems`` lists them
 
@@ -185,6 +186,10 @@ class QueueFull(ClientError):
 
 class PublishRefused(ClientError):
     """The broker did not accept the job: no queue for the team, or a negative confirm."""
+
+
+class ControlRefused(ClientError):
+    """The gateway refused a control request (a limit, a permission); the message says why."""
 
 
 class BatchError(ClientError):

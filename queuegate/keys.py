@@ -103,26 +103,37 @@ class Keys:
         """A cached response, by the hash of model, messages and parameters."""
         return f"{self.prefix}:cache:{digest}"
 
-    def batch(self, name: str) -> str:
+    # A batch's keys carry its team: a team reaches only its own, through the control plane.
+
+    def batches(self, team: str) -> str:
+        """The team's batches (sorted set: name → creation time), for ``batch list``."""
+        return f"{self.prefix}:batches:{team}"
+
+    def batch(self, team: str, name: str) -> str:
         """A batch's description and running counts (hash)."""
-        return f"{self.prefix}:batch:{name}"
+        return f"{self.prefix}:batch:{team}:{name}"
 
-    def batch_lines(self, name: str) -> str:
+    def batch_lines(self, team: str, name: str) -> str:
         """custom_id → line number of every valid request of a batch (hash)."""
-        return f"{self.prefix}:batch:{name}:lines"
+        return f"{self.prefix}:batch:{team}:{name}:lines"
 
-    def batch_index(self, name: str) -> str:
+    def batch_index(self, team: str, name: str) -> str:
         """The lines hash being built while a batch file is validated, renamed when valid."""
-        return f"{self.prefix}:batch:{name}:index"
+        return f"{self.prefix}:batch:{team}:{name}:index"
 
-    def batch_published(self, name: str) -> str:
+    def batch_published(self, team: str, name: str) -> str:
         """custom_ids whose job the broker confirmed (set)."""
-        return f"{self.prefix}:batch:{name}:published"
+        return f"{self.prefix}:batch:{team}:{name}:published"
 
-    def batch_written(self, name: str) -> str:
+    def batch_written(self, team: str, name: str) -> str:
         """custom_ids whose result line is on disk (set)."""
-        return f"{self.prefix}:batch:{name}:written"
+        return f"{self.prefix}:batch:{team}:{name}:written"
 
-    def batch_canceled(self, name: str) -> str:
+    def batch_canceled(self, team: str, name: str) -> str:
         """Set when a batch is canceled; workers answer its remaining jobs ``canceled``."""
-        return f"{self.prefix}:batch:{name}:canceled"
+        return f"{self.prefix}:batch:{team}:{name}:canceled"
+
+    def reply_queues(self, team: str) -> str:
+        """The team's reply and results queues (sorted set: name → when it may have expired),
+        counted against ``reply_queues_per_team``."""
+        return f"{self.prefix}:reply-queues:{team}"

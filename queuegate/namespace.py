@@ -6,12 +6,14 @@ For the demo's reset, test teardown and benchmarks; never run it against a names
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from queuegate.broker import connect
 from queuegate.db import quote_ident
+from queuegate.keys import Keys
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -19,13 +21,25 @@ from queuegate.topology import Topology
 async def drop_namespace(
     settings: Settings, teams: Iterable[str], *, queues: Iterable[str] = ()
 ) -> None:
-    """``queues``: more queues of the namespace to delete (reply or results queues)."""
+    """``queues``: more queues of the namespace to delete; the reply and results queues the
+    gateway declared for ``teams`` (as recorded in Redis) go too."""
     topo = Topology(settings.namespace)
+    teams = list(teams)
+    recorded = Keys(settings.redis_prefix)
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        declared: list[str] = []
+        for team in teams:
+            names: list[Any] = await client.zrange(recorded.reply_queues(team), 0, -1)
+            declared.extend(name.decode() for name in names)
+    finally:
+        await client.aclose()
     connection = await connect(settings.amqp_url, name="queuegate-drop")
     async with connection:
         channel = await connection.channel()
         team_queues = [topo.team_queue(team) for team in teams]
-        for queue in [*team_queues, *queues, topo.accounting_queue, topo.dead_queue]:
+        shared = [topo.accounting_queue, topo.dead_queue, topo.control_queue]
+        for queue in [*team_queues, *declared, *queues, *shared]:
             await channel.queue_delete(queue)
         for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
             await channel.exchange_delete(exchange)

@@ -41,8 +41,14 @@ def progress(console: Console, label: str, *, every: float = 5.0) -> Iterator[Up
         )
         with Progress(*columns, console=console) as bar:
             task = bar.add_task(label, total=None)
+            started = False
 
             def update(done: int, total: int) -> None:
+                nonlocal started
+                if not started:
+                    # A resumed command starts past 0: its rate counts from there.
+                    bar.reset(task, completed=done, total=total)
+                    started = True
                 bar.update(task, completed=done, total=total)
 
             yield update
@@ -61,8 +67,12 @@ class _Lines:
         self._printed = float("-inf")
         self._last: tuple[int, int] | None = None
         self._shown: tuple[int, int] | None = None
+        self._base: int | None = None
+        """What was done before this run (a resumed command): not part of its rate."""
 
     def update(self, done: int, total: int) -> None:
+        if self._base is None:
+            self._base, self._start = done, time.monotonic()
         self._last = (done, total)
         now = time.monotonic()
         finished = done >= total and self._last != self._shown
@@ -77,7 +87,7 @@ class _Lines:
         assert self._last is not None
         done, total = self._last
         elapsed = max(now - self._start, 1e-9)
-        rate = done / elapsed
+        rate = (done - (self._base or 0)) / elapsed
         eta = f", ETA {(total - done) / rate:,.0f} s" if rate and done < total else ""
         percent = 100 * done / total if total else 100.0
         self._console.print(

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     """Seconds a publish waits for a lost broker connection to return before it fails."""
     reply_queue_expires: float = Field(default=300.0, ge=1)
     """Seconds a client's reply queue outlives its client (a dropped connection included)."""
+    results_queue_expires: float = Field(default=8 * 24 * 3600.0, ge=60)
+    """Seconds a durable results queue (a pipeline's, a batch's) is kept while nobody reads
+    it: the broker deletes it, with what it holds, once unused this long."""
+    reply_queue_max_length: int = Field(default=100_000, ge=1)
+    """Unread replies a client's reply queue holds at most; past it the oldest is dropped."""
+    reply_queues_per_team: int = Field(default=100, ge=1)
+    """Reply and results queues a team may have at once (the gateway declares them)."""
     job_time_limit: float = Field(default=1500.0, gt=0)
     """Seconds a worker spends on one job at most, every provider call included. Keep it below
     RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""

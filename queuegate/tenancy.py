@@ -48,7 +48,9 @@ def broker_user(namespace: str, team: str) -> str:
 
 
 def reply_queue_pattern(namespace: str, team: str) -> str:
-    """The reply queues a team may declare, read, and have results sent to, as a regex."""
+    """The reply queues a team may read and have results sent to, as a regex.
+
+    The gateway declares them (``open_reply_queue`` on the control plane), never the team."""
     ns, t = re.escape(namespace), re.escape(team)
     return rf"^{ns}\.(replies|results)\.{t}\.[^.]+$"
 
@@ -65,18 +67,23 @@ class BrokerPermissions:
 
 
 def permissions(namespace: str, team: str) -> BrokerPermissions:
-    """Declare and read its own reply queues; publish only to the jobs exchange, under its key.
+    """Read its own reply queues; publish only to the jobs exchange, under its two keys.
 
-    No write on ``amq.default`` (it would let the team publish into any queue by name) and no
-    configure on the jobs exchange (the producer declares it passively).
+    No configure at all: a team that could declare a queue could give it dead-letter
+    arguments (``x-dead-letter-exchange=<ns>.jobs``, a routing key of another team) and have
+    the broker, which skips permissions when it dead-letters, move every result into another
+    team's job queue; nor may it declare or bind exchanges (alternate exchanges,
+    exchange-to-exchange bindings). Its reply queues are declared by the gateway, with the
+    gateway's arguments, on a control request (routing key ``<team>.control``). No write on
+    ``amq.default`` (it would let the team publish into any queue by name).
     """
     replies = reply_queue_pattern(namespace, team)
     return BrokerPermissions(
-        configure=replies,
+        configure="^$",
         write=rf"^{re.escape(namespace)}\.jobs$",
         read=replies,
         topic_exchange=f"{namespace}.jobs",
-        topic_write=rf"^{re.escape(team)}$",
+        topic_write=rf"^{re.escape(team)}(\.control)?$",
     )
 
 

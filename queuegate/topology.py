@@ -4,8 +4,9 @@
 |------------------------------|----------------------------|-----------------------------------|
 | ``<ns>.jobs``                | topic exchange             | producers publish, key = team     |
 | ``<ns>.jobs.<team>``         | quorum queue               | one per team, dead-letters        |
-| ``<ns>.results.<team>.<n>``  | durable queue              | a pipeline's named reply queue    |
+| ``<ns>.results.<team>.<n>``  | quorum queue, expires      | a pipeline's named reply queue    |
 | ``<ns>.replies.<team>.<id>`` | durable queue, expires     | one client's own reply queue      |
+| ``<ns>.control``             | quorum queue               | control requests, key *.control   |
 | ``<ns>.usage``               | fanout exchange            | one UsageEvent per finished job   |
 | ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
 | ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
@@ -49,6 +50,10 @@ HEADER_FIRST_REASON = "x-queuegate-first-reason"
 HEADER_FIRST_DETAIL = "x-queuegate-first-detail"
 """Why the replayed job was first dead-lettered: a second refusal never hides it."""
 HEADER_SENT_MS = "x-queuegate-sent-ms"
+
+CONTROL_MAX_LENGTH = 10_000
+"""Control requests waiting at most; past it a request is refused at once. A constant, not
+a setting: every declarer must give the queue the same arguments."""
 
 
 def header_text(value: object) -> str | None:
@@ -97,6 +102,10 @@ class Topology:
     def replies_queue(self, team: str, client_id: str) -> str:
         # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.
         return f"{self.namespace}.replies.{team}.{client_id}"
+
+    @property
+    def control_queue(self) -> str:
+        return f"{self.namespace}.control"
 
     @property
     def usage_exchange(self) -> str:
@@ -156,34 +165,90 @@ class Topology:
         """The team's job queue, bound to the jobs exchange under the team's routing key."""
         exchange = await self.declare_jobs_exchange(channel)
         await self.declare_dead(channel)
+        await self.declare_control_queue(channel)
         queue = await channel.declare_queue(
             self.team_queue(team), durable=True, arguments=self._quorum_args()
         )
         await queue.bind(exchange, routing_key=team)
         return queue
 
+    async def declare_control_queue(self, channel: AbstractChannel) -> AbstractQueue:
+        """The control requests of every team (routing key ``<team>.control``; team names
+        hold no dot, so ``*`` matches each one and a team's own binding ``<team>`` none).
+
+        Declared with every team queue too, so that an app started before any worker waits
+        for its answer rather than failing. Bounded: a team flooding it is refused at the
+        broker, not queued without end. No dead-lettering: a request nobody could serve is
+        of no use once its client gave up (it expires with its client's wait).
+        """
+        exchange = await self.declare_jobs_exchange(channel)
+        queue = await channel.declare_queue(
+            self.control_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": self.delivery_limit,
+                "x-max-length": CONTROL_MAX_LENGTH,
+                "x-overflow": "reject-publish",
+            },
+        )
+        await queue.bind(exchange, routing_key="*.control")
+        return queue
+
     async def declare_results_queue(
-        self, channel: AbstractChannel, team: str, name: str
+        self, channel: AbstractChannel, team: str, name: str, *, expires_s: float
     ) -> AbstractQueue:
-        """A durable reply queue that outlives its consumer, for pipelines that restart."""
+        """A durable reply queue that outlives its consumer, for pipelines that restart.
+
+        It expires once unused (no consumer, no declare) for ``expires_s``, so a pipeline
+        that never comes back does not leave it, and its results, forever.
+        """
         return await channel.declare_queue(
-            self.results_queue(team, name), durable=True, arguments={"x-queue-type": "quorum"}
+            self.results_queue(team, name),
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-expires": int(expires_s * 1000)},
         )
 
     async def declare_replies_queue(
-        self, channel: AbstractChannel, team: str, client_id: str, *, expires_s: float
+        self,
+        channel: AbstractChannel,
+        team: str,
+        client_id: str,
+        *,
+        expires_s: float,
+        max_length: int,
     ) -> AbstractQueue:
         """One client's reply queue, named by the client so it survives a dropped connection.
 
         An exclusive server-named queue dies with its connection, and a robust reconnect would
-        declare a new name, so replies in flight would be returned as unroutable. This one is
-        declared again under the same name on reconnect, and the broker deletes it once it has
-        gone ``expires_s`` unused (the client is gone for good).
+        declare a new name, so replies in flight would be returned as unroutable. This one
+        keeps its name, and the broker deletes it once it has gone ``expires_s`` unused (the
+        client is gone for good). Past ``max_length`` unread replies the oldest is dropped: a
+        client that reads none cannot grow it without end.
         """
         return await channel.declare_queue(
             self.replies_queue(team, client_id),
             durable=True,
-            arguments={"x-expires": int(expires_s * 1000)},
+            arguments={
+                "x-expires": int(expires_s * 1000),
+                "x-max-length": max_length,
+                "x-overflow": "drop-head",
+            },
+        )
+
+    def collect_lock_queue(self, team: str, batch: str) -> str:
+        # ":" is outside every name a client may ask for, so no reply queue can take it.
+        return self.replies_queue(team, f"{batch}:collect")
+
+    async def declare_collect_lock(
+        self, channel: AbstractChannel, team: str, batch: str, *, expires_s: float
+    ) -> AbstractQueue:
+        """An empty queue a batch's collector consumes exclusively: a second one is refused,
+        and the broker releases it with the collector's connection, even on SIGKILL."""
+        return await channel.declare_queue(
+            self.collect_lock_queue(team, batch),
+            durable=False,
+            arguments={"x-expires": int(expires_s * 1000), "x-max-length": 0},
         )
 
     async def declare_usage(self, channel: AbstractChannel) -> AbstractExchange:

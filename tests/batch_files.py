@@ -88,8 +88,9 @@ def read_jsonl(*paths: Path) -> list[dict[str, Any]]:
     ]
 
 
-def cli_env(settings: Settings) -> dict[str, str]:
+def cli_env(settings: Settings, api_key: str | None = None) -> dict[str, str]:
     """The environment that points a ``queuegate`` subprocess at this test's namespace."""
+    key = {"QUEUEGATE_API_KEY": api_key} if api_key else {}
     return {
         **os.environ,
         "QUEUEGATE_AMQP_URL": settings.amqp_url,
@@ -97,13 +98,16 @@ def cli_env(settings: Settings) -> dict[str, str]:
         "QUEUEGATE_DATABASE_URL": settings.database_url,
         "QUEUEGATE_NAMESPACE": settings.namespace,
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        **key,
     }
 
 
-def start_cli(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+def start_cli(
+    settings: Settings, *args: str, api_key: str | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "queuegate", *args],
-        env=cli_env(settings),
+        env=cli_env(settings, api_key),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -1,11 +1,18 @@
-"""Registering test teams with a config, before or while a gateway runs."""
+"""Registering test teams with a config, before or while a gateway runs, and as their apps
+reach the gateway."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
 from accounting import migrate
 from queuegate.db import create_pool
+from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
+from queuegate.teams_admin import add
 
 
 async def register(settings: Settings, team: str, config: TeamConfig) -> None:
@@ -16,3 +23,37 @@ async def register(settings: Settings, team: str, config: TeamConfig) -> None:
         await set_team_config(pool, team, config)
     finally:
         await pool.close()
+
+
+@dataclass(frozen=True)
+class TeamIdentity:
+    """A team as its own apps reach the gateway: its broker URL, or the shared one and its key."""
+
+    team: str
+    settings: Settings
+    api_key: str | None = None
+
+    @property
+    def who(self) -> dict[str, str | None]:
+        """The ``team`` and ``api_key`` arguments of the batch functions and GatewayClient."""
+        return {"team": self.team, "api_key": self.api_key}
+
+
+@asynccontextmanager
+async def team_identities(settings: Settings) -> AsyncIterator[dict[str, TeamIdentity]]:
+    """``alpha`` added the default way (its own broker user), ``beta`` with an API key; the
+    broker user is deleted afterwards."""
+    alpha = await add(settings, "alpha")
+    beta = await add(settings, "beta", identity="api_key")
+    assert alpha.amqp_url is not None and beta.api_key is not None
+    try:
+        yield {
+            "alpha": TeamIdentity(
+                "alpha", settings.model_copy(update={"amqp_url": alpha.amqp_url})
+            ),
+            "beta": TeamIdentity("beta", settings, beta.api_key),
+        }
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            assert alpha.user is not None
+            await admin.delete_user(alpha.user)

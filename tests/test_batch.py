@@ -1,10 +1,15 @@
-"""Batch files through the queue: formats in and out, validation, resumption, cancel, expiry."""
+"""Batch files through the queue: formats in and out, validation, resumption, cancel, expiry.
+
+Every batch runs as its team's apps run it: ``alpha`` with its own broker user (the default
+of ``teams add``), ``beta`` with an API key; never as the admin user.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,9 +21,10 @@ from anthropic.types.messages import MessageBatchIndividualResponse
 from openai.types.chat import ChatCompletion
 
 from mockprovider import Behavior, MockConfig
-from producer import batch_status, cancel_batch, collect, submit_batch
-from queuegate.errors import BatchError, BatchInvalid
+from producer import batch_list, batch_status, cancel_batch, collect, submit_batch
+from queuegate.errors import BatchError, BatchInvalid, ControlRefused, PublishRefused
 from queuegate.keys import Keys
+from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.batch_files import (
@@ -32,7 +38,8 @@ from tests.batch_files import (
 )
 from tests.conftest import TEST_TEAMS
 from tests.proxy import TcpProxy
-from tests.support import running_gateway, wait_until
+from tests.support import Gateway, running_gateway, wait_until
+from tests.teams import TeamIdentity, team_identities
 
 BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small")
 """Every batch name these tests use; their reply queues are deleted after each test."""
@@ -50,11 +57,27 @@ async def reply_queues(settings: Settings) -> AsyncIterator[None]:
                 await channel.queue_delete(topology.results_queue(team, name))
 
 
-async def declare_team_queue(settings: Settings, team: str) -> None:
-    """A team queue no worker consumes yet: its jobs wait."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        await Topology(settings.namespace).declare_team_queue(await connection.channel(), team)
+@pytest.fixture
+async def teams(settings: Settings) -> AsyncIterator[dict[str, TeamIdentity]]:
+    async with team_identities(settings) as identities:
+        yield identities
+
+
+@pytest.fixture
+def alpha(teams: dict[str, TeamIdentity]) -> TeamIdentity:
+    """A team added the default way: its own broker user."""
+    return teams["alpha"]
+
+
+@pytest.fixture
+def beta(teams: dict[str, TeamIdentity]) -> TeamIdentity:
+    """A team proving itself with an API key."""
+    return teams["beta"]
+
+
+def nobody_serves(settings: Settings) -> AbstractAsyncContextManager[Gateway]:
+    """A gateway that answers control requests but serves no batch team's jobs: they wait."""
+    return running_gateway(settings, teams=("gamma",))
 
 
 async def consumed(settings: Settings, team: str, name: str) -> None:
@@ -75,15 +98,15 @@ def once_each(lines: list[dict[str, object]]) -> Counter[object]:
 
 
 async def test_openai_documented_lines_come_back_as_openai_output(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
     # Given the request lines of OpenAI's Batch guide
     source = write_jsonl(tmp_path / "docs.jsonl", OPENAI_EXAMPLE)
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     async with running_gateway(settings):
         # When they are submitted, their model mapped to a catalog alias, and collected
-        report = await submit_batch(settings, source, team="alpha", model="gpt-4o-mini")
-        await collect(settings, report.name, out, errors, idle=0.2)
+        report = await submit_batch(alpha.settings, source, model="gpt-4o-mini", **alpha.who)
+        await collect(alpha.settings, report.name, out, errors, idle=0.2, **alpha.who)
 
     # Expect one OpenAI output line each, whose body the openai SDK reads as a ChatCompletion
     lines = read_jsonl(out)
@@ -102,16 +125,16 @@ async def test_openai_documented_lines_come_back_as_openai_output(
 
 
 async def test_anthropic_documented_requests_come_back_as_message_batch_results(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
 ) -> None:
     # Given Anthropic's documented requests, as the {"requests": [...]} document it shows
     source = tmp_path / "docs.json"
     source.write_bytes(orjson.dumps({"requests": ANTHROPIC_EXAMPLE}, option=orjson.OPT_INDENT_2))
     out = tmp_path / "out.jsonl"
-    async with running_gateway(settings) as gw:
-        # When they run on the Anthropic deployment and are collected
-        report = await submit_batch(settings, source, team="alpha", model="claude-haiku")
-        await collect(settings, report.name, out, idle=0.2)
+    async with running_gateway(settings, teams=("beta",)) as gw:
+        # When an API-key team runs them on the Anthropic deployment and collects them
+        report = await submit_batch(beta.settings, source, model="claude-haiku", **beta.who)
+        await collect(beta.settings, report.name, out, idle=0.2, **beta.who)
         sent = [call.body for call in gw.mock.requests]
 
     # Expect the SDK's MessageBatchIndividualResponse to read every line as succeeded
@@ -128,15 +151,15 @@ async def test_anthropic_documented_requests_come_back_as_message_batch_results(
 
 
 async def test_failures_are_errored_results_in_the_anthropic_format(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
     # Given a provider failing every call
     source = write_jsonl(tmp_path / "docs.jsonl", ANTHROPIC_EXAMPLE)
     out = tmp_path / "out.jsonl"
     faults = MockConfig(default=Behavior(error_rate=1.0, error_status=500))
     async with running_gateway(settings, mock_config=faults):
-        await submit_batch(settings, source, team="alpha", model="claude-haiku")
-        await collect(settings, "docs", out, idle=0.2)
+        await submit_batch(alpha.settings, source, model="claude-haiku", **alpha.who)
+        await collect(alpha.settings, "docs", out, idle=0.2, **alpha.who)
 
     # Expect errored results the SDK reads, with an Anthropic error type
     for line in read_jsonl(out):
@@ -192,15 +215,15 @@ def malformed_file(path: Path) -> tuple[Path, list[int]]:
 
 
 async def test_malformed_lines_are_reported_by_number_and_nothing_is_published(
-    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis
+    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis, alpha: TeamIdentity
 ) -> None:
     # Given a file with 20 malformed lines of different kinds among valid ones
     source, bad_numbers = malformed_file(tmp_path / "bad.jsonl")
-    await declare_team_queue(settings, "alpha")
 
     # When it is submitted
-    with pytest.raises(BatchInvalid) as caught:
-        await submit_batch(settings, source, team="alpha")
+    async with nobody_serves(settings):
+        with pytest.raises(BatchInvalid) as caught:
+            await submit_batch(alpha.settings, source, **alpha.who)
 
     # Expect each bad line reported with its number and a reason, and no job published
     assert [number for number, _ in caught.value.problems] == bad_numbers
@@ -217,19 +240,19 @@ async def test_malformed_lines_are_reported_by_number_and_nothing_is_published(
             Topology(settings.namespace).team_queue("alpha"), passive=True
         )
         assert queue.declaration_result.message_count == 0
-    assert not await redis_client.exists(Keys(settings.redis_prefix).batch("bad"))
+    assert not await redis_client.exists(Keys(settings.redis_prefix).batch("alpha", "bad"))
 
 
 async def test_skip_invalid_publishes_the_valid_lines_only(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
 ) -> None:
     # Given the file with 20 malformed lines and 23 valid ones
     source, _ = malformed_file(tmp_path / "bad.jsonl")
     out = tmp_path / "out.jsonl"
-    async with running_gateway(settings):
+    async with running_gateway(settings, teams=("beta",)):
         # When it is submitted with skip_invalid and collected
-        report = await submit_batch(settings, source, team="alpha", skip_invalid=True)
-        await collect(settings, "bad", out, idle=0.2)
+        report = await submit_batch(beta.settings, source, skip_invalid=True, **beta.who)
+        await collect(beta.settings, "bad", out, idle=0.2, **beta.who)
 
     # Expect the valid requests answered once each, the bad ones reported as skipped
     assert report.total == report.published == 23
@@ -240,7 +263,7 @@ async def test_skip_invalid_publishes_the_valid_lines_only(
 
 @pytest.mark.timeout(300)  # 5,000 jobs through one in-process gateway: CPU-bound on a busy machine
 async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
     # Given 5,000 requests to a model whose provider fails 5% of calls (no fallback)
     source = write_jsonl(tmp_path / "big.jsonl", [openai_line(i) for i in range(5000)])
@@ -248,8 +271,8 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
     faults = MockConfig(models={"llama-3.1-8b": Behavior(error_rate=0.05)}, seed=7)
     async with running_gateway(settings, mock_config=faults):
         # When the batch is submitted and collected
-        await submit_batch(settings, source, team="alpha", model="local-llama")
-        report = await collect(settings, "big", out, errors, idle=0.2)
+        await submit_batch(alpha.settings, source, model="local-llama", **alpha.who)
+        report = await collect(alpha.settings, "big", out, errors, idle=0.2, **alpha.who)
 
     # Expect every custom_id exactly once across both files, failures in the error file
     ok, failed = read_jsonl(out), read_jsonl(errors)
@@ -263,16 +286,16 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
 
 
 async def test_a_killed_submit_resumes_without_answering_twice(
-    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis
+    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis, alpha: TeamIdentity
 ) -> None:
     # Given a gateway, and `batch submit` of 2,000 lines killed once it recorded confirms
     # (enough lines that the submit is still publishing when the first record is seen)
     total = 2_000
     source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
-    published = Keys(settings.redis_prefix).batch_published("resume")
+    published = Keys(settings.redis_prefix).batch_published("alpha", "resume")
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     async with running_gateway(settings):
-        first = start_cli(settings, "batch", "submit", str(source), "--team", "alpha")
+        first = start_cli(alpha.settings, "batch", "submit", str(source), "--team", "alpha")
 
         async def recorded() -> int:
             return int(await redis_client.scard(published))
@@ -284,10 +307,10 @@ async def test_a_killed_submit_resumes_without_answering_twice(
         assert n < total, "the first submit finished before it could be killed"
 
         # When it is run again to the end, and the batch collected
-        second = start_cli(settings, "batch", "submit", str(source), "--team", "alpha")
+        second = start_cli(alpha.settings, "batch", "submit", str(source), "--team", "alpha")
         _, stderr = await asyncio.to_thread(second.communicate)
         assert second.returncode == 0, stderr.decode()
-        await collect(settings, "resume", out, errors, idle=0.2)
+        await collect(alpha.settings, "resume", out, errors, idle=0.2, **alpha.who)
 
     # Expect every custom_id answered exactly once
     counts = once_each(read_jsonl(out, errors))
@@ -295,21 +318,25 @@ async def test_a_killed_submit_resumes_without_answering_twice(
 
 
 async def test_a_killed_collect_resumes_without_writing_twice(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
 ) -> None:
     # Given a submitted batch of 600 and `batch collect` killed after 100 lines
     total = 600
     source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
     out = tmp_path / "out.jsonl"
-    async with running_gateway(settings):
-        await submit_batch(settings, source, team="alpha")
-        first = start_cli(settings, "batch", "collect", "resume", "--out", str(out))
+    async with running_gateway(settings, teams=("beta",)):
+        await submit_batch(beta.settings, source, **beta.who)
+        first = start_cli(
+            beta.settings,
+            *("batch", "collect", "resume", "--team", "beta", "--out", str(out)),
+            api_key=beta.api_key,
+        )
         await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100, timeout=60)
         kill(first)
         written_before = len(read_jsonl(out))
 
         # When it is run again
-        await collect(settings, "resume", out, idle=0.2)
+        await collect(beta.settings, "resume", out, idle=0.2, **beta.who)
 
     # Expect every custom_id exactly once in the file
     assert written_before < total, "the first collect finished before it could be killed"
@@ -318,19 +345,18 @@ async def test_a_killed_collect_resumes_without_writing_twice(
 
 
 async def test_cancel_answers_the_rest_canceled_without_calling_a_provider(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
 ) -> None:
     # Given a batch waiting in a queue no worker serves yet
     source = write_jsonl(tmp_path / "cancel.jsonl", ANTHROPIC_EXAMPLE * 1)
     out = tmp_path / "out.jsonl"
-    await declare_team_queue(settings, "beta")
-    await submit_batch(settings, source, team="beta", model="claude-haiku")
-
-    # When it is canceled and a worker then takes its jobs
-    await cancel_batch(settings, "cancel")
+    async with nobody_serves(settings):
+        await submit_batch(beta.settings, source, model="claude-haiku", **beta.who)
+        # When it is canceled and a worker then takes its jobs
+        await cancel_batch(beta.settings, "cancel", **beta.who)
     async with running_gateway(settings, teams=("beta",)) as gw:
         rows = await gw.usage_rows(2)
-        await collect(settings, "cancel", out, idle=0.2)
+        await collect(beta.settings, "cancel", out, idle=0.2, **beta.who)
         calls = gw.mock.stats.calls
 
     # Expect canceled results, answered by the worker without a provider call
@@ -340,17 +366,45 @@ async def test_cancel_answers_the_rest_canceled_without_calling_a_provider(
         assert MessageBatchIndividualResponse.model_validate(line).result.type == "canceled"
 
 
+async def test_cancel_keeps_the_answers_of_calls_already_in_flight(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given 20 requests, each call taking a second, 4 served at once (the rest wait)
+    source = write_jsonl(tmp_path / "cancel.jsonl", [openai_line(i) for i in range(20)])
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    slow = MockConfig(default=Behavior(latency_ms=1000))
+    served = settings.model_copy(update={"prefetch": 4})
+    async with running_gateway(served, mock_config=slow) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await wait_until(lambda: gw.mock.stats.calls >= 4, timeout=30)
+        # When the batch is canceled while those calls run, and collected
+        await cancel_batch(alpha.settings, "cancel", **alpha.who)
+        report = await collect(alpha.settings, "cancel", out, errors, idle=0.2, **alpha.who)
+        rows = await gw.usage_rows(20)
+
+    # Expect each line to say what the worker did: the paid answers done, the rest canceled
+    paid = {row["job_id"].split(":", 1)[1] for row in rows if row["status"] == "ok"}
+    assert len(paid) >= 4
+    done = {line["custom_id"] for line in read_jsonl(out)}
+    assert done == paid
+    assert {line["error"]["code"] for line in read_jsonl(errors)} == {"batch_cancelled"}
+    assert report.counts.done == len(paid) and report.counts.canceled == 20 - len(paid)
+    assert report.counts.spend_usd > 0
+
+
 async def test_requests_past_the_deadline_are_written_expired(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
     # Given a batch with a one-second deadline in a queue nobody serves
     source = write_jsonl(tmp_path / "expire.jsonl", [openai_line(i) for i in range(5)])
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    await declare_team_queue(settings, "beta")
-    await submit_batch(settings, source, team="beta", deadline=timedelta(seconds=1))
+    async with nobody_serves(settings):
+        await submit_batch(alpha.settings, source, deadline=timedelta(seconds=1), **alpha.who)
 
-    # When it is collected
-    report = await collect(settings, "expire", out, errors, idle=0.2, expiry_grace=0)
+        # When it is collected
+        report = await collect(
+            alpha.settings, "expire", out, errors, idle=0.2, expiry_grace=0, **alpha.who
+        )
 
     # Expect every request in the error file as batch_expired, as OpenAI writes it
     assert out.read_bytes() == b""
@@ -362,73 +416,170 @@ async def test_requests_past_the_deadline_are_written_expired(
     assert report.counts.expired == 5
 
 
-async def test_status_counts_results_and_spend(settings: Settings, tmp_path: Path) -> None:
-    # Given a collected batch of 10
+async def test_status_counts_results_and_spend(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a batch of 10, all answered, collected from its queue by nobody yet
     source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
-    async with running_gateway(settings):
-        await submit_batch(settings, source, team="alpha")
-        await collect(settings, "small", tmp_path / "out.jsonl", idle=0.2)
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await gw.usage_rows(10)
 
         # When its status is read
-        status = await batch_status(settings, "small")
+        status = await batch_status(alpha.settings, "small", **alpha.who)
 
-    # Expect every request done, with its spend
+    # Expect every request published and waiting in the queue to be collected
     c = status.counts
-    assert (c.total, c.published, c.done, c.failed, status.queued) == (10, 10, 10, 0, 0)
-    assert c.spend_usd > 0
-    assert status.eta_s == 0
+    assert (c.total, c.published, c.done, status.waiting, status.queued) == (10, 10, 0, 10, 0)
+
+
+async def test_a_collected_batch_is_gone_and_listed_until_then(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a batch submitted and answered
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        listed = await batch_list(alpha.settings, **alpha.who)
+        # When it is collected
+        report = await collect(alpha.settings, "small", tmp_path / "out.jsonl", **alpha.who)
+        after = await batch_list(alpha.settings, **alpha.who)
+        async with BrokerAdmin(settings.management_url) as admin:
+            results = await admin.queue(gw.topology.results_queue("alpha", "small"))
+        with pytest.raises(BatchError, match="no batch named 'small'"):
+            await batch_status(alpha.settings, "small", **alpha.who)
+
+    # Expect it listed while it ran, then gone with its results queue, its counts reported
+    assert [(b.name, b.total) for b in listed] == [("small", 3)]
+    assert after == [] and results is None
+    assert report.counts.done == 3 and report.counts.spend_usd > 0
+
+
+async def test_a_team_reaches_only_its_own_batches(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity, beta: TeamIdentity
+) -> None:
+    # Given alpha's batch "small" waiting in its queue
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    async with nobody_serves(settings):
+        await submit_batch(alpha.settings, source, **alpha.who)
+        # When beta, with its own key, reads or cancels a batch of that name
+        with pytest.raises(BatchError, match="no batch named 'small' for team 'beta'"):
+            await cancel_batch(beta.settings, "small", **beta.who)
+        with pytest.raises(BatchError, match="no batch named 'small'"):
+            await batch_status(beta.settings, "small", **beta.who)
+        # ... or alpha's own user claims to be beta
+        with pytest.raises(ControlRefused, match="credentials are not 'beta'"):
+            await cancel_batch(alpha.settings, "small", team="beta")
+        # Expect alpha's batch untouched, and nothing listed for beta
+        status = await batch_status(alpha.settings, "small", **alpha.who)
+        assert not status.counts.canceled_flag and status.counts.published == 3
+        assert await batch_list(beta.settings, **beta.who) == []
+
+
+async def test_a_mistyped_team_fails_before_any_state(
+    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis, alpha: TeamIdentity
+) -> None:
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    async with nobody_serves(settings):
+        # When alpha's credentials submit for "alhpa"
+        with pytest.raises(ControlRefused, match="credentials are not 'alhpa'"):
+            await submit_batch(alpha.settings, source, team="alhpa")
+        # Expect nothing recorded: the right team then submits the batch under that name
+        assert not [key async for key in redis_client.scan_iter(f"{settings.redis_prefix}:batch*")]
+        report = await submit_batch(alpha.settings, source, **alpha.who)
+    assert report.published == 3
+
+
+async def test_a_failed_submit_leaves_no_batch_behind(
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
+) -> None:
+    # Given beta's job queue gone (no job of its can be routed)
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await (await connection.channel()).queue_delete(
+            Topology(settings.namespace).team_queue("beta")
+        )
+    async with nobody_serves(settings):
+        # When its batch is submitted
+        with pytest.raises(PublishRefused, match="no queue for team 'beta'"):
+            await submit_batch(beta.settings, source, **beta.who)
+        # Expect no batch left to lock the name
+        assert await batch_list(beta.settings, **beta.who) == []
 
 
 async def test_a_resubmitted_batch_publishes_nothing_new_and_refuses_another_file(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
 ) -> None:
     # Given a batch submitted in full
     source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
-    await declare_team_queue(settings, "beta")
-    await submit_batch(settings, source, team="beta")
+    async with nobody_serves(settings):
+        await submit_batch(beta.settings, source, **beta.who)
 
-    # When it is submitted again, then with a different file under its name
-    again = await submit_batch(settings, source, team="beta")
-    other = write_jsonl(tmp_path / "other.jsonl", [openai_line(i) for i in range(11)])
+        # When it is submitted again, then with a different file under its name
+        again = await submit_batch(beta.settings, source, **beta.who)
+        other = write_jsonl(tmp_path / "other.jsonl", [openai_line(i) for i in range(11)])
 
-    # Expect nothing published twice, and the other file refused
-    assert (again.published, again.already) == (0, 10)
-    with pytest.raises(BatchError, match="another file"):
-        await submit_batch(settings, other, team="beta", name="small")
+        # Expect nothing published twice, and the other file refused
+        assert (again.published, again.already) == (0, 10)
+        with pytest.raises(BatchError, match="another file"):
+            await submit_batch(beta.settings, other, name="small", **beta.who)
 
 
 async def test_a_second_collect_of_the_same_batch_is_refused(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
     # Given a batch being collected, waiting for results no worker will send
     source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
-    await declare_team_queue(settings, "beta")
-    await submit_batch(settings, source, team="beta")
-    first = asyncio.create_task(collect(settings, "small", tmp_path / "a.jsonl", idle=0.05))
-    try:
-        await consumed(settings, "beta", "small")
+    async with nobody_serves(settings):
+        await submit_batch(alpha.settings, source, **alpha.who)
+        first = asyncio.create_task(
+            collect(alpha.settings, "small", tmp_path / "a.jsonl", idle=0.05, **alpha.who)
+        )
+        try:
+            await consumed(settings, "alpha", "small")
 
-        # When another collect of it starts
-        with pytest.raises(BatchError, match="being collected by another process"):
-            await collect(settings, "small", tmp_path / "b.jsonl")
-    finally:
-        first.cancel()
-    # Expect the first to go on undisturbed until stopped
-    with pytest.raises(asyncio.CancelledError):
-        await first
+            # When another collect of it starts
+            with pytest.raises(BatchError, match="being collected by another process"):
+                await collect(alpha.settings, "small", tmp_path / "b.jsonl", **alpha.who)
+        finally:
+            first.cancel()
+        # Expect the first to go on undisturbed until stopped
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+
+async def test_collecting_into_a_file_holding_another_batchs_lines_writes_this_ones(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given batch "docs" collected into results.jsonl, and batch "small" with the same custom_ids
+    out = tmp_path / "results.jsonl"
+    first = write_jsonl(tmp_path / "docs.jsonl", [openai_line(i) for i in range(3)])
+    second = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    async with running_gateway(settings):
+        await submit_batch(alpha.settings, first, **alpha.who)
+        await collect(alpha.settings, "docs", out, idle=0.2, **alpha.who)
+        await submit_batch(alpha.settings, second, **alpha.who)
+        # When "small" is collected into the same file
+        report = await collect(alpha.settings, "small", out, idle=0.2, **alpha.who)
+
+    # Expect its own three lines written, beside the other batch's
+    assert report.written == 3
+    jobs = Counter(line["gateway"]["job_id"].split(":")[0] for line in read_jsonl(out))
+    assert jobs == {"docs": 3, "small": 3}
 
 
 async def test_collect_rides_out_a_broker_outage_without_writing_twice(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
     # Given a batch of 300 being collected through a connection to the broker we can cut
     total = 300
     source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
     out = tmp_path / "out.jsonl"
-    async with running_gateway(settings), TcpProxy(settings.amqp_url) as proxy:
-        await submit_batch(settings, source, team="alpha")
-        cut_off = settings.model_copy(update={"amqp_url": proxy.url})
-        collecting = asyncio.create_task(collect(cut_off, "resume", out, idle=0.2))
+    async with running_gateway(settings), TcpProxy(alpha.settings.amqp_url) as proxy:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        cut_off = alpha.settings.model_copy(update={"amqp_url": proxy.url})
+        collecting = asyncio.create_task(collect(cut_off, "resume", out, idle=0.2, **alpha.who))
         await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100)
 
         # When the broker connection is cut mid-way and comes back
@@ -443,16 +594,65 @@ async def test_collect_rides_out_a_broker_outage_without_writing_twice(
 
 
 async def test_a_model_outside_the_catalog_is_an_invalid_line(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
     # Given OpenAI's documented lines, whose model is not a catalog alias
     source = write_jsonl(tmp_path / "docs.jsonl", OPENAI_EXAMPLE)
 
     # When they are submitted against the catalog's aliases
-    with pytest.raises(BatchInvalid) as caught:
-        await submit_batch(settings, source, team="alpha", models={"gpt-4o-mini"})
+    async with nobody_serves(settings):
+        with pytest.raises(BatchInvalid) as caught:
+            await submit_batch(alpha.settings, source, models={"gpt-4o-mini"}, **alpha.who)
 
     # Expect both lines reported, naming the model and the way out
     assert caught.value.problems == [
         (n, "model 'gpt-3.5-turbo-0125' is not in the catalog: pass --model ALIAS") for n in (1, 2)
     ]
+
+
+async def test_a_request_over_the_job_size_limit_is_an_invalid_line(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a file whose second line carries a 2 MB prompt
+    huge = {
+        **openai_line(1),
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "x" * 2_000_000}],
+        },
+    }
+    source = write_jsonl(tmp_path / "bad.jsonl", [openai_line(0), huge, openai_line(2)])
+
+    # When it is submitted
+    async with nobody_serves(settings):
+        with pytest.raises(BatchInvalid) as caught:
+            await submit_batch(alpha.settings, source, **alpha.who)
+        listed = await batch_list(alpha.settings, **alpha.who)
+
+    # Expect it refused at validation, by its line number, and nothing recorded
+    [(number, reason)] = caught.value.problems
+    assert number == 2 and "over the gateway's 1,048,576" in reason
+    assert listed == []
+
+
+async def test_skip_invalid_lists_every_skipped_line_in_a_file(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given the file with 20 malformed lines among valid ones
+    source, bad_numbers = malformed_file(tmp_path / "bad.jsonl")
+    skipped = tmp_path / "skipped.jsonl"
+    async with nobody_serves(settings):
+        # When the team's CLI submits it with --skip-invalid
+        cli = start_cli(
+            alpha.settings,
+            *("batch", "submit", str(source), "--team", "alpha", "--skip-invalid"),
+            *("--skipped", str(skipped)),
+        )
+        _, stderr = await asyncio.to_thread(cli.communicate)
+    assert cli.returncode == 0, stderr.decode()
+
+    # Expect every skipped line in the file with its reason, not only on the terminal
+    listed = read_jsonl(skipped)
+    assert [entry["line"] for entry in listed] == bad_numbers
+    assert all(entry["reason"] for entry in listed)
+    assert str(skipped) in stderr.decode()

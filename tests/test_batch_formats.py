@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,15 @@ import orjson
 import pytest
 from anthropic.types import Message
 
+from producer.batch.answers import Answer
+from producer.batch.formats import FORMATS
+from producer.batch.jobs import JobReader
 from producer.batch.lines import BatchFile
+from queuegate.cli_batch import anthropic_only
 from queuegate.errors import BatchError
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, ChatResult, ErrorCode, ErrorInfo, GatewayInfo
 from queuegate.provider_formats import anthropic_message, openai_request
+from router import load_catalog
 from router.providers import AnthropicAdapter
 from tests.batch_files import ANTHROPIC_EXAMPLE
 
@@ -172,11 +178,45 @@ def test_a_requests_document_is_read_one_request_at_a_time(tmp_path: Path) -> No
     file = BatchFile(tmp_path / "doc.json")
     entries = list(file)
 
-    # Expect every request, numbered by position, and the digest of the whole file
-    assert file.unit == "request"
-    assert [n for n, _ in entries] == list(range(1, 3001))
+    # Expect every request, numbered by the line it starts on, and the whole file's digest
+    assert file.document
+    lines = raw.split(b"\n")
+    assert len(entries) == 3000
+    for number, entry in entries:
+        assert lines[number - 1].strip() == b"{", number
+        assert f'"custom_id": "{entry["custom_id"]}"'.encode() in lines[number]
     assert entries[-1][1]["custom_id"] == "r2999"
     assert file.digest.hexdigest() == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_requests_document_is_read_whatever_the_order_of_its_keys(tmp_path: Path) -> None:
+    # Given a one-line document whose "requests" comes after another key, and a BOM
+    document = {"description": "nightly", "requests": ANTHROPIC_EXAMPLE, "z": [1, {"a": 2}]}
+    path = tmp_path / "doc.json"
+    path.write_bytes(codecs.BOM_UTF8 + orjson.dumps(document))
+
+    # When it is read, expect the document's requests, not one JSONL line
+    file = BatchFile(path)
+    entries = list(file)
+    assert file.document
+    assert [entry["custom_id"] for _, entry in entries] == [
+        "my-first-request",
+        "my-second-request",
+    ]
+    assert {number for number, _ in entries} == {1}
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Given a UTF-8 JSONL file saved with a BOM (as some editors do)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + b"".join(orjson.dumps(e) + b"\n" for e in ANTHROPIC_EXAMPLE))
+
+    # Expect its first line read as JSON
+    entries = list(BatchFile(path))
+    assert [(n, e["custom_id"]) for n, e in entries] == [
+        (1, "my-first-request"),
+        (2, "my-second-request"),
+    ]
 
 
 def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:
@@ -184,6 +224,76 @@ def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:
     raw = _document(tmp_path / "doc.json", 500)
     (tmp_path / "doc.json").write_bytes(raw[: len(raw) // 2])
 
-    # Expect an error naming the file and the request cut short
-    with pytest.raises(BatchError, match=r"doc\.json: request \d+ is not valid JSON"):
+    # Expect an error naming the file and the line of the request cut short
+    with pytest.raises(BatchError, match=r"doc\.json: the request on line \d+ is not valid JSON"):
         list(BatchFile(tmp_path / "doc.json"))
+
+
+GATEWAY = GatewayInfo(model_requested="gpt-4o-mini")
+
+
+def _answer(result: ChatResult) -> Answer:
+    return Answer("r1", "nightly:r1", "done" if result.status == "ok" else "failed", result)
+
+
+def test_an_anthropic_line_answered_by_an_openai_deployment_carries_a_message_id() -> None:
+    # Given a request of an Anthropic batch that an OpenAI deployment answered
+    completion = {
+        "id": "chatcmpl-9xYz",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    result = ChatResult(
+        job_id="nightly:r1", team="alpha", status="ok", response=completion, gateway=GATEWAY
+    )
+
+    # When its line is written, expect an Anthropic message id, the same on every collect
+    line = FORMATS["anthropic"].line(_answer(result))
+    message_id = line["result"]["message"]["id"]
+    assert message_id.startswith("msg_") and "chatcmpl" not in message_id
+    assert FORMATS["anthropic"].line(_answer(result))["result"]["message"]["id"] == message_id
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("invalid_request", "invalid_request_error"),
+        ("unknown_model", "invalid_request_error"),
+        ("unauthorized", "invalid_request_error"),
+        ("budget_exhausted", "insufficient_quota"),
+        ("rate_limited", "requests"),
+        ("all_providers_failed", "server_error"),
+        ("deadline_exceeded", "server_error"),
+    ],
+)
+def test_openai_error_lines_use_openais_error_types(code: ErrorCode, kind: str) -> None:
+    # Given a request that failed with one of the gateway's codes
+    error = ErrorInfo(code=code, message="it failed")
+    result = ChatResult(
+        job_id="nightly:r1", team="alpha", status="error", error=error, gateway=GATEWAY
+    )
+
+    # When its OpenAI line is written, expect OpenAI's error type and the gateway's code
+    body = FORMATS["openai"].line(_answer(result))["response"]["body"]
+    assert body["error"]["type"] == kind and body["error"]["code"] == code
+
+
+def test_top_k_for_a_model_another_provider_may_serve_is_an_invalid_line() -> None:
+    # Given an Anthropic request with top_k, and a catalog where only claude-haiku is
+    # served by Anthropic alone (gpt-4o-mini is OpenAI's, falling back to Anthropic)
+    entry = {"custom_id": "r1", "params": {**ANTHROPIC_EXAMPLE[0]["params"], "top_k": 5}}
+    catalog = load_catalog(None, {})
+    only = anthropic_only(catalog)
+    assert only == {"claude-haiku"}
+
+    def reader(model: str) -> JobReader:
+        return JobReader(batch="b", team="alpha", model=model, deadline=None, anthropic_models=only)
+
+    # When it is read for each, expect it refused for the OpenAI model and kept for Claude
+    with pytest.raises(ValueError, match="top_k is Anthropic's alone"):
+        reader("gpt-4o-mini").job(entry)
+    assert reader("claude-haiku").job(entry).params.model_extra == {"top_k": 5}

@@ -164,11 +164,12 @@ async def test_a_job_past_its_deadline_is_answered_without_a_provider_call(
 async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs(
     settings: Settings,
 ) -> None:
-    # Given a team queue and no worker
+    # Given a team queue and no worker serving it (one serving another team answers the
+    # client's control request)
     from producer import GatewayClient
 
     connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
+    async with connection, running_gateway(settings, teams=("gamma",)):
         channel = await connection.channel()
         await Topology(settings.namespace).declare_team_queue(channel, "alpha")
         async with GatewayClient(settings, team="alpha") as client:

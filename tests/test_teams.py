@@ -43,12 +43,16 @@ async def alpha(settings: Settings) -> AsyncIterator[str]:
 async def test_a_full_queue_refuses_jobs_and_keeps_the_ones_it_took(
     settings: Settings, alpha: str
 ) -> None:
-    # Given team alpha's queue limited to 5 jobs, and no worker running
+    # Given team alpha's queue limited to 5 jobs, and no worker serving it (one serving
+    # another team answers the client's control request)
     await configure(settings, alpha, {"max_queue_length": 5})
 
     # When the team publishes until the broker refuses
     accepted = []
-    async with GatewayClient(settings, team=alpha) as client:
+    async with (
+        running_gateway(settings, teams=("gamma",)),
+        GatewayClient(settings, team=alpha) as client,
+    ):
         with pytest.raises(QueueFull, match="queue is full"):
             for _ in range(20):
                 accepted.append(await client.submit(client.job("gpt-4o-mini", HELLO)))

@@ -88,7 +88,10 @@ async def test_a_team_cannot_consume_another_teams_job_or_reply_queue(
     # Given beta's job queue and a durable reply queue of beta's
     ns = settings.namespace
     beta_results = f"{ns}.results.beta.nightly"
-    async with GatewayClient(as_team(settings, teams["beta"]), team="beta", reply_queue="nightly"):
+    async with (
+        running_gateway(settings, teams=("alpha", "beta")),
+        GatewayClient(as_team(settings, teams["beta"]), team="beta", reply_queue="nightly"),
+    ):
         pass
     assert teams["alpha"].amqp_url is not None
     connection = await aio_pika.connect(teams["alpha"].amqp_url)
@@ -187,9 +190,16 @@ async def test_a_broker_identity_team_refuses_jobs_from_any_other_user(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
     # Given alpha requires its broker user, when another user (not an operator) publishes for it
+    # (its reply going to a queue alpha's own client opened: only alpha may ask for one)
     settings = not_operator(settings)
-    async with running_gateway(settings, teams=("alpha",)) as gw, gw.client("alpha") as client:
-        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+    async with (
+        running_gateway(settings, teams=("alpha",)) as gw,
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as alpha,
+        gw.client("alpha", listen=False) as admin,
+    ):
+        job = admin.job("gpt-4o-mini", HELLO)
+        await admin.publish(job, reply_to=alpha.reply_to)
+        result = await alpha.wait(job.job_id, timeout=10)
         # Expect unauthorized and no provider call
         assert result.error is not None and result.error.code == "unauthorized"
         assert "may not publish for team 'alpha'" in result.error.message
@@ -222,7 +232,9 @@ async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answ
         admin_connection = await aio_pika.connect(settings.amqp_url)
         async with admin_connection:
             admin_channel = await admin_connection.channel()
-            await gw.topology.declare_results_queue(admin_channel, "beta", "inbox")
+            await gw.topology.declare_results_queue(
+                admin_channel, "beta", "inbox", expires_s=settings.results_queue_expires
+            )
             try:
                 # When alpha sends a job whose reply_to is beta's queue
                 assert teams["alpha"].amqp_url is not None
@@ -278,11 +290,14 @@ async def test_a_revoked_api_key_is_unauthorized_within_the_cache_lifetime(
     async with (
         running_gateway(settings, teams=("alpha",)) as gw,
         gw.client("alpha", api_key=credentials.api_key) as client,
-        gw.client("alpha", api_key="qg_000000000000_" + "x" * 43) as stranger,
+        # (a stranger's key opens no reply queue: its job asks for the real client's)
+        gw.client("alpha", api_key="qg_000000000000_" + "x" * 43, listen=False) as stranger,
     ):
         ok = await client.chat("gpt-4o-mini", HELLO, timeout=10)
         assert ok.status == "ok", ok.error
-        refused = await stranger.chat("gpt-4o-mini", HELLO, timeout=10)
+        forged_job = stranger.job("gpt-4o-mini", HELLO)
+        await stranger.publish(forged_job, reply_to=client.reply_to)
+        refused = await client.wait(forged_job.job_id, timeout=10)
         assert refused.error is not None and refused.error.code == "unauthorized"
         # When the key is revoked
         assert await revoke_key(settings, "alpha", credentials.api_key_id)
@@ -390,11 +405,14 @@ async def test_a_refused_forgery_does_not_answer_the_real_job_in_advance(
     settings = not_operator(settings)
     async with (
         running_gateway(settings, teams=("alpha",)) as gw,
-        gw.client("alpha") as impostor,
+        gw.client("alpha", listen=False) as impostor,
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as witness,
         GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as client,
     ):
+        # (its refusal going to a reply queue only alpha could open)
         forged_job = impostor.job("gpt-4o-mini", HELLO, job_id="next")
-        refused = await (await impostor.submit(forged_job)).result(10)
+        await impostor.publish(forged_job, reply_to=witness.reply_to)
+        refused = await witness.wait("next", timeout=10)
         assert refused.error is not None and refused.error.code == "unauthorized"
         # When alpha's real job with that id arrives
         real = await (await client.submit(client.job("gpt-4o-mini", HELLO, job_id="next"))).result(

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 class BatchCancels:
     """Checks the cancel flag of a job's batch (``metadata["batch"]``) before it is served.
 
+    The flag is the job's team's own (the team is the queue's, checked before): a batch of
+    the same name in another team is another batch.
+
     Best effort: while Redis is down the job is served, as it would have been uncanceled.
     """
 
@@ -30,7 +33,7 @@ class BatchCancels:
         if not isinstance(batch, str):
             return
         try:
-            canceled = await self._client.exists(self._keys.batch_canceled(batch))
+            canceled = await self._client.exists(self._keys.batch_canceled(job.team, batch))
         except RedisError as exc:
             log.warning("cannot read the cancel flag of batch %s (%s)", batch, type(exc).__name__)
             return

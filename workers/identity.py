@@ -116,8 +116,20 @@ class Identities:
         """Whether the broker-validated publisher of ``message`` is an operator."""
         return bool(message.user_id) and message.user_id in self._operators
 
-    async def prove(self, message: AbstractIncomingMessage, team: str, job_id: str) -> Proof:
-        """The job's proven identity; raises Unauthorized when it may not act for ``team``."""
+    async def prove(
+        self,
+        message: AbstractIncomingMessage,
+        team: str,
+        job_id: str,
+        *,
+        check_reply_to: bool = True,
+    ) -> Proof:
+        """The job's proven identity; raises Unauthorized when it may not act for ``team``.
+
+        ``job_id``: what the API-key proof is bound to (a control request's id for one).
+        ``check_reply_to=False`` for a control request: its answer goes by direct reply-to,
+        which only the requesting channel can read, so it reaches no other team's queue.
+        """
         security = await self.security(team)
         if security.identity == "queue":
             return Proof("queue", security)
@@ -127,7 +139,7 @@ class Identities:
             identity = self._prove_user(message.user_id, team, security)
         else:
             identity = await self._prove_key(message, team, job_id)
-        if not self.may_reply(team, message.reply_to):
+        if check_reply_to and not self.may_reply(team, message.reply_to):
             raise Unauthorized(f"reply_to {message.reply_to!r} is not a reply queue of {team!r}")
         return Proof(identity, security)
 

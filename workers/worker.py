@@ -31,6 +31,7 @@ from workers.admission import Admission, prefetch_for
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache
 from workers.claims import Claims
+from workers.control import ControlPlane
 from workers.gate import Gate
 from workers.identity import Identities
 from workers.processor import JobProcessor
@@ -145,6 +146,13 @@ class Worker:
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             usage = await self._topology.declare_usage(publish)
             dead = await self._topology.declare_dead(publish)
+            identities = Identities(
+                pool,
+                namespace=s.namespace,
+                ttl=s.security_cache_ttl,
+                wait=s.job_time_limit,
+                operators=s.operators,
+            )
             self._processor = JobProcessor(
                 router=self._router,
                 claims=claims,
@@ -157,21 +165,14 @@ class Worker:
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
                 max_job_messages=s.max_job_messages,
-                gate=Gate(
-                    Identities(
-                        pool,
-                        namespace=s.namespace,
-                        ttl=s.security_cache_ttl,
-                        wait=s.job_time_limit,
-                        operators=s.operators,
-                    )
-                ),
+                gate=Gate(identities),
                 telemetry=self._telemetry,
                 job_time_limit=s.job_time_limit,
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
             await claims.start()
             await self._serve_teams(consume, pool)
+            await ControlPlane(s, redis, identities).start(await connection.channel())
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
             while not stop.is_set():

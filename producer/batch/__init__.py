@@ -1,7 +1,11 @@
 """Batch pipelines: OpenAI- and Anthropic-format batch files through the queue, resumable.
 
     report = await submit_batch(settings, "prompts.jsonl", team="research", name="nightly")
-    await collect(settings, "nightly", "results.jsonl", errors="errors.jsonl")
+    await collect(settings, "nightly", "results.jsonl", errors="errors.jsonl", team="research")
+
+Both run as the team of ``settings.amqp_url`` (its broker user from ``queuegate teams add``),
+or pass ``api_key=`` for a team that proves itself with one; the gateway keeps the batch's
+state under the team, so a team reaches only its own batches and never needs Redis.
 
 Both can be interrupted at any point and run again: submit publishes only requests with no
 job yet, collect writes only results not written yet, and no custom_id is answered twice.
@@ -12,22 +16,30 @@ job yet, collect writes only results not written yet, and no custom_id is answer
 | formats    | the two formats by name; ``openai`` and ``anthropic`` each  |
 |            | parse a request and write an output line                    |
 | jobs       | entries to chat jobs, with deterministic job ids            |
-| state      | the batch in Redis: lines, published, written, counts       |
+| state      | the batch as the gateway keeps it: lines, published, written |
 | submit     | validate, then publish through a window of confirms         |
 | collect    | results to files, fsynced before they are acknowledged      |
-| control    | status and cancel                                           |
+| control    | status, cancel, list and delete                             |
 """
 
 from producer.batch.collect import CollectReport, collect
-from producer.batch.control import BatchStatus, batch_status, cancel_batch
+from producer.batch.control import (
+    BatchStatus,
+    batch_list,
+    batch_status,
+    cancel_batch,
+    delete_batch,
+)
 from producer.batch.submit import SubmitReport, submit_batch
 
 __all__ = [
     "BatchStatus",
     "CollectReport",
     "SubmitReport",
+    "batch_list",
     "batch_status",
     "cancel_batch",
     "collect",
+    "delete_batch",
     "submit_batch",
 ]

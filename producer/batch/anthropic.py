@@ -7,6 +7,7 @@ Out: {"custom_id", "result": {"type": "succeeded", "message"} | {"type": "errore
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
@@ -41,13 +42,23 @@ def line(answer: Answer) -> dict[str, Any]:
     if answer.category in ("expired", "canceled"):
         out = {"type": answer.category}
     elif result is not None and result.status == "ok" and result.response is not None:
-        out = {"type": "succeeded", "message": anthropic_message(result.response)}
+        message = anthropic_message(result.response)
+        message["id"] = _message_id(str(message["id"]) or answer.job_id)
+        out = {"type": "succeeded", "message": message}
     else:
         assert result is not None and result.error is not None
         kind = _ERROR_TYPES.get(result.error.code, "api_error")
         error = {"type": kind, "message": f"{result.error.code}: {result.error.message}"}
         out = {"type": "errored", "error": {"type": "error", "error": error}}
     return {"custom_id": answer.custom_id, "result": out}
+
+
+def _message_id(served: str) -> str:
+    """A Messages API id (``msg_…``), whatever provider served it: an OpenAI deployment's
+    ``chatcmpl-…`` becomes a ``msg_`` id derived from it, the same on every collect."""
+    if served.startswith("msg_"):
+        return served
+    return "msg_" + hashlib.sha256(served.encode()).hexdigest()[:24]
 
 
 _CATEGORIES: dict[str, Category] = {

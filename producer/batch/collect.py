@@ -1,14 +1,19 @@
 """Collecting a batch: results from its durable reply queue, written in the batch's format.
 
 Each round takes what has arrived, drops custom_ids already written, appends the lines,
-fsyncs, records them in Redis, and only then acknowledges the messages. A crash before the
-fsync leaves the results in the queue; a crash after it leaves lines Redis does not know
-yet, which the next run reads back from the files before taking anything new. So every
-custom_id is written exactly once, however often a run is interrupted.
+fsyncs, records them with the gateway, and only then acknowledges the messages. A crash
+before the fsync leaves the results in the queue; a crash after it leaves lines the gateway
+does not know yet, which the next run reads back from the files before taking anything new.
+So every custom_id is written exactly once, however often a run is interrupted. Lines
+already in the files count only when their job id is this batch's: another batch's lines
+with the same custom_ids are left alone.
 
 Requests that can no longer be answered are written without waiting for the gateway: all
-that remain once the deadline has passed (``expired``: the broker dropped their jobs), and
-all that remain once the batch is canceled and nothing has arrived for a while.
+that remain once the deadline has passed (``expired``: the broker dropped their jobs), and,
+once the batch is canceled, those never published. A published job is always answered by
+a worker (served, or ``canceled`` if it was not served yet), and its line says which.
+
+Once every line is written, the batch is deleted: its state and its results queue.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiormq
-import redis.asyncio as aioredis
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika import IncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
+from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from producer.batch.answers import (
@@ -38,11 +44,12 @@ from producer.batch.answers import (
 from producer.batch.files import ResultFiles
 from producer.batch.formats import FORMATS, Format
 from producer.batch.jobs import check_batch_name
-from producer.batch.state import NANO, BatchMeta, BatchState, Counts
+from producer.batch.state import NANO, BatchState
 from producer.batch.submit import Progress
-from queuegate.broker import connect, settle
+from producer.client import GatewayClient
+from queuegate.broker import connect, consume, settle
+from queuegate.control import BatchMeta, Counts
 from queuegate.errors import BatchError
-from queuegate.keys import Keys
 from queuegate.messages import ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import MESSAGE_TYPE_RESULT, Topology
@@ -73,47 +80,74 @@ async def collect(
     out: Path | str,
     errors: Path | str | None = None,
     *,
+    team: str,
+    user_id: str | None = None,
+    api_key: str | None = None,
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
 ) -> CollectReport:
-    """Write every result of batch ``name`` to ``out`` (failures to ``errors`` when given).
+    """Write every result of ``team``'s batch ``name`` to ``out`` (failures to ``errors``).
 
-    Returns once every request has a line. Interrupted, it resumes where it stopped when run
-    again with the same files. One collect per batch at a time: a second one is refused.
+    Returns once every request has a line, then deletes the batch. Interrupted, it resumes
+    where it stopped when run again with the same files. One collect per batch at a time: a
+    second one is refused.
     """
     name = check_batch_name(name)
-    redis = aioredis.from_url(settings.redis_url)
-    try:
-        state = BatchState(redis, Keys(settings.redis_prefix), name)
+    async with GatewayClient(
+        settings, team=team, user_id=user_id, api_key=api_key, listen=False
+    ) as client:
+        state = BatchState(client.control, name)
         meta = await state.require()
         run = _Run(state, meta, FORMATS[meta.format], on_progress)
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
             run.files = files
-            await _consume(settings, run, idle, expiry_grace)
-        return CollectReport(name, run.written, await state.counts(meta))
-    finally:
-        await redis.aclose()
+            await _consume(settings, client, run, idle, expiry_grace)
+        counts = await state.counts(meta)
+        await state.delete()
+        return CollectReport(name, run.written, counts)
 
 
-async def _consume(settings: Settings, run: _Run, idle: float, expiry_grace: float) -> None:
+async def _consume(
+    settings: Settings, client: GatewayClient, run: _Run, idle: float, expiry_grace: float
+) -> None:
     topology = Topology(settings.namespace, settings.delivery_limit)
     connection = await connect(settings.amqp_url, name=f"batch-collect:{run.meta.name}")
     async with connection:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=PREFETCH)
-        queue = await topology.declare_results_queue(channel, run.meta.team, run.meta.name)
+        lock = await connection.channel()
+        lock_queue = await run.state.lock()
+
+        async def hold(channel: AbstractRobustChannel | None) -> None:
+            # An exclusive consumer of an empty queue is a lock the broker drops with the
+            # connection, even on SIGKILL (quorum queues ignore exclusive consumers, so it
+            # cannot be the results queue's own consumer).
+            if channel is not None:
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_consume(lock_queue, _ignore, exclusive=True)
+
         try:
-            # An exclusive queue is a lock the broker drops with the connection, even on
-            # SIGKILL; quorum queues ignore exclusive consumers, so it cannot be the consumer.
-            await channel.declare_queue(f"{queue.name}.collector", exclusive=True)
-        except aiormq.exceptions.ChannelLockedResource as exc:
+            await hold(lock)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
             raise BatchError(
                 f"batch {run.meta.name!r} is being collected by another process; "
                 "wait for it or stop it first"
             ) from exc
+        # Both come back with the connection: the robust channels restore nothing of ours.
+        lock.reopen_callbacks.add(hold)
+        channel: AbstractRobustChannel = await connection.channel()
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        await queue.consume(inbox.put)
+
+        async def take(message: DeliveredMessage) -> None:
+            inbox.put_nowait(IncomingMessage(message))
+
+        results = topology.results_queue(client.team, run.meta.name)
+
+        async def consume_results(channel: AbstractRobustChannel | None) -> None:
+            if channel is not None:
+                await consume(channel, results, take, prefetch=PREFETCH)
+
+        await consume_results(channel)
+        channel.reopen_callbacks.add(consume_results)
         await run.reconcile()
         deadline = run.meta.deadline.timestamp() + expiry_grace
         while run.done < run.meta.total:
@@ -123,7 +157,11 @@ async def _consume(settings: Settings, run: _Run, idle: float, expiry_grace: flo
             elif time.time() >= deadline:
                 await run.unanswerable("expired")
             elif await run.state.is_canceled():
-                await run.unanswerable("canceled")
+                await run.unanswerable("canceled", unpublished_only=True)
+
+
+async def _ignore(message: DeliveredMessage) -> None:
+    """The lock queue holds nothing; were a message to land there, it is of no use."""
 
 
 async def _take(
@@ -157,7 +195,10 @@ class _Run:
         assert self.files is not None
         chunk: list[tuple[str, Category, int]] = []
         for line in self.files.existing():
-            cost = (line.get("gateway") or {}).get("cost_usd") or 0
+            gateway = line.get("gateway") or {}
+            if gateway.get("job_id") != job_id(self.meta.name, str(line.get("custom_id"))):
+                continue  # another batch's line: not ours to count
+            cost = gateway.get("cost_usd") or 0
             chunk.append((str(line["custom_id"]), self._fmt.category(line), _nano(cost)))
             if len(chunk) >= RECONCILE_CHUNK:
                 await self._record_known(chunk)
@@ -191,10 +232,16 @@ class _Run:
         # Lines are on disk and recorded before this ack: redelivered results are skipped.
         await settle(messages[-1].ack(multiple=True), "acknowledge results", log)
 
-    async def unanswerable(self, category: Category) -> None:
-        """Write ``category`` for every request still without a line."""
+    async def unanswerable(self, category: Category, *, unpublished_only: bool = False) -> None:
+        """Write ``category`` for every request still without a line (never published)."""
         async for chunk in self.state.unwritten():
-            await self._write([Answer(c, job_id(self.meta.name, c), category) for c, _ in chunk])
+            await self._write(
+                [
+                    Answer(c, job_id(self.meta.name, c), category)
+                    for c, published in chunk
+                    if not (unpublished_only and published)
+                ]
+            )
 
     async def _write(self, answers: list[Answer]) -> None:
         assert self.files is not None

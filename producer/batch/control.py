@@ -1,18 +1,16 @@
-"""Following and canceling a batch."""
+"""Following, canceling, listing and deleting a team's batches, through the gateway."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-
-import redis.asyncio as aioredis
+from typing import Any
 
 from producer.batch.jobs import check_batch_name
-from producer.batch.state import BatchState, Counts
-from queuegate.broker import connect
-from queuegate.keys import Keys
+from producer.batch.state import BatchState, list_batches
+from producer.client import GatewayClient
+from queuegate.control import BatchSummary, Counts
 from queuegate.settings import Settings
-from queuegate.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -47,32 +45,32 @@ class BatchStatus:
         return left / rate if rate else None
 
 
-async def batch_status(settings: Settings, name: str) -> BatchStatus:
-    """Counts, spend and pace of a batch, from Redis and its reply queue."""
-    return await _status(settings, check_batch_name(name), cancel=False)
+async def batch_status(settings: Settings, name: str, *, team: str, **who: Any) -> BatchStatus:
+    """Counts, spend and pace of one of ``team``'s batches, from the gateway.
 
-
-async def cancel_batch(settings: Settings, name: str) -> BatchStatus:
-    """Cancel a batch: workers answer its remaining jobs ``canceled`` without calling a
-    provider, submit publishes no more, and collect writes what remains as ``canceled``."""
-    return await _status(settings, check_batch_name(name), cancel=True)
-
-
-async def _status(settings: Settings, name: str, *, cancel: bool) -> BatchStatus:
-    redis = aioredis.from_url(settings.redis_url)
-    try:
-        state = BatchState(redis, Keys(settings.redis_prefix), name)
-        meta = await state.require()
-        if cancel:
-            await state.cancel()
-        counts = await state.counts(meta)
-    finally:
-        await redis.aclose()
-    topology = Topology(settings.namespace, settings.delivery_limit)
-    connection = await connect(settings.amqp_url, name=f"batch-status:{name}")
-    async with connection:
-        channel = await connection.channel()
-        queue = await topology.declare_results_queue(channel, meta.team, name)
-        result = queue.declaration_result
-        waiting = int(result.message_count or 0) if result is not None else 0
+    ``who``: ``user_id`` and ``api_key``, as for GatewayClient.
+    """
+    async with GatewayClient(settings, team=team, listen=False, **who) as client:
+        meta, counts, waiting = await BatchState(client.control, check_batch_name(name)).status()
     return BatchStatus(name, meta.team, meta.format, meta.deadline, counts, waiting)
+
+
+async def cancel_batch(settings: Settings, name: str, *, team: str, **who: Any) -> BatchStatus:
+    """Cancel a batch: workers answer its remaining jobs ``canceled`` without calling a
+    provider, submit publishes no more, and collect writes ``canceled`` for the requests
+    never published; a request already being served keeps its real answer."""
+    async with GatewayClient(settings, team=team, listen=False, **who) as client:
+        meta, counts, waiting = await BatchState(client.control, check_batch_name(name)).cancel()
+    return BatchStatus(name, meta.team, meta.format, meta.deadline, counts, waiting)
+
+
+async def delete_batch(settings: Settings, name: str, *, team: str, **who: Any) -> None:
+    """Forget a batch: its state and its results queue, with any result not collected."""
+    async with GatewayClient(settings, team=team, listen=False, **who) as client:
+        await BatchState(client.control, check_batch_name(name)).delete()
+
+
+async def batch_list(settings: Settings, *, team: str, **who: Any) -> list[BatchSummary]:
+    """The team's batches the gateway still keeps."""
+    async with GatewayClient(settings, team=team, listen=False, **who) as client:
+        return await list_batches(client.control)

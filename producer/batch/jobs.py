@@ -15,6 +15,9 @@ from producer.batch.formats import FORMATS, FormatName, detect
 from queuegate.errors import BatchError
 from queuegate.messages import ChatJob
 
+ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
+"""Parameters only Anthropic's API takes; another provider would refuse or ignore them."""
+
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 """A batch name: part of queue names, Redis keys and every job id (matched whole)."""
 
@@ -48,6 +51,7 @@ class JobReader:
         deadline: datetime | None,
         format: FormatName | None = None,
         models: Collection[str] | None = None,
+        anthropic_models: Collection[str] | None = None,
     ) -> None:
         self._batch = batch
         self._team = team
@@ -55,6 +59,7 @@ class JobReader:
         self.deadline = deadline
         self.format = format
         self._models = models
+        self._anthropic_models = anthropic_models
 
     def job(self, entry: Any) -> ChatJob:
         if isinstance(entry, ValueError):
@@ -77,6 +82,13 @@ class JobReader:
             raise ValueError("no model: name one in the request or pass --model")
         if self._models is not None and model not in self._models:
             raise ValueError(f"model {model!r} is not in the catalog: pass --model ALIAS")
+        if self._anthropic_models is not None and model not in self._anthropic_models:
+            for key in ANTHROPIC_ONLY:
+                if key in request.params:
+                    raise ValueError(
+                        f"{key} is Anthropic's alone and model {model!r} may be served by "
+                        "another provider: remove it, or pick a model served only by Anthropic"
+                    )
         try:
             return ChatJob(
                 job_id=job_id(self._batch, custom_id),

@@ -1,8 +1,9 @@
 """Reading a batch file as numbered requests, streaming: JSONL, or a ``{"requests": [...]}``.
 
-A JSONL file is read one line at a time; its numbers are line numbers. Anthropic's
-``{"requests": [...]}`` document is read one request at a time too; its numbers are
-positions in ``requests``. Either way memory stays constant, whatever the file's size.
+A JSONL file is read one line at a time. Anthropic's ``{"requests": [...]}`` document is
+read one request at a time too, whatever the order of its keys. Either way each entry is
+numbered by the line it starts on, and memory stays constant, whatever the file's size. A
+UTF-8 byte order mark at the start is skipped.
 """
 
 from __future__ import annotations
@@ -10,50 +11,46 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from queuegate.errors import BatchError
 
-Unit = Literal["line", "request"]
-
-_DOCUMENT = re.compile(rb'^\s*\{\s*(?:"requests"|$)')
-"""A file whose first line opens an object and goes on with ``"requests"`` (or nothing)."""
-_OPENING = re.compile(r'\s*\{\s*"requests"\s*:\s*\[\s*')
+BOM = codecs.BOM_UTF8
 _READ = 65536
 
 
 @dataclass
 class BatchFile:
-    """One pass over a batch file yields (number, parsed JSON or the reason it is not JSON)."""
+    """One pass over a batch file yields (line number, parsed JSON or why it is not JSON)."""
 
     path: Path
-    unit: Unit = "line"
+    document: bool = False
+    """A ``{"requests": [...]}`` document rather than JSONL."""
     digest: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
 
     def __post_init__(self) -> None:
         try:
             with self.path.open("rb") as f:
-                first = f.readline()
+                first = f.readline().removeprefix(BOM).strip()
         except OSError as exc:
             raise BatchError(f"cannot read {self.path}: {exc.strerror}") from exc
-        if _DOCUMENT.match(first):
-            self.unit = "request"
+        self.document = _opens_document(first)
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         """Each entry as JSON, or a ValueError saying why it is not; also feeds ``digest``."""
         self.digest = hashlib.sha256()
-        if self.unit == "request":
-            yield from self._document()
+        if self.document:
+            yield from _Document(self.path, self.digest).entries()
             return
         with self.path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                self.digest.update(raw)
+            for number, read in enumerate(f, start=1):
+                self.digest.update(read)
+                raw = read.removeprefix(BOM) if number == 1 else read
                 if not raw.strip():
                     continue
                 try:
@@ -61,55 +58,113 @@ class BatchFile:
                 except orjson.JSONDecodeError as exc:
                     yield number, ValueError(f"not JSON: {exc.msg} (column {exc.pos + 1})")
 
-    def _document(self) -> Iterator[tuple[int, Any]]:
-        """The elements of ``requests``, decoded one by one from a buffer of a few blocks."""
-        decoder = json.JSONDecoder()
-        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        buffer = ""
-        with self.path.open("rb") as f:
 
-            def more() -> bool:
-                nonlocal buffer
-                raw = f.read(_READ)
-                self.digest.update(raw)
-                buffer += text.decode(raw, final=not raw)
-                return bool(raw)
+def _opens_document(first: bytes) -> bool:
+    """Whether a file whose first line is ``first`` is a document, not JSONL: a line that is
+    a whole object is a document only with ``requests`` and no ``custom_id``; one that is
+    not is the start of a multi-line object unless it looks like a (broken) request."""
+    if not first.startswith(b"{"):
+        return False
+    try:
+        entry = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        return b'"custom_id"' not in first
+    return isinstance(entry, dict) and "requests" in entry and "custom_id" not in entry
 
-            while len(buffer) < 64 and more():
-                pass
-            opening = _OPENING.match(buffer)
-            if opening is None:
-                raise BatchError(f'{self.path}: a batch document must begin {{"requests": [')
-            position, number, need_comma = opening.end(), 0, False
-            while True:
-                position = _space_end(buffer, position)
-                if position >= len(buffer):
-                    buffer, position = "", 0
-                    if more():
-                        continue
-                    raise BatchError(f"{self.path}: the document ends inside requests")
-                if buffer[position] == "]":
-                    return
-                if need_comma:
-                    if buffer[position] != ",":
-                        raise BatchError(f"{self.path}: request {number} is not followed by , or ]")
-                    position, need_comma = position + 1, False
+
+class _Document:
+    """The elements of a document's ``requests``, decoded one by one from a buffer of a few
+    blocks; other keys, before or after it, are read and left aside."""
+
+    def __init__(self, path: Path, digest: hashlib._Hash) -> None:
+        self._path = path
+        self._digest = digest
+        self._text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        self._decoder = json.JSONDecoder()
+        self._buffer = ""
+        self._position = 0
+        self._line = 1
+        """The line number of ``_buffer[0]``."""
+        self._eof = False
+
+    def entries(self) -> Iterator[tuple[int, Any]]:
+        with self._path.open("rb") as f:
+            self._file = f
+            self._expect("{", 'a batch document must be one JSON object, {"requests": [...]}')
+            found, first = False, True
+            while not self._peek("}"):
+                if not first:
+                    self._expect(",", "its keys must be separated by ,")
+                first = False
+                key = self._value("a key")
+                self._expect(":", f"key {key!r} must be followed by :")
+                if key == "requests":
+                    found = True
+                    yield from self._requests()
+                else:
+                    self._value(f"the value of {key!r}")
+            if not found:
+                raise BatchError(f'{self._path}: the document has no "requests" array')
+
+    def _requests(self) -> Iterator[tuple[int, Any]]:
+        self._expect("[", '"requests" must be an array')
+        first = True
+        while not self._peek("]"):
+            if not first:
+                self._expect(
+                    ",", f"the request before line {self._line_here()} must be followed by , or ]"
+                )
+            first = False
+            self._skip_space()
+            line = self._line_here()
+            yield line, self._value(f"the request on line {line}")
+
+    def _line_here(self) -> int:
+        return self._line + self._buffer.count("\n", 0, self._position)
+
+    def _more(self) -> bool:
+        """Read a block, dropping what has been consumed; False at the end of the file."""
+        if self._eof:
+            return False
+        self._line = self._line_here()
+        self._buffer, self._position = self._buffer[self._position :], 0
+        raw = self._file.read(_READ)
+        self._digest.update(raw)
+        self._buffer += self._text.decode(raw, final=not raw)
+        self._eof = not raw
+        return True
+
+    def _skip_space(self) -> None:
+        while True:
+            while self._position < len(self._buffer) and self._buffer[self._position].isspace():
+                self._position += 1
+            if self._position < len(self._buffer) or not self._more():
+                return
+
+    def _peek(self, char: str) -> bool:
+        """Whether the next non-space character is ``char`` (taken if so)."""
+        self._skip_space()
+        if self._position >= len(self._buffer):
+            raise BatchError(
+                f"{self._path}: the document ends on line {self._line_here()}, cut short"
+            )
+        if self._buffer[self._position] == char:
+            self._position += 1
+            return True
+        return False
+
+    def _expect(self, char: str, what: str) -> None:
+        if not self._peek(char):
+            raise BatchError(f"{self._path}: line {self._line_here()}: {what}")
+
+    def _value(self, what: str) -> Any:
+        self._skip_space()
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self._buffer, self._position)
+            except json.JSONDecodeError as exc:
+                if self._more():
                     continue
-                try:
-                    entry, end = decoder.raw_decode(buffer, position)
-                except json.JSONDecodeError as exc:
-                    buffer, position = buffer[position:], 0
-                    if more():
-                        continue
-                    raise BatchError(
-                        f"{self.path}: request {number + 1} is not valid JSON: {exc.msg}"
-                    ) from exc
-                number += 1
-                yield number, entry
-                buffer, position, need_comma = buffer[end:], 0, True
-
-
-def _space_end(text: str, position: int) -> int:
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position
+                raise BatchError(f"{self._path}: {what} is not valid JSON: {exc.msg}") from exc
+            self._position = end
+            return value

@@ -16,6 +16,16 @@ from producer.batch.answers import Answer, Category, Request
 from queuegate.messages import HTTP_STATUS
 
 URL = "/v1/chat/completions"
+_ERROR_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "unknown_model": "invalid_request_error",
+    # OpenAI answers a bad key 401 with this type too.
+    "unauthorized": "invalid_request_error",
+    "budget_exhausted": "insufficient_quota",
+    "rate_limited": "requests",
+}
+"""Our error codes as OpenAI error types; the rest (timeouts, provider failures, a full
+queue) are ``server_error``. The ``code`` stays ours, which says more."""
 _OWNED = frozenset({"model", "messages", "stream", "stream_options"})
 _BATCH_ERRORS: dict[Category, tuple[str, str]] = {
     "expired": ("batch_expired", "This request could not be executed before the deadline."),
@@ -56,7 +66,8 @@ def line(answer: Answer) -> dict[str, Any]:
     else:
         assert result is not None and result.error is not None
         error = result.error
-        body = {"error": {"message": error.message, "type": error.code, "param": None}}
+        kind = _ERROR_TYPES.get(error.code, "server_error")
+        body = {"error": {"message": error.message, "type": kind, "param": None}}
         body["error"]["code"] = error.code
         status = HTTP_STATUS.get(error.code, 500)
         out.update(response={"status_code": status, "request_id": f"req_{digest}", "body": body})

@@ -1,5 +1,6 @@
-"""A batch's state in Redis: what it is, which jobs the broker confirmed, which results are
-on disk, and its running counts. Every key expires a week after the batch's deadline.
+"""A batch's state, kept by the gateway under the team's own keys and reached through the
+control plane: the team's tools never touch Redis. Same steps as the gateway's BatchState
+(workers/batch_state.py), each one round trip, each over many custom_ids at once.
 
 Submit writes ``lines`` (custom_id → line number, the valid requests) and ``published``;
 collect writes ``written`` and the counts. A custom_id enters ``published`` only after the
@@ -9,231 +10,109 @@ publishes or writes again at most what was in flight, and drops the duplicates b
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from producer.control import ControlClient
+from queuegate.control import BatchMeta, BatchSummary, Category, Counts, no_such_batch
+from queuegate.errors import BatchError
 
-from producer.batch.answers import CATEGORIES, Category
-from producer.batch.formats import FormatName
-from queuegate.errors import BatchError, ServiceUnavailable
-from queuegate.keys import Keys
-
-KEEP_S = 7 * 24 * 3600
-"""Seconds a batch's state outlives its deadline."""
 NANO = 10**9
 """Spend is counted in nano-dollars, an integer Redis can add exactly."""
 
 
-@dataclass(frozen=True)
-class BatchMeta:
-    name: str
-    team: str
-    format: FormatName
-    total: int
-    deadline: datetime
-    fingerprint: str
-    """sha256 of the submitted file: a re-run must submit the same file."""
-
-
-@dataclass(frozen=True)
-class Counts:
-    total: int
-    published: int
-    done: int
-    failed: int
-    expired: int
-    canceled: int
-    spend_usd: float
-    first_written: float | None
-    last_written: float | None
-    canceled_flag: bool
-
-    @property
-    def written(self) -> int:
-        return self.done + self.failed + self.expired + self.canceled
-
-
 class BatchState:
-    """One batch's keys. Not safe for two submits or two collects of one batch at once."""
+    """One batch of the client's team. Not safe for two submits or two collects at once."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, name: str) -> None:
-        self._r = client
+    def __init__(self, control: ControlClient, name: str) -> None:
+        self._control = control
         self.name = name
-        self._meta = keys.batch(name)
-        self._lines = keys.batch_lines(name)
-        self._index = keys.batch_index(name)
-        self._published = keys.batch_published(name)
-        self._written = keys.batch_written(name)
-        self._canceled = keys.batch_canceled(name)
-        self._expire_at: int | None = None
+        self.team = control.team
+
+    async def _call(self, call: Any, **args: Any) -> Any:
+        return await self._control.batch(call, self.name, **args)
 
     async def load(self) -> BatchMeta | None:
-        raw = await self._call(self._r.hgetall(self._meta))
-        fields = {_s(k): _s(v) for k, v in raw.items()}
-        if "team" not in fields:
-            return None
-        meta = BatchMeta(
-            name=self.name,
-            team=fields["team"],
-            format=fields["format"],  # type: ignore[arg-type]
-            total=int(fields["total"]),
-            deadline=datetime.fromtimestamp(float(fields["deadline"]), UTC),
-            fingerprint=fields["fingerprint"],
-        )
-        self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
-        return meta
+        raw = await self._call("load")
+        return None if raw is None else BatchMeta.model_validate(raw)
 
     async def require(self) -> BatchMeta:
         meta = await self.load()
         if meta is None:
-            raise BatchError(
-                f"no batch named {self.name!r}: submit it first (queuegate batch submit)"
-            )
+            raise BatchError(no_such_batch(self.team, self.name))
         return meta
 
     async def create(self, meta: BatchMeta) -> None:
-        """Record a new batch, and adopt the validated index as its lines."""
-        self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
-        mapping: dict[Any, str | int | float] = {
-            "team": meta.team,
-            "format": meta.format,
-            "total": meta.total,
-            "deadline": meta.deadline.timestamp(),
-            "fingerprint": meta.fingerprint,
-            "created": time.time(),
-        }
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(self._meta, mapping=mapping)
-            pipe.rename(self._index, self._lines)
-            self._expire(pipe, self._meta, self._lines)
-            await self._call(pipe.execute())
+        """Record a new batch (the gateway declares its results queue too)."""
+        await self._call("create", meta=meta.model_dump(mode="json"))
 
     async def reset_index(self) -> None:
-        await self._call(self._r.delete(self._index))
+        await self._call("reset_index")
 
     async def index(self, entries: Sequence[tuple[str, int]]) -> list[int]:
         """Add (custom_id, line) pairs; for each, the line that holds the custom_id first."""
-        async with self._r.pipeline(transaction=False) as pipe:
-            for custom_id, number in entries:
-                pipe.hsetnx(self._index, custom_id, number)
-            pipe.expire(self._index, 3600)
-            added = (await self._call(pipe.execute()))[:-1]
-        taken = [custom_id for (custom_id, _), new in zip(entries, added, strict=True) if not new]
-        firsts = iter(await self._call(self._r.hmget(self._index, taken)) if taken else [])
-        pairs = zip(entries, added, strict=True)
-        return [number if new else int(next(firsts)) for (_, number), new in pairs]
+        return [int(n) for n in await self._call("index", entries=list(entries))]
 
     async def line_numbers(self, custom_ids: Sequence[str]) -> list[int | None]:
         if not custom_ids:
             return []
-        raw = await self._call(self._r.hmget(self._lines, list(custom_ids)))
-        return [None if v is None else int(v) for v in raw]
+        raw = await self._call("line_numbers", ids=list(custom_ids))
+        return [None if n is None else int(n) for n in raw]
 
     async def published_among(self, custom_ids: Sequence[str]) -> list[bool]:
-        return await self._among(self._published, custom_ids)
+        if not custom_ids:
+            return []
+        return [bool(b) for b in await self._call("published_among", ids=list(custom_ids))]
 
     async def written_among(self, custom_ids: Sequence[str]) -> list[bool]:
-        return await self._among(self._written, custom_ids)
+        if not custom_ids:
+            return []
+        return [bool(b) for b in await self._call("written_among", ids=list(custom_ids))]
 
     async def mark_published(self, custom_ids: Sequence[str]) -> None:
-        if not custom_ids:
-            return
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.sadd(self._published, *custom_ids)
-            self._expire(pipe, self._published)
-            await self._call(pipe.execute())
+        if custom_ids:
+            await self._call("mark_published", ids=list(custom_ids))
 
     async def mark_written(self, entries: Sequence[tuple[str, Category, int]]) -> None:
         """Record (custom_id, category, nano-dollars) of lines now on disk, all new ones."""
-        if not entries:
-            return
-        now = time.time()
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.sadd(self._written, *(custom_id for custom_id, _, _ in entries))
-            for category in CATEGORIES:
-                n = sum(1 for _, c, _ in entries if c == category)
-                if n:
-                    pipe.hincrby(self._meta, category, n)
-            pipe.hincrby(self._meta, "spend_nano", sum(nano for _, _, nano in entries))
-            pipe.hsetnx(self._meta, "first_written", now)
-            pipe.hset(self._meta, "last_written", now)
-            self._expire(pipe, self._written)
-            await self._call(pipe.execute())
+        if entries:
+            await self._call("mark_written", entries=list(entries))
 
-    async def unwritten(self, chunk: int = 1000) -> AsyncIterator[list[tuple[str, bool]]]:
+    async def unwritten(self) -> AsyncIterator[list[tuple[str, bool]]]:
         """Chunks of (custom_id, published) for every request without a result line."""
-        cursor: int = 0
+        cursor = 0
         while True:
-            cursor, found = await self._call(self._r.hscan(self._lines, cursor, count=chunk))
-            ids = [_s(k) for k in found]
-            if ids:
-                written = await self.written_among(ids)
-                published = await self.published_among(ids)
-                yield [(i, p) for i, w, p in zip(ids, written, published, strict=True) if not w]
+            cursor, chunk = await self._call("unwritten", cursor=cursor)
+            if chunk:
+                yield [(str(c), bool(p)) for c, p in chunk]
             if cursor == 0:
                 return
 
-    async def cancel(self) -> None:
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.set(self._canceled, 1)
-            self._expire(pipe, self._canceled)
-            await self._call(pipe.execute())
-
     async def is_canceled(self) -> bool:
-        return bool(await self._call(self._r.exists(self._canceled)))
+        return bool(await self._call("is_canceled"))
 
-    async def counts(self, meta: BatchMeta) -> Counts:
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._meta)
-            pipe.scard(self._published)
-            pipe.exists(self._canceled)
-            raw, published, canceled = await self._call(pipe.execute())
-        fields = {_s(k): _s(v) for k, v in raw.items()}
+    async def counts(self, meta: BatchMeta | None = None) -> Counts:
+        return Counts.model_validate(await self._call("counts"))
 
-        def number(key: str) -> int:
-            return int(fields.get(key, 0))
+    async def status(self) -> tuple[BatchMeta, Counts, int]:
+        return _status(await self._call("status"))
 
-        def instant(key: str) -> float | None:
-            return float(fields[key]) if key in fields else None
+    async def cancel(self) -> tuple[BatchMeta, Counts, int]:
+        return _status(await self._call("cancel"))
 
-        return Counts(
-            total=meta.total,
-            published=int(published),
-            done=number("done"),
-            failed=number("failed"),
-            expired=number("expired"),
-            canceled=number("canceled"),
-            spend_usd=number("spend_nano") / NANO,
-            first_written=instant("first_written"),
-            last_written=instant("last_written"),
-            canceled_flag=bool(canceled),
-        )
+    async def lock(self) -> str:
+        """The name of the queue whose exclusive consumer holds the batch's collect lock."""
+        return str(await self._call("lock"))
 
-    async def _among(self, key: str, custom_ids: Sequence[str]) -> list[bool]:
-        if not custom_ids:
-            return []
-        return [bool(v) for v in await self._call(self._r.smismember(key, list(custom_ids)))]
-
-    def _expire(self, pipe: Any, *keys: str) -> None:
-        if self._expire_at is not None:
-            for key in keys:
-                pipe.expireat(key, self._expire_at)
-
-    async def _call(self, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(
-                f"Redis failed while reading or writing batch {self.name!r} "
-                f"({type(exc).__name__}); check QUEUEGATE_REDIS_URL and re-run: "
-                "the batch resumes where it stopped"
-            ) from exc
+    async def delete(self) -> None:
+        """Forget the batch: its record, its progress and its results queue."""
+        await self._call("delete")
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+async def list_batches(control: ControlClient) -> list[BatchSummary]:
+    return [BatchSummary.model_validate(b) for b in await control.batch("list")]
+
+
+def _status(raw: Any) -> tuple[BatchMeta, Counts, int]:
+    meta = BatchMeta.model_validate(raw["meta"])
+    return meta, Counts.model_validate(raw["counts"]), int(raw["waiting"])

@@ -11,6 +11,7 @@ stored result, and collect keeps one answer per custom_id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Collection, Sequence
@@ -19,16 +20,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiormq
-import redis.asyncio as aioredis
-from aio_pika.abc import AbstractChannel
 
 from producer.batch.jobs import JobReader, check_batch_name, default_name
 from producer.batch.lines import BatchFile
-from producer.batch.state import BatchMeta, BatchState
-from producer.client import job_message, publish_error
-from queuegate.broker import connect, publish
+from producer.batch.state import BatchState
+from producer.client import GatewayClient
+from queuegate.control import BatchMeta
 from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
-from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
@@ -74,24 +72,31 @@ async def submit_batch(
     deadline: timedelta = DEFAULT_DEADLINE,
     window: int = WINDOW,
     user_id: str | None = None,
+    api_key: str | None = None,
     models: Collection[str] | None = None,
+    anthropic_models: Collection[str] | None = None,
     on_progress: Progress | None = None,
 ) -> SubmitReport:
     """Publish a batch file's requests as jobs whose results go to the batch's reply queue.
 
+    Runs as the team of ``settings.amqp_url``'s broker user (or ``user_id``), proven by
+    ``api_key`` where the team uses one; the gateway keeps the batch's state.
+
     Re-running it with the same file publishes only what an interrupted run had not. Raises
     BatchInvalid listing every bad entry (nothing is published) unless ``skip_invalid``.
-    ``models``, when given, are the catalog's aliases: a request naming another is invalid.
+    ``models``, when given, are the catalog's aliases: a request naming another is invalid;
+    ``anthropic_models``, those served by Anthropic alone (fallbacks included): a request
+    with an Anthropic-only parameter (``top_k``) for another model is invalid.
     """
     path = Path(path)
     name = check_batch_name(name or default_name(path))
     team = check_team_name(team)
-    redis = aioredis.from_url(settings.redis_url)
-    try:
-        state = BatchState(redis, Keys(settings.redis_prefix), name)
+    async with GatewayClient(
+        settings, team=team, user_id=user_id, api_key=api_key, listen=False
+    ) as client:
+        state = BatchState(client.control, name)
+        # The first request proves the team: wrong credentials stop here, before any state.
         meta = await state.load()
-        if meta is not None and meta.team != team:
-            raise BatchError(f"batch {name!r} belongs to team {meta.team!r}; pick another --name")
         if await state.is_canceled():
             raise BatchError(f"batch {name!r} was canceled; submit it under another --name")
         reader = JobReader(
@@ -101,18 +106,27 @@ async def submit_batch(
             deadline=meta.deadline if meta else datetime.now(UTC) + deadline,
             format=meta.format if meta else None,
             models=models,
+            anthropic_models=anthropic_models,
         )
         file = BatchFile(path)
-        total, problems = await _validate(file, reader, state)
+        total, problems = await _validate(file, reader, state, settings.max_job_bytes)
         fingerprint = file.digest.hexdigest()
         if problems and not skip_invalid:
             await state.reset_index()
-            raise _invalid(path, file.unit, problems)
+            raise _invalid(path, problems)
         if total == 0:
             raise BatchError(f"{path} holds no valid request")
+        fresh = meta is None
         if meta is None:
             assert reader.format is not None and reader.deadline is not None
-            meta = BatchMeta(name, team, reader.format, total, reader.deadline, fingerprint)
+            meta = BatchMeta(
+                name=name,
+                team=team,
+                format=reader.format,
+                total=total,
+                deadline=reader.deadline,
+                fingerprint=fingerprint,
+            )
             await state.create(meta)
         else:
             await state.reset_index()
@@ -121,25 +135,29 @@ async def submit_batch(
                     f"batch {name!r} was submitted from another file (or {path} changed); "
                     "re-run it with the same file, or pick another --name"
                 )
-        report = await _publish(
-            settings,
-            file,
-            reader=reader,
-            state=state,
-            meta=meta,
-            window=window,
-            user_id=user_id,
-            on_progress=on_progress,
-        )
+        reply_to = Topology(settings.namespace).results_queue(team, name)
+        sender = _Window(client, reply_to=reply_to, state=state, size=window)
+        try:
+            report = await _publish(
+                file, reader=reader, state=state, meta=meta, sender=sender, on_progress=on_progress
+            )
+        except BaseException:
+            if fresh and sender.confirmed == 0:
+                # Nothing reached the broker: leave no batch behind to lock the name.
+                with contextlib.suppress(Exception):
+                    await state.delete()
+            raise
         return dataclasses.replace(report, skipped=problems)
-    finally:
-        await redis.aclose()
 
 
 async def _validate(
-    file: BatchFile, reader: JobReader, state: BatchState
+    file: BatchFile, reader: JobReader, state: BatchState, max_bytes: int
 ) -> tuple[int, list[tuple[int, str]]]:
-    """Valid requests and problems; valid custom_ids land in the state's index."""
+    """Valid requests and problems; valid custom_ids land in the state's index.
+
+    A request whose job would exceed ``max_bytes`` (the gateway's ``max_job_bytes``) is a
+    problem here, with its line, not an error result after it was published.
+    """
     problems: list[tuple[int, str]] = []
     chunk: list[tuple[str, int]] = []
     total = 0
@@ -153,7 +171,7 @@ async def _validate(
                 total += 1
             else:
                 problems.append(
-                    (number, f"duplicate custom_id {custom_id!r} (first on {file.unit} {first})")
+                    (number, f"duplicate custom_id {custom_id!r} (first on line {first})")
                 )
         chunk.clear()
 
@@ -162,6 +180,12 @@ async def _validate(
             job = reader.job(entry)
         except ValueError as exc:
             problems.append((number, str(exc)))
+            continue
+        size = len(job.model_dump_json(exclude_defaults=True))
+        if size > max_bytes:
+            problems.append(
+                (number, f"the request is {size:,} bytes, over the gateway's {max_bytes:,}")
+            )
             continue
         chunk.append((job.metadata["custom_id"], number))
         if len(chunk) >= CHUNK:
@@ -172,60 +196,49 @@ async def _validate(
     return total, problems
 
 
-def _invalid(path: Path, unit: str, problems: list[tuple[int, str]]) -> BatchInvalid:
+def _invalid(path: Path, problems: list[tuple[int, str]]) -> BatchInvalid:
     number, reason = problems[0]
     return BatchInvalid(
-        f"{len(problems)} invalid {unit}s in {path}, nothing published (first: {unit} "
+        f"{len(problems)} invalid requests in {path}, nothing published (first: line "
         f"{number}: {reason}); fix them or pass --skip-invalid",
         problems,
     )
 
 
 async def _publish(
-    settings: Settings,
     file: BatchFile,
     *,
     reader: JobReader,
     state: BatchState,
     meta: BatchMeta,
-    window: int,
-    user_id: str | None,
+    sender: _Window,
     on_progress: Progress | None,
 ) -> SubmitReport:
-    topology = Topology(settings.namespace, settings.delivery_limit)
     already = (await state.counts(meta)).published
-    connection = await connect(settings.amqp_url, name=f"batch-submit:{meta.name}")
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await topology.declare_jobs_exchange(channel)
-        reply = await topology.declare_results_queue(channel, meta.team, meta.name)
-        sender = _Window(
-            channel, exchange.name, reply_to=reply.name, user_id=user_id, state=state, size=window
-        )
-        done = already
+    done = already
 
-        def progress(n: int) -> None:
-            if on_progress is not None:
-                on_progress(done + n, meta.total)
+    def progress(n: int) -> None:
+        if on_progress is not None:
+            on_progress(done + n, meta.total)
 
-        sender.on_flush = progress
-        stopped: str | None = None
-        chunk: list[tuple[int, ChatJob]] = []
-        try:
-            for number, entry in file:
-                try:
-                    chunk.append((number, reader.job(entry)))
-                except ValueError:
-                    continue  # reported by the validation pass
-                if len(chunk) >= CHUNK:
-                    stopped = await _publish_chunk(chunk, state, meta, sender)
-                    chunk.clear()
-                    if stopped:
-                        break
-            if chunk and not stopped:
+    sender.on_flush = progress
+    stopped: str | None = None
+    chunk: list[tuple[int, ChatJob]] = []
+    try:
+        for number, entry in file:
+            try:
+                chunk.append((number, reader.job(entry)))
+            except ValueError:
+                continue  # reported by the validation pass
+            if len(chunk) >= CHUNK:
                 stopped = await _publish_chunk(chunk, state, meta, sender)
-        finally:
-            await sender.close()
+                chunk.clear()
+                if stopped:
+                    break
+        if chunk and not stopped:
+            stopped = await _publish_chunk(chunk, state, meta, sender)
+    finally:
+        await sender.close()
     progress(sender.confirmed)
     return SubmitReport(meta.name, meta.total, sender.confirmed, already, stopped=stopped)
 
@@ -254,19 +267,10 @@ class _Window:
     """
 
     def __init__(
-        self,
-        channel: AbstractChannel,
-        exchange: str,
-        *,
-        reply_to: str,
-        user_id: str | None,
-        state: BatchState,
-        size: int,
+        self, client: GatewayClient, *, reply_to: str, state: BatchState, size: int
     ) -> None:
-        self._channel = channel
-        self._exchange = exchange
+        self._client = client
         self._reply_to = reply_to
-        self._user_id = user_id
         self._state = state
         self._slots = asyncio.Semaphore(size)
         self._pending: set[asyncio.Task[str]] = set()
@@ -287,11 +291,8 @@ class _Window:
         task.add_done_callback(self._done)
 
     async def _one(self, job: ChatJob) -> str:
-        message = job_message(job, reply_to=self._reply_to, user_id=self._user_id)
         try:
-            await publish(self._channel, message, exchange=self._exchange, routing_key=job.team)
-        except aiormq.exceptions.DeliveryError as exc:
-            raise publish_error(job, exc) from exc
+            await self._client.publish(job, reply_to=self._reply_to)
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
             raise ServiceUnavailable(
                 f"lost RabbitMQ while publishing batch {self._state.name!r} "

@@ -1,0 +1,185 @@
+"""Asking the gateway for things a team may not do itself: the control plane's client side.
+
+A request goes to the jobs exchange under ``<team>.control``, proven like a job (the
+connection's ``user_id``, the team's API key), and its answer comes back by direct reply-to:
+the team needs no queue of its own for it, and no permission beyond publishing there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractRobustChannel
+from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import ChannelInvalidStateError
+from pydantic import ValidationError
+
+from queuegate.broker import json_message, publish, when_connected
+from queuegate.control import (
+    BATCH_ERROR,
+    CONTROL_KEY_SUFFIX,
+    DIRECT_REPLY_TO,
+    MESSAGE_TYPE_CONTROL,
+    BatchCall,
+    BatchCallName,
+    CloseReplyQueue,
+    ControlRequest,
+    ControlResponse,
+    OpenReplyQueue,
+)
+from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable
+from queuegate.signing import sign_job
+
+CONTROL_TIMEOUT = 30.0
+"""Seconds a control request waits for its answer (also its time to live in the queue)."""
+
+
+class ControlClient:
+    """Control requests on one robust channel of the caller (direct reply-to needs the
+    request and its consumer on the same channel)::
+
+        control = ControlClient(channel, exchange="queuegate.jobs", team="search", ...)
+        await control.start()
+        queue = await control.open_reply_queue("nightly", durable=True)
+    """
+
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        *,
+        exchange: str,
+        team: str,
+        user_id: str | None,
+        api_key: str | None,
+        reconnect_wait: float,
+        timeout: float = CONTROL_TIMEOUT,
+    ) -> None:
+        self._channel = channel
+        self._exchange = exchange
+        self.team = team
+        self._user_id = user_id
+        self._api_key = api_key
+        self._reconnect_wait = reconnect_wait
+        self._timeout = timeout
+        self._pending: dict[str, asyncio.Future[ControlResponse]] = {}
+        self._consuming_on: object = None
+        self._consuming = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._consume()
+        self._channel.reopen_callbacks.add(self._on_reopen)
+
+    async def _consume(self) -> None:
+        """Consume direct replies on the channel as it is now (a reconnect replaces it).
+
+        Checked before every request: a robust channel is usable again before its reopen
+        callbacks have run, and a request sent with no reply consumer is refused.
+        """
+        async with self._consuming:
+            underlay = await self._channel.get_underlay_channel()
+            if underlay is not self._consuming_on:
+                await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                self._consuming_on = underlay
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # Answers to requests sent on the lost channel can never arrive: ask again.
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the channel was lost"))
+                future.exception()  # its caller may have stopped waiting: no warning then
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        future = self._pending.get(message.header.properties.correlation_id or "")
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(ControlResponse.model_validate_json(message.body))
+        except ValidationError as exc:
+            future.set_exception(ControlRefused(f"the gateway sent a malformed answer ({exc})"))
+
+    async def call(self, request: OpenReplyQueue | CloseReplyQueue | BatchCall) -> Any:
+        """The request's result; ControlRefused when the gateway says no."""
+        body = ControlRequest(request=request).model_dump_json().encode()
+        response = await when_connected(
+            self._channel,
+            lambda: self._round_trip(body),
+            within=self._reconnect_wait,
+            what=f"asking the gateway ({request.op})",
+        )
+        if not response.ok:
+            if response.code == "service_unavailable":
+                raise ServiceUnavailable(response.error or "the gateway is unavailable")
+            if response.code == BATCH_ERROR:
+                raise BatchError(response.error or "the gateway refused the batch step")
+            raise ControlRefused(response.error or "the gateway refused the request")
+        return response.result
+
+    async def _round_trip(self, body: bytes) -> ControlResponse:
+        if self._channel.is_closed:
+            # As publish does: when_connected waits for the channel to come back.
+            raise ChannelInvalidStateError(f"{self._channel} is closed")
+        await self._consume()
+        request_id = uuid.uuid4().hex
+        future = self._pending[request_id] = asyncio.get_running_loop().create_future()
+        message = json_message(
+            body,
+            message_type=MESSAGE_TYPE_CONTROL,
+            message_id=request_id,
+            correlation_id=request_id,
+            reply_to=DIRECT_REPLY_TO,
+            user_id=self._user_id,
+            # Not served after its client stopped waiting for it.
+            expiration_ms=int(self._timeout * 1000),
+            headers=(
+                {}
+                if self._api_key is None
+                else sign_job(self._api_key, job_id=request_id, team=self.team, body=body)
+            ),
+            persistent=False,
+        )
+        try:
+            try:
+                await publish(
+                    self._channel,
+                    message,
+                    exchange=self._exchange,
+                    routing_key=self.team + CONTROL_KEY_SUFFIX,
+                )
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ControlRefused(
+                    f"the broker refused a request for team {self.team!r}: these credentials "
+                    f"are not {self.team!r}'s; check the team name and QUEUEGATE_AMQP_URL"
+                ) from exc
+            except aiormq.exceptions.PublishError as exc:
+                raise ServiceUnavailable(
+                    "no gateway control queue in this namespace: start a worker "
+                    "(queuegate worker) and try again"
+                ) from exc
+            try:
+                async with asyncio.timeout(self._timeout):
+                    response: ControlResponse = await future
+                    return response
+            except TimeoutError as exc:
+                raise ServiceUnavailable(
+                    f"no gateway answered within {self._timeout:.0f} s: check that workers "
+                    "run (queuegate status)"
+                ) from exc
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def open_reply_queue(self, name: str, *, durable: bool) -> str:
+        """Have the gateway declare one of the team's reply queues; its full name."""
+        return str(await self.call(OpenReplyQueue(name=name, durable=durable)))
+
+    async def close_reply_queue(self, name: str, *, durable: bool) -> None:
+        await self.call(CloseReplyQueue(name=name, durable=durable))
+
+    async def batch(self, call: BatchCallName, batch: str = "", **args: Any) -> Any:
+        """One step on one of the team's batches (see workers/control.py)."""
+        return await self.call(BatchCall(call=call, batch=batch, args=args))
+
+
+__all__ = ["ControlClient"]

@@ -1,0 +1,150 @@
+"""The control plane's wire contract: what a team's app asks the gateway, and the answer.
+
+A team has no ``configure`` permission on the broker, so it cannot declare a queue (and so
+cannot give one dead-letter arguments that would move messages into another team's queue).
+It asks instead: it publishes a ControlRequest to the jobs exchange under the routing key
+``<team>.control`` with ``reply_to = amq.rabbitmq.reply-to`` (direct reply-to: no queue to
+declare), proven like a job (``user_id`` or API key); a worker consuming ``<ns>.control``
+does it for the team taken from the routing key, with the gateway's own arguments, and
+answers a ControlResponse.
+
+| request            | does                                                               |
+|--------------------|--------------------------------------------------------------------|
+| open_reply_queue   | declare ``<ns>.replies.<team>.<name>`` (transient) or             |
+|                    | ``<ns>.results.<team>.<name>`` (durable); both expire unused       |
+| close_reply_queue  | delete one of them                                                 |
+| batch              | one step of a batch (record, progress, status, cancel, list,      |
+|                    | delete) on the caller's team's batches only                        |
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from queuegate.messages import WireModel
+
+MESSAGE_TYPE_CONTROL = "control"
+MESSAGE_TYPE_CONTROL_REPLY = "control-reply"
+CONTROL_KEY_SUFFIX = ".control"
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+BATCH_ERROR = "batch_error"
+"""The ``code`` of an answer refusing a batch step (raised as BatchError to the client)."""
+
+QUEUE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+"""A reply queue's own part of its name: no dot, so it stays inside the team's pattern."""
+
+Category = Literal["done", "failed", "expired", "canceled"]
+CATEGORIES: tuple[Category, ...] = ("done", "failed", "expired", "canceled")
+
+BatchCallName = Literal[
+    "load",
+    "create",
+    "reset_index",
+    "index",
+    "line_numbers",
+    "published_among",
+    "written_among",
+    "mark_published",
+    "mark_written",
+    "unwritten",
+    "cancel",
+    "is_canceled",
+    "counts",
+    "status",
+    "lock",
+    "list",
+    "delete",
+]
+
+
+def no_such_batch(team: str, name: str) -> str:
+    """What a step on a batch the team does not have is refused with."""
+    return (
+        f"no batch named {name!r} for team {team!r}: submit it first "
+        "(queuegate batch submit), or see queuegate batch list"
+    )
+
+
+class OpenReplyQueue(WireModel):
+    """Declare one of the team's reply queues; answered with its full name."""
+
+    op: Literal["open_reply_queue"] = "open_reply_queue"
+    name: str = Field(pattern=QUEUE_NAME)
+    durable: bool = False
+    """False: ``<ns>.replies.<team>.<name>``, one client's; True: ``<ns>.results.<team>.
+    <name>``, a pipeline's, kept while nobody reads it (up to its expiry)."""
+
+
+class CloseReplyQueue(WireModel):
+    """Delete one of the team's reply queues (a closing client's own)."""
+
+    op: Literal["close_reply_queue"] = "close_reply_queue"
+    name: str = Field(pattern=QUEUE_NAME)
+    durable: bool = False
+
+
+class BatchCall(WireModel):
+    """One step on one of the team's batches; ``args`` are the step's (see BatchState)."""
+
+    op: Literal["batch"] = "batch"
+    call: BatchCallName
+    batch: str = Field(default="", pattern=r"^([a-z0-9][a-z0-9_-]{0,47})?$")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ControlRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: int = 1
+    request: Annotated[OpenReplyQueue | CloseReplyQueue | BatchCall, Field(discriminator="op")]
+
+
+class ControlResponse(WireModel):
+    """``ok`` with a ``result``, or an ``error`` saying what to do; ``code`` as job errors."""
+
+    v: int = 1
+    ok: bool
+    result: Any = None
+    code: str | None = None
+    error: str | None = None
+
+
+class BatchMeta(WireModel):
+    name: str
+    team: str
+    format: Literal["openai", "anthropic"]
+    total: int
+    deadline: datetime
+    fingerprint: str
+    """sha256 of the submitted file: a re-run must submit the same file."""
+
+
+class Counts(WireModel):
+    total: int
+    published: int
+    done: int
+    failed: int
+    expired: int
+    canceled: int
+    spend_usd: float
+    first_written: float | None
+    last_written: float | None
+    canceled_flag: bool
+
+    @property
+    def written(self) -> int:
+        return self.done + self.failed + self.expired + self.canceled
+
+
+class BatchSummary(WireModel):
+    """One line of ``batch list``."""
+
+    name: str
+    format: str
+    total: int
+    written: int
+    canceled: bool
+    deadline: datetime

@@ -1,0 +1,265 @@
+"""A batch's state in Redis: what it is, which jobs the broker confirmed, which results are
+on disk, and its running counts. Every key carries the batch's team and expires a week after
+the batch's deadline. Only the gateway touches it, for the team a control request proved
+(workers/control.py); a team's own tools never reach Redis.
+
+Submit writes ``lines`` (custom_id → line number, the valid requests) and ``published``;
+collect writes ``written`` and the counts. A custom_id enters ``published`` only after the
+broker's confirm and ``written`` only after its line is fsynced, so after any crash a re-run
+publishes or writes again at most what was in flight, and drops the duplicates by custom_id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from queuegate.control import CATEGORIES, BatchMeta, BatchSummary, Category, Counts, no_such_batch
+from queuegate.errors import BatchError, ServiceUnavailable
+from queuegate.keys import Keys
+
+KEEP_S = 7 * 24 * 3600
+"""Seconds a batch's state outlives its deadline."""
+NANO = 10**9
+"""Spend is counted in nano-dollars, an integer Redis can add exactly."""
+
+
+class BatchState:
+    """One batch's keys. Not safe for two submits or two collects of one batch at once."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, team: str, name: str) -> None:
+        self._r = client
+        self.team = team
+        self.name = name
+        self._batches = keys.batches(team)
+        self._meta = keys.batch(team, name)
+        self._lines = keys.batch_lines(team, name)
+        self._index = keys.batch_index(team, name)
+        self._published = keys.batch_published(team, name)
+        self._written = keys.batch_written(team, name)
+        self._canceled = keys.batch_canceled(team, name)
+        self._expire_at: int | None = None
+
+    async def load(self) -> BatchMeta | None:
+        raw = await self._call(self._r.hgetall(self._meta))
+        fields = {_s(k): _s(v) for k, v in raw.items()}
+        if "team" not in fields:
+            return None
+        meta = BatchMeta(
+            name=self.name,
+            team=fields["team"],
+            format=fields["format"],
+            total=int(fields["total"]),
+            deadline=datetime.fromtimestamp(float(fields["deadline"]), UTC),
+            fingerprint=fields["fingerprint"],
+        )
+        self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
+        return meta
+
+    async def require(self) -> BatchMeta:
+        meta = await self.load()
+        if meta is None:
+            raise BatchError(no_such_batch(self.team, self.name))
+        return meta
+
+    async def create(self, meta: BatchMeta) -> None:
+        """Record a new batch, and adopt the validated index as its lines. Sent again (its
+        answer lost with a connection), it finds the batch recorded and leaves it be."""
+        if await self.load() is not None:
+            return
+        self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
+        mapping: dict[Any, str | int | float] = {
+            "team": meta.team,
+            "format": meta.format,
+            "total": meta.total,
+            "deadline": meta.deadline.timestamp(),
+            "fingerprint": meta.fingerprint,
+            "created": time.time(),
+        }
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hset(self._meta, mapping=mapping)
+            pipe.rename(self._index, self._lines)
+            pipe.zadd(self._batches, {self.name: time.time()})
+            self._expire(pipe, self._meta, self._lines)
+            await self._call(pipe.execute())
+
+    async def reset_index(self) -> None:
+        await self._call(self._r.delete(self._index))
+
+    async def index(self, entries: Sequence[tuple[str, int]]) -> list[int]:
+        """Add (custom_id, line) pairs; for each, the line that holds the custom_id first."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for custom_id, number in entries:
+                pipe.hsetnx(self._index, custom_id, number)
+            pipe.expire(self._index, 3600)
+            added = (await self._call(pipe.execute()))[:-1]
+        taken = [custom_id for (custom_id, _), new in zip(entries, added, strict=True) if not new]
+        firsts = iter(await self._call(self._r.hmget(self._index, taken)) if taken else [])
+        pairs = zip(entries, added, strict=True)
+        return [number if new else int(next(firsts)) for (_, number), new in pairs]
+
+    async def line_numbers(self, custom_ids: Sequence[str]) -> list[int | None]:
+        if not custom_ids:
+            return []
+        raw = await self._call(self._r.hmget(self._lines, list(custom_ids)))
+        return [None if v is None else int(v) for v in raw]
+
+    async def published_among(self, custom_ids: Sequence[str]) -> list[bool]:
+        return await self._among(self._published, custom_ids)
+
+    async def written_among(self, custom_ids: Sequence[str]) -> list[bool]:
+        return await self._among(self._written, custom_ids)
+
+    async def mark_published(self, custom_ids: Sequence[str]) -> None:
+        if not custom_ids:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._published, *custom_ids)
+            self._expire(pipe, self._published)
+            await self._call(pipe.execute())
+
+    async def mark_written(self, entries: Sequence[tuple[str, Category, int]]) -> None:
+        """Record (custom_id, category, nano-dollars) of lines now on disk, all new ones."""
+        if not entries:
+            return
+        while not await self._call(self._mark_written(entries)):
+            pass  # the written set changed meanwhile: look again
+
+    async def _mark_written(self, entries: Sequence[tuple[str, Category, int]]) -> bool:
+        """Count only the custom_ids not written yet, so a step sent again (its answer lost
+        with a connection) counts nothing twice; False when another step raced this one."""
+        async with self._r.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(self._written)
+                known = await pipe.smismember(self._written, [c for c, _, _ in entries])
+                fresh = [entry for entry, k in zip(entries, known, strict=True) if not k]
+                if not fresh:
+                    return True
+                now = time.time()
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.sadd(self._written, *(custom_id for custom_id, _, _ in fresh))
+                for category in CATEGORIES:
+                    n = sum(1 for _, c, _ in fresh if c == category)
+                    if n:
+                        pipe.hincrby(self._meta, category, n)
+                pipe.hincrby(self._meta, "spend_nano", sum(nano for _, _, nano in fresh))
+                pipe.hsetnx(self._meta, "first_written", now)
+                pipe.hset(self._meta, "last_written", now)
+                self._expire(pipe, self._written)
+                await pipe.execute()
+            except WatchError:
+                return False
+        return True
+
+    async def unwritten(self, cursor: int, chunk: int = 1000) -> tuple[int, list[tuple[str, bool]]]:
+        """One page of (custom_id, published) of requests without a result line, and the
+        cursor of the next page (0 after the last)."""
+        cursor, found = await self._call(self._r.hscan(self._lines, cursor, count=chunk))
+        ids = [_s(k) for k in found]
+        if not ids:
+            return cursor, []
+        written = await self.written_among(ids)
+        published = await self.published_among(ids)
+        return cursor, [(i, p) for i, w, p in zip(ids, written, published, strict=True) if not w]
+
+    async def cancel(self) -> None:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.set(self._canceled, 1)
+            self._expire(pipe, self._canceled)
+            await self._call(pipe.execute())
+
+    async def is_canceled(self) -> bool:
+        return bool(await self._call(self._r.exists(self._canceled)))
+
+    async def counts(self, meta: BatchMeta) -> Counts:
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._meta)
+            pipe.scard(self._published)
+            pipe.exists(self._canceled)
+            raw, published, canceled = await self._call(pipe.execute())
+        fields = {_s(k): _s(v) for k, v in raw.items()}
+
+        def number(key: str) -> int:
+            return int(fields.get(key, 0))
+
+        def instant(key: str) -> float | None:
+            return float(fields[key]) if key in fields else None
+
+        return Counts(
+            total=meta.total,
+            published=int(published),
+            done=number("done"),
+            failed=number("failed"),
+            expired=number("expired"),
+            canceled=number("canceled"),
+            spend_usd=number("spend_nano") / NANO,
+            first_written=instant("first_written"),
+            last_written=instant("last_written"),
+            canceled_flag=bool(canceled),
+        )
+
+    async def delete(self) -> None:
+        """Forget the batch: its record, progress and cancel flag."""
+        keys = (self._meta, self._lines, self._index, self._published, self._written)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.delete(*keys, self._canceled)
+            pipe.zrem(self._batches, self.name)
+            await self._call(pipe.execute())
+
+    async def _among(self, key: str, custom_ids: Sequence[str]) -> list[bool]:
+        if not custom_ids:
+            return []
+        return [bool(v) for v in await self._call(self._r.smismember(key, list(custom_ids)))]
+
+    def _expire(self, pipe: Any, *keys: str) -> None:
+        if self._expire_at is not None:
+            for key in keys:
+                pipe.expireat(key, self._expire_at)
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"Redis failed while reading or writing batch {self.name!r} "
+                f"({type(exc).__name__}); check QUEUEGATE_REDIS_URL and re-run: "
+                "the batch resumes where it stopped"
+            ) from exc
+
+
+async def list_batches(client: aioredis.Redis, keys: Keys, team: str) -> list[BatchSummary]:
+    """The team's batches still recorded, oldest first; those whose record expired are
+    dropped from the list as they are found."""
+    raw: list[Any] = await client.zrange(keys.batches(team), 0, -1)
+    names = [_s(n) for n in raw]
+    summaries: list[BatchSummary] = []
+    gone: list[str] = []
+    for name in names:
+        state = BatchState(client, keys, team, name)
+        meta = await state.load()
+        if meta is None:
+            gone.append(name)
+            continue
+        counts = await state.counts(meta)
+        summaries.append(
+            BatchSummary(
+                name=name,
+                format=meta.format,
+                total=meta.total,
+                written=counts.written,
+                canceled=counts.canceled_flag,
+                deadline=meta.deadline,
+            )
+        )
+    if gone:
+        await client.zrem(keys.batches(team), *gone)
+    return summaries
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

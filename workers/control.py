@@ -1,0 +1,302 @@
+"""The worker's side of the control plane: what a team's app asks, done for the proven team.
+
+Every worker consumes ``<ns>.control``. A request is proven like a job (``Identities.prove``:
+broker ``user_id``, API key, operator), its team taken from the routing key
+(``<team>.control``, which the broker lets only that team's user publish), and answered by
+direct reply-to. Reply and results queues are declared here, with the gateway's arguments
+only (an expiry always, a length bound on a client's queue), at most
+``settings.reply_queues_per_team`` per team; batch state is read and written under the
+team's own keys. See queuegate/control.py for the requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import aiormq
+import redis.asyncio as aioredis
+from aio_pika import IncomingMessage
+from aio_pika.abc import AbstractRobustChannel
+from aiormq.abc import DeliveredMessage
+from pydantic import TypeAdapter, ValidationError
+from redis.exceptions import RedisError
+
+from queuegate.broker import CONNECTION_LOST, Consumer, consume, json_message, settle
+from queuegate.control import (
+    BATCH_ERROR,
+    CONTROL_KEY_SUFFIX,
+    MESSAGE_TYPE_CONTROL_REPLY,
+    BatchCall,
+    BatchMeta,
+    Category,
+    CloseReplyQueue,
+    ControlRequest,
+    ControlResponse,
+    OpenReplyQueue,
+)
+from queuegate.errors import BatchError, ConfigError, GatewayError, JobError, ServiceUnavailable
+from queuegate.keys import Keys
+from queuegate.registry import check_team_name
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from workers.batch_state import BatchState, list_batches
+from workers.identity import Identities
+
+log = logging.getLogger(__name__)
+
+PREFETCH = 32
+LOCK_EXPIRES = 60.0
+"""Seconds a batch's collect lock queue outlives its collector."""
+
+_IDS = TypeAdapter(list[str])
+_INDEX = TypeAdapter(list[tuple[str, int]])
+_WRITTEN = TypeAdapter(list[tuple[str, Category, int]])
+_CURSOR = TypeAdapter(int)
+
+
+class Refused(GatewayError):
+    """A control request the gateway will not carry out; the message says why."""
+
+
+class ControlPlane:
+    """Consumes ``<ns>.control`` on its own channel and answers each request::
+
+    control = ControlPlane(settings, redis, identities)
+    await control.start(await connection.channel())
+    """
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, identities: Identities) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._identities = identities
+        self._keys = Keys(settings.redis_prefix)
+        self._topology = Topology(settings.namespace, settings.delivery_limit)
+        self._channel: AbstractRobustChannel | None = None
+        self.consumer: Consumer | None = None
+
+    async def start(self, channel: AbstractRobustChannel) -> None:
+        self._channel = channel
+        await self._topology.declare_control_queue(channel)
+        channel.reopen_callbacks.add(self._on_reopen)
+        await self._consume(channel)
+
+    async def _consume(self, channel: AbstractRobustChannel) -> None:
+        self.consumer = await consume(
+            channel, self._topology.control_queue, self._on_request, prefetch=PREFETCH
+        )
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        if channel is not None:
+            await self._consume(channel)
+
+    async def _on_request(self, delivered: DeliveredMessage) -> None:
+        message = IncomingMessage(delivered)
+        key = delivered.routing_key or ""
+        response = await self._answer(message, key)
+        if message.reply_to:
+            # Not mandatory: a client that gave up has no reply-to consumer any more.
+            reply = json_message(
+                response.model_dump_json().encode(),
+                message_type=MESSAGE_TYPE_CONTROL_REPLY,
+                correlation_id=message.correlation_id,
+                persistent=False,
+            )
+            try:
+                await delivered.channel.basic_publish(
+                    reply.body, exchange="", routing_key=message.reply_to, properties=reply[1]
+                )
+            except (*CONNECTION_LOST, aiormq.exceptions.AMQPError) as exc:
+                # The channel is gone: the request is delivered again, and answered then.
+                log.info("could not answer control request %s (%s)", message.message_id, exc)
+        assert delivered.delivery_tag is not None
+        await settle(
+            delivered.channel.basic_ack(delivered.delivery_tag),
+            "acknowledge a control request",
+            log,
+        )
+
+    async def _answer(self, message: IncomingMessage, key: str) -> ControlResponse:
+        try:
+            team = check_team_name(key.removesuffix(CONTROL_KEY_SUFFIX))
+            if not key.endswith(CONTROL_KEY_SUFFIX):
+                raise ConfigError(f"routing key {key!r} is not <team>{CONTROL_KEY_SUFFIX}")
+            await self._identities.prove(
+                message, team, message.message_id or "", check_reply_to=False
+            )
+            request = ControlRequest.model_validate_json(message.body).request
+            return ControlResponse(ok=True, result=await self._do(team, request))
+        except ValidationError as exc:
+            return _error("invalid_request", f"not a valid control request: {exc.errors()[0]}")
+        except JobError as exc:
+            log.info("control request %s refused: %s", message.message_id, exc)
+            return _error(exc.code, str(exc))
+        except BatchError as exc:
+            return _error(BATCH_ERROR, str(exc))
+        except (Refused, ConfigError) as exc:
+            return _error("invalid_request", str(exc))
+        except ServiceUnavailable as exc:
+            return _error("service_unavailable", str(exc))
+        except (RedisError, OSError, aiormq.exceptions.AMQPError) as exc:
+            log.warning("control request %s failed: %s", message.message_id, exc)
+            return _error("service_unavailable", f"the gateway could not do it ({exc}); retry")
+        except Exception:
+            # A request must never take the consumer down nor stay unanswered.
+            log.exception("control request %s failed", message.message_id)
+            return _error("internal", "the gateway failed on this request; see its log")
+
+    async def _do(self, team: str, request: Any) -> Any:
+        if isinstance(request, OpenReplyQueue):
+            return await self._open(team, request.name, durable=request.durable)
+        if isinstance(request, CloseReplyQueue):
+            return await self._close(team, request.name, durable=request.durable)
+        assert isinstance(request, BatchCall)
+        return await self._batch(team, request)
+
+    async def _open(self, team: str, name: str, *, durable: bool) -> str:
+        s = self._settings
+        channel = self._require_channel()
+        expires = s.results_queue_expires if durable else s.reply_queue_expires
+        full = (
+            self._topology.results_queue(team, name)
+            if durable
+            else self._topology.replies_queue(team, name)
+        )
+        await self._count(team, full, expires)
+        if durable:
+            await self._topology.declare_results_queue(channel, team, name, expires_s=expires)
+        else:
+            await self._topology.declare_replies_queue(
+                channel, team, name, expires_s=expires, max_length=s.reply_queue_max_length
+            )
+        return full
+
+    async def _count(self, team: str, queue: str, expires: float) -> None:
+        """Count the queue against the team's limit; Refused past it.
+
+        A queue counts until it may have expired (its last open plus its expiry), so one a
+        client still uses is counted again when it asks for it after a reconnect.
+        """
+        key, now = self._keys.reply_queues(team), time.time()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zscore(key, queue)
+            pipe.zcard(key)
+            _, known, count = await pipe.execute()
+        if known is None and count >= self._settings.reply_queues_per_team:
+            raise Refused(
+                f"team {team!r} has {count} reply queues, its limit: close some (or let them "
+                "expire) before opening another"
+            )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {queue: now + expires})
+            pipe.expire(key, int(max(expires, self._settings.results_queue_expires)) + 60)
+            await pipe.execute()
+
+    async def _close(self, team: str, name: str, *, durable: bool) -> None:
+        queue = (
+            self._topology.results_queue(team, name)
+            if durable
+            else self._topology.replies_queue(team, name)
+        )
+        await self._require_channel().queue_delete(queue)
+        await self._redis.zrem(self._keys.reply_queues(team), queue)
+
+    def _require_channel(self) -> AbstractRobustChannel:
+        assert self._channel is not None, "start() first"
+        return self._channel
+
+    async def _batch(self, team: str, call: BatchCall) -> Any:
+        if call.call == "list":
+            return [
+                b.model_dump(mode="json") for b in await list_batches(self._redis, self._keys, team)
+            ]
+        if not call.batch:
+            raise Refused(f"batch {call.call} needs a batch name")
+        state = BatchState(self._redis, self._keys, team, call.batch)
+        args = call.args
+        if call.call not in ("load", "create", "reset_index", "index", "is_canceled"):
+            # Every other step is on a recorded batch, whose expiry its keys then take.
+            await state.require()
+        match call.call:
+            case "load":
+                meta = await state.load()
+                return None if meta is None else meta.model_dump(mode="json")
+            case "create":
+                meta = BatchMeta.model_validate(args.get("meta"))
+                meta = meta.model_copy(update={"team": team, "name": call.batch})
+                await self._open(team, call.batch, durable=True)
+                await state.create(meta)
+                return None
+            case "reset_index":
+                await state.reset_index()
+                return None
+            case "index":
+                return await state.index(_INDEX.validate_python(args.get("entries")))
+            case "line_numbers":
+                return await state.line_numbers(_IDS.validate_python(args.get("ids")))
+            case "published_among":
+                return await state.published_among(_IDS.validate_python(args.get("ids")))
+            case "written_among":
+                return await state.written_among(_IDS.validate_python(args.get("ids")))
+            case "mark_published":
+                await state.mark_published(_IDS.validate_python(args.get("ids")))
+                return None
+            case "mark_written":
+                await state.mark_written(_WRITTEN.validate_python(args.get("entries")))
+                return None
+            case "unwritten":
+                return await state.unwritten(_CURSOR.validate_python(args.get("cursor", 0)))
+            case "is_canceled":
+                return await state.is_canceled()
+            case "cancel":
+                await state.cancel()
+                return await self._status(state)
+            case "counts":
+                return (await state.counts(await state.require())).model_dump(mode="json")
+            case "status":
+                return await self._status(state)
+            case "lock":
+                lock = await self._topology.declare_collect_lock(
+                    self._require_channel(), team, call.batch, expires_s=LOCK_EXPIRES
+                )
+                return lock.name
+            case "delete":
+                channel = self._require_channel()
+                await channel.queue_delete(self._topology.results_queue(team, call.batch))
+                await state.delete()
+                await self._redis.zrem(
+                    self._keys.reply_queues(team), self._topology.results_queue(team, call.batch)
+                )
+                return None
+        raise Refused(f"unknown batch call {call.call!r}")  # pragma: no cover - Literal
+
+    async def _status(self, state: BatchState) -> dict[str, Any]:
+        meta = await state.require()
+        counts = await state.counts(meta)
+        waiting = 0
+        try:
+            # On a channel of its own: a passive declare of a missing queue closes it.
+            channel = await self._require_channel().get_underlay_channel()
+            connection = channel.connection
+            probe = await connection.channel()
+            try:
+                ok = await probe.queue_declare(
+                    self._topology.results_queue(state.team, state.name), passive=True
+                )
+                waiting = int(ok.message_count or 0)
+            finally:
+                if not probe.is_closed:
+                    await probe.close()
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            waiting = 0
+        return {
+            "meta": meta.model_dump(mode="json"),
+            "counts": counts.model_dump(mode="json"),
+            "waiting": waiting,
+        }
+
+
+def _error(code: str, text: str) -> ControlResponse:
+    return ControlResponse(ok=False, code=code, error=text)
