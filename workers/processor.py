@@ -106,11 +106,11 @@ class JobProcessor:
             return Announcement.of(stored, reply_to)
         error: JobError | None = None
         try:
-            outcome = await self._answer(admitted.screen(), reply_to, timing)
+            outcome = await self._answer(await admitted.screen(), reply_to, timing)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
-        outcome = admitted.stamp(outcome)
+        outcome = await admitted.stamp(outcome)
         await self._store.put(outcome)
         return self._finished(outcome, reply_to, error)
 
