@@ -17,7 +17,7 @@ from queuegate.tenancy import API_KEY_HEADER, TeamSecurity
 from workers.identity import Identities
 from workers.outcome import Outcome
 from workers.pii.policy import apply, screen_job
-from workers.pii.screening import Screening, screen
+from workers.pii.screening import Screening, redacted
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Admitted:
                 # An unscreened prompt (a refused job) is never kept in full.
                 screening = self.screening or await screen_job(self.job)
                 prompt = screening.redacted(keep_structure=False)["messages"]
-                response = (await screen(response)).redacted(keep_structure=False)
+                response = await redacted(response)
             content = AuditContent(capture=capture, prompt=prompt, response=response)
         update = {"identity": self.identity, "pii": ",".join(self.pii) or None, "content": content}
         return outcome.model_copy(update={"usage": outcome.usage.model_copy(update=update)})

@@ -34,7 +34,7 @@ _STARTS = (
 def find(text: str) -> Iterator[tuple[int, int]]:
     # The patterns are tried only where a match can start, found by str.find: tried at every
     # position, the alternation of nine patterns costs far more. Same findings as finditer.
-    starts = sorted({at for start in _STARTS for at in _occurrences(text, start)})
+    starts = sorted({at for start in _STARTS if start in text for at in _occurrences(text, start)})
     end = 0
     for at in starts:
         if at < end:

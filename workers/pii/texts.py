@@ -45,9 +45,11 @@ _JSON_START = re.compile(r"\s*[\[{]")
 
 
 @dataclass(frozen=True)
-class Text:
-    value: str
-    where: str | None
+class Texts:
+    """The strings of a tree in walk order, and for each what it is."""
+
+    values: list[str]
+    wheres: list[str | None]
     """None for a value; for structure, what it is (``a key``, ``tool_call_id``, ...)."""
 
 
@@ -59,12 +61,14 @@ def outgoing(job: ChatJob) -> dict[str, Any]:
     return job.model_dump(mode="json", exclude_none=True, exclude=set(GATEWAY_ONLY))
 
 
-def gather(tree: Any) -> list[Text]:
+def gather(tree: Any) -> Texts:
     """Every string of ``tree`` in walk order."""
-    texts: list[Text] = []
+    texts = Texts([], [])
+    values, wheres = texts.values.append, texts.wheres.append
 
     def keep(value: str, where: str | None) -> str:
-        texts.append(Text(value, where))
+        values(value)
+        wheres(where)
         return value
 
     _Walk(keep).value(tree, None, None, False)
@@ -86,8 +90,9 @@ class _Walk:
         if isinstance(value, str):
             return self._string(value, where)
         if isinstance(value, dict):
+            visit = self._visit
             return {
-                (self._visit(key, "a key") if isinstance(key, str) else key): self.value(
+                (visit(key, "a key") if isinstance(key, str) else key): self.value(
                     item, _structure(key, parent), key, in_json
                 )
                 for key, item in value.items()
@@ -102,9 +107,12 @@ class _Walk:
         return value
 
     def _string(self, value: str, where: str | None) -> Any:
-        if value.startswith("data:") and ";base64," in value[:256]:
+        first = value[:1]
+        if first == "d" and value.startswith("data:") and ";base64," in value[:256]:
             return value
-        if where is None and _JSON_START.match(value):
+        if where is None and (
+            first in ("{", "[") or (first.isspace() and _JSON_START.match(value))
+        ):
             parsed = _json(value)
             if parsed is not None:
                 new = self.value(parsed, None, None, True)
