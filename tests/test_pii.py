@@ -323,7 +323,7 @@ async def test_redact_refuses_pii_in_an_id_it_cannot_rewrite(settings: Settings)
         assert gw.mock.stats.calls == 0
 
 
-async def test_a_large_prompt_is_redacted_off_the_event_loop(settings: Settings) -> None:
+async def test_a_large_prompt_is_redacted_by_the_helper_process_alike(settings: Settings) -> None:
     # Given alpha redacts, and a prompt well over the size scanned in the helper process
     await _configure(settings, "redact")
     filler = PROSE * (4 * OFFLOAD_CHARS // len(PROSE))
@@ -332,6 +332,7 @@ async def test_a_large_prompt_is_redacted_off_the_event_loop(settings: Settings)
         # Expect the same redaction as inline
         assert result.status == "ok", result.error
         assert gw.mock.requests[-1].messages == [{"role": "user", "content": filler + REDACTED}]
+        assert offload._helper.pid is not None
 
 
 async def test_a_dead_helper_process_is_replaced_and_the_scan_still_answers() -> None:
