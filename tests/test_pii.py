@@ -25,6 +25,7 @@ from queuegate.topology import HEADER_DEAD_REASON
 from tests.support import running_gateway
 from workers.pii import card, iban, offload, redact, scan, ssn
 from workers.pii.offload import OFFLOAD_CHARS
+from workers.pii.screening import screen
 
 FLOOR = 0.9
 EMAIL, CARD = "jane.doe@example.com", "4111 1111 1111 1111"
@@ -345,3 +346,16 @@ async def test_a_dead_helper_process_is_replaced_and_the_scan_still_answers() ->
     # Expect the next large scan answered by a new one
     assert await offload.find(text) == scan(text)
     assert offload._helper.pid not in (None, pid)
+
+
+async def test_one_scan_of_many_strings_finds_each_value_in_its_own_string() -> None:
+    # Given strings scanned together, a private key's two ends in two of them
+    begin, end = "-----BEGIN PRIVATE KEY-----", "-----END PRIVATE KEY-----"
+    tree = {"a": ["x", f"mail {EMAIL}"], "b": {"user": EMAIL, "pem": begin}, "c": end}
+    # Expect each finding in its own string, and nothing matched across two
+    redacted = (await screen(tree)).redacted(keep_structure=True)
+    assert redacted == {
+        "a": ["x", "mail [EMAIL]"],
+        "b": {"user": "[EMAIL]", "pem": begin},
+        "c": end,
+    }

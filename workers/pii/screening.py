@@ -22,7 +22,7 @@ from workers.pii.texts import Texts, gather, rebuild
 
 SEPARATOR = "\x00"
 """Between two strings in the joined text: no detector matches across it (it is neither a
-word character, a digit nor a separator any format allows)."""
+word character, a digit nor a separator any format allows, and private keys stop at it)."""
 
 
 @dataclass(frozen=True)
@@ -70,21 +70,13 @@ async def redacted(value: Any) -> Any:
 
 
 def _split(texts: list[str], findings: list[Finding]) -> dict[int, list[Finding]]:
-    """Findings in the joined text, as findings in each text (one across a separator, such
-    as a private key split over two fields, counts in each text it covers)."""
+    """Findings in the joined text, as findings in the texts they fall in."""
     per_text: dict[int, list[Finding]] = {}
     start, index = 0, 0
     for finding in findings:  # in text order, as are the texts
         while start + len(texts[index]) < finding.start:
             start += len(texts[index]) + len(SEPARATOR)
             index += 1
-        at, i = start, index
-        while i < len(texts) and at < finding.end:
-            end = at + len(texts[i])
-            if finding.start < end:
-                clipped = Finding(
-                    max(finding.start, at) - at, min(finding.end, end) - at, finding.kind
-                )
-                per_text.setdefault(i, []).append(clipped)
-            at, i = end + len(SEPARATOR), i + 1
+        found = Finding(finding.start - start, finding.end - start, finding.kind)
+        per_text.setdefault(index, []).append(found)
     return per_text

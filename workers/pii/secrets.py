@@ -18,7 +18,9 @@ _PATTERNS = re.compile(
             r"\bxox[abprs]-[A-Za-z0-9-]{10,}",  # Slack
             r"\bAIza[0-9A-Za-z_-]{35}",  # Google API keys
             r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWT
-            r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z]+ )?PRIVATE KEY-----",
+            # Any body but NUL, which separates a job's strings when they are scanned at once.
+            r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[^\x00]*?"
+            r"-----END (?:[A-Z]+ )?PRIVATE KEY-----",
         )
     )
 )

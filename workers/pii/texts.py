@@ -1,8 +1,9 @@
 """Every string a job sends out of the gateway, gathered in one walk and put back changed.
 
     tree = outgoing(job)                     # what reaches a provider, as JSON
-    texts = gather(tree)                     # [Text("user", "role"), Text("hi", None), ...]
-    tree = rebuild(tree, [t.value for t in texts])
+    texts = gather(tree)                     # values ["messages", "role", "user", ...]
+                                             # wheres ["a key", "a key", "role", ...]
+    tree = rebuild(tree, new_values)         # the same tree, its strings replaced
 
 The walk goes everywhere in the tree (every message field and content part, tool calls,
 parameters and the unknown ones passed through, at any depth), so a field added later is
