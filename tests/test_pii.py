@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from accounting.audit import parse_age, prune_content
-from bench.pii import SAMPLE, measure
+from bench.pii import PROSE, SAMPLE, measure
+from producer import GatewayClient
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError
+from queuegate.management import BrokerAdmin
 from queuegate.registry import add_team
 from queuegate.settings import Settings
+from queuegate.teams_admin import Credentials, add, set_security
 from queuegate.tenancy import Capture, PiiPolicy, TeamSecurity, put_security
 from queuegate.topology import HEADER_DEAD_REASON
 from tests.support import running_gateway
-from workers.pii import card, iban, redact, scan, ssn
+from workers.pii import card, iban, offload, redact, scan, ssn
+from workers.pii.offload import OFFLOAD_CHARS
+from workers.pii.screening import screen
 
 FLOOR = 0.9
 EMAIL, CARD = "jane.doe@example.com", "4111 1111 1111 1111"
@@ -162,3 +170,192 @@ def test_the_bench_reads_the_sample_it_is_given(tmp_path: Path) -> None:
     sample = tmp_path / "one.jsonl"
     sample.write_text(json.dumps({"text": "x a@example.com", "pii": []}) + "\n")
     assert measure(sample)["email"]["fp"] == 1
+
+
+# Every string a job sends out is screened, not only the messages' text (issue 21).
+
+SSN = "123-45-6789"
+ARGUMENTS = json.dumps({"email": EMAIL, "card": CARD.replace(" ", "")})
+TOOL_TURNS = [
+    {"role": "user", "content": "Refund my last order.", "name": EMAIL},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "refund", "arguments": ARGUMENTS},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "done"}]},
+]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "refund",
+            "description": f"Refunds an order; e.g. for SSN {SSN}.",
+            "parameters": {"type": "object", "properties": {"email": {"type": "string"}}},
+        },
+    }
+]
+PARAMS = {
+    "user": EMAIL,
+    "tools": TOOLS,
+    "prediction": {"type": "content", "content": f"Dear {EMAIL},"},  # passed through
+}
+SECRETS_OF_THE_JOB = (EMAIL, CARD, CARD.replace(" ", ""), SSN)
+
+
+def holds_none(value: object) -> bool:
+    dumped = json.dumps(value)
+    return not any(secret in dumped for secret in SECRETS_OF_THE_JOB)
+
+
+@pytest.fixture
+async def broker_alpha(settings: Settings) -> AsyncIterator[Credentials]:
+    """Team alpha added the default way: its own broker user (deleted afterwards)."""
+    credentials = await add(settings, "alpha")
+    try:
+        yield credentials
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            assert credentials.user is not None
+            await admin.delete_user(credentials.user)
+
+
+async def test_redact_reaches_tool_calls_names_params_and_passed_through_extras(
+    settings: Settings, broker_alpha: Credentials
+) -> None:
+    # Given alpha, a broker-identity team, redacts and captures in full
+    await set_security(settings, "alpha", pii="redact", capture="full")
+    assert broker_alpha.amqp_url is not None
+    as_alpha = settings.model_copy(update={"amqp_url": broker_alpha.amqp_url})
+    async with running_gateway(settings) as gw, GatewayClient(as_alpha, team="alpha") as client:
+        # When PII sits in a name, tool call arguments, params.user, a tool's description
+        # and a parameter the gateway passes through
+        result = await client.chat("gpt-4o-mini", TOOL_TURNS, **PARAMS)
+        # Expect the provider received none of it, and a request that still holds together
+        assert result.status == "ok", result.error
+        body = gw.mock.requests[-1].body
+        assert body is not None and holds_none(body), body
+        [user, assistant, tool] = body["messages"]
+        assert user["name"] == "[EMAIL]" and body["user"] == "[EMAIL]"
+        [call] = assistant["tool_calls"]
+        assert call["id"] == tool["tool_call_id"] == "call_1"
+        assert call["function"]["name"] == body["tools"][0]["function"]["name"] == "refund"
+        assert json.loads(call["function"]["arguments"]) == {"email": "[EMAIL]", "card": "[CARD]"}
+        assert (
+            body["tools"][0]["function"]["description"] == "Refunds an order; e.g. for SSN [SSN]."
+        )
+        assert body["prediction"] == {"type": "content", "content": "Dear [EMAIL],"}
+        # and the audit row names every family, its captured prompt what the provider got
+        [row] = await gw.usage_rows(1)
+        assert row["pii"] == "card,email,ssn"
+        prompt = await gw.pool.fetchval("SELECT prompt FROM audit_content")
+        assert prompt == body["messages"]
+
+
+@pytest.mark.parametrize(
+    ("place", "messages", "params"),
+    [
+        ("a message's name", [{"role": "user", "content": "hi", "name": EMAIL}], {}),
+        ("tool call arguments", [*TOOL_TURNS[1:2], {"role": "user", "content": "ok?"}], {}),
+        ("params.user", [{"role": "user", "content": "hi"}], {"user": EMAIL}),
+        ("a tool's description", [{"role": "user", "content": "hi"}], {"tools": TOOLS}),
+        ("a passed-through parameter", [{"role": "user", "content": "hi"}], {"x_note": [SSN]}),
+        (
+            "an escaped JSON value",
+            [{"role": "user", "content": '{"to": "jane.doe\\u0040example.com"}'}],
+            {},
+        ),
+    ],
+)
+async def test_block_refuses_pii_wherever_it_sits_in_the_job(
+    settings: Settings, place: str, messages: list[dict[str, object]], params: dict[str, object]
+) -> None:
+    # Given alpha blocks PII and keeps redacted captures
+    await _configure(settings, "block", "redacted")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a job holds PII only in one place outside the messages' text
+        result = await client.chat("gpt-4o-mini", messages, **params)
+        # Expect it refused before any call, and what the audit keeps holds none of it
+        assert result.error is not None and result.error.code == "invalid_request", place
+        assert gw.mock.stats.calls == 0
+        [row] = await gw.usage_rows(1)
+        assert row["pii"] is not None
+        prompt = await gw.pool.fetchval("SELECT prompt FROM audit_content")
+        assert holds_none(prompt), prompt
+
+
+async def test_warn_sends_everything_and_a_redacted_capture_keeps_none_of_it(
+    settings: Settings,
+) -> None:
+    await _configure(settings, "warn", "redacted")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", TOOL_TURNS, **PARAMS)
+        assert result.status == "ok", result.error
+        body = gw.mock.requests[-1].body
+        assert body is not None and body["user"] == EMAIL  # warn: sent as it is
+        [row] = await gw.usage_rows(1)
+        assert row["pii"] == "card,email,ssn"
+        prompt = await gw.pool.fetchval("SELECT prompt FROM audit_content")
+        assert holds_none(prompt), prompt
+        assert json.loads(prompt[1]["tool_calls"][0]["function"]["arguments"])["card"] == "[CARD]"
+
+
+async def test_redact_refuses_pii_in_an_id_it_cannot_rewrite(settings: Settings) -> None:
+    # Given alpha redacts
+    await _configure(settings, "redact")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When PII sits in a tool call's id, which its result must repeat exactly
+        call_id = f"call_{EMAIL}"
+        turns = [
+            {**TOOL_TURNS[1], "tool_calls": [{**TOOL_TURNS[1]["tool_calls"][0], "id": call_id}]},  # type: ignore[dict-item]
+            {"role": "tool", "tool_call_id": call_id, "content": "done"},
+        ]
+        result = await client.chat("gpt-4o-mini", turns)
+        # Expect a clear refusal naming where, not a request the provider would reject
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert "personal data (email) in id cannot be redacted" in result.error.message
+        assert EMAIL not in result.error.message
+        assert gw.mock.stats.calls == 0
+
+
+async def test_a_large_prompt_is_redacted_by_the_helper_process_alike(settings: Settings) -> None:
+    # Given alpha redacts, and a prompt well over the size scanned in the helper process
+    await _configure(settings, "redact")
+    filler = PROSE * (4 * OFFLOAD_CHARS // len(PROSE))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", [{"role": "user", "content": filler + PROMPT}])
+        # Expect the same redaction as inline
+        assert result.status == "ok", result.error
+        assert gw.mock.requests[-1].messages == [{"role": "user", "content": filler + REDACTED}]
+        assert offload._helper.pid is not None
+
+
+async def test_a_dead_helper_process_is_replaced_and_the_scan_still_answers() -> None:
+    text = PROSE * (2 * OFFLOAD_CHARS // len(PROSE)) + PROMPT
+    assert await offload.find(text) == scan(text)
+    # When the helper process dies (killed for memory, say)
+    pid = offload._helper.pid
+    assert pid is not None and pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    # Expect the next large scan answered by a new one
+    assert await offload.find(text) == scan(text)
+    assert offload._helper.pid not in (None, pid)
+
+
+async def test_one_scan_of_many_strings_finds_each_value_in_its_own_string() -> None:
+    # Given strings scanned together, a private key's two ends in two of them
+    begin, end = "-----BEGIN PRIVATE KEY-----", "-----END PRIVATE KEY-----"
+    tree = {"a": ["x", f"mail {EMAIL}"], "b": {"user": EMAIL, "pem": begin}, "c": end}
+    # Expect each finding in its own string, and nothing matched across two
+    redacted = (await screen(tree)).redacted(keep_structure=True)
+    assert redacted == {
+        "a": ["x", "mail [EMAIL]"],
+        "b": {"user": "[EMAIL]", "pem": begin},
+        "c": end,
+    }

@@ -2,8 +2,8 @@
 and mark its outcome for the audit log (identity, PII found, captured content).
 
     admitted = await gate.admit(message, job, team)  # Unauthorized
-    sent = admitted.screen()                          # InvalidRequest when the policy blocks
-    outcome = admitted.stamp(served(sent, ...))       # also for failed outcomes
+    sent = await admitted.screen()                    # InvalidRequest when the policy blocks
+    outcome = await admitted.stamp(served(sent, ...)) # also for failed outcomes
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from queuegate.topology import (
 )
 from workers.identity import Identities
 from workers.outcome import Outcome
-from workers.pii.policy import apply, redact_value
+from workers.pii.policy import apply, screen_job
+from workers.pii.screening import Screening, redacted
 
 
 @dataclass
@@ -34,26 +35,34 @@ class Admitted:
     sent: ChatJob | None = None
     """The job as the provider sees it (redacted when the team's policy says so)."""
     pii: list[str] = field(default_factory=list)
+    screening: Screening | None = None
+    """The findings in the job, once screened: the audit's redaction reuses them."""
 
-    def screen(self) -> ChatJob:
-        """Apply the team's PII policy; raises InvalidRequest when it blocks the prompt."""
-        self.sent, self.pii = apply(self.job, self.security.pii, on_found=self._found)
+    async def screen(self) -> ChatJob:
+        """Apply the team's PII policy; raises InvalidRequest when it refuses the prompt."""
+        policy = self.security.pii
+        if policy != "off" or self.security.capture == "redacted":
+            self.screening = await screen_job(self.job)
+            if policy != "off":
+                self.pii = self.screening.kinds  # kept even when the policy then refuses
+            self.sent = apply(self.job, policy, self.screening)
+        else:
+            self.sent = self.job
         return self.sent
 
-    def _found(self, kinds: list[str]) -> None:
-        self.pii = kinds  # kept even when the policy then blocks the job
-
-    def stamp(self, outcome: Outcome) -> Outcome:
+    async def stamp(self, outcome: Outcome) -> Outcome:
         """The outcome with its usage event carrying identity, PII flags and captured content."""
         content = None
         capture = self.security.capture
         if capture != "none":
-            job = self.sent or self.job
-            prompt = [m.model_dump(mode="json", exclude_none=True) for m in job.messages]
             response = outcome.result.response
-            if capture == "redacted" or self.sent is None:
+            if capture == "full" and self.sent is not None:
+                prompt = [m.model_dump(mode="json", exclude_none=True) for m in self.sent.messages]
+            else:
                 # An unscreened prompt (a refused job) is never kept in full.
-                prompt, response = redact_value(prompt), redact_value(response)
+                screening = self.screening or await screen_job(self.job)
+                prompt = screening.redacted(keep_structure=False)["messages"]
+                response = await redacted(response)
             content = AuditContent(capture=capture, prompt=prompt, response=response)
         update = {"identity": self.identity, "pii": ",".join(self.pii) or None, "content": content}
         return outcome.model_copy(update={"usage": outcome.usage.model_copy(update=update)})

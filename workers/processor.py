@@ -123,21 +123,21 @@ class JobProcessor:
         try:
             claim = await self._claims.take(job, redelivered=bool(message.redelivered))
         except JobError as exc:  # a different request under the id, or answered before
-            outcome = admitted.stamp(refused(job.job_id, team, job.model, exc, timing))
+            outcome = await admitted.stamp(refused(job.job_id, team, job.model, exc, timing))
             return self._refused(job.job_id, outcome, reply_to, exc)
         if not isinstance(claim, Claim):
             log.info("job %s was already answered; sending the stored result again", job.job_id)
             return Announcement.of(claim, reply_to)
         error: JobError | None = None
         try:
-            outcome = await self._answer(admitted.screen(), reply_to, timing, claim)
+            outcome = await self._answer(await admitted.screen(), reply_to, timing, claim)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
         except BaseException:
             await claim.abandon()
             raise
-        outcome = await claim.finish(claim.account(admitted.stamp(outcome)))
+        outcome = await claim.finish(claim.account(await admitted.stamp(outcome)))
         return self._finished(outcome, reply_to, error)
 
     async def _receivable(self, message: AbstractIncomingMessage, reply_to: str | None) -> None:

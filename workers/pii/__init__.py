@@ -39,13 +39,18 @@ def scan(text: str, kinds: tuple[str, ...] = KINDS) -> list[Finding]:
 def redact(text: str) -> tuple[str, list[str]]:
     """The text with each finding replaced by ``[KIND]``, and the families found."""
     findings = scan(text)
+    return replaced(text, findings), sorted({f.kind for f in findings})
+
+
+def replaced(text: str, findings: list[Finding]) -> str:
+    """The text with each of its findings (in text order, not overlapping) named ``[KIND]``."""
     parts: list[str] = []
     last = 0
     for finding in findings:
         parts += [text[last : finding.start], f"[{finding.kind.upper()}]"]
         last = finding.end
     parts.append(text[last:])
-    return "".join(parts), sorted({f.kind for f in findings})
+    return "".join(parts)
 
 
-__all__ = ["DETECTORS", "KINDS", "Finding", "redact", "scan"]
+__all__ = ["DETECTORS", "KINDS", "Finding", "redact", "replaced", "scan"]

@@ -10,7 +10,7 @@ from workers.pii.base import has_digit
 KIND = "card"
 
 # Digits in one run, or in groups split by one space or dash (4-4-4-4, 4-6-5 for Amex).
-_CANDIDATE = re.compile(r"(?<![\d.,-])\d{4}(?:[ -]?\d{2,6}){2,4}(?![\d-]|[.,]\d)")
+_CANDIDATE = re.compile(r"\d(?<![\d.,-]\d)\d{3}(?:[ -]?\d{2,6}){2,4}(?![\d-]|[.,]\d)")
 _ISSUER = re.compile(r"^(4|5[1-5]|2[2-7]|3[47]|3[068]|6011|65|64[4-9]|35|62)")
 
 

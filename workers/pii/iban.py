@@ -21,7 +21,7 @@ LENGTHS = {
 }  # fmt: skip
 """Each country's IBAN length (the SWIFT registry)."""
 
-_CANDIDATE = re.compile(r"(?<![A-Za-z0-9])([A-Z]{2})(\d{2})((?: ?[A-Z0-9]{1,4}){3,8})")
+_CANDIDATE = re.compile(r"([A-Z](?<![A-Za-z0-9][A-Z])[A-Z])(\d{2})((?: ?[A-Z0-9]{1,4}){3,8})")
 
 
 def mod97_ok(iban: str) -> bool:

@@ -12,7 +12,7 @@ from workers.pii.base import has_digit
 
 KIND = "phone"
 
-_INTERNATIONAL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,6}(?![\w-]|[.]\d)")
+_INTERNATIONAL = re.compile(r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,6}(?![\w-]|[.]\d)")
 _NANP = re.compile(
     r"(?<![\w-])(?:1[ .-])?(?:\([2-9]\d{2}\) ?|[2-9]\d{2}[ .-])[2-9]\d{2}[ .-]\d{4}(?![\w-]|[.]\d)"
 )

@@ -18,18 +18,37 @@ _PATTERNS = re.compile(
             r"\bxox[abprs]-[A-Za-z0-9-]{10,}",  # Slack
             r"\bAIza[0-9A-Za-z_-]{35}",  # Google API keys
             r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWT
-            r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z]+ )?PRIVATE KEY-----",
+            # Any body but NUL, which separates a job's strings when they are scanned at once.
+            r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[^\x00]*?"
+            r"-----END (?:[A-Z]+ )?PRIVATE KEY-----",
         )
     )
 )
 
 
-_MARKERS = ("sk-", "_live_", "_test_", "AKIA", "ASIA", "gh", "xox", "AIza", "eyJ", "PRIVATE KEY")
-"""Each pattern contains one of these: a text without any cannot match."""
+_STARTS = (
+    *("sk-", "sk_", "rk_", "pk_", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    *("github_pat_", "xox", "AIza", "eyJ", "-----BEGIN "),
+)
+"""Every match of a pattern starts with one of these."""
 
 
 def find(text: str) -> Iterator[tuple[int, int]]:
-    if not any(marker in text for marker in _MARKERS):
-        return
-    for match in _PATTERNS.finditer(text):
-        yield match.span()
+    # The patterns are tried only where a match can start, found by str.find: tried at every
+    # position, the alternation of nine patterns costs far more. Same findings as finditer.
+    starts = sorted({at for start in _STARTS if start in text for at in _occurrences(text, start)})
+    end = 0
+    for at in starts:
+        if at < end:
+            continue
+        match = _PATTERNS.match(text, at)
+        if match is not None:
+            yield match.span()
+            end = match.end()
+
+
+def _occurrences(text: str, needle: str) -> Iterator[int]:
+    at = text.find(needle)
+    while at != -1:
+        yield at
+        at = text.find(needle, at + 1)

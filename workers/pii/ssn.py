@@ -9,7 +9,7 @@ from workers.pii.base import has_digit
 
 KIND = "ssn"
 
-_SSN = re.compile(r"(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-])")
+_SSN = re.compile(r"(\d(?<![\w-]\d)\d\d)([- ])(\d{2})\2(\d{4})(?![\w-])")
 _ADVERTISED = {"078-05-1120", "219-09-9999"}
 """Numbers printed on sample cards and in ads, never a person's."""
 
