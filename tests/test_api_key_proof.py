@@ -80,7 +80,11 @@ async def test_an_api_key_rests_nowhere_through_expiry_refusal_and_replay(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with GatewayClient(key_team.apps, team="alpha", api_key=key_team.key) as client:
+    # (a gateway serving another team answers the client's request for a reply queue)
+    async with (
+        running_gateway(settings, teams=("gamma",)),
+        GatewayClient(key_team.apps, team="alpha", api_key=key_team.key) as client,
+    ):
         # Given a job of alpha's that expired in its queue before any worker took it
         expired = client.job("gpt-4o-mini", HELLO)
         message = job_message(

@@ -170,8 +170,12 @@ async def test_an_expired_job_of_a_broker_identity_team_is_replayed_served_and_c
     alpha = teams["alpha"]
     assert alpha.amqp_url is not None
     team_settings = settings.model_copy(update={"amqp_url": alpha.amqp_url})
-    async with GatewayClient(team_settings, team="alpha") as client:
-        # Given a job of alpha's that outlived its message TTL while no worker ran
+    # (a gateway serving another team answers the client's request for a reply queue)
+    async with (
+        running_gateway(settings, teams=("gamma",)),
+        GatewayClient(team_settings, team="alpha") as client,
+    ):
+        # Given a job of alpha's that outlived its message TTL while no worker served alpha
         job = client.job("gpt-4o-mini", HELLO)
         await publish_as(
             alpha,
