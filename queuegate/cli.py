@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.measure import Measurement
 
 from queuegate.cli_batch import batch_app
@@ -49,8 +50,54 @@ def main() -> None:
     try:
         app()
     except GatewayError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        sys.exit(1)
+        _fail(str(exc))
+    except Exception as exc:
+        message = _one_line(exc)
+        if message is None:
+            raise
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    sys.exit(1)
+
+
+def _one_line(exc: Exception) -> str | None:
+    """What an error of a library says, with what to do, or None for a bug (its traceback
+    is then the useful output). The messages name no URL: those may carry passwords."""
+    import aio_pika.exceptions
+    import aiormq.exceptions
+    import asyncpg
+    import httpx
+    import pydantic
+    import redis.exceptions
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pydantic.ValidationError):
+        problem = exc.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "input"
+        return f"invalid {field}: {problem['msg']}: correct it and run the command again"
+    if isinstance(exc, aiormq.exceptions.AMQPError | aio_pika.exceptions.AMQPException):
+        return (
+            f"RabbitMQ refused the request ({type(exc).__name__}: {first}): fix what it names "
+            "(queuegate status and the management UI show the broker's state)"
+        )
+    if isinstance(exc, httpx.HTTPError):
+        return (
+            f"the RabbitMQ management API failed ({type(exc).__name__}: {first}): check that "
+            "it answers at QUEUEGATE_MANAGEMENT_URL"
+        )
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return (
+            f"PostgreSQL refused the request ({type(exc).__name__}: {first}): run queuegate "
+            "migrate if the schema is missing, or check QUEUEGATE_DATABASE_URL"
+        )
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis failed ({type(exc).__name__}: {first}): check QUEUEGATE_REDIS_URL"
+    if isinstance(exc, OSError):
+        return f"a service is not reachable ({first}): start it (make services)"
+    return None
 
 
 def _print_table(renderable: RenderableType, *, wide: bool) -> None:

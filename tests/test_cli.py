@@ -128,3 +128,23 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
     code, _, stderr = wrong
     assert code == 1 and "refused the user's password" in stderr
     assert "not-the-password" not in stderr
+
+
+async def test_an_invalid_submit_option_is_one_line_not_a_validation_traceback(
+    settings: Settings,
+) -> None:
+    # Given team alpha added the default way
+    alpha = await add(settings, "alpha")
+    assert alpha.password is not None
+
+    # When its operator submits a job naming a model longer than a job may name
+    code, _, stderr = await _submit(
+        settings, "--team", "alpha", "--model", "m" * 129, "hi",
+        QUEUEGATE_TEAM_PASSWORD=alpha.password,
+    )  # fmt: skip
+
+    # Expect one line naming the field and what to do
+    assert code == 1
+    assert stderr.strip().count("\n") == 0, stderr
+    assert "invalid model: String should have at most 128 characters" in stderr
+    assert "correct it" in stderr

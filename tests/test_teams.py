@@ -379,3 +379,40 @@ async def test_a_teams_broker_user_cannot_open_more_channels_than_its_limit(
         # Expect the broker to refuse it
         with pytest.raises(aio_pika.exceptions.AMQPError):
             await connection.channel()
+
+
+async def test_a_queue_the_broker_already_has_otherwise_is_one_line_that_says_what_to_do(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given the team's queue declared beforehand as a classic queue with other arguments
+    queue = Topology(settings.namespace).team_queue("alpha")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, arguments={"x-max-length": 5})
+
+        # When an operator adds team alpha
+        code, _, stderr = await _queuegate(settings, "teams", "add", "alpha")
+        await declared.delete(if_unused=False, if_empty=False)
+
+    # Expect one line naming the queue and the way out, and nothing left behind
+    assert code == 1
+    assert stderr.strip().count("\n") == 0, stderr
+    assert f"already has queue {queue} with other arguments" in stderr
+    assert f"rabbitmqctl delete_queue {queue}" in stderr
+    async with BrokerAdmin(settings.management_url) as admin:
+        assert not await admin.user_exists(users[0])
+    assert await listing(settings) == []
+
+
+async def test_a_database_error_of_any_command_is_one_line(settings: Settings) -> None:
+    # Given a database schema that was never migrated
+    unmigrated = settings.model_copy(update={"database_schema": f"{settings.database_schema}_x"})
+
+    # When an operator reads usage from it
+    code, _, stderr = await _queuegate(unmigrated, "usage")
+
+    # Expect one line that says what to do, not a traceback
+    assert code == 1
+    assert stderr.strip().count("\n") == 0, stderr
+    assert "PostgreSQL refused the request" in stderr and "queuegate migrate" in stderr
