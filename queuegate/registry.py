@@ -12,13 +12,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
+from queuegate.numbers import plain_decimal
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ def check_team_name(name: str) -> str:
     return name
 
 
+Money = Annotated[Decimal, PlainSerializer(plain_decimal, return_type=str, when_used="json")]
+"""USD, stored and shown positionally: ``--budget 1E+3`` is kept as ``"1000"`` and
+``0.0000000001`` never as ``"1E-10"``, which readers (and the reports' SQL) take for text."""
+
+
 class ModelLimits(BaseModel):
     """A team's own limits on one model alias, on top of its team-wide ones."""
 
@@ -41,7 +47,7 @@ class ModelLimits(BaseModel):
 
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    budget_usd: Money | None = Field(default=None, ge=0)
     """Monthly cap on what the team spends on this alias (requested, fallbacks included)."""
 
 
@@ -60,7 +66,7 @@ class TeamConfig(BaseModel):
     """Tokens (prompt + output) per minute across all the team's models."""
     models: dict[str, ModelLimits] = Field(default_factory=dict)
     """Per-alias limits and budget caps."""
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    budget_usd: Money | None = Field(default=None, ge=0)
     """Monthly budget (UTC calendar month); jobs beyond it are answered ``budget_exhausted``."""
     alert_threshold: float = Field(default=0.8, gt=0, le=1)
     """Fraction of the budget whose crossing emits one alert per month."""

@@ -133,7 +133,7 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
             _ms(t.wait_p99_ms),
             "-" if t.bucket_fill is None else f"{t.bucket_fill:.0%}",
             f"${t.spend_usd:,.4f}",
-            "-" if t.budget_usd is None else f"${t.budget_usd:,}",
+            "-" if t.budget_usd is None else f"${t.budget_usd.normalize():,f}",
         ]
         teams.add_row(*cells)
     if not status.teams:

@@ -18,6 +18,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from queuegate.numbers import plain_decimal
 from queuegate.registry import Team
 
 TEXT_MIN_WIDTH = 12
@@ -132,7 +133,11 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
         table.add_column(column, justify="right")
 
     def cell(value: object) -> str:
-        return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+        if value is None:
+            return "-"
+        if isinstance(value, Decimal):
+            return plain_decimal(value)
+        return f"{value:,}" if isinstance(value, int) else str(value)
 
     table.add_row("team", cell(config.rpm), cell(config.tpm), cell(config.budget_usd))
     for alias, limits in sorted(config.models.items()):

@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -416,3 +417,53 @@ async def test_a_database_error_of_any_command_is_one_line(settings: Settings) -
     assert code == 1
     assert stderr.strip().count("\n") == 0, stderr
     assert "PostgreSQL refused the request" in stderr and "queuegate migrate" in stderr
+
+
+async def test_budgets_in_scientific_notation_are_stored_and_read_plain(
+    settings: Settings,
+) -> None:
+    # Given a registered team
+    env = _cli_env(settings)
+    runner = CliRunner()
+
+    async def cli(*args: str) -> Any:
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+    await add(settings, "alpha", identity="queue")
+
+    async def stored() -> str:
+        pool = await create_pool(settings)
+        try:
+            value: str = await pool.fetchval(
+                "SELECT config->>'budget_usd' FROM teams WHERE name = 'alpha'"
+            )
+            return value
+        finally:
+            await pool.close()
+
+    # When an operator sets a tiny budget, expect it stored and shown positionally
+    done = await cli("teams", "set", "alpha", "--budget", "0.0000000001")
+    assert done.exit_code == 0, done.output
+    assert await stored() == "0.0000000001"
+    shown = await cli("teams", "show", "alpha")
+    assert "0.0000000001" in shown.stdout and "E-10" not in shown.stdout
+
+    # When an operator writes one in scientific notation, expect it stored plain
+    done = await cli("teams", "set", "alpha", "--budget", "1E+3")
+    assert done.exit_code == 0, done.output
+    assert await stored() == "1000"
+
+    # Given a budget an older version stored as "1E+3": status reads it all the same
+    pool = await create_pool(settings)
+    try:
+        await pool.execute(
+            "UPDATE teams SET config = config || '{\"budget_usd\": \"1E+3\"}' WHERE name = 'alpha'"
+        )
+    finally:
+        await pool.close()
+    as_json = await cli("status", "--json", "--teams", "alpha")
+    assert as_json.exit_code == 0, as_json.output
+    [team] = json.loads(as_json.stdout)["teams"]
+    assert team["budget_usd"] == "1000"
+    table = await cli("status", "--teams", "alpha")
+    assert "$1,000" in table.stdout, table.stdout
