@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import sys
@@ -387,6 +388,11 @@ def usage(
         sys.stdout.write(to_json(rows))
     elif as_csv:
         sys.stdout.write(to_csv(rows))
+    elif not rows:
+        when = f"{day:%Y-%m}"
+        if daily:
+            when = f"the {days} days to {'today' if month is None else _month_end(day)}"
+        out.print(f"no usage in {when}{f' for team {team}' if team else ''}", highlight=False)
     else:
         what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
         what += f", team {team}" if team else ""
@@ -835,3 +841,20 @@ def audit_prune(
             await pool.close()
 
     out.print(f"deleted {run(go):,} captured jobs older than {older_than}")
+
+
+def _paragraphs_on_one_line(commands: typer.Typer) -> None:
+    """Help text is wrapped at the source's width, and rich keeps those line breaks when it
+    wraps again at the terminal's, cutting sentences into stubs: each paragraph of every
+    command's help becomes one line, which rich alone wraps."""
+    for command in commands.registered_commands:
+        callback = command.callback
+        if callback is not None and callback.__doc__:
+            paragraphs = inspect.cleandoc(callback.__doc__).split("\n\n")
+            callback.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in commands.registered_groups:
+        if group.typer_instance is not None:
+            _paragraphs_on_one_line(group.typer_instance)
+
+
+_paragraphs_on_one_line(app)

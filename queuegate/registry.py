@@ -30,7 +30,8 @@ TEAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 def check_team_name(name: str) -> str:
     if not TEAM_NAME.fullmatch(name):
         raise ConfigError(
-            f"team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_'"
+            f"team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
         )
     return name
 

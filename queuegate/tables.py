@@ -145,7 +145,9 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
     lines = [
         f"alert at {config.alert_threshold:.0%} of the budget",
         f"max queue length {cell(config.max_queue_length)}",
-        f"expected output {cell(config.expected_output_tokens)} tokens",
+        "expected output: the gateway's default"
+        if config.expected_output_tokens is None
+        else f"expected output {config.expected_output_tokens:,} tokens",
         f"response cache {'on' if config.cache else 'off'} by default",
     ]
     if broker_limits is not None:

@@ -148,3 +148,42 @@ async def test_an_invalid_submit_option_is_one_line_not_a_validation_traceback(
     assert stderr.strip().count("\n") == 0, stderr
     assert "invalid model: String should have at most 128 characters" in stderr
     assert "correct it" in stderr
+
+
+def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
+    # When an operator reads the help of commands with long descriptions at 80 columns
+    for command in (["submit"], ["worker"], ["teams", "add"], ["teams", "set"], ["status"]):
+        shown = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+        assert shown.exit_code == 0, shown.output
+        description = shown.output.split("Usage:", 1)[1].split("╭", 1)[0]
+        text = "\n".join(line.strip() for line in description.splitlines())
+        paragraphs = [p.splitlines() for p in text.split("\n\n") if p.strip()][1:]
+        assert paragraphs, shown.output
+
+        # Expect every line of a paragraph filled, but its last: no sentence cut into stubs
+        for lines in paragraphs:
+            stubs = [line for line in lines[:-1] if len(line.strip()) < 60]
+            assert not stubs, (command, shown.output)
+
+
+def test_teams_show_and_usage_say_what_is_unset_or_empty(settings: Settings) -> None:
+    # Given a migrated database with a team and no usage
+    env = _env(settings)
+    assert runner.invoke(app, ["migrate"], env=env).exit_code == 0
+    added = runner.invoke(app, ["teams", "add", "alpha", "--identity", "queue"], env=env)
+    assert added.exit_code == 0, added.output
+
+    # When an operator shows the team, and reads a month without usage
+    shown = runner.invoke(app, ["teams", "show", "alpha"], env=env)
+    empty = runner.invoke(app, ["usage", "--month", "2026-10", "--by", "model"], env=env)
+
+    # Expect the unset expected output named as the default, and one line for no usage
+    assert "expected output: the gateway's default" in shown.stdout
+    assert "- tokens" not in shown.stdout
+    assert empty.exit_code == 0 and empty.stdout == "no usage in 2026-10\n"
+
+
+def test_a_team_name_refused_is_told_the_rule_it_breaks(settings: Settings) -> None:
+    refused = runner.invoke(app, ["teams", "add", "_alpha"], env=_env(settings))
+    assert refused.exit_code == 1
+    assert "starting with a letter or digit" in str(refused.exception)
