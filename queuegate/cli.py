@@ -247,6 +247,13 @@ def mock_provider(
         float | None,
         typer.Option(help="Retry-After of those 429s, s (default: until the limit admits one)."),
     ] = None,
+    fail_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An upstream model whose every call fails with --error-status (repeatable), "
+            "as the bundled catalog's flaky-gpt expects.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI and Anthropic wire formats with deterministic replies and faults."""
     from mockprovider import Behavior, MockConfig, serve
@@ -260,8 +267,10 @@ def mock_provider(
         rate_limit_burst=rate_limit_burst,
         retry_after=retry_after,
     )
+    failing = Behavior(error_rate=1.0, error_status=error_status)
+    config = MockConfig(default=behavior, models=dict.fromkeys(fail_model or [], failing))
     out.print(f"mock provider on http://{host}:{port} (Ctrl-C stops it)")
-    run(lambda: serve(MockConfig(default=behavior), host, port))
+    run(lambda: serve(config, host, port))
 
 
 @app.command()

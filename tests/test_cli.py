@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 
+import httpx
 from typer.testing import CliRunner
 
 from queuegate.cli import app
@@ -187,3 +189,38 @@ def test_a_team_name_refused_is_told_the_rule_it_breaks(settings: Settings) -> N
     refused = runner.invoke(app, ["teams", "add", "_alpha"], env=_env(settings))
     assert refused.exit_code == 1
     assert "starting with a letter or digit" in str(refused.exception)
+
+
+async def test_mock_provider_fails_the_models_it_is_told_to_and_serves_the_rest() -> None:
+    # Given a free port
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    # When the mock is run as the bundled catalog's comment says, for flaky-gpt
+    mock = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queuegate", "mock-provider", "--port", str(port),
+        "--fail-model", "flaky-gpt", "--error-status", "503", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert mock.stdout is not None
+        await asyncio.wait_for(mock.stdout.readline(), timeout=30)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+            async def call(model: str) -> int:
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                for _ in range(500):  # the line is printed just before it listens
+                    try:
+                        response = await http.post("/v1/chat/completions", json=body)
+                    except httpx.ConnectError:
+                        await asyncio.sleep(0.02)
+                        continue
+                    return response.status_code
+                raise AssertionError("the mock provider never listened")
+
+            # Expect flaky-gpt answered with the error status, every time; others served
+            assert [await call("flaky-gpt") for _ in range(3)] == [503, 503, 503]
+            assert await call("gpt-4o-mini") == 200
+    finally:
+        mock.terminate()
+        await mock.wait()
