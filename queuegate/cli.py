@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import socket
 import sys
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -25,6 +26,7 @@ from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.messages import UnsupportedParams
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
+from queuegate.tables import visible
 
 app = typer.Typer(
     help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
@@ -60,7 +62,7 @@ def main() -> None:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    err.print(f"[red]error:[/] {escape(visible(message))}", highlight=False)
     sys.exit(1)
 
 
@@ -96,8 +98,10 @@ def _one_line(exc: Exception) -> str | None:
         )
     if isinstance(exc, redis.exceptions.RedisError):
         return f"Redis failed ({type(exc).__name__}: {first}): check QUEUEGATE_REDIS_URL"
-    if isinstance(exc, OSError):
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
         return f"a service is not reachable ({first}): start it (make services)"
+    if isinstance(exc, OSError):
+        return f"{first}: check the file or permission it names"
     return None
 
 
@@ -348,7 +352,8 @@ def submit(
                 ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
                 "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
             )
-        err.print(f"[red]{result.error.code}:[/] {result.error.message}{hint}", highlight=False)
+        message = escape(visible(result.error.message))
+        err.print(f"[red]{result.error.code}:[/] {message}{hint}", highlight=False)
         raise typer.Exit(1)
 
 
