@@ -58,9 +58,14 @@ class SafeTable(Table):
         super().add_row(*cells, style=style, end_section=end_section)
 
 
+def safe_title(title: str) -> Text:
+    """A title that may hold a name someone chose, written out, in rich's title style."""
+    return Text(visible(title), style="table.title")
+
+
 def compact_table(title: str) -> Table:
     """A table whose columns are one space apart, with a rule under the header."""
-    return SafeTable(title=Text(visible(title)), box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+    return SafeTable(title=safe_title(title), box=box.SIMPLE_HEAD, padding=0, show_edge=False)
 
 
 def add_text_column(table: Table, header: str) -> None:
@@ -103,7 +108,7 @@ class SpendRow(Protocol):
 
 
 def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
-    table = SafeTable(title=Text(visible(title)))
+    table = SafeTable(title=safe_title(title))
     table.add_column("team")
     for column in ("requests", "errors", "input tokens", "output tokens", "cost (USD)"):
         table.add_column(column, justify="right")
