@@ -64,9 +64,10 @@ _SUMS = """
        sum(output_tokens)::bigint AS output_tokens,
        sum(cost_usd) AS cost_usd"""
 
-# A budget is read only when it is a plain number, so a malformed config cannot fail a report.
+# A budget is read only when it is a number (older versions stored exponents, "1E+3"), so a
+# malformed config cannot fail a report; the exponent's three digits keep the cast in range.
 _BUDGET = r"""
-CASE WHEN t.config->>'budget_usd' ~ '^[0-9]+(\.[0-9]+)?$'
+CASE WHEN t.config->>'budget_usd' ~ '^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?$'
      THEN (t.config->>'budget_usd')::numeric END"""
 
 # Days are a half-open range, so no day falls between two months. $3 is the row limit (NULL:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
+import socket
 import sys
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -15,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.measure import Measurement
 
 from queuegate.cli_batch import batch_app
@@ -23,6 +26,7 @@ from queuegate.errors import GatewayError, ServiceUnavailable
 from queuegate.messages import UnsupportedParams
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
+from queuegate.tables import visible
 
 app = typer.Typer(
     help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
@@ -49,8 +53,56 @@ def main() -> None:
     try:
         app()
     except GatewayError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        sys.exit(1)
+        _fail(str(exc))
+    except Exception as exc:
+        message = _one_line(exc)
+        if message is None:
+            raise
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/] {escape(visible(message))}", highlight=False)
+    sys.exit(1)
+
+
+def _one_line(exc: Exception) -> str | None:
+    """What an error of a library says, with what to do, or None for a bug (its traceback
+    is then the useful output). The messages name no URL: those may carry passwords."""
+    import aio_pika.exceptions
+    import aiormq.exceptions
+    import asyncpg
+    import httpx
+    import pydantic
+    import redis.exceptions
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pydantic.ValidationError):
+        problem = exc.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "input"
+        return f"invalid {field}: {problem['msg']}: correct it and run the command again"
+    if isinstance(exc, aiormq.exceptions.AMQPError | aio_pika.exceptions.AMQPException):
+        return (
+            f"RabbitMQ refused the request ({type(exc).__name__}: {first}): fix what it names "
+            "(queuegate status and the management UI show the broker's state)"
+        )
+    if isinstance(exc, httpx.HTTPError):
+        return (
+            f"the RabbitMQ management API failed ({type(exc).__name__}: {first}): check that "
+            "it answers at QUEUEGATE_MANAGEMENT_URL"
+        )
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return (
+            f"PostgreSQL refused the request ({type(exc).__name__}: {first}): run queuegate "
+            "migrate if the schema is missing, or check QUEUEGATE_DATABASE_URL"
+        )
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis failed ({type(exc).__name__}: {first}): check QUEUEGATE_REDIS_URL"
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+        return f"a service is not reachable ({first}): start it (make services)"
+    if isinstance(exc, OSError):
+        return f"{first}: check the file or permission it names"
+    return None
 
 
 def _print_table(renderable: RenderableType, *, wide: bool) -> None:
@@ -199,6 +251,13 @@ def mock_provider(
         float | None,
         typer.Option(help="Retry-After of those 429s, s (default: until the limit admits one)."),
     ] = None,
+    fail_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An upstream model whose every call fails with --error-status (repeatable), "
+            "as the bundled catalog's flaky-gpt expects.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI and Anthropic wire formats with deterministic replies and faults."""
     from mockprovider import Behavior, MockConfig, serve
@@ -212,8 +271,10 @@ def mock_provider(
         rate_limit_burst=rate_limit_burst,
         retry_after=retry_after,
     )
+    failing = Behavior(error_rate=1.0, error_status=error_status)
+    config = MockConfig(default=behavior, models=dict.fromkeys(fail_model or [], failing))
     out.print(f"mock provider on http://{host}:{port} (Ctrl-C stops it)")
-    run(lambda: serve(MockConfig(default=behavior), host, port))
+    run(lambda: serve(config, host, port))
 
 
 @app.command()
@@ -291,7 +352,8 @@ def submit(
                 ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
                 "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
             )
-        err.print(f"[red]{result.error.code}:[/] {result.error.message}{hint}", highlight=False)
+        message = escape(visible(result.error.message))
+        err.print(f"[red]{result.error.code}:[/] {message}{hint}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -340,6 +402,11 @@ def usage(
         sys.stdout.write(to_json(rows))
     elif as_csv:
         sys.stdout.write(to_csv(rows))
+    elif not rows:
+        when = f"{day:%Y-%m}"
+        if daily:
+            when = f"the {days} days to {'today' if month is None else _month_end(day)}"
+        out.print(f"no usage in {when}{f' for team {team}' if team else ''}", highlight=False)
     else:
         what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
         what += f", team {team}" if team else ""
@@ -795,3 +862,20 @@ def audit_prune(
             await pool.close()
 
     out.print(f"deleted {run(go):,} captured jobs older than {older_than}")
+
+
+def _paragraphs_on_one_line(commands: typer.Typer) -> None:
+    """Help text is wrapped at the source's width, and rich keeps those line breaks when it
+    wraps again at the terminal's, cutting sentences into stubs: each paragraph of every
+    command's help becomes one line, which rich alone wraps."""
+    for command in commands.registered_commands:
+        callback = command.callback
+        if callback is not None and callback.__doc__:
+            paragraphs = inspect.cleandoc(callback.__doc__).split("\n\n")
+            callback.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in commands.registered_groups:
+        if group.typer_instance is not None:
+            _paragraphs_on_one_line(group.typer_instance)
+
+
+_paragraphs_on_one_line(app)

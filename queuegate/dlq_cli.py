@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 from queuegate.runtime import run
 from queuegate.settings import Settings
+from queuegate.tables import SafeTable, visible
 
 if TYPE_CHECKING:
     from queuegate.dlq import DeadLetter
@@ -59,7 +61,7 @@ def dlq_list(
 def dead_letter_table(letters: Sequence[DeadLetter], *, total: int, wide: bool) -> Table:
     """One row per letter; the job id whole (``dlq show`` and ``replay`` take it), the rest
     short enough for 80 columns unless ``wide``."""
-    table = Table(title=f"dead letters: {len(letters):,} of {total:,}", box=box.SIMPLE_HEAD)
+    table = SafeTable(title=f"dead letters: {len(letters):,} of {total:,}", box=box.SIMPLE_HEAD)
     longest = max((len(x.message_id or "-") for x in letters), default=6)
     table.add_column("job id", no_wrap=True, min_width=longest)
     table.add_column("reason", overflow="fold")
@@ -94,21 +96,29 @@ def dlq_show(
 
     letters, _ = run(lambda: peek(Settings()))
     letter = find(letters, job_id)
-    out.print(f"[bold]{letter.message_id}[/]  reason: [red]{letter.reason}[/]", highlight=False)
-    if letter.detail:
-        out.print(f"detail: {letter.detail}", highlight=False)
-    if letter.then:
-        out.print(f"replayed, then: {letter.then}", highlight=False)
+
+    def shown(text: str) -> str:  # publishers choose these: written out, never markup
+        return escape(visible(text))
+
     out.print(
-        f"from queue: {letter.queue or '(unknown: not replayable)'}  deaths: {letter.deaths}"
-        f"  published by: {letter.user_id or '-'}  reply_to: {letter.reply_to or '-'}",
+        f"[bold]{shown(letter.message_id or '-')}[/]  reason: [red]{shown(letter.reason)}[/]",
         highlight=False,
     )
-    out.print("headers:", json.dumps(dict(letter.headers), default=str, indent=2))
-    shown = letter.body.decode(errors="replace")[:SHOW_BODY_LIMIT]
-    size, kept = letter.truncated or len(letter.body), len(shown.encode())
+    if letter.detail:
+        out.print(f"detail: {shown(letter.detail)}", highlight=False)
+    if letter.then:
+        out.print(f"replayed, then: {shown(letter.then)}", highlight=False)
+    out.print(
+        f"from queue: {shown(letter.queue or '(unknown: not replayable)')}  deaths: "
+        f"{letter.deaths}  published by: {shown(letter.user_id or '-')}  reply_to: "
+        f"{shown(letter.reply_to or '-')}",
+        highlight=False,
+    )
+    out.print("headers:", json.dumps(dict(letter.headers), default=str, indent=2), markup=False)
+    body = letter.body.decode(errors="replace")[:SHOW_BODY_LIMIT]
+    size, kept = letter.truncated or len(letter.body), len(body.encode())
     out.print(f"body (first {kept:,} of {size:,} bytes):" if kept < size else "body:")
-    out.print(shown, highlight=False, markup=False)
+    out.print(visible(body), highlight=False, markup=False)
 
 
 @dlq_app.command("replay")
@@ -137,10 +147,12 @@ def dlq_replay(
         )
     out.print(f"replayed {len(done):,} dead letters")
     for letter, why in refused:
-        err.print(f"not replayed {letter.message_id}: {why}", highlight=False)
+        err.print(f"not replayed {visible(letter.message_id or '-')}: {why}", markup=False)
     missing = set(job_ids or ()) - {x.message_id for x in done} - {x.message_id for x, _ in refused}
     if missing and not replay_all:
-        err.print(f"not in the dead-letter queue: {', '.join(sorted(missing))}")
+        err.print(
+            f"not in the dead-letter queue: {visible(', '.join(sorted(missing)))}", markup=False
+        )
     if refused or (missing and not replay_all):
         raise typer.Exit(1)
 

@@ -12,13 +12,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
+from queuegate.numbers import plain_decimal
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,15 @@ def default_burst(rpm: int) -> int:
 def check_team_name(name: str) -> str:
     if not TEAM_NAME.fullmatch(name):
         raise ConfigError(
-            f"team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_'"
+            f"team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
         )
     return name
+
+
+Money = Annotated[Decimal, PlainSerializer(plain_decimal, return_type=str, when_used="json")]
+"""USD, stored and shown positionally: ``--budget 1E+3`` is kept as ``"1000"`` and
+``0.0000000001`` never as ``"1E-10"``, which readers (and the reports' SQL) take for text."""
 
 
 class ModelLimits(BaseModel):
@@ -53,7 +60,7 @@ class ModelLimits(BaseModel):
     tpm: int | None = Field(default=None, ge=1)
     burst: int | None = Field(default=None, ge=1)
     """Requests its bucket holds; ``default_burst(rpm)`` when unset."""
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    budget_usd: Money | None = Field(default=None, ge=0)
     """Monthly cap on what the team spends on this alias (requested, fallbacks included)."""
 
 
@@ -75,7 +82,7 @@ class TeamConfig(BaseModel):
     ``default_burst(rpm)`` (five seconds of the rate) when unset."""
     models: dict[str, ModelLimits] = Field(default_factory=dict)
     """Per-alias limits and budget caps."""
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    budget_usd: Money | None = Field(default=None, ge=0)
     """Monthly budget (UTC calendar month); jobs beyond it are answered ``budget_exhausted``."""
     alert_threshold: float = Field(default=0.8, gt=0, le=1)
     """Fraction of the budget whose crossing emits one alert per month."""

@@ -19,7 +19,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 
 from queuegate.numbers import plain_decimal
-from queuegate.tables import add_number_column, add_text_column, compact_table, fit
+from queuegate.tables import add_number_column, add_text_column, compact_table, fit, visible
 
 if TYPE_CHECKING:  # the usage command needs no broker or Redis client
     from queuegate.status import Status
@@ -61,13 +61,15 @@ def csv_cell(value: Any) -> Any:
 
     A model alias or team name like ``=HYPERLINK(...)`` comes from whoever published the job,
     so text starting with ``= + - @``, a tab or a carriage return is neutralised as OWASP
-    advises (CSV injection). Numbers stay numbers: a negative amount is not text.
+    advises (CSV injection), and control characters are written out as in tables
+    (``visible``): a terminal that shows the file runs none. Numbers stay numbers: a
+    negative amount is not text.
     """
     if value is None:
         return ""
     if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return _plain(value)
+        return "'" + visible(value)
+    return visible(value) if isinstance(value, str) else _plain(value)
 
 
 _HEADERS = {
@@ -131,7 +133,7 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
             _ms(t.wait_p99_ms),
             "-" if t.bucket_fill is None else f"{t.bucket_fill:.0%}",
             f"${t.spend_usd:,.4f}",
-            "-" if t.budget_usd is None else f"${t.budget_usd:,}",
+            "-" if t.budget_usd is None else f"${t.budget_usd.normalize():,f}",
         ]
         teams.add_row(*cells)
     if not status.teams:

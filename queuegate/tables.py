@@ -8,23 +8,64 @@ rather than end in "…", so no number or id is ever cut. Commands offer ``--wid
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from rich import box
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from queuegate.numbers import plain_decimal
 from queuegate.registry import Team
 
 TEXT_MIN_WIDTH = 12
 """What a text column (a team, a model alias) keeps at least when a table must shrink."""
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""C0 and C1 controls (ESC, BEL, ...), DEL, and the marks and overrides that reorder text."""
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters written out (``\\x1b``, ``\\u202e``).
+
+    Model names, job ids, metadata and error details come from whoever published a job: raw,
+    an escape sequence in one would colour an operator's terminal, set its title or rewrite
+    what the table shows.
+    """
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class SafeTable(Table):
+    """A table whose text cells are shown as they are: control characters written out, and
+    brackets taken literally (never as rich markup). Other renderables pass unchanged."""
+
+    def add_row(
+        self,
+        *renderables: RenderableType | None,
+        style: Any = None,
+        end_section: bool = False,
+    ) -> None:
+        cells = [Text(visible(cell)) if isinstance(cell, str) else cell for cell in renderables]
+        super().add_row(*cells, style=style, end_section=end_section)
+
+
+def safe_title(title: str) -> Text:
+    """A title that may hold a name someone chose, written out, in rich's title style."""
+    return Text(visible(title), style="table.title")
+
+
 def compact_table(title: str) -> Table:
     """A table whose columns are one space apart, with a rule under the header."""
-    return Table(title=title, box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+    return SafeTable(title=safe_title(title), box=box.SIMPLE_HEAD, padding=0, show_edge=False)
 
 
 def add_text_column(table: Table, header: str) -> None:
@@ -41,10 +82,14 @@ def fit(table: Table) -> Table:
     """Call once the rows are in: number columns keep the width of their widest cell and
     header, so when 80 columns are too few rich narrows the text columns, never a number."""
     for column in table.columns:
-        widths = [Text.from_markup(str(cell)).cell_len for cell in column.cells]
+        widths = [_width(cell) for cell in column.cells]
         widest = max([Text.from_markup(str(column.header)).cell_len, *widths])
         column.min_width = widest if column.no_wrap else min(widest, TEXT_MIN_WIDTH)
     return table
+
+
+def _width(cell: object) -> int:
+    return cell.cell_len if isinstance(cell, Text) else Text.from_markup(str(cell)).cell_len
 
 
 class SpendRow(Protocol):
@@ -63,7 +108,7 @@ class SpendRow(Protocol):
 
 
 def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
-    table = Table(title=title)
+    table = SafeTable(title=safe_title(title))
     table.add_column("team")
     for column in ("requests", "errors", "input tokens", "output tokens", "cost (USD)"):
         table.add_column(column, justify="right")
@@ -87,13 +132,17 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
     ``broker_limits``: the team's broker user and its connection and channel limits.
     """
     config = team.config
-    table = Table(title=f"team {team.name} ({'enabled' if team.enabled else 'disabled'})")
+    table = SafeTable(title=f"team {team.name} ({'enabled' if team.enabled else 'disabled'})")
     table.add_column("scope")
     for column in ("rpm", "tpm", "budget (USD)"):
         table.add_column(column, justify="right")
 
     def cell(value: object) -> str:
-        return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+        if value is None:
+            return "-"
+        if isinstance(value, Decimal):
+            return plain_decimal(value)
+        return f"{value:,}" if isinstance(value, int) else str(value)
 
     table.add_row("team", cell(config.rpm), cell(config.tpm), cell(config.budget_usd))
     for alias, limits in sorted(config.models.items()):
@@ -101,7 +150,9 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
     lines = [
         f"alert at {config.alert_threshold:.0%} of the budget",
         f"max queue length {cell(config.max_queue_length)}",
-        f"expected output {cell(config.expected_output_tokens)} tokens",
+        "expected output: the gateway's default"
+        if config.expected_output_tokens is None
+        else f"expected output {config.expected_output_tokens:,} tokens",
         f"response cache {'on' if config.cache else 'off'} by default",
     ]
     if broker_limits is not None:

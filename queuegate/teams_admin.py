@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import aiormq.exceptions
 import asyncpg
 from pydantic import ValidationError
 
@@ -188,11 +189,17 @@ async def _ensure(
 
 async def _declare_queue(settings: Settings, name: str) -> None:
     connection = await connect(settings.amqp_url, name="queuegate-teams")
+    topology = Topology(settings.namespace, settings.delivery_limit)
     async with connection:
         channel = await connection.channel()
-        await Topology(settings.namespace, settings.delivery_limit).declare_team_queue(
-            channel, name
-        )
+        try:
+            await topology.declare_team_queue(channel, name)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            queue = topology.team_queue(name)
+            raise ConfigError(
+                f"the broker already has queue {queue} with other arguments: delete it "
+                f"(rabbitmqctl delete_queue {queue}) or pick another team name"
+            ) from exc
 
 
 async def rotate(settings: Settings, name: str) -> Credentials:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.table import Table
+from rich.text import Text
 
 from queuegate.tables import add_number_column, add_text_column, compact_table, fit
 from router.catalog import Deployment
@@ -32,7 +33,7 @@ def deployments_table(
             names += [deployment.provider, deployment.model]
         table.add_row(
             *names,
-            f"[{style}]{status.state}[/]",
+            Text(status.state, style=style),
             f"{status.wait:.1f} s" if status.state != "closed" else "",
             f"{status.paused_for:.1f} s" if status.paused_for else "",
         )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 
+import httpx
 from typer.testing import CliRunner
 
 from queuegate.cli import app
@@ -128,3 +130,97 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
     code, _, stderr = wrong
     assert code == 1 and "refused the user's password" in stderr
     assert "not-the-password" not in stderr
+
+
+async def test_an_invalid_submit_option_is_one_line_not_a_validation_traceback(
+    settings: Settings,
+) -> None:
+    # Given team alpha added the default way
+    alpha = await add(settings, "alpha")
+    assert alpha.password is not None
+
+    # When its operator submits a job naming a model longer than a job may name
+    code, _, stderr = await _submit(
+        settings, "--team", "alpha", "--model", "m" * 129, "hi",
+        QUEUEGATE_TEAM_PASSWORD=alpha.password,
+    )  # fmt: skip
+
+    # Expect one line naming the field and what to do
+    assert code == 1
+    assert stderr.strip().count("\n") == 0, stderr
+    assert "invalid model: String should have at most 128 characters" in stderr
+    assert "correct it" in stderr
+
+
+def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
+    # When an operator reads the help of commands with long descriptions at 80 columns
+    for command in (["submit"], ["worker"], ["teams", "add"], ["teams", "set"], ["status"]):
+        shown = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+        assert shown.exit_code == 0, shown.output
+        description = shown.output.split("Usage:", 1)[1].split("╭", 1)[0]
+        text = "\n".join(line.strip() for line in description.splitlines())
+        paragraphs = [p.splitlines() for p in text.split("\n\n") if p.strip()][1:]
+        assert paragraphs, shown.output
+
+        # Expect every line of a paragraph filled, but its last: no sentence cut into stubs
+        for lines in paragraphs:
+            stubs = [line for line in lines[:-1] if len(line.strip()) < 60]
+            assert not stubs, (command, shown.output)
+
+
+def test_teams_show_and_usage_say_what_is_unset_or_empty(settings: Settings) -> None:
+    # Given a migrated database with a team and no usage
+    env = _env(settings)
+    assert runner.invoke(app, ["migrate"], env=env).exit_code == 0
+    added = runner.invoke(app, ["teams", "add", "alpha", "--identity", "queue"], env=env)
+    assert added.exit_code == 0, added.output
+
+    # When an operator shows the team, and reads a month without usage
+    shown = runner.invoke(app, ["teams", "show", "alpha"], env=env)
+    empty = runner.invoke(app, ["usage", "--month", "2026-10", "--by", "model"], env=env)
+
+    # Expect the unset expected output named as the default, and one line for no usage
+    assert "expected output: the gateway's default" in shown.stdout
+    assert "- tokens" not in shown.stdout
+    assert empty.exit_code == 0 and empty.stdout == "no usage in 2026-10\n"
+
+
+def test_a_team_name_refused_is_told_the_rule_it_breaks(settings: Settings) -> None:
+    refused = runner.invoke(app, ["teams", "add", "_alpha"], env=_env(settings))
+    assert refused.exit_code == 1
+    assert "starting with a letter or digit" in str(refused.exception)
+
+
+async def test_mock_provider_fails_the_models_it_is_told_to_and_serves_the_rest() -> None:
+    # Given a free port
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    # When the mock is run as the bundled catalog's comment says, for flaky-gpt
+    mock = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queuegate", "mock-provider", "--port", str(port),
+        "--fail-model", "flaky-gpt", "--error-status", "503", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert mock.stdout is not None
+        await asyncio.wait_for(mock.stdout.readline(), timeout=30)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+            async def call(model: str) -> int:
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                for _ in range(500):  # the line is printed just before it listens
+                    try:
+                        response = await http.post("/v1/chat/completions", json=body)
+                    except httpx.ConnectError:
+                        await asyncio.sleep(0.02)
+                        continue
+                    return response.status_code
+                raise AssertionError("the mock provider never listened")
+
+            # Expect flaky-gpt answered with the error status, every time; others served
+            assert [await call("flaky-gpt") for _ in range(3)] == [503, 503, 503]
+            assert await call("gpt-4o-mini") == 200
+    finally:
+        mock.terminate()
+        await mock.wait()

@@ -196,3 +196,27 @@ async def test_usage_csv_is_one_team_plain_numbers_and_no_formulas(
     [model_row] = list(csv.DictReader(io.StringIO(by_model)))
     assert (model_row["team"], model_row["model"]) == ("alpha", "'" + formula)
     assert model_row["cost_usd"] == "0"
+
+
+async def test_control_characters_a_team_puts_in_a_model_name_are_written_out(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given alpha's job on a model named with a colour escape and a bell
+    day = datetime(2026, 3, 5, tzinfo=UTC)
+    evil = "m\x1b[31m\x07"
+    await insert_usage(
+        pool, [UsageEvent(job_id="a", team="alpha", model_requested=evil, status="ok", ts=day)]
+    )
+
+    # When an operator reads usage by model, as an 80-column table and as CSV
+    shown, exported = await asyncio.gather(
+        _usage_cli(settings, "--by", "model"), _usage_cli(settings, "--by", "model", "--csv")
+    )
+
+    # Expect no control character reaching the terminal, and the name shown escaped
+    written_out = "m\\x1b[31m\\x07"
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert written_out in shown
+    assert max(len(line) for line in shown.splitlines()) <= 80
+    [row] = list(csv.DictReader(io.StringIO(exported)))
+    assert row["model"] == written_out

@@ -132,3 +132,25 @@ async def test_status_and_deployments_piped_are_whole(settings: Settings) -> Non
     _whole(deployments.splitlines(), "deployment", "anthropic-main", "closed", "429 pause")
     # and --wide as wide as it needs, every name on one line
     _whole(wide.splitlines(), "openai_compatible", "claude-3-5-haiku-latest", "upstream model")
+
+
+def test_dead_letters_show_a_publishers_escapes_and_bidi_overrides_written_out() -> None:
+    # Given a dead letter whose id and detail a publisher filled with a title escape, a bell,
+    # a right-to-left override and rich markup
+    from queuegate.dlq import DeadLetter
+    from queuegate.dlq_cli import dead_letter_table
+
+    letter = DeadLetter(
+        position=0, message_id="id\x1b]0;owned\x07", reason="invalid_request",
+        detail="[red]x\u202e", then=None, queue="ns.jobs.alpha", team="alpha", deaths=1,
+        at=None, headers={}, body=b"{}", reply_to=None, user_id=None, truncated=None,
+    )  # fmt: skip
+
+    # When the wide list is rendered
+    console = Console(width=160, file=io.StringIO(), color_system=None)
+    console.print(dead_letter_table([letter], total=1, wide=True))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+
+    # Expect each control character written out and the brackets kept as text
+    assert not any(c in text for c in "\x1b\x07\u202e"), repr(text)
+    assert "id\\x1b]0;owned\\x07" in text and "[red]x\\u202e" in text

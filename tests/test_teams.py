@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -383,3 +384,90 @@ async def test_a_teams_broker_user_cannot_open_more_channels_than_its_limit(
         # Expect the broker to refuse it
         with pytest.raises(aio_pika.exceptions.AMQPError):
             await connection.channel()
+
+
+async def test_a_queue_the_broker_already_has_otherwise_is_one_line_that_says_what_to_do(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given the team's queue declared beforehand as a classic queue with other arguments
+    queue = Topology(settings.namespace).team_queue("alpha")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, arguments={"x-max-length": 5})
+
+        # When an operator adds team alpha
+        code, _, stderr = await _queuegate(settings, "teams", "add", "alpha")
+        await declared.delete(if_unused=False, if_empty=False)
+
+    # Expect one line naming the queue and the way out, and nothing left behind
+    assert code == 1
+    assert stderr.strip().count("\n") == 0, stderr
+    assert f"already has queue {queue} with other arguments" in stderr
+    assert f"rabbitmqctl delete_queue {queue}" in stderr
+    async with BrokerAdmin(settings.management_url) as admin:
+        assert not await admin.user_exists(users[0])
+    assert await listing(settings) == []
+
+
+async def test_a_database_error_of_any_command_is_one_line(settings: Settings) -> None:
+    # Given a database schema that was never migrated
+    unmigrated = settings.model_copy(update={"database_schema": f"{settings.database_schema}_x"})
+
+    # When an operator reads usage from it
+    code, _, stderr = await _queuegate(unmigrated, "usage")
+
+    # Expect one line that says what to do, not a traceback
+    assert code == 1
+    assert stderr.strip().count("\n") == 0, stderr
+    assert "PostgreSQL refused the request" in stderr and "queuegate migrate" in stderr
+
+
+async def test_budgets_in_scientific_notation_are_stored_and_read_plain(
+    settings: Settings,
+) -> None:
+    # Given a registered team
+    env = _cli_env(settings)
+    runner = CliRunner()
+
+    async def cli(*args: str) -> Any:
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+    await add(settings, "alpha", identity="queue")
+
+    async def stored() -> str:
+        pool = await create_pool(settings)
+        try:
+            value: str = await pool.fetchval(
+                "SELECT config->>'budget_usd' FROM teams WHERE name = 'alpha'"
+            )
+            return value
+        finally:
+            await pool.close()
+
+    # When an operator sets a tiny budget, expect it stored and shown positionally
+    done = await cli("teams", "set", "alpha", "--budget", "0.0000000001")
+    assert done.exit_code == 0, done.output
+    assert await stored() == "0.0000000001"
+    shown = await cli("teams", "show", "alpha")
+    assert "0.0000000001" in shown.stdout and "E-10" not in shown.stdout
+
+    # When an operator writes one in scientific notation, expect it stored plain
+    done = await cli("teams", "set", "alpha", "--budget", "1E+3")
+    assert done.exit_code == 0, done.output
+    assert await stored() == "1000"
+
+    # Given a budget an older version stored as "1E+3": status reads it all the same
+    pool = await create_pool(settings)
+    try:
+        await pool.execute(
+            "UPDATE teams SET config = config || '{\"budget_usd\": \"1E+3\"}' WHERE name = 'alpha'"
+        )
+    finally:
+        await pool.close()
+    as_json = await cli("status", "--json", "--teams", "alpha")
+    assert as_json.exit_code == 0, as_json.output
+    [team] = json.loads(as_json.stdout)["teams"]
+    assert team["budget_usd"] == "1000"
+    table = await cli("status", "--teams", "alpha")
+    assert "$1,000" in table.stdout, table.stdout

@@ -25,7 +25,8 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 def check_batch_name(name: str) -> str:
     if not NAME.fullmatch(name):
         raise BatchError(
-            f"batch name {name!r} is not valid: use 1-48 lowercase letters, digits, - and _"
+            f"batch name {name!r} is not valid: use 1-48 lowercase letters, digits, - and _, "
+            "starting with a letter or digit"
         )
     return name
 
