@@ -4,11 +4,14 @@ the HTTP client refuses. Over real HTTP against the mock."""
 
 from __future__ import annotations
 
+import base64
+import re
 import time
 import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -179,6 +182,72 @@ def test_scrub_collapses_whitespace_before_it_redacts() -> None:
     said = scrub(f"Incorrect API key:\n  {split(KEY)}\r\n please check", KEY)
 
     assert said == "Incorrect API key: [redacted] please check"
+
+
+def b64(data: str, offset: int) -> str:
+    """``data`` base64-encoded inside a longer text, ``offset`` bytes after its start."""
+    return base64.b64encode(b"x" * offset + data.encode()).decode()
+
+
+KEY_FORMS = {
+    "base64 aligned": b64(KEY, 0),
+    "base64 one byte in": b64(KEY, 1),
+    "base64 two bytes in": b64(KEY, 2),
+    "url-safe base64": base64.urlsafe_b64encode(b"~" + KEY.encode()).decode(),
+    "percent-encoded": "".join(f"%{ord(char):02X}" for char in KEY),
+    "partly percent-encoded": quote(KEY, safe="").replace("-", "%2d"),
+    "zero-width spaces": "\u200b".join(KEY),
+    "other format characters": "\u2060".join(KEY[:20]) + "\u00ad" + "\ufeff".join(KEY[20:]),
+    "upper case": KEY.upper(),
+    "prefix of 12": KEY[:12],
+    "suffix of 12": KEY[-12:],
+    "middle piece": KEY[8:24],
+}
+
+
+@pytest.mark.parametrize("form", KEY_FORMS.values(), ids=KEY_FORMS.keys())
+def test_scrub_redacts_every_encoding_and_piece_of_the_key(form: str) -> None:
+    said = scrub(f"rejected key={form} for this account", KEY)
+
+    # Only the few base64 characters that also encode the bytes around the key may remain
+    assert re.fullmatch(r"rejected key=\S{0,4}\[redacted\]\S{0,4} for this account", said), said
+
+
+def test_scrub_redacts_more_than_half_of_a_short_key() -> None:
+    assert scrub("bad key sk-test-m", "sk-test-mock") == "bad key [redacted]"
+    assert scrub("sk- and test are fine", "sk-test-mock") == "sk- and test are fine"
+
+
+def test_scrub_is_fast_on_a_large_error_body() -> None:
+    body = "upstream said: " + " ".join(f"word{i}%20x" for i in range(20_000)) + KEY.upper()
+    started = time.monotonic()
+    said = scrub(body, KEY)
+    # Generous under load; the quadratic version this guards against takes minutes
+    assert time.monotonic() - started < 5
+    assert said.startswith("upstream said: word0%20x")
+
+
+async def test_every_form_of_an_echoed_key_is_scrubbed_from_the_stored_result(
+    settings: Settings,
+) -> None:
+    key = "sk-test-mock"  # the key running_gateway gives the worker
+    forms = [b64(key, 0), b64(key, 1), b64(key, 2), quote(key, safe="-").replace("-", "%2D")]
+    echo = " | ".join([*forms, "\u200b".join(key), key.upper(), key[:9]])
+    body = {"error": {"type": "invalid_request_error", "message": echo}}
+    faults = MockConfig(
+        models={"gpt-4o-mini": Behavior(error_rate=1.0, error_status=400, error_body=body)}
+    )
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        handle = await client.submit(client.job("gpt-4o-mini", [{"role": "user", "content": "Hi"}]))
+        result = await handle.result(10)
+
+        assert result.status == "error" and result.error is not None
+        assert result.error.message.count("[redacted]") == 7
+        [row] = await gw.usage_rows(1)
+    stored = result.model_dump_json() + str(dict(row))
+    for form in echo.split(" | "):
+        assert form not in stored
+    assert "sk-test" not in stored.lower()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["http error body", "stream error event"])
