@@ -28,6 +28,7 @@ from queuegate.errors import (
 from queuegate.messages import HTTP_STATUS, ChatJob
 from queuegate.settings import Settings
 from router import Catalog, load_catalog, open_router
+from router.providers import ADAPTERS
 from router.providers.base import scrub
 from tests.support import running_gateway
 
@@ -376,3 +377,26 @@ async def test_a_worker_answers_a_job_whose_key_the_http_client_refuses(
         [row] = await gw.usage_rows(1)
         assert row["job_id"] == result.job_id
         assert gw.mock.stats.calls == 0
+
+
+async def test_a_fault_inside_the_router_answers_the_job_instead_of_requeuing_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker that fails on every answer in a way no redelivery cures (what a value
+    # no check caught does: float infinity turned into milliseconds)
+    def overflow(body: Any, model: str) -> Any:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(ADAPTERS["openai"], "parse_response", overflow)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a job meets it
+        result = await client.chat("gpt-4o-mini", [{"role": "user", "content": "Hi"}], timeout=10)
+
+        # Expect an error result (the job does not come back until the delivery limit,
+        # unanswered), the provider called once, accounted once
+        assert result.status == "error" and result.error is not None
+        assert result.error.code == "provider_error"
+        assert "OverflowError" in result.error.message
+        [row] = await gw.usage_rows(1)
+        assert row["job_id"] == result.job_id and row["error_code"] == "provider_error"
+        assert gw.mock.stats.calls == 1
