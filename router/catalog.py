@@ -142,6 +142,13 @@ class Deployment(_Strict):
             )
         if not host:
             raise ValueError("api_base: no host")
+        # A path parameter (`/v1;key=...`) or an `@` after the host carries credentials just
+        # as well, and ends in access logs and error texts that quote the URL.
+        if ";" in self.api_base or "@" in self.api_base:
+            raise ValueError(
+                "api_base: ';' and '@' are not allowed (they carry credentials); "
+                "put the key in api_key_env or api_key_file"
+            )
         if url.query_string or url.fragment:
             raise ValueError("api_base: a query or fragment is not allowed (the path is appended)")
         return self

@@ -328,6 +328,34 @@ def test_a_catalog_with_credentials_in_an_api_base_is_refused_at_load(tmp_path: 
 
 
 @pytest.mark.parametrize(
+    "api_base",
+    [
+        "https://api.example.com/v1;key=hunter2",
+        "https://api.example.com;key=hunter2/v1",
+        "https://api.example.com/path@hunter2",
+        "https://api.example.com/v1/@hunter2/x",
+    ],
+)
+def test_an_api_base_with_a_path_parameter_or_an_at_sign_is_refused_at_load(
+    tmp_path: Path, api_base: str
+) -> None:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        "models:\n  m:\n    deployments:\n"
+        "      - {name: d, provider: openai, model: m, api_key_env: K,\n"
+        f"         api_base: '{api_base}', input_per_mtok: 1, output_per_mtok: 1}}\n"
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_catalog(path, {})
+
+    message = str(caught.value)
+    assert "models.m.deployments.0: api_base: ';' and '@' are not allowed" in message
+    assert "\n" not in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
     "api_base", ["http://[::1", "http://127.0.0.1:99999", "http://host/?q=1", "http://host/#f"]
 )
 def test_an_api_base_the_http_client_cannot_use_is_refused_at_load(api_base: str) -> None:
