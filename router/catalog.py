@@ -36,7 +36,7 @@ from yarl import URL
 
 from queuegate.errors import ConfigError, UnknownModel
 from queuegate.messages import UnsupportedParams
-from router.policies import BreakerPolicy, Resilience, RetryPolicy, Seconds
+from router.policies import BreakerPolicy, Count, Resilience, RetryPolicy, Seconds
 
 ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
 Routing = Literal["ordered", "weighted", "least_in_flight"]
@@ -86,23 +86,23 @@ class Deployment(_Strict):
     ``cache_write_per_mtok``."""
     timeout: Seconds = Field(default=60.0, gt=0)
     """Seconds one call may take in total, connection included."""
-    rpm: int | None = Field(default=None, ge=1)
+    rpm: Count | None = None
     """The provider account's requests per minute for this model; workers keep under it."""
-    burst: int | None = Field(default=None, ge=1)
+    burst: Count | None = None
     """Calls workers may start at once after a quiet spell (the requests bucket's capacity);
     unset, half a second of ``rpm``. Providers enforce a per-minute limit over much shorter
     periods (OpenAI: 60,000 RPM may be enforced as 1,000 requests a second), so a minute's
     worth at once would meet 429s; half a second leaves room for calls admitted together to
     reach the provider apart. Raise it only for a provider known to allow larger bursts."""
-    tpm: int | None = Field(default=None, ge=1)
+    tpm: Count | None = None
     """The provider account's tokens per minute for this model; workers keep under it."""
     connect_timeout: Seconds = Field(default=5.0, gt=0)
     """Seconds to open a connection (a pooled keep-alive one needs none)."""
     first_byte_timeout: Seconds | None = Field(default=None, gt=0)
     """Seconds until the response starts (headers; for a stream, its first event)."""
-    weight: int = Field(default=1, ge=1)
+    weight: Count = 1
     """Share of the alias's traffic under ``weighted`` routing."""
-    max_in_flight: int | None = Field(default=None, ge=1)
+    max_in_flight: Count | None = None
     """Calls one worker runs on this deployment at once; more wait or go elsewhere."""
     retry: RetryPolicy | None = None
     """Overrides the catalog's ``resilience.retry`` for this deployment."""

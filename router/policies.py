@@ -20,6 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_SECONDS = 86_400.0
 """The longest duration the catalog takes: a day."""
 
+MAX_COUNT = 10**12
+"""The largest count the catalog takes (requests or tokens per minute, weights, failures)."""
+
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+"""A count in the catalog: at least 1, and small enough to divide as a float and to keep
+in Redis."""
+
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 """A duration in the catalog, in seconds: finite and at most a day, because workers turn
 each one into milliseconds and deadlines (``.inf`` would fail every job that meets it)."""
@@ -58,7 +65,7 @@ class BudgetPolicy(_Strict):
 class BreakerPolicy(_Strict):
     """When a deployment's circuit opens (state shared by every worker through Redis)."""
 
-    failures: int = Field(default=5, ge=1)
+    failures: Count = 5
     """Failures within ``window`` that open the circuit, provided they are also ``ratio``
     of its calls: a dead deployment opens after this many calls, while a busy one with a
     few percent of errors never does (a count alone would open it at any error rate)."""

@@ -316,6 +316,10 @@ DEPLOYMENT_NUMBERS = [
     ("cached_input_per_mtok: .nan", "cached_input_per_mtok"),
     ("cache_write_per_mtok: 10001", "cache_write_per_mtok"),
     ("cache_write_1h_per_mtok: 1e300", "cache_write_1h_per_mtok"),
+    (f"rpm: {10**400}", "rpm"),
+    (f"tpm: {10**13}", "tpm"),
+    (f"weight: {10**400}", "weight"),
+    (f"breaker: {{failures: {10**400}}}", "breaker.failures"),
 ]
 
 
