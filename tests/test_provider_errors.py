@@ -215,6 +215,12 @@ def test_scrub_redacts_every_encoding_and_piece_of_the_key(form: str) -> None:
     assert re.fullmatch(r"rejected key=\S{0,4}\[redacted\]\S{0,4} for this account", said), said
 
 
+def test_scrub_keeps_its_place_past_characters_that_lower_to_two() -> None:
+    said = scrub(f"İİİ key {KEY.upper()} İ%41 rest", KEY)
+
+    assert said == "İİİ key [redacted] İ%41 rest"
+
+
 def test_scrub_redacts_more_than_half_of_a_short_key() -> None:
     assert scrub("bad key sk-test-m", "sk-test-mock") == "bad key [redacted]"
     assert scrub("sk- and test are fine", "sk-test-mock") == "sk- and test are fine"

@@ -430,7 +430,8 @@ def _key_spans(text: str, needles: tuple[_Needle, ...]) -> list[tuple[int, int]]
             i += 3
             continue
         if not char.isspace():
-            chars.append(char.lower())
+            lowered = char.lower()  # one character for one: İ lowers to two
+            chars.append(lowered if len(lowered) == 1 else char)
             where.append((i, i + 1))
         i += 1
     seen = "".join(chars)
