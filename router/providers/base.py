@@ -359,16 +359,20 @@ def scrub(text: str, secret: str | None) -> str:
     Every text a provider sends back (an error body, a stream's error event) passes here, in
     this order: collapsing after redacting would let a key split across lines through, and
     cutting before redacting could keep part of it."""
-    # Only the first MAX_DETAIL characters are kept: the rest of a huge body is not worth the
-    # time, and no redaction shrinks SCRUB_SPAN characters down to MAX_DETAIL.
+    # Only the first MAX_DETAIL characters are kept, so the rest of a huge body is not worth
+    # the time: a redaction turns at most four characters per key character (a %XX escape
+    # and a space) into ten, so for any key under 1,000 characters the first SCRUB_SPAN still
+    # make more than MAX_DETAIL.
     text = text[:SCRUB_SPAN]
     if not text.isascii():
         text = "".join(char for char in text if unicodedata.category(char) != "Cf")
     text = " ".join(text.split())
     if secret and secret.strip():
-        spans = _key_spans(text, _needles(secret.strip()))
-        for start, end in reversed(spans):
-            text = text[:start] + "[redacted]" + text[end:]
+        pieces, kept = [], 0
+        for start, end in _key_spans(text, _needles(secret.strip())):
+            pieces += [text[kept:start], "[redacted]"]
+            kept = end
+        text = "".join([*pieces, text[kept:]])
     return text[:MAX_DETAIL]
 
 
@@ -437,13 +441,16 @@ def _key_spans(text: str, needles: tuple[_Needle, ...]) -> list[tuple[int, int]]
     seen = "".join(chars)
     found: list[tuple[int, int]] = []
     for needle in needles:
+        reach = 0  # the end of the last run found: any piece of a run is in the needle too
         for start in range(len(seen) - needle.run + 1):
             if seen[start : start + needle.run] not in needle.grams:
                 continue
-            end = start + needle.run
+            end = max(start + needle.run, reach)
             while end < len(seen) and seen[start : end + 1] in needle.text:
                 end += 1
-            found.append((where[start][0], where[end - 1][1]))
+            if end > reach:
+                found.append((where[start][0], where[end - 1][1]))
+                reach = end
     merged: list[tuple[int, int]] = []
     for start, end in sorted(found):
         if merged and start <= merged[-1][1]:
