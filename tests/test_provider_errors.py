@@ -17,6 +17,7 @@ import pytest
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
+from producer import GatewayClient
 from queuegate.errors import (
     AllProvidersFailed,
     ConfigError,
@@ -25,12 +26,15 @@ from queuegate.errors import (
     JobError,
     RateLimited,
 )
+from queuegate.management import BrokerAdmin
 from queuegate.messages import HTTP_STATUS, ChatJob
 from queuegate.settings import Settings
+from queuegate.teams_admin import add, set_security
 from router import Catalog, load_catalog, open_router
 from router.providers import ADAPTERS
 from router.providers.base import scrub
 from tests.support import running_gateway
+from tests.test_tenancy import as_team, not_operator
 
 KEY = "sk-SENTINEL-provider-errors-0123456789"
 ENV = {"QUEUEGATE_MOCK_KEY": KEY}
@@ -416,24 +420,44 @@ async def test_a_worker_answers_a_job_whose_key_the_http_client_refuses(
         assert gw.mock.stats.calls == 0
 
 
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
 async def test_a_fault_inside_the_router_answers_the_job_instead_of_requeuing_it(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, identity: str
 ) -> None:
     # Given a worker that fails on every answer in a way no redelivery cures (what a value
-    # no check caught does: float infinity turned into milliseconds)
+    # no check caught does: float infinity turned into milliseconds), and a team added the
+    # default way (its own broker user) or proving itself with an API key
     def overflow(body: Any, model: str) -> Any:
         raise OverflowError("cannot convert float infinity to integer")
 
     monkeypatch.setattr(ADAPTERS["openai"], "parse_response", overflow)
-    async with running_gateway(settings) as gw, gw.client("alpha") as client:
-        # When a job meets it
-        result = await client.chat("gpt-4o-mini", [{"role": "user", "content": "Hi"}], timeout=10)
+    settings = not_operator(settings)
+    credentials = await add(settings, "alpha")
+    app, api_key = as_team(settings, credentials), None
+    if identity == "api_key":
+        _, keyed = await set_security(settings, "alpha", identity="api_key")
+        assert keyed is not None
+        app, api_key = settings, keyed.api_key
+    try:
+        async with (
+            running_gateway(settings) as gw,
+            GatewayClient(app, team="alpha", api_key=api_key) as client,
+        ):
+            # When a job meets it
+            result = await client.chat(
+                "gpt-4o-mini", [{"role": "user", "content": "Hi"}], timeout=10
+            )
 
-        # Expect an error result (the job does not come back until the delivery limit,
-        # unanswered), the provider called once, accounted once
-        assert result.status == "error" and result.error is not None
-        assert result.error.code == "provider_error"
-        assert "OverflowError" in result.error.message
-        [row] = await gw.usage_rows(1)
-        assert row["job_id"] == result.job_id and row["error_code"] == "provider_error"
-        assert gw.mock.stats.calls == 1
+            # Expect an error result (the job does not come back until the delivery limit,
+            # unanswered), the provider called once, accounted once
+            assert result.status == "error" and result.error is not None
+            assert result.error.code == "provider_error"
+            assert "OverflowError" in result.error.message
+            [row] = await gw.usage_rows(1)
+            assert row["job_id"] == result.job_id and row["error_code"] == "provider_error"
+            assert row["identity"].startswith(f"{identity}:")
+            assert gw.mock.stats.calls == 1
+    finally:
+        if credentials.user:
+            async with BrokerAdmin(settings.management_url) as admin:
+                await admin.delete_user(credentials.user)
