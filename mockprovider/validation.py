@@ -32,6 +32,11 @@ OPENAI_PART_FIELDS = {
     "refusal": frozenset({"type", "refusal"}),
 }
 OPENAI_FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+OPENAI_DETAILS = frozenset({"auto", "low", "high"})
+OPENAI_RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+OPENAI_METADATA_PAIRS = 16
+OPENAI_METADATA_KEY = 64
+OPENAI_METADATA_VALUE = 512
 OPENAI_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
 OPENAI_TIERS = frozenset({"auto", "default", "flex", "scale", "priority"})
 
@@ -70,6 +75,8 @@ def check_openai(body: dict[str, Any]) -> None:
         raise InvalidRequest("stop: at most 4 sequences")
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise InvalidRequest("max_tokens: set max_tokens or max_completion_tokens, not both")
+    _openai_metadata(body.get("metadata"))
+    _openai_response_format(body.get("response_format"))
     for i, message in enumerate(body.get("messages") or []):
         where = f"messages[{i}]"
         _fields(message, OPENAI_MESSAGE_FIELDS, where, _openai_unknown)
@@ -82,11 +89,58 @@ def check_openai(body: dict[str, Any]) -> None:
             if allowed is None:
                 raise InvalidRequest(f"{where}.content[{j}].type: invalid value")
             _fields(part, allowed, f"{where}.content[{j}]", _openai_unknown)
+            if kind == "image_url":
+                _openai_image(part.get("image_url"), f"{where}.content[{j}].image_url")
     for i, tool in enumerate(body.get("tools") or []):
         _fields(tool, {"type", "function", "custom"}, f"tools[{i}]", _openai_unknown)
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict):
             _fields(function, OPENAI_FUNCTION_FIELDS, f"tools[{i}].function", _openai_unknown)
+
+
+def _openai_metadata(metadata: Any) -> None:
+    """Up to 16 pairs of strings: keys of at most 64 characters, values of at most 512."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata: Input should be an object")
+    if len(metadata) > OPENAI_METADATA_PAIRS:
+        raise InvalidRequest(f"metadata: at most {OPENAI_METADATA_PAIRS} key-value pairs")
+    for key, value in metadata.items():
+        if len(key) > OPENAI_METADATA_KEY:
+            raise InvalidRequest(f"metadata: keys are at most {OPENAI_METADATA_KEY} characters")
+        if not isinstance(value, str):
+            raise InvalidRequest(f"metadata.{key}: Input should be a valid string")
+        if len(value) > OPENAI_METADATA_VALUE:
+            raise InvalidRequest(
+                f"metadata.{key}: values are at most {OPENAI_METADATA_VALUE} characters"
+            )
+
+
+def _openai_response_format(response_format: Any) -> None:
+    if response_format is None:
+        return
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in OPENAI_RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"response_format.type: invalid value {kind!r}; "
+            f"expected one of {sorted(OPENAI_RESPONSE_FORMATS)}"
+        )
+    if kind == "json_schema":
+        schema = response_format.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str):
+            raise InvalidRequest("response_format.json_schema.name: Field required")
+
+
+def _openai_image(image: Any, where: str) -> None:
+    if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+        raise InvalidRequest(f"{where}.url: Field required")
+    _fields(image, {"url", "detail"}, where, _openai_unknown)
+    detail = image.get("detail", "auto")
+    if detail not in OPENAI_DETAILS:
+        raise InvalidRequest(
+            f"{where}.detail: invalid value {detail!r}; expected one of {sorted(OPENAI_DETAILS)}"
+        )
 
 
 def check_anthropic(body: dict[str, Any]) -> None:

@@ -165,6 +165,20 @@ def _compose(user_text: str, max_tokens: int | None, stops: list[str], input_tok
     return Reply(" ".join(words), finish, matched, None, input_tokens, len(words))
 
 
+def _reasoned(reply: Reply, thought: int, limit: int | None) -> Reply:
+    """``reply`` after ``thought`` reasoning tokens, all within ``limit`` (the request's
+    max_tokens), as the providers count it: reasoning first, then the answer cut to what is
+    left, ending ``length`` when it was cut."""
+    if limit is not None:
+        thought = min(thought, limit)
+        room = limit - thought
+        if reply.output_tokens > room:
+            text = " ".join(reply.text.split()[:room])
+            reply = replace(reply, text=text, finish="length", stop_sequence=None, tool=None)
+            reply = replace(reply, output_tokens=room)
+    return replace(reply, reasoning_tokens=thought, output_tokens=reply.output_tokens + thought)
+
+
 def _tool_reply(name: str, input_tokens: int) -> Reply:
     # Output tokens of a call follow the same characters / 4 rule as prompts: name plus "{}".
     return Reply("", "tool_use", None, name, input_tokens, -(-(len(name) + 2) // 4))
@@ -246,10 +260,10 @@ class OpenAIWire(Wire):
             reply = replace(reply, cached_tokens=prefix)
         effort = body.get("reasoning_effort")
         if effort in REASONING_TOKENS:
-            thought = REASONING_TOKENS[effort]
-            reply = replace(
-                reply, reasoning_tokens=thought, output_tokens=reply.output_tokens + thought
+            limit = _positive_int(body, "max_completion_tokens") or _positive_int(
+                body, "max_tokens"
             )
+            reply = _reasoned(reply, REASONING_TOKENS[effort], limit)
         return reply
 
     def _reply(self, body: dict[str, Any]) -> Reply:
@@ -398,13 +412,9 @@ class AnthropicWire(Wire):
         if isinstance(thinking, dict) and thinking.get("type") == "enabled":
             quoted = _last_text(body["messages"], ("user",))[:QUOTED_CHARS]
             thought = THINKING_PREFIX + quoted
-            words = len(thought.split())
-            reply = replace(
-                reply,
-                reasoning=thought,
-                reasoning_tokens=words,
-                output_tokens=reply.output_tokens + words,
-            )
+            limit = _positive_int(body, "max_tokens")
+            assert limit is not None  # _reply refused the request without it
+            reply = replace(_reasoned(reply, len(thought.split()), limit), reasoning=thought)
         return reply
 
     def _cached(self, body: dict[str, Any], reply: Reply, cache: PromptCache) -> Reply:

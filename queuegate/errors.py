@@ -146,6 +146,14 @@ class StreamInterrupted(JobError):
         self.billed = billed
 
 
+class WorkerFault(JobError):
+    """The worker itself failed on the job, in a way a redelivery would meet again (a value
+    no check caught, a bug): the job is answered with this error at once rather than coming
+    back until the broker's delivery limit with no answer at all."""
+
+    code = "provider_error"
+
+
 class Canceled(JobError):
     """The job belongs to a batch that was canceled; no provider is called for it."""
 

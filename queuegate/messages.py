@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -85,6 +85,19 @@ class ChatParams(BaseModel):
     response_format: dict[str, Any] | None = None
     seed: int | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _choices(self) -> ChatParams:
+        # ``n`` is passed through like any extra, but zero choices would be an answer with
+        # nothing in it (OpenAI refuses it; an adapter would name it wrongly).
+        n = (self.model_extra or {}).get("n")
+        if n is not None and (type(n) is not int or not 1 <= n <= MAX_CHOICES):
+            raise ValueError(f"n: the number of choices is a whole number from 1 to {MAX_CHOICES}")
+        return self
+
+
+MAX_CHOICES = 128
+"""The most choices (``n``) one job may ask for: OpenAI's limit."""
 
 
 class ChatJob(WireModel):

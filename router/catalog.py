@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,10 +36,17 @@ from yarl import URL
 
 from queuegate.errors import ConfigError, UnknownModel
 from queuegate.messages import UnsupportedParams
-from router.policies import BreakerPolicy, Resilience, RetryPolicy
+from router.policies import BreakerPolicy, Count, Resilience, RetryPolicy, Seconds
 
 ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
 Routing = Literal["ordered", "weighted", "least_in_flight"]
+
+MAX_PRICE = Decimal(10_000)
+"""The highest price the catalog takes, in USD per million tokens: far above any model's,
+and low enough that a job's cost always fits the spend columns and counters."""
+
+Price = Annotated[Decimal, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)]
+"""USD per million tokens of one class."""
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -64,38 +71,38 @@ class Deployment(_Strict):
     api_key_file: Path | None = None
     """Or a file that holds it (a mounted secret), read at each call so rotation needs no
     restart; surrounding whitespace is ignored."""
-    input_per_mtok: Decimal = Field(ge=0)
+    input_per_mtok: Price
     """USD per million input tokens."""
-    output_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Price
     """USD per million output tokens (reasoning tokens included: providers bill them so)."""
-    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cached_input_per_mtok: Price | None = None
     """USD per million input tokens read from the prompt cache (OpenAI's cached input,
     Anthropic's cache reads); unset, ``input_per_mtok``."""
-    cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cache_write_per_mtok: Price | None = None
     """USD per million input tokens written to the prompt cache (Anthropic's 5-minute cache
     writes); unset, ``input_per_mtok``."""
-    cache_write_1h_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cache_write_1h_per_mtok: Price | None = None
     """USD per million input tokens written to Anthropic's one-hour cache; unset,
     ``cache_write_per_mtok``."""
-    timeout: float = Field(default=60.0, gt=0)
+    timeout: Seconds = Field(default=60.0, gt=0)
     """Seconds one call may take in total, connection included."""
-    rpm: int | None = Field(default=None, ge=1)
+    rpm: Count | None = None
     """The provider account's requests per minute for this model; workers keep under it."""
-    burst: int | None = Field(default=None, ge=1)
+    burst: Count | None = None
     """Calls workers may start at once after a quiet spell (the requests bucket's capacity);
     unset, half a second of ``rpm``. Providers enforce a per-minute limit over much shorter
     periods (OpenAI: 60,000 RPM may be enforced as 1,000 requests a second), so a minute's
     worth at once would meet 429s; half a second leaves room for calls admitted together to
     reach the provider apart. Raise it only for a provider known to allow larger bursts."""
-    tpm: int | None = Field(default=None, ge=1)
+    tpm: Count | None = None
     """The provider account's tokens per minute for this model; workers keep under it."""
-    connect_timeout: float = Field(default=5.0, gt=0)
+    connect_timeout: Seconds = Field(default=5.0, gt=0)
     """Seconds to open a connection (a pooled keep-alive one needs none)."""
-    first_byte_timeout: float | None = Field(default=None, gt=0)
+    first_byte_timeout: Seconds | None = Field(default=None, gt=0)
     """Seconds until the response starts (headers; for a stream, its first event)."""
-    weight: int = Field(default=1, ge=1)
+    weight: Count = 1
     """Share of the alias's traffic under ``weighted`` routing."""
-    max_in_flight: int | None = Field(default=None, ge=1)
+    max_in_flight: Count | None = None
     """Calls one worker runs on this deployment at once; more wait or go elsewhere."""
     retry: RetryPolicy | None = None
     """Overrides the catalog's ``resilience.retry`` for this deployment."""
@@ -135,6 +142,13 @@ class Deployment(_Strict):
             )
         if not host:
             raise ValueError("api_base: no host")
+        # A path parameter (`/v1;key=...`) or an `@` after the host carries credentials just
+        # as well, and ends in access logs and error texts that quote the URL.
+        if ";" in self.api_base or "@" in self.api_base:
+            raise ValueError(
+                "api_base: ';' and '@' are not allowed (they carry credentials); "
+                "put the key in api_key_env or api_key_file"
+            )
         if url.query_string or url.fragment:
             raise ValueError("api_base: a query or fragment is not allowed (the path is appended)")
         return self

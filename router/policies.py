@@ -13,8 +13,23 @@ may override ``retry`` and ``breaker`` for itself::
 from __future__ import annotations
 
 import random
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SECONDS = 86_400.0
+"""The longest duration the catalog takes: a day."""
+
+MAX_COUNT = 10**12
+"""The largest count the catalog takes (requests or tokens per minute, weights, failures)."""
+
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+"""A count in the catalog: at least 1, and small enough to divide as a float and to keep
+in Redis."""
+
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+"""A duration in the catalog, in seconds: finite and at most a day, because workers turn
+each one into milliseconds and deadlines (``.inf`` would fail every job that meets it)."""
 
 
 class _Strict(BaseModel):
@@ -26,9 +41,9 @@ class RetryPolicy(_Strict):
 
     attempts: int = Field(default=2, ge=1, le=10)
     """Calls to the deployment per job, the first one included."""
-    base_delay: float = Field(default=0.25, ge=0)
+    base_delay: Seconds = 0.25
     """Seconds; the n-th retry waits a uniform draw from [0, base_delay * 2**n], capped."""
-    max_delay: float = Field(default=8.0, ge=0)
+    max_delay: Seconds = 8.0
 
     def backoff(self, retry: int, floor: float | None = None) -> float:
         """Seconds before retry number ``retry`` (0 for the first retry); ``floor`` is what the
@@ -43,22 +58,22 @@ class BudgetPolicy(_Strict):
 
     attempts: int = Field(default=6, ge=1, le=50)
     """Provider calls per job, successful one included."""
-    wait: float = Field(default=10.0, ge=0)
+    wait: Seconds = 10.0
     """Seconds per job spent waiting for backoffs and Retry-After; never past the deadline."""
 
 
 class BreakerPolicy(_Strict):
     """When a deployment's circuit opens (state shared by every worker through Redis)."""
 
-    failures: int = Field(default=5, ge=1)
+    failures: Count = 5
     """Failures within ``window`` that open the circuit, provided they are also ``ratio``
     of its calls: a dead deployment opens after this many calls, while a busy one with a
     few percent of errors never does (a count alone would open it at any error rate)."""
-    ratio: float = Field(default=0.5, gt=0, le=1)
+    ratio: float = Field(default=0.5, gt=0, le=1, allow_inf_nan=False)
     """The share of the window's calls that must have failed (checked when a call fails)."""
-    window: float = Field(default=60.0, gt=0)
+    window: Seconds = Field(default=60.0, gt=0)
     """Seconds over which calls and failures are counted (a fixed window)."""
-    cooldown: float = Field(default=30.0, gt=0)
+    cooldown: Seconds = Field(default=30.0, gt=0)
     """Seconds an open circuit refuses calls before one probe is let through."""
 
 
@@ -66,5 +81,5 @@ class Resilience(_Strict):
     retry: RetryPolicy = RetryPolicy()
     budget: BudgetPolicy = BudgetPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
-    rate_limit_pause: float = Field(default=1.0, ge=0)
+    rate_limit_pause: Seconds = 1.0
     """Seconds a deployment is paused after a 429 that did not say how long to wait."""

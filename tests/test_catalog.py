@@ -297,3 +297,82 @@ def test_chain_names_the_first_unknown_alias(tmp_path: Path) -> None:
         catalog.chain("nope", None)
     with pytest.raises(UnknownModel, match="'ghost1'"):
         catalog.chain("a", ["b", "ghost1", "ghost2"])
+
+
+# --- numbers a worker can use ------------------------------------------------------------------
+
+DEPLOYMENT_NUMBERS = [
+    ("timeout: .inf", "timeout"),
+    ("connect_timeout: .inf", "connect_timeout"),
+    ("first_byte_timeout: .nan", "first_byte_timeout"),
+    ("timeout: 1e9", "timeout"),
+    ("breaker: {window: .inf}", "breaker.window"),
+    ("breaker: {cooldown: .inf}", "breaker.cooldown"),
+    ("breaker: {ratio: .nan}", "breaker.ratio"),
+    ("retry: {max_delay: .inf}", "retry.max_delay"),
+    ("retry: {base_delay: 1e300}", "retry.base_delay"),
+    ("input_per_mtok: 1e300", "input_per_mtok"),
+    ("output_per_mtok: .inf", "output_per_mtok"),
+    ("cached_input_per_mtok: .nan", "cached_input_per_mtok"),
+    ("cache_write_per_mtok: 10001", "cache_write_per_mtok"),
+    ("cache_write_1h_per_mtok: 1e300", "cache_write_1h_per_mtok"),
+    (f"rpm: {10**400}", "rpm"),
+    (f"tpm: {10**13}", "tpm"),
+    (f"weight: {10**400}", "weight"),
+    (f"breaker: {{failures: {10**400}}}", "breaker.failures"),
+]
+
+
+@pytest.mark.parametrize(("field", "where"), DEPLOYMENT_NUMBERS)
+def test_an_infinite_or_huge_number_in_a_deployment_is_refused_at_load(
+    tmp_path: Path, field: str, where: str
+) -> None:
+    path = catalog_yaml(
+        tmp_path,
+        f"""
+        models:
+          m:
+            deployments:
+              - name: d
+                provider: openai
+                model: up
+                api_base: http://127.0.0.1:9
+                api_key_env: KEY
+                input_per_mtok: 1
+                output_per_mtok: 2
+                {field}
+        """,
+    )
+
+    assert f"models.m.deployments.0.{where}: Input should be" in load_error(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "where"),
+    [
+        ("rate_limit_pause: .inf", "rate_limit_pause"),
+        ("budget: {wait: .inf}", "budget.wait"),
+        ("retry: {max_delay: .inf}", "retry.max_delay"),
+        ("breaker: {window: 1e12}", "breaker.window"),
+    ],
+)
+def test_an_infinite_or_huge_resilience_setting_is_refused_at_load(
+    tmp_path: Path, field: str, where: str
+) -> None:
+    models = yaml.safe_dump({"models": {"m": {"deployments": [deployment()]}}})
+    path = catalog_yaml(tmp_path, f"{models}resilience:\n  {field}\n")
+
+    assert f"resilience.{where}: Input should be" in load_error(path)
+
+
+def test_the_largest_durations_and_prices_still_load(tmp_path: Path) -> None:
+    fields = {
+        "timeout": 86_400,
+        "input_per_mtok": 10_000,
+        "breaker": {"window": 86_400, "cooldown": 86_400},
+    }
+    path = models_yaml(tmp_path, {"m": {"deployments": [deployment(**fields)]}})
+    catalog = load_catalog(path, {})
+
+    [loaded] = catalog.resolve("m").deployments
+    assert loaded.timeout == 86_400 and loaded.input_per_mtok == Decimal(10_000)

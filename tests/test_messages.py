@@ -15,6 +15,7 @@ from queuegate.messages import (
     HTTP_STATUS,
     Attempt,
     ChatJob,
+    ChatParams,
     ChatResult,
     ErrorCode,
     ErrorInfo,
@@ -68,6 +69,11 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
         ({"job_id": ""}, "job_id"),
         ({"params": {"max_tokens": 0}}, "params"),
+        ({"params": {"n": 0}}, "params"),
+        ({"params": {"n": -1}}, "params"),
+        ({"params": {"n": 129}}, "params"),
+        ({"params": {"n": "2"}}, "params"),
+        ({"params": {"n": True}}, "params"),
         ({"deadline": "tomorrow-ish"}, "deadline"),
     ],
 )
@@ -132,3 +138,9 @@ def test_a_job_message_carries_its_send_time_to_the_nearest_millisecond(
     message = job_message(ChatJob.model_validate(JOB), reply_to="replies", user_id=None)
     assert message.properties.headers is not None
     assert message.properties.headers[HEADER_SENT_MS] == 1_800_000_000_001
+
+
+def test_a_client_job_with_zero_choices_is_refused_naming_n() -> None:
+    with pytest.raises(ValidationError, match="n: the number of choices is a whole number"):
+        ChatParams.model_validate({"n": 0})
+    assert ChatParams.model_validate({"n": 1}).model_extra == {"n": 1}

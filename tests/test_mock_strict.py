@@ -69,6 +69,37 @@ def test_the_field_lists_are_the_sdks() -> None:
         (chat(temperature=2.5), "temperature: Input should be between 0 and 2"),
         (chat(top_logprobs=3), "top_logprobs: logprobs must be true when top_logprobs is set"),
         (chat(reasoning_effort="extreme"), "reasoning_effort: invalid value 'extreme'"),
+        (chat(metadata={"attempt": 3}), "metadata.attempt: Input should be a valid string"),
+        (
+            chat(metadata={"note": "x" * 513}),
+            "metadata.note: values are at most 512 characters",
+        ),
+        (chat(metadata={"k" * 65: "v"}), "metadata: keys are at most 64 characters"),
+        (
+            chat(metadata={f"k{i}": "v" for i in range(17)}),
+            "metadata: at most 16 key-value pairs",
+        ),
+        (chat(response_format={"type": "yaml"}), "response_format.type: invalid value 'yaml'"),
+        (
+            chat(response_format={"type": "json_schema"}),
+            "response_format.json_schema.name: Field required",
+        ),
+        (
+            chat(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "https://x/a.png", "detail": "ultra"},
+                            }
+                        ],
+                    }
+                ]
+            ),
+            "messages[0].content[0].image_url.detail: invalid value 'ultra'",
+        ),
     ],
 )
 async def test_openai_refuses_unknown_fields_and_invalid_values(
@@ -175,3 +206,35 @@ async def test_openai_reports_cached_input_and_reasoning_tokens(
     assert cached is not None and 1024 < cached < second.usage.prompt_tokens
     assert second.usage.completion_tokens_details is not None
     assert second.usage.completion_tokens_details.reasoning_tokens == 64
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("effort", ["low", "high", "xhigh"])
+async def test_openai_reasoning_never_exceeds_max_tokens(
+    client: httpx.AsyncClient, field: str, effort: str
+) -> None:
+    body = chat(reasoning_effort=effort, **{field: 500})
+
+    completion = ChatCompletion.model_validate((await client.post(OPENAI, json=body)).json())
+
+    assert completion.usage is not None and completion.usage.completion_tokens <= 500
+    details = completion.usage.completion_tokens_details
+    assert details is not None and details.reasoning_tokens is not None
+    assert details.reasoning_tokens <= 500
+    if effort != "low":  # more reasoning than fits: the answer is cut
+        assert completion.choices[0].finish_reason == "length"
+
+
+async def test_openai_accepts_valid_metadata_formats_and_details(
+    client: httpx.AsyncClient,
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "low"}}
+    body = chat(
+        metadata={"trace": "t" * 512, "k" * 64: "v"},
+        response_format={"type": "json_schema", "json_schema": {"name": "answer"}},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}],
+    )
+
+    response = await client.post(OPENAI, json=body)
+
+    assert response.status_code == 200, response.text

@@ -4,16 +4,20 @@ the HTTP client refuses. Over real HTTP against the mock."""
 
 from __future__ import annotations
 
+import base64
+import re
 import time
 import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
+from producer import GatewayClient
 from queuegate.errors import (
     AllProvidersFailed,
     ConfigError,
@@ -22,11 +26,15 @@ from queuegate.errors import (
     JobError,
     RateLimited,
 )
+from queuegate.management import BrokerAdmin
 from queuegate.messages import HTTP_STATUS, ChatJob
 from queuegate.settings import Settings
+from queuegate.teams_admin import add, set_security
 from router import Catalog, load_catalog, open_router
+from router.providers import ADAPTERS
 from router.providers.base import scrub
 from tests.support import running_gateway
+from tests.test_tenancy import as_team, not_operator
 
 KEY = "sk-SENTINEL-provider-errors-0123456789"
 ENV = {"QUEUEGATE_MOCK_KEY": KEY}
@@ -82,8 +90,9 @@ async def mock() -> AsyncIterator[MockProvider]:
 @pytest.mark.parametrize(
     ("fields", "what"),
     [
-        ({"params": {"response_format": {"type": "json_object"}}}, "JSON mode"),
-        ({"params": {"n": 2}}, "n > 1"),
+        ({"params": {"response_format": {"type": "json_object"}}}, "json_object (JSON mode)"),
+        ({"params": {"response_format": {"type": "yaml"}}}, "type 'yaml': not a known mode"),
+        ({"params": {"n": 2}}, "n = 2: more than one choice"),
         (
             {
                 "messages": [
@@ -181,6 +190,80 @@ def test_scrub_collapses_whitespace_before_it_redacts() -> None:
     assert said == "Incorrect API key: [redacted] please check"
 
 
+def b64(data: str, offset: int) -> str:
+    """``data`` base64-encoded inside a longer text, ``offset`` bytes after its start."""
+    return base64.b64encode(b"x" * offset + data.encode()).decode()
+
+
+KEY_FORMS = {
+    "base64 aligned": b64(KEY, 0),
+    "base64 one byte in": b64(KEY, 1),
+    "base64 two bytes in": b64(KEY, 2),
+    "url-safe base64": base64.urlsafe_b64encode(b"~" + KEY.encode()).decode(),
+    "percent-encoded": "".join(f"%{ord(char):02X}" for char in KEY),
+    "partly percent-encoded": quote(KEY, safe="").replace("-", "%2d"),
+    "zero-width spaces": "\u200b".join(KEY),
+    "other format characters": "\u2060".join(KEY[:20]) + "\u00ad" + "\ufeff".join(KEY[20:]),
+    "upper case": KEY.upper(),
+    "prefix of 12": KEY[:12],
+    "suffix of 12": KEY[-12:],
+    "middle piece": KEY[8:24],
+}
+
+
+@pytest.mark.parametrize("form", KEY_FORMS.values(), ids=KEY_FORMS.keys())
+def test_scrub_redacts_every_encoding_and_piece_of_the_key(form: str) -> None:
+    said = scrub(f"rejected key={form} for this account", KEY)
+
+    # Only the few base64 characters that also encode the bytes around the key may remain
+    assert re.fullmatch(r"rejected key=\S{0,4}\[redacted\]\S{0,4} for this account", said), said
+
+
+def test_scrub_keeps_its_place_past_characters_that_lower_to_two() -> None:
+    said = scrub(f"İİİ key {KEY.upper()} İ%41 rest", KEY)
+
+    assert said == "İİİ key [redacted] İ%41 rest"
+
+
+def test_scrub_redacts_more_than_half_of_a_short_key() -> None:
+    assert scrub("bad key sk-test-m", "sk-test-mock") == "bad key [redacted]"
+    assert scrub("sk- and test are fine", "sk-test-mock") == "sk- and test are fine"
+
+
+def test_scrub_is_fast_on_a_large_error_body() -> None:
+    body = "upstream said: " + " ".join(f"word{i}%20x" for i in range(20_000)) + KEY.upper()
+    echoes = "echoed: " + KEY * 2_000
+    started = time.monotonic()
+    said = scrub(body, KEY), scrub(echoes, KEY)
+    # Generous under load; the quadratic versions this guards against take many seconds
+    assert time.monotonic() - started < 5
+    assert said[0].startswith("upstream said: word0%20x")
+    assert said[1] == "echoed: [redacted]"
+
+
+async def test_every_form_of_an_echoed_key_is_scrubbed_from_the_stored_result(
+    settings: Settings,
+) -> None:
+    key = "sk-test-mock"  # the key running_gateway gives the worker
+    forms = [b64(key, 0), b64(key, 1), b64(key, 2), quote(key, safe="-").replace("-", "%2D")]
+    echo = " | ".join([*forms, "\u200b".join(key), key.upper(), key[:9]])
+    body = {"error": {"type": "invalid_request_error", "message": echo}}
+    faults = MockConfig(
+        models={"gpt-4o-mini": Behavior(error_rate=1.0, error_status=400, error_body=body)}
+    )
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        handle = await client.submit(client.job("gpt-4o-mini", [{"role": "user", "content": "Hi"}]))
+        result = await handle.result(10)
+
+        assert result.status == "error" and result.error is not None
+        assert result.error.message.count("[redacted]") == 7
+        [row] = await gw.usage_rows(1)
+    stored = result.model_dump_json() + str(dict(row))
+    for form in echo.split(" | "):
+        assert form not in stored
+    assert "sk-test" not in stored.lower()
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["http error body", "stream error event"])
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_a_key_echoed_by_the_provider_is_scrubbed_on_every_path(
@@ -258,6 +341,34 @@ def test_a_catalog_with_credentials_in_an_api_base_is_refused_at_load(tmp_path: 
 
 
 @pytest.mark.parametrize(
+    "api_base",
+    [
+        "https://api.example.com/v1;key=hunter2",
+        "https://api.example.com;key=hunter2/v1",
+        "https://api.example.com/path@hunter2",
+        "https://api.example.com/v1/@hunter2/x",
+    ],
+)
+def test_an_api_base_with_a_path_parameter_or_an_at_sign_is_refused_at_load(
+    tmp_path: Path, api_base: str
+) -> None:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        "models:\n  m:\n    deployments:\n"
+        "      - {name: d, provider: openai, model: m, api_key_env: K,\n"
+        f"         api_base: '{api_base}', input_per_mtok: 1, output_per_mtok: 1}}\n"
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_catalog(path, {})
+
+    message = str(caught.value)
+    assert "models.m.deployments.0: api_base: ';' and '@' are not allowed" in message
+    assert "\n" not in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
     "api_base", ["http://[::1", "http://127.0.0.1:99999", "http://host/?q=1", "http://host/#f"]
 )
 def test_an_api_base_the_http_client_cannot_use_is_refused_at_load(api_base: str) -> None:
@@ -307,3 +418,46 @@ async def test_a_worker_answers_a_job_whose_key_the_http_client_refuses(
         [row] = await gw.usage_rows(1)
         assert row["job_id"] == result.job_id
         assert gw.mock.stats.calls == 0
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_fault_inside_the_router_answers_the_job_instead_of_requeuing_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, identity: str
+) -> None:
+    # Given a worker that fails on every answer in a way no redelivery cures (what a value
+    # no check caught does: float infinity turned into milliseconds), and a team added the
+    # default way (its own broker user) or proving itself with an API key
+    def overflow(body: Any, model: str) -> Any:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(ADAPTERS["openai"], "parse_response", overflow)
+    settings = not_operator(settings)
+    credentials = await add(settings, "alpha")
+    app, api_key = as_team(settings, credentials), None
+    if identity == "api_key":
+        _, keyed = await set_security(settings, "alpha", identity="api_key")
+        assert keyed is not None
+        app, api_key = settings, keyed.api_key
+    try:
+        async with (
+            running_gateway(settings) as gw,
+            GatewayClient(app, team="alpha", api_key=api_key) as client,
+        ):
+            # When a job meets it
+            result = await client.chat(
+                "gpt-4o-mini", [{"role": "user", "content": "Hi"}], timeout=10
+            )
+
+            # Expect an error result (the job does not come back until the delivery limit,
+            # unanswered), the provider called once, accounted once
+            assert result.status == "error" and result.error is not None
+            assert result.error.code == "provider_error"
+            assert "OverflowError" in result.error.message
+            [row] = await gw.usage_rows(1)
+            assert row["job_id"] == result.job_id and row["error_code"] == "provider_error"
+            assert row["identity"].startswith(f"{identity}:")
+            assert gw.mock.stats.calls == 1
+    finally:
+        if credentials.user:
+            async with BrokerAdmin(settings.management_url) as admin:
+                await admin.delete_user(credentials.user)

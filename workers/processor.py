@@ -19,7 +19,9 @@ import time
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import AMQPError
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from queuegate.broker import CONNECTION_LOST, settle
 from queuegate.errors import (
@@ -27,8 +29,10 @@ from queuegate.errors import (
     DeadlineExceeded,
     InvalidRequest,
     JobError,
+    ServiceUnavailable,
     StreamInterrupted,
     Unauthorized,
+    WorkerFault,
 )
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob
 from queuegate.topology import HEADER_SENT_MS
@@ -45,6 +49,10 @@ from workers.streaming import StreamRelay, relay_for
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+TRANSIENT = (OSError, RedisError, AMQPError, ServiceUnavailable, *CONNECTION_LOST)
+"""Failures of a service (connection lost, refused, timed out) that a later delivery of the
+job may not meet: the job goes back to its queue. Any other unexpected failure ends it."""
 
 
 class JobProcessor:
@@ -134,6 +142,18 @@ class JobProcessor:
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
+        except Exception as exc:
+            if isinstance(exc, TRANSIENT):
+                await claim.abandon()
+                raise
+            # Not a service coming and going: the next delivery would fail the same way, and
+            # the job would loop to the delivery limit without an answer. It ends here.
+            log.exception("job %s failed in the worker; answering it with an error", job.job_id)
+            error = WorkerFault(
+                f"the gateway failed on this job ({type(exc).__name__}); "
+                "its operators have the details in the worker's log",
+            )
+            outcome = failed(job.job_id, job.team, job.model, error, timing)
         except BaseException:
             await claim.abandon()
             raise

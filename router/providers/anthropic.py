@@ -67,6 +67,8 @@ _NEUTRAL: dict[str, Any] = {
     "parallel_tool_calls": True,
 }
 """Values that ask for nothing beyond the default: no reason to refuse or note them."""
+_JSON_MODES = frozenset({"json_object", "json_schema"})
+"""OpenAI's response_format types that ask for JSON: the Messages API has no such mode."""
 _HANDLED = frozenset(
     {"max_completion_tokens", "parallel_tool_calls", "n", "metadata", "service_tier"}
     | {"reasoning_effort", "modalities", "audio"}
@@ -405,10 +407,17 @@ def _params(params: ChatParams, fidelity: Fidelity) -> dict[str, Any]:
 
 def _refuse_what_cannot_be_expressed(params: ChatParams, extra: dict[str, Any]) -> None:
     """What no policy can drop without breaking the answer the caller expects."""
-    if extra.get("n", 1) != 1:
-        raise ProviderError("unsupported", "n > 1")
-    if params.response_format and params.response_format.get("type") != "text":
-        raise ProviderError("unsupported", "response_format (JSON mode)")
+    n = extra.get("n", 1)
+    if n != 1:  # ChatParams allows 1 to MAX_CHOICES
+        raise ProviderError("unsupported", f"n = {n}: more than one choice")
+    if params.response_format is not None:
+        kind = params.response_format.get("type")
+        if kind in _JSON_MODES:
+            raise ProviderError("unsupported", f"response_format {kind} (JSON mode)")
+        if kind != "text":
+            raise ProviderError(
+                "unsupported", f"response_format type {str(kind)[:40]!r}: not a known mode"
+            )
     if extra.get("audio") is not None or "audio" in (extra.get("modalities") or []):
         raise ProviderError("unsupported", "audio output")
 

@@ -12,9 +12,11 @@ whether the failure counts toward the deployment's circuit breaker.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -23,6 +25,8 @@ from queuegate.messages import ChatJob
 
 MAX_DETAIL = 160
 """Characters of an upstream error message kept: enough to say what was wrong, no more."""
+SCRUB_SPAN = 65_536
+"""Characters of an upstream error message read by ``scrub``."""
 
 ErrorClass = Literal[
     "timeout",
@@ -343,21 +347,121 @@ def stream_error(error: Any, secret: str | None) -> ProviderError:
 
 
 def scrub(text: str, secret: str | None) -> str:
-    """Provider-originated text as it may be kept and shown: whitespace collapsed to single
-    spaces, then the key redacted wherever it appears (even broken by a line break or a
-    space), then cut to ``MAX_DETAIL`` characters. Every text a provider sends back (an error
-    body, a stream's error event) passes here, in this order: collapsing after redacting would
-    let a key split across lines through, and cutting before redacting could keep part of it."""
+    """Provider-originated text as it may be kept and shown: Unicode format characters
+    (category Cf: zero-width spaces, joiners, bidi marks) removed, whitespace collapsed to
+    single spaces, then the key redacted, then cut to ``MAX_DETAIL`` characters.
+
+    Redacted is any run of at least ``_run_length`` characters (12, fewer for a short key: more
+    than half of it) that is a piece of the key, or of its base64 encoding at any of the three
+    byte alignments (standard or URL-safe alphabet), compared without regard to case, to
+    whitespace inside the run, or to characters written percent-encoded: the whole key, its
+    prefix or suffix, the key split across lines, upper-cased, URL-encoded or base64-encoded.
+    Every text a provider sends back (an error body, a stream's error event) passes here, in
+    this order: collapsing after redacting would let a key split across lines through, and
+    cutting before redacting could keep part of it."""
+    # Only the first MAX_DETAIL characters are kept, so the rest of a huge body is not worth
+    # the time: a redaction turns at most four characters per key character (a %XX escape
+    # and a space) into ten, so for any key under 1,000 characters the first SCRUB_SPAN still
+    # make more than MAX_DETAIL.
+    text = text[:SCRUB_SPAN]
+    if not text.isascii():
+        text = "".join(char for char in text if unicodedata.category(char) != "Cf")
     text = " ".join(text.split())
-    if secret:
-        text = _spaced(secret).sub("[redacted]", text)
+    if secret and secret.strip():
+        pieces, kept = [], 0
+        for start, end in _key_spans(text, _needles(secret.strip())):
+            pieces += [text[kept:start], "[redacted]"]
+            kept = end
+        text = "".join([*pieces, text[kept:]])
     return text[:MAX_DETAIL]
 
 
+MIN_RUN = 12
+"""Characters of the key (or of its base64) that are never let through together."""
+
+
+def _run_length(needle: str) -> int:
+    """The shortest run of ``needle`` redacted: ``MIN_RUN``, or more than half a short one."""
+    return min(MIN_RUN, len(needle) // 2 + 1)
+
+
+@dataclass(frozen=True)
+class _Needle:
+    """One form of a key to look for: lower-cased, with every run of its redacted length."""
+
+    text: str
+    run: int
+    grams: frozenset[str]
+
+
 @functools.lru_cache(maxsize=64)
-def _spaced(secret: str) -> re.Pattern[str]:
-    """``secret`` with any whitespace allowed between its characters."""
-    return re.compile(r"\s*".join(re.escape(char) for char in secret.strip()))
+def _needles(secret: str) -> tuple[_Needle, ...]:
+    """The forms of ``secret`` to look for, computed once per key: the key itself, then its
+    base64 at each of the three byte alignments. Each base64 form keeps only the characters
+    that do not depend on the bytes around the key (a key inside a longer encoded text)."""
+    raw = secret.encode("utf-8")
+    forms = {secret}
+    for offset in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(b"\0" * offset + raw).decode("ascii")
+            # The first characters also carry the bits of the bytes before the key, the last
+            # ones those after it (or the padding).
+            head = -(-offset * 4 // 3)
+            tail = (offset + len(raw)) * 4 // 3
+            forms.add(encoded[head:tail])
+    needles = []
+    for form in sorted(forms):
+        lowered = form.lower()
+        run = _run_length(lowered)
+        if run:
+            grams = frozenset(lowered[i : i + run] for i in range(len(lowered) - run + 1))
+            needles.append(_Needle(lowered, run, grams))
+    return tuple(needles)
+
+
+def _key_spans(text: str, needles: tuple[_Needle, ...]) -> list[tuple[int, int]]:
+    """The spans of ``text`` to redact, merged and in order."""
+    # The text as compared: lower-cased, whitespace left out, %XX escapes decoded; ``where``
+    # maps each compared character back to its span in ``text``.
+    chars: list[str] = []
+    where: list[tuple[int, int]] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "%" and _PERCENT.match(text, i):
+            chars.append(chr(int(text[i + 1 : i + 3], 16)).lower())
+            where.append((i, i + 3))
+            i += 3
+            continue
+        if not char.isspace():
+            lowered = char.lower()  # one character for one: İ lowers to two
+            chars.append(lowered if len(lowered) == 1 else char)
+            where.append((i, i + 1))
+        i += 1
+    seen = "".join(chars)
+    found: list[tuple[int, int]] = []
+    for needle in needles:
+        reach = 0  # the end of the last run found: any piece of a run is in the needle too
+        for start in range(len(seen) - needle.run + 1):
+            if seen[start : start + needle.run] not in needle.grams:
+                continue
+            end = max(start + needle.run, reach)
+            while end < len(seen) and seen[start : end + 1] in needle.text:
+                end += 1
+            if end > reach:
+                found.append((where[start][0], where[end - 1][1]))
+                reach = end
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(found):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+_PERCENT = re.compile(r"%[0-7][0-9a-fA-F]")
+"""A percent-encoded ASCII character (a key is ASCII)."""
 
 
 _STREAM_ERRORS: dict[str, ErrorClass] = {
