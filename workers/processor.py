@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from queuegate.broker import CONNECTION_LOST, settle
+from queuegate.db import UNREACHABLE
 from queuegate.errors import (
     Billed,
     DeadlineExceeded,
@@ -50,7 +51,7 @@ from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (OSError, RedisError, AMQPError, ServiceUnavailable, *CONNECTION_LOST)
+TRANSIENT = (*UNREACHABLE, RedisError, AMQPError, ServiceUnavailable, *CONNECTION_LOST)
 """Failures of a service (connection lost, refused, timed out) that a later delivery of the
 job may not meet: the job goes back to its queue. Any other unexpected failure ends it."""
 
