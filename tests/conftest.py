@@ -10,9 +10,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from queuegate.errors import ServiceUnavailable
+from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.services import check_services
 from queuegate.settings import Settings
+from queuegate.teams_admin import Credentials, add
 
 TEST_TEAMS = ("alpha", "beta", "gamma")
 """Teams tests may use; their queues are deleted after every test."""
@@ -48,3 +50,18 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(settings.redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def teams(settings: Settings) -> AsyncIterator[dict[str, Credentials]]:
+    """Teams alpha and beta added the default way, each its own broker user (deleted after)."""
+    created: dict[str, Credentials] = {}
+    try:
+        for team in ("alpha", "beta"):
+            created[team] = await add(settings, team)
+        yield created
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            for credentials in created.values():
+                if credentials.user:
+                    await admin.delete_user(credentials.user)

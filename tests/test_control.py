@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -18,25 +17,10 @@ from queuegate.control import DIRECT_REPLY_TO, ControlRequest, ControlResponse, 
 from queuegate.errors import ControlRefused
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, add, set_security
+from queuegate.teams_admin import Credentials, set_security
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture
-async def teams(settings: Settings) -> AsyncIterator[dict[str, Credentials]]:
-    """Teams alpha and beta added the default way: each its own broker user."""
-    created: dict[str, Credentials] = {}
-    try:
-        for team in ("alpha", "beta"):
-            created[team] = await add(settings, team)
-        yield created
-    finally:
-        async with BrokerAdmin(settings.management_url) as admin:
-            for credentials in created.values():
-                if credentials.user:
-                    await admin.delete_user(credentials.user)
 
 
 def as_team(settings: Settings, credentials: Credentials) -> Settings:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
-import pytest
 
 from producer import GatewayClient
 from queuegate import dlq
@@ -22,7 +20,7 @@ from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, add, create_broker_user
+from queuegate.teams_admin import Credentials, create_broker_user
 from queuegate.topology import (
     DEAD_BODY_LIMIT,
     HEADER_DEAD_QUEUE,
@@ -33,21 +31,6 @@ from queuegate.topology import (
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture
-async def teams(settings: Settings) -> AsyncIterator[dict[str, Credentials]]:
-    """Teams alpha and beta, each with its own broker user (deleted afterwards)."""
-    created: dict[str, Credentials] = {}
-    try:
-        for team in ("alpha", "beta"):
-            created[team] = await add(settings, team)
-        yield created
-    finally:
-        async with BrokerAdmin(settings.management_url) as admin:
-            for credentials in created.values():
-                if credentials.user:
-                    await admin.delete_user(credentials.user)
 
 
 async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter]:

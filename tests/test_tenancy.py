@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -16,26 +15,11 @@ from producer import GatewayClient
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, add, revoke_key, rotate, set_security
+from queuegate.teams_admin import Credentials, revoke_key, rotate, set_security
 from queuegate.topology import HEADER_DEAD_REASON
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture
-async def teams(settings: Settings) -> AsyncIterator[dict[str, Credentials]]:
-    """Teams alpha and beta, each with its own broker user (deleted afterwards)."""
-    created: dict[str, Credentials] = {}
-    try:
-        for team in ("alpha", "beta"):
-            created[team] = await add(settings, team)
-        yield created
-    finally:
-        async with BrokerAdmin(settings.management_url) as admin:
-            for credentials in created.values():
-                if credentials.user:
-                    await admin.delete_user(credentials.user)
 
 
 async def ignore(message: AbstractIncomingMessage) -> None:
