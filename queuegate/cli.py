@@ -313,6 +313,7 @@ def submit(
     key. Otherwise the job goes out as the user of QUEUEGATE_AMQP_URL.
     """
     from producer import GatewayClient
+    from queuegate.errors import ControlRefused
     from queuegate.teams_admin import with_user
     from queuegate.tenancy import broker_user
 
@@ -333,7 +334,16 @@ def submit(
                 model, [{"role": "user", "content": prompt}], timeout=timeout, **params
             )
 
-    result = run(go)
+    as_team = (
+        ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
+        "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
+    )
+    try:
+        result = run(go)
+    except ControlRefused as exc:  # the gateway would not open a reply queue for this user
+        hint = "" if password or api_key else as_team
+        err.print(f"[red]unauthorized:[/] {escape(visible(str(exc)))}{hint}", highlight=False)
+        raise typer.Exit(1) from exc
     if as_json:
         out.print_json(result.model_dump_json())
     elif result.status == "ok":
@@ -346,12 +356,8 @@ def submit(
         )
     else:
         assert result.error is not None
-        hint = ""
-        if result.error.code == "unauthorized" and not (password or api_key):
-            hint = (
-                ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
-                "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
-            )
+        unauthorized = result.error.code == "unauthorized"
+        hint = as_team if unauthorized and not (password or api_key) else ""
         message = escape(visible(result.error.message))
         err.print(f"[red]{result.error.code}:[/] {message}{hint}", highlight=False)
         raise typer.Exit(1)

@@ -173,7 +173,9 @@ async def test_a_wrong_api_key_opens_no_reply_queue(
     # Given alpha proves itself with an API key
     _, credentials = await set_security(settings, "alpha", identity="api_key")
     assert credentials is not None and credentials.api_key is not None
-    async with running_gateway(settings, teams=("alpha",)) as gw:
+    # (workers that trust no operator user: the admin user the client connects as is an app)
+    strict = settings.model_copy(update={"operator_users": f"{settings.namespace}.nobody"})
+    async with running_gateway(strict, teams=("alpha",)) as gw:
         # When a client brings another key, expect the gateway to refuse its control request
         with pytest.raises(ControlRefused, match="unknown or revoked"):
             async with gw.client("alpha", api_key="qg_000000000000_" + "x" * 43):

@@ -411,8 +411,12 @@ async def test_a_refused_forgery_does_not_answer_the_real_job_in_advance(
 async def test_a_team_sees_another_queues_depth_but_never_its_messages(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
-    # Given a job waiting in beta's queue (no worker runs)
-    async with GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta:
+    # Given a job waiting in beta's queue (no worker serves beta; one serving gamma answers
+    # beta's client's request for a reply queue)
+    async with (
+        running_gateway(settings, teams=("gamma",)),
+        GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta,
+    ):
         await beta.submit(beta.job("gpt-4o-mini", HELLO))
     assert teams["alpha"].amqp_url is not None
     connection = await aio_pika.connect(teams["alpha"].amqp_url)
