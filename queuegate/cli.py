@@ -327,12 +327,14 @@ def submit(
     elif user is not None:
         raise typer.BadParameter("--user needs a password: QUEUEGATE_TEAM_PASSWORD or stdin")
 
+    client = GatewayClient(settings, team=team, api_key=api_key)
+    params: dict[str, Any] = {"max_tokens": max_tokens} if max_tokens else {}
+    # Built first: a job the gateway would refuse is told before anything connects.
+    job = client.job(model, [{"role": "user", "content": prompt}], **params)
+
     async def go() -> Any:
-        async with GatewayClient(settings, team=team, api_key=api_key) as client:
-            params = {"max_tokens": max_tokens} if max_tokens else {}
-            return await client.chat(
-                model, [{"role": "user", "content": prompt}], timeout=timeout, **params
-            )
+        async with client:
+            return await (await client.submit(job)).result(timeout)
 
     as_team = (
         ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
