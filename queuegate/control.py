@@ -120,6 +120,19 @@ class BatchMeta(WireModel):
     deadline: datetime
     fingerprint: str
     """sha256 of the submitted file: a re-run must submit the same file."""
+    submission: str = ""
+    """Set by the submit that created the batch, part of every job id: a name used again
+    after collect gets new job ids, never the outcomes workers keep of the earlier ones."""
+
+    @property
+    def jobs(self) -> str:
+        return submission_jobs(self.name, self.submission)
+
+
+def submission_jobs(name: str, submission: str) -> str:
+    """What every job id of a batch's submission starts with, before ``:<custom_id>``
+    (batch names hold no dot; a batch recorded before submissions had ids has none)."""
+    return f"{name}.{submission}" if submission else name
 
 
 class Counts(WireModel):

@@ -196,7 +196,7 @@ class _Run:
         chunk: list[tuple[str, Category, int]] = []
         for line in self.files.existing():
             gateway = line.get("gateway") or {}
-            if gateway.get("job_id") != job_id(self.meta.name, str(line.get("custom_id"))):
+            if gateway.get("job_id") != job_id(self.meta.jobs, str(line.get("custom_id"))):
                 continue  # another batch's line: not ours to count
             cost = gateway.get("cost_usd") or 0
             chunk.append((str(line["custom_id"]), self._fmt.category(line), _nano(cost)))
@@ -223,7 +223,7 @@ class _Run:
             except ValidationError:
                 log.warning("dropped a malformed result %s", message.message_id)
                 continue
-            custom_id = custom_id_of(self.meta.name, result.job_id)
+            custom_id = custom_id_of(self.meta.jobs, result.job_id)
             if custom_id is not None:
                 answers.setdefault(
                     custom_id, Answer(custom_id, result.job_id, category_of(result), result)
@@ -237,7 +237,7 @@ class _Run:
         async for chunk in self.state.unwritten():
             await self._write(
                 [
-                    Answer(c, job_id(self.meta.name, c), category)
+                    Answer(c, job_id(self.meta.jobs, c), category)
                     for c, published in chunk
                     if not (unpublished_only and published)
                 ]
