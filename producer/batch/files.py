@@ -18,7 +18,8 @@ _BLOCK = 65536
 class ResultFiles:
     """The output file and, when given, a separate file for failed requests.
 
-    On open, a line cut short by a crash is removed, so the files hold whole lines only.
+    On open, a last line cut short by a crash (one that does not parse) is removed and a
+    complete last line without its newline gets one, so the files hold whole lines only.
     """
 
     def __init__(self, out: Path, errors: Path | None) -> None:
@@ -71,6 +72,8 @@ class ResultFiles:
 
 
 def _cut_partial_line(path: Path) -> None:
+    """End the file on a whole line: a last line that parses is complete and only lacks its
+    newline (another tool may have written it so); one that does not parse is torn and cut."""
     with path.open("r+b") as f:
         end = f.seek(0, os.SEEK_END)
         position = end
@@ -82,7 +85,18 @@ def _cut_partial_line(path: Path) -> None:
                 return
             newline = block.rfind(b"\n")
             if newline >= 0:
-                f.truncate(start + newline + 1)
+                _end_last_line(f, start + newline + 1, end)
                 return
             position = start
-        f.truncate(0)
+        _end_last_line(f, 0, end)
+
+
+def _end_last_line(f: IO[bytes], start: int, end: int) -> None:
+    f.seek(start)
+    try:
+        orjson.loads(f.read(end - start))
+    except orjson.JSONDecodeError:
+        f.truncate(start)
+    else:
+        f.seek(end)
+        f.write(b"\n")
