@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from queuegate.errors import BatchInvalid
+from queuegate.errors import BatchError, BatchInvalid
 from queuegate.progress import progress
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -74,10 +74,14 @@ def submit(
 ) -> None:
     """Validate a batch file and publish its requests; re-run it to resume."""
     from producer.batch import submit_batch
+    from producer.batch.jobs import check_batch_name, default_name
     from router import load_catalog
 
     settings = Settings()
     window = parse_duration(deadline)
+    # Checked before anything is published: a failure later would lose the skipped list.
+    target = skipped or Path(f"{check_batch_name(name or default_name(file))}.skipped.jsonl")
+    check_writable(target, "--skipped")
     catalog = load_catalog(settings.catalog, os.environ)
     aliases = set(catalog.models)
     try:
@@ -102,7 +106,6 @@ def submit(
         raise
     _print_problems(file, report.skipped)
     if report.skipped:
-        target = skipped or Path(f"{report.name}.skipped.jsonl")
         target.write_bytes(
             b"".join(
                 orjson.dumps({"line": number, "reason": reason}) + b"\n"
@@ -123,6 +126,19 @@ def submit(
         f"collect with: queuegate batch collect {report.name} --team {team} "
         f"--out {report.name}.results.jsonl"
     )
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Refuse, in one line, a path that cannot be written: before anything is published or
+    consumed, so nothing is lost to it."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir():
+        problem = "is a directory" if path.is_dir() else f"has no directory {parent}"
+    elif not os.access(path if path.exists() else parent, os.W_OK):
+        problem = "is not writable"
+    else:
+        return
+    raise BatchError(f"{option} {path} {problem}: pick another path")
 
 
 def anthropic_only(catalog: Catalog) -> set[str]:
