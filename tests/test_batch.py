@@ -755,3 +755,35 @@ async def test_the_cli_tells_an_api_key_team_without_its_key_how_to_pass_it(
     message = stderr.decode()
     assert cli.returncode == 1
     assert "--api-key" in message and "QUEUEGATE_API_KEY" in message
+
+
+async def test_a_line_torn_by_a_crash_is_written_again(
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
+) -> None:
+    # Given an API-key team's batch of 600 and `batch collect` killed after 100 lines
+    total = 600
+    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings, teams=("beta",)):
+        await submit_batch(beta.settings, source, **beta.who)
+        first = start_cli(
+            beta.settings,
+            *("batch", "collect", "resume", "--team", "beta", "--out", str(out)),
+            api_key=beta.api_key,
+        )
+        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100, timeout=60)
+        kill(first)
+        # and the last line it wrote torn, as a crash or power loss mid-write leaves it
+        raw = out.read_bytes()
+        whole = raw[: raw.rindex(b"\n") + 1]
+        out.write_bytes(whole[:-40])
+        torn = orjson.loads(whole.splitlines()[-1])["custom_id"]
+
+        # When it is run again
+        report = await collect(beta.settings, "resume", out, idle=0.2, **beta.who)
+
+    # Expect every custom_id exactly once in the file, the torn one too, counted once
+    counts = once_each(read_jsonl(out))
+    assert counts[torn] == 1
+    assert len(counts) == total and set(counts.values()) == {1}
+    assert report.counts.written == total
