@@ -226,12 +226,18 @@ def list_(team: Team, api_key: ApiKey = None) -> None:
 
     batches = run(lambda: batch_list(Settings(), team=team, api_key=api_key))
     table = Table(title=f"batches of team {team}")
-    for column in ("name", "format", "written", "total", "state", "deadline (UTC)"):
-        table.add_column(column, justify="right" if column in ("written", "total") else "left")
+    numbers = ("collected", "answered", "total")
+    for column in ("name", "format", *numbers, "state", "deadline (UTC)"):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for b in batches:
-        state = "canceled" if b.canceled else ("done" if b.written >= b.total else "running")
         table.add_row(
-            b.name, b.format, f"{b.written:,}", f"{b.total:,}", state, f"{b.deadline:%m-%d %H:%M}"
+            b.name,
+            b.format,
+            f"{b.written:,}",
+            f"{b.written + b.waiting:,}",
+            f"{b.total:,}",
+            b.state,
+            f"{b.deadline:%m-%d %H:%M}",
         )
     out.print(table if batches else f"team {team} has no batch")
 
@@ -260,15 +266,17 @@ def _status_table(status: object) -> Table:
     rows = [
         ("total", f"{c.total:,}"),
         ("published", f"{c.published:,}"),
+        ("not published", f"{c.total - c.published:,}"),
         ("queued", f"{status.queued:,}"),
         ("answered, to collect", f"{status.waiting:,}"),
-        ("done", f"{c.done:,}"),
-        ("failed", f"{c.failed:,}"),
-        ("expired", f"{c.expired:,}"),
-        ("canceled", f"{c.canceled:,}"),
-        ("spend (USD)", f"{c.spend_usd:.6f}"),
-        ("rate", f"{status.rate:,.1f}/s" if status.rate else "-"),
-        ("ETA", f"{status.eta_s:,.0f} s" if status.eta_s is not None else "-"),
+        # The rest is counted as lines are collected: the gateway sums nothing before.
+        ("collected: done", f"{c.done:,}"),
+        ("collected: failed", f"{c.failed:,}"),
+        ("collected: expired", f"{c.expired:,}"),
+        ("collected: canceled", f"{c.canceled:,}"),
+        ("collected spend (USD)", f"{c.spend_usd:.6f}"),
+        ("collect rate", f"{status.rate:,.1f}/s" if status.rate else "-"),
+        ("collect ETA", f"{status.eta_s:,.0f} s" if status.eta_s is not None else "-"),
         ("deadline", f"{status.deadline:%Y-%m-%d %H:%M:%S} UTC"),
     ]
     if c.canceled_flag:

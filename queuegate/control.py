@@ -161,3 +161,14 @@ class BatchSummary(WireModel):
     written: int
     canceled: bool
     deadline: datetime
+    waiting: int = 0
+    """Results answered and not collected yet."""
+
+    @property
+    def state(self) -> str:
+        """``to collect`` once every request is answered, ``done`` once every line is written."""
+        if self.canceled:
+            return "canceled"
+        if self.written >= self.total:
+            return "done"
+        return "to collect" if self.written + self.waiting >= self.total else "running"
