@@ -10,7 +10,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -22,6 +22,8 @@ from openai.types.chat import ChatCompletion
 
 from mockprovider import Behavior, MockConfig
 from producer import batch_list, batch_status, cancel_batch, collect, submit_batch
+from producer.batch import BatchStatus
+from queuegate.control import Counts
 from queuegate.errors import BatchError, BatchInvalid, ControlRefused, PublishRefused
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
@@ -787,3 +789,50 @@ async def test_a_line_torn_by_a_crash_is_written_again(
     assert counts[torn] == 1
     assert len(counts) == total and set(counts.values()) == {1}
     assert report.counts.written == total
+
+
+async def test_a_fully_answered_batch_is_listed_to_collect_with_its_answers(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a batch of 10, all answered, collected by nobody yet
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await gw.usage_rows(10)
+        await wait_until_answered(alpha, "small", 10)
+
+        # When the team lists its batches, and reads the status in the CLI
+        listed = await batch_list(alpha.settings, **alpha.who)
+        cli = start_cli(alpha.settings, "batch", "status", "small", "--team", "alpha")
+        stdout, stderr = await asyncio.to_thread(cli.communicate)
+
+    # Expect it listed as answered, to collect, and its spend labelled as collected spend
+    assert cli.returncode == 0, stderr.decode()
+    assert [(b.name, b.waiting, b.state) for b in listed] == [("small", 10, "to collect")]
+    assert "collected spend (USD)" in stdout.decode()
+
+
+async def wait_until_answered(who: TeamIdentity, name: str, n: int) -> None:
+    """Until ``n`` results wait in the batch's queue: the broker announces it to nobody."""
+    while (await batch_status(who.settings, name, **who.who)).waiting < n:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+def test_queued_is_never_more_than_was_published() -> None:
+    # Given a submit interrupted after publishing 1,355 of 2,000 requests
+    counts = Counts(
+        total=2000,
+        published=1355,
+        done=0,
+        failed=0,
+        expired=0,
+        canceled=0,
+        spend_usd=0,
+        first_written=None,
+        last_written=None,
+        canceled_flag=False,
+    )
+    status = BatchStatus("big", "alpha", "openai", datetime.now(UTC), counts, waiting=5)
+
+    # Expect the published requests not answered yet as queued, not the whole batch
+    assert status.queued == 1350
