@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from queuegate.errors import BatchInvalid
+from queuegate.errors import BatchError, BatchInvalid
 from queuegate.progress import progress
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -74,10 +74,14 @@ def submit(
 ) -> None:
     """Validate a batch file and publish its requests; re-run it to resume."""
     from producer.batch import submit_batch
+    from producer.batch.jobs import check_batch_name, default_name
     from router import load_catalog
 
     settings = Settings()
     window = parse_duration(deadline)
+    # Checked before anything is published: a failure later would lose the skipped list.
+    target = skipped or Path(f"{check_batch_name(name or default_name(file))}.skipped.jsonl")
+    check_writable(target, "--skipped")
     catalog = load_catalog(settings.catalog, os.environ)
     aliases = set(catalog.models)
     try:
@@ -102,7 +106,6 @@ def submit(
         raise
     _print_problems(file, report.skipped)
     if report.skipped:
-        target = skipped or Path(f"{report.name}.skipped.jsonl")
         target.write_bytes(
             b"".join(
                 orjson.dumps({"line": number, "reason": reason}) + b"\n"
@@ -123,6 +126,19 @@ def submit(
         f"collect with: queuegate batch collect {report.name} --team {team} "
         f"--out {report.name}.results.jsonl"
     )
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Refuse, in one line, a path that cannot be written: before anything is published or
+    consumed, so nothing is lost to it."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir():
+        problem = "is a directory" if path.is_dir() else f"has no directory {parent}"
+    elif not os.access(path if path.exists() else parent, os.W_OK):
+        problem = "is not writable"
+    else:
+        return
+    raise BatchError(f"{option} {path} {problem}: pick another path")
 
 
 def anthropic_only(catalog: Catalog) -> set[str]:
@@ -210,12 +226,18 @@ def list_(team: Team, api_key: ApiKey = None) -> None:
 
     batches = run(lambda: batch_list(Settings(), team=team, api_key=api_key))
     table = Table(title=f"batches of team {team}")
-    for column in ("name", "format", "written", "total", "state", "deadline (UTC)"):
-        table.add_column(column, justify="right" if column in ("written", "total") else "left")
+    numbers = ("collected", "answered", "total")
+    for column in ("name", "format", *numbers, "state", "deadline (UTC)"):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for b in batches:
-        state = "canceled" if b.canceled else ("done" if b.written >= b.total else "running")
         table.add_row(
-            b.name, b.format, f"{b.written:,}", f"{b.total:,}", state, f"{b.deadline:%m-%d %H:%M}"
+            b.name,
+            b.format,
+            f"{b.written:,}",
+            f"{b.written + b.waiting:,}",
+            f"{b.total:,}",
+            b.state,
+            f"{b.deadline:%m-%d %H:%M}",
         )
     out.print(table if batches else f"team {team} has no batch")
 
@@ -244,15 +266,17 @@ def _status_table(status: object) -> Table:
     rows = [
         ("total", f"{c.total:,}"),
         ("published", f"{c.published:,}"),
+        ("not published", f"{c.total - c.published:,}"),
         ("queued", f"{status.queued:,}"),
         ("answered, to collect", f"{status.waiting:,}"),
-        ("done", f"{c.done:,}"),
-        ("failed", f"{c.failed:,}"),
-        ("expired", f"{c.expired:,}"),
-        ("canceled", f"{c.canceled:,}"),
-        ("spend (USD)", f"{c.spend_usd:.6f}"),
-        ("rate", f"{status.rate:,.1f}/s" if status.rate else "-"),
-        ("ETA", f"{status.eta_s:,.0f} s" if status.eta_s is not None else "-"),
+        # The rest is counted as lines are collected: the gateway sums nothing before.
+        ("collected: done", f"{c.done:,}"),
+        ("collected: failed", f"{c.failed:,}"),
+        ("collected: expired", f"{c.expired:,}"),
+        ("collected: canceled", f"{c.canceled:,}"),
+        ("collected spend (USD)", f"{c.spend_usd:.6f}"),
+        ("collect rate", f"{status.rate:,.1f}/s" if status.rate else "-"),
+        ("collect ETA", f"{status.eta_s:,.0f} s" if status.eta_s is not None else "-"),
         ("deadline", f"{status.deadline:%Y-%m-%d %H:%M:%S} UTC"),
     ]
     if c.canceled_flag:

@@ -120,6 +120,19 @@ class BatchMeta(WireModel):
     deadline: datetime
     fingerprint: str
     """sha256 of the submitted file: a re-run must submit the same file."""
+    submission: str = ""
+    """Set by the submit that created the batch, part of every job id: a name used again
+    after collect gets new job ids, never the outcomes workers keep of the earlier ones."""
+
+    @property
+    def jobs(self) -> str:
+        return submission_jobs(self.name, self.submission)
+
+
+def submission_jobs(name: str, submission: str) -> str:
+    """What every job id of a batch's submission starts with, before ``:<custom_id>``
+    (batch names hold no dot; a batch recorded before submissions had ids has none)."""
+    return f"{name}.{submission}" if submission else name
 
 
 class Counts(WireModel):
@@ -148,3 +161,14 @@ class BatchSummary(WireModel):
     written: int
     canceled: bool
     deadline: datetime
+    waiting: int = 0
+    """Results answered and not collected yet."""
+
+    @property
+    def state(self) -> str:
+        """``to collect`` once every request is answered, ``done`` once every line is written."""
+        if self.canceled:
+            return "canceled"
+        if self.written >= self.total:
+            return "done"
+        return "to collect" if self.written + self.waiting >= self.total else "running"

@@ -10,7 +10,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -22,6 +22,8 @@ from openai.types.chat import ChatCompletion
 
 from mockprovider import Behavior, MockConfig
 from producer import batch_list, batch_status, cancel_batch, collect, submit_batch
+from producer.batch import BatchStatus
+from queuegate.control import Counts
 from queuegate.errors import BatchError, BatchInvalid, ControlRefused, PublishRefused
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
@@ -565,7 +567,7 @@ async def test_collecting_into_a_file_holding_another_batchs_lines_writes_this_o
 
     # Expect its own three lines written, beside the other batch's
     assert report.written == 3
-    jobs = Counter(line["gateway"]["job_id"].split(":")[0] for line in read_jsonl(out))
+    jobs = Counter(line["gateway"]["job_id"].split(".")[0] for line in read_jsonl(out))
     assert jobs == {"docs": 3, "small": 3}
 
 
@@ -656,3 +658,181 @@ async def test_skip_invalid_lists_every_skipped_line_in_a_file(
     assert [entry["line"] for entry in listed] == bad_numbers
     assert all(entry["reason"] for entry in listed)
     assert str(skipped) in stderr.decode()
+
+
+def _asking(questions: range, prefix: str) -> list[dict[str, object]]:
+    lines = []
+    for i in questions:
+        line = openai_line(i)
+        line["body"] = {**line["body"], "messages": [{"role": "user", "content": f"{prefix} {i}"}]}
+        lines.append(line)
+    return lines
+
+
+async def test_a_name_submitted_again_after_collect_is_answered_afresh(
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
+) -> None:
+    # Given an API-key team's batch "small" submitted and collected into results.jsonl
+    out = tmp_path / "results.jsonl"
+    same = write_jsonl(tmp_path / "same.jsonl", [openai_line(i) for i in range(3)])
+    other = write_jsonl(tmp_path / "other.jsonl", _asking(range(3), "Another question"))
+    async with running_gateway(settings, teams=("beta",)) as gw:
+        await submit_batch(beta.settings, same, name="small", **beta.who)
+        await collect(beta.settings, "small", out, idle=0.2, **beta.who)
+        calls = len(gw.mock.requests)
+
+        # When the name is submitted again with the same prompts, then with other prompts,
+        # each collected into the same file
+        await submit_batch(beta.settings, same, name="small", **beta.who)
+        again = await collect(beta.settings, "small", out, idle=0.2, **beta.who)
+        await submit_batch(beta.settings, other, name="small", **beta.who)
+        changed = await collect(beta.settings, "small", out, idle=0.2, **beta.who)
+        calls_after = len(gw.mock.requests)
+
+    # Expect every line of both later runs written, served by the provider and charged
+    assert (again.written, again.counts.done) == (3, 3)
+    assert (changed.written, changed.counts.done) == (3, 3)
+    assert calls_after - calls == 6
+    lines = read_jsonl(out)
+    assert len(lines) == 9 and all(line["error"] is None for line in lines)
+    assert all(line["gateway"]["cost_usd"] > 0 for line in lines)
+    assert len({line["gateway"]["job_id"] for line in lines}) == 9
+
+
+async def test_collect_keeps_another_batchs_last_line_that_lacks_its_newline(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a results file of four lines of another batch, the last without a newline
+    out = tmp_path / "results.jsonl"
+    theirs = [
+        {"custom_id": f"theirs-{i}", "gateway": {"job_id": f"x:theirs-{i}"}} for i in range(4)
+    ]
+    out.write_bytes(b"\n".join(orjson.dumps(line) for line in theirs))
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    async with running_gateway(settings):
+        await submit_batch(alpha.settings, source, **alpha.who)
+        # When a batch is collected into it
+        report = await collect(alpha.settings, "small", out, idle=0.2, **alpha.who)
+
+    # Expect the four lines kept whole, then this batch's three
+    lines = read_jsonl(out)
+    assert report.written == 3
+    assert lines[:4] == theirs and len(lines) == 7
+
+
+async def test_an_unwritable_skipped_path_is_refused_before_anything_is_published(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a file with invalid lines, and --skipped in a directory that does not exist
+    source, _ = malformed_file(tmp_path / "bad.jsonl")
+    skipped = tmp_path / "missing" / "skipped.jsonl"
+    async with nobody_serves(settings):
+        # When the team's CLI submits it with --skip-invalid
+        cli = start_cli(
+            alpha.settings,
+            *("batch", "submit", str(source), "--team", "alpha", "--skip-invalid"),
+            *("--skipped", str(skipped)),
+        )
+        _, stderr = await asyncio.to_thread(cli.communicate)
+        batches = await batch_list(alpha.settings, **alpha.who)
+
+    # Expect a one-line error naming the option, and no batch published
+    message = stderr.decode().strip()
+    assert cli.returncode == 1 and "Traceback" not in message
+    assert len(message.splitlines()) == 1 and "--skipped" in message
+    assert batches == []
+
+
+async def test_the_cli_tells_an_api_key_team_without_its_key_how_to_pass_it(
+    settings: Settings, beta: TeamIdentity
+) -> None:
+    # Given an API-key team's CLI run without its key, on a gateway whose operator is
+    # another broker user (the shared user the team connects as is trusted for nothing)
+    gateway = settings.model_copy(update={"operator_users": "gateway-operator"})
+    async with nobody_serves(gateway):
+        cli = start_cli(beta.settings, "batch", "list", "--team", "beta")
+        _, stderr = await asyncio.to_thread(cli.communicate)
+
+    # Expect it told about --api-key and QUEUEGATE_API_KEY
+    message = stderr.decode()
+    assert cli.returncode == 1
+    assert "--api-key" in message and "QUEUEGATE_API_KEY" in message
+
+
+async def test_a_line_torn_by_a_crash_is_written_again(
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
+) -> None:
+    # Given an API-key team's batch of 600 and `batch collect` killed after 100 lines
+    total = 600
+    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings, teams=("beta",)):
+        await submit_batch(beta.settings, source, **beta.who)
+        first = start_cli(
+            beta.settings,
+            *("batch", "collect", "resume", "--team", "beta", "--out", str(out)),
+            api_key=beta.api_key,
+        )
+        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100, timeout=60)
+        kill(first)
+        # and the last line it wrote torn, as a crash or power loss mid-write leaves it
+        raw = out.read_bytes()
+        whole = raw[: raw.rindex(b"\n") + 1]
+        out.write_bytes(whole[:-40])
+        torn = orjson.loads(whole.splitlines()[-1])["custom_id"]
+
+        # When it is run again
+        report = await collect(beta.settings, "resume", out, idle=0.2, **beta.who)
+
+    # Expect every custom_id exactly once in the file, the torn one too, counted once
+    counts = once_each(read_jsonl(out))
+    assert counts[torn] == 1
+    assert len(counts) == total and set(counts.values()) == {1}
+    assert report.counts.written == total
+
+
+async def test_a_fully_answered_batch_is_listed_to_collect_with_its_answers(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a batch of 10, all answered, collected by nobody yet
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await gw.usage_rows(10)
+        await wait_until_answered(alpha, "small", 10)
+
+        # When the team lists its batches, and reads the status in the CLI
+        listed = await batch_list(alpha.settings, **alpha.who)
+        cli = start_cli(alpha.settings, "batch", "status", "small", "--team", "alpha")
+        stdout, stderr = await asyncio.to_thread(cli.communicate)
+
+    # Expect it listed as answered, to collect, and its spend labelled as collected spend
+    assert cli.returncode == 0, stderr.decode()
+    assert [(b.name, b.waiting, b.state) for b in listed] == [("small", 10, "to collect")]
+    assert "collected spend (USD)" in stdout.decode()
+
+
+async def wait_until_answered(who: TeamIdentity, name: str, n: int) -> None:
+    """Until ``n`` results wait in the batch's queue: the broker announces it to nobody."""
+    while (await batch_status(who.settings, name, **who.who)).waiting < n:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+def test_queued_is_never_more_than_was_published() -> None:
+    # Given a submit interrupted after publishing 1,355 of 2,000 requests
+    counts = Counts(
+        total=2000,
+        published=1355,
+        done=0,
+        failed=0,
+        expired=0,
+        canceled=0,
+        spend_usd=0,
+        first_written=None,
+        last_written=None,
+        canceled_flag=False,
+    )
+    status = BatchStatus("big", "alpha", "openai", datetime.now(UTC), counts, waiting=5)
+
+    # Expect the published requests not answered yet as queued, not the whole batch
+    assert status.queued == 1350

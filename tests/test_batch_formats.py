@@ -264,6 +264,7 @@ def test_an_anthropic_line_answered_by_an_openai_deployment_carries_a_message_id
         ("invalid_request", "invalid_request_error"),
         ("unknown_model", "invalid_request_error"),
         ("unauthorized", "invalid_request_error"),
+        ("idempotency_conflict", "invalid_request_error"),
         ("budget_exhausted", "insufficient_quota"),
         ("rate_limited", "requests"),
         ("all_providers_failed", "server_error"),
@@ -291,9 +292,20 @@ def test_top_k_for_a_model_another_provider_may_serve_is_an_invalid_line() -> No
     assert only == {"claude-haiku"}
 
     def reader(model: str) -> JobReader:
-        return JobReader(batch="b", team="alpha", model=model, deadline=None, anthropic_models=only)
+        return JobReader(
+            batch="b", jobs="b", team="alpha", model=model, deadline=None, anthropic_models=only
+        )
 
     # When it is read for each, expect it refused for the OpenAI model and kept for Claude
     with pytest.raises(ValueError, match="top_k is Anthropic's alone"):
         reader("gpt-4o-mini").job(entry)
     assert reader("claude-haiku").job(entry).params.model_extra == {"top_k": 5}
+
+
+def test_an_openai_line_without_url_is_told_the_url_is_missing() -> None:
+    # Given an OpenAI batch line with no url
+    entry = {"custom_id": "r1", "method": "POST", "body": {"messages": []}}
+
+    # When it is read, expect the missing field named, not "url None"
+    with pytest.raises(ValueError, match="url is missing: it must be /v1/chat/completions"):
+        FORMATS["openai"].parse(entry)

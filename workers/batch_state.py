@@ -57,6 +57,7 @@ class BatchState:
             total=int(fields["total"]),
             deadline=datetime.fromtimestamp(float(fields["deadline"]), UTC),
             fingerprint=fields["fingerprint"],
+            submission=fields.get("submission", ""),
         )
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         return meta
@@ -79,6 +80,7 @@ class BatchState:
             "total": meta.total,
             "deadline": meta.deadline.timestamp(),
             "fingerprint": meta.fingerprint,
+            "submission": meta.submission,
             "created": time.time(),
         }
         async with self._r.pipeline(transaction=True) as pipe:

@@ -210,7 +210,10 @@ class ControlPlane:
     async def _batch(self, team: str, call: BatchCall) -> Any:
         if call.call == "list":
             return [
-                b.model_dump(mode="json") for b in await list_batches(self._redis, self._keys, team)
+                b.model_copy(update={"waiting": await self._waiting(team, b.name)}).model_dump(
+                    mode="json"
+                )
+                for b in await list_batches(self._redis, self._keys, team)
             ]
         if not call.batch:
             raise Refused(f"batch {call.call} needs a batch name")
@@ -275,7 +278,14 @@ class ControlPlane:
     async def _status(self, state: BatchState) -> dict[str, Any]:
         meta = await state.require()
         counts = await state.counts(meta)
-        waiting = 0
+        return {
+            "meta": meta.model_dump(mode="json"),
+            "counts": counts.model_dump(mode="json"),
+            "waiting": await self._waiting(state.team, state.name),
+        }
+
+    async def _waiting(self, team: str, name: str) -> int:
+        """Results in a batch's results queue: answered, not collected yet."""
         try:
             # On a channel of its own: a passive declare of a missing queue closes it.
             channel = await self._require_channel().get_underlay_channel()
@@ -283,19 +293,14 @@ class ControlPlane:
             probe = await connection.channel()
             try:
                 ok = await probe.queue_declare(
-                    self._topology.results_queue(state.team, state.name), passive=True
+                    self._topology.results_queue(team, name), passive=True
                 )
-                waiting = int(ok.message_count or 0)
+                return int(ok.message_count or 0)
             finally:
                 if not probe.is_closed:
                     await probe.close()
         except aiormq.exceptions.ChannelNotFoundEntity:
-            waiting = 0
-        return {
-            "meta": meta.model_dump(mode="json"),
-            "counts": counts.model_dump(mode="json"),
-            "waiting": waiting,
-        }
+            return 0
 
 
 def _error(code: str, text: str) -> ControlResponse:

@@ -182,8 +182,9 @@ class Identities:
         proof = header_text(headers.get(PROOF_HEADER))
         if key_id is None or proof is None:
             raise Unauthorized(
-                f"team {team!r} requires an API key: pass api_key= to the client, which sends "
-                f"its id and a proof in {KEY_ID_HEADER} and {PROOF_HEADER}"
+                f"team {team!r} requires an API key: pass --api-key or set QUEUEGATE_API_KEY "
+                f"(api_key= to the client, which sends its id and a proof in {KEY_ID_HEADER} "
+                f"and {PROOF_HEADER})"
             )
         if not _KEY_ID.fullmatch(key_id):
             raise Unauthorized("the API key is unknown or revoked")

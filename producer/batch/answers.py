@@ -34,13 +34,15 @@ class Answer:
     result: ChatResult | None = None
 
 
-def job_id(batch: str, custom_id: str) -> str:
-    """The job id of a request: the same on every run, so a re-run is recognised."""
-    return f"{batch}:{custom_id}"
+def job_id(jobs: str, custom_id: str) -> str:
+    """The job id of a request of the submission whose ids start with ``jobs``
+    (``BatchMeta.jobs``): the same on every run of that submission, so a re-run is
+    recognised, and new when the name is submitted again after collect."""
+    return f"{jobs}:{custom_id}"
 
 
-def custom_id_of(batch: str, job: str) -> str | None:
-    prefix = f"{batch}:"
+def custom_id_of(jobs: str, job: str) -> str | None:
+    prefix = f"{jobs}:"
     return job[len(prefix) :] if job.startswith(prefix) else None
 
 

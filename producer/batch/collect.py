@@ -4,7 +4,10 @@ Each round takes what has arrived, drops custom_ids already written, appends the
 fsyncs, records them with the gateway, and only then acknowledges the messages. A crash
 before the fsync leaves the results in the queue; a crash after it leaves lines the gateway
 does not know yet, which the next run reads back from the files before taking anything new.
-So every custom_id is written exactly once, however often a run is interrupted. Lines
+The result of each file's last line stays unacknowledged until a later line of that file
+is on disk: a crash or power loss that tears the last line (cut on the next run's open)
+leaves its result in the queue, and the next run writes it again, the gateway already
+counting it. So every custom_id is written exactly once, however often a run is interrupted. Lines
 already in the files count only when their job id is this batch's: another batch's lines
 with the same custom_ids are left alone.
 
@@ -150,7 +153,7 @@ async def _consume(
         channel.reopen_callbacks.add(consume_results)
         await run.reconcile()
         deadline = run.meta.deadline.timestamp() + expiry_grace
-        while run.done < run.meta.total:
+        while run.done < run.meta.total or run.torn:
             messages = await _take(inbox, idle)
             if messages:
                 await run.results(messages)
@@ -158,6 +161,11 @@ async def _consume(
                 await run.unanswerable("expired")
             elif await run.state.is_canceled():
                 await run.unanswerable("canceled", unpublished_only=True)
+            elif run.done >= run.meta.total:
+                # A torn line with no result in the queue, neither expired nor canceled: its
+                # result was acknowledged by a run that did not hold it back. It is lost.
+                log.warning("lines of %s were torn and cannot be written again", sorted(run.torn))
+                return
 
 
 async def _ignore(message: DeliveredMessage) -> None:
@@ -189,21 +197,29 @@ class _Run:
         self.files: ResultFiles | None = None
         self.done = 0
         self.written = 0
+        self.torn: set[str] = set()
+        """custom_ids the gateway counts as written whose line a crash tore: written again."""
+        self._held: dict[int, AbstractIncomingMessage] = {}
+        """Per file, the unacknowledged result of its last line."""
 
     async def reconcile(self) -> None:
         """Record lines a crashed run wrote but did not record; learn how many are done."""
         assert self.files is not None
         chunk: list[tuple[str, Category, int]] = []
+        torn = set(self.files.torn)
         for line in self.files.existing():
             gateway = line.get("gateway") or {}
-            if gateway.get("job_id") != job_id(self.meta.name, str(line.get("custom_id"))):
+            if gateway.get("job_id") != job_id(self.meta.jobs, str(line.get("custom_id"))):
                 continue  # another batch's line: not ours to count
+            torn.discard(str(line["custom_id"]))
             cost = gateway.get("cost_usd") or 0
             chunk.append((str(line["custom_id"]), self._fmt.category(line), _nano(cost)))
             if len(chunk) >= RECONCILE_CHUNK:
                 await self._record_known(chunk)
                 chunk = []
         await self._record_known(chunk)
+        ids = sorted(torn)
+        self.torn = {i for i, w in zip(ids, await self.state.written_among(ids), strict=True) if w}
         self.done = (await self.state.counts(self.meta)).written
         self._progress()
 
@@ -215,6 +231,7 @@ class _Run:
 
     async def results(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         answers: dict[str, Answer] = {}
+        sources: dict[str, AbstractIncomingMessage] = {}
         for message in messages:
             if message.type != MESSAGE_TYPE_RESULT:
                 continue
@@ -223,45 +240,69 @@ class _Run:
             except ValidationError:
                 log.warning("dropped a malformed result %s", message.message_id)
                 continue
-            custom_id = custom_id_of(self.meta.name, result.job_id)
-            if custom_id is not None:
-                answers.setdefault(
-                    custom_id, Answer(custom_id, result.job_id, category_of(result), result)
-                )
-        await self._write(list(answers.values()))
+            custom_id = custom_id_of(self.meta.jobs, result.job_id)
+            if custom_id is not None and custom_id not in answers:
+                answers[custom_id] = Answer(custom_id, result.job_id, category_of(result), result)
+                sources[custom_id] = message
+        last = await self._write(list(answers.values()))
         # Lines are on disk and recorded before this ack: redelivered results are skipped.
-        await settle(messages[-1].ack(multiple=True), "acknowledge results", log)
+        # Each file's last line keeps its result unacknowledged: a torn tail is written again.
+        released = [self._held.pop(index) for index in last if index in self._held]
+        self._held.update({index: sources[custom_id] for index, custom_id in last.items()})
+        held = {id(m) for m in self._held.values()}
+        await self._ack([*released, *(m for m in messages if id(m) not in held)])
+
+    async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        await asyncio.gather(*(settle(m.ack(), "acknowledge results", log) for m in messages))
 
     async def unanswerable(self, category: Category, *, unpublished_only: bool = False) -> None:
         """Write ``category`` for every request still without a line (never published)."""
         async for chunk in self.state.unwritten():
-            await self._write(
+            await self._settled(
                 [
-                    Answer(c, job_id(self.meta.name, c), category)
+                    Answer(c, job_id(self.meta.jobs, c), category)
                     for c, published in chunk
                     if not (unpublished_only and published)
                 ]
             )
+        # Every other line written and still no result for a torn one (its result comes back
+        # at once when there is one): it was one of these, never answered by a worker.
+        if self.torn and self.done >= self.meta.total:
+            await self._settled([Answer(c, job_id(self.meta.jobs, c), category) for c in self.torn])
 
-    async def _write(self, answers: list[Answer]) -> None:
+    async def _settled(self, answers: list[Answer]) -> None:
+        """Write answers that have no result: a file's line before them needs no holding."""
+        last = await self._write(answers)
+        await self._ack([self._held.pop(index) for index in last if index in self._held])
+
+    async def _write(self, answers: list[Answer]) -> dict[int, str]:
+        """Write the answers not written yet (and torn ones again); per file written to, the
+        custom_id of its new last line."""
         assert self.files is not None
         if not answers:
-            return
+            return {}
         written = await self.state.written_among([a.custom_id for a in answers])
-        fresh = [a for a, w in zip(answers, written, strict=True) if not w]
+        fresh = [
+            a for a, w in zip(answers, written, strict=True) if not w or a.custom_id in self.torn
+        ]
         if not fresh:
-            return
+            return {}
         entries: list[tuple[str, Category, int]] = []
+        last: dict[int, str] = {}
         for answer in fresh:
             line = self._fmt.line(answer)
             line["gateway"] = gateway_block(answer)
-            self.files.write(line, failed=answer.category != "done")
+            last[self.files.write(line, failed=answer.category != "done")] = answer.custom_id
+            if answer.custom_id in self.torn:
+                continue  # counted when first written
             entries.append((answer.custom_id, answer.category, _nano(line["gateway"]["cost_usd"])))
         self.files.sync()
         await self.state.mark_written(entries)
-        self.done += len(fresh)
+        self.torn.difference_update(a.custom_id for a in fresh)
+        self.done += len(entries)
         self.written += len(fresh)
         self._progress()
+        return last
 
     def _progress(self) -> None:
         if self._on_progress is not None:

@@ -25,8 +25,9 @@ class BatchStatus:
 
     @property
     def queued(self) -> int:
-        """Requests not answered yet (published or not)."""
-        return max(0, self.counts.total - self.counts.written - self.waiting)
+        """Published requests not answered yet: never more than were published."""
+        left = min(self.counts.published, self.counts.total - self.counts.written)
+        return max(0, left - self.waiting)
 
     @property
     def rate(self) -> float | None:

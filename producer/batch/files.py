@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -13,17 +14,22 @@ import orjson
 from queuegate.errors import BatchError
 
 _BLOCK = 65536
+_CUSTOM_ID = re.compile(rb'"custom_id":("(?:[^"\\]|\\.)*")')
+"""Where a torn line names its request: both formats write it near the line's start."""
 
 
 class ResultFiles:
     """The output file and, when given, a separate file for failed requests.
 
-    On open, a line cut short by a crash is removed, so the files hold whole lines only.
+    On open, a last line cut short by a crash (one that does not parse) is removed and a
+    complete last line without its newline gets one, so the files hold whole lines only.
     """
 
     def __init__(self, out: Path, errors: Path | None) -> None:
         self._paths = [out] if errors is None or errors == out else [out, errors]
         self._files: list[IO[bytes]] = []
+        self.torn: set[str] = set()
+        """custom_ids named by the torn lines cut on open: written once, lost since."""
 
     def __enter__(self) -> Self:
         try:
@@ -31,7 +37,9 @@ class ResultFiles:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with path.open("ab"):
                     pass
-                _cut_partial_line(path)
+                torn = _cut_partial_line(path)
+                if torn is not None and (named := _CUSTOM_ID.search(torn)):
+                    self.torn.add(str(orjson.loads(named[1])))
                 self._files.append(path.open("ab"))
         except OSError as exc:
             self.close()
@@ -59,9 +67,11 @@ class ResultFiles:
                     if raw.strip():
                         yield orjson.loads(raw)
 
-    def write(self, line: dict[str, Any], *, failed: bool) -> None:
-        target = self._files[-1] if failed else self._files[0]
-        target.write(orjson.dumps(line) + b"\n")
+    def write(self, line: dict[str, Any], *, failed: bool) -> int:
+        """Append ``line``; the index of the file it went to."""
+        index = len(self._files) - 1 if failed else 0
+        self._files[index].write(orjson.dumps(line) + b"\n")
+        return index
 
     def sync(self) -> None:
         """Flush and fsync: only then may the results written be acknowledged."""
@@ -70,7 +80,10 @@ class ResultFiles:
             os.fsync(f.fileno())
 
 
-def _cut_partial_line(path: Path) -> None:
+def _cut_partial_line(path: Path) -> bytes | None:
+    """End the file on a whole line: a last line that parses is complete and only lacks its
+    newline (another tool may have written it so); one that does not parse is torn and cut,
+    and returned."""
     with path.open("r+b") as f:
         end = f.seek(0, os.SEEK_END)
         position = end
@@ -79,10 +92,22 @@ def _cut_partial_line(path: Path) -> None:
             f.seek(start)
             block = f.read(position - start)
             if position == end and block.endswith(b"\n"):
-                return
+                return None
             newline = block.rfind(b"\n")
             if newline >= 0:
-                f.truncate(start + newline + 1)
-                return
+                return _end_last_line(f, start + newline + 1, end)
             position = start
-        f.truncate(0)
+        return _end_last_line(f, 0, end)
+
+
+def _end_last_line(f: IO[bytes], start: int, end: int) -> bytes | None:
+    f.seek(start)
+    last = f.read(end - start)
+    try:
+        orjson.loads(last)
+    except orjson.JSONDecodeError:
+        f.truncate(start)
+        return last
+    f.seek(end)
+    f.write(b"\n")
+    return None

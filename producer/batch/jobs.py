@@ -47,6 +47,7 @@ class JobReader:
         self,
         *,
         batch: str,
+        jobs: str,
         team: str,
         model: str | None,
         deadline: datetime | None,
@@ -55,6 +56,7 @@ class JobReader:
         anthropic_models: Collection[str] | None = None,
     ) -> None:
         self._batch = batch
+        self._jobs = jobs
         self._team = team
         self._model = model
         self.deadline = deadline
@@ -92,7 +94,7 @@ class JobReader:
                     )
         try:
             return ChatJob(
-                job_id=job_id(self._batch, custom_id),
+                job_id=job_id(self._jobs, custom_id),
                 team=self._team,
                 model=model,
                 messages=request.messages,

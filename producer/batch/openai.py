@@ -19,6 +19,8 @@ URL = "/v1/chat/completions"
 _ERROR_TYPES = {
     "invalid_request": "invalid_request_error",
     "unknown_model": "invalid_request_error",
+    # A request that reuses a job id with other content: the client's mistake, as a 422.
+    "idempotency_conflict": "invalid_request_error",
     # OpenAI answers a bad key 401 with this type too.
     "unauthorized": "invalid_request_error",
     "budget_exhausted": "insufficient_quota",
@@ -37,6 +39,8 @@ def parse(entry: dict[str, Any]) -> Request:
     """The request of one line; ValueError names what is wrong."""
     if entry.get("method") != "POST":
         raise ValueError(f"method must be POST, not {entry.get('method')!r}")
+    if "url" not in entry:
+        raise ValueError(f"url is missing: it must be {URL}")
     if entry.get("url") != URL:
         raise ValueError(f"url {entry.get('url')!r} is not served: only {URL}")
     body = entry.get("body")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import secrets
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,7 @@ from producer.batch.jobs import JobReader, check_batch_name, default_name
 from producer.batch.lines import BatchFile
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
-from queuegate.control import BatchMeta
+from queuegate.control import BatchMeta, submission_jobs
 from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
 from queuegate.messages import ChatJob
 from queuegate.registry import check_team_name
@@ -99,8 +100,11 @@ async def submit_batch(
         meta = await state.load()
         if await state.is_canceled():
             raise BatchError(f"batch {name!r} was canceled; submit it under another --name")
+        # Hex: job ids and the names derived from them take it as they take a batch name.
+        submission = meta.submission if meta else secrets.token_hex(4)
         reader = JobReader(
             batch=name,
+            jobs=submission_jobs(name, submission),
             team=team,
             model=model,
             deadline=meta.deadline if meta else datetime.now(UTC) + deadline,
@@ -126,6 +130,7 @@ async def submit_batch(
                 total=total,
                 deadline=reader.deadline,
                 fingerprint=fingerprint,
+                submission=submission,
             )
             await state.create(meta)
         else:
