@@ -34,9 +34,12 @@ from rich.table import Table
 
 from bench.stack import TEAM, Stack, free_port, running_stack
 from producer import GatewayClient, JobHandle
+from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from queuegate.spend import Scope, reconcile, reconciler_token, spend_drift
 
 JOBS = 300
 LATENCY_MS = 20
@@ -135,18 +138,27 @@ async def _account(stack: Stack, row: Row, clients: list[GatewayClient], answers
                 " WHERE a->>'error' = 'lost'"
             )
         )
-        month = datetime.now(UTC).strftime("%Y-%m")
-        pg = Decimal(await conn.fetchval("SELECT coalesce(sum(cost_usd), 0) FROM usage_log"))
     finally:
         await conn.close()
-    redis = aioredis.from_url(s.redis_url)
-    try:
-        raw = await redis.get(Keys(s.redis_prefix).spend(TEAM, month))
-    finally:
-        await redis.aclose()
-    spent = Decimal(int(raw or 0)) / Decimal(1_000_000_000)
-    row.redis_minus_pg = f"{spent - pg:+.6f}"
+    row.redis_minus_pg = await _drift(s)
     return row
+
+
+async def _drift(s: Settings) -> str:
+    """The spend counter minus PostgreSQL's spend at the end, then after one reconciliation
+    (which the accountant runs every QUEUEGATE_SPEND_RECONCILE_INTERVAL seconds)."""
+    month = datetime.now(UTC).strftime("%Y-%m")
+    keys = Keys(s.redis_prefix)
+    redis = aioredis.from_url(s.redis_url)
+    pool = await create_pool(s)
+    try:
+        before = await spend_drift(redis, pool, keys, TEAM, month)
+        await reconcile(redis, pool, keys, [Scope(TEAM)], month, token=reconciler_token())
+        after = await spend_drift(redis, pool, keys, TEAM, month)
+    finally:
+        await pool.close()
+        await redis.aclose()
+    return f"{before:+.6f} -> {after:+.6f}"
 
 
 async def duplicate_publish() -> Row:
@@ -292,7 +304,7 @@ async def main() -> None:
         "usage rows",
         "double-counted",
         "lost calls",
-        "Redis - PG $",
+        "Redis - PG $ (reconciled)",
     ]
     for header in headers:
         table.add_column(header, justify="left" if header == "fault" else "right")
