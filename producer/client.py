@@ -179,7 +179,9 @@ class GatewayClient:
         if self._reply_name is None and self._reply_queue is not None and self._control:
             # Our own queue goes with us; should this fail (the broker is away: do not wait
             # for it), the broker expires the queue later.
-            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, ClientError):
+            with contextlib.suppress(
+                *CONNECTION_LOST, aiormq.exceptions.AMQPError, ClientError, TimeoutError
+            ):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     # Our consumer first, so the broker does not cancel it under us.
                     if self._consumer is not None:

@@ -20,12 +20,12 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.spend import ledger_spent
 from router import Catalog, open_router
 from router.providers import Delta
 from router.providers.anthropic import DEFAULT_MAX_TOKENS, THINKING_BUDGETS
 from tests.support import running_gateway
 from tests.teams import register
-from workers.admission.estimate import to_nano
 
 ENV = {"QUEUEGATE_MOCK_KEY": "sk-test-fidelity"}
 LONG = "All work and no play makes a dull prompt. " * 120
@@ -381,8 +381,8 @@ async def test_a_broken_stream_is_accounted_on_the_usage_row_and_the_budget(
         assert row["deployment"] == "openai-main"
         # ... and the team's budget charged the same, not refunded
         month = datetime.now(UTC).strftime("%Y-%m")
-        spent = await redis_client.get(Keys(settings.redis_prefix).spend("alpha", month))
-        assert int(spent) == to_nano(result.gateway.cost_usd)
+        spent = await ledger_spent(redis_client, Keys(settings.redis_prefix), "alpha", month)
+        assert spent == result.gateway.cost_usd
 
 
 # --- 6: prompt caching and reasoning carried both ways ------------------------------------------
