@@ -83,6 +83,7 @@ class Worker:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
         self._admission: Admission | None = None
+        self._control: ControlPlane | None = None
         self._registry = OutageLog(
             log, "The team registry (PostgreSQL)", "the teams I have are served"
         )
@@ -171,8 +172,9 @@ class Worker:
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
             await claims.start()
+            self._control = ControlPlane(s, redis, identities)
+            await self._control.start(await connection.channel())
             await self._serve_teams(consume, pool)
-            await ControlPlane(s, redis, identities).start(await connection.channel())
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
             while not stop.is_set():
@@ -198,6 +200,12 @@ class Worker:
         registry = await self._registry_teams(pool)
         if registry is not None:
             self._admission.update(registry)
+        assert self._control is not None
+        # Every registered team's, not only those whose jobs this worker takes: an app asks
+        # for its reply queue before it sends a job, whichever workers run.
+        await self._control.serve(
+            [*(self._fixed_teams or ()), *(registry or ())], only=registry is not None
+        )
         wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
             return
