@@ -145,6 +145,7 @@ class Worker:
             consume = await connection.channel()
             consume.reopen_callbacks.add(self._on_reopen)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            replies = await connection.channel(publisher_confirms=True, on_return_raises=True)
             usage = await self._topology.declare_usage(publish)
             dead = await self._topology.declare_dead(publish)
             identities = Identities(
@@ -160,7 +161,12 @@ class Worker:
                 replies=ReplyQueues(connection),
                 cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
                 publisher=Publisher(
-                    publish, usage, dead, reconnect_wait=s.reconnect_wait, user_id=s.amqp_user
+                    publish,
+                    usage,
+                    dead,
+                    replies=replies,
+                    reconnect_wait=s.reconnect_wait,
+                    user_id=s.amqp_user,
                 ),
                 admission=self._admission,
                 worker=self.name,
