@@ -58,6 +58,11 @@ one at once. A constant, not a setting: every declarer must give the queue the s
 arguments."""
 
 
+RESERVED_NAMES = frozenset({"jobs", "results", "replies", "control", "usage", "accounting", "dead"})
+"""The namespace's own words (``<ns>.<word>...``): no team is named after one, so no team's
+broker user (``<ns>.<team>``) or routing key reads as one of the gateway's names."""
+
+
 def header_text(value: object) -> str | None:
     """A header's string value (the broker may hand one back as bytes); None if not a string."""
     if isinstance(value, bytes):
