@@ -129,21 +129,23 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def _workers_ready(settings: Settings, timeout: float = 30) -> None:
-    """The workers declare the control queue once they serve: submit asks it first."""
+    """Until a worker consumes the team's control queue: submit asks it first."""
     deadline = time.monotonic() + timeout
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         while True:
             channel = await connection.channel()
             try:
-                await channel.declare_queue(
-                    Topology(settings.namespace).control_queue, passive=True
+                queue = await channel.declare_queue(
+                    Topology(settings.namespace).control_queue(TEAM), passive=True
                 )
-                return
+                if queue.declaration_result.consumer_count:
+                    return
             except (aio_pika.exceptions.ChannelClosed, aiormq.exceptions.ChannelNotFoundEntity):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no worker serves team {TEAM} after {timeout:.0f} s")
+            await asyncio.sleep(0.2)
 
 
 async def _add_team(settings: Settings) -> Credentials:

@@ -155,8 +155,8 @@ class ControlClient:
                 ) from exc
             except aiormq.exceptions.PublishError as exc:
                 raise ServiceUnavailable(
-                    "no gateway control queue in this namespace: start a worker "
-                    "(queuegate worker) and try again"
+                    f"no control queue for team {self.team!r} in this namespace: add the "
+                    f"team (queuegate teams add {self.team}) or start a worker, and try again"
                 ) from exc
             try:
                 async with asyncio.timeout(self._timeout):

@@ -39,7 +39,7 @@ from queuegate.tenancy import (
     put_security,
     revoke_api_keys,
 )
-from queuegate.topology import Topology
+from queuegate.topology import RESERVED_NAMES, Topology
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,11 @@ async def register(
     from accounting import migrate
 
     check_team_name(name)
+    if name in RESERVED_NAMES:
+        raise ConfigError(
+            f"team name {name!r} is one of the gateway's own names "
+            f"({', '.join(sorted(RESERVED_NAMES))}): pick another"
+        )
     pool = await create_pool(settings)
     try:
         await migrate(pool, settings.database_schema)
@@ -121,6 +126,7 @@ async def _create(
         if user is not None:
             password = password or new_password()
             async with BrokerAdmin(settings.management_url) as admin:
+                await refuse_foreign_user(admin, user, name, recorded=None)
                 await admin.put_user(user, password)
             made = True
             await create_broker_user(settings, name, user, None, TeamConfig())
@@ -140,6 +146,19 @@ async def _create(
             await _undo_user(settings, user, exc)
         raise
     return Added(True, False, credentials)
+
+
+async def refuse_foreign_user(
+    admin: BrokerAdmin, user: str, team: str, *, recorded: str | None
+) -> None:
+    """ConfigError when ``user`` exists but is not the one recorded as the team's
+    (``team_security.broker_user``): its password, tags and permissions are someone else's,
+    never to be replaced by the team's."""
+    if user != recorded and await admin.user_exists(user):
+        raise ConfigError(
+            f"broker user {user} exists and is not team {team}'s: delete it "
+            f"(rabbitmqctl delete_user {user}) if nothing uses it, or pick another team name"
+        )
 
 
 async def _undo_user(settings: Settings, user: str, cause: BaseException) -> None:
@@ -171,6 +190,7 @@ async def _ensure(
     if security.identity == "broker":
         user = security.broker_user or broker_user(settings.namespace, team.name)
         async with BrokerAdmin(settings.management_url) as admin:
+            await refuse_foreign_user(admin, user, team.name, recorded=security.broker_user)
             missing = not await admin.user_exists(user)
         # A working password is never replaced here (teams rotate-credentials does that).
         password = (password or new_password()) if missing else None
@@ -225,6 +245,8 @@ async def _issue(
 ) -> Credentials:
     if security.identity == "broker":
         user, password = broker_user(settings.namespace, team), new_password()
+        async with BrokerAdmin(settings.management_url) as admin:
+            await refuse_foreign_user(admin, user, team, recorded=security.broker_user)
         config = (await get_team(pool, team) or Team(team, True)).config
         await create_broker_user(settings, team, user, password, config)
         await put_security(pool, team, security.model_copy(update={"broker_user": user}))

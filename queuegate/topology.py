@@ -6,7 +6,7 @@
 | ``<ns>.jobs.<team>``         | quorum queue               | one per team, dead-letters        |
 | ``<ns>.results.<team>.<n>``  | quorum queue, expires      | a pipeline's named reply queue    |
 | ``<ns>.replies.<team>.<id>`` | durable queue, expires     | one client's own reply queue      |
-| ``<ns>.control``             | quorum queue               | control requests, key *.control   |
+| ``<ns>.control.<team>``      | quorum queue               | the team's control requests       |
 | ``<ns>.usage``               | fanout exchange            | one UsageEvent per finished job   |
 | ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
 | ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
@@ -26,6 +26,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
+from queuegate.control import CONTROL_KEY_SUFFIX
 from queuegate.errors import ConfigError
 
 MESSAGE_TYPE_JOB = "job"
@@ -51,9 +52,15 @@ HEADER_FIRST_DETAIL = "x-queuegate-first-detail"
 """Why the replayed job was first dead-lettered: a second refusal never hides it."""
 HEADER_SENT_MS = "x-queuegate-sent-ms"
 
-CONTROL_MAX_LENGTH = 10_000
-"""Control requests waiting at most; past it a request is refused at once. A constant, not
-a setting: every declarer must give the queue the same arguments."""
+CONTROL_MAX_LENGTH = 1_000
+"""Control requests of one team waiting at most; past it the broker refuses the team's next
+one at once. A constant, not a setting: every declarer must give the queue the same
+arguments."""
+
+
+RESERVED_NAMES = frozenset({"jobs", "results", "replies", "control", "usage", "accounting", "dead"})
+"""The namespace's own words (``<ns>.<word>...``): no team is named after one, so no team's
+broker user (``<ns>.<team>``) or routing key reads as one of the gateway's names."""
 
 
 def header_text(value: object) -> str | None:
@@ -103,8 +110,13 @@ class Topology:
         # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.
         return f"{self.namespace}.replies.{team}.{client_id}"
 
+    def control_queue(self, team: str) -> str:
+        return f"{self.namespace}.control.{team}"
+
     @property
-    def control_queue(self) -> str:
+    def shared_control_queue(self) -> str:
+        """The one control queue of every team in earlier versions, bound under
+        ``*.control``: workers delete it (and so its binding) when they start."""
         return f"{self.namespace}.control"
 
     @property
@@ -165,25 +177,26 @@ class Topology:
         """The team's job queue, bound to the jobs exchange under the team's routing key."""
         exchange = await self.declare_jobs_exchange(channel)
         await self.declare_dead(channel)
-        await self.declare_control_queue(channel)
+        await self.declare_control_queue(channel, team)
         queue = await channel.declare_queue(
             self.team_queue(team), durable=True, arguments=self._quorum_args()
         )
         await queue.bind(exchange, routing_key=team)
         return queue
 
-    async def declare_control_queue(self, channel: AbstractChannel) -> AbstractQueue:
-        """The control requests of every team (routing key ``<team>.control``; team names
-        hold no dot, so ``*`` matches each one and a team's own binding ``<team>`` none).
+    async def declare_control_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
+        """The team's control requests (routing key ``<team>.control``), a queue per team as
+        jobs have: workers take a few at a time from each, so a team's flood delays its own
+        requests, never another team's.
 
-        Declared with every team queue too, so that an app started before any worker waits
+        Declared with the team's job queue, so that an app started before any worker waits
         for its answer rather than failing. Bounded: a team flooding it is refused at the
         broker, not queued without end. No dead-lettering: a request nobody could serve is
         of no use once its client gave up (it expires with its client's wait).
         """
         exchange = await self.declare_jobs_exchange(channel)
         queue = await channel.declare_queue(
-            self.control_queue,
+            self.control_queue(team),
             durable=True,
             arguments={
                 "x-queue-type": "quorum",
@@ -192,7 +205,7 @@ class Topology:
                 "x-overflow": "reject-publish",
             },
         )
-        await queue.bind(exchange, routing_key="*.control")
+        await queue.bind(exchange, routing_key=team + CONTROL_KEY_SUFFIX)
         return queue
 
     async def declare_results_queue(

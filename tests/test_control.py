@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import aio_pika
 import pytest
-from aiormq.exceptions import ChannelAccessRefused
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
 
 from producer import GatewayClient
-from queuegate.control import DIRECT_REPLY_TO, ControlRequest, ControlResponse, OpenReplyQueue
+from queuegate.control import (
+    DIRECT_REPLY_TO,
+    BatchCall,
+    ControlRequest,
+    ControlResponse,
+    OpenReplyQueue,
+)
 from queuegate.errors import ControlRefused
 from queuegate.management import BrokerAdmin
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, set_security
+from queuegate.signing import sign_job
+from queuegate.teams_admin import Credentials, create_broker_user, set_security, with_user
+from queuegate.topology import CONTROL_MAX_LENGTH, Topology
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -170,17 +182,162 @@ async def test_reply_queues_beyond_the_teams_limit_are_refused_until_one_is_clos
 async def test_a_wrong_api_key_opens_no_reply_queue(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
-    # Given alpha proves itself with an API key
-    _, credentials = await set_security(settings, "alpha", identity="api_key")
-    assert credentials is not None and credentials.api_key is not None
-    # (workers that trust no operator user: the admin user the client connects as is an app)
-    strict = settings.model_copy(update={"operator_users": f"{settings.namespace}.nobody"})
-    async with running_gateway(strict, teams=("alpha",)) as gw:
+    # Given alpha proves itself with an API key, its apps sharing a user that is no operator
+    async with alpha_app(settings, teams, "api_key") as app, running_gateway(settings):
         # When a client brings another key, expect the gateway to refuse its control request
         with pytest.raises(ControlRefused, match="unknown or revoked"):
-            async with gw.client("alpha", api_key="qg_000000000000_" + "x" * 43):
+            async with GatewayClient(
+                app.settings, team="alpha", api_key="qg_000000000000_" + "x" * 43
+            ):
                 pass
         # ... and the right key to be served
-        async with gw.client("alpha", api_key=credentials.api_key) as client:
+        async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as client:
             result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
             assert result.status == "ok", result.error
+
+
+@dataclass(frozen=True)
+class App:
+    """Team alpha's app as an attacker runs it: its broker settings, the ``user_id`` it
+    publishes under, the API key it signs with (None: it signs nothing) and the one its
+    legitimate client uses."""
+
+    settings: Settings
+    user: str
+    signs_with: str | None
+    api_key: str | None
+
+
+@asynccontextmanager
+async def alpha_app(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> AsyncIterator[App]:
+    """``broker``: alpha's own user; ``api_key`` / ``unsigned``: alpha identified by API key,
+    its app connecting as a user shared by apps (no operator), signing or not."""
+    alpha = teams["alpha"]
+    if identity == "broker":
+        assert alpha.user is not None
+        yield App(as_team(settings, alpha), alpha.user, None, None)
+        return
+    _, credentials = await set_security(settings, "alpha", identity="api_key")
+    assert credentials is not None and credentials.api_key is not None
+    user, password = f"{settings.namespace}.apps", uuid.uuid4().hex
+    await create_broker_user(settings, "alpha", user, password, TeamConfig())
+    apps = settings.model_copy(update={"amqp_url": with_user(settings.amqp_url, user, password)})
+    signs_with = credentials.api_key if identity == "api_key" else None
+    try:
+        yield App(apps, user, signs_with, credentials.api_key)
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_user(user)
+
+
+def control_message(
+    request: OpenReplyQueue | BatchCall, *, team: str, reply_to: str, user: str, key: str | None
+) -> aio_pika.Message:
+    body = ControlRequest(request=request).model_dump_json().encode()
+    request_id = uuid.uuid4().hex
+    proof = None if key is None else sign_job(key, job_id=request_id, team=team, body=body)
+    return aio_pika.Message(
+        body,
+        message_id=request_id,
+        correlation_id=request_id,
+        reply_to=reply_to,
+        user_id=user,
+        headers=None if proof is None else dict(proof),
+    )
+
+
+async def depth(settings: Settings, queue: str) -> int:
+    """Messages ready in ``queue`` (0 when it does not exist), by a passive declare."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        try:
+            declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        except ChannelNotFoundEntity:
+            return 0
+        return int(declared.declaration_result.message_count or 0)
+
+
+async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """A consumer of the answers nobody waits for."""
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key", "unsigned"])
+async def test_a_control_answer_goes_to_direct_reply_to_only_never_to_another_teams_queue(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    topology = Topology(settings.namespace)
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        running_gateway(settings, teams=("alpha", "beta")) as gw,
+        GatewayClient(as_team(settings, teams["beta"]), team="beta", reply_queue="nightly") as b,
+    ):
+        victims = [
+            topology.team_queue("beta"),
+            b.reply_to,
+            topology.accounting_queue,
+            topology.dead_queue,
+        ]
+        # When alpha's app sends its own control requests (signed, or not: a refusal would
+        # be answered too) naming beta's queues, accounting or the dead letters as reply_to
+        connection = await aio_pika.connect(app.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+            for victim in victims:
+                for request in (OpenReplyQueue(name="evil"), BatchCall(call="list")):
+                    message = control_message(
+                        request, team="alpha", reply_to=victim, user=app.user, key=app.signs_with
+                    )
+                    await exchange.publish(message, routing_key="alpha.control")
+        # ... and the worker has taken them all, and still answers alpha's own client
+        async with asyncio.timeout(10):
+            while True:  # the broker announces no empty queue: look again
+                if not await depth(settings, topology.control_queue("alpha")):
+                    break
+                await asyncio.sleep(0.01)
+        async with GatewayClient(app.settings, team="alpha", api_key=app.api_key):
+            pass
+        usage = await gw.pool.fetchval("SELECT count(*) FROM usage_log WHERE team = 'beta'")
+    # Expect nothing in any of those queues, no usage row for beta
+    assert usage == 0
+    for victim in victims:
+        assert await depth(settings, victim) == 0, victim
+
+
+async def test_a_teams_flood_of_control_requests_does_not_hold_up_another_teams(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    topology = Topology(settings.namespace)
+    alpha = teams["alpha"]
+    assert alpha.amqp_url is not None and alpha.user is not None
+    async with running_gateway(settings, teams=("alpha", "beta")):
+        connection = await aio_pika.connect(alpha.amqp_url)
+        async with connection:
+            # Given alpha floods its control queue, without waiting for any answer
+            channel = await connection.channel(publisher_confirms=True)
+            replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+            await replies.consume(ignore, no_ack=True)
+            exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+            flood = [
+                exchange.publish(
+                    control_message(
+                        OpenReplyQueue(name="flood"),
+                        team="alpha",
+                        reply_to=DIRECT_REPLY_TO,
+                        user=alpha.user,
+                        key=None,
+                    ),
+                    routing_key="alpha.control",
+                )
+                for _ in range(2 * CONTROL_MAX_LENGTH)
+            ]
+            sent = await asyncio.gather(*flood, return_exceptions=True)
+            # When beta opens a client (one control request) while alpha's backlog waits
+            async with GatewayClient(as_team(settings, teams["beta"]), team="beta"):
+                backlog = await depth(settings, topology.control_queue("alpha"))
+    # Expect beta answered before alpha's backlog was drained, and the broker to have
+    # refused what went past alpha's bound
+    assert backlog > 0
+    assert any(isinstance(result, DeliveryError) for result in sent)

@@ -12,12 +12,17 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from producer import GatewayClient
+from producer.client import job_message
 from queuegate import dlq
 from queuegate.errors import ConfigError
 from queuegate.messages import ChatResult
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.teams_admin import Credentials
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON, Topology
 from tests.support import Gateway, running_gateway, wait_until
+from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -164,10 +169,9 @@ async def test_a_job_past_its_deadline_is_answered_without_a_provider_call(
 async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs(
     settings: Settings,
 ) -> None:
-    # Given a team queue and no worker serving it (one serving another team answers the
-    # client's control request)
-    from producer import GatewayClient
-
+    # Given a registered team and no worker serving its jobs (one serving another team
+    # answers the client's control request)
+    await register(settings, "alpha", TeamConfig())
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection, running_gateway(settings, teams=("gamma",)):
         channel = await connection.channel()
@@ -262,3 +266,46 @@ async def test_dlq_show_names_an_unknown_or_ambiguous_prefix_in_one_line(
         dlq.find(letters, "abc")
     with pytest.raises(ConfigError, match="no dead letter with id 'xyz'"):
         dlq.find(letters, "xyz")
+
+
+async def _depth(settings: Settings, queue: str) -> int:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
+COPIES = 10
+
+
+async def test_copies_of_a_refused_job_whose_reply_queue_went_are_each_refused_once(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    alpha = teams["alpha"]
+    assert alpha.amqp_url is not None and alpha.user is not None
+    apps = settings.model_copy(update={"amqp_url": alpha.amqp_url})
+    async with running_gateway(settings, teams=("alpha",)) as gw:
+        # Given alpha's client, which the worker has answered, closes: its reply queue is gone
+        async with GatewayClient(apps, team="alpha") as client:
+            served = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+            assert served.status == "ok", served.error
+            reply_to = client.reply_to
+            job = client.job("gpt-4o-mini", HELLO).model_copy(update={"team": "beta"})
+        # When alpha's app publishes copies of a job the worker refuses (another team's job on
+        # alpha's queue), each answered to that queue: returned, as it no longer exists
+        connection = await aio_pika.connect(alpha.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange, ensure=False)
+            message = job_message(job, reply_to=reply_to, user_id=alpha.user)
+            await asyncio.gather(
+                *(exchange.publish(message, routing_key="alpha") for _ in range(COPIES))
+            )
+        # Expect each copy dead-lettered once and accounted once (and the served job's row)
+        letters = await gw.dead_letters(COPIES)
+        assert {letter.message_id for letter in letters} == {job.job_id}
+        rows = await gw.usage_rows(COPIES + 1)
+    # ... and none taken back to be refused and counted again
+    assert len(rows) == COPIES + 1
+    assert await _depth(settings, gw.topology.team_queue("alpha")) == 0
+    assert await _depth(settings, gw.topology.dead_queue) == 0

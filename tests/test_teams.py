@@ -20,12 +20,12 @@ from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.cli import app
 from queuegate.db import create_pool
-from queuegate.errors import QueueFull, ServiceUnavailable
+from queuegate.errors import ConfigError, QueueFull, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.teams_admin import add, configure, listing, quota_policy, register
+from queuegate.teams_admin import add, configure, listing, quota_policy, register, with_user
 from queuegate.tenancy import broker_user
-from queuegate.topology import Topology
+from queuegate.topology import RESERVED_NAMES, Topology
 from tests.support import running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -248,6 +248,35 @@ async def test_adding_a_team_again_keeps_its_password(settings: Settings, users:
     assert not app.is_closed
     await app.close()
     await (await aio_pika.connect(first.amqp_url)).close()
+
+
+async def test_adding_a_team_never_takes_over_a_broker_user_of_its_name(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given an administrator's broker user that happens to be named as team alpha's would be
+    async with BrokerAdmin(settings.management_url) as admin:
+        await admin.put_user(users[0], "the-admins-password", tags="administrator")
+        await admin.put_permissions(users[0], configure=".*", write=".*", read=".*")
+
+    # When an operator adds team alpha
+    code, stdout, stderr = await _queuegate(settings, "teams", "add", "alpha")
+
+    # Expect a refusal in one line that says what to do, no team, and the user untouched
+    assert code != 0, stdout
+    assert f"broker user {users[0]} exists and is not team alpha's" in stderr
+    assert "rabbitmqctl delete_user" in stderr and len(stderr.strip().splitlines()) == 1
+    assert await listing(settings) == []
+    url = with_user(settings.amqp_url, users[0], "the-admins-password")
+    connection = await aio_pika.connect(url)
+    async with connection:
+        # ... its permissions too: it still declares what it likes
+        await (await connection.channel()).declare_queue(exclusive=True)
+
+
+async def test_a_team_cannot_take_one_of_the_gateways_own_names(settings: Settings) -> None:
+    for name in sorted(RESERVED_NAMES):
+        with pytest.raises(ConfigError, match="one of the gateway's own names"):
+            await add(settings, name)
 
 
 async def test_a_failing_management_api_leaves_no_team_behind(settings: Settings) -> None:

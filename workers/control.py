@@ -1,18 +1,23 @@
 """The worker's side of the control plane: what a team's app asks, done for the proven team.
 
-Every worker consumes ``<ns>.control``. A request is proven like a job (``Identities.prove``:
-broker ``user_id``, API key, operator), its team taken from the routing key
-(``<team>.control``, which the broker lets only that team's user publish), and answered by
-direct reply-to. Reply and results queues are declared here, with the gateway's arguments
-only (an expiry always, a length bound on a client's queue), at most
-``settings.reply_queues_per_team`` per team; batch state is read and written under the
-team's own keys. See queuegate/control.py for the requests.
+Every worker consumes the ``<ns>.control.<team>`` of each team it serves or the registry
+holds, a few requests at a time (``PREFETCH``), so a team flooding its own queue holds at
+most those slots. A request is answered, and carried out, only when its ``reply_to`` is a
+direct reply-to name: the answer goes out under the worker's identity on the default
+exchange, where any other name could be another team's queue. It is proven like a job
+(``Identities.prove``: broker ``user_id``, API key, operator), its team taken from the
+routing key (``<team>.control``, which the broker lets only that team's user publish).
+Reply and results queues are declared here, with the gateway's arguments only (an expiry
+always, a length bound on a client's queue), at most ``settings.reply_queues_per_team`` per
+team; batch state is read and written under the team's own keys. See queuegate/control.py
+for the requests.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import aiormq
@@ -27,6 +32,7 @@ from queuegate.broker import CONNECTION_LOST, Consumer, consume, json_message, s
 from queuegate.control import (
     BATCH_ERROR,
     CONTROL_KEY_SUFFIX,
+    DIRECT_REPLY_TO,
     MESSAGE_TYPE_CONTROL_REPLY,
     BatchCall,
     BatchMeta,
@@ -46,7 +52,10 @@ from workers.identity import Identities
 
 log = logging.getLogger(__name__)
 
-PREFETCH = 32
+PREFETCH = 4
+"""Control requests of one team taken at once: all a team's flood can hold of a worker."""
+DROPPED_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about one team's dropped control requests."""
 LOCK_EXPIRES = 60.0
 """Seconds a batch's collect lock queue outlives its collector."""
 
@@ -61,10 +70,11 @@ class Refused(GatewayError):
 
 
 class ControlPlane:
-    """Consumes ``<ns>.control`` on its own channel and answers each request::
+    """Consumes the teams' control queues on its own channel and answers each request::
 
     control = ControlPlane(settings, redis, identities)
     await control.start(await connection.channel())
+    await control.serve(["search", "ads"])
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, identities: Identities) -> None:
@@ -74,28 +84,43 @@ class ControlPlane:
         self._keys = Keys(settings.redis_prefix)
         self._topology = Topology(settings.namespace, settings.delivery_limit)
         self._channel: AbstractRobustChannel | None = None
-        self.consumer: Consumer | None = None
+        self._served: dict[str, Consumer] = {}
+        self._dropped_logged: dict[str, float] = {}
 
     async def start(self, channel: AbstractRobustChannel) -> None:
         self._channel = channel
-        await self._topology.declare_control_queue(channel)
+        # Bound under *.control, it would take a copy of every request and, once full, have
+        # the broker refuse them all.
+        await channel.queue_delete(self._topology.shared_control_queue)
         channel.reopen_callbacks.add(self._on_reopen)
-        await self._consume(channel)
 
-    async def _consume(self, channel: AbstractRobustChannel) -> None:
-        self.consumer = await consume(
-            channel, self._topology.control_queue, self._on_request, prefetch=PREFETCH
+    async def serve(self, teams: Iterable[str], *, only: bool = True) -> None:
+        """Consume the control queues of ``teams`` (declared first); ``only``: stop
+        consuming those of other teams."""
+        channel = self._require_channel()
+        wanted = set(teams)
+        for team in sorted(wanted - set(self._served)):
+            await self._topology.declare_control_queue(channel, team)
+            self._served[team] = await self._consume(channel, team)
+        for team in set(self._served) - wanted if only else ():
+            await self._served.pop(team).cancel()
+
+    async def _consume(self, channel: AbstractRobustChannel, team: str) -> Consumer:
+        return await consume(
+            channel, self._topology.control_queue(team), self._on_request, prefetch=PREFETCH
         )
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         if channel is not None:
-            await self._consume(channel)
+            for team in list(self._served):
+                self._served[team] = await self._consume(channel, team)
 
     async def _on_request(self, delivered: DeliveredMessage) -> None:
         message = IncomingMessage(delivered)
         key = delivered.routing_key or ""
-        response = await self._answer(message, key)
-        if message.reply_to:
+        reply_to = message.reply_to
+        if reply_to is not None and _is_direct_reply_to(reply_to):
+            response = await self._answer(message, key)
             # Not mandatory: a client that gave up has no reply-to consumer any more.
             reply = json_message(
                 response.model_dump_json().encode(),
@@ -105,16 +130,38 @@ class ControlPlane:
             )
             try:
                 await delivered.channel.basic_publish(
-                    reply.body, exchange="", routing_key=message.reply_to, properties=reply[1]
+                    reply.body, exchange="", routing_key=reply_to, properties=reply[1]
                 )
             except (*CONNECTION_LOST, aiormq.exceptions.AMQPError) as exc:
                 # The channel is gone: the request is delivered again, and answered then.
                 log.info("could not answer control request %s (%s)", message.message_id, exc)
+        else:
+            self._dropped(key, message.reply_to)
         assert delivered.delivery_tag is not None
         await settle(
             delivered.channel.basic_ack(delivered.delivery_tag),
             "acknowledge a control request",
             log,
+        )
+
+    def _dropped(self, key: str, reply_to: str | None) -> None:
+        """Say, once per routing key and ``DROPPED_LOG_INTERVAL``, that requests were dropped.
+
+        The worker publishes its answer under its own identity, on the default exchange: sent
+        to any other ``reply_to`` it would land in whatever queue a team names (another team's
+        jobs or results, accounting, the dead letters). Unanswered and not carried out.
+        """
+        now = time.monotonic()
+        if now - self._dropped_logged.get(key, -DROPPED_LOG_INTERVAL) < DROPPED_LOG_INTERVAL:
+            return
+        self._dropped_logged[key] = now
+        log.warning(
+            "control requests under %r dropped unanswered: reply_to %r is not %s "
+            "(said once per %.0f s)",
+            key,
+            reply_to,
+            DIRECT_REPLY_TO,
+            DROPPED_LOG_INTERVAL,
         )
 
     async def _answer(self, message: IncomingMessage, key: str) -> ControlResponse:
@@ -301,6 +348,11 @@ class ControlPlane:
                     await probe.close()
         except aiormq.exceptions.ChannelNotFoundEntity:
             return 0
+
+
+def _is_direct_reply_to(reply_to: str) -> bool:
+    # What the broker hands the consumer is the name with the requester's channel appended.
+    return reply_to.startswith(DIRECT_REPLY_TO + ".")
 
 
 def _error(code: str, text: str) -> ControlResponse:

@@ -32,7 +32,14 @@ DETAIL_LIMIT = 500
 
 
 class Publisher:
-    """Publishes on one channel opened with publisher confirms and ``on_return_raises``.
+    """Publishes on two channels opened with publisher confirms and ``on_return_raises``:
+    results and streamed deltas on ``replies``, usage events and dead letters on ``channel``.
+
+    aiormq matches a returned message to the publish it fails by ``message_id``, and a job's
+    result, usage event and dead letter all carry the job's id (as do copies of one job): on
+    one channel a result returned because its reply queue is gone would fail another copy's
+    usage event or dead letter, and that job would be taken back and counted again. A reply
+    queue is a team's to delete; the usage exchange and the dead letters are never missing.
 
     A publish that fails because the connection dropped waits up to ``reconnect_wait`` seconds
     for the robust channel to return and is sent again, rather than failing the job: a failed
@@ -48,18 +55,23 @@ class Publisher:
         usage: AbstractExchange,
         dead: AbstractExchange,
         *,
+        replies: AbstractChannel,
         reconnect_wait: float,
         user_id: str | None,
     ) -> None:
         self._user_id = user_id
         self._channel = channel
+        self._replies = replies
         self._usage = usage
         self._dead = dead
         self._reconnect_wait = reconnect_wait
 
-    def _send(self, publish: Callable[[], Awaitable[None]], what: str) -> Awaitable[None]:
+    def _send(
+        self, publish: Callable[[], Awaitable[None]], what: str, *, reply: bool = False
+    ) -> Awaitable[None]:
         # Not a coroutine of its own: thousands of jobs can be waiting in here at once.
-        return when_connected(self._channel, publish, within=self._reconnect_wait, what=what)
+        channel = self._replies if reply else self._channel
+        return when_connected(channel, publish, within=self._reconnect_wait, what=what)
 
     async def result(self, reply_to: str, job_id: str, body: bytes) -> bool:
         """Send a ChatResult's JSON to the caller's reply queue; False when that queue no
@@ -73,8 +85,9 @@ class Publisher:
         )
         try:
             await self._send(
-                lambda: publish(self._channel, message, exchange="", routing_key=reply_to),
+                lambda: publish(self._replies, message, exchange="", routing_key=reply_to),
                 f"answering job {job_id}",
+                reply=True,
             )
         except aiormq.exceptions.PublishError:
             log.warning(
@@ -96,8 +109,9 @@ class Publisher:
         )
         try:
             await self._send(
-                lambda: publish(self._channel, message, exchange="", routing_key=reply_to),
+                lambda: publish(self._replies, message, exchange="", routing_key=reply_to),
                 f"streaming job {chunk.job_id}",
+                reply=True,
             )
         except aiormq.exceptions.PublishError:
             return False

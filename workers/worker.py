@@ -83,6 +83,7 @@ class Worker:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._processor: JobProcessor | None = None
         self._admission: Admission | None = None
+        self._control: ControlPlane | None = None
         self._registry = OutageLog(
             log, "The team registry (PostgreSQL)", "the teams I have are served"
         )
@@ -144,6 +145,7 @@ class Worker:
             consume = await connection.channel()
             consume.reopen_callbacks.add(self._on_reopen)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            replies = await connection.channel(publisher_confirms=True, on_return_raises=True)
             usage = await self._topology.declare_usage(publish)
             dead = await self._topology.declare_dead(publish)
             identities = Identities(
@@ -159,7 +161,12 @@ class Worker:
                 replies=ReplyQueues(connection),
                 cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
                 publisher=Publisher(
-                    publish, usage, dead, reconnect_wait=s.reconnect_wait, user_id=s.amqp_user
+                    publish,
+                    usage,
+                    dead,
+                    replies=replies,
+                    reconnect_wait=s.reconnect_wait,
+                    user_id=s.amqp_user,
                 ),
                 admission=self._admission,
                 worker=self.name,
@@ -171,8 +178,9 @@ class Worker:
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
             await claims.start()
+            self._control = ControlPlane(s, redis, identities)
+            await self._control.start(await connection.channel())
             await self._serve_teams(consume, pool)
-            await ControlPlane(s, redis, identities).start(await connection.channel())
             self.ready.set()
             log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
             while not stop.is_set():
@@ -198,6 +206,12 @@ class Worker:
         registry = await self._registry_teams(pool)
         if registry is not None:
             self._admission.update(registry)
+        assert self._control is not None
+        # Every registered team's, not only those whose jobs this worker takes: an app asks
+        # for its reply queue before it sends a job, whichever workers run.
+        await self._control.serve(
+            [*(self._fixed_teams or ()), *(registry or ())], only=registry is not None
+        )
         wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
             return
