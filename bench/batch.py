@@ -37,12 +37,12 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
+from admin.teams import Credentials, add
 from queuegate.db import quote_ident
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, add
 from queuegate.topology import Topology
 
 TEAM = "bench"
@@ -93,7 +93,7 @@ def _env(settings: Settings, mock_url: str) -> dict[str, str]:
 
 def _start(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "queuegate", *args],
+        [sys.executable, "-m", "cli", *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -211,9 +211,7 @@ def run_once(lines: int, latency_ms: float, workers: int, timeout: float) -> Fig
             services.append(
                 _start(env, "mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
             )
-            subprocess.run(
-                [sys.executable, "-m", "queuegate", "migrate"], env=env, check=True, stdout=-3
-            )
+            subprocess.run([sys.executable, "-m", "cli", "migrate"], env=env, check=True, stdout=-3)
             team = asyncio.run(_add_team(settings))
             user = team.user
             assert team.amqp_url is not None

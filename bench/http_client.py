@@ -186,7 +186,7 @@ async def main(calls: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     mock = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "queuegate", "mock-provider", "--port", str(port)),
+        *(sys.executable, "-m", "cli", "mock-provider", "--port", str(port)),
         stdout=asyncio.subprocess.DEVNULL,
     )
     cpu_rows, memory_rows = [], []

@@ -52,7 +52,7 @@ async def litellm(*, jobs: int, workers: int = 1) -> list[Figure]:
     binary = ensure_installed()
     mock_port, proxy_port = free_port(), free_port()
     mock = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "queuegate", "mock-provider", "--port", str(mock_port)),
+        *(sys.executable, "-m", "cli", "mock-provider", "--port", str(mock_port)),
         stdout=subprocess.DEVNULL,
     )
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:

@@ -93,7 +93,7 @@ class Stack:
     async def spawn(self, name: str, *args: str) -> None:
         """Start ``queuegate ARGS`` as process ``name``, stopped when the stack is."""
         self.processes[name] = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "queuegate", *args),
+            *(sys.executable, "-m", "cli", *args),
             env=self.env,
             stdout=asyncio.subprocess.DEVNULL,
         )

@@ -1,4 +1,7 @@
-"""What every part of queuegate shares: wire messages, settings, topology, errors, the CLI."""
+"""What every part of queuegate shares: wire messages, settings, topology, errors, registry.
+
+The shared ground: it imports none of the packages above it (tests/test_layout.py).
+"""
 
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatJob, ChatResult, StreamChunk, UsageEvent

@@ -106,7 +106,7 @@ def start_cli(
     settings: Settings, *args: str, api_key: str | None = None
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "queuegate", *args],
+        [sys.executable, "-m", "cli", *args],
         env=cli_env(settings, api_key),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

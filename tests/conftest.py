@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from admin.teams import Credentials, add
 from queuegate.errors import ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.services import check_services
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, add
 
 TEST_TEAMS = ("alpha", "beta", "gamma")
 """Teams tests may use; their queues are deleted after every test."""

@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from accounting import migrate
+from admin.teams import add
 from queuegate.db import create_pool
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
-from queuegate.teams_admin import add
 
 
 async def register(settings: Settings, team: str, config: TeamConfig) -> None:

@@ -13,17 +13,17 @@ import aio_pika
 import pytest
 from typer.testing import CliRunner
 
+from admin.teams import add, create_broker_user, set_security
+from cli import app
 from producer import GatewayClient
 from producer.client import job_message
 from queuegate import dlq
 from queuegate.broker import publish
-from queuegate.cli import app
 from queuegate.errors import ConfigError
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches, sign_job
-from queuegate.teams_admin import add, create_broker_user, set_security
 from queuegate.tenancy import hash_api_key, new_api_key
 from tests.support import running_gateway
 

@@ -11,11 +11,11 @@ import orjson
 import pytest
 from anthropic.types import Message
 
+from cli.batch import anthropic_only
 from producer.batch.answers import Answer
 from producer.batch.formats import FORMATS
 from producer.batch.jobs import JobReader
 from producer.batch.lines import BatchFile
-from queuegate.cli_batch import anthropic_only
 from queuegate.errors import BatchError
 from queuegate.messages import ChatJob, ChatResult, ErrorCode, ErrorInfo, GatewayInfo
 from queuegate.provider_formats import anthropic_message, openai_request

@@ -12,11 +12,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, add, set_security
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from tests.proxy import TcpProxy
 from tests.support import Gateway, running_gateway, wait_until

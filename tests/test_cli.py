@@ -12,10 +12,10 @@ import sys
 import httpx
 from typer.testing import CliRunner
 
-from queuegate.cli import app
+from admin.teams import add
+from cli import app
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.teams_admin import add
 from queuegate.tenancy import broker_user as broker_team_user
 from tests.support import running_gateway
 
@@ -70,7 +70,7 @@ async def test_submit_prints_the_reply_and_usage_reports_it(settings: Settings) 
 def test_an_unreachable_broker_is_one_line_that_says_what_to_do(settings: Settings) -> None:
     env = {**os.environ, **_env(settings), "QUEUEGATE_AMQP_URL": "amqp://guest:secret@127.0.0.1:1/"}
     done = subprocess.run(
-        [sys.executable, "-m", "queuegate", "submit", "--team", "alpha", "hi"],
+        [sys.executable, "-m", "cli", "submit", "--team", "alpha", "hi"],
         env=env,
         capture_output=True,
         text=True,
@@ -86,7 +86,7 @@ def test_an_unreachable_broker_is_one_line_that_says_what_to_do(settings: Settin
 
 async def _submit(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "queuegate", "submit", *args,
+        sys.executable, "-m", "cli", "submit", *args,
         env={**os.environ, **_env(settings), **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -199,7 +199,7 @@ async def test_mock_provider_fails_the_models_it_is_told_to_and_serves_the_rest(
 
     # When the mock is run as the bundled catalog's comment says, for flaky-gpt
     mock = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "queuegate", "mock-provider", "--port", str(port),
+        sys.executable, "-m", "cli", "mock-provider", "--port", str(port),
         "--fail-model", "flaky-gpt", "--error-status", "503", stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

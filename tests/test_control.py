@@ -15,6 +15,7 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
 
+from admin.teams import Credentials, create_broker_user, set_security, with_user
 from producer import GatewayClient
 from queuegate.control import (
     DIRECT_REPLY_TO,
@@ -28,7 +29,6 @@ from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import sign_job
-from queuegate.teams_admin import Credentials, create_broker_user, set_security, with_user
 from queuegate.topology import CONTROL_MAX_LENGTH, Topology
 from tests.support import running_gateway
 

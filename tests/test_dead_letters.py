@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from admin.teams import Credentials
 from producer import GatewayClient
 from producer.client import job_message
 from queuegate import dlq
@@ -19,7 +20,6 @@ from queuegate.errors import ConfigError
 from queuegate.messages import ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON, Topology
 from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
@@ -214,7 +214,7 @@ async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
 
     async def cli(*args: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "queuegate", "dlq", *args, env=env, stdout=asyncio.subprocess.PIPE
+            sys.executable, "-m", "cli", "dlq", *args, env=env, stdout=asyncio.subprocess.PIPE
         )
         stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
         assert proc.returncode == 0, stdout.decode()

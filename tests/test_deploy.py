@@ -21,7 +21,7 @@ from typer.main import get_command
 
 import queuegate.metrics
 import router
-from queuegate.cli import app
+from cli import app
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
@@ -273,9 +273,7 @@ async def test_the_compose_teams_and_submit_commands_serve_a_job(settings: Setti
 
         # When the header's submit runs while a worker serves the teams
         async with running_gateway(settings, teams=("research", "support")):
-            submitted = await _run(
-                [sys.executable, "-m", "queuegate", *cli_args], {**env, **submit_env}
-            )
+            submitted = await _run([sys.executable, "-m", "cli", *cli_args], {**env, **submit_env})
     finally:
         async with BrokerAdmin(settings.management_url) as admin:
             for team in ("research", "support"):

@@ -14,13 +14,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
 
+from admin.teams import Credentials, create_broker_user
 from producer import GatewayClient
 from queuegate import dlq
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, create_broker_user
 from queuegate.topology import (
     DEAD_BODY_LIMIT,
     HEADER_DEAD_QUEUE,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from accounting.audit import parse_age, prune_content
+from admin.teams import Credentials, add, set_security
 from bench.pii import PROSE, SAMPLE, measure
 from producer import GatewayClient
 from queuegate.db import create_pool
@@ -19,7 +20,6 @@ from queuegate.errors import ConfigError
 from queuegate.management import BrokerAdmin
 from queuegate.registry import add_team
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, add, set_security
 from queuegate.tenancy import Capture, PiiPolicy, TeamSecurity, put_security
 from queuegate.topology import HEADER_DEAD_REASON
 from tests.support import running_gateway

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
+from admin.teams import add, set_security
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
 from producer import GatewayClient
@@ -29,7 +30,6 @@ from queuegate.errors import (
 from queuegate.management import BrokerAdmin
 from queuegate.messages import HTTP_STATUS, ChatJob
 from queuegate.settings import Settings
-from queuegate.teams_admin import add, set_security
 from router import Catalog, load_catalog, open_router
 from router.providers import ADAPTERS
 from router.providers.base import scrub

@@ -129,7 +129,7 @@ async def test_usage_command_prints_the_same_totals_as_csv_and_json(
 
     async def usage(*flags: str) -> str:
         cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "queuegate", "usage", "--month", "2026-03", *flags,
+            sys.executable, "-m", "cli", "usage", "--month", "2026-03", *flags,
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
@@ -160,7 +160,7 @@ async def _usage_cli(settings: Settings, *flags: str) -> str:
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
     }
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "queuegate", "usage", "--month", "2026-03", *flags,
+        sys.executable, "-m", "cli", "usage", "--month", "2026-03", *flags,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)

@@ -93,7 +93,7 @@ async def test_sentinel_keys_appear_nowhere_after_failing_and_succeeding_jobs(
             worker = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "queuegate",
+                "cli",
                 "worker",
                 "--teams",
                 "alpha",

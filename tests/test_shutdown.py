@@ -39,7 +39,7 @@ async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Set
         worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "queuegate",
+            "cli",
             "worker",
             "--teams",
             "alpha",

@@ -56,7 +56,7 @@ async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: 
             "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
         }
         cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "queuegate", "status", "--json", "--teams", "alpha",
+            sys.executable, "-m", "cli", "status", "--json", "--teams", "alpha",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)

@@ -70,7 +70,7 @@ async def test_supervisor_restarts_a_killed_worker_and_stops_all_without_losing_
             "QUEUEGATE_MOCK_KEY": "sk-test",
         }
         supervisor = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "queuegate", "worker",
+            sys.executable, "-m", "cli", "worker",
             "--processes", "2", "--concurrency", "4", "--teams", "alpha",
             env=env, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -113,7 +113,7 @@ async def test_status_and_deployments_piped_are_whole(settings: Settings) -> Non
 
     async def piped(*args: str) -> str:
         cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "queuegate", *args, env=env,
+            sys.executable, "-m", "cli", *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=30)
@@ -137,8 +137,8 @@ async def test_status_and_deployments_piped_are_whole(settings: Settings) -> Non
 def test_dead_letters_show_a_publishers_escapes_and_bidi_overrides_written_out() -> None:
     # Given a dead letter whose id and detail a publisher filled with a title escape, a bell,
     # a right-to-left override and rich markup
+    from cli.dlq import dead_letter_table
     from queuegate.dlq import DeadLetter
-    from queuegate.dlq_cli import dead_letter_table
 
     letter = DeadLetter(
         position=0, message_id="id\x1b]0;owned\x07", reason="invalid_request",

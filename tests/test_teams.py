@@ -16,14 +16,14 @@ import aio_pika
 import pytest
 from typer.testing import CliRunner
 
+from admin.teams import add, configure, listing, quota_policy, register, with_user
+from cli import app
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
-from queuegate.cli import app
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError, QueueFull, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
-from queuegate.teams_admin import add, configure, listing, quota_policy, register, with_user
 from queuegate.tenancy import broker_user
 from queuegate.topology import RESERVED_NAMES, Topology
 from tests.support import running_gateway, wait_until
@@ -224,7 +224,7 @@ def _cli_env(settings: Settings) -> dict[str, str]:
 
 async def _queuegate(settings: Settings, *args: str) -> tuple[int, str, str]:
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "queuegate", *args, env=_cli_env(settings),
+        sys.executable, "-m", "cli", *args, env=_cli_env(settings),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=30)

@@ -11,11 +11,11 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 
+from admin.teams import Credentials, revoke_key, rotate, set_security
 from producer import GatewayClient
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, revoke_key, rotate, set_security
 from queuegate.topology import HEADER_DEAD_REASON
 from tests.support import running_gateway
 
@@ -326,7 +326,7 @@ async def test_teams_add_prints_credentials_that_work_and_stores_no_password(
 ) -> None:
     from typer.testing import CliRunner
 
-    from queuegate.cli import app
+    from cli import app
     from queuegate.db import create_pool
 
     # Given the CLI pointed at this test's namespace and schema

@@ -36,7 +36,7 @@ async def test_a_job_whose_worker_dies_mid_call_is_answered_once_and_the_lost_ca
 
         async def start_worker() -> asyncio.subprocess.Process:
             return await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "queuegate", "worker", "--teams", "alpha"),
+                *(sys.executable, "-m", "cli", "worker", "--teams", "alpha"),
                 *("--log-level", "warning"),
                 env=env,
                 stderr=asyncio.subprocess.DEVNULL,

@@ -20,12 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from accounting import Accountant
+from admin.teams import add
 from queuegate.db import UNREACHABLE, create_pool, is_unreachable
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month
-from queuegate.teams_admin import add
 from queuegate.topology import Topology
 from tests.chaos.harness import dead_lettered
 from tests.chaos.private_postgres import PrivatePostgres

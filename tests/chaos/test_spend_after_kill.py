@@ -49,7 +49,7 @@ async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
 
         async def start_worker() -> asyncio.subprocess.Process:
             return await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "queuegate", "worker", "--teams", "alpha"),
+                *(sys.executable, "-m", "cli", "worker", "--teams", "alpha"),
                 *("--log-level", "warning"),
                 env=env,
                 stderr=asyncio.subprocess.DEVNULL,

@@ -58,7 +58,7 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
 
         async def start_worker() -> asyncio.subprocess.Process:
             return await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "queuegate", "worker", "--teams", ",".join(TEAMS)),
+                *(sys.executable, "-m", "cli", "worker", "--teams", ",".join(TEAMS)),
                 *("--log-level", "warning"),
                 env=env,
                 stderr=asyncio.subprocess.DEVNULL,

@@ -1,0 +1,110 @@
+"""The ``queuegate`` command: every role of the gateway, and the tools operators use."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import socket
+import sys
+
+import typer
+from rich.markup import escape
+
+from cli.audit import audit_app
+from cli.batch import batch_app
+from cli.console import err
+from cli.dlq import dlq_app
+from cli.reports import deployments, status, usage
+from cli.roles import accounting, demo, migrate, mock_provider, worker
+from cli.submit import submit
+from cli.teams import teams_app
+from queuegate.errors import GatewayError
+from queuegate.runtime import configure_logging
+from queuegate.tables import visible
+
+app = typer.Typer(
+    help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(teams_app, name="teams")
+app.add_typer(audit_app, name="audit")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(batch_app, name="batch")
+for command in (worker, accounting, migrate, mock_provider, submit, usage, status, deployments):
+    app.command()(command)
+app.command()(demo)
+
+
+def main() -> None:
+    # One-shot commands say what went wrong in one line of their own; long-running ones
+    # (worker, accounting) configure logging again at the level they are given.
+    configure_logging("warning", libraries=logging.CRITICAL)
+    try:
+        app()
+    except GatewayError as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        message = _one_line(exc)
+        if message is None:
+            raise
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/] {escape(visible(message))}", highlight=False)
+    sys.exit(1)
+
+
+def _one_line(exc: Exception) -> str | None:
+    """What an error of a library says, with what to do, or None for a bug (its traceback
+    is then the useful output). The messages name no URL: those may carry passwords."""
+    import aio_pika.exceptions
+    import aiormq.exceptions
+    import asyncpg
+    import httpx
+    import pydantic
+    import redis.exceptions
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pydantic.ValidationError):
+        problem = exc.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "input"
+        return f"invalid {field}: {problem['msg']}: correct it and run the command again"
+    if isinstance(exc, aiormq.exceptions.AMQPError | aio_pika.exceptions.AMQPException):
+        return (
+            f"RabbitMQ refused the request ({type(exc).__name__}: {first}): fix what it names "
+            "(queuegate status and the management UI show the broker's state)"
+        )
+    if isinstance(exc, httpx.HTTPError):
+        return (
+            f"the RabbitMQ management API failed ({type(exc).__name__}: {first}): check that "
+            "it answers at QUEUEGATE_MANAGEMENT_URL"
+        )
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return (
+            f"PostgreSQL refused the request ({type(exc).__name__}: {first}): run queuegate "
+            "migrate if the schema is missing, or check QUEUEGATE_DATABASE_URL"
+        )
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis failed ({type(exc).__name__}: {first}): check QUEUEGATE_REDIS_URL"
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+        return f"a service is not reachable ({first}): start it (make services)"
+    if isinstance(exc, OSError):
+        return f"{first}: check the file or permission it names"
+    return None
+
+
+def _paragraphs_on_one_line(commands: typer.Typer) -> None:
+    """Help text is wrapped at the source's width, and rich keeps those line breaks when it
+    wraps again at the terminal's, cutting sentences into stubs: each paragraph of every
+    command's help becomes one line, which rich alone wraps."""
+    for command in commands.registered_commands:
+        callback = command.callback
+        if callback is not None and callback.__doc__:
+            paragraphs = inspect.cleandoc(callback.__doc__).split("\n\n")
+            callback.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in commands.registered_groups:
+        if group.typer_instance is not None:
+            _paragraphs_on_one_line(group.typer_instance)
+
+
+_paragraphs_on_one_line(app)

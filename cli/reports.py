@@ -1,0 +1,207 @@
+"""Reports: usage from PostgreSQL, live status, and the deployments' health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import sys
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.console import out, print_table
+from cli.options import make_settings, parse_month, split_teams
+from queuegate.errors import ServiceUnavailable
+from queuegate.runtime import run, stop_on_signals
+from queuegate.settings import Settings
+
+
+def usage(
+    month: Annotated[str | None, typer.Option(help="YYYY-MM; this month when unset.")] = None,
+    by: Annotated[str, typer.Option(help="Group by team, or by team and model.")] = "team",
+    daily: Annotated[
+        bool, typer.Option("--daily", help="A day-by-day trend instead of the month.")
+    ] = False,
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days in the --daily trend.")] = 30,
+    team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="Only the N most expensive.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column (errors, tokens in and out, budget).")
+    ] = False,
+) -> None:
+    """Requests, tokens, cost and budget remaining per team and month, from PostgreSQL."""
+    from accounting.reports import daily_spend, model_spend, monthly_spend
+    from queuegate.db import create_pool
+    from queuegate.reporting import records, table, to_csv, to_json
+
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
+    if by not in ("team", "model"):
+        raise typer.BadParameter(f"--by {by!r}: use team or model")
+    day = parse_month(month)
+    settings = make_settings()
+
+    async def go() -> list[Any]:
+        pool = await create_pool(settings)
+        try:
+            if daily:
+                last = datetime.now(UTC).date() if month is None else _month_end(day)
+                return await daily_spend(pool, last, days=days, team=team)
+            if by == "model":
+                return await model_spend(pool, day, top=top, team=team)
+            return await monthly_spend(pool, day, top=top, team=team)
+        finally:
+            await pool.close()
+
+    rows = records(run(go))
+    if as_json:
+        sys.stdout.write(to_json(rows))
+    elif as_csv:
+        sys.stdout.write(to_csv(rows))
+    elif not rows:
+        when = f"{day:%Y-%m}"
+        if daily:
+            when = f"the {days} days to {'today' if month is None else _month_end(day)}"
+        out.print(f"no usage in {when}{f' for team {team}' if team else ''}", highlight=False)
+    else:
+        what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
+        what += f", team {team}" if team else ""
+        print_table(table(rows, title=what, wide=wide), wide=wide)
+
+
+def status(
+    teams: Annotated[
+        str | None, typer.Option(help="Comma-separated teams; those live workers serve if unset.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Also errors per second and the p50 wait.")
+    ] = False,
+) -> None:
+    """Queue depth, in-flight jobs, rates, waits and spend per team; breakers per deployment.
+
+    Reads the broker and Redis only (budgets too when PostgreSQL answers).
+    """
+    from rich.live import Live
+
+    from queuegate.reporting import status_view, to_json
+    from queuegate.status import StatusReader
+
+    settings = make_settings()
+    wanted = split_teams(teams)
+
+    async def once() -> Any:
+        budgets = await _budgets_if_reachable(settings)
+        async with StatusReader(settings) as reader:
+            return await reader.read(wanted, budgets)
+
+    async def forever() -> None:
+        stop = stop_on_signals()
+        budgets = await _budgets_if_reachable(settings)
+        async with StatusReader(settings) as reader:
+            view = status_view(await reader.read(wanted, budgets), wide=wide)
+            with Live(view, console=out) as live:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=interval)
+                    live.update(status_view(await reader.read(wanted, budgets), wide=wide))
+
+    if watch:
+        run(forever)
+    elif as_json:
+        sys.stdout.write(to_json(dataclasses.asdict(run(once))))
+    else:
+        print_table(status_view(run(once), wide=wide), wide=wide)
+
+
+async def _budgets_if_reachable(settings: Settings) -> dict[str, Decimal]:
+    """Budgets from the team registry, or none when PostgreSQL is down: status goes on."""
+    import asyncpg
+
+    from accounting.reports import team_budgets
+    from queuegate.db import create_pool
+
+    try:
+        pool = await create_pool(settings)
+    except ServiceUnavailable:
+        return {}
+    try:
+        return await team_budgets(pool)
+    except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
+        return {}
+    finally:
+        await pool.close()
+
+
+def _month_end(day: date) -> date:
+    from accounting.reports import month_range
+
+    return month_range(day)[1].date() - timedelta(days=1)
+
+
+def deployments(
+    catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Also each deployment's provider and model.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """Circuit breaker and 429 pause of every deployment, as every worker sees them."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from queuegate.broker import redact_url
+    from queuegate.errors import ServiceUnavailable
+    from queuegate.keys import Keys
+    from queuegate.reporting import to_json
+    from router import load_catalog
+    from router.health import Health
+    from router.tables import deployments_table
+
+    settings = make_settings(catalog=catalog)
+    cat = load_catalog(settings.catalog, os.environ)
+
+    async def go() -> Any:
+        client = aioredis.from_url(settings.redis_url)
+        health = Health(client, Keys(settings.redis_prefix), cat)
+        try:
+            return [
+                (alias, deployment, await health.status(deployment))
+                for alias, entry in cat.models.items()
+                for deployment in entry.deployments
+            ]
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"Redis is not reachable at {redact_url(settings.redis_url)}: start it or set "
+                "QUEUEGATE_REDIS_URL"
+            ) from exc
+        finally:
+            await client.aclose()
+
+    rows = run(go)
+    if as_json:
+        sys.stdout.write(
+            to_json(
+                [
+                    {
+                        "alias": alias,
+                        "deployment": deployment.name,
+                        "provider": deployment.provider,
+                        "model": deployment.model,
+                        **dataclasses.asdict(health),
+                    }
+                    for alias, deployment, health in rows
+                ]
+            )
+        )
+    else:
+        print_table(deployments_table(rows, wide=wide), wide=wide)

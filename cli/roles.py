@@ -1,0 +1,173 @@
+"""Commands that run the gateway's parts: worker, accounting, migrate, the mock provider, and
+the demo that runs them all at once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.console import out
+from cli.options import LogLevel, make_settings, split_teams
+from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
+from queuegate.settings import Settings
+
+
+def worker(
+    teams: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated teams to serve (a dedicated pool); all if unset."),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", "--prefetch", help="Jobs held per team queue, per process."),
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes under one supervisor.")
+    ] = 1,
+    catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Consume team queues and serve their jobs until SIGTERM or Ctrl-C.
+
+    With --processes N, a supervisor runs N worker processes, restarts one that dies, and
+    stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i.
+    """
+    configure_logging(log_level)
+    settings = make_settings(prefetch=concurrency, catalog=catalog)
+    if processes > 1:
+        _supervise(settings, processes, teams, catalog, log_level)
+        return
+
+    from queuegate.metrics_server import MetricsServer
+    from router import load_catalog, open_router
+    from workers import Worker
+
+    cat = load_catalog(settings.catalog, os.environ)
+    tune_gc()
+
+    async def serve() -> None:
+        stop = stop_on_signals()
+        async with open_router(cat, os.environ, settings) as router:
+            serving = Worker(settings, router, teams=split_teams(teams))
+            async with MetricsServer(
+                settings.metrics_host, settings.metrics_port, serving.is_ready
+            ):
+                await serving.run(stop)
+
+    run(serve)
+
+
+def _supervise(
+    settings: Settings, processes: int, teams: str | None, catalog: Path | None, log_level: str
+) -> None:
+    from queuegate.supervisor import Supervisor
+
+    argv = [sys.executable, "-m", "cli", "worker", "--log-level", log_level]
+    argv += ["--concurrency", str(settings.prefetch)]
+    if teams:
+        argv += ["--teams", teams]
+    if catalog:
+        argv += ["--catalog", str(catalog)]
+
+    def command(slot: int) -> tuple[list[str], dict[str, str]]:
+        port = settings.metrics_port + slot if settings.metrics_port else 0
+        return argv, {**os.environ, "QUEUEGATE_METRICS_PORT": str(port)}
+
+    async def supervise() -> None:
+        stop = stop_on_signals()
+        await Supervisor(command, processes=processes, grace=settings.shutdown_grace).run(stop)
+
+    run(supervise)
+
+
+def accounting(log_level: LogLevel = "info") -> None:
+    """Write usage events to PostgreSQL in batches until SIGTERM or Ctrl-C."""
+    from accounting import Accountant
+    from queuegate.metrics_server import MetricsServer
+
+    configure_logging(log_level)
+    settings = make_settings()
+    tune_gc()
+
+    async def serve() -> None:
+        stop = stop_on_signals()
+        async with (
+            Accountant(settings) as accountant,
+            MetricsServer(settings.metrics_host, settings.metrics_port, accountant.is_ready),
+        ):
+            await accountant.run(stop)
+
+    run(serve)
+
+
+def migrate() -> None:
+    """Apply the database migrations that are not applied yet."""
+    from accounting import migrate as apply_migrations
+    from queuegate.db import create_pool
+
+    settings = make_settings()
+
+    async def go() -> list[str]:
+        pool = await create_pool(settings)
+        try:
+            return await apply_migrations(pool, settings.database_schema)
+        finally:
+            await pool.close()
+
+    applied = run(go)
+    out.print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+
+
+def mock_provider(
+    host: str = "127.0.0.1",
+    port: int = 8089,
+    latency_ms: Annotated[float, typer.Option(help="Added to every call.")] = 0.0,
+    error_rate: Annotated[float, typer.Option(help="Fraction of calls that fail.")] = 0.0,
+    error_status: Annotated[int, typer.Option(help="HTTP status of injected failures.")] = 500,
+    timeout_rate: Annotated[float, typer.Option(help="Fraction of calls that hang.")] = 0.0,
+    rate_limit_rpm: Annotated[
+        int | None, typer.Option(help="Requests/min before answering 429.")
+    ] = None,
+    rate_limit_burst: Annotated[
+        int | None, typer.Option(help="Requests the limit admits at once (default: a minute's).")
+    ] = None,
+    retry_after: Annotated[
+        float | None,
+        typer.Option(help="Retry-After of those 429s, s (default: until the limit admits one)."),
+    ] = None,
+    fail_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An upstream model whose every call fails with --error-status (repeatable), "
+            "as the bundled catalog's flaky-gpt expects.",
+        ),
+    ] = None,
+) -> None:
+    """Serve the OpenAI and Anthropic wire formats with deterministic replies and faults."""
+    from mockprovider import Behavior, MockConfig, serve
+
+    behavior = Behavior(
+        latency_ms=latency_ms,
+        error_rate=error_rate,
+        error_status=error_status,
+        timeout_rate=timeout_rate,
+        rate_limit_rpm=rate_limit_rpm,
+        rate_limit_burst=rate_limit_burst,
+        retry_after=retry_after,
+    )
+    failing = Behavior(error_rate=1.0, error_status=error_status)
+    config = MockConfig(default=behavior, models=dict.fromkeys(fail_model or [], failing))
+    out.print(f"mock provider on http://{host}:{port} (Ctrl-C stops it)")
+    run(lambda: serve(config, host, port))
+
+
+def demo(log_level: LogLevel = "warning") -> None:
+    """Run the whole path once: mock provider, worker, accounting, two teams, usage table."""
+    from cli.demo import run_demo
+
+    configure_logging(log_level)
+    run(lambda: run_demo(make_settings(), out))

@@ -1,0 +1,101 @@
+"""``queuegate submit``: one job through the queue, its reply printed."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from cli.console import err, out
+from cli.options import make_settings, read_password
+from queuegate.runtime import run
+from queuegate.tables import visible
+
+
+def submit(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    team: Annotated[str, typer.Option(help="The team the job is for.")],
+    model: Annotated[str, typer.Option(help="A model alias from the catalog.")] = "gpt-4o-mini",
+    max_tokens: Annotated[int | None, typer.Option()] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
+    user: Annotated[
+        str | None,
+        typer.Option(help="Broker user to publish as (default: the team's, <namespace>.<team>)."),
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read that user's password from stdin (or set QUEUEGATE_TEAM_PASSWORD).",
+        ),
+    ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="QUEUEGATE_TEAM_API_KEY",
+            show_default=False,
+            show_envvar=True,
+            help="The key of an api_key team (safer in the environment variable).",
+        ),
+    ] = None,
+) -> None:
+    """Publish one job and print its reply (a worker must be running).
+
+    A team added with teams add (broker identity) publishes as its own broker user: give its
+    password in QUEUEGATE_TEAM_PASSWORD or with --password-stdin. An api_key team passes its
+    key. Otherwise the job goes out as the user of QUEUEGATE_AMQP_URL.
+    """
+    from admin.teams import with_user
+    from producer import GatewayClient
+    from queuegate.errors import ControlRefused
+    from queuegate.tenancy import broker_user
+
+    settings = make_settings()
+    password = read_password() if password_stdin else os.environ.get("QUEUEGATE_TEAM_PASSWORD")
+    if password:
+        publisher = user or broker_user(settings.namespace, team)
+        settings = settings.model_copy(
+            update={"amqp_url": with_user(settings.amqp_url, publisher, password)}
+        )
+    elif user is not None:
+        raise typer.BadParameter("--user needs a password: QUEUEGATE_TEAM_PASSWORD or stdin")
+
+    client = GatewayClient(settings, team=team, api_key=api_key)
+    params: dict[str, Any] = {"max_tokens": max_tokens} if max_tokens else {}
+    # Built first: a job the gateway would refuse is told before anything connects.
+    job = client.job(model, [{"role": "user", "content": prompt}], **params)
+
+    async def go() -> Any:
+        async with client:
+            return await (await client.submit(job)).result(timeout)
+
+    as_team = (
+        ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
+        "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
+    )
+    try:
+        result = run(go)
+    except ControlRefused as exc:  # the gateway would not open a reply queue for this user
+        hint = "" if password or api_key else as_team
+        err.print(f"[red]unauthorized:[/] {escape(visible(str(exc)))}{hint}", highlight=False)
+        raise typer.Exit(1) from exc
+    if as_json:
+        out.print_json(result.model_dump_json())
+    elif result.status == "ok":
+        out.print(result.content or "", highlight=False)
+        g = result.gateway
+        err.print(
+            f"[dim]{g.model_used} via {g.provider}/{g.deployment}"
+            f"{' (fallback)' if g.fallback_used else ''}, {g.latency_ms:.0f} ms, "
+            f"${g.cost_usd:.6f}[/]"
+        )
+    else:
+        assert result.error is not None
+        unauthorized = result.error.code == "unauthorized"
+        hint = as_team if unauthorized and not (password or api_key) else ""
+        message = escape(visible(result.error.message))
+        err.print(f"[red]{result.error.code}:[/] {message}{hint}", highlight=False)
+        raise typer.Exit(1)

@@ -1,0 +1,286 @@
+"""``queuegate teams``: register, list, show, configure and disable teams; their credentials."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from cli.console import err, out
+from cli.options import make_settings, read_password
+from queuegate.messages import UnsupportedParams
+from queuegate.runtime import run
+
+teams_app = typer.Typer(
+    help="Register, list, show, configure and disable teams.", no_args_is_help=True
+)
+
+
+@teams_app.command("add")
+def teams_add(
+    name: str,
+    identity: Annotated[
+        str | None,
+        typer.Option(
+            help="How workers know a job is the team's: broker (its own RabbitMQ user, the "
+            "default), api_key (a key in a header) or queue (whoever can publish to its queue)."
+        ),
+    ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin", help="Give a broker team's user the password read from stdin."
+        ),
+    ] = False,
+) -> None:
+    """Register a team, create its queue and its credentials; for a team that exists, enable
+    it and repair what is missing, but never change its credentials."""
+    from admin.teams import register
+
+    password = read_password() if password_stdin else None
+    added = run(
+        lambda: register(
+            make_settings(),
+            name,
+            identity=_identity(identity) if identity else None,
+            password=password,
+        )
+    )
+    if added.created:
+        out.print(f"team {name} is registered; workers serve it within seconds")
+    else:
+        again = " and is enabled again" if added.enabled_again else ""
+        if added.credentials.password is not None:
+            state = f"its broker user {added.credentials.user} was missing and is made again"
+        else:
+            state = (
+                "its credentials are unchanged "
+                f"(new ones: queuegate teams rotate-credentials {name})"
+            )
+        out.print(f"team {name} exists{again}: {state}", highlight=False)
+    if password is None:
+        _show_credentials(added.credentials)
+    elif added.credentials.password is not None:
+        out.print(f"broker user: {added.credentials.user} (the password given)", highlight=False)
+
+
+@teams_app.command("list")
+def teams_list() -> None:
+    """The registered teams."""
+    from admin.teams import listing
+
+    for team in run(lambda: listing(make_settings())):
+        out.print(f"{team.name}\t{'enabled' if team.enabled else 'disabled'}")
+
+
+@teams_app.command("show")
+def teams_show(
+    name: str,
+    as_json: Annotated[bool, typer.Option("--json", help="The config as JSON.")] = False,
+) -> None:
+    """A team's limits, budget, quota and broker user limits."""
+    from admin.teams import details, user_limits
+    from queuegate.tables import team_table
+
+    settings = make_settings()
+    team, security = run(lambda: details(settings, name))
+    if as_json:
+        out.print_json(team.config.model_dump_json())
+        return
+    broker = None
+    if security.broker_user is not None:
+        limits = user_limits(settings, team.config)
+        broker = (security.broker_user, limits.max_connections, limits.max_channels)
+    out.print(team_table(team, broker))
+
+
+_MODEL_HELP = (
+    "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,burst=N,budget=USD (ALIAS: clears them)."
+)
+
+
+@teams_app.command("set")
+def teams_set(
+    name: str,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
+    burst: Annotated[
+        int | None,
+        typer.Option(help="Requests that may start at once (default: 5 s of rpm)."),
+    ] = None,
+    budget: Annotated[str | None, typer.Option(help="Monthly budget, USD.")] = None,
+    alert_threshold: Annotated[
+        float | None, typer.Option(help="Budget fraction that alerts, e.g. 0.8.")
+    ] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Jobs the queue holds at most.")] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(help="Connections its broker user may hold at once.")
+    ] = None,
+    max_channels: Annotated[
+        int | None, typer.Option(help="Channels its broker user may hold at once.")
+    ] = None,
+    expected_output: Annotated[
+        int | None, typer.Option(help="Output tokens reserved when a job sets no max_tokens.")
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option(help=_MODEL_HELP)] = None,
+    cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Use the response cache for jobs that do not say (a job's cache flag wins).",
+        ),
+    ] = None,
+    unsupported_params: Annotated[
+        UnsupportedParams | None,
+        typer.Option(help="Parameters a provider cannot take: refuse (the default) or drop."),
+    ] = None,
+    unset: Annotated[
+        list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
+    ] = None,
+) -> None:
+    """Change a team's limits, budget, queue quota, broker user limits, cache default or
+    parameter policy; workers apply it within seconds, the broker at once."""
+    from admin.teams import configure, show
+
+    settings = make_settings()
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "rpm": rpm,
+            "tpm": tpm,
+            "burst": burst,
+            "budget_usd": budget,
+            "alert_threshold": alert_threshold,
+            "max_queue_length": max_queue,
+            "max_connections": max_connections,
+            "max_channels": max_channels,
+            "expected_output_tokens": expected_output,
+            "cache": cache,
+            "unsupported_params": unsupported_params,
+        }.items()
+        if v is not None
+    }
+    changes |= dict.fromkeys(unset or [])
+    if model:
+        models = run(lambda: show(settings, name)).config.model_dump()["models"]
+        changes["models"] = models | _model_limits(model)
+        changes["models"] = {k: v for k, v in changes["models"].items() if v}
+    config = run(lambda: configure(settings, name, changes))
+    out.print(f"team {name}: {config.model_dump_json(exclude_defaults=True)}", highlight=False)
+
+
+def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
+    limits: dict[str, dict[str, str]] = {}
+    names = {"rpm": "rpm", "tpm": "tpm", "burst": "burst", "budget": "budget_usd"}
+    for spec in specs:
+        alias, _, rest = spec.partition(":")
+        fields: dict[str, str] = {}
+        for pair in filter(None, rest.split(",")):
+            key, _, value = pair.partition("=")
+            if key not in names or not value:
+                raise typer.BadParameter(
+                    f"{spec!r}: use ALIAS:rpm=N,tpm=N,burst=N,budget=USD (any of them)"
+                )
+            fields[names[key]] = value
+        limits[alias] = fields
+    return limits
+
+
+@teams_app.command("disable")
+def teams_disable(name: str) -> None:
+    """Stop serving a team; its queued jobs stay in its queue."""
+    from admin.teams import disable
+
+    if not run(lambda: disable(make_settings(), name)):
+        err.print(f"no team named {name}: list them with queuegate teams list")
+        raise typer.Exit(1)
+    out.print(f"team {name} is disabled")
+
+
+_IDENTITIES = ("queue", "broker", "api_key")
+_PII = ("off", "warn", "redact", "block")
+_CAPTURE = ("none", "redacted", "full")
+
+
+def _choice(value: str, choices: tuple[str, ...], option: str) -> Any:
+    value = value.replace("-", "_")
+    if value not in choices:
+        raise typer.BadParameter(f"{option} must be one of {', '.join(choices)}")
+    return value
+
+
+def _identity(value: str) -> Any:
+    return _choice(value, _IDENTITIES, "--identity")
+
+
+def _show_credentials(credentials: Any) -> None:
+    if credentials is None or (credentials.password or credentials.api_key) is None:
+        return
+    if credentials.identity == "broker":
+        out.print(f"broker user: {credentials.user}", highlight=False, soft_wrap=True)
+        out.print(f"password:    {credentials.password}", highlight=False, soft_wrap=True)
+        out.print(
+            f"for its apps: QUEUEGATE_AMQP_URL={credentials.amqp_url}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(
+            f"API key ({credentials.api_key_id}): {credentials.api_key}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        out.print(
+            "apps pass it as GatewayClient(..., api_key=...); "
+            "queuegate submit reads it from QUEUEGATE_TEAM_API_KEY",
+            soft_wrap=True,
+        )
+    err.print("[yellow]shown once: queuegate keeps no copy; rotate-credentials makes new ones[/]")
+
+
+@teams_app.command("rotate-credentials")
+def teams_rotate(name: str) -> None:
+    """New broker password or API key for the team; the old one stops working."""
+    from admin.teams import rotate
+
+    _show_credentials(run(lambda: rotate(make_settings(), name)))
+
+
+@teams_app.command("security")
+def teams_security(
+    name: str,
+    identity: Annotated[str | None, typer.Option(help="queue, broker or api_key.")] = None,
+    pii: Annotated[str | None, typer.Option(help="off, warn, redact or block.")] = None,
+    capture: Annotated[
+        str | None, typer.Option(help="Content kept in the audit log: none, redacted, full.")
+    ] = None,
+) -> None:
+    """Show or change a team's identity mode, PII policy and content capture."""
+    from admin.teams import set_security
+
+    security, credentials = run(
+        lambda: set_security(
+            make_settings(),
+            name,
+            identity=_identity(identity) if identity else None,
+            pii=_choice(pii, _PII, "--pii") if pii else None,
+            capture=_choice(capture, _CAPTURE, "--capture") if capture else None,
+        )
+    )
+    out.print(
+        f"team {name}: identity {security.identity}, pii {security.pii}, "
+        f"capture {security.capture}",
+        highlight=False,
+    )
+    _show_credentials(credentials)
+
+
+@teams_app.command("revoke-key")
+def teams_revoke_key(name: str, key_id: str) -> None:
+    """Revoke one of the team's API keys; workers refuse it within their cache lifetime."""
+    from admin.teams import revoke_key
+
+    if not run(lambda: revoke_key(make_settings(), name, key_id)):
+        err.print(f"team {name} has no live key {key_id}: nothing revoked")
+        raise typer.Exit(1)
+    out.print(f"key {key_id} of team {name} is revoked")

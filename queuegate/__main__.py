@@ -1,3 +1,0 @@
-from queuegate.cli import main
-
-main()

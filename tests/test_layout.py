@@ -1,0 +1,74 @@
+"""Each package depends only downwards: the shared ground (queuegate) on nothing of ours, the
+interfaces (cli, frontdoor) on everything below them and never on each other.
+
+Every import statement counts, at module level or inside a function, under TYPE_CHECKING or
+not: a lazy import is still a dependency."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MIDDLE = {"producer", "workers", "router", "accounting", "mockprovider"}
+ALLOWED: dict[str, set[str]] = {
+    "queuegate": set(),
+    "router": {"queuegate"},
+    "workers": {"queuegate", "router"},
+    "producer": {"queuegate"},
+    "accounting": {"queuegate"},
+    "mockprovider": {"queuegate"},
+    "admin": {"queuegate", *MIDDLE},
+    "cli": {"queuegate", "admin", *MIDDLE},
+    "frontdoor": {"queuegate", "admin", *MIDDLE},
+}
+"""What each package may import of ours; bench and tests may import anything."""
+UNCONSTRAINED = {"bench", "tests"}
+
+
+def _our_packages() -> set[str]:
+    return {path.parent.name for path in ROOT.glob("*/__init__.py")}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports in ``path``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_package_has_a_place_in_the_layers() -> None:
+    unplaced = _our_packages() - ALLOWED.keys() - UNCONSTRAINED
+    assert not unplaced, f"say in ALLOWED what {sorted(unplaced)} may import"
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_package_imports_only_the_layers_below_it(package: str) -> None:
+    ours = _our_packages()
+    modules = sorted((ROOT / package).rglob("*.py"))
+    if package == "queuegate":
+        assert len(modules) > 20  # the walk reads the real tree, not an empty one
+    upward = {
+        f"{module.relative_to(ROOT)} imports {name}"
+        for module in modules
+        for name in _imports(module) & ours
+        if name != package and name not in ALLOWED[package]
+    }
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
+    module = tmp_path / "lazy.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from router.catalog import Catalog\n"
+        "def f():\n    import workers.worker\n    from . import sibling\n"
+    )
+    assert _imports(module) == {"typing", "router", "workers"}
