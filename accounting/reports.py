@@ -1,6 +1,6 @@
-"""Usage reports, read from the daily rollup ``usage_daily`` (migration 0004).
+"""Usage reports, read from the daily rollup ``usage_daily`` (migrations 0004 and 0008).
 
-The rollup holds one row per UTC day, team and requested model, kept by a trigger on
+The rollup holds one row per UTC day, team, requested model and status, kept by a trigger on
 ``usage_log`` inserts, so a month's report reads a few hundred rows however many jobs ran.
 ``bench/reports.py`` measures every query here against 10 million usage rows.
 """
@@ -13,6 +13,8 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+
+from queuegate.messages import JobStatus
 
 
 @dataclass(frozen=True)
@@ -70,32 +72,44 @@ _BUDGET = r"""
 CASE WHEN t.config->>'budget_usd' ~ '^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?$'
      THEN (t.config->>'budget_usd')::numeric END"""
 
+
+def _filters(first: int) -> str:
+    """Parameters ``first`` to ``first + 2`` keep one team, requested model and status (NULL:
+    all of them)."""
+    team, model, status = first, first + 1, first + 2
+    return (
+        f"(${team}::text IS NULL OR d.team = ${team})"
+        f" AND (${model}::text IS NULL OR d.model = ${model})"
+        f" AND (${status}::text IS NULL OR d.status = ${status})"
+    )
+
+
 # Days are a half-open range, so no day falls between two months. $3 is the row limit (NULL:
-# all), applied to the most expensive first; $4 one team (NULL: all).
+# all), applied to the most expensive first.
 MONTHLY_SPEND = f"""
 SELECT d.team, {_SUMS}, {_BUDGET} AS budget_usd
 FROM usage_daily d LEFT JOIN teams t ON t.name = d.team
-WHERE d.day >= $1 AND d.day < $2 AND ($4::text IS NULL OR d.team = $4)
+WHERE d.day >= $1 AND d.day < $2 AND {_filters(4)}
 GROUP BY d.team, t.config
 ORDER BY cost_usd DESC, d.team
 LIMIT $3
 """
 
 MODEL_SPEND = f"""
-SELECT team, model, {_SUMS}
-FROM usage_daily
-WHERE day >= $1 AND day < $2 AND ($4::text IS NULL OR team = $4)
-GROUP BY team, model
-ORDER BY cost_usd DESC, team, model
+SELECT d.team, d.model, {_SUMS}
+FROM usage_daily d
+WHERE d.day >= $1 AND d.day < $2 AND {_filters(4)}
+GROUP BY d.team, d.model
+ORDER BY cost_usd DESC, d.team, d.model
 LIMIT $3
 """
 
 DAILY_SPEND = f"""
-SELECT day, {_SUMS}
-FROM usage_daily
-WHERE day >= $1 AND day < $2 AND ($3::text IS NULL OR team = $3)
-GROUP BY day
-ORDER BY day
+SELECT d.day, {_SUMS}
+FROM usage_daily d
+WHERE d.day >= $1 AND d.day < $2 AND {_filters(3)}
+GROUP BY d.day
+ORDER BY d.day
 """
 
 TEAM_BUDGETS = f"SELECT t.name, {_BUDGET} AS budget_usd FROM teams t"
@@ -115,32 +129,53 @@ def _month_days(month: date) -> tuple[date, date]:
 
 
 async def monthly_spend(
-    pool: asyncpg.Pool, month: date, *, top: int | None = None, team: str | None = None
+    pool: asyncpg.Pool,
+    month: date,
+    *,
+    top: int | None = None,
+    team: str | None = None,
+    model: str | None = None,
+    status: JobStatus | None = None,
 ) -> list[TeamSpend]:
     """Each team's requests, errors, tokens, cost and budget in the UTC month of ``month``.
 
     Most expensive team first (only the ``top`` ones when given); teams without usage that
-    month are absent. With ``team``, that team's row alone.
+    month are absent. With ``team``, that team's row alone; with ``model`` or ``status``, the
+    usage of that requested model or of jobs that ended so.
     """
-    rows: list[Any] = await pool.fetch(MONTHLY_SPEND, *_month_days(month), top, team)
+    rows: list[Any] = await pool.fetch(MONTHLY_SPEND, *_month_days(month), top, team, model, status)
     return [TeamSpend(**dict(row)) for row in rows]
 
 
 async def model_spend(
-    pool: asyncpg.Pool, month: date, *, top: int | None = None, team: str | None = None
+    pool: asyncpg.Pool,
+    month: date,
+    *,
+    top: int | None = None,
+    team: str | None = None,
+    model: str | None = None,
+    status: JobStatus | None = None,
 ) -> list[ModelSpend]:
     """Usage per team (or of ``team``) and requested model in the UTC month of ``month``, most
-    expensive first."""
-    rows: list[Any] = await pool.fetch(MODEL_SPEND, *_month_days(month), top, team)
+    expensive first; filtered as ``monthly_spend``."""
+    rows: list[Any] = await pool.fetch(MODEL_SPEND, *_month_days(month), top, team, model, status)
     return [ModelSpend(**dict(row)) for row in rows]
 
 
 async def daily_spend(
-    pool: asyncpg.Pool, last_day: date, *, days: int = 30, team: str | None = None
+    pool: asyncpg.Pool,
+    last_day: date,
+    *,
+    days: int = 30,
+    team: str | None = None,
+    model: str | None = None,
+    status: JobStatus | None = None,
 ) -> list[DaySpend]:
-    """Usage per UTC day over the ``days`` days ending with ``last_day``; idle days are absent."""
+    """Usage per UTC day over the ``days`` days ending with ``last_day``; idle days are absent.
+    Filtered as ``monthly_spend``."""
     first = last_day - timedelta(days=days - 1)
-    rows: list[Any] = await pool.fetch(DAILY_SPEND, first, last_day + timedelta(days=1), team)
+    end = last_day + timedelta(days=1)
+    rows: list[Any] = await pool.fetch(DAILY_SPEND, first, end, team, model, status)
     return [DaySpend(**dict(row)) for row in rows]
 
 

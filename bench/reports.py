@@ -1,10 +1,11 @@
-"""Usage report queries against 10 million usage rows, in a schema of the benchmark's own.
+"""Usage reports and audit log pages against 10 million usage rows, in a schema of its own.
 
     .venv/bin/python -m bench.reports [--rows 10000000] [--runs 5]
 
 Loads synthetic rows (generate_series in SQL, chunk by chunk, the rollup trigger on), runs
-every report query with EXPLAIN ANALYZE, then the same month read straight from usage_log
-for comparison, and what the rollup trigger costs accounting's batch inserts. Prints a table
+every report query and audit log page (admin.usage, admin.audit) with EXPLAIN ANALYZE, then
+the same month read straight from usage_log for comparison, and what the rollup trigger
+costs accounting's batch inserts. Prints a table
 and JSON, then drops the schema. Figures are noisy on a shared machine: read them as orders
 of magnitude.
 """
@@ -35,6 +36,7 @@ from accounting.reports import (
     month_range,
 )
 from accounting.store import insert_usage
+from admin.audit import MAX_OFFSET, AuditFilter, make_cursor, page_query
 from queuegate.db import create_pool, quote_ident
 from queuegate.messages import UsageEvent
 from queuegate.settings import Settings
@@ -48,7 +50,7 @@ DAYS = 90
 _LOAD = f"""
 INSERT INTO usage_log (job_id, team, model_requested, model_used, provider, deployment,
                        input_tokens, output_tokens, cost_usd, status, error_code, latency_ms,
-                       attempts, worker, ts)
+                       attempts, worker, ts, pii)
 SELECT 'bench-' || i, 'team-' || (i % {TEAMS}),
        (ARRAY{list(MODELS)!r})[1 + (i / {TEAMS}) % {len(MODELS)}],
        (ARRAY{list(MODELS)!r})[1 + (i / {TEAMS}) % {len(MODELS)}], 'openai', 'main',
@@ -56,10 +58,18 @@ SELECT 'bench-' || i, 'team-' || (i % {TEAMS}),
        CASE WHEN i % 20 = 0 THEN 'error' ELSE 'ok' END,
        CASE WHEN i % 20 = 0 THEN 'provider_error' END,
        200 + i % 1000, 1, 'bench',
-       $3::timestamptz - ((i::float8 / $4) * interval '{DAYS} days')
+       $3::timestamptz - ((i::float8 / $4) * interval '{DAYS} days'),
+       CASE WHEN i % 100 = 7 THEN 'email' END
 FROM generate_series($1::bigint, $2::bigint) AS i
 """
 
+_SECONDARY_INDEXES = """
+SELECT i.indexname, i.indexdef FROM pg_indexes i
+WHERE i.schemaname = current_schema() AND i.tablename = 'usage_log'
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)
+"""
+
+_DEEP_ROW = "SELECT ts, id FROM usage_log ORDER BY ts DESC, id DESC OFFSET $1 LIMIT 1"
 RAW_MONTHLY = """
 SELECT team, count(*), count(*) FILTER (WHERE status = 'error'), sum(input_tokens),
        sum(output_tokens), sum(cost_usd)
@@ -73,15 +83,16 @@ async def load(pool: asyncpg.Pool, rows: int, console: Console) -> float:
     async with pool.acquire() as conn:
         await conn.execute("SET synchronous_commit = off")
         # Secondary indexes are built once after the load: faster than row by row.
-        await conn.execute("DROP INDEX usage_log_team_ts, usage_log_ts")
+        indexes = await conn.fetch(_SECONDARY_INDEXES)
+        await conn.execute(f"DROP INDEX {', '.join(row['indexname'] for row in indexes)}")
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"loading {rows:,} usage rows", total=rows)
             for first in range(1, rows + 1, CHUNK):
                 last = min(first + CHUNK - 1, rows)
                 await conn.execute(_LOAD, first, last, now, rows, timeout=None)
                 progress.update(task, completed=last)
-        await conn.execute("CREATE INDEX usage_log_team_ts ON usage_log (team, ts)", timeout=None)
-        await conn.execute("CREATE INDEX usage_log_ts ON usage_log (ts)", timeout=None)
+        for row in indexes:
+            await conn.execute(row["indexdef"], timeout=None)
         await conn.execute("VACUUM ANALYZE usage_log", timeout=None)
         await conn.execute("VACUUM ANALYZE usage_daily", timeout=None)
         await conn.execute(
@@ -145,21 +156,47 @@ async def main(rows: int, runs: int) -> None:
         today = datetime.now(UTC).date()
         month = month_range(today)
         month_days = (month[0].date(), month[1].date())
+        last_30 = (today - timedelta(days=29), today + timedelta(days=1))
+        # Filters: team, model, status (NULL: all); the monthly and model queries limit first.
         queries: dict[str, tuple[str, tuple[Any, ...]]] = {
-            "usage (by team, month)": (MONTHLY_SPEND, (*month_days, None)),
-            "usage --top 5": (MONTHLY_SPEND, (*month_days, 5)),
-            "usage --by model": (MODEL_SPEND, (*month_days, None)),
-            "usage --daily (30 days)": (
-                DAILY_SPEND,
-                (today - timedelta(days=29), today + timedelta(days=1), None),
+            "usage (by team, month)": (MONTHLY_SPEND, (*month_days, None, None, None, None)),
+            "usage --top 5": (MONTHLY_SPEND, (*month_days, 5, None, None, None)),
+            "usage --by model": (MODEL_SPEND, (*month_days, None, None, None, None)),
+            "usage --daily (30 days)": (DAILY_SPEND, (*last_30, None, None, None)),
+            "usage --daily --team": (DAILY_SPEND, (*last_30, "team-7", None, None)),
+            "team month, errors": (MONTHLY_SPEND, (*month_days, None, "team-7", None, "error")),
+            "team month by model, one model": (
+                MODEL_SPEND,
+                (*month_days, None, "team-7", "gpt-4o", None),
             ),
-            "usage --daily --team": (
-                DAILY_SPEND,
-                (today - timedelta(days=29), today + timedelta(days=1), "team-7"),
-            ),
+            "team trend, errors": (DAILY_SPEND, (*last_30, "team-7", None, "error")),
             "budgets": (TEAM_BUDGETS, ()),
-            "month from usage_log (no rollup)": (RAW_MONTHLY, month),
         }
+        deep = await pool.fetchrow(_DEEP_ROW, min(rows // 2, 1_000_000), timeout=None)
+        cursor = make_cursor(deep["ts"], deep["id"])
+        pages = {
+            "audit page, all teams": AuditFilter(),
+            "audit page, team": AuditFilter(team="team-7"),
+            "audit page, team, model": AuditFilter(team="team-7", model="claude-haiku"),
+            "audit page, team, errors": AuditFilter(team="team-7", status="error"),
+            "audit page, team, pii": AuditFilter(team="team-7", pii=True),
+            "audit page, all teams, pii": AuditFilter(pii=True),
+            "audit page, all teams, errors": AuditFilter(status="error"),
+            "audit page, all teams, one model": AuditFilter(model="o3-mini"),
+            "audit page, team, 7 days": AuditFilter(
+                team="team-7", since=month[0] - timedelta(days=7), until=month[0]
+            ),
+        }
+        for name, where in pages.items():
+            sql, page_args = page_query(where, limit=50, offset=0, cursor=None)
+            queries[name] = (sql, tuple(page_args))
+        for name, offset, after in (
+            (f"audit page at offset {MAX_OFFSET:,}", MAX_OFFSET, None),
+            (f"audit page after row {min(rows // 2, 1_000_000):,} (cursor)", 0, cursor),
+        ):
+            sql, page_args = page_query(AuditFilter(), limit=50, offset=offset, cursor=after)
+            queries[name] = (sql, tuple(page_args))
+        queries["month from usage_log (no rollup)"] = (RAW_MONTHLY, month)
         results = {}
         for name, (sql, args) in queries.items():
             console.print(f"[dim]measuring {name}…[/]")

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import os
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +17,7 @@ import typer
 from cli.console import out, print_table
 from cli.options import make_settings, parse_month, split_teams
 from queuegate.errors import ServiceUnavailable
+from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
 from queuegate.settings import Settings
 
@@ -29,6 +30,10 @@ def usage(
     ] = False,
     days: Annotated[int, typer.Option(min=1, max=366, help="Days in the --daily trend.")] = 30,
     team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this requested model alias.")] = None,
+    status: Annotated[
+        JobStatus | None, typer.Option(help="Only jobs that ended so: ok or error.")
+    ] = None,
     top: Annotated[int | None, typer.Option(min=1, help="Only the N most expensive.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
@@ -37,7 +42,7 @@ def usage(
     ] = False,
 ) -> None:
     """Requests, tokens, cost and budget remaining per team and month, from PostgreSQL."""
-    from accounting.reports import daily_spend, model_spend, monthly_spend
+    from admin.usage import UsageFilter, month_end, usage_rows
     from queuegate.db import create_pool
     from queuegate.reporting import records, table, to_csv, to_json
 
@@ -47,18 +52,19 @@ def usage(
         raise typer.BadParameter(f"--by {by!r}: use team or model")
     day = parse_month(month)
     settings = make_settings()
+    last = datetime.now(UTC).date() if month is None else month_end(day)
 
     async def go() -> list[Any]:
-        pool = await create_pool(settings)
-        try:
-            if daily:
-                last = datetime.now(UTC).date() if month is None else _month_end(day)
-                return await daily_spend(pool, last, days=days, team=team)
-            if by == "model":
-                return await model_spend(pool, day, top=top, team=team)
-            return await monthly_spend(pool, day, top=top, team=team)
-        finally:
-            await pool.close()
+        async with await create_pool(settings) as pool:
+            return await usage_rows(
+                pool,
+                "day" if daily else "model" if by == "model" else "team",
+                month=day,
+                last_day=last,
+                days=days,
+                where=UsageFilter(team, model, status),
+                top=top,
+            )
 
     rows = records(run(go))
     if as_json:
@@ -68,12 +74,20 @@ def usage(
     elif not rows:
         when = f"{day:%Y-%m}"
         if daily:
-            when = f"the {days} days to {'today' if month is None else _month_end(day)}"
-        out.print(f"no usage in {when}{f' for team {team}' if team else ''}", highlight=False)
+            when = f"the {days} days to {'today' if month is None else last}"
+        out.print(f"no usage in {when}{_kept(team, model, status, ' for ')}", highlight=False)
     else:
         what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
-        what += f", team {team}" if team else ""
+        what += _kept(team, model, status, ", ")
         print_table(table(rows, title=what, wide=wide), wide=wide)
+
+
+def _kept(team: str | None, model: str | None, status: str | None, lead: str) -> str:
+    """What the filters keep, for a title: ``, team alpha, model gpt-4o, error jobs``."""
+    kept = [f"team {team}"] if team else []
+    kept += [f"model {model}"] if model else []
+    kept += [f"{status} jobs"] if status else []
+    return lead + ", ".join(kept) if kept else ""
 
 
 def status(
@@ -140,12 +154,6 @@ async def _budgets_if_reachable(settings: Settings) -> dict[str, Decimal]:
         return {}
     finally:
         await pool.close()
-
-
-def _month_end(day: date) -> date:
-    from accounting.reports import month_range
-
-    return month_range(day)[1].date() - timedelta(days=1)
 
 
 def deployments(

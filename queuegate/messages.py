@@ -49,6 +49,9 @@ HTTP_STATUS: dict[str, int] = {
 """The HTTP status an HTTP gateway would answer for each error code."""
 
 
+JobStatus = Literal["ok", "error"]
+"""How a job ended: answered, or with an error (``ErrorInfo``)."""
+
 UnsupportedParams = Literal["refuse", "drop"]
 """What the gateway does with a job parameter a provider cannot take as asked: ``refuse`` it
 on that deployment (the job goes on to the next one, and fails ``invalid_request`` naming the
@@ -170,7 +173,7 @@ class ChatResult(WireModel):
     v: int = SCHEMA_VERSION
     job_id: str
     team: str
-    status: Literal["ok", "error"]
+    status: JobStatus
     response: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     gateway: GatewayInfo
@@ -223,7 +226,7 @@ class UsageEvent(WireModel):
     """Prompt tokens written to the provider's prompt cache (Anthropic bills them apart)."""
     reasoning_tokens: int = 0
     cost_usd: Decimal = Decimal(0)
-    status: Literal["ok", "error"]
+    status: JobStatus
     error_code: ErrorCode | None = None
     queued_ms: float = 0.0
     latency_ms: float = 0.0

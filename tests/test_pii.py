@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from accounting.audit import parse_age, prune_content
+from admin.audit import parse_age, prune_content
 from admin.teams import Credentials, add, set_security
 from bench.pii import PROSE, SAMPLE, measure
 from producer import GatewayClient
