@@ -11,6 +11,7 @@ import aiormq.exceptions
 import asyncpg
 from pydantic import ValidationError
 
+from admin.keys import revoke_team_key
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError, GatewayError
@@ -316,11 +317,8 @@ async def set_security(
 
 
 async def revoke_key(settings: Settings, name: str, key_id: str) -> bool:
-    pool = await create_pool(settings)
-    try:
-        return await revoke_api_keys(pool, name, key_id=key_id) == 1
-    finally:
-        await pool.close()
+    async with await create_pool(settings) as pool:
+        return await revoke_team_key(pool, name, key_id)
 
 
 def with_user(url: str, user: str, password: str) -> str:

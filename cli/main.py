@@ -14,6 +14,7 @@ from cli.audit import audit_app
 from cli.batch import batch_app
 from cli.console import err
 from cli.dlq import dlq_app
+from cli.keys import admin_key_app
 from cli.reports import deployments, status, usage
 from cli.roles import accounting, demo, migrate, mock_provider, worker
 from cli.submit import submit
@@ -29,6 +30,7 @@ app.add_typer(teams_app, name="teams")
 app.add_typer(audit_app, name="audit")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batch_app, name="batch")
+app.add_typer(admin_key_app, name="admin-key")
 for command in (worker, accounting, migrate, mock_provider, submit, usage, status, deployments):
     app.command()(command)
 app.command()(demo)

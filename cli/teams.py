@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.console import err, out
+from cli.keys import keys_table, show_key
 from cli.options import make_settings, read_password
 from queuegate.messages import UnsupportedParams
 from queuegate.runtime import run
@@ -284,3 +285,36 @@ def teams_revoke_key(name: str, key_id: str) -> None:
         err.print(f"team {name} has no live key {key_id}: nothing revoked")
         raise typer.Exit(1)
     out.print(f"key {key_id} of team {name} is revoked")
+
+
+@teams_app.command("add-key")
+def teams_add_key(name: str) -> None:
+    """A new API key for the team, whatever its identity mode; its other keys stay live.
+    Shown once, stored hashed."""
+    from admin.keys import IssuedKey, add_team_key
+    from queuegate.db import create_pool
+
+    settings = make_settings()
+
+    async def go() -> IssuedKey:
+        async with await create_pool(settings) as pool:
+            return await add_team_key(pool, name)
+
+    issued = run(go)
+    revoke = f"queuegate teams revoke-key {name} {issued.key_id}"
+    show_key(f"API key of team {name}", issued, revoke)
+
+
+@teams_app.command("keys")
+def teams_keys(name: str) -> None:
+    """The team's API keys, live and revoked (never the keys themselves)."""
+    from admin.keys import KeyInfo, team_keys
+    from queuegate.db import create_pool
+
+    settings = make_settings()
+
+    async def go() -> list[KeyInfo]:
+        async with await create_pool(settings) as pool:
+            return await team_keys(pool, name)
+
+    out.print(keys_table(run(go), title=f"API keys of team {name}"))

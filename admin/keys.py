@@ -1,0 +1,129 @@
+"""API keys: a team's (any identity mode), and administrators' for cross-team admin calls.
+
+A key is shown once, when issued; only its SHA-256 is stored (``api_keys``, ``admin_keys``),
+so ``lookup_key`` finds whose a presented key is by its hash, in one indexed query.
+
+A team's keys prove its jobs on the queue when its identity is ``api_key``
+(``queuegate.signing``); whatever its identity, they authenticate it to the HTTP front door.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from queuegate.errors import ConfigError
+from queuegate.registry import get_team
+from queuegate.tenancy import add_api_key, hash_api_key, new_api_key, revoke_api_keys
+
+ADMIN_PREFIX = "qga"
+LABEL_MAX = 200
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A new key: ``key`` is shown once and stored nowhere."""
+
+    key_id: str
+    key: str
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as listed: never the key, nor its hash."""
+
+    key_id: str
+    created_at: datetime
+    revoked_at: datetime | None
+    label: str = ""
+    """What an admin key is for (team keys have none)."""
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    """Whose a presented key is: a team's, or an administrator's (``team`` None)."""
+
+    team: str | None
+    key_id: str
+    key_hash: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.team is None
+
+
+async def add_team_key(pool: asyncpg.Pool, team: str) -> IssuedKey:
+    """A new key for the team, whatever its identity mode; its other keys stay live."""
+    await _existing(pool, team)
+    key_id, key = await add_api_key(pool, team)
+    return IssuedKey(key_id, key)
+
+
+async def team_keys(pool: asyncpg.Pool, team: str) -> list[KeyInfo]:
+    """The team's keys, live and revoked, oldest first."""
+    await _existing(pool, team)
+    rows: list[Any] = await pool.fetch(
+        "SELECT id, created_at, revoked_at FROM api_keys WHERE team = $1 ORDER BY created_at, id",
+        team,
+    )
+    return [KeyInfo(row["id"], row["created_at"], row["revoked_at"]) for row in rows]
+
+
+async def revoke_team_key(pool: asyncpg.Pool, team: str, key_id: str) -> bool:
+    """Revoke one live key of the team; False when it has no such live key."""
+    return await revoke_api_keys(pool, team, key_id=key_id) == 1
+
+
+async def issue_admin_key(pool: asyncpg.Pool, label: str = "") -> IssuedKey:
+    """A new administrator key, allowed every team's admin calls."""
+    if len(label) > LABEL_MAX:
+        raise ConfigError(f"the label is {len(label)} characters: keep it to {LABEL_MAX}")
+    key_id, key = new_api_key(ADMIN_PREFIX)
+    await pool.execute(
+        "INSERT INTO admin_keys (id, key_hash, label) VALUES ($1, $2, $3)",
+        key_id,
+        hash_api_key(key),
+        label,
+    )
+    return IssuedKey(key_id, key)
+
+
+async def admin_keys(pool: asyncpg.Pool) -> list[KeyInfo]:
+    """Every administrator key, live and revoked, oldest first."""
+    rows: list[Any] = await pool.fetch(
+        "SELECT id, created_at, revoked_at, label FROM admin_keys ORDER BY created_at, id"
+    )
+    return [KeyInfo(row["id"], row["created_at"], row["revoked_at"], row["label"]) for row in rows]
+
+
+async def revoke_admin_key(pool: asyncpg.Pool, key_id: str) -> bool:
+    """Revoke a live administrator key; False when there is no such live key."""
+    status: str = await pool.execute(
+        "UPDATE admin_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
+    )
+    return status == "UPDATE 1"
+
+
+# A team's key counts only while its team is enabled: a disabled team is served nowhere.
+_LOOKUP = """
+SELECT k.team, k.id, k.key_hash FROM api_keys k JOIN teams t ON t.name = k.team
+WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.enabled
+UNION ALL
+SELECT NULL, a.id, a.key_hash FROM admin_keys a WHERE a.key_hash = $1 AND a.revoked_at IS NULL
+LIMIT 1
+"""
+
+
+async def lookup_key(pool: asyncpg.Pool, key: str) -> KeyOwner | None:
+    """Whose the presented ``key`` is, by its hash; None when it is unknown, revoked, or its
+    team is disabled."""
+    row = await pool.fetchrow(_LOOKUP, hash_api_key(key))
+    return None if row is None else KeyOwner(row["team"], row["id"], row["key_hash"])
+
+
+async def _existing(pool: asyncpg.Pool, team: str) -> None:
+    if await get_team(pool, team) is None:
+        raise ConfigError(f"no team named {team}: list them with queuegate teams list")
