@@ -149,7 +149,7 @@ class Identities:
         which only the requesting channel can read, so it reaches no other team's queue.
         """
         security = await self.security(team)
-        if self._from_frontdoor(message) and _has_proof(message):
+        if self._published_by_frontdoor(message) and _has_proof(message):
             identity = f"frontdoor:{message.user_id}/{await self._prove_key(message, team, job_id)}"
         elif security.identity == "queue":
             return Proof("queue", security)
@@ -163,15 +163,21 @@ class Identities:
             raise Unauthorized(f"reply_to {message.reply_to!r} is not a reply queue of {team!r}")
         return Proof(identity, security)
 
+    def _replay_of(self, message: AbstractIncomingMessage) -> str | None:
+        """The first publisher an operator's replay names; None for any other job."""
+        if not self.is_operator(message):
+            return None
+        return header_text((message.headers or {}).get(HEADER_REPLAY_OF))
+
+    def _published_by_frontdoor(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the front door itself published the job (not an operator's replay, which
+        a front-door user that is also an operator may publish)."""
+        return message.user_id in self._frontdoor and self._replay_of(message) is None
+
     def _from_frontdoor(self, message: AbstractIncomingMessage) -> bool:
         """Whether the front door published the job, or first published the one an operator
         replays."""
-        if not message.user_id:
-            return False
-        if message.user_id in self._frontdoor:
-            return True
-        first = header_text((message.headers or {}).get(HEADER_REPLAY_OF))
-        return self.is_operator(message) and first in self._frontdoor
+        return self._published_by_frontdoor(message) or self._replay_of(message) in self._frontdoor
 
     def _prove_user(self, user: str | None, team: str, security: TeamSecurity) -> str:
         if not user:
