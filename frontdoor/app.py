@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from starlette.routing import Match
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontdoor.errors import install_error_handlers
 from frontdoor.routes import health, jobs, openai
@@ -53,25 +53,32 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
     for router in ROUTERS:
         app.include_router(router)
 
-    @app.middleware("http")
-    async def count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        observe_http(_route(request), response.status_code, time.perf_counter() - started)
-        return response
-
+    app.add_middleware(RequestMetrics)
     return app
 
 
-def _route(request: Request) -> str:
-    """The template of the route that served the request: a bounded label, never a raw path."""
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "other"))
-    return "unmatched"
+class RequestMetrics:
+    """Counts each answer by route template and status when its first byte leaves (a plain
+    ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would buffer every request through an
+    extra task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # The router has put the matched route in the scope by now.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                observe_http(route, message["status"], time.perf_counter() - started)
+            await send(message)
+
+        await self._app(scope, receive, counted)
 
 
 __all__ = ["create_app"]
