@@ -4,7 +4,8 @@ The steps every route that runs a chat job shares, whatever API it speaks::
 
     job = ...                                     # built from the request (ApiError if bad)
     result = await run_job(door, caller, job, options)   # ChatResult, or ApiError
-    stream = await open_stream(door, caller, job, options)   # Opened(stream, first chunk)
+    opened = await open_stream(door, caller, job, options)   # Opened(stream, first chunk)
+    return streamed(door, job, opened, writer, started)     # in the API's events (sse.py)
 
 - With an Idempotency-Key, an outcome already stored for the job answers it without
   publishing; a different request under the key is ``idempotency_conflict``.
@@ -18,12 +19,17 @@ The steps every route that runs a chat job shares, whatever API it speaks::
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from fastapi.responses import StreamingResponse
+
+from frontdoor.answers import gateway_headers
 from frontdoor.auth import Caller
 from frontdoor.chat_request import RequestOptions
 from frontdoor.errors import ApiError, error_of_result
 from frontdoor.service import FrontDoor
+from frontdoor.sse import StreamWriter, sse_events
 from producer.streams import ChatStream
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatJob, ChatResult, StreamChunk
@@ -90,6 +96,26 @@ async def open_stream(
     return Opened(stream, first)
 
 
+def streamed(
+    door: FrontDoor, job: ChatJob, opened: Opened, writer: StreamWriter, started: float
+) -> StreamingResponse:
+    """The answer to a streamed request: the job's events in ``writer``'s API, as they come;
+    the stream is closed however the answer ends (the caller may hang up)."""
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for data in sse_events(opened.stream, opened.first, writer):
+                yield data
+        finally:
+            door.bridge.close_stream(job.job_id)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={**gateway_headers(job.job_id, None, started), "cache-control": "no-cache"},
+    )
+
+
 async def _nothing() -> None:
     return None
 
@@ -108,4 +134,4 @@ def _late(job: ChatJob, timeout: float) -> ApiError:
     )
 
 
-__all__ = ["Opened", "open_stream", "publish_job", "run_job"]
+__all__ = ["Opened", "open_stream", "publish_job", "run_job", "streamed"]

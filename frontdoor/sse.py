@@ -1,4 +1,5 @@
-"""A streamed job as OpenAI's server-sent events, which the ``openai`` SDK reads::
+"""A streamed job as server-sent events: ``sse_events`` drives any API's ``StreamWriter``;
+``ChunkWriter`` writes OpenAI's, which the ``openai`` SDK reads::
 
     data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", ...}}]}
     data: {... one chunk per delta the worker relays, as it relays it ...}
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -30,14 +31,31 @@ def event(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+class StreamWriter(Protocol):
+    """One API's events of one streamed job."""
+
+    def delta(self, chunk: StreamChunk) -> bytes:
+        """The events of a relayed chunk (the first also opens the stream)."""
+        ...
+
+    def end(self, result: ChatResult) -> bytes:
+        """The closing events of a finished job, or of its error."""
+        ...
+
+    def error(self, code: str, message: str) -> bytes:
+        """The event that ends a stream the front door itself gives up on."""
+        ...
+
+
 class ChunkWriter:
     """The ``chat.completion.chunk`` events of one job."""
 
-    def __init__(self, job_id: str, model: str) -> None:
+    def __init__(self, job_id: str, model: str, *, include_usage: bool) -> None:
         self._id = f"chatcmpl-{job_id}"
         self._model = model
         self._created = int(time.time())
         self._first = True
+        self._include_usage = include_usage
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(
@@ -58,12 +76,12 @@ class ChunkWriter:
             self._first = False
         return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
 
-    def end(self, result: ChatResult, *, include_usage: bool) -> bytes:
+    def end(self, result: ChatResult) -> bytes:
         """The closing events of a finished job: finish reason, usage, ``[DONE]``; or its
         error."""
         if result.status != "ok" or result.response is None:
             assert result.error is not None
-            return event(openai_error(result.error.code, result.error.message))
+            return self.error(result.error.code, result.error.message)
         response = result.response
         self._model = str(response.get("model") or self._model)
         choice = (response.get("choices") or [{}])[0]
@@ -74,13 +92,16 @@ class ChunkWriter:
             out += self.delta(StreamChunk(job_id="", seq=0, delta=delta))
         finish = choice.get("finish_reason") or "stop"
         out += self._chunk([{"index": 0, "delta": {}, "finish_reason": finish}])
-        if include_usage:
+        if self._include_usage:
             out += self._chunk([], usage=response.get("usage"))
         return out + DONE
 
+    def error(self, code: str, message: str) -> bytes:
+        return event(openai_error(code, message))
+
 
 async def sse_events(
-    stream: ChatStream, first: StreamChunk | None, writer: ChunkWriter, *, include_usage: bool
+    stream: ChatStream, first: StreamChunk | None, writer: StreamWriter
 ) -> AsyncIterator[bytes]:
     """The events of ``stream``, whose first chunk (``first``) was already taken."""
     if first is not None:
@@ -90,10 +111,10 @@ async def sse_events(
             yield writer.delta(chunk)
     except ResultTimeout:
         message = f"the stream stopped: job {stream.job_id} sent nothing more in time"
-        yield event(openai_error("deadline_exceeded", message))
+        yield writer.error("deadline_exceeded", message)
         return
     assert stream.result is not None
-    yield writer.end(stream.result, include_usage=include_usage)
+    yield writer.end(stream.result)
 
 
-__all__ = ["ChunkWriter", "sse_events"]
+__all__ = ["ChunkWriter", "StreamWriter", "sse_events"]

@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from frontdoor.answers import gateway_block, gateway_headers
 from frontdoor.auth import Caller, require_caller
 from frontdoor.body import read_json
-from frontdoor.calls import open_stream, publish_job, run_job
+from frontdoor.calls import open_stream, publish_job, run_job, streamed
 from frontdoor.chat_request import RequestOptions, chat_job, wants_stream
 from frontdoor.service import FrontDoor, frontdoor
-from frontdoor.sse import ChunkWriter, sse_events
+from frontdoor.sse import ChunkWriter
 from queuegate.messages import ChatJob
 
 router = APIRouter(tags=["OpenAI"])
@@ -90,19 +90,5 @@ async def _stream(
     started: float,
 ) -> StreamingResponse:
     opened = await open_stream(door, caller, job, options)
-    writer = ChunkWriter(job.job_id, job.model)
-
-    async def events() -> Any:
-        try:
-            async for data in sse_events(
-                opened.stream, opened.first, writer, include_usage=include_usage
-            ):
-                yield data
-        finally:
-            door.bridge.close_stream(job.job_id)
-
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={**gateway_headers(job.job_id, None, started), "cache-control": "no-cache"},
-    )
+    writer = ChunkWriter(job.job_id, job.model, include_usage=include_usage)
+    return streamed(door, job, opened, writer, started)
