@@ -24,13 +24,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontdoor.errors import install_error_handlers
-from frontdoor.routes import health, jobs, openai
+from frontdoor.routes import anthropic, health, jobs, openai
 from frontdoor.service import FrontDoor
+from queuegate.api_errors import anthropic_error
 from queuegate.metrics import observe_http
 from queuegate.settings import Settings
 from router import Catalog, load_catalog
 
-ROUTERS = (openai.router, jobs.router, health.router)
+ROUTERS = (openai.router, anthropic.router, jobs.router, health.router)
 
 
 def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI:
@@ -45,11 +46,15 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
 
     app = FastAPI(
         title="queuegate",
-        summary="The HTTP front door of a queue-based LLM gateway: OpenAI's API over team queues.",
+        summary=(
+            "The HTTP front door of a queue-based LLM gateway: OpenAI's and Anthropic's APIs "
+            "over team queues."
+        ),
         version="1",
         lifespan=lifespan,
     )
-    install_error_handlers(app)
+    shapes = install_error_handlers(app)
+    shapes.register(anthropic.PREFIX, anthropic_error)
     for router in ROUTERS:
         app.include_router(router)
 

@@ -200,7 +200,8 @@ def api(
     processes: Annotated[int, typer.Option(min=1, help="Processes under one supervisor.")] = 1,
     log_level: LogLevel = "info",
 ) -> None:
-    """Serve the HTTP front door (OpenAI's API; docs at /docs) until SIGTERM or Ctrl-C."""
+    """Serve the HTTP front door (OpenAI's and Anthropic's APIs; docs at /docs) until SIGTERM
+    or Ctrl-C."""
     from frontdoor.serve import serve
 
     configure_logging(log_level)
