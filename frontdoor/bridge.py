@@ -38,7 +38,7 @@ from producer.client import job_message, publish_error
 from producer.replies import Inbox
 from producer.streams import ChatStream
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, publish, when_connected
-from queuegate.errors import ServiceUnavailable
+from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -64,6 +64,11 @@ class Bridge:
         self._reopening: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
+        if self._user_id not in self._settings.frontdoor:
+            raise ConfigError(
+                f"the front door publishes as broker user {self._user_id!r}, which "
+                "QUEUEGATE_FRONTDOOR_USERS does not name: workers would refuse its jobs; add it"
+            )
         self._connection = await connect(self._settings.amqp_url, name="frontdoor")
         try:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)

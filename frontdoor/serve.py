@@ -11,10 +11,13 @@ process stops accepting, finishes its requests within ``shutdown_grace`` seconds
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
 
 import uvicorn
 
@@ -23,8 +26,11 @@ from queuegate.errors import ConfigError
 from queuegate.runtime import run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
 from queuegate.supervisor import Supervisor
+from router import Catalog
 
 log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 10.0
 
 
 def serve(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:
@@ -45,6 +51,36 @@ def serve(settings: Settings, *, host: str, port: int, processes: int, log_level
     sock = bind(host, port)
     log.info("front door on http://%s:%d (docs at /docs)", host, sock.getsockname()[1])
     run(lambda: server.serve(sockets=[sock]))
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, catalog: Catalog, *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """The front door served in this event loop (a free port by default), for tests and the
+    demo; yields its root URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, catalog=catalog),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            log_level="warning",
+        )
+    )
+    sock = bind(host, port)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            while not server.started:  # uvicorn announces no event for it
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -79,4 +115,4 @@ def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_
     run(supervise)
 
 
-__all__ = ["bind", "serve"]
+__all__ = ["bind", "serve", "serving"]

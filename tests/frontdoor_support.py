@@ -2,50 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import openai
-import uvicorn
 
-from frontdoor import create_app
-from frontdoor.serve import bind
+from frontdoor.serve import serving
 from mockprovider import MockConfig
 from queuegate.db import create_pool
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.tenancy import add_api_key
-from router import Catalog, load_catalog
+from router import load_catalog
 from tests.support import Gateway, running_gateway
 from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@contextlib.asynccontextmanager
-async def running_frontdoor(settings: Settings, catalog: Catalog) -> AsyncIterator[str]:
-    """The front door's root URL (``http://127.0.0.1:PORT``) while it serves."""
-    app = create_app(settings, catalog=catalog)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", log_level="warning")
-    )
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:  # uvicorn announces no event for it
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 async def issue_key(settings: Settings, team: str) -> tuple[str, str]:
@@ -95,5 +69,5 @@ async def open_door(
         key_ids[team], keys[team] = await issue_key(settings, team)
     async with running_gateway(settings, teams=list(teams), mock_config=mock_config) as gateway:
         catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": gateway.mock.url})
-        async with running_frontdoor(settings, catalog) as url:
+        async with serving(settings, catalog) as url:
             yield Door(gateway, url, keys, key_ids)
