@@ -73,13 +73,8 @@ class Bridge:
         try:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._channel = channel
-            try:
-                self._exchange = await channel.get_exchange(self._topology.jobs_exchange)
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise ServiceUnavailable(
-                    f"no jobs exchange in namespace {self._settings.namespace!r}: add a team "
-                    "(queuegate teams add NAME) or start a worker first"
-                ) from exc
+            # Declared, not looked up: the front door may start before any worker or team.
+            self._exchange = await self._topology.declare_jobs_exchange(channel)
             await self._declare(channel)
             channel.reopen_callbacks.add(self._on_reopen)
         except BaseException:
