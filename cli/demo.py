@@ -76,9 +76,12 @@ async def run_demo(base: Settings, console: Console) -> None:
                 try:
                     await _unless_failed(worker.ready.wait(), tasks)
                     results = await _submit_all(settings, console)
+                    from frontdoor.demo import demo_http_call
+
+                    await demo_http_call(settings, router.catalog, "research", console)
                     pool = await create_pool(settings)
                     try:
-                        await _unless_failed(_await_rows(pool, len(results)), tasks)
+                        await _unless_failed(_await_rows(pool, len(results) + 1), tasks)
                         rows = await monthly_spend(pool, datetime.now(UTC).date())
                     finally:
                         await pool.close()

@@ -16,7 +16,7 @@ from cli.console import err
 from cli.dlq import dlq_app
 from cli.keys import admin_key_app
 from cli.reports import deployments, status, usage
-from cli.roles import accounting, demo, migrate, mock_provider, worker
+from cli.roles import accounting, api, demo, migrate, mock_provider, worker
 from cli.submit import submit
 from cli.teams import teams_app
 from queuegate.errors import GatewayError
@@ -31,7 +31,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batch_app, name="batch")
 app.add_typer(admin_key_app, name="admin-key")
-for command in (worker, accounting, migrate, mock_provider, submit, usage, status, deployments):
+for command in (worker, api, accounting, migrate, mock_provider, submit, usage, status, deployments):
     app.command()(command)
 app.command()(demo)
 

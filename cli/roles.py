@@ -84,6 +84,20 @@ def _supervise(
     run(supervise)
 
 
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    processes: Annotated[int, typer.Option(min=1, help="Processes under one supervisor.")] = 1,
+    log_level: LogLevel = "info",
+) -> None:
+    """Serve the HTTP front door (OpenAI's and Anthropic's APIs; docs at /docs) until SIGTERM
+    or Ctrl-C."""
+    from frontdoor.serve import serve
+
+    configure_logging(log_level)
+    serve(make_settings(), host=host, port=port, processes=processes, log_level=log_level)
+
+
 def accounting(log_level: LogLevel = "info") -> None:
     """Write usage events to PostgreSQL in batches until SIGTERM or Ctrl-C."""
     from accounting import Accountant

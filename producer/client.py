@@ -20,12 +20,10 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aiormq.abc import DeliveredMessage
-from pydantic import ValidationError
 
 from producer.control import ControlClient
-from producer.replies import ReplyBook
-from producer.streams import ChatStream, StreamBook
+from producer.replies import Inbox
+from producer.streams import ChatStream
 from queuegate.broker import (
     CONNECTION_LOST,
     Consumer,
@@ -34,7 +32,6 @@ from queuegate.broker import (
     consume,
     json_message,
     publish,
-    settle,
     when_connected,
 )
 from queuegate.errors import (
@@ -44,17 +41,11 @@ from queuegate.errors import (
     ResultTimeout,
     ServiceUnavailable,
 )
-from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult, StreamChunk
+from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.signing import sign_job
-from queuegate.topology import (
-    HEADER_SENT_MS,
-    MESSAGE_TYPE_CHUNK,
-    MESSAGE_TYPE_JOB,
-    MESSAGE_TYPE_RESULT,
-    Topology,
-)
+from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, Topology
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +109,7 @@ class GatewayClient:
         # The broker checks user_id against the connection's user, so a worker can trust it.
         self._user_id = user_id or unquote(urlsplit(settings.amqp_url).username or "") or None
         self._api_key = api_key
-        self._replies = ReplyBook()
-        self._streams = StreamBook()
+        self._inbox = Inbox()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -205,7 +195,7 @@ class GatewayClient:
     @property
     def duplicates(self) -> int:
         """Results dropped because the same job was already answered (after a redelivery)."""
-        return self._replies.duplicates
+        return self._inbox.replies.duplicates
 
     def job(
         self,
@@ -242,11 +232,11 @@ class GatewayClient:
 
     async def submit(self, job: ChatJob) -> JobHandle:
         """Publish a job and wait for the broker's confirm; the result comes later."""
-        self._replies.expect(job.job_id)
+        self._inbox.expect(job.job_id)
         try:
             await self.publish(job, reply_to=self.reply_to)
         except (ServiceUnavailable, ClientError):
-            self._replies.forget(job.job_id)
+            self._inbox.forget(job.job_id)
             raise
         return JobHandle(job.job_id, self)
 
@@ -269,7 +259,7 @@ class GatewayClient:
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:
-            return await self._replies.wait(job_id, timeout)
+            return await self._inbox.wait(job_id, timeout)
         except TimeoutError as exc:
             raise ResultTimeout(
                 f"no result for job {job_id} within {timeout} s; it may still be answered: "
@@ -305,11 +295,11 @@ class GatewayClient:
         return stream
 
     async def _submit_stream(self, stream: ChatStream, job: ChatJob) -> None:
-        self._streams.open(stream)
+        self._inbox.open(stream)
         await self.submit(job)
 
     async def _consume_replies(self, channel: AbstractRobustChannel) -> None:
-        self._consumer = await consume(channel, self.reply_to, self._on_reply)
+        self._consumer = await consume(channel, self.reply_to, self._inbox.handle)
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # The queue may have expired while we were away: ask for it again (the same name,
@@ -328,29 +318,6 @@ class GatewayClient:
         except (ClientError, ServiceUnavailable, *CONNECTION_LOST) as exc:
             # The next reconnect tries again; waiting jobs time out meanwhile.
             log.warning("could not consume reply queue %s again: %s", self._reply_queue, exc)
-
-    async def _on_reply(self, message: DeliveredMessage) -> None:
-        properties, tag = message.header.properties, message.delivery_tag
-        assert tag is not None  # a consumer's delivery always has one
-        try:
-            if properties.message_type == MESSAGE_TYPE_RESULT:
-                result = ChatResult.model_validate_json(message.body)
-                if self._replies.deliver(result) and self._streams.finish(result):
-                    self._replies.forget(result.job_id)
-            elif properties.message_type == MESSAGE_TYPE_CHUNK:
-                self._streams.chunk(StreamChunk.model_validate_json(message.body))
-        except ValidationError:
-            log.warning(
-                "dropped a malformed %s for job %s",
-                properties.message_type,
-                properties.correlation_id,
-            )
-        # The book drops a redelivered reply as a duplicate.
-        await settle(
-            message.channel.basic_ack(tag),
-            f"acknowledge the reply to {properties.correlation_id}",
-            log,
-        )
 
 
 def job_message(

@@ -1,11 +1,24 @@
-"""Matching replies to jobs: one future per job id, duplicates dropped, no polling."""
+"""Matching replies to jobs: one future per job id, duplicates dropped, no polling.
+
+``Inbox`` reads the messages of a reply queue (results and stream chunks) and hands each to
+its waiter; ``GatewayClient`` and the HTTP front door both consume their queue through one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 
-from queuegate.messages import ChatResult
+from aiormq.abc import DeliveredMessage
+from pydantic import ValidationError
+
+from producer.streams import ChatStream, StreamBook
+from queuegate.broker import settle
+from queuegate.messages import ChatResult, StreamChunk
+from queuegate.topology import MESSAGE_TYPE_CHUNK, MESSAGE_TYPE_RESULT
+
+log = logging.getLogger(__name__)
 
 SEEN_LIMIT = 100_000
 """Answered job ids remembered to drop redelivered duplicates; older ones are forgotten."""
@@ -15,12 +28,15 @@ class ReplyBook:
     """A future per job id, created when the job is published or its result arrives first.
 
     The future stays until someone takes its result, so a result that lands before
-    ``wait`` is called is not lost.
+    ``wait`` is called is not lost. ``keep_unexpected=False`` drops the result of a job
+    nobody expects (or that was forgotten): a server whose callers come and go would
+    otherwise keep every abandoned job's result.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_unexpected: bool = True) -> None:
         self._futures: dict[str, asyncio.Future[ChatResult]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._keep_unexpected = keep_unexpected
         self.duplicates = 0
 
     def expect(self, job_id: str) -> asyncio.Future[ChatResult]:
@@ -33,10 +49,16 @@ class ReplyBook:
         """Record a result; False when it duplicates one already delivered."""
         if result.job_id in self._seen:
             self.duplicates += 1
+            # Someone waits for it again (a retry of the same job): answer them too.
+            waiting = self._futures.get(result.job_id)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(result)
             return False
         self._seen[result.job_id] = None
         if len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
+        if not self._keep_unexpected and result.job_id not in self._futures:
+            return True
         future = self.expect(result.job_id)
         if not future.done():
             future.set_result(result)
@@ -57,3 +79,57 @@ class ReplyBook:
         future = self._futures.pop(job_id, None)
         if future is not None:
             future.cancel()
+
+
+class Inbox:
+    """The waiters of one reply queue: a future per job, a stream per streamed job.
+
+    Pass ``handle`` as the queue's consumer callback (``queuegate.broker.consume``); each
+    reply is acknowledged once handed over (a redelivered one is dropped as a duplicate)::
+
+        inbox.expect(job.job_id)            # before publishing the job
+        result = await inbox.wait(job.job_id, timeout)
+    """
+
+    def __init__(self, *, keep_unexpected: bool = True) -> None:
+        self.replies = ReplyBook(keep_unexpected=keep_unexpected)
+        self.streams = StreamBook()
+
+    def expect(self, job_id: str) -> None:
+        self.replies.expect(job_id)
+
+    async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
+        """The job's result; TimeoutError when none came within ``timeout``."""
+        return await self.replies.wait(job_id, timeout)
+
+    def open(self, stream: ChatStream) -> None:
+        """Route the job's chunks, then its result, to ``stream``."""
+        self.streams.open(stream)
+
+    def forget(self, job_id: str) -> None:
+        """Stop waiting for the job (its stream too)."""
+        self.replies.forget(job_id)
+        self.streams.close(job_id)
+
+    async def handle(self, message: DeliveredMessage) -> None:
+        properties, tag = message.header.properties, message.delivery_tag
+        assert tag is not None  # a consumer's delivery always has one
+        try:
+            if properties.message_type == MESSAGE_TYPE_RESULT:
+                result = ChatResult.model_validate_json(message.body)
+                if self.replies.deliver(result) and self.streams.finish(result):
+                    self.replies.forget(result.job_id)
+            elif properties.message_type == MESSAGE_TYPE_CHUNK:
+                self.streams.chunk(StreamChunk.model_validate_json(message.body))
+        except ValidationError:
+            log.warning(
+                "dropped a malformed %s for job %s",
+                properties.message_type,
+                properties.correlation_id,
+            )
+        # The book drops a redelivered reply as a duplicate.
+        await settle(
+            message.channel.basic_ack(tag),
+            f"acknowledge the reply to {properties.correlation_id}",
+            log,
+        )

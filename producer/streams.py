@@ -73,6 +73,10 @@ class StreamBook:
         if stream is not None:
             stream.put(chunk)
 
+    def close(self, job_id: str) -> None:
+        """Drop the stream of a job nobody reads any more."""
+        self._streams.pop(job_id, None)
+
     def finish(self, result: ChatResult) -> bool:
         """Hand the result to its stream, if it has one; False otherwise."""
         stream = self._streams.pop(result.job_id, None)

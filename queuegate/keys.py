@@ -16,6 +16,11 @@ class Keys:
         """
         return f"{self.prefix}:result:{team}:{job_id}"
 
+    def accepted(self, team: str, job_id: str) -> str:
+        """Set by the HTTP front door when it publishes a job, for as long as its outcome is
+        kept: ``GET /v1/jobs/<id>`` tells a job still on its way from an unknown one."""
+        return f"{self.prefix}:accepted:{team}:{job_id}"
+
     def claim(self, team: str, job_id: str) -> str:
         """The delivery answering a job (hash: request fingerprint, owner, lease, the call in
         flight, calls lost with lapsed owners), from before its first call until its outcome

@@ -35,18 +35,20 @@ HTTP_STATUS: dict[str, int] = {
     "unauthorized": 401,
     "budget_exhausted": 402,
     "invalid_request": 400,
-    "unknown_model": 400,
+    "unknown_model": 404,
     "rate_limited": 429,
     "deadline_exceeded": 504,
     "provider_error": 502,
     "all_providers_failed": 502,
-    "queue_full": 503,
-    "canceled": 499,
+    "queue_full": 429,
+    "canceled": 409,
     "context_length_exceeded": 400,
     "idempotency_conflict": 422,
     "already_answered": 409,
 }
-"""The HTTP status an HTTP gateway would answer for each error code."""
+"""The HTTP status each error code is answered with: by the HTTP front door (every API it
+speaks) and in batch output lines. ``queue_full`` is a 429 (retry later, as the SDKs do),
+``unknown_model`` a 404 (as OpenAI answers a model it does not have)."""
 
 
 JobStatus = Literal["ok", "error"]

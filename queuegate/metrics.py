@@ -114,6 +114,24 @@ SPEND_CORRECTED = Counter(
     ["team", "model"],
 )
 
+HTTP_REQUESTS = Counter(
+    "queuegate_http_requests",
+    "Requests the HTTP front door answered, by route (its template) and status.",
+    ["route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "queuegate_http_request_seconds",
+    "Time from a request's arrival to its answer's start (a stream's headers), by route.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+def observe_http(route: str, status: int, seconds: float) -> None:
+    """The front door answered a request of ``route`` (a template, never a raw path)."""
+    HTTP_REQUESTS.labels(route, str(status)).inc()
+    HTTP_LATENCY.labels(route).observe(seconds)
+
 
 def observe_spend_correction(team: str, model: str | None, drift: float) -> None:
     """A reconciliation corrected ``drift`` USD in the team's (or its model's) ledger."""

@@ -1,8 +1,9 @@
 """Providers' wire shapes where more than the router needs them.
 
-Batch files in Anthropic's format are read as canonical (OpenAI chat) requests
-(``openai_request``) and answered as Messages API messages (``anthropic_message``); the
-router's adapters share the tool-call conversions and ``as_int``.
+Anthropic-format requests (batch files, the front door's ``/v1/messages``) are read as
+canonical (OpenAI chat) requests (``openai_request``) and answered as Messages API messages
+(``anthropic_message``); the router's adapters share the tool-call conversions and
+``as_int``.
 """
 
 from __future__ import annotations
@@ -74,28 +75,35 @@ _STOP_REASONS = {
 _INVERSE_PASSED = frozenset({"top_k", "thinking", "service_tier"})
 
 
-def openai_request(params: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def openai_request(
+    params: Any, where: str = "params"
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The canonical messages and params of Messages API ``params``.
 
-    Raises ValueError naming the field when the request is malformed or uses what the
-    canonical format cannot carry (documents, thinking blocks in the input, server tools).
+    Raises ValueError naming the field (under ``where``, the path of ``params`` in its
+    document; "" for a request body) when the request is malformed or uses what the
+    canonical format cannot carry (documents, server tools); thinking blocks sent back in
+    assistant turns are left out.
+    ``cache_control`` markers are kept where the canonical format has them (content parts,
+    system blocks, tool results, tools): the Anthropic adapter sends them on.
     """
     if not isinstance(params, dict):
-        raise ValueError("params must be an object")
+        raise ValueError(f"{where or 'the request'} must be an object")
     turns = params.get("messages")
     if not isinstance(turns, list) or not turns:
-        raise ValueError("params.messages must be a non-empty list")
+        raise ValueError(f"{_at(where, 'messages')} must be a non-empty list")
     max_tokens = params.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError("params.max_tokens must be a positive integer")
+        raise ValueError(f"{_at(where, 'max_tokens')} must be a positive integer")
     messages: list[dict[str, Any]] = []
     system = params.get("system")
     if system:
-        messages.append({"role": "system", "content": _system_text(system)})
+        messages.append({"role": "system", "content": _system(system, _at(where, "system"))})
     for index, turn in enumerate(turns):
+        at = _at(where, f"messages.{index}")
         if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
-            raise ValueError(f"params.messages.{index}.role must be user or assistant")
-        messages.extend(_openai_turn(turn["role"], turn.get("content"), f"params.messages.{index}"))
+            raise ValueError(f"{at}.role must be user or assistant")
+        messages.extend(_openai_turn(turn["role"], turn.get("content"), at))
     out: dict[str, Any] = {"max_tokens": max_tokens}
     for key in ("temperature", "top_p"):
         if params.get(key) is not None:
@@ -106,21 +114,39 @@ def openai_request(params: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if user:
         out["user"] = user
     if params.get("tools"):
-        out["tools"] = [_function_tool(tool) for tool in params["tools"]]
+        out["tools"] = [_function_tool(tool, _at(where, "tools")) for tool in params["tools"]]
     if params.get("tool_choice"):
-        out.update(_openai_tool_choice(params["tool_choice"]))
+        out.update(_openai_tool_choice(params["tool_choice"], _at(where, "tool_choice")))
     out.update({key: params[key] for key in _INVERSE_PASSED & params.keys()})
     return messages, out
 
 
-def _system_text(system: Any) -> str:
+def _at(where: str, field: str) -> str:
+    return f"{where}.{field}" if where else field
+
+
+def _system(system: Any, where: str) -> str | list[Block]:
+    """The system prompt as one text, or as text parts when any block is marked for caching."""
     if isinstance(system, str):
         return system
     if isinstance(system, list) and all(
         isinstance(b, dict) and b.get("type") == "text" for b in system
     ):
+        if any(b.get("cache_control") is not None for b in system):
+            return [_text_part(b) for b in system]
         return "\n\n".join(str(b.get("text", "")) for b in system)
-    raise ValueError("params.system must be a string or a list of text blocks")
+    raise ValueError(f"{where} must be a string or a list of text blocks")
+
+
+def _text_part(block: Block) -> Block:
+    return _cached({"type": "text", "text": str(block.get("text", ""))}, block)
+
+
+def _cached(part: Block, block: Block) -> Block:
+    """``part`` with the prompt caching marker of the Anthropic ``block`` it came from."""
+    if block.get("cache_control") is not None:
+        part["cache_control"] = block["cache_control"]
+    return part
 
 
 def _openai_turn(role: str, content: Any, where: str) -> list[dict[str, Any]]:
@@ -135,11 +161,16 @@ def _openai_turn(role: str, content: Any, where: str) -> list[dict[str, Any]]:
     for index, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": str(block.get("text", ""))})
+            parts.append(_text_part(block))
         elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block)}})
+            image = {"type": "image_url", "image_url": {"url": _image_url(block)}}
+            parts.append(_cached(image, block))
         elif kind == "tool_use" and role == "assistant":
             calls.append(tool_call_of(block))
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            # Anthropic itself drops the thinking of earlier turns; the canonical format has
+            # nowhere to keep the signature a tool-use continuation would need.
+            continue
         elif kind == "tool_result" and role == "user":
             tools.append(_tool_message(block, f"{where}.content.{index}"))
         else:
@@ -168,19 +199,20 @@ def _tool_message(block: Block, where: str) -> dict[str, Any]:
         if not all(isinstance(b, dict) and b.get("type") == "text" for b in content):
             raise ValueError(f"{where}: only text tool results are supported")
         content = "".join(str(b.get("text", "")) for b in content)
-    return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content or ""}
+    message = {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content or ""}
+    return _cached(message, block)
 
 
-def _function_tool(tool: Any) -> dict[str, Any]:
+def _function_tool(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict) or "input_schema" not in tool:
-        raise ValueError("params.tools: only client tools with an input_schema are supported")
+        raise ValueError(f"{where}: only client tools with an input_schema are supported")
     function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
     if tool.get("description"):
         function["description"] = tool["description"]
-    return {"type": "function", "function": function}
+    return _cached({"type": "function", "function": function}, tool)
 
 
-def _openai_tool_choice(choice: Any) -> dict[str, Any]:
+def _openai_tool_choice(choice: Any, where: str) -> dict[str, Any]:
     kind = choice.get("type") if isinstance(choice, dict) else None
     names = {"auto": "auto", "none": "none", "any": "required"}
     if kind in names:
@@ -188,35 +220,56 @@ def _openai_tool_choice(choice: Any) -> dict[str, Any]:
     elif kind == "tool":
         out = {"tool_choice": {"type": "function", "function": {"name": choice.get("name")}}}
     else:
-        raise ValueError(f"params.tool_choice of type {kind!r} is not supported")
+        raise ValueError(f"{where} of type {kind!r} is not supported")
     if choice.get("disable_parallel_tool_use"):
         out["parallel_tool_calls"] = False
     return out
 
 
 def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
-    """A canonical ``chat.completion`` as a Messages API ``message``."""
+    """A canonical ``chat.completion`` as a Messages API ``message``.
+
+    Thinking (``reasoning_content``) comes first, as a thinking block without a signature:
+    the gateway does not keep Anthropic's, so it cannot be sent back to Anthropic.
+    """
     choice = (response.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     content: list[Block] = []
+    if isinstance(message.get("reasoning_content"), str) and message["reasoning_content"]:
+        content.append(thinking_block(message["reasoning_content"]))
     if isinstance(message.get("content"), str) and message["content"]:
         content.append({"type": "text", "text": message["content"]})
     content.extend(tool_use_block(call) for call in message.get("tool_calls") or [])
-    usage = response.get("usage") or {}
-    cached = as_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
     return {
         "id": response.get("id") or "",
         "type": "message",
         "role": "assistant",
         "model": response.get("model") or "",
         "content": content,
-        "stop_reason": _STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
+        "stop_reason": anthropic_stop_reason(choice.get("finish_reason")),
         "stop_sequence": None,
-        "usage": {
-            # Anthropic counts cache reads apart from input_tokens; OpenAI includes them.
-            "input_tokens": max(0, as_int(usage.get("prompt_tokens")) - cached),
-            "output_tokens": as_int(usage.get("completion_tokens")),
-            "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0,
-        },
+        "usage": anthropic_usage(response.get("usage") or {}),
+    }
+
+
+def thinking_block(thinking: str) -> Block:
+    return {"type": "thinking", "thinking": thinking, "signature": ""}
+
+
+def anthropic_stop_reason(finish_reason: Any) -> str:
+    """OpenAI's ``finish_reason`` as Anthropic's ``stop_reason``."""
+    return _STOP_REASONS.get(str(finish_reason), "end_turn")
+
+
+def anthropic_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """A ``chat.completion``'s usage as a Message's: Anthropic counts cache reads and writes
+    apart from ``input_tokens``, where OpenAI's ``prompt_tokens`` includes them."""
+    details = usage.get("prompt_tokens_details") or {}
+    cached = as_int(details.get("cached_tokens"))
+    written = as_int(details.get("cache_write_tokens"))
+    return {
+        "input_tokens": max(0, as_int(usage.get("prompt_tokens")) - cached - written),
+        "output_tokens": as_int(usage.get("completion_tokens")),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": written,
     }

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     publishes (broker-validated ``user_id``) for the team whose queue it is on, and ``dlq
     replay`` re-publishes as one. Empty: the user of ``amqp_url`` alone."""
 
+    frontdoor_users: str = ""
+    """Comma-separated broker users the HTTP front door publishes under: a worker accepts a
+    job one of them publishes (broker-validated ``user_id``) with a proof of one of the
+    team's API keys, whatever the team's identity, and lets its result go to a front-door
+    reply queue. Empty: the user of ``amqp_url`` alone (as for ``operator_users``)."""
+
     namespace: str = Field(default="queuegate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Prefix of every broker name and Redis key, so environments and test runs never collide."""
     database_schema: str = Field(default="queuegate", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
@@ -87,6 +93,10 @@ class Settings(BaseSettings):
     teams_refresh: float = Field(default=5.0, gt=0)
     """Seconds between reads of the team registry, so new teams are served without restart."""
 
+    http_body_timeout: float = Field(default=30.0, gt=0)
+    """Seconds the HTTP front door gives a request to send its whole body; a slower one is
+    answered 408 (it holds only its own connection meanwhile, never a worker's slot)."""
+
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes."""
@@ -131,6 +141,12 @@ class Settings(BaseSettings):
     def operators(self) -> frozenset[str]:
         """The broker users trusted as operators (see ``operator_users``)."""
         named = {user.strip() for user in self.operator_users.split(",") if user.strip()}
+        return frozenset(named or ({self.amqp_user} if self.amqp_user else set()))
+
+    @property
+    def frontdoor(self) -> frozenset[str]:
+        """The broker users of the HTTP front door (see ``frontdoor_users``)."""
+        named = {user.strip() for user in self.frontdoor_users.split(",") if user.strip()}
         return frozenset(named or ({self.amqp_user} if self.amqp_user else set()))
 
     @property

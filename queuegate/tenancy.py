@@ -55,6 +55,12 @@ def reply_queue_pattern(namespace: str, team: str) -> str:
     return rf"^{ns}\.(replies|results)\.{t}\.[^.]+$"
 
 
+def frontdoor_queue_pattern(namespace: str) -> str:
+    """The reply queues of the HTTP front door's processes (``<ns>.frontdoor.<id>``), as a
+    regex: results go there only for jobs a front-door user published."""
+    return rf"^{re.escape(namespace)}\.frontdoor\.[^.]+$"
+
+
 @dataclass(frozen=True)
 class BrokerPermissions:
     """What a team's broker user may do; see ``permissions``."""
@@ -168,6 +174,15 @@ async def revoke_api_keys(pool: asyncpg.Pool, team: str, *, key_id: str | None =
         key_id,
     )
     return int(status.rsplit(" ", 1)[1])
+
+
+async def api_key_owner(pool: asyncpg.Pool, key_hash: str) -> tuple[str, str] | None:
+    """The team and id of the live key whose stored hash is ``key_hash``; None when there is
+    none (unknown or revoked). The hash is unique, so an index finds it."""
+    row = await pool.fetchrow(
+        "SELECT team, id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+    )
+    return None if row is None else (row["team"], row["id"])
 
 
 async def live_api_key(pool: asyncpg.Pool, key_id: str) -> tuple[str, str] | None:

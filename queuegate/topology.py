@@ -7,6 +7,7 @@
 | ``<ns>.results.<team>.<n>``  | quorum queue, expires      | a pipeline's named reply queue    |
 | ``<ns>.replies.<team>.<id>`` | durable queue, expires     | one client's own reply queue      |
 | ``<ns>.control.<team>``      | quorum queue               | the team's control requests       |
+| ``<ns>.frontdoor.<id>``      | queue, expires             | one HTTP front-door process's     |
 | ``<ns>.usage``               | fanout exchange            | one UsageEvent per finished job   |
 | ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
 | ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
@@ -58,7 +59,9 @@ one at once. A constant, not a setting: every declarer must give the queue the s
 arguments."""
 
 
-RESERVED_NAMES = frozenset({"jobs", "results", "replies", "control", "usage", "accounting", "dead"})
+RESERVED_NAMES = frozenset(
+    {"jobs", "results", "replies", "control", "usage", "accounting", "dead", "frontdoor"}
+)
 """The namespace's own words (``<ns>.<word>...``): no team is named after one, so no team's
 broker user (``<ns>.<team>``) or routing key reads as one of the gateway's names."""
 
@@ -109,6 +112,9 @@ class Topology:
     def replies_queue(self, team: str, client_id: str) -> str:
         # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.
         return f"{self.namespace}.replies.{team}.{client_id}"
+
+    def frontdoor_queue(self, process_id: str) -> str:
+        return f"{self.namespace}.frontdoor.{process_id}"
 
     def control_queue(self, team: str) -> str:
         return f"{self.namespace}.control.{team}"
@@ -241,6 +247,26 @@ class Topology:
         """
         return await channel.declare_queue(
             self.replies_queue(team, client_id),
+            durable=True,
+            arguments={
+                "x-expires": int(expires_s * 1000),
+                "x-max-length": max_length,
+                "x-overflow": "drop-head",
+            },
+        )
+
+    async def declare_frontdoor_queue(
+        self, channel: AbstractChannel, process_id: str, *, expires_s: float, max_length: int
+    ) -> AbstractQueue:
+        """The reply queue of one front-door process, for the jobs of every team it serves.
+
+        Declared by the front door (whose user is the gateway's, with configure rights); it
+        survives a dropped connection like a client's, and the broker deletes it once unused
+        for ``expires_s`` (the process is gone). Past ``max_length`` unread replies the oldest
+        is dropped: its caller has long given up, and can read the outcome by job id.
+        """
+        return await channel.declare_queue(
+            self.frontdoor_queue(process_id),
             durable=True,
             arguments={
                 "x-expires": int(expires_s * 1000),

@@ -165,9 +165,11 @@ async def test_a_job_forged_with_another_team_field_is_unauthorized(
 
 
 def not_operator(settings: Settings) -> Settings:
-    """The settings of a gateway whose operator is a user nobody connects as: the admin user
-    the tests publish with is then just one more app, not trusted for every team."""
-    return settings.model_copy(update={"operator_users": f"{settings.namespace}.operator"})
+    """The settings of a gateway whose operator and front door are users nobody connects as:
+    the admin user the tests publish with is then just one more app, not trusted for every
+    team."""
+    nobody = f"{settings.namespace}.operator"
+    return settings.model_copy(update={"operator_users": nobody, "frontdoor_users": nobody})
 
 
 async def test_a_broker_identity_team_refuses_jobs_from_any_other_user(

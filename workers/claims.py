@@ -161,7 +161,7 @@ class Claims:
                     "give each request its own job id"
                 )
             if status == "stored":
-                stored = _outcome(reply[1])
+                stored = stored_outcome(reply[1])
                 if stored is not None:
                     return stored
                 log.warning("stored outcome of job %s is unreadable; serving it", job.job_id)
@@ -256,7 +256,7 @@ class Claims:
         except RedisError as exc:
             self._outage.failed(exc)
             return None
-        return None if earlier is None else _outcome(earlier)
+        return None if earlier is None else stored_outcome(earlier)
 
 
 class Claim:
@@ -354,7 +354,9 @@ class _Recording:
         await self._ticket.rate_limited(deployment)
 
 
-def _outcome(raw: bytes) -> Outcome | None:
+def stored_outcome(raw: bytes) -> Outcome | None:
+    """A job's outcome as ``Claims.store`` keeps it (after the request's fingerprint); None
+    when unreadable."""
     body = raw if raw[:1] == b"{" else raw[FINGERPRINT:]
     try:
         return Outcome.model_validate_json(body)

@@ -107,6 +107,6 @@ class Gate:
     async def reply_to(self, message: AbstractIncomingMessage, team: str) -> str | None:
         """Where the job's result may go: nowhere when a proven team names another's queue."""
         security = await self._identities.security(team)
-        if security.identity == "queue" or self._identities.may_reply(team, message.reply_to):
+        if security.identity == "queue" or self._identities.may_reply(team, message):
             return message.reply_to
         return None

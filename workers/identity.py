@@ -8,7 +8,15 @@ The team's ``identity`` setting (queuegate.tenancy) says what counts as proof:
 - ``api_key``: the job must carry a live key's id and its proof for this very job
   (``queuegate.signing``), verified against the key's stored hash.
 
-Whatever the setting, a job whose ``user_id`` is an operator's (``Settings.operators``: the
+Whatever the setting, a job whose ``user_id`` is the HTTP front door's
+(``Settings.frontdoor``) and that carries a key proof is proven by that key alone, recorded
+``frontdoor:<user>/api_key:<key id>``: the front door holds the key the caller presented and
+signs each job as ``GatewayClient(api_key=...)`` does, so it can act for no team whose key
+it was not given, and no other broker user can pass for it. This comes before the operator
+rule: a front-door user that is also an operator is still held to the proof it sends. Its
+results may go to a front-door reply queue (``<ns>.frontdoor.<id>``); no one else's may.
+
+Otherwise, a job whose ``user_id`` is an operator's (``Settings.operators``: the
 gateway's own broker user unless configured) is accepted for the team whose queue it is on:
 teams cannot forge ``user_id``. ``dlq replay`` re-publishes that way, naming in a header the
 user the job was first published under; such a replay must still prove that first publisher
@@ -46,7 +54,13 @@ from queuegate.db import DB_ERRORS, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable, Unauthorized
 from queuegate.outage import OutageLog
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches
-from queuegate.tenancy import TeamSecurity, all_security, live_api_key, reply_queue_pattern
+from queuegate.tenancy import (
+    TeamSecurity,
+    all_security,
+    frontdoor_queue_pattern,
+    live_api_key,
+    reply_queue_pattern,
+)
 from queuegate.topology import HEADER_REPLAY_OF, header_text
 
 log = logging.getLogger(__name__)
@@ -65,7 +79,8 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Proof:
     """Who a job is from: ``queue``, ``broker:<user>``, ``api_key:<key id>``,
-    ``operator:<user>`` or ``operator:<user>(replay of <first publisher>)``."""
+    ``frontdoor:<user>/api_key:<key id>``, ``operator:<user>`` or
+    ``operator:<user>(replay of <first publisher>)``."""
 
     identity: str
     security: TeamSecurity
@@ -80,9 +95,12 @@ class Identities:
         ttl: float,
         wait: float,
         operators: frozenset[str] = frozenset(),
+        frontdoor: frozenset[str] = frozenset(),
     ) -> None:
         self._pool = pool
         self._operators = operators
+        self._frontdoor = frontdoor
+        self._frontdoor_replies = re.compile(frontdoor_queue_pattern(namespace))
         self._namespace = namespace
         self._ttl = ttl
         self._wait = wait
@@ -131,17 +149,35 @@ class Identities:
         which only the requesting channel can read, so it reaches no other team's queue.
         """
         security = await self.security(team)
-        if security.identity == "queue":
+        if self._published_by_frontdoor(message) and _has_proof(message):
+            identity = f"frontdoor:{message.user_id}/{await self._prove_key(message, team, job_id)}"
+        elif security.identity == "queue":
             return Proof("queue", security)
-        if self.is_operator(message):
+        elif self.is_operator(message):
             identity = await self._prove_operator(message, team, job_id, security)
         elif security.identity == "broker":
             identity = self._prove_user(message.user_id, team, security)
         else:
             identity = await self._prove_key(message, team, job_id)
-        if check_reply_to and not self.may_reply(team, message.reply_to):
+        if check_reply_to and not self.may_reply(team, message):
             raise Unauthorized(f"reply_to {message.reply_to!r} is not a reply queue of {team!r}")
         return Proof(identity, security)
+
+    def _replay_of(self, message: AbstractIncomingMessage) -> str | None:
+        """The first publisher an operator's replay names; None for any other job."""
+        if not self.is_operator(message):
+            return None
+        return header_text((message.headers or {}).get(HEADER_REPLAY_OF))
+
+    def _published_by_frontdoor(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the front door itself published the job (not an operator's replay, which
+        a front-door user that is also an operator may publish)."""
+        return message.user_id in self._frontdoor and self._replay_of(message) is None
+
+    def _from_frontdoor(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the front door published the job, or first published the one an operator
+        replays."""
+        return self._published_by_frontdoor(message) or self._replay_of(message) in self._frontdoor
 
     def _prove_user(self, user: str | None, team: str, security: TeamSecurity) -> str:
         if not user:
@@ -159,7 +195,9 @@ class Identities:
         first = header_text((message.headers or {}).get(HEADER_REPLAY_OF))
         if first is None:
             return operator  # the operator's own job (e.g. `queuegate submit`)
-        if first in self._operators:
+        if first in self._frontdoor and _has_proof(message):
+            proven = f"frontdoor:{first}/{await self._prove_key(message, team, job_id)}"
+        elif first in self._operators:
             proven = f"operator:{first}"
         elif security.identity == "broker":
             proven = self._prove_user(first, team, security)
@@ -167,16 +205,21 @@ class Identities:
             proven = await self._prove_key(message, team, job_id)
         return f"{operator}(replay of {proven})"
 
-    def may_reply(self, team: str, reply_to: str | None) -> bool:
-        """Whether ``reply_to`` is one of the team's reply queues (or absent)."""
+    def may_reply(self, team: str, message: AbstractIncomingMessage) -> bool:
+        """Whether the job's ``reply_to`` is one of the team's reply queues (or absent), or a
+        front-door reply queue for a job of the front door."""
+        reply_to = message.reply_to
         if reply_to is None:
             return True
+        if self._frontdoor_replies.fullmatch(reply_to):
+            return self._from_frontdoor(message)
         pattern = self._patterns.get(team)
         if pattern is None:
             pattern = self._patterns[team] = re.compile(reply_queue_pattern(self._namespace, team))
         return bool(pattern.fullmatch(reply_to))
 
     async def _prove_key(self, message: AbstractIncomingMessage, team: str, job_id: str) -> str:
+        """``api_key:<key id>`` when the job carries a proof of a live key of ``team``."""
         headers = message.headers or {}
         key_id = header_text(headers.get(KEY_ID_HEADER))
         proof = header_text(headers.get(PROOF_HEADER))
@@ -257,3 +300,8 @@ class Identities:
                 continue
             self._outage.recovered()
             return answer
+
+
+def _has_proof(message: AbstractIncomingMessage) -> bool:
+    headers = message.headers or {}
+    return KEY_ID_HEADER in headers or PROOF_HEADER in headers

@@ -154,6 +154,7 @@ class Worker:
                 ttl=s.security_cache_ttl,
                 wait=s.job_time_limit,
                 operators=s.operators,
+                frontdoor=s.frontdoor,
             )
             self._processor = JobProcessor(
                 router=self._router,

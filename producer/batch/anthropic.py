@@ -11,17 +11,8 @@ import hashlib
 from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
+from queuegate.api_errors import anthropic_error
 from queuegate.provider_formats import anthropic_message, openai_request
-
-_ERROR_TYPES = {
-    "invalid_request": "invalid_request_error",
-    "unknown_model": "invalid_request_error",
-    "unauthorized": "permission_error",
-    "budget_exhausted": "billing_error",
-    "rate_limited": "rate_limit_error",
-    "queue_full": "overloaded_error",
-}
-"""Our error codes as Anthropic error types; the rest (provider failures) are ``api_error``."""
 
 
 def parse(entry: dict[str, Any]) -> Request:
@@ -47,9 +38,8 @@ def line(answer: Answer) -> dict[str, Any]:
         out = {"type": "succeeded", "message": message}
     else:
         assert result is not None and result.error is not None
-        kind = _ERROR_TYPES.get(result.error.code, "api_error")
-        error = {"type": kind, "message": f"{result.error.code}: {result.error.message}"}
-        out = {"type": "errored", "error": {"type": "error", "error": error}}
+        error = anthropic_error(result.error.code, result.error.message)
+        out = {"type": "errored", "error": error}
     return {"custom_id": answer.custom_id, "result": out}
 
 

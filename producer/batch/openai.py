@@ -13,21 +13,10 @@ import hashlib
 from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
+from queuegate.api_errors import openai_error
 from queuegate.messages import HTTP_STATUS
 
 URL = "/v1/chat/completions"
-_ERROR_TYPES = {
-    "invalid_request": "invalid_request_error",
-    "unknown_model": "invalid_request_error",
-    # A request that reuses a job id with other content: the client's mistake, as a 422.
-    "idempotency_conflict": "invalid_request_error",
-    # OpenAI answers a bad key 401 with this type too.
-    "unauthorized": "invalid_request_error",
-    "budget_exhausted": "insufficient_quota",
-    "rate_limited": "requests",
-}
-"""Our error codes as OpenAI error types; the rest (timeouts, provider failures, a full
-queue) are ``server_error``. The ``code`` stays ours, which says more."""
 _OWNED = frozenset({"model", "messages", "stream", "stream_options"})
 _BATCH_ERRORS: dict[Category, tuple[str, str]] = {
     "expired": ("batch_expired", "This request could not be executed before the deadline."),
@@ -70,9 +59,7 @@ def line(answer: Answer) -> dict[str, Any]:
     else:
         assert result is not None and result.error is not None
         error = result.error
-        kind = _ERROR_TYPES.get(error.code, "server_error")
-        body = {"error": {"message": error.message, "type": kind, "param": None}}
-        body["error"]["code"] = error.code
+        body = openai_error(error.code, error.message)
         status = HTTP_STATUS.get(error.code, 500)
         out.update(response={"status_code": status, "request_id": f"req_{digest}", "body": body})
         out["error"] = None

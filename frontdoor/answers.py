@@ -1,0 +1,56 @@
+"""How the gateway served a request, told to the caller: headers on every answer, and a
+``_gateway`` block in the body of the gateway's own routes (``/v1/chat``, ``/v1/jobs``).
+
+    headers = gateway_headers(job_id, result, started)   # x-request-id, latency, cost, model
+    body = {**result.response, "_gateway": gateway_block(job_id, result, started)}
+
+``started`` is ``time.perf_counter()`` when the request arrived: ``latency_ms`` is the
+caller's whole wait as the front door saw it; the block also has the queue and provider
+times the worker measured.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from queuegate.messages import ChatResult
+
+
+def elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def gateway_headers(job_id: str, result: ChatResult | None, started: float) -> dict[str, str]:
+    headers = {
+        "x-request-id": job_id,
+        "x-queuegate-job-id": job_id,
+        "x-queuegate-latency-ms": f"{elapsed_ms(started):.3f}",
+    }
+    if result is not None:
+        g = result.gateway
+        headers["x-queuegate-cost-usd"] = str(g.cost_usd)
+        headers["x-queuegate-model-used"] = g.model_used or ""
+        headers["x-queuegate-fallback"] = "true" if g.fallback_used else "false"
+        headers["x-queuegate-cached"] = "true" if g.cached else "false"
+    return headers
+
+
+def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dict[str, Any]:
+    g = result.gateway
+    return {
+        "request_id": job_id,
+        "latency_ms": elapsed_ms(started) if started is not None else g.latency_ms,
+        "queued_ms": g.queued_ms,
+        "provider_ms": g.latency_ms,
+        "cost_usd": str(g.cost_usd),
+        "model_requested": g.model_requested,
+        "model_used": g.model_used,
+        "provider": g.provider,
+        "fallback": g.fallback_used,
+        "cached": g.cached,
+        "attempts": len(g.attempts),
+    }
+
+
+__all__ = ["elapsed_ms", "gateway_block", "gateway_headers"]

@@ -1,0 +1,181 @@
+"""A streamed job's StreamChunks as the Messages API's server-sent events.
+
+The worker relays canonical deltas (OpenAI ``chat.completion.chunk`` deltas: ``content``,
+``reasoning_content``, ``tool_calls`` pieces), whichever provider serves the model. They
+become Anthropic's documented event flow::
+
+    message_start, ping,
+    (content_block_start, content_block_delta..., content_block_stop) per block,
+    message_delta (stop_reason, cumulative usage), message_stop
+
+with ``text_delta``, ``thinking_delta`` and ``input_json_delta`` deltas, or an ``error``
+event (and nothing after it) when the job fails after the stream has begun. The usage and
+stop reason are known only from the final result: ``message_start`` carries zero counts and
+``message_delta`` the real ones (its counts are cumulative: Anthropic's SDK takes them as
+the totals). ``message_start`` names the model alias asked for: which model answers is
+known only at the end (the ``x-queuegate-model-used`` header of a non-streamed answer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+
+from queuegate.api_errors import anthropic_error
+from queuegate.messages import ChatResult, StreamChunk
+from queuegate.provider_formats import anthropic_message, as_int
+
+Event = dict[str, Any]
+BlockKind = Literal["text", "thinking", "tool_use"]
+
+
+def encode(events: list[Event]) -> bytes:
+    """Events as SSE: each one's type as the event name, the event itself as the data."""
+    return b"".join(
+        b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n"
+        for e in events
+    )
+
+
+class MessageEvents:
+    """The events of one streamed Messages API answer (a ``frontdoor.sse.StreamWriter``)::
+
+    writer = MessageEvents(f"msg_{job.job_id}", job.model)
+    async for data in sse_events(stream, first, writer): ...
+    """
+
+    def __init__(self, message_id: str, model: str) -> None:
+        self._id = message_id
+        self._model = model
+        self._started = False
+        self._blocks = 0
+        """Blocks started so far: the next block's index."""
+        self._open: tuple[int, BlockKind] | None = None
+        self._calls: dict[int, int] = {}
+        """The block index of each tool call, by its position (OpenAI's ``index``)."""
+
+    def delta(self, chunk: StreamChunk) -> bytes:
+        return encode(self._opening() + self.delta_events(chunk.delta))
+
+    def end(self, result: ChatResult) -> bytes:
+        return encode(self._opening() + self.end_events(result))
+
+    def error(self, code: str, message: str) -> bytes:
+        return encode([*self._opening(), anthropic_error(code, message)])
+
+    def _opening(self) -> list[Event]:
+        if self._started:
+            return []
+        self._started = True
+        message: Event = {
+            "id": self._id,
+            "type": "message",
+            "role": "assistant",
+            "model": self._model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
+        return [{"type": "message_start", "message": message}, {"type": "ping"}]
+
+    def delta_events(self, delta: dict[str, Any]) -> list[Event]:
+        """The events of one canonical delta (often one ``content_block_delta``)."""
+        events: list[Event] = []
+        thinking = delta.get("reasoning_content")
+        if isinstance(thinking, str) and thinking:
+            index = self._into("thinking", events)
+            events.append(_delta(index, {"type": "thinking_delta", "thinking": thinking}))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            index = self._into("text", events)
+            events.append(_delta(index, {"type": "text_delta", "text": text}))
+        for position, call in enumerate(delta.get("tool_calls") or []):
+            if isinstance(call, dict):
+                events.extend(self._tool_call(position, call))
+        return events
+
+    def end_events(self, result: ChatResult) -> list[Event]:
+        """For an answer, ``message_delta`` and ``message_stop`` (its content first, when
+        nothing was streamed: a stored outcome); for an error, the ``error`` event."""
+        if result.status != "ok" or result.response is None:
+            assert result.error is not None
+            return [anthropic_error(result.error.code, result.error.message)]
+        message = anthropic_message(result.response)
+        events: list[Event] = []
+        if self._blocks == 0:
+            for block in message["content"]:
+                events.extend(self._whole(block))
+        events.extend(self._close())
+        stop = {"stop_reason": message["stop_reason"], "stop_sequence": None}
+        events.append({"type": "message_delta", "delta": stop, "usage": message["usage"]})
+        events.append({"type": "message_stop"})
+        return events
+
+    def _into(self, kind: BlockKind, events: list[Event]) -> int:
+        """The index of the open block of ``kind``, starting one (and closing the open one of
+        another kind) when needed."""
+        if self._open is not None and self._open[1] == kind:
+            return self._open[0]
+        start: Event = {"type": kind, kind: ""}
+        if kind == "thinking":
+            start["signature"] = ""  # the SDK's ThinkingBlock requires one
+        return self._start(start, events)
+
+    def _start(self, block: Event, events: list[Event]) -> int:
+        events.extend(self._close())
+        index = self._blocks
+        self._blocks += 1
+        self._open = (index, block["type"])
+        events.append({"type": "content_block_start", "index": index, "content_block": block})
+        return index
+
+    def _close(self) -> list[Event]:
+        if self._open is None:
+            return []
+        index, self._open = self._open[0], None
+        return [{"type": "content_block_stop", "index": index}]
+
+    def _tool_call(self, position: int, call: dict[str, Any]) -> list[Event]:
+        # A cache hit is replayed as whole tool calls without ``index``: their position.
+        number = as_int(call.get("index")) if "index" in call else position
+        function = call.get("function") or {}
+        events: list[Event] = []
+        index = self._calls.get(number)
+        if index is None:
+            block: Event = {
+                "type": "tool_use",
+                "id": call.get("id") or "",
+                "name": function.get("name") or "",
+                "input": {},
+            }
+            index = self._calls[number] = self._start(block, events)
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            # A piece of an earlier call after a later one began (no provider is known to do
+            # this) still goes to its own block: Anthropic's SDK accumulates by index.
+            events.append(_delta(index, {"type": "input_json_delta", "partial_json": arguments}))
+        return events
+
+    def _whole(self, block: Event) -> list[Event]:
+        """A block of the final message, sent in one delta."""
+        events: list[Event] = []
+        kind = block["type"]
+        if kind == "tool_use":
+            index = self._start(block | {"input": {}}, events)
+            piece = orjson.dumps(block["input"]).decode()
+            events.append(_delta(index, {"type": "input_json_delta", "partial_json": piece}))
+        else:
+            index = self._into(kind, events)
+            events.append(_delta(index, {"type": f"{kind}_delta", kind: block[kind]}))
+        return events
+
+
+def _delta(index: int, delta: Event) -> Event:
+    return {"type": "content_block_delta", "index": index, "delta": delta}

@@ -1,0 +1,89 @@
+"""The ASGI app of the HTTP front door: ``create_app(settings)``, served by uvicorn.
+
+Its lifespan opens this process's ``FrontDoor`` (broker bridge, API keys, outcomes,
+catalog) and closes it on shutdown. Every route family is an ``APIRouter`` in
+``frontdoor/routes/``, mounted here; errors are answered in the shape of the API called
+(``frontdoor.errors``); each answer is counted in ``/metrics`` by route template and status.
+OpenAPI docs are at ``/docs``.
+
+To add an API family: write ``frontdoor/routes/<family>.py`` with its ``router``, include it
+in ``ROUTERS``, and register its error shape (``app.state.error_shapes.register(prefix,
+shape)``) when it is not OpenAI's. Routes take ``Depends(require_caller)`` (the proven team)
+and ``Depends(frontdoor)`` (the process's services), build a ``ChatJob``, and run it with
+``frontdoor.calls`` (``run_job``, ``open_stream``, ``publish_job``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from frontdoor.errors import install_error_handlers
+from frontdoor.routes import anthropic, health, jobs, openai
+from frontdoor.service import FrontDoor
+from queuegate.api_errors import anthropic_error
+from queuegate.metrics import observe_http
+from queuegate.settings import Settings
+from router import Catalog, load_catalog
+
+ROUTERS = (openai.router, anthropic.router, jobs.router, health.router)
+
+
+def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI:
+    """The app of one front-door process; ``catalog`` defaults to ``settings.catalog``."""
+    served = catalog if catalog is not None else load_catalog(settings.catalog, os.environ)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with FrontDoor(settings, served) as door:
+            app.state.frontdoor = door
+            yield
+
+    app = FastAPI(
+        title="queuegate",
+        summary=(
+            "The HTTP front door of a queue-based LLM gateway: OpenAI's and Anthropic's APIs "
+            "over team queues."
+        ),
+        version="1",
+        lifespan=lifespan,
+    )
+    shapes = install_error_handlers(app)
+    shapes.register(anthropic.PREFIX, anthropic_error)
+    for router in ROUTERS:
+        app.include_router(router)
+
+    app.add_middleware(RequestMetrics)
+    return app
+
+
+class RequestMetrics:
+    """Counts each answer by route template and status when its first byte leaves (a plain
+    ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would buffer every request through an
+    extra task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # The router has put the matched route in the scope by now.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                observe_http(route, message["status"], time.perf_counter() - started)
+            await send(message)
+
+        await self._app(scope, receive, counted)
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,197 @@
+"""The front door's way onto the broker: publish a team's job, await or stream its answer.
+
+One per process, opened with the app (``FrontDoor``): one robust connection, one publishing
+channel with confirms, and ONE reply queue, ``<ns>.frontdoor.<id>``, declared here with an
+expiry (a dead process's queue goes away) and a length bound, consumed once. Replies are
+matched to waiters by job id (``producer.replies.Inbox``, as ``GatewayClient`` does)::
+
+    await bridge.submit(job, caller)                  # returns once the broker confirms it
+    result = await bridge.wait(job.job_id, timeout)   # ChatResult; TimeoutError past timeout
+
+    stream = bridge.stream(job, caller, timeout)      # publishes when iterated
+    async for chunk in stream: ...                    # StreamChunks, then stream.result
+
+    await bridge.publish(job, caller)                 # fire and forget (async jobs)
+
+Each job is signed with the caller's key exactly as ``GatewayClient(api_key=...)`` signs it
+(``queuegate.signing``) and published under the front door's own broker user; the worker
+proves the key and records ``frontdoor:<user>/api_key:<key id>`` (workers/identity.py).
+Several requests may wait for one job id (a retry under the same Idempotency-Key): each
+gets the result, and the job is forgotten when the last of them stops waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import Counter
+from types import TracebackType
+from typing import Self
+
+import aiormq
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+
+from frontdoor.auth import Caller
+from producer.client import job_message, publish_error
+from producer.replies import Inbox
+from producer.streams import ChatStream
+from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, publish, when_connected
+from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.messages import ChatJob, ChatResult
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+
+log = logging.getLogger(__name__)
+
+REPLY_PREFETCH = 1000
+
+
+class Bridge:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._topology = Topology(settings.namespace, settings.delivery_limit)
+        self._process_id = uuid.uuid4().hex
+        self.reply_queue = self._topology.frontdoor_queue(self._process_id)
+        self._user_id = settings.amqp_user
+        self._inbox = Inbox(keep_unexpected=False)
+        self._waiting: Counter[str] = Counter()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._consumer: Consumer | None = None
+        self._reopening: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._user_id not in self._settings.frontdoor:
+            raise ConfigError(
+                f"the front door publishes as broker user {self._user_id!r}, which "
+                "QUEUEGATE_FRONTDOOR_USERS does not name: workers would refuse its jobs; add it"
+            )
+        self._connection = await connect(self._settings.amqp_url, name="frontdoor")
+        try:
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._channel = channel
+            # Declared, not looked up: the front door may start before any worker or team.
+            self._exchange = await self._topology.declare_jobs_exchange(channel)
+            await self._declare(channel)
+            channel.reopen_callbacks.add(self._on_reopen)
+        except BaseException:
+            await self._connection.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._connection is None:
+            return
+        if self._reopening is not None:
+            self._reopening.cancel()
+        if self._channel is not None:
+            # Should this fail (the broker is away), the queue expires by itself.
+            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, TimeoutError):
+                async with asyncio.timeout(5):
+                    if self._consumer is not None:
+                        await self._consumer.cancel()
+                    await self._channel.queue_delete(self.reply_queue)
+        await self._connection.close()
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def _declare(self, channel: AbstractRobustChannel) -> None:
+        await self._topology.declare_frontdoor_queue(
+            channel,
+            self._process_id,
+            expires_s=self._settings.reply_queue_expires,
+            max_length=self._settings.reply_queue_max_length,
+        )
+        await channel.set_qos(prefetch_count=REPLY_PREFETCH)
+        self._consumer = await consume(channel, self.reply_queue, self._inbox.handle)
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # Not awaited here: the channel's restore waits for its reopen callbacks.
+        if channel is not None:
+            self._reopening = asyncio.create_task(self._redeclare(channel))
+
+    async def _redeclare(self, channel: AbstractRobustChannel) -> None:
+        try:
+            await self._declare(channel)
+        except (ServiceUnavailable, aiormq.exceptions.AMQPError, *CONNECTION_LOST) as exc:
+            # The next reconnect tries again; waiting requests time out meanwhile.
+            log.warning("could not consume %s again: %s", self.reply_queue, exc)
+
+    async def publish(self, job: ChatJob, caller: Caller) -> None:
+        """Publish the team's job, signed with its key; return once the broker confirms it.
+
+        Raises QueueFull (the team's queue is at its quota), PublishRefused (no queue for the
+        team) or ServiceUnavailable (the broker is away longer than ``reconnect_wait``)."""
+        if self._channel is None or self._exchange is None:
+            raise RuntimeError("use the bridge inside `async with`")
+        message = job_message(
+            job, reply_to=self.reply_queue, user_id=self._user_id, api_key=caller.api_key
+        )
+        channel, exchange = self._channel, self._exchange.name
+        try:
+            await when_connected(
+                channel,
+                lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
+                within=self._settings.reconnect_wait,
+                what=f"publishing job {job.job_id}",
+            )
+        except aiormq.exceptions.DeliveryError as exc:
+            raise publish_error(job, exc) from exc
+
+    async def submit(self, job: ChatJob, caller: Caller) -> None:
+        """Publish the job and expect its result (take it with ``wait``)."""
+        self._expect(job.job_id)
+        try:
+            await self.publish(job, caller)
+        except BaseException:
+            self._done(job.job_id)
+            raise
+
+    async def wait(self, job_id: str, timeout: float) -> ChatResult:
+        """The result of a submitted job; TimeoutError when none came within ``timeout``."""
+        try:
+            return await self._inbox.wait(job_id, timeout)
+        finally:
+            self._done(job_id)
+
+    def stream(self, job: ChatJob, caller: Caller, timeout: float | None) -> ChatStream:
+        """The job's chunks then its result (``producer.streams.ChatStream``), published when
+        iterated; ``close_stream`` once done with it, however it ended."""
+        stream = ChatStream(job.job_id, lambda: self._open_stream(stream, job, caller), timeout)
+        return stream
+
+    async def _open_stream(self, stream: ChatStream, job: ChatJob, caller: Caller) -> None:
+        self._inbox.open(stream)
+        await self.submit(job, caller)
+
+    def close_stream(self, job_id: str) -> None:
+        if self._waiting[job_id] > 0:
+            self._done(job_id)
+
+    def _expect(self, job_id: str) -> None:
+        self._waiting[job_id] += 1
+        self._inbox.expect(job_id)
+
+    def _done(self, job_id: str) -> None:
+        self._waiting[job_id] -= 1
+        if self._waiting[job_id] <= 0:
+            del self._waiting[job_id]
+            self._inbox.forget(job_id)
+
+
+__all__ = ["Bridge"]

@@ -1,0 +1,137 @@
+"""One chat job through the broker for a route: published, awaited, answered or streamed.
+
+The steps every route that runs a chat job shares, whatever API it speaks::
+
+    job = ...                                     # built from the request (ApiError if bad)
+    result = await run_job(door, caller, job, options)   # ChatResult, or ApiError
+    opened = await open_stream(door, caller, job, options)   # Opened(stream, first chunk)
+    return streamed(door, job, opened, writer, started)     # in the API's events (sse.py)
+
+- With an Idempotency-Key, an outcome already stored for the job answers it without
+  publishing; a different request under the key is ``idempotency_conflict``.
+- ``run_job`` raises ApiError for a result in error, ``deadline_exceeded`` (504) when
+  the caller's timeout passes first: the job may still finish, and ``GET /v1/jobs/<id>``
+  reads its outcome then.
+- ``open_stream`` waits for the first chunk before the route answers, so an error before
+  any output (a refused key, an exhausted budget) is a plain error status, not a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi.responses import StreamingResponse
+
+from frontdoor.answers import gateway_headers
+from frontdoor.auth import Caller
+from frontdoor.chat_request import RequestOptions
+from frontdoor.errors import ApiError, error_of_result
+from frontdoor.service import FrontDoor
+from frontdoor.sse import StreamWriter, sse_events
+from producer.streams import ChatStream
+from queuegate.errors import ResultTimeout
+from queuegate.messages import ChatJob, ChatResult, StreamChunk
+
+
+async def run_job(
+    door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
+) -> ChatResult:
+    """The job's result, ``ok``; ApiError for any other ending."""
+    if options.idempotency_key is not None:
+        stored = await door.outcomes.answered(job)
+        if stored is not None:
+            return _ok(stored)
+    await asyncio.gather(
+        door.outcomes.accept(caller.team, job.job_id), door.bridge.submit(job, caller)
+    )
+    try:
+        result = await door.bridge.wait(job.job_id, options.timeout)
+    except TimeoutError:
+        raise _late(job, options.timeout) from None
+    return _ok(result)
+
+
+async def publish_job(door: FrontDoor, caller: Caller, job: ChatJob) -> None:
+    """Publish the job for a caller who reads its answer later (``GET /v1/jobs/<id>``)."""
+    await door.outcomes.accept(caller.team, job.job_id)
+    await door.bridge.publish(job, caller)
+
+
+@dataclass
+class Opened:
+    stream: ChatStream
+    first: StreamChunk | None
+    """The first chunk, already taken; None when the job ended without one."""
+
+
+async def open_stream(
+    door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
+) -> Opened:
+    """The job's stream, its first chunk taken; ApiError when it ended in an error first.
+
+    The caller must ``door.bridge.close_stream(job.job_id)`` once done with it."""
+    if options.idempotency_key is not None:
+        stored = await door.outcomes.answered(job)
+        if stored is not None:
+            stream = ChatStream(job.job_id, _nothing, None)
+            stream.result = _ok(stored)
+            return Opened(stream, None)
+    await door.outcomes.accept(caller.team, job.job_id)
+    stream = door.bridge.stream(job, caller, options.timeout)
+    try:
+        first = await anext(stream, None)
+    except ResultTimeout:
+        door.bridge.close_stream(job.job_id)
+        raise _late(job, options.timeout) from None
+    except BaseException:
+        door.bridge.close_stream(job.job_id)
+        raise
+    if first is None:
+        assert stream.result is not None
+        if stream.result.status != "ok":
+            door.bridge.close_stream(job.job_id)
+            raise error_of_result(stream.result)
+    return Opened(stream, first)
+
+
+def streamed(
+    door: FrontDoor, job: ChatJob, opened: Opened, writer: StreamWriter, started: float
+) -> StreamingResponse:
+    """The answer to a streamed request: the job's events in ``writer``'s API, as they come;
+    the stream is closed however the answer ends (the caller may hang up)."""
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for data in sse_events(opened.stream, opened.first, writer):
+                yield data
+        finally:
+            door.bridge.close_stream(job.job_id)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={**gateway_headers(job.job_id, None, started), "cache-control": "no-cache"},
+    )
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _ok(result: ChatResult) -> ChatResult:
+    if result.status != "ok" or result.response is None:
+        raise error_of_result(result)
+    return result
+
+
+def _late(job: ChatJob, timeout: float) -> ApiError:
+    return ApiError(
+        "deadline_exceeded",
+        f"no answer within {timeout:g} s; job {job.job_id} may still finish: "
+        f"GET /v1/jobs/{job.job_id}",
+    )
+
+
+__all__ = ["Opened", "open_stream", "publish_job", "run_job", "streamed"]

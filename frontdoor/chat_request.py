@@ -1,0 +1,164 @@
+"""An OpenAI chat request as a team's ChatJob, checked before anything is published.
+
+What a route needs of a request besides its body comes from headers, read here once::
+
+    options = RequestOptions.of(request)           # timeout, Idempotency-Key, Prefer
+    job = chat_job(body, caller.team, options, limits)   # ApiError 400/404 when invalid
+    stream, usage = wants_stream(body)
+
+- The job id is a fresh one, or derived from ``Idempotency-Key`` (team-scoped: the workers
+  key every claim and outcome by team), so a retry is the same job and never a second call.
+- The job's deadline follows the caller's wait: ``x-queuegate-timeout`` (seconds), else the
+  timeout the OpenAI SDK announces (``x-stainless-read-timeout``), else ``DEFAULT_WAIT``;
+  a job nobody waits for any more expires in its queue instead of being served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from frontdoor.errors import ApiError
+from queuegate.messages import ChatJob
+
+DEFAULT_WAIT = 600.0
+"""Seconds a request waits for its answer when the caller names no timeout (the OpenAI
+SDK's own default)."""
+MAX_WAIT = 3600.0
+MAX_OUTPUT_TOKENS = 1_000_000
+"""More output tokens than any model writes: a larger ``max_tokens`` is a mistake, refused
+before it is priced against the team's budget."""
+MAX_IDEMPOTENCY_KEY = 255
+OWNED = frozenset({"model", "messages", "stream", "stream_options"})
+"""Body fields the job carries itself; every other one is a parameter for the provider."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    models: Collection[str]
+    max_messages: int
+    max_job_bytes: int
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    timeout: float
+    """Seconds the caller waits for the answer; the job's deadline."""
+    timeout_named: bool
+    """Whether the caller said so (an async job without it has no deadline)."""
+    idempotency_key: str | None
+    respond_async: bool
+
+    @classmethod
+    def of(cls, request: Request) -> RequestOptions:
+        headers = request.headers
+        named = headers.get("x-queuegate-timeout") or headers.get("x-stainless-read-timeout")
+        timeout = DEFAULT_WAIT if named is None else _seconds(named)
+        key = headers.get("idempotency-key")
+        if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable()):
+            raise ApiError(
+                "invalid_request",
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+            )
+        prefer = {p.strip().lower() for p in headers.get("prefer", "").split(",")}
+        return cls(
+            timeout=timeout,
+            timeout_named=named is not None,
+            idempotency_key=key,
+            respond_async="respond-async" in prefer,
+        )
+
+    def job_id(self) -> str:
+        if self.idempotency_key is None:
+            return uuid.uuid4().hex
+        return "idem-" + hashlib.sha256(self.idempotency_key.encode()).hexdigest()[:40]
+
+    def deadline(self) -> datetime | None:
+        if self.respond_async and not self.timeout_named:
+            return None
+        return datetime.now(UTC) + timedelta(seconds=self.timeout)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= MAX_WAIT):
+        raise ApiError(
+            "invalid_request",
+            f"x-queuegate-timeout must be a number of seconds above 0 and at most {MAX_WAIT:g}",
+        )
+    return value
+
+
+def wants_stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the answer is streamed, and whether its last chunk carries the usage."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError("invalid_request", "stream must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError("invalid_request", "stream_options must be an object")
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise ApiError("invalid_request", "stream_options.include_usage must be true or false")
+    return stream, usage
+
+
+def chat_job(
+    body: dict[str, Any], team: str, options: RequestOptions, limits: Limits, *, stream: bool
+) -> ChatJob:
+    """The job of an OpenAI chat request; ApiError saying what is wrong when it is invalid."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("invalid_request", "model must be a non-empty string: GET /v1/models")
+    if model not in limits.models:
+        raise ApiError(
+            "unknown_model", f"model {model!r} is not served here: GET /v1/models lists them"
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("invalid_request", "messages must be a non-empty array")
+    if len(messages) > limits.max_messages:
+        raise ApiError(
+            "invalid_request",
+            f"{len(messages)} messages; at most {limits.max_messages} are served at once",
+        )
+    params = {k: v for k, v in body.items() if k not in OWNED}
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = params.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT_TOKENS:
+            raise ApiError("invalid_request", f"{name} is above {MAX_OUTPUT_TOKENS}")
+    try:
+        job = ChatJob(
+            job_id=options.job_id(),
+            team=team,
+            model=model,
+            messages=messages,
+            params=params,
+            deadline=options.deadline(),
+            stream=stream,
+        )
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "request"
+        raise ApiError("invalid_request", f"{where}: {first['msg']}") from None
+    if len(job.model_dump_json(exclude_defaults=True)) > limits.max_job_bytes:
+        raise ApiError(
+            "request_too_large", f"the request is larger than {limits.max_job_bytes} bytes"
+        )
+    return job
+
+
+__all__ = ["Limits", "RequestOptions", "chat_job", "wants_stream"]

@@ -1,0 +1,156 @@
+"""Every error the front door answers, in the shape of the API that was called.
+
+Routes raise ``ApiError(code, message)``; ``code`` is a wire error code
+(``queuegate.messages.ErrorCode``) or one of the HTTP-level codes below, and its status
+comes from the one table every API shares (``queuegate.messages.HTTP_STATUS``). The shape
+is chosen by the request's path: OpenAI's unless a route family registered its own::
+
+    raise ApiError("unknown_model", f"model {name!r} is not served: GET /v1/models lists them")
+    raise error_of_result(result)            # a job that ended in an error
+    app.state.error_shapes.register("/v1/messages", anthropic_error)   # another API's shape
+
+A 429 carries ``Retry-After``; a 409 and the codes that a retry cannot change carry
+``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey (they retry 409 by
+default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from queuegate.api_errors import openai_error
+from queuegate.errors import (
+    ClientError,
+    GatewayError,
+    JobError,
+    PublishRefused,
+    QueueFull,
+    ServiceUnavailable,
+)
+from queuegate.messages import HTTP_STATUS, ChatResult
+
+HTTP_ONLY: dict[str, int] = {
+    "request_too_large": 413,
+    "request_timeout": 408,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "service_unavailable": 503,
+}
+"""Codes of the HTTP layer, which no job is ever answered with."""
+
+NO_RETRY = frozenset(
+    {"canceled", "already_answered", "request_too_large", "request_timeout", "unauthorized"}
+)
+"""Codes a retry of the same request cannot change: the SDKs are told not to retry them."""
+
+ErrorShape = Callable[[str, str], dict[str, Any]]
+"""``shape(code, message)``: an API's error body."""
+
+
+class ApiError(Exception):
+    """An error answer: ``code``, a message saying what to do, and its HTTP status."""
+
+    def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = HTTP_STATUS.get(code) or HTTP_ONLY.get(code, 500)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if self.status in {429, 503}:
+            headers["retry-after"] = str(max(1, math.ceil(self.retry_after_s or 1)))
+        if self.code in NO_RETRY or self.status == 409:
+            headers["x-should-retry"] = "false"
+        return headers
+
+
+def error_of_result(result: ChatResult) -> ApiError:
+    """The answer to a job that ended in an error."""
+    assert result.error is not None
+    error = result.error
+    retry_after = error.retry_after_ms / 1000 if error.retry_after_ms else None
+    return ApiError(error.code, error.message, retry_after_s=retry_after)
+
+
+def error_of(exc: GatewayError) -> ApiError:
+    """The answer to one of our errors raised on the way to the broker."""
+    if isinstance(exc, JobError):
+        return ApiError(exc.code, exc.message, retry_after_s=_seconds(exc.retry_after_ms))
+    if isinstance(exc, QueueFull):
+        return ApiError("queue_full", str(exc))
+    if isinstance(exc, ServiceUnavailable | PublishRefused | ClientError):
+        return ApiError("service_unavailable", str(exc))
+    return ApiError("service_unavailable", f"the gateway failed: {exc}")
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
+
+
+class ErrorShapes:
+    """Which error shape answers a path: the longest registered prefix, else OpenAI's."""
+
+    def __init__(self, default: ErrorShape = openai_error) -> None:
+        self._default = default
+        self._shapes: dict[str, ErrorShape] = {}
+
+    def register(self, prefix: str, shape: ErrorShape) -> None:
+        self._shapes[prefix] = shape
+
+    def for_path(self, path: str) -> ErrorShape:
+        matches = [prefix for prefix in self._shapes if path.startswith(prefix)]
+        return self._shapes[max(matches, key=len)] if matches else self._default
+
+    def response(self, path: str, error: ApiError) -> JSONResponse:
+        body = self.for_path(path)(error.code, error.message)
+        return JSONResponse(body, status_code=error.status, headers=error.headers())
+
+
+def install_error_handlers(app: FastAPI) -> ErrorShapes:
+    """Answer every error of ``app`` in its API's shape, FastAPI's and Starlette's too."""
+    shapes = ErrorShapes()
+    app.state.error_shapes = shapes
+
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return shapes.response(request.url.path, exc)
+
+    async def gateway_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, GatewayError)
+        return shapes.response(request.url.path, error_of(exc))
+
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problem = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in problem["loc"]) or "request"
+        error = ApiError("invalid_request", f"{where}: {problem['msg']}")
+        return shapes.response(request.url.path, error)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            error = ApiError("method_not_allowed", f"{request.method} is not served here")
+        elif exc.status_code == 404:
+            error = ApiError("not_found", f"no route {request.url.path}: see /docs")
+        else:
+            error = ApiError("invalid_request", str(exc.detail))
+            error.status = exc.status_code
+        return shapes.response(request.url.path, error)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(GatewayError, gateway_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    return shapes
+
+
+__all__ = ["HTTP_ONLY", "ApiError", "ErrorShape", "ErrorShapes", "error_of", "error_of_result"]

@@ -1,0 +1,85 @@
+"""Finished jobs as the workers stored them in Redis, read by team and job id.
+
+Workers keep each job's outcome (``queuegate.keys.Keys.result``, per team) for
+``result_ttl``; the front door reads it for an async job (``GET /v1/jobs/<id>``), for a
+caller that came back after a disconnect, and for a retry under the same idempotency key.
+Keys carry the team, so a team reads only its own jobs, whatever id it names::
+
+    outcomes = Outcomes(redis, Keys(settings.redis_prefix), ttl=settings.result_ttl)
+    await outcomes.accept(team, job_id)          # before publishing: the id is known
+    state = await outcomes.look(team, job_id)    # Finished(result), "pending" or "unknown"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from queuegate.errors import IdempotencyConflict, ServiceUnavailable
+from queuegate.keys import Keys
+from queuegate.messages import ChatJob, ChatResult
+from workers.cache import digest
+from workers.claims import FINGERPRINT, stored_outcome
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: ChatResult
+
+
+Pending = Literal["pending", "unknown"]
+"""``pending``: the front door published the job and no outcome is stored yet."""
+
+
+class Outcomes:
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl: int) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl
+
+    async def accept(self, team: str, job_id: str) -> None:
+        """Remember that the job was published, as long as its outcome will be kept."""
+        try:
+            await self._client.set(self._keys.accepted(team, job_id), b"1", ex=self._ttl)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    async def look(self, team: str, job_id: str) -> Finished | Pending:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(self._keys.result(team, job_id))
+                pipe.exists(self._keys.accepted(team, job_id))
+                raw, accepted = await pipe.execute()
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        if raw is not None and (outcome := stored_outcome(raw)) is not None:
+            return Finished(outcome.result)
+        return "pending" if accepted else "unknown"
+
+    async def answered(self, job: ChatJob) -> ChatResult | None:
+        """The stored result of this very request, if it was answered; IdempotencyConflict
+        when its job id answered a different request."""
+        try:
+            found = await self._client.get(self._keys.result(job.team, job.job_id))
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        if found is None:
+            return None
+        raw = found if isinstance(found, bytes) else found.encode()
+        if raw[:1] != b"{" and raw[:FINGERPRINT].decode() != digest(job):
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used for a different request: use a new key for "
+                "a new request"
+            )
+        outcome = stored_outcome(raw)
+        return None if outcome is None else outcome.result
+
+
+def _unavailable(exc: RedisError) -> ServiceUnavailable:
+    return ServiceUnavailable(f"Redis is unreachable ({type(exc).__name__}); retry shortly")
+
+
+__all__ = ["Finished", "Outcomes", "Pending"]

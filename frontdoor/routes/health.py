@@ -1,0 +1,33 @@
+"""``/healthz`` (the process answers), ``/readyz`` (broker, Redis and PostgreSQL reachable
+from here) and ``/metrics`` (Prometheus: this process's requests by route and status, and
+their latency)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from frontdoor.service import FrontDoor, frontdoor
+
+router = APIRouter(tags=["Health"])
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Broker, Redis and PostgreSQL are reachable")
+async def readyz(door: Annotated[FrontDoor, Depends(frontdoor)]) -> JSONResponse:
+    checks = await door.readiness()
+    ready = all(checks.values())
+    body = {"status": "ok" if ready else "unavailable", **checks}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics of this process")
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,66 @@
+"""``GET /v1/jobs/{id}?wait=N``: the answer of a job the front door published, by id.
+
+For an async job (``Prefer: respond-async``), a caller that disconnected, or one whose wait
+ran out. Read from the outcomes the workers store (``frontdoor.outcomes``), by the caller's
+team: another team's id reads as unknown. ``wait`` long-polls up to N seconds.
+
+- 200: the job's ``chat.completion`` with its ``_gateway`` block;
+- an error status in the error shape: the job ended in that error;
+- 202 ``{"id", "object": "queuegate.job", "status": "queued"}``: not finished yet;
+- 404 ``not_found``: no such job of this team (or its outcome has expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
+
+from frontdoor.answers import gateway_block, gateway_headers
+from frontdoor.auth import Caller, require_caller
+from frontdoor.errors import ApiError, error_of_result
+from frontdoor.outcomes import Finished
+from frontdoor.service import FrontDoor, frontdoor
+
+router = APIRouter(tags=["Jobs"])
+
+MAX_WAIT = 60.0
+FIRST_POLL = 0.02
+LAST_POLL = 0.5
+"""Seconds between looks at the outcome store while long-polling: doubling from the first.
+(The answer may come to any front-door process's queue: the store is what all of them see.)"""
+
+
+@router.get("/v1/jobs/{job_id}", summary="The answer of a job, by id (long-poll with wait)")
+async def job(
+    job_id: str,
+    door: Annotated[FrontDoor, Depends(frontdoor)],
+    caller: Annotated[Caller, Depends(require_caller)],
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0.0,
+) -> JSONResponse:
+    started = time.perf_counter()
+    give_up = time.monotonic() + wait
+    pause = FIRST_POLL
+    while True:
+        state = await door.outcomes.look(caller.team, job_id)
+        if isinstance(state, Finished):
+            result = state.result
+            if result.status != "ok" or result.response is None:
+                raise error_of_result(result)
+            body = {**result.response, "_gateway": gateway_block(job_id, result, None)}
+            return JSONResponse(body, headers=gateway_headers(job_id, result, started))
+        if state == "unknown":
+            raise ApiError(
+                "not_found", f"no job {job_id} of team {caller.team} (or its answer expired)"
+            )
+        left = give_up - time.monotonic()
+        if left <= 0:
+            body = {"id": job_id, "object": "queuegate.job", "status": "queued"}
+            return JSONResponse(
+                body, status_code=202, headers=gateway_headers(job_id, None, started)
+            )
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LAST_POLL)

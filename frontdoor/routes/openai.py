@@ -1,0 +1,94 @@
+"""OpenAI's API: ``POST /v1/chat/completions``, ``GET /v1/models``, and ``POST /v1/chat``
+(the same request, answered with a ``_gateway`` block: request id, latency, cost, model
+used, fallback). Point the ``openai`` SDK's ``base_url`` at ``<front door>/v1``.
+
+``Prefer: respond-async`` answers 202 at once with the job id; ``GET /v1/jobs/<id>`` reads
+the answer (routes/jobs.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from frontdoor.answers import gateway_block, gateway_headers
+from frontdoor.auth import Caller, require_caller
+from frontdoor.body import read_json
+from frontdoor.calls import open_stream, publish_job, run_job, streamed
+from frontdoor.chat_request import RequestOptions, chat_job, wants_stream
+from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.sse import ChunkWriter
+from queuegate.messages import ChatJob
+
+router = APIRouter(tags=["OpenAI"])
+
+Door = Annotated[FrontDoor, Depends(frontdoor)]
+Calling = Annotated[Caller, Depends(require_caller)]
+
+
+@router.post("/v1/chat/completions", summary="Create a chat completion (OpenAI format)")
+async def chat_completions(request: Request, door: Door, caller: Calling) -> Response:
+    return await _chat(request, door, caller, gateway=False)
+
+
+@router.post("/v1/chat", summary="A chat completion with the gateway's _gateway block")
+async def chat(request: Request, door: Door, caller: Calling) -> Response:
+    return await _chat(request, door, caller, gateway=True)
+
+
+@router.get("/v1/models", summary="The model aliases this gateway serves (OpenAI list)")
+async def models(door: Door, caller: Calling) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": alias, "object": "model", "created": 0, "owned_by": "queuegate"}
+            for alias in sorted(door.catalog.models)
+        ],
+    }
+
+
+async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) -> Response:
+    started = time.perf_counter()
+    options = RequestOptions.of(request)
+    s = door.settings
+    body = await read_json(request, limit=s.max_job_bytes, timeout=s.http_body_timeout)
+    stream, include_usage = wants_stream(body)
+    job = chat_job(body, caller.team, options, door.limits, stream=stream)
+    if options.respond_async:
+        await publish_job(door, caller, job.model_copy(update={"stream": False}))
+        return accepted(job, started)
+    if stream:
+        return await _stream(
+            door, caller, job, options, include_usage=include_usage, started=started
+        )
+    result = await run_job(door, caller, job, options)
+    assert result.response is not None
+    answer = result.response
+    if gateway:
+        answer = {**answer, "_gateway": gateway_block(job.job_id, result, started)}
+    return JSONResponse(answer, headers=gateway_headers(job.job_id, result, started))
+
+
+def accepted(job: ChatJob, started: float) -> JSONResponse:
+    """202: the job is queued; its answer is read by id."""
+    location = f"/v1/jobs/{job.job_id}"
+    headers = {**gateway_headers(job.job_id, None, started), "location": location}
+    body = {"id": job.job_id, "object": "queuegate.job", "status": "queued", "url": location}
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
+async def _stream(
+    door: FrontDoor,
+    caller: Caller,
+    job: ChatJob,
+    options: RequestOptions,
+    *,
+    include_usage: bool,
+    started: float,
+) -> StreamingResponse:
+    opened = await open_stream(door, caller, job, options)
+    writer = ChunkWriter(job.job_id, job.model, include_usage=include_usage)
+    return streamed(door, job, opened, writer, started)

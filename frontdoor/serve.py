@@ -1,0 +1,118 @@
+"""``queuegate api``: the front door served by uvicorn, in one process or N supervised ones.
+
+    serve(settings, host="0.0.0.0", port=8080, processes=4, log_level="info")
+
+Each process binds the port with ``SO_REUSEPORT``, so the kernel spreads connections over
+them, and each holds its own broker connection and reply queue (``frontdoor.bridge``). With
+``processes`` > 1 a ``queuegate.supervisor.Supervisor`` runs them, restarts one that dies,
+and stops them all gracefully, as ``queuegate worker --processes`` does. On SIGTERM a
+process stops accepting, finishes its requests within ``shutdown_grace`` seconds, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import uvicorn
+
+from frontdoor.app import create_app
+from queuegate.errors import ConfigError
+from queuegate.runtime import run, stop_on_signals, tune_gc
+from queuegate.settings import Settings
+from queuegate.supervisor import Supervisor
+from router import Catalog
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 10.0
+
+
+def serve(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:
+    if processes > 1:
+        _supervise(settings, host=host, port=port, processes=processes, log_level=log_level)
+        return
+    app = create_app(settings)
+    tune_gc()
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
+    server = uvicorn.Server(config)
+    sock = bind(host, port)
+    log.info("front door on http://%s:%d (docs at /docs)", host, sock.getsockname()[1])
+    run(lambda: server.serve(sockets=[sock]))
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, catalog: Catalog, *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """The front door served in this event loop (a free port by default), for tests and the
+    demo; yields its root URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, catalog=catalog),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            log_level="warning",
+        )
+    )
+    sock = bind(host, port)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            while not server.started:  # uvicorn announces no event for it
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket that other front-door processes may bind too (``SO_REUSEPORT``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot serve the front door on {host}:{port} ({exc.strerror}): pick a free port"
+        ) from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:
+    argv = [sys.executable, "-m", "queuegate", "api", "--host", host, "--port", str(port)]
+    argv += ["--log-level", log_level]
+
+    def command(slot: int) -> tuple[list[str], dict[str, str]]:
+        return argv, dict(os.environ)
+
+    async def supervise() -> None:
+        stop = stop_on_signals()
+        await Supervisor(command, processes=processes, grace=settings.shutdown_grace).run(stop)
+
+    run(supervise)
+
+
+__all__ = ["bind", "serve", "serving"]

@@ -1,0 +1,118 @@
+"""What a front-door process holds while it serves: the bridge, keys, outcomes, catalog.
+
+Opened once per process by the app's lifespan and kept on ``app.state.frontdoor``; routes
+reach it through the ``frontdoor`` dependency::
+
+    async def route(door: Annotated[FrontDoor, Depends(frontdoor)], ...) -> ...:
+        await door.bridge.submit(job, caller)
+        state = await door.outcomes.look(caller.team, job_id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from typing import Self
+
+import asyncpg
+import redis.asyncio as aioredis
+from fastapi import Request
+from redis.exceptions import RedisError
+
+from frontdoor.auth import KeyBook
+from frontdoor.bridge import Bridge
+from frontdoor.chat_request import Limits
+from frontdoor.outcomes import Outcomes
+from queuegate.db import DB_ERRORS, create_pool
+from queuegate.keys import Keys
+from queuegate.redis_client import pooled_redis
+from queuegate.settings import Settings
+from router import Catalog
+
+READY_TIMEOUT = 2.0
+"""Seconds ``/readyz`` gives Redis and PostgreSQL to answer."""
+
+
+class FrontDoor:
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.limits = Limits(
+            models=frozenset(catalog.models),
+            max_messages=settings.max_job_messages,
+            max_job_bytes=settings.max_job_bytes,
+        )
+        self.bridge = Bridge(settings)
+        self._redis: aioredis.Redis | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._keys: KeyBook | None = None
+        self._outcomes: Outcomes | None = None
+
+    @property
+    def keys(self) -> KeyBook:
+        assert self._keys is not None, "use the front door inside `async with`"
+        return self._keys
+
+    @property
+    def outcomes(self) -> Outcomes:
+        assert self._outcomes is not None, "use the front door inside `async with`"
+        return self._outcomes
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "use the front door inside `async with`"
+        return self._pool
+
+    async def __aenter__(self) -> Self:
+        s = self.settings
+        self._pool = await create_pool(s)
+        try:
+            self._redis = pooled_redis(s.redis_url)
+            self._keys = KeyBook(self._pool, ttl=s.security_cache_ttl)
+            self._outcomes = Outcomes(self._redis, Keys(s.redis_prefix), ttl=s.result_ttl)
+            await self.bridge.__aenter__()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.bridge.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def readiness(self) -> dict[str, bool]:
+        """Whether the broker, Redis and PostgreSQL can be reached from here now."""
+        redis_ok = db_ok = False
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                assert self._redis is not None
+                redis_ok = bool(await self._redis.ping())
+        except (RedisError, OSError, TimeoutError):
+            pass
+        with contextlib.suppress(TimeoutError, *DB_ERRORS):
+            async with asyncio.timeout(READY_TIMEOUT):
+                db_ok = await self.pool.fetchval("SELECT 1") == 1
+        return {"broker": self.bridge.connected, "redis": redis_ok, "database": db_ok}
+
+
+def frontdoor(request: Request) -> FrontDoor:
+    """The dependency routes take: this process's front door."""
+    door: FrontDoor = request.app.state.frontdoor
+    return door
+
+
+__all__ = ["FrontDoor", "frontdoor"]

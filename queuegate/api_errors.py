@@ -1,0 +1,66 @@
+"""Our error codes as the HTTP APIs we speak present them: one status, each API's own type.
+
+The status of each code is ``queuegate.messages.HTTP_STATUS``, the same for every API; each
+API names the error in its own vocabulary::
+
+    status = HTTP_STATUS[code]
+    body = openai_error(code, message)        # {"error": {"message", "type", "param", "code"}}
+    body = anthropic_error(code, message)     # {"type": "error", "error": {"type", "message"}}
+
+Used by the HTTP front door and by batch output lines, so an error reads the same whether it
+came over HTTP or in a batch file. A code outside the wire contract (an HTTP-level one such
+as ``request_too_large``) falls back to each API's generic type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OPENAI_ERROR_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "unknown_model": "invalid_request_error",
+    "context_length_exceeded": "invalid_request_error",
+    # A request that reuses a job id with other content: the client's mistake, as a 422.
+    "idempotency_conflict": "invalid_request_error",
+    # OpenAI answers a bad key 401 with this type too.
+    "unauthorized": "invalid_request_error",
+    "budget_exhausted": "insufficient_quota",
+    "rate_limited": "requests",
+    "queue_full": "requests",
+    "request_too_large": "invalid_request_error",
+    "request_timeout": "invalid_request_error",
+    "not_found": "invalid_request_error",
+}
+"""Our error codes as OpenAI error types; the rest (timeouts, provider failures) are
+``server_error``. The ``code`` stays ours, which says more."""
+
+ANTHROPIC_ERROR_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "unknown_model": "not_found_error",
+    "context_length_exceeded": "invalid_request_error",
+    "idempotency_conflict": "invalid_request_error",
+    "unauthorized": "authentication_error",
+    "budget_exhausted": "billing_error",
+    "rate_limited": "rate_limit_error",
+    "queue_full": "rate_limit_error",
+    "request_too_large": "request_too_large",
+    "request_timeout": "invalid_request_error",
+    "not_found": "not_found_error",
+}
+"""Our error codes as Anthropic error types; the rest (provider failures) are ``api_error``."""
+
+
+def openai_error(code: str, message: str) -> dict[str, Any]:
+    """An OpenAI error body, which the ``openai`` SDK raises as its typed exceptions."""
+    kind = OPENAI_ERROR_TYPES.get(code, "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def anthropic_error(code: str, message: str) -> dict[str, Any]:
+    """An Anthropic error body; the message leads with our code, which Anthropic's types
+    cannot say."""
+    kind = ANTHROPIC_ERROR_TYPES.get(code, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": f"{code}: {message}"}}
+
+
+__all__ = ["ANTHROPIC_ERROR_TYPES", "OPENAI_ERROR_TYPES", "anthropic_error", "openai_error"]

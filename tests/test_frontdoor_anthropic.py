@@ -1,0 +1,292 @@
+"""Anthropic's Messages API at the front door, end to end: the official anthropic SDK against a
+real uvicorn server, in front of a real worker, accounting and the mock provider, whichever
+provider (Anthropic or OpenAI format) serves the model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import pytest
+from anthropic.types import Message, MessageParam, ToolParam
+
+from mockprovider import MockConfig
+from mockprovider.config import Behavior
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from tests.frontdoor_support import Door, open_door
+
+HELLO: list[MessageParam] = [{"role": "user", "content": "Hello there"}]
+STORY: list[MessageParam] = [{"role": "user", "content": "Tell me a long story about the sea"}]
+WEATHER: ToolParam = {
+    "name": "get_weather",
+    "description": "The weather at a place",
+    "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}},
+}
+MODELS = ["claude-haiku", "gpt-4o-mini"]
+"""One alias served by an Anthropic-format deployment, one by an OpenAI-format one."""
+
+
+def client(door: Door, team: str = "alpha", **kwargs: Any) -> anthropic.AsyncAnthropic:
+    kwargs.setdefault("api_key", door.keys.get(team))
+    return anthropic.AsyncAnthropic(base_url=door.url, max_retries=0, **kwargs)
+
+
+def sync_client(door: Door, team: str = "alpha") -> anthropic.Anthropic:
+    """For a worker thread only: the server runs on the test's own event loop."""
+    return anthropic.Anthropic(base_url=door.url, api_key=door.keys[team], max_retries=0)
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_a_message_goes_through_the_team_queue_and_back(door: Door, model: str) -> None:
+    # When team alpha creates a message with the async SDK
+    async with client(door) as sdk:
+        raw = await sdk.messages.with_raw_response.create(
+            model=model, max_tokens=50, messages=HELLO
+        )
+    message = await raw.parse()
+
+    # Expect Anthropic's Message, whichever provider served it, with the gateway's headers
+    assert message.type == "message" and message.role == "assistant"
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "mock reply to: Hello there"
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    job_id = raw.headers["x-queuegate-job-id"]
+    assert raw.headers["x-request-id"] == job_id and message.id == f"msg_{job_id}"
+    assert raw.headers["x-queuegate-model-used"] == model
+    assert float(raw.headers["x-queuegate-cost-usd"]) > 0
+    [row] = await door.gateway.usage_rows(1)
+    assert (row["job_id"], row["team"]) == (job_id, "alpha")
+    assert row["provider"] == ("anthropic" if model.startswith("claude") else "openai")
+
+
+async def test_the_sync_sdk_is_served_too(door: Door) -> None:
+    def call() -> Message:
+        with sync_client(door, "beta") as sdk:
+            return sdk.messages.create(
+                model="claude-haiku",
+                max_tokens=50,
+                system="Be brief.",
+                messages=HELLO,
+                metadata={"user_id": "u-42"},
+            )
+
+    message = await asyncio.to_thread(call)
+
+    assert message.content[0].type == "text" and message.content[0].text
+    [row] = await door.gateway.usage_rows(1)
+    assert row["team"] == "beta"
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_a_stream_arrives_as_the_sdk_reads_it_and_adds_up_to_the_whole_answer(
+    door: Door, model: str
+) -> None:
+    async with client(door) as sdk:
+        # When the same request is streamed and asked whole
+        async with sdk.messages.stream(model=model, max_tokens=200, messages=STORY) as stream:
+            pieces = [text async for text in stream.text_stream]
+            final = await stream.get_final_message()
+        whole = await sdk.messages.create(model=model, max_tokens=200, messages=STORY)
+
+    # Expect the text in several pieces, the final message the same as the whole answer
+    assert len(pieces) > 3
+    assert final.content[0].type == "text" and whole.content[0].type == "text"
+    assert "".join(pieces) == final.content[0].text == whole.content[0].text
+    assert final.stop_reason == whole.stop_reason == "end_turn"
+    assert final.usage.output_tokens == whole.usage.output_tokens > 0
+    assert final.usage.input_tokens == whole.usage.input_tokens > 0
+    assert final.id.startswith("msg_")
+
+
+async def test_a_sync_stream_is_read_to_its_final_message(door: Door) -> None:
+    def call() -> tuple[str, Message]:
+        with (
+            sync_client(door) as sdk,
+            sdk.messages.stream(model="gpt-4o-mini", max_tokens=100, messages=STORY) as stream,
+        ):
+            return "".join(stream.text_stream), stream.get_final_message()
+
+    text, final = await asyncio.to_thread(call)
+
+    assert final.content[0].type == "text" and text == final.content[0].text
+    assert final.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_a_tool_use_round_trip(door: Door, model: str) -> None:
+    question: list[MessageParam] = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    async with client(door) as sdk:
+        # When the model asks for a tool, streamed
+        async with sdk.messages.stream(
+            model=model, max_tokens=100, messages=question, tools=[WEATHER]
+        ) as stream:
+            asked = await stream.get_final_message()
+        [use] = [block for block in asked.content if block.type == "tool_use"]
+
+        # and its result goes back as the SDK's own message params
+        answer = await sdk.messages.create(
+            model=model,
+            max_tokens=100,
+            tools=[WEATHER],
+            messages=[
+                *question,
+                asked.to_param(),
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C"}],
+                },
+            ],
+        )
+
+    # Expect a tool_use block the SDK parsed, then an answer to the tool's result
+    assert asked.stop_reason == "tool_use"
+    assert (use.name, use.input) == ("get_weather", {})
+    assert use.id
+    assert answer.stop_reason == "end_turn"
+    assert answer.content[0].type == "text"
+    assert answer.content[0].text == "mock reply to: 18 C"
+
+
+async def test_thinking_comes_back_as_a_thinking_block_streamed_or_not(door: Door) -> None:
+    request: dict[str, Any] = {
+        "model": "claude-haiku",
+        "max_tokens": 2048,
+        "messages": HELLO,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+    }
+    async with client(door) as sdk:
+        whole = await sdk.messages.create(**request)
+        async with sdk.messages.stream(**request) as stream:
+            thoughts = [e.thinking async for e in stream if e.type == "thinking"]
+            final = await stream.get_final_message()
+
+        # and the answer, its thinking included, goes back as the next turn's history
+        again: list[MessageParam] = [
+            *HELLO,
+            whole.to_param(),
+            {"role": "user", "content": "And then?"},
+        ]
+        follow_up = await sdk.messages.create(**request | {"messages": again})
+
+    for message in (whole, final):
+        assert [block.type for block in message.content] == ["thinking", "text"]
+        assert message.content[0].type == "thinking"
+        assert message.content[0].thinking == "mock thinking about: Hello there"
+    assert "".join(thoughts) == "mock thinking about: Hello there"
+    assert follow_up.content[-1].type == "text"
+    assert follow_up.content[-1].text == "mock reply to: And then?"
+
+
+async def test_a_bad_key_is_an_authentication_error(door: Door) -> None:
+    async with client(door, api_key="qg-not-a-key") as sdk:
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            await sdk.messages.create(model="claude-haiku", max_tokens=10, messages=HELLO)
+
+    assert refused.value.status_code == 401
+    assert refused.value.body == {
+        "type": "error",
+        "error": {
+            "type": "authentication_error",
+            "message": "unauthorized: the API key is unknown or revoked: ask an operator for a "
+            "new one",
+        },
+    }
+
+
+async def test_an_unknown_model_is_not_found_before_any_stream(door: Door) -> None:
+    async with client(door) as sdk:
+        with pytest.raises(anthropic.NotFoundError) as whole:
+            await sdk.messages.create(model="claude-9", max_tokens=10, messages=HELLO)
+        with pytest.raises(anthropic.NotFoundError) as streamed:
+            async with sdk.messages.stream(model="claude-9", max_tokens=10, messages=HELLO):
+                pass
+
+    for refused in (whole, streamed):
+        assert refused.value.status_code == 404
+        assert isinstance(refused.value.body, dict)
+        assert refused.value.body["error"]["type"] == "not_found_error"
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_an_invalid_request_is_refused_naming_the_field(door: Door) -> None:
+    async with client(door) as sdk:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await sdk.messages.create(
+                model="claude-haiku",
+                max_tokens=10,
+                messages=HELLO,
+                extra_body={"temperature": 1.5},
+            )
+
+    assert refused.value.status_code == 400
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["error"] == {
+        "type": "invalid_request_error",
+        "message": "invalid_request: temperature: Input should be less than or equal to 1",
+    }
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_limits_and_budgets_are_the_sdks_typed_errors(settings: Settings) -> None:
+    # Given team alpha allowed one request a minute, and team beta no budget at all
+    teams = {"alpha": TeamConfig(rpm=1), "beta": TeamConfig(budget_usd=Decimal(0))}
+    async with open_door(settings, teams) as door, client(door) as alpha:
+        await alpha.messages.create(model="claude-haiku", max_tokens=10, messages=HELLO)
+
+        # When alpha asks again, willing to wait 2 seconds, and beta asks at all
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await alpha.messages.create(
+                model="claude-haiku",
+                max_tokens=10,
+                messages=HELLO,
+                extra_headers={"x-queuegate-timeout": "2"},
+            )
+        async with client(door, "beta") as beta:
+            with pytest.raises(anthropic.APIStatusError) as broke:
+                await beta.messages.create(model="claude-haiku", max_tokens=10, messages=HELLO)
+
+    # Expect a 429 with the wait it needed, and a 402 billing error
+    assert limited.value.status_code == 429
+    assert int(limited.value.response.headers["retry-after"]) > 50
+    assert isinstance(limited.value.body, dict)
+    assert limited.value.body["error"]["type"] == "rate_limit_error"
+    assert broke.value.status_code == 402
+    assert isinstance(broke.value.body, dict)
+    assert broke.value.body["error"]["type"] == "billing_error"
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_a_provider_failure_mid_stream_ends_it_with_an_error_the_sdk_raises(
+    settings: Settings,
+) -> None:
+    # Given an Anthropic deployment whose streams break after their first text delta
+    broken = Behavior(
+        stream_cut_after=4, stream_error={"type": "overloaded_error", "message": "Overloaded"}
+    )
+    mock = MockConfig(models={"claude-3-5-haiku-latest": broken})
+    async with open_door(settings, mock_config=mock) as door, client(door) as sdk:
+        # When the SDK reads a stream from it
+        received: list[str] = []
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            async with sdk.messages.stream(
+                model="claude-haiku", max_tokens=200, messages=STORY
+            ) as stream:
+                async for text in stream.text_stream:
+                    received.append(text)
+
+    # Expect the text that came, then the error in Anthropic's shape, naming our code
+    assert received
+    assert isinstance(failed.value.body, dict)
+    assert failed.value.body["error"]["type"] == "api_error"
+    assert failed.value.body["error"]["message"].startswith("provider_error: ")

@@ -1,0 +1,120 @@
+"""The HTTP front door, end to end: the official openai SDK against a real uvicorn server,
+in front of a real worker, accounting and the mock provider."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from queuegate.settings import Settings
+from tests.frontdoor_support import HELLO, Door, open_door
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings) as opened:
+        yield opened
+
+
+async def test_a_chat_completion_goes_through_the_team_queue_and_back(door: Door) -> None:
+    async with door.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HELLO, max_tokens=20
+        )
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.total_tokens > 0
+    job_id = raw.headers["x-queuegate-job-id"]
+    assert raw.headers["x-request-id"] == job_id == completion._request_id
+    assert float(raw.headers["x-queuegate-cost-usd"]) > 0
+    assert raw.headers["x-queuegate-model-used"] == "gpt-4o-mini"
+    assert float(raw.headers["x-queuegate-latency-ms"]) > 0
+    [row] = await door.gateway.usage_rows(1)
+    assert row["job_id"] == job_id and row["team"] == "alpha"
+    assert row["identity"] == f"frontdoor:guest/api_key:{door.key_ids['alpha']}"
+
+
+async def test_the_sync_sdk_is_served_too(door: Door) -> None:
+    def call() -> str | None:
+        with door.sync_client("beta") as client:
+            answer = client.chat.completions.create(model="claude-haiku", messages=HELLO)
+        return answer.choices[0].message.content
+
+    assert await asyncio.to_thread(call)
+    [row] = await door.gateway.usage_rows(1)
+    assert row["team"] == "beta" and row["provider"] == "anthropic"
+
+
+async def test_a_stream_arrives_chunk_by_chunk_as_the_sdk_reads_it_with_usage_last(
+    door: Door,
+) -> None:
+    async with door.client() as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Tell me a long story about the sea"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        whole = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Tell me a long story about the sea"}],
+        )
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) > 3
+    assert "".join(texts) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+
+async def test_a_sync_stream_ends_with_done_and_no_usage_unless_asked(door: Door) -> None:
+    def call() -> list[object]:
+        with (
+            door.sync_client() as client,
+            client.chat.completions.create(
+                model="claude-haiku", messages=HELLO, stream=True
+            ) as stream,
+        ):
+            return list(stream)
+
+    chunks = await asyncio.to_thread(call)
+    assert chunks and all(getattr(c, "usage", None) is None for c in chunks)
+
+
+async def test_models_lists_the_catalogs_aliases(door: Door) -> None:
+    async with door.client() as client:
+        models = [model.id async for model in client.models.list()]
+    assert {"gpt-4o-mini", "claude-haiku", "local-llama"} <= set(models)
+
+
+async def test_chat_answers_with_the_gateway_block(door: Door) -> None:
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        response = await http.post(
+            "/v1/chat",
+            json={"model": "flaky-gpt", "messages": HELLO},
+            headers={"Authorization": f"Bearer {door.keys['alpha']}"},
+        )
+    assert response.status_code == 200, response.text
+    block = response.json()["_gateway"]
+    assert block["request_id"] == response.headers["x-request-id"]
+    assert block["model_used"] == "flaky-gpt" and block["fallback"] is False
+    assert float(block["cost_usd"]) > 0 and block["latency_ms"] > 0
+
+
+async def test_health_readiness_metrics_and_docs(door: Door) -> None:
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ok", "broker": True, "redis": True, "database": True}
+        await http.get("/v1/models", headers={"x-api-key": door.keys["alpha"]})
+        metrics = (await http.get("/metrics")).text
+        assert 'queuegate_http_requests_total{route="/v1/models",status="200"}' in metrics
+        assert "queuegate_http_request_seconds_bucket" in metrics
+        assert (await http.get("/docs")).status_code == 200
+        assert "/v1/chat/completions" in (await http.get("/openapi.json")).json()["paths"]

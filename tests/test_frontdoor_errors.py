@@ -1,0 +1,115 @@
+"""Every way a request can fail, answered in OpenAI's error shape with the status its code
+maps to, so the openai SDK raises its own typed exceptions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from mockprovider import Behavior, MockConfig
+from queuegate.db import create_pool
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from queuegate.tenancy import revoke_api_keys
+from tests.frontdoor_support import HELLO, Door, open_door
+
+TEAMS = {
+    "alpha": TeamConfig(),
+    "beta": TeamConfig(budget_usd=0),
+    "gamma": TeamConfig(rpm=1),
+}
+FAULTS = MockConfig(
+    models={
+        "llama-3.1-8b": Behavior(error_rate=1.0, error_status=503),
+        "flaky-gpt": Behavior(latency_ms=2000),
+    }
+)
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    settings = settings.model_copy(update={"security_cache_ttl": 0.2})
+    async with open_door(settings, TEAMS, FAULTS) as opened:
+        yield opened
+
+
+async def test_no_key_an_unknown_key_and_a_revoked_key_are_401(door: Door) -> None:
+    async with door.client() as client:
+        assert await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        for key in ("qg_000000000000_" + "x" * 43, "sk-not-ours"):
+            stranger = client.with_options(api_key=key)
+            with pytest.raises(openai.AuthenticationError) as refused:
+                await stranger.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+            assert refused.value.code == "unauthorized"
+        pool = await create_pool(door.gateway.settings)
+        try:
+            assert await revoke_api_keys(pool, "alpha") == 1
+        finally:
+            await pool.close()
+        revoked_at = time.monotonic()
+        with pytest.raises(openai.AuthenticationError, match="unknown or revoked"):
+            while time.monotonic() - revoked_at < 0.2 + 1.0:  # refused within the cache's ttl
+                await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+
+
+async def test_a_request_without_a_key_is_401_in_openais_shape(door: Door) -> None:
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        response = await http.post("/v1/chat/completions", json={"model": "gpt-4o-mini"})
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "unauthorized" and error["type"] == "invalid_request_error"
+    assert "Authorization: Bearer" in error["message"]
+
+
+async def test_an_unknown_model_is_404_before_anything_is_published(door: Door) -> None:
+    async with door.client() as client:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.chat.completions.create(model="gpt-9", messages=HELLO)
+    assert missing.value.code == "unknown_model"
+    assert "GET /v1/models" in missing.value.message
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_an_exhausted_budget_is_402(door: Door) -> None:
+    async with door.client("beta") as client:
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert refused.value.status_code == 402
+    assert refused.value.code == "budget_exhausted"
+    assert refused.value.type == "insufficient_quota"
+
+
+async def test_a_request_its_limits_cannot_admit_in_time_is_429_with_retry_after(
+    door: Door,
+) -> None:
+    async with door.client("gamma") as client:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO, extra_headers={"x-queuegate-timeout": "2"}
+            )
+    assert limited.value.code == "rate_limited"
+    assert int(limited.value.response.headers["retry-after"]) > 30
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_every_provider_failing_is_502(door: Door) -> None:
+    async with door.client() as client:
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client.chat.completions.create(model="local-llama", messages=HELLO)
+    assert failed.value.status_code == 502
+    assert failed.value.code == "all_providers_failed"
+
+
+async def test_no_answer_within_the_callers_timeout_is_504(door: Door) -> None:
+    async with door.client() as client:
+        with pytest.raises(openai.InternalServerError) as late:
+            await client.chat.completions.create(
+                model="flaky-gpt", messages=HELLO, extra_headers={"x-queuegate-timeout": "0.5"}
+            )
+    assert late.value.status_code == 504
+    assert late.value.code == "deadline_exceeded"

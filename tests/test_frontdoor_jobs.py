@@ -1,0 +1,111 @@
+"""Async jobs, long polls and idempotency through the front door: an answer is read back by
+id from the workers' outcome store, by its own team only, and a retry is never a second
+call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from mockprovider import Behavior, MockConfig
+from queuegate.settings import Settings
+from tests.frontdoor_support import HELLO, Door, open_door
+
+SLOW = MockConfig(models={"flaky-gpt": Behavior(latency_ms=600)})
+BODY = {"model": "gpt-4o-mini", "messages": HELLO}
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings, mock_config=SLOW) as opened:
+        yield opened
+
+
+def auth(door: Door, team: str = "alpha", **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {door.keys[team]}", **headers}
+
+
+async def test_respond_async_answers_202_and_the_job_is_read_back_by_id(door: Door) -> None:
+    async with httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+        accepted = await http.post(
+            "/v1/chat/completions",
+            json={**BODY, "model": "flaky-gpt"},
+            headers=auth(door, prefer="respond-async"),
+        )
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        assert accepted.headers["location"] == f"/v1/jobs/{job_id}"
+        # Not finished yet: 202 again at once
+        pending = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+        assert pending.status_code == 202 and pending.json()["status"] == "queued"
+        # Long-polled until it is
+        done = await http.get(f"/v1/jobs/{job_id}", params={"wait": 10}, headers=auth(door))
+        assert done.status_code == 200, done.text
+        assert done.json()["choices"][0]["message"]["content"]
+        assert done.json()["_gateway"]["request_id"] == job_id
+        # Another team reads nothing of it, and an unknown id is 404
+        other = await http.get(f"/v1/jobs/{job_id}", headers=auth(door, "beta"))
+        unknown = await http.get("/v1/jobs/no-such-job", headers=auth(door))
+    assert other.status_code == unknown.status_code == 404
+    assert other.json()["error"]["code"] == "not_found"
+
+
+async def test_a_retry_under_the_same_idempotency_key_is_answered_once(door: Door) -> None:
+    key = {"Idempotency-Key": "order-42"}
+    async with door.client() as client:
+        first = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HELLO, extra_headers=key
+        )
+        again = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HELLO, extra_headers=key
+        )
+        # A different request under the same key is refused, never answered with the first
+        with pytest.raises(openai.UnprocessableEntityError) as conflict:
+            await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "other"}],
+                extra_headers=key,
+            )
+        # The same key of another team is another job
+        async with door.client("beta") as beta:
+            theirs = await beta.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=HELLO, extra_headers=key
+            )
+    assert first.parse().choices[0].message.content == again.parse().choices[0].message.content
+    assert first.headers["x-queuegate-job-id"] == again.headers["x-queuegate-job-id"]
+    assert conflict.value.code == "idempotency_conflict"
+    assert theirs.headers["x-queuegate-job-id"] == first.headers["x-queuegate-job-id"]
+    assert door.gateway.mock.stats.calls == 2  # alpha's once, beta's once
+    rows = await door.gateway.usage_rows(2)
+    assert sorted(row["team"] for row in rows) == ["alpha", "beta"]
+
+
+async def test_a_caller_that_hung_up_gets_its_answer_by_retrying_with_its_key(
+    door: Door,
+) -> None:
+    # Given a caller that gives up (its HTTP timeout) while the gateway still works on it
+    key = {"Idempotency-Key": "hung-up", "x-queuegate-timeout": "30"}
+    async with door.client(timeout=0.2) as impatient:
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.chat.completions.create(
+                model="flaky-gpt", messages=HELLO, extra_headers=key
+            )
+    # When it retries with the same key, at once and again after the answer was stored
+    async with door.client() as client:
+        during = client.chat.completions.create(
+            model="flaky-gpt", messages=HELLO, extra_headers=key
+        )
+        answers = [await during]
+        answers.append(
+            await client.chat.completions.create(
+                model="flaky-gpt", messages=HELLO, extra_headers=key
+            )
+        )
+    # Expect the one answer each time, from one provider call
+    assert len({answer.choices[0].message.content for answer in answers}) == 1
+    assert door.gateway.mock.stats.calls == 1
+    [row] = await door.gateway.usage_rows(1)
+    assert row["model_requested"] == "flaky-gpt"
