@@ -84,7 +84,8 @@ async def submit_batch(
     ``api_key`` where the team uses one; the gateway keeps the batch's state.
 
     Re-running it with the same file publishes only what an interrupted run had not. Raises
-    BatchInvalid listing every bad entry (nothing is published) unless ``skip_invalid``.
+    BatchInvalid listing every bad entry (nothing is published) unless ``skip_invalid``, and
+    whenever no entry is valid.
     ``models``, when given, are the catalog's aliases: a request naming another is invalid;
     ``anthropic_models``, those served by Anthropic alone (fallbacks included): a request
     with an Anthropic-only parameter (``top_k``) for another model is invalid.
@@ -119,7 +120,8 @@ async def submit_batch(
             await state.reset_index()
             raise _invalid(path, problems)
         if total == 0:
-            raise BatchError(f"{path} holds no valid request")
+            # The skipped lines' reasons travel with it: all of them are why.
+            raise BatchInvalid(f"{path} holds no valid request", problems)
         fresh = meta is None
         if meta is None:
             assert reader.format is not None and reader.deadline is not None
