@@ -56,6 +56,7 @@ from queuegate.control import BatchMeta, Counts
 from queuegate.errors import BatchError
 from queuegate.messages import ChatResult
 from queuegate.settings import Settings
+from queuegate.signing import ApiKey
 from queuegate.topology import MESSAGE_TYPE_RESULT, Topology
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ async def collect(
     *,
     team: str,
     user_id: str | None = None,
-    api_key: str | None = None,
+    api_key: ApiKey | None = None,
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
@@ -113,7 +114,7 @@ async def collect_into(
     *,
     team: str,
     user_id: str | None = None,
-    api_key: str | None = None,
+    api_key: ApiKey | None = None,
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
@@ -129,7 +130,7 @@ async def collect_into(
 
 @contextlib.asynccontextmanager
 async def _batch(
-    settings: Settings, name: str, team: str, user_id: str | None, api_key: str | None
+    settings: Settings, name: str, team: str, user_id: str | None, api_key: ApiKey | None
 ) -> AsyncIterator[tuple[GatewayClient, BatchState, BatchMeta]]:
     """The team's batch ``name``, which must exist, through a client of the gateway."""
     name = check_batch_name(name)

@@ -31,6 +31,7 @@ from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
 from queuegate.messages import ChatJob
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
+from queuegate.signing import ApiKey
 from queuegate.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ async def submit_batch(
     deadline: timedelta = DEFAULT_DEADLINE,
     window: int = WINDOW,
     user_id: str | None = None,
-    api_key: str | None = None,
+    api_key: ApiKey | None = None,
     models: Collection[str] | None = None,
     anthropic_models: Collection[str] | None = None,
     on_progress: Progress | None = None,
