@@ -24,13 +24,21 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontdoor.errors import install_error_handlers
-from frontdoor.routes import health, jobs, openai
+from frontdoor.routes import batches, files, health, jobs, message_batches, openai
 from frontdoor.service import FrontDoor
+from queuegate.api_errors import anthropic_error
 from queuegate.metrics import observe_http
 from queuegate.settings import Settings
 from router import Catalog, load_catalog
 
-ROUTERS = (openai.router, jobs.router, health.router)
+ROUTERS = (
+    openai.router,
+    files.router,
+    batches.router,
+    message_batches.router,
+    jobs.router,
+    health.router,
+)
 
 
 def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI:
@@ -49,7 +57,8 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
         version="1",
         lifespan=lifespan,
     )
-    install_error_handlers(app)
+    shapes = install_error_handlers(app)
+    shapes.register(message_batches.PREFIX, anthropic_error)
     for router in ROUTERS:
         app.include_router(router)
 
