@@ -460,3 +460,36 @@ async def test_uploads_are_bounded_and_batches_checked_before_anything_is_kept(
                 requests=message_requests(2) + message_requests(1)  # type: ignore[arg-type]
             )
         assert [b.id async for b in client.messages.batches.list()] == []
+
+
+async def test_lists_page_newest_first_with_the_sdks(door: Door) -> None:
+    # Given three batches of each API (whose requests are all refused: nothing is called)
+    async with door.openai() as client, door.anthropic() as claude:
+        file_id = (await client.files.create(file=("bad.jsonl", b"{\n"), purpose="batch")).id
+        created = [
+            (
+                await client.batches.create(
+                    input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
+            ).id
+            for _ in range(3)
+        ]
+        bad = message_requests(1)
+        bad[0]["params"]["max_tokens"] = 0
+        messages = [
+            (await claude.messages.batches.create(requests=bad)).id  # type: ignore[arg-type]
+            for _ in range(3)
+        ]
+        # When they are listed two at a time
+        first = await client.batches.list(limit=2)
+        every = [b.id async for b in client.batches.list(limit=2)]
+        first_messages = await claude.messages.batches.list(limit=2)
+        every_message = [b.id async for b in claude.messages.batches.list(limit=2)]
+        back = await claude.messages.batches.list(limit=1, before_id=messages[0])
+
+    # Expect pages of two, newest first, the SDKs following the cursors to the end
+    assert [b.id for b in first.data] == created[:0:-1] and first.has_more
+    assert every == created[::-1]
+    assert [b.id for b in first_messages.data] == messages[:0:-1] and first_messages.has_more
+    assert every_message == messages[::-1]
+    assert [b.id for b in back.data] == [messages[1]] and back.has_more
