@@ -493,3 +493,39 @@ async def test_lists_page_newest_first_with_the_sdks(door: Door) -> None:
     assert [b.id for b in first_messages.data] == messages[:0:-1] and first_messages.has_more
     assert every_message == messages[::-1]
     assert [b.id for b in back.data] == [messages[1]] and back.has_more
+
+
+async def test_a_batch_past_its_window_expires_its_requests_uncalled(
+    settings: Settings, gateway: Gateway, keys: dict[str, str]
+) -> None:
+    # Given a batch whose 24 hours were over before any runner took it up
+    async with front_door(settings, gateway, keys) as door, door.openai() as client:
+        file_id = await upload(client, openai_lines(3))
+    pool = await create_pool(settings)
+    try:
+        batch_id = records.new_batch_id("openai")
+        await records.create_batch(
+            pool,
+            batch_id=batch_id,
+            team="alpha",
+            api="openai",
+            key_id=str(api_key_id(keys["alpha"])),
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=None,
+            expires_at=datetime.now(UTC) - timedelta(seconds=1),
+        )
+    finally:
+        await pool.close()
+    # When a front door runs it
+    async with front_door(settings, gateway, keys) as door, door.openai() as client:
+        ended = await openai_ended(client, batch_id)
+        errors = parse_jsonl(await (await client.files.content(ended.error_file_id)).aread())
+
+    # Expect it expired, each request written batch_expired, none called
+    assert ended.status == "expired" and ended.expired_at
+    assert ended.output_file_id is None
+    assert sorted(line["custom_id"] for line in errors) == ["req-0", "req-1", "req-2"]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert gateway.mock.stats.calls == 0
