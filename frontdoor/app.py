@@ -24,14 +24,22 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontdoor.errors import install_error_handlers
-from frontdoor.routes import anthropic, health, jobs, openai
+from frontdoor.routes import anthropic, batches, files, health, jobs, message_batches, openai
 from frontdoor.service import FrontDoor
 from queuegate.api_errors import anthropic_error
 from queuegate.metrics import observe_http
 from queuegate.settings import Settings
 from router import Catalog, load_catalog
 
-ROUTERS = (openai.router, anthropic.router, jobs.router, health.router)
+ROUTERS = (
+    openai.router,
+    anthropic.router,
+    files.router,
+    batches.router,
+    message_batches.router,
+    jobs.router,
+    health.router,
+)
 
 
 def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI:
@@ -54,6 +62,7 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
         lifespan=lifespan,
     )
     shapes = install_error_handlers(app)
+    # /v1/messages/batches lies under this prefix: Anthropic's shape for both.
     shapes.register(anthropic.PREFIX, anthropic_error)
     for router in ROUTERS:
         app.include_router(router)

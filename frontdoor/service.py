@@ -21,6 +21,7 @@ from fastapi import Request
 from redis.exceptions import RedisError
 
 from frontdoor.auth import KeyBook
+from frontdoor.batches.runner import BatchRunner
 from frontdoor.bridge import Bridge
 from frontdoor.chat_request import Limits
 from frontdoor.outcomes import Outcomes
@@ -48,6 +49,9 @@ class FrontDoor:
         self._pool: asyncpg.Pool | None = None
         self._keys: KeyBook | None = None
         self._outcomes: Outcomes | None = None
+        self._batch_runner: BatchRunner | None = None
+        self._stop_runner = asyncio.Event()
+        self._running: asyncio.Task[None] | None = None
 
     @property
     def keys(self) -> KeyBook:
@@ -58,6 +62,11 @@ class FrontDoor:
     def outcomes(self) -> Outcomes:
         assert self._outcomes is not None, "use the front door inside `async with`"
         return self._outcomes
+
+    @property
+    def batch_runner(self) -> BatchRunner:
+        assert self._batch_runner is not None, "use the front door inside `async with`"
+        return self._batch_runner
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -72,6 +81,9 @@ class FrontDoor:
             self._keys = KeyBook(self._pool, ttl=s.security_cache_ttl)
             self._outcomes = Outcomes(self._redis, Keys(s.redis_prefix), ttl=s.result_ttl)
             await self.bridge.__aenter__()
+            # Batches created over HTTP, this process's and any a stopped process left.
+            self._batch_runner = BatchRunner(s, self._pool)
+            self._running = asyncio.create_task(self._batch_runner.run(self._stop_runner))
         except BaseException:
             await self._close()
             raise
@@ -84,6 +96,9 @@ class FrontDoor:
         tb: TracebackType | None,
     ) -> None:
         try:
+            if self._running is not None:
+                self._stop_runner.set()
+                await self._running
             await self.bridge.__aexit__(exc_type, exc, tb)
         finally:
             await self._close()

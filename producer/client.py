@@ -44,7 +44,7 @@ from queuegate.errors import (
 from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
-from queuegate.signing import sign_job
+from queuegate.signing import ApiKey, sign_job
 from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, Topology
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class GatewayClient:
         team: str,
         reply_queue: str | None = None,
         user_id: str | None = None,
-        api_key: str | None = None,
+        api_key: ApiKey | None = None,
         listen: bool = True,
     ) -> None:
         self._settings = settings
@@ -321,7 +321,7 @@ class GatewayClient:
 
 
 def job_message(
-    job: ChatJob, *, reply_to: str, user_id: str | None, api_key: str | None = None
+    job: ChatJob, *, reply_to: str, user_id: str | None, api_key: ApiKey | None = None
 ) -> Outgoing:
     """The AMQP message of a job: ids, reply queue, TTL from its deadline, send time, and the
     proof of the team's API key where the team proves itself with one."""

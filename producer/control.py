@@ -31,7 +31,7 @@ from queuegate.control import (
     OpenReplyQueue,
 )
 from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable
-from queuegate.signing import sign_job
+from queuegate.signing import ApiKey, sign_job
 
 CONTROL_TIMEOUT = 30.0
 """Seconds a control request waits for its answer (also its time to live in the queue)."""
@@ -53,7 +53,7 @@ class ControlClient:
         exchange: str,
         team: str,
         user_id: str | None,
-        api_key: str | None,
+        api_key: ApiKey | None,
         reconnect_wait: float,
         timeout: float = CONTROL_TIMEOUT,
     ) -> None:

@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(default=30.0, gt=0)
     """Seconds the HTTP front door gives a request to send its whole body; a slower one is
     answered 408 (it holds only its own connection meanwhile, never a worker's slot)."""
+    batch_file_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    """Largest file ``POST /v1/files`` stores, and largest Message Batch request body."""
+    batch_upload_timeout: float = Field(default=600.0, gt=0)
+    """Seconds a batch file upload (or Message Batch body) may take to arrive whole."""
+    batch_runner_lease: float = Field(default=30.0, gt=0)
+    """Seconds a front-door process holds a batch without renewing it (it renews every
+    second): after a crash, its batches are taken up by another process this much later."""
+    batch_runners: int = Field(default=4, ge=1)
+    """Batches one front-door process runs at once; more wait for a free runner."""
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9464, ge=0, le=65535)

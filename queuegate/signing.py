@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from dataclasses import dataclass, field
 
 from queuegate.errors import ConfigError
 from queuegate.tenancy import api_key_id, hash_api_key
@@ -36,15 +37,41 @@ def job_proof(key_hash: str, *, job_id: str, team: str, body: bytes) -> str:
     return hmac.new(key_hash.encode(), signed, hashlib.sha256).hexdigest()
 
 
-def sign_job(api_key: str, *, job_id: str, team: str, body: bytes) -> dict[str, str]:
+@dataclass(frozen=True)
+class Signer:
+    """Signs jobs for one API key from its id and stored hash, which is all a proof needs.
+
+    A client derives it from the key it holds (``Signer.of(key)``); the HTTP front door's
+    batch runner reads it from ``api_keys`` by the id of the key that created a batch, so it
+    can act for that key long after the request (and the key it carried) is gone, the key
+    itself kept nowhere.
+    """
+
+    key_id: str
+    key_hash: str = field(repr=False)
+
+    @classmethod
+    def of(cls, api_key: str) -> Signer:
+        key_id = api_key_id(api_key)
+        if key_id is None:
+            raise ConfigError(
+                "api_key is not a queuegate API key: pass the key `queuegate teams` printed"
+            )
+        return cls(key_id, hash_api_key(api_key))
+
+    def sign(self, *, job_id: str, team: str, body: bytes) -> dict[str, str]:
+        proof = job_proof(self.key_hash, job_id=job_id, team=team, body=body)
+        return {KEY_ID_HEADER: self.key_id, PROOF_HEADER: proof}
+
+
+ApiKey = str | Signer
+"""What a client proves a team with: the key itself, or a Signer."""
+
+
+def sign_job(api_key: ApiKey, *, job_id: str, team: str, body: bytes) -> dict[str, str]:
     """The headers that prove ``api_key`` for this job: its id and the job's proof."""
-    key_id = api_key_id(api_key)
-    if key_id is None:
-        raise ConfigError(
-            "api_key is not a queuegate API key: pass the key `queuegate teams` printed"
-        )
-    proof = job_proof(hash_api_key(api_key), job_id=job_id, team=team, body=body)
-    return {KEY_ID_HEADER: key_id, PROOF_HEADER: proof}
+    signer = api_key if isinstance(api_key, Signer) else Signer.of(api_key)
+    return signer.sign(job_id=job_id, team=team, body=body)
 
 
 def proof_matches(key_hash: str, proof: str, *, job_id: str, team: str, body: bytes) -> bool:
@@ -53,4 +80,12 @@ def proof_matches(key_hash: str, proof: str, *, job_id: str, team: str, body: by
     return hmac.compare_digest(expected.encode(), proof.encode())
 
 
-__all__ = ["KEY_ID_HEADER", "PROOF_HEADER", "job_proof", "proof_matches", "sign_job"]
+__all__ = [
+    "KEY_ID_HEADER",
+    "PROOF_HEADER",
+    "ApiKey",
+    "Signer",
+    "job_proof",
+    "proof_matches",
+    "sign_job",
+]

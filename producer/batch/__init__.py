@@ -18,11 +18,12 @@ job yet, collect writes only results not written yet, and no custom_id is answer
 | jobs       | entries to chat jobs, with deterministic job ids            |
 | state      | the batch as the gateway keeps it: lines, published, written |
 | submit     | validate, then publish through a window of confirms         |
-| collect    | results to files, fsynced before they are acknowledged      |
+| files      | where results go: local files (fsynced), or any ResultSink  |
+| collect    | results to a sink, durable before they are acknowledged     |
 | control    | status, cancel, list and delete                             |
 """
 
-from producer.batch.collect import CollectReport, collect
+from producer.batch.collect import CollectReport, collect, collect_into
 from producer.batch.control import (
     BatchStatus,
     batch_list,
@@ -40,6 +41,7 @@ __all__ = [
     "batch_status",
     "cancel_batch",
     "collect",
+    "collect_into",
     "delete_batch",
     "submit_batch",
 ]

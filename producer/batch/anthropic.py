@@ -43,6 +43,13 @@ def line(answer: Answer) -> dict[str, Any]:
     return {"custom_id": answer.custom_id, "result": out}
 
 
+def refused(custom_id: str, reason: str) -> dict[str, Any]:
+    """The line of a request refused before it was published (its params are invalid):
+    errored, as the Message Batches API reports a request it could not validate."""
+    error = anthropic_error("invalid_request", reason)
+    return {"custom_id": custom_id, "result": {"type": "errored", "error": error}}
+
+
 def _message_id(served: str) -> str:
     """A Messages API id (``msg_…``), whatever provider served it: an OpenAI deployment's
     ``chatcmpl-…`` becomes a ``msg_`` id derived from it, the same on every collect."""

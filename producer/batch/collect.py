@@ -16,7 +16,8 @@ that remain once the deadline has passed (``expired``: the broker dropped their 
 once the batch is canceled, those never published. A published job is always answered by
 a worker (served, or ``canceled`` if it was not served yet), and its line says which.
 
-Once every line is written, the batch is deleted: its state and its results queue.
+Once every line is written, ``collect`` deletes the batch: its state and its results queue.
+``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -44,8 +45,8 @@ from producer.batch.answers import (
     gateway_block,
     job_id,
 )
-from producer.batch.files import ResultFiles
-from producer.batch.formats import FORMATS, Format
+from producer.batch.files import ResultFiles, ResultSink
+from producer.batch.formats import FORMATS
 from producer.batch.jobs import check_batch_name
 from producer.batch.state import NANO, BatchState
 from producer.batch.submit import Progress
@@ -55,6 +56,7 @@ from queuegate.control import BatchMeta, Counts
 from queuegate.errors import BatchError
 from queuegate.messages import ChatResult
 from queuegate.settings import Settings
+from queuegate.signing import ApiKey
 from queuegate.topology import MESSAGE_TYPE_RESULT, Topology
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ async def collect(
     *,
     team: str,
     user_id: str | None = None,
-    api_key: str | None = None,
+    api_key: ApiKey | None = None,
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
@@ -96,19 +98,47 @@ async def collect(
     where it stopped when run again with the same files. One collect per batch at a time: a
     second one is refused.
     """
+    async with _batch(settings, name, team, user_id, api_key) as (client, state, meta):
+        with ResultFiles(Path(out), Path(errors) if errors else None) as files:
+            run = _Run(state, meta, files, on_progress)
+            await _consume(settings, client, run, idle, expiry_grace)
+        counts = await state.counts(meta)
+        await state.delete()
+    return CollectReport(meta.name, run.written, counts)
+
+
+async def collect_into(
+    settings: Settings,
+    name: str,
+    sink: ResultSink,
+    *,
+    team: str,
+    user_id: str | None = None,
+    api_key: ApiKey | None = None,
+    on_progress: Progress | None = None,
+    idle: float = IDLE,
+    expiry_grace: float = EXPIRY_GRACE,
+) -> CollectReport:
+    """As ``collect``, into ``sink``; the batch is kept (``delete_batch`` it afterwards), so
+    the caller can record the batch as collected before the gateway forgets it."""
+    async with _batch(settings, name, team, user_id, api_key) as (client, state, meta):
+        run = _Run(state, meta, sink, on_progress)
+        await _consume(settings, client, run, idle, expiry_grace)
+        counts = await state.counts(meta)
+    return CollectReport(meta.name, run.written, counts)
+
+
+@contextlib.asynccontextmanager
+async def _batch(
+    settings: Settings, name: str, team: str, user_id: str | None, api_key: ApiKey | None
+) -> AsyncIterator[tuple[GatewayClient, BatchState, BatchMeta]]:
+    """The team's batch ``name``, which must exist, through a client of the gateway."""
     name = check_batch_name(name)
     async with GatewayClient(
         settings, team=team, user_id=user_id, api_key=api_key, listen=False
     ) as client:
         state = BatchState(client.control, name)
-        meta = await state.require()
-        run = _Run(state, meta, FORMATS[meta.format], on_progress)
-        with ResultFiles(Path(out), Path(errors) if errors else None) as files:
-            run.files = files
-            await _consume(settings, client, run, idle, expiry_grace)
-        counts = await state.counts(meta)
-        await state.delete()
-        return CollectReport(name, run.written, counts)
+        yield client, state, await state.require()
 
 
 async def _consume(
@@ -188,13 +218,13 @@ async def _take(
 
 class _Run:
     def __init__(
-        self, state: BatchState, meta: BatchMeta, fmt: Format, on_progress: Progress | None
+        self, state: BatchState, meta: BatchMeta, files: ResultSink, on_progress: Progress | None
     ) -> None:
         self.state = state
         self.meta = meta
-        self._fmt = fmt
+        self._fmt = FORMATS[meta.format]
         self._on_progress = on_progress
-        self.files: ResultFiles | None = None
+        self.files = files
         self.done = 0
         self.written = 0
         self.torn: set[str] = set()
@@ -204,10 +234,9 @@ class _Run:
 
     async def reconcile(self) -> None:
         """Record lines a crashed run wrote but did not record; learn how many are done."""
-        assert self.files is not None
         chunk: list[tuple[str, Category, int]] = []
         torn = set(self.files.torn)
-        for line in self.files.existing():
+        async for line in self.files.existing():
             gateway = line.get("gateway") or {}
             if gateway.get("job_id") != job_id(self.meta.jobs, str(line.get("custom_id"))):
                 continue  # another batch's line: not ours to count
@@ -278,7 +307,6 @@ class _Run:
     async def _write(self, answers: list[Answer]) -> dict[int, str]:
         """Write the answers not written yet (and torn ones again); per file written to, the
         custom_id of its new last line."""
-        assert self.files is not None
         if not answers:
             return {}
         written = await self.state.written_among([a.custom_id for a in answers])
@@ -296,7 +324,7 @@ class _Run:
             if answer.custom_id in self.torn:
                 continue  # counted when first written
             entries.append((answer.custom_id, answer.category, _nano(line["gateway"]["cost_usd"])))
-        self.files.sync()
+        await self.files.sync()
         await self.state.mark_written(entries)
         self.torn.difference_update(a.custom_id for a in fresh)
         self.done += len(entries)

@@ -1,13 +1,14 @@
-"""Result files: lines appended, flushed and fsynced before their results are acknowledged."""
+"""Where collect writes result lines: local files, flushed and fsynced before their results
+are acknowledged, or any other ``ResultSink`` (the HTTP front door keeps them in PostgreSQL)."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
 import orjson
 
@@ -16,6 +17,25 @@ from queuegate.errors import BatchError
 _BLOCK = 65536
 _CUSTOM_ID = re.compile(rb'"custom_id":("(?:[^"\\]|\\.)*")')
 """Where a torn line names its request: both formats write it near the line's start."""
+
+
+class ResultSink(Protocol):
+    """What collect writes to: the output and, for failed requests, possibly a second one.
+
+    ``write`` buffers a line; ``sync`` makes every line written so far durable, and only
+    then are their results acknowledged. ``existing`` reads back the lines an earlier run
+    made durable; ``torn`` names the custom_ids of lines a crash cut short, to write again.
+    """
+
+    torn: set[str]
+
+    def existing(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    def write(self, line: dict[str, Any], *, failed: bool) -> int:
+        """Buffer ``line``; the index of the file it goes to (0: the output)."""
+        ...
+
+    async def sync(self) -> None: ...
 
 
 class ResultFiles:
@@ -59,7 +79,7 @@ class ResultFiles:
             f.close()
         self._files.clear()
 
-    def existing(self) -> Iterator[dict[str, Any]]:
+    async def existing(self) -> AsyncIterator[dict[str, Any]]:
         """Every line already in the files, as JSON."""
         for path in self._paths:
             with path.open("rb") as f:
@@ -73,7 +93,7 @@ class ResultFiles:
         self._files[index].write(orjson.dumps(line) + b"\n")
         return index
 
-    def sync(self) -> None:
+    async def sync(self) -> None:
         """Flush and fsync: only then may the results written be acknowledged."""
         for f in self._files:
             f.flush()

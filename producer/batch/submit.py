@@ -31,6 +31,7 @@ from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
 from queuegate.messages import ChatJob
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
+from queuegate.signing import ApiKey
 from queuegate.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ async def submit_batch(
     deadline: timedelta = DEFAULT_DEADLINE,
     window: int = WINDOW,
     user_id: str | None = None,
-    api_key: str | None = None,
+    api_key: ApiKey | None = None,
     models: Collection[str] | None = None,
     anthropic_models: Collection[str] | None = None,
     on_progress: Progress | None = None,
@@ -84,7 +85,8 @@ async def submit_batch(
     ``api_key`` where the team uses one; the gateway keeps the batch's state.
 
     Re-running it with the same file publishes only what an interrupted run had not. Raises
-    BatchInvalid listing every bad entry (nothing is published) unless ``skip_invalid``.
+    BatchInvalid listing every bad entry (nothing is published) unless ``skip_invalid``, and
+    whenever no entry is valid.
     ``models``, when given, are the catalog's aliases: a request naming another is invalid;
     ``anthropic_models``, those served by Anthropic alone (fallbacks included): a request
     with an Anthropic-only parameter (``top_k``) for another model is invalid.
@@ -119,7 +121,8 @@ async def submit_batch(
             await state.reset_index()
             raise _invalid(path, problems)
         if total == 0:
-            raise BatchError(f"{path} holds no valid request")
+            # The skipped lines' reasons travel with it: all of them are why.
+            raise BatchInvalid(f"{path} holds no valid request", problems)
         fresh = meta is None
         if meta is None:
             assert reader.format is not None and reader.deadline is not None

@@ -1,0 +1,296 @@
+"""The HTTP APIs' batches in PostgreSQL (``api_batches``): what the caller sees, and what the
+runner needs to take a batch up again wherever it stopped.
+
+A runner holds a batch by a lease (``runner``, ``lease_until``), renewed while it works:
+a process that stops, or stalls past its lease, loses the batch to the next runner that
+looks. Every write of a runner names it (``held_by``), so a runner that lost its lease
+changes nothing any more.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+Api = Literal["openai", "anthropic"]
+Phase = Literal["submit", "collect", "clean", "done"]
+
+ENDED = ("completed", "failed", "expired", "cancelled")
+"""Statuses of a batch whose every request has an answer (or that never ran)."""
+MAX_FAULTS = 5
+"""Runs that may end in a fault of ours before the batch fails, so it never loops."""
+
+ID_PREFIX: dict[Api, str] = {"openai": "batch_", "anthropic": "msgbatch_"}
+
+
+def new_batch_id(api: Api) -> str:
+    """A batch id, also the gateway's name for the batch (lowercase, at most 48 characters)."""
+    return ID_PREFIX[api] + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    id: str
+    team: str
+    api: Api
+    status: str
+    key_id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    output_file_id: str | None
+    error_file_id: str | None
+    errors: list[dict[str, Any]] | None
+    total: int
+    done: int
+    failed: int
+    expired: int
+    canceled: int
+    refused: int
+    created_at: datetime
+    expires_at: datetime
+    in_progress_at: datetime | None
+    finalizing_at: datetime | None
+    completed_at: datetime | None
+    failed_at: datetime | None
+    expired_at: datetime | None
+    cancelling_at: datetime | None
+    cancelled_at: datetime | None
+    phase: Phase
+    faults: int
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @property
+    def ended_at(self) -> datetime | None:
+        return self.completed_at or self.cancelled_at or self.expired_at or self.failed_at
+
+
+_FIELDS = tuple(BatchRow.__dataclass_fields__)
+_COLUMNS = ", ".join(_FIELDS)
+
+
+def _row(record: asyncpg.Record | None) -> BatchRow | None:
+    return None if record is None else BatchRow(**{name: record[name] for name in _FIELDS})
+
+
+async def create_batch(
+    pool: asyncpg.Pool,
+    *,
+    batch_id: str,
+    team: str,
+    api: Api,
+    key_id: str,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+    expires_at: datetime,
+    total: int = 0,
+) -> BatchRow:
+    record = await pool.fetchrow(
+        f"""
+        INSERT INTO api_batches (id, team, api, status, key_id, input_file_id, endpoint,
+                                 completion_window, metadata, expires_at, total)
+        VALUES ($1, $2, $3, 'validating', $4, $5, $6, $7, $8, $9, $10)
+        RETURNING {_COLUMNS}
+        """,
+        batch_id,
+        team,
+        api,
+        key_id,
+        input_file_id,
+        endpoint,
+        completion_window,
+        metadata,
+        expires_at,
+        total,
+    )
+    row = _row(record)
+    assert row is not None
+    return row
+
+
+async def get_batch(pool: asyncpg.Pool, team: str, api: Api, batch_id: str) -> BatchRow | None:
+    return _row(
+        await pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM api_batches WHERE id = $1 AND team = $2 AND api = $3",
+            batch_id,
+            team,
+            api,
+        )
+    )
+
+
+async def list_batches(
+    pool: asyncpg.Pool,
+    team: str,
+    api: Api,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    limit: int,
+) -> list[BatchRow]:
+    """Up to ``limit`` of the team's batches, newest first: older than ``after``, or the
+    ones just newer than ``before`` (still listed newest first)."""
+    cursor, cmp, order = (before, ">", "ASC") if before else (after, "<", "DESC")
+    records = await pool.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM api_batches
+        WHERE team = $1 AND api = $2
+          AND ($3::text IS NULL OR (created_at, id) {cmp}
+               (SELECT created_at, id FROM api_batches WHERE id = $3 AND team = $1))
+        ORDER BY created_at {order}, id {order}
+        LIMIT $4
+        """,
+        team,
+        api,
+        cursor,
+        limit,
+    )
+    rows = [_row(r) for r in records]
+    found = [r for r in rows if r is not None]
+    return found[::-1] if before else found
+
+
+async def request_cancel(pool: asyncpg.Pool, team: str, api: Api, batch_id: str) -> BatchRow | None:
+    """Mark a batch ``cancelling`` unless it has ended (or is being canceled); the batch."""
+    await pool.execute(
+        """
+        UPDATE api_batches SET status = 'cancelling', cancelling_at = now()
+        WHERE id = $1 AND team = $2 AND api = $3
+          AND status IN ('validating', 'in_progress', 'finalizing')
+        """,
+        batch_id,
+        team,
+        api,
+    )
+    return await get_batch(pool, team, api, batch_id)
+
+
+async def delete_batch(pool: asyncpg.Pool, team: str, api: Api, batch_id: str) -> bool:
+    """Delete an ended batch with its files; whether there was one to delete."""
+    async with pool.acquire() as conn, conn.transaction():
+        record = await conn.fetchrow(
+            "DELETE FROM api_batches WHERE id = $1 AND team = $2 AND api = $3 AND phase = 'done' "
+            "RETURNING input_file_id, output_file_id, error_file_id",
+            batch_id,
+            team,
+            api,
+        )
+        if record is None:
+            return False
+        await conn.execute(
+            "DELETE FROM api_files WHERE team = $1 AND id = any($2::text[])",
+            team,
+            [f for f in record.values() if f is not None],
+        )
+    return True
+
+
+async def running_with(pool: asyncpg.Pool, team: str, file_id: str) -> str | None:
+    """A batch of the team still reading ``file_id`` as its input, if any."""
+    found: str | None = await pool.fetchval(
+        "SELECT id FROM api_batches WHERE team = $1 AND input_file_id = $2 AND phase <> 'done' "
+        "LIMIT 1",
+        team,
+        file_id,
+    )
+    return found
+
+
+async def claim(pool: asyncpg.Pool, runner: str, lease: float) -> BatchRow | None:
+    """Take the oldest batch left to run whose lease is free or lapsed, for ``lease`` s."""
+    return _row(
+        await pool.fetchrow(
+            f"""
+            UPDATE api_batches SET runner = $1, lease_until = now() + make_interval(secs => $2)
+            WHERE id = (
+                SELECT id FROM api_batches
+                WHERE phase <> 'done' AND (lease_until IS NULL OR lease_until < now())
+                ORDER BY created_at
+                FOR UPDATE SKIP LOCKED
+                LIMIT 1
+            )
+            RETURNING {_COLUMNS}
+            """,
+            runner,
+            lease,
+        )
+    )
+
+
+async def renew(pool: asyncpg.Pool, batch_id: str, runner: str, lease: float) -> BatchRow | None:
+    """Extend the lease; the batch as it is now, or None when ``runner`` lost it."""
+    return _row(
+        await pool.fetchrow(
+            f"""
+            UPDATE api_batches SET lease_until = now() + make_interval(secs => $3)
+            WHERE id = $1 AND runner = $2
+            RETURNING {_COLUMNS}
+            """,
+            batch_id,
+            runner,
+            lease,
+        )
+    )
+
+
+async def release(pool: asyncpg.Pool, batch_id: str, runner: str, *, after: float = 0) -> None:
+    """Give a batch up, for the next runner to take ``after`` seconds from now."""
+    await pool.execute(
+        "UPDATE api_batches SET runner = NULL, lease_until = now() + make_interval(secs => $3) "
+        "WHERE id = $1 AND runner = $2",
+        batch_id,
+        runner,
+        after,
+    )
+
+
+class LeaseLost(Exception):
+    """The runner no longer holds the batch: another runner has it, or it was deleted."""
+
+
+async def held_by(conn: asyncpg.Connection, batch_id: str, runner: str) -> Phase:
+    """Inside a transaction: lock the batch's row, and its phase; LeaseLost when ``runner``
+    lost it."""
+    phase: Phase | None = await conn.fetchval(
+        "SELECT phase FROM api_batches WHERE id = $1 AND runner = $2 FOR UPDATE", batch_id, runner
+    )
+    if phase is None:
+        raise LeaseLost(f"batch {batch_id} is no longer held by {runner}")
+    return phase
+
+
+_SETTABLE = frozenset(_FIELDS) - {"id", "team", "api", "key_id", "created_at"}
+
+
+async def update(conn: asyncpg.Connection, batch_id: str, runner: str, **values: Any) -> None:
+    """Set columns of a batch its runner holds, inside the caller's transaction (LeaseLost
+    when it lost it). A time (``*_at``) keeps its first value; a cancel the caller asked
+    for stands against any status but an end."""
+    unknown = set(values) - _SETTABLE
+    assert not unknown, f"not settable: {unknown}"
+    await held_by(conn, batch_id, runner)
+    assignments = []
+    for i, name in enumerate(values, start=2):
+        if name.endswith("_at"):
+            assignments.append(f"{name} = coalesce({name}, ${i})")
+        elif name == "status" and values[name] not in ENDED:
+            assignments.append(
+                f"status = CASE WHEN status = 'cancelling' THEN status ELSE ${i} END"
+            )
+        else:
+            assignments.append(f"{name} = ${i}")
+    await conn.execute(
+        f"UPDATE api_batches SET {', '.join(assignments)} WHERE id = $1",
+        batch_id,
+        *values.values(),
+    )

@@ -1,0 +1,560 @@
+"""Running the HTTP APIs' batches to their end, whatever stops in between.
+
+Who runs a batch: every front-door process runs a ``BatchRunner`` beside its routes. A
+batch created over HTTP is a row in PostgreSQL (``frontdoor.batches.records``) with its
+input in a stored file; a runner takes the oldest batch left to run under a lease, and
+drives it through the batch pipeline every batch takes (``producer.batch``):
+
+    submit   download the input, ``submit_batch`` it: validated, published through the
+             team's queue (so its buckets, budget and fairness apply), resumable
+    collect  ``collect_into`` the batch's stored result files, each round committed
+             before its results are acknowledged; the counts are kept up to date meanwhile
+    clean    the batch is recorded as ended, its files shown; the gateway's copy deleted
+
+Each step records its end in the row, and each resumes where an interrupted run stopped:
+submit publishes only what has no job yet, collect writes only lines not stored yet. So
+the HTTP request that created the batch may end at once, and a process that stops (a
+deploy, a crash) loses nothing: its leases lapse and another process, or the same one
+restarted, takes the batches up again.
+
+Why here and not elsewhere: a task of the request dies with it, and a plain background task
+with its process; the workers sit below the producer (a batch is a producer's pipeline,
+submit and collect, which they must not import), scale on queue depth rather than on
+batches, and hold no database of files. A runner needs only the front door's own
+connections, and every front-door process can take any batch over.
+
+The runner acts for the API key that created the batch: its jobs and control requests are
+signed with that key's stored hash (``queuegate.signing.Signer``; the key itself is never
+kept), so the workers prove them as they prove the front door's own requests, and a
+revoked key's batch stops being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import secrets
+import socket
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from frontdoor.batches import records
+from frontdoor.batches.files import new_result_file, read_file, show_files
+from frontdoor.batches.records import MAX_FAULTS, BatchRow, LeaseLost
+from frontdoor.batches.results import StoredResults
+from producer.batch import collect_into, delete_batch, submit_batch
+from producer.batch.anthropic import refused as refused_line
+from producer.batch.lines import BatchFile
+from producer.batch.state import BatchState
+from producer.client import GatewayClient
+from queuegate.control import BatchMeta, Counts
+from queuegate.db import DB_ERRORS
+from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
+from queuegate.settings import Settings
+from queuegate.signing import Signer
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER = 5.0
+"""Seconds a batch rests after a run that failed (an outage, a fault) before it is taken up."""
+OUTAGES: tuple[type[Exception], ...] = (ServiceUnavailable, *DB_ERRORS)
+"""What pauses a run without counting against the batch: it is taken up again later."""
+STEPPING = ("submit", "collect")
+"""Phases in which the gateway holds the batch and counts its progress."""
+SHOWN_PROBLEMS = 100
+"""Invalid lines listed in a failed batch's ``errors``."""
+CHUNK = 1000
+"""custom_ids asked about in one control request."""
+
+
+class BatchRunner:
+    """Takes batches left to run, a few at a time, and drives each to its end::
+
+    runner = BatchRunner(settings, pool)
+    task = asyncio.create_task(runner.run(stop))
+    runner.wake()          # a batch was just created: look now rather than at the next tick
+    """
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, name: str | None = None) -> None:
+        self._settings = settings
+        self._pool = pool
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._lease = settings.batch_runner_lease
+        self._tick = min(1.0, self._lease / 3)
+        self._wake = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run batches until ``stop``; then give back the ones in hand, for the next runner."""
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                await self._take()
+                self._wake.clear()
+                waking = asyncio.create_task(self._wake.wait())
+                await asyncio.wait(
+                    [stopping, waking, *self._running.values()],
+                    timeout=self._tick,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waking.cancel()
+        finally:
+            stopping.cancel()
+            for task in self._running.values():
+                task.cancel()
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _take(self) -> None:
+        while len(self._running) < self._settings.batch_runners:
+            try:
+                row = await records.claim(self._pool, self.name, self._lease)
+            except DB_ERRORS as exc:
+                log.warning("cannot look for batches to run: %s", exc)
+                return
+            if row is None:
+                return
+            task = asyncio.create_task(self._drive(row), name=f"batch {row.id}")
+            self._running[row.id] = task
+            task.add_done_callback(functools.partial(self._forget, row.id))
+
+    def _forget(self, batch_id: str, _: asyncio.Task[None]) -> None:
+        self._running.pop(batch_id, None)
+
+    async def _drive(self, row: BatchRow) -> None:
+        """One run of a batch while this runner holds it; the lease is given back after."""
+        rest = 0.0
+        try:
+            async with _Run(self._settings, self._pool, row, self.name) as run:
+                await run.heartbeat(self._lease, self._tick)
+        except LeaseLost:
+            log.info("batch %s: taken over by another runner", row.id)
+        except OUTAGES as exc:
+            log.warning("batch %s: paused by an outage, resumed later: %s", row.id, exc)
+            rest = RETRY_AFTER
+        except Exception as exc:
+            log.exception("batch %s: run failed", row.id)
+            rest = RETRY_AFTER
+            await self._fault(row, exc)
+        finally:
+            with contextlib.suppress(*DB_ERRORS, OSError):
+                await asyncio.shield(records.release(self._pool, row.id, self.name, after=rest))
+
+    async def _fault(self, row: BatchRow, exc: Exception) -> None:
+        """Count a run ended by something no retry may mend; fail the batch past a few."""
+        with contextlib.suppress(*DB_ERRORS, LeaseLost):
+            async with self._pool.acquire() as conn, conn.transaction():
+                values: dict[str, Any] = {"faults": row.faults + 1}
+                if row.faults + 1 >= MAX_FAULTS:
+                    reason = f"the batch could not be run ({type(exc).__name__}: {exc})"
+                    values.update(_failure(row, reason, "batch_failed"), phase="clean")
+                await records.update(conn, row.id, self.name, **values)
+
+
+class _Run:
+    """One batch in one runner's hands: its client of the gateway and its heartbeat."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, row: BatchRow, runner: str) -> None:
+        self._settings = settings
+        self._pool = pool
+        self.row = row
+        self._runner = runner
+        self._signer: Signer | None = None
+        self._client: GatewayClient | None = None
+        self._state: BatchState | None = None
+        self._cancel_sent = False
+
+    async def __aenter__(self) -> _Run:
+        key_hash = await self._pool.fetchval(
+            "SELECT key_hash FROM api_keys WHERE id = $1", self.row.key_id
+        )
+        if key_hash is None:
+            raise BatchError(f"the API key {self.row.key_id} that created the batch is gone")
+        self._signer = Signer(self.row.key_id, key_hash)
+        self._client = GatewayClient(
+            self._settings, team=self.row.team, api_key=self._signer, listen=False
+        )
+        await self._client.__aenter__()
+        self._state = BatchState(self._client.control, self.row.id)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._client is not None
+        await self._client.__aexit__(None, None, None)
+
+    @property
+    def _who(self) -> dict[str, Any]:
+        return {"team": self.row.team, "api_key": self._signer}
+
+    async def heartbeat(self, lease: float, tick: float) -> None:
+        """Drive the batch while the lease is renewed and progress and cancels followed,
+        each tick; LeaseLost as soon as the lease is found lost."""
+        tasks = [
+            asyncio.create_task(self._steps()),
+            asyncio.create_task(self._keep(lease, tick)),
+            asyncio.create_task(self._follow(tick)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep(self, lease: float, tick: float) -> None:
+        """Renew the lease every tick: on its own, so a slow gateway never lets it lapse."""
+        while True:
+            await asyncio.sleep(tick)
+            if await records.renew(self._pool, self.row.id, self._runner, lease) is None:
+                raise LeaseLost(f"batch {self.row.id} was taken over")
+
+    async def _follow(self, tick: float) -> None:
+        """Every tick, pass a cancel the caller asked for on to the gateway and copy its
+        counts to the row. Best effort: an outage is met by the steps themselves."""
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self._follow_once()
+            except OUTAGES as exc:
+                log.info("batch %s: progress not read this time: %s", self.row.id, exc)
+
+    async def _follow_once(self) -> None:
+        assert self._state is not None
+        row = await self._reload()
+        if row.phase not in STEPPING:
+            return
+        meta = await self._state.load()
+        if meta is None:
+            return  # not recorded by the gateway yet: nothing published, nothing counted
+        if row.status == "cancelling" and not self._cancel_sent:
+            await self._state.cancel()
+            self._cancel_sent = True
+        counts = await self._state.counts(meta)
+        values: dict[str, Any] = _counts(row, counts)
+        if row.status == "validating":
+            values.update(status="in_progress", in_progress_at=_now())
+        if counts.written >= counts.total and row.status == "in_progress":
+            values.update(status="finalizing", finalizing_at=_now())
+        if any(getattr(row, name) != value for name, value in values.items()):
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Counts read before the batch ended must not overwrite its final ones.
+                if await records.held_by(conn, row.id, self._runner) in STEPPING:
+                    await records.update(conn, row.id, self._runner, **values)
+
+    async def _steps(self) -> None:
+        if self.row.phase == "submit":
+            await self._submit()
+        if self.row.phase == "collect":
+            await self._collect()
+        if self.row.phase == "clean":
+            await self._clean()
+
+    async def _set(self, **values: Any) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await records.update(conn, self.row.id, self._runner, **values)
+        self.row = await self._reload()
+
+    async def _reload(self) -> BatchRow:
+        row = await records.get_batch(self._pool, self.row.team, self.row.api, self.row.id)
+        if row is None:
+            raise LeaseLost(f"batch {self.row.id} was deleted")
+        return row
+
+    async def _submit(self) -> None:
+        assert self._state is not None
+        meta = await self._state.load()
+        self.row = await self._reload()
+        if meta is None and self.row.in_progress_at is not None:
+            await self._lost("before all its requests were published")
+            return
+        if meta is None and self.row.status == "cancelling":
+            await self._canceled_before_start()
+            return
+        anthropic = self.row.api == "anthropic"
+        with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
+            path = await self._download(Path(work))
+            reasons: dict[int, str] = {}
+            # A batch canceled after the gateway recorded it publishes nothing more.
+            if meta is None or not await self._state.is_canceled():
+                try:
+                    report = await submit_batch(
+                        self._settings,
+                        path,
+                        name=self.row.id,
+                        skip_invalid=anthropic,
+                        deadline=self.row.expires_at - datetime.now(UTC),
+                        **self._who,
+                    )
+                except BatchInvalid as exc:
+                    if anthropic:
+                        await self._refused_all(path, exc.problems)
+                    else:
+                        await self._invalid(exc)
+                    return
+                reasons = dict(report.skipped)
+            refused = await self._refused(path, reasons) if anthropic else []
+        await self._start_collect(refused)
+
+    async def _refused(self, path: Path, reasons: dict[int, str]) -> list[tuple[str, str]]:
+        """(custom_id, reason) of the requests of a Message Batch the gateway did not take:
+        those it keeps no line of (they were invalid), whichever run of submit found them."""
+        assert self._state is not None
+        entries = _custom_ids(path)
+        found: list[tuple[str, str]] = []
+        for start in range(0, len(entries), CHUNK):
+            chunk = entries[start : start + CHUNK]
+            lines = await self._state.line_numbers([custom_id for _, custom_id in chunk])
+            found += [
+                (custom_id, reasons.get(number, "its params are not valid"))
+                for (number, custom_id), line in zip(chunk, lines, strict=True)
+                if line is None
+            ]
+        return found
+
+    async def _download(self, work: Path) -> Path:
+        path = work / "input.jsonl"
+        with path.open("wb") as f:
+            async for part in read_file(self._pool, self.row.input_file_id):
+                f.write(part)
+        return path
+
+    async def _start_collect(self, refused: list[tuple[str, str]]) -> None:
+        """Make the result files and write the refused requests' lines, with the next step."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await records.held_by(conn, self.row.id, self._runner)
+            self.row = await self._reload()
+            sink = self._sink(await self._result_files(conn))
+            for custom_id, reason in refused:
+                sink.write(refused_line(custom_id, reason), failed=True)
+            await sink.flush(conn)
+            await records.update(
+                conn,
+                self.row.id,
+                self._runner,
+                phase="collect",
+                refused=len(refused),
+                status="in_progress",
+                in_progress_at=_now(),
+            )
+        self.row = await self._reload()
+
+    async def _result_files(self, conn: asyncpg.Connection) -> list[str]:
+        """The batch's result files: made once, their ids kept in its row."""
+        row = self.row
+        if row.output_file_id is not None:
+            return [f for f in (row.output_file_id, row.error_file_id) if f is not None]
+        if row.api == "anthropic":
+            output = await new_result_file(
+                conn, team=row.team, purpose="message_batch_results", filename=f"{row.id}.jsonl"
+            )
+            await records.update(conn, row.id, self._runner, output_file_id=output)
+            self.row = dataclasses.replace(row, output_file_id=output)
+            return [output]
+        output = await new_result_file(
+            conn, team=row.team, purpose="batch_output", filename=f"{row.id}_output.jsonl"
+        )
+        errors = await new_result_file(
+            conn, team=row.team, purpose="batch_output", filename=f"{row.id}_error.jsonl"
+        )
+        await records.update(
+            conn, row.id, self._runner, output_file_id=output, error_file_id=errors
+        )
+        self.row = dataclasses.replace(row, output_file_id=output, error_file_id=errors)
+        return [output, errors]
+
+    def _sink(self, files: list[str]) -> StoredResults:
+        return StoredResults(self._pool, batch_id=self.row.id, runner=self._runner, files=files)
+
+    async def _collect(self) -> None:
+        row = await self._reload()
+        files = [f for f in (row.output_file_id, row.error_file_id) if f is not None]
+        try:
+            report = await collect_into(self._settings, row.id, self._sink(files), **self._who)
+        except BatchError as exc:
+            if await self._gateway_meta() is not None:
+                raise
+            await self._lost(f"while its results were collected ({exc})")
+            return
+        await self._end(report.counts, collected=True)
+
+    async def _gateway_meta(self) -> BatchMeta | None:
+        assert self._state is not None
+        return await self._state.load()
+
+    async def _end(
+        self,
+        counts: Counts,
+        *,
+        collected: bool = False,
+        lines: list[dict[str, Any]] | None = None,
+        refused: int = 0,
+    ) -> None:
+        """Record how the batch ended and show its files, in one transaction, with ``lines``
+        of requests that were never published (Message Batches only). ``collected``: its
+        results were collected (it was finalized), rather than it ended before it ran."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await records.held_by(conn, self.row.id, self._runner)
+            row = self.row = await self._reload()
+            if lines:
+                sink = self._sink(await self._result_files(conn))
+                for line in lines:
+                    sink.write(line, failed=True)
+                await sink.flush(conn)
+                row = self.row
+            status = (
+                "cancelled"
+                if row.status == "cancelling"
+                else "expired"
+                if counts.expired
+                else "completed"
+            )
+            files = await self._keep_written(conn, row)
+            await show_files(conn, [f for f in files.values() if f is not None])
+            values: dict[str, Any] = {**_counts(row, counts), **files}
+            if refused:
+                values["refused"] = refused
+            if collected:
+                values["finalizing_at"] = _now()
+            await records.update(
+                conn,
+                row.id,
+                self._runner,
+                **values,
+                status=status,
+                **{f"{status}_at": _now()},
+                phase="clean",
+            )
+        self.row = await self._reload()
+
+    async def _keep_written(self, conn: asyncpg.Connection, row: BatchRow) -> dict[str, Any]:
+        """The result file ids to show: an empty OpenAI file is dropped, as OpenAI leaves
+        ``output_file_id`` or ``error_file_id`` unset when no line went there."""
+        files: dict[str, Any] = {}
+        for column in ("output_file_id", "error_file_id"):
+            file_id = getattr(row, column)
+            if file_id is None:
+                continue
+            size = await conn.fetchval("SELECT bytes FROM api_files WHERE id = $1", file_id)
+            if size == 0 and row.api == "openai":
+                await conn.execute("DELETE FROM api_files WHERE id = $1", file_id)
+                file_id = None
+            files[column] = file_id
+        return files
+
+    async def _clean(self) -> None:
+        """Forget the gateway's copy (its state and results queue), then be done."""
+        with contextlib.suppress(BatchError):  # already forgotten
+            await delete_batch(self._settings, self.row.id, **self._who)
+        await self._set(phase="done")
+
+    async def _canceled_before_start(self) -> None:
+        """Canceled before anything was published: every request is canceled (a Message
+        Batch lists each; an OpenAI batch ends with no files, as OpenAI's does)."""
+        if self.row.api == "openai":
+            await self._end(_no_counts())
+            return
+        with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
+            custom_ids = [c for _, c in _custom_ids(await self._download(Path(work)))]
+        lines = [{"custom_id": c, "result": {"type": "canceled"}} for c in custom_ids]
+        n = len(lines)
+        await self._end(_no_counts(canceled=n), lines=lines)
+
+    async def _refused_all(self, path: Path, problems: list[tuple[int, str]]) -> None:
+        """Not one request of a Message Batch was valid: each is errored, and it ends."""
+        lines = [refused_line(c, reason) for c, reason in _named(path, problems)]
+        await self._end(_no_counts(), lines=lines, refused=len(lines))
+
+    async def _invalid(self, exc: BatchInvalid) -> None:
+        """An OpenAI batch whose input has invalid lines fails as a whole, listing them."""
+        errors = [
+            {"code": "invalid_request", "line": number, "message": reason, "param": None}
+            for number, reason in exc.problems[:SHOWN_PROBLEMS]
+        ]
+        if not errors:
+            message = "the input file holds no request"
+            errors = [{"code": "empty_file", "line": None, "message": message, "param": None}]
+        await self._set(status="failed", failed_at=_now(), errors=errors, phase="clean")
+
+    async def _lost(self, when: str) -> None:
+        """The gateway lost the batch's state (Redis lost its data): running it again would
+        serve its requests twice. It fails, its files keeping what was collected."""
+        reason = f"the gateway lost this batch's progress {when}; submit it again"
+        log.error("batch %s: %s", self.row.id, reason)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await records.held_by(conn, self.row.id, self._runner)
+            row = await self._reload()
+            files = await self._keep_written(conn, row) if row.output_file_id else {}
+            await show_files(conn, [f for f in files.values() if f is not None])
+            await records.update(
+                conn,
+                row.id,
+                self._runner,
+                **files,
+                **_failure(row, reason, "batch_lost"),
+                phase="clean",
+            )
+        self.row = await self._reload()
+
+
+def _failure(row: BatchRow, reason: str, code: str) -> dict[str, Any]:
+    errors = [*(row.errors or []), {"code": code, "message": reason, "line": None, "param": None}]
+    return {"status": "failed", "failed_at": _now(), "errors": errors}
+
+
+def _counts(row: BatchRow, counts: Counts) -> dict[str, int]:
+    """The row's counts from the gateway's. A Message Batch's total is its requests, known
+    from its creation; the gateway counts only the valid ones."""
+    values = {
+        "done": counts.done,
+        "failed": counts.failed,
+        "expired": counts.expired,
+        "canceled": counts.canceled,
+    }
+    if row.api == "openai":
+        values["total"] = counts.total
+    return values
+
+
+def _no_counts(**values: int) -> Counts:
+    numbers = {"total": 0, "published": 0, "done": 0, "failed": 0, "expired": 0, "canceled": 0}
+    return Counts(
+        **{**numbers, **values},
+        spend_usd=0.0,
+        first_written=None,
+        last_written=None,
+        canceled_flag=False,
+    )
+
+
+def _custom_ids(path: Path) -> list[tuple[int, str]]:
+    """(line, custom_id) of every request of a stored input that names one."""
+    found = []
+    for number, entry in BatchFile(path):
+        if isinstance(entry, dict) and isinstance(entry.get("custom_id"), str):
+            found.append((number, entry["custom_id"]))
+    return found
+
+
+def _named(path: Path, problems: list[tuple[int, str]]) -> list[tuple[str, str]]:
+    """(custom_id, reason) of each problem, by its line."""
+    by_line = dict(_custom_ids(path))
+    return [(by_line[n], reason) for n, reason in problems if n in by_line]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+__all__ = ["BatchRunner"]

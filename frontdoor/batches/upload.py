@@ -1,0 +1,96 @@
+"""Reading a large request within a size and a time limit: a multipart upload, or a body
+spooled to a file.
+
+The whole request is bounded as it arrives, before anything spools it, so a request past
+the limit costs the front door no more than the limit; an uploaded file is bounded again,
+exactly, as it is stored::
+
+    async with read_upload(request, limit=s.batch_file_max_bytes, timeout=60) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+    await spool_body(request, path, limit=..., timeout=...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.types import Message
+
+from frontdoor.errors import ApiError
+
+FORM_OVERHEAD = 64 * 1024
+"""Bytes of a multipart request beside the file: boundaries, part headers, other fields."""
+
+
+@asynccontextmanager
+async def read_upload(request: Request, *, limit: int, timeout: float) -> AsyncIterator[FormData]:
+    """The request's form, its files spooled by the parser and closed on exit."""
+    bound = limit + FORM_OVERHEAD
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > bound:
+        raise too_large(limit)
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > bound:
+            raise too_large(limit)
+        return message
+
+    try:
+        async with asyncio.timeout(timeout):
+            form = await Request(request.scope, receive).form(max_files=1, max_fields=16)
+    except TimeoutError:
+        raise ApiError(
+            "request_timeout", f"the upload did not arrive within {timeout:g} s"
+        ) from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+async def spool_body(request: Request, path: Path, *, limit: int, timeout: float) -> None:
+    """Write the request's body to ``path``, never more than ``limit`` bytes of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            with path.open("wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large(limit)
+                    f.write(chunk)
+    except TimeoutError:
+        raise ApiError(
+            "request_timeout", f"the request body did not arrive within {timeout:g} s"
+        ) from None
+
+
+async def chunks(upload: UploadFile, size: int) -> AsyncIterator[bytes]:
+    """An uploaded file's bytes, ``size`` at a time."""
+    while chunk := await upload.read(size):
+        yield chunk
+
+
+async def file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
+    """A local file's bytes, ``size`` at a time."""
+    with path.open("rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        "request_too_large", f"the upload is over {limit:,} bytes: split it into several batches"
+    )

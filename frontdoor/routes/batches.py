@@ -1,0 +1,123 @@
+"""OpenAI's Batch API: ``POST /v1/batches``, ``GET /v1/batches``, ``GET /v1/batches/{id}``,
+``POST /v1/batches/{id}/cancel``, over an input file uploaded with ``POST /v1/files``.
+
+A batch is recorded and answered ``validating`` at once; a runner of the front door
+(``frontdoor.batches.runner``) takes it through the team's queue to its end, whatever
+process or request ends meanwhile. Its results are two files: ``output_file_id``
+(requests answered 200) and ``error_file_id`` (the rest), read with
+``GET /v1/files/{id}/content`` in OpenAI's batch output format.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from frontdoor.auth import Caller, require_caller
+from frontdoor.batches import files, records
+from frontdoor.batches.objects import openai_batch, openai_page
+from frontdoor.body import read_json
+from frontdoor.errors import ApiError
+from frontdoor.service import FrontDoor, frontdoor
+from producer.batch.openai import URL
+
+router = APIRouter(tags=["OpenAI Batches"])
+
+Door = Annotated[FrontDoor, Depends(frontdoor)]
+Calling = Annotated[Caller, Depends(require_caller)]
+
+WINDOW = "24h"
+REQUEST_BYTES = 64 * 1024
+"""A batch's own request is small: its lines are in the input file."""
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: (
+        dict[
+            Annotated[str, StringConstraints(max_length=64)],
+            Annotated[str, StringConstraints(max_length=512)],
+        ]
+        | None
+    ) = Field(default=None, max_length=16)
+
+
+@router.post("/v1/batches", summary="Create a batch from an uploaded file")
+async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
+    s = door.settings
+    body = await read_json(request, limit=REQUEST_BYTES, timeout=s.http_body_timeout)
+    try:
+        asked = BatchCreate.model_validate(body)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "request"
+        raise ApiError("invalid_request", f"{where}: {problem['msg']}") from None
+    if asked.endpoint != URL:
+        raise ApiError("invalid_request", f"endpoint {asked.endpoint!r} is not served: use {URL}")
+    if asked.completion_window != WINDOW:
+        raise ApiError(
+            "invalid_request",
+            f"completion_window {asked.completion_window!r} is not served: use {WINDOW!r}",
+        )
+    if await files.get_file(door.pool, caller.team, asked.input_file_id, ("batch",)) is None:
+        raise ApiError(
+            "not_found",
+            f"no batch file {asked.input_file_id}: upload one with POST /v1/files, purpose=batch",
+        )
+    row = await records.create_batch(
+        door.pool,
+        batch_id=records.new_batch_id("openai"),
+        team=caller.team,
+        api="openai",
+        key_id=caller.key_id,
+        input_file_id=asked.input_file_id,
+        endpoint=asked.endpoint,
+        completion_window=asked.completion_window,
+        metadata=asked.metadata,
+        expires_at=datetime.now(UTC) + timedelta(hours=24),
+    )
+    door.batch_runner.wake()
+    return openai_batch(row)
+
+
+@router.get("/v1/batches", summary="The team's batches, newest first")
+async def list_batches(
+    door: Door,
+    caller: Calling,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    rows = await records.list_batches(
+        door.pool, caller.team, "openai", after=after, limit=limit + 1
+    )
+    return openai_page([openai_batch(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+@router.get("/v1/batches/{batch_id}", summary="One of the team's batches")
+async def retrieve(batch_id: str, door: Door, caller: Calling) -> dict[str, Any]:
+    row = await records.get_batch(door.pool, caller.team, "openai", batch_id)
+    if row is None:
+        raise _not_found(batch_id)
+    return openai_batch(row)
+
+
+@router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch")
+async def cancel(batch_id: str, door: Door, caller: Calling) -> dict[str, Any]:
+    """``cancelling`` until the requests in flight are answered, then ``cancelled``; the
+    answers written so far stay in its files. A batch that has ended is left as it is."""
+    row = await records.request_cancel(door.pool, caller.team, "openai", batch_id)
+    if row is None:
+        raise _not_found(batch_id)
+    door.batch_runner.wake()
+    return openai_batch(row)
+
+
+def _not_found(batch_id: str) -> ApiError:
+    return ApiError("not_found", f"no batch {batch_id}: GET /v1/batches lists your team's")
