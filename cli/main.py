@@ -31,7 +31,17 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batch_app, name="batch")
 app.add_typer(admin_key_app, name="admin-key")
-for command in (worker, api, accounting, migrate, mock_provider, submit, usage, status, deployments):
+for command in (
+    worker,
+    api,
+    accounting,
+    migrate,
+    mock_provider,
+    submit,
+    usage,
+    status,
+    deployments,
+):
     app.command()(command)
 app.command()(demo)
 

@@ -11,6 +11,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractQueue
+from queuegate.teams_admin import Credentials, create_broker_user
 
 from producer.client import job_message
 from queuegate.broker import publish
@@ -19,7 +20,6 @@ from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.teams_admin import Credentials, create_broker_user
 from queuegate.tenancy import add_api_key
 from queuegate.topology import Topology
 from tests.support import Gateway, running_gateway
