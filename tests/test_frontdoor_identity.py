@@ -11,8 +11,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractQueue
-from queuegate.teams_admin import Credentials, create_broker_user
 
+from admin.teams import Credentials, create_broker_user
 from producer.client import job_message
 from queuegate.broker import publish
 from queuegate.db import create_pool
