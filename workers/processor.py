@@ -103,6 +103,9 @@ class JobProcessor:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
             log.info("job %s: its channel is gone (%s); it comes back", message.message_id, exc)
+        except ServiceUnavailable as exc:
+            log.warning("job %s: %s", message.message_id, exc)
+            await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
         except Exception:
             log.exception(
                 "job %s failed in the worker; returning it to the queue", message.message_id

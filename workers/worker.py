@@ -136,6 +136,7 @@ class Worker:
             lease=s.claim_lease,
             wait=s.claim_wait,
             ttl=s.result_ttl,
+            lookup_wait=s.job_time_limit,
         )
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
