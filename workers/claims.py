@@ -233,11 +233,11 @@ class Claims:
         """Write the memory epoch if missing, settle it if provisional and due; whether jobs
         must be looked up (always, while it cannot be told).
 
-        Missing: Redis is new, or lost its data, at ``found`` (now). Jobs accounted within
-        ``result_ttl`` before it may have outcomes Redis forgot: it is ``found``. None yet:
-        it is provisional (``-found``), for the usage events of jobs answered just before the
-        loss may still be on their way; SETTLE later the same question is asked again, and
-        it is ``found`` or 0 (nothing to forget).
+        Missing: Redis is new, or lost its data, at ``found`` (now). If a job that finished
+        within ``result_ttl`` before it is accounted, Redis may have forgotten outcomes: it
+        is ``found``. If none is yet, it is provisional (``-found``), for the usage events of
+        jobs answered just before the loss may still be on their way; SETTLE later the same
+        question is asked again, and it is ``found`` or 0 (nothing to forget).
         """
         key = self._keys.memory_epoch
         try:

@@ -43,11 +43,6 @@ class UsageRecord:
         self._asked: dict[tuple[str, str], asyncio.Future[bool | None]] = {}
         self._looking: asyncio.Task[None] | None = None
 
-    @property
-    def down(self) -> bool:
-        """Whether the last lookup failed: jobs waiting on one are held."""
-        return self._outage.down
-
     async def accounted(self, team: str, job_id: str, *, until: float) -> bool:
         """Whether the job has a usage row: it was answered (ok or error) and accounted.
 
