@@ -259,6 +259,14 @@ async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
             await set_team_config(pool, TEAM, team)
     finally:
         await pool.close()
+    # A new namespace has answered nothing, so its Redis has nothing to forget: measure the
+    # steady state, not the first minute after a worker finds Redis empty, when every job is
+    # looked up in usage_log (workers.claims).
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        await redis.set(Keys(settings.redis_prefix).memory_epoch, 0)
+    finally:
+        await redis.aclose()
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()

@@ -12,6 +12,9 @@ from queuegate.settings import Settings
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for a connection; asyncpg's default (60 s) hides an outage for a minute."""
+RETRY_FIRST = 0.1
+RETRY_CAP = 2.0
+"""Seconds between a held lookup's attempts while PostgreSQL is unreachable: doubling, capped."""
 
 UNREACHABLE: tuple[type[Exception], ...] = (
     # Refused, reset or timed out on the socket: the server is down or the network is.

@@ -30,8 +30,10 @@ class Keys:
     @property
     def memory_epoch(self) -> str:
         """Milliseconds since the epoch from which Redis may be missing stored outcomes (it
-        lost its data then), or 0: jobs are checked against PostgreSQL's usage rows until
-        ``result_ttl`` after it. Written by the first worker to find it missing."""
+        lost its data then): jobs are checked against PostgreSQL's usage rows until
+        ``result_ttl`` after it; 0: nothing to forget; negative: provisional, found missing
+        then with nothing accounted before it yet (see workers.claims). Written by the first
+        worker to find it missing."""
         return f"{self.prefix}:memory-epoch"
 
     # Live stats: written by workers every few seconds, read by `queuegate status`.

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import aio_pika
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
@@ -18,7 +17,6 @@ from producer import GatewayClient
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
-from tests.proxy import TcpProxy
 from tests.support import Gateway, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -185,55 +183,3 @@ async def test_a_job_without_reply_to_is_refused_before_any_call(settings: Setti
         [row] = await gw.usage_rows(1)
         assert row["job_id"].startswith("nowhere/refused/")
         assert gw.mock.stats.calls == 0
-
-
-async def test_after_redis_loses_its_data_an_accounted_job_is_not_called_again(
-    settings: Settings, redis_client: aioredis.Redis
-) -> None:
-    async with running_gateway(settings) as gw:
-        # Given a job answered and accounted
-        async with gw.client("alpha") as first:
-            job = first.job("gpt-4o-mini", HELLO, job_id="kept")
-            assert (await (await first.submit(job)).result(10)).status == "ok"
-        await gw.usage_rows(1)
-        # When Redis loses every key of the gateway, and the job is published again
-        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
-            await redis_client.delete(key)
-        async with gw.client("alpha") as second:
-            result = await (await second.submit(job)).result(10)
-        # Expect it refused as already answered, the provider not called again, and the
-        # refusal accounted apart from the job's row
-        assert result.error is not None and result.error.code == "already_answered"
-        assert gw.mock.stats.calls == 1
-        rows = await gw.usage_rows(2)
-        assert sorted(r["job_id"].split("/")[0] for r in rows) == ["kept", "kept"]
-        assert sum(r["job_id"] == "kept" for r in rows) == 1
-
-
-async def test_a_redis_restarted_empty_under_a_running_worker_calls_no_accounted_job_again(
-    settings: Settings, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Given a worker reaching Redis through a proxy, and three jobs answered and accounted
-    async with TcpProxy(settings.redis_url) as proxy:
-        s = settings.model_copy(update={"redis_url": proxy.url})
-        async with running_gateway(s) as gw:
-            async with gw.client("alpha") as first:
-                jobs = [first.job("gpt-4o-mini", HELLO, job_id=f"kept-{i}") for i in range(3)]
-                handles = [await first.submit(job) for job in jobs]
-                assert {(await h.result(10)).status for h in handles} == {"ok"}
-            await gw.usage_rows(3)
-            # When Redis restarts empty: every key gone, every pooled connection closed
-            async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
-                await redis_client.delete(key)
-            await proxy.down()
-            await proxy.up()
-            # and the jobs are published again at once
-            caplog.clear()
-            async with gw.client("alpha") as second:
-                again = [await second.submit(job) for job in jobs]
-                results = [await h.result(10) for h in again]
-    # Expect each refused as already answered, none called again, and no delivery served
-    # unclaimed because of a connection the restart closed
-    assert [r.error.code if r.error else r.status for r in results] == ["already_answered"] * 3
-    assert gw.mock.stats.calls == 3
-    assert "served without claims" not in caplog.text

@@ -80,11 +80,14 @@ async def test_a_job_in_flight_when_the_worker_loses_the_broker_completes_once(
         await asyncio.sleep(OUTAGE)
         await proxies["amqp"].up()
 
-        # Expect one result, one usage row, and the whole path serving new jobs
+        # Expect one result, the call in flight not made again (its redelivery answered
+        # from the outcome it stored), one usage row, and the whole path serving new jobs
         result = await handle.result(timeout=15)
         assert result.status == "ok"
         [row] = await gw.usage_rows(1, timeout=15)
         assert row["job_id"] == handle.job_id
+        await wait_until(lambda: gw.worker.in_flight == 0, timeout=15)
+        assert gw.mock.stats.calls == 1
         again = await client.chat("gpt-4o-mini", HELLO, timeout=15)
         assert again.status == "ok"
         assert len(await gw.usage_rows(2, timeout=15)) == 2

@@ -21,10 +21,13 @@ Redis, in the same script call that looks for the job's stored outcome::
 - Each call is recorded in the claim before it leaves; a delivery that takes over a lapsed
   claim accounts the call its owner had in flight (``lost``, priced at its estimate).
 - Redis remembers outcomes for ``result_ttl``. When it lost its data less than that ago
-  (the memory epoch key says when), and for every redelivered job, PostgreSQL's usage row
-  is checked too: a job accounted there is refused ``already_answered``, not called again.
+  (the memory epoch key says when), while that cannot be told (no epoch, PostgreSQL
+  unreachable, Redis unreachable), and for every redelivered job, PostgreSQL's usage row is
+  checked too: a job accounted there is refused ``already_answered``, not called again. A
+  job whose lookup cannot answer waits for it (up to ``lookup_wait``, then goes back to its
+  queue uncalled): it is never served on a guess.
 
-Redis being down does not stop jobs: they are served unclaimed, as before claims existed.
+Redis being down does not stop jobs: they are served unclaimed, each checked in usage_log.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ LAST_POLL = 0.25
 _PER_MTOK = Decimal(1_000_000)
 FINGERPRINT = 64
 """Characters of a fingerprint (sha256, hex) before a stored outcome's JSON."""
+SETTLE = 60.0
+"""Seconds a provisional memory epoch lasts (Redis found empty with nothing accounted within
+``result_ttl`` before): time for usage events already on their way to be accounted."""
 
 
 @cache
@@ -97,6 +103,7 @@ class Claims:
         lease: float,
         wait: float,
         ttl: int,
+        lookup_wait: float,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -105,9 +112,11 @@ class Claims:
         self._lease_ms = int(lease * 1000)
         self._wait = wait
         self._ttl = ttl
+        self._lookup_wait = lookup_wait
         self._claim: AsyncScript = client.register_script(_source("claim"))
         self._hold: AsyncScript = client.register_script(_source("hold"))
         self._finish: AsyncScript = client.register_script(_source("finish"))
+        self._settle: AsyncScript = client.register_script(_source("settle_epoch"))
         self._epoch_lock = asyncio.Lock()
         self._held: dict[str, str] = {}
         """Claim key → owner, of every job in flight here: renewed together by ``run``."""
@@ -150,7 +159,8 @@ class Claims:
                 reply = await self._claim(keys=[key, result, self._keys.memory_epoch], args=args)
             except RedisError as exc:
                 self._outage.failed(exc)
-                # Unclaimed, but never past PostgreSQL's record that it was answered.
+                # Unclaimed, and the memory epoch unknown: never past PostgreSQL's record
+                # that it was answered.
                 await self._not_accounted(job)
                 return Claim(self, job, fingerprint, key)
             self._outage.recovered()
@@ -176,17 +186,19 @@ class Claims:
         lost = [LostCall.model_validate_json(line) for line in reply[1].decode().splitlines()]
         claim = Claim(self, job, fingerprint, key, owner=owner, lost=lost)
         self._held[key] = owner
-        if redelivered or await self._may_have_forgotten(reply[2]):
-            try:
+        try:
+            if redelivered or await self._must_check(reply[2]):
                 await self._not_accounted(job)
-            except AlreadyAnswered:
-                await claim.abandon()
-                raise
+        except BaseException:
+            await claim.abandon()
+            raise
         return claim
 
     async def _not_accounted(self, job: ChatJob) -> None:
-        """Raise AlreadyAnswered when PostgreSQL records the job's usage."""
-        if await self._usage.has(job.team, job.job_id):
+        """Raise AlreadyAnswered when PostgreSQL records the job's usage; wait while it
+        cannot tell, up to the job's time limit (then ServiceUnavailable)."""
+        until = time.monotonic() + self._lookup_wait
+        if await self._usage.accounted(job.team, job.job_id, until=until):
             raise AlreadyAnswered(
                 f"job {job.job_id} was already answered (its usage is recorded); its "
                 "result went to the reply queue of the first delivery"
@@ -195,34 +207,58 @@ class Claims:
     async def start(self) -> None:
         """Write the memory epoch if Redis has none (it is new, or lost its data), so that
         jobs find it."""
-        await self._may_have_forgotten(b"")
+        await self._must_check(b"")
 
-    async def _may_have_forgotten(self, raw: bytes) -> bool:
-        """Whether Redis lost its data less than ``result_ttl`` ago: it may have forgotten
-        outcomes that PostgreSQL still records. ``raw``: the memory epoch, b"" if missing."""
-        if not raw:
-            # One look at a time: the jobs that found it missing together wait for it.
+    async def _must_check(self, raw: bytes) -> bool:
+        """Whether a job must be looked up in usage_log before its call: Redis may have lost
+        outcomes that PostgreSQL records, or that cannot be told. ``raw``: the memory epoch
+        as the claim read it (b"" if missing)."""
+        verdict = self._verdict(raw)
+        if verdict is None:
+            # One look at a time: the jobs that found it so together wait for it.
             async with self._epoch_lock:
-                raw = await self._epoch()
-        now_ms = time.time() * 1000
-        return bool(raw) and float(raw) > 0 and now_ms < float(raw) + self._ttl * 1000
+                verdict = await self._decide()
+        return verdict
 
-    async def _epoch(self) -> bytes:
-        """The memory epoch; written first if missing: now, when jobs were accounted within
-        the ttl (their outcomes may be forgotten), else 0. b"" when it cannot be told."""
+    def _verdict(self, raw: bytes) -> bool | None:
+        """What the memory epoch says; None when it is missing, or provisional and due."""
+        if not raw:
+            return None
+        epoch, now_ms = float(raw), time.time() * 1000
+        if epoch < 0:  # provisional: found missing at -epoch, nothing accounted before
+            return True if now_ms < SETTLE * 1000 - epoch else None
+        return epoch > 0 and now_ms < epoch + self._ttl * 1000
+
+    async def _decide(self) -> bool:
+        """Write the memory epoch if missing, settle it if provisional and due; whether jobs
+        must be looked up (always, while it cannot be told).
+
+        Missing: Redis is new, or lost its data, at ``found`` (now). If a job that finished
+        within ``result_ttl`` before it is accounted, Redis may have forgotten outcomes: it
+        is ``found``. If none is yet, it is provisional (``-found``), for the usage events of
+        jobs answered just before the loss may still be on their way; SETTLE later the same
+        question is asked again, and it is ``found`` or 0 (nothing to forget).
+        """
         key = self._keys.memory_epoch
         try:
-            if (raw := await self._client.get(key)) is None:
-                recent = await self._usage.any_since(self._ttl)
-                if recent is None:
-                    return b""  # cannot tell now; a later job asks again
-                epoch = int(time.time() * 1000) if recent else 0
-                await self._client.set(key, epoch, nx=True)
-                raw = await self._client.get(key)
+            raw = _text(await self._client.get(key))
+            verdict = self._verdict(raw)
+            if verdict is not None:
+                return verdict
+            found = -float(raw) if raw else time.time() * 1000
+            before = await self._usage.accounted_before(found, self._ttl)
+            if before is None:
+                return True  # cannot tell now; a later job asks again
+            if raw:  # provisional and due: settled now
+                settled = f"{found:.0f}" if before else "0"
+                await self._settle(keys=[key], args=[raw, settled])
+            else:
+                await self._client.set(key, f"{found:.0f}" if before else f"-{found:.0f}", nx=True)
+            raw = _text(await self._client.get(key))
         except RedisError as exc:
             self._outage.failed(exc)
-            return b""
-        return str(raw or "").encode() if not isinstance(raw, bytes) else raw
+            return True
+        return self._verdict(raw) is not False
 
     async def hold(self, key: str, owner: str, call: LostCall | None = None) -> None:
         """Renew a claim now, with the call about to leave when there is one."""
@@ -352,6 +388,10 @@ class _Recording:
 
     async def rate_limited(self, deployment: Deployment) -> None:
         await self._ticket.rate_limited(deployment)
+
+
+def _text(raw: bytes | str | None) -> bytes:
+    return raw.encode() if isinstance(raw, str) else raw or b""
 
 
 def stored_outcome(raw: bytes) -> Outcome | None:

@@ -50,7 +50,7 @@ from typing import TypeVar
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from queuegate.db import DB_ERRORS, is_unreachable, reconnect
+from queuegate.db import DB_ERRORS, RETRY_CAP, RETRY_FIRST, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable, Unauthorized
 from queuegate.outage import OutageLog
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches
@@ -69,9 +69,6 @@ KEY_CACHE_SIZE = 10_000
 _KEY_ID = re.compile(r"[0-9a-f]{12}")
 MISSING_TEAM_RECHECK = 0.5
 """Seconds between registry reads while a team has no security row."""
-RETRY_FIRST = 0.1
-RETRY_CAP = 2.0
-"""Seconds between a held lookup's attempts while PostgreSQL is unreachable: doubling, capped."""
 
 T = TypeVar("T")
 

@@ -9,7 +9,9 @@ reply_to) → settle admission → store outcome, ending the claim → publish r
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again. Before
-that point the claim (workers.claims) keeps any other delivery of the job from calling.
+that point the claim (workers.claims) keeps any other delivery of the job from calling. A
+delivery whose channel closes (the broker connection lost) runs on to its outcome if it holds
+the claim, and stops before claiming if not: either way its redelivery makes no second call.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import AMQPError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -103,6 +105,9 @@ class JobProcessor:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
             log.info("job %s: its channel is gone (%s); it comes back", message.message_id, exc)
+        except ServiceUnavailable as exc:
+            log.warning("job %s: %s", message.message_id, exc)
+            await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
         except Exception:
             log.exception(
                 "job %s failed in the worker; returning it to the queue", message.message_id
@@ -129,6 +134,9 @@ class JobProcessor:
         except JobError as exc:
             outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
             return self._refused(job.job_id, outcome, reply_to, exc)
+        if _channel_gone(message):
+            # The broker delivers it again: claimed here, its redelivery would wait on it.
+            raise ChannelInvalidStateError(f"job {job.job_id}'s channel is closed")
         try:
             claim = await self._claims.take(job, redelivered=bool(message.redelivered))
         except JobError as exc:  # a different request under the id, or answered before
@@ -283,6 +291,13 @@ class JobProcessor:
                 first=self._gate.first_cause(message),
             )
         await settle(message.ack(), f"acknowledge job {announcement.job_id}", log)
+
+
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    try:
+        return message.channel.is_closed  # aio-pika raises instead, once it is
+    except ChannelInvalidStateError:
+        return True
 
 
 def _queued_ms(message: AbstractIncomingMessage) -> float:

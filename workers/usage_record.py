@@ -12,34 +12,56 @@ import time
 
 import asyncpg
 
-from queuegate.db import DB_ERRORS
+from queuegate.db import DB_ERRORS, RETRY_CAP, RETRY_FIRST, is_unreachable, reconnect
+from queuegate.errors import ServiceUnavailable
 from queuegate.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 5.0
-"""Seconds one lookup may take: jobs wait for it before their provider call."""
-RETRY_AFTER = 5.0
-"""Seconds lookups are skipped after one failed, so an outage costs each job nothing."""
+"""Seconds one lookup may take before it counts as PostgreSQL being unreachable."""
+RETRY_AFTER = 1.0
+"""Seconds lookups are not sent after one failed: the jobs waiting for an answer ask again
+with backoff, and a dead or silent server is not asked once per job."""
 
 
 class UsageRecord:
-    """Reads ``usage_log`` through the worker's pool; every answer is None when it cannot
-    tell (PostgreSQL unreachable, or no usage table yet), and the caller serves the job.
+    """Reads ``usage_log`` through the worker's pool.
 
-    Lookups asked while one runs go together in the next query, so a burst of jobs to check
-    (every job, for a while after Redis lost its data) costs a few queries, not one each.
+    ``accounted`` answers for one job, waiting while PostgreSQL cannot tell: a job that must
+    be checked is never served on a guess. Lookups asked while one runs go together in the
+    next query, so a burst of jobs to check (every job, for a while after Redis lost its
+    data) costs a few queries, not one each.
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._down_until = 0.0
-        self._outage = OutageLog(log, "PostgreSQL", "answered jobs are not checked in usage_log")
+        self._outage = OutageLog(
+            log, "PostgreSQL (usage_log)", "jobs that must be looked up there wait for it"
+        )
         self._asked: dict[tuple[str, str], asyncio.Future[bool | None]] = {}
         self._looking: asyncio.Task[None] | None = None
 
-    async def has(self, team: str, job_id: str) -> bool | None:
-        """Whether the job has a usage row: it was answered (ok or error) and accounted."""
+    async def accounted(self, team: str, job_id: str, *, until: float) -> bool:
+        """Whether the job has a usage row: it was answered (ok or error) and accounted.
+
+        While PostgreSQL cannot tell, asked again with backoff up to ``until`` (a monotonic
+        time), then ServiceUnavailable: the job goes back to its queue uncalled.
+        """
+        delay = RETRY_FIRST
+        while (answer := await self._has(team, job_id)) is None:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise ServiceUnavailable(
+                    f"PostgreSQL (usage_log) could not tell whether job {job_id} was answered "
+                    "already; it goes back to its queue uncalled: check the database"
+                )
+            await asyncio.sleep(min(delay, left))
+            delay = min(2 * delay, RETRY_CAP)
+        return answer
+
+    async def _has(self, team: str, job_id: str) -> bool | None:
         key = (team, job_id)
         answer = self._asked.get(key)
         if answer is None:
@@ -64,18 +86,21 @@ class UsageRecord:
                     answer.cancel()
                 raise
             except Exception:
-                log.exception("looking up %d jobs in usage_log failed; serving them", len(asked))
+                log.exception("looking up %d jobs in usage_log failed; they wait", len(asked))
                 rows = None
             found = None if rows is None else {(row[0], row[1]) for row in rows}
             for key, answer in asked.items():
                 if not answer.done():
                     answer.set_result(None if found is None else key in found)
 
-    async def any_since(self, seconds: float) -> bool | None:
-        """Whether any job was accounted in the last ``seconds``."""
+    async def accounted_before(self, epoch_ms: float, seconds: float) -> bool | None:
+        """Whether any job that finished in the ``seconds`` before ``epoch_ms`` (Unix time,
+        ms) is accounted; None when PostgreSQL cannot tell."""
         rows = await self._fetch(
-            "SELECT 1 FROM usage_log WHERE ts > now() - make_interval(secs => $1) LIMIT 1",
-            float(seconds),
+            "SELECT 1 FROM usage_log WHERE ts > to_timestamp($1) AND ts <= to_timestamp($2)"
+            " LIMIT 1",
+            epoch_ms / 1000 - seconds,
+            epoch_ms / 1000,
         )
         return None if rows is None else bool(rows)
 
@@ -90,6 +115,8 @@ class UsageRecord:
         except DB_ERRORS as exc:  # TimeoutError (LOOKUP_TIMEOUT) is among them
             self._down_until = time.monotonic() + RETRY_AFTER
             self._outage.failed(exc)
+            if is_unreachable(exc):
+                await reconnect(self._pool)
             return None
         self._outage.recovered()
         return rows

@@ -136,6 +136,7 @@ class Worker:
             lease=s.claim_lease,
             wait=s.claim_wait,
             ttl=s.result_ttl,
+            lookup_wait=s.job_time_limit,
         )
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
@@ -284,18 +285,23 @@ class Worker:
         self, team: str, queue: str
     ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
         async def on_job(delivered: DeliveredMessage) -> None:
-            assert self._processor is not None
-            task = asyncio.current_task()
-            assert task is not None
+            # Not in this task, which aiormq cancels when the channel closes: a job whose
+            # provider call is in flight when the connection drops runs on, stores its
+            # outcome and keeps its claim, so that its redelivery is answered from it
+            # instead of calling again.
+            task = asyncio.create_task(self._run_job(IncomingMessage(delivered), team, queue))
             self._inflight.add(task)
-            self._telemetry.taken(team)
-            try:
-                await self._processor.process(IncomingMessage(delivered), team, queue)
-            finally:
-                self._telemetry.released(team)
-                self._inflight.discard(task)
+            task.add_done_callback(self._inflight.discard)
 
         return on_job
+
+    async def _run_job(self, message: IncomingMessage, team: str, queue: str) -> None:
+        assert self._processor is not None
+        self._telemetry.taken(team)
+        try:
+            await self._processor.process(message, team, queue)
+        finally:
+            self._telemetry.released(team)
 
     def _live_in_flight(self) -> dict[str, int]:
         return {team: self._telemetry.in_flight[team] for team in self._consumers}

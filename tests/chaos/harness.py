@@ -111,8 +111,8 @@ async def expect_each_job_once(
     dead: Settings,
     figures: Figures,
 ) -> None:
-    """Every confirmed job answered exactly once at the producer and accounted exactly once,
-    nothing dead-lettered; the figures are recorded and printed."""
+    """Every confirmed job answered exactly once at the producer, called once and accounted
+    once, nothing dead-lettered; the figures are recorded and printed."""
     handles = await submitting
     figures.sent = len(handles)
     results = await collect(handles, timeout=60)
@@ -126,4 +126,5 @@ async def expect_each_job_once(
     assert all(r.status == "ok" for r in results)
     assert figures.answered == len(handles)
     assert rows == distinct == len(handles)
+    assert figures.provider_calls == len(handles)
     assert figures.dead_lettered == 0

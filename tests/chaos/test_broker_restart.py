@@ -57,7 +57,7 @@ async def test_a_broker_restart_loses_no_confirmed_job_and_counts_none_twice(
         calls_at_restart = gw.mock.stats.calls
         await asyncio.to_thread(broker.restart)
 
-        # Expect every confirmed job answered once and accounted once
+        # Expect every confirmed job answered once, called once and accounted once
         await expect_each_job_once(
             submitting,
             clients=clients,

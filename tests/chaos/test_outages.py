@@ -1,8 +1,8 @@
 """Chaos 2, 3 and 5: RabbitMQ, PostgreSQL or Redis goes away mid-run, then comes back.
 
 Each service is cut through a TcpProxy (the shared services keep running for other tests):
-RabbitMQ for producer, worker and accounting at once; PostgreSQL for accounting; Redis, whose
-outcome store is best effort, for the worker.
+RabbitMQ for producer, worker and accounting at once; PostgreSQL for accounting and the
+worker; Redis, whose outcome store is best effort, for the worker.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ async def test_an_outage_loses_no_confirmed_job_and_counts_none_twice(
         await asyncio.sleep(outage)
         await proxies[service].up()
 
-        # Expect every confirmed job answered once and accounted once
+        # Expect every confirmed job answered once, called once and accounted once
         await expect_each_job_once(
             submitting,
             clients=clients,
