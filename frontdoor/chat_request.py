@@ -76,10 +76,13 @@ class RequestOptions:
             respond_async="respond-async" in prefer,
         )
 
-    def job_id(self) -> str:
+    def job_id(self, team: str) -> str:
         if self.idempotency_key is None:
             return uuid.uuid4().hex
-        return "idem-" + hashlib.sha256(self.idempotency_key.encode()).hexdigest()[:40]
+        # The team is part of the id: a process's replies are matched by job id across all
+        # teams, so two teams using one key at once must never wait on the same id.
+        scoped = f"{team}\0{self.idempotency_key}".encode()
+        return "idem-" + hashlib.sha256(scoped).hexdigest()[:40]
 
     def deadline(self) -> datetime | None:
         if self.respond_async and not self.timeout_named:
@@ -142,7 +145,7 @@ def chat_job(
             raise ApiError("invalid_request", f"{name} is above {MAX_OUTPUT_TOKENS}")
     try:
         job = ChatJob(
-            job_id=options.job_id(),
+            job_id=options.job_id(team),
             team=team,
             model=model,
             messages=messages,

@@ -4,6 +4,7 @@ call."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -77,10 +78,31 @@ async def test_a_retry_under_the_same_idempotency_key_is_answered_once(door: Doo
     assert first.parse().choices[0].message.content == again.parse().choices[0].message.content
     assert first.headers["x-queuegate-job-id"] == again.headers["x-queuegate-job-id"]
     assert conflict.value.code == "idempotency_conflict"
-    assert theirs.headers["x-queuegate-job-id"] == first.headers["x-queuegate-job-id"]
+    assert theirs.headers["x-queuegate-job-id"] != first.headers["x-queuegate-job-id"]
     assert door.gateway.mock.stats.calls == 2  # alpha's once, beta's once
     rows = await door.gateway.usage_rows(2)
     assert sorted(row["team"] for row in rows) == ["alpha", "beta"]
+
+
+async def test_two_teams_using_one_idempotency_key_at_once_each_get_their_own_answer(
+    door: Door,
+) -> None:
+    # Replies reach a front-door process by job id, whatever the team: the key must not be
+    # the whole id, or one team would wait on (and be handed) the other's answer.
+    key = {"Idempotency-Key": "shared-key"}
+
+    async def ask(team: str) -> str:
+        async with door.client(team) as client:
+            answer = await client.chat.completions.create(
+                model="flaky-gpt",
+                messages=[{"role": "user", "content": f"I am {team}"}],
+                extra_headers=key,
+            )
+        return answer.choices[0].message.content or ""
+
+    alpha, beta = await asyncio.gather(ask("alpha"), ask("beta"))
+    assert "I am alpha" in alpha and "I am beta" in beta
+    assert door.gateway.mock.stats.calls == 2
 
 
 async def test_a_caller_that_hung_up_gets_its_answer_by_retrying_with_its_key(
