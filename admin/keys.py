@@ -17,9 +17,14 @@ import asyncpg
 
 from queuegate.errors import ConfigError
 from queuegate.registry import get_team
-from queuegate.tenancy import add_api_key, hash_api_key, new_api_key, revoke_api_keys
+from queuegate.tenancy import (
+    ADMIN_KEY_PREFIX,
+    add_api_key,
+    hash_api_key,
+    new_api_key,
+    revoke_api_keys,
+)
 
-ADMIN_PREFIX = "qga"
 LABEL_MAX = 200
 
 
@@ -81,7 +86,7 @@ async def issue_admin_key(pool: asyncpg.Pool, label: str = "") -> IssuedKey:
     """A new administrator key, allowed every team's admin calls."""
     if len(label) > LABEL_MAX:
         raise ConfigError(f"the label is {len(label)} characters: keep it to {LABEL_MAX}")
-    key_id, key = new_api_key(ADMIN_PREFIX)
+    key_id, key = new_api_key(ADMIN_KEY_PREFIX)
     await pool.execute(
         "INSERT INTO admin_keys (id, key_hash, label) VALUES ($1, $2, $3)",
         key_id,

@@ -1,18 +1,26 @@
-"""Who is calling: the team's API key, looked up by its hash, cached for a few seconds.
+"""Who is calling: a team's API key or an administrator's, looked up by its hash, cached
+for a few seconds.
 
 A caller presents the key as ``Authorization: Bearer <key>``, ``x-api-key: <key>`` (what
 the Anthropic SDK sends) or ``X-Gateway-Key: <key>``. Any team may hold keys for HTTP,
-whatever its identity for the broker. The key is kept only as its SHA-256 in ``api_keys``
-(``queuegate.tenancy``); here it is hashed and its row found by that hash (a unique
-index). Routes take the caller as a dependency::
+whatever its identity for the broker; administrators hold ``qga_`` keys. Whose a key is
+comes from ``admin.keys.lookup_key`` (a team's live key while the team is enabled, or a live
+administrator key), the one lookup the command line shares. Routes take the caller as a
+dependency::
 
     @router.post("/v1/things")
     async def things(caller: Annotated[Caller, Depends(require_caller)]) -> ...:
         caller.team, caller.key_id      # caller.api_key signs the team's jobs (never logged)
 
-Answers (a team, or unknown) are cached ``security_cache_ttl`` seconds, like the workers'
-copy: a revoked key is refused within that time, and PostgreSQL is asked at most once per
-key per ttl. A key that is not shaped like one of ours is refused without a lookup.
+    @router.get("/admin/things")
+    async def admin_things(owner: Annotated[KeyOwner, Depends(require_key_owner)]) -> ...:
+        owner.team                      # None for an administrator: every team
+
+Team routes refuse an administrator key (403): it acts for no team, so it can sign no job.
+Answers (an owner, or unknown) are cached ``security_cache_ttl`` seconds, like the workers'
+copy: a revoked key or a disabled team is refused within that time, and PostgreSQL is asked
+at most once per key per ttl. A key that is not shaped like one of ours is refused without
+a lookup.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ from dataclasses import dataclass, field
 import asyncpg
 from fastapi import Request
 
+from admin.keys import KeyOwner, lookup_key
 from frontdoor.errors import ApiError
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable
-from queuegate.tenancy import api_key_id, api_key_owner, hash_api_key
+from queuegate.tenancy import hash_api_key, key_shape
 
 KEY_CACHE_SIZE = 10_000
 """Keys whose answer is remembered; the oldest is forgotten past it (random keys cannot
@@ -45,16 +54,16 @@ class Caller:
 
 
 class KeyBook:
-    """Live keys by their hash, from a copy at most ``ttl`` seconds old."""
+    """Whose live keys are, by their hash, from a copy at most ``ttl`` seconds old."""
 
     def __init__(self, pool: asyncpg.Pool, *, ttl: float) -> None:
         self._pool = pool
         self._ttl = ttl
-        self._cache: OrderedDict[str, tuple[float, Caller | None]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, KeyOwner | None]] = OrderedDict()
 
-    async def caller(self, key: str) -> Caller | None:
-        """The team whose live key ``key`` is; None when unknown or revoked."""
-        if api_key_id(key) is None:
+    async def owner(self, key: str) -> KeyOwner | None:
+        """Whose live key ``key`` is; None when unknown, revoked, or its team is disabled."""
+        if key_shape(key) is None:
             return None
         key_hash = hash_api_key(key)
         now = time.monotonic()
@@ -62,7 +71,7 @@ class KeyBook:
         if cached is not None and now - cached[0] <= self._ttl:
             return cached[1]
         try:
-            owner = await api_key_owner(self._pool, key_hash)
+            owner = await lookup_key(self._pool, key)
         except DB_ERRORS as exc:
             if is_unreachable(exc):
                 await reconnect(self._pool)
@@ -70,12 +79,11 @@ class KeyBook:
                 f"the team registry (PostgreSQL) is unreachable ({type(exc).__name__}); "
                 "retry shortly"
             ) from exc
-        caller = None if owner is None else Caller(team=owner[0], key_id=owner[1], api_key=key)
-        self._cache[key_hash] = (now, caller)
+        self._cache[key_hash] = (now, owner)
         self._cache.move_to_end(key_hash)
         if len(self._cache) > KEY_CACHE_SIZE:
             self._cache.popitem(last=False)
-        return caller
+        return owner
 
 
 def presented_key(request: Request) -> str | None:
@@ -92,8 +100,23 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
+async def require_key_owner(request: Request) -> KeyOwner:
+    """Whose live key the request presents, a team's or an administrator's; 401 when none."""
+    owner, _ = await _presented_owner(request)
+    return owner
+
+
 async def require_caller(request: Request) -> Caller:
-    """The calling team; 401 when no key, or no live key, was presented."""
+    """The calling team; 401 when no live key was presented, 403 for an administrator's."""
+    owner, key = await _presented_owner(request)
+    if owner.team is None:
+        raise ApiError(
+            "forbidden", "admin keys serve /admin only: call this route with a team's API key"
+        )
+    return Caller(team=owner.team, key_id=owner.key_id, api_key=key)
+
+
+async def _presented_owner(request: Request) -> tuple[KeyOwner, str]:
     key = presented_key(request)
     if key is None:
         raise ApiError(
@@ -102,12 +125,14 @@ async def require_caller(request: Request) -> Caller:
             "X-Gateway-Key",
         )
     keys: KeyBook = request.app.state.frontdoor.keys
-    caller = await keys.caller(key)
-    if caller is None:
+    owner = await keys.owner(key)
+    if owner is None:
         raise ApiError(
-            "unauthorized", "the API key is unknown or revoked: ask an operator for a new one"
+            "unauthorized",
+            "the API key is unknown or revoked, or its team is disabled: ask an operator for "
+            "a new one",
         )
-    return caller
+    return owner, key
 
 
-__all__ = ["Caller", "KeyBook", "presented_key", "require_caller"]
+__all__ = ["Caller", "KeyBook", "presented_key", "require_caller", "require_key_owner"]

@@ -40,13 +40,21 @@ HTTP_ONLY: dict[str, int] = {
     "request_too_large": 413,
     "request_timeout": 408,
     "not_found": 404,
+    "forbidden": 403,
     "method_not_allowed": 405,
     "service_unavailable": 503,
 }
 """Codes of the HTTP layer, which no job is ever answered with."""
 
 NO_RETRY = frozenset(
-    {"canceled", "already_answered", "request_too_large", "request_timeout", "unauthorized"}
+    {
+        "canceled",
+        "already_answered",
+        "request_too_large",
+        "request_timeout",
+        "unauthorized",
+        "forbidden",
+    }
 )
 """Codes a retry of the same request cannot change: the SDKs are told not to retry them."""
 

@@ -24,6 +24,7 @@ OPENAI_ERROR_TYPES = {
     "idempotency_conflict": "invalid_request_error",
     # OpenAI answers a bad key 401 with this type too.
     "unauthorized": "invalid_request_error",
+    "forbidden": "invalid_request_error",
     "budget_exhausted": "insufficient_quota",
     "rate_limited": "requests",
     "queue_full": "requests",
@@ -40,6 +41,7 @@ ANTHROPIC_ERROR_TYPES = {
     "context_length_exceeded": "invalid_request_error",
     "idempotency_conflict": "invalid_request_error",
     "unauthorized": "authentication_error",
+    "forbidden": "permission_error",
     "budget_exhausted": "billing_error",
     "rate_limited": "rate_limit_error",
     "queue_full": "rate_limit_error",

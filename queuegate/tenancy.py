@@ -28,7 +28,9 @@ IdentityMode = Literal["queue", "broker", "api_key"]
 PiiPolicy = Literal["off", "warn", "redact", "block"]
 Capture = Literal["none", "redacted", "full"]
 
-_API_KEY = re.compile(r"qg_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
+TEAM_KEY_PREFIX = "qg"
+ADMIN_KEY_PREFIX = "qga"
+_KEY = re.compile(r"(qga?)_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 
 
 class TeamSecurity(BaseModel):
@@ -97,7 +99,7 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)
 
 
-def new_api_key(prefix: str = "qg") -> tuple[str, str]:
+def new_api_key(prefix: str = TEAM_KEY_PREFIX) -> tuple[str, str]:
     """A new key and its id; the key is shown once and only its hash is stored.
 
     ``prefix`` tells kinds of keys apart at a glance (and to secret scanners): ``qg`` a
@@ -112,10 +114,17 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_shape(key: str) -> tuple[str, str] | None:
+    """The prefix (``qg`` a team's, ``qga`` an administrator's) and id a key carries in its
+    text; None when it is not shaped like one of ours."""
+    match = _KEY.fullmatch(key)
+    return None if match is None else (match.group(1), match.group(2))
+
+
 def api_key_id(key: str) -> str | None:
-    """The id a key carries in its text; None when it is not shaped like one of ours."""
-    match = _API_KEY.fullmatch(key)
-    return None if match is None else match.group(1)
+    """The id a team's key carries in its text; None for any other text."""
+    shape = key_shape(key)
+    return shape[1] if shape is not None and shape[0] == TEAM_KEY_PREFIX else None
 
 
 async def get_security(pool: asyncpg.Pool, team: str) -> TeamSecurity:
@@ -174,15 +183,6 @@ async def revoke_api_keys(pool: asyncpg.Pool, team: str, *, key_id: str | None =
         key_id,
     )
     return int(status.rsplit(" ", 1)[1])
-
-
-async def api_key_owner(pool: asyncpg.Pool, key_hash: str) -> tuple[str, str] | None:
-    """The team and id of the live key whose stored hash is ``key_hash``; None when there is
-    none (unknown or revoked). The hash is unique, so an index finds it."""
-    row = await pool.fetchrow(
-        "SELECT team, id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
-    )
-    return None if row is None else (row["team"], row["id"])
 
 
 async def live_api_key(pool: asyncpg.Pool, key_id: str) -> tuple[str, str] | None:
