@@ -48,8 +48,13 @@ ANTHROPIC_ERROR_TYPES = {
     "request_too_large": "request_too_large",
     "request_timeout": "invalid_request_error",
     "not_found": "not_found_error",
+    "deadline_exceeded": "timeout_error",
+    "canceled": "conflict_error",
+    "already_answered": "conflict_error",
 }
-"""Our error codes as Anthropic error types; the rest (provider failures) are ``api_error``."""
+"""Our error codes as Anthropic error types, each the one Anthropic documents for its status
+(504 ``timeout_error``, 409 ``conflict_error``, ...); the rest (provider failures, 502) are
+``api_error``."""
 
 
 def openai_error(code: str, message: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import pytest
+import redis.asyncio as aioredis
 from anthropic.types import Message, MessageParam, ToolParam
 
 from mockprovider import MockConfig
@@ -198,8 +199,8 @@ async def test_a_bad_key_is_an_authentication_error(door: Door) -> None:
         "type": "error",
         "error": {
             "type": "authentication_error",
-            "message": "unauthorized: the API key is unknown or revoked: ask an operator for a "
-            "new one",
+            "message": "unauthorized: the API key is unknown or revoked, or its team is "
+            "disabled: ask an operator for a new one",
         },
     }
 
@@ -290,3 +291,40 @@ async def test_a_provider_failure_mid_stream_ends_it_with_an_error_the_sdk_raise
     assert isinstance(failed.value.body, dict)
     assert failed.value.body["error"]["type"] == "api_error"
     assert failed.value.body["error"]["message"].startswith("provider_error: ")
+
+
+async def test_a_timeout_and_a_conflict_are_the_error_types_anthropic_documents(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a model whose provider takes 2 s, and a message answered under an Idempotency-Key
+    slow = MockConfig(models={"gpt-4o-mini": Behavior(latency_ms=2000)})
+    async with open_door(settings, mock_config=slow) as door, client(door) as sdk:
+        again = {"Idempotency-Key": "order-7"}
+        await sdk.messages.create(
+            model="claude-haiku", max_tokens=10, messages=HELLO, extra_headers=again
+        )
+        await door.gateway.usage_rows(1)
+        # When a caller waits 0.5 s for the slow model
+        with pytest.raises(anthropic.GatewayTimeoutError) as late:
+            await sdk.messages.create(
+                model="gpt-4o-mini",
+                max_tokens=10,
+                messages=HELLO,
+                extra_headers={"x-queuegate-timeout": "0.5"},
+            )
+        # and the answered message is sent again after Redis lost the outcome it kept
+        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
+            await redis_client.delete(key)
+        with pytest.raises(anthropic.ConflictError) as answered:
+            await sdk.messages.create(
+                model="claude-haiku", max_tokens=10, messages=HELLO, extra_headers=again
+            )
+
+    # Expect the SDK's own classes, and the types Anthropic gives a 504 and a 409
+    assert late.value.status_code == 504 and late.value.type == "timeout_error"
+    assert late.value.api_message is not None
+    assert late.value.api_message.startswith("deadline_exceeded: ")
+    assert answered.value.status_code == 409 and answered.value.type == "conflict_error"
+    assert answered.value.api_message is not None
+    assert answered.value.api_message.startswith("already_answered: ")
+    assert answered.value.response.headers["x-should-retry"] == "false"
