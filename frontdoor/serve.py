@@ -5,7 +5,8 @@
 Each process binds the port with ``SO_REUSEPORT``, so the kernel spreads connections over
 them, and each holds its own broker connection and reply queue (``frontdoor.bridge``). With
 ``processes`` > 1 a ``queuegate.supervisor.Supervisor`` runs them, restarts one that dies,
-and stops them all gracefully, as ``queuegate worker --processes`` does. On SIGTERM a
+and stops them all gracefully, as ``queuegate worker --processes`` does; they share their
+metrics, so ``/metrics`` counts every process's requests whichever one answers. On SIGTERM a
 process stops accepting, finishes its requests within ``shutdown_grace`` seconds, and exits.
 """
 
@@ -102,7 +103,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:
-    argv = [sys.executable, "-m", "queuegate", "api", "--host", host, "--port", str(port)]
+    argv = [sys.executable, "-m", "cli", "api", "--host", host, "--port", str(port)]
     argv += ["--log-level", log_level]
 
     def command(slot: int) -> tuple[list[str], dict[str, str]]:
@@ -110,7 +111,10 @@ def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_
 
     async def supervise() -> None:
         stop = stop_on_signals()
-        await Supervisor(command, processes=processes, grace=settings.shutdown_grace).run(stop)
+        supervisor = Supervisor(
+            command, processes=processes, grace=settings.shutdown_grace, shared_metrics=True
+        )
+        await supervisor.run(stop)
 
     run(supervise)
 

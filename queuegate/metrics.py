@@ -10,15 +10,34 @@ line at a call site is enough::
     set_breaker_state("openai-main", "open")     # circuit breakers, on every transition
 
 The metrics live in prometheus_client's default registry (with its process collector);
-``queuegate.metrics_server`` serves them.
+``exposition()`` is what ``/metrics`` answers (``queuegate.metrics_server``, the front door).
+
+Processes that share one port (the front door under ``--processes N``) share their metrics
+too: their supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` to a private directory before they
+start, each writes its values there, and any of them answers the sum (counters, histograms)
+or the combination each gauge's ``multiprocess_mode`` names; a process that ends has its live
+gauges removed (``queuegate.supervisor``), its counts kept.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from typing import Literal
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+"""The environment variable (prometheus_client's) naming the directory processes share
+their metrics through; read by prometheus_client when it is imported."""
 
 BreakerState = Literal["closed", "half_open", "open"]
 BREAKER_VALUES: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
@@ -75,16 +94,19 @@ BREAKER_STATE = Gauge(
     "queuegate_breaker_state",
     "Circuit breaker state per deployment: 0 closed, 1 half-open, 2 open.",
     ["deployment"],
+    multiprocess_mode="livemax",
 )
 BUCKET_FILL = Gauge(
     "queuegate_bucket_fill_ratio",
     "How full a team's request bucket is, from 0 (empty: jobs wait) to 1 (full).",
     ["team"],
+    multiprocess_mode="livemin",
 )
 IN_FLIGHT = Gauge(
     "queuegate_in_flight_jobs",
     "Jobs a worker process holds right now, by team.",
     ["team"],
+    multiprocess_mode="livesum",
 )
 ACCOUNTING_EVENTS = Counter(
     "queuegate_accounting_events",
@@ -99,6 +121,7 @@ ACCOUNTING_BATCH = Histogram(
 ACCOUNTING_LAG = Gauge(
     "queuegate_accounting_lag_seconds",
     "Age of the oldest event in the last batch written: how far accounting trails the jobs.",
+    multiprocess_mode="livemax",
 )
 
 SPEND_DRIFT = Gauge(
@@ -107,6 +130,7 @@ SPEND_DRIFT = Gauge(
     "PostgreSQL's and the jobs still open (positive: Redis had counted more). Model 'all' "
     "is the team's monthly budget, any other a model's cap.",
     ["team", "model"],
+    multiprocess_mode="livemostrecent",
 )
 SPEND_CORRECTED = Counter(
     "queuegate_spend_corrected_usd",
@@ -125,6 +149,17 @@ HTTP_LATENCY = Histogram(
     ["route"],
     buckets=_LATENCY_BUCKETS,
 )
+
+
+def exposition() -> bytes:
+    """The text ``/metrics`` answers: this process's metrics, or every process's when they
+    share a ``MULTIPROCESS_DIR``."""
+    directory = os.environ.get(MULTIPROCESS_DIR)
+    if not directory:
+        return generate_latest(REGISTRY)
+    shared = CollectorRegistry()
+    MultiProcessCollector(shared, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(shared)
 
 
 def observe_http(route: str, status: int, seconds: float) -> None:

@@ -18,9 +18,10 @@ import logging
 from collections.abc import Callable
 from typing import Self
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from queuegate.errors import ConfigError
+from queuegate.metrics import exposition
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class MetricsServer:
 
     def _respond(self, path: str) -> bytes:
         if path == "/metrics":
-            return _response(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            return _response(200, exposition(), CONTENT_TYPE_LATEST)
         if path == "/healthz":
             return _response(200, b"ok\n")
         if path == "/readyz":

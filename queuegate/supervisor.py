@@ -7,6 +7,11 @@ A process that exits on its own is started again after a backoff that doubles wh
 crashing soon after start (so a broken config does not spin) and resets once it has run for
 a while. On stop every process gets SIGTERM and ``grace`` seconds (plus a margin) to drain;
 one still running then gets SIGKILL, and the broker requeues what it held.
+
+With ``shared_metrics`` the processes share one Prometheus registry (they share one port, so
+a scrape reaches any of them): each is started with ``PROMETHEUS_MULTIPROC_DIR`` set to a
+directory private to this supervisor, a process's live gauges are dropped when it ends
+(``mark_process_dead``), and the directory is deleted when the supervisor returns.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+
+from prometheus_client.multiprocess import mark_process_dead
+
+from queuegate.metrics import MULTIPROCESS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +45,35 @@ class Supervisor:
         *,
         processes: int,
         grace: float,
+        shared_metrics: bool = False,
     ) -> None:
         """``command(slot)`` gives the argv and environment of the process in ``slot``."""
         self._command = command
         self._processes = processes
         self._grace = grace
+        self._shared_metrics = shared_metrics
         self.restarts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.gather(*(self._keep(slot, stop) for slot in range(self._processes)))
+        with contextlib.ExitStack() as stack:
+            metrics_dir = None
+            if self._shared_metrics:
+                metrics_dir = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="queuegate-metrics-")
+                )
+            await asyncio.gather(
+                *(self._keep(slot, stop, metrics_dir) for slot in range(self._processes))
+            )
         log.info("all %d processes stopped", self._processes)
 
-    async def _keep(self, slot: int, stop: asyncio.Event) -> None:
+    async def _keep(self, slot: int, stop: asyncio.Event, metrics_dir: str | None) -> None:
         delay = BACKOFF_FIRST
         while not stop.is_set():
-            argv, env = self._command(slot)
-            process = await asyncio.create_subprocess_exec(*argv, env=dict(env))
+            argv, given = self._command(slot)
+            env = dict(given)
+            if metrics_dir is not None:
+                env[MULTIPROCESS_DIR] = metrics_dir
+            process = await asyncio.create_subprocess_exec(*argv, env=env)
             started = time.monotonic()
             log.info("process %d started (pid %d)", slot, process.pid)
             exited = asyncio.create_task(process.wait())
@@ -59,9 +82,11 @@ class Supervisor:
             if stop.is_set():
                 stopping.cancel()
                 await self._terminate(slot, process, exited)
+                _forget(process.pid, metrics_dir)
                 return
             stopping.cancel()
             code = exited.result()
+            _forget(process.pid, metrics_dir)
             if time.monotonic() - started > STABLE_AFTER:
                 delay = BACKOFF_FIRST
             log.warning(
@@ -91,6 +116,12 @@ class Supervisor:
                 process.kill()
             code = await exited
         log.info("process %d (pid %d) stopped: %s", slot, process.pid, _describe(code))
+
+
+def _forget(pid: int, metrics_dir: str | None) -> None:
+    """Drop the live gauges of an ended process; its counters stay in the sums."""
+    if metrics_dir is not None:
+        mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
 
 
 def _describe(code: int) -> str:

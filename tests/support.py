@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -45,6 +46,35 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+class LogLines:
+    """Collects a process's stderr lines and wakes whoever waits for a pattern."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[str] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            async with self._changed:
+                self.lines.append(raw.decode(errors="replace"))
+                self._changed.notify_all()
+
+    async def matches(self, pattern: re.Pattern[str], count: int) -> list[re.Match[str]]:
+        """The first ``count`` lines matching ``pattern``, once that many have been logged."""
+
+        def found() -> list[re.Match[str]]:
+            return [m for line in self.lines if (m := pattern.search(line))]
+
+        async with asyncio.timeout(30), self._changed:
+            await self._changed.wait_for(lambda: len(found()) >= count)
+        return found()[:count]
+
+    async def closed(self) -> str:
+        await self._task
+        return "".join(self.lines)
 
 
 class Gateway:

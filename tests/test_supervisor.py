@@ -13,40 +13,11 @@ from producer import GatewayClient
 from queuegate.broker import connect
 from queuegate.settings import Settings
 from queuegate.topology import Topology
-from tests.support import running_gateway, wait_until
+from tests.support import LogLines, running_gateway, wait_until
 
 JOBS = 60
 STARTED = re.compile(r"process (\d) started \(pid (\d+)\)")
 SERVING = re.compile(r"worker \S+:(\d+) serving alpha")
-
-
-class LogLines:
-    """Collects a process's stderr lines and wakes whoever waits for a pattern."""
-
-    def __init__(self, stream: asyncio.StreamReader) -> None:
-        self.lines: list[str] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._read(stream))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            async with self._changed:
-                self.lines.append(raw.decode(errors="replace"))
-                self._changed.notify_all()
-
-    async def matches(self, pattern: re.Pattern[str], count: int) -> list[re.Match[str]]:
-        """The first ``count`` lines matching ``pattern``, once that many have been logged."""
-
-        def found() -> list[re.Match[str]]:
-            return [m for line in self.lines if (m := pattern.search(line))]
-
-        async with asyncio.timeout(30), self._changed:
-            await self._changed.wait_for(lambda: len(found()) >= count)
-        return found()[:count]
-
-    async def closed(self) -> str:
-        await self._task
-        return "".join(self.lines)
 
 
 async def test_supervisor_restarts_a_killed_worker_and_stops_all_without_losing_a_job(

@@ -1,6 +1,6 @@
 """``/healthz`` (the process answers), ``/readyz`` (broker, Redis and PostgreSQL reachable
-from here) and ``/metrics`` (Prometheus: this process's requests by route and status, and
-their latency)."""
+from here) and ``/metrics`` (Prometheus: requests by route and status, and their latency, of
+every front-door process sharing the port: ``queuegate.metrics``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from frontdoor.service import FrontDoor, frontdoor
+from queuegate.metrics import exposition
 
 router = APIRouter(tags=["Health"])
 
@@ -28,6 +29,6 @@ async def readyz(door: Annotated[FrontDoor, Depends(frontdoor)]) -> JSONResponse
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics of this process")
+@router.get("/metrics", summary="Prometheus metrics of the front door (all its processes)")
 async def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
