@@ -36,7 +36,8 @@ _CURSOR = re.compile(r"^(-?\d{1,20})-(\d{1,20})$")
 @dataclass(frozen=True)
 class AuditFilter:
     """Which rows a page holds: one team, requested model, status, PII flag (True: flagged
-    only, False: unflagged only), and finish times in [since, until); None keeps all."""
+    only, False: unflagged only), and finish times in [since, until) (UTC when they carry
+    no offset); None keeps all."""
 
     team: str | None = None
     model: str | None = None
@@ -156,9 +157,9 @@ def page_query(
     if where.pii is not None:
         conditions.append(f"u.pii IS {'NOT NULL' if where.pii else 'NULL'}")
     if where.since is not None:
-        conditions.append(f"u.ts >= {bind(where.since)}")
+        conditions.append(f"u.ts >= {bind(_utc(where.since))}")
     if where.until is not None:
-        conditions.append(f"u.ts < {bind(where.until)}")
+        conditions.append(f"u.ts < {bind(_utc(where.until))}")
     if cursor is not None:
         ts, row_id = parse_cursor(cursor)
         # ts <= is what the indexes serve; the rest orders rows that finished at the same time.
@@ -167,6 +168,10 @@ def page_query(
     where_sql = "\n    WHERE " + " AND ".join(conditions) if conditions else ""
     sql = _SELECT.format(where=where_sql, limit=bind(limit + 1), offset=bind(offset))
     return sql, args
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _entry(row: Any) -> AuditEntry:

@@ -33,6 +33,7 @@ from queuegate.tenancy import (
     PiiPolicy,
     TeamSecurity,
     add_api_key,
+    all_security,
     broker_user,
     get_security,
     new_password,
@@ -331,12 +332,36 @@ def with_user(url: str, user: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-async def listing(settings: Settings) -> list[Team]:
-    pool = await create_pool(settings)
-    try:
-        return await list_teams(pool)
-    finally:
-        await pool.close()
+@dataclass(frozen=True)
+class TeamListing:
+    """A team as listed: its limits, budget and quota (``config``) and how it is guarded;
+    never a key, password or hash."""
+
+    name: str
+    enabled: bool
+    identity: IdentityMode
+    pii: PiiPolicy
+    capture: Capture
+    config: TeamConfig
+
+
+async def team_listing(pool: asyncpg.Pool) -> list[TeamListing]:
+    """Every registered team, by name, enabled or not."""
+    security = await all_security(pool)
+    listed = []
+    for team in await list_teams(pool):
+        guard = security.get(team.name, TeamSecurity())
+        listed.append(
+            TeamListing(
+                team.name, team.enabled, guard.identity, guard.pii, guard.capture, team.config
+            )
+        )
+    return listed
+
+
+async def listing(settings: Settings) -> list[TeamListing]:
+    async with await create_pool(settings) as pool:
+        return await team_listing(pool)
 
 
 async def disable(settings: Settings, name: str) -> bool:

@@ -7,7 +7,7 @@ usage rows there are; money is Decimal, as stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
@@ -40,6 +40,16 @@ class UsageFilter:
     team: str | None = None
     model: str | None = None
     status: JobStatus | None = None
+
+
+def parse_month(text: str | None) -> date:
+    """``YYYY-MM`` as its first day; this UTC month when None. ConfigError for another text."""
+    if text is None:
+        return datetime.now(UTC).date().replace(day=1)
+    try:
+        return datetime.strptime(text, "%Y-%m").date()
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a month: use YYYY-MM") from None
 
 
 def month_end(month: date) -> date:

@@ -59,7 +59,7 @@ def audit_log(
     from queuegate.db import create_pool
     from queuegate.reporting import to_json
 
-    where = AuditFilter(team, model, status, pii, _utc(since), _utc(until))
+    where = AuditFilter(team, model, status, pii, since, until)
     settings = make_settings()
 
     async def go() -> AuditPage:
@@ -73,12 +73,6 @@ def audit_log(
     print_table(audit_table(page, wide=wide), wide=wide)
     if page.next_cursor is not None:
         err.print(f"next page: --cursor {page.next_cursor}", highlight=False)
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
 
 
 def audit_table(page: AuditPage, *, wide: bool) -> Table:

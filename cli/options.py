@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Annotated, Any
 
 import typer
@@ -24,12 +24,13 @@ def split_teams(teams: str | None) -> list[str] | None:
 
 def parse_month(text: str | None) -> date:
     """``YYYY-MM`` as its first day; this month when None."""
-    if text is None:
-        return datetime.now(UTC).date().replace(day=1)
+    from admin.usage import parse_month as month_of
+    from queuegate.errors import ConfigError
+
     try:
-        return datetime.strptime(text, "%Y-%m").date()
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a month: use YYYY-MM") from None
+        return month_of(text)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def read_password() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -66,11 +68,20 @@ def teams_add(
 
 
 @teams_app.command("list")
-def teams_list() -> None:
+def teams_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Each team's limits, budget and security as JSON.")
+    ] = False,
+) -> None:
     """The registered teams."""
     from admin.teams import listing
+    from queuegate.reporting import to_json
 
-    for team in run(lambda: listing(make_settings())):
+    teams = run(lambda: listing(make_settings()))
+    if as_json:
+        sys.stdout.write(to_json({"teams": [dataclasses.asdict(team) for team in teams]}))
+        return
+    for team in teams:
         out.print(f"{team.name}\t{'enabled' if team.enabled else 'disabled'}")
 
 

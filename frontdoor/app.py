@@ -10,7 +10,9 @@ To add an API family: write ``frontdoor/routes/<family>.py`` with its ``router``
 in ``ROUTERS``, and register its error shape (``app.state.error_shapes.register(prefix,
 shape)``) when it is not OpenAI's. Routes take ``Depends(require_caller)`` (the proven team)
 and ``Depends(frontdoor)`` (the process's services), build a ``ChatJob``, and run it with
-``frontdoor.calls`` (``run_job``, ``open_stream``, ``publish_job``).
+``frontdoor.calls`` (``run_job``, ``open_stream``, ``publish_job``). The admin routes take
+``Depends(require_key_owner)`` instead (a team, or an administrator) and serve ``admin``'s
+reports.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontdoor.errors import install_error_handlers
-from frontdoor.routes import anthropic, batches, files, health, jobs, message_batches, openai
+from frontdoor.routes import (
+    admin,
+    anthropic,
+    batches,
+    files,
+    health,
+    jobs,
+    message_batches,
+    openai,
+)
 from frontdoor.service import FrontDoor
 from queuegate.api_errors import anthropic_error
 from queuegate.metrics import observe_http
@@ -38,6 +49,7 @@ ROUTERS = (
     batches.router,
     message_batches.router,
     jobs.router,
+    admin.router,
     health.router,
 )
 

@@ -15,6 +15,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
 from rich.console import Group, RenderableType
 from rich.table import Table
 
@@ -179,6 +180,8 @@ def _cell(name: str, value: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):  # a team's config: its own serializers (money as text)
+        return value.model_dump(mode="json")
     if isinstance(value, Decimal):
         return plain_decimal(value)
     if isinstance(value, datetime | date):

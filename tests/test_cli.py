@@ -46,6 +46,11 @@ def test_teams_are_added_listed_and_disabled(settings: Settings) -> None:
 
     listing = runner.invoke(app, ["teams", "list"], env=env)
     assert listing.output.split() == ["alpha", "enabled", "beta", "disabled"]
+    as_json = json.loads(runner.invoke(app, ["teams", "list", "--json"], env=env).stdout)
+    assert [(t["name"], t["enabled"], t["identity"]) for t in as_json["teams"]] == [
+        ("alpha", True, "broker"),
+        ("beta", False, "broker"),
+    ]
     missing = runner.invoke(app, ["teams", "disable", "gamma"], env=env)
     assert missing.exit_code == 1 and "no team named gamma" in missing.output
 

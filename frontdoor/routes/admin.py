@@ -1,0 +1,133 @@
+"""The admin API: ``GET /admin/usage``, ``/admin/audit-log`` and ``/admin/teams``.
+
+Each answer is the data of the ``admin`` function the command line renders (``team_month``,
+``audit_page``, ``team_listing``) as JSON, the same JSON ``--json`` prints: money as
+strings in plain notation (``"0.0000087"``), times in ISO 8601 (UTC). Errors are OpenAI's
+shape.
+
+Who reads what: a team's key reads its own team only (naming another team is 403, whether it
+exists or not); an administrator's key (``qga_...``) reads any team, and the team list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response
+
+from admin.audit import AuditFilter, audit_page
+from admin.keys import KeyOwner
+from admin.teams import team_listing
+from admin.usage import parse_month, team_month
+from frontdoor.auth import require_key_owner
+from frontdoor.errors import ApiError
+from frontdoor.service import FrontDoor, frontdoor
+from queuegate.errors import ConfigError
+from queuegate.messages import JobStatus
+from queuegate.registry import get_team
+from queuegate.reporting import to_json
+
+router = APIRouter(prefix="/admin", tags=["Admin"])
+
+Door = Annotated[FrontDoor, Depends(frontdoor)]
+Owner = Annotated[KeyOwner, Depends(require_key_owner)]
+Team = Annotated[
+    str | None, Query(description="A team: an admin key's choice; a team key's own, if given.")
+]
+Model = Annotated[str | None, Query(description="Only jobs that requested this model alias.")]
+Status = Annotated[JobStatus | None, Query(description="Only jobs that ended so: ok or error.")]
+
+
+@router.get("/usage", summary="A team's month: totals, budget remaining, by model, daily trend")
+async def usage(
+    door: Door,
+    owner: Owner,
+    *,
+    team: Team = None,
+    month: Annotated[str | None, Query(description="YYYY-MM (UTC); this month when unset.")] = None,
+    model: Model = None,
+    status: Status = None,
+) -> Response:
+    name = _readable_team(owner, team)
+    if name is None:
+        raise ApiError(
+            "invalid_request",
+            "team: an admin key names the team whose usage it reads (GET /admin/teams lists them)",
+        )
+    with _as_invalid_request():
+        first = parse_month(month)
+        if owner.is_admin and await get_team(door.pool, name) is None:
+            raise ApiError("not_found", f"no team {name}: GET /admin/teams lists them")
+        report = await team_month(
+            door.pool, name, first, today=datetime.now(UTC).date(), model=model, status=status
+        )
+    return _json(dataclasses.asdict(report))
+
+
+@router.get("/audit-log", summary="Finished jobs, newest first, a page at a time")
+async def audit_log(
+    door: Door,
+    owner: Owner,
+    *,
+    limit: Annotated[int, Query(description="Rows on the page (1 to 1000).")] = 50,
+    offset: Annotated[int, Query(description="Rows skipped first (to 10,000).")] = 0,
+    cursor: Annotated[
+        str | None, Query(description="Start after this row: a page's next_cursor.")
+    ] = None,
+    team: Team = None,
+    model: Model = None,
+    status: Status = None,
+    pii: Annotated[
+        bool | None, Query(description="Only jobs with (true) or without (false) PII found.")
+    ] = None,
+    since: Annotated[
+        datetime | None, Query(description="Finished at or after (ISO 8601; UTC if no offset).")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="Finished before.")] = None,
+) -> Response:
+    where = AuditFilter(_readable_team(owner, team), model, status, pii, since, until)
+    with _as_invalid_request():
+        page = await audit_page(door.pool, where, limit=limit, offset=offset, cursor=cursor)
+    return _json(dataclasses.asdict(page))
+
+
+@router.get("/teams", summary="Every team: limits, budget, security settings (admin key)")
+async def teams(door: Door, owner: Owner) -> Response:
+    if not owner.is_admin:
+        raise ApiError(
+            "forbidden", "the team list is for admin keys: a team's key reads /admin/usage"
+        )
+    listed = await team_listing(door.pool)
+    return _json({"teams": [dataclasses.asdict(team) for team in listed]})
+
+
+def _readable_team(owner: KeyOwner, team: str | None) -> str | None:
+    """The team whose rows the caller reads: a team key its own, whatever it names (another
+    team is refused alike whether it exists or not); an admin key the one it names, or every
+    team (None)."""
+    if owner.team is None:
+        return team
+    if team is not None and team != owner.team:
+        raise ApiError(
+            "forbidden",
+            f"a team's key reads its own team only: leave team out or pass team={owner.team}",
+        )
+    return owner.team
+
+
+@contextlib.contextmanager
+def _as_invalid_request() -> Iterator[None]:
+    """Refusals of the admin functions (a bad cursor, limit, month or team name) as 400s."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ApiError("invalid_request", str(exc)) from exc
+
+
+def _json(data: Any) -> Response:
+    return Response(to_json(data), media_type="application/json")
