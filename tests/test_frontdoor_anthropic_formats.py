@@ -454,7 +454,7 @@ def test_a_stream_the_front_door_gives_up_on_ends_with_an_error_event() -> None:
 
     [event] = decode(writer.error("deadline_exceeded", "nothing more in time"))
 
-    assert ErrorResponse.model_validate(event).error.type == "api_error"
+    assert ErrorResponse.model_validate(event).error.type == "timeout_error"
 
 
 # --- answers --------------------------------------------------------------------------------------
