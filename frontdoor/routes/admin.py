@@ -27,6 +27,7 @@ from admin.usage import parse_month, team_month
 from frontdoor.auth import require_key_owner
 from frontdoor.errors import ApiError
 from frontdoor.service import FrontDoor, frontdoor
+from queuegate.db import DB_ERRORS
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
 from queuegate.registry import get_team
@@ -59,7 +60,7 @@ async def usage(
             "invalid_request",
             "team: an admin key names the team whose usage it reads (GET /admin/teams lists them)",
         )
-    with _as_invalid_request():
+    with _answered():
         first = parse_month(month)
         if owner.is_admin and await get_team(door.pool, name) is None:
             raise ApiError("not_found", f"no team {name}: GET /admin/teams lists them")
@@ -91,7 +92,7 @@ async def audit_log(
     until: Annotated[datetime | None, Query(description="Finished before.")] = None,
 ) -> Response:
     where = AuditFilter(_readable_team(owner, team), model, status, pii, since, until)
-    with _as_invalid_request():
+    with _answered():
         page = await audit_page(door.pool, where, limit=limit, offset=offset, cursor=cursor)
     return _json(dataclasses.asdict(page))
 
@@ -102,7 +103,8 @@ async def teams(door: Door, owner: Owner) -> Response:
         raise ApiError(
             "forbidden", "the team list is for admin keys: a team's key reads /admin/usage"
         )
-    listed = await team_listing(door.pool)
+    with _answered():
+        listed = await team_listing(door.pool)
     return _json({"teams": [dataclasses.asdict(team) for team in listed]})
 
 
@@ -121,12 +123,18 @@ def _readable_team(owner: KeyOwner, team: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _as_invalid_request() -> Iterator[None]:
-    """Refusals of the admin functions (a bad cursor, limit, month or team name) as 400s."""
+def _answered() -> Iterator[None]:
+    """What stops an admin function, answered: a bad cursor, limit, month or team name 400,
+    PostgreSQL out of reach 503."""
     try:
         yield
     except ConfigError as exc:
         raise ApiError("invalid_request", str(exc)) from exc
+    except DB_ERRORS as exc:
+        raise ApiError(
+            "service_unavailable",
+            f"the usage database (PostgreSQL) failed ({type(exc).__name__}): retry shortly",
+        ) from exc
 
 
 def _json(data: Any) -> Response:
