@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from frontdoor.dashboard import install as install_dashboard
 from frontdoor.errors import install_error_handlers
 from frontdoor.routes import (
     admin,
@@ -78,6 +79,7 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
     shapes.register(anthropic.PREFIX, anthropic_error)
     for router in ROUTERS:
         app.include_router(router)
+    install_dashboard(app)
 
     app.add_middleware(RequestMetrics)
     return app

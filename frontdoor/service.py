@@ -29,6 +29,7 @@ from queuegate.db import DB_ERRORS, create_pool
 from queuegate.keys import Keys
 from queuegate.redis_client import pooled_redis
 from queuegate.settings import Settings
+from queuegate.status import StatusReader
 from router import Catalog
 
 READY_TIMEOUT = 2.0
@@ -52,6 +53,7 @@ class FrontDoor:
         self._batch_runner: BatchRunner | None = None
         self._stop_runner = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
+        self._status: StatusReader | None = None
 
     @property
     def keys(self) -> KeyBook:
@@ -67,6 +69,20 @@ class FrontDoor:
     def batch_runner(self) -> BatchRunner:
         assert self._batch_runner is not None, "use the front door inside `async with`"
         return self._batch_runner
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        assert self._redis is not None, "use the front door inside `async with`"
+        return self._redis
+
+    async def status(self) -> StatusReader:
+        """The reader of live status (the dashboard's Live page), opened on first use: a
+        process that never serves the page holds no second broker connection."""
+        if self._status is None:
+            reader = StatusReader(self.settings)
+            await reader.__aenter__()
+            self._status = reader
+        return self._status
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -104,6 +120,8 @@ class FrontDoor:
             await self._close()
 
     async def _close(self) -> None:
+        if self._status is not None:
+            await self._status.__aexit__(None, None, None)
         if self._redis is not None:
             await self._redis.aclose()
         if self._pool is not None:

@@ -36,6 +36,11 @@ class Keys:
         worker to find it missing."""
         return f"{self.prefix}:memory-epoch"
 
+    def dashboard_session(self, session_id: str) -> str:
+        """A dashboard sign-in (hash: the key's owner and id, the CSRF token; never the key),
+        expiring with the session."""
+        return f"{self.prefix}:dashboard:session:{session_id}"
+
     # Live stats: written by workers every few seconds, read by `queuegate status`.
 
     @property

@@ -1,0 +1,28 @@
+"""The dashboard at ``/dashboard``: server-rendered pages over the admin functions, signed in
+with a key pasted once (``session``), charts drawn as inline SVG (``charts``), templates and
+static files shipped as package data.
+
+``install(app)`` mounts it on the front door's app.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from frontdoor.dashboard.routes import install_handlers, router
+from frontdoor.dashboard.security import DashboardHeaders
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+    app.mount(
+        "/dashboard/static",
+        StaticFiles(packages=[("frontdoor.dashboard", "static")]),
+        name="dashboard-static",
+    )
+    install_handlers(app)
+    app.add_middleware(DashboardHeaders)
+
+
+__all__ = ["install"]

@@ -1,0 +1,137 @@
+"""Dashboard sign-ins: a random session id in a cookie, the session itself in Redis.
+
+A person pastes a key into the sign-in form; the key is checked once (``KeyBook``) and
+forgotten. The session holds whose key it was (team, or none for an administrator), the
+key's id and a CSRF token, and expires ``SESSION_TTL`` seconds after sign-in; each request
+also finds the key still live, so revoking it ends its sessions at once.
+
+The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page sends
+it) and Secure when the page was served over TLS. Every POST carries the session's CSRF
+token in a form field, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import Request
+from fastapi.responses import Response
+
+from admin.keys import KeyOwner, admin_keys, team_keys
+from frontdoor.service import FrontDoor
+from queuegate.keys import Keys
+
+COOKIE = "queuegate_session"
+SIGN_IN_COOKIE = "queuegate_sign_in"
+"""The CSRF token of the sign-in form, before any session exists (double submit)."""
+SESSION_TTL = 8 * 3600
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    team: str | None
+    """None for an administrator: every team."""
+    key_id: str
+    csrf: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.team is None
+
+    def may_read(self, team: str) -> bool:
+        return self.team is None or self.team == team
+
+
+class SignInNeeded(Exception):
+    """The request has no live session: the person is sent to the sign-in page."""
+
+
+class BadCsrf(Exception):
+    """A POST without its session's CSRF token."""
+
+
+async def start(door: FrontDoor, owner: KeyOwner) -> Session:
+    """A new session of the key's owner."""
+    session = Session(secrets.token_urlsafe(32), owner.team, owner.key_id, new_token())
+    key = _key(door, session.session_id)
+    async with door.redis.pipeline(transaction=True) as pipe:
+        pipe.hset(
+            key,
+            mapping={"team": owner.team or "", "key_id": owner.key_id, "csrf": session.csrf},
+        )
+        pipe.expire(key, SESSION_TTL)
+        await pipe.execute()
+    return session
+
+
+async def end(door: FrontDoor, session: Session) -> None:
+    await door.redis.delete(_key(door, session.session_id))
+
+
+async def current(request: Request) -> Session:
+    """The request's live session; SignInNeeded when there is none, or its key was revoked."""
+    door: FrontDoor = request.app.state.frontdoor
+    session_id = request.cookies.get(COOKIE)
+    if not session_id:
+        raise SignInNeeded
+    session = await _load(door.redis, _key(door, session_id), session_id)
+    if session is None or not await _key_live(door, session):
+        raise SignInNeeded
+    return session
+
+
+async def check_csrf(request: Request, session: Session) -> None:
+    """BadCsrf unless the form posted carries the session's token."""
+    form = await request.form()
+    token = form.get("csrf")
+    if not isinstance(token, str) or not same_token(session.csrf, token):
+        raise BadCsrf
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def same_token(expected: str | None, given: str | None) -> bool:
+    return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, ttl: int) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=ttl,
+        path="/dashboard",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+async def _load(client: aioredis.Redis, key: str, session_id: str) -> Session | None:
+    raw = await client.hgetall(key)
+    if not raw:
+        return None
+    data = {_text(k): _text(v) for k, v in raw.items()}
+    return Session(session_id, data["team"] or None, data["key_id"], data["csrf"])
+
+
+async def _key_live(door: FrontDoor, session: Session) -> bool:
+    keys = (
+        await admin_keys(door.pool)
+        if session.team is None
+        else await team_keys(door.pool, session.team)
+    )
+    return any(k.key_id == session.key_id and k.revoked_at is None for k in keys)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _key(door: FrontDoor, session_id: str) -> str:
+    return Keys(door.settings.redis_prefix).dashboard_session(session_id)

@@ -1,0 +1,74 @@
+// The Live page: polls live.json every 1.5 s and fills the tables; marks the page stale when
+// no worker reports, Redis or the broker cannot be read, or the dashboard cannot be reached.
+"use strict";
+(function () {
+  const state = document.getElementById("live-state");
+  const source = state.dataset.source;
+  const PERIOD = 1500;
+
+  function cell(row, text, numeric) {
+    const td = row.insertCell();
+    td.textContent = text;
+    if (numeric) td.className = "num";
+  }
+  function rate(x) { return x === null || x === undefined ? "–" : Number(x).toFixed(2); }
+  function ms(x) { return x === null || x === undefined ? "–" : Math.round(x).toLocaleString(); }
+  function count(x) { return x === null || x === undefined ? "–" : Number(x).toLocaleString(); }
+
+  function stale(reason) {
+    state.textContent = "Stale: " + reason + " (last try " + new Date().toLocaleTimeString() + ")";
+    state.className = "state stale";
+    document.body.classList.add("is-stale");
+  }
+
+  function show(data) {
+    if (data.stale) { stale(data.reason); } else {
+      state.textContent = "Live · updated " + new Date(data.at).toLocaleTimeString();
+      state.className = "state fresh";
+      document.body.classList.remove("is-stale");
+    }
+    const teams = data.teams || [];
+    let queued = 0, inFlight = 0, out = 0;
+    const body = document.querySelector("#live-teams tbody");
+    body.replaceChildren();
+    for (const t of teams) {
+      queued += t.queue_depth || 0; inFlight += t.in_flight; out += t.jobs_out_per_s;
+      const row = body.insertRow();
+      row.dataset.team = t.team;
+      cell(row, t.team);
+      cell(row, count(t.queue_depth), true);
+      cell(row, count(t.in_flight), true);
+      cell(row, rate(t.jobs_in_per_s), true);
+      cell(row, rate(t.jobs_out_per_s), true);
+      cell(row, rate(t.errors_per_s), true);
+      cell(row, ms(t.wait_p50_ms) + " / " + ms(t.wait_p99_ms), true);
+      cell(row, t.bucket_fill === null ? "–" : Math.round(100 * t.bucket_fill) + "%", true);
+    }
+    const deps = document.querySelector("#live-deployments tbody");
+    deps.replaceChildren();
+    for (const d of data.deployments || []) {
+      const row = deps.insertRow();
+      if (d.breaker && d.breaker !== "closed") row.className = "over";
+      cell(row, d.deployment);
+      cell(row, d.breaker || "–");
+      cell(row, rate(d.calls_per_s), true);
+      cell(row, d.error_rate === null ? "–" : (100 * d.error_rate).toFixed(1) + "%", true);
+    }
+    document.getElementById("workers").textContent = data.workers === undefined ? "–" : data.workers;
+    document.getElementById("queued").textContent = count(queued);
+    document.getElementById("in-flight").textContent = count(inFlight);
+    document.getElementById("jobs-per-s").textContent = rate(out);
+  }
+
+  async function poll() {
+    try {
+      const answer = await fetch(source, { credentials: "same-origin", cache: "no-store" });
+      if (answer.status === 401) { window.location = "/dashboard/sign-in"; return; }
+      if (!answer.ok) { stale("the dashboard answered " + answer.status); } else { show(await answer.json()); }
+    } catch (e) {
+      stale("the dashboard cannot be reached");
+    }
+    setTimeout(poll, PERIOD);
+  }
+  poll();
+})();

@@ -1,0 +1,169 @@
+"""The dashboard in a real browser, over a gateway that has run real jobs: the numbers on its
+pages are PostgreSQL's, a team sees its own pages only, and every page carries its CSP."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from unittest.mock import ANY
+
+import httpx
+import redis.asyncio as aioredis
+from playwright.async_api import Page
+
+from admin.keys import issue_admin_key
+from frontdoor.dashboard.render import money
+from frontdoor.dashboard.security import CSP
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig, set_team_config
+from queuegate.settings import Settings
+from tests.dashboard_browser import chromium, sign_in
+from tests.frontdoor_support import HELLO, Door, open_door
+
+TEAMS = {
+    "alpha": TeamConfig(budget_usd=Decimal("1"), rpm=600, max_queue_length=500),
+    "beta": TeamConfig(budget_usd=Decimal("100")),
+}
+
+
+async def _run_jobs(door: Door, jobs: dict[str, int]) -> None:
+    for team, count in jobs.items():
+        async with door.client(team) as client:
+            for _ in range(count):
+                await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    await door.gateway.usage_rows(sum(jobs.values()))
+
+
+async def _totals(door: Door, team: str) -> tuple[int, Decimal]:
+    row = await door.gateway.pool.fetchrow(
+        "SELECT count(*) AS n, coalesce(sum(cost_usd), 0) AS usd FROM usage_log WHERE team = $1",
+        team,
+    )
+    return int(row["n"]), Decimal(row["usd"])
+
+
+async def _stored_session(settings: Settings, session_id: str) -> dict[str, str]:
+    """What Redis holds of a dashboard session: whose key it was, never the key."""
+    client = aioredis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        key = Keys(settings.redis_prefix).dashboard_session(session_id)
+        return dict(await client.hgetall(key))  # type: ignore[misc]
+    finally:
+        await client.aclose()
+
+
+async def _shot(page: Page, tmp_path: Path, name: str) -> None:
+    await page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+
+
+async def test_admin_overview_and_team_pages_show_what_postgres_holds(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given jobs run through the gateway for two teams, and an admin key
+    async with open_door(settings, TEAMS) as door:
+        await _run_jobs(door, {"alpha": 3, "beta": 2})
+        admin = await issue_admin_key(door.gateway.pool, "dashboard test")
+        alpha_n, alpha_usd = await _totals(door, "alpha")
+        # alpha's budget cut below what it spent: it must stand out as over budget
+        over = TEAMS["alpha"].model_copy(update={"budget_usd": alpha_usd / 2})
+        await set_team_config(door.gateway.pool, "alpha", over)
+        beta_n, beta_usd = await _totals(door, "beta")
+        async with chromium() as browser:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            # When the administrator signs in
+            await sign_in(page, door.url, admin.key)
+            # Expect the overview, with each team's spend and requests as PostgreSQL counts
+            assert page.url == f"{door.url}/dashboard"
+            alpha = page.locator("#teams tr[data-team=alpha]")
+            assert await alpha.locator(".requests").inner_text() == str(alpha_n)
+            assert await alpha.locator(".spend").inner_text() == money(alpha_usd)
+            assert "over" in (await alpha.get_attribute("class") or "")
+            beta = page.locator("#teams tr[data-team=beta]")
+            assert await beta.locator(".requests").inner_text() == str(beta_n)
+            assert await beta.locator(".spend").inner_text() == money(beta_usd)
+            assert await page.inner_text("#total-requests") == str(alpha_n + beta_n)
+            assert await page.inner_text("#over-budget") == "1"
+            # with a title on each bar, read on hover
+            assert await page.locator("svg.chart rect title").count() >= 2
+            await _shot(page, tmp_path, "overview")
+
+            # And the team page an administrator opens from it
+            await page.click("#teams tr[data-team=alpha] a")
+            assert await page.inner_text("#spend") == money(alpha_usd)
+            assert await page.inner_text("#requests") == f"{alpha_n} · 0"
+            assert door.key_ids["alpha"] in await page.inner_text("#keys")
+            assert "600" in await page.inner_text("#limits")
+            await _shot(page, tmp_path, "team-by-admin")
+
+            # And the audit log, filtered by team
+            await page.goto(f"{door.url}/dashboard/audit?team=beta")
+            assert await page.locator("table.audit tbody tr").count() == beta_n
+            await _shot(page, tmp_path, "audit")
+
+            html = await page.content()
+            assert admin.key not in html
+            await page.goto(f"{door.url}/dashboard/live")
+            await page.wait_for_selector("#live-teams tbody tr[data-team=alpha]")
+            await _shot(page, tmp_path, "live")
+
+
+async def test_a_team_sees_its_own_pages_only(settings: Settings, tmp_path: Path) -> None:
+    async with open_door(settings, TEAMS) as door:
+        await _run_jobs(door, {"alpha": 2, "beta": 1})
+        alpha_n, _ = await _totals(door, "alpha")
+        async with chromium() as browser:
+            context = await browser.new_context(viewport={"width": 390, "height": 844})
+            page = await context.new_page()
+            # When alpha's key signs in (on a phone-sized screen)
+            await sign_in(page, door.url, door.keys["alpha"])
+            # Expect alpha's team page, and alpha's rows only in its audit log
+            assert page.url == f"{door.url}/dashboard/teams/alpha"
+            assert await page.inner_text("#requests") == f"{alpha_n} · 0"
+            await _shot(page, tmp_path, "team-phone")
+            await page.goto(f"{door.url}/dashboard/audit")
+            teams = await page.locator("table.audit tbody tr td:nth-child(2)").all_inner_texts()
+            assert teams == ["alpha"] * alpha_n
+            # Expect another team's pages, the admin pages and the live data refused
+            for path, status in [
+                ("/dashboard/teams/beta", 403),
+                ("/dashboard/teams/nosuchteam", 403),
+                ("/dashboard/audit?team=beta", 403),
+                ("/dashboard/live", 403),
+                ("/dashboard/live.json", 403),
+            ]:
+                answer = await page.goto(door.url + path)
+                assert answer is not None and answer.status == status, path
+            overview = await page.goto(f"{door.url}/dashboard")
+            assert overview is not None and page.url.endswith("/dashboard/teams/alpha")
+            assert overview.headers["content-security-policy"] == CSP
+            # And the session cookie out of scripts' and other sites' reach, the key nowhere
+            [cookie] = [c for c in await context.cookies() if c["name"] == "queuegate_session"]
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert door.keys["alpha"] not in await page.content()
+            session = await _stored_session(settings, cookie["value"])
+            assert session == {"team": "alpha", "key_id": door.key_ids["alpha"], "csrf": ANY}
+
+            # When a form posts sign-out without the session's CSRF token, it is refused
+            async with httpx.AsyncClient(
+                base_url=door.url, cookies={cookie["name"]: cookie["value"]}
+            ) as client:
+                forged = await client.post("/dashboard/sign-out", data={"csrf": "nope"})
+                assert forged.status_code == 403
+                still = await client.get("/dashboard/teams/alpha")
+                assert still.status_code == 200
+            # And the page's own sign-out ends the session
+            async with page.expect_navigation():
+                await page.click("header .sign-out button")
+            assert page.url.endswith("/dashboard/sign-in")
+            again = await page.goto(f"{door.url}/dashboard/teams/alpha")
+            assert again is not None and page.url.endswith("/dashboard/sign-in")
+            assert await _stored_session(settings, cookie["value"]) == {}
+
+
+async def test_a_wrong_key_is_refused_on_the_sign_in_page(settings: Settings) -> None:
+    async with open_door(settings, TEAMS) as door, chromium() as browser:
+        page = await browser.new_page()
+        await sign_in(page, door.url, "qg_not-a-real-key")
+        assert page.url.endswith("/dashboard/sign-in")
+        assert "unknown or revoked" in await page.inner_text(".error")
+        assert "qg_not-a-real-key" not in await page.content()
