@@ -13,6 +13,12 @@ written after the snapshot keeps its entry (it is not in the sum), so nothing in
 counted twice or missed, and whatever drifted (a reservation whose worker died, a settle
 lost to a Redis error, a ledger Redis lost) is corrected. ``spend_drift`` says how far a
 ledger is from PostgreSQL at any moment (the jobs in flight, between reconciliations).
+
+Each ledger has a generation, given when it is made (first use, or after Redis lost it). A
+worker that sees a ledger's generation change reconciles it itself, passing ``restore``:
+the jobs it settled into the lost ledger whose usage rows accounting may not have written
+yet. Those the snapshot does not hold are put back as entries (where the ledger has none
+for them), so a Redis loss does not forget what accounting is behind on.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -114,12 +120,20 @@ class Correction:
     before: Decimal | None
     """Spent and reserved before; None when Redis had lost the ledger."""
     after: Decimal
+    generation: str
+    """The ledger's generation: new when Redis had lost it."""
+    restored: int = 0
+    """Entries put back from ``restore``."""
 
     @property
     def drift(self) -> Decimal:
         """What the ledger had counted beyond PostgreSQL and the jobs still open (negative:
         short of them)."""
         return (self.before or Decimal(0)) - self.after
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 @cache
@@ -151,8 +165,12 @@ async def reconcile(
     month: str,
     *,
     token: str,
+    restore: Mapping[Scope, Mapping[str, tuple[int, int]]] | None = None,
 ) -> list[Correction] | None:
     """Bring each scope's ledger for ``month`` in line with usage_log (module docstring).
+
+    ``restore`` maps a scope to the entries to put back, job id to (nano-USD, milliseconds
+    until the entry lapses), unless the snapshot holds the job's usage row.
 
     None when another reconciler (another ``token``) holds the lock: one at a time, or an
     older snapshot could be applied after a newer one. Raises RedisError or asyncpg's errors
@@ -170,6 +188,8 @@ async def reconcile(
                 i.decode() if isinstance(i, bytes) else str(i)
                 for i in await client.zrange(expiry, 0, -1)
             ]
+            wanted = dict((restore or {}).get(scope, {}))
+            ids += [job for job in wanted if job not in ids]
             async with (
                 pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
@@ -183,24 +203,38 @@ async def reconcile(
                         ids,
                     )
                 ]
-            found, before, after = 1, 0, 0
+            for job in written:
+                wanted.pop(job, None)
+            back: list[str | int] = [
+                x for job, (nano, ms) in wanted.items() for x in (job, nano, ms)
+            ]
+            found, before, after, generation = 1, 0, 0, ""
             for start in range(0, max(1, len(written)), CHUNK):
-                base: str | int = to_nano(spent) if start == 0 else ""
-                chunk = written[start : start + CHUNK]
+                first = start == 0
                 reply = await script(
                     keys=[ledger, expiry, keys.spend_reconciler],
-                    args=[token, base, LEDGER_TTL, *chunk],
+                    args=[
+                        token,
+                        to_nano(spent) if first else "",
+                        LEDGER_TTL,
+                        secrets.token_hex(8),
+                        len(wanted) if first else 0,
+                        *(back if first else []),
+                        *written[start : start + CHUNK],
+                    ],
                 )
                 if reply[0] == -1:
                     return None
-                if start == 0:
+                if first:
                     found, before = reply[0], reply[1]
-                after = reply[2]
+                after, generation = reply[2], _text(reply[3])
             correction = Correction(
                 scope,
                 month,
                 Decimal(before) / NANO if found else None,
                 Decimal(after) / NANO,
+                generation,
+                len(wanted),
             )
             corrections.append(correction)
     finally:

@@ -131,25 +131,41 @@ async def running_gateway(
     mock_config: MockConfig | None = None,
     catalog: Path | None = None,
     components: Settings | None = None,
+    accounting: bool = True,
 ) -> AsyncIterator[Gateway]:
     """A gateway of ``settings``; ``components`` (its clients, worker and accounting) may reach
-    the services another way, e.g. through a TcpProxy, while the test reads rows directly."""
+    the services another way, e.g. through a TcpProxy, while the test reads rows directly.
+    Without ``accounting`` usage events wait in the broker until a test runs ``accountant``."""
     components = components or settings
     stop = asyncio.Event()
     async with MockProvider(mock_config or MockConfig()) as mock:
         env = {"QUEUEGATE_MOCK_URL": mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
-        async with open_router(load_catalog(catalog, env), env, components) as router:
+        async with (
+            open_router(load_catalog(catalog, env), env, components) as router,
+            contextlib.AsyncExitStack() as stack,
+        ):
             worker = Worker(components, router, teams=list(teams), name="test-worker")
-            async with Accountant(components) as accountant:
-                tasks = [
-                    asyncio.create_task(worker.run(stop)),
-                    asyncio.create_task(accountant.run(stop)),
-                ]
-                await asyncio.wait_for(worker.ready.wait(), 10)
-                pool = await create_pool(settings)
-                try:
-                    yield Gateway(components, mock, worker, pool)
-                finally:
-                    stop.set()
-                    await asyncio.gather(*tasks)
-                    await pool.close()
+            if accounting:
+                await stack.enter_async_context(running_accountant(components))
+            task = asyncio.create_task(worker.run(stop))
+            await asyncio.wait_for(worker.ready.wait(), 10)
+            pool = await create_pool(settings)
+            try:
+                yield Gateway(components, mock, worker, pool)
+            finally:
+                stop.set()
+                await task
+                await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def running_accountant(settings: Settings) -> AsyncIterator[Accountant]:
+    """Accounting of ``settings``, running until the block ends."""
+    stop = asyncio.Event()
+    async with Accountant(settings) as accountant:
+        task = asyncio.create_task(accountant.run(stop))
+        try:
+            yield accountant
+        finally:
+            stop.set()
+            await task

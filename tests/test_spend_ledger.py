@@ -15,7 +15,7 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, spend_drift
 from tests.faults import behind_proxies
-from tests.support import running_gateway
+from tests.support import running_accountant, running_gateway
 from tests.teams import register
 
 MESSAGES = [{"role": "user", "content": "How much?"}]
@@ -119,3 +119,37 @@ async def test_a_ledger_redis_lost_mid_run_is_rebuilt_and_reconciled(
         total = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
         assert spent is not None and total > 0
         assert abs(spent - total) < Decimal("0.000000001") * 6
+
+
+async def test_a_ledger_lost_while_accounting_is_behind_keeps_the_jobs_it_had_settled(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with a budget, and ten jobs answered while accounting is stopped
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    keys, month = Keys(settings.redis_prefix), current_month()
+    quick = settings.model_copy(update={"spend_reconcile_interval": 0.1})
+    async with (
+        running_gateway(quick, accounting=False) as gw,
+        gw.client("alpha") as client,
+    ):
+        answered = [await client.chat("gpt-4o-mini", MESSAGES) for _ in range(10)]
+        assert all(result.status == "ok" for result in answered)
+        cost = sum(Decimal(str(r.gateway.cost_usd)) for r in answered if r.gateway)
+        assert await ledger_spent(redis_client, keys, "alpha", month) == cost > 0
+
+        # When Redis loses every key of the gateway, then one more job comes
+        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
+            await redis_client.delete(key)
+        last = await client.chat("gpt-4o-mini", MESSAGES)
+        assert last.status == "ok" and last.gateway is not None
+
+        # Expect the rebuilt ledger to count all eleven, though PostgreSQL holds none
+        assert await gw.pool.fetchval("SELECT count(*) FROM usage_log") == 0
+        spent = await ledger_spent(redis_client, keys, "alpha", month)
+        assert spent == cost + Decimal(str(last.gateway.cost_usd))
+
+        # And once accounting writes them, each counted once
+        async with running_accountant(quick):
+            await gw.usage_rows(11)
+            assert await _reconciled(redis_client, gw.pool, settings) == 0
+        assert await ledger_spent(redis_client, keys, "alpha", month) == spent

@@ -1,37 +1,57 @@
--- Set a spend ledger's base to what usage_log holds, and drop the entries of the jobs it
--- holds (workers/admission/lua/spend.lua describes the ledger).
+-- Set a spend ledger's base to what usage_log holds, drop the entries of the jobs it holds,
+-- and put back the entries a worker settled that it does not hold yet
+-- (workers/admission/lua/spend.lua describes the ledger).
 --
 -- KEYS[1]   the ledger          KEYS[2]   its expiry set
 -- KEYS[3]   the reconciler's lock: the call is refused unless it still holds ARGV[1]
 -- ARGV[1]   the reconciler's token
--- ARGV[2]   the new base, nano-USD: usage_log's sum, read in the same snapshot as ARGV[4..]
+-- ARGV[2]   the new base, nano-USD: usage_log's sum, read in the same snapshot as the rest
 --           ("" to keep the base: a later part of the same reconciliation)
 -- ARGV[3]   ttl of the ledger, seconds
--- ARGV[4..] job ids whose usage rows that snapshot holds
+-- ARGV[4]   the generation to give the ledger if it has none (Redis lost it, or it is new)
+-- ARGV[5]   n, the number of entries to put back
+-- ARGV[6 .. 5+3n]  each: job id, nano-USD, milliseconds until it lapses; jobs the snapshot
+--           does not hold, put back only where the ledger has no entry for them
+-- ARGV[6+3n ..]    job ids whose usage rows that snapshot holds
 --
 -- Returns {-1} when the lock is no longer ours (another accountant reconciles: its snapshot
--- may be newer), else {found, before, after}: found 0 when the ledger was missing (Redis lost
--- it), and the ledger's spent before and after (base + open).
+-- may be newer), else {found, before, after, generation}: found 0 when the ledger was
+-- missing (Redis lost it), and the ledger's spent before and after (base + open).
 
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return {-1}
 end
-local state = redis.call('HMGET', KEYS[1], 'base', 'open')
+local state = redis.call('HMGET', KEYS[1], 'base', 'open', 'gen')
 local base = tonumber(state[1]) or 0
 local open = tonumber(state[2]) or 0
+local gen = state[3] or ARGV[4]
 local before = base + open
+local n = tonumber(ARGV[5])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+for i = 6, 5 + 3 * n, 3 do
+  local f = 'j:' .. ARGV[i]
+  if redis.call('HSETNX', KEYS[1], f, ARGV[i + 1]) == 1 then
+    open = open + tonumber(ARGV[i + 1])
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), ARGV[i])
+  end
+end
+local first = 6 + 3 * n
 local gone = 0
-for i = 4, #ARGV do
+for i = first, #ARGV do
   local f = 'j:' .. ARGV[i]
   gone = gone + (tonumber(redis.call('HGET', KEYS[1], f)) or 0)
   redis.call('HDEL', KEYS[1], f)
 end
-if #ARGV >= 4 then
-  redis.call('ZREM', KEYS[2], unpack(ARGV, 4))
+if #ARGV >= first then
+  redis.call('ZREM', KEYS[2], unpack(ARGV, first))
 end
 if ARGV[2] ~= '' then
   base = tonumber(ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone)
+redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return {state[1] and 1 or 0, before, base + open - gone}
+if n > 0 then
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+return {state[1] and 1 or 0, before, base + open - gone, gen}

@@ -5,15 +5,23 @@ by ``lua/spend.lua`` so concurrent jobs cannot overshoot a budget by more than o
 estimate error. Each job holds one entry, which lapses ``lease`` seconds after its reserve
 (a worker that died mid-job never settles it) and ``SETTLED_TTL`` after its settle; accounting
 reconciles every ledger with usage_log (queuegate/spend.py), which also recovers a settle
-lost to a Redis error. When Redis has lost a ledger its base is rebuilt from ``usage_log``
-(the month's sum); jobs whose usage event accounting has not written yet are missed by that
-sum until the next reconciliation.
+lost to a Redis error.
+
+When Redis has lost a ledger, the usage_log sum it is made again from misses the jobs
+accounting has not written yet. So each worker remembers the jobs it settled (up to
+``SETTLED_TTL`` and ``SETTLED_KEPT`` per ledger), and the first reserve that finds the ledger
+missing or made again (a new generation) reconciles it here, putting those back as entries
+unless usage_log holds them: the ledger stays short only of the reservations of jobs in
+flight at the loss, until each settles (its settle puts its cost in the new ledger).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -25,7 +33,15 @@ from queuegate.errors import BudgetExhausted, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
 from queuegate.registry import TeamConfig
-from queuegate.spend import LEDGER_TTL, NANO, current_month, month_spend, to_nano
+from queuegate.spend import (
+    LEDGER_TTL,
+    NANO,
+    Scope,
+    current_month,
+    reconcile,
+    reconciler_token,
+    to_nano,
+)
 from workers.admission.scripts import Call, Scripts
 
 log = logging.getLogger(__name__)
@@ -34,6 +50,12 @@ SETTLED_TTL = 3600
 """Seconds a settled job's entry counts before it lapses: accounting reconciles it into the
 ledger's base long before, unless it is down that long (then the ledger is short of those
 jobs until it returns)."""
+SETTLED_KEPT = 20_000
+"""Settled jobs a worker remembers per ledger (the newest), to put back if Redis loses it:
+about 3 MB. A worker that settles more of one team's jobs than this while accounting is
+behind on them leaves the oldest out of a rebuilt ledger until accounting writes them."""
+LOCK_WAIT = 5.0
+"""Seconds a rebuild waits for another reconciler's round (well under a second) to end."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,8 @@ class Reservation:
     month: str
     job_id: str
     nano: int
+    generations: list[str]
+    """Each scope's ledger generation the job reserved in."""
 
 
 class Budgets:
@@ -63,6 +87,12 @@ class Budgets:
         self._keys = keys
         self._pool = pool
         self._lease_ms = math.ceil(lease * 1000)
+        self._token = reconciler_token()
+        self._generations: dict[str, str] = {}
+        """Each ledger's generation as this worker last reserved in it."""
+        self._settled: dict[str, OrderedDict[str, tuple[int, float]]] = {}
+        """Per ledger, the jobs this worker settled: cost (nano-USD), when the entry lapses
+        (epoch seconds), oldest first."""
 
     async def reserve(
         self,
@@ -105,14 +135,17 @@ class Budgets:
         ]
         args: list[str | int] = ["reserve", nano, LEDGER_TTL, threshold, team, month]
         args += [job_id, self._lease_ms, *(to_nano(limit) for _, _, limit in scopes)]
+        ledgers = keys[::2]
+        args += [self._generations.get(ledger, "") for ledger in ledgers]
         calls = [self._call(team, month, keys, args)] + ([then] if then is not None else [])
         while True:
             replies = await self._scripts.run_all(calls)
             reply = replies[0]
             _alert(team, month, reply)
-            if reply[0] == -2:
+            if reply[0] in (-2, -3):
                 _, scope_model, _ = scopes[int(reply[1]) - 1]
                 await self._rebuild(team, month, scope_model)
+                args[-len(ledgers) :] = [self._generations.get(ledger, "") for ledger in ledgers]
                 continue
             if reply[0] == -1:
                 _, scope_model, limit = scopes[int(reply[1]) - 1]
@@ -124,12 +157,16 @@ class Budgets:
                     f"${Decimal(nano) / NANO:.6f}: raise the budget (queuegate teams set "
                     f"{team} --budget ...) or wait for next month"
                 )
-            reservation = Reservation(keys, team, month, job_id, nano)
+            generations = [_text(gen) for gen in reply[3 : 3 + len(ledgers)]]
+            self._generations.update(zip(ledgers, generations, strict=True))
+            reservation = Reservation(keys, team, month, job_id, nano, generations)
             return reservation, replies[1] if then is not None else None
 
     def settle_call(self, reservation: Reservation, actual_nano: int) -> Call:
         """The script call that replaces the reserved estimate with what the job really cost,
         to run with the job's other settles (its reply then goes to ``settled``)."""
+        if actual_nano > 0:
+            self._remember(reservation, actual_nano)
         args: list[str | int] = [
             "settle",
             actual_nano,
@@ -139,6 +176,8 @@ class Budgets:
             reservation.month,
             reservation.job_id,
             SETTLED_TTL * 1000,
+            *(0 for _ in reservation.generations),  # no limits: a settle is never refused
+            *reservation.generations,
         ]
         return self._call(reservation.team, reservation.month, reservation.keys, args)
 
@@ -150,24 +189,82 @@ class Budgets:
             "spend", [self._keys.budget_alerted(team, month), self._keys.alerts, *keys], args
         )
 
+    def _remember(self, reservation: Reservation, nano: int) -> None:
+        now = time.time()
+        for ledger in reservation.keys[::2]:
+            jobs = self._settled.setdefault(ledger, OrderedDict())
+            jobs[reservation.job_id] = (nano, now + SETTLED_TTL)
+            jobs.move_to_end(reservation.job_id)
+            _forget_lapsed(jobs, now)
+            while len(jobs) > SETTLED_KEPT:
+                jobs.popitem(last=False)
+
     async def _rebuild(self, team: str, month: str, model: str | None) -> None:
-        try:
-            spent = await month_spend(self._pool, team, month, model)
-        except DB_ERRORS as exc:
-            raise ServiceUnavailable(
-                f"cannot rebuild team {team}'s spend for {month} from PostgreSQL ({exc})"
-            ) from exc
+        """Reconcile a ledger Redis lost (or made again since this worker reserved in it),
+        putting back the jobs this worker settled that usage_log does not hold yet."""
         ledger = self._keys.spend(team, month, model)
-        # NX: another worker may have rebuilt it (and counted jobs since) in the meantime.
-        if await self._client.hsetnx(ledger, "base", to_nano(spent)):
-            await self._client.expire(ledger, LEDGER_TTL)
+        jobs = self._settled.get(ledger, OrderedDict())
+        now = time.time()
+        _forget_lapsed(jobs, now)
+        back = {
+            job: (nano, math.ceil((lapses - now) * 1000)) for job, (nano, lapses) in jobs.items()
+        }
+        scope = Scope(team, model)
+        deadline, delay = time.monotonic() + LOCK_WAIT, 0.02
+        while True:
+            try:
+                corrections = await reconcile(
+                    self._client,
+                    self._pool,
+                    self._keys,
+                    [scope],
+                    month,
+                    token=self._token,
+                    restore={scope: back},
+                )
+            except DB_ERRORS as exc:
+                raise ServiceUnavailable(
+                    f"cannot rebuild team {team}'s spend for {month} from PostgreSQL ({exc})"
+                ) from exc
+            if corrections is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise ServiceUnavailable(
+                    f"team {team}'s spend ledger for {month} is being reconciled by another "
+                    "process; retrying"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        (correction,) = corrections
+        self._generations[ledger] = correction.generation
+        if correction.before is None:
             log.warning(
                 "team %s's spend ledger for %s was missing (Redis lost it): rebuilt from "
-                "PostgreSQL at $%s; jobs in flight count from the next reconciliation",
+                "PostgreSQL at $%s, with the jobs this worker settled that accounting has not "
+                "written yet (%d kept); jobs in flight count when they settle",
                 team,
                 month,
-                plain_decimal(spent),
+                plain_decimal(correction.after),
+                len(back),
             )
+        elif back:
+            log.info(
+                "team %s's spend ledger for %s was made again since this worker used it: put "
+                "back the jobs it settled that accounting has not written yet (%d kept)",
+                team,
+                month,
+                len(back),
+            )
+
+
+def _forget_lapsed(jobs: OrderedDict[str, tuple[int, float]], now: float) -> None:
+    """Drop the jobs whose entries would have lapsed from the ledger anyway."""
+    while jobs and next(iter(jobs.values()))[1] <= now:
+        jobs.popitem(last=False)
+
+
+def _text(raw: bytes | str | int) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _alert(team: str, month: str, reply: list[int]) -> None:

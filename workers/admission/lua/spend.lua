@@ -6,7 +6,9 @@
 -- when each entry lapses. A reserve first reaps the lapsed ones, so a reservation whose
 -- worker died without settling it stops counting; accounting removes a job's entry once its
 -- usage row is in base (queuegate/lua/reconcile.lua). One entry per job id: a redelivered
--- job's reservation replaces its earlier one instead of adding to it.
+-- job's reservation replaces its earlier one instead of adding to it. A ledger's `gen`
+-- names it: a new one when it is made again after Redis lost it (queuegate/lua/reconcile.lua
+-- makes it), so a worker can tell the ledger it settled into is gone.
 --
 -- KEYS[1]        the team's alert marker for the month (set once the alert is emitted)
 -- KEYS[2]        the alerts stream
@@ -20,11 +22,15 @@
 -- ARGV[7]        the job id
 -- ARGV[8]        milliseconds until the job's entry lapses
 -- ARGV[8+i]      limit of scope i in nano-USD (reserve)
+-- ARGV[8+n+i]    the generation of scope i the caller knows ("" = none yet), n scopes
 --
--- Returns {0, spent} when done, {-1, i, spent} when scope i cannot take the amount, and
--- {-2, i} when scope i's ledger is missing (Redis lost it): the caller rebuilds its base and
--- calls again. A settle whose entry is gone (lapsed, or the job already reconciled) adds
--- nothing: the job's usage row brings its cost into base.
+-- Returns {0, spent, alerted, gen 1, .., gen n} when done, {-1, i, spent} when scope i
+-- cannot take the amount, {-2, i} when scope i's ledger is missing (Redis lost it), and
+-- {-3, i} when scope i's generation is not the caller's (a reserve: the ledger was made
+-- again): the caller reconciles it, putting back what it settled, and calls again. A settle
+-- whose entry is gone adds nothing when the ledger is the one it reserved in (the entry
+-- lapsed, or the job was reconciled: its usage row brings its cost into base), and adds its
+-- entry when the ledger was made again since (the reservation was lost with the old one).
 
 local REAP = 100 -- lapsed entries reaped per scope and call: bounded work on the hot path
 
@@ -39,14 +45,19 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local expires = now + tonumber(ARGV[8])
 local scopes = (#KEYS - 2) / 2
 
-local spent, held = {}, {}
+local spent, held, lost, gens = {}, {}, {}, {}
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  local base = redis.call('HGET', ledger, 'base')
+  local known = ARGV[8 + scopes + i]
+  local state = redis.call('HMGET', ledger, 'base', 'gen')
+  local base = state[1]
+  gens[i] = state[2] or ''
   if not base then
     if mode == 'reserve' then
       return {-2, i}
     end
+  elseif mode == 'reserve' and known ~= '' and gens[i] ~= known then
+    return {-3, i}
   else
     if mode == 'reserve' then
       local lapsed = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, REAP)
@@ -63,6 +74,7 @@ for i = 1, scopes do
     end
     local state = redis.call('HMGET', ledger, 'open', field)
     held[i] = tonumber(state[2])
+    lost[i] = known ~= '' and gens[i] ~= known
     spent[i] = tonumber(base) + (tonumber(state[1]) or 0)
     if mode == 'reserve' and spent[i] - (held[i] or 0) + amount > tonumber(ARGV[8 + i]) then
       return {-1, i, spent[i]}
@@ -73,7 +85,7 @@ end
 local team_spent = spent[1]
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  if spent[i] and (mode == 'reserve' or held[i]) then
+  if spent[i] and (mode == 'reserve' or held[i] or lost[i]) then
     redis.call('HINCRBY', ledger, 'open', amount - (held[i] or 0))
     if mode == 'settle' and amount == 0 then
       -- Nothing spent: nothing for accounting to bring into base either.
@@ -96,7 +108,7 @@ if team_spent and threshold > 0 and team_spent >= threshold then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*',
       'team', ARGV[5], 'month', ARGV[6], 'spent_nano_usd', team_spent,
       'budget_nano_usd', ARGV[9])
-    return {0, team_spent, 1}
+    return {0, team_spent, 1, unpack(gens)}
   end
 end
-return {0, team_spent or 0, 0}
+return {0, team_spent or 0, 0, unpack(gens)}
