@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from admin.usage import team_month
 from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.proxy import TcpProxy
 from tests.support import running_gateway, wait_until
+from tests.teams import register
 from workers.claims import SETTLE
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -28,6 +32,7 @@ async def _lose_data(redis_client: aioredis.Redis, settings: Settings) -> None:
 async def test_after_redis_loses_its_data_an_accounted_job_is_not_called_again(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
+    await register(settings, "alpha", TeamConfig())
     async with running_gateway(settings) as gw:
         # Given a job answered and accounted
         async with gw.client("alpha") as first:
@@ -38,13 +43,18 @@ async def test_after_redis_loses_its_data_an_accounted_job_is_not_called_again(
         await _lose_data(redis_client, settings)
         async with gw.client("alpha") as second:
             result = await (await second.submit(job)).result(10)
-        # Expect it refused as already answered, the provider not called again, and the
-        # refusal accounted apart from the job's row
+            # ... then another job, accounted after anything the duplicate left
+            other = second.job("gpt-4o-mini", HELLO, job_id="other")
+            assert (await (await second.submit(other)).result(10)).status == "ok"
+        # Expect it refused as already answered, the provider not called again, and no row
+        # for the refusal: the team's report counts two requests, no error
         assert result.error is not None and result.error.code == "already_answered"
-        assert gw.mock.stats.calls == 1
+        assert gw.mock.stats.calls == 2
         rows = await gw.usage_rows(2)
-        assert sorted(r["job_id"].split("/")[0] for r in rows) == ["kept", "kept"]
-        assert sum(r["job_id"] == "kept" for r in rows) == 1
+        assert [r["job_id"] for r in rows] == ["kept", "other"]
+        today = datetime.now(UTC).date()
+        report = await team_month(gw.pool, "alpha", today, today=today)
+        assert (report.requests, report.errors) == (2, 0)
 
 
 async def test_a_redis_restarted_empty_under_a_running_worker_calls_no_accounted_job_again(

@@ -13,6 +13,10 @@ from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, Usag
 from router import Routed
 
 BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized", "idempotency_conflict"})
+UNACCOUNTED = frozenset({"already_answered"})
+"""Refusals with no usage row: a copy of a job usage_log already holds, never called. A row
+would count the one request again (and as an error) in the team's reports; the worker's log
+says it was refused."""
 """Error codes that mean the job itself is wrong: it is answered and also dead-lettered."""
 
 
@@ -38,7 +42,8 @@ class Announcement:
     reply_to: str | None
     """Where the result goes; None when it may go nowhere (it is then only accounted)."""
     result: bytes
-    usage: bytes
+    usage: bytes | None
+    """The usage event; None when the job is not accounted again (``UNACCOUNTED``)."""
     bad_input: JobError | None
     """Why the job itself is wrong, when it is: it is then also dead-lettered."""
 
@@ -53,12 +58,16 @@ class Announcement:
             job_id=outcome.result.job_id,
             reply_to=reply_to,
             result=outcome.result.model_dump_json(exclude_none=True).encode(),
-            usage=usage.model_dump_json().encode(),
+            usage=None
+            if error is not None and error.code in UNACCOUNTED
+            else usage.model_dump_json().encode(),
             bad_input=error if error is not None and error.code in BAD_INPUT else None,
         )
 
-    def undelivered_usage(self) -> bytes:
+    def undelivered_usage(self) -> bytes | None:
         """The usage event for a result that could not be delivered (rare: parsed again)."""
+        if self.usage is None:
+            return None
         event = UsageEvent.model_validate_json(self.usage)
         return event.model_copy(update={"reply_delivered": False}).model_dump_json().encode()
 

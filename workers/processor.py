@@ -279,7 +279,8 @@ class JobProcessor:
             reply_to, announcement.job_id, announcement.result
         ):
             usage = announcement.undelivered_usage()
-        await self._publisher.usage(announcement.job_id, usage)
+        if usage is not None:
+            await self._publisher.usage(announcement.job_id, usage)
         error = announcement.bad_input
         if error is not None:
             await self._publisher.dead_letter(
