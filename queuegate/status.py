@@ -30,6 +30,7 @@ from queuegate.keys import Keys
 from queuegate.livestats import live_spend, read_view, recent_waits, window_sums
 from queuegate.metrics import BREAKER_VALUES
 from queuegate.settings import Settings
+from queuegate.spend import ledger_spent
 from queuegate.topology import Topology
 
 BREAKER_NAMES = {value: name for name, value in BREAKER_VALUES.items()}
@@ -52,8 +53,15 @@ class TeamStatus:
     bucket_fill: float | None
     """How full the team's bucket is, 0-1; None until admission control reports it."""
     spend_usd: float
-    """This month's spend as the workers saw it."""
+    """This month's spend: the team's budget ledger when it has one (reconciled with
+    usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates),
+    else as the workers saw it since Redis last lost its data."""
     budget_usd: Decimal | None
+
+
+async def _spend(client: aioredis.Redis, keys: Keys, team: str, month: str) -> float:
+    ledger = await ledger_spent(client, keys, team, month)
+    return float(ledger) if ledger is not None else await live_spend(client, keys, team, month)
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,7 @@ class StatusReader:
                     wait_p50_ms=_percentile(waits, 50),
                     wait_p99_ms=_percentile(waits, 99),
                     bucket_fill=view.bucket_fill.get(team),
-                    spend_usd=await live_spend(client, keys, team, month),
+                    spend_usd=await _spend(client, keys, team, month),
                     budget_usd=budgets.get(team),
                 )
             )

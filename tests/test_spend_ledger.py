@@ -6,6 +6,7 @@ import asyncio
 from decimal import Decimal
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
@@ -14,6 +15,7 @@ from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, spend_drift
+from queuegate.status import StatusReader
 from tests.faults import behind_proxies
 from tests.support import running_accountant, running_gateway
 from tests.teams import register
@@ -153,3 +155,29 @@ async def test_a_ledger_lost_while_accounting_is_behind_keeps_the_jobs_it_had_se
             await gw.usage_rows(11)
             assert await _reconciled(redis_client, gw.pool, settings) == 0
         assert await ledger_spent(redis_client, keys, "alpha", month) == spent
+
+
+async def test_status_spend_recovers_from_a_redis_loss_once_reconciled(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with a budget and three jobs answered and accounted
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    quick = settings.model_copy(update={"spend_reconcile_interval": 0.1})
+    async with (
+        running_gateway(quick) as gw,
+        gw.client("alpha") as client,
+        StatusReader(settings) as reader,
+    ):
+        for _ in range(3):
+            assert (await client.chat("gpt-4o-mini", MESSAGES)).status == "ok"
+        await gw.usage_rows(3)
+        # When Redis loses every key of the gateway, then one more job comes
+        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
+            await redis_client.delete(key)
+        assert (await client.chat("gpt-4o-mini", MESSAGES)).status == "ok"
+        await gw.usage_rows(4)
+        # Expect status's spend, once reconciled, to be all four jobs' (PostgreSQL's)
+        await _reconciled(redis_client, gw.pool, settings)
+        status = await reader.read(teams=["alpha"], budgets={})
+        total = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
+        assert status.teams[0].spend_usd == pytest.approx(float(total), abs=1e-9)
