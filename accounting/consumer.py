@@ -23,7 +23,7 @@ from accounting.intake import HANDSHAKE_TIMEOUT, Delivery, Intake, IntakeClosed
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
 from queuegate.broker import connect
-from queuegate.db import DB_ERRORS, create_pool, is_unreachable, reconnect
+from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
@@ -118,7 +118,7 @@ class Accountant:
         async with contextlib.AsyncExitStack() as stack:
             # No connection floor: asyncpg would log a traceback for every attempt to restore
             # it during an outage, which the write loop already reports once.
-            pool = await create_pool(self.settings, min_size=0, max_size=2)
+            pool = await wait_for_pool(self.settings, min_size=0, max_size=2)
             stack.push_async_callback(pool.close)
             await migrate(pool, self.settings.database_schema)
             await self._declare()  # fails here, not in run(), when the broker is unreachable

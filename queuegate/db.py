@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 
 import asyncpg
 
 from queuegate.broker import redact_url
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
+
+log = logging.getLogger(__name__)
+
+START_RETRY_MAX = 10.0
+"""Seconds between a starting process's attempts to reach PostgreSQL, at most."""
+START_LOG_EVERY = 60.0
+"""Seconds between the lines a process waiting for PostgreSQL logs."""
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for a connection; asyncpg's default (60 s) hides an outage for a minute."""
@@ -88,6 +98,30 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
         await pool.close()
         raise
     return pool
+
+
+async def wait_for_pool(
+    settings: Settings, *, min_size: int = 1, max_size: int = 4
+) -> asyncpg.Pool:
+    """``create_pool``, waiting while PostgreSQL is unreachable (0.5 s doubling to
+    ``START_RETRY_MAX``): a long-running process started during an outage, or restarted by
+    its supervisor, waits for it instead of exiting. One line, then one a minute, says so."""
+    delay, said, since = 0.5, -START_LOG_EVERY, time.monotonic()
+    while True:
+        try:
+            pool = await create_pool(settings, min_size=min_size, max_size=max_size)
+        except ServiceUnavailable as exc:
+            if time.monotonic() - said >= START_LOG_EVERY:
+                said = time.monotonic()
+                log.warning(
+                    "%s; waiting for it (retrying every %.0f s at most)", exc, START_RETRY_MAX
+                )
+        else:
+            if said >= 0:
+                log.info("PostgreSQL answers after %.1f s; starting", time.monotonic() - since)
+            return pool
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, START_RETRY_MAX)
 
 
 def _unreachable(settings: Settings) -> ServiceUnavailable:

@@ -18,7 +18,7 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
-from queuegate.db import DB_ERRORS, create_pool
+from queuegate.db import DB_ERRORS, wait_for_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
@@ -115,7 +115,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
         # The registry: teams to serve (unless fixed) and their security settings.
-        pool = await create_pool(s)
+        pool = await wait_for_pool(s)
         try:
             connection = await connect(s.amqp_url, name=f"worker:{self.name}")
         except BaseException:

@@ -29,7 +29,7 @@ from queuegate.spend import current_month
 from queuegate.topology import Topology
 from tests.chaos.harness import dead_lettered
 from tests.chaos.private_postgres import PrivatePostgres
-from tests.support import running_gateway
+from tests.support import running_accountant, running_gateway
 from tests.teams import register
 from tests.test_accounting import send_usage, usage
 
@@ -204,3 +204,34 @@ async def test_a_job_whose_budget_ledger_is_lost_waits_for_postgresql_and_is_ser
     assert result.status == "ok", result.error
     assert gw.mock.stats.calls == 2
     assert await dead_lettered(settings) == 0
+
+
+async def test_a_worker_and_accounting_started_before_postgresql_wait_for_it_then_run(
+    settings: Settings, postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given PostgreSQL down when a worker and accounting start
+    through = on(settings, postgres)
+    await asyncio.to_thread(postgres.stop, "fast")
+    async with contextlib.AsyncExitStack() as stack:
+        accounting = asyncio.create_task(stack.enter_async_context(running_accountant(through)))
+        gateway = asyncio.create_task(
+            stack.enter_async_context(running_gateway(through, accounting=False))
+        )
+        waiting = "PostgreSQL is not reachable"
+        async with asyncio.timeout(WAIT):
+            # Polled: the only sign of a process waiting is its log line.
+            while sum(waiting in r.getMessage() for r in caplog.records) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        # When it starts a few seconds later
+        await asyncio.sleep(1)  # the processes keep waiting, not exiting, meanwhile
+        assert not accounting.done() and not gateway.done()
+        await asyncio.to_thread(postgres.start)
+        await asyncio.wait_for(accounting, WAIT)
+        gw = await asyncio.wait_for(gateway, WAIT)
+        # Expect both to run: a job answered and accounted
+        async with gw.client("alpha") as client:
+            assert (
+                await client.chat("gpt-4o-mini", [{"role": "user", "content": "a"}])
+            ).status == "ok"
+        assert len(await gw.usage_rows(1, timeout=WAIT)) == 1
+    assert sum(waiting in r.getMessage() for r in caplog.records) == 2
