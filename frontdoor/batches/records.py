@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 import asyncpg
@@ -52,6 +53,8 @@ class BatchRow:
     expired: int
     canceled: int
     refused: int
+    spend_usd: Decimal
+    """What its collected lines cost."""
     created_at: datetime
     expires_at: datetime
     in_progress_at: datetime | None
@@ -258,15 +261,19 @@ class LeaseLost(Exception):
     """The runner no longer holds the batch: another runner has it, or it was deleted."""
 
 
-async def held_by(conn: asyncpg.Connection, batch_id: str, runner: str) -> Phase:
-    """Inside a transaction: lock the batch's row, and its phase; LeaseLost when ``runner``
-    lost it."""
-    phase: Phase | None = await conn.fetchval(
-        "SELECT phase FROM api_batches WHERE id = $1 AND runner = $2 FOR UPDATE", batch_id, runner
+async def held_by(conn: asyncpg.Connection, batch_id: str, runner: str) -> BatchRow:
+    """Inside a transaction: lock the batch's row, and the batch as it is; LeaseLost when
+    ``runner`` lost it."""
+    row = _row(
+        await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM api_batches WHERE id = $1 AND runner = $2 FOR UPDATE",
+            batch_id,
+            runner,
+        )
     )
-    if phase is None:
+    if row is None:
         raise LeaseLost(f"batch {batch_id} is no longer held by {runner}")
-    return phase
+    return row
 
 
 _SETTABLE = frozenset(_FIELDS) - {"id", "team", "api", "key_id", "created_at"}
