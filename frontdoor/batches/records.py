@@ -22,6 +22,8 @@ Phase = Literal["submit", "collect", "clean", "done"]
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 """Statuses of a batch whose every request has an answer (or that never ran)."""
+CANCELLABLE = ("validating", "in_progress", "finalizing")
+"""Statuses a cancel applies to: not ended, not being canceled already."""
 MAX_FAULTS = 5
 """Runs that may end in a fault of ours before the batch fails, so it never loops."""
 
@@ -74,6 +76,15 @@ class BatchRow:
     @property
     def ended_at(self) -> datetime | None:
         return self.completed_at or self.cancelled_at or self.expired_at or self.failed_at
+
+    @property
+    def cancellable(self) -> bool:
+        return self.status in CANCELLABLE
+
+    @property
+    def written(self) -> int:
+        """Requests with a result line: answered, failed, expired, canceled or refused."""
+        return self.done + self.failed + self.expired + self.canceled + self.refused
 
 
 _FIELDS = tuple(BatchRow.__dataclass_fields__)
@@ -163,17 +174,43 @@ async def list_batches(
     return found[::-1] if before else found
 
 
+async def recent_batches(pool: asyncpg.Pool, team: str | None, *, limit: int) -> list[BatchRow]:
+    """The newest ``limit`` batches of both APIs: the team's, or every team's (None)."""
+    records = await pool.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM api_batches
+        WHERE $1::text IS NULL OR team = $1
+        ORDER BY created_at DESC, id DESC
+        LIMIT $2
+        """,
+        team,
+        limit,
+    )
+    return [row for r in records if (row := _row(r)) is not None]
+
+
+async def find_batch(pool: asyncpg.Pool, batch_id: str, team: str | None) -> BatchRow | None:
+    """A batch of either API by its id: the team's only, or any team's (None)."""
+    return _row(
+        await pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM api_batches WHERE id = $1 AND ($2::text IS NULL OR team = $2)",
+            batch_id,
+            team,
+        )
+    )
+
+
 async def request_cancel(pool: asyncpg.Pool, team: str, api: Api, batch_id: str) -> BatchRow | None:
     """Mark a batch ``cancelling`` unless it has ended (or is being canceled); the batch."""
     await pool.execute(
         """
         UPDATE api_batches SET status = 'cancelling', cancelling_at = now()
-        WHERE id = $1 AND team = $2 AND api = $3
-          AND status IN ('validating', 'in_progress', 'finalizing')
+        WHERE id = $1 AND team = $2 AND api = $3 AND status = any($4::text[])
         """,
         batch_id,
         team,
         api,
+        list(CANCELLABLE),
     )
     return await get_batch(pool, team, api, batch_id)
 

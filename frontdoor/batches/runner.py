@@ -129,6 +129,15 @@ class BatchRunner:
     def wake(self) -> None:
         self._wake.set()
 
+    async def cancel(self, team: str, api: records.Api, batch_id: str) -> BatchRow | None:
+        """Cancel one of the team's batches, as every cancel does (the APIs', the
+        dashboard's): marked ``cancelling`` and looked at now, the gateway told on the next
+        tick; requests not served yet end canceled. The batch, None when the team has none
+        of that id."""
+        row = await records.request_cancel(self._pool, team, api, batch_id)
+        self.wake()
+        return row
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run batches until ``stop``; then give back the ones in hand, for the next runner."""
         stopping = asyncio.create_task(stop.wait())
