@@ -589,8 +589,8 @@ async def test_a_key_revoked_mid_batch_keeps_every_paid_answer_and_ends_it_once(
     settings: Settings, keys: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a batch of 120 lines served 32 at a time, a third of a second each, by workers
-    # that learn of a revoked key within 0.3 s, and a second key of the team to read it with
-    settings = settings.model_copy(update={"security_cache_ttl": 0.3})
+    # that learn of a revoked key within 0.1 s, and a second key of the team to read it with
+    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
     _, second = await issue_key(settings, "alpha")
     async with (
         running_gateway(settings, teams=("alpha",), mock_config=SERVED_SLOWLY) as gateway,
@@ -642,7 +642,7 @@ async def test_a_message_batch_whose_key_is_revoked_lists_what_was_served(
     settings: Settings, keys: dict[str, str]
 ) -> None:
     # Given a Message Batch of 120 requests being served when its key is revoked
-    settings = settings.model_copy(update={"security_cache_ttl": 0.3})
+    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
     _, second = await issue_key(settings, "alpha")
     async with (
         running_gateway(settings, teams=("alpha",), mock_config=SERVED_SLOWLY) as gateway,

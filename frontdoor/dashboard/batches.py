@@ -87,7 +87,8 @@ async def batches(door: Door, session: Signed, canceled: str | None = None) -> R
         session=session,
         batches=[progress(row, now) for row in rows],
         shown=SHOWN,
-        canceled=canceled,
+        # Said only of a batch on the page: the link cannot make the page say anything else.
+        canceled=next((row.id for row in rows if row.id == canceled), None),
         duration=duration,
     )
 
