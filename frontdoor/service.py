@@ -98,7 +98,7 @@ class FrontDoor:
             self._outcomes = Outcomes(self._redis, Keys(s.redis_prefix), ttl=s.result_ttl)
             await self.bridge.__aenter__()
             # Batches created over HTTP, this process's and any a stopped process left.
-            self._batch_runner = BatchRunner(s, self._pool)
+            self._batch_runner = BatchRunner(s, self._pool, self._redis)
             self._running = asyncio.create_task(self._batch_runner.run(self._stop_runner))
         except BaseException:
             await self._close()

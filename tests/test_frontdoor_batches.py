@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
@@ -21,10 +23,17 @@ from anthropic.types.messages import MessageBatch
 from openai.types import Batch
 from openai.types.chat import ChatCompletion
 
-from frontdoor.batches import files, records
+from admin.keys import revoke_team_key
+from admin.teams import configure, quota_policy
+from frontdoor.batches import files, records, runner
 from frontdoor.serve import serving
+from mockprovider import Behavior, MockConfig
+from producer import GatewayClient
+from producer.batch import collect
+from producer.batch.state import BatchState
 from queuegate.db import create_pool
 from queuegate.keys import Keys
+from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.tenancy import api_key_id
@@ -72,6 +81,10 @@ def message_requests(n: int) -> list[dict[str, Any]]:
 class Door:
     url: str
     keys: dict[str, str]
+
+    def reading(self, key: str) -> Door:
+        """The same door, called with another key of the team."""
+        return Door(self.url, {**self.keys, "alpha": key})
 
     def openai(self, team: str = "alpha") -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.keys[team], max_retries=0)
@@ -529,3 +542,318 @@ async def test_a_batch_past_its_window_expires_its_requests_uncalled(
     assert sorted(line["custom_id"] for line in errors) == ["req-0", "req-1", "req-2"]
     assert {line["error"]["code"] for line in errors} == {"batch_expired"}
     assert gateway.mock.stats.calls == 0
+
+
+SERVED_SLOWLY = MockConfig(default=Behavior(latency_ms=300))
+"""Each call a third of a second: a batch is still being served when its key is revoked."""
+RUNNER_LOG = "frontdoor.batches.runner"
+
+
+async def _revoke(settings: Settings, keys: dict[str, str]) -> str:
+    """Revoke alpha's key (as ``queuegate teams revoke-key alpha ID`` does); its id."""
+    key_id = str(api_key_id(keys["alpha"]))
+    pool = await create_pool(settings)
+    try:
+        assert await revoke_team_key(pool, "alpha", key_id)
+    finally:
+        await pool.close()
+    return key_id
+
+
+async def _row(gateway: Gateway, batch_id: str) -> Any:
+    return await gateway.pool.fetchrow(
+        "SELECT phase, faults FROM api_batches WHERE id = $1", batch_id
+    )
+
+
+async def _ok_rows(gateway: Gateway) -> int:
+    return int(await gateway.pool.fetchval("SELECT count(*) FROM usage_log WHERE status = 'ok'"))
+
+
+async def _paid(gateway: Gateway, answered: int) -> set[str]:
+    """The custom_ids of the jobs answered ok, once accounting has all ``answered`` rows."""
+    rows = await gateway.usage_rows(answered)
+    assert len(rows) == answered
+    return {row["job_id"].partition(":")[2] for row in rows if row["status"] == "ok"}
+
+
+def _runner_said(caplog: pytest.LogCaptureFixture, batch_id: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == RUNNER_LOG and r.levelno >= logging.WARNING and batch_id in r.getMessage()
+    ]
+
+
+async def test_a_key_revoked_mid_batch_keeps_every_paid_answer_and_ends_it_once(
+    settings: Settings, keys: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a batch of 120 lines served 32 at a time, a third of a second each, by workers
+    # that learn of a revoked key within 0.1 s, and a second key of the team to read it with
+    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
+    _, second = await issue_key(settings, "alpha")
+    async with (
+        running_gateway(settings, teams=("alpha",), mock_config=SERVED_SLOWLY) as gateway,
+        front_door(settings, gateway, keys) as door,
+        door.openai() as client,
+        door.reading(second).openai() as reader,
+    ):
+        file_id = await upload(client, openai_lines(120))
+        batch = await client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        # When the key that created it is revoked once 32 lines are answered
+        await polled(lambda: _ok_rows(gateway), lambda n: n >= 32)
+        key_id = await _revoke(settings, keys)
+        ended = await openai_ended(reader, batch.id)
+        assert ended.output_file_id and ended.error_file_id
+        output = parse_jsonl(await (await reader.files.content(ended.output_file_id)).aread())
+        errors = parse_jsonl(await (await reader.files.content(ended.error_file_id)).aread())
+        # the lines the runner wrote itself name the key: their requests were never published
+        unpublished = [e for e in errors if key_id in e["response"]["body"]["error"]["message"]]
+        paid = await _paid(gateway, 120 - len(unpublished))
+        row = await _row(gateway, batch.id)
+
+    # Expect every answer paid for in the output file, once, and only those
+    served = [line["custom_id"] for line in output]
+    refused = [line["custom_id"] for line in errors]
+    assert 0 < len(served) < 120
+    assert sorted(served) == sorted(paid) and gateway.mock.stats.calls == len(served)
+    # the rest in the error file, each once, answered 401 for the revoked key
+    assert sorted(served + refused) == sorted(f"req-{i}" for i in range(120))
+    for line in errors:
+        body = line["response"]["body"]["error"]
+        assert line["response"]["status_code"] == 401 and body["code"] == "unauthorized"
+        assert "revoked" in body["message"]
+    # and the batch ended once, failed, naming why, its counts those of its files
+    assert ended.status == "failed" and ended.failed_at
+    assert ended.errors is not None and len(ended.errors.data) == 1
+    [error] = ended.errors.data
+    assert error.code == "key_revoked" and key_id in (error.message or "")
+    assert ended.request_counts is not None
+    counts = ended.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (120, len(output), len(errors))
+    assert (row["phase"], row["faults"]) == ("done", 0)
+    [said] = _runner_said(caplog, batch.id)
+    assert said.exc_info is None and "revoked" in said.getMessage()
+
+
+async def test_a_message_batch_whose_key_is_revoked_lists_what_was_served(
+    settings: Settings, keys: dict[str, str]
+) -> None:
+    # Given a Message Batch of 120 requests being served when its key is revoked
+    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
+    _, second = await issue_key(settings, "alpha")
+    async with (
+        running_gateway(settings, teams=("alpha",), mock_config=SERVED_SLOWLY) as gateway,
+        front_door(settings, gateway, keys) as door,
+        door.anthropic() as client,
+        door.reading(second).anthropic() as reader,
+    ):
+        batch = await client.messages.batches.create(
+            requests=message_requests(120)  # type: ignore[arg-type]
+        )
+        await polled(lambda: _ok_rows(gateway), lambda n: n >= 32)
+        key_id = await _revoke(settings, keys)
+        # When the team reads it with its other key
+        ended = await anthropic_ended(reader, batch.id)
+        results = [r async for r in await reader.messages.batches.results(batch.id)]
+        unpublished = [
+            r for r in results if r.result.type == "errored" and key_id in str(r.result.error)
+        ]
+        paid = await _paid(gateway, 120 - len(unpublished))
+
+    # Expect each request once: those answered before the revocation succeeded, the rest
+    # errored for the revoked key
+    assert sorted(r.custom_id for r in results) == sorted(f"msg-{i}" for i in range(120))
+    succeeded = sorted(r.custom_id for r in results if r.result.type == "succeeded")
+    assert 0 < len(succeeded) < 120 and succeeded == sorted(paid)
+    for r in results:
+        if r.result.type != "succeeded":
+            assert r.result.type == "errored"
+            assert r.result.error.error.type == "authentication_error"
+            assert "revoked" in r.result.error.error.message
+    counts = ended.request_counts
+    assert (counts.succeeded, counts.errored) == (len(succeeded), 120 - len(succeeded))
+    assert counts.processing == 0 and ended.results_url
+
+
+async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it(
+    settings: Settings, keys: dict[str, str], redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha's queue held to 5 jobs and nobody serving it: a batch of 200 publishes
+    # what the broker takes and waits for room (not a fault: the queue drains when served)
+    await configure(settings, "alpha", {"max_queue_length": 5})
+    _, second = await issue_key(settings, "alpha")
+    try:
+        async with (
+            running_gateway(settings, teams=("gamma",)) as idle,
+            front_door(settings, idle, keys) as door,
+            door.openai() as client,
+            door.reading(second).openai() as reader,
+        ):
+            file_id = await upload(client, openai_lines(200))
+            batch = await client.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            published = Keys(settings.redis_prefix).batch_published("alpha", batch.id)
+            await polled(lambda: redis_client.scard(published), lambda n: n >= 5)
+            # When its key is revoked, and only then its team served
+            key_id = await _revoke(settings, keys)
+            async with running_gateway(settings, teams=("alpha",)) as serving:
+                ended = await openai_ended(reader, batch.id)
+                assert ended.error_file_id
+                content = await reader.files.content(ended.error_file_id)
+                errors = parse_jsonl(await content.aread())
+                row = await _row(serving, batch.id)
+                calls = serving.mock.stats.calls
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.delete_policy(quota_policy(settings, "alpha"))
+
+    # Expect no answer, so no output file; every request a failed line once: the queued ones
+    # refused by the workers, the ones never published named unserved by the runner
+    assert ended.status == "failed" and ended.output_file_id is None
+    assert sorted(line["custom_id"] for line in errors) == sorted(f"req-{i}" for i in range(200))
+    messages = [line["response"]["body"]["error"]["message"] for line in errors]
+    assert all(line["response"]["status_code"] == 401 for line in errors)
+    unserved = [m for m in messages if "not served" in m and key_id in m]
+    refused = [m for m in messages if m.endswith("the API key is unknown or revoked")]
+    assert len(refused) >= 5 and unserved and len(unserved) + len(refused) == 200
+    assert ended.errors is not None and [e.code for e in ended.errors.data] == ["key_revoked"]
+    assert calls == 0
+    assert (row["phase"], row["faults"]) == ("done", 0)
+
+
+async def test_batches_revoked_before_they_ran_end_at_once(
+    settings: Settings, gateway: Gateway, keys: dict[str, str]
+) -> None:
+    # Given an OpenAI batch and a Message Batch recorded while no front door ran
+    async with front_door(settings, gateway, keys) as door, door.openai() as client:
+        file_id = await upload(client, openai_lines(2))
+    requests = b"".join(orjson.dumps(r) + b"\n" for r in message_requests(3))
+    key_id = str(api_key_id(keys["alpha"]))
+    pool = await create_pool(settings)
+    try:
+        stored = await files.store_file(
+            pool,
+            team="alpha",
+            purpose="message_batch_requests",
+            filename="requests.json",
+            chunks=_once(requests),
+            max_bytes=len(requests),
+        )
+        openai_batch = await records.create_batch(
+            pool, **_recorded("openai", file_id, key_id, endpoint="/v1/chat/completions")
+        )
+        message_batch = await records.create_batch(
+            pool, **_recorded("anthropic", stored.id, key_id, endpoint="/v1/messages", total=3)
+        )
+    finally:
+        await pool.close()
+    # When the key that created them is revoked, and a front door starts
+    await _revoke(settings, keys)
+    _, second = await issue_key(settings, "alpha")
+    async with (
+        front_door(settings, gateway, keys) as door,
+        door.reading(second).openai() as reader,
+        door.reading(second).anthropic() as claude,
+    ):
+        failed = await openai_ended(reader, openai_batch.id)
+        ended = await anthropic_ended(claude, message_batch.id)
+        results = [r async for r in await claude.messages.batches.results(message_batch.id)]
+
+    # Expect the OpenAI batch failed with no files, naming the key; each request of the
+    # Message Batch errored; nothing published or called
+    assert failed.status == "failed" and failed.output_file_id is None
+    assert failed.errors is not None and [e.code for e in failed.errors.data] == ["key_revoked"]
+    assert ended.request_counts.errored == 3
+    assert sorted(r.custom_id for r in results) == ["msg-0", "msg-1", "msg-2"]
+    assert {r.result.type for r in results} == {"errored"}
+    assert gateway.mock.stats.calls == 0
+
+
+def _recorded(
+    api: records.Api, input_file_id: str, key_id: str, *, endpoint: str, total: int = 0
+) -> dict[str, Any]:
+    """The arguments of ``records.create_batch`` for a batch of alpha's, as its route makes."""
+    return {
+        "batch_id": records.new_batch_id(api),
+        "team": "alpha",
+        "api": api,
+        "key_id": key_id,
+        "input_file_id": input_file_id,
+        "endpoint": endpoint,
+        "completion_window": "24h",
+        "metadata": None,
+        "expires_at": datetime.now(UTC) + timedelta(hours=24),
+        "total": total,
+    }
+
+
+async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
+    settings: Settings,
+    keys: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # Given runs that rest a twentieth of a second after a fault, and a batch of 2 fast
+    # lines and 3 slow ones (2 s each)
+    monkeypatch.setattr(runner, "RETRY_AFTER", 0.05)
+    lines = openai_lines(2) + openai_lines(3, model="local-llama")
+    for i, line in enumerate(lines[2:]):
+        line["custom_id"] = f"slow-{i}"
+    mock = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=2000)})
+    async with running_gateway(settings, teams=("alpha",), mock_config=mock) as gateway:
+        async with front_door(settings, gateway, keys) as first, first.openai() as client:
+            file_id = await upload(client, lines)
+            batch = await client.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            await polled(
+                lambda: client.batches.retrieve(batch.id),
+                lambda b: b.request_counts is not None and b.request_counts.completed == 2,
+            )
+        # When that front door stops, and the team holds the batch's collect lock itself,
+        # as its own `queuegate batch collect` would: the next runner cannot collect it
+        async with GatewayClient(
+            settings, team="alpha", api_key=keys["alpha"], listen=False
+        ) as team:
+            lock = await BatchState(team.control, batch.id).lock()
+        holder = await aio_pika.connect(settings.amqp_url)
+        async with holder:
+            channel = await holder.channel()
+            queue = await channel.get_queue(lock)
+            await queue.consume(_drop, exclusive=True)
+            async with front_door(settings, gateway, keys) as second, second.openai() as client:
+                ended = await openai_ended(client, batch.id)
+                assert ended.output_file_id
+                content = await client.files.content(ended.output_file_id)
+                output = parse_jsonl(await content.aread())
+            row = await _row(gateway, batch.id)
+        # and the team then collects, itself, what the gateway answered and kept
+        report = await collect(
+            settings, batch.id, tmp_path / "rest.jsonl", team="alpha", api_key=keys["alpha"]
+        )
+        rest = parse_jsonl((tmp_path / "rest.jsonl").read_bytes())
+        calls = gateway.mock.stats.calls
+
+    # Expect the batch failed once, after MAX_FAULTS runs, its output file holding the two
+    # lines written before, and saying why in one error
+    assert ended.status == "failed"
+    assert sorted(line["custom_id"] for line in output) == ["req-0", "req-1"]
+    assert ended.request_counts is not None and ended.request_counts.completed == 2
+    assert ended.errors is not None and len(ended.errors.data) == 1
+    [error] = ended.errors.data
+    assert error.code == "batch_failed" and "being collected" in (error.message or "")
+    assert (row["phase"], row["faults"]) == ("done", records.MAX_FAULTS)
+    said = _runner_said(caplog, batch.id)
+    assert len(said) == records.MAX_FAULTS and all(r.exc_info is None for r in said)
+    # and the answers paid for but not collected reach the team all the same, once
+    assert sorted(line["custom_id"] for line in rest) == ["slow-0", "slow-1", "slow-2"]
+    assert report.counts.done == 5 and calls == 5
+
+
+async def _drop(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """The lock queue holds nothing."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 import asyncpg
@@ -21,6 +22,8 @@ Phase = Literal["submit", "collect", "clean", "done"]
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 """Statuses of a batch whose every request has an answer (or that never ran)."""
+CANCELLABLE = ("validating", "in_progress", "finalizing")
+"""Statuses a cancel applies to: not ended, not being canceled already."""
 MAX_FAULTS = 5
 """Runs that may end in a fault of ours before the batch fails, so it never loops."""
 
@@ -52,6 +55,8 @@ class BatchRow:
     expired: int
     canceled: int
     refused: int
+    spend_usd: Decimal
+    """What its collected lines cost."""
     created_at: datetime
     expires_at: datetime
     in_progress_at: datetime | None
@@ -71,6 +76,15 @@ class BatchRow:
     @property
     def ended_at(self) -> datetime | None:
         return self.completed_at or self.cancelled_at or self.expired_at or self.failed_at
+
+    @property
+    def cancellable(self) -> bool:
+        return self.status in CANCELLABLE
+
+    @property
+    def written(self) -> int:
+        """Requests with a result line: answered, failed, expired, canceled or refused."""
+        return self.done + self.failed + self.expired + self.canceled + self.refused
 
 
 _FIELDS = tuple(BatchRow.__dataclass_fields__)
@@ -160,17 +174,41 @@ async def list_batches(
     return found[::-1] if before else found
 
 
+async def recent_batches(pool: asyncpg.Pool, team: str | None, *, limit: int) -> list[BatchRow]:
+    """The newest ``limit`` batches of both APIs: the team's, or every team's (None)."""
+    newest = "ORDER BY created_at DESC, id DESC LIMIT $1"
+    if team is None:
+        records = await pool.fetch(f"SELECT {_COLUMNS} FROM api_batches {newest}", limit)
+    else:
+        # A query of its own, so the team's index is used (a generic plan of an OR would not).
+        records = await pool.fetch(
+            f"SELECT {_COLUMNS} FROM api_batches WHERE team = $2 {newest}", limit, team
+        )
+    return [row for r in records if (row := _row(r)) is not None]
+
+
+async def find_batch(pool: asyncpg.Pool, batch_id: str, team: str | None) -> BatchRow | None:
+    """A batch of either API by its id: the team's only, or any team's (None)."""
+    return _row(
+        await pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM api_batches WHERE id = $1 AND ($2::text IS NULL OR team = $2)",
+            batch_id,
+            team,
+        )
+    )
+
+
 async def request_cancel(pool: asyncpg.Pool, team: str, api: Api, batch_id: str) -> BatchRow | None:
     """Mark a batch ``cancelling`` unless it has ended (or is being canceled); the batch."""
     await pool.execute(
         """
         UPDATE api_batches SET status = 'cancelling', cancelling_at = now()
-        WHERE id = $1 AND team = $2 AND api = $3
-          AND status IN ('validating', 'in_progress', 'finalizing')
+        WHERE id = $1 AND team = $2 AND api = $3 AND status = any($4::text[])
         """,
         batch_id,
         team,
         api,
+        list(CANCELLABLE),
     )
     return await get_batch(pool, team, api, batch_id)
 
@@ -258,15 +296,19 @@ class LeaseLost(Exception):
     """The runner no longer holds the batch: another runner has it, or it was deleted."""
 
 
-async def held_by(conn: asyncpg.Connection, batch_id: str, runner: str) -> Phase:
-    """Inside a transaction: lock the batch's row, and its phase; LeaseLost when ``runner``
-    lost it."""
-    phase: Phase | None = await conn.fetchval(
-        "SELECT phase FROM api_batches WHERE id = $1 AND runner = $2 FOR UPDATE", batch_id, runner
+async def held_by(conn: asyncpg.Connection, batch_id: str, runner: str) -> BatchRow:
+    """Inside a transaction: lock the batch's row, and the batch as it is; LeaseLost when
+    ``runner`` lost it."""
+    row = _row(
+        await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM api_batches WHERE id = $1 AND runner = $2 FOR UPDATE",
+            batch_id,
+            runner,
+        )
     )
-    if phase is None:
+    if row is None:
         raise LeaseLost(f"batch {batch_id} is no longer held by {runner}")
-    return phase
+    return row
 
 
 _SETTABLE = frozenset(_FIELDS) - {"id", "team", "api", "key_id", "created_at"}

@@ -26,7 +26,16 @@ connections, and every front-door process can take any batch over.
 The runner acts for the API key that created the batch: its jobs and control requests are
 signed with that key's stored hash (``queuegate.signing.Signer``; the key itself is never
 kept), so the workers prove them as they prove the front door's own requests, and a
-revoked key's batch stops being served.
+revoked key's batch stops being served. The runner then winds it up without the key: it
+publishes nothing more, collects what the key's jobs were answered (already paid for)
+through the gateway's record in Redis (``gateway_record``), writes each request left
+unserved as a failed line naming the revocation, and fails the batch with its files.
+
+Every run that ends in a fault of ours (not an outage, which only pauses it) is counted:
+past ``MAX_FAULTS`` the batch fails, showing the lines it has written, and a batch that
+has ended is let go even when the gateway's copy could not be deleted (it expires).
+A batch failed that way keeps the gateway's copy: what was answered and not collected,
+already paid for, can still be collected there.
 """
 
 from __future__ import annotations
@@ -41,25 +50,38 @@ import secrets
 import socket
 import tempfile
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from frontdoor.batches import records
 from frontdoor.batches.files import new_result_file, read_file, show_files
+from frontdoor.batches.gateway_record import GatewayRecord
 from frontdoor.batches.records import MAX_FAULTS, BatchRow, LeaseLost
 from frontdoor.batches.results import StoredResults
-from producer.batch import collect_into, delete_batch, submit_batch
+from producer.batch import collect_into, collect_state, delete_batch, submit_batch
 from producer.batch.anthropic import refused as refused_line
 from producer.batch.lines import BatchFile
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
 from queuegate.control import BatchMeta, Counts
 from queuegate.db import DB_ERRORS
-from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
+from queuegate.errors import (
+    BatchError,
+    BatchInvalid,
+    ControlRefused,
+    GatewayError,
+    QueueFull,
+    ServiceUnavailable,
+)
+from queuegate.keys import Keys
+from queuegate.messages import ErrorInfo
 from queuegate.settings import Settings
 from queuegate.signing import Signer
+from queuegate.tenancy import live_api_key
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +89,10 @@ RETRY_AFTER = 5.0
 """Seconds a batch rests after a run that failed (an outage, a fault) before it is taken up."""
 OUTAGES: tuple[type[Exception], ...] = (ServiceUnavailable, *DB_ERRORS)
 """What pauses a run without counting against the batch: it is taken up again later."""
+UNFOLLOWED: tuple[type[Exception], ...] = (*OUTAGES, ControlRefused)
+"""What leaves a tick's progress unread: the steps meet an outage or a revoked key."""
+UNCOUNTED: tuple[type[Exception], ...] = (*DB_ERRORS, LeaseLost)
+"""What keeps a fault from being counted: the batch is not this runner's to count."""
 STEPPING = ("submit", "collect")
 """Phases in which the gateway holds the batch and counts its progress."""
 SHOWN_PROBLEMS = 100
@@ -83,9 +109,17 @@ class BatchRunner:
     runner.wake()          # a batch was just created: look now rather than at the next tick
     """
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        *,
+        name: str | None = None,
+    ) -> None:
         self._settings = settings
         self._pool = pool
+        self._redis = redis
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._lease = settings.batch_runner_lease
         self._tick = min(1.0, self._lease / 3)
@@ -94,6 +128,15 @@ class BatchRunner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def cancel(self, team: str, api: records.Api, batch_id: str) -> BatchRow | None:
+        """Cancel one of the team's batches, as every cancel does (the APIs', the
+        dashboard's): marked ``cancelling`` and looked at now, the gateway told on the next
+        tick; requests not served yet end canceled. The batch, None when the team has none
+        of that id."""
+        row = await records.request_cancel(self._pool, team, api, batch_id)
+        self.wake()
+        return row
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run batches until ``stop``; then give back the ones in hand, for the next runner."""
@@ -135,52 +178,93 @@ class BatchRunner:
         """One run of a batch while this runner holds it; the lease is given back after."""
         rest = 0.0
         try:
-            async with _Run(self._settings, self._pool, row, self.name) as run:
+            async with _Run(self._settings, self._pool, self._redis, row, self.name) as run:
                 await run.heartbeat(self._lease, self._tick)
         except LeaseLost:
             log.info("batch %s: taken over by another runner", row.id)
+        except QueueFull as exc:
+            log.info("batch %s: paused, resumed later: %s", row.id, exc)
+            rest = RETRY_AFTER
         except OUTAGES as exc:
             log.warning("batch %s: paused by an outage, resumed later: %s", row.id, exc)
             rest = RETRY_AFTER
         except Exception as exc:
-            log.exception("batch %s: run failed", row.id)
             rest = RETRY_AFTER
-            await self._fault(row, exc)
+            await self._fault(row.id, exc)
         finally:
             with contextlib.suppress(*DB_ERRORS, OSError):
                 await asyncio.shield(records.release(self._pool, row.id, self.name, after=rest))
 
-    async def _fault(self, row: BatchRow, exc: Exception) -> None:
-        """Count a run ended by something no retry may mend; fail the batch past a few."""
-        with contextlib.suppress(*DB_ERRORS, LeaseLost):
+    async def _fault(self, batch_id: str, exc: Exception) -> None:
+        """Count a run ended by something no retry may mend, in one log line (with the
+        traceback the first time, when it is not an error of ours). Past ``MAX_FAULTS`` a
+        running batch fails with the lines it has written; an ended one is let go."""
+        try:
             async with self._pool.acquire() as conn, conn.transaction():
-                values: dict[str, Any] = {"faults": row.faults + 1}
-                if row.faults + 1 >= MAX_FAULTS:
-                    reason = f"the batch could not be run ({type(exc).__name__}: {exc})"
-                    values.update(_failure(row, reason, "batch_failed"), phase="clean")
-                await records.update(conn, row.id, self.name, **values)
+                row = await records.held_by(conn, batch_id, self.name)
+                faults = row.faults + 1
+                cause = f"{type(exc).__name__}: {exc}"
+                if faults < MAX_FAULTS:
+                    log.warning(
+                        "batch %s: run %d of %d failed, tried again in %.0f s: %s",
+                        batch_id,
+                        faults,
+                        MAX_FAULTS,
+                        RETRY_AFTER,
+                        cause,
+                        exc_info=None if faults > 1 or isinstance(exc, GatewayError) else exc,
+                    )
+                    await records.update(conn, batch_id, self.name, faults=faults)
+                elif row.phase not in STEPPING:  # it has ended: only its cleaning failed
+                    log.warning(
+                        "batch %s: the gateway's copy could not be deleted (%s); it expires",
+                        batch_id,
+                        cause,
+                    )
+                    await records.update(conn, batch_id, self.name, faults=faults, phase="done")
+                else:
+                    log.warning("batch %s: failed after %d runs: %s", batch_id, faults, cause)
+                    # The gateway's copy is left to expire rather than deleted: results
+                    # answered but not collected, already paid for, stay collectable there.
+                    reason = (
+                        f"the batch could not be run ({cause}); answers not in its files stay "
+                        f"with the gateway: `queuegate batch collect {row.id} --team "
+                        f"{row.team}` writes them"
+                    )
+                    error = _error("batch_failed", reason)
+                    await _fail(conn, row, self.name, error, phase="done", faults=faults)
+        except UNCOUNTED as lost:
+            log.warning("batch %s: run failed (%s), not counted: %s", batch_id, exc, lost)
 
 
 class _Run:
     """One batch in one runner's hands: its client of the gateway and its heartbeat."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, row: BatchRow, runner: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        row: BatchRow,
+        runner: str,
+    ) -> None:
         self._settings = settings
         self._pool = pool
+        self._redis = redis
         self.row = row
         self._runner = runner
         self._signer: Signer | None = None
+        """The key's signer while it is live; None once it is revoked."""
         self._client: GatewayClient | None = None
-        self._state: BatchState | None = None
+        self._state: BatchState | GatewayRecord | None = None
         self._cancel_sent = False
 
     async def __aenter__(self) -> _Run:
-        key_hash = await self._pool.fetchval(
-            "SELECT key_hash FROM api_keys WHERE id = $1", self.row.key_id
-        )
-        if key_hash is None:
-            raise BatchError(f"the API key {self.row.key_id} that created the batch is gone")
-        self._signer = Signer(self.row.key_id, key_hash)
+        key = await live_api_key(self._pool, self.row.key_id)
+        if key is None:
+            self._stop_serving()
+            return self
+        self._signer = Signer(self.row.key_id, key[1])
         self._client = GatewayClient(
             self._settings, team=self.row.team, api_key=self._signer, listen=False
         )
@@ -189,8 +273,17 @@ class _Run:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._client is not None
-        await self._client.__aexit__(None, None, None)
+        if self._client is not None:
+            await self._client.__aexit__(None, None, None)
+
+    def _stop_serving(self) -> GatewayRecord:
+        """The key is revoked: from now on the batch is read in the gateway's record."""
+        self._signer = None
+        record = GatewayRecord(
+            self._redis, Keys(self._settings.redis_prefix), self.row.team, self.row.id
+        )
+        self._state = record
+        return record
 
     @property
     def _who(self) -> dict[str, Any]:
@@ -222,12 +315,13 @@ class _Run:
 
     async def _follow(self, tick: float) -> None:
         """Every tick, pass a cancel the caller asked for on to the gateway and copy its
-        counts to the row. Best effort: an outage is met by the steps themselves."""
+        counts to the row. Best effort: an outage, or the key just revoked, is met by the
+        steps themselves."""
         while True:
             await asyncio.sleep(tick)
             try:
                 await self._follow_once()
-            except OUTAGES as exc:
+            except UNFOLLOWED as exc:
                 log.info("batch %s: progress not read this time: %s", self.row.id, exc)
 
     async def _follow_once(self) -> None:
@@ -250,10 +344,21 @@ class _Run:
         if any(getattr(row, name) != value for name, value in values.items()):
             async with self._pool.acquire() as conn, conn.transaction():
                 # Counts read before the batch ended must not overwrite its final ones.
-                if await records.held_by(conn, row.id, self._runner) in STEPPING:
+                if (await records.held_by(conn, row.id, self._runner)).phase in STEPPING:
                     await records.update(conn, row.id, self._runner, **values)
 
     async def _steps(self) -> None:
+        if self._signer is not None:
+            try:
+                await self._served()
+                return
+            except ControlRefused:
+                if await live_api_key(self._pool, self.row.key_id) is not None:
+                    raise
+                self._stop_serving()
+        await self._wind_up()
+
+    async def _served(self) -> None:
         if self.row.phase == "submit":
             await self._submit()
         if self.row.phase == "collect":
@@ -377,11 +482,16 @@ class _Run:
     def _sink(self, files: list[str]) -> StoredResults:
         return StoredResults(self._pool, batch_id=self.row.id, runner=self._runner, files=files)
 
+    def _files(self) -> list[str]:
+        """The result files made for the batch: output first."""
+        return [f for f in (self.row.output_file_id, self.row.error_file_id) if f is not None]
+
     async def _collect(self) -> None:
-        row = await self._reload()
-        files = [f for f in (row.output_file_id, row.error_file_id) if f is not None]
+        row = self.row = await self._reload()
         try:
-            report = await collect_into(self._settings, row.id, self._sink(files), **self._who)
+            report = await collect_into(
+                self._settings, row.id, self._sink(self._files()), **self._who
+            )
         except BatchError as exc:
             if await self._gateway_meta() is not None:
                 raise
@@ -400,10 +510,12 @@ class _Run:
         collected: bool = False,
         lines: list[dict[str, Any]] | None = None,
         refused: int = 0,
+        failure: dict[str, Any] | None = None,
     ) -> None:
         """Record how the batch ended and show its files, in one transaction, with ``lines``
         of requests that were never published (Message Batches only). ``collected``: its
-        results were collected (it was finalized), rather than it ended before it ran."""
+        results were collected (it was finalized), rather than it ended before it ran;
+        ``failure``: the error it failed with, unless the caller canceled it."""
         async with self._pool.acquire() as conn, conn.transaction():
             await records.held_by(conn, self.row.id, self._runner)
             row = self.row = await self._reload()
@@ -413,18 +525,19 @@ class _Run:
                     sink.write(line, failed=True)
                 await sink.flush(conn)
                 row = self.row
-            status = (
-                "cancelled"
-                if row.status == "cancelling"
-                else "expired"
-                if counts.expired
-                else "completed"
-            )
-            files = await self._keep_written(conn, row)
+            if row.status == "cancelling":
+                status = "cancelled"
+            elif failure is not None:
+                status = "failed"
+            else:
+                status = "expired" if counts.expired else "completed"
+            files = await _keep_written(conn, row)
             await show_files(conn, [f for f in files.values() if f is not None])
             values: dict[str, Any] = {**_counts(row, counts), **files}
             if refused:
                 values["refused"] = refused
+            if failure is not None:
+                values["errors"] = [*(row.errors or []), failure]
             if collected:
                 values["finalizing_at"] = _now()
             await records.update(
@@ -438,26 +551,66 @@ class _Run:
             )
         self.row = await self._reload()
 
-    async def _keep_written(self, conn: asyncpg.Connection, row: BatchRow) -> dict[str, Any]:
-        """The result file ids to show: an empty OpenAI file is dropped, as OpenAI leaves
-        ``output_file_id`` or ``error_file_id`` unset when no line went there."""
-        files: dict[str, Any] = {}
-        for column in ("output_file_id", "error_file_id"):
-            file_id = getattr(row, column)
-            if file_id is None:
-                continue
-            size = await conn.fetchval("SELECT bytes FROM api_files WHERE id = $1", file_id)
-            if size == 0 and row.api == "openai":
-                await conn.execute("DELETE FROM api_files WHERE id = $1", file_id)
-                file_id = None
-            files[column] = file_id
-        return files
-
     async def _clean(self) -> None:
         """Forget the gateway's copy (its state and results queue), then be done."""
-        with contextlib.suppress(BatchError):  # already forgotten
-            await delete_batch(self._settings, self.row.id, **self._who)
+        if isinstance(self._state, GatewayRecord):
+            await self._state.delete()
+        else:
+            with contextlib.suppress(BatchError):  # already forgotten
+                await delete_batch(self._settings, self.row.id, **self._who)
         await self._set(phase="done")
+
+    async def _wind_up(self) -> None:
+        """The key that created the batch is revoked: nothing more is published, and the
+        gateway refuses the key. What its jobs were answered, already paid for, is
+        collected all the same; each request left unserved is a failed line naming the
+        revocation; the batch fails once, its files shown."""
+        record = self._stop_serving()
+        self.row = await self._reload()
+        if self.row.phase == "clean":
+            await self._clean()
+            return
+        reason = f"the API key {self.row.key_id} that created this batch was revoked"
+        failure = _error(
+            "key_revoked",
+            f"{reason}: the requests it had not served are in the error file, answered "
+            "401 unauthorized; submit them again with a live key",
+        )
+        meta = await record.load()
+        if meta is None:
+            if self.row.in_progress_at is not None:
+                await self._lost("before all its requests were published")
+            elif self.row.status == "cancelling":
+                await self._canceled_before_start()
+            else:
+                await self._unstarted(reason, failure)
+        else:
+            log.warning("batch %s: %s; collecting what was served", self.row.id, reason)
+            # Jobs a worker took before it learnt of the revocation are answered canceled.
+            await record.cancel()
+            if self.row.phase == "submit":
+                refused: list[tuple[str, str]] = []
+                if self.row.api == "anthropic":
+                    with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
+                        refused = await self._refused(await self._download(Path(work)), {})
+                await self._start_collect(refused)
+            unserved = ErrorInfo(code="unauthorized", message=f"not served: {reason}")
+            sink = self._sink(self._files())
+            report = await collect_state(self._settings, record, sink, unserved=unserved)
+            await self._end(report.counts, collected=True, failure=failure)
+        await self._clean()
+
+    async def _unstarted(self, reason: str, failure: dict[str, Any]) -> None:
+        """Revoked before anything was published: an OpenAI batch fails with no files, as
+        one refused before it ran does; a Message Batch lists each request errored."""
+        log.warning("batch %s: %s before it ran", self.row.id, reason)
+        if self.row.api == "openai":
+            await self._set(status="failed", failed_at=_now(), errors=[failure], phase="clean")
+            return
+        with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
+            custom_ids = [c for _, c in _custom_ids(await self._download(Path(work)))]
+        lines = [refused_line(c, f"not served: {reason}", "unauthorized") for c in custom_ids]
+        await self._end(_no_counts(failed=len(lines)), lines=lines, failure=failure)
 
     async def _canceled_before_start(self) -> None:
         """Canceled before anything was published: every request is canceled (a Message
@@ -493,34 +646,68 @@ class _Run:
         reason = f"the gateway lost this batch's progress {when}; submit it again"
         log.error("batch %s: %s", self.row.id, reason)
         async with self._pool.acquire() as conn, conn.transaction():
-            await records.held_by(conn, self.row.id, self._runner)
-            row = await self._reload()
-            files = await self._keep_written(conn, row) if row.output_file_id else {}
-            await show_files(conn, [f for f in files.values() if f is not None])
-            await records.update(
-                conn,
-                row.id,
-                self._runner,
-                **files,
-                **_failure(row, reason, "batch_lost"),
-                phase="clean",
-            )
+            row = await records.held_by(conn, self.row.id, self._runner)
+            await _fail(conn, row, self._runner, _error("batch_lost", reason))
         self.row = await self._reload()
 
 
-def _failure(row: BatchRow, reason: str, code: str) -> dict[str, Any]:
-    errors = [*(row.errors or []), {"code": code, "message": reason, "line": None, "param": None}]
-    return {"status": "failed", "failed_at": _now(), "errors": errors}
+async def _fail(
+    conn: asyncpg.Connection,
+    row: BatchRow,
+    runner: str,
+    error: dict[str, Any],
+    *,
+    phase: records.Phase = "clean",
+    **values: Any,
+) -> None:
+    """Inside the caller's transaction: the batch fails with ``error``, its result files
+    shown with the lines written so far, and goes on to ``phase`` (forgetting the
+    gateway's copy, by default)."""
+    files = await _keep_written(conn, row)
+    await show_files(conn, [f for f in files.values() if f is not None])
+    await records.update(
+        conn,
+        row.id,
+        runner,
+        **files,
+        **values,
+        status="failed",
+        failed_at=_now(),
+        errors=[*(row.errors or []), error],
+        phase=phase,
+    )
 
 
-def _counts(row: BatchRow, counts: Counts) -> dict[str, int]:
+async def _keep_written(conn: asyncpg.Connection, row: BatchRow) -> dict[str, Any]:
+    """The result file ids to show: an empty OpenAI file is dropped, as OpenAI leaves
+    ``output_file_id`` or ``error_file_id`` unset when no line went there."""
+    files: dict[str, Any] = {}
+    for column in ("output_file_id", "error_file_id"):
+        file_id = getattr(row, column)
+        if file_id is None:
+            continue
+        size = await conn.fetchval("SELECT bytes FROM api_files WHERE id = $1", file_id)
+        if size == 0 and row.api == "openai":
+            await conn.execute("DELETE FROM api_files WHERE id = $1", file_id)
+            file_id = None
+        files[column] = file_id
+    return files
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    """An entry of a batch's ``errors``, in OpenAI's shape."""
+    return {"code": code, "message": message, "line": None, "param": None}
+
+
+def _counts(row: BatchRow, counts: Counts) -> dict[str, Any]:
     """The row's counts from the gateway's. A Message Batch's total is its requests, known
     from its creation; the gateway counts only the valid ones."""
-    values = {
+    values: dict[str, Any] = {
         "done": counts.done,
         "failed": counts.failed,
         "expired": counts.expired,
         "canceled": counts.canceled,
+        "spend_usd": Decimal(str(counts.spend_usd)),
     }
     if row.api == "openai":
         values["total"] = counts.total

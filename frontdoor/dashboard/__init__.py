@@ -10,12 +10,14 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from frontdoor.dashboard.batches import router as batches_router
 from frontdoor.dashboard.routes import install_handlers, router
 from frontdoor.dashboard.security import DashboardHeaders
 
 
 def install(app: FastAPI) -> None:
     app.include_router(router)
+    app.include_router(batches_router)
     app.mount(
         "/dashboard/static",
         StaticFiles(packages=[("frontdoor.dashboard", "static")]),

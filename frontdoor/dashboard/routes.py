@@ -1,5 +1,5 @@
 """The dashboard's pages: Overview and Live (administrators), Team and Audit log (a team
-sees its own; an administrator any), sign-in and sign-out.
+sees its own; an administrator any), sign-in and sign-out. Batches: ``batches``.
 
 Every number comes from the functions the command line and the admin API serve
 (``admin.usage``, ``admin.audit``, ``admin.keys``, ``accounting.reports``,

@@ -112,10 +112,9 @@ async def retrieve(batch_id: str, door: Door, caller: Calling) -> dict[str, Any]
 async def cancel(batch_id: str, door: Door, caller: Calling) -> dict[str, Any]:
     """``cancelling`` until the requests in flight are answered, then ``cancelled``; the
     answers written so far stay in its files. A batch that has ended is left as it is."""
-    row = await records.request_cancel(door.pool, caller.team, "openai", batch_id)
+    row = await door.batch_runner.cancel(caller.team, "openai", batch_id)
     if row is None:
         raise _not_found(batch_id)
-    door.batch_runner.wake()
     return openai_batch(row)
 
 

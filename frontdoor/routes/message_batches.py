@@ -146,10 +146,9 @@ async def retrieve(batch_id: str, request: Request, door: Door, caller: Calling)
 async def cancel(batch_id: str, request: Request, door: Door, caller: Calling) -> dict[str, Any]:
     """``canceling`` until the requests in flight are answered, then ``ended``: requests not
     served by then are ``canceled`` in the results."""
-    row = await records.request_cancel(door.pool, caller.team, "anthropic", batch_id)
+    row = await door.batch_runner.cancel(caller.team, "anthropic", batch_id)
     if row is None:
         raise _not_found(batch_id)
-    door.batch_runner.wake()
     return anthropic_batch(row, _results_url(request, row))
 
 

@@ -23,7 +23,7 @@ job yet, collect writes only results not written yet, and no custom_id is answer
 | control    | status, cancel, list and delete                             |
 """
 
-from producer.batch.collect import CollectReport, collect, collect_into
+from producer.batch.collect import CollectReport, collect, collect_into, collect_state
 from producer.batch.control import (
     BatchStatus,
     batch_list,
@@ -42,6 +42,7 @@ __all__ = [
     "cancel_batch",
     "collect",
     "collect_into",
+    "collect_state",
     "delete_batch",
     "submit_batch",
 ]

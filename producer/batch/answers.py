@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from queuegate.messages import ChatResult
+from queuegate.messages import ChatResult, ErrorInfo
 
 Category = Literal["done", "failed", "expired", "canceled"]
 CATEGORIES: tuple[Category, ...] = ("done", "failed", "expired", "canceled")
@@ -26,12 +26,21 @@ class Request:
 
 @dataclass(frozen=True)
 class Answer:
-    """How one request ended; ``result`` is None when the gateway never answered it."""
+    """How one request ended; ``result`` is None when the gateway never answered it, and
+    ``error`` then says why a ``failed`` one was not served."""
 
     custom_id: str
     job_id: str
     category: Category
     result: ChatResult | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def failure(self) -> ErrorInfo:
+        """The error a ``failed`` answer is written with: the gateway's, or why it gave none."""
+        error = self.result.error if self.result is not None else self.error
+        assert error is not None, f"{self.custom_id} failed without an error"
+        return error
 
 
 def job_id(jobs: str, custom_id: str) -> str:

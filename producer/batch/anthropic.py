@@ -12,6 +12,7 @@ from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
 from queuegate.api_errors import anthropic_error
+from queuegate.messages import ErrorCode
 from queuegate.provider_formats import anthropic_message, openai_request
 
 
@@ -37,16 +38,16 @@ def line(answer: Answer) -> dict[str, Any]:
         message["id"] = _message_id(str(message["id"]) or answer.job_id)
         out = {"type": "succeeded", "message": message}
     else:
-        assert result is not None and result.error is not None
-        error = anthropic_error(result.error.code, result.error.message)
-        out = {"type": "errored", "error": error}
+        failure = answer.failure
+        out = {"type": "errored", "error": anthropic_error(failure.code, failure.message)}
     return {"custom_id": answer.custom_id, "result": out}
 
 
-def refused(custom_id: str, reason: str) -> dict[str, Any]:
-    """The line of a request refused before it was published (its params are invalid):
-    errored, as the Message Batches API reports a request it could not validate."""
-    error = anthropic_error("invalid_request", reason)
+def refused(custom_id: str, reason: str, code: ErrorCode = "invalid_request") -> dict[str, Any]:
+    """The line of a request refused before it was published (its params are invalid, or
+    ``code`` says why else): errored, as the Message Batches API reports a request it
+    could not validate."""
+    error = anthropic_error(code, reason)
     return {"custom_id": custom_id, "result": {"type": "errored", "error": error}}
 
 

@@ -17,7 +17,8 @@ once the batch is canceled, those never published. A published job is always ans
 a worker (served, or ``canceled`` if it was not served yet), and its line says which.
 
 Once every line is written, ``collect`` deletes the batch: its state and its results queue.
-``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete.
+``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete;
+``collect_state`` does so over a state the caller gives.
 """
 
 from __future__ import annotations
@@ -48,13 +49,13 @@ from producer.batch.answers import (
 from producer.batch.files import ResultFiles, ResultSink
 from producer.batch.formats import FORMATS
 from producer.batch.jobs import check_batch_name
-from producer.batch.state import NANO, BatchState
+from producer.batch.state import NANO, BatchState, CollectState
 from producer.batch.submit import Progress
 from producer.client import GatewayClient
 from queuegate.broker import connect, consume, settle
 from queuegate.control import BatchMeta, Counts
 from queuegate.errors import BatchError
-from queuegate.messages import ChatResult
+from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey
 from queuegate.topology import MESSAGE_TYPE_RESULT, Topology
@@ -98,13 +99,18 @@ async def collect(
     where it stopped when run again with the same files. One collect per batch at a time: a
     second one is refused.
     """
-    async with _batch(settings, name, team, user_id, api_key) as (client, state, meta):
+    async with _batch(settings, name, team, user_id, api_key) as state:
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
-            run = _Run(state, meta, files, on_progress)
-            await _consume(settings, client, run, idle, expiry_grace)
-        counts = await state.counts(meta)
+            report = await collect_state(
+                settings,
+                state,
+                files,
+                on_progress=on_progress,
+                idle=idle,
+                expiry_grace=expiry_grace,
+            )
         await state.delete()
-    return CollectReport(meta.name, run.written, counts)
+    return report
 
 
 async def collect_into(
@@ -121,28 +127,48 @@ async def collect_into(
 ) -> CollectReport:
     """As ``collect``, into ``sink``; the batch is kept (``delete_batch`` it afterwards), so
     the caller can record the batch as collected before the gateway forgets it."""
-    async with _batch(settings, name, team, user_id, api_key) as (client, state, meta):
-        run = _Run(state, meta, sink, on_progress)
-        await _consume(settings, client, run, idle, expiry_grace)
-        counts = await state.counts(meta)
-    return CollectReport(meta.name, run.written, counts)
+    async with _batch(settings, name, team, user_id, api_key) as state:
+        return await collect_state(
+            settings, state, sink, on_progress=on_progress, idle=idle, expiry_grace=expiry_grace
+        )
+
+
+async def collect_state(
+    settings: Settings,
+    state: CollectState,
+    sink: ResultSink,
+    *,
+    unserved: ErrorInfo | None = None,
+    on_progress: Progress | None = None,
+    idle: float = IDLE,
+    expiry_grace: float = EXPIRY_GRACE,
+) -> CollectReport:
+    """Collect the batch whose ``state`` is given into ``sink``, the batch kept.
+
+    ``unserved``: the batch was stopped, and nothing will publish the requests it has not
+    published: each is written at once, ``failed`` with this error, rather than awaited.
+    The requests it did publish are awaited as ever: every one is answered by a worker.
+    """
+    meta = await state.require()
+    run = _Run(state, meta, sink, on_progress)
+    await _consume(settings, run, idle, expiry_grace, unserved)
+    return CollectReport(meta.name, run.written, await state.counts(meta))
 
 
 @contextlib.asynccontextmanager
 async def _batch(
     settings: Settings, name: str, team: str, user_id: str | None, api_key: ApiKey | None
-) -> AsyncIterator[tuple[GatewayClient, BatchState, BatchMeta]]:
-    """The team's batch ``name``, which must exist, through a client of the gateway."""
+) -> AsyncIterator[BatchState]:
+    """The state of the team's batch ``name``, through a client of the gateway."""
     name = check_batch_name(name)
     async with GatewayClient(
         settings, team=team, user_id=user_id, api_key=api_key, listen=False
     ) as client:
-        state = BatchState(client.control, name)
-        yield client, state, await state.require()
+        yield BatchState(client.control, name)
 
 
 async def _consume(
-    settings: Settings, client: GatewayClient, run: _Run, idle: float, expiry_grace: float
+    settings: Settings, run: _Run, idle: float, expiry_grace: float, unserved: ErrorInfo | None
 ) -> None:
     topology = Topology(settings.namespace, settings.delivery_limit)
     connection = await connect(settings.amqp_url, name=f"batch-collect:{run.meta.name}")
@@ -154,7 +180,7 @@ async def _consume(
             # An exclusive consumer of an empty queue is a lock the broker drops with the
             # connection, even on SIGKILL (quorum queues ignore exclusive consumers, so it
             # cannot be the results queue's own consumer).
-            if channel is not None:
+            if channel is not None and lock_queue is not None:
                 underlay = await channel.get_underlay_channel()
                 await underlay.basic_consume(lock_queue, _ignore, exclusive=True)
 
@@ -173,7 +199,7 @@ async def _consume(
         async def take(message: DeliveredMessage) -> None:
             inbox.put_nowait(IncomingMessage(message))
 
-        results = topology.results_queue(client.team, run.meta.name)
+        results = topology.results_queue(run.state.team, run.meta.name)
 
         async def consume_results(channel: AbstractRobustChannel | None) -> None:
             if channel is not None:
@@ -182,6 +208,8 @@ async def _consume(
         await consume_results(channel)
         channel.reopen_callbacks.add(consume_results)
         await run.reconcile()
+        if unserved is not None:
+            await run.unanswerable("failed", unpublished_only=True, error=unserved)
         deadline = run.meta.deadline.timestamp() + expiry_grace
         while run.done < run.meta.total or run.torn:
             messages = await _take(inbox, idle)
@@ -218,7 +246,11 @@ async def _take(
 
 class _Run:
     def __init__(
-        self, state: BatchState, meta: BatchMeta, files: ResultSink, on_progress: Progress | None
+        self,
+        state: CollectState,
+        meta: BatchMeta,
+        files: ResultSink,
+        on_progress: Progress | None,
     ) -> None:
         self.state = state
         self.meta = meta
@@ -284,20 +316,27 @@ class _Run:
     async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         await asyncio.gather(*(settle(m.ack(), "acknowledge results", log) for m in messages))
 
-    async def unanswerable(self, category: Category, *, unpublished_only: bool = False) -> None:
-        """Write ``category`` for every request still without a line (never published)."""
+    async def unanswerable(
+        self,
+        category: Category,
+        *,
+        unpublished_only: bool = False,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        """Write ``category`` (with ``error``, why it was not served) for every request still
+        without a line (``unpublished_only``: those never published)."""
+
+        def answer(custom_id: str) -> Answer:
+            return Answer(custom_id, job_id(self.meta.jobs, custom_id), category, error=error)
+
         async for chunk in self.state.unwritten():
             await self._settled(
-                [
-                    Answer(c, job_id(self.meta.jobs, c), category)
-                    for c, published in chunk
-                    if not (unpublished_only and published)
-                ]
+                [answer(c) for c, published in chunk if not (unpublished_only and published)]
             )
         # Every other line written and still no result for a torn one (its result comes back
         # at once when there is one): it was one of these, never answered by a worker.
         if self.torn and self.done >= self.meta.total:
-            await self._settled([Answer(c, job_id(self.meta.jobs, c), category) for c in self.torn])
+            await self._settled([answer(c) for c in self.torn])
 
     async def _settled(self, answers: list[Answer]) -> None:
         """Write answers that have no result: a file's line before them needs no holding."""

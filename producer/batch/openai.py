@@ -57,8 +57,7 @@ def line(answer: Answer) -> dict[str, Any]:
         out.update(response={"status_code": 200, "request_id": f"req_{digest}", "body": body})
         out["error"] = None
     else:
-        assert result is not None and result.error is not None
-        error = result.error
+        error = answer.failure
         body = openai_error(error.code, error.message)
         status = HTTP_STATUS.get(error.code, 500)
         out.update(response={"status_code": status, "request_id": f"req_{digest}", "body": body})

@@ -11,7 +11,7 @@ publishes or writes again at most what was in flight, and drops the duplicates b
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from producer.control import ControlClient
 from queuegate.control import BatchMeta, BatchSummary, Category, Counts, no_such_batch
@@ -19,6 +19,31 @@ from queuegate.errors import BatchError
 
 NANO = 10**9
 """Spend is counted in nano-dollars, an integer Redis can add exactly."""
+
+
+class CollectState(Protocol):
+    """What collect reads and records of a batch: ``BatchState``, through the gateway as
+    the team, or the gateway's own record where a trusted caller reads it directly."""
+
+    name: str
+    team: str
+
+    async def require(self) -> BatchMeta: ...
+
+    async def counts(self, meta: BatchMeta | None = None) -> Counts: ...
+
+    async def written_among(self, custom_ids: Sequence[str]) -> list[bool]: ...
+
+    async def mark_written(self, entries: Sequence[tuple[str, Category, int]]) -> None: ...
+
+    def unwritten(self) -> AsyncIterator[list[tuple[str, bool]]]: ...
+
+    async def is_canceled(self) -> bool: ...
+
+    async def lock(self) -> str | None:
+        """The queue whose exclusive consumer holds the collect lock; None for a caller
+        that holds the batch by other means."""
+        ...
 
 
 class BatchState:
