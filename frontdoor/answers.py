@@ -1,8 +1,12 @@
 """How the gateway served a request, told to the caller: headers on every answer, and a
 ``_gateway`` block in the body of the gateway's own routes (``/v1/chat``, ``/v1/jobs``).
 
+    note_job(request, job.job_id)   # its answer, an error too, carries it as x-request-id
     headers = gateway_headers(job_id, result, started)   # x-request-id, latency, cost, model
     body = {**result.response, "_gateway": gateway_block(job_id, result, started)}
+
+Every answer carries ``x-request-id`` (``frontdoor.app.RequestMetrics``): the job's id once
+the request named its job, else a fresh one.
 
 ``started`` is ``time.perf_counter()`` when the request arrived: ``latency_ms`` is the
 caller's whole wait as the front door saw it; the block also has the queue and provider
@@ -12,9 +16,27 @@ times the worker measured.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
+from starlette.requests import Request
+from starlette.types import Scope
+
 from queuegate.messages import ChatResult
+
+JOB_STATE = "job_id"
+"""Where a request's state holds the id of its job, once it has one."""
+
+
+def note_job(request: Request, job_id: str) -> None:
+    """The request's job: whatever it is answered, its ``x-request-id`` is the job's id."""
+    request.scope.setdefault("state", {})[JOB_STATE] = job_id
+
+
+def request_id(scope: Scope) -> str:
+    """The ``x-request-id`` of a request's answer: its job's id, or a fresh one."""
+    noted = scope.get("state", {}).get(JOB_STATE)
+    return noted if isinstance(noted, str) else uuid.uuid4().hex
 
 
 def elapsed_ms(started: float) -> float:
@@ -53,4 +75,4 @@ def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dic
     }
 
 
-__all__ = ["elapsed_ms", "gateway_block", "gateway_headers"]
+__all__ = ["elapsed_ms", "gateway_block", "gateway_headers", "note_job", "request_id"]

@@ -1,17 +1,19 @@
 """``POST /v1/messages`` bodies: Anthropic's request schema, checked as Anthropic checks it.
 
-``messages_job`` validates a body against ``MessagesRequest`` (unknown fields and invalid
-values refused, in the ``<field path>: <reason>`` wording of Anthropic's own
-``invalid_request_error`` messages), reads it as a canonical (OpenAI chat) request with
+``messages_job`` validates a body against ``MessagesRequest`` (unknown fields, values of
+another type (``"yes"`` for a boolean: no coercion) and empty content refused, in the
+``<field path>: <reason>`` wording of Anthropic's own ``invalid_request_error`` messages),
+reads it as a canonical (OpenAI chat) request with
 ``queuegate.provider_formats.openai_request``, and makes it the team's job as an OpenAI
 request is made one (``frontdoor.chat_request.chat_job``: catalog, limits, job id, deadline).
 What Anthropic takes and the gateway cannot carry (documents, server tools, adaptive
-thinking) is refused by name. Any refusal: ``ApiError``.
+thinking) is refused by name. ``count_tokens_job`` does the same for a
+``/v1/messages/count_tokens`` body, whose job is only counted. Any refusal: ``ApiError``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -22,19 +24,24 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
 from frontdoor.chat_request import Limits, RequestOptions, chat_job
 from frontdoor.errors import ApiError
+from frontdoor.request_errors import deepest, describe, error_path, tagged_by
 from queuegate.messages import ChatJob
-from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, openai_request
+from queuegate.provider_formats import (
+    ANTHROPIC_COUNT_TOKENS_PARAMS,
+    ANTHROPIC_MESSAGES_PARAMS,
+    openai_request,
+)
 
 MIN_THINKING_BUDGET = 1024
 """Anthropic's smallest ``thinking.budget_tokens``."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "yes" is no boolean and "5" no integer, as Anthropic's API sees them.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CacheControl(_Strict):
@@ -94,12 +101,6 @@ class RedactedThinkingBlock(_Strict):
     data: str
 
 
-def _block_tag(value: Any) -> str | None:
-    # Tags hold a space so that no error location mistakes one for a field of the body.
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return f"{kind} block" if isinstance(kind, str) else None
-
-
 ContentBlock = Annotated[
     Annotated[TextBlock, Tag("text block")]
     | Annotated[ImageBlock, Tag("image block")]
@@ -107,7 +108,7 @@ ContentBlock = Annotated[
     | Annotated[ToolResultBlock, Tag("tool_result block")]
     | Annotated[ThinkingBlock, Tag("thinking block")]
     | Annotated[RedactedThinkingBlock, Tag("redacted_thinking block")],
-    Discriminator(_block_tag),
+    Discriminator(tagged_by("type", "block")),
 ]
 
 
@@ -163,12 +164,11 @@ class Metadata(_Strict):
     user_id: str | None = Field(default=None, max_length=256)
 
 
-class MessagesRequest(_Strict):
-    """The body of ``POST /v1/messages`` (Anthropic's ``MessageCreateParams``), as far as the
-    gateway serves it."""
+class _Prompt(_Strict):
+    """What a request prompts with: the fields ``/v1/messages`` and its ``count_tokens``
+    share."""
 
     model: str = Field(min_length=1, max_length=128)
-    max_tokens: int = Field(ge=1)
     messages: list[MessageParam] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
@@ -179,24 +179,51 @@ class MessagesRequest(_Strict):
         ]
         | None
     ) = None
+    thinking: Annotated[ThinkingEnabled | ThinkingDisabled, Field(discriminator="type")] | None = (
+        None
+    )
+
+    @model_validator(mode="after")
+    def _content_given(self) -> Self:
+        last = len(self.messages) - 1
+        for index, message in enumerate(self.messages):
+            if not message.content and not (index == last and message.role == "assistant"):
+                raise ValueError(
+                    f"messages.{index}: all messages must have non-empty content except for "
+                    "the optional final assistant message"
+                )
+            if isinstance(message.content, list) and any(
+                isinstance(block, TextBlock) and not block.text for block in message.content
+            ):
+                raise ValueError(f"messages.{index}: text content blocks must be non-empty")
+        return self
+
+
+class MessagesRequest(_Prompt):
+    """The body of ``POST /v1/messages`` (Anthropic's ``MessageCreateParams``), as far as the
+    gateway serves it."""
+
+    max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
     stream: bool = False
-    thinking: Annotated[ThinkingEnabled | ThinkingDisabled, Field(discriminator="type")] | None = (
-        None
-    )
     service_tier: Literal["auto", "standard_only"] | None = None
 
     @model_validator(mode="after")
-    def _thinking_fits(self) -> MessagesRequest:
+    def _thinking_fits(self) -> Self:
         if isinstance(self.thinking, ThinkingEnabled) and self.thinking.budget_tokens >= (
             self.max_tokens
         ):
             raise ValueError("`max_tokens` must be greater than `thinking.budget_tokens`")
         return self
+
+
+class CountTokensRequest(_Prompt):
+    """The body of ``POST /v1/messages/count_tokens`` (Anthropic's
+    ``MessageCountTokensParams``), as far as the gateway serves it."""
 
 
 def messages_job(
@@ -207,48 +234,39 @@ def messages_job(
     try:
         request = MessagesRequest.model_validate(body)
     except ValidationError as exc:
-        raise ApiError("invalid_request", _reason(exc, body)) from None
+        raise ApiError("invalid_request", _reason(exc, body, ANTHROPIC_MESSAGES_PARAMS)) from None
+    return _job(request.model_dump(exclude_none=True), team, options, limits, request.stream)
+
+
+def count_tokens_job(
+    body: dict[str, Any], team: str, options: RequestOptions, limits: Limits
+) -> ChatJob:
+    """The job a ``/v1/messages/count_tokens`` body would make, for its prompt to be counted
+    (never published); ApiError as ``messages_job``'s when it is invalid."""
     try:
-        messages, params = openai_request(request.model_dump(exclude_none=True), where="")
+        request = CountTokensRequest.model_validate(body)
+    except ValidationError as exc:
+        known = ANTHROPIC_COUNT_TOKENS_PARAMS
+        raise ApiError("invalid_request", _reason(exc, body, known)) from None
+    # The canonical form needs a max_tokens; the prompt it counts does not depend on it.
+    fields = request.model_dump(exclude_none=True) | {"max_tokens": 1}
+    return _job(fields, team, options, limits, stream=False)
+
+
+def _job(
+    fields: dict[str, Any], team: str, options: RequestOptions, limits: Limits, stream: bool
+) -> ChatJob:
+    try:
+        messages, params = openai_request(fields, where="")
     except ValueError as exc:
         raise ApiError("invalid_request", str(exc)) from None
-    canonical = {"model": request.model, "messages": messages, **params}
-    return chat_job(canonical, team, options, limits, stream=request.stream)
+    canonical = {"model": fields["model"], "messages": messages, **params}
+    return chat_job(canonical, team, options, limits, stream=stream)
 
 
-def _reason(exc: ValidationError, body: dict[str, Any]) -> str:
-    """The one error a client can act on: the deepest, as Anthropic reports one."""
-    error = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
-    where = _path(error, body)
-    kind = error["type"]
-    if kind == "extra_forbidden" and where in ANTHROPIC_MESSAGES_PARAMS:
+def _reason(exc: ValidationError, body: dict[str, Any], known: frozenset[str]) -> str:
+    error = deepest(exc)
+    where = error_path(error, body)
+    if error["type"] == "extra_forbidden" and where in known:
         return f"{where}: not supported by this gateway"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        # A type Anthropic may well know (documents, thinking sent back, adaptive thinking)
-        # that the gateway cannot carry, or none at all: either way, the ones it can.
-        ctx = error.get("ctx") or {}
-        expected = str(ctx.get("expected_tags", "")).replace(" block", "")
-        tag = str(ctx.get("tag", "")).removesuffix(" block")
-        if kind == "union_tag_not_found":
-            return f"{where}.type: Field required"
-        return f"{where}.type: {tag!r} is not supported by this gateway; use one of {expected}"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
-
-
-def _path(error: ErrorDetails, body: Any) -> str:
-    """The error's location in the body: the steps that lead into it, and a missing field,
-    without the names pydantic gives the members of a union (``str``, ``text block``)."""
-    steps: list[str] = []
-    node = body
-    loc = error["loc"]
-    for position, step in enumerate(loc):
-        inside = (isinstance(node, dict) and isinstance(step, str) and step in node) or (
-            isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
-        )
-        if inside:
-            node = node[step]
-        elif not (error["type"] == "missing" and position == len(loc) - 1):
-            continue
-        steps.append(str(step))
-    return ".".join(steps)
+    return describe(error, body)

@@ -3,7 +3,8 @@
 Its lifespan opens this process's ``FrontDoor`` (broker bridge, API keys, outcomes,
 catalog) and closes it on shutdown. Every route family is an ``APIRouter`` in
 ``frontdoor/routes/``, mounted here; errors are answered in the shape of the API called
-(``frontdoor.errors``); each answer is counted in ``/metrics`` by route template and status.
+(``frontdoor.errors``); each answer is counted in ``/metrics`` by route template and status,
+and carries an ``x-request-id``.
 OpenAPI docs are at ``/docs``.
 
 To add an API family: write ``frontdoor/routes/<family>.py`` with its ``router``, include it
@@ -23,8 +24,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from frontdoor.answers import request_id
 from frontdoor.dashboard import install as install_dashboard
 from frontdoor.errors import install_error_handlers
 from frontdoor.routes import (
@@ -86,9 +89,10 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
 
 
 class RequestMetrics:
-    """Counts each answer by route template and status when its first byte leaves (a plain
-    ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would buffer every request through an
-    extra task)."""
+    """Counts each answer by route template and status when its first byte leaves, and gives
+    every answer an ``x-request-id``, errors included (``frontdoor.answers.request_id``). A
+    plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would buffer every request
+    through an extra task."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
@@ -104,6 +108,9 @@ class RequestMetrics:
                 # The router has put the matched route in the scope by now.
                 route = getattr(scope.get("route"), "path", "unmatched")
                 observe_http(route, message["status"], time.perf_counter() - started)
+                headers = MutableHeaders(scope=message)
+                if "x-request-id" not in headers:
+                    headers["x-request-id"] = request_id(scope)
             await send(message)
 
         await self._app(scope, receive, counted)

@@ -1,58 +1,124 @@
-"""Reading a request's JSON body whole, within a size and a time limit, before anything else.
+"""Reading a request's JSON body whole, within a size and a time limit, before anything else,
+and only as many bodies at once as the process can hold.
 
 A slow or endless body holds only its own connection: nothing is published until the body
-is complete and valid, so it never takes a worker's slot::
+is complete and valid, so it never takes a worker's slot. Routes read it once the key is
+proven from the headers (a refused key costs no body read), through the process's
+``Bodies``::
 
-    body = await read_json(request, limit=s.max_job_bytes, timeout=s.http_body_timeout)
+    body = await door.bodies.read_json(request, caller.key_id, limit=s.max_job_bytes)
 
 Raises ApiError: ``request_too_large`` (413) past ``limit`` bytes (at once when the
-Content-Length says so), ``request_timeout`` (408) when the body is not all there within
-``timeout`` seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object.
+Content-Length says so), ``too_many_requests`` (429) while the key is sending
+``http_bodies_per_key`` bodies already, ``service_unavailable`` (503) while the process is
+reading ``http_body_bytes_in_flight`` bytes already (both before any byte is read),
+``request_timeout`` (408) when the body is not all there within ``http_body_timeout``
+seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from frontdoor.errors import ApiError
+from queuegate.settings import Settings
+
+RETRY_AFTER = 1.0
+"""Seconds a caller refused for bodies in flight is told to wait: most take milliseconds."""
 
 
-async def read_json(request: Request, *, limit: int, timeout: float) -> dict[str, Any]:
-    raw = await read_body(request, limit=limit, timeout=timeout)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        problem = "not UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON: {exc.msg}"
-        raise ApiError(
-            "invalid_request", f"the request body is {problem} (at byte {exc.pos})"
-        ) from None
-    if not isinstance(body, dict):
-        raise ApiError("invalid_request", "the request body must be a JSON object")
-    return body
+class Bodies:
+    """The request bodies this process is reading: at most ``per_key`` of one API key at
+    once, at most ``total_bytes`` bytes in all, as their Content-Length says (the route's
+    limit when it says nothing)."""
 
+    def __init__(self, *, timeout: float, per_key: int, total_bytes: int) -> None:
+        self._timeout = timeout
+        self._per_key = per_key
+        self._total_bytes = total_bytes
+        self._reading: Counter[str] = Counter()
+        self._bytes = 0
 
-async def read_body(request: Request, *, limit: int, timeout: float) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ApiError(
-            "request_timeout", f"the request body did not arrive within {timeout:g} s"
-        ) from None
-    return b"".join(chunks)
+    @classmethod
+    def of(cls, settings: Settings) -> Bodies:
+        return cls(
+            timeout=settings.http_body_timeout,
+            per_key=settings.http_bodies_per_key,
+            total_bytes=settings.http_body_bytes_in_flight,
+        )
+
+    async def read_json(self, request: Request, key_id: str, *, limit: int) -> dict[str, Any]:
+        raw = await self.read(request, key_id, limit=limit)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            problem = "not UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON: {exc.msg}"
+            raise ApiError(
+                "invalid_request", f"the request body is {problem} (at byte {exc.pos})"
+            ) from None
+        if not isinstance(body, dict):
+            raise ApiError("invalid_request", "the request body must be a JSON object")
+        return body
+
+    async def read(self, request: Request, key_id: str, *, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        size = int(declared) if declared is not None and declared.isdigit() else limit
+        if size > limit:
+            raise _too_large(limit)
+        with self._held(key_id, size):
+            chunks: list[bytes] = []
+            received = 0
+            try:
+                async with asyncio.timeout(self._timeout):
+                    async for chunk in request.stream():
+                        received += len(chunk)
+                        if received > limit:
+                            raise _too_large(limit)
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise ApiError(
+                    "request_timeout",
+                    f"the request body did not arrive within {self._timeout:g} s",
+                ) from None
+            except ClientDisconnect:
+                # Answered to no one: a caller that hangs up is no fault of the process.
+                raise ApiError(
+                    "invalid_request", "the connection closed before the body was whole"
+                ) from None
+            return b"".join(chunks)
+
+    @contextlib.contextmanager
+    def _held(self, key_id: str, size: int) -> Iterator[None]:
+        if self._reading[key_id] >= self._per_key:
+            raise ApiError(
+                "too_many_requests",
+                f"this API key is sending {self._per_key} request bodies to this process "
+                "already: send the next once one has arrived",
+                retry_after_s=RETRY_AFTER,
+            )
+        if self._bytes + size > self._total_bytes:
+            raise ApiError(
+                "service_unavailable",
+                "this front-door process is reading as many request bytes as it may: retry shortly",
+                retry_after_s=RETRY_AFTER,
+            )
+        self._reading[key_id] += 1
+        self._bytes += size
+        try:
+            yield
+        finally:
+            self._bytes -= size
+            self._reading[key_id] -= 1
+            if not self._reading[key_id]:
+                del self._reading[key_id]
 
 
 def _too_large(limit: int) -> ApiError:
@@ -61,4 +127,4 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
-__all__ = ["read_body", "read_json"]
+__all__ = ["Bodies"]

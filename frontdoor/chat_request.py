@@ -26,8 +26,10 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from frontdoor.errors import ApiError
+from frontdoor.errors import ApiError, shown
 from queuegate.messages import ChatJob
+from queuegate.settings import Settings
+from router import Catalog
 
 DEFAULT_WAIT = 600.0
 """Seconds a request waits for its answer when the caller names no timeout (the OpenAI
@@ -46,6 +48,26 @@ class Limits:
     models: Collection[str]
     max_messages: int
     max_job_bytes: int
+    open_models: Collection[str] = frozenset()
+    """Models an ``openai_compatible`` deployment may serve (their own or a fallback's): such
+    a server takes parameters of its own, so a request for one may carry fields OpenAI's
+    API does not have."""
+
+    @classmethod
+    def of(cls, settings: Settings, catalog: Catalog) -> Limits:
+        def open_model(alias: str) -> bool:
+            return any(
+                deployment.provider == "openai_compatible"
+                for served in catalog.chain(alias)
+                for deployment in catalog.resolve(served).deployments
+            )
+
+        return cls(
+            models=frozenset(catalog.models),
+            max_messages=settings.max_job_messages,
+            max_job_bytes=settings.max_job_bytes,
+            open_models=frozenset(filter(open_model, catalog.models)),
+        )
 
 
 @dataclass(frozen=True)
@@ -119,17 +141,24 @@ def wants_stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, usage
 
 
-def chat_job(
-    body: dict[str, Any], team: str, options: RequestOptions, limits: Limits, *, stream: bool
-) -> ChatJob:
-    """The job of an OpenAI chat request; ApiError saying what is wrong when it is invalid."""
+def served_model(body: dict[str, Any], limits: Limits) -> str:
+    """The request's model, one of the catalog's; ApiError 400, or 404 for another."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError("invalid_request", "model must be a non-empty string: GET /v1/models")
     if model not in limits.models:
-        raise ApiError(
-            "unknown_model", f"model {model!r} is not served here: GET /v1/models lists them"
-        )
+        raise unknown_model(model)
+    return model
+
+
+def unknown_model(name: str) -> ApiError:
+    return ApiError(
+        "unknown_model", f"model {shown(name)!r} is not served here: GET /v1/models lists them"
+    )
+
+
+def checked_messages(body: dict[str, Any], limits: Limits) -> list[Any]:
+    """The request's messages, as many as a job may carry; ApiError 400 otherwise."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError("invalid_request", "messages must be a non-empty array")
@@ -138,6 +167,16 @@ def chat_job(
             "invalid_request",
             f"{len(messages)} messages; at most {limits.max_messages} are served at once",
         )
+    return messages
+
+
+def chat_job(
+    body: dict[str, Any], team: str, options: RequestOptions, limits: Limits, *, stream: bool
+) -> ChatJob:
+    """The job of a canonical (OpenAI chat) request; ApiError saying what is wrong when it is
+    invalid. The OpenAI route checks the body as OpenAI does first (``openai_request``)."""
+    model = served_model(body, limits)
+    messages = checked_messages(body, limits)
     params = {k: v for k, v in body.items() if k not in OWNED}
     for name in ("max_tokens", "max_completion_tokens"):
         value = params.get(name)
@@ -164,4 +203,12 @@ def chat_job(
     return job
 
 
-__all__ = ["Limits", "RequestOptions", "chat_job", "wants_stream"]
+__all__ = [
+    "Limits",
+    "RequestOptions",
+    "chat_job",
+    "checked_messages",
+    "served_model",
+    "unknown_model",
+    "wants_stream",
+]

@@ -5,13 +5,13 @@ Routes raise ``ApiError(code, message)``; ``code`` is a wire error code
 comes from the one table every API shares (``queuegate.messages.HTTP_STATUS``). The shape
 is chosen by the request's path: OpenAI's unless a route family registered its own::
 
-    raise ApiError("unknown_model", f"model {name!r} is not served: GET /v1/models lists them")
+    raise ApiError("unknown_model", f"model {shown(name)!r} is not served: GET /v1/models")
     raise error_of_result(result)            # a job that ended in an error
     app.state.error_shapes.register("/v1/messages", anthropic_error)   # another API's shape
 
 A 429 carries ``Retry-After``; a 409 and the codes that a retry cannot change carry
 ``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey (they retry 409 by
-default).
+default). A value the caller sent is repeated ``shown``: cut to ``ECHOED`` characters.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from queuegate.messages import HTTP_STATUS, ChatResult
 HTTP_ONLY: dict[str, int] = {
     "request_too_large": 413,
     "request_timeout": 408,
+    "headers_too_large": 431,
+    "too_many_requests": 429,
     "not_found": 404,
     "forbidden": 403,
     "method_not_allowed": 405,
@@ -52,6 +54,7 @@ NO_RETRY = frozenset(
         "already_answered",
         "request_too_large",
         "request_timeout",
+        "headers_too_large",
         "unauthorized",
         "forbidden",
     }
@@ -61,11 +64,24 @@ NO_RETRY = frozenset(
 ErrorShape = Callable[[str, str], dict[str, Any]]
 """``shape(code, message)``: an API's error body."""
 
+ECHOED = 100
+"""Characters of a caller's own value (a model name, an id, a field name) an error repeats."""
+MAX_MESSAGE = 1000
+"""Characters of an error message at most, whatever it repeats: an answer never grows with
+what the caller sent."""
+
+
+def shown(text: str) -> str:
+    """A caller's value as an error repeats it: its first ``ECHOED`` characters."""
+    return text if len(text) <= ECHOED else f"{text[:ECHOED]}…"
+
 
 class ApiError(Exception):
     """An error answer: ``code``, a message saying what to do, and its HTTP status."""
 
     def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE]}…"
         super().__init__(message)
         self.code = code
         self.message = message
@@ -148,7 +164,7 @@ def install_error_handlers(app: FastAPI) -> ErrorShapes:
         if exc.status_code == 405:
             error = ApiError("method_not_allowed", f"{request.method} is not served here")
         elif exc.status_code == 404:
-            error = ApiError("not_found", f"no route {request.url.path}: see /docs")
+            error = ApiError("not_found", f"no route {shown(request.url.path)}: see /docs")
         else:
             error = ApiError("invalid_request", str(exc.detail))
             error.status = exc.status_code
@@ -161,4 +177,12 @@ def install_error_handlers(app: FastAPI) -> ErrorShapes:
     return shapes
 
 
-__all__ = ["HTTP_ONLY", "ApiError", "ErrorShape", "ErrorShapes", "error_of", "error_of_result"]
+__all__ = [
+    "HTTP_ONLY",
+    "ApiError",
+    "ErrorShape",
+    "ErrorShapes",
+    "error_of",
+    "error_of_result",
+    "shown",
+]

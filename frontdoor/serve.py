@@ -8,6 +8,8 @@ them, and each holds its own broker connection and reply queue (``frontdoor.brid
 and stops them all gracefully, as ``queuegate worker --processes`` does; they share their
 metrics, so ``/metrics`` counts every process's requests whichever one answers. On SIGTERM a
 process stops accepting, finishes its requests within ``shutdown_grace`` seconds, and exits.
+Each process bounds its connections, their headers and the time they take to send them
+(``frontdoor.connections``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from frontdoor.app import create_app
+from frontdoor.connections import ConnectionLimits, fit_open_files, guarded_protocol
 from queuegate.errors import ConfigError
 from queuegate.runtime import run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
@@ -40,14 +46,9 @@ def serve(settings: Settings, *, host: str, port: int, processes: int, log_level
         return
     app = create_app(settings)
     tune_gc()
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        log_level=log_level,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
-    )
+    limits = ConnectionLimits.of(settings)
+    limits = replace(limits, max_connections=fit_open_files(limits.max_connections))
+    config = _config(app, limits, log_level, timeout_graceful_shutdown=int(settings.shutdown_grace))
     server = uvicorn.Server(config)
     sock = bind(host, port)
     log.info("front door on http://%s:%d (docs at /docs)", host, sock.getsockname()[1])
@@ -60,15 +61,8 @@ async def serving(
 ) -> AsyncIterator[str]:
     """The front door served in this event loop (a free port by default), for tests and the
     demo; yields its root URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, catalog=catalog),
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            log_level="warning",
-        )
-    )
+    app = create_app(settings, catalog=catalog)
+    server = uvicorn.Server(_config(app, ConnectionLimits.of(settings), "warning"))
     sock = bind(host, port)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -82,6 +76,24 @@ async def serving(
         server.should_exit = True
         await task
         sock.close()
+
+
+def _config(
+    app: ASGIApp, limits: ConnectionLimits, log_level: str, **options: Any
+) -> uvicorn.Config:
+    """uvicorn as the front door runs it: httptools' parser with the limits of
+    ``frontdoor.connections``, and no WebSocket upgrade (no route takes one, and an upgraded
+    connection would leave those limits behind)."""
+    return uvicorn.Config(
+        app,
+        http=guarded_protocol(limits),
+        ws="none",
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        **options,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:

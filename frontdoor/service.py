@@ -1,4 +1,5 @@
-"""What a front-door process holds while it serves: the bridge, keys, outcomes, catalog.
+"""What a front-door process holds while it serves: the bridge, keys, outcomes, catalog,
+the request bodies being read.
 
 Opened once per process by the app's lifespan and kept on ``app.state.frontdoor``; routes
 reach it through the ``frontdoor`` dependency::
@@ -22,6 +23,7 @@ from redis.exceptions import RedisError
 
 from frontdoor.auth import KeyBook
 from frontdoor.batches.runner import BatchRunner
+from frontdoor.body import Bodies
 from frontdoor.bridge import Bridge
 from frontdoor.chat_request import Limits
 from frontdoor.outcomes import Outcomes
@@ -40,11 +42,8 @@ class FrontDoor:
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
-        self.limits = Limits(
-            models=frozenset(catalog.models),
-            max_messages=settings.max_job_messages,
-            max_job_bytes=settings.max_job_bytes,
-        )
+        self.limits = Limits.of(settings, catalog)
+        self.bodies = Bodies.of(settings)
         self.bridge = Bridge(settings)
         self._redis: aioredis.Redis | None = None
         self._pool: asyncpg.Pool | None = None

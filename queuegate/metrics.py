@@ -149,6 +149,13 @@ HTTP_LATENCY = Histogram(
     ["route"],
     buckets=_LATENCY_BUCKETS,
 )
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "queuegate_http_connections_closed",
+    "Connections the HTTP front door closed before a request was whole, by reason: "
+    "header_bytes (431), header_timeout (408), full (503: every connection busy), evicted "
+    "(the one idle longest, to make room for a new one).",
+    ["reason"],
+)
 
 
 def exposition() -> bytes:
@@ -166,6 +173,11 @@ def observe_http(route: str, status: int, seconds: float) -> None:
     """The front door answered a request of ``route`` (a template, never a raw path)."""
     HTTP_REQUESTS.labels(route, str(status)).inc()
     HTTP_LATENCY.labels(route).observe(seconds)
+
+
+def observe_connection_closed(reason: str) -> None:
+    """The front door closed a connection before a request was whole, for ``reason``."""
+    HTTP_CONNECTIONS_CLOSED.labels(reason).inc()
 
 
 def observe_spend_correction(team: str, model: str | None, drift: float) -> None:

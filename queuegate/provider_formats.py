@@ -32,6 +32,12 @@ ANTHROPIC_MESSAGES_PARAMS = frozenset(
 )
 """The request body fields of Anthropic's ``POST /v1/messages`` (the ``anthropic`` SDK's
 ``MessageCreateParams``, plus the sampling fields its API reference documents)."""
+ANTHROPIC_COUNT_TOKENS_PARAMS = frozenset(
+    {"model", "messages", "system", "thinking", "tools", "tool_choice", "cache_control"}
+    | {"output_config", "speed", "user_profile_id", "workspace_id"}
+)
+"""The request body fields of Anthropic's ``POST /v1/messages/count_tokens`` (the
+``anthropic`` SDK's ``MessageCountTokensParams``)."""
 
 
 def as_int(value: Any) -> int:

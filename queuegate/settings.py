@@ -96,6 +96,21 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(default=30.0, gt=0)
     """Seconds the HTTP front door gives a request to send its whole body; a slower one is
     answered 408 (it holds only its own connection meanwhile, never a worker's slot)."""
+    http_header_timeout: float = Field(default=5.0, gt=0)
+    """Seconds a front-door connection has to send a request's headers whole, counted from
+    when it opens or its request begins; a slower one is answered 408 and closed."""
+    http_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest request line and headers the front door reads; past it, 431 and closed."""
+    http_max_connections: int = Field(default=4096, ge=1)
+    """Connections one front-door process holds at once. Past it, a new connection closes
+    the one idle longest (no request in progress), or is answered 503 when none is idle."""
+    http_bodies_per_key: int = Field(default=16, ge=1)
+    """Request bodies one API key may be sending to a front-door process at once; more are
+    answered 429 before they are read."""
+    http_body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Bytes of request bodies one front-door process reads at once, counted by their
+    Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are
+    read. At least ``max_job_bytes``."""
     batch_file_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     """Largest file ``POST /v1/files`` stores, and largest Message Batch request body."""
     batch_upload_timeout: float = Field(default=600.0, gt=0)
@@ -140,6 +155,15 @@ class Settings(BaseSettings):
             amqp = data.get("amqp_url") or cls.model_fields["amqp_url"].default
             data = {**data, "management_url": management_url_for(amqp)}
         return data
+
+    @model_validator(mode="after")
+    def _a_job_body_fits(self) -> Settings:
+        if self.http_body_bytes_in_flight < self.max_job_bytes:
+            raise ValueError(
+                "QUEUEGATE_HTTP_BODY_BYTES_IN_FLIGHT is below QUEUEGATE_MAX_JOB_BYTES, so the "
+                "front door could read no large job: raise it"
+            )
+        return self
 
     @property
     def amqp_user(self) -> str | None:

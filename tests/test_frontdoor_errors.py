@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -113,3 +114,38 @@ async def test_no_answer_within_the_callers_timeout_is_504(door: Door) -> None:
             )
     assert late.value.status_code == 504
     assert late.value.code == "deadline_exceeded"
+
+
+async def test_every_error_carries_a_request_id_the_jobs_once_there_is_one(door: Door) -> None:
+    async with door.client() as client:
+        # Refused before there is a job: a fresh id each
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await client.chat.completions.create(model="gpt-9", messages=HELLO)
+        with pytest.raises(openai.PermissionDeniedError) as forbidden:
+            await client.get(
+                f"{door.url}/admin/usage", cast_to=object, options={"params": {"team": "beta"}}
+            )
+        # Refused by the worker (seed has no Anthropic equivalent), and given up on in time
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="claude-haiku", messages=HELLO, seed=7)
+        with pytest.raises(openai.InternalServerError) as late:
+            await client.chat.completions.create(
+                model="flaky-gpt", messages=HELLO, extra_headers={"x-queuegate-timeout": "0.5"}
+            )
+    async with anthropic.AsyncAnthropic(
+        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+    ) as claude:
+        with pytest.raises(anthropic.NotFoundError) as unknown_claude:
+            await claude.messages.create(model="claude-9", max_tokens=10, messages=HELLO)
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        no_key = await http.post("/v1/chat/completions", json={"model": "gpt-4o-mini"})
+
+    fresh = [unknown.value.response, forbidden.value.response, unknown_claude.value.response]
+    ids = {response.headers["x-request-id"] for response in [*fresh, no_key]}
+    assert len(ids) == 4 and all(ids)
+    refused_id = refused.value.response.headers["x-request-id"]
+    late_id = late.value.response.headers["x-request-id"]
+    assert late.value.status_code == 504
+    rows = {row["job_id"]: row for row in await door.gateway.usage_rows(2)}
+    assert rows[refused_id]["error_code"] == "invalid_request"
+    assert late_id in rows

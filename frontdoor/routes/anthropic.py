@@ -1,5 +1,7 @@
 """Anthropic's Messages API: ``POST /v1/messages``, answered whole or streamed, whichever
-provider serves the model. Point the ``anthropic`` SDK's ``base_url`` at the front door's
+provider serves the model, and ``POST /v1/messages/count_tokens``, answered with the
+estimate the workers' admission makes of a prompt (``workers.admission.estimate``), not a
+provider's count. Point the ``anthropic`` SDK's ``base_url`` at the front door's
 root (the SDK adds ``/v1``); it sends the team's key as ``x-api-key``.
 
 Errors come in Anthropic's shape (``queuegate.api_errors.anthropic_error``), so the SDK
@@ -15,15 +17,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from frontdoor.answers import gateway_headers
-from frontdoor.anthropic_request import messages_job
+from frontdoor.answers import gateway_headers, note_job
+from frontdoor.anthropic_request import count_tokens_job, messages_job
 from frontdoor.anthropic_stream import MessageEvents
 from frontdoor.auth import Caller, require_caller
-from frontdoor.body import read_json
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions
 from frontdoor.service import FrontDoor, frontdoor
 from queuegate.provider_formats import anthropic_message
+from workers.admission.estimate import prompt_tokens
 
 PREFIX = "/v1/messages"
 """Where errors take Anthropic's shape."""
@@ -31,17 +33,17 @@ PREFIX = "/v1/messages"
 router = APIRouter(tags=["Anthropic"])
 
 
+Door = Annotated[FrontDoor, Depends(frontdoor)]
+Calling = Annotated[Caller, Depends(require_caller)]
+
+
 @router.post(PREFIX, summary="Create a message (Anthropic Messages format)")
-async def messages(
-    request: Request,
-    door: Annotated[FrontDoor, Depends(frontdoor)],
-    caller: Annotated[Caller, Depends(require_caller)],
-) -> Response:
+async def messages(request: Request, door: Door, caller: Calling) -> Response:
     started = time.perf_counter()
     options = RequestOptions.of(request)
-    s = door.settings
-    body = await read_json(request, limit=s.max_job_bytes, timeout=s.http_body_timeout)
+    body = await door.bodies.read_json(request, caller.key_id, limit=door.settings.max_job_bytes)
     job = messages_job(body, caller.team, options, door.limits)
+    note_job(request, job.job_id)
     message_id = f"msg_{job.job_id}"
     if job.stream:
         opened = await open_stream(door, caller, job, options)
@@ -50,3 +52,13 @@ async def messages(
     assert result.response is not None
     message = anthropic_message(result.response) | {"id": message_id}
     return JSONResponse(message, headers=gateway_headers(job.job_id, result, started))
+
+
+@router.post(
+    PREFIX + "/count_tokens",
+    summary="Count a message's input tokens (the gateway's estimate, as its admission makes it)",
+)
+async def count_tokens(request: Request, door: Door, caller: Calling) -> dict[str, int]:
+    body = await door.bodies.read_json(request, caller.key_id, limit=door.settings.max_job_bytes)
+    job = count_tokens_job(body, caller.team, RequestOptions.of(request), door.limits)
+    return {"input_tokens": prompt_tokens(job)}

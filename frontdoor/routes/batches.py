@@ -19,8 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from frontdoor.auth import Caller, require_caller
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import openai_batch, openai_page
-from frontdoor.body import read_json
-from frontdoor.errors import ApiError
+from frontdoor.errors import ApiError, shown
 from frontdoor.service import FrontDoor, frontdoor
 from producer.batch.openai import URL
 
@@ -51,8 +50,7 @@ class BatchCreate(BaseModel):
 
 @router.post("/v1/batches", summary="Create a batch from an uploaded file")
 async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
-    s = door.settings
-    body = await read_json(request, limit=REQUEST_BYTES, timeout=s.http_body_timeout)
+    body = await door.bodies.read_json(request, caller.key_id, limit=REQUEST_BYTES)
     try:
         asked = BatchCreate.model_validate(body)
     except ValidationError as exc:
@@ -60,16 +58,19 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
         where = ".".join(str(part) for part in problem["loc"]) or "request"
         raise ApiError("invalid_request", f"{where}: {problem['msg']}") from None
     if asked.endpoint != URL:
-        raise ApiError("invalid_request", f"endpoint {asked.endpoint!r} is not served: use {URL}")
+        raise ApiError(
+            "invalid_request", f"endpoint {shown(asked.endpoint)!r} is not served: use {URL}"
+        )
     if asked.completion_window != WINDOW:
         raise ApiError(
             "invalid_request",
-            f"completion_window {asked.completion_window!r} is not served: use {WINDOW!r}",
+            f"completion_window {shown(asked.completion_window)!r} is not served: use {WINDOW!r}",
         )
     if await files.get_file(door.pool, caller.team, asked.input_file_id, ("batch",)) is None:
         raise ApiError(
             "not_found",
-            f"no batch file {asked.input_file_id}: upload one with POST /v1/files, purpose=batch",
+            f"no batch file {shown(asked.input_file_id)}: upload one with POST /v1/files, "
+            "purpose=batch",
         )
     row = await records.create_batch(
         door.pool,
@@ -119,4 +120,4 @@ async def cancel(batch_id: str, door: Door, caller: Calling) -> dict[str, Any]:
 
 
 def _not_found(batch_id: str) -> ApiError:
-    return ApiError("not_found", f"no batch {batch_id}: GET /v1/batches lists your team's")
+    return ApiError("not_found", f"no batch {shown(batch_id)}: GET /v1/batches lists your team's")

@@ -15,7 +15,7 @@ from frontdoor.auth import Caller, require_caller
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import file_object, openai_page
 from frontdoor.batches.upload import chunks, read_upload, too_large
-from frontdoor.errors import ApiError
+from frontdoor.errors import ApiError, shown
 from frontdoor.service import FrontDoor, frontdoor
 
 router = APIRouter(tags=["OpenAI Files"])
@@ -33,7 +33,8 @@ async def upload(request: Request, door: Door, caller: Calling) -> dict[str, Any
         if purpose != files.UPLOADED:
             raise ApiError(
                 "invalid_request",
-                f"purpose {purpose!r} is not served: upload batch input with purpose=batch",
+                f"purpose {shown(str(purpose))!r} is not served: upload batch input with "
+                "purpose=batch",
             )
         if not isinstance(upload, UploadFile):
             raise ApiError("invalid_request", "no file: send it as the multipart field `file`")
@@ -109,4 +110,4 @@ async def _file(door: FrontDoor, caller: Caller, file_id: str) -> files.StoredFi
 
 
 def _not_found(file_id: str) -> ApiError:
-    return ApiError("not_found", f"no file {file_id}: GET /v1/files lists your team's files")
+    return ApiError("not_found", f"no file {shown(file_id)}: GET /v1/files lists your team's files")

@@ -16,12 +16,12 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from frontdoor.answers import gateway_block, gateway_headers
+from frontdoor.answers import gateway_block, gateway_headers, note_job
 from frontdoor.auth import Caller, require_caller
-from frontdoor.errors import ApiError, error_of_result
+from frontdoor.errors import ApiError, error_of_result, shown
 from frontdoor.outcomes import Finished
 from frontdoor.service import FrontDoor, frontdoor
 
@@ -36,6 +36,7 @@ LAST_POLL = 0.5
 
 @router.get("/v1/jobs/{job_id}", summary="The answer of a job, by id (long-poll with wait)")
 async def job(
+    request: Request,
     job_id: str,
     door: Annotated[FrontDoor, Depends(frontdoor)],
     caller: Annotated[Caller, Depends(require_caller)],
@@ -46,6 +47,8 @@ async def job(
     pause = FIRST_POLL
     while True:
         state = await door.outcomes.look(caller.team, job_id)
+        if state != "unknown":
+            note_job(request, job_id)
         if isinstance(state, Finished):
             result = state.result
             if result.status != "ok" or result.response is None:
@@ -54,7 +57,8 @@ async def job(
             return JSONResponse(body, headers=gateway_headers(job_id, result, started))
         if state == "unknown":
             raise ApiError(
-                "not_found", f"no job {job_id} of team {caller.team} (or its answer expired)"
+                "not_found",
+                f"no job {shown(job_id)} of team {caller.team} (or its answer expired)",
             )
         left = give_up - time.monotonic()
         if left <= 0:

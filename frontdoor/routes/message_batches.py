@@ -26,7 +26,7 @@ from frontdoor.batches import files, records
 from frontdoor.batches.objects import anthropic_batch, anthropic_page
 from frontdoor.batches.records import BatchRow
 from frontdoor.batches.upload import file_chunks, spool_body
-from frontdoor.errors import ApiError
+from frontdoor.errors import ApiError, shown
 from frontdoor.service import FrontDoor, frontdoor
 from producer.batch.lines import BatchFile
 from queuegate.errors import BatchError
@@ -196,5 +196,6 @@ def _results_url(request: Request, row: BatchRow) -> str:
 
 def _not_found(batch_id: str) -> ApiError:
     return ApiError(
-        "not_found", f"no message batch {batch_id}: GET {PREFIX} lists your team's batches"
+        "not_found",
+        f"no message batch {shown(batch_id)}: GET {PREFIX} lists your team's batches",
     )

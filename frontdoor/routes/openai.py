@@ -1,6 +1,8 @@
-"""OpenAI's API: ``POST /v1/chat/completions``, ``GET /v1/models``, and ``POST /v1/chat``
-(the same request, answered with a ``_gateway`` block: request id, latency, cost, model
-used, fallback). Point the ``openai`` SDK's ``base_url`` at ``<front door>/v1``.
+"""OpenAI's API: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+and ``POST /v1/chat`` (the same request, answered with a ``_gateway`` block: request id,
+latency, cost, model used, fallback). Point the ``openai`` SDK's ``base_url`` at
+``<front door>/v1``. A request is checked as OpenAI checks it (``openai_request``) before
+anything is published.
 
 ``Prefer: respond-async`` answers 202 at once with the job id; ``GET /v1/jobs/<id>`` reads
 the answer (routes/jobs.py).
@@ -14,11 +16,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from frontdoor.answers import gateway_block, gateway_headers
+from frontdoor.answers import gateway_block, gateway_headers, note_job
 from frontdoor.auth import Caller, require_caller
-from frontdoor.body import read_json
 from frontdoor.calls import open_stream, publish_job, run_job, streamed
-from frontdoor.chat_request import RequestOptions, chat_job, wants_stream
+from frontdoor.chat_request import RequestOptions, chat_job, unknown_model, wants_stream
+from frontdoor.openai_request import check_chat
 from frontdoor.service import FrontDoor, frontdoor
 from frontdoor.sse import ChunkWriter
 from queuegate.messages import ChatJob
@@ -41,22 +43,29 @@ async def chat(request: Request, door: Door, caller: Calling) -> Response:
 
 @router.get("/v1/models", summary="The model aliases this gateway serves (OpenAI list)")
 async def models(door: Door, caller: Calling) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {"id": alias, "object": "model", "created": 0, "owned_by": "queuegate"}
-            for alias in sorted(door.catalog.models)
-        ],
-    }
+    return {"object": "list", "data": [_model(alias) for alias in sorted(door.catalog.models)]}
+
+
+@router.get("/v1/models/{model_id:path}", summary="One model alias this gateway serves")
+async def model(model_id: str, door: Door, caller: Calling) -> dict[str, Any]:
+    if model_id not in door.catalog.models:
+        raise unknown_model(model_id)
+    return _model(model_id)
+
+
+def _model(alias: str) -> dict[str, Any]:
+    return {"id": alias, "object": "model", "created": 0, "owned_by": "queuegate"}
 
 
 async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) -> Response:
     started = time.perf_counter()
     options = RequestOptions.of(request)
     s = door.settings
-    body = await read_json(request, limit=s.max_job_bytes, timeout=s.http_body_timeout)
+    body = await door.bodies.read_json(request, caller.key_id, limit=s.max_job_bytes)
     stream, include_usage = wants_stream(body)
+    check_chat(body, door.limits)
     job = chat_job(body, caller.team, options, door.limits, stream=stream)
+    note_job(request, job.job_id)
     if options.respond_async:
         await publish_job(door, caller, job.model_copy(update={"stream": False}))
         return accepted(job, started)

@@ -1,0 +1,267 @@
+"""What one HTTP connection may cost the front door before any route runs.
+
+uvicorn parses HTTP/1.1 with httptools here (its fast parser, the one ``auto`` picks), and by
+itself bounds none of these:
+
+- the request line and headers: httptools buffers a header however long it grows
+  (``h11_max_incomplete_event_size`` bounds only the h11 parser, several times slower);
+- the time a connection takes to send them: uvicorn's one timer, ``timeout_keep_alive``, is
+  armed after a response, so a connection that opens and sends nothing, or half a header,
+  stays open for good (uvicorn has no header timeout);
+- the connections held at once: ``limit_concurrency`` is checked once a request's headers
+  are complete, so it answers requests 503 but never closes the connections that send no
+  complete headers, and those exhaust the process's file descriptors.
+
+``GuardedHttpToolsProtocol`` adds the three to uvicorn's httptools protocol, at its parser
+callbacks, and answers in OpenAI's error shape with ``connection: close``:
+
+- a request line and headers over ``max_header_bytes``: 431;
+- headers not complete ``header_timeout`` seconds after the connection opened or its
+  request began: 408 (a connection that sent nothing is closed without a word);
+- past ``max_connections``: the connection idle longest (no request of it running) is
+  closed to make room, or, when every one is busy, the new one is answered 503, so a flood
+  of idle or slow connections holds no one else's place;
+- a request answered before its body ended (401, 408, 413, 429) has the rest of its body
+  read and dropped for ``LINGER`` seconds at most, so that the client, still sending, reads
+  its answer; then the connection closes (uvicorn would keep it open with no timer at all).
+
+    limits = ConnectionLimits.of(settings)
+    config = uvicorn.Config(app, http=guarded_protocol(limits), ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import uuid
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from frontdoor.errors import ApiError
+from queuegate.api_errors import openai_error
+from queuegate.metrics import observe_connection_closed
+from queuegate.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LINGER = 30.0
+"""Seconds the rest of a body answered early is read and dropped at most (nginx's
+``lingering_time``): a client that is still sending reads its answer only once it is done.
+Such a connection counts as idle, the first to go when the process holds too many."""
+OPEN_FILES_RESERVE = 256
+"""File descriptors a front-door process keeps for more than client connections: its broker,
+Redis and PostgreSQL connections, batch files, logs."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    max_header_bytes: int
+    header_timeout: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            max_connections=settings.http_max_connections,
+            max_header_bytes=settings.http_max_header_bytes,
+            header_timeout=settings.http_header_timeout,
+        )
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header size limit, a header timeout and a cap on
+    connections; one subclass per server (``guarded_protocol``) holds its limits."""
+
+    limits: ClassVar[ConnectionLimits]
+    idle: ClassVar[dict[GuardedHttpToolsProtocol, None]]
+    """The server's connections with no request running, longest idle first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading_head = True
+        self._head_bytes = 0
+        self._clock: asyncio.TimerHandle | None = None
+
+    def connection_made(  # type: ignore[override]
+        self, transport: asyncio.Transport
+    ) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections and not self._make_room():
+            self._refuse(
+                ApiError(
+                    "service_unavailable",
+                    "this front-door process holds as many connections as it may: retry shortly",
+                ),
+                "full",
+            )
+            return
+        self._rest()
+        self._time(self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._untime()
+        self.idle.pop(self, None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Counted after parsing, so that a body arriving with its headers is not counted
+        # as headers: a head still incomplete holds at most one read more than the limit.
+        if self._reading_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(
+                    ApiError(
+                        "headers_too_large",
+                        f"the request line and headers are over "
+                        f"{self.limits.max_header_bytes} bytes: send less",
+                    ),
+                    "header_bytes",
+                )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._head_bytes = 0
+        if self._clock is None:
+            self._time(self.limits.header_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._untime()
+        self.idle.pop(self, None)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self.cycle.response_complete and not self.transport.is_closing():
+            # The rest of a body answered early is read: the connection may serve again,
+            # and waits for its next request as any other does.
+            self._untime()
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if pipelined or self.transport.is_closing():
+            return
+        self._rest()
+        if self.cycle.more_body:
+            # Answered before its body ended: the rest is read and dropped, not for ever.
+            self._time(LINGER)
+
+    def _time(self, seconds: float) -> None:
+        self._untime()
+        self._clock = self.loop.call_later(seconds, self._time_out)
+
+    def _untime(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+
+    def _time_out(self) -> None:
+        self._clock = None
+        if self.transport.is_closing():
+            return
+        if not self._reading_head:  # the rest of a body answered early: long enough
+            self.transport.close()
+        elif self._head_bytes:
+            seconds = self.limits.header_timeout
+            why = f"the request headers did not arrive within {seconds:g} s"
+            self._refuse(ApiError("request_timeout", why), "header_timeout")
+        else:
+            observe_connection_closed("header_timeout")
+            self.transport.close()
+
+    def _rest(self) -> None:
+        self.idle.pop(self, None)
+        self.idle[self] = None
+
+    def _make_room(self) -> bool:
+        """Close the connection idle longest; False when none is idle."""
+        victim = next(iter(self.idle), None)
+        if victim is None:
+            return False
+        del self.idle[victim]
+        victim._untime()
+        victim.transport.close()
+        observe_connection_closed("evicted")
+        # It is gone as of now (uvicorn forgets it only on the next turn of the loop).
+        self.connections.discard(victim)
+        return True
+
+    def _refuse(self, error: ApiError, reason: str) -> None:
+        observe_connection_closed(reason)
+        self._reading_head = False
+        self._untime()
+        self.idle.pop(self, None)
+        if self.cycle is None or self.cycle.response_complete:  # nothing else on the wire
+            self.transport.write(_answer(error))
+        self.transport.close()
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class of one server: its limits, and its own idle connections."""
+
+    class ServerProtocol(GuardedHttpToolsProtocol):
+        pass
+
+    ServerProtocol.limits = limits
+    ServerProtocol.idle = {}
+    return ServerProtocol
+
+
+def fit_open_files(max_connections: int) -> int:
+    """The connections this process can hold: its open-file limit is raised to
+    ``max_connections`` plus ``OPEN_FILES_RESERVE`` where the hard limit allows; where it
+    does not, fewer (and a warning), so that a flood of connections never takes the
+    descriptors the process needs for its own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + OPEN_FILES_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return max_connections
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    except (ValueError, OSError):
+        pass
+    if soft >= wanted:
+        return max_connections
+    fitted = max(1, soft - OPEN_FILES_RESERVE)
+    log.warning(
+        "QUEUEGATE_HTTP_MAX_CONNECTIONS is %d but this process may open %d files: it holds "
+        "%d connections at most; raise its open-file limit (ulimit -n) for more",
+        max_connections,
+        soft,
+        fitted,
+    )
+    return fitted
+
+
+def _answer(error: ApiError) -> bytes:
+    body = orjson.dumps(openai_error(error.code, error.message))
+    headers = {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "connection": "close",
+        "x-request-id": uuid.uuid4().hex,
+        **error.headers(),
+    }
+    head = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers.items())
+    return STATUS_LINE[error.status] + head + b"\r\n" + body
+
+
+__all__ = [
+    "ConnectionLimits",
+    "GuardedHttpToolsProtocol",
+    "fit_open_files",
+    "guarded_protocol",
+]

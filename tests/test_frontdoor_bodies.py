@@ -1,0 +1,156 @@
+"""Request bodies at the front door: a key is proven from the headers before any byte of the
+body is read, and a process reads only so many bodies at once, per key and in bytes, so
+slow bodies cannot hold its memory. Raw sockets send the slow bodies, as only a hostile
+client would; the openai SDK sends the requests that must be served or refused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from tests.frontdoor_support import HELLO, Door, open_door
+
+TEAMS = {"alpha": TeamConfig(), "beta": TeamConfig(), "gamma": TeamConfig()}
+BODIES_PER_KEY = 2
+JOB_BYTES = 4096
+BYTES_IN_FLIGHT = 10_000
+SLOW = 3000
+"""The Content-Length of a slow body: three of them fit in the process's bytes, four do not."""
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    settings = settings.model_copy(
+        update={
+            "max_job_bytes": JOB_BYTES,
+            "http_bodies_per_key": BODIES_PER_KEY,
+            "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
+        }
+    )
+    async with open_door(settings, TEAMS) as opened:
+        yield opened
+
+
+def head(length: int, key: str | None = None, *extra: str) -> bytes:
+    lines = [
+        "POST /v1/chat/completions HTTP/1.1",
+        "Host: gateway",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        *extra,
+    ]
+    if key is not None:
+        lines.append(f"Authorization: Bearer {key}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def connect(door: Door) -> Connection:
+    url = urlsplit(door.url)
+    return await asyncio.open_connection(url.hostname, url.port)
+
+
+async def status_of(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The status and head of the answer, read as soon as it starts."""
+    async with asyncio.timeout(10):
+        answer_head = await reader.readuntil(b"\r\n\r\n")
+    return int(answer_head.split()[1]), answer_head.lower()
+
+
+@contextlib.asynccontextmanager
+async def slow_bodies(door: Door, teams: list[str]) -> AsyncIterator[None]:
+    """A body of ``SLOW`` bytes being read, one byte of it sent, for each of ``teams``."""
+    connections = [await connect(door) for _ in teams]
+    try:
+        for (reader, writer), team in zip(connections, teams, strict=True):
+            writer.write(head(SLOW, door.keys[team], "Expect: 100-continue"))
+            # The server says to go on once it reads the body: it holds its place by then.
+            async with asyncio.timeout(10):
+                assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"{")
+            await writer.drain()
+        yield
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
+async def test_a_refused_key_costs_no_body_read(door: Door) -> None:
+    # Given requests declaring a megabyte of body and sending none of it
+    for key in (None, "qg_000000000000_" + "x" * 43):
+        reader, writer = await connect(door)
+        writer.write(head(1_048_000, key))
+        asked = time.monotonic()
+
+        # Expect 401 at once: nothing waited for the body
+        status, _ = await status_of(reader)
+        assert status == 401
+        assert time.monotonic() - asked < door.gateway.settings.http_body_timeout / 10
+        writer.close()
+
+
+async def test_a_connection_answered_before_its_body_ended_serves_its_next_request(
+    door: Door,
+) -> None:
+    # Given a request without a key, answered 401 before its body is sent
+    reader, writer = await connect(door)
+    writer.write(head(20))
+    status, answer_head = await status_of(reader)
+    assert status == 401
+    await reader.readexactly(int(answer_head.split(b"content-length: ")[1].split(b"\r")[0]))
+
+    # When the rest of the body comes, then another request on the same connection
+    writer.write(b"x" * 20 + b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+
+    # Expect it answered
+    status, _ = await status_of(reader)
+    assert status == 200
+    writer.close()
+
+
+async def test_a_key_sending_too_many_bodies_at_once_is_429_and_others_are_served(
+    door: Door,
+) -> None:
+    # Given alpha sending as many slow bodies as a key may
+    async with slow_bodies(door, ["alpha"] * BODIES_PER_KEY):
+        # Expect one more of alpha's refused before it is read, with Retry-After
+        async with door.client("alpha") as alpha:
+            with pytest.raises(openai.RateLimitError) as refused:
+                await alpha.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        assert refused.value.code == "too_many_requests"
+        assert refused.value.response.headers["retry-after"] == "1"
+        # ... and beta served meanwhile
+        async with door.client("beta") as beta:
+            assert await beta.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+
+    # Once alpha's bodies have gone, alpha is served again
+    async with door.client("alpha", max_retries=3) as alpha:
+        assert await alpha.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert len(await door.gateway.usage_rows(2)) == 2
+    assert door.gateway.mock.stats.calls == 2
+
+
+async def test_a_process_reading_its_bytes_worth_of_bodies_answers_503(door: Door) -> None:
+    # Given slow bodies of two keys, nearly as many bytes as the process reads at once
+    async with slow_bodies(door, ["alpha", "alpha", "beta"]):
+        # Expect a body that does not fit refused before it is read, with Retry-After
+        reader, writer = await connect(door)
+        writer.write(head(SLOW, door.keys["gamma"]))
+        status, answer_head = await status_of(reader)
+        assert status == 503
+        assert b"retry-after: 1" in answer_head
+        writer.close()
+
+    # Once those bodies have gone, gamma is served
+    async with door.client("gamma", max_retries=3) as gamma:
+        assert await gamma.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert len(await door.gateway.usage_rows(1)) == 1

@@ -1,0 +1,210 @@
+"""What a hostile connection can cost the front door before any route runs: headers bounded
+in size and in time, connections bounded in number, and a flood of idle ones holding no one
+else's place. Raw sockets, as only a hostile client sends these; the openai SDK for the
+requests that must still be served."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import pytest
+
+from frontdoor.connections import OPEN_FILES_RESERVE
+from queuegate.settings import Settings
+from tests.frontdoor_support import Door, open_door
+
+HEADER_TIMEOUT = 0.5
+MAX_HEADER_BYTES = 8192
+MAX_CONNECTIONS = 8
+HALF_A_HEAD = b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n"
+"""A request line and a header, the blank line that ends the headers never sent."""
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def connect(door: Door) -> Connection:
+    url = urlsplit(door.url)
+    return await asyncio.open_connection(url.hostname, url.port)
+
+
+async def until_closed(reader: asyncio.StreamReader, within: float = 10.0) -> bytes:
+    """Whatever the server sends until it closes the connection."""
+    async with asyncio.timeout(within):
+        return await reader.read()
+
+
+async def closed_now(reader: asyncio.StreamReader) -> bool:
+    """Whether the server has closed the connection (having sent nothing)."""
+    try:
+        async with asyncio.timeout(0.5):
+            return await reader.read() == b""
+    except TimeoutError:
+        return False
+
+
+def status_and_error(answer: bytes) -> tuple[int, dict[str, str], dict[str, str]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), headers, orjson.loads(body)["error"]
+
+
+def serving(settings: Settings, **limits: object) -> Settings:
+    return settings.model_copy(
+        update={
+            "http_header_timeout": HEADER_TIMEOUT,
+            "http_max_header_bytes": MAX_HEADER_BYTES,
+            "http_max_connections": MAX_CONNECTIONS,
+            **limits,
+        }
+    )
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(serving(settings)) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def patient_door(settings: Settings) -> AsyncIterator[Door]:
+    """Headers may take long here: only the connection cap stops idle connections."""
+    async with open_door(serving(settings, http_header_timeout=60.0)) as opened:
+        yield opened
+
+
+async def test_headers_over_the_limit_are_431_and_the_connection_is_closed(door: Door) -> None:
+    # Given a header line that never ends, far past the limit
+    reader, writer = await connect(door)
+    writer.write(HALF_A_HEAD + b"X-Junk: " + b"a" * (MAX_HEADER_BYTES * 4))
+
+    # Expect 431 in OpenAI's shape, the connection closed, and the service unharmed
+    status, headers, error = status_and_error(await until_closed(reader))
+    assert (status, error["code"]) == (431, "headers_too_large")
+    assert headers["connection"] == "close" and headers["x-request-id"]
+    writer.close()
+    async with door.client() as client:
+        assert (await client.models.list()).data
+
+
+async def test_headers_that_do_not_arrive_in_time_are_408_and_closed(door: Door) -> None:
+    # Given half a request's headers, then nothing more
+    opened = time.monotonic()
+    reader, writer = await connect(door)
+    writer.write(HALF_A_HEAD)
+
+    answer = await until_closed(reader)
+
+    # Expect 408 once the header timeout has passed, not before
+    waited = time.monotonic() - opened
+    status, _, error = status_and_error(answer)
+    assert (status, error["code"]) == (408, "request_timeout")
+    assert HEADER_TIMEOUT <= waited < HEADER_TIMEOUT + 2
+    writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed_without_a_word(door: Door) -> None:
+    reader, writer = await connect(door)
+    opened = time.monotonic()
+
+    assert await until_closed(reader) == b""
+    assert time.monotonic() - opened < HEADER_TIMEOUT + 2
+    writer.close()
+
+
+async def closed_for(door: Door, reason: str) -> float:
+    """How many connections the front door has closed for ``reason``, from its /metrics."""
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        text = (await http.get("/metrics")).text
+    line = f'queuegate_http_connections_closed_total{{reason="{reason}"}} '
+    return sum(float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line))
+
+
+async def test_a_flood_of_idle_connections_holds_no_one_elses_place(patient_door: Door) -> None:
+    evicted = await closed_for(patient_door, "evicted")
+    # Given three times as many half-open requests as the process may hold
+    flood = [await connect(patient_door) for _ in range(3 * MAX_CONNECTIONS)]
+    for _, writer in flood:
+        writer.write(HALF_A_HEAD)
+        await writer.drain()
+
+    # When a team calls meanwhile
+    async with patient_door.client() as client:
+        listed = await client.models.list()
+
+    # Expect it served, and the process holding no more than its cap: the idle connections
+    # it had to close are the oldest ones
+    assert listed.data
+    closed = await asyncio.gather(*(closed_now(reader) for reader, _ in flood))
+    assert closed.count(False) <= MAX_CONNECTIONS - 1
+    assert all(closed[: 2 * MAX_CONNECTIONS])
+    for _, writer in flood:
+        writer.close()
+    # ... which operators see in /metrics
+    assert await closed_for(patient_door, "evicted") >= evicted + 2 * MAX_CONNECTIONS + 1
+
+
+async def test_when_every_connection_is_busy_a_new_one_is_503_with_retry_after(
+    patient_door: Door,
+) -> None:
+    # Given as many requests in progress as the process may hold (bodies still arriving)
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {patient_door.keys['alpha']}\r\nExpect: 100-continue\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    busy = [await connect(patient_door) for _ in range(MAX_CONNECTIONS)]
+    for reader, writer in busy:
+        writer.write(head)
+        # The server says to go on once it reads the body: the request is running by then.
+        async with asyncio.timeout(10):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    # Expect a new connection answered 503 at once, which the SDKs retry after Retry-After
+    reader, writer = await connect(patient_door)
+    status, headers, error = status_and_error(await until_closed(reader))
+    assert (status, error["code"]) == (503, "service_unavailable")
+    assert headers["retry-after"] == "1"
+    writer.close()
+
+    # ... and served again once those requests have gone
+    for _, writer in busy:
+        writer.close()
+        await writer.wait_closed()
+    async with patient_door.client(max_retries=3) as client:
+        assert (await client.models.list()).data
+
+
+def test_the_connection_cap_fits_the_open_file_limit() -> None:
+    # Given a process that may open 512 files, or 1024 once it raises its own limit
+    script = (
+        "import resource\n"
+        "from frontdoor.connections import fit_open_files\n"
+        "print(fit_open_files(100), fit_open_files(4096),"
+        " resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024))
+
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+    )
+
+    # Expect a cap that fits kept, and one that does not lowered to leave the process its
+    # own files, the limit raised as far as allowed, with a warning that says what to do
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["100", str(1024 - OPEN_FILES_RESERVE), "1024"]
+    assert "raise its open-file limit (ulimit -n)" in ran.stderr

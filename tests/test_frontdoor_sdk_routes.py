@@ -1,0 +1,79 @@
+"""The SDK calls beyond chat that the front door serves: the openai SDK's
+``models.retrieve`` and the anthropic SDK's ``messages.count_tokens`` (the gateway's own
+estimate, computed in the front door: nothing is published); and errors that repeat a
+caller's value repeat only the start of it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from queuegate.settings import Settings
+from tests.frontdoor_support import HELLO, Door, open_door
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings) as opened:
+        yield opened
+
+
+def claude(door: Door) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=door.url, api_key=door.keys["alpha"], max_retries=0)
+
+
+async def test_a_model_is_retrieved_by_its_alias_and_an_unknown_one_is_not_found(
+    door: Door,
+) -> None:
+    async with door.client() as client:
+        model = await client.models.retrieve("gpt-4o-mini")
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve("gpt-9")
+
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o-mini", "model", "queuegate")
+    assert missing.value.code == "unknown_model"
+    assert "GET /v1/models" in missing.value.message
+
+
+async def test_count_tokens_is_the_gateways_estimate_and_publishes_nothing(door: Door) -> None:
+    async with claude(door) as sdk:
+        plain = await sdk.messages.count_tokens(model="claude-haiku", messages=HELLO)
+        with_system = await sdk.messages.count_tokens(
+            model="gpt-4o-mini", system="Be brief.", messages=HELLO
+        )
+
+    # "Hello there" is 11 characters: ceil(11 / 4) tokens, and 3 for the message around them;
+    # "Be brief." adds ceil((9 + 11) / 4) - 3 and its own message's 3.
+    assert (plain.input_tokens, with_system.input_tokens) == (6, 11)
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_count_tokens_refuses_what_a_message_would_be_refused(door: Door) -> None:
+    async with claude(door) as sdk:
+        with pytest.raises(anthropic.NotFoundError):
+            await sdk.messages.count_tokens(model="claude-9", messages=HELLO)
+        with pytest.raises(anthropic.BadRequestError, match="non-empty content"):
+            await sdk.messages.count_tokens(
+                model="claude-haiku", messages=[{"role": "user", "content": ""}]
+            )
+        with pytest.raises(anthropic.BadRequestError, match="max_tokens: Extra inputs"):
+            await sdk.messages.count_tokens(
+                model="claude-haiku", messages=HELLO, extra_body={"max_tokens": 5}
+            )
+
+
+async def test_an_error_repeats_only_the_start_of_a_long_value(door: Door) -> None:
+    name = "m" * 100_000
+    async with door.client() as client:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.chat.completions.create(model=name, messages=HELLO)
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        no_route = await http.get("/v1/" + "r" * 10_000, headers={"x-api-key": door.keys["alpha"]})
+
+    assert "m" * 100 in missing.value.message and "m" * 101 not in missing.value.message
+    assert len(missing.value.response.content) < 500
+    assert no_route.status_code == 404 and len(no_route.content) < 500

@@ -1,0 +1,153 @@
+"""Requests checked as OpenAI and Anthropic check them, at the front door, before anything is
+published: sent with the official SDKs (which send whatever they are given), answered 400
+naming the field, and never reaching a worker or the provider."""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from anthropic.types import message_count_tokens_params
+
+from frontdoor.chat_request import Limits
+from frontdoor.errors import ApiError
+from frontdoor.openai_request import ROUTED_EXTRAS, ChatRequest, check_chat
+from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, OPENAI_CHAT_PARAMS
+from queuegate.settings import Settings
+from tests.frontdoor_support import HELLO, Door, open_door
+
+OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
+    ({"tools": [{"type": "function"}]}, "tools.0.function: Field required"),
+    ({"tools": [{"type": "web"}]}, "tools.0.type: 'web' is not supported"),
+    ({"stop": ["x"] * 1000}, "stop: List should have at most 4 items"),
+    ({"max_tokens": "5"}, "max_tokens: Input should be a valid integer"),
+    ({"temperature": 3}, "temperature: Input should be less than or equal to 2"),
+    ({"n": 0}, "n: Input should be greater than or equal to 1"),
+    ({"logprobs": "yes"}, "logprobs: Input should be a valid boolean"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type: 'yaml' is not supported"),
+    ({"metadata": {"k": 1}}, "metadata.k: Input should be a valid string"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id: Field required"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content: Field required"),
+    (
+        {"extra_body": {"team": "beta", "job_id": "j", "deadline": "2030-01-01T00:00:00Z"}},
+        "unrecognized request arguments deadline, job_id, team: the gateway sets",
+    ),
+    (
+        {"extra_body": {"cache": False, "fallbacks": ["claude-haiku"]}},
+        "unrecognized request arguments cache, fallbacks: the gateway sets",
+    ),
+    (
+        {"extra_body": {"min_p": 0.1}},
+        "unrecognized request arguments min_p: not parameters of OpenAI's chat completions",
+    ),
+    ({"extra_body": {"extra_body": {"min_p": 0.1}}}, "extra_body: the openai SDK sends"),
+]
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings) as opened:
+        yield opened
+
+
+async def test_what_openai_refuses_is_refused_naming_the_field_and_never_published(
+    door: Door,
+) -> None:
+    async with door.client() as client:
+        for fields, reason in OPENAI_REFUSALS:
+            request: dict[str, Any] = {"model": "gpt-4o-mini", "messages": HELLO, **fields}
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(**request)
+            assert refused.value.code == "invalid_request"
+            assert reason in refused.value.message, (fields, refused.value.message)
+            assert refused.value.response.headers["x-request-id"]
+        # Expect the next valid request the only one a worker and the provider saw
+        assert await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert len(await door.gateway.usage_rows(1)) == 1
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_published(
+    door: Door,
+) -> None:
+    refusals: list[tuple[dict[str, Any], str]] = [
+        (
+            {"messages": [{"role": "user", "content": ""}]},
+            "messages.0: all messages must have non-empty content",
+        ),
+        ({"messages": [{"role": "user", "content": []}]}, "messages.0: all messages must have"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
+            "messages.0: text content blocks must be non-empty",
+        ),
+        # The SDK computes with max_tokens itself: a string goes in extra_body, as stream's.
+        ({"extra_body": {"stream": "yes"}}, "stream: Input should be a valid boolean"),
+        ({"extra_body": {"max_tokens": "5"}}, "max_tokens: Input should be a valid integer"),
+    ]
+    async with anthropic.AsyncAnthropic(
+        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+    ) as sdk:
+        for fields, reason in refusals:
+            request: dict[str, Any] = {
+                "model": "claude-haiku",
+                "max_tokens": 20,
+                "messages": HELLO,
+                **fields,
+            }
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await sdk.messages.create(**request)
+            assert reason in refused.value.message, (fields, refused.value.message)
+            assert refused.value.response.headers["x-request-id"]
+        assert await sdk.messages.create(model="claude-haiku", max_tokens=20, messages=HELLO)
+    assert len(await door.gateway.usage_rows(1)) == 1
+    assert door.gateway.mock.stats.calls == 1
+
+
+# --- which fields, pure ---------------------------------------------------------------------
+
+LIMITS = Limits(
+    models={"gpt-4o-mini", "local-llama"},
+    max_messages=8,
+    max_job_bytes=1 << 20,
+    open_models={"local-llama"},
+)
+
+
+def chat(model: str = "gpt-4o-mini", **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": HELLO, **fields}
+
+
+def test_the_fields_checked_are_openais_and_those_the_router_takes_on_purpose() -> None:
+    assert set(ChatRequest.model_fields) == OPENAI_CHAT_PARAMS | ROUTED_EXTRAS
+    count_tokens = typing.get_type_hints(message_count_tokens_params.MessageCountTokensParams)
+    assert set(count_tokens) == ANTHROPIC_COUNT_TOKENS_PARAMS
+
+
+def test_anthropics_top_k_and_thinking_pass_for_any_model() -> None:
+    check_chat(chat(top_k=40, thinking={"type": "enabled", "budget_tokens": 2048}), LIMITS)
+
+
+def test_a_server_of_its_own_takes_its_own_parameters_but_never_the_jobs_fields() -> None:
+    check_chat(chat("local-llama", min_p=0.1, guided_json={"type": "object"}), LIMITS)
+
+    with pytest.raises(ApiError, match="unrecognized request arguments team: the gateway sets"):
+        check_chat(chat("local-llama", min_p=0.1, team="beta"), LIMITS)
+
+
+def test_an_error_names_a_few_unknown_fields_each_cut_short() -> None:
+    fields = {f"{'x' * 5000}{n:02d}": n for n in range(30)}
+
+    with pytest.raises(ApiError) as refused:
+        check_chat(chat(**fields), LIMITS)
+
+    assert refused.value.message.endswith(
+        "not parameters of OpenAI's chat completions, and no "
+        "OpenAI-compatible server that takes its own serves "
+        "'gpt-4o-mini'"
+    )
+    assert " and 25 more: " in refused.value.message
+    assert len(refused.value.message) < 1200
