@@ -21,11 +21,19 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from queuegate.db import DB_ERRORS
-from queuegate.errors import BudgetExhausted, ServiceUnavailable
+from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
 from queuegate.registry import TeamConfig
-from queuegate.spend import LEDGER_TTL, NANO, current_month, month_spend, to_nano
+from queuegate.spend import (
+    LEDGER_TTL,
+    NANO,
+    budget_scopes,
+    current_month,
+    exhausted,
+    month_spend,
+    to_nano,
+)
 from workers.admission.scripts import Call, Scripts
 
 log = logging.getLogger(__name__)
@@ -82,12 +90,7 @@ class Budgets:
         Raises BudgetExhausted when the budget or the cap cannot take ``nano``.
         """
         month = current_month()
-        model_cap = config.models[model].budget_usd if model in config.models else None
-        scopes: list[tuple[str, str | None, Decimal]] = []
-        if config.budget_usd is not None:
-            scopes.append((self._keys.spend(team, month), None, config.budget_usd))
-        if model_cap is not None:
-            scopes.append((self._keys.spend(team, month, model), model, model_cap))
+        scopes = budget_scopes(config, model)
         if not scopes:
             return None, None
         threshold = (
@@ -97,32 +100,27 @@ class Budgets:
         )
         keys = [
             key
-            for _, scope_model, _ in scopes
+            for scope_model, _ in scopes
             for key in (
                 self._keys.spend(team, month, scope_model),
                 self._keys.spend_expiry(team, month, scope_model),
             )
         ]
         args: list[str | int] = ["reserve", nano, LEDGER_TTL, threshold, team, month]
-        args += [job_id, self._lease_ms, *(to_nano(limit) for _, _, limit in scopes)]
+        args += [job_id, self._lease_ms, *(to_nano(limit) for _, limit in scopes)]
         calls = [self._call(team, month, keys, args)] + ([then] if then is not None else [])
         while True:
             replies = await self._scripts.run_all(calls)
             reply = replies[0]
             _alert(team, month, reply)
             if reply[0] == -2:
-                _, scope_model, _ = scopes[int(reply[1]) - 1]
+                scope_model, _ = scopes[int(reply[1]) - 1]
                 await self._rebuild(team, month, scope_model)
                 continue
             if reply[0] == -1:
-                _, scope_model, limit = scopes[int(reply[1]) - 1]
-                spent = Decimal(int(reply[2])) / NANO
-                what = f"its {model} cap" if scope_model else "its monthly budget"
-                raise BudgetExhausted(
-                    f"team {team} has spent or reserved ${spent:.4f} of {what} "
-                    f"(${plain_decimal(limit)}) for {month}; this job needs about "
-                    f"${Decimal(nano) / NANO:.6f}: raise the budget (queuegate teams set "
-                    f"{team} --budget ...) or wait for next month"
+                scope = scopes[int(reply[1]) - 1]
+                raise exhausted(
+                    team, month, model=model, scope=scope, spent=int(reply[2]), needed=nano
                 )
             reservation = Reservation(keys, team, month, job_id, nano)
             return reservation, replies[1] if then is not None else None
