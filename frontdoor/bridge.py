@@ -17,7 +17,10 @@ Each job is signed with the caller's key exactly as ``GatewayClient(api_key=...)
 (``queuegate.signing``) and published under the front door's own broker user; the worker
 proves the key and records ``frontdoor:<user>/api_key:<key id>`` (workers/identity.py).
 Several requests may wait for one job id (a retry under the same Idempotency-Key): each
-gets the result, and the job is forgotten when the last of them stops waiting.
+gets the result (each stream every chunk), and the job is forgotten when the last of them
+stops waiting. A job submitted ``bound`` (its id bound to its request before publishing,
+``Outcomes.bind``) is never answered ``idempotency_conflict`` here: such an answer is another
+request's, published under the id past the binding, and is dropped.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ class Bridge:
         self._process_id = uuid.uuid4().hex
         self.reply_queue = self._topology.frontdoor_queue(self._process_id)
         self._user_id = settings.amqp_user
-        self._inbox = Inbox(keep_unexpected=False)
+        self._inbox = Inbox(keep_unexpected=False, ignore=self._foreign)
         self._waiting: Counter[str] = Counter()
+        self._bound: set[str] = set()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -153,9 +157,10 @@ class Bridge:
         except aiormq.exceptions.DeliveryError as exc:
             raise publish_error(job, exc) from exc
 
-    async def submit(self, job: ChatJob, caller: Caller) -> None:
-        """Publish the job and expect its result (take it with ``wait``)."""
-        self._expect(job.job_id)
+    async def submit(self, job: ChatJob, caller: Caller, *, bound: bool = False) -> None:
+        """Publish the job and expect its result (take it with ``wait``); ``bound``: its id
+        is bound to this very request (see the module's docstring)."""
+        self._expect(job.job_id, bound=bound)
         try:
             await self.publish(job, caller)
         except BaseException:
@@ -169,29 +174,48 @@ class Bridge:
         finally:
             self._done(job_id)
 
-    def stream(self, job: ChatJob, caller: Caller, timeout: float | None) -> ChatStream:
+    def stream(
+        self, job: ChatJob, caller: Caller, timeout: float | None, *, bound: bool = False
+    ) -> ChatStream:
         """The job's chunks then its result (``producer.streams.ChatStream``), published when
         iterated; ``close_stream`` once done with it, however it ended."""
-        stream = ChatStream(job.job_id, lambda: self._open_stream(stream, job, caller), timeout)
-        return stream
 
-    async def _open_stream(self, stream: ChatStream, job: ChatJob, caller: Caller) -> None:
-        self._inbox.open(stream)
-        await self.submit(job, caller)
+        async def start() -> None:
+            self._inbox.open(stream)
+            await self.submit(job, caller, bound=bound)
+
+        stream = ChatStream(job.job_id, start, timeout)
+        return stream
 
     def close_stream(self, job_id: str) -> None:
         if self._waiting[job_id] > 0:
             self._done(job_id)
 
-    def _expect(self, job_id: str) -> None:
+    def _expect(self, job_id: str, *, bound: bool) -> None:
         self._waiting[job_id] += 1
+        if bound:
+            self._bound.add(job_id)
         self._inbox.expect(job_id)
 
     def _done(self, job_id: str) -> None:
         self._waiting[job_id] -= 1
         if self._waiting[job_id] <= 0:
             del self._waiting[job_id]
+            self._bound.discard(job_id)
             self._inbox.forget(job_id)
+
+    def _foreign(self, result: ChatResult) -> bool:
+        """Whether ``result`` answers another request than the one bound to its job id."""
+        if result.error is None or result.error.code != "idempotency_conflict":
+            return False
+        if result.job_id not in self._bound:
+            return False
+        log.warning(
+            "dropped an idempotency_conflict answer to job %s: its id is bound to the request "
+            "waiting here, so it answers another one",
+            result.job_id,
+        )
+        return True
 
 
 __all__ = ["Bridge"]

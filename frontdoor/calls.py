@@ -7,8 +7,11 @@ The steps every route that runs a chat job shares, whatever API it speaks::
     opened = await open_stream(door, caller, job, options)   # Opened(stream, first chunk)
     return streamed(door, job, opened, writer, started)     # in the API's events (sse.py)
 
-- With an Idempotency-Key, an outcome already stored for the job answers it without
-  publishing; a different request under the key is ``idempotency_conflict``.
+- With an Idempotency-Key, the job's id is bound to the request before anything is
+  published (``Outcomes.bind``): an outcome already stored answers it without publishing; a
+  different request under the key is ``idempotency_conflict`` at once, never published.
+- A team whose budget is spent already is refused ``budget_exhausted`` before publishing
+  (``BudgetGate``); the workers' admission stays the authority on every job published.
 - ``run_job`` raises ApiError for a result in error, ``deadline_exceeded`` (504) when
   the caller's timeout passes first: the job may still finish, and ``GET /v1/jobs/<id>``
   reads its outcome then.
@@ -39,12 +42,13 @@ async def run_job(
     door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
 ) -> ChatResult:
     """The job's result, ``ok``; ApiError for any other ending."""
-    if options.idempotency_key is not None:
-        stored = await door.outcomes.answered(job)
-        if stored is not None:
-            return _ok(stored)
+    stored = await _admit(door, caller, job, options)
+    if stored is not None:
+        return _ok(stored)
+    bound = options.idempotency_key is not None
     await asyncio.gather(
-        door.outcomes.accept(caller.team, job.job_id), door.bridge.submit(job, caller)
+        door.outcomes.accept(caller.team, job.job_id),
+        door.bridge.submit(job, caller, bound=bound),
     )
     try:
         result = await door.bridge.wait(job.job_id, options.timeout)
@@ -53,10 +57,31 @@ async def run_job(
     return _ok(result)
 
 
-async def publish_job(door: FrontDoor, caller: Caller, job: ChatJob) -> None:
-    """Publish the job for a caller who reads its answer later (``GET /v1/jobs/<id>``)."""
-    await door.outcomes.accept(caller.team, job.job_id)
-    await door.bridge.publish(job, caller)
+async def publish_job(
+    door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
+) -> None:
+    """Publish the job for a caller who reads its answer later (``GET /v1/jobs/<id>``),
+    unless it was answered already."""
+    if await _admit(door, caller, job, options) is None:
+        await door.outcomes.accept(caller.team, job.job_id)
+        await door.bridge.publish(job, caller)
+
+
+async def _admit(
+    door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
+) -> ChatResult | None:
+    """What holds before a job is published: its Idempotency-Key bound to this request, and
+    a budget not spent already. The stored result, when the request was answered."""
+    retry = False
+    if options.idempotency_key is not None:
+        binding = await door.outcomes.bind(job)
+        if binding.answered is not None:
+            return binding.answered
+        retry = binding.retry
+    if not retry:
+        # A retry's job may be in flight, holding its budget: the worker tells it apart.
+        await door.budgets.refuse_spent(caller.team, job)
+    return None
 
 
 @dataclass
@@ -64,6 +89,9 @@ class Opened:
     stream: ChatStream
     first: StreamChunk | None
     """The first chunk, already taken; None when the job ended without one."""
+    bridged: bool = True
+    """Whether the bridge streams it, and is told once it is done: not an answer read from
+    the store (closing it would end another request's stream of the job)."""
 
 
 async def open_stream(
@@ -71,15 +99,15 @@ async def open_stream(
 ) -> Opened:
     """The job's stream, its first chunk taken; ApiError when it ended in an error first.
 
-    The caller must ``door.bridge.close_stream(job.job_id)`` once done with it."""
-    if options.idempotency_key is not None:
-        stored = await door.outcomes.answered(job)
-        if stored is not None:
-            stream = ChatStream(job.job_id, _nothing, None)
-            stream.result = _ok(stored)
-            return Opened(stream, None)
+    ``streamed`` tells the bridge once done with it (``Opened.bridged``)."""
+    stored = await _admit(door, caller, job, options)
+    if stored is not None:
+        stream = ChatStream(job.job_id, _nothing, None)
+        stream.result = _ok(stored)
+        return Opened(stream, None, bridged=False)
     await door.outcomes.accept(caller.team, job.job_id)
-    stream = door.bridge.stream(job, caller, options.timeout)
+    bound = options.idempotency_key is not None
+    stream = door.bridge.stream(job, caller, options.timeout, bound=bound)
     try:
         first = await anext(stream, None)
     except ResultTimeout:
@@ -107,7 +135,8 @@ def streamed(
             async for data in sse_events(opened.stream, opened.first, writer):
                 yield data
         finally:
-            door.bridge.close_stream(job.job_id)
+            if opened.bridged:
+                door.bridge.close_stream(job.job_id)
 
     return StreamingResponse(
         events(),

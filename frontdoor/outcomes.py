@@ -8,6 +8,7 @@ Keys carry the team, so a team reads only its own jobs, whatever id it names::
     outcomes = Outcomes(redis, Keys(settings.redis_prefix), ttl=settings.result_ttl)
     await outcomes.accept(team, job_id)          # before publishing: the id is known
     state = await outcomes.look(team, job_id)    # Finished(result), "pending" or "unknown"
+    bound = await outcomes.bind(job)             # an Idempotency-Key's job id to its request
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from queuegate.errors import IdempotencyConflict, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult
 from workers.cache import digest
-from workers.claims import FINGERPRINT, stored_outcome
+from workers.claims import binding, stored_outcome
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A job id bound to its request."""
+
+    answered: ChatResult | None
+    """The request's result, when it was answered."""
+    retry: bool
+    """Whether the id was bound to this request before: the job may be in flight."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class Outcomes:
         self._client = client
         self._keys = keys
         self._ttl = ttl
+        self._bind = binding(client)
 
     async def accept(self, team: str, job_id: str) -> None:
         """Remember that the job was published, as long as its outcome will be kept."""
@@ -59,27 +71,29 @@ class Outcomes:
             return Finished(outcome.result)
         return "pending" if accepted else "unknown"
 
-    async def answered(self, job: ChatJob) -> ChatResult | None:
-        """The stored result of this very request, if it was answered; IdempotencyConflict
-        when its job id answered a different request."""
+    async def bind(self, job: ChatJob) -> Binding:
+        """Bind the job's id to this very request, before it is published: a retry of the
+        same request is bound already (or answered), a different one is refused
+        (IdempotencyConflict) and must never be published, nor wait for the job."""
+        keys = [self._keys.claim(job.team, job.job_id), self._keys.result(job.team, job.job_id)]
         try:
-            found = await self._client.get(self._keys.result(job.team, job.job_id))
+            reply = await self._bind(keys=keys, args=[digest(job), self._ttl])
         except RedisError as exc:
             raise _unavailable(exc) from exc
-        if found is None:
-            return None
-        raw = found if isinstance(found, bytes) else found.encode()
-        if raw[:1] != b"{" and raw[:FINGERPRINT].decode() != digest(job):
+        status = reply[0].decode()
+        if status == "conflict":
             raise IdempotencyConflict(
                 "this Idempotency-Key was used for a different request: use a new key for "
                 "a new request"
             )
-        outcome = stored_outcome(raw)
-        return None if outcome is None else outcome.result
+        if status == "stored":
+            outcome = stored_outcome(reply[1])
+            return Binding(None if outcome is None else outcome.result, retry=True)
+        return Binding(None, retry=reply[1] == 0)
 
 
 def _unavailable(exc: RedisError) -> ServiceUnavailable:
     return ServiceUnavailable(f"Redis is unreachable ({type(exc).__name__}); retry shortly")
 
 
-__all__ = ["Finished", "Outcomes", "Pending"]
+__all__ = ["Binding", "Finished", "Outcomes", "Pending"]

@@ -1,5 +1,5 @@
-"""What a front-door process holds while it serves: the bridge, keys, outcomes, catalog,
-the request bodies being read.
+"""What a front-door process holds while it serves: the bridge, keys, outcomes, budgets,
+catalog, the request bodies being read.
 
 Opened once per process by the app's lifespan and kept on ``app.state.frontdoor``; routes
 reach it through the ``frontdoor`` dependency::
@@ -25,6 +25,7 @@ from frontdoor.auth import KeyBook
 from frontdoor.batches.runner import BatchRunner
 from frontdoor.body import Bodies
 from frontdoor.bridge import Bridge
+from frontdoor.budgets import BudgetGate
 from frontdoor.chat_request import Limits
 from frontdoor.outcomes import Outcomes
 from queuegate.db import DB_ERRORS, create_pool
@@ -49,6 +50,7 @@ class FrontDoor:
         self._pool: asyncpg.Pool | None = None
         self._keys: KeyBook | None = None
         self._outcomes: Outcomes | None = None
+        self._budgets: BudgetGate | None = None
         self._batch_runner: BatchRunner | None = None
         self._stop_runner = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
@@ -63,6 +65,11 @@ class FrontDoor:
     def outcomes(self) -> Outcomes:
         assert self._outcomes is not None, "use the front door inside `async with`"
         return self._outcomes
+
+    @property
+    def budgets(self) -> BudgetGate:
+        assert self._budgets is not None, "use the front door inside `async with`"
+        return self._budgets
 
     @property
     def batch_runner(self) -> BatchRunner:
@@ -94,7 +101,9 @@ class FrontDoor:
         try:
             self._redis = pooled_redis(s.redis_url)
             self._keys = KeyBook(self._pool, ttl=s.security_cache_ttl)
-            self._outcomes = Outcomes(self._redis, Keys(s.redis_prefix), ttl=s.result_ttl)
+            keys = Keys(s.redis_prefix)
+            self._outcomes = Outcomes(self._redis, keys, ttl=s.result_ttl)
+            self._budgets = BudgetGate(self._pool, self._redis, keys, self.catalog, s)
             await self.bridge.__aenter__()
             # Batches created over HTTP, this process's and any a stopped process left.
             self._batch_runner = BatchRunner(s, self._pool, self._redis)

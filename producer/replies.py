@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
@@ -45,24 +46,23 @@ class ReplyBook:
             future = self._futures[job_id] = asyncio.get_running_loop().create_future()
         return future
 
-    def deliver(self, result: ChatResult) -> bool:
-        """Record a result; False when it duplicates one already delivered."""
+    def deliver(self, result: ChatResult) -> None:
+        """Record a result; one that duplicates a result already delivered is counted."""
         if result.job_id in self._seen:
             self.duplicates += 1
             # Someone waits for it again (a retry of the same job): answer them too.
             waiting = self._futures.get(result.job_id)
             if waiting is not None and not waiting.done():
                 waiting.set_result(result)
-            return False
+            return
         self._seen[result.job_id] = None
         if len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
         if not self._keep_unexpected and result.job_id not in self._futures:
-            return True
+            return
         future = self.expect(result.job_id)
         if not future.done():
             future.set_result(result)
-        return True
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
         """The job's result; on TimeoutError the job stays expected, for a later wait."""
@@ -82,7 +82,7 @@ class ReplyBook:
 
 
 class Inbox:
-    """The waiters of one reply queue: a future per job, a stream per streamed job.
+    """The waiters of one reply queue: a future per job, the streams of a streamed job.
 
     Pass ``handle`` as the queue's consumer callback (``queuegate.broker.consume``); each
     reply is acknowledged once handed over (a redelivered one is dropped as a duplicate)::
@@ -91,9 +91,17 @@ class Inbox:
         result = await inbox.wait(job.job_id, timeout)
     """
 
-    def __init__(self, *, keep_unexpected: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        keep_unexpected: bool = True,
+        ignore: Callable[[ChatResult], bool] | None = None,
+    ) -> None:
         self.replies = ReplyBook(keep_unexpected=keep_unexpected)
         self.streams = StreamBook()
+        self._keep_unexpected = keep_unexpected
+        self._ignore = ignore
+        """Results that reach this queue but answer none of its waiters: dropped."""
 
     def expect(self, job_id: str) -> None:
         self.replies.expect(job_id)
@@ -117,8 +125,14 @@ class Inbox:
         try:
             if properties.message_type == MESSAGE_TYPE_RESULT:
                 result = ChatResult.model_validate_json(message.body)
-                if self.replies.deliver(result) and self.streams.finish(result):
-                    self.replies.forget(result.job_id)
+                if self._ignore is None or not self._ignore(result):
+                    self.replies.deliver(result)
+                    # A duplicate ends streams too: one opened after the first copy came.
+                    if self.streams.finish(result) and self._keep_unexpected:
+                        # Nobody waits for a streamed job's future. (An owner that drops
+                        # unexpected results forgets each job itself, once no request waits
+                        # for it, streamed or not.)
+                        self.replies.forget(result.job_id)
             elif properties.message_type == MESSAGE_TYPE_CHUNK:
                 self.streams.chunk(StreamChunk.model_validate_json(message.body))
         except ValidationError:

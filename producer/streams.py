@@ -21,7 +21,9 @@ class ChatStream:
     The job is published when iteration starts. Iteration ends with the result, which is
     ``ok`` with the whole response, or ``error`` (a failure after the first chunk ends the
     stream with ``provider_error``; one before it falls back like any other call). ``timeout``
-    is the longest wait for the next chunk; past it, ResultTimeout.
+    is the longest wait for the next chunk; past it, ResultTimeout. A stream opened after its
+    job's chunks began (a second reader of a job already streaming) yields none: it missed
+    the start, and its result holds the whole answer.
     """
 
     def __init__(self, job_id: str, start: Callable[[], Awaitable[object]], timeout: float | None):
@@ -32,6 +34,7 @@ class ChatStream:
         self._timeout = timeout
         self._items: asyncio.Queue[StreamChunk | ChatResult] = asyncio.Queue()
         self._next_seq = 0
+        self._joined_late = False
 
     def __aiter__(self) -> Self:
         return self
@@ -50,7 +53,10 @@ class ChatStream:
                 ) from exc
             if isinstance(item, ChatResult):
                 self.result = item
-            elif item.seq >= self._next_seq:  # lower: a redelivered job streaming again
+            elif self._next_seq == 0 and item.seq > 0:
+                self._joined_late = True  # its result alone ends it
+            elif item.seq >= self._next_seq and not self._joined_late:
+                # (lower: a redelivered job streaming again)
                 self._next_seq = item.seq + 1
                 return item
         raise StopAsyncIteration
@@ -60,27 +66,28 @@ class ChatStream:
 
 
 class StreamBook:
-    """The open streams of a client, by job id."""
+    """The open streams of a client, by job id: each chunk and the result go to every stream
+    of the job (several requests may read one job, retries under one idempotency key)."""
 
     def __init__(self) -> None:
-        self._streams: dict[str, ChatStream] = {}
+        self._streams: dict[str, list[ChatStream]] = {}
 
     def open(self, stream: ChatStream) -> None:
-        self._streams[stream.job_id] = stream
+        self._streams.setdefault(stream.job_id, []).append(stream)
 
     def chunk(self, chunk: StreamChunk) -> None:
-        stream = self._streams.get(chunk.job_id)
-        if stream is not None:
+        for stream in self._streams.get(chunk.job_id, ()):
             stream.put(chunk)
 
     def close(self, job_id: str) -> None:
-        """Drop the stream of a job nobody reads any more."""
+        """Drop the streams of a job nobody reads any more."""
         self._streams.pop(job_id, None)
 
     def finish(self, result: ChatResult) -> bool:
-        """Hand the result to its stream, if it has one; False otherwise."""
-        stream = self._streams.pop(result.job_id, None)
-        if stream is None:
+        """Hand the result to the job's streams, if it has any; False otherwise."""
+        streams = self._streams.pop(result.job_id, None)
+        if not streams:
             return False
-        stream.put(result)
+        for stream in streams:
+            stream.put(result)
         return True

@@ -38,7 +38,10 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
+from queuegate.numbers import plain_decimal
+from queuegate.registry import TeamConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,53 @@ async def ledger_spent(
     if base is None:
         return None
     return Decimal(int(base) + int(open_ or 0)) / NANO
+
+
+def budget_scopes(config: TeamConfig, model: str) -> list[tuple[str | None, Decimal]]:
+    """The ledgers a job of ``model`` is held to, each as (model, limit): the team's monthly
+    budget (model None), then the model's cap, each when the team sets it."""
+    scopes: list[tuple[str | None, Decimal]] = []
+    if config.budget_usd is not None:
+        scopes.append((None, config.budget_usd))
+    cap = config.models[model].budget_usd if model in config.models else None
+    if cap is not None:
+        scopes.append((model, cap))
+    return scopes
+
+
+async def ledgers_in_force(
+    client: aioredis.Redis,
+    keys: Keys,
+    team: str,
+    month: str,
+    models: Sequence[str | None],
+) -> list[int | None]:
+    """What each ledger (the team's, model None, or its ledger on a model) counts as spent and
+    reserved now, nano-USD, as a worker's next reserve compares it with the limit: lapsed
+    entries left out (``ledger_spent`` counts them until a reserve reaps them); None where
+    Redis has no ledger. Read only."""
+    ledgers = [
+        key
+        for model in models
+        for key in (keys.spend(team, month, model), keys.spend_expiry(team, month, model))
+    ]
+    reply = await client.register_script(_source("spent"))(keys=ledgers)
+    return [None if spent < 0 else int(spent) for spent in reply]
+
+
+def exhausted(
+    team: str, month: str, *, model: str, scope: tuple[str | None, Decimal], spent: int, needed: int
+) -> BudgetExhausted:
+    """The refusal of a job of ``model`` needing ``needed`` nano-USD of a scope (from
+    ``budget_scopes``) that has ``spent`` already."""
+    scope_model, limit = scope
+    what = f"its {model} cap" if scope_model else "its monthly budget"
+    return BudgetExhausted(
+        f"team {team} has spent or reserved ${Decimal(spent) / NANO:.4f} of {what} "
+        f"(${plain_decimal(limit)}) for {month}; this job needs about "
+        f"${Decimal(needed) / NANO:.6f}: raise the budget (queuegate teams set "
+        f"{team} --budget ...) or wait for next month"
+    )
 
 
 async def spend_drift(
@@ -137,8 +187,8 @@ def _text(raw: bytes | str) -> str:
 
 
 @cache
-def _source() -> str:
-    return resources.files("queuegate").joinpath("lua/reconcile.lua").read_text("utf-8")
+def _source(name: str) -> str:
+    return resources.files("queuegate").joinpath(f"lua/{name}.lua").read_text("utf-8")
 
 
 def reconciler_token() -> str:
@@ -178,7 +228,7 @@ async def reconcile(
     """
     if not await client.eval(_TAKE_LOCK, 1, keys.spend_reconciler, token, LOCK_TTL):
         return None
-    script = client.register_script(_source())
+    script = client.register_script(_source("reconcile"))
     corrections: list[Correction] = []
     try:
         for scope in scopes:

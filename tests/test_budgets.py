@@ -18,7 +18,7 @@ from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
 from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
-from queuegate.spend import to_nano
+from queuegate.spend import current_month, ledger_spent, ledgers_in_force, to_nano
 from workers.admission.buckets import Limit, take_call, taken
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Scripts
@@ -142,3 +142,29 @@ async def test_crossing_the_alert_threshold_alerts_once_a_month(
     assert fields[b"team"] == b"alpha"
     assert fields[b"month"] == datetime.now(UTC).strftime("%Y-%m").encode()
     assert int(fields[b"spent_nano_usd"]) == DOLLAR * 6 // 10
+
+
+async def test_the_spend_in_force_leaves_out_lapsed_reservations_as_a_reserve_would(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget with a $0.20 cap on gpt-4o, and $0.60 reserved by a job whose worker
+    # died (its entry lapsed at once)
+    keys = Keys(settings.redis_prefix)
+    config = TeamConfig(
+        budget_usd=Decimal(1), models={"gpt-4o": ModelLimits(budget_usd=Decimal("0.2"))}
+    )
+    dead = Budgets(redis_client, Scripts(redis_client), keys, pool, lease=0)
+    await dead.reserve("alpha", "m", config, DOLLAR * 6 // 10, "job-dead")
+    month = current_month()
+
+    # When the ledgers are read as the front door reads them
+    in_force = await ledgers_in_force(redis_client, keys, "alpha", month, [None, "gpt-4o"])
+
+    # Expect the lapsed entry left out, though the ledger counts it until a reserve reaps
+    # it, and no gpt-4o ledger yet
+    assert in_force == [0, None]
+    assert await ledger_spent(redis_client, keys, "alpha", month) == Decimal("0.6")
+    # and a reserve agreeing: the whole $1 fits
+    live = _budgets(settings, redis_client, pool)
+    assert (await live.reserve("alpha", "m", config, DOLLAR, "job-all"))[0] is not None
+    assert await ledgers_in_force(redis_client, keys, "alpha", month, [None]) == [DOLLAR]

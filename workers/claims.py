@@ -17,7 +17,9 @@ Redis, in the same script call that looks for the job's stored outcome::
   (Polling: a blocking wait would hold one of the worker's pooled Redis connections per
   waiting delivery, and a burst of duplicates could starve the jobs they wait for.)
 - The claim and the outcome carry the request's fingerprint (``workers.cache.digest``): a
-  different request under a used id is refused ``idempotency_conflict``.
+  different request under a used id is refused ``idempotency_conflict``. The HTTP front door
+  binds an Idempotency-Key's job id to its request in the same claim before publishing it
+  (``lua/bind.lua``, ``binding``), so it refuses a different request itself.
 - Each call is recorded in the claim before it leaves; a delivery that takes over a lapsed
   claim accounts the call its owner had in flight (``lost``, priced at its estimate).
 - Redis remembers outcomes for ``result_ttl``. When it lost its data less than that ago
@@ -392,6 +394,12 @@ class _Recording:
 
 def _text(raw: bytes | str | None) -> bytes:
     return raw.encode() if isinstance(raw, str) else raw or b""
+
+
+def binding(client: aioredis.Redis) -> AsyncScript:
+    """``lua/bind.lua`` on ``client``: binds a job id to a request's fingerprint in the job's
+    claim before the job is published, or says why not (answered, or a different request's)."""
+    return client.register_script(_source("bind"))
 
 
 def stored_outcome(raw: bytes) -> Outcome | None:

@@ -67,7 +67,7 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     job = chat_job(body, caller.team, options, door.limits, stream=stream)
     note_job(request, job.job_id)
     if options.respond_async:
-        await publish_job(door, caller, job.model_copy(update={"stream": False}))
+        await publish_job(door, caller, job.model_copy(update={"stream": False}), options)
         return accepted(job, started)
     if stream:
         return await _stream(

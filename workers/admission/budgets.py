@@ -29,7 +29,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from queuegate.db import DB_ERRORS
-from queuegate.errors import BudgetExhausted, ServiceUnavailable
+from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
 from queuegate.registry import TeamConfig
@@ -37,7 +37,9 @@ from queuegate.spend import (
     LEDGER_TTL,
     NANO,
     Scope,
+    budget_scopes,
     current_month,
+    exhausted,
     reconcile,
     reconciler_token,
     to_nano,
@@ -112,12 +114,7 @@ class Budgets:
         Raises BudgetExhausted when the budget or the cap cannot take ``nano``.
         """
         month = current_month()
-        model_cap = config.models[model].budget_usd if model in config.models else None
-        scopes: list[tuple[str, str | None, Decimal]] = []
-        if config.budget_usd is not None:
-            scopes.append((self._keys.spend(team, month), None, config.budget_usd))
-        if model_cap is not None:
-            scopes.append((self._keys.spend(team, month, model), model, model_cap))
+        scopes = budget_scopes(config, model)
         if not scopes:
             return None, None
         threshold = (
@@ -127,14 +124,14 @@ class Budgets:
         )
         keys = [
             key
-            for _, scope_model, _ in scopes
+            for scope_model, _ in scopes
             for key in (
                 self._keys.spend(team, month, scope_model),
                 self._keys.spend_expiry(team, month, scope_model),
             )
         ]
         args: list[str | int] = ["reserve", nano, LEDGER_TTL, threshold, team, month]
-        args += [job_id, self._lease_ms, *(to_nano(limit) for _, _, limit in scopes)]
+        args += [job_id, self._lease_ms, *(to_nano(limit) for _, limit in scopes)]
         ledgers = keys[::2]
         args += [self._generations.get(ledger, "") for ledger in ledgers]
         calls = [self._call(team, month, keys, args)] + ([then] if then is not None else [])
@@ -143,19 +140,14 @@ class Budgets:
             reply = replies[0]
             _alert(team, month, reply)
             if reply[0] in (-2, -3):
-                _, scope_model, _ = scopes[int(reply[1]) - 1]
+                scope_model, _ = scopes[int(reply[1]) - 1]
                 await self._rebuild(team, month, scope_model)
                 args[-len(ledgers) :] = [self._generations.get(ledger, "") for ledger in ledgers]
                 continue
             if reply[0] == -1:
-                _, scope_model, limit = scopes[int(reply[1]) - 1]
-                spent = Decimal(int(reply[2])) / NANO
-                what = f"its {model} cap" if scope_model else "its monthly budget"
-                raise BudgetExhausted(
-                    f"team {team} has spent or reserved ${spent:.4f} of {what} "
-                    f"(${plain_decimal(limit)}) for {month}; this job needs about "
-                    f"${Decimal(nano) / NANO:.6f}: raise the budget (queuegate teams set "
-                    f"{team} --budget ...) or wait for next month"
+                scope = scopes[int(reply[1]) - 1]
+                raise exhausted(
+                    team, month, model=model, scope=scope, spent=int(reply[2]), needed=nano
                 )
             generations = [_text(gen) for gen in reply[3 : 3 + len(ledgers)]]
             self._generations.update(zip(ledgers, generations, strict=True))

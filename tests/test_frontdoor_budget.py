@@ -1,0 +1,99 @@
+"""A team whose budget is spent is refused by the front door itself: 402 before anything is
+published, at no cost to the broker, the workers or any other team."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import anthropic
+import httpx
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from accounting.store import insert_usage
+from frontdoor.serve import serving
+from queuegate.keys import Keys
+from queuegate.messages import UsageEvent
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from queuegate.spend import Scope, current_month, reconcile, reconciler_token
+from router import load_catalog
+from tests.frontdoor_support import HELLO, Door, issue_key
+from tests.support import running_gateway
+from tests.teams import register
+
+
+@pytest.fixture
+async def door(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[Door]:
+    """Alpha with $0.01 a month, $0.02 spent (its ledger reconciled as accounting does), and
+    beta; workers serve beta only, so an alpha job published would wait unanswered."""
+    teams = {"alpha": TeamConfig(budget_usd=Decimal("0.01")), "beta": TeamConfig()}
+    keys, key_ids = {}, {}
+    for team, config in teams.items():
+        await register(settings, team, config)
+        key_ids[team], keys[team] = await issue_key(settings, team)
+    async with running_gateway(settings, teams=["beta"]) as gateway:
+        spent = UsageEvent(
+            job_id="spent", team="alpha", model_requested="gpt-4o-mini", status="ok",
+            cost_usd=Decimal("0.02"), ts=datetime.now(UTC),
+        )  # fmt: skip
+        await insert_usage(gateway.pool, [spent])
+        month, scope = current_month(), Scope("alpha")
+        prefix = Keys(settings.redis_prefix)
+        token = reconciler_token()
+        assert await reconcile(redis_client, gateway.pool, prefix, [scope], month, token=token)
+        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": gateway.mock.url})
+        async with serving(settings, catalog) as url:
+            yield Door(gateway, url, keys, key_ids)
+
+
+async def test_a_spent_team_is_refused_before_anything_is_published(door: Door) -> None:
+    async with door.client(timeout=20) as alpha, asyncio.timeout(20):
+        # When alpha floods the front door, over both APIs, streamed, async and not
+        async def ask(n: int) -> openai.APIStatusError:
+            with pytest.raises(openai.APIStatusError) as refused:
+                await alpha.chat.completions.create(
+                    model="gpt-4o-mini", messages=HELLO, stream=n % 2 == 0
+                )
+            return refused.value
+
+        refusals = await asyncio.gather(*(ask(n) for n in range(60)))
+        messages = anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+        )
+        async with messages:
+            with pytest.raises(anthropic.APIStatusError) as billing:
+                await messages.messages.create(model="claude-haiku", max_tokens=10, messages=HELLO)
+        async with httpx.AsyncClient(base_url=door.url) as http:
+            later = await http.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": HELLO},
+                headers={
+                    "Authorization": f"Bearer {door.keys['alpha']}",
+                    "Prefer": "respond-async",
+                },
+            )
+        # and beta asks meanwhile
+        async with door.client("beta") as beta:
+            answer = await beta.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+
+    # Expect every alpha request 402 budget_exhausted in its API's shape, none published (no
+    # worker serves alpha: a published one would have waited), beta served
+    assert {(r.status_code, r.code) for r in refusals} == {(402, "budget_exhausted")}
+    assert "raise the budget" in refusals[0].message
+    assert billing.value.status_code == 402
+    assert isinstance(billing.value.body, dict)
+    assert billing.value.body["error"]["type"] == "billing_error"
+    assert later.status_code == 402, later.text
+    assert answer.choices[0].message.content
+    # and nothing accounted for them: only the spend already there, and beta's job
+    rows = await door.gateway.usage_rows(2)
+    assert sorted((row["team"], row["job_id"] == "spent") for row in rows) == [
+        ("alpha", True),
+        ("beta", False),
+    ]
+    assert door.gateway.mock.stats.calls == 1
