@@ -1,7 +1,8 @@
 """``python -m bench [SCENARIO ...]``: measure the gateway and print a table per scenario.
 
-Scenarios: floor, overhead, throughput, latency, goodput, accounting, litellm (default: all).
-``litellm`` installs LiteLLM Proxy into its own virtual environment on first use.
+Scenarios: floor, overhead, throughput, latency, goodput, accounting, litellm, frontdoor
+(default: all). ``litellm`` and ``frontdoor`` install LiteLLM Proxy into its own virtual
+environment on first use.
 Figures are also written as JSON to bench/results/. Every scenario is bounded in count,
 runs on loopback only, and starts and removes its own namespace and schema.
 """
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from bench.accounting import accounting
 from bench.floor import floor
+from bench.frontdoor import frontdoor
 from bench.gateway import overhead, throughput
 from bench.goodput import goodput
 from bench.litellm_proxy import litellm
@@ -58,6 +60,7 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
         "goodput": limited,
         "accounting": usage,
         "litellm": peer,
+        "frontdoor": lambda: frontdoor(jobs=jobs),
     }
 
 
@@ -101,7 +104,11 @@ async def main(names: list[str], jobs: int) -> None:
             measured_floor = figures
         elif measured_floor:
             against_floor(figures, measured_floor)
-        console.print(table(name, figures))
+        # A scenario whose rows are of several kinds (their own columns) prints a table each.
+        kinds = list(dict.fromkeys(figure.scenario for figure in figures))
+        for kind in kinds:
+            rows = [figure for figure in figures if figure.scenario == kind]
+            console.print(table(name if len(kinds) == 1 else kind, rows))
         results[name] = [asdict(f) for f in figures]
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -115,7 +122,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "scenario",
         nargs="*",
-        help="floor, overhead, throughput, latency, goodput, accounting, litellm",
+        help="floor, overhead, throughput, latency, goodput, accounting, litellm, frontdoor",
     )
     parser.add_argument("--jobs", type=int, default=1000, help="jobs per measured case")
     args = parser.parse_args()

@@ -51,7 +51,14 @@ class Figure:
     values: dict[str, Any] = field(default_factory=dict)
 
 
-RATED = ("overhead", "throughput", "latency hiding", "litellm proxy")
+RATED = (
+    "overhead",
+    "throughput",
+    "latency hiding",
+    "litellm proxy",
+    "frontdoor c=1",
+    "frontdoor c=64",
+)
 """The scenarios whose figures are also given as multiples of the floor."""
 
 
