@@ -11,8 +11,13 @@ same mock and called over HTTP by the same aiohttp client:
   AMQP path) take turns request by request, so all four meet the same machine load: p50 and
   p99, each less the mock's own (``overhead_*``), and the front door's over the AMQP path's
   (``over_amqp_*``);
-- 64 at a time, each alone: requests/s, CPU per request of every process it takes (the
-  caller's client included, also shown alone), peak resident memory per serving process.
+- 64 at a time, the three in rounds that take turns: requests/s, CPU per request of every
+  process each takes (the caller's client included, and shown alone: aiohttp for the two
+  proxies, ``GatewayClient`` for the AMQP path), peak resident memory per serving process
+  (a supervisor's workers, not the supervisor), and the front door's figures as ratios to
+  LiteLLM's and to the AMQP path's.
+
+The scenario prints two tables, ``frontdoor c=1`` and ``frontdoor c=64``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from bench.litellm_proxy import Proxy, running_litellm
 from bench.measure import (
     CHAT_BODY,
     Figure,
-    cpu_per_thousand,
     latency_figures,
     own_cpu,
     run_lanes,
@@ -51,6 +55,7 @@ from queuegate.tenancy import add_api_key
 
 PROCESS_COUNTS = (1, 2)
 LOAD = 64
+ROUNDS = 3
 WARM_UP = 100
 START_TIMEOUT = 60.0
 ONE, LOADED = "frontdoor c=1", f"frontdoor c={LOAD}"
@@ -110,10 +115,7 @@ async def compare(*, jobs: int, processes: int) -> list[Figure]:
                 "litellm proxy": lambda: _litellm_cpu(stack, proxy),
                 "amqp path": lambda: _amqp_cpu(stack),
             }
-            loaded = {
-                name: await _under_load(paths[name], jobs, cpu)
-                for name, cpu in processes_of.items()
-            }
+            loaded = await _under_load(paths, processes_of, jobs)
             memory = {
                 "front door": _serving_rss(stack.processes["frontdoor"].pid),
                 "litellm proxy": _serving_rss(proxy.process.pid),
@@ -143,18 +145,37 @@ async def _in_turn(paths: Mapping[str, Call], jobs: int) -> dict[str, list[float
 
 
 async def _under_load(
-    call: Call, jobs: int, cpu: Callable[[], dict[str, float]]
-) -> dict[str, float]:
-    before, started = {**cpu(), "client": own_cpu()}, time.perf_counter()
-    await run_lanes(call, jobs, LOAD)
-    elapsed = time.perf_counter() - started
-    spent = cpu_per_thousand(before, {**cpu(), "client": own_cpu()}, jobs)
-    shown = {name: value for name, value in spent.items() if name[len("cpu_s/1k ") :] in SHOWN}
+    paths: Mapping[str, Call],
+    processes_of: Mapping[str, Callable[[], dict[str, float]]],
+    jobs: int,
+) -> dict[str, dict[str, float]]:
+    """``jobs`` requests of each path named in ``processes_of``, ``LOAD`` at a time, in
+    ``ROUNDS`` rounds that take turns (the machine's load drifts over a run): requests/s,
+    and the CPU per request of the processes ``processes_of`` names and of this one's
+    client."""
+    elapsed = dict.fromkeys(processes_of, 0.0)
+    spent: dict[str, dict[str, float]] = {name: {} for name in processes_of}
+    for _ in range(ROUNDS):
+        for name, cpu in processes_of.items():
+            before, started = {**cpu(), "client": own_cpu()}, time.perf_counter()
+            await run_lanes(paths[name], jobs // ROUNDS, LOAD)
+            elapsed[name] += time.perf_counter() - started
+            after = {**cpu(), "client": own_cpu()}
+            for process, seconds in after.items():
+                spent[name][process] = spent[name].get(process, 0.0) + seconds - before[process]
+    done = jobs // ROUNDS * ROUNDS
+    return {name: _load_figures(done, elapsed[name], spent[name]) for name in processes_of}
+
+
+def _load_figures(jobs: int, elapsed: float, spent: dict[str, float]) -> dict[str, float]:
+    per_thousand = {process: seconds * 1000 / jobs for process, seconds in spent.items()}
+    shown = {f"cpu_s/1k {p}": round(s, 3) for p, s in per_thousand.items() if p in SHOWN}
+    rest = sum(s for p, s in per_thousand.items() if p not in SHOWN)
     return {
         "per_s": round(jobs / elapsed),
         **shown,
-        "cpu_s/1k rest": round(sum(spent.values()) - sum(shown.values()), 3),
-        "cpu_s/1k all": round(sum(spent.values()), 3),
+        "cpu_s/1k rest": round(rest, 3),
+        "cpu_s/1k all": round(sum(per_thousand.values()), 3),
     }
 
 

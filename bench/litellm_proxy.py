@@ -23,6 +23,8 @@ from bench.measure import Figure, latency_figures, post_load
 from bench.stack import cpu_seconds, free_port, peak_rss_mb, process_tree, wait_http
 
 VENV = Path(os.environ.get("LITELLM_VENV", Path(__file__).parent / ".litellm-venv"))
+WORKER_HEALTHCHECK = 120
+"""Seconds uvicorn lets a LiteLLM worker leave its health check unanswered."""
 OWN_OVERHEAD = "x-litellm-overhead-duration-ms"
 """The response header in which LiteLLM Proxy reports its own time."""
 
@@ -78,6 +80,9 @@ async def running_litellm(mock_url: str, *, workers: int) -> AsyncIterator[Proxy
     process = await asyncio.create_subprocess_exec(
         *(str(binary), "--config", config.name, "--port", str(port)),
         *("--num_workers", str(workers)),
+        # uvicorn restarts a worker that misses its 5 s health check: on a loaded machine a
+        # worker still importing LiteLLM misses it, and the workers restart without end.
+        *("--timeout_worker_healthcheck", str(WORKER_HEALTHCHECK)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
