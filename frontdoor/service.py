@@ -150,8 +150,9 @@ class FrontDoor:
         return {"broker": self.bridge.connected, "redis": redis_ok, "database": db_ok}
 
 
-def frontdoor(request: Request) -> FrontDoor:
-    """The dependency routes take: this process's front door."""
+async def frontdoor(request: Request) -> FrontDoor:
+    """The dependency routes take: this process's front door (a coroutine: FastAPI runs a
+    plain function dependency in a worker thread, a thread hop on every request)."""
     door: FrontDoor = request.app.state.frontdoor
     return door
 
