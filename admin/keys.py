@@ -115,17 +115,28 @@ async def revoke_admin_key(pool: asyncpg.Pool, key_id: str) -> bool:
 # A team's key counts only while its team is enabled: a disabled team is served nowhere.
 _LOOKUP = """
 SELECT k.team, k.id, k.key_hash FROM api_keys k JOIN teams t ON t.name = k.team
-WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.enabled
+WHERE k.{column} = $1 AND k.revoked_at IS NULL AND t.enabled
 UNION ALL
-SELECT NULL, a.id, a.key_hash FROM admin_keys a WHERE a.key_hash = $1 AND a.revoked_at IS NULL
+SELECT NULL, a.id, a.key_hash FROM admin_keys a WHERE a.{column} = $1 AND a.revoked_at IS NULL
 LIMIT 1
 """
+_BY_HASH = _LOOKUP.format(column="key_hash")
+_BY_ID = _LOOKUP.format(column="id")
 
 
 async def lookup_key(pool: asyncpg.Pool, key: str) -> KeyOwner | None:
     """Whose the presented ``key`` is, by its hash; None when it is unknown, revoked, or its
     team is disabled."""
-    row = await pool.fetchrow(_LOOKUP, hash_api_key(key))
+    return _owner(await pool.fetchrow(_BY_HASH, hash_api_key(key)))
+
+
+async def live_key_owner(pool: asyncpg.Pool, key_id: str) -> KeyOwner | None:
+    """Whose the key ``key_id`` is while ``lookup_key`` would still accept it; None once it
+    is revoked or its team disabled."""
+    return _owner(await pool.fetchrow(_BY_ID, key_id))
+
+
+def _owner(row: Any) -> KeyOwner | None:
     return None if row is None else KeyOwner(row["team"], row["id"], row["key_hash"])
 
 

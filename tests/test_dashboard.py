@@ -11,11 +11,11 @@ import httpx
 import redis.asyncio as aioredis
 from playwright.async_api import Page
 
-from admin.keys import issue_admin_key
+from admin.keys import issue_admin_key, revoke_team_key
 from frontdoor.dashboard.render import money
 from frontdoor.dashboard.security import CSP
 from queuegate.keys import Keys
-from queuegate.registry import TeamConfig, set_team_config
+from queuegate.registry import TeamConfig, disable_team, set_team_config
 from queuegate.settings import Settings
 from tests.dashboard_browser import chromium, sign_in
 from tests.frontdoor_support import HELLO, Door, open_door
@@ -167,3 +167,33 @@ async def test_a_wrong_key_is_refused_on_the_sign_in_page(settings: Settings) ->
         assert page.url.endswith("/dashboard/sign-in")
         assert "unknown or revoked" in await page.inner_text(".error")
         assert "qg_not-a-real-key" not in await page.content()
+
+
+async def _signed_in(client: httpx.AsyncClient, key: str) -> None:
+    """Sign ``client`` in with ``key`` through the sign-in form, its CSRF cookie included."""
+    await client.get("/dashboard/sign-in")
+    token = client.cookies["queuegate_sign_in"]
+    answer = await client.post("/dashboard/sign-in", data={"key": key, "csrf": token})
+    assert answer.status_code == 303, answer.text
+
+
+async def test_a_revoked_key_or_a_disabled_team_ends_its_sessions(settings: Settings) -> None:
+    async with (
+        open_door(settings, TEAMS) as door,
+        httpx.AsyncClient(base_url=door.url) as alpha,
+        httpx.AsyncClient(base_url=door.url) as beta,
+    ):
+        # Given a signed-in session of each team
+        await _signed_in(alpha, door.keys["alpha"])
+        await _signed_in(beta, door.keys["beta"])
+        assert (await alpha.get("/dashboard/teams/alpha")).status_code == 200
+        assert (await beta.get("/dashboard/teams/beta")).status_code == 200
+        # When alpha's key is revoked and beta is disabled
+        pool = door.gateway.pool
+        assert await revoke_team_key(pool, "alpha", door.key_ids["alpha"])
+        assert await disable_team(pool, "beta")
+        # Then both sessions are sent to the sign-in page on their next request
+        for client, path in ((alpha, "/dashboard/teams/alpha"), (beta, "/dashboard/teams/beta")):
+            answer = await client.get(path)
+            assert answer.status_code == 303
+            assert answer.headers["location"] == "/dashboard/sign-in"

@@ -3,7 +3,8 @@
 A person pastes a key into the sign-in form; the key is checked once (``KeyBook``) and
 forgotten. The session holds whose key it was (team, or none for an administrator), the
 key's id and a CSRF token, and expires ``SESSION_TTL`` seconds after sign-in; each request
-also finds the key still live, so revoking it ends its sessions at once.
+also finds the key still live (one lookup by its id), so revoking it, or disabling its team,
+ends its sessions at once.
 
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page sends
 it) and Secure when the page was served over TLS. Every POST carries the session's CSRF
@@ -20,7 +21,7 @@ import redis.asyncio as aioredis
 from fastapi import Request
 from fastapi.responses import Response
 
-from admin.keys import KeyOwner, admin_keys, team_keys
+from admin.keys import KeyOwner, live_key_owner
 from frontdoor.service import FrontDoor
 from queuegate.keys import Keys
 
@@ -73,7 +74,8 @@ async def end(door: FrontDoor, session: Session) -> None:
 
 
 async def current(request: Request) -> Session:
-    """The request's live session; SignInNeeded when there is none, or its key was revoked."""
+    """The request's live session; SignInNeeded when there is none, its key was revoked or
+    its team disabled."""
     door: FrontDoor = request.app.state.frontdoor
     session_id = request.cookies.get(COOKIE)
     if not session_id:
@@ -121,12 +123,8 @@ async def _load(client: aioredis.Redis, key: str, session_id: str) -> Session | 
 
 
 async def _key_live(door: FrontDoor, session: Session) -> bool:
-    keys = (
-        await admin_keys(door.pool)
-        if session.team is None
-        else await team_keys(door.pool, session.team)
-    )
-    return any(k.key_id == session.key_id and k.revoked_at is None for k in keys)
+    owner = await live_key_owner(door.pool, session.key_id)
+    return owner is not None and owner.team == session.team
 
 
 def _text(value: bytes | str) -> str:
