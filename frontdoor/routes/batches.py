@@ -20,6 +20,7 @@ from frontdoor.auth import Caller, require_caller
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import openai_batch, openai_page
 from frontdoor.errors import ApiError, shown
+from frontdoor.request_errors import first_error
 from frontdoor.service import FrontDoor, frontdoor
 from producer.batch.openai import URL
 
@@ -54,9 +55,7 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
     try:
         asked = BatchCreate.model_validate(body)
     except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"]) or "request"
-        raise ApiError("invalid_request", f"{where}: {problem['msg']}") from None
+        raise ApiError("invalid_request", first_error(exc, body)) from None
     if asked.endpoint != URL:
         raise ApiError(
             "invalid_request", f"endpoint {shown(asked.endpoint)!r} is not served: use {URL}"
