@@ -37,10 +37,10 @@ import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 
 from frontdoor.auth import Caller
-from producer.client import job_message, publish_error
+from producer.client import job_message, publish_to_team
 from producer.replies import Inbox
 from producer.streams import ChatStream
-from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, publish, when_connected
+from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
@@ -143,19 +143,15 @@ class Bridge:
         team) or ServiceUnavailable (the broker is away longer than ``reconnect_wait``)."""
         if self._channel is None or self._exchange is None:
             raise RuntimeError("use the bridge inside `async with`")
-        message = job_message(
-            job, reply_to=self.reply_queue, user_id=self._user_id, api_key=caller.api_key
+        await publish_to_team(
+            self._channel,
+            self._exchange.name,
+            job_message(
+                job, reply_to=self.reply_queue, user_id=self._user_id, api_key=caller.api_key
+            ),
+            job,
+            within=self._settings.reconnect_wait,
         )
-        channel, exchange = self._channel, self._exchange.name
-        try:
-            await when_connected(
-                channel,
-                lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
-                within=self._settings.reconnect_wait,
-                what=f"publishing job {job.job_id}",
-            )
-        except aiormq.exceptions.DeliveryError as exc:
-            raise publish_error(job, exc) from exc
 
     async def submit(self, job: ChatJob, caller: Caller, *, bound: bool = False) -> None:
         """Publish the job and expect its result (take it with ``wait``); ``bound``: its id

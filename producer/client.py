@@ -245,17 +245,13 @@ class GatewayClient:
         ``reply_to`` (one of the team's reply queues); return once the broker confirms it."""
         if self._exchange is None or self._channel is None:
             raise RuntimeError("use the client inside `async with`")
-        message = job_message(job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key)
-        channel, exchange = self._channel, self._exchange.name
-        try:
-            await when_connected(
-                channel,
-                lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
-                within=self._settings.reconnect_wait,
-                what=f"publishing job {job.job_id}",
-            )
-        except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
-            raise publish_error(job, exc) from exc
+        await publish_to_team(
+            self._channel,
+            self._exchange.name,
+            job_message(job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key),
+            job,
+            within=self._settings.reconnect_wait,
+        )
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:
@@ -343,7 +339,25 @@ def job_message(
     )
 
 
-def publish_error(job: ChatJob, exc: aiormq.exceptions.DeliveryError) -> ClientError:
+async def publish_to_team(
+    channel: AbstractRobustChannel, exchange: str, message: Outgoing, job: ChatJob, *, within: float
+) -> None:
+    """Publish a job's message to the team's queue; return once the broker confirms it.
+
+    Raises QueueFull (the team's queue is at its quota), PublishRefused (no queue for the
+    team) or ServiceUnavailable (the broker is away longer than ``within`` seconds)."""
+    try:
+        await when_connected(
+            channel,
+            lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
+            within=within,
+            what=f"publishing job {job.job_id}",
+        )
+    except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
+        raise _publish_error(job, exc) from exc
+
+
+def _publish_error(job: ChatJob, exc: aiormq.exceptions.DeliveryError) -> ClientError:
     """Our error for a job the broker returned (no team queue) or refused (queue full)."""
     if isinstance(exc, aiormq.exceptions.PublishError):
         return PublishRefused(
