@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobust
 
 from frontdoor.auth import Caller
 from producer.client import job_message, publish_to_team
-from producer.replies import Inbox
+from producer.replies import REPLY_PREFETCH, Inbox
 from producer.streams import ChatStream
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
 from queuegate.errors import ConfigError, ServiceUnavailable
@@ -47,8 +47,6 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 
 log = logging.getLogger(__name__)
-
-REPLY_PREFETCH = 1000
 
 
 class Bridge:
@@ -121,8 +119,9 @@ class Bridge:
             expires_s=self._settings.reply_queue_expires,
             max_length=self._settings.reply_queue_max_length,
         )
-        await channel.set_qos(prefetch_count=REPLY_PREFETCH)
-        self._consumer = await consume(channel, self.reply_queue, self._inbox.handle)
+        self._consumer = await consume(
+            channel, self.reply_queue, self._inbox.handle, prefetch=REPLY_PREFETCH
+        )
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # Not awaited here: the channel's restore waits for its reopen callbacks.

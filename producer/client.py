@@ -22,7 +22,7 @@ from aio_pika.abc import (
 )
 
 from producer.control import ControlClient
-from producer.replies import Inbox
+from producer.replies import REPLY_PREFETCH, Inbox
 from producer.streams import ChatStream
 from queuegate.broker import (
     CONNECTION_LOST,
@@ -146,9 +146,6 @@ class GatewayClient:
                 self._reply_queue = await self._control.open_reply_queue(
                     self._reply_id, durable=self._reply_name is not None
                 )
-                # Acknowledged replies only: one in flight when the connection drops is
-                # redelivered.
-                await self._channel.set_qos(prefetch_count=1000)
                 await self._consume_replies(self._channel)
                 self._channel.reopen_callbacks.add(self._on_reopen)
         except BaseException:
@@ -295,7 +292,9 @@ class GatewayClient:
         await self.submit(job)
 
     async def _consume_replies(self, channel: AbstractRobustChannel) -> None:
-        self._consumer = await consume(channel, self.reply_to, self._inbox.handle)
+        self._consumer = await consume(
+            channel, self.reply_to, self._inbox.handle, prefetch=REPLY_PREFETCH
+        )
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # The queue may have expired while we were away: ask for it again (the same name,
