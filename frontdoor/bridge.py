@@ -37,18 +37,16 @@ import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 
 from frontdoor.auth import Caller
-from producer.client import job_message, publish_error
-from producer.replies import Inbox
+from producer.client import job_message, publish_to_team
+from producer.replies import REPLY_PREFETCH, Inbox
 from producer.streams import ChatStream
-from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, publish, when_connected
+from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
 log = logging.getLogger(__name__)
-
-REPLY_PREFETCH = 1000
 
 
 class Bridge:
@@ -121,8 +119,9 @@ class Bridge:
             expires_s=self._settings.reply_queue_expires,
             max_length=self._settings.reply_queue_max_length,
         )
-        await channel.set_qos(prefetch_count=REPLY_PREFETCH)
-        self._consumer = await consume(channel, self.reply_queue, self._inbox.handle)
+        self._consumer = await consume(
+            channel, self.reply_queue, self._inbox.handle, prefetch=REPLY_PREFETCH
+        )
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # Not awaited here: the channel's restore waits for its reopen callbacks.
@@ -143,19 +142,15 @@ class Bridge:
         team) or ServiceUnavailable (the broker is away longer than ``reconnect_wait``)."""
         if self._channel is None or self._exchange is None:
             raise RuntimeError("use the bridge inside `async with`")
-        message = job_message(
-            job, reply_to=self.reply_queue, user_id=self._user_id, api_key=caller.api_key
+        await publish_to_team(
+            self._channel,
+            self._exchange.name,
+            job_message(
+                job, reply_to=self.reply_queue, user_id=self._user_id, api_key=caller.api_key
+            ),
+            job,
+            within=self._settings.reconnect_wait,
         )
-        channel, exchange = self._channel, self._exchange.name
-        try:
-            await when_connected(
-                channel,
-                lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
-                within=self._settings.reconnect_wait,
-                what=f"publishing job {job.job_id}",
-            )
-        except aiormq.exceptions.DeliveryError as exc:
-            raise publish_error(job, exc) from exc
 
     async def submit(self, job: ChatJob, caller: Caller, *, bound: bool = False) -> None:
         """Publish the job and expect its result (take it with ``wait``); ``bound``: its id

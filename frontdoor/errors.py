@@ -30,7 +30,6 @@ from queuegate.errors import (
     ClientError,
     GatewayError,
     JobError,
-    PublishRefused,
     QueueFull,
     ServiceUnavailable,
 )
@@ -101,8 +100,7 @@ def error_of_result(result: ChatResult) -> ApiError:
     """The answer to a job that ended in an error."""
     assert result.error is not None
     error = result.error
-    retry_after = error.retry_after_ms / 1000 if error.retry_after_ms else None
-    return ApiError(error.code, error.message, retry_after_s=retry_after)
+    return ApiError(error.code, error.message, retry_after_s=_seconds(error.retry_after_ms))
 
 
 def error_of(exc: GatewayError) -> ApiError:
@@ -111,7 +109,7 @@ def error_of(exc: GatewayError) -> ApiError:
         return ApiError(exc.code, exc.message, retry_after_s=_seconds(exc.retry_after_ms))
     if isinstance(exc, QueueFull):
         return ApiError("queue_full", str(exc))
-    if isinstance(exc, ServiceUnavailable | PublishRefused | ClientError):
+    if isinstance(exc, ServiceUnavailable | ClientError):
         return ApiError("service_unavailable", str(exc))
     return ApiError("service_unavailable", f"the gateway failed: {exc}")
 

@@ -22,7 +22,7 @@ from aio_pika.abc import (
 )
 
 from producer.control import ControlClient
-from producer.replies import Inbox
+from producer.replies import REPLY_PREFETCH, Inbox
 from producer.streams import ChatStream
 from queuegate.broker import (
     CONNECTION_LOST,
@@ -146,9 +146,6 @@ class GatewayClient:
                 self._reply_queue = await self._control.open_reply_queue(
                     self._reply_id, durable=self._reply_name is not None
                 )
-                # Acknowledged replies only: one in flight when the connection drops is
-                # redelivered.
-                await self._channel.set_qos(prefetch_count=1000)
                 await self._consume_replies(self._channel)
                 self._channel.reopen_callbacks.add(self._on_reopen)
         except BaseException:
@@ -245,17 +242,13 @@ class GatewayClient:
         ``reply_to`` (one of the team's reply queues); return once the broker confirms it."""
         if self._exchange is None or self._channel is None:
             raise RuntimeError("use the client inside `async with`")
-        message = job_message(job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key)
-        channel, exchange = self._channel, self._exchange.name
-        try:
-            await when_connected(
-                channel,
-                lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
-                within=self._settings.reconnect_wait,
-                what=f"publishing job {job.job_id}",
-            )
-        except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
-            raise publish_error(job, exc) from exc
+        await publish_to_team(
+            self._channel,
+            self._exchange.name,
+            job_message(job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key),
+            job,
+            within=self._settings.reconnect_wait,
+        )
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:
@@ -299,7 +292,9 @@ class GatewayClient:
         await self.submit(job)
 
     async def _consume_replies(self, channel: AbstractRobustChannel) -> None:
-        self._consumer = await consume(channel, self.reply_to, self._inbox.handle)
+        self._consumer = await consume(
+            channel, self.reply_to, self._inbox.handle, prefetch=REPLY_PREFETCH
+        )
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # The queue may have expired while we were away: ask for it again (the same name,
@@ -343,7 +338,25 @@ def job_message(
     )
 
 
-def publish_error(job: ChatJob, exc: aiormq.exceptions.DeliveryError) -> ClientError:
+async def publish_to_team(
+    channel: AbstractRobustChannel, exchange: str, message: Outgoing, job: ChatJob, *, within: float
+) -> None:
+    """Publish a job's message to the team's queue; return once the broker confirms it.
+
+    Raises QueueFull (the team's queue is at its quota), PublishRefused (no queue for the
+    team) or ServiceUnavailable (the broker is away longer than ``within`` seconds)."""
+    try:
+        await when_connected(
+            channel,
+            lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
+            within=within,
+            what=f"publishing job {job.job_id}",
+        )
+    except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
+        raise _publish_error(job, exc) from exc
+
+
+def _publish_error(job: ChatJob, exc: aiormq.exceptions.DeliveryError) -> ClientError:
     """Our error for a job the broker returned (no team queue) or refused (queue full)."""
     if isinstance(exc, aiormq.exceptions.PublishError):
         return PublishRefused(

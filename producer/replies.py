@@ -21,6 +21,10 @@ from queuegate.topology import MESSAGE_TYPE_CHUNK, MESSAGE_TYPE_RESULT
 
 log = logging.getLogger(__name__)
 
+REPLY_PREFETCH = 1000
+"""Unacknowledged replies a reply queue's consumer holds: acknowledged once handed over, so
+one in flight when the connection drops is redelivered."""
+
 SEEN_LIMIT = 100_000
 """Answered job ids remembered to drop redelivered duplicates; older ones are forgotten."""
 
@@ -84,8 +88,9 @@ class ReplyBook:
 class Inbox:
     """The waiters of one reply queue: a future per job, the streams of a streamed job.
 
-    Pass ``handle`` as the queue's consumer callback (``queuegate.broker.consume``); each
-    reply is acknowledged once handed over (a redelivered one is dropped as a duplicate)::
+    Pass ``handle`` as the queue's consumer callback (``queuegate.broker.consume``, with
+    ``prefetch=REPLY_PREFETCH``); each reply is acknowledged once handed over (a redelivered
+    one is dropped as a duplicate)::
 
         inbox.expect(job.job_id)            # before publishing the job
         result = await inbox.wait(job.job_id, timeout)
