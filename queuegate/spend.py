@@ -102,6 +102,16 @@ def budget_scopes(config: TeamConfig, model: str) -> list[tuple[str | None, Deci
     return scopes
 
 
+def ledger_keys(keys: Keys, team: str, month: str, models: Sequence[str | None]) -> list[str]:
+    """Each ledger's key then its expiry set's, per model (None: the team's ledger), in the
+    order the ledger scripts take them."""
+    return [
+        key
+        for model in models
+        for key in (keys.spend(team, month, model), keys.spend_expiry(team, month, model))
+    ]
+
+
 async def ledgers_in_force(
     client: aioredis.Redis,
     keys: Keys,
@@ -113,11 +123,7 @@ async def ledgers_in_force(
     reserved now, nano-USD, as a worker's next reserve compares it with the limit: lapsed
     entries left out (``ledger_spent`` counts them until a reserve reaps them); None where
     Redis has no ledger. Read only."""
-    ledgers = [
-        key
-        for model in models
-        for key in (keys.spend(team, month, model), keys.spend_expiry(team, month, model))
-    ]
+    ledgers = ledger_keys(keys, team, month, models)
     reply = await client.register_script(_source("spent"))(keys=ledgers)
     return [None if spent < 0 else int(spent) for spent in reply]
 
@@ -182,8 +188,9 @@ class Correction:
         return (self.before or Decimal(0)) - self.after
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
+def text(raw: object) -> str:
+    """A Redis reply's string: the client hands back bytes."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 @cache
@@ -232,12 +239,8 @@ async def reconcile(
     corrections: list[Correction] = []
     try:
         for scope in scopes:
-            ledger = keys.spend(scope.team, month, scope.model)
-            expiry = keys.spend_expiry(scope.team, month, scope.model)
-            ids = [
-                i.decode() if isinstance(i, bytes) else str(i)
-                for i in await client.zrange(expiry, 0, -1)
-            ]
+            ledger, expiry = ledger_keys(keys, scope.team, month, [scope.model])
+            ids = [text(i) for i in await client.zrange(expiry, 0, -1)]
             wanted = dict((restore or {}).get(scope, {}))
             ids += [job for job in wanted if job not in ids]
             async with (
@@ -277,7 +280,7 @@ async def reconcile(
                     return None
                 if first:
                     found, before = reply[0], reply[1]
-                after, generation = reply[2], _text(reply[3])
+                after, generation = reply[2], text(reply[3])
             correction = Correction(
                 scope,
                 month,

@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 FIRST_POLL = 0.005
 LAST_POLL = 0.25
 """Seconds between looks at a claim another delivery holds: doubling from the first."""
-_PER_MTOK = Decimal(1_000_000)
 FINGERPRINT = 64
 """Characters of a fingerprint (sha256, hex) before a stored outcome's JSON."""
 SETTLE = 60.0
@@ -367,7 +366,7 @@ class _Recording:
 
     async def enter(self, deployment: Deployment) -> None:
         await self._ticket.enter(deployment)
-        job, estimate = self._claim.job, self._ticket.estimate
+        job = self._claim.job
         alias = next(
             (
                 alias
@@ -376,15 +375,11 @@ class _Recording:
             ),
             job.model,
         )
-        price = (
-            estimate.prompt_tokens * deployment.input_per_mtok
-            + estimate.output_tokens * deployment.output_per_mtok
-        )
         call = LostCall(
             model=alias,
             deployment=deployment.name,
             provider=deployment.provider,
-            cost_usd=price / _PER_MTOK,
+            cost_usd=self._ticket.estimate.usd_at(deployment),
         )
         await self._claim.record(call)
 

@@ -40,8 +40,10 @@ from queuegate.spend import (
     budget_scopes,
     current_month,
     exhausted,
+    ledger_keys,
     reconcile,
     reconciler_token,
+    text,
     to_nano,
 )
 from workers.admission.scripts import Call, Scripts
@@ -122,14 +124,7 @@ class Budgets:
             if config.budget_usd is not None
             else 0
         )
-        keys = [
-            key
-            for scope_model, _ in scopes
-            for key in (
-                self._keys.spend(team, month, scope_model),
-                self._keys.spend_expiry(team, month, scope_model),
-            )
-        ]
+        keys = ledger_keys(self._keys, team, month, [scope_model for scope_model, _ in scopes])
         args: list[str | int] = ["reserve", nano, LEDGER_TTL, threshold, team, month]
         args += [job_id, self._lease_ms, *(to_nano(limit) for _, limit in scopes)]
         ledgers = keys[::2]
@@ -149,7 +144,7 @@ class Budgets:
                 raise exhausted(
                     team, month, model=model, scope=scope, spent=int(reply[2]), needed=nano
                 )
-            generations = [_text(gen) for gen in reply[3 : 3 + len(ledgers)]]
+            generations = [text(gen) for gen in reply[3 : 3 + len(ledgers)]]
             self._generations.update(zip(ledgers, generations, strict=True))
             reservation = Reservation(keys, team, month, job_id, nano, generations)
             return reservation, replies[1] if then is not None else None
@@ -253,10 +248,6 @@ def _forget_lapsed(jobs: OrderedDict[str, tuple[int, float]], now: float) -> Non
     """Drop the jobs whose entries would have lapsed from the ledger anyway."""
     while jobs and next(iter(jobs.values()))[1] <= now:
         jobs.popitem(last=False)
-
-
-def _text(raw: bytes | str | int) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _alert(team: str, month: str, reply: list[int]) -> None:

@@ -16,7 +16,7 @@ import orjson
 
 from queuegate.messages import ChatJob
 from queuegate.spend import to_nano
-from router.catalog import Catalog
+from router.catalog import Catalog, Deployment
 
 PER_MESSAGE = 3
 """Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
@@ -33,6 +33,14 @@ class Estimate:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens
+
+    def usd_at(self, deployment: Deployment) -> Decimal:
+        """What the estimated tokens cost at ``deployment``'s prices."""
+        return _usd(deployment, self.prompt_tokens, self.output_tokens)
+
+
+def _usd(deployment: Deployment, prompt: int, output: int) -> Decimal:
+    return (prompt * deployment.input_per_mtok + output * deployment.output_per_mtok) / _PER_MTOK
 
 
 def prompt_tokens(job: ChatJob) -> int:
@@ -54,8 +62,8 @@ def estimate(job: ChatJob, catalog: Catalog, expected_output: int) -> Estimate:
     prompt = prompt_tokens(job)
     output = job.params.max_tokens or expected_output
     price = max(
-        prompt * d.input_per_mtok + output * d.output_per_mtok
+        _usd(d, prompt, output)
         for alias in catalog.chain(job.model, job.fallbacks)
         for d in catalog.resolve(alias).deployments
     )
-    return Estimate(prompt, output, to_nano(price / _PER_MTOK))
+    return Estimate(prompt, output, to_nano(price))

@@ -196,27 +196,17 @@ class Admission:
                 result = await call()
             except ServiceUnavailable as exc:
                 self._postgres.failed(exc)
-                left = until - time.monotonic()
-                if left <= 0:
-                    raise RateLimited(
-                        "the team's budget ledger could not be rebuilt: PostgreSQL was "
-                        "unreachable until the job's deadline or the maximum wait",
-                        retry_after_ms=RETRY_SECONDS * 1000,
-                    ) from exc
-                await asyncio.sleep(min(RETRY_SECONDS, left))
+                await _pause(
+                    until,
+                    exc,
+                    "the team's budget ledger could not be rebuilt: PostgreSQL was unreachable",
+                )
                 continue
             except RedisError as exc:
                 self.outage.failed(exc)
                 if self.policy == "fail_open":
                     return fail_open()
-                left = until - time.monotonic()
-                if left <= 0:
-                    raise RateLimited(
-                        "Redis, which holds the limits, was unreachable until the job's "
-                        "deadline or the maximum wait",
-                        retry_after_ms=RETRY_SECONDS * 1000,
-                    ) from exc
-                await asyncio.sleep(min(RETRY_SECONDS, left))
+                await _pause(until, exc, "Redis, which holds the limits, was unreachable")
                 continue
             self.outage.recovered()
             self._postgres.recovered()
@@ -230,6 +220,17 @@ class Admission:
             self.outage.failed(exc)
         else:
             self.outage.recovered()
+
+
+async def _pause(until: float, cause: Exception, what: str) -> None:
+    """Wait before the next try, or raise RateLimited when ``until`` has come."""
+    left = until - time.monotonic()
+    if left <= 0:
+        raise RateLimited(
+            f"{what} until the job's deadline or the maximum wait",
+            retry_after_ms=RETRY_SECONDS * 1000,
+        ) from cause
+    await asyncio.sleep(min(RETRY_SECONDS, left))
 
 
 class Ticket:
