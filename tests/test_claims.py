@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from importlib import resources
 
 import aio_pika
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
+from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
@@ -183,3 +186,21 @@ async def test_a_job_without_reply_to_is_refused_before_any_call(settings: Setti
         [row] = await gw.usage_rows(1)
         assert row["job_id"].startswith("nowhere/refused/")
         assert gw.mock.stats.calls == 0
+
+
+async def test_a_claim_sent_again_by_its_own_delivery_is_still_its_own(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # The Redis client re-sends a command whose connection broke, though the script may have
+    # run: the delivery that claimed must not find itself "busy" and wait out its own lease.
+    claim = redis_client.register_script(
+        resources.files("workers").joinpath("lua/claim.lua").read_text("utf-8")
+    )
+    keys = Keys(settings.redis_prefix)
+    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1"), keys.memory_epoch]
+    fingerprint = "f" * 64
+    first = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
+    again = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
+    other = await claim(keys=names, args=["worker/b", 10_000, fingerprint, 60])
+    assert first[0] == again[0] == b"claimed"
+    assert other[0] == b"busy" and other[1] == b"worker/a"

@@ -31,6 +31,12 @@ if fp and fp ~= ARGV[3] then
 end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+if owner == ARGV[1] then
+  -- This very delivery's claim, sent again (the Redis client re-sends a command whose
+  -- connection broke, though the script may have run): still its own, not busy.
+  redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])))
+  return {'claimed', lost or '', redis.call('GET', KEYS[3]) or ''}
+end
 if owner and tonumber(lease) > now then
   return {'busy', owner, tonumber(lease) - now}
 end
