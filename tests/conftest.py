@@ -6,10 +6,13 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from accounting import migrate
 from admin.teams import Credentials, add
+from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
@@ -50,6 +53,15 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(settings.redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this test's schema, migrated."""
+    pool = await create_pool(settings)
+    await migrate(pool, settings.database_schema)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture

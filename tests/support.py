@@ -17,6 +17,7 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 from accounting import Accountant
 from mockprovider import MockConfig, MockProvider
 from producer import GatewayClient
+from queuegate import dlq
 from queuegate.db import create_pool
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -46,6 +47,16 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter]:
+    """The dead letters, once ``expected`` are there (the broker announces no dead-lettering)."""
+    async with asyncio.timeout(10):
+        while True:
+            letters, total = await dlq.peek(settings)
+            if total >= expected:
+                return letters
+            await asyncio.sleep(0.02)
 
 
 class LogLines:

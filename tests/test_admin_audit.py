@@ -7,7 +7,6 @@ import json
 import os
 import random
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -15,23 +14,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from accounting import migrate
 from accounting.store import insert_usage
 from admin.audit import MAX_OFFSET, AuditFilter, audit_page
-from queuegate.db import create_pool
 from queuegate.errors import ConfigError
 from queuegate.messages import AuditContent, UsageEvent
 from queuegate.settings import Settings
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(settings)
-    await migrate(pool, settings.database_schema)
-    yield pool
-    await pool.close()
 
 
 def _events(n: int) -> list[UsageEvent]:

@@ -8,7 +8,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date
 from decimal import Decimal
 from typing import Any
@@ -26,14 +26,6 @@ from queuegate.messages import JobStatus
 from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
 from tests.test_reports import MONTH, _events, _in_month, _rows, _sums
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(settings)
-    await migrate(pool, settings.database_schema)
-    yield pool
-    await pool.close()
 
 
 def _team_sums(spend: Sequence[Any]) -> dict[Any, tuple[int, int, int, int, Decimal]]:

@@ -25,7 +25,7 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches, sign_job
 from queuegate.tenancy import hash_api_key, new_api_key
-from tests.support import running_gateway
+from tests.support import dead_letters, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -54,15 +54,6 @@ async def key_team(settings: Settings) -> AsyncIterator[KeyTeam]:
     finally:
         async with BrokerAdmin(settings.management_url) as admin:
             await admin.delete_user(user)
-
-
-async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter]:
-    async with asyncio.timeout(10):
-        while True:  # the broker announces no dead-lettering: look again
-            letters, total = await dlq.peek(settings)
-            if total >= expected:
-                return letters
-            await asyncio.sleep(0.02)
 
 
 async def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:

@@ -328,13 +328,7 @@ async def test_a_killed_collect_resumes_without_writing_twice(
     out = tmp_path / "out.jsonl"
     async with running_gateway(settings, teams=("beta",)):
         await submit_batch(beta.settings, source, **beta.who)
-        first = start_cli(
-            beta.settings,
-            *("batch", "collect", "resume", "--team", "beta", "--out", str(out)),
-            api_key=beta.api_key,
-        )
-        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100, timeout=60)
-        kill(first)
+        await collect_killed_after(beta, "resume", out, lines=100)
         written_before = len(read_jsonl(out))
 
         # When it is run again
@@ -768,13 +762,7 @@ async def test_a_line_torn_by_a_crash_is_written_again(
     out = tmp_path / "out.jsonl"
     async with running_gateway(settings, teams=("beta",)):
         await submit_batch(beta.settings, source, **beta.who)
-        first = start_cli(
-            beta.settings,
-            *("batch", "collect", "resume", "--team", "beta", "--out", str(out)),
-            api_key=beta.api_key,
-        )
-        await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 100, timeout=60)
-        kill(first)
+        await collect_killed_after(beta, "resume", out, lines=100)
         # and the last line it wrote torn, as a crash or power loss mid-write leaves it
         raw = out.read_bytes()
         whole = raw[: raw.rindex(b"\n") + 1]
@@ -810,6 +798,17 @@ async def test_a_fully_answered_batch_is_listed_to_collect_with_its_answers(
     assert cli.returncode == 0, stderr.decode()
     assert [(b.name, b.waiting, b.state) for b in listed] == [("small", 10, "to collect")]
     assert "collected spend (USD)" in stdout.decode()
+
+
+async def collect_killed_after(who: TeamIdentity, name: str, out: Path, lines: int) -> None:
+    """Run `batch collect` in its own process and SIGKILL it once ``out`` holds ``lines`` lines."""
+    process = start_cli(
+        who.settings,
+        *("batch", "collect", name, "--team", who.team, "--out", str(out)),
+        api_key=who.api_key,
+    )
+    await wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= lines, timeout=60)
+    kill(process)
 
 
 async def wait_until_answered(who: TeamIdentity, name: str, n: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -10,9 +9,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from accounting import migrate
 from accounting.store import insert_usage
-from queuegate.db import create_pool
 from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
@@ -24,14 +21,6 @@ from workers.admission.budgets import Budgets
 from workers.admission.scripts import Scripts
 
 DOLLAR = to_nano(Decimal(1))
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(settings)
-    await migrate(pool, settings.database_schema)
-    yield pool
-    await pool.close()
 
 
 def _budgets(settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool) -> Budgets:

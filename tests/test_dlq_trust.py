@@ -6,7 +6,6 @@ credentials; the operator is the gateway's own user, as ``queuegate dlq`` runs b
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from datetime import timedelta
@@ -28,19 +27,9 @@ from queuegate.topology import (
     HEADER_DEAD_TRUNCATED,
     Topology,
 )
-from tests.support import running_gateway
+from tests.support import dead_letters, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter]:
-    """The dead letters, once ``expected`` are there (the broker announces no dead-lettering)."""
-    async with asyncio.timeout(10):
-        while True:
-            letters, total = await dlq.peek(settings)
-            if total >= expected:
-                return letters
-            await asyncio.sleep(0.02)
 
 
 async def depth(settings: Settings, queue: str) -> int:

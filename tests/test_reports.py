@@ -10,18 +10,14 @@ import os
 import random
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import pytest
 
-from accounting import migrate
 from accounting.reports import daily_spend, model_spend, monthly_spend
 from accounting.store import insert_usage
-from queuegate.db import create_pool
 from queuegate.messages import UsageEvent
 from queuegate.registry import add_team
 from queuegate.settings import Settings
@@ -29,14 +25,6 @@ from queuegate.settings import Settings
 MONTH = date(2026, 3, 1)
 TEAMS = ("alpha", "beta", "gamma")
 MODELS = ("gpt-4o-mini", "claude-haiku", "local-llama")
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(settings)
-    await migrate(pool, settings.database_schema)
-    yield pool
-    await pool.close()
 
 
 def _events(n: int, seed: int) -> list[UsageEvent]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import aio_pika
 import asyncpg
 
+from mockprovider import MockProvider
 from producer import GatewayClient, JobHandle
 from queuegate.messages import ChatResult
 from queuegate.settings import Settings
@@ -53,6 +56,30 @@ async def declare_teams(settings: Settings, teams: Sequence[str] = TEAMS) -> Non
             await Topology(settings.namespace, settings.delivery_limit).declare_team_queue(
                 channel, team
             )
+
+
+def worker_env(settings: Settings, mock: MockProvider, **extra: str) -> dict[str, str]:
+    """The environment of a worker process on ``settings``'s namespace and schema calling
+    ``mock``; ``extra`` adds or overrides variables."""
+    return {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_MOCK_URL": mock.url,
+        "QUEUEGATE_MOCK_KEY": "sk-test",
+        **extra,
+    }
+
+
+async def start_worker(env: Mapping[str, str], teams: Sequence[str]) -> asyncio.subprocess.Process:
+    """A worker process serving ``teams``, its logs discarded (it is killed mid-run)."""
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "cli", "worker", "--teams", ",".join(teams)),
+        *("--log-level", "warning"),
+        env=env,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
 
 
 async def submit_all(clients: Sequence[GatewayClient], count: int) -> list[JobHandle]:

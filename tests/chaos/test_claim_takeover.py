@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from decimal import Decimal
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.db import create_pool
 from queuegate.settings import Settings
-from tests.chaos.harness import declare_teams, usage_rows
-from tests.chaos.test_worker_killed import accounting
+from tests.chaos.harness import declare_teams, start_worker, usage_rows, worker_env
+from tests.support import running_accountant
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -24,28 +22,14 @@ async def test_a_job_whose_worker_dies_mid_call_is_answered_once_and_the_lost_ca
     # Given a worker process whose provider never answers, with one-second claim leases
     async with MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock:
         await declare_teams(settings, ("alpha",))
-        env = {
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_METRICS_PORT": "0",
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "QUEUEGATE_CLAIM_LEASE": "1",
-            "QUEUEGATE_MOCK_URL": mock.url,
-            "QUEUEGATE_MOCK_KEY": "sk-test",
-        }
-
-        async def start_worker() -> asyncio.subprocess.Process:
-            return await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "cli", "worker", "--teams", "alpha"),
-                *("--log-level", "warning"),
-                env=env,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-
-        worker = await start_worker()
+        env = worker_env(settings, mock, QUEUEGATE_CLAIM_LEASE="1")
+        worker = await start_worker(env, ("alpha",))
         pool = await create_pool(settings)
         try:
-            async with accounting(settings), GatewayClient(settings, team="alpha") as client:
+            async with (
+                running_accountant(settings),
+                GatewayClient(settings, team="alpha") as client,
+            ):
                 handle = await client.submit(client.job("gpt-4o-mini", HELLO, max_tokens=50))
                 async with asyncio.timeout(60):
                     await mock.wait_for_calls(1)
@@ -53,7 +37,7 @@ async def test_a_job_whose_worker_dies_mid_call_is_answered_once_and_the_lost_ca
                 worker.send_signal(signal.SIGKILL)
                 await worker.wait()
                 mock.configure(MockConfig())
-                worker = await start_worker()
+                worker = await start_worker(env, ("alpha",))
 
                 # Expect the job answered once, by one more call
                 result = await handle.result(timeout=60)

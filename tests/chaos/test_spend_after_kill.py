@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from decimal import Decimal
 
 import redis.asyncio as aioredis
@@ -17,8 +15,15 @@ from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, spend_drift
-from tests.chaos.harness import collect, declare_teams, submit_all, usage_rows
-from tests.chaos.test_worker_killed import accounting
+from tests.chaos.harness import (
+    collect,
+    declare_teams,
+    start_worker,
+    submit_all,
+    usage_rows,
+    worker_env,
+)
+from tests.support import running_accountant
 from tests.teams import register
 
 JOBS = 120
@@ -37,35 +42,18 @@ async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
     quick = settings.model_copy(update={"spend_reconcile_interval": 0.2})
     async with MockProvider(MockConfig(default=Behavior(latency_ms=300))) as mock:
         await declare_teams(settings, ("alpha",))
-        env = {
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_METRICS_PORT": "0",
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "QUEUEGATE_PREFETCH": "20",
-            "QUEUEGATE_MOCK_URL": mock.url,
-            "QUEUEGATE_MOCK_KEY": "sk-test",
-        }
-
-        async def start_worker() -> asyncio.subprocess.Process:
-            return await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "cli", "worker", "--teams", "alpha"),
-                *("--log-level", "warning"),
-                env=env,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-
-        workers = [await start_worker(), await start_worker()]
+        env = worker_env(settings, mock, QUEUEGATE_PREFETCH="20")
+        workers = [await start_worker(env, ("alpha",)), await start_worker(env, ("alpha",))]
         pool = await create_pool(settings)
         try:
-            async with accounting(quick), GatewayClient(settings, team="alpha") as client:
+            async with running_accountant(quick), GatewayClient(settings, team="alpha") as client:
                 # When jobs flow and one worker is killed mid-call, then restarted
                 submitting = asyncio.create_task(submit_all([client], JOBS))
                 async with asyncio.timeout(60):
                     await mock.wait_for_calls(KILL_AFTER_CALLS)
                 workers[0].send_signal(signal.SIGKILL)
                 await workers[0].wait()
-                workers[0] = await start_worker()
+                workers[0] = await start_worker(env, ("alpha",))
                 results = await collect(await submitting, timeout=120)
                 rows, distinct = await usage_rows(pool, JOBS, timeout=30)
 

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import sys
-from collections.abc import AsyncIterator
 
-from accounting import Accountant
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.db import create_pool
@@ -19,25 +14,16 @@ from tests.chaos.harness import (
     Figures,
     collect,
     declare_teams,
+    start_worker,
     submit_all,
     usage_rows,
+    worker_env,
 )
+from tests.support import running_accountant
 
 JOBS = 2000
 KILL_AFTER_CALLS = 600
 PREFETCH = 50
-
-
-@contextlib.asynccontextmanager
-async def accounting(settings: Settings) -> AsyncIterator[Accountant]:
-    stop = asyncio.Event()
-    async with Accountant(settings) as accountant:
-        task = asyncio.create_task(accountant.run(stop))
-        try:
-            yield accountant
-        finally:
-            stop.set()
-            await task
 
 
 async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
@@ -47,29 +33,12 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
     # Given two worker processes serving three teams against a provider taking 20 ms a call
     async with MockProvider(MockConfig(default=Behavior(latency_ms=20))) as mock:
         await declare_teams(settings)
-        env = {
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "QUEUEGATE_PREFETCH": str(PREFETCH),
-            "QUEUEGATE_MOCK_URL": mock.url,
-            "QUEUEGATE_MOCK_KEY": "sk-test",
-        }
-
-        async def start_worker() -> asyncio.subprocess.Process:
-            return await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "cli", "worker", "--teams", ",".join(TEAMS)),
-                *("--log-level", "warning"),
-                env=env,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-
-        workers = [await start_worker(), await start_worker()]
+        env = worker_env(settings, mock, QUEUEGATE_PREFETCH=str(PREFETCH))
+        workers = [await start_worker(env, TEAMS), await start_worker(env, TEAMS)]
         pool = await create_pool(settings)
         try:
             async with (
-                accounting(settings),
+                running_accountant(settings),
                 GatewayClient(settings, team="alpha") as alpha,
                 GatewayClient(settings, team="beta") as beta,
                 GatewayClient(settings, team="gamma") as gamma,
@@ -81,7 +50,7 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
                     await mock.wait_for_calls(KILL_AFTER_CALLS)
                 workers[0].send_signal(signal.SIGKILL)
                 await workers[0].wait()
-                workers[0] = await start_worker()
+                workers[0] = await start_worker(env, TEAMS)
                 handles = await submitting
                 figures.sent = len(handles)
                 results = await collect(handles, timeout=60)
