@@ -41,6 +41,10 @@ class Keys:
         expiring with the session."""
         return f"{self.prefix}:dashboard:session:{session_id}"
 
+    def dashboard_sessions(self, key_id: str) -> str:
+        """The dashboard sessions one key opened (sorted set: session id by when it began)."""
+        return f"{self.prefix}:dashboard:sessions:{key_id}"
+
     # Live stats: written by workers every few seconds, read by `queuegate status`.
 
     @property

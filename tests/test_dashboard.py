@@ -14,6 +14,7 @@ from playwright.async_api import Page
 from admin.keys import issue_admin_key, revoke_team_key
 from frontdoor.dashboard.render import money
 from frontdoor.dashboard.security import CSP
+from frontdoor.dashboard.session import SESSIONS_PER_KEY
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig, disable_team, set_team_config
 from queuegate.settings import Settings
@@ -197,3 +198,23 @@ async def test_a_revoked_key_or_a_disabled_team_ends_its_sessions(settings: Sett
             answer = await client.get(path)
             assert answer.status_code == 303
             assert answer.headers["location"] == "/dashboard/sign-in"
+
+
+async def test_one_key_holds_a_bounded_number_of_sessions(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # A team signing in in a loop must not fill the shared Redis: its oldest sessions end.
+    async with open_door(settings, TEAMS) as door:
+        clients = [httpx.AsyncClient(base_url=door.url) for _ in range(SESSIONS_PER_KEY + 3)]
+        try:
+            for client in clients:
+                await _signed_in(client, door.keys["alpha"])
+            first, last = clients[0], clients[-1]
+            assert (await first.get("/dashboard/teams/alpha")).status_code == 303
+            assert (await last.get("/dashboard/teams/alpha")).status_code == 200
+            pattern = f"{settings.redis_prefix}:dashboard:session:*"
+            stored = [key async for key in redis_client.scan_iter(match=pattern)]
+            assert len(stored) == SESSIONS_PER_KEY
+        finally:
+            for client in clients:
+                await client.aclose()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -29,6 +30,9 @@ COOKIE = "queuegate_session"
 SIGN_IN_COOKIE = "queuegate_sign_in"
 """The CSRF token of the sign-in form, before any session exists (double submit)."""
 SESSION_TTL = 8 * 3600
+SESSIONS_PER_KEY = 20
+"""Sessions one key may hold at once; signing in again ends its oldest. Without a bound a
+team could fill the shared Redis with sessions by signing in in a loop."""
 
 
 @dataclass(frozen=True)
@@ -56,21 +60,34 @@ class BadCsrf(Exception):
 
 
 async def start(door: FrontDoor, owner: KeyOwner) -> Session:
-    """A new session of the key's owner."""
+    """A new session of the key's owner; past ``SESSIONS_PER_KEY``, the key's oldest ends."""
     session = Session(secrets.token_urlsafe(32), owner.team, owner.key_id, new_token())
     key = _key(door, session.session_id)
+    opened = _keys(door).dashboard_sessions(owner.key_id)
     async with door.redis.pipeline(transaction=True) as pipe:
         pipe.hset(
             key,
             mapping={"team": owner.team or "", "key_id": owner.key_id, "csrf": session.csrf},
         )
         pipe.expire(key, SESSION_TTL)
-        await pipe.execute()
+        pipe.zadd(opened, {session.session_id: time.time()})
+        pipe.expire(opened, SESSION_TTL)
+        pipe.zrange(opened, 0, -(SESSIONS_PER_KEY + 1))
+        *_, oldest = await pipe.execute()
+    if oldest:
+        ids = [_text(old) for old in oldest]
+        async with door.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*(_key(door, old) for old in ids))
+            pipe.zrem(opened, *ids)
+            await pipe.execute()
     return session
 
 
 async def end(door: FrontDoor, session: Session) -> None:
-    await door.redis.delete(_key(door, session.session_id))
+    async with door.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(_key(door, session.session_id))
+        pipe.zrem(_keys(door).dashboard_sessions(session.key_id), session.session_id)
+        await pipe.execute()
 
 
 async def current(request: Request) -> Session:
@@ -131,5 +148,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _keys(door: FrontDoor) -> Keys:
+    return Keys(door.settings.redis_prefix)
+
+
 def _key(door: FrontDoor, session_id: str) -> str:
-    return Keys(door.settings.redis_prefix).dashboard_session(session_id)
+    return _keys(door).dashboard_session(session_id)
