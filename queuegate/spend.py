@@ -42,6 +42,7 @@ from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
 from queuegate.registry import TeamConfig
+from queuegate.usage_log import accounted
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,7 @@ async def reconcile(
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 spent = await month_spend(conn, scope.team, month, scope.model)
-                written = [
-                    row["job_id"]
-                    for row in await conn.fetch(
-                        "SELECT job_id FROM usage_log WHERE team = $1 AND job_id = ANY($2)",
-                        scope.team,
-                        ids,
-                    )
-                ]
+                written = [job for _, job in await accounted(conn, [(scope.team, i) for i in ids])]
             for job in written:
                 wanted.pop(job, None)
             back: list[str | int] = [
