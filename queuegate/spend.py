@@ -121,9 +121,9 @@ async def ledgers_in_force(
     models: Sequence[str | None],
 ) -> list[int | None]:
     """What each ledger (the team's, model None, or its ledger on a model) counts as spent and
-    reserved now, nano-USD, as a worker's next reserve compares it with the limit: lapsed
-    entries left out (``ledger_spent`` counts them until a reserve reaps them); None where
-    Redis has no ledger. Read only."""
+    reserved now, nano-USD, as a worker's next reserve compares it with the limit: the
+    lapsed entries it would reap left out (``ledger_spent`` counts them until a reserve reaps
+    them), at most as many as it reaps; None where Redis has no ledger. Read only."""
     ledgers = ledger_keys(keys, team, month, models)
     reply = await client.register_script(_source("spent"))(keys=ledgers)
     return [None if spent < 0 else int(spent) for spent in reply]
