@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 import anthropic
+import httpx
 import openai
 import orjson
 import pytest
@@ -468,6 +469,25 @@ async def test_uploads_are_bounded_and_batches_checked_before_anything_is_kept(
                 input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
             )
         assert [b.id async for b in client.batches.list()] == []
+    async with front_door(bounded, gateway, keys) as door, door.anthropic() as client:
+        # A Message Batch over the limit is refused 413, whether its Content-Length says so
+        # or it comes in chunks of no announced length, and nothing is kept
+        with pytest.raises(anthropic.APIStatusError, match="split it into several") as big:
+            await client.messages.batches.create(requests=message_requests(40))  # type: ignore[arg-type]
+        assert big.value.status_code == 413
+
+        async def chunked() -> AsyncIterator[bytes]:
+            yield b'{"requests": ['
+            for _ in range(40):
+                yield orjson.dumps(message_requests(1)[0]) + b","
+
+        async with httpx.AsyncClient(base_url=door.url) as http:
+            streamed = await http.post(
+                "/v1/messages/batches", content=chunked(), headers={"x-api-key": keys["alpha"]}
+            )
+        assert streamed.status_code == 413, streamed.text
+        assert "split it into several" in streamed.text
+        assert [b.id async for b in client.messages.batches.list()] == []
     async with front_door(settings, gateway, keys) as door, door.anthropic() as client:
         with pytest.raises(anthropic.BadRequestError, match="used twice"):
             await client.messages.batches.create(
