@@ -14,6 +14,9 @@ Content-Length says so), ``too_many_requests`` (429) while the key is sending
 reading ``http_body_bytes_in_flight`` bytes already (both before any byte is read),
 ``request_timeout`` (408) when the body is not all there within ``http_body_timeout``
 seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object.
+
+``receive`` is that read, within a size and a time limit, for any body: a batch spooled to a
+file (``frontdoor.batches.upload``) reads through it too.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -69,30 +72,10 @@ class Bodies:
         return body
 
     async def read(self, request: Request, key_id: str, *, limit: int) -> bytes:
-        declared = request.headers.get("content-length")
-        size = int(declared) if declared is not None and declared.isdigit() else limit
-        if size > limit:
-            raise _too_large(limit)
-        with self._held(key_id, size):
+        size = declared_size(request, limit, _too_large)
+        with self._held(key_id, limit if size is None else size):
             chunks: list[bytes] = []
-            received = 0
-            try:
-                async with asyncio.timeout(self._timeout):
-                    async for chunk in request.stream():
-                        received += len(chunk)
-                        if received > limit:
-                            raise _too_large(limit)
-                        chunks.append(chunk)
-            except TimeoutError:
-                raise ApiError(
-                    "request_timeout",
-                    f"the request body did not arrive within {self._timeout:g} s",
-                ) from None
-            except ClientDisconnect:
-                # Answered to no one: a caller that hangs up is no fault of the process.
-                raise ApiError(
-                    "invalid_request", "the connection closed before the body was whole"
-                ) from None
+            await receive(request, chunks.append, limit=limit, timeout=self._timeout)
             return b"".join(chunks)
 
     @contextlib.contextmanager
@@ -127,4 +110,46 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
-__all__ = ["Bodies"]
+def declared_size(request: Request, limit: int, too_large: Callable[[int], ApiError]) -> int | None:
+    """The body's size as its Content-Length says (None when it says none); ``too_large(limit)``
+    raised at once when that is past ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return None
+    if int(declared) > limit:
+        raise too_large(limit)
+    return int(declared)
+
+
+async def receive(
+    request: Request,
+    into: Callable[[bytes], object],
+    *,
+    limit: int,
+    timeout: float,
+    too_large: Callable[[int], ApiError] = _too_large,
+) -> None:
+    """Hand the request's body to ``into`` as it arrives, never more than ``limit`` bytes of
+    it (``too_large(limit)`` past them, at once when the Content-Length says so), all within
+    ``timeout`` seconds (else ``request_timeout``)."""
+    declared_size(request, limit, too_large)
+    received = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise too_large(limit)
+                into(chunk)
+    except TimeoutError:
+        raise ApiError(
+            "request_timeout", f"the request body did not arrive within {timeout:g} s"
+        ) from None
+    except ClientDisconnect:
+        # Answered to no one: a caller that hangs up is no fault of the process.
+        raise ApiError(
+            "invalid_request", "the connection closed before the body was whole"
+        ) from None
+
+
+__all__ = ["Bodies", "declared_size", "receive"]

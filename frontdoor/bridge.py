@@ -3,7 +3,8 @@
 One per process, opened with the app (``FrontDoor``): one robust connection, one publishing
 channel with confirms, and ONE reply queue, ``<ns>.frontdoor.<id>``, declared here with an
 expiry (a dead process's queue goes away) and a length bound, consumed once. Replies are
-matched to waiters by job id (``producer.replies.Inbox``, as ``GatewayClient`` does)::
+matched to waiters by job id, the queue kept across reconnects as ``GatewayClient`` keeps
+its own (``producer.replies.Inbox`` and ``ReplyQueue``)::
 
     await bridge.submit(job, caller)                  # returns once the broker confirms it
     result = await bridge.wait(job.job_id, timeout)   # ChatResult; TimeoutError past timeout
@@ -25,23 +26,20 @@ request's, published under the id past the binding, and is dropped.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from collections import Counter
 from types import TracebackType
 from typing import Self
 
-import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 
 from frontdoor.auth import Caller
 from producer.client import job_message, publish_to_team
-from producer.replies import REPLY_PREFETCH, Inbox
+from producer.replies import Inbox, ReplyQueue
 from producer.streams import ChatStream
-from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
-from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.broker import connect
+from queuegate.errors import ConfigError
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -57,13 +55,12 @@ class Bridge:
         self.reply_queue = self._topology.frontdoor_queue(self._process_id)
         self._user_id = settings.amqp_user
         self._inbox = Inbox(keep_unexpected=False, ignore=self._foreign)
+        self._replies = ReplyQueue(self._inbox, declare=self._declare, delete=self._delete)
         self._waiting: Counter[str] = Counter()
         self._bound: set[str] = set()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
-        self._consumer: Consumer | None = None
-        self._reopening: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         if self._user_id not in self._settings.frontdoor:
@@ -77,8 +74,7 @@ class Bridge:
             self._channel = channel
             # Declared, not looked up: the front door may start before any worker or team.
             self._exchange = await self._topology.declare_jobs_exchange(channel)
-            await self._declare(channel)
-            channel.reopen_callbacks.add(self._on_reopen)
+            await self._replies.start(channel)
         except BaseException:
             await self._connection.close()
             raise
@@ -92,15 +88,7 @@ class Bridge:
     ) -> None:
         if self._connection is None:
             return
-        if self._reopening is not None:
-            self._reopening.cancel()
-        if self._channel is not None:
-            # Should this fail (the broker is away), the queue expires by itself.
-            with contextlib.suppress(*CONNECTION_LOST, aiormq.exceptions.AMQPError, TimeoutError):
-                async with asyncio.timeout(5):
-                    if self._consumer is not None:
-                        await self._consumer.cancel()
-                    await self._channel.queue_delete(self.reply_queue)
+        await self._replies.stop()
         await self._connection.close()
 
     @property
@@ -112,28 +100,17 @@ class Bridge:
             and not self._channel.is_closed
         )
 
-    async def _declare(self, channel: AbstractRobustChannel) -> None:
-        await self._topology.declare_frontdoor_queue(
+    async def _declare(self, channel: AbstractRobustChannel) -> str:
+        queue = await self._topology.declare_frontdoor_queue(
             channel,
             self._process_id,
             expires_s=self._settings.reply_queue_expires,
             max_length=self._settings.reply_queue_max_length,
         )
-        self._consumer = await consume(
-            channel, self.reply_queue, self._inbox.handle, prefetch=REPLY_PREFETCH
-        )
+        return queue.name
 
-    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
-        # Not awaited here: the channel's restore waits for its reopen callbacks.
-        if channel is not None:
-            self._reopening = asyncio.create_task(self._redeclare(channel))
-
-    async def _redeclare(self, channel: AbstractRobustChannel) -> None:
-        try:
-            await self._declare(channel)
-        except (ServiceUnavailable, aiormq.exceptions.AMQPError, *CONNECTION_LOST) as exc:
-            # The next reconnect tries again; waiting requests time out meanwhile.
-            log.warning("could not consume %s again: %s", self.reply_queue, exc)
+    async def _delete(self, channel: AbstractRobustChannel) -> None:
+        await channel.queue_delete(self.reply_queue)
 
     async def publish(self, job: ChatJob, caller: Caller) -> None:
         """Publish the team's job, signed with its key; return once the broker confirms it.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -61,8 +62,8 @@ class BudgetGate:
         self._keys = keys
         self._catalog = catalog
         self._expected_output = settings.expected_output_tokens
-        self._configs = _Fresh(settings.teams_refresh, self._config)
-        self._spent = _Fresh(SPENT_TTL, self._ledgers)
+        self._configs = Fresh(settings.teams_refresh, self._config)
+        self._spent = Fresh(SPENT_TTL, self._ledgers)
 
     async def refuse_spent(self, team: str, job: ChatJob) -> None:
         """Raise BudgetExhausted when a worker would refuse the job for its budget now."""
@@ -72,12 +73,13 @@ class BudgetGate:
             scopes = budget_scopes(config, job.model)
             if not scopes:
                 return
-            spent = await self._spent.get((team, month, job.model))
+            # By ledger, not by job model: every model without a cap shares the team's.
+            models = tuple(scope_model for scope_model, _ in scopes)
+            spent = await self._spent.get((team, month, models))
         except UNREADABLE as exc:
             log.debug("budget of team %s not checked: %s", team, exc)
             return
-        expected = config.expected_output_tokens or self._expected_output
-        needed = estimate(job, self._catalog, expected).cost_nano
+        needed = estimate(job, self._catalog, config, self._expected_output).cost_nano
         for scope, scope_spent in zip(scopes, spent, strict=True):
             if scope_spent is not None and scope_spent + needed > to_nano(scope[1]):
                 raise exhausted(
@@ -88,26 +90,43 @@ class BudgetGate:
         found = await get_team(self._pool, team)
         return found.config if found is not None else TeamConfig()
 
-    async def _ledgers(self, scope: tuple[str, str, str]) -> list[int | None]:
-        team, month, model = scope
-        config = await self._configs.get(team)
-        models = [scope_model for scope_model, _ in budget_scopes(config, model)]
+    async def _ledgers(self, ledgers: tuple[str, str, tuple[str | None, ...]]) -> list[int | None]:
+        team, month, models = ledgers
         return await ledgers_in_force(self._client, self._keys, team, month, models)
 
 
-class _Fresh(Generic[K, V]):
+class Fresh(Generic[K, V]):
     """Values by key, each read by ``read`` and kept ``ttl`` seconds; the requests that miss
-    one at once share one read (a burst asks PostgreSQL or Redis once, not once each)."""
+    one at once share one read (a burst asks PostgreSQL or Redis once, not once each). Only
+    the values read within ``ttl`` are held: older ones are dropped as the next is asked for,
+    so past months and teams gone leave nothing behind."""
 
-    def __init__(self, ttl: float, read: Callable[[K], Awaitable[V]]) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        read: Callable[[K], Awaitable[V]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._ttl = ttl
         self._read = read
-        self._values: dict[K, tuple[float, V]] = {}
+        self._clock = clock
+        self._values: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        """Oldest read first (nearly: reads end in any order), so the stale ones are in front."""
         self._reading: dict[K, asyncio.Future[V]] = {}
 
+    def __len__(self) -> int:
+        return len(self._values)
+
     async def get(self, key: K) -> V:
+        now = self._clock()
+        while self._values:
+            oldest, (at, _) = next(iter(self._values.items()))
+            if now - at <= self._ttl:
+                break
+            del self._values[oldest]
         kept = self._values.get(key)
-        if kept is not None and time.monotonic() - kept[0] <= self._ttl:
+        if kept is not None and now - kept[0] <= self._ttl:
             return kept[1]
         reading = self._reading.get(key)
         if reading is None:
@@ -117,9 +136,10 @@ class _Fresh(Generic[K, V]):
 
     async def _read_into(self, key: K) -> V:
         try:
-            at = time.monotonic()
+            at = self._clock()
             value = await self._read(key)
             self._values[key] = (at, value)
+            self._values.move_to_end(key)
             return value
         finally:
             del self._reading[key]

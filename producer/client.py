@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,14 +19,11 @@ from aio_pika.abc import (
 )
 
 from producer.control import ControlClient
-from producer.replies import REPLY_PREFETCH, Inbox
+from producer.replies import Inbox, ReplyQueue
 from producer.streams import ChatStream
 from queuegate.broker import (
-    CONNECTION_LOST,
-    Consumer,
     Outgoing,
     connect,
-    consume,
     json_message,
     publish,
     when_connected,
@@ -47,11 +41,7 @@ from queuegate.settings import Settings
 from queuegate.signing import ApiKey, sign_job
 from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, Topology
 
-log = logging.getLogger(__name__)
-
 DEFAULT_TIMEOUT = 120.0
-CLOSE_TIMEOUT = 5.0
-"""Seconds a closing client tries to delete its reply queue before leaving it to expire."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +104,14 @@ class GatewayClient:
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._reply_id = reply_queue or uuid.uuid4().hex
+        # A named queue stays for the next client of that name; our own goes with us.
+        self._replies = ReplyQueue(
+            self._inbox,
+            declare=self._open_reply_queue,
+            delete=self._close_reply_queue if self._reply_name is None else None,
+        )
         self._reply_queue: str | None = None
-        self._consumer: Consumer | None = None
         self._control: ControlClient | None = None
-        self._reopening: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
@@ -143,11 +137,7 @@ class GatewayClient:
             )
             await self._control.start()
             if self._listen:
-                self._reply_queue = await self._control.open_reply_queue(
-                    self._reply_id, durable=self._reply_name is not None
-                )
-                await self._consume_replies(self._channel)
-                self._channel.reopen_callbacks.add(self._on_reopen)
+                self._reply_queue = await self._replies.start(self._channel)
         except BaseException:
             await self._connection.close()
             raise
@@ -161,19 +151,7 @@ class GatewayClient:
     ) -> None:
         if self._connection is None:
             return
-        if self._reopening is not None:
-            self._reopening.cancel()
-        if self._reply_name is None and self._reply_queue is not None and self._control:
-            # Our own queue goes with us; should this fail (the broker is away: do not wait
-            # for it), the broker expires the queue later.
-            with contextlib.suppress(
-                *CONNECTION_LOST, aiormq.exceptions.AMQPError, ClientError, TimeoutError
-            ):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    # Our consumer first, so the broker does not cancel it under us.
-                    if self._consumer is not None:
-                        await self._consumer.cancel()
-                    await self._control.close_reply_queue(self._reply_id, durable=False)
+        await self._replies.stop()
         await self._connection.close()
 
     @property
@@ -291,28 +269,15 @@ class GatewayClient:
         self._inbox.open(stream)
         await self.submit(job)
 
-    async def _consume_replies(self, channel: AbstractRobustChannel) -> None:
-        self._consumer = await consume(
-            channel, self.reply_to, self._inbox.handle, prefetch=REPLY_PREFETCH
+    async def _open_reply_queue(self, channel: AbstractRobustChannel) -> str:
+        # Asked of the gateway (a team may not declare queues), on ``channel``: the same
+        # name each time, declared again if it expired while we were away.
+        return await self.control.open_reply_queue(
+            self._reply_id, durable=self._reply_name is not None
         )
 
-    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
-        # The queue may have expired while we were away: ask for it again (the same name,
-        # declared again if gone), then consume. Not awaited here: the answer comes on this
-        # channel, whose restore waits for its reopen callbacks.
-        if channel is not None:
-            self._reopening = asyncio.create_task(self._reopen(channel))
-
-    async def _reopen(self, channel: AbstractRobustChannel) -> None:
-        assert self._control is not None
-        try:
-            await self._control.open_reply_queue(
-                self._reply_id, durable=self._reply_name is not None
-            )
-            await self._consume_replies(channel)
-        except (ClientError, ServiceUnavailable, *CONNECTION_LOST) as exc:
-            # The next reconnect tries again; waiting jobs time out meanwhile.
-            log.warning("could not consume reply queue %s again: %s", self._reply_queue, exc)
+    async def _close_reply_queue(self, channel: AbstractRobustChannel) -> None:
+        await self.control.close_reply_queue(self._reply_id, durable=False)
 
 
 def job_message(

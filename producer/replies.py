@@ -1,21 +1,26 @@
 """Matching replies to jobs: one future per job id, duplicates dropped, no polling.
 
 ``Inbox`` reads the messages of a reply queue (results and stream chunks) and hands each to
-its waiter; ``GatewayClient`` and the HTTP front door both consume their queue through one.
+its waiter; ``ReplyQueue`` keeps that queue there, consumed into the inbox, across reconnects,
+and removes it at the end. ``GatewayClient`` and the HTTP front door both hold their queue so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import aiormq
+from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from producer.streams import ChatStream, StreamBook
-from queuegate.broker import settle
+from queuegate.broker import CONNECTION_LOST, Consumer, consume, settle
+from queuegate.errors import ClientError, ServiceUnavailable
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.topology import MESSAGE_TYPE_CHUNK, MESSAGE_TYPE_RESULT
 
@@ -27,6 +32,17 @@ one in flight when the connection drops is redelivered."""
 
 SEEN_LIMIT = 100_000
 """Answered job ids remembered to drop redelivered duplicates; older ones are forgotten."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds a closing owner tries to remove its reply queue before leaving it to expire."""
+
+UNANSWERED: tuple[type[BaseException], ...] = (
+    *CONNECTION_LOST,
+    aiormq.exceptions.AMQPError,
+    ClientError,
+    ServiceUnavailable,
+)
+"""What opening or removing a reply queue meets while the broker (or the gateway that
+declares a team's queues) cannot answer."""
 
 
 class ReplyBook:
@@ -152,3 +168,80 @@ class Inbox:
             f"acknowledge the reply to {properties.correlation_id}",
             log,
         )
+
+
+class ReplyQueue:
+    """One reply queue on a robust channel, consumed into ``inbox``::
+
+        replies = ReplyQueue(inbox, declare=..., delete=...)
+        name = await replies.start(channel)   # declared, consumed: the jobs' reply_to
+        ...
+        await replies.stop()                  # no longer consumed, and deleted
+
+    ``declare(channel)`` makes sure the queue is there and gives its name: declared on the
+    channel itself, or asked of the gateway for a team's queue. Each time the channel comes
+    back after a lost connection the queue is declared again (it may have expired meanwhile)
+    and consumed again. ``delete`` removes it at ``stop``; None leaves it (a named queue
+    that keeps results for the next owner): then nothing is sent at ``stop``, and the
+    consumer ends with the connection. Should the broker be away at ``stop``, the queue
+    expires by itself.
+    """
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        *,
+        declare: Callable[[AbstractRobustChannel], Awaitable[str]],
+        delete: Callable[[AbstractRobustChannel], Awaitable[None]] | None = None,
+    ) -> None:
+        self._inbox = inbox
+        self._declare = declare
+        self._delete = delete
+        self._name: str | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._consumer: Consumer | None = None
+        self._reopening: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            raise RuntimeError("start the reply queue first")
+        return self._name
+
+    async def start(self, channel: AbstractRobustChannel) -> str:
+        """Declare the queue and consume it, now and whenever ``channel`` comes back."""
+        await self._open(channel)
+        self._channel = channel
+        channel.reopen_callbacks.add(self._on_reopen)
+        return self.name
+
+    async def stop(self) -> None:
+        if self._reopening is not None:
+            self._reopening.cancel()
+        if self._delete is None or self._channel is None:
+            return
+        with contextlib.suppress(*UNANSWERED, TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                # The consumer first, so the broker does not cancel it under us.
+                if self._consumer is not None:
+                    await self._consumer.cancel()
+                await self._delete(self._channel)
+
+    async def _open(self, channel: AbstractRobustChannel) -> None:
+        self._name = await self._declare(channel)
+        self._consumer = await consume(
+            channel, self._name, self._inbox.handle, prefetch=REPLY_PREFETCH
+        )
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # Not awaited here: the channel's restore waits for its reopen callbacks, and a
+        # queue asked of the gateway is answered on this very channel.
+        if channel is not None:
+            self._reopening = asyncio.create_task(self._reopen(channel))
+
+    async def _reopen(self, channel: AbstractRobustChannel) -> None:
+        try:
+            await self._open(channel)
+        except UNANSWERED as exc:
+            # The next reconnect tries again; waiting jobs time out meanwhile.
+            log.warning("could not consume reply queue %s again: %s", self._name, exc)

@@ -42,6 +42,7 @@ from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
 from queuegate.registry import TeamConfig
+from queuegate.usage_log import accounted
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +121,9 @@ async def ledgers_in_force(
     models: Sequence[str | None],
 ) -> list[int | None]:
     """What each ledger (the team's, model None, or its ledger on a model) counts as spent and
-    reserved now, nano-USD, as a worker's next reserve compares it with the limit: lapsed
-    entries left out (``ledger_spent`` counts them until a reserve reaps them); None where
-    Redis has no ledger. Read only."""
+    reserved now, nano-USD, as a worker's next reserve compares it with the limit: the
+    lapsed entries it would reap left out (``ledger_spent`` counts them until a reserve reaps
+    them), at most as many as it reaps; None where Redis has no ledger. Read only."""
     ledgers = ledger_keys(keys, team, month, models)
     reply = await client.register_script(_source("spent"))(keys=ledgers)
     return [None if spent < 0 else int(spent) for spent in reply]
@@ -248,14 +249,7 @@ async def reconcile(
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 spent = await month_spend(conn, scope.team, month, scope.model)
-                written = [
-                    row["job_id"]
-                    for row in await conn.fetch(
-                        "SELECT job_id FROM usage_log WHERE team = $1 AND job_id = ANY($2)",
-                        scope.team,
-                        ids,
-                    )
-                ]
+                written = [job for _, job in await accounted(conn, [(scope.team, i) for i in ids])]
             for job in written:
                 wanted.pop(job, None)
             back: list[str | int] = [

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import aio_pika
@@ -47,6 +48,26 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+@contextlib.contextmanager
+def logged(logger: str, start: str) -> Iterator[asyncio.Event]:
+    """An event set once ``logger`` (or one below it) logs a line beginning with ``start``:
+    for what only a log line tells, such as a job meeting an outage. Enter it before the
+    cause, in the event loop of the process that logs."""
+    loop, event = asyncio.get_running_loop(), asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(start):
+                loop.call_soon_threadsafe(event.set)
+
+    handler, target = Seen(), logging.getLogger(logger)
+    target.addHandler(handler)
+    try:
+        yield event
+    finally:
+        target.removeHandler(handler)
 
 
 async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter]:

@@ -26,6 +26,7 @@ from queuegate.errors import ServiceUnavailable
 from queuegate.messages import Attempt, UsageEvent
 from queuegate.settings import Settings
 from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
+from queuegate.usage_log import accounted
 
 WAIT = 5.0
 """Seconds any awaited outcome may take before the test fails."""
@@ -322,6 +323,26 @@ async def test_graceful_stop_writes_what_it_holds(
     # Expect everything it held written in one last batch
     assert await row_count(pool) == 5
     assert (accountant.batches, accountant.events_written) == (1, 5)
+
+
+async def test_accounted_names_exactly_the_team_and_job_pairs_with_a_usage_row(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given rows of alpha's job-1 and job-2 and of beta's job-3 (job ids are unique per team)
+    await migrate(pool, settings.database_schema)
+    await insert_usage(pool, [usage("job-1"), usage("job-2"), usage("job-3", team="beta")])
+
+    # When alpha's and beta's jobs are asked for across the teams, on a pool and in a
+    # transaction as reconciliation asks
+    asked = [("alpha", "job-1"), ("beta", "job-1"), ("alpha", "job-3"), ("beta", "job-3")]
+    found = await accounted(pool, asked)
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        in_snapshot = await accounted(conn, [("alpha", "job-2"), ("alpha", "job-9")])
+
+    # Expect only the pairs with a row: another team's row under the same job id is not one
+    assert found == {("alpha", "job-1"), ("beta", "job-3")}
+    assert in_snapshot == {("alpha", "job-2")}
+    assert await accounted(pool, []) == set()
 
 
 async def test_monthly_spend_equals_sums_of_the_rows(

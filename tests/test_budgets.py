@@ -157,3 +157,29 @@ async def test_the_spend_in_force_leaves_out_lapsed_reservations_as_a_reserve_wo
     live = _budgets(settings, redis_client, pool)
     assert (await live.reserve("alpha", "m", config, DOLLAR, "job-all"))[0] is not None
     assert await ledgers_in_force(redis_client, keys, "alpha", month, [None]) == [DOLLAR]
+
+
+async def test_the_spend_in_force_leaves_out_no_more_lapsed_entries_than_a_reserve_reaps(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given 150 reservations of $0.001 whose workers died long ago (their entries lapsed),
+    # more than one reserve reaps (spend.lua's REAP, 100)
+    keys, month = Keys(settings.redis_prefix), current_month()
+    config = TeamConfig(budget_usd=Decimal(1))
+    budgets = _budgets(settings, redis_client, pool)
+    milli = DOLLAR // 1000
+    for i in range(150):
+        await budgets.reserve("alpha", "m", config, milli, f"job-dead-{i}")
+    expiry = keys.spend_expiry("alpha", month)
+    await redis_client.zadd(expiry, dict.fromkeys(await redis_client.zrange(expiry, 0, -1), 0))
+
+    # When the ledger is read as the front door reads it, before and after a reserve
+    before = await ledgers_in_force(redis_client, keys, "alpha", month, [None])
+    await budgets.reserve("alpha", "m", config, milli, "job-live")
+    after = await ledgers_in_force(redis_client, keys, "alpha", month, [None])
+
+    # Expect each read to leave out the 100 entries the next reserve reaps, no more: what the
+    # reserve found ($0.05 of dead entries left, plus its own $0.001) is what the read said
+    assert before == [50 * milli]
+    assert await ledger_spent(redis_client, keys, "alpha", month) == Decimal("0.051")
+    assert after == [milli]

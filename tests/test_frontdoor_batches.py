@@ -9,12 +9,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
 import anthropic
+import httpx
 import openai
 import orjson
 import pytest
@@ -181,6 +181,9 @@ async def test_an_openai_batch_ends_with_output_and_error_files_each_line_billed
             metadata={"job": "nightly"},
         )
         assert batch.status == "validating" and batch.metadata == {"job": "nightly"}
+        assert batch.completion_window == "24h"
+        assert batch.expires_at is not None
+        assert abs(batch.expires_at - batch.created_at - 24 * 3600) <= 1
         ended = await openai_ended(client, batch.id)
         listed = [b.id async for b in client.batches.list(limit=1)]
         output = parse_jsonl(await (await client.files.content(ended.output_file_id)).aread())
@@ -224,6 +227,7 @@ async def test_a_message_batch_ends_with_results_the_sdk_reads(
         batch = await client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
         assert batch.processing_status == "in_progress"
         assert batch.request_counts.processing == 20
+        assert abs((batch.expires_at - batch.created_at).total_seconds() - 24 * 3600) <= 1
         ended = await anthropic_ended(client, batch.id)
         results = [r async for r in await client.messages.batches.results(batch.id)]
         listed = [b.id async for b in client.messages.batches.list()]
@@ -351,9 +355,7 @@ async def test_a_message_batch_canceled_before_it_ran_lists_every_request_cancel
             key_id=str(api_key_id(keys["alpha"])),
             input_file_id=stored.id,
             endpoint="/v1/messages",
-            completion_window="24h",
             metadata=None,
-            expires_at=datetime.now(UTC) + timedelta(hours=24),
             total=3,
         )
         canceled = await records.request_cancel(pool, "alpha", "anthropic", batch_id)
@@ -467,6 +469,25 @@ async def test_uploads_are_bounded_and_batches_checked_before_anything_is_kept(
                 input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
             )
         assert [b.id async for b in client.batches.list()] == []
+    async with front_door(bounded, gateway, keys) as door, door.anthropic() as client:
+        # A Message Batch over the limit is refused 413, whether its Content-Length says so
+        # or it comes in chunks of no announced length, and nothing is kept
+        with pytest.raises(anthropic.APIStatusError, match="split it into several") as big:
+            await client.messages.batches.create(requests=message_requests(40))  # type: ignore[arg-type]
+        assert big.value.status_code == 413
+
+        async def chunked() -> AsyncIterator[bytes]:
+            yield b'{"requests": ['
+            for _ in range(40):
+                yield orjson.dumps(message_requests(1)[0]) + b","
+
+        async with httpx.AsyncClient(base_url=door.url) as http:
+            streamed = await http.post(
+                "/v1/messages/batches", content=chunked(), headers={"x-api-key": keys["alpha"]}
+            )
+        assert streamed.status_code == 413, streamed.text
+        assert "split it into several" in streamed.text
+        assert [b.id async for b in client.messages.batches.list()] == []
     async with front_door(settings, gateway, keys) as door, door.anthropic() as client:
         with pytest.raises(anthropic.BadRequestError, match="used twice"):
             await client.messages.batches.create(
@@ -525,9 +546,11 @@ async def test_a_batch_past_its_window_expires_its_requests_uncalled(
             key_id=str(api_key_id(keys["alpha"])),
             input_file_id=file_id,
             endpoint="/v1/chat/completions",
-            completion_window="24h",
             metadata=None,
-            expires_at=datetime.now(UTC) - timedelta(seconds=1),
+        )
+        await pool.execute(
+            "UPDATE api_batches SET expires_at = now() - interval '1 second' WHERE id = $1",
+            batch_id,
         )
     finally:
         await pool.close()
@@ -784,9 +807,7 @@ def _recorded(
         "key_id": key_id,
         "input_file_id": input_file_id,
         "endpoint": endpoint,
-        "completion_window": "24h",
         "metadata": None,
-        "expires_at": datetime.now(UTC) + timedelta(hours=24),
         "total": total,
     }
 

@@ -9,16 +9,19 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import anthropic
+import asyncpg
 import httpx
 import openai
 import pytest
 import redis.asyncio as aioredis
 
 from accounting.store import insert_usage
+from frontdoor.budgets import BudgetGate, Fresh
 from frontdoor.serve import serving
+from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
-from queuegate.messages import UsageEvent
-from queuegate.registry import TeamConfig
+from queuegate.messages import ChatJob, UsageEvent
+from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import Scope, current_month, reconcile, reconciler_token
 from router import load_catalog
@@ -97,3 +100,64 @@ async def test_a_spent_team_is_refused_before_anything_is_published(door: Door) 
         ("beta", False),
     ]
     assert door.gateway.mock.stats.calls == 1
+
+
+async def test_the_gate_reads_each_ledger_a_job_is_held_to(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given alpha with $1 a month and a $0.001 cap on claude-haiku, $0.002 of which is spent
+    # (its ledgers reconciled as accounting does)
+    config = TeamConfig(
+        budget_usd=Decimal(1), models={"claude-haiku": ModelLimits(budget_usd=Decimal("0.001"))}
+    )
+    await register(settings, "alpha", config)
+    spent = UsageEvent(
+        job_id="spent", team="alpha", model_requested="claude-haiku", status="ok",
+        cost_usd=Decimal("0.002"), ts=datetime.now(UTC),
+    )  # fmt: skip
+    await insert_usage(pool, [spent])
+    keys, month = Keys(settings.redis_prefix), current_month()
+    scopes = [Scope("alpha"), Scope("alpha", "claude-haiku")]
+    assert await reconcile(redis_client, pool, keys, scopes, month, token=reconciler_token())
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    gate = BudgetGate(pool, redis_client, keys, catalog, settings)
+
+    def job(model: str) -> ChatJob:
+        return ChatJob(
+            job_id=model, team="alpha", model=model, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    # When jobs of the capped model and of two others ask, the capped one twice
+    with pytest.raises(BudgetExhausted) as capped:
+        await gate.refuse_spent("alpha", job("claude-haiku"))
+    for model in ("gpt-4o-mini", "local-llama"):
+        await gate.refuse_spent("alpha", job(model))
+    with pytest.raises(BudgetExhausted):
+        await gate.refuse_spent("alpha", job("claude-haiku"))
+
+    # Expect the capped model refused on its cap, the others let through on the team's budget
+    assert "claude-haiku" in str(capped.value)
+
+
+async def test_fresh_values_hold_only_what_was_read_within_their_ttl() -> None:
+    # Given values kept 1 s, read by a counting reader, on a clock the test moves
+    now = [0.0]
+    reads: list[int] = []
+
+    async def read(key: int) -> int:
+        reads.append(key)
+        return key * 2
+
+    fresh: Fresh[int, int] = Fresh(1.0, read, clock=lambda: now[0])
+
+    # When 1,000 keys are read, one of them again within the second, then one more later
+    assert [await fresh.get(k) for k in range(1000)] == [2 * k for k in range(1000)]
+    now[0] = 0.5
+    assert await fresh.get(7) == 14
+    now[0] = 1.6
+    assert await fresh.get(1000) == 2000
+
+    # Expect the repeat answered from what was kept, and the values read over a second
+    # before the last one dropped, not kept for ever
+    assert len(reads) == 1001
+    assert len(fresh) == 1

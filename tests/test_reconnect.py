@@ -6,14 +6,22 @@ import asyncio
 
 import aio_pika
 import pytest
+from aio_pika.exceptions import ChannelNotFoundEntity
 
+from frontdoor.auth import Caller
+from frontdoor.bridge import Bridge
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.errors import ServiceUnavailable
+from queuegate.messages import ChatJob
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.faults import behind_proxies
+from tests.frontdoor_support import issue_key
+from tests.proxy import TcpProxy
 from tests.support import consumed, running_gateway, wait_until
+from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 OUTAGE = 0.5
@@ -125,3 +133,76 @@ async def test_a_submit_fails_clearly_when_the_broker_stays_away(settings: Setti
             with pytest.raises(ServiceUnavailable, match="did not come back within"):
                 await c.submit(c.job("gpt-4o-mini", HELLO))
             await proxies["amqp"].up()
+
+
+async def _gone_while_away(settings: Settings, proxy: TcpProxy, queue: str) -> None:
+    """Cut the owner's connection and delete its reply queue meanwhile, as the broker does
+    once the queue has gone unused past its expiry; then let the owner reconnect, and wait
+    until the queue is back and consumed."""
+    await proxy.down()
+    admin = await aio_pika.connect(settings.amqp_url)
+    async with admin:
+        async with admin.channel() as channel:
+            await channel.queue_delete(queue)
+        await proxy.up()
+        await consumed(admin, queue)
+
+
+async def _exists(settings: Settings, queue: str) -> bool:
+    admin = await aio_pika.connect(settings.amqp_url)
+    async with admin:
+        try:
+            async with admin.channel() as channel:
+                await channel.declare_queue(queue, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+    return True
+
+
+async def test_a_clients_reply_queue_gone_while_it_was_away_is_opened_again(
+    settings: Settings,
+) -> None:
+    async with (
+        behind_proxies(settings, "amqp") as (through, proxies),
+        running_gateway(settings) as gw,
+    ):
+        # Given a client with a reply queue of its own, and one with a named queue
+        async with (
+            GatewayClient(through, team="alpha") as client,
+            GatewayClient(settings, team="alpha", reply_queue="nightly") as named,
+        ):
+            own, kept = client.reply_to, named.reply_to
+            # When its queue goes while its connection is down (it expired meanwhile)
+            await _gone_while_away(settings, proxies["amqp"], own)
+            # Expect it asked for again on reconnect, consumed, and replies arriving there
+            assert (await client.chat("gpt-4o-mini", HELLO, timeout=15)).status == "ok"
+            assert gw.mock.stats.calls == 1
+        # and, once the clients close, their own queue deleted, the named one kept for the
+        # next client of that name
+        assert not await _exists(settings, own)
+        assert await _exists(settings, kept)
+
+
+async def test_the_front_doors_reply_queue_gone_while_it_was_away_is_declared_again(
+    settings: Settings,
+) -> None:
+    await register(settings, "alpha", TeamConfig())
+    key_id, key = await issue_key(settings, "alpha")
+    caller = Caller("alpha", key_id, key)
+    job = ChatJob(job_id="after-reconnect", team="alpha", model="gpt-4o-mini", messages=HELLO)
+    async with (
+        behind_proxies(settings, "amqp") as (through, proxies),
+        running_gateway(settings) as gw,
+    ):
+        # Given a front-door process's bridge and its reply queue
+        async with Bridge(through) as bridge:
+            queue = bridge.reply_queue
+            # When the queue goes while the bridge's connection is down
+            await _gone_while_away(settings, proxies["amqp"], queue)
+            # Expect it declared again on reconnect, consumed, and the job's answer there
+            await bridge.submit(job, caller)
+            result = await bridge.wait(job.job_id, 15)
+            assert result.status == "ok", result.error
+            assert gw.mock.stats.calls == 1
+        # and deleted once the bridge closes
+        assert not await _exists(settings, queue)

@@ -9,14 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
 import asyncpg
 
 from queuegate.db import DB_ERRORS, RETRY_CAP, RETRY_FIRST, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable
 from queuegate.outage import OutageLog
+from queuegate.usage_log import accounted
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LOOKUP_TIMEOUT = 5.0
 """Seconds one lookup may take before it counts as PostgreSQL being unreachable."""
@@ -73,22 +79,16 @@ class UsageRecord:
     async def _look_up(self) -> None:
         while self._asked:
             asked, self._asked = self._asked, {}
-            teams, ids = zip(*asked, strict=True)
             try:
-                rows = await self._fetch(
-                    "SELECT team, job_id FROM usage_log"
-                    " WHERE (team, job_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    list(teams),
-                    list(ids),
-                )
+                nothing: set[tuple[str, str]] = set()
+                found = await self._read(partial(accounted, self._pool, list(asked)), nothing)
             except asyncio.CancelledError:
                 for answer in asked.values():
                     answer.cancel()
                 raise
             except Exception:
                 log.exception("looking up %d jobs in usage_log failed; they wait", len(asked))
-                rows = None
-            found = None if rows is None else {(row[0], row[1]) for row in rows}
+                found = None
             for key, answer in asked.items():
                 if not answer.done():
                     answer.set_result(None if found is None else key in found)
@@ -96,22 +96,28 @@ class UsageRecord:
     async def accounted_before(self, epoch_ms: float, seconds: float) -> bool | None:
         """Whether any job that finished in the ``seconds`` before ``epoch_ms`` (Unix time,
         ms) is accounted; None when PostgreSQL cannot tell."""
-        rows = await self._fetch(
-            "SELECT 1 FROM usage_log WHERE ts > to_timestamp($1) AND ts <= to_timestamp($2)"
-            " LIMIT 1",
-            epoch_ms / 1000 - seconds,
-            epoch_ms / 1000,
+        nothing: list[asyncpg.Record] = []
+        rows = await self._read(
+            lambda: self._pool.fetch(
+                "SELECT 1 FROM usage_log WHERE ts > to_timestamp($1) AND ts <= to_timestamp($2)"
+                " LIMIT 1",
+                epoch_ms / 1000 - seconds,
+                epoch_ms / 1000,
+            ),
+            nothing,
         )
         return None if rows is None else bool(rows)
 
-    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record] | None:
+    async def _read(self, query: Callable[[], Awaitable[T]], nothing: T) -> T | None:
+        """``query()``'s answer; ``nothing`` before accounting made usage_log; None while
+        PostgreSQL cannot tell."""
         if time.monotonic() < self._down_until:
             return None
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
-                rows: list[asyncpg.Record] = await self._pool.fetch(query, *args)
+                answer = await query()
         except asyncpg.UndefinedTableError:
-            return []  # accounting has not created it yet: nothing was accounted
+            return nothing  # accounting has not created it yet: nothing was accounted
         except DB_ERRORS as exc:  # TimeoutError (LOOKUP_TIMEOUT) is among them
             self._down_until = time.monotonic() + RETRY_AFTER
             self._outage.failed(exc)
@@ -119,4 +125,4 @@ class UsageRecord:
                 await reconnect(self._pool)
             return None
         self._outage.recovered()
-        return rows
+        return answer

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -28,6 +28,9 @@ MAX_FAULTS = 5
 """Runs that may end in a fault of ours before the batch fails, so it never loops."""
 
 ID_PREFIX: dict[Api, str] = {"openai": "batch_", "anthropic": "msgbatch_"}
+WINDOW = "24h"
+"""The completion window of every batch: OpenAI's only one, Anthropic's fixed one."""
+_WINDOW_LENGTH = timedelta(hours=24)
 
 
 def new_batch_id(api: Api) -> str:
@@ -104,11 +107,10 @@ async def create_batch(
     key_id: str,
     input_file_id: str,
     endpoint: str,
-    completion_window: str,
     metadata: dict[str, str] | None,
-    expires_at: datetime,
     total: int = 0,
 ) -> BatchRow:
+    """Record a new batch, ``validating``, to expire ``WINDOW`` from now."""
     record = await pool.fetchrow(
         f"""
         INSERT INTO api_batches (id, team, api, status, key_id, input_file_id, endpoint,
@@ -122,9 +124,9 @@ async def create_batch(
         key_id,
         input_file_id,
         endpoint,
-        completion_window,
+        WINDOW,
         metadata,
-        expires_at,
+        datetime.now(UTC) + _WINDOW_LENGTH,
         total,
     )
     row = _row(record)

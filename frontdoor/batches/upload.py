@@ -21,6 +21,7 @@ from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
+from frontdoor.body import declared_size, receive
 from frontdoor.errors import ApiError
 
 FORM_OVERHEAD = 64 * 1024
@@ -31,12 +32,10 @@ FORM_OVERHEAD = 64 * 1024
 async def read_upload(request: Request, *, limit: int, timeout: float) -> AsyncIterator[FormData]:
     """The request's form, its files spooled by the parser and closed on exit."""
     bound = limit + FORM_OVERHEAD
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > bound:
-        raise too_large(limit)
+    declared_size(request, bound, lambda _: too_large(limit))
     received = 0
 
-    async def receive() -> Message:
+    async def counted() -> Message:
         nonlocal received
         message = await request.receive()
         received += len(message.get("body", b""))
@@ -46,7 +45,7 @@ async def read_upload(request: Request, *, limit: int, timeout: float) -> AsyncI
 
     try:
         async with asyncio.timeout(timeout):
-            form = await Request(request.scope, receive).form(max_files=1, max_fields=16)
+            form = await Request(request.scope, counted).form(max_files=1, max_fields=16)
     except TimeoutError:
         raise ApiError(
             "request_timeout", f"the upload did not arrive within {timeout:g} s"
@@ -59,22 +58,8 @@ async def read_upload(request: Request, *, limit: int, timeout: float) -> AsyncI
 
 async def spool_body(request: Request, path: Path, *, limit: int, timeout: float) -> None:
     """Write the request's body to ``path``, never more than ``limit`` bytes of it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    size = 0
-    try:
-        async with asyncio.timeout(timeout):
-            with path.open("wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise too_large(limit)
-                    f.write(chunk)
-    except TimeoutError:
-        raise ApiError(
-            "request_timeout", f"the request body did not arrive within {timeout:g} s"
-        ) from None
+    with path.open("wb") as f:
+        await receive(request, f.write, limit=limit, timeout=timeout, too_large=too_large)
 
 
 async def chunks(upload: UploadFile, size: int) -> AsyncIterator[bytes]:

@@ -10,7 +10,6 @@ process or request ends meanwhile. Its results are two files: ``output_file_id``
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -29,7 +28,6 @@ router = APIRouter(tags=["OpenAI Batches"])
 Door = Annotated[FrontDoor, Depends(frontdoor)]
 Calling = Annotated[Caller, Depends(require_caller)]
 
-WINDOW = "24h"
 REQUEST_BYTES = 64 * 1024
 """A batch's own request is small: its lines are in the input file."""
 
@@ -60,10 +58,11 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
         raise ApiError(
             "invalid_request", f"endpoint {shown(asked.endpoint)!r} is not served: use {URL}"
         )
-    if asked.completion_window != WINDOW:
+    if asked.completion_window != records.WINDOW:
         raise ApiError(
             "invalid_request",
-            f"completion_window {shown(asked.completion_window)!r} is not served: use {WINDOW!r}",
+            f"completion_window {shown(asked.completion_window)!r} is not served: "
+            f"use {records.WINDOW!r}",
         )
     if await files.get_file(door.pool, caller.team, asked.input_file_id, ("batch",)) is None:
         raise ApiError(
@@ -79,9 +78,7 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
         key_id=caller.key_id,
         input_file_id=asked.input_file_id,
         endpoint=asked.endpoint,
-        completion_window=asked.completion_window,
         metadata=asked.metadata,
-        expires_at=datetime.now(UTC) + timedelta(hours=24),
     )
     door.batch_runner.wake()
     return openai_batch(row)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,9 +68,7 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
         key_id=caller.key_id,
         input_file_id=stored.id,
         endpoint="/v1/messages",
-        completion_window="24h",
         metadata=None,
-        expires_at=datetime.now(UTC) + timedelta(hours=24),
         total=total,
     )
     door.batch_runner.wake()

@@ -29,7 +29,7 @@ from queuegate.spend import current_month
 from queuegate.topology import Topology
 from tests.chaos.harness import dead_lettered
 from tests.chaos.private_postgres import PrivatePostgres
-from tests.support import running_accountant, running_gateway
+from tests.support import logged, running_accountant, running_gateway
 from tests.teams import register
 from tests.test_accounting import send_usage, usage
 
@@ -149,12 +149,13 @@ async def test_a_worker_holds_a_job_while_the_registry_is_away_and_serves_it_onc
         first = await client.chat("gpt-4o-mini", [{"role": "user", "content": "a"}])
         assert first.status == "ok", first.error
         # When PostgreSQL stops (longer than the cache's 0.1 s) and the team's key, no longer
-        # cached, must be looked up for the next job
+        # cached, must be looked up for the next job, which meets the outage
         await asyncio.to_thread(postgres.stop, "fast")
-        handle = await client.submit(
-            client.job("gpt-4o-mini", [{"role": "user", "content": "during"}])
-        )
-        await asyncio.sleep(2)  # a two-second outage, which the job meets
+        with logged("workers.identity", "PostgreSQL (team registry) unavailable") as met:
+            handle = await client.submit(
+                client.job("gpt-4o-mini", [{"role": "user", "content": "during"}])
+            )
+            await asyncio.wait_for(met.wait(), WAIT)
         await asyncio.to_thread(postgres.start)
         result = await handle.result(timeout=WAIT)
 
@@ -191,12 +192,17 @@ async def test_a_job_whose_budget_ledger_is_lost_waits_for_postgresql_and_is_ser
         assert first.status == "ok", first.error
 
         # When PostgreSQL stops and Redis loses the team's ledger, which the next job needs
-        # rebuilt from PostgreSQL
+        # rebuilt from PostgreSQL (Redis's memory of answered jobs settled as "nothing to
+        # forget", or the job would first wait for its lookup in usage_log, not the rebuild)
         await asyncio.to_thread(postgres.stop, "fast")
         keys, month = Keys(settings.redis_prefix), current_month()
+        await redis_client.set(keys.memory_epoch, "0")
         await redis_client.delete(keys.spend("alpha", month), keys.spend_expiry("alpha", month))
-        handle = await client.submit(client.job("gpt-4o-mini", [{"role": "user", "content": "b"}]))
-        await asyncio.sleep(2)  # a two-second outage, which the job meets
+        with logged("workers.admission", "PostgreSQL (budget ledger rebuild) unavailable") as met:
+            handle = await client.submit(
+                client.job("gpt-4o-mini", [{"role": "user", "content": "b"}])
+            )
+            await asyncio.wait_for(met.wait(), WAIT)  # the job meets the outage
         await asyncio.to_thread(postgres.start)
         result = await handle.result(timeout=WAIT)
 

@@ -15,6 +15,7 @@ from decimal import Decimal
 import orjson
 
 from queuegate.messages import ChatJob
+from queuegate.registry import TeamConfig
 from queuegate.spend import to_nano
 from router.catalog import Catalog, Deployment
 
@@ -57,10 +58,12 @@ def prompt_tokens(job: ChatJob) -> int:
     return math.ceil(chars / 4) + PER_MESSAGE * len(job.messages)
 
 
-def estimate(job: ChatJob, catalog: Catalog, expected_output: int) -> Estimate:
-    """``expected_output`` counts when the job sets no ``max_tokens``."""
+def estimate(job: ChatJob, catalog: Catalog, config: TeamConfig, default_output: int) -> Estimate:
+    """What admission reserves for ``job`` of a team with ``config``. Its output is the
+    job's ``max_tokens``, else the team's expected output, else ``default_output`` (the
+    gateway's ``expected_output_tokens``)."""
     prompt = prompt_tokens(job)
-    output = job.params.max_tokens or expected_output
+    output = job.params.max_tokens or config.expected_output_tokens or default_output
     price = max(
         _usd(d, prompt, output)
         for alias in catalog.chain(job.model, job.fallbacks)

@@ -117,8 +117,8 @@ class Admission:
         until = time.monotonic() + self._settings.admission_max_wait
         if deadline is not None:
             until = min(until, deadline)
-        expected = config.expected_output_tokens or self._settings.expected_output_tokens
-        ticket = Ticket(self, job.team, estimate(job, self._catalog, expected), until)
+        needed = estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+        ticket = Ticket(self, job.team, needed, until)
         limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
         # The first try at the team's buckets rides with the budget's reservation, in one
         # round trip, unless jobs already wait in line for them (see Ticket.take).

@@ -1,0 +1,36 @@
+"""Which jobs ``usage_log`` holds: a job with a usage row was answered and accounted.
+
+Workers ask it of a job Redis may have forgotten (``workers.usage_record``), a ledger's
+reconciliation of the jobs whose entries it holds (``queuegate.spend``)::
+
+    rows = await accounted(pool, [("alpha", "job-1"), ("beta", "job-2")])   # {("alpha", "job-1")}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import asyncpg
+
+_ACCOUNTED = (
+    "SELECT team, job_id FROM usage_log WHERE team = ANY($1::text[]) AND job_id = ANY($2::text[])"
+)
+"""Read by the (team, job_id) index. A row of one asked team under another's job id can come
+too (rarely: ids are unique per team), and is dropped below; pairs through ``unnest`` took
+1.5-3 times as long on a large usage_log."""
+
+
+async def accounted(
+    db: asyncpg.Pool | asyncpg.Connection, jobs: Collection[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Those of ``jobs``, (team, job id) pairs, that have a usage row. Raises asyncpg's
+    errors (``queuegate.db``)."""
+    if not jobs:
+        return set()
+    teams, ids = {team for team, _ in jobs}, {job_id for _, job_id in jobs}
+    rows = await db.fetch(_ACCOUNTED, list(teams), list(ids))
+    asked = set(jobs)
+    return {pair for row in rows if (pair := (row["team"], row["job_id"])) in asked}
+
+
+__all__ = ["accounted"]
