@@ -81,19 +81,31 @@ def start(service: str, *, content: bool = False) -> None:
         from opentelemetry import trace
         from opentelemetry.trace import ProxyTracerProvider
     except ImportError:
-        if exporters:
-            log.warning(
-                "OpenTelemetry is asked for by the environment (OTEL_*) but is not installed:"
-                " no traces are exported; install it with pip install 'queuegate[otel]'"
-            )
+        _not_installed(exporters)
         return
     current = trace.get_tracer_provider()
     if not isinstance(current, ProxyTracerProvider | trace.NoOpTracerProvider):
         # The application set up OpenTelemetry itself: its provider, its exporters.
         _switch(current, content)
-    elif exporters:
+        return
+    if not exporters:
+        return
+    try:
+        # The API alone may be installed (other libraries need it); the SDK comes with the
+        # extra.
         _state.provider = _provider_of(service, exporters)
-        _switch(_state.provider, content)
+    except ImportError:
+        _not_installed(exporters)
+        return
+    _switch(_state.provider, content)
+
+
+def _not_installed(exporters: list[str]) -> None:
+    if exporters:
+        log.warning(
+            "traces are asked for by the environment (OTEL_*) but the OpenTelemetry SDK is"
+            " not installed: none are exported; install it with pip install 'queuegate[otel]'"
+        )
 
 
 def install(provider: Any, *, content: bool = False) -> None:

@@ -441,3 +441,25 @@ def test_an_exporter_it_cannot_use_is_a_one_line_error(env: dict[str, str], name
     with pytest.raises(ConfigError, match=named) as refused:
         tracing.wanted_exporters(env)
     assert "\n" not in str(refused.value)
+
+
+def test_without_the_sdk_tracing_stays_off_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the OpenTelemetry API without its SDK (other libraries install the API alone)
+    for module in ("opentelemetry.sdk.resources", "opentelemetry.sdk.trace"):
+        monkeypatch.setitem(sys.modules, module, None)  # its import raises ImportError
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    tracing.install(None)
+    try:
+        # When a process asks for traces, twice
+        tracing.start("queuegate-worker")
+        tracing.start("queuegate-worker")
+    finally:
+        on = tracing.ON
+        tracing.install(None)
+
+    # Expect it to run without them, saying so once
+    assert not on
+    [said] = [r for r in caplog.records if "queuegate[otel]" in r.getMessage()]
+    assert said.levelname == "WARNING"
