@@ -623,8 +623,9 @@ def _attempt_attributes(run: _Job, alias: str, call: _Call) -> dict[str, Any]:
         "queuegate.attempt": len(run.attempts) + 1,
         "queuegate.retry": any(a.deployment == deployment.name for a in run.attempts),
         "queuegate.fallback": alias != run.job.model,
-        "queuegate.stream": run.sink is not None,
     }
+    if run.sink is not None:
+        attributes["queuegate.stream"] = True
     for name, value in (
         ("max_tokens", params.max_tokens),
         ("temperature", params.temperature),
