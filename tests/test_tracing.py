@@ -310,11 +310,12 @@ async def test_a_front_door_call_continues_the_callers_trace_to_its_usage_row(
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     async with open_door(settings) as door, door.client() as client:
         # When it calls the front door with its traceparent
-        answer = await client.chat.completions.create(
+        raw = await client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini",
             messages=HELLO,  # type: ignore[arg-type]
             extra_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
         )
+        answer = raw.parse()
         [row] = await door.gateway.usage_rows(1)
         [job] = await ended(exported, consumer("chat gpt-4o-mini"))
     spans = exported.get_finished_spans()
@@ -330,7 +331,7 @@ async def test_a_front_door_call_continues_the_callers_trace_to_its_usage_row(
     assert publish.parent is not None and server.context is not None
     assert publish.parent.span_id == server.context.span_id
     assert trace_hex(job) == trace_hex(server) == caller_trace
-    assert row["trace_id"] == caller_trace
+    assert row["trace_id"] == raw.headers["x-queuegate-trace-id"] == caller_trace
 
 
 async def test_a_worker_process_exports_its_spans_over_otlp_and_logs_json_lines_naming_them(
