@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from redis.exceptions import RedisError
 from accounting.intake import HANDSHAKE_TIMEOUT, Delivery, Intake, IntakeClosed
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
+from queuegate import tracing
 from queuegate.broker import connect
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
 from queuegate.errors import ConfigError, ServiceUnavailable
@@ -334,6 +336,7 @@ class Accountant:
         """
         delay = BACKOFF_FIRST
         while True:
+            started = time.time_ns()
             try:
                 inserted, unstorable = await self._write(batch)
                 break
@@ -353,6 +356,8 @@ class Accountant:
             delay = min(delay * 2, BACKOFF_CAP)
         self._postgres.recovered()
         written = [d for d in batch if (d.event.team, d.event.job_id) not in unstorable]
+        if tracing.ON:
+            _traced_write(written, len(batch), started, time.time_ns())
         # Settlements are written in the order made: these rejects reach the broker before the
         # multiple ack below, which would otherwise have settled their tags already.
         for delivery in batch:
@@ -406,6 +411,33 @@ class Accountant:
         for predicate, future in self._waiters:
             if not future.done() and predicate():
                 future.set_result(None)
+
+
+def _traced_write(written: list[_Delivery], size: int, started: int, ended: int) -> None:
+    """A batch's write in the trace of each job written that was recorded, as a child of the
+    job's span: one statement wrote the batch of ``size``, so each span is that statement's."""
+    for delivery in written:
+        event = delivery.event
+        if event.trace_id is None or event.span_id is None:
+            continue
+        parent = tracing.continued(event.trace_id, event.span_id)
+        if parent is None:
+            continue
+        tracing.record(
+            "accounting write",
+            started,
+            ended,
+            kind="CLIENT",
+            parent=parent,
+            attributes={
+                "db.system.name": "postgresql",
+                "db.operation.name": "INSERT",
+                "db.collection.name": "usage_log",
+                "db.operation.batch.size": size,
+                "queuegate.team": event.team,
+                "queuegate.job_id": event.job_id,
+            },
+        )
 
 
 def _report(correction: Correction) -> None:

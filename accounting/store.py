@@ -45,6 +45,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("params_dropped", "text"),
     ("params_changed", "text"),
     ("tokens_estimated", "boolean"),
+    ("trace_id", "text"),
+    ("span_id", "text"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
 

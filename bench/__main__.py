@@ -1,7 +1,7 @@
 """``python -m bench [SCENARIO ...]``: measure the gateway and print a table per scenario.
 
-Scenarios: floor, overhead, throughput, latency, goodput, accounting, litellm, frontdoor
-(default: all). ``litellm`` and ``frontdoor`` install LiteLLM Proxy into its own virtual
+Scenarios: floor, overhead, throughput, latency, goodput, accounting, litellm, frontdoor,
+tracing (default: all). ``litellm`` and ``frontdoor`` install LiteLLM Proxy into its own virtual
 environment on first use.
 Figures are also written as JSON to bench/results/. Every scenario is bounded in count,
 runs on loopback only, and starts and removes its own namespace and schema.
@@ -23,7 +23,7 @@ from rich.table import Table
 from bench.accounting import accounting
 from bench.floor import floor
 from bench.frontdoor import frontdoor
-from bench.gateway import overhead, throughput
+from bench.gateway import overhead, throughput, tracing_cost
 from bench.goodput import goodput
 from bench.litellm_proxy import litellm
 from bench.measure import Figure, against_floor
@@ -61,6 +61,7 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
         "accounting": usage,
         "litellm": peer,
         "frontdoor": lambda: frontdoor(jobs=jobs),
+        "tracing": lambda: tracing_cost(jobs=jobs * 2),
     }
 
 

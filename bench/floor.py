@@ -45,13 +45,15 @@ async def floor(settings: Settings, *, jobs: int) -> list[Figure]:
 
         async def round_trip() -> float:
             job_id = uuid.uuid4().hex
-            futures[job_id] = asyncio.get_running_loop().create_future()
+            # Held here: the reply may come (and take it from ``futures``) before the publish
+            # returns.
+            replied = futures[job_id] = asyncio.get_running_loop().create_future()
             started = time.perf_counter()
             await publish.default_exchange.publish(
                 aio_pika.Message(b'{"x":1}' * 40, correlation_id=job_id, reply_to=replies.name),
                 routing_key=name,
             )
-            await futures[job_id]
+            await replied
             return (time.perf_counter() - started) * 1000
 
         figures = []

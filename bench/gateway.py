@@ -19,6 +19,7 @@ from bench.measure import (
     post_load,
     run_lanes,
 )
+from bench.otlp_sink import OtlpSink
 from bench.stack import TEAM, Stack, peak_rss_mb, running_stack
 from producer import GatewayClient, JobHandle
 from queuegate.registry import TeamConfig
@@ -110,9 +111,11 @@ async def throughput(
     latency_ms: float = 0,
     prefetch: int = 256,
     governed: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> Figure:
     """Jobs/s from the first publish to the last result and the last usage row in PostgreSQL;
-    ``governed``: for a team with limits and a budget (``GOVERNED``)."""
+    ``governed``: for a team with limits and a budget (``GOVERNED``); ``extra_env``: more
+    variables for the stack's processes."""
     with tempfile.TemporaryDirectory() as directory:
         catalog = None
         if governed:
@@ -125,6 +128,7 @@ async def throughput(
                 latency_ms=latency_ms,
                 catalog=catalog,
                 team=GOVERNED if governed else None,
+                extra_env=extra_env,
             ) as stack,
             GatewayClient(stack.settings, team=TEAM) as client,
         ):
@@ -173,6 +177,41 @@ async def throughput(
             **cpu_bound(cpu),
         },
     )
+
+
+async def tracing_cost(*, jobs: int, rounds: int = 2) -> list[Figure]:
+    """``throughput`` for one worker with tracing off, on with every job sampled, and on with
+    one job in ten sampled, ``rounds`` times in turn; the worker and accounting export over
+    OTLP/HTTP to a receiver in this process. Beside each run's jobs/s and CPU, the spans
+    received per job: 7 when sampled (the worker's job, queued, admission, provider call,
+    result and usage publishes, and accounting's write); those a full export queue drops are
+    missing."""
+    figures = []
+    async with OtlpSink(keep=False) as sink:
+        exported = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url}
+        cases: list[tuple[str, dict[str, str] | None]] = [
+            ("off", None),
+            ("on, all sampled", {**exported, "OTEL_TRACES_SAMPLER": "always_on"}),
+            (
+                "on, 10 % sampled",
+                {
+                    **exported,
+                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": "0.1",
+                },
+            ),
+        ]
+        for round_ in range(1, rounds + 1):
+            for label, env in cases:
+                received = sink.received
+                figure = await throughput(jobs=jobs, workers=1, extra_env=env)
+                values = figure.values
+                if env is not None:
+                    values["spans_per_job"] = round(
+                        (sink.received - received) / (jobs + WARM_UP), 2
+                    )
+                figures.append(Figure("tracing", f"tracing {label}, round {round_}", values))
+    return figures
 
 
 async def publish(

@@ -58,6 +58,7 @@ RATED = (
     "litellm proxy",
     "frontdoor c=1",
     "frontdoor c=64",
+    "tracing",
 )
 """The scenarios whose figures are also given as multiples of the floor."""
 

@@ -12,6 +12,7 @@ import typer
 
 from cli.console import out
 from cli.options import LogLevel, make_settings, split_teams
+from queuegate import tracing
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
 
@@ -36,11 +37,12 @@ def worker(
     With --processes N, a supervisor runs N worker processes, restarts one that dies, and
     stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i.
     """
-    configure_logging(log_level)
     settings = make_settings(prefetch=concurrency, catalog=catalog)
+    configure_logging(log_level, form=settings.log_format)
     if processes > 1:
         _supervise(settings, processes, teams, catalog, log_level)
         return
+    tracing.start("queuegate-worker", content=settings.trace_content)
 
     from queuegate.metrics_server import MetricsServer
     from router import load_catalog, open_router
@@ -94,8 +96,9 @@ def api(
     or Ctrl-C."""
     from frontdoor.serve import serve
 
-    configure_logging(log_level)
-    serve(make_settings(), host=host, port=port, processes=processes, log_level=log_level)
+    settings = make_settings()
+    configure_logging(log_level, form=settings.log_format)
+    serve(settings, host=host, port=port, processes=processes, log_level=log_level)
 
 
 def accounting(log_level: LogLevel = "info") -> None:
@@ -103,8 +106,9 @@ def accounting(log_level: LogLevel = "info") -> None:
     from accounting import Accountant
     from queuegate.metrics_server import MetricsServer
 
-    configure_logging(log_level)
     settings = make_settings()
+    configure_logging(log_level, form=settings.log_format)
+    tracing.start("queuegate-accounting")
     tune_gc()
 
     async def serve() -> None:

@@ -55,6 +55,8 @@ def gateway_headers(job_id: str, result: ChatResult | None, started: float) -> d
         headers["x-queuegate-model-used"] = g.model_used or ""
         headers["x-queuegate-fallback"] = "true" if g.fallback_used else "false"
         headers["x-queuegate-cached"] = "true" if g.cached else "false"
+        if g.trace_id is not None:
+            headers["x-queuegate-trace-id"] = g.trace_id
     return headers
 
 
@@ -72,6 +74,7 @@ def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dic
         "fallback": g.fallback_used,
         "cached": g.cached,
         "attempts": len(g.attempts),
+        **({"trace_id": g.trace_id} if g.trace_id is not None else {}),
     }
 
 

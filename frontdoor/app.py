@@ -41,6 +41,7 @@ from frontdoor.routes import (
     openai,
 )
 from frontdoor.service import FrontDoor
+from queuegate import tracing
 from queuegate.api_errors import anthropic_error
 from queuegate.metrics import observe_http
 from queuegate.settings import Settings
@@ -85,6 +86,7 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
     install_dashboard(app)
 
     app.add_middleware(RequestMetrics)
+    app.add_middleware(TraceRequests)
     return app
 
 
@@ -114,6 +116,42 @@ class RequestMetrics:
             await send(message)
 
         await self._app(scope, receive, counted)
+
+
+class TraceRequests:
+    """When tracing, each request in a span of its own (``<method> <route>``, kind SERVER),
+    the child of the caller's span when its ``traceparent`` header names one, and current
+    while the route runs: the job the route publishes carries the trace on to the worker."""
+
+    TRACE_HEADERS = frozenset(name.encode() for name in tracing.HEADERS)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not tracing.ON:
+            await self._app(scope, receive, send)
+            return
+        method = scope["method"]
+        carried = {k.decode(): v for k, v in scope["headers"] if k in self.TRACE_HEADERS}
+        attributes = {"http.request.method": method, "url.path": scope["path"]}
+        with tracing.span(
+            method, kind="SERVER", parent=tracing.extract(carried), attributes=attributes
+        ) as span:
+
+            async def answered(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    route = getattr(scope.get("route"), "path", None)
+                    if route is not None:
+                        span.update_name(f"{method} {route}")
+                        span.set_attribute("http.route", route)
+                    status = message["status"]
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        tracing.errored(span, str(status), f"answered {status}")
+                await send(message)
+
+            await self._app(scope, receive, answered)
 
 
 __all__ = ["create_app"]

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 
 from frontdoor.app import create_app
 from frontdoor.connections import ConnectionLimits, fit_open_files, guarded_protocol
+from queuegate import tracing
 from queuegate.errors import ConfigError
 from queuegate.runtime import run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
@@ -44,6 +45,7 @@ def serve(settings: Settings, *, host: str, port: int, processes: int, log_level
     if processes > 1:
         _supervise(settings, host=host, port=port, processes=processes, log_level=log_level)
         return
+    tracing.start("queuegate-frontdoor")
     app = create_app(settings)
     tune_gc()
     limits = ConnectionLimits.of(settings)

@@ -21,6 +21,7 @@ from aio_pika.abc import (
 from producer.control import ControlClient
 from producer.replies import Inbox, ReplyQueue
 from producer.streams import ChatStream
+from queuegate import tracing
 from queuegate.broker import (
     Outgoing,
     connect,
@@ -114,6 +115,7 @@ class GatewayClient:
         self._control: ControlClient | None = None
 
     async def __aenter__(self) -> Self:
+        tracing.start("queuegate-producer")
         self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
         try:
             self._channel = await self._connection.channel(
@@ -309,7 +311,32 @@ async def publish_to_team(
     """Publish a job's message to the team's queue; return once the broker confirms it.
 
     Raises QueueFull (the team's queue is at its quota), PublishRefused (no queue for the
-    team) or ServiceUnavailable (the broker is away longer than ``within`` seconds)."""
+    team) or ServiceUnavailable (the broker is away longer than ``within`` seconds).
+
+    When tracing, in a span of its own whose context the message carries to the worker."""
+    if not tracing.ON:
+        await _publish_job(channel, exchange, message, job, within=within)
+        return
+    attributes = {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": exchange,
+        "messaging.rabbitmq.destination.routing_key": job.team,
+        "messaging.message.id": job.job_id,
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": job.model,
+        "queuegate.team": job.team,
+        "queuegate.job_id": job.job_id,
+    }
+    with tracing.span(f"publish {job.team}", kind="PRODUCER", attributes=attributes):
+        if message.properties.headers is not None:
+            tracing.inject(message.properties.headers)
+        await _publish_job(channel, exchange, message, job, within=within)
+
+
+async def _publish_job(
+    channel: AbstractRobustChannel, exchange: str, message: Outgoing, job: ChatJob, *, within: float
+) -> None:
     try:
         await when_connected(
             channel,

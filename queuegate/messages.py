@@ -167,6 +167,8 @@ class GatewayInfo(WireModel):
     tokens_estimated: bool | None = None
     """True when the provider reported no usage for what it generated (a stream that broke)
     and the tokens were counted from the text received, characters / 4."""
+    trace_id: str | None = None
+    """The OpenTelemetry trace the job ran in (32 hex digits), when the worker traces."""
 
 
 class ChatResult(WireModel):
@@ -253,3 +255,9 @@ class UsageEvent(WireModel):
     """As on the result, comma-separated (like ``pii``); None when nothing was."""
     params_changed: str | None = None
     tokens_estimated: bool | None = None
+    trace_id: str | None = None
+    """The OpenTelemetry trace the job ran in (32 hex digits), when the worker traces; kept in
+    usage_log, so that a row of spend leads to its trace."""
+    span_id: str | None = None
+    """The job's span in that trace (16 hex digits) when it was recorded (sampled): accounting
+    continues the trace from it with its write."""

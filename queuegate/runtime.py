@@ -7,7 +7,9 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
+
+from queuegate.logs import JsonFormatter
 
 T = TypeVar("T")
 
@@ -54,8 +56,11 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def configure_logging(level: str, *, libraries: int = logging.WARNING) -> None:
-    """Our own log lines at ``level``; the broker and HTTP libraries only at ``libraries``.
+def configure_logging(
+    level: str, *, libraries: int = logging.WARNING, form: Literal["text", "json"] = "text"
+) -> None:
+    """Our own log lines at ``level``; the broker and HTTP libraries only at ``libraries``;
+    human lines, or one JSON object per line (``queuegate.logs``) with ``form="json"``.
 
     aio-pika logs every failed connect and reconnect at length; our lines say what matters,
     so one-shot commands silence it entirely and long-running ones keep its warnings.
@@ -65,5 +70,8 @@ def configure_logging(level: str, *, libraries: int = logging.WARNING) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    if form == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     for name in ("aio_pika", "aiormq", "httpx"):
         logging.getLogger(name).setLevel(libraries)

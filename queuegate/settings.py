@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines of the long-running roles: human ``text``, or ``json``, one object per line
+    with the job, team, trace and span it was logged for (``queuegate.logs``)."""
+    trace_content: bool = False
+    """Put prompts and answers into trace spans, for teams whose capture policy is ``full``
+    (never for others). Traces themselves are switched on by the ``OTEL_*`` variables
+    (``queuegate.tracing``)."""
     stats_interval: float = Field(default=1.0, gt=0)
     """Seconds between a worker's writes of its live stats to Redis (read by ``status``)."""
     admission_max_wait: float = Field(default=600.0, gt=0, le=1200)

@@ -20,9 +20,11 @@ from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
+from queuegate import tracing
 from queuegate.errors import (
     AllProvidersFailed,
     Billed,
@@ -179,6 +181,8 @@ class _Job:
 
     async def emit(self, delta: Delta) -> None:
         assert self.sink is not None
+        if not self.streamed and tracing.ON:
+            tracing.event("first chunk")  # on the call's span: its time to the first token
         self.streamed = True
         await self.sink(delta)
 
@@ -399,6 +403,27 @@ class Router:
             await self._slots.release(call.deployment)
 
     async def _call_once(self, run: _Job, alias: str, call: _Call) -> Routed:
+        if not tracing.ON:
+            return await self._try_deployment(run, alias, call)
+        deployment = call.deployment
+        with tracing.span(
+            f"chat {deployment.model}",
+            kind="CLIENT",
+            attributes=_attempt_attributes(run, alias, call),
+        ) as span:
+            routed = await self._try_deployment(run, alias, call)
+            span.set_attributes(
+                {
+                    "http.response.status_code": 200,
+                    "gen_ai.usage.input_tokens": routed.input_tokens,
+                    "gen_ai.usage.output_tokens": routed.output_tokens,
+                    "queuegate.cost_usd": float(routed.cost_usd),
+                    **tracing.response_attributes(routed.response),
+                }
+            )
+            return routed
+
+    async def _try_deployment(self, run: _Job, alias: str, call: _Call) -> Routed:
         deployment = call.deployment
         if run.gate is not None:
             # Immediately before the call, so every retry and fallback is admitted too.
@@ -578,6 +603,38 @@ def _prompt_chars(job: ChatJob) -> int:
         elif message.content:
             chars += sum(len(str(part.get("text") or "")) for part in message.content)
     return chars
+
+
+def _attempt_attributes(run: _Job, alias: str, call: _Call) -> dict[str, Any]:
+    """A provider call's span attributes, by the GenAI conventions and queuegate's own: its
+    alias, deployment, place among the job's calls, and whether it is a retry (of a
+    deployment called before) or a fallback (another alias than the one asked for)."""
+    deployment = call.deployment
+    params = run.job.params
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": tracing.PROVIDER_NAMES.get(
+            deployment.provider, deployment.provider
+        ),
+        "gen_ai.request.model": deployment.model,
+        "server.address": urlsplit(deployment.api_base).hostname or "",
+        "queuegate.model": alias,
+        "queuegate.deployment": deployment.name,
+        "queuegate.attempt": len(run.attempts) + 1,
+        "queuegate.retry": any(a.deployment == deployment.name for a in run.attempts),
+        "queuegate.fallback": alias != run.job.model,
+    }
+    if run.sink is not None:
+        attributes["queuegate.stream"] = True
+    for name, value in (
+        ("max_tokens", params.max_tokens),
+        ("temperature", params.temperature),
+        ("top_p", params.top_p),
+        ("seed", params.seed),
+    ):
+        if value is not None:
+            attributes[f"gen_ai.request.{name}"] = value
+    return attributes
 
 
 def _attempt_of(

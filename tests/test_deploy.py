@@ -22,6 +22,7 @@ from typer.main import get_command
 import queuegate.metrics
 import router
 from cli import app
+from queuegate import tracing
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
@@ -224,6 +225,17 @@ def test_compose_reaches_the_broker_as_users_its_definitions_create() -> None:
         # The operator commands (teams add) need an administrator of the management API.
         assert "administrator" in users[urlsplit(settings.management_url).username or ""][1]
         assert urlsplit(settings.management_url).port == 15672
+
+
+def test_compose_switches_traces_on_and_sends_them_to_its_jaeger() -> None:
+    compose = _compose()
+    env = compose["x-queuegate"]["environment"]
+    assert tracing.wanted_exporters(env) == ["otlp"]
+    endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    jaeger = compose["services"][endpoint.hostname]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one")
+    assert endpoint.port == 4318 and "4318:4318" in jaeger["ports"]  # OTLP over HTTP
+    assert "16686:16686" in jaeger["ports"]  # the UI
 
 
 def test_compose_services_wait_only_on_services_that_exist_and_commands_that_exist() -> None:

@@ -56,8 +56,9 @@ EXPECTED = {
 }
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_sentinel_keys_appear_nowhere_after_failing_and_succeeding_jobs(
-    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, log_format: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
     env_key = f"sk-SENTINEL-env-{uuid.uuid4().hex}"
@@ -89,7 +90,8 @@ async def test_sentinel_keys_appear_nowhere_after_failing_and_succeeding_jobs(
         async with Accountant(settings) as accountant:
             stop = asyncio.Event()
             accounting = asyncio.create_task(accountant.run(stop))
-            # ... and a worker process holding the keys, logging everything at debug
+            # ... and a worker process holding the keys, logging everything at debug (as
+            # human lines, or JSON ones)
             worker = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -107,6 +109,7 @@ async def test_sentinel_keys_appear_nowhere_after_failing_and_succeeding_jobs(
                     "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
                     "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
                     "QUEUEGATE_MOCK_KEY": env_key,
+                    "QUEUEGATE_LOG_FORMAT": log_format,
                 },
                 stderr=asyncio.subprocess.PIPE,
             )

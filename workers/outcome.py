@@ -76,6 +76,9 @@ class Announcement:
 class Timing:
     queued_ms: float
     worker: str
+    trace_id: str | None = None
+    span_id: str | None = None
+    """The job's trace and recorded span (``queuegate.tracing.ids``), when the worker traces."""
 
 
 def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False) -> Outcome:
@@ -93,6 +96,7 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         worker=timing.worker,
         params_dropped=list(routed.params_dropped) or None,
         params_changed=list(routed.params_changed) or None,
+        trace_id=timing.trace_id,
     )
     result = ChatResult(
         job_id=job.job_id, team=job.team, status="ok", response=routed.response, gateway=gateway
@@ -120,6 +124,8 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         worker=timing.worker,
         params_dropped=",".join(routed.params_dropped) or None,
         params_changed=",".join(routed.params_changed) or None,
+        trace_id=timing.trace_id,
+        span_id=timing.span_id,
     )
     return Outcome(result=result, usage=usage)
 
@@ -131,6 +137,7 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         queued_ms=timing.queued_ms,
         attempts=attempts,
         worker=timing.worker,
+        trace_id=timing.trace_id,
     )
     info = ErrorInfo(
         code=error.code,
@@ -162,6 +169,8 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         attempts=len(attempts),
         attempt_log=attempts,
         worker=timing.worker,
+        trace_id=timing.trace_id,
+        span_id=timing.span_id,
     )
     if billed is not None:
         tokens = {

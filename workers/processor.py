@@ -25,6 +25,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from queuegate import logs, tracing
 from queuegate.broker import CONNECTION_LOST, settle
 from queuegate.db import UNREACHABLE
 from queuegate.errors import (
@@ -40,6 +41,7 @@ from queuegate.errors import (
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
+from workers import spans
 from workers.admission import Admission
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
@@ -92,6 +94,14 @@ class JobProcessor:
 
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
+        logs.for_job(message.message_id or message.correlation_id or "", team)
+        if tracing.ON:
+            with spans.job_span(message, team, queue, _queued_ms(message)):
+                await self._handle(message, team, queue)
+        else:
+            await self._handle(message, team, queue)
+
+    async def _handle(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         try:
             # Two steps, so that while the broker confirms the announcement nothing of the
             # job but its bytes is alive (see Announcement).
@@ -100,22 +110,31 @@ class JobProcessor:
         except Busy as exc:
             # Not called meanwhile: the job comes back, and by then has its outcome.
             log.info("%s past the wait; returning this delivery to the queue", exc)
-            await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
+            await self._requeue(message, exc)
         except CONNECTION_LOST as exc:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
             log.info("job %s: its channel is gone (%s); it comes back", message.message_id, exc)
+            if tracing.ON:
+                tracing.failed(tracing.current(), exc)
         except ServiceUnavailable as exc:
             log.warning("job %s: %s", message.message_id, exc)
-            await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
-        except Exception:
+            await self._requeue(message, exc)
+        except Exception as exc:
             log.exception(
                 "job %s failed in the worker; returning it to the queue", message.message_id
             )
-            await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
+            await self._requeue(message, exc)
+
+    async def _requeue(self, message: AbstractIncomingMessage, why: Exception) -> None:
+        if tracing.ON:
+            tracing.failed(tracing.current(), why)
+        await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
 
     async def _process(self, message: AbstractIncomingMessage, team: str) -> Announcement:
         timing = Timing(queued_ms=_queued_ms(message), worker=self._worker)
+        if tracing.ON and (ids := tracing.ids()) is not None:
+            timing = Timing(timing.queued_ms, timing.worker, *ids)
         # Results and streamed deltas go only to a reply queue the team may use.
         reply_to = await self._gate.reply_to(message, team)
         try:
@@ -180,6 +199,8 @@ class JobProcessor:
         self, outcome: Outcome, reply_to: str | None, error: JobError | None
     ) -> Announcement:
         self._telemetry.finished(outcome)
+        if tracing.ON:
+            spans.finished(outcome)
         return Announcement.of(outcome, reply_to, error)
 
     def _refused(
@@ -252,7 +273,11 @@ class JobProcessor:
         deadline = limit if deadline is None else min(deadline, limit)
         await self._cancels.check(job)
         self._router.check(job)
-        ticket = await self._admission.admit(job, deadline)
+        admitting = self._admission.admit(job, deadline)
+        if tracing.ON:
+            attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}
+            admitting = tracing.traced(admitting, f"admission {job.team}", attributes=attributes)
+        ticket = await admitting
         spent: Routed | Billed | None = None
         try:
             routed = await self._router.complete(
@@ -275,12 +300,30 @@ class JobProcessor:
     ) -> None:
         usage = announcement.usage
         reply_to = announcement.reply_to
-        if reply_to and not await self._publisher.result(
-            reply_to, announcement.job_id, announcement.result
-        ):
-            usage = announcement.undelivered_usage()
+        if reply_to:
+            answering = self._publisher.result(reply_to, announcement.job_id, announcement.result)
+            if tracing.ON:
+                answering = tracing.traced(
+                    answering,
+                    "publish result",
+                    kind="PRODUCER",
+                    attributes={
+                        "messaging.system": "rabbitmq",
+                        "messaging.destination.name": reply_to,
+                    },
+                )
+            if not await answering:
+                usage = announcement.undelivered_usage()
         if usage is not None:
-            await self._publisher.usage(announcement.job_id, usage)
+            accounting = self._publisher.usage(announcement.job_id, usage)
+            if tracing.ON:
+                accounting = tracing.traced(
+                    accounting,
+                    "publish usage",
+                    kind="PRODUCER",
+                    attributes={"messaging.system": "rabbitmq"},
+                )
+            await accounting
         error = announcement.bad_input
         if error is not None:
             await self._publisher.dead_letter(

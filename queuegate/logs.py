@@ -1,0 +1,52 @@
+"""Log lines a machine can read: one JSON object per line (``QUEUEGATE_LOG_FORMAT=json``).
+
+Each object holds ``time`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``, then,
+when the line was logged for a job, its ``job_id`` and ``team`` (``for_job``), and, while a
+span is current, its ``trace_id`` and ``span_id`` (``queuegate.tracing``); ``exception``
+holds a traceback. The message is the same text a human line carries, so whatever is kept
+out of log lines (keys scrubbed from provider errors, passwords from URLs) is kept out here.
+``queuegate.runtime.configure_logging`` installs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+import orjson
+
+from queuegate import tracing
+
+_JOB: ContextVar[tuple[str, str] | None] = ContextVar("queuegate_job", default=None)
+
+
+def for_job(job_id: str, team: str) -> None:
+    """Lines logged from now on in this task (and the tasks it starts) are about this job.
+
+    A worker runs each delivery in a task of its own, whose context ends with it."""
+    _JOB.set((job_id, team))
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        job = _JOB.get()
+        if job is not None:
+            line["job_id"], line["team"] = job
+        if tracing.ON:
+            ids = tracing.ids()
+            if ids is not None:
+                line["trace_id"] = ids[0]
+                if ids[1] is not None:
+                    line["span_id"] = ids[1]
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line).decode()

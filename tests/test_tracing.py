@@ -1,0 +1,466 @@
+"""Traces across the queue: one trace per job from the caller's publish to the accounting
+write, spans named and attributed by the GenAI conventions, and log lines that name them.
+
+The gateway runs in the test's process with the SDK's in-memory exporter installed
+(``queuegate.tracing.install``), except where a worker process exports over OTLP/HTTP to a
+receiver in the test (``bench.otlp_sink``), as it would to a collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from accounting import migrate
+from bench.otlp_sink import OtlpSink
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate import tracing
+from queuegate.broker import connect
+from queuegate.db import create_pool
+from queuegate.errors import ConfigError
+from queuegate.logs import JsonFormatter
+from queuegate.registry import TeamConfig, add_team
+from queuegate.settings import Settings
+from queuegate.tenancy import TeamSecurity, put_security
+from queuegate.topology import Topology
+from tests.frontdoor_support import open_door
+from tests.support import running_accountant, running_gateway, wait_until
+from tests.teams import register
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@contextlib.contextmanager
+def in_memory(*, content: bool = False) -> Iterator[InMemorySpanExporter]:
+    """Every span this process ends, kept in memory; tracing off again after the block."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider, content=content)
+    try:
+        yield exporter
+    finally:
+        tracing.install(None)
+        provider.shutdown()
+
+
+@pytest.fixture
+def exported() -> Iterator[InMemorySpanExporter]:
+    with in_memory() as exporter:
+        yield exporter
+
+
+async def ended(
+    exporter: InMemorySpanExporter, match: Callable[[ReadableSpan], bool], count: int = 1
+) -> list[ReadableSpan]:
+    """The spans that match, once ``count`` have ended (a job's span ends after its ack,
+    the accounting write after the row commits: both after the caller has its answer)."""
+
+    def found() -> list[ReadableSpan]:
+        return [s for s in exporter.get_finished_spans() if match(s)]
+
+    await wait_until(lambda: len(found()) >= count)
+    return found()
+
+
+def named(name: str) -> Callable[[ReadableSpan], bool]:
+    return lambda span: span.name == name
+
+
+def consumer(name: str) -> Callable[[ReadableSpan], bool]:
+    """The job span of that name (a provider call's span may have the same name)."""
+    return lambda span: span.name == name and span.kind == SpanKind.CONSUMER
+
+
+def of_job(job_id: str) -> Callable[[ReadableSpan], bool]:
+    return lambda span: (
+        span.kind == SpanKind.CONSUMER and (span.attributes or {}).get("queuegate.job_id") == job_id
+    )
+
+
+def children(spans: Sequence[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    assert parent.context is not None
+    return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+def trace_hex(span: ReadableSpan) -> str:
+    assert span.context is not None
+    return format(span.context.trace_id, "032x")
+
+
+async def test_a_job_with_a_retry_and_a_fallback_is_one_trace_from_publish_to_accounting(
+    settings: Settings, exported: InMemorySpanExporter
+) -> None:
+    # Given flaky-gpt answering 500 to everything (retried once), claude-haiku its fallback
+    faults = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        # When the team asks flaky-gpt
+        result = await client.chat("flaky-gpt", HELLO, max_tokens=20, timeout=10)
+        [row] = await gw.usage_rows(1)
+        [job] = await ended(exported, consumer("chat flaky-gpt"))
+        await ended(exported, named("accounting write"))
+    spans = exported.get_finished_spans()
+
+    # Expect one trace, rooted at the producer's publish, which the job span continues
+    assert result.status == "ok" and result.gateway.fallback_used
+    assert {trace_hex(s) for s in spans} == {trace_hex(job)}
+    [publish] = [s for s in spans if s.name == "publish alpha"]
+    assert publish.parent is None and publish.kind == SpanKind.PRODUCER
+    assert publish.attributes is not None
+    assert publish.attributes["queuegate.job_id"] == result.job_id
+    assert job.kind == SpanKind.CONSUMER
+    assert job.parent is not None and publish.context is not None
+    assert job.parent.span_id == publish.context.span_id
+    # ... its children: queued from the publish, admission, three calls, the two publishes
+    # and the accounting write, in that order
+    under = sorted(children(spans, job), key=lambda s: s.start_time or 0)
+    assert [s.name for s in under] == [
+        "queued alpha",
+        "admission alpha",
+        "chat flaky-gpt",
+        "chat flaky-gpt",
+        "chat claude-3-5-haiku-latest",
+        "publish result",
+        "publish usage",
+        "accounting write",
+    ]
+    queued = under[0]
+    assert job.start_time == queued.start_time
+    assert queued.end_time is not None and publish.start_time is not None
+    # (the send time is taken, to the millisecond, just before the publish span starts)
+    assert queued.start_time is not None and queued.start_time >= publish.start_time - 5 * 10**6
+    # ... each call a CLIENT span by the GenAI conventions: the retry and the fallback
+    # siblings, each saying which it is
+    calls = under[2:5]
+    assert all(c.kind == SpanKind.CLIENT for c in calls)
+    said = [dict(c.attributes or {}) for c in calls]
+    assert [
+        (
+            a["queuegate.attempt"],
+            a["queuegate.deployment"],
+            a["queuegate.retry"],
+            a["queuegate.fallback"],
+            a.get("error.type"),
+            a["http.response.status_code"],
+        )
+        for a in said
+    ] == [
+        (1, "openai-flaky", False, False, "server_error", 500),
+        (2, "openai-flaky", True, False, "server_error", 500),
+        (3, "anthropic-main", False, True, None, 200),
+    ]
+    assert [c.status.status_code for c in calls] == [
+        StatusCode.ERROR,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    assert [a["gen_ai.provider.name"] for a in said] == ["openai", "openai", "anthropic"]
+    assert said[2]["gen_ai.request.model"] == "claude-3-5-haiku-latest"
+    assert said[2]["gen_ai.request.max_tokens"] == 20
+    assert result.response is not None
+    usage = result.response["usage"]
+    assert said[2]["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert said[2]["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert said[2]["gen_ai.response.finish_reasons"] == ("stop",)
+    # ... and the job span says how the job ended, with the result and the usage row
+    # carrying its trace id
+    on_job = dict(job.attributes or {})
+    assert on_job["gen_ai.operation.name"] == "chat"
+    assert on_job["gen_ai.request.model"] == "flaky-gpt"
+    assert on_job["gen_ai.provider.name"] == "anthropic"
+    assert on_job["gen_ai.response.model"] == result.response["model"]
+    assert on_job["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert on_job["queuegate.team"] == "alpha" and on_job["queuegate.job_id"] == result.job_id
+    assert on_job["queuegate.deployment"] == "anthropic-main"
+    assert on_job["queuegate.fallback_used"] is True and on_job["queuegate.attempts"] == 3
+    assert Decimal(str(on_job["queuegate.cost_usd"])) == result.gateway.cost_usd
+    assert "gen_ai.input.messages" not in on_job  # no content: capture is not full
+    assert result.gateway.trace_id == row["trace_id"] == trace_hex(job)
+    assert job.context is not None and row["span_id"] == format(job.context.span_id, "016x")
+    [write] = [s for s in under if s.name == "accounting write"]
+    assert (write.attributes or {})["db.collection.name"] == "usage_log"
+
+
+async def test_a_streamed_job_marks_its_first_chunk_on_the_call(
+    settings: Settings, exported: InMemorySpanExporter
+) -> None:
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a job is streamed
+        stream = client.stream("gpt-4o-mini", HELLO, timeout=10)
+        chunks = [chunk async for chunk in stream]
+        [job] = await ended(exported, consumer("chat gpt-4o-mini"))
+    spans = exported.get_finished_spans()
+
+    # Expect its one call marked streamed, with the first chunk's arrival on it
+    assert len(chunks) > 1 and stream.result is not None and stream.result.status == "ok"
+    [call] = [s for s in children(spans, job) if s.name == "chat gpt-4o-mini"]
+    assert (call.attributes or {})["queuegate.stream"] is True
+    assert [event.name for event in call.events] == ["first chunk"]
+    assert call.start_time is not None and call.events[0].timestamp > call.start_time
+    assert (job.attributes or {})["gen_ai.usage.output_tokens"] > 0
+    assert stream.result.gateway.trace_id == trace_hex(job)
+
+
+async def test_a_job_refused_by_admission_ends_its_trace_at_the_admission(
+    settings: Settings, exported: InMemorySpanExporter
+) -> None:
+    # Given team alpha with no budget at all
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(0)))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+        [job] = await ended(exported, consumer("chat gpt-4o-mini"))
+    spans = exported.get_finished_spans()
+
+    # Expect the admission span and the job span failed budget_exhausted, no call made
+    assert result.error is not None and result.error.code == "budget_exhausted"
+    under = children(spans, job)
+    [admission] = [s for s in under if s.name == "admission alpha"]
+    for failed in (admission, job):
+        assert failed.status.status_code == StatusCode.ERROR
+        assert (failed.attributes or {})["error.type"] == "budget_exhausted"
+    assert not [s for s in spans if s.name.startswith("chat") and s.kind == SpanKind.CLIENT]
+    assert gw.mock.stats.calls == 0
+
+
+@pytest.mark.parametrize("switched_on", [True, False])
+async def test_content_goes_into_spans_only_for_full_capture_and_when_switched_on(
+    settings: Settings, switched_on: bool
+) -> None:
+    # Given alpha capturing full content, beta redacted content
+    pool = await create_pool(settings)
+    try:
+        await migrate(pool, settings.database_schema)
+        for team, capture in (("alpha", "full"), ("beta", "redacted")):
+            await add_team(pool, team)
+            await put_security(pool, team, TeamSecurity(capture=capture))
+    finally:
+        await pool.close()
+    with in_memory(content=switched_on) as exported:
+        async with running_gateway(settings, teams=("alpha", "beta")) as gw:
+            # When each team asks, with its operator's switch on or off
+            for team in ("alpha", "beta"):
+                async with gw.client(team) as client:
+                    await client.chat("gpt-4o-mini", [{"role": "user", "content": "secret plans"}])
+            jobs = await ended(exported, consumer("chat gpt-4o-mini"), count=2)
+
+    # Expect the prompt and answer in alpha's span when switched on, never in beta's
+    held = {
+        (job.attributes or {})["queuegate.team"]: (
+            (job.attributes or {}).get("gen_ai.input.messages"),
+            (job.attributes or {}).get("gen_ai.output.messages"),
+        )
+        for job in jobs
+    }
+    assert held["beta"] == (None, None)
+    if not switched_on:
+        assert held["alpha"] == (None, None)
+        return
+    prompt, answer = held["alpha"]
+    assert isinstance(prompt, str) and isinstance(answer, str)
+    assert json.loads(prompt) == [
+        {"role": "user", "parts": [{"type": "text", "content": "secret plans"}]}
+    ]
+    [said] = json.loads(answer)
+    assert said["role"] == "assistant" and said["finish_reason"] == "stop"
+    assert "secret plans" in said["parts"][0]["content"]  # the mock echoes the prompt
+
+
+async def test_a_log_line_of_a_job_names_its_job_team_and_trace(
+    settings: Settings, exported: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given log lines formatted as JSON, and jobs of at most one message
+    caplog.handler.setFormatter(JsonFormatter())
+    caplog.set_level(logging.INFO, logger="workers")
+    settings = settings.model_copy(update={"max_job_messages": 1})
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a job of two is refused, which the worker logs
+        result = await client.chat("gpt-4o-mini", HELLO * 2, timeout=10)
+        [job] = await ended(exported, of_job(result.job_id))
+
+    # Expect its line to carry the job id, the team, and the job span's trace and span ids
+    assert result.error is not None and result.error.code == "invalid_request"
+    lines = [json.loads(line) for line in caplog.text.splitlines()]
+    [refused] = [line for line in lines if "refused" in line["message"]]
+    assert job.context is not None
+    assert refused["job_id"] == result.job_id and refused["team"] == "alpha"
+    assert refused["trace_id"] == trace_hex(job)
+    assert refused["span_id"] == format(job.context.span_id, "016x")
+    assert refused["level"] == "WARNING" and refused["logger"] == "workers.processor"
+    assert refused["time"].endswith("+00:00")
+
+
+async def test_a_front_door_call_continues_the_callers_trace_to_its_usage_row(
+    settings: Settings, exported: InMemorySpanExporter
+) -> None:
+    # Given a caller in trace 4bf9…, its span 00f0…
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with open_door(settings) as door, door.client() as client:
+        # When it calls the front door with its traceparent
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=HELLO,  # type: ignore[arg-type]
+            extra_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
+        )
+        answer = raw.parse()
+        [row] = await door.gateway.usage_rows(1)
+        [job] = await ended(exported, consumer("chat gpt-4o-mini"))
+    spans = exported.get_finished_spans()
+
+    # Expect the front door's span a child of the caller's, the job's trace the caller's,
+    # and the usage row holding it
+    assert answer.choices[0].message.content
+    [server] = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert server.name == "POST /v1/chat/completions"
+    assert server.parent is not None and format(server.parent.span_id, "016x") == caller_span
+    assert (server.attributes or {})["http.response.status_code"] == 200
+    [publish] = [s for s in spans if s.name == "publish alpha"]
+    assert publish.parent is not None and server.context is not None
+    assert publish.parent.span_id == server.context.span_id
+    assert trace_hex(job) == trace_hex(server) == caller_trace
+    assert row["trace_id"] == raw.headers["x-queuegate-trace-id"] == caller_trace
+
+
+async def test_a_worker_process_exports_its_spans_over_otlp_and_logs_json_lines_naming_them(
+    settings: Settings, exported: InMemorySpanExporter
+) -> None:
+    async with MockProvider() as mock, OtlpSink() as sink, running_accountant(settings):
+        connection = await connect(settings.amqp_url, name="test")
+        async with connection:
+            await Topology(settings.namespace).declare_team_queue(
+                await connection.channel(), "alpha"
+            )
+        # Given a worker process switched on by the standard variables, logging JSON, taking
+        # jobs of one message at most
+        worker = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "cli", "worker", "--teams", "alpha"),
+            env={
+                **os.environ,
+                "QUEUEGATE_NAMESPACE": settings.namespace,
+                "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+                "QUEUEGATE_METRICS_PORT": "0",
+                "QUEUEGATE_MOCK_URL": mock.url,
+                "QUEUEGATE_MOCK_KEY": "sk-test-mock",
+                "QUEUEGATE_MAX_JOB_MESSAGES": "1",
+                "QUEUEGATE_LOG_FORMAT": "json",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                "OTEL_BSP_SCHEDULE_DELAY": "50",
+            },
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with GatewayClient(settings, team="alpha") as client:
+                # When a job is served and another refused
+                served = await client.chat("gpt-4o-mini", HELLO, timeout=30)
+                refused = await client.chat("gpt-4o-mini", HELLO * 2, timeout=30)
+            [job] = await sink.wait_for(
+                lambda s: s.attributes.get("queuegate.job_id") == served.job_id and s.kind == 5
+            )
+            [bad] = await sink.wait_for(
+                lambda s: s.attributes.get("queuegate.job_id") == refused.job_id and s.kind == 5
+            )
+            [call] = await sink.wait_for(lambda s: s.parent_id == job.span_id and s.kind == 3)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(worker.communicate(), timeout=20)
+
+    # Expect the worker's spans received over OTLP, continuing the trace of the publish span
+    # made in this process, under the worker's service name
+    [publish] = [s for s in exported.get_finished_spans() if of_publish(s, served.job_id)]
+    assert publish.context is not None
+    assert job.parent_id == format(publish.context.span_id, "016x")
+    assert job.trace_id == trace_hex(publish) == served.gateway.trace_id
+    assert job.service == "queuegate-worker" and job.name == "chat gpt-4o-mini"
+    assert job.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    assert call.name == "chat gpt-4o-mini" and call.attributes["gen_ai.provider.name"] == "openai"
+    assert bad.status == 2 and bad.attributes["error.type"] == "invalid_request"
+    # ... and the refusal's log line, one JSON object, naming its job and its trace
+    lines = [json.loads(line) for line in stderr.decode().splitlines()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    [said] = [line for line in lines if line.get("job_id") == refused.job_id]
+    assert said["team"] == "alpha" and said["level"] == "WARNING"
+    assert said["trace_id"] == bad.trace_id and said["span_id"] == bad.span_id
+
+
+def of_publish(span: ReadableSpan, job_id: str) -> bool:
+    return (
+        span.name == "publish alpha" and (span.attributes or {}).get("queuegate.job_id") == job_id
+    )
+
+
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+
+
+@pytest.mark.parametrize(
+    ("env", "exporters"),
+    [
+        ({}, []),
+        (ENDPOINT, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ["otlp"]),
+        ({**ENDPOINT, "OTEL_SDK_DISABLED": "true"}, []),
+        ({**ENDPOINT, "OTEL_TRACES_EXPORTER": "none"}, []),
+        ({"OTEL_TRACES_EXPORTER": "console"}, ["console"]),
+        ({"OTEL_TRACES_EXPORTER": "otlp,console"}, ["otlp", "console"]),
+        ({**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, ["otlp"]),
+        (
+            {
+                **ENDPOINT,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            },
+            ["otlp"],
+        ),
+    ],
+)
+def test_the_standard_variables_switch_tracing_on(
+    env: dict[str, str], exporters: list[str]
+) -> None:
+    assert tracing.wanted_exporters(env) == exporters
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER names zipkin"),
+        ({**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL=grpc"),
+    ],
+)
+def test_an_exporter_it_cannot_use_is_a_one_line_error(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named) as refused:
+        tracing.wanted_exporters(env)
+    assert "\n" not in str(refused.value)
+
+
+def test_without_the_sdk_tracing_stays_off_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the OpenTelemetry API without its SDK (other libraries install the API alone)
+    for module in ("opentelemetry.sdk.resources", "opentelemetry.sdk.trace"):
+        monkeypatch.setitem(sys.modules, module, None)  # its import raises ImportError
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    tracing.install(None)
+    try:
+        # When a process asks for traces, twice
+        tracing.start("queuegate-worker")
+        tracing.start("queuegate-worker")
+    finally:
+        on = tracing.ON
+        tracing.install(None)
+
+    # Expect it to run without them, saying so once
+    assert not on
+    [said] = [r for r in caplog.records if "queuegate[otel]" in r.getMessage()]
+    assert said.levelname == "WARNING"
