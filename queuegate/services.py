@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from queuegate.broker import connect, redact_url
 from queuegate.errors import ServiceUnavailable
+from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.settings import Settings
 
 
@@ -15,14 +15,12 @@ async def check_services(settings: Settings) -> None:
     """Raise ServiceUnavailable for the first service that does not answer."""
     connection = await connect(settings.amqp_url, name="queuegate-check")
     await connection.close()
-    client = aioredis.from_url(settings.redis_url, socket_connect_timeout=3)
+    client = redis_for(settings, connect_timeout=3)
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
-        raise ServiceUnavailable(
-            f"Redis is not reachable at {redact_url(settings.redis_url)}: start it "
-            "(redis-server --daemonize yes) or set QUEUEGATE_REDIS_URL"
-        ) from exc
+        how = "start it (redis-server --daemonize yes)"
+        raise ServiceUnavailable(redis_unreachable(settings, how)) from exc
     finally:
         await client.aclose()
     try:

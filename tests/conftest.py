@@ -16,6 +16,7 @@ from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
+from queuegate.redis_client import redis_for
 from queuegate.services import check_services
 from queuegate.settings import Settings
 
@@ -50,7 +51,7 @@ def services_reachable(base_settings: Settings) -> None:
 
 @pytest.fixture
 async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(settings.redis_url)
+    client = redis_for(settings)
     yield client
     await client.aclose()
 
