@@ -36,6 +36,11 @@ class Keys:
         worker to find it missing."""
         return f"{self.prefix}:memory-epoch"
 
+    def once(self, name: str) -> str:
+        """The replies of one round trip of the admission scripts, kept a few seconds so that
+        the round trip, sent again, is not run again (workers/admission/lua/batch.lua)."""
+        return f"{self.prefix}:once:{name}"
+
     def dashboard_session(self, session_id: str) -> str:
         """A dashboard sign-in (hash: the key's owner and id, the CSRF token; never the key),
         expiring with the session."""
