@@ -197,7 +197,8 @@ async def test_a_claim_sent_again_by_its_own_delivery_is_still_its_own(
         resources.files("workers").joinpath("lua/claim.lua").read_text("utf-8")
     )
     keys = Keys(settings.redis_prefix)
-    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1"), keys.memory_epoch]
+    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
+    names += [keys.memory_epoch, keys.replication]
     fingerprint = "f" * 64
     first = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
     again = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
