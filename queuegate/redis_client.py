@@ -7,13 +7,16 @@ holds the packages to it), so a deployment on Sentinel follows a failover everyw
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
 
 from queuegate.broker import redact_url
 from queuegate.settings import Settings
@@ -34,9 +37,39 @@ the reply came back): every script that would count something twice if run twice
 to run once per call (``workers/admission/lua/batch.lua``, ``workers/lua/finish.lua``)."""
 
 
+FOLLOW = 1.0
+"""Seconds between a client's questions to the Sentinels about where the primary is, while it
+hands out connections. redis-py asks only when a connection is made: after a failover that
+left the old primary running (``SENTINEL FAILOVER``, a partition), a pooled connection would
+go on writing to it, and the Sentinels demote it seconds later, dropping what it took since."""
+
+
 class _WaitingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """Sentinel's pool (connections go to the primary Sentinel names now), waiting for a free
-    connection as ``BlockingConnectionPool`` does instead of failing past its size."""
+    connection as ``BlockingConnectionPool`` does instead of failing past its size, and
+    following a failover within ``FOLLOW`` seconds even while no connection fails."""
+
+    _next_look = 0.0
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + FOLLOW
+            # Disconnects the idle connections to a primary the Sentinels no longer name; no
+            # answer: the command finds out for itself, as before.
+            with contextlib.suppress(RedisError, OSError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        named = self.master_address
+        where = (getattr(connection, "host", None), getattr(connection, "port", None))
+        if named is not None and connection.is_connected and where != named:
+            await connection.disconnect()  # connects again, to the primary named now
+        await super().ensure_connection(connection)
+
+    async def aclose(self) -> None:
+        """Close the connections to the primary, then those to the Sentinels (redis-py
+        leaves them to whoever made the Sentinel: here, the client's pool)."""
+        await super().aclose()
+        await self.sentinel_manager.aclose()
 
 
 def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> aioredis.Redis:
