@@ -31,6 +31,7 @@ from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
 from queuegate.metrics import observe_accounting_batch, observe_spend_correction
 from queuegate.outage import OutageLog
+from queuegate.redis_client import redis_for
 from queuegate.registry import list_teams
 from queuegate.settings import Settings
 from queuegate.spend import Correction, Scope, current_month, reconcile, reconciler_token
@@ -124,7 +125,7 @@ class Accountant:
             stack.push_async_callback(pool.close)
             await migrate(pool, self.settings.database_schema)
             await self._declare()  # fails here, not in run(), when the broker is unreachable
-            self._redis = aioredis.from_url(self.settings.redis_url)
+            self._redis = redis_for(self.settings)
             stack.push_async_callback(self._redis.aclose)
             self._pool = pool
             self._resources = stack.pop_all()

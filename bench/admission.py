@@ -36,7 +36,6 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 import aio_pika
-import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
@@ -44,6 +43,7 @@ from accounting import migrate
 from queuegate.db import create_pool
 from queuegate.messages import ChatJob, ChatMessage
 from queuegate.namespace import drop_namespace
+from queuegate.redis_client import redis_for
 from queuegate.registry import TeamConfig, add_team, default_burst, set_team_config
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -93,7 +93,7 @@ async def _register(settings: Settings, teams: dict[str, TeamConfig]) -> None:
 
 def _precision_process(settings: Settings, seconds: float, waiters: int, out: Any) -> None:
     async def main() -> list[float]:
-        client = aioredis.from_url(settings.redis_url)
+        client = redis_for(settings)
         pool = await create_pool(settings)
         admission = Admission(settings, client, pool, load_catalog(None, {}))
         admission.update({"bench": TeamConfig(rpm=600)})
@@ -327,7 +327,7 @@ async def _queue_depth(settings: Settings, team: str) -> int:
 async def cost(jobs: int) -> dict[str, float]:
     settings = _settings()
     await _register(settings, {})
-    client = aioredis.from_url(settings.redis_url)
+    client = redis_for(settings)
     pool = await create_pool(settings)
     catalog: Catalog = load_catalog(None, {})
     deployment = (

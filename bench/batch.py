@@ -33,7 +33,6 @@ import aio_pika
 import aiormq
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
@@ -42,6 +41,7 @@ from queuegate.db import quote_ident
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -172,7 +172,7 @@ async def _worker_rate(settings: Settings, lines: int, timeout: float = 120) -> 
 
 async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) -> None:
     """Collect starts once submit has validated the file and recorded the batch."""
-    client = aioredis.from_url(settings.redis_url)
+    client = redis_for(settings)
     try:
         while not await client.exists(Keys(settings.redis_prefix).batch(TEAM, NAME)):
             if submit.poll() is not None:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -37,6 +38,7 @@ from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult
+from queuegate.redis_client import redis_for
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import Scope, reconcile, reconciler_token, spend_drift
@@ -149,7 +151,7 @@ async def _drift(s: Settings) -> str:
     (which the accountant runs every QUEUEGATE_SPEND_RECONCILE_INTERVAL seconds)."""
     month = datetime.now(UTC).strftime("%Y-%m")
     keys = Keys(s.redis_prefix)
-    redis = aioredis.from_url(s.redis_url)
+    redis = redis_for(s)
     pool = await create_pool(s)
     try:
         before = await spend_drift(redis, pool, keys, TEAM, month)
@@ -203,11 +205,17 @@ async def worker_sigkill() -> Row:
 
 
 class PrivateRedis:
-    """A Redis of its own on a free port, without persistence: a restart loses its data."""
+    """A Redis of its own on a free port, without persistence: a restart loses its data.
 
-    def __init__(self) -> None:
+    ``options`` are more of redis-server's (``--replicaof``, ``--dir``); ``config`` is a
+    config file to start from (a Sentinel's, with ``--sentinel`` among the options).
+    """
+
+    def __init__(self, *options: str, config: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._options = options
+        self._config = config
         self._process: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> PrivateRedis:
@@ -215,17 +223,33 @@ class PrivateRedis:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._stop(signal.SIGTERM)
+        await self.stop()
 
     async def restart(self) -> None:
         """Kill it and start it again, empty."""
-        await self._stop(signal.SIGKILL)
+        await self.kill()
         await self._start()
 
+    async def kill(self) -> None:
+        """SIGKILL: what it has not written anywhere is gone."""
+        await self._stop(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        self.resume()  # a paused process cannot act on SIGTERM
+        await self._stop(signal.SIGTERM)
+
+    def pause(self) -> None:
+        """SIGSTOP: it answers nobody, and reads nothing (a replica falls behind)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     async def _start(self) -> None:
-        args = ("--port", str(self.port), "--save", "", "--appendonly", "no")
+        config = () if self._config is None else (str(self._config),)
+        args = ("--port", str(self.port), "--save", "", "--appendonly", "no", *self._options)
         self._process = await asyncio.create_subprocess_exec(
-            "redis-server", *args, stdout=asyncio.subprocess.DEVNULL
+            "redis-server", *config, *args, stdout=asyncio.subprocess.DEVNULL
         )
         client = aioredis.from_url(self.url)
         try:
@@ -237,6 +261,10 @@ class PrivateRedis:
                     await asyncio.sleep(0.05)
         finally:
             await client.aclose()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.send_signal(sig)
 
     async def _stop(self, sig: signal.Signals) -> None:
         if self._process is not None and self._process.returncode is None:

@@ -27,7 +27,6 @@ from collections import Counter
 from decimal import Decimal
 from typing import Any
 
-import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
@@ -35,6 +34,7 @@ from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
 from queuegate.errors import JobError
 from queuegate.messages import Attempt, ChatJob, ChatMessage
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from router import Catalog, Routed, open_router, transport
 from router.providers import UpstreamRequest
@@ -166,7 +166,7 @@ async def main(jobs: int, concurrency: int) -> list[dict[str, Any]]:
                 rows.append(await _scenario(router, mock, alias, jobs, concurrency))
         rows[0]["scenario"] = "baseline"
     finally:
-        client = aioredis.from_url(settings.redis_url)
+        client = redis_for(settings)
         keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*")]
         if keys:
             await client.delete(*keys)

@@ -18,12 +18,12 @@ from typing import Any
 import aio_pika
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
 
 from mockprovider import MockConfig
 from queuegate.keys import Keys
 from queuegate.livestats import read_view
 from queuegate.namespace import drop_namespace
+from queuegate.redis_client import redis_for
 from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -157,7 +157,7 @@ class Stack:
     async def max_held(self, stop: asyncio.Event) -> int:
         """The most jobs the workers held at once (delivered, not yet acked) until ``stop``,
         from the in-flight counts in their live stats (written every ``stats_interval``)."""
-        client = aioredis.from_url(self.settings.redis_url)
+        client = redis_for(self.settings)
         keys, peak = Keys(self.settings.redis_prefix), 0
         try:
             while not stop.is_set():
@@ -276,7 +276,7 @@ async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
     # A new namespace has answered nothing, so its Redis has nothing to forget: measure the
     # steady state, not the first minute after a worker finds Redis empty, when every job is
     # looked up in usage_log (workers.claims).
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_for(settings)
     try:
         await redis.set(Keys(settings.redis_prefix).memory_epoch, 0)
     finally:

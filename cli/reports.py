@@ -164,12 +164,11 @@ def deployments(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """Circuit breaker and 429 pause of every deployment, as every worker sees them."""
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from queuegate.broker import redact_url
     from queuegate.errors import ServiceUnavailable
     from queuegate.keys import Keys
+    from queuegate.redis_client import redis_for, redis_unreachable
     from queuegate.reporting import to_json
     from router import load_catalog
     from router.health import Health
@@ -179,7 +178,7 @@ def deployments(
     cat = load_catalog(settings.catalog, os.environ)
 
     async def go() -> Any:
-        client = aioredis.from_url(settings.redis_url)
+        client = redis_for(settings)
         health = Health(client, Keys(settings.redis_prefix), cat)
         try:
             return [
@@ -188,10 +187,7 @@ def deployments(
                 for deployment in entry.deployments
             ]
         except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(
-                f"Redis is not reachable at {redact_url(settings.redis_url)}: start it or set "
-                "QUEUEGATE_REDIS_URL"
-            ) from exc
+            raise ServiceUnavailable(redis_unreachable(settings)) from exc
         finally:
             await client.aclose()
 

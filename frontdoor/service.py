@@ -30,7 +30,7 @@ from frontdoor.chat_request import Limits
 from frontdoor.outcomes import Outcomes
 from queuegate.db import DB_ERRORS, create_pool
 from queuegate.keys import Keys
-from queuegate.redis_client import pooled_redis
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from queuegate.status import StatusReader
 from router import Catalog
@@ -99,7 +99,7 @@ class FrontDoor:
         s = self.settings
         self._pool = await create_pool(s)
         try:
-            self._redis = pooled_redis(s.redis_url)
+            self._redis = redis_for(s)
             self._keys = KeyBook(self._pool, ttl=s.security_cache_ttl)
             keys = Keys(s.redis_prefix)
             self._outcomes = Outcomes(self._redis, keys, ttl=s.result_ttl)

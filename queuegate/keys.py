@@ -30,11 +30,24 @@ class Keys:
     @property
     def memory_epoch(self) -> str:
         """Milliseconds since the epoch from which Redis may be missing stored outcomes (it
-        lost its data then): jobs are checked against PostgreSQL's usage rows until
-        ``result_ttl`` after it; 0: nothing to forget; negative: provisional, found missing
-        then with nothing accounted before it yet (see workers.claims). Written by the first
-        worker to find it missing."""
+        lost its data then, or a failover its last writes): jobs are checked against
+        PostgreSQL's usage rows until ``result_ttl`` after it; 0: nothing to forget;
+        negative: provisional, found missing then with nothing accounted before it yet (see
+        workers.claims). Written by the first worker to find it missing; removed by the first
+        claim on a new primary (``replication``)."""
         return f"{self.prefix}:memory-epoch"
+
+    @property
+    def replication(self) -> str:
+        """The replication id of the Redis primary the claims last ran on: a new one (a
+        replica promoted, a restart) may lack the last writes of the one before, so the
+        memory epoch goes with it (workers/lua/claim.lua)."""
+        return f"{self.prefix}:replication-id"
+
+    def once(self, name: str) -> str:
+        """The replies of one round trip of the admission scripts, kept a few seconds so that
+        the round trip, sent again, is not run again (workers/admission/lua/batch.lua)."""
+        return f"{self.prefix}:once:{name}"
 
     def dashboard_session(self, session_id: str) -> str:
         """A dashboard sign-in (hash: the key's owner and id, the CSRF token; never the key),

@@ -79,6 +79,21 @@ class BrokerAdmin:
             raise ManagementError(f"{method} {path}: {response.status_code} {reason}")
         return response.json() if response.content else None
 
+    async def check_administrator(self) -> None:
+        """Raise ServiceUnavailable unless the API answers and its user is an administrator
+        (operator commands add broker users, which only an administrator may)."""
+        try:
+            me = await self._request("GET", "whoami")
+        except ManagementError as exc:
+            raise ServiceUnavailable(str(exc)) from exc
+        tags = me.get("tags", []) if isinstance(me, dict) else []
+        if "administrator" not in (tags.split(",") if isinstance(tags, str) else tags):
+            raise ServiceUnavailable(
+                f"the management API at {self._display} answers user {self._user}, who is no "
+                f"administrator: rabbitmqctl set_user_tags {self._user} administrator, or "
+                f"{_SET_URL}"
+            )
+
     async def put_user(self, name: str, password: str, *, tags: str = "") -> None:
         await self._request(
             "PUT", f"users/{quote(name, safe='')}", {"password": password, "tags": tags}

@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from queuegate.broker import connect
 from queuegate.db import quote_ident
 from queuegate.keys import Keys
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -26,7 +26,7 @@ async def drop_namespace(
     topo = Topology(settings.namespace)
     teams = list(teams)
     recorded = Keys(settings.redis_prefix)
-    client = aioredis.from_url(settings.redis_url)
+    client = redis_for(settings)
     try:
         declared: list[str] = []
         for team in teams:
@@ -44,7 +44,7 @@ async def drop_namespace(
             await channel.queue_delete(queue)
         for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
             await channel.exchange_delete(exchange)
-    client = aioredis.from_url(settings.redis_url)
+    client = redis_for(settings)
     try:
         pattern = f"{settings.redis_prefix}:*"
         keys = [key async for key in client.scan_iter(match=pattern, count=1000)]

@@ -1,10 +1,25 @@
-"""The Redis client of a long-running process: a bounded pool that waits rather than fails."""
+"""The one way a process makes its Redis client: a bounded pool that waits rather than fails,
+on the Redis of ``redis_url``, or on the primary that Redis Sentinel names.
+
+Every client of the gateway's own processes comes from ``redis_for`` (tests/test_layout.py
+holds the packages to it), so a deployment on Sentinel follows a failover everywhere.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from typing import Any
+
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from queuegate.broker import redact_url
+from queuegate.settings import Settings
 
 CONNECTIONS = 50
 """Connections one client keeps: Redis answers each command in well under a millisecond, so
@@ -14,20 +29,94 @@ WAIT = 5.0
 RETRIES = 3
 """Times a command is sent again on a fresh connection after its connection failed: a
 restarted Redis leaves every pooled connection closed, and without a retry each one's next
-command would fail once, as if Redis were still down (jobs then served unclaimed)."""
+command would fail once, as if Redis were still down (jobs then served unclaimed). Under
+Sentinel the fresh connection asks the Sentinels where the primary is now.
+
+A command sent again may have run already (its connection broke after Redis ran it, before
+the reply came back): every script that would count something twice if run twice is made
+to run once per call (``workers/admission/lua/batch.lua``, ``workers/lua/finish.lua``)."""
 
 
-def pooled_redis(url: str) -> aioredis.Redis:
-    """A client whose commands wait for one of ``CONNECTIONS`` connections; closing it closes
-    the pool.
+FOLLOW = 1.0
+"""Seconds between a client's questions to the Sentinels about where the primary is, while it
+hands out connections. redis-py asks only when a connection is made: after a failover that
+left the old primary running (``SENTINEL FAILOVER``, a partition), a pooled connection would
+go on writing to it, and the Sentinels demote it seconds later, dropping what it took since."""
 
-    redis-py's default pool raises MaxConnectionsError past 100 commands at once, which a
-    worker holding hundreds of jobs reaches as soon as they arrive together.
+
+class _WaitingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (connections go to the primary Sentinel names now), waiting for a free
+    connection as ``BlockingConnectionPool`` does instead of failing past its size, and
+    following a failover within ``FOLLOW`` seconds even while no connection fails."""
+
+    _next_look = 0.0
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + FOLLOW
+            # Disconnects the idle connections to a primary the Sentinels no longer name; no
+            # answer: the command finds out for itself, as before.
+            with contextlib.suppress(RedisError, OSError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        named = self.master_address
+        where = (getattr(connection, "host", None), getattr(connection, "port", None))
+        if named is not None and connection.is_connected and where != named:
+            await connection.disconnect()  # connects again, to the primary named now
+        await super().ensure_connection(connection)
+
+    async def aclose(self) -> None:
+        """Close the connections to the primary, then those to the Sentinels (redis-py
+        leaves them to whoever made the Sentinel: here, the client's pool)."""
+        await super().aclose()
+        await self.sentinel_manager.aclose()
+
+
+def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> aioredis.Redis:
+    """The Redis client of ``settings``: commands wait for one of ``CONNECTIONS`` connections
+    (redis-py's default pool raises MaxConnectionsError past 100 commands at once, which a
+    worker holding hundreds of jobs reaches as soon as they arrive together); closing the
+    client closes its pool.
+
+    With ``redis_sentinels`` set, connections go to the primary of ``redis_master_name`` as
+    the Sentinels name it, asked again whenever a connection fails; ``redis_url`` then gives
+    only the password, database and TLS.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=CONNECTIONS,
-        timeout=WAIT,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), RETRIES),
+    retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), RETRIES)
+    options: dict[str, Any] = {"max_connections": CONNECTIONS, "timeout": WAIT, "retry": retry}
+    if connect_timeout is not None:
+        options["socket_connect_timeout"] = connect_timeout
+    if not settings.redis_sentinels:
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
+        return aioredis.Redis.from_pool(pool)
+    primary: dict[str, Any] = dict(parse_url(settings.redis_url))
+    primary.pop("host", None)
+    primary.pop("port", None)
+    if primary.pop("connection_class", None) is SSLConnection:
+        primary["ssl"] = True  # Sentinel's pool picks its own TLS connection class
+    reach: dict[str, Any] = {"socket_connect_timeout": connect_timeout or 5.0}
+    if settings.redis_sentinel_password:
+        reach["password"] = settings.redis_sentinel_password
+    sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs=reach)  # type: ignore[no-untyped-call]
+    client: aioredis.Redis = sentinel.master_for(
+        settings.redis_master_name,
+        connection_pool_class=_WaitingSentinelPool,
+        **primary,
+        **options,
     )
-    return aioredis.Redis.from_pool(pool)
+    return client
+
+
+def redis_unreachable(settings: Settings, how: str = "start it") -> str:
+    """The one line that says Redis did not answer, where it was looked for, and what to do
+    (``how``: how to start it, when it is local)."""
+    if settings.redis_sentinels:
+        return (
+            f"Redis primary {settings.redis_master_name!r} is not reachable through the "
+            f"Sentinels at {settings.redis_sentinels}: start them and the primary, or set "
+            "QUEUEGATE_REDIS_SENTINELS and QUEUEGATE_REDIS_MASTER_NAME"
+        )
+    return (
+        f"Redis is not reachable at {redact_url(settings.redis_url)}: {how} or set "
+        "QUEUEGATE_REDIS_URL"
+    )

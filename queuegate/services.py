@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from queuegate.broker import connect, redact_url
-from queuegate.errors import ServiceUnavailable
+from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.management import BrokerAdmin
+from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.settings import Settings
 
+Service = Literal["amqp", "redis", "database"]
+"""A service by the name of its setting (``QUEUEGATE_<NAME>_URL``)."""
 
-async def check_services(settings: Settings) -> None:
-    """Raise ServiceUnavailable for the first service that does not answer."""
+
+async def check_broker(settings: Settings) -> None:
     connection = await connect(settings.amqp_url, name="queuegate-check")
     await connection.close()
-    client = aioredis.from_url(settings.redis_url, socket_connect_timeout=3)
+
+
+async def check_redis(settings: Settings) -> None:
+    client = redis_for(settings, connect_timeout=3)
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
-        raise ServiceUnavailable(
-            f"Redis is not reachable at {redact_url(settings.redis_url)}: start it "
-            "(redis-server --daemonize yes) or set QUEUEGATE_REDIS_URL"
-        ) from exc
+        how = "start it (redis-server --daemonize yes)"
+        raise ServiceUnavailable(redis_unreachable(settings, how)) from exc
     finally:
         await client.aclose()
+
+
+async def check_database(settings: Settings) -> None:
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -33,3 +44,42 @@ async def check_services(settings: Settings) -> None:
             "(pg_ctlcluster <version> main start) or set QUEUEGATE_DATABASE_URL"
         ) from exc
     await conn.close()
+
+
+async def check_management(settings: Settings) -> None:
+    """RabbitMQ's management API answers, as an administrator (operator commands need it)."""
+    try:
+        async with BrokerAdmin(settings.management_url) as admin:
+            await admin.check_administrator()
+    except ConfigError as exc:
+        raise ServiceUnavailable(str(exc)) from exc
+
+
+CHECKS: dict[Service, Callable[[Settings], Awaitable[None]]] = {
+    "amqp": check_broker,
+    "redis": check_redis,
+    "database": check_database,
+}
+
+
+async def check_services(settings: Settings, *, management: bool = False) -> None:
+    """Raise ServiceUnavailable for the first service that does not answer (``management``:
+    nor RabbitMQ's management API as an administrator)."""
+    for check in CHECKS.values():
+        await check(settings)
+    if management:
+        await check_management(settings)
+
+
+async def unanswered(settings: Settings) -> dict[Service, str]:
+    """Each service that does not answer, with the one line that says so; all asked at once."""
+    failures = await asyncio.gather(
+        *(check(settings) for check in CHECKS.values()), return_exceptions=True
+    )
+    found: dict[Service, str] = {}
+    for service, failure in zip(CHECKS, failures, strict=True):
+        if isinstance(failure, ServiceUnavailable):
+            found[service] = str(failure)
+        elif isinstance(failure, BaseException):
+            raise failure
+    return found

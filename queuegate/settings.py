@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,14 @@ class Settings(BaseSettings):
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_sentinels: str = ""
+    """Comma-separated ``host:port`` of Redis Sentinels. Set: every process reaches the
+    primary Sentinel names for ``redis_master_name``, and follows it when Sentinel fails it
+    over; ``redis_url`` then gives only the password, database and TLS (``rediss``)."""
+    redis_master_name: str = "mymaster"
+    """The name the Sentinels monitor the primary under (their ``sentinel monitor``)."""
+    redis_sentinel_password: str = ""
+    """The Sentinels' own password (their ``requirepass``), when they have one."""
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     management_url: str = ""
     """RabbitMQ's management API, for operator commands (users, quotas); never on a job's path.
@@ -163,6 +171,12 @@ class Settings(BaseSettings):
             data = {**data, "management_url": management_url_for(amqp)}
         return data
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_addresses(cls, value: str) -> str:
+        sentinel_addresses(value)
+        return value
+
     @model_validator(mode="after")
     def _a_job_body_fits(self) -> Settings:
         if self.http_body_bytes_in_flight < self.max_job_bytes:
@@ -192,6 +206,28 @@ class Settings(BaseSettings):
     @property
     def redis_prefix(self) -> str:
         return self.namespace
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``redis_sentinels`` as (host, port) pairs; empty without Sentinel."""
+        return sentinel_addresses(self.redis_sentinels)
+
+
+def sentinel_addresses(listed: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as pairs (IPv6 hosts in brackets); ValueError naming a bad one."""
+    addresses = []
+    for entry in (part.strip() for part in listed.split(",")):
+        if not entry:
+            continue
+        host, _, port = entry.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"QUEUEGATE_REDIS_SENTINELS: {entry!r} is not host:port "
+                "(e.g. sentinel-1:26379,sentinel-2:26379)"
+            )
+        addresses.append((host, int(port)))
+    return addresses
 
 
 def management_url_for(amqp_url: str) -> str:

@@ -24,11 +24,12 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from redis.exceptions import RedisError
 
-from queuegate.broker import connect, redact_url
+from queuegate.broker import connect
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import live_spend, read_view, recent_waits, window_sums
 from queuegate.metrics import BREAKER_VALUES
+from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.settings import Settings
 from queuegate.spend import ledger_spent
 from queuegate.topology import Topology
@@ -94,7 +95,7 @@ class StatusReader:
 
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name="queuegate-status")
-        self._redis = aioredis.from_url(self._settings.redis_url)
+        self._redis = redis_for(self._settings)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -110,10 +111,7 @@ class StatusReader:
         try:
             return await self._read(teams, budgets or {})
         except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(
-                f"Redis is not reachable at {redact_url(self._settings.redis_url)}: "
-                "start it or set QUEUEGATE_REDIS_URL"
-            ) from exc
+            raise ServiceUnavailable(redis_unreachable(self._settings)) from exc
 
     async def _read(self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal]) -> Status:
         assert self._redis is not None

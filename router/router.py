@@ -36,7 +36,7 @@ from queuegate.errors import (
 )
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob, UnsupportedParams
-from queuegate.redis_client import pooled_redis
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from router import transport
 from router.catalog import Catalog, Deployment, ModelEntry
@@ -562,7 +562,7 @@ async def open_router(
     catalog: Catalog, env: Mapping[str, str], settings: Settings
 ) -> AsyncIterator[Router]:
     """A Router with a Redis client of its own, both from ``settings``, closed on exit."""
-    redis = pooled_redis(settings.redis_url)
+    redis = redis_for(settings)
     try:
         async with Router(catalog, env, redis=redis, keys=Keys(settings.redis_prefix)) as router:
             yield router

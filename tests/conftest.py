@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,14 +12,24 @@ import redis.asyncio as aioredis
 from accounting import migrate
 from admin.teams import Credentials, add
 from queuegate.db import create_pool
-from queuegate.errors import ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
-from queuegate.services import check_services
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
+from tests import session_services
 
 TEST_TEAMS = ("alpha", "beta", "gamma")
 """Teams tests may use; their queues are deleted after every test."""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Before any test reads its settings: the services answer, or containers stand in for
+    the silent ones, or the run ends at once in one line (tests/session_services.py)."""
+    session_services.prepare(session.config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session_services.release(config)
 
 
 @pytest.fixture(scope="session")
@@ -39,18 +48,9 @@ async def settings(base_settings: Settings) -> AsyncIterator[Settings]:
     await drop_namespace(s, TEST_TEAMS)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def services_reachable(base_settings: Settings) -> None:
-    """Fail the run at once, in one line naming the service, when one of the three is down."""
-    try:
-        asyncio.run(check_services(base_settings))
-    except ServiceUnavailable as exc:
-        pytest.exit(str(exc), returncode=1)
-
-
 @pytest.fixture
 async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(settings.redis_url)
+    client = redis_for(settings)
     yield client
     await client.aclose()
 

@@ -8,6 +8,7 @@ they point the component under test at a proxy and take the proxy down instead::
         ...
         await proxy.down()   # every open connection is cut; new ones are refused
         await proxy.up()     # the service is back
+        proxy.lose_reply(b"EVALSHA")  # the next such request runs; its reply never comes
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class TcpProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._up = True
+        self._lose_reply_to: bytes | None = None
+        self.replies_lost = 0
         self.port = 0
 
     @property
@@ -73,6 +76,11 @@ class TcpProxy:
     async def up(self) -> None:
         self._up = True
 
+    def lose_reply(self, marker: bytes) -> None:
+        """Let the next request holding ``marker`` reach the service, then cut its connection
+        before the reply comes back: the client cannot tell whether it ran."""
+        self._lose_reply_to = marker
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._up:
             writer.transport.abort()
@@ -83,9 +91,10 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
+        sent = asyncio.Event()  # the request whose reply is to be lost went up
         pipes = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
+            asyncio.create_task(self._requests(reader, up_writer, sent)),
+            asyncio.create_task(self._replies(up_reader, writer, sent)),
         ]
         self._pipes.update(pipes)
         try:
@@ -98,10 +107,25 @@ class TcpProxy:
                 w.transport.abort()
                 self._writers.discard(w)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK):
+                if self._lose_reply_to is not None and self._lose_reply_to in data:
+                    self._lose_reply_to = None
+                    sent.set()
+                writer.write(data)
+                await writer.drain()
+
+    async def _replies(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
+    ) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(CHUNK):
+                if sent.is_set():
+                    self.replies_lost += 1
+                    return  # the connection is cut with the reply unsent
                 writer.write(data)
                 await writer.drain()
 

@@ -148,9 +148,11 @@ models:
     batches: list[list[str]] = []
     run_all = Scripts.run_all
 
-    async def counted(self: Scripts, calls: Sequence[Call]) -> list[list[int]]:
+    async def counted(
+        self: Scripts, calls: Sequence[Call], *, name: str | None = None
+    ) -> list[list[int]]:
         batches.append([call.script for call in calls])
-        return await run_all(self, calls)
+        return await run_all(self, calls, name=name)
 
     monkeypatch.setattr(Scripts, "run_all", counted)
     async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:

@@ -7,29 +7,33 @@ import redis.asyncio as aioredis
 
 from queuegate.errors import InvalidRequest
 from queuegate.keys import Keys
+from queuegate.redis_client import redis_for
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from tests.proxy import TcpProxy
 from workers.admission import prefetch_for
 from workers.admission.buckets import Buckets, Limit, Take, settle_call
 from workers.admission.policy import LocalBuckets
 from workers.admission.scripts import Scripts
 
 
-def _buckets(client: aioredis.Redis) -> Buckets:
-    return Buckets(Scripts(client))
+def _buckets(client: aioredis.Redis, settings: Settings) -> Buckets:
+    return Buckets(Scripts(client, Keys(settings.redis_prefix)))
 
 
-async def _settle(client: aioredis.Redis, limit: Limit, tokens_back: int) -> None:
+async def _settle(
+    client: aioredis.Redis, settings: Settings, limit: Limit, tokens_back: int
+) -> None:
     call = settle_call([limit], tokens_back)
     assert call is not None
-    await Scripts(client).run(call)
+    await Scripts(client, Keys(settings.redis_prefix)).run(call)
 
 
 async def test_a_full_bucket_admits_a_minute_of_its_limit_then_says_how_long_to_wait(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a team bucket of 6 requests per minute (one every 10 s)
-    buckets = _buckets(redis_client)
+    buckets = _buckets(redis_client, settings)
     limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", 6, None)
 
     # When 6 requests are taken, then one more
@@ -46,7 +50,7 @@ async def test_a_take_takes_from_every_scope_or_from_none(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a team with room for requests and a model scope with 100 tokens per minute
-    buckets = _buckets(redis_client)
+    buckets = _buckets(redis_client, settings)
     keys = Keys(settings.redis_prefix)
     team = Limit(keys.team_bucket("alpha"), "team alpha", 1000, None)
     model = Limit(keys.team_bucket("alpha", "m"), "team alpha on m", None, 100)
@@ -66,12 +70,12 @@ async def test_settling_a_larger_usage_leaves_debt_and_a_smaller_one_refunds(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a 600 tokens/minute bucket from which a job reserved 300
-    buckets = _buckets(redis_client)
+    buckets = _buckets(redis_client, settings)
     limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
     assert (await buckets.take([limit], 300)).taken
 
     # When the job turns out to have used 900 (600 more than reserved)
-    await _settle(redis_client, limit, -600)
+    await _settle(redis_client, settings, limit, -600)
 
     # Expect the bucket in debt: even a 1-token job waits about 30 s
     in_debt = await buckets.take([limit], 1)
@@ -79,7 +83,7 @@ async def test_settling_a_larger_usage_leaves_debt_and_a_smaller_one_refunds(
     assert 29_000 <= in_debt.wait_ms <= 30_200
 
     # And when 600 are refunded, the bucket admits again
-    await _settle(redis_client, limit, 600)
+    await _settle(redis_client, settings, limit, 600)
     assert await buckets.take([limit], 1) == Take(True, 0)
 
 
@@ -87,7 +91,7 @@ async def test_a_burst_admits_that_many_at_once_then_paces_at_the_rate(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a deployment bucket of 600 requests per minute (one every 100 ms) holding 2
-    buckets = _buckets(redis_client)
+    buckets = _buckets(redis_client, settings)
     key = Keys(settings.redis_prefix).deployment_bucket("d")
     limit = Limit(key, "deployment d", 600, None, burst=2)
 
@@ -104,7 +108,7 @@ async def test_a_take_within_a_wait_reserves_the_next_request_in_debt(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given an empty bucket of 600 requests per minute holding 1
-    buckets = _buckets(redis_client)
+    buckets = _buckets(redis_client, settings)
     limit = Limit(Keys(settings.redis_prefix).deployment_bucket("d"), "d", 600, None, burst=1)
     assert (await buckets.take([limit], 0)).taken
 
@@ -124,7 +128,7 @@ async def test_draining_empties_the_requests_and_keeps_the_tokens(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a deployment bucket of 600 requests per minute holding 10, and 600 tokens
-    buckets = _buckets(redis_client)
+    buckets = _buckets(redis_client, settings)
     key = Keys(settings.redis_prefix).deployment_bucket("d")
     limit = Limit(key, "deployment d", 600, 600, burst=10)
     assert (await buckets.take([limit], 100)).taken
@@ -164,7 +168,7 @@ async def test_a_job_larger_than_a_minute_of_the_limit_is_refused_at_once(
 
     # When a job needs 101 tokens, expect a clear error rather than an endless wait
     with pytest.raises(InvalidRequest, match="more than team alpha admits in a minute"):
-        await _buckets(redis_client).take([limit], 101)
+        await _buckets(redis_client, settings).take([limit], 101)
 
 
 def test_a_slow_team_gets_only_the_slots_its_rate_can_admit_in_time(
@@ -179,3 +183,28 @@ def test_a_slow_team_gets_only_the_slots_its_rate_can_admit_in_time(
     assert prefetch_for(TeamConfig(rpm=6000), s) == 32
     assert prefetch_for(TeamConfig(rpm=2), s) == 10
     assert prefetch_for(TeamConfig(rpm=1), s.model_copy(update={"admission_workers": 10})) == 1
+
+
+async def test_a_take_whose_reply_was_lost_is_sent_again_and_taken_once(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a bucket of 10 requests (10 a minute), reached through a proxy
+    key = Keys(settings.redis_prefix).team_bucket("alpha")
+    limit = Limit(key, "team alpha", 10, None)
+    async with TcpProxy(settings.redis_url) as proxy:
+        client = redis_for(settings.model_copy(update={"redis_url": proxy.url}))
+        try:
+            buckets = _buckets(client, settings)
+            assert await buckets.take([limit], 1) == Take(True, 0)
+            # When a take reaches Redis, runs, and its connection breaks before the reply
+            proxy.lose_reply(b"EVALSHA")
+            second = await buckets.take([limit], 1)
+        finally:
+            await client.aclose()
+
+    # Expect the client to have sent it again and got its reply, and the bucket to hold
+    # the 8 requests left after two takes (plus what it refilled meanwhile), not 7
+    assert proxy.replies_lost == 1
+    assert second == Take(True, 0)
+    left = float(await redis_client.hget(key, "r") or 0)
+    assert 8 <= left < 8.5

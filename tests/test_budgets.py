@@ -24,7 +24,8 @@ DOLLAR = to_nano(Decimal(1))
 
 
 def _budgets(settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool) -> Budgets:
-    return Budgets(client, Scripts(client), Keys(settings.redis_prefix), pool, lease=60)
+    keys = Keys(settings.redis_prefix)
+    return Budgets(client, Scripts(client, keys), keys, pool, lease=60)
 
 
 def _usage(job_id: str, cost: str, ts: datetime, model: str = "gpt-4o-mini") -> UsageEvent:
@@ -66,7 +67,8 @@ async def test_settling_replaces_the_estimate_with_the_real_cost(
     assert reservation is not None
 
     # When the job really cost $0.10
-    await Scripts(redis_client).run(budgets.settle_call(reservation, DOLLAR // 10))
+    settle = budgets.settle_call(reservation, DOLLAR // 10)
+    await Scripts(redis_client, Keys(settings.redis_prefix)).run(settle)
 
     # Expect $0.90 left: a $0.85 job fits
     reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100, "job-4")
@@ -142,7 +144,7 @@ async def test_the_spend_in_force_leaves_out_lapsed_reservations_as_a_reserve_wo
     config = TeamConfig(
         budget_usd=Decimal(1), models={"gpt-4o": ModelLimits(budget_usd=Decimal("0.2"))}
     )
-    dead = Budgets(redis_client, Scripts(redis_client), keys, pool, lease=0)
+    dead = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=0)
     await dead.reserve("alpha", "m", config, DOLLAR * 6 // 10, "job-dead")
     month = current_month()
 

@@ -197,10 +197,28 @@ async def test_a_claim_sent_again_by_its_own_delivery_is_still_its_own(
         resources.files("workers").joinpath("lua/claim.lua").read_text("utf-8")
     )
     keys = Keys(settings.redis_prefix)
-    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1"), keys.memory_epoch]
+    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
+    names += [keys.memory_epoch, keys.replication]
     fingerprint = "f" * 64
     first = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
     again = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
     other = await claim(keys=names, args=["worker/b", 10_000, fingerprint, 60])
     assert first[0] == again[0] == b"claimed"
     assert other[0] == b"busy" and other[1] == b"worker/a"
+
+
+async def test_an_outcome_stored_again_by_its_own_delivery_is_still_its_own(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # The Redis client re-sends a store whose connection broke after it ran: the delivery
+    # must announce its own outcome, not find it "stored first by another delivery".
+    finish = redis_client.register_script(
+        resources.files("workers").joinpath("lua/finish.lua").read_text("utf-8")
+    )
+    keys = Keys(settings.redis_prefix)
+    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
+    first = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])
+    again = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])
+    other = await finish(keys=names, args=["f" * 64 + '{"a": 2}', 60])
+    assert first is None and again is None
+    assert other == b"f" * 64 + b'{"a": 1}'

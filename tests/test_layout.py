@@ -74,3 +74,45 @@ def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
         "def f():\n    import workers.worker\n    from . import sibling\n"
     )
     assert _imports(module) == {"typing", "router", "workers"}
+
+
+REDIS_CLIENT_MAKERS = {
+    "from_url",
+    "from_pool",
+    "master_for",
+    "Redis",
+    "StrictRedis",
+    "Sentinel",
+    "ConnectionPool",
+    "BlockingConnectionPool",
+}
+"""What makes a Redis client or pool; only queuegate/redis_client.py may call it."""
+
+
+def _client_makers(path: Path) -> set[str]:
+    """The Redis client makers ``path`` calls, as ``line: name``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in REDIS_CLIENT_MAKERS:
+                found.add(f"{node.lineno}: {name}")
+    return found
+
+
+def test_every_redis_client_of_the_gateway_comes_from_one_factory() -> None:
+    # A client made any other way would not follow a Sentinel failover, nor wait for a
+    # connection, nor send a command again after a broken connection.
+    factory = ROOT / "queuegate" / "redis_client.py"
+    assert _client_makers(factory)  # the check sees the factory's own calls
+    elsewhere = {
+        f"{module.relative_to(ROOT)}:{call}"
+        for package in ALLOWED
+        for module in sorted((ROOT / package).rglob("*.py"))
+        if module != factory
+        for call in _client_makers(module)
+    }
+    assert not elsewhere, "make them with queuegate.redis_client.redis_for:\n" + "\n".join(
+        sorted(elsewhere)
+    )

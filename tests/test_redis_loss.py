@@ -85,6 +85,29 @@ async def test_a_redis_restarted_empty_under_a_running_worker_calls_no_accounted
     assert "served without claims" not in caplog.text
 
 
+async def test_after_a_failover_lost_a_jobs_outcome_it_is_not_called_again(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    async with running_gateway(settings) as gw:
+        # Given a job answered and accounted, and nothing Redis could have forgotten
+        async with gw.client("alpha") as first:
+            job = first.job("gpt-4o-mini", HELLO, job_id="replicated-late")
+            assert (await (await first.submit(job)).result(10)).status == "ok"
+        await gw.usage_rows(1)
+        await redis_client.set(keys.memory_epoch, 0)
+        # When a replica that had not yet received the job's outcome becomes the primary:
+        # the outcome gone, the primary's replication id not the one the claims ran on
+        await redis_client.delete(keys.result("alpha", job.job_id))
+        await redis_client.set(keys.replication, "0" * 40)
+        # ... and the job is published again
+        async with gw.client("alpha") as second:
+            result = await (await second.submit(job)).result(10)
+    # Expect it refused as already answered (found in usage_log), not called again
+    assert result.error is not None and result.error.code == "already_answered"
+    assert gw.mock.stats.calls == 1
+
+
 async def test_jobs_answered_just_before_redis_lost_its_data_are_not_called_again(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:

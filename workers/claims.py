@@ -115,6 +115,7 @@ class Claims:
         self._ttl = ttl
         self._lookup_wait = lookup_wait
         self._claim: AsyncScript = client.register_script(_source("claim"))
+        self._epoch_keys = [keys.memory_epoch, keys.replication]
         self._hold: AsyncScript = client.register_script(_source("hold"))
         self._finish: AsyncScript = client.register_script(_source("finish"))
         self._settle: AsyncScript = client.register_script(_source("settle_epoch"))
@@ -157,7 +158,7 @@ class Claims:
         pause = FIRST_POLL
         while True:
             try:
-                reply = await self._claim(keys=[key, result, self._keys.memory_epoch], args=args)
+                reply = await self._claim(keys=[key, result, *self._epoch_keys], args=args)
             except RedisError as exc:
                 self._outage.failed(exc)
                 # Unclaimed, and the memory epoch unknown: never past PostgreSQL's record

@@ -14,7 +14,7 @@ import asyncpg
 
 from mockprovider import MockProvider
 from producer import GatewayClient, JobHandle
-from queuegate.messages import ChatResult
+from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -84,16 +84,29 @@ async def start_worker(env: Mapping[str, str], teams: Sequence[str]) -> asyncio.
 
 async def submit_all(clients: Sequence[GatewayClient], count: int) -> list[JobHandle]:
     """Submit ``count`` jobs round-robin over the clients' teams, a few hundred at a time."""
+    chosen = [clients[i % len(clients)] for i in range(count)]
+    jobs = [chat_job(client, f"job {i}") for i, client in enumerate(chosen)]
+    return await _submitted(list(zip(chosen, jobs, strict=True)))
+
+
+def chat_job(client: GatewayClient, text: str) -> ChatJob:
+    """A small chat job of the client's team."""
+    return client.job("gpt-4o-mini", [{"role": "user", "content": text}])
+
+
+async def submit_jobs(client: GatewayClient, jobs: Sequence[ChatJob]) -> list[JobHandle]:
+    """Submit ``jobs`` (made before, to be submitted again), a few hundred at a time."""
+    return await _submitted([(client, job) for job in jobs])
+
+
+async def _submitted(jobs: Sequence[tuple[GatewayClient, ChatJob]]) -> list[JobHandle]:
     gate = asyncio.Semaphore(CONCURRENT_SUBMITS)
 
-    async def one(i: int) -> JobHandle:
-        client = clients[i % len(clients)]
+    async def one(client: GatewayClient, job: ChatJob) -> JobHandle:
         async with gate:
-            return await client.submit(
-                client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}])
-            )
+            return await client.submit(job)
 
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return list(await asyncio.gather(*(one(client, job) for client, job in jobs)))
 
 
 async def collect(handles: Sequence[JobHandle], timeout: float) -> list[ChatResult]:

@@ -42,16 +42,20 @@ class Buckets:
     def __init__(self, scripts: Scripts) -> None:
         self._scripts = scripts
 
-    async def take(self, limits: Sequence[Limit], tokens: int, within_ms: int = 0) -> Take:
+    async def take(
+        self, limits: Sequence[Limit], tokens: int, within_ms: int = 0, *, name: str | None = None
+    ) -> Take:
         """Take one request and ``tokens`` from every bucket, or from none.
 
         When the buckets can admit the job within ``within_ms`` but not now, the job reserves
         its place: it is taken now, into debt, and ``wait_ms`` says when it may go. Raises
-        InvalidRequest when the job is larger than a bucket could ever hold.
+        InvalidRequest when the job is larger than a bucket could ever hold. ``name``: the
+        take's, the same on every try (``Scripts.run_all``).
         """
         if not limits:
             return Take(True, 0)
-        return taken(limits, tokens, await self._scripts.run(take_call(limits, tokens, within_ms)))
+        reply = await self._scripts.run(take_call(limits, tokens, within_ms), name=name)
+        return taken(limits, tokens, reply)
 
     async def drain(self, limits: Sequence[Limit]) -> None:
         """Empty every bucket of its requests: the next ones are admitted at the rate alone."""

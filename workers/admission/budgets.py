@@ -18,6 +18,7 @@ flight at the loss, until each settles (its settle puts its cost in the new ledg
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -107,13 +108,15 @@ class Budgets:
         job_id: str,
         *,
         then: Call | None = None,
+        name: str | None = None,
     ) -> tuple[Reservation | None, list[int] | None]:
         """Reserve ``nano`` for job ``job_id`` against the team's budget and the model's cap:
         the reservation (None when the team has neither), and the reply of ``then``.
 
         ``then`` is a call to run in the same round trip once the reservation is made; it does
         not run (its reply is None) when there is nothing to reserve or the reserve fails.
-        Raises BudgetExhausted when the budget or the cap cannot take ``nano``.
+        Raises BudgetExhausted when the budget or the cap cannot take ``nano``. ``name``: the
+        reservation's, the same on every try (``Scripts.run_all``).
         """
         month = current_month()
         scopes = budget_scopes(config, model)
@@ -130,8 +133,10 @@ class Budgets:
         ledgers = keys[::2]
         args += [self._generations.get(ledger, "") for ledger in ledgers]
         calls = [self._call(team, month, keys, args)] + ([then] if then is not None else [])
+        rounds = itertools.count()
         while True:
-            replies = await self._scripts.run_all(calls)
+            # Each round after a rebuild is a new one: the one before was refused.
+            replies = await self._scripts.run_all(calls, name=name and f"{name}.{next(rounds)}")
             reply = replies[0]
             _alert(team, month, reply)
             if reply[0] in (-2, -3):

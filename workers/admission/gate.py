@@ -37,7 +37,7 @@ from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_ca
 from workers.admission.budgets import Budgets, Reservation
 from workers.admission.estimate import Estimate, estimate
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
-from workers.admission.scripts import Call, Scripts
+from workers.admission.scripts import Call, Scripts, once
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class Admission:
     def __init__(
         self, settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool, catalog: Catalog
     ) -> None:
-        self._scripts = Scripts(client)
         self._keys = Keys(settings.redis_prefix)
+        self._scripts = Scripts(client, self._keys)
         self._settings = settings
         self._catalog = catalog
         self._buckets = Buckets(self._scripts)
@@ -123,9 +123,18 @@ class Admission:
         # The first try at the team's buckets rides with the budget's reservation, in one
         # round trip, unless jobs already wait in line for them (see Ticket.take).
         first = take_call(limits, tokens) if limits and not self.line(limits).locked() else None
+        # One name for every try, so a try after an error does not take again what the one
+        # before took (its reply lost with its connection).
+        name = once()
         ticket.budget, tried = await self._guard(
             lambda: self._budgets.reserve(
-                job.team, job.model, config, ticket.estimate.cost_nano, job.job_id, then=first
+                job.team,
+                job.model,
+                config,
+                ticket.estimate.cost_nano,
+                job.job_id,
+                then=first,
+                name=name,
             ),
             lambda: (None, None),
             until,
@@ -143,8 +152,9 @@ class Admission:
         """Take a request and ``tokens`` from every bucket of ``limits`` if they have them
         within ``within_ms``, under the outage policy (this process's share of the limits
         while Redis is away, when failing open)."""
+        name = once()  # the same for every try (see admit)
         return await self._guard(
-            lambda: self._buckets.take(limits, tokens, within_ms),
+            lambda: self._buckets.take(limits, tokens, within_ms, name=name),
             lambda: self._local.take(limits, tokens, within_ms),
             until,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
@@ -10,7 +11,13 @@ from typing import Literal, NamedTuple
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from queuegate.keys import Keys
+
 _SCRIPTS = ("take", "spend")
+ONCE_MS = 30_000
+"""Milliseconds a round trip's replies are kept so that, sent again, it is not run again
+(``lua/batch.lua``): the Redis client's own resends come within a second, and a caller that
+tries again after an error (passing the same ``once``) within a Sentinel failover's time."""
 
 
 @cache
@@ -34,25 +41,39 @@ class Call(NamedTuple):
     args: list[str | int]
 
 
+def once() -> str:
+    """A new round trip's name, for ``Scripts.run_all``."""
+    return secrets.token_hex(12)
+
+
 class Scripts:
-    """Runs calls of the admission scripts by EVALSHA, one or several per round trip.
+    """Runs calls of the admission scripts by EVALSHA, one or several per round trip, each
+    round trip once however often it is sent.
 
     redis-py loads the script again by itself when the server has forgotten it (a restart).
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self._batch: AsyncScript = client.register_script(_batch_source())
+        self._keys = keys
 
-    async def run(self, call: Call) -> list[int]:
+    async def run(self, call: Call, *, name: str | None = None) -> list[int]:
         """The call's reply."""
-        [reply] = await self.run_all([call])
+        [reply] = await self.run_all([call], name=name)
         return reply
 
-    async def run_all(self, calls: Sequence[Call]) -> list[list[int]]:
+    async def run_all(self, calls: Sequence[Call], *, name: str | None = None) -> list[list[int]]:
         """The replies of ``calls``, run in order in one round trip, up to and including the
-        first that refuses (a reply starting with a negative status)."""
-        keys = [key for call in calls for key in call.keys]
-        args: list[str | int] = []
+        first that refuses (a reply starting with a negative status).
+
+        ``name`` (from ``once()``) names the round trip: one sent again under the same name
+        within ``ONCE_MS`` returns the replies of the first instead of running again, so a
+        caller trying again after an error that may have come after Redis ran it passes the
+        name of its first try. None: a new one (the client's own resends are covered).
+        """
+        keys = [self._keys.once(name or once())]
+        keys += [key for call in calls for key in call.keys]
+        args: list[str | int] = [ONCE_MS]
         for call in calls:
             args += [call.script, len(call.keys), len(call.args), *call.args]
         replies: list[list[int]] = await self._batch(keys=keys, args=args)

@@ -4,6 +4,7 @@
 -- KEYS[2]  the job's stored outcome: its request fingerprint (64 hex) then the outcome JSON
 --          (a value starting with "{" is an outcome stored without a fingerprint)
 -- KEYS[3]  the memory epoch: when Redis may have started forgetting outcomes (ms, 0 = never)
+-- KEYS[4]  the replication id of the Redis the outcomes were stored in
 -- ARGV[1]  owner (worker name and a token of this delivery)
 -- ARGV[2]  lease, ms
 -- ARGV[3]  the request's fingerprint
@@ -15,6 +16,19 @@
 --   {'busy', owner, ms}                 another delivery holds it for ms more
 --   {'claimed', lost, epoch}            held now; lost: calls a lapsed owner had in flight
 --                                       (one JSON object a line), epoch: KEYS[3] or ''
+
+-- A replica promoted to primary (a Sentinel failover), or a primary restarted, has a new
+-- replication id, and may lack the writes its predecessor had not replicated yet (Redis
+-- replicates asynchronously): outcomes among them. The memory epoch goes, as when Redis
+-- loses its data, so jobs are looked up in PostgreSQL until their outcomes could have lapsed.
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+local known = redis.call('GET', KEYS[4])
+if known ~= replid then
+  if known then
+    redis.call('DEL', KEYS[3])
+  end
+  redis.call('SET', KEYS[4], replid)
+end
 
 local stored = redis.call('GET', KEYS[2])
 if stored then

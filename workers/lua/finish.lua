@@ -6,10 +6,15 @@
 -- ARGV[2]  ttl, seconds
 --
 -- Returns false when ARGV[1] is stored, or the outcome already stored (a delivery that took
--- over a lapsed claim finished first): the job is announced with that one.
+-- over a lapsed claim finished first): the job is announced with that one. Finding ARGV[1]
+-- itself is this call sent again by the Redis client (its connection broke after Redis ran
+-- it): stored by this call, so false again.
 
 local stored = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[1])
+if stored == ARGV[1] then
+  return false
+end
 if stored then
   return stored
 end

@@ -3,16 +3,28 @@
 -- a job's settles. Each script's source is wrapped as a local function ahead of this one
 -- (scripts.py), taking its KEYS and ARGV as it would on its own.
 --
--- KEYS      every call's keys, call after call
--- ARGV      per call: its script's name ("take" or "spend"), its number of keys, its number
+-- Run once per round trip: the Redis client sends a command again when its connection broke,
+-- though Redis may have run it, and a take or a settle run twice would take twice or give
+-- back twice. So the replies are kept under the round trip's own key for a while, and a call
+-- that finds them returns them instead of running again.
+--
+-- KEYS[1]   the round trip's own key (one per round trip, chosen by the caller)
+-- KEYS[2..] every call's keys, call after call
+-- ARGV[1]   milliseconds the replies are kept under KEYS[1]
+-- ARGV[2..] per call: its script's name ("take" or "spend"), its number of keys, its number
 --           of arguments, then those arguments
 --
 -- Returns the replies of the calls run. It stops after a call that refuses (its reply starts
 -- with a negative status), so a later call can depend on an earlier one.
 
+local done = redis.call('GET', KEYS[1])
+if done then
+  return cmsgpack.unpack(done)
+end
+
 local scripts = {take = take, spend = spend}
 local replies = {}
-local k, a = 1, 1
+local k, a = 2, 2
 while a <= #ARGV do
   local nkeys, nargs = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local reply = scripts[ARGV[a]]({unpack(KEYS, k, k + nkeys - 1)},
@@ -23,4 +35,5 @@ while a <= #ARGV do
   end
   k, a = k + nkeys, a + 3 + nargs
 end
+redis.call('SET', KEYS[1], cmsgpack.pack(replies), 'PX', tonumber(ARGV[1]))
 return replies
