@@ -11,6 +11,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import dataclasses
+import math
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -31,6 +32,7 @@ from frontdoor.dashboard import session as sessions
 from frontdoor.dashboard.charts import NEAR, Bar, bars, columns
 from frontdoor.dashboard.render import page
 from frontdoor.dashboard.session import Session
+from frontdoor.failed_keys import Throttled, client_of
 from frontdoor.service import FrontDoor, frontdoor
 from queuegate.db import DB_ERRORS
 from queuegate.errors import ConfigError, ServiceUnavailable
@@ -55,32 +57,41 @@ class Refused(Exception):
 
 
 @router.get("/sign-in")
-async def sign_in_form(request: Request) -> Response:
-    token = sessions.new_token()
-    response = page("sign_in.html", title="Sign in", session=None, csrf=token, error=None)
-    sessions.set_cookie(request, response, sessions.SIGN_IN_COOKIE, token, 3600)
-    return response
+async def sign_in_form(request: Request, door: Door) -> Response:
+    return await _sign_in_page(request, door)
 
 
 @router.post("/sign-in")
 async def sign_in(
     request: Request, door: Door, key: Annotated[str, Form()], csrf: Annotated[str, Form()]
 ) -> Response:
-    if not sessions.same_token(request.cookies.get(sessions.SIGN_IN_COOKIE), csrf):
-        return await sign_in_form(request)
-    owner = await door.keys.owner(key.strip())
+    form_id = request.cookies.get(sessions.SIGN_IN_COOKIE)
+    if not sessions.same_token(await sessions.take_sign_in_token(door, form_id), csrf):
+        return await _sign_in_page(
+            request,
+            door,
+            status=403,
+            error="The form was stale or did not come from this dashboard: sign in again.",
+        )
+    try:
+        owner = await door.keys.owner(key.strip(), client_of(request))
+    except Throttled as exc:
+        wait = math.ceil(exc.retry_after)
+        refused = await _sign_in_page(
+            request,
+            door,
+            status=429,
+            error=f"Too many wrong keys from this address: try again in {wait} s.",
+        )
+        refused.headers["retry-after"] = str(wait)
+        return refused
     if owner is None:
-        token = sessions.new_token()
-        response = page(
-            "sign_in.html",
+        return await _sign_in_page(
+            request,
+            door,
             status=401,
-            title="Sign in",
-            session=None,
-            csrf=token,
             error="That key is unknown or revoked, or its team is disabled.",
         )
-        sessions.set_cookie(request, response, sessions.SIGN_IN_COOKIE, token, 3600)
-        return response
     session = await sessions.start(door, owner)
     signed_in = RedirectResponse(_home(session), status_code=303)
     sessions.set_cookie(
@@ -88,6 +99,18 @@ async def sign_in(
     )
     signed_in.delete_cookie(sessions.SIGN_IN_COOKIE, path="/dashboard")
     return signed_in
+
+
+async def _sign_in_page(
+    request: Request, door: FrontDoor, *, status: int = 200, error: str | None = None
+) -> Response:
+    """The sign-in form, bound to a pre-session (``session.sign_in_form``)."""
+    form_id, token = await sessions.sign_in_form(door, request.cookies.get(sessions.SIGN_IN_COOKIE))
+    response = page(
+        "sign_in.html", status=status, title="Sign in", session=None, csrf=token, error=error
+    )
+    sessions.set_cookie(request, response, sessions.SIGN_IN_COOKIE, form_id, sessions.SIGN_IN_TTL)
+    return response
 
 
 @router.post("/sign-out")
