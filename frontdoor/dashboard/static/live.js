@@ -48,11 +48,15 @@
     deps.replaceChildren();
     for (const d of data.deployments || []) {
       const row = deps.insertRow();
+      row.dataset.deployment = d.deployment;
       if (d.breaker && d.breaker !== "closed") row.className = "over";
+      else if (d.paused_for > 0) row.className = "near";
       cell(row, d.deployment);
       cell(row, d.breaker || "–");
       cell(row, rate(d.calls_per_s), true);
       cell(row, d.error_rate === null ? "–" : (100 * d.error_rate).toFixed(1) + "%", true);
+      cell(row, count(d.rate_limited), true);
+      cell(row, d.paused_for > 0 ? "paused, " + Math.ceil(d.paused_for) + " s left" : "–", true);
     }
     document.getElementById("workers").textContent = data.workers === undefined ? "–" : data.workers;
     document.getElementById("queued").textContent = count(queued);
