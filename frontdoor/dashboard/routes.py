@@ -379,7 +379,11 @@ def _team_rows(spent: list[TeamSpend], budgets: dict[str, Decimal]) -> list[dict
             {
                 **vars(t),
                 "budget_usd": budget,
-                "used": f"{share:.0%}" if share is not None else "n/a",
+                "used": "n/a"
+                if share is None
+                else f"{share:.1%}"
+                if share < 0.1
+                else f"{share:.0%}",
                 "share": share if share is not None else -1.0,
                 "tone": _tone(t.cost_usd, budget),
             }
