@@ -71,14 +71,13 @@ class KeyBook:
         key_hash = hash_api_key(key) if key_shape(key) is not None else None
         now = time.monotonic()
         cached = self._cache.get(key_hash) if key_hash is not None else None
-        fresh = cached is not None and now - cached[0] <= self._ttl
-        if cached is not None and fresh and cached[1] is not None:
-            return cached[1]
+        if cached is not None and now - cached[0] > self._ttl:
+            cached = None
+        if cached is not None and cached[1] is not None:
+            return cached[1]  # a live key asks nothing of Redis
         await self._failures.check(client)
-        if key_hash is None:
-            owner = None
-        elif cached is not None and fresh:
-            owner = cached[1]
+        if key_hash is None or cached is not None:
+            owner = None  # not shaped like a key, or known wrong within the ttl
         else:
             owner = await self._lookup(key, key_hash, now)
         if owner is None:
