@@ -23,13 +23,11 @@ The scenario prints two tables, ``frontdoor c=1`` and ``frontdoor c=64``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
-import httpx
 
 from bench.litellm_proxy import Proxy, running_litellm
 from bench.measure import (
@@ -47,6 +45,7 @@ from bench.stack import (
     peak_rss_mb,
     process_tree,
     running_stack,
+    wait_ready,
 )
 from producer import GatewayClient
 from queuegate.db import create_pool
@@ -85,7 +84,7 @@ async def compare(*, jobs: int, processes: int) -> list[Figure]:
         args = ["api", "--port", str(port), "--log-level", "warning"]
         await stack.spawn("frontdoor", *args, *(["--processes", str(processes)] * (processes > 1)))
         door = f"http://127.0.0.1:{port}"
-        await _wait_ready(f"{door}/readyz")
+        await wait_ready(f"{door}/readyz", START_TIMEOUT)
         async with (
             running_litellm(stack.mock_url, workers=processes) as proxy,
             GatewayClient(stack.settings, team=TEAM) as amqp,
@@ -257,19 +256,6 @@ async def _api_key(stack: Stack) -> str:
     finally:
         await pool.close()
     return key
-
-
-async def _wait_ready(url: str) -> None:
-    async with httpx.AsyncClient() as client:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
-    raise TimeoutError(f"the front door did not start at {url}")
 
 
 def main() -> None:

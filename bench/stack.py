@@ -261,6 +261,20 @@ async def wait_http(url: str) -> None:
     raise TimeoutError(f"mock provider did not start at {url}")
 
 
+async def wait_ready(url: str, timeout: float) -> None:
+    """Wait until ``url`` answers 200 (a front door's ``/readyz``)."""
+    async with httpx.AsyncClient() as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing answered at {url} within {timeout:.0f} s")
+
+
 async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
     from accounting import migrate
     from queuegate.db import create_pool

@@ -1,4 +1,5 @@
-"""``queuegate demo``: the whole job path once, on the local services, in one process.
+"""``queuegate demo``: the whole job path once, on the local services, in one process; then
+the dashboard, served by the demo's gateway until Ctrl-C (unless ``once``).
 
 It uses a namespace and schema of its own (``<namespace>-demo``, ``<schema>_demo``) and
 resets the schema at start, so the usage table shows exactly this run.
@@ -21,6 +22,8 @@ from queuegate.db import create_pool
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatResult
 from queuegate.namespace import drop_namespace
+from queuegate.registry import add_team
+from queuegate.runtime import stop_on_signals
 from queuegate.services import check_services
 from queuegate.settings import Settings
 from queuegate.tables import spend_table
@@ -45,8 +48,10 @@ in the demo, so its job shows the fallback to claude-haiku."""
 ROWS_TIMEOUT = 30.0
 
 
-async def run_demo(base: Settings, console: Console) -> None:
+async def run_demo(base: Settings, console: Console, *, once: bool = False) -> None:
     from accounting import Accountant, monthly_spend
+    from frontdoor.demo import demo_http_call, show_dashboard
+    from frontdoor.serve import serving
     from mockprovider import Behavior, MockConfig, MockProvider
     from router import load_catalog, open_router
     from workers import Worker
@@ -73,25 +78,29 @@ async def run_demo(base: Settings, console: Console) -> None:
                     asyncio.create_task(worker.run(stop)),
                     asyncio.create_task(accountant.run(stop)),
                 ]
+                pool = await create_pool(settings)
                 try:
                     await _unless_failed(worker.ready.wait(), tasks)
+                    for team in teams:  # registered: the dashboard has a page for each
+                        await add_team(pool, team)
                     results = await _submit_all(settings, console)
-                    from frontdoor.demo import demo_http_call
-
-                    await demo_http_call(settings, router.catalog, "research", console)
-                    pool = await create_pool(settings)
-                    try:
+                    async with serving(settings, router.catalog) as url:
+                        await demo_http_call(pool, url, "research", console)
                         await _unless_failed(_await_rows(pool, len(results) + 1), tasks)
                         rows = await monthly_spend(pool, datetime.now(UTC).date())
-                    finally:
-                        await pool.close()
+                        console.print(spend_table(rows, title="usage this month, from PostgreSQL"))
+                        failures = sum(result.status != "ok" for result in results)
+                        if failures:
+                            raise GatewayError(
+                                f"{failures} demo jobs failed; run with --log-level info to see why"
+                            )
+                        if not once:
+                            await show_dashboard(pool, url, console)
+                            await _unless_failed(stop_on_signals().wait(), tasks)
                 finally:
+                    await pool.close()
                     stop.set()
                     await asyncio.gather(*tasks)
-    console.print(spend_table(rows, title="usage this month, from PostgreSQL"))
-    failures = sum(result.status != "ok" for result in results)
-    if failures:
-        raise GatewayError(f"{failures} demo jobs failed; run with --log-level info to see why")
 
 
 async def _submit_all(settings: Settings, console: Console) -> list[ChatResult]:

@@ -183,9 +183,15 @@ def mock_provider(
     run(lambda: serve(config, host, port))
 
 
-def demo(log_level: LogLevel = "warning") -> None:
-    """Run the whole path once: mock provider, worker, accounting, two teams, usage table."""
+def demo(
+    once: Annotated[
+        bool, typer.Option("--once", help="Exit after the usage table; serve no dashboard.")
+    ] = False,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Run the whole path once: mock provider, worker, accounting, two teams, usage table;
+    then serve the dashboard (its address and a key that signs in printed) until Ctrl-C."""
     from cli.demo import run_demo
 
     configure_logging(log_level)
-    run(lambda: run_demo(make_settings(), out))
+    run(lambda: run_demo(make_settings(), out, once=once))

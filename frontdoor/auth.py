@@ -20,7 +20,8 @@ Team routes refuse an administrator key (403): it acts for no team, so it can si
 Answers (an owner, or unknown) are cached ``security_cache_ttl`` seconds, like the workers'
 copy: a revoked key or a disabled team is refused within that time, and PostgreSQL is asked
 at most once per key per ttl. A key that is not shaped like one of ours is refused without
-a lookup.
+a lookup. A client that presented ``failed_key_limit`` wrong keys is refused 429 for the rest
+of the window (``frontdoor.failed_keys``), before any lookup.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fastapi import Request
 
 from admin.keys import KeyOwner, lookup_key
 from frontdoor.errors import ApiError
+from frontdoor.failed_keys import FailedKeys, Throttled, client_of
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable
 from queuegate.tenancy import hash_api_key, key_shape
@@ -54,22 +56,35 @@ class Caller:
 
 
 class KeyBook:
-    """Whose live keys are, by their hash, from a copy at most ``ttl`` seconds old."""
+    """Whose live keys are, by their hash, from a copy at most ``ttl`` seconds old; the wrong
+    ones counted against the client that presented them (``failures``)."""
 
-    def __init__(self, pool: asyncpg.Pool, *, ttl: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, failures: FailedKeys, *, ttl: float) -> None:
         self._pool = pool
+        self._failures = failures
         self._ttl = ttl
         self._cache: OrderedDict[str, tuple[float, KeyOwner | None]] = OrderedDict()
 
-    async def owner(self, key: str) -> KeyOwner | None:
-        """Whose live key ``key`` is; None when unknown, revoked, or its team is disabled."""
-        if key_shape(key) is None:
-            return None
-        key_hash = hash_api_key(key)
+    async def owner(self, key: str, client: str) -> KeyOwner | None:
+        """Whose live key ``key`` is; None when unknown, revoked, or its team is disabled.
+        Throttled when ``client`` has presented too many wrong keys of late."""
+        key_hash = hash_api_key(key) if key_shape(key) is not None else None
         now = time.monotonic()
-        cached = self._cache.get(key_hash)
-        if cached is not None and now - cached[0] <= self._ttl:
-            return cached[1]
+        cached = self._cache.get(key_hash) if key_hash is not None else None
+        if cached is not None and now - cached[0] > self._ttl:
+            cached = None
+        if cached is not None and cached[1] is not None:
+            return cached[1]  # a live key asks nothing of Redis
+        await self._failures.check(client)
+        if key_hash is None or cached is not None:
+            owner = None  # not shaped like a key, or known wrong within the ttl
+        else:
+            owner = await self._lookup(key, key_hash, now)
+        if owner is None:
+            await self._failures.failed(client)
+        return owner
+
+    async def _lookup(self, key: str, key_hash: str, now: float) -> KeyOwner | None:
         try:
             owner = await lookup_key(self._pool, key)
         except DB_ERRORS as exc:
@@ -125,7 +140,15 @@ async def _presented_owner(request: Request) -> tuple[KeyOwner, str]:
             "X-Gateway-Key",
         )
     keys: KeyBook = request.app.state.frontdoor.keys
-    owner = await keys.owner(key)
+    try:
+        owner = await keys.owner(key, client_of(request))
+    except Throttled as exc:
+        raise ApiError(
+            "too_many_requests",
+            "too many wrong API keys from this address: wait for Retry-After, then retry "
+            "with a live key",
+            retry_after_s=exc.retry_after,
+        ) from exc
     if owner is None:
         raise ApiError(
             "unauthorized",

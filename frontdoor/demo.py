@@ -1,35 +1,25 @@
-"""The front door's part of ``queuegate demo``: one call through HTTP with the openai SDK."""
+"""The front door's part of ``queuegate demo``: one call through HTTP with the openai SDK, and
+the dashboard's address with a key that signs in to it."""
 
 from __future__ import annotations
 
+import asyncpg
 from rich.console import Console
 
-from frontdoor.serve import serving
-from queuegate.db import create_pool
+from admin.keys import issue_admin_key
 from queuegate.errors import GatewayError
-from queuegate.registry import add_team
-from queuegate.settings import Settings
 from queuegate.tenancy import add_api_key
-from router import Catalog
 
 
-async def demo_http_call(settings: Settings, catalog: Catalog, team: str, console: Console) -> None:
-    """Issue ``team`` a key, serve the front door on a free port, and ask it once with the
+async def demo_http_call(pool: asyncpg.Pool, url: str, team: str, console: Console) -> None:
+    """Issue ``team`` (registered) a key and ask the front door at ``url`` once with the
     ``openai`` SDK, as an app would."""
     try:
         import openai
     except ImportError as exc:
         raise GatewayError("the demo's HTTP call needs the openai SDK: pip install openai") from exc
-    pool = await create_pool(settings)
-    try:
-        await add_team(pool, team)
-        _, key = await add_api_key(pool, team)
-    finally:
-        await pool.close()
-    async with (
-        serving(settings, catalog) as url,
-        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client,
-    ):
+    _, key = await add_api_key(pool, team)
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client:
         raw = await client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": "Why put an HTTP front door on a queue?"}],
@@ -42,5 +32,17 @@ async def demo_http_call(settings: Settings, catalog: Catalog, team: str, consol
         f"  job {raw.headers['x-queuegate-job-id']}, "
         f"{float(raw.headers['x-queuegate-latency-ms']):.1f} ms, "
         f"{raw.headers['x-queuegate-cost-usd']} USD",
+        highlight=False,
+    )
+
+
+async def show_dashboard(pool: asyncpg.Pool, url: str, console: Console) -> None:
+    """Issue an administrator key of the demo's own and print where to paste it."""
+    admin = await issue_admin_key(pool, "demo")
+    console.print(
+        f"\n[bold]the dashboard:[/] {url}/dashboard\n"
+        f"  sign in with this admin key (shown once, valid until the next demo):\n"
+        f"  {admin.key}\n"
+        "  the demo's gateway serves it until Ctrl-C",
         highlight=False,
     )

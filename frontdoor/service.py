@@ -27,6 +27,7 @@ from frontdoor.body import Bodies
 from frontdoor.bridge import Bridge
 from frontdoor.budgets import BudgetGate
 from frontdoor.chat_request import Limits
+from frontdoor.failed_keys import FailedKeys
 from frontdoor.outcomes import Outcomes
 from queuegate.db import DB_ERRORS, create_pool
 from queuegate.keys import Keys
@@ -100,8 +101,11 @@ class FrontDoor:
         self._pool = await create_pool(s)
         try:
             self._redis = redis_for(s)
-            self._keys = KeyBook(self._pool, ttl=s.security_cache_ttl)
             keys = Keys(s.redis_prefix)
+            failures = FailedKeys(
+                self._redis, keys, limit=s.failed_key_limit, window=s.failed_key_window
+            )
+            self._keys = KeyBook(self._pool, failures, ttl=s.security_cache_ttl)
             self._outcomes = Outcomes(self._redis, keys, ttl=s.result_ttl)
             self._budgets = BudgetGate(self._pool, self._redis, keys, self.catalog, s)
             await self.bridge.__aenter__()

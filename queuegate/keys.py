@@ -58,6 +58,14 @@ class Keys:
         """The dashboard sessions one key opened (sorted set: session id by when it began)."""
         return f"{self.prefix}:dashboard:sessions:{key_id}"
 
+    def dashboard_sign_in(self, form_id: str) -> str:
+        """A sign-in form handed out (its CSRF token), until it is posted or expires."""
+        return f"{self.prefix}:dashboard:sign-in:{form_id}"
+
+    def failed_keys(self, client: str) -> str:
+        """Wrong keys one client address presented in the current window (a count)."""
+        return f"{self.prefix}:failed-keys:{client}"
+
     # Live stats: written by workers every few seconds, read by `queuegate status`.
 
     @property

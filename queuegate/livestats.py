@@ -5,7 +5,8 @@ seconds in one pipeline, so a job costs no Redis round trip of its own:
 
 - per team and 10-second window: jobs taken and finished, errors (the rates over a minute);
 - per team: the last ``WAIT_SAMPLES`` queue waits (the p50/p99 wait);
-- per deployment and window: provider calls and failed ones (the recent error rate);
+- per deployment and window: provider calls, failed ones (the recent error rate) and those
+  answered 429 (``rate_limited``);
 - per team and month: spend as the workers saw it (accounting's PostgreSQL stays the truth);
 - per worker: a snapshot with its in-flight jobs per team, breaker states and bucket fills,
   expiring unless renewed, so a dead worker drops out of the picture by itself.
@@ -99,6 +100,8 @@ class LiveStatsWriter:
             calls["calls"] += 1
             if attempt.error is not None:
                 calls["errors"] += 1
+            if attempt.error == "rate_limited":
+                calls["rate_limited"] += 1
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -194,26 +197,7 @@ async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
     )
 
 
-async def window_sums(
-    client: aioredis.Redis, key_of: Callable[[int], str], now: float
-) -> tuple[Counter[str], float]:
-    """The counts over the last ``RATE_SPAN`` seconds, and the seconds they cover."""
-    last = window_of(now)
+def rate_windows(now: float) -> tuple[range, float]:
+    """The windows that hold the last ``RATE_SPAN`` seconds, and the seconds they cover."""
     first = window_of(now - RATE_SPAN) + 1
-    pipe = client.pipeline(transaction=False)
-    for window in range(first, last + 1):
-        pipe.hgetall(key_of(window))
-    total: Counter[str] = Counter()
-    for counts in await pipe.execute():
-        for name, n in counts.items():
-            total[name.decode() if isinstance(name, bytes) else name] += int(n)
-    return total, now - first * WINDOW
-
-
-async def recent_waits(client: aioredis.Redis, keys: Keys, team: str) -> list[float]:
-    return [float(w) for w in await client.lrange(keys.live_waits(team), 0, -1)]
-
-
-async def live_spend(client: aioredis.Redis, keys: Keys, team: str, month: str) -> float:
-    value = await client.get(keys.live_spend(team, month))
-    return float(value) if value is not None else 0.0
+    return range(first, window_of(now) + 1), now - first * WINDOW

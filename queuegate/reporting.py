@@ -145,7 +145,7 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
         )
     deployments = compact_table("deployments, last minute")
     add_text_column(deployments, "deployment")
-    for name in ("breaker", "calls/s", "error rate"):
+    for name in ("breaker", "calls/s", "error rate", "429s", "429 pause"):
         add_number_column(deployments, name)
     for d in status.deployments:
         deployments.add_row(
@@ -153,9 +153,11 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
             d.breaker or "-",
             f"{d.calls_per_s:.1f}",
             "-" if d.error_rate is None else f"{d.error_rate:.1%}",
+            f"{d.rate_limited:,}",
+            f"{d.paused_for:.1f} s" if d.paused_for else "-",
         )
     if not status.deployments:
-        deployments.add_row("(no provider calls reported)", "", "", "")
+        deployments.add_row("(no provider calls reported)", "", "", "", "", "")
     return Group(fit(teams), fit(deployments))
 
 

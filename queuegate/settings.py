@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     """Bytes of request bodies one front-door process reads at once, counted by their
     Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are
     read. At least ``max_job_bytes``."""
+    failed_key_limit: int = Field(default=20, ge=1)
+    """Wrong API keys one client address may present (to the APIs or the dashboard's sign-in)
+    in a ``failed_key_window``; past it, its key lookups are answered 429 until the window
+    ends."""
+    failed_key_window: float = Field(default=60.0, gt=0)
+    """Seconds over which ``failed_key_limit`` counts, from a client's first wrong key."""
     batch_file_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     """Largest file ``POST /v1/files`` stores, and largest Message Batch request body."""
     batch_upload_timeout: float = Field(default=600.0, gt=0)

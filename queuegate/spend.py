@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -85,7 +86,13 @@ async def ledger_spent(
     client: aioredis.Redis, keys: Keys, team: str, month: str, model: str | None = None
 ) -> Decimal | None:
     """What the ledger counts as spent and reserved (USD); None when Redis has no ledger."""
-    base, open_ = await client.hmget(keys.spend(team, month, model), ["base", "open"])
+    return ledger_total(await client.hmget(keys.spend(team, month, model), ["base", "open"]))
+
+
+def ledger_total(fields: Sequence[Any]) -> Decimal | None:
+    """Spent and reserved (USD) from a ledger's ``base`` and ``open`` fields (as HMGET answers
+    them); None when Redis has no ledger."""
+    base, open_ = fields
     if base is None:
         return None
     return Decimal(int(base) + int(open_ or 0)) / NANO

@@ -2,7 +2,8 @@
 
 Queue depth and consumers come from a passive declare of each team queue (no management
 plugin needed); in-flight jobs, rates, waits, breaker states and spend from the live stats
-workers write to Redis (queuegate.livestats). Budgets are shown when the caller has them.
+workers write to Redis (queuegate.livestats), and each deployment's 429 pause from the key
+the workers share it by (router.health). Budgets are shown when the caller has them.
 
     async with StatusReader(settings) as reader:
         status = await reader.read(teams=None, budgets={})
@@ -12,29 +13,32 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import partial
-from typing import Self
+from importlib import resources
+from typing import Any, Self
 
 import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from queuegate.broker import connect
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.livestats import live_spend, read_view, recent_waits, window_sums
+from queuegate.livestats import rate_windows, read_view
 from queuegate.metrics import BREAKER_VALUES
 from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.settings import Settings
-from queuegate.spend import ledger_spent
+from queuegate.spend import ledger_total, text
 from queuegate.topology import Topology
 
 BREAKER_NAMES = {value: name for name, value in BREAKER_VALUES.items()}
+_LIVE = resources.files("queuegate").joinpath("lua/live.lua").read_text("utf-8")
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,6 @@ class TeamStatus:
     budget_usd: Decimal | None
 
 
-async def _spend(client: aioredis.Redis, keys: Keys, team: str, month: str) -> float:
-    ledger = await ledger_spent(client, keys, team, month)
-    return float(ledger) if ledger is not None else await live_spend(client, keys, team, month)
-
-
 @dataclass(frozen=True)
 class DeploymentStatus:
     deployment: str
@@ -72,6 +71,11 @@ class DeploymentStatus:
     calls_per_s: float
     error_rate: float | None
     """Failed calls over all calls in the last minute; None without calls."""
+    rate_limited: int
+    """Calls the provider answered 429 in the last minute."""
+    paused_for: float
+    """Seconds left of the pause a 429 set: no worker calls the deployment meanwhile (0:
+    not paused)."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,12 @@ class StatusReader:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._redis: aioredis.Redis | None = None
+        self._live: AsyncScript | None = None
 
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name="queuegate-status")
         self._redis = redis_for(self._settings)
+        self._live = self._redis.register_script(_LIVE)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -114,42 +120,64 @@ class StatusReader:
             raise ServiceUnavailable(redis_unreachable(self._settings)) from exc
 
     async def _read(self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal]) -> Status:
-        assert self._redis is not None
-        client, keys = self._redis, self._keys
+        assert self._redis is not None and self._live is not None
+        keys = self._keys
         now = time.time()
-        view = await read_view(client, keys)
+        view = await read_view(self._redis, keys)
         month = datetime.now(UTC).strftime("%Y-%m")
+        names = sorted(set(teams or view.teams))
+        windows, span = rate_windows(now)
+        # One call for every team and deployment (lua/live.lua).
+        keys_read = []
+        for team in names:
+            keys_read += [keys.live_team(team, window) for window in windows]
+            keys_read += [
+                keys.live_waits(team),
+                keys.spend(team, month),
+                keys.live_spend(team, month),
+            ]
+        for name in view.deployments:
+            keys_read += [keys.live_deployment(name, window) for window in windows]
+            keys_read.append(keys.paused(name))
+        replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names)]))
         rows = []
-        for team in sorted(set(teams or view.teams)):
+        for team in names:
+            sums, waits_seen, ledger_fields, seen = next(replies)
+            taken = _counts(sums)
+            waits = sorted(float(w) for w in waits_seen)
+            ledger = ledger_total(ledger_fields)
             depth, consumers = await self._queue_counts(self._topology.team_queue(team))
-            counts, span = await window_sums(client, partial(keys.live_team, team), now)
-            waits = sorted(await recent_waits(client, keys, team))
             rows.append(
                 TeamStatus(
                     team=team,
                     queue_depth=depth,
                     consumers=consumers,
                     in_flight=view.in_flight.get(team, 0),
-                    jobs_in_per_s=counts["taken"] / span,
-                    jobs_out_per_s=counts["finished"] / span,
-                    errors_per_s=counts["errors"] / span,
+                    jobs_in_per_s=taken["taken"] / span,
+                    jobs_out_per_s=taken["finished"] / span,
+                    errors_per_s=taken["errors"] / span,
                     wait_p50_ms=_percentile(waits, 50),
                     wait_p99_ms=_percentile(waits, 99),
                     bucket_fill=view.bucket_fill.get(team),
-                    spend_usd=await _spend(client, keys, team, month),
+                    # The ledger (reconciled with usage_log) when the team has a budget, else
+                    # what the workers saw.
+                    spend_usd=float(ledger) if ledger is not None else float(seen or 0),
                     budget_usd=budgets.get(team),
                 )
             )
         deployments = []
         for name in view.deployments:
-            counts, span = await window_sums(client, partial(keys.live_deployment, name), now)
+            sums, paused_ms = next(replies)
+            calls = _counts(sums)
             state = view.breakers.get(name)
             deployments.append(
                 DeploymentStatus(
                     deployment=name,
                     breaker=BREAKER_NAMES.get(int(state)) if state is not None else None,
-                    calls_per_s=counts["calls"] / span,
-                    error_rate=counts["errors"] / counts["calls"] if counts["calls"] else None,
+                    calls_per_s=calls["calls"] / span,
+                    error_rate=calls["errors"] / calls["calls"] if calls["calls"] else None,
+                    rate_limited=calls["rate_limited"],
+                    paused_for=max(0, int(paused_ms)) / 1000,
                 )
             )
         return Status(datetime.now(UTC), view.workers, rows, deployments)
@@ -167,6 +195,11 @@ class StatusReader:
             return None, None
         result = declared.declaration_result
         return result.message_count, result.consumer_count
+
+
+def _counts(flat: Sequence[Any]) -> Counter[str]:
+    """Counts from lua/live.lua's flat list: name, count, name, count..."""
+    return Counter({text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)})
 
 
 def _percentile(ordered: Sequence[float], pct: int) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from admin.teams import add
 from cli import app
 from queuegate.management import BrokerAdmin
+from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user as broker_team_user
 from tests.support import running_gateway
@@ -229,3 +232,50 @@ async def test_mock_provider_fails_the_models_it_is_told_to_and_serves_the_rest(
     finally:
         mock.terminate()
         await mock.wait()
+
+
+async def test_the_demo_prints_the_dashboard_and_a_key_that_signs_in(settings: Settings) -> None:
+    # Given the demo run as `make demo` runs it, in a namespace of the test's own
+    env = {**os.environ, **_env(settings), "COLUMNS": "200"}
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "demo", env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    demo_settings = settings.model_copy(
+        update={
+            "namespace": f"{settings.namespace}-demo",
+            "database_schema": f"{settings.database_schema}_demo",
+        }
+    )
+    try:
+        assert demo.stdout is not None
+        # When it has run its jobs, printed its tables and the dashboard's address and key
+        printed: list[str] = []
+        while not printed or "until Ctrl-C" not in printed[-1]:
+            line = await asyncio.wait_for(demo.stdout.readline(), timeout=60)
+            assert line, "the demo ended early:\n" + "".join(printed)
+            printed.append(line.decode())
+        output = "".join(printed)
+        url = re.search(r"the dashboard: (http://127\.0\.0\.1:\d+)/dashboard", output)
+        key = re.search(r"^\s+(qga_\S+)$", output, re.MULTILINE)
+        assert url is not None and key is not None, output
+        # Expect the key to sign in to the dashboard, which shows both teams' spend
+        async with httpx.AsyncClient(base_url=url[1]) as browser:
+            form = await browser.get("/dashboard/sign-in")
+            token = re.search(r'name="csrf" value="([^"]+)"', form.text)
+            assert token is not None
+            signed_in = await browser.post(
+                "/dashboard/sign-in", data={"key": key[1], "csrf": token[1]}
+            )
+            assert signed_in.status_code == 303
+            overview = await browser.get("/dashboard")
+            assert overview.status_code == 200
+            assert 'data-team="research"' in overview.text
+            assert 'data-team="support"' in overview.text
+        # and Ctrl-C to stop it cleanly
+        demo.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(demo.wait(), timeout=30) == 0
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+        await drop_namespace(demo_settings, ["research", "support"])

@@ -3,18 +3,21 @@ pages are PostgreSQL's, a team sees its own pages only, and every page carries i
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from pathlib import Path
 from unittest.mock import ANY
 
 import httpx
+import openai
+import pytest
 import redis.asyncio as aioredis
 from playwright.async_api import Page
 
 from admin.keys import issue_admin_key, revoke_team_key
 from frontdoor.dashboard.render import money
 from frontdoor.dashboard.security import CSP
-from frontdoor.dashboard.session import SESSIONS_PER_KEY
+from frontdoor.dashboard.session import COOKIE, SESSIONS_PER_KEY, SIGN_IN_COOKIE
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig, disable_team, set_team_config
 from queuegate.settings import Settings
@@ -170,12 +173,101 @@ async def test_a_wrong_key_is_refused_on_the_sign_in_page(settings: Settings) ->
         assert "qg_not-a-real-key" not in await page.content()
 
 
+async def _form_token(client: httpx.AsyncClient) -> str:
+    """The CSRF token of the sign-in form the dashboard hands ``client`` (with its cookie)."""
+    form = await client.get("/dashboard/sign-in")
+    match = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert match is not None, form.text
+    return match[1]
+
+
 async def _signed_in(client: httpx.AsyncClient, key: str) -> None:
-    """Sign ``client`` in with ``key`` through the sign-in form, its CSRF cookie included."""
-    await client.get("/dashboard/sign-in")
-    token = client.cookies["queuegate_sign_in"]
+    """Sign ``client`` in with ``key`` through the sign-in form, as a browser posts it."""
+    token = await _form_token(client)
     answer = await client.post("/dashboard/sign-in", data={"key": key, "csrf": token})
     assert answer.status_code == 303, answer.text
+
+
+async def test_the_sign_in_form_is_bound_to_a_form_the_dashboard_handed_out(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with (
+        open_door(settings, TEAMS) as door,
+        httpx.AsyncClient(base_url=door.url) as browser,
+        httpx.AsyncClient(base_url=door.url) as forger,
+    ):
+        key = door.keys["alpha"]
+        # Given a form handed out: its cookie names it, and its token is in Redis only
+        token = await _form_token(browser)
+        form_id = browser.cookies[SIGN_IN_COOKIE]
+        assert form_id != token
+        stored = await redis_client.get(Keys(settings.redis_prefix).dashboard_sign_in(form_id))
+        assert stored == token.encode()
+        # When another site plants a cookie and posts a token of its choosing (double submit)
+        forger.cookies.set(SIGN_IN_COOKIE, "planted", path="/dashboard")
+        planted = await forger.post("/dashboard/sign-in", data={"key": key, "csrf": "planted"})
+        # Expect it refused, no session opened, and a fresh form shown
+        assert planted.status_code == 403
+        assert COOKIE not in forger.cookies
+        assert "did not come from this dashboard" in planted.text
+        # When the form's token is posted under another form's cookie
+        await _form_token(forger)
+        stolen = await forger.post("/dashboard/sign-in", data={"key": key, "csrf": token})
+        assert stolen.status_code == 403
+        # Expect its own form, posted with its own cookie, to sign in once
+        signed_in = await browser.post("/dashboard/sign-in", data={"key": key, "csrf": token})
+        assert signed_in.status_code == 303
+        # and the form gone from Redis: posted again, it is refused
+        assert (
+            await redis_client.exists(Keys(settings.redis_prefix).dashboard_sign_in(form_id)) == 0
+        )
+        browser.cookies.set(SIGN_IN_COOKIE, form_id, path="/dashboard")
+        again = await browser.post("/dashboard/sign-in", data={"key": key, "csrf": token})
+        assert again.status_code == 403
+
+
+async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given at most 3 wrong keys a minute from one address
+    settings = settings.model_copy(update={"failed_key_limit": 3, "failed_key_window": 60.0})
+    wrong = "qg_000000000000_" + "x" * 43
+    attacker = {"X-Forwarded-For": "203.0.113.9"}
+    async with (
+        open_door(settings, TEAMS) as door,
+        httpx.AsyncClient(base_url=door.url, headers=attacker) as hammer,
+        httpx.AsyncClient(base_url=door.url, headers={"X-Forwarded-For": "198.51.100.4"}) as other,
+    ):
+        # When that address presents 2 wrong keys to the API and 1 to the sign-in form
+        api = openai.AsyncOpenAI(
+            base_url=door.v1, api_key=wrong, default_headers=attacker, max_retries=0
+        )
+        async with api:
+            for _ in range(2):
+                with pytest.raises(openai.AuthenticationError):
+                    await api.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+            token = await _form_token(hammer)
+            answer = await hammer.post("/dashboard/sign-in", data={"key": wrong, "csrf": token})
+            assert answer.status_code == 401
+            # Expect its next sign-in refused 429 with Retry-After, whatever the key
+            token = await _form_token(hammer)
+            live = {"key": door.keys["alpha"], "csrf": token}
+            throttled = await hammer.post("/dashboard/sign-in", data=live)
+            assert throttled.status_code == 429
+            assert 0 < int(throttled.headers["retry-after"]) <= 60
+            assert "Too many wrong keys" in throttled.text
+            assert door.keys["alpha"] not in throttled.text
+            # and its API calls too, in the API's shape, live key or not
+            with pytest.raises(openai.RateLimitError) as refused:
+                await api.with_options(api_key=door.keys["beta"]).models.list()
+            assert refused.value.code == "too_many_requests"
+            assert 0 < int(refused.value.response.headers["retry-after"]) <= 60
+        # Expect another address unaffected
+        await _signed_in(other, door.keys["alpha"])
+        # and the count in Redis under the deployment's prefix, expiring with its window
+        counted = Keys(settings.redis_prefix).failed_keys("203.0.113.9")
+        assert int(await redis_client.get(counted)) == 3
+        assert 0 < await redis_client.ttl(counted) <= 60
 
 
 async def test_a_revoked_key_or_a_disabled_team_ends_its_sessions(settings: Settings) -> None:

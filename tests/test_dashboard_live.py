@@ -1,9 +1,13 @@
 """The dashboard's Live page in a real browser: its numbers move as jobs flow through a real
-worker, without a reload, and it marks itself stale once that worker has stopped."""
+worker, without a reload, it marks itself stale once that worker has stopped, and it shows
+a deployment's 429 pause."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -23,15 +27,26 @@ from workers import Worker
 
 SLOW = MockConfig(default=Behavior(latency_ms=300))
 """A third of a second a call: jobs stay in flight long enough to be seen."""
+RATE_LIMITED = MockConfig(
+    models={"gpt-4o-mini": Behavior(error_rate=1.0, error_status=429, retry_after=60)}
+)
 
 ALPHA_JOBS_OUT = "#live-teams tr[data-team=alpha] td:nth-child(5)"
 """The Jobs/s out cell of alpha's row."""
 
 
-async def test_the_live_page_moves_with_jobs_and_goes_stale_when_the_worker_stops(
-    settings: Settings, tmp_path: Path
-) -> None:
-    # Given team alpha served by a worker of the test's own, stopped by its own event
+@dataclass(frozen=True)
+class Served:
+    url: str
+    admin_key: str
+    alpha_key: str
+    stop_worker: Callable[[], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _served(settings: Settings, mock_config: MockConfig) -> AsyncIterator[Served]:
+    """Team alpha served by a worker of the test's own (stopped by ``stop_worker``), with
+    accounting, the mock and the front door; an admin key and a key of alpha."""
     await register(settings, "alpha", TeamConfig())
     _, key = await issue_key(settings, "alpha")
     pool = await create_pool(settings)
@@ -40,59 +55,109 @@ async def test_the_live_page_moves_with_jobs_and_goes_stale_when_the_worker_stop
     finally:
         await pool.close()
     worker_stop, accounting_stop = asyncio.Event(), asyncio.Event()
-    async with MockProvider(SLOW) as mock:
+    async with MockProvider(mock_config) as mock:
         env = {"QUEUEGATE_MOCK_URL": mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
         catalog = load_catalog(None, env)
         async with open_router(catalog, env, settings) as router, Accountant(settings) as books:
             worker = Worker(settings, router, teams=["alpha"], name="live-page-worker")
             working = asyncio.create_task(worker.run(worker_stop))
             accounting = asyncio.create_task(books.run(accounting_stop))
+
+            async def stop_worker() -> None:
+                worker_stop.set()
+                await working
+
             try:
                 await asyncio.wait_for(worker.ready.wait(), 10)
-                async with serving(settings, catalog) as url, chromium() as browser:
-                    page = await browser.new_page(viewport={"width": 1280, "height": 900})
-                    await sign_in(page, url, admin.key)
-                    # When the administrator watches the Live page while nothing runs
-                    await page.goto(f"{url}/dashboard/live")
-                    await page.wait_for_selector("#live-state.fresh")
-                    await page.wait_for_selector(ALPHA_JOBS_OUT)
-                    assert await page.inner_text("#workers") == "1"
-                    assert await page.inner_text(ALPHA_JOBS_OUT) == "0.00"
-                    # a mark that a reload would wipe
-                    await page.evaluate("document.body.dataset.sameLoad = 'yes'")
-
-                    # and 40 jobs flow through the front door
-                    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
-                    jobs = asyncio.gather(*(_ask(client) for _ in range(40)))
-                    # Expect the page to count them as they finish, in place
-                    await page.wait_for_function(
-                        "s => Number(document.querySelector(s).textContent) > 0",
-                        arg=ALPHA_JOBS_OUT,
-                        timeout=20_000,
-                    )
-                    await jobs
-                    await client.close()
-                    await page.wait_for_function(
-                        "() => Number(document.getElementById('jobs-per-s').textContent) > 0"
-                    )
-                    assert await page.get_attribute("body", "data-same-load") == "yes"
-                    await page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
-
-                    # When the worker stops
-                    worker_stop.set()
-                    await working
-                    # Expect the page to say it is stale, still without a reload
-                    await page.wait_for_selector("#live-state.stale", timeout=20_000)
-                    state = await page.inner_text("#live-state")
-                    assert "no worker has reported" in state
-                    assert await page.inner_text("#workers") == "0"
-                    assert await page.get_attribute("body", "data-same-load") == "yes"
-                    assert "is-stale" in (await page.get_attribute("body", "class") or "")
-                    await page.screenshot(path=str(tmp_path / "live-stale.png"), full_page=True)
+                async with serving(settings, catalog) as url:
+                    yield Served(url, admin.key, key, stop_worker)
             finally:
                 worker_stop.set()
                 accounting_stop.set()
                 await asyncio.gather(working, accounting)
+
+
+async def test_the_live_page_moves_with_jobs_and_goes_stale_when_the_worker_stops(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given team alpha served by a worker of the test's own
+    async with _served(settings, SLOW) as served, chromium() as browser:
+        url = served.url
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await sign_in(page, url, served.admin_key)
+        # When the administrator watches the Live page while nothing runs
+        await page.goto(f"{url}/dashboard/live")
+        await page.wait_for_selector("#live-state.fresh")
+        await page.wait_for_selector(ALPHA_JOBS_OUT)
+        assert await page.inner_text("#workers") == "1"
+        assert await page.inner_text(ALPHA_JOBS_OUT) == "0.00"
+        # a mark that a reload would wipe
+        await page.evaluate("document.body.dataset.sameLoad = 'yes'")
+
+        # and 40 jobs flow through the front door
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=served.alpha_key, max_retries=0)
+        jobs = asyncio.gather(*(_ask(client) for _ in range(40)))
+        # Expect the page to count them as they finish, in place
+        await page.wait_for_function(
+            "s => Number(document.querySelector(s).textContent) > 0",
+            arg=ALPHA_JOBS_OUT,
+            timeout=20_000,
+        )
+        await jobs
+        await client.close()
+        await page.wait_for_function(
+            "() => Number(document.getElementById('jobs-per-s').textContent) > 0"
+        )
+        assert await page.get_attribute("body", "data-same-load") == "yes"
+        await page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+
+        # When the worker stops
+        await served.stop_worker()
+        # Expect the page to say it is stale, still without a reload
+        await page.wait_for_selector("#live-state.stale", timeout=20_000)
+        state = await page.inner_text("#live-state")
+        assert "no worker has reported" in state
+        assert await page.inner_text("#workers") == "0"
+        assert await page.get_attribute("body", "data-same-load") == "yes"
+        assert "is-stale" in (await page.get_attribute("body", "class") or "")
+        await page.screenshot(path=str(tmp_path / "live-stale.png"), full_page=True)
+
+
+async def test_the_live_page_shows_a_deployments_429_pause(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given openai-main (gpt-4o-mini) answering every call 429, asking for a minute's pause
+    async with _served(settings, RATE_LIMITED) as served, chromium() as browser:
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await sign_in(page, served.url, served.admin_key)
+        await page.goto(f"{served.url}/dashboard/live")
+        await page.wait_for_selector("#live-state.fresh")
+        # When a job asks for gpt-4o-mini (and falls back to claude-haiku)
+        async with openai.AsyncOpenAI(
+            base_url=f"{served.url}/v1", api_key=served.alpha_key, max_retries=0
+        ) as client:
+            answer = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=HELLO
+            )
+        assert answer.headers["x-queuegate-fallback"] == "true"
+        # Expect the page, without a reload, to show openai-main paused with its 429 counted
+        paused = "#live-deployments tr[data-deployment=openai-main]"
+        # (the row may be listed before the worker's counts arrive: the breaker gauges are
+        # the process's)
+        await page.wait_for_function(
+            "s => document.querySelector(s)?.cells[4].textContent === '1'",
+            arg=paused,
+            timeout=20_000,
+        )
+        row = page.locator(paused)
+        pause = await row.locator("td:nth-child(6)").inner_text()
+        left = int(pause.removeprefix("paused, ").removesuffix(" s left"))
+        assert 0 < left <= 60, pause
+        assert await row.get_attribute("class") == "near"
+        # and the deployment that answered, unpaused
+        haiku = page.locator("#live-deployments tr[data-deployment=anthropic-main]")
+        assert await haiku.locator("td:nth-child(6)").inner_text() == "\u2013"  # an en dash: none
+        await page.screenshot(path=str(tmp_path / "live-429.png"), full_page=True)
 
 
 async def _ask(client: openai.AsyncOpenAI) -> None:

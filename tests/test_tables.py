@@ -52,7 +52,7 @@ def test_status_fits_80_columns_with_every_number_whole() -> None:
         spend_usd=1_234.567891,
         budget_usd=Decimal("50000"),
     )
-    deployment = DeploymentStatus("openai-main-east-us-2", "half_open", 123.4, 0.0081)
+    deployment = DeploymentStatus("openai-main-east-us-2", "half_open", 123.4, 0.0081, 1_234, 12.5)
     status = Status(datetime(2026, 3, 1, 12, tzinfo=UTC), 3, [team], [deployment])
 
     # When it is rendered at 80 columns
@@ -61,7 +61,7 @@ def test_status_fits_80_columns_with_every_number_whole() -> None:
     # Expect every header and number whole
     _whole(lines, "queued", "cons.", "in fl.", "out/s", "p99 wait", "bucket", "spend", "budget")
     _whole(lines, "123,456", "1,024", "120.1", "98.8 s", "42%", "$1,234.5679", "$50,000")
-    _whole(lines, "openai-main-east-us-2", "half_open", "0.8%")
+    _whole(lines, "openai-main-east-us-2", "half_open", "0.8%", "1,234", "12.5 s")
 
 
 def test_usage_reports_fit_80_columns_with_every_number_whole() -> None:

@@ -8,13 +8,15 @@ Every number comes from the functions the command line and the admin API serve
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import contextlib
 import dataclasses
+import math
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import urlencode
 
 import aio_pika
@@ -31,6 +33,7 @@ from frontdoor.dashboard import session as sessions
 from frontdoor.dashboard.charts import NEAR, Bar, bars, columns
 from frontdoor.dashboard.render import page
 from frontdoor.dashboard.session import Session
+from frontdoor.failed_keys import Throttled, client_of
 from frontdoor.service import FrontDoor, frontdoor
 from queuegate.db import DB_ERRORS
 from queuegate.errors import ConfigError, ServiceUnavailable
@@ -44,6 +47,9 @@ Signed = Annotated[Session, Depends(sessions.current)]
 
 AUDIT_PAGE = 50
 RECENT_ERRORS = 10
+TEAMS_CHARTED = 20
+"""Teams the overview's budget chart draws, nearest their budget first: a hundred bars would
+be too thin to read; the table below it lists every team."""
 
 
 class Refused(Exception):
@@ -55,32 +61,41 @@ class Refused(Exception):
 
 
 @router.get("/sign-in")
-async def sign_in_form(request: Request) -> Response:
-    token = sessions.new_token()
-    response = page("sign_in.html", title="Sign in", session=None, csrf=token, error=None)
-    sessions.set_cookie(request, response, sessions.SIGN_IN_COOKIE, token, 3600)
-    return response
+async def sign_in_form(request: Request, door: Door) -> Response:
+    return await _sign_in_page(request, door)
 
 
 @router.post("/sign-in")
 async def sign_in(
     request: Request, door: Door, key: Annotated[str, Form()], csrf: Annotated[str, Form()]
 ) -> Response:
-    if not sessions.same_token(request.cookies.get(sessions.SIGN_IN_COOKIE), csrf):
-        return await sign_in_form(request)
-    owner = await door.keys.owner(key.strip())
+    form_id = request.cookies.get(sessions.SIGN_IN_COOKIE)
+    if not sessions.same_token(await sessions.take_sign_in_token(door, form_id), csrf):
+        return await _sign_in_page(
+            request,
+            door,
+            status=403,
+            error="The form was stale or did not come from this dashboard: sign in again.",
+        )
+    try:
+        owner = await door.keys.owner(key.strip(), client_of(request))
+    except Throttled as exc:
+        wait = math.ceil(exc.retry_after)
+        refused = await _sign_in_page(
+            request,
+            door,
+            status=429,
+            error=f"Too many wrong keys from this address: try again in {wait} s.",
+        )
+        refused.headers["retry-after"] = str(wait)
+        return refused
     if owner is None:
-        token = sessions.new_token()
-        response = page(
-            "sign_in.html",
+        return await _sign_in_page(
+            request,
+            door,
             status=401,
-            title="Sign in",
-            session=None,
-            csrf=token,
             error="That key is unknown or revoked, or its team is disabled.",
         )
-        sessions.set_cookie(request, response, sessions.SIGN_IN_COOKIE, token, 3600)
-        return response
     session = await sessions.start(door, owner)
     signed_in = RedirectResponse(_home(session), status_code=303)
     sessions.set_cookie(
@@ -88,6 +103,18 @@ async def sign_in(
     )
     signed_in.delete_cookie(sessions.SIGN_IN_COOKIE, path="/dashboard")
     return signed_in
+
+
+async def _sign_in_page(
+    request: Request, door: FrontDoor, *, status: int = 200, error: str | None = None
+) -> Response:
+    """The sign-in form, bound to a pre-session (``session.sign_in_form``)."""
+    form_id, token = await sessions.sign_in_form(door, request.cookies.get(sessions.SIGN_IN_COOKIE))
+    response = page(
+        "sign_in.html", status=status, title="Sign in", session=None, csrf=token, error=error
+    )
+    sessions.set_cookie(request, response, sessions.SIGN_IN_COOKIE, form_id, sessions.SIGN_IN_TTL)
+    return response
 
 
 @router.post("/sign-out")
@@ -105,12 +132,17 @@ async def overview(door: Door, session: Signed) -> Response:
         return RedirectResponse(_home(session), status_code=303)
     today = datetime.now(UTC).date()
     month = today.replace(day=1)
-    spent: list[TeamSpend] = await usage_rows(door.pool, "team", month=month)  # type: ignore[assignment]
-    daily: list[DaySpend] = await usage_rows(  # type: ignore[assignment]
-        door.pool, "day", month=month, last_day=today
+    # Side by side on the pool's connections: each reads a month of every team's rollup.
+    reports = await asyncio.gather(
+        usage_rows(door.pool, "team", month=month),
+        usage_rows(door.pool, "day", month=month, last_day=today),
+        usage_rows(door.pool, "model", month=month),
+        team_budgets(door.pool),
     )
-    per_model: list[ModelSpend] = await usage_rows(door.pool, "model", month=month)  # type: ignore[assignment]
-    budgets = await team_budgets(door.pool)
+    spent = cast(list[TeamSpend], reports[0])
+    daily = cast(list[DaySpend], reports[1])
+    per_model = cast(list[ModelSpend], reports[2])
+    budgets = reports[3]
     rows = _team_rows(spent, budgets)
     models: defaultdict[str, Decimal] = defaultdict(Decimal)
     for m in per_model:
@@ -132,8 +164,12 @@ async def overview(door: Door, session: Signed) -> Response:
         error_rate=100 * total.errors / total.requests if total.requests else 0.0,
         flagged=sum(1 for r in rows if r["tone"] != "ok"),
         teams=rows,
+        charted=min(len(rows), TEAMS_CHARTED),
         team_chart=bars(
-            [Bar(r["team"], float(r["cost_usd"]), _float(r["budget_usd"])) for r in rows],
+            [
+                Bar(r["team"], float(r["cost_usd"]), _float(r["budget_usd"]))
+                for r in rows[:TEAMS_CHARTED]
+            ],
             unit="USD",
             label="Spend per team against its budget",
         ),
@@ -341,9 +377,13 @@ def _team_rows(spent: list[TeamSpend], budgets: dict[str, Decimal]) -> list[dict
         share = float(t.cost_usd / budget) if budget else None
         rows.append(
             {
-                **dataclasses.asdict(t),
+                **vars(t),
                 "budget_usd": budget,
-                "used": f"{share:.0%}" if share is not None else "n/a",
+                "used": "n/a"
+                if share is None
+                else f"{share:.1%}"
+                if share < 0.1
+                else f"{share:.0%}",
                 "share": share if share is not None else -1.0,
                 "tone": _tone(t.cost_usd, budget),
             }
@@ -369,7 +409,7 @@ def _by_day(days: list[DaySpend], value: Any, last_day: date) -> list[tuple[str,
     """One point for each of the ``TREND_DAYS`` days to ``last_day``, idle days at zero."""
     seen = {d.day: value(d) for d in days}
     span = [last_day - timedelta(days=n) for n in reversed(range(TREND_DAYS))]
-    return [(day.strftime("%m-%d"), seen.get(day, 0)) for day in span]
+    return [(day.strftime("%b %d"), seen.get(day, 0)) for day in span]
 
 
 def _float(value: Decimal | None) -> float | None:

@@ -9,6 +9,11 @@ ends its sessions at once.
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page sends
 it) and Secure when the page was served over TLS. Every POST carries the session's CSRF
 token in a form field, compared in constant time.
+
+The sign-in form, posted before any session exists, is bound the same way to a pre-session:
+the form's id in a cookie, its CSRF token in Redis for ``SIGN_IN_TTL`` seconds, taken (and
+forgotten) by the one post that may use it. A cookie planted by another site (a sibling
+domain can set one) names no form this dashboard handed out, whatever token comes with it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from queuegate.keys import Keys
 
 COOKIE = "queuegate_session"
 SIGN_IN_COOKIE = "queuegate_sign_in"
-"""The CSRF token of the sign-in form, before any session exists (double submit)."""
+"""The id of the sign-in form handed out; its CSRF token stays in Redis."""
+SIGN_IN_TTL = 20 * 60
+"""Seconds a sign-in form may wait to be posted; a later post is shown a fresh form."""
 SESSION_TTL = 8 * 3600
 SESSIONS_PER_KEY = 20
 """Sessions one key may hold at once; signing in again ends its oldest. Without a bound a
@@ -109,6 +116,27 @@ async def check_csrf(request: Request, session: Session) -> None:
     token = form.get("csrf")
     if not isinstance(token, str) or not same_token(session.csrf, token):
         raise BadCsrf
+
+
+async def sign_in_form(door: FrontDoor, form_id: str | None) -> tuple[str, str]:
+    """The id and CSRF token of a sign-in form: the one ``form_id`` names while it waits to
+    be posted (a reload hands out no second one), else a new one."""
+    if form_id:
+        token = await door.redis.get(_keys(door).dashboard_sign_in(form_id))
+        if token is not None:
+            return form_id, _text(token)
+    form_id, token = secrets.token_urlsafe(32), new_token()
+    await door.redis.set(_keys(door).dashboard_sign_in(form_id), token, ex=SIGN_IN_TTL)
+    return form_id, token
+
+
+async def take_sign_in_token(door: FrontDoor, form_id: str | None) -> str | None:
+    """The CSRF token of the sign-in form ``form_id``, given once: None for a form this
+    dashboard did not hand out, that expired, or that was posted already."""
+    if not form_id:
+        return None
+    token = await door.redis.getdel(_keys(door).dashboard_sign_in(form_id))
+    return None if token is None else _text(token)
 
 
 def new_token() -> str:

@@ -1,0 +1,54 @@
+-- Everything `queuegate status` (and the dashboard's Live page) reads of the live stats of
+-- every team and deployment, in one call (queuegate/status.py): as separate commands, a
+-- hundred teams would cost about a thousand per read.
+--
+-- ARGV[1]  w, the rate windows per team or deployment (queuegate/livestats.py)
+-- ARGV[2]  t, the teams
+-- KEYS     per team: its w window hashes, its waits list, its spend ledger, its live spend;
+--          then per deployment: its w window hashes, its 429 pause
+--
+-- Returns, per team, {counts, waits, {ledger base, ledger open}, live spend}, then per
+-- deployment {counts, pause's ms left (PTTL)}; counts flat: name, sum over the windows, ...
+
+local w, t = tonumber(ARGV[1]), tonumber(ARGV[2])
+local i = 0
+
+local function next_key()
+  i = i + 1
+  return KEYS[i]
+end
+
+local function counts()
+  local total, names = {}, {}
+  for _ = 1, w do
+    local fields = redis.call('HGETALL', next_key())
+    for j = 1, #fields, 2 do
+      local name = fields[j]
+      if total[name] == nil then
+        names[#names + 1] = name
+        total[name] = 0
+      end
+      total[name] = total[name] + tonumber(fields[j + 1])
+    end
+  end
+  local flat = {}
+  for _, name in ipairs(names) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = total[name]
+  end
+  return flat
+end
+
+local out = {}
+for _ = 1, t do
+  local sums = counts()
+  local waits = redis.call('LRANGE', next_key(), 0, -1)
+  local ledger = redis.call('HMGET', next_key(), 'base', 'open')
+  local seen = redis.call('GET', next_key())
+  out[#out + 1] = {sums, waits, ledger, seen}
+end
+while i < #KEYS do
+  local sums = counts()
+  out[#out + 1] = {sums, redis.call('PTTL', next_key())}
+end
+return out
