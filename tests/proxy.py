@@ -8,6 +8,9 @@ they point the component under test at a proxy and take the proxy down instead::
         ...
         await proxy.down()   # every open connection is cut; new ones are refused
         await proxy.up()     # the service is back
+
+``hold_replies_after(marker)`` keeps the connections open but stops passing the service's
+bytes back once a client has sent ``marker``: what it sent arrives, no answer to it does.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class TcpProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._up = True
+        self._marker: bytes | None = None
+        self.held = asyncio.Event()
+        """Set once a client sent the marker: the service's bytes are dropped from then on."""
         self.port = 0
 
     @property
@@ -73,6 +79,10 @@ class TcpProxy:
     async def up(self) -> None:
         self._up = True
 
+    def hold_replies_after(self, marker: bytes) -> None:
+        """Once any client sends ``marker``, nothing the service sends reaches a client."""
+        self._marker = marker
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._up:
             writer.transport.abort()
@@ -84,8 +94,8 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         pipes = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
+            asyncio.create_task(self._pipe(reader, up_writer, sent=True)),
+            asyncio.create_task(self._pipe(up_reader, writer, sent=False)),
         ]
         self._pipes.update(pipes)
         try:
@@ -98,10 +108,20 @@ class TcpProxy:
                 w.transport.abort()
                 self._writers.discard(w)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, sent: bool
+    ) -> None:
+        """``sent``: the client's bytes to the service, else the service's to the client."""
+        tail = b""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK):
+                if sent and self._marker is not None and not self.held.is_set():
+                    # With the last bytes before: a marker may span two reads.
+                    if self._marker in tail + data:
+                        self.held.set()
+                    tail = data[-len(self._marker) :]
+                if not sent and self.held.is_set():
+                    continue
                 writer.write(data)
                 await writer.drain()
 

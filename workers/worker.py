@@ -157,19 +157,20 @@ class Worker:
                 operators=s.operators,
                 frontdoor=s.frontdoor,
             )
+            publisher = Publisher(
+                publish,
+                usage,
+                dead,
+                replies=replies,
+                reconnect_wait=s.reconnect_wait,
+                user_id=s.amqp_user,
+            )
             self._processor = JobProcessor(
                 router=self._router,
                 claims=claims,
                 replies=ReplyQueues(connection),
                 cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
-                publisher=Publisher(
-                    publish,
-                    usage,
-                    dead,
-                    replies=replies,
-                    reconnect_wait=s.reconnect_wait,
-                    user_id=s.amqp_user,
-                ),
+                publisher=publisher,
                 admission=self._admission,
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
@@ -196,6 +197,7 @@ class Worker:
                         # teams and limits next time.
                         log.warning("broker unavailable (%s); teams are refreshed later", exc)
             await self._drain()
+            await publisher.close()
         finally:
             live_stop.set()
             await live_task
