@@ -112,6 +112,11 @@ class Topology:
             raise ConfigError(f"reply queue name {name!r} is invalid: no dots, spaces or newlines")
         return f"{self.namespace}.results.{team}.{name}"
 
+    def is_results_queue(self, queue: str) -> bool:
+        """Whether ``queue`` is a named results queue (a pipeline's, a batch's): one that keeps
+        results while nobody reads them, so they are sent persistent."""
+        return queue.startswith(f"{self.namespace}.results.")
+
     def replies_queue(self, team: str, client_id: str) -> str:
         # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.
         return f"{self.namespace}.replies.{team}.{client_id}"

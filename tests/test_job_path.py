@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -246,3 +247,33 @@ async def test_jobs_finishing_together_share_usage_messages_and_each_counts_once
         assert sorted(r["job_id"] for r in rows) == sorted(h.job_id for h in handles)
         assert accountant.events_received == jobs
         assert accountant.messages_received < jobs
+
+
+async def test_results_are_persistent_only_where_they_wait_unread(settings: Settings) -> None:
+    # Given a client's own reply queue and a pipeline's named results queue, nobody reading
+    async with running_gateway(settings) as gw, gw.client("alpha", listen=False) as client:
+        own = await client.control.open_reply_queue(uuid.uuid4().hex, durable=False)
+        named = await client.control.open_reply_queue("nightly", durable=True)
+
+        # When a job answers to each
+        for queue in (own, named):
+            await client.publish(client.job("gpt-4o-mini", HELLO), reply_to=queue)
+
+        # Expect the named queue's result persistent (it outlives a broker restart while it
+        # waits), the own queue's not (its client reads it as it comes; the outcome store
+        # keeps it for a job sent again)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            modes = {}
+            for name in (own, named):
+                queue = await channel.get_queue(name, ensure=False)
+                async with asyncio.timeout(10), queue.iterator() as results:
+                    async for message in results:
+                        await message.ack()
+                        modes[name] = message.delivery_mode
+                        break
+        assert modes == {
+            own: aio_pika.DeliveryMode.NOT_PERSISTENT,
+            named: aio_pika.DeliveryMode.PERSISTENT,
+        }

@@ -164,6 +164,7 @@ class Worker:
                 replies=replies,
                 reconnect_wait=s.reconnect_wait,
                 user_id=s.amqp_user,
+                keeps_results=self._topology.is_results_queue,
             )
             self._processor = JobProcessor(
                 router=self._router,
