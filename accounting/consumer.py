@@ -11,31 +11,32 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import partial
 from typing import Self
 
 import asyncpg
 import redis.asyncio as aioredis
-from aio_pika.exceptions import AMQPError
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq import spec
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.exceptions import AMQPError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from accounting.intake import HANDSHAKE_TIMEOUT, Delivery, Intake, IntakeClosed
 from accounting.migrate import migrate
 from accounting.store import first_per_job, insert_usage
 from queuegate import tracing
-from queuegate.broker import connect
+from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, settle
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
-from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.errors import ConfigError
 from queuegate.keys import Keys
-from queuegate.messages import UsageEvent
+from queuegate.messages import UsageBatch, UsageEvent
 from queuegate.metrics import observe_accounting_batch, observe_spend_correction
 from queuegate.outage import OutageLog
 from queuegate.redis_client import redis_for
 from queuegate.registry import list_teams
 from queuegate.settings import Settings
 from queuegate.spend import Correction, Scope, current_month, reconcile, reconciler_token
-from queuegate.topology import Topology
+from queuegate.topology import MESSAGE_TYPE_USAGE_BATCH, Topology
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,28 @@ BACKOFF_CAP = 5.0
 CANCEL_TIMEOUT = 5.0
 """Seconds a stopping accountant waits for the broker to confirm its consumer is cancelled."""
 
-_BROKER_ERRORS = (OSError, TimeoutError, IntakeClosed, ServiceUnavailable, AMQPError)
 NOTABLE_DRIFT = Decimal("0.000001")
 """USD of drift worth a log line: each job's cost is rounded up to a nano-dollar in Redis,
 so a few nano-dollars of difference from PostgreSQL's exact sum are no drift."""
+EVENTS_PER_MESSAGE = 20
+"""Events a worker's batch carries under load (18-23 in the bench): the prefetch holds about
+four of accounting's batches in messages of that size, so deliveries go on arriving while one
+is written and acknowledged (with two, the bench wrote 40 % fewer events/s). Counted in
+messages, so that a backlog of full worker batches (500 events) held during a PostgreSQL
+outage stays bounded (100 messages by default); single events from older workers arrive a
+hundred at a time."""
 _RECONCILE_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, RedisError, ConfigError)
 
 
 # Not frozen: a frozen dataclass takes 3.5x as long to build, and one is built per message.
 @dataclass(slots=True)
 class _Delivery:
-    intake: Intake
-    """The connection it came on: its delivery tag means nothing on any other."""
+    channel: AbstractChannel
+    """The channel it came on: its delivery tag means nothing on any other."""
     tag: int
-    event: UsageEvent
+    events: list[UsageEvent] | None
+    """One event (a ``usage`` message) or a batch's (``usage-batch``); None when the body is
+    neither: it is dead-lettered in its turn (see _commit)."""
 
 
 class Accountant:
@@ -72,7 +81,8 @@ class Accountant:
     within ``settings.accounting_linger``) by one idempotent statement, and acknowledged only
     after it commits. While PostgreSQL is unavailable the batch is held and retried with
     backoff, and the broker keeps the rest. Any number may run side by side: a job's row is
-    written once however often its event is delivered.
+    written once however often its event is delivered, alone or in a worker's batch
+    (``UsageBatch``; a message of type ``usage`` holds one event, as older workers send them).
 
     The counters below are read by metrics; ``wait_until`` waits on them.
     """
@@ -80,18 +90,23 @@ class Accountant:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topology = Topology(settings.namespace, settings.delivery_limit)
+        self.messages_received = 0
+        """Usage messages taken from the queue: one event each, or a batch of them."""
         self.events_received = 0
         """Valid usage events taken from the queue."""
         self.events_rejected = 0
-        """Bodies dead-lettered: not a UsageEvent, or a value PostgreSQL cannot store."""
+        """Events dead-lettered with their message (a value PostgreSQL cannot store, or a
+        batch with one such), and bodies that are no usage message (each counts one)."""
         self.events_written = 0
         """Events whose batch committed (redeliveries included; rows_inserted excludes them)."""
         self.rows_inserted = 0
         self.batches = 0
         self.last_batch_size = 0
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
-        # Deliveries in delivery order; the writer sleeps until `_wanted` of them are here.
+        # Deliveries in delivery order, holding `_held` events (a malformed body counts one);
+        # the writer sleeps until `_wanted` of them are here.
         self._inbox: deque[_Delivery] = deque()
+        self._held = 0
         self._wanted = 1
         self._arrived = asyncio.Event()
         self._stopping = False
@@ -105,8 +120,7 @@ class Accountant:
         self._broker = OutageLog(
             log,
             "RabbitMQ",
-            "usage events wait in their queue; connecting again with backoff"
-            f" up to {BACKOFF_CAP:.0f} s",
+            "usage events wait in their queue until the connection is restored",
         )
         self._ledgers = OutageLog(
             log, "Redis or PostgreSQL (spend reconciliation)", "spend ledgers are not reconciled"
@@ -114,7 +128,10 @@ class Accountant:
         self._token = reconciler_token()
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
-        self._intake: Intake | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._consumer: Consumer | None = None
+        self._reopening: asyncio.Task[None] | None = None
         self._resources = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Self:
@@ -124,7 +141,14 @@ class Accountant:
             pool = await wait_for_pool(self.settings, min_size=0, max_size=2)
             stack.push_async_callback(pool.close)
             await migrate(pool, self.settings.database_schema)
-            await self._declare()  # fails here, not in run(), when the broker is unreachable
+            # A robust connection: it reconnects, reopens the channel and declares the exchange
+            # and queue again on it (_on_reopen consumes again).
+            connection = await connect(self.settings.amqp_url, name="queuegate-accounting")
+            stack.push_async_callback(connection.close)
+            connection.close_callbacks.add(self._on_lost)
+            channel = await connection.channel()
+            await self.topology.declare_usage(channel)
+            self._connection, self._channel = connection, channel
             self._redis = redis_for(self.settings)
             stack.push_async_callback(self._redis.aclose)
             self._pool = pool
@@ -133,8 +157,7 @@ class Accountant:
 
     async def __aexit__(self, *exc_info: object) -> None:
         # Closing the connection returns anything still unacknowledged to the queue.
-        if self._intake is not None:
-            await self._intake.close()
+        self._stopping = True
         await self._resources.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -143,18 +166,23 @@ class Accountant:
         Held events are given ``settings.shutdown_grace`` seconds to be written after ``stop``;
         what cannot be written by then stays unacknowledged and is delivered again later.
         """
-        if self._pool is None:
+        channel = self._channel
+        if self._pool is None or channel is None:
             raise RuntimeError("use `async with Accountant(settings) as accountant` first")
-        consumer = asyncio.create_task(self._consume())
-        stopper = asyncio.create_task(self._stop_consuming(stop))
-        reconciler = asyncio.create_task(self._reconcile_until(stop))
+        channel.reopen_callbacks.add(self._on_reopen)
         try:
-            await self._write_until_stopped()
+            await self._consume(channel)
+            stopper = asyncio.create_task(self._stop_consuming(stop))
+            reconciler = asyncio.create_task(self._reconcile_until(stop))
+            try:
+                await self._write_until_stopped()
+            finally:
+                for task in (reconciler, stopper):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         finally:
-            for task in (reconciler, stopper, consumer):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            channel.reopen_callbacks.discard(self._on_reopen)
 
     async def reconcile_spend(self) -> list[Correction] | None:
         """Reconcile this month's spend ledger of every budgeted team (and capped model) with
@@ -195,8 +223,9 @@ class Accountant:
 
     def is_ready(self) -> bool:
         """Connected to the broker and consuming: what ``/readyz`` reports."""
-        intake = self._intake
-        return intake is not None and intake.is_open and not self._stopping
+        connection = self._connection
+        connected = connection is not None and connection.connected.is_set()
+        return connected and self._consumer is not None and not self._stopping
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; it is checked after every delivery and batch.
@@ -213,90 +242,75 @@ class Accountant:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
-    async def _declare(self) -> None:
-        # On a connection of its own: declarations are rare, and aio-pika does them well.
-        connection = await connect(self.settings.amqp_url, name="queuegate-accounting-declare")
-        async with connection:
-            await self.topology.declare_usage(await connection.channel())
+    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # The robust channel has declared the exchange and queue again; consume once more.
+        if channel is not None and not self._stopping:
+            await self._consume(channel)
 
-    async def _consume(self) -> None:
-        """Consume on a connection of our own, and again on a new one whenever it ends (the
-        broker away, the queue deleted): each declares the queue before consuming it."""
-        loop = asyncio.get_running_loop()
-        delay = BACKOFF_FIRST
-        declared = True  # __aenter__ has just declared the queue
-        while not self._stopping:
-            try:
-                if not declared:
-                    # Bounded: a robust connection lost mid-declare would wait for its return.
-                    async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                        await self._declare()
-                declared = False
-                intake = await Intake.open(
-                    self.settings.amqp_url,
-                    self.topology.accounting_queue,
-                    # Four batches: deliveries go on arriving while one is written and
-                    # acknowledged (with two, the bench wrote 40 % fewer events/s).
-                    4 * self.settings.accounting_batch,
-                    self._on_deliveries,
-                    name="queuegate-accounting",
-                )
-            except _BROKER_ERRORS as exc:
-                self._broker.failed(exc)
-            else:
-                self._intake, opened = intake, loop.time()
-                self._broker.recovered()
-                reason = await asyncio.shield(intake.closed)  # a cancel here must not close it
-                if not self._stopping:
-                    self._broker.failed(reason or IntakeClosed("closed"))
-                # A connection the broker ends at once (a channel closed on every consume) is
-                # retried with backoff too; one that lasted starts its outage's backoff afresh.
-                if loop.time() - opened > BACKOFF_CAP:
-                    delay = BACKOFF_FIRST
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_CAP)
+    async def _consume(self, channel: AbstractRobustChannel) -> None:
+        # On the underlying aiormq channel: aio-pika's message object and task per delivery
+        # would double its cost, and a delivery holds a batch of events (see queuegate.broker).
+        consumer = await consume(
+            channel,
+            self.topology.accounting_queue,
+            self._on_delivery,
+            prefetch=max(1, 4 * self.settings.accounting_batch // EVENTS_PER_MESSAGE),
+        )
+        consumer.channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        self._consumer = consumer
+        self._broker.recovered()
 
-    def _on_deliveries(self, intake: Intake, deliveries: list[Delivery]) -> None:
-        # Called with every read's deliveries, so it must stay synchronous and cheap.
-        inbox = self._inbox
-        for delivery in deliveries:
-            try:
-                event = UsageEvent.model_validate_json(delivery.body)
-            except ValidationError as exc:
-                self._reject_malformed(intake, delivery, exc)
-                continue
-            inbox.append(_Delivery(intake, delivery.tag, event))
-            self.events_received += 1
-        if len(inbox) >= self._wanted:
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        consumer = self._consumer
+        if consumer is None or frame.consumer_tag != consumer.tag:
+            return
+        self._consumer = None
+        self._broker.failed(ConnectionError("the broker cancelled the consumer"))
+        log.warning(
+            "the broker cancelled the usage consumer (was its queue deleted?): reopening the"
+            " channel, which declares the queue again and consumes"
+        )
+        # Not awaited: this runs in the channel's reader, which the close waits for. Kept so
+        # that the task is not collected before it is done.
+        self._reopening = asyncio.create_task(consumer.channel.close())
+
+    def _on_lost(self, _: object, reason: BaseException | None = None) -> None:
+        if self._stopping or self._consumer is None:
+            return
+        self._consumer = None  # not ready until the reopened channel consumes again
+        self._broker.failed(reason or ConnectionError("the connection was lost"))
+
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
+        # Synchronous before any await: aiormq starts a task per delivery in delivery order,
+        # and the inbox must keep that order (see _commit).
+        tag = message.delivery_tag
+        assert tag is not None  # a delivery to a consumer always has one
+        try:
+            events = _events(message)
+        except ValidationError as exc:
+            _log_malformed(message, exc)
+            self._inbox.append(_Delivery(message.channel, tag, None))
+            self._held += 1
+        else:
+            self._inbox.append(_Delivery(message.channel, tag, events))
+            self._held += len(events)
+            self.events_received += len(events)
+        self.messages_received += 1
+        if self._held >= self._wanted:
             self._arrived.set()
         if self._waiters:
             self._notify()
-
-    def _reject_malformed(self, intake: Intake, delivery: Delivery, exc: ValidationError) -> None:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        log.warning(
-            "dead-lettering a usage message that is not a UsageEvent"
-            " (message_id=%s, %d bytes, %d errors): %s: %s",
-            delivery.message_id(),
-            len(delivery.body),
-            exc.error_count(),
-            where,
-            first["msg"],
-        )
-        _settle(intake.reject, delivery.tag, "reject")
-        self.events_rejected += 1
 
     async def _stop_consuming(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._stopping = True
         self._stop_deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
-        intake = self._intake
-        if intake is not None and intake.is_open:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
             try:
-                async with asyncio.timeout(CANCEL_TIMEOUT):
-                    await intake.cancel()
-            except (IntakeClosed, TimeoutError) as exc:
+                # Bounded: while the connection is down the cancel would wait for it to return.
+                await consumer.channel.basic_cancel(consumer.tag, timeout=CANCEL_TIMEOUT)
+            except (*CONNECTION_LOST, AMQPError, TimeoutError) as exc:
                 log.warning("could not cancel the usage consumer (%r); closing will end it", exc)
         # Wakes the writer, which flushes what it holds and returns.
         self._arrived.set()
@@ -311,16 +325,24 @@ class Accountant:
 
     async def _collect(self) -> list[_Delivery]:
         """The next batch: waits for one delivery, then up to ``accounting_linger`` seconds for
-        the batch to fill; at once what is held after the stop."""
+        ``accounting_batch`` events; at once what is held after the stop. Whole deliveries
+        only: one worker's batch is written by one statement, whatever its size."""
         size = self.settings.accounting_batch
         await self._await_inbox(1, math.inf)
         deadline = asyncio.get_running_loop().time() + self.settings.accounting_linger
         await self._await_inbox(size, deadline)
-        return [self._inbox.popleft() for _ in range(min(size, len(self._inbox)))]
+        batch: list[_Delivery] = []
+        taken = 0
+        while self._inbox and (not batch or taken < size):
+            delivery = self._inbox.popleft()
+            taken += 1 if delivery.events is None else len(delivery.events)
+            batch.append(delivery)
+        self._held -= taken
+        return batch
 
     async def _await_inbox(self, count: int, deadline: float) -> None:
-        """Until the inbox holds ``count`` deliveries, the stop is asked, or ``deadline``."""
-        if len(self._inbox) >= count or self._stopping:
+        """Until the inbox holds ``count`` events, the stop is asked, or ``deadline``."""
+        if self._held >= count or self._stopping:
             return
         self._wanted = count
         self._arrived.clear()
@@ -349,43 +371,62 @@ class Accountant:
             grace = self._stop_deadline - asyncio.get_running_loop().time()
             if grace <= 0:
                 log.warning(
-                    "stopping with %d usage events unwritten: the broker delivers them again",
+                    "stopping with %d usage messages unwritten: the broker delivers them again",
                     len(batch),
                 )
                 return False
             await asyncio.sleep(min(delay, grace))
             delay = min(delay * 2, BACKOFF_CAP)
         self._postgres.recovered()
-        written = [d for d in batch if (d.event.team, d.event.job_id) not in unstorable]
-        if tracing.ON:
-            _traced_write(written, len(batch), started, time.time_ns())
-        # Settlements are written in the order made: these rejects reach the broker before the
+        written = rejected = 0
+        last: _Delivery | None = None
+        # Settlements are sent in the order awaited: these rejects reach the broker before the
         # multiple ack below, which would otherwise have settled their tags already.
         for delivery in batch:
-            if (delivery.event.team, delivery.event.job_id) in unstorable:
-                _settle(delivery.intake.reject, delivery.tag, "reject")
-        if written:
+            events = delivery.events
+            bad = 1 if events is None else sum(_key(e) in unstorable for e in events)
+            if bad:
+                # A batch goes whole: its other events are written (and are not written twice
+                # when it is replayed from the dead letters).
+                await settle(
+                    delivery.channel.basic_reject(delivery.tag, requeue=False),
+                    "reject a usage delivery",
+                    log,
+                )
+            else:
+                last = delivery
+            rejected += bad
+            written += 0 if events is None else len(events) - bad
+        if last is not None:
             # Deliveries reach the inbox in delivery-tag order and batches are settled in that
-            # order, so on the last delivery's connection every earlier tag is in this batch or
+            # order, so on the last delivery's channel every earlier tag is in this batch or
             # already settled: one multiple ack covers exactly this batch. Deliveries from a
-            # connection lost since cannot be acknowledged; the insert ignores their redelivery.
-            last = written[-1]
-            _settle(partial(last.intake.ack, multiple=True), last.tag, "acknowledge")
-        self.events_rejected += len(batch) - len(written)
-        self.events_written += len(written)
+            # channel lost since cannot be acknowledged; the insert ignores their redelivery.
+            await settle(
+                last.channel.basic_ack(last.tag, multiple=True), "acknowledge usage deliveries", log
+            )
+        if tracing.ON:
+            _traced_write(
+                [e for d in batch for e in d.events or () if _key(e) not in unstorable],
+                written + rejected,
+                started,
+                time.time_ns(),
+            )
+        self.events_rejected += rejected
+        self.events_written += written
         self.rows_inserted += inserted
         self.batches += 1
-        self.last_batch_size = len(batch)
-        observe_accounting_batch(
-            len(written), len(batch) - len(written), min(d.event.ts for d in batch)
-        )
+        self.last_batch_size = written + rejected
+        stamps = [e.ts for d in batch for e in d.events or ()]
+        if stamps:
+            observe_accounting_batch(written, rejected, min(stamps))
         self._notify()
         return True
 
     async def _write(self, batch: list[_Delivery]) -> tuple[int, set[tuple[str, str]]]:
         """Insert the batch; return the rows inserted and the (team, job id) of each event that
         cannot be stored (job ids are unique within a team only)."""
-        events = [delivery.event for delivery in batch]
+        events = [event for delivery in batch for event in delivery.events or ()]
         try:
             return await insert_usage(self._pool, events), set()
         except DB_ERRORS as exc:
@@ -404,7 +445,7 @@ class Accountant:
                 log.error(
                     "usage event %s cannot be stored, dead-lettering it: %s", event.job_id, exc
                 )
-                unstorable.add((event.team, event.job_id))
+                unstorable.add(_key(event))
         return inserted, unstorable
 
     def _notify(self) -> None:
@@ -414,11 +455,10 @@ class Accountant:
                 future.set_result(None)
 
 
-def _traced_write(written: list[_Delivery], size: int, started: int, ended: int) -> None:
+def _traced_write(written: list[UsageEvent], size: int, started: int, ended: int) -> None:
     """A batch's write in the trace of each job written that was recorded, as a child of the
     job's span: one statement wrote the batch of ``size``, so each span is that statement's."""
-    for delivery in written:
-        event = delivery.event
+    for event in written:
         if event.trace_id is None or event.span_id is None:
             continue
         parent = tracing.continued(event.trace_id, event.span_id)
@@ -466,13 +506,32 @@ def _report(correction: Correction) -> None:
         )
 
 
-def _settle(action: Callable[[int], None], tag: int, verb: str) -> None:
-    # A settlement fails only when its connection is gone: the broker then delivers the
-    # message again, and the insert is idempotent, so that is no error.
-    try:
-        action(tag)
-    except IntakeClosed as exc:
-        log.info("could not %s usage deliveries (%s); they are delivered again", verb, exc)
+def _events(message: DeliveredMessage) -> list[UsageEvent]:
+    """The events a usage message holds: a batch's (``usage-batch``), or one (``usage``, what
+    workers before batches send, and what any other type is read as)."""
+    if message.header.properties.message_type == MESSAGE_TYPE_USAGE_BATCH:
+        return UsageBatch.model_validate_json(message.body).events
+    return [UsageEvent.model_validate_json(message.body)]
+
+
+def _log_malformed(message: DeliveredMessage, exc: ValidationError) -> None:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    log.warning(
+        "dead-lettering a usage message that is not a UsageEvent or UsageBatch"
+        " (type=%s, message_id=%s, %d bytes, %d errors): %s: %s",
+        message.header.properties.message_type,
+        message.header.properties.message_id,
+        len(message.body),
+        exc.error_count(),
+        where,
+        first["msg"],
+    )
+
+
+def _key(event: UsageEvent) -> tuple[str, str]:
+    # Job ids are unique within a team only.
+    return event.team, event.job_id
 
 
 def _is_unstorable(exc: BaseException) -> bool:

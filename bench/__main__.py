@@ -10,8 +10,10 @@ runs on loopback only, and starts and removes its own namespace and schema.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -27,6 +29,7 @@ from bench.gateway import overhead, throughput, tracing_cost
 from bench.goodput import goodput
 from bench.litellm_proxy import litellm
 from bench.measure import Figure, against_floor
+from bench.stack import own_broker
 from queuegate.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,7 +50,10 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
         return [await goodput(jobs=jobs * 2, workers=2)]
 
     async def usage() -> list[Figure]:
-        return [await accounting(events=jobs * 10, accountants=n) for n in (1, 2)]
+        return [
+            *[await accounting(events=jobs * 10, accountants=n) for n in (1, 2)],
+            await accounting(events=jobs * 10, accountants=1, batch=1),
+        ]
 
     async def peer() -> list[Figure]:
         return [*await litellm(jobs=jobs, workers=1), *await litellm(jobs=jobs, workers=2)]
@@ -126,7 +132,18 @@ if __name__ == "__main__":
         help="floor, overhead, throughput, latency, goodput, accounting, litellm, frontdoor",
     )
     parser.add_argument("--jobs", type=int, default=1000, help="jobs per measured case")
+    parser.add_argument(
+        "--own-broker",
+        action="store_true",
+        help="run every scenario on a RabbitMQ node of the bench's own (booted for the run), "
+        "so that its CPU is the bench's alone on a machine others share",
+    )
     args = parser.parse_args()
     from queuegate.runtime import run
 
-    run(lambda: main(args.scenario, args.jobs))
+    with contextlib.ExitStack() as stack:
+        if args.own_broker:
+            stack.enter_context(
+                own_broker(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            )
+        run(lambda: main(args.scenario, args.jobs))

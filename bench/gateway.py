@@ -135,6 +135,7 @@ async def throughput(
             for handle in await publish(client, WARM_UP):
                 await handle.result(60)
             await stack.wait_rows(WARM_UP)
+            batches = await _usage_batches(stack)
             before, started = cpu_with_producer(stack), time.perf_counter()
             sampled = asyncio.Event()
             held = asyncio.create_task(stack.max_held(sampled))
@@ -147,6 +148,9 @@ async def throughput(
             await stack.wait_rows(jobs + WARM_UP)
             accounted = time.perf_counter() - started
             after = cpu_with_producer(stack)
+            messages, events = [
+                b - a for a, b in zip(batches, await _usage_batches(stack), strict=True)
+            ]
             rss = {
                 f"peak_rss_mb {name}": round(peak_rss_mb(process.pid))
                 for name, process in stack.processes.items()
@@ -171,6 +175,7 @@ async def throughput(
             "accounted_s": round(accounted, 2),
             "errors": failed,
             "max_held": max_held,
+            "usage_events_per_msg": round(events / messages, 1) if messages else 0,
             **({"max_calls_at_mock": in_flight} if in_flight is not None else {}),
             **rss,
             **cpu,
@@ -212,6 +217,14 @@ async def tracing_cost(*, jobs: int, rounds: int = 2) -> list[Figure]:
                     )
                 figures.append(Figure("tracing", f"tracing {label}, round {round_}", values))
     return figures
+
+
+async def _usage_batches(stack: Stack) -> tuple[float, float]:
+    """Usage messages the workers sent so far, and the events they carried."""
+    return (
+        await stack.metrics("worker", "queuegate_usage_batch_size_count"),
+        await stack.metrics("worker", "queuegate_usage_batch_size_sum"),
+    )
 
 
 async def publish(

@@ -63,12 +63,16 @@ RATED = (
 """The scenarios whose figures are also given as multiples of the floor."""
 
 
+RABBITMQ_CPU = "cpu_s/1k rabbitmq"
+
+
 def against_floor(figures: list[Figure], floor: list[Figure]) -> None:
     """Add each gateway figure as a multiple of the floor measured in the same run, which
     machines of different speeds share: one-at-a-time latency against the floor's p50 at
     c=1, jobs/s under load against its round trips/s at c=64."""
     cases = {figure.case: figure.values for figure in floor}
     p50, rate = cases["c=1"]["p50_ms"], cases["c=64"]["per_s"]
+    broker = cases["c=64"].get(RABBITMQ_CPU)
     for figure in figures:
         # Rows of a gateway run report a rate; the mock's own reference row does not.
         if figure.scenario not in RATED or "per_s" not in figure.values:
@@ -78,6 +82,9 @@ def against_floor(figures: list[Figure], floor: list[Figure]) -> None:
             values["p50_vs_floor"] = round(values["p50_ms"] / p50, 2)
         else:
             values["per_s_vs_floor"] = round(values["per_s"] / rate, 2)
+        if broker and RABBITMQ_CPU in values and not figure.case.endswith("c=1"):
+            # RabbitMQ's CPU per job against its CPU per bare round trip under load.
+            values["rabbitmq_vs_floor"] = round(values[RABBITMQ_CPU] / broker, 2)
 
 
 def cpu_per_thousand(

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from queuegate.redis_client import redis_for
 from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
 from queuegate.topology import Topology
+from tests.chaos.private_broker import PrivateBroker
 
 TEAM = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -47,11 +48,35 @@ def cpu_seconds(pid: int) -> float:
 SERVICES = {"beam.smp": "rabbitmq", "redis-server": "redis", "postgres": "postgresql"}
 """Process names of the local services, and the name each is reported under."""
 
+_OWN_BROKER: list[int] = []
+"""The process of the bench's own RabbitMQ node, when it runs one (``own_broker``)."""
+
+
+@contextlib.contextmanager
+def own_broker(root: Path) -> Iterator[str]:
+    """A RabbitMQ node of the bench's own for the whole run, its AMQP URL in
+    ``QUEUEGATE_AMQP_URL`` (which every scenario and process reads): its CPU is then ours
+    alone, where a shared broker's counts every other client's too."""
+    with PrivateBroker(root) as node:
+        previous = os.environ.get("QUEUEGATE_AMQP_URL")
+        os.environ["QUEUEGATE_AMQP_URL"] = node.amqp_url
+        _OWN_BROKER.append(int(node.pid_file.read_text().strip()))
+        try:
+            yield node.amqp_url
+        finally:
+            _OWN_BROKER.clear()
+            if previous is None:
+                del os.environ["QUEUEGATE_AMQP_URL"]
+            else:
+                os.environ["QUEUEGATE_AMQP_URL"] = previous
+
 
 def services_cpu() -> dict[str, float]:
     """CPU seconds of every process of each local service (all of its work, not only ours:
-    run on an otherwise idle machine)."""
+    run on an otherwise idle machine, or RabbitMQ as the bench's own node: ``own_broker``)."""
     totals = dict.fromkeys(SERVICES.values(), 0.0)
+    if _OWN_BROKER:
+        totals["rabbitmq"] = sum(cpu_seconds(pid) for pid in process_tree(_OWN_BROKER[0]))
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -60,7 +85,7 @@ def services_cpu() -> dict[str, float]:
                 name = SERVICES.get(f.read().strip())
         except OSError:
             continue
-        if name is not None:
+        if name is not None and not (name == "rabbitmq" and _OWN_BROKER):
             totals[name] += cpu_seconds(int(entry.name))
     return totals
 
@@ -103,14 +128,30 @@ class Stack:
     mock_url: str
     env: dict[str, str]
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     async def spawn(self, name: str, *args: str) -> None:
-        """Start ``queuegate ARGS`` as process ``name``, stopped when the stack is."""
+        """Start ``queuegate ARGS`` as process ``name``, stopped when the stack is; its
+        metrics on a port of its own (``metrics``)."""
+        port = self.metrics_ports[name] = free_port()
         self.processes[name] = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "cli", *args),
-            env=self.env,
+            env={**self.env, "QUEUEGATE_METRICS_PORT": str(port)},
             stdout=asyncio.subprocess.DEVNULL,
         )
+
+    async def metrics(self, prefix: str, name: str) -> float:
+        """A metric's value summed over the processes whose name starts with ``prefix``."""
+        total = 0.0
+        async with httpx.AsyncClient() as client:
+            for process, port in self.metrics_ports.items():
+                if not process.startswith(prefix):
+                    continue
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                for line in text.splitlines():
+                    if line.startswith(f"{name} "):
+                        total += float(line.split()[1])
+        return total
 
     async def start_accounting(self, count: int = 1) -> None:
         """Start ``count`` accountants side by side (``accounting``, ``accounting2``, …) and
@@ -222,7 +263,6 @@ async def running_stack(
         "QUEUEGATE_MOCK_URL": mock_url,
         "QUEUEGATE_MOCK_KEY": "bench-key",
         "QUEUEGATE_PREFETCH": str(prefetch),
-        "QUEUEGATE_METRICS_PORT": "0",  # any free port: two workers share the host
         **({"QUEUEGATE_CATALOG": str(catalog)} if catalog is not None else {}),
         "QUEUEGATE_REDIS_URL": settings.redis_url,
         **(extra_env or {}),

@@ -6,6 +6,7 @@ Unknown fields are ignored on read, so a newer producer never breaks an older wo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -261,3 +262,23 @@ class UsageEvent(WireModel):
     span_id: str | None = None
     """The job's span in that trace (16 hex digits) when it was recorded (sampled): accounting
     continues the trace from it with its write."""
+
+
+class UsageBatch(WireModel):
+    """The usage events of several jobs in one message (type ``usage-batch``).
+
+    A worker sends the events of the jobs that finish while its previous batch awaits the
+    broker's confirm together (one event when it is idle), and acknowledges each job only once
+    the batch carrying its event is confirmed. Each event is the UsageEvent it would be alone:
+    accounting writes one row per job however often, and in whichever batch, it arrives. A
+    message of type ``usage`` holds one UsageEvent, as workers before batches sent them.
+    """
+
+    v: int = SCHEMA_VERSION
+    events: list[UsageEvent] = Field(min_length=1)
+
+
+def usage_batch_body(events: Sequence[bytes]) -> bytes:
+    """A UsageBatch's JSON from its events' JSON, each as ``UsageEvent.model_dump_json`` made
+    it: joined as bytes, not parsed and dumped again."""
+    return b'{"v":%d,"events":[%b]}' % (SCHEMA_VERSION, b",".join(events))

@@ -108,6 +108,12 @@ IN_FLIGHT = Gauge(
     ["team"],
     multiprocess_mode="livesum",
 )
+USAGE_BATCH = Histogram(
+    "queuegate_usage_batch_size",
+    "Usage events per message a worker sent (the jobs that finished while its previous batch "
+    "awaited the broker's confirm).",
+    buckets=_BATCH_BUCKETS,
+)
 ACCOUNTING_EVENTS = Counter(
     "queuegate_accounting_events",
     "Usage events handled by accounting, by outcome (written or rejected).",
@@ -200,6 +206,11 @@ def set_bucket_fill(team: str, ratio: float) -> None:
 def set_breaker_state(deployment: str, state: BreakerState) -> None:
     """The deployment's breaker changed state (or was read at start)."""
     BREAKER_STATE.labels(deployment).set(BREAKER_VALUES[state])
+
+
+def observe_usage_batch(events: int) -> None:
+    """A worker's batch of usage events was confirmed by the broker."""
+    USAGE_BATCH.observe(events)
 
 
 def observe_accounting_batch(written: int, rejected: int, oldest: datetime) -> None:

@@ -8,7 +8,7 @@
 | ``<ns>.replies.<team>.<id>`` | durable queue, expires     | one client's own reply queue      |
 | ``<ns>.control.<team>``      | quorum queue               | the team's control requests       |
 | ``<ns>.frontdoor.<id>``      | queue, expires             | one HTTP front-door process's     |
-| ``<ns>.usage``               | fanout exchange            | one UsageEvent per finished job   |
+| ``<ns>.usage``               | fanout exchange            | UsageEvents, a batch per message  |
 | ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
 | ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
 
@@ -34,6 +34,9 @@ MESSAGE_TYPE_JOB = "job"
 MESSAGE_TYPE_RESULT = "result"
 MESSAGE_TYPE_CHUNK = "chunk"
 MESSAGE_TYPE_USAGE = "usage"
+"""One UsageEvent (what workers sent before batches; still accepted)."""
+MESSAGE_TYPE_USAGE_BATCH = "usage-batch"
+"""A UsageBatch: the events of several jobs."""
 
 # Headers a worker sets on the letters it dead-letters itself. The dead-letter tools trust them
 # only on a letter whose broker-validated user_id is an operator's (the worker's own user):
@@ -108,6 +111,11 @@ class Topology:
         if not _REPLY_NAME.fullmatch(name):
             raise ConfigError(f"reply queue name {name!r} is invalid: no dots, spaces or newlines")
         return f"{self.namespace}.results.{team}.{name}"
+
+    def is_results_queue(self, queue: str) -> bool:
+        """Whether ``queue`` is a named results queue (a pipeline's, a batch's): one that keeps
+        results while nobody reads them, so they are sent persistent."""
+        return queue.startswith(f"{self.namespace}.results.")
 
     def replies_queue(self, team: str, client_id: str) -> str:
         # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.

@@ -9,6 +9,9 @@ they point the component under test at a proxy and take the proxy down instead::
         await proxy.down()   # every open connection is cut; new ones are refused
         await proxy.up()     # the service is back
         proxy.lose_reply(b"EVALSHA")  # the next such request runs; its reply never comes
+
+``hold_replies_after(marker)`` keeps the connections open but stops passing the service's
+bytes back once a client has sent ``marker``: what it sent arrives, no answer to it does.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class TcpProxy:
         self._up = True
         self._lose_reply_to: bytes | None = None
         self.replies_lost = 0
+        self._marker: bytes | None = None
+        self.held = asyncio.Event()
+        """Set once a client sent the marker: the service's bytes are dropped from then on."""
         self.port = 0
 
     @property
@@ -81,6 +87,10 @@ class TcpProxy:
         before the reply comes back: the client cannot tell whether it ran."""
         self._lose_reply_to = marker
 
+    def hold_replies_after(self, marker: bytes) -> None:
+        """Once any client sends ``marker``, nothing the service sends reaches a client."""
+        self._marker = marker
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._up:
             writer.transport.abort()
@@ -110,11 +120,17 @@ class TcpProxy:
     async def _requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
     ) -> None:
+        tail = b""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK):
                 if self._lose_reply_to is not None and self._lose_reply_to in data:
                     self._lose_reply_to = None
                     sent.set()
+                if self._marker is not None and not self.held.is_set():
+                    # With the last bytes before: a marker may span two reads.
+                    if self._marker in tail + data:
+                        self.held.set()
+                    tail = data[-len(self._marker) :]
                 writer.write(data)
                 await writer.drain()
 
@@ -126,6 +142,8 @@ class TcpProxy:
                 if sent.is_set():
                     self.replies_lost += 1
                     return  # the connection is cut with the reply unsent
+                if self.held.is_set():
+                    continue  # held: the service's bytes are dropped, the connection kept
                 writer.write(data)
                 await writer.drain()
 

@@ -23,9 +23,9 @@ from accounting.store import COLUMNS, insert_usage
 from queuegate.broker import json_message, publish
 from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
-from queuegate.messages import Attempt, UsageEvent
+from queuegate.messages import Attempt, UsageBatch, UsageEvent, usage_batch_body
 from queuegate.settings import Settings
-from queuegate.topology import MESSAGE_TYPE_USAGE, Topology
+from queuegate.topology import MESSAGE_TYPE_USAGE, MESSAGE_TYPE_USAGE_BATCH, Topology
 from queuegate.usage_log import accounted
 
 WAIT = 5.0
@@ -66,11 +66,20 @@ async def usage_exchange(settings: Settings) -> AsyncIterator[AbstractExchange]:
 
 
 async def send_usage(exchange: AbstractExchange, *bodies: bytes | UsageEvent) -> None:
+    """One message per body, each a single event (type ``usage``, as workers before batches
+    sent them) or any bytes."""
     # Each publish returns once the broker confirms it: the message is in the queue.
     for body in bodies:
         raw = body.model_dump_json().encode() if isinstance(body, UsageEvent) else body
         message = json_message(raw, message_type=MESSAGE_TYPE_USAGE)
         await publish(exchange.channel, message, exchange=exchange.name, routing_key="")
+
+
+async def send_batch(exchange: AbstractExchange, *events: UsageEvent | bytes) -> None:
+    """One ``usage-batch`` message of these events, built as a worker builds it."""
+    raw = [e.model_dump_json().encode() if isinstance(e, UsageEvent) else e for e in events]
+    message = json_message(usage_batch_body(raw), message_type=MESSAGE_TYPE_USAGE_BATCH)
+    await publish(exchange.channel, message, exchange=exchange.name, routing_key="")
 
 
 @contextlib.asynccontextmanager
@@ -300,6 +309,93 @@ async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
     assert await row_count(pool) == 3
     [dead] = await dead_letters(settings, 1)
     assert UsageEvent.model_validate_json(dead.body).job_id == "job-nul"
+    assert await queued(settings) == 0
+
+
+async def test_a_batch_lands_as_one_row_per_event_beside_single_events(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given a worker's batch of three events and, from a worker before batches, one event alone
+    await send_batch(usage_exchange, usage("job-1"), usage("job-2"), usage("job-3", team="beta"))
+    await send_usage(usage_exchange, usage("job-4"))
+
+    # When the accountant writes them
+    async with running(settings) as accountant:
+        await wait_until(accountant, lambda: accountant.events_written == 4)
+
+    # Expect one row per event, from two messages, and nothing left queued
+    rows = await pool.fetch("SELECT team, job_id FROM usage_log ORDER BY job_id")
+    assert [(r["team"], r["job_id"]) for r in rows] == [
+        ("alpha", "job-1"),
+        ("alpha", "job-2"),
+        ("beta", "job-3"),
+        ("alpha", "job-4"),
+    ]
+    assert accountant.messages_received == 2
+    assert await queued(settings) == 0
+
+
+async def test_a_redelivered_batch_counts_each_event_once(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given a batch written, then the same batch again (its worker saw no confirm and its
+    # jobs' redeliveries sent their events again: in a batch with others, and one alone)
+    batch = [usage(f"job-{i}") for i in range(3)]
+    async with running(settings) as accountant:
+        await send_batch(usage_exchange, *batch)
+        await wait_until(accountant, lambda: accountant.rows_inserted == 3)
+
+        # When the same events arrive again, in the same batch, another, and alone
+        await send_batch(usage_exchange, *batch)
+        await send_batch(usage_exchange, batch[2], usage("job-3"), batch[0])
+        await send_usage(usage_exchange, batch[1])
+        await wait_until(accountant, lambda: accountant.events_written == 10)
+
+    # Expect each job counted once: four rows, every message acknowledged
+    assert accountant.rows_inserted == 4
+    rows = await pool.fetch("SELECT job_id, count(*) AS n FROM usage_log GROUP BY job_id")
+    assert {r["job_id"]: r["n"] for r in rows} == {f"job-{i}": 1 for i in range(4)}
+    assert await queued(settings) == 0
+
+
+async def test_a_batch_with_an_event_postgres_cannot_store_is_dead_lettered_whole(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given a batch holding one value PostgreSQL refuses among good events, and a good batch
+    await send_batch(usage_exchange, usage("job-1"), usage("job-nul", worker="w\x00"))
+    await send_batch(usage_exchange, usage("job-2"))
+
+    # When the accountant writes them
+    async with running(settings) as accountant:
+        await wait_until(accountant, lambda: accountant.events_rejected == 1)
+
+    # Expect the good events written, and the batch kept whole in the dead letters: replayed,
+    # it writes nothing twice
+    assert accountant.events_written == 2
+    assert await row_count(pool) == 2
+    [dead] = await dead_letters(settings, 1)
+    assert dead.type == MESSAGE_TYPE_USAGE_BATCH
+    held = UsageBatch.model_validate_json(dead.body).events
+    assert [e.job_id for e in held] == ["job-1", "job-nul"]
+    assert await queued(settings) == 0
+
+
+async def test_a_malformed_batch_is_dead_lettered_and_consuming_goes_on(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given a batch with an event missing its team, then a good batch
+    await send_batch(usage_exchange, usage("job-1"), b'{"job_id": "x"}')
+    await send_batch(usage_exchange, usage("job-2"))
+
+    # When the accountant reads them
+    async with running(settings) as accountant:
+        await wait_until(accountant, lambda: accountant.events_written == 1)
+
+    # Expect the malformed batch dead-lettered whole and the good one written
+    assert accountant.events_rejected == 1
+    assert [r["job_id"] for r in await pool.fetch("SELECT job_id FROM usage_log")] == ["job-2"]
+    [dead] = await dead_letters(settings, 1)
+    assert dead.type == MESSAGE_TYPE_USAGE_BATCH
     assert await queued(settings) == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -14,7 +15,7 @@ from mockprovider import Behavior, MockConfig
 from queuegate.errors import ResultTimeout
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
-from tests.support import running_gateway
+from tests.support import running_accountant, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -222,3 +223,57 @@ async def test_waiting_past_the_timeout_raises_a_clear_error_and_a_later_wait_ge
         with pytest.raises(ResultTimeout, match="no result for job"):
             await handle.result(timeout=0.2)
         assert (await handle.result(timeout=30)).status == "ok"
+
+
+async def test_jobs_finishing_together_share_usage_messages_and_each_counts_once(
+    settings: Settings,
+) -> None:
+    jobs = 40
+    # Given a gateway whose usage events wait in the broker, its provider taking 100 ms a call
+    slow = MockConfig(default=Behavior(latency_ms=100))
+    async with (
+        running_gateway(settings, mock_config=slow, accounting=False) as gw,
+        gw.client("alpha") as client,
+    ):
+        # When 40 jobs are submitted at once, and all answered
+        handles = [await client.submit(client.job("gpt-4o-mini", HELLO)) for _ in range(jobs)]
+        results = [await handle.result(timeout=20) for handle in handles]
+        assert all(r.status == "ok" for r in results)
+
+        # Expect their events in fewer messages than jobs (those finishing while a batch
+        # awaited its confirm went in the next), and each job counted once
+        async with running_accountant(settings) as accountant:
+            rows = await gw.usage_rows(jobs)
+        assert sorted(r["job_id"] for r in rows) == sorted(h.job_id for h in handles)
+        assert accountant.events_received == jobs
+        assert accountant.messages_received < jobs
+
+
+async def test_results_are_persistent_only_where_they_wait_unread(settings: Settings) -> None:
+    # Given a client's own reply queue and a pipeline's named results queue, nobody reading
+    async with running_gateway(settings) as gw, gw.client("alpha", listen=False) as client:
+        own = await client.control.open_reply_queue(uuid.uuid4().hex, durable=False)
+        named = await client.control.open_reply_queue("nightly", durable=True)
+
+        # When a job answers to each
+        for queue in (own, named):
+            await client.publish(client.job("gpt-4o-mini", HELLO), reply_to=queue)
+
+        # Expect the named queue's result persistent (it outlives a broker restart while it
+        # waits), the own queue's not (its client reads it as it comes; the outcome store
+        # keeps it for a job sent again)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            modes = {}
+            for name in (own, named):
+                queue = await channel.get_queue(name, ensure=False)
+                async with asyncio.timeout(10), queue.iterator() as results:
+                    async for message in results:
+                        await message.ack()
+                        modes[name] = message.delivery_mode
+                        break
+        assert modes == {
+            own: aio_pika.DeliveryMode.NOT_PERSISTENT,
+            named: aio_pika.DeliveryMode.PERSISTENT,
+        }

@@ -5,7 +5,7 @@ exists → claim (or: answered already, held by another delivery, a different re
 the id) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
 deployment's buckets, each call recorded in the claim before it leaves; streaming deltas to
 reply_to) → settle admission → store outcome, ending the claim → publish result (confirmed)
-→ publish usage (confirmed) → dead-letter bad input → ack.
+→ usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again. Before
@@ -315,7 +315,8 @@ class JobProcessor:
             if not await answering:
                 usage = announcement.undelivered_usage()
         if usage is not None:
-            accounting = self._publisher.usage(announcement.job_id, usage)
+            # Acknowledged below only once the batch carrying the event is confirmed.
+            accounting = self._publisher.usage(usage)
             if tracing.ON:
                 accounting = tracing.traced(
                     accounting,

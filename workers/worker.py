@@ -157,19 +157,21 @@ class Worker:
                 operators=s.operators,
                 frontdoor=s.frontdoor,
             )
+            publisher = Publisher(
+                publish,
+                usage,
+                dead,
+                replies=replies,
+                reconnect_wait=s.reconnect_wait,
+                user_id=s.amqp_user,
+                keeps_results=self._topology.is_results_queue,
+            )
             self._processor = JobProcessor(
                 router=self._router,
                 claims=claims,
                 replies=ReplyQueues(connection),
                 cache=ResponseCache(redis, Keys(s.redis_prefix), s.cache_ttl),
-                publisher=Publisher(
-                    publish,
-                    usage,
-                    dead,
-                    replies=replies,
-                    reconnect_wait=s.reconnect_wait,
-                    user_id=s.amqp_user,
-                ),
+                publisher=publisher,
                 admission=self._admission,
                 worker=self.name,
                 max_job_bytes=s.max_job_bytes,
@@ -196,6 +198,7 @@ class Worker:
                         # teams and limits next time.
                         log.warning("broker unavailable (%s); teams are refreshed later", exc)
             await self._drain()
+            await publisher.close()
         finally:
             live_stop.set()
             await live_task

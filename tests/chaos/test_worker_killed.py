@@ -9,6 +9,7 @@ from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.db import create_pool
 from queuegate.settings import Settings
+from queuegate.topology import Topology
 from tests.chaos.harness import (
     TEAMS,
     Figures,
@@ -19,6 +20,7 @@ from tests.chaos.harness import (
     usage_rows,
     worker_env,
 )
+from tests.proxy import TcpProxy
 from tests.support import running_accountant
 
 JOBS = 2000
@@ -73,6 +75,62 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
                 )
                 assert JOBS <= mock.stats.calls <= JOBS + lost
                 assert lost <= PREFETCH * len(TEAMS)
+        finally:
+            for worker in workers:
+                if worker.returncode is None:
+                    worker.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
+            await pool.close()
+
+
+async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_once(
+    settings: Settings,
+) -> None:
+    jobs = 30
+    usage = Topology(settings.namespace).usage_exchange.encode()
+    # Basic.Publish (class 60, method 40) to the usage exchange with routing key "": the
+    # worker's usage batch, not its declaration of the exchange
+    publish_usage = b"\x00\x3c\x00\x28\x00\x00" + bytes([len(usage)]) + usage + b"\x00"
+    async with (
+        MockProvider(MockConfig(default=Behavior(latency_ms=500))) as mock,
+        TcpProxy(settings.amqp_url) as proxy,
+    ):
+        await declare_teams(settings, ["alpha"])
+        pool = await create_pool(settings)
+        # Given a worker whose broker connection passes nothing back once it publishes its
+        # first usage batch: that batch reaches the broker, its confirm never reaches the
+        # worker, so none of its jobs is acknowledged
+        proxy.hold_replies_after(publish_usage)
+        env = worker_env(settings, mock, QUEUEGATE_AMQP_URL=proxy.url)
+        workers = [await start_worker(env, ["alpha"])]
+        try:
+            async with GatewayClient(settings, team="alpha") as alpha:
+                # ... holding 30 jobs submitted at once (all delivered before the first is
+                # answered, 500 ms later)
+                job = alpha.job("gpt-4o-mini", [{"role": "user", "content": "hi"}])
+                handles = await asyncio.gather(
+                    *(alpha.submit(job.model_copy(update={"job_id": f"j{i}"})) for i in range(jobs))
+                )
+                # Every job called and answered (results reach the broker), none acknowledged
+                results = await collect(handles, timeout=30)
+                assert proxy.held.is_set()
+                assert mock.stats.calls == jobs
+
+                # When that worker is killed and another takes its jobs back
+                workers[0].send_signal(signal.SIGKILL)
+                await workers[0].wait()
+                workers.append(await start_worker(worker_env(settings, mock), ["alpha"]))
+
+                # Expect each job answered from the outcome store, not called again, and
+                # counted once though the unconfirmed batch's events arrive twice
+                async with running_accountant(settings) as accountant:
+                    rows, distinct = await usage_rows(pool, jobs, timeout=30)
+                    async with asyncio.timeout(30):
+                        await accountant.wait_until(lambda: accountant.events_received > jobs)
+                    rows, distinct = await usage_rows(pool, jobs, timeout=0)
+                assert all(r.status == "ok" for r in results)
+                assert rows == distinct == jobs
+                assert mock.stats.calls == jobs
         finally:
             for worker in workers:
                 if worker.returncode is None:

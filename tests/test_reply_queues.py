@@ -1,0 +1,32 @@
+"""A worker's check that a job's reply queue exists, against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+
+from queuegate.broker import connect
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from workers.reply_queues import ReplyQueues
+
+
+async def test_jobs_asking_about_one_queue_at_once_share_one_look(settings: Settings) -> None:
+    connection = await connect(settings.amqp_url, name="test-reply-queues")
+    async with connection:
+        channel = await connection.channel()
+        name = Topology(settings.namespace).replies_queue("alpha", "burst")
+        await channel.declare_queue(name, durable=True, arguments={"x-expires": 60_000})
+        replies = ReplyQueues(connection)
+
+        # When 3,000 jobs delivered at once ask about the same queue, and about a missing one
+        async with asyncio.timeout(30):
+            found = await asyncio.gather(*(replies.exists(name) for _ in range(3000)))
+            missing = await asyncio.gather(*(replies.exists(f"{name}-gone") for _ in range(3000)))
+
+        # Expect every answer right, and the connection still open: one channel for each
+        # look, not one a job (past the broker's 2,047 it closes the connection)
+        assert all(found)
+        assert not any(missing)
+        assert not connection.is_closed
+        assert connection.connected.is_set()
+        await channel.queue_delete(name)

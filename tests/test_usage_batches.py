@@ -1,0 +1,138 @@
+"""How a worker groups its usage events into batches (the broker's side: test_job_path.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from queuegate.errors import ServiceUnavailable
+from workers.usage_batches import MAX_EVENTS, UsageBatches
+
+WAIT = 5.0
+
+
+class Sends:
+    """A send whose confirms the test gives one at a time: ``release()`` confirms the batch
+    being sent, ``fail()`` fails it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+        self._pending: asyncio.Future[None] | None = None
+        self._started = asyncio.Event()
+
+    async def __call__(self, events: list[bytes]) -> None:
+        self.batches.append(events)
+        self._pending = asyncio.get_running_loop().create_future()
+        self._started.set()
+        await self._pending
+
+    async def sending(self) -> None:
+        """Until a batch is being sent (its confirm not given yet)."""
+        async with asyncio.timeout(WAIT):
+            await self._started.wait()
+
+    def release(self) -> None:
+        self._settle(None)
+
+    def fail(self, exc: Exception) -> None:
+        self._settle(exc)
+
+    def _settle(self, exc: Exception | None) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        self._started.clear()
+        if exc is None:
+            pending.set_result(None)
+        else:
+            pending.set_exception(exc)
+
+
+async def test_an_idle_worker_sends_an_event_at_once_and_later_ones_go_together() -> None:
+    sends = Sends()
+    batches = UsageBatches(sends)
+    # Given one event sent alone, at once, its confirm not yet back
+    first = batches.add(b"1")
+    await sends.sending()
+    assert sends.batches == [[b"1"]]
+
+    # When three more finish while that batch awaits its confirm
+    later = [batches.add(b"2"), batches.add(b"3"), batches.add(b"4")]
+    await asyncio.sleep(0)
+    assert sends.batches == [[b"1"]]  # nothing more is sent meanwhile
+    assert not first.done()
+    sends.release()
+
+    # Expect the first event confirmed, and the three sent together in the next batch
+    async with asyncio.timeout(WAIT):
+        await first
+    await sends.sending()
+    assert sends.batches == [[b"1"], [b"2", b"3", b"4"]]
+    assert not any(f.done() for f in later)
+    sends.release()
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(*later)
+    assert (batches.batches_sent, batches.events_sent) == (2, 4)
+
+
+async def test_a_failed_batch_fails_only_its_own_events() -> None:
+    sends = Sends()
+    batches = UsageBatches(sends)
+    # Given a batch being sent and an event waiting for the next
+    failing = batches.add(b"1")
+    await sends.sending()
+    waiting = batches.add(b"2")
+
+    # When the first batch fails (the broker away past the reconnect wait)
+    sends.fail(ServiceUnavailable("lost the RabbitMQ connection"))
+
+    # Expect its event failed as unavailable (its job goes back to its queue), the next sent
+    with pytest.raises(ServiceUnavailable, match="usage batch of 1 events"):
+        await failing
+    await sends.sending()
+    assert sends.batches == [[b"1"], [b"2"]]
+    sends.release()
+    async with asyncio.timeout(WAIT):
+        await waiting
+
+
+async def test_a_cancelled_wait_leaves_the_rest_of_its_batch() -> None:
+    sends = Sends()
+    batches = UsageBatches(sends)
+    # Given two events in one batch, the first one's job cancelled while it waits (shutdown)
+    busy = batches.add(b"0")
+    await sends.sending()
+    cancelled, kept = batches.add(b"1"), batches.add(b"2")
+    sends.release()
+    await sends.sending()
+    cancelled.cancel()
+
+    # When that batch is confirmed
+    sends.release()
+
+    # Expect the other event confirmed all the same
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(busy, kept)
+    assert sends.batches == [[b"0"], [b"1", b"2"]]
+
+
+async def test_a_burst_goes_in_messages_of_at_most_max_events() -> None:
+    sends = Sends()
+    batches = UsageBatches(sends)
+    # Given a batch in flight and more than MAX_EVENTS events finishing meanwhile
+    batches.add(b"first")
+    await sends.sending()
+    burst = [batches.add(b"x") for _ in range(MAX_EVENTS + 1)]
+
+    # When the confirms come
+    sends.release()
+    await sends.sending()
+    sends.release()
+    await sends.sending()
+    sends.release()
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(*burst)
+
+    # Expect the burst in one full message and one of the rest
+    assert [len(b) for b in sends.batches] == [1, MAX_EVENTS, 1]
+    await batches.close()
