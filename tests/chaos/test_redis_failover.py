@@ -192,7 +192,7 @@ def _job(client: GatewayClient, i: int) -> ChatJob:
 def _reservation(job: ChatJob) -> Decimal:
     """What a job of the run reserves of its budget, USD."""
     catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:1"})
-    return Decimal(estimate(job, catalog, EXPECTED_OUTPUT).cost_nano) / NANO
+    return Decimal(estimate(job, catalog, TeamConfig(), EXPECTED_OUTPUT).cost_nano) / NANO
 
 
 def _code(result: ChatResult) -> str | None:
