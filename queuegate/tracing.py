@@ -285,13 +285,14 @@ def record(
 def failed(target: Span, exc: BaseException) -> None:
     """Mark ``target`` failed by ``exc``: ``error.type`` is a job's error code or a provider
     call's error class, else the exception's type. Only our own errors' messages are kept:
-    they are written to be shown (keys scrubbed, URLs without passwords)."""
+    they are written to be shown (keys scrubbed, URLs without passwords), and only where
+    content may be traced: a provider's error text can repeat the prompt."""
     kind = getattr(exc, "code", None) or getattr(exc, "error_class", None)
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         target.set_attribute("http.response.status_code", status)
-    said = str(exc) if isinstance(exc, GatewayError) else type(exc).__name__
-    errored(target, str(kind or type(exc).__qualname__), said)
+    kind = str(kind or type(exc).__qualname__)
+    errored(target, kind, str(exc) if CONTENT and isinstance(exc, GatewayError) else kind)
 
 
 def errored(target: Span, kind: str, said: str) -> None:

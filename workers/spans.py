@@ -101,7 +101,11 @@ def finished(outcome: Outcome) -> None:
         attributes["gen_ai.output.messages"] = _json(outputs)
     span.set_attributes(attributes)
     if result.error is not None:
-        tracing.errored(span, result.error.code, result.error.message)
+        tracing.errored(
+            span,
+            result.error.code,
+            result.error.message if tracing.CONTENT else result.error.code,
+        )
 
 
 def _json(value: object) -> str:
