@@ -20,8 +20,10 @@ from typing import Any
 
 import asyncpg
 
+from admin.filters import plain_text, utc_moment
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
+from queuegate.registry import check_team_name
 
 MAX_LIMIT = 1000
 """Rows a page holds at most."""
@@ -148,18 +150,18 @@ def page_query(
 
     conditions = []
     if where.team is not None:
-        conditions.append(f"u.team = {bind(where.team)}")
+        conditions.append(f"u.team = {bind(check_team_name(where.team))}")
     if where.model is not None:
-        conditions.append(f"u.model_requested = {bind(where.model)}")
+        conditions.append(f"u.model_requested = {bind(plain_text('model', where.model))}")
     if where.status is not None:
         # Literal text, not a parameter: the planner then picks the partial indexes on errors.
         conditions.append(f"u.status = '{'error' if where.status == 'error' else 'ok'}'")
     if where.pii is not None:
         conditions.append(f"u.pii IS {'NOT NULL' if where.pii else 'NULL'}")
     if where.since is not None:
-        conditions.append(f"u.ts >= {bind(_utc(where.since))}")
+        conditions.append(f"u.ts >= {bind(utc_moment('since', where.since))}")
     if where.until is not None:
-        conditions.append(f"u.ts < {bind(_utc(where.until))}")
+        conditions.append(f"u.ts < {bind(utc_moment('until', where.until))}")
     if cursor is not None:
         ts, row_id = parse_cursor(cursor)
         # ts <= is what the indexes serve; the rest orders rows that finished at the same time.
@@ -168,10 +170,6 @@ def page_query(
     where_sql = "\n    WHERE " + " AND ".join(conditions) if conditions else ""
     sql = _SELECT.format(where=where_sql, limit=bind(limit + 1), offset=bind(offset))
     return sql, args
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _entry(row: Any) -> AuditEntry:

@@ -23,6 +23,7 @@ from accounting.reports import (
     monthly_spend,
     team_budgets,
 )
+from admin.filters import plain_text
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
 from queuegate.registry import get_team
@@ -43,13 +44,17 @@ class UsageFilter:
 
 
 def parse_month(text: str | None) -> date:
-    """``YYYY-MM`` as its first day; this UTC month when None. ConfigError for another text."""
+    """``YYYY-MM`` as its first day; this UTC month when None. ConfigError for another text,
+    and for 9999-12, whose end (the next month's start) no date holds."""
     if text is None:
         return datetime.now(UTC).date().replace(day=1)
     try:
-        return datetime.strptime(text, "%Y-%m").date()
+        first = datetime.strptime(text, "%Y-%m").date()
     except ValueError:
         raise ConfigError(f"{text!r} is not a month: use YYYY-MM") from None
+    if first.year == date.max.year and first.month == 12:
+        raise ConfigError(f"month {text} is out of range: the last is {date.max.year}-11")
+    return first
 
 
 def month_end(month: date) -> date:
@@ -70,7 +75,8 @@ async def usage_rows(
     """Usage in the UTC month of ``month`` per team (budget included) or per team and model,
     most expensive first (the ``top`` ones only, when given); or per day over the ``days``
     days ending with ``last_day`` (the month's last day by default), idle days absent."""
-    team, model, status = where.team, where.model, where.status
+    team, model = plain_text("team", where.team), plain_text("model", where.model)
+    status = where.status
     if by == "day":
         end = last_day or month_end(month)
         return await daily_spend(pool, end, days=days, team=team, model=model, status=status)
@@ -114,6 +120,7 @@ async def team_month(
     jobs ``model`` and ``status`` keep (all when None). ConfigError for an unknown team."""
     if await get_team(pool, team) is None:
         raise ConfigError(f"no team named {team}: list them with queuegate teams list")
+    plain_text("model", model)
     first = month.replace(day=1)
     [totals] = await monthly_spend(pool, first, team=team, model=model, status=status) or [
         TeamSpend(team, 0, 0, 0, 0, Decimal(0))

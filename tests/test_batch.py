@@ -27,6 +27,7 @@ from queuegate.control import Counts
 from queuegate.errors import BatchError, BatchInvalid, ControlRefused, PublishRefused
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.batch_files import (
@@ -41,7 +42,7 @@ from tests.batch_files import (
 from tests.conftest import TEST_TEAMS
 from tests.proxy import TcpProxy
 from tests.support import Gateway, running_gateway, wait_until
-from tests.teams import TeamIdentity, team_identities
+from tests.teams import TeamIdentity, register, team_identities
 
 BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small")
 """Every batch name these tests use; their reply queues are deleted after each test."""
@@ -386,6 +387,33 @@ async def test_cancel_keeps_the_answers_of_calls_already_in_flight(
     assert {line["error"]["code"] for line in read_jsonl(errors)} == {"batch_cancelled"}
     assert report.counts.done == len(paid) and report.counts.canceled == 20 - len(paid)
     assert report.counts.spend_usd > 0
+
+
+async def test_cancel_stops_the_jobs_a_worker_holds_waiting_for_admission(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given 12 requests of a team admitted two a second, all held by the worker at once
+    await register(settings, "alpha", TeamConfig(rpm=120, burst=1))
+    source = write_jsonl(tmp_path / "cancel.jsonl", [openai_line(i) for i in range(12)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await wait_until(lambda: gw.mock.stats.calls >= 2, timeout=30)
+        # When the batch is canceled while the rest wait for admission, and collected
+        await cancel_batch(alpha.settings, "cancel", **alpha.who)
+        at_cancel = gw.mock.stats.calls
+        report = await collect(alpha.settings, "cancel", out, idle=0.2, **alpha.who)
+        rows = await gw.usage_rows(12)
+        calls = gw.mock.stats.calls
+
+    # Expect no call after the cancel but one already past its check, and only calls billed
+    assert calls <= at_cancel + 1
+    paid = [row for row in rows if row["status"] == "ok"]
+    assert len(paid) == calls == report.counts.done
+    canceled = [row for row in rows if row["status"] != "ok"]
+    assert {row["error_code"] for row in canceled} == {"canceled"}
+    assert all(row["cost_usd"] == 0 for row in canceled)
+    assert report.counts.canceled == 12 - calls
 
 
 async def test_requests_past_the_deadline_are_written_expired(

@@ -226,6 +226,26 @@ async def test_the_sign_in_form_is_bound_to_a_form_the_dashboard_handed_out(
         assert again.status_code == 403
 
 
+async def test_an_audit_filter_postgresql_cannot_hold_gets_the_error_page(
+    settings: Settings,
+) -> None:
+    async with open_door(settings, TEAMS) as door, httpx.AsyncClient(base_url=door.url) as client:
+        admin = await issue_admin_key(door.gateway.pool, "ops")
+        await _signed_in(client, admin.key)
+        for query, said in [
+            ("model=%00", "model: a NUL byte is not allowed"),
+            ("team=%00", "is invalid"),
+            ("since=9999-12-31T23:59:59-14:00", "out of range"),
+        ]:
+            # When the audit log is asked for it
+            answer = await client.get(f"/dashboard/audit?{query}")
+            # Expect the audit page, 400, saying which filter, with the dashboard's headers
+            assert answer.status_code == 400, query
+            assert answer.headers["content-security-policy"] == CSP
+            assert answer.headers["content-type"].startswith("text/html")
+            assert said in answer.text, query
+
+
 async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:

@@ -160,6 +160,29 @@ async def test_the_admin_key_reads_any_team_and_must_name_it(served: Served) -> 
     assert [e["team"] for e in only_beta["entries"]] == ["beta", "beta"]
 
 
+@pytest.mark.parametrize(
+    ("path", "params", "said"),
+    [
+        ("/admin/audit-log", {"model": "\x00"}, "model: a NUL byte is not allowed"),
+        ("/admin/audit-log", {"team": "\x00"}, "team name '\\x00' is invalid"),
+        ("/admin/usage", {"team": "beta", "model": "\x00"}, "model: a NUL byte is not allowed"),
+        ("/admin/audit-log", {"since": "9999-12-31T23:59:59-14:00"}, "since: 9999-12-31T23"),
+        ("/admin/audit-log", {"until": "0001-01-01T00:00:00+14:00"}, "until: 0001-01-01T00"),
+        ("/admin/usage", {"team": "beta", "month": "9999-12"}, "the last is 9999-11"),
+    ],
+)
+async def test_a_filter_postgresql_cannot_hold_is_a_bad_request(
+    served: Served, path: str, params: dict[str, str], said: str
+) -> None:
+    # When a filter holds a NUL byte, or a time or month beyond what a date holds
+    async with served.admin() as admin:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await get(admin, path, **params)
+    # Expect a 400 saying which filter, not a 500 or a database outage
+    assert refused.value.code == "invalid_request"
+    assert said in refused.value.message and "\n" not in refused.value.message
+
+
 async def test_a_team_reads_no_other_teams_rows_by_any_parameter(served: Served) -> None:
     async with served.admin() as admin:
         beta_page = await get(admin, "/admin/audit-log", team="beta", limit=1)

@@ -280,6 +280,9 @@ class JobProcessor:
         ticket = await admitting
         spent: Routed | Billed | None = None
         try:
+            # Again once admitted: a job can wait here (a team at its rpm) long after its
+            # batch was canceled, and must not be called then. Its admission is refunded.
+            await self._cancels.check(job)
             routed = await self._router.complete(
                 job,
                 deadline=deadline,

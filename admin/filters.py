@@ -1,0 +1,32 @@
+"""The checks every report filter passes before it reaches PostgreSQL, shared by the command
+line, the admin API and the dashboard: what PostgreSQL would refuse (a NUL byte in a text, a
+time whose UTC instant no datetime holds) is the caller's mistake, said as such."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from queuegate.errors import ConfigError
+
+
+def plain_text(name: str, value: str | None) -> str | None:
+    """``value`` unchanged; ConfigError when it holds a NUL byte, which no stored text has."""
+    if value is not None and "\x00" in value:
+        raise ConfigError(f"{name}: a NUL byte is not allowed")
+    return value
+
+
+def utc_moment(name: str, moment: datetime | None) -> datetime | None:
+    """``moment`` in UTC (taken as UTC when it carries no offset); ConfigError when its UTC
+    instant falls outside years 1 to 9999."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ConfigError(
+            f"{name}: {moment.isoformat()} is out of range: its UTC time falls outside years "
+            "1 to 9999"
+        ) from None
