@@ -14,9 +14,12 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from queuegate.errors import ConfigError
+from queuegate.keys import Keys
 from queuegate.registry import get_team
+from queuegate.spend import text
 from queuegate.tenancy import (
     ADMIN_KEY_PREFIX,
     add_api_key,
@@ -80,6 +83,20 @@ async def team_keys(pool: asyncpg.Pool, team: str) -> list[KeyInfo]:
 async def revoke_team_key(pool: asyncpg.Pool, team: str, key_id: str) -> bool:
     """Revoke one live key of the team; False when it has no such live key."""
     return await revoke_api_keys(pool, team, key_id=key_id) == 1
+
+
+async def end_dashboard_sessions(client: aioredis.Redis, keys: Keys, key_ids: list[str]) -> None:
+    """End every dashboard session the keys ``key_ids`` opened, through each key's index of
+    its sessions (``Keys.dashboard_sessions``): for a team disabled, whose keys would be live
+    again once it is enabled, and whose sessions must not be."""
+    for key_id in key_ids:
+        opened = keys.dashboard_sessions(key_id)
+        ids = [text(session_id) for session_id in await client.zrange(opened, 0, -1)]
+        async with client.pipeline(transaction=True) as pipe:
+            if ids:
+                pipe.delete(*(keys.dashboard_session(session_id) for session_id in ids))
+            pipe.delete(opened)
+            await pipe.execute()
 
 
 async def issue_admin_key(pool: asyncpg.Pool, label: str = "") -> IssuedKey:

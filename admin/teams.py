@@ -9,13 +9,17 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiormq.exceptions
 import asyncpg
+import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
-from admin.keys import revoke_team_key
+from admin.keys import end_dashboard_sessions, revoke_team_key
 from queuegate.broker import connect
 from queuegate.db import create_pool
-from queuegate.errors import ConfigError, GatewayError
+from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
+from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
+from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.registry import (
     Team,
     TeamConfig,
@@ -365,11 +369,34 @@ async def listing(settings: Settings) -> list[TeamListing]:
 
 
 async def disable(settings: Settings, name: str) -> bool:
+    """Stop serving the team and end its dashboard sessions; False when there is no such team."""
     pool = await create_pool(settings)
+    client = redis_for(settings)
     try:
-        return await disable_team(pool, name)
+        return await disable_and_sign_out(pool, client, Keys(settings.redis_prefix), name)
+    except (RedisError, OSError) as exc:
+        raise ServiceUnavailable(
+            f"team {name} is disabled, but its dashboard sessions are not ended: "
+            + redis_unreachable(settings, "start it and disable the team again")
+        ) from exc
     finally:
+        await client.aclose()
         await pool.close()
+
+
+async def disable_and_sign_out(
+    pool: asyncpg.Pool, client: aioredis.Redis, keys: Keys, name: str
+) -> bool:
+    """Disable the team, then end the dashboard sessions of every key it has: a disabled team
+    is refused at once anyway, but enabling it again must not bring its old sessions back.
+    Ended once the team is disabled, when no new sign-in of it is accepted."""
+    if not await disable_team(pool, name):
+        return False
+    key_ids: list[str] = [
+        row["id"] for row in await pool.fetch("SELECT id FROM api_keys WHERE team = $1", name)
+    ]
+    await end_dashboard_sessions(client, keys, key_ids)
+    return True
 
 
 def quota_policy(settings: Settings, team: str) -> str:

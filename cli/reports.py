@@ -101,7 +101,8 @@ def status(
         bool, typer.Option("--wide", help="Also errors per second and the p50 wait.")
     ] = False,
 ) -> None:
-    """Queue depth, in-flight jobs, rates, waits and spend per team; breakers per deployment.
+    """Queue depth, in-flight jobs, rates, waits and spend per team; breakers and 429 pauses of
+    every deployment of the catalog.
 
     Reads the broker and Redis only (budgets too when PostgreSQL answers).
     """
@@ -109,25 +110,27 @@ def status(
 
     from queuegate.reporting import status_view, to_json
     from queuegate.status import StatusReader
+    from router import load_catalog
 
     settings = make_settings()
     wanted = split_teams(teams)
+    listed = load_catalog(settings.catalog, os.environ).deployment_names
 
     async def once() -> Any:
         budgets = await _budgets_if_reachable(settings)
         async with StatusReader(settings) as reader:
-            return await reader.read(wanted, budgets)
+            return await reader.read(wanted, budgets, listed)
 
     async def forever() -> None:
         stop = stop_on_signals()
         budgets = await _budgets_if_reachable(settings)
         async with StatusReader(settings) as reader:
-            view = status_view(await reader.read(wanted, budgets), wide=wide)
+            view = status_view(await reader.read(wanted, budgets, listed), wide=wide)
             with Live(view, console=out) as live:
                 while not stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=interval)
-                    live.update(status_view(await reader.read(wanted, budgets), wide=wide))
+                    live.update(status_view(await reader.read(wanted, budgets, listed), wide=wide))
 
     if watch:
         run(forever)
@@ -166,12 +169,12 @@ def deployments(
     """Circuit breaker and 429 pause of every deployment, as every worker sees them."""
     from redis.exceptions import RedisError
 
+    from queuegate.deployment_health import read_health
     from queuegate.errors import ServiceUnavailable
     from queuegate.keys import Keys
     from queuegate.redis_client import redis_for, redis_unreachable
     from queuegate.reporting import to_json
     from router import load_catalog
-    from router.health import Health
     from router.tables import deployments_table
 
     settings = make_settings(catalog=catalog)
@@ -179,10 +182,11 @@ def deployments(
 
     async def go() -> Any:
         client = redis_for(settings)
-        health = Health(client, Keys(settings.redis_prefix), cat)
         try:
+            # The same reader as `queuegate status` and the dashboard's Live page.
+            health = await read_health(client, Keys(settings.redis_prefix), cat.deployment_names)
             return [
-                (alias, deployment, await health.status(deployment))
+                (alias, deployment, health[deployment.name])
                 for alias, entry in cat.models.items()
                 for deployment in entry.deployments
             ]

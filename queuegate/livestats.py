@@ -8,8 +8,12 @@ seconds in one pipeline, so a job costs no Redis round trip of its own:
 - per deployment and window: provider calls, failed ones (the recent error rate) and those
   answered 429 (``rate_limited``);
 - per team and month: spend as the workers saw it (accounting's PostgreSQL stays the truth);
-- per worker: a snapshot with its in-flight jobs per team, breaker states and bucket fills,
-  expiring unless renewed, so a dead worker drops out of the picture by itself.
+- per worker: a snapshot with its in-flight jobs per team, the deployments it called and
+  bucket fills, expiring unless renewed, so a dead worker drops out of the picture by itself.
+
+Breaker states and 429 pauses are not taken from here: they are shared state in Redis, read
+where they are kept (queuegate.deployment_health), since a worker's copy is only what it last
+saw and goes with it.
 
 Best effort by design: while Redis is down the counts are dropped, never the jobs.
 """
@@ -133,6 +137,7 @@ class LiveStatsWriter:
         breakers = gauge_values(BREAKER_STATE)
         snapshot = {
             "in_flight": self._in_flight(),
+            # Read by gateways of the previous version, while a rolling upgrade mixes them.
             "breakers": breakers,
             "bucket_fill": gauge_values(BUCKET_FILL),
             "deployments": sorted(self._deployments | set(breakers)),
@@ -161,7 +166,6 @@ class LiveView:
     workers: int
     teams: list[str]
     in_flight: dict[str, int]
-    breakers: dict[str, float]
     bucket_fill: dict[str, float]
     deployments: list[str]
 
@@ -175,15 +179,12 @@ async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
     raw = await client.mget([keys.live_worker(name) for name in names]) if names else []
     snapshots: list[dict[str, Any]] = [json.loads(r) for r in raw if r is not None]
     in_flight: Counter[str] = Counter()
-    breakers: dict[str, float] = {}
     fills: dict[str, float] = {}
     deployments: set[str] = set()
     for snap in snapshots:
         in_flight.update(snap["in_flight"])
-        # Breakers and buckets are shared state in Redis: every worker reports the same
-        # value, give or take an interval; the highest state is the safe one to show.
-        for name, value in snap["breakers"].items():
-            breakers[name] = max(value, breakers.get(name, 0))
+        # Buckets are shared state in Redis: every worker reports the same value, give or
+        # take an interval; the lowest fill is the safe one to show.
         for team, value in snap["bucket_fill"].items():
             fills[team] = min(value, fills.get(team, 1.0))
         deployments.update(snap["deployments"])
@@ -191,7 +192,6 @@ async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
         workers=len(snapshots),
         teams=sorted(set(in_flight)),
         in_flight=dict(in_flight),
-        breakers=breakers,
         bucket_fill=fills,
         deployments=sorted(deployments),
     )

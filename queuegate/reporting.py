@@ -150,14 +150,14 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     for d in status.deployments:
         deployments.add_row(
             d.deployment,
-            d.breaker or "-",
+            d.breaker,
             f"{d.calls_per_s:.1f}",
             "-" if d.error_rate is None else f"{d.error_rate:.1%}",
             f"{d.rate_limited:,}",
             f"{d.paused_for:.1f} s" if d.paused_for else "-",
         )
     if not status.deployments:
-        deployments.add_row("(no provider calls reported)", "", "", "", "", "")
+        deployments.add_row("(no deployment in the catalog)", "", "", "", "", "")
     return Group(fit(teams), fit(deployments))
 
 

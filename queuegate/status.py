@@ -1,12 +1,13 @@
 """``queuegate status``: what the gateway is doing now, from the broker and Redis alone.
 
 Queue depth and consumers come from a passive declare of each team queue (no management
-plugin needed); in-flight jobs, rates, waits, breaker states and spend from the live stats
-workers write to Redis (queuegate.livestats), and each deployment's 429 pause from the key
-the workers share it by (router.health). Budgets are shown when the caller has them.
+plugin needed); in-flight jobs, rates, waits and spend from the live stats workers write to
+Redis (queuegate.livestats); each deployment's breaker and 429 pause from the keys the
+workers share them by, read as ``queuegate deployments`` reads them
+(queuegate.deployment_health). Budgets are shown when the caller has them.
 
     async with StatusReader(settings) as reader:
-        status = await reader.read(teams=None, budgets={})
+        status = await reader.read(teams=None, budgets={}, deployments=catalog.deployment_names)
 """
 
 from __future__ import annotations
@@ -28,16 +29,15 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from queuegate.broker import connect
+from queuegate.deployment_health import read_health
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import rate_windows, read_view
-from queuegate.metrics import BREAKER_VALUES
 from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.settings import Settings
 from queuegate.spend import ledger_total, text
 from queuegate.topology import Topology
 
-BREAKER_NAMES = {value: name for name, value in BREAKER_VALUES.items()}
 _LIVE = resources.files("queuegate").joinpath("lua/live.lua").read_text("utf-8")
 
 
@@ -67,7 +67,8 @@ class TeamStatus:
 @dataclass(frozen=True)
 class DeploymentStatus:
     deployment: str
-    breaker: str | None
+    breaker: str
+    """``closed``, ``open`` or ``half_open``: the state every worker shares, not a worker's."""
     calls_per_s: float
     error_rate: float | None
     """Failed calls over all calls in the last minute; None without calls."""
@@ -111,21 +112,29 @@ class StatusReader:
             await self._connection.close()
 
     async def read(
-        self, teams: Sequence[str] | None = None, budgets: Mapping[str, Decimal] | None = None
+        self,
+        teams: Sequence[str] | None = None,
+        budgets: Mapping[str, Decimal] | None = None,
+        deployments: Sequence[str] = (),
     ) -> Status:
-        """The teams given (or those live workers serve) and every deployment workers called."""
+        """The teams given (or those live workers serve); the deployments given (the catalog's:
+        a deployment is listed whether or not a running worker has called it) and any other
+        that workers called."""
         try:
-            return await self._read(teams, budgets or {})
+            return await self._read(teams, budgets or {}, deployments)
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings)) from exc
 
-    async def _read(self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal]) -> Status:
+    async def _read(
+        self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal], listed: Sequence[str]
+    ) -> Status:
         assert self._redis is not None and self._live is not None
         keys = self._keys
         now = time.time()
         view = await read_view(self._redis, keys)
         month = datetime.now(UTC).strftime("%Y-%m")
         names = sorted(set(teams or view.teams))
+        deployment_names = sorted(set(listed) | set(view.deployments))
         windows, span = rate_windows(now)
         # One call for every team and deployment (lua/live.lua).
         keys_read = []
@@ -136,9 +145,8 @@ class StatusReader:
                 keys.spend(team, month),
                 keys.live_spend(team, month),
             ]
-        for name in view.deployments:
+        for name in deployment_names:
             keys_read += [keys.live_deployment(name, window) for window in windows]
-            keys_read.append(keys.paused(name))
         replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names)]))
         rows = []
         for team in names:
@@ -165,19 +173,18 @@ class StatusReader:
                     budget_usd=budgets.get(team),
                 )
             )
+        health = await read_health(self._redis, keys, deployment_names)
         deployments = []
-        for name in view.deployments:
-            sums, paused_ms = next(replies)
-            calls = _counts(sums)
-            state = view.breakers.get(name)
+        for name in deployment_names:
+            calls = _counts(next(replies))
             deployments.append(
                 DeploymentStatus(
                     deployment=name,
-                    breaker=BREAKER_NAMES.get(int(state)) if state is not None else None,
+                    breaker=health[name].state,
                     calls_per_s=calls["calls"] / span,
                     error_rate=calls["errors"] / calls["calls"] if calls["calls"] else None,
                     rate_limited=calls["rate_limited"],
-                    paused_for=max(0, int(paused_ms)) / 1000,
+                    paused_for=health[name].paused_for,
                 )
             )
         return Status(datetime.now(UTC), view.workers, rows, deployments)

@@ -195,6 +195,11 @@ class Catalog(_Strict):
     takes it) or ``drop`` (sent without it, listed on the result). A team's setting overrides
     an alias's, which overrides this; a job's own overrides them all (docs/providers.md)."""
 
+    @property
+    def deployment_names(self) -> list[str]:
+        """Every deployment's name, in catalog order."""
+        return [d.name for entry in self.models.values() for d in entry.deployments]
+
     def retry(self, deployment: Deployment) -> RetryPolicy:
         return deployment.retry or self.resilience.retry
 

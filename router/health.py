@@ -24,6 +24,7 @@ from typing import Literal, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from queuegate.deployment_health import DeploymentHealth, read_health
 from queuegate.keys import Keys
 from queuegate.metrics import BreakerState, set_breaker_state
 from queuegate.outage import OutageLog
@@ -74,18 +75,6 @@ class _Asking:
     answer: asyncio.Task[Verdict]
     reports: int
     """Failures and 429s met when it was asked: after another one its answer is stale."""
-
-
-@dataclass(frozen=True)
-class Status:
-    """A deployment's shared health, for operators: ``queuegate deployments``."""
-
-    state: str
-    """``closed``, ``open`` or ``half_open`` (a probe is out)."""
-    wait: float
-    """Seconds until an open circuit lets a probe through, or a probe's time runs out."""
-    paused_for: float
-    """Seconds left of a 429 pause (0: not paused)."""
 
 
 class Health:
@@ -145,20 +134,9 @@ class Health:
         """Pause the deployment for everyone for ``pause`` seconds (a longer pause stays)."""
         await self._run("rate_limit", deployment, pause)
 
-    async def status(self, deployment: Deployment) -> Status:
+    async def status(self, deployment: Deployment) -> DeploymentHealth:
         """What every worker sees of a deployment now (read only; raises RedisError)."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hmget(self._keys.breaker(deployment.name), "state", "until")
-            pipe.time()
-            pipe.pttl(self._keys.paused(deployment.name))
-            (state, until), (seconds, micros), paused = await pipe.execute()
-        now = int(seconds) * 1000 + int(micros) // 1000
-        left = max(0, int(until) - now) if until is not None else 0
-        return Status(
-            state=state.decode() if state is not None else "closed",
-            wait=left / 1000,
-            paused_for=max(0, int(paused)) / 1000,
-        )
+        return (await read_health(self._client, self._keys, [deployment.name]))[deployment.name]
 
     async def _run(self, op: Op, deployment: Deployment, pause: float = 0.0) -> Verdict:
         policy = self._catalog.breaker(deployment)

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 from rich.table import Table
 from rich.text import Text
 
+from queuegate.deployment_health import DeploymentHealth
 from queuegate.tables import add_number_column, add_text_column, compact_table, fit
 from router.catalog import Deployment
-from router.health import Status
 
 _STATE_STYLE = {"closed": "green", "open": "red", "half_open": "yellow"}
 
 
 def deployments_table(
-    rows: Sequence[tuple[str, Deployment, Status]], *, wide: bool = False
+    rows: Sequence[tuple[str, Deployment, DeploymentHealth]], *, wide: bool = False
 ) -> Table:
     """Alias, deployment and where its breaker and 429 pause stand; ``wide`` adds the
     provider and upstream model."""

@@ -15,11 +15,12 @@ import redis.asyncio as aioredis
 from playwright.async_api import Page
 
 from admin.keys import issue_admin_key, revoke_team_key
+from admin.teams import disable
 from frontdoor.dashboard.render import money
 from frontdoor.dashboard.security import CSP
 from frontdoor.dashboard.session import COOKIE, SESSIONS_PER_KEY, SIGN_IN_COOKIE
 from queuegate.keys import Keys
-from queuegate.registry import TeamConfig, disable_team, set_team_config
+from queuegate.registry import TeamConfig, add_team, disable_team, set_team_config
 from queuegate.settings import Settings
 from tests.dashboard_browser import chromium, sign_in
 from tests.frontdoor_support import HELLO, Door, open_door
@@ -310,6 +311,34 @@ async def test_a_revoked_key_or_a_disabled_team_ends_its_sessions(settings: Sett
             answer = await client.get(path)
             assert answer.status_code == 303
             assert answer.headers["location"] == "/dashboard/sign-in"
+
+
+async def test_a_session_ended_by_disabling_its_team_stays_ended_once_enabled_again(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with (
+        open_door(settings, TEAMS) as door,
+        httpx.AsyncClient(base_url=door.url) as beta,
+        httpx.AsyncClient(base_url=door.url) as alpha,
+    ):
+        # Given a signed-in session of beta's key, and one of alpha's
+        await _signed_in(beta, door.keys["beta"])
+        await _signed_in(alpha, door.keys["alpha"])
+        cookie = beta.cookies[COOKIE]
+        # When beta is disabled as `queuegate teams disable beta` does, then enabled again
+        assert await disable(settings, "beta")
+        await add_team(door.gateway.pool, "beta")
+        # Expect the old cookie, replayed, sent to the sign-in page, and nothing left of it
+        replayed = await beta.get("/dashboard/teams/beta")
+        assert replayed.status_code == 303
+        assert replayed.headers["location"] == "/dashboard/sign-in"
+        assert await _stored_session(settings, cookie) == {}
+        index = Keys(settings.redis_prefix).dashboard_sessions(door.key_ids["beta"])
+        assert await redis_client.exists(index) == 0
+        # and the team's key signing in anew; another team's session untouched
+        await _signed_in(beta, door.keys["beta"])
+        assert (await beta.get("/dashboard/teams/beta")).status_code == 200
+        assert (await alpha.get("/dashboard/teams/alpha")).status_code == 200
 
 
 async def test_one_key_holds_a_bounded_number_of_sessions(

@@ -1,6 +1,6 @@
 """The dashboard's Live page in a real browser: its numbers move as jobs flow through a real
 worker, without a reload, it marks itself stale once that worker has stopped, and it shows
-a deployment's 429 pause."""
+a deployment's 429 pause, and every deployment's breaker as `queuegate deployments` does."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openai
+import redis.asyncio as aioredis
+from playwright.async_api import Page
 
 from accounting import Accountant
 from admin.keys import issue_admin_key
 from frontdoor.serve import serving
 from mockprovider import Behavior, MockConfig, MockProvider
 from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.metrics import BREAKER_STATE, set_breaker_state
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from router import load_catalog, open_router
+from router.health import Health
 from tests.dashboard_browser import chromium, sign_in
 from tests.frontdoor_support import HELLO, issue_key
 from tests.teams import register
@@ -158,6 +163,55 @@ async def test_the_live_page_shows_a_deployments_429_pause(
         haiku = page.locator("#live-deployments tr[data-deployment=anthropic-main]")
         assert await haiku.locator("td:nth-child(6)").inner_text() == "\u2013"  # an en dash: none
         await page.screenshot(path=str(tmp_path / "live-429.png"), full_page=True)
+
+
+async def test_the_live_page_shows_the_shared_breaker_and_pause_of_every_deployment(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:1"})
+    health = Health(redis_client, keys, catalog)
+    [opened] = catalog.resolve("gpt-4o-mini").deployments
+    [paused] = catalog.resolve("claude-haiku").deployments
+    async with _served(settings, SLOW) as served, chromium() as browser:
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await sign_in(page, served.url, served.admin_key)
+        await page.goto(f"{served.url}/dashboard/live")
+        await page.wait_for_selector("#live-state.fresh")
+        try:
+            # Given openai-main's circuit opened and anthropic-main paused by a 429, by workers
+            # since restarted: the running worker has called neither, nor holds their state
+            for _ in range(catalog.breaker(opened).failures):
+                await health.failure(opened)
+            await health.rate_limited(paused, 60)
+            BREAKER_STATE.remove(opened.name)
+            # Expect the page to show both, as `queuegate deployments` does
+            await _deployment_shows(page, opened.name, "open", paused=False)
+            await _deployment_shows(page, paused.name, "closed", paused=True)
+
+            # When a worker saw the circuit open, then the circuit's state and the pause expire
+            set_breaker_state(opened.name, "open")
+            await redis_client.pexpire(keys.breaker(opened.name), 1)
+            await redis_client.pexpire(keys.paused(paused.name), 1)
+            # Expect the page to show the circuit closed and the pause over, as Redis holds them
+            await _deployment_shows(page, opened.name, "closed", paused=False)
+            await _deployment_shows(page, paused.name, "closed", paused=False)
+        finally:
+            with contextlib.suppress(KeyError):  # the gauge is the process's: left clean
+                BREAKER_STATE.remove(opened.name)
+
+
+async def _deployment_shows(page: Page, deployment: str, breaker: str, *, paused: bool) -> None:
+    """Wait for the Live page's row of ``deployment`` to show its breaker and pause so."""
+    await page.wait_for_function(
+        """([selector, breaker, paused]) => {
+            const row = document.querySelector(selector);
+            return row !== null && row.cells[1].textContent === breaker
+                && row.cells[5].textContent.startsWith("paused") === paused;
+        }""",
+        arg=[f"#live-deployments tr[data-deployment={deployment}]", breaker, paused],
+        timeout=10_000,
+    )
 
 
 async def _ask(client: openai.AsyncOpenAI) -> None:

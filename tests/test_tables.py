@@ -12,11 +12,11 @@ from decimal import Decimal
 from rich.console import Console, RenderableType
 
 from accounting.reports import ModelSpend, TeamSpend
+from queuegate.deployment_health import DeploymentHealth
 from queuegate.reporting import records, status_view, table
 from queuegate.settings import Settings
 from queuegate.status import DeploymentStatus, Status, TeamStatus
 from router.catalog import Deployment
-from router.health import Status as Health
 from router.tables import deployments_table
 
 
@@ -96,7 +96,7 @@ def test_deployments_fit_80_columns() -> None:
             "output_per_mtok": 4,
         }
     )
-    rows = [("claude-haiku-fallback", deployment, Health("open", 12.3, 4.5))]
+    rows = [("claude-haiku-fallback", deployment, DeploymentHealth("open", 12.3, 4.5))]
     lines = _render(deployments_table(rows))
     _whole(lines, "claude-haiku-fallback", "anthropic-main-europe-west-4", "open")
     _whole(lines, "12.3 s", "4.5 s", "probe in", "429 pause")

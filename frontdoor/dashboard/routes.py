@@ -291,8 +291,9 @@ async def live(session: Signed) -> Response:
 
 @router.get("/live.json")
 async def live_json(door: Door, session: Signed) -> Response:
-    """What ``queuegate status`` shows, for the Live page's script; ``stale`` with the reason
-    when no worker reports or Redis or the broker cannot be read."""
+    """What ``queuegate status`` shows, for the Live page's script: every deployment of the
+    catalog, its breaker and pause as ``queuegate deployments`` reads them; ``stale`` with the
+    reason when no worker reports or Redis or the broker cannot be read."""
     _admin_only(session)
     teams: list[str] | None = None
     budgets: dict[str, Decimal] = {}
@@ -301,7 +302,7 @@ async def live_json(door: Door, session: Signed) -> Response:
         budgets = await team_budgets(door.pool)
     try:
         reader = await door.status()
-        status = await reader.read(teams, budgets)
+        status = await reader.read(teams, budgets, door.catalog.deployment_names)
     except (ServiceUnavailable, RedisError, OSError, aio_pika.exceptions.AMQPError) as exc:
         reason = str(exc) if isinstance(exc, ServiceUnavailable) else type(exc).__name__
         return _json({"stale": True, "reason": reason, "at": datetime.now(UTC)})

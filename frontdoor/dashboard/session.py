@@ -4,7 +4,8 @@ A person pastes a key into the sign-in form; the key is checked once (``KeyBook`
 forgotten. The session holds whose key it was (team, or none for an administrator), the
 key's id and a CSRF token, and expires ``SESSION_TTL`` seconds after sign-in; each request
 also finds the key still live (one lookup by its id), so revoking it, or disabling its team,
-ends its sessions at once.
+ends its sessions at once; disabling a team also deletes its keys' sessions
+(``admin.teams.disable_and_sign_out``), so enabling it again brings none back.
 
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page sends
 it) and Secure when the page was served over TLS. Every POST carries the session's CSRF

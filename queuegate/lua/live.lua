@@ -5,10 +5,12 @@
 -- ARGV[1]  w, the rate windows per team or deployment (queuegate/livestats.py)
 -- ARGV[2]  t, the teams
 -- KEYS     per team: its w window hashes, its waits list, its spend ledger, its live spend;
---          then per deployment: its w window hashes, its 429 pause
+--          then per deployment: its w window hashes
 --
 -- Returns, per team, {counts, waits, {ledger base, ledger open}, live spend}, then per
--- deployment {counts, pause's ms left (PTTL)}; counts flat: name, sum over the windows, ...
+-- deployment its counts; counts flat: name, sum over the windows, ...
+-- (A deployment's breaker and pause are read as `queuegate deployments` reads them:
+-- queuegate/deployment_health.py.)
 
 local w, t = tonumber(ARGV[1]), tonumber(ARGV[2])
 local i = 0
@@ -48,7 +50,6 @@ for _ = 1, t do
   out[#out + 1] = {sums, waits, ledger, seen}
 end
 while i < #KEYS do
-  local sums = counts()
-  out[#out + 1] = {sums, redis.call('PTTL', next_key())}
+  out[#out + 1] = counts()
 end
 return out
