@@ -34,9 +34,7 @@ from queuegate.provider_formats import (
     ANTHROPIC_MESSAGES_PARAMS,
     openai_request,
 )
-
-MIN_THINKING_BUDGET = 1024
-"""Anthropic's smallest ``thinking.budget_tokens``."""
+from router.providers.anthropic import MIN_THINKING_BUDGET
 
 
 class _Strict(BaseModel):

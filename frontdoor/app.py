@@ -9,11 +9,11 @@ OpenAPI docs are at ``/docs``.
 
 To add an API family: write ``frontdoor/routes/<family>.py`` with its ``router``, include it
 in ``ROUTERS``, and register its error shape (``app.state.error_shapes.register(prefix,
-shape)``) when it is not OpenAI's. Routes take ``Depends(require_caller)`` (the proven team)
-and ``Depends(frontdoor)`` (the process's services), build a ``ChatJob``, and run it with
-``frontdoor.calls`` (``run_job``, ``open_stream``, ``publish_job``). The admin routes take
-``Depends(require_key_owner)`` instead (a team, or an administrator) and serve ``admin``'s
-reports.
+shape)``) when it is not OpenAI's. Routes take ``caller: Calling`` (``frontdoor.auth``: the
+proven team) and ``door: Door`` (``frontdoor.service``: the process's services), build a
+``ChatJob``, and run it with ``frontdoor.calls`` (``run_job``, ``open_stream``,
+``publish_job``). The admin routes take ``owner: Owner`` instead (a team, or an
+administrator) and serve ``admin``'s reports.
 """
 
 from __future__ import annotations

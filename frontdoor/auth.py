@@ -6,14 +6,14 @@ the Anthropic SDK sends) or ``X-Gateway-Key: <key>``. Any team may hold keys for
 whatever its identity for the broker; administrators hold ``qga_`` keys. Whose a key is
 comes from ``admin.keys.lookup_key`` (a team's live key while the team is enabled, or a live
 administrator key), the one lookup the command line shares. Routes take the caller as a
-dependency::
+dependency, as ``Calling`` or ``Owner``::
 
     @router.post("/v1/things")
-    async def things(caller: Annotated[Caller, Depends(require_caller)]) -> ...:
+    async def things(caller: Calling) -> ...:
         caller.team, caller.key_id      # caller.api_key signs the team's jobs (never logged)
 
     @router.get("/admin/things")
-    async def admin_things(owner: Annotated[KeyOwner, Depends(require_key_owner)]) -> ...:
+    async def admin_things(owner: Owner) -> ...:
         owner.team                      # None for an administrator: every team
 
 Team routes refuse an administrator key (403): it acts for no team, so it can sign no job.
@@ -29,9 +29,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import asyncpg
-from fastapi import Request
+from fastapi import Depends, Request
 
 from admin.keys import KeyOwner, lookup_key
 from frontdoor.errors import ApiError
@@ -158,4 +159,17 @@ async def _presented_owner(request: Request) -> tuple[KeyOwner, str]:
     return owner, key
 
 
-__all__ = ["Caller", "KeyBook", "presented_key", "require_caller", "require_key_owner"]
+Calling = Annotated[Caller, Depends(require_caller)]
+"""A team route's parameter for its caller."""
+Owner = Annotated[KeyOwner, Depends(require_key_owner)]
+"""An admin route's parameter for whose key it was called with."""
+
+__all__ = [
+    "Caller",
+    "Calling",
+    "KeyBook",
+    "Owner",
+    "presented_key",
+    "require_caller",
+    "require_key_owner",
+]

@@ -36,6 +36,7 @@ from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import first_error, tagged_by
 from queuegate.messages import MAX_CHOICES, ChatJob
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
+from router.providers.anthropic import MIN_THINKING_BUDGET
 
 ROUTED_EXTRAS = frozenset({"top_k", "thinking"})
 """Anthropic's parameters, which the router maps for OpenAI or passes on to Anthropic."""
@@ -45,6 +46,8 @@ NAMED = 5
 """Unknown fields an error names at most."""
 MAX_STOP = 4
 MAX_TOOLS = 128
+NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+"""What OpenAI takes as the name of a function or of a JSON schema."""
 
 
 class _Object(BaseModel):
@@ -54,7 +57,7 @@ class _Object(BaseModel):
 
 
 class FunctionDefinition(_Object):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    name: str = Field(pattern=NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -244,7 +247,7 @@ Message = Annotated[
 
 
 class JsonSchema(_Object):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    name: str = Field(pattern=NAME)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
@@ -283,7 +286,7 @@ class StreamOptions(_Object):
 
 class ThinkingEnabled(_Object):
     type: Literal["enabled"]
-    budget_tokens: int = Field(ge=1024)
+    budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
 
 
 class ThinkingDisabled(_Object):

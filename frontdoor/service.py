@@ -2,9 +2,9 @@
 catalog, the request bodies being read.
 
 Opened once per process by the app's lifespan and kept on ``app.state.frontdoor``; routes
-reach it through the ``frontdoor`` dependency::
+reach it through the ``frontdoor`` dependency, as ``Door``::
 
-    async def route(door: Annotated[FrontDoor, Depends(frontdoor)], ...) -> ...:
+    async def route(door: Door, ...) -> ...:
         await door.bridge.submit(job, caller)
         state = await door.outcomes.look(caller.team, job_id)
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import TracebackType
-from typing import Self
+from typing import Annotated, Self
 
 import asyncpg
 import redis.asyncio as aioredis
-from fastapi import Request
+from fastapi import Depends, Request
 from redis.exceptions import RedisError
 
 from frontdoor.auth import KeyBook
@@ -161,4 +161,7 @@ async def frontdoor(request: Request) -> FrontDoor:
     return door
 
 
-__all__ = ["FrontDoor", "frontdoor"]
+Door = Annotated[FrontDoor, Depends(frontdoor)]
+"""A route's parameter for this process's front door."""
+
+__all__ = ["Door", "FrontDoor", "frontdoor"]

@@ -17,16 +17,16 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from admin.audit import AuditFilter, audit_page
 from admin.keys import KeyOwner
 from admin.teams import team_listing
 from admin.usage import parse_month, team_month
-from frontdoor.auth import require_key_owner
+from frontdoor.auth import Owner
 from frontdoor.errors import ApiError
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door
 from queuegate.db import DB_ERRORS
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
@@ -35,8 +35,6 @@ from queuegate.reporting import to_json
 
 router = APIRouter(prefix="/admin", tags=["Admin"])
 
-Door = Annotated[FrontDoor, Depends(frontdoor)]
-Owner = Annotated[KeyOwner, Depends(require_key_owner)]
 Team = Annotated[
     str | None, Query(description="A team: an admin key's choice; a team key's own, if given.")
 ]

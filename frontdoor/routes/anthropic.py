@@ -12,18 +12,17 @@ header holds the job id); the gateway headers of ``frontdoor.answers`` are on ev
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from frontdoor.answers import gateway_headers, note_job
 from frontdoor.anthropic_request import count_tokens_job, messages_job
 from frontdoor.anthropic_stream import MessageEvents
-from frontdoor.auth import Caller, require_caller
+from frontdoor.auth import Calling
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door
 from queuegate.provider_formats import anthropic_message
 from workers.admission.estimate import prompt_tokens
 
@@ -31,10 +30,6 @@ PREFIX = "/v1/messages"
 """Where errors take Anthropic's shape."""
 
 router = APIRouter(tags=["Anthropic"])
-
-
-Door = Annotated[FrontDoor, Depends(frontdoor)]
-Calling = Annotated[Caller, Depends(require_caller)]
 
 
 @router.post(PREFIX, summary="Create a message (Anthropic Messages format)")

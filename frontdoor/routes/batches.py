@@ -12,21 +12,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from frontdoor.auth import Caller, require_caller
+from frontdoor.auth import Calling
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import openai_batch, openai_page
 from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import first_error
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door
 from producer.batch.openai import URL
 
 router = APIRouter(tags=["OpenAI Batches"])
 
-Door = Annotated[FrontDoor, Depends(frontdoor)]
-Calling = Annotated[Caller, Depends(require_caller)]
 
 REQUEST_BYTES = 64 * 1024
 """A batch's own request is small: its lines are in the input file."""

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
-from frontdoor.auth import Caller, require_caller
+from frontdoor.auth import Caller, Calling
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import file_object, openai_page
 from frontdoor.batches.upload import chunks, read_upload, too_large
 from frontdoor.errors import ApiError, shown
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door, FrontDoor
 
 router = APIRouter(tags=["OpenAI Files"])
-
-Door = Annotated[FrontDoor, Depends(frontdoor)]
-Calling = Annotated[Caller, Depends(require_caller)]
 
 
 @router.post("/v1/files", summary="Upload a batch input file (multipart, purpose=batch)")

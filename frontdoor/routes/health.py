@@ -4,13 +4,11 @@ every front-door process sharing the port: ``queuegate.metrics``)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door
 from queuegate.metrics import exposition
 
 router = APIRouter(tags=["Health"])
@@ -22,7 +20,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Broker, Redis and PostgreSQL are reachable")
-async def readyz(door: Annotated[FrontDoor, Depends(frontdoor)]) -> JSONResponse:
+async def readyz(door: Door) -> JSONResponse:
     checks = await door.readiness()
     ready = all(checks.values())
     body = {"status": "ok" if ready else "unavailable", **checks}

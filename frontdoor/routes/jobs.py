@@ -16,14 +16,14 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from frontdoor.answers import gateway_block, gateway_headers, note_job
-from frontdoor.auth import Caller, require_caller
+from frontdoor.auth import Calling
 from frontdoor.errors import ApiError, error_of_result, shown
 from frontdoor.outcomes import Finished
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door
 
 router = APIRouter(tags=["Jobs"])
 
@@ -38,8 +38,8 @@ LAST_POLL = 0.5
 async def job(
     request: Request,
     job_id: str,
-    door: Annotated[FrontDoor, Depends(frontdoor)],
-    caller: Annotated[Caller, Depends(require_caller)],
+    door: Door,
+    caller: Calling,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0.0,
 ) -> JSONResponse:
     started = time.perf_counter()

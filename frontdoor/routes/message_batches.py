@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from frontdoor.auth import Caller, require_caller
+from frontdoor.auth import Caller, Calling
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import anthropic_batch, anthropic_page
 from frontdoor.batches.records import BatchRow
 from frontdoor.batches.upload import file_chunks, spool_body
 from frontdoor.errors import ApiError, shown
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door, FrontDoor
 from producer.batch.lines import BatchFile
 from queuegate.errors import BatchError
 
@@ -38,9 +38,6 @@ RESULTS = "message_batch_results"
 MAX_REQUESTS = 100_000
 """Anthropic's limit of requests per batch."""
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-
-Door = Annotated[FrontDoor, Depends(frontdoor)]
-Calling = Annotated[Caller, Depends(require_caller)]
 
 
 @router.post(PREFIX, summary="Create a Message Batch")

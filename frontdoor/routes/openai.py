@@ -11,24 +11,21 @@ the answer (routes/jobs.py).
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontdoor.answers import gateway_block, gateway_headers, note_job
-from frontdoor.auth import Caller, require_caller
+from frontdoor.auth import Caller, Calling
 from frontdoor.calls import open_stream, publish_job, run_job, streamed
 from frontdoor.chat_request import RequestOptions, chat_job, unknown_model, wants_stream
 from frontdoor.openai_request import check_chat
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door, FrontDoor
 from frontdoor.sse import ChunkWriter
 from queuegate.messages import ChatJob
 
 router = APIRouter(tags=["OpenAI"])
-
-Door = Annotated[FrontDoor, Depends(frontdoor)]
-Calling = Annotated[Caller, Depends(require_caller)]
 
 
 @router.post("/v1/chat/completions", summary="Create a chat completion (OpenAI format)")
