@@ -122,7 +122,7 @@ async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_on
                 # Expect each job answered from the outcome store, not called again, and
                 # counted once though the unconfirmed batch's events arrive twice
                 async with running_accountant(settings) as accountant:
-                    rows, distinct = await usage_rows(pool, jobs, timeout=30)
+                    await usage_rows(pool, jobs, timeout=30)
                     async with asyncio.timeout(30):
                         await accountant.wait_until(lambda: accountant.events_received > jobs)
                     rows, distinct = await usage_rows(pool, jobs, timeout=0)
