@@ -1,11 +1,14 @@
-"""Headless Chromium (the system's, driven by Playwright) for the dashboard's tests."""
+"""Signing in to the dashboard in its tests: headless Chromium (the system's, driven by
+Playwright), or an HTTP client posting the sign-in form as a browser does."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from collections.abc import AsyncIterator
 
+import httpx
 from playwright.async_api import Browser, Page, async_playwright
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -27,3 +30,18 @@ async def sign_in(page: Page, base: str, key: str) -> None:
     await page.fill("#key", key)
     async with page.expect_navigation():
         await page.click("button[type=submit]")
+
+
+async def form_token(client: httpx.AsyncClient) -> str:
+    """The CSRF token of the sign-in form the dashboard hands ``client`` (with its cookie)."""
+    form = await client.get("/dashboard/sign-in")
+    match = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert match is not None, form.text
+    return match[1]
+
+
+async def signed_in(client: httpx.AsyncClient, key: str) -> None:
+    """Sign ``client`` in with ``key`` through the sign-in form, as a browser posts it."""
+    token = await form_token(client)
+    answer = await client.post("/dashboard/sign-in", data={"key": key, "csrf": token})
+    assert answer.status_code == 303, answer.text

@@ -113,13 +113,27 @@ class Gateway:
     """The running pieces of one test's gateway."""
 
     def __init__(
-        self, settings: Settings, mock: MockProvider, worker: Worker, pool: asyncpg.Pool
+        self,
+        settings: Settings,
+        mock: MockProvider,
+        worker: Worker,
+        pool: asyncpg.Pool,
+        *,
+        stop: asyncio.Event,
+        working: asyncio.Task[None],
     ) -> None:
         self.settings = settings
         self.mock = mock
         self.worker = worker
         self.pool = pool
         self.topology = Topology(settings.namespace, settings.delivery_limit)
+        self._stop = stop
+        self._working = working
+
+    async def stop_worker(self) -> None:
+        """Stop the worker, as a SIGTERM would; accounting and the rest keep running."""
+        self._stop.set()
+        await self._working
 
     def client(self, team: str, **kwargs: object) -> GatewayClient:
         return GatewayClient(self.settings, team=team, **kwargs)  # type: ignore[arg-type]
@@ -183,7 +197,7 @@ async def running_gateway(
             await asyncio.wait_for(worker.ready.wait(), 10)
             pool = await create_pool(settings)
             try:
-                yield Gateway(components, mock, worker, pool)
+                yield Gateway(components, mock, worker, pool, stop=stop, working=task)
             finally:
                 stop.set()
                 await task

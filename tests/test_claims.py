@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from importlib import resources
 
 import aio_pika
 import orjson
@@ -21,6 +20,7 @@ from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from tests.support import Gateway, running_gateway, wait_until
+from workers.claims import _source
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 SLOW = MockConfig(default=Behavior(latency_ms=300))
@@ -193,9 +193,7 @@ async def test_a_claim_sent_again_by_its_own_delivery_is_still_its_own(
 ) -> None:
     # The Redis client re-sends a command whose connection broke, though the script may have
     # run: the delivery that claimed must not find itself "busy" and wait out its own lease.
-    claim = redis_client.register_script(
-        resources.files("workers").joinpath("lua/claim.lua").read_text("utf-8")
-    )
+    claim = redis_client.register_script(_source("claim"))
     keys = Keys(settings.redis_prefix)
     names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
     names += [keys.memory_epoch, keys.replication]
@@ -212,9 +210,7 @@ async def test_an_outcome_stored_again_by_its_own_delivery_is_still_its_own(
 ) -> None:
     # The Redis client re-sends a store whose connection broke after it ran: the delivery
     # must announce its own outcome, not find it "stored first by another delivery".
-    finish = redis_client.register_script(
-        resources.files("workers").joinpath("lua/finish.lua").read_text("utf-8")
-    )
+    finish = redis_client.register_script(_source("finish"))
     keys = Keys(settings.redis_prefix)
     names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
     first = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])

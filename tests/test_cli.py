@@ -20,6 +20,7 @@ from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user as broker_team_user
+from tests.dashboard_browser import signed_in
 from tests.support import running_gateway
 
 runner = CliRunner()
@@ -260,13 +261,7 @@ async def test_the_demo_prints_the_dashboard_and_a_key_that_signs_in(settings: S
         assert url is not None and key is not None, output
         # Expect the key to sign in to the dashboard, which shows both teams' spend
         async with httpx.AsyncClient(base_url=url[1]) as browser:
-            form = await browser.get("/dashboard/sign-in")
-            token = re.search(r'name="csrf" value="([^"]+)"', form.text)
-            assert token is not None
-            signed_in = await browser.post(
-                "/dashboard/sign-in", data={"key": key[1], "csrf": token[1]}
-            )
-            assert signed_in.status_code == 303
+            await signed_in(browser, key[1])
             overview = await browser.get("/dashboard")
             assert overview.status_code == 200
             assert 'data-team="research"' in overview.text

@@ -3,7 +3,6 @@ pages are PostgreSQL's, a team sees its own pages only, and every page carries i
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 from pathlib import Path
 from unittest.mock import ANY
@@ -22,7 +21,7 @@ from frontdoor.dashboard.session import COOKIE, SESSIONS_PER_KEY, SIGN_IN_COOKIE
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig, add_team, disable_team, set_team_config
 from queuegate.settings import Settings
-from tests.dashboard_browser import chromium, sign_in
+from tests.dashboard_browser import chromium, form_token, sign_in, signed_in
 from tests.frontdoor_support import HELLO, Door, open_door
 
 TEAMS = {
@@ -174,21 +173,6 @@ async def test_a_wrong_key_is_refused_on_the_sign_in_page(settings: Settings) ->
         assert "qg_not-a-real-key" not in await page.content()
 
 
-async def _form_token(client: httpx.AsyncClient) -> str:
-    """The CSRF token of the sign-in form the dashboard hands ``client`` (with its cookie)."""
-    form = await client.get("/dashboard/sign-in")
-    match = re.search(r'name="csrf" value="([^"]+)"', form.text)
-    assert match is not None, form.text
-    return match[1]
-
-
-async def _signed_in(client: httpx.AsyncClient, key: str) -> None:
-    """Sign ``client`` in with ``key`` through the sign-in form, as a browser posts it."""
-    token = await _form_token(client)
-    answer = await client.post("/dashboard/sign-in", data={"key": key, "csrf": token})
-    assert answer.status_code == 303, answer.text
-
-
 async def test_the_sign_in_form_is_bound_to_a_form_the_dashboard_handed_out(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
@@ -199,7 +183,7 @@ async def test_the_sign_in_form_is_bound_to_a_form_the_dashboard_handed_out(
     ):
         key = door.keys["alpha"]
         # Given a form handed out: its cookie names it, and its token is in Redis only
-        token = await _form_token(browser)
+        token = await form_token(browser)
         form_id = browser.cookies[SIGN_IN_COOKIE]
         assert form_id != token
         stored = await redis_client.get(Keys(settings.redis_prefix).dashboard_sign_in(form_id))
@@ -212,12 +196,12 @@ async def test_the_sign_in_form_is_bound_to_a_form_the_dashboard_handed_out(
         assert COOKIE not in forger.cookies
         assert "did not come from this dashboard" in planted.text
         # When the form's token is posted under another form's cookie
-        await _form_token(forger)
+        await form_token(forger)
         stolen = await forger.post("/dashboard/sign-in", data={"key": key, "csrf": token})
         assert stolen.status_code == 403
         # Expect its own form, posted with its own cookie, to sign in once
-        signed_in = await browser.post("/dashboard/sign-in", data={"key": key, "csrf": token})
-        assert signed_in.status_code == 303
+        posted = await browser.post("/dashboard/sign-in", data={"key": key, "csrf": token})
+        assert posted.status_code == 303
         # and the form gone from Redis: posted again, it is refused
         assert (
             await redis_client.exists(Keys(settings.redis_prefix).dashboard_sign_in(form_id)) == 0
@@ -232,7 +216,7 @@ async def test_an_audit_filter_postgresql_cannot_hold_gets_the_error_page(
 ) -> None:
     async with open_door(settings, TEAMS) as door, httpx.AsyncClient(base_url=door.url) as client:
         admin = await issue_admin_key(door.gateway.pool, "ops")
-        await _signed_in(client, admin.key)
+        await signed_in(client, admin.key)
         for query, said in [
             ("model=%00", "model: a NUL byte is not allowed"),
             ("team=%00", "is invalid"),
@@ -267,11 +251,11 @@ async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address
             for _ in range(2):
                 with pytest.raises(openai.AuthenticationError):
                     await api.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
-            token = await _form_token(hammer)
+            token = await form_token(hammer)
             answer = await hammer.post("/dashboard/sign-in", data={"key": wrong, "csrf": token})
             assert answer.status_code == 401
             # Expect its next sign-in refused 429 with Retry-After, whatever the key
-            token = await _form_token(hammer)
+            token = await form_token(hammer)
             live = {"key": door.keys["alpha"], "csrf": token}
             throttled = await hammer.post("/dashboard/sign-in", data=live)
             assert throttled.status_code == 429
@@ -284,7 +268,7 @@ async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address
             assert refused.value.code == "too_many_requests"
             assert 0 < int(refused.value.response.headers["retry-after"]) <= 60
         # Expect another address unaffected
-        await _signed_in(other, door.keys["alpha"])
+        await signed_in(other, door.keys["alpha"])
         # and the count in Redis under the deployment's prefix, expiring with its window
         counted = Keys(settings.redis_prefix).failed_keys("203.0.113.9")
         assert int(await redis_client.get(counted)) == 3
@@ -298,8 +282,8 @@ async def test_a_revoked_key_or_a_disabled_team_ends_its_sessions(settings: Sett
         httpx.AsyncClient(base_url=door.url) as beta,
     ):
         # Given a signed-in session of each team
-        await _signed_in(alpha, door.keys["alpha"])
-        await _signed_in(beta, door.keys["beta"])
+        await signed_in(alpha, door.keys["alpha"])
+        await signed_in(beta, door.keys["beta"])
         assert (await alpha.get("/dashboard/teams/alpha")).status_code == 200
         assert (await beta.get("/dashboard/teams/beta")).status_code == 200
         # When alpha's key is revoked and beta is disabled
@@ -322,8 +306,8 @@ async def test_a_session_ended_by_disabling_its_team_stays_ended_once_enabled_ag
         httpx.AsyncClient(base_url=door.url) as alpha,
     ):
         # Given a signed-in session of beta's key, and one of alpha's
-        await _signed_in(beta, door.keys["beta"])
-        await _signed_in(alpha, door.keys["alpha"])
+        await signed_in(beta, door.keys["beta"])
+        await signed_in(alpha, door.keys["alpha"])
         cookie = beta.cookies[COOKIE]
         # When beta is disabled as `queuegate teams disable beta` does, then enabled again
         assert await disable(settings, "beta")
@@ -336,7 +320,7 @@ async def test_a_session_ended_by_disabling_its_team_stays_ended_once_enabled_ag
         index = Keys(settings.redis_prefix).dashboard_sessions(door.key_ids["beta"])
         assert await redis_client.exists(index) == 0
         # and the team's key signing in anew; another team's session untouched
-        await _signed_in(beta, door.keys["beta"])
+        await signed_in(beta, door.keys["beta"])
         assert (await beta.get("/dashboard/teams/beta")).status_code == 200
         assert (await alpha.get("/dashboard/teams/alpha")).status_code == 200
 
@@ -349,7 +333,7 @@ async def test_one_key_holds_a_bounded_number_of_sessions(
         clients = [httpx.AsyncClient(base_url=door.url) for _ in range(SESSIONS_PER_KEY + 3)]
         try:
             for client in clients:
-                await _signed_in(client, door.keys["alpha"])
+                await signed_in(client, door.keys["alpha"])
             first, last = clients[0], clients[-1]
             assert (await first.get("/dashboard/teams/alpha")).status_code == 303
             assert (await last.get("/dashboard/teams/alpha")).status_code == 200

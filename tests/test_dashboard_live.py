@@ -14,21 +14,16 @@ import openai
 import redis.asyncio as aioredis
 from playwright.async_api import Page
 
-from accounting import Accountant
 from admin.keys import issue_admin_key
-from frontdoor.serve import serving
-from mockprovider import Behavior, MockConfig, MockProvider
-from queuegate.db import create_pool
+from mockprovider import Behavior, MockConfig
 from queuegate.keys import Keys
 from queuegate.metrics import BREAKER_STATE, set_breaker_state
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from router import load_catalog, open_router
+from router import load_catalog
 from router.health import Health
 from tests.dashboard_browser import chromium, sign_in
-from tests.frontdoor_support import HELLO, issue_key
-from tests.teams import register
-from workers import Worker
+from tests.frontdoor_support import HELLO, open_door
 
 SLOW = MockConfig(default=Behavior(latency_ms=300))
 """A third of a second a call: jobs stay in flight long enough to be seen."""
@@ -50,36 +45,11 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def _served(settings: Settings, mock_config: MockConfig) -> AsyncIterator[Served]:
-    """Team alpha served by a worker of the test's own (stopped by ``stop_worker``), with
-    accounting, the mock and the front door; an admin key and a key of alpha."""
-    await register(settings, "alpha", TeamConfig())
-    _, key = await issue_key(settings, "alpha")
-    pool = await create_pool(settings)
-    try:
-        admin = await issue_admin_key(pool, "live test")
-    finally:
-        await pool.close()
-    worker_stop, accounting_stop = asyncio.Event(), asyncio.Event()
-    async with MockProvider(mock_config) as mock:
-        env = {"QUEUEGATE_MOCK_URL": mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
-        catalog = load_catalog(None, env)
-        async with open_router(catalog, env, settings) as router, Accountant(settings) as books:
-            worker = Worker(settings, router, teams=["alpha"], name="live-page-worker")
-            working = asyncio.create_task(worker.run(worker_stop))
-            accounting = asyncio.create_task(books.run(accounting_stop))
-
-            async def stop_worker() -> None:
-                worker_stop.set()
-                await working
-
-            try:
-                await asyncio.wait_for(worker.ready.wait(), 10)
-                async with serving(settings, catalog) as url:
-                    yield Served(url, admin.key, key, stop_worker)
-            finally:
-                worker_stop.set()
-                accounting_stop.set()
-                await asyncio.gather(working, accounting)
+    """Team alpha served by a gateway of the test's own and the front door; an admin key and
+    a key of alpha."""
+    async with open_door(settings, {"alpha": TeamConfig()}, mock_config) as door:
+        admin = await issue_admin_key(door.gateway.pool, "live test")
+        yield Served(door.url, admin.key, door.keys["alpha"], door.gateway.stop_worker)
 
 
 async def test_the_live_page_moves_with_jobs_and_goes_stale_when_the_worker_stops(

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -107,9 +108,11 @@ async def test_a_management_user_who_is_no_administrator_is_named_with_the_fix(
     async with BrokerAdmin(base_settings.management_url) as admin:
         await admin.put_user(user, "secret", tags="monitoring")
         try:
-            monitor = base_settings.model_copy(
-                update={"management_url": f"http://{user}:secret@127.0.0.1:15672/"}
-            )
+            # The session's management API (a container's, perhaps), as that user
+            parts = urlsplit(base_settings.management_url)
+            where = parts.netloc.rsplit("@", 1)[-1]
+            as_user = urlunsplit(parts._replace(netloc=f"{user}:secret@{where}"))
+            monitor = base_settings.model_copy(update={"management_url": as_user})
             with pytest.raises(ServiceUnavailable, match=f"set_user_tags {user} administrator"):
                 await check_management(monitor)
         finally:

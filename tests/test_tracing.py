@@ -12,31 +12,28 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 
+import asyncpg
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from accounting import migrate
 from bench.otlp_sink import OtlpSink
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate import tracing
-from queuegate.broker import connect
-from queuegate.db import create_pool
 from queuegate.errors import ConfigError
 from queuegate.logs import JsonFormatter
 from queuegate.registry import TeamConfig, add_team
 from queuegate.settings import Settings
 from queuegate.tenancy import TeamSecurity, put_security
-from queuegate.topology import Topology
+from tests.chaos.harness import declare_teams, worker_env
 from tests.frontdoor_support import open_door
 from tests.support import running_accountant, running_gateway, wait_until
 from tests.teams import register
@@ -238,17 +235,12 @@ async def test_a_job_refused_by_admission_ends_its_trace_at_the_admission(
 
 @pytest.mark.parametrize("switched_on", [True, False])
 async def test_content_goes_into_spans_only_for_full_capture_and_when_switched_on(
-    settings: Settings, switched_on: bool
+    settings: Settings, pool: asyncpg.Pool, switched_on: bool
 ) -> None:
     # Given alpha capturing full content, beta redacted content
-    pool = await create_pool(settings)
-    try:
-        await migrate(pool, settings.database_schema)
-        for team, capture in (("alpha", "full"), ("beta", "redacted")):
-            await add_team(pool, team)
-            await put_security(pool, team, TeamSecurity(capture=capture))
-    finally:
-        await pool.close()
+    for team, capture in (("alpha", "full"), ("beta", "redacted")):
+        await add_team(pool, team)
+        await put_security(pool, team, TeamSecurity(capture=capture))
     with in_memory(content=switched_on) as exported:
         async with running_gateway(settings, teams=("alpha", "beta")) as gw:
             # When each team asks, with its operator's switch on or off
@@ -338,27 +330,19 @@ async def test_a_worker_process_exports_its_spans_over_otlp_and_logs_json_lines_
     settings: Settings, exported: InMemorySpanExporter
 ) -> None:
     async with MockProvider() as mock, OtlpSink() as sink, running_accountant(settings):
-        connection = await connect(settings.amqp_url, name="test")
-        async with connection:
-            await Topology(settings.namespace).declare_team_queue(
-                await connection.channel(), "alpha"
-            )
+        await declare_teams(settings, ("alpha",))
         # Given a worker process switched on by the standard variables, logging JSON, taking
         # jobs of one message at most
         worker = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "cli", "worker", "--teams", "alpha"),
-            env={
-                **os.environ,
-                "QUEUEGATE_NAMESPACE": settings.namespace,
-                "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-                "QUEUEGATE_METRICS_PORT": "0",
-                "QUEUEGATE_MOCK_URL": mock.url,
-                "QUEUEGATE_MOCK_KEY": "sk-test-mock",
-                "QUEUEGATE_MAX_JOB_MESSAGES": "1",
-                "QUEUEGATE_LOG_FORMAT": "json",
-                "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
-                "OTEL_BSP_SCHEDULE_DELAY": "50",
-            },
+            env=worker_env(
+                settings,
+                mock,
+                QUEUEGATE_MAX_JOB_MESSAGES="1",
+                QUEUEGATE_LOG_FORMAT="json",
+                OTEL_EXPORTER_OTLP_ENDPOINT=sink.url,
+                OTEL_BSP_SCHEDULE_DELAY="50",
+            ),
             stderr=asyncio.subprocess.PIPE,
         )
         try:

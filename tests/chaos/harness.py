@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +81,14 @@ async def start_worker(env: Mapping[str, str], teams: Sequence[str]) -> asyncio.
         env=env,
         stderr=asyncio.subprocess.DEVNULL,
     )
+
+
+async def stop_workers(workers: Sequence[asyncio.subprocess.Process]) -> None:
+    """SIGTERM the worker processes still running (not those killed), and wait for all."""
+    for worker in workers:
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
 
 
 async def submit_all(clients: Sequence[GatewayClient], count: int) -> list[JobHandle]:

@@ -10,7 +10,13 @@ from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.db import create_pool
 from queuegate.settings import Settings
-from tests.chaos.harness import declare_teams, start_worker, usage_rows, worker_env
+from tests.chaos.harness import (
+    declare_teams,
+    start_worker,
+    stop_workers,
+    usage_rows,
+    worker_env,
+)
 from tests.support import running_accountant
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -53,7 +59,5 @@ async def test_a_job_whose_worker_dies_mid_call_is_answered_once_and_the_lost_ca
                 assert Decimal(row["cost_usd"]) > result.gateway.cost_usd > 0
                 assert client.duplicates == 0
         finally:
-            if worker.returncode is None:
-                worker.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(worker.wait(), timeout=30)
+            await stop_workers([worker])
             await pool.close()

@@ -11,7 +11,6 @@ the team's budget was overshot, against what the failover could have lost of its
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from tests.chaos.harness import (
     dead_lettered,
     declare_teams,
     start_worker,
+    stop_workers,
     submit_jobs,
     usage_rows,
     worker_env,
@@ -145,10 +145,7 @@ async def test_a_redis_failover_mid_run_answers_each_job_once_and_counts_it_once
                     again = await collect(await submit_jobs(second, jobs), timeout=120)
                     figures.failovers = await group.failovers()
             finally:
-                for worker in workers:
-                    if worker.returncode is None:
-                        worker.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
+                await stop_workers(workers)
             spent = await month_spend(pool, "alpha", current_month())
             dearest = await pool.fetchval("SELECT max(cost_usd) FROM usage_log")
             await pool.close()

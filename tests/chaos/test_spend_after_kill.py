@@ -19,6 +19,7 @@ from tests.chaos.harness import (
     collect,
     declare_teams,
     start_worker,
+    stop_workers,
     submit_all,
     usage_rows,
     worker_env,
@@ -69,8 +70,5 @@ async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
                     ):
                         await asyncio.sleep(0.1)
         finally:
-            for worker in workers:
-                if worker.returncode is None:
-                    worker.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
+            await stop_workers(workers)
             await pool.close()

@@ -16,6 +16,7 @@ from tests.chaos.harness import (
     collect,
     declare_teams,
     start_worker,
+    stop_workers,
     submit_all,
     usage_rows,
     worker_env,
@@ -76,10 +77,7 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
                 assert JOBS <= mock.stats.calls <= JOBS + lost
                 assert lost <= PREFETCH * len(TEAMS)
         finally:
-            for worker in workers:
-                if worker.returncode is None:
-                    worker.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
+            await stop_workers(workers)
             await pool.close()
 
 
@@ -124,7 +122,7 @@ async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_on
                 # Expect each job answered from the outcome store, not called again, and
                 # counted once though the unconfirmed batch's events arrive twice
                 async with running_accountant(settings) as accountant:
-                    rows, distinct = await usage_rows(pool, jobs, timeout=30)
+                    await usage_rows(pool, jobs, timeout=30)
                     async with asyncio.timeout(30):
                         await accountant.wait_until(lambda: accountant.events_received > jobs)
                     rows, distinct = await usage_rows(pool, jobs, timeout=0)
@@ -132,8 +130,5 @@ async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_on
                 assert rows == distinct == jobs
                 assert mock.stats.calls == jobs
         finally:
-            for worker in workers:
-                if worker.returncode is None:
-                    worker.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
+            await stop_workers(workers)
             await pool.close()
