@@ -88,15 +88,17 @@ async def revoke_team_key(pool: asyncpg.Pool, team: str, key_id: str) -> bool:
 async def end_dashboard_sessions(client: aioredis.Redis, keys: Keys, key_ids: list[str]) -> None:
     """End every dashboard session the keys ``key_ids`` opened, through each key's index of
     its sessions (``Keys.dashboard_sessions``): for a team disabled, whose keys would be live
-    again once it is enabled, and whose sessions must not be."""
-    for key_id in key_ids:
-        opened = keys.dashboard_sessions(key_id)
-        ids = [text(session_id) for session_id in await client.zrange(opened, 0, -1)]
-        async with client.pipeline(transaction=True) as pipe:
-            if ids:
-                pipe.delete(*(keys.dashboard_session(session_id) for session_id in ids))
-            pipe.delete(opened)
-            await pipe.execute()
+    again once it is enabled, and whose sessions must not be. Two round trips, however many
+    keys: one reads every index, one deletes the sessions and the indexes."""
+    if not key_ids:
+        return
+    indexes = [keys.dashboard_sessions(key_id) for key_id in key_ids]
+    async with client.pipeline(transaction=False) as pipe:
+        for index in indexes:
+            pipe.zrange(index, 0, -1)
+        opened: list[list[bytes]] = await pipe.execute()
+    sessions = [keys.dashboard_session(text(session_id)) for ids in opened for session_id in ids]
+    await client.delete(*sessions, *indexes)
 
 
 async def issue_admin_key(pool: asyncpg.Pool, label: str = "") -> IssuedKey:

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from admin.keys import end_dashboard_sessions, revoke_team_key
+from admin.keys import end_dashboard_sessions, revoke_team_key, team_keys
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
@@ -392,9 +392,7 @@ async def disable_and_sign_out(
     Ended once the team is disabled, when no new sign-in of it is accepted."""
     if not await disable_team(pool, name):
         return False
-    key_ids: list[str] = [
-        row["id"] for row in await pool.fetch("SELECT id FROM api_keys WHERE team = $1", name)
-    ]
+    key_ids = [key.key_id for key in await team_keys(pool, name)]
     await end_dashboard_sessions(client, keys, key_ids)
     return True
 

@@ -129,7 +129,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "scenario",
         nargs="*",
-        help="floor, overhead, throughput, latency, goodput, accounting, litellm, frontdoor",
+        help=", ".join(scenarios(0)),
     )
     parser.add_argument("--jobs", type=int, default=1000, help="jobs per measured case")
     parser.add_argument(

@@ -171,7 +171,7 @@ async def main(rows: int, teams: int, loads: int) -> None:
             env={**os.environ, **env},
         )
         url = f"http://127.0.0.1:{port}"
-        await wait_ready(f"{url}/readyz", START_TIMEOUT)
+        await wait_ready(f"{url}/readyz", START_TIMEOUT, door)
         for session, paths in pages(today, prepared["cursor"]).items():
             key = prepared["keys"][session]
             results[session] = await measure(url, key, paths, loads, console)

@@ -17,12 +17,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from bench.measure import Figure, latency_figures, post_load
-from bench.stack import cpu_seconds, free_port, peak_rss_mb, process_tree, wait_http
+from bench.stack import (
+    cpu_seconds,
+    free_port,
+    peak_rss_mb,
+    process_tree,
+    wait_http,
+    wait_ready,
+)
 
 VENV = Path(os.environ.get("LITELLM_VENV", Path(__file__).parent / ".litellm-venv"))
+START_TIMEOUT = 300.0
+"""Seconds LiteLLM Proxy has to answer its liveliness check."""
 WORKER_HEALTHCHECK = 120
 """Seconds uvicorn lets a LiteLLM worker leave its health check unanswered."""
 OWN_OVERHEAD = "x-litellm-overhead-duration-ms"
@@ -89,7 +96,7 @@ async def running_litellm(mock_url: str, *, workers: int) -> AsyncIterator[Proxy
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        await _wait(f"{base}/health/liveliness", process)
+        await wait_ready(f"{base}/health/liveliness", START_TIMEOUT, process)
         auth = {"Authorization": f"Bearer {master_key}"}
         yield Proxy(f"{base}/v1/chat/completions", auth, process)
     finally:
@@ -135,17 +142,3 @@ async def litellm(*, jobs: int, workers: int = 1) -> list[Figure]:
         mock.terminate()
         await mock.wait()
     return figures
-
-
-async def _wait(url: str, process: asyncio.subprocess.Process) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(3000):
-            if process.returncode is not None:
-                raise RuntimeError("LiteLLM Proxy exited during start-up")
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError("LiteLLM Proxy did not start within 300 s")

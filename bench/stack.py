@@ -45,6 +45,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+MOCK_START_TIMEOUT = 10.0
+"""Seconds a mock provider process has to answer."""
 SERVICES = {"beam.smp": "rabbitmq", "redis-server": "redis", "postgres": "postgresql"}
 """Process names of the local services, and the name each is reported under."""
 
@@ -291,21 +293,19 @@ async def running_stack(
 
 async def wait_http(url: str) -> None:
     """Wait until the mock provider at ``url`` answers."""
-    async with httpx.AsyncClient() as client:
-        for _ in range(200):
-            try:
-                await client.get(f"{url}/_mock/stats")
-                return
-            except httpx.TransportError:
-                await asyncio.sleep(0.05)
-    raise TimeoutError(f"mock provider did not start at {url}")
+    await wait_ready(f"{url}/_mock/stats", MOCK_START_TIMEOUT)
 
 
-async def wait_ready(url: str, timeout: float) -> None:
-    """Wait until ``url`` answers 200 (a front door's ``/readyz``)."""
+async def wait_ready(
+    url: str, timeout: float, process: asyncio.subprocess.Process | None = None
+) -> None:
+    """Wait until ``url`` answers 200 (a front door's ``/readyz``); RuntimeError as soon as
+    ``process``, the server waited for, has exited."""
     async with httpx.AsyncClient() as client:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if process is not None and process.returncode is not None:
+                raise RuntimeError(f"the process to serve {url} exited ({process.returncode})")
             try:
                 if (await client.get(url)).status_code == 200:
                     return

@@ -31,6 +31,7 @@ from fastapi.responses import Response
 from admin.keys import KeyOwner, live_key_owner
 from frontdoor.service import FrontDoor
 from queuegate.keys import Keys
+from queuegate.spend import text
 
 COOKIE = "queuegate_session"
 SIGN_IN_COOKIE = "queuegate_sign_in"
@@ -83,7 +84,7 @@ async def start(door: FrontDoor, owner: KeyOwner) -> Session:
         pipe.zrange(opened, 0, -(SESSIONS_PER_KEY + 1))
         *_, oldest = await pipe.execute()
     if oldest:
-        ids = [_text(old) for old in oldest]
+        ids = [text(old) for old in oldest]
         async with door.redis.pipeline(transaction=True) as pipe:
             pipe.delete(*(_key(door, old) for old in ids))
             pipe.zrem(opened, *ids)
@@ -125,7 +126,7 @@ async def sign_in_form(door: FrontDoor, form_id: str | None) -> tuple[str, str]:
     if form_id:
         token = await door.redis.get(_keys(door).dashboard_sign_in(form_id))
         if token is not None:
-            return form_id, _text(token)
+            return form_id, text(token)
     form_id, token = secrets.token_urlsafe(32), new_token()
     await door.redis.set(_keys(door).dashboard_sign_in(form_id), token, ex=SIGN_IN_TTL)
     return form_id, token
@@ -137,7 +138,7 @@ async def take_sign_in_token(door: FrontDoor, form_id: str | None) -> str | None
     if not form_id:
         return None
     token = await door.redis.getdel(_keys(door).dashboard_sign_in(form_id))
-    return None if token is None else _text(token)
+    return None if token is None else text(token)
 
 
 def new_token() -> str:
@@ -164,17 +165,13 @@ async def _load(client: aioredis.Redis, key: str, session_id: str) -> Session | 
     raw = await client.hgetall(key)
     if not raw:
         return None
-    data = {_text(k): _text(v) for k, v in raw.items()}
+    data = {text(k): text(v) for k, v in raw.items()}
     return Session(session_id, data["team"] or None, data["key_id"], data["csrf"])
 
 
 async def _key_live(door: FrontDoor, session: Session) -> bool:
     owner = await live_key_owner(door.pool, session.key_id)
     return owner is not None and owner.team == session.team
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _keys(door: FrontDoor) -> Keys:
