@@ -22,11 +22,10 @@ from frontdoor.dashboard import session as sessions
 from frontdoor.dashboard.render import page
 from frontdoor.dashboard.routes import Refused
 from frontdoor.dashboard.session import Session
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
-Door = Annotated[FrontDoor, Depends(frontdoor)]
 Signed = Annotated[Session, Depends(sessions.current)]
 
 SHOWN = 100

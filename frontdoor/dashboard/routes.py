@@ -34,7 +34,7 @@ from frontdoor.dashboard.charts import NEAR, Bar, bars, columns
 from frontdoor.dashboard.render import page
 from frontdoor.dashboard.session import Session
 from frontdoor.failed_keys import Throttled, client_of
-from frontdoor.service import FrontDoor, frontdoor
+from frontdoor.service import Door, FrontDoor
 from queuegate.db import DB_ERRORS
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.registry import get_team, list_teams
@@ -42,7 +42,6 @@ from queuegate.reporting import to_json
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
-Door = Annotated[FrontDoor, Depends(frontdoor)]
 Signed = Annotated[Session, Depends(sessions.current)]
 
 AUDIT_PAGE = 50
