@@ -124,6 +124,11 @@ def redis_unreachable(settings: Settings, how: str = "start it") -> str:
     )
 
 
+def text(raw: object) -> str:
+    """A Redis reply's string: the client hands back bytes."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 @cache
 def lua_source(package: str, name: str) -> str:
     """The Lua script ``<package>/lua/<name>.lua``, read once per process."""

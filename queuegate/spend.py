@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
-from queuegate.redis_client import lua_source
+from queuegate.redis_client import lua_source, text
 from queuegate.registry import TeamConfig
 from queuegate.usage_log import accounted
 
@@ -193,11 +193,6 @@ class Correction:
         """What the ledger had counted beyond PostgreSQL and the jobs still open (negative:
         short of them)."""
         return (self.before or Decimal(0)) - self.after
-
-
-def text(raw: object) -> str:
-    """A Redis reply's string: the client hands back bytes."""
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def reconciler_token() -> str:

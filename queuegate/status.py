@@ -32,9 +32,9 @@ from queuegate.deployment_health import read_health
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import rate_windows, read_view
-from queuegate.redis_client import lua_source, redis_for, redis_unreachable
+from queuegate.redis_client import lua_source, redis_for, redis_unreachable, text
 from queuegate.settings import Settings
-from queuegate.spend import ledger_total, text
+from queuegate.spend import ledger_total
 from queuegate.topology import Topology
 
 

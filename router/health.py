@@ -27,7 +27,7 @@ from queuegate.deployment_health import DeploymentHealth, read_health
 from queuegate.keys import Keys
 from queuegate.metrics import BreakerState, set_breaker_state
 from queuegate.outage import OutageLog
-from queuegate.redis_client import lua_source
+from queuegate.redis_client import lua_source, text
 from router.catalog import Catalog, Deployment
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ class Health:
             self._outage.failed(exc)
             return _ALLOWED
         self._outage.recovered()
-        name = state.decode() if isinstance(state, bytes) else str(state)
-        verdict = Verdict(cast(State, name), millis / 1000)
+        verdict = Verdict(cast(State, text(state)), millis / 1000)
         if verdict.state in _BREAKER:
             set_breaker_state(deployment.name, _BREAKER[verdict.state])
         fresh = self._reports.get(deployment.name, 0) == reports
