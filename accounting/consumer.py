@@ -357,11 +357,13 @@ class Accountant:
 
         Returns False when the stop grace ran out first: the batch stays unacknowledged.
         """
+        # Flattened once: the write, its retries, the settlement and the counters read it.
+        events = [event for delivery in batch for event in delivery.events or ()]
         delay = BACKOFF_FIRST
         while True:
             started = time.time_ns()
             try:
-                inserted, unstorable = await self._write(batch)
+                inserted, unstorable = await self._write(events)
                 break
             except DB_ERRORS as exc:
                 self._postgres.failed(exc)
@@ -377,17 +379,18 @@ class Accountant:
                 return False
             await asyncio.sleep(min(delay, grace))
             delay = min(delay * 2, BACKOFF_CAP)
+        ended = time.time_ns()
         self._postgres.recovered()
-        written = rejected = 0
+        # A batch goes whole: the other events of a rejected delivery are written (and are not
+        # written twice when it is replayed from the dead letters).
+        stored = [e for e in events if _key(e) not in unstorable] if unstorable else events
+        written = len(stored)
+        rejected = len(events) - written + sum(delivery.events is None for delivery in batch)
         last: _Delivery | None = None
         # Settlements are sent in the order awaited: these rejects reach the broker before the
         # multiple ack below, which would otherwise have settled their tags already.
         for delivery in batch:
-            events = delivery.events
-            bad = 1 if events is None else sum(_key(e) in unstorable for e in events)
-            if bad:
-                # A batch goes whole: its other events are written (and are not written twice
-                # when it is replayed from the dead letters).
+            if delivery.events is None or any(_key(e) in unstorable for e in delivery.events):
                 await settle(
                     delivery.channel.basic_reject(delivery.tag, requeue=False),
                     "reject a usage delivery",
@@ -395,8 +398,6 @@ class Accountant:
                 )
             else:
                 last = delivery
-            rejected += bad
-            written += 0 if events is None else len(events) - bad
         if last is not None:
             # Deliveries reach the inbox in delivery-tag order and batches are settled in that
             # order, so on the last delivery's channel every earlier tag is in this batch or
@@ -406,27 +407,20 @@ class Accountant:
                 last.channel.basic_ack(last.tag, multiple=True), "acknowledge usage deliveries", log
             )
         if tracing.ON:
-            _traced_write(
-                [e for d in batch for e in d.events or () if _key(e) not in unstorable],
-                written + rejected,
-                started,
-                time.time_ns(),
-            )
+            _traced_write(stored, written + rejected, started, ended)
         self.events_rejected += rejected
         self.events_written += written
         self.rows_inserted += inserted
         self.batches += 1
         self.last_batch_size = written + rejected
-        stamps = [e.ts for d in batch for e in d.events or ()]
-        if stamps:
-            observe_accounting_batch(written, rejected, min(stamps))
+        if events:
+            observe_accounting_batch(written, rejected, min(e.ts for e in events))
         self._notify()
         return True
 
-    async def _write(self, batch: list[_Delivery]) -> tuple[int, set[tuple[str, str]]]:
-        """Insert the batch; return the rows inserted and the (team, job id) of each event that
-        cannot be stored (job ids are unique within a team only)."""
-        events = [event for delivery in batch for event in delivery.events or ()]
+    async def _write(self, events: list[UsageEvent]) -> tuple[int, set[tuple[str, str]]]:
+        """Insert a batch's events; return the rows inserted and the (team, job id) of each
+        event that cannot be stored (job ids are unique within a team only)."""
         try:
             return await insert_usage(self._pool, events), set()
         except DB_ERRORS as exc:

@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
+from queuegate.redis_client import text
 from queuegate.registry import get_team
-from queuegate.spend import text
 from queuegate.tenancy import (
     ADMIN_KEY_PREFIX,
     add_api_key,

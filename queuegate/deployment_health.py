@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from queuegate.keys import Keys
-from queuegate.spend import text
+from queuegate.redis_client import text
 
 
 @dataclass(frozen=True)

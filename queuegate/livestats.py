@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, UsageEvent
 from queuegate.metrics import BREAKER_STATE, BUCKET_FILL, gauge_values
+from queuegate.redis_client import text
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class LiveView:
 async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
     """Merge the snapshots of the workers that reported recently."""
     names = [
-        n.decode() if isinstance(n, bytes) else str(n)
+        text(n)
         for n in await client.zrangebyscore(keys.live_workers, time.time() - WORKERS_TTL, "+inf")
     ]
     raw = await client.mget([keys.live_worker(name) for name in names]) if names else []

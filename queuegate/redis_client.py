@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -120,3 +122,14 @@ def redis_unreachable(settings: Settings, how: str = "start it") -> str:
         f"Redis is not reachable at {redact_url(settings.redis_url)}: {how} or set "
         "QUEUEGATE_REDIS_URL"
     )
+
+
+def text(raw: object) -> str:
+    """A Redis reply's string: the client hands back bytes."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+@cache
+def lua_source(package: str, name: str) -> str:
+    """The Lua script ``<package>/lua/<name>.lua``, read once per process."""
+    return resources.files(package).joinpath(f"lua/{name}.lua").read_text("utf-8")

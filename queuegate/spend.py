@@ -31,8 +31,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -42,6 +40,7 @@ from redis.exceptions import RedisError
 from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
+from queuegate.redis_client import lua_source, text
 from queuegate.registry import TeamConfig
 from queuegate.usage_log import accounted
 
@@ -132,7 +131,7 @@ async def ledgers_in_force(
     lapsed entries it would reap left out (``ledger_spent`` counts them until a reserve reaps
     them), at most as many as it reaps; None where Redis has no ledger. Read only."""
     ledgers = ledger_keys(keys, team, month, models)
-    reply = await client.register_script(_source("spent"))(keys=ledgers)
+    reply = await client.register_script(lua_source("queuegate", "spent"))(keys=ledgers)
     return [None if spent < 0 else int(spent) for spent in reply]
 
 
@@ -196,16 +195,6 @@ class Correction:
         return (self.before or Decimal(0)) - self.after
 
 
-def text(raw: object) -> str:
-    """A Redis reply's string: the client hands back bytes."""
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-@cache
-def _source(name: str) -> str:
-    return resources.files("queuegate").joinpath(f"lua/{name}.lua").read_text("utf-8")
-
-
 def reconciler_token() -> str:
     """A reconciler's name for the lock: one per process, kept across its rounds, so a round
     that failed holding the lock (Redis lost mid-round) does not keep the next one out."""
@@ -243,7 +232,7 @@ async def reconcile(
     """
     if not await client.eval(_TAKE_LOCK, 1, keys.spend_reconciler, token, LOCK_TTL):
         return None
-    script = client.register_script(_source("reconcile"))
+    script = client.register_script(lua_source("queuegate", "reconcile"))
     corrections: list[Correction] = []
     try:
         for scope in scopes:

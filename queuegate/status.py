@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from importlib import resources
 from typing import Any, Self
 
 import aio_pika
@@ -33,12 +32,10 @@ from queuegate.deployment_health import read_health
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import rate_windows, read_view
-from queuegate.redis_client import redis_for, redis_unreachable
+from queuegate.redis_client import lua_source, redis_for, redis_unreachable, text
 from queuegate.settings import Settings
-from queuegate.spend import ledger_total, text
+from queuegate.spend import ledger_total
 from queuegate.topology import Topology
-
-_LIVE = resources.files("queuegate").joinpath("lua/live.lua").read_text("utf-8")
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ class StatusReader:
     async def __aenter__(self) -> Self:
         self._connection = await connect(self._settings.amqp_url, name="queuegate-status")
         self._redis = redis_for(self._settings)
-        self._live = self._redis.register_script(_LIVE)
+        self._live = self._redis.register_script(lua_source("queuegate", "live"))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import Literal, cast
 
 import redis.asyncio as aioredis
@@ -28,6 +27,7 @@ from queuegate.deployment_health import DeploymentHealth, read_health
 from queuegate.keys import Keys
 from queuegate.metrics import BreakerState, set_breaker_state
 from queuegate.outage import OutageLog
+from queuegate.redis_client import lua_source, text
 from router.catalog import Catalog, Deployment
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ class Health:
         self._client = client
         self._keys = keys
         self._catalog = catalog
-        source = resources.files("router").joinpath("lua/health.lua").read_text("utf-8")
-        self._script = client.register_script(source)
+        self._script = client.register_script(lua_source("router", "health"))
         self._outage = OutageLog(log, "Redis", "circuit breakers and 429 pauses are not shared")
         self._unreported: dict[str, int] = {}
         """Successes per deployment not yet counted in Redis."""
@@ -163,8 +162,7 @@ class Health:
             self._outage.failed(exc)
             return _ALLOWED
         self._outage.recovered()
-        name = state.decode() if isinstance(state, bytes) else str(state)
-        verdict = Verdict(cast(State, name), millis / 1000)
+        verdict = Verdict(cast(State, text(state)), millis / 1000)
         if verdict.state in _BREAKER:
             set_breaker_state(deployment.name, _BREAKER[verdict.state])
         fresh = self._reports.get(deployment.name, 0) == reports

@@ -116,6 +116,23 @@ async def test_a_cancelled_wait_leaves_the_rest_of_its_batch() -> None:
     assert sends.batches == [[b"0"], [b"1", b"2"]]
 
 
+async def test_a_send_cancelled_cancels_the_waits_of_its_batch_and_ends_the_sender() -> None:
+    sends = Sends()
+    batches = UsageBatches(sends)
+    # Given a batch being sent
+    waiting = batches.add(b"1")
+    await sends.sending()
+
+    # When its send is cancelled (the worker's event loop shutting down)
+    sends.fail(asyncio.CancelledError())  # type: ignore[arg-type]
+
+    # Expect its event's wait cancelled rather than failed, and nothing more sent
+    async with asyncio.timeout(WAIT):
+        await batches.close()
+    assert waiting.cancelled()
+    assert sends.batches == [[b"1"]]
+
+
 async def test_a_burst_goes_in_messages_of_at_most_max_events() -> None:
     sends = Sends()
     batches = UsageBatches(sends)

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError, WatchError
 from queuegate.control import CATEGORIES, BatchMeta, BatchSummary, Category, Counts, no_such_batch
 from queuegate.errors import BatchError, ServiceUnavailable
 from queuegate.keys import Keys
+from queuegate.redis_client import text
 
 KEEP_S = 7 * 24 * 3600
 """Seconds a batch's state outlives its deadline."""
@@ -47,7 +48,7 @@ class BatchState:
 
     async def load(self) -> BatchMeta | None:
         raw = await self._call(self._r.hgetall(self._meta))
-        fields = {_s(k): _s(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         if "team" not in fields:
             return None
         meta = BatchMeta(
@@ -162,7 +163,7 @@ class BatchState:
         """One page of (custom_id, published) of requests without a result line, and the
         cursor of the next page (0 after the last)."""
         cursor, found = await self._call(self._r.hscan(self._lines, cursor, count=chunk))
-        ids = [_s(k) for k in found]
+        ids = [text(k) for k in found]
         if not ids:
             return cursor, []
         written = await self.written_among(ids)
@@ -184,7 +185,7 @@ class BatchState:
             pipe.scard(self._published)
             pipe.exists(self._canceled)
             raw, published, canceled = await self._call(pipe.execute())
-        fields = {_s(k): _s(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
 
         def number(key: str) -> int:
             return int(fields.get(key, 0))
@@ -238,7 +239,7 @@ async def list_batches(client: aioredis.Redis, keys: Keys, team: str) -> list[Ba
     """The team's batches still recorded, oldest first; those whose record expired are
     dropped from the list as they are found."""
     raw: list[Any] = await client.zrange(keys.batches(team), 0, -1)
-    names = [_s(n) for n in raw]
+    names = [text(n) for n in raw]
     summaries: list[BatchSummary] = []
     gone: list[str] = []
     for name in names:
@@ -261,7 +262,3 @@ async def list_batches(client: aioredis.Redis, keys: Keys, team: str) -> list[Ba
     if gone:
         await client.zrem(keys.batches(team), *gone)
     return summaries
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -40,8 +40,6 @@ import logging
 import time
 import uuid
 from decimal import Decimal
-from functools import cache
-from importlib import resources
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -52,6 +50,7 @@ from queuegate.errors import AlreadyAnswered, IdempotencyConflict
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob
 from queuegate.outage import OutageLog
+from queuegate.redis_client import lua_source
 from router import Catalog, Deployment
 from router.router import AttemptGate
 from workers.admission import Ticket
@@ -69,11 +68,6 @@ FINGERPRINT = 64
 SETTLE = 60.0
 """Seconds a provisional memory epoch lasts (Redis found empty with nothing accounted within
 ``result_ttl`` before): time for usage events already on their way to be accounted."""
-
-
-@cache
-def _source(name: str) -> str:
-    return resources.files("workers").joinpath(f"lua/{name}.lua").read_text("utf-8")
 
 
 class Busy(Exception):
@@ -114,11 +108,11 @@ class Claims:
         self._wait = wait
         self._ttl = ttl
         self._lookup_wait = lookup_wait
-        self._claim: AsyncScript = client.register_script(_source("claim"))
+        self._claim: AsyncScript = client.register_script(lua_source("workers", "claim"))
         self._epoch_keys = [keys.memory_epoch, keys.replication]
-        self._hold: AsyncScript = client.register_script(_source("hold"))
-        self._finish: AsyncScript = client.register_script(_source("finish"))
-        self._settle: AsyncScript = client.register_script(_source("settle_epoch"))
+        self._hold: AsyncScript = client.register_script(lua_source("workers", "hold"))
+        self._finish: AsyncScript = client.register_script(lua_source("workers", "finish"))
+        self._settle: AsyncScript = client.register_script(lua_source("workers", "settle_epoch"))
         self._epoch_lock = asyncio.Lock()
         self._held: dict[str, str] = {}
         """Claim key → owner, of every job in flight here: renewed together by ``run``."""
@@ -395,7 +389,7 @@ def _text(raw: bytes | str | None) -> bytes:
 def binding(client: aioredis.Redis) -> AsyncScript:
     """``lua/bind.lua`` on ``client``: binds a job id to a request's fingerprint in the job's
     claim before the job is published, or says why not (answered, or a different request's)."""
-    return client.register_script(_source("bind"))
+    return client.register_script(lua_source("workers", "bind"))
 
 
 def stored_outcome(raw: bytes) -> Outcome | None:

@@ -95,17 +95,21 @@ class JobProcessor:
     async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
         """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
         logs.for_job(message.message_id or message.correlation_id or "", team)
+        # Once: the job span's queued child and the usage row say the same time.
+        queued_ms = _queued_ms(message)
         if tracing.ON:
-            with spans.job_span(message, team, queue, _queued_ms(message)):
-                await self._handle(message, team, queue)
+            with spans.job_span(message, team, queue, queued_ms):
+                await self._handle(message, team, queue, queued_ms)
         else:
-            await self._handle(message, team, queue)
+            await self._handle(message, team, queue, queued_ms)
 
-    async def _handle(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
+    async def _handle(
+        self, message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
+    ) -> None:
         try:
             # Two steps, so that while the broker confirms the announcement nothing of the
             # job but its bytes is alive (see Announcement).
-            announcement = await self._process(message, team)
+            announcement = await self._process(message, team, queued_ms)
             await self._finish(message, announcement, queue)
         except Busy as exc:
             # Not called meanwhile: the job comes back, and by then has its outcome.
@@ -131,10 +135,11 @@ class JobProcessor:
             tracing.failed(tracing.current(), why)
         await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
 
-    async def _process(self, message: AbstractIncomingMessage, team: str) -> Announcement:
-        timing = Timing(queued_ms=_queued_ms(message), worker=self._worker)
-        if tracing.ON and (ids := tracing.ids()) is not None:
-            timing = Timing(timing.queued_ms, timing.worker, *ids)
+    async def _process(
+        self, message: AbstractIncomingMessage, team: str, queued_ms: float
+    ) -> Announcement:
+        ids = tracing.ids() if tracing.ON else None
+        timing = Timing(queued_ms, self._worker, *ids) if ids else Timing(queued_ms, self._worker)
         # Results and streamed deltas go only to a reply queue the team may use.
         reply_to = await self._gate.reply_to(message, team)
         try:

@@ -56,24 +56,22 @@ class UsageBatches:
                 batch, self._waiting = self._waiting[:MAX_EVENTS], self._waiting[MAX_EVENTS:]
                 try:
                     await self._send([event for event, _ in batch])
-                except BaseException as exc:
+                except Exception as exc:
                     for _, confirmed in batch:
-                        if confirmed.done():
-                            continue
-                        if not isinstance(exc, Exception):
-                            confirmed.cancel()
-                            continue
-                        # One error each: an exception raised in hundreds of jobs would
-                        # gather all of their tracebacks.
-                        failed = ServiceUnavailable(
-                            f"the usage batch of {len(batch)} events "
-                            f"carrying this job's failed: {exc!r}"
-                        )
-                        failed.__cause__ = exc
-                        confirmed.set_exception(failed)
-                    if not isinstance(exc, Exception):
-                        raise
+                        if not confirmed.done():
+                            # One error each: an exception raised in hundreds of jobs would
+                            # gather all of their tracebacks.
+                            failed = ServiceUnavailable(
+                                f"the usage batch of {len(batch)} events "
+                                f"carrying this job's failed: {exc!r}"
+                            )
+                            failed.__cause__ = exc
+                            confirmed.set_exception(failed)
                     continue
+                except BaseException:
+                    for _, confirmed in batch:
+                        confirmed.cancel()  # does nothing to a future already done
+                    raise
                 self.batches_sent += 1
                 self.events_sent += len(batch)
                 for _, confirmed in batch:

@@ -33,6 +33,7 @@ from queuegate.db import DB_ERRORS
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
+from queuegate.redis_client import text
 from queuegate.registry import TeamConfig
 from queuegate.spend import (
     LEDGER_TTL,
@@ -44,7 +45,6 @@ from queuegate.spend import (
     ledger_keys,
     reconcile,
     reconciler_token,
-    text,
     to_nano,
 )
 from workers.admission.scripts import Call, Scripts

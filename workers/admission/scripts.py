@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from functools import cache
-from importlib import resources
 from typing import Literal, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from queuegate.keys import Keys
+from queuegate.redis_client import lua_source
 
 _SCRIPTS = ("take", "spend")
 ONCE_MS = 30_000
@@ -20,17 +19,13 @@ ONCE_MS = 30_000
 tries again after an error (passing the same ``once``) within a Sentinel failover's time."""
 
 
-@cache
-def _source(name: str) -> str:
-    return resources.files("workers.admission").joinpath(f"lua/{name}.lua").read_text("utf-8")
-
-
 def _batch_source() -> str:
     """``batch.lua`` behind each script wrapped as a local function of its KEYS and ARGV."""
     functions = "".join(
-        f"local function {name}(KEYS, ARGV)\n{_source(name)}\nend\n" for name in _SCRIPTS
+        f"local function {name}(KEYS, ARGV)\n{lua_source('workers.admission', name)}\nend\n"
+        for name in _SCRIPTS
     )
-    return functions + _source("batch")
+    return functions + lua_source("workers.admission", "batch")
 
 
 class Call(NamedTuple):
