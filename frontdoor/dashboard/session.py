@@ -31,7 +31,7 @@ from fastapi.responses import Response
 from admin.keys import KeyOwner, live_key_owner
 from frontdoor.service import FrontDoor
 from queuegate.keys import Keys
-from queuegate.spend import text
+from queuegate.redis_client import text
 
 COOKIE = "queuegate_session"
 SIGN_IN_COOKIE = "queuegate_sign_in"
