@@ -7,12 +7,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from queuegate.errors import ConfigError
+from queuegate.messages import storable_problem
 
 
 def plain_text(name: str, value: str | None) -> str | None:
-    """``value`` unchanged; ConfigError when it holds a NUL byte, which no stored text has."""
-    if value is not None and "\x00" in value:
-        raise ConfigError(f"{name}: a NUL byte is not allowed")
+    """``value`` unchanged; ConfigError when it holds what no stored text has (a NUL byte)."""
+    problem = None if value is None else storable_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{name}: {problem}")
     return value
 
 

@@ -27,7 +27,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from frontdoor.errors import ApiError, shown
-from queuegate.messages import ChatJob
+from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob
 from queuegate.settings import Settings
 from router import Catalog
 
@@ -35,9 +35,6 @@ DEFAULT_WAIT = 600.0
 """Seconds a request waits for its answer when the caller names no timeout (the OpenAI
 SDK's own default)."""
 MAX_WAIT = 3600.0
-MAX_OUTPUT_TOKENS = 1_000_000
-"""More output tokens than any model writes: a larger ``max_tokens`` is a mistake, refused
-before it is priced against the team's budget."""
 MAX_IDEMPOTENCY_KEY = 255
 OWNED = frozenset({"model", "messages", "stream", "stream_options"})
 """Body fields the job carries itself; every other one is a parameter for the provider."""

@@ -6,12 +6,13 @@ Unknown fields are ignored on read, so a newer producer never breaks an older wo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -61,6 +62,67 @@ on that deployment (the job goes on to the next one, and fails ``invalid_request
 parameter when none can take it), or ``drop`` it (or change it) and list it on the result."""
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""What PostgreSQL text (and jsonb) cannot hold: the NUL character, and a lone UTF-16
+surrogate, which has no UTF-8 form."""
+
+INT64 = (-(2**63), 2**63 - 1)
+"""The integers a job may carry anywhere: a larger one has no JSON form the workers' encoder
+(orjson) or a provider takes."""
+
+MAX_OUTPUT_TOKENS = 1_000_000
+"""More output tokens than any model writes: a larger ``max_tokens`` is a mistake, refused
+before it is priced against the team's budget."""
+
+
+def storable_problem(text: str) -> str | None:
+    """Why PostgreSQL could not store ``text``; None when it can."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "a NUL byte is not allowed"
+    return f"a lone surrogate (U+{ord(found.group()):04X}) is not allowed"
+
+
+def storable(text: str) -> str:
+    """``text`` with what PostgreSQL cannot store replaced by U+FFFD: for a value that must be
+    recorded whatever it holds (the id a refused job came under)."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _stored_text(text: str) -> str:
+    problem = storable_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+StoredText = Annotated[str, AfterValidator(_stored_text)]
+"""A string that reaches PostgreSQL (usage_log, audit, batches): refused when it could not be
+stored there, so that the job it came in is refused as bad input before it is called, never
+called and then left unaccounted."""
+
+
+def _check_values(where: str, value: object) -> None:
+    """Refuse, anywhere in a JSON value, a string PostgreSQL cannot store or an integer
+    outside ``INT64``."""
+    if isinstance(value, str):
+        problem = storable_problem(value)
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64[0] <= value <= INT64[1]:
+            raise ValueError(f"{where}: {value} is out of range (a 64-bit integer)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(f"a key in {where}", key)
+            _check_values(f"{where}.{key}", item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(where, item)
+
+
 class WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -82,23 +144,30 @@ class ChatParams(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
-    user: str | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
+    user: StoredText | None = None
 
     @model_validator(mode="after")
-    def _choices(self) -> ChatParams:
+    def _extras(self) -> ChatParams:
+        extra = self.model_extra or {}
         # ``n`` is passed through like any extra, but zero choices would be an answer with
         # nothing in it (OpenAI refuses it; an adapter would name it wrongly).
-        n = (self.model_extra or {}).get("n")
+        n = extra.get("n")
         if n is not None and (type(n) is not int or not 1 <= n <= MAX_CHOICES):
             raise ValueError(f"n: the number of choices is a whole number from 1 to {MAX_CHOICES}")
+        tokens = extra.get("max_completion_tokens")
+        if type(tokens) is int and not 1 <= tokens <= MAX_OUTPUT_TOKENS:
+            raise ValueError(f"max_completion_tokens: a whole number from 1 to {MAX_OUTPUT_TOKENS}")
+        # The rest go to the provider as they are: none may be a number no worker can send.
+        for name, value in extra.items():
+            _check_values(name, value)
         return self
 
 
@@ -110,12 +179,12 @@ class ChatJob(WireModel):
     """A chat completion to run; ``job_id`` is the idempotency key, set by the producer."""
 
     v: int = SCHEMA_VERSION
-    job_id: str = Field(min_length=1, max_length=128)
+    job_id: StoredText = Field(min_length=1, max_length=128)
     team: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    model: str = Field(min_length=1, max_length=128)
+    model: StoredText = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1)
     params: ChatParams = ChatParams()
-    fallbacks: list[str] | None = None
+    fallbacks: list[StoredText] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     deadline: datetime | None = None
     stream: bool = False
@@ -124,6 +193,15 @@ class ChatJob(WireModel):
     (unset): as the team's ``cache`` default says."""
     unsupported_params: UnsupportedParams | None = None
     """For this job, overrides the team's and the catalog's policy (docs/providers.md)."""
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        # Batch and custom ids in it are stored with the batch's results.
+        for key, value in metadata.items():
+            _check_values("a key", key)
+            _check_values(key, value)
+        return metadata
 
 
 class Attempt(WireModel):

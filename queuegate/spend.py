@@ -35,6 +35,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from queuegate.errors import BudgetExhausted
@@ -227,8 +228,9 @@ async def reconcile(
     until the entry lapses), unless the snapshot holds the job's usage row.
 
     None when another reconciler (another ``token``) holds the lock: one at a time, or an
-    older snapshot could be applied after a newer one. Raises RedisError or asyncpg's errors
-    (queuegate.db).
+    older snapshot could be applied after a newer one. A scope PostgreSQL refuses a value of
+    (asyncpg's DataError) is logged and left out, the others reconciled. Raises RedisError or
+    asyncpg's other errors (queuegate.db).
     """
     if not await client.eval(_TAKE_LOCK, 1, keys.spend_reconciler, token, LOCK_TTL):
         return None
@@ -236,49 +238,30 @@ async def reconcile(
     corrections: list[Correction] = []
     try:
         for scope in scopes:
-            ledger, expiry = ledger_keys(keys, scope.team, month, [scope.model])
-            ids = [text(i) for i in await client.zrange(expiry, 0, -1)]
-            wanted = dict((restore or {}).get(scope, {}))
-            ids += [job for job in wanted if job not in ids]
-            async with (
-                pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                spent = await month_spend(conn, scope.team, month, scope.model)
-                written = [job for _, job in await accounted(conn, [(scope.team, i) for i in ids])]
-            for job in written:
-                wanted.pop(job, None)
-            back: list[str | int] = [
-                x for job, (nano, ms) in wanted.items() for x in (job, nano, ms)
-            ]
-            found, before, after, generation = 1, 0, 0, ""
-            for start in range(0, max(1, len(written)), CHUNK):
-                first = start == 0
-                reply = await script(
-                    keys=[ledger, expiry, keys.spend_reconciler],
-                    args=[
-                        token,
-                        to_nano(spent) if first else "",
-                        LEDGER_TTL,
-                        secrets.token_hex(8),
-                        len(wanted) if first else 0,
-                        *(back if first else []),
-                        *written[start : start + CHUNK],
-                    ],
+            try:
+                correction = await _reconcile_scope(
+                    client,
+                    pool,
+                    scope,
+                    script=script,
+                    keys=keys,
+                    month=month,
+                    token=token,
+                    restore=(restore or {}).get(scope),
                 )
-                if reply[0] == -1:
-                    return None
-                if first:
-                    found, before = reply[0], reply[1]
-                after, generation = reply[2], text(reply[3])
-            correction = Correction(
-                scope,
-                month,
-                Decimal(before) / NANO if found else None,
-                Decimal(after) / NANO,
-                generation,
-                len(wanted),
-            )
+            except asyncpg.DataError as exc:
+                # A value PostgreSQL refuses fails this ledger alone: the others must still
+                # be reconciled, or their stale entries lapse and their budgets overshoot.
+                log.error(
+                    "cannot reconcile team %s's spend ledger%s for %s: %s",
+                    scope.team,
+                    f" on {scope.model}" if scope.model else "",
+                    month,
+                    exc,
+                )
+                continue
+            if correction is None:
+                return None
             corrections.append(correction)
     finally:
         # Released only if still ours (compare and delete).
@@ -290,3 +273,58 @@ async def reconcile(
                 token,
             )
     return corrections
+
+
+async def _reconcile_scope(
+    client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    scope: Scope,
+    *,
+    script: AsyncScript,
+    keys: Keys,
+    month: str,
+    token: str,
+    restore: Mapping[str, tuple[int, int]] | None,
+) -> Correction | None:
+    """One scope's round of ``reconcile``; None when the lock was lost to another."""
+    ledger, expiry = ledger_keys(keys, scope.team, month, [scope.model])
+    ids = [text(i) for i in await client.zrange(expiry, 0, -1)]
+    wanted = dict(restore or {})
+    ids += [job for job in wanted if job not in ids]
+    async with (
+        pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        spent = await month_spend(conn, scope.team, month, scope.model)
+        written = [job for _, job in await accounted(conn, [(scope.team, i) for i in ids])]
+    for job in written:
+        wanted.pop(job, None)
+    back: list[str | int] = [x for job, (nano, ms) in wanted.items() for x in (job, nano, ms)]
+    found, before, after, generation = 1, 0, 0, ""
+    for start in range(0, max(1, len(written)), CHUNK):
+        first = start == 0
+        reply = await script(
+            keys=[ledger, expiry, keys.spend_reconciler],
+            args=[
+                token,
+                to_nano(spent) if first else "",
+                LEDGER_TTL,
+                secrets.token_hex(8),
+                len(wanted) if first else 0,
+                *(back if first else []),
+                *written[start : start + CHUNK],
+            ],
+        )
+        if reply[0] == -1:
+            return None
+        if first:
+            found, before = reply[0], reply[1]
+        after, generation = reply[2], text(reply[3])
+    return Correction(
+        scope,
+        month,
+        Decimal(before) / NANO if found else None,
+        Decimal(after) / NANO,
+        generation,
+        len(wanted),
+    )

@@ -12,6 +12,8 @@ from collections.abc import Collection
 
 import asyncpg
 
+from queuegate.messages import storable
+
 _ACCOUNTED = (
     "SELECT team, job_id FROM usage_log WHERE team = ANY($1::text[]) AND job_id = ANY($2::text[])"
 )
@@ -25,6 +27,9 @@ async def accounted(
 ) -> set[tuple[str, str]]:
     """Those of ``jobs``, (team, job id) pairs, that have a usage row. Raises asyncpg's
     errors (``queuegate.db``)."""
+    # A text PostgreSQL cannot store has no row, and asking for it would fail the whole
+    # lookup (a job id with a NUL, in a ledger from before jobs were checked for one).
+    jobs = [(team, job) for team, job in jobs if storable(team) == team and storable(job) == job]
     if not jobs:
         return set()
     teams, ids = {team for team, _ in jobs}, {job_id for _, job_id in jobs}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -194,6 +195,57 @@ async def test_bad_messages_are_answered_dead_lettered_and_the_worker_keeps_goin
             # ... and the worker still serves good jobs
             result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
             assert result.status == "ok"
+
+
+UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {
+    # What PostgreSQL cannot store: the call could never be billed.
+    "nul-job-id": ({"job_id": "nul\x00id"}, "job_id"),
+    "nul-model": ({"model": "gpt-4o-mini\x00"}, "model"),
+    "nul-custom-id": ({"metadata": {"custom_id": "line\x007"}}, "metadata"),
+    "nul-user": ({"params": {"user": "u\x00"}}, "params.user"),
+    # What no worker can send a provider: each worker failed on it and returned it.
+    "huge-seed": ({"params": {"seed": 2**64}}, "params.seed"),
+    "huge-max-tokens": ({"params": {"max_tokens": 10**20}}, "params.max_tokens"),
+    "huge-extra": ({"params": {"top_logprobs": 10**20}}, "params"),
+}
+
+
+async def test_jobs_holding_what_cannot_be_stored_or_sent_are_refused_once_and_accounted(
+    settings: Settings,
+) -> None:
+    # Given a running gateway, and jobs published raw as a tenant's own AMQP client could
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            for kind, (change, _) in UNSERVABLE.items():
+                job = {"job_id": kind, "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
+                job |= change
+                body = json.dumps(job).encode()  # orjson refuses 2**64
+                message = aio_pika.Message(
+                    body,
+                    message_id=str(job["job_id"]),
+                    correlation_id=kind,
+                    reply_to=client.reply_to,
+                )
+                await exchange.publish(message, routing_key="alpha")
+            # Expect each answered once as bad input naming the field, never called, and
+            # dead-lettered
+            for kind, (_, field) in UNSERVABLE.items():
+                result = await client.wait(kind, timeout=10)
+                assert result.error is not None, kind
+                assert result.error.code == "invalid_request", (kind, result.error)
+                assert result.error.message.startswith(f"not a valid chat job: {field}:"), kind
+            dead = await gw.dead_letters(len(UNSERVABLE))
+            assert {m.correlation_id for m in dead} == set(UNSERVABLE)
+            assert gw.mock.stats.calls == 0
+            # ... each refusal with its usage row (one per job: none went round again)
+            rows = await gw.usage_rows(len(UNSERVABLE))
+            assert len(rows) == len(UNSERVABLE)
+            assert {row["error_code"] for row in rows} == {"invalid_request"}
+            # ... and the worker still serves good jobs
+            assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
 
 
 async def test_a_redelivered_finished_job_is_answered_from_the_store(settings: Settings) -> None:

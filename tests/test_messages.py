@@ -75,12 +75,41 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
         ({"params": {"n": "2"}}, "params"),
         ({"params": {"n": True}}, "params"),
         ({"deadline": "tomorrow-ish"}, "deadline"),
+        # Strings PostgreSQL cannot store, where they would reach it (a call never billed)
+        ({"job_id": "j\x00"}, "job_id"),
+        ({"job_id": "j\ud800"}, "job_id"),
+        ({"model": "gpt\x00"}, "model"),
+        ({"fallbacks": ["claude\x00"]}, "fallbacks"),
+        ({"metadata": {"custom_id": "line\x007"}}, "metadata"),
+        ({"metadata": {"custom\x00id": "7"}}, "metadata"),
+        ({"metadata": {"ids": [{"a": "\x00"}]}}, "metadata"),
+        ({"params": {"user": "u\x00"}}, "params"),
+        # Integers no worker can send (each worker failed on it and returned it)
+        ({"params": {"seed": 2**64}}, "params"),
+        ({"params": {"seed": -(2**63) - 1}}, "params"),
+        ({"params": {"max_tokens": 10**20}}, "params"),
+        ({"params": {"max_completion_tokens": 10**7}}, "params"),
+        ({"params": {"logit_bias": {"50256": 2**64}}}, "params"),
+        ({"metadata": {"n": 2**64}}, "metadata"),
     ],
 )
 def test_invalid_jobs_are_refused_naming_the_field(change: dict[str, object], field: str) -> None:
     with pytest.raises(ValidationError) as info:
         ChatJob.model_validate({**JOB, **change})
     assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_the_largest_sensible_integers_are_kept() -> None:
+    params = {"seed": 2**63 - 1, "max_tokens": 1_000_000, "max_completion_tokens": 1_000_000}
+    job = ChatJob.model_validate({**JOB, "params": params, "metadata": {"n": -(2**63)}})
+    assert job.params.seed == 2**63 - 1 and job.metadata == {"n": -(2**63)}
+
+
+def test_a_nul_in_a_field_is_said_without_the_nul() -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatJob.model_validate({**JOB, "metadata": {"custom\x00id": "7"}})
+    assert "\x00" not in str(info.value.errors()[0]["msg"])
+    assert "a NUL byte is not allowed" in str(info.value)
 
 
 def test_result_round_trips_with_attempts_and_exact_cost() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
@@ -10,11 +11,20 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from accounting.store import insert_usage
 from mockprovider import Behavior, MockConfig
 from queuegate.keys import Keys
+from queuegate.messages import UsageEvent
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.spend import current_month, ledger_spent, spend_drift
+from queuegate.spend import (
+    Scope,
+    current_month,
+    ledger_spent,
+    reconcile,
+    reconciler_token,
+    spend_drift,
+)
 from queuegate.status import StatusReader
 from tests.faults import behind_proxies
 from tests.support import running_accountant, running_gateway
@@ -28,6 +38,8 @@ BUDGET = Decimal("0.006")
 """Room for one reservation, not two: a job whose reservation is never settled leaves the
 next one refused ``budget_exhausted`` until reconciliation."""
 WAIT = 30.0
+NANO_USD = 1_000_000_000
+"""$1 in a ledger entry."""
 
 
 async def _in_flight(redis_client: aioredis.Redis, settings: Settings, job_id: str) -> None:
@@ -181,3 +193,56 @@ async def test_status_spend_recovers_from_a_redis_loss_once_reconciled(
         status = await reader.read(teams=["alpha"], budgets={})
         total = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
         assert status.teams[0].spend_usd == pytest.approx(float(total), abs=1e-9)
+
+
+async def _spent(pool: asyncpg.Pool, team: str, job_id: str, usd: str) -> None:
+    event = UsageEvent(
+        job_id=job_id, team=team, model_requested="gpt-4o-mini", status="ok",
+        cost_usd=Decimal(usd), ts=datetime.now(UTC),
+    )  # fmt: skip
+    await insert_usage(pool, [event])
+
+
+async def test_a_job_id_postgresql_cannot_store_in_a_ledger_stops_no_reconciliation(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given alpha's ledger holding a job whose id has a NUL (published before jobs were
+    # checked for one: it can have no usage row) beside a written one, and beta's ledger
+    await _spent(pool, "alpha", "a-1", "0.5")
+    await _spent(pool, "beta", "b-1", "0.25")
+    keys, month = Keys(settings.redis_prefix), current_month()
+    alpha, beta = Scope("alpha"), Scope("beta")
+    entries = {
+        alpha: {"nul\x00id": (NANO_USD, 600_000), "a-1": (NANO_USD, 600_000)},
+        beta: {"b-1": (NANO_USD, 600_000)},
+    }
+    # When both are reconciled
+    corrections = await reconcile(
+        redis_client, pool, keys, [alpha, beta], month, token=reconciler_token(), restore=entries
+    )
+    # Expect each in line with usage_log: the written jobs' entries dropped, the NUL one kept
+    # (it lapses as any reservation whose usage never comes)
+    assert corrections is not None
+    assert {c.scope: c.after for c in corrections} == {alpha: Decimal("1.5"), beta: Decimal("0.25")}
+    assert await spend_drift(redis_client, pool, keys, "beta", month) == 0
+
+
+async def test_a_ledger_postgresql_refuses_is_logged_and_the_others_are_reconciled(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given beta's spend in usage_log, and a scope whose team PostgreSQL cannot even compare
+    await _spent(pool, "beta", "b-1", "0.25")
+    keys, month = Keys(settings.redis_prefix), current_month()
+    bad, beta = Scope("bad\x00team"), Scope("beta")
+    # When both are reconciled, the bad one first
+    corrections = await reconcile(
+        redis_client, pool, keys, [bad, beta], month, token=reconciler_token()
+    )
+    # Expect beta reconciled, and the one that could not be said in the log
+    assert corrections is not None
+    assert [(c.scope, c.after) for c in corrections] == [(beta, Decimal("0.25"))]
+    assert await spend_drift(redis_client, pool, keys, "beta", month) == 0
+    assert any("cannot reconcile team bad" in r.getMessage() for r in caplog.records)

@@ -14,25 +14,31 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 
+import aio_pika
 import asyncpg
 import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import REGISTRY
 
 from bench.otlp_sink import OtlpSink
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate import tracing
+from queuegate.broker import connect
 from queuegate.errors import ConfigError
 from queuegate.logs import JsonFormatter
 from queuegate.registry import TeamConfig, add_team
 from queuegate.settings import Settings
 from queuegate.tenancy import TeamSecurity, put_security
+from queuegate.topology import HEADER_SENT_MS
 from tests.chaos.harness import declare_teams, worker_env
 from tests.frontdoor_support import open_door
 from tests.support import running_accountant, running_gateway, wait_until
@@ -448,3 +454,56 @@ def test_without_the_sdk_tracing_stays_off_with_one_warning(
     assert not on
     [said] = [r for r in caplog.records if "queuegate[otel]" in r.getMessage()]
     assert said.levelname == "WARNING"
+
+
+async def test_a_forged_send_time_is_ignored_and_every_span_still_exports(
+    settings: Settings,
+) -> None:
+    # Given a gateway exporting its spans over OTLP as a deployment does (batched)
+    provider = TracerProvider()
+    async with OtlpSink() as sink:
+        exporter = OTLPSpanExporter(endpoint=f"{sink.url}/v1/traces")
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=50))
+        tracing.install(provider)
+        try:
+            async with running_gateway(settings) as gw, gw.client("alpha") as client:
+                waits = {"team": "alpha"}
+                before = REGISTRY.get_sample_value("queuegate_queue_wait_seconds_sum", waits)
+                # When a tenant's own AMQP client publishes jobs stamped sent before 1970 and
+                # in the year 33658, and one honestly
+                jobs: dict[int | None, str] = {}
+                async with await connect(settings.amqp_url, name="tenant") as connection:
+                    channel = await connection.channel()
+                    exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+                    for sent in (-1, 10**15, None):
+                        job = client.job("gpt-4o-mini", HELLO)
+                        stamp = round(time.time() * 1000) if sent is None else sent
+                        message = aio_pika.Message(
+                            job.model_dump_json().encode(),
+                            message_id=job.job_id,
+                            reply_to=client.reply_to,
+                            headers={HEADER_SENT_MS: stamp},
+                        )
+                        await exchange.publish(message, routing_key="alpha")
+                        jobs[sent] = job.job_id
+                results = [await client.wait(job_id, timeout=10) for job_id in jobs.values()]
+                assert all(result.status == "ok" for result in results)
+                # Expect every job's span exported, starting no earlier than it was sent (a
+                # forged time as unknown: from the delivery, with no time queued recorded)
+                for job_id in jobs.values():
+                    [job_span] = await sink.wait_for(
+                        lambda s, j=job_id: (
+                            s.attributes.get("queuegate.job_id") == j and s.kind == 5
+                        )
+                    )
+                    assert 0 < job_span.end_ns - job_span.start_ns < 60 * 10**9
+                # ... queued_ms and the queue-wait metric sane, the forged ones as unknown (0)
+                rows = await gw.usage_rows(len(jobs))
+                queued_ms = {row["job_id"]: row["queued_ms"] for row in rows}
+                assert queued_ms[jobs[-1]] == queued_ms[jobs[10**15]] == 0
+                assert 0 <= queued_ms[jobs[None]] < 60_000
+                after = REGISTRY.get_sample_value("queuegate_queue_wait_seconds_sum", waits)
+                assert after is not None and after - (before or 0) < 60
+        finally:
+            tracing.install(None)
+            provider.shutdown()

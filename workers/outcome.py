@@ -9,7 +9,14 @@ from decimal import Decimal
 from pydantic import BaseModel, ConfigDict
 
 from queuegate.errors import JobError, StreamInterrupted
-from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, UsageEvent
+from queuegate.messages import (
+    ChatJob,
+    ChatResult,
+    ErrorInfo,
+    GatewayInfo,
+    UsageEvent,
+    storable,
+)
 from router import Routed
 
 BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized", "idempotency_conflict"})
@@ -187,8 +194,11 @@ def refused(job_id: str, team: str, model: str, error: JobError, timing: Timing)
     job id, but accounted under an id of its own.
 
     The job id is the producer's; a refusal must not take it in ``usage_log``, or sending a
-    bad copy first would leave the real job, served later under that id, unaccounted.
+    bad copy first would leave the real job, served later under that id, unaccounted. It may
+    be what the job was refused for (a NUL in it): recorded with that replaced, so the
+    refusal still has its row.
     """
     outcome = failed(job_id, team, model, error, timing)
-    usage = outcome.usage.model_copy(update={"job_id": f"{job_id}/refused/{uuid.uuid4().hex}"})
+    refused_id = f"{storable(job_id)}/refused/{uuid.uuid4().hex}"
+    usage = outcome.usage.model_copy(update={"job_id": refused_id})
     return outcome.model_copy(update={"usage": usage})

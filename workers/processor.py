@@ -346,6 +346,11 @@ class JobProcessor:
         await settle(message.ack(), f"acknowledge job {announcement.job_id}", log)
 
 
+MAX_QUEUED_MS = 7 * 24 * 3600 * 1000
+"""The longest wait in a queue a job's send time is believed for: a week, as long as its
+result is kept by default (``QUEUEGATE_RESULT_TTL``)."""
+
+
 def _channel_gone(message: AbstractIncomingMessage) -> bool:
     try:
         return message.channel.is_closed  # aio-pika raises instead, once it is
@@ -354,16 +359,26 @@ def _channel_gone(message: AbstractIncomingMessage) -> bool:
 
 
 def _queued_ms(message: AbstractIncomingMessage) -> float:
+    """How long the job waited in its queue, from the send time its publisher stamped on it;
+    0 when it has none to believe.
+
+    The time is the publisher's word (a team's own AMQP client sets it as it likes): one in
+    the future or more than ``MAX_QUEUED_MS`` ago is a skewed clock or a forgery, and is
+    ignored. Believed, it would record a wait of years in the queue-wait metric and
+    usage_log, and start the ``queued`` span before 1970, which fails the export of every
+    span batched with it.
+    """
     # The AMQP timestamp has whole seconds only; producers also send milliseconds.
     sent = (message.headers or {}).get(HEADER_SENT_MS)
-    if isinstance(sent, int | float):
-        return max(0.0, time.time() * 1000 - sent)
-    if message.timestamp is None:
-        return 0.0
-    published = message.timestamp
-    if published.tzinfo is None:
-        published = published.replace(tzinfo=UTC)
-    return max(0.0, (datetime.now(UTC) - published).total_seconds() * 1000)
+    if not isinstance(sent, int | float) or isinstance(sent, bool):
+        published = message.timestamp
+        if published is None:
+            return 0.0
+        if published.tzinfo is None:
+            published = published.replace(tzinfo=UTC)
+        sent = published.timestamp() * 1000
+    waited = time.time() * 1000 - sent
+    return waited if 0 <= waited <= MAX_QUEUED_MS else 0.0
 
 
 def _monotonic_deadline(deadline: datetime | None) -> float | None:

@@ -227,6 +227,8 @@ class Budgets:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+        if not corrections:  # PostgreSQL refused a value of it (reconcile logged which)
+            raise ServiceUnavailable(f"cannot rebuild team {team}'s spend for {month}")
         (correction,) = corrections
         self._generations[ledger] = correction.generation
         if correction.before is None:
