@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
@@ -116,7 +117,8 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
     columns = [list(column) for column in zip(*map(_ROW, unique), strict=True)]
     columns[_TS] = [_as_utc(ts) for ts in columns[_TS]]
     columns[_ATTEMPT_LOG] = [
-        None if log is None else _ATTEMPTS.dump_json(log).decode() for log in columns[_ATTEMPT_LOG]
+        None if log is None else _jsonb(_ATTEMPTS.dump_json(log).decode())
+        for log in columns[_ATTEMPT_LOG]
     ]
     captured = [(e, e.content) for e in unique if e.content is not None]
     content = [
@@ -131,8 +133,19 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
     return inserted
 
 
+# jsonb refuses the escaped NUL that JSON allows: a prompt, a model's answer or a provider's
+# error text holding one would fail the whole statement, and the job would go unbilled. It is
+# stored as U+FFFD instead; an escaped backslash before "u0000" is text, left as it is.
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _jsonb(text: str) -> str:
+    """JSON text as jsonb takes it."""
+    return _JSON_NUL.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+
+
 def _json(value: object) -> str:
-    return orjson.dumps(value).decode()
+    return _jsonb(orjson.dumps(value).decode())
 
 
 def _as_utc(ts: datetime) -> datetime:

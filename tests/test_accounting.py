@@ -23,7 +23,7 @@ from accounting.store import COLUMNS, insert_usage
 from queuegate.broker import json_message, publish
 from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
-from queuegate.messages import Attempt, UsageBatch, UsageEvent, usage_batch_body
+from queuegate.messages import Attempt, AuditContent, UsageBatch, UsageEvent, usage_batch_body
 from queuegate.settings import Settings
 from queuegate.topology import MESSAGE_TYPE_USAGE, MESSAGE_TYPE_USAGE_BATCH, Topology
 from queuegate.usage_log import accounted
@@ -500,3 +500,36 @@ def test_month_range_wraps_at_the_year_end() -> None:
         datetime(2025, 12, 1, tzinfo=UTC),
         datetime(2026, 1, 1, tzinfo=UTC),
     )
+
+
+async def test_captured_content_holding_nul_is_stored_and_billed(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given a full-capture job whose prompt and answer hold NUL (jsonb refuses the escape),
+    # beside a prompt whose text is a backslash followed by "u0000"
+    await migrate(pool, settings.database_schema)
+    nul = usage(
+        "job-nul",
+        content=AuditContent(
+            capture="full",
+            prompt=[{"role": "user", "content": "a\x00b"}],
+            response={"role": "assistant", "content": "\x00"},
+        ),
+    )
+    literal = usage(
+        "job-text",
+        content=AuditContent(capture="full", prompt=[{"role": "user", "content": "\\u0000"}]),
+    )
+
+    # When they are stored
+    inserted = await insert_usage(pool, [nul, literal])
+
+    # Expect both billed, the NUL kept as U+FFFD and the literal text as it was
+    assert inserted == 2
+    rows = {
+        r["job_id"]: r
+        for r in await pool.fetch("SELECT job_id, prompt, response FROM audit_content")
+    }
+    assert rows["job-nul"]["prompt"] == [{"role": "user", "content": "a\ufffdb"}]
+    assert rows["job-nul"]["response"] == {"role": "assistant", "content": "\ufffd"}
+    assert rows["job-text"]["prompt"] == [{"role": "user", "content": "\\u0000"}]
