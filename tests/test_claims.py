@@ -196,11 +196,11 @@ async def test_a_claim_sent_again_by_its_own_delivery_is_still_its_own(
     claim = redis_client.register_script(_source("claim"))
     keys = Keys(settings.redis_prefix)
     names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
-    names += [keys.memory_epoch, keys.replication]
+    names += [keys.memory_epoch, keys.replication, keys.failures("alpha", "j1")]
     fingerprint = "f" * 64
-    first = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
-    again = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
-    other = await claim(keys=names, args=["worker/b", 10_000, fingerprint, 60])
+    first = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60, 5])
+    again = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60, 5])
+    other = await claim(keys=names, args=["worker/b", 10_000, fingerprint, 60, 5])
     assert first[0] == again[0] == b"claimed"
     assert other[0] == b"busy" and other[1] == b"worker/a"
 

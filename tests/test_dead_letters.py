@@ -20,7 +20,12 @@ from queuegate.errors import ConfigError
 from queuegate.messages import ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON, Topology
+from queuegate.topology import (
+    HEADER_DEAD_DETAIL,
+    HEADER_DEAD_QUEUE,
+    HEADER_DEAD_REASON,
+    Topology,
+)
 from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
 
@@ -67,12 +72,11 @@ async def test_a_job_that_fails_every_delivery_is_dead_lettered_at_the_limit(
             # When it is published
             await _publish_job(gw, channel, "poison-1", refusing)
 
-            # Expect the broker to dead-letter it once its deliveries run out, saying why
+            # Expect the worker to dead-letter it once its failures pass the limit, saying why
             [dead] = await gw.dead_letters(1)
-            death = _death(dead)
             assert dead.message_id == "poison-1"
-            assert death["reason"] == "delivery_limit"
-            assert death["queue"] == gw.topology.team_queue("alpha")
+            assert dead.headers[HEADER_DEAD_REASON] == "delivery_limit"
+            assert dead.headers[HEADER_DEAD_QUEUE] == gw.topology.team_queue("alpha")
             # ... after its first delivery and `delivery_limit` more
             failures = [r for r in caplog.records if "failed in the worker" in str(r.msg)]
             assert len(failures) == settings.delivery_limit + 1
