@@ -21,8 +21,8 @@ The job and accounting queues' ``x-delivery-limit`` is a far safety net, not the
 (workers count a job's failures themselves, ``workers/claims.py``): a quorum queue counts
 every return, and a worker that dies returns every job waiting in its prefetch. A queue
 declared by an earlier version with the poison limit as its argument (a policy cannot raise
-it: the broker takes the lower of the two) is used as it is, with a warning, until it is
-moved over (see README, "Poison jobs and dead letters").
+it: the broker takes the lower of the two) is declared with its own limit, with a warning,
+until it is moved over (see README, "Poison jobs and dead letters").
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
@@ -109,6 +110,23 @@ rejected on its own), so only a bug in accounting itself ever reaches it."""
 DEAD_MAX_LENGTH = 100_000
 DEAD_MAX_BYTES = 512 * 1024 * 1024
 """Bounds of ``<ns>.dead``: beyond them the oldest letters are dropped (see declare_dead)."""
+
+
+_EARLIER_LIMIT = re.compile(r"inequivalent arg 'x-delivery-limit'.* current is '(\d+)'")
+"""The broker's refusal of a declare whose only difference may be the delivery limit."""
+
+
+async def _probe(
+    underlay: aiormq.abc.AbstractChannel, name: str, arguments: dict[str, Any]
+) -> None:
+    """Declare ``name`` on a channel of its own, closed after (the broker closes it first when
+    the queue exists with other arguments)."""
+    probe = await underlay.connection.channel()
+    try:
+        await probe.queue_declare(name, durable=True, arguments=arguments)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
 
 
 @dataclass(frozen=True)
@@ -221,27 +239,28 @@ class Topology:
     async def _declare(
         self, channel: AbstractChannel, name: str, arguments: dict[str, Any]
     ) -> AbstractQueue:
-        """A durable queue with this version's arguments; one an earlier version declared with
-        other arguments as it is (passively), with a warning.
+        """A durable queue with this version's arguments, or with an earlier version's
+        delivery limit when it was declared so (with a warning); any other difference is
+        refused as before (ChannelPreconditionFailed).
 
-        Tried first on a channel of its own: the broker closes the channel of a declare whose
+        Tried first on channels of their own: the broker closes the channel of a declare whose
         arguments differ, and ``channel`` may carry consumers."""
         underlay = await channel.get_underlay_channel()
-        probe = await underlay.connection.channel()
         try:
-            await probe.queue_declare(name, durable=True, arguments=arguments)
+            await _probe(underlay, name, arguments)
         except ChannelPreconditionFailed as exc:
+            earlier = _EARLIER_LIMIT.search(str(exc))
+            if earlier is None:
+                raise
+            arguments = arguments | {"x-delivery-limit": int(earlier[1])}
+            await _probe(underlay, name, arguments)  # only the limit differs, or this raises
             log.warning(
-                "queue %s has the arguments of an earlier version (%s): what merely waits in "
-                "a worker that dies counts toward its delivery limit; move it over as the "
-                "README says (Poison jobs and dead letters)",
+                "queue %s has an earlier version's delivery limit (%s): what merely waits in "
+                "a worker that dies counts toward it; move it over as the README says (Poison "
+                "jobs and dead letters)",
                 name,
-                exc,
+                earlier[1],
             )
-            return await channel.declare_queue(name, passive=True)
-        finally:
-            if not probe.is_closed:
-                await probe.close()
         return await channel.declare_queue(name, durable=True, arguments=arguments)
 
     async def declare_control_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
