@@ -215,7 +215,7 @@ async def _ensure(
 
 async def _declare_queue(settings: Settings, name: str) -> None:
     connection = await connect(settings.amqp_url, name="queuegate-teams")
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = Topology(settings.namespace)
     async with connection:
         channel = await connection.channel()
         try:
@@ -465,7 +465,7 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
         user = (await get_security(pool, name)).broker_user
     finally:
         await pool.close()
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = Topology(settings.namespace)
     async with BrokerAdmin(settings.management_url) as admin:
         if config.max_queue_length is None:
             await admin.delete_policy(quota_policy(settings, name))

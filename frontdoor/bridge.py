@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 class Bridge:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._topology = Topology(settings.namespace, settings.delivery_limit)
+        self._topology = Topology(settings.namespace)
         self._process_id = uuid.uuid4().hex
         self.reply_queue = self._topology.frontdoor_queue(self._process_id)
         self._user_id = settings.amqp_user

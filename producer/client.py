@@ -94,7 +94,7 @@ class GatewayClient:
     ) -> None:
         self._settings = settings
         self._listen = listen
-        self._topology = Topology(settings.namespace, settings.delivery_limit)
+        self._topology = Topology(settings.namespace)
         self.team = check_team_name(team)
         self._reply_name = reply_queue
         # The broker checks user_id against the connection's user, so a worker can trust it.

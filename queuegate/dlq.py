@@ -1,10 +1,12 @@
 """The dead-letter queue, for operators: what is in it, why, and sending it back.
 
-Two kinds of dead letter land in ``<ns>.dead``. The broker dead-letters a job that ran out of
-deliveries (``delivery_limit``: it kept crashing workers) or outlived its TTL (``expired``: no
-worker took it before its deadline), recording where from in its ``x-death`` header. A worker
-dead-letters bad input itself, with its ``x-queuegate-reason``/``-detail``/``-queue``/``-user``
-headers, under its own broker user as ``user_id``.
+Two kinds of dead letter land in ``<ns>.dead``. The broker dead-letters a job that outlived
+its TTL (``expired``: no worker took it before its deadline) or ran out of its queue's
+safety-net deliveries (``delivery_limit``, while workers could not count failures), recording
+where from in its ``x-death`` header. A worker dead-letters bad input, and a job past
+``QUEUEGATE_DELIVERY_LIMIT`` failures (``delivery_limit``: it kept crashing or failing
+workers), itself, with its ``x-queuegate-reason``/``-detail``/``-queue``/``-user`` headers,
+under its own broker user as ``user_id``.
 
 Where a letter came from decides where a replay sends it, so only what no team can forge is
 believed: the broker's latest ``x-death`` entry, or a worker's headers on a letter whose
@@ -71,8 +73,9 @@ class DeadLetter:
     position: int
     message_id: str | None
     reason: str
-    """The first cause: ``invalid_request``, ``unknown_model``, ``unauthorized`` (worker) or
-    ``delivery_limit``, ``expired``, ``rejected`` (broker); ``unknown`` when unproven."""
+    """The first cause: ``invalid_request``, ``unknown_model``, ``unauthorized`` (worker),
+    ``delivery_limit`` (worker, or broker), ``expired``, ``rejected`` (broker); ``unknown``
+    when unproven."""
     detail: str
     then: str | None
     """Why a replay of it was dead-lettered again (reason: detail), when it was."""
@@ -142,7 +145,7 @@ async def replay(
         raise ConfigError(
             "replay publishes as an operator: put the broker user in QUEUEGATE_AMQP_URL"
         )
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = Topology(settings.namespace)
     replayed: list[DeadLetter] = []
     refused: list[tuple[DeadLetter, str]] = []
     async with _taken(settings, None) as (channel, taken, _):
@@ -195,7 +198,7 @@ async def purge(settings: Settings) -> int:
 
 
 async def _dead_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = Topology(settings.namespace)
     await topology.declare_dead(channel)
     return await channel.get_queue(topology.dead_queue)
 

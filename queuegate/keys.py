@@ -27,6 +27,11 @@ class Keys:
         is stored (workers/lua/claim.lua)."""
         return f"{self.prefix}:claim:{team}:{job_id}"
 
+    def failures(self, team: str, job_id: str) -> str:
+        """How many of a job's deliveries failed (died in a provider call, or were returned
+        on a failure): past the delivery limit it is dead-lettered (workers/lua/claim.lua)."""
+        return f"{self.prefix}:failures:{team}:{job_id}"
+
     @property
     def memory_epoch(self) -> str:
         """Milliseconds since the epoch from which Redis may be missing stored outcomes (it

@@ -58,8 +58,10 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=32, ge=1, le=10_000)
     """Unacknowledged jobs a worker holds per team queue: one team can fill only these slots."""
     delivery_limit: int = Field(default=5, ge=1)
-    """Times a job may go back to its queue (a crash, a requeue) before the broker dead-letters
-    it: it is delivered at most ``delivery_limit + 1`` times."""
+    """Failures a job may have before a worker dead-letters it (``delivery_limit``): its
+    deliveries that died in a provider call (the claim records each call before it leaves) or
+    that a worker returned to the queue on a failure, so at most ``delivery_limit + 1``. A
+    worker's death returns the jobs merely waiting in it too: those are not failures."""
     shutdown_grace: float = Field(default=30.0, ge=0)
     """Seconds in-flight jobs get to finish on SIGTERM before the rest go back to the queue."""
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)

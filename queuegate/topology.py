@@ -16,19 +16,31 @@ Arguments of a queue cannot change once it exists (RabbitMQ refuses a redeclare 
 so per-team quotas are applied as policies, never as declare arguments. The dead-letter queue's
 bounds are arguments: a ``<ns>.dead`` declared by a version without them must be emptied and
 deleted once (``queuegate dlq purge``, then delete the queue) before the upgrade.
+
+The job and accounting queues' ``x-delivery-limit`` is a far safety net, not the poison limit
+(workers count a job's failures themselves, ``workers/claims.py``): a quorum queue counts
+every return, and a worker that dies returns every job waiting in its prefetch. A queue
+declared by an earlier version with the poison limit as its argument (a policy cannot raise
+it: the broker takes the lower of the two) is declared with its own limit, with a warning,
+until it is moved over (see README, "Poison jobs and dead letters").
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aiormq.exceptions import ChannelPreconditionFailed
 
 from queuegate.control import CONTROL_KEY_SUFFIX
 from queuegate.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MESSAGE_TYPE_JOB = "job"
 MESSAGE_TYPE_RESULT = "result"
@@ -56,6 +68,9 @@ HEADER_FIRST_DETAIL = "x-queuegate-first-detail"
 """Why the replayed job was first dead-lettered: a second refusal never hides it."""
 HEADER_SENT_MS = "x-queuegate-sent-ms"
 
+CONTROL_DELIVERY_LIMIT = 5
+"""Deliveries of a control request before the broker drops it (it has no dead-letter queue);
+what earlier versions declared with the default ``QUEUEGATE_DELIVERY_LIMIT``."""
 CONTROL_MAX_LENGTH = 1_000
 """Control requests of one team waiting at most; past it the broker refuses the team's next
 one at once. A constant, not a setting: every declarer must give the queue the same
@@ -85,9 +100,33 @@ DEAD_DELIVERY_LIMIT = 1_000_000_000
 """Out of reach: every listing returns the letters it read, and each return counts as a
 delivery (RabbitMQ 4 gives quorum queues a default limit of 20, and a dead letter at its
 limit would be dropped)."""
+JOBS_DELIVERY_LIMIT = 100
+"""The team queues' own limit, a safety net: workers dead-letter a job past
+``QUEUEGATE_DELIVERY_LIMIT`` failures; the broker's count, which also has every return of a job
+held by a worker that died, only ends a job when workers cannot count (Redis unreachable)."""
+ACCOUNTING_DELIVERY_LIMIT = 10_000
+"""The accounting queue's: a usage batch cannot poison accounting (a malformed event is
+rejected on its own), so only a bug in accounting itself ever reaches it."""
 DEAD_MAX_LENGTH = 100_000
 DEAD_MAX_BYTES = 512 * 1024 * 1024
 """Bounds of ``<ns>.dead``: beyond them the oldest letters are dropped (see declare_dead)."""
+
+
+_EARLIER_LIMIT = re.compile(r"inequivalent arg 'x-delivery-limit'.* current is '(\d+)'")
+"""The broker's refusal of a declare whose only difference may be the delivery limit."""
+
+
+async def _probe(
+    underlay: aiormq.abc.AbstractChannel, name: str, arguments: dict[str, Any]
+) -> None:
+    """Declare ``name`` on a channel of its own, closed after (the broker closes it first when
+    the queue exists with other arguments)."""
+    probe = await underlay.connection.channel()
+    try:
+        await probe.queue_declare(name, durable=True, arguments=arguments)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
 
 
 @dataclass(frozen=True)
@@ -95,7 +134,6 @@ class Topology:
     """The names of one namespace's exchanges and queues, and how to declare them."""
 
     namespace: str
-    delivery_limit: int = 5
 
     @property
     def jobs_exchange(self) -> str:
@@ -149,10 +187,10 @@ class Topology:
     def dead_queue(self) -> str:
         return f"{self.namespace}.dead"
 
-    def _quorum_args(self) -> dict[str, Any]:
+    def _quorum_args(self, delivery_limit: int) -> dict[str, Any]:
         return {
             "x-queue-type": "quorum",
-            "x-delivery-limit": self.delivery_limit,
+            "x-delivery-limit": delivery_limit,
             "x-dead-letter-exchange": self.dead_exchange,
             # At-least-once dead-lettering: a dead letter is never dropped on the way.
             "x-dead-letter-strategy": "at-least-once",
@@ -192,11 +230,38 @@ class Topology:
         exchange = await self.declare_jobs_exchange(channel)
         await self.declare_dead(channel)
         await self.declare_control_queue(channel, team)
-        queue = await channel.declare_queue(
-            self.team_queue(team), durable=True, arguments=self._quorum_args()
+        queue = await self._declare(
+            channel, self.team_queue(team), self._quorum_args(JOBS_DELIVERY_LIMIT)
         )
         await queue.bind(exchange, routing_key=team)
         return queue
+
+    async def _declare(
+        self, channel: AbstractChannel, name: str, arguments: dict[str, Any]
+    ) -> AbstractQueue:
+        """A durable queue with this version's arguments, or with an earlier version's
+        delivery limit when it was declared so (with a warning); any other difference is
+        refused as before (ChannelPreconditionFailed).
+
+        Tried first on channels of their own: the broker closes the channel of a declare whose
+        arguments differ, and ``channel`` may carry consumers."""
+        underlay = await channel.get_underlay_channel()
+        try:
+            await _probe(underlay, name, arguments)
+        except ChannelPreconditionFailed as exc:
+            earlier = _EARLIER_LIMIT.search(str(exc))
+            if earlier is None:
+                raise
+            arguments = arguments | {"x-delivery-limit": int(earlier[1])}
+            await _probe(underlay, name, arguments)  # only the limit differs, or this raises
+            log.warning(
+                "queue %s has an earlier version's delivery limit (%s): what merely waits in "
+                "a worker that dies counts toward it; move it over as the README says (Poison "
+                "jobs and dead letters)",
+                name,
+                earlier[1],
+            )
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
 
     async def declare_control_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
         """The team's control requests (routing key ``<team>.control``), a queue per team as
@@ -209,12 +274,12 @@ class Topology:
         of no use once its client gave up (it expires with its client's wait).
         """
         exchange = await self.declare_jobs_exchange(channel)
-        queue = await channel.declare_queue(
+        queue = await self._declare(
+            channel,
             self.control_queue(team),
-            durable=True,
-            arguments={
+            {
                 "x-queue-type": "quorum",
-                "x-delivery-limit": self.delivery_limit,
+                "x-delivery-limit": CONTROL_DELIVERY_LIMIT,
                 "x-max-length": CONTROL_MAX_LENGTH,
                 "x-overflow": "reject-publish",
             },
@@ -304,8 +369,8 @@ class Topology:
             self.usage_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
         await self.declare_dead(channel)
-        queue = await channel.declare_queue(
-            self.accounting_queue, durable=True, arguments=self._quorum_args()
+        queue = await self._declare(
+            channel, self.accounting_queue, self._quorum_args(ACCOUNTING_DELIVERY_LIMIT)
         )
         await queue.bind(exchange)
         return exchange

@@ -126,7 +126,7 @@ class Gateway:
         self.mock = mock
         self.worker = worker
         self.pool = pool
-        self.topology = Topology(settings.namespace, settings.delivery_limit)
+        self.topology = Topology(settings.namespace)
         self._stop = stop
         self._working = working
 

@@ -61,7 +61,7 @@ async def usage_exchange(settings: Settings) -> AsyncIterator[AbstractExchange]:
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        topology = Topology(settings.namespace, settings.delivery_limit)
+        topology = Topology(settings.namespace)
         yield await topology.declare_usage(channel)
 
 

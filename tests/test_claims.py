@@ -17,10 +17,10 @@ from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
+from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from tests.support import Gateway, running_gateway, wait_until
-from workers.claims import _source
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 SLOW = MockConfig(default=Behavior(latency_ms=300))
@@ -193,14 +193,14 @@ async def test_a_claim_sent_again_by_its_own_delivery_is_still_its_own(
 ) -> None:
     # The Redis client re-sends a command whose connection broke, though the script may have
     # run: the delivery that claimed must not find itself "busy" and wait out its own lease.
-    claim = redis_client.register_script(_source("claim"))
+    claim = redis_client.register_script(lua_source("workers", "claim"))
     keys = Keys(settings.redis_prefix)
     names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
-    names += [keys.memory_epoch, keys.replication]
+    names += [keys.memory_epoch, keys.replication, keys.failures("alpha", "j1")]
     fingerprint = "f" * 64
-    first = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
-    again = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60])
-    other = await claim(keys=names, args=["worker/b", 10_000, fingerprint, 60])
+    first = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60, 5])
+    again = await claim(keys=names, args=["worker/a", 10_000, fingerprint, 60, 5])
+    other = await claim(keys=names, args=["worker/b", 10_000, fingerprint, 60, 5])
     assert first[0] == again[0] == b"claimed"
     assert other[0] == b"busy" and other[1] == b"worker/a"
 
@@ -210,7 +210,7 @@ async def test_an_outcome_stored_again_by_its_own_delivery_is_still_its_own(
 ) -> None:
     # The Redis client re-sends a store whose connection broke after it ran: the delivery
     # must announce its own outcome, not find it "stored first by another delivery".
-    finish = redis_client.register_script(_source("finish"))
+    finish = redis_client.register_script(lua_source("workers", "finish"))
     keys = Keys(settings.redis_prefix)
     names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
     first = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])

@@ -20,7 +20,12 @@ from queuegate.errors import ConfigError
 from queuegate.messages import ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON, Topology
+from queuegate.topology import (
+    HEADER_DEAD_DETAIL,
+    HEADER_DEAD_QUEUE,
+    HEADER_DEAD_REASON,
+    Topology,
+)
 from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
 
@@ -67,12 +72,11 @@ async def test_a_job_that_fails_every_delivery_is_dead_lettered_at_the_limit(
             # When it is published
             await _publish_job(gw, channel, "poison-1", refusing)
 
-            # Expect the broker to dead-letter it once its deliveries run out, saying why
+            # Expect the worker to dead-letter it once its failures pass the limit, saying why
             [dead] = await gw.dead_letters(1)
-            death = _death(dead)
             assert dead.message_id == "poison-1"
-            assert death["reason"] == "delivery_limit"
-            assert death["queue"] == gw.topology.team_queue("alpha")
+            assert dead.headers[HEADER_DEAD_REASON] == "delivery_limit"
+            assert dead.headers[HEADER_DEAD_QUEUE] == gw.topology.team_queue("alpha")
             # ... after its first delivery and `delivery_limit` more
             failures = [r for r in caplog.records if "failed in the worker" in str(r.msg)]
             assert len(failures) == settings.delivery_limit + 1
@@ -309,3 +313,44 @@ async def test_copies_of_a_refused_job_whose_reply_queue_went_are_each_refused_o
     assert len(rows) == COPIES + 1
     assert await _depth(settings, gw.topology.team_queue("alpha")) == 0
     assert await _depth(settings, gw.topology.dead_queue) == 0
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    await message.ack()
+
+
+async def test_a_team_queue_an_earlier_version_declared_is_used_as_it_is(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        # Given a team queue declared as earlier versions did: the poison limit as its argument
+        channel = await connection.channel()
+        await channel.declare_queue(
+            topology.team_queue("alpha"),
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 5,
+                "x-dead-letter-exchange": topology.dead_exchange,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        # When this version declares it on a channel that already consumes from another queue
+        other = await channel.declare_queue(exclusive=True)
+        await other.consume(_ack)
+        queue = await topology.declare_team_queue(channel, "alpha")
+
+        # Expect it used as it is (bound, the channel open), with a warning naming it
+        confirmed = await connection.channel(publisher_confirms=True)
+        exchange = await confirmed.get_exchange(topology.jobs_exchange)
+        await exchange.publish(aio_pika.Message(b"{}"), routing_key="alpha")
+        message = await queue.get(timeout=10)
+        await message.ack()
+        assert not channel.is_closed
+        assert any(
+            topology.team_queue("alpha") in r.getMessage() and "earlier version" in r.getMessage()
+            for r in caplog.records
+        )

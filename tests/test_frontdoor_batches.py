@@ -106,7 +106,7 @@ async def front_door(
 async def keys(settings: Settings) -> dict[str, str]:
     """Teams alpha and beta, registered with their queues (as ``teams add`` leaves them, so
     their jobs wait there while no worker serves them), and an API key each."""
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = Topology(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()

@@ -15,6 +15,7 @@ from admin.usage import team_month
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.topology import HEADER_DEAD_REASON
 from tests.proxy import TcpProxy
 from tests.support import running_gateway, wait_until
 from tests.teams import register
@@ -195,8 +196,7 @@ async def test_a_job_held_for_postgresql_past_its_time_limit_goes_back_uncalled(
             # Expect it back in its queue after each time limit, dead-lettered at the
             # delivery limit, and never called
             [dead] = await gw.dead_letters(1)
-            deaths = (dead.headers or {})["x-death"]
-            assert isinstance(deaths, list) and deaths[0]["reason"] == "delivery_limit"
+            assert dead.headers[HEADER_DEAD_REASON] == "delivery_limit"
             assert dead.message_id == "held"
             assert gw.mock.stats.calls == 0
 

@@ -117,7 +117,7 @@ async def test_status_reports_breaker_state_and_error_rate_per_deployment(
 
 async def test_a_watching_reader_sees_the_queue_depth_change(settings: Settings) -> None:
     # Given team alpha's queue holding 2 jobs, and a reader kept open as --watch keeps it
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = Topology(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection, StatusReader(settings) as reader:
         channel = await connection.channel(publisher_confirms=True)

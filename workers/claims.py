@@ -74,6 +74,13 @@ class Busy(Exception):
     """Another delivery holds the job beyond the wait: this one goes back to its queue."""
 
 
+class Poison(Exception):
+    """The job failed more deliveries than the delivery limit: it is dead-lettered, uncalled.
+
+    Counted here, not by the broker: a job that only waited in a worker's prefetch when the
+    worker died comes back too, and the broker counts that return as a delivery."""
+
+
 class LostCall(Attempt):
     """A call a lapsed owner of the claim had sent: the provider may bill it, though no
     outcome records it. On the usage event it is an attempt with error ``lost``."""
@@ -99,8 +106,10 @@ class Claims:
         wait: float,
         ttl: int,
         lookup_wait: float,
+        delivery_limit: int,
     ) -> None:
         self._client = client
+        self._limit = delivery_limit
         self._keys = keys
         self._usage = usage
         self._worker = worker
@@ -142,17 +151,21 @@ class Claims:
 
     async def take(self, job: ChatJob, *, redelivered: bool) -> Claim | Outcome:
         """The job held by this delivery, or its stored outcome; waits while another delivery
-        holds it. Raises IdempotencyConflict, AlreadyAnswered, or Busy past ``claim_wait``."""
+        holds it. Raises IdempotencyConflict, AlreadyAnswered, Busy past ``claim_wait``, or
+        Poison past the delivery limit."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
+        failures = self._keys.failures(job.team, job.job_id)
         fingerprint = digest(job)
         owner = f"{self._worker}/{uuid.uuid4().hex[:12]}"
-        args: list[str | int] = [owner, self._lease_ms, fingerprint, self._ttl]
+        args: list[str | int] = [owner, self._lease_ms, fingerprint, self._ttl, self._limit]
         give_up = time.monotonic() + self._wait
         pause = FIRST_POLL
         while True:
             try:
-                reply = await self._claim(keys=[key, result, *self._epoch_keys], args=args)
+                reply = await self._claim(
+                    keys=[key, result, *self._epoch_keys, failures], args=args
+                )
             except RedisError as exc:
                 self._outage.failed(exc)
                 # Unclaimed, and the memory epoch unknown: never past PostgreSQL's record
@@ -165,6 +178,11 @@ class Claims:
                 raise IdempotencyConflict(
                     f"job id {job.job_id!r} was already used for a different request; "
                     "give each request its own job id"
+                )
+            if status == "poison":
+                raise Poison(
+                    f"job {job.job_id} failed {int(reply[1])} deliveries (died in a provider "
+                    f"call, or returned on a failure), past the delivery limit of {self._limit}"
                 )
             if status == "stored":
                 stored = stored_outcome(reply[1])
@@ -189,6 +207,17 @@ class Claims:
             await claim.abandon()
             raise
         return claim
+
+    async def returned(self, team: str, job_id: str) -> None:
+        """Count a delivery of the job that a worker returns to its queue on a failure."""
+        key = self._keys.failures(team, job_id)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, self._ttl)
+                await pipe.execute()
+        except RedisError as exc:
+            self._outage.failed(exc)  # then only the broker's far limit counts it
 
     async def _not_accounted(self, job: ChatJob) -> None:
         """Raise AlreadyAnswered when PostgreSQL records the job's usage; wait while it

@@ -45,7 +45,7 @@ from workers import spans
 from workers.admission import Admission
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
-from workers.claims import Busy, Claim, Claims
+from workers.claims import Busy, Claim, Claims, Poison
 from workers.gate import Gate
 from workers.outcome import Announcement, Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
@@ -114,7 +114,10 @@ class JobProcessor:
         except Busy as exc:
             # Not called meanwhile: the job comes back, and by then has its outcome.
             log.info("%s past the wait; returning this delivery to the queue", exc)
-            await self._requeue(message, exc)
+            await self._requeue(message, team, exc)
+        except Poison as exc:
+            log.error("%s; dead-lettering it", exc)
+            await self._dead_letter_poison(message, team, queue, exc)
         except CONNECTION_LOST as exc:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
@@ -123,17 +126,39 @@ class JobProcessor:
                 tracing.failed(tracing.current(), exc)
         except ServiceUnavailable as exc:
             log.warning("job %s: %s", message.message_id, exc)
-            await self._requeue(message, exc)
+            await self._requeue(message, team, exc)
         except Exception as exc:
             log.exception(
                 "job %s failed in the worker; returning it to the queue", message.message_id
             )
-            await self._requeue(message, exc)
+            await self._requeue(message, team, exc)
 
-    async def _requeue(self, message: AbstractIncomingMessage, why: Exception) -> None:
+    async def _requeue(self, message: AbstractIncomingMessage, team: str, why: Exception) -> None:
         if tracing.ON:
             tracing.failed(tracing.current(), why)
+        if message.message_id:  # the job's id (checked against the body before any claim)
+            await self._claims.returned(team, message.message_id)
         await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
+
+    async def _dead_letter_poison(
+        self, message: AbstractIncomingMessage, team: str, queue: str, why: Poison
+    ) -> None:
+        """Dead-letter a job past the delivery limit as the broker would have (no answer, no
+        usage row; ``dlq replay`` brings it back for as many failures again)."""
+        try:
+            await self._publisher.dead_letter(
+                message,
+                reason="delivery_limit",
+                detail=str(why),
+                queue=queue,
+                user=self._gate.first_user(message),
+                first=self._gate.first_cause(message),
+            )
+        except Exception as exc:
+            log.exception("job %s could not be dead-lettered; it comes back", message.message_id)
+            await self._requeue(message, team, exc)
+            return
+        await settle(message.ack(), f"acknowledge dead-lettered job {message.message_id}", log)
 
     async def _process(
         self, message: AbstractIncomingMessage, team: str, queued_ms: float

@@ -77,7 +77,7 @@ class Worker:
         self._router = router
         self._fixed_teams = [check_team_name(team) for team in teams] if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self._topology = Topology(settings.namespace, settings.delivery_limit)
+        self._topology = Topology(settings.namespace)
         self._consumers: dict[str, _TeamConsumer] = {}
         self._reopening: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -137,6 +137,7 @@ class Worker:
             wait=s.claim_wait,
             ttl=s.result_ttl,
             lookup_wait=s.job_time_limit,
+            delivery_limit=s.delivery_limit,
         )
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))

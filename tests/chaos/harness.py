@@ -54,9 +54,7 @@ async def declare_teams(settings: Settings, teams: Sequence[str] = TEAMS) -> Non
     async with connection:
         channel = await connection.channel()
         for team in teams:
-            await Topology(settings.namespace, settings.delivery_limit).declare_team_queue(
-                channel, team
-            )
+            await Topology(settings.namespace).declare_team_queue(channel, team)
 
 
 def worker_env(settings: Settings, mock: MockProvider, **extra: str) -> dict[str, str]:

@@ -5,10 +5,13 @@
 --          (a value starting with "{" is an outcome stored without a fingerprint)
 -- KEYS[3]  the memory epoch: when Redis may have started forgetting outcomes (ms, 0 = never)
 -- KEYS[4]  the replication id of the Redis the outcomes were stored in
+-- KEYS[5]  the job's failures: deliveries that died in a provider call, or that a worker
+--          returned to the queue on a failure (Claims.returned)
 -- ARGV[1]  owner (worker name and a token of this delivery)
 -- ARGV[2]  lease, ms
 -- ARGV[3]  the request's fingerprint
 -- ARGV[4]  ttl of the claim, seconds (as long as a stored outcome lives)
+-- ARGV[5]  the delivery limit: failures a job may have before it is dead-lettered
 --
 -- Returns one of:
 --   {'conflict'}                        the id is used by a different request
@@ -16,6 +19,19 @@
 --   {'busy', owner, ms}                 another delivery holds it for ms more
 --   {'claimed', lost, epoch}            held now; lost: calls a lapsed owner had in flight
 --                                       (one JSON object a line), epoch: KEYS[3] or ''
+--   {'poison', failures}                more failures than the limit: the worker dead-letters
+--                                       the job, and its count starts again (for a replay)
+
+-- Only failures count, never a return of a job that merely waited in a worker (its prefetch)
+-- when that worker died: the broker counts those too, so its own limit is a far safety net.
+local function poisoned()
+  local failures = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if failures > tonumber(ARGV[5]) then
+    redis.call('DEL', KEYS[5])
+    return failures
+  end
+  return nil
+end
 
 -- A replica promoted to primary (a Sentinel failover), or a primary restarted, has a new
 -- replication id, and may lack the writes its predecessor had not replicated yet (Redis
@@ -34,6 +50,10 @@ local stored = redis.call('GET', KEYS[2])
 if stored then
   if string.sub(stored, 1, 1) ~= '{' and string.sub(stored, 1, 64) ~= ARGV[3] then
     return {'conflict'}
+  end
+  local failures = poisoned()
+  if failures then
+    return {'poison', failures}
   end
   return {'stored', stored}
 end
@@ -57,10 +77,21 @@ end
 
 -- Free, or its owner's lease lapsed (the owner died): take it over, keeping the call the
 -- owner had in flight, which the provider may bill though no outcome records it.
+-- An owner that died with a call recorded died in (or right after) that call: a failure.
 lost = lost or ''
 if attempt then
   lost = lost .. attempt .. '\n'
   redis.call('HDEL', KEYS[1], 'attempt')
+  redis.call('INCR', KEYS[5])
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[4]))
+end
+local failures = poisoned()
+if failures then
+  -- Not held: the lost calls stay on record for the delivery that answers it (a replay).
+  redis.call('HDEL', KEYS[1], 'owner', 'lease')
+  redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'lost', lost)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  return {'poison', failures}
 end
 redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
   string.format('%d', now + tonumber(ARGV[2])),
