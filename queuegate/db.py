@@ -85,7 +85,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
             init=_init_connection,
         )
     except _CONNECT_ERRORS as exc:
-        raise _unreachable(settings) from exc
+        raise ServiceUnavailable(database_unreachable(settings)) from exc
     try:
         # Also the first connection when min_size is 0: a wrong URL fails here, not later.
         async with pool.acquire() as conn, conn.transaction():
@@ -93,7 +93,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     except _CONNECT_ERRORS as exc:
         await pool.close()
-        raise _unreachable(settings) from exc
+        raise ServiceUnavailable(database_unreachable(settings)) from exc
     except BaseException:
         await pool.close()
         raise
@@ -124,8 +124,10 @@ async def wait_for_pool(
         delay = min(delay * 2, START_RETRY_MAX)
 
 
-def _unreachable(settings: Settings) -> ServiceUnavailable:
-    return ServiceUnavailable(
+def database_unreachable(settings: Settings) -> str:
+    """The one line that says PostgreSQL did not answer and where it was looked for (no
+    password)."""
+    return (
         f"PostgreSQL is not reachable at {redact_url(settings.database_url)}: "
         "start it or set QUEUEGATE_DATABASE_URL"
     )

@@ -12,6 +12,7 @@ workers share them by, read as ``queuegate deployments`` reads them
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import Counter
@@ -36,6 +37,11 @@ from queuegate.redis_client import lua_source, redis_for, redis_unreachable, tex
 from queuegate.settings import Settings
 from queuegate.spend import ledger_total
 from queuegate.topology import Topology
+
+REDIS_WAIT = 2.0
+"""Seconds each of a read's Redis round trips may take: a hung Redis (stopped, partitioned)
+then reads as unreachable within seconds instead of holding ``--watch`` and the Live page
+for as long as it hangs."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class StatusReader:
         that workers called."""
         try:
             return await self._read(teams, budgets or {}, deployments)
+        # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings)) from exc
 
@@ -128,7 +135,8 @@ class StatusReader:
         assert self._redis is not None and self._live is not None
         keys = self._keys
         now = time.time()
-        view = await read_view(self._redis, keys)
+        async with asyncio.timeout(REDIS_WAIT):
+            view = await read_view(self._redis, keys)
         month = datetime.now(UTC).strftime("%Y-%m")
         names = sorted(set(teams or view.teams))
         deployment_names = sorted(set(listed) | set(view.deployments))
@@ -144,7 +152,8 @@ class StatusReader:
             ]
         for name in deployment_names:
             keys_read += [keys.live_deployment(name, window) for window in windows]
-        replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names)]))
+        async with asyncio.timeout(REDIS_WAIT):
+            replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names)]))
         rows = []
         for team in names:
             sums, waits_seen, ledger_fields, seen = next(replies)
@@ -170,7 +179,8 @@ class StatusReader:
                     budget_usd=budgets.get(team),
                 )
             )
-        health = await read_health(self._redis, keys, deployment_names)
+        async with asyncio.timeout(REDIS_WAIT):
+            health = await read_health(self._redis, keys, deployment_names)
         deployments = []
         for name in deployment_names:
             calls = _counts(next(replies))

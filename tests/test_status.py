@@ -10,12 +10,15 @@ import sys
 from collections.abc import Callable
 
 import aio_pika
+import pytest
 
 from mockprovider import Behavior, MockConfig
+from queuegate.errors import ServiceUnavailable
 from queuegate.metrics import BREAKER_STATE
 from queuegate.settings import Settings
-from queuegate.status import Status, StatusReader
+from queuegate.status import REDIS_WAIT, Status, StatusReader
 from queuegate.topology import Topology
+from tests.proxy import TcpProxy
 from tests.support import running_gateway
 
 JOBS = 8
@@ -135,3 +138,18 @@ async def test_a_watching_reader_sees_the_queue_depth_change(settings: Settings)
     # Expect the second refresh to show the new depth, not the first one again
     assert (before.queue_depth, after.queue_depth) == (2, 5)
     assert (before.consumers, after.consumers) == (0, 0)
+
+
+async def test_a_reader_says_redis_is_unreachable_when_it_hangs(settings: Settings) -> None:
+    # Given a reader kept open, reaching Redis through a proxy
+    async with TcpProxy(settings.redis_url) as proxy:
+        s = settings.model_copy(update={"redis_url": proxy.url})
+        async with StatusReader(s) as reader:
+            await reader.read(["alpha"])
+            # When Redis stops answering, its connections kept open (a stopped process)
+            proxy.hold_replies_after(b"EVALSHA")
+            # Expect the next read to say so within its bound, not to wait as long as it hangs
+            with pytest.raises(ServiceUnavailable, match="Redis is not reachable"):
+                async with asyncio.timeout(REDIS_WAIT + 2):
+                    await reader.read(["alpha"])
+            assert proxy.held.is_set()

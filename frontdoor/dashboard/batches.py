@@ -19,12 +19,13 @@ from fastapi.responses import RedirectResponse, Response
 from frontdoor.batches import records
 from frontdoor.batches.records import BatchRow
 from frontdoor.dashboard import session as sessions
+from frontdoor.dashboard.outage import Guarded
 from frontdoor.dashboard.render import page
 from frontdoor.dashboard.routes import Refused
 from frontdoor.dashboard.session import Session
 from frontdoor.service import Door
 
-router = APIRouter(prefix="/dashboard", include_in_schema=False)
+router = APIRouter(prefix="/dashboard", include_in_schema=False, route_class=Guarded)
 
 Signed = Annotated[Session, Depends(sessions.current)]
 

@@ -31,6 +31,7 @@ from admin.keys import team_keys
 from admin.usage import TREND_DAYS, team_month, usage_rows
 from frontdoor.dashboard import session as sessions
 from frontdoor.dashboard.charts import NEAR, Bar, bars, columns
+from frontdoor.dashboard.outage import RETRY_AFTER, Guarded, Unavailable
 from frontdoor.dashboard.render import page
 from frontdoor.dashboard.session import Session
 from frontdoor.failed_keys import Throttled, client_of
@@ -40,7 +41,7 @@ from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.registry import get_team, list_teams
 from queuegate.reporting import to_json
 
-router = APIRouter(prefix="/dashboard", include_in_schema=False)
+router = APIRouter(prefix="/dashboard", include_in_schema=False, route_class=Guarded)
 
 Signed = Annotated[Session, Depends(sessions.current)]
 
@@ -333,6 +334,21 @@ def install_handlers(app: Any) -> None:
             "and try again.",
         )
 
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        # The Live page's script shows the reason as its stale mark.
+        if request.url.path.endswith(".json"):
+            answer = _json({"stale": True, "reason": str(exc), "at": datetime.now(UTC)}, 503)
+        else:
+            answer = page(
+                "message.html",
+                status=503,
+                title="Unavailable",
+                session=None,
+                message=f"The dashboard cannot answer now. {exc}.",
+            )
+        answer.headers["retry-after"] = str(RETRY_AFTER)
+        return answer
+
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Refused)
         title = "Not found" if exc.status == 404 else "Not allowed"
@@ -341,6 +357,7 @@ def install_handlers(app: Any) -> None:
     app.add_exception_handler(sessions.SignInNeeded, to_sign_in)
     app.add_exception_handler(sessions.BadCsrf, bad_csrf)
     app.add_exception_handler(Refused, refused)
+    app.add_exception_handler(Unavailable, unavailable)
 
 
 def _home(session: Session) -> str:

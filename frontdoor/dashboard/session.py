@@ -15,10 +15,14 @@ The sign-in form, posted before any session exists, is bound the same way to a p
 the form's id in a cookie, its CSRF token in Redis for ``SIGN_IN_TTL`` seconds, taken (and
 forgotten) by the one post that may use it. A cookie planted by another site (a sibling
 domain can set one) names no form this dashboard handed out, whatever token comes with it.
+
+Each read of Redis or PostgreSQL here is bounded (``outage.bounded``): with either away the
+person is shown which one, within seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import secrets
 import time
@@ -29,9 +33,11 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from admin.keys import KeyOwner, live_key_owner
+from frontdoor.dashboard.outage import bounded
 from frontdoor.service import FrontDoor
+from queuegate.db import database_unreachable
 from queuegate.keys import Keys
-from queuegate.redis_client import text
+from queuegate.redis_client import redis_unreachable, text
 
 COOKIE = "queuegate_session"
 SIGN_IN_COOKIE = "queuegate_sign_in"
@@ -73,7 +79,7 @@ async def start(door: FrontDoor, owner: KeyOwner) -> Session:
     session = Session(secrets.token_urlsafe(32), owner.team, owner.key_id, new_token())
     key = _key(door, session.session_id)
     opened = _keys(door).dashboard_sessions(owner.key_id)
-    async with door.redis.pipeline(transaction=True) as pipe:
+    async with _redis(door), door.redis.pipeline(transaction=True) as pipe:
         pipe.hset(
             key,
             mapping={"team": owner.team or "", "key_id": owner.key_id, "csrf": session.csrf},
@@ -85,7 +91,7 @@ async def start(door: FrontDoor, owner: KeyOwner) -> Session:
         *_, oldest = await pipe.execute()
     if oldest:
         ids = [text(old) for old in oldest]
-        async with door.redis.pipeline(transaction=True) as pipe:
+        async with _redis(door), door.redis.pipeline(transaction=True) as pipe:
             pipe.delete(*(_key(door, old) for old in ids))
             pipe.zrem(opened, *ids)
             await pipe.execute()
@@ -93,7 +99,7 @@ async def start(door: FrontDoor, owner: KeyOwner) -> Session:
 
 
 async def end(door: FrontDoor, session: Session) -> None:
-    async with door.redis.pipeline(transaction=True) as pipe:
+    async with _redis(door), door.redis.pipeline(transaction=True) as pipe:
         pipe.delete(_key(door, session.session_id))
         pipe.zrem(_keys(door).dashboard_sessions(session.key_id), session.session_id)
         await pipe.execute()
@@ -101,13 +107,18 @@ async def end(door: FrontDoor, session: Session) -> None:
 
 async def current(request: Request) -> Session:
     """The request's live session; SignInNeeded when there is none, its key was revoked or
-    its team disabled."""
+    its team disabled; Unavailable when Redis or PostgreSQL cannot tell."""
     door: FrontDoor = request.app.state.frontdoor
     session_id = request.cookies.get(COOKIE)
     if not session_id:
         raise SignInNeeded
-    session = await _load(door.redis, _key(door, session_id), session_id)
-    if session is None or not await _key_live(door, session):
+    async with _redis(door):
+        session = await _load(door.redis, _key(door, session_id), session_id)
+    if session is None:
+        raise SignInNeeded
+    async with bounded(database_unreachable(door.settings)):
+        live = await _key_live(door, session)
+    if not live:
         raise SignInNeeded
     return session
 
@@ -123,12 +134,13 @@ async def check_csrf(request: Request, session: Session) -> None:
 async def sign_in_form(door: FrontDoor, form_id: str | None) -> tuple[str, str]:
     """The id and CSRF token of a sign-in form: the one ``form_id`` names while it waits to
     be posted (a reload hands out no second one), else a new one."""
-    if form_id:
-        token = await door.redis.get(_keys(door).dashboard_sign_in(form_id))
-        if token is not None:
-            return form_id, text(token)
-    form_id, token = secrets.token_urlsafe(32), new_token()
-    await door.redis.set(_keys(door).dashboard_sign_in(form_id), token, ex=SIGN_IN_TTL)
+    async with _redis(door):
+        if form_id:
+            token = await door.redis.get(_keys(door).dashboard_sign_in(form_id))
+            if token is not None:
+                return form_id, text(token)
+        form_id, token = secrets.token_urlsafe(32), new_token()
+        await door.redis.set(_keys(door).dashboard_sign_in(form_id), token, ex=SIGN_IN_TTL)
     return form_id, token
 
 
@@ -137,7 +149,8 @@ async def take_sign_in_token(door: FrontDoor, form_id: str | None) -> str | None
     dashboard did not hand out, that expired, or that was posted already."""
     if not form_id:
         return None
-    token = await door.redis.getdel(_keys(door).dashboard_sign_in(form_id))
+    async with _redis(door):
+        token = await door.redis.getdel(_keys(door).dashboard_sign_in(form_id))
     return None if token is None else text(token)
 
 
@@ -172,6 +185,11 @@ async def _load(client: aioredis.Redis, key: str, session_id: str) -> Session | 
 async def _key_live(door: FrontDoor, session: Session) -> bool:
     owner = await live_key_owner(door.pool, session.key_id)
     return owner is not None and owner.team == session.team
+
+
+def _redis(door: FrontDoor) -> contextlib.AbstractAsyncContextManager[None]:
+    """The bound on a read of the sessions' Redis."""
+    return bounded(redis_unreachable(door.settings))
 
 
 def _keys(door: FrontDoor) -> Keys:

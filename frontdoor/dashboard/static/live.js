@@ -108,11 +108,20 @@
     }
   }
 
+  // Why an answer failed: the reason a 503 names (Redis or PostgreSQL away), else its code.
+  async function failure(answer) {
+    try {
+      const body = await answer.json();
+      if (body.reason) return body.reason;
+    } catch (e) { /* not the dashboard's JSON */ }
+    return "the dashboard answered " + answer.status;
+  }
+
   async function poll() {
     try {
       const answer = await fetch(source, { credentials: "same-origin", cache: "no-store" });
       if (answer.status === 401) { window.location = "/dashboard/sign-in"; return; }
-      if (!answer.ok) { stale("the dashboard answered " + answer.status); } else { show(await answer.json()); }
+      if (answer.ok) { show(await answer.json()); } else { stale(await failure(answer)); }
     } catch (e) {
       stale("the dashboard cannot be reached");
     }

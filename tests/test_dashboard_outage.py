@@ -1,0 +1,118 @@
+"""The dashboard while the front door's Redis or PostgreSQL is away (cut off by a proxy; the
+shared services keep running): the Live page marks itself stale naming Redis, its data
+answers a stale payload within the bound instead of a 500 or a hang, and every page a clear
+503."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from admin.keys import issue_admin_key
+from frontdoor.dashboard.outage import WAIT
+from frontdoor.serve import serving
+from queuegate.db import database_unreachable
+from queuegate.redis_client import redis_unreachable
+from queuegate.settings import Settings
+from router import load_catalog
+from tests.dashboard_browser import chromium, sign_in, signed_in
+from tests.proxy import TcpProxy
+from tests.support import running_gateway
+
+ANSWERED_WITHIN = httpx.Timeout(WAIT + 3)
+"""A client that gives up past the bound: a page held as long as the outage fails the test."""
+PAGES = ["/dashboard", "/dashboard/live", "/dashboard/audit", "/dashboard/batches"]
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    admin_key: str
+    proxy: TcpProxy
+    settings: Settings
+    """The front door's: its Redis or PostgreSQL reached through ``proxy``."""
+
+
+@contextlib.asynccontextmanager
+async def _served(settings: Settings, service: str) -> AsyncIterator[Served]:
+    """A gateway on the shared services; the front door before it reaching ``service``
+    (``redis_url`` or ``database_url``) through a proxy."""
+    async with running_gateway(settings) as gateway:
+        admin = await issue_admin_key(gateway.pool, "outage test")
+        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": gateway.mock.url})
+        async with TcpProxy(getattr(settings, service)) as proxy:
+            door = settings.model_copy(update={service: proxy.url})
+            async with serving(door, catalog) as url:
+                yield Served(url, admin.key, proxy, door)
+
+
+async def _answers_unavailable(client: httpx.AsyncClient, reason: str) -> None:
+    """Live data: 503 with a stale payload naming ``reason``; every page: a 503 page saying it."""
+    data = await client.get("/dashboard/live.json")
+    assert data.status_code == 503
+    assert data.json()["stale"] is True
+    assert data.json()["reason"] == reason
+    for path in PAGES:
+        shown = await client.get(path)
+        assert shown.status_code == 503, (path, shown.text)
+        assert shown.headers["retry-after"]
+        assert reason in shown.text
+
+
+async def test_the_live_page_goes_stale_naming_redis_when_it_is_down(settings: Settings) -> None:
+    # Given an administrator watching the Live page, fresh
+    async with _served(settings, "redis_url") as served, chromium() as browser:
+        page = await browser.new_page()
+        await sign_in(page, served.url, served.admin_key)
+        await page.goto(f"{served.url}/dashboard/live")
+        await page.wait_for_selector("#live-state.fresh")
+
+        # When the front door's Redis goes down (connections cut, new ones refused)
+        await served.proxy.down()
+
+        # Expect the page to mark itself stale, naming Redis, without a reload
+        reason = redis_unreachable(served.settings)
+        await page.wait_for_selector("#live-state.stale", timeout=10_000)
+        assert reason in await page.inner_text("#live-state")
+        # and its data and every page to answer 503 within the bound, saying why
+        cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
+        async with httpx.AsyncClient(
+            base_url=served.url, cookies=cookies, timeout=ANSWERED_WITHIN
+        ) as client:
+            await _answers_unavailable(client, reason)
+            form = await client.get("/dashboard/sign-in")
+            assert form.status_code == 503 and reason in form.text
+        # and the Live page, loaded afresh, to render as a page
+        reloaded = await page.goto(f"{served.url}/dashboard/live")
+        assert reloaded is not None and reloaded.status == 503
+        assert reason in await page.inner_text("main")
+
+
+async def test_a_hung_redis_answers_stale_within_the_bound(settings: Settings) -> None:
+    async with (
+        _served(settings, "redis_url") as served,
+        httpx.AsyncClient(base_url=served.url, timeout=ANSWERED_WITHIN) as client,
+    ):
+        await signed_in(client, served.admin_key)
+        assert (await client.get("/dashboard/live.json")).status_code == 200
+        # When the front door's Redis stops answering, its connections kept open (a stopped
+        # process, a partition): a session's read is the first to wait
+        served.proxy.hold_replies_after(b"HGETALL")
+        # Expect the Live data and every page to answer 503 within the bound, naming Redis
+        await _answers_unavailable(client, redis_unreachable(served.settings))
+        assert served.proxy.held.is_set()
+
+
+async def test_pages_say_postgresql_is_down(settings: Settings) -> None:
+    async with (
+        _served(settings, "database_url") as served,
+        httpx.AsyncClient(base_url=served.url, timeout=ANSWERED_WITHIN) as client,
+    ):
+        await signed_in(client, served.admin_key)
+        # When the front door's PostgreSQL goes down
+        await served.proxy.down()
+        # Expect every page to answer 503 within the bound, naming PostgreSQL
+        await _answers_unavailable(client, database_unreachable(served.settings))
