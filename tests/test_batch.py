@@ -21,7 +21,7 @@ from anthropic.types.messages import MessageBatchIndividualResponse
 from openai.types.chat import ChatCompletion
 
 from mockprovider import Behavior, MockConfig
-from producer import batch_list, batch_status, cancel_batch, collect, submit_batch
+from producer import GatewayClient, batch_list, batch_status, cancel_batch, collect, submit_batch
 from producer.batch import BatchStatus
 from queuegate.control import Counts
 from queuegate.errors import BatchError, BatchInvalid, ControlRefused, PublishRefused
@@ -414,6 +414,37 @@ async def test_cancel_stops_the_jobs_a_worker_holds_waiting_for_admission(
     assert {row["error_code"] for row in canceled} == {"canceled"}
     assert all(row["cost_usd"] == 0 for row in canceled)
     assert report.counts.canceled == 12 - calls
+
+
+async def test_cancel_ends_a_slow_teams_batch_at_once_and_frees_its_live_traffic(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a team admitted one request every 10 s, and a batch of 20 requests, most of
+    # them held by the worker waiting their turn (at that rate, 190 s of turns)
+    await register(settings, "alpha", TeamConfig(rpm=6, burst=1))
+    source = write_jsonl(tmp_path / "cancel.jsonl", [openai_line(i) for i in range(20)])
+    out = tmp_path / "out.jsonl"
+    async with (
+        running_gateway(settings) as gw,
+        GatewayClient(alpha.settings, **alpha.who) as client,
+    ):
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await wait_until(lambda: gw.mock.stats.calls >= 1, timeout=30)
+        # When the batch is canceled after its first call, and the team then sends a request
+        await cancel_batch(alpha.settings, "cancel", **alpha.who)
+        at_cancel = gw.mock.stats.calls
+        live = client.chat("gpt-4o-mini", [{"role": "user", "content": "Hi"}], timeout=20)
+        ending = collect(alpha.settings, "cancel", out, idle=0.2, **alpha.who)
+        # Expect the batch to end, and the request to be answered, within the bucket's next
+        # turn (10 s): not after the turns of the lines that were waiting
+        report, answer = await asyncio.wait_for(asyncio.gather(ending, live), 20)
+        calls = gw.mock.stats.calls
+
+    # Expect no canceled line called: the only call since the cancel is the live request's
+    assert answer.content
+    assert at_cancel == 1 and calls == at_cancel + 1
+    assert report.counts.done == at_cancel
+    assert report.counts.canceled == 20 - at_cancel
 
 
 async def test_requests_past_the_deadline_are_written_expired(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -10,6 +11,7 @@ from redis.exceptions import RedisError
 from queuegate.errors import Canceled
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from workers.admission import Check
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,14 @@ class BatchCancels:
         self._client = client
         self._keys = keys
 
-    async def check(self, job: ChatJob) -> None:
+    def watch(self, job: ChatJob) -> Check | None:
+        """The check to run while the job waits for admission; None for a job of no batch."""
+        if not isinstance(job.metadata.get("batch"), str):
+            return None
+        # Run every second or so while Redis may be away: the outage is logged elsewhere.
+        return partial(self.check, job, warn=False)
+
+    async def check(self, job: ChatJob, *, warn: bool = True) -> None:
         """Raise Canceled when the job's batch was canceled."""
         batch = job.metadata.get("batch")
         if not isinstance(batch, str):
@@ -35,7 +44,10 @@ class BatchCancels:
         try:
             canceled = await self._client.exists(self._keys.batch_canceled(job.team, batch))
         except RedisError as exc:
-            log.warning("cannot read the cancel flag of batch %s (%s)", batch, type(exc).__name__)
+            level = logging.WARNING if warn else logging.DEBUG
+            log.log(
+                level, "cannot read the cancel flag of batch %s (%s)", batch, type(exc).__name__
+            )
             return
         if canceled:
             raise Canceled(f"batch {batch} was canceled before this request was served")

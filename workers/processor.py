@@ -303,16 +303,14 @@ class JobProcessor:
         deadline = limit if deadline is None else min(deadline, limit)
         await self._cancels.check(job)
         self._router.check(job)
-        admitting = self._admission.admit(job, deadline)
+        # Checked again while it waits for admission, and once admitted (Admission.admit).
+        admitting = self._admission.admit(job, deadline, self._cancels.watch(job))
         if tracing.ON:
             attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}
             admitting = tracing.traced(admitting, f"admission {job.team}", attributes=attributes)
         ticket = await admitting
         spent: Routed | Billed | None = None
         try:
-            # Again once admitted: a job can wait here (a team at its rpm) long after its
-            # batch was canceled, and must not be called then. Its admission is refunded.
-            await self._cancels.check(job)
             routed = await self._router.complete(
                 job,
                 deadline=deadline,

@@ -81,10 +81,13 @@ def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
     return Take(reply[0] == 1, int(reply[1]))
 
 
-def settle_call(limits: Sequence[Limit], tokens_back: int) -> Call | None:
+def settle_call(limits: Sequence[Limit], tokens_back: int, requests_back: int = 0) -> Call | None:
     """The script call that gives ``tokens_back`` to every bucket (negative: takes more, into
-    debt if need be), to run with a job's other settles; None when it has nothing to do."""
-    return _call(limits, "settle", 0, tokens_back, 0) if limits and tokens_back else None
+    debt if need be), and ``requests_back`` (a request taken for a call never made), to run
+    with a job's other settles; None when it has nothing to do."""
+    if not limits or not (tokens_back or requests_back):
+        return None
+    return _call(limits, "settle", requests_back, tokens_back, 0)
 
 
 def too_large(limit: Limit, tokens: int) -> InvalidRequest:

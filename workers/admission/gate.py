@@ -46,6 +46,13 @@ T = TypeVar("T")
 LEASE_SLACK = 60.0
 """Seconds a job's budget reservation outlives its time limit before it lapses."""
 
+CHECK_SECONDS = 1.0
+"""How often a job waiting for its buckets runs its check (its batch not canceled): a job
+that must not be served any more leaves within that, not when its turn comes."""
+
+Check = Callable[[], Awaitable[None]]
+"""Raises a JobError when the job must not be served any more (its batch was canceled)."""
+
 
 class Admission:
     """One per worker process; ``update`` hands it the registry's team configs."""
@@ -108,8 +115,13 @@ class Admission:
             lock = self._lines[key] = asyncio.Lock()
         return lock
 
-    async def admit(self, job: ChatJob, deadline: float | None) -> Ticket:
+    async def admit(
+        self, job: ChatJob, deadline: float | None, check: Check | None = None
+    ) -> Ticket:
         """Reserve the job's budget, then wait until the team's buckets admit it.
+
+        ``check`` runs while the job waits for a bucket and once it is admitted: what it
+        raises ends the wait, and gives back what the job took.
 
         Raises BudgetExhausted, RateLimited, or InvalidRequest (larger than a bucket).
         """
@@ -118,7 +130,7 @@ class Admission:
         if deadline is not None:
             until = min(until, deadline)
         needed = estimate(job, self._catalog, config, self._settings.expected_output_tokens)
-        ticket = Ticket(self, job.team, needed, until)
+        ticket = Ticket(self, job.team, needed, until, check)
         limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
         # The first try at the team's buckets rides with the budget's reservation, in one
         # round trip, unless jobs already wait in line for them (see Ticket.take).
@@ -143,6 +155,14 @@ class Admission:
             ticket.team_limits = limits
             if tried is None or not taken(limits, tokens, tried).taken:
                 await ticket.take(limits, tried=tried is not None)
+            if check is not None:
+                # Again once admitted: the job may have waited long after its batch was
+                # canceled. Its request goes back here, its tokens and budget below.
+                try:
+                    await check()
+                except BaseException:
+                    await self.give_back(limits)
+                    raise
         except BaseException:
             await ticket.settle(None)
             raise
@@ -158,6 +178,12 @@ class Admission:
             lambda: self._local.take(limits, tokens, within_ms),
             until,
         )
+
+    async def give_back(self, limits: list[Limit]) -> None:
+        """Return the request a job took from ``limits`` for a call it will not make."""
+        call = settle_call(limits, 0, requests_back=1)
+        if call is not None:
+            await self.settle([call], None, 0)
 
     async def drain(self, limit: Limit) -> None:
         await self._best_effort(partial(self._buckets.drain, [limit]))
@@ -246,8 +272,16 @@ async def _pause(until: float, cause: Exception, what: str) -> None:
 class Ticket:
     """A job's admission: what it reserved, where; the router's gate before each attempt."""
 
-    def __init__(self, admission: Admission, team: str, estimate: Estimate, until: float) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        team: str,
+        estimate: Estimate,
+        until: float,
+        check: Check | None = None,
+    ) -> None:
         self._admission = admission
+        self._check = check
         self._team = team
         self.estimate = estimate
         self._until = until
@@ -296,14 +330,7 @@ class Ticket:
         # waiter at every refill; and at most one reservation per process and bucket, all a
         # worker that dies while waiting can waste.
         scopes = ", ".join(limit.scope for limit in limits)
-        try:
-            async with asyncio.timeout(max(0.0, self._until - time.monotonic())):
-                await line.acquire()
-        except TimeoutError as exc:
-            raise RateLimited(
-                f"{scopes}: over its rate limit; the jobs ahead of this one took until its "
-                "deadline or the maximum wait"
-            ) from exc
+        await self._join(line, scopes)
         try:
             within = math.floor((self._until - time.monotonic()) * 1000)
             taken, wait_ms = await self._take(limits, within_ms=max(0, within))
@@ -313,9 +340,48 @@ class Ticket:
                     f"{wait_ms / 1000:.1f} s more than its deadline or the maximum wait allow",
                     retry_after_ms=wait_ms,
                 )
-            await asyncio.sleep(wait_ms / 1000)
+            try:
+                await self._sleep(wait_ms / 1000)
+            except BaseException:
+                # Its reservation is for a call it will not make: the jobs behind have it.
+                await self._admission.give_back(limits)
+                raise
         finally:
             line.release()
+
+    async def _join(self, line: asyncio.Lock, scopes: str) -> None:
+        """Wait for ``line`` until the job's deadline or the maximum wait, running the job's
+        check meanwhile: a job that must not be served leaves its place, and whoever is
+        behind it moves up, rather than holding the line until its turn."""
+        acquiring = asyncio.ensure_future(line.acquire())
+        try:
+            while True:
+                left = self._until - time.monotonic()
+                every = left if self._check is None else min(left, CHECK_SECONDS)
+                if (await asyncio.wait({acquiring}, timeout=max(0.0, every)))[0]:
+                    return
+                if left <= every:
+                    raise RateLimited(
+                        f"{scopes}: over its rate limit; the jobs ahead of this one took "
+                        "until its deadline or the maximum wait"
+                    )
+                if self._check is not None:
+                    await self._check()
+        except BaseException:
+            if not acquiring.cancel():  # it got the line meanwhile
+                line.release()
+            raise
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait for a reservation's turn, running the job's check meanwhile."""
+        if self._check is None:
+            await asyncio.sleep(seconds)
+            return
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, CHECK_SECONDS))
+            if left > CHECK_SECONDS:
+                await self._check()
 
     async def _take(self, limits: list[Limit], within_ms: int) -> Take:
         return await self._admission.take(limits, self.estimate.tokens, within_ms, self._until)

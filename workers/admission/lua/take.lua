@@ -2,7 +2,8 @@
 --
 -- KEYS[i]   one bucket per scope: a hash {r = requests left, t = tokens left, ts = µs}
 -- ARGV[1]   "take": take ARGV[2] requests and ARGV[3] tokens from every bucket, or nothing
---           "settle": give back ARGV[3] tokens (negative: take them, even into debt)
+--           "settle": give back ARGV[2] requests (a reservation given up before its call)
+--           and ARGV[3] tokens (negative: take them, even into debt)
 --           "drain": empty the requests (the provider answered 429: it admits fewer)
 -- ARGV[2]   requests
 -- ARGV[3]   tokens
@@ -74,7 +75,7 @@ for i, key in ipairs(KEYS) do
     if rate > 0 then
       if mode == 'take' then
         level[d] = level[d] - need[d]
-      elseif mode == 'settle' and d == 2 then
+      elseif mode == 'settle' then
         level[d] = math.min(cap, level[d] + need[d])
       elseif mode == 'drain' and d == 1 then
         level[d] = math.min(level[d], 0)
