@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import openai
 import pytest
 
+from frontdoor.routes.jobs import STORE_WAIT
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, open_door
@@ -74,27 +76,42 @@ async def test_a_frozen_redis_after_the_publish_does_not_hold_the_answer(
         async with (
             open_door(settings, mock_config=slow, door_settings=frozen) as door,
             door.client(timeout=TIMEOUT + 10) as client,
+            httpx.AsyncClient(base_url=door.url, timeout=STORE_WAIT + 10) as http,
         ):
             mock = door.gateway.mock
             try:
                 # When a request with a 5 s timeout is published, then Redis freezes
                 started = time.monotonic()
-                answering = client.chat.completions.with_raw_response.create(
-                    model="gpt-4o-mini",
-                    messages=HELLO,
-                    extra_headers={"x-queuegate-timeout": f"{TIMEOUT:g}"},
+                answering = asyncio.ensure_future(
+                    client.chat.completions.with_raw_response.create(
+                        model="gpt-4o-mini",
+                        messages=HELLO,
+                        extra_headers={"x-queuegate-timeout": f"{TIMEOUT:g}"},
+                    )
                 )
-                task = asyncio.ensure_future(answering)
                 await wait_until(lambda: mock.stats.calls == 1)
                 proxy.hang()
-                raw = await task
+                raw = await answering
                 took = time.monotonic() - started
+
+                # and the caller reads the job back by id while Redis is still frozen
+                job_id = raw.headers["x-queuegate-job-id"]
+                started = time.monotonic()
+                auth = {"authorization": f"Bearer {door.keys['alpha']}"}
+                read = await http.get(f"/v1/jobs/{job_id}", headers=auth)
+                read_took = time.monotonic() - started
             finally:
                 await proxy.up()
 
-    # Expect the job's answer, naming it, within the timeout; the provider called once
-    assert raw.status_code == 200
-    assert raw.headers["x-queuegate-job-id"]
-    assert raw.parse().choices[0].message.content
-    assert took < TIMEOUT + MARGIN
-    assert mock.stats.calls == 1
+            # Expect the job's answer, naming it, within the timeout; the provider called once
+            assert raw.status_code == 200
+            assert raw.parse().choices[0].message.content
+            assert took < TIMEOUT + MARGIN
+            assert mock.stats.calls == 1
+
+            # and the read by id answered within its bound: ask again, no resubmission
+            assert read.status_code == 503
+            assert job_id in read.json()["error"]["message"]
+            assert read_took < STORE_WAIT + MARGIN
+            again = await http.get(f"/v1/jobs/{job_id}", headers=auth)
+            assert again.status_code == 200
