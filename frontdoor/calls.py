@@ -12,6 +12,9 @@ The steps every route that runs a chat job shares, whatever API it speaks::
   different request under the key is ``idempotency_conflict`` at once, never published.
 - A team whose budget is spent already is refused ``budget_exhausted`` before publishing
   (``BudgetGate``); the workers' admission stays the authority on every job published.
+- What asks Redis comes before the publish, within the caller's timeout: a Redis that does
+  not answer by then is ``service_unavailable`` (retry; nothing was published). Once the
+  job is out, the caller gets its result or ``deadline_exceeded`` naming it, never a retry.
 - ``run_job`` raises ApiError for a result in error, ``deadline_exceeded`` (504) when
   the caller's timeout passes first: the job may still finish, and ``GET /v1/jobs/<id>``
   reads its outcome then.
@@ -42,16 +45,13 @@ async def run_job(
     door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
 ) -> ChatResult:
     """The job's result, ``ok``; ApiError for any other ending."""
-    stored = await _admit(door, caller, job, options)
+    deadline = _deadline(options)
+    stored = await _admit(door, caller, job, options, deadline)
     if stored is not None:
         return _ok(stored)
-    bound = options.idempotency_key is not None
-    await asyncio.gather(
-        door.outcomes.accept(caller.team, job.job_id),
-        door.bridge.submit(job, caller, bound=bound),
-    )
+    await door.bridge.submit(job, caller, bound=options.idempotency_key is not None)
     try:
-        result = await door.bridge.wait(job.job_id, options.timeout)
+        result = await door.bridge.wait(job.job_id, _left(deadline))
     except TimeoutError:
         raise _late(job, options.timeout) from None
     return _ok(result)
@@ -62,26 +62,48 @@ async def publish_job(
 ) -> None:
     """Publish the job for a caller who reads its answer later (``GET /v1/jobs/<id>``),
     unless it was answered already."""
-    if await _admit(door, caller, job, options) is None:
-        await door.outcomes.accept(caller.team, job.job_id)
+    if await _admit(door, caller, job, options, _deadline(options)) is None:
         await door.bridge.publish(job, caller)
 
 
 async def _admit(
-    door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
+    door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions, deadline: float
 ) -> ChatResult | None:
-    """What holds before a job is published: its Idempotency-Key bound to this request, and
-    a budget not spent already. The stored result, when the request was answered."""
-    retry = False
-    if options.idempotency_key is not None:
-        binding = await door.outcomes.bind(job)
-        if binding.answered is not None:
-            return binding.answered
-        retry = binding.retry
-    if not retry:
-        # A retry's job may be in flight, holding its budget: the worker tells it apart.
-        await door.budgets.refuse_spent(caller.team, job)
+    """What holds before a job is published: its Idempotency-Key bound to this request, a
+    budget not spent already, and its id accepted (``Outcomes.accept``). The stored result,
+    when the request was answered.
+
+    Every step asks Redis, so all are done by ``deadline``, or the caller is told to retry:
+    nothing was published. Nothing after the publish asks Redis, so a caller whose job went
+    out is answered by its result or ``deadline_exceeded`` naming it, never told to retry."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            retry = False
+            if options.idempotency_key is not None:
+                binding = await door.outcomes.bind(job)
+                if binding.answered is not None:
+                    return binding.answered
+                retry = binding.retry
+            if not retry:
+                # A retry's job may be in flight, holding its budget: the worker tells it apart.
+                await door.budgets.refuse_spent(caller.team, job)
+            await door.outcomes.accept(caller.team, job.job_id)
+    except TimeoutError:
+        raise ApiError(
+            "service_unavailable",
+            f"Redis did not answer within the request's {options.timeout:g} s; nothing was "
+            "published: retry shortly",
+        ) from None
     return None
+
+
+def _deadline(options: RequestOptions) -> float:
+    """When the caller stops waiting, on the event loop's clock."""
+    return asyncio.get_running_loop().time() + options.timeout
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
 @dataclass
@@ -100,14 +122,14 @@ async def open_stream(
     """The job's stream, its first chunk taken; ApiError when it ended in an error first.
 
     ``streamed`` tells the bridge once done with it (``Opened.bridged``)."""
-    stored = await _admit(door, caller, job, options)
+    deadline = _deadline(options)
+    stored = await _admit(door, caller, job, options, deadline)
     if stored is not None:
         stream = ChatStream(job.job_id, _nothing, None)
         stream.result = _ok(stored)
         return Opened(stream, None, bridged=False)
-    await door.outcomes.accept(caller.team, job.job_id)
     bound = options.idempotency_key is not None
-    stream = door.bridge.stream(job, caller, options.timeout, bound=bound)
+    stream = door.bridge.stream(job, caller, _left(deadline), bound=bound)
     try:
         first = await anext(stream, None)
     except ResultTimeout:

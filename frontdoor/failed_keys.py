@@ -11,12 +11,14 @@ Behind a proxy the client is the address it forwards (``X-Forwarded-For``), when
 address is trusted (uvicorn's ``--forwarded-allow-ips``, ``FORWARDED_ALLOW_IPS``; loopback by
 default).
 
-Best effort: while Redis is unreachable nothing is counted and no one is refused, so an
-outage of Redis does not lock every caller out.
+Best effort: while Redis is unreachable, or does not answer within ``WAIT`` (a frozen
+Redis neither answers nor refuses), nothing is counted and no one is refused, so an outage
+of Redis does not lock every caller out nor hold their requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 
@@ -28,6 +30,10 @@ from queuegate.keys import Keys
 from queuegate.outage import OutageLog
 
 log = logging.getLogger(__name__)
+
+WAIT = 1.0
+"""Seconds a count is waited for: Redis answers in well under a millisecond, and a caller's
+deadline has only begun."""
 
 
 class Throttled(Exception):
@@ -52,11 +58,11 @@ class FailedKeys:
         """Throttled when ``who`` has used up its failures for the window."""
         key = self._keys.failed_keys(who)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=False) as pipe:
                 pipe.get(key)
                 pipe.pttl(key)
                 count, left = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
             return
         self._outage.recovered()
@@ -68,11 +74,11 @@ class FailedKeys:
         """Count a failed lookup of ``who``; the window starts with its first."""
         key = self._keys.failed_keys(who)
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=True) as pipe:
                 pipe.incr(key)
                 pipe.pexpire(key, self._window_ms, nx=True)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
             return
         self._outage.recovered()

@@ -59,9 +59,11 @@ async def open_door(
     settings: Settings,
     teams: Mapping[str, TeamConfig] | None = None,
     mock_config: MockConfig | None = None,
+    door_settings: Settings | None = None,
 ) -> AsyncIterator[Door]:
     """``teams`` registered with their configs (alpha and beta by default), each with a key,
-    served by a gateway and the front door."""
+    served by a gateway and the front door (with ``door_settings`` when given: a front door
+    reaching a service through a proxy, say)."""
     teams = teams or {"alpha": TeamConfig(), "beta": TeamConfig()}
     keys, key_ids = {}, {}
     for team, config in teams.items():
@@ -69,5 +71,5 @@ async def open_door(
         key_ids[team], keys[team] = await issue_key(settings, team)
     async with running_gateway(settings, teams=list(teams), mock_config=mock_config) as gateway:
         catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": gateway.mock.url})
-        async with serving(settings, catalog) as url:
+        async with serving(door_settings or settings, catalog) as url:
             yield Door(gateway, url, keys, key_ids)

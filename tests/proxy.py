@@ -10,6 +10,9 @@ they point the component under test at a proxy and take the proxy down instead::
         await proxy.up()     # the service is back
         proxy.lose_reply(b"EVALSHA")  # the next such request runs; its reply never comes
 
+``hang()`` freezes the service as SIGSTOP would: connections stay open and new ones are taken,
+but nothing passes either way until ``up()``; what was sent meanwhile then arrives.
+
 ``hold_replies_after(marker)`` keeps the connections open but stops passing the service's
 bytes back once a client has sent ``marker``: what it sent arrives, no answer to it does.
 """
@@ -36,6 +39,8 @@ class TcpProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._up = True
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._lose_reply_to: bytes | None = None
         self.replies_lost = 0
         self._marker: bytes | None = None
@@ -81,6 +86,12 @@ class TcpProxy:
 
     async def up(self) -> None:
         self._up = True
+        self._flowing.set()
+
+    def hang(self) -> None:
+        """Pass nothing either way, keeping every connection open, until ``up()``: a frozen
+        service, which neither answers nor refuses."""
+        self._flowing.clear()
 
     def lose_reply(self, marker: bytes) -> None:
         """Let the next request holding ``marker`` reach the service, then cut its connection
@@ -131,6 +142,7 @@ class TcpProxy:
                     if self._marker in tail + data:
                         self.held.set()
                     tail = data[-len(self._marker) :]
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
 
@@ -144,6 +156,7 @@ class TcpProxy:
                     return  # the connection is cut with the reply unsent
                 if self.held.is_set():
                     continue  # held: the service's bytes are dropped, the connection kept
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 import aio_pika
@@ -153,3 +154,37 @@ async def test_a_reader_says_redis_is_unreachable_when_it_hangs(settings: Settin
                 async with asyncio.timeout(REDIS_WAIT + 2):
                     await reader.read(["alpha"])
             assert proxy.held.is_set()
+
+
+async def test_status_with_a_frozen_redis_fails_in_one_line_within_its_bound(
+    settings: Settings,
+) -> None:
+    # Given a Redis that stops answering once connected to (stopped, as by SIGSTOP: the
+    # connection stays open, nothing is refused)
+    async with TcpProxy(settings.redis_url) as proxy:
+        proxy.hold_replies_after(b"ZRANGEBYSCORE")  # status's first read
+        env = {
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "QUEUEGATE_REDIS_URL": proxy.url,
+        }
+
+        # When an operator asks for the status
+        started = time.monotonic()
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "status", "--teams", "alpha",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=3 * REDIS_WAIT + 25)
+        took = time.monotonic() - started
+
+    # Expect a failure in one line naming Redis, once a read's bound passed (a CLI start on
+    # a loaded machine takes seconds of its own)
+    assert proxy.held.is_set()
+    assert cli.returncode != 0
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    assert "Redis is not reachable" in lines[0]
+    assert stdout == b""
+    assert took < 3 * REDIS_WAIT + 15  # three reads of Redis

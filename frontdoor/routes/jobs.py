@@ -7,7 +7,9 @@ team: another team's id reads as unknown. ``wait`` long-polls up to N seconds.
 - 200: the job's ``chat.completion`` with its ``_gateway`` block;
 - an error status in the error shape: the job ended in that error;
 - 202 ``{"id", "object": "queuegate.job", "status": "queued"}``: not finished yet;
-- 404 ``not_found``: no such job of this team (or its outcome has expired).
+- 404 ``not_found``: no such job of this team (or its outcome has expired);
+- 503 ``service_unavailable``: the store (Redis) did not answer within ``wait`` and
+  ``STORE_WAIT`` more: ask again.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ FIRST_POLL = 0.02
 LAST_POLL = 0.5
 """Seconds between looks at the outcome store while long-polling: doubling from the first.
 (The answer may come to any front-door process's queue: the store is what all of them see.)"""
+STORE_WAIT = 5.0
+"""Seconds past ``wait`` an answer may take: a hung Redis would otherwise hold the caller
+for as long as it hangs."""
 
 
 @router.get("/v1/jobs/{job_id}", summary="The answer of a job, by id (long-poll with wait)")
@@ -43,28 +48,36 @@ async def job(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0.0,
 ) -> JSONResponse:
     started = time.perf_counter()
-    give_up = time.monotonic() + wait
-    pause = FIRST_POLL
-    while True:
-        state = await door.outcomes.look(caller.team, job_id)
-        if state != "unknown":
-            note_job(request, job_id)
-        if isinstance(state, Finished):
-            result = state.result
-            if result.status != "ok" or result.response is None:
-                raise error_of_result(result)
-            body = {**result.response, "_gateway": gateway_block(job_id, result, None)}
-            return JSONResponse(body, headers=gateway_headers(job_id, result, started))
-        if state == "unknown":
-            raise ApiError(
-                "not_found",
-                f"no job {shown(job_id)} of team {caller.team} (or its answer expired)",
-            )
-        left = give_up - time.monotonic()
-        if left <= 0:
-            body = {"id": job_id, "object": "queuegate.job", "status": "queued"}
-            return JSONResponse(
-                body, status_code=202, headers=gateway_headers(job_id, None, started)
-            )
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, LAST_POLL)
+    try:
+        async with asyncio.timeout(wait + STORE_WAIT):
+            give_up = time.monotonic() + wait
+            pause = FIRST_POLL
+            while True:
+                state = await door.outcomes.look(caller.team, job_id)
+                if state != "unknown":
+                    note_job(request, job_id)
+                if isinstance(state, Finished):
+                    result = state.result
+                    if result.status != "ok" or result.response is None:
+                        raise error_of_result(result)
+                    body = {**result.response, "_gateway": gateway_block(job_id, result, None)}
+                    return JSONResponse(body, headers=gateway_headers(job_id, result, started))
+                if state == "unknown":
+                    raise ApiError(
+                        "not_found",
+                        f"no job {shown(job_id)} of team {caller.team} (or its answer expired)",
+                    )
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    body = {"id": job_id, "object": "queuegate.job", "status": "queued"}
+                    return JSONResponse(
+                        body, status_code=202, headers=gateway_headers(job_id, None, started)
+                    )
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, LAST_POLL)
+    except TimeoutError:
+        raise ApiError(
+            "service_unavailable",
+            f"the outcome store (Redis) did not answer within {wait + STORE_WAIT:g} s; "
+            f"job {shown(job_id)} is unchanged by it: ask again",
+        ) from None
