@@ -18,6 +18,14 @@ import orjson
 
 from queuegate import tracing
 
+# Line breaks a message can carry from outside (a tenant's header, a provider's text), written
+# as escapes so that no message can forge a line of its own; U+2028, U+2029 and NEL break
+# lines for Unicode-aware readers, and JSON leaves them raw.
+_BREAKS = str.maketrans(
+    {"\n": "\\n", "\r": "\\r", "\x85": "\\x85", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+_UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 _JOB: ContextVar[tuple[str, str] | None] = ContextVar("queuegate_job", default=None)
 
 
@@ -26,6 +34,13 @@ def for_job(job_id: str, team: str) -> None:
 
     A worker runs each delivery in a task of its own, whose context ends with it."""
     _JOB.set((job_id, team))
+
+
+class TextFormatter(logging.Formatter):
+    """Human lines, one per record (a traceback after it is ours, and keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_BREAKS)
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,4 +64,4 @@ class JsonFormatter(logging.Formatter):
             line["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(line).decode()
+        return orjson.dumps(line).decode().translate(_UNICODE_BREAKS)

@@ -9,7 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
-from queuegate.logs import JsonFormatter
+from queuegate.logs import JsonFormatter, TextFormatter
 
 T = TypeVar("T")
 
@@ -56,6 +56,9 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging(
     level: str, *, libraries: int = logging.WARNING, form: Literal["text", "json"] = "text"
 ) -> None:
@@ -65,13 +68,9 @@ def configure_logging(
     aio-pika logs every failed connect and reconnect at length; our lines say what matters,
     so one-shot commands silence it entirely and long-running ones keep its warnings.
     """
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    if form == "json":
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), force=True)
+    formatter = JsonFormatter() if form == "json" else TextFormatter(TEXT_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
     for name in ("aio_pika", "aiormq", "httpx"):
         logging.getLogger(name).setLevel(libraries)
