@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from admin.filters import plain_text, utc_moment
+from admin.filters import known_team, plain_text, utc_moment
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
 from queuegate.registry import check_team_name
@@ -115,8 +115,11 @@ async def audit_page(
     cursor: str | None = None,
 ) -> AuditPage:
     """The usage rows ``where`` keeps, newest first: ``limit`` of them after skipping
-    ``offset``, from the row after ``cursor`` (a page's ``next_cursor``) when given."""
+    ``offset``, from the row after ``cursor`` (a page's ``next_cursor``) when given.
+    UnknownTeam when ``where`` names a team that is not registered."""
     sql, args = page_query(where, limit=limit, offset=offset, cursor=cursor)
+    if where.team is not None:
+        await known_team(pool, where.team)
     rows: list[Any] = await pool.fetch(sql, *args)
     entries = [_entry(row) for row in rows[:limit]]
     if len(rows) <= limit:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from queuegate.errors import ConfigError
+import asyncpg
+
+from queuegate.errors import ConfigError, UnknownTeam
 from queuegate.messages import storable_problem
+from queuegate.registry import get_team
 
 
 def plain_text(name: str, value: str | None) -> str | None:
@@ -32,3 +35,11 @@ def utc_moment(name: str, moment: datetime | None) -> datetime | None:
             f"{name}: {moment.isoformat()} is out of range: its UTC time falls outside years "
             "1 to 9999"
         ) from None
+
+
+async def known_team(pool: asyncpg.Pool, name: str) -> str:
+    """``name``, a registered team; UnknownTeam otherwise, so a mistyped team filter is said
+    to be one rather than answered with an empty report."""
+    if await get_team(pool, name) is None:
+        raise UnknownTeam(name)
+    return name

@@ -23,10 +23,9 @@ from accounting.reports import (
     monthly_spend,
     team_budgets,
 )
-from admin.filters import plain_text
+from admin.filters import known_team, plain_text
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
-from queuegate.registry import get_team
 
 Grouping = Literal["team", "model", "day"]
 
@@ -117,9 +116,8 @@ async def team_month(
     days: int = TREND_DAYS,
 ) -> TeamMonth:
     """The team's month: totals, budget remaining, usage per model and the daily trend, of the
-    jobs ``model`` and ``status`` keep (all when None). ConfigError for an unknown team."""
-    if await get_team(pool, team) is None:
-        raise ConfigError(f"no team named {team}: list them with queuegate teams list")
+    jobs ``model`` and ``status`` keep (all when None). UnknownTeam for an unknown team."""
+    await known_team(pool, team)
     plain_text("model", model)
     first = month.replace(day=1)
     [totals] = await monthly_spend(pool, first, team=team, model=model, status=status) or [

@@ -2,6 +2,7 @@
 
     GatewayError                     base of everything queuegate raises on purpose
     ├── ConfigError                  settings or catalog are invalid
+    │   └── UnknownTeam              a report's team filter names no registered team (404)
     ├── ServiceUnavailable           RabbitMQ, Redis or PostgreSQL cannot be reached
     ├── JobError                     a job ends in an error; ``code`` is its wire error code
     │   ├── InvalidRequest           the job is malformed or breaks a limit (400)
@@ -44,6 +45,14 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError):
     """Settings or the model catalog are invalid; the message says which field and why."""
+
+
+class UnknownTeam(ConfigError):
+    """A report's team filter names a team that is not registered."""
+
+    def __init__(self, team: str) -> None:
+        super().__init__(f"no team named {team}: list them with queuegate teams list")
+        self.team = team
 
 
 class ServiceUnavailable(GatewayError):

@@ -18,6 +18,7 @@ from accounting.store import insert_usage
 from admin.audit import MAX_OFFSET, AuditFilter, audit_page
 from queuegate.errors import ConfigError
 from queuegate.messages import AuditContent, UsageEvent
+from queuegate.registry import add_team
 from queuegate.settings import Settings
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -87,7 +88,9 @@ FILTERS: dict[str, tuple[AuditFilter, Any]] = {
 
 @pytest.mark.parametrize("name", sorted(FILTERS))
 async def test_pages_hold_every_kept_row_once_newest_first(pool: asyncpg.Pool, name: str) -> None:
-    # Given 400 jobs' usage
+    # Given 400 jobs' usage of two registered teams
+    for team in ("alpha", "beta"):
+        await add_team(pool, team)
     await insert_usage(pool, _events(400))
     where, keep = FILTERS[name]
     expected = await _expected(pool, keep)

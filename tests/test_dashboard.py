@@ -231,6 +231,22 @@ async def test_an_audit_filter_postgresql_cannot_hold_gets_the_error_page(
             assert said in answer.text, query
 
 
+async def test_an_audit_filter_naming_no_team_is_404_as_the_team_page_is(
+    settings: Settings,
+) -> None:
+    async with open_door(settings, TEAMS) as door, httpx.AsyncClient(base_url=door.url) as client:
+        admin = await issue_admin_key(door.gateway.pool, "ops")
+        await signed_in(client, admin.key)
+        # When an administrator filters the audit log, and opens a team page, by no team
+        audit = await client.get("/dashboard/audit?team=nobody")
+        team_page = await client.get("/dashboard/teams/nobody")
+        # Expect both 404 naming it, not an empty audit log
+        for answer in (audit, team_page):
+            assert answer.status_code == 404
+            assert "No team named nobody." in answer.text
+        assert audit.headers["content-security-policy"] == CSP
+
+
 async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:

@@ -160,6 +160,19 @@ async def test_the_admin_key_reads_any_team_and_must_name_it(served: Served) -> 
     assert [e["team"] for e in only_beta["entries"]] == ["beta", "beta"]
 
 
+@pytest.mark.parametrize("path", ["/admin/usage", "/admin/audit-log"])
+async def test_a_team_filter_naming_no_team_is_404_naming_it_on_every_report(
+    served: Served, path: str
+) -> None:
+    # When an admin key filters a report by a team that is not registered
+    async with served.admin() as admin:
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await get(admin, path, team="nobody")
+    # Expect 404 naming the team and where the teams are listed, not an empty report
+    assert unknown.value.code == "not_found"
+    assert unknown.value.message.endswith("no team named nobody: GET /admin/teams lists them")
+
+
 @pytest.mark.parametrize(
     ("path", "params", "said"),
     [

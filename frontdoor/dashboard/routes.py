@@ -37,7 +37,7 @@ from frontdoor.dashboard.session import Session
 from frontdoor.failed_keys import Throttled, client_of
 from frontdoor.service import Door, FrontDoor
 from queuegate.db import DB_ERRORS
-from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.errors import ConfigError, ServiceUnavailable, UnknownTeam
 from queuegate.registry import get_team, list_teams
 from queuegate.reporting import to_json
 
@@ -256,6 +256,7 @@ async def audit(
         "until": until or None,
     }
     error = None
+    refused = 400
     entries: list[Any] = []
     next_url = None
     try:
@@ -268,10 +269,13 @@ async def audit(
         chosen = dataclasses.asdict(where)
     except (ConfigError, ValidationError, ValueError) as exc:
         error = f"{exc}".splitlines()[0]
+        if isinstance(exc, UnknownTeam):
+            # As the Team page and the admin API answer a team that is not there.
+            error, refused = f"No team named {exc.team}.", 404
         where = AuditFilter(team=chosen["team"])
     return page(
         "audit.html",
-        status=400 if error else 200,
+        status=refused if error else 200,
         title="Audit log",
         session=session,
         where=where,

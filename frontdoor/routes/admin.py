@@ -28,9 +28,8 @@ from frontdoor.auth import Owner
 from frontdoor.errors import ApiError
 from frontdoor.service import Door
 from queuegate.db import DB_ERRORS
-from queuegate.errors import ConfigError
+from queuegate.errors import ConfigError, UnknownTeam
 from queuegate.messages import JobStatus
-from queuegate.registry import get_team
 from queuegate.reporting import to_json
 
 router = APIRouter(prefix="/admin", tags=["Admin"])
@@ -59,11 +58,13 @@ async def usage(
             "team: an admin key names the team whose usage it reads (GET /admin/teams lists them)",
         )
     with _answered():
-        first = parse_month(month)
-        if owner.is_admin and await get_team(door.pool, name) is None:
-            raise ApiError("not_found", f"no team {name}: GET /admin/teams lists them")
         report = await team_month(
-            door.pool, name, first, today=datetime.now(UTC).date(), model=model, status=status
+            door.pool,
+            name,
+            parse_month(month),
+            today=datetime.now(UTC).date(),
+            model=model,
+            status=status,
         )
     return _json(dataclasses.asdict(report))
 
@@ -122,10 +123,14 @@ def _readable_team(owner: KeyOwner, team: str | None) -> str | None:
 
 @contextlib.contextmanager
 def _answered() -> Iterator[None]:
-    """What stops an admin function, answered: a bad cursor, limit, month or team name 400,
-    PostgreSQL out of reach 503."""
+    """What stops an admin function, answered: a team filter naming no team 404 (for every
+    report alike), a bad cursor, limit, month or team name 400, PostgreSQL out of reach 503."""
     try:
         yield
+    except UnknownTeam as exc:
+        raise ApiError(
+            "not_found", f"no team named {exc.team}: GET /admin/teams lists them"
+        ) from exc
     except ConfigError as exc:
         raise ApiError("invalid_request", str(exc)) from exc
     except DB_ERRORS as exc:
