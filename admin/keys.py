@@ -9,6 +9,7 @@ A team's keys prove its jobs on the queue when its identity is ``api_key``
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -99,6 +100,34 @@ async def end_dashboard_sessions(client: aioredis.Redis, keys: Keys, key_ids: li
         opened: list[list[bytes]] = await pipe.execute()
     sessions = [keys.dashboard_session(text(session_id)) for ids in opened for session_id in ids]
     await client.delete(*sessions, *indexes)
+
+
+DASHBOARD_SESSION_TTL = 8 * 3600
+"""Seconds a dashboard session lives after its sign-in."""
+
+
+async def dashboard_generation(client: aioredis.Redis, keys: Keys, team: str) -> str:
+    """The current generation of the team's dashboard sessions, drawn when there is none,
+    kept a session's lifetime from now, so it outlives every session made
+    with it. A session takes it before its key is found live again and holds it: a disable
+    racing the sign-in draws a new one once the team is disabled, so the session is dead
+    however the race went. A generation lost (expired, or Redis lost it) is no generation:
+    it ends its sessions rather than reviving any."""
+    generation = keys.dashboard_generation(team)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.set(generation, secrets.token_hex(16), nx=True)
+        pipe.expire(generation, DASHBOARD_SESSION_TTL)
+        pipe.get(generation)
+        *_, current = await pipe.execute()
+    return text(current)
+
+
+async def new_dashboard_generation(client: aioredis.Redis, keys: Keys, team: str) -> None:
+    """End every dashboard session the team has, made or being made: each holds the
+    generation this replaces."""
+    await client.set(
+        keys.dashboard_generation(team), secrets.token_hex(16), ex=DASHBOARD_SESSION_TTL
+    )
 
 
 async def issue_admin_key(pool: asyncpg.Pool, label: str = "") -> IssuedKey:

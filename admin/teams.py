@@ -13,7 +13,12 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from admin.keys import end_dashboard_sessions, revoke_team_key, team_keys
+from admin.keys import (
+    end_dashboard_sessions,
+    new_dashboard_generation,
+    revoke_team_key,
+    team_keys,
+)
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
@@ -389,9 +394,12 @@ async def disable_and_sign_out(
 ) -> bool:
     """Disable the team, then end the dashboard sessions of every key it has: a disabled team
     is refused at once anyway, but enabling it again must not bring its old sessions back.
-    Ended once the team is disabled, when no new sign-in of it is accepted."""
+    Ended once the team is disabled, when no new sign-in of it is accepted: a new generation
+    of its sessions ends those being made meanwhile too (``dashboard_generation``), and the
+    sessions stored are deleted."""
     if not await disable_team(pool, name):
         return False
+    await new_dashboard_generation(client, keys, name)
     key_ids = [key.key_id for key in await team_keys(pool, name)]
     await end_dashboard_sessions(client, keys, key_ids)
     return True

@@ -63,6 +63,11 @@ class Keys:
         """The dashboard sessions one key opened (sorted set: session id by when it began)."""
         return f"{self.prefix}:dashboard:sessions:{key_id}"
 
+    def dashboard_generation(self, team: str) -> str:
+        """The generation of a team's dashboard sessions (a random token): a session of the
+        team lives while it holds the current one; disabling the team draws a new one."""
+        return f"{self.prefix}:dashboard:generation:{team}"
+
     def dashboard_sign_in(self, form_id: str) -> str:
         """A sign-in form handed out (its CSRF token), until it is posted or expires."""
         return f"{self.prefix}:dashboard:sign-in:{form_id}"

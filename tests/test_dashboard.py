@@ -3,6 +3,7 @@ pages are PostgreSQL's, a team sees its own pages only, and every page carries i
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 from unittest.mock import ANY
@@ -339,6 +340,51 @@ async def test_a_session_ended_by_disabling_its_team_stays_ended_once_enabled_ag
         await signed_in(beta, door.keys["beta"])
         assert (await beta.get("/dashboard/teams/beta")).status_code == 200
         assert (await alpha.get("/dashboard/teams/alpha")).status_code == 200
+
+
+async def test_sign_ins_racing_a_disable_leave_no_session_once_enabled_again(
+    settings: Settings,
+) -> None:
+    # Given a front door that trusts its copy of a live key for a minute, so sign-ins during
+    # and after the disable still find beta's key live in it
+    door_settings = settings.model_copy(update={"security_cache_ttl": 60.0})
+    async with open_door(settings, TEAMS, door_settings=door_settings) as door:
+        clients = [httpx.AsyncClient(base_url=door.url) for _ in range(41)]
+        try:
+            warm, racing, late = clients[0], clients[1:21], clients[21:]
+            await signed_in(warm, door.keys["beta"])
+            tokens = await asyncio.gather(*(form_token(client) for client in clients[1:]))
+            by_client = dict(zip(clients[1:], tokens, strict=True))
+
+            async def sign_in(client: httpx.AsyncClient) -> int:
+                data = {"key": door.keys["beta"], "csrf": by_client[client]}
+                return (await client.post("/dashboard/sign-in", data=data)).status_code
+
+            # When 20 sign-ins run while `queuegate teams disable beta` runs
+            *during, disabled = await asyncio.gather(
+                *(sign_in(client) for client in racing), disable(settings, "beta")
+            )
+            # and 20 more once it is done, then beta is enabled again
+            after = await asyncio.gather(*(sign_in(client) for client in late))
+            await add_team(door.gateway.pool, "beta")
+
+            # Expect no session of theirs live: every client is sent to the sign-in page
+            pages = await asyncio.gather(
+                *(client.get("/dashboard/teams/beta") for client in clients)
+            )
+            assert [page.status_code for page in pages] == [303] * len(clients)
+            assert {page.headers["location"] for page in pages} == {"/dashboard/sign-in"}
+            # and each sign-in answered (signed in, or refused as the team's key is), the
+            # late ones refused
+            assert disabled
+            assert set(during) <= {303, 401}, during
+            assert after == [401] * len(late)
+            # and the key signing in anew
+            await signed_in(warm, door.keys["beta"])
+            assert (await warm.get("/dashboard/teams/beta")).status_code == 200
+        finally:
+            for client in clients:
+                await client.aclose()
 
 
 async def test_one_key_holds_a_bounded_number_of_sessions(

@@ -89,14 +89,14 @@ async def sign_in(
         )
         refused.headers["retry-after"] = str(wait)
         return refused
-    if owner is None:
+    session = None if owner is None else await sessions.start(door, owner)
+    if session is None:
         return await _sign_in_page(
             request,
             door,
             status=401,
             error="That key is unknown or revoked, or its team is disabled.",
         )
-    session = await sessions.start(door, owner)
     signed_in = RedirectResponse(_home(session), status_code=303)
     sessions.set_cookie(
         request, signed_in, sessions.COOKIE, session.session_id, sessions.SESSION_TTL

@@ -1,11 +1,18 @@
 """Dashboard sign-ins: a random session id in a cookie, the session itself in Redis.
 
-A person pastes a key into the sign-in form; the key is checked once (``KeyBook``) and
+A person pastes a key into the sign-in form; the key is checked (``KeyBook``) and
 forgotten. The session holds whose key it was (team, or none for an administrator), the
-key's id and a CSRF token, and expires ``SESSION_TTL`` seconds after sign-in; each request
-also finds the key still live (one lookup by its id), so revoking it, or disabling its team,
-ends its sessions at once; disabling a team also deletes its keys' sessions
-(``admin.teams.disable_and_sign_out``), so enabling it again brings none back.
+key's id, a CSRF token and, for a team, the generation of its sessions, and expires
+``SESSION_TTL`` seconds after sign-in; each request also finds the key still live (one
+lookup by its id), so revoking it, or disabling its team, ends its sessions at once.
+
+Enabling a disabled team again must bring none of them back, not even one whose sign-in
+raced the disable (``KeyBook``'s copy of the key may be seconds old): a team's session
+takes the team's current generation, then finds the key live in PostgreSQL itself, then is
+stored; disabling the team draws a new generation once it is disabled
+(``admin.teams.disable_and_sign_out``), and a session whose generation is not the current
+one is dead. Either the sign-in found the team disabled, or it took its generation before
+the disable drew the new one.
 
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page sends
 it) and Secure when the page was served over TLS. Every POST carries the session's CSRF
@@ -32,7 +39,7 @@ import redis.asyncio as aioredis
 from fastapi import Request
 from fastapi.responses import Response
 
-from admin.keys import KeyOwner, live_key_owner
+from admin.keys import DASHBOARD_SESSION_TTL, KeyOwner, dashboard_generation, live_key_owner
 from frontdoor.dashboard.outage import bounded
 from frontdoor.service import FrontDoor
 from queuegate.db import database_unreachable
@@ -44,7 +51,7 @@ SIGN_IN_COOKIE = "queuegate_sign_in"
 """The id of the sign-in form handed out; its CSRF token stays in Redis."""
 SIGN_IN_TTL = 20 * 60
 """Seconds a sign-in form may wait to be posted; a later post is shown a fresh form."""
-SESSION_TTL = 8 * 3600
+SESSION_TTL = DASHBOARD_SESSION_TTL
 SESSIONS_PER_KEY = 20
 """Sessions one key may hold at once; signing in again ends its oldest. Without a bound a
 team could fill the shared Redis with sessions by signing in in a loop."""
@@ -57,6 +64,9 @@ class Session:
     """None for an administrator: every team."""
     key_id: str
     csrf: str
+    generation: str = ""
+    """The team's generation of sessions it was made in (``admin.keys.dashboard_generation``);
+    empty for an administrator's."""
 
     @property
     def is_admin(self) -> bool:
@@ -74,15 +84,31 @@ class BadCsrf(Exception):
     """A POST without its session's CSRF token."""
 
 
-async def start(door: FrontDoor, owner: KeyOwner) -> Session:
-    """A new session of the key's owner; past ``SESSIONS_PER_KEY``, the key's oldest ends."""
-    session = Session(secrets.token_urlsafe(32), owner.team, owner.key_id, new_token())
+async def start(door: FrontDoor, owner: KeyOwner) -> Session | None:
+    """A new session of the key's owner; None when the key is no longer live (revoked, or
+    its team disabled, since ``KeyBook`` read it). Past ``SESSIONS_PER_KEY``, the key's
+    oldest session ends."""
+    generation = ""
+    if owner.team is not None:
+        # Taken before the key is found live: see the module's docstring.
+        async with _redis(door):
+            generation = await dashboard_generation(door.redis, _keys(door), owner.team)
+    async with bounded(database_unreachable(door.settings)):
+        live = await live_key_owner(door.pool, owner.key_id)
+    if live is None or live.team != owner.team:
+        return None
+    session = Session(secrets.token_urlsafe(32), owner.team, owner.key_id, new_token(), generation)
     key = _key(door, session.session_id)
     opened = _keys(door).dashboard_sessions(owner.key_id)
     async with _redis(door), door.redis.pipeline(transaction=True) as pipe:
         pipe.hset(
             key,
-            mapping={"team": owner.team or "", "key_id": owner.key_id, "csrf": session.csrf},
+            mapping={
+                "team": owner.team or "",
+                "key_id": owner.key_id,
+                "csrf": session.csrf,
+                "generation": generation,
+            },
         )
         pipe.expire(key, SESSION_TTL)
         pipe.zadd(opened, {session.session_id: time.time()})
@@ -114,6 +140,10 @@ async def current(request: Request) -> Session:
         raise SignInNeeded
     async with _redis(door):
         session = await _load(door.redis, _key(door, session_id), session_id)
+        if session is not None and session.team is not None:
+            generation = await door.redis.get(_keys(door).dashboard_generation(session.team))
+            if generation is None or text(generation) != session.generation:
+                session = None
     if session is None:
         raise SignInNeeded
     async with bounded(database_unreachable(door.settings)):
@@ -179,7 +209,9 @@ async def _load(client: aioredis.Redis, key: str, session_id: str) -> Session | 
     if not raw:
         return None
     data = {text(k): text(v) for k, v in raw.items()}
-    return Session(session_id, data["team"] or None, data["key_id"], data["csrf"])
+    return Session(
+        session_id, data["team"] or None, data["key_id"], data["csrf"], data.get("generation", "")
+    )
 
 
 async def _key_live(door: FrontDoor, session: Session) -> bool:
