@@ -174,6 +174,7 @@ def deployments(
     from queuegate.keys import Keys
     from queuegate.redis_client import redis_for, redis_unreachable
     from queuegate.reporting import to_json
+    from queuegate.services import REDIS_CHECK_WAIT
     from router import load_catalog
     from router.tables import deployments_table
 
@@ -184,12 +185,16 @@ def deployments(
         client = redis_for(settings)
         try:
             # The same reader as `queuegate status` and the dashboard's Live page.
-            health = await read_health(client, Keys(settings.redis_prefix), cat.deployment_names)
+            async with asyncio.timeout(REDIS_CHECK_WAIT):
+                health = await read_health(
+                    client, Keys(settings.redis_prefix), cat.deployment_names
+                )
             return [
                 (alias, deployment, health[deployment.name])
                 for alias, entry in cat.models.items()
                 for deployment in entry.deployments
             ]
+        # TimeoutError, the wait passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(settings)) from exc
         finally:

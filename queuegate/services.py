@@ -24,10 +24,20 @@ async def check_broker(settings: Settings) -> None:
     await connection.close()
 
 
+REDIS_CHECK_WAIT = 10.0
+"""Seconds a one-off question to Redis (``check_redis``, ``queuegate deployments``) waits for
+it, through the Sentinels when they are set, before saying it is unreachable. The client's
+own timeouts do not bound it: redis-py asks each Sentinel it cannot reach again with backoff
+(three refusing Sentinels took 58 s to report), and waits forever on one that accepts the
+connection and never answers."""
+
+
 async def check_redis(settings: Settings) -> None:
     client = redis_for(settings, connect_timeout=3)
     try:
-        await client.ping()
+        async with asyncio.timeout(REDIS_CHECK_WAIT):
+            await client.ping()
+    # TimeoutError, the wait passed, is an OSError.
     except (RedisError, OSError) as exc:
         how = "start it (redis-server --daemonize yes)"
         raise ServiceUnavailable(redis_unreachable(settings, how)) from exc

@@ -21,10 +21,12 @@ class Settings(BaseSettings):
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_sentinels: str = ""
+    redis_sentinels: str | None = None
     """Comma-separated ``host:port`` of Redis Sentinels. Set: every process reaches the
     primary Sentinel names for ``redis_master_name``, and follows it when Sentinel fails it
-    over; ``redis_url`` then gives only the password, database and TLS (``rediss``)."""
+    over; ``redis_url`` then gives only the password, database and TLS (``rediss``). Set but
+    naming none (an empty value a template left) is refused: it would silently put the
+    processes on ``redis_url``, another Redis than the one the deployment meant."""
     redis_master_name: str = "mymaster"
     """The name the Sentinels monitor the primary under (their ``sentinel monitor``)."""
     redis_sentinel_password: str = ""
@@ -181,8 +183,12 @@ class Settings(BaseSettings):
 
     @field_validator("redis_sentinels")
     @classmethod
-    def _sentinels_are_addresses(cls, value: str) -> str:
-        sentinel_addresses(value)
+    def _sentinels_are_addresses(cls, value: str | None) -> str | None:
+        if value is not None and not sentinel_addresses(value):
+            raise ValueError(
+                "QUEUEGATE_REDIS_SENTINELS is set but names no Sentinel: list them "
+                "(sentinel-1:26379,sentinel-2:26379), or unset it to use QUEUEGATE_REDIS_URL"
+            )
         return value
 
     @model_validator(mode="after")
@@ -218,7 +224,7 @@ class Settings(BaseSettings):
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """``redis_sentinels`` as (host, port) pairs; empty without Sentinel."""
-        return sentinel_addresses(self.redis_sentinels)
+        return sentinel_addresses(self.redis_sentinels or "")
 
 
 def sentinel_addresses(listed: str) -> list[tuple[str, int]]:

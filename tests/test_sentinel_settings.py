@@ -1,0 +1,110 @@
+"""Redis behind Sentinel, set wrong or out of reach: said in one line, within a bound, and
+never answered by another Redis than the one the deployment meant."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic import ValidationError
+
+from queuegate.errors import ServiceUnavailable
+from queuegate.services import REDIS_CHECK_WAIT, check_redis
+from queuegate.settings import Settings
+
+REFUSING = "127.0.0.1:18701,127.0.0.1:18702,127.0.0.1:18703"
+"""Sentinels nobody listens for (ports of this file's own)."""
+GUARD = REDIS_CHECK_WAIT + 20
+"""Past this the answer is not coming: a correctness guard, not a target."""
+
+
+@pytest.fixture
+async def silent_sentinel() -> AsyncIterator[str]:
+    """A Sentinel that accepts connections and never answers (a stopped process)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 18704)
+    try:
+        yield "127.0.0.1:18704"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("listed", [" ", " , "])
+def test_sentinels_set_but_empty_are_refused_rather_than_redis_url_used(
+    monkeypatch: pytest.MonkeyPatch, listed: str
+) -> None:
+    # Given QUEUEGATE_REDIS_SENTINELS set by a template that filled in nothing
+    monkeypatch.setenv("QUEUEGATE_REDIS_SENTINELS", listed)
+    # Expect the settings refused, saying what to do, rather than QUEUEGATE_REDIS_URL used
+    with pytest.raises(ValidationError, match="QUEUEGATE_REDIS_SENTINELS is set but names no"):
+        Settings()
+
+
+def test_sentinels_set_to_nothing_at_all_are_refused_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUEUEGATE_REDIS_SENTINELS", "")
+    with pytest.raises(ValidationError, match="or unset it to use QUEUEGATE_REDIS_URL"):
+        Settings()
+
+
+def test_sentinels_unset_mean_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QUEUEGATE_REDIS_SENTINELS", raising=False)
+    assert Settings().sentinel_addresses == []
+
+
+async def test_an_empty_sentinel_list_stops_a_command_in_one_line() -> None:
+    # When an operator command starts with the Sentinels set to nothing
+    env = {**os.environ, "QUEUEGATE_REDIS_SENTINELS": ""}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "deployments",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
+    # Expect it to stop before asking any Redis, in one line naming the setting
+    assert cli.returncode == 1
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    assert "QUEUEGATE_REDIS_SENTINELS is set but names no Sentinel" in lines[0]
+    assert stdout == b""
+
+
+@pytest.mark.parametrize("case", ["refusing", "silent"])
+async def test_sentinels_out_of_reach_are_reported_within_the_check_bound(
+    silent_sentinel: str, case: str
+) -> None:
+    # Given Sentinels that refuse connections, or one that accepts and never answers
+    listed = REFUSING if case == "refusing" else silent_sentinel
+    settings = Settings(redis_sentinels=listed)
+    # When a process checks that Redis answers
+    with pytest.raises(ServiceUnavailable) as unreachable:
+        async with asyncio.timeout(GUARD):
+            await check_redis(settings)
+    # Expect the one line naming the Sentinels and what to do
+    said = str(unreachable.value)
+    assert f"through the Sentinels at {listed}: start them" in said
+    assert "QUEUEGATE_REDIS_SENTINELS" in said
+
+
+async def test_deployments_with_silent_sentinels_fails_in_one_line(silent_sentinel: str) -> None:
+    # When an operator reads the deployments' health through a Sentinel that never answers
+    env = {**os.environ, "QUEUEGATE_REDIS_SENTINELS": silent_sentinel}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "deployments",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
+    # Expect a failure in one line naming the Sentinel, not a wait as long as it hangs
+    assert cli.returncode == 1
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    assert f"through the Sentinels at {silent_sentinel}" in lines[0]
+    assert stdout == b""
