@@ -42,7 +42,11 @@ def worker(
     if processes > 1:
         _supervise(settings, processes, teams, catalog, log_level)
         return
-    tracing.start("queuegate-worker", content=settings.trace_content)
+    tracing.start(
+        "queuegate-worker",
+        content=settings.trace_content,
+        heed_callers=settings.trace_heed_callers,
+    )
 
     from queuegate.metrics_server import MetricsServer
     from router import load_catalog, open_router
@@ -108,7 +112,7 @@ def accounting(log_level: LogLevel = "info") -> None:
 
     settings = make_settings()
     configure_logging(log_level, form=settings.log_format)
-    tracing.start("queuegate-accounting")
+    tracing.start("queuegate-accounting", heed_callers=settings.trace_heed_callers)
     tune_gc()
 
     async def serve() -> None:

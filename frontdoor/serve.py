@@ -45,7 +45,7 @@ def serve(settings: Settings, *, host: str, port: int, processes: int, log_level
     if processes > 1:
         _supervise(settings, host=host, port=port, processes=processes, log_level=log_level)
         return
-    tracing.start("queuegate-frontdoor")
+    tracing.start("queuegate-frontdoor", heed_callers=settings.trace_heed_callers)
     app = create_app(settings)
     tune_gc()
     limits = ConnectionLimits.of(settings)

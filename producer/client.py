@@ -115,7 +115,9 @@ class GatewayClient:
         self._control: ControlClient | None = None
 
     async def __aenter__(self) -> Self:
-        tracing.start("queuegate-producer")
+        # The application's own process: its callers are its own to heed, as OpenTelemetry
+        # does by default.
+        tracing.start("queuegate-producer", heed_callers=True)
         self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
         try:
             self._channel = await self._connection.channel(

@@ -16,13 +16,28 @@ tracing is switched on. Switched on in a process by:
 The context travels as W3C ``traceparent`` / ``tracestate`` in AMQP headers (``inject``,
 ``extract``). ``CONTENT``: prompts and answers may go into spans, for teams whose capture
 policy is ``full`` (``QUEUEGATE_TRACE_CONTENT``); never otherwise.
+
+Who decides what is sampled: the operator's sampler (``OTEL_TRACES_SAMPLER``), never a
+tenant. A context that arrives from outside the process (a job's headers, an HTTP caller's
+``traceparent``) is continued, its trace id and ``tracestate`` kept, but its sampled flag
+is not heeded: the sampler decides as for a trace starting here (``_OperatorDecides``), so
+no tenant can make every team's collector take all of its jobs. With a ratio sampler the
+decision follows the trace id, so the front door, the workers and accounting agree on each
+trace. ``heed_callers`` (``QUEUEGATE_TRACE_HEED_CALLERS``) restores the parent-based rule
+where every caller is trusted.
+
+At exit the spans still buffered are exported for at most ``FLUSH_AT_EXIT`` seconds
+(``OTEL_BSP_EXPORT_TIMEOUT`` when set): a collector that is down must not hold a stopping
+process for the SDK's 30 s.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+import threading
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,9 +47,10 @@ from queuegate.errors import ConfigError, GatewayError
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span, SpanKind, Tracer
+    from opentelemetry.sdk.trace.sampling import Sampler
+    from opentelemetry.trace import Link, Span, SpanKind, Tracer, TraceState
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-    from opentelemetry.util.types import AttributeValue
+    from opentelemetry.util.types import Attributes, AttributeValue
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +67,9 @@ HEADERS = ("traceparent", "tracestate")
 EXPORTERS = frozenset({"otlp", "console", "none"})
 PROTOCOL = "http/protobuf"
 """The one OTLP protocol exported (``queuegate[otel]`` installs its exporter)."""
+FLUSH_AT_EXIT = 5.0
+"""Seconds a process exiting gives its buffered spans to reach the collector, unless
+``OTEL_BSP_EXPORT_TIMEOUT`` (milliseconds) says otherwise; the rest are dropped."""
 
 
 @dataclass
@@ -70,10 +89,11 @@ class _State:
 _state = _State()
 
 
-def start(service: str, *, content: bool = False) -> None:
+def start(service: str, *, content: bool = False, heed_callers: bool = False) -> None:
     """Trace this process if its environment (or its application) asks for it; once per
     process, later calls change nothing. ``service`` is the ``service.name`` when
-    ``OTEL_SERVICE_NAME`` does not set one.
+    ``OTEL_SERVICE_NAME`` does not set one; ``heed_callers``: a context from outside the
+    process decides by its sampled flag (see the module's docstring).
 
     Raises ConfigError for an ``OTEL_TRACES_EXPORTER`` or OTLP protocol it cannot export
     with. Without the OpenTelemetry packages it warns once and stays off."""
@@ -97,7 +117,7 @@ def start(service: str, *, content: bool = False) -> None:
     try:
         # The API alone may be installed (other libraries need it); the SDK comes with the
         # extra.
-        _state.provider = _provider_of(service, exporters)
+        _state.provider = _provider_of(service, exporters, heed_callers=heed_callers)
     except ImportError:
         _not_installed(exporters)
         return
@@ -180,7 +200,7 @@ def wanted_exporters(env: Mapping[str, str]) -> list[str]:
     return exporters
 
 
-def _provider_of(service: str, exporters: list[str]) -> TracerProvider:
+def _provider_of(service: str, exporters: list[str], *, heed_callers: bool) -> TracerProvider:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -188,8 +208,11 @@ def _provider_of(service: str, exporters: list[str]) -> TracerProvider:
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: service}))
-    # The sampler comes from OTEL_TRACES_SAMPLER (parent-based, always on, by default).
-    provider = TracerProvider(resource=resource)
+    # The SDK's exit handler would wait up to 30 s for a collector that is down.
+    provider = TracerProvider(
+        resource=resource, sampler=operator_sampler(heed_callers), shutdown_on_exit=False
+    )
+    atexit.register(shut_down, provider, flush_at_exit(os.environ))
     for name in exporters:
         if name == "console":
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
@@ -198,6 +221,76 @@ def _provider_of(service: str, exporters: list[str]) -> TracerProvider:
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
+
+
+def operator_sampler(heed_callers: bool = False) -> Sampler:
+    """The sampler of ``OTEL_TRACES_SAMPLER`` (parent-based, always on, by default), deciding
+    for a context from outside the process as for a new trace, unless ``heed_callers``."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    # The SDK's own reading of the standard variables, so they mean what they always mean.
+    configured: Sampler = TracerProvider(shutdown_on_exit=False).sampler
+    return configured if heed_callers else _operator_decides(configured)
+
+
+def _operator_decides(configured: Sampler) -> Sampler:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace.sampling import Sampler, SamplingResult
+    from opentelemetry.trace import get_current_span
+
+    class _OperatorDecides(Sampler):
+        """``configured``, but a remote parent's sampled flag (a tenant's) is not heeded:
+        its trace is sampled as a new trace of that id would be, its tracestate kept."""
+
+        def should_sample(  # noqa: PLR0917 - the SDK's signature
+            self,
+            parent_context: Context | None,
+            trace_id: int,
+            name: str,
+            kind: SpanKind | None = None,
+            attributes: Attributes = None,
+            links: Sequence[Link] | None = None,
+            trace_state: TraceState | None = None,
+        ) -> SamplingResult:
+            parent = get_current_span(parent_context).get_span_context()
+            if not (parent.is_valid and parent.is_remote):
+                return configured.should_sample(
+                    parent_context, trace_id, name, kind, attributes, links, trace_state
+                )
+            # An empty context: no parent, so a parent-based sampler asks its root.
+            fresh = configured.should_sample(Context(), trace_id, name, kind, attributes, links)
+            return SamplingResult(fresh.decision, fresh.attributes, parent.trace_state)
+
+        def get_description(self) -> str:
+            return f"OperatorDecides{{{configured.get_description()}}}"
+
+    return _OperatorDecides()
+
+
+def flush_at_exit(env: Mapping[str, str]) -> float:
+    """Seconds an exiting process exports its buffered spans for (``FLUSH_AT_EXIT``)."""
+    named = env.get("OTEL_BSP_EXPORT_TIMEOUT", "").strip()
+    try:
+        return max(0.0, float(named) / 1000) if named else FLUSH_AT_EXIT
+    except ValueError:
+        raise ConfigError(
+            f"OTEL_BSP_EXPORT_TIMEOUT={named}: give milliseconds (e.g. 5000) or unset it"
+        ) from None
+
+
+def shut_down(provider: TracerProvider, within: float) -> None:
+    """Shut ``provider`` down, exporting what it holds, for at most ``within`` seconds: the
+    SDK bounds none of it below 30 s, so it runs in a thread of its own, left behind (a
+    daemon, as the exporters' are) when the collector does not answer in time."""
+    stopping = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+    stopping.start()
+    stopping.join(within)
+    if stopping.is_alive():
+        log.warning(
+            "spans not exported within %.0f s of stopping (is the collector down?): the rest"
+            " are dropped; OTEL_BSP_EXPORT_TIMEOUT sets the wait",
+            within,
+        )
 
 
 # Spans: each called only once ``ON`` was checked.

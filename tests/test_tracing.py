@@ -25,6 +25,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 
@@ -48,10 +49,12 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @contextlib.contextmanager
-def in_memory(*, content: bool = False) -> Iterator[InMemorySpanExporter]:
+def in_memory(
+    *, content: bool = False, sampler: Sampler | None = None
+) -> Iterator[InMemorySpanExporter]:
     """Every span this process ends, kept in memory; tracing off again after the block."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing.install(provider, content=content)
     try:
@@ -332,6 +335,71 @@ async def test_a_front_door_call_continues_the_callers_trace_to_its_usage_row(
     assert row["trace_id"] == raw.headers["x-queuegate-trace-id"] == caller_trace
 
 
+async def call_with_traceparent(
+    settings: Settings, sampler: Sampler, flags: str
+) -> tuple[str, list[ReadableSpan], str]:
+    """A caller's call to the front door in trace ``CALLER_TRACE``, its sampled flag
+    ``flags``, the gateway tracing with ``sampler``: the trace id the answer names, the spans
+    of the caller's trace that were recorded, the trace id of the job's usage row."""
+    with in_memory(sampler=sampler) as exporter:
+        async with open_door(settings) as door, door.client() as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=HELLO,  # type: ignore[arg-type]
+                extra_headers={"traceparent": f"00-{CALLER_TRACE}-00f067aa0ba902b7-{flags}"},
+            )
+            assert raw.parse().choices[0].message.content
+            [row] = await door.gateway.usage_rows(1)
+        spans = [s for s in exporter.get_finished_spans() if trace_hex(s) == CALLER_TRACE]
+    return raw.headers["x-queuegate-trace-id"], spans, row["trace_id"]
+
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_a_caller_cannot_have_its_job_traced_where_the_operator_samples_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an operator whose sampler records no trace
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+    # When a caller sends a traceparent flagged sampled
+    answered, recorded, stored = await call_with_traceparent(
+        settings, tracing.operator_sampler(), "01"
+    )
+    # Expect its job not traced, and its trace id still carried to the answer and the row
+    assert recorded == []
+    assert answered == stored == CALLER_TRACE
+
+
+async def test_the_operators_sampler_traces_a_callers_job_it_flagged_unsampled(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an operator whose sampler records every trace (the default)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    # When a caller sends a traceparent flagged unsampled
+    answered, recorded, stored = await call_with_traceparent(
+        settings, tracing.operator_sampler(), "00"
+    )
+    # Expect the job traced in the caller's trace, as a child of the caller's span
+    [server] = [s for s in recorded if s.kind == SpanKind.SERVER]
+    assert server.parent is not None and format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert any(s.kind == SpanKind.CONSUMER for s in recorded)
+    assert answered == stored == CALLER_TRACE
+
+
+async def test_an_operator_who_trusts_callers_lets_their_flag_decide(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an operator who samples nothing of its own but heeds its callers
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+    # When a caller sends a traceparent flagged sampled
+    _, recorded, _ = await call_with_traceparent(
+        settings, tracing.operator_sampler(heed_callers=True), "01"
+    )
+    # Expect the job traced, as a parent-based sampler does
+    assert any(s.kind == SpanKind.CONSUMER for s in recorded)
+
+
 async def test_a_worker_process_exports_its_spans_over_otlp_and_logs_json_lines_naming_them(
     settings: Settings, exported: InMemorySpanExporter
 ) -> None:
@@ -383,6 +451,73 @@ async def test_a_worker_process_exports_its_spans_over_otlp_and_logs_json_lines_
     [said] = [line for line in lines if line.get("job_id") == refused.job_id]
     assert said["team"] == "alpha" and said["level"] == "WARNING"
     assert said["trace_id"] == bad.trace_id and said["span_id"] == bad.span_id
+
+
+async def test_a_worker_stops_within_its_flush_bound_when_the_collector_is_silent(
+    settings: Settings,
+) -> None:
+    # Given a collector that takes connections and never answers (hung, or a black hole)
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    collector = await asyncio.start_server(accept, "127.0.0.1", 18722)
+    async with MockProvider() as mock, running_accountant(settings):
+        await declare_teams(settings, ("alpha",))
+        # and a worker tracing to it, each span a batch of its own (as many batches as a
+        # busy worker holds: each export waits for the collector in turn)
+        worker = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "cli", "worker", "--teams", "alpha"),
+            env=worker_env(
+                settings,
+                mock,
+                OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:18722",
+                OTEL_BSP_MAX_EXPORT_BATCH_SIZE="1",
+            ),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with GatewayClient(settings, team="alpha") as client:
+                await client.chat("gpt-4o-mini", HELLO, timeout=30)
+            # When it is stopped
+            worker.send_signal(signal.SIGTERM)
+            # Expect it gone well before the SDK's own 30 s wait at exit (a guard, generous
+            # for a loaded machine), saying the spans it could not export were dropped
+            _, stderr = await asyncio.wait_for(
+                worker.communicate(), timeout=tracing.FLUSH_AT_EXIT + 12
+            )
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+            for writer in held:
+                writer.close()
+            collector.close()
+    assert worker.returncode == 0
+    assert held  # the worker did try the collector
+    assert "spans not exported within 5 s of stopping" in stderr.decode()
+
+
+def test_the_gateways_sampler_does_not_heed_callers_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given traces switched on by the environment, a ratio sampler chosen
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    for heed, expected in ((False, "OperatorDecides{ParentBased{root:TraceIdRatioBased{0.1}"),
+                           (True, "ParentBased{root:TraceIdRatioBased{0.1}")):  # fmt: skip
+        tracing.install(None)
+        try:
+            # When a gateway process starts tracing
+            tracing.start("queuegate-worker", heed_callers=heed)
+            # Expect the operator's sampler, a caller's flag heeded only when told
+            provider = tracing._state.provider
+            assert provider is not None
+            assert provider.sampler.get_description().startswith(expected)
+        finally:
+            tracing.install(None)
 
 
 def of_publish(span: ReadableSpan, job_id: str) -> bool:
