@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     namespace: str = Field(default="queuegate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Prefix of every broker name and Redis key, so environments and test runs never collide."""
     database_schema: str = Field(default="queuegate", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    """The PostgreSQL schema of the gateway's tables (``queuegate migrate`` creates it)."""
 
     catalog: Path | None = None
     """The model catalog (YAML); the bundled mock catalog when unset."""
@@ -140,6 +141,7 @@ class Settings(BaseSettings):
     """Batches one front-door process runs at once; more wait for a free runner."""
 
     metrics_host: str = "0.0.0.0"
+    """Address ``/metrics``, ``/healthz`` and ``/readyz`` listen on."""
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes."""
     log_format: Literal["text", "json"] = "text"
@@ -173,6 +175,8 @@ class Settings(BaseSettings):
     per-team prefetch is sized from the share of the rate each worker gets."""
 
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
+    """Usage events accounting writes to PostgreSQL in one statement at most (and acks
+    together); it holds four batches' worth of deliveries unacknowledged."""
     accounting_linger: float = Field(default=0.05, ge=0)
     """Seconds accounting waits to fill a batch before writing what it has."""
     spend_reconcile_interval: float = Field(default=30.0, gt=0)
