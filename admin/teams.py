@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from queuegate.registry import (
     list_teams,
     set_team_config,
 )
+from queuegate.services import REDIS_CHECK_WAIT
 from queuegate.settings import Settings
 from queuegate.tenancy import (
     Capture,
@@ -399,9 +401,11 @@ async def disable_and_sign_out(
     sessions stored are deleted."""
     if not await disable_team(pool, name):
         return False
-    await new_dashboard_generation(client, keys, name)
     key_ids = [key.key_id for key in await team_keys(pool, name)]
-    await end_dashboard_sessions(client, keys, key_ids)
+    # Bounded: a Redis (or its Sentinels) out of reach must not hold the command.
+    async with asyncio.timeout(REDIS_CHECK_WAIT):
+        await new_dashboard_generation(client, keys, name)
+        await end_dashboard_sessions(client, keys, key_ids)
     return True
 
 

@@ -12,8 +12,10 @@ import pytest
 from pydantic import ValidationError
 
 from queuegate.errors import ServiceUnavailable
+from queuegate.registry import TeamConfig
 from queuegate.services import REDIS_CHECK_WAIT, check_redis
 from queuegate.settings import Settings
+from tests.teams import register
 
 REFUSING = "127.0.0.1:18701,127.0.0.1:18702,127.0.0.1:18703"
 """Sentinels nobody listens for (ports of this file's own)."""
@@ -108,3 +110,28 @@ async def test_deployments_with_silent_sentinels_fails_in_one_line(silent_sentin
     assert len(lines) == 1, stderr.decode()
     assert f"through the Sentinels at {silent_sentinel}" in lines[0]
     assert stdout == b""
+
+
+async def test_disabling_a_team_with_silent_sentinels_fails_in_one_line(
+    settings: Settings, silent_sentinel: str
+) -> None:
+    # Given a registered team
+    await register(settings, "alpha", TeamConfig())
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_REDIS_SENTINELS": silent_sentinel,
+    }
+    # When an operator disables it while its Sentinel never answers
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "teams", "disable", "alpha",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
+    # Expect the team disabled and one line saying its sessions are not ended, and why
+    assert cli.returncode == 1
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    assert "team alpha is disabled, but its dashboard sessions are not ended" in lines[0]
+    assert f"through the Sentinels at {silent_sentinel}" in lines[0]
