@@ -24,11 +24,17 @@ async def check_broker(settings: Settings) -> None:
     await connection.close()
 
 
+CHECK_WAIT = 5.0
+"""Seconds a check waits for Redis's answer: a Redis that hangs takes the client's every
+resend to fail (``queuegate.redis_client.RETRIES``), longer than a one-line answer should."""
+
+
 async def check_redis(settings: Settings) -> None:
     client = redis_for(settings, connect_timeout=3)
     try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
+        async with asyncio.timeout(CHECK_WAIT):
+            await client.ping()
+    except (RedisError, OSError) as exc:  # TimeoutError, CHECK_WAIT passed, is an OSError
         how = "start it (redis-server --daemonize yes)"
         raise ServiceUnavailable(redis_unreachable(settings, how)) from exc
     finally:

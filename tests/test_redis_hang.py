@@ -4,7 +4,12 @@ fail within ``redis_timeout`` and the outage rules apply, instead of jobs waitin
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
+import pytest
+
+from queuegate.errors import ServiceUnavailable
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.proxy import TcpProxy
@@ -49,3 +54,66 @@ async def test_a_hung_redis_holds_jobs_uncalled_and_each_is_served_once_when_it_
             assert len({r["job_id"] for r in rows}) == 4
             assert {h.job_id for h in handles} <= {r["job_id"] for r in rows}
             await wait_until(lambda: not admission.outage.down, timeout=30)
+
+
+async def test_a_client_opening_while_the_gateways_redis_is_away_is_told_redis_in_one_line(
+    settings: Settings,
+) -> None:
+    # Given a worker whose Redis, which counts each team's reply queues, is away
+    async with TcpProxy(settings.redis_url) as proxy:
+        s = settings.model_copy(update={"redis_url": proxy.url, "redis_timeout": TIMEOUT})
+        async with running_gateway(s) as gw:
+            for hung in (False, True):
+                if hung:
+                    proxy.hang()
+                else:
+                    await proxy.down()
+                # When a client opens (asking the gateway for its reply queue)
+                with pytest.raises(ServiceUnavailable) as refused:
+                    async with gw.client("alpha"):
+                        pass
+                # Expect one line naming Redis and what to do, not the workers
+                message = str(refused.value)
+                assert "the gateway's Redis is unavailable" in message, message
+                assert "try again once it answers" in message and "\n" not in message
+                await proxy.up()
+            # and a client opens as soon as Redis answers again
+            async with gw.client("alpha") as client:
+                assert (await client.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+
+
+async def test_submit_says_redis_when_the_workers_redis_hangs(settings: Settings) -> None:
+    # Given a worker whose Redis hangs
+    async with TcpProxy(settings.redis_url) as proxy:
+        s = settings.model_copy(update={"redis_url": proxy.url, "redis_timeout": TIMEOUT})
+        async with running_gateway(s):
+            proxy.hang()
+            # When an operator submits a job from the command line, its own Redis the hung
+            # one, then one it reaches
+            hung = await _submit(settings, QUEUEGATE_REDIS_URL=proxy.url)
+            reached = await _submit(settings)
+            await proxy.up()
+    # Expect each to fail in one line naming Redis, never the workers
+    for code, stderr in (hung, reached):
+        lines = stderr.strip().splitlines()
+        assert code == 1 and len(lines) == 1, stderr
+        assert "Redis" in lines[0] and "worker" not in lines[0].replace("workers hold", ""), lines
+    assert f"Redis is not reachable at {proxy.url}" in hung[1]
+    assert "the gateway's Redis is unavailable" in reached[1]
+
+
+async def _submit(settings: Settings, **env: str) -> tuple[int, str]:
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "submit", "--team", "alpha", "Hi",
+        env={
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "COLUMNS": "500",  # one line however long
+            **env,
+        },
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(cli.communicate(), timeout=60)
+    assert cli.returncode is not None
+    return cli.returncode, stderr.decode()
