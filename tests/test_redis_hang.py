@@ -102,9 +102,33 @@ async def test_submit_says_redis_when_the_workers_redis_hangs(settings: Settings
     assert "the gateway's Redis is unavailable" in reached[1]
 
 
-async def _submit(settings: Settings, **env: str) -> tuple[int, str]:
+async def test_submit_says_redis_when_its_job_waits_on_a_redis_that_hangs(
+    settings: Settings,
+) -> None:
+    # Given a limited team, and a worker whose Redis hangs once it claims a job (the client
+    # opened)
+    await register(settings, "alpha", TeamConfig(rpm=1000))
+    async with TcpProxy(settings.redis_url) as proxy:
+        s = settings.model_copy(
+            update={"redis_url": proxy.url, "redis_timeout": TIMEOUT, "shutdown_grace": 0.5}
+        )
+        async with running_gateway(s) as gw:
+            proxy.hold_replies_after(f"{settings.redis_prefix}:claim:alpha:".encode())
+            # When an operator submits a job whose answer does not come within its timeout
+            code, stderr = await _submit(settings, "--timeout", "3", QUEUEGATE_REDIS_URL=proxy.url)
+            # Expect the job to have reached the worker, uncalled, held for Redis
+            assert proxy.held.is_set()
+            assert gw.mock.stats.calls == 0
+    # and the command to say Redis, in one line, not the workers
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1, stderr
+    assert f"Redis is not reachable at {proxy.url}" in lines[0]
+    assert lines[0].endswith("workers hold jobs until it answers"), lines
+
+
+async def _submit(settings: Settings, *args: str, **env: str) -> tuple[int, str]:
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", "submit", "--team", "alpha", "Hi",
+        sys.executable, "-m", "cli", "submit", "--team", "alpha", "Hi", *args,
         env={
             **os.environ,
             "QUEUEGATE_NAMESPACE": settings.namespace,
