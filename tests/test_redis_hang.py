@@ -76,6 +76,9 @@ async def test_a_client_opening_while_the_gateways_redis_is_away_is_told_redis_i
                 message = str(refused.value)
                 assert "the gateway's Redis is unavailable" in message, message
                 assert "try again once it answers" in message and "\n" not in message
+                # while a publish-only client, which needs no reply queue, opens
+                async with gw.client("alpha", listen=False) as publisher:
+                    assert publisher.team == "alpha"
                 await proxy.up()
             # and a client opens as soon as Redis answers again
             async with gw.client("alpha") as client:
