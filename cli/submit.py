@@ -50,7 +50,8 @@ def submit(
     """
     from admin.teams import with_user
     from producer import GatewayClient
-    from queuegate.errors import ControlRefused
+    from queuegate.errors import ControlRefused, ResultTimeout, ServiceUnavailable
+    from queuegate.services import check_redis
     from queuegate.tenancy import broker_user
 
     settings = make_settings()
@@ -82,6 +83,16 @@ def submit(
         hint = "" if password or api_key else as_team
         err.print(f"[red]unauthorized:[/] {escape(visible(str(exc)))}{hint}", highlight=False)
         raise typer.Exit(1) from exc
+    except (ServiceUnavailable, ResultTimeout) as exc:
+        # Workers hold a job while Redis does not answer (its limits and claims live there):
+        # name Redis rather than the workers when it is the cause.
+        try:
+            run(lambda: check_redis(settings))
+        except ServiceUnavailable as down:
+            line = f"{down}: workers hold jobs until it answers"
+            err.print(f"[red]error:[/] {escape(visible(line))}", highlight=False)
+            raise typer.Exit(1) from exc
+        raise
     if as_json:
         out.print_json(result.model_dump_json())
     elif result.status == "ok":

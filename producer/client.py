@@ -67,7 +67,9 @@ class GatewayClient:
     declares when the client asks (one control round trip at start: a team may not declare
     queues itself). It survives a dropped broker connection, so a reply in flight is not
     lost; the broker deletes it ``settings.reply_queue_expires`` seconds after the client is
-    gone, and a client that was away longer asks for it again. While the connection is
+    gone, and a client that was away longer, or whose queue an operator deleted, asks for it
+    again. Opening asks the gateway, whose Redis counts the team's reply queues: while that
+    is away the open fails with ServiceUnavailable naming Redis. While the connection is
     down, ``submit`` waits up to ``settings.reconnect_wait`` seconds for it to return. A
     pipeline that must survive its own restart passes ``reply_queue="nightly"``: a durable
     queue that keeps results while nobody listens, read again by the next client of that name.

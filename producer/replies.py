@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel
+from aiormq import spec
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
@@ -32,6 +33,9 @@ one in flight when the connection drops is redelivered."""
 
 SEEN_LIMIT = 100_000
 """Answered job ids remembered to drop redelivered duplicates; older ones are forgotten."""
+REDECLARE_FIRST, REDECLARE_MAX = 0.5, 10.0
+"""Seconds between tries to declare a deleted reply queue again: the first, doubling to the
+last (the gateway may be unable to declare it for a while: its Redis away)."""
 CLOSE_TIMEOUT = 5.0
 """Seconds a closing owner tries to remove its reply queue before leaving it to expire."""
 
@@ -181,10 +185,11 @@ class ReplyQueue:
     ``declare(channel)`` makes sure the queue is there and gives its name: declared on the
     channel itself, or asked of the gateway for a team's queue. Each time the channel comes
     back after a lost connection the queue is declared again (it may have expired meanwhile)
-    and consumed again. ``delete`` removes it at ``stop``; None leaves it (a named queue
-    that keeps results for the next owner): then nothing is sent at ``stop``, and the
-    consumer ends with the connection. Should the broker be away at ``stop``, the queue
-    expires by itself.
+    and consumed again; so it is when the broker cancels the consumer because the queue was
+    deleted (an operator), tried again with backoff until it is there. ``delete`` removes it
+    at ``stop``; None leaves it (a named queue that keeps results for the next owner): then
+    nothing is sent at ``stop``, and the consumer ends with the connection. Should the broker
+    be away at ``stop``, the queue expires by itself.
     """
 
     def __init__(
@@ -201,6 +206,7 @@ class ReplyQueue:
         self._channel: AbstractRobustChannel | None = None
         self._consumer: Consumer | None = None
         self._reopening: asyncio.Task[None] | None = None
+        self._stopped = False
 
     @property
     def name(self) -> str:
@@ -216,6 +222,7 @@ class ReplyQueue:
         return self.name
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._reopening is not None:
             self._reopening.cancel()
         if self._delete is None or self._channel is None:
@@ -232,6 +239,39 @@ class ReplyQueue:
         self._consumer = await consume(
             channel, self._name, self._inbox.handle, prefetch=REPLY_PREFETCH
         )
+        # Results sent to a deleted queue come back to the workers unrouted: declare it again.
+        self._consumer.channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        consumer, channel = self._consumer, self._channel
+        if consumer is None or frame.consumer_tag != consumer.tag or channel is None:
+            return
+        if self._stopped:
+            return
+        log.warning(
+            "the broker cancelled the consumer of reply queue %s (was it deleted?): declaring "
+            "it again and consuming",
+            self._name,
+        )
+        # Not awaited: this runs in the channel's reader, and the declare may be asked of the
+        # gateway on this very channel.
+        self._reopening = asyncio.create_task(self._redeclare(channel))
+
+    async def _redeclare(self, channel: AbstractRobustChannel) -> None:
+        delay = REDECLARE_FIRST
+        while not self._stopped:
+            try:
+                await self._open(channel)
+                return
+            except UNANSWERED as exc:
+                log.warning(
+                    "could not declare reply queue %s again (%s); trying again in %.1f s",
+                    self._name,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REDECLARE_MAX)
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # Not awaited here: the channel's restore waits for its reopen callbacks, and a

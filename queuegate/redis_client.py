@@ -29,14 +29,18 @@ more would only add sockets, not throughput."""
 WAIT = 5.0
 """Seconds a command waits for a free connection before it fails as Redis being unavailable."""
 RETRIES = 3
-"""Times a command is sent again on a fresh connection after its connection failed: a
-restarted Redis leaves every pooled connection closed, and without a retry each one's next
-command would fail once, as if Redis were still down (jobs then served unclaimed). Under
-Sentinel the fresh connection asks the Sentinels where the primary is now.
+"""Times a command is sent again on a fresh connection after its connection failed or its
+reply did not come within ``Settings.redis_timeout``: a restarted Redis leaves every pooled
+connection closed, and without a retry each one's next command would fail once, as if Redis
+were still down (jobs then served unclaimed); a connection whose Redis vanished without a
+word (a partition, a host that died) is left for a fresh one. Under Sentinel the fresh
+connection asks the Sentinels where the primary is now. A Redis that hangs thus fails a
+command after ``(RETRIES + 1) * redis_timeout`` seconds and the backoff.
 
 A command sent again may have run already (its connection broke after Redis ran it, before
-the reply came back): every script that would count something twice if run twice is made
-to run once per call (``workers/admission/lua/batch.lua``, ``workers/lua/finish.lua``)."""
+the reply came back; a hung Redis runs every copy it was sent once it resumes): every script
+that would count something twice if run twice is made to run once per call
+(``workers/admission/lua/batch.lua``, ``workers/lua/finish.lua``)."""
 
 
 FOLLOW = 1.0
@@ -85,7 +89,13 @@ def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> ai
     only the password, database and TLS.
     """
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), RETRIES)
-    options: dict[str, Any] = {"max_connections": CONNECTIONS, "timeout": WAIT, "retry": retry}
+    options: dict[str, Any] = {
+        "max_connections": CONNECTIONS,
+        "timeout": WAIT,
+        "retry": retry,
+        # Without it a command on an open connection to a Redis that hangs waits forever.
+        "socket_timeout": settings.redis_timeout,
+    }
     if connect_timeout is not None:
         options["socket_connect_timeout"] = connect_timeout
     if not settings.redis_sentinels:
@@ -96,7 +106,10 @@ def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> ai
     primary.pop("port", None)
     if primary.pop("connection_class", None) is SSLConnection:
         primary["ssl"] = True  # Sentinel's pool picks its own TLS connection class
-    reach: dict[str, Any] = {"socket_connect_timeout": connect_timeout or 5.0}
+    reach: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout or 5.0,
+        "socket_timeout": settings.redis_timeout,
+    }
     if settings.redis_sentinel_password:
         reach["password"] = settings.redis_sentinel_password
     sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs=reach)  # type: ignore[no-untyped-call]

@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     """The name the Sentinels monitor the primary under (their ``sentinel monitor``)."""
     redis_sentinel_password: str = ""
     """The Sentinels' own password (their ``requirepass``), when they have one."""
+    redis_timeout: float = Field(default=5.0, gt=0, le=7.0)
+    """Seconds a Redis command waits for its reply before it fails as Redis being unavailable
+    (then it is sent again on a fresh connection, ``queuegate.redis_client.RETRIES`` times):
+    a Redis that hangs (stopped, partitioned) must not hold a worker's jobs forever. Far above
+    a loaded worker's slowest command (``python -m bench.redis_latency``: 0.45-0.81 s at most
+    with prefetch 32 or 256, 2.7 s with 1,000).
+    At most 7: every resend of a command then reaches Redis within the 30 s its once-only
+    scripts remember a round trip (``workers.admission.scripts.ONCE_MS``)."""
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     management_url: str = ""
     """RabbitMQ's management API, for operator commands (users, quotas); never on a job's path.

@@ -6,9 +6,11 @@ import asyncio
 
 import pytest
 from pydantic import ValidationError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from queuegate.redis_client import CONNECTIONS, redis_for
+from queuegate.redis_client import CONNECTIONS, RETRIES, redis_for
 from queuegate.settings import Settings
+from tests.proxy import TcpProxy
 
 
 async def test_more_commands_at_once_than_connections_all_succeed(settings: Settings) -> None:
@@ -30,3 +32,29 @@ def test_sentinels_are_host_port_pairs_and_a_bad_one_is_named() -> None:
     assert listed.sentinel_addresses == [("sentinel-1", 26379), ("::1", 26380)]
     with pytest.raises(ValidationError, match="'sentinel-2' is not host:port"):
         Settings(redis_sentinels="sentinel-1:26379,sentinel-2")
+
+
+async def test_a_command_to_a_redis_that_hangs_fails_within_its_timeout(
+    settings: Settings,
+) -> None:
+    # Given a client whose Redis hangs after a first answer (SIGSTOP: connections stay open)
+    async with TcpProxy(settings.redis_url) as proxy:
+        hung = settings.model_copy(update={"redis_url": proxy.url, "redis_timeout": 0.2})
+        client = redis_for(hung)
+        key = f"{settings.redis_prefix}:hung"
+        try:
+            await client.set(key, "0", ex=60)
+            proxy.hang()
+            # When a command is sent, then Redis stays silent
+            bound = (RETRIES + 1) * 0.2 + 5  # every try, the backoff and a busy machine
+            async with asyncio.timeout(bound):
+                # Expect it to fail as Redis being unavailable, not to wait forever
+                with pytest.raises(RedisTimeoutError):
+                    await client.incr(key)
+            # And once Redis resumes, the client carries on; the command that timed out ran
+            # then (it had reached Redis), so a caller cannot tell whether it did
+            await proxy.up()
+            assert await client.incr(key) == 2
+        finally:
+            await client.delete(key)
+            await client.aclose()

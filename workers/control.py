@@ -185,7 +185,16 @@ class ControlPlane:
             return _error("invalid_request", str(exc))
         except ServiceUnavailable as exc:
             return _error("service_unavailable", str(exc))
-        except (RedisError, OSError, aiormq.exceptions.AMQPError) as exc:
+        except RedisError as exc:
+            # Reply queues are counted and batches kept in Redis: say so, or the client
+            # would blame the workers.
+            log.warning("control request %s failed: Redis: %s", message.message_id, exc)
+            return _error(
+                "service_unavailable",
+                f"the gateway's Redis is unavailable ({type(exc).__name__}: {exc}): try again "
+                "once it answers (queuegate status shows it)",
+            )
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
             log.warning("control request %s failed: %s", message.message_id, exc)
             return _error("service_unavailable", f"the gateway could not do it ({exc}); retry")
         except Exception:

@@ -15,8 +15,9 @@ from queuegate.redis_client import lua_source
 _SCRIPTS = ("take", "spend")
 ONCE_MS = 30_000
 """Milliseconds a round trip's replies are kept so that, sent again, it is not run again
-(``lua/batch.lua``): the Redis client's own resends come within a second, and a caller that
-tries again after an error (passing the same ``once``) within a Sentinel failover's time."""
+(``lua/batch.lua``): the Redis client's own resends come within ``RETRIES`` times the Redis
+timeout (at most 7 s: ``Settings.redis_timeout``) and the backoff, and a caller that tries
+again after an error (passing the same ``once``) within a Sentinel failover's time."""
 
 
 def _batch_source() -> str:
