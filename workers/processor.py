@@ -3,8 +3,9 @@
 decode → validate (content type, schema version) → team → proven publisher → reply queue
 exists → claim (or: answered already, held by another delivery, a different request under
 the id) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
-deployment's buckets, each call recorded in the claim before it leaves; streaming deltas to
-reply_to) → settle admission → store outcome, ending the claim → publish result (confirmed)
+deployment's buckets, each call recorded in the claim before it leaves, in the take's round
+trip when it goes at once; streaming deltas to reply_to) → store outcome, ending the claim,
+and settle admission in the same round trip → publish result (confirmed)
 → usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
@@ -215,7 +216,12 @@ class JobProcessor:
         except BaseException:
             await claim.abandon()
             raise
-        outcome = await claim.finish(claim.account(await admitted.stamp(outcome)))
+        try:
+            stamped = claim.account(await admitted.stamp(outcome))
+        except BaseException:
+            await claim.settle()  # what would have ridden with the store
+            raise
+        outcome = await claim.finish(stamped)
         return self._finished(outcome, reply_to, error)
 
     async def _receivable(self, message: AbstractIncomingMessage, reply_to: str | None) -> None:
@@ -309,7 +315,7 @@ class JobProcessor:
             attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}
             admitting = tracing.traced(admitting, f"admission {job.team}", attributes=attributes)
         ticket = await admitting
-        spent: Routed | Billed | None = None
+        spent: Billed | None = None
         try:
             routed = await self._router.complete(
                 job,
@@ -318,12 +324,13 @@ class JobProcessor:
                 gate=claim.gate(ticket, self._router.catalog),
                 unsupported_params=self._admission.config(job.team).unsupported_params,
             )
-            spent = routed
-        except StreamInterrupted as exc:
-            spent = exc.billed  # what the provider generated before the stream broke
-            raise
-        finally:
+        except BaseException as exc:
+            if isinstance(exc, StreamInterrupted):
+                spent = exc.billed  # what the provider generated before the stream broke
             await ticket.settle(spent)
+            raise
+        # Settled in the round trip that stores the outcome (or when the claim is let go).
+        claim.settle_with(ticket.settlement(routed))
         return routed
 
     async def _finish(
