@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
@@ -93,15 +95,26 @@ class JobProcessor:
         self._job_time_limit = job_time_limit
         self._cancels = cancels
 
-    async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
-        """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
+    def process(
+        self, message: AbstractIncomingMessage, team: str, queue: str
+    ) -> Coroutine[Any, Any, None]:
+        """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it.
+
+        Call it in the context of the job's task, and run the coroutine it returns as that
+        task: not a coroutine itself, so the job holds one frame fewer while it waits (a
+        worker holds thousands when its broker is the slowest stage).
+        """
         logs.for_job(message.message_id or message.correlation_id or "", team)
         # Once: the job span's queued child and the usage row say the same time.
         queued_ms = _queued_ms(message)
         if tracing.ON:
-            with spans.job_span(message, team, queue, queued_ms):
-                await self._handle(message, team, queue, queued_ms)
-        else:
+            return self._traced(message, team, queue, queued_ms)
+        return self._handle(message, team, queue, queued_ms)
+
+    async def _traced(
+        self, message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
+    ) -> None:
+        with spans.job_span(message, team, queue, queued_ms):
             await self._handle(message, team, queue, queued_ms)
 
     async def _handle(
