@@ -163,9 +163,10 @@ models:
     # Expect three round trips: the budget's reservation with the team bucket's take (sent
     # twice when the first finds no ledger for the month, which is then rebuilt from
     # PostgreSQL, unless accounting's reconciliation made it first), the deployment bucket's
-    # take, then every settle (both buckets' tokens, the budget's cost)
+    # take with the call's record in the claim, then the outcome's store with every settle
+    # (both buckets' tokens, the budget's cost)
     reserve = ["spend", "take"]
-    assert batches[-3:] == [reserve, ["take"], ["take", "take", "spend"]]
+    assert batches[-3:] == [reserve, ["take", "hold"], ["finish", "take", "take", "spend"]]
     assert batches[:-3] in ([], [reserve])
     # ... and the counters at what the job really used, not at its estimate: the budget at
     # its cost (10 input tokens at $1/M, 11 output at $2/M), each bucket 21 tokens down

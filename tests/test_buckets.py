@@ -14,7 +14,7 @@ from tests.proxy import TcpProxy
 from workers.admission import prefetch_for
 from workers.admission.buckets import Buckets, Limit, Take, settle_call
 from workers.admission.policy import LocalBuckets
-from workers.admission.scripts import Scripts
+from workers.admission.scripts import Call, Scripts
 
 
 def _buckets(client: aioredis.Redis, settings: Settings) -> Buckets:
@@ -44,6 +44,29 @@ async def test_a_full_bucket_admits_a_minute_of_its_limit_then_says_how_long_to_
     assert takes == [Take(True, 0)] * 6
     assert not refused.taken
     assert 9000 <= refused.wait_ms <= 10_000
+
+
+async def test_a_call_riding_with_a_take_runs_only_once_the_take_is_made(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a deployment bucket of one request, and a job's claim held by its owner
+    buckets = _buckets(redis_client, settings)
+    keys = Keys(settings.redis_prefix)
+    limit = Limit(keys.deployment_bucket("d1"), "deployment d1", 1, None, 1)
+    claim = keys.claim("alpha", "job-1")
+    await redis_client.hset(claim, mapping={"owner": "w/1", "lease": "0"})
+
+    # When two takes each carry the record of a call in the claim
+    def record(call: str) -> Call:
+        return Call("hold", [claim], ["w/1", 60_000, call])
+
+    first = await buckets.take([limit], 0, then=record('{"n": 1}'))
+    second = await buckets.take([limit], 0, then=record('{"n": 2}'))
+
+    # Expect the first taken with its call recorded, the second neither
+    assert first == Take(True, 0, then_ran=True)
+    assert not second.taken and not second.then_ran
+    assert await redis_client.hget(claim, "attempt") == b'{"n": 1}'
 
 
 async def test_a_take_takes_from_every_scope_or_from_none(

@@ -53,7 +53,8 @@ from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
 from router import Catalog, Deployment
 from router.router import AttemptGate
-from workers.admission import Ticket
+from workers.admission import Settlement, Ticket
+from workers.admission.scripts import Call, Scripts
 from workers.cache import digest
 from workers.outcome import Outcome
 from workers.usage_record import UsageRecord
@@ -121,6 +122,8 @@ class Claims:
         self._epoch_keys = [keys.memory_epoch, keys.replication]
         self._hold: AsyncScript = client.register_script(lua_source("workers", "hold"))
         self._finish: AsyncScript = client.register_script(lua_source("workers", "finish"))
+        self._scripts = Scripts(client, keys)
+        """For the claim's calls that ride with admission's (``lua/batch.lua``)."""
         self._settle: AsyncScript = client.register_script(lua_source("workers", "settle_epoch"))
         self._epoch_lock = asyncio.Lock()
         self._held: dict[str, str] = {}
@@ -299,6 +302,11 @@ class Claims:
         if self._held.get(key) == owner:
             del self._held[key]
 
+    def hold_call(self, key: str, owner: str, call: LostCall) -> Call:
+        """``hold`` with ``call`` as a script call, to ride with another (a deployment's
+        take: ``Ticket.enter``)."""
+        return Call("hold", [key], [owner, self._lease_ms, call.model_dump_json()])
+
     async def _hold_for(self, key: str, owner: str, lease_ms: int, call: LostCall | None) -> None:
         encoded = "" if call is None else call.model_dump_json()
         try:
@@ -306,14 +314,34 @@ class Claims:
         except RedisError as exc:
             self._outage.failed(exc)
 
-    async def store(self, job: ChatJob, fingerprint: str, outcome: Outcome) -> Outcome | None:
-        """Store a job's outcome and end its claim; the outcome stored before, if any."""
+    async def settle(self, settlement: Settlement) -> None:
+        """Run a job's admission settles on their own (its claim let go, not finished)."""
+        try:
+            settlement.done(await self._scripts.run_all(settlement.calls))
+        except RedisError as exc:
+            self._outage.failed(exc)  # lost as admission's own would be (Admission.settle)
+
+    async def store(
+        self,
+        job: ChatJob,
+        fingerprint: str,
+        outcome: Outcome,
+        settlement: Settlement | None = None,
+    ) -> Outcome | None:
+        """Store a job's outcome and end its claim, with the job's admission ``settlement``
+        in the same round trip; the outcome stored before, if any."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         # Captured prompts go to the audit table only, never into Redis.
         stored = fingerprint + outcome.model_dump_json(exclude={"usage": {"content"}})
         try:
-            earlier = await self._finish(keys=[key, result], args=[stored, self._ttl])
+            if settlement is None:
+                earlier = await self._finish(keys=[key, result], args=[stored, self._ttl])
+            else:
+                # The store first: its reply never stops the round trip (lua/batch.lua).
+                finish = Call("finish", [key, result], [stored, self._ttl])
+                earlier, *settled = await self._scripts.run_all([finish, *settlement.calls])
+                settlement.done(settled)
         except RedisError as exc:
             self._outage.failed(exc)
             return None
@@ -340,6 +368,7 @@ class Claim:
         self._owner = owner
         self.lost = lost or []
         """Calls lapsed owners of the job had in flight."""
+        self._settlement: Settlement | None = None
 
     def gate(self, ticket: Ticket, catalog: Catalog) -> AttemptGate:
         """``ticket`` that also records each call in the claim before it leaves."""
@@ -349,6 +378,22 @@ class Claim:
         """Note the call about to leave: lost, should this owner die before its outcome."""
         if self._owner is not None:
             await self._claims.hold(self._key, self._owner, call)
+
+    def recording(self, call: LostCall) -> Call | None:
+        """``record`` as a script call, to ride with the take that lets the call go; None
+        when unclaimed."""
+        return None if self._owner is None else self._claims.hold_call(self._key, self._owner, call)
+
+    def settle_with(self, settlement: Settlement | None) -> None:
+        """Run the job's admission settles with the outcome's store (``finish``), or on their
+        own when the claim is let go (``abandon``) or ``settle`` is called first."""
+        self._settlement = settlement
+
+    async def settle(self) -> None:
+        """Run the settles given to ``settle_with`` now, if they have not run."""
+        settlement, self._settlement = self._settlement, None
+        if settlement is not None:
+            await self._claims.settle(settlement)
 
     def account(self, outcome: Outcome) -> Outcome:
         """The outcome whose usage also counts the calls lost with lapsed owners."""
@@ -364,17 +409,20 @@ class Claim:
         return outcome.model_copy(update={"usage": usage.model_copy(update=update)})
 
     async def finish(self, outcome: Outcome) -> Outcome:
-        """Store the outcome and end the claim; returns what the job is announced with: the
-        outcome stored first, when a delivery that took over finished before this one."""
+        """Store the outcome and end the claim (the job's settles in the same round trip);
+        returns what the job is announced with: the outcome stored first, when a delivery
+        that took over finished before this one."""
         if self._owner is not None:
             self._claims.forget(self._key, self._owner)
             self._owner = None
-        earlier = await self._claims.store(self.job, self._fingerprint, outcome)
+        settlement, self._settlement = self._settlement, None
+        earlier = await self._claims.store(self.job, self._fingerprint, outcome, settlement)
         return outcome if earlier is None else earlier
 
     async def abandon(self) -> None:
         """Let the job go at once, keeping the call in flight on record: its next delivery
         takes over without waiting for the lease."""
+        await self.settle()
         if self._owner is not None:
             owner, self._owner = self._owner, None
             await self._claims.let_go(self._key, owner)
@@ -389,7 +437,6 @@ class _Recording:
         self._catalog = catalog
 
     async def enter(self, deployment: Deployment) -> None:
-        await self._ticket.enter(deployment)
         job = self._claim.job
         alias = next(
             (
@@ -405,7 +452,9 @@ class _Recording:
             provider=deployment.provider,
             cost_usd=self._ticket.estimate.usd_at(deployment),
         )
-        await self._claim.record(call)
+        # Recorded in the round trip of the deployment's take when that lets it go at once.
+        if not await self._ticket.enter(deployment, then=self._claim.recording(call)):
+            await self._claim.record(call)
 
     async def rate_limited(self, deployment: Deployment) -> None:
         await self._ticket.rate_limited(deployment)

@@ -3,8 +3,9 @@
 decode → validate (content type, schema version) → team → proven publisher → reply queue
 exists → claim (or: answered already, held by another delivery, a different request under
 the id) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
-deployment's buckets, each call recorded in the claim before it leaves; streaming deltas to
-reply_to) → settle admission → store outcome, ending the claim → publish result (confirmed)
+deployment's buckets, each call recorded in the claim before it leaves, in the take's round
+trip when it goes at once; streaming deltas to reply_to) → store outcome, ending the claim,
+and settle admission in the same round trip → publish result (confirmed)
 → usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
@@ -92,15 +95,26 @@ class JobProcessor:
         self._job_time_limit = job_time_limit
         self._cancels = cancels
 
-    async def process(self, message: AbstractIncomingMessage, team: str, queue: str) -> None:
-        """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it."""
+    def process(
+        self, message: AbstractIncomingMessage, team: str, queue: str
+    ) -> Coroutine[Any, Any, None]:
+        """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it.
+
+        Call it in the context of the job's task, and run the coroutine it returns as that
+        task: not a coroutine itself, so the job holds one frame fewer while it waits (a
+        worker holds thousands when its broker is the slowest stage).
+        """
         logs.for_job(message.message_id or message.correlation_id or "", team)
         # Once: the job span's queued child and the usage row say the same time.
         queued_ms = _queued_ms(message)
         if tracing.ON:
-            with spans.job_span(message, team, queue, queued_ms):
-                await self._handle(message, team, queue, queued_ms)
-        else:
+            return self._traced(message, team, queue, queued_ms)
+        return self._handle(message, team, queue, queued_ms)
+
+    async def _traced(
+        self, message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
+    ) -> None:
+        with spans.job_span(message, team, queue, queued_ms):
             await self._handle(message, team, queue, queued_ms)
 
     async def _handle(
@@ -215,7 +229,12 @@ class JobProcessor:
         except BaseException:
             await claim.abandon()
             raise
-        outcome = await claim.finish(claim.account(await admitted.stamp(outcome)))
+        try:
+            stamped = claim.account(await admitted.stamp(outcome))
+        except BaseException:
+            await claim.settle()  # what would have ridden with the store
+            raise
+        outcome = await claim.finish(stamped)
         return self._finished(outcome, reply_to, error)
 
     async def _receivable(self, message: AbstractIncomingMessage, reply_to: str | None) -> None:
@@ -309,7 +328,10 @@ class JobProcessor:
             attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}
             admitting = tracing.traced(admitting, f"admission {job.team}", attributes=attributes)
         ticket = await admitting
-        spent: Routed | Billed | None = None
+        # A finished coroutine keeps its frame's memory for as long as it is referenced
+        # (Python 3.11), and this one would be for the whole call: jobs hold thousands.
+        del admitting
+        spent: Billed | None = None
         try:
             routed = await self._router.complete(
                 job,
@@ -318,12 +340,13 @@ class JobProcessor:
                 gate=claim.gate(ticket, self._router.catalog),
                 unsupported_params=self._admission.config(job.team).unsupported_params,
             )
-            spent = routed
-        except StreamInterrupted as exc:
-            spent = exc.billed  # what the provider generated before the stream broke
-            raise
-        finally:
+        except BaseException as exc:
+            if isinstance(exc, StreamInterrupted):
+                spent = exc.billed  # what the provider generated before the stream broke
             await ticket.settle(spent)
+            raise
+        # Settled in the round trip that stores the outcome (or when the claim is let go).
+        claim.settle_with(ticket.settlement(routed))
         return routed
 
     async def _finish(
@@ -343,7 +366,9 @@ class JobProcessor:
                         "messaging.destination.name": reply_to,
                     },
                 )
-            if not await answering:
+            delivered = await answering
+            del answering  # not held through the usage event's wait (see _serve)
+            if not delivered:
                 usage = announcement.undelivered_usage()
         if usage is not None:
             # Acknowledged below only once the batch carrying the event is confirmed.

@@ -288,24 +288,25 @@ class Worker:
     def _callback(
         self, team: str, queue: str
     ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        def released(_: asyncio.Task[None]) -> None:
+            self._telemetry.released(team)
+
         async def on_job(delivered: DeliveredMessage) -> None:
+            assert self._processor is not None
+            # The processor's coroutine is the task's own, and the job leaves the count by a
+            # callback: no frame of the worker's per job held.
+            job = self._processor.process(IncomingMessage(delivered), team, queue)
+            self._telemetry.taken(team)
             # Not in this task, which aiormq cancels when the channel closes: a job whose
             # provider call is in flight when the connection drops runs on, stores its
             # outcome and keeps its claim, so that its redelivery is answered from it
             # instead of calling again.
-            task = asyncio.create_task(self._run_job(IncomingMessage(delivered), team, queue))
+            task = asyncio.create_task(job)
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(released)
 
         return on_job
-
-    async def _run_job(self, message: IncomingMessage, team: str, queue: str) -> None:
-        assert self._processor is not None
-        self._telemetry.taken(team)
-        try:
-            await self._processor.process(message, team, queue)
-        finally:
-            self._telemetry.released(team)
 
     def _live_in_flight(self) -> dict[str, int]:
         return {team: self._telemetry.in_flight[team] for team in self._consumers}

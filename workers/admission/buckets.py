@@ -36,6 +36,8 @@ class Take(NamedTuple):
 
     taken: bool
     wait_ms: int
+    then_ran: bool = False
+    """Whether the call given to run once the take is made (``Buckets.take``) ran."""
 
 
 class Buckets:
@@ -43,19 +45,27 @@ class Buckets:
         self._scripts = scripts
 
     async def take(
-        self, limits: Sequence[Limit], tokens: int, within_ms: int = 0, *, name: str | None = None
+        self,
+        limits: Sequence[Limit],
+        tokens: int,
+        within_ms: int = 0,
+        *,
+        name: str | None = None,
+        then: Call | None = None,
     ) -> Take:
         """Take one request and ``tokens`` from every bucket, or from none.
 
         When the buckets can admit the job within ``within_ms`` but not now, the job reserves
         its place: it is taken now, into debt, and ``wait_ms`` says when it may go. Raises
         InvalidRequest when the job is larger than a bucket could ever hold. ``name``: the
-        take's, the same on every try (``Scripts.run_all``).
+        take's, the same on every try (``Scripts.run_all``). ``then``: a call to run in the
+        same round trip once the take is made, its reply ignored (``Take.then_ran``).
         """
         if not limits:
             return Take(True, 0)
-        reply = await self._scripts.run(take_call(limits, tokens, within_ms), name=name)
-        return taken(limits, tokens, reply)
+        calls = [take_call(limits, tokens, within_ms)] + ([then] if then is not None else [])
+        replies = await self._scripts.run_all(calls, name=name)
+        return taken(limits, tokens, replies[0])._replace(then_ran=len(replies) > 1)
 
     async def drain(self, limits: Sequence[Limit]) -> None:
         """Empty every bucket of its requests: the next ones are admitted at the rate alone."""

@@ -16,9 +16,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -168,13 +168,21 @@ class Admission:
             raise
         return ticket
 
-    async def take(self, limits: list[Limit], tokens: int, within_ms: int, until: float) -> Take:
+    async def take(
+        self,
+        limits: list[Limit],
+        tokens: int,
+        within_ms: int,
+        until: float,
+        then: Call | None = None,
+    ) -> Take:
         """Take a request and ``tokens`` from every bucket of ``limits`` if they have them
         within ``within_ms``, under the outage policy (this process's share of the limits
-        while Redis is away, when failing open)."""
+        while Redis is away, when failing open); ``then`` runs in the same round trip once
+        taken (``Buckets.take``)."""
         name = once()  # the same for every try (see admit)
         return await self._guard(
-            lambda: self._buckets.take(limits, tokens, within_ms, name=name),
+            lambda: self._buckets.take(limits, tokens, within_ms, name=name, then=then),
             lambda: self._local.take(limits, tokens, within_ms),
             until,
         )
@@ -183,26 +191,36 @@ class Admission:
         """Return the request a job took from ``limits`` for a call it will not make."""
         call = settle_call(limits, 0, requests_back=1)
         if call is not None:
-            await self.settle([call], None, 0)
+            await self.settle(self.settlement([call], None, 0))
 
     async def drain(self, limit: Limit) -> None:
         await self._best_effort(partial(self._buckets.drain, [limit]))
 
-    async def settle(
+    def settlement(
         self, buckets: list[Call], budget: Reservation | None, actual_nano: int
-    ) -> None:
-        """Run a job's settles (``buckets``' calls, then its budget's) in one round trip."""
+    ) -> Settlement | None:
+        """A job's settles (``buckets``' calls, then its budget's), for one round trip; None
+        when there is nothing to settle."""
         spend = self._budgets.settle_call(budget, actual_nano) if budget is not None else None
-        # A settle lost to a Redis error is not retried: the job's entry lapses, and
-        # accounting's reconciliation brings the job's real cost in from its usage row.
         calls = buckets if spend is None else [*buckets, spend]
         if not calls:
+            return None
+
+        def done(replies: Sequence[Any]) -> None:
+            if budget is not None and spend is not None and len(replies) == len(calls):
+                self._budgets.settled(budget, replies[-1])
+
+        return Settlement(calls, done)
+
+    async def settle(self, settlement: Settlement | None) -> None:
+        """Run a job's settles in one round trip of their own."""
+        if settlement is None:
             return
 
+        # A settle lost to a Redis error is not retried: the job's entry lapses, and
+        # accounting's reconciliation brings the job's real cost in from its usage row.
         async def run() -> None:
-            replies = await self._scripts.run_all(calls)
-            if budget is not None and spend is not None:
-                self._budgets.settled(budget, replies[-1])
+            settlement.done(await self._scripts.run_all(settlement.calls))
 
         await self._best_effort(run)
 
@@ -293,12 +311,16 @@ class Ticket:
         self._waited: float | None = None
         """Seconds spent waiting for buckets; None while it met none (no limits)."""
 
-    async def enter(self, deployment: Deployment) -> None:
-        """Wait for the deployment's own buckets (the provider account's RPM/TPM)."""
+    async def enter(self, deployment: Deployment, then: Call | None = None) -> bool:
+        """Wait for the deployment's own buckets (the provider account's RPM/TPM); whether
+        ``then`` ran, in the round trip of the take that let the call go (it does not when
+        the deployment has no buckets, or the call waited for them)."""
         limit = self._admission.deployment_limit(deployment)
-        if limit is not None:
-            await self.take([limit])
-            self._deployments.append((deployment.name, limit))
+        if limit is None:
+            return False
+        ran = await self.take([limit], then=then)
+        self._deployments.append((deployment.name, limit))
+        return ran
 
     async def rate_limited(self, deployment: Deployment) -> None:
         """The deployment answered 429: its provider admits fewer calls at once than the
@@ -308,20 +330,26 @@ class Ticket:
         if limit is not None and limit.rpm is not None:
             await self._admission.drain(limit)
 
-    async def take(self, limits: list[Limit], *, tried: bool = False) -> None:
+    async def take(
+        self, limits: list[Limit], *, tried: bool = False, then: Call | None = None
+    ) -> bool:
         """Wait for ``limits``' buckets to admit the job; ``tried``: they refused it just now,
-        so it goes straight to the line."""
+        so it goes straight to the line. Whether ``then`` ran with a take that admitted it at
+        once (never when it waited)."""
         if not limits:
-            return
+            return False
         waited = self._waited = self._waited or 0.0
         line = self._admission.line(limits)
-        if not tried and not line.locked() and (await self._take(limits, within_ms=0)).taken:
-            return
+        if not tried and not line.locked():
+            take = await self._take(limits, within_ms=0, then=then)
+            if take.taken:
+                return take.then_ran
         started = time.monotonic()
         try:
             await self._wait_in_line(limits, line)
         finally:
             self._waited = waited + time.monotonic() - started
+        return False
 
     async def _wait_in_line(self, limits: list[Limit], line: asyncio.Lock) -> None:
         # Jobs that must wait queue in this process, first come, first served, and only the
@@ -333,7 +361,7 @@ class Ticket:
         await self._join(line, scopes)
         try:
             within = math.floor((self._until - time.monotonic()) * 1000)
-            taken, wait_ms = await self._take(limits, within_ms=max(0, within))
+            taken, wait_ms, _ = await self._take(limits, within_ms=max(0, within))
             if not taken:
                 raise RateLimited(
                     f"{scopes}: over its rate limit; admitting the job needed "
@@ -383,8 +411,10 @@ class Ticket:
             if left > CHECK_SECONDS:
                 await self._check()
 
-    async def _take(self, limits: list[Limit], within_ms: int) -> Take:
-        return await self._admission.take(limits, self.estimate.tokens, within_ms, self._until)
+    async def _take(self, limits: list[Limit], within_ms: int, then: Call | None = None) -> Take:
+        return await self._admission.take(
+            limits, self.estimate.tokens, within_ms, self._until, then
+        )
 
     async def settle(self, routed: Routed | Billed | None) -> None:
         """Replace every estimate with the real usage (``None``: nothing served, refund all;
@@ -392,8 +422,13 @@ class Ticket:
 
         Requests stay taken: a failed call still counted at the provider.
         """
+        await self._admission.settle(self.settlement(routed))
+
+    def settlement(self, routed: Routed | Billed | None) -> Settlement | None:
+        """What ``settle`` runs, to run in the round trip of another call (the outcome's
+        store); None when settled already, or when there is nothing to settle."""
         if self._settled:
-            return
+            return None
         self._settled = True
         if self._waited is not None:
             observe_bucket_wait(self._team, self._waited)
@@ -406,9 +441,17 @@ class Ticket:
                 served = routed is not None and name == routed.deployment
                 calls.append(settle_call([limit], back if served else self.estimate.tokens))
         actual = to_nano(routed.cost_usd) if routed is not None else 0
-        await self._admission.settle(
+        return self._admission.settlement(
             [call for call in calls if call is not None], self.budget, actual
         )
+
+
+class Settlement(NamedTuple):
+    """A job's settles, run in one round trip (alone or with another call), then ``done``
+    with their replies."""
+
+    calls: list[Call]
+    done: Callable[[Sequence[Any]], None]
 
 
 def _team_limit(team: str, key: str, scope: str, limits: TeamConfig | ModelLimits) -> Limit:

@@ -1,10 +1,12 @@
-"""The admission Lua scripts, shipped as package data and registered once per Redis client."""
+"""The admission Lua scripts, shipped as package data and registered once per Redis client,
+with the claim's (``workers/lua``) that ride in the same round trips: a job's first take of a
+deployment's buckets with the record of its call, its settles with its outcome's store."""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -12,7 +14,8 @@ from redis.commands.core import AsyncScript
 from queuegate.keys import Keys
 from queuegate.redis_client import lua_source
 
-_SCRIPTS = ("take", "spend")
+_SCRIPTS = (("workers.admission", "take"), ("workers.admission", "spend"))
+_CLAIM_SCRIPTS = (("workers", "hold"), ("workers", "finish"))
 ONCE_MS = 30_000
 """Milliseconds a round trip's replies are kept so that, sent again, it is not run again
 (``lua/batch.lua``): the Redis client's own resends come within ``RETRIES`` times the Redis
@@ -23,16 +26,17 @@ again after an error (passing the same ``once``) within a Sentinel failover's ti
 def _batch_source() -> str:
     """``batch.lua`` behind each script wrapped as a local function of its KEYS and ARGV."""
     functions = "".join(
-        f"local function {name}(KEYS, ARGV)\n{lua_source('workers.admission', name)}\nend\n"
-        for name in _SCRIPTS
+        f"local function {name}(KEYS, ARGV)\n{lua_source(package, name)}\nend\n"
+        for package, name in (*_SCRIPTS, *_CLAIM_SCRIPTS)
     )
     return functions + lua_source("workers.admission", "batch")
 
 
 class Call(NamedTuple):
-    """One call of ``lua/take.lua`` (token buckets) or ``lua/spend.lua`` (budgets)."""
+    """One call of ``lua/take.lua`` (token buckets), ``lua/spend.lua`` (budgets), or of the
+    claim's ``hold.lua`` or ``finish.lua`` (``workers/lua``)."""
 
-    script: Literal["take", "spend"]
+    script: Literal["take", "spend", "hold", "finish"]
     keys: list[str]
     args: list[str | int]
 
@@ -56,11 +60,11 @@ class Scripts:
     async def run(self, call: Call, *, name: str | None = None) -> list[int]:
         """The call's reply."""
         [reply] = await self.run_all([call], name=name)
-        return reply
+        return cast(list[int], reply)
 
-    async def run_all(self, calls: Sequence[Call], *, name: str | None = None) -> list[list[int]]:
+    async def run_all(self, calls: Sequence[Call], *, name: str | None = None) -> list[Any]:
         """The replies of ``calls``, run in order in one round trip, up to and including the
-        first that refuses (a reply starting with a negative status).
+        first that refuses (a reply starting with a negative status, or a take not taken).
 
         ``name`` (from ``once()``) names the round trip: one sent again under the same name
         within ``ONCE_MS`` returns the replies of the first instead of running again, so a
@@ -72,5 +76,5 @@ class Scripts:
         args: list[str | int] = [ONCE_MS]
         for call in calls:
             args += [call.script, len(call.keys), len(call.args), *call.args]
-        replies: list[list[int]] = await self._batch(keys=keys, args=args)
+        replies: list[Any] = await self._batch(keys=keys, args=args)
         return replies
