@@ -29,7 +29,7 @@ from bench.gateway import overhead, throughput, tracing_cost
 from bench.goodput import goodput
 from bench.litellm_proxy import litellm
 from bench.measure import Figure, against_floor
-from bench.stack import own_broker
+from bench.stack import own_broker, own_services
 from queuegate.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -92,7 +92,14 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-async def main(names: list[str], jobs: int) -> None:
+async def main(names: list[str], jobs: int, *, services: bool = False) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        if services:
+            await stack.enter_async_context(own_services())
+        await _measure(names, jobs)
+
+
+async def _measure(names: list[str], jobs: int) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # figures in CI logs and files stay one row per case
@@ -138,6 +145,12 @@ if __name__ == "__main__":
         help="run every scenario on a RabbitMQ node of the bench's own (booted for the run), "
         "so that its CPU is the bench's alone on a machine others share",
     )
+    parser.add_argument(
+        "--own-services",
+        action="store_true",
+        help="also run every scenario on a Redis and a PostgreSQL of the bench's own (no "
+        "persistence, no fsync), so that their CPU per job is the bench's alone",
+    )
     args = parser.parse_args()
     from queuegate.runtime import run
 
@@ -146,4 +159,4 @@ if __name__ == "__main__":
             stack.enter_context(
                 own_broker(Path(stack.enter_context(tempfile.TemporaryDirectory())))
             )
-        run(lambda: main(args.scenario, args.jobs))
+        run(lambda: main(args.scenario, args.jobs, services=args.own_services))

@@ -72,6 +72,11 @@ async def accounting(
         # The first to start writes while the others start: those rows are not counted.
         before, started = stack.cpu(), time.perf_counter()
         counted = events - await stack.usage_rows()
+        if counted <= 0:
+            raise RuntimeError(
+                f"the first accountant wrote all {events} events before the others consumed: "
+                "nothing left to time; run with more --jobs"
+            )
         await stack.wait_rows(events)
         elapsed = time.perf_counter() - started
         after = stack.cpu()

@@ -222,6 +222,13 @@ class PrivateRedis:
         await self._start()
         return self
 
+    @property
+    def pid(self) -> int:
+        """The running server's process id."""
+        if self._process is None:
+            raise RuntimeError("this Redis is not running")
+        return self._process.pid
+
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 

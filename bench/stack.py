@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +29,7 @@ from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.chaos.private_broker import PrivateBroker
+from tests.chaos.private_postgres import PrivatePostgres
 
 TEAM = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -50,45 +52,76 @@ MOCK_START_TIMEOUT = 10.0
 SERVICES = {"beam.smp": "rabbitmq", "redis-server": "redis", "postgres": "postgresql"}
 """Process names of the local services, and the name each is reported under."""
 
-_OWN_BROKER: list[int] = []
-"""The process of the bench's own RabbitMQ node, when it runs one (``own_broker``)."""
+_OWN: dict[str, int] = {}
+"""The root process of each service the bench runs of its own for the whole run, by the name
+it is reported under (``own_broker``, ``own_services``)."""
+
+
+@contextlib.contextmanager
+def _serving(service: str, variable: str, url: str, pid: int) -> Iterator[str]:
+    """Point every scenario and process at the bench's own ``service``: ``variable`` (which
+    Settings and the stack's processes read) is ``url``, and its CPU is counted from ``pid`` and
+    its children alone, where a shared service's counts every other client's too."""
+    previous = os.environ.get(variable)
+    os.environ[variable] = url
+    _OWN[service] = pid
+    try:
+        yield url
+    finally:
+        del _OWN[service]
+        if previous is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = previous
 
 
 @contextlib.contextmanager
 def own_broker(root: Path) -> Iterator[str]:
     """A RabbitMQ node of the bench's own for the whole run, its AMQP URL in
-    ``QUEUEGATE_AMQP_URL`` (which every scenario and process reads): its CPU is then ours
-    alone, where a shared broker's counts every other client's too."""
+    ``QUEUEGATE_AMQP_URL`` (which every scenario and process reads)."""
     with PrivateBroker(root) as node:
-        previous = os.environ.get("QUEUEGATE_AMQP_URL")
-        os.environ["QUEUEGATE_AMQP_URL"] = node.amqp_url
-        _OWN_BROKER.append(int(node.pid_file.read_text().strip()))
-        try:
-            yield node.amqp_url
-        finally:
-            _OWN_BROKER.clear()
-            if previous is None:
-                del os.environ["QUEUEGATE_AMQP_URL"]
-            else:
-                os.environ["QUEUEGATE_AMQP_URL"] = previous
+        pid = int(node.pid_file.read_text().strip())
+        with _serving("rabbitmq", "QUEUEGATE_AMQP_URL", node.amqp_url, pid) as url:
+            yield url
+
+
+@asynccontextmanager
+async def own_services() -> AsyncIterator[None]:
+    """A Redis (no persistence) and a PostgreSQL cluster (no fsync) of the bench's own for the
+    whole run, in ``QUEUEGATE_REDIS_URL`` and ``QUEUEGATE_DATABASE_URL``: with ``own_broker``,
+    each service's column counts the bench's work alone on a machine others share."""
+    from bench.chaos import PrivateRedis  # bench.chaos builds on this module
+
+    # PostgreSQL's own user must own the directory (PrivatePostgres runs it as postgres).
+    with PrivatePostgres(Path(tempfile.mkdtemp(prefix="qg-bench-pg-"))) as postgres:
+        postmaster = int((postgres.data / "postmaster.pid").read_text().split()[0])
+        async with PrivateRedis() as redis:
+            with (
+                _serving("redis", "QUEUEGATE_REDIS_URL", redis.url, redis.pid),
+                _serving("postgresql", "QUEUEGATE_DATABASE_URL", postgres.url, postmaster),
+            ):
+                yield
 
 
 def services_cpu() -> dict[str, float]:
-    """CPU seconds of every process of each local service (all of its work, not only ours:
-    run on an otherwise idle machine, or RabbitMQ as the bench's own node: ``own_broker``)."""
-    totals = dict.fromkeys(SERVICES.values(), 0.0)
-    if _OWN_BROKER:
-        totals["rabbitmq"] = sum(cpu_seconds(pid) for pid in process_tree(_OWN_BROKER[0]))
+    """CPU seconds of every process of each local service: of the bench's own instance where it
+    runs one (``own_broker``, ``own_services``), else of every process of that name (all of its
+    work, not only ours: run on an otherwise idle machine)."""
+    totals = {
+        name: sum(cpu_seconds(pid) for pid in process_tree(root)) for name, root in _OWN.items()
+    }
+    for name in SERVICES.values():
+        totals.setdefault(name, 0.0)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/comm") as f:
-                name = SERVICES.get(f.read().strip())
+                service = SERVICES.get(f.read().strip())
         except OSError:
             continue
-        if name is not None and not (name == "rabbitmq" and _OWN_BROKER):
-            totals[name] += cpu_seconds(int(entry.name))
+        if service is not None and service not in _OWN:
+            totals[service] += cpu_seconds(int(entry.name))
     return totals
 
 

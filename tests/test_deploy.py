@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from cli import app
 from queuegate import tracing
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
+from queuegate.registry import TEAM_NAME
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user
+from queuegate.topology import RESERVED_NAMES, Topology
 from router import load_catalog
 from tests.support import running_gateway
 
@@ -128,15 +131,112 @@ def test_disruption_budget_and_autoscaler_target_the_workers() -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     scaled = _one("ScaledObject", "queuegate-worker")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "queuegate-worker"
-    prefix = f"{Settings().namespace}.jobs."
-    assert scaled["spec"]["triggers"]
-    for trigger in scaled["spec"]["triggers"]:
-        assert trigger["type"] == "rabbitmq"
-        assert trigger["metadata"]["mode"] == "QueueLength"
-        assert trigger["metadata"]["queueName"].startswith(prefix)
-        auth = _one("TriggerAuthentication", trigger["authenticationRef"]["name"])
-        [ref] = auth["spec"]["secretTargetRef"]
-        assert ref["key"] == "QUEUEGATE_AMQP_URL"
+
+
+def _team_queue_trigger() -> tuple[dict[str, str], re.Pattern[str]]:
+    [trigger] = _one("ScaledObject", "queuegate-worker")["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    metadata: dict[str, str] = trigger["metadata"]
+    auth = _one("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    [ref] = auth["spec"]["secretTargetRef"]
+    assert (ref["parameter"], ref["name"]) == ("host", "queuegate-secrets")
+    metadata["host"] = _one("Secret", "queuegate-secrets")["stringData"][ref["key"]]
+    return metadata, re.compile(metadata["queueName"])
+
+
+def test_one_trigger_sums_the_depth_of_every_team_queue_and_no_other() -> None:
+    metadata, pattern = _team_queue_trigger()
+    # Regex matching and operations are KEDA's over the management API (http), not over AMQP.
+    assert urlsplit(metadata["host"]).scheme == "http"
+    assert urlsplit(metadata["host"]).port == 15672
+    assert metadata["protocol"] == "http"
+    assert (metadata["useRegex"], metadata["operation"]) == ("true", "sum")
+    assert metadata["mode"] == "QueueLength"
+    assert int(metadata["pageSize"]) >= 100 and int(metadata["value"]) > 0
+    topology = Topology(Settings().namespace)
+    teams = ["research", "a", "7", "team_b-2", "z" * 64, *(w + "x" for w in RESERVED_NAMES)]
+    assert all(TEAM_NAME.fullmatch(team) for team in teams)
+    for team in teams:
+        # The broker's regex search (Erlang re) finds a match anywhere: the anchors must hold.
+        assert pattern.search(topology.team_queue(team)), team
+    others = [
+        topology.results_queue("research", "nightly"),
+        topology.replies_queue("research", "client-1"),
+        topology.collect_lock_queue("research", "batch-1"),
+        topology.control_queue("research"),
+        topology.shared_control_queue,
+        topology.frontdoor_queue("p1"),
+        topology.accounting_queue,
+        topology.dead_queue,
+        topology.jobs_exchange,
+        Topology("staging").team_queue("research"),
+        f"x{topology.team_queue('research')}",
+        f"{topology.team_queue('research')}.x",  # no team name holds a dot
+        topology.team_queue("Research"),
+    ]
+    for queue in others:
+        assert not pattern.search(queue), queue
+
+
+def _rabbitmq_cluster() -> dict[str, Any]:
+    [cluster] = [d for d in _k8s() if d["kind"] == "RabbitmqCluster"]
+    assert cluster["apiVersion"] == "rabbitmq.com/v1beta1"
+    return cluster
+
+
+def test_the_broker_is_three_nodes_the_gateway_reaches_as_its_default_user() -> None:
+    cluster = _rabbitmq_cluster()
+    spec = cluster["spec"]
+    assert spec["replicas"] == 3
+    assert "rabbitmq_management" in spec["rabbitmq"]["additionalPlugins"]
+    assert spec["resources"]["requests"] and spec["resources"]["limits"]
+    admin = _one("Secret", spec["secretBackend"]["externalSecret"]["name"])["stringData"]
+    conf = dict(
+        line.split(" = ", 1) for line in admin["default_user.conf"].splitlines() if line.strip()
+    )
+    assert (conf["default_user"], conf["default_pass"]) == (admin["username"], admin["password"])
+    secret = _one("Secret", "queuegate-secrets")["stringData"]
+    for variable in ("QUEUEGATE_AMQP_URL", "QUEUEGATE_MANAGEMENT_URL"):
+        url = urlsplit(secret[variable])
+        # The operator's client Service carries the cluster's own name.
+        assert url.hostname == cluster["metadata"]["name"] == admin["host"], variable
+        assert (url.username, url.password) == (admin["username"], admin["password"]), variable
+    assert urlsplit(secret["QUEUEGATE_AMQP_URL"]).port == int(admin["port"])
+
+
+def test_the_cluster_has_the_broker_settings_compose_runs_with() -> None:
+    wanted = _conf_lines((DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text())
+    wanted.pop("load_definitions")  # compose's users; the operator makes the default user
+    wanted.pop("management.tcp.port")  # the operator's, 15672
+    config = _conf_lines(_rabbitmq_cluster()["spec"]["rabbitmq"]["additionalConfig"])
+    assert wanted.items() <= config.items()
+    assert config["queue_leader_locator"] == "balanced"  # team queues' leaders spread
+
+
+def _conf_lines(text: str) -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+@pytest.mark.parametrize("deployment", ["worker.yaml", "accounting.yaml"])
+def test_the_commented_tracing_variables_switch_traces_on(deployment: str) -> None:
+    lines = (K8S / deployment).read_text().splitlines()
+    commented = [line.split("# ", 1)[1] for line in lines if "# - {name: OTEL_" in line]
+    env = {item["name"]: item["value"] for item in yaml.safe_load("\n".join(commented))}
+    assert tracing.wanted_exporters(env) == ["otlp"]
+    assert urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"]).port == 4318  # OTLP over HTTP
+    assert 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+
+
+def test_the_image_holds_every_package_the_distribution_lists() -> None:
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {
+        words[1]
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if (words := line.split()) and words[0] == "COPY" and words[1] == words[-1]
+    }
+    assert packages and packages <= copied, packages - copied
 
 
 def test_compose_checks_readiness_and_scrapes_on_the_metrics_port() -> None:
