@@ -338,7 +338,7 @@ async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        topo = Topology(settings.namespace)
+        topo = Topology.of(settings)
         await topo.declare_team_queue(channel, TEAM)
         await topo.declare_usage(channel)
 
@@ -346,7 +346,7 @@ async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
 async def _wait_consumers(
     settings: Settings, workers: int, accounting: bool, accountants: int = 1
 ) -> None:
-    topo = Topology(settings.namespace)
+    topo = Topology.of(settings)
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()

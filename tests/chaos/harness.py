@@ -54,7 +54,7 @@ async def declare_teams(settings: Settings, teams: Sequence[str] = TEAMS) -> Non
     async with connection:
         channel = await connection.channel()
         for team in teams:
-            await Topology(settings.namespace).declare_team_queue(channel, team)
+            await Topology.of(settings).declare_team_queue(channel, team)
 
 
 def worker_env(settings: Settings, mock: MockProvider, **extra: str) -> dict[str, str]:
@@ -140,9 +140,7 @@ async def dead_lettered(settings: Settings, expected: int = 0, timeout: float = 
     async with connection:
         channel = await connection.channel()
         while True:
-            queue = await channel.declare_queue(
-                Topology(settings.namespace).dead_queue, passive=True
-            )
+            queue = await channel.declare_queue(Topology.of(settings).dead_queue, passive=True)
             count = int(queue.declaration_result.message_count or 0)
             if count >= expected or time.monotonic() > deadline:
                 return count
