@@ -136,6 +136,7 @@ class GatewayClient:
                 user_id=self._user_id,
                 api_key=self._api_key,
                 reconnect_wait=self._settings.reconnect_wait,
+                nacks_within=nack_window(self._settings.amqp_url),
             )
             await self._control.start()
             if self._listen:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,10 @@ CONNECT_WITHIN = 15.0
 CONFIRM_STALL = 10.0
 """Seconds a publish waits for its confirm before its channel is taken for stuck (``publish``):
 far above a confirm's time under load here (milliseconds), far below a caller's patience."""
+
+FRESH_CHANNEL_AFTER = 2.0
+"""Seconds of refused publishes after which ``when_connected`` asks for a fresh channel: on
+RabbitMQ 3.10 a channel can keep refusing a quorum queue whose leader moved to another node."""
 
 NACK_RETRY = 8.0
 """Seconds a publish the broker refused (nack) is sent again on a cluster before it fails: a
@@ -266,6 +271,23 @@ async def connect(url: str, *, name: str) -> AbstractRobustConnection:
     ) from failure
 
 
+_RENEWED: weakref.WeakKeyDictionary[AbstractChannel, float] = weakref.WeakKeyDictionary()
+"""When each channel was last renewed: its publishers all see the same refusals, one renews."""
+
+
+async def _renew(channel: AbstractChannel, why: str) -> None:
+    """Close the robust channel's underlying channel, so that it reopens a fresh one (once
+    per FRESH_CHANNEL_AFTER); its pending publishes fail as on a lost connection."""
+    now = asyncio.get_running_loop().time()
+    if now - _RENEWED.get(channel, -FRESH_CHANNEL_AFTER) < FRESH_CHANNEL_AFTER:
+        return
+    _RENEWED[channel] = now
+    underlay = await channel.get_underlay_channel()
+    if not underlay.is_closed:
+        log.info("opening a fresh channel: %s", why)
+        await underlay.close(ChannelInvalidStateError(why))
+
+
 def nack_window(url: str) -> float:
     """Seconds ``when_connected`` sends a refused publish again: NACK_RETRY on a cluster."""
     return NACK_RETRY if len(node_urls(url)) > 1 else 0.0
@@ -290,18 +312,20 @@ async def when_connected(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    refused_until: float | None = None
+    refused_since: float | None = None
     while True:
         try:
             return await action()
         except PublishError:
             raise
         except DeliveryError:
-            if refused_until is None:
-                refused_until = loop.time() + nacks_within
-            if loop.time() >= refused_until:
+            now = loop.time()
+            refused_since = now if refused_since is None else refused_since
+            if now - refused_since >= nacks_within:
                 raise
             log.info("the broker refused a publish while %s; sending it again", what)
+            if now - refused_since >= FRESH_CHANNEL_AFTER:
+                await _renew(channel, f"refused publishes for {now - refused_since:.0f} s")
             await asyncio.sleep(RETRY_PAUSE)
         except CONNECTION_LOST as exc:
             left = deadline - loop.time()
