@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from queuegate.settings import Settings
 from tests.chaos.private_broker import PrivateBroker
@@ -121,6 +122,9 @@ class RabbitCluster:
             f" [erlang:disconnect_node(N) || N <- {others}], ok.",
         )
         time.sleep(seconds)  # the fault's length itself: nothing to wait for
+        other = next(n for n in self.nodes if n is not node)
+        if node.node in self.running_nodes(other):
+            raise RuntimeError(f"{node.node} was not partitioned off: see {self.root}/node*/log")
         node.ctl(
             "eval",
             f"[erlang:set_cookie(N, erlang:get_cookie()) || N <- {others}],"
@@ -130,17 +134,16 @@ class RabbitCluster:
     def node_named(self, name: str) -> PrivateBroker:
         return next(node for node in self.nodes if node.node == name)
 
+    def queues(self) -> dict[str, dict[str, Any]]:
+        """Every queue's type, leader and members (the last two for quorum queues) by name."""
+        via = next(node for node in self.nodes if node.is_running)
+        listed = via.ctl("list_queues", "name", "type", "leader", "members", "--formatter", "json")
+        return {row["name"]: row for row in json.loads(listed)}
+
     def queue_members(self, queue: str) -> tuple[str, list[str]]:
         """A quorum queue's leader and its members, as the cluster reports them."""
-        for via in self.nodes:
-            if via.is_running:
-                listed = json.loads(
-                    via.ctl("list_queues", "name", "leader", "members", "--formatter", "json")
-                )
-                for row in listed:
-                    if row["name"] == queue:
-                        return row["leader"], list(row["members"])
-        raise LookupError(f"no queue {queue} on the cluster")
+        row = self.queues()[queue]
+        return row["leader"], list(row["members"])
 
     def stop(self) -> None:
         for node in self.nodes:
