@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 
 from mockprovider import MockConfig
+from queuegate.broker import node_urls
 from queuegate.keys import Keys
 from queuegate.livestats import read_view
 from queuegate.namespace import drop_namespace
@@ -28,6 +29,7 @@ from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.chaos.private_broker import PrivateBroker
+from tests.rabbit_cluster import RabbitCluster
 
 TEAM = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -51,7 +53,8 @@ SERVICES = {"beam.smp": "rabbitmq", "redis-server": "redis", "postgres": "postgr
 """Process names of the local services, and the name each is reported under."""
 
 _OWN_BROKER: list[int] = []
-"""The process of the bench's own RabbitMQ node, when it runs one (``own_broker``)."""
+"""The processes of the bench's own RabbitMQ nodes, when it runs its own (``own_broker``,
+``own_cluster``)."""
 
 
 @contextlib.contextmanager
@@ -59,18 +62,32 @@ def own_broker(root: Path) -> Iterator[str]:
     """A RabbitMQ node of the bench's own for the whole run, its AMQP URL in
     ``QUEUEGATE_AMQP_URL`` (which every scenario and process reads): its CPU is then ours
     alone, where a shared broker's counts every other client's too."""
-    with PrivateBroker(root) as node:
-        previous = os.environ.get("QUEUEGATE_AMQP_URL")
-        os.environ["QUEUEGATE_AMQP_URL"] = node.amqp_url
-        _OWN_BROKER.append(int(node.pid_file.read_text().strip()))
-        try:
-            yield node.amqp_url
-        finally:
-            _OWN_BROKER.clear()
-            if previous is None:
-                del os.environ["QUEUEGATE_AMQP_URL"]
-            else:
-                os.environ["QUEUEGATE_AMQP_URL"] = previous
+    with PrivateBroker(root) as node, _measured(node.amqp_url, [node]):
+        yield node.amqp_url
+
+
+@contextlib.contextmanager
+def own_cluster(root: Path) -> Iterator[str]:
+    """As ``own_broker``, a three-node cluster of the bench's own (tests/rabbit_cluster.py):
+    its URL lists every node, and its CPU is the three nodes' together."""
+    with RabbitCluster(root) as cluster, _measured(cluster.amqp_url, cluster.nodes):
+        yield cluster.amqp_url
+
+
+@contextlib.contextmanager
+def _measured(url: str, nodes: list[PrivateBroker]) -> Iterator[None]:
+    """Every process's QUEUEGATE_AMQP_URL is ``url``, and RabbitMQ's CPU that of ``nodes``."""
+    previous, measured = os.environ.get("QUEUEGATE_AMQP_URL"), list(_OWN_BROKER)
+    os.environ["QUEUEGATE_AMQP_URL"] = url
+    _OWN_BROKER[:] = [int(node.pid_file.read_text().strip()) for node in nodes]
+    try:
+        yield
+    finally:
+        _OWN_BROKER[:] = measured
+        if previous is None:
+            del os.environ["QUEUEGATE_AMQP_URL"]
+        else:
+            os.environ["QUEUEGATE_AMQP_URL"] = previous
 
 
 def services_cpu() -> dict[str, float]:
@@ -78,7 +95,9 @@ def services_cpu() -> dict[str, float]:
     run on an otherwise idle machine, or RabbitMQ as the bench's own node: ``own_broker``)."""
     totals = dict.fromkeys(SERVICES.values(), 0.0)
     if _OWN_BROKER:
-        totals["rabbitmq"] = sum(cpu_seconds(pid) for pid in process_tree(_OWN_BROKER[0]))
+        totals["rabbitmq"] = sum(
+            cpu_seconds(pid) for node in _OWN_BROKER for pid in process_tree(node)
+        )
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -335,7 +354,8 @@ async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
         await redis.set(Keys(settings.redis_prefix).memory_epoch, 0)
     finally:
         await redis.aclose()
-    connection = await aio_pika.connect(settings.amqp_url)
+    # One node of a cluster: its queues' leaders all there, as in every run.
+    connection = await aio_pika.connect(node_urls(settings.amqp_url)[0])
     async with connection:
         channel = await connection.channel()
         topo = Topology.of(settings)
@@ -347,7 +367,8 @@ async def _wait_consumers(
     settings: Settings, workers: int, accounting: bool, accountants: int = 1
 ) -> None:
     topo = Topology.of(settings)
-    connection = await aio_pika.connect(settings.amqp_url)
+    # Not robust: a robust channel answers a passive declare from what it declared before.
+    connection = await aio_pika.connect(node_urls(settings.amqp_url)[0])
     async with connection:
         channel = await connection.channel()
         for _ in range(600):
