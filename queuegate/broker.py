@@ -223,10 +223,9 @@ async def _drain(queue: asyncio.Queue[Any]) -> None:
                 await queue.get()
 
 
-# Without the hook, reconnects would silently stay on a dead node: fail loudly at import.
-assert hasattr(RobustConnection, "_RobustConnection__connect_transport"), (
-    "aio-pika changed how it reconnects: ClusterConnection must follow it"
-)
+if not hasattr(RobustConnection, "_RobustConnection__connect_transport"):
+    # Without the hook, reconnects would silently stay on a dead node: fail loudly at import.
+    raise ImportError("aio-pika changed how it reconnects: queuegate needs aio-pika 10")
 
 
 async def connect(url: str, *, name: str) -> AbstractRobustConnection:
