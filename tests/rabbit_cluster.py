@@ -113,7 +113,8 @@ class RabbitCluster:
         The node is given a cookie of its own for each of the others, so their distribution
         handshakes fail both ways for as long as it lasts (loopback has no cable to pull);
         ``pause_minority`` then stops it serving, as a node on the wrong side of a real
-        partition. The rabbitmqctl connection uses the node's own cookie, left as it was.
+        partition (RuntimeError if the others still see it, or it still serves). The
+        rabbitmqctl connection uses the node's own cookie, left as it was.
         """
         others = "[" + ", ".join(f"'{n.node}'" for n in self.nodes if n is not node) + "]"
         node.ctl(
@@ -123,7 +124,8 @@ class RabbitCluster:
         )
         time.sleep(seconds)  # the fault's length itself: nothing to wait for
         other = next(n for n in self.nodes if n is not node)
-        if node.node in self.running_nodes(other):
+        paused = node.ctl("eval", "rabbit:is_running().").strip() == "false"
+        if node.node in self.running_nodes(other) or not paused:
             raise RuntimeError(f"{node.node} was not partitioned off: see {self.root}/node*/log")
         node.ctl(
             "eval",

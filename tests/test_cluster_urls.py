@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from admin.teams import with_user
-from queuegate.broker import connect, node_urls, redact_url
+from queuegate.broker import NACK_RETRY, connect, nack_window, node_urls, redact_url
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
 from tests.faults import RECONNECT_INTERVAL
@@ -48,6 +48,12 @@ def test_the_management_api_of_a_cluster_is_its_first_nodes_as_the_same_user() -
     settings = Settings(amqp_url=CLUSTER)
     assert settings.management_url == "http://gw:s3cret@node-1:15672/"
     assert settings.amqp_user == "gw"
+
+
+def test_refused_publishes_are_sent_again_on_a_cluster_only() -> None:
+    # On one node a refusal means a full queue: the producer hears QueueFull at once
+    assert nack_window(CLUSTER) == NACK_RETRY > 0
+    assert nack_window("amqp://guest:guest@127.0.0.1:5672/") == 0
 
 
 def test_a_teams_url_on_a_cluster_keeps_every_node() -> None:
