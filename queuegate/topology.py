@@ -26,9 +26,12 @@ until it is moved over (see README, "Poison jobs and dead letters").
 
 On a cluster (several nodes in ``QUEUEGATE_AMQP_URL``) the clients' and front doors' reply
 queues are quorum queues too, so a reply in flight survives the loss of the node that held
-it; on one node they stay classic, which costs the broker less per result. Every quorum queue
-gets ``QUEUEGATE_QUORUM_REPLICAS`` members when it is set (``x-quorum-initial-group-size``),
-or the broker's default, every node, when not.
+it; on one node they stay classic, which costs the broker less per result. A batch
+collector's lock queue stays a transient classic queue (a quorum queue is always durable):
+it dies with its node, as its collector's connection does, which is what it is for.
+
+Every quorum queue gets ``QUEUEGATE_QUORUM_REPLICAS`` members when it is set
+(``x-quorum-initial-group-size``), or the broker's default, every node, when not.
 """
 
 from __future__ import annotations
