@@ -10,12 +10,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-import aio_pika
 import asyncpg
 
 from mockprovider import MockProvider
 from producer import GatewayClient, JobHandle
-from queuegate.broker import connect, node_urls
+from queuegate.broker import connect
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -146,13 +145,13 @@ async def usage_rows(pool: asyncpg.Pool, expected: int, timeout: float) -> tuple
 async def dead_lettered(settings: Settings, expected: int = 0, timeout: float = 0) -> int:
     """Messages in the dead-letter queue, once there are ``expected`` (or ``timeout`` is up)."""
     deadline = time.monotonic() + timeout
-    # Not robust: a robust channel answers a passive declare from what it declared before.
-    connection = await aio_pika.connect(node_urls(settings.amqp_url)[0])
+    connection = await connect(settings.amqp_url, name="chaos-dead-letters")
     async with connection:
-        channel = await connection.channel()
+        # The underlying channel: a robust one answers a passive declare from its own memory.
+        channel = await (await connection.channel()).get_underlay_channel()
         while True:
-            queue = await channel.declare_queue(Topology.of(settings).dead_queue, passive=True)
-            count = int(queue.declaration_result.message_count or 0)
+            declared = await channel.queue_declare(Topology.of(settings).dead_queue, passive=True)
+            count = int(declared.message_count or 0)
             if count >= expected or time.monotonic() > deadline:
                 return count
             await asyncio.sleep(0.1)
