@@ -89,7 +89,7 @@ class Accountant:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.topology = Topology(settings.namespace)
+        self.topology = Topology.of(settings)
         self.messages_received = 0
         """Usage messages taken from the queue: one event each, or a batch of them."""
         self.events_received = 0

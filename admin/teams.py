@@ -222,7 +222,7 @@ async def _ensure(
 
 async def _declare_queue(settings: Settings, name: str) -> None:
     connection = await connect(settings.amqp_url, name="queuegate-teams")
-    topology = Topology(settings.namespace)
+    topology = Topology.of(settings)
     async with connection:
         channel = await connection.channel()
         try:
@@ -336,10 +336,8 @@ async def revoke_key(settings: Settings, name: str, key_id: str) -> bool:
 def with_user(url: str, user: str, password: str) -> str:
     """``url`` with ``user`` and ``password`` in it instead of its own credentials."""
     parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    hosts = parts.netloc.rpartition("@")[2] or "127.0.0.1"  # one node or several
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{hosts}"
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -477,7 +475,7 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
         user = (await get_security(pool, name)).broker_user
     finally:
         await pool.close()
-    topology = Topology(settings.namespace)
+    topology = Topology.of(settings)
     async with BrokerAdmin(settings.management_url) as admin:
         if config.max_queue_length is None:
             await admin.delete_policy(quota_policy(settings, name))

@@ -32,7 +32,7 @@ async def accounting(
     the publisher's. Counted from when all of them consume, over the rows still to write.
     ``batch`` events go in each message (1: a single ``usage`` event, as before batches)."""
     async with running_stack(workers=0, accounting=False) as stack:
-        topo = Topology(stack.settings.namespace)
+        topo = Topology.of(stack.settings)
         bodies = [
             UsageEvent(
                 job_id=uuid.uuid4().hex,

@@ -315,9 +315,7 @@ async def _queue_depth(settings: Settings, team: str) -> int:
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(
-            Topology(settings.namespace).team_queue(team), passive=True
-        )
+        queue = await channel.declare_queue(Topology.of(settings).team_queue(team), passive=True)
         return queue.declaration_result.message_count or 0
 
 

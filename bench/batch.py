@@ -137,7 +137,7 @@ async def _workers_ready(settings: Settings, timeout: float = 30) -> None:
             channel = await connection.channel()
             try:
                 queue = await channel.declare_queue(
-                    Topology(settings.namespace).control_queue(TEAM), passive=True
+                    Topology.of(settings).control_queue(TEAM), passive=True
                 )
                 if queue.declaration_result.consumer_count:
                     return
@@ -183,9 +183,7 @@ async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) ->
 
 
 async def _cleanup(settings: Settings, user: str | None) -> None:
-    await drop_namespace(
-        settings, [TEAM], queues=[Topology(settings.namespace).results_queue(TEAM, NAME)]
-    )
+    await drop_namespace(settings, [TEAM], queues=[Topology.of(settings).results_queue(TEAM, NAME)])
     if user is not None:
         async with BrokerAdmin(settings.management_url) as admin:
             await admin.delete_user(user)

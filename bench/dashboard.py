@@ -107,7 +107,7 @@ async def prepare(settings: Settings, rows: int, teams: int, console: Console) -
     connection = await connect(settings.amqp_url, name="bench-dashboard")
     async with connection:
         channel = await connection.channel()
-        topology = Topology(settings.namespace)
+        topology = Topology.of(settings)
         for n in range(teams):
             await topology.declare_team_queue(channel, f"team-{n}")
     return {

@@ -21,6 +21,7 @@ import asyncpg
 import httpx
 
 from mockprovider import MockConfig
+from queuegate.broker import node_urls
 from queuegate.keys import Keys
 from queuegate.livestats import read_view
 from queuegate.namespace import drop_namespace
@@ -30,6 +31,7 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.chaos.private_broker import PrivateBroker
 from tests.chaos.private_postgres import PrivatePostgres
+from tests.rabbit_cluster import RabbitCluster
 
 TEAM = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -52,36 +54,55 @@ MOCK_START_TIMEOUT = 10.0
 SERVICES = {"beam.smp": "rabbitmq", "redis-server": "redis", "postgres": "postgresql"}
 """Process names of the local services, and the name each is reported under."""
 
-_OWN: dict[str, int] = {}
-"""The root process of each service the bench runs of its own for the whole run, by the name
-it is reported under (``own_broker``, ``own_services``)."""
+_OWN: dict[str, list[int]] = {}
+"""The root processes of each service the bench runs of its own for the whole run, by the name
+it is reported under (``own_broker``, ``own_cluster``, ``own_services``)."""
 
 
 @contextlib.contextmanager
-def _serving(service: str, variable: str, url: str, pid: int) -> Iterator[str]:
+def _serving(service: str, variable: str, url: str, pids: list[int]) -> Iterator[str]:
     """Point every scenario and process at the bench's own ``service``: ``variable`` (which
-    Settings and the stack's processes read) is ``url``, and its CPU is counted from ``pid`` and
-    its children alone, where a shared service's counts every other client's too."""
-    previous = os.environ.get(variable)
+    Settings and the stack's processes read) is ``url``, and its CPU is counted from ``pids``
+    and their children alone, where a shared service's counts every other client's too. Nests:
+    the service served before is served again after."""
+    previous, before = os.environ.get(variable), _OWN.get(service)
     os.environ[variable] = url
-    _OWN[service] = pid
+    _OWN[service] = pids
     try:
         yield url
     finally:
-        del _OWN[service]
+        if before is None:
+            del _OWN[service]
+        else:
+            _OWN[service] = before
         if previous is None:
             del os.environ[variable]
         else:
             os.environ[variable] = previous
 
 
+def _pids(nodes: list[PrivateBroker]) -> list[int]:
+    return [int(node.pid_file.read_text().strip()) for node in nodes]
+
+
 @contextlib.contextmanager
 def own_broker(root: Path) -> Iterator[str]:
     """A RabbitMQ node of the bench's own for the whole run, its AMQP URL in
     ``QUEUEGATE_AMQP_URL`` (which every scenario and process reads)."""
-    with PrivateBroker(root) as node:
-        pid = int(node.pid_file.read_text().strip())
-        with _serving("rabbitmq", "QUEUEGATE_AMQP_URL", node.amqp_url, pid) as url:
+    with (
+        PrivateBroker(root) as node,
+        _serving("rabbitmq", "QUEUEGATE_AMQP_URL", node.amqp_url, _pids([node])) as url,
+    ):
+        yield url
+
+
+@contextlib.contextmanager
+def own_cluster(root: Path) -> Iterator[str]:
+    """As ``own_broker``, a three-node cluster of the bench's own (tests/rabbit_cluster.py):
+    its URL lists every node, and its CPU is the three nodes' together."""
+    with RabbitCluster(root) as cluster:
+        pids = _pids(cluster.nodes)
+        with _serving("rabbitmq", "QUEUEGATE_AMQP_URL", cluster.amqp_url, pids) as url:
             yield url
 
 
@@ -97,18 +118,19 @@ async def own_services() -> AsyncIterator[None]:
         postmaster = int((postgres.data / "postmaster.pid").read_text().split()[0])
         async with PrivateRedis() as redis:
             with (
-                _serving("redis", "QUEUEGATE_REDIS_URL", redis.url, redis.pid),
-                _serving("postgresql", "QUEUEGATE_DATABASE_URL", postgres.url, postmaster),
+                _serving("redis", "QUEUEGATE_REDIS_URL", redis.url, [redis.pid]),
+                _serving("postgresql", "QUEUEGATE_DATABASE_URL", postgres.url, [postmaster]),
             ):
                 yield
 
 
 def services_cpu() -> dict[str, float]:
     """CPU seconds of every process of each local service: of the bench's own instance where it
-    runs one (``own_broker``, ``own_services``), else of every process of that name (all of its
-    work, not only ours: run on an otherwise idle machine)."""
+    runs one (``own_broker``, ``own_cluster``, ``own_services``), else of every process of that
+    name (all of its work, not only ours: run on an otherwise idle machine)."""
     totals = {
-        name: sum(cpu_seconds(pid) for pid in process_tree(root)) for name, root in _OWN.items()
+        name: sum(cpu_seconds(pid) for root in roots for pid in process_tree(root))
+        for name, roots in _OWN.items()
     }
     for name in SERVICES.values():
         totals.setdefault(name, 0.0)
@@ -368,10 +390,11 @@ async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
         await redis.set(Keys(settings.redis_prefix).memory_epoch, 0)
     finally:
         await redis.aclose()
-    connection = await aio_pika.connect(settings.amqp_url)
+    # One node of a cluster: its queues' leaders all there, as in every run.
+    connection = await aio_pika.connect(node_urls(settings.amqp_url)[0])
     async with connection:
         channel = await connection.channel()
-        topo = Topology(settings.namespace)
+        topo = Topology.of(settings)
         await topo.declare_team_queue(channel, TEAM)
         await topo.declare_usage(channel)
 
@@ -379,8 +402,9 @@ async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
 async def _wait_consumers(
     settings: Settings, workers: int, accounting: bool, accountants: int = 1
 ) -> None:
-    topo = Topology(settings.namespace)
-    connection = await aio_pika.connect(settings.amqp_url)
+    topo = Topology.of(settings)
+    # Not robust: a robust channel answers a passive declare from what it declared before.
+    connection = await aio_pika.connect(node_urls(settings.amqp_url)[0])
     async with connection:
         channel = await connection.channel()
         for _ in range(600):

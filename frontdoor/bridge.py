@@ -38,7 +38,7 @@ from frontdoor.auth import Caller
 from producer.client import job_message, publish_to_team
 from producer.replies import Inbox, ReplyQueue
 from producer.streams import ChatStream
-from queuegate.broker import connect
+from queuegate.broker import connect, nack_window
 from queuegate.errors import ConfigError
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 class Bridge:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._topology = Topology(settings.namespace)
+        self._topology = Topology.of(settings)
         self._process_id = uuid.uuid4().hex
         self.reply_queue = self._topology.frontdoor_queue(self._process_id)
         self._user_id = settings.amqp_user
@@ -127,6 +127,7 @@ class Bridge:
             ),
             job,
             within=self._settings.reconnect_wait,
+            nacks_within=nack_window(self._settings.amqp_url),
         )
 
     async def submit(self, job: ChatJob, caller: Caller, *, bound: bool = False) -> None:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import unquote, urlsplit
 
 import aiormq
 from aio_pika.abc import (
@@ -26,6 +25,7 @@ from queuegate.broker import (
     Outgoing,
     connect,
     json_message,
+    nack_window,
     publish,
     when_connected,
 )
@@ -96,11 +96,11 @@ class GatewayClient:
     ) -> None:
         self._settings = settings
         self._listen = listen
-        self._topology = Topology(settings.namespace)
+        self._topology = Topology.of(settings)
         self.team = check_team_name(team)
         self._reply_name = reply_queue
         # The broker checks user_id against the connection's user, so a worker can trust it.
-        self._user_id = user_id or unquote(urlsplit(settings.amqp_url).username or "") or None
+        self._user_id = user_id or settings.amqp_user
         self._api_key = api_key
         self._inbox = Inbox()
         self._connection: AbstractRobustConnection | None = None
@@ -140,6 +140,7 @@ class GatewayClient:
                 user_id=self._user_id,
                 api_key=self._api_key,
                 reconnect_wait=self._settings.reconnect_wait,
+                nacks_within=nack_window(self._settings.amqp_url),
             )
             await self._control.start()
             if self._listen:
@@ -232,6 +233,7 @@ class GatewayClient:
             job_message(job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key),
             job,
             within=self._settings.reconnect_wait,
+            nacks_within=nack_window(self._settings.amqp_url),
         )
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
@@ -310,16 +312,25 @@ def job_message(
 
 
 async def publish_to_team(
-    channel: AbstractRobustChannel, exchange: str, message: Outgoing, job: ChatJob, *, within: float
+    channel: AbstractRobustChannel,
+    exchange: str,
+    message: Outgoing,
+    job: ChatJob,
+    *,
+    within: float,
+    nacks_within: float = 0.0,
 ) -> None:
     """Publish a job's message to the team's queue; return once the broker confirms it.
 
     Raises QueueFull (the team's queue is at its quota), PublishRefused (no queue for the
-    team) or ServiceUnavailable (the broker is away longer than ``within`` seconds).
+    team) or ServiceUnavailable (the broker is away longer than ``within`` seconds). A refused
+    publish is sent again for ``nacks_within`` seconds first (``queuegate.broker.nack_window``).
 
     When tracing, in a span of its own whose context the message carries to the worker."""
     if not tracing.ON:
-        await _publish_job(channel, exchange, message, job, within=within)
+        await _publish_job(
+            channel, exchange, message, job, within=within, nacks_within=nacks_within
+        )
         return
     attributes = {
         "messaging.system": "rabbitmq",
@@ -335,11 +346,19 @@ async def publish_to_team(
     with tracing.span(f"publish {job.team}", kind="PRODUCER", attributes=attributes):
         if message.properties.headers is not None:
             tracing.inject(message.properties.headers)
-        await _publish_job(channel, exchange, message, job, within=within)
+        await _publish_job(
+            channel, exchange, message, job, within=within, nacks_within=nacks_within
+        )
 
 
 async def _publish_job(
-    channel: AbstractRobustChannel, exchange: str, message: Outgoing, job: ChatJob, *, within: float
+    channel: AbstractRobustChannel,
+    exchange: str,
+    message: Outgoing,
+    job: ChatJob,
+    *,
+    within: float,
+    nacks_within: float,
 ) -> None:
     try:
         await when_connected(
@@ -347,6 +366,7 @@ async def _publish_job(
             lambda: publish(channel, message, exchange=exchange, routing_key=job.team),
             within=within,
             what=f"publishing job {job.job_id}",
+            nacks_within=nacks_within,
         )
     except aiormq.exceptions.DeliveryError as exc:  # PublishError is one too
         raise _publish_error(job, exc) from exc

@@ -55,9 +55,11 @@ class ControlClient:
         user_id: str | None,
         api_key: ApiKey | None,
         reconnect_wait: float,
+        nacks_within: float = 0.0,
         timeout: float = CONTROL_TIMEOUT,
     ) -> None:
         self._channel = channel
+        self._nacks_within = nacks_within
         self._exchange = exchange
         self.team = team
         self._user_id = user_id
@@ -108,6 +110,7 @@ class ControlClient:
             lambda: self._round_trip(body),
             within=self._reconnect_wait,
             what=f"asking the gateway ({request.op})",
+            nacks_within=self._nacks_within,
         )
         if not response.ok:
             if response.code == "service_unavailable":

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import random
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -18,9 +21,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     DeliveryMode,
 )
+from aio_pika.robust_connection import RobustConnection
 from aiormq import spec
 from aiormq.abc import ConsumerCallback
-from aiormq.exceptions import ChannelInvalidStateError
+from aiormq.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
+from yarl import URL
 
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import CONTENT_TYPE
@@ -35,6 +40,22 @@ CONNECTION_LOST = (ConnectionError, ChannelInvalidStateError)
 
 RETRY_PAUSE = 0.2
 """Seconds between attempts, so a channel not yet known to be lost is not hammered."""
+
+CONNECT_WITHIN = 15.0
+"""Seconds ``connect`` spends trying the nodes of ``QUEUEGATE_AMQP_URL`` before it gives up."""
+
+CONFIRM_STALL = 10.0
+"""Seconds a publish waits for its confirm before its channel is taken for stuck (``publish``):
+far above a confirm's time under load here (milliseconds), far below a caller's patience."""
+
+FRESH_CHANNEL_AFTER = 2.0
+"""Seconds of refused publishes after which ``when_connected`` asks for a fresh channel: on
+RabbitMQ 3.10 a channel can keep refusing a quorum queue whose leader moved to another node."""
+
+NACK_RETRY = 8.0
+"""Seconds a publish the broker refused (nack) is sent again on a cluster before it fails: a
+quorum queue whose leader's node died refuses publishes until its members elect a new one
+(a few seconds), and that is no reason to fail a job. On one node a nack means a full queue."""
 
 
 class Outgoing(NamedTuple):
@@ -60,14 +81,23 @@ async def publish(
         raise ChannelInvalidStateError(f"{channel} is closed")
     underlay = await channel.get_underlay_channel()
     assert isinstance(underlay, aiormq.Channel)  # the abstract one lacks ``wait``
-    await underlay.basic_publish(
-        message.body,
-        exchange=exchange,
-        routing_key=routing_key,
-        properties=message.properties,
-        mandatory=True,
-        wait=False,
-    )
+    try:
+        async with asyncio.timeout(CONFIRM_STALL):
+            await underlay.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=message.properties,
+                mandatory=True,
+                wait=False,
+            )
+    except TimeoutError:
+        # Closing the channel fails its other pending publishes too (sent again by
+        # when_connected); a robust channel then reopens on its own.
+        stalled = ChannelInvalidStateError(f"no confirm within {CONFIRM_STALL:.0f} s")
+        if not underlay.is_closed:
+            await underlay.close(stalled)
+        raise stalled from None
 
 
 @dataclass(frozen=True)
@@ -121,54 +151,181 @@ async def settle(action: Awaitable[object], what: str, logger: logging.Logger) -
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password, for messages and logs (several hosts or one)."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=user + host))
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    user = credentials.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}" if user else hosts))
+
+
+def node_urls(url: str) -> list[str]:
+    """One URL per node of a cluster URL, whose host part lists them comma-separated.
+
+    ``amqp://u:p@n1:5672,n2:5672/vh`` gives ``amqp://u:p@n1:5672/vh`` and
+    ``amqp://u:p@n2:5672/vh``; a URL of one host gives itself. ValueError names a bad node.
+    """
+    parts = urlsplit(url)
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        node = urlunsplit(parts._replace(netloc=f"{credentials}{at}{host.strip()}"))
+        try:
+            valid = bool(urlsplit(node).hostname) and urlsplit(node).port != 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"QUEUEGATE_AMQP_URL {redact_url(url)}: node {host.strip()!r} is not host or "
+                "host:port (e.g. amqp://user:password@node-1:5672,node-2:5672/)"
+            )
+        nodes.append(node)
+    return nodes
+
+
+class ClusterConnection(RobustConnection):
+    """A robust connection that moves to the next node at each attempt to (re)connect.
+
+    aio-pika's robust connection reconnects to the one URL it was given: when that node dies
+    it would wait for it to come back. Each attempt goes through ``__connect_transport``
+    (aio-pika 10), so this one turns the URL to the next node first; a node that is down
+    costs one failed attempt, and the connection restores its channels, queues and consumers
+    on a live node as it does on the same one.
+    """
+
+    def __init__(self, nodes: Sequence[str], first: int, **kwargs: Any) -> None:
+        super().__init__(URL(nodes[first]), **kwargs)
+        self._nodes = [URL(node) for node in nodes]
+        self._next = first
+        self._draining: set[asyncio.Task[None]] = set()
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        self.url = self._nodes[self._next]
+        self._next = (self._next + 1) % len(self._nodes)
+        await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if self.transport is not None and not self._close_called:
+            # aiormq's write queue holds 10 frames; once its writer is dead, publishes waiting
+            # for room would wait forever. Emptied, they go on to find their channel closed.
+            task = asyncio.create_task(_drain(self.transport.connection.write_queue))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+        await super()._on_connection_close(closing)
+
+
+async def _drain(queue: asyncio.Queue[Any]) -> None:
+    """Take what is put into a dead connection's write queue until nothing comes for a second."""
+    with contextlib.suppress(TimeoutError):
+        while True:
+            async with asyncio.timeout(1.0):
+                await queue.get()
+
+
+if not hasattr(RobustConnection, "_RobustConnection__connect_transport"):
+    # Without the hook, reconnects would silently stay on a dead node: fail loudly at import.
+    raise ImportError("aio-pika changed how it reconnects: queuegate needs aio-pika 10")
 
 
 async def connect(url: str, *, name: str) -> AbstractRobustConnection:
-    """A robust connection: it reconnects and restores channels and consumers by itself."""
-    try:
-        connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
-    except aiormq.exceptions.ProbableAuthenticationError as exc:
-        raise ServiceUnavailable(
-            f"RabbitMQ at {redact_url(url)} refused the user's password: check it (a team's "
-            "is shown once by queuegate teams add; rotate-credentials makes a new one)"
-        ) from exc
-    except (OSError, aio_pika.exceptions.AMQPError) as exc:
-        raise ServiceUnavailable(
-            f"RabbitMQ is not reachable at {redact_url(url)}: start it "
-            "(rabbitmq-server -detached) or set QUEUEGATE_AMQP_URL"
-        ) from exc
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        # A cancel (Ctrl-C) landing while aio-pika connects is swallowed by it: honour it here.
-        await connection.close()
-        raise asyncio.CancelledError
-    return connection
+    """A robust connection to one node of ``url`` (one host, or several comma-separated).
+
+    It starts at a random node, so a cluster's clients spread over its nodes, and tries the
+    others in turn within ``CONNECT_WITHIN`` seconds. Once connected, it reconnects by itself
+    (to the next node when its own is gone) and restores channels and consumers.
+    """
+    nodes = node_urls(url)
+    first = random.randrange(len(nodes))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_WITHIN
+    failure: BaseException | None = None
+    for attempt in range(len(nodes)):
+        # Each node its share of what is left, so one that hangs cannot use up the rest's.
+        share = (deadline - loop.time()) / (len(nodes) - attempt)
+        connection = ClusterConnection(
+            nodes, (first + attempt) % len(nodes), client_properties={"connection_name": name}
+        )
+        try:
+            await connection.connect(timeout=share)
+        except aiormq.exceptions.ProbableAuthenticationError as exc:
+            await connection.close()
+            raise ServiceUnavailable(
+                f"RabbitMQ at {redact_url(url)} refused the user's password: check it (a "
+                "team's is shown once by queuegate teams add; rotate-credentials makes a new one)"
+            ) from exc
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            await connection.close()
+            failure = exc
+            continue
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # A cancel (Ctrl-C) landing while aio-pika connects is swallowed by it: honour it.
+            await connection.close()
+            raise asyncio.CancelledError
+        return connection
+    raise ServiceUnavailable(
+        f"RabbitMQ is not reachable at {redact_url(url)}: start it "
+        "(rabbitmq-server -detached) or set QUEUEGATE_AMQP_URL"
+    ) from failure
+
+
+_RENEWED: weakref.WeakKeyDictionary[AbstractChannel, float] = weakref.WeakKeyDictionary()
+"""When each channel was last renewed: its publishers all see the same refusals, one renews."""
+
+
+async def _renew(channel: AbstractChannel, why: str) -> None:
+    """Close the robust channel's underlying channel, so that it reopens a fresh one (once
+    per FRESH_CHANNEL_AFTER); its pending publishes fail as on a lost connection."""
+    now = asyncio.get_running_loop().time()
+    if now - _RENEWED.get(channel, -FRESH_CHANNEL_AFTER) < FRESH_CHANNEL_AFTER:
+        return
+    _RENEWED[channel] = now
+    underlay = await channel.get_underlay_channel()
+    if not underlay.is_closed:
+        log.info("opening a fresh channel: %s", why)
+        await underlay.close(ChannelInvalidStateError(why))
+
+
+def nack_window(url: str) -> float:
+    """Seconds ``when_connected`` sends a refused publish again: NACK_RETRY on a cluster."""
+    return NACK_RETRY if len(node_urls(url)) > 1 else 0.0
 
 
 async def when_connected(
-    channel: AbstractChannel, action: Callable[[], Awaitable[T]], *, within: float, what: str
+    channel: AbstractChannel,
+    action: Callable[[], Awaitable[T]],
+    *,
+    within: float,
+    what: str,
+    nacks_within: float = 0.0,
 ) -> T:
     """Run a broker action, retrying it once the robust channel is back after a lost connection.
 
     Robust connections restore channels, queues and consumers, but never replay a publish that
     failed during the outage: that is the caller's, and this does it. Retry only actions that
     are safe twice (every publish of ours is: job ids make its duplicate harmless). Raises
-    ServiceUnavailable when the connection is not back within ``within`` seconds.
+    ServiceUnavailable when the connection is not back within ``within`` seconds. A publish
+    the broker refuses (nack) is sent again for ``nacks_within`` seconds (``nack_window``),
+    then its DeliveryError raised; one returned unroutable (PublishError) is raised at once.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
+    refused_since: float | None = None
     while True:
         try:
             return await action()
+        except PublishError:
+            raise
+        except DeliveryError:
+            now = loop.time()
+            refused_since = now if refused_since is None else refused_since
+            if now - refused_since >= nacks_within:
+                raise
+            log.info("the broker refused a publish while %s; sending it again", what)
+            if now - refused_since >= FRESH_CHANNEL_AFTER:
+                await _renew(channel, f"refused publishes for {now - refused_since:.0f} s")
+            await asyncio.sleep(RETRY_PAUSE)
         except CONNECTION_LOST as exc:
             left = deadline - loop.time()
             if left <= 0:

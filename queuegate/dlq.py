@@ -145,7 +145,7 @@ async def replay(
         raise ConfigError(
             "replay publishes as an operator: put the broker user in QUEUEGATE_AMQP_URL"
         )
-    topology = Topology(settings.namespace)
+    topology = Topology.of(settings)
     replayed: list[DeadLetter] = []
     refused: list[tuple[DeadLetter, str]] = []
     async with _taken(settings, None) as (channel, taken, _):
@@ -198,7 +198,7 @@ async def purge(settings: Settings) -> int:
 
 
 async def _dead_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
-    topology = Topology(settings.namespace)
+    topology = Topology.of(settings)
     await topology.declare_dead(channel)
     return await channel.get_queue(topology.dead_queue)
 

@@ -23,7 +23,7 @@ async def drop_namespace(
 ) -> None:
     """``queues``: more queues of the namespace to delete; the reply and results queues the
     gateway declared for ``teams`` (as recorded in Redis) go too."""
-    topo = Topology(settings.namespace)
+    topo = Topology.of(settings)
     teams = list(teams)
     recorded = Keys(settings.redis_prefix)
     client = redis_for(settings)

@@ -9,6 +9,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from queuegate.broker import node_urls
+
 
 class Settings(BaseSettings):
     """Where the services are and how a gateway process behaves.
@@ -17,9 +19,17 @@ class Settings(BaseSettings):
     tests build their own with a namespace, Redis prefix and database schema of their own.
     """
 
-    model_config = SettingsConfigDict(env_prefix="QUEUEGATE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="QUEUEGATE_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """The broker: one node, or a cluster's nodes comma-separated in the host part
+    (``amqp://user:password@node-1:5672,node-2:5672,node-3:5672/``). A process connects to a
+    random node and moves to another when its node is lost (``queuegate.broker.connect``)."""
+    quorum_replicas: int | None = Field(default=None, ge=1)
+    """Members of each quorum queue it declares (``x-quorum-initial-group-size``). Unset: the
+    broker's default, every node of the cluster (one on a single node)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_sentinels: str | None = None
     """Comma-separated ``host:port`` of Redis Sentinels. Set: every process reaches the
@@ -199,6 +209,12 @@ class Settings(BaseSettings):
             data = {**data, "management_url": management_url_for(amqp)}
         return data
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_nodes_are_addresses(cls, value: str) -> str:
+        node_urls(value)
+        return value
+
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinels_are_addresses(cls, value: str | None) -> str | None:
@@ -263,8 +279,12 @@ def sentinel_addresses(listed: str) -> list[tuple[str, int]]:
 
 
 def management_url_for(amqp_url: str) -> str:
-    """The management API of the broker at ``amqp_url``, as the same user."""
-    parts = urlsplit(amqp_url)
+    """The management API of the broker at ``amqp_url``, as the same user.
+
+    Of a cluster, its first node's: every node answers for the whole cluster, and the first
+    listed is the one an operator expects (set QUEUEGATE_MANAGEMENT_URL when it is down).
+    """
+    parts = urlsplit(node_urls(amqp_url)[0])
     tls = parts.scheme == "amqps"
     credentials, _, _ = parts.netloc.rpartition("@")
     host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname

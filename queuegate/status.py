@@ -96,7 +96,7 @@ class StatusReader:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._keys = Keys(settings.redis_prefix)
-        self._topology = Topology(settings.namespace)
+        self._topology = Topology.of(settings)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._redis: aioredis.Redis | None = None

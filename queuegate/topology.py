@@ -23,6 +23,15 @@ every return, and a worker that dies returns every job waiting in its prefetch. 
 declared by an earlier version with the poison limit as its argument (a policy cannot raise
 it: the broker takes the lower of the two) is declared with its own limit, with a warning,
 until it is moved over (see README, "Poison jobs and dead letters").
+
+On a cluster (several nodes in ``QUEUEGATE_AMQP_URL``) the clients' and front doors' reply
+queues are quorum queues too, so a reply in flight survives the loss of the node that held
+it; on one node they stay classic, which costs the broker less per result. A batch
+collector's lock queue stays a transient classic queue (a quorum queue is always durable):
+it dies with its node, as its collector's connection does, which is what it is for.
+
+Every quorum queue gets ``QUEUEGATE_QUORUM_REPLICAS`` members when it is set
+(``x-quorum-initial-group-size``), or the broker's default, every node, when not.
 """
 
 from __future__ import annotations
@@ -37,8 +46,10 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from queuegate.broker import node_urls
 from queuegate.control import CONTROL_KEY_SUFFIX
 from queuegate.errors import ConfigError
+from queuegate.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +145,28 @@ class Topology:
     """The names of one namespace's exchanges and queues, and how to declare them."""
 
     namespace: str
+    replicas: int | None = None
+    """Members of each quorum queue declared; None, the broker's default (every node)."""
+    cluster: bool = False
+    """Whether the broker is a cluster: reply queues are then quorum queues too."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> Topology:
+        """The topology of ``settings``' namespace, broker and replica count."""
+        return cls(
+            settings.namespace,
+            replicas=settings.quorum_replicas,
+            cluster=len(node_urls(settings.amqp_url)) > 1,
+        )
+
+    def _quorum(self) -> dict[str, Any]:
+        """What makes a queue a quorum queue of this topology's size."""
+        if self.replicas is None:
+            return {"x-queue-type": "quorum"}
+        return {"x-queue-type": "quorum", "x-quorum-initial-group-size": self.replicas}
+
+    def _reply_queue_type(self) -> dict[str, Any]:
+        return self._quorum() if self.cluster else {}
 
     @property
     def jobs_exchange(self) -> str:
@@ -189,7 +222,7 @@ class Topology:
 
     def _quorum_args(self, delivery_limit: int) -> dict[str, Any]:
         return {
-            "x-queue-type": "quorum",
+            **self._quorum(),
             "x-delivery-limit": delivery_limit,
             "x-dead-letter-exchange": self.dead_exchange,
             # At-least-once dead-lettering: a dead letter is never dropped on the way.
@@ -215,7 +248,7 @@ class Topology:
             self.dead_queue,
             durable=True,
             arguments={
-                "x-queue-type": "quorum",
+                **self._quorum(),
                 "x-delivery-limit": DEAD_DELIVERY_LIMIT,
                 "x-max-length": DEAD_MAX_LENGTH,
                 "x-max-length-bytes": DEAD_MAX_BYTES,
@@ -278,7 +311,7 @@ class Topology:
             channel,
             self.control_queue(team),
             {
-                "x-queue-type": "quorum",
+                **self._quorum(),
                 "x-delivery-limit": CONTROL_DELIVERY_LIMIT,
                 "x-max-length": CONTROL_MAX_LENGTH,
                 "x-overflow": "reject-publish",
@@ -298,7 +331,7 @@ class Topology:
         return await channel.declare_queue(
             self.results_queue(team, name),
             durable=True,
-            arguments={"x-queue-type": "quorum", "x-expires": int(expires_s * 1000)},
+            arguments={**self._quorum(), "x-expires": int(expires_s * 1000)},
         )
 
     async def declare_replies_queue(
@@ -322,6 +355,7 @@ class Topology:
             self.replies_queue(team, client_id),
             durable=True,
             arguments={
+                **self._reply_queue_type(),
                 "x-expires": int(expires_s * 1000),
                 "x-max-length": max_length,
                 "x-overflow": "drop-head",
@@ -342,6 +376,7 @@ class Topology:
             self.frontdoor_queue(process_id),
             durable=True,
             arguments={
+                **self._reply_queue_type(),
                 "x-expires": int(expires_s * 1000),
                 "x-max-length": max_length,
                 "x-overflow": "drop-head",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -17,6 +17,7 @@ from queuegate.namespace import drop_namespace
 from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from tests import session_services
+from tests.rabbit_cluster import RabbitCluster
 
 TEST_TEAMS = ("alpha", "beta", "gamma")
 """Teams tests may use; their queues are deleted after every test."""
@@ -35,6 +36,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
     return Settings()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """Three RabbitMQ nodes of the run's own in one cluster (booting them takes about 25 s),
+    for the tests that need one; removed at the end of the run."""
+    with RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

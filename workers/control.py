@@ -82,7 +82,7 @@ class ControlPlane:
         self._redis = redis
         self._identities = identities
         self._keys = Keys(settings.redis_prefix)
-        self._topology = Topology(settings.namespace)
+        self._topology = Topology.of(settings)
         self._channel: AbstractRobustChannel | None = None
         self._served: dict[str, Consumer] = {}
         self._dropped_logged: dict[str, float] = {}

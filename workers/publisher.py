@@ -47,7 +47,9 @@ class Publisher:
 
     A publish that fails because the connection dropped waits up to ``reconnect_wait`` seconds
     for the robust channel to return and is sent again, rather than failing the job: a failed
-    job is requeued, and requeues while the broker is away would spend its delivery limit.
+    job is requeued, and requeues while the broker is away would spend its delivery limit. One
+    the broker refuses is sent again for ``nacks_within`` seconds (a quorum queue electing a
+    new leader on a cluster, ``queuegate.broker.nack_window``).
 
     Usage events and dead letters carry ``user_id`` (the worker's broker user): the dead-letter
     tools trust their headers only under an operator's user_id, which no team can forge.
@@ -61,6 +63,7 @@ class Publisher:
         *,
         replies: AbstractChannel,
         reconnect_wait: float,
+        nacks_within: float = 0.0,
         user_id: str | None,
         keeps_results: Callable[[str], bool],
     ) -> None:
@@ -71,6 +74,7 @@ class Publisher:
         self._usage = usage
         self._dead = dead
         self._reconnect_wait = reconnect_wait
+        self._nacks_within = nacks_within
         self._usage_batches = UsageBatches(self._usage_batch)
 
     def _send(
@@ -78,7 +82,13 @@ class Publisher:
     ) -> Awaitable[None]:
         # Not a coroutine of its own: thousands of jobs can be waiting in here at once.
         channel = self._replies if reply else self._channel
-        return when_connected(channel, publish, within=self._reconnect_wait, what=what)
+        return when_connected(
+            channel,
+            publish,
+            within=self._reconnect_wait,
+            what=what,
+            nacks_within=self._nacks_within,
+        )
 
     async def result(self, reply_to: str, job_id: str, body: bytes) -> bool:
         """Send a ChatResult's JSON to the caller's reply queue; False when that queue no

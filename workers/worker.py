@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume
+from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, nack_window
 from queuegate.db import DB_ERRORS, wait_for_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
@@ -77,7 +77,7 @@ class Worker:
         self._router = router
         self._fixed_teams = [check_team_name(team) for team in teams] if teams else None
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self._topology = Topology(settings.namespace)
+        self._topology = Topology.of(settings)
         self._consumers: dict[str, _TeamConsumer] = {}
         self._reopening: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -164,6 +164,7 @@ class Worker:
                 dead,
                 replies=replies,
                 reconnect_wait=s.reconnect_wait,
+                nacks_within=nack_window(s.amqp_url),
                 user_id=s.amqp_user,
                 keeps_results=self._topology.is_results_queue,
             )

@@ -170,7 +170,7 @@ async def _batch(
 async def _consume(
     settings: Settings, run: _Run, idle: float, expiry_grace: float, unserved: ErrorInfo | None
 ) -> None:
-    topology = Topology(settings.namespace)
+    topology = Topology.of(settings)
     connection = await connect(settings.amqp_url, name=f"batch-collect:{run.meta.name}")
     async with connection:
         lock = await connection.channel()

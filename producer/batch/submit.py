@@ -143,7 +143,7 @@ async def submit_batch(
                     f"batch {name!r} was submitted from another file (or {path} changed); "
                     "re-run it with the same file, or pick another --name"
                 )
-        reply_to = Topology(settings.namespace).results_queue(team, name)
+        reply_to = Topology.of(settings).results_queue(team, name)
         sender = _Window(client, reply_to=reply_to, state=state, size=window)
         try:
             report = await _publish(

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-import aio_pika
 import asyncpg
 
 from mockprovider import MockProvider
 from producer import GatewayClient, JobHandle
+from queuegate.broker import connect
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -32,9 +32,13 @@ class Figures:
     scenario: str
     sent: int = 0
     answered: int = 0
+    lost: int = 0
+    """Jobs the broker confirmed that were never answered."""
     duplicates: int = 0
     """Results the producer dropped because the job had already been answered."""
     usage_rows: int = 0
+    double_counted: int = 0
+    """Usage rows beyond one per job."""
     provider_calls: int = 0
     dead_lettered: int = 0
     seconds: float = 0.0
@@ -50,11 +54,11 @@ class Figures:
 
 
 async def declare_teams(settings: Settings, teams: Sequence[str] = TEAMS) -> None:
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect(settings.amqp_url, name="chaos-declare")
     async with connection:
         channel = await connection.channel()
         for team in teams:
-            await Topology(settings.namespace).declare_team_queue(channel, team)
+            await Topology.of(settings).declare_team_queue(channel, team)
 
 
 def worker_env(settings: Settings, mock: MockProvider, **extra: str) -> dict[str, str]:
@@ -117,8 +121,13 @@ async def _submitted(jobs: Sequence[tuple[GatewayClient, ChatJob]]) -> list[JobH
 
 
 async def collect(handles: Sequence[JobHandle], timeout: float) -> list[ChatResult]:
-    async with asyncio.timeout(timeout):
-        return list(await asyncio.gather(*(h.result(timeout=None) for h in handles)))
+    """The results that arrive within ``timeout`` seconds; the others are lost."""
+    waits = [asyncio.ensure_future(h.result(timeout=None)) for h in handles]
+    done, pending = await asyncio.wait(waits, timeout=timeout)
+    for waiting in pending:
+        waiting.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return [waiting.result() for waiting in waits if waiting in done]
 
 
 async def usage_rows(pool: asyncpg.Pool, expected: int, timeout: float) -> tuple[int, int]:
@@ -136,14 +145,13 @@ async def usage_rows(pool: asyncpg.Pool, expected: int, timeout: float) -> tuple
 async def dead_lettered(settings: Settings, expected: int = 0, timeout: float = 0) -> int:
     """Messages in the dead-letter queue, once there are ``expected`` (or ``timeout`` is up)."""
     deadline = time.monotonic() + timeout
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect(settings.amqp_url, name="chaos-dead-letters")
     async with connection:
-        channel = await connection.channel()
+        # The underlying channel: a robust one answers a passive declare from its own memory.
+        channel = await (await connection.channel()).get_underlay_channel()
         while True:
-            queue = await channel.declare_queue(
-                Topology(settings.namespace).dead_queue, passive=True
-            )
-            count = int(queue.declaration_result.message_count or 0)
+            declared = await channel.queue_declare(Topology.of(settings).dead_queue, passive=True)
+            count = int(declared.message_count or 0)
             if count >= expected or time.monotonic() > deadline:
                 return count
             await asyncio.sleep(0.1)
@@ -157,16 +165,20 @@ async def expect_each_job_once(
     calls: Callable[[], int],
     dead: Settings,
     figures: Figures,
+    timeout: float = 60,
 ) -> None:
     """Every confirmed job answered exactly once at the producer, called once and accounted
-    once, nothing dead-lettered; the figures are recorded and printed."""
+    once, nothing dead-lettered; the figures are recorded and printed. ``timeout``: seconds
+    the results may take to arrive, after the last job is confirmed."""
     handles = await submitting
     figures.sent = len(handles)
-    results = await collect(handles, timeout=60)
+    results = await collect(handles, timeout=timeout)
     figures.answered = len({r.job_id for r in results})
+    figures.lost = figures.sent - figures.answered
     figures.duplicates = sum(c.duplicates for c in clients)
-    rows, distinct = await usage_rows(pool, len(handles), timeout=30)
+    rows, distinct = await usage_rows(pool, len(handles), timeout=timeout / 2)
     figures.usage_rows = rows
+    figures.double_counted = rows - distinct
     figures.provider_calls = calls()
     figures.dead_lettered = await dead_lettered(dead)
     figures.done()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -38,28 +39,49 @@ def _free_port() -> int:
 
 
 class PrivateBroker:
-    """One RabbitMQ node: ``start()``, ``restart()`` on the same data, ``stop()``."""
+    """One RabbitMQ node: ``start()``, ``restart()`` on the same data, ``stop()``.
 
-    def __init__(self, root: Path) -> None:
+    ``port`` and ``dist_port`` default to free ones; ``config`` is its rabbitmq.conf and
+    ``advanced`` its advanced.config (Erlang terms); nodes given the same ``cookie`` may join
+    one cluster (tests/rabbit_cluster.py).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int | None = None,
+        dist_port: int | None = None,
+        config: str = "",
+        advanced: str = "[].",
+        cookie: str | None = None,
+    ) -> None:
         self.root = root
         self.node = f"qgt-{uuid.uuid4().hex[:8]}@localhost"
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.pid_file = root / "node.pid"
-        (root / "rabbitmq.conf").write_text("")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "rabbitmq.conf").write_text(config)
+        (root / "advanced.config").write_text(advanced)
         (root / "enabled_plugins").write_text("")
         (root / "rabbitmq-env.conf").write_text("")
+        if cookie is not None:
+            cookie_file = root / ".erlang.cookie"
+            cookie_file.write_text(cookie)
+            cookie_file.chmod(0o400)
         self.env = {
             **os.environ,
             "HOME": str(root),  # the Erlang cookie shared by this node and rabbitmqctl
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(_free_port()),
+            "RABBITMQ_DIST_PORT": str(dist_port or _free_port()),
             "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
             "RABBITMQ_LOG_BASE": str(root / "log"),
             "RABBITMQ_PID_FILE": str(self.pid_file),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(root / "advanced.config"),
             "RABBITMQ_CONF_ENV_FILE": str(root / "rabbitmq-env.conf"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
@@ -110,6 +132,32 @@ class PrivateBroker:
         except subprocess.TimeoutExpired:
             self._server.kill()
             self._server.wait()
+        self._server = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._server is not None
+
+    def ctl(self, *args: str) -> str:
+        """Run ``rabbitmqctl`` against this node; its output, or RuntimeError with it."""
+        done = subprocess.run(
+            [RABBITMQ_BIN / "rabbitmqctl", "-n", self.node, "-q", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=BOOT_TIMEOUT,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def kill(self) -> None:
+        """SIGKILL the node's VM, as a crash would, and reap it."""
+        if self._server is None:
+            return
+        os.kill(int(self.pid_file.read_text().strip()), signal.SIGKILL)
+        self._server.wait(timeout=BOOT_TIMEOUT)
         self._server = None
 
     def restart(self) -> None:

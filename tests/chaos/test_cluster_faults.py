@@ -1,0 +1,122 @@
+"""A three-node RabbitMQ cluster loses a node mid-run: nothing is lost, nothing counted twice.
+
+Producers, two worker processes and accounting all use the cluster's URL (every node in it).
+2,000 jobs go through while the node that leads the team queues is SIGKILLed, or stopped and
+started again, or cut off from the others for longer than the net tick time. The team queues
+are quorum queues on all three nodes: a new leader takes over, every process reconnects to a
+live node, publishes not confirmed are sent again, and a job delivered twice is answered from
+its stored outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate.db import create_pool
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.chaos.harness import (
+    TEAMS,
+    Figures,
+    declare_teams,
+    expect_each_job_once,
+    start_worker,
+    stop_workers,
+    submit_all,
+    worker_env,
+)
+from tests.chaos.private_broker import PrivateBroker
+from tests.rabbit_cluster import RabbitCluster
+from tests.support import running_accountant
+
+pytestmark = pytest.mark.timeout(300)  # a fault, a heal and the cluster's boot in the first
+
+JOBS = 2000
+FAULT_AFTER_CALLS = 400
+PREFETCH = 50
+PARTITION_SECONDS = 10.0
+"""Longer than twice the cluster's net tick time (4 s): the others take the node for down."""
+
+
+async def run_through_fault(
+    settings: Settings,
+    cluster: RabbitCluster,
+    figures: Figures,
+    fault: Callable[[PrivateBroker], None],
+) -> None:
+    """2,000 jobs through two workers; ``fault`` strikes the team queues' leader mid-run."""
+    components = cluster.settings_for(settings)
+    # Given two worker processes and accounting on the cluster, the provider taking 20 ms
+    async with MockProvider(MockConfig(default=Behavior(latency_ms=20))) as mock:
+        await declare_teams(components)
+        leader, members = cluster.queue_members(Topology.of(components).team_queue("alpha"))
+        assert len(members) == len(cluster.nodes)
+        env = worker_env(
+            components,
+            mock,
+            QUEUEGATE_AMQP_URL=components.amqp_url,
+            QUEUEGATE_PREFETCH=str(PREFETCH),
+        )
+        workers = [await start_worker(env, TEAMS), await start_worker(env, TEAMS)]
+        pool = await create_pool(settings)
+        try:
+            async with (
+                running_accountant(components),
+                GatewayClient(components, team="alpha") as alpha,
+                GatewayClient(components, team="beta") as beta,
+                GatewayClient(components, team="gamma") as gamma,
+            ):
+                clients = [alpha, beta, gamma]
+                # When jobs are flowing and the fault strikes the queues' leader
+                submitting = asyncio.create_task(submit_all(clients, JOBS))
+                async with asyncio.timeout(90):
+                    await mock.wait_for_calls(FAULT_AFTER_CALLS)
+                await asyncio.to_thread(fault, cluster.node_named(leader))
+
+                # Expect every confirmed job answered once, called once, accounted once
+                await expect_each_job_once(
+                    submitting,
+                    clients=clients,
+                    pool=pool,
+                    calls=lambda: mock.stats.calls,
+                    dead=components,
+                    figures=figures,
+                    timeout=120,
+                )
+                assert figures.lost == figures.double_counted == 0
+        finally:
+            await stop_workers(workers)
+            await pool.close()
+            await asyncio.to_thread(cluster.heal)
+
+
+async def test_the_team_queues_leader_killed_loses_nothing_and_counts_nothing_twice(
+    settings: Settings, rabbit_cluster: RabbitCluster
+) -> None:
+    await run_through_fault(
+        settings, rabbit_cluster, Figures("cluster: leader SIGKILLed"), PrivateBroker.kill
+    )
+
+
+async def test_a_node_stopped_and_started_again_loses_nothing_and_counts_nothing_twice(
+    settings: Settings, rabbit_cluster: RabbitCluster
+) -> None:
+    await run_through_fault(
+        settings, rabbit_cluster, Figures("cluster: node restarted"), PrivateBroker.restart
+    )
+
+
+async def test_a_node_partitioned_off_loses_nothing_and_counts_nothing_twice(
+    settings: Settings, rabbit_cluster: RabbitCluster
+) -> None:
+    await run_through_fault(
+        settings,
+        rabbit_cluster,
+        Figures("cluster: node partitioned"),
+        lambda node: rabbit_cluster.partition(node, PARTITION_SECONDS),
+    )
