@@ -26,8 +26,6 @@ from queuegate.settings import Settings
 CONNECTIONS = 50
 """Connections one client keeps: Redis answers each command in well under a millisecond, so
 more would only add sockets, not throughput."""
-WAIT = 5.0
-"""Seconds a command waits for a free connection before it fails as Redis being unavailable."""
 RETRIES = 3
 """Times a command is sent again on a fresh connection after its connection failed or its
 reply did not come within ``Settings.redis_timeout``: a restarted Redis leaves every pooled
@@ -35,13 +33,16 @@ connection closed, and without a retry each one's next command would fail once, 
 were still down (jobs then served unclaimed); a connection whose Redis vanished without a
 word (a partition, a host that died) is left for a fresh one. Under Sentinel the fresh
 connection asks the Sentinels where the primary is now. A Redis that hangs thus fails a
-command after ``(RETRIES + 1) * redis_timeout`` seconds and the backoff.
+command after ``(RETRIES + 1) * redis_timeout`` seconds and the backoff: so long, too, a
+command waits for a free connection (``command_bound``).
 
 A command sent again may have run already (its connection broke after Redis ran it, before
 the reply came back; a hung Redis runs every copy it was sent once it resumes): every script
 that would count something twice if run twice is made to run once per call
 (``workers/admission/lua/batch.lua``, ``workers/lua/finish.lua``)."""
 
+BACKOFF_CAP = 0.2
+"""Most seconds between two tries of a command."""
 
 FOLLOW = 1.0
 """Seconds between a client's questions to the Sentinels about where the primary is, while it
@@ -78,6 +79,15 @@ class _WaitingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPo
         await self.sentinel_manager.aclose()
 
 
+def command_bound(settings: Settings) -> float:
+    """Seconds a command may take before it fails as Redis being unavailable: every try and the
+    backoff between them. A command waiting for one of the ``CONNECTIONS`` waits as long: the
+    connections may all be busy with a burst of slow but answered commands (a worker taking 5,000
+    jobs at once waited over 5 s for one), and failing then would serve the jobs as in an outage,
+    unclaimed."""
+    return (RETRIES + 1) * (settings.redis_timeout + BACKOFF_CAP)
+
+
 def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> aioredis.Redis:
     """The Redis client of ``settings``: commands wait for one of ``CONNECTIONS`` connections
     (redis-py's default pool raises MaxConnectionsError past 100 commands at once, which a
@@ -88,10 +98,10 @@ def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> ai
     the Sentinels name it, asked again whenever a connection fails; ``redis_url`` then gives
     only the password, database and TLS.
     """
-    retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), RETRIES)
+    retry = Retry(ExponentialBackoff(cap=BACKOFF_CAP, base=0.01), RETRIES)
     options: dict[str, Any] = {
         "max_connections": CONNECTIONS,
-        "timeout": WAIT,
+        "timeout": command_bound(settings),
         "retry": retry,
         # Without it a command on an open connection to a Redis that hangs waits forever.
         "socket_timeout": settings.redis_timeout,

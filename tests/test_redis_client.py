@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from queuegate.redis_client import CONNECTIONS, RETRIES, redis_for
+from queuegate.redis_client import CONNECTIONS, RETRIES, command_bound, redis_for
 from queuegate.settings import Settings
 from tests.proxy import TcpProxy
 
@@ -25,6 +25,26 @@ async def test_more_commands_at_once_than_connections_all_succeed(settings: Sett
         await client.delete(key)
         await client.aclose()
     assert values == [b"v"] * at_once
+
+
+async def test_a_command_behind_busy_connections_waits_for_one(settings: Settings) -> None:
+    # Given every connection busy for longer than the old 5 s wait for one, with commands
+    # Redis answers (each blocks 3.5 s on an empty list; two rounds of them queue)
+    key = f"{settings.redis_prefix}:busy"
+    client = redis_for(settings)
+    assert command_bound(settings) > 2 * 3.5
+    try:
+        busy = [
+            asyncio.create_task(client.blpop([key], timeout=3.5)) for _ in range(2 * CONNECTIONS)
+        ]
+        await asyncio.sleep(0)  # the blocking commands take the connections first
+        # When one more command is sent, it waits for a connection instead of failing as if
+        # Redis were away (a worker would then serve its jobs unclaimed)
+        assert await client.set(f"{key}:after", "v", ex=60)
+        assert await asyncio.gather(*busy) == [None] * (2 * CONNECTIONS)
+    finally:
+        await client.delete(f"{key}:after")
+        await client.aclose()
 
 
 def test_sentinels_are_host_port_pairs_and_a_bad_one_is_named() -> None:
