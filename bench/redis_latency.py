@@ -24,21 +24,18 @@ from typing import Any
 
 import redis.asyncio.client as redis_client
 
-from accounting import migrate
 from bench.measure import percentile
+from bench.stack import TEAM, prepare
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.db import create_pool
-from queuegate.keys import Keys
 from queuegate.namespace import drop_namespace
-from queuegate.redis_client import redis_for
-from queuegate.registry import TeamConfig, add_team, set_team_config
+from queuegate.registry import TeamConfig
 from queuegate.runtime import run
 from queuegate.settings import Settings
 from router import load_catalog, open_router
 from workers import Worker
 
-TEAM = "bench"
 SAMPLES: list[float] = []
 """Milliseconds of every command and pipeline sent while the run lasts."""
 
@@ -59,20 +56,8 @@ async def measure(jobs: int, prefetch: int, latency_ms: float) -> dict[str, floa
     settings = Settings(
         namespace=f"qgbench-{tag}", database_schema=f"qgbench_{tag}", prefetch=prefetch
     )
-    pool = await create_pool(settings)
-    try:
-        await migrate(pool, settings.database_schema)
-        await add_team(pool, TEAM)
-        limits = TeamConfig(rpm=10_000_000, tpm=10_000_000_000, budget_usd=Decimal(1_000_000))
-        await set_team_config(pool, TEAM, limits)
-    finally:
-        await pool.close()
-    # The steady state, not a first minute of usage_log lookups (as bench.stack prepares).
-    redis = redis_for(settings)
-    try:
-        await redis.set(Keys(settings.redis_prefix).memory_epoch, 0)
-    finally:
-        await redis.aclose()
+    limits = TeamConfig(rpm=10_000_000, tpm=10_000_000_000, budget_usd=Decimal(1_000_000))
+    await prepare(settings, limits)
     # A pipeline's commands are queued on the pipeline and sent by its execute.
     original = (redis_client.Redis.execute_command, redis_client.Pipeline.execute)
     stop = asyncio.Event()

@@ -329,7 +329,7 @@ async def running_stack(
         mock = ("mock-provider", "--port", str(port), "--latency-ms", str(latency_ms))
         await stack.spawn("mock", *mock)
         await wait_http(stack.mock_url)
-        await _prepare(settings, team)
+        await prepare(settings, team)
         if accounting:
             await stack.spawn("accounting", "accounting", "--log-level", "warning")
         for i in range(workers):
@@ -370,7 +370,7 @@ async def wait_ready(
     raise TimeoutError(f"nothing answered at {url} within {timeout:.0f} s")
 
 
-async def _prepare(settings: Settings, team: TeamConfig | None) -> None:
+async def prepare(settings: Settings, team: TeamConfig | None) -> None:
     from accounting import migrate
     from queuegate.db import create_pool
 
