@@ -41,6 +41,19 @@ async def silent_sentinel() -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+async def failed_cli(env: dict[str, str], *args: str) -> tuple[str, bytes]:
+    """The one line a CLI command that must fail wrote to stderr, and its stdout."""
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
+    assert cli.returncode == 1
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    return lines[0], stdout
+
+
 @pytest.mark.parametrize("listed", [" ", " , "])
 def test_sentinels_set_but_empty_are_refused_rather_than_redis_url_used(
     monkeypatch: pytest.MonkeyPatch, listed: str
@@ -66,16 +79,9 @@ def test_sentinels_unset_mean_redis_url(monkeypatch: pytest.MonkeyPatch) -> None
 async def test_an_empty_sentinel_list_stops_a_command_in_one_line() -> None:
     # When an operator command starts with the Sentinels set to nothing
     env = {**os.environ, "QUEUEGATE_REDIS_SENTINELS": ""}
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", "deployments",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
     # Expect it to stop before asking any Redis, in one line naming the setting
-    assert cli.returncode == 1
-    lines = stderr.decode().strip().splitlines()
-    assert len(lines) == 1, stderr.decode()
-    assert "QUEUEGATE_REDIS_SENTINELS is set but names no Sentinel" in lines[0]
+    line, stdout = await failed_cli(env, "deployments")
+    assert "QUEUEGATE_REDIS_SENTINELS is set but names no Sentinel" in line
     assert stdout == b""
 
 
@@ -99,16 +105,9 @@ async def test_sentinels_out_of_reach_are_reported_within_the_check_bound(
 async def test_deployments_with_silent_sentinels_fails_in_one_line(silent_sentinel: str) -> None:
     # When an operator reads the deployments' health through a Sentinel that never answers
     env = {**os.environ, "QUEUEGATE_REDIS_SENTINELS": silent_sentinel}
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", "deployments",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
     # Expect a failure in one line naming the Sentinel, not a wait as long as it hangs
-    assert cli.returncode == 1
-    lines = stderr.decode().strip().splitlines()
-    assert len(lines) == 1, stderr.decode()
-    assert f"through the Sentinels at {silent_sentinel}" in lines[0]
+    line, stdout = await failed_cli(env, "deployments")
+    assert f"through the Sentinels at {silent_sentinel}" in line
     assert stdout == b""
 
 
@@ -124,14 +123,7 @@ async def test_disabling_a_team_with_silent_sentinels_fails_in_one_line(
         "QUEUEGATE_REDIS_SENTINELS": silent_sentinel,
     }
     # When an operator disables it while its Sentinel never answers
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", "teams", "disable", "alpha",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
     # Expect the team disabled and one line saying its sessions are not ended, and why
-    assert cli.returncode == 1
-    lines = stderr.decode().strip().splitlines()
-    assert len(lines) == 1, stderr.decode()
-    assert "team alpha is disabled, but its dashboard sessions are not ended" in lines[0]
-    assert f"through the Sentinels at {silent_sentinel}" in lines[0]
+    line, _ = await failed_cli(env, "teams", "disable", "alpha")
+    assert "team alpha is disabled, but its dashboard sessions are not ended" in line
+    assert f"through the Sentinels at {silent_sentinel}" in line
