@@ -16,7 +16,7 @@ from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
-from tests import session_services
+from tests import dashboard_browser, session_services
 from tests.rabbit_cluster import RabbitCluster
 
 TEST_TEAMS = ("alpha", "beta", "gamma")
@@ -27,6 +27,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Before any test reads its settings: the services answer, or containers stand in for
     the silent ones, or the run ends at once in one line (tests/session_services.py)."""
     session_services.prepare(session.config)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Browser tests collected without a Chromium to drive: end before any test, in one line."""
+    needs_browser = any(
+        getattr(getattr(item, "module", None), "chromium", None) is dashboard_browser.chromium
+        for item in session.items
+    )
+    missing = dashboard_browser.missing_browser() if needs_browser else None
+    if missing is not None:
+        raise pytest.UsageError(missing)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -4,6 +4,7 @@ Playwright), or an HTTP client posting the sign-in form as a browser does."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -12,6 +13,17 @@ import httpx
 from playwright.async_api import Browser, Page, async_playwright
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def missing_browser() -> str | None:
+    """The line that ends a session whose browser tests have no Chromium to drive; None when
+    it is there."""
+    if os.access(CHROMIUM, os.X_OK):
+        return None
+    return (
+        f"Chromium is not installed at {CHROMIUM} (the dashboard's browser tests drive it): "
+        "install it (scripts/services does, or apt-get install chromium)"
+    )
 
 
 @contextlib.asynccontextmanager
