@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -12,6 +13,13 @@ from cli.console import err, out
 from cli.options import make_settings, read_password
 from queuegate.runtime import run
 from queuegate.tables import visible
+
+if TYPE_CHECKING:
+    from queuegate.settings import Settings
+
+REDIS_ASKED_WITHIN = 2.0
+"""Seconds a submit that got no answer asks Redis whether it is the cause: a caller's
+--timeout has passed already."""
 
 
 def submit(
@@ -51,7 +59,6 @@ def submit(
     from admin.teams import with_user
     from producer import GatewayClient
     from queuegate.errors import ControlRefused, ResultTimeout, ServiceUnavailable
-    from queuegate.services import check_redis
     from queuegate.tenancy import broker_user
 
     settings = make_settings()
@@ -69,9 +76,16 @@ def submit(
     # Built first: a job the gateway would refuse is told before anything connects.
     job = client.job(model, [{"role": "user", "content": prompt}], **params)
 
+    published = False
+
     async def go() -> Any:
-        async with client:
-            return await (await client.submit(job)).result(timeout)
+        nonlocal published
+        # The whole command within --timeout: opening the client waits on the gateway's Redis
+        # (about 4 x QUEUEGATE_REDIS_TIMEOUT when it hangs), which the caller did not ask for.
+        async with asyncio.timeout(timeout), client:
+            handle = await client.submit(job)
+            published = True
+            return await handle.result(timeout)
 
     as_team = (
         ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
@@ -83,16 +97,8 @@ def submit(
         hint = "" if password or api_key else as_team
         err.print(f"[red]unauthorized:[/] {escape(visible(str(exc)))}{hint}", highlight=False)
         raise typer.Exit(1) from exc
-    except (ServiceUnavailable, ResultTimeout) as exc:
-        # Workers hold a job while Redis does not answer (its limits and claims live there):
-        # name Redis rather than the workers when it is the cause.
-        try:
-            run(lambda: check_redis(settings))
-        except ServiceUnavailable as down:
-            line = f"{down}: workers hold jobs until it answers"
-            err.print(f"[red]error:[/] {escape(visible(line))}", highlight=False)
-            raise typer.Exit(1) from exc
-        raise
+    except (ServiceUnavailable, ResultTimeout, TimeoutError) as exc:
+        _say_why(settings, exc, published=published, timeout=timeout)
     if as_json:
         out.print_json(result.model_dump_json())
     elif result.status == "ok":
@@ -110,3 +116,23 @@ def submit(
         message = escape(visible(result.error.message))
         err.print(f"[red]{result.error.code}:[/] {message}{hint}", highlight=False)
         raise typer.Exit(1)
+
+
+def _say_why(settings: Settings, exc: Exception, *, published: bool, timeout: float) -> NoReturn:
+    """End a submit that got no answer: in one line naming Redis when it is the cause (workers
+    hold a job while Redis does not answer: its limits and claims live there), not the workers."""
+    from queuegate.errors import ResultTimeout, ServiceUnavailable
+    from queuegate.services import check_redis
+
+    try:
+        run(lambda: check_redis(settings, within=REDIS_ASKED_WITHIN))
+    except ServiceUnavailable as down:
+        then = "the job waits in its queue until it answers" if published else "nothing was sent"
+        err.print(f"[red]error:[/] {escape(visible(f'{down}: {then}'))}", highlight=False)
+        raise typer.Exit(1) from exc
+    if isinstance(exc, TimeoutError):
+        what = "no result" if published else "the job was not sent"
+        raise ResultTimeout(
+            f"{what} within {timeout:g} s: check the workers (queuegate status)"
+        ) from exc
+    raise exc

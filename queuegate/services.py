@@ -32,10 +32,10 @@ own timeouts do not bound it: redis-py asks each Sentinel it cannot reach again 
 connection and never answers."""
 
 
-async def check_redis(settings: Settings) -> None:
-    client = redis_for(settings, connect_timeout=3)
+async def check_redis(settings: Settings, *, within: float = REDIS_CHECK_WAIT) -> None:
+    client = redis_for(settings, connect_timeout=min(3.0, within))
     try:
-        async with asyncio.timeout(REDIS_CHECK_WAIT):
+        async with asyncio.timeout(within):
             await client.ping()
     # TimeoutError, the wait passed, is an OSError.
     except (RedisError, OSError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 
 import pytest
 
@@ -93,8 +94,10 @@ async def test_submit_says_redis_when_the_workers_redis_hangs(settings: Settings
             proxy.hang()
             # When an operator submits a job from the command line, its own Redis the hung
             # one, then one it reaches
-            hung = await _submit(settings, QUEUEGATE_REDIS_URL=proxy.url)
-            reached = await _submit(settings)
+            started = time.monotonic()
+            hung = await _submit(settings, "--timeout", "3", QUEUEGATE_REDIS_URL=proxy.url)
+            took = time.monotonic() - started
+            reached = await _submit(settings, "--timeout", "3")
             await proxy.up()
     # Expect each to fail in one line naming Redis, never the workers
     for code, stderr in (hung, reached):
@@ -102,6 +105,10 @@ async def test_submit_says_redis_when_the_workers_redis_hangs(settings: Settings
         assert code == 1 and len(lines) == 1, stderr
         assert "Redis" in lines[0] and "worker" not in lines[0].replace("workers hold", ""), lines
     assert f"Redis is not reachable at {proxy.url}" in hung[1]
+    assert hung[1].strip().endswith("nothing was sent"), hung
+    # within its --timeout and the 2 s it asks Redis (its client would take 4 x its Redis
+    # timeout to give up opening), a process start and a busy machine aside
+    assert took < 3 + 2 + 10, took
     assert "the gateway's Redis is unavailable" in reached[1]
 
 
@@ -126,7 +133,7 @@ async def test_submit_says_redis_when_its_job_waits_on_a_redis_that_hangs(
     lines = stderr.strip().splitlines()
     assert code == 1 and len(lines) == 1, stderr
     assert f"Redis is not reachable at {proxy.url}" in lines[0]
-    assert lines[0].endswith("workers hold jobs until it answers"), lines
+    assert lines[0].endswith("the job waits in its queue until it answers"), lines
 
 
 async def _submit(settings: Settings, *args: str, **env: str) -> tuple[int, str]:
