@@ -8,7 +8,14 @@ import pytest
 from pydantic import ValidationError
 
 from admin.teams import with_user
-from queuegate.broker import NACK_RETRY, connect, nack_window, node_urls, redact_url
+from queuegate.broker import (
+    CLUSTER_HEARTBEAT,
+    NACK_RETRY,
+    connect,
+    nack_window,
+    node_urls,
+    redact_url,
+)
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
 from tests.faults import RECONNECT_INTERVAL
@@ -110,6 +117,36 @@ async def test_a_connection_whose_node_dies_reconnects_to_another_and_restores_i
 
             # Expect it back within seconds, on the other node, its channel usable
             async with asyncio.timeout(10):
+                await reconnected.wait()
+                await channel.ready()
+            assert connection.url.port != first
+            queue = await channel.declare_queue(exclusive=True)
+            assert queue.name
+
+
+async def test_a_connection_whose_node_freezes_moves_to_another_node(settings: Settings) -> None:
+    # Given a connection through one of two "nodes" and the cluster's default heartbeat
+    async with TcpProxy(settings.amqp_url) as one, TcpProxy(settings.amqp_url) as two:
+        url = (
+            f"amqp://guest:guest@127.0.0.1:{one.port},127.0.0.1:{two.port}/"
+            f"?reconnect_interval={RECONNECT_INTERVAL}"
+        )
+        connection = await connect(url, name="test-cluster-urls")
+        async with connection:
+            channel = await connection.channel()
+            proxies = {one.port: one, two.port: two}
+            first = connection.url.port
+            assert first is not None
+            assert connection.url.query["heartbeat"] == str(CLUSTER_HEARTBEAT)
+
+            # When its node freezes: connections stay open, nothing answers (SIGSTOP)
+            reconnected = asyncio.Event()
+            connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+            proxies[first].hang()
+
+            # Expect it to notice by the missed heartbeats (about three intervals) and move to
+            # the other node, where RabbitMQ's default of 60 s held it for over 100 s
+            async with asyncio.timeout(6 * CLUSTER_HEARTBEAT):
                 await reconnected.wait()
                 await channel.ready()
             assert connection.url.port != first
