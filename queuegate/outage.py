@@ -5,6 +5,16 @@ from __future__ import annotations
 import logging
 import time
 
+BRIEF = 240
+"""Most characters of an exception's text in an outage line."""
+
+
+def brief(exc: BaseException) -> str:
+    """The exception's text, cut to BRIEF characters: redis-py appends its client's whole repr
+    (every pool and connection, 1-2 KB) to a Sentinel's "No master found for 'name' : <...>"."""
+    text = " ".join(str(exc).split(" : <", 1)[0].split())
+    return text if len(text) <= BRIEF else f"{text[:BRIEF]}…"
+
 
 class OutageLog:
     """One warning when the first call fails, one info line (with how long it lasted) when a
@@ -33,7 +43,7 @@ class OutageLog:
                 "%s unavailable (%s: %s): %s until it returns",
                 self._service,
                 type(exc).__name__,
-                exc,
+                brief(exc),
                 self._meanwhile,
             )
 

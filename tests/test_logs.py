@@ -6,8 +6,12 @@ import json
 import logging
 
 import pytest
+from redis.exceptions import RedisError
 
+from queuegate.outage import BRIEF, OutageLog
+from queuegate.redis_client import redis_for
 from queuegate.runtime import configure_logging
+from queuegate.settings import Settings
 
 FORGED = "refused\n2026-12-03 19:00:00,000 ERROR workers.processor: FORGED\r\u2028\u2029\x85end"
 
@@ -35,3 +39,23 @@ def test_a_message_holding_line_breaks_is_one_line(
             "workers.processor: job refused\\n2026-12-03 19:00:00,000"
             " ERROR workers.processor: FORGED\\r\\u2028\\u2029\\x85end"
         )
+
+
+async def test_an_outage_line_names_the_cause_without_the_clients_repr(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given Sentinels that know no primary: redis-py's error ends in its client's whole repr
+    sentinels = Settings(redis_sentinels="127.0.0.1:1,127.0.0.1:2", redis_master_name="qgmissing")
+    client = redis_for(sentinels, connect_timeout=0.5)
+    outage = OutageLog(logging.getLogger("test.outage"), "Redis", "jobs wait")
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        try:
+            await client.ping()
+        except RedisError as exc:
+            outage.failed(exc)
+        finally:
+            await client.aclose()
+    # Expect one short line naming the primary, no pool or connection dump
+    [line] = [record.getMessage() for record in caplog.records]
+    assert "qgmissing" in line and "ConnectionPool" not in line, line
+    assert len(line) < BRIEF + 100, line
