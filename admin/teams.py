@@ -220,6 +220,10 @@ async def _ensure(
     return Added(False, not team.enabled, credentials)
 
 
+_REFUSED_QUEUE = re.compile(r"for queue '([^']+)'")
+"""The queue a PRECONDITION_FAILED declare names ("inequivalent arg ... for queue 'x' ...")."""
+
+
 async def _declare_queue(settings: Settings, name: str) -> None:
     connection = await connect(settings.amqp_url, name="queuegate-teams")
     topology = Topology.of(settings)
@@ -228,7 +232,10 @@ async def _declare_queue(settings: Settings, name: str) -> None:
         try:
             await topology.declare_team_queue(channel, name)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            queue = topology.team_queue(name)
+            # The team's queue, or one of the namespace's own it declares first (dead letters,
+            # the team's control queue): the broker's refusal names which.
+            named = _REFUSED_QUEUE.search(str(exc))
+            queue = named.group(1) if named else topology.team_queue(name)
             raise ConfigError(
                 f"the broker already has queue {queue} with other arguments: delete it "
                 f"(rabbitmqctl delete_queue {queue}) or pick another team name"

@@ -415,6 +415,29 @@ async def test_a_teams_broker_user_cannot_open_more_channels_than_its_limit(
             await connection.channel()
 
 
+async def test_a_shared_queue_the_broker_has_otherwise_is_the_one_named(
+    settings: Settings, users: list[str]
+) -> None:
+    # Given the namespace's dead-letter queue declared with another replica count (as by
+    # processes started with another QUEUEGATE_QUORUM_REPLICAS)
+    dead = Topology(settings.namespace).dead_queue
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(
+            dead,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-quorum-initial-group-size": 1},
+        )
+        # When an operator adds team alpha
+        code, _, stderr = await _queuegate(settings, "teams", "add", "alpha")
+        await declared.delete(if_unused=False, if_empty=False)
+    # Expect the line to name the queue that differs, not the team's (which does not exist)
+    assert code == 1
+    assert f"already has queue {dead} with other arguments" in stderr, stderr
+    assert f"rabbitmqctl delete_queue {dead}" in stderr
+
+
 async def test_a_queue_the_broker_already_has_otherwise_is_one_line_that_says_what_to_do(
     settings: Settings, users: list[str]
 ) -> None:
