@@ -120,8 +120,9 @@ class RequestMetrics:
 
 class TraceRequests:
     """When tracing, each request in a span of its own (``<method> <route>``, kind SERVER),
-    the child of the caller's span when its ``traceparent`` header names one, and current
-    while the route runs: the job the route publishes carries the trace on to the worker."""
+    current while the route runs: the job the route publishes carries the trace on to the
+    worker. The span starts the gateway's own trace, linked to the caller's span when its
+    ``traceparent`` header names one (its child only with ``heed_callers``)."""
 
     TRACE_HEADERS = frozenset(name.encode() for name in tracing.HEADERS)
 
@@ -135,8 +136,9 @@ class TraceRequests:
         method = scope["method"]
         carried = {k.decode(): v for k, v in scope["headers"] if k in self.TRACE_HEADERS}
         attributes = {"http.request.method": method, "url.path": scope["path"]}
+        parent, links = tracing.caller(carried)
         with tracing.span(
-            method, kind="SERVER", parent=tracing.extract(carried), attributes=attributes
+            method, kind="SERVER", parent=parent, links=links, attributes=attributes
         ) as span:
 
             async def answered(message: Message) -> None:

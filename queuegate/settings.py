@@ -170,11 +170,12 @@ class Settings(BaseSettings):
     (never for others). Traces themselves are switched on by the ``OTEL_*`` variables
     (``queuegate.tracing``)."""
     trace_heed_callers: bool = False
-    """Let the sampled flag of a context a caller sends (a job's ``traceparent`` header, an
-    HTTP request's) decide whether its job is traced, as parent-based samplers do. Off: the
-    operator's sampler (``OTEL_TRACES_SAMPLER``) decides every trace, a caller's trace id
-    and ``tracestate`` kept, so no tenant can have all its jobs traced. On only where every
-    caller is trusted with the collector's load."""
+    """Make the context a caller sends (an HTTP request's ``traceparent``, a job's a team
+    published) the parent of the gateway's spans: its trace id kept, its sampled flag
+    heeded, as parent-based samplers do. Off: each job's trace is the gateway's own, its id
+    drawn by the gateway and sampled by the operator's sampler (``OTEL_TRACES_SAMPLER``),
+    linked to the caller's context, so no tenant can choose which of its jobs are traced or
+    put them in another team's trace. On only where every caller is trusted."""
     stats_interval: float = Field(default=1.0, gt=0)
     """Seconds between a worker's writes of its live stats to Redis (read by ``status``)."""
     admission_max_wait: float = Field(default=600.0, gt=0, le=1200)

@@ -17,14 +17,17 @@ The context travels as W3C ``traceparent`` / ``tracestate`` in AMQP headers (``i
 ``extract``). ``CONTENT``: prompts and answers may go into spans, for teams whose capture
 policy is ``full`` (``QUEUEGATE_TRACE_CONTENT``); never otherwise.
 
-Who decides what is sampled: the operator's sampler (``OTEL_TRACES_SAMPLER``), never a
-tenant. A context that arrives from outside the process (a job's headers, an HTTP caller's
-``traceparent``) is continued, its trace id and ``tracestate`` kept, but its sampled flag
-is not heeded: the sampler decides as for a trace starting here (``_OperatorDecides``), so
-no tenant can make every team's collector take all of its jobs. With a ratio sampler the
-decision follows the trace id, so the front door, the workers and accounting agree on each
-trace. ``heed_callers`` (``QUEUEGATE_TRACE_HEED_CALLERS``) restores the parent-based rule
-where every caller is trusted.
+Who decides what is sampled, and which trace a job is in: the gateway, never a tenant. A
+context that arrives from a caller (an HTTP caller's ``traceparent``, a job a tenant
+published to the broker) is not a parent: the gateway's span starts a trace of its own, its
+id drawn here, and carries the caller's context as a link (``caller``), its ``tracestate``
+cut to ``TRACESTATE_MEMBERS`` members and ``TRACESTATE_BYTES``. The operator's sampler
+(``OTEL_TRACES_SAMPLER``) decides on that new root, so a tenant can neither choose trace ids
+its ratio always keeps nor put its spans and usage rows into another team's trace. Inside
+the gateway the trace goes on: a worker continues the context of a job the front door
+published (``trusted``), accounting the worker's. ``heed_callers``
+(``QUEUEGATE_TRACE_HEED_CALLERS``) makes every caller's context the parent again, its sampled
+flag heeded, for a deployment whose every caller is trusted.
 
 At exit the spans still buffered are exported for at most ``FLUSH_AT_EXIT`` seconds
 (``OTEL_BSP_EXPORT_TIMEOUT`` when set): a collector that is down must not hold a stopping
@@ -48,9 +51,9 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import Sampler
-    from opentelemetry.trace import Link, Span, SpanKind, Tracer, TraceState
+    from opentelemetry.trace import Link, Span, SpanKind, Tracer
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-    from opentelemetry.util.types import Attributes, AttributeValue
+    from opentelemetry.util.types import AttributeValue
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,10 @@ HEADERS = ("traceparent", "tracestate")
 EXPORTERS = frozenset({"otlp", "console", "none"})
 PROTOCOL = "http/protobuf"
 """The one OTLP protocol exported (``queuegate[otel]`` installs its exporter)."""
+TRACESTATE_MEMBERS = 32
+"""Members of a caller's ``tracestate`` kept at most (the W3C limit)..."""
+TRACESTATE_BYTES = 512
+"""... and bytes: the members after that are dropped whole, not cut (the W3C advice)."""
 FLUSH_AT_EXIT = 5.0
 """Seconds a process exiting gives its buffered spans to reach the collector, unless
 ``OTEL_BSP_EXPORT_TIMEOUT`` (milliseconds) says otherwise; the rest are dropped."""
@@ -84,6 +91,8 @@ class _State:
     """``start`` has run (or ``install``): later starts change nothing."""
     provider: TracerProvider | None = None
     """The provider ``start`` made, shut down when another is installed."""
+    heed: bool = False
+    """A caller's context is the parent of the gateway's spans (``heed_callers``)."""
 
 
 _state = _State()
@@ -101,6 +110,7 @@ def start(service: str, *, content: bool = False, heed_callers: bool = False) ->
         return
     exporters = wanted_exporters(os.environ)
     _state.decided = True
+    _state.heed = heed_callers
     try:
         from opentelemetry import trace
         from opentelemetry.trace import ProxyTracerProvider
@@ -117,7 +127,7 @@ def start(service: str, *, content: bool = False, heed_callers: bool = False) ->
     try:
         # The API alone may be installed (other libraries need it); the SDK comes with the
         # extra.
-        _state.provider = _provider_of(service, exporters, heed_callers=heed_callers)
+        _state.provider = _provider_of(service, exporters)
     except ImportError:
         _not_installed(exporters)
         return
@@ -132,7 +142,7 @@ def _not_installed(exporters: list[str]) -> None:
         )
 
 
-def install(provider: Any, *, content: bool = False) -> None:
+def install(provider: Any, *, content: bool = False, heed_callers: bool = False) -> None:
     """Trace with ``provider`` (an OpenTelemetry ``TracerProvider``) from now on, whatever
     ``start`` decided; None switches tracing off (and shuts down one ``start`` made), and
     the next ``start`` decides again."""
@@ -140,6 +150,7 @@ def install(provider: Any, *, content: bool = False) -> None:
         _state.provider.shutdown()
         _state.provider = None
     _state.decided = provider is not None
+    _state.heed = heed_callers
     _switch(provider, content)
 
 
@@ -200,7 +211,7 @@ def wanted_exporters(env: Mapping[str, str]) -> list[str]:
     return exporters
 
 
-def _provider_of(service: str, exporters: list[str], *, heed_callers: bool) -> TracerProvider:
+def _provider_of(service: str, exporters: list[str]) -> TracerProvider:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -209,9 +220,7 @@ def _provider_of(service: str, exporters: list[str], *, heed_callers: bool) -> T
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: service}))
     # The SDK's exit handler would wait up to 30 s for a collector that is down.
-    provider = TracerProvider(
-        resource=resource, sampler=operator_sampler(heed_callers), shutdown_on_exit=False
-    )
+    provider = TracerProvider(resource=resource, sampler=operator_sampler(), shutdown_on_exit=False)
     atexit.register(shut_down, provider, flush_at_exit(os.environ))
     for name in exporters:
         if name == "console":
@@ -223,48 +232,13 @@ def _provider_of(service: str, exporters: list[str], *, heed_callers: bool) -> T
     return provider
 
 
-def operator_sampler(heed_callers: bool = False) -> Sampler:
-    """The sampler of ``OTEL_TRACES_SAMPLER`` (parent-based, always on, by default), deciding
-    for a context from outside the process as for a new trace, unless ``heed_callers``."""
+def operator_sampler() -> Sampler:
+    """The sampler of ``OTEL_TRACES_SAMPLER`` (parent-based, always on, by default): it sees
+    a caller's context as a parent only with ``heed_callers`` (see ``caller``)."""
     from opentelemetry.sdk.trace import TracerProvider
 
     # The SDK's own reading of the standard variables, so they mean what they always mean.
-    configured: Sampler = TracerProvider(shutdown_on_exit=False).sampler
-    return configured if heed_callers else _operator_decides(configured)
-
-
-def _operator_decides(configured: Sampler) -> Sampler:
-    from opentelemetry.context import Context
-    from opentelemetry.sdk.trace.sampling import Sampler, SamplingResult
-    from opentelemetry.trace import get_current_span
-
-    class _OperatorDecides(Sampler):
-        """``configured``, but a remote parent's sampled flag (a tenant's) is not heeded:
-        its trace is sampled as a new trace of that id would be, its tracestate kept."""
-
-        def should_sample(  # noqa: PLR0917 - the SDK's signature
-            self,
-            parent_context: Context | None,
-            trace_id: int,
-            name: str,
-            kind: SpanKind | None = None,
-            attributes: Attributes = None,
-            links: Sequence[Link] | None = None,
-            trace_state: TraceState | None = None,
-        ) -> SamplingResult:
-            parent = get_current_span(parent_context).get_span_context()
-            if not (parent.is_valid and parent.is_remote):
-                return configured.should_sample(
-                    parent_context, trace_id, name, kind, attributes, links, trace_state
-                )
-            # An empty context: no parent, so a parent-based sampler asks its root.
-            fresh = configured.should_sample(Context(), trace_id, name, kind, attributes, links)
-            return SamplingResult(fresh.decision, fresh.attributes, parent.trace_state)
-
-        def get_description(self) -> str:
-            return f"OperatorDecides{{{configured.get_description()}}}"
-
-    return _OperatorDecides()
+    return TracerProvider(shutdown_on_exit=False).sampler
 
 
 def flush_at_exit(env: Mapping[str, str]) -> float:
@@ -328,6 +302,7 @@ def span(
     kind: str = "INTERNAL",
     attributes: Mapping[str, AttributeValue] | None = None,
     parent: Context | None = None,
+    links: Sequence[Link] | None = None,
     start_ns: int | None = None,
 ) -> _Current:
     """A span, current while the ``with`` block runs; ``kind`` is a SpanKind's name. An
@@ -339,6 +314,7 @@ def span(
             context=parent,
             kind=_state.kinds[kind],
             attributes=attributes,
+            links=links,
             start_time=start_ns,
             record_exception=False,
             set_status_on_exception=False,
@@ -432,7 +408,39 @@ def extract(headers: Mapping[str, Any] | None) -> Context | None:
         return None
     assert _state.propagator is not None
     carrier = {name: text for name in HEADERS if (text := _text(headers.get(name)))}
+    if "tracestate" in carrier:
+        carrier["tracestate"] = _bounded(carrier["tracestate"])
     return _state.propagator.extract(carrier)
+
+
+def caller(
+    headers: Mapping[str, Any] | None, *, trusted: bool = False
+) -> tuple[Context | None, list[Link]]:
+    """The parent and links of a span that takes over from a caller whose context
+    ``headers`` carry: that context as the parent when ``trusted`` (the gateway's own, or
+    with ``heed_callers``); otherwise a new root (an empty context) linked to it."""
+    context = extract(headers)
+    if trusted or _state.heed:
+        return context, []
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Link, get_current_span
+
+    found = get_current_span(context).get_span_context() if context is not None else None
+    return Context(), [Link(found)] if found is not None and found.is_valid else []
+
+
+def _bounded(tracestate: str) -> str:
+    """``tracestate`` cut to ``TRACESTATE_MEMBERS`` members and ``TRACESTATE_BYTES``, the
+    members beyond dropped whole."""
+    kept: list[str] = []
+    size = 0
+    for member in filter(None, (text.strip() for text in tracestate.split(","))):
+        cost = len(member) + (1 if kept else 0)  # and its comma
+        if len(kept) == TRACESTATE_MEMBERS or size + cost > TRACESTATE_BYTES:
+            break
+        kept.append(member)
+        size += cost
+    return ",".join(kept)
 
 
 def _text(value: object) -> str | None:

@@ -21,12 +21,13 @@ from decimal import Decimal
 import aio_pika
 import asyncpg
 import pytest
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import Sampler
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from prometheus_client import REGISTRY
 
 from bench.otlp_sink import OtlpSink
@@ -43,20 +44,20 @@ from queuegate.topology import HEADER_SENT_MS
 from tests.chaos.harness import declare_teams, worker_env
 from tests.frontdoor_support import open_door
 from tests.support import running_accountant, running_gateway, wait_until
-from tests.teams import register
+from tests.teams import register, team_identities
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @contextlib.contextmanager
 def in_memory(
-    *, content: bool = False, sampler: Sampler | None = None
+    *, content: bool = False, sampler: Sampler | None = None, heed_callers: bool = False
 ) -> Iterator[InMemorySpanExporter]:
     """Every span this process ends, kept in memory; tracing off again after the block."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider, content=content)
+    tracing.install(provider, content=content, heed_callers=heed_callers)
     try:
         yield exporter
     finally:
@@ -304,44 +305,65 @@ async def test_a_log_line_of_a_job_names_its_job_team_and_trace(
     assert refused["time"].endswith("+00:00")
 
 
-async def test_a_front_door_call_continues_the_callers_trace_to_its_usage_row(
+async def test_a_front_door_call_is_the_gateways_own_trace_linked_to_the_callers(
     settings: Settings, exported: InMemorySpanExporter
 ) -> None:
-    # Given a caller in trace 4bf9…, its span 00f0…
-    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    async with open_door(settings) as door, door.client() as client:
-        # When it calls the front door with its traceparent
-        raw = await client.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini",
-            messages=HELLO,  # type: ignore[arg-type]
-            extra_headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
-        )
+    async with open_door(settings) as door:
+        # Given a job of beta's, in its trace
+        async with door.client("beta") as beta:
+            theirs = await beta.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=HELLO,  # type: ignore[arg-type]
+            )
+        foreign = theirs.headers["x-queuegate-trace-id"]
+        # When alpha calls with beta's trace id in its traceparent and a tracestate of 32
+        # members, 8 KiB
+        tracestate = ",".join(f"k{i}=" + "v" * 250 for i in range(32))
+        async with door.client("alpha") as alpha:
+            raw = await alpha.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=HELLO,  # type: ignore[arg-type]
+                extra_headers={
+                    "traceparent": f"00-{foreign}-00f067aa0ba902b7-01",
+                    "tracestate": tracestate,
+                },
+            )
         answer = raw.parse()
-        [row] = await door.gateway.usage_rows(1)
-        [job] = await ended(exported, consumer("chat gpt-4o-mini"))
+        rows = await door.gateway.usage_rows(2)
+        jobs = await ended(exported, consumer("chat gpt-4o-mini"), 2)
     spans = exported.get_finished_spans()
 
-    # Expect the front door's span a child of the caller's, the job's trace the caller's,
-    # and the usage row holding it
+    # Expect alpha's request the root of a trace of the gateway's, linked to alpha's span
     assert answer.choices[0].message.content
-    [server] = [s for s in spans if s.kind == SpanKind.SERVER]
-    assert server.name == "POST /v1/chat/completions"
-    assert server.parent is not None and format(server.parent.span_id, "016x") == caller_span
-    assert (server.attributes or {})["http.response.status_code"] == 200
+    mine = raw.headers["x-queuegate-trace-id"]
+    assert mine != foreign
+    [server] = [s for s in spans if s.kind == SpanKind.SERVER and trace_hex(s) == mine]
+    assert server.name == "POST /v1/chat/completions" and server.parent is None
+    [link] = server.links
+    assert format(link.context.trace_id, "032x") == foreign
+    assert format(link.context.span_id, "016x") == "00f067aa0ba902b7"
+    # ... the tracestate on the link alone, cut to whole members within 512 bytes
+    kept = link.context.trace_state.to_header()
+    assert 0 < len(kept) <= tracing.TRACESTATE_BYTES and tracestate.startswith(kept + ",")
+    assert all(not s.context.trace_state for s in spans if s.context is not None)
+    # ... the front door's trace continued by the worker as one trace
+    [job] = [j for j in jobs if trace_hex(j) == mine]
     [publish] = [s for s in spans if s.name == "publish alpha"]
-    assert publish.parent is not None and server.context is not None
-    assert publish.parent.span_id == server.context.span_id
-    assert trace_hex(job) == trace_hex(server) == caller_trace
-    assert row["trace_id"] == raw.headers["x-queuegate-trace-id"] == caller_trace
+    assert job.parent is not None and publish.context is not None
+    assert job.parent.span_id == publish.context.span_id and trace_hex(publish) == mine
+    # ... and alpha's usage row in its own trace, never beta's
+    [row] = [r for r in rows if r["team"] == "alpha"]
+    assert row["trace_id"] == mine
+    assert [r["team"] for r in rows if r["trace_id"] == foreign] == ["beta"]
 
 
 async def call_with_traceparent(
-    settings: Settings, sampler: Sampler, flags: str
+    settings: Settings, sampler: Sampler, flags: str, *, heed_callers: bool = False
 ) -> tuple[str, list[ReadableSpan], str]:
     """A caller's call to the front door in trace ``CALLER_TRACE``, its sampled flag
     ``flags``, the gateway tracing with ``sampler``: the trace id the answer names, the spans
-    of the caller's trace that were recorded, the trace id of the job's usage row."""
-    with in_memory(sampler=sampler) as exporter:
+    recorded, the trace id of the job's usage row."""
+    with in_memory(sampler=sampler, heed_callers=heed_callers) as exporter:
         async with open_door(settings) as door, door.client() as client:
             raw = await client.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini",
@@ -350,7 +372,7 @@ async def call_with_traceparent(
             )
             assert raw.parse().choices[0].message.content
             [row] = await door.gateway.usage_rows(1)
-        spans = [s for s in exporter.get_finished_spans() if trace_hex(s) == CALLER_TRACE]
+        spans = list(exporter.get_finished_spans())
     return raw.headers["x-queuegate-trace-id"], spans, row["trace_id"]
 
 
@@ -366,9 +388,9 @@ async def test_a_caller_cannot_have_its_job_traced_where_the_operator_samples_no
     answered, recorded, stored = await call_with_traceparent(
         settings, tracing.operator_sampler(), "01"
     )
-    # Expect its job not traced, and its trace id still carried to the answer and the row
+    # Expect its job not traced, in a trace of the gateway's named by the answer and the row
     assert recorded == []
-    assert answered == stored == CALLER_TRACE
+    assert answered == stored != CALLER_TRACE
 
 
 async def test_the_operators_sampler_traces_a_callers_job_it_flagged_unsampled(
@@ -380,24 +402,68 @@ async def test_the_operators_sampler_traces_a_callers_job_it_flagged_unsampled(
     answered, recorded, stored = await call_with_traceparent(
         settings, tracing.operator_sampler(), "00"
     )
-    # Expect the job traced in the caller's trace, as a child of the caller's span
+    # Expect the job traced in the gateway's trace, linked to the caller's span
     [server] = [s for s in recorded if s.kind == SpanKind.SERVER]
-    assert server.parent is not None and format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
-    assert any(s.kind == SpanKind.CONSUMER for s in recorded)
-    assert answered == stored == CALLER_TRACE
+    assert server.parent is None and trace_hex(server) == answered == stored
+    assert [format(link.context.span_id, "016x") for link in server.links] == ["00f067aa0ba902b7"]
+    assert any(s.kind == SpanKind.CONSUMER and trace_hex(s) == answered for s in recorded)
 
 
-async def test_an_operator_who_trusts_callers_lets_their_flag_decide(
+async def test_an_operator_who_trusts_callers_continues_their_trace_and_heeds_their_flag(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an operator who samples nothing of its own but heeds its callers
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
     # When a caller sends a traceparent flagged sampled
-    _, recorded, _ = await call_with_traceparent(
-        settings, tracing.operator_sampler(heed_callers=True), "01"
+    answered, recorded, stored = await call_with_traceparent(
+        settings, tracing.operator_sampler(), "01", heed_callers=True
     )
-    # Expect the job traced, as a parent-based sampler does
+    # Expect the job traced in the caller's trace, as a child of the caller's span, as a
+    # parent-based sampler does
+    [server] = [s for s in recorded if s.kind == SpanKind.SERVER]
+    assert server.parent is not None and format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
     assert any(s.kind == SpanKind.CONSUMER for s in recorded)
+    assert answered == stored == CALLER_TRACE == trace_hex(server)
+
+
+async def test_a_team_choosing_trace_ids_its_ratio_keeps_is_sampled_at_the_operators_ratio(
+    settings: Settings,
+) -> None:
+    # Given an operator sampling a tenth of the traces by trace id, and a team publishing
+    # under its own broker user
+    ratio = ParentBased(TraceIdRatioBased(0.1))
+    async with team_identities(settings) as teams:
+        alpha = teams["alpha"]
+        with in_memory(sampler=ratio) as exporter:
+            async with (
+                running_gateway(settings) as gw,
+                GatewayClient(alpha.settings, team="alpha") as client,
+            ):
+
+                async def job(low: int) -> str:
+                    # ... each job in a trace of its choosing, flagged sampled, its id's low
+                    # 64 bits (what the ratio sampler decides by) near 0: always kept
+                    chosen = SpanContext(
+                        (0xA1 << 64) | low, 0x00F067AA0BA902B7, is_remote=True,
+                        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                    )  # fmt: skip
+                    with trace.use_span(NonRecordingSpan(chosen)):
+                        result = await client.chat("gpt-4o-mini", HELLO, timeout=60)
+                    assert result.status == "ok"
+                    return format(chosen.trace_id, "032x")
+
+                # When it sends 200 jobs
+                chosen = set(await asyncio.gather(*(job(low) for low in range(1, 201))))
+                rows = await gw.usage_rows(200, timeout=60)
+            consumers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+
+    # Expect about a tenth of them traced (0.1 of 200: 20; 60 is beyond any chance), each in
+    # a trace of the gateway's linked to the team's, and no usage row in a trace it chose
+    recorded = [row for row in rows if row["span_id"] is not None]
+    assert 0 < len(recorded) <= 60
+    assert not chosen & {row["trace_id"] for row in rows}
+    assert consumers and all(s.parent is None and len(s.links) == 1 for s in consumers)
+    assert {format(s.links[0].context.trace_id, "032x") for s in consumers} <= chosen
 
 
 async def test_a_worker_process_exports_its_spans_over_otlp_and_logs_json_lines_naming_them(
@@ -499,23 +565,28 @@ async def test_a_worker_stops_within_its_flush_bound_when_the_collector_is_silen
     assert "spans not exported within 5 s of stopping" in stderr.decode()
 
 
-def test_the_gateways_sampler_does_not_heed_callers_unless_told(
+def test_the_gateway_links_callers_unless_told_to_heed_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given traces switched on by the environment, a ratio sampler chosen
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
-    for heed, expected in ((False, "OperatorDecides{ParentBased{root:TraceIdRatioBased{0.1}"),
-                           (True, "ParentBased{root:TraceIdRatioBased{0.1}")):  # fmt: skip
+    headers = {"traceparent": f"00-{CALLER_TRACE}-00f067aa0ba902b7-01"}
+    for heed in (False, True):
         tracing.install(None)
         try:
             # When a gateway process starts tracing
             tracing.start("queuegate-worker", heed_callers=heed)
-            # Expect the operator's sampler, a caller's flag heeded only when told
             provider = tracing._state.provider
             assert provider is not None
-            assert provider.sampler.get_description().startswith(expected)
+            description = provider.sampler.get_description()
+            assert description.startswith("ParentBased{root:TraceIdRatioBased{0.1}")
+            # Expect a caller's context its parent only when told, a link otherwise
+            parent, links = tracing.caller(headers)
+            found = trace.get_current_span(parent).get_span_context()
+            assert (format(found.trace_id, "032x") == CALLER_TRACE) is heed
+            assert len(links) == (0 if heed else 1)
         finally:
             tracing.install(None)
 

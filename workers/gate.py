@@ -87,6 +87,11 @@ class Gate:
         usage = outcome.usage.model_copy(update={"identity": identity})
         return outcome.model_copy(update={"usage": usage})
 
+    def from_frontdoor(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the front door itself published the job (its trace context is then the
+        gateway's own, continued by the job's span)."""
+        return self._identities.published_by_frontdoor(message)
+
     def first_user(self, message: AbstractIncomingMessage) -> str:
         """The user the job was first published under: an operator's replay names it."""
         if self._identities.is_operator(message):

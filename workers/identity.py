@@ -146,7 +146,7 @@ class Identities:
         which only the requesting channel can read, so it reaches no other team's queue.
         """
         security = await self.security(team)
-        if self._published_by_frontdoor(message) and _has_proof(message):
+        if self.published_by_frontdoor(message) and _has_proof(message):
             identity = f"frontdoor:{message.user_id}/{await self._prove_key(message, team, job_id)}"
         elif security.identity == "queue":
             return Proof("queue", security)
@@ -166,7 +166,7 @@ class Identities:
             return None
         return header_text((message.headers or {}).get(HEADER_REPLAY_OF))
 
-    def _published_by_frontdoor(self, message: AbstractIncomingMessage) -> bool:
+    def published_by_frontdoor(self, message: AbstractIncomingMessage) -> bool:
         """Whether the front door itself published the job (not an operator's replay, which
         a front-door user that is also an operator may publish)."""
         return message.user_id in self._frontdoor and self._replay_of(message) is None
@@ -174,7 +174,7 @@ class Identities:
     def _from_frontdoor(self, message: AbstractIncomingMessage) -> bool:
         """Whether the front door published the job, or first published the one an operator
         replays."""
-        return self._published_by_frontdoor(message) or self._replay_of(message) in self._frontdoor
+        return self.published_by_frontdoor(message) or self._replay_of(message) in self._frontdoor
 
     def _prove_user(self, user: str | None, team: str, security: TeamSecurity) -> str:
         if not user:

@@ -114,7 +114,8 @@ class JobProcessor:
     async def _traced(
         self, message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
     ) -> None:
-        with spans.job_span(message, team, queue, queued_ms):
+        trusted = self._gate.from_frontdoor(message)
+        with spans.job_span(message, team, queue, queued_ms, trusted=trusted):
             await self._handle(message, team, queue, queued_ms)
 
     async def _handle(

@@ -1,14 +1,16 @@
 """A worker's spans of one job (called only when ``queuegate.tracing.ON``).
 
-    with job_span(message, team, queue, queued_ms):   # from the publish to the ack
+    with job_span(message, team, queue, queued_ms, trusted=...):  # publish to ack
         ...                                            # admission, attempts, publishes
         finished(outcome)                              # what it came to, on the job span
 
-The job span continues the trace its message carries (the producer's publish span) and
-starts at the publish: its first child, ``queued <team>``, is the time the job waited in
-its queue. Children the worker adds under it: ``admission <team>``, one span per provider
-call (``chat <model>``: retries and fallbacks are siblings, router/router.py), ``publish
-result`` and ``publish usage``.
+The job span continues the trace its message carries (the front door's publish span) when
+the front door published it (``trusted``: its broker-validated ``user_id`` is the front
+door's); a job a team published itself starts the gateway's own trace, linked to the
+team's publish span (``queuegate.tracing.caller``). It starts at the publish: its first
+child, ``queued <team>``, is the time the job waited in its queue. Children the worker adds
+under it: ``admission <team>``, one span per provider call (``chat <model>``: retries and
+fallbacks are siblings, router/router.py), ``publish result`` and ``publish usage``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ OPERATION = "chat"
 
 @contextmanager
 def job_span(
-    message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
+    message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float, *, trusted: bool
 ) -> Iterator[None]:
     """The job's span while the block runs, named ``chat`` until ``finished`` names its
     model; the time queued recorded first, as its child."""
@@ -48,10 +50,12 @@ def job_span(
         attributes["queuegate.job_id"] = message.message_id
     if message.redelivered:
         attributes["queuegate.redelivered"] = True
+    parent, links = tracing.caller(message.headers, trusted=trusted)
     with tracing.span(
         OPERATION,
         kind="CONSUMER",
-        parent=tracing.extract(message.headers),
+        parent=parent,
+        links=links,
         start_ns=published,
         attributes=attributes,
     ):
