@@ -155,7 +155,8 @@ def node_urls(url: str) -> list[str]:
     """One URL per node of a cluster URL, whose host part lists them comma-separated.
 
     ``amqp://u:p@n1:5672,n2:5672/vh`` gives ``amqp://u:p@n1:5672/vh`` and
-    ``amqp://u:p@n2:5672/vh``; a URL of one host gives itself. ValueError names a bad node by its place.
+    ``amqp://u:p@n2:5672/vh``; a URL of one host gives itself. ValueError names a bad node
+    by its place.
     """
     parts = urlsplit(url)
     credentials, at, hosts = parts.netloc.rpartition("@")

@@ -16,9 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 UNPARSABLE = "<unparsable URL>"
 """What a message shows of a URL it cannot be sure to show without its password."""
 
-ENCODE = (
-    "a '/', '?', '#' or '@' in the user or password must be percent-encoded (%2F, %3F, %23, %40)"
-)
+ENCODE = "percent-encode a '/', '?', '#' or '@' in the user or password (%2F, %3F, %23, %40)"
 
 
 def url_problem(
@@ -43,7 +41,7 @@ def url_problem(
     ends = [at for at in (rest.find(mark) for mark in "/?#") if at >= 0]
     netloc, after = rest[: min(ends, default=len(rest))], rest[min(ends, default=len(rest)) :]
     if "@" in after or netloc.count("@") > 1:
-        return f"its password does not end where its host begins ({ENCODE})"
+        return f"its password does not end where its host begins: {ENCODE}"
     hosts = netloc.rpartition("@")[2]
     entries = hosts.split(",") if several_hosts else [hosts]
     if hostless and entries == [""]:
