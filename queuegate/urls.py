@@ -54,7 +54,10 @@ def url_problem(
             valid = False
         if not valid:
             which = f"host {number} of {len(entries)}" if len(entries) > 1 else "host"
-            return f"its {which} is not host or host:port (a port from 1 to 65535; {ENCODE})"
+            return (
+                f"its {which} is not host or host:port with a port from 1 to 65535, or else "
+                f"{ENCODE}"
+            )
     if client is not None:
         try:
             client(url)
