@@ -73,8 +73,11 @@ async def usage_rows(
 ) -> list[TeamSpend] | list[ModelSpend] | list[DaySpend]:
     """Usage in the UTC month of ``month`` per team (budget included) or per team and model,
     most expensive first (the ``top`` ones only, when given); or per day over the ``days``
-    days ending with ``last_day`` (the month's last day by default), idle days absent."""
+    days ending with ``last_day`` (the month's last day by default), idle days absent.
+    UnknownTeam when ``where`` names a team that is not registered, as every report says."""
     team, model = plain_text("team", where.team), plain_text("model", where.model)
+    if team is not None:
+        await known_team(pool, team)
     status = where.status
     if by == "day":
         end = last_day or month_end(month)

@@ -21,6 +21,7 @@ from cli.submit import submit
 from cli.teams import teams_app
 from queuegate.errors import GatewayError
 from queuegate.runtime import configure_logging
+from queuegate.settings import Settings, settings_problem
 from queuegate.tables import visible
 
 app = typer.Typer(
@@ -77,6 +78,8 @@ def _one_line(exc: Exception) -> str | None:
     import redis.exceptions
 
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pydantic.ValidationError) and exc.title == Settings.__name__:
+        return settings_problem(exc)
     if isinstance(exc, pydantic.ValidationError):
         problem = exc.errors()[0]
         field = ".".join(str(part) for part in problem["loc"]) or "input"

@@ -29,6 +29,7 @@ from yarl import URL
 
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import CONTENT_TYPE
+from queuegate.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -150,35 +151,26 @@ async def settle(action: Awaitable[object], what: str, logger: logging.Logger) -
     return True
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs (several hosts or one)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    user = credentials.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}" if user else hosts))
-
-
 def node_urls(url: str) -> list[str]:
     """One URL per node of a cluster URL, whose host part lists them comma-separated.
 
     ``amqp://u:p@n1:5672,n2:5672/vh`` gives ``amqp://u:p@n1:5672/vh`` and
-    ``amqp://u:p@n2:5672/vh``; a URL of one host gives itself. ValueError names a bad node.
+    ``amqp://u:p@n2:5672/vh``; a URL of one host gives itself. ValueError names a bad node
+    by its place.
     """
     parts = urlsplit(url)
     credentials, at, hosts = parts.netloc.rpartition("@")
-    nodes = []
+    nodes: list[str] = []
     for host in hosts.split(","):
         node = urlunsplit(parts._replace(netloc=f"{credentials}{at}{host.strip()}"))
         try:
             valid = bool(urlsplit(node).hostname) and urlsplit(node).port != 0
         except ValueError:
             valid = False
-        if not valid:
+        if not valid:  # the node is not quoted: a password cut short lands in it
             raise ValueError(
-                f"QUEUEGATE_AMQP_URL {redact_url(url)}: node {host.strip()!r} is not host or "
-                "host:port (e.g. amqp://user:password@node-1:5672,node-2:5672/)"
+                f"node {len(nodes) + 1} is not host or host:port "
+                "(e.g. amqp://user:password@node-1:5672,node-2:5672/)"
             )
         nodes.append(node)
     return nodes

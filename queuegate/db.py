@@ -9,9 +9,9 @@ import time
 
 import asyncpg
 
-from queuegate.broker import redact_url
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
+from queuegate.urls import redact_url
 
 log = logging.getLogger(__name__)
 

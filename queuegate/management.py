@@ -14,8 +14,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from queuegate.broker import redact_url
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
+from queuegate.urls import redact_url
 
 TIMEOUT = 10.0
 _SET_URL = "set QUEUEGATE_MANAGEMENT_URL to http://USER:PASSWORD@HOST:15672/ of an administrator"

@@ -20,8 +20,8 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
 
-from queuegate.broker import redact_url
 from queuegate.settings import Settings
+from queuegate.urls import redact_url
 
 CONNECTIONS = 50
 """Connections one client keeps: Redis answers each command in well under a millisecond, so

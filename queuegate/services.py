@@ -9,11 +9,12 @@ from typing import Literal
 import asyncpg
 from redis.exceptions import RedisError
 
-from queuegate.broker import connect, redact_url
+from queuegate.broker import connect
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.settings import Settings
+from queuegate.urls import redact_url
 
 Service = Literal["amqp", "redis", "database"]
 """A service by the name of its setting (``QUEUEGATE_<NAME>_URL``)."""

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+import httpx
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio.connection import parse_url as redis_url
+from yarl import URL
 
 from queuegate.broker import node_urls
+from queuegate.urls import url_problem
+
+DAY = 86_400.0
+"""The longest a duration setting may be: a lease, wait or interval past a day is a typo, and
+a value the clock cannot add to (1e300) would stop a process with an OverflowError."""
+YEAR = 365 * DAY
+"""The longest an unused queue may be kept (the broker's ``x-expires``)."""
 
 
 class Settings(BaseSettings):
@@ -20,7 +31,13 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="QUEUEGATE_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix="QUEUEGATE_",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        # "inf" and "nan" parse as floats, and no duration or interval means either: an
+        # infinite lease or linger overflows the clock, or waits forever
+        allow_inf_nan=False,
     )
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
@@ -83,14 +100,14 @@ class Settings(BaseSettings):
     deliveries that died in a provider call (the claim records each call before it leaves) or
     that a worker returned to the queue on a failure, so at most ``delivery_limit + 1``. A
     worker's death returns the jobs merely waiting in it too: those are not failures."""
-    shutdown_grace: float = Field(default=30.0, ge=0)
+    shutdown_grace: float = Field(default=30.0, ge=0, le=DAY)
     """Seconds in-flight jobs get to finish on SIGTERM before the rest go back to the queue."""
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
     """Seconds a finished job's result is kept, so a redelivery is answered without a new call."""
-    claim_lease: float = Field(default=10.0, gt=0)
+    claim_lease: float = Field(default=10.0, gt=0, le=DAY)
     """Seconds a job's claim outlives a worker that stops renewing it (it died or hangs):
     then another delivery of the job takes it over. Renewed every third of it meanwhile."""
-    claim_wait: float = Field(default=30.0, gt=0)
+    claim_wait: float = Field(default=30.0, gt=0, le=DAY)
     """Seconds a second delivery of a job waits for the first one's outcome before it goes
     back to its queue (never calling the provider while the first holds the job)."""
     cache_ttl: int = Field(default=3600, ge=1)
@@ -99,21 +116,21 @@ class Settings(BaseSettings):
     """Largest job body a worker accepts; larger ones are answered ``invalid_request``."""
     max_job_messages: int = Field(default=256, ge=1)
     """Most messages one job may carry; more are answered ``invalid_request``."""
-    security_cache_ttl: float = Field(default=5.0, gt=0)
+    security_cache_ttl: float = Field(default=5.0, gt=0, le=DAY)
     """Seconds a worker trusts its copy of teams' security settings and API keys: a revoked
     key or changed policy takes effect within this time."""
-    reconnect_wait: float = Field(default=60.0, ge=0)
+    reconnect_wait: float = Field(default=60.0, ge=0, le=DAY)
     """Seconds a publish waits for a lost broker connection to return before it fails."""
-    reply_queue_expires: float = Field(default=300.0, ge=1)
+    reply_queue_expires: float = Field(default=300.0, ge=1, le=YEAR)
     """Seconds a client's reply queue outlives its client (a dropped connection included)."""
-    results_queue_expires: float = Field(default=8 * 24 * 3600.0, ge=60)
+    results_queue_expires: float = Field(default=8 * 24 * 3600.0, ge=60, le=YEAR)
     """Seconds a durable results queue (a pipeline's, a batch's) is kept while nobody reads
     it: the broker deletes it, with what it holds, once unused this long."""
     reply_queue_max_length: int = Field(default=100_000, ge=1)
     """Unread replies a client's reply queue holds at most; past it the oldest is dropped."""
     reply_queues_per_team: int = Field(default=100, ge=1)
     """Reply and results queues a team may have at once (the gateway declares them)."""
-    job_time_limit: float = Field(default=1500.0, gt=0)
+    job_time_limit: float = Field(default=1500.0, gt=0, le=DAY)
     """Seconds a worker spends on one job at most, every provider call included. Keep it below
     RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""
     team_max_connections: int = Field(default=64, ge=1)
@@ -121,13 +138,13 @@ class Settings(BaseSettings):
     a RabbitMQ user limit, so one team cannot exhaust the broker's connections."""
     team_max_channels: int = Field(default=512, ge=1)
     """Channels a team's broker user may hold at once, over all its connections."""
-    teams_refresh: float = Field(default=5.0, gt=0)
+    teams_refresh: float = Field(default=5.0, gt=0, le=DAY)
     """Seconds between reads of the team registry, so new teams are served without restart."""
 
-    http_body_timeout: float = Field(default=30.0, gt=0)
+    http_body_timeout: float = Field(default=30.0, gt=0, le=DAY)
     """Seconds the HTTP front door gives a request to send its whole body; a slower one is
     answered 408 (it holds only its own connection meanwhile, never a worker's slot)."""
-    http_header_timeout: float = Field(default=5.0, gt=0)
+    http_header_timeout: float = Field(default=5.0, gt=0, le=DAY)
     """Seconds a front-door connection has to send a request's headers whole, counted from
     when it opens or its request begins; a slower one is answered 408 and closed."""
     http_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -146,13 +163,13 @@ class Settings(BaseSettings):
     """Wrong API keys one client address may present (to the APIs or the dashboard's sign-in)
     in a ``failed_key_window``; past it, its key lookups are answered 429 until the window
     ends."""
-    failed_key_window: float = Field(default=60.0, gt=0)
+    failed_key_window: float = Field(default=60.0, gt=0, le=DAY)
     """Seconds over which ``failed_key_limit`` counts, from a client's first wrong key."""
     batch_file_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     """Largest file ``POST /v1/files`` stores, and largest Message Batch request body."""
-    batch_upload_timeout: float = Field(default=600.0, gt=0)
+    batch_upload_timeout: float = Field(default=600.0, gt=0, le=DAY)
     """Seconds a batch file upload (or Message Batch body) may take to arrive whole."""
-    batch_runner_lease: float = Field(default=30.0, gt=0)
+    batch_runner_lease: float = Field(default=30.0, gt=0, le=DAY)
     """Seconds a front-door process holds a batch without renewing it (it renews every
     second): after a crash, its batches are taken up by another process this much later."""
     batch_runners: int = Field(default=4, ge=1)
@@ -176,7 +193,7 @@ class Settings(BaseSettings):
     drawn by the gateway and sampled by the operator's sampler (``OTEL_TRACES_SAMPLER``),
     linked to the caller's context, so no tenant can choose which of its jobs are traced or
     put them in another team's trace. On only where every caller is trusted."""
-    stats_interval: float = Field(default=1.0, gt=0)
+    stats_interval: float = Field(default=1.0, gt=0, le=DAY)
     """Seconds between a worker's writes of its live stats to Redis (read by ``status``)."""
     admission_max_wait: float = Field(default=600.0, gt=0, le=1200)
     """Seconds a job may wait for its buckets before it is answered ``rate_limited``.
@@ -196,9 +213,10 @@ class Settings(BaseSettings):
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
     """Usage events accounting writes to PostgreSQL in one statement at most (and acks
     together); it holds four batches' worth of deliveries unacknowledged."""
-    accounting_linger: float = Field(default=0.05, ge=0)
-    """Seconds accounting waits to fill a batch before writing what it has."""
-    spend_reconcile_interval: float = Field(default=30.0, gt=0)
+    accounting_linger: float = Field(default=0.05, ge=0, le=60)
+    """Seconds accounting waits to fill a batch before writing what it has (at most a
+    minute: usage held longer is usage the reports and budgets do not see)."""
+    spend_reconcile_interval: float = Field(default=30.0, gt=0, le=DAY)
     """Seconds between accounting's reconciliations of the Redis spend ledgers with
     PostgreSQL (queuegate/spend.py)."""
 
@@ -207,14 +225,49 @@ class Settings(BaseSettings):
     def _management_from_amqp(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("management_url"):
             amqp = data.get("amqp_url") or cls.model_fields["amqp_url"].default
-            data = {**data, "management_url": management_url_for(amqp)}
+            with contextlib.suppress(ValueError):  # a bad AMQP URL: its own check says so
+                data = {**data, "management_url": management_url_for(amqp)}
         return data
 
     @field_validator("amqp_url")
     @classmethod
-    def _amqp_nodes_are_addresses(cls, value: str) -> str:
-        node_urls(value)
-        return value
+    def _amqp_url_is_read_as_aio_pika_reads_it(cls, value: str) -> str:
+        return _checked(
+            value,
+            url_problem(
+                value,
+                ("amqp", "amqps"),
+                several_hosts=True,
+                client=lambda url: [URL(node).port for node in node_urls(url)],
+            ),
+        )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_read_as_redis_py_reads_it(cls, value: str) -> str:
+        return _checked(
+            value,
+            url_problem(
+                value,
+                ("redis", "rediss", "unix"),
+                hostless=value.startswith("unix:"),
+                client=redis_url,
+            ),
+        )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_read_as_asyncpg_reads_it(cls, value: str) -> str:
+        # asyncpg takes several hosts, and none (a local socket named in the query)
+        problem = url_problem(value, ("postgresql", "postgres"), several_hosts=True, hostless=True)
+        return _checked(value, problem)
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_url_is_read_as_httpx_reads_it(cls, value: str) -> str:
+        if not value:  # derived from the AMQP URL, whose own check said what is wrong
+            return value
+        return _checked(value, url_problem(value, ("http", "https"), client=httpx.URL))
 
     @field_validator("redis_sentinels")
     @classmethod
@@ -260,6 +313,25 @@ class Settings(BaseSettings):
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """``redis_sentinels`` as (host, port) pairs; empty without Sentinel."""
         return sentinel_addresses(self.redis_sentinels or "")
+
+
+def _checked(value: str, problem: str | None) -> str:
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """The first problem of settings refused, in one line naming its environment variable
+    (``QUEUEGATE_CLAIM_LEASE``), never its value: a URL's may hold a password."""
+    problem = exc.errors(include_input=False)[0]
+    said = str(problem["msg"]).removeprefix("Value error, ")
+    if not problem["loc"]:  # a check of several settings: its message names them
+        return f"invalid settings: {said}"
+    variable = f"QUEUEGATE_{str(problem['loc'][0]).upper()}"
+    if said.startswith(variable):  # its check named it already
+        return said
+    return f"invalid {variable}: {said}: correct it and run again"
 
 
 def sentinel_addresses(listed: str) -> list[tuple[str, int]]:

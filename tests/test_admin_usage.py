@@ -150,3 +150,32 @@ async def test_usage_command_filters_by_model_and_status(
     assert {r["team"]: Decimal(r["cost_usd"]) for r in json.loads(stdout)} == {
         team: sums[4] for team, sums in _sums(kept, lambda r: r["team"]).items()
     }
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--json"], ["--csv"], ["--daily"], ["--by", "model"], ["--model", "local-llama"]],
+)
+async def test_usage_command_of_an_unknown_team_is_an_error_naming_it(
+    settings: Settings, pool: asyncpg.Pool, flags: list[str]
+) -> None:
+    # Given usage of other teams in March 2026
+    await insert_usage(pool, _events(50, seed=17))
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+
+    # When an operator asks for a team that is not registered, in any form of the report
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "usage", "--month", "2026-03", "--team", "nosuch", *flags,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
+
+    # Expect one line naming the team, as the audit log says it, and no empty report
+    assert cli.returncode == 1 and stdout == b""
+    assert stderr.decode().splitlines() == [
+        "error: no team named nosuch: list them with queuegate teams list"
+    ]

@@ -8,16 +8,10 @@ import pytest
 from pydantic import ValidationError
 
 from admin.teams import with_user
-from queuegate.broker import (
-    CLUSTER_HEARTBEAT,
-    NACK_RETRY,
-    connect,
-    nack_window,
-    node_urls,
-    redact_url,
-)
+from queuegate.broker import CLUSTER_HEARTBEAT, NACK_RETRY, connect, nack_window, node_urls
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
+from queuegate.urls import redact_url
 from tests.faults import RECONNECT_INTERVAL
 from tests.proxy import TcpProxy
 

@@ -1,0 +1,79 @@
+"""Service URLs: checked as their clients will read them, and shown without their passwords.
+
+A URL setting carries a password, so what is said of one quotes none of it unless it parsed
+cleanly and its password is replaced: a password holding an unencoded ``/``, ``?``, ``#`` or
+``@`` ends the URL's credentials early, and its pieces then land in the host, port or path,
+where a client's own error (``Port could not be cast to integer value as '<password>'``)
+would print them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+UNPARSABLE = "<unparsable URL>"
+"""What a message shows of a URL it cannot be sure to show without its password."""
+
+ENCODE = "percent-encode a '/', '?', '#' or '@' in the user or password (%2F, %3F, %23, %40)"
+
+
+def url_problem(
+    url: str,
+    schemes: tuple[str, ...] | None = None,
+    *,
+    several_hosts: bool = False,
+    hostless: bool = False,
+    client: Callable[[str], object] | None = None,
+) -> str | None:
+    """What is wrong with ``url``, in words quoting none of it (it may hold a password); None
+    when nothing is. ``schemes``: those allowed (None: any). ``several_hosts``: its host part
+    may list ``host:port`` comma-separated. ``hostless``: it may name no host (a local
+    socket, given in its path or query). ``client``: the client's own parser, which raises
+    on what it cannot read (its message is never shown: it may quote the password)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        example = f"{schemes[0] if schemes else 'SCHEME'}://USER:PASSWORD@HOST:PORT/"
+        return f"it is not a URL: write it as {example}"
+    if schemes is not None and scheme.lower() not in schemes:
+        return f"its scheme is not {' or '.join(schemes)}"
+    ends = [at for at in (rest.find(mark) for mark in "/?#") if at >= 0]
+    netloc, after = rest[: min(ends, default=len(rest))], rest[min(ends, default=len(rest)) :]
+    if "@" in after or netloc.count("@") > 1:
+        return f"its password does not end where its host begins: {ENCODE}"
+    hosts = netloc.rpartition("@")[2]
+    entries = hosts.split(",") if several_hosts else [hosts]
+    if hostless and entries == [""]:
+        entries = []
+    for number, entry in enumerate(entries, 1):
+        try:
+            node = urlsplit(f"//{entry.strip()}")
+            valid = bool(node.hostname) and node.port != 0
+        except ValueError:
+            valid = False
+        if not valid:
+            which = f"host {number} of {len(entries)}" if len(entries) > 1 else "host"
+            return (
+                f"its {which} is not host or host:port with a port from 1 to 65535, or else "
+                f"{ENCODE}"
+            )
+    if client is not None:
+        try:
+            client(url)
+        except Exception:  # its message may quote the password: say what to check instead
+            return "its client cannot read it: check its port, path and query options"
+    return None
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs (several hosts or one); ``<unparsable
+    URL>`` for a string whose password could not be told from the rest."""
+    if url_problem(url, several_hosts=True, hostless=True) is not None:
+        return UNPARSABLE
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    user = credentials.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}" if user else hosts))

@@ -1,0 +1,153 @@
+"""Settings refused at start in one line naming the variable: durations that are not finite,
+and service URLs their clients would misread, said without quoting the password."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from queuegate.settings import DAY, Settings, settings_problem
+from queuegate.urls import UNPARSABLE, redact_url
+
+FLOATS = sorted(name for name, field in Settings.model_fields.items() if field.annotation is float)
+PASSWORD = "Sekr1tA"
+URLS = {
+    "amqp_url": ("amqp", "127.0.0.1:5672"),
+    "redis_url": ("redis", "127.0.0.1:6379"),
+    "database_url": ("postgresql", "127.0.0.1:5432"),
+    "management_url": ("http", "127.0.0.1:15672"),
+}
+
+
+def _bad_urls(scheme: str, host: str) -> list[str]:
+    """A password holding what ends a URL's credentials, and URLs written wrong around it."""
+    held = [f"{scheme}://u:Sek{mark}r1tA@{host}/x" for mark in "/#?@"]
+    return [
+        *held,
+        f"{scheme}://u:Sek/r1tA@{host},{host}/x",
+        f"u:{PASSWORD}@{host}",
+        f"{scheme}:/u:{PASSWORD}@{host}/",
+        f"{scheme}//u:{PASSWORD}@{host}/",
+        PASSWORD,
+        f"{scheme}://u:{PASSWORD}@{host.partition(':')[0]}:99999/",
+        f"{scheme}://u:{PASSWORD}@[{host}/",
+    ]
+
+
+CASES = [(name, url) for name, (s, h) in URLS.items() for url in _bad_urls(s, h)]
+
+
+def _refused(**values: object) -> str:
+    with pytest.raises(ValidationError) as refused:
+        Settings(**values)  # type: ignore[arg-type]
+    return settings_problem(refused.value)
+
+
+def test_the_float_settings_are_the_durations_the_attack_named() -> None:
+    assert {"claim_lease", "accounting_linger", "job_time_limit", "stats_interval"} <= set(FLOATS)
+
+
+@pytest.mark.parametrize("name", FLOATS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300"])
+def test_every_duration_is_finite_and_bounded_and_named_as_its_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    # Given a duration set to what no clock can wait (as the environment gives it)
+    monkeypatch.setenv(f"QUEUEGATE_{name.upper()}", value)
+    # Expect it refused in one line naming the variable, not the field
+    said = _refused()
+    assert said.startswith(f"invalid QUEUEGATE_{name.upper()}: ")
+    assert "\n" not in said
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_every_duration_takes_a_day(name: str) -> None:
+    limit = Settings.model_fields[name]
+    bounded = [m.le for m in limit.metadata if getattr(m, "le", None) is not None]
+    assert Settings(**{name: min([DAY, *bounded])})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "url"), CASES)
+def test_a_url_setting_its_client_would_misread_is_refused_without_its_password(
+    name: str, url: str
+) -> None:
+    said = _refused(**{name: url})
+    assert said.startswith(f"invalid QUEUEGATE_{name.upper()}: ")
+    assert "Sek" not in said and "r1tA" not in said, said
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"amqp_url": "amqps://u:p%2Fq@node-1,node-2:5671/vh?heartbeat=5"},
+        {"redis_url": "rediss://:p%23q@127.0.0.1:6380/2"},
+        {"redis_url": "unix:///run/redis.sock?db=1"},
+        {"database_url": "postgresql:///test?host=/run/postgresql"},
+        {"database_url": "postgres://u:p%3Fq@db-1:5432,db-2:5433/test"},
+        {"management_url": "https://admin:p%40q@[::1]:15671/"},
+    ],
+)
+def test_urls_their_clients_read_are_accepted(values: dict[str, str]) -> None:
+    assert Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", [url for _, url in CASES])
+def test_redact_url_shows_no_part_of_a_password_it_cannot_tell_apart(url: str) -> None:
+    shown = redact_url(url)
+    assert "Sek" not in shown and "r1tA" not in shown
+    assert shown == UNPARSABLE or ":***@" in shown
+
+
+def test_redact_url_keeps_a_clean_url_but_its_password() -> None:
+    assert redact_url("redis://:pw@127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("amqp://gw:pw@n1:5672,n2/") == "amqp://gw:***@n1:5672,n2/"
+
+
+async def _failed_cli(env: dict[str, str], *args: str) -> tuple[int | None, str, bytes]:
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=60)
+    return cli.returncode, stderr.decode(), stdout
+
+
+async def test_every_bad_url_stops_every_role_in_one_line_without_its_password() -> None:
+    # Given each URL setting set to each misreadable URL, each in one of the roles (they
+    # all load settings alike)
+    roles = (["teams", "list"], ["worker"], ["accounting"], ["api", "--port", "0"])
+    runs = [
+        (f"QUEUEGATE_{name.upper()}", url, roles[number % len(roles)])
+        for number, (name, url) in enumerate(CASES)
+    ]
+    gate = asyncio.Semaphore(4)
+
+    async def run(variable: str, url: str, command: list[str]) -> tuple[str, ...]:
+        env = {**os.environ, variable: url, "QUEUEGATE_METRICS_PORT": "0"}
+        async with gate:
+            code, stderr, stdout = await _failed_cli(env, *command)
+        return (variable, url, " ".join(command), str(code), stderr, stdout.decode())
+
+    # When each starts
+    results = await asyncio.gather(*(run(*one) for one in runs))
+
+    # Expect each stopped at once with one line naming the variable, and no piece of password
+    for variable, url, command, code, stderr, stdout in results:
+        where = f"{command} with {variable}={url}: {stderr}"
+        assert code == "1" and stdout == "", where
+        assert stderr.startswith(f"error: invalid {variable}: ") and stderr.count("\n") == 1, where
+        assert "Sek" not in stderr and "r1tA" not in stderr, where
+
+
+async def test_an_infinite_lease_stops_the_worker_in_one_line() -> None:
+    env = {**os.environ, "QUEUEGATE_CLAIM_LEASE": "inf", "QUEUEGATE_METRICS_PORT": "0"}
+    code, stderr, stdout = await _failed_cli(env, "worker")
+    assert code == 1 and stdout == b""
+    assert stderr.splitlines() == [
+        "error: invalid QUEUEGATE_CLAIM_LEASE: Input should be a finite number: correct it and "
+        "run again"
+    ]
