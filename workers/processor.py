@@ -1,8 +1,9 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
-decode → validate (content type, schema version) → team → proven publisher → reply queue
-exists → claim (or: answered already, held by another delivery, a different request under
-the id) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
+decode → validate (content type, schema version) → team → proven publisher → claim (or:
+answered already, held by another delivery, a different request under the id) → reply queue
+exists (the claim read first: calls its lapsed owners made are accounted on the job's row,
+however it ends) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
 deployment's buckets, each call recorded in the claim before it leaves, in the take's round
 trip when it goes at once; streaming deltas to reply_to) → store outcome, ending the claim,
 and settle admission in the same round trip → publish result (confirmed)
