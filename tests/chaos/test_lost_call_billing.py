@@ -17,7 +17,7 @@ from producer import GatewayClient
 from producer.client import JobHandle
 from queuegate.db import create_pool
 from queuegate.keys import Keys
-from queuegate.registry import TeamConfig
+from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import current_month, spend_drift
 from tests.chaos.harness import declare_teams, start_worker, stop_workers, usage_rows, worker_env
@@ -116,4 +116,34 @@ async def test_a_lost_call_whose_job_is_refused_before_any_cost_is_on_the_jobs_r
     assert [(r["job_id"], r["error_code"]) for r in rows] == [(handle.job_id, "invalid_request")]
     assert rows[0]["attempt_log"][0]["error"] == "lost"
     assert Decimal(rows[0]["cost_usd"]) > 0
+    assert drift == 0
+
+
+async def test_a_lost_call_whose_job_is_refused_over_budget_is_charged_as_its_row_says(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job whose worker is killed mid-call
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock) as (_, handle, pool, env),
+    ):
+        # When its team's budget is cut below a call before another worker takes it over
+        await set_team_config(pool, "alpha", TeamConfig(budget_usd=Decimal("0.000001")))
+        worker = await start_worker(env, ("alpha",))
+        try:
+            result = await handle.result(timeout=60)
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+        finally:
+            await stop_workers([worker])
+        row = await pool.fetchrow("SELECT * FROM usage_log")
+        drift = await ledger_drift(redis_client, pool, settings)
+        calls = mock.stats.calls
+
+    # Expect it refused without a second call, its row carrying the lost call, and the client
+    # and the ledger told that cost
+    assert calls == 1
+    assert result.error is not None and result.error.code == "budget_exhausted"
+    assert row["attempt_log"][0]["error"] == "lost"
+    assert result.gateway is not None
+    assert result.gateway.cost_usd == Decimal(row["cost_usd"]) > 0
     assert drift == 0
