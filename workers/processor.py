@@ -2,12 +2,12 @@
 
 decode → validate (content type, schema version) → team → proven publisher → claim (or:
 answered already, held by another delivery, a different request under the id) → reply queue
-exists (the claim read first: calls its lapsed owners made are accounted on the job's row,
-however it ends) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
-deployment's buckets, each call recorded in the claim before it leaves, in the take's round
-trip when it goes at once; streaming deltas to reply_to) → store outcome, ending the claim,
-and settle admission in the same round trip → publish result (confirmed)
-→ usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
+exists (refused after the claim is read: calls its lapsed owners made are accounted on the
+job's row, however it ends) → PII policy → deadline → cache → admission (budget, team
+buckets) → router (each deployment's buckets, each call recorded in the claim before it
+leaves, in the take's round trip when it goes at once; streaming deltas to reply_to) → store
+outcome, ending the claim, and settle admission in the same round trip → publish result
+(confirmed) → usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again. Before
