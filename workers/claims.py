@@ -368,6 +368,11 @@ class Claim:
         self._owner = owner
         self.lost = lost or []
         """Calls lapsed owners of the job had in flight."""
+        self.lost_usd = sum((call.cost_usd for call in self.lost), Decimal(0))
+        """Their estimates: added to the job's cost on its usage row, in its result and in
+        its budget ledger, whatever ends this delivery."""
+        self.charged = False
+        """Whether admission took their charge to the ledger (``Admission.admit``)."""
         self._settlement: Settlement | None = None
 
     def gate(self, ticket: Ticket, catalog: Catalog) -> AttemptGate:
@@ -396,17 +401,23 @@ class Claim:
             await self._claims.settle(settlement)
 
     def account(self, outcome: Outcome) -> Outcome:
-        """The outcome whose usage also counts the calls lost with lapsed owners."""
+        """The outcome whose usage and result also count the calls lost with lapsed owners:
+        the client is told the cost its usage row holds."""
         if not self.lost:
             return outcome
         usage = outcome.usage
         lost = [call.attempt() for call in self.lost]
+        cost = usage.cost_usd + self.lost_usd
         update = {
             "attempt_log": lost + (usage.attempt_log or []),
             "attempts": usage.attempts + len(lost),
-            "cost_usd": usage.cost_usd + sum((c.cost_usd for c in self.lost), Decimal(0)),
+            "cost_usd": cost,
         }
-        return outcome.model_copy(update={"usage": usage.model_copy(update=update)})
+        gateway = outcome.result.gateway.model_copy(update={"cost_usd": cost})
+        result = outcome.result.model_copy(update={"gateway": gateway})
+        return outcome.model_copy(
+            update={"usage": usage.model_copy(update=update), "result": result}
+        )
 
     async def finish(self, outcome: Outcome) -> Outcome:
         """Store the outcome and end the claim (the job's settles in the same round trip);

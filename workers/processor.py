@@ -1,12 +1,13 @@
 """One job's path through a worker, from delivery to acknowledgement.
 
-decode → validate (content type, schema version) → team → proven publisher → reply queue
-exists → claim (or: answered already, held by another delivery, a different request under
-the id) → PII policy → deadline → cache → admission (budget, team buckets) → router (each
-deployment's buckets, each call recorded in the claim before it leaves, in the take's round
-trip when it goes at once; streaming deltas to reply_to) → store outcome, ending the claim,
-and settle admission in the same round trip → publish result (confirmed)
-→ usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
+decode → validate (content type, schema version) → team → proven publisher → claim (or:
+answered already, held by another delivery, a different request under the id) → reply queue
+exists (refused after the claim is read: calls its lapsed owners made are accounted on the
+job's row, however it ends) → PII policy → deadline → cache → admission (budget, team
+buckets) → router (each deployment's buckets, each call recorded in the claim before it
+leaves, in the take's round trip when it goes at once; streaming deltas to reply_to) → store
+outcome, ending the claim, and settle admission in the same round trip → publish result
+(confirmed) → usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again. Before
@@ -49,7 +50,7 @@ from workers.admission import Admission
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
 from workers.claims import Busy, Claim, Claims, Poison
-from workers.gate import Gate
+from workers.gate import Admitted, Gate
 from workers.outcome import Announcement, Outcome, Timing, failed, refused, served
 from workers.publisher import Publisher
 from workers.reply_queues import ReplyQueues
@@ -194,18 +195,31 @@ class JobProcessor:
             # Before the stored result: only a proven publisher may have it sent again. A
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
-            await self._receivable(message, reply_to)
         except JobError as exc:
             outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
             return self._refused(job.job_id, outcome, reply_to, exc)
+        # Refused only once the claim is read (no call made): a lapsed owner's call must be
+        # accounted on the job's row, however the job ends.
+        unreceivable = await self._unreceivable(message, reply_to)
         if _channel_gone(message):
             # The broker delivers it again: claimed here, its redelivery would wait on it.
             raise ChannelInvalidStateError(f"job {job.job_id}'s channel is closed")
         try:
             claim = await self._claims.take(job, redelivered=bool(message.redelivered))
         except JobError as exc:  # a different request under the id, or answered before
-            outcome = await admitted.stamp(refused(job.job_id, team, job.model, exc, timing))
-            return self._refused(job.job_id, outcome, reply_to, exc)
+            why = unreceivable or exc
+            outcome = await admitted.stamp(refused(job.job_id, team, job.model, why, timing))
+            return self._refused(job.job_id, outcome, reply_to, why)
+        if unreceivable is not None:
+            if isinstance(claim, Claim) and claim.lost:
+                outcome = failed(job.job_id, team, job.model, unreceivable, timing)
+                return await self._ended(claim, admitted, outcome, reply_to, unreceivable)
+            if isinstance(claim, Claim):
+                await claim.abandon()
+            outcome = await admitted.stamp(
+                refused(job.job_id, team, job.model, unreceivable, timing)
+            )
+            return self._refused(job.job_id, outcome, reply_to, unreceivable)
         if not isinstance(claim, Claim):
             log.info("job %s was already answered; sending the stored result again", job.job_id)
             return Announcement.of(claim, reply_to)
@@ -230,6 +244,20 @@ class JobProcessor:
         except BaseException:
             await claim.abandon()
             raise
+        return await self._ended(claim, admitted, outcome, reply_to, error)
+
+    async def _ended(
+        self,
+        claim: Claim,
+        admitted: Admitted,
+        outcome: Outcome,
+        reply_to: str | None,
+        error: JobError | None,
+    ) -> Announcement:
+        """Store and announce the outcome of a delivery that held the claim, with the calls
+        its lapsed owners made on its usage row and in its budget ledger."""
+        if claim.lost and not claim.charged:
+            await self._admission.charge(claim.job, claim.lost_usd)
         try:
             stamped = claim.account(await admitted.stamp(outcome))
         except BaseException:
@@ -238,12 +266,16 @@ class JobProcessor:
         outcome = await claim.finish(stamped)
         return self._finished(outcome, reply_to, error)
 
-    async def _receivable(self, message: AbstractIncomingMessage, reply_to: str | None) -> None:
-        """Refuse, before it costs anything, a job whose result could reach nobody."""
+    async def _unreceivable(
+        self, message: AbstractIncomingMessage, reply_to: str | None
+    ) -> InvalidRequest | None:
+        """Why the job's result could reach nobody, if it could not: it is refused before it
+        costs anything."""
         if not message.reply_to:
-            raise InvalidRequest("the job has no reply_to: its result would reach nobody")
+            return InvalidRequest("the job has no reply_to: its result would reach nobody")
         if reply_to is not None and not await self._replies.exists(reply_to):
-            raise InvalidRequest(f"reply queue {reply_to!r} does not exist")
+            return InvalidRequest(f"reply queue {reply_to!r} does not exist")
+        return None
 
     def _finished(
         self, outcome: Outcome, reply_to: str | None, error: JobError | None
@@ -324,7 +356,8 @@ class JobProcessor:
         await self._cancels.check(job)
         self._router.check(job)
         # Checked again while it waits for admission, and once admitted (Admission.admit).
-        admitting = self._admission.admit(job, deadline, self._cancels.watch(job))
+        claim.charged = True  # from here admission charges the lapsed owners' calls
+        admitting = self._admission.admit(job, deadline, self._cancels.watch(job), claim.lost_usd)
         if tracing.ON:
             attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}
             admitting = tracing.traced(admitting, f"admission {job.team}", attributes=attributes)

@@ -173,6 +173,22 @@ class Budgets:
         ]
         return self._call(reservation.team, reservation.month, reservation.keys, args)
 
+    def charge_call(
+        self, team: str, model: str, config: TeamConfig, nano: int, job_id: str
+    ) -> Call | None:
+        """A settle of job ``job_id``'s entry to ``nano`` without a reservation of this
+        delivery's (a refused job whose lapsed owners made calls): it replaces what they
+        reserved; once that entry has lapsed, the job's usage row brings ``nano`` in at
+        reconciliation. None when the team has no budget."""
+        scopes = budget_scopes(config, model)
+        if not scopes:
+            return None
+        month = current_month()
+        keys = ledger_keys(self._keys, team, month, [scope_model for scope_model, _ in scopes])
+        # No generation known: only an entry of the ledger as it is now is replaced.
+        reservation = Reservation(keys, team, month, job_id, nano, ["" for _ in scopes])
+        return self.settle_call(reservation, nano)
+
     def settled(self, reservation: Reservation, reply: list[int]) -> None:
         _alert(reservation.team, reservation.month, reply)
 

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from decimal import Decimal
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
@@ -116,12 +117,18 @@ class Admission:
         return lock
 
     async def admit(
-        self, job: ChatJob, deadline: float | None, check: Check | None = None
+        self,
+        job: ChatJob,
+        deadline: float | None,
+        check: Check | None = None,
+        lost: Decimal = Decimal(0),
     ) -> Ticket:
         """Reserve the job's budget, then wait until the team's buckets admit it.
 
         ``check`` runs while the job waits for a bucket and once it is admitted: what it
-        raises ends the wait, and gives back what the job took.
+        raises ends the wait, and gives back what the job took. ``lost``: the estimates of
+        calls lapsed owners of the job made, charged with whatever it costs, or alone when
+        it is refused (``charge``).
 
         Raises BudgetExhausted, RateLimited, or InvalidRequest (larger than a bucket).
         """
@@ -129,28 +136,34 @@ class Admission:
         until = time.monotonic() + self._settings.admission_max_wait
         if deadline is not None:
             until = min(until, deadline)
-        needed = estimate(job, self._catalog, config, self._settings.expected_output_tokens)
-        ticket = Ticket(self, job.team, needed, until, check)
-        limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
-        # The first try at the team's buckets rides with the budget's reservation, in one
-        # round trip, unless jobs already wait in line for them (see Ticket.take).
-        first = take_call(limits, tokens) if limits and not self.line(limits).locked() else None
-        # One name for every try, so a try after an error does not take again what the one
-        # before took (its reply lost with its connection).
-        name = once()
-        ticket.budget, tried = await self._guard(
-            lambda: self._budgets.reserve(
-                job.team,
-                job.model,
-                config,
-                ticket.estimate.cost_nano,
-                job.job_id,
-                then=first,
-                name=name,
-            ),
-            lambda: (None, None),
-            until,
-        )
+        try:
+            needed = estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+            ticket = Ticket(self, job.team, needed, until, check, lost=to_nano(lost))
+            limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
+            # The first try at the team's buckets rides with the budget's reservation, in one
+            # round trip, unless jobs already wait in line for them (see Ticket.take).
+            first = take_call(limits, tokens) if limits and not self.line(limits).locked() else None
+            # One name for every try, so a try after an error does not take again what the one
+            # before took (its reply lost with its connection).
+            name = once()
+            ticket.budget, tried = await self._guard(
+                lambda: self._budgets.reserve(
+                    job.team,
+                    job.model,
+                    config,
+                    ticket.estimate.cost_nano,
+                    job.job_id,
+                    then=first,
+                    name=name,
+                ),
+                lambda: (None, None),
+                until,
+            )
+        except Exception:
+            # Refused before it reserved (too large, over budget): its lapsed owners' calls
+            # are charged all the same.
+            await self.charge(job, lost)
+            raise
         try:
             ticket.team_limits = limits
             if tried is None or not taken(limits, tokens, tried).taken:
@@ -186,6 +199,16 @@ class Admission:
             lambda: self._local.take(limits, tokens, within_ms),
             until,
         )
+
+    async def charge(self, job: ChatJob, lost: Decimal) -> None:
+        """Charge ``lost`` to the job's budget entry (what its lapsed owners reserved), for a
+        job refused before its own reservation: the ledger holds what its usage row does."""
+        if lost <= 0:
+            return
+        config = self.config(job.team)
+        call = self._budgets.charge_call(job.team, job.model, config, to_nano(lost), job.job_id)
+        if call is not None:
+            await self.settle(Settlement([call], lambda _: None))
 
     async def give_back(self, limits: list[Limit]) -> None:
         """Return the request a job took from ``limits`` for a call it will not make."""
@@ -297,8 +320,12 @@ class Ticket:
         estimate: Estimate,
         until: float,
         check: Check | None = None,
+        *,
+        lost: int = 0,
     ) -> None:
         self._admission = admission
+        self._lost = lost
+        """Nano-USD of the calls lapsed owners of the job made: settled with its own cost."""
         self._check = check
         self._team = team
         self.estimate = estimate
@@ -440,7 +467,7 @@ class Ticket:
             if limit.tpm:
                 served = routed is not None and name == routed.deployment
                 calls.append(settle_call([limit], back if served else self.estimate.tokens))
-        actual = to_nano(routed.cost_usd) if routed is not None else 0
+        actual = self._lost + (to_nano(routed.cost_usd) if routed is not None else 0)
         return self._admission.settlement(
             [call for call in calls if call is not None], self.budget, actual
         )

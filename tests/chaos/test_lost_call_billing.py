@@ -1,0 +1,149 @@
+"""Chaos: the call a SIGKILLed worker had in flight is billed once, on the job's usage row and
+in its budget ledger alike, whether its job is called again or refused before any cost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from decimal import Decimal
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from producer.client import JobHandle
+from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig, set_team_config
+from queuegate.settings import Settings
+from queuegate.spend import current_month, spend_drift
+from tests.chaos.harness import declare_teams, start_worker, stop_workers, usage_rows, worker_env
+from tests.support import running_accountant
+from tests.teams import register
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@asynccontextmanager
+async def killed_mid_call(
+    settings: Settings, mock: MockProvider
+) -> AsyncIterator[tuple[AsyncExitStack, JobHandle, asyncpg.Pool, dict[str, str]]]:
+    """A budgeted team's job whose worker is SIGKILLed while the provider holds its call;
+    accounting runs without reconciling, so the ledger shows what the workers settled. The
+    client closes with the stack yielded (early when the test closes it)."""
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(5)))
+    await declare_teams(settings, ("alpha",))
+    env = worker_env(settings, mock, QUEUEGATE_CLAIM_LEASE="1")
+    worker = await start_worker(env, ("alpha",))
+    pool = await create_pool(settings)
+    unreconciled = settings.model_copy(update={"spend_reconcile_interval": 86400})
+    try:
+        async with running_accountant(unreconciled), AsyncExitStack() as stack:
+            client = await stack.enter_async_context(GatewayClient(settings, team="alpha"))
+            handle = await client.submit(client.job("gpt-4o-mini", HELLO, max_tokens=50))
+            async with asyncio.timeout(60):
+                await mock.wait_for_calls(1)
+            worker.send_signal(signal.SIGKILL)
+            await worker.wait()
+            yield stack, handle, pool, env
+    finally:
+        await stop_workers([worker])
+        await pool.close()
+
+
+async def ledger_drift(
+    redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+) -> Decimal:
+    """The team's ledger (never reconciled here) minus what usage_log holds."""
+    keys = Keys(settings.redis_prefix)
+    return await spend_drift(redis_client, pool, keys, "alpha", current_month())
+
+
+async def test_a_lost_call_whose_job_is_called_again_is_billed_alike_in_row_ledger_and_result(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job whose worker is killed mid-call
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock) as (_, handle, pool, env),
+    ):
+        # When another worker takes it over and the provider answers
+        mock.configure(MockConfig())
+        worker = await start_worker(env, ("alpha",))
+        try:
+            result = await handle.result(timeout=60)
+            assert result.status == "ok", result.error
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+        finally:
+            await stop_workers([worker])
+        row = await pool.fetchrow("SELECT * FROM usage_log")
+        drift = await ledger_drift(redis_client, pool, settings)
+
+    # Expect the row to count the lost call, the client told that cost, and the ledger
+    # charged it
+    assert row["attempt_log"][0]["error"] == "lost"
+    assert result.gateway is not None
+    assert result.gateway.cost_usd == Decimal(row["cost_usd"]) > 0
+    assert drift == 0
+
+
+async def test_a_lost_call_whose_job_is_refused_before_any_cost_is_on_the_jobs_row(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job whose worker is killed mid-call
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock) as (stack, handle, pool, env),
+    ):
+        # When its reply queue is gone (its client closed) before another worker takes
+        # it over
+        await stack.aclose()
+        worker = await start_worker(env, ("alpha",))
+        try:
+            assert (await usage_rows(pool, 1, timeout=60))[0] >= 1
+        finally:
+            await stop_workers([worker])
+        rows = await pool.fetch("SELECT * FROM usage_log")
+        drift = await ledger_drift(redis_client, pool, settings)
+        calls = mock.stats.calls
+
+    # Expect it refused without a second call, and its one row, under its own id, to carry
+    # the lost call at its estimate, which the ledger charges too
+    assert calls == 1
+    assert [(r["job_id"], r["error_code"]) for r in rows] == [(handle.job_id, "invalid_request")]
+    assert rows[0]["attempt_log"][0]["error"] == "lost"
+    assert Decimal(rows[0]["cost_usd"]) > 0
+    assert drift == 0
+
+
+async def test_a_lost_call_whose_job_is_refused_over_budget_is_charged_as_its_row_says(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job whose worker is killed mid-call
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock) as (_, handle, pool, env),
+    ):
+        # When its team's budget is cut below a call before another worker takes it over
+        await set_team_config(pool, "alpha", TeamConfig(budget_usd=Decimal("0.000001")))
+        worker = await start_worker(env, ("alpha",))
+        try:
+            result = await handle.result(timeout=60)
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+        finally:
+            await stop_workers([worker])
+        row = await pool.fetchrow("SELECT * FROM usage_log")
+        drift = await ledger_drift(redis_client, pool, settings)
+        calls = mock.stats.calls
+
+    # Expect it refused without a second call, its row carrying the lost call, and the client
+    # and the ledger told that cost
+    assert calls == 1
+    assert result.error is not None and result.error.code == "budget_exhausted"
+    assert row["attempt_log"][0]["error"] == "lost"
+    assert result.gateway is not None
+    assert result.gateway.cost_usd == Decimal(row["cost_usd"]) > 0
+    assert drift == 0
