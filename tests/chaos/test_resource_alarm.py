@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 from mockprovider import Behavior, MockConfig
@@ -31,11 +33,16 @@ from tests.chaos.harness import (
 )
 from tests.chaos.private_broker import PrivateBroker
 from tests.faults import RECONNECT_INTERVAL
+from tests.frontdoor_support import HELLO, open_door
 from tests.support import running_gateway
 
 IN_FLIGHT = 30
 """Jobs the provider is answering when the alarm is raised (within the default prefetch,
 32): their results wait for it."""
+DOOR_TIMEOUT = 5.0
+"""A front-door caller's timeout (x-queuegate-timeout), seconds."""
+DOOR_MARGIN = 3.0
+"""Seconds past it an answer may take on a loaded machine."""
 PROVIDER_MS = 6000
 """The provider's time for a job: the alarm is raised well within it."""
 HELD = 100
@@ -128,3 +135,36 @@ async def test_jobs_held_by_a_memory_alarm_are_enqueued_once_and_answered_once(
         assert figures.duplicates == 0
         assert figures.provider_calls == len(handles)
         assert rows == distinct == len(handles)
+
+
+async def test_a_front_door_request_held_by_a_memory_alarm_is_answered_within_its_timeout(
+    settings: Settings, broker: PrivateBroker
+) -> None:
+    # Given a front door, a worker and accounting on the node
+    async with (
+        open_door(on_node(settings, broker)) as door,
+        door.client(timeout=DOOR_TIMEOUT + 30) as client,
+    ):
+        # When a request with a 5 s timeout arrives during a memory alarm
+        await asyncio.to_thread(broker.ctl, "set_vm_memory_high_watermark", "0.000001")
+        try:
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as late:
+                await client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=HELLO,
+                    extra_headers={"x-queuegate-timeout": f"{DOOR_TIMEOUT:g}"},
+                )
+            took = time.monotonic() - started
+        finally:
+            await asyncio.to_thread(broker.ctl, "set_vm_memory_high_watermark", "0.4")
+
+        # Expect deadline_exceeded naming the job within the timeout, not a wait for the alarm
+        assert late.value.status_code == 504
+        assert took < DOOR_TIMEOUT + DOOR_MARGIN
+        # ... and that job, published once, refused by the worker once the alarm cleared (its
+        # caller gone), never called, accounted once at no cost
+        rows = await door.gateway.usage_rows(1, timeout=30)
+        assert [(r["error_code"], r["cost_usd"]) for r in rows] == [("deadline_exceeded", 0)]
+        assert f"GET /v1/jobs/{rows[0]['job_id']}" in late.value.message
+        assert door.gateway.mock.stats.calls == 0
