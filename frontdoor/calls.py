@@ -16,7 +16,8 @@ The steps every route that runs a chat job shares, whatever API it speaks::
   not answer by then is ``service_unavailable`` (retry; nothing was published). Once the
   job is out, the caller gets its result or ``deadline_exceeded`` naming it, never a retry.
 - ``run_job`` raises ApiError for a result in error, ``deadline_exceeded`` (504) when
-  the caller's timeout passes first: the job may still finish, and ``GET /v1/jobs/<id>``
+  the caller's timeout passes first, its publish included (a broker's resource alarm holds
+  publishes until it clears): the job may still finish, and ``GET /v1/jobs/<id>``
   reads its outcome then.
 - ``open_stream`` waits for the first chunk before the route answers, so an error before
   any output (a refused key, an exhausted budget) is a plain error status, not a stream.
@@ -49,8 +50,10 @@ async def run_job(
     stored = await _admit(door, caller, job, options, deadline)
     if stored is not None:
         return _ok(stored)
-    await door.bridge.submit(job, caller, bound=options.idempotency_key is not None)
     try:
+        async with asyncio.timeout_at(deadline):
+            # A broker's resource alarm holds the publish itself, for minutes perhaps.
+            await door.bridge.submit(job, caller, bound=options.idempotency_key is not None)
         result = await door.bridge.wait(job.job_id, _left(deadline))
     except TimeoutError:
         raise _late(job, options.timeout) from None
@@ -62,8 +65,13 @@ async def publish_job(
 ) -> None:
     """Publish the job for a caller who reads its answer later (``GET /v1/jobs/<id>``),
     unless it was answered already."""
-    if await _admit(door, caller, job, options, _deadline(options)) is None:
-        await door.bridge.publish(job, caller)
+    deadline = _deadline(options)
+    if await _admit(door, caller, job, options, deadline) is None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await door.bridge.publish(job, caller)
+        except TimeoutError:
+            raise _late(job, options.timeout) from None
 
 
 async def _admit(
@@ -131,8 +139,9 @@ async def open_stream(
     bound = options.idempotency_key is not None
     stream = door.bridge.stream(job, caller, _left(deadline), bound=bound)
     try:
-        first = await anext(stream, None)
-    except ResultTimeout:
+        async with asyncio.timeout_at(deadline):  # the publish too (a resource alarm)
+            first = await anext(stream, None)
+    except (ResultTimeout, TimeoutError):
         door.bridge.close_stream(job.job_id)
         raise _late(job, options.timeout) from None
     except BaseException:

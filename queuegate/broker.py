@@ -47,7 +47,8 @@ CONNECT_WITHIN = 15.0
 
 CONFIRM_STALL = 10.0
 """Seconds a publish waits for its confirm before its channel is taken for stuck (``publish``):
-far above a confirm's time under load here (milliseconds), far below a caller's patience."""
+far above a confirm's time under load here (milliseconds), far below a caller's patience.
+Only time its connection is not blocked by a resource alarm counts (``Unblocked``)."""
 
 FRESH_CHANNEL_AFTER = 2.0
 """Seconds of refused publishes after which ``when_connected`` asks for a fresh channel: on
@@ -76,22 +77,31 @@ async def publish(
     of jobs a second they queue behind each other. Here the frame is queued in order and only
     the confirm is awaited. An unroutable message raises ``PublishError`` on a channel opened
     with ``on_return_raises``.
+
+    A confirm that has not come after CONFIRM_STALL seconds of the connection unblocked closes
+    the channel as stuck (``ChannelInvalidStateError``, which ``when_connected`` retries); while
+    a resource alarm blocks the connection, the publish simply waits (``Unblocked``).
     """
     if channel.is_closed:
         # As aio-pika does: a robust channel would otherwise wait for its connection forever.
         raise ChannelInvalidStateError(f"{channel} is closed")
     underlay = await channel.get_underlay_channel()
     assert isinstance(underlay, aiormq.Channel)  # the abstract one lacks ``wait``
+    unblocked = Unblocked.of(underlay.connection)
     try:
-        async with asyncio.timeout(CONFIRM_STALL):
-            await underlay.basic_publish(
-                message.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=message.properties,
-                mandatory=True,
-                wait=False,
-            )
+        async with asyncio.timeout(CONFIRM_STALL if unblocked.is_set() else None) as stall:
+            unblocked.pause_while_blocked(stall, CONFIRM_STALL)
+            try:
+                await underlay.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=message.properties,
+                    mandatory=True,
+                    wait=False,
+                )
+            finally:
+                unblocked.forget(stall)
     except TimeoutError:
         # Closing the channel fails its other pending publishes too (sent again by
         # when_connected); a robust channel then reopens on its own.
@@ -99,6 +109,69 @@ async def publish(
         if not underlay.is_closed:
             await underlay.close(stalled)
         raise stalled from None
+
+
+_UNBLOCKED_EVENT = "_Connection__connection_unblocked"
+if _UNBLOCKED_EVENT not in aiormq.Connection.ready.__code__.co_names:
+    # Without it a resource alarm would pass for stuck channels: fail loudly at import.
+    raise ImportError("aiormq changed how it tracks connection.blocked: queuegate needs aiormq 7")
+
+
+class Unblocked(asyncio.Event):
+    """aiormq's event of a connection not blocked, which also pauses its publishes' stall timers.
+
+    While a memory or disk alarm lasts, RabbitMQ blocks publishing connections
+    (connection.blocked): it reads nothing from them and confirms nothing, for minutes. Those
+    publishes are not stuck, they wait their turn: closing their channel and sending them again
+    would enqueue every one twice, on a broker short of memory. aiormq clears its event at
+    connection.blocked and sets it at connection.unblocked but tells no one, so ``of`` puts this
+    one in its place; the caller's own timeout still applies.
+    """
+
+    def __init__(self, replaced: asyncio.Event) -> None:
+        super().__init__()
+        self._replaced = replaced
+        """Set along with this one, for whoever awaited aiormq's own before it was replaced."""
+        self._stalls: dict[asyncio.Timeout, float] = {}
+        """The stall timers of the publishes awaiting a confirm, and (while the connection is
+        blocked) the seconds each had left when it was blocked."""
+        if replaced.is_set():
+            super().set()
+
+    @classmethod
+    def of(cls, connection: aiormq.abc.AbstractConnection) -> Unblocked:
+        event = getattr(connection, _UNBLOCKED_EVENT)
+        if not isinstance(event, Unblocked):
+            event = cls(event)
+            setattr(connection, _UNBLOCKED_EVENT, event)
+        return event
+
+    def pause_while_blocked(self, stall: asyncio.Timeout, seconds: float) -> None:
+        """Run ``stall`` only while the connection is not blocked (entered with no deadline
+        when it is blocked; ``seconds`` are then what it will have once unblocked)."""
+        self._stalls[stall] = seconds
+
+    def forget(self, stall: asyncio.Timeout) -> None:
+        del self._stalls[stall]
+
+    def clear(self) -> None:
+        if self.is_set():
+            now = asyncio.get_running_loop().time()
+            for stall in self._stalls:
+                when = stall.when()
+                if when is not None and not stall.expired():
+                    self._stalls[stall] = max(0.0, when - now)
+                    stall.reschedule(None)
+        super().clear()
+
+    def set(self) -> None:
+        if not self.is_set():
+            now = asyncio.get_running_loop().time()
+            for stall, left in self._stalls.items():
+                if not stall.expired():
+                    stall.reschedule(now + left)
+        super().set()
+        self._replaced.set()
 
 
 @dataclass(frozen=True)
