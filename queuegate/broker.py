@@ -100,6 +100,17 @@ async def publish(
                     mandatory=True,
                     wait=False,
                 )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task is cancelled (or the stall timer fired)
+                # aiormq fails a pending confirm with its reader's CancelledError when it finds
+                # the connection stuck (missed heartbeats, a frozen node): the connection is
+                # lost, which when_connected retries, not this task cancelled (the front door
+                # answered 500 to every request publishing at that moment).
+                raise ChannelInvalidStateError(
+                    "the connection was lost before the confirm"
+                ) from None
             finally:
                 unblocked.forget(stall)
     except TimeoutError:

@@ -12,12 +12,13 @@ from frontdoor.auth import Caller
 from frontdoor.bridge import Bridge
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
+from queuegate.broker import connect, json_message, publish, when_connected
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import Topology
-from tests.faults import behind_proxies
+from tests.faults import RECONNECT_INTERVAL, behind_proxies
 from tests.frontdoor_support import issue_key
 from tests.proxy import TcpProxy
 from tests.support import consumed, running_gateway, wait_until
@@ -206,3 +207,36 @@ async def test_the_front_doors_reply_queue_gone_while_it_was_away_is_declared_ag
             assert gw.mock.stats.calls == 1
         # and deleted once the bridge closes
         assert not await _exists(settings, queue)
+
+
+async def test_a_publish_awaiting_its_confirm_when_the_connection_is_found_stuck_is_sent_again(
+    settings: Settings,
+) -> None:
+    # Given a connection with a 1 s heartbeat through a proxy, and a queue to publish to
+    async with TcpProxy(settings.amqp_url) as proxy:
+        url = f"{proxy.url}?heartbeat=1&reconnect_interval={RECONNECT_INTERVAL}"
+        connection = await connect(url, name="test-stuck-confirm")
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            queue = await channel.declare_queue(exclusive=True)
+            lost = asyncio.Event()
+            connection.close_callbacks.add(lambda *_: lost.set())
+            # When the broker freezes with a publish awaiting its confirm, until the client
+            # finds the connection stuck (missed heartbeats) and the broker comes back
+            proxy.hang()
+            message = json_message(b"{}", message_type="test")
+            publishing = asyncio.create_task(
+                when_connected(
+                    channel,
+                    lambda: publish(channel, message, exchange="", routing_key=queue.name),
+                    within=60,
+                    what="publishing a test message",
+                )
+            )
+            async with asyncio.timeout(30):
+                await lost.wait()
+            await proxy.up()
+            # Expect the publish sent again on the new connection, not failed as cancelled
+            async with asyncio.timeout(30):
+                await publishing
+            assert not publishing.cancelled()
