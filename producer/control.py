@@ -105,13 +105,20 @@ class ControlClient:
     async def call(self, request: OpenReplyQueue | CloseReplyQueue | BatchCall) -> Any:
         """The request's result; ControlRefused when the gateway says no."""
         body = ControlRequest(request=request).model_dump_json().encode()
-        response = await when_connected(
-            self._channel,
-            lambda: self._round_trip(body),
-            within=self._reconnect_wait,
-            what=f"asking the gateway ({request.op})",
-            nacks_within=self._nacks_within,
-        )
+        try:
+            response = await when_connected(
+                self._channel,
+                lambda: self._round_trip(body),
+                within=self._reconnect_wait,
+                what=f"asking the gateway ({request.op})",
+                nacks_within=self._nacks_within,
+            )
+        except aiormq.exceptions.DeliveryError as exc:  # a nack: PublishError is answered above
+            raise ServiceUnavailable(
+                f"the broker refused the request to the gateway ({request.op}) for team "
+                f"{self.team!r}: its control queue is full or, on a cluster, has no leader "
+                "yet: try again in a few seconds"
+            ) from exc
         if not response.ok:
             if response.code == "service_unavailable":
                 raise ServiceUnavailable(response.error or "the gateway is unavailable")

@@ -24,7 +24,7 @@ from queuegate.control import (
     ControlResponse,
     OpenReplyQueue,
 )
-from queuegate.errors import ControlRefused
+from queuegate.errors import ControlRefused, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
@@ -341,3 +341,41 @@ async def test_a_teams_flood_of_control_requests_does_not_hold_up_another_teams(
     # refused what went past alpha's bound
     assert backlog > 0
     assert any(isinstance(result, DeliveryError) for result in sent)
+
+
+async def test_a_client_whose_control_request_the_broker_refuses_says_so_in_one_line(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given alpha's control queue full (no worker serving it), as a cluster's is while its
+    # members elect a leader: the broker refuses (nacks) every request
+    alpha = teams["alpha"]
+    assert alpha.amqp_url is not None and alpha.user is not None
+    connection = await aio_pika.connect(alpha.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await replies.consume(ignore, no_ack=True)
+        exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+        filling = [
+            exchange.publish(
+                control_message(
+                    OpenReplyQueue(name="filler"),
+                    team="alpha",
+                    reply_to=DIRECT_REPLY_TO,
+                    user=alpha.user,
+                    key=None,
+                ),
+                routing_key="alpha.control",
+            )
+            for _ in range(2 * CONTROL_MAX_LENGTH)
+        ]
+        sent = await asyncio.gather(*filling, return_exceptions=True)
+    assert any(isinstance(result, DeliveryError) for result in sent)  # full
+    # When alpha opens a client
+    with pytest.raises(ServiceUnavailable) as refused:
+        async with GatewayClient(as_team(settings, alpha), team="alpha"):
+            pass
+    # Expect one line saying the broker refused the request and what to do, not a bare nack
+    said = str(refused.value)
+    assert "the broker refused the request to the gateway" in said and "\n" not in said, said
+    assert "try again" in said
