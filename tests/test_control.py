@@ -35,6 +35,32 @@ from tests.support import running_gateway
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
+async def flood_control(
+    connection: aio_pika.abc.AbstractConnection, settings: Settings, team: Credentials
+) -> list[object]:
+    """Twice as many control requests as alpha's control queue holds, sent at once as alpha;
+    what each publish came to (a refusal past the bound is a DeliveryError)."""
+    assert team.user is not None
+    channel = await connection.channel(publisher_confirms=True)
+    replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+    await replies.consume(ignore, no_ack=True)
+    exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+    flood = [
+        exchange.publish(
+            control_message(
+                OpenReplyQueue(name="flood"),
+                team="alpha",
+                reply_to=DIRECT_REPLY_TO,
+                user=team.user,
+                key=None,
+            ),
+            routing_key="alpha.control",
+        )
+        for _ in range(2 * CONTROL_MAX_LENGTH)
+    ]
+    return await asyncio.gather(*flood, return_exceptions=True)
+
+
 def as_team(settings: Settings, credentials: Credentials) -> Settings:
     assert credentials.amqp_url is not None
     return settings.model_copy(update={"amqp_url": credentials.amqp_url})
@@ -316,24 +342,7 @@ async def test_a_teams_flood_of_control_requests_does_not_hold_up_another_teams(
         connection = await aio_pika.connect(alpha.amqp_url)
         async with connection:
             # Given alpha floods its control queue, without waiting for any answer
-            channel = await connection.channel(publisher_confirms=True)
-            replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-            await replies.consume(ignore, no_ack=True)
-            exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
-            flood = [
-                exchange.publish(
-                    control_message(
-                        OpenReplyQueue(name="flood"),
-                        team="alpha",
-                        reply_to=DIRECT_REPLY_TO,
-                        user=alpha.user,
-                        key=None,
-                    ),
-                    routing_key="alpha.control",
-                )
-                for _ in range(2 * CONTROL_MAX_LENGTH)
-            ]
-            sent = await asyncio.gather(*flood, return_exceptions=True)
+            sent = await flood_control(connection, settings, alpha)
             # When beta opens a client (one control request) while alpha's backlog waits
             async with GatewayClient(as_team(settings, teams["beta"]), team="beta"):
                 backlog = await depth(settings, topology.control_queue("alpha"))
@@ -352,24 +361,7 @@ async def test_a_client_whose_control_request_the_broker_refuses_says_so_in_one_
     assert alpha.amqp_url is not None and alpha.user is not None
     connection = await aio_pika.connect(alpha.amqp_url)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-        await replies.consume(ignore, no_ack=True)
-        exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
-        filling = [
-            exchange.publish(
-                control_message(
-                    OpenReplyQueue(name="filler"),
-                    team="alpha",
-                    reply_to=DIRECT_REPLY_TO,
-                    user=alpha.user,
-                    key=None,
-                ),
-                routing_key="alpha.control",
-            )
-            for _ in range(2 * CONTROL_MAX_LENGTH)
-        ]
-        sent = await asyncio.gather(*filling, return_exceptions=True)
+        sent = await flood_control(connection, settings, alpha)
     assert any(isinstance(result, DeliveryError) for result in sent)  # full
     # When alpha opens a client
     with pytest.raises(ServiceUnavailable) as refused:
