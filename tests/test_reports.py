@@ -160,6 +160,7 @@ async def test_usage_csv_is_one_team_plain_numbers_and_no_formulas(
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
     # Given alpha's free job on a model named like a spreadsheet formula, and beta's paid job
+    await add_team(pool, "alpha")
     formula = '=HYPERLINK("http://attacker.example","invoice")'
     day = datetime(2026, 3, 5, tzinfo=UTC)
     await insert_usage(
