@@ -72,8 +72,16 @@ def redact_url(url: str) -> str:
     if url_problem(url, several_hosts=True, hostless=True) is not None:
         return UNPARSABLE
     parts = urlsplit(url)
+    # libpq takes a password in the query too (?password=, ?sslpassword=): hide any option
+    # whose name says it holds a secret.
+    query = _SECRET_OPTION.sub(r"\1=***", parts.query)
     if parts.password is None:
-        return url
+        return urlunsplit(parts._replace(query=query))
     credentials, _, hosts = parts.netloc.rpartition("@")
     user = credentials.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}" if user else hosts))
+    netloc = f"{user}:***@{hosts}" if user else hosts
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_SECRET_OPTION = re.compile(r"(?i)(?<![^&;])([^&;=]*(?:pass|secret|token|key)[^&;=]*)=[^&;]*")
+"""A query option whose name holds "pass", "secret", "token" or "key", and its value."""

@@ -151,3 +151,18 @@ async def test_an_infinite_lease_stops_the_worker_in_one_line() -> None:
         "error: invalid QUEUEGATE_CLAIM_LEASE: Input should be a finite number: correct it and "
         "run again"
     ]
+
+
+async def test_a_password_in_a_urls_query_is_hidden_too() -> None:
+    # Given a database URL whose password is also given as libpq reads it, in the query, on a
+    # port nothing listens on
+    url = "postgresql://u:Zq9SekrD@127.0.0.1:1/test?password=Zq9SekrE&application_name=qg"
+    assert redact_url(url) == (
+        "postgresql://u:***@127.0.0.1:1/test?password=***&application_name=qg"
+    )
+    # When a command cannot reach it
+    code, line, _ = await _failed_cli(
+        {**os.environ, "QUEUEGATE_DATABASE_URL": url}, "teams", "list"
+    )
+    # Expect one line naming it without either password
+    assert code == 1 and "Zq9Sekr" not in line and "PostgreSQL" in line, line
