@@ -27,6 +27,21 @@ class Keys:
         is stored (workers/lua/claim.lua)."""
         return f"{self.prefix}:claim:{team}:{job_id}"
 
+    def claimed(self, claim: str) -> tuple[str, str]:
+        """The team and job id a claim key (``claim``) is of. The team is that of the queue
+        the job came on (a worker checks the job's against it before claiming), and a team
+        name has no ':', so the job id, which the producer chose, cannot name another team."""
+        team, _, job_id = claim.removeprefix(f"{self.prefix}:claim:").partition(":")
+        return team, job_id
+
+    @property
+    def lapsing(self) -> str:
+        """Sorted set: the claim keys of jobs with a deadline whose delivery recorded a
+        provider call, by when that deadline and a lease have passed; a claim leaves it when
+        its outcome is stored. A job that expired in its queue after its worker died
+        mid-call is billed from it (workers/lua/sweep.lua)."""
+        return f"{self.prefix}:lapsing"
+
     def failures(self, team: str, job_id: str) -> str:
         """How many of a job's deliveries failed (died in a provider call, or were returned
         on a failure): past the delivery limit it is dead-lettered (workers/lua/claim.lua)."""

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import aio_pika
+import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -15,12 +19,17 @@ import redis.asyncio as aioredis
 from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
+from queuegate.errors import DeadlineExceeded
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
+from queuegate.messages import ChatJob
 from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from tests.support import Gateway, running_gateway, wait_until
+from workers.claims import Claim, ClaimedJob, Claims, LostCall
+from workers.outcome import Outcome, Timing, failed
+from workers.usage_record import UsageRecord
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 SLOW = MockConfig(default=Behavior(latency_ms=300))
@@ -212,9 +221,76 @@ async def test_an_outcome_stored_again_by_its_own_delivery_is_still_its_own(
     # must announce its own outcome, not find it "stored first by another delivery".
     finish = redis_client.register_script(lua_source("workers", "finish"))
     keys = Keys(settings.redis_prefix)
-    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1")]
+    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1"), keys.lapsing]
     first = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])
     again = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])
     other = await finish(keys=names, args=["f" * 64 + '{"a": 2}', 60])
     assert first is None and again is None
     assert other == b"f" * 64 + b'{"a": 1}'
+
+
+def _expired(job: ClaimedJob) -> Outcome:
+    return failed(job.job_id, job.team, job.model, DeadlineExceeded("expired"), Timing(0, "t"))
+
+
+async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    keys = Keys(settings.redis_prefix)
+
+    def worker(name: str) -> Claims:
+        return Claims(
+            redis_client,
+            keys,
+            UsageRecord(pool),
+            worker=name,
+            lease=5.0,
+            wait=10.0,
+            ttl=60,
+            lookup_wait=5.0,
+            delivery_limit=5,
+        )
+
+    # Given 30 jobs past their deadlines (and a lease) whose owners recorded a call, then
+    # died (their leases lapsed)
+    dead = worker("dead")
+    await dead.start()
+    passed = datetime.now(UTC) - timedelta(seconds=10)
+    hello = [{"role": "user", "content": "hi"}]
+    jobs = [
+        ChatJob(job_id=f"j{i}", team="alpha", model="gpt-4o-mini", messages=hello, deadline=passed)
+        for i in range(30)
+    ]
+    call = LostCall(model="gpt-4o-mini", deployment="d", provider="p", cost_usd=Decimal(1))
+    for job in jobs:
+        claim = await dead.take(job, redelivered=False)
+        assert isinstance(claim, Claim)
+        await claim.record(call)
+        await claim.abandon()
+    assert await redis_client.zcard(keys.lapsing) == 30
+
+    # When three workers sweep while each job is delivered once more, all at once, and
+    # whoever takes a job's claim stores its outcome
+    async def sweep(claims: Claims) -> list[tuple[str, int]]:
+        taken = await claims.lapsed()
+        for claim in taken:
+            await claim.finish(_expired(claim.job))
+        return [(claim.job.job_id, len(claim.lost)) for claim in taken]
+
+    late = worker("late")
+
+    async def deliver(job: ChatJob) -> list[tuple[str, int]]:
+        claim = await late.take(job, redelivered=False)
+        if not isinstance(claim, Claim):
+            return []  # answered from the outcome a sweep stored
+        await claim.finish(_expired(claim.job))
+        return [(job.job_id, len(claim.lost))]
+
+    sweepers = [worker(f"sweeper-{i}") for i in range(3)]
+    taken = await asyncio.gather(*map(sweep, sweepers), *map(deliver, jobs))
+
+    # Expect each job's lost call taken by exactly one of them, and nothing left to sweep
+    billed = [entry for entries in taken for entry in entries]
+    assert Counter(job_id for job_id, _ in billed) == {job.job_id: 1 for job in jobs}
+    assert all(lost == 1 for _, lost in billed)
+    assert await redis_client.zcard(keys.lapsing) == 0

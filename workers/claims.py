@@ -7,7 +7,7 @@ Redis, in the same script call that looks for the job's stored outcome::
     claim = await claims.take(job, redelivered=message.redelivered)
     # Outcome: answered before; IdempotencyConflict, AlreadyAnswered: refused;
     # Busy: another delivery holds it past claim_wait, so this one goes back to its queue
-    outcome = ...  # the router called with claim.gate(ticket) as its gate
+    outcome = ...  # the router called with claim.gate(job, ticket, catalog) as its gate
     outcome = await claim.finish(claim.account(outcome))  # what the job is announced with
 
 - The claim has an owner (the worker and a token of the delivery) and a lease, renewed by
@@ -22,6 +22,12 @@ Redis, in the same script call that looks for the job's stored outcome::
   (``lua/bind.lua``, ``binding``), so it refuses a different request itself.
 - Each call is recorded in the claim before it leaves; a delivery that takes over a lapsed
   claim accounts the call its owner had in flight (``lost``, priced at its estimate).
+- A job with a deadline may expire in its queue after its owner died mid-call: the broker
+  dead-letters it, and no delivery comes back to account the call. Its claim is on the
+  namespace's lapsing claims from its first recorded call until its outcome is stored (in
+  the scripts that record and store: no round trip of its own), and a worker's sweep
+  (``lapsed``) takes it past its deadline and a lease, to be billed as a delivery taking it
+  over would bill it (``lua/sweep.lua``).
 - Redis remembers outcomes for ``result_ttl``. When it lost its data less than that ago
   (the memory epoch key says when), while that cannot be told (no epoch, PostgreSQL
   unreachable, Redis unreachable), and for every redelivered job, PostgreSQL's usage row is
@@ -39,7 +45,9 @@ import contextlib
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NamedTuple, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -69,6 +77,24 @@ FINGERPRINT = 64
 SETTLE = 60.0
 """Seconds a provisional memory epoch lasts (Redis found empty with nothing accounted within
 ``result_ttl`` before): time for usage events already on their way to be accounted."""
+
+
+SWEPT = 100
+"""Lapsing claims one sweep looks at: the rest wait for the next."""
+
+
+class ClaimedJob(NamedTuple):
+    """What a claim knows of its job: a sweep has no more of it (its message is gone)."""
+
+    team: str
+    job_id: str
+    model: str
+    """The model the job asked for: its budget's scope, and its usage row's."""
+    deadline: datetime | None = None
+
+    @classmethod
+    def of(cls, job: ChatJob) -> ClaimedJob:
+        return cls(job.team, job.job_id, job.model, job.deadline)
 
 
 class Busy(Exception):
@@ -119,6 +145,7 @@ class Claims:
         self._ttl = ttl
         self._lookup_wait = lookup_wait
         self._claim: AsyncScript = client.register_script(lua_source("workers", "claim"))
+        self._sweep: AsyncScript = client.register_script(lua_source("workers", "sweep"))
         self._epoch_keys = [keys.memory_epoch, keys.replication]
         self._hold: AsyncScript = client.register_script(lua_source("workers", "hold"))
         self._finish: AsyncScript = client.register_script(lua_source("workers", "finish"))
@@ -174,7 +201,7 @@ class Claims:
                 # Unclaimed, and the memory epoch unknown: never past PostgreSQL's record
                 # that it was answered.
                 await self._not_accounted(job)
-                return Claim(self, job, fingerprint, key)
+                return Claim(self, ClaimedJob.of(job), fingerprint, key)
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
@@ -192,7 +219,7 @@ class Claims:
                 if stored is not None:
                     return stored
                 log.warning("stored outcome of job %s is unreadable; serving it", job.job_id)
-                return Claim(self, job, fingerprint, key)
+                return Claim(self, ClaimedJob.of(job), fingerprint, key)
             if status == "claimed":
                 break
             left = give_up - time.monotonic()
@@ -200,8 +227,8 @@ class Claims:
                 raise Busy(f"job {job.job_id} is held by {reply[1].decode()}")
             await asyncio.sleep(min(pause, left, int(reply[2]) / 1000))
             pause = min(pause * 2, LAST_POLL)
-        lost = [LostCall.model_validate_json(line) for line in reply[1].decode().splitlines()]
-        claim = Claim(self, job, fingerprint, key, owner=owner, lost=lost)
+        lost = _lost(reply[1])
+        claim = Claim(self, ClaimedJob.of(job), fingerprint, key, owner=owner, lost=lost)
         self._held[key] = owner
         try:
             if redelivered or await self._must_check(reply[2]):
@@ -210,6 +237,36 @@ class Claims:
             await claim.abandon()
             raise
         return claim
+
+    async def lapsed(self) -> list[Claim]:
+        """Claims of jobs past their deadline and a lease whose dead owners' calls are on
+        record, now held here to be billed: their jobs expired in their queues, and no
+        delivery comes back for them. Each one is taken once, whichever sweeps or late
+        deliveries race for it (``lua/sweep.lua``)."""
+        claims: list[Claim] = []
+        try:
+            due = cast(
+                "list[bytes]",
+                await self._client.zrangebyscore(
+                    self._keys.lapsing, "-inf", time.time() * 1000, start=0, num=SWEPT
+                ),
+            )
+            for raw in due:
+                key = raw.decode()
+                owner = f"{self._worker}/{uuid.uuid4().hex[:12]}"
+                keys = [key, self._keys.lapsing]
+                reply = await self._sweep(keys=keys, args=[owner, self._lease_ms])
+                if reply[0] != b"claimed":
+                    continue
+                # The team the key names: the one whose queue the job came on.
+                team, job_id = self._keys.claimed(key)
+                job = ClaimedJob(team, job_id, reply[3].decode())
+                lost = _lost(reply[1])
+                claims.append(Claim(self, job, reply[2].decode(), key, owner=owner, lost=lost))
+                self._held[key] = owner
+        except RedisError as exc:
+            self._outage.failed(exc)  # the claims not taken are swept next time
+        return claims
 
     async def returned(self, team: str, job_id: str) -> None:
         """Count a delivery of the job that a worker returns to its queue on a failure."""
@@ -288,29 +345,40 @@ class Claims:
             return True
         return self._verdict(raw) is not False
 
-    async def hold(self, key: str, owner: str, call: LostCall | None = None) -> None:
-        """Renew a claim now, with the call about to leave when there is one."""
-        await self._hold_for(key, owner, self._lease_ms, call)
+    async def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> None:
+        """Renew a claim now, with the call about to leave."""
+        await self._hold_for(key, owner, self._lease_ms, self._recorded(job, call))
 
     async def let_go(self, key: str, owner: str) -> None:
         """End the claim's lease now (its record stays): the next delivery takes over."""
         self.forget(key, owner)
-        await self._hold_for(key, owner, 0, None)
+        await self._hold_for(key, owner, 0, [""])
 
     def forget(self, key: str, owner: str) -> None:
         """Stop renewing the claim."""
         if self._held.get(key) == owner:
             del self._held[key]
 
-    def hold_call(self, key: str, owner: str, call: LostCall) -> Call:
+    def hold_call(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Call:
         """``hold`` with ``call`` as a script call, to ride with another (a deployment's
         take: ``Ticket.enter``)."""
-        return Call("hold", [key], [owner, self._lease_ms, call.model_dump_json()])
+        recorded = self._recorded(job, call)
+        return Call("hold", [key, self._keys.lapsing], [owner, self._lease_ms, *recorded])
 
-    async def _hold_for(self, key: str, owner: str, lease_ms: int, call: LostCall | None) -> None:
-        encoded = "" if call is None else call.model_dump_json()
+    def _recorded(self, job: ClaimedJob, call: LostCall) -> list[str | int]:
+        """``hold.lua``'s arguments recording ``call``: with a deadline, when a sweep may
+        take the claim (a lease after it, when a dead owner's lease has surely lapsed)."""
+        if job.deadline is None:
+            return [call.model_dump_json()]
+        deadline = job.deadline if job.deadline.tzinfo else job.deadline.replace(tzinfo=UTC)
+        due = int(deadline.timestamp() * 1000) + self._lease_ms
+        return [call.model_dump_json(), due, job.model]
+
+    async def _hold_for(
+        self, key: str, owner: str, lease_ms: int, recorded: list[str | int]
+    ) -> None:
         try:
-            await self._hold(keys=[key], args=[owner, lease_ms, encoded])
+            await self._hold(keys=[key, self._keys.lapsing], args=[owner, lease_ms, *recorded])
         except RedisError as exc:
             self._outage.failed(exc)
 
@@ -323,7 +391,7 @@ class Claims:
 
     async def store(
         self,
-        job: ChatJob,
+        job: ClaimedJob,
         fingerprint: str,
         outcome: Outcome,
         settlement: Settlement | None = None,
@@ -332,14 +400,15 @@ class Claims:
         in the same round trip; the outcome stored before, if any."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
+        keys = [key, result, self._keys.lapsing]
         # Captured prompts go to the audit table only, never into Redis.
         stored = fingerprint + outcome.model_dump_json(exclude={"usage": {"content"}})
         try:
             if settlement is None:
-                earlier = await self._finish(keys=[key, result], args=[stored, self._ttl])
+                earlier = await self._finish(keys=keys, args=[stored, self._ttl])
             else:
                 # The store first: its reply never stops the round trip (lua/batch.lua).
-                finish = Call("finish", [key, result], [stored, self._ttl])
+                finish = Call("finish", keys, [stored, self._ttl])
                 earlier, *settled = await self._scripts.run_all([finish, *settlement.calls])
                 settlement.done(settled)
         except RedisError as exc:
@@ -354,7 +423,7 @@ class Claim:
     def __init__(
         self,
         claims: Claims,
-        job: ChatJob,
+        job: ClaimedJob,
         fingerprint: str,
         key: str,
         *,
@@ -375,19 +444,21 @@ class Claim:
         """Whether admission took their charge to the ledger (``Admission.admit``)."""
         self._settlement: Settlement | None = None
 
-    def gate(self, ticket: Ticket, catalog: Catalog) -> AttemptGate:
-        """``ticket`` that also records each call in the claim before it leaves."""
-        return _Recording(self, ticket, catalog)
+    def gate(self, job: ChatJob, ticket: Ticket, catalog: Catalog) -> AttemptGate:
+        """``ticket`` that also records each call of ``job`` in the claim before it leaves."""
+        return _Recording(self, job, ticket, catalog)
 
     async def record(self, call: LostCall) -> None:
         """Note the call about to leave: lost, should this owner die before its outcome."""
         if self._owner is not None:
-            await self._claims.hold(self._key, self._owner, call)
+            await self._claims.hold(self._key, self._owner, self.job, call)
 
     def recording(self, call: LostCall) -> Call | None:
         """``record`` as a script call, to ride with the take that lets the call go; None
         when unclaimed."""
-        return None if self._owner is None else self._claims.hold_call(self._key, self._owner, call)
+        if self._owner is None:
+            return None
+        return self._claims.hold_call(self._key, self._owner, self.job, call)
 
     def settle_with(self, settlement: Settlement | None) -> None:
         """Run the job's admission settles with the outcome's store (``finish``), or on their
@@ -442,13 +513,14 @@ class Claim:
 class _Recording:
     """The router's gate: the admission ticket, then the call recorded in the claim."""
 
-    def __init__(self, claim: Claim, ticket: Ticket, catalog: Catalog) -> None:
+    def __init__(self, claim: Claim, job: ChatJob, ticket: Ticket, catalog: Catalog) -> None:
         self._claim = claim
+        self._job = job
         self._ticket = ticket
         self._catalog = catalog
 
     async def enter(self, deployment: Deployment) -> None:
-        job = self._claim.job
+        job = self._job
         alias = next(
             (
                 alias
@@ -469,6 +541,11 @@ class _Recording:
 
     async def rate_limited(self, deployment: Deployment) -> None:
         await self._ticket.rate_limited(deployment)
+
+
+def _lost(raw: bytes) -> list[LostCall]:
+    """The calls lapsed owners had in flight, as a claim keeps them (one JSON a line)."""
+    return [LostCall.model_validate_json(line) for line in raw.decode().splitlines()]
 
 
 def _text(raw: bytes | str | None) -> bytes:

@@ -256,15 +256,57 @@ class JobProcessor:
     ) -> Announcement:
         """Store and announce the outcome of a delivery that held the claim, with the calls
         its lapsed owners made on its usage row and in its budget ledger."""
-        if claim.lost and not claim.charged:
-            await self._admission.charge(claim.job, claim.lost_usd)
         try:
-            stamped = claim.account(await admitted.stamp(outcome))
+            stamped = await admitted.stamp(outcome)
         except BaseException:
             await claim.settle()  # what would have ridden with the store
             raise
-        outcome = await claim.finish(stamped)
+        outcome = await claim.finish(await self._billed(claim, stamped))
         return self._finished(outcome, reply_to, error)
+
+    async def _billed(self, claim: Claim, outcome: Outcome) -> Outcome:
+        """The outcome of a job whose claim this delivery (or sweep) holds, with the calls
+        its lapsed owners made on its usage row and in its result, and charged to its
+        budget ledger."""
+        if claim.lost and not claim.charged:
+            job = claim.job
+            await self._admission.charge(job.team, job.model, job.job_id, claim.lost_usd)
+        return claim.account(outcome)
+
+    async def sweep(self) -> None:
+        """Bill the calls lost with dead owners of jobs that then expired in their queues
+        (``Claims.lapsed``), as their redeliveries would have: a usage row under the job's
+        id with the calls, and the ledger charged. Each job's outcome is stored
+        ``deadline_exceeded``, so a delivery of it still to come is answered from it."""
+        timing = Timing(0.0, self._worker)
+        for claim in await self._claims.lapsed():
+            job = claim.job
+            expired = DeadlineExceeded(
+                f"deadline passed in the queue after the worker calling it stopped; its "
+                f"{len(claim.lost)} lost call(s) are billed"
+            )
+            try:
+                outcome = await self._billed(
+                    claim, failed(job.job_id, job.team, job.model, expired, timing)
+                )
+                # Accounted before the claim ends, so that a sweep that fails between the two
+                # is swept again (usage_log keeps a job's first row, the charge replaces its
+                # entry); into no reply queue: the client's wait ended with its deadline.
+                usage = Announcement.of(outcome, None).usage
+                if usage is not None:
+                    await self._publisher.usage(usage)
+                await claim.finish(outcome)
+            except Exception:
+                # A service gone (or a fault here): the claim is let go, to be swept again.
+                log.exception("lapsed job %s of team %s is swept again later", job.job_id, job.team)
+                await claim.abandon()
+                continue
+            log.info(
+                "job %s of team %s expired after its worker died mid-call: its lost calls "
+                "are billed",
+                job.job_id,
+                job.team,
+            )
 
     async def _unreceivable(
         self, message: AbstractIncomingMessage, reply_to: str | None
@@ -371,7 +413,7 @@ class JobProcessor:
                 job,
                 deadline=deadline,
                 on_delta=relay,
-                gate=claim.gate(ticket, self._router.catalog),
+                gate=claim.gate(job, ticket, self._router.catalog),
                 unsupported_params=self._admission.config(job.team).unsupported_params,
             )
         except BaseException as exc:

@@ -199,6 +199,8 @@ class Worker:
                         # The consumers it has come back with the channel (_on_reopen); new
                         # teams and limits next time.
                         log.warning("broker unavailable (%s); teams are refreshed later", exc)
+                    # With the refresh: a lapsed claim waits for a sweep, never a job.
+                    await self._processor.sweep()
             await self._drain()
             await publisher.close()
         finally:

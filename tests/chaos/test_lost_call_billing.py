@@ -1,5 +1,6 @@
 """Chaos: the call a SIGKILLed worker had in flight is billed once, on the job's usage row and
-in its budget ledger alike, whether its job is called again or refused before any cost."""
+in its budget ledger alike, whether its job is called again, refused before any cost, or
+expires in its queue with no delivery coming back (swept by another worker)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -20,7 +22,14 @@ from queuegate.keys import Keys
 from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import current_month, spend_drift
-from tests.chaos.harness import declare_teams, start_worker, stop_workers, usage_rows, worker_env
+from tests.chaos.harness import (
+    dead_lettered,
+    declare_teams,
+    start_worker,
+    stop_workers,
+    usage_rows,
+    worker_env,
+)
 from tests.support import running_accountant
 from tests.teams import register
 
@@ -29,21 +38,23 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 @asynccontextmanager
 async def killed_mid_call(
-    settings: Settings, mock: MockProvider
+    settings: Settings, mock: MockProvider, deadline: timedelta | None = None
 ) -> AsyncIterator[tuple[AsyncExitStack, JobHandle, asyncpg.Pool, dict[str, str]]]:
-    """A budgeted team's job whose worker is SIGKILLed while the provider holds its call;
-    accounting runs without reconciling, so the ledger shows what the workers settled. The
-    client closes with the stack yielded (early when the test closes it)."""
+    """A budgeted team's job (due within ``deadline``) whose worker is SIGKILLed while the
+    provider holds its call; accounting runs without reconciling, so the ledger shows what
+    the workers settled. The client closes with the stack yielded (early when the test
+    closes it). Workers on the environment yielded sweep lapsed claims twice a second."""
     await register(settings, "alpha", TeamConfig(budget_usd=Decimal(5)))
     await declare_teams(settings, ("alpha",))
-    env = worker_env(settings, mock, QUEUEGATE_CLAIM_LEASE="1")
+    env = worker_env(settings, mock, QUEUEGATE_CLAIM_LEASE="1", QUEUEGATE_TEAMS_REFRESH="0.5")
     worker = await start_worker(env, ("alpha",))
     pool = await create_pool(settings)
     unreconciled = settings.model_copy(update={"spend_reconcile_interval": 86400})
     try:
         async with running_accountant(unreconciled), AsyncExitStack() as stack:
             client = await stack.enter_async_context(GatewayClient(settings, team="alpha"))
-            handle = await client.submit(client.job("gpt-4o-mini", HELLO, max_tokens=50))
+            job = client.job("gpt-4o-mini", HELLO, max_tokens=50, deadline=deadline)
+            handle = await client.submit(job)
             async with asyncio.timeout(60):
                 await mock.wait_for_calls(1)
             worker.send_signal(signal.SIGKILL)
@@ -147,3 +158,45 @@ async def test_a_lost_call_whose_job_is_refused_over_budget_is_charged_as_its_ro
     assert result.gateway is not None
     assert result.gateway.cost_usd == Decimal(row["cost_usd"]) > 0
     assert drift == 0
+
+
+async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sweep(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job due in 8 s whose worker is killed mid-call, and no other worker taking
+    # its team's jobs
+    await register(settings, "beta", TeamConfig())
+    await declare_teams(settings, ("beta",))
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (_, handle, pool, env),
+    ):
+        # When it expires in its queue (dead-lettered by the broker) and a worker of
+        # another team sweeps
+        assert await dead_lettered(settings, expected=1, timeout=30) == 1
+        sweepers = [await start_worker(env, ("beta",)) for _ in range(2)]
+        try:
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+            rows = await pool.fetch("SELECT * FROM usage_log")
+        finally:
+            await stop_workers(sweepers)
+        drift = await ledger_drift(redis_client, pool, settings)
+        keys = Keys(settings.redis_prefix)
+        lapsing = await redis_client.zcard(keys.lapsing)
+        claimed = await redis_client.exists(keys.claim("alpha", handle.job_id))
+        stored = await redis_client.get(keys.result("alpha", handle.job_id))
+        calls = mock.stats.calls
+
+    # Expect one row under the job's own id, for its team, carrying the lost call at its
+    # estimate, which the ledger charges too; no second call
+    assert calls == 1
+    assert [(r["job_id"], r["team"], r["error_code"]) for r in rows] == [
+        (handle.job_id, "alpha", "deadline_exceeded")
+    ]
+    assert [a["error"] for a in rows[0]["attempt_log"]] == ["lost"]
+    assert Decimal(rows[0]["cost_usd"]) > 0
+    assert drift == 0
+    # ... and nothing left that a sweep or a late delivery could bill again: the claim is
+    # gone, the job's outcome stored (a delivery still to come is answered from it)
+    assert (lapsing, claimed) == (0, 0)
+    assert stored is not None and b"deadline_exceeded" in stored

@@ -162,7 +162,7 @@ class Admission:
         except Exception:
             # Refused before it reserved (too large, over budget): its lapsed owners' calls
             # are charged all the same.
-            await self.charge(job, lost)
+            await self.charge(job.team, job.model, job.job_id, lost)
             raise
         try:
             ticket.team_limits = limits
@@ -200,13 +200,14 @@ class Admission:
             until,
         )
 
-    async def charge(self, job: ChatJob, lost: Decimal) -> None:
-        """Charge ``lost`` to the job's budget entry (what its lapsed owners reserved), for a
-        job refused before its own reservation: the ledger holds what its usage row does."""
+    async def charge(self, team: str, model: str, job_id: str, lost: Decimal) -> None:
+        """Charge ``lost`` to the budget entry of ``team``'s job ``job_id`` asking for
+        ``model`` (what its lapsed owners reserved), for a job refused before its own
+        reservation, or swept: the ledger holds what its usage row does."""
         if lost <= 0:
             return
-        config = self.config(job.team)
-        call = self._budgets.charge_call(job.team, job.model, config, to_nano(lost), job.job_id)
+        config = self.config(team)
+        call = self._budgets.charge_call(team, model, config, to_nano(lost), job_id)
         if call is not None:
             await self.settle(Settlement([call], lambda _: None))
 

@@ -2,6 +2,7 @@
 --
 -- KEYS[1]  the job's claim (hash; see claim.lua)
 -- KEYS[2]  the job's stored outcome
+-- KEYS[3]  the namespace's lapsing claims (see hold.lua): the claim leaves them
 -- ARGV[1]  fingerprint then outcome JSON
 -- ARGV[2]  ttl, seconds
 --
@@ -12,6 +13,7 @@
 
 local stored = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], KEYS[1])
 if stored == ARGV[1] then
   return false
 end

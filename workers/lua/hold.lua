@@ -2,9 +2,15 @@
 -- ARGV[1] still owns it.
 --
 -- KEYS[1]  the job's claim (hash; see claim.lua)
+-- KEYS[2]  the namespace's lapsing claims (sorted set: claim key by when its job's deadline
+--          and a lease have passed; see sweep.lua); only read with ARGV[4]
 -- ARGV[1]  owner
 -- ARGV[2]  lease from now, ms (0: let it go now, so the next delivery takes over at once)
 -- ARGV[3]  the call about to leave (JSON), or '' to leave the recorded one as it is
+-- ARGV[4]  with a call, for a job with a deadline: when a sweep may bill the call should the
+--          job expire in its queue (ms since the epoch), or '' (no deadline: its delivery
+--          always comes back)
+-- ARGV[5]  with ARGV[4]: the model the job asked for (its budget's scope, its usage row's)
 --
 -- Returns 1 while ARGV[1] owns the claim, 0 once another delivery took it over.
 
@@ -16,5 +22,9 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])))
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'attempt', ARGV[3])
+  if ARGV[4] and ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[1], 'model', ARGV[5])
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), KEYS[1])
+  end
 end
 return 1

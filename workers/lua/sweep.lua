@@ -1,0 +1,39 @@
+-- Take a lapsing claim (hold.lua) to bill the calls its dead owners made, when its job
+-- expired in its queue and no delivery of it will come back. Decided on the claim's own
+-- state, so a delivery that came back (claim.lua), or another sweep, and this one never
+-- both take the calls: the taker stores the job's outcome (finish.lua), and the others are
+-- answered from it.
+--
+-- KEYS[1]  the job's claim (hash; see claim.lua)
+-- KEYS[2]  the namespace's lapsing claims (sorted set; see hold.lua)
+-- ARGV[1]  owner (the sweeping worker and a token of this sweep)
+-- ARGV[2]  lease, ms
+--
+-- Returns one of:
+--   {'held'}                        a live delivery (or sweep) holds it: looked at again
+--                                   once that lease lapses, and finished by its holder
+--   {'none'}                        gone, or no call on record: left alone from now
+--   {'claimed', lost, fp, model}    held now; lost: the calls (one JSON object a line), fp:
+--                                   the request's fingerprint, model: the one it asked for
+
+local claim = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'lease', 'attempt', 'lost', 'model')
+local fp, owner, lease, attempt, lost, model = claim[1], claim[2], claim[3], claim[4], claim[5],
+  claim[6]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+if owner and tonumber(lease) > now then
+  redis.call('ZADD', KEYS[2], 'XX', tonumber(lease), KEYS[1])
+  return {'held'}
+end
+lost = lost or ''
+if attempt then
+  lost = lost .. attempt .. '\n'
+end
+if not fp or lost == '' then
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  return {'none'}
+end
+redis.call('HDEL', KEYS[1], 'attempt')
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease',
+  string.format('%d', now + tonumber(ARGV[2])), 'lost', lost)
+return {'claimed', lost, fp, model or ''}
