@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from producer.client import JobHandle
+from queuegate import dlq
 from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig, set_team_config
@@ -160,7 +161,7 @@ async def test_a_lost_call_whose_job_is_refused_over_budget_is_charged_as_its_ro
     assert drift == 0
 
 
-async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sweep(
+async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sweep_and_replay(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job due in 8 s whose worker is killed mid-call, and no other worker taking
@@ -185,6 +186,15 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
         lapsing = await redis_client.zcard(keys.lapsing)
         claimed = await redis_client.exists(keys.claim("alpha", handle.job_id))
         stored = await redis_client.get(keys.result("alpha", handle.job_id))
+        # ... and when it is then replayed from the dead letters to a worker of its team
+        mock.configure(MockConfig())
+        worker = await start_worker(env, ("alpha",))
+        try:
+            replayed, _ = await dlq.replay(settings, {handle.job_id})
+            result = await handle.result(timeout=60)
+        finally:
+            await stop_workers([worker])
+        replay_drift = await ledger_drift(redis_client, pool, settings)
         calls = mock.stats.calls
 
     # Expect one row under the job's own id, for its team, carrying the lost call at its
@@ -200,3 +210,10 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
     # gone, the job's outcome stored (a delivery still to come is answered from it)
     assert (lapsing, claimed) == (0, 0)
     assert stored is not None and b"deadline_exceeded" in stored
+    # ... and the replay answered from that outcome, telling the client the row's cost,
+    # without a call or a charge
+    assert len(replayed) == 1
+    assert result.error is not None and result.error.code == "deadline_exceeded"
+    assert result.gateway is not None
+    assert result.gateway.cost_usd == Decimal(rows[0]["cost_usd"])
+    assert replay_drift == 0
