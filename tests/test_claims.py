@@ -16,6 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from accounting.store import insert_usage
 from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
@@ -233,33 +234,32 @@ def _expired(job: ClaimedJob) -> Outcome:
     return failed(job.job_id, job.team, job.model, DeadlineExceeded("expired"), Timing(0, "t"))
 
 
-async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
-) -> None:
-    keys = Keys(settings.redis_prefix)
+def _claims(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, name: str
+) -> Claims:
+    """A worker's claims, with a lease of 5 s."""
+    return Claims(
+        redis_client,
+        Keys(settings.redis_prefix),
+        UsageRecord(pool),
+        worker=name,
+        lease=5.0,
+        wait=10.0,
+        ttl=60,
+        lookup_wait=5.0,
+        delivery_limit=5,
+    )
 
-    def worker(name: str) -> Claims:
-        return Claims(
-            redis_client,
-            keys,
-            UsageRecord(pool),
-            worker=name,
-            lease=5.0,
-            wait=10.0,
-            ttl=60,
-            lookup_wait=5.0,
-            delivery_limit=5,
-        )
 
-    # Given 30 jobs past their deadlines (and a lease) whose owners recorded a call, then
-    # died (their leases lapsed)
-    dead = worker("dead")
+async def _lapsed_jobs(dead: Claims, count: int) -> list[ChatJob]:
+    """``count`` jobs past their deadlines (and a lease) whose owner (``dead``) recorded a
+    call, then died (its leases lapsed)."""
     await dead.start()
     passed = datetime.now(UTC) - timedelta(seconds=10)
     hello = [{"role": "user", "content": "hi"}]
     jobs = [
         ChatJob(job_id=f"j{i}", team="alpha", model="gpt-4o-mini", messages=hello, deadline=passed)
-        for i in range(30)
+        for i in range(count)
     ]
     call = LostCall(model="gpt-4o-mini", deployment="d", provider="p", cost_usd=Decimal(1))
     for job in jobs:
@@ -267,6 +267,19 @@ async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery
         assert isinstance(claim, Claim)
         await claim.record(call)
         await claim.abandon()
+    return jobs
+
+
+async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    keys = Keys(settings.redis_prefix)
+
+    def worker(name: str) -> Claims:
+        return _claims(settings, redis_client, pool, name)
+
+    # Given 30 jobs past their deadlines whose owners died with a call recorded
+    jobs = await _lapsed_jobs(worker("dead"), 30)
     assert await redis_client.zcard(keys.lapsing) == 30
 
     # When three workers sweep while each job is delivered once more, all at once, and
@@ -294,3 +307,19 @@ async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery
     assert Counter(job_id for job_id, _ in billed) == {job.job_id: 1 for job in jobs}
     assert all(lost == 1 for _, lost in billed)
     assert await redis_client.zcard(keys.lapsing) == 0
+
+
+async def test_a_lapsed_claim_of_a_job_usage_log_records_is_not_swept(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a job past its deadline whose owner died with a call recorded, though its
+    # usage row is written (the store of its outcome was lost to a Redis fault)
+    [job] = await _lapsed_jobs(_claims(settings, redis_client, pool, "dead"), 1)
+    await insert_usage(pool, [_expired(ClaimedJob.of(job)).usage])
+
+    # When a worker sweeps
+    swept = await _claims(settings, redis_client, pool, "sweeper").lapsed()
+
+    # Expect nothing to bill, and the claim off the lapsing claims (left to its lease)
+    assert swept == []
+    assert await redis_client.zcard(Keys(settings.redis_prefix).lapsing) == 0

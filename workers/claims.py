@@ -54,7 +54,7 @@ from pydantic import ValidationError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from queuegate.errors import AlreadyAnswered, IdempotencyConflict
+from queuegate.errors import AlreadyAnswered, IdempotencyConflict, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob
 from queuegate.outage import OutageLog
@@ -242,7 +242,9 @@ class Claims:
         """Claims of jobs past their deadline and a lease whose dead owners' calls are on
         record, now held here to be billed: their jobs expired in their queues, and no
         delivery comes back for them. Each one is taken once, whichever sweeps or late
-        deliveries race for it (``lua/sweep.lua``)."""
+        deliveries race for it (``lua/sweep.lua``). One that usage_log records was answered
+        (its outcome's store lost to a Redis fault) and is left to lapse, as a redelivery
+        would leave it; one PostgreSQL cannot tell of is swept again next time."""
         claims: list[Claim] = []
         try:
             due = cast(
@@ -262,8 +264,19 @@ class Claims:
                 team, job_id = self._keys.claimed(key)
                 job = ClaimedJob(team, job_id, reply[3].decode())
                 lost = _lost(reply[1])
-                claims.append(Claim(self, job, reply[2].decode(), key, owner=owner, lost=lost))
+                claim = Claim(self, job, reply[2].decode(), key, owner=owner, lost=lost)
                 self._held[key] = owner
+                try:
+                    # Not waited for: the sweep runs in the worker's loop of periodic work.
+                    answered = await self._usage.accounted(team, job_id, until=time.monotonic())
+                except ServiceUnavailable:
+                    answered = None
+                if answered is False:
+                    claims.append(claim)
+                    continue
+                await claim.abandon()
+                if answered:
+                    await self._client.zrem(self._keys.lapsing, key)
         except RedisError as exc:
             self._outage.failed(exc)  # the claims not taken are swept next time
         return claims
