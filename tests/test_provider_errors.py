@@ -205,6 +205,15 @@ KEY_FORMS = {
     "zero-width spaces": "\u200b".join(KEY),
     "other format characters": "\u2060".join(KEY[:20]) + "\u00ad" + "\ufeff".join(KEY[20:]),
     "upper case": KEY.upper(),
+    "hex": KEY.encode().hex(),
+    "upper-case hex": KEY.encode().hex().upper(),
+    "hex html references": "".join(f"&#x{ord(char):x};" for char in KEY),
+    "decimal html references": "".join(f"&#{ord(char)};" for char in KEY),
+    "an html reference without its ;": KEY.replace("S", "&#83").replace("-", "&#x2d;"),
+    "dots between characters": ".".join(KEY),
+    "a separator of the key's own between characters": "-".join(KEY),
+    "mixed separators": "".join(char + ",_/"[number % 3] for number, char in enumerate(KEY)),
+    "spaced separators": " . ".join(KEY),
     "prefix of 12": KEY[:12],
     "suffix of 12": KEY[-12:],
     "middle piece": KEY[8:24],
@@ -217,6 +226,19 @@ def test_scrub_redacts_every_encoding_and_piece_of_the_key(form: str) -> None:
 
     # Only the few base64 characters that also encode the bytes around the key may remain
     assert re.fullmatch(r"rejected key=\S{0,4}\[redacted\]\S{0,4} for this account", said), said
+
+
+def test_scrub_reads_named_html_references() -> None:
+    key = "sk_live.0123456789abcdef"
+    said = scrub(f"bad key {key.replace('_', '&lowbar;').replace('.', '&period;')}!", key)
+
+    assert said == "bad key [redacted]!"
+
+
+def test_scrub_keeps_text_that_only_looks_like_escapes() -> None:
+    said = scrub("a &b; &#xZZ; &amp 100% &#1114112; - s.k. and 6b6579 stay", KEY)
+
+    assert said == "a &b; &#xZZ; &amp 100% &#1114112; - s.k. and 6b6579 stay"
 
 
 def test_scrub_keeps_its_place_past_characters_that_lower_to_two() -> None:
@@ -241,12 +263,31 @@ def test_scrub_is_fast_on_a_large_error_body() -> None:
     assert said[1] == "echoed: [redacted]"
 
 
+ECHO_KEY = "sk-test-mock"  # the key running_gateway gives the worker
+ECHOES = {
+    # Each list fits the 160 characters kept, after the deployment's name and the status
+    "encoded": [
+        *(b64(ECHO_KEY, offset) for offset in range(3)),
+        quote(ECHO_KEY, safe="-").replace("-", "%2D"),
+        "\u200b".join(ECHO_KEY),
+        ECHO_KEY.upper(),
+        ECHO_KEY[:9],
+    ],
+    "spelt out": [
+        ECHO_KEY.encode().hex(),
+        ECHO_KEY.encode().hex().upper(),
+        ".".join(ECHO_KEY),
+        "".join(f"&#x{ord(char):x};" for char in ECHO_KEY),
+        "".join(f"&#{ord(char)}" for char in ECHO_KEY),
+    ],
+}
+
+
+@pytest.mark.parametrize("forms", ECHOES.values(), ids=ECHOES.keys())
 async def test_every_form_of_an_echoed_key_is_scrubbed_from_the_stored_result(
-    settings: Settings,
+    settings: Settings, forms: list[str]
 ) -> None:
-    key = "sk-test-mock"  # the key running_gateway gives the worker
-    forms = [b64(key, 0), b64(key, 1), b64(key, 2), quote(key, safe="-").replace("-", "%2D")]
-    echo = " | ".join([*forms, "\u200b".join(key), key.upper(), key[:9]])
+    echo = " | ".join(forms)
     body = {"error": {"type": "invalid_request_error", "message": echo}}
     faults = MockConfig(
         models={"gpt-4o-mini": Behavior(error_rate=1.0, error_status=400, error_body=body)}
@@ -256,10 +297,10 @@ async def test_every_form_of_an_echoed_key_is_scrubbed_from_the_stored_result(
         result = await handle.result(10)
 
         assert result.status == "error" and result.error is not None
-        assert result.error.message.count("[redacted]") == 7
+        assert result.error.message.count("[redacted]") == len(forms)
         [row] = await gw.usage_rows(1)
     stored = result.model_dump_json() + str(dict(row))
-    for form in echo.split(" | "):
+    for form in forms:
         assert form not in stored
     assert "sk-test" not in stored.lower()
 

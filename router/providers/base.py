@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import html
 import json
 import re
 import unicodedata
@@ -352,17 +353,19 @@ def scrub(text: str, secret: str | None) -> str:
     single spaces, then the key redacted, then cut to ``MAX_DETAIL`` characters.
 
     Redacted is any run of at least ``_run_length`` characters (12, fewer for a short key: more
-    than half of it) that is a piece of the key, or of its base64 encoding at any of the three
-    byte alignments (standard or URL-safe alphabet), compared without regard to case, to
-    whitespace inside the run, or to characters written percent-encoded: the whole key, its
-    prefix or suffix, the key split across lines, upper-cased, URL-encoded or base64-encoded.
+    than half of it) that is a piece of the key, of its hex, or of its base64 encoding at any of
+    the three byte alignments (standard or URL-safe alphabet), compared without regard to case,
+    to whitespace inside the run, to characters written percent-encoded or as HTML character
+    references, or to one character put between each two: the whole key, its prefix or
+    suffix, the key split across lines, upper-cased, URL-encoded, HTML-escaped, hex- or
+    base64-encoded, or spelt out with dots between its characters.
     Every text a provider sends back (an error body, a stream's error event) passes here, in
     this order: collapsing after redacting would let a key split across lines through, and
     cutting before redacting could keep part of it."""
     # Only the first MAX_DETAIL characters are kept, so the rest of a huge body is not worth
-    # the time: a redaction turns at most four characters per key character (a %XX escape
-    # and a space) into ten, so for any key under 1,000 characters the first SCRUB_SPAN still
-    # make more than MAX_DETAIL.
+    # the time: a redaction turns at most some 40 characters per key character (a long named
+    # reference such as &DiacriticalGrave;, a space, a separator and its space) into ten, so
+    # for any key under 100 characters the first SCRUB_SPAN still make more than MAX_DETAIL.
     text = text[:SCRUB_SPAN]
     if not text.isascii():
         text = "".join(char for char in text if unicodedata.category(char) != "Cf")
@@ -396,11 +399,12 @@ class _Needle:
 
 @functools.lru_cache(maxsize=64)
 def _needles(secret: str) -> tuple[_Needle, ...]:
-    """The forms of ``secret`` to look for, computed once per key: the key itself, then its
-    base64 at each of the three byte alignments. Each base64 form keeps only the characters
-    that do not depend on the bytes around the key (a key inside a longer encoded text)."""
+    """The forms of ``secret`` to look for, computed once per key: the key itself, its hex,
+    then its base64 at each of the three byte alignments. Each base64 form keeps only the
+    characters that do not depend on the bytes around the key (a key inside a longer encoded
+    text)."""
     raw = secret.encode("utf-8")
-    forms = {secret}
+    forms = {secret, raw.hex()}
     for offset in range(3):
         for encode in (base64.b64encode, base64.urlsafe_b64encode):
             encoded = encode(b"\0" * offset + raw).decode("ascii")
@@ -421,36 +425,19 @@ def _needles(secret: str) -> tuple[_Needle, ...]:
 
 def _key_spans(text: str, needles: tuple[_Needle, ...]) -> list[tuple[int, int]]:
     """The spans of ``text`` to redact, merged and in order."""
-    # The text as compared: lower-cased, whitespace left out, %XX escapes decoded; ``where``
-    # maps each compared character back to its span in ``text``.
-    chars: list[str] = []
-    where: list[tuple[int, int]] = []
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char == "%" and _PERCENT.match(text, i):
-            chars.append(chr(int(text[i + 1 : i + 3], 16)).lower())
-            where.append((i, i + 3))
-            i += 3
-            continue
-        if not char.isspace():
-            lowered = char.lower()  # one character for one: İ lowers to two
-            chars.append(lowered if len(lowered) == 1 else char)
-            where.append((i, i + 1))
-        i += 1
-    seen = "".join(chars)
+    seen, where = _compared(text)
     found: list[tuple[int, int]] = []
-    for needle in needles:
-        reach = 0  # the end of the last run found: any piece of a run is in the needle too
-        for start in range(len(seen) - needle.run + 1):
-            if seen[start : start + needle.run] not in needle.grams:
-                continue
-            end = max(start + needle.run, reach)
-            while end < len(seen) and seen[start : end + 1] in needle.text:
-                end += 1
-            if end > reach:
-                found.append((where[start][0], where[end - 1][1]))
-                reach = end
+    # Step 1 reads the text as it runs; step 2 reads every other character, from the first and
+    # from the second, so a key written with one character between each two of its own
+    # (s.k.-.p, s-k---p) is read as the key.
+    for step in (1, 2):
+        for first in range(step):
+            view = seen[first::step]
+            for needle in needles:
+                for start, end in _runs(view, needle):
+                    found.append(
+                        (where[first + start * step][0], where[first + (end - 1) * step][1])
+                    )
     merged: list[tuple[int, int]] = []
     for start, end in sorted(found):
         if merged and start <= merged[-1][1]:
@@ -460,8 +447,62 @@ def _key_spans(text: str, needles: tuple[_Needle, ...]) -> list[tuple[int, int]]
     return merged
 
 
+def _compared(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` as compared: lower-cased, whitespace left out, %XX escapes and HTML character
+    references decoded; with the span of ``text`` each compared character comes from."""
+    chars: list[str] = []
+    where: list[tuple[int, int]] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        escape = (char == "%" and _PERCENT.match(text, i)) or (
+            char == "&" and _REFERENCE.match(text, i)
+        )
+        decoded = _decoded(escape.group()) if escape else ""
+        if escape and len(decoded) == 1:
+            chars.append(decoded.lower())
+            where.append((i, escape.end()))
+            i = escape.end()
+            continue
+        if not char.isspace():
+            lowered = char.lower()  # one character for one: İ lowers to two
+            chars.append(lowered if len(lowered) == 1 else char)
+            where.append((i, i + 1))
+        i += 1
+    return "".join(chars), where
+
+
+def _decoded(escape: str) -> str:
+    """The character a %XX escape or an HTML character reference stands for."""
+    if escape.startswith("%"):
+        return chr(int(escape[1:], 16))
+    return html.unescape(escape if escape.endswith(";") else f"{escape};")
+
+
+def _runs(seen: str, needle: _Needle) -> list[tuple[int, int]]:
+    """The spans of ``seen`` (indexes into it) that are runs of ``needle``, each as long as
+    it goes."""
+    runs: list[tuple[int, int]] = []
+    reach = 0  # the end of the last run found: any piece of a run is in the needle too
+    for start in range(len(seen) - needle.run + 1):
+        if seen[start : start + needle.run] not in needle.grams:
+            continue
+        end = max(start + needle.run, reach)
+        while end < len(seen) and seen[start : end + 1] in needle.text:
+            end += 1
+        if end > reach:
+            runs.append((start, end))
+            reach = end
+    return runs
+
+
 _PERCENT = re.compile(r"%[0-7][0-9a-fA-F]")
 """A percent-encoded ASCII character (a key is ASCII)."""
+
+_REFERENCE = re.compile(r"&(?:#[xX][0-9a-fA-F]{1,6};?|#[0-9]{1,7};?|[A-Za-z][A-Za-z0-9]{1,31};)")
+"""An HTML character reference: &#x73; or &#115; (browsers read them without the ``;``
+too), or a named one such as &period; (only with its ``;``: without it, only a few old
+names are read, and ``&`` followed by a word is more often just text)."""
 
 
 _STREAM_ERRORS: dict[str, ErrorClass] = {
