@@ -67,19 +67,24 @@ def url_problem(
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs (several hosts or one); ``<unparsable
-    URL>`` for a string whose password could not be told from the rest."""
+    """The URL without its password, for messages and logs (several hosts or one): a user is
+    shown only beside a password (``user:***@``), a lone userinfo not at all (``***@``);
+    ``<unparsable URL>`` for a string whose password could not be told from the rest."""
     if url_problem(url, several_hosts=True, hostless=True) is not None:
         return UNPARSABLE
     parts = urlsplit(url)
     # libpq takes a password in the query too (?password=, ?sslpassword=): hide any option
     # whose name says it holds a secret.
     query = _SECRET_OPTION.sub(r"\1=***", parts.query)
-    if parts.password is None:
-        return urlunsplit(parts._replace(query=query))
     credentials, _, hosts = parts.netloc.rpartition("@")
-    user = credentials.partition(":")[0]
-    netloc = f"{user}:***@{hosts}" if user else hosts
+    if parts.password is not None:
+        user = credentials.partition(":")[0]
+        netloc = f"{user}:***@{hosts}" if user else hosts
+    else:
+        # A userinfo without a colon is a user name to libpq and RabbitMQ but the password to
+        # redis-cli (redis://SECRET@host), and whoever wrote it may have meant either: hidden
+        # whatever the scheme, as the password of a user:password pair is.
+        netloc = f"***@{hosts}" if credentials else hosts
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 

@@ -105,6 +105,27 @@ def test_redact_url_shows_no_part_of_a_password_it_cannot_tell_apart(url: str) -
 def test_redact_url_keeps_a_clean_url_but_its_password() -> None:
     assert redact_url("redis://:pw@127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url("amqp://gw:pw@n1:5672,n2/") == "amqp://gw:***@n1:5672,n2/"
+    assert redact_url("postgresql://127.0.0.1/test") == "postgresql://127.0.0.1/test"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://Zq9SekrU@127.0.0.1:6379/0",
+        "rediss://Zq9SekrU@[::1]:6380/2",
+        "amqp://Zq9SekrU@n1:5672,n2/",
+        "amqps://Zq9SekrU@n1/vh",
+        "postgresql://Zq9SekrU@127.0.0.1:5432/test",
+        "postgres://Zq9SekrU@db-1,db-2/test",
+        "https://Zq9SekrU@[::1]:15671/",
+    ],
+)
+def test_redact_url_hides_a_lone_userinfo_as_a_password(url: str) -> None:
+    # redis-cli reads redis://SECRET@host as a password; for every scheme the gateway cannot
+    # tell which one was meant
+    shown = redact_url(url)
+
+    assert "Zq9SekrU" not in shown and shown == url.replace("Zq9SekrU@", "***@")
 
 
 async def _failed_cli(env: dict[str, str], *args: str) -> tuple[int | None, str, bytes]:
@@ -166,3 +187,16 @@ async def test_a_password_in_a_urls_query_is_hidden_too() -> None:
     )
     # Expect one line naming it without either password
     assert code == 1 and "Zq9Sekr" not in line and "PostgreSQL" in line, line
+
+
+async def test_a_lone_userinfo_is_hidden_from_the_unreachable_message() -> None:
+    # Given a database URL whose only userinfo is a password written without its user, on a
+    # port nothing listens on
+    url = "postgresql://Zq9SekrL@127.0.0.1:1/test"
+    # When a command cannot reach it
+    code, line, _ = await _failed_cli(
+        {**os.environ, "QUEUEGATE_DATABASE_URL": url}, "teams", "list"
+    )
+    # Expect one line naming where, without it
+    assert code == 1 and "postgresql://***@127.0.0.1:1/test" in line, line
+    assert "Zq9SekrL" not in line, line
