@@ -6,7 +6,10 @@
     body = {**result.response, "_gateway": gateway_block(job_id, result, started)}
 
 Every answer carries ``x-request-id`` (``frontdoor.app.RequestMetrics``): the job's id once
-the request named its job, else a fresh one.
+the request named its job, else a fresh one. ``TRACE_HEADER`` names the trace of the job an
+answer gives the result of, and on any other answer while the front door traces (a stream's,
+a 202's, an error's: ``frontdoor.app.TraceRequests``) the request's own, which the job it
+publishes continues.
 
 ``started`` is ``time.perf_counter()`` when the request arrived: ``latency_ms`` is the
 caller's whole wait as the front door saw it; the block also has the queue and provider
@@ -23,6 +26,9 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from queuegate.messages import ChatResult
+
+TRACE_HEADER = "x-queuegate-trace-id"
+"""The answer's header naming the gateway's trace of the request."""
 
 JOB_STATE = "job_id"
 """Where a request's state holds the id of its job, once it has one."""
@@ -55,8 +61,8 @@ def gateway_headers(job_id: str, result: ChatResult | None, started: float) -> d
         headers["x-queuegate-model-used"] = g.model_used or ""
         headers["x-queuegate-fallback"] = "true" if g.fallback_used else "false"
         headers["x-queuegate-cached"] = "true" if g.cached else "false"
-        if g.trace_id is not None:
-            headers["x-queuegate-trace-id"] = g.trace_id
+        if g.trace_id is not None:  # the job's own: an earlier request's, read back by id
+            headers[TRACE_HEADER] = g.trace_id
     return headers
 
 
@@ -78,4 +84,11 @@ def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dic
     }
 
 
-__all__ = ["elapsed_ms", "gateway_block", "gateway_headers", "note_job", "request_id"]
+__all__ = [
+    "TRACE_HEADER",
+    "elapsed_ms",
+    "gateway_block",
+    "gateway_headers",
+    "note_job",
+    "request_id",
+]

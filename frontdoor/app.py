@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from frontdoor.answers import request_id
+from frontdoor.answers import TRACE_HEADER, request_id
 from frontdoor.dashboard import install as install_dashboard
 from frontdoor.errors import install_error_handlers
 from frontdoor.routes import (
@@ -122,7 +122,9 @@ class TraceRequests:
     """When tracing, each request in a span of its own (``<method> <route>``, kind SERVER),
     current while the route runs: the job the route publishes carries the trace on to the
     worker. The span starts the gateway's own trace, linked to the caller's span when its
-    ``traceparent`` header names one (its child only with ``heed_callers``)."""
+    ``traceparent`` header names one (its child only with ``heed_callers``). An answer that
+    names no trace of its job's names this one in ``TRACE_HEADER``: a stream's headers and a
+    202 leave before the job's result (and its trace id) exists."""
 
     TRACE_HEADERS = frozenset(name.encode() for name in tracing.HEADERS)
 
@@ -140,9 +142,12 @@ class TraceRequests:
         with tracing.span(
             method, kind="SERVER", parent=parent, links=links, attributes=attributes
         ) as span:
+            # Sampled or not, the span has the trace id the job continues
+            trace_id = format(span.get_span_context().trace_id, "032x")
 
             async def answered(message: Message) -> None:
                 if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message).setdefault(TRACE_HEADER, trace_id)
                     route = getattr(scope.get("route"), "path", None)
                     if route is not None:
                         span.update_name(f"{method} {route}")

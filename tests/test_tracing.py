@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 
 import aio_pika
+import anthropic
 import asyncpg
+import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -355,6 +357,47 @@ async def test_a_front_door_call_is_the_gateways_own_trace_linked_to_the_callers
     [row] = [r for r in rows if r["team"] == "alpha"]
     assert row["trace_id"] == mine
     assert [r["team"] for r in rows if r["trace_id"] == foreign] == ["beta"]
+
+
+async def test_streamed_and_async_answers_name_the_trace_of_their_job(
+    settings: Settings, exported: InMemorySpanExporter
+) -> None:
+    async with open_door(settings) as door:
+        # Given a streamed call over each SDK, and a call answered 202 at once
+        async with door.client("alpha") as client:
+            streamed = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=HELLO,  # type: ignore[arg-type]
+                stream=True,
+            )
+            assert [chunk async for chunk in streamed.parse()]
+            accepted = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=HELLO,  # type: ignore[arg-type]
+                extra_headers={"Prefer": "respond-async"},
+            )
+            # ... and that job read back once done
+            read_back = await client.get(
+                f"/jobs/{accepted.headers['x-request-id']}",
+                cast_to=httpx.Response,
+                options={"params": {"wait": 10}},
+            )
+        claude = anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+        )
+        async with claude:
+            messages = await claude.messages.with_raw_response.create(
+                model="gpt-4o-mini", max_tokens=16, messages=HELLO, stream=True
+            )  # type: ignore[arg-type]
+            assert [event async for event in await messages.parse()]
+        rows = {row["job_id"]: row["trace_id"] for row in await door.gateway.usage_rows(3)}
+
+    # Expect each answer, its headers sent before its job ended, to name the trace its job's
+    # usage row keeps; the job read back by id its own trace, not the reading request's
+    assert accepted.status_code == 202 and read_back.status_code == 200
+    for answer in (streamed, accepted, messages):
+        assert answer.headers["x-queuegate-trace-id"] == rows[answer.headers["x-request-id"]]
+    assert read_back.headers["x-queuegate-trace-id"] == accepted.headers["x-queuegate-trace-id"]
 
 
 async def call_with_traceparent(
