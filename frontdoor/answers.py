@@ -32,6 +32,21 @@ TRACE_HEADER = "x-queuegate-trace-id"
 
 JOB_STATE = "job_id"
 """Where a request's state holds the id of its job, once it has one."""
+ARRIVED_STATE = "arrived"
+"""Where a request's state holds when it arrived (``time.monotonic()``)."""
+
+
+def note_arrival(scope: Scope) -> None:
+    """The request arrives now: its caller's timeout, and a long-poll's wait, count from here,
+    so the time its key takes to check (up to ``frontdoor.failed_keys.WAIT`` while Redis hangs)
+    is inside them, not added after."""
+    scope.setdefault("state", {})[ARRIVED_STATE] = time.monotonic()
+
+
+def arrived(request: Request) -> float:
+    """When the request arrived (``time.monotonic()``), noted by ``RequestMetrics``."""
+    noted: float = request.scope["state"][ARRIVED_STATE]
+    return noted
 
 
 def note_job(request: Request, job_id: str) -> None:
@@ -86,9 +101,11 @@ def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dic
 
 __all__ = [
     "TRACE_HEADER",
+    "arrived",
     "elapsed_ms",
     "gateway_block",
     "gateway_headers",
+    "note_arrival",
     "note_job",
     "request_id",
 ]

@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from frontdoor.answers import TRACE_HEADER, request_id
+from frontdoor.answers import TRACE_HEADER, note_arrival, request_id
 from frontdoor.dashboard import install as install_dashboard
 from frontdoor.errors import install_error_handlers
 from frontdoor.routes import (
@@ -91,10 +91,11 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
 
 
 class RequestMetrics:
-    """Counts each answer by route template and status when its first byte leaves, and gives
-    every answer an ``x-request-id``, errors included (``frontdoor.answers.request_id``). A
-    plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would buffer every request
-    through an extra task."""
+    """Notes when each request arrived (``frontdoor.answers.note_arrival``), counts each
+    answer by route template and status when its first byte leaves, and gives every answer an
+    ``x-request-id``, errors included (``frontdoor.answers.request_id``). A plain ASGI
+    middleware: Starlette's ``BaseHTTPMiddleware`` would buffer every request through an extra
+    task."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
@@ -103,6 +104,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
+        note_arrival(scope)
         started = time.perf_counter()
 
         async def counted(message: Message) -> None:

@@ -106,8 +106,9 @@ async def _admit(
 
 
 def _deadline(options: RequestOptions) -> float:
-    """When the caller stops waiting, on the event loop's clock."""
-    return asyncio.get_running_loop().time() + options.timeout
+    """When the caller stops waiting, on the event loop's clock (uvloop's need not be
+    ``time.monotonic()``'s)."""
+    return asyncio.get_running_loop().time() + options.left()
 
 
 def _left(deadline: float) -> float:

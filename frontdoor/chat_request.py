@@ -9,23 +9,26 @@ What a route needs of a request besides its body comes from headers, read here o
 - The job id is a fresh one, or derived from ``Idempotency-Key`` (team-scoped: the workers
   key every claim and outcome by team), so a retry is the same job and never a second call.
 - The job's deadline follows the caller's wait: ``x-queuegate-timeout`` (seconds), else the
-  timeout the OpenAI SDK announces (``x-stainless-read-timeout``), else ``DEFAULT_WAIT``;
-  a job nobody waits for any more expires in its queue instead of being served.
+  timeout the OpenAI SDK announces (``x-stainless-read-timeout``), else ``DEFAULT_WAIT``,
+  counted from the request's arrival (its key's check included); a job nobody waits for any
+  more expires in its queue instead of being served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
 
+from frontdoor.answers import arrived
 from frontdoor.errors import ApiError, shown
 from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob
 from queuegate.settings import Settings
@@ -75,6 +78,8 @@ class RequestOptions:
     """Whether the caller said so (an async job without it has no deadline)."""
     idempotency_key: str | None
     respond_async: bool
+    arrived: float = field(default_factory=time.monotonic)
+    """When the request arrived (``time.monotonic()``): ``timeout`` counts from there."""
 
     @classmethod
     def of(cls, request: Request) -> RequestOptions:
@@ -93,7 +98,12 @@ class RequestOptions:
             timeout_named=named is not None,
             idempotency_key=key,
             respond_async="respond-async" in prefer,
+            arrived=arrived(request),
         )
+
+    def left(self) -> float:
+        """Seconds until the caller stops waiting."""
+        return max(0.0, self.arrived + self.timeout - time.monotonic())
 
     def job_id(self, team: str) -> str:
         if self.idempotency_key is None:
@@ -106,7 +116,7 @@ class RequestOptions:
     def deadline(self) -> datetime | None:
         if self.respond_async and not self.timeout_named:
             return None
-        return datetime.now(UTC) + timedelta(seconds=self.timeout)
+        return datetime.now(UTC) + timedelta(seconds=self.left())
 
 
 def _seconds(text: str) -> float:

@@ -2,7 +2,8 @@
 
 For an async job (``Prefer: respond-async``), a caller that disconnected, or one whose wait
 ran out. Read from the outcomes the workers store (``frontdoor.outcomes``), by the caller's
-team: another team's id reads as unknown. ``wait`` long-polls up to N seconds.
+team: another team's id reads as unknown. ``wait`` long-polls up to N seconds from the
+request's arrival.
 
 - 200: the job's ``chat.completion`` with its ``_gateway`` block;
 - an error status in the error shape: the job ended in that error;
@@ -21,7 +22,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from frontdoor.answers import gateway_block, gateway_headers, note_job
+from frontdoor.answers import arrived, gateway_block, gateway_headers, note_job
 from frontdoor.auth import Calling
 from frontdoor.errors import ApiError, error_of_result, shown
 from frontdoor.outcomes import Finished
@@ -48,9 +49,10 @@ async def job(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0.0,
 ) -> JSONResponse:
     started = time.perf_counter()
+    # Both bounds count from the request's arrival: checking its key may have taken a while.
+    give_up = arrived(request) + wait
     try:
-        async with asyncio.timeout(wait + STORE_WAIT):
-            give_up = time.monotonic() + wait
+        async with asyncio.timeout(max(0.0, give_up + STORE_WAIT - time.monotonic())):
             pause = FIRST_POLL
             while True:
                 state = await door.outcomes.look(caller.team, job_id)
