@@ -64,6 +64,13 @@ class KeyOwner:
         return self.team is None
 
 
+@dataclass(frozen=True)
+class DisabledTeamKey:
+    """A team's live key while the team is disabled: a real key, that serves nothing."""
+
+    team: str
+
+
 async def add_team_key(pool: asyncpg.Pool, team: str) -> IssuedKey:
     """A new key for the team, whatever its identity mode; its other keys stay live."""
     await _existing(pool, team)
@@ -161,21 +168,26 @@ async def revoke_admin_key(pool: asyncpg.Pool, key_id: str) -> bool:
 
 
 # A team's key counts only while its team is enabled: a disabled team is served nowhere.
+# Its keys are still found, so that one is told apart from a wrong key.
 _LOOKUP = """
-SELECT k.team, k.id, k.key_hash FROM api_keys k JOIN teams t ON t.name = k.team
-WHERE k.{column} = $1 AND k.revoked_at IS NULL AND t.enabled
+SELECT k.team, k.id, k.key_hash, t.enabled FROM api_keys k JOIN teams t ON t.name = k.team
+WHERE k.{column} = $1 AND k.revoked_at IS NULL
 UNION ALL
-SELECT NULL, a.id, a.key_hash FROM admin_keys a WHERE a.{column} = $1 AND a.revoked_at IS NULL
+SELECT NULL, a.id, a.key_hash, true FROM admin_keys a
+WHERE a.{column} = $1 AND a.revoked_at IS NULL
 LIMIT 1
 """
 _BY_HASH = _LOOKUP.format(column="key_hash")
 _BY_ID = _LOOKUP.format(column="id")
 
 
-async def lookup_key(pool: asyncpg.Pool, key: str) -> KeyOwner | None:
-    """Whose the presented ``key`` is, by its hash; None when it is unknown, revoked, or its
-    team is disabled."""
-    return _owner(await pool.fetchrow(_BY_HASH, hash_api_key(key)))
+async def lookup_key(pool: asyncpg.Pool, key: str) -> KeyOwner | DisabledTeamKey | None:
+    """Whose the presented ``key`` is, by its hash; ``DisabledTeamKey`` when it is a team's
+    live key but the team is disabled; None when it is unknown or revoked."""
+    row = await pool.fetchrow(_BY_HASH, hash_api_key(key))
+    if row is not None and not row["enabled"]:
+        return DisabledTeamKey(row["team"])
+    return _owner(row)
 
 
 async def live_key_owner(pool: asyncpg.Pool, key_id: str) -> KeyOwner | None:
@@ -185,7 +197,9 @@ async def live_key_owner(pool: asyncpg.Pool, key_id: str) -> KeyOwner | None:
 
 
 def _owner(row: Any) -> KeyOwner | None:
-    return None if row is None else KeyOwner(row["team"], row["id"], row["key_hash"])
+    if row is None or not row["enabled"]:
+        return None
+    return KeyOwner(row["team"], row["id"], row["key_hash"])
 
 
 async def _existing(pool: asyncpg.Pool, team: str) -> None:

@@ -21,7 +21,9 @@ Answers (an owner, or unknown) are cached ``security_cache_ttl`` seconds, like t
 copy: a revoked key or a disabled team is refused within that time, and PostgreSQL is asked
 at most once per key per ttl. A key that is not shaped like one of ours is refused without
 a lookup. A client that presented ``failed_key_limit`` wrong keys is refused 429 for the rest
-of the window (``frontdoor.failed_keys``), before any lookup.
+of the window (``frontdoor.failed_keys``), before any lookup. A disabled team's live key is
+refused as such (``TeamDisabled``) and is not a wrong key: whoever holds it guessed nothing,
+and its answer is cached like any other, so repeating it costs PostgreSQL nothing more.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Request
 
-from admin.keys import KeyOwner, lookup_key
+from admin.keys import DisabledTeamKey, KeyOwner, lookup_key
 from frontdoor.errors import ApiError
 from frontdoor.failed_keys import FailedKeys, Throttled, client_of
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect
@@ -44,6 +46,14 @@ from queuegate.tenancy import hash_api_key, key_shape
 KEY_CACHE_SIZE = 10_000
 """Keys whose answer is remembered; the oldest is forgotten past it (random keys cannot
 grow the cache without end)."""
+
+
+class TeamDisabled(Exception):
+    """The key is a live key of ``team``, which is disabled."""
+
+    def __init__(self, team: str) -> None:
+        super().__init__(f"team {team} is disabled")
+        self.team = team
 
 
 @dataclass(frozen=True)
@@ -64,28 +74,37 @@ class KeyBook:
         self._pool = pool
         self._failures = failures
         self._ttl = ttl
-        self._cache: OrderedDict[str, tuple[float, KeyOwner | None]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, KeyOwner | DisabledTeamKey | None]] = (
+            OrderedDict()
+        )
 
     async def owner(self, key: str, client: str) -> KeyOwner | None:
-        """Whose live key ``key`` is; None when unknown, revoked, or its team is disabled.
-        Throttled when ``client`` has presented too many wrong keys of late."""
+        """Whose live key ``key`` is; None when unknown or revoked (counted against
+        ``client``). Throttled when ``client`` has presented too many wrong keys of late;
+        TeamDisabled for a live key of a disabled team (not counted)."""
         key_hash = hash_api_key(key) if key_shape(key) is not None else None
         now = time.monotonic()
         cached = self._cache.get(key_hash) if key_hash is not None else None
         if cached is not None and now - cached[0] > self._ttl:
             cached = None
-        if cached is not None and cached[1] is not None:
+        if cached is not None and isinstance(cached[1], KeyOwner):
             return cached[1]  # a live key asks nothing of Redis
         await self._failures.check(client)
-        if key_hash is None or cached is not None:
-            owner = None  # not shaped like a key, or known wrong within the ttl
+        if key_hash is None:
+            found = None  # not shaped like a key
+        elif cached is not None:
+            found = cached[1]  # known wrong, or its team disabled, within the ttl
         else:
-            owner = await self._lookup(key, key_hash, now)
-        if owner is None:
+            found = await self._lookup(key, key_hash, now)
+        if isinstance(found, DisabledTeamKey):
+            raise TeamDisabled(found.team)
+        if found is None:
             await self._failures.failed(client)
-        return owner
+        return found
 
-    async def _lookup(self, key: str, key_hash: str, now: float) -> KeyOwner | None:
+    async def _lookup(
+        self, key: str, key_hash: str, now: float
+    ) -> KeyOwner | DisabledTeamKey | None:
         try:
             owner = await lookup_key(self._pool, key)
         except DB_ERRORS as exc:
@@ -150,6 +169,12 @@ async def _presented_owner(request: Request) -> tuple[KeyOwner, str]:
             "with a live key",
             retry_after_s=exc.retry_after,
         ) from exc
+    except TeamDisabled as exc:
+        raise ApiError(
+            "unauthorized",
+            f"the API key is live but its team is disabled: ask an operator to enable team "
+            f"{exc.team} again (queuegate teams add {exc.team})",
+        ) from exc
     if owner is None:
         raise ApiError(
             "unauthorized",
@@ -169,6 +194,7 @@ __all__ = [
     "Calling",
     "KeyBook",
     "Owner",
+    "TeamDisabled",
     "presented_key",
     "require_caller",
     "require_key_owner",

@@ -15,11 +15,14 @@ import asyncpg
 import httpx
 import openai
 import pytest
+import redis.asyncio as aioredis
 
 from admin.keys import issue_admin_key
 from mockprovider import Behavior, MockConfig
+from queuegate.keys import Keys
 from queuegate.registry import TeamConfig, disable_team
 from queuegate.settings import Settings
+from tests.dashboard_browser import form_token, signed_in
 from tests.frontdoor_support import HELLO, Door, open_door
 
 TEAMS = {
@@ -324,3 +327,37 @@ async def test_a_disabled_teams_key_is_refused_everywhere(served: Served) -> Non
     for refused in (chat, usage):
         assert refused.value.code == "unauthorized"
         assert "its team is disabled" in refused.value.message
+
+
+async def test_a_disabled_teams_key_is_refused_as_such_and_is_no_wrong_key(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given one wrong key a minute allowed per address, and beta disabled
+    settings = settings.model_copy(update={"failed_key_limit": 1, "failed_key_window": 60.0})
+    address = {"X-Forwarded-For": "203.0.113.7"}
+    async with (
+        open_door(settings, TEAMS) as door,
+        httpx.AsyncClient(base_url=door.url, headers=address) as client,
+    ):
+        assert await disable_team(door.gateway.pool, "beta")
+        api = openai.AsyncOpenAI(
+            base_url=door.v1, api_key=door.keys["beta"], default_headers=address, max_retries=0
+        )
+        # When beta's real key signs in twice from that address, and calls the API
+        refusals = []
+        for _ in range(2):
+            token = await form_token(client)
+            data = {"key": door.keys["beta"], "csrf": token}
+            refusals.append(await client.post("/dashboard/sign-in", data=data))
+        async with api:
+            with pytest.raises(openai.AuthenticationError) as refused:
+                await api.models.list()
+        # Expect each sign-in refused saying the team is disabled, not that the key is wrong
+        for answer in refusals:
+            assert answer.status_code == 403
+            assert "Team beta is disabled" in answer.text and "unknown" not in answer.text
+        assert "its team is disabled: ask an operator to enable team beta" in refused.value.message
+        # ... nothing counted against the address, which still signs in with alpha's key
+        counted = Keys(settings.redis_prefix).failed_keys("203.0.113.7")
+        assert await redis_client.get(counted) is None
+        await signed_in(client, door.keys["alpha"])

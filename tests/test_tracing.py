@@ -370,7 +370,7 @@ async def test_streamed_and_async_answers_name_the_trace_of_their_job(
                 messages=HELLO,  # type: ignore[arg-type]
                 stream=True,
             )
-            assert [chunk async for chunk in streamed.parse()]
+            assert [chunk async for chunk in streamed.parse()]  # type: ignore[union-attr]
             accepted = await client.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini",
                 messages=HELLO,  # type: ignore[arg-type]
@@ -387,9 +387,12 @@ async def test_streamed_and_async_answers_name_the_trace_of_their_job(
         )
         async with claude:
             messages = await claude.messages.with_raw_response.create(
-                model="gpt-4o-mini", max_tokens=16, messages=HELLO, stream=True
-            )  # type: ignore[arg-type]
-            assert [event async for event in await messages.parse()]
+                model="gpt-4o-mini",
+                max_tokens=16,
+                messages=HELLO,  # type: ignore[arg-type]
+                stream=True,
+            )
+            assert [event async for event in await messages.parse()]  # type: ignore[union-attr]
         rows = {row["job_id"]: row["trace_id"] for row in await door.gateway.usage_rows(3)}
 
     # Expect each answer, its headers sent before its job ended, to name the trace its job's

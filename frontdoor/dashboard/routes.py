@@ -29,6 +29,7 @@ from accounting.reports import DaySpend, ModelSpend, TeamSpend, team_budgets
 from admin.audit import AuditFilter, audit_page
 from admin.keys import team_keys
 from admin.usage import TREND_DAYS, team_month, usage_rows
+from frontdoor.auth import TeamDisabled
 from frontdoor.dashboard import session as sessions
 from frontdoor.dashboard.charts import NEAR, Bar, bars, columns
 from frontdoor.dashboard.outage import RETRY_AFTER, Guarded, Unavailable
@@ -89,6 +90,13 @@ async def sign_in(
         )
         refused.headers["retry-after"] = str(wait)
         return refused
+    except TeamDisabled as exc:
+        return await _sign_in_page(
+            request,
+            door,
+            status=403,
+            error=f"Team {exc.team} is disabled: ask an operator to enable it again.",
+        )
     session = None if owner is None else await sessions.start(door, owner)
     if session is None:
         return await _sign_in_page(
