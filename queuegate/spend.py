@@ -27,11 +27,12 @@ import contextlib
 import logging
 import math
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -64,8 +65,38 @@ _SUM = (
 )
 
 
+class _Month(NamedTuple):
+    """A month as ``current_month`` names it, and its bounds in epoch seconds."""
+
+    text: str
+    start: float
+    end: float
+
+
+class _Calendar:
+    """The month last named, replaced whole (one attribute) when time leaves it."""
+
+    def __init__(self) -> None:
+        self.month = _Month("", 0.0, 0.0)
+
+    def at(self, now: float) -> str:
+        month = self.month
+        if not month.start <= now < month.end:
+            start = datetime.fromtimestamp(now, UTC).replace(
+                day=1, hour=0, minute=0, second=0, microsecond=0
+            )
+            end = (start + timedelta(days=32)).replace(day=1)
+            month = self.month = _Month(start.strftime("%Y-%m"), start.timestamp(), end.timestamp())
+        return month.text
+
+
+_CALENDAR = _Calendar()
+
+
 def current_month() -> str:
-    return datetime.now(UTC).strftime("%Y-%m")
+    """The month it is now (UTC), ``YYYY-MM``: a budget's ledger and a usage row's month."""
+    # Asked for every job: formatting the date each time cost 3-5 µs a call, 0.2-0.3 here.
+    return _CALENDAR.at(time.time())
 
 
 def to_nano(usd: Decimal) -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from accounting.store import insert_usage
+from queuegate import spend
 from queuegate.errors import BudgetExhausted
 from queuegate.keys import Keys
 from queuegate.messages import UsageEvent
@@ -55,6 +57,24 @@ async def test_a_lost_spend_counter_is_rebuilt_from_this_months_usage(
         await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5, "job-1")
     reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 20, "job-2")
     assert reserved is not None
+
+
+def test_the_month_is_named_right_on_both_sides_of_every_month_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given instants a microsecond either side of each month boundary of a leap year and the
+    # next (the month is kept between calls), visited forwards, then backwards
+    instants = []
+    for year in (2028, 2029):
+        for month in range(1, 13):
+            start = datetime(year, month, 1, tzinfo=UTC).timestamp()
+            instants += [start - 1e-6, start, start + 1e-6]
+    for now in instants + instants[::-1]:
+        # When the month is asked at that instant
+        monkeypatch.setattr(spend, "time", SimpleNamespace(time=lambda now=now: now))
+
+        # Expect the month that instant's date is in
+        assert current_month() == datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
 
 
 async def test_settling_replaces_the_estimate_with_the_real_cost(

@@ -118,10 +118,10 @@ class Budgets:
         Raises BudgetExhausted when the budget or the cap cannot take ``nano``. ``name``: the
         reservation's, the same on every try (``Scripts.run_all``).
         """
-        month = current_month()
         scopes = budget_scopes(config, model)
         if not scopes:
             return None, None
+        month = current_month()
         threshold = (
             to_nano(config.budget_usd * Decimal(str(config.alert_threshold)))
             if config.budget_usd is not None
