@@ -21,8 +21,7 @@ from redis.exceptions import RedisError
 
 from queuegate.errors import IdempotencyConflict, ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.messages import ChatJob, ChatResult
-from workers.cache import digest
+from queuegate.messages import ChatJob, ChatResult, request_digest
 from workers.claims import binding, stored_outcome
 
 
@@ -77,7 +76,7 @@ class Outcomes:
         (IdempotencyConflict) and must never be published, nor wait for the job."""
         keys = [self._keys.claim(job.team, job.job_id), self._keys.result(job.team, job.job_id)]
         try:
-            reply = await self._bind(keys=keys, args=[digest(job), self._ttl])
+            reply = await self._bind(keys=keys, args=[request_digest(job), self._ttl])
         except RedisError as exc:
             raise _unavailable(exc) from exc
         status = reply[0].decode()

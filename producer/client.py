@@ -31,12 +31,13 @@ from queuegate.broker import (
 )
 from queuegate.errors import (
     ClientError,
+    JobIdInFlight,
     PublishRefused,
     QueueFull,
     ResultTimeout,
     ServiceUnavailable,
 )
-from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
+from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult, request_digest
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey, sign_job
@@ -179,6 +180,12 @@ class GatewayClient:
         """Results dropped because the same job was already answered (after a redelivery)."""
         return self._inbox.replies.duplicates
 
+    @property
+    def strays(self) -> int:
+        """Results dropped because they answer another request under a job id this client
+        awaits (a conflict sent by someone else, an earlier run's answer in a named queue)."""
+        return self._inbox.replies.strays
+
     def job(
         self,
         model: str,
@@ -213,8 +220,18 @@ class GatewayClient:
         )
 
     async def submit(self, job: ChatJob) -> JobHandle:
-        """Publish a job and wait for the broker's confirm; the result comes later."""
-        self._inbox.expect(job.job_id)
+        """Publish a job and wait for the broker's confirm; the result comes later.
+
+        Raises JobIdInFlight for a job id this client still awaits for a different request:
+        both answers would come under the id, and each handle must get its own. The same
+        request again shares the answer."""
+        request = request_digest(job)
+        if self._inbox.replies.request(job.job_id) not in (None, request):
+            raise JobIdInFlight(
+                f"job id {job.job_id!r} is in flight on this client with a different "
+                "request: give each request its own job id"
+            )
+        self._inbox.expect(job.job_id, request)
         try:
             await self.publish(job, reply_to=self.reply_to)
         except (ServiceUnavailable, ClientError):

@@ -56,22 +56,50 @@ class ReplyBook:
     ``wait`` is called is not lost. ``keep_unexpected=False`` drops the result of a job
     nobody expects (or that was forgotten): a server whose callers come and go would
     otherwise keep every abandoned job's result.
+
+    A job expected with its request's digest (``queuegate.messages.request_digest``) takes
+    only a result answering that request (or one that names none): under a used id a
+    different request is answered ``idempotency_conflict`` on the same queue, and a named
+    queue may hold the answer to an earlier run's request under the id. Such a result is
+    dropped (counted in ``strays``).
     """
 
     def __init__(self, *, keep_unexpected: bool = True) -> None:
         self._futures: dict[str, asyncio.Future[ChatResult]] = {}
+        self._requests: dict[str, str] = {}
+        """The digest of the request each job id was published with, while it is expected."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._keep_unexpected = keep_unexpected
         self.duplicates = 0
+        self.strays = 0
 
-    def expect(self, job_id: str) -> asyncio.Future[ChatResult]:
+    def expect(self, job_id: str, request: str | None = None) -> asyncio.Future[ChatResult]:
+        """The job's future; ``request``, its digest, when this side published it."""
+        if request is not None:
+            self._requests[job_id] = request
         future = self._futures.get(job_id)
+        if future is not None and future.done() and self._answers_another(future.result()):
+            # Arrived before the job was published: the answer to an earlier request.
+            self.strays += 1
+            future = None
         if future is None:
             future = self._futures[job_id] = asyncio.get_running_loop().create_future()
         return future
 
+    def request(self, job_id: str) -> str | None:
+        """The digest of the request the job id is expected with, if any."""
+        return self._requests.get(job_id)
+
+    def _answers_another(self, result: ChatResult) -> bool:
+        request = self._requests.get(result.job_id)
+        return None not in (request, result.request) and result.request != request
+
     def deliver(self, result: ChatResult) -> None:
-        """Record a result; one that duplicates a result already delivered is counted."""
+        """Record a result; one that duplicates a result already delivered is counted, and
+        one answering another request than the job id's is dropped."""
+        if self._answers_another(result):
+            self.strays += 1
+            return
         if result.job_id in self._seen:
             self.duplicates += 1
             # Someone waits for it again (a retry of the same job): answer them too.
@@ -97,9 +125,11 @@ class ReplyBook:
         if not future.done():
             raise TimeoutError
         self._futures.pop(job_id, None)
+        self._requests.pop(job_id, None)
         return future.result()
 
     def forget(self, job_id: str) -> None:
+        self._requests.pop(job_id, None)
         future = self._futures.pop(job_id, None)
         if future is not None:
             future.cancel()
@@ -128,8 +158,8 @@ class Inbox:
         self._ignore = ignore
         """Results that reach this queue but answer none of its waiters: dropped."""
 
-    def expect(self, job_id: str) -> None:
-        self.replies.expect(job_id)
+    def expect(self, job_id: str, request: str | None = None) -> None:
+        self.replies.expect(job_id, request)
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
         """The job's result; TimeoutError when none came within ``timeout``."""

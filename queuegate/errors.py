@@ -21,6 +21,7 @@
         ├── ResultTimeout            no result arrived within the timeout
         ├── QueueFull                the broker refused the job: the team's queue is full (503)
         ├── PublishRefused           the broker did not accept the job (unroutable or nacked)
+        ├── JobIdInFlight            the client awaits the job id for a different request
         ├── ControlRefused           the gateway refused a control request (limit, permission)
         └── BatchError               a batch cannot be submitted, collected or canceled
             └── BatchInvalid         lines of a batch file are invalid; ``problems`` lists them
@@ -199,6 +200,10 @@ class ResultTimeout(ClientError):
 
 class QueueFull(ClientError):
     """The team's queue is at its quota and the broker refused the job; retry later."""
+
+
+class JobIdInFlight(ClientError):
+    """A job id the client still awaits, submitted again with a different request."""
 
 
 class PublishRefused(ClientError):

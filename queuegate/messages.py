@@ -6,12 +6,14 @@ Unknown fields are ignored on read, so a newer producer never breaks an older wo
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
@@ -204,6 +206,20 @@ class ChatJob(WireModel):
         return metadata
 
 
+def request_digest(job: ChatJob) -> str:
+    """What makes two jobs the same request: team, model, fallbacks, messages, parameters.
+
+    A job id is bound to its request's digest (claims, cached answers, results)."""
+    request = {
+        "team": job.team,
+        "model": job.model,
+        "fallbacks": job.fallbacks,
+        "messages": [m.model_dump(exclude_none=True) for m in job.messages],
+        "params": job.params.model_dump(exclude_none=True),
+    }
+    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 class Attempt(WireModel):
     """One call to one deployment, as recorded on results and usage events."""
 
@@ -260,6 +276,10 @@ class ChatResult(WireModel):
     response: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     gateway: GatewayInfo
+    request: str | None = None
+    """The ``request_digest`` of the request this answers; None when the worker could not
+    read the job. Two requests under one id get different answers (``idempotency_conflict``
+    for the later) on the same reply queue: a client tells them apart by it."""
 
     @property
     def content(self) -> str | None:

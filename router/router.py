@@ -441,7 +441,10 @@ class Router:
                     _attempt_of(alias, deployment, started, err.status, err.error_class)
                 )
             run.fail(deployment.name, err)
-            await self._report(call, err)
+            # Cut by the job's own deadline (shorter than the deployment's timeout): that says
+            # nothing of the provider's health, and must not open a breaker others share.
+            if err.error_class != "timeout" or run.left() > 0:
+                await self._report(call, err)
             if err.error_class == "rate_limited" and run.gate is not None:
                 await run.gate.rate_limited(deployment)
             if run.streamed:

@@ -20,14 +20,14 @@ from accounting.store import insert_usage
 from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
-from queuegate.errors import DeadlineExceeded
+from queuegate.errors import DeadlineExceeded, JobIdInFlight
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
-from tests.support import Gateway, running_gateway, wait_until
+from tests.support import Gateway, running_accountant, running_gateway, wait_until
 from workers.claims import Claim, ClaimedJob, Claims, LostCall
 from workers.outcome import Outcome, Timing, failed
 from workers.usage_record import UsageRecord
@@ -139,6 +139,89 @@ async def test_a_reused_job_id_with_a_different_request_is_refused_as_a_conflict
         # ... while the same request again is answered with the stored result
         again = await (await third.submit(first.job("gpt-4o-mini", HELLO, job_id="x-1"))).result(10)
         assert again.status == "ok" and again.response == answered.response
+        assert gw.mock.stats.calls == 1
+
+
+async def test_each_handle_of_a_client_gets_the_answer_to_its_own_request(
+    settings: Settings,
+) -> None:
+    # Given one client, and a job in flight on it (the provider takes 300 ms)
+    async with running_gateway(settings, mock_config=SLOW) as gw, gw.client("alpha") as client:
+        first = await client.submit(client.job("gpt-4o-mini", HELLO, job_id="x-3"))
+
+        # When a different request is submitted under its id, and the same request again
+        other = client.job("gpt-4o-mini", [{"role": "user", "content": "Other"}], job_id="x-3")
+        with pytest.raises(JobIdInFlight, match="'x-3' is in flight on this client"):
+            await client.submit(other)
+        same = await client.submit(client.job("gpt-4o-mini", HELLO, job_id="x-3"))
+
+        # Expect the first handle answered with its own result, once called, shared by the
+        # same request: the different one was never published, so never answered under x-3
+        answered = await first.result(10)
+        assert answered.status == "ok", answered.error
+        again = await same.result(10)
+        assert again.status == "ok" and again.response == answered.response
+        assert gw.mock.stats.calls == 1
+
+
+async def test_a_named_queue_keeps_no_other_requests_answer_for_a_job_id(
+    settings: Settings,
+) -> None:
+    # Given a pipeline's named queue, and the answer to a job x-4 of an earlier run of the
+    # pipeline waiting in it (the run stopped before reading it)
+    async with running_gateway(settings) as gw:
+        async with gw.client("alpha", reply_queue="nightly") as earlier:
+            nightly = earlier.reply_to
+        async with gw.client("alpha", listen=False) as publisher:
+            await publisher.publish(
+                publisher.job("gpt-4o-mini", HELLO, job_id="x-4"), reply_to=nightly
+            )
+        [row] = await gw.usage_rows(1)  # accounted once its result is in the queue
+        assert row["status"] == "ok"
+
+        # When the next run submits a different request under x-4
+        async with gw.client("alpha", reply_queue="nightly") as pipeline:
+            other = pipeline.job(
+                "gpt-4o-mini", [{"role": "user", "content": "Other"}], job_id="x-4"
+            )
+            result = await (await pipeline.submit(other)).result(10)
+
+            # Expect it answered as a conflict, never with the earlier request's answer
+            assert result.status == "error" and result.response is None
+            assert result.error is not None and result.error.code == "idempotency_conflict"
+            assert pipeline.strays == 1
+        assert gw.mock.stats.calls == 1
+
+
+async def test_a_refused_job_delivered_again_is_accounted_once(settings: Settings) -> None:
+    # Given a job answered under an id, and no accounting running yet
+    async with (
+        running_gateway(settings, accounting=False) as gw,
+        gw.client("alpha") as client,
+    ):
+        answered = await client.chat("gpt-4o-mini", HELLO, job_id="x-2")
+        assert answered.status == "ok"
+
+        # When a different request under that id reaches a worker twice (the same message,
+        # as after a worker killed before its ack), and a third request under it once
+        conflicting = client.job(
+            "gpt-4o-mini", [{"role": "user", "content": "Other"}], job_id="x-2"
+        )
+        third = client.job("gpt-4o-mini", [{"role": "user", "content": "Third"}], job_id="x-2")
+        for job in (conflicting, conflicting, third):
+            await client.publish(job, reply_to=client.reply_to)
+        # (each refusal's usage event is confirmed before its job is dead-lettered)
+        await gw.dead_letters(3)
+        async with running_accountant(settings) as accountant:
+            async with asyncio.timeout(10):
+                await accountant.wait_until(lambda: accountant.events_written >= 4)
+
+        # Expect one row per refused request: the repeat collapses, the third has its own
+        rows = await gw.pool.fetch(
+            "SELECT job_id, error_code FROM usage_log WHERE job_id LIKE 'x-2/refused/%'"
+        )
+        assert len(rows) == 2
+        assert {row["error_code"] for row in rows} == {"idempotency_conflict"}
         assert gw.mock.stats.calls == 1
 
 

@@ -116,7 +116,7 @@ async def test_a_front_door_user_proves_a_job_by_the_teams_key_whatever_its_iden
             refused = await result_in(queue)
             assert refused.error is not None and refused.error.code == "unauthorized"
             assert "may not publish for team 'beta'" in refused.error.message
-        # (a refused job's row is under "<job id>/refused/<delivery>")
+        # (a refused job's row is under "<job id>/refused/<digest of its message>")
         rows = {row["job_id"].split("/")[0]: row for row in await gw.usage_rows(3)}
     assert rows[signed.job_id]["identity"] == f"frontdoor:guest/api_key:{keys.beta_id}"
     assert rows[unsigned.job_id]["error_code"] == rows[foreign.job_id]["error_code"]

@@ -329,6 +329,54 @@ async def test_429s_do_not_open_the_breaker(settings: Settings, mock: MockProvid
     assert len(calls_to(mock, "busy")) == 4
 
 
+async def test_calls_cut_by_the_jobs_deadline_do_not_open_the_breaker_but_timeouts_do(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a slow deployment (2 s) with a 1.5 s timeout, a fallback, and a breaker opening
+    # at 2 failures
+    mock.configure(MockConfig(models={"slow": Behavior(latency_ms=2000)}))
+    cat = catalog(
+        {
+            "primary": {
+                "fallbacks": ["backup"],
+                "deployments": [dep("slow-dep", "slow", mock.url, timeout=1.5)],
+            },
+            "backup": {"deployments": [dep("backup-dep", "steady", mock.url)]},
+        },
+        retry={"attempts": 1},
+        breaker={"failures": 2, "ratio": 0.5, "cooldown": 30},
+    )
+    [deployment] = cat.models["primary"].deployments
+
+    async with open_router(cat, ENV, settings) as router:
+        # When four jobs of one team end at their own 0.2 s deadline, mid-call
+        cut = await asyncio.gather(
+            *(router.complete(chat("primary"), deadline=time.monotonic() + 0.2) for _ in range(4)),
+            return_exceptions=True,
+        )
+        after_cuts = await router.health.status(deployment)
+
+        # Expect each ended deadline_exceeded with its call recorded as a timeout, and the
+        # circuit that every team shares still closed
+        assert {type(err).__name__ for err in cut} == {"DeadlineExceeded"}
+        assert all(
+            [a.error for a in err.attempts] == ["timeout"]  # type: ignore[union-attr]
+            for err in cut
+        )
+        assert after_cuts.state == "closed"
+
+        # When two jobs without a deadline meet the deployment's own timeout
+        for _ in range(2):
+            routed = await router.complete(chat("primary"))
+            assert [(a.deployment, a.error) for a in routed.attempts] == [
+                ("slow-dep", "timeout"),
+                ("backup-dep", None),
+            ]
+
+        # Expect the circuit open: a provider's own timeout still counts against it
+        assert (await router.health.status(deployment)).state == "open"
+
+
 # --- error routing -----------------------------------------------------------------------------
 
 CONTEXT_TOO_LONG = {

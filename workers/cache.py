@@ -9,18 +9,16 @@ Best effort, like the outcome store: while Redis is down every lookup misses.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from decimal import Decimal
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from queuegate.keys import Keys
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, request_digest
 from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig
 from router import Routed
@@ -49,7 +47,7 @@ class ResponseCache:
         response keeps the ``usage`` of the call that was cached.
         """
         try:
-            raw: bytes | str | None = await self._client.get(self._keys.cache(digest(job)))
+            raw: bytes | str | None = await self._client.get(self._keys.cache(request_digest(job)))
         except RedisError as exc:
             self._outage.failed(exc)
             return None
@@ -81,7 +79,7 @@ class ResponseCache:
         )
         try:
             await self._client.set(
-                self._keys.cache(digest(job)), entry.model_dump_json(), ex=self._ttl
+                self._keys.cache(request_digest(job)), entry.model_dump_json(), ex=self._ttl
             )
         except RedisError as exc:
             self._outage.failed(exc)
@@ -95,15 +93,3 @@ def wanted(job: ChatJob, team: TeamConfig) -> bool:
     A job that says nothing follows its team's default.
     """
     return team.cache if job.cache is None else job.cache
-
-
-def digest(job: ChatJob) -> str:
-    """What makes two jobs the same request: team, model, fallbacks, messages, parameters."""
-    request = {
-        "team": job.team,
-        "model": job.model,
-        "fallbacks": job.fallbacks,
-        "messages": [m.model_dump(exclude_none=True) for m in job.messages],
-        "params": job.params.model_dump(exclude_none=True),
-    }
-    return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()

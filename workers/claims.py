@@ -16,10 +16,11 @@ Redis, in the same script call that looks for the job's stored outcome::
   over; a second delivery meanwhile waits for the outcome, polling the claim with backoff.
   (Polling: a blocking wait would hold one of the worker's pooled Redis connections per
   waiting delivery, and a burst of duplicates could starve the jobs they wait for.)
-- The claim and the outcome carry the request's fingerprint (``workers.cache.digest``): a
-  different request under a used id is refused ``idempotency_conflict``. The HTTP front door
-  binds an Idempotency-Key's job id to its request in the same claim before publishing it
-  (``lua/bind.lua``, ``binding``), so it refuses a different request itself.
+- The claim and the outcome carry the request's fingerprint
+  (``queuegate.messages.request_digest``): a different request under a used id is refused
+  ``idempotency_conflict``. The HTTP front door binds an Idempotency-Key's job id to its
+  request in the same claim before publishing it (``lua/bind.lua``, ``binding``), so it
+  refuses a different request itself.
 - Each call is recorded in the claim before it leaves; a delivery that takes over a lapsed
   claim accounts the call its owner had in flight (``lost``, priced at its estimate).
 - A job with a deadline may expire in its queue after its owner died mid-call: the broker
@@ -56,14 +57,13 @@ from redis.exceptions import RedisError
 
 from queuegate.errors import AlreadyAnswered, IdempotencyConflict, ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.messages import Attempt, ChatJob
+from queuegate.messages import Attempt, ChatJob, request_digest
 from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
 from router import Catalog, Deployment
 from router.router import AttemptGate
 from workers.admission import Settlement, Ticket
 from workers.admission.scripts import Call, Scripts
-from workers.cache import digest
 from workers.outcome import Outcome
 from workers.usage_record import UsageRecord
 
@@ -191,7 +191,7 @@ class Claims:
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         failures = self._keys.failures(job.team, job.job_id)
-        fingerprint = digest(job)
+        fingerprint = request_digest(job)
         owner = self._owner()
         args: list[str | int] = [owner, self._lease_ms, fingerprint, self._ttl, self._limit]
         give_up = time.monotonic() + self._wait

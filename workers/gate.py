@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from queuegate.messages import AuditContent, ChatJob
+from queuegate.messages import AuditContent, ChatJob, request_digest
 from queuegate.signing import KEY_ID_HEADER
 from queuegate.tenancy import TeamSecurity
 from queuegate.topology import (
@@ -51,7 +51,9 @@ class Admitted:
         return self.sent
 
     async def stamp(self, outcome: Outcome) -> Outcome:
-        """The outcome with its usage event carrying identity, PII flags and captured content."""
+        """The outcome with its usage event carrying identity, PII flags and captured content,
+        and its result the digest of the request it answers (as sent, before any redaction):
+        a conflict and the first request's answer share a job id on a reply queue."""
         content = None
         capture = self.security.capture
         if capture != "none":
@@ -65,7 +67,10 @@ class Admitted:
                 response = await redacted(response)
             content = AuditContent(capture=capture, prompt=prompt, response=response)
         update = {"identity": self.identity, "pii": ",".join(self.pii) or None, "content": content}
-        return outcome.model_copy(update={"usage": outcome.usage.model_copy(update=update)})
+        result = outcome.result.model_copy(update={"request": request_digest(self.job)})
+        return outcome.model_copy(
+            update={"result": result, "usage": outcome.usage.model_copy(update=update)}
+        )
 
 
 class Gate:

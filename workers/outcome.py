@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -189,16 +189,20 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
     return Outcome(result=result, usage=usage)
 
 
-def refused(job_id: str, team: str, model: str, error: JobError, timing: Timing) -> Outcome:
+def refused(
+    job_id: str, team: str, model: str, error: JobError, timing: Timing, *, body: bytes
+) -> Outcome:
     """A job refused before it was admitted (malformed, or not its team's): answered under its
-    job id, but accounted under an id of its own.
+    job id, but accounted under an id of its own, ``<job id>/refused/<digest of body>``.
 
     The job id is the producer's; a refusal must not take it in ``usage_log``, or sending a
     bad copy first would leave the real job, served later under that id, unaccounted. It may
     be what the job was refused for (a NUL in it): recorded with that replaced, so the
-    refusal still has its row.
+    refusal still has its row. ``body`` is the delivered message's: a redelivery of the same
+    message (a worker killed before its ack) gets the same id, and ``usage_log`` keeps one
+    row of it, while a different request refused under the job id gets a row of its own.
     """
     outcome = failed(job_id, team, model, error, timing)
-    refused_id = f"{storable(job_id)}/refused/{uuid.uuid4().hex}"
+    refused_id = f"{storable(job_id)}/refused/{hashlib.sha256(body).hexdigest()[:32]}"
     usage = outcome.usage.model_copy(update={"job_id": refused_id})
     return outcome.model_copy(update={"usage": usage})

@@ -187,7 +187,9 @@ class JobProcessor:
             job = self._decode(message)
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
-            outcome = self._gate.claimed(message, refused(job_id, team, "", exc, timing))
+            outcome = self._gate.claimed(
+                message, refused(job_id, team, "", exc, timing, body=message.body)
+            )
             return self._refused(job_id, outcome, reply_to, exc)
         try:
             if job.team != team:
@@ -196,7 +198,9 @@ class JobProcessor:
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
         except JobError as exc:
-            outcome = self._gate.claimed(message, refused(job.job_id, team, job.model, exc, timing))
+            outcome = self._gate.claimed(
+                message, refused(job.job_id, team, job.model, exc, timing, body=message.body)
+            )
             return self._refused(job.job_id, outcome, reply_to, exc)
         # Refused only once the claim is read (no call made): a lapsed owner's call must be
         # accounted on the job's row, however the job ends.
@@ -208,7 +212,9 @@ class JobProcessor:
             claim = await self._claims.take(job, redelivered=bool(message.redelivered))
         except JobError as exc:  # a different request under the id, or answered before
             why = unreceivable or exc
-            outcome = await admitted.stamp(refused(job.job_id, team, job.model, why, timing))
+            outcome = await admitted.stamp(
+                refused(job.job_id, team, job.model, why, timing, body=message.body)
+            )
             return self._refused(job.job_id, outcome, reply_to, why)
         if unreceivable is not None:
             if isinstance(claim, Claim) and claim.lost:
@@ -217,7 +223,7 @@ class JobProcessor:
             if isinstance(claim, Claim):
                 await claim.abandon()
             outcome = await admitted.stamp(
-                refused(job.job_id, team, job.model, unreceivable, timing)
+                refused(job.job_id, team, job.model, unreceivable, timing, body=message.body)
             )
             return self._refused(job.job_id, outcome, reply_to, unreceivable)
         if not isinstance(claim, Claim):
