@@ -12,8 +12,8 @@ with ``text_delta``, ``thinking_delta`` and ``input_json_delta`` deltas, or an `
 event (and nothing after it) when the job fails after the stream has begun. The usage and
 stop reason are known only from the final result: ``message_start`` carries zero counts and
 ``message_delta`` the real ones (its counts are cumulative: Anthropic's SDK takes them as
-the totals). ``message_start`` names the model alias asked for: which model answers is
-known only at the end (the ``x-queuegate-model-used`` header of a non-streamed answer).
+the totals). ``message_start`` names the model the provider says answers, as a
+non-streamed answer does (``frontdoor.sse.ServedModel``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import orjson
 
+from frontdoor.sse import ServedModel
 from queuegate.api_errors import anthropic_error
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.provider_formats import anthropic_message, as_int
@@ -47,7 +48,7 @@ class MessageEvents:
 
     def __init__(self, message_id: str, model: str) -> None:
         self._id = message_id
-        self._model = model
+        self._model = ServedModel(model)
         self._started = False
         self._blocks = 0
         """Blocks started so far: the next block's index."""
@@ -56,9 +57,11 @@ class MessageEvents:
         """The block index of each tool call, by its position (OpenAI's ``index``)."""
 
     def delta(self, chunk: StreamChunk) -> bytes:
+        self._model.note(chunk.model)
         return encode(self._opening() + self.delta_events(chunk.delta))
 
     def end(self, result: ChatResult) -> bytes:
+        self._model.note_result(result)
         return encode(self._opening() + self.end_events(result))
 
     def error(self, code: str, message: str) -> bytes:
@@ -72,7 +75,7 @@ class MessageEvents:
             "id": self._id,
             "type": "message",
             "role": "assistant",
-            "model": self._model,
+            "model": self._model.name,
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
@@ -113,7 +116,7 @@ class MessageEvents:
             for block in message["content"]:
                 events.extend(self._whole(block))
         events.extend(self._close())
-        stop = {"stop_reason": message["stop_reason"], "stop_sequence": None}
+        stop = {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}
         events.append({"type": "message_delta", "delta": stop, "usage": message["usage"]})
         events.append({"type": "message_stop"})
         return events

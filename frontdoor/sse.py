@@ -23,6 +23,7 @@ from producer.streams import ChatStream
 from queuegate.api_errors import openai_error
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatResult, StreamChunk
+from queuegate.provider_formats import STOP_SEQUENCE
 
 DONE = b"data: [DONE]\n\n"
 
@@ -47,12 +48,30 @@ class StreamWriter(Protocol):
         ...
 
 
+class ServedModel:
+    """The ``model`` a stream reports, the same in all its events and as a plain answer's:
+    the one the provider says answered (the router's adapters put it in the answer and on
+    each chunk), as the first chunk names it, else (nothing was relayed: a cached answer)
+    the final answer; the alias asked for only until one does (an error before any)."""
+
+    def __init__(self, asked: str) -> None:
+        self.name = asked
+        self._known = False
+
+    def note(self, model: Any) -> None:
+        if not self._known and isinstance(model, str) and model:
+            self.name, self._known = model, True
+
+    def note_result(self, result: ChatResult) -> None:
+        self.note((result.response or {}).get("model"))
+
+
 class ChunkWriter:
     """The ``chat.completion.chunk`` events of one job."""
 
     def __init__(self, job_id: str, model: str, *, include_usage: bool) -> None:
         self._id = f"chatcmpl-{job_id}"
-        self._model = model
+        self._model = ServedModel(model)
         self._created = int(time.time())
         self._first = True
         self._include_usage = include_usage
@@ -63,13 +82,14 @@ class ChunkWriter:
                 "id": self._id,
                 "object": "chat.completion.chunk",
                 "created": self._created,
-                "model": self._model,
+                "model": self._model.name,
                 "choices": choices,
                 **extra,
             }
         )
 
     def delta(self, chunk: StreamChunk) -> bytes:
+        self._model.note(chunk.model)
         delta = dict(chunk.delta)
         if self._first:
             delta = {"role": "assistant", **delta}
@@ -83,15 +103,17 @@ class ChunkWriter:
             assert result.error is not None
             return self.error(result.error.code, result.error.message)
         response = result.response
-        self._model = str(response.get("model") or self._model)
+        self._model.note_result(result)
         choice = (response.get("choices") or [{}])[0]
         out = b""
         if self._first:  # nothing was relayed (a cached answer): the whole message at once
             message = choice.get("message") or {}
             delta = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls")}
             out += self.delta(StreamChunk(job_id="", seq=0, delta=delta))
-        finish = choice.get("finish_reason") or "stop"
-        out += self._chunk([{"index": 0, "delta": {}, "finish_reason": finish}])
+        finish = {"finish_reason": choice.get("finish_reason") or "stop"}
+        if STOP_SEQUENCE in choice:
+            finish[STOP_SEQUENCE] = choice[STOP_SEQUENCE]
+        out += self._chunk([{"index": 0, "delta": {}, **finish}])
         if self._include_usage:
             out += self._chunk([], usage=response.get("usage"))
         return out + DONE
@@ -117,4 +139,4 @@ async def sse_events(
     yield writer.end(stream.result)
 
 
-__all__ = ["ChunkWriter", "StreamWriter", "sse_events"]
+__all__ = ["ChunkWriter", "ServedModel", "StreamWriter", "sse_events"]

@@ -299,6 +299,9 @@ class StreamChunk(WireModel):
     job_id: str
     seq: int
     delta: dict[str, Any]
+    model: str | None = None
+    """The model the provider says is answering, as the answer's ``model`` names it (None
+    from a worker that predates it)."""
 
 
 class AuditContent(WireModel):

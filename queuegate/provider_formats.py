@@ -72,12 +72,20 @@ def tool_call_of(block: Block) -> dict[str, Any]:
     }
 
 
-_STOP_REASONS = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "content_filter": "refusal",
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
 }
+"""Anthropic's ``stop_reason`` as OpenAI's ``finish_reason``; read backwards, the first
+``stop_reason`` of each ``finish_reason`` is the one it stands for."""
+_STOP_REASONS = {finish: stop for stop, finish in reversed(FINISH_REASONS.items())}
+STOP_SEQUENCE = "stop_sequence"
+"""The canonical choice's field naming the stop sequence the provider stopped at, when it
+said which (Anthropic does; OpenAI's ``finish_reason: stop`` does not tell)."""
 _INVERSE_PASSED = frozenset({"top_k", "thinking", "service_tier"})
 
 
@@ -252,8 +260,7 @@ def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
         "role": "assistant",
         "model": response.get("model") or "",
         "content": content,
-        "stop_reason": anthropic_stop_reason(choice.get("finish_reason")),
-        "stop_sequence": None,
+        **anthropic_stop(choice),
         "usage": anthropic_usage(response.get("usage") or {}),
     }
 
@@ -262,9 +269,23 @@ def thinking_block(thinking: str) -> Block:
     return {"type": "thinking", "thinking": thinking, "signature": ""}
 
 
-def anthropic_stop_reason(finish_reason: Any) -> str:
-    """OpenAI's ``finish_reason`` as Anthropic's ``stop_reason``."""
-    return _STOP_REASONS.get(str(finish_reason), "end_turn")
+def openai_finish(stop_reason: Any, stop_sequence: Any) -> dict[str, Any]:
+    """A Messages API stop as a canonical choice's ``finish_reason`` and, when Anthropic
+    named the sequence it stopped at, ``stop_sequence``."""
+    finish: dict[str, Any] = {"finish_reason": FINISH_REASONS.get(str(stop_reason), "stop")}
+    if stop_reason == "stop_sequence" and isinstance(stop_sequence, str):
+        finish[STOP_SEQUENCE] = stop_sequence
+    return finish
+
+
+def anthropic_stop(choice: dict[str, Any]) -> dict[str, Any]:
+    """A canonical choice's ``finish_reason`` as a Message's ``stop_reason`` and
+    ``stop_sequence`` (the inverse of ``openai_finish``)."""
+    sequence = choice.get(STOP_SEQUENCE)
+    if choice.get("finish_reason") == "stop" and isinstance(sequence, str):
+        return {"stop_reason": "stop_sequence", "stop_sequence": sequence}
+    reason = _STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn")
+    return {"stop_reason": reason, "stop_sequence": None}
 
 
 def anthropic_usage(usage: dict[str, Any]) -> dict[str, Any]:

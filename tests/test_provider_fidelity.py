@@ -341,7 +341,7 @@ async def test_a_stream_broken_after_text_is_billed_for_what_was_received(
     faults = MockConfig(models={"gpt-model": cut, "claude-model": cut})
     received: list[Delta] = []
 
-    async def sink(delta: Delta) -> None:
+    async def sink(delta: Delta, model: str) -> None:
         received.append(delta)
 
     async with (
@@ -468,7 +468,7 @@ async def test_streamed_thinking_arrives_as_reasoning_content_deltas(
 ) -> None:
     received: list[Delta] = []
 
-    async def sink(delta: Delta) -> None:
+    async def sink(delta: Delta, model: str) -> None:
         received.append(delta)
 
     job = chat("claude", params={"reasoning_effort": "minimal"}, stream=True)

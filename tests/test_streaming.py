@@ -40,9 +40,11 @@ class Sink:
 
     def __init__(self) -> None:
         self.deltas: list[Delta] = []
+        self.models: set[str] = set()
 
-    async def __call__(self, delta: Delta) -> None:
+    async def __call__(self, delta: Delta, model: str) -> None:
         self.deltas.append(delta)
+        self.models.add(model)
 
     @property
     def text(self) -> str:
@@ -75,6 +77,8 @@ async def test_each_provider_streams_the_whole_answer_in_order_with_usage(
     [streamed_choice], [whole_choice] = streamed.response["choices"], whole.response["choices"]
     assert streamed_choice["message"] == whole_choice["message"]
     assert streamed_choice["finish_reason"] == whole_choice["finish_reason"] == "stop"
+    # every delta names the model the provider said answered, as the whole answer does
+    assert sink.models == {streamed.response["model"]} == {whole.response["model"]}
     assert (streamed.input_tokens, streamed.output_tokens) == (
         whole.input_tokens,
         whole.output_tokens,

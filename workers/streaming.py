@@ -26,10 +26,10 @@ class StreamRelay:
         self._seq = 0
         self._gone = False
 
-    async def __call__(self, delta: Delta) -> None:
+    async def __call__(self, delta: Delta, model: str) -> None:
         if self._gone:
             return  # nobody listens: the job still runs to the end and is accounted
-        chunk = StreamChunk(job_id=self._job_id, seq=self._seq, delta=delta)
+        chunk = StreamChunk(job_id=self._job_id, seq=self._seq, delta=delta, model=model)
         self._seq += 1
         if not await self._publisher.chunk(self._reply_to, chunk):
             self._gone = True
@@ -40,7 +40,7 @@ class StreamRelay:
         message = (response.get("choices") or [{}])[0].get("message") or {}
         delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
         if delta:
-            await self(delta)
+            await self(delta, str(response.get("model") or ""))
 
 
 def relay_for(job: ChatJob, reply_to: str | None, publisher: Publisher) -> StreamRelay | None:

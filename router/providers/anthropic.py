@@ -24,7 +24,13 @@ from dataclasses import replace
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
-from queuegate.provider_formats import Block, as_int, tool_call_of, tool_use_block
+from queuegate.provider_formats import (
+    Block,
+    as_int,
+    openai_finish,
+    tool_call_of,
+    tool_use_block,
+)
 from router.providers.base import (
     Completion,
     Delta,
@@ -76,15 +82,6 @@ _HANDLED = frozenset(
     | _NATIVE
 )
 """Extras read below (or owned by the gateway); any other has no Messages API equivalent."""
-
-_FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
 
 
 class AnthropicAdapter:
@@ -145,7 +142,7 @@ class AnthropicAdapter:
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": _FINISH_REASONS.get(str(body.get("stop_reason")), "stop"),
+                    **openai_finish(body.get("stop_reason"), body.get("stop_sequence")),
                 }
             ],
             "usage": openai_usage(usage),
@@ -177,6 +174,10 @@ class AnthropicStream:
         """A message_delta brought the real output count."""
         self._received = 0
         """Characters of text, thinking and tool input received so far."""
+
+    @property
+    def model(self) -> str:
+        return str(self._message["model"])
 
     def feed(self, event: ServerEvent) -> list[Delta]:
         data = json_data(event)

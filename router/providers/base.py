@@ -282,6 +282,12 @@ Delta = dict[str, Any]
 class StreamParser(Protocol):
     """Reads one streamed answer, event by event, into canonical deltas and a completion."""
 
+    @property
+    def model(self) -> str:
+        """The model the provider says is answering (the upstream name asked for until it
+        says): the ``model`` of the completion, reported with each delta."""
+        ...
+
     def feed(self, event: ServerEvent) -> list[Delta]:
         """The deltas carrying content or tool calls in ``event`` (often none); raises
         ProviderError for an error event or a malformed one."""

@@ -155,6 +155,10 @@ class OpenAIStream:
         self._finish: str | None = None
         self._usage: Any = None
 
+    @property
+    def model(self) -> str:
+        return str(self._head["model"])
+
     def feed(self, event: ServerEvent) -> list[Delta]:
         if event.data.strip() == "[DONE]":
             return []
