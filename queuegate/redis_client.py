@@ -8,10 +8,12 @@ holds the packages to it), so a deployment on Sentinel follows a failover everyw
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
@@ -20,8 +22,10 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
 
-from queuegate.settings import Settings
 from queuegate.urls import redact_url
+
+if TYPE_CHECKING:  # the settings check their Redis URL with redis_connection
+    from queuegate.settings import Settings
 
 CONNECTIONS = 50
 """Connections one client keeps: Redis answers each command in well under a millisecond, so
@@ -133,6 +137,24 @@ def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> ai
         **options,
     )
     return client
+
+
+def redis_connection(url: str) -> object:
+    """The connection redis-py makes of ``url``, unopened: its URL parser and connection class
+    raise on what they cannot take (an option they do not know, such as libpq's
+    ``?options=``; a value of the wrong type), which they would otherwise raise with a
+    traceback at the first command. ValueError too for what they take but Redis or the
+    client fails on later, as Redis being unreachable or with a traceback: a path that is
+    not a database number (redis-py ignores it: database 0), or a number in the query that
+    is negative or not finite (``?db=-1``, ``?socket_timeout=nan``)."""
+    connection: object = aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    database = unquote(urlsplit(url).path).strip("/")
+    if not url.startswith("unix:") and database and not database.isdecimal():
+        raise ValueError("its path is not a database number")
+    for value in parse_url(url).values():
+        if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
+            raise ValueError("a number in the query is negative or not finite")
+    return connection
 
 
 def redis_unreachable(settings: Settings, how: str = "start it") -> str:

@@ -6,25 +6,47 @@ import asyncio
 import gc
 import logging
 import signal
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from queuegate.logs import JsonFormatter, TextFormatter
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 def run(main: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine on uvloop (the faster loop) when it is installed."""
+    """Run a coroutine on uvloop (the faster loop) when it is installed.
+
+    SystemExit(0), as a normal stop ends, when SIGTERM or SIGINT stopped it while it was
+    starting (see ``stop_on_signals``)."""
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we ship
-        return asyncio.run(_call(main))
-    return uvloop.run(_call(main))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on every platform
+            return asyncio.run(_call(main))
+        return uvloop.run(_call(main))
+    except _StoppedStarting:
+        raise SystemExit(0) from None
+
+
+class _StoppedStarting(Exception):
+    """A stop signal cancelled the process while it was starting (see ``stop_on_signals``)."""
+
+
+_STOPPED_STARTING: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+"""Tasks a stop signal cancelled while they were starting."""
 
 
 async def _call(main: Callable[[], Awaitable[T]]) -> T:
-    return await main()
+    try:
+        return await main()
+    except asyncio.CancelledError:
+        if asyncio.current_task() not in _STOPPED_STARTING:
+            raise
+        raise _StoppedStarting from None
 
 
 YOUNG_COLLECTION = 5_000
@@ -48,12 +70,37 @@ def tune_gc() -> None:
 
 
 def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT, so a component can drain instead of dying."""
-    stop = asyncio.Event()
+    """An event set by SIGTERM or SIGINT, so a component can drain instead of dying.
+
+    Until something first waits for it, the process is starting (waiting for PostgreSQL,
+    connecting): nothing would see the event set, and a start-up wait may last as long as an
+    outage. A signal then cancels the task that asked for the event instead, and ``run``
+    ends as a normal stop does, saying so in one line: every start-up wait of every role
+    ends at once, whatever it waits for.
+    """
+    stop = _Stop(asyncio.current_task())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.signalled, sig)
     return stop
+
+
+class _Stop(asyncio.Event):
+    def __init__(self, starting: asyncio.Task[Any] | None) -> None:
+        super().__init__()
+        self._starting = starting
+
+    async def wait(self) -> Literal[True]:
+        self._starting = None  # started: from now on the process drains on a signal
+        return await super().wait()
+
+    def signalled(self, sig: signal.Signals) -> None:
+        self.set()
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            log.info("%s while starting: stopped before serving", sig.name)
+            _STOPPED_STARTING.add(starting)
+            starting.cancel()
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

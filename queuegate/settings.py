@@ -10,10 +10,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpx
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.asyncio.connection import parse_url as redis_url
 from yarl import URL
 
 from queuegate.broker import node_urls
+from queuegate.redis_client import redis_connection
 from queuegate.urls import url_problem
 
 DAY = 86_400.0
@@ -251,7 +251,7 @@ class Settings(BaseSettings):
                 value,
                 ("redis", "rediss", "unix"),
                 hostless=value.startswith("unix:"),
-                client=redis_url,
+                client=redis_connection,
             ),
         )
 

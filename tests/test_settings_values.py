@@ -38,7 +38,23 @@ def _bad_urls(scheme: str, host: str) -> list[str]:
     ]
 
 
-CASES = [(name, url) for name, (s, h) in URLS.items() for url in _bad_urls(s, h)]
+REDIS_MISREAD = [
+    *(
+        f"redis://u:{PASSWORD}@127.0.0.1:6379/0?{query}"
+        for query in ("options=-c x", "foo=bar", "socket_timeout=abc", "socket_timeout=nan")
+    ),
+    f"redis://u:{PASSWORD}@127.0.0.1:6379/0?db=-1",
+    f"redis://u:{PASSWORD}@127.0.0.1:6379/abc",
+    f"redis://u:{PASSWORD}@127.0.0.1:6379/0?protocol=9",
+    f"rediss://u:{PASSWORD}@127.0.0.1:6379/0?ssl_cert_reqs=bogus",
+]
+"""Redis URLs whose password ends where it should, with options redis-py's client cannot take
+(it raised them with a traceback of 200-400 lines at the first command), or a database it
+would ignore (``/abc``: database 0) or Redis refuse (then said as Redis being unreachable)."""
+CASES = [
+    *((name, url) for name, (s, h) in URLS.items() for url in _bad_urls(s, h)),
+    *(("redis_url", url) for url in REDIS_MISREAD),
+]
 
 
 def _refused(**values: object) -> str:
@@ -137,10 +153,19 @@ async def _failed_cli(env: dict[str, str], *args: str) -> tuple[int | None, str,
     return cli.returncode, stderr.decode(), stdout
 
 
+@pytest.mark.timeout(400)  # 48 processes started one by one: minutes on a loaded machine
 async def test_every_bad_url_stops_every_role_in_one_line_without_its_password() -> None:
     # Given each URL setting set to each misreadable URL, each in one of the roles (they
     # all load settings alike)
-    roles = (["teams", "list"], ["worker"], ["accounting"], ["api", "--port", "0"])
+    roles = (
+        ["teams", "list"],
+        ["worker"],
+        ["accounting"],
+        ["api", "--port", "0"],
+        ["status"],
+        ["deployments"],
+        ["submit", "--team", "alpha", "--model", "gpt-4o-mini", "hello"],
+    )
     runs = [
         (f"QUEUEGATE_{name.upper()}", url, roles[number % len(roles)])
         for number, (name, url) in enumerate(CASES)

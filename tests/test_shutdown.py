@@ -1,20 +1,26 @@
-"""SIGTERM with jobs in flight: the worker drains, exits 0, and no job is lost or doubled."""
+"""SIGTERM with jobs in flight: the worker drains, exits 0, and no job is lost or doubled.
+SIGTERM or Ctrl-C while a role waits for a service at start: it exits at once, as a stop."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
+
+import pytest
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.broker import connect
 from queuegate.settings import Settings
 from queuegate.topology import Topology
-from tests.support import running_gateway, wait_until
+from tests.support import LogLines, running_gateway, wait_until
 
 JOBS = 40
+CLOSED_DATABASE = "postgresql://postgres@127.0.0.1:18711/test"
+"""A PostgreSQL nobody listens for (a port of this file's own): a start waits for it forever."""
 
 
 async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Settings) -> None:
@@ -71,3 +77,43 @@ async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Set
                 rows = await gw.usage_rows(JOBS)
                 assert len(rows) == JOBS
                 assert 0 < answered_by_first < JOBS
+
+
+@pytest.mark.parametrize(
+    ("role", "sig"),
+    [("worker", signal.SIGTERM), ("accounting", signal.SIGINT)],
+    ids=["worker-SIGTERM", "accounting-SIGINT"],
+)
+async def test_a_stop_signal_while_waiting_for_a_service_at_start_stops_at_once(
+    settings: Settings, role: str, sig: signal.Signals
+) -> None:
+    # Given a role waiting at start for a PostgreSQL that is not there (retrying for ever)
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_DATABASE_URL": CLOSED_DATABASE,
+        "QUEUEGATE_METRICS_PORT": "0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", role,
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    lines = LogLines(process.stderr)
+    try:
+        await lines.matches(re.compile("PostgreSQL is not reachable .* waiting for it"), 1)
+        # When the operator stops it (SIGTERM, or Ctrl-C)
+        process.send_signal(sig)
+        # Expect it gone within a couple of seconds (it waited until PostgreSQL answered),
+        # as a normal stop exits, in one line and no traceback
+        async with asyncio.timeout(5):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    said = await lines.closed()
+    assert code == 0, said
+    assert "Traceback" not in said, said
+    assert said.splitlines()[-1].endswith(f"{sig.name} while starting: stopped before serving")
