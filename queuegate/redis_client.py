@@ -139,6 +139,12 @@ def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> ai
     return client
 
 
+OWN_OPTIONS = frozenset(
+    {"max_connections", "timeout", "socket_timeout", "socket_connect_timeout", "decode_responses"}
+)
+"""Connection options a Redis URL may not set (see redis_connection)."""
+
+
 def redis_connection(url: str) -> object:
     """The connection redis-py makes of ``url``, unopened: its URL parser and connection class
     raise on what they cannot take (an option they do not know, such as libpq's
@@ -148,6 +154,12 @@ def redis_connection(url: str) -> object:
     not a database number (redis-py ignores it: database 0), or a number in the query that
     is negative or not finite (``?db=-1``, ``?socket_timeout=nan``)."""
     connection: object = aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    # What redis_for sets itself: in the URL they would silently beat QUEUEGATE_REDIS_TIMEOUT
+    # and the pool's size (redis-py lets a URL's options win), or clash with them through
+    # Sentinel (a TypeError at start); decoded replies would break every script's reader.
+    owned = sorted(OWN_OPTIONS.intersection(parse_url(url)))
+    if owned:
+        raise ValueError(f"its query sets {', '.join(owned)}, which the gateway sets itself")
     database = unquote(urlsplit(url).path).strip("/")
     if not url.startswith("unix:") and database and not database.isdecimal():
         raise ValueError("its path is not a database number")

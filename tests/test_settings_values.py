@@ -41,7 +41,10 @@ def _bad_urls(scheme: str, host: str) -> list[str]:
 REDIS_MISREAD = [
     *(
         f"redis://u:{PASSWORD}@127.0.0.1:6379/0?{query}"
-        for query in ("options=-c x", "foo=bar", "socket_timeout=abc", "socket_timeout=nan")
+        for query in (
+            *("options=-c x", "foo=bar", "socket_timeout=abc", "socket_timeout=nan"),
+            *("socket_timeout=3", "timeout=2", "max_connections=5", "decode_responses=1"),
+        )
     ),
     f"redis://u:{PASSWORD}@127.0.0.1:6379/0?db=-1",
     f"redis://u:{PASSWORD}@127.0.0.1:6379/abc",
