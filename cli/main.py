@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import socket
@@ -103,6 +104,8 @@ def _one_line(exc: Exception) -> str | None:
         return f"Redis failed ({type(exc).__name__}: {first}): check QUEUEGATE_REDIS_URL"
     if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
         return f"a service is not reachable ({first}): start it (make services)"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"{first}: another process listens on that port; set --port to a free port"
     if isinstance(exc, OSError):
         return f"{first}: check the file or permission it names"
     return None

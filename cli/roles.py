@@ -95,6 +95,9 @@ def api(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     processes: Annotated[int, typer.Option(min=1, help="Processes under one supervisor.")] = 1,
     log_level: LogLevel = "info",
+    joining: Annotated[
+        bool, typer.Option("--joining", hidden=True, help="Started by a supervisor.")
+    ] = False,
 ) -> None:
     """Serve the HTTP front door (OpenAI's and Anthropic's APIs; docs at /docs) until SIGTERM
     or Ctrl-C."""
@@ -102,7 +105,14 @@ def api(
 
     settings = make_settings()
     configure_logging(log_level, form=settings.log_format)
-    serve(settings, host=host, port=port, processes=processes, log_level=log_level)
+    serve(
+        settings,
+        host=host,
+        port=port,
+        processes=processes,
+        log_level=log_level,
+        joining=joining,
+    )
 
 
 def accounting(log_level: LogLevel = "info") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Annotated, Any
 
@@ -11,8 +12,10 @@ import typer
 from cli.console import err, out
 from cli.keys import keys_table, show_key
 from cli.options import make_settings, read_password
+from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
 from queuegate.runtime import run
+from queuegate.settings import Settings
 
 teams_app = typer.Typer(
     help="Register, list, show, configure and disable teams.", no_args_is_help=True
@@ -174,8 +177,10 @@ def teams_set(
     }
     changes |= dict.fromkeys(unset or [])
     if model:
+        limits = _model_limits(model)
+        _check_aliases(settings, [alias for alias, fields in limits.items() if fields])
         models = run(lambda: show(settings, name)).config.model_dump()["models"]
-        changes["models"] = models | _model_limits(model)
+        changes["models"] = models | limits
         changes["models"] = {k: v for k, v in changes["models"].items() if v}
     config = run(lambda: configure(settings, name, changes))
     out.print(f"team {name}: {config.model_dump_json(exclude_defaults=True)}", highlight=False)
@@ -196,6 +201,21 @@ def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
             fields[names[key]] = value
         limits[alias] = fields
     return limits
+
+
+def _check_aliases(settings: Settings, aliases: list[str]) -> None:
+    """ConfigError unless each alias is one of the catalog's: a limit set on another would
+    never apply. Clearing one (``ALIAS:``) is let through: the catalog may have dropped it."""
+    from router import load_catalog
+
+    catalog = load_catalog(settings.catalog, os.environ)
+    unknown = [alias for alias in aliases if alias not in catalog.models]
+    if unknown:
+        source = settings.catalog or "the bundled mock catalog (QUEUEGATE_CATALOG unset)"
+        raise ConfigError(
+            f"no model alias {', '.join(map(repr, unknown))} in {source}: aliases come from "
+            f"the catalog QUEUEGATE_CATALOG names; pick one of {', '.join(sorted(catalog.models))}"
+        )
 
 
 @teams_app.command("disable")

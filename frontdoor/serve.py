@@ -3,7 +3,10 @@
     serve(settings, host="0.0.0.0", port=8080, processes=4, log_level="info")
 
 Each process binds the port with ``SO_REUSEPORT``, so the kernel spreads connections over
-them, and each holds its own broker connection and reply queue (``frontdoor.bridge``). With
+them. It would spread them over any other server binding the port so too (another front
+door, of this namespace or another): ``serve`` first makes sure nothing listens there, and
+only the processes it starts itself skip that check (``joining``). Each process holds its
+own broker connection and reply queue (``frontdoor.bridge``). With
 ``processes`` > 1 a ``queuegate.supervisor.Supervisor`` runs them, restarts one that dies,
 and stops them all gracefully, as ``queuegate worker --processes`` does; they share their
 metrics, so ``/metrics`` counts every process's requests whichever one answers. On SIGTERM a
@@ -41,7 +44,18 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 10.0
 
 
-def serve(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:
+def serve(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    processes: int,
+    log_level: str,
+    joining: bool = False,
+) -> None:
+    """``joining``: this process is one its supervisor started, which checked the port."""
+    if not joining:
+        check_free(host, port)
     if processes > 1:
         _supervise(settings, host=host, port=port, processes=processes, log_level=log_level)
         return
@@ -116,9 +130,25 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_free(host: str, port: int) -> None:
+    """ConfigError unless nothing listens on ``host:port``: a socket bound without
+    ``SO_REUSEPORT`` is refused any port a listening socket holds, whoever bound it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # A port left in TIME_WAIT by a front door that stopped is free to serve again.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve the front door on {host}:{port} ({exc.strerror}): another "
+                "process listens there; set --port to a free port"
+            ) from exc
+
+
 def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:
     argv = [sys.executable, "-m", "cli", "api", "--host", host, "--port", str(port)]
-    argv += ["--log-level", log_level]
+    argv += ["--log-level", log_level, "--joining"]
 
     def command(slot: int) -> tuple[list[str], dict[str, str]]:
         return argv, dict(os.environ)
@@ -133,4 +163,4 @@ def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_
     run(supervise)
 
 
-__all__ = ["bind", "serve", "serving"]
+__all__ = ["bind", "check_free", "serve", "serving"]

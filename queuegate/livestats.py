@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +77,12 @@ class LiveStatsWriter:
         worker: str,
         interval: float,
         in_flight: Callable[[], dict[str, int]],
+        *,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``refresh``: brings gauges the snapshot reads up to date (bucket fills), first."""
         self._client = client
+        self._refresh = refresh
         self._keys = keys
         self._worker = worker
         self._interval = interval
@@ -135,6 +139,10 @@ class LiveStatsWriter:
         for (team, month), usd in buffer.spend.items():
             pipe.incrbyfloat(keys.live_spend(team, month), usd)
             pipe.expire(keys.live_spend(team, month), SPEND_TTL)
+        if self._refresh is not None:
+            # Best effort: the pipeline below meets Redis being away and says so once.
+            with contextlib.suppress(RedisError, OSError):
+                await self._refresh()
         breakers = gauge_values(BREAKER_STATE)
         snapshot = {
             "in_flight": self._in_flight(),

@@ -235,6 +235,26 @@ async def test_mock_provider_fails_the_models_it_is_told_to_and_serves_the_rest(
         await mock.wait()
 
 
+def test_mock_provider_on_a_busy_port_is_told_to_pick_a_free_one() -> None:
+    # Given a port something listens on
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        # When the mock provider is started there
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", "mock-provider", "--port", str(port)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    # Expect one line naming the busy port as the problem, not a file or a permission
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "set --port to a free port" in lines[0] and "permission" not in lines[0]
+
+
 async def test_the_demo_prints_the_dashboard_and_a_key_that_signs_in(settings: Settings) -> None:
     # Given the demo run as `make demo` runs it, in a namespace of the test's own
     env = {**os.environ, **_env(settings), "COLUMNS": "200"}

@@ -661,6 +661,46 @@ async def test_a_key_revoked_mid_batch_keeps_every_paid_answer_and_ends_it_once(
     assert said.exc_info is None and "revoked" in said.getMessage()
 
 
+async def test_requests_waiting_on_a_bucket_when_the_key_is_revoked_are_401_lines(
+    settings: Settings, keys: dict[str, str]
+) -> None:
+    # Given team alpha held to one request a second (a bucket of 2), so most of a batch of
+    # 12 waits for its bucket in the workers, and workers that learn of a revocation at once
+    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
+    await configure(settings, "alpha", {"rpm": 60, "burst": 2})
+    _, second = await issue_key(settings, "alpha")
+    async with (
+        running_gateway(settings, teams=("alpha",)) as gateway,
+        front_door(settings, gateway, keys) as door,
+        door.openai() as client,
+        door.reading(second).openai() as reader,
+    ):
+        file_id = await upload(client, openai_lines(12))
+        batch = await client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        # When its key is revoked once 3 lines are answered
+        await polled(lambda: _ok_rows(gateway), lambda n: n >= 3)
+        key_id = await _revoke(settings, keys)
+        ended = await openai_ended(reader, batch.id)
+        assert ended.error_file_id
+        errors = parse_jsonl(await (await reader.files.content(ended.error_file_id)).aread())
+
+    # Expect every unserved line answered 401 unauthorized for the revoked key (named by its
+    # id, never the key itself), as the batch's own error says; none a cancel of the batch
+    assert ended.status == "failed"
+    assert ended.errors is not None and [e.code for e in ended.errors.data] == ["key_revoked"]
+    assert 0 < len(errors) < 12
+    for line in errors:
+        assert (line["response"] or {}).get("status_code") == 401, line
+        body = line["response"]["body"]["error"]
+        assert body["code"] == "unauthorized" and line["error"] is None
+        assert "revoked" in body["message"]
+        assert keys["alpha"] not in orjson.dumps(line).decode()
+    assert any(key_id in line["response"]["body"]["error"]["message"] for line in errors)
+    assert ended.request_counts is not None and ended.request_counts.failed == len(errors)
+
+
 async def test_a_message_batch_whose_key_is_revoked_lists_what_was_served(
     settings: Settings, keys: dict[str, str]
 ) -> None:

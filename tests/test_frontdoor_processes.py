@@ -15,6 +15,7 @@ import httpx
 import openai
 
 from accounting import migrate
+from frontdoor.serve import bind
 from queuegate.db import create_pool
 from queuegate.metrics import MULTIPROCESS_DIR
 from queuegate.settings import Settings
@@ -95,6 +96,31 @@ async def test_metrics_count_the_requests_of_every_process(settings: Settings) -
     assert supervisor.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert not await asyncio.to_thread(os.path.exists, shared)
+
+
+async def test_a_port_another_front_door_listens_on_is_refused(settings: Settings) -> None:
+    # Given a front door (of any namespace) listening on a port, as each of its processes
+    # does, so that the kernel would share the port with anyone binding it so too
+    other = bind("127.0.0.1", 0)
+    port = other.getsockname()[1]
+    env = {**os.environ, "QUEUEGATE_NAMESPACE": settings.namespace}
+    try:
+        for processes in ("1", "2"):
+            # When another is started on that port, with one process or several
+            command = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cli", "api", "--port", str(port),
+                "--processes", processes,
+                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(command.communicate(), timeout=30)
+            # Expect it refused in one line saying what to do, serving nothing
+            lines = err.decode().strip().splitlines()
+            assert command.returncode == 1, err.decode()
+            assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
+            assert "set --port to a free port" in lines[0]
+            assert b"front door on http" not in out + err
+    finally:
+        other.close()
 
 
 def _environ(pid: int) -> dict[str, str]:

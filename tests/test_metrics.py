@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, defaultdict
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +20,7 @@ from queuegate.livestats import read_view
 from queuegate.metrics_server import MetricsServer
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.status import StatusReader
 from tests.support import running_gateway
 from tests.teams import register
 from workers import Worker
@@ -161,7 +163,8 @@ async def test_a_bucket_wait_and_the_buckets_fill_are_recorded_where_status_read
         )
         assert count == 2
         assert 0.5 < waited < 5
-        assert _at(after, "queuegate_bucket_fill_ratio", team="alpha") == 0
+        # (empty when the second took, refilling since: the workers read it as of now)
+        assert (_at(after, "queuegate_bucket_fill_ratio", team="alpha") or 0) < 0.5
 
         # ... and in the live stats `queuegate status` reads
         keys = Keys(settings.redis_prefix)
@@ -173,6 +176,37 @@ async def test_a_bucket_wait_and_the_buckets_fill_are_recorded_where_status_read
                     await asyncio.sleep(0.05)
         finally:
             await client_redis.aclose()
+
+
+async def test_an_idle_teams_bucket_reads_refilled_in_status_and_metrics(
+    settings: Settings,
+) -> None:
+    # Given team alpha allowed 60 requests a minute, 2 at once, its live stats written often
+    settings = settings.model_copy(update={"stats_interval": 0.1})
+    await register(settings, "alpha", TeamConfig(rpm=60, burst=2))
+    async with (
+        MetricsServer("127.0.0.1", 0, lambda: True) as server,
+        running_gateway(settings) as gw,
+        gw.client("alpha") as client,
+        StatusReader(settings) as reader,
+    ):
+        # When 3 jobs drain its bucket (the third waits for it), then nothing more comes
+        results = await asyncio.gather(*(client.chat("gpt-4o-mini", HELLO) for _ in range(3)))
+        assert {r.status for r in results} == {"ok"}
+        drained = time.monotonic()
+
+        # Expect the bucket read full again, in the metric and in `queuegate status`, once
+        # it has had its 2 s to refill, though nothing took from it since
+        async def fills() -> tuple[float | None, float | None]:
+            metric = _at(await _scrape(server), "queuegate_bucket_fill_ratio", team="alpha")
+            [team] = (await reader.read(["alpha"])).teams
+            return metric, team.bucket_fill
+
+        async with asyncio.timeout(15):
+            # Polled: workers refresh it every stats_interval, unannounced.
+            while not all(f is not None and f > 0.95 for f in await fills()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - drained > 1.5  # refilled by the rate, not at once
 
 
 async def test_a_breaker_opening_retries_and_fallbacks_are_recorded(

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -104,7 +105,7 @@ def test_teams_set_and_show_round_trip_a_config(settings: Settings) -> None:
 
     # When an operator sets limits, a budget and a model's limits
     set_args = ["teams", "set", "alpha", "--rpm", "100", "--budget", "50"]
-    set_args += ["--model", "gpt-4o:tpm=1000,budget=5"]
+    set_args += ["--model", "gpt-4o-mini:tpm=1000,budget=5"]
     assert runner.invoke(app, set_args, env=env).exit_code == 0
     shown = runner.invoke(app, ["teams", "show", "alpha", "--json"], env=env)
 
@@ -112,9 +113,9 @@ def test_teams_set_and_show_round_trip_a_config(settings: Settings) -> None:
     config = json.loads(shown.stdout)
     assert config["rpm"] == 100
     assert Decimal(config["budget_usd"]) == 50
-    assert config["models"]["gpt-4o"]["tpm"] == 1000
+    assert config["models"]["gpt-4o-mini"]["tpm"] == 1000
     table = runner.invoke(app, ["teams", "show", "alpha"], env=env)
-    assert table.exit_code == 0 and "gpt-4o" in table.stdout
+    assert table.exit_code == 0 and "gpt-4o-mini" in table.stdout
 
 
 def test_a_team_s_cache_default_is_switched_on_and_off(settings: Settings) -> None:
@@ -150,6 +151,30 @@ def test_an_invalid_setting_is_one_clear_error(settings: Settings) -> None:
     result = runner.invoke(app, ["teams", "set", "alpha", "--rpm", "-5"], env=env)
     assert result.exit_code != 0
     assert "rpm" in str(result.exception or result.stdout)
+
+
+def test_a_model_limit_on_an_alias_the_catalog_lacks_is_refused(settings: Settings) -> None:
+    # Given a registered team
+    env = {
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+    assert CliRunner().invoke(app, ["teams", "add", "alpha"], env=env).exit_code == 0
+
+    # When an operator limits a model no catalog alias names, run as an operator runs it
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "teams", "set", "alpha", "--model", "nosuchmodel:rpm=5"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    shown = CliRunner().invoke(app, ["teams", "show", "alpha", "--json"], env=env)
+
+    # Expect one line naming the alias and where aliases come from, and nothing stored
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "'nosuchmodel'" in lines[0] and "QUEUEGATE_CATALOG" in lines[0]
+    assert "gpt-4o-mini" in lines[0]  # the aliases there are listed
+    assert json.loads(shown.stdout)["models"] == {}
 
 
 async def test_setting_a_config_keeps_fields_a_newer_gateway_wrote(

@@ -112,6 +112,10 @@ class Worker:
         connected = self._connected is not None and self._connected.is_set()
         return connected and self.ready.is_set() and not self._draining
 
+    async def _refresh_fills(self) -> None:
+        if self._admission is not None:
+            await self._admission.refresh_fills()
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
         # The registry: teams to serve (unless fixed) and their security settings.
@@ -125,7 +129,12 @@ class Worker:
         # One pool per process: the router's, which its opener closes.
         redis = self._router.redis
         live = LiveStatsWriter(
-            redis, Keys(s.redis_prefix), self.name, s.stats_interval, self._live_in_flight
+            redis,
+            Keys(s.redis_prefix),
+            self.name,
+            s.stats_interval,
+            self._live_in_flight,
+            refresh=self._refresh_fills,
         )
         self._telemetry.live = live
         claims = Claims(

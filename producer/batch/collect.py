@@ -147,10 +147,12 @@ async def collect_state(
 
     ``unserved``: the batch was stopped, and nothing will publish the requests it has not
     published: each is written at once, ``failed`` with this error, rather than awaited.
-    The requests it did publish are awaited as ever: every one is answered by a worker.
+    The requests it did publish are awaited as ever: every one is answered by a worker, and
+    one it answered ``canceled`` (the stop reached it before a provider did) is written
+    ``failed`` with this error too, so every unserved line says the same why.
     """
     meta = await state.require()
-    run = _Run(state, meta, sink, on_progress)
+    run = _Run(state, meta, sink, on_progress, unserved)
     await _consume(settings, run, idle, expiry_grace, unserved)
     return CollectReport(meta.name, run.written, await state.counts(meta))
 
@@ -251,8 +253,10 @@ class _Run:
         meta: BatchMeta,
         files: ResultSink,
         on_progress: Progress | None,
+        unserved: ErrorInfo | None = None,
     ) -> None:
         self.state = state
+        self._unserved = unserved
         self.meta = meta
         self._fmt = FORMATS[meta.format]
         self._on_progress = on_progress
@@ -303,7 +307,7 @@ class _Run:
                 continue
             custom_id = custom_id_of(self.meta.jobs, result.job_id)
             if custom_id is not None and custom_id not in answers:
-                answers[custom_id] = Answer(custom_id, result.job_id, category_of(result), result)
+                answers[custom_id] = self._answer(custom_id, result)
                 sources[custom_id] = message
         last = await self._write(list(answers.values()))
         # Lines are on disk and recorded before this ack: redelivered results are skipped.
@@ -312,6 +316,14 @@ class _Run:
         self._held.update({index: sources[custom_id] for index, custom_id in last.items()})
         held = {id(m) for m in self._held.values()}
         await self._ack([*released, *(m for m in messages if id(m) not in held)])
+
+    def _answer(self, custom_id: str, result: ChatResult) -> Answer:
+        category = category_of(result)
+        if category == "canceled" and self._unserved is not None:
+            # The batch was stopped (its key revoked), not canceled by its caller: the
+            # worker's ``canceled`` only says the stop reached the job first.
+            return Answer(custom_id, result.job_id, "failed", error=self._unserved)
+        return Answer(custom_id, result.job_id, category, result)
 
     async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         await asyncio.gather(*(settle(m.ack(), "acknowledge results", log) for m in messages))

@@ -67,6 +67,14 @@ class Buckets:
         replies = await self._scripts.run_all(calls, name=name)
         return taken(limits, tokens, replies[0])._replace(then_ran=len(replies) > 1)
 
+    async def refresh_fills(self, limits: Sequence[Limit]) -> None:
+        """Set ``queuegate_bucket_fill_ratio`` of each team bucket of ``limits`` as of now
+        (refilled since its last take), taking nothing: an idle team's bucket fills up."""
+        if limits:
+            calls = [_call([limit], "peek", 0, 0, 0) for limit in limits]
+            for limit, reply in zip(limits, await self._scripts.run_all(calls), strict=True):
+                taken([limit], 0, reply)
+
     async def drain(self, limits: Sequence[Limit]) -> None:
         """Empty every bucket of its requests: the next ones are admitted at the rate alone."""
         if limits:

@@ -88,6 +88,17 @@ class Admission:
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
         self._configs = dict(configs)
 
+    async def refresh_fills(self) -> None:
+        """Read every rate-limited team's bucket fill as of now into its metric (and so the
+        live stats ``queuegate status`` shows), rather than as of its last take."""
+        await self._buckets.refresh_fills(
+            [
+                _team_limit(team, self._keys.team_bucket(team), f"team {team}", config)
+                for team, config in self._configs.items()
+                if config.rpm
+            ]
+        )
+
     def config(self, team: str) -> TeamConfig:
         return self._configs.get(team) or TeamConfig()
 

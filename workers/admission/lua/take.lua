@@ -5,6 +5,7 @@
 --           "settle": give back ARGV[2] requests (a reservation given up before its call)
 --           and ARGV[3] tokens (negative: take them, even into debt)
 --           "drain": empty the requests (the provider answered 429: it admits fewer)
+--           "peek": change nothing; read the fill as of now, refilled since the last take
 -- ARGV[2]   requests
 -- ARGV[3]   tokens
 -- ARGV[4]   take: milliseconds the caller will wait for the buckets. If they can admit the job
@@ -19,7 +20,7 @@
 -- 0 unless reserved), {0, wait_ms, fill} when not taken because the emptiest bucket
 -- needs that long to refill, {-1, i} when the job can never fit KEYS[i]; fill is how full
 -- KEYS[1]'s requests are after the call, in thousandths (0 in debt; -1 without an rpm), for
--- metrics. Settle and drain return {1, 0}.
+-- metrics. Peek returns {1, 0, fill}; settle and drain {1, 0}.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -61,6 +62,10 @@ local function fill(level)
     return -1
   end
   return math.max(0, math.floor(level * 1000 / cap))
+end
+
+if mode == 'peek' then
+  return {1, 0, fill(levels[1][3][1] or 0)}
 end
 
 if wait > within then
