@@ -129,7 +129,37 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class ChatMessage(BaseModel):
+FIELD_SETS_SHARED = 256
+"""Distinct sets of given fields ``SharedFieldsSet`` shares at most: a message's and the
+parameters' extras count among their fields, and a team chooses those."""
+
+_FIELD_SETS: dict[frozenset[str], set[str]] = {}
+
+
+class SharedFieldsSet(BaseModel):
+    """A frozen model whose set of the fields it was given (pydantic's, one per instance)
+    is shared with every other instance given the same fields.
+
+    A worker holds thousands of jobs while they wait for Redis, a connection or a confirm;
+    pydantic's sets of a job, its messages, its parameters and its calls are 216-728 bytes
+    each, about 1.4 KB a job. A frozen model never changes its own (``model_copy`` changes
+    a copy), so sharing one is safe.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    def model_post_init(self, context: Any, /) -> None:
+        given = self.__pydantic_fields_set__
+        key = frozenset(given)
+        shared = _FIELD_SETS.get(key)
+        if shared is None:
+            if len(_FIELD_SETS) >= FIELD_SETS_SHARED:
+                return
+            shared = _FIELD_SETS[key] = given
+        object.__setattr__(self, "__pydantic_fields_set__", shared)
+
+
+class ChatMessage(SharedFieldsSet):
     """One message in OpenAI chat format; content is a string or a list of content parts."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -141,7 +171,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class ChatParams(BaseModel):
+class ChatParams(SharedFieldsSet):
     """Sampling and tool parameters in OpenAI form; unknown ones pass through to the provider."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -177,7 +207,7 @@ MAX_CHOICES = 128
 """The most choices (``n``) one job may ask for: OpenAI's limit."""
 
 
-class ChatJob(WireModel):
+class ChatJob(WireModel, SharedFieldsSet):
     """A chat completion to run; ``job_id`` is the idempotency key, set by the producer."""
 
     v: int = SCHEMA_VERSION
@@ -220,7 +250,7 @@ def request_digest(job: ChatJob) -> str:
     return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-class Attempt(WireModel):
+class Attempt(WireModel, SharedFieldsSet):
     """One call to one deployment, as recorded on results and usage events."""
 
     model: str
