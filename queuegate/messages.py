@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -125,10 +125,6 @@ def _check_values(where: str, value: object) -> None:
             _check_values(where, item)
 
 
-class WireModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
 FIELD_SETS_SHARED = 256
 """Distinct sets of given fields ``SharedFieldsSet`` shares at most: a message's and the
 parameters' extras count among their fields, and a team chooses those."""
@@ -141,9 +137,9 @@ class SharedFieldsSet(BaseModel):
     is shared with every other instance given the same fields.
 
     A worker holds thousands of jobs while they wait for Redis, a connection or a confirm;
-    pydantic's sets of a job, its messages, its parameters and its calls are 216-728 bytes
-    each, about 1.4 KB a job. A frozen model never changes its own (``model_copy`` changes
-    a copy), so sharing one is safe.
+    pydantic's sets of a job, its messages, its parameters, its calls and its outcome are
+    216-1,752 bytes each (a UsageEvent's the largest), 1.2-3 KB a job. A frozen model never
+    changes its own (``model_copy`` changes a copy, shared again here), so sharing is safe.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -157,6 +153,15 @@ class SharedFieldsSet(BaseModel):
                 return
             shared = _FIELD_SETS[key] = given
         object.__setattr__(self, "__pydantic_fields_set__", shared)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.model_post_init(None)
+        return copied
+
+
+class WireModel(SharedFieldsSet):
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class ChatMessage(SharedFieldsSet):
@@ -207,7 +212,7 @@ MAX_CHOICES = 128
 """The most choices (``n``) one job may ask for: OpenAI's limit."""
 
 
-class ChatJob(WireModel, SharedFieldsSet):
+class ChatJob(WireModel):
     """A chat completion to run; ``job_id`` is the idempotency key, set by the producer."""
 
     v: int = SCHEMA_VERSION
@@ -250,7 +255,7 @@ def request_digest(job: ChatJob) -> str:
     return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-class Attempt(WireModel, SharedFieldsSet):
+class Attempt(WireModel):
     """One call to one deployment, as recorded on results and usage events."""
 
     model: str

@@ -190,6 +190,10 @@ def test_jobs_given_the_same_fields_share_one_fields_set_and_a_copy_changes_only
     # Expect the copy to say so, and neither original to have changed
     assert "stream" in copied.model_fields_set
     assert "stream" not in first.model_fields_set
+    # And the copy's set shared again with a job given the same fields
+    assert (
+        copied.model_fields_set is ChatJob.model_validate({**JOB, "stream": True}).model_fields_set
+    )
     assert second.model_fields_set == set(JOB)
 
 
