@@ -17,6 +17,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
     DeliveryMode,
@@ -233,6 +234,39 @@ async def settle(action: Awaitable[object], what: str, logger: logging.Logger) -
         logger.info("could not %s (%s: its channel is gone); it is delivered again", what, exc)
         return False
     return True
+
+
+class Delivery:
+    """What settles a delivery, and nothing else of it: ``ack``, ``nack`` and its id.
+
+    A consumer that holds a message long after reading it (a worker waiting for its
+    result's confirm, thousands at once when the broker is the slowest stage) keeps this
+    instead: the message's body, properties and aio-pika's object are about 2 KB more. Its
+    ``ack`` and ``nack`` fail as the message's own would once the channel is closed.
+    """
+
+    __slots__ = ("_channel", "_tag", "message_id")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self._channel: aiormq.abc.AbstractChannel | None = message.channel
+        except ChannelInvalidStateError:
+            self._channel = None
+        self._tag = message.delivery_tag
+        self.message_id = message.message_id
+
+    def _open(self) -> aiormq.abc.AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            raise ChannelInvalidStateError(f"the channel of delivery {self._tag} is closed")
+        return self._channel
+
+    async def ack(self) -> None:
+        if self._tag is not None:
+            await self._open().basic_ack(self._tag)
+
+    async def nack(self, *, requeue: bool) -> None:
+        if self._tag is not None:
+            await self._open().basic_nack(self._tag, requeue=requeue)
 
 
 def node_urls(url: str) -> list[str]:

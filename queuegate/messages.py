@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -125,11 +125,46 @@ def _check_values(where: str, value: object) -> None:
             _check_values(where, item)
 
 
-class WireModel(BaseModel):
+FIELD_SETS_SHARED = 256
+"""Distinct sets of given fields ``SharedFieldsSet`` shares at most: a message's and the
+parameters' extras count among their fields, and a team chooses those."""
+
+_FIELD_SETS: dict[frozenset[str], set[str]] = {}
+
+
+class SharedFieldsSet(BaseModel):
+    """A frozen model whose set of the fields it was given (pydantic's, one per instance)
+    is shared with every other instance given the same fields.
+
+    A worker holds thousands of jobs while they wait for Redis, a connection or a confirm;
+    pydantic's sets of a job, its messages, its parameters, its calls and its outcome are
+    216-1,752 bytes each (a UsageEvent's the largest), 1.2-3 KB a job. A frozen model never
+    changes its own (``model_copy`` changes a copy, shared again here), so sharing is safe.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    def model_post_init(self, context: Any, /) -> None:
+        given = self.__pydantic_fields_set__
+        key = frozenset(given)
+        shared = _FIELD_SETS.get(key)
+        if shared is None:
+            if len(_FIELD_SETS) >= FIELD_SETS_SHARED:
+                return
+            shared = _FIELD_SETS[key] = given
+        object.__setattr__(self, "__pydantic_fields_set__", shared)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.model_post_init(None)
+        return copied
+
+
+class WireModel(SharedFieldsSet):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(SharedFieldsSet):
     """One message in OpenAI chat format; content is a string or a list of content parts."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -141,7 +176,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class ChatParams(BaseModel):
+class ChatParams(SharedFieldsSet):
     """Sampling and tool parameters in OpenAI form; unknown ones pass through to the provider."""
 
     model_config = ConfigDict(extra="allow", frozen=True)

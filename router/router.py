@@ -313,6 +313,9 @@ class Router:
                 else:
                     done.add(deployment.name)
                 self._after_failure(run, entry, err)
+            finally:
+                # The slot _pick took.
+                await self._slots.release(deployment)
 
     async def _pick(
         self,
@@ -395,24 +398,26 @@ class Router:
         )
         return _Call(deployment, request, key)
 
-    async def _attempt(self, run: _Job, alias: str, call: _Call) -> Routed:
-        """One call in the slot ``_pick`` took; releases it, then records the attempt and the
-        deployment's health; raises ProviderError to go on."""
-        try:
-            return await self._call_once(run, alias, call)
-        finally:
-            await self._slots.release(call.deployment)
+    def _attempt(self, run: _Job, alias: str, call: _Call) -> Awaitable[Routed]:
+        """One call in the slot ``_pick`` took (its caller releases it), in a span when
+        tracing.
 
-    async def _call_once(self, run: _Job, alias: str, call: _Call) -> Routed:
-        if not tracing.ON:
-            return await self._try_deployment(run, alias, call)
+        Not a coroutine: a job waiting for one of the upstream's connections holds each frame
+        of its chain, and a worker holds thousands when the provider is the slowest stage.
+        """
+        attempt = self._try_deployment(run, alias, call)
+        return self._traced(run, alias, call, attempt) if tracing.ON else attempt
+
+    async def _traced(
+        self, run: _Job, alias: str, call: _Call, attempt: Awaitable[Routed]
+    ) -> Routed:
         deployment = call.deployment
         with tracing.span(
             f"chat {deployment.model}",
             kind="CLIENT",
             attributes=_attempt_attributes(run, alias, call),
         ) as span:
-            routed = await self._try_deployment(run, alias, call)
+            routed = await attempt
             span.set_attributes(
                 {
                     "http.response.status_code": 200,
@@ -425,6 +430,7 @@ class Router:
             return routed
 
     async def _try_deployment(self, run: _Job, alias: str, call: _Call) -> Routed:
+        """Records the attempt and the deployment's health; raises ProviderError to go on."""
         deployment = call.deployment
         if run.gate is not None:
             # Immediately before the call, so every retry and fallback is admitted too.

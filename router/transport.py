@@ -13,8 +13,8 @@ import asyncio
 import functools
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from email.utils import parsedate_to_datetime
 from time import time
 from types import TracebackType
@@ -121,14 +121,36 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-@asynccontextmanager
-async def time_limit(seconds: float) -> AsyncIterator[None]:
+def time_limit(seconds: float) -> _TimeLimit:
     """Bound a whole call (pool wait, connect, send, read): past it, ProviderError("timeout")."""
-    try:
-        async with asyncio.timeout(seconds):
-            yield
-    except TimeoutError as exc:
-        raise ProviderError("timeout", f"no answer within {seconds:.3g}s") from exc
+    return _TimeLimit(seconds)
+
+
+class _TimeLimit:
+    # A class, not a generator: a worker holds thousands of calls waiting for a connection,
+    # and a generator's context manager keeps its frame, arguments and wrapper (about 700
+    # bytes) for as long as the call.
+    __slots__ = ("_seconds", "_timeout")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._timeout = asyncio.timeout(seconds)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            await self._timeout.__aexit__(exc_type, exc, traceback)
+        except TimeoutError as expired:
+            raise ProviderError("timeout", f"no answer within {self._seconds:.3g}s") from expired
+        if isinstance(exc, TimeoutError):
+            raise ProviderError("timeout", f"no answer within {self._seconds:.3g}s") from exc
 
 
 async def post(
@@ -144,10 +166,12 @@ async def post(
     ``secret`` is the key sent with the request, scrubbed from anything the provider echoes.
     ``connect`` bounds opening a connection, ``first_byte`` the wait for the response headers.
     """
-    limit = _FirstByte(first_byte)
-    async with _opened(upstream, request, secret, connect, limit) as response:
-        with _mapped():
+    response = await _opened(upstream, request, secret, connect, _FirstByte(first_byte))
+    try:
+        with _mapped:
             content = await response.read()
+    finally:
+        upstream.done(response)
     try:
         return response.status, orjson.loads(content)
     except orjson.JSONDecodeError as exc:
@@ -167,23 +191,24 @@ async def events(
     ``first_byte`` bounds the wait for the first event, headers included.
     """
     limit = _FirstByte(first_byte)
-    async with (
-        _opened(upstream, request, secret, connect, limit) as response,
-        aclosing(_read_events(response.content)) as stream,
-    ):
-        async with limit.bound():
-            with _mapped():
-                first = await anext(stream, None)
-        if first is None:
-            return
-        yield first
-        while True:
-            # Not around the yield: what the consumer raises there is not ours to map.
-            with _mapped():
-                event = await anext(stream, None)
-            if event is None:
+    response = await _opened(upstream, request, secret, connect, limit)
+    try:
+        async with aclosing(_read_events(response.content)) as stream:
+            async with limit:
+                with _mapped:
+                    first = await anext(stream, None)
+            if first is None:
                 return
-            yield event
+            yield first
+            while True:
+                # Not around the yield: what the consumer raises there is not ours to map.
+                with _mapped:
+                    event = await anext(stream, None)
+                if event is None:
+                    return
+                yield event
+    finally:
+        upstream.done(response)
 
 
 async def _read_events(body: aiohttp.StreamReader) -> AsyncGenerator[ServerEvent, None]:
@@ -244,66 +269,100 @@ class EventParser:
         return None
 
 
-@asynccontextmanager
 async def _opened(
     upstream: Upstream,
     request: UpstreamRequest,
     secret: str | None,
     connect: float | None,
     first_byte: _FirstByte,
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """The response of a 2xx answer, body unread; an error answer raises its ProviderError."""
-    async with first_byte.bound():
-        with _mapped():
+) -> aiohttp.ClientResponse:
+    """The response of a 2xx answer, body unread: give it back with ``upstream.done``. An
+    error answer raises its ProviderError."""
+    async with first_byte:
+        with _mapped:
             response = await upstream.send(request, connect)
+    if 200 <= response.status < 300:
+        return response
     try:
-        if not 200 <= response.status < 300:
-            with _mapped():
-                content = await response.read()
-            raise _error(response.status, response.headers, content, secret)
-        yield response
+        with _mapped:
+            content = await response.read()
     finally:
         upstream.done(response)
+    raise _error(response.status, response.headers, content, secret)
 
 
 class _FirstByte:
     """One first-byte limit, counted from its creation across the steps that share it (the
-    response headers, then a stream's first event), so together they never exceed it."""
+    response headers, then a stream's first event), so together they never exceed it: each
+    ``async with`` bounds one step."""
+
+    __slots__ = ("_seconds", "_timeout", "_when")
 
     def __init__(self, seconds: float | None) -> None:
         self._seconds = seconds
         self._when = None if seconds is None else asyncio.get_running_loop().time() + seconds
+        self._timeout: asyncio.Timeout | None = None
 
-    @asynccontextmanager
-    async def bound(self) -> AsyncIterator[None]:
+    async def __aenter__(self) -> None:
+        self._timeout = asyncio.timeout_at(self._when)
+        await self._timeout.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        timeout, self._timeout = self._timeout, None
+        assert timeout is not None
         try:
-            async with asyncio.timeout_at(self._when):
-                yield
-        except TimeoutError as exc:
-            raise ProviderError("timeout", f"no first byte within {self._seconds:.3g}s") from exc
+            await timeout.__aexit__(exc_type, exc, traceback)
+        except TimeoutError as expired:
+            raise self._expired() from expired
+        if isinstance(exc, TimeoutError):
+            raise self._expired() from exc
+
+    def _expired(self) -> ProviderError:
+        return ProviderError("timeout", f"no first byte within {self._seconds:.3g}s")
 
 
-@contextmanager
-def _mapped() -> Iterator[None]:
-    """aiohttp's errors as ProviderErrors with our own messages (a plain context manager around
-    the awaits it maps: an async one cost 3-4 µs more each, two a call)."""
-    try:
-        yield
-    except (aiohttp.InvalidURL, ValueError, TypeError) as exc:
-        # The client refused to build the request: a header it will not send (a key with a
-        # line break), a URL it cannot take. Every call would fail alike; never retried here,
-        # and its text is left out (it may quote the header or URL).
-        raise ProviderError(
-            "misconfigured", f"the HTTP client refused the request ({type(exc).__name__})"
-        ) from None
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise ProviderError("timeout", "no connection within the connect timeout") from exc
-    except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
-        raise ProviderError("connection", "cannot connect") from exc
-    except (aiohttp.ClientError, HttpProcessingError) as exc:
-        # Dropped mid-answer, or bytes that are not HTTP (HttpProcessingError comes through
-        # unwrapped from a malformed body).
-        raise ProviderError("connection", f"connection lost ({type(exc).__name__})") from exc
+class _Mapped:
+    """aiohttp's errors as ProviderErrors with our own messages (``with _mapped:``).
+
+    A class with one shared instance rather than a generator: no frame held per call.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, aiohttp.InvalidURL | ValueError | TypeError):
+            # The client refused to build the request: a header it will not send (a key with
+            # a line break), a URL it cannot take. Every call would fail alike; never retried
+            # here, and its text is left out (it may quote the header or URL).
+            raise ProviderError(
+                "misconfigured", f"the HTTP client refused the request ({type(exc).__name__})"
+            ) from None
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            raise ProviderError("timeout", "no connection within the connect timeout") from exc
+        if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS handshake
+            raise ProviderError("connection", "cannot connect") from exc
+        if isinstance(exc, aiohttp.ClientError | HttpProcessingError):
+            # Dropped mid-answer, or bytes that are not HTTP (HttpProcessingError comes
+            # through unwrapped from a malformed body).
+            raise ProviderError("connection", f"connection lost ({type(exc).__name__})") from exc
+
+
+_mapped = _Mapped()
 
 
 def _error(

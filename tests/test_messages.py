@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from producer.client import job_message
 from queuegate.messages import (
+    _FIELD_SETS,
+    FIELD_SETS_SHARED,
     HTTP_STATUS,
     Attempt,
     ChatJob,
@@ -173,3 +175,33 @@ def test_a_client_job_with_zero_choices_is_refused_naming_n() -> None:
     with pytest.raises(ValidationError, match="n: the number of choices is a whole number"):
         ChatParams.model_validate({"n": 0})
     assert ChatParams.model_validate({"n": 1}).model_extra == {"n": 1}
+
+
+def test_jobs_given_the_same_fields_share_one_fields_set_and_a_copy_changes_only_its_own() -> None:
+    # Given two jobs given the same fields
+    first = ChatJob.model_validate(JOB)
+    second = ChatJob.model_validate({**JOB, "job_id": "j-2"})
+    # Expect one set between them (and between their messages and parameters)
+    assert first.model_fields_set is second.model_fields_set
+    assert first.messages[0].model_fields_set is second.messages[0].model_fields_set
+    assert first.params.model_fields_set is second.params.model_fields_set
+    # When one is copied with a field it was not given
+    copied = first.model_copy(update={"stream": True})
+    # Expect the copy to say so, and neither original to have changed
+    assert "stream" in copied.model_fields_set
+    assert "stream" not in first.model_fields_set
+    # And the copy's set shared again with a job given the same fields
+    assert (
+        copied.model_fields_set is ChatJob.model_validate({**JOB, "stream": True}).model_fields_set
+    )
+    assert second.model_fields_set == set(JOB)
+
+
+def test_fields_sets_a_team_chooses_are_shared_only_up_to_the_bound() -> None:
+    # Given more parameter extras, each under a name of its own, than sets are shared
+    params = [ChatParams.model_validate({f"x_{i}": 1}) for i in range(FIELD_SETS_SHARED + 10)]
+    # Expect the table no larger than its bound, and each one's fields its own
+    assert len(_FIELD_SETS) <= FIELD_SETS_SHARED
+    assert [p.model_fields_set for p in params[-3:]] == [
+        {f"x_{i}"} for i in range(FIELD_SETS_SHARED + 7, FIELD_SETS_SHARED + 10)
+    ]

@@ -46,6 +46,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import NamedTuple, cast
@@ -363,9 +364,11 @@ class Claims:
             return True
         return self._verdict(raw) is not False
 
-    async def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> None:
+    def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Awaitable[None]:
         """Renew a claim now, with the call about to leave."""
-        await self._hold_for(key, owner, self._lease_ms, self._recorded(job, call))
+        # Not a coroutine of its own: a call waiting for a Redis connection holds each frame
+        # of its chain, and thousands wait when Redis is the slowest stage.
+        return self._hold_for(key, owner, self._lease_ms, self._recorded(job, call))
 
     async def let_go(self, key: str, owner: str) -> None:
         """End the claim's lease now (its record stays): the next delivery takes over."""

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from queuegate.errors import JobError, StreamInterrupted
 from queuegate.messages import (
@@ -14,6 +14,7 @@ from queuegate.messages import (
     ChatResult,
     ErrorInfo,
     GatewayInfo,
+    SharedFieldsSet,
     UsageEvent,
     storable,
 )
@@ -27,7 +28,7 @@ says it was refused."""
 """Error codes that mean the job itself is wrong: it is answered and also dead-lettered."""
 
 
-class Outcome(BaseModel):
+class Outcome(SharedFieldsSet):
     """A finished job: what the caller is told and what accounting records."""
 
     model_config = ConfigDict(frozen=True)

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from queuegate import logs, tracing
-from queuegate.broker import CONNECTION_LOST, settle
+from queuegate.broker import CONNECTION_LOST, Delivery, settle
 from queuegate.db import UNREACHABLE
 from queuegate.errors import (
     Billed,
@@ -122,39 +122,46 @@ class JobProcessor:
     async def _handle(
         self, message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
     ) -> None:
+        delivery = Delivery(message)
         try:
-            # Two steps, so that while the broker confirms the announcement nothing of the
-            # job but its bytes is alive (see Announcement).
-            announcement = await self._process(message, team, queued_ms)
-            await self._finish(message, announcement, queue)
+            try:
+                # Two steps, so that while the broker confirms the announcement nothing of
+                # the job but its bytes is alive (see Announcement).
+                announcement = await self._process(message, team, queued_ms)
+            except Poison as exc:
+                log.error("%s; dead-lettering it", exc)
+                await self._dead_letter_poison(message, team, queue, exc)
+                return
+            # Nor anything of the delivery but what settles it (see Delivery), unless it is
+            # dead-lettered as bad input.
+            original = message if announcement.bad_input is not None else None
+            del message
+            await self._finish(delivery, original, announcement, queue)
         except Busy as exc:
             # Not called meanwhile: the job comes back, and by then has its outcome.
             log.info("%s past the wait; returning this delivery to the queue", exc)
-            await self._requeue(message, team, exc)
-        except Poison as exc:
-            log.error("%s; dead-lettering it", exc)
-            await self._dead_letter_poison(message, team, queue, exc)
+            await self._requeue(delivery, team, exc)
         except CONNECTION_LOST as exc:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
-            log.info("job %s: its channel is gone (%s); it comes back", message.message_id, exc)
+            log.info("job %s: its channel is gone (%s); it comes back", delivery.message_id, exc)
             if tracing.ON:
                 tracing.failed(tracing.current(), exc)
         except ServiceUnavailable as exc:
-            log.warning("job %s: %s", message.message_id, exc)
-            await self._requeue(message, team, exc)
+            log.warning("job %s: %s", delivery.message_id, exc)
+            await self._requeue(delivery, team, exc)
         except Exception as exc:
             log.exception(
-                "job %s failed in the worker; returning it to the queue", message.message_id
+                "job %s failed in the worker; returning it to the queue", delivery.message_id
             )
-            await self._requeue(message, team, exc)
+            await self._requeue(delivery, team, exc)
 
-    async def _requeue(self, message: AbstractIncomingMessage, team: str, why: Exception) -> None:
+    async def _requeue(self, delivery: Delivery, team: str, why: Exception) -> None:
         if tracing.ON:
             tracing.failed(tracing.current(), why)
-        if message.message_id:  # the job's id (checked against the body before any claim)
-            await self._claims.returned(team, message.message_id)
-        await settle(message.nack(requeue=True), f"return job {message.message_id}", log)
+        if delivery.message_id:  # the job's id (checked against the body before any claim)
+            await self._claims.returned(team, delivery.message_id)
+        await settle(delivery.nack(requeue=True), f"return job {delivery.message_id}", log)
 
     async def _dead_letter_poison(
         self, message: AbstractIncomingMessage, team: str, queue: str, why: Poison
@@ -172,7 +179,7 @@ class JobProcessor:
             )
         except Exception as exc:
             log.exception("job %s could not be dead-lettered; it comes back", message.message_id)
-            await self._requeue(message, team, exc)
+            await self._requeue(Delivery(message), team, exc)
             return
         await settle(message.ack(), f"acknowledge dead-lettered job {message.message_id}", log)
 
@@ -432,8 +439,14 @@ class JobProcessor:
         return routed
 
     async def _finish(
-        self, message: AbstractIncomingMessage, announcement: Announcement, queue: str
+        self,
+        delivery: Delivery,
+        original: AbstractIncomingMessage | None,
+        announcement: Announcement,
+        queue: str,
     ) -> None:
+        """Announce the job, then acknowledge it; ``original``, the delivery, is given only
+        when the job is bad input, which is also dead-lettered."""
         usage = announcement.usage
         reply_to = announcement.reply_to
         if reply_to:
@@ -465,15 +478,16 @@ class JobProcessor:
             await accounting
         error = announcement.bad_input
         if error is not None:
+            assert original is not None
             await self._publisher.dead_letter(
-                message,
+                original,
                 reason=error.code,
                 detail=error.message,
                 queue=queue,
-                user=self._gate.first_user(message),
-                first=self._gate.first_cause(message),
+                user=self._gate.first_user(original),
+                first=self._gate.first_cause(original),
             )
-        await settle(message.ack(), f"acknowledge job {announcement.job_id}", log)
+        await settle(delivery.ack(), f"acknowledge job {announcement.job_id}", log)
 
 
 MAX_QUEUED_MS = 7 * 24 * 3600 * 1000
