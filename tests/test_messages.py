@@ -15,6 +15,7 @@ from queuegate.messages import (
     _FIELD_SETS,
     FIELD_SETS_SHARED,
     HTTP_STATUS,
+    READ_AND_LET_GO,
     Attempt,
     ChatJob,
     ChatParams,
@@ -195,6 +196,18 @@ def test_jobs_given_the_same_fields_share_one_fields_set_and_a_copy_changes_only
         copied.model_fields_set is ChatJob.model_validate({**JOB, "stream": True}).model_fields_set
     )
     assert second.model_fields_set == set(JOB)
+
+
+def test_models_read_and_let_go_keep_their_own_fields_sets_and_read_the_same() -> None:
+    # Given the same job read twice as accounting reads its events, and once as a worker
+    body = orjson.dumps(JOB)
+    first, second = (ChatJob.model_validate_json(body, context=READ_AND_LET_GO) for _ in "12")
+    shared = ChatJob.model_validate_json(body)
+    # Expect the same job, its fields set its own (nested models' too)
+    assert first == second == shared
+    assert first.model_fields_set == shared.model_fields_set
+    assert first.model_fields_set is not second.model_fields_set
+    assert first.messages[0].model_fields_set is not second.messages[0].model_fields_set
 
 
 def test_fields_sets_a_team_chooses_are_shared_only_up_to_the_bound() -> None:
