@@ -129,7 +129,7 @@ def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> ai
     }
     if settings.redis_sentinel_password:
         reach["password"] = settings.redis_sentinel_password
-    sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs=reach)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs=reach)  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
     client: aioredis.Redis = sentinel.master_for(
         settings.redis_master_name,
         connection_pool_class=_WaitingSentinelPool,
