@@ -67,6 +67,11 @@ class JobError(GatewayError):
     retry_after_ms: float | None = None
     """How long the caller should wait before trying again, when the gateway knows."""
 
+    billed: Billed | None = None
+    """What its calls still cost, though it failed (a stream that broke after the provider
+    generated text, requests that timed out once sent): on its usage row, in its result and
+    in its budget ledger."""
+
     def __init__(self, message: str, attempts: list[Attempt] | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -130,7 +135,8 @@ class BudgetExhausted(JobError):
 
 @dataclass(frozen=True)
 class Billed:
-    """What a failed call still cost: a stream that broke after the provider generated text."""
+    """What a failed call still cost: a stream that broke after the provider generated text,
+    or a request that timed out once sent (its estimate, as a lost call's)."""
 
     model_used: str
     deployment: str

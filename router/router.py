@@ -329,7 +329,12 @@ class Router:
     ) -> _Call | None:
         """The deployment to call now and its request, or None when each must wait."""
         if run.left() <= 0:
-            head = f"deadline passed before calling {left[0].name}"
+            # Once a call was made (it may have timed out at the deadline), it is not "before".
+            head = (
+                f"deadline passed after calling {run.attempts[-1].deployment}"
+                if run.attempts
+                else f"deadline passed before calling {left[0].name}"
+            )
             raise DeadlineExceeded(run.summary(head), run.attempts)
         now = time.monotonic()
         for deployment in self._slots.order(entry.routing, left):

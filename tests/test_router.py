@@ -424,7 +424,7 @@ async def test_deadline_caps_the_call_and_stops_the_chain(
 
     assert 0.25 <= elapsed < 5  # cut at the deadline, not at the 10 s hang
     assert [(a.deployment, a.error) for a in caught.value.attempts] == [("primary-dep", "timeout")]
-    assert "deadline passed before calling" in str(caught.value)
+    assert "deadline passed after calling primary-dep" in str(caught.value)
     assert mock.stats.calls == 1
 
 

@@ -46,7 +46,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import NamedTuple, cast
@@ -56,12 +57,18 @@ from pydantic import ValidationError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from queuegate.errors import AlreadyAnswered, IdempotencyConflict, ServiceUnavailable
+from queuegate.errors import (
+    AlreadyAnswered,
+    Billed,
+    IdempotencyConflict,
+    JobError,
+    ServiceUnavailable,
+)
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob, request_digest
 from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
-from router import Catalog, Deployment
+from router import Catalog, Deployment, Routed
 from router.router import AttemptGate
 from workers.admission import Settlement, Ticket
 from workers.admission.scripts import Call, Scripts
@@ -107,6 +114,12 @@ class Poison(Exception):
 
     Counted here, not by the broker: a job that only waited in a worker's prefetch when the
     worker died comes back too, and the broker counts that return as a delivery."""
+
+    def __init__(self, message: str, claim: Claim | None = None) -> None:
+        super().__init__(message)
+        self.claim = claim
+        """The job, held, when its dead owners made calls: billed before it is dead-lettered
+        (no delivery of it comes back to take them over)."""
 
 
 class LostCall(Attempt):
@@ -216,9 +229,15 @@ class Claims:
                     "give each request its own job id"
                 )
             if status == "poison":
+                lost = _lost(reply[2])
+                held = None
+                if lost:
+                    held = Claim(self, ClaimedJob.of(job), fingerprint, key, owner=owner, lost=lost)
+                    self._held[key] = owner
                 raise Poison(
                     f"job {job.job_id} failed {int(reply[1])} deliveries (died in a provider "
-                    f"call, or returned on a failure), past the delivery limit of {self._limit}"
+                    f"call, or returned on a failure), past the delivery limit of {self._limit}",
+                    held,
                 )
             if status == "stored":
                 stored = stored_outcome(reply[1])
@@ -464,6 +483,43 @@ class Claim:
         self.charged = False
         """Whether admission took their charge to the ledger (``Admission.admit``)."""
         self._settlement: Settlement | None = None
+        self.sent: dict[str, Decimal] = {}
+        """Deployment → the estimate of a call to it, for each this delivery let go."""
+
+    def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
+        """The estimates of ``attempts`` that timed out once let go: the provider may have
+        got each and bill it, so each is priced as a lost call is, at its estimate."""
+        return sum(
+            (self.sent.get(a.deployment, Decimal(0)) for a in attempts if a.error == "timeout"),
+            Decimal(0),
+        )
+
+    def served(self, routed: Routed) -> Routed:
+        """``routed`` costing also the calls that timed out before the one that answered."""
+        extra = self._timed_out_usd(routed.attempts)
+        return replace(routed, cost_usd=routed.cost_usd + extra) if extra else routed
+
+    def spent(self, error: JobError) -> Billed | None:
+        """What the calls of a job that failed with ``error`` still cost: its ``billed`` (a
+        stream that broke: its last call) and the estimates of those that timed out."""
+        billed = error.billed
+        attempts = error.attempts[:-1] if billed is not None else error.attempts
+        extra = self._timed_out_usd(attempts)
+        if not extra:
+            return billed
+        if billed is not None:
+            return replace(billed, cost_usd=billed.cost_usd + extra)
+        last = next(a for a in reversed(attempts) if a.error == "timeout")
+        return Billed(
+            model_used=last.model,
+            deployment=last.deployment,
+            provider=last.provider,
+            input_tokens=0,
+            output_tokens=0,
+            cached_tokens=0,
+            cost_usd=extra,
+            estimated=True,
+        )
 
     def gate(self, job: ChatJob, ticket: Ticket, catalog: Catalog) -> AttemptGate:
         """``ticket`` that also records each call of ``job`` in the claim before it leaves."""
@@ -556,6 +612,7 @@ class _Recording:
             provider=deployment.provider,
             cost_usd=self._ticket.estimate.usd_at(deployment),
         )
+        self._claim.sent[deployment.name] = call.cost_usd
         # Recorded in the round trip of the deployment's take when that lets it go at once.
         if not await self._ticket.enter(deployment, then=self._claim.recording(call)):
             await self._claim.record(call)

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from pydantic import ConfigDict
 
-from queuegate.errors import JobError, StreamInterrupted
+from queuegate.errors import JobError
 from queuegate.messages import (
     ChatJob,
     ChatResult,
@@ -153,10 +153,11 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         attempts=len(attempts),
         retry_after_ms=error.retry_after_ms,
     )
-    billed = error.billed if isinstance(error, StreamInterrupted) else None
+    billed = error.billed
     spent: dict[str, object] = {}
     if billed is not None:
-        # The provider bills what it generated before the stream broke.
+        # The provider bills what it generated before the stream broke, and may bill a
+        # request that timed out once sent (its estimate).
         spent = {
             "model_used": billed.model_used,
             "provider": billed.provider,

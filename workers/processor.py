@@ -38,7 +38,6 @@ from queuegate.errors import (
     InvalidRequest,
     JobError,
     ServiceUnavailable,
-    StreamInterrupted,
     Unauthorized,
     WorkerFault,
 )
@@ -166,8 +165,23 @@ class JobProcessor:
     async def _dead_letter_poison(
         self, message: AbstractIncomingMessage, team: str, queue: str, why: Poison
     ) -> None:
-        """Dead-letter a job past the delivery limit as the broker would have (no answer, no
-        usage row; ``dlq replay`` brings it back for as many failures again)."""
+        """Dead-letter a job past the delivery limit as the broker would have (no answer;
+        ``dlq replay`` brings it back for as many failures again). The calls its dead owners
+        made are billed first, as a sweep bills them (``_bill_lost``), and the outcome that
+        stores answers a replay of it, without a call or a charge."""
+        if why.claim is not None:
+            claim = why.claim
+            fault = WorkerFault(
+                f"{why}; dead-lettered (delivery_limit), its {len(claim.lost)} lost call(s) "
+                "are billed"
+            )
+            try:
+                await self._bill_lost(claim, fault)
+            except Exception as exc:
+                log.exception("job %s could not be billed; it comes back", message.message_id)
+                await claim.abandon()
+                await self._requeue(Delivery(message), team, exc)
+                return
         try:
             await self._publisher.dead_letter(
                 message,
@@ -291,7 +305,6 @@ class JobProcessor:
         (``Claims.lapsed``), as their redeliveries would have: a usage row under the job's
         id with the calls, and the ledger charged. Each job's outcome is stored
         ``deadline_exceeded``, so a delivery of it still to come is answered from it."""
-        timing = Timing(0.0, self._worker)
         for claim in await self._claims.lapsed():
             job = claim.job
             expired = DeadlineExceeded(
@@ -299,16 +312,7 @@ class JobProcessor:
                 f"{len(claim.lost)} lost call(s) are billed"
             )
             try:
-                outcome = await self._billed(
-                    claim, failed(job.job_id, job.team, job.model, expired, timing)
-                )
-                # Accounted before the claim ends, so that a sweep that fails between the two
-                # is swept again (usage_log keeps a job's first row, the charge replaces its
-                # entry); into no reply queue: the client's wait ended with its deadline.
-                usage = Announcement.of(outcome, None).usage
-                if usage is not None:
-                    await self._publisher.usage(usage)
-                await claim.finish(outcome)
+                await self._bill_lost(claim, expired)
             except Exception:
                 # A service gone (or a fault here): the claim is let go, to be swept again.
                 log.exception("lapsed job %s of team %s is swept again later", job.job_id, job.team)
@@ -320,6 +324,21 @@ class JobProcessor:
                 job.job_id,
                 job.team,
             )
+
+    async def _bill_lost(self, claim: Claim, error: JobError) -> None:
+        """End the job of ``claim`` with ``error``, billing the calls its dead owners made:
+        a usage row under its id, the ledger charged, and the outcome stored (answering any
+        delivery still to come). Accounted before the claim ends, so that a failure between
+        the two bills them once when tried again (usage_log keeps a job's first row, the
+        charge replaces its entry); into no reply queue: its client is not answered (a swept
+        job's wait ended with its deadline, a poison job is dead-lettered unanswered)."""
+        job = claim.job
+        timing = Timing(0.0, self._worker)
+        outcome = await self._billed(claim, failed(job.job_id, job.team, job.model, error, timing))
+        usage = Announcement.of(outcome, None).usage
+        if usage is not None:
+            await self._publisher.usage(usage)
+        await claim.finish(outcome)
 
     async def _unreceivable(
         self, message: AbstractIncomingMessage, reply_to: str | None
@@ -430,10 +449,12 @@ class JobProcessor:
                 unsupported_params=self._admission.config(job.team).unsupported_params,
             )
         except BaseException as exc:
-            if isinstance(exc, StreamInterrupted):
-                spent = exc.billed  # what the provider generated before the stream broke
+            if isinstance(exc, JobError):
+                # What its calls still cost: on its row and result (outcome.failed) alike.
+                exc.billed = spent = claim.spent(exc)
             await ticket.settle(spent)
             raise
+        routed = claim.served(routed)
         # Settled in the round trip that stores the outcome (or when the claim is let go).
         claim.settle_with(ticket.settlement(routed))
         return routed

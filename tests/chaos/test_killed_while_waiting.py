@@ -155,9 +155,12 @@ async def test_a_job_that_kills_the_worker_on_every_call_is_dead_lettered_at_the
                 assert [(x.message_id, x.reason) for x in letters] == [
                     (job.job_id, "delivery_limit")
                 ]
-                # ... the calls it cost kept on record for its replay's usage row, none held
-                owner, lost = await redis.hmget(claim, ["owner", "lost"])
-                assert owner is None and len(lost.splitlines()) == DELIVERY_LIMIT + 1
+                # ... the calls it cost billed on the outcome stored for it (its replay's
+                # answer), its claim ended
+                stored = await redis.get(Keys(settings.redis_prefix).result("alpha", job.job_id))
+                assert not await redis.exists(claim)
+                assert stored is not None
+                assert stored.count(b'"error":"lost"') == DELIVERY_LIMIT + 1
                 # ... and the worker still answers good jobs
                 result = await alpha.chat("gpt-4o-mini", [{"role": "user", "content": "hi"}])
                 assert result.status == "ok"

@@ -1,6 +1,7 @@
 """Chaos: the call a SIGKILLed worker had in flight is billed once, on the job's usage row and
-in its budget ledger alike, whether its job is called again, refused before any cost, or
-expires in its queue with no delivery coming back (swept by another worker)."""
+in its budget ledger alike, whether its job is called again, refused before any cost, expires
+in its queue with no delivery coming back (swept by another worker), or is dead-lettered past
+the delivery limit; and a call cut off at the job's deadline once sent is billed as alike."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from queuegate.keys import Keys
 from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import current_month, spend_drift
+from router import load_catalog
 from tests.chaos.harness import (
     dead_lettered,
     declare_teams,
@@ -33,6 +35,7 @@ from tests.chaos.harness import (
 )
 from tests.support import running_accountant
 from tests.teams import register
+from workers.admission.estimate import estimate
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -217,3 +220,106 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
     assert result.gateway is not None
     assert result.gateway.cost_usd == Decimal(rows[0]["cost_usd"])
     assert replay_drift == 0
+
+
+async def kill_takers_until_dead_lettered(
+    settings: Settings, mock: MockProvider, env: dict[str, str], killed: int
+) -> tuple[int, asyncio.subprocess.Process]:
+    """SIGKILL each worker that takes the job over and calls it, after ``killed`` such
+    kills, until one dead-letters it instead: the kills, and the worker that did."""
+    while True:
+        worker = await start_worker(env, ("alpha",))
+        called = asyncio.ensure_future(mock.wait_for_calls(killed + 1))
+        dead = asyncio.ensure_future(dead_lettered(settings, expected=1, timeout=60))
+        done, _ = await asyncio.wait({called, dead}, return_when=asyncio.FIRST_COMPLETED)
+        if called not in done:
+            called.cancel()
+            assert await dead == 1
+            return killed, worker
+        dead.cancel()
+        worker.send_signal(signal.SIGKILL)
+        await worker.wait()
+        killed += 1
+
+
+async def test_lost_calls_of_a_job_dead_lettered_past_the_delivery_limit_are_billed_once(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job with no deadline and a delivery limit of 2, whose owners are killed mid-call
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock) as (_, handle, pool, env),
+    ):
+        limited = {**env, "QUEUEGATE_DELIVERY_LIMIT": "2"}
+        # When each worker taking it over is killed too, until one dead-letters it
+        kills, last = await kill_takers_until_dead_lettered(settings, mock, limited, 1)
+        try:
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+            rows = await pool.fetch("SELECT * FROM usage_log")
+            drift = await ledger_drift(redis_client, pool, settings)
+            # ... and when it is then replayed from the dead letters
+            mock.configure(MockConfig())
+            replayed, _ = await dlq.replay(settings, {handle.job_id})
+            result = await handle.result(timeout=60)
+        finally:
+            await stop_workers([last])
+        replay_rows = await pool.fetchval("SELECT count(*) FROM usage_log")
+        replay_drift = await ledger_drift(redis_client, pool, settings)
+        calls = mock.stats.calls
+
+    # Expect one row under its id carrying each lost call at its estimate (one per kill,
+    # past the limit), which the ledger charges too
+    assert kills == 3
+    assert [(r["job_id"], r["error_code"]) for r in rows] == [(handle.job_id, "provider_error")]
+    assert [a["error"] for a in rows[0]["attempt_log"]] == ["lost"] * kills
+    assert Decimal(rows[0]["cost_usd"]) > 0
+    assert drift == 0
+    # ... and the replay answered from its stored outcome with the row's cost, without a
+    # call, a row or a charge more
+    assert len(replayed) == 1
+    assert result.error is not None and result.error.code == "provider_error"
+    assert result.gateway is not None
+    assert result.gateway.cost_usd == Decimal(rows[0]["cost_usd"])
+    assert (calls, replay_rows, replay_drift) == (kills, 1, 0)
+
+
+async def test_a_call_cut_off_at_the_jobs_deadline_once_sent_is_billed_at_its_estimate(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a budgeted team's job due in 1.5 s, and a provider slower than that
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(5)))
+    await declare_teams(settings, ("alpha",))
+    unreconciled = settings.model_copy(update={"spend_reconcile_interval": 86400})
+    pool = await create_pool(settings)
+    async with MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=30))) as mock:
+        worker = await start_worker(worker_env(settings, mock), ("alpha",))
+        try:
+            async with (
+                running_accountant(unreconciled),
+                GatewayClient(settings, team="alpha") as client,
+            ):
+                # When the worker calls it and the deadline cuts the call
+                job = client.job(
+                    "gpt-4o-mini", HELLO, max_tokens=50, deadline=timedelta(seconds=1.5)
+                )
+                result = await (await client.submit(job)).result(timeout=60)
+                assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+            row = await pool.fetchrow("SELECT * FROM usage_log")
+            drift = await ledger_drift(redis_client, pool, settings)
+        finally:
+            await stop_workers([worker])
+            await pool.close()
+        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": mock.url})
+
+    # Expect the call on its row, its result and in the ledger at a lost call's estimate,
+    # and its message to say it was called
+    call = row["attempt_log"][0]
+    deployments = catalog.resolve(call["model"]).deployments
+    deployment = next(d for d in deployments if d.name == call["deployment"])
+    expected = estimate(job, catalog, TeamConfig(), 256).usd_at(deployment)
+    assert [a["error"] for a in row["attempt_log"]] == ["timeout"]
+    assert row["error_code"] == "deadline_exceeded"
+    assert Decimal(row["cost_usd"]) == expected > 0
+    assert result.gateway is not None and result.gateway.cost_usd == expected
+    assert result.error is not None and "after calling" in result.error.message
+    assert drift == 0

@@ -19,8 +19,10 @@
 --   {'busy', owner, ms}                 another delivery holds it for ms more
 --   {'claimed', lost, epoch}            held now; lost: calls a lapsed owner had in flight
 --                                       (one JSON object a line), epoch: KEYS[3] or ''
---   {'poison', failures}                more failures than the limit: the worker dead-letters
---                                       the job, and its count starts again (for a replay)
+--   {'poison', failures, lost}          more failures than the limit: the worker dead-letters
+--                                       the job, and its count starts again (for a replay);
+--                                       lost: '', or the calls its dead owners made, and the
+--                                       claim is held now to bill them
 
 -- Only failures count, never a return of a job that merely waited in a worker (its prefetch)
 -- when that worker died: the broker counts those too, so its own limit is a far safety net.
@@ -53,7 +55,7 @@ if stored then
   end
   local failures = poisoned()
   if failures then
-    return {'poison', failures}
+    return {'poison', failures, ''}
   end
   return {'stored', stored}
 end
@@ -87,11 +89,18 @@ if attempt then
 end
 local failures = poisoned()
 if failures then
-  -- Not held: the lost calls stay on record for the delivery that answers it (a replay).
-  redis.call('HDEL', KEYS[1], 'owner', 'lease')
-  redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'lost', lost)
+  if lost == '' then
+    redis.call('HDEL', KEYS[1], 'owner', 'lease')
+    redis.call('HSET', KEYS[1], 'fp', ARGV[3])
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+    return {'poison', failures, ''}
+  end
+  -- Held, to bill the lost calls before the job is dead-lettered: the delivery stores an
+  -- outcome carrying them (finish.lua), which answers any later delivery (a replay).
+  redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
+    string.format('%d', now + tonumber(ARGV[2])), 'lost', lost)
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-  return {'poison', failures}
+  return {'poison', failures, lost}
 end
 redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
   string.format('%d', now + tonumber(ARGV[2])),
