@@ -444,8 +444,10 @@ class Router:
         parser = None
         if run.sink is not None:
             parser = ADAPTERS[deployment.provider].stream_parser(deployment.model, call.key)
+        left = run.left()
+        limit = transport.time_limit(min(deployment.timeout, left))
         try:
-            async with transport.time_limit(min(deployment.timeout, run.left())):
+            async with limit:
                 completion = await self._call(run, call, parser)
         except ProviderError as err:
             if err.error_class not in UNSENT:
@@ -455,7 +457,10 @@ class Router:
             run.fail(deployment.name, err)
             # Cut by the job's own deadline (shorter than the deployment's timeout): that says
             # nothing of the provider's health, and must not open a breaker others share.
-            if err.error_class != "timeout" or run.left() > 0:
+            # Told by which bound ended it, not by the clock after: a busy loop's timer fires
+            # a few ms before the deadline by the wall clock, and the job seemed to have time.
+            cut = limit.expired and left < deployment.timeout
+            if not cut:
                 await self._report(call, err)
             if err.error_class == "rate_limited" and run.gate is not None:
                 await run.gate.rate_limited(deployment)
@@ -466,6 +471,9 @@ class Router:
                     run.attempts,
                     billed=self._billed(run, alias, deployment, parser),
                 ) from err
+            if cut:  # however early the loop's timer fired, the job's time is up
+                head = f"deadline passed after calling {deployment.name}"
+                raise DeadlineExceeded(run.summary(head), run.attempts) from err
             raise
         await self.health.success(deployment, probe=call.probe)
         run.attempts.append(_attempt_of(alias, deployment, started, 200, None))

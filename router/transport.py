@@ -136,6 +136,11 @@ class _TimeLimit:
         self._seconds = seconds
         self._timeout = asyncio.timeout(seconds)
 
+    @property
+    def expired(self) -> bool:
+        """Whether this bound ended the call (not a connect or first-byte timeout within)."""
+        return self._timeout.expired()
+
     async def __aenter__(self) -> None:
         await self._timeout.__aenter__()
 

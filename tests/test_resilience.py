@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 from multidict import CIMultiDict
 
 from mockprovider import Behavior, MockConfig, MockProvider
@@ -375,6 +376,43 @@ async def test_calls_cut_by_the_jobs_deadline_do_not_open_the_breaker_but_timeou
 
         # Expect the circuit open: a provider's own timeout still counts against it
         assert (await router.health.status(deployment)).state == "open"
+
+
+async def test_calls_cut_by_the_jobs_deadline_on_a_busy_worker_loop_do_not_open_the_breaker(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a slow deployment (2 s) with a breaker opening at 2 failures
+    mock.configure(MockConfig(models={"slow": Behavior(latency_ms=2000)}))
+    cat = catalog(
+        {"primary": {"deployments": [dep("slow-dep", "slow", mock.url, timeout=1.5)]}},
+        retry={"attempts": 1},
+        breaker={"failures": 2, "ratio": 0.5, "cooldown": 30},
+    )
+    [deployment] = cat.models["primary"].deployments
+
+    async def busy(until: float) -> None:
+        while time.monotonic() < until:
+            time.sleep(0.02)  # noqa: ASYNC251  another job's CPU work, within one loop iteration
+            await asyncio.sleep(0)
+
+    async def cut_while_busy() -> tuple[set[str], str]:
+        async with open_router(cat, ENV, settings) as router:
+            ends = time.monotonic() + 0.8
+            ended = await asyncio.gather(
+                busy(ends),
+                *(router.complete(chat("primary"), deadline=ends - 0.2) for _ in range(8)),
+                return_exceptions=True,
+            )
+            state = (await router.health.status(deployment)).state
+        return {type(err).__name__ for err in ended[1:]}, state
+
+    # When jobs are cut at their deadline on the worker's loop (uvloop: its clock is read once
+    # an iteration, so behind while the loop is busy, and time limits fire before the
+    # deadline by the wall clock)
+    ends, state = await asyncio.to_thread(uvloop.run, cut_while_busy())
+    # Expect them cut, and the circuit every team shares still closed
+    assert ends == {"DeadlineExceeded"}
+    assert state == "closed"
 
 
 # --- error routing -----------------------------------------------------------------------------
