@@ -150,12 +150,9 @@ class _TimeLimit:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        try:
-            await self._timeout.__aexit__(exc_type, exc, traceback)
-        except TimeoutError as expired:
-            raise ProviderError("timeout", f"no answer within {self._seconds:.3g}s") from expired
-        if isinstance(exc, TimeoutError):
-            raise ProviderError("timeout", f"no answer within {self._seconds:.3g}s") from exc
+        await _timed_out(
+            self._timeout, f"no answer within {self._seconds:.3g}s", exc_type, exc, traceback
+        )
 
 
 async def post(
@@ -320,15 +317,25 @@ class _FirstByte:
     ) -> None:
         timeout, self._timeout = self._timeout, None
         assert timeout is not None
-        try:
-            await timeout.__aexit__(exc_type, exc, traceback)
-        except TimeoutError as expired:
-            raise self._expired() from expired
-        if isinstance(exc, TimeoutError):
-            raise self._expired() from exc
+        await _timed_out(
+            timeout, f"no first byte within {self._seconds:.3g}s", exc_type, exc, traceback
+        )
 
-    def _expired(self) -> ProviderError:
-        return ProviderError("timeout", f"no first byte within {self._seconds:.3g}s")
+
+async def _timed_out(
+    timeout: asyncio.Timeout,
+    what: str,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    traceback: TracebackType | None,
+) -> None:
+    """Leave ``timeout``; its expiry (or a TimeoutError from within) as ProviderError("timeout")."""
+    try:
+        await timeout.__aexit__(exc_type, exc, traceback)
+    except TimeoutError as expired:
+        raise ProviderError("timeout", what) from expired
+    if isinstance(exc, TimeoutError):
+        raise ProviderError("timeout", what) from exc
 
 
 class _Mapped:
