@@ -151,7 +151,7 @@ class _TimeLimit:
         traceback: TracebackType | None,
     ) -> None:
         await _timed_out(
-            self._timeout, f"no answer within {self._seconds:.3g}s", exc_type, exc, traceback
+            self._timeout, exc_type, exc, traceback, what="no answer", seconds=self._seconds
         )
 
 
@@ -318,24 +318,31 @@ class _FirstByte:
         timeout, self._timeout = self._timeout, None
         assert timeout is not None
         await _timed_out(
-            timeout, f"no first byte within {self._seconds:.3g}s", exc_type, exc, traceback
+            timeout, exc_type, exc, traceback, what="no first byte", seconds=self._seconds
         )
 
 
 async def _timed_out(
     timeout: asyncio.Timeout,
-    what: str,
     exc_type: type[BaseException] | None,
     exc: BaseException | None,
     traceback: TracebackType | None,
+    *,
+    what: str,
+    seconds: float | None,
 ) -> None:
-    """Leave ``timeout``; its expiry (or a TimeoutError from within) as ProviderError("timeout")."""
+    """Leave ``timeout``; its expiry (or a TimeoutError from within) as ProviderError("timeout"),
+    saying ``what`` came not within ``seconds``."""
     try:
         await timeout.__aexit__(exc_type, exc, traceback)
     except TimeoutError as expired:
-        raise ProviderError("timeout", what) from expired
+        raise _timeout(what, seconds) from expired
     if isinstance(exc, TimeoutError):
-        raise ProviderError("timeout", what) from exc
+        raise _timeout(what, seconds) from exc
+
+
+def _timeout(what: str, seconds: float | None) -> ProviderError:
+    return ProviderError("timeout", what if seconds is None else f"{what} within {seconds:.3g}s")
 
 
 class _Mapped:
