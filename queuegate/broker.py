@@ -381,6 +381,12 @@ async def connect(url: str, *, name: str) -> AbstractRobustConnection:
             await connection.close()
             failure = exc
             continue
+        except asyncio.CancelledError:
+            # aio-pika attempts in a task of its own, which this cancel does not reach: left
+            # open, it would reconnect for ever after a stop at start-up (a broker that accepts
+            # and never answers), and keep asyncio.run from ending. Closing ends that task.
+            await connection.close()
+            raise
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # A cancel (Ctrl-C) landing while aio-pika connects is swallowed by it: honour it.

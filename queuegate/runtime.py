@@ -76,7 +76,8 @@ def stop_on_signals() -> asyncio.Event:
     connecting): nothing would see the event set, and a start-up wait may last as long as an
     outage. A signal then cancels the task that asked for the event instead, and ``run``
     ends as a normal stop does, saying so in one line: every start-up wait of every role
-    ends at once, whatever it waits for.
+    ends at once, whatever it waits for. Should a second signal come before that stop has
+    ended, the process dies of it, as it would without a handler: never ignored.
     """
     stop = _Stop(asyncio.current_task())
     loop = asyncio.get_running_loop()
@@ -89,17 +90,26 @@ class _Stop(asyncio.Event):
     def __init__(self, starting: asyncio.Task[Any] | None) -> None:
         super().__init__()
         self._starting = starting
+        self._stopping_start = False
 
     async def wait(self) -> Literal[True]:
         self._starting = None  # started: from now on the process drains on a signal
         return await super().wait()
 
     def signalled(self, sig: signal.Signals) -> None:
+        if self._stopping_start:
+            # The first one's cancel has not ended the process (something swallowed it, or
+            # left a task asyncio.run waits for): the operator asks again, so end it for sure.
+            log.warning("%s again while stopping before serving: exiting at once", sig.name)
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+            return
         self.set()
         starting, self._starting = self._starting, None
         if starting is not None and not starting.done():
             log.info("%s while starting: stopped before serving", sig.name)
             _STOPPED_STARTING.add(starting)
+            self._stopping_start = True
             starting.cancel()
 
 

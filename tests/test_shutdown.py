@@ -117,3 +117,125 @@ async def test_a_stop_signal_while_waiting_for_a_service_at_start_stops_at_once(
     assert code == 0, said
     assert "Traceback" not in said, said
     assert said.splitlines()[-1].endswith(f"{sig.name} while starting: stopped before serving")
+
+
+class HungService:
+    """A listener of this test's own that accepts connections and never answers (a frozen
+    broker or Redis): a client connecting to it waits for its greeting until its timeout."""
+
+    def __init__(self) -> None:
+        self.accepted = asyncio.Event()
+        self._held: list[asyncio.StreamWriter] = []
+
+    async def _accept(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._held.append(writer)  # open, unanswered, until the test ends
+        self.accepted.set()
+
+    async def __aenter__(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *_: object) -> None:
+        for writer in self._held:
+            writer.close()
+        self._server.close()
+        await self._server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("role", "variable", "url"),
+    [
+        ("accounting", "QUEUEGATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:{port}/"),
+        ("worker", "QUEUEGATE_AMQP_URL", "amqp://guest:guest@127.0.0.1:{port}/"),
+        ("worker", "QUEUEGATE_REDIS_URL", "redis://127.0.0.1:{port}/0"),
+    ],
+    ids=["accounting-broker", "worker-broker", "worker-redis"],
+)
+async def test_sigterm_while_a_hung_service_is_connecting_at_start_stops_at_once(
+    settings: Settings, role: str, variable: str, url: str
+) -> None:
+    # Given a role connecting at start to a service that accepted and never answers
+    service = HungService()
+    async with service as port:
+        env = {
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "QUEUEGATE_METRICS_PORT": "0",
+            variable: url.format(port=port),
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", role,
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stderr is not None
+        lines = LogLines(process.stderr)
+        try:
+            async with asyncio.timeout(30):
+                await service.accepted.wait()
+            # When the operator stops it while it waits for the service's greeting
+            process.send_signal(signal.SIGTERM)
+            # Expect it gone at once (aio-pika went on reconnecting for ever, one SIGTERM
+            # after another), as a normal stop exits, in one line and no traceback
+            try:
+                async with asyncio.timeout(5):
+                    code = await process.wait()
+            except TimeoutError:
+                pytest.fail(f"still running 5 s after SIGTERM, having said: {lines.lines}")
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    said = await lines.closed()
+    assert code == 0, said
+    assert "Traceback" not in said, said
+    stops = [line for line in said.splitlines() if "while starting" in line]
+    assert len(stops) == 1, said
+    assert said.splitlines()[-1].endswith("SIGTERM while starting: stopped before serving"), said
+
+
+DEAF_START = """
+import asyncio, logging
+from queuegate.runtime import run, stop_on_signals
+
+async def main() -> None:
+    stop_on_signals()
+    logging.warning("starting")
+    # A start-up wait that a cancel does not end (as aio-pika's reconnecting did)
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+
+logging.basicConfig(level="INFO")
+run(main)
+"""
+
+
+async def test_a_second_signal_ends_a_start_up_that_did_not_stop_at_the_first() -> None:
+    # Given a process whose start-up swallows the cancel a stop signal makes
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DEAF_START,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    lines = LogLines(process.stderr)
+    try:
+        await lines.matches(re.compile("starting"), 1)
+        process.send_signal(signal.SIGTERM)
+        await lines.matches(re.compile("SIGTERM while starting: stopped before serving"), 1)
+        # When the operator asks again
+        process.send_signal(signal.SIGTERM)
+        # Expect the process gone at once, killed by that signal, saying so
+        async with asyncio.timeout(5):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    said = await lines.closed()
+    assert code == -signal.SIGTERM, said
+    assert said.splitlines()[-1].endswith(
+        "SIGTERM again while stopping before serving: exiting at once"
+    )

@@ -213,8 +213,7 @@ class Worker:
             await self._drain()
             await publisher.close()
         finally:
-            live_stop.set()
-            await live_task
+            await _end_live_stats(live_task, live_stop, served=self.ready.is_set())
             await claims_task
             await connection.close()
             await pool.close()
@@ -346,3 +345,18 @@ class Worker:
                     "%d jobs did not finish in time; they go back to the queue", len(pending)
                 )
                 await asyncio.wait(pending)
+
+
+async def _end_live_stats(task: asyncio.Task[None], stop: asyncio.Event, *, served: bool) -> None:
+    """Set ``stop`` (the live stats' and the claims' renewal's) once the live stats are done:
+    after their last flush, what was served since the one before, if the worker served."""
+    if served:
+        stop.set()
+        await task
+        return
+    # Stopped before serving: nothing counted to write, and the last flush would hold the
+    # stop for as long as a hung Redis takes to fail it (four timeouts). Cancelled before
+    # ``stop`` is set: Python 3.11's wait_for, seeing both at once, drops the cancel.
+    task.cancel()
+    await asyncio.wait([task])
+    stop.set()
