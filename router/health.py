@@ -33,7 +33,11 @@ from router.catalog import Catalog, Deployment
 log = logging.getLogger(__name__)
 
 State = Literal["closed", "probe", "open", "half_open", "paused"]
-Op = Literal["allow", "success", "failure", "rate_limit"]
+Op = Literal["allow", "success", "failure", "rate_limit", "release"]
+
+NOT_COUNTED = ("rate_limit", "release")
+"""Ops that carry no answered calls into the window (health.lua counts them only with the
+others)."""
 
 PROBE_GRACE = 1.0
 """Seconds a probe may outlive its deployment's timeout before another caller may probe."""
@@ -129,6 +133,11 @@ class Health:
     async def failure(self, deployment: Deployment) -> None:
         await self._run("failure", deployment)
 
+    async def inconclusive(self, deployment: Deployment) -> None:
+        """This worker's probe said nothing of the provider (its job's deadline cut it): the
+        next caller probes at once, rather than once the probe's time has lapsed."""
+        await self._run("release", deployment)
+
     async def rate_limited(self, deployment: Deployment, pause: float) -> None:
         """Pause the deployment for everyone for ``pause`` seconds (a longer pause stays)."""
         await self._run("rate_limit", deployment, pause)
@@ -148,7 +157,7 @@ class Health:
             _ms(deployment.timeout + PROBE_GRACE),
             _ms(pause),
             # Lost if this call fails: while Redis is away the window is not shared anyway.
-            self._unreported.pop(deployment.name, 0) if op != "rate_limit" else 0,
+            self._unreported.pop(deployment.name, 0) if op not in NOT_COUNTED else 0,
         ]
         keys = [self._keys.breaker(deployment.name), self._keys.paused(deployment.name)]
         reports = self._reports.get(deployment.name, 0)

@@ -462,6 +462,8 @@ class Router:
             cut = limit.expired and left < deployment.timeout
             if not cut:
                 await self._report(call, err)
+            elif call.probe:
+                await self.health.inconclusive(deployment)
             if err.error_class == "rate_limited" and run.gate is not None:
                 await run.gate.rate_limited(deployment)
             if run.streamed:

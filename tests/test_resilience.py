@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
-from queuegate.errors import InvalidRequest, RateLimited
+from queuegate.errors import DeadlineExceeded, InvalidRequest, RateLimited
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
@@ -413,6 +413,34 @@ async def test_calls_cut_by_the_jobs_deadline_on_a_busy_worker_loop_do_not_open_
     # Expect them cut, and the circuit every team shares still closed
     assert ends == {"DeadlineExceeded"}
     assert state == "closed"
+
+
+async def test_a_probe_cut_by_its_jobs_deadline_lets_the_next_caller_probe_at_once(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a slow deployment (2 s, timeout 1.5 s) whose circuit two timeouts open, and whose
+    # cooldown (0.3 s) has passed
+    mock.configure(MockConfig(models={"slow": Behavior(latency_ms=2000)}))
+    cat = catalog(
+        {"primary": {"deployments": [dep("slow-dep", "slow", mock.url, timeout=1.5)]}},
+        retry={"attempts": 1},
+        breaker={"failures": 2, "ratio": 0.5, "cooldown": 0.3},
+    )
+    [deployment] = cat.models["primary"].deployments
+    async with open_router(cat, ENV, settings) as router:
+        await asyncio.gather(
+            *(router.complete(chat("primary")) for _ in range(2)), return_exceptions=True
+        )
+        assert (await router.health.status(deployment)).state == "open"
+        await asyncio.sleep(0.35)  # the cooldown: a span of time, no event to await
+
+        # When the probe goes to a job whose own 0.2 s deadline cuts it
+        with pytest.raises(DeadlineExceeded):
+            await router.complete(chat("primary"), deadline=time.monotonic() + 0.2)
+
+        # Expect the next caller to probe at once, not wait out the cut probe's 2.5 s
+        verdict = await router.health.allow(deployment)
+        assert verdict.state == "probe"
 
 
 # --- error routing -----------------------------------------------------------------------------

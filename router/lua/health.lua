@@ -13,6 +13,8 @@
 -- op = failure     a call failed; counted in the window, may open the circuit.
 -- op = rate_limit  a 429: pause for pause_ms (never shortened); not a failure, and a probe
 --                  that got it is inconclusive, so the next allowed caller probes again.
+-- op = release     a probe that said nothing of the provider (its job's deadline cut it): the
+--                  next allowed caller probes at once, not after probe_ms.
 -- successes       other calls that answered since this worker last ran the script for the
 --                  deployment: they only count in the window, so they ride on its next op
 --                  (allow, success or failure) instead of a round trip each.
@@ -91,6 +93,13 @@ if op == 'rate_limit' then
     redis.call('HSET', breaker, 'until', now)
   end
   return {state, pause}
+end
+
+if op == 'release' then
+  if state == 'half_open' then
+    redis.call('HSET', breaker, 'until', now)
+  end
+  return {state, 0}
 end
 
 if state == 'half_open' then
