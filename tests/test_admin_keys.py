@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from accounting import migrate
 from admin.keys import (
+    DisabledTeamKey,
     add_team_key,
     admin_keys,
     issue_admin_key,
@@ -95,11 +96,14 @@ async def test_admin_keys_are_found_as_admin_until_revoked(pool: asyncpg.Pool) -
     assert listed.revoked_at is not None
 
 
-async def test_unknown_keys_and_keys_of_disabled_teams_are_not_found(pool: asyncpg.Pool) -> None:
+async def test_unknown_keys_are_not_found_and_a_disabled_teams_key_is_told_apart(
+    pool: asyncpg.Pool,
+) -> None:
     beta = await add_team_key(pool, "beta")
     await disable_team(pool, "beta")
 
-    assert await lookup_key(pool, beta.key) is None
+    # A real key whose team is disabled serves nothing, and is not a wrong key
+    assert await lookup_key(pool, beta.key) == DisabledTeamKey(team="beta")
     assert await lookup_key(pool, new_api_key()[1]) is None
     assert await lookup_key(pool, "") is None
 
