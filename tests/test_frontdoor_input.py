@@ -136,5 +136,5 @@ async def test_no_key_prompt_or_provider_secret_in_any_log_line(
         )
     await door.gateway.usage_rows(2)
     logged = caplog.text
-    for secret in (key, key.rsplit("_", 1)[1], SECRET_PROMPT, "sk-test-mock"):
+    for secret in (key, key.split("_", 2)[2], SECRET_PROMPT, "sk-test-mock"):
         assert secret not in logged
