@@ -378,17 +378,24 @@ async def test_calls_cut_by_the_jobs_deadline_do_not_open_the_breaker_but_timeou
         assert (await router.health.status(deployment)).state == "open"
 
 
-async def test_calls_cut_by_the_jobs_deadline_on_a_busy_worker_loop_do_not_open_the_breaker(
-    settings: Settings, mock: MockProvider
-) -> None:
-    # Given a slow deployment (2 s) with a breaker opening at 2 failures
+def slow_lone_deployment(mock: MockProvider, *, cooldown: float) -> tuple[Catalog, Deployment]:
+    """One deployment answering in 2 s with a 1.5 s timeout, no retry, whose circuit two
+    failures open for ``cooldown`` seconds."""
     mock.configure(MockConfig(models={"slow": Behavior(latency_ms=2000)}))
     cat = catalog(
         {"primary": {"deployments": [dep("slow-dep", "slow", mock.url, timeout=1.5)]}},
         retry={"attempts": 1},
-        breaker={"failures": 2, "ratio": 0.5, "cooldown": 30},
+        breaker={"failures": 2, "ratio": 0.5, "cooldown": cooldown},
     )
     [deployment] = cat.models["primary"].deployments
+    return cat, deployment
+
+
+async def test_calls_cut_by_the_jobs_deadline_on_a_busy_worker_loop_do_not_open_the_breaker(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a slow deployment (2 s) with a breaker opening at 2 failures
+    cat, deployment = slow_lone_deployment(mock, cooldown=30)
 
     async def busy(until: float) -> None:
         while time.monotonic() < until:
@@ -420,13 +427,7 @@ async def test_a_probe_cut_by_its_jobs_deadline_lets_the_next_caller_probe_at_on
 ) -> None:
     # Given a slow deployment (2 s, timeout 1.5 s) whose circuit two timeouts open, and whose
     # cooldown (0.3 s) has passed
-    mock.configure(MockConfig(models={"slow": Behavior(latency_ms=2000)}))
-    cat = catalog(
-        {"primary": {"deployments": [dep("slow-dep", "slow", mock.url, timeout=1.5)]}},
-        retry={"attempts": 1},
-        breaker={"failures": 2, "ratio": 0.5, "cooldown": 0.3},
-    )
-    [deployment] = cat.models["primary"].deployments
+    cat, deployment = slow_lone_deployment(mock, cooldown=0.3)
     async with open_router(cat, ENV, settings) as router:
         await asyncio.gather(
             *(router.complete(chat("primary")) for _ in range(2)), return_exceptions=True
