@@ -255,18 +255,22 @@ class Delivery:
         self._tag = message.delivery_tag
         self.message_id = message.message_id
 
-    def _open(self) -> aiormq.abc.AbstractChannel:
+    def _open(self, tag: int) -> aiormq.abc.AbstractChannel:
         if self._channel is None or self._channel.is_closed:
-            raise ChannelInvalidStateError(f"the channel of delivery {self._tag} is closed")
+            raise ChannelInvalidStateError(f"the channel of delivery {tag} is closed")
         return self._channel
 
+    # Settled once: a second ack or nack of one tag would close the channel (PRECONDITION_FAILED)
+    # and bring back every delivery on it, where aio-pika's message refused it.
     async def ack(self) -> None:
-        if self._tag is not None:
-            await self._open().basic_ack(self._tag)
+        tag, self._tag = self._tag, None
+        if tag is not None:
+            await self._open(tag).basic_ack(tag)
 
     async def nack(self, *, requeue: bool) -> None:
-        if self._tag is not None:
-            await self._open().basic_nack(self._tag, requeue=requeue)
+        tag, self._tag = self._tag, None
+        if tag is not None:
+            await self._open(tag).basic_nack(tag, requeue=requeue)
 
 
 def node_urls(url: str) -> list[str]:

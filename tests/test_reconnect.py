@@ -12,7 +12,7 @@ from frontdoor.auth import Caller
 from frontdoor.bridge import Bridge
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
-from queuegate.broker import connect, json_message, publish, when_connected
+from queuegate.broker import Delivery, connect, json_message, publish, when_connected
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
@@ -240,3 +240,24 @@ async def test_a_publish_awaiting_its_confirm_when_the_connection_is_found_stuck
             async with asyncio.timeout(30):
                 await publishing
             assert not publishing.cancelled()
+
+
+async def test_a_delivery_settled_twice_is_acked_once_and_its_channel_stays_open(
+    settings: Settings,
+) -> None:
+    # Given a delivery a consumer holds as a Delivery (what a worker keeps while it waits)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{settings.namespace}.twice", exclusive=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue.name)
+        message = await queue.get(timeout=5)
+        delivery = Delivery(message)
+        # When it is acked, then acked and nacked again
+        await delivery.ack()
+        await delivery.ack()
+        await delivery.nack(requeue=True)
+        # Expect the channel open (a second settle of a tag would close it) and the queue empty
+        declared = await channel.declare_queue(queue.name, passive=True)
+        assert not channel.is_closed
+        assert declared.declaration_result.message_count == 0
