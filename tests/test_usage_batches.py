@@ -48,10 +48,33 @@ class Sends:
             pending.set_exception(exc)
 
 
-async def test_an_idle_worker_sends_an_event_at_once_and_later_ones_go_together() -> None:
+async def test_an_idle_worker_sends_the_events_finishing_within_the_linger_together() -> None:
+    sends = Sends()
+    batches = UsageBatches(sends, linger=0.05)
+    loop = asyncio.get_running_loop()
+    # Given an idle worker's event, and a second one finishing while the first lingers
+    started = loop.time()
+    first = batches.add(b"1")
+    await asyncio.sleep(0)  # the sender has started, and waits
+    second = batches.add(b"2")
+
+    # When the batch goes
+    await sends.sending()
+
+    # Expect both in it, sent once the linger was over (one job at a time, one message
+    # for several jobs rather than one each)
+    assert sends.batches == [[b"1", b"2"]]
+    assert loop.time() - started >= 0.05
+    sends.release()
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(first, second)
+    assert (batches.batches_sent, batches.events_sent) == (1, 2)
+
+
+async def test_an_event_sent_alone_and_those_finishing_during_its_confirm_go_together() -> None:
     sends = Sends()
     batches = UsageBatches(sends)
-    # Given one event sent alone, at once, its confirm not yet back
+    # Given one event sent alone, its confirm not yet back
     first = batches.add(b"1")
     await sends.sending()
     assert sends.batches == [[b"1"]]
@@ -131,6 +154,28 @@ async def test_a_send_cancelled_cancels_the_waits_of_its_batch_and_ends_the_send
         await batches.close()
     assert waiting.cancelled()
     assert sends.batches == [[b"1"]]
+
+
+async def test_a_sender_cancelled_while_it_lingers_cancels_the_waits_and_sends_nothing() -> None:
+    sends = Sends()
+    batches = UsageBatches(sends, linger=WAIT)
+    # Given an event lingering for others
+    waiting = batches.add(b"1")
+    await asyncio.sleep(0)  # the sender has started, and waits
+    sender = next(
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", None) == "UsageBatches._send_waiting"
+    )
+
+    # When the sender is cancelled meanwhile (the worker's event loop shutting down)
+    sender.cancel()
+
+    # Expect the event's wait cancelled rather than left pending for ever, and nothing sent
+    async with asyncio.timeout(WAIT):
+        await batches.close()
+    assert waiting.cancelled()
+    assert sends.batches == []
 
 
 async def test_a_burst_goes_in_messages_of_at_most_max_events() -> None:

@@ -7,6 +7,14 @@ from collections.abc import Awaitable, Callable
 
 from queuegate.errors import ServiceUnavailable
 
+LINGER = 0.02
+"""Seconds an idle worker holds a finished job's event for others before it sends a batch.
+One job at a time, each event alone cost a quorum-queue write and its disk sync, an
+accounting delivery and a PostgreSQL insert per job, all landing while the client's next job
+crossed the broker: its way to the worker took 0.4 ms longer at the median. Only the job's
+acknowledgement waits, never its result; a worker that dies meanwhile has its job answered
+again from the outcome store, its event counted once (accounting keeps a job's first row)."""
+
 MAX_EVENTS = 500
 """Events in one message at most (about 350 KB): a burst of finished jobs goes in several
 messages rather than one that holds every event in memory twice. Accounting writes up to
@@ -15,8 +23,9 @@ messages rather than one that holds every event in memory twice. Accounting writ
 
 class UsageBatches:
     """Sends usage events one batch at a time: the events that arrive while a batch awaits
-    its confirm go together in the next, so an idle worker sends each at once and a busy one
-    a few hundred messages a second however many jobs it finishes.
+    its confirm go together in the next, and an idle worker waits ``linger`` seconds for more
+    before it sends the first, so a busy one sends a few hundred messages a second however
+    many jobs it finishes, and one serving a job at a time a few events in each.
 
         batches = UsageBatches(send)   # send(events) publishes one batch, confirmed
         await batches.add(event)       # returns once the batch carrying it is confirmed
@@ -27,8 +36,11 @@ class UsageBatches:
     writes one row per job, so an event sent twice, in one batch or two, is counted once.
     """
 
-    def __init__(self, send: Callable[[list[bytes]], Awaitable[None]]) -> None:
+    def __init__(
+        self, send: Callable[[list[bytes]], Awaitable[None]], *, linger: float = LINGER
+    ) -> None:
         self._send = send
+        self._linger = linger
         self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
         self.batches_sent = 0
@@ -52,6 +64,14 @@ class UsageBatches:
 
     async def _send_waiting(self) -> None:
         try:
+            try:
+                await asyncio.sleep(self._linger)
+            except BaseException:
+                # Cancelled (the event loop shutting down): no batch sends these events.
+                for _, confirmed in self._waiting:
+                    confirmed.cancel()
+                self._waiting = []
+                raise
             while self._waiting:
                 batch, self._waiting = self._waiting[:MAX_EVENTS], self._waiting[MAX_EVENTS:]
                 try:
