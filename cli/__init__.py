@@ -1,6 +1,5 @@
 """The ``queuegate`` command line: typer commands that parse options, call the shared
-actions and reports (``admin``, ``accounting``, ``producer``...) and render what they return."""
+actions and reports (``admin``, ``accounting``, ``producer``...) and render what they return.
 
-from cli.main import app, main
-
-__all__ = ["app", "main"]
+Importing the package imports nothing else: its entry point (``cli.entry``) must run first.
+"""

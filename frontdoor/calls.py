@@ -62,16 +62,18 @@ async def run_job(
 
 async def publish_job(
     door: FrontDoor, caller: Caller, job: ChatJob, options: RequestOptions
-) -> None:
+) -> ChatResult | None:
     """Publish the job for a caller who reads its answer later (``GET /v1/jobs/<id>``),
-    unless it was answered already."""
+    unless it was answered already: then its stored result (an Idempotency-Key's retry)."""
     deadline = _deadline(options)
-    if await _admit(door, caller, job, options, deadline) is None:
+    stored = await _admit(door, caller, job, options, deadline)
+    if stored is None:
         try:
             async with asyncio.timeout_at(deadline):
                 await door.bridge.publish(job, caller)
         except TimeoutError:
             raise _late(job, options.timeout) from None
+    return stored
 
 
 async def _admit(
@@ -170,10 +172,13 @@ def streamed(
             if opened.bridged:
                 door.bridge.close_stream(job.job_id)
 
+    # An answer read from the store names its job's trace (a retry's), as a plain one does
+    answered = None if opened.bridged else opened.stream.result
+    headers = gateway_headers(job.job_id, answered, started)
     return StreamingResponse(
         events(),
         media_type="text/event-stream",
-        headers={**gateway_headers(job.job_id, None, started), "cache-control": "no-cache"},
+        headers={**headers, "cache-control": "no-cache"},
     )
 
 

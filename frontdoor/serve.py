@@ -34,7 +34,7 @@ from frontdoor.app import create_app
 from frontdoor.connections import ConnectionLimits, fit_open_files, guarded_protocol
 from queuegate import tracing
 from queuegate.errors import ConfigError
-from queuegate.runtime import run, stop_on_signals, tune_gc
+from queuegate.runtime import default_stop_signals, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
 from queuegate.supervisor import Supervisor
 from router import Catalog
@@ -68,6 +68,9 @@ def serve(
     server = uvicorn.Server(config)
     sock = bind(host, port)
     log.info("front door on http://%s:%d (docs at /docs)", host, sock.getsockname()[1])
+    # uvicorn takes the stop signals from here (its stop after serving is its own: SIGTERM
+    # raised again, status 143), and asyncio's Ctrl-C handling needs Python's to start
+    default_stop_signals()
     run(lambda: server.serve(sockets=[sock]))
 
 

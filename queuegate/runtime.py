@@ -86,6 +86,20 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def say_stopped_starting(sig: signal.Signals) -> None:
+    """The one line of a process a stop signal ended before it served (here, or in the
+    CLI's entry point before the event loop took the signals over)."""
+    log.info("%s while starting: stopped before serving", sig.name)
+
+
+def default_stop_signals() -> None:
+    """SIGTERM and SIGINT handled as Python starts, which ends the CLI's stop before serving
+    (``cli.entry``), for a server that takes them over itself: uvicorn, which puts back the
+    handlers it found when it stops and raises the signal it got again."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class _Stop(asyncio.Event):
     def __init__(self, starting: asyncio.Task[Any] | None) -> None:
         super().__init__()
@@ -107,7 +121,7 @@ class _Stop(asyncio.Event):
         self.set()
         starting, self._starting = self._starting, None
         if starting is not None and not starting.done():
-            log.info("%s while starting: stopped before serving", sig.name)
+            say_stopped_starting(sig)
             _STOPPED_STARTING.add(starting)
             self._stopping_start = True
             starting.cancel()

@@ -20,7 +20,7 @@ from admin.keys import (
     revoke_team_key,
     team_keys,
 )
-from cli import app
+from cli.main import app
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError
 from queuegate.registry import add_team, disable_team

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from admin.teams import add, create_broker_user, set_security
-from cli import app
+from cli.main import app
 from producer import GatewayClient
 from producer.client import job_message
 from queuegate import dlq

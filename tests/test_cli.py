@@ -15,7 +15,7 @@ import httpx
 from typer.testing import CliRunner
 
 from admin.teams import add
-from cli import app
+from cli.main import app
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings

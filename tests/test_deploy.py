@@ -22,7 +22,7 @@ from typer.main import get_command
 
 import queuegate.metrics
 import router
-from cli import app
+from cli.main import app
 from queuegate import tracing
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.trace import TracerProvider
 
 from frontdoor.auth import Caller
 from frontdoor.bridge import Bridge
@@ -20,6 +21,7 @@ from frontdoor.chat_request import RequestOptions
 from mockprovider import Behavior, MockConfig
 from producer.replies import Inbox
 from producer.streams import ChatStream
+from queuegate import tracing
 from queuegate.broker import consume
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult, GatewayInfo, StreamChunk
@@ -122,6 +124,42 @@ async def test_an_async_request_under_a_used_key_is_refused_if_it_differs(door: 
     assert done.json()["choices"][0]["message"]["content"] == "mock reply to: one"
     assert repeated.status_code == 202 and repeated.json()["id"] == one.json()["id"]
     assert door.gateway.mock.stats.calls == 1
+
+
+async def test_every_retry_of_an_answered_key_names_the_trace_of_its_job(
+    settings: Settings,
+) -> None:
+    # Given the front door tracing, and a request answered under an Idempotency-Key
+    provider = TracerProvider()
+    tracing.install(provider)
+    headers = {"Idempotency-Key": KEY}
+    try:
+        async with open_door(settings) as door, door.client() as client:
+            create = client.chat.completions.with_raw_response.create
+            first = await create(model="gpt-4o-mini", messages=said("one"), extra_headers=headers)
+            # When it is sent again, plain, streamed, and to be answered later (202)
+            plain = await create(model="gpt-4o-mini", messages=said("one"), extra_headers=headers)
+            streamed = await create(
+                model="gpt-4o-mini", messages=said("one"), stream=True, extra_headers=headers
+            )
+            chunks = [chunk async for chunk in streamed.parse()]
+            later = await create(
+                model="gpt-4o-mini",
+                messages=said("one"),
+                extra_headers={**headers, "Prefer": "respond-async"},
+            )
+    finally:
+        tracing.install(None)
+    # Expect each retry answered from the first's job, naming that job's trace (the streamed
+    # and the 202 named their own request's, a trace nothing else is in)
+    assert first.parse().choices[0].message.content == "mock reply to: one"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "mock reply to: one"
+    )
+    assert later.http_response.status_code == 202
+    assert door.gateway.mock.stats.calls == 1
+    trace_id = first.headers["x-queuegate-trace-id"]
+    assert [r.headers["x-queuegate-trace-id"] for r in (plain, streamed, later)] == [trace_id] * 3
 
 
 async def test_concurrent_streams_of_one_key_each_get_the_whole_answer(door: Door) -> None:

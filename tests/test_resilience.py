@@ -714,7 +714,7 @@ def test_content_policy_400_is_recognised_by_code_or_message() -> None:
 def test_the_deployments_command_shows_every_deployment_and_its_circuit() -> None:
     from typer.testing import CliRunner
 
-    from cli import app
+    from cli.main import app
 
     namespace = f"qgt-cli-{time.monotonic_ns()}"  # read only: nothing to clean up
     result = CliRunner().invoke(

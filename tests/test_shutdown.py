@@ -1,5 +1,6 @@
 """SIGTERM with jobs in flight: the worker drains, exits 0, and no job is lost or doubled.
-SIGTERM or Ctrl-C while a role waits for a service at start: it exits at once, as a stop."""
+SIGTERM or Ctrl-C while a role starts (importing, or waiting for a service): it exits at
+once, as a stop."""
 
 from __future__ import annotations
 
@@ -117,6 +118,60 @@ async def test_a_stop_signal_while_waiting_for_a_service_at_start_stops_at_once(
     assert code == 0, said
     assert "Traceback" not in said, said
     assert said.splitlines()[-1].endswith(f"{sig.name} while starting: stopped before serving")
+
+
+@pytest.mark.parametrize(
+    ("role", "module", "sig"),
+    [
+        ("worker", "typer", signal.SIGTERM),
+        ("worker", "aio_pika", signal.SIGINT),
+        ("worker", "cli.main", signal.SIGTERM),
+        ("worker", "workers", signal.SIGTERM),
+        ("accounting", "asyncpg", signal.SIGINT),
+        ("api", "uvicorn", signal.SIGTERM),
+    ],
+    ids=lambda value: getattr(value, "name", value),
+)
+async def test_a_stop_signal_while_a_role_imports_stops_it_as_at_start(
+    settings: Settings, role: str, module: str, sig: signal.Signals
+) -> None:
+    # Given a role just started, whose Python says which modules it has imported (to signal
+    # it at a known moment of the second or two before it runs: it died of the signal then)
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_METRICS_PORT": "0",
+        "PYTHONVERBOSE": "1",
+    }
+    port = ["--port", "0"] if role == "api" else []
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", role, *port,
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    imported = re.compile(rf"^import '{re.escape(module)}' #")
+    try:
+        async with asyncio.timeout(30):
+            async for line in process.stderr:
+                if imported.match(line.decode()):
+                    break
+            # When the operator stops it while it is importing (or right after)
+            process.send_signal(sig)
+            said = (await process.stderr.read()).decode()
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    # Expect it stopped as a stop while waiting at start ends: status 0, one line, no
+    # traceback (the rest of its output is Python's own about its modules)
+    logged = [line for line in said.splitlines() if not line.startswith(("# ", "import "))]
+    assert code == 0, logged
+    assert "Traceback" not in said, logged
+    stops = [line for line in logged if "while starting" in line]
+    assert len(stops) == 1, logged
+    assert stops[0].endswith(f"{sig.name} while starting: stopped before serving")
 
 
 class HungService:

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from admin.teams import add, configure, listing, quota_policy, register, with_user
-from cli import app
+from cli.main import app
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.db import create_pool

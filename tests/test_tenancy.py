@@ -328,7 +328,7 @@ async def test_teams_add_prints_credentials_that_work_and_stores_no_password(
 ) -> None:
     from typer.testing import CliRunner
 
-    from cli import app
+    from cli.main import app
     from queuegate.db import create_pool
 
     # Given the CLI pointed at this test's namespace and schema

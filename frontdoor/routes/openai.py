@@ -23,7 +23,7 @@ from frontdoor.chat_request import RequestOptions, chat_job, unknown_model, want
 from frontdoor.openai_request import check_chat
 from frontdoor.service import Door, FrontDoor
 from frontdoor.sse import ChunkWriter
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, ChatResult
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -64,8 +64,10 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     job = chat_job(body, caller.team, options, door.limits, stream=stream)
     note_job(request, job.job_id)
     if options.respond_async:
-        await publish_job(door, caller, job.model_copy(update={"stream": False}), options)
-        return accepted(job, started)
+        answered = await publish_job(
+            door, caller, job.model_copy(update={"stream": False}), options
+        )
+        return accepted(job, started, answered)
     if stream:
         return await _stream(
             door, caller, job, options, include_usage=include_usage, started=started
@@ -78,10 +80,11 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     return JSONResponse(answer, headers=gateway_headers(job.job_id, result, started))
 
 
-def accepted(job: ChatJob, started: float) -> JSONResponse:
-    """202: the job is queued; its answer is read by id."""
+def accepted(job: ChatJob, started: float, answered: ChatResult | None) -> JSONResponse:
+    """202: the job is queued; its answer is read by id. A retry of a job ``answered``
+    already carries its headers (its trace's id among them), as a plain retry does."""
     location = f"/v1/jobs/{job.job_id}"
-    headers = {**gateway_headers(job.job_id, None, started), "location": location}
+    headers = {**gateway_headers(job.job_id, answered, started), "location": location}
     body = {"id": job.job_id, "object": "queuegate.job", "status": "queued", "url": location}
     return JSONResponse(body, status_code=202, headers=headers)
 
