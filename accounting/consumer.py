@@ -29,7 +29,7 @@ from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, settle
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
-from queuegate.messages import READ_AND_LET_GO, UsageBatch, UsageEvent
+from queuegate.messages import UsageBatch, UsageEvent
 from queuegate.metrics import observe_accounting_batch, observe_spend_correction
 from queuegate.outage import OutageLog
 from queuegate.redis_client import redis_for
@@ -504,8 +504,8 @@ def _events(message: DeliveredMessage) -> list[UsageEvent]:
     """The events a usage message holds: a batch's (``usage-batch``), or one (``usage``, what
     workers before batches send, and what any other type is read as)."""
     if message.header.properties.message_type == MESSAGE_TYPE_USAGE_BATCH:
-        return UsageBatch.model_validate_json(message.body, context=READ_AND_LET_GO).events
-    return [UsageEvent.model_validate_json(message.body, context=READ_AND_LET_GO)]
+        return UsageBatch.model_validate_json(message.body).events
+    return [UsageEvent.model_validate_json(message.body)]
 
 
 def _log_malformed(message: DeliveredMessage, exc: ValidationError) -> None:

@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import httpx
 
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
-from queuegate.urls import redact_url
+from queuegate.urls import redact_url, url_problem
 
 TIMEOUT = 10.0
 _SET_URL = "set QUEUEGATE_MANAGEMENT_URL to http://USER:PASSWORD@HOST:15672/ of an administrator"
@@ -44,6 +44,11 @@ class BrokerAdmin:
         if parts.port:
             netloc = f"{netloc}:{parts.port}"
         base = urlunsplit((parts.scheme or "http", netloc, "/api/", "", ""))
+        # Only the host and port reach httpx (the settings check the rest): one it cannot
+        # read is said as the settings say a URL's problem, the URL shown without password.
+        problem = url_problem(base, client=httpx.URL)
+        if problem is not None:
+            raise ConfigError(f"the management URL {self._display}: {problem}: {_SET_URL}")
         self._client = httpx.AsyncClient(base_url=base, auth=auth, timeout=TIMEOUT)
         self._vhost = quote(vhost, safe="")
 

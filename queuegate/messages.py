@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -126,52 +126,51 @@ def _check_values(where: str, value: object) -> None:
 
 
 FIELD_SETS_SHARED = 256
-"""Distinct sets of given fields ``SharedFieldsSet`` shares at most: a message's and the
+"""Distinct sets of given fields ``shared_fields`` shares at most: a message's and the
 parameters' extras count among their fields, and a team chooses those."""
 
 _FIELD_SETS: dict[frozenset[str], set[str]] = {}
 
-READ_AND_LET_GO: dict[str, bool] = {"share_fields": False}
-"""Validation context for models read and let go at once (accounting's usage events): it
-keeps their own field sets, since sharing costs 2-3 µs an event and saves nothing there
-(20-event batches: 9-13 µs an event shared, 7-7.6 not)."""
+M = TypeVar("M", bound=BaseModel)
 
 
-class SharedFieldsSet(BaseModel):
-    """A frozen model whose set of the fields it was given (pydantic's, one per instance)
-    is shared with every other instance given the same fields.
+def shared_fields(model: M) -> M:
+    """``model``, its set of the fields it was given (pydantic's, one per instance) shared with
+    every model given the same fields, and so for each frozen model in it; returned for
+    chaining.
 
-    A worker holds thousands of jobs while they wait for Redis, a connection or a confirm;
-    pydantic's sets of a job, its messages, its parameters, its calls and its outcome are
-    216-1,752 bytes each (a UsageEvent's the largest), 1.2-3 KB a job. A frozen model never
-    changes its own (``model_copy`` changes a copy, shared again here), so sharing is safe.
+    For models held by the thousand, and only those: a worker holds thousands of jobs while
+    they wait for Redis, a connection or a confirm, and pydantic's sets of a job, its
+    messages, its parameters, its calls and its outcome are 216-1,752 bytes each (a
+    UsageEvent's the largest), 1.2-3 KB a job. Sharing costs 2-3 us a usage event, which a
+    model read and let go at once (accounting's events) would only lose. A frozen model never
+    changes its own set (``model_copy`` gives the copy a set of its own), so sharing is safe;
+    a model that is not frozen keeps its own.
     """
-
-    model_config = ConfigDict(frozen=True)
-
-    def model_post_init(self, context: Any, /) -> None:
-        if context is READ_AND_LET_GO:
-            return
-        given = self.__pydantic_fields_set__
-        key = frozenset(given)
-        shared = _FIELD_SETS.get(key)
-        if shared is None:
-            if len(_FIELD_SETS) >= FIELD_SETS_SHARED:
-                return
-            shared = _FIELD_SETS[key] = given
-        object.__setattr__(self, "__pydantic_fields_set__", shared)
-
-    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        copied = super().model_copy(update=update, deep=deep)
-        copied.model_post_init(None)
-        return copied
+    if not model.model_config.get("frozen"):
+        return model
+    given = model.__pydantic_fields_set__
+    key = frozenset(given)
+    shared = _FIELD_SETS.get(key)
+    if shared is None and len(_FIELD_SETS) < FIELD_SETS_SHARED:
+        shared = _FIELD_SETS[key] = given
+    if shared is not None:
+        object.__setattr__(model, "__pydantic_fields_set__", shared)
+    for value in model.__dict__.values():
+        if isinstance(value, BaseModel):
+            shared_fields(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    shared_fields(item)
+    return model
 
 
-class WireModel(SharedFieldsSet):
+class WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class ChatMessage(SharedFieldsSet):
+class ChatMessage(BaseModel):
     """One message in OpenAI chat format; content is a string or a list of content parts."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -183,7 +182,7 @@ class ChatMessage(SharedFieldsSet):
     tool_call_id: str | None = None
 
 
-class ChatParams(SharedFieldsSet):
+class ChatParams(BaseModel):
     """Sampling and tool parameters in OpenAI form; unknown ones pass through to the provider."""
 
     model_config = ConfigDict(extra="allow", frozen=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import httpx
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
@@ -264,10 +263,13 @@ class Settings(BaseSettings):
 
     @field_validator("management_url")
     @classmethod
-    def _management_url_is_read_as_httpx_reads_it(cls, value: str) -> str:
+    def _management_url_is_a_url(cls, value: str) -> str:
         if not value:  # derived from the AMQP URL, whose own check said what is wrong
             return value
-        return _checked(value, url_problem(value, ("http", "https"), client=httpx.URL))
+        # Not read by httpx here: only the host and port go to its client (BrokerAdmin), which
+        # checks them. Imported, httpx brings its command line (click, rich, pygments) along,
+        # 3.4 MB of every process's memory, a worker's too, which never calls the API.
+        return _checked(value, url_problem(value, ("http", "https")))
 
     @field_validator("redis_sentinels")
     @classmethod

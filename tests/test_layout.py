@@ -9,6 +9,8 @@ not: a lazy import is still a dependency."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,24 @@ def test_every_redis_client_of_the_gateway_comes_from_one_factory() -> None:
     assert not elsewhere, "make them with queuegate.redis_client.redis_for:\n" + "\n".join(
         sorted(elsewhere)
     )
+
+
+WORKER_NEVER_USES = ("httpx", "fastapi", "opentelemetry.sdk.trace", "pygments")
+"""Libraries a worker process has no use for, each megabytes of its memory once imported
+(httpx brings its own command line: click, rich, pygments): imported only where used."""
+
+
+def test_a_worker_process_imports_no_library_it_never_uses() -> None:
+    # Given what ``queuegate worker`` imports (the command line, then the worker's parts)
+    imports = "import cli.main, queuegate.metrics_server, router, workers, sys; "
+    imports += "from queuegate.settings import Settings; Settings(); "
+    report = "print(' '.join(m for m in sys.argv[1:] if m in sys.modules))"
+    ran = subprocess.run(
+        [sys.executable, "-c", imports + report, *WORKER_NEVER_USES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # Expect none of those loaded
+    assert ran.stdout.split() == []

@@ -73,6 +73,17 @@ def test_a_management_url_without_a_user_is_refused_not_guessed() -> None:
         BrokerAdmin("http://127.0.0.1:15672/")
 
 
+def test_a_management_host_httpx_cannot_read_is_refused_without_the_password() -> None:
+    # Given a host the settings take (host:port) but httpx cannot read (a zero-width space)
+    url = "http://ops:s3cret@bro\u200bker:15672/"
+    assert Settings(management_url=url).management_url == url
+    # Expect its client refused in one line naming the setting, the password not quoted
+    with pytest.raises(ConfigError, match="its client cannot read it") as refused:
+        BrokerAdmin(url)
+    assert "QUEUEGATE_MANAGEMENT_URL" in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+
+
 async def test_a_wrong_password_names_the_user_and_the_setting(settings: Settings) -> None:
     async with BrokerAdmin("http://guest:wrong@127.0.0.1:15672/") as admin:
         with pytest.raises(ManagementError, match="refused user guest: set QUEUEGATE_MANAG"):

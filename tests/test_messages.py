@@ -15,7 +15,6 @@ from queuegate.messages import (
     _FIELD_SETS,
     FIELD_SETS_SHARED,
     HTTP_STATUS,
-    READ_AND_LET_GO,
     Attempt,
     ChatJob,
     ChatParams,
@@ -24,7 +23,9 @@ from queuegate.messages import (
     ErrorInfo,
     GatewayInfo,
     StreamChunk,
+    UsageBatch,
     UsageEvent,
+    shared_fields,
 )
 from queuegate.topology import HEADER_SENT_MS
 
@@ -178,10 +179,12 @@ def test_a_client_job_with_zero_choices_is_refused_naming_n() -> None:
     assert ChatParams.model_validate({"n": 1}).model_extra == {"n": 1}
 
 
-def test_jobs_given_the_same_fields_share_one_fields_set_and_a_copy_changes_only_its_own() -> None:
-    # Given two jobs given the same fields
-    first = ChatJob.model_validate(JOB)
-    second = ChatJob.model_validate({**JOB, "job_id": "j-2"})
+def test_held_jobs_given_the_same_fields_share_one_fields_set_and_a_copy_changes_only_its_own() -> (
+    None
+):
+    # Given two jobs given the same fields, held (as a worker holds them)
+    first = shared_fields(ChatJob.model_validate(JOB))
+    second = shared_fields(ChatJob.model_validate({**JOB, "job_id": "j-2"}))
     # Expect one set between them (and between their messages and parameters)
     assert first.model_fields_set is second.model_fields_set
     assert first.messages[0].model_fields_set is second.messages[0].model_fields_set
@@ -191,28 +194,34 @@ def test_jobs_given_the_same_fields_share_one_fields_set_and_a_copy_changes_only
     # Expect the copy to say so, and neither original to have changed
     assert "stream" in copied.model_fields_set
     assert "stream" not in first.model_fields_set
-    # And the copy's set shared again with a job given the same fields
-    assert (
-        copied.model_fields_set is ChatJob.model_validate({**JOB, "stream": True}).model_fields_set
-    )
+    # And the copy's set shared again once it is held, with a job given the same fields
+    held = shared_fields(ChatJob.model_validate({**JOB, "stream": True}))
+    assert shared_fields(copied).model_fields_set is held.model_fields_set
     assert second.model_fields_set == set(JOB)
 
 
-def test_models_read_and_let_go_keep_their_own_fields_sets_and_read_the_same() -> None:
-    # Given the same job read twice as accounting reads its events, and once as a worker
+def test_models_not_held_keep_their_own_fields_sets() -> None:
+    # Given the same job read twice, and a batch of two events read as accounting reads it
     body = orjson.dumps(JOB)
-    first, second = (ChatJob.model_validate_json(body, context=READ_AND_LET_GO) for _ in "12")
-    shared = ChatJob.model_validate_json(body)
-    # Expect the same job, its fields set its own (nested models' too)
-    assert first == second == shared
-    assert first.model_fields_set == shared.model_fields_set
+    first, second = (ChatJob.model_validate_json(body) for _ in "12")
+    event = UsageEvent(job_id="j", team="alpha", model_requested="m", status="ok")
+    events = UsageBatch.model_validate_json(
+        orjson.dumps({"events": [event.model_dump(mode="json")] * 2})
+    ).events
+    # Expect each model's set its own (nested models' too): sharing is for held models only
+    assert first == second
+    assert first.model_fields_set == second.model_fields_set
     assert first.model_fields_set is not second.model_fields_set
     assert first.messages[0].model_fields_set is not second.messages[0].model_fields_set
+    assert events[0].model_fields_set is not events[1].model_fields_set
 
 
 def test_fields_sets_a_team_chooses_are_shared_only_up_to_the_bound() -> None:
     # Given more parameter extras, each under a name of its own, than sets are shared
-    params = [ChatParams.model_validate({f"x_{i}": 1}) for i in range(FIELD_SETS_SHARED + 10)]
+    params = [
+        shared_fields(ChatParams.model_validate({f"x_{i}": 1}))
+        for i in range(FIELD_SETS_SHARED + 10)
+    ]
     # Expect the table no larger than its bound, and each one's fields its own
     assert len(_FIELD_SETS) <= FIELD_SETS_SHARED
     assert [p.model_fields_set for p in params[-3:]] == [

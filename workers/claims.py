@@ -65,7 +65,7 @@ from queuegate.errors import (
     ServiceUnavailable,
 )
 from queuegate.keys import Keys
-from queuegate.messages import Attempt, ChatJob, request_digest
+from queuegate.messages import Attempt, ChatJob, request_digest, shared_fields
 from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
 from router import Catalog, Deployment, Routed
@@ -606,11 +606,14 @@ class _Recording:
             ),
             job.model,
         )
-        call = LostCall(
-            model=alias,
-            deployment=deployment.name,
-            provider=deployment.provider,
-            cost_usd=self._ticket.estimate.usd_at(deployment),
+        # Held while the call is recorded (most jobs wait there for a Redis connection).
+        call = shared_fields(
+            LostCall(
+                model=alias,
+                deployment=deployment.name,
+                provider=deployment.provider,
+                cost_usd=self._ticket.estimate.usd_at(deployment),
+            )
         )
         self._claim.sent[deployment.name] = call.cost_usd
         # Recorded in the round trip of the deployment's take when that lets it go at once.

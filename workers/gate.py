@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from queuegate.messages import AuditContent, ChatJob, request_digest
+from queuegate.messages import AuditContent, ChatJob, request_digest, shared_fields
 from queuegate.signing import KEY_ID_HEADER
 from queuegate.tenancy import TeamSecurity
 from queuegate.topology import (
@@ -45,7 +45,8 @@ class Admitted:
             self.screening = await screen_job(self.job)
             if policy != "off":
                 self.pii = self.screening.kinds  # kept even when the policy then refuses
-            self.sent = apply(self.job, policy, self.screening)
+            # Held for the call, as the job is (see JobProcessor._decode).
+            self.sent = shared_fields(apply(self.job, policy, self.screening))
         else:
             self.sent = self.job
         return self.sent

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 from queuegate.errors import JobError
 from queuegate.messages import (
@@ -14,7 +14,6 @@ from queuegate.messages import (
     ChatResult,
     ErrorInfo,
     GatewayInfo,
-    SharedFieldsSet,
     UsageEvent,
     storable,
 )
@@ -28,7 +27,7 @@ says it was refused."""
 """Error codes that mean the job itself is wrong: it is answered and also dead-lettered."""
 
 
-class Outcome(SharedFieldsSet):
+class Outcome(BaseModel):
     """A finished job: what the caller is told and what accounting records."""
 
     model_config = ConfigDict(frozen=True)

@@ -41,7 +41,7 @@ from queuegate.errors import (
     Unauthorized,
     WorkerFault,
 )
-from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob
+from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
 from workers import spans
@@ -288,7 +288,8 @@ class JobProcessor:
         except BaseException:
             await claim.settle()  # what would have ridden with the store
             raise
-        outcome = await claim.finish(await self._billed(claim, stamped))
+        # Held while Redis stores it (the pool's connections are where most jobs wait).
+        outcome = await claim.finish(shared_fields(await self._billed(claim, stamped)))
         return self._finished(outcome, reply_to, error)
 
     async def _billed(self, claim: Claim, outcome: Outcome) -> Outcome:
@@ -383,7 +384,8 @@ class JobProcessor:
         if size > self._max_job_bytes:
             raise InvalidRequest(f"job is {size} bytes; the limit is {self._max_job_bytes}")
         try:
-            job = ChatJob.model_validate_json(message.body)
+            # Held until it is answered, with thousands of others: its fields sets shared.
+            job = shared_fields(ChatJob.model_validate_json(message.body))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
