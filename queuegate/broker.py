@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -243,34 +244,170 @@ class Delivery:
     result's confirm, thousands at once when the broker is the slowest stage) keeps this
     instead: the message's body, properties and aio-pika's object are about 2 KB more. Its
     ``ack`` and ``nack`` fail as the message's own would once the channel is closed.
+
+    Make it as the message arrives, before any other delivery on its channel is settled:
+    its channel's ``Settlements`` must know every tag delivered, to acknowledge several at
+    once safely. Settle each delivery only through its Delivery.
     """
 
-    __slots__ = ("_channel", "_tag", "message_id")
+    __slots__ = ("_settlements", "_tag", "message_id")
 
     def __init__(self, message: AbstractIncomingMessage) -> None:
-        try:
-            self._channel: aiormq.abc.AbstractChannel | None = message.channel
-        except ChannelInvalidStateError:
-            self._channel = None
         self._tag = message.delivery_tag
         self.message_id = message.message_id
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            self._settlements: Settlements | None = None
+        else:
+            self._settlements = Settlements.of(channel)
+            if self._tag is not None:
+                self._settlements.hold(self._tag)
 
-    def _open(self, tag: int) -> aiormq.abc.AbstractChannel:
-        if self._channel is None or self._channel.is_closed:
+    def _open(self, tag: int) -> Settlements:
+        if self._settlements is None:
             raise ChannelInvalidStateError(f"the channel of delivery {tag} is closed")
-        return self._channel
+        return self._settlements
 
     # Settled once: a second ack or nack of one tag would close the channel (PRECONDITION_FAILED)
     # and bring back every delivery on it, where aio-pika's message refused it.
     async def ack(self) -> None:
         tag, self._tag = self._tag, None
         if tag is not None:
-            await self._open(tag).basic_ack(tag)
+            await self._open(tag).ack(tag)
 
     async def nack(self, *, requeue: bool) -> None:
         tag, self._tag = self._tag, None
         if tag is not None:
-            await self._open(tag).basic_nack(tag, requeue=requeue)
+            await self._open(tag).nack(tag, requeue=requeue)
+
+
+_SETTLEMENTS: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, Settlements] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class Settlements:
+    """One channel's acks and nacks, sent together once per turn of the event loop.
+
+    A usage batch's confirm releases every job it carries at once, and each acked itself: a
+    frame, a write and a drain each. The settles of one turn go out together here, and the
+    acks of deliveries that, with every tag below them, are all settled go as ONE
+    ``basic.ack(multiple)``: fewer frames for the worker to write and RabbitMQ to read and
+    apply (a quorum queue's settle is a log entry).
+
+    A multiple ack covers every unsettled tag up to its own on the channel, so it is sent only
+    below the lowest tag still held (delivered, not yet settled: in flight, or never settled
+    at all) and only while this knows every tag delivered on the channel: tags count up from
+    1 with each delivery, so one that does not follow the last seen means a delivery it never
+    held, and from then on the channel's acks go one by one. A channel that reopens is another
+    channel (its tags start again) with its own Settlements. Nacks go out first, one by one.
+    """
+
+    __slots__ = ("_acks", "_channel", "_held", "_nacks", "_order", "_round", "_sender", "_top")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        # Weak: this lives (in _SETTLEMENTS) as long as its channel, not the other way round.
+        self._channel = weakref.ref(channel)
+        self._held: set[int] = set()
+        """Tags delivered and not yet settled (nor about to be, in the round being sent)."""
+        self._order: deque[int] | None = deque()
+        """The held tags in order (with settled ones not yet dropped from its head); None once
+        a tag was missed, when no ack covers several."""
+        self._top = 0
+        self._acks: list[int] = []
+        self._nacks: list[tuple[int, bool]] = []
+        self._round: asyncio.Future[None] | None = None
+        """Resolves once this turn's settles are written (or fail with the channel)."""
+        self._sender: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, channel: aiormq.abc.AbstractChannel) -> Settlements:
+        settlements = _SETTLEMENTS.get(channel)
+        if settlements is None:
+            settlements = _SETTLEMENTS[channel] = cls(channel)
+        return settlements
+
+    def open_channel(self, tag: int) -> aiormq.abc.AbstractChannel:
+        channel = self._channel()
+        if channel is None or channel.is_closed:
+            raise ChannelInvalidStateError(f"the channel of delivery {tag} is closed")
+        return channel
+
+    def hold(self, tag: int) -> None:
+        """A delivery arrived: no multiple ack covers it until it is settled."""
+        if tag != self._top + 1:
+            self._order = None
+        elif self._order is not None:
+            self._order.append(tag)
+        self._top = max(self._top, tag)
+        self._held.add(tag)
+
+    def ack(self, tag: int) -> Awaitable[None]:
+        self.open_channel(tag)
+        self._acks.append(tag)
+        return self._join()
+
+    def nack(self, tag: int, *, requeue: bool) -> Awaitable[None]:
+        self.open_channel(tag)
+        self._nacks.append((tag, requeue))
+        return self._join()
+
+    def _join(self) -> Awaitable[None]:
+        if self._round is None:
+            self._round = asyncio.get_running_loop().create_future()
+            if self._sender is None:
+                # Runs at the next turn, once every job released with this one has settled.
+                self._sender = asyncio.create_task(self._send())
+        # Shielded: one settler cancelled must not cancel the others' round.
+        return asyncio.shield(self._round)
+
+    async def _send(self) -> None:
+        try:
+            while self._round is not None:
+                done = self._round
+                acks, self._acks = self._acks, []
+                nacks, self._nacks = self._nacks, []
+                self._round = None
+                try:
+                    await self._write(acks, nacks)
+                except Exception as exc:
+                    done.set_exception(exc)
+                except BaseException:
+                    done.cancel()
+                    raise
+                else:
+                    done.set_result(None)
+        finally:
+            if self._round is not None:
+                self._round.cancel()
+                self._round = None
+            self._sender = None
+
+    async def _write(self, acks: list[int], nacks: list[tuple[int, bool]]) -> None:
+        self._held.difference_update(tag for tag, _ in nacks)
+        self._held.difference_update(acks)
+        channel = self.open_channel(min([*acks, *(tag for tag, _ in nacks)]))
+        together: list[int] = []
+        if self._order is not None:
+            while self._order and self._order[0] not in self._held:
+                self._order.popleft()
+            lowest_held = self._order[0] if self._order else self._top + 1
+            below = [tag for tag in acks if tag < lowest_held]
+            if len(below) > 1:
+                together = below
+                acks = [tag for tag in acks if tag >= lowest_held]
+        # In order on the connection's one write queue: the nacks before the multiple ack.
+        # Only the last frame waits to be written, which means every one before it was.
+        left = len(nacks) + len(acks) + (1 if together else 0)
+        for tag, requeue in nacks:
+            left -= 1
+            await channel.basic_nack(tag, requeue=requeue, wait=left == 0)
+        for tag in acks:
+            left -= 1
+            await channel.basic_ack(tag, wait=left == 0)
+        if together:
+            await channel.basic_ack(max(together), multiple=True)
 
 
 def node_urls(url: str) -> list[str]:

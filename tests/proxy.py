@@ -43,6 +43,8 @@ class TcpProxy:
         self._flowing.set()
         self._lose_reply_to: bytes | None = None
         self.replies_lost = 0
+        self.requested = 0
+        """Bytes clients sent through to the service, on every connection."""
         self._marker: bytes | None = None
         self.held = asyncio.Event()
         """Set once a client sent the marker: the service's bytes are dropped from then on."""
@@ -143,6 +145,7 @@ class TcpProxy:
                         self.held.set()
                     tail = data[-len(self._marker) :]
                 await self._flowing.wait()
+                self.requested += len(data)
                 writer.write(data)
                 await writer.drain()
 

@@ -104,24 +104,35 @@ class JobProcessor:
         task: not a coroutine itself, so the job holds one frame fewer while it waits (a
         worker holds thousands when its broker is the slowest stage).
         """
+        # First, as the delivery arrives: its channel's acks must know every tag it delivered.
+        delivery = Delivery(message)
         logs.for_job(message.message_id or message.correlation_id or "", team)
         # Once: the job span's queued child and the usage row say the same time.
         queued_ms = _queued_ms(message)
         if tracing.ON:
-            return self._traced(message, team, queue, queued_ms)
-        return self._handle(message, team, queue, queued_ms)
+            return self._traced(message, delivery, team, queue, queued_ms)
+        return self._handle(message, delivery, team, queue, queued_ms)
 
     async def _traced(
-        self, message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
+        self,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        team: str,
+        queue: str,
+        queued_ms: float,
     ) -> None:
         trusted = self._gate.from_frontdoor(message)
         with spans.job_span(message, team, queue, queued_ms, trusted=trusted):
-            await self._handle(message, team, queue, queued_ms)
+            await self._handle(message, delivery, team, queue, queued_ms)
 
     async def _handle(
-        self, message: AbstractIncomingMessage, team: str, queue: str, queued_ms: float
+        self,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        team: str,
+        queue: str,
+        queued_ms: float,
     ) -> None:
-        delivery = Delivery(message)
         try:
             try:
                 # Two steps, so that while the broker confirms the announcement nothing of
@@ -129,7 +140,7 @@ class JobProcessor:
                 announcement = await self._process(message, team, queued_ms)
             except Poison as exc:
                 log.error("%s; dead-lettering it", exc)
-                await self._dead_letter_poison(message, team, queue, exc)
+                await self._dead_letter_poison(message, delivery, team, queue, exc)
                 return
             # Nor anything of the delivery but what settles it (see Delivery), unless it is
             # dead-lettered as bad input.
@@ -163,7 +174,12 @@ class JobProcessor:
         await settle(delivery.nack(requeue=True), f"return job {delivery.message_id}", log)
 
     async def _dead_letter_poison(
-        self, message: AbstractIncomingMessage, team: str, queue: str, why: Poison
+        self,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        team: str,
+        queue: str,
+        why: Poison,
     ) -> None:
         """Dead-letter a job past the delivery limit as the broker would have (no answer;
         ``dlq replay`` brings it back for as many failures again). The calls its dead owners
@@ -180,7 +196,7 @@ class JobProcessor:
             except Exception as exc:
                 log.exception("job %s could not be billed; it comes back", message.message_id)
                 await claim.abandon()
-                await self._requeue(Delivery(message), team, exc)
+                await self._requeue(delivery, team, exc)
                 return
         try:
             await self._publisher.dead_letter(
@@ -193,9 +209,9 @@ class JobProcessor:
             )
         except Exception as exc:
             log.exception("job %s could not be dead-lettered; it comes back", message.message_id)
-            await self._requeue(Delivery(message), team, exc)
+            await self._requeue(delivery, team, exc)
             return
-        await settle(message.ack(), f"acknowledge dead-lettered job {message.message_id}", log)
+        await settle(delivery.ack(), f"acknowledge dead-lettered job {message.message_id}", log)
 
     async def _process(
         self, message: AbstractIncomingMessage, team: str, queued_ms: float
