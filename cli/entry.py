@@ -6,51 +6,66 @@ its event loop only once it runs (``queuegate.runtime.stop_on_signals``): until 
 own handling would end the process silently (status 143), or with a KeyboardInterrupt
 traceback. This module imports only the standard library, so the stop before serving that
 a role documents (one line, status 0) holds from the process's first line of ours.
+
+The handler writes its line and ends the process there and then (``os._exit``): nothing is
+held yet (no job taken, no request accepted), and an exception raised into the main thread
+mid-import, as a handler's only other way out, lands wherever the import was: it left modules
+half made (``NameError`` inside asyncio), pydantic schemas half built, a C extension's
+initialisation cut (SIGSEGV), or was swallowed by a library and the process served on.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
+import time
 from types import FrameType
 
 SERVING = frozenset({"worker", "accounting", "api"})
 """The commands that serve until SIGTERM or Ctrl-C; the others keep Python's handling."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StoppedStarting(SystemExit):
-    """A stop signal came before the role took the stop signals over. A SystemExit, so that
-    asyncio and the libraries it passes through let it by, as they do an exit."""
-
-    def __init__(self, sig: signal.Signals) -> None:
-        super().__init__(0)
-        self.signal = sig
+LOGGER = "queuegate.runtime"
+"""The logger whose line (``say_stopped_starting``) a stop in the event loop's start writes."""
 
 
 def main() -> None:
     if sys.argv[1:2] and sys.argv[1] in SERVING:
         for sig in STOP_SIGNALS:
             signal.signal(sig, _stopped_starting)
-    try:
-        from cli.main import main as run_command
+    from cli.main import main as run_command
 
-        run_command()
-    except StoppedStarting as stopped:
-        import logging
-
-        from queuegate.runtime import configure_logging, say_stopped_starting
-
-        if not logging.getLogger("queuegate").isEnabledFor(logging.INFO):
-            # Stopped before the role set its log level up (the CLI's own is warning): the
-            # line still says why the process ended.
-            configure_logging("info")
-        say_stopped_starting(stopped.signal)
-        raise SystemExit(0) from None
+    run_command()
 
 
 def _stopped_starting(signum: int, _: FrameType | None) -> None:
-    # A second signal ends the process at once, should the stop itself hang.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    raise StoppedStarting(signal.Signals(signum))
+    line = stop_line(signal.Signals(signum), json_form=_json_logs())
+    os.write(sys.stderr.fileno(), line.encode() + b"\n")
+    os._exit(0)
+
+
+def stop_line(sig: signal.Signals, *, json_form: bool) -> str:
+    """The line ``say_stopped_starting`` logs, in the form the role's log lines take, written
+    here without the logging machinery (whose locks the interrupted code may hold)."""
+    message = f"{sig.name} while starting: stopped before serving"
+    now = time.time()
+    if json_form:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        millis = int(now * 1000) % 1000
+        return json.dumps(
+            {
+                "time": f"{stamp}.{millis:03d}+00:00",
+                "level": "INFO",
+                "logger": LOGGER,
+                "message": message,
+            },
+            separators=(",", ":"),  # as orjson writes the role's other lines
+        )
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    return f"{stamp},{int(now * 1000) % 1000:03d} INFO {LOGGER}: {message}"
+
+
+def _json_logs() -> bool:
+    # The role's setting, as far as the environment says it (read before any settings are).
+    return os.environ.get("QUEUEGATE_LOG_FORMAT", "").strip().lower() == "json"

@@ -5,6 +5,7 @@ once, as a stop."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -121,19 +122,21 @@ async def test_a_stop_signal_while_waiting_for_a_service_at_start_stops_at_once(
 
 
 @pytest.mark.parametrize(
-    ("role", "module", "sig"),
+    ("role", "module", "sig", "form"),
     [
-        ("worker", "typer", signal.SIGTERM),
-        ("worker", "aio_pika", signal.SIGINT),
-        ("worker", "cli.main", signal.SIGTERM),
-        ("worker", "workers", signal.SIGTERM),
-        ("accounting", "asyncpg", signal.SIGINT),
-        ("api", "uvicorn", signal.SIGTERM),
+        ("worker", "typer", signal.SIGTERM, "text"),
+        ("worker", "asyncio.base_events", signal.SIGINT, "text"),
+        ("worker", "pydantic_core", signal.SIGTERM, "text"),
+        ("worker", "aio_pika", signal.SIGINT, "text"),
+        ("worker", "cli.main", signal.SIGTERM, "text"),
+        ("worker", "workers", signal.SIGTERM, "json"),
+        ("accounting", "asyncpg", signal.SIGINT, "json"),
+        ("api", "uvicorn", signal.SIGTERM, "text"),
     ],
     ids=lambda value: getattr(value, "name", value),
 )
 async def test_a_stop_signal_while_a_role_imports_stops_it_as_at_start(
-    settings: Settings, role: str, module: str, sig: signal.Signals
+    settings: Settings, role: str, module: str, sig: signal.Signals, form: str
 ) -> None:
     # Given a role just started, whose Python says which modules it has imported (to signal
     # it at a known moment of the second or two before it runs: it died of the signal then)
@@ -143,6 +146,7 @@ async def test_a_stop_signal_while_a_role_imports_stops_it_as_at_start(
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
         "QUEUEGATE_METRICS_PORT": "0",
         "PYTHONVERBOSE": "1",
+        "QUEUEGATE_LOG_FORMAT": form,
     }
     port = ["--port", "0"] if role == "api" else []
     process = await asyncio.create_subprocess_exec(
@@ -171,7 +175,9 @@ async def test_a_stop_signal_while_a_role_imports_stops_it_as_at_start(
     assert "Traceback" not in said, logged
     stops = [line for line in logged if "while starting" in line]
     assert len(stops) == 1, logged
-    assert stops[0].endswith(f"{sig.name} while starting: stopped before serving")
+    # in the form the role's other lines take
+    message = json.loads(stops[0])["message"] if form == "json" else stops[0]
+    assert message.endswith(f"{sig.name} while starting: stopped before serving")
 
 
 class HungService:
