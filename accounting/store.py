@@ -55,6 +55,7 @@ _ROW = operator.attrgetter(*(name for name, _ in COLUMNS))
 _TS = next(i for i, (name, _) in enumerate(COLUMNS) if name == "ts")
 _ATTEMPT_LOG = next(i for i, (name, _) in enumerate(COLUMNS) if name == "attempt_log")
 _ATTEMPTS = TypeAdapter(list[Attempt])
+_KEY = operator.attrgetter("team", "job_id")
 
 _CONTENT = (
     ("job_id", "text"),
@@ -110,7 +111,10 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
     value cannot be stored (the whole statement fails), other asyncpg errors or ``OSError``
     when PostgreSQL cannot be reached.
     """
-    unique = first_per_job(events)
+    # In key order: two batches are written at once (see accounting.consumer.IN_FLIGHT), and
+    # a job redelivered into both would otherwise deadlock them, each waiting on the other's
+    # uncommitted row. In one order the second waits for the first's commit, then skips it.
+    unique = sorted(first_per_job(events), key=_KEY)
     if not unique:
         return 0
     # Transposed in C (attrgetter, zip): this runs for every event at full rate.

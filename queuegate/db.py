@@ -69,10 +69,15 @@ async def reconnect(pool: asyncpg.Pool) -> None:
     await pool.expire_connections()
 
 
-async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+async def create_pool(
+    settings: Settings, *, min_size: int = 1, max_size: int = 4, reset_sessions: bool = True
+) -> asyncpg.Pool:
     """A pool whose connections resolve unqualified names in ``settings.database_schema``.
 
     The schema is created when missing. The caller closes it: ``await pool.close()``.
+    ``reset_sessions=False`` skips asyncpg's session reset (``RESET ALL``, ``UNLISTEN *``...:
+    a round trip) when a connection goes back to the pool, for callers that leave no session
+    state behind (every lock here is a transaction's); an open transaction is still rolled back.
     """
     schema = settings.database_schema
     try:
@@ -83,6 +88,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
             timeout=CONNECT_TIMEOUT,
             server_settings={"search_path": schema},
             init=_init_connection,
+            reset=None if reset_sessions else _keep_session,
         )
     except _CONNECT_ERRORS as exc:
         raise ServiceUnavailable(database_unreachable(settings)) from exc
@@ -100,8 +106,12 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     return pool
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """A pool's reset that leaves the session as it is (see ``create_pool``)."""
+
+
 async def wait_for_pool(
-    settings: Settings, *, min_size: int = 1, max_size: int = 4
+    settings: Settings, *, min_size: int = 1, max_size: int = 4, reset_sessions: bool = True
 ) -> asyncpg.Pool:
     """``create_pool``, waiting while PostgreSQL is unreachable (0.5 s doubling to
     ``START_RETRY_MAX``): a long-running process started during an outage, or restarted by
@@ -109,7 +119,9 @@ async def wait_for_pool(
     delay, said, since = 0.5, -START_LOG_EVERY, time.monotonic()
     while True:
         try:
-            pool = await create_pool(settings, min_size=min_size, max_size=max_size)
+            pool = await create_pool(
+                settings, min_size=min_size, max_size=max_size, reset_sessions=reset_sessions
+            )
         except ServiceUnavailable as exc:
             if time.monotonic() - said >= START_LOG_EVERY:
                 said = time.monotonic()

@@ -533,3 +533,24 @@ async def test_captured_content_holding_nul_is_stored_and_billed(
     assert rows["job-nul"]["prompt"] == [{"role": "user", "content": "a\ufffdb"}]
     assert rows["job-nul"]["response"] == {"role": "assistant", "content": "\ufffd"}
     assert rows["job-text"]["prompt"] == [{"role": "user", "content": "\\u0000"}]
+
+
+async def test_a_pool_that_keeps_sessions_still_rolls_back_a_transaction_left_open(
+    settings: Settings,
+) -> None:
+    # Given accounting's pool (sessions not reset when released), of one connection
+    pool = await create_pool(settings, max_size=1, reset_sessions=False)
+    try:
+        await migrate(pool, settings.database_schema)
+        # When a connection goes back with a transaction open, a row written in it
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await insert_usage(conn, [usage("job-open")])
+
+        # Expect the next to take it without the transaction, the row rolled back, and
+        # unqualified names still resolved in the test's schema
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM usage_log") == 0
+    finally:
+        await pool.close()
