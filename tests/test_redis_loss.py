@@ -3,21 +3,24 @@ meets PostgreSQL (behind, unreachable, or holding nothing yet)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
 
+import aio_pika
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from admin.usage import team_month
+from queuegate import dlq
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
 from tests.proxy import TcpProxy
-from tests.support import running_gateway, wait_until
+from tests.support import logged, running_gateway, wait_until
 from tests.teams import register
 from workers.claims import SETTLE
 
@@ -56,6 +59,44 @@ async def test_after_redis_loses_its_data_an_accounted_job_is_not_called_again(
         today = datetime.now(UTC).date()
         report = await team_month(gw.pool, "alpha", today, today=today)
         assert (report.requests, report.errors) == (2, 0)
+
+
+async def test_an_accounted_job_sent_again_to_a_gone_reply_queue_is_not_accounted_again(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with running_gateway(settings) as gw:
+        # Given a job answered and accounted, and Redis then losing every key of the gateway
+        async with gw.client("alpha") as first:
+            job = first.job("gpt-4o-mini", HELLO, job_id="kept")
+            assert (await (await first.submit(job)).result(10)).status == "ok"
+        await gw.usage_rows(1)
+        await _lose_data(redis_client, settings)
+        # When the job is published again naming a reply queue that no longer exists
+        with logged("workers.processor", "job 'kept' for team alpha refused (") as refused:
+            connection = await aio_pika.connect(settings.amqp_url)
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+                await exchange.publish(
+                    aio_pika.Message(
+                        job.model_dump_json().encode(),
+                        message_id=job.job_id,
+                        reply_to=f"{settings.namespace}.nobody",
+                    ),
+                    routing_key="alpha",
+                )
+            async with asyncio.timeout(10):
+                await refused.wait()
+        # ... then another job, accounted after anything the duplicate left
+        async with gw.client("alpha") as second:
+            other = second.job("gpt-4o-mini", HELLO, job_id="other")
+            assert (await (await second.submit(other)).result(10)).status == "ok"
+        # Expect it refused as already answered, not as unreceivable: no row of its own, not
+        # dead-lettered (it was served), the provider not called again
+        rows = await gw.usage_rows(2)
+        assert [r["job_id"] for r in rows] == ["kept", "other"]
+        assert (await dlq.peek(settings))[1] == 0
+        assert gw.mock.stats.calls == 2
 
 
 async def test_a_redis_restarted_empty_under_a_running_worker_calls_no_accounted_job_again(

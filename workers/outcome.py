@@ -71,6 +71,21 @@ class Announcement:
             bad_input=error if error is not None and error.code in BAD_INPUT else None,
         )
 
+    @classmethod
+    def accounted(cls, outcome: Outcome) -> Announcement:
+        """A stored outcome whose result can reach nobody now (its reply queue gone since it
+        was answered): only its usage event, as stored, published again. The delivery that
+        stored it may have died before its event's batch left; usage_log keeps a job's first
+        row, so one that did arrive is not counted twice. Its ``reply_delivered`` is left as
+        stored: that result was sent, and this delivery cannot tell whether it arrived."""
+        return cls(
+            job_id=outcome.result.job_id,
+            reply_to=None,
+            result=outcome.result.model_dump_json(exclude_none=True).encode(),
+            usage=outcome.usage.model_dump_json().encode(),
+            bad_input=None,
+        )
+
     def undelivered_usage(self) -> bytes | None:
         """The usage event for a result that could not be delivered (rare: parsed again)."""
         if self.usage is None:

@@ -3,11 +3,13 @@
 decode → validate (content type, schema version) → team → proven publisher → claim (or:
 answered already, held by another delivery, a different request under the id) → reply queue
 exists (refused after the claim is read: calls its lapsed owners made are accounted on the
-job's row, however it ends) → PII policy → deadline → cache → admission (budget, team
-buckets) → router (each deployment's buckets, each call recorded in the claim before it
-leaves, in the take's round trip when it goes at once; streaming deltas to reply_to) → store
-outcome, ending the claim, and settle admission in the same round trip → publish result
-(confirmed) → usage event in the worker's next batch (confirmed) → dead-letter bad input → ack.
+job's row, however it ends; one answered before only has its stored usage event sent again,
+which the delivery that answered it may have died before sending) → PII policy → deadline →
+cache → admission (budget, team buckets) → router (each deployment's buckets, each call
+recorded in the claim before it leaves, in the take's round trip when it goes at once;
+streaming deltas to reply_to) → store outcome, ending the claim, and settle admission in the
+same round trip → publish result (confirmed) → usage event in the worker's next batch
+(confirmed) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again. Before
@@ -50,7 +52,15 @@ from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
 from workers.claims import Busy, Claim, Claims, Poison
 from workers.gate import Admitted, Gate
-from workers.outcome import Announcement, Outcome, Timing, failed, refused, served
+from workers.outcome import (
+    UNACCOUNTED,
+    Announcement,
+    Outcome,
+    Timing,
+    failed,
+    refused,
+    served,
+)
 from workers.publisher import Publisher
 from workers.reply_queues import ReplyQueues
 from workers.streaming import StreamRelay, relay_for
@@ -248,17 +258,27 @@ class JobProcessor:
         try:
             claim = await self._claims.take(job, redelivered=bool(message.redelivered))
         except JobError as exc:  # a different request under the id, or answered before
-            why = unreceivable or exc
+            # One answered before is refused as that wherever its reply queue is: its own row
+            # counts it, and a row for an unreceivable refusal would count it again.
+            why = exc if unreceivable is None or exc.code in UNACCOUNTED else unreceivable
             outcome = await admitted.stamp(
                 refused(job.job_id, team, job.model, why, timing, body=message.body)
             )
             return self._refused(job.job_id, outcome, reply_to, why)
         if unreceivable is not None:
-            if isinstance(claim, Claim) and claim.lost:
+            if not isinstance(claim, Claim):
+                # Answered before, by a delivery that may have died before accounting it: a
+                # served job, neither refused nor dead-lettered, its stored event sent again.
+                log.info(
+                    "job %s was already answered and %s: accounting its stored outcome",
+                    job.job_id,
+                    unreceivable.message,
+                )
+                return Announcement.accounted(claim)
+            if claim.lost:
                 outcome = failed(job.job_id, team, job.model, unreceivable, timing)
                 return await self._ended(claim, admitted, outcome, reply_to, unreceivable)
-            if isinstance(claim, Claim):
-                await claim.abandon()
+            await claim.abandon()
             outcome = await admitted.stamp(
                 refused(job.job_id, team, job.model, unreceivable, timing, body=message.body)
             )

@@ -1,19 +1,28 @@
-"""Chaos 1: one of two worker processes is SIGKILLed mid-run and restarted."""
+"""Chaos 1: one of two worker processes is SIGKILLed mid-run and restarted; a worker is
+SIGKILLed before its answered jobs are accounted."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from decimal import Decimal
+
+import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
+from queuegate.broker import connect
 from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.spend import current_month, ledger_spent, spend_drift
 from queuegate.topology import Topology
 from tests.chaos.harness import (
     TEAMS,
     Figures,
     collect,
+    dead_lettered,
     declare_teams,
     start_worker,
     stop_workers,
@@ -23,10 +32,12 @@ from tests.chaos.harness import (
 )
 from tests.proxy import TcpProxy
 from tests.support import running_accountant
+from tests.teams import register
 
 JOBS = 2000
 KILL_AFTER_CALLS = 600
 PREFETCH = 50
+HELLO = [{"role": "user", "content": "hi"}]
 
 
 async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
@@ -129,6 +140,64 @@ async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_on
                 assert all(r.status == "ok" for r in results)
                 assert rows == distinct == jobs
                 assert mock.stats.calls == jobs
+        finally:
+            await stop_workers(workers)
+            await pool.close()
+
+
+async def test_a_job_answered_by_a_killed_worker_is_accounted_once_its_reply_queue_is_gone(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    async with (
+        MockProvider(MockConfig(default=Behavior(latency_ms=20))) as mock,
+        TcpProxy(settings.amqp_url) as proxy,
+    ):
+        await declare_teams(settings, ["alpha"])
+        pool = await create_pool(settings)
+        env = worker_env(settings, mock, QUEUEGATE_AMQP_URL=proxy.url)
+        workers = [await start_worker(env, ["alpha"])]
+        try:
+            async with running_accountant(settings):
+                async with GatewayClient(settings, team="alpha") as alpha:
+                    # Given a worker whose broker connection passes nothing back once it
+                    # publishes a result to the client's reply queue: the result reaches the
+                    # client, its confirm never reaches the worker, so the job's usage event
+                    # is never sent (its outcome is stored before the result is published)
+                    reply_to = alpha.reply_to
+                    # Basic.Publish (class 60, method 40) to the default exchange, routing key
+                    # the reply queue: the result, not the worker's check that the queue exists
+                    proxy.hold_replies_after(
+                        b"\x00\x3c\x00\x28\x00\x00\x00" + bytes([len(reply_to)]) + reply_to.encode()
+                    )
+                    result = await alpha.chat("gpt-4o-mini", HELLO, timeout=30)
+                    assert proxy.held.is_set()
+                    # When that worker is killed, the client leaves and its reply queue is gone
+                    workers[0].send_signal(signal.SIGKILL)
+                    await workers[0].wait()
+                # Deleted here: the client's own request to delete it has no worker to answer it
+                async with (
+                    await connect(settings.amqp_url, name="test-admin") as admin,
+                    admin.channel() as channel,
+                ):
+                    await channel.queue_delete(reply_to)
+                # ... and another worker takes the job back
+                workers.append(await start_worker(worker_env(settings, mock), ["alpha"]))
+
+                # Expect it accounted once, under its id, with what its call cost: not
+                # refused, not dead-lettered, not called again
+                await usage_rows(pool, 1, timeout=30)
+                rows = await pool.fetch("SELECT job_id, status, cost_usd FROM usage_log")
+            assert result.status == "ok"
+            assert result.gateway.cost_usd > 0
+            assert [tuple(r) for r in rows] == [(result.job_id, "ok", result.gateway.cost_usd)]
+            assert await dead_lettered(settings) == 0
+            assert mock.stats.calls == 1
+            # ... and the team's spend ledger saying what usage_log says
+            month = current_month()
+            keys = Keys(settings.redis_prefix)
+            assert await ledger_spent(redis_client, keys, "alpha", month) == result.gateway.cost_usd
+            assert await spend_drift(redis_client, pool, keys, "alpha", month) == 0
         finally:
             await stop_workers(workers)
             await pool.close()
