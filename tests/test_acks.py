@@ -4,7 +4,9 @@ never covers a delivery still held."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aio_pika
 import pytest
@@ -54,6 +56,25 @@ async def _deliveries(connection: AbstractConnection, queue: str) -> list[Delive
     return held
 
 
+@dataclass
+class Held:
+    queue: str
+    proxy: TcpProxy
+    connection: AbstractConnection
+    deliveries: list[Delivery]
+
+
+@contextlib.asynccontextmanager
+async def _held_through_proxy(settings: Settings, direct: AbstractChannel) -> AsyncIterator[Held]:
+    """A consumer holding every message of a queue of its own, its connection behind a proxy
+    counting its bytes."""
+    queue = await _queue_of(direct, settings)
+    async with TcpProxy(settings.amqp_url) as proxy:
+        connection = await aio_pika.connect(proxy.url)
+        async with connection:
+            yield Held(queue, proxy, connection, await _deliveries(connection, queue))
+
+
 async def _left(channel: AbstractChannel, queue: str) -> int:
     declared = await channel.declare_queue(queue, passive=True)
     assert declared.declaration_result.message_count is not None
@@ -64,26 +85,23 @@ async def test_deliveries_acked_together_go_as_one_ack_and_none_comes_back(
     settings: Settings, direct: AbstractChannel
 ) -> None:
     # Given a consumer holding 20 deliveries, its connection behind a proxy counting its bytes
-    queue = await _queue_of(direct, settings)
-    async with TcpProxy(settings.amqp_url) as proxy:
-        connection = await aio_pika.connect(proxy.url)
-        async with connection:
-            deliveries = await _deliveries(connection, queue)
-            channel = await connection.channel()
-            # (what a passive declare sends, to tell the acks' bytes from it)
-            before = proxy.requested
-            await channel.declare_queue(queue, passive=True)
-            declare = proxy.requested - before
-            # When every one is acked in the same turn of the loop (as a usage batch's
-            # confirm releases its jobs)
-            before = proxy.requested
-            await asyncio.gather(*(delivery.ack() for delivery in deliveries))
-            # (a round trip behind the acks, on the same connection, so they have gone through)
-            await channel.declare_queue(queue, passive=True)
-            # Expect one ack frame for the 20, not one each
-            assert proxy.requested - before - declare == ACK_FRAME
-            # And once the connection is cut, none of them back in the queue
-            await proxy.down()
+    async with _held_through_proxy(settings, direct) as held:
+        queue, proxy = held.queue, held.proxy
+        channel = await held.connection.channel()
+        # (what a passive declare sends, to tell the acks' bytes from it)
+        before = proxy.requested
+        await channel.declare_queue(queue, passive=True)
+        declare = proxy.requested - before
+        # When every one is acked in the same turn of the loop (as a usage batch's
+        # confirm releases its jobs)
+        before = proxy.requested
+        await asyncio.gather(*(delivery.ack() for delivery in held.deliveries))
+        # (a round trip behind the acks, on the same connection, so they have gone through)
+        await channel.declare_queue(queue, passive=True)
+        # Expect one ack frame for the 20, not one each
+        assert proxy.requested - before - declare == ACK_FRAME
+        # And once the connection is cut, none of them back in the queue
+        await proxy.down()
     assert await _left(direct, queue) == 0
     await direct.queue_delete(queue)
 
@@ -92,24 +110,19 @@ async def test_a_multiple_ack_never_covers_a_delivery_still_held(
     settings: Settings, direct: AbstractChannel
 ) -> None:
     # Given a consumer holding 20 deliveries through a proxy
-    queue = await _queue_of(direct, settings)
-    async with TcpProxy(settings.amqp_url) as proxy:
-        connection = await aio_pika.connect(proxy.url)
-        async with connection:
-            deliveries = await _deliveries(connection, queue)
-            # When the first is still in flight, the second refused (dropped) and the rest are
-            # acked, all in one turn
-            lowest, refused, *rest = deliveries
-            await asyncio.gather(
-                refused.nack(requeue=False), *(delivery.ack() for delivery in rest)
-            )
-            # Expect the channel still open (no tag settled twice)
-            channel = await connection.channel()
-            await channel.declare_queue(queue, passive=True)
-            assert not connection.is_closed
-            # And, once the connection is cut, the one in flight back in the queue, alone
-            await proxy.down()
-            del lowest
+    async with _held_through_proxy(settings, direct) as held:
+        queue, proxy, connection = held.queue, held.proxy, held.connection
+        # When the first is still in flight, the second refused (dropped) and the rest are
+        # acked, all in one turn
+        lowest, refused, *rest = held.deliveries
+        await asyncio.gather(refused.nack(requeue=False), *(delivery.ack() for delivery in rest))
+        # Expect the channel still open (no tag settled twice)
+        channel = await connection.channel()
+        await channel.declare_queue(queue, passive=True)
+        assert not connection.is_closed
+        # And, once the connection is cut, the one in flight back in the queue, alone
+        await proxy.down()
+        del lowest
     async with asyncio.timeout(10):
         async with (await direct.get_queue(queue)).iterator() as messages:
             async for message in messages:
