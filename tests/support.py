@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -137,6 +138,15 @@ class Gateway:
 
     def client(self, team: str, **kwargs: object) -> GatewayClient:
         return GatewayClient(self.settings, team=team, **kwargs)  # type: ignore[arg-type]
+
+    async def publish(self, body: bytes, *, team: str = "alpha", **properties: Any) -> None:
+        """Publish a job's body as a team's own AMQP client would (confirmed), with the
+        message ``properties`` it gives (``message_id``, ``reply_to``...)."""
+        connection = await aio_pika.connect(self.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(self.topology.jobs_exchange)
+            await exchange.publish(aio_pika.Message(body, **properties), routing_key=team)
 
     async def usage_rows(self, expected: int, timeout: float = 10.0) -> list[asyncpg.Record]:
         """The usage_log rows, once accounting has written ``expected`` of them."""

@@ -238,20 +238,13 @@ async def test_a_job_the_worker_cannot_read_is_refused_before_any_call(
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
         # Given a job of a schema version newer than the worker's, or one that is not JSON
         job = {"job_id": case, "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO, **body}
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
-            await exchange.publish(
-                aio_pika.Message(
-                    orjson.dumps(job),
-                    message_id=case,
-                    correlation_id=case,
-                    reply_to=client.reply_to,
-                    content_type=content_type,
-                ),
-                routing_key="alpha",
-            )
+        await gw.publish(
+            orjson.dumps(job),
+            message_id=case,
+            correlation_id=case,
+            reply_to=client.reply_to,
+            content_type=content_type,
+        )
         # Expect it answered invalid_request, dead-lettered saying why, and never called
         result = await client.wait(case, timeout=10)
         assert result.error is not None and result.error.code == "invalid_request"
@@ -265,13 +258,7 @@ async def test_a_job_without_reply_to_is_refused_before_any_call(settings: Setti
     async with running_gateway(settings) as gw:
         # Given a job that names no reply queue
         job = {"job_id": "nowhere", "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
-            await exchange.publish(
-                aio_pika.Message(orjson.dumps(job), message_id="nowhere"), routing_key="alpha"
-            )
+        await gw.publish(orjson.dumps(job), message_id="nowhere")
         # Expect it dead-lettered saying why, accounted as refused, and never called
         [dead] = await gw.dead_letters(1)
         assert dead.headers[HEADER_DEAD_REASON] == "invalid_request"

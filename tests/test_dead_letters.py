@@ -150,18 +150,9 @@ async def test_a_job_past_its_deadline_is_answered_without_a_provider_call(
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
         # Given a job whose deadline passed while it waited (published without a TTL)
         job = client.job("gpt-4o-mini", HELLO, deadline=datetime.now(UTC) - timedelta(seconds=1))
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
-            await exchange.publish(
-                aio_pika.Message(
-                    job.model_dump_json().encode(),
-                    message_id=job.job_id,
-                    reply_to=client.reply_to,
-                ),
-                routing_key="alpha",
-            )
+        await gw.publish(
+            job.model_dump_json().encode(), message_id=job.job_id, reply_to=client.reply_to
+        )
         # When the worker takes it, expect deadline_exceeded, no call, and a usage row
         result = await client.wait(job.job_id, timeout=10)
         assert result.error is not None and result.error.code == "deadline_exceeded"
@@ -199,14 +190,7 @@ async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
     job_id = "bad-" + "0123456789abcdef" * 2
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
         body = {"job_id": job_id, "team": "alpha", "model": "no-such-model", "messages": HELLO}
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
-            await exchange.publish(
-                aio_pika.Message(orjson.dumps(body), message_id=job_id, reply_to=client.reply_to),
-                routing_key="alpha",
-            )
+        await gw.publish(orjson.dumps(body), message_id=job_id, reply_to=client.reply_to)
         await client.wait(job_id, timeout=10)
     env = {
         **os.environ,

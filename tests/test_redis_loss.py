@@ -8,7 +8,6 @@ import logging
 import time
 from datetime import UTC, datetime
 
-import aio_pika
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
@@ -73,18 +72,11 @@ async def test_an_accounted_job_sent_again_to_a_gone_reply_queue_is_not_accounte
         await _lose_data(redis_client, settings)
         # When the job is published again naming a reply queue that no longer exists
         with logged("workers.processor", "job 'kept' for team alpha refused (") as refused:
-            connection = await aio_pika.connect(settings.amqp_url)
-            async with connection:
-                channel = await connection.channel(publisher_confirms=True)
-                exchange = await channel.get_exchange(gw.topology.jobs_exchange)
-                await exchange.publish(
-                    aio_pika.Message(
-                        job.model_dump_json().encode(),
-                        message_id=job.job_id,
-                        reply_to=f"{settings.namespace}.nobody",
-                    ),
-                    routing_key="alpha",
-                )
+            await gw.publish(
+                job.model_dump_json().encode(),
+                message_id=job.job_id,
+                reply_to=f"{settings.namespace}.nobody",
+            )
             async with asyncio.timeout(10):
                 await refused.wait()
         # ... then another job, accounted after anything the duplicate left
