@@ -15,11 +15,12 @@ import redis.asyncio as aioredis
 from admin.usage import team_month
 from queuegate import dlq
 from queuegate.keys import Keys
+from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
 from tests.proxy import TcpProxy
-from tests.support import logged, running_gateway, wait_until
+from tests.support import Gateway, logged, running_gateway, wait_until
 from tests.teams import register
 from workers.claims import SETTLE
 
@@ -32,16 +33,22 @@ async def _lose_data(redis_client: aioredis.Redis, settings: Settings) -> None:
         await redis_client.delete(key)
 
 
+async def _answered(gw: Gateway, job_id: str) -> ChatJob:
+    """A job of team alpha's, answered and accounted."""
+    async with gw.client("alpha") as client:
+        job = client.job("gpt-4o-mini", HELLO, job_id=job_id)
+        assert (await (await client.submit(job)).result(10)).status == "ok"
+    await gw.usage_rows(1)
+    return job
+
+
 async def test_after_redis_loses_its_data_an_accounted_job_is_not_called_again(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     await register(settings, "alpha", TeamConfig())
     async with running_gateway(settings) as gw:
         # Given a job answered and accounted
-        async with gw.client("alpha") as first:
-            job = first.job("gpt-4o-mini", HELLO, job_id="kept")
-            assert (await (await first.submit(job)).result(10)).status == "ok"
-        await gw.usage_rows(1)
+        job = await _answered(gw, "kept")
         # When Redis loses every key of the gateway, and the job is published again
         await _lose_data(redis_client, settings)
         async with gw.client("alpha") as second:
@@ -65,10 +72,7 @@ async def test_an_accounted_job_sent_again_to_a_gone_reply_queue_is_not_accounte
 ) -> None:
     async with running_gateway(settings) as gw:
         # Given a job answered and accounted, and Redis then losing every key of the gateway
-        async with gw.client("alpha") as first:
-            job = first.job("gpt-4o-mini", HELLO, job_id="kept")
-            assert (await (await first.submit(job)).result(10)).status == "ok"
-        await gw.usage_rows(1)
+        job = await _answered(gw, "kept")
         await _lose_data(redis_client, settings)
         # When the job is published again naming a reply queue that no longer exists
         with logged("workers.processor", "job 'kept' for team alpha refused (") as refused:
