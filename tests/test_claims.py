@@ -28,7 +28,7 @@ from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from tests.support import Gateway, running_accountant, running_gateway, wait_until
-from workers.claims import Claim, ClaimedJob, Claims, LostCall
+from workers.claims import Claim, ClaimedJob, Claims, Lapsed, LostCall
 from workers.outcome import Outcome, Timing, failed
 from workers.usage_record import UsageRecord
 
@@ -353,12 +353,16 @@ async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery
     assert await redis_client.zcard(keys.lapsing) == 30
 
     # When three workers sweep while each job is delivered once more, all at once, and
-    # whoever takes a job's claim stores its outcome
+    # whoever takes a job's claim stores its outcome (a sweep once it has sent its usage
+    # event, a delivery before: its batch confirmed after)
+    answered: list[str] = []
+
     async def sweep(claims: Claims) -> list[tuple[str, int]]:
         taken = await claims.lapsed()
-        for claim in taken:
-            await claim.finish(_expired(claim.job))
-        return [(claim.job.job_id, len(claim.lost)) for claim in taken]
+        answered.extend(key for key, _ in taken.answered)
+        for claim in taken.claims:
+            await claim.finish(_expired(claim.job), accounted=True)
+        return [(claim.job.job_id, len(claim.lost)) for claim in taken.claims]
 
     late = worker("late")
 
@@ -367,15 +371,18 @@ async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery
         if not isinstance(claim, Claim):
             return []  # answered from the outcome a sweep stored
         await claim.finish(_expired(claim.job))
+        await late.accounted([keys.claim(job.team, job.job_id)])
         return [(job.job_id, len(claim.lost))]
 
     sweepers = [worker(f"sweeper-{i}") for i in range(3)]
     taken = await asyncio.gather(*map(sweep, sweepers), *map(deliver, jobs))
 
-    # Expect each job's lost call taken by exactly one of them, and nothing left to sweep
+    # Expect each job's lost call taken by exactly one of them, no usage event sent again
+    # for one a delivery answered, and nothing left to sweep
     billed = [entry for entries in taken for entry in entries]
     assert Counter(job_id for job_id, _ in billed) == {job.job_id: 1 for job in jobs}
     assert all(lost == 1 for _, lost in billed)
+    assert answered == []
     assert await redis_client.zcard(keys.lapsing) == 0
 
 
@@ -391,5 +398,47 @@ async def test_a_lapsed_claim_of_a_job_usage_log_records_is_not_swept(
     swept = await _claims(settings, redis_client, pool, "sweeper").lapsed()
 
     # Expect nothing to bill, and the claim off the lapsing claims (left to its lease)
-    assert swept == []
+    assert swept == Lapsed([], [])
     assert await redis_client.zcard(Keys(settings.redis_prefix).lapsing) == 0
+
+
+async def test_an_answered_job_whose_usage_was_never_confirmed_is_swept_once_until_it_is(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    # Given jobs with deadlines whose owner recorded a call and stored each one's outcome
+    owner = _claims(settings, redis_client, pool, "owner")
+    await owner.start()
+    deadline = datetime.now(UTC) + timedelta(seconds=60)
+    call = LostCall(model="gpt-4o-mini", deployment="d", provider="p", cost_usd=Decimal(1))
+    outcomes: dict[str, Outcome] = {}
+    for job_id in ("confirmed", "unconfirmed"):
+        job = ChatJob(
+            job_id=job_id, team="alpha", model="gpt-4o-mini", messages=HELLO, deadline=deadline
+        )
+        claim = await owner.take(job, redelivered=False)
+        assert isinstance(claim, Claim)
+        await claim.record(call)
+        outcomes[job_id] = await claim.finish(_expired(claim.job))
+    # ... the usage batch of one confirmed, the other's never (its worker died)
+    await owner.accounted([keys.claim("alpha", "confirmed")])
+
+    # When both deadlines and a lease pass (their entries on the lapsing claims are due;
+    # set so here), and three workers sweep at once
+    unconfirmed = keys.claim("alpha", "unconfirmed")
+    await redis_client.zadd(keys.lapsing, {unconfirmed: 0}, xx=True)
+    sweeps = [_claims(settings, redis_client, pool, f"sweeper-{i}") for i in range(3)]
+    swept = await asyncio.gather(*(claims.lapsed() for claims in sweeps))
+
+    # Expect exactly one to send the unconfirmed job's stored outcome again, none to bill a
+    # call, and its entry due a lease later (should that sweep's batch fail too)
+    answered = [entry for lapsed in swept for entry in lapsed.answered]
+    assert [(key, outcome.usage) for key, outcome in answered] == [
+        (unconfirmed, outcomes["unconfirmed"].usage)
+    ]
+    assert [claim for lapsed in swept for claim in lapsed.claims] == []
+    due = await redis_client.zscore(keys.lapsing, unconfirmed)
+    assert due is not None and due > datetime.now(UTC).timestamp() * 1000
+    # ... and nothing left once that batch is confirmed
+    await sweeps[0].accounted([unconfirmed])
+    assert await redis_client.zcard(keys.lapsing) == 0

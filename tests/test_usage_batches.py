@@ -198,3 +198,31 @@ async def test_a_burst_goes_in_messages_of_at_most_max_events() -> None:
     # Expect the burst in one full message and one of the rest
     assert [len(b) for b in sends.batches] == [1, MAX_EVENTS, 1]
     await batches.close()
+
+
+async def test_the_tags_of_a_confirmed_batch_are_told_in_one_call_and_a_failed_ones_never() -> None:
+    sends = Sends()
+    told: list[list[str]] = []
+
+    async def confirmed(tags: list[str]) -> None:
+        told.append(tags)
+
+    batches = UsageBatches(sends, linger=0.05, confirmed=confirmed)
+    # Given a batch of three events, two of them tagged, whose send fails
+    failing = [batches.add(b"1", "a"), batches.add(b"2"), batches.add(b"3", "b")]
+    await sends.sending()
+    sends.fail(ConnectionError("broker gone"))
+    for future in failing:
+        with pytest.raises(ServiceUnavailable):
+            await future
+
+    # When they are added again and that batch is confirmed
+    again = [batches.add(b"1", "a"), batches.add(b"2"), batches.add(b"3", "b")]
+    await sends.sending()
+    sends.release()
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(*again)
+        await batches.close()
+
+    # Expect the confirmed batch's tags told once, together; none of the failed one's
+    assert told == [["a", "b"]]

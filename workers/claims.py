@@ -25,10 +25,12 @@ Redis, in the same script call that looks for the job's stored outcome::
   claim accounts the call its owner had in flight (``lost``, priced at its estimate).
 - A job with a deadline may expire in its queue after its owner died mid-call: the broker
   dead-letters it, and no delivery comes back to account the call. Its claim is on the
-  namespace's lapsing claims from its first recorded call until its outcome is stored (in
-  the scripts that record and store: no round trip of its own), and a worker's sweep
-  (``lapsed``) takes it past its deadline and a lease, to be billed as a delivery taking it
-  over would bill it (``lua/sweep.lua``).
+  namespace's lapsing claims from its first recorded call (in the scripts that record: no
+  round trip of its own), and a worker's sweep (``lapsed``) takes it past its deadline and a
+  lease, to be billed as a delivery taking it over would bill it (``lua/sweep.lua``). It
+  stays there once its outcome is stored, until the usage batch carrying its event is
+  confirmed (``accounted``: one command per batch): an owner that died in between, its job
+  then expiring, has the stored event sent again by a sweep.
 - Redis remembers outcomes for ``result_ttl``. When it lost its data less than that ago
   (the memory epoch key says when), while that cannot be told (no epoch, PostgreSQL
   unreachable, Redis unreachable), and for every redelivered job, PostgreSQL's usage row is
@@ -103,6 +105,24 @@ class ClaimedJob(NamedTuple):
     @classmethod
     def of(cls, job: ChatJob) -> ClaimedJob:
         return cls(job.team, job.job_id, job.model, job.deadline)
+
+
+class Unaccounted(NamedTuple):
+    """A job answered whose usage event may have died with its worker before its batch was
+    confirmed, the job expiring in its queue since: its stored event is sent again."""
+
+    key: str
+    """Its claim's key: its entry on the lapsing claims, removed once that event is
+    confirmed (``Claims.accounted``)."""
+    outcome: Outcome
+
+
+class Lapsed(NamedTuple):
+    """What a sweep found due on the lapsing claims (``Claims.lapsed``)."""
+
+    claims: list[Claim]
+    """Held here, their dead owners' calls to be billed."""
+    answered: list[Unaccounted]
 
 
 class Busy(Exception):
@@ -263,14 +283,18 @@ class Claims:
             raise
         return claim
 
-    async def lapsed(self) -> list[Claim]:
+    async def lapsed(self) -> Lapsed:
         """Claims of jobs past their deadline and a lease whose dead owners' calls are on
         record, now held here to be billed: their jobs expired in their queues, and no
         delivery comes back for them. Each one is taken once, whichever sweeps or late
         deliveries race for it (``lua/sweep.lua``). One that usage_log records was answered
         (its outcome's store lost to a Redis fault) and is left to lapse, as a redelivery
-        would leave it; one PostgreSQL cannot tell of is swept again next time."""
-        claims: list[Claim] = []
+        would leave it; one PostgreSQL cannot tell of is swept again next time.
+
+        And the stored outcomes of jobs answered whose usage batch was never confirmed, by
+        one sweep at a time (each is due again a lease later, should its event's batch
+        fail too)."""
+        lapsed = Lapsed([], [])
         try:
             due = cast(
                 "list[bytes]",
@@ -280,13 +304,20 @@ class Claims:
             )
             for raw in due:
                 key = raw.decode()
-                owner = self._owner()
-                keys = [key, self._keys.lapsing]
-                reply = await self._sweep(keys=keys, args=[owner, self._lease_ms])
-                if reply[0] != b"claimed":
-                    continue
                 # The team the key names: the one whose queue the job came on.
                 team, job_id = self._keys.claimed(key)
+                owner = self._owner()
+                keys = [key, self._keys.lapsing, self._keys.result(team, job_id)]
+                reply = await self._sweep(keys=keys, args=[owner, self._lease_ms])
+                if reply[0] == b"stored":
+                    outcome = stored_outcome(reply[1])
+                    if outcome is not None:
+                        lapsed.answered.append(Unaccounted(key, outcome))
+                        continue
+                    log.warning("stored outcome of job %s is unreadable; not accounted", job_id)
+                    await self._client.zrem(self._keys.lapsing, key)
+                if reply[0] != b"claimed":
+                    continue
                 job = ClaimedJob(team, job_id, reply[3].decode())
                 lost = _lost(reply[1])
                 claim = Claim(self, job, reply[2].decode(), key, owner=owner, lost=lost)
@@ -297,14 +328,28 @@ class Claims:
                 except ServiceUnavailable:
                     answered = None
                 if answered is False:
-                    claims.append(claim)
+                    lapsed.claims.append(claim)
                     continue
                 await claim.abandon()
                 if answered:
                     await self._client.zrem(self._keys.lapsing, key)
         except RedisError as exc:
             self._outage.failed(exc)  # the claims not taken are swept next time
-        return claims
+        return lapsed
+
+    def lapsing(self, job: ChatJob | ClaimedJob) -> str | None:
+        """The job's entry on the lapsing claims, when it may have one (a deadline): to be
+        removed once its usage event is confirmed (``accounted``)."""
+        return None if job.deadline is None else self._keys.claim(job.team, job.job_id)
+
+    async def accounted(self, keys: list[str]) -> None:
+        """Take the claims of jobs whose usage events a confirmed batch carried off the
+        lapsing claims: one command for the batch. Best effort: one left there is swept, its
+        event sent again, and accounting keeps a job's first row."""
+        try:
+            await self._client.zrem(self._keys.lapsing, *keys)
+        except RedisError as exc:
+            self._outage.failed(exc)
 
     async def returned(self, team: str, job_id: str) -> None:
         """Count a delivery of the job that a worker returns to its queue on a failure."""
@@ -435,20 +480,25 @@ class Claims:
         fingerprint: str,
         outcome: Outcome,
         settlement: Settlement | None = None,
+        *,
+        accounted: bool,
     ) -> Outcome | None:
         """Store a job's outcome and end its claim, with the job's admission ``settlement``
-        in the same round trip; the outcome stored before, if any."""
+        in the same round trip; the outcome stored before, if any. Unless its usage event
+        is ``accounted`` (confirmed) already, a claim on the lapsing claims stays there until
+        it is (``accounted``)."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         keys = [key, result, self._keys.lapsing]
         # Captured prompts go to the audit table only, never into Redis.
         stored = fingerprint + outcome.model_dump_json(exclude={"usage": {"content"}})
+        args: list[str | int] = [stored, self._ttl, "" if accounted else self._lease_ms]
         try:
             if settlement is None:
-                earlier = await self._finish(keys=keys, args=[stored, self._ttl])
+                earlier = await self._finish(keys=keys, args=args)
             else:
                 # The store first: its reply never stops the round trip (lua/batch.lua).
-                finish = Call("finish", keys, [stored, self._ttl])
+                finish = Call("finish", keys, args)
                 earlier, *settled = await self._scripts.run_all([finish, *settlement.calls])
                 settlement.done(settled)
         except RedisError as exc:
@@ -567,15 +617,18 @@ class Claim:
             update={"usage": usage.model_copy(update=update), "result": result}
         )
 
-    async def finish(self, outcome: Outcome) -> Outcome:
+    async def finish(self, outcome: Outcome, *, accounted: bool = False) -> Outcome:
         """Store the outcome and end the claim (the job's settles in the same round trip);
         returns what the job is announced with: the outcome stored first, when a delivery
-        that took over finished before this one."""
+        that took over finished before this one. ``accounted``: its usage event is
+        confirmed already (else the worker says when it is: ``Claims.accounted``)."""
         if self._owner is not None:
             self._claims.forget(self._key, self._owner)
             self._owner = None
         settlement, self._settlement = self._settlement, None
-        earlier = await self._claims.store(self.job, self._fingerprint, outcome, settlement)
+        earlier = await self._claims.store(
+            self.job, self._fingerprint, outcome, settlement, accounted=accounted
+        )
         return outcome if earlier is None else earlier
 
     async def abandon(self) -> None:

@@ -53,10 +53,18 @@ class Announcement:
     """The usage event; None when the job is not accounted again (``UNACCOUNTED``)."""
     bad_input: JobError | None
     """Why the job itself is wrong, when it is: it is then also dead-lettered."""
+    lapsing: str | None = None
+    """Its claim's entry on the lapsing claims (a job with a deadline, its outcome stored):
+    removed once the usage event is confirmed (``workers.claims.Claims.accounted``)."""
 
     @classmethod
     def of(
-        cls, outcome: Outcome, reply_to: str | None, error: JobError | None = None
+        cls,
+        outcome: Outcome,
+        reply_to: str | None,
+        error: JobError | None = None,
+        *,
+        lapsing: str | None = None,
     ) -> Announcement:
         usage = outcome.usage
         if reply_to is None:
@@ -69,10 +77,11 @@ class Announcement:
             if error is not None and error.code in UNACCOUNTED
             else usage.model_dump_json().encode(),
             bad_input=error if error is not None and error.code in BAD_INPUT else None,
+            lapsing=lapsing,
         )
 
     @classmethod
-    def accounted(cls, outcome: Outcome) -> Announcement:
+    def accounted(cls, outcome: Outcome, *, lapsing: str | None = None) -> Announcement:
         """A stored outcome whose result can reach nobody now (its reply queue gone since it
         was answered): only its usage event, as stored, published again. The delivery that
         stored it may have died before its event's batch left; usage_log keeps a job's first
@@ -84,6 +93,7 @@ class Announcement:
             result=outcome.result.model_dump_json(exclude_none=True).encode(),
             usage=outcome.usage.model_dump_json().encode(),
             bad_input=None,
+            lapsing=lapsing,
         )
 
     def undelivered_usage(self) -> bytes | None:

@@ -9,7 +9,8 @@ cache → admission (budget, team buckets) → router (each deployment's buckets
 recorded in the claim before it leaves, in the take's round trip when it goes at once;
 streaming deltas to reply_to) → store outcome, ending the claim, and settle admission in the
 same round trip → publish result (confirmed) → usage event in the worker's next batch
-(confirmed) → dead-letter bad input → ack.
+(confirmed; a job with a deadline then leaves the lapsing claims) → dead-letter bad input →
+ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again. Before
@@ -20,6 +21,7 @@ the claim, and stops before claiming if not: either way its redelivery makes no 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Coroutine
@@ -50,7 +52,7 @@ from workers import spans
 from workers.admission import Admission
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
-from workers.claims import Busy, Claim, Claims, Poison
+from workers.claims import Busy, Claim, Claims, Poison, Unaccounted
 from workers.gate import Admitted, Gate
 from workers.outcome import (
     UNACCOUNTED,
@@ -274,7 +276,7 @@ class JobProcessor:
                     job.job_id,
                     unreceivable.message,
                 )
-                return Announcement.accounted(claim)
+                return Announcement.accounted(claim, lapsing=self._claims.lapsing(job))
             if claim.lost:
                 outcome = failed(job.job_id, team, job.model, unreceivable, timing)
                 return await self._ended(claim, admitted, outcome, reply_to, unreceivable)
@@ -285,7 +287,7 @@ class JobProcessor:
             return self._refused(job.job_id, outcome, reply_to, unreceivable)
         if not isinstance(claim, Claim):
             log.info("job %s was already answered; sending the stored result again", job.job_id)
-            return Announcement.of(claim, reply_to)
+            return Announcement.of(claim, reply_to, lapsing=self._claims.lapsing(job))
         error: JobError | None = None
         try:
             outcome = await self._answer(await admitted.screen(), reply_to, timing, claim)
@@ -326,7 +328,7 @@ class JobProcessor:
             raise
         # Held while Redis stores it (the pool's connections are where most jobs wait).
         outcome = await claim.finish(shared_fields(await self._billed(claim, stamped)))
-        return self._finished(outcome, reply_to, error)
+        return self._finished(outcome, reply_to, error, self._claims.lapsing(claim.job))
 
     async def _billed(self, claim: Claim, outcome: Outcome) -> Outcome:
         """The outcome of a job whose claim this delivery (or sweep) holds, with the calls
@@ -341,8 +343,14 @@ class JobProcessor:
         """Bill the calls lost with dead owners of jobs that then expired in their queues
         (``Claims.lapsed``), as their redeliveries would have: a usage row under the job's
         id with the calls, and the ledger charged. Each job's outcome is stored
-        ``deadline_exceeded``, so a delivery of it still to come is answered from it."""
-        for claim in await self._claims.lapsed():
+        ``deadline_exceeded``, so a delivery of it still to come is answered from it.
+
+        And send again the stored usage events of jobs answered whose worker died before
+        their batch was confirmed, then expired in their queues, as their redeliveries would
+        have: not charged again (the ledger was settled with the outcome's store)."""
+        lapsed = await self._claims.lapsed()
+        await self._account(lapsed.answered)
+        for claim in lapsed.claims:
             job = claim.job
             expired = DeadlineExceeded(
                 f"deadline passed in the queue after the worker calling it stopped; its "
@@ -362,6 +370,25 @@ class JobProcessor:
                 job.team,
             )
 
+    async def _account(self, answered: list[Unaccounted]) -> None:
+        """Send the stored usage events of ``answered`` again, together; one whose batch
+        fails is swept again a lease later."""
+        announced = (Announcement.accounted(outcome, lapsing=key) for key, outcome in answered)
+        events = [(a.job_id, a.usage, a.lapsing) for a in announced if a.usage is not None]
+        sent = await asyncio.gather(
+            *(self._publisher.usage(usage, key) for _, usage, key in events),
+            return_exceptions=True,
+        )
+        for (job_id, _, _), done in zip(events, sent, strict=True):
+            if isinstance(done, BaseException):
+                log.warning("usage of answered job %s is sent again later: %s", job_id, done)
+            else:
+                log.info(
+                    "job %s expired after its worker died answering it, before accounting "
+                    "it: its stored usage is sent again",
+                    job_id,
+                )
+
     async def _bill_lost(self, claim: Claim, error: JobError) -> None:
         """End the job of ``claim`` with ``error``, billing the calls its dead owners made:
         a usage row under its id, the ledger charged, and the outcome stored (answering any
@@ -375,7 +402,7 @@ class JobProcessor:
         usage = Announcement.of(outcome, None).usage
         if usage is not None:
             await self._publisher.usage(usage)
-        await claim.finish(outcome)
+        await claim.finish(outcome, accounted=True)
 
     async def _unreceivable(
         self, message: AbstractIncomingMessage, reply_to: str | None
@@ -389,12 +416,16 @@ class JobProcessor:
         return None
 
     def _finished(
-        self, outcome: Outcome, reply_to: str | None, error: JobError | None
+        self,
+        outcome: Outcome,
+        reply_to: str | None,
+        error: JobError | None,
+        lapsing: str | None = None,
     ) -> Announcement:
         self._telemetry.finished(outcome)
         if tracing.ON:
             spans.finished(outcome)
-        return Announcement.of(outcome, reply_to, error)
+        return Announcement.of(outcome, reply_to, error, lapsing=lapsing)
 
     def _refused(
         self, job_id: str, outcome: Outcome, reply_to: str | None, error: JobError
@@ -526,7 +557,7 @@ class JobProcessor:
                 usage = announcement.undelivered_usage()
         if usage is not None:
             # Acknowledged below only once the batch carrying the event is confirmed.
-            accounting = self._publisher.usage(usage)
+            accounting = self._publisher.usage(usage, announcement.lapsing)
             if tracing.ON:
                 accounting = tracing.traced(
                     accounting,

@@ -66,6 +66,7 @@ class Publisher:
         nacks_within: float = 0.0,
         user_id: str | None,
         keeps_results: Callable[[str], bool],
+        accounted: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._user_id = user_id
         self._keeps_results = keeps_results
@@ -75,7 +76,7 @@ class Publisher:
         self._dead = dead
         self._reconnect_wait = reconnect_wait
         self._nacks_within = nacks_within
-        self._usage_batches = UsageBatches(self._usage_batch)
+        self._usage_batches = UsageBatches(self._usage_batch, confirmed=accounted)
 
     def _send(
         self, publish: Callable[[], Awaitable[None]], what: str, *, reply: bool = False
@@ -144,10 +145,11 @@ class Publisher:
             return False
         return True
 
-    def usage(self, body: bytes) -> Awaitable[None]:
+    def usage(self, body: bytes, lapsing: str | None = None) -> Awaitable[None]:
         """Send a UsageEvent's JSON to the usage exchange, in the next batch (see
-        UsageBatches); done once the broker confirms that batch."""
-        return self._usage_batches.add(body)
+        UsageBatches); done once the broker confirms that batch, whose ``lapsing`` claims
+        (the job's, if given) ``accounted`` is then given."""
+        return self._usage_batches.add(body, lapsing)
 
     async def _usage_batch(self, events: list[bytes]) -> None:
         # Its own message id: a returned batch must fail no job's other publish (see above).

@@ -1,19 +1,28 @@
 """Chaos 1: one of two worker processes is SIGKILLed mid-run and restarted; a worker is
-SIGKILLed before its answered jobs are accounted."""
+SIGKILLed before its answered jobs are accounted (a job of them taken back, or expired in its
+queue and swept)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from decimal import Decimal
+from typing import NamedTuple
 
+import asyncpg
 import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
+from queuegate import dlq
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.keys import Keys
+from queuegate.messages import ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, spend_drift
@@ -145,59 +154,113 @@ async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_on
             await pool.close()
 
 
-async def test_a_job_answered_by_a_killed_worker_is_accounted_once_its_reply_queue_is_gone(
-    settings: Settings, redis_client: aioredis.Redis
-) -> None:
+class Answered(NamedTuple):
+    """A job answered by a worker killed before its usage event was sent."""
+
+    result: ChatResult
+    reply_to: str
+    mock: MockProvider
+    pool: asyncpg.Pool
+    workers: list[Process]
+    """The workers started: the test adds those it starts, stopped on exit."""
+
+
+@asynccontextmanager
+async def answered_by_a_killed_worker(
+    settings: Settings, deadline: timedelta | None = None, **env: str
+) -> AsyncIterator[Answered]:
+    """A budgeted team's job (due within ``deadline``) answered by a worker (with ``env``)
+    that is then SIGKILLed before its usage event is sent, its client gone. Accounting runs
+    without reconciling, so the ledger shows what the workers settled."""
     await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    unreconciled = settings.model_copy(update={"spend_reconcile_interval": 86400})
     async with (
         MockProvider(MockConfig(default=Behavior(latency_ms=20))) as mock,
         TcpProxy(settings.amqp_url) as proxy,
     ):
         await declare_teams(settings, ["alpha"])
         pool = await create_pool(settings)
-        env = worker_env(settings, mock, QUEUEGATE_AMQP_URL=proxy.url)
-        workers = [await start_worker(env, ["alpha"])]
+        proxied = worker_env(settings, mock, QUEUEGATE_AMQP_URL=proxy.url, **env)
+        workers = [await start_worker(proxied, ["alpha"])]
         try:
-            async with running_accountant(settings):
+            async with running_accountant(unreconciled):
                 async with GatewayClient(settings, team="alpha") as alpha:
-                    # Given a worker whose broker connection passes nothing back once it
-                    # publishes a result to the client's reply queue: the result reaches the
-                    # client, its confirm never reaches the worker, so the job's usage event
-                    # is never sent (its outcome is stored before the result is published)
+                    # A worker whose broker connection passes nothing back once it publishes
+                    # a result to the client's reply queue: the result reaches the client,
+                    # its confirm never reaches the worker, so the job's usage event is never
+                    # sent (its outcome is stored before the result is published)
                     reply_to = alpha.reply_to
-                    # Basic.Publish (class 60, method 40) to the default exchange, routing key
-                    # the reply queue: the result, not the worker's check that the queue exists
+                    # Basic.Publish (class 60, method 40) to the default exchange, routing
+                    # key the reply queue: the result, not the worker's check that the queue
+                    # exists
                     proxy.hold_replies_after(
                         b"\x00\x3c\x00\x28\x00\x00\x00" + bytes([len(reply_to)]) + reply_to.encode()
                     )
-                    result = await alpha.chat("gpt-4o-mini", HELLO, timeout=30)
+                    job = alpha.job("gpt-4o-mini", HELLO, deadline=deadline)
+                    result = await (await alpha.submit(job)).result(timeout=30)
                     assert proxy.held.is_set()
-                    # When that worker is killed, the client leaves and its reply queue is gone
                     workers[0].send_signal(signal.SIGKILL)
                     await workers[0].wait()
-                # Deleted here: the client's own request to delete it has no worker to answer it
-                async with (
-                    await connect(settings.amqp_url, name="test-admin") as admin,
-                    admin.channel() as channel,
-                ):
-                    await channel.queue_delete(reply_to)
-                # ... and another worker takes the job back
-                workers.append(await start_worker(worker_env(settings, mock), ["alpha"]))
-
-                # Expect it accounted once, under its id, with what its call cost: not
-                # refused, not dead-lettered, not called again
-                await usage_rows(pool, 1, timeout=30)
-                rows = await pool.fetch("SELECT job_id, status, cost_usd FROM usage_log")
-            assert result.status == "ok"
-            assert result.gateway.cost_usd > 0
-            assert [tuple(r) for r in rows] == [(result.job_id, "ok", result.gateway.cost_usd)]
-            assert await dead_lettered(settings) == 0
-            assert mock.stats.calls == 1
-            # ... and the team's spend ledger saying what usage_log says
-            month = current_month()
-            keys = Keys(settings.redis_prefix)
-            assert await ledger_spent(redis_client, keys, "alpha", month) == result.gateway.cost_usd
-            assert await spend_drift(redis_client, pool, keys, "alpha", month) == 0
+                yield Answered(result, reply_to, mock, pool, workers)
         finally:
             await stop_workers(workers)
             await pool.close()
+
+
+async def expect_accounted_once(
+    settings: Settings, redis_client: aioredis.Redis, answered: Answered
+) -> None:
+    """Expect the job accounted once, under its id, with what its call cost, not called
+    again, and the team's spend ledger saying what usage_log says."""
+    await usage_rows(answered.pool, 1, timeout=30)
+    rows = await answered.pool.fetch("SELECT job_id, status, cost_usd FROM usage_log")
+    month = current_month()
+    keys = Keys(settings.redis_prefix)
+    result = answered.result
+    assert result.status == "ok"
+    assert result.gateway is not None and result.gateway.cost_usd > 0
+    assert [tuple(r) for r in rows] == [(result.job_id, "ok", result.gateway.cost_usd)]
+    assert answered.mock.stats.calls == 1
+    assert await ledger_spent(redis_client, keys, "alpha", month) == result.gateway.cost_usd
+    assert await spend_drift(redis_client, answered.pool, keys, "alpha", month) == 0
+
+
+async def test_a_job_answered_by_a_killed_worker_is_accounted_once_its_reply_queue_is_gone(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job answered by a worker killed before its usage event was sent, its client gone
+    async with answered_by_a_killed_worker(settings) as answered:
+        # When its reply queue is gone (deleted here: the client's own request to delete it
+        # had no worker to answer it)
+        async with (
+            await connect(settings.amqp_url, name="test-admin") as admin,
+            admin.channel() as channel,
+        ):
+            await channel.queue_delete(answered.reply_to)
+        # ... and another worker takes the job back
+        answered.workers.append(await start_worker(worker_env(settings, answered.mock), ["alpha"]))
+
+        # Expect it accounted once, with what its call cost, in usage_log and the ledger
+        # alike: not refused, not dead-lettered, not called again
+        await expect_accounted_once(settings, redis_client, answered)
+        assert await dead_lettered(settings) == 0
+
+
+async def test_a_job_answered_by_a_killed_worker_that_then_expires_is_accounted_by_a_sweep(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job due in 3 s answered by a worker killed before its usage event was sent
+    # (claims leased for 1 s, lapsed ones swept twice a second)
+    short = {"QUEUEGATE_CLAIM_LEASE": "1", "QUEUEGATE_TEAMS_REFRESH": "0.5"}
+    async with answered_by_a_killed_worker(settings, timedelta(seconds=3), **short) as answered:
+        # When its deadline passes in its queue, no worker running (the broker dead-letters
+        # it expired), and then a worker starts
+        assert await dead_lettered(settings, expected=1, timeout=30) == 1
+        letters, _ = await dlq.peek(settings)
+        sweeper = await start_worker(worker_env(settings, answered.mock, **short), ["alpha"])
+        answered.workers.append(sweeper)
+
+        # Expect its sweep to account it once, with what its call cost, in usage_log and the
+        # ledger alike, without calling it again
+        await expect_accounted_once(settings, redis_client, answered)
+    assert [(x.message_id, x.reason) for x in letters] == [(answered.result.job_id, "expired")]

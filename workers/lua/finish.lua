@@ -2,9 +2,15 @@
 --
 -- KEYS[1]  the job's claim (hash; see claim.lua)
 -- KEYS[2]  the job's stored outcome
--- KEYS[3]  the namespace's lapsing claims (see hold.lua): the claim leaves them
+-- KEYS[3]  the namespace's lapsing claims (see hold.lua)
 -- ARGV[1]  fingerprint then outcome JSON
 -- ARGV[2]  ttl, seconds
+-- ARGV[3]  '' (or absent): the job's usage event is confirmed already, and the claim leaves
+--          the lapsing claims; else a lease, ms: its event is still to be sent, so a claim
+--          on them (a job with a deadline, called) stays there, due no sooner than a lease
+--          from now, until the worker removes it once the event's batch is confirmed
+--          (Claims.accounted). Should that worker die first and the job expire in its
+--          queue, a sweep sends the stored outcome's event again (sweep.lua).
 --
 -- Returns false when ARGV[1] is stored, or the outcome already stored (a delivery that took
 -- over a lapsed claim finished first): the job is announced with that one. Finding ARGV[1]
@@ -13,7 +19,21 @@
 
 local stored = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[3], KEYS[1])
+if ARGV[3] and ARGV[3] ~= '' then
+  local due = redis.call('ZSCORE', KEYS[3], KEYS[1])
+  if due then
+    -- Past due already (a late delivery): a sweep would send the event while the
+    -- delivery's own batch is on its way.
+    local time = redis.call('TIME')
+    local soonest = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      + tonumber(ARGV[3])
+    if tonumber(due) < soonest then
+      redis.call('ZADD', KEYS[3], soonest, KEYS[1])
+    end
+  end
+else
+  redis.call('ZREM', KEYS[3], KEYS[1])
+end
 if stored == ARGV[1] then
   return false
 end
