@@ -129,9 +129,11 @@ async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_on
                 handles = await asyncio.gather(
                     *(alpha.submit(job.model_copy(update={"job_id": f"j{i}"})) for i in range(jobs))
                 )
-                # Every job called and answered (results reach the broker), none acknowledged
+                # Every job called and answered (results reach the broker), none acknowledged:
+                # the usage batch leaves after the results (an idle worker waits 20 ms for more)
                 results = await collect(handles, timeout=30)
-                assert proxy.held.is_set()
+                async with asyncio.timeout(10):
+                    await proxy.held.wait()
                 assert mock.stats.calls == jobs
 
                 # When that worker is killed and another takes its jobs back
