@@ -75,6 +75,9 @@ end
 for i, key in ipairs(KEYS) do
   local rates, caps, level = levels[i][1], levels[i][2], levels[i][3]
   local ttl = 1000
+  -- One HSET per bucket with every field it changes, rather than one per field: a governed
+  -- job takes and settles four buckets, each of them on every job.
+  local changed = {}
   for d = 1, 2 do
     local rate, cap = rates[d], caps[d]
     if rate > 0 then
@@ -85,13 +88,14 @@ for i, key in ipairs(KEYS) do
       elseif mode == 'drain' and d == 1 then
         level[d] = math.min(level[d], 0)
       end
-      redis.call('HSET', key, fields[d], string.format('%.6f', level[d]))
+      changed[#changed + 1] = fields[d]
+      changed[#changed + 1] = string.format('%.6f', level[d])
       -- Kept until it would be full again: a missing bucket reads as full.
       ttl = math.max(ttl, math.ceil((cap - level[d]) * 60000 / rate) + 1000)
     end
   end
-  if rates[1] > 0 or rates[2] > 0 then
-    redis.call('HSET', key, 'ts', now)
+  if #changed > 0 then
+    redis.call('HSET', key, 'ts', now, unpack(changed))
     redis.call('PEXPIRE', key, ttl)
   end
 end
