@@ -196,15 +196,16 @@ class Worker:
             await claims.start()
             self._control = ControlPlane(s, redis, identities)
             await self._control.start(await connection.channel())
-            await self._serve_teams(consume, pool)
-            self.ready.set()
-            log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
+            await self._serve_teams(consume, pool, stop)
+            if not stop.is_set():
+                self.ready.set()
+                log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=s.teams_refresh)
                 if not stop.is_set():
                     try:
-                        await self._serve_teams(consume, pool)
+                        await self._serve_teams(consume, pool, stop)
                     except CONNECTION_LOST as exc:
                         # The consumers it has come back with the channel (_on_reopen); new
                         # teams and limits next time.
@@ -219,7 +220,9 @@ class Worker:
             await connection.close()
             await pool.close()
 
-    async def _serve_teams(self, channel: AbstractRobustChannel, pool: asyncpg.Pool) -> None:
+    async def _serve_teams(
+        self, channel: AbstractRobustChannel, pool: asyncpg.Pool, stop: asyncio.Event
+    ) -> None:
         assert self._admission is not None
         registry = await self._registry_teams(pool)
         if registry is not None:
@@ -234,6 +237,12 @@ class Worker:
         if wanted is None:
             return
         for team in wanted:
+            # A stop signal while starting cancels the start (stop_on_signals), but an await
+            # inside the broker client can swallow that cancel (a worker signalled as it
+            # consumed served on, 1 launch in 155): the stop, set with the cancel, is what says
+            # no consumer more and none announced. The drain cancels those already started.
+            if stop.is_set():
+                return
             prefetch = prefetch_for(self._admission.config(team), self._settings)
             current = self._consumers.get(team)
             if current is not None and current.prefetch == prefetch:
@@ -245,7 +254,8 @@ class Worker:
                 await current.consumer.cancel()
             queue = await self._topology.declare_team_queue(channel, team)
             self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
-            log.info("now serving team %s with %d slots", team, prefetch)
+            if not stop.is_set():
+                log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
             await self._consumers.pop(team).consumer.cancel()
             log.info("stopped serving team %s (disabled)", team)
