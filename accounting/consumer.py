@@ -182,6 +182,11 @@ class Accountant:
         channel = self._channel
         if self._pool is None or channel is None:
             raise RuntimeError("use `async with Accountant(settings) as accountant` first")
+        if stop.is_set():
+            # Stopped while starting: a stop signal then cancels the start (stop_on_signals),
+            # but an await inside the broker or database client can swallow that cancel, and
+            # only the stop, set with it, says not to begin consuming.
+            return
         channel.reopen_callbacks.add(self._on_reopen)
         try:
             await self._consume(channel)

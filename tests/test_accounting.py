@@ -221,6 +221,27 @@ async def test_published_events_land_as_rows(
     assert {name: row[name] for name, _ in COLUMNS} == failed.model_dump(exclude={"v", "content"})
 
 
+async def test_an_accountant_stopped_while_starting_consumes_nothing(
+    settings: Settings, usage_exchange: AbstractExchange
+) -> None:
+    # Given a usage event waiting, and an accountant stopped as it started (the stop set, the
+    # cancel of its start swallowed on the way)
+    await send_usage(usage_exchange, usage("job-waiting"))
+    stop = asyncio.Event()
+    async with Accountant(settings) as accountant:
+        stop.set()
+        # When it runs
+        async with asyncio.timeout(WAIT):
+            await accountant.run(stop)
+
+    # Expect it to have taken nothing: the event waits in its queue for the next accountant
+    assert accountant.messages_received == 0
+    queue = await usage_exchange.channel.declare_queue(
+        Topology(settings.namespace).accounting_queue, passive=True
+    )
+    assert queue.declaration_result.message_count == 1
+
+
 async def test_an_event_delivered_three_times_is_one_row(
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:
