@@ -65,9 +65,16 @@ class Announcement:
         error: JobError | None = None,
         *,
         lapsing: str | None = None,
+        usage_as_stored: bool = False,
     ) -> Announcement:
+        """``usage_as_stored``: a stored outcome whose result can reach nobody now (its reply
+        queue gone since it was answered), its usage event published again as stored. The
+        delivery that stored it may have died before its event's batch left; usage_log keeps
+        a job's first row, so one that did arrive is not counted twice. Its
+        ``reply_delivered`` is left as stored: that result was sent, and this delivery cannot
+        tell whether it arrived."""
         usage = outcome.usage
-        if reply_to is None:
+        if reply_to is None and not usage_as_stored:
             usage = usage.model_copy(update={"reply_delivered": False})
         return cls(
             job_id=outcome.result.job_id,
@@ -77,22 +84,6 @@ class Announcement:
             if error is not None and error.code in UNACCOUNTED
             else usage.model_dump_json().encode(),
             bad_input=error if error is not None and error.code in BAD_INPUT else None,
-            lapsing=lapsing,
-        )
-
-    @classmethod
-    def accounted(cls, outcome: Outcome, *, lapsing: str | None = None) -> Announcement:
-        """A stored outcome whose result can reach nobody now (its reply queue gone since it
-        was answered): only its usage event, as stored, published again. The delivery that
-        stored it may have died before its event's batch left; usage_log keeps a job's first
-        row, so one that did arrive is not counted twice. Its ``reply_delivered`` is left as
-        stored: that result was sent, and this delivery cannot tell whether it arrived."""
-        return cls(
-            job_id=outcome.result.job_id,
-            reply_to=None,
-            result=outcome.result.model_dump_json(exclude_none=True).encode(),
-            usage=outcome.usage.model_dump_json().encode(),
-            bad_input=None,
             lapsing=lapsing,
         )
 

@@ -276,7 +276,9 @@ class JobProcessor:
                     job.job_id,
                     unreceivable.message,
                 )
-                return Announcement.accounted(claim, lapsing=self._claims.lapsing(job))
+                return Announcement.of(
+                    claim, None, lapsing=self._claims.lapsing(job), usage_as_stored=True
+                )
             if claim.lost:
                 outcome = failed(job.job_id, team, job.model, unreceivable, timing)
                 return await self._ended(claim, admitted, outcome, reply_to, unreceivable)
@@ -373,7 +375,10 @@ class JobProcessor:
     async def _account(self, answered: list[Unaccounted]) -> None:
         """Send the stored usage events of ``answered`` again, together; one whose batch
         fails is swept again a lease later."""
-        announced = (Announcement.accounted(outcome, lapsing=key) for key, outcome in answered)
+        announced = (
+            Announcement.of(outcome, None, lapsing=key, usage_as_stored=True)
+            for key, outcome in answered
+        )
         events = [(a.job_id, a.usage, a.lapsing) for a in announced if a.usage is not None]
         sent = await asyncio.gather(
             *(self._publisher.usage(usage, key) for _, usage, key in events),
