@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -31,8 +30,7 @@ from tests.chaos.harness import (
     usage_rows,
     worker_env,
 )
-from tests.chaos.private_broker import PrivateBroker
-from tests.faults import RECONNECT_INTERVAL
+from tests.chaos.private_broker import PrivateBroker, on_node
 from tests.frontdoor_support import HELLO, open_door
 from tests.support import running_gateway
 
@@ -49,17 +47,6 @@ HELD = 100
 """Jobs submitted during the alarm: their publishes wait for it."""
 ALARM_SECONDS = 2.5 * CONFIRM_STALL
 """Long enough for a publish to outlast its confirm stall twice over."""
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
-    with PrivateBroker(tmp_path_factory.mktemp("rabbitmq")) as node:
-        yield node
-
-
-def on_node(settings: Settings, broker: PrivateBroker) -> Settings:
-    url = f"{broker.amqp_url}?reconnect_interval={RECONNECT_INTERVAL}"
-    return settings.model_copy(update={"amqp_url": url})
 
 
 async def queued(settings: Settings, team: str) -> int:
