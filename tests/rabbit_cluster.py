@@ -89,13 +89,17 @@ class RabbitCluster:
         return list(status["running_nodes"])
 
     def wait_whole(self, timeout: float = 90.0) -> None:
-        """Return once every node runs and sees the others running (after a fault)."""
+        """Return once every node runs and sees the others running (after a fault).
+
+        The nodes are asked side by side: each ``rabbitmqctl`` call boots an Erlang VM (about
+        a second), and asked one after another they took six of those or more per heal."""
         deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            node.ctl("await_startup", "--timeout", str(int(timeout)))
-        while True:
-            if all(len(self.running_nodes(via)) == len(self.nodes) for via in self.nodes):
-                return
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda node: self._wait_sees_whole(node, deadline), self.nodes))
+
+    def _wait_sees_whole(self, node: PrivateBroker, deadline: float) -> None:
+        node.ctl("await_startup", "--timeout", str(max(1, int(deadline - time.monotonic()))))
+        while len(self.running_nodes(node)) != len(self.nodes):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster is not whole again; see {self.root}/node*/log")
             time.sleep(0.5)  # nothing announces a node's return to the others: poll
@@ -107,14 +111,16 @@ class RabbitCluster:
                 node.start()
         self.wait_whole()
 
-    def partition(self, node: PrivateBroker, seconds: float) -> None:
-        """Cut ``node`` off from the other nodes for ``seconds``, then let them meet again.
+    def partition(self, node: PrivateBroker, timeout: float = 30.0) -> None:
+        """Cut ``node`` off from the other nodes until they take it for down and it stops
+        serving, then let them meet again.
 
         The node is given a cookie of its own for each of the others, so their distribution
         handshakes fail both ways for as long as it lasts (loopback has no cable to pull);
-        ``pause_minority`` then stops it serving, as a node on the wrong side of a real
-        partition (RuntimeError if the others still see it, or it still serves). The
-        rabbitmqctl connection uses the node's own cookie, left as it was.
+        once the net tick time passes, the others see it gone and ``pause_minority`` stops it
+        serving, as a node on the wrong side of a real partition (RuntimeError if that has
+        not happened within ``timeout`` seconds). The rabbitmqctl connection uses the node's
+        own cookie, left as it was.
         """
         others = "[" + ", ".join(f"'{n.node}'" for n in self.nodes if n is not node) + "]"
         node.ctl(
@@ -122,16 +128,22 @@ class RabbitCluster:
             f"[erlang:set_cookie(N, qgt_partitioned) || N <- {others}],"
             f" [erlang:disconnect_node(N) || N <- {others}], ok.",
         )
-        time.sleep(seconds)  # the fault's length itself: nothing to wait for
+        deadline = time.monotonic() + timeout
         other = next(n for n in self.nodes if n is not node)
-        paused = node.ctl("eval", "rabbit:is_running().").strip() == "false"
-        if node.node in self.running_nodes(other) or not paused:
-            raise RuntimeError(f"{node.node} was not partitioned off: see {self.root}/node*/log")
+        while not self._cut_off(node, other):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node.node} was not cut off: see {self.root}/node*/log")
+            time.sleep(0.5)  # nothing announces the pause to us: poll
         node.ctl(
             "eval",
             f"[erlang:set_cookie(N, erlang:get_cookie()) || N <- {others}],"
             f" [net_adm:ping(N) || N <- {others}], ok.",
         )
+
+    def _cut_off(self, node: PrivateBroker, other: PrivateBroker) -> bool:
+        """Whether ``node`` has paused and ``other`` no longer sees it running."""
+        paused = node.ctl("eval", "rabbit:is_running().").strip() == "false"
+        return paused and node.node not in self.running_nodes(other)
 
     def node_named(self, name: str) -> PrivateBroker:
         return next(node for node in self.nodes if node.node == name)

@@ -36,6 +36,9 @@ async def test_supervisor_restarts_a_killed_worker_and_stops_all_without_losing_
             "QUEUEGATE_NAMESPACE": settings.namespace,
             "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
             "QUEUEGATE_SHUTDOWN_GRACE": "10",
+            # The killed process's claims lapse in 1 s, not 10: the other process, handed
+            # those jobs again, waits out their leases, and its drain at SIGTERM with them
+            "QUEUEGATE_CLAIM_LEASE": "1",
             "QUEUEGATE_METRICS_PORT": "0",  # any free port: other test runs share the host
             "QUEUEGATE_MOCK_URL": mock.url,
             "QUEUEGATE_MOCK_KEY": "sk-test",

@@ -18,6 +18,9 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from queuegate.settings import Settings
+from tests.faults import RECONNECT_INTERVAL
+
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 """The scripts themselves: /usr/sbin's wrappers switch to the rabbitmq user and drop our env."""
 
@@ -177,3 +180,9 @@ class PrivateBroker:
     ) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def on_node(settings: Settings, broker: PrivateBroker) -> Settings:
+    """``settings`` whose components use the private node and reconnect to it quickly."""
+    url = f"{broker.amqp_url}?reconnect_interval={RECONNECT_INTERVAL}"
+    return settings.model_copy(update={"amqp_url": url})

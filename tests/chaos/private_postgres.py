@@ -69,6 +69,16 @@ class PrivatePostgres:
         """Stop it; ``wait=False`` returns at once (a smart stop waits for open sessions)."""
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w" if wait else "-W", "stop")
 
+    def is_running(self) -> bool:
+        """Whether its server runs (``pg_ctl status`` exits 0; 3 when it does not)."""
+        status = subprocess.run(
+            [*self._as, self._bin / "pg_ctl", "-D", self.data, "status"],
+            check=False,
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+        return status.returncode == 0
+
     def wait_stopped(self) -> None:
         """Return once a stop asked without waiting has finished."""
         self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")

@@ -8,32 +8,15 @@ persistent messages and the clients' durable reply queues.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import pytest
 
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from tests.chaos.harness import TEAMS, Figures, expect_each_job_once, submit_all
-from tests.chaos.private_broker import PrivateBroker
-from tests.faults import RECONNECT_INTERVAL
+from tests.chaos.private_broker import PrivateBroker, on_node
 from tests.support import running_gateway
 
 JOBS = 400
 RESTART_AFTER_CALLS = 100
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
-    """One node for the module: booting one costs a few seconds."""
-    with PrivateBroker(tmp_path_factory.mktemp("rabbitmq")) as node:
-        yield node
-
-
-def on_node(settings: Settings, broker: PrivateBroker) -> Settings:
-    """``settings`` whose components use the private node and reconnect to it quickly."""
-    url = f"{broker.amqp_url}?reconnect_interval={RECONNECT_INTERVAL}"
-    return settings.model_copy(update={"amqp_url": url})
 
 
 async def test_a_broker_restart_loses_no_confirmed_job_and_counts_none_twice(

@@ -39,8 +39,6 @@ pytestmark = pytest.mark.timeout(300)  # a fault, a heal and the cluster's boot 
 JOBS = 2000
 FAULT_AFTER_CALLS = 400
 PREFETCH = 50
-PARTITION_SECONDS = 10.0
-"""Longer than twice the cluster's net tick time (4 s): the others take the node for down."""
 
 
 async def run_through_fault(
@@ -118,5 +116,5 @@ async def test_a_node_partitioned_off_loses_nothing_and_counts_nothing_twice(
         settings,
         rabbit_cluster,
         Figures("cluster: node partitioned"),
-        lambda node: rabbit_cluster.partition(node, PARTITION_SECONDS),
+        rabbit_cluster.partition,
     )
