@@ -5,8 +5,10 @@ deployment's state atomically, so two workers never both probe a half-open circu
 that answered costs no round trip of its own: it is counted with the worker's next one. And a
 worker that has just been told a deployment is closed and unpaused trusts that for
 ``TRUST_CLOSED`` seconds instead of asking again before every call: another worker's 429 or
-opened circuit reaches it that much later, while its own failures count at once. Calls that
-find the trust lapsed while one of them is already asking share that one answer.
+opened circuit reaches it that much later, while its own failures count at once. A call in
+the trust's second half asks again without waiting for the answer, which renews the trust or
+ends it, so calls at a steady rate never wait for Redis here. Calls that find the trust lapsed
+while one of them is already asking share that one answer.
 
 Best effort by design: while Redis is down every deployment counts as healthy, and jobs are
 still served (without shared breakers) rather than failed.
@@ -17,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -102,7 +105,12 @@ class Health:
     async def allow(self, deployment: Deployment) -> Verdict:
         """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
         name = deployment.name
-        if self._closed_until.get(name, 0.0) > time.monotonic():
+        left = self._closed_until.get(name, 0.0) - time.monotonic()
+        if left > 0:
+            if left < TRUST_CLOSED / 2 and name not in self._asking:
+                # Asked again before the trust lapses, by no call: at a steady rate of calls
+                # none waits for Redis (one in ten did, one at a time).
+                self._ask(deployment, self._refresh(deployment))
             return _ALLOWED
         reports = self._reports.get(name, 0)
         asking = self._asking.get(name)
@@ -111,11 +119,26 @@ class Health:
             verdict = await asyncio.shield(asking.answer)
             # The probe is whoever asked for it; a later call is told the circuit's state.
             return verdict if verdict.state != "probe" else await self._run("allow", deployment)
-        answer = asyncio.create_task(self._run("allow", deployment))
-        mine = self._asking[name] = _Asking(answer, reports)
-        answer.add_done_callback(lambda _: self._answered(name, mine))
+        answer = self._ask(deployment, self._run("allow", deployment))
         # Shielded: a caller cancelled meanwhile does not take the others' answer with it.
         return await asyncio.shield(answer)
+
+    def _ask(
+        self, deployment: Deployment, asking: Coroutine[Any, Any, Verdict]
+    ) -> asyncio.Task[Verdict]:
+        """Run ``asking`` as the deployment's ask under way, which later calls share."""
+        name = deployment.name
+        answer = asyncio.create_task(asking)
+        mine = self._asking[name] = _Asking(answer, self._reports.get(name, 0))
+        answer.add_done_callback(lambda _: self._answered(name, mine))
+        return answer
+
+    async def _refresh(self, deployment: Deployment) -> Verdict:
+        verdict = await self._run("allow", deployment)
+        if verdict.state == "probe":
+            # No call waits to be the probe: let the next caller be, at once.
+            await self._run("release", deployment)
+        return verdict
 
     def _answered(self, name: str, asking: _Asking) -> None:
         # A stale ask may end after a fresh one took its place.
@@ -177,6 +200,9 @@ class Health:
         fresh = self._reports.get(deployment.name, 0) == reports
         if op == "allow" and verdict.state == "closed" and fresh:
             self._closed_until[deployment.name] = time.monotonic() + TRUST_CLOSED
+        elif op == "allow":
+            # Asked before the trust lapsed (``_refresh``): it ends with this answer.
+            self._closed_until.pop(deployment.name, None)
         if op == "failure" and verdict.state == "open" and verdict.wait > 0:
             log.warning("circuit of deployment %s opened", deployment.name)
         return verdict

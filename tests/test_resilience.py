@@ -796,6 +796,72 @@ async def test_a_worker_trusts_a_closed_verdict_briefly_and_its_own_failures_at_
     assert other_later.state == "paused" and not other_later.allowed
 
 
+async def test_a_call_late_in_the_trust_does_not_wait_for_redis_which_renews_it_meanwhile(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker just told a deployment is closed, whose next ask is held on its way back
+    # until the test lets it go
+    health, deployment = lone_deployment(settings, redis_client)
+    assert (await health.allow(deployment)).state == "closed"
+    script, asked, release = health._script, asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        answer = await script(*args, **kwargs)
+        asked.set()
+        await release.wait()
+        return answer
+
+    monkeypatch.setattr(health, "_script", held)
+    trusted_until = time.monotonic() + TRUST_CLOSED
+    await asyncio.sleep(TRUST_CLOSED * 0.6)  # the trust is a span of time: no event ends it
+
+    # When a call comes in the trust's second half, and the ask it started is answered
+    async with asyncio.timeout(5):
+        late = await health.allow(deployment)
+        await asked.wait()
+    refresh = health._asking[deployment.name].answer
+    release.set()
+    await refresh
+    monkeypatch.setattr(health, "_script", script)
+    await asyncio.sleep(max(0.0, trusted_until - time.monotonic()))
+    asked_again = Counter[str]()
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        asked_again[kwargs["args"][0]] += 1
+        return await script(*args, **kwargs)
+
+    monkeypatch.setattr(health, "_script", counted)
+    after = await health.allow(deployment)
+
+    # Expect the call allowed at once while Redis was asked, and the trust renewed by that
+    # answer: a call after the first trust's end asks nothing
+    assert late.state == "closed"
+    assert after.state == "closed"
+    assert not asked_again
+
+
+async def test_a_pause_reaches_a_worker_through_the_ask_late_in_its_trust(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given two workers just told a deployment is closed
+    one, deployment = lone_deployment(settings, redis_client)
+    two, _ = lone_deployment(settings, redis_client)
+    assert (await one.allow(deployment)).state == "closed"
+    assert (await two.allow(deployment)).state == "closed"
+
+    # When worker one pauses it, and worker two calls in its trust's second half
+    await one.rate_limited(deployment, 30)
+    await asyncio.sleep(TRUST_CLOSED * 0.6)  # the trust is a span of time: no event ends it
+    late = await two.allow(deployment)
+    await two._asking[deployment.name].answer
+    after = await two.allow(deployment)
+
+    # Expect the late call allowed (its trust held), and the next one paused without waiting
+    # for the trust to end
+    assert late.state == "closed"
+    assert after.state == "paused" and not after.allowed
+
+
 async def test_a_closed_verdict_asked_for_before_a_failure_is_not_trusted(
     settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
