@@ -1,7 +1,8 @@
 """Request bodies at the front door: a key is proven from the headers before any byte of the
 body is read, and a process reads only so many bodies at once, per key and in bytes, so
-slow bodies cannot hold its memory. Raw sockets send the slow bodies, as only a hostile
-client would; the openai SDK sends the requests that must be served or refused."""
+slow bodies cannot hold its memory, nor one key's uploads its connections. Raw sockets send
+the slow bodies, as only a hostile client would; the openai SDK sends the requests that must
+be served or refused."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ JOB_BYTES = 4096
 BYTES_IN_FLIGHT = 10_000
 SLOW = 3000
 """The Content-Length of a slow body: three of them fit in the process's bytes, four do not."""
+MAX_CONNECTIONS = BODIES_PER_KEY + 2
+UPLOADS = {
+    "/v1/files": "multipart/form-data; boundary=b",
+    "/v1/messages/batches": "application/json",
+}
+"""The routes that read a body for minutes (``QUEUEGATE_BATCH_UPLOAD_TIMEOUT``), and theirs."""
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -41,11 +48,32 @@ async def door(settings: Settings) -> AsyncIterator[Door]:
         yield opened
 
 
-def head(length: int, key: str | None = None, *extra: str) -> bytes:
+@pytest.fixture
+async def small_door(settings: Settings) -> AsyncIterator[Door]:
+    """A process that holds only a few connections more than one key's bodies."""
+    settings = settings.model_copy(
+        update={
+            "max_job_bytes": JOB_BYTES,
+            "http_bodies_per_key": BODIES_PER_KEY,
+            "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
+            "http_max_connections": MAX_CONNECTIONS,
+        }
+    )
+    async with open_door(settings, TEAMS) as opened:
+        yield opened
+
+
+def head(
+    length: int,
+    key: str | None = None,
+    *extra: str,
+    path: str = "/v1/chat/completions",
+    content_type: str = "application/json",
+) -> bytes:
     lines = [
-        "POST /v1/chat/completions HTTP/1.1",
+        f"POST {path} HTTP/1.1",
         "Host: gateway",
-        "Content-Type: application/json",
+        f"Content-Type: {content_type}",
         f"Content-Length: {length}",
         *extra,
     ]
@@ -154,3 +182,35 @@ async def test_a_process_reading_its_bytes_worth_of_bodies_answers_503(door: Doo
     async with door.client("gamma", max_retries=3) as gamma:
         assert await gamma.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert len(await door.gateway.usage_rows(1)) == 1
+
+
+@pytest.mark.parametrize("path", UPLOADS)
+async def test_a_keys_slow_uploads_are_held_to_its_bodies_and_others_are_served(
+    small_door: Door, path: str
+) -> None:
+    door = small_door
+    connections: list[asyncio.StreamWriter] = []
+    try:
+        # Given alpha opening more slow uploads than the process holds connections, one by one
+        answers = []
+        for _ in range(MAX_CONNECTIONS + 2):
+            reader, writer = await connect(door)
+            connections.append(writer)
+            upload = head(
+                SLOW,
+                door.keys["alpha"],
+                "Expect: 100-continue",
+                path=path,
+                content_type=UPLOADS[path],
+            )
+            writer.write(upload)
+            answers.append((await status_of(reader))[0])
+
+        # Expect as many read as a key may send bodies at once, the rest refused unread
+        assert answers == [100] * BODIES_PER_KEY + [429] * (MAX_CONNECTIONS + 2 - BODIES_PER_KEY)
+        # ... and beta served meanwhile, at once: a refused upload holds no one's place
+        async with door.client("beta") as beta:
+            assert await beta.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    finally:
+        for writer in connections:
+            writer.close()
