@@ -13,7 +13,9 @@ Content-Length says so), ``too_many_requests`` (429) while the key is sending
 ``http_bodies_per_key`` bodies already, ``service_unavailable`` (503) while the process is
 reading ``http_body_bytes_in_flight`` bytes already (both before any byte is read),
 ``request_timeout`` (408) when the body is not all there within ``http_body_timeout``
-seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object.
+seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object. A caller that
+hangs up mid-body raises Starlette's ``ClientDisconnect``, answered (to no one) by
+``frontdoor.errors``, as on every route that reads a body.
 
 ``receive`` is that read, within a size and a time limit, for any body: a batch spooled to a
 file (``frontdoor.batches.upload``) reads through it too, and holds one of its key's bodies
@@ -31,7 +33,6 @@ from typing import Any
 
 import orjson
 from fastapi import Request
-from starlette.requests import ClientDisconnect
 
 from frontdoor.errors import ApiError
 from queuegate.settings import Settings
@@ -157,11 +158,6 @@ async def receive(
     except TimeoutError:
         raise ApiError(
             "request_timeout", f"the request body did not arrive within {timeout:g} s"
-        ) from None
-    except ClientDisconnect:
-        # Answered to no one: a caller that hangs up is no fault of the process.
-        raise ApiError(
-            "invalid_request", "the connection closed before the body was whole"
         ) from None
 
 

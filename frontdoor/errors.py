@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from queuegate.api_errors import openai_error
 from queuegate.errors import (
@@ -157,6 +158,13 @@ def install_error_handlers(app: FastAPI) -> ErrorShapes:
         error = ApiError("invalid_request", f"{where}: {problem['msg']}")
         return shapes.response(request.url.path, error)
 
+    async def disconnected(request: Request, exc: Exception) -> JSONResponse:
+        # A caller that hung up mid-body, on whatever route read it: no fault of the process,
+        # so no traceback in its log, and an answer no one reads. Nothing was stored: a body
+        # is acted on only once it is whole.
+        error = ApiError("invalid_request", "the connection closed before the body was whole")
+        return shapes.response(request.url.path, error)
+
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
@@ -172,6 +180,7 @@ def install_error_handlers(app: FastAPI) -> ErrorShapes:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, disconnected)
     return shapes
 
 

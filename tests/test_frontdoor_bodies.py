@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
+from queuegate.db import create_pool
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
@@ -214,3 +216,39 @@ async def test_a_keys_slow_uploads_are_held_to_its_bodies_and_others_are_served(
     finally:
         for writer in connections:
             writer.close()
+
+
+@pytest.mark.parametrize("path", [*UPLOADS, "/v1/chat/completions"])
+async def test_a_body_dropped_midway_logs_nothing_and_stores_nothing(
+    settings: Settings, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_door(settings, TEAMS) as door:
+        # Given a request whose body is being read
+        reader, writer = await connect(door)
+        content_type = UPLOADS.get(path, "application/json")
+        writer.write(
+            head(
+                SLOW,
+                door.keys["alpha"],
+                "Expect: 100-continue",
+                path=path,
+                content_type=content_type,
+            )
+        )
+        assert (await status_of(reader))[0] == 100
+        writer.write(b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n{')
+        await writer.drain()
+
+        # When its caller hangs up before the rest
+        writer.close()
+        # (the front door stops once its requests are done: this one too)
+
+    # Expect not a line in the log
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("uvicorn")] == []
+    # ... and nothing of it kept
+    pool = await create_pool(settings)
+    try:
+        assert await pool.fetchval("SELECT count(*) FROM api_files") == 0
+    finally:
+        await pool.close()
