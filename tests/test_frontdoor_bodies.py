@@ -252,3 +252,40 @@ async def test_a_body_dropped_midway_logs_nothing_and_stores_nothing(
         assert await pool.fetchval("SELECT count(*) FROM api_files") == 0
     finally:
         await pool.close()
+
+
+async def test_slow_sign_in_forms_are_held_to_a_clients_bodies_and_to_the_body_timeout(
+    settings: Settings,
+) -> None:
+    timeout = 0.5
+    settings = settings.model_copy(
+        update={"http_bodies_per_key": BODIES_PER_KEY, "http_body_timeout": timeout}
+    )
+    async with open_door(settings, TEAMS) as door:
+        connections: list[asyncio.StreamWriter] = []
+        try:
+            # Given one address sending sign-in forms (before any key is known) byte by byte
+            answers = []
+            for _ in range(BODIES_PER_KEY + 1):
+                reader, writer = await connect(door)
+                connections.append(writer)
+                form = "application/x-www-form-urlencoded"
+                writer.write(
+                    head(
+                        SLOW,
+                        None,
+                        "Expect: 100-continue",
+                        path="/dashboard/sign-in",
+                        content_type=form,
+                    )
+                )
+                answers.append((reader, (await status_of(reader))[0]))
+
+            # Expect as many read as a key's bodies, the next refused unread
+            assert [status for _, status in answers] == [100] * BODIES_PER_KEY + [429]
+            # ... and those read given up on once the body timeout has passed
+            for reader, _ in answers[:BODIES_PER_KEY]:
+                assert (await status_of(reader))[0] == 408
+        finally:
+            for writer in connections:
+                writer.close()
