@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from queuegate.messages import ChatResult
+from queuegate.numbers import plain_decimal
 
 TRACE_HEADER = "x-queuegate-trace-id"
 """The answer's header naming the gateway's trace of the request."""
@@ -72,7 +73,7 @@ def gateway_headers(job_id: str, result: ChatResult | None, started: float) -> d
     }
     if result is not None:
         g = result.gateway
-        headers["x-queuegate-cost-usd"] = str(g.cost_usd)
+        headers["x-queuegate-cost-usd"] = plain_decimal(g.cost_usd)
         headers["x-queuegate-model-used"] = g.model_used or ""
         headers["x-queuegate-fallback"] = "true" if g.fallback_used else "false"
         headers["x-queuegate-cached"] = "true" if g.cached else "false"
@@ -88,7 +89,7 @@ def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dic
         "latency_ms": elapsed_ms(started) if started is not None else g.latency_ms,
         "queued_ms": g.queued_ms,
         "provider_ms": g.latency_ms,
-        "cost_usd": str(g.cost_usd),
+        "cost_usd": plain_decimal(g.cost_usd),
         "model_requested": g.model_requested,
         "model_used": g.model_used,
         "provider": g.provider,

@@ -13,26 +13,32 @@ Content-Length says so), ``too_many_requests`` (429) while the key is sending
 ``http_bodies_per_key`` bodies already, ``service_unavailable`` (503) while the process is
 reading ``http_body_bytes_in_flight`` bytes already (both before any byte is read),
 ``request_timeout`` (408) when the body is not all there within ``http_body_timeout``
-seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object.
+seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object. A caller that
+hangs up mid-body raises Starlette's ``ClientDisconnect``, answered (to no one) by
+``frontdoor.errors``, as on every route that reads a body.
 
 ``receive`` is that read, within a size and a time limit, for any body: a batch spooled to a
-file (``frontdoor.batches.upload``) reads through it too.
+file (``frontdoor.batches.upload``) reads through it too, and holds one of its key's bodies
+meanwhile (``Bodies.reader``), as an uploaded file does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 from fastapi import Request
-from starlette.requests import ClientDisconnect
 
 from frontdoor.errors import ApiError
 from queuegate.settings import Settings
+
+Reader = Callable[[int], contextlib.AbstractContextManager[None]]
+"""``reading(size)``: one body of a key held while it is read (``Bodies.reader``)."""
 
 RETRY_AFTER = 1.0
 """Seconds a caller refused for bodies in flight is told to wait: most take milliseconds."""
@@ -73,13 +79,21 @@ class Bodies:
 
     async def read(self, request: Request, key_id: str, *, limit: int) -> bytes:
         size = declared_size(request, limit, _too_large)
-        with self._held(key_id, limit if size is None else size):
+        with self.held(key_id, limit if size is None else size):
             chunks: list[bytes] = []
             await receive(request, chunks.append, limit=limit, timeout=self._timeout)
             return b"".join(chunks)
 
+    def reader(self, key_id: str) -> Reader:
+        """``held`` for ``key_id``, for a route that reads its body its own way (an upload)."""
+        return functools.partial(self.held, key_id)
+
     @contextlib.contextmanager
-    def _held(self, key_id: str, size: int) -> Iterator[None]:
+    def held(self, key_id: str, size: int) -> Iterator[None]:
+        """One body of ``key_id`` being read, ``size`` bytes of it held in memory meanwhile:
+        ApiError 429 or 503 when it would be one too many. Every route that reads a body
+        reads it inside this, uploads too, so that one key holds at most ``per_key`` of the
+        process's connections with its bodies, whatever they are."""
         if self._reading[key_id] >= self._per_key:
             raise ApiError(
                 "too_many_requests",
@@ -145,11 +159,6 @@ async def receive(
         raise ApiError(
             "request_timeout", f"the request body did not arrive within {timeout:g} s"
         ) from None
-    except ClientDisconnect:
-        # Answered to no one: a caller that hangs up is no fault of the process.
-        raise ApiError(
-            "invalid_request", "the connection closed before the body was whole"
-        ) from None
 
 
-__all__ = ["Bodies", "declared_size", "receive"]
+__all__ = ["Bodies", "Reader", "declared_size", "receive"]

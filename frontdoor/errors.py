@@ -9,9 +9,10 @@ is chosen by the request's path: OpenAI's unless a route family registered its o
     raise error_of_result(result)            # a job that ended in an error
     app.state.error_shapes.register("/v1/messages", anthropic_error)   # another API's shape
 
-A 429 carries ``Retry-After``; a 409 and the codes that a retry cannot change carry
-``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey (they retry 409 by
-default). A value the caller sent is repeated ``shown``: cut to ``ECHOED`` characters.
+A 429 carries ``Retry-After``; a 409, the codes that a retry cannot change and those a retry
+would pay for twice carry ``x-should-retry: false`` (``NO_RETRY``), which the OpenAI and
+Anthropic SDKs obey (they retry 408, 409, 429 and 5xx by default). A value the caller sent
+is repeated ``shown``: cut to ``ECHOED`` characters.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from queuegate.api_errors import openai_error
 from queuegate.errors import (
@@ -56,9 +58,19 @@ NO_RETRY = frozenset(
         "headers_too_large",
         "unauthorized",
         "forbidden",
+        "deadline_exceeded",
+        "provider_error",
+        "all_providers_failed",
     }
 )
-"""Codes a retry of the same request cannot change: the SDKs are told not to retry them."""
+"""Codes the SDKs are told not to retry: a retry of the same request cannot change them, or
+would publish a new job for what was called already. The SDKs retry 408, 409, 429 and every
+5xx by default, with no Idempotency-Key (the new job calls the provider again, billed again):
+a 504 ``deadline_exceeded`` comes after the job was published, often called, and the
+retry has the same deadline (``GET /v1/jobs/{id}`` reads its answer); a 502 comes after the
+workers' own retries and fallbacks. Retried: 429 (``rate_limited``, ``queue_full``,
+``too_many_requests``, nothing called, with ``Retry-After``) and 503 (refused before
+anything was published)."""
 
 ErrorShape = Callable[[str, str], dict[str, Any]]
 """``shape(code, message)``: an API's error body."""
@@ -157,6 +169,13 @@ def install_error_handlers(app: FastAPI) -> ErrorShapes:
         error = ApiError("invalid_request", f"{where}: {problem['msg']}")
         return shapes.response(request.url.path, error)
 
+    async def disconnected(request: Request, exc: Exception) -> JSONResponse:
+        # A caller that hung up mid-body, on whatever route read it: no fault of the process,
+        # so no traceback in its log, and an answer no one reads. Nothing was stored: a body
+        # is acted on only once it is whole.
+        error = ApiError("invalid_request", "the connection closed before the body was whole")
+        return shapes.response(request.url.path, error)
+
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
@@ -172,6 +191,7 @@ def install_error_handlers(app: FastAPI) -> ErrorShapes:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, disconnected)
     return shapes
 
 

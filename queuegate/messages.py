@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from queuegate.numbers import Money
+
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
 
@@ -294,7 +296,7 @@ class GatewayInfo(WireModel):
     queued_ms: float = 0.0
     latency_ms: float = 0.0
     attempts: list[Attempt] = Field(default_factory=list)
-    cost_usd: Decimal = Decimal(0)
+    cost_usd: Money = Decimal(0)
     worker: str = ""
     params_dropped: list[str] | None = None
     """Job parameters the provider could not take, left out (``unsupported_params: drop``)."""
@@ -372,7 +374,7 @@ class UsageEvent(WireModel):
     cache_write_tokens: int = 0
     """Prompt tokens written to the provider's prompt cache (Anthropic bills them apart)."""
     reasoning_tokens: int = 0
-    cost_usd: Decimal = Decimal(0)
+    cost_usd: Money = Decimal(0)
     status: JobStatus
     error_code: ErrorCode | None = None
     queued_ms: float = 0.0

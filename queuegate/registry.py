@@ -11,15 +11,14 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
-from queuegate.numbers import plain_decimal
+from queuegate.numbers import Money
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +43,6 @@ def check_team_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
-
-
-Money = Annotated[Decimal, PlainSerializer(plain_decimal, return_type=str, when_used="json")]
-"""USD, stored and shown positionally: ``--budget 1E+3`` is kept as ``"1000"`` and
-``0.0000000001`` never as ``"1E-10"``, which readers (and the reports' SQL) take for text."""
 
 
 class ModelLimits(BaseModel):

@@ -152,8 +152,8 @@ class Settings(BaseSettings):
     """Connections one front-door process holds at once. Past it, a new connection closes
     the one idle longest (no request in progress), or is answered 503 when none is idle."""
     http_bodies_per_key: int = Field(default=16, ge=1)
-    """Request bodies one API key may be sending to a front-door process at once; more are
-    answered 429 before they are read."""
+    """Request bodies one API key may be sending to a front-door process at once, file uploads
+    and Message Batches included; more are answered 429 before they are read."""
     http_body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Bytes of request bodies one front-door process reads at once, counted by their
     Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are

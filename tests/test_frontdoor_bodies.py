@@ -1,12 +1,14 @@
 """Request bodies at the front door: a key is proven from the headers before any byte of the
 body is read, and a process reads only so many bodies at once, per key and in bytes, so
-slow bodies cannot hold its memory. Raw sockets send the slow bodies, as only a hostile
-client would; the openai SDK sends the requests that must be served or refused."""
+slow bodies cannot hold its memory, nor one key's uploads its connections. Raw sockets send
+the slow bodies, as only a hostile client would; the openai SDK sends the requests that must
+be served or refused."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
+from queuegate.db import create_pool
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
@@ -24,6 +27,12 @@ JOB_BYTES = 4096
 BYTES_IN_FLIGHT = 10_000
 SLOW = 3000
 """The Content-Length of a slow body: three of them fit in the process's bytes, four do not."""
+MAX_CONNECTIONS = BODIES_PER_KEY + 2
+UPLOADS = {
+    "/v1/files": "multipart/form-data; boundary=b",
+    "/v1/messages/batches": "application/json",
+}
+"""The routes that read a body for minutes (``QUEUEGATE_BATCH_UPLOAD_TIMEOUT``), and theirs."""
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -41,11 +50,32 @@ async def door(settings: Settings) -> AsyncIterator[Door]:
         yield opened
 
 
-def head(length: int, key: str | None = None, *extra: str) -> bytes:
+@pytest.fixture
+async def small_door(settings: Settings) -> AsyncIterator[Door]:
+    """A process that holds only a few connections more than one key's bodies."""
+    settings = settings.model_copy(
+        update={
+            "max_job_bytes": JOB_BYTES,
+            "http_bodies_per_key": BODIES_PER_KEY,
+            "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
+            "http_max_connections": MAX_CONNECTIONS,
+        }
+    )
+    async with open_door(settings, TEAMS) as opened:
+        yield opened
+
+
+def head(
+    length: int,
+    key: str | None = None,
+    *extra: str,
+    path: str = "/v1/chat/completions",
+    content_type: str = "application/json",
+) -> bytes:
     lines = [
-        "POST /v1/chat/completions HTTP/1.1",
+        f"POST {path} HTTP/1.1",
         "Host: gateway",
-        "Content-Type: application/json",
+        f"Content-Type: {content_type}",
         f"Content-Length: {length}",
         *extra,
     ]
@@ -154,3 +184,108 @@ async def test_a_process_reading_its_bytes_worth_of_bodies_answers_503(door: Doo
     async with door.client("gamma", max_retries=3) as gamma:
         assert await gamma.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert len(await door.gateway.usage_rows(1)) == 1
+
+
+@pytest.mark.parametrize("path", UPLOADS)
+async def test_a_keys_slow_uploads_are_held_to_its_bodies_and_others_are_served(
+    small_door: Door, path: str
+) -> None:
+    door = small_door
+    connections: list[asyncio.StreamWriter] = []
+    try:
+        # Given alpha opening more slow uploads than the process holds connections, one by one
+        answers = []
+        for _ in range(MAX_CONNECTIONS + 2):
+            reader, writer = await connect(door)
+            connections.append(writer)
+            upload = head(
+                SLOW,
+                door.keys["alpha"],
+                "Expect: 100-continue",
+                path=path,
+                content_type=UPLOADS[path],
+            )
+            writer.write(upload)
+            answers.append((await status_of(reader))[0])
+
+        # Expect as many read as a key may send bodies at once, the rest refused unread
+        assert answers == [100] * BODIES_PER_KEY + [429] * (MAX_CONNECTIONS + 2 - BODIES_PER_KEY)
+        # ... and beta served meanwhile, at once: a refused upload holds no one's place
+        async with door.client("beta") as beta:
+            assert await beta.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    finally:
+        for writer in connections:
+            writer.close()
+
+
+@pytest.mark.parametrize("path", [*UPLOADS, "/v1/chat/completions"])
+async def test_a_body_dropped_midway_logs_nothing_and_stores_nothing(
+    settings: Settings, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_door(settings, TEAMS) as door:
+        # Given a request whose body is being read
+        reader, writer = await connect(door)
+        content_type = UPLOADS.get(path, "application/json")
+        writer.write(
+            head(
+                SLOW,
+                door.keys["alpha"],
+                "Expect: 100-continue",
+                path=path,
+                content_type=content_type,
+            )
+        )
+        assert (await status_of(reader))[0] == 100
+        writer.write(b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n{')
+        await writer.drain()
+
+        # When its caller hangs up before the rest
+        writer.close()
+        # (the front door stops once its requests are done: this one too)
+
+    # Expect not a line in the log
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("uvicorn")] == []
+    # ... and nothing of it kept
+    pool = await create_pool(settings)
+    try:
+        assert await pool.fetchval("SELECT count(*) FROM api_files") == 0
+    finally:
+        await pool.close()
+
+
+async def test_slow_sign_in_forms_are_held_to_a_clients_bodies_and_to_the_body_timeout(
+    settings: Settings,
+) -> None:
+    timeout = 0.5
+    settings = settings.model_copy(
+        update={"http_bodies_per_key": BODIES_PER_KEY, "http_body_timeout": timeout}
+    )
+    async with open_door(settings, TEAMS) as door:
+        connections: list[asyncio.StreamWriter] = []
+        try:
+            # Given one address sending sign-in forms (before any key is known) byte by byte
+            answers = []
+            for _ in range(BODIES_PER_KEY + 1):
+                reader, writer = await connect(door)
+                connections.append(writer)
+                form = "application/x-www-form-urlencoded"
+                writer.write(
+                    head(
+                        SLOW,
+                        None,
+                        "Expect: 100-continue",
+                        path="/dashboard/sign-in",
+                        content_type=form,
+                    )
+                )
+                answers.append((reader, (await status_of(reader))[0]))
+
+            # Expect as many read as a key's bodies, the next refused unread
+            assert [status for _, status in answers] == [100] * BODIES_PER_KEY + [429]
+            # ... and those read given up on once the body timeout has passed
+            for reader, _ in answers[:BODIES_PER_KEY]:
+                assert (await status_of(reader))[0] == 408
+        finally:
+            for writer in connections:
+                writer.close()

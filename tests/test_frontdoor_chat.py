@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import httpx
 import pytest
 
+from queuegate.numbers import plain_decimal
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
 
@@ -118,3 +120,23 @@ async def test_health_readiness_metrics_and_docs(door: Door) -> None:
         assert "queuegate_http_request_seconds_bucket" in metrics
         assert (await http.get("/docs")).status_code == 200
         assert "/v1/chat/completions" in (await http.get("/openapi.json")).json()["paths"]
+
+
+async def test_a_cheap_jobs_cost_is_shown_in_plain_notation(door: Door) -> None:
+    # Given a job that costs under a millionth of a dollar (local-llama: $0.05 a Mtok in)
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        response = await http.post(
+            "/v1/chat",
+            json={"model": "local-llama", "messages": HELLO, "max_tokens": 3},
+            headers={"Authorization": f"Bearer {door.keys['alpha']}"},
+        )
+    assert response.status_code == 200, response.text
+
+    # Expect its cost in the header and the _gateway block as the audit log writes it:
+    # digits after a point, never an exponent a reader (or a spreadsheet) takes for text
+    [row] = await door.gateway.usage_rows(1)
+    assert Decimal(0) < row["cost_usd"] < Decimal("0.000001")
+    shown = plain_decimal(row["cost_usd"])
+    assert shown.startswith("0.000000")
+    assert response.headers["x-queuegate-cost-usd"] == shown
+    assert response.json()["_gateway"]["cost_usd"] == shown

@@ -3,6 +3,7 @@ maps to, so the openai SDK raises its own typed exceptions."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -95,6 +96,7 @@ async def test_a_request_its_limits_cannot_admit_in_time_is_429_with_retry_after
             )
     assert limited.value.code == "rate_limited"
     assert int(limited.value.response.headers["retry-after"]) > 30
+    assert "x-should-retry" not in limited.value.response.headers  # nothing called: retry
     assert door.gateway.mock.stats.calls == 1
 
 
@@ -104,6 +106,8 @@ async def test_every_provider_failing_is_502(door: Door) -> None:
             await client.chat.completions.create(model="local-llama", messages=HELLO)
     assert failed.value.status_code == 502
     assert failed.value.code == "all_providers_failed"
+    # The workers retried and fell back: the SDK is told not to call it all again
+    assert failed.value.response.headers["x-should-retry"] == "false"
 
 
 async def test_no_answer_within_the_callers_timeout_is_504(door: Door) -> None:
@@ -149,3 +153,30 @@ async def test_every_error_carries_a_request_id_the_jobs_once_there_is_one(door:
     rows = {row["job_id"]: row for row in await door.gateway.usage_rows(2)}
     assert rows[refused_id]["error_code"] == "invalid_request"
     assert late_id in rows
+
+
+async def test_the_sdk_with_its_default_retries_pays_once_for_a_504(door: Door) -> None:
+    # Given the openai SDK as callers build it: two retries of a 5xx by default
+    sent: list[httpx.Request] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request)
+
+    http = httpx.AsyncClient(event_hooks={"request": [count]})
+    async with openai.AsyncOpenAI(
+        base_url=door.v1, api_key=door.keys["alpha"], http_client=http
+    ) as client:
+        # When the provider is still answering as the caller's timeout passes
+        with pytest.raises(openai.InternalServerError) as late:
+            await client.chat.completions.create(
+                model="flaky-gpt", messages=HELLO, extra_headers={"x-queuegate-timeout": "0.5"}
+            )
+    assert late.value.status_code == 504 and late.value.code == "deadline_exceeded"
+
+    # Expect it told not to retry: one request, one provider call, one usage row
+    assert late.value.response.headers["x-should-retry"] == "false"
+    assert len(sent) == 1
+    async with asyncio.timeout(10):
+        await door.gateway.mock.wait_for_calls(1)
+    assert len(await door.gateway.usage_rows(1)) == 1
+    assert door.gateway.mock.stats.calls == 1

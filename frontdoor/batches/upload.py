@@ -3,11 +3,14 @@ spooled to a file.
 
 The whole request is bounded as it arrives, before anything spools it, so a request past
 the limit costs the front door no more than the limit; an uploaded file is bounded again,
-exactly, as it is stored::
+exactly, as it is stored. Each is one of the key's bodies read at once (``Bodies.held``):
+a key may hold no more of the process's connections with slow uploads than with slow chat
+bodies, though an upload has minutes to arrive::
 
-    async with read_upload(request, limit=s.batch_file_max_bytes, timeout=60) as form:
+    reading = door.bodies.reader(caller.key_id)
+    async with read_upload(request, reading, limit=s.batch_file_max_bytes, timeout=60) as form:
         upload, purpose = form.get("file"), form.get("purpose")
-    await spool_body(request, path, limit=..., timeout=...)
+    await spool_body(request, reading, path, limit=..., timeout=...)
 """
 
 from __future__ import annotations
@@ -21,18 +24,24 @@ from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
-from frontdoor.body import declared_size, receive
+from frontdoor.body import Reader, declared_size, receive
 from frontdoor.errors import ApiError
 
 FORM_OVERHEAD = 64 * 1024
 """Bytes of a multipart request beside the file: boundaries, part headers, other fields."""
+IN_MEMORY = 1024 * 1024
+"""Bytes of an upload held in memory at most while it arrives, as the process's bytes in
+flight count it: the multipart parser spools a file to disk past a megabyte (Starlette's
+``MultiPartParser.spool_max_size``), and a spooled body goes to its file as it comes."""
 
 
 @asynccontextmanager
-async def read_upload(request: Request, *, limit: int, timeout: float) -> AsyncIterator[FormData]:
+async def read_upload(
+    request: Request, reading: Reader, *, limit: int, timeout: float
+) -> AsyncIterator[FormData]:
     """The request's form, its files spooled by the parser and closed on exit."""
     bound = limit + FORM_OVERHEAD
-    declared_size(request, bound, lambda _: too_large(limit))
+    size = declared_size(request, bound, lambda _: too_large(limit))
     received = 0
 
     async def counted() -> Message:
@@ -44,8 +53,9 @@ async def read_upload(request: Request, *, limit: int, timeout: float) -> AsyncI
         return message
 
     try:
-        async with asyncio.timeout(timeout):
-            form = await Request(request.scope, counted).form(max_files=1, max_fields=16)
+        with reading(min(bound if size is None else size, IN_MEMORY)):
+            async with asyncio.timeout(timeout):
+                form = await Request(request.scope, counted).form(max_files=1, max_fields=16)
     except TimeoutError:
         raise ApiError(
             "request_timeout", f"the upload did not arrive within {timeout:g} s"
@@ -56,9 +66,12 @@ async def read_upload(request: Request, *, limit: int, timeout: float) -> AsyncI
         await form.close()
 
 
-async def spool_body(request: Request, path: Path, *, limit: int, timeout: float) -> None:
+async def spool_body(
+    request: Request, reading: Reader, path: Path, *, limit: int, timeout: float
+) -> None:
     """Write the request's body to ``path``, never more than ``limit`` bytes of it."""
-    with path.open("wb") as f:
+    size = declared_size(request, limit, too_large)
+    with reading(min(limit if size is None else size, IN_MEMORY)), path.open("wb") as f:
         await receive(request, f.write, limit=limit, timeout=timeout, too_large=too_large)
 
 

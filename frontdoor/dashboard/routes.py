@@ -20,7 +20,7 @@ from typing import Annotated, Any, cast
 from urllib.parse import urlencode
 
 import aio_pika
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -67,9 +67,9 @@ async def sign_in_form(request: Request, door: Door) -> Response:
 
 
 @router.post("/sign-in")
-async def sign_in(
-    request: Request, door: Door, key: Annotated[str, Form()], csrf: Annotated[str, Form()]
-) -> Response:
+async def sign_in(request: Request, door: Door) -> Response:
+    form = await sessions.read_form(request)
+    key, csrf = form.get("key", ""), form.get("csrf", "")
     form_id = request.cookies.get(sessions.SIGN_IN_COOKIE)
     if not sessions.same_token(await sessions.take_sign_in_token(door, form_id), csrf):
         return await _sign_in_page(

@@ -23,6 +23,10 @@ the form's id in a cookie, its CSRF token in Redis for ``SIGN_IN_TTL`` seconds, 
 forgotten) by the one post that may use it. A cookie planted by another site (a sibling
 domain can set one) names no form this dashboard handed out, whatever token comes with it.
 
+A form's body is read as an API's is (``read_form``), in size, in time and in number at once
+per client address: the sign-in's comes before any key is known, so a slow one must cost no
+more than its own connection, for no longer than ``http_body_timeout``.
+
 Each read of Redis or PostgreSQL here is bounded (``outage.bounded``): with either away the
 person is shown which one, within seconds.
 """
@@ -34,6 +38,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 import redis.asyncio as aioredis
 from fastapi import Request
@@ -41,6 +46,7 @@ from fastapi.responses import Response
 
 from admin.keys import DASHBOARD_SESSION_TTL, KeyOwner, dashboard_generation, live_key_owner
 from frontdoor.dashboard.outage import bounded
+from frontdoor.failed_keys import client_of
 from frontdoor.service import FrontDoor
 from queuegate.db import database_unreachable
 from queuegate.keys import Keys
@@ -153,9 +159,21 @@ async def current(request: Request) -> Session:
     return session
 
 
+FORM_BYTES = 16 * 1024
+"""A dashboard form's body at most: a key and a token are a few hundred bytes."""
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The fields of the form posted (URL-encoded), read through the process's ``Bodies``
+    under its client's address, as no key is proven yet: 408, 413 or 429 as an API's."""
+    door: FrontDoor = request.app.state.frontdoor
+    raw = await door.bodies.read(request, f"client {client_of(request)}", limit=FORM_BYTES)
+    return dict(parse_qsl(raw.decode(errors="replace")))
+
+
 async def check_csrf(request: Request, session: Session) -> None:
     """BadCsrf unless the form posted carries the session's token."""
-    form = await request.form()
+    form = await read_form(request)
     token = form.get("csrf")
     if not isinstance(token, str) or not same_token(session.csrf, token):
         raise BadCsrf

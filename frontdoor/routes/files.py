@@ -25,7 +25,8 @@ router = APIRouter(tags=["OpenAI Files"])
 async def upload(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
     s = door.settings
     limit = s.batch_file_max_bytes
-    async with read_upload(request, limit=limit, timeout=s.batch_upload_timeout) as form:
+    reading = door.bodies.reader(caller.key_id)
+    async with read_upload(request, reading, limit=limit, timeout=s.batch_upload_timeout) as form:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != files.UPLOADED:
             raise ApiError(

@@ -47,7 +47,8 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
     batch_id = records.new_batch_id("anthropic")
     with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
         body, requests = Path(work) / "body.json", Path(work) / "requests.jsonl"
-        await spool_body(request, body, limit=limit, timeout=s.batch_upload_timeout)
+        reading = door.bodies.reader(caller.key_id)
+        await spool_body(request, reading, body, limit=limit, timeout=s.batch_upload_timeout)
         total = _requests(body, requests)
         stored = await files.store_file(
             door.pool,
