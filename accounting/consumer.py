@@ -34,6 +34,7 @@ from queuegate.metrics import observe_accounting_batch, observe_spend_correction
 from queuegate.outage import OutageLog
 from queuegate.redis_client import redis_for
 from queuegate.registry import list_teams
+from queuegate.runtime import serving
 from queuegate.settings import Settings
 from queuegate.spend import Correction, Scope, current_month, reconcile, reconciler_token
 from queuegate.topology import MESSAGE_TYPE_USAGE_BATCH, Topology
@@ -187,6 +188,7 @@ class Accountant:
             # but an await inside the broker or database client can swallow that cancel, and
             # only the stop, set with it, says not to begin consuming.
             return
+        serving(stop)  # a stop from here on writes and acknowledges what was taken
         channel.reopen_callbacks.add(self._on_reopen)
         try:
             await self._consume(channel)

@@ -72,18 +72,28 @@ def tune_gc() -> None:
 def stop_on_signals() -> asyncio.Event:
     """An event set by SIGTERM or SIGINT, so a component can drain instead of dying.
 
-    Until something first waits for it, the process is starting (waiting for PostgreSQL,
-    connecting): nothing would see the event set, and a start-up wait may last as long as an
-    outage. A signal then cancels the task that asked for the event instead, and ``run``
-    ends as a normal stop does, saying so in one line: every start-up wait of every role
-    ends at once, whatever it waits for. Should a second signal come before that stop has
-    ended, the process dies of it, as it would without a handler: never ignored.
+    Until something first waits for it (or says it is ``serving``), the process is starting
+    (waiting for PostgreSQL, connecting): nothing would see the event set, and a start-up
+    wait may last as long as an outage. A signal then cancels the task that asked for the
+    event instead, and ``run`` ends as a normal stop does, saying so in one line: every
+    start-up wait of every role ends at once, whatever it waits for. Should a second signal
+    come before that stop has ended, the process dies of it, as it would without a handler:
+    never ignored. Once serving, a signal only sets the event, saying so in one line.
     """
     stop = _Stop(asyncio.current_task())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.signalled, sig)
     return stop
+
+
+def serving(stop: asyncio.Event) -> None:
+    """The process is about to take work: from now on a stop signal sets ``stop`` for it to
+    drain, where until now it cancelled the start (``stop_on_signals``). Call it before the
+    first consumer starts: a start cancelled once consuming ended with its jobs taken and cut
+    off mid-call (called again on redelivery, and counted against the provider's circuit)."""
+    if isinstance(stop, _Stop):
+        stop.serving()
 
 
 def say_stopped_starting(sig: signal.Signals) -> None:
@@ -106,8 +116,11 @@ class _Stop(asyncio.Event):
         self._starting = starting
         self._stopping_start = False
 
-    async def wait(self) -> Literal[True]:
+    def serving(self) -> None:
         self._starting = None  # started: from now on the process drains on a signal
+
+    async def wait(self) -> Literal[True]:
+        self.serving()
         return await super().wait()
 
     def signalled(self, sig: signal.Signals) -> None:
@@ -120,7 +133,9 @@ class _Stop(asyncio.Event):
             return
         self.set()
         starting, self._starting = self._starting, None
-        if starting is not None and not starting.done():
+        if starting is None or starting.done():
+            log.info("%s: stopping", sig.name)
+        else:
             say_stopped_starting(sig)
             _STOPPED_STARTING.add(starting)
             self._stopping_start = True

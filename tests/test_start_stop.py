@@ -12,15 +12,19 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import signal
 from collections.abc import Iterator
 
 import asyncpg
 
-from mockprovider import MockConfig, MockProvider
+from mockprovider import Behavior, MockConfig, MockProvider
 from queuegate.broker import connect
+from queuegate.runtime import stop_on_signals
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import load_catalog, open_router
+from tests.support import running_gateway
 from workers import Worker
 
 TEAMS = ("alpha", "beta")
@@ -116,3 +120,68 @@ async def _consumers(settings: Settings) -> int:
             queue = await topology.declare_team_queue(channel, team)
             total += queue.declaration_result.consumer_count or 0
         return total
+
+
+class _SignalAt(logging.Handler):
+    """Sends this process ``signal`` as the worker says a line beginning with ``start``: its
+    loop's handler runs before the worker's next await, as for a signal from outside."""
+
+    def __init__(self, start: str, sig: signal.Signals) -> None:
+        super().__init__(logging.INFO)
+        self.start, self.sig, self.sent = start, sig, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.sent and record.getMessage().startswith(self.start):
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
+
+
+async def test_a_stop_signal_once_a_team_is_consumed_drains_instead_of_cutting_its_jobs_off(
+    settings: Settings,
+) -> None:
+    # Given jobs waiting for alpha, whose provider answers in 300 ms (a gateway's worker gave
+    # the client its reply queue, then stopped)
+    jobs = 4
+    loop = asyncio.get_running_loop()
+    slow = MockConfig(default=Behavior(latency_ms=300))
+    async with (
+        running_gateway(settings, teams=TEAMS, mock_config=slow) as gw,
+        gw.client("alpha") as client,
+    ):
+        await gw.stop_worker()
+        handles = [
+            await client.submit(client.job("gpt-4o-mini", [{"role": "user", "content": f"{i}"}]))
+            for i in range(jobs)
+        ]
+        env = {"QUEUEGATE_MOCK_URL": gw.mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
+        async with open_router(load_catalog(None, env), env, settings) as router:
+            worker = Worker(settings, router, teams=list(TEAMS), name="signalled")
+
+            async def serve() -> None:  # as `queuegate worker` runs it
+                await worker.run(stop_on_signals())
+
+            # When SIGTERM comes as alpha's consumer has started, before beta's and the end of
+            # the start
+            hook = _SignalAt("now serving team alpha", signal.SIGTERM)
+            target = logging.getLogger("workers.worker")
+            target.addHandler(hook)
+            level = target.level
+            target.setLevel(logging.INFO)
+            try:
+                await asyncio.wait_for(serve(), 30)  # cancelled, it raises here
+            finally:
+                target.removeHandler(hook)
+                target.setLevel(level)
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+        # Expect the start to have drained, not been cut off: it never announced itself, and
+        # each job it took was answered, each call once (a later worker answers the rest)
+        assert hook.sent
+        assert not worker.ready.is_set()
+        called_by_first = gw.mock.stats.calls
+        async with running_gateway(settings, teams=TEAMS, accounting=False) as rest:
+            results = [await handle.result(timeout=30) for handle in handles]
+        assert [r.status for r in results] == ["ok"] * jobs
+        assert len(await gw.usage_rows(jobs)) == jobs
+        assert called_by_first + rest.mock.stats.calls == jobs

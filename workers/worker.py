@@ -24,6 +24,7 @@ from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig, check_team_name, list_teams
+from queuegate.runtime import serving
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
@@ -215,7 +216,8 @@ class Worker:
             await self._drain()
             await publisher.close()
         finally:
-            await _end_live_stats(live_task, live_stop, served=self.ready.is_set())
+            # Drained: it took jobs (or could have), whose live counts are written.
+            await _end_live_stats(live_task, live_stop, served=self._draining)
             await claims_task
             await connection.close()
             await pool.close()
@@ -224,6 +226,7 @@ class Worker:
         self, channel: AbstractRobustChannel, pool: asyncpg.Pool, stop: asyncio.Event
     ) -> None:
         assert self._admission is not None
+        serving(stop)  # consumers start here: a stop from now on drains what they take
         registry = await self._registry_teams(pool)
         if registry is not None:
             self._admission.update(registry)
@@ -237,10 +240,9 @@ class Worker:
         if wanted is None:
             return
         for team in wanted:
-            # A stop signal while starting cancels the start (stop_on_signals), but an await
-            # inside the broker client can swallow that cancel (a worker signalled as it
-            # consumed served on, 1 launch in 155): the stop, set with the cancel, is what says
-            # no consumer more and none announced. The drain cancels those already started.
+            # Serving has begun (runtime.serving): a stop signal sets the stop and cancels
+            # nothing, so the stop is what says no consumer more and none announced. The
+            # drain ends those already started, and answers the jobs they took.
             if stop.is_set():
                 return
             prefetch = prefetch_for(self._admission.config(team), self._settings)
