@@ -14,7 +14,8 @@ they point the component under test at a proxy and take the proxy down instead::
 but nothing passes either way until ``up()``; what was sent meanwhile then arrives.
 
 ``hold_replies_after(marker)`` keeps the connections open but stops passing the service's
-bytes back once a client has sent ``marker``: what it sent arrives, no answer to it does.
+bytes back once a client has sent ``marker``: what it sent arrives, no answer to it does
+(until ``up()``).
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ class TcpProxy:
             await asyncio.gather(*self._pipes, return_exceptions=True)
 
     async def up(self) -> None:
+        """The service is back, answering again (a hold set by ``hold_replies_after`` ends)."""
         self._up = True
         self._flowing.set()
+        self._marker = None
+        self.held.clear()
 
     def hang(self) -> None:
         """Pass nothing either way, keeping every connection open, until ``up()``: a frozen
