@@ -128,11 +128,13 @@ async def test_concurrent_jobs_never_overspend_a_budget(settings: Settings) -> N
         assert spent <= budget
 
 
+@pytest.mark.parametrize("deadline", [None, timedelta(seconds=30)], ids=["no_deadline", "deadline"])
 async def test_a_served_jobs_claim_and_admission_take_three_round_trips_and_leave_its_real_usage(
     settings: Settings,
     redis_client: aioredis.Redis,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    deadline: timedelta | None,
 ) -> None:
     # Given team alpha with a token bucket and a budget, on a deployment with a token limit
     await register(settings, "alpha", TeamConfig(tpm=1000, budget_usd=Decimal(1)))
@@ -157,8 +159,10 @@ models:
 
     monkeypatch.setattr(Scripts, "run_all", counted)
     async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
-        # When one job is served
-        result = await client.chat("small", WORDS, max_tokens=MAX_TOKENS, timeout=10)
+        # When one job is served (a deadline it is well within changes nothing)
+        result = await client.chat(
+            "small", WORDS, max_tokens=MAX_TOKENS, timeout=10, deadline=deadline
+        )
         assert result.status == "ok"
 
     # Expect three round trips: the claim with the budget's reservation and the team bucket's

@@ -490,12 +490,17 @@ class JobProcessor:
         claim in one round trip, for the common job that goes from its claim straight to
         admission: one it reaches with no other round trip of its own between (a cache
         lookup, a usage_log lookup of a redelivery), as the job it screened is the job it
-        admits (no PII policy), and without a deadline that may end it meanwhile. Any other
-        job that ends before admission gives them back with its claim (``Ahead.undo``)."""
+        admits (no PII policy), and not past its deadline already. One that ends before
+        admission all the same gives them back with its claim (``Ahead.undo``).
+
+        A job past its deadline is refused before admission (``_serve``): taken with its
+        claim, its request would go back only a round trip later, and a backlog of jobs that
+        expired in their queue would meanwhile hold the team's requests that the live jobs
+        among them need, sending those to wait in line, where a deadline refuses them."""
         if (
             unreceivable is not None
             or message.redelivered
-            or job.deadline is not None
+            or _past(_monotonic_deadline(job.deadline))
             or admitted.screens
             or wanted(job, self._admission.config(job.team))
         ):
@@ -535,7 +540,7 @@ class JobProcessor:
         self, job: ChatJob, relay: StreamRelay | None, claim: Claim, ahead: Ahead | None
     ) -> Routed:
         deadline = _monotonic_deadline(job.deadline)
-        if deadline is not None and deadline <= time.monotonic():
+        if _past(deadline):
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
         # Below the broker's consumer timeout, which would take the job back mid-call.
         limit = time.monotonic() + self._job_time_limit
@@ -661,6 +666,11 @@ def _queued_ms(message: AbstractIncomingMessage) -> float:
         sent = published.timestamp() * 1000
     waited = time.time() * 1000 - sent
     return waited if 0 <= waited <= MAX_QUEUED_MS else 0.0
+
+
+def _past(deadline: float | None) -> bool:
+    """Whether a monotonic ``deadline`` (None: none) has come."""
+    return deadline is not None and deadline <= time.monotonic()
 
 
 def _monotonic_deadline(deadline: datetime | None) -> float | None:
