@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -21,7 +22,7 @@ from queuegate.messages import ChatResult
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent
-from tests.support import Gateway, running_gateway
+from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
 from workers.admission.scripts import Call, Scripts
 
@@ -127,11 +128,13 @@ async def test_concurrent_jobs_never_overspend_a_budget(settings: Settings) -> N
         assert spent <= budget
 
 
-async def test_a_served_jobs_admission_takes_three_round_trips_and_leaves_its_real_usage(
+@pytest.mark.parametrize("deadline", [None, timedelta(seconds=30)], ids=["no_deadline", "deadline"])
+async def test_a_served_jobs_claim_and_admission_take_three_round_trips_and_leave_its_real_usage(
     settings: Settings,
     redis_client: aioredis.Redis,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    deadline: timedelta | None,
 ) -> None:
     # Given team alpha with a token bucket and a budget, on a deployment with a token limit
     await register(settings, "alpha", TeamConfig(tpm=1000, budget_usd=Decimal(1)))
@@ -156,18 +159,20 @@ models:
 
     monkeypatch.setattr(Scripts, "run_all", counted)
     async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
-        # When one job is served
-        result = await client.chat("small", WORDS, max_tokens=MAX_TOKENS, timeout=10)
+        # When one job is served (a deadline it is well within changes nothing)
+        result = await client.chat(
+            "small", WORDS, max_tokens=MAX_TOKENS, timeout=10, deadline=deadline
+        )
         assert result.status == "ok"
 
-    # Expect three round trips: the budget's reservation with the team bucket's take (sent
-    # twice when the first finds no ledger for the month, which is then rebuilt from
-    # PostgreSQL, unless accounting's reconciliation made it first), the deployment bucket's
-    # take with the call's record in the claim, then the outcome's store with every settle
-    # (both buckets' tokens, the budget's cost)
-    reserve = ["spend", "take"]
-    assert batches[-3:] == [reserve, ["take", "hold"], ["finish", "take", "take", "spend"]]
-    assert batches[:-3] in ([], [reserve])
+    # Expect three round trips: the claim with the budget's reservation and the team bucket's
+    # take (then a reservation of its own when the first finds no ledger for the month, which
+    # is then rebuilt from PostgreSQL, unless accounting's reconciliation made it first), the
+    # deployment bucket's take with the call's record in the claim, then the outcome's store
+    # with every settle (both buckets' tokens, the budget's cost)
+    after = [["take", "hold"], ["finish", "take", "take", "spend"]]
+    assert batches[0] == ["claim", "spend", "take"]
+    assert batches[1:] in (after, [["spend", "take"], *after])
     # ... and the counters at what the job really used, not at its estimate: the budget at
     # its cost (10 input tokens at $1/M, 11 output at $2/M), each bucket 21 tokens down
     # (a refill of 1,000 a minute adds less than one in the time the job takes)
@@ -178,6 +183,41 @@ models:
         tokens = await redis_client.hget(bucket, "t")
         assert tokens is not None
         assert 1000 - REAL_TOKENS <= float(tokens) < 1000 - REAL_TOKENS + 1
+
+
+async def test_a_duplicate_finding_the_job_busy_leaves_its_owners_budget_entry_alone(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given team alpha with a budget, a call far longer than a duplicate may wait for it
+    # (and deliveries to spare)
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(1)))
+    settings = settings.model_copy(update={"claim_wait": 0.2, "delivery_limit": 50})
+    slow = MockConfig(default=Behavior(latency_ms=1500))
+    caplog.set_level(logging.INFO, logger="workers.processor")
+    keys = Keys(settings.redis_prefix)
+    ledger = keys.spend("alpha", current_month())
+    async with running_gateway(settings, mock_config=slow) as gw, gw.client("alpha") as client:
+        # When one job is published twice at once, and the duplicate goes back to its queue
+        # while the first delivery is in its call
+        job = client.job("gpt-4o-mini", WORDS, fallbacks=[], max_tokens=MAX_TOKENS)
+        handles = await asyncio.gather(client.submit(job), client.submit(job))
+        await wait_until(lambda: any("past the wait" in r.getMessage() for r in caplog.records))
+        entry = await redis_client.hget(ledger, f"j:{job.job_id}")
+        assert gw.mock.stats.calls == 0  # the owner still in its call (counted once answered)
+
+        # Expect the owner's reservation still in the ledger (a duplicate reserving under the
+        # job's id, then undoing it, would have replaced and deleted it), and the job billed
+        # once: its real cost (10 input tokens at $0.15/M, 11 output at $0.60/M)
+        assert entry is not None and int(entry) > 0
+        result = await handles[0].result(timeout=30)
+        assert result.status == "ok"
+        await wait_until(lambda: client.duplicates == 1, timeout=30)
+        assert gw.mock.stats.calls == 1
+        spent = await ledger_spent(redis_client, keys, "alpha", current_month())
+        assert spent == (10 * Decimal("0.15") + 11 * Decimal("0.60")) / 1_000_000
+        assert len(await gw.usage_rows(1)) == 1
 
 
 async def test_a_flooding_team_does_not_hold_up_a_trickling_one(settings: Settings) -> None:

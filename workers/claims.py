@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -72,7 +72,7 @@ from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
 from router import Catalog, Deployment, Routed
 from router.router import AttemptGate
-from workers.admission import Settlement, Ticket
+from workers.admission import Ahead, Settlement, Ticket
 from workers.admission.scripts import Call, Scripts
 from workers.outcome import Outcome
 from workers.usage_record import UsageRecord
@@ -218,10 +218,16 @@ class Claims:
         were, without building a UUID (1.2-1.7 µs against 4.4-6.0)."""
         return f"{self._worker}/{secrets.token_hex(6)}"
 
-    async def take(self, job: ChatJob, *, redelivered: bool) -> Claim | Outcome:
+    async def take(
+        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None = None
+    ) -> Claim | Outcome:
         """The job held by this delivery, or its stored outcome; waits while another delivery
         holds it. Raises IdempotencyConflict, AlreadyAnswered, Busy past ``claim_wait``, or
-        Poison past the delivery limit."""
+        Poison past the delivery limit.
+
+        ``ahead``: the job's budget reserve and first take, run in the first try's round trip
+        only if this delivery wins the claim there (``ahead.replies``), and then given back
+        with the claim's end unless admission takes them over."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         failures = self._keys.failures(job.team, job.job_id)
@@ -230,11 +236,11 @@ class Claims:
         args: list[str | int] = [owner, self._lease_ms, fingerprint, self._ttl, self._limit]
         give_up = time.monotonic() + self._wait
         pause = FIRST_POLL
+        claim_keys, riding = [key, result, *self._epoch_keys, failures], ahead
         while True:
             try:
-                reply = await self._claim(
-                    keys=[key, result, *self._epoch_keys, failures], args=args
-                )
+                reply = await self._try(claim_keys, args, riding)
+                riding = None  # a second try (the first found it busy) is a claim alone
             except RedisError as exc:
                 self._outage.failed(exc)
                 # Unclaimed, and the memory epoch unknown: never past PostgreSQL's record
@@ -275,6 +281,8 @@ class Claims:
         lost = _lost(reply[1])
         claim = Claim(self, ClaimedJob.of(job), fingerprint, key, owner=owner, lost=lost)
         self._held[key] = owner
+        if ahead is not None and ahead.replies:
+            claim.settle_with(ahead.undo(claim.lost_usd))
         try:
             if redelivered or await self._must_check(reply[2]):
                 await self._not_accounted(job)
@@ -282,6 +290,15 @@ class Claims:
             await claim.abandon()
             raise
         return claim
+
+    async def _try(self, keys: list[str], args: list[str | int], ahead: Ahead | None) -> Any:
+        """One try at the claim; ``ahead``'s calls ride with it, run only if it is won."""
+        if ahead is None:
+            return await self._claim(keys=keys, args=args)
+        reply, *ahead.replies = await self._scripts.run_all(
+            [Call("claim", keys, args), *ahead.calls]
+        )
+        return reply
 
     async def lapsed(self) -> Lapsed:
         """Claims of jobs past their deadline and a lease whose dead owners' calls are on

@@ -38,10 +38,15 @@ class Admitted:
     screening: Screening | None = None
     """The findings in the job, once screened: the audit's redaction reuses them."""
 
+    @property
+    def screens(self) -> bool:
+        """Whether ``screen`` reads the prompt: it may then refuse or redact it."""
+        return self.security.pii != "off" or self.security.capture == "redacted"
+
     async def screen(self) -> ChatJob:
         """Apply the team's PII policy; raises InvalidRequest when it refuses the prompt."""
         policy = self.security.pii
-        if policy != "off" or self.security.capture == "redacted":
+        if self.screens:
             self.screening = await screen_job(self.job)
             if policy != "off":
                 self.pii = self.screening.kinds  # kept even when the policy then refuses

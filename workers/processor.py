@@ -5,12 +5,13 @@ answered already, held by another delivery, a different request under the id) �
 exists (refused after the claim is read: calls its lapsed owners made are accounted on the
 job's row, however it ends; one answered before only has its stored usage event sent again,
 which the delivery that answered it may have died before sending) → PII policy → deadline →
-cache → admission (budget, team buckets) → router (each deployment's buckets, each call
-recorded in the claim before it leaves, in the take's round trip when it goes at once;
-streaming deltas to reply_to) → store outcome, ending the claim, and settle admission in the
-same round trip → publish result (confirmed) → usage event in the worker's next batch
-(confirmed; a job with a deadline then leaves the lapsing claims) → dead-letter bad input →
-ack.
+cache → admission (budget, team buckets; for the common job, reserved and taken in the
+claim's round trip once it is won, given back with the claim if the job ends first) →
+router (each deployment's buckets, each call recorded in the claim before it leaves, in the
+take's round trip when it goes at once; streaming deltas to reply_to) → store outcome,
+ending the claim, and settle admission in the same round trip → publish result
+(confirmed) → usage event in the worker's next batch (confirmed; a job with a deadline then
+leaves the lapsing claims) → dead-letter bad input → ack.
 
 The outcome is stored before it is announced: a crash after that point redelivers the job,
 and the redelivery is answered from the store instead of calling the provider again. Before
@@ -49,7 +50,7 @@ from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fie
 from queuegate.topology import HEADER_SENT_MS
 from router import Routed, Router
 from workers import spans
-from workers.admission import Admission
+from workers.admission import Admission, Ahead
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
 from workers.claims import Busy, Claim, Claims, Poison, Unaccounted
@@ -258,7 +259,8 @@ class JobProcessor:
             # The broker delivers it again: claimed here, its redelivery would wait on it.
             raise ChannelInvalidStateError(f"job {job.job_id}'s channel is closed")
         try:
-            claim = await self._claims.take(job, redelivered=bool(message.redelivered))
+            ahead = self._ahead(message, job, admitted, unreceivable)
+            claim = await self._claims.take(job, redelivered=bool(message.redelivered), ahead=ahead)
         except JobError as exc:  # a different request under the id, or answered before
             # One answered before is refused as that wherever its reply queue is: its own row
             # counts it, and a row for an unreceivable refusal would count it again.
@@ -292,7 +294,7 @@ class JobProcessor:
             return Announcement.of(claim, reply_to, lapsing=self._claims.lapsing(job))
         error: JobError | None = None
         try:
-            outcome = await self._answer(await admitted.screen(), reply_to, timing, claim)
+            outcome = await self._answer(await admitted.screen(), reply_to, timing, claim, ahead)
         except JobError as exc:
             error = exc
             outcome = failed(job.job_id, job.team, job.model, exc, timing)
@@ -477,8 +479,48 @@ class JobProcessor:
             )
         return job
 
+    def _ahead(
+        self,
+        message: AbstractIncomingMessage,
+        job: ChatJob,
+        admitted: Admitted,
+        unreceivable: InvalidRequest | None,
+    ) -> Ahead | None:
+        """The job's budget reserve and first take of its team's buckets, to run with its
+        claim in one round trip, for the common job that goes from its claim straight to
+        admission: one it reaches with no other round trip of its own between (a cache
+        lookup, a usage_log lookup of a redelivery), as the job it screened is the job it
+        admits (no PII policy), and not past its deadline already. One that ends before
+        admission all the same gives them back with its claim (``Ahead.undo``).
+
+        A job past its deadline is refused before admission (``_serve``): taken with its
+        claim, its request would go back only a round trip later, and a backlog of jobs that
+        expired in their queue would meanwhile hold the team's requests that the live jobs
+        among them need, sending those to wait in line, where a deadline refuses them."""
+        if (
+            unreceivable is not None
+            or message.redelivered
+            or _past(_monotonic_deadline(job.deadline))
+            or admitted.screens
+            or wanted(job, self._admission.config(job.team))
+        ):
+            return None
+        ahead = self._admission.ahead(job)
+        if ahead is None:
+            return None
+        try:
+            self._router.check(job)
+        except JobError:
+            return None  # refused in its turn, before admission
+        return ahead
+
     async def _answer(
-        self, job: ChatJob, reply_to: str | None, timing: Timing, claim: Claim
+        self,
+        job: ChatJob,
+        reply_to: str | None,
+        timing: Timing,
+        claim: Claim,
+        ahead: Ahead | None,
     ) -> Outcome:
         """From the response cache when the job (or its team) wants it, else from the router
         (streamed to ``reply_to`` when the job asks for it)."""
@@ -489,14 +531,16 @@ class JobProcessor:
             if relay is not None:
                 await relay.replay(hit.response)
             return served(job, hit, timing, cached=True)
-        routed = await self._serve(job, relay, claim)
+        routed = await self._serve(job, relay, claim, ahead)
         if cache:
             await self._cache.put(job, routed)
         return served(job, routed, timing)
 
-    async def _serve(self, job: ChatJob, relay: StreamRelay | None, claim: Claim) -> Routed:
+    async def _serve(
+        self, job: ChatJob, relay: StreamRelay | None, claim: Claim, ahead: Ahead | None
+    ) -> Routed:
         deadline = _monotonic_deadline(job.deadline)
-        if deadline is not None and deadline <= time.monotonic():
+        if _past(deadline):
             raise DeadlineExceeded(f"deadline {job.deadline} passed before the job was served")
         # Below the broker's consumer timeout, which would take the job back mid-call.
         limit = time.monotonic() + self._job_time_limit
@@ -505,7 +549,11 @@ class JobProcessor:
         self._router.check(job)
         # Checked again while it waits for admission, and once admitted (Admission.admit).
         claim.charged = True  # from here admission charges the lapsed owners' calls
-        admitting = self._admission.admit(job, deadline, self._cancels.watch(job), claim.lost_usd)
+        if ahead is not None and ahead.replies:
+            claim.settle_with(None)  # what ran with the claim is admission's to settle now
+        admitting = self._admission.admit(
+            job, deadline, self._cancels.watch(job), claim.lost_usd, ahead
+        )
         if tracing.ON:
             attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}
             admitting = tracing.traced(admitting, f"admission {job.team}", attributes=attributes)
@@ -618,6 +666,11 @@ def _queued_ms(message: AbstractIncomingMessage) -> float:
         sent = published.timestamp() * 1000
     waited = time.time() * 1000 - sent
     return waited if 0 <= waited <= MAX_QUEUED_MS else 0.0
+
+
+def _past(deadline: float | None) -> bool:
+    """Whether a monotonic ``deadline`` (None: none) has come."""
+    return deadline is not None and deadline <= time.monotonic()
 
 
 def _monotonic_deadline(deadline: datetime | None) -> float | None:

@@ -77,6 +77,21 @@ class Reservation:
     """Each scope's ledger generation the job reserved in."""
 
 
+@dataclass(frozen=True)
+class Reserving:
+    """A reserve about to run (``Budgets.reserving``): its script call, and what its reply
+    is read with."""
+
+    call: Call
+    team: str
+    model: str
+    month: str
+    job_id: str
+    nano: int
+    scopes: list[tuple[str | None, Decimal]]
+    keys: list[str]
+
+
 class Budgets:
     def __init__(
         self,
@@ -118,9 +133,26 @@ class Budgets:
         Raises BudgetExhausted when the budget or the cap cannot take ``nano``. ``name``: the
         reservation's, the same on every try (``Scripts.run_all``).
         """
+        reserving = self.reserving(team, model, config, nano, job_id)
+        if reserving is None:
+            return None, None
+        calls = [reserving.call] + ([then] if then is not None else [])
+        rounds = itertools.count()
+        while True:
+            # Each round after a rebuild is a new one: the one before was refused.
+            replies = await self._scripts.run_all(calls, name=name and f"{name}.{next(rounds)}")
+            reservation = await self.reserved(reserving, replies[0])
+            if reservation is not None:
+                return reservation, replies[1] if then is not None else None
+
+    def reserving(
+        self, team: str, model: str, config: TeamConfig, nano: int, job_id: str
+    ) -> Reserving | None:
+        """The reserve of ``reserve`` as a script call, to run with another (a job's claim);
+        its reply goes to ``reserved``. None when the team has neither budget nor cap."""
         scopes = budget_scopes(config, model)
         if not scopes:
-            return None, None
+            return None
         month = current_month()
         threshold = (
             to_nano(config.budget_usd * Decimal(str(config.alert_threshold)))
@@ -132,27 +164,53 @@ class Budgets:
         args += [job_id, self._lease_ms, *(to_nano(limit) for _, limit in scopes)]
         ledgers = keys[::2]
         args += [self._generations.get(ledger, "") for ledger in ledgers]
-        calls = [self._call(team, month, keys, args)] + ([then] if then is not None else [])
-        rounds = itertools.count()
-        while True:
-            # Each round after a rebuild is a new one: the one before was refused.
-            replies = await self._scripts.run_all(calls, name=name and f"{name}.{next(rounds)}")
-            reply = replies[0]
-            _alert(team, month, reply)
-            if reply[0] in (-2, -3):
-                scope_model, _ = scopes[int(reply[1]) - 1]
-                await self._rebuild(team, month, scope_model)
-                args[-len(ledgers) :] = [self._generations.get(ledger, "") for ledger in ledgers]
-                continue
-            if reply[0] == -1:
-                scope = scopes[int(reply[1]) - 1]
-                raise exhausted(
-                    team, month, model=model, scope=scope, spent=int(reply[2]), needed=nano
-                )
-            generations = [text(gen) for gen in reply[3 : 3 + len(ledgers)]]
-            self._generations.update(zip(ledgers, generations, strict=True))
-            reservation = Reservation(keys, team, month, job_id, nano, generations)
-            return reservation, replies[1] if then is not None else None
+        return Reserving(
+            self._call(team, month, keys, args), team, model, month, job_id, nano, scopes, keys
+        )
+
+    async def reserved(self, reserving: Reserving, reply: list[int]) -> Reservation | None:
+        """The reservation ``reply`` (of ``reserving.call``) made; None when it found the
+        ledger lost or made again, rebuilt now: the call (its generations brought up to
+        date) is to run again. Raises BudgetExhausted when it was refused."""
+        team, month, scopes, ledgers = (
+            reserving.team,
+            reserving.month,
+            reserving.scopes,
+            reserving.keys[::2],
+        )
+        _alert(team, month, reply)
+        if lost_ledger(reply):
+            scope_model, _ = scopes[int(reply[1]) - 1]
+            await self._rebuild(team, month, scope_model)
+            args = reserving.call.args
+            args[-len(ledgers) :] = [self._generations.get(ledger, "") for ledger in ledgers]
+            return None
+        if reply[0] == -1:
+            scope = scopes[int(reply[1]) - 1]
+            raise exhausted(
+                team,
+                month,
+                model=reserving.model,
+                scope=scope,
+                spent=int(reply[2]),
+                needed=reserving.nano,
+            )
+        return self.made(reserving, reply)
+
+    def made(self, reserving: Reserving, reply: list[int]) -> Reservation:
+        """The reservation of a ``reserving.call`` whose ``reply`` says it was made (status
+        0)."""
+        ledgers = reserving.keys[::2]
+        generations = [text(gen) for gen in reply[3 : 3 + len(ledgers)]]
+        self._generations.update(zip(ledgers, generations, strict=True))
+        return Reservation(
+            reserving.keys,
+            reserving.team,
+            reserving.month,
+            reserving.job_id,
+            reserving.nano,
+            generations,
+        )
 
     def settle_call(self, reservation: Reservation, actual_nano: int) -> Call:
         """The script call that replaces the reserved estimate with what the job really cost,
@@ -265,6 +323,12 @@ class Budgets:
                 month,
                 len(back),
             )
+
+
+def lost_ledger(reply: list[int]) -> bool:
+    """Whether a reserve's ``reply`` found its ledger lost or made again: to be rebuilt (with
+    PostgreSQL's help) before it runs again."""
+    return reply[0] in (-2, -3)
 
 
 def _forget_lapsed(jobs: OrderedDict[str, tuple[int, float]], now: float) -> None:

@@ -25,17 +25,17 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from queuegate.errors import Billed, RateLimited, ServiceUnavailable
+from queuegate.errors import Billed, JobError, RateLimited, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.metrics import observe_bucket_wait
 from queuegate.outage import OutageLog
 from queuegate.registry import ModelLimits, TeamConfig, default_burst
 from queuegate.settings import Settings
-from queuegate.spend import to_nano
+from queuegate.spend import budget_scopes, to_nano
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
-from workers.admission.budgets import Budgets, Reservation
+from workers.admission.budgets import Budgets, Reservation, Reserving, lost_ledger
 from workers.admission.estimate import Estimate, estimate
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
 from workers.admission.scripts import Call, Scripts, once
@@ -133,8 +133,12 @@ class Admission:
         deadline: float | None,
         check: Check | None = None,
         lost: Decimal = Decimal(0),
+        ahead: Ahead | None = None,
     ) -> Ticket:
         """Reserve the job's budget, then wait until the team's buckets admit it.
+
+        ``ahead``: its reserve and first take, as they ran with the job's claim
+        (``Admission.ahead``); admitting the job takes them over from the claim's undo.
 
         ``check`` runs while the job waits for a bucket and once it is admitted: what it
         raises ends the wait, and gives back what the job took. ``lost``: the estimates of
@@ -148,28 +152,44 @@ class Admission:
         if deadline is not None:
             until = min(until, deadline)
         try:
-            needed = estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+            needed = (
+                ahead.estimate
+                if ahead is not None
+                else estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+            )
             ticket = Ticket(self, job.team, needed, until, check, lost=to_nano(lost))
             limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
-            # The first try at the team's buckets rides with the budget's reservation, in one
-            # round trip, unless jobs already wait in line for them (see Ticket.take).
-            first = take_call(limits, tokens) if limits and not self.line(limits).locked() else None
-            # One name for every try, so a try after an error does not take again what the one
-            # before took (its reply lost with its connection).
-            name = once()
-            ticket.budget, tried = await self._guard(
-                lambda: self._budgets.reserve(
-                    job.team,
-                    job.model,
-                    config,
-                    ticket.estimate.cost_nano,
-                    job.job_id,
-                    then=first,
-                    name=name,
-                ),
-                lambda: (None, None),
-                until,
-            )
+            # Made with the claim already, unless its ledger was lost: then it is made here, as
+            # any other, its rebuild under the outage policy (PostgreSQL may be away too).
+            budget = None
+            if ahead is not None and ahead.replies and not lost_ledger(ahead.replies[0]):
+                budget = await self._budgets.reserved(ahead.reserving, ahead.replies[0])
+            if ahead is not None and budget is not None:
+                # Its buckets as they were taken (the team's limits may have changed since).
+                ticket.budget, limits = budget, ahead.limits
+                tried = ahead.replies[1] if len(ahead.replies) > 1 else None
+            else:
+                # The first try at the team's buckets rides with the budget's reservation, in
+                # one round trip, unless jobs already wait in line for them (see Ticket.take).
+                first = (
+                    take_call(limits, tokens) if limits and not self.line(limits).locked() else None
+                )
+                # One name for every try, so a try after an error does not take again what the
+                # one before took (its reply lost with its connection).
+                name = once()
+                ticket.budget, tried = await self._guard(
+                    lambda: self._budgets.reserve(
+                        job.team,
+                        job.model,
+                        config,
+                        ticket.estimate.cost_nano,
+                        job.job_id,
+                        then=first,
+                        name=name,
+                    ),
+                    lambda: (None, None),
+                    until,
+                )
         except Exception:
             # Refused before it reserved (too large, over budget): its lapsed owners' calls
             # are charged all the same.
@@ -191,6 +211,48 @@ class Admission:
             await ticket.settle(None)
             raise
         return ticket
+
+    def ahead(self, job: ChatJob) -> Ahead | None:
+        """The job's budget reserve and first take of its team's buckets as script calls, to
+        ride with its claim (``Claims.take``), which runs them only when this delivery wins
+        it; None when the team has no budget, or the job's estimate is refused (as ``admit``
+        then refuses it, in its turn)."""
+        config = self.config(job.team)
+        if not budget_scopes(config, job.model):
+            return None  # nothing to reserve: not worth the estimate
+        try:
+            needed = estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+        except JobError:
+            return None
+        reserving = self._budgets.reserving(
+            job.team, job.model, config, needed.cost_nano, job.job_id
+        )
+        if reserving is None:
+            return None
+        limits = self._team_limits(job, config)
+        calls = [reserving.call]
+        if limits and not self.line(limits).locked():
+            calls.append(take_call(limits, needed.tokens))
+        return Ahead(self, calls, reserving, needed, limits)
+
+    def undo(self, ahead: Ahead, lost: Decimal) -> Settlement | None:
+        """``Ahead.undo``: ``Ticket.settle(None)`` and ``give_back`` as one settlement."""
+        replies = ahead.replies
+        if not replies or replies[0][0] != 0:
+            return None  # not run, or refused: nothing held
+        budget = self._budgets.made(ahead.reserving, replies[0])
+        calls = []
+        if len(replies) > 1 and replies[1][0] == 1:
+            # As ``give_back`` and ``Ticket.settle(None)`` would: its request back (never
+            # called), and every token its estimate took.
+            tokens = [limit for limit in ahead.limits if limit.tpm]
+            for call in (
+                settle_call(ahead.limits, 0, requests_back=1),
+                settle_call(tokens, ahead.estimate.tokens),
+            ):
+                if call is not None:
+                    calls.append(call)
+        return self.settlement(calls, budget, to_nano(lost))
 
     async def take(
         self,
@@ -483,6 +545,34 @@ class Ticket:
         return self._admission.settlement(
             [call for call in calls if call is not None], self.budget, actual
         )
+
+
+class Ahead:
+    """A job's budget reserve and first take of its team's buckets, to run with its claim
+    (``Admission.ahead``, ``Claims.take``)."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        calls: list[Call],
+        reserving: Reserving,
+        estimate: Estimate,
+        limits: list[Limit],
+    ) -> None:
+        self._admission = admission
+        self.calls = calls
+        self.reserving = reserving
+        self.estimate = estimate
+        self.limits = limits
+        self.replies: Sequence[Any] = ()
+        """The replies of ``calls``, once they ran with the claim (none: it was not won)."""
+
+    def undo(self, lost: Decimal) -> Settlement | None:
+        """What gives back what ran with the claim (its reservation, its take), for a job
+        that ends before it is admitted: run with the claim's end (``Claim.settle_with``).
+        ``lost``: what the calls of its lapsed owners cost, which its ledger entry keeps (as
+        ``Admission.charge`` leaves it)."""
+        return self._admission.undo(self, lost)
 
 
 class Settlement(NamedTuple):

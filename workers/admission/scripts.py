@@ -1,6 +1,7 @@
 """The admission Lua scripts, shipped as package data and registered once per Redis client,
-with the claim's (``workers/lua``) that ride in the same round trips: a job's first take of a
-deployment's buckets with the record of its call, its settles with its outcome's store."""
+with the claim's (``workers/lua``) that ride in the same round trips: a job's claim with its
+budget reservation and first take of its team's buckets, its first take of a deployment's
+buckets with the record of its call, its settles with its outcome's store."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from queuegate.keys import Keys
 from queuegate.redis_client import lua_source
 
 _SCRIPTS = (("workers.admission", "take"), ("workers.admission", "spend"))
-_CLAIM_SCRIPTS = (("workers", "hold"), ("workers", "finish"))
+_CLAIM_SCRIPTS = (("workers", "claim"), ("workers", "hold"), ("workers", "finish"))
 ONCE_MS = 30_000
 """Milliseconds a round trip's replies are kept so that, sent again, it is not run again
 (``lua/batch.lua``): the Redis client's own resends come within ``RETRIES`` times the Redis
@@ -34,9 +35,9 @@ def _batch_source() -> str:
 
 class Call(NamedTuple):
     """One call of ``lua/take.lua`` (token buckets), ``lua/spend.lua`` (budgets), or of the
-    claim's ``hold.lua`` or ``finish.lua`` (``workers/lua``)."""
+    claim's ``claim.lua``, ``hold.lua`` or ``finish.lua`` (``workers/lua``)."""
 
-    script: Literal["take", "spend", "hold", "finish"]
+    script: Literal["take", "spend", "claim", "hold", "finish"]
     keys: list[str]
     args: list[str | int]
 
@@ -64,7 +65,8 @@ class Scripts:
 
     async def run_all(self, calls: Sequence[Call], *, name: str | None = None) -> list[Any]:
         """The replies of ``calls``, run in order in one round trip, up to and including the
-        first that refuses (a reply starting with a negative status, or a take not taken).
+        first that refuses (a reply starting with a negative status, a take not taken, or a
+        claim not won).
 
         ``name`` (from ``once()``) names the round trip: one sent again under the same name
         within ``ONCE_MS`` returns the replies of the first instead of running again, so a

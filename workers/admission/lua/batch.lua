@@ -1,6 +1,6 @@
--- Several calls of take.lua and spend.lua, and of the claim's hold.lua and finish.lua
--- (workers/lua), in one round trip, in order, where each would otherwise cost one: a job's
--- budget reservation with its first take of the team's buckets, its first take of a
+-- Several calls of take.lua and spend.lua, and of the claim's claim.lua, hold.lua and
+-- finish.lua (workers/lua), in one round trip, in order, where each would otherwise cost one:
+-- a job's claim with its budget reservation and first take of the team's buckets, its first take of a
 -- deployment's buckets with the record of the call about to leave (hold), its settles with
 -- its outcome's store (finish). Each script's source is wrapped as a local function ahead of
 -- this one (scripts.py), taking its KEYS and ARGV as it would on its own.
@@ -13,28 +13,35 @@
 -- KEYS[1]   the round trip's own key (one per round trip, chosen by the caller)
 -- KEYS[2..] every call's keys, call after call
 -- ARGV[1]   milliseconds the replies are kept under KEYS[1]
--- ARGV[2..] per call: its script's name ("take", "spend", "hold" or "finish"), its number of
---           keys, its number of arguments, then those arguments
+-- ARGV[2..] per call: its script's name ("take", "spend", "claim", "hold" or "finish"), its
+--           number of keys, its number of arguments, then those arguments
 --
 -- Returns the replies of the calls run. It stops after a call that refuses (its reply starts
--- with a negative status) and after a take that did not take (status 0), so a later call
--- can depend on an earlier one: a call is recorded only once its take let it leave.
+-- with a negative status), after a take that did not take (status 0) and after a claim that
+-- this delivery did not win, so a later call can depend on an earlier one: a call is
+-- recorded only once its take let it leave, and a job is reserved under its id in a budget
+-- ledger only by the delivery holding it (a duplicate's reservation would replace the
+-- owner's entry, and its undo delete it).
 
 local done = redis.call('GET', KEYS[1])
 if done then
   return cmsgpack.unpack(done)
 end
 
-local scripts = {take = take, spend = spend, hold = hold, finish = finish}
+local scripts = {take = take, spend = spend, claim = claim, hold = hold, finish = finish}
 local replies = {}
 local k, a = 2, 2
 while a <= #ARGV do
   local nkeys, nargs = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local reply = scripts[ARGV[a]]({unpack(KEYS, k, k + nkeys - 1)},
                                  {unpack(ARGV, a + 3, a + 2 + nargs)})
-  -- hold's reply is a number, finish's false or a string: only tables say refused.
   replies[#replies + 1] = reply
-  if type(reply) == 'table' and (reply[1] < 0 or (ARGV[a] == 'take' and reply[1] == 0)) then
+  if ARGV[a] == 'claim' then
+    if reply[1] ~= 'claimed' then
+      break
+    end
+  -- hold's reply is a number, finish's false or a string: only tables say refused.
+  elseif type(reply) == 'table' and (reply[1] < 0 or (ARGV[a] == 'take' and reply[1] == 0)) then
     break
   end
   k, a = k + nkeys, a + 3 + nargs
