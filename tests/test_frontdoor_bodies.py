@@ -37,31 +37,26 @@ UPLOADS = {
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
+def _limited(settings: Settings, **more: int) -> Settings:
+    """The test's body limits on ``settings``, and ``more``."""
+    limits = {
+        "max_job_bytes": JOB_BYTES,
+        "http_bodies_per_key": BODIES_PER_KEY,
+        "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
+    }
+    return settings.model_copy(update={**limits, **more})
+
+
 @pytest.fixture
 async def door(settings: Settings) -> AsyncIterator[Door]:
-    settings = settings.model_copy(
-        update={
-            "max_job_bytes": JOB_BYTES,
-            "http_bodies_per_key": BODIES_PER_KEY,
-            "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
-        }
-    )
-    async with open_door(settings, TEAMS) as opened:
+    async with open_door(_limited(settings), TEAMS) as opened:
         yield opened
 
 
 @pytest.fixture
 async def small_door(settings: Settings) -> AsyncIterator[Door]:
     """A process that holds only a few connections more than one key's bodies."""
-    settings = settings.model_copy(
-        update={
-            "max_job_bytes": JOB_BYTES,
-            "http_bodies_per_key": BODIES_PER_KEY,
-            "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
-            "http_max_connections": MAX_CONNECTIONS,
-        }
-    )
-    async with open_door(settings, TEAMS) as opened:
+    async with open_door(_limited(settings, http_max_connections=MAX_CONNECTIONS), TEAMS) as opened:
         yield opened
 
 
