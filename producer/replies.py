@@ -31,16 +31,6 @@ REPLY_PREFETCH = 1000
 """Unacknowledged replies a reply queue's consumer holds: acknowledged once handed over, so
 one in flight when the connection drops is redelivered."""
 
-ACK_LINGER = 0.05
-"""Seconds a reply handed over waits to be acknowledged together with those that follow it,
-in one ``basic.ack(multiple)``. Acknowledged one by one, each reply cost the client a frame
-and a socket write queued just before its next job's publish (one at a time, the next job
-crossed the broker behind it), and the broker an ack to apply. A reply not yet acknowledged
-when the connection drops is delivered again and dropped as a duplicate, as one in flight is."""
-ACK_EVERY = REPLY_PREFETCH // 4
-"""Replies handed over that are acknowledged at once, linger or not: far below the prefetch,
-so the broker never stops delivering for want of acks."""
-
 SEEN_LIMIT = 100_000
 """Answered job ids remembered to drop redelivered duplicates; older ones are forgotten."""
 REDECLARE_FIRST, REDECLARE_MAX = 0.5, 10.0
@@ -145,68 +135,12 @@ class ReplyBook:
             future.cancel()
 
 
-class ReplyAcks:
-    """Acknowledges the replies of one queue together: every reply handed over on a channel,
-    ``ACK_LINGER`` after the first of them (or at ``ACK_EVERY``), with one multiple ack of the
-    last one's tag.
-
-    A multiple ack covers every unacknowledged delivery up to its tag on the channel: the
-    channel must carry no other consumer's acknowledged deliveries (a client's and a front
-    door's carry only their reply queue's, and direct replies, which are never acknowledged).
-    Replies are handed over in the order they are delivered, each at once (``Inbox.handle``
-    does not wait); one whose handling failed is acknowledged with the rest (it would fail
-    again). A channel that closed takes its unacknowledged replies back to the queue: they are
-    delivered again on the next, and dropped as duplicates.
-    """
-
-    def __init__(self) -> None:
-        self._channel: aiormq.abc.AbstractChannel | None = None
-        self._last = 0
-        """The tag of the last reply handed over on ``_channel``, not yet acknowledged; 0: none."""
-        self._waiting = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[bool]] = set()
-
-    def handed_over(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
-        if channel is not self._channel:
-            self.flush()
-            self._channel = channel
-        self._last = tag
-        self._waiting += 1
-        if self._waiting >= ACK_EVERY:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(ACK_LINGER, self.flush)
-
-    def flush(self) -> None:
-        """Acknowledge every reply handed over so far."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        last, self._last, self._waiting = self._last, 0, 0
-        if self._channel is None or not last:
-            return
-        what = f"acknowledge the replies up to delivery {last}"
-        sending = asyncio.ensure_future(
-            settle(self._channel.basic_ack(last, multiple=True), what, log)
-        )
-        self._sending.add(sending)
-        sending.add_done_callback(self._sending.discard)
-
-    async def close(self) -> None:
-        """Acknowledge what is waiting, and wait until it is sent."""
-        self.flush()
-        if self._sending:
-            await asyncio.wait(self._sending)
-
-
 class Inbox:
     """The waiters of one reply queue: a future per job, the streams of a streamed job.
 
     Pass ``handle`` as the queue's consumer callback (``queuegate.broker.consume``, with
-    ``prefetch=REPLY_PREFETCH``); each reply is acknowledged once handed over, together with
-    the others handed over within ``ACK_LINGER`` (a redelivered one is dropped as a
-    duplicate); ``acks.close()`` acknowledges those still waiting::
+    ``prefetch=REPLY_PREFETCH``); each reply is acknowledged once handed over (a redelivered
+    one is dropped as a duplicate)::
 
         inbox.expect(job.job_id)            # before publishing the job
         result = await inbox.wait(job.job_id, timeout)
@@ -220,7 +154,6 @@ class Inbox:
     ) -> None:
         self.replies = ReplyBook(keep_unexpected=keep_unexpected)
         self.streams = StreamBook()
-        self.acks = ReplyAcks()
         self._keep_unexpected = keep_unexpected
         self._ignore = ignore
         """Results that reach this queue but answer none of its waiters: dropped."""
@@ -264,7 +197,11 @@ class Inbox:
                 properties.correlation_id,
             )
         # The book drops a redelivered reply as a duplicate.
-        self.acks.handed_over(message.channel, tag)
+        await settle(
+            message.channel.basic_ack(tag),
+            f"acknowledge the reply to {properties.correlation_id}",
+            log,
+        )
 
 
 class ReplyQueue:
@@ -318,11 +255,6 @@ class ReplyQueue:
         self._stopped = True
         if self._reopening is not None:
             self._reopening.cancel()
-        # Before the consumer goes: a named queue would give the replies handed over but not
-        # yet acknowledged to its next owner again.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._inbox.acks.close()
         if self._delete is None or self._channel is None:
             return
         with contextlib.suppress(*UNANSWERED, TimeoutError):
