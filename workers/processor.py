@@ -505,14 +505,9 @@ class JobProcessor:
             or wanted(job, self._admission.config(job.team))
         ):
             return None
-        ahead = self._admission.ahead(job)
-        if ahead is None:
-            return None
-        try:
-            self._router.check(job)
-        except JobError:
-            return None  # refused in its turn, before admission
-        return ahead
+        # None too for a model the catalog lacks (its estimate walks the chain): refused in
+        # its turn, before admission.
+        return self._admission.ahead(job)
 
     async def _answer(
         self,
