@@ -18,6 +18,7 @@ administrator) and serve ``admin``'s reports.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -78,6 +79,10 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
         version="1",
         lifespan=lifespan,
     )
+    # The multipart parser logs a warning for each malformed upload, which its client is
+    # answered 400 for already (``frontdoor.batches.upload``): any client could flood the
+    # log with them. Its errors (a spool file it cannot open) are the process's own, kept.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     shapes = install_error_handlers(app)
     # /v1/messages/batches lies under this prefix: Anthropic's shape for both.
     shapes.register(anthropic.PREFIX, anthropic_error)

@@ -8,9 +8,16 @@ proven from the headers (a refused key costs no body read), through the process'
 
     body = await door.bodies.read_json(request, caller.key_id, limit=s.max_job_bytes)
 
+A body sent before any key is proven (a dashboard sign-in form) is read under its client's
+address instead (``read_keyless``), and also counted against the process's
+``http_keyless_bodies``: addresses are cheap (a /24 of loopback, a trusted proxy's
+``X-Forwarded-For``), so only a cap on all of them keeps slow keyless bodies from holding
+every connection the process may have, and the keys' requests from being served.
+
 Raises ApiError: ``request_too_large`` (413) past ``limit`` bytes (at once when the
 Content-Length says so), ``too_many_requests`` (429) while the key is sending
-``http_bodies_per_key`` bodies already, ``service_unavailable`` (503) while the process is
+``http_bodies_per_key`` bodies already, or the process ``http_keyless_bodies`` keyless
+ones, ``service_unavailable`` (503) while the process is
 reading ``http_body_bytes_in_flight`` bytes already (both before any byte is read),
 ``request_timeout`` (408) when the body is not all there within ``http_body_timeout``
 seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object. A caller that
@@ -45,15 +52,18 @@ RETRY_AFTER = 1.0
 
 
 class Bodies:
-    """The request bodies this process is reading: at most ``per_key`` of one API key at
-    once, at most ``total_bytes`` bytes in all, as their Content-Length says (the route's
-    limit when it says nothing)."""
+    """The request bodies this process is reading: at most ``per_key`` of one API key (or
+    client address) at once, at most ``keyless`` sent before any key is proven, at most
+    ``total_bytes`` bytes in all, as their Content-Length says (the route's limit when it
+    says nothing)."""
 
-    def __init__(self, *, timeout: float, per_key: int, total_bytes: int) -> None:
+    def __init__(self, *, timeout: float, per_key: int, keyless: int, total_bytes: int) -> None:
         self._timeout = timeout
         self._per_key = per_key
+        self._keyless_cap = keyless
         self._total_bytes = total_bytes
         self._reading: Counter[str] = Counter()
+        self._keyless = 0
         self._bytes = 0
 
     @classmethod
@@ -61,6 +71,7 @@ class Bodies:
         return cls(
             timeout=settings.http_body_timeout,
             per_key=settings.http_bodies_per_key,
+            keyless=settings.http_keyless_bodies,
             total_bytes=settings.http_body_bytes_in_flight,
         )
 
@@ -83,6 +94,25 @@ class Bodies:
             chunks: list[bytes] = []
             await receive(request, chunks.append, limit=limit, timeout=self._timeout)
             return b"".join(chunks)
+
+    async def read_keyless(self, request: Request, client: str, *, limit: int) -> bytes:
+        """``read`` of a body sent before any key is proven, held under ``client`` (its
+        address) and as one of the process's ``keyless`` bodies: past them, ApiError 429
+        before any byte is read. Answered so, the connection is idle again (the rest of its
+        body is dropped, ``frontdoor.connections``), the first closed when the process holds
+        too many: slow keyless bodies, from however many addresses, keep at most ``keyless``
+        of its connections busy."""
+        if self._keyless >= self._keyless_cap:
+            raise ApiError(
+                "too_many_requests",
+                "this front-door process is reading as many sign-in forms as it may: retry shortly",
+                retry_after_s=RETRY_AFTER,
+            )
+        self._keyless += 1
+        try:
+            return await self.read(request, f"client {client}", limit=limit)
+        finally:
+            self._keyless -= 1
 
     def reader(self, key_id: str) -> Reader:
         """``held`` for ``key_id``, for a route that reads its body its own way (an upload)."""

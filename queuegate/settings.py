@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     http_bodies_per_key: int = Field(default=16, ge=1)
     """Request bodies one API key may be sending to a front-door process at once, file uploads
     and Message Batches included; more are answered 429 before they are read."""
+    http_keyless_bodies: int = Field(default=32, ge=1)
+    """Request bodies sent before any key is proven (the dashboard's sign-in forms) one
+    front-door process reads at once, from every address together; more are answered 429
+    before they are read. Below ``http_max_connections``, so that they never hold every
+    connection and keep the APIs' callers out."""
     http_body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Bytes of request bodies one front-door process reads at once, counted by their
     Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are
@@ -287,6 +292,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "QUEUEGATE_HTTP_BODY_BYTES_IN_FLIGHT is below QUEUEGATE_MAX_JOB_BYTES, so the "
                 "front door could read no large job: raise it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _keyless_bodies_leave_connections(self) -> Settings:
+        if self.http_keyless_bodies >= self.http_max_connections:
+            raise ValueError(
+                "QUEUEGATE_HTTP_KEYLESS_BODIES is not below QUEUEGATE_HTTP_MAX_CONNECTIONS, so "
+                "slow sign-in forms could hold every connection: lower the first or raise "
+                "the second"
             )
         return self
 

@@ -175,9 +175,9 @@ def exhausted(
     scope_model, limit = scope
     what = f"its {model} cap" if scope_model else "its monthly budget"
     return BudgetExhausted(
-        f"team {team} has spent or reserved ${Decimal(spent) / NANO:.4f} of {what} "
+        f"team {team} has spent or reserved ${plain_decimal(Decimal(spent) / NANO)} of {what} "
         f"(${plain_decimal(limit)}) for {month}; this job needs about "
-        f"${Decimal(needed) / NANO:.6f}: raise the budget (queuegate teams set "
+        f"${plain_decimal(Decimal(needed) / NANO)}: raise the budget (queuegate teams set "
         f"{team} --budget ...) or wait for next month"
     )
 

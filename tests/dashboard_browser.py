@@ -44,9 +44,10 @@ async def sign_in(page: Page, base: str, key: str) -> None:
         await page.click("button[type=submit]")
 
 
-async def form_token(client: httpx.AsyncClient) -> str:
-    """The CSRF token of the sign-in form the dashboard hands ``client`` (with its cookie)."""
-    form = await client.get("/dashboard/sign-in")
+async def form_token(client: httpx.AsyncClient, path: str = "/dashboard/sign-in") -> str:
+    """The CSRF token of the forms on the page ``path``: by default, of the sign-in form the
+    dashboard hands ``client`` (with its cookie); on a signed-in page, the session's."""
+    form = await client.get(path)
     match = re.search(r'name="csrf" value="([^"]+)"', form.text)
     assert match is not None, form.text
     return match[1]

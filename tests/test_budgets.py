@@ -53,7 +53,7 @@ async def test_a_lost_spend_counter_is_rebuilt_from_this_months_usage(
 
     # When a $0.20 job and then a $0.05 job ask for the budget
     # Expect the first refused (0.90 + 0.20 > 1) and the second admitted
-    with pytest.raises(BudgetExhausted, match=r"\$0\.9000 of its monthly budget"):
+    with pytest.raises(BudgetExhausted, match=r"\$0\.9 of its monthly budget"):
         await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5, "job-1")
     reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 20, "job-2")
     assert reserved is not None

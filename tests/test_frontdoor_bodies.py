@@ -1,5 +1,5 @@
 """Request bodies at the front door: a key is proven from the headers before any byte of the
-body is read, and a process reads only so many bodies at once, per key and in bytes, so
+body is read, and a process reads only so many bodies at once, per key, keyless and in bytes, so
 slow bodies cannot hold its memory, nor one key's uploads its connections. Raw sockets send
 the slow bodies, as only a hostile client would; the openai SDK sends the requests that must
 be served or refused."""
@@ -13,12 +13,15 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import httpx
 import openai
+import orjson
 import pytest
 
 from queuegate.db import create_pool
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from tests.dashboard_browser import form_token, signed_in
 from tests.frontdoor_support import HELLO, Door, open_door
 
 TEAMS = {"alpha": TeamConfig(), "beta": TeamConfig(), "gamma": TeamConfig()}
@@ -79,9 +82,12 @@ def head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-async def connect(door: Door) -> Connection:
+async def connect(door: Door, source: str | None = None) -> Connection:
+    """A connection to the front door, from the loopback address ``source`` when given
+    (all of 127.0.0.0/8 is this host's: one attacker, many client addresses)."""
     url = urlsplit(door.url)
-    return await asyncio.open_connection(url.hostname, url.port)
+    local = None if source is None else (source, 0)
+    return await asyncio.open_connection(url.hostname, url.port, local_addr=local)
 
 
 async def status_of(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -284,3 +290,76 @@ async def test_slow_sign_in_forms_are_held_to_a_clients_bodies_and_to_the_body_t
         finally:
             for writer in connections:
                 writer.close()
+
+
+async def test_slow_sign_ins_from_many_addresses_leave_the_apis_served(settings: Settings) -> None:
+    # Given a process of 12 connections that reads 4 sign-in forms at once (2 per address)
+    keyless, addresses = 4, 8
+    limited = _limited(settings, http_max_connections=12, http_keyless_bodies=keyless)
+    async with open_door(limited, TEAMS) as door, httpx.AsyncClient(base_url=door.url) as person:
+        # ... and a person signed in to the dashboard
+        await signed_in(person, door.keys["beta"])
+        csrf = await form_token(person, "/dashboard/teams/beta")
+        connections: list[asyncio.StreamWriter] = []
+        try:
+            # When 8 addresses each start as many slow sign-ins as an address may: more than
+            # the process holds connections
+            answers = []
+            for n in range(addresses * BODIES_PER_KEY):
+                reader, writer = await connect(door, f"127.0.0.{2 + n % addresses}")
+                connections.append(writer)
+                form = "application/x-www-form-urlencoded"
+                writer.write(
+                    head(
+                        200,
+                        None,
+                        "Expect: 100-continue",
+                        path="/dashboard/sign-in",
+                        content_type=form,
+                    )
+                )
+                status, answer_head = await status_of(reader)
+                answers.append(status)
+                if status == 100:
+                    writer.write(b"k")
+                else:
+                    refused_head = answer_head
+
+            # Expect a team's API call served meanwhile, at once
+            async with door.client("alpha") as alpha:
+                assert await alpha.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+            # ... as the process reads only its keyless bodies' worth of the sign-ins, and
+            # refuses the rest before reading them, with Retry-After
+            assert answers == [100] * keyless + [429] * (addresses * BODIES_PER_KEY - keyless)
+            assert b"retry-after: 1" in refused_head
+            # ... and the person's own forms read as their key's bodies, not refused with them
+            signed_out = await person.post("/dashboard/sign-out", data={"csrf": csrf})
+            assert signed_out.status_code == 303
+            assert signed_out.headers["location"] == "/dashboard/sign-in"
+        finally:
+            for writer in connections:
+                writer.close()
+
+
+async def test_a_malformed_upload_is_400_and_logs_nothing(
+    door: Door, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    # Given uploads whose multipart bodies are broken, as any client may send them
+    for body in (b"garbage", b"--bb\r\n"):
+        reader, writer = await connect(door)
+        multipart = "multipart/form-data; boundary=b"
+        writer.write(
+            head(len(body), door.keys["alpha"], path="/v1/files", content_type=multipart) + body
+        )
+
+        # Expect each answered 400 in a line that says what to send
+        status, answer_head = await status_of(reader)
+        length = int(answer_head.split(b"content-length: ")[1].split(b"\r")[0])
+        error = orjson.loads(await reader.readexactly(length))["error"]
+        assert status == 400
+        assert "send one file as the multipart field `file`" in error["message"]
+        writer.close()
+
+    # ... and nothing in the log: a client sending them by the thousand floods nothing
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -4,6 +4,7 @@ published, at no cost to the broker, the workers or any other team."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,11 +24,12 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob, UsageEvent
 from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
-from queuegate.spend import Scope, current_month, reconcile, reconciler_token
+from queuegate.spend import NANO, Scope, current_month, reconcile, reconciler_token
 from router import load_catalog
 from tests.frontdoor_support import HELLO, Door, issue_key
 from tests.support import running_gateway
 from tests.teams import register
+from workers.admission.estimate import estimate
 
 
 @pytest.fixture
@@ -137,6 +139,39 @@ async def test_the_gate_reads_each_ledger_a_job_is_held_to(
 
     # Expect the capped model refused on its cap, the others let through on the team's budget
     assert "claude-haiku" in str(capped.value)
+
+
+async def test_the_refusal_shows_sums_of_a_tiny_budget_in_full(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given alpha with a $0.00005 budget, $0.000042 of it spent (reconciled as accounting does)
+    config = TeamConfig(budget_usd=Decimal("0.00005"))
+    await register(settings, "alpha", config)
+    spent = UsageEvent(
+        job_id="spent", team="alpha", model_requested="gpt-4o-mini", status="ok",
+        cost_usd=Decimal("0.000042"), ts=datetime.now(UTC),
+    )  # fmt: skip
+    await insert_usage(pool, [spent])
+    keys, month = Keys(settings.redis_prefix), current_month()
+    assert await reconcile(
+        redis_client, pool, keys, [Scope("alpha")], month, token=reconciler_token()
+    )
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    gate = BudgetGate(pool, redis_client, keys, catalog, settings)
+
+    # When a job asks for more than the $0.000008 left
+    job = ChatJob(
+        job_id="j", team="alpha", model="gpt-4o-mini", messages=HELLO, params={"max_tokens": 20}
+    )
+    with pytest.raises(BudgetExhausted) as refused:
+        await gate.refuse_spent("alpha", job)
+
+    # Expect each sum in the 402's message as it is, in plain notation: none rounded away
+    message = str(refused.value)
+    assert "has spent or reserved $0.000042 of its monthly budget ($0.00005)" in message
+    needed = estimate(job, catalog, config, settings.expected_output_tokens).cost_nano
+    shown = re.search(r"needs about \$([0-9.]+):", message)
+    assert shown is not None and Decimal(shown[1]) == Decimal(needed) / NANO
 
 
 async def test_fresh_values_hold_only_what_was_read_within_their_ttl() -> None:

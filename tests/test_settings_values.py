@@ -91,6 +91,19 @@ def test_every_duration_takes_a_day(name: str) -> None:
     assert Settings(**{name: min([DAY, *bounded])})  # type: ignore[arg-type]
 
 
+def test_keyless_bodies_that_could_hold_every_connection_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a front door holding no more connections than the sign-in forms it reads (32)
+    monkeypatch.setenv("QUEUEGATE_HTTP_MAX_CONNECTIONS", "32")
+    # Expect it refused in one line that says which to lower
+    said = _refused()
+    assert "QUEUEGATE_HTTP_KEYLESS_BODIES is not below QUEUEGATE_HTTP_MAX_CONNECTIONS" in said
+    assert "\n" not in said
+    monkeypatch.setenv("QUEUEGATE_HTTP_KEYLESS_BODIES", "31")
+    assert Settings().http_keyless_bodies == 31
+
+
 @pytest.mark.parametrize(("name", "url"), CASES)
 def test_a_url_setting_its_client_would_misread_is_refused_without_its_password(
     name: str, url: str

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from frontdoor.body import Reader, declared_size, receive
@@ -59,6 +60,12 @@ async def read_upload(
     except TimeoutError:
         raise ApiError(
             "request_timeout", f"the upload did not arrive within {timeout:g} s"
+        ) from None
+    except HTTPException as exc:  # the parser's refusal of a malformed form, 400
+        raise ApiError(
+            "invalid_request",
+            f"the upload is not a form this route reads ({exc.detail.rstrip('.')}): send one "
+            "file as the multipart field `file`, with `purpose`, as the SDKs do",
         ) from None
     try:
         yield form

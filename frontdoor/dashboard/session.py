@@ -23,9 +23,12 @@ the form's id in a cookie, its CSRF token in Redis for ``SIGN_IN_TTL`` seconds, 
 forgotten) by the one post that may use it. A cookie planted by another site (a sibling
 domain can set one) names no form this dashboard handed out, whatever token comes with it.
 
-A form's body is read as an API's is (``read_form``), in size, in time and in number at once
-per client address: the sign-in's comes before any key is known, so a slow one must cost no
-more than its own connection, for no longer than ``http_body_timeout``.
+A form's body is read as an API's is (``read_form``), in size, in time and in number at once:
+a signed-in session's as one of its key's bodies; the sign-in's, which comes before any key
+is known, per client address and as one of the process's few keyless bodies
+(``Bodies.read_keyless``), so that a slow one costs no more than its own connection, for no
+longer than ``http_body_timeout``, and slow ones from many addresses never hold the
+connections the APIs' callers need.
 
 Each read of Redis or PostgreSQL here is bounded (``outage.bounded``): with either away the
 person is shown which one, within seconds.
@@ -163,17 +166,21 @@ FORM_BYTES = 16 * 1024
 """A dashboard form's body at most: a key and a token are a few hundred bytes."""
 
 
-async def read_form(request: Request) -> dict[str, str]:
-    """The fields of the form posted (URL-encoded), read through the process's ``Bodies``
-    under its client's address, as no key is proven yet: 408, 413 or 429 as an API's."""
+async def read_form(request: Request, session: Session | None = None) -> dict[str, str]:
+    """The fields of the form posted (URL-encoded), read through the process's ``Bodies``:
+    as one of ``session``'s key's bodies, or, with no session yet (the sign-in), as a keyless
+    body of its client's address. 408, 413 or 429 as an API's."""
     door: FrontDoor = request.app.state.frontdoor
-    raw = await door.bodies.read(request, f"client {client_of(request)}", limit=FORM_BYTES)
+    if session is None:
+        raw = await door.bodies.read_keyless(request, client_of(request), limit=FORM_BYTES)
+    else:
+        raw = await door.bodies.read(request, session.key_id, limit=FORM_BYTES)
     return dict(parse_qsl(raw.decode(errors="replace")))
 
 
 async def check_csrf(request: Request, session: Session) -> None:
     """BadCsrf unless the form posted carries the session's token."""
-    form = await read_form(request)
+    form = await read_form(request, session)
     token = form.get("csrf")
     if not isinstance(token, str) or not same_token(session.csrf, token):
         raise BadCsrf
