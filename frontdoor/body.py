@@ -49,6 +49,8 @@ Reader = Callable[[int], contextlib.AbstractContextManager[None]]
 
 RETRY_AFTER = 1.0
 """Seconds a caller refused for bodies in flight is told to wait: most take milliseconds."""
+KEYLESS = "client "
+"""How a body read before any key is proven is counted: per client address, under this prefix."""
 
 
 class Bodies:
@@ -71,7 +73,7 @@ class Bodies:
         return cls(
             timeout=settings.http_body_timeout,
             per_key=settings.http_bodies_per_key,
-            keyless=settings.http_keyless_bodies,
+            keyless=settings.keyless_bodies,
             total_bytes=settings.http_body_bytes_in_flight,
         )
 
@@ -110,7 +112,7 @@ class Bodies:
             )
         self._keyless += 1
         try:
-            return await self.read(request, f"client {client}", limit=limit)
+            return await self.read(request, f"{KEYLESS}{client}", limit=limit)
         finally:
             self._keyless -= 1
 
@@ -125,9 +127,10 @@ class Bodies:
         reads it inside this, uploads too, so that one key holds at most ``per_key`` of the
         process's connections with its bodies, whatever they are."""
         if self._reading[key_id] >= self._per_key:
+            sender = "this address" if key_id.startswith(KEYLESS) else "this API key"
             raise ApiError(
                 "too_many_requests",
-                f"this API key is sending {self._per_key} request bodies to this process "
+                f"{sender} is sending {self._per_key} request bodies to this process "
                 "already: send the next once one has arrived",
                 retry_after_s=RETRY_AFTER,
             )

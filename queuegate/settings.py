@@ -154,11 +154,11 @@ class Settings(BaseSettings):
     http_bodies_per_key: int = Field(default=16, ge=1)
     """Request bodies one API key may be sending to a front-door process at once, file uploads
     and Message Batches included; more are answered 429 before they are read."""
-    http_keyless_bodies: int = Field(default=32, ge=1)
+    http_keyless_bodies: int | None = Field(default=None, ge=1)
     """Request bodies sent before any key is proven (the dashboard's sign-in forms) one
     front-door process reads at once, from every address together; more are answered 429
     before they are read. Below ``http_max_connections``, so that they never hold every
-    connection and keep the APIs' callers out."""
+    connection and keep the APIs' callers out; when unsaid, a quarter of it (at most 32)."""
     http_body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Bytes of request bodies one front-door process reads at once, counted by their
     Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are
@@ -297,13 +297,21 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _keyless_bodies_leave_connections(self) -> Settings:
-        if self.http_keyless_bodies >= self.http_max_connections:
+        if self.keyless_bodies >= self.http_max_connections > 1:
             raise ValueError(
                 "QUEUEGATE_HTTP_KEYLESS_BODIES is not below QUEUEGATE_HTTP_MAX_CONNECTIONS, so "
                 "slow sign-in forms could hold every connection: lower the first or raise "
                 "the second"
             )
         return self
+
+    @property
+    def keyless_bodies(self) -> int:
+        """``http_keyless_bodies``, or when unsaid a quarter of the connections: a derived
+        default, so that a small front door set up before this limit existed still starts."""
+        if self.http_keyless_bodies is not None:
+            return self.http_keyless_bodies
+        return max(1, min(32, self.http_max_connections // 4))
 
     @property
     def amqp_user(self) -> str | None:

@@ -94,14 +94,16 @@ def test_every_duration_takes_a_day(name: str) -> None:
 def test_keyless_bodies_that_could_hold_every_connection_are_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Given a front door holding no more connections than the sign-in forms it reads (32)
+    # Given a front door of 32 connections: unsaid, its sign-in forms take a quarter of them
     monkeypatch.setenv("QUEUEGATE_HTTP_MAX_CONNECTIONS", "32")
-    # Expect it refused in one line that says which to lower
+    assert Settings().keyless_bodies == 8
+    # Expect as many said as it holds refused in one line that says which to lower
+    monkeypatch.setenv("QUEUEGATE_HTTP_KEYLESS_BODIES", "32")
     said = _refused()
     assert "QUEUEGATE_HTTP_KEYLESS_BODIES is not below QUEUEGATE_HTTP_MAX_CONNECTIONS" in said
     assert "\n" not in said
     monkeypatch.setenv("QUEUEGATE_HTTP_KEYLESS_BODIES", "31")
-    assert Settings().http_keyless_bodies == 31
+    assert Settings().keyless_bodies == 31
 
 
 @pytest.mark.parametrize(("name", "url"), CASES)
