@@ -466,7 +466,7 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
     """Merge ``changes`` (None clears a field) into the team's config, store it, and apply its
     queue quota as a broker policy (a queue's own arguments cannot change once declared).
 
-    Workers pick the rest up at their next registry read.
+    Running workers and front doors are told the rest when it commits (``set_team_config``).
     """
     team = await show(settings, name)
     merged = team.config.model_dump() | changes

@@ -154,7 +154,7 @@ def teams_set(
     ] = None,
 ) -> None:
     """Change a team's limits, budget, queue quota, broker user limits, cache default or
-    parameter policy; workers apply it within seconds, the broker at once."""
+    parameter policy; workers, front doors and the broker apply it at once."""
     from admin.teams import configure, show
 
     settings = make_settings()

@@ -9,10 +9,14 @@ worker's reserve would refuse, with the same estimate and the same answer::
     gate = BudgetGate(pool, redis, keys, catalog, settings)
     await gate.refuse_spent(team, job)     # BudgetExhausted when its budget cannot take it
 
-What it reads is at most ``SPENT_TTL`` old (the team's config, like the workers' copy, at
-most ``teams_refresh``), so a budget raised, a new month or a reconciliation lets jobs
-through within a second or so. Best effort: while Redis or PostgreSQL cannot be read it
-refuses nothing, and the workers decide.
+What it reads of the ledgers is at most ``SPENT_TTL`` old, so a new month or a
+reconciliation lets jobs through within a second or so. The team's config is read again as
+soon as ``teams set`` changes it (``gate.forget``, told by ``RegistryChanges``), else every
+``teams_refresh``: a budget lowered is refused here from the next request, not left to the
+workers, which would refuse it with a usage row each. A ledger Redis does not hold (a team
+that had no budget, or Redis lost it) counts what usage_log holds, as the worker's rebuild
+of it would, at least. Best effort: while Redis or PostgreSQL cannot be read it refuses
+nothing, and the workers decide.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig, get_team
 from queuegate.settings import Settings
-from queuegate.spend import budget_scopes, current_month, exhausted, ledgers_in_force, to_nano
+from queuegate.spend import (
+    budget_scopes,
+    current_month,
+    exhausted,
+    ledgers_in_force,
+    month_spend,
+    to_nano,
+)
 from router import Catalog
 from workers.admission.estimate import estimate
 
@@ -81,18 +92,28 @@ class BudgetGate:
             return
         needed = estimate(job, self._catalog, config, self._expected_output).cost_nano
         for scope, scope_spent in zip(scopes, spent, strict=True):
-            if scope_spent is not None and scope_spent + needed > to_nano(scope[1]):
+            if scope_spent + needed > to_nano(scope[1]):
                 raise exhausted(
                     team, month, model=job.model, scope=scope, spent=scope_spent, needed=needed
                 )
+
+    def forget(self, team: str | None) -> None:
+        """Read ``team``'s config again at its next request (every team's for None): it
+        changed, or may have."""
+        self._configs.forget(team)
 
     async def _config(self, team: str) -> TeamConfig:
         found = await get_team(self._pool, team)
         return found.config if found is not None else TeamConfig()
 
-    async def _ledgers(self, ledgers: tuple[str, str, tuple[str | None, ...]]) -> list[int | None]:
+    async def _ledgers(self, ledgers: tuple[str, str, tuple[str | None, ...]]) -> list[int]:
         team, month, models = ledgers
-        return await ledgers_in_force(self._client, self._keys, team, month, models)
+        spent = await ledgers_in_force(self._client, self._keys, team, month, models)
+        # No ledger is not nothing spent: a worker's first reserve makes it from usage_log.
+        return [
+            to_nano(await month_spend(self._pool, team, month, model)) if nano is None else nano
+            for model, nano in zip(models, spent, strict=True)
+        ]
 
 
 class Fresh(Generic[K, V]):
@@ -118,6 +139,16 @@ class Fresh(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def forget(self, key: K | None) -> None:
+        """Drop ``key``'s value (every value for None) and a read of it under way, which may
+        have read what is now out of date: asked again, it is read again."""
+        if key is None:
+            self._values.clear()
+            self._reading.clear()
+        else:
+            self._values.pop(key, None)
+            self._reading.pop(key, None)
+
     async def get(self, key: K) -> V:
         now = self._clock()
         while self._values:
@@ -135,14 +166,17 @@ class Fresh(Generic[K, V]):
         return await asyncio.shield(reading)
 
     async def _read_into(self, key: K) -> V:
+        this = asyncio.current_task()
         try:
             at = self._clock()
             value = await self._read(key)
-            self._values[key] = (at, value)
-            self._values.move_to_end(key)
+            if self._reading.get(key) is this:  # not forgotten meanwhile
+                self._values[key] = (at, value)
+                self._values.move_to_end(key)
             return value
         finally:
-            del self._reading[key]
+            if self._reading.get(key) is this:
+                del self._reading[key]
 
 
 __all__ = ["BudgetGate"]

@@ -32,6 +32,7 @@ from frontdoor.outcomes import Outcomes
 from queuegate.db import DB_ERRORS, create_pool
 from queuegate.keys import Keys
 from queuegate.redis_client import redis_for
+from queuegate.registry_changes import RegistryChanges
 from queuegate.settings import Settings
 from queuegate.status import StatusReader
 from router import Catalog
@@ -52,6 +53,7 @@ class FrontDoor:
         self._keys: KeyBook | None = None
         self._outcomes: Outcomes | None = None
         self._budgets: BudgetGate | None = None
+        self._changes: RegistryChanges | None = None
         self._batch_runner: BatchRunner | None = None
         self._stop_runner = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
@@ -108,6 +110,9 @@ class FrontDoor:
             self._keys = KeyBook(self._pool, failures, ttl=s.security_cache_ttl)
             self._outcomes = Outcomes(self._redis, keys, ttl=s.result_ttl)
             self._budgets = BudgetGate(self._pool, self._redis, keys, self.catalog, s)
+            # A budget lowered by `teams set` is refused here at once, not after the
+            # config's refresh: published meanwhile, each job would be a worker's refusal.
+            self._changes = await RegistryChanges(s, self._budgets.forget).__aenter__()
             await self.bridge.__aenter__()
             # Batches created over HTTP, this process's and any a stopped process left.
             self._batch_runner = BatchRunner(s, self._pool, self._redis)
@@ -132,6 +137,8 @@ class FrontDoor:
             await self._close()
 
     async def _close(self) -> None:
+        if self._changes is not None:
+            await self._changes.__aexit__(None, None, None)
         if self._status is not None:
             await self._status.__aexit__(None, None, None)
         if self._redis is not None:

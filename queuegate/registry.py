@@ -2,7 +2,8 @@
 
 Held in PostgreSQL's ``teams`` table (``config`` is jsonb). Workers read it every few
 seconds, so a team added or changed with ``queuegate teams add|set`` is served under its new
-settings without a restart. The table itself is created by accounting's migrations.
+settings without a restart; a config changed is also told to them and to the front doors at
+once (``queuegate.registry_changes``). The table itself is created by accounting's migrations.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
 from queuegate.numbers import Money
+from queuegate.registry_changes import CHANNEL, NOTIFY
 
 log = logging.getLogger(__name__)
 
@@ -148,28 +150,42 @@ async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> 
     """Write the team's config; False when there is no such team.
 
     Merged into the stored one, so fields this version does not know (written by a newer
-    gateway) are kept; a field set to None is removed.
+    gateway) are kept; a field set to None is removed. Running workers and front doors are
+    told when it commits (``queuegate.registry_changes``): a budget lowered holds at once.
     """
     check_team_name(name)
-    status: str = await pool.execute(
-        "UPDATE teams SET config = jsonb_strip_nulls(config || $2::jsonb), updated_at = now()"
-        " WHERE name = $1",
-        name,
-        config.model_dump(mode="json"),
-    )
-    return status.endswith(" 1")
+    async with pool.acquire() as connection, connection.transaction():
+        status: str = await connection.execute(
+            "UPDATE teams SET config = jsonb_strip_nulls(config || $2::jsonb),"
+            " updated_at = now() WHERE name = $1",
+            name,
+            config.model_dump(mode="json"),
+        )
+        changed = status.endswith(" 1")
+        if changed:
+            await connection.execute(NOTIFY, CHANNEL, name)
+    return changed
 
 
 async def add_team(pool: asyncpg.Pool, name: str) -> None:
-    await pool.execute(
-        "INSERT INTO teams (name) VALUES ($1)"
-        " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()",
-        check_team_name(name),
-    )
+    """Add the team, or enable it again; running processes are told when it commits."""
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute(
+            "INSERT INTO teams (name) VALUES ($1)"
+            " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()",
+            check_team_name(name),
+        )
+        await connection.execute(NOTIFY, CHANNEL, name)
 
 
 async def disable_team(pool: asyncpg.Pool, name: str) -> bool:
-    status: str = await pool.execute(
-        "UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1", name
-    )
-    return status.endswith(" 1")
+    """Disable the team; False when there is no such team. Running workers and front doors
+    are told when it commits, so it is refused at once rather than at their next re-read."""
+    async with pool.acquire() as connection, connection.transaction():
+        status: str = await connection.execute(
+            "UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1", name
+        )
+        disabled = status.endswith(" 1")
+        if disabled:
+            await connection.execute(NOTIFY, CHANNEL, name)
+    return disabled

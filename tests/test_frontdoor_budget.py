@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from accounting.store import insert_usage
+from admin.teams import configure
 from frontdoor.budgets import BudgetGate, Fresh
 from frontdoor.serve import serving
 from queuegate.errors import BudgetExhausted
@@ -196,3 +197,84 @@ async def test_fresh_values_hold_only_what_was_read_within_their_ttl() -> None:
     # before the last one dropped, not kept for ever
     assert len(reads) == 1001
     assert len(fresh) == 1
+
+
+async def _lowered_under_the_spend(
+    settings: Settings, pool: asyncpg.Pool, budget: Decimal | None
+) -> None:
+    """Alpha with ``budget`` and $0.02 spent, its budget set to $0.01, then asked at once: a
+    402 from the front door itself, nothing published, so no usage row for it (a worker's
+    refusal is a 402 too, with a row)."""
+    await register(settings, "alpha", TeamConfig(budget_usd=budget))
+    _, key = await issue_key(settings, "alpha")
+    spent = UsageEvent(
+        job_id="spent", team="alpha", model_requested="gpt-4o-mini", status="ok",
+        cost_usd=Decimal("0.02"), ts=datetime.now(UTC),
+    )  # fmt: skip
+    await insert_usage(pool, [spent])
+    # The worker's and the front door's copies of the registry are not read again for ten
+    # minutes: what a `teams set` changes reaches them at once only if they are told.
+    slow = settings.model_copy(update={"teams_refresh": 600.0})
+    async with running_gateway(slow) as gateway:
+        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": gateway.mock.url})
+        async with serving(slow, catalog) as url:
+            door = Door(gateway, url, {"alpha": key}, {})
+            async with door.client(timeout=20) as alpha:
+                # Given alpha served under its old budget, the front door's copy of it read
+                first = await alpha.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+                assert first.choices[0].message.content
+
+                # When an operator lowers the budget under the spend, and alpha asks at once
+                await configure(settings, "alpha", {"budget_usd": Decimal("0.01")})
+                with pytest.raises(openai.APIStatusError) as refused:
+                    await alpha.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+                # (then, the budget raised again, a job served: the refused one's row, had it
+                # been published, would be written by then)
+                await configure(settings, "alpha", {"budget_usd": Decimal(500)})
+                await alpha.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+
+        # Expect the refusal 402, and nothing but the spend and the two served jobs accounted
+        assert (refused.value.status_code, refused.value.code) == (402, "budget_exhausted")
+        rows = await gateway.usage_rows(3)
+        assert [row["status"] for row in rows] == ["ok", "ok", "ok"]
+        assert gateway.mock.stats.calls == 2
+
+
+async def test_a_budget_lowered_under_the_spend_is_refused_at_the_door_at_once(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    await _lowered_under_the_spend(settings, pool, Decimal(500))
+
+
+async def test_a_first_budget_under_the_spend_is_refused_at_the_door_at_once(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # A team that had no budget has no spend ledger in Redis (a worker's first reserve makes
+    # it): the door must not take a missing ledger for nothing spent
+    await _lowered_under_the_spend(settings, pool, None)
+
+
+async def test_a_forgotten_value_is_read_again_even_while_its_read_was_under_way() -> None:
+    # Given values kept a minute, one read under way when the value is forgotten (a team's
+    # config read as `teams set` commits)
+    started, release = asyncio.Event(), asyncio.Event()
+    reads: list[str] = []
+
+    async def read(key: str) -> int:
+        reads.append(key)
+        started.set()
+        await release.wait()
+        return len(reads)
+
+    fresh: Fresh[str, int] = Fresh(60.0, read)
+    under_way = asyncio.create_task(fresh.get("alpha"))
+    await started.wait()
+
+    # When it is forgotten, then the read ends and the value is asked for again
+    fresh.forget("alpha")
+    release.set()
+    assert await under_way == 1
+    again = await fresh.get("alpha")
+
+    # Expect it read again, not the answer of the read that began before it changed
+    assert (again, reads) == (2, ["alpha", "alpha"])

@@ -94,6 +94,24 @@ async def test_a_running_worker_applies_a_new_config_within_seconds(
         assert result.error is not None and result.error.code == "budget_exhausted"
 
 
+async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once(
+    settings: Settings, alpha: str
+) -> None:
+    # Given a worker serving team alpha without a budget, its registry read again only every
+    # ten minutes
+    slow = settings.model_copy(update={"teams_refresh": 600.0})
+    async with running_gateway(slow) as gw, gw.client(alpha) as client:
+        assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
+
+        # When an operator sets a zero budget, and the team publishes a job right after
+        await configure(settings, alpha, {"budget_usd": Decimal(0)})
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+
+    # Expect it refused (told, the worker does not wait for its refresh), the provider not called
+    assert result.error is not None and result.error.code == "budget_exhausted"
+    assert gw.mock.stats.calls == 1
+
+
 def test_teams_set_and_show_round_trip_a_config(settings: Settings) -> None:
     # Given a registered team
     env = {

@@ -24,6 +24,7 @@ from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig, check_team_name, list_teams
+from queuegate.registry_changes import RegistryChanges
 from queuegate.runtime import serving
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -201,18 +202,7 @@ class Worker:
             if not stop.is_set():
                 self.ready.set()
                 log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=s.teams_refresh)
-                if not stop.is_set():
-                    try:
-                        await self._serve_teams(consume, pool, stop)
-                    except CONNECTION_LOST as exc:
-                        # The consumers it has come back with the channel (_on_reopen); new
-                        # teams and limits next time.
-                        log.warning("broker unavailable (%s); teams are refreshed later", exc)
-                    # With the refresh: a lapsed claim waits for a sweep, never a job.
-                    await self._processor.sweep()
+            await self._refresh_teams(consume, pool, stop)
             await self._drain()
             await publisher.close()
         finally:
@@ -221,6 +211,29 @@ class Worker:
             await claims_task
             await connection.close()
             await pool.close()
+
+    async def _refresh_teams(
+        self, channel: AbstractRobustChannel, pool: asyncpg.Pool, stop: asyncio.Event
+    ) -> None:
+        """Serve the registry's teams under their configs until ``stop``: read again every
+        ``teams_refresh``, and at once when a `teams set` is told (a budget lowered holds for
+        the next job); the refresh only catches what the listener missed."""
+        assert self._processor is not None
+        changed = asyncio.Event()
+        async with RegistryChanges(self._settings, lambda _team: changed.set()):
+            while not stop.is_set():
+                await _until_set(self._settings.teams_refresh, stop, changed)
+                changed.clear()
+                if stop.is_set():
+                    return
+                try:
+                    await self._serve_teams(channel, pool, stop)
+                except CONNECTION_LOST as exc:
+                    # The consumers it has come back with the channel (_on_reopen); new
+                    # teams and limits next time.
+                    log.warning("broker unavailable (%s); teams are refreshed later", exc)
+                # With the refresh: a lapsed claim waits for a sweep, never a job.
+                await self._processor.sweep()
 
     async def _serve_teams(
         self, channel: AbstractRobustChannel, pool: asyncpg.Pool, stop: asyncio.Event
@@ -373,3 +386,13 @@ async def _end_live_stats(task: asyncio.Task[None], stop: asyncio.Event, *, serv
     task.cancel()
     await asyncio.wait([task])
     stop.set()
+
+
+async def _until_set(timeout: float, *events: asyncio.Event) -> None:
+    """Until one of ``events`` is set, or ``timeout`` seconds have passed."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -1,0 +1,103 @@
+"""A running process told at once that a team's config changed, rather than at its next
+registry read (every ``teams_refresh`` seconds).
+
+``set_team_config`` (what ``queuegate teams set`` runs) sends a PostgreSQL notification on
+``CHANNEL`` in the transaction that writes the config, so it is sent when the write commits
+and never for a write rolled back. A process listens on a connection of its own::
+
+    async with RegistryChanges(settings, on_change):
+        ...   # on_change("alpha") when alpha's config changed, in this schema
+
+``on_change(None)`` each time the listener starts listening, the first time included:
+whatever changed while it was not (before it started, while PostgreSQL was away) is not
+told, so the process reads everything again. A listener that cannot connect retries in the
+background; meanwhile the process's periodic read is what catches changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+import asyncpg
+
+from queuegate.db import CONNECT_TIMEOUT, DB_ERRORS, START_RETRY_MAX
+from queuegate.settings import Settings
+from queuegate.urls import redact_url
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "queuegate_team_config"
+"""One channel for every schema (a schema's name could pass the 63 bytes a channel's name
+may hold): the payload is ``<schema> <team>``, and a listener takes its own schema's only."""
+
+NOTIFY = "SELECT pg_notify($1, current_schema() || ' ' || $2)"
+"""The notification of team ``$2``'s change, in the schema the connection writes in."""
+
+
+class RegistryChanges:
+    def __init__(self, settings: Settings, on_change: Callable[[str | None], None]) -> None:
+        self._url = settings.database_url
+        self._schema = settings.database_schema
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._listen())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _listen(self) -> None:
+        delay, said = 0.5, False
+        while True:
+            try:
+                connection = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
+            except DB_ERRORS as exc:
+                if not said:
+                    said = True
+                    log.warning(
+                        "team config changes are read every refresh, not told at once: "
+                        "cannot listen on %s (%s); retrying",
+                        redact_url(self._url),
+                        exc,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, START_RETRY_MAX)
+                continue
+            delay, said = 0.5, False
+            try:
+                await self._until_lost(connection)
+            except DB_ERRORS as exc:
+                log.debug("team config listener lost: %s", exc)
+            finally:
+                # Cancelled at the process's end, or lost: either way this connection is done.
+                connection.terminate()
+
+    async def _until_lost(self, connection: asyncpg.Connection) -> None:
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _: lost.set())
+        await connection.add_listener(CHANNEL, self._notified)
+        self._on_change(None)
+        await lost.wait()
+
+    def _notified(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
+        schema, _, team = str(payload).rpartition(" ")
+        if schema == self._schema:
+            self._on_change(team)
+
+
+__all__ = ["CHANNEL", "NOTIFY", "RegistryChanges"]
