@@ -167,25 +167,24 @@ async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> 
     return changed
 
 
-async def add_team(pool: asyncpg.Pool, name: str) -> None:
-    """Add the team, or enable it again; running processes are told when it commits."""
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute(
-            "INSERT INTO teams (name) VALUES ($1)"
-            " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()",
-            check_team_name(name),
-        )
-        await connection.execute(NOTIFY, CHANNEL, name)
+async def add_team(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> None:
+    """Add the team, or enable it again. Running processes are told after the insert, which
+    on a caller's transaction PostgreSQL delivers only when it commits."""
+    await executor.execute(
+        "INSERT INTO teams (name) VALUES ($1)"
+        " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()",
+        check_team_name(name),
+    )
+    await executor.execute(NOTIFY, CHANNEL, name)
 
 
 async def disable_team(pool: asyncpg.Pool, name: str) -> bool:
     """Disable the team; False when there is no such team. Running workers and front doors
-    are told when it commits, so it is refused at once rather than at their next re-read."""
-    async with pool.acquire() as connection, connection.transaction():
-        status: str = await connection.execute(
-            "UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1", name
-        )
-        disabled = status.endswith(" 1")
-        if disabled:
-            await connection.execute(NOTIFY, CHANNEL, name)
+    are told once it is written, so it is refused at once rather than at their next re-read."""
+    status: str = await pool.execute(
+        "UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1", name
+    )
+    disabled = status.endswith(" 1")
+    if disabled:
+        await pool.execute(NOTIFY, CHANNEL, name)
     return disabled
