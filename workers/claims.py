@@ -617,7 +617,7 @@ class Claim:
 
     def account(self, outcome: Outcome) -> Outcome:
         """The outcome whose usage and result also count the calls lost with lapsed owners:
-        the client is told the cost its usage row holds."""
+        the client is told the attempts and cost its usage row holds."""
         if not self.lost:
             return outcome
         usage = outcome.usage
@@ -628,7 +628,8 @@ class Claim:
             "attempts": usage.attempts + len(lost),
             "cost_usd": cost,
         }
-        gateway = outcome.result.gateway.model_copy(update={"cost_usd": cost})
+        gateway = outcome.result.gateway
+        gateway = gateway.model_copy(update={"attempts": lost + gateway.attempts, "cost_usd": cost})
         result = outcome.result.model_copy(update={"gateway": gateway})
         return outcome.model_copy(
             update={"usage": usage.model_copy(update=update), "result": result}

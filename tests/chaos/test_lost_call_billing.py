@@ -97,10 +97,11 @@ async def test_a_lost_call_whose_job_is_called_again_is_billed_alike_in_row_ledg
         row = await pool.fetchrow("SELECT * FROM usage_log")
         drift = await ledger_drift(redis_client, pool, settings)
 
-    # Expect the row to count the lost call, the client told that cost, and the ledger
-    # charged it
+    # Expect the row to count the lost call, the client told that call and its cost, and the
+    # ledger charged it
     assert row["attempt_log"][0]["error"] == "lost"
     assert result.gateway is not None
+    assert [a.error for a in result.gateway.attempts] == [a["error"] for a in row["attempt_log"]]
     assert result.gateway.cost_usd == Decimal(row["cost_usd"]) > 0
     assert drift == 0
 
@@ -160,6 +161,7 @@ async def test_a_lost_call_whose_job_is_refused_over_budget_is_charged_as_its_ro
     assert result.error is not None and result.error.code == "budget_exhausted"
     assert row["attempt_log"][0]["error"] == "lost"
     assert result.gateway is not None
+    assert [a.error for a in result.gateway.attempts] == ["lost"]
     assert result.gateway.cost_usd == Decimal(row["cost_usd"]) > 0
     assert drift == 0
 
