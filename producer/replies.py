@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 
 import aiormq
@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 REPLY_PREFETCH = 1000
 """Unacknowledged replies a reply queue's consumer holds: acknowledged once handed over, so
 one in flight when the connection drops is redelivered."""
+
+ACK_LINGER = 0.05
+"""Seconds a reply handed over waits to be acknowledged together with those that follow it,
+in one ``basic.ack(multiple)``. Acknowledged one by one, each reply cost the client a frame
+and a socket write queued just before its next job's publish (one at a time, the next job
+crossed the broker behind it), and the broker an ack to apply. A reply not yet acknowledged
+when the connection drops is delivered again and dropped as a duplicate, as one in flight is."""
+ACK_EVERY = REPLY_PREFETCH // 4
+"""Replies handed over that are acknowledged at once, linger or not: far below the prefetch,
+so the broker never stops delivering for want of acks."""
 
 SEEN_LIMIT = 100_000
 """Answered job ids remembered to drop redelivered duplicates; older ones are forgotten."""
@@ -135,12 +145,88 @@ class ReplyBook:
             future.cancel()
 
 
+class ReplyAcks:
+    """Acknowledges the replies of one queue together: every reply handed over on a channel,
+    ``ACK_LINGER`` after the first of them (or at ``ACK_EVERY``), with one multiple ack of the
+    last one's tag.
+
+    A multiple ack covers every unacknowledged delivery up to its tag on the channel: the
+    channel must carry no other consumer's acknowledged deliveries (a client's and a front
+    door's carry only their reply queue's, and direct replies, which are never acknowledged).
+    Replies are handed over in the order they are delivered, each at once (``Inbox.handle``
+    does not wait); one whose handling failed is acknowledged with the rest (it would fail
+    again). A channel that closed takes its unacknowledged replies back to the queue: they are
+    delivered again on the next, and dropped as duplicates.
+
+    One ack is on its way at a time, the next sent once it is written: two multiple acks must
+    reach the broker in the order of their tags, or the later one settles the earlier one's
+    tag first and the broker refuses that (PRECONDITION_FAILED - unknown delivery tag), closing
+    the channel and failing every publish on it. Sent from tasks of their own they could pass
+    each other: aiormq writes through a queue of ten frames, an ack waits there for a slot
+    while RabbitMQ's flow control leaves the connection unread, and asyncio.Queue keeps no
+    order among waiting writers (one woken can lose its slot to a newcomer and wait again).
+    """
+
+    def __init__(self) -> None:
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._last = 0
+        """The tag of the last reply handed over on ``_channel``, not yet acknowledged; 0: none."""
+        self._waiting = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._due: deque[tuple[aiormq.abc.AbstractChannel, int]] = deque()
+        """Acks to send, in order, after the one on its way."""
+        self._sender: asyncio.Task[None] | None = None
+
+    def handed_over(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+        if channel is not self._channel:
+            self.flush()
+            self._channel = channel
+        self._last = tag
+        self._waiting += 1
+        if self._waiting >= ACK_EVERY:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ACK_LINGER, self.flush)
+
+    def flush(self) -> None:
+        """Acknowledge every reply handed over so far."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        last, self._last, self._waiting = self._last, 0, 0
+        if self._channel is None or not last:
+            return
+        self._due.append((self._channel, last))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._due:
+                channel, tag = self._due.popleft()
+                # Those due on the same channel meanwhile: the last one's tag covers them all.
+                while self._due and self._due[0][0] is channel:
+                    tag = self._due.popleft()[1]
+                what = f"acknowledge the replies up to delivery {tag}"
+                await settle(channel.basic_ack(tag, multiple=True), what, log)
+        finally:
+            self._sender = None
+
+    async def close(self) -> None:
+        """Acknowledge what is waiting, and wait until it is sent."""
+        self.flush()
+        if self._sender is not None:
+            # Not cancelled with its waiter (a timed-out close): others' acks may follow.
+            await asyncio.wait((self._sender,))
+
+
 class Inbox:
     """The waiters of one reply queue: a future per job, the streams of a streamed job.
 
     Pass ``handle`` as the queue's consumer callback (``queuegate.broker.consume``, with
-    ``prefetch=REPLY_PREFETCH``); each reply is acknowledged once handed over (a redelivered
-    one is dropped as a duplicate)::
+    ``prefetch=REPLY_PREFETCH``); each reply is acknowledged once handed over, together with
+    the others handed over within ``ACK_LINGER`` (a redelivered one is dropped as a
+    duplicate); ``acks.close()`` acknowledges those still waiting::
 
         inbox.expect(job.job_id)            # before publishing the job
         result = await inbox.wait(job.job_id, timeout)
@@ -154,6 +240,7 @@ class Inbox:
     ) -> None:
         self.replies = ReplyBook(keep_unexpected=keep_unexpected)
         self.streams = StreamBook()
+        self.acks = ReplyAcks()
         self._keep_unexpected = keep_unexpected
         self._ignore = ignore
         """Results that reach this queue but answer none of its waiters: dropped."""
@@ -197,11 +284,7 @@ class Inbox:
                 properties.correlation_id,
             )
         # The book drops a redelivered reply as a duplicate.
-        await settle(
-            message.channel.basic_ack(tag),
-            f"acknowledge the reply to {properties.correlation_id}",
-            log,
-        )
+        self.acks.handed_over(message.channel, tag)
 
 
 class ReplyQueue:
@@ -255,6 +338,11 @@ class ReplyQueue:
         self._stopped = True
         if self._reopening is not None:
             self._reopening.cancel()
+        # Before the consumer goes: a named queue would give the replies handed over but not
+        # yet acknowledged to its next owner again.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._inbox.acks.close()
         if self._delete is None or self._channel is None:
             return
         with contextlib.suppress(*UNANSWERED, TimeoutError):
