@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.console import err, out, print_table
 from cli.options import make_settings
 from queuegate.messages import JobStatus
+from queuegate.numbers import usd_text
 from queuegate.runtime import run
 from queuegate.tables import add_number_column, add_text_column, compact_table, fit
 
@@ -95,7 +96,7 @@ def audit_table(page: AuditPage, *, wide: bool) -> Table:
             e.model_requested,
             e.status if e.status == "ok" else e.error_code or "error",
             f"{e.input_tokens + e.output_tokens:,}",
-            f"{e.cost_usd:.6f}",
+            usd_text(e.cost_usd),
         ]
         if wide:
             row += [

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from queuegate.errors import BatchError, BatchInvalid
+from queuegate.numbers import usd_text
 from queuegate.progress import progress
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -187,7 +188,7 @@ def collect(
     c = report.counts
     out.print(
         f"batch {name}: {c.done:,} done, {c.failed:,} failed, {c.expired:,} expired, "
-        f"{c.canceled:,} canceled; {report.written:,} lines written now; ${c.spend_usd:.6f}",
+        f"{c.canceled:,} canceled; {report.written:,} lines written now; ${usd_text(c.spend_usd)}",
         highlight=False,
     )
 
@@ -274,7 +275,7 @@ def _status_table(status: object) -> Table:
         ("collected: failed", f"{c.failed:,}"),
         ("collected: expired", f"{c.expired:,}"),
         ("collected: canceled", f"{c.canceled:,}"),
-        ("collected spend (USD)", f"{c.spend_usd:.6f}"),
+        ("collected spend (USD)", usd_text(c.spend_usd)),
         ("collect rate", f"{status.rate:,.1f}/s" if status.rate else "-"),
         ("collect ETA", f"{status.eta_s:,.0f} s" if status.eta_s is not None else "-"),
         ("deadline", f"{status.deadline:%Y-%m-%d %H:%M:%S} UTC"),

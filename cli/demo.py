@@ -22,6 +22,7 @@ from queuegate.db import create_pool
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatResult
 from queuegate.namespace import drop_namespace
+from queuegate.numbers import usd_text
 from queuegate.registry import add_team
 from queuegate.runtime import stop_on_signals
 from queuegate.services import check_services
@@ -129,7 +130,7 @@ async def _submit_all(settings: Settings, console: Console) -> list[ChatResult]:
                     g.model_used or "-",
                     "yes" if g.fallback_used else "no",
                     f"{elapsed_ms:.1f}",
-                    f"{g.cost_usd:.6f}",
+                    usd_text(g.cost_usd),
                 )
                 replies.append(
                     f"[bold]{job.model}[/] → {g.model_used} on {g.provider}: {result.content}"

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from cli.console import err, out
 from cli.options import make_settings, read_password
+from queuegate.numbers import usd_text
 from queuegate.runtime import run
 from queuegate.tables import visible
 
@@ -107,7 +108,7 @@ def submit(
         err.print(
             f"[dim]{g.model_used} via {g.provider}/{g.deployment}"
             f"{' (fallback)' if g.fallback_used else ''}, {g.latency_ms:.0f} ms, "
-            f"${g.cost_usd:.6f}[/]"
+            f"${usd_text(g.cost_usd)}[/]"
         )
     else:
         assert result.error is not None

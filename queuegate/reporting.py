@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from queuegate.numbers import plain_decimal
+from queuegate.numbers import plain_decimal, usd_text
 from queuegate.tables import add_number_column, add_text_column, compact_table, fit, visible
 
 if TYPE_CHECKING:  # the usage command needs no broker or Redis client
@@ -175,7 +175,7 @@ def _cell(name: str, value: Any) -> str:
     if value is None:
         return "-"
     if name in _MONEY:
-        return f"{value:,.6f}"
+        return usd_text(value)
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)

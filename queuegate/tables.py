@@ -18,7 +18,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from queuegate.numbers import plain_decimal
+from queuegate.numbers import plain_decimal, usd_text
 from queuegate.registry import Team
 
 TEXT_MIN_WIDTH = 12
@@ -119,7 +119,7 @@ def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
             f"{row.errors:,}",
             f"{row.input_tokens:,}",
             f"{row.output_tokens:,}",
-            f"{row.cost_usd:.6f}",
+            usd_text(row.cost_usd),
         )
     if not rows:
         table.add_row("(no usage)", "", "", "", "", "")

@@ -19,7 +19,7 @@ from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.keys import Keys
 from queuegate.messages import ChatResult
-from queuegate.registry import TeamConfig
+from queuegate.registry import TeamConfig, default_burst
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent
 from tests.support import Gateway, running_gateway, wait_until
@@ -65,6 +65,21 @@ async def rate_limited_small(
         gw.client("alpha") as client,
     ):
         yield gw, client
+
+
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The scripts of every admission round trip from now on, one list a round trip."""
+    batches: list[list[str]] = []
+    run_all = Scripts.run_all
+
+    async def counted(
+        self: Scripts, calls: Sequence[Call], *, name: str | None = None
+    ) -> list[list[int]]:
+        batches.append([call.script for call in calls])
+        return await run_all(self, calls, name=name)
+
+    monkeypatch.setattr(Scripts, "run_all", counted)
+    return batches
 
 
 async def at_once(client: GatewayClient, jobs: int) -> list[ChatResult]:
@@ -148,16 +163,7 @@ models:
          api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, tpm: 1000}
 """
     )
-    batches: list[list[str]] = []
-    run_all = Scripts.run_all
-
-    async def counted(
-        self: Scripts, calls: Sequence[Call], *, name: str | None = None
-    ) -> list[list[int]]:
-        batches.append([call.script for call in calls])
-        return await run_all(self, calls, name=name)
-
-    monkeypatch.setattr(Scripts, "run_all", counted)
+    batches = round_trips(monkeypatch)
     async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
         # When one job is served (a deadline it is well within changes nothing)
         result = await client.chat(
@@ -218,6 +224,34 @@ async def test_a_duplicate_finding_the_job_busy_leaves_its_owners_budget_entry_a
         spent = await ledger_spent(redis_client, keys, "alpha", current_month())
         assert spent == (10 * Decimal("0.15") + 11 * Decimal("0.60")) / 1_000_000
         assert len(await gw.usage_rows(1)) == 1
+
+
+async def test_a_job_ended_after_its_claim_gives_back_what_rode_with_the_claim(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given team alpha with a budget and buckets that take minutes to refill what a job takes
+    # (6 requests and 100 tokens a minute), and a batch of its canceled before a worker takes
+    # its job
+    await register(settings, "alpha", TeamConfig(rpm=6, tpm=100, budget_usd=Decimal(1)))
+    keys = Keys(settings.redis_prefix)
+    await redis_client.set(keys.batch_canceled("alpha", "gone"), 1)
+    batches = round_trips(monkeypatch)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When its job is claimed, its budget reserved and its team's buckets taken in the
+        # claim's round trip, then it ends on the cancel before admission
+        job = client.job("gpt-4o-mini", WORDS, max_tokens=MAX_TOKENS, metadata={"batch": "gone"})
+        result = await (await client.submit(job)).result(timeout=10)
+        assert result.error is not None and result.error.code == "canceled"
+        bucket = await redis_client.hmget(keys.team_bucket("alpha"), ["r", "t"])
+        spent = await ledger_spent(redis_client, keys, "alpha", current_month())
+        assert gw.mock.stats.calls == 0
+
+    # Expect the undo in the outcome's store: the request and every estimated token back in
+    # the team's bucket, full again, and the budget's entry of the job at nothing
+    assert batches[0] == ["claim", "spend", "take"]
+    assert batches[1] == ["finish", "take", "take", "spend"]
+    assert [float(level or 0) for level in bucket] == [default_burst(6), 100]
+    assert spent == 0
 
 
 async def test_a_flooding_team_does_not_hold_up_a_trickling_one(settings: Settings) -> None:

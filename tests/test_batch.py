@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import aio_pika
@@ -27,6 +28,7 @@ from queuegate.control import Counts
 from queuegate.errors import BatchError, BatchInvalid, ControlRefused, PublishRefused
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
+from queuegate.numbers import plain_decimal
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -123,8 +125,30 @@ async def test_openai_documented_lines_come_back_as_openai_output(
         assert completion.choices[0].message.content
         assert "Hello world!" in completion.choices[0].message.content
         assert line["gateway"]["model_used"] == "gpt-4o-mini"
-        assert line["gateway"]["cost_usd"] > 0
+        assert Decimal(line["gateway"]["cost_usd"]) > 0
     assert errors.read_bytes() == b""
+
+
+async def test_a_cheap_lines_cost_is_written_in_plain_notation(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a line that costs under a millionth of a dollar (local-llama: $0.05 a Mtok in)
+    line = openai_line(1, model="local-llama")
+    line["body"]["max_tokens"] = 3
+    source = write_jsonl(tmp_path / "cheap.jsonl", [line])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings) as gw:
+        # When it is submitted and collected
+        report = await submit_batch(alpha.settings, source, **alpha.who)
+        await collect(alpha.settings, report.name, out, idle=0.2, **alpha.who)
+        [row] = await gw.usage_rows(1)
+
+    # Expect its cost on the output line as the result and the front door write it: text,
+    # digits after a point, never a float's exponent (3.9e-07) a reader takes for another
+    [written] = read_jsonl(out)
+    assert Decimal(0) < row["cost_usd"] < Decimal("0.000001")
+    assert written["gateway"]["cost_usd"] == plain_decimal(row["cost_usd"])
+    assert written["gateway"]["cost_usd"].startswith("0.000000")
 
 
 async def test_anthropic_documented_requests_come_back_as_message_batch_results(
@@ -748,7 +772,7 @@ async def test_a_name_submitted_again_after_collect_is_answered_afresh(
     assert calls_after - calls == 6
     lines = read_jsonl(out)
     assert len(lines) == 9 and all(line["error"] is None for line in lines)
-    assert all(line["gateway"]["cost_usd"] > 0 for line in lines)
+    assert all(Decimal(line["gateway"]["cost_usd"]) > 0 for line in lines)
     assert len({line["gateway"]["job_id"] for line in lines}) == 9
 
 

@@ -154,3 +154,35 @@ def test_dead_letters_show_a_publishers_escapes_and_bidi_overrides_written_out()
     # Expect each control character written out and the brackets kept as text
     assert not any(c in text for c in "\x1b\x07\u202e"), repr(text)
     assert "id\\x1b]0;owned\\x07" in text and "[red]x\\u202e" in text
+
+
+def test_a_cheap_jobs_cost_shows_its_significant_digits_in_every_cost_table() -> None:
+    # Given a job that cost $0.00000039 (3 tokens of a $0.13/Mtok model), in the audit log,
+    # the usage report and the demo's spend table, beside an amount with no more than six
+    # decimals
+    from admin.audit import AuditEntry, AuditPage
+    from cli.audit import audit_table
+    from queuegate.tables import spend_table
+
+    cheap, plain = Decimal("0.000000390"), Decimal("12.5")
+    entry = AuditEntry(
+        id=1, job_id="j-1", team="alpha", ts=datetime(2026, 3, 1, tzinfo=UTC),
+        model_requested="local-llama", model_used="local-llama", provider="openai",
+        deployment="local-1", status="ok", error_code=None, input_tokens=2, output_tokens=1,
+        cached_tokens=0, cost_usd=cheap, queued_ms=1.0, latency_ms=2.0, attempts=1,
+        fallback_used=False, cached=False, identity=None, pii=[], captured=False,
+    )  # fmt: skip
+    spends = [TeamSpend("alpha", 1, 0, 2, 1, cheap), TeamSpend("beta", 1, 0, 2, 1, plain)]
+
+    # When each is rendered
+    audit = _render(audit_table(AuditPage([entry]), wide=False))
+    usage = _render(table(records(spends), title="usage by team"))
+    demo = _render(spend_table(spends, title="usage this month"))
+
+    # Expect the cost's every significant digit, never rounded to 0.000000, and six decimals
+    # still where it has no more
+    for lines in (audit, usage, demo):
+        _whole(lines, "0.00000039")
+        assert not any("0.000000 " in f"{line} " for line in lines), lines
+    for lines in (usage, demo):
+        _whole(lines, "12.500000")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from queuegate.messages import ChatResult, ErrorInfo
+from queuegate.numbers import plain_decimal
 
 Category = Literal["done", "failed", "expired", "canceled"]
 CATEGORIES: tuple[Category, ...] = ("done", "failed", "expired", "canceled")
@@ -67,10 +68,14 @@ def category_of(result: ChatResult) -> Category:
 
 
 def gateway_block(answer: Answer) -> dict[str, Any]:
-    """How the gateway served it: model used, fallback, cost; added to every output line."""
+    """How the gateway served it: model used, fallback, cost; added to every output line.
+
+    The cost is text in positional notation, as the result's own JSON and the front door
+    write it (``"0.00000039"``): a JSON number would be written ``3.9e-07``.
+    """
     result = answer.result
     if result is None:
-        return {"job_id": answer.job_id, "cost_usd": 0.0}
+        return {"job_id": answer.job_id, "cost_usd": "0"}
     g = result.gateway
     return {
         "job_id": answer.job_id,
@@ -78,7 +83,7 @@ def gateway_block(answer: Answer) -> dict[str, Any]:
         "model_used": g.model_used,
         "provider": g.provider,
         "fallback_used": g.fallback_used,
-        "cost_usd": float(g.cost_usd),
+        "cost_usd": plain_decimal(g.cost_usd),
         "latency_ms": round(g.latency_ms, 1),
         "attempts": len(g.attempts),
     }

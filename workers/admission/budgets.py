@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import asyncpg
@@ -83,13 +83,10 @@ class Reserving:
     is read with."""
 
     call: Call
-    team: str
+    held: Reservation
+    """What the job holds once the call made it, but for its generations (the reply's)."""
     model: str
-    month: str
-    job_id: str
-    nano: int
     scopes: list[tuple[str | None, Decimal]]
-    keys: list[str]
 
 
 class Budgets:
@@ -160,76 +157,60 @@ class Budgets:
             else 0
         )
         keys = ledger_keys(self._keys, team, month, [scope_model for scope_model, _ in scopes])
-        args: list[str | int] = ["reserve", nano, LEDGER_TTL, threshold, team, month]
-        args += [job_id, self._lease_ms, *(to_nano(limit) for _, limit in scopes)]
-        ledgers = keys[::2]
-        args += [self._generations.get(ledger, "") for ledger in ledgers]
-        return Reserving(
-            self._call(team, month, keys, args), team, model, month, job_id, nano, scopes, keys
+        generations = [self._generations.get(ledger, "") for ledger in keys[::2]]
+        held = Reservation(keys, team, month, job_id, nano, generations)
+        limits = [to_nano(limit) for _, limit in scopes]
+        call = self._call(
+            "reserve", held, nano, threshold=threshold, entry_ms=self._lease_ms, limits=limits
         )
+        return Reserving(call, held, model, scopes)
 
     async def reserved(self, reserving: Reserving, reply: list[int]) -> Reservation | None:
         """The reservation ``reply`` (of ``reserving.call``) made; None when it found the
         ledger lost or made again, rebuilt now: the call (its generations brought up to
         date) is to run again. Raises BudgetExhausted when it was refused."""
-        team, month, scopes, ledgers = (
-            reserving.team,
-            reserving.month,
-            reserving.scopes,
-            reserving.keys[::2],
-        )
-        _alert(team, month, reply)
+        held, scopes = reserving.held, reserving.scopes
+        _alert(held.team, held.month, reply)
         if lost_ledger(reply):
             scope_model, _ = scopes[int(reply[1]) - 1]
-            await self._rebuild(team, month, scope_model)
+            await self._rebuild(held.team, held.month, scope_model)
+            ledgers = held.keys[::2]
             args = reserving.call.args
             args[-len(ledgers) :] = [self._generations.get(ledger, "") for ledger in ledgers]
             return None
         if reply[0] == -1:
             scope = scopes[int(reply[1]) - 1]
             raise exhausted(
-                team,
-                month,
+                held.team,
+                held.month,
                 model=reserving.model,
                 scope=scope,
                 spent=int(reply[2]),
-                needed=reserving.nano,
+                needed=held.nano,
             )
         return self.made(reserving, reply)
 
     def made(self, reserving: Reserving, reply: list[int]) -> Reservation:
         """The reservation of a ``reserving.call`` whose ``reply`` says it was made (status
         0)."""
-        ledgers = reserving.keys[::2]
+        ledgers = reserving.held.keys[::2]
         generations = [text(gen) for gen in reply[3 : 3 + len(ledgers)]]
         self._generations.update(zip(ledgers, generations, strict=True))
-        return Reservation(
-            reserving.keys,
-            reserving.team,
-            reserving.month,
-            reserving.job_id,
-            reserving.nano,
-            generations,
-        )
+        return replace(reserving.held, generations=generations)
 
     def settle_call(self, reservation: Reservation, actual_nano: int) -> Call:
         """The script call that replaces the reserved estimate with what the job really cost,
         to run with the job's other settles (its reply then goes to ``settled``)."""
         if actual_nano > 0:
             self._remember(reservation, actual_nano)
-        args: list[str | int] = [
+        return self._call(
             "settle",
+            reservation,
             actual_nano,
-            LEDGER_TTL,
-            0,
-            reservation.team,
-            reservation.month,
-            reservation.job_id,
-            SETTLED_TTL * 1000,
-            *(0 for _ in reservation.generations),  # no limits: a settle is never refused
-            *reservation.generations,
-        ]
-        return self._call(reservation.team, reservation.month, reservation.keys, args)
+            threshold=0,
+            entry_ms=SETTLED_TTL * 1000,
+            limits=[0 for _ in reservation.generations],  # a settle is never refused
+        )
 
     def charge_call(
         self, team: str, model: str, config: TeamConfig, nano: int, job_id: str
@@ -250,9 +231,24 @@ class Budgets:
     def settled(self, reservation: Reservation, reply: list[int]) -> None:
         _alert(reservation.team, reservation.month, reply)
 
-    def _call(self, team: str, month: str, keys: list[str], args: list[str | int]) -> Call:
+    def _call(
+        self,
+        mode: str,
+        entry: Reservation,
+        nano: int,
+        *,
+        threshold: int,
+        entry_ms: int,
+        limits: list[int],
+    ) -> Call:
+        """spend.lua's call on ``entry``'s ledgers: ``mode`` ("reserve" or "settle") ``nano``
+        for its job, whose entry lapses ``entry_ms`` later, refused past each scope's limit
+        (0: none), alerted once past ``threshold`` (0: never)."""
+        team, month = entry.team, entry.month
+        args: list[str | int] = [mode, nano, LEDGER_TTL, threshold, team, month, entry.job_id]
+        args += [entry_ms, *limits, *entry.generations]
         return Call(
-            "spend", [self._keys.budget_alerted(team, month), self._keys.alerts, *keys], args
+            "spend", [self._keys.budget_alerted(team, month), self._keys.alerts, *entry.keys], args
         )
 
     def _remember(self, reservation: Reservation, nano: int) -> None:

@@ -161,19 +161,15 @@ class Admission:
             limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
             # Made with the claim already, unless its ledger was lost: then it is made here, as
             # any other, its rebuild under the outage policy (PostgreSQL may be away too).
-            budget = None
             if ahead is not None and ahead.replies and not lost_ledger(ahead.replies[0]):
-                budget = await self._budgets.reserved(ahead.reserving, ahead.replies[0])
-            if ahead is not None and budget is not None:
                 # Its buckets as they were taken (the team's limits may have changed since).
-                ticket.budget, limits = budget, ahead.limits
-                tried = ahead.replies[1] if len(ahead.replies) > 1 else None
+                limits, replies = ahead.limits, ahead.replies
+                ticket.budget = await self._budgets.reserved(ahead.reserving, replies[0])
+                tried = replies[1] if len(replies) > 1 else None
             else:
                 # The first try at the team's buckets rides with the budget's reservation, in
-                # one round trip, unless jobs already wait in line for them (see Ticket.take).
-                first = (
-                    take_call(limits, tokens) if limits and not self.line(limits).locked() else None
-                )
+                # one round trip.
+                first = self._first_take(limits, tokens)
                 # One name for every try, so a try after an error does not take again what the
                 # one before took (its reply lost with its connection).
                 name = once()
@@ -201,11 +197,11 @@ class Admission:
                 await ticket.take(limits, tried=tried is not None)
             if check is not None:
                 # Again once admitted: the job may have waited long after its batch was
-                # canceled. Its request goes back here, its tokens and budget below.
+                # canceled. Its request, tokens and budget go back in one round trip.
                 try:
                     await check()
                 except BaseException:
-                    await self.give_back(limits)
+                    await self.settle(ticket.settlement(None, give_back=True))
                     raise
         except BaseException:
             await ticket.settle(None)
@@ -230,29 +226,28 @@ class Admission:
         if reserving is None:
             return None
         limits = self._team_limits(job, config)
-        calls = [reserving.call]
-        if limits and not self.line(limits).locked():
-            calls.append(take_call(limits, needed.tokens))
+        first = self._first_take(limits, needed.tokens)
+        calls = [reserving.call] + ([first] if first is not None else [])
         return Ahead(self, calls, reserving, needed, limits)
 
     def undo(self, ahead: Ahead, lost: Decimal) -> Settlement | None:
-        """``Ahead.undo``: ``Ticket.settle(None)`` and ``give_back`` as one settlement."""
+        """``Ahead.undo``: what ``admit`` settles for a job its check ends once admitted, as
+        the ticket ``admit`` would have made of ``ahead``."""
         replies = ahead.replies
         if not replies or replies[0][0] != 0:
             return None  # not run, or refused: nothing held
-        budget = self._budgets.made(ahead.reserving, replies[0])
-        calls = []
+        team = ahead.reserving.held.team
+        # Never admitted, so it never waits: no time to wait until.
+        ticket = Ticket(self, team, ahead.estimate, until=0.0, lost=to_nano(lost))
+        ticket.budget = self._budgets.made(ahead.reserving, replies[0])
         if len(replies) > 1 and replies[1][0] == 1:
-            # As ``give_back`` and ``Ticket.settle(None)`` would: its request back (never
-            # called), and every token its estimate took.
-            tokens = [limit for limit in ahead.limits if limit.tpm]
-            for call in (
-                settle_call(ahead.limits, 0, requests_back=1),
-                settle_call(tokens, ahead.estimate.tokens),
-            ):
-                if call is not None:
-                    calls.append(call)
-        return self.settlement(calls, budget, to_nano(lost))
+            ticket.team_limits = ahead.limits
+        return ticket.settlement(None, give_back=True)
+
+    def _first_take(self, limits: list[Limit], tokens: int) -> Call | None:
+        """A job's first try at its team's buckets, to ride with its budget's reservation,
+        unless jobs already wait in line for them (see Ticket.take)."""
+        return take_call(limits, tokens) if limits and not self.line(limits).locked() else None
 
     async def take(
         self,
@@ -286,7 +281,7 @@ class Admission:
 
     async def give_back(self, limits: list[Limit]) -> None:
         """Return the request a job took from ``limits`` for a call it will not make."""
-        call = settle_call(limits, 0, requests_back=1)
+        call = _give_back_call(limits)
         if call is not None:
             await self.settle(self.settlement([call], None, 0))
 
@@ -525,9 +520,15 @@ class Ticket:
         """
         await self._admission.settle(self.settlement(routed))
 
-    def settlement(self, routed: Routed | Billed | None) -> Settlement | None:
+    def settlement(
+        self, routed: Routed | Billed | None, *, give_back: bool = False
+    ) -> Settlement | None:
         """What ``settle`` runs, to run in the round trip of another call (the outcome's
-        store); None when settled already, or when there is nothing to settle."""
+        store); None when settled already, or when there is nothing to settle.
+
+        ``give_back``: the job will make no call, so the request it took of its team's
+        buckets goes back too (``Admission.give_back``), in the same round trip.
+        """
         if self._settled:
             return None
         self._settled = True
@@ -536,7 +537,8 @@ class Ticket:
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
         back = self.estimate.tokens - used
         # Only buckets of tokens have anything to settle; all in one round trip.
-        calls = [settle_call([limit for limit in self.team_limits if limit.tpm], back)]
+        calls = [_give_back_call(self.team_limits) if give_back else None]
+        calls.append(settle_call([limit for limit in self.team_limits if limit.tpm], back))
         for name, limit in self._deployments:
             if limit.tpm:
                 served = routed is not None and name == routed.deployment
@@ -581,6 +583,11 @@ class Settlement(NamedTuple):
 
     calls: list[Call]
     done: Callable[[Sequence[Any]], None]
+
+
+def _give_back_call(limits: list[Limit]) -> Call | None:
+    """The settle of ``Admission.give_back``."""
+    return settle_call(limits, 0, requests_back=1)
 
 
 def _team_limit(team: str, key: str, scope: str, limits: TeamConfig | ModelLimits) -> Limit:
