@@ -135,6 +135,10 @@ async def _create(
     credentials = Credentials(identity)
     user = broker_user(settings.namespace, name) if identity == "broker" else None
     made = False
+    # Before its queue exists, so that the queue is never unbounded; a policy left by a later
+    # failure bounds no queue until the team is added, and is then put again.
+    async with BrokerAdmin(settings.management_url) as admin:
+        await put_quota(admin, settings, name, TeamConfig())
     try:
         if user is not None:
             password = password or new_password()
@@ -198,6 +202,9 @@ async def _ensure(
             f"team {team.name} exists with identity {security.identity}: change it with "
             f"queuegate teams security {team.name} --identity {identity}"
         )
+    # This version's bounds, on a queue an earlier version left without them.
+    async with BrokerAdmin(settings.management_url) as admin:
+        await put_quota(admin, settings, team.name, team.config)
     await _declare_queue(settings, team.name)
     credentials = Credentials(security.identity, user=security.broker_user)
     if security.identity == "broker":
@@ -424,6 +431,40 @@ takes the one policy of highest priority, and at equal priority the broker's pic
 
 
 @dataclass(frozen=True)
+class QueueQuota:
+    max_length: int
+    max_bytes: int
+
+
+def queue_quota(settings: Settings, config: TeamConfig) -> QueueQuota:
+    """The bounds of the team's job queue: its own, else the gateway's defaults."""
+    return QueueQuota(
+        config.max_queue_length or settings.max_queue_length,
+        config.max_queue_bytes or settings.max_queue_bytes,
+    )
+
+
+async def put_quota(admin: BrokerAdmin, settings: Settings, team: str, config: TeamConfig) -> None:
+    """Bound the team's job queue by jobs and bytes with the policy ``quota_policy``: a queue's
+    own arguments cannot change once declared, a policy can, on queues that exist too. Every
+    team has one, so that none can park jobs until the broker's memory alarm blocks every
+    team's publishers. The queue's ``x-overflow: reject-publish`` is repeated here: which of
+    so that a queue declared without it (by hand, by an earlier version) refuses too, rather
+    than dropping its oldest jobs, a policy's default."""
+    quota = queue_quota(settings, config)
+    await admin.put_policy(
+        quota_policy(settings, team),
+        pattern=f"^{re.escape(Topology.of(settings).team_queue(team))}$",
+        definition={
+            "max-length": quota.max_length,
+            "max-length-bytes": quota.max_bytes,
+            "overflow": "reject-publish",
+        },
+        priority=QUOTA_PRIORITY,
+    )
+
+
+@dataclass(frozen=True)
 class UserLimits:
     max_connections: int
     max_channels: int
@@ -482,17 +523,8 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
         user = (await get_security(pool, name)).broker_user
     finally:
         await pool.close()
-    topology = Topology.of(settings)
     async with BrokerAdmin(settings.management_url) as admin:
-        if config.max_queue_length is None:
-            await admin.delete_policy(quota_policy(settings, name))
-        else:
-            await admin.put_policy(
-                quota_policy(settings, name),
-                pattern=f"^{re.escape(topology.team_queue(name))}$",
-                definition={"max-length": config.max_queue_length},
-                priority=QUOTA_PRIORITY,
-            )
+        await put_quota(admin, settings, name, config)
         if user is not None:
             await _put_limits(admin, settings, user, config)
     return config
