@@ -52,7 +52,7 @@ from queuegate.tenancy import (
     put_security,
     revoke_api_keys,
 )
-from queuegate.topology import RESERVED_NAMES, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
 
 
 @dataclass(frozen=True)
@@ -425,6 +425,12 @@ def quota_policy(settings: Settings, team: str) -> str:
     return f"{settings.namespace}-quota-{team}"
 
 
+def control_policy(settings: Settings) -> str:
+    """The policy bounding every control queue of the namespace: for the namespace
+    ``queuegate``, the one of ``deploy/rabbitmq/definitions.json`` (the same)."""
+    return f"{settings.namespace}-control-queues"
+
+
 QUOTA_PRIORITY = 10
 """Above the default policies of ``deploy/rabbitmq/definitions.json`` (priority 0): a queue
 takes the one policy of highest priority, and at equal priority the broker's pick is arbitrary."""
@@ -445,22 +451,29 @@ def queue_quota(settings: Settings, config: TeamConfig) -> QueueQuota:
 
 
 async def put_quota(admin: BrokerAdmin, settings: Settings, team: str, config: TeamConfig) -> None:
-    """Bound the team's job queue by jobs and bytes with the policy ``quota_policy``: a queue's
-    own arguments cannot change once declared, a policy can, on queues that exist too. Every
-    team has one, so that none can park jobs until the broker's memory alarm blocks every
-    team's publishers. The queue's ``x-overflow: reject-publish`` is repeated here: which of
-    so that a queue declared without it (by hand, by an earlier version) refuses too, rather
-    than dropping its oldest jobs, a policy's default."""
+    """Bound the team's job queue by jobs and bytes with the policy ``quota_policy``, and every
+    control queue of the namespace by bytes (``control_policy``): a queue's own arguments
+    cannot change once declared, a policy can, on queues that exist too. Every team has them,
+    so that none can park messages until the broker's memory alarm blocks every team's
+    publishers. ``overflow: reject-publish`` repeats the queues' own argument, so that a queue
+    declared without it (by hand, by an earlier version) refuses too, rather than dropping
+    its oldest messages, a policy's default."""
     quota = queue_quota(settings, config)
+    topology = Topology.of(settings)
     await admin.put_policy(
         quota_policy(settings, team),
-        pattern=f"^{re.escape(Topology.of(settings).team_queue(team))}$",
+        pattern=f"^{re.escape(topology.team_queue(team))}$",
         definition={
             "max-length": quota.max_length,
             "max-length-bytes": quota.max_bytes,
             "overflow": "reject-publish",
         },
         priority=QUOTA_PRIORITY,
+    )
+    await admin.put_policy(
+        control_policy(settings),
+        pattern=f"^{re.escape(topology.control_queue(''))}",
+        definition={"max-length-bytes": CONTROL_MAX_BYTES, "overflow": "reject-publish"},
     )
 
 

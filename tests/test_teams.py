@@ -17,7 +17,15 @@ import aio_pika
 import pytest
 from typer.testing import CliRunner
 
-from admin.teams import add, configure, listing, quota_policy, register, with_user
+from admin.teams import (
+    add,
+    configure,
+    control_policy,
+    listing,
+    quota_policy,
+    register,
+    with_user,
+)
 from cli.main import app
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
@@ -26,7 +34,7 @@ from queuegate.errors import ConfigError, QueueFull, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user
-from queuegate.topology import RESERVED_NAMES, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
 from tests.support import running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -131,6 +139,11 @@ async def test_an_operator_sets_a_teams_bytes_in_a_size_and_teams_add_puts_lost_
             "max-length-bytes": 32 * 1024,
             "overflow": "reject-publish",
         }
+
+        # and its control queue bounded in bytes too
+        control = await admin.policy(control_policy(settings))
+        assert control is not None
+        assert control["definition"]["max-length-bytes"] == CONTROL_MAX_BYTES
 
         # and, the policy gone (as for a team of an earlier version), put back by teams add
         await admin.delete_policy(quota_policy(settings, alpha))
@@ -461,6 +474,24 @@ async def test_adding_a_team_whose_broker_user_was_deleted_makes_it_again(
     await (await aio_pika.connect(again.credentials.amqp_url)).close()
     async with BrokerAdmin(settings.management_url) as admin:
         assert (await admin.user_limits(users[0]))["max-connections"] == 64
+
+
+def test_the_definitions_default_policies_bound_as_teams_add_does() -> None:
+    # Given deploy/rabbitmq/definitions.json, the bounds of a broker before any teams add
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    policies = {p["name"]: p["definition"] for p in definitions["policies"]}
+    defaults = Settings()
+
+    # Expect them to be the gateway's defaults, as teams add puts them
+    assert policies["queuegate-team-queues"] == {
+        "max-length": defaults.max_queue_length,
+        "max-length-bytes": defaults.max_queue_bytes,
+        "overflow": "reject-publish",
+    }
+    assert policies[control_policy(defaults)] == {
+        "max-length-bytes": CONTROL_MAX_BYTES,
+        "overflow": "reject-publish",
+    }
 
 
 async def test_a_teams_quota_outranks_the_default_policies_of_the_definitions(
