@@ -21,7 +21,6 @@ from rich.text import Text
 from queuegate.numbers import plain_decimal
 from queuegate.registry import Team
 
-_GATEWAY_DEFAULT = "(the gateway's default)"
 TEXT_MIN_WIDTH = 12
 """What a text column (a team, a model alias) keeps at least when a table must shrink."""
 
@@ -150,8 +149,12 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
         table.add_row(alias, cell(limits.rpm), cell(limits.tpm), cell(limits.budget_usd))
     lines = [
         f"alert at {config.alert_threshold:.0%} of the budget",
-        f"max queue length {cell(config.max_queue_length or _GATEWAY_DEFAULT)}",
-        f"max queue bytes {cell(config.max_queue_bytes or _GATEWAY_DEFAULT)}",
+        "max queue length: the gateway's default"
+        if config.max_queue_length is None
+        else f"max queue length {config.max_queue_length:,}",
+        "max queue bytes: the gateway's default"
+        if config.max_queue_bytes is None
+        else f"max queue bytes {config.max_queue_bytes:,}",
         "expected output: the gateway's default"
         if config.expected_output_tokens is None
         else f"expected output {config.expected_output_tokens:,} tokens",
