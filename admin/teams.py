@@ -52,7 +52,7 @@ from queuegate.tenancy import (
     put_security,
     revoke_api_keys,
 )
-from queuegate.topology import RESERVED_NAMES, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,10 @@ async def _create(
     credentials = Credentials(identity)
     user = broker_user(settings.namespace, name) if identity == "broker" else None
     made = False
+    # Before its queue exists, so that the queue is never unbounded; a policy left by a later
+    # failure bounds no queue until the team is added, and is then put again.
+    async with BrokerAdmin(settings.management_url) as admin:
+        await put_quota(admin, settings, name, TeamConfig())
     try:
         if user is not None:
             password = password or new_password()
@@ -198,6 +202,9 @@ async def _ensure(
             f"team {team.name} exists with identity {security.identity}: change it with "
             f"queuegate teams security {team.name} --identity {identity}"
         )
+    # This version's bounds, on a queue an earlier version left without them.
+    async with BrokerAdmin(settings.management_url) as admin:
+        await put_quota(admin, settings, team.name, team.config)
     await _declare_queue(settings, team.name)
     credentials = Credentials(security.identity, user=security.broker_user)
     if security.identity == "broker":
@@ -418,9 +425,56 @@ def quota_policy(settings: Settings, team: str) -> str:
     return f"{settings.namespace}-quota-{team}"
 
 
+def control_policy(settings: Settings) -> str:
+    """The policy bounding every control queue of the namespace: for the namespace
+    ``queuegate``, the one of ``deploy/rabbitmq/definitions.json`` (the same)."""
+    return f"{settings.namespace}-control-queues"
+
+
 QUOTA_PRIORITY = 10
 """Above the default policies of ``deploy/rabbitmq/definitions.json`` (priority 0): a queue
 takes the one policy of highest priority, and at equal priority the broker's pick is arbitrary."""
+
+
+@dataclass(frozen=True)
+class QueueQuota:
+    max_length: int
+    max_bytes: int
+
+
+def queue_quota(settings: Settings, config: TeamConfig) -> QueueQuota:
+    """The bounds of the team's job queue: its own, else the gateway's defaults."""
+    return QueueQuota(
+        config.max_queue_length or settings.max_queue_length,
+        config.max_queue_bytes or settings.max_queue_bytes,
+    )
+
+
+async def put_quota(admin: BrokerAdmin, settings: Settings, team: str, config: TeamConfig) -> None:
+    """Bound the team's job queue by jobs and bytes with the policy ``quota_policy``, and every
+    control queue of the namespace by bytes (``control_policy``): a queue's own arguments
+    cannot change once declared, a policy can, on queues that exist too. Every team has them,
+    so that none can park messages until the broker's memory alarm blocks every team's
+    publishers. ``overflow: reject-publish`` repeats the queues' own argument, so that a queue
+    declared without it (by hand, by an earlier version) refuses too, rather than dropping
+    its oldest messages, a policy's default."""
+    quota = queue_quota(settings, config)
+    topology = Topology.of(settings)
+    await admin.put_policy(
+        quota_policy(settings, team),
+        pattern=f"^{re.escape(topology.team_queue(team))}$",
+        definition={
+            "max-length": quota.max_length,
+            "max-length-bytes": quota.max_bytes,
+            "overflow": "reject-publish",
+        },
+        priority=QUOTA_PRIORITY,
+    )
+    await admin.put_policy(
+        control_policy(settings),
+        pattern=f"^{re.escape(topology.control_queue(''))}",
+        definition={"max-length-bytes": CONTROL_MAX_BYTES, "overflow": "reject-publish"},
+    )
 
 
 @dataclass(frozen=True)
@@ -482,17 +536,8 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
         user = (await get_security(pool, name)).broker_user
     finally:
         await pool.close()
-    topology = Topology.of(settings)
     async with BrokerAdmin(settings.management_url) as admin:
-        if config.max_queue_length is None:
-            await admin.delete_policy(quota_policy(settings, name))
-        else:
-            await admin.put_policy(
-                quota_policy(settings, name),
-                pattern=f"^{re.escape(topology.team_queue(name))}$",
-                definition={"max-length": config.max_queue_length},
-                priority=QUOTA_PRIORITY,
-            )
+        await put_quota(admin, settings, name, config)
         if user is not None:
             await _put_limits(admin, settings, user, config)
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from typing import Annotated, Any
 
@@ -128,6 +129,10 @@ def teams_set(
         float | None, typer.Option(help="Budget fraction that alerts, e.g. 0.8.")
     ] = None,
     max_queue: Annotated[int | None, typer.Option(help="Jobs the queue holds at most.")] = None,
+    max_queue_bytes: Annotated[
+        str | None,
+        typer.Option(help="Bytes of jobs the queue holds at most: 268435456, 256MiB, 1GiB."),
+    ] = None,
     max_connections: Annotated[
         int | None, typer.Option(help="Connections its broker user may hold at once.")
     ] = None,
@@ -167,6 +172,7 @@ def teams_set(
             "budget_usd": budget,
             "alert_threshold": alert_threshold,
             "max_queue_length": max_queue,
+            "max_queue_bytes": None if max_queue_bytes is None else _size(max_queue_bytes),
             "max_connections": max_connections,
             "max_channels": max_channels,
             "expected_output_tokens": expected_output,
@@ -184,6 +190,18 @@ def teams_set(
         changes["models"] = {k: v for k, v in changes["models"].items() if v}
     config = run(lambda: configure(settings, name, changes))
     out.print(f"team {name}: {config.model_dump_json(exclude_defaults=True)}", highlight=False)
+
+
+_SIZE = re.compile(r"(\d+)\s*(|B|KiB|MiB|GiB)", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def _size(value: str) -> int:
+    """Bytes from ``268435456``, ``256MiB`` or ``1GiB`` (binary units, any case)."""
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise typer.BadParameter(f"{value!r}: give bytes, or a size such as 256MiB or 1GiB")
+    return int(match[1]) * _UNITS[match[2].lower()]
 
 
 def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:

@@ -184,6 +184,11 @@ class BrokerAdmin:
         )
         return result
 
+    async def policies(self) -> list[dict[str, Any]]:
+        """Every policy of the vhost as the broker holds it (name, pattern, definition)."""
+        result: list[dict[str, Any]] = await self._request("GET", f"policies/{self._vhost}") or []
+        return result
+
     async def delete_policy(self, name: str) -> None:
         await self._request("DELETE", f"policies/{self._vhost}/{quote(name, safe='')}")
 

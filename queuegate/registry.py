@@ -84,6 +84,9 @@ class TeamConfig(BaseModel):
     """Fraction of the budget whose crossing emits one alert per month."""
     max_queue_length: int | None = Field(default=None, ge=1)
     """Jobs the team's queue holds before the broker refuses more (the producer's QueueFull)."""
+    max_queue_bytes: int | None = Field(default=None, ge=1024)
+    """Bytes of job bodies the team's queue holds before the broker refuses more (the
+    producer's QueueFull); the gateway default (``QUEUEGATE_MAX_QUEUE_BYTES``) if unset."""
     expected_output_tokens: int | None = Field(default=None, ge=1)
     """Output tokens reserved for a job without ``max_tokens``; the gateway default if unset."""
     cache: bool = False

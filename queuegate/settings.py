@@ -132,6 +132,19 @@ class Settings(BaseSettings):
     job_time_limit: float = Field(default=1500.0, gt=0, le=DAY)
     """Seconds a worker spends on one job at most, every provider call included. Keep it below
     RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""
+    max_queue_length: int = Field(default=1_000_000, ge=1)
+    """Jobs a team's job queue holds, unless ``teams set --max-queue`` says otherwise; past
+    it the broker refuses the team's next job. The count bounds what ``max_queue_bytes``
+    cannot: the broker's own cost per message, however small its body."""
+    max_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Bytes of job bodies a team's job queue holds, unless ``teams set --max-queue-bytes``
+    says otherwise; past it the broker refuses the team's next job (the producer's QueueFull).
+    Without it one team parked 149 MiB of 1 MiB jobs in 3.7 s, raised the broker's memory
+    alarm, and so blocked every publisher of every team. 256 MiB is a small share of a
+    broker at RabbitMQ's default watermark (40 % of RAM: 3.2 GiB on an 8 GiB node; RabbitMQ
+    3.10 keeps a quorum queue's messages in memory), about 250 jobs of the largest size a
+    worker takes (``max_job_bytes``) and hundreds of thousands of typical ones. Keep the
+    teams' bounds together below the watermark."""
     team_max_connections: int = Field(default=64, ge=1)
     """Connections a team's broker user may hold at once, unless ``teams set`` says otherwise:
     a RabbitMQ user limit, so one team cannot exhaust the broker's connections."""

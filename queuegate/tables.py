@@ -149,7 +149,12 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
         table.add_row(alias, cell(limits.rpm), cell(limits.tpm), cell(limits.budget_usd))
     lines = [
         f"alert at {config.alert_threshold:.0%} of the budget",
-        f"max queue length {cell(config.max_queue_length)}",
+        "max queue length: the gateway's default"
+        if config.max_queue_length is None
+        else f"max queue length {config.max_queue_length:,}",
+        "max queue bytes: the gateway's default"
+        if config.max_queue_bytes is None
+        else f"max queue bytes {config.max_queue_bytes:,}",
         "expected output: the gateway's default"
         if config.expected_output_tokens is None
         else f"expected output {config.expected_output_tokens:,} tokens",

@@ -86,6 +86,11 @@ CONTROL_MAX_LENGTH = 1_000
 """Control requests of one team waiting at most; past it the broker refuses the team's next
 one at once. A constant, not a setting: every declarer must give the queue the same
 arguments."""
+CONTROL_MAX_BYTES = 64 * 1024 * 1024
+"""Bytes of one team's control requests waiting at most (a policy that ``teams add`` puts):
+without it, CONTROL_MAX_LENGTH requests of the broker's largest message size (16 MiB in
+deploy/, 128 MiB by default) would fill its memory. Some 800 of a batch's largest steps
+(1,000 custom ids of at most 64 characters) could still wait at once."""
 
 
 RESERVED_NAMES = frozenset(

@@ -66,6 +66,11 @@ async def settings(base_settings: Settings) -> AsyncIterator[Settings]:
     )
     yield s
     await drop_namespace(s, TEST_TEAMS)
+    # Every team added gets a quota policy (``teams add``), whatever its name.
+    async with BrokerAdmin(s.management_url) as admin:
+        for policy in await admin.policies():
+            if policy["name"].startswith(f"{s.namespace}-"):
+                await admin.delete_policy(policy["name"])
 
 
 @pytest.fixture

@@ -190,6 +190,7 @@ def test_teams_show_and_usage_say_what_is_unset_or_empty(settings: Settings) -> 
 
     # Expect the unset expected output named as the default, and one line for no usage
     assert "expected output: the gateway's default" in shown.stdout
+    assert "max queue bytes: the gateway's default" in shown.stdout
     assert "- tokens" not in shown.stdout
     assert empty.exit_code == 0 and empty.stdout == "no usage in 2026-10\n"
 

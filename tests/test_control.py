@@ -29,7 +29,7 @@ from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import sign_job
-from queuegate.topology import CONTROL_MAX_LENGTH, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, CONTROL_MAX_LENGTH, Topology
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -71,6 +71,31 @@ async def beta_depth(settings: Settings) -> int:
         queue = await admin.queue(f"{settings.namespace}.jobs.beta")
     assert queue is not None
     return int(queue.get("messages", 0))
+
+
+async def test_a_teams_control_queue_refuses_requests_past_its_bytes(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    # Given team alpha added the default way, and no worker taking its control requests
+    alpha = teams["alpha"]
+    assert alpha.amqp_url is not None
+    size = 4 * 1024 * 1024
+
+    # When alpha publishes 4 MiB control requests with its own broker user, until refused
+    accepted = 0
+    connection = await aio_pika.connect(alpha.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+        with pytest.raises(DeliveryError):
+            for _ in range(CONTROL_MAX_BYTES // size + 2):
+                message = aio_pika.Message(b"x" * size, user_id=alpha.user)
+                await exchange.publish(message, routing_key="alpha.control")
+                accepted += 1
+
+    # Expect the bound in bytes to hold (a quorum queue may take one more), far below
+    # CONTROL_MAX_LENGTH requests of that size
+    assert accepted in (CONTROL_MAX_BYTES // size, CONTROL_MAX_BYTES // size + 1)
 
 
 async def test_a_team_cannot_declare_a_reply_queue_that_dead_letters_into_another_team(

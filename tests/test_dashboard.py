@@ -97,7 +97,9 @@ async def test_admin_overview_and_team_pages_show_what_postgres_holds(
             assert await page.inner_text("#spend") == money(alpha_usd)
             assert await page.inner_text("#requests") == f"{alpha_n} · 0"
             assert door.key_ids["alpha"] in await page.inner_text("#keys")
-            assert "600" in await page.inner_text("#limits")
+            limits = await page.inner_text("#limits")
+            assert "600" in limits
+            assert "Queue quota (bytes)\nthe gateway's default" in limits
             await _shot(page, tmp_path, "team-by-admin")
 
             # And the audit log, filtered by team

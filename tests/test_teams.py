@@ -17,7 +17,15 @@ import aio_pika
 import pytest
 from typer.testing import CliRunner
 
-from admin.teams import add, configure, listing, quota_policy, register, with_user
+from admin.teams import (
+    add,
+    configure,
+    control_policy,
+    listing,
+    quota_policy,
+    register,
+    with_user,
+)
 from cli.main import app
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
@@ -26,7 +34,7 @@ from queuegate.errors import ConfigError, QueueFull, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user
-from queuegate.topology import RESERVED_NAMES, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
 from tests.support import running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -73,6 +81,76 @@ async def test_a_full_queue_refuses_jobs_and_keeps_the_ones_it_took(
         async with running_gateway(settings):
             results = [await handle.result(timeout=10) for handle in accepted]
         assert {r.status for r in results} == {"ok"}
+
+
+async def test_a_teams_queue_refuses_jobs_past_its_bytes_by_default_and_others_still_flow(
+    settings: Settings,
+) -> None:
+    # Given teams alpha and beta added the default way (no quota set) under a gateway default
+    # of 64 KiB of jobs a queue, and no worker serving alpha
+    small = settings.model_copy(update={"max_queue_bytes": 64 * 1024})
+    for team in ("alpha", "beta"):
+        await add(small, team, identity="queue")  # these tests publish as the guest user
+    bulky = [{"role": "user", "content": "x" * 16_000}]  # some 16 KiB a job
+
+    # When alpha publishes bulky jobs until the broker refuses
+    accepted = []
+    async with (
+        running_gateway(settings, teams=("beta",)) as gateway,
+        GatewayClient(settings, team="alpha") as alpha,
+    ):
+        with pytest.raises(
+            QueueFull, match=r"queue is full \(its quota of jobs or of bytes\); retry"
+        ):
+            for _ in range(20):
+                accepted.append(await alpha.submit(alpha.job("gpt-4o-mini", bulky)))
+
+        # Expect four jobs kept (a quorum queue may take one more), the refused one not
+        assert len(accepted) in (4, 5)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(
+                Topology(settings.namespace).team_queue("alpha"), passive=True
+            )
+            assert queue.declaration_result.message_count == len(accepted)
+
+        # and beta's jobs still answered meanwhile
+        async with gateway.client("beta") as beta:
+            result = await beta.chat("gpt-4o-mini", HELLO, timeout=10)
+        assert result.status == "ok"
+
+
+async def test_an_operator_sets_a_teams_bytes_in_a_size_and_teams_add_puts_lost_bounds_back(
+    settings: Settings, alpha: str
+) -> None:
+    # When an operator gives team alpha its own bound in bytes, as a size
+    code, _, stderr = await _queuegate(
+        settings, "teams", "set", alpha, "--max-queue-bytes", "32KiB"
+    )
+
+    # Expect it on the team's queue policy, beside the gateway's default count of jobs
+    assert code == 0, stderr
+    async with BrokerAdmin(settings.management_url) as admin:
+        quota = await admin.policy(quota_policy(settings, alpha))
+        assert quota is not None
+        assert quota["definition"] == {
+            "max-length": settings.max_queue_length,
+            "max-length-bytes": 32 * 1024,
+            "overflow": "reject-publish",
+        }
+
+        # and its control queue bounded in bytes too
+        control = await admin.policy(control_policy(settings))
+        assert control is not None
+        assert control["definition"]["max-length-bytes"] == CONTROL_MAX_BYTES
+
+        # and, the policy gone (as for a team of an earlier version), put back by teams add
+        await admin.delete_policy(quota_policy(settings, alpha))
+        await add(settings, alpha)
+        quota = await admin.policy(quota_policy(settings, alpha))
+        assert quota is not None
+        assert quota["definition"]["max-length-bytes"] == 32 * 1024
 
 
 async def test_a_running_worker_applies_a_new_config_within_seconds(
@@ -396,6 +474,24 @@ async def test_adding_a_team_whose_broker_user_was_deleted_makes_it_again(
     await (await aio_pika.connect(again.credentials.amqp_url)).close()
     async with BrokerAdmin(settings.management_url) as admin:
         assert (await admin.user_limits(users[0]))["max-connections"] == 64
+
+
+def test_the_definitions_default_policies_bound_as_teams_add_does() -> None:
+    # Given deploy/rabbitmq/definitions.json, the bounds of a broker before any teams add
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    policies = {p["name"]: p["definition"] for p in definitions["policies"]}
+    defaults = Settings()
+
+    # Expect them to be the gateway's defaults, as teams add puts them
+    assert policies["queuegate-team-queues"] == {
+        "max-length": defaults.max_queue_length,
+        "max-length-bytes": defaults.max_queue_bytes,
+        "overflow": "reject-publish",
+    }
+    assert policies[control_policy(defaults)] == {
+        "max-length-bytes": CONTROL_MAX_BYTES,
+        "overflow": "reject-publish",
+    }
 
 
 async def test_a_teams_quota_outranks_the_default_policies_of_the_definitions(
