@@ -150,6 +150,9 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
     lines = [
         f"alert at {config.alert_threshold:.0%} of the budget",
         f"max queue length {cell(config.max_queue_length)}",
+        "file storage: the gateway's default"
+        if config.file_storage_bytes is None
+        else f"file storage {config.file_storage_bytes:,} bytes",
         "expected output: the gateway's default"
         if config.expected_output_tokens is None
         else f"expected output {config.expected_output_tokens:,} tokens",
