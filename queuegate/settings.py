@@ -183,8 +183,9 @@ class Settings(BaseSettings):
     """Batches one front-door process runs at once; more wait for a free runner, shared
     between the teams that wait (``frontdoor.batches.runner``)."""
     batch_runner_turn: float = Field(default=30.0, gt=0, le=DAY)
-    """Seconds a collecting batch keeps its runner while another team, holding one runner
-    fewer, has a batch waiting: then it gives the runner over, and resumes later."""
+    """Seconds a collecting batch keeps its runner (from when it took it) while another team,
+    holding one runner fewer, has a batch waiting: then it gives the runner over, and
+    resumes later."""
 
     metrics_host: str = "0.0.0.0"
     """Address ``/metrics``, ``/healthz`` and ``/readyz`` listen on."""

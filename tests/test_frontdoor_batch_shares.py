@@ -4,6 +4,8 @@ front door, gateway and mock provider."""
 
 from __future__ import annotations
 
+import asyncio
+
 import anthropic
 import openai
 import pytest
@@ -148,8 +150,15 @@ async def test_a_team_stores_files_up_to_its_quota_and_others_are_not_held_by_it
         ) as claude:
             with pytest.raises(anthropic.BadRequestError, match="storage_quota_exceeded"):
                 await claude.messages.batches.create(requests=message_requests(2))  # type: ignore[arg-type]
-        # another team stores its own files, under the default and under its own quota
+        # another team stores its own files, under the default and under its own quota,
+        # where of two uploads at once with room for one, one is stored
         await beta.files.create(file=("a.jsonl", one), purpose="batch")
+        both = await asyncio.gather(
+            *(beta.files.create(file=(f"{n}.jsonl", one), purpose="batch") for n in "bc"),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in both) == ["BadRequestError", "FileObject"]
+        assert len([f async for f in beta.files.list()]) == 2
         for name in "abcd":
             await gamma.files.create(file=(f"{name}.jsonl", one), purpose="batch")
         # and a file deleted makes room again

@@ -34,11 +34,11 @@ unserved as a failed line naming the revocation, and fails the batch with its fi
 Runners are shared between teams: a free runner takes a batch of the team whose batches
 hold the fewest runners (over every process), and a runner that is full gives one back
 when a team waits with fewer: at once from a team holding two more or more, and, so that
-teams take turns, from a team holding one more once its batch has collected for a turn
-(``batch_runner_turn``). A batch given back resumes later where it stopped, as after a
-lost lease, and its jobs are served by the workers meanwhile; only its collecting waits. So
-one team's slow batches (a low rpm, a provider that crawls) never keep another team's
-batch from starting for longer than a turn.
+teams take turns, from a team holding one more once its batch, collecting, has held the
+runner for a turn (``batch_runner_turn``). A batch given back resumes later where it
+stopped, as after a lost lease, and its jobs are served by the workers meanwhile; only its
+collecting waits. So one team's slow batches (a low rpm, a provider that crawls) keep
+another team's batch from starting for a turn at most, not until they end.
 
 Every run that ends in a fault of ours (not an outage, which only pauses it) is counted:
 past ``MAX_FAULTS`` the batch fails, showing the lines it has written, and a batch that
@@ -207,8 +207,8 @@ class BatchRunner:
     async def _give_back(self) -> bool:
         """Give back one of the batches in hand when a team with a batch waiting holds
         fewer runners than its team (counted over every process): at once when its team
-        holds two more or more (its youngest run, which has done least), else the one that
-        has collected longest past a turn, so that teams holding as many take turns. The
+        holds two more or more (its youngest run, which has done least), else, so that teams
+        holding as many take turns, the longest held of those collecting past a turn. The
         batch rests a tick, so the one that waited takes the runner first. Whether one was."""
         try:
             shares = await records.shares(self._pool)
