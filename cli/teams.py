@@ -139,6 +139,12 @@ def teams_set(
     max_channels: Annotated[
         int | None, typer.Option(help="Channels its broker user may hold at once.")
     ] = None,
+    file_storage: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes of batch files it may keep stored over HTTP (uploads refused past it)."
+        ),
+    ] = None,
     expected_output: Annotated[
         int | None, typer.Option(help="Output tokens reserved when a job sets no max_tokens.")
     ] = None,
@@ -175,6 +181,7 @@ def teams_set(
             "max_queue_bytes": None if max_queue_bytes is None else _size(max_queue_bytes),
             "max_connections": max_connections,
             "max_channels": max_channels,
+            "file_storage_bytes": file_storage,
             "expected_output_tokens": expected_output,
             "cache": cache,
             "unsupported_params": unsupported_params,

@@ -39,6 +39,7 @@ from queuegate.messages import HTTP_STATUS, ChatResult
 
 HTTP_ONLY: dict[str, int] = {
     "request_too_large": 413,
+    "storage_quota_exceeded": 400,
     "request_timeout": 408,
     "headers_too_large": 431,
     "too_many_requests": 429,

@@ -95,6 +95,9 @@ class TeamConfig(BaseModel):
     """Connections the team's broker user may hold at once; the gateway default if unset."""
     max_channels: int | None = Field(default=None, ge=1)
     """Channels the team's broker user may hold at once, over all its connections."""
+    file_storage_bytes: int | None = Field(default=None, ge=0)
+    """Bytes of files the team may keep stored for its batches over HTTP; the gateway
+    default if unset."""
     unsupported_params: UnsupportedParams | None = None
     """Refuse or drop job parameters a provider cannot take, over the catalog's policy (a
     job's own ``unsupported_params`` wins); unset, the catalog's."""

@@ -184,13 +184,21 @@ class Settings(BaseSettings):
     """Seconds over which ``failed_key_limit`` counts, from a client's first wrong key."""
     batch_file_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     """Largest file ``POST /v1/files`` stores, and largest Message Batch request body."""
+    team_file_storage_bytes: int = Field(default=5 * 1024**3, ge=0)
+    """Bytes of files (batch inputs, outputs, Message Batches) one team may keep stored in
+    PostgreSQL, unless its ``teams set --file-storage`` says; an upload past it is refused."""
     batch_upload_timeout: float = Field(default=600.0, gt=0, le=DAY)
     """Seconds a batch file upload (or Message Batch body) may take to arrive whole."""
     batch_runner_lease: float = Field(default=30.0, gt=0, le=DAY)
     """Seconds a front-door process holds a batch without renewing it (it renews every
     second): after a crash, its batches are taken up by another process this much later."""
     batch_runners: int = Field(default=4, ge=1)
-    """Batches one front-door process runs at once; more wait for a free runner."""
+    """Batches one front-door process runs at once; more wait for a free runner, shared
+    between the teams that wait (``frontdoor.batches.runner``)."""
+    batch_runner_turn: float = Field(default=30.0, gt=0, le=DAY)
+    """Seconds a collecting batch keeps its runner (from when it took it) while another team,
+    holding one runner fewer, has a batch waiting: then it gives the runner over, and
+    resumes later."""
 
     metrics_host: str = "0.0.0.0"
     """Address ``/metrics``, ``/healthz`` and ``/readyz`` listen on."""

@@ -126,6 +126,11 @@ def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
     return table
 
 
+def _or_default(setting: str, value: int | None, unit: str = "") -> str:
+    """A team setting's caption line, which says when the gateway's default applies."""
+    return f"{setting}: the gateway's default" if value is None else f"{setting} {value:,}{unit}"
+
+
 def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) -> Table:
     """A team's config, one row per limit; per-model limits below the team-wide ones.
 
@@ -149,15 +154,10 @@ def team_table(team: Team, broker_limits: tuple[str, int, int] | None = None) ->
         table.add_row(alias, cell(limits.rpm), cell(limits.tpm), cell(limits.budget_usd))
     lines = [
         f"alert at {config.alert_threshold:.0%} of the budget",
-        "max queue length: the gateway's default"
-        if config.max_queue_length is None
-        else f"max queue length {config.max_queue_length:,}",
-        "max queue bytes: the gateway's default"
-        if config.max_queue_bytes is None
-        else f"max queue bytes {config.max_queue_bytes:,}",
-        "expected output: the gateway's default"
-        if config.expected_output_tokens is None
-        else f"expected output {config.expected_output_tokens:,} tokens",
+        _or_default("max queue length", config.max_queue_length),
+        _or_default("max queue bytes", config.max_queue_bytes),
+        _or_default("file storage", config.file_storage_bytes, " bytes"),
+        _or_default("expected output", config.expected_output_tokens, " tokens"),
         f"response cache {'on' if config.cache else 'off'} by default",
     ]
     if broker_limits is not None:

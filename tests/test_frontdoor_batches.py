@@ -345,6 +345,7 @@ async def test_a_message_batch_canceled_before_it_ran_lists_every_request_cancel
             filename="requests.json",
             chunks=_once(requests),
             max_bytes=len(requests),
+            quota=settings.team_file_storage_bytes,
         )
         batch_id = records.new_batch_id("anthropic")
         await records.create_batch(
@@ -805,6 +806,7 @@ async def test_batches_revoked_before_they_ran_end_at_once(
             filename="requests.json",
             chunks=_once(requests),
             max_bytes=len(requests),
+            quota=settings.team_file_storage_bytes,
         )
         openai_batch = await records.create_batch(
             pool, **_recorded("openai", file_id, key_id, endpoint="/v1/chat/completions")

@@ -8,7 +8,10 @@ keeps everything in memory; a directory would have to be a volume shared by ever
 A file is stored in parts of ``PART_BYTES``, so an upload, a batch's output and a download
 each hold one part in memory at a time.
 
-Every query is by team: a file of another team is not found, whatever its id.
+Every query is by team: a file of another team is not found, whatever its id. The bytes a
+team keeps stored, every purpose counted (its batches' outputs too), are bounded by its
+storage quota: a file that would take them past it is not stored, so no key fills the disk
+every team's accounting shares.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+
+from queuegate.registry import get_team
 
 PART_BYTES = 1 << 20
 """Bytes per stored part of an uploaded file."""
@@ -31,6 +36,16 @@ OPENAI_PURPOSES = ("batch", "batch_output")
 
 class TooLarge(Exception):
     """A file is larger than the limit it is stored under."""
+
+
+class OverQuota(Exception):
+    """A file would take its team's stored files past the team's storage quota."""
+
+    def __init__(self, team: str, used: int, quota: int) -> None:
+        super().__init__(f"team {team} keeps {used:,} bytes of files, its quota is {quota:,}")
+        self.team = team
+        self.used = used
+        self.quota = quota
 
 
 @dataclass(frozen=True)
@@ -64,11 +79,17 @@ async def store_file(
     filename: str,
     chunks: AsyncIterable[bytes],
     max_bytes: int,
+    quota: int,
 ) -> StoredFile:
     """Store what ``chunks`` yields as a new file, in one transaction: a file is there
-    whole or not at all. TooLarge past ``max_bytes``, and nothing is kept."""
+    whole or not at all. TooLarge past ``max_bytes``, OverQuota when the team's files would
+    then be over ``quota`` bytes, and nothing is kept."""
     file_id = new_file_id()
     async with pool.acquire() as conn, conn.transaction():
+        # Read before: a file that cannot fit is stopped as its bytes arrive, unwritten.
+        used = await _stored_bytes(conn, team)
+        if used >= quota:
+            raise OverQuota(team, used, quota)
         await conn.execute(
             "INSERT INTO api_files (id, team, purpose, filename) VALUES ($1, $2, $3, $4)",
             file_id,
@@ -81,9 +102,35 @@ async def store_file(
             size += len(part)
             if size > max_bytes:
                 raise TooLarge(f"the file is over {max_bytes:,} bytes")
+            if used + size > quota:
+                raise OverQuota(team, used, quota)
             await append_part(conn, file_id, part)
+        # Counted again under the team's lock, held only until this commits: the files
+        # another upload of the team committed meanwhile count, so two at once never pass
+        # the quota together (while nothing waits on a lock as the bytes arrive).
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.files.' || $1))", team
+        )
+        total = await _stored_bytes(conn, team)
+        if total > quota:
+            raise OverQuota(team, total - size, quota)
         row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM api_files WHERE id = $1", file_id)
     return _file(row)
+
+
+async def _stored_bytes(conn: asyncpg.Connection, team: str) -> int:
+    """Bytes of the team's files, as the caller's transaction sees them."""
+    used: int = await conn.fetchval(
+        "SELECT coalesce(sum(bytes), 0)::bigint FROM api_files WHERE team = $1", team
+    )
+    return used
+
+
+async def storage_quota(pool: asyncpg.Pool, team: str, default: int) -> int:
+    """Bytes of files the team may keep: its own ``file_storage_bytes``, else ``default``."""
+    found = await get_team(pool, team)
+    own = None if found is None else found.config.file_storage_bytes
+    return default if own is None else own
 
 
 async def _parts(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:

@@ -246,17 +246,32 @@ async def running_with(pool: asyncpg.Pool, team: str, file_id: str) -> str | Non
     return found
 
 
+_HELD = """
+    WITH held AS (
+        SELECT team, count(*) AS n FROM api_batches
+        WHERE phase <> 'done' AND runner IS NOT NULL AND lease_until >= now()
+        GROUP BY team
+    )
+"""
+"""Runners each team's batches hold now, over every front-door process: a lease lapsed
+(its process gone) holds nothing."""
+
+
 async def claim(pool: asyncpg.Pool, runner: str, lease: float) -> BatchRow | None:
-    """Take the oldest batch left to run whose lease is free or lapsed, for ``lease`` s."""
+    """Take a batch left to run whose lease is free or lapsed, for ``lease`` s: one of the
+    team whose batches hold the fewest runners, its oldest. So runners go round the teams
+    that wait, and a team with many batches takes a free runner only when no team with
+    fewer held has one waiting."""
     return _row(
         await pool.fetchrow(
             f"""
+            {_HELD}
             UPDATE api_batches SET runner = $1, lease_until = now() + make_interval(secs => $2)
             WHERE id = (
-                SELECT id FROM api_batches
-                WHERE phase <> 'done' AND (lease_until IS NULL OR lease_until < now())
-                ORDER BY created_at
-                FOR UPDATE SKIP LOCKED
+                SELECT b.id FROM api_batches b LEFT JOIN held h ON h.team = b.team
+                WHERE b.phase <> 'done' AND (b.lease_until IS NULL OR b.lease_until < now())
+                ORDER BY coalesce(h.n, 0), b.created_at
+                FOR UPDATE OF b SKIP LOCKED
                 LIMIT 1
             )
             RETURNING {_COLUMNS}
@@ -265,6 +280,30 @@ async def claim(pool: asyncpg.Pool, runner: str, lease: float) -> BatchRow | Non
             lease,
         )
     )
+
+
+@dataclass(frozen=True)
+class Shares:
+    """How the runners are shared now: batches held per team, and the fewest held by a
+    team that has a batch waiting for one (None when no batch waits)."""
+
+    held: dict[str, int]
+    fewest_waiting: int | None
+
+
+async def shares(pool: asyncpg.Pool) -> Shares:
+    rows = await pool.fetch(
+        f"""
+        {_HELD}
+        SELECT b.team, coalesce(max(h.n), 0) AS n,
+               bool_or(b.lease_until IS NULL OR b.lease_until < now()) AS waiting
+        FROM api_batches b LEFT JOIN held h ON h.team = b.team
+        WHERE b.phase <> 'done'
+        GROUP BY b.team
+        """
+    )
+    waiting = [row["n"] for row in rows if row["waiting"]]
+    return Shares({row["team"]: row["n"] for row in rows}, min(waiting, default=None))
 
 
 async def renew(pool: asyncpg.Pool, batch_id: str, runner: str, lease: float) -> BatchRow | None:

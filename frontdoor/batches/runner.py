@@ -31,6 +31,15 @@ publishes nothing more, collects what the key's jobs were answered (already paid
 through the gateway's record in Redis (``gateway_record``), writes each request left
 unserved as a failed line naming the revocation, and fails the batch with its files.
 
+Runners are shared between teams: a free runner takes a batch of the team whose batches
+hold the fewest runners (over every process), and a runner that is full gives one back
+when a team waits with fewer: at once from a team holding two more or more, and, so that
+teams take turns, from a team holding one more once its batch, collecting, has held the
+runner for a turn (``batch_runner_turn``). A batch given back resumes later where it
+stopped, as after a lost lease, and its jobs are served by the workers meanwhile; only its
+collecting waits. So one team's slow batches (a low rpm, a provider that crawls) keep
+another team's batch from starting for a turn at most, not until they end.
+
 Every run that ends in a fault of ours (not an outage, which only pauses it) is counted:
 past ``MAX_FAULTS`` the batch fails, showing the lines it has written, and a batch that
 has ended is let go even when the gateway's copy could not be deleted (it expires).
@@ -49,6 +58,7 @@ import os
 import secrets
 import socket
 import tempfile
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -101,6 +111,19 @@ CHUNK = 1000
 """custom_ids asked about in one control request."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """A batch a runner of this process holds: its run, its task, since when (monotonic)."""
+
+    run: _Run
+    task: asyncio.Task[None]
+    since: float
+
+    @property
+    def team(self) -> str:
+        return self.run.row.team
+
+
 class BatchRunner:
     """Takes batches left to run, a few at a time, and drives each to its end::
 
@@ -124,7 +147,9 @@ class BatchRunner:
         self._lease = settings.batch_runner_lease
         self._tick = min(1.0, self._lease / 3)
         self._wake = asyncio.Event()
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, _Held] = {}
+        """By batch id, in the order they were taken."""
+        self._given_back: set[str] = set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -147,19 +172,23 @@ class BatchRunner:
                 self._wake.clear()
                 waking = asyncio.create_task(self._wake.wait())
                 await asyncio.wait(
-                    [stopping, waking, *self._running.values()],
+                    [stopping, waking, *self._tasks()],
                     timeout=self._tick,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waking.cancel()
         finally:
             stopping.cancel()
-            for task in self._running.values():
+            tasks = self._tasks()
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._running.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        return [held.task for held in self._running.values()]
 
     async def _take(self) -> None:
-        while len(self._running) < self._settings.batch_runners:
+        while len(self._running) < self._settings.batch_runners or await self._give_back():
             try:
                 row = await records.claim(self._pool, self.name, self._lease)
             except DB_ERRORS as exc:
@@ -167,18 +196,66 @@ class BatchRunner:
                 return
             if row is None:
                 return
-            task = asyncio.create_task(self._drive(row), name=f"batch {row.id}")
-            self._running[row.id] = task
+            run = _Run(self._settings, self._pool, self._redis, row, self.name)
+            task = asyncio.create_task(self._drive(run), name=f"batch {row.id}")
+            self._running[row.id] = _Held(run, task, time.monotonic())
             task.add_done_callback(functools.partial(self._forget, row.id))
 
     def _forget(self, batch_id: str, _: asyncio.Task[None]) -> None:
         self._running.pop(batch_id, None)
 
-    async def _drive(self, row: BatchRow) -> None:
+    async def _give_back(self) -> bool:
+        """Give back one of the batches in hand when a team with a batch waiting holds
+        fewer runners than its team (counted over every process): at once when its team
+        holds two more or more (its youngest run, which has done least), else, so that teams
+        holding as many take turns, the longest held of those collecting past a turn. The
+        batch rests a tick, so the one that waited takes the runner first. Whether one was."""
+        try:
+            shares = await records.shares(self._pool)
+        except DB_ERRORS as exc:
+            log.warning("cannot see how the runners are shared: %s", exc)
+            return False
+        if shares.fewest_waiting is None:
+            return False
+        fewest = shares.fewest_waiting
+
+        def held(batch: _Held) -> int:
+            return shares.held.get(batch.team, 0)
+
+        batches = list(self._running.values())
+        over = [b for b in batches if held(b) > fewest + 1]
+        turned = [
+            b
+            for b in batches
+            if held(b) == fewest + 1
+            and b.run.row.phase == "collect"
+            and time.monotonic() - b.since >= self._settings.batch_runner_turn
+        ]
+        if over:
+            batch = max(over, key=lambda b: (held(b), b.since))
+        elif turned:
+            batch = min(turned, key=lambda b: b.since)
+        else:
+            return False
+        log.info(
+            "batch %s: runner given to another team's waiting batch (team %s holds %d "
+            "runners, the team waiting %d); resumed later",
+            batch.run.row.id,
+            batch.team,
+            held(batch),
+            fewest,
+        )
+        self._given_back.add(batch.run.row.id)
+        batch.task.cancel()
+        await asyncio.wait([batch.task])
+        return True
+
+    async def _drive(self, run: _Run) -> None:
         """One run of a batch while this runner holds it; the lease is given back after."""
+        row = run.row
         rest = 0.0
         try:
-            async with _Run(self._settings, self._pool, self._redis, row, self.name) as run:
+            async with run:
                 await run.heartbeat(self._lease, self._tick)
         except LeaseLost:
             log.info("batch %s: taken over by another runner", row.id)
@@ -192,6 +269,9 @@ class BatchRunner:
             rest = RETRY_AFTER
             await self._fault(row.id, exc)
         finally:
+            if row.id in self._given_back:
+                self._given_back.discard(row.id)
+                rest = self._tick
             with contextlib.suppress(*DB_ERRORS, OSError):
                 await asyncio.shield(records.release(self._pool, row.id, self.name, after=rest))
 

@@ -25,6 +25,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
+from frontdoor.batches.files import OverQuota
 from frontdoor.body import Reader, declared_size, receive
 from frontdoor.errors import ApiError
 
@@ -98,4 +99,14 @@ async def file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
 def too_large(limit: int) -> ApiError:
     return ApiError(
         "request_too_large", f"the upload is over {limit:,} bytes: split it into several batches"
+    )
+
+
+def over_quota(exc: OverQuota) -> ApiError:
+    """400, as OpenAI and Anthropic answer a file storage quota exceeded."""
+    return ApiError(
+        "storage_quota_exceeded",
+        f"the upload would take team {exc.team}'s stored files past their quota of "
+        f"{exc.quota:,} bytes ({exc.used:,} kept now): delete files or ended batches it no "
+        "longer needs, then upload again",
     )

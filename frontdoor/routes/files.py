@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from frontdoor.auth import Caller, Calling
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import file_object, openai_page
-from frontdoor.batches.upload import chunks, read_upload, too_large
+from frontdoor.batches.upload import chunks, over_quota, read_upload, too_large
 from frontdoor.errors import ApiError, shown
 from frontdoor.service import Door, FrontDoor
 
@@ -25,6 +25,7 @@ router = APIRouter(tags=["OpenAI Files"])
 async def upload(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
     s = door.settings
     limit = s.batch_file_max_bytes
+    quota = await files.storage_quota(door.pool, caller.team, s.team_file_storage_bytes)
     reading = door.bodies.reader(caller.key_id)
     async with read_upload(request, reading, limit=limit, timeout=s.batch_upload_timeout) as form:
         purpose, upload = form.get("purpose"), form.get("file")
@@ -44,9 +45,12 @@ async def upload(request: Request, door: Door, caller: Calling) -> dict[str, Any
                 filename=upload.filename or "upload.jsonl",
                 chunks=chunks(upload, files.PART_BYTES),
                 max_bytes=limit,
+                quota=quota,
             )
         except files.TooLarge:
             raise too_large(limit) from None
+        except files.OverQuota as exc:
+            raise over_quota(exc) from None
     return file_object(stored)
 
 

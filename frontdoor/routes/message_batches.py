@@ -24,7 +24,7 @@ from frontdoor.auth import Caller, Calling
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import anthropic_batch, anthropic_page
 from frontdoor.batches.records import BatchRow
-from frontdoor.batches.upload import file_chunks, spool_body
+from frontdoor.batches.upload import file_chunks, over_quota, spool_body
 from frontdoor.errors import ApiError, shown
 from frontdoor.service import Door, FrontDoor
 from producer.batch.lines import BatchFile
@@ -44,20 +44,25 @@ CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
     s = door.settings
     limit = s.batch_file_max_bytes
+    quota = await files.storage_quota(door.pool, caller.team, s.team_file_storage_bytes)
     batch_id = records.new_batch_id("anthropic")
     with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
         body, requests = Path(work) / "body.json", Path(work) / "requests.jsonl"
         reading = door.bodies.reader(caller.key_id)
         await spool_body(request, reading, body, limit=limit, timeout=s.batch_upload_timeout)
         total = _requests(body, requests)
-        stored = await files.store_file(
-            door.pool,
-            team=caller.team,
-            purpose=REQUESTS,
-            filename=f"{batch_id}.jsonl",
-            chunks=file_chunks(requests, files.PART_BYTES),
-            max_bytes=limit,
-        )
+        try:
+            stored = await files.store_file(
+                door.pool,
+                team=caller.team,
+                purpose=REQUESTS,
+                filename=f"{batch_id}.jsonl",
+                chunks=file_chunks(requests, files.PART_BYTES),
+                max_bytes=limit,
+                quota=quota,
+            )
+        except files.OverQuota as exc:
+            raise over_quota(exc) from None
     row = await records.create_batch(
         door.pool,
         batch_id=batch_id,
