@@ -28,6 +28,7 @@ from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from tests.support import Gateway, running_accountant, running_gateway, wait_until
+from tests.test_script_calls import connections_named, named_client
 from workers.claims import Claim, ClaimedJob, Claims, Lapsed, LostCall
 from workers.outcome import Outcome, Timing, failed
 from workers.usage_record import UsageRecord
@@ -298,6 +299,31 @@ async def test_an_outcome_stored_again_by_its_own_delivery_is_still_its_own(
     other = await finish(keys=names, args=["f" * 64 + '{"a": 2}', 60])
     assert first is None and again is None
     assert other == b"f" * 64 + b'{"a": 1}'
+
+
+async def test_jobs_claimed_at_once_share_one_round_trip(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given a worker's claims on a client whose connections carry a name of their own
+    client, name = named_client(settings)
+    claims = _claims(settings, client, pool, "w")
+    jobs = [
+        ChatJob(job_id=f"j{i}", team="alpha", model="gpt-4o-mini", messages=HELLO)
+        for i in range(20)
+    ]
+    try:
+        # When 20 jobs delivered together are claimed, recorded and stored
+        taken = await asyncio.gather(*(claims.take(job, redelivered=False) for job in jobs))
+        held = [claim for claim in taken if isinstance(claim, Claim)]
+        call = LostCall(model="gpt-4o-mini", deployment="d", provider="p", cost_usd=Decimal(1))
+        await asyncio.gather(*(claim.record(call) for claim in held))
+        await asyncio.gather(*(claim.finish(_expired(claim.job)) for claim in held))
+        # Expect every job claimed, over one connection (a connection each, before: a
+        # write, a read and a wake-up each)
+        assert len(held) == 20
+        assert await connections_named(client, name) == 1
+    finally:
+        await client.aclose()
 
 
 def _expired(job: ClaimedJob) -> Outcome:

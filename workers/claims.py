@@ -70,6 +70,7 @@ from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob, request_digest, shared_fields
 from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
+from queuegate.script_calls import ScriptCalls
 from router import Catalog, Deployment, Routed
 from router.router import AttemptGate
 from workers.admission import Ahead, Settlement, Ticket
@@ -178,11 +179,12 @@ class Claims:
         self._wait = wait
         self._ttl = ttl
         self._lookup_wait = lookup_wait
-        self._claim: AsyncScript = client.register_script(lua_source("workers", "claim"))
+        turns = ScriptCalls.of(client)
+        self._claim = turns.register(lua_source("workers", "claim"))
         self._sweep: AsyncScript = client.register_script(lua_source("workers", "sweep"))
         self._epoch_keys = [keys.memory_epoch, keys.replication]
-        self._hold: AsyncScript = client.register_script(lua_source("workers", "hold"))
-        self._finish: AsyncScript = client.register_script(lua_source("workers", "finish"))
+        self._hold = turns.register(lua_source("workers", "hold"))
+        self._finish = turns.register(lua_source("workers", "finish"))
         self._scripts = Scripts(client, keys)
         """For the claim's calls that ride with admission's (``lua/batch.lua``)."""
         self._settle: AsyncScript = client.register_script(lua_source("workers", "settle_epoch"))

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, cast
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 
 from queuegate.keys import Keys
 from queuegate.redis_client import lua_source
+from queuegate.script_calls import ScriptCalls
 
 _SCRIPTS = (("workers.admission", "take"), ("workers.admission", "spend"))
 _CLAIM_SCRIPTS = (("workers", "claim"), ("workers", "hold"), ("workers", "finish"))
@@ -55,7 +55,7 @@ class Scripts:
     """
 
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
-        self._batch: AsyncScript = client.register_script(_batch_source())
+        self._batch = ScriptCalls.of(client).register(_batch_source())
         self._keys = keys
 
     async def run(self, call: Call, *, name: str | None = None) -> list[int]:
