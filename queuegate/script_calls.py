@@ -70,7 +70,10 @@ class ScriptCalls:
         return reply
 
     def _send(self) -> None:
-        pending, self._pending = self._pending, []
+        # A call whose caller was cancelled before it left is not sent, as redis-py's alone
+        # would not have been.
+        pending = [call for call in self._pending if not call[3].done()]
+        self._pending = []
         for start in range(0, len(pending), MAX_CALLS):
             task = asyncio.ensure_future(self._run(pending[start : start + MAX_CALLS]))
             self._sending.add(task)

@@ -84,3 +84,21 @@ async def test_a_failed_round_trip_fails_each_call_with_an_error_of_its_own(
     # three tasks, one would gather the tracebacks of all)
     assert all(isinstance(failure, RedisConnectionError) for failure in failures)
     assert len({id(failure) for failure in failures}) == 3
+
+
+async def test_a_call_cancelled_before_its_round_trip_is_not_sent(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    key = f"{settings.redis_prefix}:cancelled"
+    setter = ScriptCalls.of(redis_client).register("return redis.call('SET', KEYS[1], ARGV[1])")
+    # When one call of a turn is cancelled before the turn ends, and another is not
+    cancelled = setter(keys=[key], args=["cancelled"])
+    kept = setter(keys=[f"{key}:kept"], args=["kept"])
+    cancelled.cancel()
+    try:
+        assert await kept == b"OK"
+        # Expect only the other sent
+        assert await redis_client.get(key) is None
+        assert await redis_client.get(f"{key}:kept") == b"kept"
+    finally:
+        await redis_client.delete(key, f"{key}:kept")
