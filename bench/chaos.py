@@ -219,7 +219,7 @@ class PrivateRedis:
         self._process: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> PrivateRedis:
-        await self._start()
+        await self.start()
         return self
 
     @property
@@ -235,7 +235,7 @@ class PrivateRedis:
     async def restart(self) -> None:
         """Kill it and start it again, empty."""
         await self.kill()
-        await self._start()
+        await self.start()
 
     async def kill(self) -> None:
         """SIGKILL: what it has not written anywhere is gone."""
@@ -252,7 +252,8 @@ class PrivateRedis:
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
+        """Start it (again, after ``stop`` or ``kill``: with what it kept, if persistent)."""
         config = () if self._config is None else (str(self._config),)
         args = ("--port", str(self.port), "--save", "", "--appendonly", "no", *self._options)
         self._process = await asyncio.create_subprocess_exec(

@@ -38,7 +38,9 @@ Redis, in the same script call that looks for the job's stored outcome::
   job whose lookup cannot answer waits for it (up to ``lookup_wait``, then goes back to its
   queue uncalled): it is never served on a guess.
 
-Redis being down does not stop jobs: they are served unclaimed, each checked in usage_log.
+Redis being down does not stop jobs: they are served unclaimed, each checked in usage_log,
+unless admission holds them until it returns (``fail_closed``): then each is claimed before
+it is called (``Claim.take_up``), and a duplicate that finds it held is a duplicate again.
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ class Claims:
                 # Unclaimed, and the memory epoch unknown: never past PostgreSQL's record
                 # that it was answered.
                 await self._not_accounted(job)
-                return Claim(self, ClaimedJob.of(job), fingerprint, key)
+                return Claim(self, ClaimedJob.of(job), fingerprint, key, missed=True)
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
@@ -538,12 +540,16 @@ class Claim:
         *,
         owner: str | None = None,
         lost: list[LostCall] | None = None,
+        missed: bool = False,
     ) -> None:
         self._claims = claims
         self.job = job
         self._fingerprint = fingerprint
         self._key = key
         self._owner = owner
+        self.missed = missed
+        """Unclaimed because Redis did not answer: claimed before the job is called or its
+        end stored (``take_up``), once Redis answers again (admission held it meanwhile)."""
         self.lost = lost or []
         """Calls lapsed owners of the job had in flight."""
         self.lost_usd = sum((call.cost_usd for call in self.lost), Decimal(0))
@@ -554,6 +560,21 @@ class Claim:
         self._settlement: Settlement | None = None
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
+
+    async def take_up(self, job: ChatJob) -> Outcome | None:
+        """Claim a job that ``missed`` its claim, once: the duplicates of a job all miss it
+        while Redis is away, and all wait in admission until it answers again; only the one
+        that claims it then is called. Returns the outcome another delivery stored; None
+        when held now, or unclaimed still (Redis does not answer: served unclaimed). Raises as
+        ``Claims.take`` does: Busy when another delivery holds it past the wait."""
+        if not self.missed:
+            return None
+        self.missed = False
+        taken = await self._claims.take(job, redelivered=False)
+        if not isinstance(taken, Claim):
+            return taken
+        self._owner, self.lost, self.lost_usd = taken._owner, taken.lost, taken.lost_usd
+        return None
 
     def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
         """The estimates of ``attempts`` that timed out once let go: the provider may have

@@ -38,8 +38,10 @@ from queuegate import logs, tracing
 from queuegate.broker import CONNECTION_LOST, Delivery, settle
 from queuegate.db import UNREACHABLE
 from queuegate.errors import (
+    AlreadyAnswered,
     Billed,
     DeadlineExceeded,
+    IdempotencyConflict,
     InvalidRequest,
     JobError,
     ServiceUnavailable,
@@ -292,12 +294,40 @@ class JobProcessor:
         if not isinstance(claim, Claim):
             log.info("job %s was already answered; sending the stored result again", job.job_id)
             return Announcement.of(claim, reply_to, lapsing=self._claims.lapsing(job))
+        return await self._held(
+            message, job, claim, admitted=admitted, ahead=ahead, reply_to=reply_to, timing=timing
+        )
+
+    async def _held(
+        self,
+        message: AbstractIncomingMessage,
+        job: ChatJob,
+        claim: Claim,
+        *,
+        admitted: Admitted,
+        ahead: Ahead | None,
+        reply_to: str | None,
+        timing: Timing,
+    ) -> Announcement:
+        """Answer a job this delivery holds (or missed the claim of: ``Claim.take_up``)."""
         error: JobError | None = None
         try:
-            outcome = await self._answer(await admitted.screen(), reply_to, timing, claim, ahead)
-        except JobError as exc:
-            error = exc
-            outcome = failed(job.job_id, job.team, job.model, exc, timing)
+            try:
+                outcome = await self._answer(
+                    await admitted.screen(), reply_to, timing, claim, ahead
+                )
+            except JobError as exc:
+                error = exc
+                outcome = failed(job.job_id, job.team, job.model, exc, timing)
+                # Its end is stored as the job's outcome: not before another delivery's, which
+                # may be calling (one refused over budget would answer a job that was called).
+                await self._take_up(claim, job)
+        except _Duplicate as duplicate:
+            return await self._duplicate(
+                duplicate.found, message, job, admitted=admitted, reply_to=reply_to, timing=timing
+            )
+        except (Busy, Poison):
+            raise  # another delivery holds it (taken up once admitted): as from the first take
         except Exception as exc:
             if isinstance(exc, TRANSIENT):
                 await claim.abandon()
@@ -556,6 +586,13 @@ class JobProcessor:
         # A finished coroutine keeps its frame's memory for as long as it is referenced
         # (Python 3.11), and this one would be for the whole call: jobs hold thousands.
         del admitting
+        try:
+            await self._take_up(claim, job)
+        except BaseException:
+            await ticket.settle(None)
+            raise
+        if claim.lost_usd:
+            ticket.lost(claim.lost_usd)  # found only now: admission charged none of them
         spent: Billed | None = None
         try:
             routed = await self._router.complete(
@@ -575,6 +612,37 @@ class JobProcessor:
         # Settled in the round trip that stores the outcome (or when the claim is let go).
         claim.settle_with(ticket.settlement(routed))
         return routed
+
+    async def _duplicate(
+        self,
+        found: Outcome | JobError,
+        message: AbstractIncomingMessage,
+        job: ChatJob,
+        *,
+        admitted: Admitted,
+        reply_to: str | None,
+        timing: Timing,
+    ) -> Announcement:
+        """End a job that, taking up its claim, found another delivery's outcome (sent again,
+        as to any duplicate) or a refusal (as its first take would have been refused)."""
+        if isinstance(found, Outcome):
+            log.info("job %s was answered by another delivery; sending its result", job.job_id)
+            return Announcement.of(found, reply_to, lapsing=self._claims.lapsing(job))
+        outcome = await admitted.stamp(
+            refused(job.job_id, job.team, job.model, found, timing, body=message.body)
+        )
+        return self._refused(job.job_id, outcome, reply_to, found)
+
+    async def _take_up(self, claim: Claim, job: ChatJob) -> None:
+        """Claim a job that missed its claim (``Claim.take_up``) before it is called or its
+        end stored; raises _Duplicate when another delivery answered it, or the id is a
+        different request's, or usage_log has it: this one then ends as a duplicate does."""
+        try:
+            found = await claim.take_up(job)
+        except (IdempotencyConflict, AlreadyAnswered) as exc:
+            raise _Duplicate(exc) from exc
+        if found is not None:
+            raise _Duplicate(found)
 
     async def _finish(
         self,
@@ -626,6 +694,15 @@ class JobProcessor:
                 first=self._gate.first_cause(original),
             )
         await settle(delivery.ack(), f"acknowledge job {announcement.job_id}", log)
+
+
+class _Duplicate(Exception):
+    """A job that missed its claim found, taking it up, that another delivery answered it
+    (its stored outcome) or that it must be refused (a different request's id, answered)."""
+
+    def __init__(self, found: Outcome | JobError) -> None:
+        super().__init__(str(found))
+        self.found = found
 
 
 MAX_QUEUED_MS = 7 * 24 * 3600 * 1000

@@ -407,6 +407,11 @@ class Ticket:
         self._waited: float | None = None
         """Seconds spent waiting for buckets; None while it met none (no limits)."""
 
+    def lost(self, usd: Decimal) -> None:
+        """Also settle ``usd`` of calls lapsed owners of the job made, found once admitted
+        (its claim taken only then: ``Claim.take_up``)."""
+        self._lost += to_nano(usd)
+
     async def enter(self, deployment: Deployment, then: Call | None = None) -> bool:
         """Wait for the deployment's own buckets (the provider account's RPM/TPM); whether
         ``then`` ran, in the round trip of the take that let the call go (it does not when
