@@ -132,6 +132,16 @@ class Busy(Exception):
     """Another delivery holds the job beyond the wait: this one goes back to its queue."""
 
 
+class Duplicate(Exception):
+    """A job that missed its claim found, taking it up (``Claim.take_up``), that another
+    delivery answered it (``found``: its stored outcome), or why it is refused (a different
+    request's id, answered before): it ends as a duplicate does, uncalled."""
+
+    def __init__(self, found: Outcome | JobError) -> None:
+        super().__init__(str(found))
+        self.found = found
+
+
 class Poison(Exception):
     """The job failed more deliveries than the delivery limit: it is dead-lettered, uncalled.
 
@@ -561,20 +571,23 @@ class Claim:
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
 
-    async def take_up(self, job: ChatJob) -> Outcome | None:
-        """Claim a job that ``missed`` its claim, once: the duplicates of a job all miss it
-        while Redis is away, and all wait in admission until it answers again; only the one
-        that claims it then is called. Returns the outcome another delivery stored; None
-        when held now, or unclaimed still (Redis does not answer: served unclaimed). Raises as
-        ``Claims.take`` does: Busy when another delivery holds it past the wait."""
+    async def take_up(self, job: ChatJob) -> None:
+        """Claim a job that ``missed`` its claim, once, before its first call leaves or its
+        refusal is stored: the duplicates of a job all miss it while Redis is away, and all
+        wait for admission until it answers again; only the one that claims it then is
+        called. Unclaimed still when Redis does not answer (served unclaimed). Raises
+        Duplicate when another delivery answered it, or it is to be refused; else as
+        ``Claims.take`` does (Busy when another delivery holds it past the wait)."""
         if not self.missed:
-            return None
+            return
         self.missed = False
-        taken = await self._claims.take(job, redelivered=False)
+        try:
+            taken = await self._claims.take(job, redelivered=False)
+        except (IdempotencyConflict, AlreadyAnswered) as exc:
+            raise Duplicate(exc) from exc
         if not isinstance(taken, Claim):
-            return taken
+            raise Duplicate(taken)
         self._owner, self.lost, self.lost_usd = taken._owner, taken.lost, taken.lost_usd
-        return None
 
     def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
         """The estimates of ``attempts`` that timed out once let go: the provider may have
@@ -711,7 +724,13 @@ class _Recording:
         )
         self._claim.sent[deployment.name] = call.cost_usd
         # Recorded in the round trip of the deployment's take when that lets it go at once.
-        if not await self._ticket.enter(deployment, then=self._claim.recording(call)):
+        ran = await self._ticket.enter(deployment, then=self._claim.recording(call))
+        if self._claim.missed:
+            # Admitted once Redis answers again (fail_closed): claimed before the call leaves.
+            await self._claim.take_up(job)
+            if self._claim.lost_usd:
+                self._ticket.lost(self._claim.lost_usd)  # found only now: none charged yet
+        if not ran:
             await self._claim.record(call)
 
     async def rate_limited(self, deployment: Deployment) -> None:

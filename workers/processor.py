@@ -38,10 +38,8 @@ from queuegate import logs, tracing
 from queuegate.broker import CONNECTION_LOST, Delivery, settle
 from queuegate.db import UNREACHABLE
 from queuegate.errors import (
-    AlreadyAnswered,
     Billed,
     DeadlineExceeded,
-    IdempotencyConflict,
     InvalidRequest,
     JobError,
     ServiceUnavailable,
@@ -55,7 +53,7 @@ from workers import spans
 from workers.admission import Admission, Ahead
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
-from workers.claims import Busy, Claim, Claims, Poison, Unaccounted
+from workers.claims import Busy, Claim, Claims, Duplicate, Poison, Unaccounted
 from workers.gate import Admitted, Gate
 from workers.outcome import (
     UNACCOUNTED,
@@ -321,8 +319,8 @@ class JobProcessor:
                 outcome = failed(job.job_id, job.team, job.model, exc, timing)
                 # Its end is stored as the job's outcome: not before another delivery's, which
                 # may be calling (one refused over budget would answer a job that was called).
-                await self._take_up(claim, job)
-        except _Duplicate as duplicate:
+                await claim.take_up(job)
+        except Duplicate as duplicate:
             return await self._duplicate(
                 duplicate.found, message, job, admitted=admitted, reply_to=reply_to, timing=timing
             )
@@ -586,13 +584,6 @@ class JobProcessor:
         # A finished coroutine keeps its frame's memory for as long as it is referenced
         # (Python 3.11), and this one would be for the whole call: jobs hold thousands.
         del admitting
-        try:
-            await self._take_up(claim, job)
-        except BaseException:
-            await ticket.settle(None)
-            raise
-        if claim.lost_usd:
-            ticket.lost(claim.lost_usd)  # found only now: admission charged none of them
         spent: Billed | None = None
         try:
             routed = await self._router.complete(
@@ -606,6 +597,8 @@ class JobProcessor:
             if isinstance(exc, JobError):
                 # What its calls still cost: on its row and result (outcome.failed) alike.
                 exc.billed = spent = claim.spent(exc)
+            elif isinstance(exc, Duplicate | Busy):
+                ticket.leave_budget()  # uncalled: another delivery holds the job
             await ticket.settle(spent)
             raise
         routed = claim.served(routed)
@@ -632,17 +625,6 @@ class JobProcessor:
             refused(job.job_id, job.team, job.model, found, timing, body=message.body)
         )
         return self._refused(job.job_id, outcome, reply_to, found)
-
-    async def _take_up(self, claim: Claim, job: ChatJob) -> None:
-        """Claim a job that missed its claim (``Claim.take_up``) before it is called or its
-        end stored; raises _Duplicate when another delivery answered it, or the id is a
-        different request's, or usage_log has it: this one then ends as a duplicate does."""
-        try:
-            found = await claim.take_up(job)
-        except (IdempotencyConflict, AlreadyAnswered) as exc:
-            raise _Duplicate(exc) from exc
-        if found is not None:
-            raise _Duplicate(found)
 
     async def _finish(
         self,
@@ -694,15 +676,6 @@ class JobProcessor:
                 first=self._gate.first_cause(original),
             )
         await settle(delivery.ack(), f"acknowledge job {announcement.job_id}", log)
-
-
-class _Duplicate(Exception):
-    """A job that missed its claim found, taking it up, that another delivery answered it
-    (its stored outcome) or that it must be refused (a different request's id, answered)."""
-
-    def __init__(self, found: Outcome | JobError) -> None:
-        super().__init__(str(found))
-        self.found = found
 
 
 MAX_QUEUED_MS = 7 * 24 * 3600 * 1000

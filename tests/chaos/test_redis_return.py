@@ -1,102 +1,188 @@
-"""Chaos: a private Redis (AOF) stops while duplicates of jobs arrive, and starts again.
+"""Chaos: a private Redis stops while duplicates of jobs arrive, and starts again (with its
+data kept, AOF, or lost).
 
 Every delivery misses its claim while Redis is away, and admission holds it (``fail_closed``);
-once Redis answers, each job is claimed before it is called: one call per job id, every
-client of a request given the one answer, and a different request under a used id never
-given the other's.
+once Redis answers, each job is claimed before it is called or refused: one call per job id,
+every client of a request given the one answer, a different request under a used id never
+given the other's, and a call never recorded as a refusal over budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from bench.chaos import PrivateRedis
 from mockprovider import Behavior, MockConfig
+from producer import GatewayClient
 from queuegate.messages import ChatResult
-from queuegate.registry import TeamConfig
+from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
+from queuegate.spend import NANO
 from tests.chaos.harness import usage_rows
-from tests.support import running_gateway, wait_until
+from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
 
 IDS = 8
 """Job ids, each published by three clients with the same body."""
 OTHER = "dup-0"
 """The id a fourth client publishes too, with another body."""
+FITS = 3
+"""Jobs the tight budget admits."""
+REFUSED = {"budget_exhausted", "idempotency_conflict"}
+
+
+def _job_id(text: str) -> str:
+    """The job id a prompt names (``_hello``)."""
+    found = re.match(r"job (dup-\d+):", text)
+    assert found is not None, text
+    return found[1]
 
 
 def _hello(i: int, body: str = "hello") -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"job {i}: {body}"}]
+    return [{"role": "user", "content": f"job dup-{i}: {body}"}]
 
 
-def _answer(result: ChatResult) -> str:
+def _answer(result: ChatResult | BaseException) -> str:
     """The provider's answer (its response id), or the error code."""
+    assert isinstance(result, ChatResult), result
     if result.response is not None:
         return str(result.response["id"])
     assert result.error is not None
     return result.error.code
 
 
+@asynccontextmanager
+async def _gateway(
+    settings: Settings, tmp_path: Path, *, kept: bool, budget: Decimal
+) -> AsyncIterator[tuple[PrivateRedis, Gateway]]:
+    """A worker on a private Redis, fail closed, for a team with a budget and a rate limit
+    (admission holds its jobs while Redis is away), and a slow provider."""
+    persistent = ("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))
+    async with PrivateRedis(*(persistent if kept else ())) as redis:
+        s = settings.model_copy(update={"redis_url": redis.url, "redis_outage": "fail_closed"})
+        await register(s, "alpha", TeamConfig(rpm=100_000, budget_usd=budget))
+        async with running_gateway(
+            s, mock_config=MockConfig(default=Behavior(latency_ms=500))
+        ) as gw:
+            yield redis, gw
+
+
+async def _through_outage(
+    redis: PrivateRedis, gw: Gateway, clients: list[GatewayClient], other: GatewayClient
+) -> dict[tuple[str, str], list[str]]:
+    """Stop Redis; publish each job id from every client of ``clients`` (and ``OTHER`` from
+    ``other``, with another body); once all wait, start Redis again. Each request's answers
+    (response ids or error codes) by job id and body."""
+    admission = gw.worker.admission
+    assert admission is not None
+    await redis.stop()
+    handles = []
+    for i in range(IDS):
+        for client in clients:
+            job = client.job("gpt-4o-mini", _hello(i), job_id=f"dup-{i}", max_tokens=20)
+            handles.append((f"dup-{i}", "same", await client.submit(job)))
+    job = other.job("gpt-4o-mini", _hello(0, "other"), job_id=OTHER, max_tokens=20)
+    handles.append((OTHER, "other", await other.submit(job)))
+    # Every delivery held, uncalled, waiting for Redis
+    await wait_until(
+        lambda: gw.worker.in_flight == len(handles) and admission.outage.down, timeout=30
+    )
+    assert gw.mock.stats.calls == 0
+    await redis.start()
+    results = await asyncio.gather(
+        *(h.result(timeout=60) for _, _, h in handles), return_exceptions=True
+    )
+    answers: dict[tuple[str, str], list[str]] = {}
+    for (job_id, body, _), result in zip(handles, results, strict=True):
+        answers.setdefault((job_id, body), []).append(_answer(result))
+    return answers
+
+
+def _calls(gw: Gateway) -> Counter[str]:
+    """Provider calls by job id."""
+    return Counter(_job_id(call.messages[-1]["content"]) for call in gw.mock.stats.log)
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["aof", "data-lost"])
 async def test_duplicates_waiting_for_redis_are_called_once_when_it_returns(
+    settings: Settings, tmp_path: Path, kept: bool
+) -> None:
+    # Given a worker on a private Redis, and four clients
+    async with (
+        _gateway(settings, tmp_path, kept=kept, budget=Decimal(100)) as (redis, gw),
+        gw.client("alpha") as a,
+        gw.client("alpha") as b,
+        gw.client("alpha") as c,
+        gw.client("alpha") as other,
+    ):
+        # When Redis stops, each job id arrives from three clients (and one id from a fourth,
+        # with another body), and Redis starts again while they wait
+        answers = await _through_outage(redis, gw, [a, b, c], other)
+
+        # Expect one provider call per job id
+        assert gw.mock.stats.calls == IDS, _calls(gw)
+        # ... every client of a request given the same answer
+        assert all(len(set(given)) == 1 for given in answers.values()), answers
+        # ... the other request under a used id never given the first's: one of the two is
+        # called, the other refused
+        first, second = set(answers[(OTHER, "same")]), set(answers[(OTHER, "other")])
+        assert first != second
+        assert "idempotency_conflict" in first | second, answers
+        # ... and one usage row per job id, the refusal's beside them
+        assert await usage_rows(gw.pool, IDS + 1, timeout=30) == (IDS + 1, IDS + 1)
+        called = await gw.pool.fetchval(
+            "SELECT count(*) FROM usage_log WHERE job_id NOT LIKE '%/refused/%'"
+        )
+        assert called == IDS
+
+
+async def test_a_job_called_is_never_answered_by_a_duplicates_budget_refusal(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # Given a worker on a private Redis that keeps its data (AOF), a team with a budget and
-    # a rate limit (admission holds its jobs while Redis is away), and a slow provider
-    persistent = ("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))
-    async with PrivateRedis(*persistent) as redis:
-        s = settings.model_copy(update={"redis_url": redis.url, "redis_outage": "fail_closed"})
-        await register(s, "alpha", TeamConfig(rpm=100_000, budget_usd=Decimal(100)))
-        mock = MockConfig(default=Behavior(latency_ms=500))
-        async with (
-            running_gateway(s, mock_config=mock) as gw,
-            gw.client("alpha") as a,
-            gw.client("alpha") as b,
-            gw.client("alpha") as c,
-            gw.client("alpha") as other,
-        ):
-            admission = gw.worker.admission
-            assert admission is not None
+    # Given a worker on a private Redis that will lose its data, whose team's budget admits
+    # only FITS jobs (and a half), and four clients
+    async with (
+        _gateway(settings, tmp_path, kept=False, budget=Decimal(100)) as (redis, gw),
+        gw.client("alpha") as a,
+        gw.client("alpha") as b,
+        gw.client("alpha") as c,
+        gw.client("alpha") as other,
+    ):
+        admission = gw.worker.admission
+        assert admission is not None
+        ahead = admission.ahead(a.job("gpt-4o-mini", _hello(0), max_tokens=20))
+        assert ahead is not None
+        budget = Decimal(ahead.estimate.cost_nano) * (FITS * 2 + 1) / 2 / NANO
+        await set_team_config(gw.pool, "alpha", TeamConfig(rpm=100_000, budget_usd=budget))
+        await wait_until(lambda: admission.config("alpha").budget_usd == budget)
 
-            # When Redis stops, and each job id arrives from three clients (and one id from
-            # a fourth, with another body)
-            await redis.stop()
-            handles = []
-            for i in range(IDS):
-                for client in (a, b, c):
-                    job = client.job("gpt-4o-mini", _hello(i), job_id=f"dup-{i}", max_tokens=20)
-                    handles.append((f"dup-{i}", "same", await client.submit(job)))
-            job = other.job("gpt-4o-mini", _hello(0, "other"), job_id=OTHER, max_tokens=20)
-            handles.append((OTHER, "other", await other.submit(job)))
-            # ... and every delivery is held, uncalled, waiting for Redis
-            await wait_until(
-                lambda: gw.worker.in_flight == len(handles) and admission.outage.down, timeout=30
-            )
-            assert gw.mock.stats.calls == 0
-            # ... and Redis starts again, with its data
-            await redis.start()
-            results = await asyncio.gather(
-                *(h.result(timeout=60) for _, _, h in handles), return_exceptions=True
-            )
+        # When Redis stops, each job id arrives from three clients, and Redis starts again,
+        # empty, while they wait
+        answers = await _through_outage(redis, gw, [a, b, c], other)
 
-            # Expect one provider call per job id
-            assert gw.mock.stats.calls == IDS
-            # ... every client answered
-            answers: dict[tuple[str, str], set[str]] = {}
-            for (job_id, body, _), result in zip(handles, results, strict=True):
-                assert isinstance(result, ChatResult), (job_id, body, result)
-                answers.setdefault((job_id, body), set()).add(_answer(result))
-            # ... every client of a request given the same answer
-            assert all(len(given) == 1 for given in answers.values()), answers
-            # ... the other request under a used id never given the first's: one of the two
-            # is called, the other refused
-            first, second = answers[(OTHER, "same")], answers[(OTHER, "other")]
-            assert first != second
-            assert "idempotency_conflict" in first | second, answers
-            # ... and one usage row per job id, the refusal's beside them
-            assert await usage_rows(gw.pool, IDS + 1, timeout=30) == (IDS + 1, IDS + 1)
-            called = await gw.pool.fetchval(
-                "SELECT count(*) FROM usage_log WHERE job_id NOT LIKE '%/refused/%'"
-            )
-            assert called == IDS
+        # Expect every client of a request given the same answer
+        assert all(len(set(given)) == 1 for given in answers.values()), answers
+        served = {job_id for (job_id, _), given in answers.items() if set(given) - REFUSED}
+        # ... each job called once at most, and only those answered
+        calls = _calls(gw)
+        assert set(calls.values()) <= {1}, calls
+        assert set(calls) == served, (calls, answers)
+        assert 0 < len(served) <= FITS + 1
+        # ... and no call on a row of a job refused over budget
+        await usage_rows(gw.pool, IDS + 1, timeout=30)
+        rows = await gw.pool.fetch(
+            "SELECT job_id, error_code, attempts FROM usage_log WHERE job_id NOT LIKE '%/refused/%'"
+        )
+        assert len(rows) == IDS
+        for row in rows:
+            refused = row["error_code"] == "budget_exhausted"
+            assert refused == (row["job_id"] not in calls), dict(row)
+            assert row["attempts"] == (0 if refused else 1), dict(row)

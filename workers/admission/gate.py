@@ -412,6 +412,14 @@ class Ticket:
         (its claim taken only then: ``Claim.take_up``)."""
         self._lost += to_nano(usd)
 
+    def leave_budget(self) -> None:
+        """Leave the job's budget entry unsettled: a duplicate's (``Claim.take_up`` found the
+        job held or answered). One entry per job id, which its reservation replaced with the
+        same estimate: the delivery holding the job settles it (given back here, the holder's
+        reservation would stop counting while it calls), and accounting's reconciliation
+        drops it once the job's usage row is in."""
+        self.budget = None
+
     async def enter(self, deployment: Deployment, then: Call | None = None) -> bool:
         """Wait for the deployment's own buckets (the provider account's RPM/TPM); whether
         ``then`` ran, in the round trip of the take that let the call go (it does not when
