@@ -77,10 +77,10 @@ async def _gateway(
 
 async def _through_outage(
     redis: PrivateRedis, gw: Gateway, clients: list[GatewayClient], other: GatewayClient
-) -> dict[tuple[str, str], list[str]]:
+) -> list[tuple[str, str, ChatResult | BaseException]]:
     """Stop Redis; publish each job id from every client of ``clients`` (and ``OTHER`` from
-    ``other``, with another body); once all wait, start Redis again. Each request's answers
-    (response ids or error codes) by job id and body."""
+    ``other``, with another body); once all wait, start Redis again. Each delivery's job id,
+    body and result."""
     admission = gw.worker.admission
     assert admission is not None
     await redis.stop()
@@ -100,8 +100,18 @@ async def _through_outage(
     results = await asyncio.gather(
         *(h.result(timeout=60) for _, _, h in handles), return_exceptions=True
     )
+    return [
+        (job_id, body, result) for (job_id, body, _), result in zip(handles, results, strict=True)
+    ]
+
+
+def _answers(
+    results: list[tuple[str, str, ChatResult | BaseException]],
+) -> dict[tuple[str, str], list[str]]:
+    """Each request's answers (response ids or error codes) by job id and body; every
+    client answered."""
     answers: dict[tuple[str, str], list[str]] = {}
-    for (job_id, body, _), result in zip(handles, results, strict=True):
+    for job_id, body, result in results:
         answers.setdefault((job_id, body), []).append(_answer(result))
     return answers
 
@@ -125,11 +135,12 @@ async def test_duplicates_waiting_for_redis_are_called_once_when_it_returns(
     ):
         # When Redis stops, each job id arrives from three clients (and one id from a fourth,
         # with another body), and Redis starts again while they wait
-        answers = await _through_outage(redis, gw, [a, b, c], other)
+        results = await _through_outage(redis, gw, [a, b, c], other)
 
         # Expect one provider call per job id
         assert gw.mock.stats.calls == IDS, _calls(gw)
         # ... every client of a request given the same answer
+        answers = _answers(results)
         assert all(len(set(given)) == 1 for given in answers.values()), answers
         # ... the other request under a used id never given the first's: one of the two is
         # called, the other refused
@@ -166,14 +177,16 @@ async def test_a_job_called_is_never_answered_by_a_duplicates_budget_refusal(
 
         # When Redis stops, each job id arrives from three clients, and Redis starts again,
         # empty, while they wait
-        answers = await _through_outage(redis, gw, [a, b, c], other)
+        results = await _through_outage(redis, gw, [a, b, c], other)
 
-        # Expect every client of a request given the same answer
-        assert all(len(set(given)) == 1 for given in answers.values()), answers
-        served = {job_id for (job_id, _), given in answers.items() if set(given) - REFUSED}
-        # ... each job called once at most, and only those answered
+        # Expect each job called once at most
         calls = _calls(gw)
         assert set(calls.values()) <= {1}, calls
+        # ... every client of a request given the same answer
+        answers = _answers(results)
+        assert all(len(set(given)) == 1 for given in answers.values()), answers
+        # ... and only the jobs answered called
+        served = {job_id for (job_id, _), given in answers.items() if set(given) - REFUSED}
         assert set(calls) == served, (calls, answers)
         assert 0 < len(served) <= FITS + 1
         # ... and no call on a row of a job refused over budget
