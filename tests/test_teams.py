@@ -9,9 +9,10 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
 import pytest
@@ -21,6 +22,7 @@ from admin.teams import (
     add,
     configure,
     control_policy,
+    disable,
     listing,
     quota_policy,
     register,
@@ -28,14 +30,14 @@ from admin.teams import (
 )
 from cli.main import app
 from mockprovider import Behavior, MockConfig
-from producer import GatewayClient
+from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError, QueueFull, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
-from tests.support import running_gateway, wait_until
+from tests.support import Gateway, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello"}]
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -187,6 +189,57 @@ async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once
 
     # Expect it refused (told, the worker does not wait for its refresh), the provider not called
     assert result.error is not None and result.error.code == "budget_exhausted"
+    assert gw.mock.stats.calls == 1
+
+
+@asynccontextmanager
+async def held(settings: Settings, alpha: str, jobs: int) -> AsyncIterator[Held]:
+    """Team alpha at one request every ten seconds, served by a worker that reads the
+    registry again only every ten minutes (told of changes at once), ``jobs`` published: the
+    first answered, the rest held in the worker waiting for the team's bucket."""
+    await configure(settings, alpha, {"rpm": 6, "burst": 1, "budget_usd": Decimal(10)})
+    slow = settings.model_copy(update={"teams_refresh": 600.0})
+    async with running_gateway(slow, teams=()) as gw, gw.client(alpha) as client:
+        handles = [await client.submit(client.job("gpt-4o-mini", HELLO)) for _ in range(jobs)]
+        assert (await handles[0].result(timeout=10)).status == "ok"
+        await wait_until(lambda: gw.worker.in_flight == jobs - 1)
+        yield Held(gw, handles[1:])
+
+
+class Held(NamedTuple):
+    gw: Gateway
+    handles: list[JobHandle]
+
+
+async def test_jobs_held_for_the_rate_are_refused_once_their_budget_is_cut(
+    settings: Settings, alpha: str
+) -> None:
+    # Given jobs held in the worker waiting for their team's rate
+    async with held(settings, alpha, jobs=4) as (gw, handles):
+        # When an operator cuts the team's budget under what it spent
+        await configure(settings, alpha, {"budget_usd": Decimal("0.000000001")})
+
+        # Expect each held job refused within the check's second, the provider not called
+        results = [await handle.result(timeout=5) for handle in handles]
+    assert [r.error.code if r.error else r.status for r in results] == ["budget_exhausted"] * 3
+    assert gw.mock.stats.calls == 1
+
+
+async def test_jobs_held_for_the_rate_go_back_to_the_queue_when_their_team_is_disabled(
+    settings: Settings, alpha: str
+) -> None:
+    # Given jobs held in the worker waiting for their team's rate
+    async with held(settings, alpha, jobs=4) as (gw, _):
+        # When an operator disables the team
+        assert await disable(settings, alpha)
+
+        # Expect them back in its queue within the check's second, uncalled and unanswered
+        await wait_until(lambda: gw.worker.in_flight == 0, timeout=5)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(gw.topology.team_queue(alpha), passive=True)
+        assert queue.declaration_result.message_count == 3
     assert gw.mock.stats.calls == 1
 
 
