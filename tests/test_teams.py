@@ -10,14 +10,18 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import aio_pika
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
+from accounting.store import insert_usage
 from admin.teams import (
     add,
     configure,
@@ -32,12 +36,24 @@ from cli.main import app
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool
-from queuegate.errors import ConfigError, QueueFull, ServiceUnavailable
+from queuegate.errors import BudgetExhausted, ConfigError, QueueFull, ServiceUnavailable
+from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
+from queuegate.messages import UsageEvent
 from queuegate.settings import Settings
+from queuegate.spend import (
+    Scope,
+    current_month,
+    ledger_spent,
+    reconcile,
+    reconciler_token,
+    to_nano,
+)
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
 from tests.support import Gateway, running_gateway, wait_until
+from workers.admission.budgets import Budgets
+from workers.admission.scripts import Scripts
 
 HELLO = [{"role": "user", "content": "Hello"}]
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -241,6 +257,32 @@ async def test_jobs_held_for_the_rate_go_back_to_the_queue_when_their_team_is_di
             queue = await channel.declare_queue(gw.topology.team_queue(alpha), passive=True)
         assert queue.declaration_result.message_count == 3
     assert gw.mock.stats.calls == 1
+
+
+async def test_a_budget_set_again_holds_the_spend_made_while_the_team_had_none(
+    settings: Settings, alpha: str, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given team alpha's spend ledger made under a budget, then the budget unset, and $0.50
+    # spent meanwhile (in usage_log: no reserve or settle kept the ledger)
+    await configure(settings, alpha, {"budget_usd": Decimal(1)})
+    keys = Keys(settings.redis_prefix)
+    month = current_month()
+    await reconcile(redis_client, pool, keys, [Scope(alpha)], month, token=reconciler_token())
+    await configure(settings, alpha, {"budget_usd": None})
+    spent = UsageEvent(
+        job_id="unbudgeted", team=alpha, model_requested="gpt-4o-mini", status="ok",
+        cost_usd=Decimal("0.50"), ts=datetime.now(UTC),
+    )  # fmt: skip
+    await insert_usage(pool, [spent])
+
+    # When an operator sets a budget below that spend
+    config = await configure(settings, alpha, {"budget_usd": Decimal("0.40")})
+
+    # Expect the ledger to hold it, and the next job refused, without waiting for accounting
+    assert await ledger_spent(redis_client, keys, alpha, month) == Decimal("0.50")
+    budgets = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=60)
+    with pytest.raises(BudgetExhausted):
+        await budgets.reserve(alpha, "gpt-4o-mini", config, to_nano(Decimal("0.01")), "next")
 
 
 def test_teams_set_and_show_round_trip_a_config(settings: Settings) -> None:
