@@ -211,15 +211,15 @@ async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once
 @asynccontextmanager
 async def held(settings: Settings, alpha: str, jobs: int) -> AsyncIterator[Held]:
     """Team alpha at one request every ten seconds, served by a worker that reads the
-    registry again only every ten minutes (told of changes at once), ``jobs`` published: the
-    first answered, the rest held in the worker waiting for the team's bucket."""
+    registry again only every ten minutes (told of changes at once), one job published and
+    answered, then ``jobs`` more held in the worker waiting for the team's bucket."""
     await configure(settings, alpha, {"rpm": 6, "burst": 1, "budget_usd": Decimal(10)})
     slow = settings.model_copy(update={"teams_refresh": 600.0})
     async with running_gateway(slow, teams=()) as gw, gw.client(alpha) as client:
+        assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
         handles = [await client.submit(client.job("gpt-4o-mini", HELLO)) for _ in range(jobs)]
-        assert (await handles[0].result(timeout=10)).status == "ok"
-        await wait_until(lambda: gw.worker.in_flight == jobs - 1)
-        yield Held(gw, handles[1:])
+        await wait_until(lambda: gw.worker.in_flight == jobs)
+        yield Held(gw, handles)
 
 
 class Held(NamedTuple):
@@ -231,7 +231,7 @@ async def test_jobs_held_for_the_rate_are_refused_once_their_budget_is_cut(
     settings: Settings, alpha: str
 ) -> None:
     # Given jobs held in the worker waiting for their team's rate
-    async with held(settings, alpha, jobs=4) as (gw, handles):
+    async with held(settings, alpha, jobs=3) as (gw, handles):
         # When an operator cuts the team's budget under what it spent
         await configure(settings, alpha, {"budget_usd": Decimal("0.000000001")})
 
@@ -245,7 +245,7 @@ async def test_jobs_held_for_the_rate_go_back_to_the_queue_when_their_team_is_di
     settings: Settings, alpha: str
 ) -> None:
     # Given jobs held in the worker waiting for their team's rate
-    async with held(settings, alpha, jobs=4) as (gw, _):
+    async with held(settings, alpha, jobs=3) as (gw, _):
         # When an operator disables the team
         assert await disable(settings, alpha)
 
