@@ -36,7 +36,13 @@ from queuegate.redis_client import redis_for
 from queuegate.registry import list_teams
 from queuegate.runtime import serving
 from queuegate.settings import Settings
-from queuegate.spend import Correction, Scope, current_month, reconcile, reconciler_token
+from queuegate.spend import (
+    Correction,
+    current_month,
+    ledger_scopes,
+    reconcile,
+    reconciler_token,
+)
 from queuegate.topology import MESSAGE_TYPE_USAGE_BATCH, Topology
 
 log = logging.getLogger(__name__)
@@ -212,14 +218,7 @@ class Accountant:
         scopes = [
             scope
             for team in await list_teams(self._pool)
-            for scope in (
-                ([Scope(team.name)] if team.config.budget_usd is not None else [])
-                + [
-                    Scope(team.name, model)
-                    for model, limits in team.config.models.items()
-                    if limits.budget_usd is not None
-                ]
-            )
+            for scope in ledger_scopes(team.name, team.config)
         ]
         keys = Keys(self.settings.redis_prefix)
         corrections = await reconcile(
@@ -540,7 +539,7 @@ def _report(correction: Correction) -> None:
     elif abs(drift) >= NOTABLE_DRIFT:
         log.warning(
             "%s's spend ledger for %s corrected by $%s to $%s (lapsed reservations, lost "
-            "settles): Redis had counted $%s",
+            "settles, or spend while it had no budget): Redis had counted $%s",
             what,
             correction.month,
             -drift,

@@ -38,6 +38,7 @@ from queuegate.registry import (
 )
 from queuegate.services import REDIS_CHECK_WAIT
 from queuegate.settings import Settings
+from queuegate.spend import Scope, current_month, ledger_scopes, reconcile, reconciler_token
 from queuegate.tenancy import (
     Capture,
     IdentityMode,
@@ -530,10 +531,16 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"team {name}: {field}: {first['msg']}") from None
+    # Ledgers a budget starts to hold the team to: while it had none, nothing kept them
+    # (no reserve, no settle, no reconciliation), so they are brought up to date at once.
+    before = ledger_scopes(name, team.config)
+    fresh = [scope for scope in ledger_scopes(name, config) if scope not in before]
     pool = await create_pool(settings)
     try:
         await set_team_config(pool, name, config)
         user = (await get_security(pool, name)).broker_user
+        if fresh:
+            await _reconcile_ledgers(settings, pool, name, fresh)
     finally:
         await pool.close()
     async with BrokerAdmin(settings.management_url) as admin:
@@ -541,3 +548,31 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
         if user is not None:
             await _put_limits(admin, settings, user, config)
     return config
+
+
+async def _reconcile_ledgers(
+    settings: Settings, pool: asyncpg.Pool, name: str, scopes: list[Scope]
+) -> None:
+    """Reconcile the team's ``scopes`` ledgers with usage_log now, once the config that
+    budgets them is committed (the jobs reserving from then on keep their entries): spend
+    made while the team had no budget is not in them, and a budget set below it would be
+    served over until accounting's next reconciliation."""
+    client = redis_for(settings)
+    token = reconciler_token()
+    try:
+        # Bounded: Redis (or an accountant's reconciliation round) must not hold the command.
+        async with asyncio.timeout(REDIS_CHECK_WAIT):
+            keys = Keys(settings.redis_prefix)
+            while True:
+                done = await reconcile(client, pool, keys, scopes, current_month(), token=token)
+                if done is not None:
+                    return
+                await asyncio.sleep(0.05)  # another reconciler's round, well under a second
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise ServiceUnavailable(
+            f"team {name}'s budget is set, but its spend ledger is not brought up to date "
+            "(accounting does within QUEUEGATE_SPEND_RECONCILE_INTERVAL): "
+            + redis_unreachable(settings, "start it and set the budget again")
+        ) from exc
+    finally:
+        await client.aclose()

@@ -91,7 +91,14 @@ def shown(text: str) -> str:
 class ApiError(Exception):
     """An error answer: ``code``, a message saying what to do, and its HTTP status."""
 
-    def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        job_id: str | None = None,
+    ) -> None:
         if len(message) > MAX_MESSAGE:
             message = f"{message[:MAX_MESSAGE]}…"
         super().__init__(message)
@@ -99,9 +106,13 @@ class ApiError(Exception):
         self.message = message
         self.status = HTTP_STATUS.get(code) or HTTP_ONLY.get(code, 500)
         self.retry_after_s = retry_after_s
+        self.job_id = job_id
+        """The job whose result this error is (a worker refused or failed it), if any."""
 
     def headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
+        if self.job_id is not None:
+            headers["x-queuegate-job-id"] = self.job_id
         if self.status in {429, 503}:
             headers["retry-after"] = str(max(1, math.ceil(self.retry_after_s or 1)))
         if self.code in NO_RETRY or self.status == 409:
@@ -113,7 +124,12 @@ def error_of_result(result: ChatResult) -> ApiError:
     """The answer to a job that ended in an error."""
     assert result.error is not None
     error = result.error
-    return ApiError(error.code, error.message, retry_after_s=_seconds(error.retry_after_ms))
+    return ApiError(
+        error.code,
+        error.message,
+        retry_after_s=_seconds(error.retry_after_ms),
+        job_id=result.job_id,
+    )
 
 
 def error_of(exc: GatewayError) -> ApiError:

@@ -141,6 +141,16 @@ def budget_scopes(config: TeamConfig, model: str) -> list[tuple[str | None, Deci
     return scopes
 
 
+def ledger_scopes(team: str, config: TeamConfig) -> list[Scope]:
+    """The ledgers ``config`` holds team ``team`` to: its budget's, then each capped model's."""
+    scopes = [Scope(team)] if config.budget_usd is not None else []
+    return scopes + [
+        Scope(team, model)
+        for model, limits in config.models.items()
+        if limits.budget_usd is not None
+    ]
+
+
 def ledger_keys(keys: Keys, team: str, month: str, models: Sequence[str | None]) -> list[str]:
     """Each ledger's key then its expiry set's, per model (None: the team's ledger), in the
     order the ledger scripts take them."""

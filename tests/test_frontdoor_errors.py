@@ -107,7 +107,10 @@ async def test_every_provider_failing_is_502(door: Door) -> None:
     assert failed.value.status_code == 502
     assert failed.value.code == "all_providers_failed"
     # The workers retried and fell back: the SDK is told not to call it all again
-    assert failed.value.response.headers["x-should-retry"] == "false"
+    headers = failed.value.response.headers
+    assert headers["x-should-retry"] == "false"
+    # The job the workers failed is named, as a served job's answer names it
+    assert headers["x-queuegate-job-id"] == headers["x-request-id"]
 
 
 async def test_no_answer_within_the_callers_timeout_is_504(door: Door) -> None:

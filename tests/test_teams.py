@@ -9,18 +9,24 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
+from accounting.store import insert_usage
 from admin.teams import (
     add,
     configure,
     control_policy,
+    disable,
     listing,
     quota_policy,
     register,
@@ -28,14 +34,26 @@ from admin.teams import (
 )
 from cli.main import app
 from mockprovider import Behavior, MockConfig
-from producer import GatewayClient
+from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool
-from queuegate.errors import ConfigError, QueueFull, ServiceUnavailable
+from queuegate.errors import BudgetExhausted, ConfigError, QueueFull, ServiceUnavailable
+from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
+from queuegate.messages import UsageEvent
 from queuegate.settings import Settings
+from queuegate.spend import (
+    Scope,
+    current_month,
+    ledger_spent,
+    reconcile,
+    reconciler_token,
+    to_nano,
+)
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
-from tests.support import running_gateway, wait_until
+from tests.support import Gateway, running_gateway, wait_until
+from workers.admission.budgets import Budgets
+from workers.admission.scripts import Scripts
 
 HELLO = [{"role": "user", "content": "Hello"}]
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -188,6 +206,83 @@ async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once
     # Expect it refused (told, the worker does not wait for its refresh), the provider not called
     assert result.error is not None and result.error.code == "budget_exhausted"
     assert gw.mock.stats.calls == 1
+
+
+@asynccontextmanager
+async def held(settings: Settings, alpha: str, jobs: int) -> AsyncIterator[Held]:
+    """Team alpha at one request every ten seconds, served by a worker that reads the
+    registry again only every ten minutes (told of changes at once), one job published and
+    answered, then ``jobs`` more held in the worker waiting for the team's bucket."""
+    await configure(settings, alpha, {"rpm": 6, "burst": 1, "budget_usd": Decimal(10)})
+    slow = settings.model_copy(update={"teams_refresh": 600.0})
+    async with running_gateway(slow, teams=()) as gw, gw.client(alpha) as client:
+        assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
+        handles = [await client.submit(client.job("gpt-4o-mini", HELLO)) for _ in range(jobs)]
+        await wait_until(lambda: gw.worker.in_flight == jobs)
+        yield Held(gw, handles)
+
+
+class Held(NamedTuple):
+    gw: Gateway
+    handles: list[JobHandle]
+
+
+async def test_jobs_held_for_the_rate_are_refused_once_their_budget_is_cut(
+    settings: Settings, alpha: str
+) -> None:
+    # Given jobs held in the worker waiting for their team's rate
+    async with held(settings, alpha, jobs=3) as (gw, handles):
+        # When an operator cuts the team's budget under what it spent
+        await configure(settings, alpha, {"budget_usd": Decimal("0.000000001")})
+
+        # Expect each held job refused within the check's second, the provider not called
+        results = [await handle.result(timeout=5) for handle in handles]
+    assert [r.error.code if r.error else r.status for r in results] == ["budget_exhausted"] * 3
+    assert gw.mock.stats.calls == 1
+
+
+async def test_jobs_held_for_the_rate_go_back_to_the_queue_when_their_team_is_disabled(
+    settings: Settings, alpha: str
+) -> None:
+    # Given jobs held in the worker waiting for their team's rate
+    async with held(settings, alpha, jobs=3) as (gw, _):
+        # When an operator disables the team
+        assert await disable(settings, alpha)
+
+        # Expect them back in its queue within the check's second, uncalled and unanswered
+        await wait_until(lambda: gw.worker.in_flight == 0, timeout=5)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(gw.topology.team_queue(alpha), passive=True)
+        assert queue.declaration_result.message_count == 3
+    assert gw.mock.stats.calls == 1
+
+
+async def test_a_budget_set_again_holds_the_spend_made_while_the_team_had_none(
+    settings: Settings, alpha: str, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given team alpha's spend ledger made under a budget, then the budget unset, and $0.50
+    # spent meanwhile (in usage_log: no reserve or settle kept the ledger)
+    await configure(settings, alpha, {"budget_usd": Decimal(1)})
+    keys = Keys(settings.redis_prefix)
+    month = current_month()
+    await reconcile(redis_client, pool, keys, [Scope(alpha)], month, token=reconciler_token())
+    await configure(settings, alpha, {"budget_usd": None})
+    spent = UsageEvent(
+        job_id="unbudgeted", team=alpha, model_requested="gpt-4o-mini", status="ok",
+        cost_usd=Decimal("0.50"), ts=datetime.now(UTC),
+    )  # fmt: skip
+    await insert_usage(pool, [spent])
+
+    # When an operator sets a budget below that spend
+    config = await configure(settings, alpha, {"budget_usd": Decimal("0.40")})
+
+    # Expect the ledger to hold it, and the next job refused, without waiting for accounting
+    assert await ledger_spent(redis_client, keys, alpha, month) == Decimal("0.50")
+    budgets = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=60)
+    with pytest.raises(BudgetExhausted):
+        await budgets.reserve(alpha, "gpt-4o-mini", config, to_nano(Decimal("0.01")), "next")
 
 
 def test_teams_set_and_show_round_trip_a_config(settings: Settings) -> None:

@@ -273,6 +273,9 @@ class Worker:
                 log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
             await self._consumers.pop(team).consumer.cancel()
+            # Only once its consumer is gone: a held job sent back now is not delivered
+            # here again.
+            self._admission.stopped(team)
             log.info("stopped serving team %s (disabled)", team)
 
     async def _consume(

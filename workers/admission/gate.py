@@ -48,11 +48,17 @@ LEASE_SLACK = 60.0
 """Seconds a job's budget reservation outlives its time limit before it lapses."""
 
 CHECK_SECONDS = 1.0
-"""How often a job waiting for its buckets runs its check (its batch not canceled): a job
-that must not be served any more leaves within that, not when its turn comes."""
+"""How often a job waiting for its buckets runs its checks (its batch not canceled, its team
+still served, its budget still covering it): a job that must not be served any more leaves
+within that, not when its turn comes."""
 
 Check = Callable[[], Awaitable[None]]
 """Raises a JobError when the job must not be served any more (its batch was canceled)."""
+
+
+class TeamStopped(ServiceUnavailable):
+    """The worker stopped serving the job's team (disabled) while the job waited for its
+    buckets: the job goes back to its queue uncalled, as the queued jobs of the team stay."""
 
 
 class Admission:
@@ -82,11 +88,19 @@ class Admission:
             log, "PostgreSQL (budget ledger rebuild)", "jobs of teams whose ledger is lost wait"
         )
         self._configs: Mapping[str, TeamConfig] = {}
+        self._stopped: set[str] = set()
+        """Teams whose consumers this worker cancelled (disabled): their held jobs go back."""
         self._lines: dict[tuple[str, ...], asyncio.Lock] = {}
         self._deployment_limits: dict[str, Limit | None] = {}
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
         self._configs = dict(configs)
+        self._stopped -= set(configs)
+
+    def stopped(self, team: str) -> None:
+        """The worker no longer takes ``team``'s jobs (disabled): those waiting for its
+        buckets go back to its queue at their next check, uncalled."""
+        self._stopped.add(team)
 
     async def refresh_fills(self) -> None:
         """Read every rate-limited team's bucket fill as of now into its metric (and so the
@@ -157,7 +171,10 @@ class Admission:
                 if ahead is not None
                 else estimate(job, self._catalog, config, self._settings.expected_output_tokens)
             )
-            ticket = Ticket(self, job.team, needed, until, check, lost=to_nano(lost))
+            ticket = Ticket(self, job.team, needed, until, lost=to_nano(lost))
+            # Checked while the job waits, and once admitted: its batch, and its team's
+            # config as the registry's notification brings it (never a round trip per tick).
+            ticket.check = partial(self._recheck, job, config, ticket, check)
             limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
             # Made with the claim already, unless its ledger was lost: then it is made here, as
             # any other, its rebuild under the outage policy (PostgreSQL may be away too).
@@ -195,18 +212,54 @@ class Admission:
             ticket.team_limits = limits
             if tried is None or not taken(limits, tokens, tried).taken:
                 await ticket.take(limits, tried=tried is not None)
-            if check is not None:
-                # Again once admitted: the job may have waited long after its batch was
-                # canceled. Its request, tokens and budget go back in one round trip.
-                try:
-                    await check()
-                except BaseException:
-                    await self.settle(ticket.settlement(None, give_back=True))
-                    raise
+            # Again once admitted: the job may have waited long after its batch was canceled
+            # or its team changed. Its request, tokens and budget go back in one round trip.
+            try:
+                await ticket.check()
+            except BaseException:
+                await self.settle(ticket.settlement(None, give_back=True))
+                raise
         except BaseException:
             await ticket.settle(None)
             raise
         return ticket
+
+    async def _recheck(
+        self, job: ChatJob, admitted: TeamConfig, ticket: Ticket, check: Check | None
+    ) -> None:
+        """A held job's checks: its own (``check``), then its team's config from this
+        process's registry. A team no longer served sends it back to its queue (TeamStopped);
+        a change of its budgets reserves it again under the new ones, or refuses it
+        (BudgetExhausted) as any job over budget is."""
+        if check is not None:
+            await check()
+        if job.team in self._stopped:
+            raise TeamStopped(
+                f"team {job.team} was disabled while the job waited for its rate limit; "
+                "it goes back to its queue"
+            )
+        config = self._configs.get(job.team)
+        held = ticket.config or admitted
+        if config is None or config is held:
+            return  # not in the registry (a fixed team not enabled): served as admitted
+        ticket.config = config
+        before, after = budget_scopes(held, job.model), budget_scopes(config, job.model)
+        if before == after:
+            return
+        budget = ticket.budget
+        if budget is not None and [m for m, _ in before] != [m for m, _ in after]:
+            # Other ledgers: what it holds in the old ones goes back before it reserves anew.
+            await self.settle(self.settlement([], budget, 0))
+            ticket.budget = budget = None
+        name = once()  # the same for every try (see admit)
+        # The reserve replaces the job's entry in a ledger it holds one in (spend.lua).
+        ticket.budget, _ = await self._guard(
+            lambda: self._budgets.reserve(
+                job.team, job.model, config, ticket.estimate.cost_nano, job.job_id, name=name
+            ),
+            lambda: (budget, None),
+            ticket.until,
+        )
 
     def ahead(self, job: ChatJob) -> Ahead | None:
         """The job's budget reserve and first take of its team's buckets as script calls, to
@@ -388,17 +441,19 @@ class Ticket:
         team: str,
         estimate: Estimate,
         until: float,
-        check: Check | None = None,
         *,
         lost: int = 0,
     ) -> None:
         self._admission = admission
         self._lost = lost
         """Nano-USD of the calls lapsed owners of the job made: settled with its own cost."""
-        self._check = check
+        self.check: Check = _nothing
+        """Run every ``CHECK_SECONDS`` while the job waits, and once it is admitted."""
+        self.config: TeamConfig | None = None
+        """The team's config as last checked, once it changed since the job's admission."""
         self._team = team
         self.estimate = estimate
-        self._until = until
+        self.until = until
         self.budget: Reservation | None = None
         self.team_limits: list[Limit] = []
         self._deployments: list[tuple[str, Limit]] = []
@@ -469,7 +524,7 @@ class Ticket:
         scopes = ", ".join(limit.scope for limit in limits)
         await self._join(line, scopes)
         try:
-            within = math.floor((self._until - time.monotonic()) * 1000)
+            within = math.floor((self.until - time.monotonic()) * 1000)
             taken, wait_ms, _ = await self._take(limits, within_ms=max(0, within))
             if not taken:
                 raise RateLimited(
@@ -493,8 +548,8 @@ class Ticket:
         acquiring = asyncio.ensure_future(line.acquire())
         try:
             while True:
-                left = self._until - time.monotonic()
-                every = left if self._check is None else min(left, CHECK_SECONDS)
+                left = self.until - time.monotonic()
+                every = min(left, CHECK_SECONDS)
                 if (await asyncio.wait({acquiring}, timeout=max(0.0, every)))[0]:
                     return
                 if left <= every:
@@ -502,8 +557,7 @@ class Ticket:
                         f"{scopes}: over its rate limit; the jobs ahead of this one took "
                         "until its deadline or the maximum wait"
                     )
-                if self._check is not None:
-                    await self._check()
+                await self.check()
         except BaseException:
             if not acquiring.cancel():  # it got the line meanwhile
                 line.release()
@@ -511,19 +565,14 @@ class Ticket:
 
     async def _sleep(self, seconds: float) -> None:
         """Wait for a reservation's turn, running the job's check meanwhile."""
-        if self._check is None:
-            await asyncio.sleep(seconds)
-            return
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, CHECK_SECONDS))
             if left > CHECK_SECONDS:
-                await self._check()
+                await self.check()
 
     async def _take(self, limits: list[Limit], within_ms: int, then: Call | None = None) -> Take:
-        return await self._admission.take(
-            limits, self.estimate.tokens, within_ms, self._until, then
-        )
+        return await self._admission.take(limits, self.estimate.tokens, within_ms, self.until, then)
 
     async def settle(self, routed: Routed | Billed | None) -> None:
         """Replace every estimate with the real usage (``None``: nothing served, refund all;
@@ -560,6 +609,10 @@ class Ticket:
         return self._admission.settlement(
             [call for call in calls if call is not None], self.budget, actual
         )
+
+
+async def _nothing() -> None:
+    """The check of a ticket that has none (``Admission.undo``'s)."""
 
 
 class Ahead:
