@@ -209,13 +209,17 @@ async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once
 
 
 @asynccontextmanager
-async def held(settings: Settings, alpha: str, jobs: int) -> AsyncIterator[Held]:
+async def held(
+    settings: Settings, alpha: str, jobs: int, *, named: bool = False
+) -> AsyncIterator[Held]:
     """Team alpha at one request every ten seconds, served by a worker that reads the
     registry again only every ten minutes (told of changes at once), one job published and
-    answered, then ``jobs`` more held in the worker waiting for the team's bucket."""
+    answered, then ``jobs`` more held in the worker waiting for the team's bucket.
+    ``named``: the worker serves alpha by name (``--teams``), not as every enabled team."""
     await configure(settings, alpha, {"rpm": 6, "burst": 1, "budget_usd": Decimal(10)})
     slow = settings.model_copy(update={"teams_refresh": 600.0})
-    async with running_gateway(slow, teams=()) as gw, gw.client(alpha) as client:
+    teams = (alpha,) if named else ()
+    async with running_gateway(slow, teams=teams) as gw, gw.client(alpha) as client:
         assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
         handles = [await client.submit(client.job("gpt-4o-mini", HELLO)) for _ in range(jobs)]
         await wait_until(lambda: gw.worker.in_flight == jobs)
@@ -241,11 +245,13 @@ async def test_jobs_held_for_the_rate_are_refused_once_their_budget_is_cut(
     assert gw.mock.stats.calls == 1
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["every_team", "named_team"])
 async def test_jobs_held_for_the_rate_go_back_to_the_queue_when_their_team_is_disabled(
-    settings: Settings, alpha: str
+    settings: Settings, alpha: str, named: bool
 ) -> None:
-    # Given jobs held in the worker waiting for their team's rate
-    async with held(settings, alpha, jobs=3) as (gw, _):
+    # Given jobs held in the worker waiting for their team's rate (a worker of every enabled
+    # team, or one told to serve alpha by name, which a disable overrules too)
+    async with held(settings, alpha, jobs=3, named=named) as (gw, _):
         # When an operator disables the team
         assert await disable(settings, alpha)
 

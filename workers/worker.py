@@ -78,6 +78,7 @@ class Worker:
         self._settings = settings
         self._router = router
         self._fixed_teams = [check_team_name(team) for team in teams] if teams else None
+        self._disabled: set[str] = set()
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology.of(settings)
         self._consumers: dict[str, _TeamConsumer] = {}
@@ -252,6 +253,9 @@ class Worker:
         wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
             return
+        # A team named with --teams is served without a registry row (a ``queue`` team of a
+        # development setup), but not once an operator disabled it.
+        wanted = [team for team in wanted if team not in self._disabled]
         for team in wanted:
             # Serving has begun (runtime.serving): a stop signal sets the stop and cancels
             # nothing, so the stop is what says no consumer more and none announced. The
@@ -310,14 +314,16 @@ class Worker:
         self._reopening = asyncio.create_task(served.consumer.channel.close())
 
     async def _registry_teams(self, pool: asyncpg.Pool) -> dict[str, TeamConfig] | None:
-        """Enabled teams and their configs; None while the registry cannot be read."""
+        """Enabled teams and their configs (the disabled ones' names in ``_disabled``); None
+        while the registry cannot be read."""
         try:
-            listed = await list_teams(pool, enabled_only=True, on_invalid=self._invalid_row)
+            listed = await list_teams(pool, on_invalid=self._invalid_row)
         except DB_ERRORS as exc:
             self._registry.failed(exc)
             return None
         self._registry.recovered()
-        return {team.name: team.config for team in listed}
+        self._disabled = {team.name for team in listed if not team.enabled}
+        return {team.name: team.config for team in listed if team.enabled}
 
     def _invalid_row(self, name: str, error: ConfigError) -> None:
         # Read every few seconds: said once per row and error, not on every refresh.
