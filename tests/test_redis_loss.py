@@ -120,7 +120,7 @@ async def test_a_redis_restarted_empty_under_a_running_worker_calls_no_accounted
     # unclaimed because of a connection the restart closed
     assert [r.error.code if r.error else r.status for r in results] == ["already_answered"] * 3
     assert gw.mock.stats.calls == 3
-    assert "served without claims" not in caplog.text
+    assert "wait to be claimed" not in caplog.text
 
 
 async def test_after_a_failover_lost_a_jobs_outcome_it_is_not_called_again(

@@ -203,7 +203,9 @@ class Claims:
         self._epoch_lock = asyncio.Lock()
         self._held: dict[str, str] = {}
         """Claim key → owner, of every job in flight here: renewed together by ``run``."""
-        self._outage = OutageLog(log, "Redis", "jobs are served without claims")
+        self._outage = OutageLog(
+            log, "Redis", "jobs wait to be claimed (or with fail_open are served unclaimed)"
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Renew the leases of the jobs in flight every third of a lease, until ``stop``."""
@@ -571,23 +573,24 @@ class Claim:
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
 
-    async def take_up(self, job: ChatJob) -> None:
-        """Claim a job that ``missed`` its claim, once, before its first call leaves or its
-        refusal is stored: the duplicates of a job all miss it while Redis is away, and all
-        wait for admission until it answers again; only the one that claims it then is
-        called. Unclaimed still when Redis does not answer (served unclaimed). Raises
+    async def take_up(self, job: ChatJob) -> bool:
+        """Claim a job that ``missed`` its claim before its first call leaves or its refusal
+        is stored: the duplicates of a job all miss it while Redis is away, and all wait
+        until it answers again; only the one that claims it then is called. Whether it is
+        claimed: not while Redis still does not answer (``missed`` stays set). Raises
         Duplicate when another delivery answered it, or it is to be refused; else as
         ``Claims.take`` does (Busy when another delivery holds it past the wait)."""
         if not self.missed:
-            return
-        self.missed = False
+            return True
         try:
             taken = await self._claims.take(job, redelivered=False)
         except (IdempotencyConflict, AlreadyAnswered) as exc:
             raise Duplicate(exc) from exc
         if not isinstance(taken, Claim):
             raise Duplicate(taken)
+        self.missed = taken.missed
         self._owner, self.lost, self.lost_usd = taken._owner, taken.lost, taken.lost_usd
+        return not self.missed
 
     def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
         """The estimates of ``attempts`` that timed out once let go: the provider may have
@@ -726,8 +729,9 @@ class _Recording:
         # Recorded in the round trip of the deployment's take when that lets it go at once.
         ran = await self._ticket.enter(deployment, then=self._claim.recording(call))
         if self._claim.missed:
-            # Admitted once Redis answers again (fail_closed): claimed before the call leaves.
-            await self._claim.take_up(job)
+            # Claimed before the call leaves: with fail_closed it waits for Redis as admission
+            # does, whether or not its admission had anything to take there.
+            await self._ticket.claimed(lambda: self._claim.take_up(job))
             if self._claim.lost_usd:
                 self._ticket.lost(self._claim.lost_usd)  # found only now: none charged yet
         if not ran:

@@ -1,15 +1,17 @@
 """Chaos: a private Redis stops while duplicates of jobs arrive, and starts again (with its
 data kept, AOF, or lost).
 
-Every delivery misses its claim while Redis is away, and admission holds it (``fail_closed``);
-once Redis answers, each job is claimed before it is called or refused: one call per job id,
-every client of a request given the one answer, a different request under a used id never
-given the other's, and a call never recorded as a refusal over budget.
+Every delivery misses its claim while Redis is away, and is held (``fail_closed``), by
+admission or, for a team without limits, by its missed claim alone; once Redis answers, each
+job is claimed before it is called or refused: one call per job id, every client of a request
+given the one answer, a different request under a used id never given the other's, and a
+call never recorded as a refusal over budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -61,14 +63,16 @@ def _answer(result: ChatResult | BaseException) -> str:
 
 @asynccontextmanager
 async def _gateway(
-    settings: Settings, tmp_path: Path, *, kept: bool, budget: Decimal
+    settings: Settings, tmp_path: Path, *, kept: bool, budget: Decimal | None
 ) -> AsyncIterator[tuple[PrivateRedis, Gateway]]:
     """A worker on a private Redis, fail closed, for a team with a budget and a rate limit
-    (admission holds its jobs while Redis is away), and a slow provider."""
+    (admission holds its jobs while Redis is away), or with neither (``budget`` None: only
+    their missed claims hold them), and a slow provider."""
     persistent = ("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))
     async with PrivateRedis(*(persistent if kept else ())) as redis:
         s = settings.model_copy(update={"redis_url": redis.url, "redis_outage": "fail_closed"})
-        await register(s, "alpha", TeamConfig(rpm=100_000, budget_usd=budget))
+        limits = TeamConfig() if budget is None else TeamConfig(rpm=100_000, budget_usd=budget)
+        await register(s, "alpha", limits)
         async with running_gateway(
             s, mock_config=MockConfig(default=Behavior(latency_ms=500))
         ) as gw:
@@ -76,7 +80,11 @@ async def _gateway(
 
 
 async def _through_outage(
-    redis: PrivateRedis, gw: Gateway, clients: list[GatewayClient], other: GatewayClient
+    redis: PrivateRedis,
+    gw: Gateway,
+    clients: list[GatewayClient],
+    other: GatewayClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> list[tuple[str, str, ChatResult | BaseException]]:
     """Stop Redis; publish each job id from every client of ``clients`` (and ``OTHER`` from
     ``other``, with another body); once all wait, start Redis again. Each delivery's job id,
@@ -91,10 +99,17 @@ async def _through_outage(
             handles.append((f"dup-{i}", "same", await client.submit(job)))
     job = other.job("gpt-4o-mini", _hello(0, "other"), job_id=OTHER, max_tokens=20)
     handles.append((OTHER, "other", await other.submit(job)))
-    # Every delivery held, uncalled, waiting for Redis
-    await wait_until(
-        lambda: gw.worker.in_flight == len(handles) and admission.outage.down, timeout=30
+    # Every delivery held, uncalled, waiting for Redis: by admission, for a team with limits;
+    # past the circuit breakers, which let calls go once they find Redis away, for one without
+    seen = (
+        (lambda: admission.outage.down)
+        if admission.config("alpha").rpm
+        else (lambda: "circuit breakers and 429 pauses are not shared" in caplog.text)
     )
+    await wait_until(lambda: gw.worker.in_flight == len(handles) and seen(), timeout=30)
+    # ... and still uncalled a while later, had anything let them go unclaimed meanwhile
+    with contextlib.suppress(TimeoutError):
+        await wait_until(lambda: gw.mock.stats.calls > 0, timeout=2)
     assert gw.mock.stats.calls == 0
     await redis.start()
     results = await asyncio.gather(
@@ -121,13 +136,22 @@ def _calls(gw: Gateway) -> Counter[str]:
     return Counter(_job_id(call.messages[-1]["content"]) for call in gw.mock.stats.log)
 
 
-@pytest.mark.parametrize("kept", [True, False], ids=["aof", "data-lost"])
+@pytest.mark.parametrize(
+    ("kept", "budget"),
+    [(True, Decimal(100)), (False, Decimal(100)), (True, None)],
+    ids=["aof", "data-lost", "no-limits"],
+)
 async def test_duplicates_waiting_for_redis_are_called_once_when_it_returns(
-    settings: Settings, tmp_path: Path, kept: bool
+    settings: Settings,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    kept: bool,
+    budget: Decimal | None,
 ) -> None:
-    # Given a worker on a private Redis, and four clients
+    # Given a worker on a private Redis, and four clients (of a team with limits and a
+    # budget, or with neither, whose jobs wait for their claims alone)
     async with (
-        _gateway(settings, tmp_path, kept=kept, budget=Decimal(100)) as (redis, gw),
+        _gateway(settings, tmp_path, kept=kept, budget=budget) as (redis, gw),
         gw.client("alpha") as a,
         gw.client("alpha") as b,
         gw.client("alpha") as c,
@@ -135,7 +159,7 @@ async def test_duplicates_waiting_for_redis_are_called_once_when_it_returns(
     ):
         # When Redis stops, each job id arrives from three clients (and one id from a fourth,
         # with another body), and Redis starts again while they wait
-        results = await _through_outage(redis, gw, [a, b, c], other)
+        results = await _through_outage(redis, gw, [a, b, c], other, caplog)
 
         # Expect one provider call per job id
         assert gw.mock.stats.calls == IDS, _calls(gw)
@@ -156,7 +180,7 @@ async def test_duplicates_waiting_for_redis_are_called_once_when_it_returns(
 
 
 async def test_a_job_called_is_never_answered_by_a_duplicates_budget_refusal(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a worker on a private Redis that will lose its data, whose team's budget admits
     # only FITS jobs (and a half), and four clients
@@ -177,7 +201,7 @@ async def test_a_job_called_is_never_answered_by_a_duplicates_budget_refusal(
 
         # When Redis stops, each job id arrives from three clients, and Redis starts again,
         # empty, while they wait
-        results = await _through_outage(redis, gw, [a, b, c], other)
+        results = await _through_outage(redis, gw, [a, b, c], other, caplog)
 
         # Expect each job called once at most
         calls = _calls(gw)

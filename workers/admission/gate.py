@@ -421,7 +421,7 @@ class Admission:
             self.outage.recovered()
 
 
-async def _pause(until: float, cause: Exception, what: str) -> None:
+async def _pause(until: float, cause: Exception | None, what: str) -> None:
     """Wait before the next try, or raise RateLimited when ``until`` has come."""
     left = until - time.monotonic()
     if left <= 0:
@@ -466,6 +466,16 @@ class Ticket:
         """Also settle ``usd`` of calls lapsed owners of the job made, found once admitted
         (its claim taken only then: ``Claim.take_up``)."""
         self._lost += to_nano(usd)
+
+    async def claimed(self, take_up: Callable[[], Awaitable[bool]]) -> None:
+        """Run ``take_up`` (a missed claim's) until it claims the job: with ``fail_closed``
+        no job is called unclaimed, so one whose team and deployment have no limits (nothing
+        of its admission needed Redis) waits for Redis too, until its deadline or the maximum
+        wait; with ``fail_open`` it is served unclaimed after one try."""
+        while not await take_up():
+            if self._admission.policy == "fail_open":
+                return
+            await _pause(self.until, None, "Redis, which holds the job's claim, was unreachable")
 
     def leave_budget(self) -> None:
         """Leave the job's budget entry unsettled: a duplicate's (``Claim.take_up`` found the
