@@ -137,9 +137,8 @@ class Settings(BaseSettings):
     it the broker refuses the team's next job. The count bounds what ``max_queue_bytes``
     cannot: the broker's own cost per message, however small its body, and its headers
     (``max-length-bytes`` counts bodies only): at most ``frame_max`` each (16 KiB in
-    deploy/), 156 MiB for 10,000 jobs. The front door's batch runners pause on a full queue
-    and resume; ``queuegate batch submit`` stops and resumes when run again: give a team
-    that submits larger batches its own ``--max-queue``."""
+    deploy/), 156 MiB for 10,000 jobs. A larger batch is not refused: the front door's batch
+    runners and ``queuegate batch submit`` pause on a full queue until workers make room."""
     max_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     """Bytes of job bodies a team's job queue holds, unless ``teams set --max-queue-bytes``
     says otherwise; past it the broker refuses the team's next job (the producer's QueueFull).
