@@ -132,10 +132,13 @@ class Settings(BaseSettings):
     job_time_limit: float = Field(default=1500.0, gt=0, le=DAY)
     """Seconds a worker spends on one job at most, every provider call included. Keep it below
     RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""
-    max_queue_length: int = Field(default=1_000_000, ge=1)
+    max_queue_length: int = Field(default=10_000, ge=1)
     """Jobs a team's job queue holds, unless ``teams set --max-queue`` says otherwise; past
     it the broker refuses the team's next job. The count bounds what ``max_queue_bytes``
-    cannot: the broker's own cost per message, however small its body."""
+    cannot: the broker's own cost per message, however small its body, and its headers
+    (``max-length-bytes`` counts bodies only): at most ``frame_max`` each (16 KiB in
+    deploy/), 156 MiB for 10,000 jobs. A larger batch is not refused: the front door's batch
+    runners and ``queuegate batch submit`` pause on a full queue until workers make room."""
     max_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     """Bytes of job bodies a team's job queue holds, unless ``teams set --max-queue-bytes``
     says otherwise; past it the broker refuses the team's next job (the producer's QueueFull).

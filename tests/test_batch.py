@@ -7,6 +7,7 @@ of ``teams add``), ``beta`` with an API key; never as the admin user.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 from anthropic.types.messages import MessageBatchIndividualResponse
 from openai.types.chat import ChatCompletion
 
+from admin.teams import configure
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient, batch_list, batch_status, cancel_batch, collect, submit_batch
 from producer.batch import BatchStatus
@@ -43,10 +45,10 @@ from tests.batch_files import (
 )
 from tests.conftest import TEST_TEAMS
 from tests.proxy import TcpProxy
-from tests.support import Gateway, running_gateway, wait_until
+from tests.support import Gateway, logged, running_gateway, wait_until
 from tests.teams import TeamIdentity, register, team_identities
 
-BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small")
+BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small", "full")
 """Every batch name these tests use; their reply queues are deleted after each test."""
 
 
@@ -310,6 +312,35 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
     # Each call is tried twice before it fails: about 0.05² of 5,000 jobs, some dozen, fail
     assert 0 < len(failed) < 100
     assert (report.counts.done, report.counts.failed) == (len(ok), len(failed))
+
+
+async def test_a_batch_larger_than_its_teams_queue_pauses_until_a_worker_makes_room(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="producer.batch.submit")
+    # Given a team whose queue holds 5 jobs, and a batch of 40 requests
+    await configure(settings, "alpha", {"max_queue_length": 5})
+    source = write_jsonl(tmp_path / "full.jsonl", [openai_line(i) for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    with logged("producer.batch.submit", "batch full paused") as paused:
+        async with nobody_serves(settings):
+            # When it is submitted while no worker serves the team
+            submitting = asyncio.create_task(
+                submit_batch(alpha.settings, source, model="local-llama", **alpha.who)
+            )
+            waiting = asyncio.create_task(paused.wait())
+            await asyncio.wait(
+                {submitting, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED
+            )
+            # Expect it paused at the full queue, not stopped
+            assert waiting.done() and not submitting.done()
+        # and, once a worker serves the team, every request published and answered once
+        async with running_gateway(settings, teams=("alpha",)):
+            report = await submitting
+            await collect(alpha.settings, "full", out, idle=0.2, **alpha.who)
+    assert (report.published, report.stopped) == (40, None)
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == 40 and set(counts.values()) == {1}
 
 
 async def test_a_killed_submit_resumes_without_answering_twice(

@@ -112,6 +112,47 @@ async def test_teams_holding_as_many_runners_take_turns(settings: Settings) -> N
     assert faults == [0, 0]
 
 
+async def test_a_team_whose_batch_outputs_took_it_over_its_quota_starts_no_more_batches(
+    settings: Settings,
+) -> None:
+    one = jsonl(openai_lines(5))
+    # Given a team whose quota holds its input file and one byte more
+    teams = {"alpha": TeamConfig(file_storage_bytes=len(one) + 1)}
+    async with open_door(settings, teams) as door, door.client("alpha") as alpha:
+        file_id = (await alpha.files.create(file=("in.jsonl", one), purpose="batch")).id
+        first = await alpha.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        # whose batch's output, always written, took its stored files past the quota
+        ended = await polled(lambda: alpha.batches.retrieve(first.id), lambda b: b.status in ENDED)
+        assert ended.status == "completed" and ended.output_file_id is not None
+        stored = [f.bytes async for f in alpha.files.list()]
+        assert sum(stored) > len(one) + 1
+
+        # When it creates another batch over the same input, and a Message Batch
+        with pytest.raises(openai.BadRequestError) as refused:
+            await alpha.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        async with anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+        ) as claude:
+            with pytest.raises(anthropic.BadRequestError, match="storage_quota_exceeded"):
+                await claude.messages.batches.create(requests=message_requests(2))  # type: ignore[arg-type]
+
+        # Expect both refused 400 storage_quota_exceeded, saying what to do, no batch kept
+        error = refused.value.body
+        assert isinstance(error, dict)
+        assert error["code"] == "storage_quota_exceeded"
+        assert "delete files" in error["message"] and "\n" not in error["message"]
+        assert [b.id async for b in alpha.batches.list()] == [first.id]
+        # and once its output is deleted, a batch starts again
+        await alpha.files.delete(ended.output_file_id)
+        await alpha.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+
 async def test_a_team_stores_files_up_to_its_quota_and_others_are_not_held_by_it(
     settings: Settings,
 ) -> None:

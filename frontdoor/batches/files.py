@@ -118,6 +118,18 @@ async def store_file(
     return _file(row)
 
 
+async def check_room(pool: asyncpg.Pool, team: str, quota: int) -> None:
+    """OverQuota when the team's stored files are already at or over ``quota`` bytes.
+
+    For a new batch: its output is always written and counted, so one started over the
+    quota would take the team further past it; refused here, the excess is bounded by the
+    batches the team had in flight when it reached the quota."""
+    async with pool.acquire() as conn:
+        used = await _stored_bytes(conn, team)
+    if used >= quota:
+        raise OverQuota(team, used, quota)
+
+
 async def _stored_bytes(conn: asyncpg.Connection, team: str) -> int:
     """Bytes of the team's files, as the caller's transaction sees them."""
     used: int = await conn.fetchval(

@@ -106,7 +106,7 @@ def over_quota(exc: OverQuota) -> ApiError:
     """400, as OpenAI and Anthropic answer a file storage quota exceeded."""
     return ApiError(
         "storage_quota_exceeded",
-        f"the upload would take team {exc.team}'s stored files past their quota of "
-        f"{exc.quota:,} bytes ({exc.used:,} kept now): delete files or ended batches it no "
-        "longer needs, then upload again",
+        f"team {exc.team}'s stored files would be past their quota of {exc.quota:,} bytes "
+        f"({exc.used:,} kept now): delete files or ended batches it no longer needs, then "
+        "try again",
     )

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from frontdoor.auth import Calling
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import openai_batch, openai_page
+from frontdoor.batches.upload import over_quota
 from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import first_error
 from frontdoor.service import Door
@@ -68,6 +69,11 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
             f"no batch file {shown(asked.input_file_id)}: upload one with POST /v1/files, "
             "purpose=batch",
         )
+    quota = await files.storage_quota(door.pool, caller.team, door.settings.team_file_storage_bytes)
+    try:
+        await files.check_room(door.pool, caller.team, quota)
+    except files.OverQuota as exc:
+        raise over_quota(exc) from None
     row = await records.create_batch(
         door.pool,
         batch_id=records.new_batch_id("openai"),

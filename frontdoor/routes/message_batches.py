@@ -45,6 +45,10 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
     s = door.settings
     limit = s.batch_file_max_bytes
     quota = await files.storage_quota(door.pool, caller.team, s.team_file_storage_bytes)
+    try:  # before its body is read: a team over its quota has its batch refused at once
+        await files.check_room(door.pool, caller.team, quota)
+    except files.OverQuota as exc:
+        raise over_quota(exc) from None
     batch_id = records.new_batch_id("anthropic")
     with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
         body, requests = Path(work) / "body.json", Path(work) / "requests.jsonl"

@@ -27,7 +27,7 @@ from producer.batch.lines import BatchFile
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
 from queuegate.control import BatchMeta, submission_jobs
-from queuegate.errors import BatchError, BatchInvalid, ServiceUnavailable
+from queuegate.errors import BatchError, BatchInvalid, QueueFull, ServiceUnavailable
 from queuegate.messages import ChatJob
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 WINDOW = 256
 """Confirms outstanding at once: one at a time caps a publisher near 1.4k jobs/s."""
+FULL_RETRY = 1.0
+"""Seconds between publishes to a full team queue: nothing announces room in it."""
 CHUNK = 500
 """Entries checked against Redis per round trip."""
 RECORD_EVERY = 100
@@ -284,6 +286,8 @@ class _Window:
         self._pending: set[asyncio.Task[str]] = set()
         self._unrecorded: list[str] = []
         self._failure: BaseException | None = None
+        self._full = asyncio.Lock()
+        self._told_full = False
         self.confirmed = 0
         self.on_flush: Callable[[int], None] | None = None
 
@@ -300,13 +304,33 @@ class _Window:
 
     async def _one(self, job: ChatJob) -> str:
         try:
-            await self._client.publish(job, reply_to=self._reply_to)
+            try:
+                await self._client.publish(job, reply_to=self._reply_to)
+            except QueueFull:
+                await self._when_room(job)
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
             raise ServiceUnavailable(
                 f"lost RabbitMQ while publishing batch {self._state.name!r} "
                 f"({type(exc).__name__}); run the same submit again to resume"
             ) from exc
         return str(job.metadata["custom_id"])
+
+    async def _when_room(self, job: ChatJob) -> None:
+        """Publish ``job`` once the team's full queue has room: a batch larger than the
+        queue's quota pauses, as the front door's batch runners do, rather than stopping half
+        way. One publish at a time probes the full queue; the others wait on the lock."""
+        async with self._full:
+            while True:
+                try:
+                    await self._client.publish(job, reply_to=self._reply_to)
+                    return
+                except QueueFull as exc:
+                    if not self._told_full:
+                        self._told_full = True
+                        log.info(
+                            "batch %s paused until its queue has room: %s", self._state.name, exc
+                        )
+                    await asyncio.sleep(FULL_RETRY)
 
     def _done(self, task: asyncio.Task[str]) -> None:
         self._pending.discard(task)
