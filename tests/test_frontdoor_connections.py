@@ -20,7 +20,7 @@ import openai
 import orjson
 import pytest
 
-from frontdoor.connections import MAX_PIPELINED, OPEN_FILES_RESERVE
+from frontdoor.connections import OPEN_FILES_RESERVE
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
@@ -226,7 +226,7 @@ SLOW = "local-llama"
 async def shared_door(settings: Settings) -> AsyncIterator[Door]:
     """Two teams on a door of ``MAX_CONNECTIONS``: a quarter of them per key, a quarter
     without one (the derived defaults)."""
-    mock = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=30_000)})
+    mock = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=12_000)})
     async with open_door(serving(settings, http_header_timeout=60.0), mock_config=mock) as opened:
         yield opened
 
@@ -281,18 +281,18 @@ async def pipelining(door: Door, source: str, requests: int) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize("depth", [MAX_PIPELINED, 50])
 async def test_keyless_clients_pipelining_unread_answers_leave_the_teams_served(
-    shared_door: Door, depth: int, caplog: pytest.LogCaptureFixture
+    shared_door: Door, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given keyless clients at many addresses, three times as many as the process holds
-    # connections, each pipelining requests whose answers it never reads
+    # connections, each pipelining more answers than the kernel buffers (500 of 17 KB) and
+    # never reading one
     flood = [
-        await pipelining(shared_door, f"127.0.0.{2 + n}", depth) for n in range(3 * MAX_CONNECTIONS)
+        await pipelining(shared_door, f"127.0.0.{2 + n}", 500) for n in range(3 * MAX_CONNECTIONS)
     ]
 
     # Expect a team served by the official SDK, without retries, meanwhile
-    async with shared_door.client("alpha") as victim:
+    async with shared_door.client("alpha", timeout=10) as victim:
         assert (await victim.models.list()).data
 
     # ... and the clients going away costs no log line
