@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from frontdoor.answers import TRACE_HEADER, note_arrival, request_id
 from frontdoor.dashboard import install as install_dashboard
 from frontdoor.errors import install_error_handlers
+from frontdoor.held import Held, HeldRequests
 from frontdoor.routes import (
     admin,
     anthropic,
@@ -90,6 +91,8 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
         app.include_router(router)
     install_dashboard(app)
 
+    app.state.held = held = Held.of(settings)
+    app.add_middleware(HeldRequests, held=held, shapes=shapes)
     app.add_middleware(RequestMetrics)
     app.add_middleware(TraceRequests)
     return app

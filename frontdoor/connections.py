@@ -21,9 +21,18 @@ callbacks, and answers in OpenAI's error shape with ``connection: close``:
 - past ``max_connections``: the connection idle longest (no request of it running) is
   closed to make room, or, when every one is busy, the new one is answered 503, so a flood
   of idle or slow connections holds no one else's place;
+- a request whose answer the client does not read (the write buffer full) for
+  ``WRITE_STALL`` seconds is cut off (``write_stalled``), and meanwhile counts as idle: the
+  first closed when the process is full, so unread answers hold no one else's place;
+- a client pipelining more than ``MAX_PIPELINED`` requests ahead of their answers is cut
+  off (``pipelined``): uvicorn would parse and queue every request it has read;
 - a request answered before its body ended (401, 408, 413, 429) has the rest of its body
   read and dropped for ``LINGER`` seconds at most, so that the client, still sending, reads
   its answer; then the connection closes (uvicorn would keep it open with no timer at all).
+
+A connection that goes away while its requests run has them all told so, the one running and
+those pipelined behind it: uvicorn tells only the last one read, and the one running would
+write to the closed transport and log a traceback, one per connection any client closes.
 
     limits = ConnectionLimits.of(settings)
     config = uvicorn.Config(app, http=guarded_protocol(limits), ...)
@@ -39,7 +48,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from frontdoor.errors import ApiError
 from queuegate.api_errors import openai_error
@@ -52,6 +65,10 @@ LINGER = 30.0
 """Seconds the rest of a body answered early is read and dropped at most (nginx's
 ``lingering_time``): a client that is still sending reads its answer only once it is done.
 Such a connection counts as idle, the first to go when the process holds too many."""
+WRITE_STALL = 30.0
+"""Seconds an answer may wait for its client to read any of it before the connection is cut."""
+MAX_PIPELINED = 8
+"""Requests a connection may send ahead of their answers; browsers and SDKs send none."""
 OPEN_FILES_RESERVE = 256
 """File descriptors a front-door process keeps for more than client connections: its broker,
 Redis and PostgreSQL connections, batch files, logs."""
@@ -85,6 +102,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_head = True
         self._head_bytes = 0
         self._clock: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
+        self._tail = b""
+        """The last bytes read, for a head's end split between two reads."""
+        self._began = False
+        """Whether a request began in the read being parsed."""
+        self._running: RequestResponseCycle | None = None
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
@@ -104,28 +127,92 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._untime()
+        self._unstall()
         self.idle.pop(self, None)
+        self._forget_requests()
         super().connection_lost(exc)
 
+    def _forget_requests(self) -> None:
+        """Tell the request running and those pipelined that their client is gone, so that
+        none writes to the transport once it is closed (uvloop raises then)."""
+        gone = [cycle for cycle, _ in self.pipeline]
+        self.pipeline.clear()
+        if self._running is not None:
+            gone.append(self._running)
+        for cycle in gone:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(WRITE_STALL, self._cut, "write_stalled")
+        self.idle.pop(self, None)
+        self.idle[self] = None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unstall()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.idle.pop(self, None)
+
+    def _unstall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _cut(self, reason: str) -> None:
+        """Drop the connection now, whatever is left unwritten (``close`` would wait for the
+        client to read it)."""
+        self._stall = None
+        self._untime()
+        self.idle.pop(self, None)
+        if not self.transport.is_closing() or self.flow.write_paused:
+            observe_connection_closed(reason)
+            self._forget_requests()
+            self.transport.abort()
+
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        # Counted after parsing, so that a body arriving with its headers is not counted
-        # as headers: a head still incomplete holds at most one read more than the limit.
         if self._reading_head and not self.transport.is_closing():
-            self._head_bytes += len(data)
+            # Counted before parsing too: httptools reads a head whole from one read,
+            # however long, so one read could carry a head far over the limit.
+            end = (self._tail + data).find(b"\r\n\r\n")
+            head = len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+            if self._head_bytes + head > self.limits.max_header_bytes:
+                self._refuse_head()
+                return
+        self._tail = data[-3:]
+        self._began = False
+        super().data_received(data)
+        # A head still incomplete: counted after parsing too, for the next read's check.
+        if self._reading_head and not self.transport.is_closing():
+            if self._began:  # begun in this read: what follows the last head or body
+                last = data.rfind(b"\r\n\r\n")
+                self._head_bytes = len(data) - (last + 4 if last >= 0 else 0)
+            else:
+                self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
-                self._refuse(
-                    ApiError(
-                        "headers_too_large",
-                        f"the request line and headers are over "
-                        f"{self.limits.max_header_bytes} bytes: send less",
-                    ),
-                    "header_bytes",
-                )
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        self._refuse(
+            ApiError(
+                "headers_too_large",
+                f"the request line and headers are over "
+                f"{self.limits.max_header_bytes} bytes: send less",
+            ),
+            "header_bytes",
+        )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reading_head = True
+        self._began = True
         self._head_bytes = 0
         if self._clock is None:
             self._time(self.limits.header_timeout)
@@ -133,11 +220,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._untime()
-        self.idle.pop(self, None)
+        if not self.flow.write_paused:
+            self.idle.pop(self, None)
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._cut("pipelined")
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        # What comes next on the wire is the next request's head.
+        self._reading_head = True
+        self._head_bytes = 0
+        self._tail = b""
         if self.cycle.response_complete and not self.transport.is_closing():
             # The rest of a body answered early is read: the connection may serve again,
             # and waits for its next request as any other does.
@@ -191,7 +285,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return False
         del self.idle[victim]
         victim._untime()
-        victim.transport.close()
+        if victim.flow.write_paused:  # an answer its client does not read: close would wait
+            victim._forget_requests()
+            victim.transport.abort()
+        else:
+            victim.transport.close()
         observe_connection_closed("evicted")
         # It is gone as of now (uvicorn forgets it only on the next turn of the loop).
         self.connections.discard(victim)
@@ -204,6 +302,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.idle.pop(self, None)
         if self.cycle is None or self.cycle.response_complete:  # nothing else on the wire
             self.transport.write(_answer(error))
+        self._forget_requests()
         self.transport.close()
 
 

@@ -175,6 +175,17 @@ class Settings(BaseSettings):
     front-door process reads at once, from every address together; more are answered 429
     before they are read. Below ``http_max_connections``, so that they never hold every
     connection and keep the APIs' callers out; when unsaid, a quarter of it (at most 32)."""
+    http_requests_per_key: int | None = Field(default=None, ge=1)
+    """Requests of one API key a front-door process serves at once, counted from when the key
+    is proven until the answer has left (a chat waiting for its job, a long-poll, a stream);
+    more are answered 429 at once, before anything is published. Below
+    ``http_max_connections``, so that one key never holds every connection; when unsaid, a
+    quarter of it (1024 of 4096: a pipeline of many concurrent requests fits)."""
+    http_keyless_requests: int | None = Field(default=None, ge=1)
+    """Requests whose key is not (yet) proven that a front-door process serves at once, from
+    every address together (health checks, /metrics, /openapi.json, the dashboard's pages);
+    more are answered 429 at once and their connection closed. Below
+    ``http_max_connections``; when unsaid, a quarter of it (at most 32)."""
     http_body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Bytes of request bodies one front-door process reads at once, counted by their
     Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are
@@ -328,6 +339,33 @@ class Settings(BaseSettings):
                 "the second"
             )
         return self
+
+    @model_validator(mode="after")
+    def _requests_leave_connections(self) -> Settings:
+        for name, value in (
+            ("QUEUEGATE_HTTP_REQUESTS_PER_KEY", self.requests_per_key),
+            ("QUEUEGATE_HTTP_KEYLESS_REQUESTS", self.keyless_requests),
+        ):
+            if value >= self.http_max_connections > 1:
+                raise ValueError(
+                    f"{name} is not below QUEUEGATE_HTTP_MAX_CONNECTIONS, so such requests "
+                    "could hold every connection: lower the first or raise the second"
+                )
+        return self
+
+    @property
+    def requests_per_key(self) -> int:
+        """``http_requests_per_key``, or when unsaid a quarter of the connections."""
+        if self.http_requests_per_key is not None:
+            return self.http_requests_per_key
+        return max(1, self.http_max_connections // 4)
+
+    @property
+    def keyless_requests(self) -> int:
+        """``http_keyless_requests``, or when unsaid a quarter of the connections, at most 32."""
+        if self.http_keyless_requests is not None:
+            return self.http_keyless_requests
+        return max(1, min(32, self.http_max_connections // 4))
 
     @property
     def keyless_bodies(self) -> int:

@@ -6,7 +6,9 @@ requests that must still be served."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -14,12 +16,14 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
+import openai
 import orjson
 import pytest
 
 from frontdoor.connections import OPEN_FILES_RESERVE
+from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.frontdoor_support import Door, open_door
+from tests.frontdoor_support import HELLO, Door, open_door
 
 HEADER_TIMEOUT = 0.5
 MAX_HEADER_BYTES = 8192
@@ -77,7 +81,8 @@ async def door(settings: Settings) -> AsyncIterator[Door]:
 @pytest.fixture
 async def patient_door(settings: Settings) -> AsyncIterator[Door]:
     """Headers may take long here: only the connection cap stops idle connections."""
-    async with open_door(serving(settings, http_header_timeout=60.0)) as opened:
+    limits = serving(settings, http_header_timeout=60.0, http_requests_per_key=MAX_CONNECTIONS // 2)
+    async with open_door(limits) as opened:
         yield opened
 
 
@@ -155,15 +160,18 @@ async def test_a_flood_of_idle_connections_holds_no_one_elses_place(patient_door
 async def test_when_every_connection_is_busy_a_new_one_is_503_with_retry_after(
     patient_door: Door,
 ) -> None:
-    # Given as many requests in progress as the process may hold (bodies still arriving)
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
-        f"Authorization: Bearer {patient_door.keys['alpha']}\r\nExpect: 100-continue\r\n"
-        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    ).encode()
+    # Given as many requests in progress as the process may hold (bodies still arriving),
+    # half of them each team's
+    def head(team: str) -> bytes:
+        return (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+            f"Authorization: Bearer {patient_door.keys[team]}\r\nExpect: 100-continue\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        ).encode()
+
     busy = [await connect(patient_door) for _ in range(MAX_CONNECTIONS)]
-    for reader, writer in busy:
-        writer.write(head)
+    for n, (reader, writer) in enumerate(busy):
+        writer.write(head(("alpha", "beta")[n % 2]))
         # The server says to go on once it reads the body: the request is running by then.
         async with asyncio.timeout(10):
             assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -208,3 +216,98 @@ def test_the_connection_cap_fits_the_open_file_limit() -> None:
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split() == ["100", str(1024 - OPEN_FILES_RESERVE), "1024"]
     assert "raise its open-file limit (ulimit -n)" in ran.stderr
+
+
+SLOW = "local-llama"
+"""The hostile team's model: the mock answers it (as llama-3.1-8b) only after the test."""
+
+
+@pytest.fixture
+async def shared_door(settings: Settings) -> AsyncIterator[Door]:
+    """Two teams on a door of ``MAX_CONNECTIONS``: a quarter of them per key, a quarter
+    without one (the derived defaults)."""
+    mock = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=12_000)})
+    async with open_door(serving(settings, http_header_timeout=60.0), mock_config=mock) as opened:
+        yield opened
+
+
+async def test_one_keys_requests_in_progress_leave_the_other_teams_served(
+    shared_door: Door,
+) -> None:
+    # Given the hostile team sending as many chats as the process holds connections, each
+    # waiting long for its job (it is over its own rate, or its model is slow)
+    per_key = MAX_CONNECTIONS // 4
+    async with shared_door.client("beta", timeout=120) as hostile:
+        waiting = [
+            asyncio.create_task(hostile.chat.completions.create(model=SLOW, messages=HELLO))
+            for _ in range(MAX_CONNECTIONS)
+        ]
+        # Expect all but a quarter of them refused 429 at once, with Retry-After, nothing
+        # published for them
+        refused: list[openai.RateLimitError] = []
+        async with asyncio.timeout(10):
+            for finished in asyncio.as_completed(waiting):
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await finished
+                refused.append(caught.value)
+                if len(refused) == MAX_CONNECTIONS - per_key:
+                    break
+        for error in refused:
+            assert error.response.headers["retry-after"] == "1"
+            assert "requests in progress" in error.message and "\n" not in error.message
+        assert sum(not task.done() for task in waiting) == per_key
+
+        # ... and the other team served meanwhile, by the official SDK, without retries
+        async with shared_door.client("alpha") as victim:
+            assert (await victim.models.list()).data
+            answered = await victim.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+            assert answered.choices[0].message.content
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def pipelining(door: Door, source: str, requests: int) -> socket.socket:
+    """A keyless client at ``source`` that pipelines ``requests`` GETs of /openapi.json and
+    never reads an answer."""
+    url = urlsplit(door.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (url.hostname, url.port))
+    await loop.sock_sendall(sock, b"GET /openapi.json HTTP/1.1\r\nHost: gateway\r\n\r\n" * requests)
+    return sock
+
+
+async def test_keyless_clients_pipelining_unread_answers_leave_the_teams_served(
+    shared_door: Door, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given keyless clients at many addresses, three times as many as the process holds
+    # connections, each pipelining more answers than the kernel buffers (500 of 17 KB) and
+    # never reading one
+    flood = [
+        await pipelining(shared_door, f"127.0.0.{2 + n}", 500) for n in range(3 * MAX_CONNECTIONS)
+    ]
+
+    # Expect a team served by the official SDK, without retries, meanwhile
+    async with shared_door.client("alpha", timeout=10) as victim:
+        assert (await victim.models.list()).data
+
+    # ... and the clients going away costs no log line
+    for sock in flood:
+        sock.close()
+    async with shared_door.client("alpha") as victim:
+        assert (await victim.models.list()).data
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_headers_over_the_limit_in_one_read_are_431(door: Door) -> None:
+    # Given a whole head half again over the limit, sent at once
+    reader, writer = await connect(door)
+    writer.write(HALF_A_HEAD + b"X-Junk: " + b"a" * (MAX_HEADER_BYTES // 2 * 3) + b"\r\n\r\n")
+
+    status, _, error = status_and_error(await until_closed(reader))
+    assert (status, error["code"]) == (431, "headers_too_large")
+    writer.close()

@@ -159,6 +159,8 @@ async def current(request: Request) -> Session:
         live = await _key_live(door, session)
     if not live:
         raise SignInNeeded
+    # A signed-in page, or its live view, is its key's request from here (``frontdoor.held``).
+    request.app.state.held.prove(request.scope, session.key_id)
     return session
 
 

@@ -1,0 +1,138 @@
+"""How many requests a front-door process serves at once, per API key and without one.
+
+A request holds its connection from its headers until its answer has left: a chat waiting
+for its job, a long-poll of ``/v1/jobs/{id}``, a stream, or an answer its client does not
+read. The connection cap (``frontdoor.connections``) closes idle connections only, so
+without a bound on these one key, or keyless clients from many addresses, could hold every
+connection and the process would answer everyone else 503.
+
+``HeldRequests`` (an ASGI middleware) holds each request while the app serves it:
+
+- a request to the APIs (``/v1/``, ``/admin/``) that presents a key, as one of that key's:
+  past ``per_key`` of them, 429 at once, before any body is read or job published (a key
+  that is not live is answered 401 within milliseconds, so wrong keys hold nothing long);
+- any other request (``/healthz``, ``/metrics``, ``/openapi.json``, the dashboard), with a
+  key or without, as one of the process's keyless ones: past ``keyless`` of them, from every
+  address together, 429 at once with ``connection: close``, so that a client pipelining
+  requests it never reads loses its connection. A dashboard page whose session is proven is
+  its key's from then on (``Held.prove``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from frontdoor.auth import presented_key
+from frontdoor.errors import ApiError, ErrorShapes
+from queuegate.settings import Settings
+
+RETRY_AFTER = 1.0
+"""Seconds a refused caller is told to wait: most requests take well under that."""
+KEYED_PATHS = ("/v1/", "/admin/")
+"""Where every route proves the key presented before it does anything else."""
+SCOPE_KEY = "queuegate.held"
+"""Where a request's ``Hold`` is kept in its ASGI scope."""
+
+
+@dataclass
+class Hold:
+    """Whose one request is: a key (as presented, or its id once a session proves it), or
+    None for a keyless one."""
+
+    key: str | None = None
+
+
+class Held:
+    """The requests this process serves: at most ``per_key`` of one API key, at most
+    ``keyless`` others."""
+
+    def __init__(self, *, per_key: int, keyless: int) -> None:
+        self._per_key = per_key
+        self._keyless_cap = keyless
+        self._keyless = 0
+        self._keyed: Counter[str] = Counter()
+
+    @classmethod
+    def of(cls, settings: Settings) -> Held:
+        return cls(per_key=settings.requests_per_key, keyless=settings.keyless_requests)
+
+    def admit(self, key: str | None) -> Hold:
+        """A new request of ``key`` (None: keyless) held; ApiError 429 when one too many."""
+        if key is not None:
+            self._check(key)
+            self._keyed[key] += 1
+            return Hold(key)
+        if self._keyless >= self._keyless_cap:
+            raise ApiError(
+                "too_many_requests",
+                "this front-door process serves as many requests without an API key as it "
+                "may: retry shortly",
+                retry_after_s=RETRY_AFTER,
+            )
+        self._keyless += 1
+        return Hold()
+
+    def prove(self, scope: Scope, key_id: str) -> None:
+        """The keyless request of ``scope`` is ``key_id``'s from now (a dashboard session
+        proven): ApiError 429 when that key has ``per_key`` requests held already."""
+        hold: Hold | None = scope.get(SCOPE_KEY)
+        if hold is None or hold.key is not None:
+            return
+        self._check(key_id)
+        self.release(hold)
+        hold.key = key_id
+        self._keyed[key_id] += 1
+
+    def release(self, hold: Hold) -> None:
+        if hold.key is None:
+            self._keyless -= 1
+            return
+        self._keyed[hold.key] -= 1
+        if not self._keyed[hold.key]:
+            del self._keyed[hold.key]
+
+    def _check(self, key: str) -> None:
+        if self._keyed[key] >= self._per_key:
+            raise ApiError(
+                "too_many_requests",
+                f"this API key has {self._per_key} requests in progress at this front-door "
+                "process already: send the next once one is answered",
+                retry_after_s=RETRY_AFTER,
+            )
+
+
+class HeldRequests:
+    """Holds each HTTP request in ``held`` while the app serves it; answers 429 in the shape
+    of the API called when it would be one too many."""
+
+    def __init__(self, app: ASGIApp, *, held: Held, shapes: ErrorShapes) -> None:
+        self._app = app
+        self._held = held
+        self._shapes = shapes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        key = presented_key(Request(scope)) if path.startswith(KEYED_PATHS) else None
+        try:
+            hold = self._held.admit(key)
+        except ApiError as error:
+            answer = self._shapes.response(path, error)
+            if key is None:
+                answer.headers["connection"] = "close"
+            await answer(scope, receive, send)
+            return
+        scope[SCOPE_KEY] = hold
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._held.release(hold)
+
+
+__all__ = ["Held", "HeldRequests", "Hold"]
