@@ -314,19 +314,41 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
     assert (report.counts.done, report.counts.failed) == (len(ok), len(failed))
 
 
+async def quota_in_force(settings: Settings, team: str) -> None:
+    """Until the broker refuses the team's queue a message, then emptied: it applies a new
+    policy on its own time, seconds after ``teams set`` may return."""
+    name = Topology(settings.namespace).team_queue(team)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for _ in range(1000):
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=name)
+            except aio_pika.exceptions.DeliveryError:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"{name} took every message: its quota is not in force")
+        queue = await channel.declare_queue(name, passive=True)
+        await queue.purge()
+
+
 async def test_a_batch_larger_than_its_teams_queue_pauses_until_a_worker_makes_room(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="producer.batch.submit")
     # Given a team whose queue holds 5 jobs, and a batch of 40 requests
     await configure(settings, "alpha", {"max_queue_length": 5})
+    await quota_in_force(settings, "alpha")
     source = write_jsonl(tmp_path / "full.jsonl", [openai_line(i) for i in range(40)])
     out = tmp_path / "out.jsonl"
     with logged("producer.batch.submit", "batch full paused") as paused:
         async with nobody_serves(settings):
             # When it is submitted while no worker serves the team
             submitting = asyncio.create_task(
-                submit_batch(alpha.settings, source, model="local-llama", **alpha.who)
+                # (two confirms outstanding at once: a quorum queue takes the publishes in
+                # flight when it fills, so a wider window could fit all 40)
+                submit_batch(alpha.settings, source, model="local-llama", window=2, **alpha.who)
             )
             waiting = asyncio.create_task(paused.wait())
             await asyncio.wait(
