@@ -353,8 +353,11 @@ async def test_sign_ins_racing_a_disable_leave_no_session_once_enabled_again(
     settings: Settings,
 ) -> None:
     # Given a front door that trusts its copy of a live key for a minute, so sign-ins during
-    # and after the disable still find beta's key live in it
-    door_settings = settings.model_copy(update={"security_cache_ttl": 60.0})
+    # and after the disable still find beta's key live in it (and that serves the 40 keyless
+    # requests of its sign-in pages at once)
+    door_settings = settings.model_copy(
+        update={"security_cache_ttl": 60.0, "http_keyless_requests": 64}
+    )
     async with open_door(settings, TEAMS, door_settings=door_settings) as door:
         clients = [httpx.AsyncClient(base_url=door.url) for _ in range(41)]
         try:

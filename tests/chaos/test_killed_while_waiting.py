@@ -156,11 +156,11 @@ async def test_a_job_that_kills_the_worker_on_every_call_is_dead_lettered_at_the
                     (job.job_id, "delivery_limit")
                 ]
                 # ... the calls it cost billed on the outcome stored for it (its replay's
-                # answer), its claim ended
+                # answer), in its usage and its result's attempts alike, its claim ended
                 stored = await redis.get(Keys(settings.redis_prefix).result("alpha", job.job_id))
                 assert not await redis.exists(claim)
                 assert stored is not None
-                assert stored.count(b'"error":"lost"') == DELIVERY_LIMIT + 1
+                assert stored.count(b'"error":"lost"') == 2 * (DELIVERY_LIMIT + 1)
                 # ... and the worker still answers good jobs
                 result = await alpha.chat("gpt-4o-mini", [{"role": "user", "content": "hi"}])
                 assert result.status == "ok"
