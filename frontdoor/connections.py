@@ -107,6 +107,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """The last bytes read, for a head's end split between two reads."""
         self._began = False
         """Whether a request began in the read being parsed."""
+        self._completed = False
+        """Whether a request ended in the read being parsed."""
         self._running: RequestResponseCycle | None = None
 
     def connection_made(  # type: ignore[override]
@@ -187,11 +189,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse_head()
                 return
         self._tail = data[-3:]
-        self._began = False
+        self._began = self._completed = False
         super().data_received(data)
         # A head still incomplete: counted after parsing too, for the next read's check.
         if self._reading_head and not self.transport.is_closing():
-            if self._began:  # begun in this read: what follows the last head or body
+            if self._completed:
+                # A request ended in this read, at an offset httptools does not say: what
+                # follows it (the next head's first bytes, if any) counts from the next read.
+                self._head_bytes = 0
+            elif self._began:  # begun in this read, its head unfinished: what follows the
+                # last head's end (a body would have ended first)
                 last = data.rfind(b"\r\n\r\n")
                 self._head_bytes = len(data) - (last + 4 if last >= 0 else 0)
             else:
@@ -229,6 +236,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         # What comes next on the wire is the next request's head.
+        self._completed = True
         self._reading_head = True
         self._head_bytes = 0
         self._tail = b""

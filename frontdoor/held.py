@@ -14,8 +14,8 @@ connection and the process would answer everyone else 503.
 - any other request (``/healthz``, ``/metrics``, ``/openapi.json``, the dashboard), with a
   key or without, as one of the process's keyless ones: past ``keyless`` of them, from every
   address together, 429 at once with ``connection: close``, so that a client pipelining
-  requests it never reads loses its connection. A dashboard page whose session is proven is
-  its key's from then on (``Held.prove``).
+  requests it never reads loses its connection. A dashboard page that presents a session
+  cookie is that session's, and its key's once the session is proven (``Held.prove``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from frontdoor.auth import presented_key
+from frontdoor.dashboard.session import COOKIE as SESSION_COOKIE
 from frontdoor.errors import ApiError, ErrorShapes
 from queuegate.settings import Settings
 
@@ -34,6 +35,8 @@ RETRY_AFTER = 1.0
 """Seconds a refused caller is told to wait: most requests take well under that."""
 KEYED_PATHS = ("/v1/", "/admin/")
 """Where every route proves the key presented before it does anything else."""
+SESSION = "session "
+"""The prefix under which a dashboard session's requests count until it is proven."""
 SCOPE_KEY = "queuegate.held"
 """Where a request's ``Hold`` is kept in its ASGI scope."""
 
@@ -77,10 +80,11 @@ class Held:
         return Hold()
 
     def prove(self, scope: Scope, key_id: str) -> None:
-        """The keyless request of ``scope`` is ``key_id``'s from now (a dashboard session
-        proven): ApiError 429 when that key has ``per_key`` requests held already."""
+        """The keyless or session's request of ``scope`` is ``key_id``'s from now (a
+        dashboard session proven): ApiError 429 when that key has ``per_key`` requests held
+        already."""
         hold: Hold | None = scope.get(SCOPE_KEY)
-        if hold is None or hold.key is not None:
+        if hold is None or (hold.key is not None and not hold.key.startswith(SESSION)):
             return
         self._check(key_id)
         self.release(hold)
@@ -119,7 +123,15 @@ class HeldRequests:
             await self._app(scope, receive, send)
             return
         path: str = scope["path"]
-        key = presented_key(Request(scope)) if path.startswith(KEYED_PATHS) else None
+        request = Request(scope)
+        if path.startswith(KEYED_PATHS):
+            key = presented_key(request)
+        else:
+            # A signed-in person's pages count as their session's, as presented (an unknown
+            # one is sent to sign in within milliseconds), so that keyless floods leave the
+            # people already signed in served.
+            session = request.cookies.get(SESSION_COOKIE)
+            key = f"{SESSION}{session}" if session else None
         try:
             hold = self._held.admit(key)
         except ApiError as error:

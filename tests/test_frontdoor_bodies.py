@@ -45,6 +45,8 @@ def _limited(settings: Settings, **more: int) -> Settings:
     limits = {
         "max_job_bytes": JOB_BYTES,
         "http_bodies_per_key": BODIES_PER_KEY,
+        # as many requests in progress as bodies, so that the bodies' limit is the one met
+        "http_requests_per_key": BODIES_PER_KEY,
         "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
     }
     return settings.model_copy(update={**limits, **more})
@@ -295,7 +297,12 @@ async def test_slow_sign_in_forms_are_held_to_a_clients_bodies_and_to_the_body_t
 async def test_slow_sign_ins_from_many_addresses_leave_the_apis_served(settings: Settings) -> None:
     # Given a process of 12 connections that reads 4 sign-in forms at once (2 per address)
     keyless, addresses = 4, 8
-    limited = _limited(settings, http_max_connections=12, http_keyless_bodies=keyless)
+    limited = _limited(
+        settings,
+        http_max_connections=12,
+        http_keyless_bodies=keyless,
+        http_keyless_requests=keyless,
+    )
     async with open_door(limited, TEAMS) as door, httpx.AsyncClient(base_url=door.url) as person:
         # ... and a person signed in to the dashboard
         await signed_in(person, door.keys["beta"])
