@@ -3,9 +3,13 @@ reach the gateway."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+import aio_pika
+import aio_pika.exceptions
 
 from accounting import migrate
 from admin.teams import add
@@ -13,6 +17,7 @@ from queuegate.db import create_pool
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig, add_team, set_team_config
 from queuegate.settings import Settings
+from queuegate.topology import Topology
 
 
 async def register(settings: Settings, team: str, config: TeamConfig) -> None:
@@ -57,3 +62,22 @@ async def team_identities(settings: Settings) -> AsyncIterator[dict[str, TeamIde
         async with BrokerAdmin(settings.management_url) as admin:
             assert alpha.user is not None
             await admin.delete_user(alpha.user)
+
+
+async def quota_in_force(settings: Settings, team: str) -> None:
+    """Until the broker refuses the team's queue a message, then emptied: it applies a new
+    policy on its own time, seconds after ``teams set`` may return."""
+    name = Topology(settings.namespace).team_queue(team)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for _ in range(1000):
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=name)
+            except aio_pika.exceptions.DeliveryError:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"{name} took every message: its quota is not in force")
+        queue = await channel.declare_queue(name, passive=True)
+        await queue.purge()

@@ -46,7 +46,7 @@ from tests.batch_files import (
 from tests.conftest import TEST_TEAMS
 from tests.proxy import TcpProxy
 from tests.support import Gateway, logged, running_gateway, wait_until
-from tests.teams import TeamIdentity, register, team_identities
+from tests.teams import TeamIdentity, quota_in_force, register, team_identities
 
 BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small", "full")
 """Every batch name these tests use; their reply queues are deleted after each test."""
@@ -312,25 +312,6 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
     # Each call is tried twice before it fails: about 0.05² of 5,000 jobs, some dozen, fail
     assert 0 < len(failed) < 100
     assert (report.counts.done, report.counts.failed) == (len(ok), len(failed))
-
-
-async def quota_in_force(settings: Settings, team: str) -> None:
-    """Until the broker refuses the team's queue a message, then emptied: it applies a new
-    policy on its own time, seconds after ``teams set`` may return."""
-    name = Topology(settings.namespace).team_queue(team)
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for _ in range(1000):
-            try:
-                await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=name)
-            except aio_pika.exceptions.DeliveryError:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError(f"{name} took every message: its quota is not in force")
-        queue = await channel.declare_queue(name, passive=True)
-        await queue.purge()
 
 
 async def test_a_batch_larger_than_its_teams_queue_pauses_until_a_worker_makes_room(

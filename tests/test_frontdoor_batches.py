@@ -41,7 +41,7 @@ from queuegate.topology import Topology
 from router import load_catalog
 from tests.frontdoor_support import issue_key
 from tests.support import Gateway, running_gateway
-from tests.teams import register
+from tests.teams import quota_in_force, register
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 T = TypeVar("T")
@@ -748,6 +748,7 @@ async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it
     # Given team alpha's queue held to 5 jobs and nobody serving it: a batch of 200 publishes
     # what the broker takes and waits for room (not a fault: the queue drains when served)
     await configure(settings, "alpha", {"max_queue_length": 5})
+    await quota_in_force(settings, "alpha")
     _, second = await issue_key(settings, "alpha")
     try:
         async with (

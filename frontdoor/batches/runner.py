@@ -480,6 +480,9 @@ class _Run:
                         name=self.row.id,
                         skip_invalid=anthropic,
                         deadline=self.row.expires_at - datetime.now(UTC),
+                        # The runner pauses a full queue's batch itself (QueueFull), and
+                        # checks for its cancel, its key and its share of runners meanwhile.
+                        pause_when_full=False,
                         **self._who,
                     )
                 except BatchInvalid as exc:

@@ -75,6 +75,7 @@ async def submit_batch(
     skip_invalid: bool = False,
     deadline: timedelta = DEFAULT_DEADLINE,
     window: int = WINDOW,
+    pause_when_full: bool = True,
     user_id: str | None = None,
     api_key: ApiKey | None = None,
     models: Collection[str] | None = None,
@@ -92,6 +93,8 @@ async def submit_batch(
     ``models``, when given, are the catalog's aliases: a request naming another is invalid;
     ``anthropic_models``, those served by Anthropic alone (fallbacks included): a request
     with an Anthropic-only parameter (``top_k``) for another model is invalid.
+    ``pause_when_full``: a full team queue pauses publishing until it has room; else its
+    QueueFull is raised (the confirmed requests recorded) for the caller to resume later.
     """
     path = Path(path)
     name = check_batch_name(name or default_name(path))
@@ -146,7 +149,9 @@ async def submit_batch(
                     "re-run it with the same file, or pick another --name"
                 )
         reply_to = Topology.of(settings).results_queue(team, name)
-        sender = _Window(client, reply_to=reply_to, state=state, size=window)
+        sender = _Window(
+            client, reply_to=reply_to, state=state, size=window, pause_when_full=pause_when_full
+        )
         try:
             report = await _publish(
                 file, reader=reader, state=state, meta=meta, sender=sender, on_progress=on_progress
@@ -277,9 +282,16 @@ class _Window:
     """
 
     def __init__(
-        self, client: GatewayClient, *, reply_to: str, state: BatchState, size: int
+        self,
+        client: GatewayClient,
+        *,
+        reply_to: str,
+        state: BatchState,
+        size: int,
+        pause_when_full: bool,
     ) -> None:
         self._client = client
+        self._pause_when_full = pause_when_full
         self._reply_to = reply_to
         self._state = state
         self._slots = asyncio.Semaphore(size)
@@ -307,6 +319,8 @@ class _Window:
             try:
                 await self._client.publish(job, reply_to=self._reply_to)
             except QueueFull:
+                if not self._pause_when_full:
+                    raise
                 await self._when_room(job)
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
             raise ServiceUnavailable(
