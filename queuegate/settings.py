@@ -331,18 +331,9 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _keyless_bodies_leave_connections(self) -> Settings:
-        if self.keyless_bodies >= self.http_max_connections > 1:
-            raise ValueError(
-                "QUEUEGATE_HTTP_KEYLESS_BODIES is not below QUEUEGATE_HTTP_MAX_CONNECTIONS, so "
-                "slow sign-in forms could hold every connection: lower the first or raise "
-                "the second"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _requests_leave_connections(self) -> Settings:
+    def _held_requests_leave_connections(self) -> Settings:
         for name, value in (
+            ("QUEUEGATE_HTTP_KEYLESS_BODIES", self.keyless_bodies),
             ("QUEUEGATE_HTTP_REQUESTS_PER_KEY", self.requests_per_key),
             ("QUEUEGATE_HTTP_KEYLESS_REQUESTS", self.keyless_requests),
         ):
@@ -353,27 +344,29 @@ class Settings(BaseSettings):
                 )
         return self
 
+    def _quarter(self, said: int | None, most: int | None = None) -> int:
+        """``said``, or when unsaid a quarter of the connections (at most ``most``): a
+        derived default, so that a small front door set up before the limit existed still
+        starts."""
+        if said is not None:
+            return said
+        quarter = self.http_max_connections // 4
+        return max(1, quarter if most is None else min(most, quarter))
+
     @property
     def requests_per_key(self) -> int:
-        """``http_requests_per_key``, or when unsaid a quarter of the connections."""
-        if self.http_requests_per_key is not None:
-            return self.http_requests_per_key
-        return max(1, self.http_max_connections // 4)
+        """``http_requests_per_key``, or a quarter of the connections."""
+        return self._quarter(self.http_requests_per_key)
 
     @property
     def keyless_requests(self) -> int:
-        """``http_keyless_requests``, or when unsaid a quarter of the connections, at most 32."""
-        if self.http_keyless_requests is not None:
-            return self.http_keyless_requests
-        return max(1, min(32, self.http_max_connections // 4))
+        """``http_keyless_requests``, or a quarter of the connections, at most 32."""
+        return self._quarter(self.http_keyless_requests, most=32)
 
     @property
     def keyless_bodies(self) -> int:
-        """``http_keyless_bodies``, or when unsaid a quarter of the connections: a derived
-        default, so that a small front door set up before this limit existed still starts."""
-        if self.http_keyless_bodies is not None:
-            return self.http_keyless_bodies
-        return max(1, min(32, self.http_max_connections // 4))
+        """``http_keyless_bodies``, or a quarter of the connections, at most 32."""
+        return self._quarter(self.http_keyless_bodies, most=32)
 
     @property
     def amqp_user(self) -> str | None:
