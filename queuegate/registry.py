@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
 from queuegate.numbers import Money
-from queuegate.registry_changes import CHANNEL, NOTIFY
+from queuegate.registry_changes import NOTIFY
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> 
         )
         changed = status.endswith(" 1")
         if changed:
-            await connection.execute(NOTIFY, CHANNEL, name)
+            await connection.execute(NOTIFY, name)
     return changed
 
 
@@ -181,7 +181,7 @@ async def add_team(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> No
         " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()",
         check_team_name(name),
     )
-    await executor.execute(NOTIFY, CHANNEL, name)
+    await executor.execute(NOTIFY, name)
 
 
 async def disable_team(pool: asyncpg.Pool, name: str) -> bool:
@@ -192,5 +192,5 @@ async def disable_team(pool: asyncpg.Pool, name: str) -> bool:
     )
     disabled = status.endswith(" 1")
     if disabled:
-        await pool.execute(NOTIFY, CHANNEL, name)
+        await pool.execute(NOTIFY, name)
     return disabled

@@ -2,11 +2,15 @@
 registry read (every ``teams_refresh`` seconds).
 
 ``set_team_config`` (what ``queuegate teams set`` runs) sends a PostgreSQL notification on
-``CHANNEL`` in the transaction that writes the config, so it is sent when the write commits
-and never for a write rolled back. A process listens on a connection of its own::
+its schema's channel (``NOTIFY``) in the transaction that writes the config, so it is sent
+when the write commits and never for a write rolled back. A process listens on a connection
+of its own::
 
     async with RegistryChanges(settings, on_change):
         ...   # on_change("alpha") when alpha's config changed, in this schema
+
+Each schema has a channel of its own (``_channel``): gateways sharing a database in
+different schemas never wake each other's listeners.
 
 ``on_change(None)`` each time the listener starts listening, the first time included:
 whatever changed while it was not (before it started, while PostgreSQL was away) is not
@@ -31,12 +35,28 @@ from queuegate.urls import redact_url
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "queuegate_team_config"
-"""One channel for every schema (a schema's name could pass the 63 bytes a channel's name
-may hold): the payload is ``<schema> <team>``, and a listener takes its own schema's only."""
+PREFIX = "queuegate_team_config"
+"""What every schema's channel name starts with (``_channel``)."""
+NAME_BYTES = 63
+"""The most a channel's name holds (PostgreSQL's identifiers): longer, LISTEN would cut it
+and pg_notify refuse it."""
 
-NOTIFY = "SELECT pg_notify($1, current_schema() || ' ' || $2)"
-"""The notification of team ``$2``'s change, in the schema the connection writes in."""
+
+def _channel(schema: str) -> str:
+    """SQL for the channel of the schema that the SQL text ``schema`` names: readable
+    (``queuegate_team_config.<schema>``) when it fits, else the schema's md5 after ``#``, which
+    no schema's name holds, so the two forms never meet. In SQL, so that a writer needs
+    nothing but its connection's ``current_schema()``."""
+    fits = NAME_BYTES - len(PREFIX) - 1
+    return (
+        f"CASE WHEN octet_length({schema}) <= {fits} THEN '{PREFIX}.' || {schema}"
+        f" ELSE '{PREFIX}#' || md5({schema}) END"
+    )
+
+
+NOTIFY = f"SELECT pg_notify({_channel('current_schema()')}, $1)"
+"""The notification of team ``$1``'s change, on the channel of the schema the connection
+writes in."""
 
 
 class RegistryChanges:
@@ -90,14 +110,13 @@ class RegistryChanges:
     async def _until_lost(self, connection: asyncpg.Connection) -> None:
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())
-        await connection.add_listener(CHANNEL, self._notified)
+        channel = await connection.fetchval(f"SELECT {_channel('$1::text')}", self._schema)
+        await connection.add_listener(channel, self._notified)
         self._on_change(None)
         await lost.wait()
 
-    def _notified(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
-        schema, _, team = str(payload).rpartition(" ")
-        if schema == self._schema:
-            self._on_change(team)
+    def _notified(self, _connection: object, _pid: int, _name: str, payload: object) -> None:
+        self._on_change(str(payload))
 
 
-__all__ = ["CHANNEL", "NOTIFY", "RegistryChanges"]
+__all__ = ["NOTIFY", "RegistryChanges"]

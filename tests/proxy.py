@@ -16,6 +16,9 @@ but nothing passes either way until ``up()``; what was sent meanwhile then arriv
 ``hold_replies_after(marker)`` keeps the connections open but stops passing the service's
 bytes back once a client has sent ``marker``: what it sent arrives, no answer to it does
 (until ``up()``).
+
+``watch(marker)`` counts the times ``marker`` passes, either way, in ``seen``: what a client
+asked of the service, or was told, named it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class TcpProxy:
         self.requested = 0
         """Bytes clients sent through to the service, on every connection."""
         self._marker: bytes | None = None
+        self._watched: bytes | None = None
+        self.seen = 0
+        """Times the watched marker passed (``watch``)."""
         self.held = asyncio.Event()
         """Set once a client sent the marker: the service's bytes are dropped from then on."""
         self.port = 0
@@ -108,6 +114,20 @@ class TcpProxy:
         """Once any client sends ``marker``, nothing the service sends reaches a client."""
         self._marker = marker
 
+    def watch(self, marker: bytes) -> None:
+        """Count in ``seen``, from now on, the times ``marker`` passes either way."""
+        self._watched, self.seen = marker, 0
+
+    def _count(self, tail: bytes, data: bytes) -> bytes:
+        """Count the watched marker in ``data``, with the ``tail`` of the read before (a
+        marker may span two reads); the tail to give the next read."""
+        if self._watched is None:
+            return b""
+        joined = tail + data
+        self.seen += joined.count(self._watched)
+        # Too short to hold a whole marker, so none is counted twice.
+        return joined[max(0, len(joined) - len(self._watched) + 1) :]
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._up:
             writer.transport.abort()
@@ -137,9 +157,10 @@ class TcpProxy:
     async def _requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
     ) -> None:
-        tail = b""
+        tail, watched = b"", b""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK):
+                watched = self._count(watched, data)
                 if self._lose_reply_to is not None and self._lose_reply_to in data:
                     self._lose_reply_to = None
                     sent.set()
@@ -156,8 +177,10 @@ class TcpProxy:
     async def _replies(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
     ) -> None:
+        watched = b""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK):
+                watched = self._count(watched, data)
                 if sent.is_set():
                     self.replies_lost += 1
                     return  # the connection is cut with the reply unsent

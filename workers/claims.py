@@ -41,6 +41,9 @@ Redis, in the same script call that looks for the job's stored outcome::
 Redis being down does not stop jobs: they are served unclaimed, each checked in usage_log,
 unless admission holds them until it returns (``fail_closed``): then each is claimed before
 it is called (``Claim.take_up``), and a duplicate that finds it held is a duplicate again.
+A held job is looked up in usage_log at its first miss and once it is claimed, not at each
+try meanwhile: 5,000 jobs held through an outage would otherwise ask PostgreSQL 10,000
+times a second.
 """
 
 from __future__ import annotations
@@ -235,15 +238,26 @@ class Claims:
         return f"{self._worker}/{secrets.token_hex(6)}"
 
     async def take(
-        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None = None
+        self,
+        job: ChatJob,
+        *,
+        redelivered: bool,
+        ahead: Ahead | None = None,
+        look_up_missed: bool = True,
     ) -> Claim | Outcome:
         """The job held by this delivery, or its stored outcome; waits while another delivery
         holds it. Raises IdempotencyConflict, AlreadyAnswered, Busy past ``claim_wait``, or
         Poison past the delivery limit.
 
+        ``redelivered``: the job may have been answered by a delivery Redis does not know of,
+        so it is looked up in usage_log once claimed, whatever the memory epoch says.
+
         ``ahead``: the job's budget reserve and first take, run in the first try's round trip
         only if this delivery wins the claim there (``ahead.replies``), and then given back
-        with the claim's end unless admission takes them over."""
+        with the claim's end unless admission takes them over.
+
+        ``look_up_missed``: whether a miss (Redis not answering) looks the job up in
+        usage_log; not when the job only waits for its claim (``Claim.take_up``)."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         failures = self._keys.failures(job.team, job.job_id)
@@ -259,10 +273,7 @@ class Claims:
                 riding = None  # a second try (the first found it busy) is a claim alone
             except RedisError as exc:
                 self._outage.failed(exc)
-                # Unclaimed, and the memory epoch unknown: never past PostgreSQL's record
-                # that it was answered.
-                await self._not_accounted(job)
-                return Claim(self, ClaimedJob.of(job), fingerprint, key, missed=True)
+                return await self._missed(job, fingerprint, key, look_up=look_up_missed)
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
@@ -306,6 +317,13 @@ class Claims:
             await claim.abandon()
             raise
         return claim
+
+    async def _missed(self, job: ChatJob, fingerprint: str, key: str, *, look_up: bool) -> Claim:
+        """The job, its claim missed (Redis not answering): with ``look_up``, only once
+        usage_log says it was not answered, for the memory epoch is unknown too."""
+        if look_up:
+            await self._not_accounted(job)
+        return Claim(self, ClaimedJob.of(job), fingerprint, key, missed=True)
 
     async def _try(self, keys: list[str], args: list[str | int], ahead: Ahead | None) -> Any:
         """One try at the claim; ``ahead``'s calls ride with it, run only if it is won."""
@@ -573,17 +591,24 @@ class Claim:
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
 
-    async def take_up(self, job: ChatJob) -> bool:
+    async def take_up(self, job: ChatJob, *, unclaimed: bool = True) -> bool:
         """Claim a job that ``missed`` its claim before its first call leaves or its refusal
         is stored: the duplicates of a job all miss it while Redis is away, and all wait
         until it answers again; only the one that claims it then is called. Whether it is
         claimed: not while Redis still does not answer (``missed`` stays set). Raises
         Duplicate when another delivery answered it, or it is to be refused; else as
-        ``Claims.take`` does (Busy when another delivery holds it past the wait)."""
+        ``Claims.take`` does (Busy when another delivery holds it past the wait).
+
+        Looked up in usage_log once claimed: Redis vouches only for deliveries that claimed
+        the job, and one may have answered it unclaimed meanwhile (``fail_open``), or had
+        its outcome's store lost with Redis. A miss looks it up too when it goes on
+        ``unclaimed``, not when it only waits for its claim (``Ticket.claimed``,
+        ``fail_closed``): looked up at its first miss, and again once claimed, it would
+        otherwise ask PostgreSQL at every try of the outage, for nothing."""
         if not self.missed:
             return True
         try:
-            taken = await self._claims.take(job, redelivered=False)
+            taken = await self._claims.take(job, redelivered=True, look_up_missed=unclaimed)
         except (IdempotencyConflict, AlreadyAnswered) as exc:
             raise Duplicate(exc) from exc
         if not isinstance(taken, Claim):
@@ -731,7 +756,9 @@ class _Recording:
         if self._claim.missed:
             # Claimed before the call leaves: with fail_closed it waits for Redis as admission
             # does, whether or not its admission had anything to take there.
-            await self._ticket.claimed(lambda: self._claim.take_up(job))
+            await self._ticket.claimed(
+                lambda unclaimed: self._claim.take_up(job, unclaimed=unclaimed)
+            )
             if self._claim.lost_usd:
                 self._ticket.lost(self._claim.lost_usd)  # found only now: none charged yet
         if not ran:
