@@ -24,6 +24,7 @@ from queuegate.settings import Settings
 from queuegate.topology import (
     DEAD_BODY_LIMIT,
     DEAD_MAX_BYTES,
+    DEAD_MAX_LENGTH,
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
     HEADER_DEAD_TRUNCATED,
@@ -379,3 +380,43 @@ async def test_a_teams_cc_header_adds_none_of_its_dead_letters_to_accounting_s(
     assert sorted(x.message_id or "" for x in letters) == ["cc-1", "plain-1"]
     assert await depth(settings, topology.team_dead_queue("alpha")) == 2
     assert await depth(settings, topology.dead_queue) == 0
+
+
+async def test_an_earlier_versions_shared_dead_letters_are_kept_and_no_longer_flooded(
+    settings: Settings,
+) -> None:
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        # Given the dead letters as an earlier version declared them: one queue bound to the
+        # fanout every queue dead-letters to, holding a letter of beta's
+        channel = await connection.channel(publisher_confirms=True)
+        fanout = await channel.declare_exchange(
+            topology.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        shared = await channel.declare_queue(
+            topology.dead_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 1_000_000_000,
+                "x-max-length": DEAD_MAX_LENGTH,
+                "x-max-length-bytes": DEAD_MAX_BYTES,
+                "x-overflow": "drop-head",
+            },
+        )
+        await shared.bind(fanout)
+        await fanout.publish(aio_pika.Message(b"{}", message_id="beta-old"), routing_key="")
+        # When this version declares alpha's queues, and alpha's job expires at once
+        await topology.declare_team_queue(channel, "alpha")
+        jobs = await channel.get_exchange(topology.jobs_exchange)
+        await jobs.publish(
+            aio_pika.Message(b"{}", message_id="alpha-1", expiration=timedelta(milliseconds=1)),
+            routing_key="alpha",
+        )
+    # Expect alpha's letter in alpha's own queue alone, the earlier letter where it was, and
+    # the operator's listing showing both
+    letters = await dead_letters(settings, 2)
+    assert sorted(x.message_id or "" for x in letters) == ["alpha-1", "beta-old"]
+    assert await depth(settings, topology.team_dead_queue("alpha")) == 1
+    assert await depth(settings, topology.dead_queue) == 1
