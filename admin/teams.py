@@ -458,7 +458,10 @@ async def put_quota(admin: BrokerAdmin, settings: Settings, team: str, config: T
     so that none can park messages until the broker's memory alarm blocks every team's
     publishers. ``overflow: reject-publish`` repeats the queues' own argument, so that a queue
     declared without it (by hand, by an earlier version) refuses too, rather than dropping
-    its oldest messages, a policy's default."""
+    its oldest messages, a policy's default. ``dead-letter-routing-key`` has the broker
+    dead-letter the team's jobs under the team's key alone: without it a job keeps the keys of
+    its ``CC`` header too, which no broker before RabbitMQ 4.0.3 checks against the team's
+    topic permissions, and would reach other dead-letter queues."""
     quota = queue_quota(settings, config)
     topology = Topology.of(settings)
     await admin.put_policy(
@@ -468,6 +471,7 @@ async def put_quota(admin: BrokerAdmin, settings: Settings, team: str, config: T
             "max-length": quota.max_length,
             "max-length-bytes": quota.max_bytes,
             "overflow": "reject-publish",
+            "dead-letter-routing-key": team,
         },
         priority=QUOTA_PRIORITY,
     )

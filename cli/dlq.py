@@ -151,7 +151,7 @@ def dlq_replay(
     missing = set(job_ids or ()) - {x.message_id for x in done} - {x.message_id for x, _ in refused}
     if missing and not replay_all:
         err.print(
-            f"not in the dead-letter queue: {visible(', '.join(sorted(missing)))}", markup=False
+            f"not among the dead letters: {visible(', '.join(sorted(missing)))}", markup=False
         )
     if refused or (missing and not replay_all):
         raise typer.Exit(1)

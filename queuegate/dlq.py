@@ -1,12 +1,15 @@
-"""The dead-letter queue, for operators: what is in it, why, and sending it back.
+"""The dead-letter queues, for operators: what is in them, why, and sending it back.
 
-Two kinds of dead letter land in ``<ns>.dead``. The broker dead-letters a job that outlived
-its TTL (``expired``: no worker took it before its deadline) or ran out of its queue's
-safety-net deliveries (``delivery_limit``, while workers could not count failures), recording
-where from in its ``x-death`` header. A worker dead-letters bad input, and a job past
-``QUEUEGATE_DELIVERY_LIMIT`` failures (``delivery_limit``: it kept crashing or failing
-workers), itself, with its ``x-queuegate-reason``/``-detail``/``-queue``/``-user`` headers,
-under its own broker user as ``user_id``.
+Each team's dead letters land in its own ``<ns>.dead.<team>``, accounting's in ``<ns>.dead``
+(and every team's, from versions before per-team queues); the tools read every queue bound to
+``<ns>.dead.teams``, found through the management API. Two kinds of dead letter land there.
+The broker dead-letters a job that outlived its TTL (``expired``: no worker took it before
+its deadline) or ran out of its queue's safety-net deliveries (``delivery_limit``, while
+workers could not count failures), recording where from in its ``x-death`` header. A worker
+dead-letters bad input, and a job past ``QUEUEGATE_DELIVERY_LIMIT`` failures
+(``delivery_limit``: it kept crashing or failing workers), itself, with its
+``x-queuegate-reason``/``-detail``/``-queue``/``-user`` headers, under its own broker user as
+``user_id``.
 
 Where a letter came from decides where a replay sends it, so only what no team can forge is
 believed: the broker's latest ``x-death`` entry, or a worker's headers on a letter whose
@@ -42,6 +45,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from queuegate.broker import connect, json_message, publish
 from queuegate.errors import ConfigError
+from queuegate.management import BrokerAdmin
 from queuegate.registry import TEAM_NAME
 from queuegate.settings import Settings
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER
@@ -103,8 +107,8 @@ async def peek(
     team: str | None = None,
     reason: str | None = None,
 ) -> tuple[list[DeadLetter], int]:
-    """Up to ``limit`` dead letters (of ``team``, for ``reason``), oldest first, left where
-    they are; and how many the queue holds in all."""
+    """Up to ``limit`` dead letters (of ``team``, for ``reason``), oldest first in each queue,
+    left where they are; and how many the queues hold in all."""
     filtered = team is not None or reason is not None
     async with _taken(settings, None if filtered else limit) as (_, taken, total):
         letters = [_describe(i, message, settings) for i, message in enumerate(taken, start=1)]
@@ -189,39 +193,48 @@ async def replay(
 
 
 async def purge(settings: Settings) -> int:
-    """Delete every dead letter; returns how many there were."""
+    """Delete every dead letter of every queue; returns how many there were."""
     connection = await connect(settings.amqp_url, name="queuegate-dlq")
     async with connection:
-        queue = await _dead_queue(await connection.channel(), settings)
-        done = await queue.purge()
-        return int(done.message_count or 0)
+        purged = 0
+        for queue in await _dead_queues(await connection.channel(), settings):
+            done = await queue.purge()
+            purged += int(done.message_count or 0)
+        return purged
 
 
-async def _dead_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
+async def _dead_queues(channel: AbstractChannel, settings: Settings) -> list[AbstractQueue]:
+    """Every dead-letter queue: ``<ns>.dead`` and each team's (a team of any version, enabled
+    or not, as long as its queue is bound)."""
     topology = Topology.of(settings)
     await topology.declare_dead(channel)
-    return await channel.get_queue(topology.dead_queue)
+    async with BrokerAdmin(settings.management_url) as admin:
+        names = await admin.bound_queues(topology.dead_teams_exchange)
+    return [await channel.get_queue(name) for name in names]
 
 
 @contextlib.asynccontextmanager
 async def _taken(
     settings: Settings, limit: int | None
 ) -> AsyncIterator[tuple[AbstractChannel, list[AbstractIncomingMessage], int]]:
-    """Up to ``limit`` dead letters held unacknowledged, and the queue's depth; what is not
-    acknowledged goes back to the queue on exit."""
+    """Up to ``limit`` dead letters held unacknowledged, and the queues' depth; what is not
+    acknowledged goes back to its queue on exit."""
     connection = await connect(settings.amqp_url, name="queuegate-dlq")
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await _dead_queue(channel, settings)
-        # The count bounds the loop: a message returned meanwhile is not taken twice.
-        total = queue.declaration_result.message_count or 0
-        count = total if limit is None else min(total, limit)
+        queues = await _dead_queues(channel, settings)
+        total = sum(queue.declaration_result.message_count or 0 for queue in queues)
         taken: list[AbstractIncomingMessage] = []
-        while len(taken) < count:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            taken.append(message)
+        for queue in queues:
+            # Its count bounds the loop: a message returned meanwhile is not taken twice.
+            count = queue.declaration_result.message_count or 0
+            if limit is not None:
+                count = min(count, limit - len(taken))
+            for _ in range(count):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                taken.append(message)
         yield channel, taken, total
 
 

@@ -192,6 +192,16 @@ class BrokerAdmin:
     async def delete_policy(self, name: str) -> None:
         await self._request("DELETE", f"policies/{self._vhost}/{quote(name, safe='')}")
 
+    async def bound_queues(self, exchange: str) -> list[str]:
+        """The queues bound to ``exchange``, each once, by name; none when it does not exist."""
+        bindings: list[dict[str, Any]] = (
+            await self._request(
+                "GET", f"exchanges/{self._vhost}/{quote(exchange, safe='')}/bindings/source"
+            )
+            or []
+        )
+        return sorted({b["destination"] for b in bindings if b["destination_type"] == "queue"})
+
     async def queue(self, name: str) -> dict[str, Any] | None:
         """The queue's state as the broker reports it, or None when it does not exist."""
         result: dict[str, Any] | None = await self._request(

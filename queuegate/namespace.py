@@ -39,10 +39,16 @@ async def drop_namespace(
         channel = await connection.channel()
         team_queues = [topo.team_queue(team) for team in teams]
         team_queues += [topo.control_queue(team) for team in teams]
+        team_queues += [topo.team_dead_queue(team) for team in teams]
         shared = [topo.accounting_queue, topo.dead_queue, topo.shared_control_queue]
         for queue in [*team_queues, *declared, *queues, *shared]:
             await channel.queue_delete(queue)
-        for exchange in (topo.jobs_exchange, topo.usage_exchange, topo.dead_exchange):
+        for exchange in (
+            topo.jobs_exchange,
+            topo.usage_exchange,
+            topo.dead_exchange,
+            topo.dead_teams_exchange,
+        ):
             await channel.exchange_delete(exchange)
     client = redis_for(settings)
     try:

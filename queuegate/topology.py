@@ -10,12 +10,24 @@
 | ``<ns>.frontdoor.<id>``      | queue, expires             | one HTTP front-door process's     |
 | ``<ns>.usage``               | fanout exchange            | UsageEvents, a batch per message  |
 | ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
-| ``<ns>.dead``                | fanout exchange + quorum q | poison and undeliverable jobs     |
+| ``<ns>.dead``                | fanout exchange            | every queue's dead-letter exchange|
+| ``<ns>.dead``                | quorum queue               | accounting's dead letters         |
+| ``<ns>.dead.teams``          | direct exchange            | bound to ``<ns>.dead``, by team   |
+| ``<ns>.dead.<team>``         | quorum queue               | one team's poison, expired jobs   |
 
 Arguments of a queue cannot change once it exists (RabbitMQ refuses a redeclare that differs),
-so per-team quotas are applied as policies, never as declare arguments. The dead-letter queue's
+so per-team quotas are applied as policies, never as declare arguments. The dead-letter queues'
 bounds are arguments: a ``<ns>.dead`` declared by a version without them must be emptied and
 deleted once (``queuegate dlq purge``, then delete the queue) before the upgrade.
+
+Dead letters are kept per team, so that one team's flood of expiring jobs drops only its own
+oldest letters. Every queue's ``x-dead-letter-exchange`` stays the ``<ns>.dead`` fanout (an
+argument, and an exchange's type cannot change either); it forwards everything to the direct
+``<ns>.dead.teams``, which routes by key: the broker dead-letters a job under the key it was
+published with (``<team>``, or only that when the team's quota policy sets
+``dead-letter-routing-key``), and a worker publishes its own dead letters under the job
+queue's name. Accounting's dead letters keep the usage exchange's empty key, into the
+``<ns>.dead`` queue, which earlier versions bound to the fanout (that binding is removed).
 
 The job and accounting queues' ``x-delivery-limit`` is a far safety net, not the poison limit
 (workers count a job's failures themselves, ``workers/claims.py``): a quorum queue counts
@@ -125,7 +137,11 @@ ACCOUNTING_DELIVERY_LIMIT = 10_000
 rejected on its own), so only a bug in accounting itself ever reaches it."""
 DEAD_MAX_LENGTH = 100_000
 DEAD_MAX_BYTES = 512 * 1024 * 1024
-"""Bounds of ``<ns>.dead``: beyond them the oldest letters are dropped (see declare_dead)."""
+"""Bounds of the ``<ns>.dead`` queue (accounting's letters, and every team's before dead letters
+were kept per team): beyond them the oldest letters are dropped (see declare_dead)."""
+TEAM_DEAD_MAX_LENGTH = 10_000
+TEAM_DEAD_MAX_BYTES = 64 * 1024 * 1024
+"""Bounds of one team's ``<ns>.dead.<team>``: beyond them its own oldest letters are dropped."""
 
 
 _EARLIER_LIMIT = re.compile(r"inequivalent arg 'x-delivery-limit'.* current is '(\d+)'")
@@ -223,7 +239,15 @@ class Topology:
 
     @property
     def dead_queue(self) -> str:
+        """Accounting's dead letters (and every team's, from versions before per-team ones)."""
         return f"{self.namespace}.dead"
+
+    @property
+    def dead_teams_exchange(self) -> str:
+        return f"{self.namespace}.dead.teams"
+
+    def team_dead_queue(self, team: str) -> str:
+        return f"{self.namespace}.dead.{team}"
 
     def _quorum_args(self, delivery_limit: int) -> dict[str, Any]:
         return {
@@ -240,33 +264,64 @@ class Topology:
             self.jobs_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
 
-    async def declare_dead(self, channel: AbstractChannel) -> AbstractExchange:
-        exchange = await channel.declare_exchange(
-            self.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        # Bounded, as no team's quota covers it: a team whose jobs expire by the million would
+    def _dead_args(self, max_length: int, max_bytes: int) -> dict[str, Any]:
+        # Bounded, as no team's quota covers them: a team whose jobs expire by the million would
         # otherwise fill the broker's memory and disk. drop-head, not reject-publish: a full
         # dead-letter queue must never refuse a worker's dead letter (the job would loop to
         # its delivery limit) nor hold dead letters back in the team queues; the oldest
         # letters are the ones an operator has had the longest to see.
+        return {
+            **self._quorum(),
+            "x-delivery-limit": DEAD_DELIVERY_LIMIT,
+            "x-max-length": max_length,
+            "x-max-length-bytes": max_bytes,
+            "x-overflow": "drop-head",
+        }
+
+    async def _declare_dead_teams_exchange(self, channel: AbstractChannel) -> AbstractExchange:
+        return await channel.declare_exchange(
+            self.dead_teams_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+
+    async def declare_dead(self, channel: AbstractChannel) -> AbstractExchange:
+        """The dead-letter exchanges, and the ``<ns>.dead`` queue for accounting's letters."""
+        exchange = await channel.declare_exchange(
+            self.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        by_team = await self._declare_dead_teams_exchange(channel)
+        await by_team.bind(exchange)
         queue = await channel.declare_queue(
             self.dead_queue,
             durable=True,
-            arguments={
-                **self._quorum(),
-                "x-delivery-limit": DEAD_DELIVERY_LIMIT,
-                "x-max-length": DEAD_MAX_LENGTH,
-                "x-max-length-bytes": DEAD_MAX_BYTES,
-                "x-overflow": "drop-head",
-            },
+            arguments=self._dead_args(DEAD_MAX_LENGTH, DEAD_MAX_BYTES),
         )
-        await queue.bind(exchange)
+        # Bound before its fanout binding of earlier versions goes, so no letter of accounting's
+        # falls between: through it, every team's letters would still drop accounting's.
+        await queue.bind(by_team, routing_key="")
+        await queue.unbind(exchange)
         return exchange
+
+    async def declare_team_dead(self, channel: AbstractChannel, team: str) -> AbstractQueue:
+        """The team's dead-letter queue, bounded on its own: a team that floods it drops only
+        its own oldest letters."""
+        by_team = await self._declare_dead_teams_exchange(channel)
+        queue = await channel.declare_queue(
+            self.team_dead_queue(team),
+            durable=True,
+            arguments=self._dead_args(TEAM_DEAD_MAX_LENGTH, TEAM_DEAD_MAX_BYTES),
+        )
+        # The broker dead-letters under the key the job was published with; a worker publishes
+        # its dead letters under the job queue's name (as earlier versions did too).
+        await queue.bind(by_team, routing_key=team)
+        await queue.bind(by_team, routing_key=self.team_queue(team))
+        return queue
 
     async def declare_team_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
         """The team's job queue, bound to the jobs exchange under the team's routing key."""
         exchange = await self.declare_jobs_exchange(channel)
         await self.declare_dead(channel)
+        # Before the job queue: a job that expires in it at once finds where to go.
+        await self.declare_team_dead(channel, team)
         await self.declare_control_queue(channel, team)
         queue = await self._declare(
             channel, self.team_queue(team), self._quorum_args(JOBS_DELIVERY_LIMIT)

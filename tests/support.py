@@ -21,6 +21,7 @@ from mockprovider import MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate import dlq
 from queuegate.db import create_pool
+from queuegate.management import BrokerAdmin
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import load_catalog, open_router
@@ -79,6 +80,29 @@ async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter
             if total >= expected:
                 return letters
             await asyncio.sleep(0.02)
+
+
+async def take_dead_letters(
+    settings: Settings, expected: int, timeout: float = 10.0
+) -> list[AbstractIncomingMessage]:
+    """Take ``expected`` messages from the dead-letter queues (the shared one and each team's
+    declared so far), acknowledged, in the order they came."""
+    topology = Topology.of(settings)
+    async with BrokerAdmin(settings.management_url) as admin:
+        names = await admin.bound_queues(topology.dead_teams_exchange)
+    arrived: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await (await channel.get_queue(name)).consume(arrived.put)
+        taken: list[AbstractIncomingMessage] = []
+        async with asyncio.timeout(timeout):
+            while len(taken) < expected:
+                message = await arrived.get()
+                await message.ack()
+                taken.append(message)
+        return taken
 
 
 class LogLines:
@@ -164,19 +188,8 @@ class Gateway:
     async def dead_letters(
         self, expected: int, timeout: float = 10.0
     ) -> list[AbstractIncomingMessage]:
-        """Take ``expected`` messages from the dead-letter queue."""
-        connection = await aio_pika.connect(self.settings.amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            queue = await channel.get_queue(self.topology.dead_queue)
-            taken: list[AbstractIncomingMessage] = []
-            async with asyncio.timeout(timeout), queue.iterator() as messages:
-                async for message in messages:
-                    await message.ack()
-                    taken.append(message)
-                    if len(taken) == expected:
-                        break
-            return taken
+        """Take ``expected`` messages from the dead-letter queues."""
+        return await take_dead_letters(self.settings, expected, timeout)
 
 
 @contextlib.asynccontextmanager

@@ -28,7 +28,12 @@ async def test_quorum_queues_have_a_member_on_every_node_by_default(
     # Expect the broker's default: each quorum queue on all three nodes
     queues = rabbit_cluster.queues()
     nodes = sorted(node.node for node in rabbit_cluster.nodes)
-    for name in (topology.team_queue("alpha"), topology.accounting_queue, topology.dead_queue):
+    for name in (
+        topology.team_queue("alpha"),
+        topology.accounting_queue,
+        topology.dead_queue,
+        topology.team_dead_queue("alpha"),
+    ):
         assert queues[name]["type"] == "quorum"
         assert sorted(queues[name]["members"]) == nodes
 
@@ -47,6 +52,7 @@ async def test_quorum_replicas_sets_each_quorum_queues_member_count(
         topology.control_queue("alpha"),
         topology.accounting_queue,
         topology.dead_queue,
+        topology.team_dead_queue("alpha"),
     ):
         assert len(queues[name]["members"]) == 2
         assert queues[name]["leader"] in queues[name]["members"]

@@ -329,6 +329,7 @@ async def test_a_control_answer_goes_to_direct_reply_to_only_never_to_another_te
             b.reply_to,
             topology.accounting_queue,
             topology.dead_queue,
+            topology.team_dead_queue("beta"),
         ]
         # When alpha's app sends its own control requests (signed, or not: a refusal would
         # be answered too) naming beta's queues, accounting or the dead letters as reply_to

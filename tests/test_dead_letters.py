@@ -175,8 +175,8 @@ async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs
             # When a job with a 100 ms deadline is submitted
             job = client.job("gpt-4o-mini", HELLO, deadline=timedelta(milliseconds=100))
             await client.submit(job)
-        # Expect the broker itself to dead-letter it as expired
-        dead_queue = await channel.get_queue(Topology(settings.namespace).dead_queue)
+        # Expect the broker itself to dead-letter it as expired, among alpha's dead letters
+        dead_queue = await channel.get_queue(Topology(settings.namespace).team_dead_queue("alpha"))
         async with asyncio.timeout(10), dead_queue.iterator() as messages:
             async for message in messages:
                 await message.ack()
@@ -299,7 +299,7 @@ async def test_copies_of_a_refused_job_whose_reply_queue_went_are_each_refused_o
     # ... and none taken back to be refused and counted again
     assert len(rows) == 2
     assert await _depth(settings, gw.topology.team_queue("alpha")) == 0
-    assert await _depth(settings, gw.topology.dead_queue) == 0
+    assert await _depth(settings, gw.topology.team_dead_queue("alpha")) == 0
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

@@ -168,6 +168,7 @@ def test_one_trigger_sums_the_depth_of_every_team_queue_and_no_other() -> None:
         topology.frontdoor_queue("p1"),
         topology.accounting_queue,
         topology.dead_queue,
+        topology.team_dead_queue("research"),
         topology.jobs_exchange,
         Topology("staging").team_queue("research"),
         f"x{topology.team_queue('research')}",

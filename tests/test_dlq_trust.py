@@ -6,6 +6,7 @@ credentials; the operator is the gateway's own user, as ``queuegate dlq`` runs b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import timedelta
@@ -22,9 +23,12 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import (
     DEAD_BODY_LIMIT,
+    DEAD_MAX_BYTES,
+    DEAD_MAX_LENGTH,
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
     HEADER_DEAD_TRUNCATED,
+    TEAM_DEAD_MAX_BYTES,
     Topology,
 )
 from tests.support import dead_letters, running_gateway
@@ -37,6 +41,13 @@ async def depth(settings: Settings, queue: str) -> int:
     async with connection:
         declared = await (await connection.channel()).declare_queue(queue, passive=True)
         return declared.declaration_result.message_count or 0
+
+
+async def drained(settings: Settings, queue: str) -> None:
+    """Until ``queue`` holds no job ready (the broker announces no expiry)."""
+    async with asyncio.timeout(120):
+        while await depth(settings, queue):  # noqa: ASYNC110 (polled: no event to await)
+            await asyncio.sleep(0.1)
 
 
 async def publish_as(
@@ -230,20 +241,24 @@ async def test_a_worker_keeps_only_the_head_of_an_oversized_job_and_says_so(
     assert not replayed and "cut from" in why
 
 
-async def test_the_dead_letter_queue_is_bounded(settings: Settings) -> None:
-    # Given the dead-letter queue as every component declares it
+async def test_the_dead_letter_queues_are_bounded(settings: Settings) -> None:
+    # Given the dead-letter queues as every component declares them: accounting's, and a
+    # team's as its job queue is declared
+    topology = Topology(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
-        await Topology(settings.namespace).declare_dead(await connection.channel())
+        await topology.declare_team_queue(await connection.channel(), "alpha")
     async with BrokerAdmin(settings.management_url) as admin:
-        queue = await admin.queue(f"{settings.namespace}.dead")
+        queues = [await admin.queue(topology.dead_queue)]
+        queues.append(await admin.queue(topology.team_dead_queue("alpha")))
     # Expect a length and a byte bound, dropping the oldest letters rather than refusing any
-    assert queue is not None
-    arguments = queue["arguments"]
-    assert arguments["x-max-length"] > 0 and arguments["x-max-length-bytes"] > 0
-    assert arguments["x-overflow"] == "drop-head"
-    # ... and a delivery limit out of reach, so that listing letters never drops one
-    assert arguments["x-delivery-limit"] >= 1_000_000
+    for queue in queues:
+        assert queue is not None
+        arguments = queue["arguments"]
+        assert arguments["x-max-length"] > 0 and arguments["x-max-length-bytes"] > 0
+        assert arguments["x-overflow"] == "drop-head"
+        # ... and a delivery limit out of reach, so that listing letters never drops one
+        assert arguments["x-delivery-limit"] >= 1_000_000
 
 
 async def test_an_operators_replay_never_turns_a_refused_forgery_into_a_served_job(
@@ -283,3 +298,125 @@ async def test_an_operators_replay_never_turns_a_refused_forgery_into_a_served_j
     finally:
         async with BrokerAdmin(settings.management_url) as admin:
             await admin.delete_user(user)
+
+
+async def test_a_team_flooding_the_dead_letters_drops_only_its_own(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    alpha, beta = teams["alpha"], teams["beta"]
+    topology = Topology(settings.namespace)
+    # Given a dead letter of beta's: a job that expired in its queue, as an operator would
+    # inspect and replay it
+    await publish_as(
+        beta,
+        settings,
+        aio_pika.Message(
+            b"{}", message_id="beta-1", user_id=beta.user, expiration=timedelta(milliseconds=1)
+        ),
+        "beta",
+    )
+    await dead_letters(settings, 1)
+    # When alpha, with its own user, publishes more jobs that expire at once than the dead
+    # letters of the whole namespace once held in bytes (a margin for those on their way)
+    body = b"x" * 1024 * 1024
+    flood = DEAD_MAX_BYTES // len(body) + 16
+    assert alpha.amqp_url is not None
+    connection = await aio_pika.connect(alpha.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(topology.jobs_exchange)
+        for start in range(0, flood, 8):
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(
+                            body,
+                            message_id=f"alpha-{n}",
+                            user_id=alpha.user,
+                            expiration=timedelta(milliseconds=1),
+                        ),
+                        routing_key="alpha",
+                    )
+                    for n in range(start, start + 8)
+                )
+            )
+    await drained(settings, topology.team_queue("alpha"))
+    # Expect beta's letter still there and listed for beta, and alpha's held to its own bound
+    letters, total = await dlq.peek(settings, team="beta")
+    assert [x.message_id for x in letters] == ["beta-1"]
+    assert total <= TEAM_DEAD_MAX_BYTES // len(body) + 1
+    # ... and the operator's replay and purge reaching both teams' letters
+    replayed, refused = await dlq.replay(settings, {"beta-1"})
+    assert [x.message_id for x in replayed] == ["beta-1"] and not refused
+    assert await depth(settings, topology.team_queue("beta")) == 1
+    assert await dlq.purge(settings) == total - 1
+    assert (await dlq.peek(settings))[1] == 0
+
+
+async def test_a_teams_cc_header_adds_none_of_its_dead_letters_to_accounting_s(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    alpha = teams["alpha"]
+    topology = Topology(settings.namespace)
+    # When alpha publishes under its own key a job that expires at once, its CC header adding
+    # the key under which accounting's dead letters are kept (which RabbitMQ before 4.0.3 does
+    # not check against alpha's permissions), then one without
+    for job_id, headers in (("cc-1", {"CC": [""]}), ("plain-1", {})):
+        await publish_as(
+            alpha,
+            settings,
+            aio_pika.Message(
+                b"{}",
+                message_id=job_id,
+                user_id=alpha.user,
+                expiration=timedelta(milliseconds=1),
+                headers=headers,
+            ),
+            "alpha",
+        )
+    # Expect both among alpha's own dead letters alone: its quota policy dead-letters them
+    # under alpha's key only
+    letters = await dead_letters(settings, 2)
+    assert sorted(x.message_id or "" for x in letters) == ["cc-1", "plain-1"]
+    assert await depth(settings, topology.team_dead_queue("alpha")) == 2
+    assert await depth(settings, topology.dead_queue) == 0
+
+
+async def test_an_earlier_versions_shared_dead_letters_are_kept_and_no_longer_flooded(
+    settings: Settings,
+) -> None:
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        # Given the dead letters as an earlier version declared them: one queue bound to the
+        # fanout every queue dead-letters to, holding a letter of beta's
+        channel = await connection.channel(publisher_confirms=True)
+        fanout = await channel.declare_exchange(
+            topology.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        shared = await channel.declare_queue(
+            topology.dead_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 1_000_000_000,
+                "x-max-length": DEAD_MAX_LENGTH,
+                "x-max-length-bytes": DEAD_MAX_BYTES,
+                "x-overflow": "drop-head",
+            },
+        )
+        await shared.bind(fanout)
+        await fanout.publish(aio_pika.Message(b"{}", message_id="beta-old"), routing_key="")
+        # When this version declares alpha's queues, and alpha's job expires at once
+        await topology.declare_team_queue(channel, "alpha")
+        jobs = await channel.get_exchange(topology.jobs_exchange)
+        await jobs.publish(
+            aio_pika.Message(b"{}", message_id="alpha-1", expiration=timedelta(milliseconds=1)),
+            routing_key="alpha",
+        )
+    # Expect alpha's letter in alpha's own queue alone, the earlier letter where it was, and
+    # the operator's listing showing both
+    letters = await dead_letters(settings, 2)
+    assert sorted(x.message_id or "" for x in letters) == ["alpha-1", "beta-old"]
+    assert await depth(settings, topology.team_dead_queue("alpha")) == 1
+    assert await depth(settings, topology.dead_queue) == 1

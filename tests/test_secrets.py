@@ -156,7 +156,7 @@ async def _dead_letters(settings: Settings) -> str:
     texts = []
     async with connection:
         channel = await connection.channel()
-        queue = await channel.get_queue(Topology(settings.namespace).dead_queue)
+        queue = await channel.get_queue(Topology(settings.namespace).team_dead_queue("alpha"))
         while (message := await queue.get(fail=False, no_ack=True)) is not None:
             texts.append(f"{message.headers!r} {message.body.decode(errors='replace')}")
     assert len(texts) == 2  # invalid_request and unknown_model

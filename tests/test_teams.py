@@ -156,6 +156,7 @@ async def test_an_operator_sets_a_teams_bytes_in_a_size_and_teams_add_puts_lost_
             "max-length": settings.max_queue_length,
             "max-length-bytes": 32 * 1024,
             "overflow": "reject-publish",
+            "dead-letter-routing-key": alpha,
         }
 
         # and its control queue bounded in bytes too

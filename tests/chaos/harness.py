@@ -143,15 +143,25 @@ async def usage_rows(pool: asyncpg.Pool, expected: int, timeout: float) -> tuple
 
 
 async def dead_lettered(settings: Settings, expected: int = 0, timeout: float = 0) -> int:
-    """Messages in the dead-letter queue, once there are ``expected`` (or ``timeout`` is up)."""
+    """Messages in the dead-letter queues (accounting's and each of TEAMS'), once there are
+    ``expected`` (or ``timeout`` is up). Counted by passive declares: private brokers have no
+    management API to list them."""
     deadline = time.monotonic() + timeout
+    topology = Topology.of(settings)
+    queues = [topology.dead_queue, *(topology.team_dead_queue(team) for team in TEAMS)]
     connection = await connect(settings.amqp_url, name="chaos-dead-letters")
     async with connection:
+        channel = await connection.channel()
+        # Declared as every component does, so that each exists to be counted.
+        for team in TEAMS:
+            await topology.declare_team_dead(channel, team)
         # The underlying channel: a robust one answers a passive declare from its own memory.
-        channel = await (await connection.channel()).get_underlay_channel()
+        underlay = await channel.get_underlay_channel()
         while True:
-            declared = await channel.queue_declare(Topology.of(settings).dead_queue, passive=True)
-            count = int(declared.message_count or 0)
+            count = 0
+            for queue in queues:
+                declared = await underlay.queue_declare(queue, passive=True)
+                count += int(declared.message_count or 0)
             if count >= expected or time.monotonic() > deadline:
                 return count
             await asyncio.sleep(0.1)
