@@ -17,6 +17,8 @@ dependency, as ``Calling`` or ``Owner``::
         owner.team                      # None for an administrator: every team
 
 Team routes refuse an administrator key (403): it acts for no team, so it can sign no job.
+Once proven, the request counts as one of its team's in progress (``frontdoor.held``), all
+the team's keys together, and is refused 429 past the team's share.
 Answers (an owner, or unknown) are cached ``security_cache_ttl`` seconds, like the workers'
 copy: a revoked key or a disabled team is refused within that time, and PostgreSQL is asked
 at most once per key per ttl. A key that is not shaped like one of ours is refused without
@@ -181,6 +183,9 @@ async def _presented_owner(request: Request) -> tuple[KeyOwner, str]:
             "the API key is unknown or revoked, or its team is disabled: ask an operator for "
             "a new one",
         )
+    # The request is its team's from here, all the team's keys together (``frontdoor.held``):
+    # 429 when the team has as many in progress as it may.
+    request.app.state.held.prove(request.scope, owner)
     return owner, key
 
 

@@ -6,7 +6,7 @@ is complete and valid, so it never takes a worker's slot. Routes read it once th
 proven from the headers (a refused key costs no body read), through the process's
 ``Bodies``::
 
-    body = await door.bodies.read_json(request, caller.key_id, limit=s.max_job_bytes)
+    body = await door.bodies.read_json(request, caller, limit=s.max_job_bytes)
 
 A body sent before any key is proven (a dashboard sign-in form) is read under its client's
 address instead (``read_keyless``), and also counted against the process's
@@ -16,9 +16,10 @@ every connection the process may have, and the keys' requests from being served.
 
 Raises ApiError: ``request_too_large`` (413) past ``limit`` bytes (at once when the
 Content-Length says so), ``too_many_requests`` (429) while the key is sending
-``http_bodies_per_key`` bodies already, or the process ``http_keyless_bodies`` keyless
-ones, ``service_unavailable`` (503) while the process is
-reading ``http_body_bytes_in_flight`` bytes already (both before any byte is read),
+``http_bodies_per_key`` bodies already, its team (all its keys together) its
+``http_body_bytes_per_team`` bytes, or the process ``http_keyless_bodies`` keyless ones,
+``service_unavailable`` (503) while the process is reading ``http_body_bytes_in_flight``
+bytes already (all before any byte is read),
 ``request_timeout`` (408) when the body is not all there within ``http_body_timeout``
 seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object. A caller that
 hangs up mid-body raises Starlette's ``ClientDisconnect``, answered (to no one) by
@@ -42,10 +43,11 @@ import orjson
 from fastapi import Request
 
 from frontdoor.errors import ApiError
+from frontdoor.whose import Keyed, teams, whose
 from queuegate.settings import Settings
 
 Reader = Callable[[int], contextlib.AbstractContextManager[None]]
-"""``reading(size)``: one body of a key held while it is read (``Bodies.reader``)."""
+"""``reading(size)``: one body of a caller held while it is read (``Bodies.reader``)."""
 
 RETRY_AFTER = 1.0
 """Seconds a caller refused for bodies in flight is told to wait: most take milliseconds."""
@@ -56,15 +58,22 @@ KEYLESS = "client "
 class Bodies:
     """The request bodies this process is reading: at most ``per_key`` of one API key (or
     client address) at once, at most ``keyless`` sent before any key is proven, at most
-    ``total_bytes`` bytes in all, as their Content-Length says (the route's limit when it
-    says nothing)."""
+    ``total_bytes`` bytes in all and ``team_bytes`` of them one team's (all its keys
+    together, ``frontdoor.whose``), as their Content-Length says (the route's limit when it
+    says nothing). A team's share keeps the total for the others: one team with several keys
+    could otherwise take all of it, and every other team's bodies would be answered 503."""
 
-    def __init__(self, *, timeout: float, per_key: int, keyless: int, total_bytes: int) -> None:
+    def __init__(
+        self, *, timeout: float, per_key: int, keyless: int, total_bytes: int, team_bytes: int
+    ) -> None:
         self._timeout = timeout
         self._per_key = per_key
         self._keyless_cap = keyless
         self._total_bytes = total_bytes
+        self._team_bytes = team_bytes
         self._reading: Counter[str] = Counter()
+        self._shares: Counter[str] = Counter()
+        """Bytes being read per share (``whose``)."""
         self._keyless = 0
         self._bytes = 0
 
@@ -75,10 +84,11 @@ class Bodies:
             per_key=settings.http_bodies_per_key,
             keyless=settings.keyless_bodies,
             total_bytes=settings.http_body_bytes_in_flight,
+            team_bytes=settings.body_bytes_per_team,
         )
 
-    async def read_json(self, request: Request, key_id: str, *, limit: int) -> dict[str, Any]:
-        raw = await self.read(request, key_id, limit=limit)
+    async def read_json(self, request: Request, caller: Keyed, *, limit: int) -> dict[str, Any]:
+        raw = await self.read(request, caller, limit=limit)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -90,9 +100,12 @@ class Bodies:
             raise ApiError("invalid_request", "the request body must be a JSON object")
         return body
 
-    async def read(self, request: Request, key_id: str, *, limit: int) -> bytes:
+    async def read(self, request: Request, caller: Keyed, *, limit: int) -> bytes:
+        return await self._read(request, self.reader(caller), limit=limit)
+
+    async def _read(self, request: Request, reading: Reader, *, limit: int) -> bytes:
         size = declared_size(request, limit, _too_large)
-        with self.held(key_id, limit if size is None else size):
+        with reading(limit if size is None else size):
             chunks: list[bytes] = []
             await receive(request, chunks.append, limit=limit, timeout=self._timeout)
             return b"".join(chunks)
@@ -112,26 +125,40 @@ class Bodies:
             )
         self._keyless += 1
         try:
-            return await self.read(request, f"{KEYLESS}{client}", limit=limit)
+            reading = functools.partial(self.held, f"{KEYLESS}{client}", None)
+            return await self._read(request, reading, limit=limit)
         finally:
             self._keyless -= 1
 
-    def reader(self, key_id: str) -> Reader:
-        """``held`` for ``key_id``, for a route that reads its body its own way (an upload)."""
-        return functools.partial(self.held, key_id)
+    def reader(self, caller: Keyed) -> Reader:
+        """``held`` for ``caller``: every route that reads a body reads it so, an upload its
+        own way."""
+        return functools.partial(self.held, caller.key_id, whose(caller))
 
     @contextlib.contextmanager
-    def held(self, key_id: str, size: int) -> Iterator[None]:
-        """One body of ``key_id`` being read, ``size`` bytes of it held in memory meanwhile:
-        ApiError 429 or 503 when it would be one too many. Every route that reads a body
-        reads it inside this, uploads too, so that one key holds at most ``per_key`` of the
-        process's connections with its bodies, whatever they are."""
+    def held(self, key_id: str, share: str | None, size: int) -> Iterator[None]:
+        """One body of ``key_id`` being read, ``size`` bytes of it held in memory meanwhile
+        and counted against ``share`` (none for a keyless body): ApiError 429 or 503 when it
+        would be one too many. Every route that reads a body reads it inside this, uploads
+        too, so that one key holds at most ``per_key`` of the process's connections with its
+        bodies, and one team at most ``team_bytes`` of its bytes, whatever they are."""
         if self._reading[key_id] >= self._per_key:
             sender = "this address" if key_id.startswith(KEYLESS) else "this API key"
             raise ApiError(
                 "too_many_requests",
                 f"{sender} is sending {self._per_key} request bodies to this process "
                 "already: send the next once one has arrived",
+                retry_after_s=RETRY_AFTER,
+            )
+        if share is not None and self._shares[share] + size > self._team_bytes:
+            team = teams(share)
+            whose_bodies = "this admin key's" if team is None else f"team {team}'s"
+            together = "" if team is None else ", all its API keys together"
+            raise ApiError(
+                "too_many_requests",
+                f"{whose_bodies} request bodies being read at this process would be over its "
+                f"share of {self._team_bytes} bytes{together}: send the next once one has "
+                "arrived",
                 retry_after_s=RETRY_AFTER,
             )
         if self._bytes + size > self._total_bytes:
@@ -142,13 +169,23 @@ class Bodies:
             )
         self._reading[key_id] += 1
         self._bytes += size
+        if share is not None:
+            self._shares[share] += size
         try:
             yield
         finally:
             self._bytes -= size
-            self._reading[key_id] -= 1
-            if not self._reading[key_id]:
-                del self._reading[key_id]
+            _less(self._reading, key_id, 1)
+            if share is not None:
+                _less(self._shares, share, size)
+
+
+def _less(counts: Counter[str], name: str, by: int) -> None:
+    """``counts[name]`` less ``by``, forgotten at 0 (so that the counters hold only those
+    sending now)."""
+    counts[name] -= by
+    if not counts[name]:
+        del counts[name]
 
 
 def _too_large(limit: int) -> ApiError:

@@ -1,21 +1,24 @@
-"""How many requests a front-door process serves at once, per API key and without one.
+"""How many requests a front-door process serves at once, per team and without a key.
 
 A request holds its connection from its headers until its answer has left: a chat waiting
 for its job, a long-poll of ``/v1/jobs/{id}``, a stream, or an answer its client does not
 read. The connection cap (``frontdoor.connections``) closes idle connections only, so
-without a bound on these one key, or keyless clients from many addresses, could hold every
+without a bound on these one team, or keyless clients from many addresses, could hold every
 connection and the process would answer everyone else 503.
 
 ``HeldRequests`` (an ASGI middleware) holds each request while the app serves it:
 
-- a request to the APIs (``/v1/``, ``/admin/``) that presents a key, as one of that key's:
-  past ``per_key`` of them, 429 at once, before any body is read or job published (a key
-  that is not live is answered 401 within milliseconds, so wrong keys hold nothing long);
+- a request to the APIs (``/v1/``, ``/admin/``) that presents a key, as one of that key's
+  as presented, then, once the route has proven the key (``Held.prove``, from
+  ``frontdoor.auth``), as one of its team's, all the team's keys together
+  (``frontdoor.whose``): past ``per_team`` of either, 429 at once, before any body is read
+  or job published. Counted per team, since a team may hold any number of keys; a key that
+  is not live is answered 401 within milliseconds, so wrong keys hold nothing long;
 - any other request (``/healthz``, ``/metrics``, ``/openapi.json``, the dashboard), with a
   key or without, as one of the process's keyless ones: past ``keyless`` of them, from every
   address together, 429 at once with ``connection: close``, so that a client pipelining
   requests it never reads loses its connection. A dashboard page that presents a session
-  cookie is that session's, and its key's once the session is proven (``Held.prove``).
+  cookie is that session's, and its team's once the session is proven (``Held.prove``).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from frontdoor.auth import presented_key
 from frontdoor.dashboard.session import COOKIE as SESSION_COOKIE
 from frontdoor.errors import ApiError, ErrorShapes
+from frontdoor.whose import Keyed, teams, whose
 from queuegate.settings import Settings
 
 RETRY_AFTER = 1.0
 """Seconds a refused caller is told to wait: most requests take well under that."""
 KEYED_PATHS = ("/v1/", "/admin/")
 """Where every route proves the key presented before it does anything else."""
+PRESENTED = "key "
+"""The prefix under which an API request counts until its key is proven."""
 SESSION = "session "
 """The prefix under which a dashboard session's requests count until it is proven."""
 SCOPE_KEY = "queuegate.held"
@@ -43,32 +49,32 @@ SCOPE_KEY = "queuegate.held"
 
 @dataclass
 class Hold:
-    """Whose one request is: a key (as presented, or its id once a session proves it), or
-    None for a keyless one."""
+    """Whose one request is: a key as presented or a session (until proven), a team's or an
+    administrator key's share once proven (``frontdoor.whose``), or None for a keyless one."""
 
-    key: str | None = None
+    holder: str | None = None
 
 
 class Held:
-    """The requests this process serves: at most ``per_key`` of one API key, at most
-    ``keyless`` others."""
+    """The requests this process serves: at most ``per_team`` of one team (or of one key
+    until it is proven), at most ``keyless`` others."""
 
-    def __init__(self, *, per_key: int, keyless: int) -> None:
-        self._per_key = per_key
+    def __init__(self, *, per_team: int, keyless: int) -> None:
+        self._per_team = per_team
         self._keyless_cap = keyless
         self._keyless = 0
         self._keyed: Counter[str] = Counter()
 
     @classmethod
     def of(cls, settings: Settings) -> Held:
-        return cls(per_key=settings.requests_per_key, keyless=settings.keyless_requests)
+        return cls(per_team=settings.requests_per_team, keyless=settings.keyless_requests)
 
-    def admit(self, key: str | None) -> Hold:
-        """A new request of ``key`` (None: keyless) held; ApiError 429 when one too many."""
-        if key is not None:
-            self._check(key)
-            self._keyed[key] += 1
-            return Hold(key)
+    def admit(self, holder: str | None) -> Hold:
+        """A new request of ``holder`` (None: keyless) held; ApiError 429 when one too many."""
+        if holder is not None:
+            self._check(holder)
+            self._keyed[holder] += 1
+            return Hold(holder)
         if self._keyless >= self._keyless_cap:
             raise ApiError(
                 "too_many_requests",
@@ -79,34 +85,39 @@ class Held:
         self._keyless += 1
         return Hold()
 
-    def prove(self, scope: Scope, key_id: str) -> None:
-        """The keyless or session's request of ``scope`` is ``key_id``'s from now (a
-        dashboard session proven): ApiError 429 when that key has ``per_key`` requests held
-        already."""
+    def prove(self, scope: Scope, caller: Keyed) -> None:
+        """The request of ``scope`` is ``caller``'s from now, its key (or dashboard session)
+        proven: it counts as one of its team's requests, all its keys together. ApiError 429
+        when that team has ``per_team`` requests held already."""
         hold: Hold | None = scope.get(SCOPE_KEY)
-        if hold is None or (hold.key is not None and not hold.key.startswith(SESSION)):
+        share = whose(caller)
+        if hold is None or hold.holder == share:
             return
-        self._check(key_id)
+        self._check(share)
         self.release(hold)
-        hold.key = key_id
-        self._keyed[key_id] += 1
+        hold.holder = share
+        self._keyed[share] += 1
 
     def release(self, hold: Hold) -> None:
-        if hold.key is None:
+        if hold.holder is None:
             self._keyless -= 1
             return
-        self._keyed[hold.key] -= 1
-        if not self._keyed[hold.key]:
-            del self._keyed[hold.key]
+        self._keyed[hold.holder] -= 1
+        if not self._keyed[hold.holder]:
+            del self._keyed[hold.holder]
 
-    def _check(self, key: str) -> None:
-        if self._keyed[key] >= self._per_key:
-            raise ApiError(
-                "too_many_requests",
-                f"this API key has {self._per_key} requests in progress at this front-door "
-                "process already: send the next once one is answered",
-                retry_after_s=RETRY_AFTER,
-            )
+    def _check(self, holder: str) -> None:
+        if self._keyed[holder] < self._per_team:
+            return
+        team = teams(holder)
+        whom = "this API key has" if team is None else f"team {team} has"
+        together = "" if team is None else ", all its API keys together"
+        raise ApiError(
+            "too_many_requests",
+            f"{whom} {self._per_team} requests in progress at this front-door process "
+            f"already{together}: send the next once one is answered",
+            retry_after_s=RETRY_AFTER,
+        )
 
 
 class HeldRequests:
@@ -126,17 +137,18 @@ class HeldRequests:
         request = Request(scope)
         if path.startswith(KEYED_PATHS):
             key = presented_key(request)
+            holder = None if key is None else f"{PRESENTED}{key}"
         else:
             # A signed-in person's pages count as their session's, as presented (an unknown
             # one is sent to sign in within milliseconds), so that keyless floods leave the
             # people already signed in served.
             session = request.cookies.get(SESSION_COOKIE)
-            key = f"{SESSION}{session}" if session else None
+            holder = f"{SESSION}{session}" if session else None
         try:
-            hold = self._held.admit(key)
+            hold = self._held.admit(holder)
         except ApiError as error:
             answer = self._shapes.response(path, error)
-            if key is None:
+            if holder is None:
                 answer.headers["connection"] = "close"
             await answer(scope, receive, send)
             return

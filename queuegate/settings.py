@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         # "inf" and "nan" parse as floats, and no duration or interval means either: an
         # infinite lease or linger overflows the clock, or waits forever
         allow_inf_nan=False,
+        # a renamed setting is read under its old name too (``validation_alias``); in code,
+        # by its field's name
+        populate_by_name=True,
     )
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
@@ -175,12 +178,20 @@ class Settings(BaseSettings):
     front-door process reads at once, from every address together; more are answered 429
     before they are read. Below ``http_max_connections``, so that they never hold every
     connection and keep the APIs' callers out; when unsaid, a quarter of it (at most 32)."""
-    http_requests_per_key: int | None = Field(default=None, ge=1)
-    """Requests of one API key a front-door process serves at once, counted from when the key
-    is proven until the answer has left (a chat waiting for its job, a long-poll, a stream);
-    more are answered 429 at once, before anything is published. Below
-    ``http_max_connections``, so that one key never holds every connection; when unsaid, a
-    quarter of it (1024 of 4096: a pipeline of many concurrent requests fits)."""
+    http_requests_per_team: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices(
+            "QUEUEGATE_HTTP_REQUESTS_PER_TEAM", "QUEUEGATE_HTTP_REQUESTS_PER_KEY"
+        ),
+    )
+    """Requests of one team, all its API keys together, a front-door process serves at once,
+    counted from when the key is proven until the answer has left (a chat waiting for its
+    job, a long-poll, a stream); more are answered 429 at once, before anything is published.
+    Per team, not per key: a team may hold any number of keys. Below
+    ``http_max_connections``, so that one team never holds every connection; when unsaid, a
+    quarter of it (1024 of 4096: a pipeline of many concurrent requests fits). Read as
+    ``QUEUEGATE_HTTP_REQUESTS_PER_KEY`` too, its name when it was counted per key."""
     http_keyless_requests: int | None = Field(default=None, ge=1)
     """Requests whose key is not (yet) proven that a front-door process serves at once, from
     every address together (health checks, /metrics, /openapi.json, the dashboard's pages);
@@ -190,6 +201,12 @@ class Settings(BaseSettings):
     """Bytes of request bodies one front-door process reads at once, counted by their
     Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are
     read. At least ``max_job_bytes``."""
+    http_body_bytes_per_team: int | None = Field(default=None, ge=1024)
+    """Bytes of ``http_body_bytes_in_flight`` one team's bodies, all its API keys together,
+    may take at once; more of that team's are answered 429 before they are read, so that no
+    team takes the whole budget and has every other team's bodies answered 503. At least
+    ``max_job_bytes``; when unsaid, a quarter of ``http_body_bytes_in_flight`` (16 MiB of
+    64 MiB), or ``max_job_bytes`` if that is more."""
     failed_key_limit: int = Field(default=20, ge=1)
     """Wrong API keys one client address may present (to the APIs or the dashboard's sign-in)
     in a ``failed_key_window``; past it, its key lookups are answered 429 until the window
@@ -323,18 +340,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _a_job_body_fits(self) -> Settings:
-        if self.http_body_bytes_in_flight < self.max_job_bytes:
-            raise ValueError(
-                "QUEUEGATE_HTTP_BODY_BYTES_IN_FLIGHT is below QUEUEGATE_MAX_JOB_BYTES, so the "
-                "front door could read no large job: raise it"
-            )
+        for name, value in (
+            ("QUEUEGATE_HTTP_BODY_BYTES_IN_FLIGHT", self.http_body_bytes_in_flight),
+            ("QUEUEGATE_HTTP_BODY_BYTES_PER_TEAM", self.body_bytes_per_team),
+        ):
+            if value < self.max_job_bytes:
+                raise ValueError(
+                    f"{name} is below QUEUEGATE_MAX_JOB_BYTES, so the front door could read "
+                    "no large job: raise it"
+                )
         return self
 
     @model_validator(mode="after")
     def _held_requests_leave_connections(self) -> Settings:
         for name, value in (
             ("QUEUEGATE_HTTP_KEYLESS_BODIES", self.keyless_bodies),
-            ("QUEUEGATE_HTTP_REQUESTS_PER_KEY", self.requests_per_key),
+            ("QUEUEGATE_HTTP_REQUESTS_PER_TEAM", self.requests_per_team),
             ("QUEUEGATE_HTTP_KEYLESS_REQUESTS", self.keyless_requests),
         ):
             if value >= self.http_max_connections > 1:
@@ -354,9 +375,9 @@ class Settings(BaseSettings):
         return max(1, quarter if most is None else min(most, quarter))
 
     @property
-    def requests_per_key(self) -> int:
-        """``http_requests_per_key``, or a quarter of the connections."""
-        return self._quarter(self.http_requests_per_key)
+    def requests_per_team(self) -> int:
+        """``http_requests_per_team``, or a quarter of the connections."""
+        return self._quarter(self.http_requests_per_team)
 
     @property
     def keyless_requests(self) -> int:
@@ -367,6 +388,14 @@ class Settings(BaseSettings):
     def keyless_bodies(self) -> int:
         """``http_keyless_bodies``, or a quarter of the connections, at most 32."""
         return self._quarter(self.http_keyless_bodies, most=32)
+
+    @property
+    def body_bytes_per_team(self) -> int:
+        """``http_body_bytes_per_team``, or a quarter of the bytes in flight (at least
+        ``max_job_bytes``, so that a team can send its largest job)."""
+        if self.http_body_bytes_per_team is not None:
+            return self.http_body_bytes_per_team
+        return max(self.max_job_bytes, self.http_body_bytes_in_flight // 4)
 
     @property
     def amqp_user(self) -> str | None:
@@ -408,10 +437,20 @@ def settings_problem(exc: ValidationError) -> str:
     said = str(problem["msg"]).removeprefix("Value error, ")
     if not problem["loc"]:  # a check of several settings: its message names them
         return f"invalid settings: {said}"
-    variable = f"QUEUEGATE_{str(problem['loc'][0]).upper()}"
+    variable = _variable(str(problem["loc"][0]))
     if said.startswith(variable):  # its check named it already
         return said
     return f"invalid {variable}: {said}: correct it and run again"
+
+
+def _variable(loc: str) -> str:
+    """The environment variable of the setting ``loc`` names: a field, or the first name of a
+    renamed one (its ``validation_alias``), said with its former names, any of which was read."""
+    for field in Settings.model_fields.values():
+        names = field.validation_alias
+        if isinstance(names, AliasChoices) and loc in names.choices:
+            return " or ".join(map(str, names.choices))
+    return f"QUEUEGATE_{loc.upper()}"
 
 
 def sentinel_addresses(listed: str) -> list[tuple[str, int]]:

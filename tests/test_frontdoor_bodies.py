@@ -1,6 +1,7 @@
 """Request bodies at the front door: a key is proven from the headers before any byte of the
-body is read, and a process reads only so many bodies at once, per key, keyless and in bytes, so
-slow bodies cannot hold its memory, nor one key's uploads its connections. Raw sockets send
+body is read, and a process reads only so many bodies at once, per key, keyless and in bytes
+(per team and in all), so slow bodies cannot hold its memory, nor one key's uploads its
+connections, nor one team's keys every other team's share. Raw sockets send
 the slow bodies, as only a hostile client would; the openai SDK sends the requests that must
 be served or refused."""
 
@@ -22,14 +23,15 @@ from queuegate.db import create_pool
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.dashboard_browser import form_token, signed_in
-from tests.frontdoor_support import HELLO, Door, open_door
+from tests.frontdoor_support import HELLO, Door, issue_key, open_door
 
 TEAMS = {"alpha": TeamConfig(), "beta": TeamConfig(), "gamma": TeamConfig()}
 BODIES_PER_KEY = 2
 JOB_BYTES = 4096
 BYTES_IN_FLIGHT = 10_000
-SLOW = 3000
-"""The Content-Length of a slow body: three of them fit in the process's bytes, four do not."""
+SLOW = 2000
+"""The Content-Length of a slow body: a key's two of them fit in its team's share of the
+process's bytes (``JOB_BYTES``, the least it may be)."""
 MAX_CONNECTIONS = BODIES_PER_KEY + 2
 UPLOADS = {
     "/v1/files": "multipart/form-data; boundary=b",
@@ -46,7 +48,7 @@ def _limited(settings: Settings, **more: int) -> Settings:
         "max_job_bytes": JOB_BYTES,
         "http_bodies_per_key": BODIES_PER_KEY,
         # as many requests in progress as bodies, so that the bodies' limit is the one met
-        "http_requests_per_key": BODIES_PER_KEY,
+        "http_requests_per_team": BODIES_PER_KEY,
         "http_body_bytes_in_flight": BYTES_IN_FLIGHT,
     }
     return settings.model_copy(update={**limits, **more})
@@ -173,11 +175,13 @@ async def test_a_key_sending_too_many_bodies_at_once_is_429_and_others_are_serve
 
 
 async def test_a_process_reading_its_bytes_worth_of_bodies_answers_503(door: Door) -> None:
-    # Given slow bodies of two keys, nearly as many bytes as the process reads at once
+    # Given slow bodies of two teams, within their shares, nearly as many bytes as the process
+    # reads at once
     async with slow_bodies(door, ["alpha", "alpha", "beta"]):
-        # Expect a body that does not fit refused before it is read, with Retry-After
+        # Expect a third team's body that does not fit refused before it is read, with
+        # Retry-After
         reader, writer = await connect(door)
-        writer.write(head(SLOW, door.keys["gamma"]))
+        writer.write(head(JOB_BYTES, door.keys["gamma"]))
         status, answer_head = await status_of(reader)
         assert status == 503
         assert b"retry-after: 1" in answer_head
@@ -187,6 +191,51 @@ async def test_a_process_reading_its_bytes_worth_of_bodies_answers_503(door: Doo
     async with door.client("gamma", max_retries=3) as gamma:
         assert await gamma.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert len(await door.gateway.usage_rows(1)) == 1
+
+
+async def test_a_team_with_several_keys_takes_no_more_than_its_share_of_the_bytes(
+    settings: Settings,
+) -> None:
+    # Given a process whose teams may each have more requests in progress than the test sends,
+    # so that the bytes are the bound met, and alpha holding four keys
+    async with open_door(_limited(settings, http_requests_per_team=8), TEAMS) as door:
+        keys = [door.keys["alpha"], *[(await issue_key(settings, "alpha"))[1] for _ in range(3)]]
+        connections: list[asyncio.StreamWriter] = []
+        try:
+            # When alpha sends a slow body of a quarter of the process's bytes with each key:
+            # together, all of them
+            answers = []
+            for key in keys:
+                reader, writer = await connect(door)
+                connections.append(writer)
+                writer.write(head(BYTES_IN_FLIGHT // 4, key, "Expect: 100-continue"))
+                answers.append((await status_of(reader))[0])
+
+            # Expect beta served meanwhile, by the official SDK without retries
+            async with door.client("beta") as beta:
+                assert await beta.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+            # ... as alpha's bodies were read only up to its share (``JOB_BYTES``: one of
+            # them), the others refused before they were read
+            assert answers == [100, 429, 429, 429]
+            # ... and alpha's next body that does not fit its share, by any of its keys,
+            # refused 429 in a line that says what to do, with Retry-After
+            long = [{"role": "user", "content": "a" * (JOB_BYTES - BYTES_IN_FLIGHT // 4)}]
+            async with openai.AsyncOpenAI(
+                base_url=door.v1, api_key=keys[-1], max_retries=0
+            ) as alpha:
+                with pytest.raises(openai.RateLimitError) as refused:
+                    await alpha.chat.completions.create(model="gpt-4o-mini", messages=long)
+            assert refused.value.code == "too_many_requests"
+            assert refused.value.response.headers["retry-after"] == "1"
+            error = refused.value.body
+            assert isinstance(error, dict)
+            message = error["message"]
+            assert message.startswith("team alpha's request bodies") and "\n" not in message
+            assert "all its API keys together: send the next once one has arrived" in message
+        finally:
+            for writer in connections:
+                writer.close()
+    assert door.gateway.mock.stats.calls == 1
 
 
 @pytest.mark.parametrize("path", UPLOADS)

@@ -23,7 +23,7 @@ import pytest
 from frontdoor.connections import OPEN_FILES_RESERVE
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.frontdoor_support import HELLO, Door, open_door
+from tests.frontdoor_support import HELLO, Door, issue_key, open_door
 
 HEADER_TIMEOUT = 0.5
 MAX_HEADER_BYTES = 8192
@@ -81,7 +81,9 @@ async def door(settings: Settings) -> AsyncIterator[Door]:
 @pytest.fixture
 async def patient_door(settings: Settings) -> AsyncIterator[Door]:
     """Headers may take long here: only the connection cap stops idle connections."""
-    limits = serving(settings, http_header_timeout=60.0, http_requests_per_key=MAX_CONNECTIONS // 2)
+    limits = serving(
+        settings, http_header_timeout=60.0, http_requests_per_team=MAX_CONNECTIONS // 2
+    )
     async with open_door(limits) as opened:
         yield opened
 
@@ -224,8 +226,8 @@ SLOW = "local-llama"
 
 @pytest.fixture
 async def shared_door(settings: Settings) -> AsyncIterator[Door]:
-    """Two teams on a door of ``MAX_CONNECTIONS``: a quarter of them per key, a quarter
-    without one (the derived defaults)."""
+    """Two teams on a door of ``MAX_CONNECTIONS``: a quarter of them per team, a quarter
+    without a key (the derived defaults)."""
     mock = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=12_000)})
     async with open_door(serving(settings, http_header_timeout=60.0), mock_config=mock) as opened:
         yield opened
@@ -265,6 +267,56 @@ async def test_one_keys_requests_in_progress_leave_the_other_teams_served(
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_team_with_several_keys_holds_no_more_requests_than_with_one(
+    shared_door: Door, settings: Settings
+) -> None:
+    # Given the hostile team holding four keys, and sending with each as many chats as a team
+    # may have in progress, each waiting long for its job: as many as the process holds
+    # connections
+    per_team = MAX_CONNECTIONS // 4
+    keys = [shared_door.keys["beta"], *[(await issue_key(settings, "beta"))[1] for _ in range(3)]]
+    hostile = [
+        openai.AsyncOpenAI(base_url=shared_door.v1, api_key=key, max_retries=0, timeout=120)
+        for key in keys
+    ]
+    waiting = [
+        asyncio.create_task(client.chat.completions.create(model=SLOW, messages=HELLO))
+        for client in hostile
+        for _ in range(per_team)
+    ]
+    try:
+        # Expect all but one key's worth refused 429 at once, in a line that names the team
+        # and says what to do, with Retry-After, nothing published for them
+        refused: list[openai.RateLimitError] = []
+        async with asyncio.timeout(10):
+            for finished in asyncio.as_completed(waiting):
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await finished
+                refused.append(caught.value)
+                if len(refused) == len(waiting) - per_team:
+                    break
+        for error in refused:
+            assert error.response.headers["retry-after"] == "1"
+            assert isinstance(error.body, dict)
+            assert error.body["message"] == (
+                f"team beta has {per_team} requests in progress at this front-door process "
+                "already, all its API keys together: send the next once one is answered"
+            )
+        assert sum(not task.done() for task in waiting) == per_team
+
+        # ... and the other team served meanwhile, by the official SDK, without retries
+        async with shared_door.client("alpha") as victim:
+            assert (await victim.models.list()).data
+            answered = await victim.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+            assert answered.choices[0].message.content
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for client in hostile:
+            await client.close()
 
 
 async def pipelining(door: Door, source: str, requests: int) -> socket.socket:

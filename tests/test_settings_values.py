@@ -106,6 +106,38 @@ def test_keyless_bodies_that_could_hold_every_connection_are_refused(
     assert Settings().keyless_bodies == 31
 
 
+def test_a_teams_requests_in_progress_are_read_under_their_former_per_key_name_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a deployment that set the bound under its name from when it counted per key
+    monkeypatch.setenv("QUEUEGATE_HTTP_REQUESTS_PER_KEY", "100")
+    # Expect it kept, now per team; and the new name first when both are set
+    assert Settings().requests_per_team == 100
+    monkeypatch.setenv("QUEUEGATE_HTTP_REQUESTS_PER_TEAM", "200")
+    assert Settings().requests_per_team == 200
+    # ... and a wrong value refused in a line naming both, under either of which it is read
+    monkeypatch.delenv("QUEUEGATE_HTTP_REQUESTS_PER_TEAM")
+    monkeypatch.setenv("QUEUEGATE_HTTP_REQUESTS_PER_KEY", "0")
+    assert _refused().startswith(
+        "invalid QUEUEGATE_HTTP_REQUESTS_PER_TEAM or QUEUEGATE_HTTP_REQUESTS_PER_KEY: "
+    )
+
+
+def test_a_teams_share_of_the_body_bytes_holds_its_largest_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given the body bytes a process reads at once: unsaid, a quarter of them is a team's
+    assert Settings().body_bytes_per_team == 16 * 1024 * 1024
+    # ... or the largest job, where a quarter would not hold it
+    monkeypatch.setenv("QUEUEGATE_HTTP_BODY_BYTES_IN_FLIGHT", str(2 * 1_048_576))
+    assert Settings().body_bytes_per_team == 1_048_576
+    # Expect a share said below the largest job refused in one line that says what to do
+    monkeypatch.setenv("QUEUEGATE_HTTP_BODY_BYTES_PER_TEAM", "4096")
+    said = _refused()
+    assert "QUEUEGATE_HTTP_BODY_BYTES_PER_TEAM is below QUEUEGATE_MAX_JOB_BYTES" in said
+    assert "raise it" in said and "\n" not in said
+
+
 @pytest.mark.parametrize(("name", "url"), CASES)
 def test_a_url_setting_its_client_would_misread_is_refused_without_its_password(
     name: str, url: str

@@ -7,7 +7,7 @@ exactly, as it is stored. Each is one of the key's bodies read at once (``Bodies
 a key may hold no more of the process's connections with slow uploads than with slow chat
 bodies, though an upload has minutes to arrive::
 
-    reading = door.bodies.reader(caller.key_id)
+    reading = door.bodies.reader(caller)
     async with read_upload(request, reading, limit=s.batch_file_max_bytes, timeout=60) as form:
         upload, purpose = form.get("file"), form.get("purpose")
     await spool_body(request, reading, path, limit=..., timeout=...)

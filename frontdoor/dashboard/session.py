@@ -24,10 +24,10 @@ forgotten) by the one post that may use it. A cookie planted by another site (a 
 domain can set one) names no form this dashboard handed out, whatever token comes with it.
 
 A form's body is read as an API's is (``read_form``), in size, in time and in number at once:
-a signed-in session's as one of its key's bodies; the sign-in's, which comes before any key
-is known, per client address and as one of the process's few keyless bodies
-(``Bodies.read_keyless``), so that a slow one costs no more than its own connection, for no
-longer than ``http_body_timeout``, and slow ones from many addresses never hold the
+a signed-in session's as one of its key's bodies, its bytes its team's; the sign-in's, which
+comes before any key is known, per client address and as one of the process's few keyless
+bodies (``Bodies.read_keyless``), so that a slow one costs no more than its own connection,
+for no longer than ``http_body_timeout``, and slow ones from many addresses never hold the
 connections the APIs' callers need.
 
 Each read of Redis or PostgreSQL here is bounded (``outage.bounded``): with either away the
@@ -159,8 +159,8 @@ async def current(request: Request) -> Session:
         live = await _key_live(door, session)
     if not live:
         raise SignInNeeded
-    # A signed-in page, or its live view, is its key's request from here (``frontdoor.held``).
-    request.app.state.held.prove(request.scope, session.key_id)
+    # A signed-in page, or its live view, is its team's request from here (``frontdoor.held``).
+    request.app.state.held.prove(request.scope, session)
     return session
 
 
@@ -170,13 +170,13 @@ FORM_BYTES = 16 * 1024
 
 async def read_form(request: Request, session: Session | None = None) -> dict[str, str]:
     """The fields of the form posted (URL-encoded), read through the process's ``Bodies``:
-    as one of ``session``'s key's bodies, or, with no session yet (the sign-in), as a keyless
+    as one of ``session``'s bodies, or, with no session yet (the sign-in), as a keyless
     body of its client's address. 408, 413 or 429 as an API's."""
     door: FrontDoor = request.app.state.frontdoor
     if session is None:
         raw = await door.bodies.read_keyless(request, client_of(request), limit=FORM_BYTES)
     else:
-        raw = await door.bodies.read(request, session.key_id, limit=FORM_BYTES)
+        raw = await door.bodies.read(request, session, limit=FORM_BYTES)
     return dict(parse_qsl(raw.decode(errors="replace")))
 
 

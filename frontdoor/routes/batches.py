@@ -48,7 +48,7 @@ class BatchCreate(BaseModel):
 
 @router.post("/v1/batches", summary="Create a batch from an uploaded file")
 async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
-    body = await door.bodies.read_json(request, caller.key_id, limit=REQUEST_BYTES)
+    body = await door.bodies.read_json(request, caller, limit=REQUEST_BYTES)
     try:
         asked = BatchCreate.model_validate(body)
     except ValidationError as exc:

@@ -26,7 +26,7 @@ async def upload(request: Request, door: Door, caller: Calling) -> dict[str, Any
     s = door.settings
     limit = s.batch_file_max_bytes
     quota = await files.storage_quota(door.pool, caller.team, s.team_file_storage_bytes)
-    reading = door.bodies.reader(caller.key_id)
+    reading = door.bodies.reader(caller)
     async with read_upload(request, reading, limit=limit, timeout=s.batch_upload_timeout) as form:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != files.UPLOADED:

@@ -52,7 +52,7 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
     batch_id = records.new_batch_id("anthropic")
     with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
         body, requests = Path(work) / "body.json", Path(work) / "requests.jsonl"
-        reading = door.bodies.reader(caller.key_id)
+        reading = door.bodies.reader(caller)
         await spool_body(request, reading, body, limit=limit, timeout=s.batch_upload_timeout)
         total = _requests(body, requests)
         try:

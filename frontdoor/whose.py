@@ -1,0 +1,38 @@
+"""Whose a request is, for the bounds a front-door process keeps per caller: a team's, all its
+API keys together, so that a team holding several keys takes no more than a team holding one
+(``frontdoor.held``, ``frontdoor.body``); an administrator's key, which acts for no team, its
+own.
+
+    held.prove(scope, caller)        # a Caller, a KeyOwner or a dashboard Session
+    whose(caller)                    # "team research", or "admin key 3f2a…"
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+TEAM = "team "
+"""The prefix of a team's share (``whose``)."""
+
+
+class Keyed(Protocol):
+    """A caller proven by one of its keys: a team's (``team``), or an administrator's (None)."""
+
+    @property
+    def team(self) -> str | None: ...
+
+    @property
+    def key_id(self) -> str: ...
+
+
+def whose(caller: Keyed) -> str:
+    """The share ``caller``'s requests count against."""
+    return f"{TEAM}{caller.team}" if caller.team is not None else f"admin key {caller.key_id}"
+
+
+def teams(share: str) -> str | None:
+    """The team whose share ``share`` is; None for any other (a key's, an address's)."""
+    return share.removeprefix(TEAM) if share.startswith(TEAM) else None
+
+
+__all__ = ["TEAM", "Keyed", "teams", "whose"]
