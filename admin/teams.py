@@ -53,7 +53,7 @@ from queuegate.tenancy import (
     put_security,
     revoke_api_keys,
 )
-from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
 
 
 @dataclass(frozen=True)
@@ -426,6 +426,12 @@ def quota_policy(settings: Settings, team: str) -> str:
     return f"{settings.namespace}-quota-{team}"
 
 
+def reply_policy(settings: Settings) -> str:
+    """The policy bounding every team's reply and results queues of the namespace: for the
+    namespace ``queuegate``, the one of ``deploy/rabbitmq/definitions.json`` (the same)."""
+    return f"{settings.namespace}-reply-queues"
+
+
 def control_policy(settings: Settings) -> str:
     """The policy bounding every control queue of the namespace: for the namespace
     ``queuegate``, the one of ``deploy/rabbitmq/definitions.json`` (the same)."""
@@ -452,16 +458,21 @@ def queue_quota(settings: Settings, config: TeamConfig) -> QueueQuota:
 
 
 async def put_quota(admin: BrokerAdmin, settings: Settings, team: str, config: TeamConfig) -> None:
-    """Bound the team's job queue by jobs and bytes with the policy ``quota_policy``, and every
-    control queue of the namespace by bytes (``control_policy``): a queue's own arguments
-    cannot change once declared, a policy can, on queues that exist too. Every team has them,
-    so that none can park messages until the broker's memory alarm blocks every team's
-    publishers. ``overflow: reject-publish`` repeats the queues' own argument, so that a queue
-    declared without it (by hand, by an earlier version) refuses too, rather than dropping
-    its oldest messages, a policy's default. ``dead-letter-routing-key`` has the broker
-    dead-letter the team's jobs under the team's key alone: without it a job keeps the keys of
-    its ``CC`` header too, which no broker before RabbitMQ 4.0.3 checks against the team's
-    topic permissions, and would reach other dead-letter queues."""
+    """Bound the team's job queue by jobs and bytes with the policy ``quota_policy``, every
+    control queue of the namespace by bytes (``control_policy``), and every team's reply and
+    results queue by results and bytes (``reply_policy``): a queue's own arguments cannot
+    change once declared, a policy can, on queues that exist too (those an earlier version
+    declared with other bounds, or none). Every team has them, so that none can park
+    messages until the broker's memory alarm blocks every team's publishers.
+    ``overflow: reject-publish`` repeats the queues' own argument, so that a queue declared
+    without it (by hand, by an earlier version) refuses too, rather than dropping its oldest
+    messages, a policy's default. (On RabbitMQ 3.10 a classic queue's own ``x-overflow``
+    outranks a policy's: a client's reply queue of an earlier version, ``drop-head``, drops
+    its oldest past the bytes until it expires; a quorum queue takes the policy's.)
+    ``dead-letter-routing-key`` has the broker dead-letter the team's jobs under the team's key
+    alone: without it a job keeps the keys of its ``CC`` header too, which no broker before
+    RabbitMQ 4.0.3 checks against the team's topic permissions, and would reach other
+    dead-letter queues."""
     quota = queue_quota(settings, config)
     topology = Topology.of(settings)
     await admin.put_policy(
@@ -479,6 +490,11 @@ async def put_quota(admin: BrokerAdmin, settings: Settings, team: str, config: T
         control_policy(settings),
         pattern=f"^{re.escape(topology.control_queue(''))}",
         definition={"max-length-bytes": CONTROL_MAX_BYTES, "overflow": "reject-publish"},
+    )
+    await admin.put_policy(
+        reply_policy(settings),
+        pattern=topology.team_reply_queues_pattern(),
+        definition=Bound.of(settings).policy(),
     )
 
 

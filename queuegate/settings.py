@@ -129,9 +129,22 @@ class Settings(BaseSettings):
     """Seconds a durable results queue (a pipeline's, a batch's) is kept while nobody reads
     it: the broker deletes it, with what it holds, once unused this long."""
     reply_queue_max_length: int = Field(default=100_000, ge=1)
-    """Unread replies a client's reply queue holds at most; past it the oldest is dropped."""
-    reply_queues_per_team: int = Field(default=100, ge=1)
-    """Reply and results queues a team may have at once (the gateway declares them)."""
+    """Unread results a reply or results queue holds at most: past it a team's refuses the
+    next (the worker records it undelivered), a front door's drops its oldest (its caller
+    has long given up, and reads the outcome by job id)."""
+    reply_queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Bytes of unread result bodies each of a team's reply and results queues holds at most
+    (the policy ``teams add`` and ``teams set`` put); past it the broker refuses the next
+    result, which the worker records undelivered (``reply_delivered = false``), its outcome
+    kept for the job sent again. 64 MiB holds some 20,000 results of 3 KB: a large batch
+    collected after it ran."""
+    reply_queues_per_team: int = Field(default=16, ge=1)
+    """Reply and results queues a team may have at once (the gateway declares them). With
+    ``reply_queue_max_bytes`` it bounds what a team that reads none of its results parks in
+    the broker: 16 x 64 MiB, 1 GiB (100 queues, the earlier default, let one team hold
+    6.4 GiB: twice the memory watermark of an 8 GiB node, whose alarm blocks every team's
+    publishers).
+    Each app process's GatewayClient holds one, each pipeline and uncollected batch one."""
     job_time_limit: float = Field(default=1500.0, gt=0, le=DAY)
     """Seconds a worker spends on one job at most, every provider call included. Keep it below
     RabbitMQ's ``consumer_timeout`` (30 min by default), or the broker takes the job back."""

@@ -16,9 +16,12 @@
 | ``<ns>.dead.<team>``         | quorum queue               | one team's poison, expired jobs   |
 
 Arguments of a queue cannot change once it exists (RabbitMQ refuses a redeclare that differs),
-so per-team quotas are applied as policies, never as declare arguments. The dead-letter queues'
-bounds are arguments: a ``<ns>.dead`` declared by a version without them must be emptied and
-deleted once (``queuegate dlq purge``, then delete the queue) before the upgrade.
+so per-team quotas are applied as policies, never as declare arguments. A team's reply and
+results queues carry their bound (``Bound``) both ways: as arguments, and as the policy
+``teams add`` puts, which bounds those an earlier version declared (kept as they were).
+The dead-letter queues' bounds are arguments: a ``<ns>.dead`` declared by a version without
+them must be emptied and deleted once (``queuegate dlq purge``, then delete the queue)
+before the upgrade.
 
 Dead letters are kept per team, so that one team's flood of expiring jobs drops only its own
 oldest letters. Every queue's ``x-dead-letter-exchange`` stays the ``<ns>.dead`` fanout (an
@@ -144,6 +147,33 @@ TEAM_DEAD_MAX_BYTES = 64 * 1024 * 1024
 """Bounds of one team's ``<ns>.dead.<team>``: beyond them its own oldest letters are dropped."""
 
 
+@dataclass(frozen=True)
+class Bound:
+    """What each of a team's reply and results queues holds unread at most: past either
+    bound the broker refuses the next result (the worker records it undelivered), so a team
+    that reads none parks at most ``max_bytes`` of bodies in each. The same bounds are the
+    queues' arguments and the policy ``teams add`` puts (for queues of earlier versions)."""
+
+    max_length: int
+    max_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Bound:
+        return cls(settings.reply_queue_max_length, settings.reply_queue_max_bytes)
+
+    def policy(self) -> dict[str, Any]:
+        """The bounds as a policy's definition."""
+        return {
+            "max-length": self.max_length,
+            "max-length-bytes": self.max_bytes,
+            "overflow": "reject-publish",
+        }
+
+    def arguments(self) -> dict[str, Any]:
+        """The bounds as a queue's arguments."""
+        return {f"x-{key}": value for key, value in self.policy().items()}
+
+
 _EARLIER_LIMIT = re.compile(r"inequivalent arg 'x-delivery-limit'.* current is '(\d+)'")
 """The broker's refusal of a declare whose only difference may be the delivery limit."""
 
@@ -208,6 +238,16 @@ class Topology:
         """Whether ``queue`` is a named results queue (a pipeline's, a batch's): one that keeps
         results while nobody reads them, so they are sent persistent."""
         return queue.startswith(f"{self.namespace}.results.")
+
+    def team_reply_queues_pattern(self) -> str:
+        """Every team's reply and results queues, as a regex (the policy bounding them);
+        never a front door's, whose results are the gateway's own."""
+        return rf"^{re.escape(self.namespace)}\.(replies|results)\."
+
+    def is_team_reply_queue(self, queue: str) -> bool:
+        """Whether ``queue`` is one of a team's reply or results queues, which the gateway
+        bounds (``Bound``): one that refuses a result is full of unread ones."""
+        return re.match(self.team_reply_queues_pattern(), queue) is not None
 
     def replies_queue(self, team: str, client_id: str) -> str:
         # Client-named (not amq.gen-*) so a team's broker user can be allowed exactly its own.
@@ -381,17 +421,18 @@ class Topology:
         return queue
 
     async def declare_results_queue(
-        self, channel: AbstractChannel, team: str, name: str, *, expires_s: float
+        self, channel: AbstractChannel, team: str, name: str, *, expires_s: float, bound: Bound
     ) -> AbstractQueue:
         """A durable reply queue that outlives its consumer, for pipelines that restart.
 
         It expires once unused (no consumer, no declare) for ``expires_s``, so a pipeline
-        that never comes back does not leave it, and its results, forever.
+        that never comes back does not leave it, and its results, forever; past ``bound``
+        the broker refuses the next result. One an earlier version declared (an expiry only)
+        is kept as it was; the policy ``teams add`` puts bounds it.
         """
-        return await channel.declare_queue(
-            self.results_queue(team, name),
-            durable=True,
-            arguments={**self._quorum(), "x-expires": int(expires_s * 1000)},
+        base = {**self._quorum(), "x-expires": int(expires_s * 1000)}
+        return await self._declare_reply(
+            channel, self.results_queue(team, name), base | bound.arguments(), earlier=base
         )
 
     async def declare_replies_queue(
@@ -401,26 +442,46 @@ class Topology:
         client_id: str,
         *,
         expires_s: float,
-        max_length: int,
+        bound: Bound,
     ) -> AbstractQueue:
         """One client's reply queue, named by the client so it survives a dropped connection.
 
         An exclusive server-named queue dies with its connection, and a robust reconnect would
         declare a new name, so replies in flight would be returned as unroutable. This one
         keeps its name, and the broker deletes it once it has gone ``expires_s`` unused (the
-        client is gone for good). Past ``max_length`` unread replies the oldest is dropped: a
-        client that reads none cannot grow it without end.
+        client is gone for good). Past ``bound`` the broker refuses the next result: a client
+        that reads none cannot grow it without end. One an earlier version declared (the
+        oldest dropped past a count) is kept as it was; the policy ``teams add`` puts bounds
+        its bytes.
         """
-        return await channel.declare_queue(
-            self.replies_queue(team, client_id),
-            durable=True,
-            arguments={
-                **self._reply_queue_type(),
-                "x-expires": int(expires_s * 1000),
-                "x-max-length": max_length,
-                "x-overflow": "drop-head",
-            },
+        base = {**self._reply_queue_type(), "x-expires": int(expires_s * 1000)}
+        earlier = base | {"x-max-length": bound.max_length, "x-overflow": "drop-head"}
+        return await self._declare_reply(
+            channel, self.replies_queue(team, client_id), base | bound.arguments(), earlier=earlier
         )
+
+    async def _declare_reply(
+        self,
+        channel: AbstractChannel,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        earlier: dict[str, Any],
+    ) -> AbstractQueue:
+        """A team's reply or results queue with this version's arguments, or, when an
+        earlier version declared it (the broker refuses a redeclare that differs), with that
+        version's: a client's queue must keep working across the upgrade until it expires.
+
+        Tried on a channel of its own first: the broker closes the channel of a declare whose
+        arguments differ, and ``channel`` answers control requests."""
+        underlay = await channel.get_underlay_channel()
+        try:
+            await _probe(underlay, name, arguments)
+        except ChannelPreconditionFailed:
+            await _probe(underlay, name, earlier)  # neither version's: this raises
+            log.info("queue %s keeps an earlier version's arguments until it expires", name)
+            arguments = earlier
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
 
     async def declare_frontdoor_queue(
         self, channel: AbstractChannel, process_id: str, *, expires_s: float, max_length: int

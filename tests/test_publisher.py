@@ -68,6 +68,7 @@ async def test_results_past_the_bound_wait_their_turn_outside_aiormq_and_none_is
                 reconnect_wait=30,
                 user_id=None,
                 keeps_results=lambda _: True,
+                bounded=lambda _: True,
             )
             underlay = await replies.get_underlay_channel()
             assert isinstance(underlay, aiormq.Channel)

@@ -30,6 +30,7 @@ from admin.teams import (
     listing,
     quota_policy,
     register,
+    reply_policy,
     with_user,
 )
 from cli.main import app
@@ -50,7 +51,7 @@ from queuegate.spend import (
     to_nano,
 )
 from queuegate.tenancy import broker_user
-from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
 from tests.support import Gateway, running_gateway, wait_until
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Scripts
@@ -594,6 +595,9 @@ def test_the_definitions_default_policies_bound_as_teams_add_does() -> None:
         "max-length-bytes": CONTROL_MAX_BYTES,
         "overflow": "reject-publish",
     }
+    assert policies[reply_policy(defaults)] == Bound.of(defaults).policy()
+    [replies] = [p for p in definitions["policies"] if p["name"] == reply_policy(defaults)]
+    assert replies["pattern"] == Topology(defaults.namespace).team_reply_queues_pattern()
 
 
 async def test_a_teams_quota_outranks_the_default_policies_of_the_definitions(

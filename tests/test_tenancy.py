@@ -16,7 +16,7 @@ from producer import GatewayClient
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
-from queuegate.topology import HEADER_DEAD_REASON
+from queuegate.topology import HEADER_DEAD_REASON, Bound
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -219,7 +219,11 @@ async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answ
         async with admin_connection:
             admin_channel = await admin_connection.channel()
             await gw.topology.declare_results_queue(
-                admin_channel, "beta", "inbox", expires_s=settings.results_queue_expires
+                admin_channel,
+                "beta",
+                "inbox",
+                expires_s=settings.results_queue_expires,
+                bound=Bound.of(settings),
             )
             try:
                 # When alpha sends a job whose reply_to is beta's queue

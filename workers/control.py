@@ -7,10 +7,10 @@ direct reply-to name: the answer goes out under the worker's identity on the def
 exchange, where any other name could be another team's queue. It is proven like a job
 (``Identities.prove``: broker ``user_id``, API key, operator), its team taken from the
 routing key (``<team>.control``, which the broker lets only that team's user publish).
-Reply and results queues are declared here, with the gateway's arguments only (an expiry
-always, a length bound on a client's queue), at most ``settings.reply_queues_per_team`` per
-team; batch state is read and written under the team's own keys. See queuegate/control.py
-for the requests.
+Reply and results queues are declared here, with the gateway's arguments only (an expiry,
+and a bound in results and bytes past which the broker refuses the next result), at most
+``settings.reply_queues_per_team`` per team; batch state is read and written under the
+team's own keys. See queuegate/control.py for the requests.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from queuegate.errors import BatchError, ConfigError, GatewayError, JobError, Se
 from queuegate.keys import Keys
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
-from queuegate.topology import Topology
+from queuegate.topology import Bound, Topology
 from workers.batch_state import BatchState, list_batches
 from workers.identity import Identities
 
@@ -220,11 +220,14 @@ class ControlPlane:
             else self._topology.replies_queue(team, name)
         )
         await self._count(team, full, expires)
+        bound = Bound.of(s)
         if durable:
-            await self._topology.declare_results_queue(channel, team, name, expires_s=expires)
+            await self._topology.declare_results_queue(
+                channel, team, name, expires_s=expires, bound=bound
+            )
         else:
             await self._topology.declare_replies_queue(
-                channel, team, name, expires_s=expires, max_length=s.reply_queue_max_length
+                channel, team, name, expires_s=expires, bound=bound
             )
         return full
 

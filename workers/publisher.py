@@ -80,10 +80,12 @@ class Publisher:
         nacks_within: float = 0.0,
         user_id: str | None,
         keeps_results: Callable[[str], bool],
+        bounded: Callable[[str], bool],
         accounted: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._user_id = user_id
         self._keeps_results = keeps_results
+        self._bounded = bounded
         self._channel = channel
         self._replies = replies
         self._usage = usage
@@ -108,7 +110,12 @@ class Publisher:
 
     async def result(self, reply_to: str, job_id: str, body: bytes) -> bool:
         """Send a ChatResult's JSON to the caller's reply queue; False when that queue no
-        longer exists.
+        longer exists, or is one of a team's (``bounded``) and refuses it: full, its team
+        reading none of its results (``QUEUEGATE_REPLY_QUEUE_MAX_BYTES``). The job is then
+        answered and accounted all the same (``reply_delivered = false``), not sent back to
+        its queue to be refused again and again, nor dead-lettered into the shared
+        ``<ns>.dead`` by the thousand. Any other queue's refusal (one the gateway did not
+        bound) fails the job, which is tried again up to its delivery limit.
 
         Persistent only to a queue that ``keeps_results`` (a pipeline's or a batch's named
         results queue, which holds them while nobody reads). A client's own reply queue and a
@@ -135,10 +142,22 @@ class Publisher:
                 "result of job %s returned: reply queue %s no longer exists", job_id, reply_to
             )
             return False
+        except aiormq.exceptions.DeliveryError:
+            if not self._bounded(reply_to):
+                raise
+            log.warning(
+                "result of job %s refused: reply queue %s is full (its team reads none of its "
+                "results); the job sent again is answered from its stored outcome",
+                job_id,
+                reply_to,
+            )
+            return False
         return True
 
     async def chunk(self, reply_to: str, chunk: StreamChunk) -> bool:
-        """Send one streamed delta; False when the reply queue no longer exists.
+        """Send one streamed delta; False when the reply queue no longer exists, or is one
+        of a team's and full (its final result is then refused too, or comes when there is
+        room: the deltas before it are the reader's to lose).
 
         Not persistent: a delta is worth nothing after a broker restart, the final result is.
         """
@@ -155,6 +174,10 @@ class Publisher:
                 reply=True,
             )
         except aiormq.exceptions.PublishError:
+            return False
+        except aiormq.exceptions.DeliveryError:
+            if not self._bounded(reply_to):
+                raise
             return False
         return True
 

@@ -33,7 +33,9 @@ class StreamRelay:
         self._seq += 1
         if not await self._publisher.chunk(self._reply_to, chunk):
             self._gone = True
-            log.warning("reply queue of streamed job %s is gone; not relaying", self._job_id)
+            log.warning(
+                "reply queue of streamed job %s is gone or full; not relaying", self._job_id
+            )
 
     async def replay(self, response: dict[str, Any]) -> None:
         """An answer that was not streamed (a cache hit), sent as one delta."""

@@ -179,6 +179,7 @@ class Worker:
                 nacks_within=nack_window(s.amqp_url),
                 user_id=s.amqp_user,
                 keeps_results=self._topology.is_results_queue,
+                bounded=self._topology.is_team_reply_queue,
                 accounted=claims.accounted,
             )
             self._processor = JobProcessor(
