@@ -298,20 +298,26 @@ async def create_broker_user(
     """Create (or re-password) the team's user with only the permissions of ``permissions``
     and the connection and channel limits of ``config``; ``password=None`` keeps the user's.
 
-    Connections opened with an old password are closed: apps reconnect with the new one.
+    Connections opened with an old password are closed: apps reconnect with the new one. So
+    are those opened under other permissions (an earlier version's): the broker keeps the
+    rights a channel has used until the channel closes.
     """
     allowed = permissions(settings.namespace, team)
+    wanted = {"configure": allowed.configure, "write": allowed.write, "read": allowed.read}
     async with BrokerAdmin(settings.management_url) as admin:
         if password is not None:
             await admin.put_user(user, password)
             await admin.close_connections(user, reason="queuegate: credentials rotated")
         await _put_limits(admin, settings, user, config)
-        await admin.put_permissions(
-            user, configure=allowed.configure, write=allowed.write, read=allowed.read
-        )
+        held = await admin.permissions(user)
+        await admin.put_permissions(user, **wanted)
+        # Only the entry exchange's: an earlier version's were for the jobs exchange.
+        await admin.delete_topic_permissions(user)
         await admin.put_topic_permissions(
             user, exchange=allowed.topic_exchange, write=allowed.topic_write, read="^$"
         )
+        if held is not None and held != wanted:
+            await admin.close_connections(user, reason="queuegate: permissions changed")
 
 
 async def set_security(

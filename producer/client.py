@@ -126,13 +126,16 @@ class GatewayClient:
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            # Passive: a team's broker user may publish to the exchange but not declare it.
+            # Passive: a team's broker user may publish to its entry exchange, the only one it
+            # may, but not declare it.
+            entry = self._topology.entry_exchange(self.team)
             try:
-                self._exchange = await self._channel.get_exchange(self._topology.jobs_exchange)
+                self._exchange = await self._channel.get_exchange(entry)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise PublishRefused(
-                    f"no jobs exchange in namespace {self._settings.namespace!r}: register "
-                    f"the team first (queuegate teams add {self.team})"
+                    f"no team {self.team!r} in namespace {self._settings.namespace!r} (no "
+                    f"exchange {entry}): check the team name, or register the team "
+                    f"(queuegate teams add {self.team}, again for one of an earlier version)"
                 ) from exc
             self._control = ControlClient(
                 self._channel,

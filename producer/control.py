@@ -1,6 +1,6 @@
 """Asking the gateway for things a team may not do itself: the control plane's client side.
 
-A request goes to the jobs exchange under ``<team>.control``, proven like a job (the
+A request goes to the team's entry exchange under ``<team>.control``, proven like a job (the
 connection's ``user_id``, the team's API key), and its answer comes back by direct reply-to:
 the team needs no queue of its own for it, and no permission beyond publishing there.
 """
@@ -41,7 +41,7 @@ class ControlClient:
     """Control requests on one robust channel of the caller (direct reply-to needs the
     request and its consumer on the same channel)::
 
-        control = ControlClient(channel, exchange="queuegate.jobs", team="search", ...)
+        control = ControlClient(channel, exchange="queuegate.in.search", team="search", ...)
         await control.start()
         queue = await control.open_reply_queue("nightly", durable=True)
     """
@@ -161,7 +161,9 @@ class ControlClient:
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 raise ControlRefused(
                     f"the broker refused a request for team {self.team!r}: these credentials "
-                    f"are not {self.team!r}'s; check the team name and QUEUEGATE_AMQP_URL"
+                    f"are not {self.team!r}'s (or hold an earlier version's permissions, which "
+                    f"queuegate teams add {self.team} moves over); check the team name and "
+                    "QUEUEGATE_AMQP_URL"
                 ) from exc
             except aiormq.exceptions.PublishError as exc:
                 raise ServiceUnavailable(

@@ -2,11 +2,11 @@
 
 A team has no ``configure`` permission on the broker, so it cannot declare a queue (and so
 cannot give one dead-letter arguments that would move messages into another team's queue).
-It asks instead: it publishes a ControlRequest to the jobs exchange under the routing key
+It asks instead: it publishes a ControlRequest to its entry exchange under the routing key
 ``<team>.control`` with ``reply_to = amq.rabbitmq.reply-to`` (direct reply-to: no queue to
 declare), proven like a job (``user_id`` or API key); a worker consuming the team's
-``<ns>.control.<team>`` does it for the team taken from the routing key, with the gateway's
-own arguments, and answers a ControlResponse (to a direct reply-to name only).
+``<ns>.control.<team>`` does it for the team whose queue that is, with the gateway's own
+arguments, and answers a ControlResponse (to a direct reply-to name only).
 
 | request            | does                                                               |
 |--------------------|--------------------------------------------------------------------|

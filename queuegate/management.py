@@ -147,6 +147,11 @@ class BrokerAdmin:
             {"configure": configure, "write": write, "read": read},
         )
 
+    async def permissions(self, user: str) -> dict[str, str] | None:
+        """The user's ``configure``, ``write`` and ``read`` regexes in the vhost, or None."""
+        found = await self._request("GET", f"permissions/{self._vhost}/{quote(user, safe='')}")
+        return None if found is None else {k: found[k] for k in ("configure", "write", "read")}
+
     async def put_topic_permissions(
         self, user: str, *, exchange: str, write: str, read: str
     ) -> None:
@@ -156,6 +161,10 @@ class BrokerAdmin:
             f"topic-permissions/{self._vhost}/{quote(user, safe='')}",
             {"exchange": exchange, "write": write, "read": read},
         )
+
+    async def delete_topic_permissions(self, user: str) -> None:
+        """Remove every topic permission of the user in the vhost, of every exchange."""
+        await self._request("DELETE", f"topic-permissions/{self._vhost}/{quote(user, safe='')}")
 
     async def put_policy(
         self,

@@ -44,6 +44,7 @@ async def drop_namespace(
         for queue in [*team_queues, *declared, *queues, *shared]:
             await channel.queue_delete(queue)
         for exchange in (
+            *(topo.entry_exchange(team) for team in teams),
             topo.jobs_exchange,
             topo.usage_exchange,
             topo.dead_exchange,

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import BaseModel, ConfigDict
 
+from queuegate.topology import Topology
+
 IdentityMode = Literal["queue", "broker", "api_key"]
 PiiPolicy = Literal["off", "warn", "redact", "block"]
 Capture = Literal["none", "redacted", "full"]
@@ -75,22 +77,28 @@ class BrokerPermissions:
 
 
 def permissions(namespace: str, team: str) -> BrokerPermissions:
-    """Read its own reply queues; publish only to the jobs exchange, under its two keys.
+    """Read its own reply queues; publish only to its own entry exchange (``<ns>.in.<team>``),
+    under its two keys.
 
-    No configure at all: a team that could declare a queue could give it dead-letter
-    arguments (``x-dead-letter-exchange=<ns>.jobs``, a routing key of another team) and have
-    the broker, which skips permissions when it dead-letters, move every result into another
+    Not to the shared jobs exchange: RabbitMQ before 4.0.3 routes a message by the keys of
+    its ``CC`` and ``BCC`` headers too, unchecked against topic permissions, so a team could
+    copy its jobs into any team's queue there. Its entry exchange has the team's own queues
+    alone bound to it. The write regex is anchored both ends: the broker finds a match
+    anywhere in a name, and a team's name may begin another's. No configure at all: a team
+    that could declare a queue could give it dead-letter arguments
+    (``x-dead-letter-exchange=<ns>.jobs``, a routing key of another team) and have the
+    broker, which skips permissions when it dead-letters, move every result into another
     team's job queue; nor may it declare or bind exchanges (alternate exchanges,
     exchange-to-exchange bindings). Its reply queues are declared by the gateway, with the
     gateway's arguments, on a control request (routing key ``<team>.control``). No write on
     ``amq.default`` (it would let the team publish into any queue by name).
     """
-    replies = reply_queue_pattern(namespace, team)
+    entry = Topology(namespace).entry_exchange(team)
     return BrokerPermissions(
         configure="^$",
-        write=rf"^{re.escape(namespace)}\.jobs$",
-        read=replies,
-        topic_exchange=f"{namespace}.jobs",
+        write=f"^{re.escape(entry)}$",
+        read=reply_queue_pattern(namespace, team),
+        topic_exchange=entry,
         topic_write=rf"^{re.escape(team)}(\.control)?$",
     )
 

@@ -2,7 +2,8 @@
 
 | name                         | kind                       | purpose                           |
 |------------------------------|----------------------------|-----------------------------------|
-| ``<ns>.jobs``                | topic exchange             | producers publish, key = team     |
+| ``<ns>.in.<team>``           | topic exchange             | the team's apps publish, its keys |
+| ``<ns>.jobs``                | topic exchange             | the gateway publishes, key = team |
 | ``<ns>.jobs.<team>``         | quorum queue               | one per team, dead-letters        |
 | ``<ns>.results.<team>.<n>``  | quorum queue, expires      | a pipeline's named reply queue    |
 | ``<ns>.replies.<team>.<id>`` | durable queue, expires     | one client's own reply queue      |
@@ -14,6 +15,13 @@
 | ``<ns>.dead``                | quorum queue               | accounting's dead letters         |
 | ``<ns>.dead.teams``          | direct exchange            | bound to ``<ns>.dead``, by team   |
 | ``<ns>.dead.<team>``         | quorum queue               | one team's poison, expired jobs   |
+
+Each team publishes to an exchange of its own, ``<ns>.in.<team>``, bound to its job and control
+queues alone, and its broker user may write to no other: RabbitMQ before 4.0.3 does not check a
+message's ``CC`` and ``BCC`` header keys against a user's topic permissions, so on the shared
+``<ns>.jobs`` a team could copy its jobs into any other team's queue; on its own exchange those
+keys find no queue but its own. The gateway's own publishers (the front door's jobs,
+dead-letter replay) keep ``<ns>.jobs``, to which every team's queues stay bound.
 
 Arguments of a queue cannot change once it exists (RabbitMQ refuses a redeclare that differs),
 so per-team quotas are applied as policies, never as declare arguments. A team's reply and
@@ -109,7 +117,7 @@ deploy/, 128 MiB by default) would fill its memory. Some 800 of a batch's larges
 
 
 RESERVED_NAMES = frozenset(
-    {"jobs", "results", "replies", "control", "usage", "accounting", "dead", "frontdoor"}
+    {"jobs", "results", "replies", "control", "usage", "accounting", "dead", "frontdoor", "in"}
 )
 """The namespace's own words (``<ns>.<word>...``): no team is named after one, so no team's
 broker user (``<ns>.<team>``) or routing key reads as one of the gateway's names."""
@@ -223,6 +231,11 @@ class Topology:
     def jobs_exchange(self) -> str:
         return f"{self.namespace}.jobs"
 
+    def entry_exchange(self, team: str) -> str:
+        """Where the team's apps publish its jobs and control requests: no other team's queue
+        is bound to it, whatever keys a message names."""
+        return f"{self.namespace}.in.{team}"
+
     def team_queue(self, team: str) -> str:
         return f"{self.namespace}.jobs.{team}"
 
@@ -304,6 +317,14 @@ class Topology:
             self.jobs_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
 
+    async def declare_entry_exchange(self, channel: AbstractChannel, team: str) -> AbstractExchange:
+        # Topic, bound under the team's two keys exactly (no wildcard): the broker checks the
+        # routing key a team publishes under against its topic permissions on topic
+        # exchanges alone, and so a delivery's key stays the team's own.
+        return await channel.declare_exchange(
+            self.entry_exchange(team), aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
     def _dead_args(self, max_length: int, max_bytes: int) -> dict[str, Any]:
         # Bounded, as no team's quota covers them: a team whose jobs expire by the million would
         # otherwise fill the broker's memory and disk. drop-head, not reject-publish: a full
@@ -357,8 +378,10 @@ class Topology:
         return queue
 
     async def declare_team_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
-        """The team's job queue, bound to the jobs exchange under the team's routing key."""
+        """The team's job queue, bound under the team's routing key to the jobs exchange and
+        to the team's entry exchange (with its control queue)."""
         exchange = await self.declare_jobs_exchange(channel)
+        entry = await self.declare_entry_exchange(channel, team)
         await self.declare_dead(channel)
         # Before the job queue: a job that expires in it at once finds where to go.
         await self.declare_team_dead(channel, team)
@@ -367,6 +390,7 @@ class Topology:
             channel, self.team_queue(team), self._quorum_args(JOBS_DELIVERY_LIMIT)
         )
         await queue.bind(exchange, routing_key=team)
+        await queue.bind(entry, routing_key=team)
         return queue
 
     async def _declare(
@@ -407,6 +431,7 @@ class Topology:
         of no use once its client gave up (it expires with its client's wait).
         """
         exchange = await self.declare_jobs_exchange(channel)
+        entry = await self.declare_entry_exchange(channel, team)
         queue = await self._declare(
             channel,
             self.control_queue(team),
@@ -418,6 +443,7 @@ class Topology:
             },
         )
         await queue.bind(exchange, routing_key=team + CONTROL_KEY_SUFFIX)
+        await queue.bind(entry, routing_key=team + CONTROL_KEY_SUFFIX)
         return queue
 
     async def declare_results_queue(

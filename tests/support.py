@@ -43,6 +43,15 @@ async def consumed(connection: AbstractConnection, queue: str, timeout: float = 
             await asyncio.sleep(0.01)
 
 
+async def depth(settings: Settings, queue: str) -> int:
+    """Messages ready in ``queue``, by a passive declare (exact, unlike the management API's
+    statistics)."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
 async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
     """Wait for a condition that no event announces, checking every few milliseconds."""
     deadline = time.monotonic() + timeout

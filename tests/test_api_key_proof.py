@@ -25,6 +25,7 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches, sign_job
 from queuegate.tenancy import hash_api_key, new_api_key
+from queuegate.topology import Topology
 from tests.support import dead_letters, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -86,7 +87,10 @@ async def test_an_api_key_rests_nowhere_through_expiry_refusal_and_replay(
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             await publish(
-                channel, message, exchange=f"{settings.namespace}.jobs", routing_key="alpha"
+                channel,
+                message,
+                exchange=Topology(settings.namespace).entry_exchange("alpha"),
+                routing_key="alpha",
             )
         await dead_letters(settings, 1)
         async with running_gateway(settings, teams=("alpha",)) as gw:
@@ -160,7 +164,10 @@ async def test_a_proof_copied_onto_another_job_is_refused(
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             await publish(
-                channel, forged, exchange=f"{settings.namespace}.jobs", routing_key="alpha"
+                channel,
+                forged,
+                exchange=Topology(settings.namespace).entry_exchange("alpha"),
+                routing_key="alpha",
             )
         # Expect it refused, and no provider call
         result = await client.wait(other.job_id, timeout=10)

@@ -595,7 +595,7 @@ async def test_a_mistyped_team_fails_before_any_state(
     source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
     async with nobody_serves(settings):
         # When alpha's credentials submit for "alhpa"
-        with pytest.raises(ControlRefused, match="credentials are not 'alhpa'"):
+        with pytest.raises(PublishRefused, match="no team 'alhpa'"):
             await submit_batch(alpha.settings, source, team="alhpa")
         # Expect nothing recorded: the right team then submits the batch under that name
         assert not [key async for key in redis_client.scan_iter(f"{settings.redis_prefix}:batch*")]

@@ -44,7 +44,7 @@ async def flood_control(
     channel = await connection.channel(publisher_confirms=True)
     replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
     await replies.consume(ignore, no_ack=True)
-    exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+    exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
     flood = [
         exchange.publish(
             control_message(
@@ -59,6 +59,11 @@ async def flood_control(
         for _ in range(2 * CONTROL_MAX_LENGTH)
     ]
     return await asyncio.gather(*flood, return_exceptions=True)
+
+
+def alpha_entry(settings: Settings) -> str:
+    """Where alpha's apps publish: the only exchange its user may write to."""
+    return Topology(settings.namespace).entry_exchange("alpha")
 
 
 def as_team(settings: Settings, credentials: Credentials) -> Settings:
@@ -86,7 +91,7 @@ async def test_a_teams_control_queue_refuses_requests_past_its_bytes(
     connection = await aio_pika.connect(alpha.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+        exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
         with pytest.raises(DeliveryError):
             for _ in range(CONTROL_MAX_BYTES // size + 2):
                 message = aio_pika.Message(b"x" * size, user_id=alpha.user)
@@ -195,7 +200,7 @@ async def test_a_team_consumes_direct_replies_with_its_own_user_and_no_queue_per
                 done.set()
 
             await reply_to.consume(on_answer, no_ack=True)
-            exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+            exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
             body = ControlRequest(request=OpenReplyQueue(name="direct")).model_dump_json()
             request = aio_pika.Message(
                 body.encode(),
@@ -336,7 +341,7 @@ async def test_a_control_answer_goes_to_direct_reply_to_only_never_to_another_te
         connection = await aio_pika.connect(app.settings.amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(f"{settings.namespace}.jobs", ensure=False)
+            exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
             for victim in victims:
                 for request in (OpenReplyQueue(name="evil"), BatchCall(call="list")):
                     message = control_message(

@@ -26,7 +26,7 @@ from queuegate.topology import (
     HEADER_DEAD_REASON,
     Topology,
 )
-from tests.support import Gateway, running_gateway, wait_until
+from tests.support import Gateway, depth, running_gateway, wait_until
 from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -256,13 +256,6 @@ async def test_dlq_show_names_an_unknown_or_ambiguous_prefix_in_one_line(
         dlq.find(letters, "xyz")
 
 
-async def _depth(settings: Settings, queue: str) -> int:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        declared = await (await connection.channel()).declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-
-
 COPIES = 10
 
 
@@ -284,7 +277,7 @@ async def test_copies_of_a_refused_job_whose_reply_queue_went_are_each_refused_o
         connection = await aio_pika.connect(alpha.amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(gw.topology.jobs_exchange, ensure=False)
+            exchange = await channel.get_exchange(gw.topology.entry_exchange("alpha"), ensure=False)
             message = job_message(job, reply_to=reply_to, user_id=alpha.user)
             await asyncio.gather(
                 *(exchange.publish(message, routing_key="alpha") for _ in range(COPIES))
@@ -298,8 +291,8 @@ async def test_copies_of_a_refused_job_whose_reply_queue_went_are_each_refused_o
         rows = await gw.usage_rows(2)
     # ... and none taken back to be refused and counted again
     assert len(rows) == 2
-    assert await _depth(settings, gw.topology.team_queue("alpha")) == 0
-    assert await _depth(settings, gw.topology.team_dead_queue("alpha")) == 0
+    assert await depth(settings, gw.topology.team_queue("alpha")) == 0
+    assert await depth(settings, gw.topology.team_dead_queue("alpha")) == 0
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

@@ -31,16 +31,9 @@ from queuegate.topology import (
     TEAM_DEAD_MAX_BYTES,
     Topology,
 )
-from tests.support import dead_letters, running_gateway
+from tests.support import dead_letters, depth, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-async def depth(settings: Settings, queue: str) -> int:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        declared = await (await connection.channel()).declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
 
 
 async def drained(settings: Settings, queue: str) -> None:
@@ -57,7 +50,7 @@ async def publish_as(
     connection = await aio_pika.connect(credentials.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(f"{settings.namespace}.jobs")
+        exchange = await channel.get_exchange(Topology(settings.namespace).entry_exchange(team))
         await exchange.publish(message, routing_key=team)
 
 
@@ -324,7 +317,7 @@ async def test_a_team_flooding_the_dead_letters_drops_only_its_own(
     connection = await aio_pika.connect(alpha.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(topology.jobs_exchange)
+        exchange = await channel.get_exchange(topology.entry_exchange("alpha"))
         for start in range(0, flood, 8):
             await asyncio.gather(
                 *(

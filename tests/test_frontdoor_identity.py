@@ -77,11 +77,17 @@ def beta_job() -> ChatJob:
 
 
 async def send(publisher: Settings, job: ChatJob, reply_to: str, api_key: str | None) -> None:
-    """Publish ``job`` as the user of ``publisher``, signed with ``api_key`` if given."""
+    """Publish ``job`` as the user of ``publisher``, signed with ``api_key`` if given, to
+    beta's entry exchange (the gateway's user may write there too)."""
     message = job_message(job, reply_to=reply_to, user_id=publisher.amqp_user, api_key=api_key)
     async with await aio_pika.connect(publisher.amqp_url) as connection:
         channel = await connection.channel(publisher_confirms=True)
-        await publish(channel, message, exchange=f"{publisher.namespace}.jobs", routing_key="beta")
+        await publish(
+            channel,
+            message,
+            exchange=Topology(publisher.namespace).entry_exchange("beta"),
+            routing_key="beta",
+        )
 
 
 async def result_in(queue: AbstractQueue) -> ChatResult:

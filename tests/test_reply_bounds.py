@@ -149,7 +149,7 @@ async def test_results_refused_by_a_full_results_queue_are_answered_and_accounte
         connection = await aio_pika.connect(alpha.amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(gw.topology.jobs_exchange, ensure=False)
+            exchange = await channel.get_exchange(gw.topology.entry_exchange("alpha"), ensure=False)
             for n in range(jobs):
                 job_id = f"job-{n:02d}"
                 job = ChatJob(job_id=job_id, team="alpha", model="gpt-4o-mini", messages=HELLO)

@@ -16,7 +16,7 @@ from producer import GatewayClient
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
-from queuegate.topology import HEADER_DEAD_REASON, Bound
+from queuegate.topology import HEADER_DEAD_REASON, Bound, Topology
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -44,7 +44,7 @@ async def test_a_team_cannot_publish_under_another_teams_routing_key(
     connection = await aio_pika.connect(teams["alpha"].amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(f"{settings.namespace}.jobs")
+        exchange = await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
         # When it publishes a job under beta's routing key
         # Expect the broker to close the channel: access refused
         with pytest.raises(ChannelAccessRefused, match="topic 'beta'"):
@@ -101,7 +101,7 @@ async def test_a_user_id_other_than_the_connections_user_is_refused_by_the_broke
     connection = await aio_pika.connect(teams["alpha"].amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(f"{settings.namespace}.jobs")
+        exchange = await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
         # When alpha's connection claims to be beta's user
         message = aio_pika.Message(forged("alpha"), user_id=teams["beta"].user)
         # Expect the broker itself to refuse it
@@ -137,7 +137,7 @@ async def test_a_job_forged_with_another_team_field_is_unauthorized(
         connection = await aio_pika.connect(alpha.amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            exchange = await channel.get_exchange(gw.topology.entry_exchange("alpha"))
             # When the job inside says it is beta's
             await exchange.publish(
                 aio_pika.Message(
@@ -231,7 +231,7 @@ async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answ
                 connection = await aio_pika.connect(teams["alpha"].amqp_url)
                 async with connection:
                     channel = await connection.channel(publisher_confirms=True)
-                    exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+                    exchange = await channel.get_exchange(gw.topology.entry_exchange("alpha"))
                     await exchange.publish(
                         aio_pika.Message(
                             forged("alpha", job_id="misdirected"),

@@ -31,7 +31,6 @@ from redis.exceptions import RedisError
 from queuegate.broker import CONNECTION_LOST, Consumer, consume, json_message, settle
 from queuegate.control import (
     BATCH_ERROR,
-    CONTROL_KEY_SUFFIX,
     DIRECT_REPLY_TO,
     MESSAGE_TYPE_CONTROL_REPLY,
     BatchCall,
@@ -44,7 +43,6 @@ from queuegate.control import (
 )
 from queuegate.errors import BatchError, ConfigError, GatewayError, JobError, ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 from workers.batch_state import BatchState, list_batches
@@ -106,8 +104,11 @@ class ControlPlane:
             await self._served.pop(team).cancel()
 
     async def _consume(self, channel: AbstractRobustChannel, team: str) -> Consumer:
+        async def on_request(delivered: DeliveredMessage) -> None:
+            await self._on_request(team, delivered)
+
         return await consume(
-            channel, self._topology.control_queue(team), self._on_request, prefetch=PREFETCH
+            channel, self._topology.control_queue(team), on_request, prefetch=PREFETCH
         )
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
@@ -115,12 +116,14 @@ class ControlPlane:
             for team in list(self._served):
                 self._served[team] = await self._consume(channel, team)
 
-    async def _on_request(self, delivered: DeliveredMessage) -> None:
+    async def _on_request(self, team: str, delivered: DeliveredMessage) -> None:
+        """Answer a request in ``team``'s control queue, for that team: never for the one its
+        routing key names, which a ``CC`` header's copy does not have (it keeps the key it
+        was published under)."""
         message = IncomingMessage(delivered)
-        key = delivered.routing_key or ""
         reply_to = message.reply_to
         if reply_to is not None and _is_direct_reply_to(reply_to):
-            response = await self._answer(message, key)
+            response = await self._answer(message, team)
             # Not mandatory: a client that gave up has no reply-to consumer any more.
             reply = json_message(
                 response.model_dump_json().encode(),
@@ -136,7 +139,7 @@ class ControlPlane:
                 # The channel is gone: the request is delivered again, and answered then.
                 log.info("could not answer control request %s (%s)", message.message_id, exc)
         else:
-            self._dropped(key, message.reply_to)
+            self._dropped(team, message.reply_to)
         assert delivered.delivery_tag is not None
         await settle(
             delivered.channel.basic_ack(delivered.delivery_tag),
@@ -144,31 +147,28 @@ class ControlPlane:
             log,
         )
 
-    def _dropped(self, key: str, reply_to: str | None) -> None:
-        """Say, once per routing key and ``DROPPED_LOG_INTERVAL``, that requests were dropped.
+    def _dropped(self, team: str, reply_to: str | None) -> None:
+        """Say, once per team and ``DROPPED_LOG_INTERVAL``, that requests were dropped.
 
         The worker publishes its answer under its own identity, on the default exchange: sent
         to any other ``reply_to`` it would land in whatever queue a team names (another team's
         jobs or results, accounting, the dead letters). Unanswered and not carried out.
         """
         now = time.monotonic()
-        if now - self._dropped_logged.get(key, -DROPPED_LOG_INTERVAL) < DROPPED_LOG_INTERVAL:
+        if now - self._dropped_logged.get(team, -DROPPED_LOG_INTERVAL) < DROPPED_LOG_INTERVAL:
             return
-        self._dropped_logged[key] = now
+        self._dropped_logged[team] = now
         log.warning(
-            "control requests under %r dropped unanswered: reply_to %r is not %s "
+            "control requests of team %s dropped unanswered: reply_to %r is not %s "
             "(said once per %.0f s)",
-            key,
+            team,
             reply_to,
             DIRECT_REPLY_TO,
             DROPPED_LOG_INTERVAL,
         )
 
-    async def _answer(self, message: IncomingMessage, key: str) -> ControlResponse:
+    async def _answer(self, message: IncomingMessage, team: str) -> ControlResponse:
         try:
-            team = check_team_name(key.removesuffix(CONTROL_KEY_SUFFIX))
-            if not key.endswith(CONTROL_KEY_SUFFIX):
-                raise ConfigError(f"routing key {key!r} is not <team>{CONTROL_KEY_SUFFIX}")
             await self._identities.prove(
                 message, team, message.message_id or "", check_reply_to=False
             )
