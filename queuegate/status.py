@@ -32,7 +32,7 @@ from queuegate.broker import connect
 from queuegate.deployment_health import read_health
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.livestats import rate_windows, read_view
+from queuegate.livestats import RATE_SPAN, rate_windows, read_view
 from queuegate.redis_client import lua_source, redis_for, redis_unreachable, text
 from queuegate.settings import Settings
 from queuegate.spend import ledger_total
@@ -140,20 +140,23 @@ class StatusReader:
         month = datetime.now(UTC).strftime("%Y-%m")
         names = sorted(set(teams or view.teams))
         deployment_names = sorted(set(listed) | set(view.deployments))
-        windows, span = rate_windows(now)
+        windows, cut = rate_windows(now)
+        oldest, rest = windows[0], windows[1:]
         # One call for every team and deployment (lua/live.lua).
         keys_read = []
         for team in names:
-            keys_read += [keys.live_team(team, window) for window in windows]
+            keys_read += [keys.live_team_seconds(team, oldest)]
+            keys_read += [keys.live_team(team, window) for window in rest]
             keys_read += [
                 keys.live_waits(team),
                 keys.spend(team, month),
                 keys.live_spend(team, month),
             ]
         for name in deployment_names:
-            keys_read += [keys.live_deployment(name, window) for window in windows]
+            keys_read += [keys.live_deployment_seconds(name, oldest)]
+            keys_read += [keys.live_deployment(name, window) for window in rest]
         async with asyncio.timeout(REDIS_WAIT):
-            replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names)]))
+            replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names), cut]))
         rows = []
         for team in names:
             sums, waits_seen, ledger_fields, seen = next(replies)
@@ -167,9 +170,9 @@ class StatusReader:
                     queue_depth=depth,
                     consumers=consumers,
                     in_flight=view.in_flight.get(team, 0),
-                    jobs_in_per_s=taken["taken"] / span,
-                    jobs_out_per_s=taken["finished"] / span,
-                    errors_per_s=taken["errors"] / span,
+                    jobs_in_per_s=taken["taken"] / RATE_SPAN,
+                    jobs_out_per_s=taken["finished"] / RATE_SPAN,
+                    errors_per_s=taken["errors"] / RATE_SPAN,
                     wait_p50_ms=_percentile(waits, 50),
                     wait_p99_ms=_percentile(waits, 99),
                     bucket_fill=view.bucket_fill.get(team),
@@ -188,7 +191,7 @@ class StatusReader:
                 DeploymentStatus(
                     deployment=name,
                     breaker=health[name].state,
-                    calls_per_s=calls["calls"] / span,
+                    calls_per_s=calls["calls"] / RATE_SPAN,
                     error_rate=calls["errors"] / calls["calls"] if calls["calls"] else None,
                     rate_limited=calls["rate_limited"],
                     paused_for=health[name].paused_for,
