@@ -13,6 +13,7 @@ workers share them by, read as ``queuegate deployments`` reads them
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -65,6 +66,8 @@ class TeamStatus:
     usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates),
     else as the workers saw it since Redis last lost its data."""
     budget_usd: Decimal | None
+    """None: no budget, or not known when the status has a stale ``reason`` (PostgreSQL
+    could not be read)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,15 @@ class Status:
     workers: int
     teams: list[TeamStatus]
     deployments: list[DeploymentStatus]
+    reason: str | None = None
+    """Why the status is stale: some figures could not be read (PostgreSQL's budgets), in
+    one line that says what to do; None when every figure is current."""
+
+
+def status_record(status: Status) -> dict[str, Any]:
+    """The status for programs (``--json``, the Live page's ``live.json``): its fields, and
+    ``stale`` with the ``reason`` when some figures could not be read."""
+    return {**dataclasses.asdict(status), "stale": status.reason is not None}
 
 
 class StatusReader:
@@ -119,15 +131,19 @@ class StatusReader:
         teams: Sequence[str] | None = None,
         budgets: Mapping[str, Decimal] | None = None,
         deployments: Sequence[str] = (),
+        *,
+        stale: str | None = None,
     ) -> Status:
         """The teams given (or those live workers serve); the deployments given (the catalog's:
         a deployment is listed whether or not a running worker has called it) and any other
-        that workers called."""
+        that workers called. ``stale``: why the caller could not read the budgets, carried
+        by the status (its budgets are then unknown, not absent)."""
         try:
-            return await self._read(teams, budgets or {}, deployments)
+            status = await self._read(teams, budgets or {}, deployments)
         # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings)) from exc
+        return dataclasses.replace(status, reason=stale)
 
     async def _read(
         self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal], listed: Sequence[str]
