@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Self
 
@@ -30,7 +31,11 @@ from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.messages import UsageBatch, UsageEvent
-from queuegate.metrics import observe_accounting_batch, observe_spend_correction
+from queuegate.metrics import (
+    observe_accounting_batch,
+    observe_spend_correction,
+    set_accounting_lag,
+)
 from queuegate.outage import OutageLog
 from queuegate.redis_client import redis_for
 from queuegate.registry import list_teams
@@ -72,6 +77,9 @@ EVENTS_PER_MESSAGE = 20
 messages of that size, so that a backlog of full worker batches (500 events) held during a
 PostgreSQL outage stays bounded (125 messages by default); single events from older workers
 arrive 125 at a time."""
+LAG_EVERY = 1.0
+"""Seconds between updates of the accounting lag gauge while events wait unwritten: it must
+grow through a PostgreSQL outage, when no batch commits to update it."""
 _RECONCILE_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, RedisError, ConfigError)
 
 
@@ -123,6 +131,8 @@ class Accountant:
         self._inbox: deque[_Delivery] = deque()
         self._held = 0
         self._wanted = 1
+        # The events of the batches being written (retried through an outage), by id().
+        self._writing: dict[int, list[UsageEvent]] = {}
         self._arrived = asyncio.Event()
         self._stopping = False
         self._stop_deadline = math.inf
@@ -200,10 +210,12 @@ class Accountant:
             await self._consume(channel)
             stopper = asyncio.create_task(self._stop_consuming(stop))
             reconciler = asyncio.create_task(self._reconcile_until(stop))
+            lag = asyncio.create_task(self._report_lag())
             try:
                 await self._write_until_stopped()
             finally:
-                for task in (reconciler, stopper):
+                set_accounting_lag(None)  # what is held goes back to the queue
+                for task in (lag, reconciler, stopper):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
@@ -240,6 +252,21 @@ class Accountant:
                 async with asyncio.timeout(self.settings.spend_reconcile_interval):
                     await stop.wait()
 
+    def unwritten_since(self) -> datetime | None:
+        """When the earliest job whose usage event is held unwritten ended; None when every
+        event taken has been written."""
+        held = [e.ts for d in self._inbox for e in d.events or ()]
+        held += [e.ts for events in self._writing.values() for e in events]
+        # An event's time without an offset is UTC, as accounting stores it.
+        return min((ts if ts.tzinfo else ts.replace(tzinfo=UTC) for ts in held), default=None)
+
+    async def _report_lag(self) -> None:
+        while True:
+            set_accounting_lag(self.unwritten_since())
+            if self._waiters:
+                self._notify()
+            await asyncio.sleep(LAG_EVERY)
+
     def is_ready(self) -> bool:
         """Connected to the broker and consuming: what ``/readyz`` reports."""
         connection = self._connection
@@ -247,7 +274,8 @@ class Accountant:
         return connected and self._consumer is not None and not self._stopping
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait until ``predicate()`` holds; it is checked after every delivery and batch.
+        """Wait until ``predicate()`` holds; it is checked after every delivery and batch, and
+        every update of the lag gauge.
 
         Bound the wait with ``asyncio.timeout`` where the counters may never get there.
         """
@@ -402,25 +430,29 @@ class Accountant:
         # Flattened once: the write, its retries, the settlement and the counters read it.
         events = [event for delivery in batch for event in delivery.events or ()]
         delay = BACKOFF_FIRST
-        while True:
-            started = time.time_ns()
-            try:
-                inserted, unstorable = await self._write(events)
-                break
-            except DB_ERRORS as exc:
-                self._postgres.failed(exc)
-                if is_unreachable(exc):
-                    assert self._pool is not None
-                    await reconnect(self._pool)
-            grace = self._stop_deadline - asyncio.get_running_loop().time()
-            if grace <= 0:
-                log.warning(
-                    "stopping with %d usage messages unwritten: the broker delivers them again",
-                    len(batch),
-                )
-                return False
-            await asyncio.sleep(min(delay, grace))
-            delay = min(delay * 2, BACKOFF_CAP)
+        self._writing[id(events)] = events
+        try:
+            while True:
+                started = time.time_ns()
+                try:
+                    inserted, unstorable = await self._write(events)
+                    break
+                except DB_ERRORS as exc:
+                    self._postgres.failed(exc)
+                    if is_unreachable(exc):
+                        assert self._pool is not None
+                        await reconnect(self._pool)
+                grace = self._stop_deadline - asyncio.get_running_loop().time()
+                if grace <= 0:
+                    log.warning(
+                        "stopping with %d usage messages unwritten: the broker delivers them again",
+                        len(batch),
+                    )
+                    return False
+                await asyncio.sleep(min(delay, grace))
+                delay = min(delay * 2, BACKOFF_CAP)
+        finally:
+            del self._writing[id(events)]
         ended = time.time_ns()
         self._postgres.recovered()
         # In delivery order: a multiple ack of this batch would settle the previous one's tags
@@ -462,7 +494,7 @@ class Accountant:
         self.batches += 1
         self.last_batch_size = written + rejected
         if events:
-            observe_accounting_batch(written, rejected, min(e.ts for e in events))
+            observe_accounting_batch(written, rejected)
         self._notify()
         return True
 

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from cli.console import out, print_table
+from cli.console import err, out, print_table
 from cli.options import make_settings, parse_month, split_teams
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
 from queuegate.settings import Settings
+from queuegate.tables import visible
 
 
 def usage(
@@ -90,6 +92,14 @@ def _kept(team: str | None, model: str | None, status: str | None, lead: str) ->
     return lead + ", ".join(kept) if kept else ""
 
 
+BUDGETS_WAIT = 2.0
+"""Seconds status gives PostgreSQL to answer for the budgets, as it gives Redis each round
+trip (queuegate.status.REDIS_WAIT): a hung server would otherwise hold every refresh."""
+STALE_EXIT = 3
+"""Exit status of a status printed with figures missing (PostgreSQL's budgets), the reason
+on stderr: a script reads the figures it has, and knows they are not all there."""
+
+
 def status(
     teams: Annotated[
         str | None, typer.Option(help="Comma-separated teams; those live workers serve if unset.")
@@ -104,59 +114,81 @@ def status(
     """Queue depth, in-flight jobs, rates, waits and spend per team; breakers and 429 pauses of
     every deployment of the catalog.
 
-    Reads the broker and Redis only (budgets too when PostgreSQL answers).
+    Reads the broker, Redis and the budgets in PostgreSQL. With PostgreSQL unreachable the
+    rest is printed, budgets "unknown", the reason on stderr, and the exit status is 3;
+    --watch marks itself stale with the reason and goes on refreshing.
     """
     from rich.live import Live
 
-    from queuegate.reporting import status_view, to_json
-    from queuegate.status import StatusReader
+    from queuegate.reporting import status_view, to_json, watch_view
+    from queuegate.status import Status, StatusReader, status_record
     from router import load_catalog
 
     settings = make_settings()
     wanted = split_teams(teams)
     listed = load_catalog(settings.catalog, os.environ).deployment_names
 
-    async def once() -> Any:
-        budgets = await _budgets_if_reachable(settings)
+    async def read(reader: StatusReader) -> Status:
+        budgets, unread = await _budgets(settings)
+        return await reader.read(wanted, budgets, listed, stale=unread)
+
+    async def once() -> Status:
         async with StatusReader(settings) as reader:
-            return await reader.read(wanted, budgets, listed)
+            return await read(reader)
 
     async def forever() -> None:
         stop = stop_on_signals()
-        budgets = await _budgets_if_reachable(settings)
         async with StatusReader(settings) as reader:
-            view = status_view(await reader.read(wanted, budgets, listed), wide=wide)
-            with Live(view, console=out) as live:
+            with Live(console=out) as live:
+                last: Status | None = None
+                since: datetime | None = None
                 while not stop.is_set():
+                    # An outage marks the last figures stale and the next refresh tries
+                    # again, as the dashboard's Live page does: a watch outlives it.
+                    try:
+                        last = await read(reader)
+                        reason = last.reason
+                    except ServiceUnavailable as exc:
+                        reason = str(exc)
+                    since = None if reason is None else since or datetime.now(UTC)
+                    live.update(watch_view(last, reason, since, wide=wide))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=interval)
-                    live.update(status_view(await reader.read(wanted, budgets, listed), wide=wide))
 
     if watch:
         run(forever)
-    elif as_json:
-        sys.stdout.write(to_json(dataclasses.asdict(run(once))))
+        return
+    current = run(once)
+    if as_json:
+        sys.stdout.write(to_json(status_record(current)))
     else:
-        print_table(status_view(run(once), wide=wide), wide=wide)
+        print_table(status_view(current, wide=wide), wide=wide)
+    if current.reason is not None:
+        err.print(f"[yellow]stale:[/] {escape(visible(current.reason))}", highlight=False)
+        raise typer.Exit(STALE_EXIT)
 
 
-async def _budgets_if_reachable(settings: Settings) -> dict[str, Decimal]:
-    """Budgets from the team registry, or none when PostgreSQL is down: status goes on."""
+async def _budgets(settings: Settings) -> tuple[dict[str, Decimal], str | None]:
+    """Budgets from the team registry, or none and why when PostgreSQL cannot be read: the
+    budgets are then unknown, which status must not show as "no budget"."""
     import asyncpg
 
     from accounting.reports import team_budgets
-    from queuegate.db import create_pool
+    from queuegate.db import UNREACHABLE, create_pool, database_unreachable
 
+    # TimeoutError, the wait passed, is among UNREACHABLE.
+    unreachable: tuple[type[Exception], ...] = (ServiceUnavailable, *UNREACHABLE)
     try:
-        pool = await create_pool(settings)
-    except ServiceUnavailable:
-        return {}
-    try:
-        return await team_budgets(pool)
+        async with asyncio.timeout(BUDGETS_WAIT):
+            pool = await create_pool(settings, max_size=1)
+            try:
+                return await team_budgets(pool), None
+            finally:
+                await pool.close()
     except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
-        return {}
-    finally:
-        await pool.close()
+        return {}, None
+    except unreachable:
+        return {}, database_unreachable(settings)
 
 
 def deployments(

@@ -106,6 +106,10 @@ class Keys:
         """Hash of one time window's counts for a team: taken, finished, errors."""
         return f"{self.prefix}:live:team:{team}:{window}"
 
+    def live_team_seconds(self, team: str, window: int) -> str:
+        """Hash of the same window's counts per second: ``<name>:<second of the window>``."""
+        return f"{self.prefix}:live:team-seconds:{team}:{window}"
+
     def live_waits(self, team: str) -> str:
         """List of the team's most recent queue waits (ms), newest first."""
         return f"{self.prefix}:live:waits:{team}"
@@ -113,6 +117,10 @@ class Keys:
     def live_deployment(self, deployment: str, window: int) -> str:
         """Hash of one time window's provider calls for a deployment: calls, errors."""
         return f"{self.prefix}:live:deployment:{deployment}:{window}"
+
+    def live_deployment_seconds(self, deployment: str, window: int) -> str:
+        """Hash of the same window's calls per second: ``<name>:<second of the window>``."""
+        return f"{self.prefix}:live:deployment-seconds:{deployment}:{window}"
 
     def live_spend(self, team: str, month: str) -> str:
         """The team's spend (USD) in a month (``YYYY-MM``) as the workers saw it."""

@@ -126,7 +126,8 @@ ACCOUNTING_BATCH = Histogram(
 )
 ACCOUNTING_LAG = Gauge(
     "queuegate_accounting_lag_seconds",
-    "Age of the oldest event in the last batch written: how far accounting trails the jobs.",
+    "Age of the oldest usage event accounting holds unwritten (0 when it holds none): grows "
+    "while accounting is behind or PostgreSQL is down.",
     multiprocess_mode="livemax",
 )
 
@@ -213,12 +214,20 @@ def observe_usage_batch(events: int) -> None:
     USAGE_BATCH.observe(events)
 
 
-def observe_accounting_batch(written: int, rejected: int, oldest: datetime) -> None:
-    """A batch committed: its size, and how old its oldest event was when it did."""
+def observe_accounting_batch(written: int, rejected: int) -> None:
+    """A batch committed: its size."""
     ACCOUNTING_BATCH.observe(written + rejected)
     ACCOUNTING_EVENTS.labels("written").inc(written)
     if rejected:
         ACCOUNTING_EVENTS.labels("rejected").inc(rejected)
+
+
+def set_accounting_lag(oldest: datetime | None) -> None:
+    """Accounting holds events unwritten since ``oldest`` (the earliest of their jobs' ends),
+    or none (None): the lag is the time since then, or 0."""
+    if oldest is None:
+        ACCOUNTING_LAG.set(0.0)
+        return
     if oldest.tzinfo is None:  # an event's time without an offset is UTC, as accounting stores it
         oldest = oldest.replace(tzinfo=UTC)
     ACCOUNTING_LAG.set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from queuegate.numbers import plain_decimal, usd_text
 from queuegate.tables import add_number_column, add_text_column, compact_table, fit, visible
@@ -110,7 +111,10 @@ def table(
 
 
 def status_view(status: Status, *, wide: bool = False) -> RenderableType:
-    """The status tables: teams, then deployments; ``wide`` adds error rates and p50 waits."""
+    """The status tables: teams, then deployments; ``wide`` adds error rates and p50 waits.
+
+    A stale status (its budgets unread) shows them "unknown", never as no budget."""
+    unknown = "unknown" if status.reason is not None else "-"
     live = f"{status.workers} worker{'' if status.workers == 1 else 's'} live"
     teams = compact_table(f"teams at {status.at:%H:%M:%S} UTC, {live}")
     add_text_column(teams, "team")
@@ -134,7 +138,7 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
             _ms(t.wait_p99_ms),
             "-" if t.bucket_fill is None else f"{t.bucket_fill:.0%}",
             f"${t.spend_usd:,.4f}",
-            "-" if t.budget_usd is None else f"${t.budget_usd.normalize():,f}",
+            unknown if t.budget_usd is None else f"${t.budget_usd.normalize():,f}",
         ]
         teams.add_row(*cells)
     if not status.teams:
@@ -159,6 +163,20 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     if not status.deployments:
         deployments.add_row("(no deployment in the catalog)", "", "", "", "", "")
     return Group(fit(teams), fit(deployments))
+
+
+def watch_view(
+    last: Status | None, reason: str | None, since: datetime | None, *, wide: bool = False
+) -> RenderableType:
+    """What ``status --watch`` shows: the last status it read (if any) and, while it is
+    stale, one line above it saying since when and why."""
+    parts: list[RenderableType] = []
+    if reason is not None:
+        when = f" since {since:%H:%M:%S} UTC" if since is not None else ""
+        parts.append(Text(f"stale{when}: {visible(reason)}", style="bold yellow"))
+    if last is not None:
+        parts.append(status_view(last, wide=wide))
+    return Group(*parts)
 
 
 def _count(value: int | None) -> str:

@@ -13,6 +13,7 @@ workers share them by, read as ``queuegate deployments`` reads them
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ from queuegate.broker import connect
 from queuegate.deployment_health import read_health
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.livestats import rate_windows, read_view
+from queuegate.livestats import RATE_SPAN, rate_windows, read_view
 from queuegate.redis_client import lua_source, redis_for, redis_unreachable, text
 from queuegate.settings import Settings
 from queuegate.spend import ledger_total
@@ -65,6 +66,8 @@ class TeamStatus:
     usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates),
     else as the workers saw it since Redis last lost its data."""
     budget_usd: Decimal | None
+    """None: no budget, or not known when the status has a stale ``reason`` (PostgreSQL
+    could not be read)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,15 @@ class Status:
     workers: int
     teams: list[TeamStatus]
     deployments: list[DeploymentStatus]
+    reason: str | None = None
+    """Why the status is stale: some figures could not be read (PostgreSQL's budgets), in
+    one line that says what to do; None when every figure is current."""
+
+
+def status_record(status: Status) -> dict[str, Any]:
+    """The status for programs (``--json``, the Live page's ``live.json``): its fields, and
+    ``stale`` with the ``reason`` when some figures could not be read."""
+    return {**dataclasses.asdict(status), "stale": status.reason is not None}
 
 
 class StatusReader:
@@ -119,15 +131,19 @@ class StatusReader:
         teams: Sequence[str] | None = None,
         budgets: Mapping[str, Decimal] | None = None,
         deployments: Sequence[str] = (),
+        *,
+        stale: str | None = None,
     ) -> Status:
         """The teams given (or those live workers serve); the deployments given (the catalog's:
         a deployment is listed whether or not a running worker has called it) and any other
-        that workers called."""
+        that workers called. ``stale``: why the caller could not read the budgets, carried
+        by the status (its budgets are then unknown, not absent)."""
         try:
-            return await self._read(teams, budgets or {}, deployments)
+            status = await self._read(teams, budgets or {}, deployments)
         # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings)) from exc
+        return dataclasses.replace(status, reason=stale)
 
     async def _read(
         self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal], listed: Sequence[str]
@@ -140,20 +156,23 @@ class StatusReader:
         month = datetime.now(UTC).strftime("%Y-%m")
         names = sorted(set(teams or view.teams))
         deployment_names = sorted(set(listed) | set(view.deployments))
-        windows, span = rate_windows(now)
+        windows, cut = rate_windows(now)
+        oldest, rest = windows[0], windows[1:]
         # One call for every team and deployment (lua/live.lua).
         keys_read = []
         for team in names:
-            keys_read += [keys.live_team(team, window) for window in windows]
+            keys_read += [keys.live_team_seconds(team, oldest)]
+            keys_read += [keys.live_team(team, window) for window in rest]
             keys_read += [
                 keys.live_waits(team),
                 keys.spend(team, month),
                 keys.live_spend(team, month),
             ]
         for name in deployment_names:
-            keys_read += [keys.live_deployment(name, window) for window in windows]
+            keys_read += [keys.live_deployment_seconds(name, oldest)]
+            keys_read += [keys.live_deployment(name, window) for window in rest]
         async with asyncio.timeout(REDIS_WAIT):
-            replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names)]))
+            replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names), cut]))
         rows = []
         for team in names:
             sums, waits_seen, ledger_fields, seen = next(replies)
@@ -167,9 +186,9 @@ class StatusReader:
                     queue_depth=depth,
                     consumers=consumers,
                     in_flight=view.in_flight.get(team, 0),
-                    jobs_in_per_s=taken["taken"] / span,
-                    jobs_out_per_s=taken["finished"] / span,
-                    errors_per_s=taken["errors"] / span,
+                    jobs_in_per_s=taken["taken"] / RATE_SPAN,
+                    jobs_out_per_s=taken["finished"] / RATE_SPAN,
+                    errors_per_s=taken["errors"] / RATE_SPAN,
                     wait_p50_ms=_percentile(waits, 50),
                     wait_p99_ms=_percentile(waits, 99),
                     bucket_fill=view.bucket_fill.get(team),
@@ -188,7 +207,7 @@ class StatusReader:
                 DeploymentStatus(
                     deployment=name,
                     breaker=health[name].state,
-                    calls_per_s=calls["calls"] / span,
+                    calls_per_s=calls["calls"] / RATE_SPAN,
                     error_rate=calls["errors"] / calls["calls"] if calls["calls"] else None,
                     rate_limited=calls["rate_limited"],
                     paused_for=health[name].paused_for,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange
+from prometheus_client import REGISTRY
 
+from accounting.consumer import LAG_EVERY
 from queuegate.db import create_pool
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -86,3 +88,38 @@ async def test_accounting_declares_its_queue_again_when_it_is_deleted(
 async def _usage_exchange(connection: AbstractConnection, settings: Settings) -> AbstractExchange:
     channel = await connection.channel(publisher_confirms=True)
     return await Topology(settings.namespace).declare_usage(channel)
+
+
+def _lag() -> float:
+    value = REGISTRY.get_sample_value("queuegate_accounting_lag_seconds")
+    assert value is not None
+    return value
+
+
+async def test_accounting_lag_grows_while_postgres_is_down_and_falls_to_zero_once_written(
+    settings: Settings,
+) -> None:
+    async with behind_proxies(settings, "database") as (through, proxies):
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection, running(through) as accountant:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await Topology(settings.namespace).declare_usage(channel)
+            # Given accounting caught up
+            await send_usage(exchange, usage("before"))
+            await wait_until(accountant, lambda: accountant.rows_inserted == 1)
+
+            # When PostgreSQL goes away and events arrive that cannot be written
+            await proxies["database"].down()
+            await send_usage(exchange, *(usage(f"during-{i}") for i in range(5)))
+            await wait_until(accountant, lambda: accountant.events_received == 6)
+
+            # Expect the lag to grow while they wait, as the docs say to look for
+            await wait_until(accountant, lambda: _lag() >= LAG_EVERY)
+            first = _lag()
+            await wait_until(accountant, lambda: _lag() >= first + LAG_EVERY)
+
+            # And to fall back to 0 once they are written, not to stay at their age
+            await proxies["database"].up()
+            await wait_until(accountant, lambda: accountant.rows_inserted == 6)
+            await wait_until(accountant, lambda: _lag() == 0.0)
+            assert accountant.unwritten_since() is None

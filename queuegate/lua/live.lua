@@ -4,15 +4,17 @@
 --
 -- ARGV[1]  w, the rate windows per team or deployment (queuegate/livestats.py)
 -- ARGV[2]  t, the teams
--- KEYS     per team: its w window hashes, its waits list, its spend ledger, its live spend;
---          then per deployment: its w window hashes
+-- ARGV[3]  cut, the oldest window's first second still in the rates' span (0-9)
+-- KEYS     per team: its oldest window's per-second hash (fields <name>:<second>), the
+--          w - 1 later windows' hashes of totals, its waits list, its spend ledger, its live
+--          spend; then per deployment: the same w window hashes
 --
 -- Returns, per team, {counts, waits, {ledger base, ledger open}, live spend}, then per
 -- deployment its counts; counts flat: name, sum over the windows, ...
 -- (A deployment's breaker and pause are read as `queuegate deployments` reads them:
 -- queuegate/deployment_health.py.)
 
-local w, t = tonumber(ARGV[1]), tonumber(ARGV[2])
+local w, t, cut = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local i = 0
 
 local function next_key()
@@ -22,15 +24,25 @@ end
 
 local function counts()
   local total, names = {}, {}
-  for _ = 1, w do
+  local function add(name, n)
+    if total[name] == nil then
+      names[#names + 1] = name
+      total[name] = 0
+    end
+    total[name] = total[name] + tonumber(n)
+  end
+  -- Of the oldest window, only the seconds from `cut` on are in the span.
+  local seconds = redis.call('HGETALL', next_key())
+  for j = 1, #seconds, 2 do
+    local name, second = string.match(seconds[j], '^(.*):(%d+)$')
+    if name ~= nil and tonumber(second) >= cut then
+      add(name, seconds[j + 1])
+    end
+  end
+  for _ = 2, w do
     local fields = redis.call('HGETALL', next_key())
     for j = 1, #fields, 2 do
-      local name = fields[j]
-      if total[name] == nil then
-        names[#names + 1] = name
-        total[name] = 0
-      end
-      total[name] = total[name] + tonumber(fields[j + 1])
+      add(fields[j], fields[j + 1])
     end
   end
   local flat = {}
