@@ -24,6 +24,9 @@ OPENAI_CHAT_PARAMS = frozenset(
 )
 """The request body fields of OpenAI's ``POST /v1/chat/completions`` (the ``openai`` SDK's
 ``CompletionCreateParams``, ``stream`` included)."""
+CHUNK_FIELDS = ("system_fingerprint", "service_tier")
+"""Fields of OpenAI's ``chat.completion`` that a provider may send beside its choices, which
+``chat.completion.chunk`` repeats on every chunk."""
 ANTHROPIC_MESSAGES_PARAMS = frozenset(
     {"model", "messages", "max_tokens", "stream", "system", "metadata", "stop_sequences"}
     | {"temperature", "top_p", "top_k", "thinking", "tools", "tool_choice", "service_tier"}
@@ -244,15 +247,18 @@ def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
     """A canonical ``chat.completion`` as a Messages API ``message``.
 
     Thinking (``reasoning_content``) comes first, as a thinking block without a signature:
-    the gateway does not keep Anthropic's, so it cannot be sent back to Anthropic.
+    the gateway does not keep Anthropic's, so it cannot be sent back to Anthropic. An OpenAI
+    model's ``refusal`` is a text block, and ``stop_reason: refusal``, as Anthropic's own
+    refusals end.
     """
     choice = (response.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     content: list[Block] = []
     if isinstance(message.get("reasoning_content"), str) and message["reasoning_content"]:
         content.append(thinking_block(message["reasoning_content"]))
-    if isinstance(message.get("content"), str) and message["content"]:
-        content.append({"type": "text", "text": message["content"]})
+    for text in (message.get("content"), _refusal(choice)):
+        if isinstance(text, str) and text:
+            content.append({"type": "text", "text": text})
     content.extend(tool_use_block(call) for call in message.get("tool_calls") or [])
     return {
         "id": response.get("id") or "",
@@ -282,10 +288,18 @@ def anthropic_stop(choice: dict[str, Any]) -> dict[str, Any]:
     """A canonical choice's ``finish_reason`` as a Message's ``stop_reason`` and
     ``stop_sequence`` (the inverse of ``openai_finish``)."""
     sequence = choice.get(STOP_SEQUENCE)
+    if _refusal(choice):
+        return {"stop_reason": "refusal", "stop_sequence": None}
     if choice.get("finish_reason") == "stop" and isinstance(sequence, str):
         return {"stop_reason": "stop_sequence", "stop_sequence": sequence}
     reason = _STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn")
     return {"stop_reason": reason, "stop_sequence": None}
+
+
+def _refusal(choice: dict[str, Any]) -> str:
+    """The refusal an OpenAI model answered the choice with; "" when it did not refuse."""
+    refusal = (choice.get("message") or {}).get("refusal")
+    return refusal if isinstance(refusal, str) else ""
 
 
 def anthropic_usage(usage: dict[str, Any]) -> dict[str, Any]:

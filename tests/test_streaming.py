@@ -14,7 +14,7 @@ from queuegate.errors import StreamInterrupted
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
 from router import Catalog, load_catalog, open_router
-from router.providers import Delta
+from router.providers import Delta, Piece
 from tests.support import running_gateway
 
 ENV = {"QUEUEGATE_MOCK_KEY": "sk-test"}
@@ -42,8 +42,8 @@ class Sink:
         self.deltas: list[Delta] = []
         self.models: set[str] = set()
 
-    async def __call__(self, delta: Delta, model: str) -> None:
-        self.deltas.append(delta)
+    async def __call__(self, piece: Piece, model: str) -> None:
+        self.deltas.append(piece.delta)
         self.models.add(model)
 
     @property

@@ -35,6 +35,7 @@ from router.providers.base import (
     Completion,
     Delta,
     Fidelity,
+    Piece,
     ProviderError,
     ServerEvent,
     UpstreamRequest,
@@ -179,8 +180,10 @@ class AnthropicStream:
     def model(self) -> str:
         return str(self._message["model"])
 
-    def feed(self, event: ServerEvent) -> list[Delta]:
-        data = json_data(event)
+    def feed(self, event: ServerEvent) -> list[Piece]:
+        return [Piece(delta) for delta in self._deltas(json_data(event))]
+
+    def _deltas(self, data: dict[str, Any]) -> list[Delta]:
         kind = data.get("type")
         if kind == "error":
             raise stream_error(data.get("error"), self._secret)
