@@ -23,7 +23,7 @@ from producer.streams import ChatStream
 from queuegate.api_errors import openai_error
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatResult, StreamChunk
-from queuegate.provider_formats import STOP_SEQUENCE
+from queuegate.provider_formats import ANTHROPIC_EVENTS, STOP_SEQUENCE
 
 DONE = b"data: [DONE]\n\n"
 
@@ -90,7 +90,11 @@ class ChunkWriter:
 
     def delta(self, chunk: StreamChunk) -> bytes:
         self._model.note(chunk.model)
-        delta = dict(chunk.delta)
+        # An Anthropic deployment's own events are for Anthropic callers: a delta of
+        # nothing else (a block's start or stop) is no chunk at all.
+        delta = {k: v for k, v in chunk.delta.items() if k != ANTHROPIC_EVENTS}
+        if not delta:
+            return b""
         if self._first:
             delta = {"role": "assistant", **delta}
             self._first = False

@@ -17,7 +17,7 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Literal, NamedTuple, Self
 from urllib.parse import parse_qs
@@ -451,6 +451,7 @@ class MockProvider:
             await asyncio.sleep(behavior.latency_ms / 1000)
         if outcome == "answer":
             self._record(request, body, 200)
+            reply = replace(reply, layout=behavior.layout)
             if body.get("stream") is True:
                 events: Iterable[bytes] = wire.events(body, reply)
                 cut = behavior.stream_cut_after

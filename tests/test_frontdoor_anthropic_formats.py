@@ -144,29 +144,30 @@ def test_prompt_caching_marks_reach_an_anthropic_deployment_where_the_client_put
     assert sent["messages"][2]["content"][0]["cache_control"] == mark
 
 
-def test_thinking_sent_back_in_an_assistant_turn_is_left_out() -> None:
+def test_thinking_sent_back_goes_to_anthropic_as_it_is_and_is_left_out_for_openai() -> None:
+    # Given an assistant turn sent back with its thinking, signature and redacted thinking
+    thinking = [
+        {"type": "thinking", "thinking": "Hm.", "signature": "s1"},
+        {"type": "redacted_thinking", "data": "opaque"},
+    ]
     job = read(
         body(
             messages=[
                 *HI,
-                {
-                    "role": "assistant",
-                    "content": [
-                        {"type": "thinking", "thinking": "Hm.", "signature": "s1"},
-                        {"type": "redacted_thinking", "data": "opaque"},
-                        {"type": "text", "text": "Hello."},
-                    ],
-                },
+                {"role": "assistant", "content": [*thinking, {"type": "text", "text": "Hello."}]},
                 {"role": "user", "content": "Again"},
             ]
         )
     )
 
-    assert [m.model_dump(exclude_none=True) for m in job.messages] == [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
-        {"role": "user", "content": "Again"},
-    ]
+    # Expect Anthropic to get the blocks as they were, OpenAI the text alone
+    anthropic = AnthropicAdapter().build_request(job, "claude", "k").body["messages"]
+    assert anthropic[1] == {
+        "role": "assistant",
+        "content": [*thinking, {"type": "text", "text": "Hello."}],
+    }
+    openai = OpenAIAdapter().build_request(job, "gpt", "k").body["messages"]
+    assert openai[1] == {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}
 
 
 @pytest.mark.parametrize(
@@ -365,6 +366,61 @@ def test_thinking_streams_as_its_own_block_before_the_text() -> None:
     assert message.content[0].thinking == "Two plus two"
     assert message.content[1].type == "text"
     assert message.content[1].text == "4"
+
+
+def test_an_anthropic_stream_reaches_the_sdk_block_for_block() -> None:
+    # Given Anthropic's stream of signed thinking, redacted thinking, a tool call, two texts
+    usage = {"input_tokens": 100, "output_tokens": 1, "cache_read_input_tokens": 1600}
+    start = {"id": "msg_3", "type": "message", "role": "assistant", "model": "claude"}
+    blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
+        (
+            {"type": "thinking", "thinking": "", "signature": ""},
+            [
+                {"type": "thinking_delta", "thinking": "Hm."},
+                {"type": "signature_delta", "signature": "SIG"},
+            ],
+        ),
+        ({"type": "redacted_thinking", "data": "opaque"}, []),
+        (
+            {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}},
+            [{"type": "input_json_delta", "partial_json": '{"city": "Oslo"}'}],
+        ),
+        ({"type": "text", "text": ""}, [{"type": "text_delta", "text": "First. "}]),
+        ({"type": "text", "text": ""}, [{"type": "text_delta", "text": "Second."}]),
+    ]
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start | {"content": [], "usage": usage}}
+    ]
+    for index, (block, deltas) in enumerate(blocks):
+        events.append({"type": "content_block_start", "index": index, "content_block": block})
+        events += [{"type": "content_block_delta", "index": index, "delta": d} for d in deltas]
+        events.append({"type": "content_block_stop", "index": index})
+    events += [
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use"},
+            "usage": {"output_tokens": 9},
+        },
+        {"type": "message_stop"},
+    ]
+    deltas, result = relay(
+        AnthropicAdapter().stream_parser("claude", None), anthropic_events(*events)
+    )
+
+    # When the front door streams it to an Anthropic caller
+    sent = translate(deltas, result)
+    message = replay(sent)
+
+    # Expect each block as sent, in its order, and message_start's counts the provider's
+    assert [block.model_dump(exclude_none=True) for block in message.content] == [
+        {"type": "thinking", "thinking": "Hm.", "signature": "SIG"},
+        {"type": "redacted_thinking", "data": "opaque"},
+        {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}},
+        {"type": "text", "text": "First. "},
+        {"type": "text", "text": "Second."},
+    ]
+    assert sent[0]["message"]["usage"] | usage == sent[0]["message"]["usage"]
+    assert message.usage.output_tokens == 9 and message.usage.cache_read_input_tokens == 1600
 
 
 def test_an_openai_stream_reaches_the_sdk_as_an_anthropic_one() -> None:

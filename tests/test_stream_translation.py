@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from queuegate.provider_formats import ANTHROPIC_EVENTS
 from router.providers import AnthropicAdapter, OpenAIAdapter, ProviderError, ServerEvent
 from router.transport import EventParser, LineSplitter
 
@@ -140,10 +141,16 @@ def feed(parser: Any, events: list[ServerEvent]) -> list[dict[str, Any]]:
     return [delta for event in events for delta in parser.feed(event)]
 
 
+def canonical(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deltas without the Anthropic events they carry (and those carrying nothing else)."""
+    stripped = [{k: v for k, v in d.items() if k != ANTHROPIC_EVENTS} for d in deltas]
+    return [delta for delta in stripped if delta]
+
+
 def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None:
     parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
-    deltas = feed(parser, ANTHROPIC_TEXT)
+    deltas = canonical(feed(parser, ANTHROPIC_TEXT))
     completion = parser.completion()
 
     assert deltas == [{"content": "Hello"}, {"content": "!"}]
@@ -157,7 +164,7 @@ def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None
 def test_anthropic_tool_use_stream_becomes_openai_tool_call_deltas() -> None:
     parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
-    deltas = feed(parser, ANTHROPIC_TOOL)
+    deltas = canonical(feed(parser, ANTHROPIC_TOOL))
     completion = parser.completion()
 
     assert deltas[0] == {"content": "Okay, let's check the weather"}
