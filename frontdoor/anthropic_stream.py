@@ -76,6 +76,9 @@ class MessageEvents:
 
     def end(self, result: ChatResult) -> bytes:
         self._model.note_result(result)
+        if not self._started and result.response is not None:
+            # Nothing was streamed (a cached answer): message_start can tell the usage.
+            self._usage = self._usage | anthropic_message(result.response)["usage"]
         return encode(self._opening() + self.end_events(result))
 
     def error(self, code: str, message: str) -> bytes:

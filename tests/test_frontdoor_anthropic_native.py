@@ -15,6 +15,7 @@ from anthropic.types import MessageParam, ToolParam
 
 from mockprovider import MockConfig
 from mockprovider.config import Behavior
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import Door, open_door
 
@@ -248,3 +249,22 @@ async def test_an_openai_caller_gets_none_of_the_anthropic_body(door: Door) -> N
     assert all("anthropic_events" not in delta for delta in deltas)
     assert "".join(delta.get("content", "") for delta in deltas) == "mock reply to: Hi"
     assert all(delta for delta in deltas[:-1])
+
+
+async def test_a_cached_answer_streams_the_blocks_it_was_given(settings: Settings) -> None:
+    # Given a team whose answers are cached, and a thinking answer to a tool question
+    request: dict[str, Any] = {"messages": QUESTION, **THINKING}
+    teams = {"alpha": TeamConfig(cache=True)}
+    async with open_door(settings, teams) as door, client(door) as sdk:
+        first = await sdk.messages.create(**request)
+        # When the same request is streamed, answered from the cache
+        async with sdk.messages.stream(**request) as stream:
+            started = [e.message.usage async for e in stream if e.type == "message_start"]
+            cached = await stream.get_final_message()
+        calls = door.gateway.mock.stats.calls
+
+    # Expect the provider's blocks, signature included, and its usage from message_start on
+    assert calls == 1
+    assert [b.to_dict() for b in cached.content] == [b.to_dict() for b in first.content]
+    assert cached.content[0].type == "thinking" and cached.content[0].signature == SIGNATURE
+    assert started[0].input_tokens == first.usage.input_tokens > 0

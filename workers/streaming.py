@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from queuegate.messages import ChatJob, StreamChunk
+from queuegate.provider_formats import ANTHROPIC_BODY, ANTHROPIC_EVENTS
 from router.providers import Delta
 from workers.publisher import Publisher
 
@@ -41,6 +42,9 @@ class StreamRelay:
         """An answer that was not streamed (a cache hit), sent as one delta."""
         message = (response.get("choices") or [{}])[0].get("message") or {}
         delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
+        if ANTHROPIC_BODY in response:
+            # No events: an Anthropic caller gets the provider's blocks whole, at the end.
+            delta[ANTHROPIC_EVENTS] = []
         if delta:
             await self(delta, str(response.get("model") or ""))
 
