@@ -97,6 +97,10 @@ class ChunkWriter:
     def delta(self, chunk: StreamChunk) -> bytes:
         self._model.note(chunk.model)
         self._note(chunk.model_dump(include=set(CHUNK_FIELDS)))
+        # An Anthropic deployment's own events are for Anthropic callers: a chunk of nothing
+        # else (a block's start or stop, a cached answer's) is no chunk at all.
+        if not chunk.delta and chunk.logprobs is None:
+            return b""
         delta = dict(chunk.delta)
         if chunk.index not in self._opened:
             delta = {"role": "assistant", **delta}

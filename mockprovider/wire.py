@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import orjson
 
-from mockprovider.validation import InvalidRequest, check_anthropic, check_openai
+from mockprovider.validation import SIGNATURE, InvalidRequest, check_anthropic, check_openai
 
 REPLY_PREFIX = "mock reply to: "
 QUOTED_CHARS = 60
@@ -51,12 +51,12 @@ CACHE_MIN_TOKENS = 1024
 THINKING_PREFIX = "mock thinking about: "
 REASONING_TOKENS = {"minimal": 16, "low": 64, "medium": 256, "high": 1024, "xhigh": 2048}
 """OpenAI reasoning tokens billed per effort (counted in ``completion_tokens``)."""
-SIGNATURE = "mock-signature"
 SYSTEM_FINGERPRINT = "fp_mock0001"
 LOGPROB = -0.25
 """The log probability of every token of an OpenAI answer asked for ``logprobs``."""
 SERVED_TIERS = frozenset({"flex", "scale", "priority"})
 """OpenAI tiers that serve as asked; ``auto`` and ``default`` are served by ``default``."""
+TEXT_AFTER_TOOL = "mock text after the tool call"
 
 
 class PromptCache:
@@ -96,6 +96,8 @@ class Reply:
     reasoning_tokens: int = 0
     refusal: str | None = None
     """The model refuses (``Behavior.refusal``): OpenAI's ``refusal`` instead of the text."""
+    layout: Literal["plain", "split", "tool_first"] = "plain"
+    """How an Anthropic answer lays out its blocks (``mockprovider.config.Behavior.layout``)."""
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -454,6 +456,35 @@ ANTHROPIC_ERRORS = {
 }
 
 
+def _block_events(block: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One block's stream events, without their ``index``: its start (empty), its deltas (a
+    thinking block's signature last, in a ``signature_delta``), its stop."""
+    kind = block["type"]
+    if kind == "thinking":
+        yield _started({"type": "thinking", "thinking": "", "signature": ""})
+        for piece in _pieces(block["thinking"]):
+            yield _delta({"type": "thinking_delta", "thinking": piece})
+        yield _delta({"type": "signature_delta", "signature": block["signature"]})
+    elif kind == "tool_use":
+        yield _started(block)
+        yield _delta(
+            {"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()}
+        )
+    else:
+        yield _started({"type": "text", "text": ""})
+        for piece in _pieces(block["text"]):
+            yield _delta({"type": "text_delta", "text": piece})
+    yield {"type": "content_block_stop"}
+
+
+def _started(block: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_start", "content_block": block}
+
+
+def _delta(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_delta", "delta": delta}
+
+
 def _is_user_text(message: dict[str, Any]) -> bool:
     """A user turn that is not only handing back tool results (those are user turns too)."""
     content = message.get("content")
@@ -538,14 +569,23 @@ class AnthropicWire(Wire):
             usage["output_tokens_details"] = {"thinking_tokens": reply.reasoning_tokens}
         return usage
 
-    def _block(self, reply: Reply, text: str) -> dict[str, Any]:
-        if reply.tool is None:
-            return {"type": "text", "text": text}
-        return {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
-
     def _blocks(self, reply: Reply) -> list[dict[str, Any]]:
-        thinking = [{"type": "thinking", "thinking": reply.reasoning, "signature": SIGNATURE}]
-        return [*(thinking if reply.reasoning else []), self._block(reply, reply.text)]
+        """The answer's blocks, laid out as ``reply.layout`` says."""
+        blocks: list[dict[str, Any]] = []
+        if reply.reasoning:
+            blocks.append({"type": "thinking", "thinking": reply.reasoning, "signature": SIGNATURE})
+        if reply.tool is not None:
+            blocks.append(
+                {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
+            )
+            if reply.layout == "tool_first":
+                blocks.append({"type": "text", "text": TEXT_AFTER_TOOL})
+        elif reply.layout == "split" and " " in reply.text:
+            first, rest = reply.text.split(" ", 1)
+            blocks += [{"type": "text", "text": first + " "}, {"type": "text", "text": rest}]
+        else:
+            blocks.append({"type": "text", "text": reply.text})
+        return blocks
 
     def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         return {
@@ -573,27 +613,11 @@ class AnthropicWire(Wire):
             "usage": self._usage(reply, 1),
         }
         yield _event({"type": "message_start", "message": message})
-        index = 0
-        if reply.reasoning:
-            start = {"type": "thinking", "thinking": "", "signature": ""}
-            yield _event({"type": "content_block_start", "index": 0, "content_block": start})
-            for piece in _pieces(reply.reasoning):
-                delta = {"type": "thinking_delta", "thinking": piece}
-                yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
-            seal = {"type": "signature_delta", "signature": SIGNATURE}
-            yield _event({"type": "content_block_delta", "index": 0, "delta": seal})
-            yield _event({"type": "content_block_stop", "index": 0})
-            index = 1
-        block = self._block(reply, "")
-        yield _event({"type": "content_block_start", "index": index, "content_block": block})
-        yield _event({"type": "ping"})
-        if reply.tool is None:
-            deltas = [{"type": "text_delta", "text": piece} for piece in _pieces(reply.text)]
-        else:
-            deltas = [{"type": "input_json_delta", "partial_json": "{}"}]
-        for delta in deltas:
-            yield _event({"type": "content_block_delta", "index": index, "delta": delta})
-        yield _event({"type": "content_block_stop", "index": index})
+        for index, block in enumerate(self._blocks(reply)):
+            for n, event in enumerate(_block_events(block)):
+                yield _event({"type": event["type"], "index": index} | event)
+                if index == n == 0:  # as Anthropic: a ping after the first block's start
+                    yield _event({"type": "ping"})
         stop = {"stop_reason": ANTHROPIC_STOP[reply.finish], "stop_sequence": reply.stop_sequence}
         usage = {"output_tokens": reply.output_tokens}
         yield _event({"type": "message_delta", "delta": stop, "usage": usage})

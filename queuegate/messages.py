@@ -353,6 +353,10 @@ class StreamChunk(WireModel):
     system_fingerprint: str | None = None
     service_tier: str | None = None
     """What the provider sent beside the choices, repeated on each chunk as OpenAI does."""
+    anthropic_events: list[dict[str, Any]] | None = None
+    """An Anthropic deployment's own stream events the delta was read from, for Anthropic
+    callers (``frontdoor.anthropic_stream``); ``[]`` for its cached answer, whose blocks are
+    written whole at the end; None from any other provider."""
 
 
 class AuditContent(WireModel):

@@ -140,10 +140,15 @@ def feed(parser: Any, events: list[ServerEvent]) -> list[dict[str, Any]]:
     return [piece.delta for event in events for piece in parser.feed(event)]
 
 
+def canonical(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deltas with content: without those of pieces carrying Anthropic's events alone."""
+    return [delta for delta in deltas if delta]
+
+
 def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None:
     parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
-    deltas = feed(parser, ANTHROPIC_TEXT)
+    deltas = canonical(feed(parser, ANTHROPIC_TEXT))
     completion = parser.completion()
 
     assert deltas == [{"content": "Hello"}, {"content": "!"}]
@@ -157,7 +162,7 @@ def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None
 def test_anthropic_tool_use_stream_becomes_openai_tool_call_deltas() -> None:
     parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
-    deltas = feed(parser, ANTHROPIC_TOOL)
+    deltas = canonical(feed(parser, ANTHROPIC_TOOL))
     completion = parser.completion()
 
     assert deltas[0] == {"content": "Okay, let's check the weather"}

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from queuegate.messages import ChatJob, StreamChunk
-from queuegate.provider_formats import CHUNK_FIELDS, as_int
+from queuegate.provider_formats import ANTHROPIC_BODY, CHUNK_FIELDS, as_int
 from router.providers import Piece
 from workers.publisher import Publisher
 
@@ -37,6 +37,7 @@ class StreamRelay:
             model=model,
             index=piece.index,
             logprobs=piece.logprobs,
+            anthropic_events=piece.anthropic_events,
             **{k: v for k, v in piece.chunk.items() if isinstance(v, str)},
         )
         self._seq += 1
@@ -49,11 +50,15 @@ class StreamRelay:
     async def replay(self, response: dict[str, Any]) -> None:
         """An answer that was not streamed (a cache hit), sent as one delta per choice."""
         chunk = {k: response[k] for k in CHUNK_FIELDS if k in response}
+        # No events for an Anthropic deployment's answer: an Anthropic caller gets the
+        # provider's blocks whole, at the end.
+        events: list[dict[str, Any]] | None = [] if ANTHROPIC_BODY in response else None
         for choice in response.get("choices") or []:
             message = choice.get("message") or {}
             delta = {k: v for k, v in message.items() if k in REPLAYED and v}
-            if delta:
-                piece = Piece(delta, as_int(choice.get("index")), choice.get("logprobs"), chunk)
+            if delta or events is not None:
+                index, logprobs = as_int(choice.get("index")), choice.get("logprobs")
+                piece = Piece(delta, index, logprobs, chunk, anthropic_events=events)
                 await self(piece, str(response.get("model") or ""))
 
 

@@ -283,12 +283,16 @@ Delta = dict[str, Any]
 class Piece:
     """What a stream parser relays: a delta, the choice it belongs to (``index``: more than
     one with ``n`` > 1), that choice's ``logprobs`` for it when the provider sent them, and
-    the chunk fields the provider has sent so far (``queuegate.provider_formats.CHUNK_FIELDS``)."""
+    the chunk fields the provider has sent so far (``queuegate.provider_formats.CHUNK_FIELDS``).
+    An Anthropic deployment's piece also carries the Messages stream events it was read from
+    (``anthropic_events``; a piece of those alone has an empty delta), so that an Anthropic
+    caller gets them as sent; the delta itself stays canonical."""
 
     delta: Delta
     index: int = 0
     logprobs: dict[str, Any] | None = None
     chunk: dict[str, Any] = field(default_factory=dict)
+    anthropic_events: list[dict[str, Any]] | None = None
 
 
 class StreamParser(Protocol):

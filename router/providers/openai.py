@@ -9,6 +9,11 @@ For OpenAI itself (``strict``) the request holds only what its API documents: An
 ``thinking`` becomes ``reasoning_effort``, and any other parameter OpenAI does not have is
 refused, or dropped and noted under the job's ``drop`` policy (``Fidelity``). OpenAI-compatible
 servers get every parameter as it is: each server has extras of its own.
+
+Neither has Anthropic's message extras: thinking blocks sent back are left out (as Anthropic
+itself leaves out the thinking of earlier turns), a tool result marked ``is_error`` is sent
+with ``TOOL_ERROR`` before its content, and a tool result holding an image is refused
+(OpenAI's tool messages take text only).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage
-from queuegate.provider_formats import CHUNK_FIELDS, OPENAI_CHAT_PARAMS, as_int
+from queuegate.provider_formats import CHUNK_FIELDS, OPENAI_CHAT_PARAMS, THINKING_PARTS, as_int
 from router.providers.base import (
     Completion,
     Fidelity,
@@ -36,6 +41,10 @@ PATH = "/v1/chat/completions"
 
 _NOT_PASSED = frozenset({"model", "messages", "stream", "stream_options"})
 """Owned by the adapter: the deployment names the model, the router decides on streaming."""
+
+TOOL_ERROR = "Error: "
+"""What a tool message marked ``is_error`` starts with: OpenAI has no such mark, and a model
+reads this one as Anthropic's reads the flag."""
 
 EFFORT_OF_BUDGET = ((2048, "low"), (8192, "medium"))
 """Anthropic ``thinking.budget_tokens`` up to each bound as OpenAI's ``reasoning_effort``;
@@ -89,6 +98,11 @@ class OpenAIAdapter:
 
 def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
     out = message.model_dump(exclude_none=True)
+    if isinstance(out.get("content"), list):
+        parts = [p for p in out["content"] if p.get("type") not in THINKING_PARTS]
+        out["content"] = parts or None  # null content is the tool calls' alone
+    if message.role == "tool":
+        out = _tool_message(out)
     if strict:
         out.pop("cache_control", None)
         # An earlier answer sent back as history carries the gateway's own reasoning_content,
@@ -96,6 +110,19 @@ def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
         out.pop("reasoning_content", None)
         if isinstance(out.get("content"), list):
             out["content"] = [_uncached(part) for part in out["content"]]
+    return out
+
+
+def _tool_message(out: dict[str, Any]) -> dict[str, Any]:
+    """A tool message as OpenAI takes it: text only, ``is_error`` as ``TOOL_ERROR``."""
+    content = out.get("content")
+    if isinstance(content, list) and any(p.get("type") != "text" for p in content):
+        raise ProviderError("unsupported", "a tool result that is not text (OpenAI takes text)")
+    if out.pop("is_error", None) is True:
+        if isinstance(content, list):
+            out["content"] = [{"type": "text", "text": TOOL_ERROR}, *content]
+        else:
+            out["content"] = TOOL_ERROR + (content or "")
     return out
 
 
