@@ -70,6 +70,14 @@ class ImageBlock(_Strict):
     cache_control: CacheControl | None = None
 
 
+ToolResultContent = Annotated[
+    Annotated[TextBlock, Tag("text block")] | Annotated[ImageBlock, Tag("image block")],
+    Discriminator(tagged_by("type", "block")),
+]
+"""What a tool result holds (Anthropic's ``ToolResultBlockParam``; documents the gateway
+refuses, as everywhere)."""
+
+
 class ToolUseBlock(_Strict):
     type: Literal["tool_use"]
     id: str = Field(min_length=1)
@@ -81,13 +89,14 @@ class ToolUseBlock(_Strict):
 class ToolResultBlock(_Strict):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1)
-    content: str | list[TextBlock] | None = None
+    content: str | list[ToolResultContent] | None = None
     is_error: bool | None = None
     cache_control: CacheControl | None = None
 
 
 class ThinkingBlock(_Strict):
-    """Sent back in an assistant turn; left out, as Anthropic leaves out earlier thinking."""
+    """Sent back in an assistant turn: to an Anthropic deployment as it is (its signature
+    must match), left out for another provider."""
 
     type: Literal["thinking"]
     thinking: str

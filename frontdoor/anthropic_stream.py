@@ -9,11 +9,15 @@ become Anthropic's documented event flow::
     message_delta (stop_reason, cumulative usage), message_stop
 
 with ``text_delta``, ``thinking_delta`` and ``input_json_delta`` deltas, or an ``error``
-event (and nothing after it) when the job fails after the stream has begun. The usage and
-stop reason are known only from the final result: ``message_start`` carries zero counts and
-``message_delta`` the real ones (its counts are cumulative: Anthropic's SDK takes them as
-the totals). ``message_start`` names the model the provider says answers, as a
-non-streamed answer does (``frontdoor.sse.ServedModel``).
+event (and nothing after it) when the job fails after the stream has begun. The stop reason
+is known only from the final result, and ``message_delta`` carries the usage (its counts
+are cumulative: Anthropic's SDK takes them as the totals). ``message_start`` names the model
+the provider says answers, as a non-streamed answer does (``frontdoor.sse.ServedModel``).
+
+An Anthropic deployment's own events ride on the chunks (``StreamChunk.anthropic_events``):
+they are sent as they came, so each block keeps its index, its signature (``signature_delta``) and
+its place, and ``message_start`` the usage the provider gave there. Other providers'
+deltas are translated (``message_start`` then carries zero counts).
 """
 
 from __future__ import annotations
@@ -55,13 +59,25 @@ class MessageEvents:
         self._open: tuple[int, BlockKind] | None = None
         self._calls: dict[int, int] = {}
         """The block index of each tool call, by its position (OpenAI's ``index``)."""
+        self._usage = {
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+        """``message_start``'s usage: the provider's, when it sent its own."""
 
     def delta(self, chunk: StreamChunk) -> bytes:
         self._model.note(chunk.model)
+        if chunk.anthropic_events is not None:
+            return encode(self._native(chunk.anthropic_events))
         return encode(self._opening() + self.delta_events(chunk.delta))
 
     def end(self, result: ChatResult) -> bytes:
         self._model.note_result(result)
+        if not self._started and result.response is not None:
+            # Nothing was streamed (a cached answer): message_start can tell the usage.
+            self._usage = self._usage | anthropic_message(result.response)["usage"]
         return encode(self._opening() + self.end_events(result))
 
     def error(self, code: str, message: str) -> bytes:
@@ -79,14 +95,27 @@ class MessageEvents:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {
-                "input_tokens": 0,
-                "output_tokens": 0,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
+            "usage": self._usage,
         }
         return [{"type": "message_start", "message": message}, {"type": "ping"}]
+
+    def _native(self, events: list[Event]) -> list[Event]:
+        """An Anthropic deployment's events, as it sent them; its ``message_start`` with
+        this stream's id and model."""
+        out: list[Event] = []
+        for event in events:
+            kind = event.get("type")
+            if kind == "message_start":
+                usage = (event.get("message") or {}).get("usage")
+                if isinstance(usage, dict):
+                    self._usage = self._usage | usage
+            out.extend(self._opening())
+            if kind == "content_block_start":
+                self._blocks += 1
+                out.append(_signed(event))
+            elif kind != "message_start":
+                out.append(event)
+        return out
 
     def delta_events(self, delta: dict[str, Any]) -> list[Event]:
         """The events of one canonical delta (often one ``content_block_delta``)."""
@@ -167,17 +196,38 @@ class MessageEvents:
         return events
 
     def _whole(self, block: Event) -> list[Event]:
-        """A block of the final message, sent in one delta."""
+        """A block of the final message, in a block of its own, sent in one delta (what
+        has no delta, such as redacted_thinking, whole in its start)."""
         events: list[Event] = []
-        kind = block["type"]
+        kind = block.get("type")
         if kind == "tool_use":
             index = self._start(block | {"input": {}}, events)
-            piece = orjson.dumps(block["input"]).decode()
+            piece = orjson.dumps(block.get("input") or {}).decode()
             events.append(_delta(index, {"type": "input_json_delta", "partial_json": piece}))
+        elif kind == "text":
+            index = self._start(block | {"text": ""}, events)
+            events.append(_delta(index, {"type": "text_delta", "text": block.get("text", "")}))
+        elif kind == "thinking":
+            index = self._start(block | {"thinking": "", "signature": ""}, events)
+            events.append(
+                _delta(index, {"type": "thinking_delta", "thinking": block.get("thinking", "")})
+            )
+            if block.get("signature"):
+                seal = {"type": "signature_delta", "signature": block["signature"]}
+                events.append(_delta(index, seal))
         else:
-            index = self._into(kind, events)
-            events.append(_delta(index, {"type": f"{kind}_delta", kind: block[kind]}))
+            self._start(block, events)
         return events
+
+
+def _signed(start: Event) -> Event:
+    """A content_block_start whose thinking block has a signature: Anthropic's documented
+    example starts one without it, its SDK's ThinkingBlock requires one (the
+    signature_delta fills it in)."""
+    block = start.get("content_block") or {}
+    if block.get("type") == "thinking" and "signature" not in block:
+        return start | {"content_block": block | {"signature": ""}}
+    return start
 
 
 def _delta(index: int, delta: Event) -> Event:

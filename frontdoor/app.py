@@ -101,9 +101,9 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
 class RequestMetrics:
     """Notes when each request arrived (``frontdoor.answers.note_arrival``), counts each
     answer by route template and status when its first byte leaves, and gives every answer an
-    ``x-request-id``, errors included (``frontdoor.answers.request_id``). A plain ASGI
-    middleware: Starlette's ``BaseHTTPMiddleware`` would buffer every request through an extra
-    task."""
+    ``x-request-id``, errors included (``frontdoor.answers.request_id``), and the same id as
+    ``request-id`` (Anthropic's name). A plain ASGI middleware: Starlette's
+    ``BaseHTTPMiddleware`` would buffer every request through an extra task."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
@@ -123,6 +123,8 @@ class RequestMetrics:
                 headers = MutableHeaders(scope=message)
                 if "x-request-id" not in headers:
                     headers["x-request-id"] = request_id(scope)
+                # Anthropic's SDK reads the id from ``request-id`` (message._request_id).
+                headers["request-id"] = headers["x-request-id"]
             await send(message)
 
         await self._app(scope, receive, counted)

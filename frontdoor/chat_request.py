@@ -138,13 +138,16 @@ def wants_stream(body: dict[str, Any]) -> tuple[bool, bool]:
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise ApiError("invalid_request", "stream must be true or false")
+        raise ApiError("invalid_request", "stream must be true or false", param="stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
-        raise ApiError("invalid_request", "stream_options must be an object")
+        raise ApiError(
+            "invalid_request", "stream_options must be an object", param="stream_options"
+        )
     usage = options.get("include_usage", False)
     if not isinstance(usage, bool):
-        raise ApiError("invalid_request", "stream_options.include_usage must be true or false")
+        where = "stream_options.include_usage"
+        raise ApiError("invalid_request", f"{where} must be true or false", param=where)
     return stream, usage
 
 
@@ -152,7 +155,9 @@ def served_model(body: dict[str, Any], limits: Limits) -> str:
     """The request's model, one of the catalog's; ApiError 400, or 404 for another."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise ApiError("invalid_request", "model must be a non-empty string: GET /v1/models")
+        raise ApiError(
+            "invalid_request", "model must be a non-empty string: GET /v1/models", param="model"
+        )
     if model not in limits.models:
         raise unknown_model(model)
     return model
@@ -168,11 +173,12 @@ def checked_messages(body: dict[str, Any], limits: Limits) -> list[Any]:
     """The request's messages, as many as a job may carry; ApiError 400 otherwise."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ApiError("invalid_request", "messages must be a non-empty array")
+        raise ApiError("invalid_request", "messages must be a non-empty array", param="messages")
     if len(messages) > limits.max_messages:
         raise ApiError(
             "invalid_request",
             f"{len(messages)} messages; at most {limits.max_messages} are served at once",
+            param="messages",
         )
     return messages
 
@@ -188,7 +194,7 @@ def chat_job(
     for name in ("max_tokens", "max_completion_tokens"):
         value = params.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT_TOKENS:
-            raise ApiError("invalid_request", f"{name} is above {MAX_OUTPUT_TOKENS}")
+            raise ApiError("invalid_request", f"{name} is above {MAX_OUTPUT_TOKENS}", param=name)
     try:
         job = ChatJob(
             job_id=options.job_id(team),
@@ -201,8 +207,12 @@ def chat_job(
         )
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "request"
-        raise ApiError("invalid_request", f"{where}: {first['msg']}") from None
+        # The job holds the request's parameters under ``params``; the caller sent them
+        # at the top of the body, where their path starts.
+        loc = first["loc"][1:] if first["loc"][:1] == ("params",) else first["loc"]
+        where = ".".join(str(part) for part in loc)
+        message = f"{where or 'request'}: {first['msg']}"
+        raise ApiError("invalid_request", message, param=where or None) from None
     if len(job.model_dump_json(exclude_defaults=True)) > limits.max_job_bytes:
         raise ApiError(
             "request_too_large", f"the request is larger than {limits.max_job_bytes} bytes"

@@ -73,8 +73,8 @@ workers' own retries and fallbacks. Retried: 429 (``rate_limited``, ``queue_full
 ``too_many_requests``, nothing called, with ``Retry-After``) and 503 (refused before
 anything was published)."""
 
-ErrorShape = Callable[[str, str], dict[str, Any]]
-"""``shape(code, message)``: an API's error body."""
+ErrorShape = Callable[[str, str, str | None], dict[str, Any]]
+"""``shape(code, message, param)``: an API's error body (``param``: the field at fault)."""
 
 ECHOED = 100
 """Characters of a caller's own value (a model name, an id, a field name) an error repeats."""
@@ -98,6 +98,7 @@ class ApiError(Exception):
         *,
         retry_after_s: float | None = None,
         job_id: str | None = None,
+        param: str | None = None,
     ) -> None:
         if len(message) > MAX_MESSAGE:
             message = f"{message[:MAX_MESSAGE]}…"
@@ -108,6 +109,9 @@ class ApiError(Exception):
         self.retry_after_s = retry_after_s
         self.job_id = job_id
         """The job whose result this error is (a worker refused or failed it), if any."""
+        self.param = param
+        """The path of the request's field at fault (``temperature``, ``messages.0.content``),
+        when one is: OpenAI's errors name it."""
 
     def headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -162,7 +166,7 @@ class ErrorShapes:
         return self._shapes[max(matches, key=len)] if matches else self._default
 
     def response(self, path: str, error: ApiError) -> JSONResponse:
-        body = self.for_path(path)(error.code, error.message)
+        body = self.for_path(path)(error.code, error.message, error.param)
         return JSONResponse(body, status_code=error.status, headers=error.headers())
 
 

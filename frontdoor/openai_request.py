@@ -33,7 +33,7 @@ from pydantic import (
 
 from frontdoor.chat_request import Limits, checked_messages, served_model
 from frontdoor.errors import ApiError, shown
-from frontdoor.request_errors import first_error, tagged_by
+from frontdoor.request_errors import invalid_request, tagged_by
 from queuegate.messages import MAX_CHOICES, ChatJob
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
 from router.providers.anthropic import MIN_THINKING_BUDGET
@@ -360,7 +360,7 @@ def check_chat(body: dict[str, Any], limits: Limits) -> None:
     try:
         ChatRequest.model_validate(body)
     except ValidationError as exc:
-        raise ApiError("invalid_request", first_error(exc, body)) from None
+        raise invalid_request(exc, body) from None
 
 
 def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:

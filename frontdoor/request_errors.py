@@ -1,12 +1,13 @@
 """A request body's validation error as one line a caller can act on:
-``<field path>: <reason>``, the path as it is in the body they sent.
+``<field path>: <reason>``, the path as it is in the body they sent; OpenAI's errors also
+name it as their ``param``.
 
 The request schemas (``openai_request``, ``anthropic_request``) tag the members of their
 unions with names holding a space (``"text block"``, ``"user message"``), so that no tag is
 mistaken for a field of the body when the path is traced::
 
     except ValidationError as exc:
-        raise ApiError("invalid_request", first_error(exc, body)) from None
+        raise invalid_request(exc, body) from None
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from frontdoor.errors import shown
+from frontdoor.errors import ApiError, shown
 
 
 def tagged_by(field: str, kind: str) -> Callable[[Any], str | None]:
@@ -37,11 +38,24 @@ def deepest(exc: ValidationError) -> ErrorDetails:
     return max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
 
 
-def first_error(exc: ValidationError, body: Any) -> str:
-    return describe(deepest(exc), body)
+def invalid_request(exc: ValidationError, body: Any) -> ApiError:
+    """The ``invalid_request`` error of ``body``'s deepest validation error, its ``param``
+    the path of the field at fault."""
+    where, reason = _problem(deepest(exc), body)
+    return ApiError("invalid_request", _joined(where, reason), param=where or None)
 
 
 def describe(error: ErrorDetails, body: Any) -> str:
+    return _joined(*_problem(error, body))
+
+
+def _joined(where: str, reason: str) -> str:
+    return f"{where}: {reason}" if where else reason
+
+
+def _problem(error: ErrorDetails, body: Any) -> tuple[str, str]:
+    """Where in ``body`` the error is (its path; "" for the body itself), and what is wrong
+    there."""
     where = error_path(error, body)
     kind = error["type"]
     if kind in ("union_tag_invalid", "union_tag_not_found"):
@@ -50,17 +64,19 @@ def describe(error: ErrorDetails, body: Any) -> str:
         ctx = error.get("ctx") or {}
         field = str(ctx.get("discriminator", "type")).strip("'").removesuffix("()")
         if not isinstance(error.get("input"), dict):
-            return f"{where}: Input should be an object"
+            return where, "Input should be an object"
         if kind == "union_tag_not_found":
-            return f"{where}.{field}: Field required"
+            return f"{where}.{field}", "Field required"
         expected = ", ".join(
             repr(_member(tag.strip().strip("'")))
             for tag in str(ctx.get("expected_tags", "")).split(",")
         )
         tag = shown(_member(str(ctx.get("tag", ""))))
-        return f"{where}.{field}: {tag!r} is not supported by this gateway; use one of {expected}"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
+        return (
+            f"{where}.{field}",
+            f"{tag!r} is not supported by this gateway; use one of {expected}",
+        )
+    return where, error["msg"].removeprefix("Value error, ")
 
 
 def _member(tag: str) -> str:
@@ -86,4 +102,4 @@ def error_path(error: ErrorDetails, body: Any) -> str:
     return ".".join(steps)
 
 
-__all__ = ["deepest", "describe", "error_path", "first_error", "tagged_by"]
+__all__ = ["deepest", "describe", "error_path", "invalid_request", "tagged_by"]

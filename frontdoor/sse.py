@@ -23,7 +23,7 @@ from producer.streams import ChatStream
 from queuegate.api_errors import openai_error
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatResult, StreamChunk
-from queuegate.provider_formats import STOP_SEQUENCE
+from queuegate.provider_formats import CHUNK_FIELDS, STOP_SEQUENCE, as_int
 
 DONE = b"data: [DONE]\n\n"
 
@@ -67,14 +67,19 @@ class ServedModel:
 
 
 class ChunkWriter:
-    """The ``chat.completion.chunk`` events of one job."""
+    """The ``chat.completion.chunk`` events of one job: each choice's deltas under its own
+    ``index`` (the first of each with the role), with its logprobs, and the provider's
+    ``system_fingerprint`` and ``service_tier`` on every chunk once it sent them."""
 
     def __init__(self, job_id: str, model: str, *, include_usage: bool) -> None:
         self._id = f"chatcmpl-{job_id}"
         self._model = ServedModel(model)
         self._created = int(time.time())
-        self._first = True
+        self._opened: set[int] = set()
+        """The choices whose first delta (with the role) was written."""
         self._include_usage = include_usage
+        self._sent: dict[str, Any] = {}
+        """The provider's own chunk fields, as it last sent them."""
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return event(
@@ -83,6 +88,7 @@ class ChunkWriter:
                 "object": "chat.completion.chunk",
                 "created": self._created,
                 "model": self._model.name,
+                **self._sent,
                 "choices": choices,
                 **extra,
             }
@@ -90,36 +96,55 @@ class ChunkWriter:
 
     def delta(self, chunk: StreamChunk) -> bytes:
         self._model.note(chunk.model)
+        self._note(chunk.model_dump(include=set(CHUNK_FIELDS)))
+        # An Anthropic deployment's own events are for Anthropic callers: a chunk of nothing
+        # else (a block's start or stop, a cached answer's) is no chunk at all.
+        if not chunk.delta and chunk.logprobs is None:
+            return b""
         delta = dict(chunk.delta)
-        if self._first:
+        if chunk.index not in self._opened:
             delta = {"role": "assistant", **delta}
-            self._first = False
-        return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+            self._opened.add(chunk.index)
+        choice = {"index": chunk.index, "delta": delta, "finish_reason": None}
+        if chunk.logprobs is not None:
+            choice["logprobs"] = chunk.logprobs
+        return self._chunk([choice])
+
+    def _note(self, fields: dict[str, Any]) -> None:
+        self._sent |= {k: v for k, v in fields.items() if k in CHUNK_FIELDS and v is not None}
 
     def end(self, result: ChatResult) -> bytes:
-        """The closing events of a finished job: finish reason, usage, ``[DONE]``; or its
-        error."""
+        """The closing events of a finished job: each choice's finish reason, usage,
+        ``[DONE]``; or its error."""
         if result.status != "ok" or result.response is None:
             assert result.error is not None
             return self.error(result.error.code, result.error.message)
         response = result.response
         self._model.note_result(result)
-        choice = (response.get("choices") or [{}])[0]
+        self._note(response)
         out = b""
-        if self._first:  # nothing was relayed (a cached answer): the whole message at once
-            message = choice.get("message") or {}
-            delta = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls")}
-            out += self.delta(StreamChunk(job_id="", seq=0, delta=delta))
-        finish = {"finish_reason": choice.get("finish_reason") or "stop"}
-        if STOP_SEQUENCE in choice:
-            finish[STOP_SEQUENCE] = choice[STOP_SEQUENCE]
-        out += self._chunk([{"index": 0, "delta": {}, **finish}])
+        for choice in response.get("choices") or [{}]:
+            index = as_int(choice.get("index"))
+            if index not in self._opened:  # nothing was relayed (a cached answer): it whole
+                message = choice.get("message") or {}
+                delta = {k: v for k, v in message.items() if k in WHOLE}
+                logprobs = choice.get("logprobs")
+                whole = StreamChunk(job_id="", seq=0, delta=delta, index=index, logprobs=logprobs)
+                out += self.delta(whole)
+            finish = {"finish_reason": choice.get("finish_reason") or "stop"}
+            if STOP_SEQUENCE in choice:
+                finish[STOP_SEQUENCE] = choice[STOP_SEQUENCE]
+            out += self._chunk([{"index": index, "delta": {}, **finish}])
         if self._include_usage:
             out += self._chunk([], usage=response.get("usage"))
         return out + DONE
 
     def error(self, code: str, message: str) -> bytes:
         return event(openai_error(code, message))
+
+
+WHOLE = ("role", "content", "refusal", "tool_calls")
+"""The fields of a whole answer's message written as the one delta of a cached answer."""
 
 
 async def sse_events(

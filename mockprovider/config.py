@@ -6,7 +6,7 @@ instead of silently injecting nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,6 +45,14 @@ class Behavior(BaseModel):
     stream_error: dict[str, Any] | None = None
     """The ``error`` object of an error event a streamed answer carries (after a 200) in
     place of its end, as providers report failures mid-stream."""
+    refusal: str | None = None
+    """Every answer is this refusal, as OpenAI's ``refusal`` (``content`` null), whole or
+    streamed as ``delta.refusal``; OpenAI's wire only (Anthropic's refusals end with
+    ``stop_reason: refusal`` instead)."""
+    layout: Literal["plain", "split", "tool_first"] = "plain"
+    """How Anthropic answers lay out their blocks, as real ones may: ``plain`` one text (or
+    tool_use) block, ``split`` the text in two text blocks (its first word, then the rest),
+    ``tool_first`` a tool call followed by a text block (``TEXT_AFTER_TOOL``)."""
     retry_after: float | None = Field(default=None, ge=0)
     """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``. Unset,
     a rate-limit 429 announces when the bucket next admits a call, an injected 429 one second."""

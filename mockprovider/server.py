@@ -17,7 +17,7 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Literal, NamedTuple, Self
 from urllib.parse import parse_qs
@@ -439,6 +439,8 @@ class MockProvider:
             return _json(400, wire.error(400, str(exc)), request.keep_alive)
         model: str = body["model"]
         behavior = self._config.behavior(model)
+        if behavior.refusal is not None:
+            reply = replace(reply, refusal=behavior.refusal)
         bucket = self._faults.bucket(model, behavior)
         outcome = self._faults.decide(model, bucket, behavior)
         # Like OpenAI and Anthropic, a rate-limited model states its limit on every answer.
@@ -451,6 +453,7 @@ class MockProvider:
             await asyncio.sleep(behavior.latency_ms / 1000)
         if outcome == "answer":
             self._record(request, body, 200)
+            reply = replace(reply, layout=behavior.layout)
             if body.get("stream") is True:
                 events: Iterable[bytes] = wire.events(body, reply)
                 cut = behavior.stream_cut_after

@@ -55,6 +55,8 @@ ANTHROPIC_TOOL_FIELDS = frozenset(
 )
 ANTHROPIC_TIERS = frozenset({"auto", "standard_only"})
 ANTHROPIC_MIN_THINKING = 1024
+SIGNATURE = "mock-signature"
+"""The signature of the mock's thinking blocks: the only one it takes back."""
 
 
 def check_openai(body: dict[str, Any]) -> None:
@@ -202,6 +204,35 @@ def _thinking(body: dict[str, Any]) -> None:
     choice = body.get("tool_choice") or {}
     if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
         raise InvalidRequest("Thinking may not be enabled when tool_choice forces tool use.")
+    _thinking_returned(body.get("messages") or [])
+
+
+def _thinking_returned(messages: list[Any]) -> None:
+    """As Anthropic: with thinking on, an assistant turn whose tool calls the last turn
+    answers starts with the thinking that led to the calls, and every thinking block sent
+    back carries the signature it came with."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            if block.get("type") == "thinking" and block.get("signature") != SIGNATURE:
+                raise InvalidRequest(
+                    f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                )
+    last = messages[-1] if messages else {}
+    answered = isinstance(last.get("content"), list) and any(
+        b.get("type") == "tool_result" for b in last["content"]
+    )
+    if not answered or len(messages) < 2 or not isinstance(messages[-2].get("content"), list):
+        return
+    i, content = len(messages) - 2, messages[-2]["content"]
+    first = content[0].get("type") if content else None
+    if first not in ("thinking", "redacted_thinking"):
+        raise InvalidRequest(
+            f"messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but "
+            f"found `{first}`. When `thinking` is enabled, a final `assistant` message must "
+            "start with a thinking block (preceeding the lastmost set of `tool_use` and "
+            "`tool_result` blocks)."
+        )
 
 
 def _blocks(content: Any, where: str) -> None:

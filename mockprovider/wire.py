@@ -17,11 +17,17 @@ asks for: Anthropic's prompt cache (a prefix marked with ``cache_control`` and a
 one (the same messages before the last, at least ``CACHE_MIN_TOKENS``, are read the second
 time), Anthropic's thinking (a thinking block, ``"mock thinking about: "`` and the quoted
 text) and OpenAI's reasoning (``REASONING_TOKENS`` of the effort, no text).
+
+OpenAI answers carry what its API sends beside the text: ``n`` choices (the same reply in
+each, every one billed), the ``logprobs`` of each token when asked (``LOGPROB`` each, with
+``top_logprobs`` alternatives), ``system_fingerprint``, the ``service_tier`` that served, and
+a refusal in ``refusal`` (content null) when the model's behaviour says it refuses.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -32,7 +38,7 @@ from typing import Any, Literal
 
 import orjson
 
-from mockprovider.validation import InvalidRequest, check_anthropic, check_openai
+from mockprovider.validation import SIGNATURE, InvalidRequest, check_anthropic, check_openai
 
 REPLY_PREFIX = "mock reply to: "
 QUOTED_CHARS = 60
@@ -45,7 +51,12 @@ CACHE_MIN_TOKENS = 1024
 THINKING_PREFIX = "mock thinking about: "
 REASONING_TOKENS = {"minimal": 16, "low": 64, "medium": 256, "high": 1024, "xhigh": 2048}
 """OpenAI reasoning tokens billed per effort (counted in ``completion_tokens``)."""
-SIGNATURE = "mock-signature"
+SYSTEM_FINGERPRINT = "fp_mock0001"
+LOGPROB = -0.25
+"""The log probability of every token of an OpenAI answer asked for ``logprobs``."""
+SERVED_TIERS = frozenset({"flex", "scale", "priority"})
+"""OpenAI tiers that serve as asked; ``auto`` and ``default`` are served by ``default``."""
+TEXT_AFTER_TOOL = "mock text after the tool call"
 
 
 class PromptCache:
@@ -83,6 +94,10 @@ class Reply:
     reasoning: str = ""
     """Thinking text (Anthropic); empty when the request asked for none."""
     reasoning_tokens: int = 0
+    refusal: str | None = None
+    """The model refuses (``Behavior.refusal``): OpenAI's ``refusal`` instead of the text."""
+    layout: Literal["plain", "split", "tool_first"] = "plain"
+    """How an Anthropic answer lays out its blocks (``mockprovider.config.Behavior.layout``)."""
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -248,6 +263,34 @@ OPENAI_ERRORS = {
 """OpenAI's ``error.type`` and ``error.code`` by status; other 5xx are ``server_error``."""
 
 
+def _choices(body: dict[str, Any]) -> int:
+    n = _positive_int(body, "n")
+    return n if n is not None else 1
+
+
+def _said(reply: Reply) -> tuple[str, str]:
+    """The message field the reply's words go in, and the words: a refusal or the text."""
+    return ("content", reply.text) if reply.refusal is None else ("refusal", reply.refusal)
+
+
+def _logprobs(body: dict[str, Any], field: str, text: str) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of ``text`` under ``field`` (``content`` or ``refusal``), a word
+    and the spaces after it a token, each with the request's ``top_logprobs`` alternatives
+    (the token itself first)."""
+    alternatives = body.get("top_logprobs") or 0
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    def token_entry(token: str) -> dict[str, Any]:
+        others = [entry(f"alt{rank}", LOGPROB - rank) for rank in range(1, alternatives)]
+        top = [entry(token, LOGPROB), *others] if alternatives else []
+        return entry(token, LOGPROB) | {"top_logprobs": top}
+
+    tokens = [token_entry(token) for token in re.findall(r"\S+\s*|\s+", text)]
+    return {"content": None, "refusal": None} | {field: tokens}
+
+
 class OpenAIWire(Wire):
     path = "/v1/chat/completions"
 
@@ -284,63 +327,84 @@ class OpenAIWire(Wire):
         user_text = _last_text(messages, ("user", "tool"))
         return _compose(user_text, max_tokens, stops, input_tokens)
 
-    def _usage(self, reply: Reply) -> dict[str, Any]:
+    def _usage(self, reply: Reply, choices: int) -> dict[str, Any]:
+        # Every choice is generated, and billed.
+        output, reasoning = reply.output_tokens * choices, reply.reasoning_tokens * choices
         return {
             "prompt_tokens": reply.input_tokens,
-            "completion_tokens": reply.output_tokens,
-            "total_tokens": reply.input_tokens + reply.output_tokens,
+            "completion_tokens": output,
+            "total_tokens": reply.input_tokens + output,
             "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        }
+
+    def _head(self, body: dict[str, Any], kind: str) -> dict[str, Any]:
+        tier = body.get("service_tier")
+        return {
+            "id": _new_id("chatcmpl-"),
+            "object": kind,
+            "created": int(time.time()),
+            "model": body["model"],
+            "service_tier": tier if tier in SERVED_TIERS else "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
     def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        field, said = _said(reply)
+        message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+        message[field] = said
         if reply.tool is not None:
             call = {"name": reply.tool, "arguments": "{}"}
             message["content"] = None
             message["tool_calls"] = [{"id": _new_id("call_"), "type": "function", "function": call}]
-        return {
-            "id": _new_id("chatcmpl-"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": None,
-                    "finish_reason": OPENAI_FINISH[reply.finish],
-                }
-            ],
-            "usage": self._usage(reply),
+        logprobs = _logprobs(body, field, said) if body.get("logprobs") is True else None
+        choices = [
+            {
+                "index": index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": OPENAI_FINISH[reply.finish],
+            }
+            for index in range(_choices(body))
+        ]
+        return self._head(body, "chat.completion") | {
+            "choices": choices,
+            "usage": self._usage(reply, len(choices)),
         }
 
     def events(self, body: dict[str, Any], reply: Reply) -> Iterator[bytes]:
-        base = {
-            "id": _new_id("chatcmpl-"),
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": body["model"],
-        }
+        base = self._head(body, "chat.completion.chunk")
         options = body.get("stream_options")
         with_usage = isinstance(options, dict) and options.get("include_usage") is True
+        field, said = _said(reply)
+        with_logprobs = body.get("logprobs") is True
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+            text = delta.get(field)
+            logprobs = _logprobs(body, field, text) if with_logprobs and text else None
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             # With include_usage, OpenAI sends "usage": null on every chunk but the last.
             return _data(base | {"choices": [choice]} | ({"usage": None} if with_usage else {}))
 
-        yield chunk({"role": "assistant", "content": "" if reply.tool is None else None})
+        # The choices' chunks interleave, as OpenAI generates them side by side.
+        choices = range(_choices(body))
+        for index in choices:
+            opening = {"role": "assistant", "content": None, "refusal": None}
+            opening[field] = "" if reply.tool is None else None
+            yield chunk(index, opening)
         if reply.tool is not None:
-            start = {"name": reply.tool, "arguments": ""}
-            call = {"index": 0, "id": _new_id("call_"), "type": "function", "function": start}
-            yield chunk({"tool_calls": [call]})
-            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
-        for piece in _pieces(reply.text):
-            yield chunk({"content": piece})
-        yield chunk({}, OPENAI_FINISH[reply.finish])
+            for index in choices:
+                start = {"name": reply.tool, "arguments": ""}
+                call = {"index": 0, "id": _new_id("call_"), "type": "function", "function": start}
+                yield chunk(index, {"tool_calls": [call]})
+                yield chunk(index, {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
+        for piece in _pieces(said):
+            for index in choices:
+                yield chunk(index, {field: piece})
+        for index in choices:
+            yield chunk(index, {}, OPENAI_FINISH[reply.finish])
         if with_usage:
-            yield _data(base | {"choices": [], "usage": self._usage(reply)})
+            yield _data(base | {"choices": [], "usage": self._usage(reply, len(choices))})
         yield b"data: [DONE]\n\n"
 
     def error(self, status: int, message: str) -> dict[str, Any]:
@@ -390,6 +454,35 @@ ANTHROPIC_ERRORS = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+
+
+def _block_events(block: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One block's stream events, without their ``index``: its start (empty), its deltas (a
+    thinking block's signature last, in a ``signature_delta``), its stop."""
+    kind = block["type"]
+    if kind == "thinking":
+        yield _started({"type": "thinking", "thinking": "", "signature": ""})
+        for piece in _pieces(block["thinking"]):
+            yield _delta({"type": "thinking_delta", "thinking": piece})
+        yield _delta({"type": "signature_delta", "signature": block["signature"]})
+    elif kind == "tool_use":
+        yield _started(block)
+        yield _delta(
+            {"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()}
+        )
+    else:
+        yield _started({"type": "text", "text": ""})
+        for piece in _pieces(block["text"]):
+            yield _delta({"type": "text_delta", "text": piece})
+    yield {"type": "content_block_stop"}
+
+
+def _started(block: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_start", "content_block": block}
+
+
+def _delta(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_delta", "delta": delta}
 
 
 def _is_user_text(message: dict[str, Any]) -> bool:
@@ -476,14 +569,23 @@ class AnthropicWire(Wire):
             usage["output_tokens_details"] = {"thinking_tokens": reply.reasoning_tokens}
         return usage
 
-    def _block(self, reply: Reply, text: str) -> dict[str, Any]:
-        if reply.tool is None:
-            return {"type": "text", "text": text}
-        return {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
-
     def _blocks(self, reply: Reply) -> list[dict[str, Any]]:
-        thinking = [{"type": "thinking", "thinking": reply.reasoning, "signature": SIGNATURE}]
-        return [*(thinking if reply.reasoning else []), self._block(reply, reply.text)]
+        """The answer's blocks, laid out as ``reply.layout`` says."""
+        blocks: list[dict[str, Any]] = []
+        if reply.reasoning:
+            blocks.append({"type": "thinking", "thinking": reply.reasoning, "signature": SIGNATURE})
+        if reply.tool is not None:
+            blocks.append(
+                {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
+            )
+            if reply.layout == "tool_first":
+                blocks.append({"type": "text", "text": TEXT_AFTER_TOOL})
+        elif reply.layout == "split" and " " in reply.text:
+            first, rest = reply.text.split(" ", 1)
+            blocks += [{"type": "text", "text": first + " "}, {"type": "text", "text": rest}]
+        else:
+            blocks.append({"type": "text", "text": reply.text})
+        return blocks
 
     def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         return {
@@ -511,27 +613,11 @@ class AnthropicWire(Wire):
             "usage": self._usage(reply, 1),
         }
         yield _event({"type": "message_start", "message": message})
-        index = 0
-        if reply.reasoning:
-            start = {"type": "thinking", "thinking": "", "signature": ""}
-            yield _event({"type": "content_block_start", "index": 0, "content_block": start})
-            for piece in _pieces(reply.reasoning):
-                delta = {"type": "thinking_delta", "thinking": piece}
-                yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
-            seal = {"type": "signature_delta", "signature": SIGNATURE}
-            yield _event({"type": "content_block_delta", "index": 0, "delta": seal})
-            yield _event({"type": "content_block_stop", "index": 0})
-            index = 1
-        block = self._block(reply, "")
-        yield _event({"type": "content_block_start", "index": index, "content_block": block})
-        yield _event({"type": "ping"})
-        if reply.tool is None:
-            deltas = [{"type": "text_delta", "text": piece} for piece in _pieces(reply.text)]
-        else:
-            deltas = [{"type": "input_json_delta", "partial_json": "{}"}]
-        for delta in deltas:
-            yield _event({"type": "content_block_delta", "index": index, "delta": delta})
-        yield _event({"type": "content_block_stop", "index": index})
+        for index, block in enumerate(self._blocks(reply)):
+            for n, event in enumerate(_block_events(block)):
+                yield _event({"type": event["type"], "index": index} | event)
+                if index == n == 0:  # as Anthropic: a ping after the first block's start
+                    yield _event({"type": "ping"})
         stop = {"stop_reason": ANTHROPIC_STOP[reply.finish], "stop_sequence": reply.stop_sequence}
         usage = {"output_tokens": reply.output_tokens}
         yield _event({"type": "message_delta", "delta": stop, "usage": usage})

@@ -4,7 +4,7 @@ The status of each code is ``queuegate.messages.HTTP_STATUS``, the same for ever
 API names the error in its own vocabulary::
 
     status = HTTP_STATUS[code]
-    body = openai_error(code, message)        # {"error": {"message", "type", "param", "code"}}
+    body = openai_error(code, message, param) # {"error": {"message", "type", "param", "code"}}
     body = anthropic_error(code, message)     # {"type": "error", "error": {"type", "message"}}
 
 Used by the HTTP front door and by batch output lines, so an error reads the same whether it
@@ -63,15 +63,17 @@ ANTHROPIC_ERROR_TYPES = {
 ``api_error``."""
 
 
-def openai_error(code: str, message: str) -> dict[str, Any]:
-    """An OpenAI error body, which the ``openai`` SDK raises as its typed exceptions."""
+def openai_error(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """An OpenAI error body, which the ``openai`` SDK raises as its typed exceptions;
+    ``param`` is the path of the request's field at fault (``messages.0.content``), when one
+    is, as OpenAI names it."""
     kind = OPENAI_ERROR_TYPES.get(code, "server_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def anthropic_error(code: str, message: str) -> dict[str, Any]:
+def anthropic_error(code: str, message: str, param: str | None = None) -> dict[str, Any]:
     """An Anthropic error body; the message leads with our code, which Anthropic's types
-    cannot say."""
+    cannot say. Anthropic's errors have no ``param``: the message names the field."""
     kind = ANTHROPIC_ERROR_TYPES.get(code, "api_error")
     return {"type": "error", "error": {"type": kind, "message": f"{code}: {message}"}}
 

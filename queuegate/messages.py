@@ -345,6 +345,18 @@ class StreamChunk(WireModel):
     model: str | None = None
     """The model the provider says is answering, as the answer's ``model`` names it (None
     from a worker that predates it)."""
+    index: int = 0
+    """The choice the delta belongs to: more than one with ``n`` > 1."""
+    logprobs: dict[str, Any] | None = None
+    """That choice's logprobs for the delta (OpenAI's ``content`` and ``refusal`` lists), when
+    the job asked for them and the provider sent them."""
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
+    """What the provider sent beside the choices, repeated on each chunk as OpenAI does."""
+    anthropic_events: list[dict[str, Any]] | None = None
+    """An Anthropic deployment's own stream events the delta was read from, for Anthropic
+    callers (``frontdoor.anthropic_stream``); ``[]`` for its cached answer, whose blocks are
+    written whole at the end; None from any other provider."""
 
 
 class AuditContent(WireModel):

@@ -4,6 +4,14 @@ Anthropic-format requests (batch files, the front door's ``/v1/messages``) are r
 canonical (OpenAI chat) requests (``openai_request``) and answered as Messages API messages
 (``anthropic_message``); the router's adapters share the tool-call conversions and
 ``as_int``.
+
+What the canonical format has no place for travels beside it, for the Anthropic side only:
+thinking and redacted_thinking blocks sent back are content parts of their assistant message
+(the Anthropic adapter sends them on, the OpenAI one leaves them out), ``is_error`` is a
+field of a ``tool`` message, an Anthropic deployment's own Messages body is kept in the
+canonical response under ``ANTHROPIC_BODY`` and its stream events beside the deltas
+(``StreamChunk.anthropic_events``), so an Anthropic caller gets the blocks, signatures and
+usage the provider sent. ``openai_view`` is the response without it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ OPENAI_CHAT_PARAMS = frozenset(
 )
 """The request body fields of OpenAI's ``POST /v1/chat/completions`` (the ``openai`` SDK's
 ``CompletionCreateParams``, ``stream`` included)."""
+CHUNK_FIELDS = ("system_fingerprint", "service_tier")
+"""Fields of OpenAI's ``chat.completion`` that a provider may send beside its choices, which
+``chat.completion.chunk`` repeats on every chunk."""
 ANTHROPIC_MESSAGES_PARAMS = frozenset(
     {"model", "messages", "max_tokens", "stream", "system", "metadata", "stop_sequences"}
     | {"temperature", "top_p", "top_k", "thinking", "tools", "tool_choice", "service_tier"}
@@ -87,6 +98,11 @@ STOP_SEQUENCE = "stop_sequence"
 """The canonical choice's field naming the stop sequence the provider stopped at, when it
 said which (Anthropic does; OpenAI's ``finish_reason: stop`` does not tell)."""
 _INVERSE_PASSED = frozenset({"top_k", "thinking", "service_tier"})
+THINKING_PARTS = frozenset({"thinking", "redacted_thinking"})
+"""Anthropic's thinking blocks, kept as content parts of the assistant message sending them
+back: their signature must reach Anthropic again when a tool call follows them."""
+ANTHROPIC_BODY = "anthropic_body"
+"""The canonical response's field holding the Messages body an Anthropic deployment sent."""
 
 
 def openai_request(
@@ -97,7 +113,7 @@ def openai_request(
     Raises ValueError naming the field (under ``where``, the path of ``params`` in its
     document; "" for a request body) when the request is malformed or uses what the
     canonical format cannot carry (documents, server tools); thinking blocks sent back in
-    assistant turns are left out.
+    assistant turns stay content parts (``THINKING_PARTS``).
     ``cache_control`` markers are kept where the canonical format has them (content parts,
     system blocks, tool results, tools): the Anthropic adapter sends them on.
     """
@@ -181,10 +197,8 @@ def _openai_turn(role: str, content: Any, where: str) -> list[dict[str, Any]]:
             parts.append(_cached(image, block))
         elif kind == "tool_use" and role == "assistant":
             calls.append(tool_call_of(block))
-        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-            # Anthropic itself drops the thinking of earlier turns; the canonical format has
-            # nowhere to keep the signature a tool-use continuation would need.
-            continue
+        elif kind in THINKING_PARTS and role == "assistant":
+            parts.append(dict(block))
         elif kind == "tool_result" and role == "user":
             tools.append(_tool_message(block, f"{where}.content.{index}"))
         else:
@@ -208,12 +222,25 @@ def _image_url(block: Block) -> str:
 
 
 def _tool_message(block: Block, where: str) -> dict[str, Any]:
+    """A tool_result as a ``tool`` message: text and image blocks as content parts (plain text
+    when it is one uncached text block), ``is_error`` kept as a field of the message."""
     content = block.get("content")
     if isinstance(content, list):
-        if not all(isinstance(b, dict) and b.get("type") == "text" for b in content):
-            raise ValueError(f"{where}: only text tool results are supported")
-        content = "".join(str(b.get("text", "")) for b in content)
+        parts: list[Block] = []
+        for index, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(_text_part(part))
+            elif kind == "image":
+                image = {"type": "image_url", "image_url": {"url": _image_url(part)}}
+                parts.append(_cached(image, part))
+            else:
+                raise ValueError(f"{where}.content.{index}: {kind} blocks are not supported here")
+        plain = len(parts) == 1 and parts[0].keys() == {"type", "text"}
+        content = parts[0]["text"] if plain else parts
     message = {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content or ""}
+    if block.get("is_error"):
+        message["is_error"] = True
     return _cached(message, block)
 
 
@@ -243,18 +270,22 @@ def _openai_tool_choice(choice: Any, where: str) -> dict[str, Any]:
 def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
     """A canonical ``chat.completion`` as a Messages API ``message``.
 
-    Thinking (``reasoning_content``) comes first, as a thinking block without a signature:
-    the gateway does not keep Anthropic's, so it cannot be sent back to Anthropic.
+    An Anthropic deployment's answer is its own body (``ANTHROPIC_BODY``): every block in
+    its order, signatures and usage as sent. Another provider's is translated: thinking
+    (``reasoning_content``) first, as a thinking block without a signature (no provider
+    gave one), then the text (an OpenAI model's ``refusal`` too, with ``stop_reason:
+    refusal``, as Anthropic's own refusals end), then the tool calls.
     """
     choice = (response.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     content: list[Block] = []
     if isinstance(message.get("reasoning_content"), str) and message["reasoning_content"]:
         content.append(thinking_block(message["reasoning_content"]))
-    if isinstance(message.get("content"), str) and message["content"]:
-        content.append({"type": "text", "text": message["content"]})
+    for text in (message.get("content"), _refusal(choice)):
+        if isinstance(text, str) and text:
+            content.append({"type": "text", "text": text})
     content.extend(tool_use_block(call) for call in message.get("tool_calls") or [])
-    return {
+    translated = {
         "id": response.get("id") or "",
         "type": "message",
         "role": "assistant",
@@ -263,6 +294,18 @@ def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
         **anthropic_stop(choice),
         "usage": anthropic_usage(response.get("usage") or {}),
     }
+    native = response.get(ANTHROPIC_BODY)
+    if not isinstance(native, dict):
+        return translated
+    kept = ("content", "stop_reason", "stop_sequence", "usage")
+    return translated | {key: native[key] for key in kept if key in native}
+
+
+def openai_view(response: dict[str, Any]) -> dict[str, Any]:
+    """A canonical response as OpenAI's callers get it: without ``ANTHROPIC_BODY``."""
+    if ANTHROPIC_BODY not in response:
+        return response
+    return {key: value for key, value in response.items() if key != ANTHROPIC_BODY}
 
 
 def thinking_block(thinking: str) -> Block:
@@ -282,10 +325,18 @@ def anthropic_stop(choice: dict[str, Any]) -> dict[str, Any]:
     """A canonical choice's ``finish_reason`` as a Message's ``stop_reason`` and
     ``stop_sequence`` (the inverse of ``openai_finish``)."""
     sequence = choice.get(STOP_SEQUENCE)
+    if _refusal(choice):
+        return {"stop_reason": "refusal", "stop_sequence": None}
     if choice.get("finish_reason") == "stop" and isinstance(sequence, str):
         return {"stop_reason": "stop_sequence", "stop_sequence": sequence}
     reason = _STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn")
     return {"stop_reason": reason, "stop_sequence": None}
+
+
+def _refusal(choice: dict[str, Any]) -> str:
+    """The refusal an OpenAI model answered the choice with; "" when it did not refuse."""
+    refusal = (choice.get("message") or {}).get("refusal")
+    return refusal if isinstance(refusal, str) else ""
 
 
 def anthropic_usage(usage: dict[str, Any]) -> dict[str, Any]:

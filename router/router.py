@@ -45,7 +45,7 @@ from router.pricing import cost
 from router.providers import (
     ADAPTERS,
     Completion,
-    Delta,
+    Piece,
     ProviderError,
     StreamParser,
     UpstreamRequest,
@@ -57,9 +57,9 @@ KEY_FILE_REREAD = 10.0
 """Seconds a key read from a secret file is used before the file is read again, so a secret
 rotated in place is picked up that long after the file changes."""
 
-DeltaSink = Callable[[Delta, str], Awaitable[None]]
-"""Receives a streamed job's deltas, in order, as they arrive, each with the model the
-provider says is answering (``StreamParser.model``)."""
+DeltaSink = Callable[[Piece, str], Awaitable[None]]
+"""Receives a streamed job's deltas (with the choice of each), in order, as they arrive,
+each with the model the provider says is answering (``StreamParser.model``)."""
 
 
 @dataclass(frozen=True)
@@ -180,12 +180,12 @@ class _Job:
     def summary(self, head: str) -> str:
         return f"{head}: {'; '.join(self.failures)}" if self.failures else head
 
-    async def emit(self, delta: Delta, model: str) -> None:
+    async def emit(self, piece: Piece, model: str) -> None:
         assert self.sink is not None
         if not self.streamed and tracing.ON:
             tracing.event("first chunk")  # on the call's span: its time to the first token
         self.streamed = True
-        await self.sink(delta, model)
+        await self.sink(piece, model)
 
 
 class Router:
@@ -529,8 +529,8 @@ class Router:
         )
         async with aclosing(events):
             async for event in events:
-                for delta in parser.feed(event):
-                    await run.emit(delta, parser.model)
+                for piece in parser.feed(event):
+                    await run.emit(piece, parser.model)
         return parser.completion()
 
     async def _report(self, call: _Call, err: ProviderError) -> None:

@@ -96,4 +96,6 @@ async def test_a_cached_answer_to_a_streamed_job_arrives_as_one_chunk(settings: 
 
         assert stream.result is not None and stream.result.gateway.cached
         assert [c.delta for c in chunks] == [{"content": stream.result.content}]
+        # (with no Anthropic events: an Anthropic caller gets the blocks whole at the end)
+        assert [c.anthropic_events for c in chunks] == [[]]
         assert gw.mock.stats.calls == 1

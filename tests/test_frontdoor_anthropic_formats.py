@@ -19,13 +19,12 @@ from frontdoor.chat_request import Limits, RequestOptions
 from frontdoor.errors import ApiError
 from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, StreamChunk
 from queuegate.provider_formats import anthropic_message
-from router.providers import AnthropicAdapter, OpenAIAdapter
+from router.providers import AnthropicAdapter, OpenAIAdapter, Piece
 from tests.test_stream_translation import (
     ANTHROPIC_TEXT,
     ANTHROPIC_TOOL,
     OPENAI_TEXT,
     anthropic_events,
-    feed,
 )
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
@@ -144,29 +143,30 @@ def test_prompt_caching_marks_reach_an_anthropic_deployment_where_the_client_put
     assert sent["messages"][2]["content"][0]["cache_control"] == mark
 
 
-def test_thinking_sent_back_in_an_assistant_turn_is_left_out() -> None:
+def test_thinking_sent_back_goes_to_anthropic_as_it_is_and_is_left_out_for_openai() -> None:
+    # Given an assistant turn sent back with its thinking, signature and redacted thinking
+    thinking = [
+        {"type": "thinking", "thinking": "Hm.", "signature": "s1"},
+        {"type": "redacted_thinking", "data": "opaque"},
+    ]
     job = read(
         body(
             messages=[
                 *HI,
-                {
-                    "role": "assistant",
-                    "content": [
-                        {"type": "thinking", "thinking": "Hm.", "signature": "s1"},
-                        {"type": "redacted_thinking", "data": "opaque"},
-                        {"type": "text", "text": "Hello."},
-                    ],
-                },
+                {"role": "assistant", "content": [*thinking, {"type": "text", "text": "Hello."}]},
                 {"role": "user", "content": "Again"},
             ]
         )
     )
 
-    assert [m.model_dump(exclude_none=True) for m in job.messages] == [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
-        {"role": "user", "content": "Again"},
-    ]
+    # Expect Anthropic to get the blocks as they were, OpenAI the text alone
+    anthropic = AnthropicAdapter().build_request(job, "claude", "k").body["messages"]
+    assert anthropic[1] == {
+        "role": "assistant",
+        "content": [*thinking, {"type": "text", "text": "Hello."}],
+    }
+    openai = OpenAIAdapter().build_request(job, "gpt", "k").body["messages"]
+    assert openai[1] == {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}
 
 
 @pytest.mark.parametrize(
@@ -252,16 +252,19 @@ def replay(events: list[dict[str, Any]]) -> Message:
     return Message.model_validate(snapshot.model_dump())
 
 
-def relay(parser: Any, upstream: list[Any]) -> tuple[list[dict[str, Any]], ChatResult]:
-    """The deltas a worker relays for a provider's stream, and its final result."""
-    deltas = feed(parser, upstream)
-    return deltas, ok(parser.completion().response)
+def relay(parser: Any, upstream: list[Any]) -> tuple[list[Piece], ChatResult]:
+    """The pieces a worker relays for a provider's stream, and its final result."""
+    pieces = [piece for event in upstream for piece in parser.feed(event)]
+    return pieces, ok(parser.completion().response)
 
 
-def translate(deltas: list[dict[str, Any]], result: ChatResult) -> list[dict[str, Any]]:
-    """The events the front door sends for the deltas and result, as a client reads them."""
+def translate(pieces: list[Piece], result: ChatResult) -> list[dict[str, Any]]:
+    """The events the front door sends for the pieces and result, as a client reads them."""
     writer = MessageEvents("msg_j1", "claude-haiku")
-    chunks = [StreamChunk(job_id="j1", seq=i, delta=d) for i, d in enumerate(deltas)]
+    chunks = [
+        StreamChunk(job_id="j1", seq=i, delta=p.delta, anthropic_events=p.anthropic_events)
+        for i, p in enumerate(pieces)
+    ]
     return decode(b"".join(map(writer.delta, chunks)) + writer.end(result))
 
 
@@ -278,10 +281,10 @@ def decode(data: bytes) -> list[dict[str, Any]]:
 
 def test_a_streamed_anthropic_answer_reaches_the_sdk_as_anthropic_sent_it() -> None:
     # Given Anthropic's documented text stream, relayed by a worker as canonical deltas
-    deltas, result = relay(AnthropicAdapter().stream_parser("claude", None), ANTHROPIC_TEXT)
+    pieces, result = relay(AnthropicAdapter().stream_parser("claude", None), ANTHROPIC_TEXT)
 
     # When the front door turns them back into events
-    events = translate(deltas, result)
+    events = translate(pieces, result)
 
     # Expect Anthropic's event flow, and the SDK's final message to be Anthropic's
     assert [e["type"] for e in events] == [
@@ -303,9 +306,9 @@ def test_a_streamed_anthropic_answer_reaches_the_sdk_as_anthropic_sent_it() -> N
 
 
 def test_a_streamed_tool_call_arrives_as_input_json_deltas() -> None:
-    deltas, result = relay(AnthropicAdapter().stream_parser("claude", None), ANTHROPIC_TOOL)
+    pieces, result = relay(AnthropicAdapter().stream_parser("claude", None), ANTHROPIC_TOOL)
 
-    events = translate(deltas, result)
+    events = translate(pieces, result)
 
     json_pieces = [
         e["delta"]["partial_json"]
@@ -356,9 +359,9 @@ def test_thinking_streams_as_its_own_block_before_the_text() -> None:
         },
         {"type": "message_stop"},
     )
-    deltas, result = relay(AnthropicAdapter().stream_parser("claude", None), upstream)
+    pieces, result = relay(AnthropicAdapter().stream_parser("claude", None), upstream)
 
-    message = replay(translate(deltas, result))
+    message = replay(translate(pieces, result))
 
     assert [block.type for block in message.content] == ["thinking", "text"]
     assert message.content[0].type == "thinking"
@@ -367,10 +370,65 @@ def test_thinking_streams_as_its_own_block_before_the_text() -> None:
     assert message.content[1].text == "4"
 
 
-def test_an_openai_stream_reaches_the_sdk_as_an_anthropic_one() -> None:
-    deltas, result = relay(OpenAIAdapter().stream_parser("gpt-4o-mini", None), OPENAI_TEXT)
+def test_an_anthropic_stream_reaches_the_sdk_block_for_block() -> None:
+    # Given Anthropic's stream of signed thinking, redacted thinking, a tool call, two texts
+    usage = {"input_tokens": 100, "output_tokens": 1, "cache_read_input_tokens": 1600}
+    start = {"id": "msg_3", "type": "message", "role": "assistant", "model": "claude"}
+    blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = [
+        (
+            {"type": "thinking", "thinking": "", "signature": ""},
+            [
+                {"type": "thinking_delta", "thinking": "Hm."},
+                {"type": "signature_delta", "signature": "SIG"},
+            ],
+        ),
+        ({"type": "redacted_thinking", "data": "opaque"}, []),
+        (
+            {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}},
+            [{"type": "input_json_delta", "partial_json": '{"city": "Oslo"}'}],
+        ),
+        ({"type": "text", "text": ""}, [{"type": "text_delta", "text": "First. "}]),
+        ({"type": "text", "text": ""}, [{"type": "text_delta", "text": "Second."}]),
+    ]
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start | {"content": [], "usage": usage}}
+    ]
+    for index, (block, deltas) in enumerate(blocks):
+        events.append({"type": "content_block_start", "index": index, "content_block": block})
+        events += [{"type": "content_block_delta", "index": index, "delta": d} for d in deltas]
+        events.append({"type": "content_block_stop", "index": index})
+    events += [
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use"},
+            "usage": {"output_tokens": 9},
+        },
+        {"type": "message_stop"},
+    ]
+    pieces, result = relay(
+        AnthropicAdapter().stream_parser("claude", None), anthropic_events(*events)
+    )
 
-    message = replay(translate(deltas, result))
+    # When the front door streams it to an Anthropic caller
+    sent = translate(pieces, result)
+    message = replay(sent)
+
+    # Expect each block as sent, in its order, and message_start's counts the provider's
+    assert [block.model_dump(exclude_none=True) for block in message.content] == [
+        {"type": "thinking", "thinking": "Hm.", "signature": "SIG"},
+        {"type": "redacted_thinking", "data": "opaque"},
+        {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}},
+        {"type": "text", "text": "First. "},
+        {"type": "text", "text": "Second."},
+    ]
+    assert sent[0]["message"]["usage"] | usage == sent[0]["message"]["usage"]
+    assert message.usage.output_tokens == 9 and message.usage.cache_read_input_tokens == 1600
+
+
+def test_an_openai_stream_reaches_the_sdk_as_an_anthropic_one() -> None:
+    pieces, result = relay(OpenAIAdapter().stream_parser("gpt-4o-mini", None), OPENAI_TEXT)
+
+    message = replay(translate(pieces, result))
 
     assert message.content[0].type == "text"
     assert message.content[0].text == "Hello!"
@@ -394,7 +452,7 @@ def test_parallel_openai_tool_calls_become_one_tool_use_block_each() -> None:
     ]
     result = ok(_completion({"content": "Both.", "tool_calls": calls}, "tool_calls"))
 
-    message = replay(translate(deltas, result))
+    message = replay(translate([Piece(delta) for delta in deltas], result))
 
     assert [(b.type, getattr(b, "input", None)) for b in message.content] == [
         ("text", None),
@@ -440,7 +498,7 @@ def test_a_failure_after_the_stream_began_ends_it_with_an_error_event() -> None:
         gateway=GatewayInfo(model_requested="claude-haiku"),
     )
 
-    events = translate([{"content": "Hel"}], failed)
+    events = translate([Piece({"content": "Hel"})], failed)
 
     error = events[-1]
     assert ErrorResponse.model_validate(error).error.type == "api_error"

@@ -250,6 +250,25 @@ async def test_a_message_batch_ends_with_results_the_sdk_reads(
     assert gateway.mock.stats.calls == 19
 
 
+async def test_a_message_batch_result_keeps_the_thinking_signature(door: Door) -> None:
+    # Given a request that thinks
+    [request] = message_requests(1)
+    request["params"] |= {
+        "max_tokens": 2048,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+    }
+    async with door.anthropic() as client:
+        # When its batch ends
+        batch = await client.messages.batches.create(requests=[request])  # type: ignore[list-item]
+        await anthropic_ended(client, batch.id)
+        [result] = [r async for r in await client.messages.batches.results(batch.id)]
+
+    # Expect the thinking block with the signature to send it back with
+    assert result.result.type == "succeeded"
+    thinking = result.result.message.content[0]
+    assert thinking.type == "thinking" and thinking.signature == "mock-signature"
+
+
 async def test_another_team_finds_none_of_its_files_or_batches(door: Door) -> None:
     # Given alpha's batch file, OpenAI batch and Message Batch
     async with door.openai("alpha") as alpha, door.anthropic("alpha") as alpha_messages:

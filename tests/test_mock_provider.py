@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import mockprovider
 from mockprovider import Behavior, MockConfig, MockProvider
@@ -84,8 +85,12 @@ async def test_openai_completion_has_the_documented_shape(client: httpx.AsyncCli
     assert choice["message"] == {
         "role": "assistant",
         "content": "mock reply to: What is the capital of France?",
+        "refusal": None,
     }
     assert choice["finish_reason"] == "stop"
+    assert choice["logprobs"] is None
+    assert completion["system_fingerprint"].startswith("fp_")
+    assert completion["service_tier"] == "default"
     assert completion["usage"] == {
         "prompt_tokens": 10,  # (9 + 30 characters) / 4, rounded up
         "completion_tokens": 9,
@@ -337,6 +342,54 @@ async def test_openai_stream_parses_back_into_the_full_text(client: httpx.AsyncC
     assert deltas[-1]["choices"][0]["finish_reason"] == "stop"
     assert usage["choices"] == []
     assert usage["usage"] == expected["usage"]
+
+
+async def test_openai_answers_n_choices_with_logprobs_whole_and_streamed(
+    client: httpx.AsyncClient,
+) -> None:
+    # Given a request for two choices with the logprobs of each token and one alternative
+    body = chat(text="tell me a story", n=2, logprobs=True, top_logprobs=1)
+
+    # When it is asked whole and streamed
+    whole = ChatCompletion.model_validate((await client.post(OPENAI, json=body)).json())
+    lines = await sse_lines(client, OPENAI, body | {"stream": True})
+    chunks = [ChatCompletionChunk.model_validate_json(line[6:]) for line in lines[:-1]]
+
+    # Expect OpenAI's shapes (its SDK's types): each choice whole, with its tokens' logprobs
+    text = "mock reply to: tell me a story"
+    words = len(text.split())  # a token each
+    assert [(c.index, c.message.content) for c in whole.choices] == [(0, text), (1, text)]
+    for choice in whole.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert "".join(t.token for t in choice.logprobs.content) == text
+        assert [len(t.top_logprobs) for t in choice.logprobs.content] == [1] * words
+    assert whole.usage is not None and whole.usage.completion_tokens == 2 * words
+    # and streamed, each choice's deltas under its index, each content piece with its logprobs
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == text
+        tokens = [t.token for c in mine if c.logprobs for t in c.logprobs.content or []]
+        assert "".join(tokens) == text
+        assert mine[-1].finish_reason == "stop"
+    assert {(c.system_fingerprint, c.service_tier) for c in chunks} == {
+        (whole.system_fingerprint, "default")
+    }
+
+
+async def test_a_refusing_openai_model_refuses_whole_and_streamed(
+    mock: MockProvider, client: httpx.AsyncClient
+) -> None:
+    mock.configure(MockConfig(default=Behavior(refusal="I can't help with that.")))
+
+    whole = ChatCompletion.model_validate((await client.post(OPENAI, json=chat())).json())
+    lines = await sse_lines(client, OPENAI, chat(stream=True))
+    chunks = [ChatCompletionChunk.model_validate_json(line[6:]) for line in lines[:-1]]
+
+    [choice] = whole.choices
+    assert (choice.message.content, choice.message.refusal) == (None, "I can't help with that.")
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.refusal or "" for d in deltas) == "I can't help with that."
+    assert not any(d.content for d in deltas)
 
 
 async def test_anthropic_stream_follows_the_documented_event_sequence(

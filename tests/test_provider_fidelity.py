@@ -22,7 +22,7 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import ledger_spent
 from router import Catalog, open_router
-from router.providers import Delta
+from router.providers import Delta, Piece
 from router.providers.anthropic import DEFAULT_MAX_TOKENS, THINKING_BUDGETS
 from tests.support import running_gateway
 from tests.teams import register
@@ -341,8 +341,8 @@ async def test_a_stream_broken_after_text_is_billed_for_what_was_received(
     faults = MockConfig(models={"gpt-model": cut, "claude-model": cut})
     received: list[Delta] = []
 
-    async def sink(delta: Delta, model: str) -> None:
-        received.append(delta)
+    async def sink(piece: Piece, model: str) -> None:
+        received.append(piece.delta)
 
     async with (
         MockProvider(faults) as mock,
@@ -468,8 +468,8 @@ async def test_streamed_thinking_arrives_as_reasoning_content_deltas(
 ) -> None:
     received: list[Delta] = []
 
-    async def sink(delta: Delta, model: str) -> None:
-        received.append(delta)
+    async def sink(piece: Piece, model: str) -> None:
+        received.append(piece.delta)
 
     job = chat("claude", params={"reasoning_effort": "minimal"}, stream=True)
     async with open_router(catalog(mock.url), ENV, settings) as router:

@@ -137,13 +137,18 @@ OPENAI_TEXT = openai_events(
 
 
 def feed(parser: Any, events: list[ServerEvent]) -> list[dict[str, Any]]:
-    return [delta for event in events for delta in parser.feed(event)]
+    return [piece.delta for event in events for piece in parser.feed(event)]
+
+
+def canonical(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deltas with content: without those of pieces carrying Anthropic's events alone."""
+    return [delta for delta in deltas if delta]
 
 
 def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None:
     parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
-    deltas = feed(parser, ANTHROPIC_TEXT)
+    deltas = canonical(feed(parser, ANTHROPIC_TEXT))
     completion = parser.completion()
 
     assert deltas == [{"content": "Hello"}, {"content": "!"}]
@@ -157,7 +162,7 @@ def test_anthropic_text_stream_becomes_content_deltas_and_a_completion() -> None
 def test_anthropic_tool_use_stream_becomes_openai_tool_call_deltas() -> None:
     parser = AnthropicAdapter().stream_parser(CLAUDE, None)
 
-    deltas = feed(parser, ANTHROPIC_TOOL)
+    deltas = canonical(feed(parser, ANTHROPIC_TOOL))
     completion = parser.completion()
 
     assert deltas[0] == {"content": "Okay, let's check the weather"}
@@ -190,9 +195,45 @@ def test_openai_stream_passes_its_deltas_through_and_reads_the_usage_chunk() -> 
     assert completion.response["choices"][0]["message"] == {
         "role": "assistant",
         "content": "Hello!",
+        "refusal": None,
     }
     assert completion.response["id"] == "chatcmpl-123"
     assert (completion.usage.input_tokens, completion.usage.output_tokens) == (9, 2)
+
+
+def test_openai_stream_keeps_each_choice_its_logprobs_and_a_refusal_apart() -> None:
+    def choice(index: int, delta: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        chunk = _openai_chunk(delta) | {"service_tier": "default"}
+        return chunk | {"choices": [chunk["choices"][0] | {"index": index, **fields}]}
+
+    hi = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}
+    parser = OpenAIAdapter().stream_parser("gpt-4o-mini", None)
+    # Given two choices interleaved: the first answers (with logprobs), the second refuses
+    pieces = [
+        piece
+        for event in openai_events(
+            choice(0, {"role": "assistant", "content": ""}, logprobs={"content": []}),
+            choice(1, {"role": "assistant", "refusal": ""}),
+            choice(0, {"content": "Hi"}, logprobs={"content": [hi], "refusal": None}),
+            choice(1, {"refusal": "No."}),
+            choice(1, {}, finish_reason="stop"),
+            choice(0, {}, finish_reason="stop"),
+            "[DONE]",
+        )
+        for piece in parser.feed(event)
+    ]
+    first, second = parser.completion().response["choices"]
+
+    # Expect each piece under its choice, and each choice whole, in order
+    assert [(p.index, p.delta, p.logprobs) for p in pieces] == [
+        (0, {"content": "Hi"}, {"content": [hi], "refusal": None}),
+        (1, {"refusal": "No."}, None),
+    ]
+    assert {p.chunk["system_fingerprint"] for p in pieces} == {"fp_44709d6fcb"}
+    assert first["message"] == {"role": "assistant", "content": "Hi", "refusal": None}
+    assert first["logprobs"] == {"content": [hi], "refusal": None}
+    assert second["message"] == {"role": "assistant", "content": None, "refusal": "No."}
+    assert (first["index"], second["index"], second["logprobs"]) == (0, 1, None)
 
 
 def test_openai_streamed_tool_call_pieces_are_joined() -> None:

@@ -10,7 +10,8 @@ import logging
 from typing import Any
 
 from queuegate.messages import ChatJob, StreamChunk
-from router.providers import Delta
+from queuegate.provider_formats import ANTHROPIC_BODY, CHUNK_FIELDS, as_int
+from router.providers import Piece
 from workers.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,19 @@ class StreamRelay:
         self._seq = 0
         self._gone = False
 
-    async def __call__(self, delta: Delta, model: str) -> None:
+    async def __call__(self, piece: Piece, model: str) -> None:
         if self._gone:
             return  # nobody listens: the job still runs to the end and is accounted
-        chunk = StreamChunk(job_id=self._job_id, seq=self._seq, delta=delta, model=model)
+        chunk = StreamChunk(
+            job_id=self._job_id,
+            seq=self._seq,
+            delta=piece.delta,
+            model=model,
+            index=piece.index,
+            logprobs=piece.logprobs,
+            anthropic_events=piece.anthropic_events,
+            **{k: v for k, v in piece.chunk.items() if isinstance(v, str)},
+        )
         self._seq += 1
         if not await self._publisher.chunk(self._reply_to, chunk):
             self._gone = True
@@ -38,11 +48,22 @@ class StreamRelay:
             )
 
     async def replay(self, response: dict[str, Any]) -> None:
-        """An answer that was not streamed (a cache hit), sent as one delta."""
-        message = (response.get("choices") or [{}])[0].get("message") or {}
-        delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
-        if delta:
-            await self(delta, str(response.get("model") or ""))
+        """An answer that was not streamed (a cache hit), sent as one delta per choice."""
+        chunk = {k: response[k] for k in CHUNK_FIELDS if k in response}
+        # No events for an Anthropic deployment's answer: an Anthropic caller gets the
+        # provider's blocks whole, at the end.
+        events: list[dict[str, Any]] | None = [] if ANTHROPIC_BODY in response else None
+        for choice in response.get("choices") or []:
+            message = choice.get("message") or {}
+            delta = {k: v for k, v in message.items() if k in REPLAYED and v}
+            if delta or events is not None:
+                index, logprobs = as_int(choice.get("index")), choice.get("logprobs")
+                piece = Piece(delta, index, logprobs, chunk, anthropic_events=events)
+                await self(piece, str(response.get("model") or ""))
+
+
+REPLAYED = ("content", "refusal", "tool_calls")
+"""The fields of a whole answer's message a replayed delta carries."""
 
 
 def relay_for(job: ChatJob, reply_to: str | None, publisher: Publisher) -> StreamRelay | None:

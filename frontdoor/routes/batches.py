@@ -20,7 +20,7 @@ from frontdoor.batches import files, records
 from frontdoor.batches.objects import openai_batch, openai_page
 from frontdoor.batches.upload import over_quota
 from frontdoor.errors import ApiError, shown
-from frontdoor.request_errors import first_error
+from frontdoor.request_errors import invalid_request
 from frontdoor.service import Door
 from producer.batch.openai import URL
 
@@ -52,7 +52,7 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
     try:
         asked = BatchCreate.model_validate(body)
     except ValidationError as exc:
-        raise ApiError("invalid_request", first_error(exc, body)) from None
+        raise invalid_request(exc, body) from None
     if asked.endpoint != URL:
         raise ApiError(
             "invalid_request", f"endpoint {shown(asked.endpoint)!r} is not served: use {URL}"

@@ -27,6 +27,7 @@ from frontdoor.auth import Calling
 from frontdoor.errors import ApiError, error_of_result, shown
 from frontdoor.outcomes import Finished
 from frontdoor.service import Door
+from queuegate.provider_formats import openai_view
 
 router = APIRouter(tags=["Jobs"])
 
@@ -62,7 +63,10 @@ async def job(
                     result = state.result
                     if result.status != "ok" or result.response is None:
                         raise error_of_result(result)
-                    body = {**result.response, "_gateway": gateway_block(job_id, result, None)}
+                    body = {
+                        **openai_view(result.response),
+                        "_gateway": gateway_block(job_id, result, None),
+                    }
                     return JSONResponse(body, headers=gateway_headers(job_id, result, started))
                 if state == "unknown":
                     raise ApiError(

@@ -15,6 +15,7 @@ from typing import Any
 from producer.batch.answers import Answer, Category, Request
 from queuegate.api_errors import openai_error
 from queuegate.messages import HTTP_STATUS
+from queuegate.provider_formats import openai_view
 
 URL = "/v1/chat/completions"
 _OWNED = frozenset({"model", "messages", "stream", "stream_options"})
@@ -53,7 +54,7 @@ def line(answer: Answer) -> dict[str, Any]:
         code, message = _BATCH_ERRORS[answer.category]
         out.update(response=None, error={"code": code, "message": message})
     elif result is not None and result.status == "ok":
-        body = result.response
+        body = openai_view(result.response) if result.response is not None else None
         out.update(response={"status_code": 200, "request_id": f"req_{digest}", "body": body})
         out["error"] = None
     else:

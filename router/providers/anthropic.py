@@ -5,8 +5,12 @@ user ``tool_result`` blocks and assistant ``tool_calls`` become ``tool_use`` blo
 turns of one role are merged, since the Messages API requires user and assistant to alternate.
 ``cache_control`` on content parts, messages and tools is kept (prompt caching), and
 ``reasoning_effort`` becomes extended ``thinking`` with the budget of ``THINKING_BUDGETS``.
+Thinking blocks sent back (content parts of an assistant message) are passed as they are,
+signature included, and a tool message's ``is_error`` is the ``tool_result``'s.
 Response: text blocks become the message content, ``tool_use`` blocks its ``tool_calls``,
-thinking blocks its ``reasoning_content``.
+thinking blocks its ``reasoning_content``; the body itself is kept beside them
+(``ANTHROPIC_BODY``), and each stream event on the piece it makes (``anthropic_events``), so
+an Anthropic caller gets them as sent.
 
 What the Messages API cannot express at all (audio, JSON mode, ``n`` > 1) raises
 ProviderError("unsupported"), so the router moves on to a deployment that can. Parameters it
@@ -25,6 +29,8 @@ from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
 from queuegate.provider_formats import (
+    ANTHROPIC_BODY,
+    THINKING_PARTS,
     Block,
     as_int,
     openai_finish,
@@ -35,6 +41,7 @@ from router.providers.base import (
     Completion,
     Delta,
     Fidelity,
+    Piece,
     ProviderError,
     ServerEvent,
     UpstreamRequest,
@@ -146,6 +153,7 @@ class AnthropicAdapter:
                 }
             ],
             "usage": openai_usage(usage),
+            ANTHROPIC_BODY: body,
         }
         return Completion(response=response, usage=usage)
 
@@ -158,7 +166,10 @@ class AnthropicStream:
 
     Text deltas become ``content`` deltas, thinking deltas ``reasoning_content`` ones; a
     ``tool_use`` block becomes a tool call whose arguments arrive as ``input_json_delta``
-    pieces, as in OpenAI's streamed tool calls.
+    pieces, as in OpenAI's streamed tool calls. The events themselves ride on the pieces
+    (``Piece.anthropic_events``); those that carry no content (message_start, a block's start,
+    signature and stop) wait for the next delta, or the end, so that nothing is relayed
+    before the first content: until then the router may still try another deployment.
     """
 
     def __init__(self, adapter: AnthropicAdapter, model: str, secret: str | None) -> None:
@@ -174,13 +185,26 @@ class AnthropicStream:
         """A message_delta brought the real output count."""
         self._received = 0
         """Characters of text, thinking and tool input received so far."""
+        self._pending: list[Block] = []
+        """Events read and not yet relayed on a delta."""
 
     @property
     def model(self) -> str:
         return str(self._message["model"])
 
-    def feed(self, event: ServerEvent) -> list[Delta]:
+    def feed(self, event: ServerEvent) -> list[Piece]:
         data = json_data(event)
+        pieces = [Piece(delta) for delta in self._read(data)]
+        if data.get("type") in _RELAYED:
+            self._pending.append(data)
+        if data.get("type") == "message_delta" and self._pending:
+            pieces.append(Piece({}))  # the last events, relayed before the end
+        if pieces and self._pending:
+            pieces[0] = replace(pieces[0], anthropic_events=self._pending)
+            self._pending = []
+        return pieces
+
+    def _read(self, data: Block) -> list[Delta]:
         kind = data.get("type")
         if kind == "error":
             raise stream_error(data.get("error"), self._secret)
@@ -221,6 +245,9 @@ class AnthropicStream:
         if index >= len(blocks):
             raise ProviderError("bad_response", "a stream delta for a block never started")
         kind = delta.get("type")
+        if kind == "signature_delta":  # seals the thinking, to be sent back with a tool call
+            blocks[index]["signature"] = str(delta.get("signature") or "")
+            return []
         if kind in ("text_delta", "thinking_delta"):
             field = "text" if kind == "text_delta" else "thinking"
             text = str(delta.get(field) or "")
@@ -235,7 +262,7 @@ class AnthropicStream:
             self._received += len(piece)
             function = {"arguments": piece}
             return [{"tool_calls": [{"index": self._calls[index], "function": function}]}]
-        return []  # signature deltas only seal the thinking for a later turn
+        return []
 
     def completion(self) -> Completion:
         if not self._stopped:
@@ -260,6 +287,12 @@ class AnthropicStream:
         if usage.input_tokens:
             return replace(usage, output_tokens=output, estimated=True)
         return Usage(estimate_tokens(prompt_chars), output, estimated=True)
+
+
+_RELAYED = frozenset(
+    {"message_start", "content_block_start", "content_block_delta", "content_block_stop"}
+)
+"""Stream events an Anthropic caller gets as they came; the front door writes the end."""
 
 
 def _messages(
@@ -301,6 +334,8 @@ def _turn(message: ChatMessage, fidelity: Fidelity) -> tuple[str, list[Block]]:
             result["content"] = message.content
         elif message.content:
             result["content"] = _blocks(message.content, fidelity)
+        if (message.model_extra or {}).get("is_error") is True:
+            result["is_error"] = True
         return "user", _cached(message, [result])
     blocks = _blocks(message.content, fidelity)
     if message.role == "assistant":
@@ -326,6 +361,9 @@ def _blocks(
             block: Block = {"type": "text", "text": text}
         elif kind == "image_url" and not text_only:
             block = _image(part.get("image_url"), fidelity)
+        elif kind in THINKING_PARTS and not text_only:
+            blocks.append(part)  # as Anthropic sent it: the signature must match
+            continue
         else:
             raise ProviderError("unsupported", f"{kind} content parts")
         if part.get("cache_control") is not None:

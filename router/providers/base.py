@@ -279,6 +279,22 @@ Delta = dict[str, Any]
 """A canonical stream delta: the ``delta`` of an OpenAI ``chat.completion.chunk`` choice."""
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What a stream parser relays: a delta, the choice it belongs to (``index``: more than
+    one with ``n`` > 1), that choice's ``logprobs`` for it when the provider sent them, and
+    the chunk fields the provider has sent so far (``queuegate.provider_formats.CHUNK_FIELDS``).
+    An Anthropic deployment's piece also carries the Messages stream events it was read from
+    (``anthropic_events``; a piece of those alone has an empty delta), so that an Anthropic
+    caller gets them as sent; the delta itself stays canonical."""
+
+    delta: Delta
+    index: int = 0
+    logprobs: dict[str, Any] | None = None
+    chunk: dict[str, Any] = field(default_factory=dict)
+    anthropic_events: list[dict[str, Any]] | None = None
+
+
 class StreamParser(Protocol):
     """Reads one streamed answer, event by event, into canonical deltas and a completion."""
 
@@ -288,9 +304,9 @@ class StreamParser(Protocol):
         says): the ``model`` of the completion, reported with each delta."""
         ...
 
-    def feed(self, event: ServerEvent) -> list[Delta]:
-        """The deltas carrying content or tool calls in ``event`` (often none); raises
-        ProviderError for an error event or a malformed one."""
+    def feed(self, event: ServerEvent) -> list[Piece]:
+        """The pieces carrying content, a refusal, tool calls or logprobs in ``event`` (often
+        none); raises ProviderError for an error event or a malformed one."""
         ...
 
     def completion(self) -> Completion:

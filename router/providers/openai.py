@@ -9,6 +9,11 @@ For OpenAI itself (``strict``) the request holds only what its API documents: An
 ``thinking`` becomes ``reasoning_effort``, and any other parameter OpenAI does not have is
 refused, or dropped and noted under the job's ``drop`` policy (``Fidelity``). OpenAI-compatible
 servers get every parameter as it is: each server has extras of its own.
+
+Neither has Anthropic's message extras: thinking blocks sent back are left out (as Anthropic
+itself leaves out the thinking of earlier turns), a tool result marked ``is_error`` is sent
+with ``TOOL_ERROR`` before its content, and a tool result holding an image is refused
+(OpenAI's tool messages take text only).
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ import time
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage
-from queuegate.provider_formats import OPENAI_CHAT_PARAMS, as_int
+from queuegate.provider_formats import CHUNK_FIELDS, OPENAI_CHAT_PARAMS, THINKING_PARTS, as_int
 from router.providers.base import (
     Completion,
-    Delta,
     Fidelity,
+    Piece,
     ProviderError,
     ServerEvent,
     UpstreamRequest,
@@ -36,6 +41,10 @@ PATH = "/v1/chat/completions"
 
 _NOT_PASSED = frozenset({"model", "messages", "stream", "stream_options"})
 """Owned by the adapter: the deployment names the model, the router decides on streaming."""
+
+TOOL_ERROR = "Error: "
+"""What a tool message marked ``is_error`` starts with: OpenAI has no such mark, and a model
+reads this one as Anthropic's reads the flag."""
 
 EFFORT_OF_BUDGET = ((2048, "low"), (8192, "medium"))
 """Anthropic ``thinking.budget_tokens`` up to each bound as OpenAI's ``reasoning_effort``;
@@ -89,6 +98,11 @@ class OpenAIAdapter:
 
 def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
     out = message.model_dump(exclude_none=True)
+    if isinstance(out.get("content"), list):
+        parts = [p for p in out["content"] if p.get("type") not in THINKING_PARTS]
+        out["content"] = parts or None  # null content is the tool calls' alone
+    if message.role == "tool":
+        out = _tool_message(out)
     if strict:
         out.pop("cache_control", None)
         # An earlier answer sent back as history carries the gateway's own reasoning_content,
@@ -96,6 +110,19 @@ def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
         out.pop("reasoning_content", None)
         if isinstance(out.get("content"), list):
             out["content"] = [_uncached(part) for part in out["content"]]
+    return out
+
+
+def _tool_message(out: dict[str, Any]) -> dict[str, Any]:
+    """A tool message as OpenAI takes it: text only, ``is_error`` as ``TOOL_ERROR``."""
+    content = out.get("content")
+    if isinstance(content, list) and any(p.get("type") != "text" for p in content):
+        raise ProviderError("unsupported", "a tool result that is not text (OpenAI takes text)")
+    if out.pop("is_error", None) is True:
+        if isinstance(content, list):
+            out["content"] = [{"type": "text", "text": TOOL_ERROR}, *content]
+        else:
+            out["content"] = TOOL_ERROR + (content or "")
     return out
 
 
@@ -139,57 +166,19 @@ def _usage(usage: dict[str, Any]) -> Usage:
     )
 
 
-class OpenAIStream:
-    """``chat.completion.chunk`` events until ``[DONE]``; the deltas are already canonical
-    (``reasoning_content``, which OpenAI-compatible reasoning servers stream, included)."""
+class _Choice:
+    """One choice of a streamed answer, as its deltas arrive."""
 
-    def __init__(self, adapter: OpenAIAdapter, model: str, secret: str | None) -> None:
-        self._adapter = adapter
-        self._secret = secret
-        self._head: dict[str, Any] = {"model": model}
-        self._content: list[str] = []
-        self._reasoning: list[str] = []
-        self._received = 0
-        """Characters of content, reasoning and tool arguments received so far."""
-        self._calls: dict[int, dict[str, Any]] = {}
-        self._finish: str | None = None
-        self._usage: Any = None
+    def __init__(self) -> None:
+        self.texts: dict[str, list[str]] = {field: [] for field in _TEXTS}
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: dict[str, list[Any]] = {}
+        """Each stream of logprobs (``content``, ``refusal``) joined, as a whole answer has."""
+        self.finish: str | None = None
 
-    @property
-    def model(self) -> str:
-        return str(self._head["model"])
-
-    def feed(self, event: ServerEvent) -> list[Delta]:
-        if event.data.strip() == "[DONE]":
-            return []
-        chunk = json_data(event)
-        if "error" in chunk:
-            raise stream_error(chunk["error"], self._secret)
-        for field in ("id", "created", "model", "system_fingerprint"):
-            if chunk.get(field) is not None:
-                self._head[field] = chunk[field]
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        deltas = []
-        for choice in chunk.get("choices") or []:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue  # n > 1 is not streamed through the gateway
-            self._finish = choice.get("finish_reason") or self._finish
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self._content.append(delta["content"])
-                self._received += len(delta["content"])
-            if delta.get("reasoning_content"):
-                self._reasoning.append(delta["reasoning_content"])
-                self._received += len(delta["reasoning_content"])
-            for call in delta.get("tool_calls") or []:
-                self._add_call(call)
-            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
-                deltas.append(delta)
-        return deltas
-
-    def _add_call(self, part: dict[str, Any]) -> None:
-        call = self._calls.setdefault(
+    def add_call(self, part: dict[str, Any]) -> int:
+        """The tool call ``part`` adds to; the characters of arguments it brings."""
+        call = self.calls.setdefault(
             as_int(part.get("index")), {"type": "function", "function": {"arguments": ""}}
         )
         if part.get("id"):
@@ -197,25 +186,105 @@ class OpenAIStream:
         function = part.get("function") or {}
         if function.get("name"):
             call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += function.get("arguments") or ""
-        self._received += len(function.get("arguments") or "")
+        arguments = function.get("arguments") or ""
+        call["function"]["arguments"] += arguments
+        return len(arguments)
 
-    def completion(self) -> Completion:
-        if self._finish is None:
-            raise ProviderError("bad_response", "the stream ended before its finish_reason")
+    def add_logprobs(self, logprobs: dict[str, Any]) -> None:
+        for field, entries in logprobs.items():
+            if isinstance(entries, list):
+                self.logprobs.setdefault(field, []).extend(entries)
+
+    def choice(self, index: int) -> dict[str, Any]:
+        content, reasoning, refusal = ("".join(self.texts[field]) for field in _TEXTS)
+        # As OpenAI's whole answer: content None when the answer is only tool calls or a
+        # refusal, refusal None unless it is one.
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": "".join(self._content) if self._content or not self._calls else None,
+            "content": content if content or not (self.calls or refusal) else None,
+            "refusal": refusal or None,
         }
-        if self._reasoning:
-            message["reasoning_content"] = "".join(self._reasoning)
-        if self._calls:
-            message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if self.calls:
+            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        logprobs = None
+        if self.logprobs:
+            logprobs = {field: self.logprobs.get(field) for field in ("content", "refusal")}
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": self.finish,
+        }
+
+
+_TEXTS = ("content", "reasoning_content", "refusal")
+"""The text fields of a delta, joined into the message's own."""
+
+
+class OpenAIStream:
+    """``chat.completion.chunk`` events until ``[DONE]``; the deltas are already canonical
+    (``reasoning_content``, which OpenAI-compatible reasoning servers stream, included). Each
+    choice (``n`` > 1) is relayed under its own ``index`` and answered whole."""
+
+    def __init__(self, adapter: OpenAIAdapter, model: str, secret: str | None) -> None:
+        self._adapter = adapter
+        self._secret = secret
+        self._head: dict[str, Any] = {"model": model}
+        self._received = 0
+        """Characters of content, reasoning, refusal and tool arguments received so far."""
+        self._choices: dict[int, _Choice] = {}
+        self._usage: Any = None
+
+    @property
+    def model(self) -> str:
+        return str(self._head["model"])
+
+    def feed(self, event: ServerEvent) -> list[Piece]:
+        if event.data.strip() == "[DONE]":
+            return []
+        chunk = json_data(event)
+        if "error" in chunk:
+            raise stream_error(chunk["error"], self._secret)
+        for field in ("id", "created", "model", *CHUNK_FIELDS):
+            if chunk.get(field) is not None:
+                self._head[field] = chunk[field]
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        sent = {field: self._head[field] for field in CHUNK_FIELDS if field in self._head}
+        pieces = []
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            index = as_int(choice.get("index"))
+            state = self._choices.setdefault(index, _Choice())
+            state.finish = choice.get("finish_reason") or state.finish
+            delta = choice.get("delta") or {}
+            for field in _TEXTS:
+                if delta.get(field):
+                    state.texts[field].append(delta[field])
+                    self._received += len(delta[field])
+            for call in delta.get("tool_calls") or []:
+                self._received += state.add_call(call)
+            logprobs = choice.get("logprobs")
+            # An opening chunk may carry empty lists: nothing to relay yet.
+            if not (isinstance(logprobs, dict) and any(logprobs.values())):
+                logprobs = None
+            if logprobs is not None:
+                state.add_logprobs(logprobs)
+            if logprobs is not None or delta.get("tool_calls") or any(map(delta.get, _TEXTS)):
+                pieces.append(Piece(delta, index, logprobs, sent))
+        return pieces
+
+    def completion(self) -> Completion:
+        if not self._choices or any(c.finish is None for c in self._choices.values()):
+            raise ProviderError("bad_response", "the stream ended before its finish_reason")
         body = {
             "object": "chat.completion",
             "created": int(time.time()),
             **self._head,
-            "choices": [{"index": 0, "message": message, "finish_reason": self._finish}],
+            "choices": [self._choices[i].choice(i) for i in sorted(self._choices)],
         }
         if self._usage is not None:
             body["usage"] = self._usage
