@@ -123,6 +123,11 @@ class BatchMeta(WireModel):
     submission: str = ""
     """Set by the submit that created the batch, part of every job id: a name used again
     after collect gets new job ids, never the outcomes workers keep of the earlier ones."""
+    model: str | None = None
+    """The model submit put on every request (its ``--model``), over the file's."""
+    source: str = ""
+    """Where submit read the file (an absolute path on its machine): collect rebuilds from
+    it the jobs whose results a full results queue refused, to ask for them again."""
 
     @property
     def jobs(self) -> str:

@@ -59,6 +59,8 @@ class BatchState:
             deadline=datetime.fromtimestamp(float(fields["deadline"]), UTC),
             fingerprint=fields["fingerprint"],
             submission=fields.get("submission", ""),
+            model=fields.get("model") or None,
+            source=fields.get("source", ""),
         )
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         return meta
@@ -82,6 +84,8 @@ class BatchState:
             "deadline": meta.deadline.timestamp(),
             "fingerprint": meta.fingerprint,
             "submission": meta.submission,
+            "model": meta.model or "",
+            "source": meta.source,
             "created": time.time(),
         }
         async with self._r.pipeline(transaction=True) as pipe:
