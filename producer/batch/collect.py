@@ -16,7 +16,8 @@ that remain once the deadline has passed (``expired``: the broker dropped their 
 once the batch is canceled, those never published. A published job is always answered by
 a worker (served, or ``canceled`` if it was not served yet), and its line says which. One
 whose result its full results queue refused is asked for again once the queue runs dry
-(``producer.batch.resend``): answered from its stored outcome, not called or billed twice.
+(``producer.batch.resend``): answered from its stored outcome, not called or billed twice;
+past the deadline too, as is one still in a call then, whose answer is awaited.
 
 Once every line is written, ``collect`` deletes the batch: its state and its results queue.
 ``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete;
@@ -46,17 +47,16 @@ from producer.batch.answers import (
     category_of,
     custom_id_of,
     gateway_block,
-    job_id,
 )
 from producer.batch.files import ResultFiles, ResultSink
 from producer.batch.formats import FORMATS
 from producer.batch.jobs import check_batch_name
-from producer.batch.resend import Resend
+from producer.batch.resend import Resend, Source
 from producer.batch.state import NANO, BatchState, CollectState
 from producer.batch.submit import Progress
 from producer.client import GatewayClient
 from queuegate.broker import connect, consume, settle
-from queuegate.control import BatchMeta, Counts
+from queuegate.control import BatchMeta, Counts, job_id
 from queuegate.errors import BatchError
 from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings
@@ -132,10 +132,11 @@ async def collect_into(
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
-    source: Path | str | None = None,
+    source: Source | None = None,
 ) -> CollectReport:
     """As ``collect``, into ``sink``; the batch is kept (``delete_batch`` it afterwards), so
-    the caller can record the batch as collected before the gateway forgets it."""
+    the caller can record the batch as collected before the gateway forgets it.
+    ``source``: the submitted file, or how to fetch it should results be asked for again."""
     batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
     async with batch as (state, resend):
         return await collect_state(
@@ -185,7 +186,7 @@ async def _batch(
     *,
     user_id: str | None,
     api_key: ApiKey | None,
-    source: Path | str | None,
+    source: Source | str | None,
 ) -> AsyncIterator[tuple[BatchState, Resend]]:
     """The state of the team's batch ``name``, through a client of the gateway, and how to
     ask again for its results, as the team that submitted it."""
@@ -201,7 +202,7 @@ async def _batch(
             reply_to=Topology.of(settings).results_queue(meta.team, name),
             max_bytes=settings.reply_queue_max_bytes,
             max_length=settings.reply_queue_max_length,
-            source=Path(source) if source else None,
+            source=Path(source) if isinstance(source, str) else source,
         )
         yield state, resend
 
@@ -256,6 +257,7 @@ async def _consume(
                 await run.results(messages)
             elif time.time() >= deadline:
                 await run.unanswerable("expired")
+                await run.ask_again()
             elif await run.state.is_canceled():
                 await run.unanswerable("canceled", unpublished_only=True)
                 await run.ask_again()
@@ -366,7 +368,7 @@ class _Run:
         """The queue ran dry with requests published and unanswered: ask for the results
         it may have refused."""
         if self._resend is not None and self.done < self.meta.total:
-            await self._resend.again(self.state)
+            await self._resend.again()
 
     def _answer(self, custom_id: str, result: ChatResult) -> Answer:
         category = category_of(result)
@@ -387,15 +389,18 @@ class _Run:
         error: ErrorInfo | None = None,
     ) -> None:
         """Write ``category`` (with ``error``, why it was not served) for every request still
-        without a line (``unpublished_only``: those never published)."""
+        without a line (``unpublished_only``: those never published), but those the gateway
+        answered or is answering, where they can be asked for again."""
 
         def answer(custom_id: str) -> Answer:
             return Answer(custom_id, job_id(self.meta.jobs, custom_id), category, error=error)
 
         async for chunk in self.state.unwritten():
-            await self._settled(
-                [answer(c) for c, published in chunk if not (unpublished_only and published)]
-            )
+            ids = [c for c, published in chunk if not (unpublished_only and published)]
+            if self._resend is not None:
+                coming = await self._resend.answered(ids)
+                ids = [c for c in ids if c not in coming]
+            await self._settled([answer(c) for c in ids])
         # Every other line written and still no result for a torn one (its result comes back
         # at once when there is one): it was one of these, never answered by a worker.
         if self.torn and self.done >= self.meta.total:

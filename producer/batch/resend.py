@@ -2,32 +2,37 @@
 
 A batch's results queue is bounded (``reply_queue_max_bytes``, ``reply_queue_max_length``);
 past it the broker refuses a result, and the worker acknowledges and accounts the job all
-the same, its outcome kept ``result_ttl``. Collect finds such a request still without a line
-once its queue runs dry, and ``Resend`` publishes its job again: rebuilt from the submitted
-file exactly as submit built it (same job id, same request, same proof of the team), so a
-worker answers it from the stored outcome, neither calling a provider nor billing it again.
-A job still in flight is held by its claim until its first delivery ends, and then answered
-the same way; one never served is served once, as its first delivery would have been.
+the same, its outcome kept ``result_ttl``. Once the queue runs dry, collect asks the
+gateway which requests still without a line have a stored outcome, and ``Resend``
+publishes their jobs again: rebuilt from the submitted file exactly as submit built them
+(same job id, same request, same proof of the team), so a worker answers each from its
+stored outcome, neither calling a provider nor billing it again. Only jobs with a stored
+outcome are asked for: one still in its queue, or in a call (its claim held), is answered
+by its first delivery, and asked for only if that answer is refused too.
 
-Jobs are asked for in chunks whose results fit in half the queue's bound, the next chunk
+Jobs sent again carry no TTL: past the batch's deadline the broker would drop them, though
+their answers are stored. (A job whose outcome were gone meanwhile would be refused
+uncalled by the worker, past the deadline, or found in usage_log: never served twice.)
+
+They are asked for in chunks whose results fit in half the queue's bound, the next chunk
 once the last one is written: asking for all at once would overflow it again. A chunk not
-all written is asked for again after a wait that doubles (up to ``LAST_WAIT``): its jobs may
-still wait in the team's queue behind a backlog, and each copy asked for is answered from
-the first delivery's outcome, a slot of the team's queue its only cost.
+all written is asked for again after a wait that doubles (up to ``LAST_WAIT``): the workers
+may be down or behind, and each copy waits in the team's queue meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from producer.batch.jobs import JobReader
 from producer.batch.lines import BatchFile
-from producer.batch.state import CollectState
+from producer.batch.state import BatchState
 from producer.client import GatewayClient
 from queuegate.control import BatchMeta
-from queuegate.errors import QueueFull
+from queuegate.errors import BatchError, QueueFull
 from queuegate.messages import ChatJob
 
 log = logging.getLogger(__name__)
@@ -36,12 +41,15 @@ GUESS = 4096
 """Bytes of a result assumed before any was read: a short chat answer with its metadata."""
 FIRST_WAIT = 1.0
 LAST_WAIT = 30.0
-"""Seconds before asking again for a chunk that brought nothing back, doubling: its jobs may
-still wait in the team's queue, and each ask adds a copy there."""
+"""Seconds before asking again while the last chunk is not all written, doubling."""
+
+Source = Path | Callable[[], Awaitable[Path]]
+"""The submitted file, or how to fetch it when first needed (the front door keeps its
+batches' input in PostgreSQL)."""
 
 
 class Resend:
-    """Publishes the jobs of custom_ids the results queue lost, paced to fit its bound.
+    """Publishes the jobs of requests whose stored results the results queue refused.
 
     ``source``: the submitted file; ``None`` takes the path submit recorded. Its digest must
     be the batch's: another file's requests would be refused under the same job ids."""
@@ -54,20 +62,21 @@ class Resend:
         reply_to: str,
         max_bytes: int,
         max_length: int,
-        source: Path | None = None,
+        source: Source | None = None,
     ) -> None:
         self._client = client
+        self._state = BatchState(client.control, meta.name)
         self._meta = meta
         self._reply_to = reply_to
         self._max_bytes = max_bytes
         self._max_length = max_length
-        self._source = source or (Path(meta.source) if meta.source else None)
+        self._source: Source | None = source or (Path(meta.source) if meta.source else None)
         self._read = 0
         self._read_bytes = 0
         self._wait = FIRST_WAIT
         self._next = 0.0
         self._asked: list[str] = []
-        self._warned = False
+        self._unreachable: set[str] = set()
         self.asked = 0
         """Jobs published again by this run."""
 
@@ -78,52 +87,62 @@ class Resend:
 
     def chunk(self) -> int:
         """Jobs asked for at once: their results in half the queue's bound, late results
-        of the first delivery taking the other half."""
+        of first deliveries taking the other half."""
         size = self._read_bytes // self._read if self._read else GUESS
         return max(1, min(self._max_length // 2, self._max_bytes // (2 * size)))
 
-    async def again(self, state: CollectState) -> int:
-        """Ask again for the next chunk of published requests without a line, once the last
-        chunk asked for is all written, or after a wait that doubles while it is not; how
-        many jobs the team's queue took."""
-        if self._asked:
-            written = await state.written_among(self._asked)
-            if all(written):
-                self._wait = FIRST_WAIT
-            elif time.monotonic() < self._next:
-                return 0
-            else:
-                self._wait = min(self._wait * 2, LAST_WAIT)
+    async def answered(self, custom_ids: Sequence[str]) -> set[str]:
+        """Those of ``custom_ids`` the gateway answered or is answering (outcome stored, or
+        claim held): not to be written expired, their answers to come."""
+        outcomes = await self._state.outcomes_among(custom_ids)
+        return {c for c, o in zip(custom_ids, outcomes, strict=True) if o is not None}
+
+    async def again(self) -> int:
+        """Ask again for the next chunk of requests without a line whose outcome is stored,
+        once the last chunk is all written, or after a wait that doubles while it is not;
+        how many jobs the team's queue took."""
+        now = time.monotonic()
+        if self._asked and all(await self._state.written_among(self._asked)):
+            self._wait = FIRST_WAIT
+        elif now < self._next:
+            return 0
         size = self.chunk()
-        missing: list[str] = []
-        async for chunk in state.unwritten():
-            missing += [custom_id for custom_id, published in chunk if published]
-            if len(missing) >= size:
+        stored: list[str] = []
+        async for page in self._state.unwritten():
+            ids = [custom_id for custom_id, published in page if published]
+            outcomes = await self._state.outcomes_among(ids)
+            stored += [c for c, o in zip(ids, outcomes, strict=True) if o == "stored"]
+            if len(stored) >= size:
                 break
-        self._asked = missing[:size]
-        self._next = time.monotonic() + self._wait
-        jobs = self._jobs(set(self._asked))
+        self._asked = stored[:size]
+        self._next = now + self._wait
+        self._wait = min(self._wait * 2, LAST_WAIT)
+        if not self._asked:
+            return 0
+        jobs = await self._jobs(set(self._asked))
         if jobs is None:
-            if not self._warned:
-                self._warned = True
-                log.warning("%s", self._lost())
+            # Stored and unwritten at two looks a wait apart: refused, not on their way.
+            if self._unreachable.intersection(self._asked):
+                raise BatchError(self._lost())
+            self._unreachable = set(self._asked)
             return 0
         sent = 0
         for job in jobs:
             try:
-                await self._client.publish(job, reply_to=self._reply_to)
+                await self._client.publish(job, reply_to=self._reply_to, expires=False)
             except QueueFull:
                 break  # asked for again once the team's queue has room
             sent += 1
-        if sent:
-            log.info("batch %s: asked again for %d results", self._meta.name, sent)
+        log.info("batch %s: asked again for %d stored results", self._meta.name, sent)
         self.asked += sent
         return sent
 
-    def _jobs(self, wanted: set[str]) -> list[ChatJob] | None:
+    async def _jobs(self, wanted: set[str]) -> list[ChatJob] | None:
         """The jobs of ``wanted``, each from the first valid entry of its custom_id, as
         submit indexed it; the whole file read, to prove it is the one submitted (None when
         it is not, or is gone)."""
+        if self._source is not None and not isinstance(self._source, Path):
+            self._source = await self._source()
         if self._source is None or not self._source.is_file():
             return None
         reader = JobReader(
@@ -151,7 +170,7 @@ class Resend:
     def _lost(self) -> str:
         where = f"{self._source} is gone or changed" if self._source else "no file recorded"
         return (
-            f"batch {self._meta.name!r} cannot ask again for results its full results queue "
-            f"may have refused ({where}): collect again with --file naming the file it was "
-            "submitted from, or they are written expired at its deadline"
+            f"batch {self._meta.name!r} cannot ask again for the results its full results "
+            f"queue refused ({where}): collect again with --file naming the file it was "
+            "submitted from, before the gateway forgets them (QUEUEGATE_RESULT_TTL)"
         )
