@@ -255,6 +255,8 @@ async def _consume(
             messages = await _take(inbox, idle)
             if messages:
                 await run.results(messages)
+                if run.asked_all_written():
+                    await run.ask_again()
             elif time.time() >= deadline:
                 await run.unanswerable("expired")
                 await run.ask_again()
@@ -364,6 +366,9 @@ class _Run:
         held = {id(m) for m in self._held.values()}
         await self._ack([*released, *(m for m in messages if id(m) not in held)])
 
+    def asked_all_written(self) -> bool:
+        return self._resend is not None and self._resend.ready
+
     async def ask_again(self) -> None:
         """The queue ran dry with requests published and unanswered: ask for the results
         it may have refused."""
@@ -433,6 +438,8 @@ class _Run:
             entries.append((answer.custom_id, answer.category, _nano(line["gateway"]["cost_usd"])))
         await self.files.sync()
         await self.state.mark_written(entries)
+        if self._resend is not None:
+            self._resend.written(a.custom_id for a in fresh)
         self.torn.difference_update(a.custom_id for a in fresh)
         self.done += len(entries)
         self.written += len(fresh)

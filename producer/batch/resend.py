@@ -15,21 +15,23 @@ their answers are stored. (A job whose outcome were gone meanwhile would be refu
 uncalled by the worker, past the deadline, or found in usage_log: never served twice.)
 
 They are asked for in chunks whose results fit in half the queue's bound, the next chunk
-once the last one is written: asking for all at once would overflow it again. A chunk not
+as soon as the last one is written: asking for all at once would overflow it again. A chunk not
 all written is asked for again after a wait that doubles (up to ``LAST_WAIT``): the workers
 may be down or behind, and each copy waits in the team's queue meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 from producer.batch.jobs import JobReader
 from producer.batch.lines import BatchFile
 from producer.batch.state import BatchState
+from producer.batch.submit import WINDOW
 from producer.client import GatewayClient
 from queuegate.control import BatchMeta
 from queuegate.errors import BatchError, QueueFull
@@ -76,6 +78,8 @@ class Resend:
         self._wait = FIRST_WAIT
         self._next = 0.0
         self._asked: list[str] = []
+        self._pending: set[str] = set()
+        """What was asked for and is not written yet."""
         self._unreachable: set[str] = set()
         self.asked = 0
         """Jobs published again by this run."""
@@ -91,6 +95,15 @@ class Resend:
         size = self._read_bytes // self._read if self._read else GUESS
         return max(1, min(self._max_length // 2, self._max_bytes // (2 * size)))
 
+    def written(self, custom_ids: Iterable[str]) -> None:
+        """Lines now written: the next chunk is asked for once the last one is all written."""
+        self._pending.difference_update(custom_ids)
+
+    @property
+    def ready(self) -> bool:
+        """A chunk was asked for and is all written: ask for the next at once."""
+        return bool(self._asked) and not self._pending
+
     async def answered(self, custom_ids: Sequence[str]) -> set[str]:
         """Those of ``custom_ids`` the gateway answered or is answering (outcome stored, or
         claim held): not to be written expired, their answers to come."""
@@ -102,7 +115,7 @@ class Resend:
         once the last chunk is all written, or after a wait that doubles while it is not;
         how many jobs the team's queue took."""
         now = time.monotonic()
-        if self._asked and all(await self._state.written_among(self._asked)):
+        if self.ready:
             self._wait = FIRST_WAIT
         elif now < self._next:
             return 0
@@ -115,6 +128,7 @@ class Resend:
             if len(stored) >= size:
                 break
         self._asked = stored[:size]
+        self._pending = set(self._asked)
         self._next = now + self._wait
         self._wait = min(self._wait * 2, LAST_WAIT)
         if not self._asked:
@@ -127,12 +141,17 @@ class Resend:
             self._unreachable = set(self._asked)
             return 0
         sent = 0
-        for job in jobs:
-            try:
-                await self._client.publish(job, reply_to=self._reply_to, expires=False)
-            except QueueFull:
-                break  # asked for again once the team's queue has room
-            sent += 1
+        for start in range(0, len(jobs), WINDOW):
+            window = jobs[start : start + WINDOW]
+            published = await asyncio.gather(
+                *(self._client.publish(j, reply_to=self._reply_to, expires=False) for j in window),
+                return_exceptions=True,
+            )
+            for failure in published:
+                # A full team queue: those are asked for again once it has room.
+                if isinstance(failure, BaseException) and not isinstance(failure, QueueFull):
+                    raise failure
+            sent += sum(1 for failure in published if failure is None)
         log.info("batch %s: asked again for %d stored results", self._meta.name, sent)
         self.asked += sent
         return sent
