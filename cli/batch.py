@@ -173,6 +173,14 @@ def collect(
     errors: Annotated[
         Path | None, typer.Option(help="Failed requests here instead of in --out.")
     ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="The file the batch was submitted from, if moved: results its full queue "
+            "refused are asked for again with it.",
+        ),
+    ] = None,
     api_key: ApiKey = None,
 ) -> None:
     """Write a batch's results as they arrive, in its own format; re-run it to resume."""
@@ -182,7 +190,14 @@ def collect(
     with progress(err, "collected") as update:
         report = run(
             lambda: collect_batch(
-                settings, name, out_file, errors, team=team, api_key=api_key, on_progress=update
+                settings,
+                name,
+                out_file,
+                errors,
+                team=team,
+                api_key=api_key,
+                on_progress=update,
+                source=file,
             )
         )
     c = report.counts

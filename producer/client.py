@@ -242,15 +242,25 @@ class GatewayClient:
             raise
         return JobHandle(job.job_id, self)
 
-    async def publish(self, job: ChatJob, *, reply_to: str) -> None:
+    async def publish(self, job: ChatJob, *, reply_to: str, expires: bool = True) -> None:
         """Publish a job, proven as the team (``user_id``, API key), its result to go to
-        ``reply_to`` (one of the team's reply queues); return once the broker confirms it."""
+        ``reply_to`` (one of the team's reply queues); return once the broker confirms it.
+
+        ``expires=False``: no TTL from its deadline, for a job sent again to be answered
+        from its stored outcome after the deadline (the worker, not the broker, refuses it
+        uncalled when it has none)."""
         if self._exchange is None or self._channel is None:
             raise RuntimeError("use the client inside `async with`")
         await publish_to_team(
             self._channel,
             self._exchange.name,
-            job_message(job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key),
+            job_message(
+                job,
+                reply_to=reply_to,
+                user_id=self._user_id,
+                api_key=self._api_key,
+                expires=expires,
+            ),
             job,
             within=self._settings.reconnect_wait,
             nacks_within=nack_window(self._settings.amqp_url),
@@ -309,10 +319,16 @@ class GatewayClient:
 
 
 def job_message(
-    job: ChatJob, *, reply_to: str, user_id: str | None, api_key: ApiKey | None = None
+    job: ChatJob,
+    *,
+    reply_to: str,
+    user_id: str | None,
+    api_key: ApiKey | None = None,
+    expires: bool = True,
 ) -> Outgoing:
-    """The AMQP message of a job: ids, reply queue, TTL from its deadline, send time, and the
-    proof of the team's API key where the team proves itself with one."""
+    """The AMQP message of a job: ids, reply queue, TTL from its deadline (unless not
+    ``expires``), send time, and the proof of the team's API key where the team proves
+    itself with one."""
     body = job.model_dump_json(exclude_defaults=True).encode()
     # Rounded: cut down, every job's queued_ms would read half a millisecond long on average.
     # An integer: pamqp sends a float as single precision, whole seconds off at this size.
@@ -326,7 +342,7 @@ def job_message(
         correlation_id=job.job_id,
         reply_to=reply_to,
         user_id=user_id,
-        expiration_ms=_expiration_ms(job.deadline),
+        expiration_ms=_expiration_ms(job.deadline) if expires else None,
         headers=headers,
     )
 

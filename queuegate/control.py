@@ -47,6 +47,7 @@ BatchCallName = Literal[
     "line_numbers",
     "published_among",
     "written_among",
+    "outcomes_among",
     "mark_published",
     "mark_written",
     "unwritten",
@@ -123,10 +124,27 @@ class BatchMeta(WireModel):
     submission: str = ""
     """Set by the submit that created the batch, part of every job id: a name used again
     after collect gets new job ids, never the outcomes workers keep of the earlier ones."""
+    model: str | None = None
+    """The model submit put on every request (its ``--model``), over the file's."""
+    source: str = ""
+    """Where submit read the file (an absolute path on its machine): collect rebuilds from
+    it the jobs whose results a full results queue refused, to ask for them again."""
 
     @property
     def jobs(self) -> str:
         return submission_jobs(self.name, self.submission)
+
+
+Outcome = Literal["stored", "held"]
+"""What the gateway knows of a published request's job (``outcomes_among``): its outcome is
+stored (answered, to be sent again when asked), or a delivery holds its claim (in a call)."""
+
+
+def job_id(jobs: str, custom_id: str) -> str:
+    """The job id of a request of the submission whose ids start with ``jobs``
+    (``BatchMeta.jobs``): the same on every run of that submission, so a re-run is
+    recognised, and new when the name is submitted again after collect."""
+    return f"{jobs}:{custom_id}"
 
 
 def submission_jobs(name: str, submission: str) -> str:

@@ -19,7 +19,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from queuegate.control import CATEGORIES, BatchMeta, BatchSummary, Category, Counts, no_such_batch
+from queuegate.control import (
+    CATEGORIES,
+    BatchMeta,
+    BatchSummary,
+    Category,
+    Counts,
+    Outcome,
+    job_id,
+    no_such_batch,
+)
 from queuegate.errors import BatchError, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.redis_client import text
@@ -35,6 +44,7 @@ class BatchState:
 
     def __init__(self, client: aioredis.Redis, keys: Keys, team: str, name: str) -> None:
         self._r = client
+        self._keys = keys
         self.team = team
         self.name = name
         self._batches = keys.batches(team)
@@ -59,6 +69,8 @@ class BatchState:
             deadline=datetime.fromtimestamp(float(fields["deadline"]), UTC),
             fingerprint=fields["fingerprint"],
             submission=fields.get("submission", ""),
+            model=fields.get("model") or None,
+            source=fields.get("source", ""),
         )
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         return meta
@@ -82,6 +94,8 @@ class BatchState:
             "deadline": meta.deadline.timestamp(),
             "fingerprint": meta.fingerprint,
             "submission": meta.submission,
+            "model": meta.model or "",
+            "source": meta.source,
             "created": time.time(),
         }
         async with self._r.pipeline(transaction=True) as pipe:
@@ -117,6 +131,30 @@ class BatchState:
 
     async def written_among(self, custom_ids: Sequence[str]) -> list[bool]:
         return await self._among(self._written, custom_ids)
+
+    async def outcomes_among(
+        self, meta: BatchMeta, custom_ids: Sequence[str]
+    ) -> list[Outcome | None]:
+        """Per request, whether its job's outcome is stored, or its claim held: what a
+        collect asks again for, or waits for, rather than writing it expired.
+
+        Held: by a live owner (its lease running), or by a dead one that had a call in
+        flight, which a worker's sweep bills and stores an outcome for (workers/claims.py).
+        A claim left with neither (a poison job dead-lettered, an owner that died before
+        any call of a job that then expired) brings no answer."""
+        if not custom_ids:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for custom_id in custom_ids:
+                job = job_id(meta.jobs, custom_id)
+                pipe.exists(self._keys.result(self.team, job))
+                pipe.hmget(self._keys.claim(self.team, job), "owner", "lease", "attempt")
+            found = await self._call(pipe.execute())
+        now_ms = time.time() * 1000
+        return [
+            "stored" if stored else "held" if _held(claim, now_ms) else None
+            for stored, claim in zip(found[::2], found[1::2], strict=True)
+        ]
 
     async def mark_published(self, custom_ids: Sequence[str]) -> None:
         if not custom_ids:
@@ -233,6 +271,11 @@ class BatchState:
                 f"({type(exc).__name__}); check QUEUEGATE_REDIS_URL and re-run: "
                 "the batch resumes where it stopped"
             ) from exc
+
+
+def _held(claim: list[Any], now_ms: float) -> bool:
+    owner, lease, attempt = claim
+    return owner is not None and (attempt is not None or float(lease or 0) > now_ms)
 
 
 async def list_batches(client: aioredis.Redis, keys: Keys, team: str) -> list[BatchSummary]:

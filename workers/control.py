@@ -302,6 +302,9 @@ class ControlPlane:
                 return await state.published_among(_IDS.validate_python(args.get("ids")))
             case "written_among":
                 return await state.written_among(_IDS.validate_python(args.get("ids")))
+            case "outcomes_among":
+                ids = _IDS.validate_python(args.get("ids"))
+                return await state.outcomes_among(await state.require(), ids)
             case "mark_published":
                 await state.mark_published(_IDS.validate_python(args.get("ids")))
                 return None

@@ -572,9 +572,16 @@ class _Run:
     async def _collect(self) -> None:
         row = self.row = await self._reload()
         try:
-            report = await collect_into(
-                self._settings, row.id, self._sink(self._files()), **self._who
-            )
+            # The input is fetched only should results its full queue refused be asked for
+            # again: the path submit recorded was a temporary one.
+            with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
+                report = await collect_into(
+                    self._settings,
+                    row.id,
+                    self._sink(self._files()),
+                    source=functools.partial(self._download, Path(work)),
+                    **self._who,
+                )
         except BatchError as exc:
             if await self._gateway_meta() is not None:
                 raise

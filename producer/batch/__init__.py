@@ -20,6 +20,7 @@ job yet, collect writes only results not written yet, and no custom_id is answer
 | submit     | validate, then publish through a window of confirms         |
 | files      | where results go: local files (fsynced), or any ResultSink  |
 | collect    | results to a sink, durable before they are acknowledged     |
+| resend     | jobs whose results a full queue refused, asked for again    |
 | control    | status, cancel, list and delete                             |
 """
 

@@ -44,13 +44,6 @@ class Answer:
         return error
 
 
-def job_id(jobs: str, custom_id: str) -> str:
-    """The job id of a request of the submission whose ids start with ``jobs``
-    (``BatchMeta.jobs``): the same on every run of that submission, so a re-run is
-    recognised, and new when the name is submitted again after collect."""
-    return f"{jobs}:{custom_id}"
-
-
 def custom_id_of(jobs: str, job: str) -> str | None:
     prefix = f"{jobs}:"
     return job[len(prefix) :] if job.startswith(prefix) else None

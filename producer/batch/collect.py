@@ -14,7 +14,10 @@ with the same custom_ids are left alone.
 Requests that can no longer be answered are written without waiting for the gateway: all
 that remain once the deadline has passed (``expired``: the broker dropped their jobs), and,
 once the batch is canceled, those never published. A published job is always answered by
-a worker (served, or ``canceled`` if it was not served yet), and its line says which.
+a worker (served, or ``canceled`` if it was not served yet), and its line says which. One
+whose result its full results queue refused is asked for again once the queue runs dry
+(``producer.batch.resend``): answered from its stored outcome, not called or billed twice;
+past the deadline too, as is one still in a call then, whose answer is awaited.
 
 Once every line is written, ``collect`` deletes the batch: its state and its results queue.
 ``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete;
@@ -44,16 +47,16 @@ from producer.batch.answers import (
     category_of,
     custom_id_of,
     gateway_block,
-    job_id,
 )
 from producer.batch.files import ResultFiles, ResultSink
 from producer.batch.formats import FORMATS
 from producer.batch.jobs import check_batch_name
+from producer.batch.resend import Resend, Source
 from producer.batch.state import NANO, BatchState, CollectState
 from producer.batch.submit import Progress
 from producer.client import GatewayClient
 from queuegate.broker import connect, consume, settle
-from queuegate.control import BatchMeta, Counts
+from queuegate.control import BatchMeta, Counts, job_id
 from queuegate.errors import BatchError
 from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings
@@ -92,14 +95,18 @@ async def collect(
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
+    source: Path | str | None = None,
 ) -> CollectReport:
     """Write every result of ``team``'s batch ``name`` to ``out`` (failures to ``errors``).
 
     Returns once every request has a line, then deletes the batch. Interrupted, it resumes
     where it stopped when run again with the same files. One collect per batch at a time: a
-    second one is refused.
+    second one is refused. ``source``: the file the batch was submitted from, where it is
+    no longer at the path submit recorded; results its full queue refused are asked for
+    again with the jobs it holds.
     """
-    async with _batch(settings, name, team, user_id, api_key) as state:
+    batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
+    async with batch as (state, resend):
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
             report = await collect_state(
                 settings,
@@ -108,6 +115,7 @@ async def collect(
                 on_progress=on_progress,
                 idle=idle,
                 expiry_grace=expiry_grace,
+                resend=resend,
             )
         await state.delete()
     return report
@@ -124,12 +132,21 @@ async def collect_into(
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
+    source: Source | None = None,
 ) -> CollectReport:
     """As ``collect``, into ``sink``; the batch is kept (``delete_batch`` it afterwards), so
-    the caller can record the batch as collected before the gateway forgets it."""
-    async with _batch(settings, name, team, user_id, api_key) as state:
+    the caller can record the batch as collected before the gateway forgets it.
+    ``source``: the submitted file, or how to fetch it should results be asked for again."""
+    batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
+    async with batch as (state, resend):
         return await collect_state(
-            settings, state, sink, on_progress=on_progress, idle=idle, expiry_grace=expiry_grace
+            settings,
+            state,
+            sink,
+            on_progress=on_progress,
+            idle=idle,
+            expiry_grace=expiry_grace,
+            resend=resend,
         )
 
 
@@ -142,8 +159,12 @@ async def collect_state(
     on_progress: Progress | None = None,
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
+    resend: Resend | None = None,
 ) -> CollectReport:
     """Collect the batch whose ``state`` is given into ``sink``, the batch kept.
+
+    ``resend``: how to ask again for results the full results queue refused; without it
+    they are written ``expired`` once the deadline passes.
 
     ``unserved``: the batch was stopped, and nothing will publish the requests it has not
     published: each is written at once, ``failed`` with this error, rather than awaited.
@@ -152,21 +173,38 @@ async def collect_state(
     ``failed`` with this error too, so every unserved line says the same why.
     """
     meta = await state.require()
-    run = _Run(state, meta, sink, on_progress, unserved)
+    run = _Run(state, meta, sink, on_progress, unserved=unserved, resend=resend)
     await _consume(settings, run, idle, expiry_grace, unserved)
     return CollectReport(meta.name, run.written, await state.counts(meta))
 
 
 @contextlib.asynccontextmanager
 async def _batch(
-    settings: Settings, name: str, team: str, user_id: str | None, api_key: ApiKey | None
-) -> AsyncIterator[BatchState]:
-    """The state of the team's batch ``name``, through a client of the gateway."""
+    settings: Settings,
+    name: str,
+    team: str,
+    *,
+    user_id: str | None,
+    api_key: ApiKey | None,
+    source: Source | str | None,
+) -> AsyncIterator[tuple[BatchState, Resend]]:
+    """The state of the team's batch ``name``, through a client of the gateway, and how to
+    ask again for its results, as the team that submitted it."""
     name = check_batch_name(name)
     async with GatewayClient(
         settings, team=team, user_id=user_id, api_key=api_key, listen=False
     ) as client:
-        yield BatchState(client.control, name)
+        state = BatchState(client.control, name)
+        meta = await state.require()
+        resend = Resend(
+            client,
+            meta,
+            reply_to=Topology.of(settings).results_queue(meta.team, name),
+            max_bytes=settings.reply_queue_max_bytes,
+            max_length=settings.reply_queue_max_length,
+            source=Path(source) if isinstance(source, str) else source,
+        )
+        yield state, resend
 
 
 async def _consume(
@@ -217,11 +255,17 @@ async def _consume(
             messages = await _take(inbox, idle)
             if messages:
                 await run.results(messages)
+                if run.asked_all_written():
+                    await run.ask_again()
             elif time.time() >= deadline:
                 await run.unanswerable("expired")
+                await run.ask_again()
             elif await run.state.is_canceled():
                 await run.unanswerable("canceled", unpublished_only=True)
-            elif run.done >= run.meta.total:
+                await run.ask_again()
+            elif run.done < run.meta.total:
+                await run.ask_again()
+            else:
                 # A torn line with no result in the queue, neither expired nor canceled: its
                 # result was acknowledged by a run that did not hold it back. It is lost.
                 log.warning("lines of %s were torn and cannot be written again", sorted(run.torn))
@@ -253,9 +297,12 @@ class _Run:
         meta: BatchMeta,
         files: ResultSink,
         on_progress: Progress | None,
-        unserved: ErrorInfo | None = None,
+        *,
+        unserved: ErrorInfo | None,
+        resend: Resend | None,
     ) -> None:
         self.state = state
+        self._resend = resend
         self._unserved = unserved
         self.meta = meta
         self._fmt = FORMATS[meta.format]
@@ -300,6 +347,8 @@ class _Run:
         for message in messages:
             if message.type != MESSAGE_TYPE_RESULT:
                 continue
+            if self._resend is not None:
+                self._resend.saw(len(message.body))
             try:
                 result = ChatResult.model_validate_json(message.body)
             except ValidationError:
@@ -316,6 +365,15 @@ class _Run:
         self._held.update({index: sources[custom_id] for index, custom_id in last.items()})
         held = {id(m) for m in self._held.values()}
         await self._ack([*released, *(m for m in messages if id(m) not in held)])
+
+    def asked_all_written(self) -> bool:
+        return self._resend is not None and self._resend.ready
+
+    async def ask_again(self) -> None:
+        """The queue ran dry with requests published and unanswered: ask for the results
+        it may have refused."""
+        if self._resend is not None and self.done < self.meta.total:
+            await self._resend.again()
 
     def _answer(self, custom_id: str, result: ChatResult) -> Answer:
         category = category_of(result)
@@ -336,15 +394,18 @@ class _Run:
         error: ErrorInfo | None = None,
     ) -> None:
         """Write ``category`` (with ``error``, why it was not served) for every request still
-        without a line (``unpublished_only``: those never published)."""
+        without a line (``unpublished_only``: those never published), but those the gateway
+        answered or is answering, where they can be asked for again."""
 
         def answer(custom_id: str) -> Answer:
             return Answer(custom_id, job_id(self.meta.jobs, custom_id), category, error=error)
 
         async for chunk in self.state.unwritten():
-            await self._settled(
-                [answer(c) for c, published in chunk if not (unpublished_only and published)]
-            )
+            ids = [c for c, published in chunk if not (unpublished_only and published)]
+            if self._resend is not None:
+                coming = await self._resend.answered(ids)
+                ids = [c for c in ids if c not in coming]
+            await self._settled([answer(c) for c in ids])
         # Every other line written and still no result for a torn one (its result comes back
         # at once when there is one): it was one of these, never answered by a worker.
         if self.torn and self.done >= self.meta.total:
@@ -377,6 +438,8 @@ class _Run:
             entries.append((answer.custom_id, answer.category, _nano(line["gateway"]["cost_usd"])))
         await self.files.sync()
         await self.state.mark_written(entries)
+        if self._resend is not None:
+            self._resend.written(a.custom_id for a in fresh)
         self.torn.difference_update(a.custom_id for a in fresh)
         self.done += len(entries)
         self.written += len(fresh)

@@ -10,8 +10,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.batch.answers import MAX_CUSTOM_ID, job_id
+from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.formats import FORMATS, FormatName, detect
+from queuegate.control import job_id
 from queuegate.errors import BatchError
 from queuegate.messages import ChatJob
 

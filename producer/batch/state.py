@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from producer.control import ControlClient
-from queuegate.control import BatchMeta, BatchSummary, Category, Counts, no_such_batch
+from queuegate.control import BatchMeta, BatchSummary, Category, Counts, Outcome, no_such_batch
 from queuegate.errors import BatchError
 
 NANO = 10**9
 """Spend is counted in nano-dollars, an integer Redis can add exactly."""
+OUTCOMES: dict[str, Outcome] = {"stored": "stored", "held": "held"}
 
 
 class CollectState(Protocol):
@@ -93,6 +94,13 @@ class BatchState:
         if not custom_ids:
             return []
         return [bool(b) for b in await self._call("written_among", ids=list(custom_ids))]
+
+    async def outcomes_among(self, custom_ids: Sequence[str]) -> list[Outcome | None]:
+        """Per request, whether its job's outcome is stored or its claim held."""
+        if not custom_ids:
+            return []
+        raw = await self._call("outcomes_among", ids=list(custom_ids))
+        return [OUTCOMES.get(o) if isinstance(o, str) else None for o in raw]
 
     async def mark_published(self, custom_ids: Sequence[str]) -> None:
         if custom_ids:

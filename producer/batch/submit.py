@@ -139,6 +139,8 @@ async def submit_batch(
                 deadline=reader.deadline,
                 fingerprint=fingerprint,
                 submission=submission,
+                model=model,
+                source=str(path.resolve()),
             )
             await state.create(meta)
         else:
