@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.console import out, print_table
-from cli.options import make_settings, parse_month, split_teams
+from cli.options import finite, make_settings, parse_month, split_teams
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
@@ -96,7 +96,9 @@ def status(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    interval: Annotated[
+        float, typer.Option(min=0.2, callback=finite, help="Seconds between refreshes.")
+    ] = 2.0,
     wide: Annotated[
         bool, typer.Option("--wide", help="Also errors per second and the p50 wait.")
     ] = False,
@@ -196,7 +198,7 @@ def deployments(
             ]
         # TimeoutError, the wait passed, is an OSError.
         except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(redis_unreachable(settings)) from exc
+            raise ServiceUnavailable(redis_unreachable(settings, cause=exc)) from exc
         finally:
             await client.aclose()
 

@@ -18,7 +18,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from queuegate.numbers import plain_decimal, usd_text
+from queuegate.numbers import plain_decimal, usd_places, usd_text
 from queuegate.registry import Team
 
 TEXT_MIN_WIDTH = 12
@@ -73,9 +73,11 @@ def add_text_column(table: Table, header: str) -> None:
     table.add_column(header, overflow="fold")
 
 
-def add_number_column(table: Table, header: str) -> None:
-    """Right-aligned and never wrapped (see ``fit``)."""
-    table.add_column(header, justify="right", no_wrap=True, overflow="fold")
+def add_number_column(table: Table, header: str, *, long: bool = False) -> None:
+    """Right-aligned and never wrapped (see ``fit``); a ``long`` one (money, whose every
+    decimal is shown: up to 24 characters) folds onto a second line, whole, when 80 columns
+    are too few for it, rather than push the table past them."""
+    table.add_column(header, justify="right", no_wrap=not long, overflow="fold")
 
 
 def fit(table: Table) -> Table:
@@ -112,6 +114,7 @@ def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
     table.add_column("team")
     for column in ("requests", "errors", "input tokens", "output tokens", "cost (USD)"):
         table.add_column(column, justify="right")
+    places = usd_places(row.cost_usd for row in rows)
     for row in rows:
         table.add_row(
             row.team,
@@ -119,7 +122,7 @@ def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
             f"{row.errors:,}",
             f"{row.input_tokens:,}",
             f"{row.output_tokens:,}",
-            usd_text(row.cost_usd),
+            usd_text(row.cost_usd, places),
         )
     if not rows:
         table.add_row("(no usage)", "", "", "", "", "")
