@@ -4,7 +4,9 @@ do, nothing stored, no traceback; and money shown exactly whatever a team spent.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import sys
 from datetime import UTC, datetime
@@ -19,9 +21,11 @@ from queuegate.keys import Keys
 from queuegate.redis_client import redis_for
 from queuegate.registry import TeamConfig
 from queuegate.reporting import table
+from queuegate.runtime import configure_logging
 from queuegate.settings import Settings
 from tests.dashboard_browser import signed_in
 from tests.frontdoor_support import open_door
+from tests.proxy import TcpProxy
 
 HUGE = "1" + "0" * 400
 """What ``--budget 1e400`` was stored as before budgets had a bound."""
@@ -214,3 +218,49 @@ async def test_errors_name_the_real_cause(settings: Settings) -> None:
     assert "refused the credentials" in said[0] and "wr0ng" not in said[0]
     assert "does not exist: create it" in said[1]
     assert "give at most 36500d" in said[2]
+
+
+class _CountingProxy(TcpProxy):
+    """Counts the connections it refuses while down: the pool's attempts to reconnect."""
+
+    def __init__(self, target_url: str, attempts: int) -> None:
+        super().__init__(target_url)
+        self.refused = 0
+        self.enough = asyncio.Event()
+        self._attempts = attempts
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._up:
+            self.refused += 1
+            if self.refused >= self._attempts:
+                self.enough.set()
+        await super()._accept(reader, writer)
+
+
+async def test_a_postgresql_outage_is_one_log_line(settings: Settings) -> None:
+    # Given a process's logging as every role configures it, and a pool through a proxy
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    configure_logging("info")
+    lines = io.StringIO()
+    [handler] = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(lines)
+    try:
+        async with _CountingProxy(settings.database_url, attempts=4) as proxy:
+            pool = await create_pool(settings.model_copy(update={"database_url": proxy.url}))
+            try:
+                # When PostgreSQL goes away for four of the pool's attempts to reconnect
+                await proxy.down()
+                await asyncio.wait_for(proxy.enough.wait(), timeout=60)
+            finally:
+                pool.terminate()
+    finally:
+        root.handlers = before[0]
+        root.setLevel(before[1])
+    # Expect one line saying so, with its cause, and no traceback
+    logged = lines.getvalue().splitlines()
+    lost = [line for line in logged if "PostgreSQL connections lost" in line]
+    assert len(lost) == 1, logged
+    assert "Traceback" not in lines.getvalue()
+    assert not any("Failed to restore" in line for line in logged)
