@@ -31,10 +31,11 @@ def usd_text(value: Decimal | float, places: int | None = None) -> str:
     return f"{amount:,.{usd_places([amount]) if places is None else places}f}"
 
 
-def usd_places(values: Iterable[Decimal | float | None]) -> int:
-    """Decimals that show each of ``values`` whole (None: an empty cell), ``USD_PLACES`` at
-    least: a column of amounts in one format, its points in line."""
-    places = USD_PLACES
+def usd_places(values: Iterable[Decimal | float | None], least: int = USD_PLACES) -> int:
+    """Decimals that show each of ``values`` whole (None: an empty cell), ``least`` at least:
+    a column of amounts in one format, its points in line. A column of budgets, which people
+    set in round amounts, takes ``least=0``: ``50,000``, not ``50,000.000000``."""
+    places = least
     for value in values:
         if value is not None:
             exponent = _decimal(value).normalize().as_tuple().exponent

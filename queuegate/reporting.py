@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from queuegate.numbers import plain_decimal, usd_places, usd_text
+from queuegate.numbers import USD_PLACES, plain_decimal, usd_places, usd_text
 from queuegate.tables import add_number_column, add_text_column, compact_table, fit, visible
 
 if TYPE_CHECKING:  # the usage command needs no broker or Redis client
@@ -104,7 +104,11 @@ def table(
             add_number_column(out, header)
         else:
             add_text_column(out, header)
-    places = {name: usd_places(row[name] for row in shown) for name in _MONEY if name in shown[0]}
+    places = {
+        name: usd_places((row[name] for row in shown), 0 if name == "budget_usd" else USD_PLACES)
+        for name in _MONEY
+        if name in shown[0]
+    }
     for row in shown:
         out.add_row(*(_cell(value, places.get(name)) for name, value in row.items()))
     return fit(out)
@@ -117,11 +121,11 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     add_text_column(teams, "team")
     headers = ["queued", "cons.", "in fl.", *(["in/s"] if wide else []), "out/s"]
     headers += ["err/s", "p50 wait"] if wide else []
-    headers += ["p99 wait", "bucket", "spend $", "budget $"]
+    headers += ["p99 wait", "bucket", "spend", "budget"]
     for name in headers:
-        add_number_column(teams, name, long=name.endswith("$"))
+        add_number_column(teams, name, long=name in ("spend", "budget"))
     spend = usd_places(t.spend_usd for t in status.teams)
-    budget = usd_places(t.budget_usd for t in status.teams)
+    budget = usd_places((t.budget_usd for t in status.teams), least=0)
     for t in status.teams:
         cells = [
             t.team,
@@ -136,8 +140,8 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
         cells += [
             _ms(t.wait_p99_ms),
             "-" if t.bucket_fill is None else f"{t.bucket_fill:.0%}",
-            usd_text(t.spend_usd, spend),
-            "-" if t.budget_usd is None else usd_text(t.budget_usd, budget),
+            f"${usd_text(t.spend_usd, spend)}",
+            "-" if t.budget_usd is None else f"${usd_text(t.budget_usd, budget)}",
         ]
         teams.add_row(*cells)
     if not status.teams:

@@ -82,11 +82,17 @@ def add_number_column(table: Table, header: str, *, long: bool = False) -> None:
 
 def fit(table: Table) -> Table:
     """Call once the rows are in: number columns keep the width of their widest cell and
-    header, so when 80 columns are too few rich narrows the text columns, never a number."""
+    header, so when 80 columns are too few rich narrows the text columns, never a number;
+    a long number column (``add_number_column``) may narrow to its header, folding."""
     for column in table.columns:
-        widths = [_width(cell) for cell in column.cells]
-        widest = max([Text.from_markup(str(column.header)).cell_len, *widths])
-        column.min_width = widest if column.no_wrap else min(widest, TEXT_MIN_WIDTH)
+        header = Text.from_markup(str(column.header)).cell_len
+        widest = max([header, *(_width(cell) for cell in column.cells)])
+        if column.no_wrap:
+            column.min_width = widest
+        elif column.justify == "right":
+            column.min_width = header
+        else:
+            column.min_width = min(widest, TEXT_MIN_WIDTH)
     return table
 
 

@@ -170,7 +170,7 @@ async def test_status_shows_spend_exactly_in_its_table_and_json(settings: Settin
     [team] = json.loads(out)["teams"]
     assert (team["spend_usd"], team["budget_usd"]) == ("0.00000075", "0.0000001")
     row = next(line for line in shown[1].splitlines() if line.startswith("alpha"))
-    assert row.split()[-2:] == ["0.00000075", "0.0000001"]
+    assert row.split()[-2:] == ["$0.00000075", "$0.0000001"]
 
 
 def test_a_money_column_has_one_number_of_decimals() -> None:
@@ -181,7 +181,7 @@ def test_a_money_column_has_one_number_of_decimals() -> None:
     rendered = table(rows, title="usage", wide=True)
     cost, budget = rendered.columns[1], rendered.columns[2]
     assert [str(c) for c in cost.cells] == ["0.00000039", "0.50000000"]
-    assert [str(c) for c in budget.cells] == ["1.000000", "2.500000"]
+    assert [str(c) for c in budget.cells] == ["1.0", "2.5"]
 
 
 async def test_a_stored_absurd_budget_fails_no_dashboard_page(settings: Settings) -> None:
