@@ -133,6 +133,7 @@ async def test_bad_names_and_numbers_are_refused_without_a_traceback(settings: S
         ("submit", "--team", "gamma", "--timeout", "-1", "x"),
         ("status", "--interval", "inf"),
         ("mock-provider", "--error-rate", "nan"),
+        ("dlq", "list", "--limit", "-1"),
     ]:
         code, _, stderr = await _cli(settings, *args)
         assert code == 2, args
