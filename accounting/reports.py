@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from queuegate.messages import JobStatus
+from queuegate.registry import MAX_BUDGET_USD
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,14 @@ _SUMS = """
        sum(output_tokens)::bigint AS output_tokens,
        sum(cost_usd) AS cost_usd"""
 
-# A budget is read only when it is a number (older versions stored exponents, "1E+3"), so a
-# malformed config cannot fail a report; the exponent's three digits keep the cast in range.
-_BUDGET = r"""
-CASE WHEN t.config->>'budget_usd' ~ '^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?$'
-     THEN (t.config->>'budget_usd')::numeric END"""
+# A budget is read only when it is a number (older versions stored exponents, "1E+3") within
+# the registry's bound (older versions had none: a 401-digit budget, infinite as a float,
+# failed the dashboard), so a malformed config cannot fail a report; the exponent's three
+# digits keep the cast in range. Workers skip such a row (``list_teams``): it holds no one.
+_BUDGET = rf"""
+CASE WHEN t.config->>'budget_usd' ~ '^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]{{1,3}})?$'
+     THEN CASE WHEN (t.config->>'budget_usd')::numeric <= {MAX_BUDGET_USD}
+               THEN (t.config->>'budget_usd')::numeric END END"""
 
 
 def _filters(first: int) -> str:

@@ -204,12 +204,23 @@ _AGE = re.compile(r"^(\d+)([dhm])$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
+MAX_AGE = timedelta(days=36_500)
+"""The oldest age ``parse_age`` takes (100 years): PostgreSQL's timestamps end where now()
+minus far larger ones would fall (``timestamp out of range``)."""
+
+
 def parse_age(text: str) -> timedelta:
     """``90d``, ``12h`` or ``30m`` as a timedelta."""
     match = _AGE.match(text.strip())
     if match is None:
         raise ConfigError(f"{text!r} is not an age: use a number and d, h or m, e.g. 90d")
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        age = timedelta(**{_UNITS[match[2]]: int(match[1])})
+    except OverflowError:  # past timedelta's own range: older than MAX_AGE too
+        age = timedelta.max
+    if age > MAX_AGE:
+        raise ConfigError(f"{text!r} is older than anything kept: give at most {MAX_AGE.days}d")
+    return age
 
 
 async def prune_content(pool: asyncpg.Pool, older_than: timedelta) -> int:

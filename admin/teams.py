@@ -35,6 +35,7 @@ from queuegate.registry import (
     get_team,
     list_teams,
     set_team_config,
+    stored_config,
 )
 from queuegate.services import REDIS_CHECK_WAIT
 from queuegate.settings import Settings
@@ -539,30 +540,43 @@ async def details(settings: Settings, name: str) -> tuple[Team, TeamSecurity]:
     finally:
         await pool.close()
     if team is None:
-        raise ConfigError(f"no team named {name}: list them with queuegate teams list")
+        raise _no_team(name)
     return team, security
+
+
+def _no_team(name: str) -> ConfigError:
+    return ConfigError(f"no team named {name}: list them with queuegate teams list")
 
 
 async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> TeamConfig:
     """Merge ``changes`` (None clears a field) into the team's config, store it, and apply its
     queue quota as a broker policy (a queue's own arguments cannot change once declared).
 
+    Merged into the config as stored, so a row no longer valid (a bound added since it was
+    written) is repaired by changing or clearing the field the error names.
     Running workers and front doors are told the rest when it commits (``set_team_config``).
     """
-    team = await show(settings, name)
-    merged = team.config.model_dump() | changes
-    try:
-        config = TeamConfig.model_validate(merged)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"team {name}: {field}: {first['msg']}") from None
-    # Ledgers a budget starts to hold the team to: while it had none, nothing kept them
-    # (no reserve, no settle, no reconciliation), so they are brought up to date at once.
-    before = ledger_scopes(name, team.config)
-    fresh = [scope for scope in ledger_scopes(name, config) if scope not in before]
     pool = await create_pool(settings)
     try:
+        stored = await stored_config(pool, name)
+        if stored is None:
+            raise _no_team(name)
+        try:
+            config = TeamConfig.model_validate(stored | changes)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise ConfigError(
+                f"team {name}: {field}: {first['msg']}: give another value "
+                f"(or clear it: --unset {field.split('.')[0]})"
+            ) from None
+        try:
+            before = ledger_scopes(name, TeamConfig.model_validate(stored))
+        except ValidationError:
+            before = []  # workers skip an invalid row: it held no ledger
+        # Ledgers a budget starts to hold the team to: while it had none, nothing kept them
+        # (no reserve, no settle, no reconciliation), so they are brought up to date at once.
+        fresh = [scope for scope in ledger_scopes(name, config) if scope not in before]
         await set_team_config(pool, name, config)
         user = (await get_security(pool, name)).broker_user
         if fresh:

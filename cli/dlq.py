@@ -40,7 +40,7 @@ ReasonFilter = Annotated[
 
 @dlq_app.command("list")
 def dlq_list(
-    limit: Annotated[int, typer.Option(help="Show at most this many, oldest first.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, oldest first.")] = 100,
     team: TeamFilter = None,
     reason: ReasonFilter = None,
     wide: Annotated[bool, typer.Option("--wide", help="Also deaths, size and detail.")] = False,

@@ -95,6 +95,11 @@ def _one_line(exc: Exception) -> str | None:
             f"the RabbitMQ management API failed ({type(exc).__name__}: {first}): check that "
             "it answers at QUEUEGATE_MANAGEMENT_URL"
         )
+    if isinstance(exc, asyncpg.DataError):  # a value given, not the schema or the service
+        return (
+            f"PostgreSQL refused a value ({type(exc).__name__}: {first}): give the option "
+            "that holds it a value in range"
+        )
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
         return (
             f"PostgreSQL refused the request ({type(exc).__name__}: {first}): run queuegate "

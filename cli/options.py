@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from datetime import date
 from typing import Annotated, Any
@@ -19,7 +20,29 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def split_teams(teams: str | None) -> list[str] | None:
-    return [t.strip() for t in teams.split(",") if t.strip()] if teams else None
+    """``--teams a,b``'s names, each checked as ``teams add`` checks one."""
+    from queuegate.errors import ConfigError
+    from queuegate.registry import check_team_name
+
+    names = [t.strip() for t in teams.split(",") if t.strip()] if teams else None
+    try:
+        return None if names is None else [check_team_name(name) for name in names]
+    except ConfigError as exc:
+        raise typer.BadParameter(f"--teams: {exc}") from None
+
+
+def finite(value: float | None) -> float | None:
+    """A float option's callback: nan and inf are no amount of anything."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number: give a finite one")
+    return value
+
+
+def seconds(value: float) -> float:
+    """A duration option's callback: a finite number of seconds above zero."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value}: give a number of seconds above 0, e.g. 60")
+    return value
 
 
 def parse_month(text: str | None) -> date:

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 
 from cli.console import err, out, print_table
-from cli.options import make_settings, parse_month, split_teams
+from cli.options import finite, make_settings, parse_month, split_teams
 from queuegate.errors import ServiceUnavailable
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
@@ -106,7 +106,9 @@ def status(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    interval: Annotated[
+        float, typer.Option(min=0.2, callback=finite, help="Seconds between refreshes.")
+    ] = 2.0,
     wide: Annotated[
         bool, typer.Option("--wide", help="Also errors per second and the p50 wait.")
     ] = False,
@@ -228,7 +230,7 @@ def deployments(
             ]
         # TimeoutError, the wait passed, is an OSError.
         except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(redis_unreachable(settings)) from exc
+            raise ServiceUnavailable(redis_unreachable(settings, cause=exc)) from exc
         finally:
             await client.aclose()
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from cli.console import out
-from cli.options import LogLevel, make_settings, split_teams
+from cli.options import LogLevel, finite, make_settings, split_teams
 from queuegate import tracing
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
@@ -157,10 +157,16 @@ def migrate() -> None:
 def mock_provider(
     host: str = "127.0.0.1",
     port: int = 8089,
-    latency_ms: Annotated[float, typer.Option(help="Added to every call.")] = 0.0,
-    error_rate: Annotated[float, typer.Option(help="Fraction of calls that fail.")] = 0.0,
+    latency_ms: Annotated[
+        float, typer.Option(min=0, callback=finite, help="Added to every call.")
+    ] = 0.0,
+    error_rate: Annotated[
+        float, typer.Option(min=0, max=1, callback=finite, help="Fraction of calls that fail.")
+    ] = 0.0,
     error_status: Annotated[int, typer.Option(help="HTTP status of injected failures.")] = 500,
-    timeout_rate: Annotated[float, typer.Option(help="Fraction of calls that hang.")] = 0.0,
+    timeout_rate: Annotated[
+        float, typer.Option(min=0, max=1, callback=finite, help="Fraction of calls that hang.")
+    ] = 0.0,
     rate_limit_rpm: Annotated[
         int | None, typer.Option(help="Requests/min before answering 429.")
     ] = None,
@@ -169,7 +175,11 @@ def mock_provider(
     ] = None,
     retry_after: Annotated[
         float | None,
-        typer.Option(help="Retry-After of those 429s, s (default: until the limit admits one)."),
+        typer.Option(
+            min=0,
+            callback=finite,
+            help="Retry-After of those 429s, s (default: until the limit admits one).",
+        ),
     ] = None,
     fail_model: Annotated[
         list[str] | None,

@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 
 from cli.console import err, out
-from cli.options import make_settings, read_password
+from cli.options import make_settings, read_password, seconds
+from queuegate.messages import MAX_OUTPUT_TOKENS
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
 from queuegate.tables import visible
@@ -27,8 +28,12 @@ def submit(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     team: Annotated[str, typer.Option(help="The team the job is for.")],
     model: Annotated[str, typer.Option(help="A model alias from the catalog.")] = "gpt-4o-mini",
-    max_tokens: Annotated[int | None, typer.Option()] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60.0,
+    max_tokens: Annotated[
+        int | None, typer.Option(help=f"Output tokens at most, 1 to {MAX_OUTPUT_TOKENS:,}.")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(callback=seconds, help="Seconds to wait for the result.")
+    ] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
     user: Annotated[
         str | None,
@@ -73,7 +78,7 @@ def submit(
         raise typer.BadParameter("--user needs a password: QUEUEGATE_TEAM_PASSWORD or stdin")
 
     client = GatewayClient(settings, team=team, api_key=api_key)
-    params: dict[str, Any] = {"max_tokens": max_tokens} if max_tokens else {}
+    params: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
     # Built first: a job the gateway would refuse is told before anything connects.
     job = client.job(model, [{"role": "user", "content": prompt}], **params)
 

@@ -161,7 +161,8 @@ def teams_set(
         typer.Option(help="Parameters a provider cannot take: refuse (the default) or drop."),
     ] = None,
     unset: Annotated[
-        list[str] | None, typer.Option(help="A field to clear (e.g. rpm, budget_usd).")
+        list[str] | None,
+        typer.Option(help="Fields to clear, repeatable or comma-separated (e.g. rpm,budget_usd)."),
     ] = None,
 ) -> None:
     """Change a team's limits, budget, queue quota, broker user limits, cache default or
@@ -188,7 +189,7 @@ def teams_set(
         }.items()
         if v is not None
     }
-    changes |= dict.fromkeys(unset or [])
+    changes |= _cleared(unset or [])
     if model:
         limits = _model_limits(model)
         _check_aliases(settings, [alias for alias, fields in limits.items() if fields])
@@ -197,6 +198,20 @@ def teams_set(
         changes["models"] = {k: v for k, v in changes["models"].items() if v}
     config = run(lambda: configure(settings, name, changes))
     out.print(f"team {name}: {config.model_dump_json(exclude_defaults=True)}", highlight=False)
+
+
+def _cleared(fields: list[str]) -> dict[str, Any]:
+    """``--unset`` values as changes: each field back to its default (None: no limit)."""
+    from queuegate.registry import TeamConfig
+
+    names = [name.strip() for value in fields for name in value.split(",") if name.strip()]
+    known = TeamConfig.model_fields
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise typer.BadParameter(
+            f"--unset {', '.join(unknown)}: no such field; use one of {', '.join(known)}"
+        )
+    return {name: known[name].get_default(call_default_factory=True) for name in names}
 
 
 _SIZE = re.compile(r"(\d+)\s*(|B|KiB|MiB|GiB)", re.IGNORECASE)
@@ -215,7 +230,12 @@ def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
     limits: dict[str, dict[str, str]] = {}
     names = {"rpm": "rpm", "tpm": "tpm", "burst": "burst", "budget": "budget_usd"}
     for spec in specs:
-        alias, _, rest = spec.partition(":")
+        alias, colon, rest = spec.partition(":")
+        if not colon:
+            raise typer.BadParameter(
+                f"{spec!r} sets no limit: use {alias}:rpm=N,tpm=N,burst=N,budget=USD "
+                f"(any of them), or {alias}: to clear the alias's limits"
+            )
         fields: dict[str, str] = {}
         for pair in filter(None, rest.split(",")):
             key, _, value = pair.partition("=")

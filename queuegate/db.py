@@ -91,7 +91,7 @@ async def create_pool(
             reset=None if reset_sessions else _keep_session,
         )
     except _CONNECT_ERRORS as exc:
-        raise ServiceUnavailable(database_unreachable(settings)) from exc
+        raise ServiceUnavailable(database_unreachable(settings, exc)) from exc
     try:
         # Also the first connection when min_size is 0: a wrong URL fails here, not later.
         async with pool.acquire() as conn, conn.transaction():
@@ -99,7 +99,7 @@ async def create_pool(
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     except _CONNECT_ERRORS as exc:
         await pool.close()
-        raise ServiceUnavailable(database_unreachable(settings)) from exc
+        raise ServiceUnavailable(database_unreachable(settings, exc)) from exc
     except BaseException:
         await pool.close()
         raise
@@ -136,13 +136,25 @@ async def wait_for_pool(
         delay = min(delay * 2, START_RETRY_MAX)
 
 
-def database_unreachable(settings: Settings) -> str:
-    """The one line that says PostgreSQL did not answer and where it was looked for (no
-    password)."""
-    return (
-        f"PostgreSQL is not reachable at {redact_url(settings.database_url)}: "
-        "start it or set QUEUEGATE_DATABASE_URL"
-    )
+def database_unreachable(
+    settings: Settings, cause: BaseException | None = None, how: str = "start it"
+) -> str:
+    """The one line that says PostgreSQL did not answer, where it was looked for (no
+    password) and what to do (``how``: how to start it); or, when ``cause`` says it
+    answered, what it refused: the credentials, or a database it does not have (starting it
+    again would help neither)."""
+    url = redact_url(settings.database_url)
+    if isinstance(cause, asyncpg.InvalidCatalogNameError):
+        return (
+            f"PostgreSQL at {url} answered: {cause}: create it (createdb NAME) or name an "
+            "existing one in QUEUEGATE_DATABASE_URL"
+        )
+    if isinstance(cause, asyncpg.InvalidAuthorizationSpecificationError):
+        return (
+            f"PostgreSQL at {url} refused the credentials ({cause}): set the right user and "
+            "password in QUEUEGATE_DATABASE_URL"
+        )
+    return f"PostgreSQL is not reachable at {url}: {how} or set QUEUEGATE_DATABASE_URL"
 
 
 def quote_ident(name: str) -> str:

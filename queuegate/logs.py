@@ -11,6 +11,7 @@ out of log lines (keys scrubbed from provider errors, passwords from URLs) is ke
 from __future__ import annotations
 
 import logging
+import math
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -65,3 +66,37 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return orjson.dumps(line).decode().translate(_UNICODE_BREAKS)
+
+
+OUTAGE_GAP = 150.0
+"""Seconds without a failed reconnect after which the next starts a new outage: asyncpg
+retries at 1, 2, 4... s up to 60, each after a connect that may take its own timeout."""
+
+
+class PoolRetries(logging.Filter):
+    """One line per PostgreSQL outage where asyncpg's pool logs five or more.
+
+    The pool logs every failed attempt to restore its floor of connections with a 28-line
+    traceback, in every process that holds one. The first failure passes as one line with
+    its cause (no URL: asyncpg names host and port only); those that follow it within
+    ``OUTAGE_GAP`` are dropped. ``queuegate.runtime.configure_logging`` installs it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Failed to restore the pool connection floor"):
+            return True
+        first = record.created - self._last > OUTAGE_GAP
+        self._last = record.created
+        if first:
+            cause = record.exc_info[1] if record.exc_info else None
+            record.msg = (
+                "PostgreSQL connections lost (%s): the pool reconnects in the background, "
+                "retrying at most every 60 s; no more lines until it has been quiet for %.0f s"
+            )
+            record.args = (f"{type(cause).__name__}: {cause}", OUTAGE_GAP)
+            record.exc_info, record.exc_text = None, None
+        return first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Annotated
 
@@ -21,14 +22,29 @@ USD_PLACES = 6
 """Decimals a table shows of a USD amount at least, so a column's points line up."""
 
 
-def usd_text(value: Decimal | float) -> str:
+def usd_text(value: Decimal | float, places: int | None = None) -> str:
     """A USD amount as tables and the CLI show it: thousands grouped, at least ``USD_PLACES``
     decimals, and every significant one past them: ``1,234.500000``, ``0.00000039`` (never
-    ``0.000000``, which reads as free, nor ``3.9e-07``)."""
-    amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    exponent = amount.normalize().as_tuple().exponent
-    places = max(USD_PLACES, -exponent) if isinstance(exponent, int) else USD_PLACES
-    return f"{amount:,.{places}f}"
+    ``0.000000``, which reads as free, nor ``3.9e-07``). ``places``: a column's, from
+    ``usd_places`` over its cells, so that one column has one format."""
+    amount = _decimal(value)
+    return f"{amount:,.{usd_places([amount]) if places is None else places}f}"
+
+
+def usd_places(values: Iterable[Decimal | float | None], least: int = USD_PLACES) -> int:
+    """Decimals that show each of ``values`` whole (None: an empty cell), ``least`` at least:
+    a column of amounts in one format, its points in line. A column of budgets, which people
+    set in round amounts, takes ``least=0``: ``50,000``, not ``50,000.000000``."""
+    places = least
+    for value in values:
+        if value is not None:
+            exponent = _decimal(value).normalize().as_tuple().exponent
+            places = max(places, -exponent) if isinstance(exponent, int) else places
+    return places
+
+
+def _decimal(value: Decimal | float) -> Decimal:
+    return value if isinstance(value, Decimal) else Decimal(str(value))
 
 
 Money = Annotated[Decimal, PlainSerializer(plain_decimal, return_type=str, when_used="json")]

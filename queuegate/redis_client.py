@@ -20,7 +20,11 @@ from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_ur
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    RedisError,
+)
 
 from queuegate.urls import redact_url
 
@@ -169,9 +173,17 @@ def redis_connection(url: str) -> object:
     return connection
 
 
-def redis_unreachable(settings: Settings, how: str = "start it") -> str:
+def redis_unreachable(
+    settings: Settings, how: str = "start it", cause: BaseException | None = None
+) -> str:
     """The one line that says Redis did not answer, where it was looked for, and what to do
-    (``how``: how to start it, when it is local)."""
+    (``how``: how to start it, when it is local); or, when ``cause`` says Redis answered and
+    refused the credentials, that (starting it again would not help)."""
+    if isinstance(cause, AuthenticationError | AuthenticationWrongNumberOfArgsError):
+        return (
+            f"Redis at {redact_url(settings.redis_url)} refused the credentials ({cause}): "
+            "set the right user and password in QUEUEGATE_REDIS_URL"
+        )
     if settings.redis_sentinels:
         return (
             f"Redis primary {settings.redis_master_name!r} is not reachable through the "

@@ -12,13 +12,14 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from decimal import Decimal
+from typing import Annotated, Any
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from queuegate.errors import ConfigError
-from queuegate.messages import UnsupportedParams
+from queuegate.messages import MAX_OUTPUT_TOKENS, UnsupportedParams
 from queuegate.numbers import Money
 from queuegate.registry_changes import NOTIFY
 
@@ -31,6 +32,22 @@ BURST_SECONDS = 5
 """Seconds of its rpm a team bucket holds unless its ``burst`` says otherwise: a provider
 counts its limit over any minute, so a bucket holding a full minute would let twice the
 limit through a window that starts on a full bucket (after a start or a long idle)."""
+
+
+MAX_PER_MINUTE = 10**12
+"""The most an rpm, tpm or burst may be: far above any provider's limit, and far below 2^53,
+the largest whole number the buckets' Lua (doubles) counts exactly."""
+MAX_BUDGET_USD = Decimal(10**9)
+"""The largest budget: larger is a typo, and would not fit the ledgers' or reports' numbers."""
+BUDGET_PLACES = 10
+"""Decimals a budget may have: usage_log's ``cost_usd`` keeps as many."""
+MAX_COUNT = 10**9
+"""The most jobs a queue, or connections and channels a broker user, may be allowed."""
+MAX_BYTES = 2**50
+"""The most bytes (1 PiB) a queue or a team's file storage may be allowed."""
+
+Rate = Annotated[int, Field(ge=1, le=MAX_PER_MINUTE)]
+Budget = Annotated[Money, Field(ge=0, le=MAX_BUDGET_USD, decimal_places=BUDGET_PLACES)]
 
 
 def default_burst(rpm: int) -> int:
@@ -52,11 +69,11 @@ class ModelLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    burst: int | None = Field(default=None, ge=1)
+    rpm: Rate | None = None
+    tpm: Rate | None = None
+    burst: Rate | None = None
     """Requests its bucket holds; ``default_burst(rpm)`` when unset."""
-    budget_usd: Money | None = Field(default=None, ge=0)
+    budget_usd: Budget | None = None
     """Monthly cap on what the team spends on this alias (requested, fallbacks included)."""
 
 
@@ -69,33 +86,33 @@ class TeamConfig(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    rpm: int | None = Field(default=None, ge=1)
+    rpm: Rate | None = None
     """Requests per minute across all the team's models."""
-    tpm: int | None = Field(default=None, ge=1)
+    tpm: Rate | None = None
     """Tokens (prompt + output) per minute across all the team's models."""
-    burst: int | None = Field(default=None, ge=1)
+    burst: Rate | None = None
     """Requests the team's bucket holds, so at most ``rpm + burst`` start in any 60 s;
     ``default_burst(rpm)`` (five seconds of the rate) when unset."""
     models: dict[str, ModelLimits] = Field(default_factory=dict)
     """Per-alias limits and budget caps."""
-    budget_usd: Money | None = Field(default=None, ge=0)
+    budget_usd: Budget | None = None
     """Monthly budget (UTC calendar month); jobs beyond it are answered ``budget_exhausted``."""
     alert_threshold: float = Field(default=0.8, gt=0, le=1)
     """Fraction of the budget whose crossing emits one alert per month."""
-    max_queue_length: int | None = Field(default=None, ge=1)
+    max_queue_length: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     """Jobs the team's queue holds before the broker refuses more (the producer's QueueFull)."""
-    max_queue_bytes: int | None = Field(default=None, ge=1024)
+    max_queue_bytes: int | None = Field(default=None, ge=1024, le=MAX_BYTES)
     """Bytes of job bodies the team's queue holds before the broker refuses more (the
     producer's QueueFull); the gateway default (``QUEUEGATE_MAX_QUEUE_BYTES``) if unset."""
-    expected_output_tokens: int | None = Field(default=None, ge=1)
+    expected_output_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     """Output tokens reserved for a job without ``max_tokens``; the gateway default if unset."""
     cache: bool = False
     """Whether the team's jobs use the response cache when they do not say (``ChatJob.cache``)."""
-    max_connections: int | None = Field(default=None, ge=1)
+    max_connections: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     """Connections the team's broker user may hold at once; the gateway default if unset."""
-    max_channels: int | None = Field(default=None, ge=1)
+    max_channels: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     """Channels the team's broker user may hold at once, over all its connections."""
-    file_storage_bytes: int | None = Field(default=None, ge=0)
+    file_storage_bytes: int | None = Field(default=None, ge=0, le=MAX_BYTES)
     """Bytes of files the team may keep stored for its batches over HTTP; the gateway
     default if unset."""
     unsupported_params: UnsupportedParams | None = None
@@ -114,7 +131,9 @@ def parse_config(name: str, raw: Any) -> TeamConfig:
     try:
         return TeamConfig.model_validate(raw or {})
     except ValidationError as exc:
-        raise ConfigError(f"team {name!r} has an invalid config: {exc.errors()[0]['msg']}") from exc
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"team {name!r} has an invalid config: {field}: {first['msg']}") from exc
 
 
 def _log_invalid(name: str, error: ConfigError) -> None:
@@ -150,6 +169,15 @@ async def get_team(pool: asyncpg.Pool, name: str) -> Team | None:
     if row is None:
         return None
     return Team(name=row["name"], enabled=row["enabled"], config=parse_config(name, row["config"]))
+
+
+async def stored_config(pool: asyncpg.Pool, name: str) -> dict[str, Any] | None:
+    """The team's config as stored, unchecked (None: no such team), for ``teams set`` to
+    repair a row ``parse_config`` refuses: one written before a bound existed."""
+    raw: Any = await pool.fetchval(
+        "SELECT config FROM teams WHERE name = $1", check_team_name(name)
+    )
+    return None if raw is None else dict(raw)
 
 
 async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> bool:

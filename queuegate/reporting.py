@@ -20,7 +20,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from queuegate.numbers import plain_decimal, usd_text
+from queuegate.numbers import USD_PLACES, plain_decimal, usd_places, usd_text
 from queuegate.tables import add_number_column, add_text_column, compact_table, fit, visible
 
 if TYPE_CHECKING:  # the usage command needs no broker or Redis client
@@ -105,8 +105,13 @@ def table(
             add_number_column(out, header)
         else:
             add_text_column(out, header)
+    places = {
+        name: usd_places((row[name] for row in shown), 0 if name == "budget_usd" else USD_PLACES)
+        for name in _MONEY
+        if name in shown[0]
+    }
     for row in shown:
-        out.add_row(*(_cell(name, value) for name, value in row.items()))
+        out.add_row(*(_cell(value, places.get(name)) for name, value in row.items()))
     return fit(out)
 
 
@@ -122,7 +127,9 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     headers += ["err/s", "p50 wait"] if wide else []
     headers += ["p99 wait", "bucket", "spend", "budget"]
     for name in headers:
-        add_number_column(teams, name)
+        add_number_column(teams, name, long=name in ("spend", "budget"))
+    spend = usd_places(t.spend_usd for t in status.teams)
+    budget = usd_places((t.budget_usd for t in status.teams), least=0)
     for t in status.teams:
         cells = [
             t.team,
@@ -137,8 +144,8 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
         cells += [
             _ms(t.wait_p99_ms),
             "-" if t.bucket_fill is None else f"{t.bucket_fill:.0%}",
-            f"${t.spend_usd:,.4f}",
-            unknown if t.budget_usd is None else f"${t.budget_usd.normalize():,f}",
+            f"${usd_text(t.spend_usd, spend)}",
+            unknown if t.budget_usd is None else f"${usd_text(t.budget_usd, budget)}",
         ]
         teams.add_row(*cells)
     if not status.teams:
@@ -189,11 +196,12 @@ def _ms(value: float | None) -> str:
     return f"{value:,.0f} ms" if value < 10_000 else f"{value / 1000:,.1f} s"
 
 
-def _cell(name: str, value: Any) -> str:
+def _cell(value: Any, places: int | None) -> str:
+    """``places``: the decimals of a money column (``usd_places``); None for any other."""
     if value is None:
         return "-"
-    if name in _MONEY:
-        return usd_text(value)
+    if places is not None:
+        return usd_text(value, places)
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)

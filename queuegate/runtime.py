@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-from queuegate.logs import JsonFormatter, TextFormatter
+from queuegate.logs import JsonFormatter, PoolRetries, TextFormatter
 
 T = TypeVar("T")
 
@@ -160,3 +160,6 @@ def configure_logging(
         handler.setFormatter(formatter)
     for name in ("aio_pika", "aiormq", "httpx"):
         logging.getLogger(name).setLevel(libraries)
+    pool = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, PoolRetries) for f in pool.filters):
+        pool.addFilter(PoolRetries())

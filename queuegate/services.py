@@ -10,11 +10,11 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from queuegate.broker import connect
+from queuegate.db import database_unreachable
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.settings import Settings
-from queuegate.urls import redact_url
 
 Service = Literal["amqp", "redis", "database"]
 """A service by the name of its setting (``QUEUEGATE_<NAME>_URL``)."""
@@ -41,7 +41,7 @@ async def check_redis(settings: Settings, *, within: float = REDIS_CHECK_WAIT) -
     # TimeoutError, the wait passed, is an OSError.
     except (RedisError, OSError) as exc:
         how = "start it (redis-server --daemonize yes)"
-        raise ServiceUnavailable(redis_unreachable(settings, how)) from exc
+        raise ServiceUnavailable(redis_unreachable(settings, how, exc)) from exc
     finally:
         await client.aclose()
 
@@ -50,10 +50,8 @@ async def check_database(settings: Settings) -> None:
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
-        raise ServiceUnavailable(
-            f"PostgreSQL is not reachable at {redact_url(settings.database_url)}: start it "
-            "(pg_ctlcluster <version> main start) or set QUEUEGATE_DATABASE_URL"
-        ) from exc
+        how = "start it (pg_ctlcluster <version> main start)"
+        raise ServiceUnavailable(database_unreachable(settings, exc, how)) from exc
     await conn.close()
 
 

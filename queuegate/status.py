@@ -61,7 +61,7 @@ class TeamStatus:
     wait_p99_ms: float | None
     bucket_fill: float | None
     """How full the team's bucket is, 0-1; None until admission control reports it."""
-    spend_usd: float
+    spend_usd: Decimal
     """This month's spend: the team's budget ledger when it has one (reconciled with
     usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates),
     else as the workers saw it since Redis last lost its data."""
@@ -142,7 +142,7 @@ class StatusReader:
             status = await self._read(teams, budgets or {}, deployments)
         # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(redis_unreachable(self._settings)) from exc
+            raise ServiceUnavailable(redis_unreachable(self._settings, cause=exc)) from exc
         return dataclasses.replace(status, reason=stale)
 
     async def _read(
@@ -194,7 +194,7 @@ class StatusReader:
                     bucket_fill=view.bucket_fill.get(team),
                     # The ledger (reconciled with usage_log) when the team has a budget, else
                     # what the workers saw.
-                    spend_usd=float(ledger) if ledger is not None else float(seen or 0),
+                    spend_usd=ledger if ledger is not None else _usd(seen),
                     budget_usd=budgets.get(team),
                 )
             )
@@ -228,6 +228,12 @@ class StatusReader:
             return None, None
         result = declared.declaration_result
         return result.message_count, result.consumer_count
+
+
+def _usd(seen: Any) -> Decimal:
+    """The workers' float sum (INCRBYFLOAT) as the shortest decimal that is that float: the
+    amount they added up, without the binary digits past it."""
+    return Decimal(repr(float(text(seen)))) if seen else Decimal(0)
 
 
 def _counts(flat: Sequence[Any]) -> Counter[str]:

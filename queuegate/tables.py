@@ -18,7 +18,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from queuegate.numbers import plain_decimal, usd_text
+from queuegate.numbers import plain_decimal, usd_places, usd_text
 from queuegate.registry import Team
 
 TEXT_MIN_WIDTH = 12
@@ -73,18 +73,26 @@ def add_text_column(table: Table, header: str) -> None:
     table.add_column(header, overflow="fold")
 
 
-def add_number_column(table: Table, header: str) -> None:
-    """Right-aligned and never wrapped (see ``fit``)."""
-    table.add_column(header, justify="right", no_wrap=True, overflow="fold")
+def add_number_column(table: Table, header: str, *, long: bool = False) -> None:
+    """Right-aligned and never wrapped (see ``fit``); a ``long`` one (money, whose every
+    decimal is shown: up to 24 characters) folds onto a second line, whole, when 80 columns
+    are too few for it, rather than push the table past them."""
+    table.add_column(header, justify="right", no_wrap=not long, overflow="fold")
 
 
 def fit(table: Table) -> Table:
     """Call once the rows are in: number columns keep the width of their widest cell and
-    header, so when 80 columns are too few rich narrows the text columns, never a number."""
+    header, so when 80 columns are too few rich narrows the text columns, never a number;
+    a long number column (``add_number_column``) may narrow to its header, folding."""
     for column in table.columns:
-        widths = [_width(cell) for cell in column.cells]
-        widest = max([Text.from_markup(str(column.header)).cell_len, *widths])
-        column.min_width = widest if column.no_wrap else min(widest, TEXT_MIN_WIDTH)
+        header = Text.from_markup(str(column.header)).cell_len
+        widest = max([header, *(_width(cell) for cell in column.cells)])
+        if column.no_wrap:
+            column.min_width = widest
+        elif column.justify == "right":
+            column.min_width = header
+        else:
+            column.min_width = min(widest, TEXT_MIN_WIDTH)
     return table
 
 
@@ -112,6 +120,7 @@ def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
     table.add_column("team")
     for column in ("requests", "errors", "input tokens", "output tokens", "cost (USD)"):
         table.add_column(column, justify="right")
+    places = usd_places(row.cost_usd for row in rows)
     for row in rows:
         table.add_row(
             row.team,
@@ -119,7 +128,7 @@ def spend_table(rows: Sequence[SpendRow], *, title: str) -> Table:
             f"{row.errors:,}",
             f"{row.input_tokens:,}",
             f"{row.output_tokens:,}",
-            usd_text(row.cost_usd),
+            usd_text(row.cost_usd, places),
         )
     if not rows:
         table.add_row("(no usage)", "", "", "", "", "")

@@ -49,7 +49,7 @@ def test_status_fits_80_columns_with_every_number_whole() -> None:
         wait_p50_ms=1_234.0,
         wait_p99_ms=98_765.0,
         bucket_fill=0.42,
-        spend_usd=1_234.567891,
+        spend_usd=Decimal("1234.567891"),
         budget_usd=Decimal("50000"),
     )
     deployment = DeploymentStatus("openai-main-east-us-2", "half_open", 123.4, 0.0081, 1_234, 12.5)
@@ -60,7 +60,7 @@ def test_status_fits_80_columns_with_every_number_whole() -> None:
 
     # Expect every header and number whole
     _whole(lines, "queued", "cons.", "in fl.", "out/s", "p99 wait", "bucket", "spend", "budget")
-    _whole(lines, "123,456", "1,024", "120.1", "98.8 s", "42%", "$1,234.5679", "$50,000")
+    _whole(lines, "123,456", "1,024", "120.1", "98.8 s", "42%", "$1,234.567891", "$50,000")
     _whole(lines, "openai-main-east-us-2", "half_open", "0.8%", "1,234", "12.5 s")
 
 

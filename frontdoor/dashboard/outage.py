@@ -58,7 +58,7 @@ class Guarded(APIRoute):
             try:
                 return await handler(request)
             except RedisError as exc:
-                raise Unavailable(redis_unreachable(door.settings)) from exc
+                raise Unavailable(redis_unreachable(door.settings, cause=exc)) from exc
             except UNREACHABLE as exc:
                 raise Unavailable(database_unreachable(door.settings)) from exc
             except ServiceUnavailable as exc:

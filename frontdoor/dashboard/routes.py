@@ -39,7 +39,7 @@ from frontdoor.failed_keys import Throttled, client_of
 from frontdoor.service import Door, FrontDoor
 from queuegate.db import DB_ERRORS, UNREACHABLE, database_unreachable
 from queuegate.errors import ConfigError, ServiceUnavailable, UnknownTeam
-from queuegate.registry import get_team, list_teams
+from queuegate.registry import TEAM_NAME, get_team, list_teams
 from queuegate.reporting import to_json
 from queuegate.status import status_record
 
@@ -55,7 +55,8 @@ be too thin to read; the table below it lists every team."""
 
 
 class Refused(Exception):
-    """A page the session may not see (403), or that does not exist (404)."""
+    """A page the session may not see (403), that does not exist (404), or whose team's
+    stored config is invalid (409)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -389,10 +390,14 @@ async def _readable(door: FrontDoor, session: Session, team: str) -> Any:
     (whether that team exists or not), 404 for an administrator naming no team."""
     if not session.may_read(team):
         raise Refused(403, "A team's session reads its own team only.")
+    if not TEAM_NAME.fullmatch(team):
+        raise Refused(404, f"No team named {team}.")
     try:
         registered = await get_team(door.pool, team)
-    except ConfigError:
-        registered = None
+    except ConfigError as exc:
+        # A row stored before its bounds existed: workers skip it (list_teams), and so does
+        # this page, saying why instead of failing or calling the team missing.
+        raise Refused(409, f"{exc}: correct it with queuegate teams set {team}.") from None
     if registered is None:
         raise Refused(404, f"No team named {team}.")
     return registered

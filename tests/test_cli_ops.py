@@ -1,0 +1,267 @@
+"""What an operator's mistakes get from the ``queuegate`` command: one line that says what to
+do, nothing stored, no traceback; and money shown exactly whatever a team spent."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import httpx
+
+from admin.keys import issue_admin_key
+from admin.teams import add
+from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.redis_client import redis_for
+from queuegate.registry import TeamConfig
+from queuegate.reporting import table
+from queuegate.runtime import configure_logging
+from queuegate.settings import Settings
+from tests.dashboard_browser import signed_in
+from tests.frontdoor_support import open_door
+from tests.proxy import TcpProxy
+
+HUGE = "1" + "0" * 400
+"""What ``--budget 1e400`` was stored as before budgets had a bound."""
+
+
+async def _cli(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
+    """``queuegate ARGS`` run as an operator runs it, in the test's namespace and schema."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args,
+        env={
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "COLUMNS": "80",
+            **env,
+        },
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def _stored(settings: Settings, team: str) -> dict[str, object]:
+    """The team's config as stored, without the fields that hold their defaults."""
+    async with await create_pool(settings) as pool:
+        raw = dict(await pool.fetchval("SELECT config FROM teams WHERE name = $1", team))
+    defaults = TeamConfig().model_dump(mode="json")
+    return {field: value for field, value in raw.items() if defaults.get(field, ...) != value}
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+async def test_absurd_limits_are_refused_in_one_line_and_nothing_is_stored(
+    settings: Settings,
+) -> None:
+    # Given a team with a budget
+    await add(settings, "alpha", identity="queue")
+    assert (await _cli(settings, "teams", "set", "alpha", "--budget", "5"))[0] == 0
+    for option, value, field in [
+        ("--budget", "1e400", "budget_usd"),
+        ("--budget", "0.00000000001", "budget_usd"),
+        ("--rpm", "99999999999999999999999", "rpm"),
+        ("--tpm", "99999999999999999999999", "tpm"),
+        ("--max-queue", "99999999999999999999999", "max_queue_length"),
+        ("--model", "gpt-4o-mini:budget=1e400", "models.gpt-4o-mini.budget_usd"),
+    ]:
+        # When an operator sets a value no gateway means
+        code, _, stderr = await _cli(settings, "teams", "set", "alpha", option, value)
+        # Expect one line naming the field, and the stored config as it was
+        assert code == 1, (option, value)
+        assert f"team alpha: {field}:" in _one_error_line(stderr)
+        assert await _stored(settings, "alpha") == {"budget_usd": "5"}
+
+
+async def test_a_row_stored_out_of_bounds_is_repaired_with_teams_set(settings: Settings) -> None:
+    # Given a budget stored by a version that had no bound
+    await add(settings, "alpha", identity="queue")
+    async with await create_pool(settings) as pool:
+        await pool.execute(
+            "UPDATE teams SET config = jsonb_build_object('budget_usd', $1::text, 'rpm', 60)"
+            " WHERE name = 'alpha'",
+            HUGE,
+        )
+    # When another field is set, then the bad one cleared
+    kept = await _cli(settings, "teams", "set", "alpha", "--rpm", "120")
+    cleared = await _cli(settings, "teams", "set", "alpha", "--unset", "budget_usd", "--rpm", "90")
+    # Expect the first refused, naming the field and how to clear it; the second to repair it
+    assert kept[0] == 1 and "--unset budget_usd" in _one_error_line(kept[2])
+    assert cleared[0] == 0, cleared[2]
+    assert await _stored(settings, "alpha") == {"rpm": 90}
+
+
+async def test_unset_refuses_unknown_fields_and_takes_a_list(settings: Settings) -> None:
+    await add(settings, "alpha", identity="queue")
+    await _cli(settings, "teams", "set", "alpha", "--rpm", "60", "--budget", "5", "--tpm", "9000")
+    # When a field is named as the option is (budget), not as the config is (budget_usd)
+    code, _, stderr = await _cli(settings, "teams", "set", "alpha", "--unset", "budget")
+    # Expect it refused, naming the valid fields, and nothing changed
+    assert code == 2 and "--unset budget: no such field" in stderr and "budget_usd" in stderr
+    assert await _stored(settings, "alpha") == {"rpm": 60, "tpm": 9000, "budget_usd": "5"}
+    # When two are cleared at once
+    code, _, stderr = await _cli(settings, "teams", "set", "alpha", "--unset", "rpm,budget_usd")
+    # Expect both cleared
+    assert code == 0, stderr
+    assert await _stored(settings, "alpha") == {"tpm": 9000}
+
+
+async def test_a_model_given_without_limits_is_refused(settings: Settings) -> None:
+    await add(settings, "alpha", identity="queue")
+    code, _, stderr = await _cli(settings, "teams", "set", "alpha", "--model", "gpt-4o-mini")
+    assert code == 2 and "sets no limit" in stderr and "gpt-4o-mini:" in stderr
+    assert await _stored(settings, "alpha") == {}
+
+
+async def test_bad_names_and_numbers_are_refused_without_a_traceback(settings: Settings) -> None:
+    for args in [
+        ("status", "--teams", "a!"),
+        ("status", "--teams", "a" * 300),
+        ("submit", "--team", "gamma", "--timeout", "nan", "x"),
+        ("submit", "--team", "gamma", "--timeout", "-1", "x"),
+        ("status", "--interval", "inf"),
+        ("mock-provider", "--error-rate", "nan"),
+        ("dlq", "list", "--limit", "-1"),
+    ]:
+        code, _, stderr = await _cli(settings, *args)
+        assert code == 2, args
+        assert "Traceback" not in stderr and "Invalid value" in stderr, args
+
+
+async def test_submit_refuses_max_tokens_0_before_publishing(settings: Settings) -> None:
+    # No worker runs: a job published would wait out the timeout, not be refused.
+    code, _, stderr = await _cli(
+        settings, "submit", "--team", "alpha", "--max-tokens", "0", "--timeout", "5", "x"
+    )
+    assert code == 1
+    assert "invalid max_tokens: Input should be greater than or equal to 1" in _one_error_line(
+        stderr
+    )
+
+
+async def test_status_shows_spend_exactly_in_its_table_and_json(settings: Settings) -> None:
+    # Given a team that spent $0.00000075 against a $0.0000001 budget
+    await add(settings, "alpha", identity="queue")
+    assert (await _cli(settings, "teams", "set", "alpha", "--budget", "0.0000001"))[0] == 0
+    month = datetime.now(UTC).strftime("%Y-%m")
+    client = redis_for(settings)
+    try:
+        # (its ledger, in nano-USD, which status reads for a team with a budget)
+        await client.hset(Keys(settings.redis_prefix).spend("alpha", month), "base", 750)
+        # When status is asked for, as JSON and as a table
+        code, out, stderr = await _cli(settings, "status", "--teams", "alpha", "--json")
+        shown = await _cli(settings, "status", "--teams", "alpha")
+    finally:
+        await client.delete(Keys(settings.redis_prefix).spend("alpha", month))
+        await client.aclose()
+    # Expect both amounts as plain decimal strings, and the table showing the spend whole
+    assert code == 0, stderr
+    [team] = json.loads(out)["teams"]
+    assert (team["spend_usd"], team["budget_usd"]) == ("0.00000075", "0.0000001")
+    row = next(line for line in shown[1].splitlines() if line.startswith("alpha"))
+    assert row.split()[-2:] == ["$0.00000075", "$0.0000001"]
+
+
+def test_a_money_column_has_one_number_of_decimals() -> None:
+    rows = [
+        {"team": "a", "cost_usd": Decimal("0.00000039"), "budget_usd": Decimal(1)},
+        {"team": "b", "cost_usd": Decimal("0.5"), "budget_usd": Decimal("2.5")},
+    ]
+    rendered = table(rows, title="usage", wide=True)
+    cost, budget = rendered.columns[1], rendered.columns[2]
+    assert [str(c) for c in cost.cells] == ["0.00000039", "0.50000000"]
+    assert [str(c) for c in budget.cells] == ["1.0", "2.5"]
+
+
+async def test_a_stored_absurd_budget_fails_no_dashboard_page(settings: Settings) -> None:
+    # Given a budget of 401 digits stored by a version that had no bound
+    async with open_door(settings, {"alpha": TeamConfig()}) as door:
+        await door.gateway.pool.execute(
+            "UPDATE teams SET config = jsonb_build_object('budget_usd', $1::text)"
+            " WHERE name = 'alpha'",
+            HUGE,
+        )
+        admin = await issue_admin_key(door.gateway.pool, "ops")
+        async with httpx.AsyncClient(base_url=door.url) as client:
+            await signed_in(client, admin.key)
+            # When an administrator opens the overview and the team's page
+            overview = await client.get("/dashboard")
+            page = await client.get("/dashboard/teams/alpha")
+        # Expect the overview, without that budget, and the page saying what to correct
+        assert overview.status_code == 200
+        assert page.status_code == 409
+        assert "budget_usd" in page.text and "queuegate teams set alpha" in page.text
+
+
+async def test_errors_name_the_real_cause(settings: Settings) -> None:
+    wrong_password = await _cli(
+        settings, "status", "--teams", "alpha", QUEUEGATE_REDIS_URL="redis://bob:wr0ng@127.0.0.1/0"
+    )
+    base = settings.database_url.rsplit("/", 1)[0]
+    no_database = await _cli(
+        settings, "usage", QUEUEGATE_DATABASE_URL=f"{base}/no_such_db_{settings.database_schema}"
+    )
+    too_old = await _cli(settings, "audit", "prune", "--older-than", "99999999d")
+
+    said = [_one_error_line(result[2]) for result in (wrong_password, no_database, too_old)]
+    assert "refused the credentials" in said[0] and "wr0ng" not in said[0]
+    assert "does not exist: create it" in said[1]
+    assert "give at most 36500d" in said[2]
+
+
+class _CountingProxy(TcpProxy):
+    """Counts the connections it refuses while down: the pool's attempts to reconnect."""
+
+    def __init__(self, target_url: str, attempts: int) -> None:
+        super().__init__(target_url)
+        self.refused = 0
+        self.enough = asyncio.Event()
+        self._attempts = attempts
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._up:
+            self.refused += 1
+            if self.refused >= self._attempts:
+                self.enough.set()
+        await super()._accept(reader, writer)
+
+
+async def test_a_postgresql_outage_is_one_log_line(settings: Settings) -> None:
+    # Given a process's logging as every role configures it, and a pool through a proxy
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    configure_logging("info")
+    lines = io.StringIO()
+    [handler] = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(lines)
+    try:
+        async with _CountingProxy(settings.database_url, attempts=4) as proxy:
+            pool = await create_pool(settings.model_copy(update={"database_url": proxy.url}))
+            try:
+                # When PostgreSQL goes away for four of the pool's attempts to reconnect
+                await proxy.down()
+                await asyncio.wait_for(proxy.enough.wait(), timeout=60)
+            finally:
+                pool.terminate()
+    finally:
+        root.handlers = before[0]
+        root.setLevel(before[1])
+    # Expect one line saying so, with its cause, and no traceback
+    logged = lines.getvalue().splitlines()
+    lost = [line for line in logged if "PostgreSQL connections lost" in line]
+    assert len(lost) == 1, logged
+    assert "Traceback" not in lines.getvalue()
+    assert not any("Failed to restore" in line for line in logged)
