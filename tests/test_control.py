@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aio_pika
 import pytest
+import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
 
 from admin.teams import Credentials, create_broker_user, set_security, with_user
@@ -25,6 +26,7 @@ from queuegate.control import (
     OpenReplyQueue,
 )
 from queuegate.errors import ControlRefused, ServiceUnavailable
+from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
@@ -233,6 +235,62 @@ async def test_reply_queues_beyond_the_teams_limit_are_refused_until_one_is_clos
         # ... and, once a transient client has closed (its queue deleted), room again
     async with running_gateway(settings, teams=("alpha",)), GatewayClient(alpha, team="alpha"):
         pass
+
+
+async def test_concurrent_opens_never_take_more_reply_queues_than_the_teams_limit(
+    settings: Settings, teams: dict[str, Credentials], redis_client: aioredis.Redis
+) -> None:
+    # Given a limit of three reply queues per team
+    settings = settings.model_copy(update={"reply_queues_per_team": 3})
+    alpha = as_team(settings, teams["alpha"])
+    opened: list[str] = []
+    refused: list[str] = []
+    answered, release = asyncio.Event(), asyncio.Event()
+    attempts = 40
+
+    async def open_and_hold(name: str) -> None:
+        try:
+            async with GatewayClient(alpha, team="alpha", reply_queue=name):
+                opened.append(name)
+                if len(opened) + len(refused) == attempts:
+                    answered.set()
+                await release.wait()
+        except ControlRefused:
+            refused.append(name)
+            if len(opened) + len(refused) == attempts:
+                answered.set()
+
+    async with running_gateway(settings, teams=("alpha",)):
+        # When alpha's apps ask for 40 reply queues at once, each holding what it gets
+        holders = [asyncio.create_task(open_and_hold(f"r{i}")) for i in range(attempts)]
+        await asyncio.wait_for(answered.wait(), 60)
+        counted = await redis_client.zcard(Keys(settings.redis_prefix).reply_queues("alpha"))
+        release.set()
+        await asyncio.gather(*holders)
+    # Expect the limit held: three opened and counted, every other one refused
+    assert (len(opened), counted, len(refused)) == (3, 3, attempts - 3)
+
+
+async def test_a_reply_queue_the_broker_refuses_to_declare_takes_no_slot(
+    settings: Settings, teams: dict[str, Credentials], redis_client: aioredis.Redis
+) -> None:
+    # Given a queue under the name of alpha's named reply queue, there with other arguments
+    taken = Topology.of(settings).results_queue("alpha", "taken")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection, running_gateway(settings, teams=("alpha",)):
+        channel = await connection.channel()
+        await channel.declare_queue(taken, durable=True)
+        try:
+            # When alpha's app asks for it, the declare fails
+            with pytest.raises(ServiceUnavailable):
+                async with GatewayClient(
+                    as_team(settings, teams["alpha"]), team="alpha", reply_queue="taken"
+                ):
+                    pass
+        finally:
+            await channel.queue_delete(taken)
+    # Expect the slot given back: a failed declare does not use up the team's limit
+    assert await redis_client.zcard(Keys(settings.redis_prefix).reply_queues("alpha")) == 0
 
 
 async def test_a_wrong_api_key_opens_no_reply_queue(

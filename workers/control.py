@@ -26,6 +26,7 @@ from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pydantic import TypeAdapter, ValidationError
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from queuegate.broker import CONNECTION_LOST, Consumer, consume, json_message, settle
@@ -43,6 +44,7 @@ from queuegate.control import (
 )
 from queuegate.errors import BatchError, ConfigError, GatewayError, JobError, ServiceUnavailable
 from queuegate.keys import Keys
+from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 from workers.batch_state import BatchState, list_batches
@@ -84,6 +86,7 @@ class ControlPlane:
         self._channel: AbstractRobustChannel | None = None
         self._served: dict[str, Consumer] = {}
         self._dropped_logged: dict[str, float] = {}
+        self._reply_slot: AsyncScript = redis.register_script(lua_source("workers", "reply_slot"))
 
     async def start(self, channel: AbstractRobustChannel) -> None:
         self._channel = channel
@@ -219,39 +222,45 @@ class ControlPlane:
             if durable
             else self._topology.replies_queue(team, name)
         )
-        await self._count(team, full, expires)
+        new = await self._count(team, full, expires)
         bound = Bound.of(s)
-        if durable:
-            await self._topology.declare_results_queue(
-                channel, team, name, expires_s=expires, bound=bound
-            )
-        else:
-            await self._topology.declare_replies_queue(
-                channel, team, name, expires_s=expires, bound=bound
-            )
+        try:
+            if durable:
+                await self._topology.declare_results_queue(
+                    channel, team, name, expires_s=expires, bound=bound
+                )
+            else:
+                await self._topology.declare_replies_queue(
+                    channel, team, name, expires_s=expires, bound=bound
+                )
+        except BaseException:
+            if new:
+                # No queue came of the slot: give it back, or failed declares would use up
+                # the team's limit until they expire.
+                await self._redis.zrem(self._keys.reply_queues(team), full)
+            raise
         return full
 
-    async def _count(self, team: str, queue: str, expires: float) -> None:
-        """Count the queue against the team's limit; Refused past it.
+    async def _count(self, team: str, queue: str, expires: float) -> bool:
+        """Count the queue against the team's limit (lua/reply_slot.lua, one step, so
+        concurrent opens cannot all fit under it); Refused past it. True when it took a new
+        slot, False when it was counted already.
 
         A queue counts until it may have expired (its last open plus its expiry), so one a
         client still uses is counted again when it asks for it after a reconnect.
         """
-        key, now = self._keys.reply_queues(team), time.time()
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.zscore(key, queue)
-            pipe.zcard(key)
-            _, known, count = await pipe.execute()
-        if known is None and count >= self._settings.reply_queues_per_team:
+        now = time.time()
+        ttl = int(max(expires, self._settings.results_queue_expires)) + 60
+        status, count = await self._reply_slot(
+            keys=[self._keys.reply_queues(team)],
+            args=[queue, now, now + expires, self._settings.reply_queues_per_team, ttl],
+        )
+        if int(status) < 0:
             raise Refused(
-                f"team {team!r} has {count} reply queues, its limit: close some (or let them "
-                "expire) before opening another"
+                f"team {team!r} has {int(count)} reply queues, its limit: close some (or let "
+                "them expire) before opening another"
             )
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {queue: now + expires})
-            pipe.expire(key, int(max(expires, self._settings.results_queue_expires)) + 60)
-            await pipe.execute()
+        return int(status) == 1
 
     async def _close(self, team: str, name: str, *, durable: bool) -> None:
         queue = (
