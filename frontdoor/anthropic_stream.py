@@ -175,7 +175,7 @@ class MessageEvents:
         return [{"type": "content_block_stop", "index": index}]
 
     def _tool_call(self, position: int, call: dict[str, Any]) -> list[Event]:
-        # A cache hit is replayed as whole tool calls without ``index``: their position.
+        # A delta without ``index`` (a provider that leaves it out): its position.
         number = as_int(call.get("index")) if "index" in call else position
         function = call.get("function") or {}
         events: list[Event] = []

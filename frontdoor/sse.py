@@ -24,6 +24,7 @@ from queuegate.api_errors import openai_error
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.provider_formats import CHUNK_FIELDS, STOP_SEQUENCE, as_int
+from queuegate.stored_stream import choice_deltas
 
 DONE = b"data: [DONE]\n\n"
 
@@ -125,12 +126,13 @@ class ChunkWriter:
         out = b""
         for choice in response.get("choices") or [{}]:
             index = as_int(choice.get("index"))
-            if index not in self._opened:  # nothing was relayed (a cached answer): it whole
-                message = choice.get("message") or {}
-                delta = {k: v for k, v in message.items() if k in WHOLE}
-                logprobs = choice.get("logprobs")
-                whole = StreamChunk(job_id="", seq=0, delta=delta, index=index, logprobs=logprobs)
-                out += self.delta(whole)
+            if index not in self._opened:  # nothing was relayed (a stored outcome): replayed
+                for d in choice_deltas(choice):
+                    out += self.delta(
+                        StreamChunk(
+                            job_id="", seq=0, delta=d.delta, index=d.index, logprobs=d.logprobs
+                        )
+                    )
             finish = {"finish_reason": choice.get("finish_reason") or "stop"}
             if STOP_SEQUENCE in choice:
                 finish[STOP_SEQUENCE] = choice[STOP_SEQUENCE]
@@ -141,10 +143,6 @@ class ChunkWriter:
 
     def error(self, code: str, message: str) -> bytes:
         return event(openai_error(code, message))
-
-
-WHOLE = ("role", "content", "refusal", "tool_calls")
-"""The fields of a whole answer's message written as the one delta of a cached answer."""
 
 
 async def sse_events(

@@ -31,6 +31,8 @@ FLOOR = 0.9
 EMAIL, CARD = "jane.doe@example.com", "4111 1111 1111 1111"
 PROMPT = f"Refund {EMAIL}, card {CARD}, please."
 REDACTED = "Refund [EMAIL], card [CARD], please."
+SIGNATURE = "mock-signature"
+"""The one signature the mock provider takes back on a thinking block."""
 
 
 def test_the_sample_is_large_and_has_hard_negatives() -> None:
@@ -359,3 +361,54 @@ async def test_one_scan_of_many_strings_finds_each_value_in_its_own_string() -> 
         "b": {"user": "[EMAIL]", "pem": begin},
         "c": end,
     }
+
+
+def thought_back(block: dict[str, str]) -> list[dict[str, object]]:
+    """A conversation sending back an Anthropic answer's thinking ``block``, then asking on."""
+    return [
+        {"role": "user", "content": "Where is my order?"},
+        {"role": "assistant", "content": [block, {"type": "text", "text": "It shipped."}]},
+        {"role": "user", "content": f"Thanks, write to {EMAIL}"},
+    ]
+
+
+SIGNED_THOUGHT = {"type": "thinking", "thinking": "The order shipped.", "signature": SIGNATURE}
+
+
+@pytest.mark.parametrize(
+    ("block", "where"),
+    [
+        ({**SIGNED_THOUGHT, "thinking": f"Mail {EMAIL} later."}, "a thinking block's thinking"),
+        (
+            {"type": "redacted_thinking", "data": f"opaque {EMAIL}"},
+            "a redacted_thinking block's data",
+        ),
+    ],
+)
+async def test_redact_refuses_pii_in_a_signed_thinking_block_it_cannot_rewrite(
+    settings: Settings, block: dict[str, str], where: str
+) -> None:
+    # Given alpha redacts
+    await _configure(settings, "redact")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When PII sits in a thinking block sent back, which the provider signed
+        result = await client.chat("claude-haiku", thought_back(block))
+        # Expect a refusal naming where, not a block the provider would refuse as tampered
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert f"personal data (email) in {where} cannot be redacted" in result.error.message
+        assert gw.mock.stats.calls == 0
+
+
+async def test_redact_sends_a_signed_thinking_block_as_it_was_and_the_rest_redacted(
+    settings: Settings,
+) -> None:
+    # Given alpha redacts
+    await _configure(settings, "redact")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a thinking block without PII is sent back, and PII in the user's text
+        result = await client.chat("claude-haiku", thought_back(SIGNED_THOUGHT))
+        # Expect the block as it was, signature and all, and the user's text redacted
+        assert result.status == "ok", result.error
+        [_, assistant, user] = gw.mock.requests[-1].messages
+        assert assistant["content"][0] == SIGNED_THOUGHT
+        assert user["content"] == "Thanks, write to [EMAIL]"

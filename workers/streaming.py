@@ -10,7 +10,8 @@ import logging
 from typing import Any
 
 from queuegate.messages import ChatJob, StreamChunk
-from queuegate.provider_formats import ANTHROPIC_BODY, CHUNK_FIELDS, as_int
+from queuegate.provider_formats import ANTHROPIC_BODY, CHUNK_FIELDS
+from queuegate.stored_stream import Replayed, replayed_deltas
 from router.providers import Piece
 from workers.publisher import Publisher
 
@@ -48,22 +49,17 @@ class StreamRelay:
             )
 
     async def replay(self, response: dict[str, Any]) -> None:
-        """An answer that was not streamed (a cache hit), sent as one delta per choice."""
+        """An answer that was not streamed (a cache hit), as its live stream's deltas."""
         chunk = {k: response[k] for k in CHUNK_FIELDS if k in response}
         # No events for an Anthropic deployment's answer: an Anthropic caller gets the
         # provider's blocks whole, at the end.
         events: list[dict[str, Any]] | None = [] if ANTHROPIC_BODY in response else None
-        for choice in response.get("choices") or []:
-            message = choice.get("message") or {}
-            delta = {k: v for k, v in message.items() if k in REPLAYED and v}
-            if delta or events is not None:
-                index, logprobs = as_int(choice.get("index")), choice.get("logprobs")
-                piece = Piece(delta, index, logprobs, chunk, anthropic_events=events)
-                await self(piece, str(response.get("model") or ""))
-
-
-REPLAYED = ("content", "refusal", "tool_calls")
-"""The fields of a whole answer's message a replayed delta carries."""
+        model = str(response.get("model") or "")
+        deltas = replayed_deltas(response)
+        if not deltas and events is not None:
+            deltas = [Replayed(0, {})]  # still one chunk, naming the model
+        for d in deltas:
+            await self(Piece(d.delta, d.index, d.logprobs, chunk, anthropic_events=events), model)
 
 
 def relay_for(job: ChatJob, reply_to: str | None, publisher: Publisher) -> StreamRelay | None:

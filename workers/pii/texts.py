@@ -10,9 +10,10 @@ parameters and the unknown ones passed through, at any depth), so a field added 
 scanned without anyone listing it. Two kinds of string are told apart:
 
 - values (``where`` is None): free text, safe to rewrite;
-- structure (``where`` names it): dict keys, ids, roles, types and function names. Rewriting
-  one would break the request (a tool call id no longer matching its result, a tool name
-  no longer matching its definition), so a policy refuses the job instead.
+- structure (``where`` names it): dict keys, ids, roles, types, function names and the signed
+  parts of thinking blocks sent back. Rewriting one would break the request (a tool call id
+  no longer matching its result, a tool name no longer matching its definition, a thinking
+  block no longer matching its signature), so a policy refuses the job instead.
 
 A string holding a JSON object or array (a tool call's ``arguments``) is walked as JSON, so a
 value hidden behind an escape (``bob\\u0040example.com``) is found and a rewrite keeps it
@@ -38,6 +39,13 @@ name from the catalog; ``metadata`` stays with the job and its result)."""
 
 IDENTIFIERS = frozenset({"role", "type", "id", "tool_call_id"})
 """Keys whose values tie a request together rather than carry text."""
+
+SIGNED: dict[Any, tuple[str, ...]] = {
+    "thinking": ("thinking", "signature"),
+    "redacted_thinking": ("data",),
+}
+"""Fields of the thinking blocks an Anthropic-format caller sends back, which the provider
+signed or encrypted: it refuses a block changed in any of them."""
 
 MAX_JSON_DEPTH = 64
 """A string nested deeper is scanned as plain text: walking it could exhaust the stack."""
@@ -94,7 +102,7 @@ class _Walk:
             visit = self._visit
             return {
                 (visit(key, "a key") if isinstance(key, str) else key): self.value(
-                    item, _structure(key, parent), key, in_json
+                    item, _structure(key, parent, None if in_json else value), key, in_json
                 )
                 for key, item in value.items()
             }
@@ -121,12 +129,15 @@ class _Walk:
         return self._visit(value, where)
 
 
-def _structure(key: Any, parent: Any) -> str | None:
-    """What the value under ``key`` is, when it is structure rather than text."""
+def _structure(key: Any, parent: Any, block: dict[str, Any] | None) -> str | None:
+    """What the value under ``key`` (of ``block``, a dict of the request itself, not of a
+    JSON string) is, when it is structure rather than text."""
     if key in IDENTIFIERS:
         return str(key)
     if key == "name" and parent == "function":
         return "a function name"
+    if block is not None and key in SIGNED.get(block.get("type"), ()):
+        return f"a {block['type']} block's {key}"
     return None
 
 
