@@ -61,7 +61,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from frontdoor.errors import ApiError
-from frontdoor.held import SCOPE_KEY, Held, Hold
+from frontdoor.held import ON_REFUSED, SCOPE_KEY, Held, Hold
 from queuegate.api_errors import openai_error
 from queuegate.metrics import observe_connection_closed
 from queuegate.settings import Settings
@@ -109,9 +109,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     others idle, kept open by callers already served."""
     held: ClassVar[Held]
     refused: ClassVar[dict[GuardedHttpToolsProtocol, None]]
-    """The server's connections whose request running was over its share when it started
-    (``Held.refuses``), to be answered 429 and closed: the first closed to make room, so that
-    a team reconnecting as fast as it is refused holds no place."""
+    """The server's connections whose request running is refused for its share (foreseen by
+    ``Held.refuses`` as it starts, or told through ``ON_REFUSED``): the first closed to make
+    room, so that a team keeping refused requests pipelined holds no place."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -168,9 +168,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._running = cycle
         self.refused.pop(self, None)
-        if self.held.refuses(cast(Scope, cycle.scope)):
-            self.refused[self] = None
+        scope = cast(Scope, cycle.scope)
+        # Marked now if its share is full already, else once it is refused (other requests
+        # started with it may fill the share before it is admitted).
+        scope[ON_REFUSED] = self._refusing
+        if self.held.refuses(scope):
+            self._refusing()
         super()._start_asgi_task(cycle, app)
+
+    def _refusing(self) -> None:
+        if not self.transport.is_closing():
+            self.refused[self] = None
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -28,6 +28,7 @@ connection and the process would answer everyone else 503.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -51,6 +52,9 @@ PROVEN_KEPT = 10_000
 """Keys and sessions whose share ``Held.refuses`` remembers (a few MB at most)."""
 SCOPE_KEY = "queuegate.held"
 """Where a request's ``Hold`` is kept in its ASGI scope."""
+ON_REFUSED = "queuegate.on_refused"
+"""Where the server may put, in a request's ASGI scope, what to call when the request is
+refused for a share (``frontdoor.connections`` marks its connection the first to close)."""
 
 
 def holder_of(scope: Scope) -> str | None:
@@ -137,6 +141,7 @@ class Held:
             self._check(share)
         except ApiError:
             hold.refused = True
+            _tell_refused(scope)
             raise
         self.release(hold)
         hold.holder = share
@@ -164,6 +169,12 @@ class Held:
         )
 
 
+def _tell_refused(scope: Scope) -> None:
+    told: Callable[[], None] | None = scope.get(ON_REFUSED)
+    if told is not None:
+        told()
+
+
 class HeldRequests:
     """Holds each HTTP request in ``held`` while the app serves it; answers 429 in the shape
     of the API called when it would be one too many."""
@@ -181,6 +192,7 @@ class HeldRequests:
         try:
             hold = self._held.admit(holder)
         except ApiError as error:
+            _tell_refused(scope)
             answer = self._shapes.response(scope["path"], error)
             if holder is None:
                 answer.headers["connection"] = "close"
@@ -193,4 +205,4 @@ class HeldRequests:
             self._held.release(hold)
 
 
-__all__ = ["Held", "HeldRequests", "Hold", "holder_of"]
+__all__ = ["ON_REFUSED", "SCOPE_KEY", "Held", "HeldRequests", "Hold", "holder_of"]
