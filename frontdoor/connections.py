@@ -18,9 +18,14 @@ callbacks, and answers in OpenAI's error shape with ``connection: close``:
 - a request line and headers over ``max_header_bytes``: 431;
 - headers not complete ``header_timeout`` seconds after the connection opened or its
   request began: 408 (a connection that sent nothing is closed without a word);
-- past ``max_connections``: the connection idle longest (no request of it running) is
-  closed to make room, or, when every one is busy, the new one is answered 503, so a flood
-  of idle or slow connections holds no one else's place;
+- past ``max_connections``, a connection is closed to make room: the oldest whose request
+  running is to be refused for its key's or team's share (``Held.refuses``), else the one
+  idle longest (no request of it running) that was never served (no request sent, or every
+  one refused) or whose answer is not read, else the one idle longest; when every one is
+  busy, the new one is answered 503. So a flood of idle or slow connections holds no one
+  else's place, nor does a team holding its share of requests and keeping more pipelined
+  on any number of connections (each always has one running), and a caller already served
+  keeps its connection while such floods come and go;
 - a request whose answer the client does not read (the write buffer full) for
   ``WRITE_STALL`` seconds is cut off (``write_stalled``), and meanwhile counts as idle: the
   first closed when the process is full, so unread answers hold no one else's place;
@@ -35,7 +40,7 @@ those pipelined behind it: uvicorn tells only the last one read, and the one run
 write to the closed transport and log a traceback, one per connection any client closes.
 
     limits = ConnectionLimits.of(settings)
-    config = uvicorn.Config(app, http=guarded_protocol(limits), ...)
+    config = uvicorn.Config(app, http=guarded_protocol(limits, app.state.held), ...)
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ import logging
 import resource
 import uuid
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
+from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -55,6 +61,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from frontdoor.errors import ApiError
+from frontdoor.held import ON_REFUSED, SCOPE_KEY, Held, Hold
 from queuegate.api_errors import openai_error
 from queuegate.metrics import observe_connection_closed
 from queuegate.settings import Settings
@@ -96,6 +103,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     limits: ClassVar[ConnectionLimits]
     idle: ClassVar[dict[GuardedHttpToolsProtocol, None]]
     """The server's connections with no request running, longest idle first."""
+    strangers: ClassVar[dict[GuardedHttpToolsProtocol, None]]
+    """The idle connections no request of which was served yet (each refused, or none sent),
+    and those whose answer is not read, longest idle first: closed to make room before the
+    others idle, kept open by callers already served."""
+    held: ClassVar[Held]
+    refused: ClassVar[dict[GuardedHttpToolsProtocol, None]]
+    """The server's connections whose request running is refused for its share (foreseen by
+    ``Held.refuses`` as it starts, or told through ``ON_REFUSED``): the first closed to make
+    room, so that a team keeping refused requests pipelined holds no place."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -110,6 +126,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._completed = False
         """Whether a request ended in the read being parsed."""
         self._running: RequestResponseCycle | None = None
+        self._served = False
+        """Whether a request of this connection was held and served (not refused)."""
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
@@ -130,7 +148,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._untime()
         self._unstall()
-        self.idle.pop(self, None)
+        self._unrest()
+        self.refused.pop(self, None)
         self._forget_requests()
         super().connection_lost(exc)
 
@@ -148,20 +167,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._running = cycle
+        self.refused.pop(self, None)
+        scope = cast(Scope, cycle.scope)
+        # Marked now if its share is full already, else once it is refused (other requests
+        # started with it may fill the share before it is admitted).
+        scope[ON_REFUSED] = self._refusing
+        if self.held.refuses(scope):
+            self._refusing()
         super()._start_asgi_task(cycle, app)
+
+    def _refusing(self) -> None:
+        if not self.transport.is_closing():
+            self.refused[self] = None
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall is None:
             self._stall = self.loop.call_later(WRITE_STALL, self._cut, "write_stalled")
-        self.idle.pop(self, None)
-        self.idle[self] = None
+        self._rest()
+        self.strangers[self] = None
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._unstall()
         if self.cycle is not None and not self.cycle.response_complete:
-            self.idle.pop(self, None)
+            self._unrest()
 
     def _unstall(self) -> None:
         if self._stall is not None:
@@ -173,7 +203,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         client to read it)."""
         self._stall = None
         self._untime()
-        self.idle.pop(self, None)
+        self._unrest()
+        self.refused.pop(self, None)
         if not self.transport.is_closing() or self.flow.write_paused:
             observe_connection_closed(reason)
             self._forget_requests()
@@ -228,7 +259,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._untime()
         if not self.flow.write_paused:
-            self.idle.pop(self, None)
+            self._unrest()
         super().on_headers_complete()
         if len(self.pipeline) > MAX_PIPELINED:
             self._cut("pipelined")
@@ -250,9 +281,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def on_response_complete(self) -> None:
+        self.refused.pop(self, None)
+        hold: Hold | None = self.cycle.scope.get(SCOPE_KEY)  # type: ignore[assignment]
+        self._served |= hold is not None and not hold.refused
         pipelined = bool(self.pipeline)
         super().on_response_complete()
-        if pipelined or self.transport.is_closing():
+        if self.transport.is_closing():
+            if not self.transport.get_write_buffer_size():
+                # Closed after its answer (``connection: close``, a 429 of a full share, say),
+                # all of it written: gone as of now, not on the next turn of the loop, so
+                # that a client reconnecting at once never finds its old place still held.
+                self.connections.discard(self)
+            return
+        if pipelined:
             return
         self._rest()
         if self.cycle.more_body:
@@ -283,18 +324,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _rest(self) -> None:
-        self.idle.pop(self, None)
+        self._unrest()
         self.idle[self] = None
+        if not self._served:
+            self.strangers[self] = None
+
+    def _unrest(self) -> None:
+        self.idle.pop(self, None)
+        self.strangers.pop(self, None)
 
     def _make_room(self) -> bool:
-        """Close the connection idle longest; False when none is idle."""
-        victim = next(iter(self.idle), None)
+        """Close the oldest connection whose request is refused, else the one idle longest
+        that was never served, else the one idle longest; False when there is none."""
+        victim = next(iter(self.refused), None)
+        if victim is None:
+            victim = next(iter(self.strangers), None)
+        if victim is None:
+            victim = next(iter(self.idle), None)
         if victim is None:
             return False
-        del self.idle[victim]
+        victim._unrest()
+        self.refused.pop(victim, None)
         victim._untime()
+        # Its request refused, if any, is told its client is gone: it writes nothing more.
+        victim._forget_requests()
         if victim.flow.write_paused:  # an answer its client does not read: close would wait
-            victim._forget_requests()
             victim.transport.abort()
         else:
             victim.transport.close()
@@ -307,21 +361,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         observe_connection_closed(reason)
         self._reading_head = False
         self._untime()
-        self.idle.pop(self, None)
+        self._unrest()
         if self.cycle is None or self.cycle.response_complete:  # nothing else on the wire
             self.transport.write(_answer(error))
         self._forget_requests()
         self.transport.close()
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
-    """The protocol class of one server: its limits, and its own idle connections."""
+def guarded_protocol(limits: ConnectionLimits, held: Held) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class of one server: its limits, the requests its app holds, and its own
+    idle and refused connections."""
 
     class ServerProtocol(GuardedHttpToolsProtocol):
         pass
 
     ServerProtocol.limits = limits
     ServerProtocol.idle = {}
+    ServerProtocol.held = held
+    ServerProtocol.refused = {}
+    ServerProtocol.strangers = {}
     return ServerProtocol
 
 

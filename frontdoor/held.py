@@ -13,7 +13,11 @@ connection and the process would answer everyone else 503.
   ``frontdoor.auth``), as one of its team's, all the team's keys together
   (``frontdoor.whose``): past ``per_team`` of either, 429 at once, before any body is read
   or job published. Counted per team, since a team may hold any number of keys; a key that
-  is not live is answered 401 within milliseconds, so wrong keys hold nothing long;
+  is not live is answered 401 within milliseconds, so wrong keys hold nothing long. A
+  connection that keeps requests pipelined always has one in progress, so a team past its
+  share could hold connections with requests it is refused: ``Held.refuses`` tells
+  ``frontdoor.connections`` which requests will be, and their connections are the first
+  closed when the process needs room;
 - any other request (``/healthz``, ``/metrics``, ``/openapi.json``, the dashboard), with a
   key or without, as one of the process's keyless ones: past ``keyless`` of them, from every
   address together, 429 at once with ``connection: close``, so that a client pipelining
@@ -24,6 +28,7 @@ connection and the process would answer everyone else 503.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -43,8 +48,26 @@ PRESENTED = "key "
 """The prefix under which an API request counts until its key is proven."""
 SESSION = "session "
 """The prefix under which a dashboard session's requests count until it is proven."""
+PROVEN_KEPT = 10_000
+"""Keys and sessions whose share ``Held.refuses`` remembers (a few MB at most)."""
 SCOPE_KEY = "queuegate.held"
 """Where a request's ``Hold`` is kept in its ASGI scope."""
+ON_REFUSED = "queuegate.on_refused"
+"""Where the server may put, in a request's ASGI scope, what to call when the request is
+refused for a share (``frontdoor.connections`` marks its connection the first to close)."""
+
+
+def holder_of(scope: Scope) -> str | None:
+    """Whose an HTTP request is as presented: its key's, its dashboard session's, or None."""
+    request = Request(scope)
+    if scope["path"].startswith(KEYED_PATHS):
+        key = presented_key(request)
+        return None if key is None else f"{PRESENTED}{key}"
+    # A signed-in person's pages count as their session's, as presented (an unknown one is
+    # sent to sign in within milliseconds), so that keyless floods leave the people already
+    # signed in served.
+    session = request.cookies.get(SESSION_COOKIE)
+    return f"{SESSION}{session}" if session else None
 
 
 @dataclass
@@ -53,6 +76,8 @@ class Hold:
     administrator key's share once proven (``frontdoor.whose``), or None for a keyless one."""
 
     holder: str | None = None
+    refused: bool = False
+    """Refused 429 once proven, its team's share full."""
 
 
 class Held:
@@ -64,6 +89,9 @@ class Held:
         self._keyless_cap = keyless
         self._keyless = 0
         self._keyed: Counter[str] = Counter()
+        self._proven: dict[str, str] = {}
+        """The share each key or session as presented was last proven to be, for ``refuses``;
+        the ``PROVEN_KEPT`` proven last."""
 
     @classmethod
     def of(cls, settings: Settings) -> Held:
@@ -85,6 +113,17 @@ class Held:
         self._keyless += 1
         return Hold()
 
+    def refuses(self, scope: Scope) -> bool:
+        """Whether the request of ``scope``, not yet admitted, would be refused now: its key's
+        (or session's) share full, or the share it was last proven to be full."""
+        holder = holder_of(scope)
+        if holder is None:
+            return self._keyless >= self._keyless_cap
+        share = self._proven.get(holder)
+        return self._keyed[holder] >= self._per_team or (
+            share is not None and self._keyed[share] >= self._per_team
+        )
+
     def prove(self, scope: Scope, caller: Keyed) -> None:
         """The request of ``scope`` is ``caller``'s from now, its key (or dashboard session)
         proven: it counts as one of its team's requests, all its keys together. ApiError 429
@@ -93,7 +132,17 @@ class Held:
         share = whose(caller)
         if hold is None or hold.holder == share:
             return
-        self._check(share)
+        if hold.holder is not None:
+            self._proven.pop(hold.holder, None)
+            self._proven[hold.holder] = share
+            if len(self._proven) > PROVEN_KEPT:
+                del self._proven[next(iter(self._proven))]
+        try:
+            self._check(share)
+        except ApiError:
+            hold.refused = True
+            _tell_refused(scope)
+            raise
         self.release(hold)
         hold.holder = share
         self._keyed[share] += 1
@@ -120,6 +169,12 @@ class Held:
         )
 
 
+def _tell_refused(scope: Scope) -> None:
+    told: Callable[[], None] | None = scope.get(ON_REFUSED)
+    if told is not None:
+        told()
+
+
 class HeldRequests:
     """Holds each HTTP request in ``held`` while the app serves it; answers 429 in the shape
     of the API called when it would be one too many."""
@@ -133,21 +188,12 @@ class HeldRequests:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        path: str = scope["path"]
-        request = Request(scope)
-        if path.startswith(KEYED_PATHS):
-            key = presented_key(request)
-            holder = None if key is None else f"{PRESENTED}{key}"
-        else:
-            # A signed-in person's pages count as their session's, as presented (an unknown
-            # one is sent to sign in within milliseconds), so that keyless floods leave the
-            # people already signed in served.
-            session = request.cookies.get(SESSION_COOKIE)
-            holder = f"{SESSION}{session}" if session else None
+        holder = holder_of(scope)
         try:
             hold = self._held.admit(holder)
         except ApiError as error:
-            answer = self._shapes.response(path, error)
+            _tell_refused(scope)
+            answer = self._shapes.response(scope["path"], error)
             if holder is None:
                 answer.headers["connection"] = "close"
             await answer(scope, receive, send)
@@ -159,4 +205,4 @@ class HeldRequests:
             self._held.release(hold)
 
 
-__all__ = ["Held", "HeldRequests", "Hold"]
+__all__ = ["ON_REFUSED", "SCOPE_KEY", "Held", "HeldRequests", "Hold", "holder_of"]

@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import uvicorn
-from starlette.types import ASGIApp
+from fastapi import FastAPI
 
 from frontdoor.app import create_app
 from frontdoor.connections import ConnectionLimits, fit_open_files, guarded_protocol
@@ -98,14 +98,14 @@ async def serving(
 
 
 def _config(
-    app: ASGIApp, limits: ConnectionLimits, log_level: str, **options: Any
+    app: FastAPI, limits: ConnectionLimits, log_level: str, **options: Any
 ) -> uvicorn.Config:
     """uvicorn as the front door runs it: httptools' parser with the limits of
     ``frontdoor.connections``, and no WebSocket upgrade (no route takes one, and an upgraded
     connection would leave those limits behind)."""
     return uvicorn.Config(
         app,
-        http=guarded_protocol(limits),
+        http=guarded_protocol(limits, app.state.held),
         ws="none",
         log_config=None,
         log_level=log_level,

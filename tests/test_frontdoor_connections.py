@@ -319,6 +319,73 @@ async def test_a_team_with_several_keys_holds_no_more_requests_than_with_one(
             await client.close()
 
 
+AHEAD = 6
+"""Requests a hostile connection keeps pipelined ahead of their answers (under the cut-off)."""
+
+
+async def keep_pipelining(door: Door, key: str, answered: asyncio.Queue[None]) -> None:
+    """A connection of ``key``'s that always keeps ``AHEAD`` GETs of /v1/models pipelined,
+    topping them up as answers come (the first one told to ``answered``), and opens again at
+    once whenever it is closed."""
+    request = f"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n\r\n"
+    first = True
+    while True:
+        reader, writer = await connect(door)
+        try:
+            writer.write(request.encode() * AHEAD)
+            while answers := await reader.read(65536):
+                if first:
+                    answered.put_nowait(None)
+                    first = False
+                writer.write(request.encode() * answers.count(b"HTTP/1.1 "))
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_team_pipelining_past_its_share_on_many_connections_leaves_the_others_served(
+    shared_door: Door,
+) -> None:
+    # Given the hostile team holding its share of requests in progress (chats whose jobs
+    # wait long): one more is refused
+    per_team = MAX_CONNECTIONS // 4
+    async with shared_door.client("beta", timeout=120) as hostile:
+        waiting = [
+            asyncio.create_task(hostile.chat.completions.create(model=SLOW, messages=HELLO))
+            for _ in range(per_team + 1)
+        ]
+        async with asyncio.timeout(10):
+            first = next(asyncio.as_completed(waiting))
+            with pytest.raises(openai.RateLimitError):
+                await first
+        waiting = [task for task in waiting if not task.done()]
+        # ... then keeping requests pipelined on every other connection the process holds,
+        # every one refused for its team's share, reopening any it loses
+        answered: asyncio.Queue[None] = asyncio.Queue()
+        flood = [
+            asyncio.create_task(keep_pipelining(shared_door, shared_door.keys["beta"], answered))
+            for _ in range(MAX_CONNECTIONS - per_team)
+        ]
+        try:
+            async with asyncio.timeout(10):
+                for _ in flood:
+                    await answered.get()
+            # Expect the other team served by the official SDK, without retries, again and
+            # again meanwhile
+            async with shared_door.client("alpha", timeout=10) as victim:
+                for _ in range(10):
+                    assert (await victim.models.list()).data
+                answered = await victim.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+                assert answered.choices[0].message.content
+            # ... and the hostile team's share still held, not cut short
+            assert not any(task.done() for task in waiting)
+        finally:
+            for task in [*flood, *waiting]:
+                task.cancel()
+            await asyncio.gather(*flood, *waiting, return_exceptions=True)
+
+
 async def pipelining(door: Door, source: str, requests: int) -> socket.socket:
     """A keyless client at ``source`` that pipelines ``requests`` GETs of /openapi.json and
     never reads an answer."""
