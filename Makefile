@@ -21,8 +21,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Three processes (pytest-xdist): the tests mostly wait on the services and providers, so the
+# suite takes well under its time alone on 2 cores. Each module runs whole on one of them, in
+# order, as it does alone (--dist loadfile: module fixtures, private instances and fixed ports
+# stay within it); the chaos modules, collected first and the longest, start first
+# (--no-loadscope-reorder). PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 3
+
 test: lint services
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 services:  # start the local services that are not answering
 	@scripts/services

@@ -113,7 +113,12 @@ def submit(
                 for number, reason in report.skipped
             )
         )
-        err.print(f"the {len(report.skipped):,} skipped lines are listed in {target}")
+        err.print(
+            f"the {len(report.skipped):,} skipped lines are listed in {target}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,  # the path whole, for a copy or a script
+        )
     line = (
         f"batch {report.name}: {report.total:,} requests, {report.published:,} published now, "
         f"{report.already:,} before"

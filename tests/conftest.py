@@ -17,6 +17,7 @@ from queuegate.namespace import drop_namespace
 from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from tests import dashboard_browser, session_services
+from tests.chaos.harness import FIGURES_PROPERTY
 from tests.rabbit_cluster import RabbitCluster
 
 TEST_TEAMS = ("alpha", "beta", "gamma")
@@ -42,6 +43,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session_services.release(config)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The chaos scenarios' figures, together at the end (recorded by tests/chaos/conftest.py
+    on each test's report, so xdist's workers hand them back too)."""
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        for name, value in getattr(report, "user_properties", ())
+        if name == FIGURES_PROPERTY
+    ]
+    if lines:
+        terminalreporter.section("chaos figures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

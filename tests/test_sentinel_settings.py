@@ -31,9 +31,10 @@ async def silent_sentinel() -> AsyncIterator[str]:
     async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
 
-    server = await asyncio.start_server(accept, "127.0.0.1", 18704)
+    # Any free port: a fixed one is taken while another run of this module holds it
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
     try:
-        yield "127.0.0.1:18704"
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         for writer in held:
             writer.close()

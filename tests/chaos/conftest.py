@@ -1,21 +1,27 @@
-"""Chaos scenarios print their figures as they finish and again, together, at the end; the
-scenarios that restart or fault a RabbitMQ node share one private node."""
+"""Chaos scenarios print their figures as they finish and again, together, at the end (from
+their reports, which xdist's workers hand back); the scenarios that restart or fault a RabbitMQ
+node share one private node (one per xdist worker)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
-from tests.chaos.harness import FIGURES
+from tests.chaos.harness import FIGURES, FIGURES_PROPERTY
 from tests.chaos.private_broker import PrivateBroker
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FIGURES:
-        terminalreporter.section("chaos figures")
-        for figures in FIGURES:
-            terminalreporter.write_line(figures.line())
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    call: pytest.CallInfo[None],
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """The figures the test recorded, on its report (tests/conftest.py prints them)."""
+    report = yield
+    if call.when == "call":
+        report.user_properties.extend((FIGURES_PROPERTY, f.line()) for f in FIGURES)
+        FIGURES.clear()
+    return report
 
 
 @pytest.fixture(scope="session")

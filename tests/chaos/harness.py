@@ -24,7 +24,10 @@ CONCURRENT_SUBMITS = 200
 """Jobs awaiting their confirm at once: about what a pipeline keeps outstanding."""
 
 FIGURES: list[Figures] = []
-"""Every scenario's figures, printed at the end of the run (tests/chaos/conftest.py)."""
+"""The figures of the scenario running, moved onto its report (tests/chaos/conftest.py)."""
+FIGURES_PROPERTY = "chaos figures"
+"""The name of a report's user property holding a line of figures, printed at the end of the
+run (tests/conftest.py)."""
 
 
 @dataclass
