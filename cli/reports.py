@@ -177,9 +177,8 @@ async def _budgets(settings: Settings) -> tuple[dict[str, Decimal], str | None]:
 
     from accounting.reports import team_budgets
     from queuegate.db import UNREACHABLE, create_pool, database_unreachable
+    from queuegate.urls import redact_url
 
-    # TimeoutError, the wait passed, is among UNREACHABLE.
-    unreachable: tuple[type[Exception], ...] = (ServiceUnavailable, *UNREACHABLE)
     try:
         async with asyncio.timeout(BUDGETS_WAIT):
             pool = await create_pool(settings, max_size=1)
@@ -189,8 +188,16 @@ async def _budgets(settings: Settings) -> tuple[dict[str, Decimal], str | None]:
                 await pool.close()
     except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
         return {}, None
-    except unreachable:
-        return {}, database_unreachable(settings)
+    except TimeoutError:
+        url = redact_url(settings.database_url)
+        return (
+            {},
+            f"PostgreSQL at {url} did not answer within {BUDGETS_WAIT:g} s: check that it runs",
+        )
+    except ServiceUnavailable as exc:  # create_pool's line already names the cause
+        return {}, str(exc)
+    except UNREACHABLE as exc:
+        return {}, database_unreachable(settings, exc)
 
 
 def deployments(

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from queuegate.errors import ConfigError
 from queuegate.messages import MAX_OUTPUT_TOKENS, UnsupportedParams
@@ -47,7 +47,13 @@ MAX_BYTES = 2**50
 """The most bytes (1 PiB) a queue or a team's file storage may be allowed."""
 
 Rate = Annotated[int, Field(ge=1, le=MAX_PER_MINUTE)]
-Budget = Annotated[Money, Field(ge=0, le=MAX_BUDGET_USD, decimal_places=BUDGET_PLACES)]
+Budget = Annotated[
+    Money,
+    Field(ge=0, le=MAX_BUDGET_USD, decimal_places=BUDGET_PLACES),
+    # "-0" passes ge=0 but was stored as "-0", which the reports' SQL read as no budget while
+    # workers refused every job against $0.
+    AfterValidator(Decimal.copy_abs),
+]
 
 
 def default_burst(rpm: int) -> int:

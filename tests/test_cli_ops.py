@@ -265,3 +265,18 @@ async def test_a_postgresql_outage_is_one_log_line(settings: Settings) -> None:
     assert len(lost) == 1, logged
     assert "Traceback" not in lines.getvalue()
     assert not any("Failed to restore" in line for line in logged)
+
+
+async def test_a_budget_of_minus_zero_is_stored_and_shown_as_zero(settings: Settings) -> None:
+    # Given a team whose budget an operator sets to "-0"
+    await add(settings, "alpha", identity="queue")
+
+    # When it is set and status is asked for
+    code, _, stderr = await _cli(settings, "teams", "set", "alpha", "--budget", "-0")
+    shown = await _cli(settings, "status", "--teams", "alpha", "--json")
+
+    # Expect it kept as the $0 budget workers enforce, never "-0", which reports read as none
+    assert code == 0, stderr
+    assert (await _stored(settings, "alpha"))["budget_usd"] == "0"
+    [team] = json.loads(shown[1])["teams"]
+    assert team["budget_usd"] == "0"

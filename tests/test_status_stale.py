@@ -151,3 +151,20 @@ async def test_watch_marks_itself_stale_while_redis_is_away_and_recovers(
                 cli.kill()
                 await cli.wait()
             screen.close()
+
+
+async def test_status_names_a_missing_database_not_an_unreachable_server(
+    settings: Settings,
+) -> None:
+    # Given PostgreSQL up, but the URL naming a database it does not have
+    url = settings.database_url.rsplit("/", 1)[0] + f"/{settings.namespace}_missing"
+    env = _env(settings, database_url=url)
+
+    # When an operator asks for the status
+    code, _, stderr = await _status(env, "--json")
+
+    # Expect the real cause and its fix, not "start it" (it runs)
+    [line] = stderr.strip().splitlines()
+    assert "does not exist: create it" in line, line
+    assert "not reachable" not in line
+    assert code == 3
