@@ -43,7 +43,7 @@ import orjson
 from fastapi import Request
 
 from frontdoor.errors import ApiError
-from frontdoor.whose import Keyed, teams, whose
+from frontdoor.whose import Keyed, sharer, whose
 from queuegate.settings import Settings
 
 Reader = Callable[[int], contextlib.AbstractContextManager[None]]
@@ -151,12 +151,10 @@ class Bodies:
                 retry_after_s=RETRY_AFTER,
             )
         if share is not None and self._shares[share] + size > self._team_bytes:
-            team = teams(share)
-            whose_bodies = "this admin key's" if team is None else f"team {team}'s"
-            together = "" if team is None else ", all its API keys together"
+            whom, together = sharer(share)
             raise ApiError(
                 "too_many_requests",
-                f"{whose_bodies} request bodies being read at this process would be over its "
+                f"{whom}'s request bodies being read at this process would be over its "
                 f"share of {self._team_bytes} bytes{together}: send the next once one has "
                 "arrived",
                 retry_after_s=RETRY_AFTER,

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from frontdoor.auth import presented_key
 from frontdoor.dashboard.session import COOKIE as SESSION_COOKIE
 from frontdoor.errors import ApiError, ErrorShapes
-from frontdoor.whose import Keyed, teams, whose
+from frontdoor.whose import Keyed, sharer, whose
 from queuegate.settings import Settings
 
 RETRY_AFTER = 1.0
@@ -158,12 +158,10 @@ class Held:
     def _check(self, holder: str) -> None:
         if self._keyed[holder] < self._per_team:
             return
-        team = teams(holder)
-        whom = "this API key has" if team is None else f"team {team} has"
-        together = "" if team is None else ", all its API keys together"
+        whom, together = sharer(holder)
         raise ApiError(
             "too_many_requests",
-            f"{whom} {self._per_team} requests in progress at this front-door process "
+            f"{whom} has {self._per_team} requests in progress at this front-door process "
             f"already{together}: send the next once one is answered",
             retry_after_s=RETRY_AFTER,
         )

@@ -35,4 +35,13 @@ def teams(share: str) -> str | None:
     return share.removeprefix(TEAM) if share.startswith(TEAM) else None
 
 
-__all__ = ["TEAM", "Keyed", "teams", "whose"]
+def sharer(share: str) -> tuple[str, str]:
+    """Who holds ``share``, as a refusal names it ("team research" or "this API key"), and
+    what its share counts together (all a team's keys)."""
+    team = teams(share)
+    if team is None:
+        return "this API key", ""
+    return f"team {team}", ", all its API keys together"
+
+
+__all__ = ["TEAM", "Keyed", "sharer", "teams", "whose"]

@@ -190,11 +190,9 @@ def _openai_turn(role: str, content: Any, where: str) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
     for index, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            parts.append(_text_part(block))
-        elif kind == "image":
-            image = {"type": "image_url", "image_url": {"url": _image_url(block)}}
-            parts.append(_cached(image, block))
+        part = _text_or_image(block)
+        if part is not None:
+            parts.append(part)
         elif kind == "tool_use" and role == "assistant":
             calls.append(tool_call_of(block))
         elif kind in THINKING_PARTS and role == "assistant":
@@ -210,6 +208,16 @@ def _openai_turn(role: str, content: Any, where: str) -> list[dict[str, Any]]:
             message["tool_calls"] = calls
         out.append(message)
     return out
+
+
+def _text_or_image(block: Any) -> dict[str, Any] | None:
+    """A text or image block as an OpenAI content part; None for any other block."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "text":
+        return _text_part(block)
+    if kind == "image":
+        return _cached({"type": "image_url", "image_url": {"url": _image_url(block)}}, block)
+    return None
 
 
 def _image_url(block: Block) -> str:
@@ -228,14 +236,11 @@ def _tool_message(block: Block, where: str) -> dict[str, Any]:
     if isinstance(content, list):
         parts: list[Block] = []
         for index, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append(_text_part(part))
-            elif kind == "image":
-                image = {"type": "image_url", "image_url": {"url": _image_url(part)}}
-                parts.append(_cached(image, part))
-            else:
+            converted = _text_or_image(part)
+            if converted is None:
+                kind = part.get("type") if isinstance(part, dict) else None
                 raise ValueError(f"{where}.content.{index}: {kind} blocks are not supported here")
+            parts.append(converted)
         plain = len(parts) == 1 and parts[0].keys() == {"type", "text"}
         content = parts[0]["text"] if plain else parts
     message = {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content or ""}
