@@ -192,7 +192,7 @@ async def test_status_spend_recovers_from_a_redis_loss_once_reconciled(
         await _reconciled(redis_client, gw.pool, settings)
         status = await reader.read(teams=["alpha"], budgets={})
         total = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
-        assert status.teams[0].spend_usd == pytest.approx(float(total), abs=1e-9)
+        assert status.teams[0].spend_usd == total  # both exact: Decimals
 
 
 async def _spent(pool: asyncpg.Pool, team: str, job_id: str, usd: str) -> None:
