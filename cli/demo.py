@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import asyncpg
 from rich.console import Console
@@ -22,7 +23,7 @@ from queuegate.db import create_pool
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatResult
 from queuegate.namespace import drop_namespace
-from queuegate.numbers import usd_text
+from queuegate.numbers import usd_places, usd_text
 from queuegate.registry import add_team
 from queuegate.runtime import stop_on_signals
 from queuegate.services import check_services
@@ -114,6 +115,7 @@ async def _submit_all(settings: Settings, console: Console) -> list[ChatResult]:
         )
     results: list[ChatResult] = []
     replies: list[str] = []
+    rows: list[tuple[str, str, str, str, str, Decimal]] = []
     for team in sorted({job.team for job in JOBS}):
         async with GatewayClient(settings, team=team) as client:
             for job in (j for j in JOBS if j.team == team):
@@ -124,13 +126,15 @@ async def _submit_all(settings: Settings, console: Console) -> list[ChatResult]:
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 results.append(result)
                 g = result.gateway
-                table.add_row(
-                    team,
-                    job.model,
-                    g.model_used or "-",
-                    "yes" if g.fallback_used else "no",
-                    f"{elapsed_ms:.1f}",
-                    usd_text(g.cost_usd),
+                rows.append(
+                    (
+                        team,
+                        job.model,
+                        g.model_used or "-",
+                        "yes" if g.fallback_used else "no",
+                        f"{elapsed_ms:.1f}",
+                        g.cost_usd,
+                    )
                 )
                 replies.append(
                     f"[bold]{job.model}[/] → {g.model_used} on {g.provider}: {result.content}"
@@ -138,6 +142,9 @@ async def _submit_all(settings: Settings, console: Console) -> list[ChatResult]:
                     else f"[red]{job.model} → {result.error.code if result.error else '?'}:[/] "
                     f"{result.error.message if result.error else ''}"
                 )
+    places = usd_places(cost for *_, cost in rows)  # one format for the column
+    for *cells, cost in rows:
+        table.add_row(*cells, usd_text(cost, places))
     console.print(table)
     for line in replies:
         console.print(f"  {line}", highlight=False)

@@ -277,6 +277,10 @@ async def test_the_demo_prints_the_dashboard_and_a_key_that_signs_in(settings: S
             assert line, "the demo ended early:\n" + "".join(printed)
             printed.append(line.decode())
         output = "".join(printed)
+        # (the replies' costs in one format, their points in line)
+        cells = [[c.strip() for c in row.split("│")[1:-1]] for row in printed if "│" in row]
+        costs = [row[-1] for row in cells if len(row) == 6 and "-" in row[1]]
+        assert len(costs) == 4 and len({len(cost.split(".")[1]) for cost in costs}) == 1, costs
         url = re.search(r"the dashboard: (http://127\.0\.0\.1:\d+)/dashboard", output)
         key = re.search(r"^\s+(qga_\S+)$", output, re.MULTILINE)
         assert url is not None and key is not None, output
