@@ -50,7 +50,14 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if not match:
         raise typer.BadParameter(f"{text!r} is not a duration: use e.g. 30m, 24h or 2d")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    try:
+        window = timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    except OverflowError:
+        window = timedelta.max
+    # A batch already past its deadline would publish nothing and fail every line.
+    if not timedelta(0) < window < timedelta.max:
+        raise typer.BadParameter(f"{text!r}: give the batch some time, e.g. 30m, 24h or 2d")
+    return window
 
 
 @batch_app.command("submit")

@@ -11,6 +11,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 
@@ -280,3 +281,27 @@ async def test_a_budget_of_minus_zero_is_stored_and_shown_as_zero(settings: Sett
     assert (await _stored(settings, "alpha"))["budget_usd"] == "0"
     [team] = json.loads(shown[1])["teams"]
     assert team["budget_usd"] == "0"
+
+
+async def test_batch_submit_refuses_a_deadline_of_no_time_or_past_any_date(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a valid batch file of team alpha's
+    await add(settings, "alpha", identity="queue")
+    batch = tmp_path / "b.jsonl"
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    batch.write_text(json.dumps(line) + "\n")
+
+    for deadline in ("0m", "99999999999999d"):
+        # When it is submitted with a deadline of no time, or past any date
+        code, _, stderr = await _cli(
+            settings, "batch", "submit", str(batch), "--team", "alpha", "--deadline", deadline
+        )
+        # Expect a refusal that says what to give, not a batch failed at once or a traceback
+        assert code == 2, stderr
+        assert "give the batch some time" in stderr and "Traceback" not in stderr
