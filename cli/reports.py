@@ -10,7 +10,7 @@ import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -22,6 +22,9 @@ from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
 from queuegate.settings import Settings
 from queuegate.tables import visible
+
+if TYPE_CHECKING:  # the commands that read PostgreSQL import its client when they run
+    import asyncpg
 
 
 def usage(
@@ -130,17 +133,17 @@ def status(
     wanted = split_teams(teams)
     listed = load_catalog(settings.catalog, os.environ).deployment_names
 
-    async def read(reader: StatusReader) -> Status:
-        budgets, unread = await _budgets(settings)
+    async def read(reader: StatusReader, registry: _Budgets) -> Status:
+        budgets, unread = await registry.read()
         return await reader.read(wanted, budgets, listed, stale=unread)
 
     async def once() -> Status:
-        async with StatusReader(settings) as reader:
-            return await read(reader)
+        async with StatusReader(settings) as reader, _Budgets(settings) as registry:
+            return await read(reader, registry)
 
     async def forever() -> None:
         stop = stop_on_signals()
-        async with StatusReader(settings) as reader:
+        async with StatusReader(settings) as reader, _Budgets(settings) as registry:
             with Live(console=out) as live:
                 last: Status | None = None
                 since: datetime | None = None
@@ -148,7 +151,7 @@ def status(
                     # An outage marks the last figures stale and the next refresh tries
                     # again, as the dashboard's Live page does: a watch outlives it.
                     try:
-                        last = await read(reader)
+                        last = await read(reader, registry)
                         reason = last.reason
                     except ServiceUnavailable as exc:
                         reason = str(exc)
@@ -170,34 +173,47 @@ def status(
         raise typer.Exit(STALE_EXIT)
 
 
-async def _budgets(settings: Settings) -> tuple[dict[str, Decimal], str | None]:
+class _Budgets:
     """Budgets from the team registry, or none and why when PostgreSQL cannot be read: the
-    budgets are then unknown, which status must not show as "no budget"."""
-    import asyncpg
+    budgets are then unknown, which status must not show as "no budget". One pool serves
+    every refresh of a watch (asyncpg's pool reconnects after an outage); opened on the first
+    read that finds PostgreSQL, so a watch started during an outage still finds it later."""
 
-    from accounting.reports import team_budgets
-    from queuegate.db import UNREACHABLE, create_pool, database_unreachable
-    from queuegate.urls import redact_url
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pool: asyncpg.Pool | None = None
 
-    try:
-        async with asyncio.timeout(BUDGETS_WAIT):
-            pool = await create_pool(settings, max_size=1)
-            try:
-                return await team_budgets(pool), None
-            finally:
-                await pool.close()
-    except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
-        return {}, None
-    except TimeoutError:
-        url = redact_url(settings.database_url)
-        return (
-            {},
-            f"PostgreSQL at {url} did not answer within {BUDGETS_WAIT:g} s: check that it runs",
-        )
-    except ServiceUnavailable as exc:  # create_pool's line already names the cause
-        return {}, str(exc)
-    except UNREACHABLE as exc:
-        return {}, database_unreachable(settings, exc)
+    async def __aenter__(self) -> _Budgets:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def read(self) -> tuple[dict[str, Decimal], str | None]:
+        import asyncpg
+
+        from accounting.reports import team_budgets
+        from queuegate.db import UNREACHABLE, create_pool, database_unreachable
+        from queuegate.urls import redact_url
+
+        try:
+            async with asyncio.timeout(BUDGETS_WAIT):
+                if self._pool is None:
+                    self._pool = await create_pool(self._settings, max_size=1)
+                return await team_budgets(self._pool), None
+        except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
+            return {}, None
+        except TimeoutError:
+            url = redact_url(self._settings.database_url)
+            return (
+                {},
+                f"PostgreSQL at {url} did not answer within {BUDGETS_WAIT:g} s: check that it runs",
+            )
+        except ServiceUnavailable as exc:  # create_pool's line already names the cause
+            return {}, str(exc)
+        except UNREACHABLE as exc:
+            return {}, database_unreachable(self._settings, exc)
 
 
 def deployments(
