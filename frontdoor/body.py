@@ -43,7 +43,7 @@ import orjson
 from fastapi import Request
 
 from frontdoor.errors import ApiError
-from frontdoor.whose import Keyed, sharer, whose
+from frontdoor.whose import Keyed, less, sharer, whose
 from queuegate.settings import Settings
 
 Reader = Callable[[int], contextlib.AbstractContextManager[None]]
@@ -173,17 +173,9 @@ class Bodies:
             yield
         finally:
             self._bytes -= size
-            _less(self._reading, key_id, 1)
+            less(self._reading, key_id, 1)
             if share is not None:
-                _less(self._shares, share, size)
-
-
-def _less(counts: Counter[str], name: str, by: int) -> None:
-    """``counts[name]`` less ``by``, forgotten at 0 (so that the counters hold only those
-    sending now)."""
-    counts[name] -= by
-    if not counts[name]:
-        del counts[name]
+                less(self._shares, share, size)
 
 
 def _too_large(limit: int) -> ApiError:

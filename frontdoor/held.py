@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from frontdoor.auth import presented_key
 from frontdoor.dashboard.session import COOKIE as SESSION_COOKIE
 from frontdoor.errors import ApiError, ErrorShapes
-from frontdoor.whose import Keyed, sharer, whose
+from frontdoor.whose import Keyed, less, sharer, whose
 from queuegate.settings import Settings
 
 RETRY_AFTER = 1.0
@@ -151,9 +151,7 @@ class Held:
         if hold.holder is None:
             self._keyless -= 1
             return
-        self._keyed[hold.holder] -= 1
-        if not self._keyed[hold.holder]:
-            del self._keyed[hold.holder]
+        less(self._keyed, hold.holder, 1)
 
     def _check(self, holder: str) -> None:
         if self._keyed[holder] < self._per_team:

@@ -9,6 +9,7 @@ own.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Protocol
 
 TEAM = "team "
@@ -44,4 +45,12 @@ def sharer(share: str) -> tuple[str, str]:
     return f"team {team}", ", all its API keys together"
 
 
-__all__ = ["TEAM", "Keyed", "sharer", "teams", "whose"]
+def less(counts: Counter[str], share: str, by: int) -> None:
+    """``counts[share]`` less ``by``, forgotten at 0 (so that the counters hold only the
+    shares in use now)."""
+    counts[share] -= by
+    if not counts[share]:
+        del counts[share]
+
+
+__all__ = ["TEAM", "Keyed", "less", "sharer", "teams", "whose"]

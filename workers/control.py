@@ -87,6 +87,7 @@ class ControlPlane:
         self._served: dict[str, Consumer] = {}
         self._dropped_logged: dict[str, float] = {}
         self._reply_slot: AsyncScript = redis.register_script(lua_source("workers", "reply_slot"))
+        self._bound = Bound.of(settings)
 
     async def start(self, channel: AbstractRobustChannel) -> None:
         self._channel = channel
@@ -223,15 +224,14 @@ class ControlPlane:
             else self._topology.replies_queue(team, name)
         )
         new = await self._count(team, full, expires)
-        bound = Bound.of(s)
         try:
             if durable:
                 await self._topology.declare_results_queue(
-                    channel, team, name, expires_s=expires, bound=bound
+                    channel, team, name, expires_s=expires, bound=self._bound
                 )
             else:
                 await self._topology.declare_replies_queue(
-                    channel, team, name, expires_s=expires, bound=bound
+                    channel, team, name, expires_s=expires, bound=self._bound
                 )
         except BaseException:
             if new:
