@@ -21,9 +21,10 @@ from producer.client import JobHandle
 from queuegate import dlq
 from queuegate.db import create_pool
 from queuegate.keys import Keys
+from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
-from queuegate.spend import current_month, spend_drift
+from queuegate.spend import current_month, ledger_spent, spend_drift
 from router import load_catalog
 from tests.chaos.harness import (
     dead_lettered,
@@ -164,6 +165,45 @@ async def test_a_lost_call_whose_job_is_refused_over_budget_is_charged_as_its_ro
     assert [a.error for a in result.gateway.attempts] == ["lost"]
     assert result.gateway.cost_usd == Decimal(row["cost_usd"]) > 0
     assert drift == 0
+
+
+async def test_a_lost_call_whose_job_the_budget_holds_once_but_not_twice_is_not_called_again(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job whose worker is killed mid-call: its ledger holds the lost call's estimate
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock) as (_, handle, pool, env),
+    ):
+        keys = Keys(settings.redis_prefix)
+        reserved = await ledger_spent(redis_client, keys, "alpha", current_month())
+        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": mock.url})
+        called = catalog.resolve("gpt-4o-mini").deployments[0]
+        job = ChatJob.model_validate(
+            {"job_id": handle.job_id, "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO,
+             "params": {"max_tokens": 50}}
+        )  # fmt: skip
+        lost = estimate(job, catalog, TeamConfig(), 256).usd_at(called)
+        assert reserved is not None and 0 < lost <= reserved
+        # When its team's budget holds another call's reservation but not the lost call as
+        # well before a worker takes it over (a redelivery's reserve replaced the killed one's
+        # entry: the lost call's cost was freed, and the job was called again past the budget)
+        mock.configure(MockConfig())
+        await set_team_config(pool, "alpha", TeamConfig(budget_usd=reserved + lost / 2))
+        worker = await start_worker(env, ("alpha",))
+        try:
+            result = await handle.result(timeout=60)
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+        finally:
+            await stop_workers([worker])
+        row = await pool.fetchrow("SELECT * FROM usage_log")
+        calls = mock.stats.calls
+
+    # Expect it refused over budget without a second call, its lost call charged
+    assert calls == 1
+    assert result.error is not None and result.error.code == "budget_exhausted"
+    assert [a["error"] for a in row["attempt_log"]] == ["lost"]
+    assert Decimal(row["cost_usd"]) == lost
 
 
 async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sweep_and_replay(

@@ -178,7 +178,8 @@ class Admission:
             limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
             # Made with the claim already, unless its ledger was lost: then it is made here, as
             # any other, its rebuild under the outage policy (PostgreSQL may be away too).
-            if ahead is not None and ahead.replies and not lost_ledger(ahead.replies[0]):
+            with_claim = bool(ahead and ahead.replies and not lost_ledger(ahead.replies[0]))
+            if ahead is not None and with_claim:
                 # Its buckets as they were taken (the team's limits may have changed since).
                 limits, replies = ahead.limits, ahead.replies
                 ticket.budget = await self._budgets.reserved(ahead.reserving, replies[0])
@@ -187,22 +188,7 @@ class Admission:
                 # The first try at the team's buckets rides with the budget's reservation, in
                 # one round trip.
                 first = self._first_take(limits, tokens)
-                # One name for every try, so a try after an error does not take again what the
-                # one before took (its reply lost with its connection).
-                name = once()
-                ticket.budget, tried = await self._guard(
-                    lambda: self._budgets.reserve(
-                        job.team,
-                        job.model,
-                        config,
-                        ticket.estimate.cost_nano,
-                        job.job_id,
-                        then=first,
-                        name=name,
-                    ),
-                    lambda: (None, None),
-                    until,
-                )
+                ticket.budget, tried = await self._reserve(job, config, ticket, None, first)
         except Exception:
             # Refused before it reserved (too large, over budget): its lapsed owners' calls
             # are charged all the same.
@@ -210,6 +196,11 @@ class Admission:
             raise
         try:
             ticket.team_limits = limits
+            if with_claim and ticket.budget is not None and ticket.reserving > needed.cost_nano:
+                # Reserved with the claim, before the claim said its lapsed owners made calls:
+                # again, with them (as a redelivery's reserve is made), so a job called again
+                # is let through only if the budget holds its lost calls too.
+                ticket.budget, _ = await self._reserve(job, config, ticket, ticket.budget)
             if tried is None or not taken(limits, tokens, tried).taken:
                 await ticket.take(limits, tried=tried is not None)
             # Again once admitted: the job may have waited long after its batch was canceled
@@ -251,13 +242,28 @@ class Admission:
             # Other ledgers: what it holds in the old ones goes back before it reserves anew.
             await self.settle(self.settlement([], budget, 0))
             ticket.budget = budget = None
-        name = once()  # the same for every try (see admit)
         # The reserve replaces the job's entry in a ledger it holds one in (spend.lua).
-        ticket.budget, _ = await self._guard(
+        ticket.budget, _ = await self._reserve(job, config, ticket, budget)
+
+    async def _reserve(
+        self,
+        job: ChatJob,
+        config: TeamConfig,
+        ticket: Ticket,
+        held: Reservation | None,
+        then: Call | None = None,
+    ) -> tuple[Reservation | None, list[int] | None]:
+        """Reserve what ``ticket`` may cost against ``config``'s budgets (replacing the job's
+        entry), with ``then`` in the same round trip; under the outage policy, ``held`` (what
+        the job holds already) when Redis is away and the job goes on."""
+        # One name for every try, so a try after an error does not take again what the one
+        # before took (its reply lost with its connection).
+        name = once()
+        return await self._guard(
             lambda: self._budgets.reserve(
-                job.team, job.model, config, ticket.estimate.cost_nano, job.job_id, name=name
+                job.team, job.model, config, ticket.reserving, job.job_id, then=then, name=name
             ),
-            lambda: (budget, None),
+            lambda: (held, None),
             ticket.until,
         )
 
@@ -461,6 +467,13 @@ class Ticket:
         self._settled = False
         self._waited: float | None = None
         """Seconds spent waiting for buckets; None while it met none (no limits)."""
+
+    @property
+    def reserving(self) -> int:
+        """Nano-USD its budget entry holds while it runs: its estimate, and the calls its
+        lapsed owners made (billed with it: the entry is one per job, replaced by each
+        delivery's reserve, so without them a redelivery would free what they cost)."""
+        return self.estimate.cost_nano + self._lost
 
     def lost(self, usd: Decimal) -> None:
         """Also settle ``usd`` of calls lapsed owners of the job made, found once admitted
