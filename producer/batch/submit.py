@@ -109,16 +109,18 @@ async def submit_batch(
             raise BatchError(f"batch {name!r} was canceled; submit it under another --name")
         # Hex: job ids and the names derived from them take it as they take a batch name.
         submission = meta.submission if meta else secrets.token_hex(4)
-        reader = JobReader(
-            batch=name,
-            jobs=submission_jobs(name, submission),
-            team=team,
-            model=model,
-            deadline=meta.deadline if meta else datetime.now(UTC) + deadline,
-            format=meta.format if meta else None,
-            models=models,
-            anthropic_models=anthropic_models,
-        )
+        if meta:
+            reader = JobReader.for_meta(meta, models=models, anthropic_models=anthropic_models)
+        else:
+            reader = JobReader(
+                batch=name,
+                jobs=submission_jobs(name, submission),
+                team=team,
+                model=model,
+                deadline=datetime.now(UTC) + deadline,
+                models=models,
+                anthropic_models=anthropic_models,
+            )
         file = BatchFile(path)
         total, problems = await _validate(file, reader, state, settings.max_job_bytes)
         fingerprint = file.digest.hexdigest()
