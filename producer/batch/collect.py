@@ -207,7 +207,7 @@ async def _batch(
         try:
             yield state, resend
         finally:
-            resend.close()
+            await resend.aclose()
 
 
 async def _consume(

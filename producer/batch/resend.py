@@ -30,7 +30,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 from producer.batch.jobs import JobReader
@@ -89,7 +89,7 @@ class Resend:
         self._stored: dict[str, None] = {}
         """Requests found stored and without a line, in the order found: a chunk not all
         written is asked for again first."""
-        self._walk: AsyncIterator[list[tuple[str, bool]]] | None = None
+        self._walk: AsyncGenerator[list[tuple[str, bool]], None] | None = None
         """The pages of requests without a line, where the last chunk stopped reading them."""
         self._unreachable: set[str] = set()
         self.asked = 0
@@ -171,7 +171,7 @@ class Resend:
             if self._walk is None:
                 if started:
                     break
-                self._walk, started = aiter(self._state.unwritten()), True
+                self._walk, started = self._state.unwritten(), True
             page = await anext(self._walk, None)
             if page is None:
                 self._walk = None
@@ -197,8 +197,12 @@ class Resend:
         lines = await self._state.line_numbers(wanted)
         return self._file.jobs(zip(wanted, lines, strict=True))
 
-    def close(self) -> None:
-        """Delete the copy of the file's entries."""
+    async def aclose(self) -> None:
+        """End the walk (while the gateway's client is open) and delete the copy of the
+        file's entries."""
+        if self._walk is not None:
+            walk, self._walk = self._walk, None
+            await walk.aclose()
         if self._file is not None:
             self._file.close()
             self._file = None
