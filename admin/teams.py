@@ -239,6 +239,9 @@ async def _declare_queue(settings: Settings, name: str) -> None:
     async with connection:
         channel = await connection.channel()
         try:
+            # The namespace's dead letters too, moved off an earlier version's binding: once
+            # here, not each time a worker declares a team's queue.
+            await topology.declare_dead(channel)
             await topology.declare_team_queue(channel, name)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             # The team's queue, or one of the namespace's own it declares first (dead letters,

@@ -52,15 +52,26 @@ PROVEN_KEPT = 10_000
 """Keys and sessions whose share ``Held.refuses`` remembers (a few MB at most)."""
 SCOPE_KEY = "queuegate.held"
 """Where a request's ``Hold`` is kept in its ASGI scope."""
+HOLDER_KEY = "queuegate.holder"
+"""Where ``holder_of`` keeps whose a request is as presented, in its ASGI scope."""
 ON_REFUSED = "queuegate.on_refused"
 """Where the server may put, in a request's ASGI scope, what to call when the request is
 refused for a share (``frontdoor.connections`` marks its connection the first to close)."""
 
 
 def holder_of(scope: Scope) -> str | None:
-    """Whose an HTTP request is as presented: its key's, its dashboard session's, or None."""
-    request = Request(scope)
-    if scope["path"].startswith(KEYED_PATHS):
+    """Whose an HTTP request is as presented: its key's, its dashboard session's, or None.
+
+    Kept in the scope: the connection asks as the request starts (``Held.refuses``), then
+    the middleware as it admits it, and the headers are read once."""
+    if HOLDER_KEY not in scope:
+        scope[HOLDER_KEY] = _presented_holder(Request(scope))
+    holder: str | None = scope[HOLDER_KEY]
+    return holder
+
+
+def _presented_holder(request: Request) -> str | None:
+    if request.scope["path"].startswith(KEYED_PATHS):
         key = presented_key(request)
         return None if key is None else f"{PRESENTED}{key}"
     # A signed-in person's pages count as their session's, as presented (an unknown one is

@@ -61,8 +61,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
 import aiormq.abc
@@ -197,6 +198,14 @@ async def _probe(
     finally:
         if not probe.is_closed:
             await probe.close()
+
+
+class _Kept(NamedTuple):
+    """The arguments an earlier version declared a queue with, and what to log of them."""
+
+    arguments: dict[str, Any]
+    level: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -344,13 +353,23 @@ class Topology:
             self.dead_teams_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
 
-    async def declare_dead(self, channel: AbstractChannel) -> AbstractExchange:
-        """The dead-letter exchanges, and the ``<ns>.dead`` queue for accounting's letters."""
+    async def _declare_dead_exchanges(
+        self, channel: AbstractChannel
+    ) -> tuple[AbstractExchange, AbstractExchange]:
+        """The dead-letter exchange every queue names, and the one by team it feeds."""
         exchange = await channel.declare_exchange(
             self.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
         by_team = await self._declare_dead_teams_exchange(channel)
         await by_team.bind(exchange)
+        return exchange, by_team
+
+    async def declare_dead(self, channel: AbstractChannel) -> AbstractExchange:
+        """The dead-letter exchanges, and the ``<ns>.dead`` queue for accounting's letters.
+
+        Moves the queue off its earlier versions' binding too: run as a process starts
+        (workers, accounting, dead-letter commands) and at ``teams add``, not per team."""
+        exchange, by_team = await self._declare_dead_exchanges(channel)
         queue = await channel.declare_queue(
             self.dead_queue,
             durable=True,
@@ -366,6 +385,11 @@ class Topology:
         """The team's dead-letter queue, bounded on its own: a team that floods it drops only
         its own oldest letters."""
         by_team = await self._declare_dead_teams_exchange(channel)
+        return await self._declare_team_dead(channel, team, by_team)
+
+    async def _declare_team_dead(
+        self, channel: AbstractChannel, team: str, by_team: AbstractExchange
+    ) -> AbstractQueue:
         queue = await channel.declare_queue(
             self.team_dead_queue(team),
             durable=True,
@@ -382,43 +406,63 @@ class Topology:
         to the team's entry exchange (with its control queue)."""
         exchange = await self.declare_jobs_exchange(channel)
         entry = await self.declare_entry_exchange(channel, team)
-        await self.declare_dead(channel)
         # Before the job queue: a job that expires in it at once finds where to go.
-        await self.declare_team_dead(channel, team)
-        await self.declare_control_queue(channel, team)
-        queue = await self._declare(
+        _, by_team = await self._declare_dead_exchanges(channel)
+        await self._declare_team_dead(channel, team, by_team)
+        await self._declare_control_queue(channel, team, exchange, entry)
+        queue = await self._declare_served(
             channel, self.team_queue(team), self._quorum_args(JOBS_DELIVERY_LIMIT)
         )
         await queue.bind(exchange, routing_key=team)
         await queue.bind(entry, routing_key=team)
         return queue
 
-    async def _declare(
+    async def _declare_served(
         self, channel: AbstractChannel, name: str, arguments: dict[str, Any]
     ) -> AbstractQueue:
-        """A durable queue with this version's arguments, or with an earlier version's
-        delivery limit when it was declared so (with a warning); any other difference is
-        refused as before (ChannelPreconditionFailed).
+        """A durable queue the gateway consumes, with this version's arguments or an earlier
+        version's delivery limit; declared on ``channel`` too once the arguments are known,
+        for a robust channel to declare it again when it reconnects."""
 
-        Tried first on channels of their own: the broker closes the channel of a declare whose
-        arguments differ, and ``channel`` may carry consumers."""
+        def earlier(refused: str) -> _Kept | None:
+            limit = _EARLIER_LIMIT.search(refused)
+            if limit is None:
+                return None
+            return _Kept(
+                arguments | {"x-delivery-limit": int(limit[1])},
+                logging.WARNING,
+                f"delivery limit ({limit[1]}): what merely waits in a worker that dies counts "
+                "toward it; move it over as the README says (Poison jobs and dead letters)",
+            )
+
+        arguments = await self._declare(channel, name, arguments, earlier)
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+
+    async def _declare(
+        self,
+        channel: AbstractChannel,
+        name: str,
+        arguments: dict[str, Any],
+        earlier: Callable[[str], _Kept | None],
+    ) -> dict[str, Any]:
+        """Declare the durable queue ``name`` with ``arguments``, or, where the broker refuses
+        them, with those ``earlier`` finds an earlier version declared it with in the refusal
+        (None: any other difference, refused as before with ChannelPreconditionFailed); the
+        arguments it has.
+
+        On channels of their own: the broker closes the channel of a declare whose arguments
+        differ, and ``channel`` may carry consumers or answer control requests."""
         underlay = await channel.get_underlay_channel()
         try:
             await _probe(underlay, name, arguments)
+            return arguments
         except ChannelPreconditionFailed as exc:
-            earlier = _EARLIER_LIMIT.search(str(exc))
-            if earlier is None:
+            kept = earlier(str(exc))
+            if kept is None:
                 raise
-            arguments = arguments | {"x-delivery-limit": int(earlier[1])}
-            await _probe(underlay, name, arguments)  # only the limit differs, or this raises
-            log.warning(
-                "queue %s has an earlier version's delivery limit (%s): what merely waits in "
-                "a worker that dies counts toward it; move it over as the README says (Poison "
-                "jobs and dead letters)",
-                name,
-                earlier[1],
-            )
-        return await channel.declare_queue(name, durable=True, arguments=arguments)
+        await _probe(underlay, name, kept.arguments)  # neither version's: this raises
+        log.log(kept.level, "queue %s keeps an earlier version's %s", name, kept.why)
+        return kept.arguments
 
     async def declare_control_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
         """The team's control requests (routing key ``<team>.control``), a queue per team as
@@ -432,7 +476,16 @@ class Topology:
         """
         exchange = await self.declare_jobs_exchange(channel)
         entry = await self.declare_entry_exchange(channel, team)
-        queue = await self._declare(
+        return await self._declare_control_queue(channel, team, exchange, entry)
+
+    async def _declare_control_queue(
+        self,
+        channel: AbstractChannel,
+        team: str,
+        exchange: AbstractExchange,
+        entry: AbstractExchange,
+    ) -> AbstractQueue:
+        queue = await self._declare_served(
             channel,
             self.control_queue(team),
             {
@@ -498,16 +551,15 @@ class Topology:
         earlier version declared it (the broker refuses a redeclare that differs), with that
         version's: a client's queue must keep working across the upgrade until it expires.
 
-        Tried on a channel of its own first: the broker closes the channel of a declare whose
-        arguments differ, and ``channel`` answers control requests."""
-        underlay = await channel.get_underlay_channel()
-        try:
-            await _probe(underlay, name, arguments)
-        except ChannelPreconditionFailed:
-            await _probe(underlay, name, earlier)  # neither version's: this raises
-            log.info("queue %s keeps an earlier version's arguments until it expires", name)
-            arguments = earlier
-        return await channel.declare_queue(name, durable=True, arguments=arguments)
+        Declared once, on a channel of its own and not on ``channel`` as well: a robust
+        channel keeps every queue declared on it, to declare them all again when it
+        reconnects, and the control plane's would grow by one each open and bring back the
+        queues that expired meanwhile."""
+        kept = _Kept(earlier, logging.INFO, "arguments until it expires")
+        arguments = await self._declare(channel, name, arguments, lambda _: kept)
+        return aio_pika.Queue(
+            channel, name, durable=True, exclusive=False, auto_delete=False, arguments=arguments
+        )
 
     async def declare_frontdoor_queue(
         self, channel: AbstractChannel, process_id: str, *, expires_s: float, max_length: int
@@ -551,7 +603,7 @@ class Topology:
             self.usage_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
         await self.declare_dead(channel)
-        queue = await self._declare(
+        queue = await self._declare_served(
             channel, self.accounting_queue, self._quorum_args(ACCOUNTING_DELIVERY_LIMIT)
         )
         await queue.bind(exchange)

@@ -639,6 +639,22 @@ async def test_a_resubmitted_batch_publishes_nothing_new_and_refuses_another_fil
             await submit_batch(beta.settings, other, name="small", **beta.who)
 
 
+async def test_a_resubmitted_batch_refuses_another_model_and_resumes_with_its_own(
+    settings: Settings, tmp_path: Path, beta: TeamIdentity
+) -> None:
+    # Given a batch submitted in full with --model
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
+    async with nobody_serves(settings):
+        await submit_batch(beta.settings, source, model="gpt-4o-mini", **beta.who)
+
+        # When it is submitted again with another --model, then without one
+        # Expect the other model refused, saying how to resume, and no --model resuming it
+        with pytest.raises(BatchError, match="submitted with --model gpt-4o-mini: re-run"):
+            await submit_batch(beta.settings, source, model="claude-haiku", **beta.who)
+        again = await submit_batch(beta.settings, source, **beta.who)
+        assert (again.published, again.already) == (0, 10)
+
+
 async def test_a_second_collect_of_the_same_batch_is_refused(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:

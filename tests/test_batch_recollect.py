@@ -92,6 +92,26 @@ async def test_a_batch_whose_file_moved_is_collected_from_where_it_is_now(
     late.check(report.counts)
 
 
+async def test_a_batch_whose_file_goes_once_collect_read_it_gets_every_answer(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given the same, its file fetched for collect (as the front door fetches it) and
+    # deleted as soon as collect had it, before the second of the many chunks it asks for
+    async with served(settings, tmp_path, alpha, deadline=timedelta(seconds=60)) as late:
+
+        async def fetch() -> Path:
+            asyncio.get_running_loop().call_soon(late.source.unlink)
+            return late.source
+
+        # When it is collected
+        with ResultFiles(late.out, late.errors) as files:
+            report = await collect_into(late.team, "late", files, source=fetch, **FAST, **alpha.who)
+        await late.ends()
+
+    # Expect every answer: the file is read once, not again for each chunk
+    late.check(report.counts)
+
+
 async def test_a_batch_whose_file_is_gone_says_to_name_it(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:

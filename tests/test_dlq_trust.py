@@ -235,12 +235,14 @@ async def test_a_worker_keeps_only_the_head_of_an_oversized_job_and_says_so(
 
 
 async def test_the_dead_letter_queues_are_bounded(settings: Settings) -> None:
-    # Given the dead-letter queues as every component declares them: accounting's, and a
-    # team's as its job queue is declared
+    # Given the dead-letter queues as every component declares them: accounting's as each
+    # process starts (and teams add), and a team's as its job queue is declared
     topology = Topology(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
-        await topology.declare_team_queue(await connection.channel(), "alpha")
+        channel = await connection.channel()
+        await topology.declare_dead(channel)
+        await topology.declare_team_queue(channel, "alpha")
     async with BrokerAdmin(settings.management_url) as admin:
         queues = [await admin.queue(topology.dead_queue)]
         queues.append(await admin.queue(topology.team_dead_queue("alpha")))
@@ -400,7 +402,9 @@ async def test_an_earlier_versions_shared_dead_letters_are_kept_and_no_longer_fl
         )
         await shared.bind(fanout)
         await fanout.publish(aio_pika.Message(b"{}", message_id="beta-old"), routing_key="")
-        # When this version declares alpha's queues, and alpha's job expires at once
+        # When this version starts (each process, and teams add, declares the dead letters)
+        # and declares alpha's queues, and alpha's job expires at once
+        await topology.declare_dead(channel)
         await topology.declare_team_queue(channel, "alpha")
         jobs = await channel.get_exchange(topology.jobs_exchange)
         await jobs.publish(

@@ -6,17 +6,20 @@ blocks every team's publishers; what the broker refuses is still answered and ac
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import aio_pika
 import pytest
-from aiormq.exceptions import DeliveryError
+from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError
 
 from admin.teams import Credentials
 from producer import GatewayClient
+from queuegate.broker import connect
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
+from tests.faults import behind_proxies
 from tests.support import running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -130,6 +133,36 @@ async def test_a_client_reply_queue_of_an_earlier_version_is_kept_as_it_was(
         assert fresh.arguments["x-overflow"] == "reject-publish"
         for declared in (name, fresh.name):
             await channel.queue_delete(declared)
+
+
+async def test_a_reply_queue_that_expired_is_not_declared_again_when_its_declarer_reconnects(
+    settings: Settings,
+) -> None:
+    topology = Topology(settings.namespace)
+    name = topology.replies_queue("alpha", "gone")
+    async with behind_proxies(settings, "amqp") as (through, proxies):
+        # Given a client's reply queue declared as the control plane declares it, on its
+        # robust channel, and then gone (as one its client left expires)
+        connection = await connect(through.amqp_url, name="control-plane")
+        async with connection:
+            channel = await connection.channel()
+            await topology.declare_replies_queue(
+                channel, "alpha", "gone", expires_s=60, bound=Bound.of(settings)
+            )
+            direct = await aio_pika.connect(settings.amqp_url)
+            async with direct:
+                await (await direct.channel()).queue_delete(name)
+
+                # When the declarer's connection drops and it reconnects
+                reconnected = asyncio.get_running_loop().create_future()
+                connection.reconnect_callbacks.add(lambda *_: reconnected.set_result(None))
+                await proxies["amqp"].down()
+                await proxies["amqp"].up()
+                await reconnected
+
+                # Expect the queue still gone: only its client's next open declares it
+                with pytest.raises(ChannelNotFoundEntity):
+                    await (await direct.channel()).declare_queue(name, passive=True)
 
 
 async def test_results_refused_by_a_full_results_queue_are_answered_and_accounted_once(

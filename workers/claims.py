@@ -40,7 +40,8 @@ Redis, in the same script call that looks for the job's stored outcome::
 
 Redis being down does not stop jobs: they are served unclaimed, each checked in usage_log,
 unless admission holds them until it returns (``fail_closed``): then each is claimed before
-it is called (``Claim.take_up``), and a duplicate that finds it held is a duplicate again.
+it is called (``Claim.take_up_before_call``), and a duplicate that finds it held is a
+duplicate again.
 A held job is looked up in usage_log at its first miss and once it is claimed, not at each
 try meanwhile: 5,000 jobs held through an outage would otherwise ask PostgreSQL 10,000
 times a second.
@@ -184,8 +185,12 @@ class Claims:
         ttl: int,
         lookup_wait: float,
         delivery_limit: int,
+        fail_open: bool = False,
     ) -> None:
         self._client = client
+        self.fail_open = fail_open
+        """The ``redis_outage`` policy serves a job that missed its claim unclaimed after one
+        more try before its call (``fail_open``), or holds it until claimed."""
         self._limit = delivery_limit
         self._keys = keys
         self._usage = usage
@@ -238,12 +243,7 @@ class Claims:
         return f"{self._worker}/{secrets.token_hex(6)}"
 
     async def take(
-        self,
-        job: ChatJob,
-        *,
-        redelivered: bool,
-        ahead: Ahead | None = None,
-        look_up_missed: bool = True,
+        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None = None
     ) -> Claim | Outcome:
         """The job held by this delivery, or its stored outcome; waits while another delivery
         holds it. Raises IdempotencyConflict, AlreadyAnswered, Busy past ``claim_wait``, or
@@ -256,8 +256,17 @@ class Claims:
         only if this delivery wins the claim there (``ahead.replies``), and then given back
         with the claim's end unless admission takes them over.
 
-        ``look_up_missed``: whether a miss (Redis not answering) looks the job up in
-        usage_log; not when the job only waits for its claim (``Claim.take_up``)."""
+        A miss (Redis not answering) is the job unclaimed, only once usage_log says it was
+        not answered, for the memory epoch is unknown too."""
+        taken = await self._take(job, redelivered=redelivered, ahead=ahead)
+        if isinstance(taken, Claim) and taken.missed:
+            await self._not_accounted(job)
+        return taken
+
+    async def _take(
+        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None
+    ) -> Claim | Outcome:
+        """As ``take``, a miss not looked up."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         failures = self._keys.failures(job.team, job.job_id)
@@ -273,7 +282,7 @@ class Claims:
                 riding = None  # a second try (the first found it busy) is a claim alone
             except RedisError as exc:
                 self._outage.failed(exc)
-                return await self._missed(job, fingerprint, key, look_up=look_up_missed)
+                return Claim(self, ClaimedJob.of(job), fingerprint, key, missed=True)
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
@@ -317,13 +326,6 @@ class Claims:
             await claim.abandon()
             raise
         return claim
-
-    async def _missed(self, job: ChatJob, fingerprint: str, key: str, *, look_up: bool) -> Claim:
-        """The job, its claim missed (Redis not answering): with ``look_up``, only once
-        usage_log says it was not answered, for the memory epoch is unknown too."""
-        if look_up:
-            await self._not_accounted(job)
-        return Claim(self, ClaimedJob.of(job), fingerprint, key, missed=True)
 
     async def _try(self, keys: list[str], args: list[str | int], ahead: Ahead | None) -> Any:
         """One try at the claim; ``ahead``'s calls ride with it, run only if it is won."""
@@ -579,7 +581,8 @@ class Claim:
         self._owner = owner
         self.missed = missed
         """Unclaimed because Redis did not answer: claimed before the job is called or its
-        end stored (``take_up``), once Redis answers again (admission held it meanwhile)."""
+        end stored (``take_up_before_call``, ``take_up``), once Redis answers again
+        (admission held it meanwhile)."""
         self.lost = lost or []
         """Calls lapsed owners of the job had in flight."""
         self.lost_usd = sum((call.cost_usd for call in self.lost), Decimal(0))
@@ -591,24 +594,36 @@ class Claim:
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
 
-    async def take_up(self, job: ChatJob, *, unclaimed: bool = True) -> bool:
-        """Claim a job that ``missed`` its claim before its first call leaves or its refusal
-        is stored: the duplicates of a job all miss it while Redis is away, and all wait
-        until it answers again; only the one that claims it then is called. Whether it is
-        claimed: not while Redis still does not answer (``missed`` stays set). Raises
-        Duplicate when another delivery answered it, or it is to be refused; else as
-        ``Claims.take`` does (Busy when another delivery holds it past the wait).
+    async def take_up(self, job: ChatJob) -> bool:
+        """Claim a job that ``missed`` its claim before its end is stored: the duplicates of
+        a job all miss it while Redis is away; the one that claims it once Redis answers
+        again stores it. Whether it is claimed: not while Redis still does not answer
+        (``missed`` stays set), and then only once usage_log says it was not answered, as
+        the job goes on unclaimed. Raises Duplicate when another delivery answered it, or it
+        is to be refused; else as ``Claims.take`` does (Busy when another delivery holds it
+        past the wait).
 
         Looked up in usage_log once claimed: Redis vouches only for deliveries that claimed
         the job, and one may have answered it unclaimed meanwhile (``fail_open``), or had
-        its outcome's store lost with Redis. A miss looks it up too when it goes on
-        ``unclaimed``, not when it only waits for its claim (``Ticket.claimed``,
-        ``fail_closed``): looked up at its first miss, and again once claimed, it would
-        otherwise ask PostgreSQL at every try of the outage, for nothing."""
+        its outcome's store lost with Redis."""
+        return await self._take_up(job, goes_on_missed=True)
+
+    async def take_up_before_call(self, job: ChatJob) -> bool:
+        """``take_up`` before the job's first call leaves, tried until claimed
+        (``Ticket.claimed``): all the duplicates wait, and only the one that claims it is
+        called. A miss is looked up in usage_log only with ``fail_open``, where the job then
+        goes on unclaimed, not when it only waits for its claim (``fail_closed``): looked up
+        at its first miss, and again once claimed, it would otherwise ask PostgreSQL at
+        every try of the outage, for nothing."""
+        return await self._take_up(job, goes_on_missed=self._claims.fail_open)
+
+    async def _take_up(self, job: ChatJob, *, goes_on_missed: bool) -> bool:
         if not self.missed:
             return True
         try:
-            taken = await self._claims.take(job, redelivered=True, look_up_missed=unclaimed)
+            taken = await self._claims._take(job, redelivered=True, ahead=None)
+            if goes_on_missed and isinstance(taken, Claim) and taken.missed:
+                await self._claims._not_accounted(job)
         except (IdempotencyConflict, AlreadyAnswered) as exc:
             raise Duplicate(exc) from exc
         if not isinstance(taken, Claim):
@@ -756,9 +771,7 @@ class _Recording:
         if self._claim.missed:
             # Claimed before the call leaves: with fail_closed it waits for Redis as admission
             # does, whether or not its admission had anything to take there.
-            await self._ticket.claimed(
-                lambda unclaimed: self._claim.take_up(job, unclaimed=unclaimed)
-            )
+            await self._ticket.claimed(lambda: self._claim.take_up_before_call(job))
             if self._claim.lost_usd:
                 self._ticket.lost(self._claim.lost_usd)  # found only now: none charged yet
         if not ran:

@@ -150,6 +150,7 @@ class Worker:
             ttl=s.result_ttl,
             lookup_wait=s.job_time_limit,
             delivery_limit=s.delivery_limit,
+            fail_open=s.redis_outage == "fail_open",
         )
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
@@ -160,8 +161,9 @@ class Worker:
             consume.reopen_callbacks.add(self._on_reopen)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             replies = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            # Declares the dead-letter exchanges too (accounting's letters go there).
             usage = await self._topology.declare_usage(publish)
-            dead = await self._topology.declare_dead(publish)
+            dead = await publish.get_exchange(self._topology.dead_exchange, ensure=False)
             identities = Identities(
                 pool,
                 namespace=s.namespace,

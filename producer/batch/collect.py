@@ -204,7 +204,10 @@ async def _batch(
             max_length=settings.reply_queue_max_length,
             source=Path(source) if isinstance(source, str) else source,
         )
-        yield state, resend
+        try:
+            yield state, resend
+        finally:
+            await resend.aclose()
 
 
 async def _consume(

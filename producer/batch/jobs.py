@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.formats import FORMATS, FormatName, detect
-from queuegate.control import job_id
+from queuegate.control import BatchMeta, job_id
 from queuegate.errors import BatchError
 from queuegate.messages import ChatJob
 
@@ -64,6 +64,28 @@ class JobReader:
         self.format = format
         self._models = models
         self._anthropic_models = anthropic_models
+
+    @classmethod
+    def for_meta(
+        cls,
+        meta: BatchMeta,
+        *,
+        models: Collection[str] | None = None,
+        anthropic_models: Collection[str] | None = None,
+    ) -> JobReader:
+        """The reader of a recorded batch: its jobs as its first submit built them, whether
+        a re-run of submit or collect asking again builds them (same job ids, model,
+        deadline and format)."""
+        return cls(
+            batch=meta.name,
+            jobs=meta.jobs,
+            team=meta.team,
+            model=meta.model,
+            deadline=meta.deadline,
+            format=meta.format,
+            models=models,
+            anthropic_models=anthropic_models,
+        )
 
     def job(self, entry: Any) -> ChatJob:
         if isinstance(entry, ValueError):

@@ -17,21 +17,26 @@ uncalled by the worker, past the deadline, or found in usage_log: never served t
 They are asked for in chunks whose results fit in half the queue's bound, the next chunk
 as soon as the last one is written: asking for all at once would overflow it again. A chunk not
 all written is asked for again after a wait that doubles (up to ``LAST_WAIT``): the workers
-may be down or behind, and each copy waits in the team's queue meanwhile.
+may be down or behind, and each copy waits in the team's queue meanwhile. The requests found
+stored are kept until written, and the walk over those without a line goes on where the last
+chunk left it, starting over only once it has ended: each chunk asks the gateway about the
+requests past the last one, not again about every one before. The file is read once
+(``producer.batch.submitted``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 from producer.batch.jobs import JobReader
-from producer.batch.lines import BatchFile
 from producer.batch.state import BatchState
 from producer.batch.submit import WINDOW
+from producer.batch.submitted import SubmittedFile
 from producer.client import GatewayClient
 from queuegate.control import BatchMeta
 from queuegate.errors import BatchError, QueueFull
@@ -77,9 +82,15 @@ class Resend:
         self._read_bytes = 0
         self._wait = FIRST_WAIT
         self._next = 0.0
+        self._file: SubmittedFile | None = None
         self._asked: list[str] = []
         self._pending: set[str] = set()
         """What was asked for and is not written yet."""
+        self._stored: dict[str, None] = {}
+        """Requests found stored and without a line, in the order found: a chunk not all
+        written is asked for again first."""
+        self._walk: AsyncGenerator[list[tuple[str, bool]], None] | None = None
+        """The pages of requests without a line, where the last chunk stopped reading them."""
         self._unreachable: set[str] = set()
         self.asked = 0
         """Jobs published again by this run."""
@@ -97,7 +108,10 @@ class Resend:
 
     def written(self, custom_ids: Iterable[str]) -> None:
         """Lines now written: the next chunk is asked for once the last one is all written."""
-        self._pending.difference_update(custom_ids)
+        ids = set(custom_ids)
+        self._pending -= ids
+        for custom_id in ids.intersection(self._stored):
+            del self._stored[custom_id]
 
     @property
     def ready(self) -> bool:
@@ -119,21 +133,13 @@ class Resend:
             self._wait = FIRST_WAIT
         elif now < self._next:
             return 0
-        size = self.chunk()
-        stored: list[str] = []
-        async for page in self._state.unwritten():
-            ids = [custom_id for custom_id, published in page if published]
-            outcomes = await self._state.outcomes_among(ids)
-            stored += [c for c, o in zip(ids, outcomes, strict=True) if o == "stored"]
-            if len(stored) >= size:
-                break
-        self._asked = stored[:size]
+        self._asked = await self._stored_unwritten(self.chunk())
         self._pending = set(self._asked)
         self._next = now + self._wait
         self._wait = min(self._wait * 2, LAST_WAIT)
         if not self._asked:
             return 0
-        jobs = await self._jobs(set(self._asked))
+        jobs = await self._jobs(self._asked)
         if jobs is None:
             # Stored and unwritten at two looks a wait apart: refused, not on their way.
             if self._unreachable.intersection(self._asked):
@@ -156,35 +162,50 @@ class Resend:
         self.asked += sent
         return sent
 
-    async def _jobs(self, wanted: set[str]) -> list[ChatJob] | None:
-        """The jobs of ``wanted``, each from the first valid entry of its custom_id, as
-        submit indexed it; the whole file read, to prove it is the one submitted (None when
-        it is not, or is gone)."""
-        if self._source is not None and not isinstance(self._source, Path):
-            self._source = await self._source()
-        if self._source is None or not self._source.is_file():
-            return None
-        reader = JobReader(
-            batch=self._meta.name,
-            jobs=self._meta.jobs,
-            team=self._meta.team,
-            model=self._meta.model,
-            deadline=self._meta.deadline,
-            format=self._meta.format,
-        )
-        file = BatchFile(self._source)
-        jobs: dict[str, ChatJob] = {}
-        for _, entry in file:
-            custom_id = entry.get("custom_id") if isinstance(entry, dict) else None
-            if custom_id not in wanted or custom_id in jobs:
+    async def _stored_unwritten(self, size: int) -> list[str]:
+        """Up to ``size`` requests whose outcome is stored and that have no line: those found
+        before first, then the next found by the walk, which starts over (at most once a
+        call) once it has ended, as requests are stored while collect runs."""
+        started = False
+        while len(self._stored) < size:
+            if self._walk is None:
+                if started:
+                    break
+                self._walk, started = self._state.unwritten(), True
+            page = await anext(self._walk, None)
+            if page is None:
+                self._walk = None
                 continue
-            try:
-                jobs[custom_id] = reader.job(entry)
-            except ValueError:
-                continue  # not indexed by submit: a later entry may be the valid one
-        if file.digest.hexdigest() != self._meta.fingerprint:
-            return None
-        return list(jobs.values())
+            ids = [c for c, published in page if published and c not in self._stored]
+            outcomes = await self._state.outcomes_among(ids)
+            found = (c for c, o in zip(ids, outcomes, strict=True) if o == "stored")
+            self._stored.update(dict.fromkeys(found))
+        return list(itertools.islice(self._stored, size))
+
+    async def _jobs(self, wanted: list[str]) -> list[ChatJob] | None:
+        """The jobs of ``wanted`` as submit published them, from the file read once, to
+        prove it is the one submitted (None when it is not, or is gone)."""
+        if self._file is None:
+            if self._source is not None and not isinstance(self._source, Path):
+                self._source = await self._source()
+            if self._source is None:
+                return None
+            reader = JobReader.for_meta(self._meta)
+            self._file = SubmittedFile.read(self._source, reader, self._meta.fingerprint)
+            if self._file is None:
+                return None
+        lines = await self._state.line_numbers(wanted)
+        return self._file.jobs(zip(wanted, lines, strict=True))
+
+    async def aclose(self) -> None:
+        """End the walk (while the gateway's client is open) and delete the copy of the
+        file's entries."""
+        if self._walk is not None:
+            walk, self._walk = self._walk, None
+            await walk.aclose()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def _lost(self) -> str:
         where = f"{self._source} is gone or changed" if self._source else "no file recorded"

@@ -10,7 +10,7 @@ publishes or writes again at most what was in flight, and drops the duplicates b
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from producer.control import ControlClient
@@ -111,7 +111,7 @@ class BatchState:
         if entries:
             await self._call("mark_written", entries=list(entries))
 
-    async def unwritten(self) -> AsyncIterator[list[tuple[str, bool]]]:
+    async def unwritten(self) -> AsyncGenerator[list[tuple[str, bool]], None]:
         """Chunks of (custom_id, published) for every request without a result line."""
         cursor = 0
         while True:

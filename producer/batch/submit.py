@@ -107,18 +107,28 @@ async def submit_batch(
         meta = await state.load()
         if await state.is_canceled():
             raise BatchError(f"batch {name!r} was canceled; submit it under another --name")
+        if meta is not None and model is not None and model != meta.model:
+            # Its jobs are rebuilt with the recorded model (a re-run, collect asking again):
+            # another would publish the rest under the same job ids as other requests.
+            first = f"--model {meta.model}" if meta.model else "no --model"
+            raise BatchError(
+                f"batch {name!r} was submitted with {first}: re-run it with the same, or "
+                "without --model (it resumes as submitted), or pick another --name"
+            )
         # Hex: job ids and the names derived from them take it as they take a batch name.
         submission = meta.submission if meta else secrets.token_hex(4)
-        reader = JobReader(
-            batch=name,
-            jobs=submission_jobs(name, submission),
-            team=team,
-            model=model,
-            deadline=meta.deadline if meta else datetime.now(UTC) + deadline,
-            format=meta.format if meta else None,
-            models=models,
-            anthropic_models=anthropic_models,
-        )
+        if meta:
+            reader = JobReader.for_meta(meta, models=models, anthropic_models=anthropic_models)
+        else:
+            reader = JobReader(
+                batch=name,
+                jobs=submission_jobs(name, submission),
+                team=team,
+                model=model,
+                deadline=datetime.now(UTC) + deadline,
+                models=models,
+                anthropic_models=anthropic_models,
+            )
         file = BatchFile(path)
         total, problems = await _validate(file, reader, state, settings.max_job_bytes)
         fingerprint = file.digest.hexdigest()

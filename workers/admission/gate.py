@@ -480,15 +480,14 @@ class Ticket:
         (its claim taken only then: ``Claim.take_up``)."""
         self._lost += to_nano(usd)
 
-    async def claimed(self, take_up: Callable[[bool], Awaitable[bool]]) -> None:
-        """Run ``take_up`` (a missed claim's ``Claim.take_up``) until it claims the job: with
-        ``fail_closed`` no job is called unclaimed, so one whose team and deployment have no
-        limits (nothing of its admission needed Redis) waits for Redis too, until its
-        deadline or the maximum wait; with ``fail_open`` it is served unclaimed after one
-        try. ``take_up``'s argument: whether the job goes on unclaimed if this try misses."""
-        unclaimed = self._admission.policy == "fail_open"
-        while not await take_up(unclaimed):
-            if unclaimed:
+    async def claimed(self, take_up: Callable[[], Awaitable[bool]]) -> None:
+        """Run ``take_up`` (a missed claim's ``Claim.take_up_before_call``) until it claims
+        the job: with ``fail_closed`` no job is called unclaimed, so one whose team and
+        deployment have no limits (nothing of its admission needed Redis) waits for Redis
+        too, until its deadline or the maximum wait; with ``fail_open`` it is served
+        unclaimed after one try."""
+        while not await take_up():
+            if self._admission.policy == "fail_open":
                 return
             await _pause(self.until, None, "Redis, which holds the job's claim, was unreachable")
 
