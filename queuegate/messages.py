@@ -107,6 +107,22 @@ StoredText = Annotated[str, AfterValidator(_stored_text)]
 stored there, so that the job it came in is refused as bad input before it is called, never
 called and then left unaccounted."""
 
+REFUSED_MARK = "/refused/"
+"""What the usage row of a refused job has in its id, ``<job id>/refused/<digest of body>``
+(``workers.outcome.refused``), and no job id may: a job sent under a refusal's id, which its
+producer can work out from what it sent, was called and billed, its cost dropped against the
+refusal's row of no cost."""
+
+
+def _job_id(text: str) -> str:
+    if REFUSED_MARK in text:
+        raise ValueError(f"a job id may not contain {REFUSED_MARK!r} (the ids of refusals' rows)")
+    return text
+
+
+JobId = Annotated[str, AfterValidator(_stored_text), AfterValidator(_job_id)]
+"""A producer's job id: stored text, never one a refusal's usage row can have."""
+
 
 def _check_values(where: str, value: object) -> None:
     """Refuse, anywhere in a JSON value, a string PostgreSQL cannot store or an integer
@@ -224,7 +240,7 @@ class ChatJob(WireModel):
     """A chat completion to run; ``job_id`` is the idempotency key, set by the producer."""
 
     v: int = SCHEMA_VERSION
-    job_id: StoredText = Field(min_length=1, max_length=128)
+    job_id: JobId = Field(min_length=1, max_length=128)
     team: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     model: StoredText = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1)

@@ -226,6 +226,38 @@ async def test_a_refused_job_delivered_again_is_accounted_once(settings: Setting
         assert gw.mock.stats.calls == 1
 
 
+async def test_a_job_sent_under_a_refusals_id_is_refused_not_served_unbilled(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # (Redis long-lived, as in service: no job is looked up in usage_log before its call)
+    await redis_client.set(Keys(settings.redis_prefix).memory_epoch, "0")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # Given a refused request (a reused id), whose row's id its sender can work out
+        answered = await client.chat("gpt-4o-mini", HELLO, job_id="x-3")
+        assert answered.status == "ok"
+        other = client.job("gpt-4o-mini", [{"role": "user", "content": "Other"}], job_id="x-3")
+        await client.publish(other, reply_to=client.reply_to)
+        await gw.dead_letters(1)
+        await gw.usage_rows(2)
+        refusal = await gw.pool.fetchval("SELECT job_id FROM usage_log WHERE cost_usd = 0")
+        assert refusal is not None and refusal.startswith("x-3/refused/")
+
+        # When a real request is sent under that id (its row would collide with the
+        # refusal's of no cost, and the call go unbilled)
+        job = {"job_id": refusal, "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
+        await gw.publish(
+            orjson.dumps(job), message_id=refusal, correlation_id=refusal, reply_to=client.reply_to
+        )
+
+        # Expect it refused as bad input, never called; the client refuses to build it
+        result = await client.wait(refusal, timeout=10)
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert "/refused/" in result.error.message
+        assert gw.mock.stats.calls == 1
+        with pytest.raises(ValueError, match="may not contain '/refused/'"):
+            client.job("gpt-4o-mini", HELLO, job_id=refusal)
+
+
 @pytest.mark.parametrize(
     ("case", "body", "content_type", "detail"),
     [

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from queuegate.errors import JobError
 from queuegate.messages import (
+    REFUSED_MARK,
     ChatJob,
     ChatResult,
     ErrorInfo,
@@ -220,6 +221,6 @@ def refused(
     row of it, while a different request refused under the job id gets a row of its own.
     """
     outcome = failed(job_id, team, model, error, timing)
-    refused_id = f"{storable(job_id)}/refused/{hashlib.sha256(body).hexdigest()[:32]}"
+    refused_id = f"{storable(job_id)}{REFUSED_MARK}{hashlib.sha256(body).hexdigest()[:32]}"
     usage = outcome.usage.model_copy(update={"job_id": refused_id})
     return outcome.model_copy(update={"usage": usage})
