@@ -140,6 +140,14 @@ Outcome = Literal["stored", "held"]
 stored (answered, to be sent again when asked), or a delivery holds its claim (in a call)."""
 
 
+def being_submitted(name: str) -> str:
+    """Why a submit of batch ``name`` stops when another submit of it runs at once."""
+    return (
+        f"batch {name!r} is being submitted by another run at once: let that one finish, "
+        "then run this again to resume it (nothing was published by this one)"
+    )
+
+
 def job_id(jobs: str, custom_id: str) -> str:
     """The job id of a request of the submission whose ids start with ``jobs``
     (``BatchMeta.jobs``): the same on every run of that submission, so a re-run is

@@ -187,9 +187,10 @@ class Keys:
         """custom_id → line number of every valid request of a batch (hash)."""
         return f"{self.prefix}:batch:{team}:{name}:lines"
 
-    def batch_index(self, team: str, name: str) -> str:
-        """The lines hash being built while a batch file is validated, renamed when valid."""
-        return f"{self.prefix}:batch:{team}:{name}:index"
+    def batch_index(self, team: str, name: str, run: str = "") -> str:
+        """The lines hash a submit (``run``) builds while it validates a batch file, renamed
+        when valid: one per run, so submits of one name at once never mix their indexes."""
+        return f"{self.prefix}:batch:{team}:{name}:index" + (f":{run}" if run else "")
 
     def batch_published(self, team: str, name: str) -> str:
         """custom_ids whose job the broker confirmed (set)."""

@@ -346,6 +346,38 @@ async def test_a_batch_larger_than_its_teams_queue_pauses_until_a_worker_makes_r
     assert len(counts) == 40 and set(counts.values()) == {1}
 
 
+@pytest.mark.parametrize("who", ["alpha", "beta"])
+async def test_submits_of_one_new_batch_at_once_publish_it_once(
+    settings: Settings, tmp_path: Path, who: str, alpha: TeamIdentity, beta: TeamIdentity
+) -> None:
+    # Given a gateway, and a team (added the default way, or with an API key)
+    team = {"alpha": alpha, "beta": beta}[who]
+    total = 30
+    source = write_jsonl(tmp_path / "race.jsonl", [openai_line(i) for i in range(total)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings, teams=(team.team,)) as gw:
+        # When five submits of one new batch run at once (each found no batch of the name,
+        # and each would have recorded its own submission and published all of it)
+        runs = await asyncio.gather(
+            *(submit_batch(team.settings, source, name="race", **team.who) for _ in range(5)),
+            return_exceptions=True,
+        )
+        # ... then it is submitted again to resume it, and collected
+        await submit_batch(team.settings, source, name="race", **team.who)
+        await collect(team.settings, "race", out, idle=0.2, **team.who)
+        calls = gw.mock.stats.calls
+
+    # Expect the ones that stopped to say why in a line, each request called once and
+    # answered once
+    stopped = [run for run in runs if isinstance(run, BaseException)]
+    assert all(isinstance(run, BatchError) for run in stopped), stopped
+    assert all("is being submitted by another run at once" in str(run) for run in stopped)
+    assert len(stopped) >= 4
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == total and set(counts.values()) == {1}
+    assert calls == total
+
+
 async def test_a_killed_submit_resumes_without_answering_twice(
     settings: Settings, tmp_path: Path, redis_client: aioredis.Redis, alpha: TeamIdentity
 ) -> None:

@@ -26,6 +26,7 @@ from queuegate.control import (
     Category,
     Counts,
     Outcome,
+    being_submitted,
     job_id,
     no_such_batch,
 )
@@ -40,9 +41,12 @@ NANO = 10**9
 
 
 class BatchState:
-    """One batch's keys. Not safe for two submits or two collects of one batch at once."""
+    """One batch's keys. Of two submits of one new batch at once, one records it and the other
+    stops (``create``)."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, team: str, name: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, team: str, name: str, run: str = ""
+    ) -> None:
         self._r = client
         self._keys = keys
         self.team = team
@@ -50,7 +54,7 @@ class BatchState:
         self._batches = keys.batches(team)
         self._meta = keys.batch(team, name)
         self._lines = keys.batch_lines(team, name)
-        self._index = keys.batch_index(team, name)
+        self._index = keys.batch_index(team, name, run)
         self._published = keys.batch_published(team, name)
         self._written = keys.batch_written(team, name)
         self._canceled = keys.batch_canceled(team, name)
@@ -81,11 +85,12 @@ class BatchState:
             raise BatchError(no_such_batch(self.team, self.name))
         return meta
 
-    async def create(self, meta: BatchMeta) -> None:
-        """Record a new batch, and adopt the validated index as its lines. Sent again (its
-        answer lost with a connection), it finds the batch recorded and leaves it be."""
-        if await self.load() is not None:
-            return
+    async def create(self, meta: BatchMeta) -> str:
+        """Record a new batch, and adopt the validated index as its lines; the submission
+        the batch is recorded with. Sent again (its answer lost with a connection), it finds
+        the batch recorded and leaves it be; another submit of the name that recorded it
+        first keeps it (its submission is returned: the caller must not publish its own, or
+        each request would go out under two job ids, called and billed twice)."""
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         mapping: dict[Any, str | int | float] = {
             "team": meta.team,
@@ -99,11 +104,20 @@ class BatchState:
             "created": time.time(),
         }
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(self._meta, mapping=mapping)
-            pipe.rename(self._index, self._lines)
-            pipe.zadd(self._batches, {self.name: time.time()})
-            self._expire(pipe, self._meta, self._lines)
-            await self._call(pipe.execute())
+            try:
+                await self._call(pipe.watch(self._meta))
+                recorded = await self._call(pipe.hget(self._meta, "submission"))
+                if recorded is not None:
+                    return text(recorded)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.hset(self._meta, mapping=mapping)
+                pipe.rename(self._index, self._lines)
+                pipe.zadd(self._batches, {self.name: time.time()})
+                self._expire(pipe, self._meta, self._lines)
+                await self._call(pipe.execute())
+            except WatchError:
+                raise BatchError(being_submitted(self.name)) from None  # recorded meanwhile
+        return meta.submission
 
     async def reset_index(self) -> None:
         await self._call(self._r.delete(self._index))
@@ -265,6 +279,8 @@ class BatchState:
     async def _call(self, awaitable: Any) -> Any:
         try:
             return await awaitable
+        except WatchError:
+            raise  # a race the caller settles, not a failure of Redis
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(
                 f"Redis failed while reading or writing batch {self.name!r} "

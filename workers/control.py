@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import aiormq
 import redis.asyncio as aioredis
 from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -63,6 +63,8 @@ _IDS = TypeAdapter(list[str])
 _INDEX = TypeAdapter(list[tuple[str, int]])
 _WRITTEN = TypeAdapter(list[tuple[str, Category, int]])
 _CURSOR = TypeAdapter(int)
+_RUN = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{0,16}$")])
+"""A submit's own token (``producer.batch.state``): part of a Redis key."""
 
 
 class Refused(GatewayError):
@@ -285,8 +287,10 @@ class ControlPlane:
             ]
         if not call.batch:
             raise Refused(f"batch {call.call} needs a batch name")
-        state = BatchState(self._redis, self._keys, team, call.batch)
         args = call.args
+        state = BatchState(
+            self._redis, self._keys, team, call.batch, _RUN.validate_python(args.get("run", ""))
+        )
         if call.call not in ("load", "create", "reset_index", "index", "is_canceled"):
             # Every other step is on a recorded batch, whose expiry its keys then take.
             await state.require()
@@ -298,8 +302,7 @@ class ControlPlane:
                 meta = BatchMeta.model_validate(args.get("meta"))
                 meta = meta.model_copy(update={"team": team, "name": call.batch})
                 await self._open(team, call.batch, durable=True)
-                await state.create(meta)
-                return None
+                return await state.create(meta)
             case "reset_index":
                 await state.reset_index()
                 return None

@@ -10,11 +10,20 @@ publishes or writes again at most what was in flight, and drops the duplicates b
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from producer.control import ControlClient
-from queuegate.control import BatchMeta, BatchSummary, Category, Counts, Outcome, no_such_batch
+from queuegate.control import (
+    BatchMeta,
+    BatchSummary,
+    Category,
+    Counts,
+    Outcome,
+    being_submitted,
+    no_such_batch,
+)
 from queuegate.errors import BatchError
 
 NANO = 10**9
@@ -54,6 +63,8 @@ class BatchState:
         self._control = control
         self.name = name
         self.team = control.team
+        self._run = secrets.token_hex(4)
+        """This submit's own index, apart from another's of the same name at once."""
 
     async def _call(self, call: Any, **args: Any) -> Any:
         return await self._control.batch(call, self.name, **args)
@@ -69,15 +80,18 @@ class BatchState:
         return meta
 
     async def create(self, meta: BatchMeta) -> None:
-        """Record a new batch (the gateway declares its results queue too)."""
-        await self._call("create", meta=meta.model_dump(mode="json"))
+        """Record a new batch (the gateway declares its results queue too). Raises BatchError
+        when another submit of its name recorded it first, under another submission."""
+        recorded = await self._call("create", meta=meta.model_dump(mode="json"), run=self._run)
+        if recorded is not None and recorded != meta.submission:
+            raise BatchError(being_submitted(self.name))
 
     async def reset_index(self) -> None:
-        await self._call("reset_index")
+        await self._call("reset_index", run=self._run)
 
     async def index(self, entries: Sequence[tuple[str, int]]) -> list[int]:
         """Add (custom_id, line) pairs; for each, the line that holds the custom_id first."""
-        return [int(n) for n in await self._call("index", entries=list(entries))]
+        return [int(n) for n in await self._call("index", entries=list(entries), run=self._run)]
 
     async def line_numbers(self, custom_ids: Sequence[str]) -> list[int | None]:
         if not custom_ids:
