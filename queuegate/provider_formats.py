@@ -12,6 +12,10 @@ field of a ``tool`` message, an Anthropic deployment's own Messages body is kept
 canonical response under ``ANTHROPIC_BODY`` and its stream events beside the deltas
 (``StreamChunk.anthropic_events``), so an Anthropic caller gets the blocks, signatures and
 usage the provider sent. ``openai_view`` is the response without it.
+
+An answer's id is the gateway's, made from the job's id (``openai_id``, ``anthropic_id``),
+never the provider's: that would tell a caller which provider, even which deployment,
+served the job, which the gateway's answers otherwise keep to ``model``.
 """
 
 from __future__ import annotations
@@ -272,8 +276,18 @@ def _openai_tool_choice(choice: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
-    """A canonical ``chat.completion`` as a Messages API ``message``.
+def openai_id(job_id: str) -> str:
+    """The id of the OpenAI-format answer to a job (whole, or each chunk of its stream)."""
+    return f"chatcmpl-{job_id}"
+
+
+def anthropic_id(job_id: str) -> str:
+    """The id of the Messages API answer to a job (whole, or its stream's message_start)."""
+    return f"msg_{job_id}"
+
+
+def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, Any]:
+    """A canonical ``chat.completion`` as a Messages API ``message`` of id ``message_id``.
 
     An Anthropic deployment's answer is its own body (``ANTHROPIC_BODY``): every block in
     its order, signatures and usage as sent. Another provider's is translated: thinking
@@ -291,7 +305,7 @@ def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
             content.append({"type": "text", "text": text})
     content.extend(tool_use_block(call) for call in message.get("tool_calls") or [])
     translated = {
-        "id": response.get("id") or "",
+        "id": message_id,
         "type": "message",
         "role": "assistant",
         "model": response.get("model") or "",
@@ -306,11 +320,11 @@ def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
     return translated | {key: native[key] for key in kept if key in native}
 
 
-def openai_view(response: dict[str, Any]) -> dict[str, Any]:
-    """A canonical response as OpenAI's callers get it: without ``ANTHROPIC_BODY``."""
-    if ANTHROPIC_BODY not in response:
-        return response
-    return {key: value for key, value in response.items() if key != ANTHROPIC_BODY}
+def openai_view(response: dict[str, Any], answer_id: str) -> dict[str, Any]:
+    """A canonical response as OpenAI's callers get it, of id ``answer_id``: without
+    ``ANTHROPIC_BODY``."""
+    kept = {key: value for key, value in response.items() if key != ANTHROPIC_BODY}
+    return kept | {"id": answer_id}
 
 
 def thinking_block(thinking: str) -> Block:

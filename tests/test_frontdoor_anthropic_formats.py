@@ -325,7 +325,8 @@ def test_a_streamed_tool_call_arrives_as_input_json_deltas() -> None:
     assert message.stop_reason == "tool_use"
     # the same content the answer has when it is not streamed
     assert (
-        message.content == Message.model_validate(anthropic_message(result.response or {})).content
+        message.content
+        == Message.model_validate(anthropic_message(result.response or {}, "msg_1")).content
     )
 
 
@@ -527,7 +528,7 @@ def test_a_canonical_answer_keeps_its_thinking_and_cache_writes_as_a_message() -
         }
     }
 
-    message = Message.model_validate(anthropic_message(response))
+    message = Message.model_validate(anthropic_message(response, "msg_1"))
 
     assert [block.type for block in message.content] == ["thinking", "text"]
     usage = message.usage
