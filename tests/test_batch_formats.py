@@ -152,7 +152,20 @@ def test_a_canonical_answer_is_written_as_an_anthropic_message() -> None:
                 "max_tokens": 5,
                 "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}],
             },
-            "params.messages.0.content.0: document blocks are not supported",
+            "params.messages.0.content.0.source: document sources of type None",
+        ),
+        (
+            {
+                "max_tokens": 5,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "document", "source": {"type": "url", "url": "u"}}],
+                    }
+                ],
+            },
+            r"params.messages.0.content.0.source: document sources of type 'url' \(None\) are "
+            "not supported: send a PDF as base64",
         ),
     ],
 )
