@@ -53,7 +53,17 @@ def main() -> None:
     # (worker, accounting) configure logging again at the level they are given.
     configure_logging("warning", libraries=logging.CRITICAL)
     try:
-        app()
+        # Not standalone: typer's click then raises its usage errors (bad options and
+        # arguments) rather than drawing them in a boxed panel over several lines.
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:
+        # click's errors (typer vendors click; TyperException is their public base): a usage
+        # error, exit 2, or one a command raised. Typer matches this one by name too.
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(exc.exit_code)  # its help was printed as it was made
+        _fail(_usage_line(exc), exit_code=exc.exit_code)
+    except typer.Abort:  # a confirmation answered no
+        _fail("aborted: nothing was changed")
     except GatewayError as exc:
         _fail(str(exc))
     except Exception as exc:
@@ -61,11 +71,24 @@ def main() -> None:
         if message is None:
             raise
         _fail(message)
+    else:
+        # What a typer.Exit raised by a command (or Ctrl-C, 130) asks for; a command's own
+        # return value is None.
+        if isinstance(code, int) and code:
+            sys.exit(code)
 
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/] {escape(visible(message))}", highlight=False)
-    sys.exit(1)
+def _fail(message: str, *, exit_code: int = 1) -> None:
+    line = " ".join(visible(message).split())  # a message of several lines made one
+    err.print(f"[red]error:[/] {escape(line)}", highlight=False)
+    sys.exit(exit_code)
+
+
+def _usage_line(exc: typer.TyperException) -> str:
+    """A usage error with the help that shows the command's options and arguments."""
+    context: typer.Context | None = getattr(exc, "ctx", None)  # a usage error's
+    command = "queuegate" if context is None else context.command_path
+    return f"{exc.format_message().rstrip('.')}: see {command} --help"
 
 
 def _one_line(exc: Exception) -> str | None:

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from cli.console import err, out, print_table
 from cli.options import finite, make_settings, parse_month, split_teams
-from queuegate.errors import ServiceUnavailable
+from queuegate.errors import ServiceUnavailable, UnknownTeam
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
 from queuegate.settings import Settings
@@ -135,7 +135,14 @@ def status(
 
     async def read(reader: StatusReader, registry: _Budgets) -> Status:
         budgets, unread = await registry.read()
-        return await reader.read(wanted, budgets, listed, stale=unread)
+        current = await reader.read(wanted, budgets, listed, stale=unread)
+        # A team named that has no queue may be a mistyped name: said as every report says
+        # it, not shown as an idle team's row (a team workers serve has one: they declare it).
+        named = set(wanted or ())
+        await registry.check_known(
+            [t.team for t in current.teams if t.team in named and t.queue_depth is None]
+        )
+        return current
 
     async def once() -> Status:
         async with StatusReader(settings) as reader, _Budgets(settings) as registry:
@@ -214,6 +221,25 @@ class _Budgets:
             return {}, str(exc)
         except UNREACHABLE as exc:
             return {}, database_unreachable(self._settings, exc)
+
+    async def check_known(self, teams: list[str]) -> None:
+        """UnknownTeam for the first of ``teams`` the registry does not hold; nothing when it
+        cannot be read (the status then says why its budgets are unknown)."""
+        import asyncpg
+
+        from admin.filters import known_team
+        from queuegate.db import UNREACHABLE
+
+        if self._pool is None or not teams:
+            return
+        try:
+            async with asyncio.timeout(BUDGETS_WAIT):
+                for team in teams:
+                    await known_team(self._pool, team)
+        except asyncpg.UndefinedTableError:  # not migrated yet: no team is registered
+            raise UnknownTeam(teams[0]) from None
+        except UNREACHABLE:  # TimeoutError included: the row is shown, as it cannot be told
+            return
 
 
 def deployments(

@@ -6,9 +6,10 @@ another type (``"yes"`` for a boolean: no coercion) and empty content refused, i
 reads it as a canonical (OpenAI chat) request with
 ``queuegate.provider_formats.openai_request``, and makes it the team's job as an OpenAI
 request is made one (``frontdoor.chat_request.chat_job``: catalog, limits, job id, deadline).
-What Anthropic takes and the gateway cannot carry (documents, server tools, adaptive
-thinking) is refused by name. ``count_tokens_job`` does the same for a
-``/v1/messages/count_tokens`` body, whose job is only counted. Any refusal: ``ApiError``.
+What Anthropic takes and the gateway cannot carry (documents by URL, file id or content
+blocks, server tools, adaptive thinking) is refused by name. ``count_tokens_job`` does the
+same for a ``/v1/messages/count_tokens`` body, whose job is only counted. Any refusal:
+``ApiError``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,34 @@ class ImageBlock(_Strict):
     cache_control: CacheControl | None = None
 
 
+class PdfSource(_Strict):
+    type: Literal["base64"]
+    media_type: Literal["application/pdf"]
+    data: str = Field(min_length=1)
+
+
+class PlainTextSource(_Strict):
+    type: Literal["text"]
+    media_type: Literal["text/plain"]
+    data: str
+
+
+class CitationsConfig(_Strict):
+    enabled: bool | None = None
+
+
+class DocumentBlock(_Strict):
+    """A PDF or a plain text (a URL, an uploaded file or content blocks are refused: the
+    gateway carries what it can send to either provider, ``provider_formats.document_part``)."""
+
+    type: Literal["document"]
+    source: Annotated[PdfSource | PlainTextSource, Field(discriminator="type")]
+    title: str | None = None
+    context: str | None = None
+    citations: CitationsConfig | None = None
+    cache_control: CacheControl | None = None
+
+
 ToolResultContent = Annotated[
     Annotated[TextBlock, Tag("text block")] | Annotated[ImageBlock, Tag("image block")],
     Discriminator(tagged_by("type", "block")),
@@ -111,6 +140,7 @@ class RedactedThinkingBlock(_Strict):
 ContentBlock = Annotated[
     Annotated[TextBlock, Tag("text block")]
     | Annotated[ImageBlock, Tag("image block")]
+    | Annotated[DocumentBlock, Tag("document block")]
     | Annotated[ToolUseBlock, Tag("tool_use block")]
     | Annotated[ToolResultBlock, Tag("tool_result block")]
     | Annotated[ThinkingBlock, Tag("thinking block")]

@@ -77,7 +77,7 @@ class MessageEvents:
         self._model.note_result(result)
         if not self._started and result.response is not None:
             # Nothing was streamed (a cached answer): message_start can tell the usage.
-            self._usage = self._usage | anthropic_message(result.response)["usage"]
+            self._usage = self._usage | anthropic_message(result.response, self._id)["usage"]
         return encode(self._opening() + self.end_events(result))
 
     def error(self, code: str, message: str) -> bytes:
@@ -139,7 +139,7 @@ class MessageEvents:
         if result.status != "ok" or result.response is None:
             assert result.error is not None
             return [anthropic_error(result.error.code, result.error.message)]
-        message = anthropic_message(result.response)
+        message = anthropic_message(result.response, self._id)
         events: list[Event] = []
         if self._blocks == 0:
             for block in message["content"]:

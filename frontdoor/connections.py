@@ -412,7 +412,7 @@ def fit_open_files(max_connections: int) -> int:
 
 
 def _answer(error: ApiError) -> bytes:
-    body = orjson.dumps(openai_error(error.code, error.message))
+    body = orjson.dumps(openai_error(error.code, error.message, error.param))
     headers = {
         "content-type": "application/json",
         "content-length": str(len(body)),

@@ -133,13 +133,16 @@ def error_of_result(result: ChatResult) -> ApiError:
         error.message,
         retry_after_s=_seconds(error.retry_after_ms),
         job_id=result.job_id,
+        param=error.param,
     )
 
 
 def error_of(exc: GatewayError) -> ApiError:
     """The answer to one of our errors raised on the way to the broker."""
     if isinstance(exc, JobError):
-        return ApiError(exc.code, exc.message, retry_after_s=_seconds(exc.retry_after_ms))
+        return ApiError(
+            exc.code, exc.message, retry_after_s=_seconds(exc.retry_after_ms), param=exc.param
+        )
     if isinstance(exc, QueueFull):
         return ApiError("queue_full", str(exc))
     if isinstance(exc, ServiceUnavailable | ClientError):

@@ -23,7 +23,7 @@ from producer.streams import ChatStream
 from queuegate.api_errors import openai_error
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatResult, StreamChunk
-from queuegate.provider_formats import CHUNK_FIELDS, STOP_SEQUENCE, as_int
+from queuegate.provider_formats import CHUNK_FIELDS, STOP_SEQUENCE, as_int, openai_id
 from queuegate.stored_stream import choice_deltas
 
 DONE = b"data: [DONE]\n\n"
@@ -73,7 +73,7 @@ class ChunkWriter:
     ``system_fingerprint`` and ``service_tier`` on every chunk once it sent them."""
 
     def __init__(self, job_id: str, model: str, *, include_usage: bool) -> None:
-        self._id = f"chatcmpl-{job_id}"
+        self._id = openai_id(job_id)
         self._model = ServedModel(model)
         self._created = int(time.time())
         self._opened: set[int] = set()
@@ -119,7 +119,7 @@ class ChunkWriter:
         ``[DONE]``; or its error."""
         if result.status != "ok" or result.response is None:
             assert result.error is not None
-            return self.error(result.error.code, result.error.message)
+            return self.error(result.error.code, result.error.message, result.error.param)
         response = result.response
         self._model.note_result(result)
         self._note(response)
@@ -141,8 +141,8 @@ class ChunkWriter:
             out += self._chunk([], usage=response.get("usage"))
         return out + DONE
 
-    def error(self, code: str, message: str) -> bytes:
-        return event(openai_error(code, message))
+    def error(self, code: str, message: str, param: str | None = None) -> bytes:
+        return event(openai_error(code, message, param))
 
 
 async def sse_events(

@@ -49,6 +49,15 @@ ANTHROPIC_BLOCK_FIELDS = {
     "thinking": frozenset({"type", "thinking", "signature"}),
     "redacted_thinking": frozenset({"type", "data"}),
 }
+DOCUMENT_MEDIA: dict[str, str | None] = {
+    "base64": "application/pdf",
+    "text": "text/plain",
+    "url": None,
+    "content": None,
+    "file": None,
+}
+"""A document block's source types, and the media type each must name (None: none)."""
+PDF_DATA = "data:application/pdf;base64,"
 ANTHROPIC_TOOL_FIELDS = frozenset(
     {"name", "input_schema", "description", "cache_control", "strict", "type"}
     | {"allowed_callers", "defer_loading", "eager_input_streaming", "input_examples"}
@@ -93,6 +102,8 @@ def check_openai(body: dict[str, Any]) -> None:
             _fields(part, allowed, f"{where}.content[{j}]", _openai_unknown)
             if kind == "image_url":
                 _openai_image(part.get("image_url"), f"{where}.content[{j}].image_url")
+            if kind == "file":
+                _openai_file(part.get("file"), f"{where}.content[{j}].file")
     for i, tool in enumerate(body.get("tools") or []):
         _fields(tool, {"type", "function", "custom"}, f"tools[{i}]", _openai_unknown)
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -143,6 +154,17 @@ def _openai_image(image: Any, where: str) -> None:
         raise InvalidRequest(
             f"{where}.detail: invalid value {detail!r}; expected one of {sorted(OPENAI_DETAILS)}"
         )
+
+
+def _openai_file(file: Any, where: str) -> None:
+    """A file by id or inline: Chat Completions takes PDFs only (other files' text is sent
+    as text)."""
+    _fields(file, {"file_data", "file_id", "filename"}, where, _openai_unknown)
+    data = file.get("file_data")
+    if data is None and not isinstance(file.get("file_id"), str):
+        raise InvalidRequest(f"{where}: give file_data or file_id")
+    if data is not None and not (isinstance(data, str) and data.startswith(PDF_DATA)):
+        raise InvalidRequest(f"{where}.file_data: Invalid file data: only PDF files are supported")
 
 
 def check_anthropic(body: dict[str, Any]) -> None:
@@ -247,8 +269,22 @@ def _blocks(content: Any, where: str) -> None:
             raise InvalidRequest(f"{where}.{i}.type: Input tag {kind!r} is not a known block")
         _fields(block, allowed, f"{where}.{i}", _extra)
         _cache_control(block, f"{where}.{i}")
+        if kind == "document":
+            _document_source(block.get("source"), f"{where}.{i}.source")
         if kind == "tool_result":
             _blocks(block.get("content", ""), f"{where}.{i}.content")
+
+
+def _document_source(source: Any, where: str) -> None:
+    """A PDF as base64 or by URL, plain text, content blocks or an uploaded file."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict) or kind not in DOCUMENT_MEDIA:
+        raise InvalidRequest(f"{where}.type: Input tag {kind!r} is not a known source")
+    media = DOCUMENT_MEDIA[kind]
+    if media is not None and source.get("media_type") != media:
+        raise InvalidRequest(f"{where}.media_type: Input should be '{media}'")
+    if kind in ("base64", "text") and not isinstance(source.get("data"), str):
+        raise InvalidRequest(f"{where}.data: Input should be a valid string")
 
 
 def _cache_control(block: dict[str, Any], where: str) -> None:

@@ -72,10 +72,15 @@ class JobError(GatewayError):
     generated text, requests that timed out once sent): on its usage row, in its result and
     in its budget ledger."""
 
-    def __init__(self, message: str, attempts: list[Attempt] | None = None) -> None:
+    def __init__(
+        self, message: str, attempts: list[Attempt] | None = None, *, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.attempts = attempts or []
+        self.param = param
+        """The request's field at fault, when a provider refusing the request named it (as
+        OpenAI's errors do in ``param``)."""
 
 
 class InvalidRequest(JobError):

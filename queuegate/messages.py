@@ -295,6 +295,9 @@ class Attempt(WireModel):
 class ErrorInfo(WireModel):
     code: ErrorCode
     message: str
+    param: str | None = None
+    """The request's field at fault, when a provider refusing the request named it (OpenAI's
+    error ``param``): the front door's OpenAI-format error carries it."""
     attempts: int = 0
     retry_after_ms: float | None = None
     """For ``rate_limited``: how much longer the job would have had to wait."""

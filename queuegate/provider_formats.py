@@ -12,6 +12,10 @@ field of a ``tool`` message, an Anthropic deployment's own Messages body is kept
 canonical response under ``ANTHROPIC_BODY`` and its stream events beside the deltas
 (``StreamChunk.anthropic_events``), so an Anthropic caller gets the blocks, signatures and
 usage the provider sent. ``openai_view`` is the response without it.
+
+An answer's id is the gateway's, made from the job's id (``openai_id``, ``anthropic_id``),
+never the provider's: that would tell a caller which provider, even which deployment,
+served the job, which the gateway's answers otherwise keep to ``model``.
 """
 
 from __future__ import annotations
@@ -112,8 +116,10 @@ def openai_request(
 
     Raises ValueError naming the field (under ``where``, the path of ``params`` in its
     document; "" for a request body) when the request is malformed or uses what the
-    canonical format cannot carry (documents, server tools); thinking blocks sent back in
-    assistant turns stay content parts (``THINKING_PARTS``).
+    canonical format cannot carry (documents by URL, file id or content blocks, server
+    tools); thinking blocks sent back in assistant turns stay content parts
+    (``THINKING_PARTS``), a document (a base64 PDF or plain text) a ``file`` or a text part
+    (``document_part``).
     ``cache_control`` markers are kept where the canonical format has them (content parts,
     system blocks, tool results, tools): the Anthropic adapter sends them on.
     """
@@ -197,6 +203,8 @@ def _openai_turn(role: str, content: Any, where: str) -> list[dict[str, Any]]:
             calls.append(tool_call_of(block))
         elif kind in THINKING_PARTS and role == "assistant":
             parts.append(dict(block))
+        elif kind == "document" and role == "user":
+            parts.append(document_part(block, f"{where}.content.{index}"))
         elif kind == "tool_result" and role == "user":
             tools.append(_tool_message(block, f"{where}.content.{index}"))
         else:
@@ -218,6 +226,53 @@ def _text_or_image(block: Any) -> dict[str, Any] | None:
     if kind == "image":
         return _cached({"type": "image_url", "image_url": {"url": _image_url(block)}}, block)
     return None
+
+
+PDF = "application/pdf"
+PLAIN_TEXT = "text/plain"
+DOCUMENT = "document"
+"""The key of a content part made from a document, holding what OpenAI's parts have no
+place for (its ``title``, ``context`` and ``citations``): kept for an Anthropic deployment,
+which gets the document back; the OpenAI adapter leaves the title out and refuses the
+others."""
+DOCUMENT_FIELDS = ("title", "context", "citations")
+
+
+def document_part(block: Block, where: str) -> Block:
+    """An Anthropic document as a canonical content part: a base64 PDF as OpenAI's ``file``
+    part (its ``file_data`` a ``data:`` URL, the title its ``filename``), a plain text as a
+    text part, so it is screened for PII as any text is (a base64 ``data:`` URL is not).
+    ValueError for the sources the gateway cannot carry (a URL, an uploaded file, content
+    blocks)."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    media = source.get("media_type") if isinstance(source, dict) else None
+    data = source.get("data") if isinstance(source, dict) else None
+    part: Block
+    if kind == "base64" and media == PDF and isinstance(data, str) and data:
+        file: Block = {"file_data": f"data:{PDF};base64,{data}"}
+        if isinstance(block.get("title"), str):
+            file["filename"] = block["title"]
+        part = {"type": "file", "file": file}
+    elif kind == "text" and media == PLAIN_TEXT and isinstance(data, str):
+        part = {"type": "text", "text": data}
+    else:
+        raise ValueError(
+            f"{where}.source: document sources of type {kind!r} ({media}) are not supported: "
+            f"send a PDF as base64 ({PDF}) or the text as a text source ({PLAIN_TEXT})"
+        )
+    part[DOCUMENT] = {key: block[key] for key in DOCUMENT_FIELDS if block.get(key) is not None}
+    return _cached(part, block)
+
+
+def data_url(url: str) -> tuple[str, str] | None:
+    """The media type and base64 data of a ``data:<media>;base64,<data>`` URL; None for any
+    other URL."""
+    if not url.startswith("data:"):
+        return None
+    header, _, data = url.partition(",")
+    media_type, _, encoding = header.removeprefix("data:").partition(";")
+    return (media_type, data) if encoding == "base64" and data else None
 
 
 def _image_url(block: Block) -> str:
@@ -272,8 +327,18 @@ def _openai_tool_choice(choice: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
-    """A canonical ``chat.completion`` as a Messages API ``message``.
+def openai_id(job_id: str) -> str:
+    """The id of the OpenAI-format answer to a job (whole, or each chunk of its stream)."""
+    return f"chatcmpl-{job_id}"
+
+
+def anthropic_id(job_id: str) -> str:
+    """The id of the Messages API answer to a job (whole, or its stream's message_start)."""
+    return f"msg_{job_id}"
+
+
+def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, Any]:
+    """A canonical ``chat.completion`` as a Messages API ``message`` of id ``message_id``.
 
     An Anthropic deployment's answer is its own body (``ANTHROPIC_BODY``): every block in
     its order, signatures and usage as sent. Another provider's is translated: thinking
@@ -291,7 +356,7 @@ def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
             content.append({"type": "text", "text": text})
     content.extend(tool_use_block(call) for call in message.get("tool_calls") or [])
     translated = {
-        "id": response.get("id") or "",
+        "id": message_id,
         "type": "message",
         "role": "assistant",
         "model": response.get("model") or "",
@@ -306,11 +371,11 @@ def anthropic_message(response: dict[str, Any]) -> dict[str, Any]:
     return translated | {key: native[key] for key in kept if key in native}
 
 
-def openai_view(response: dict[str, Any]) -> dict[str, Any]:
-    """A canonical response as OpenAI's callers get it: without ``ANTHROPIC_BODY``."""
-    if ANTHROPIC_BODY not in response:
-        return response
-    return {key: value for key, value in response.items() if key != ANTHROPIC_BODY}
+def openai_view(response: dict[str, Any], answer_id: str) -> dict[str, Any]:
+    """A canonical response as OpenAI's callers get it, of id ``answer_id``: without
+    ``ANTHROPIC_BODY``."""
+    kept = {key: value for key, value in response.items() if key != ANTHROPIC_BODY}
+    return kept | {"id": answer_id}
 
 
 def thinking_block(thinking: str) -> Block:

@@ -149,6 +149,8 @@ class _Job:
     """A delta reached the sink: from now on a failure cannot fall back."""
     paused: bool = False
     """A deployment was passed over because a 429 paused it."""
+    param: str | None = None
+    """The request's field the latest provider to name one found at fault."""
 
     def left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -167,6 +169,7 @@ class _Job:
     def fail(self, name: str, err: ProviderError) -> None:
         self.failures.append(f"{name}: {err}")
         self.reasons.add(err.error_class)
+        self.param = err.param or self.param
 
     def rate_limited_for(self, deployment: Deployment, seconds: float) -> None:
         self.retry_at[deployment.name] = time.monotonic() + seconds
@@ -552,7 +555,7 @@ class Router:
         if err.error_class == "content_policy" and entry.content_policy_fallbacks:
             raise _Redirect(entry.content_policy_fallbacks)
         if not err.moves_on:
-            raise InvalidRequest(run.failures[-1], run.attempts) from err
+            raise InvalidRequest(run.failures[-1], run.attempts, param=err.param) from err
 
     def _key(self, deployment: Deployment) -> str | None:
         if deployment.api_key_file is not None:
@@ -609,9 +612,9 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
     if run.reasons and run.reasons <= _CALLER_REASONS:
         if "context_length" in run.reasons:
             head = "the prompt is too long for every model along the chain"
-            return ContextLengthExceeded(run.summary(head), run.attempts)
+            return ContextLengthExceeded(run.summary(head), run.attempts, param=run.param)
         head = "no deployment along the chain can serve this request"
-        return InvalidRequest(run.summary(head), run.attempts)
+        return InvalidRequest(run.summary(head), run.attempts, param=run.param)
     calls = len(run.attempts)
     return AllProvidersFailed(
         run.summary(f"all {len(tried)} models failed after {calls} call{'s' * (calls != 1)}"),

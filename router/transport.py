@@ -31,6 +31,7 @@ from router.providers.base import (
     ServerEvent,
     UpstreamRequest,
     classify,
+    error_param,
     scrub,
 )
 
@@ -387,30 +388,31 @@ _mapped = _Mapped()
 def _error(
     status: int, headers: Mapping[str, str], content: bytes, secret: str | None
 ) -> ProviderError:
-    code, message = _error_fields(content)
+    code, message, error = _error_fields(content)
     message = scrub(message, secret)
     return ProviderError(
         classify(status, code, message),
         message,
         status=status,
         retry_after=retry_after(headers),
+        param=None if error is None else error_param(error, secret),
     )
 
 
-def _error_fields(content: bytes) -> tuple[str | None, str]:
-    """Code and message of an error body: ``{"error": {"message", "code" or "type"}}`` for both
-    OpenAI and Anthropic; other servers' bodies are kept as text."""
+def _error_fields(content: bytes) -> tuple[str | None, str, dict[str, Any] | None]:
+    """Code, message and error object of an error body: ``{"error": {"message", "code" or
+    "type", "param"}}`` for both OpenAI and Anthropic; other servers' bodies are kept as text."""
     try:
         body = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return None, content.decode("utf-8", "replace")
+        return None, content.decode("utf-8", "replace"), None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
-        return (str(code) if code else None), str(error.get("message") or "")
+        return (str(code) if code else None), str(error.get("message") or ""), error
     if isinstance(error, str):
-        return None, error
-    return None, content.decode("utf-8", "replace")
+        return None, error, None
+    return None, content.decode("utf-8", "replace"), None
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

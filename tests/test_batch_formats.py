@@ -131,7 +131,7 @@ def test_a_canonical_answer_is_written_as_an_anthropic_message() -> None:
     }
 
     # When it is written in the Anthropic format
-    message = Message.model_validate(anthropic_message(completion))
+    message = Message.model_validate(anthropic_message(completion, "msg_1"))
 
     # Expect the SDK's Message, with the tool use, stop reason and usage Anthropic reports
     assert message.stop_reason == "tool_use"
@@ -152,7 +152,20 @@ def test_a_canonical_answer_is_written_as_an_anthropic_message() -> None:
                 "max_tokens": 5,
                 "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}],
             },
-            "params.messages.0.content.0: document blocks are not supported",
+            "params.messages.0.content.0.source: document sources of type None",
+        ),
+        (
+            {
+                "max_tokens": 5,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "document", "source": {"type": "url", "url": "u"}}],
+                    }
+                ],
+            },
+            r"params.messages.0.content.0.source: document sources of type 'url' \(None\) are "
+            "not supported: send a PDF as base64",
         ),
     ],
 )
@@ -236,10 +249,12 @@ def _answer(result: ChatResult) -> Answer:
     return Answer("r1", "nightly:r1", "done" if result.status == "ok" else "failed", result)
 
 
-def test_an_anthropic_line_answered_by_an_openai_deployment_carries_a_message_id() -> None:
-    # Given a request of an Anthropic batch that an OpenAI deployment answered
+@pytest.mark.parametrize("served", ["chatcmpl-9xYz", "msg_01XFDUDYJgAACzvnptvVoYEL"])
+def test_a_lines_answer_carries_the_gateways_id_not_the_providers(served: str) -> None:
+    # Given a request of a batch that an OpenAI or an Anthropic deployment answered, with its
+    # own id
     completion = {
-        "id": "chatcmpl-9xYz",
+        "id": served,
         "object": "chat.completion",
         "model": "gpt-4o-mini",
         "choices": [
@@ -251,11 +266,16 @@ def test_an_anthropic_line_answered_by_an_openai_deployment_carries_a_message_id
         job_id="nightly:r1", team="alpha", status="ok", response=completion, gateway=GATEWAY
     )
 
-    # When its line is written, expect an Anthropic message id, the same on every collect
-    line = FORMATS["anthropic"].line(_answer(result))
-    message_id = line["result"]["message"]["id"]
-    assert message_id.startswith("msg_") and "chatcmpl" not in message_id
-    assert FORMATS["anthropic"].line(_answer(result))["result"]["message"]["id"] == message_id
+    # When its line is written in either format
+    anthropic = FORMATS["anthropic"].line(_answer(result))["result"]["message"]["id"]
+    openai = FORMATS["openai"].line(_answer(result))["response"]["body"]["id"]
+
+    # Expect ids made from the gateway's job id, as its other answers have (the provider's
+    # would say what served the job), the same on every collect
+    digest = _answer(result).digest
+    assert (anthropic, openai) == (f"msg_{digest}", f"chatcmpl-{digest}")
+    assert served[-8:] not in anthropic + openai
+    assert FORMATS["anthropic"].line(_answer(result))["result"]["message"]["id"] == anthropic
 
 
 @pytest.mark.parametrize(

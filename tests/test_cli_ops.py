@@ -141,6 +141,45 @@ async def test_bad_names_and_numbers_are_refused_without_a_traceback(settings: S
         assert "Traceback" not in stderr and "Invalid value" in stderr, args
 
 
+async def test_bad_options_and_arguments_are_one_line_naming_the_help(settings: Settings) -> None:
+    # When commands are given values their options refuse, options or commands that do not
+    # exist, or no argument where one is needed
+    for args, help_of in [
+        (("teams", "set", "x", "--rpm", "abc"), "teams set"),
+        (("status", "--teams", "bad name!"), "status"),
+        (("status", "--no-such-option"), "status"),
+        (("usage", "--json", "--csv"), "usage"),
+        (("dlq", "list", "--limit", "-1"), "dlq list"),
+        (("teams", "show"), "teams show"),
+        (("no-such-command",), ""),
+    ]:
+        code, _, stderr = await _cli(settings, *args)
+        # Expect a usage error's status, and one line that names the help to read, not a
+        # panel drawn over several lines
+        assert code == 2, (args, stderr)
+        line = _one_error_line(stderr)
+        assert line.endswith(f" {' '.join(['-m cli', help_of]).strip()} --help"), line
+        assert "╭" not in stderr, stderr
+
+
+async def test_status_of_a_team_that_does_not_exist_says_so_in_one_line(
+    settings: Settings,
+) -> None:
+    # Given team alpha, registered with its queue
+    await add(settings, "alpha", identity="queue")
+    # When status is asked for it and for a team no one registered
+    code, out, stderr = await _cli(settings, "status", "--teams", "alpha,nosuch")
+    # Expect no row for it, but the line every report says of an unknown team, and its status
+    assert (code, out) == (1, ""), stderr
+    assert _one_error_line(stderr) == (
+        "error: no team named nosuch: list them with queuegate teams list"
+    )
+    # and alpha alone still shown
+    code, out, stderr = await _cli(settings, "status", "--teams", "alpha")
+    assert code == 0, stderr
+    assert any(line.startswith("alpha ") for line in out.splitlines()), out
+
+
 async def test_submit_refuses_max_tokens_0_before_publishing(settings: Settings) -> None:
     # No worker runs: a job published would wait out the timeout, not be refused.
     code, _, stderr = await _cli(

@@ -5,6 +5,7 @@ provider (Anthropic or OpenAI format) serves the model."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -328,3 +329,102 @@ async def test_a_timeout_and_a_conflict_are_the_error_types_anthropic_documents(
     assert answered.value.api_message is not None
     assert answered.value.api_message.startswith("already_answered: ")
     assert answered.value.response.headers["x-should-retry"] == "false"
+
+
+PDF_DATA = base64.b64encode(b"%PDF-1.4 a one-page report").decode()
+DOCUMENTS: list[MessageParam] = [
+    {
+        "role": "user",
+        "content": [
+            {
+                "type": "document",
+                "source": {"type": "text", "media_type": "text/plain", "data": "The sky is green."},
+                "title": "facts",
+            },
+            {
+                "type": "document",
+                "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA},
+            },
+            {"type": "text", "text": "What colour is the sky?"},
+        ],
+    }
+]
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_documents_reach_either_provider_as_it_takes_them(door: Door, model: str) -> None:
+    # When a plain text and a PDF document are sent to a model of either provider
+    async with client(door) as claude:
+        message = await claude.messages.create(model=model, max_tokens=50, messages=DOCUMENTS)
+
+    # Expect an answer, and the documents sent on as the provider documents them (the mock
+    # refuses any other shape): Anthropic's document blocks, or for OpenAI's chat the text
+    # as text and the PDF as a file part
+    assert message.content[0].type == "text"
+    assert message.content[0].text.endswith("What colour is the sky?")
+    [call] = door.gateway.mock.stats.log
+    [turn] = [m for m in call.messages if m["role"] == "user"]
+    if model == "claude-haiku":
+        assert turn["content"][:2] == [
+            {
+                "type": "document",
+                "source": {"type": "text", "media_type": "text/plain", "data": "The sky is green."},
+                "title": "facts",
+            },
+            {
+                "type": "document",
+                "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA},
+            },
+        ]
+    else:
+        assert turn["content"][:2] == [
+            {"type": "text", "text": "The sky is green."},
+            {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{PDF_DATA}"}},
+        ]
+
+
+async def test_an_openai_file_part_reaches_an_anthropic_model_as_a_document(door: Door) -> None:
+    # When an OpenAI-format request sends a PDF as a file part to a model Anthropic serves
+    pdf = {"file_data": f"data:application/pdf;base64,{PDF_DATA}", "filename": "report.pdf"}
+    async with door.client() as openai_client:
+        await openai_client.chat.completions.create(
+            model="claude-haiku",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "file", "file": pdf},  # type: ignore[typeddict-item]
+                        {"type": "text", "text": "Summarise it"},
+                    ],
+                }
+            ],
+        )
+    # Expect Anthropic's document block, its filename the title
+    [call] = door.gateway.mock.stats.log
+    assert call.messages[0]["content"][0] == {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA},
+        "title": "report.pdf",
+    }
+
+
+async def test_a_document_the_gateway_cannot_carry_is_refused_naming_its_source(
+    door: Door,
+) -> None:
+    # When a document is given by URL
+    by_url: MessageParam = {
+        "role": "user",
+        "content": [
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+        ],
+    }
+    async with client(door) as claude:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await claude.messages.create(model="claude-haiku", max_tokens=50, messages=[by_url])
+    # Expect a 400 naming the field and the sources that are carried, nothing called
+    message = refused.value.body["error"]["message"]  # type: ignore[index]
+    assert message == (
+        "invalid_request: messages.0.content.0.source.type: 'url' is not supported by this "
+        "gateway; use one of 'base64', 'text'"
+    )
+    assert door.gateway.mock.stats.calls == 0

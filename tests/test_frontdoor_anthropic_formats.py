@@ -20,12 +20,14 @@ from frontdoor.errors import ApiError
 from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, StreamChunk
 from queuegate.provider_formats import anthropic_message
 from router.providers import AnthropicAdapter, OpenAIAdapter, Piece
+from router.providers.base import ProviderError
 from tests.test_stream_translation import (
     ANTHROPIC_TEXT,
     ANTHROPIC_TOOL,
     OPENAI_TEXT,
     anthropic_events,
 )
+from workers.pii.policy import apply, screen_job
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
 HI = [{"role": "user", "content": "Hi"}]
@@ -169,6 +171,25 @@ def test_thinking_sent_back_goes_to_anthropic_as_it_is_and_is_left_out_for_opena
     assert openai[1] == {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}
 
 
+def test_document_options_reach_anthropic_and_are_refused_by_openai() -> None:
+    # Given a PDF document whose citations are enabled, with a context
+    pdf = {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}
+    document = {
+        "type": "document",
+        "source": pdf,
+        "context": "Q3 figures",
+        "citations": {"enabled": True},
+    }
+    job = read(body(messages=[{"role": "user", "content": [document]}]))
+
+    # Expect Anthropic to get the document as it was; OpenAI, whose file parts have no
+    # such options, to refuse it (the router then moves on to a deployment that can)
+    anthropic = AnthropicAdapter().build_request(job, "claude", "k").body["messages"]
+    assert anthropic[0]["content"] == [document]
+    with pytest.raises(ProviderError, match="document context and citations"):
+        OpenAIAdapter().build_request(job, "gpt", "k")
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
@@ -192,9 +213,13 @@ def test_thinking_sent_back_goes_to_anthropic_as_it_is_and_is_left_out_for_opena
             "messages.0.content.0.text: Field required",
         ),
         (
+            {"messages": [{"role": "user", "content": [{"type": "search_result"}]}]},
+            "messages.0.content.0.type: 'search_result' is not supported by this gateway; use "
+            "one of 'text', 'image', 'document', 'tool_use', 'tool_result'",
+        ),
+        (
             {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
-            "messages.0.content.0.type: 'document' is not supported by this gateway; use one of "
-            "'text', 'image', 'tool_use', 'tool_result'",
+            "messages.0.content.0.source.type: Field required",
         ),
         (
             {
@@ -325,7 +350,8 @@ def test_a_streamed_tool_call_arrives_as_input_json_deltas() -> None:
     assert message.stop_reason == "tool_use"
     # the same content the answer has when it is not streamed
     assert (
-        message.content == Message.model_validate(anthropic_message(result.response or {})).content
+        message.content
+        == Message.model_validate(anthropic_message(result.response or {}, "msg_1")).content
     )
 
 
@@ -527,7 +553,7 @@ def test_a_canonical_answer_keeps_its_thinking_and_cache_writes_as_a_message() -
         }
     }
 
-    message = Message.model_validate(anthropic_message(response))
+    message = Message.model_validate(anthropic_message(response, "msg_1"))
 
     assert [block.type for block in message.content] == ["thinking", "text"]
     usage = message.usage
@@ -545,3 +571,19 @@ def _completion(message: dict[str, Any], finish: str) -> dict[str, Any]:
         ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 3},
     }
+
+
+async def test_a_text_documents_text_is_screened_for_pii_as_any_text_is() -> None:
+    # Given a plain text document holding an email address
+    document = {
+        "type": "document",
+        "source": {"type": "text", "media_type": "text/plain", "data": "Mail bob@example.com"},
+        "title": "contacts",
+    }
+    job = read(body(messages=[{"role": "user", "content": [document]}]))
+
+    # When a redact policy screens what the job sends out, expect the address found and
+    # replaced in the document Anthropic gets (a base64 data: URL would have hidden it)
+    redacted = apply(job, "redact", await screen_job(job))
+    sent = AnthropicAdapter().build_request(redacted, "claude", "k").body["messages"]
+    assert sent[0]["content"][0]["source"]["data"] == "Mail [EMAIL]"

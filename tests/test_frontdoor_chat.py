@@ -39,6 +39,19 @@ async def test_a_chat_completion_goes_through_the_team_queue_and_back(door: Door
     assert row["identity"] == f"frontdoor:guest/api_key:{door.key_ids['alpha']}"
 
 
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-haiku"])
+async def test_a_whole_answer_has_the_gateways_id_as_its_stream_has(door: Door, model: str) -> None:
+    # When a model of an OpenAI or an Anthropic deployment answers whole, and streamed
+    async with door.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(model=model, messages=HELLO)
+        stream = await client.chat.completions.create(model=model, messages=HELLO, stream=True)
+        chunks = [chunk async for chunk in stream]
+    # Expect the id the job's stream has, made from its id: never the provider's (the mock's
+    # chatcmpl-… or msg_…), which would say what served it
+    assert raw.parse().id == f"chatcmpl-{raw.headers['x-request-id']}"
+    assert len({chunk.id for chunk in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+
+
 async def test_the_sync_sdk_is_served_too(door: Door) -> None:
     def call() -> str | None:
         with door.sync_client("beta") as client:

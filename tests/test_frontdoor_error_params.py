@@ -10,6 +10,7 @@ from typing import Any
 import openai
 import pytest
 
+from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
 
@@ -49,3 +50,40 @@ async def test_a_refused_request_names_its_offending_parameter(door: Door) -> No
             assert refused.value.param == error["param"] == param, (fields, error["message"])
             if param is not None:
                 assert error["message"].startswith(param), error["message"]
+
+
+PROVIDER_REFUSAL = {
+    "error": {
+        "message": "Invalid value for 'logit_bias': token 99999999 is out of range.",
+        "type": "invalid_request_error",
+        "param": "logit_bias",
+        "code": "invalid_value",
+    }
+}
+"""An OpenAI error object naming the field at fault, as a provider sends it with a 400."""
+
+
+async def test_a_providers_refusal_keeps_the_field_it_names(settings: Settings) -> None:
+    # Given a provider that refuses every request, naming the field at fault in param
+    refusing = MockConfig(
+        models={
+            "gpt-4o-mini": Behavior(error_rate=1.0, error_status=400, error_body=PROVIDER_REFUSAL)
+        }
+    )
+    async with open_door(settings, mock_config=refusing) as door, door.client() as client:
+        # When a request is sent through the front door, whole and streamed
+        with pytest.raises(openai.BadRequestError) as whole:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        with pytest.raises(openai.BadRequestError) as streamed:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True)
+        # and as a job on the queue
+        async with door.gateway.client("alpha") as queue:
+            job = queue.job("gpt-4o-mini", HELLO)
+            result = await (await queue.submit(job)).result(20)
+
+    # Expect the provider's param in the job's result and in both OpenAI-format errors
+    assert result.error is not None and result.error.code == "invalid_request"
+    assert result.error.param == "logit_bias"
+    for refused in (whole.value, streamed.value):
+        assert refused.param == "logit_bias", refused.body
+        assert isinstance(refused.body, dict) and refused.body["code"] == "invalid_request"

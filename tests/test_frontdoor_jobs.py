@@ -47,6 +47,7 @@ async def test_respond_async_answers_202_and_the_job_is_read_back_by_id(door: Do
         assert done.status_code == 200, done.text
         assert done.json()["choices"][0]["message"]["content"]
         assert done.json()["_gateway"]["request_id"] == job_id
+        assert done.json()["id"] == f"chatcmpl-{job_id}"
         # Another team reads nothing of it, and an unknown id is 404
         other = await http.get(f"/v1/jobs/{job_id}", headers=auth(door, "beta"))
         unknown = await http.get("/v1/jobs/no-such-job", headers=auth(door))

@@ -100,6 +100,19 @@ def test_the_field_lists_are_the_sdks() -> None:
             ),
             "messages[0].content[0].image_url.detail: invalid value 'ultra'",
         ),
+        (
+            chat(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "file", "file": {"file_data": "data:text/plain;base64,aGk="}}
+                        ],
+                    }
+                ]
+            ),
+            "messages[0].content[0].file.file_data: Invalid file data: only PDF files",
+        ),
     ],
 )
 async def test_openai_refuses_unknown_fields_and_invalid_values(
@@ -143,6 +156,26 @@ async def test_openai_refuses_unknown_fields_and_invalid_values(
         (
             claude(tools=[{"name": "f", "input_schema": {"type": "object"}, "x": 1}]),
             "tools.0.x: Extra inputs are not permitted",
+        ),
+        (
+            claude(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "document",
+                                "source": {
+                                    "type": "base64",
+                                    "media_type": "image/png",
+                                    "data": "x",
+                                },
+                            }
+                        ],
+                    }
+                ]
+            ),
+            "messages.0.content.0.source.media_type: Input should be 'application/pdf'",
         ),
     ],
 )

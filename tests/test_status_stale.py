@@ -11,6 +11,7 @@ import pty
 import signal
 import sys
 
+from admin.teams import add
 from queuegate.settings import Settings
 from queuegate.urls import redact_url
 from tests.proxy import TcpProxy
@@ -119,7 +120,9 @@ def _find_all(text: str, part: str, start: int) -> list[int]:
 async def test_watch_marks_itself_stale_while_redis_is_away_and_recovers(
     settings: Settings,
 ) -> None:
-    # Given `status --watch` on a terminal, reaching Redis through a proxy, showing figures
+    # Given `status --watch` of team alpha on a terminal, reaching Redis through a proxy,
+    # showing figures
+    await add(settings, "alpha", identity="queue")
     async with TcpProxy(settings.redis_url) as proxy:
         screen_fd, tty = pty.openpty()
         cli = await asyncio.create_subprocess_exec(

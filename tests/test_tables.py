@@ -12,6 +12,7 @@ from decimal import Decimal
 from rich.console import Console, RenderableType
 
 from accounting.reports import ModelSpend, TeamSpend
+from admin.teams import add
 from queuegate.deployment_health import DeploymentHealth
 from queuegate.reporting import records, status_view, table
 from queuegate.settings import Settings
@@ -103,7 +104,9 @@ def test_deployments_fit_80_columns() -> None:
 
 
 async def test_status_and_deployments_piped_are_whole(settings: Settings) -> None:
-    # Given no worker running, as an operator pipes the commands into less or a file
+    # Given team alpha and no worker running, as an operator pipes the commands into less or
+    # a file
+    await add(settings, "alpha", identity="queue")
     env = {
         **os.environ,
         "QUEUEGATE_NAMESPACE": settings.namespace,

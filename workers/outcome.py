@@ -166,6 +166,7 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
     info = ErrorInfo(
         code=error.code,
         message=error.message,
+        param=error.param,
         attempts=len(attempts),
         retry_after_ms=error.retry_after_ms,
     )

@@ -23,7 +23,7 @@ from frontdoor.auth import Calling
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions
 from frontdoor.service import Door
-from queuegate.provider_formats import anthropic_message
+from queuegate.provider_formats import anthropic_id, anthropic_message
 from workers.admission.estimate import prompt_tokens
 
 PREFIX = "/v1/messages"
@@ -39,13 +39,13 @@ async def messages(request: Request, door: Door, caller: Calling) -> Response:
     body = await door.bodies.read_json(request, caller, limit=door.settings.max_job_bytes)
     job = messages_job(body, caller.team, options, door.limits)
     note_job(request, job.job_id)
-    message_id = f"msg_{job.job_id}"
+    message_id = anthropic_id(job.job_id)
     if job.stream:
         opened = await open_stream(door, caller, job, options)
         return streamed(door, job, opened, MessageEvents(message_id, job.model), started)
     result = await run_job(door, caller, job, options)
     assert result.response is not None
-    message = anthropic_message(result.response) | {"id": message_id}
+    message = anthropic_message(result.response, message_id)
     return JSONResponse(message, headers=gateway_headers(job.job_id, result, started))
 
 

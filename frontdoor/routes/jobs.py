@@ -27,7 +27,7 @@ from frontdoor.auth import Calling
 from frontdoor.errors import ApiError, error_of_result, shown
 from frontdoor.outcomes import Finished
 from frontdoor.service import Door
-from queuegate.provider_formats import openai_view
+from queuegate.provider_formats import openai_id, openai_view
 
 router = APIRouter(tags=["Jobs"])
 
@@ -64,7 +64,7 @@ async def job(
                     if result.status != "ok" or result.response is None:
                         raise error_of_result(result)
                     body = {
-                        **openai_view(result.response),
+                        **openai_view(result.response, openai_id(job_id)),
                         "_gateway": gateway_block(job_id, result, None),
                     }
                     return JSONResponse(body, headers=gateway_headers(job_id, result, started))

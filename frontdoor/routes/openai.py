@@ -24,7 +24,7 @@ from frontdoor.openai_request import check_chat
 from frontdoor.service import Door, FrontDoor
 from frontdoor.sse import ChunkWriter
 from queuegate.messages import ChatJob, ChatResult
-from queuegate.provider_formats import openai_view
+from queuegate.provider_formats import openai_id, openai_view
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -75,7 +75,7 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
         )
     result = await run_job(door, caller, job, options)
     assert result.response is not None
-    answer = openai_view(result.response)
+    answer = openai_view(result.response, openai_id(job.job_id))
     if gateway:
         answer = {**answer, "_gateway": gateway_block(job.job_id, result, started)}
     return JSONResponse(answer, headers=gateway_headers(job.job_id, result, started))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,12 @@ class Answer:
     category: Category
     result: ChatResult | None = None
     error: ErrorInfo | None = None
+
+    @property
+    def digest(self) -> str:
+        """The job's id as the ids of its line carry it: a digest, since a batch's job id
+        holds the batch's name and the caller's custom_id; the same on every collect."""
+        return hashlib.sha256(self.job_id.encode()).hexdigest()[:24]
 
     @property
     def failure(self) -> ErrorInfo:

@@ -7,13 +7,12 @@ Out: {"custom_id", "result": {"type": "succeeded", "message"} | {"type": "errore
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
 from queuegate.api_errors import anthropic_error
 from queuegate.messages import ErrorCode
-from queuegate.provider_formats import anthropic_message, openai_request
+from queuegate.provider_formats import anthropic_id, anthropic_message, openai_request
 
 
 def parse(entry: dict[str, Any]) -> Request:
@@ -34,8 +33,7 @@ def line(answer: Answer) -> dict[str, Any]:
     if answer.category in ("expired", "canceled"):
         out = {"type": answer.category}
     elif result is not None and result.status == "ok" and result.response is not None:
-        message = anthropic_message(result.response)
-        message["id"] = _message_id(str(message["id"]) or answer.job_id)
+        message = anthropic_message(result.response, anthropic_id(answer.digest))
         out = {"type": "succeeded", "message": message}
     else:
         failure = answer.failure
@@ -49,14 +47,6 @@ def refused(custom_id: str, reason: str, code: ErrorCode = "invalid_request") ->
     could not validate."""
     error = anthropic_error(code, reason)
     return {"custom_id": custom_id, "result": {"type": "errored", "error": error}}
-
-
-def _message_id(served: str) -> str:
-    """A Messages API id (``msg_…``), whatever provider served it: an OpenAI deployment's
-    ``chatcmpl-…`` becomes a ``msg_`` id derived from it, the same on every collect."""
-    if served.startswith("msg_"):
-        return served
-    return "msg_" + hashlib.sha256(served.encode()).hexdigest()[:24]
 
 
 _CATEGORIES: dict[str, Category] = {

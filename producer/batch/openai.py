@@ -9,13 +9,12 @@ gateway would answer); an expired or canceled one has ``response: null`` and ``e
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
 from queuegate.api_errors import openai_error
 from queuegate.messages import HTTP_STATUS
-from queuegate.provider_formats import openai_view
+from queuegate.provider_formats import openai_id, openai_view
 
 URL = "/v1/chat/completions"
 _OWNED = frozenset({"model", "messages", "stream", "stream_options"})
@@ -47,19 +46,19 @@ def parse(entry: dict[str, Any]) -> Request:
 
 def line(answer: Answer) -> dict[str, Any]:
     """The output line of an answer."""
-    digest = hashlib.sha256(answer.job_id.encode()).hexdigest()[:24]
+    digest = answer.digest
     out: dict[str, Any] = {"id": f"batch_req_{digest}", "custom_id": answer.custom_id}
     result = answer.result
     if answer.category in _BATCH_ERRORS:
         code, message = _BATCH_ERRORS[answer.category]
         out.update(response=None, error={"code": code, "message": message})
     elif result is not None and result.status == "ok":
-        body = openai_view(result.response) if result.response is not None else None
+        body = openai_view(result.response, openai_id(digest)) if result.response else None
         out.update(response={"status_code": 200, "request_id": f"req_{digest}", "body": body})
         out["error"] = None
     else:
         error = answer.failure
-        body = openai_error(error.code, error.message)
+        body = openai_error(error.code, error.message, error.param)
         status = HTTP_STATUS.get(error.code, 500)
         out.update(response={"status_code": status, "request_id": f"req_{digest}", "body": body})
         out["error"] = None

@@ -30,9 +30,13 @@ from typing import Any
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
 from queuegate.provider_formats import (
     ANTHROPIC_BODY,
+    DOCUMENT,
+    PDF,
+    PLAIN_TEXT,
     THINKING_PARTS,
     Block,
     as_int,
+    data_url,
     openai_finish,
     tool_call_of,
     tool_use_block,
@@ -354,13 +358,17 @@ def _blocks(
     blocks: list[Block] = []
     for part in content:
         kind = part.get("type")
-        if kind in ("text", "refusal"):
+        if kind == "text" and DOCUMENT in part:
+            block = _document(part)
+        elif kind in ("text", "refusal"):
             text = part.get(kind) or ""
             if not text:
                 continue
-            block: Block = {"type": "text", "text": text}
+            block = {"type": "text", "text": text}
         elif kind == "image_url" and not text_only:
             block = _image(part.get("image_url"), fidelity)
+        elif kind == "file" and not text_only:
+            block = _document(part)
         elif kind in THINKING_PARTS and not text_only:
             blocks.append(part)  # as Anthropic sent it: the signature must match
             continue
@@ -380,10 +388,10 @@ def _image(image_url: Any, fidelity: Fidelity) -> Block:
     if isinstance(image_url, dict) and image_url.get("detail", "auto") != "auto":
         fidelity.unsupported("image_url.detail", "an image's detail level is not supported")
     if url.startswith("data:"):
-        header, _, data = url.partition(",")
-        media_type, _, encoding = header.removeprefix("data:").partition(";")
-        if encoding != "base64" or not data:
+        inline = data_url(url)
+        if inline is None:
             raise ProviderError("unsupported", "data: image URLs that are not base64")
+        media_type, data = inline
         return {
             "type": "image",
             "source": {"type": "base64", "media_type": media_type, "data": data},
@@ -391,6 +399,28 @@ def _image(image_url: Any, fidelity: Fidelity) -> Block:
     if url.startswith(("https://", "http://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     raise ProviderError("unsupported", "image URLs other than data:, http: and https:")
+
+
+def _document(part: Block) -> Block:
+    """A document block of a ``file`` part (a PDF as its base64 source, ``filename`` its
+    title) or of a text part made from a document (its text as a text source), with the
+    document's own fields (``DOCUMENT``). An uploaded file (``file_id``) is OpenAI's own,
+    and Anthropic's documents are PDFs or text: anything else is refused."""
+    fields = part.get(DOCUMENT) or {}
+    if part.get("type") == "text":
+        source: Block = {"type": "text", "media_type": PLAIN_TEXT, "data": part.get("text")}
+        return {"type": "document", "source": source, **fields}
+    file = part.get("file")
+    data = file.get("file_data") if isinstance(file, dict) else None
+    inline = data_url(data) if isinstance(data, str) else None
+    if inline is None or inline[0] != PDF:
+        raise ProviderError("unsupported", "file parts other than a PDF's base64 file_data")
+    pdf = {"type": "base64", "media_type": PDF, "data": inline[1]}
+    block: Block = {"type": "document", "source": pdf}
+    title = file.get("filename") if isinstance(file, dict) else None
+    if isinstance(title, str):
+        block["title"] = title
+    return block | fields
 
 
 def _tool_use(call: dict[str, Any]) -> Block:

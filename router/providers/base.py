@@ -148,9 +148,12 @@ class ProviderError(GatewayError):
         *,
         status: int | None = None,
         retry_after: float | None = None,
+        param: str | None = None,
     ) -> None:
         self.error_class: ErrorClass = error_class
         self.status = status
+        self.param = param
+        """The request's field the provider named as at fault (OpenAI's error ``param``)."""
         handling = HANDLING[error_class]
         self.retries = handling.retries
         self.moves_on = handling.moves_on
@@ -366,7 +369,16 @@ def stream_error(error: Any, secret: str | None) -> ProviderError:
         return ProviderError("server_error", "the stream carried an error")
     kind = str(error.get("type") or error.get("code") or "")
     message = scrub(str(error.get("message") or kind), secret)
-    return ProviderError(_STREAM_ERRORS.get(kind, "server_error"), message)
+    return ProviderError(
+        _STREAM_ERRORS.get(kind, "server_error"), message, param=error_param(error, secret)
+    )
+
+
+def error_param(error: dict[str, Any], secret: str | None) -> str | None:
+    """The ``param`` of an OpenAI error object (the request's field at fault), when it names
+    one; scrubbed as the message is, since it is the provider's text too."""
+    param = error.get("param")
+    return (scrub(param, secret) or None) if isinstance(param, str) else None
 
 
 def scrub(text: str, secret: str | None) -> str:

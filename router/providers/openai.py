@@ -22,7 +22,13 @@ import time
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage
-from queuegate.provider_formats import CHUNK_FIELDS, OPENAI_CHAT_PARAMS, THINKING_PARTS, as_int
+from queuegate.provider_formats import (
+    CHUNK_FIELDS,
+    DOCUMENT,
+    OPENAI_CHAT_PARAMS,
+    THINKING_PARTS,
+    as_int,
+)
 from router.providers.base import (
     Completion,
     Fidelity,
@@ -99,7 +105,7 @@ class OpenAIAdapter:
 def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
     out = message.model_dump(exclude_none=True)
     if isinstance(out.get("content"), list):
-        parts = [p for p in out["content"] if p.get("type") not in THINKING_PARTS]
+        parts = [_part(p) for p in out["content"] if p.get("type") not in THINKING_PARTS]
         out["content"] = parts or None  # null content is the tool calls' alone
     if message.role == "tool":
         out = _tool_message(out)
@@ -111,6 +117,17 @@ def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
         if isinstance(out.get("content"), list):
             out["content"] = [_uncached(part) for part in out["content"]]
     return out
+
+
+def _part(part: dict[str, Any]) -> dict[str, Any]:
+    """A content part without what an Anthropic document kept beside it (``DOCUMENT``):
+    its title is left out (a PDF's is its filename already); its context and citations,
+    which OpenAI's parts have no place for, are refused."""
+    if DOCUMENT not in part:
+        return part
+    if any(key in part[DOCUMENT] for key in ("context", "citations")):
+        raise ProviderError("unsupported", "document context and citations (Anthropic's)")
+    return {key: value for key, value in part.items() if key != DOCUMENT}
 
 
 def _tool_message(out: dict[str, Any]) -> dict[str, Any]:
