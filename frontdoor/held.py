@@ -55,6 +55,10 @@ SCOPE_KEY = "queuegate.held"
 ON_REFUSED = "queuegate.on_refused"
 """Where the server may put, in a request's ASGI scope, what to call when the request is
 refused for a share (``frontdoor.connections`` marks its connection the first to close)."""
+ON_UNPROVEN = "queuegate.on_unproven"
+"""Where the server may put what to call when the request's key is refused
+(``frontdoor.connections`` marks its connection among the first to close until a request of
+it is served)."""
 
 
 def holder_of(scope: Scope) -> str | None:
@@ -78,6 +82,9 @@ class Hold:
     holder: str | None = None
     refused: bool = False
     """Refused 429 once proven, its team's share full."""
+    unproven: bool = False
+    """Refused for its key: none, unknown or revoked, its team disabled, or too many wrong
+    keys from its address (``Held.unproven``)."""
 
 
 class Held:
@@ -147,6 +154,17 @@ class Held:
         hold.holder = share
         self._keyed[share] += 1
 
+    @staticmethod
+    def unproven(scope: Scope) -> None:
+        """The request of ``scope`` is refused for the key it presented (or the dashboard's
+        sign-in for the key typed): no share of anyone's, and its connection serves no one."""
+        hold: Hold | None = scope.get(SCOPE_KEY)
+        if hold is not None:
+            hold.unproven = True
+        told: Callable[[], None] | None = scope.get(ON_UNPROVEN)
+        if told is not None:
+            told()
+
     def release(self, hold: Hold) -> None:
         if hold.holder is None:
             self._keyless -= 1
@@ -201,4 +219,4 @@ class HeldRequests:
             self._held.release(hold)
 
 
-__all__ = ["ON_REFUSED", "SCOPE_KEY", "Held", "HeldRequests", "Hold", "holder_of"]
+__all__ = ["ON_REFUSED", "ON_UNPROVEN", "SCOPE_KEY", "Held", "HeldRequests", "Hold", "holder_of"]
