@@ -17,7 +17,9 @@ connection and the process would answer everyone else 503.
   connection that keeps requests pipelined always has one in progress, so a team past its
   share could hold connections with requests it is refused: ``Held.refuses`` tells
   ``frontdoor.connections`` which requests will be, and their connections are the first
-  closed when the process needs room;
+  closed when the process needs room. Likewise a request whose key is refused (``auth``
+  and the dashboard's sign-in call ``Held.unproven``): a connection pipelining wrong keys
+  is never idle either, and goes next;
 - any other request (``/healthz``, ``/metrics``, ``/openapi.json``, the dashboard), with a
   key or without, as one of the process's keyless ones: past ``keyless`` of them, from every
   address together, 429 at once with ``connection: close``, so that a client pipelining
