@@ -23,9 +23,11 @@ Answers (an owner, or unknown) are cached ``security_cache_ttl`` seconds, like t
 copy: a revoked key or a disabled team is refused within that time, and PostgreSQL is asked
 at most once per key per ttl. A key that is not shaped like one of ours is refused without
 a lookup. A client that presented ``failed_key_limit`` wrong keys is refused 429 for the rest
-of the window (``frontdoor.failed_keys``), before any lookup. A disabled team's live key is
-refused as such (``TeamDisabled``) and is not a wrong key: whoever holds it guessed nothing,
-and its answer is cached like any other, so repeating it costs PostgreSQL nothing more.
+of the window (``frontdoor.failed_keys``), before any lookup, for every key but those found
+live before: one attacker behind a shared address cannot lock its other teams out. A
+disabled team's live key is refused as such (``TeamDisabled``) and is not a wrong key:
+whoever holds it guessed nothing, and its answer is cached like any other, so repeating it
+costs PostgreSQL nothing more.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ class KeyBook:
 
     async def owner(self, key: str, client: str) -> KeyOwner | None:
         """Whose live key ``key`` is; None when unknown or revoked (counted against
-        ``client``). Throttled when ``client`` has presented too many wrong keys of late;
-        TeamDisabled for a live key of a disabled team (not counted)."""
+        ``client``). Throttled when ``client`` has presented too many wrong keys of late and
+        ``key`` was never found live; TeamDisabled for a live key of a disabled team (not
+        counted)."""
         key_hash = hash_api_key(key) if key_shape(key) is not None else None
         now = time.monotonic()
         cached = self._cache.get(key_hash) if key_hash is not None else None
@@ -91,17 +94,19 @@ class KeyBook:
             cached = None
         if cached is not None and isinstance(cached[1], KeyOwner):
             return cached[1]  # a live key asks nothing of Redis
-        await self._failures.check(client)
+        await self._failures.check(client, key_hash)
         if key_hash is None:
             found = None  # not shaped like a key
         elif cached is not None:
             found = cached[1]  # known wrong, or its team disabled, within the ttl
         else:
             found = await self._lookup(key, key_hash, now)
+            if isinstance(found, KeyOwner):
+                self._failures.proven(key_hash)
         if isinstance(found, DisabledTeamKey):
             raise TeamDisabled(found.team)
         if found is None:
-            await self._failures.failed(client)
+            await self._failures.failed(client, key_hash)
         return found
 
     async def _lookup(
@@ -154,6 +159,20 @@ async def require_caller(request: Request) -> Caller:
 
 
 async def _presented_owner(request: Request) -> tuple[KeyOwner, str]:
+    try:
+        owner, key = await _owner_of(request)
+    except ApiError:
+        # Its connection is among the first closed when the process is full, whatever it
+        # sends next: a client pipelining wrong keys is never idle, yet serves no one.
+        request.app.state.held.unproven(request.scope)
+        raise
+    # The request is its team's from here, all the team's keys together (``frontdoor.held``):
+    # 429 when the team has as many in progress as it may.
+    request.app.state.held.prove(request.scope, owner)
+    return owner, key
+
+
+async def _owner_of(request: Request) -> tuple[KeyOwner, str]:
     key = presented_key(request)
     if key is None:
         raise ApiError(
@@ -183,9 +202,6 @@ async def _presented_owner(request: Request) -> tuple[KeyOwner, str]:
             "the API key is unknown or revoked, or its team is disabled: ask an operator for "
             "a new one",
         )
-    # The request is its team's from here, all the team's keys together (``frontdoor.held``):
-    # 429 when the team has as many in progress as it may.
-    request.app.state.held.prove(request.scope, owner)
     return owner, key
 
 

@@ -19,13 +19,18 @@ callbacks, and answers in OpenAI's error shape with ``connection: close``:
 - headers not complete ``header_timeout`` seconds after the connection opened or its
   request began: 408 (a connection that sent nothing is closed without a word);
 - past ``max_connections``, a connection is closed to make room: the oldest whose request
-  running is to be refused for its key's or team's share (``Held.refuses``), else the one
-  idle longest (no request of it running) that was never served (no request sent, or every
-  one refused) or whose answer is not read, else the one idle longest; when every one is
-  busy, the new one is answered 503. So a flood of idle or slow connections holds no one
-  else's place, nor does a team holding its share of requests and keeping more pipelined
-  on any number of connections (each always has one running), and a caller already served
-  keeps its connection while such floods come and go;
+  running is to be refused for its key's or team's share (``Held.refuses``), else the
+  oldest that presented a key refused (none, unknown, revoked, too many wrong keys from its
+  address: ``Held.unproven``) and was served none since, running a request or not, else
+  the one idle longest (no request of it running) that was never served (no request sent,
+  or every one refused) or whose answer is not read, else the one idle longest. A
+  connection made less than ``FRESH`` ago that has sent nothing yet is not closed: when
+  every one is busy or so new, the new one is answered 503. So a flood of idle or slow
+  connections holds no one else's place, nor does a team holding its share of requests
+  and keeping more pipelined on any number of connections (each always has one running),
+  nor a client pipelining or reconnecting with wrong keys, a reconnect flood closes no
+  caller's new connection before its headers are read, and a caller already served keeps
+  its connection while such floods come and go;
 - a request whose answer the client does not read (the write buffer full) for
   ``WRITE_STALL`` seconds is cut off (``write_stalled``), and meanwhile counts as idle: the
   first closed when the process is full, so unread answers hold no one else's place;
@@ -61,7 +66,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from frontdoor.errors import ApiError
-from frontdoor.held import ON_REFUSED, SCOPE_KEY, Held, Hold
+from frontdoor.held import ON_REFUSED, ON_UNPROVEN, SCOPE_KEY, Held, Hold
 from queuegate.api_errors import openai_error
 from queuegate.metrics import observe_connection_closed
 from queuegate.settings import Settings
@@ -74,6 +79,11 @@ LINGER = 30.0
 Such a connection counts as idle, the first to go when the process holds too many."""
 WRITE_STALL = 30.0
 """Seconds an answer may wait for its client to read any of it before the connection is cut."""
+FRESH = 1.0
+"""Seconds a new connection that has sent nothing yet is not closed to make room: a client
+sends its headers as soon as it connects, so a reconnect flood would otherwise close each
+new connection, a well-behaved client's too, before they arrive. A newcomer that finds only
+such connections (or busy ones) is answered 503 instead."""
 MAX_PIPELINED = 8
 """Requests a connection may send ahead of their answers; browsers and SDKs send none."""
 OPEN_FILES_RESERVE = 256
@@ -112,6 +122,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """The server's connections whose request running is refused for its share (foreseen by
     ``Held.refuses`` as it starts, or told through ``ON_REFUSED``): the first closed to make
     room, so that a team keeping refused requests pipelined holds no place."""
+    fresh: ClassVar[dict[GuardedHttpToolsProtocol, None]]
+    """The server's connections made less than ``FRESH`` ago that sent nothing yet, oldest
+    first: not closed to make room (the ones older are moved to ``strangers`` then)."""
+    unproven: ClassVar[dict[GuardedHttpToolsProtocol, None]]
+    """The server's connections that presented a key refused (``ON_UNPROVEN``), none of
+    whose requests was served since, in the order of their first: closed to make room next,
+    busy or idle, so that wrong keys, pipelined or sent again and again, hold no place."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -127,7 +144,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Whether a request ended in the read being parsed."""
         self._running: RequestResponseCycle | None = None
         self._served = False
-        """Whether a request of this connection was held and served (not refused)."""
+        """Whether a request of this connection was held and served (neither refused for a
+        share nor for its key)."""
+        self._opened = 0.0
+        """When the connection was made (the loop's clock), for ``FRESH``."""
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
@@ -141,15 +161,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 ),
                 "full",
             )
+            # Gone as of now, as a connection closed to make room is: uvicorn forgets it only
+            # on the next turn of the loop, and each newcomer of a burst counted meanwhile
+            # would close one more connection, or be refused, for room it does not take.
+            self.connections.discard(self)
             return
-        self._rest()
+        self._opened = self.loop.time()
+        self.fresh[self] = None
         self._time(self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._untime()
         self._unstall()
         self._unrest()
-        self.refused.pop(self, None)
+        self._unrefuse()
         self._forget_requests()
         super().connection_lost(exc)
 
@@ -172,6 +197,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Marked now if its share is full already, else once it is refused (other requests
         # started with it may fill the share before it is admitted).
         scope[ON_REFUSED] = self._refusing
+        scope[ON_UNPROVEN] = self._unproven
         if self.held.refuses(scope):
             self._refusing()
         super()._start_asgi_task(cycle, app)
@@ -179,6 +205,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refusing(self) -> None:
         if not self.transport.is_closing():
             self.refused[self] = None
+
+    def _unproven(self) -> None:
+        if not self.transport.is_closing():
+            self.unproven.setdefault(self)
+
+    def _unrefuse(self) -> None:
+        self.refused.pop(self, None)
+        self.unproven.pop(self, None)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -204,13 +238,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._stall = None
         self._untime()
         self._unrest()
-        self.refused.pop(self, None)
+        self._unrefuse()
         if not self.transport.is_closing() or self.flow.write_paused:
             observe_connection_closed(reason)
             self._forget_requests()
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self in self.fresh:  # its first bytes: idle as any other until its head is whole
+            self._rest()
         if self._reading_head and not self.transport.is_closing():
             # Counted before parsing too: httptools reads a head whole from one read,
             # however long, so one read could carry a head far over the limit.
@@ -283,7 +319,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self.refused.pop(self, None)
         hold: Hold | None = self.cycle.scope.get(SCOPE_KEY)  # type: ignore[assignment]
-        self._served |= hold is not None and not hold.refused
+        if hold is not None and not hold.refused and not hold.unproven:
+            self._served = True
+            self.unproven.pop(self, None)
         pipelined = bool(self.pipeline)
         super().on_response_complete()
         if self.transport.is_closing():
@@ -330,13 +368,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.strangers[self] = None
 
     def _unrest(self) -> None:
+        self.fresh.pop(self, None)
         self.idle.pop(self, None)
         self.strangers.pop(self, None)
 
     def _make_room(self) -> bool:
-        """Close the oldest connection whose request is refused, else the one idle longest
-        that was never served, else the one idle longest; False when there is none."""
+        """Close the oldest connection whose request is refused, else the oldest that
+        presented a key refused, else the one idle longest that was never served, else the
+        one idle longest; False when there is none. A connection made less than ``FRESH``
+        ago that has sent nothing yet is none of these: closing it would close every
+        client's new connection before its headers arrive, a well-behaved one's too, while a
+        flood of connections comes and goes."""
+        deadline = self.loop.time() - FRESH
+        while self.fresh and next(iter(self.fresh))._opened <= deadline:
+            next(iter(self.fresh))._rest()  # silent for long enough: a stranger
         victim = next(iter(self.refused), None)
+        if victim is None:
+            victim = next(iter(self.unproven), None)
         if victim is None:
             victim = next(iter(self.strangers), None)
         if victim is None:
@@ -344,7 +392,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if victim is None:
             return False
         victim._unrest()
-        self.refused.pop(victim, None)
+        victim._unrefuse()
         victim._untime()
         # Its request refused, if any, is told its client is gone: it writes nothing more.
         victim._forget_requests()
@@ -370,7 +418,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 def guarded_protocol(limits: ConnectionLimits, held: Held) -> type[GuardedHttpToolsProtocol]:
     """The protocol class of one server: its limits, the requests its app holds, and its own
-    idle and refused connections."""
+    idle, refused and unproven connections."""
 
     class ServerProtocol(GuardedHttpToolsProtocol):
         pass
@@ -379,6 +427,8 @@ def guarded_protocol(limits: ConnectionLimits, held: Held) -> type[GuardedHttpTo
     ServerProtocol.idle = {}
     ServerProtocol.held = held
     ServerProtocol.refused = {}
+    ServerProtocol.unproven = {}
+    ServerProtocol.fresh = {}
     ServerProtocol.strangers = {}
     return ServerProtocol
 

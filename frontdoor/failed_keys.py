@@ -2,18 +2,27 @@
 
 Counted per client address in Redis, under the deployment's namespace, so every front-door
 process shares the count: past ``limit`` failed lookups in a window of ``window`` seconds,
-the client's lookups are refused (``Throttled``, with the seconds left of the window) before
-they reach PostgreSQL, until the window ends. Only failures count; a known key found in
-``KeyBook``'s copy asks nothing of Redis. The API routes and the dashboard's sign-in share it
-through ``KeyBook.owner``.
+the client's lookups of keys not known live are refused (``Throttled``, with the seconds
+left of the window) before they reach PostgreSQL, until the window ends. Only failures
+count; a known key found in ``KeyBook``'s copy asks nothing of Redis. The API routes and the
+dashboard's sign-in share it through ``KeyBook.owner``.
 
-Behind a proxy the client is the address it forwards (``X-Forwarded-For``), when the proxy's
-address is trusted (uvicorn's ``--forwarded-allow-ips``, ``FORWARDED_ALLOW_IPS``; loopback by
-default).
+A lockout never refuses a key the front door has found live (``proven``, by its hash, for
+``PROVEN_FOR``): an address is a NAT's or a proxy's, shared by many teams, and one attacker
+behind it failing on purpose must not deny them service. So a locked-out address still has
+its teams' keys looked up, which costs PostgreSQL only what those keys cost anyway (their
+answer is cached), while guesses, which are never proven, are refused unlooked-up. A live
+key that the front door has not served within ``PROVEN_FOR`` (a new key, say), presented
+first from an address locked out, waits for the window like a guess.
+
+The client is the address the connection comes from, or the one a trusted proxy forwards
+(``X-Forwarded-For``, read by uvicorn from ``QUEUEGATE_HTTP_TRUSTED_PROXIES`` only: see
+``frontdoor.serve``).
 
 Best effort: while Redis is unreachable, or does not answer within ``WAIT`` (a frozen
 Redis neither answers nor refuses), nothing is counted and no one is refused, so an outage
-of Redis does not lock every caller out nor hold their requests.
+of Redis does not lock every caller out nor hold their requests; a key found live is
+recorded so in the background, never holding its request.
 """
 
 from __future__ import annotations
@@ -36,6 +45,11 @@ WAIT = 1.0
 deadline has only begun."""
 
 
+PROVEN_FOR = 30 * 86_400
+"""Seconds a key found live is let through a lockout after it was last looked up (each
+front-door process looks a key in use up every ``security_cache_ttl``)."""
+
+
 class Throttled(Exception):
     """Too many wrong keys from this client: none is looked up for ``retry_after`` seconds."""
 
@@ -53,31 +67,53 @@ class FailedKeys:
         self._limit = limit
         self._window_ms = max(1, round(window * 1000))
         self._outage = OutageLog(log, "Redis", "wrong keys are not counted")
+        self._recording: set[asyncio.Task[None]] = set()
 
-    async def check(self, who: str) -> None:
-        """Throttled when ``who`` has used up its failures for the window."""
-        key = self._keys.failed_keys(who)
+    async def check(self, who: str, key_hash: str | None) -> None:
+        """Throttled when ``who`` has used up its failures for the window, unless the key of
+        ``key_hash`` (None: not shaped like a key) was found live."""
+        count_key = self._keys.failed_keys(who)
         try:
             async with asyncio.timeout(WAIT), self._client.pipeline(transaction=False) as pipe:
-                pipe.get(key)
-                pipe.pttl(key)
-                count, left = await pipe.execute()
+                pipe.get(count_key)
+                pipe.pttl(count_key)
+                if key_hash is not None:
+                    pipe.exists(self._keys.proven_key(key_hash))
+                count, left, *proven = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
             return
         self._outage.recovered()
-        if count is not None and int(count) >= self._limit:
+        if count is not None and int(count) >= self._limit and not any(proven):
             # Not positive when the count expired between the two reads.
             raise Throttled(left / 1000 if left > 0 else 1.0)
 
-    async def failed(self, who: str) -> None:
-        """Count a failed lookup of ``who``; the window starts with its first."""
-        key = self._keys.failed_keys(who)
+    async def failed(self, who: str, key_hash: str | None) -> None:
+        """Count a failed lookup of ``who``; the window starts with its first. The key, if
+        it was found live once, is so no longer (revoked, its team disabled)."""
         try:
             async with asyncio.timeout(WAIT), self._client.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.pexpire(key, self._window_ms, nx=True)
+                pipe.incr(self._keys.failed_keys(who))
+                pipe.pexpire(self._keys.failed_keys(who), self._window_ms, nx=True)
+                if key_hash is not None:
+                    pipe.delete(self._keys.proven_key(key_hash))
                 await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._outage.failed(exc)
+            return
+        self._outage.recovered()
+
+    def proven(self, key_hash: str) -> None:
+        """Record the key of ``key_hash`` found live, in the background: its request waits
+        for PostgreSQL's answer only, never for Redis."""
+        task = asyncio.create_task(self._prove(key_hash))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _prove(self, key_hash: str) -> None:
+        try:
+            async with asyncio.timeout(WAIT):
+                await self._client.set(self._keys.proven_key(key_hash), 1, ex=PROVEN_FOR)
         except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
             return
@@ -89,4 +125,4 @@ def client_of(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-__all__ = ["FailedKeys", "Throttled", "client_of"]
+__all__ = ["PROVEN_FOR", "FailedKeys", "Throttled", "client_of"]

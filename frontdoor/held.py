@@ -17,7 +17,9 @@ connection and the process would answer everyone else 503.
   connection that keeps requests pipelined always has one in progress, so a team past its
   share could hold connections with requests it is refused: ``Held.refuses`` tells
   ``frontdoor.connections`` which requests will be, and their connections are the first
-  closed when the process needs room;
+  closed when the process needs room. Likewise a request whose key is refused (``auth``
+  and the dashboard's sign-in call ``Held.unproven``): a connection pipelining wrong keys
+  is never idle either, and goes next;
 - any other request (``/healthz``, ``/metrics``, ``/openapi.json``, the dashboard), with a
   key or without, as one of the process's keyless ones: past ``keyless`` of them, from every
   address together, 429 at once with ``connection: close``, so that a client pipelining
@@ -57,6 +59,10 @@ HOLDER_KEY = "queuegate.holder"
 ON_REFUSED = "queuegate.on_refused"
 """Where the server may put, in a request's ASGI scope, what to call when the request is
 refused for a share (``frontdoor.connections`` marks its connection the first to close)."""
+ON_UNPROVEN = "queuegate.on_unproven"
+"""Where the server may put what to call when the request's key is refused
+(``frontdoor.connections`` marks its connection among the first to close until a request of
+it is served)."""
 
 
 def holder_of(scope: Scope) -> str | None:
@@ -89,6 +95,9 @@ class Hold:
     holder: str | None = None
     refused: bool = False
     """Refused 429 once proven, its team's share full."""
+    unproven: bool = False
+    """Refused for its key: none, unknown or revoked, its team disabled, or too many wrong
+    keys from its address (``Held.unproven``)."""
 
 
 class Held:
@@ -158,6 +167,17 @@ class Held:
         hold.holder = share
         self._keyed[share] += 1
 
+    @staticmethod
+    def unproven(scope: Scope) -> None:
+        """The request of ``scope`` is refused for the key it presented (or the dashboard's
+        sign-in for the key typed): no share of anyone's, and its connection serves no one."""
+        hold: Hold | None = scope.get(SCOPE_KEY)
+        if hold is not None:
+            hold.unproven = True
+        told: Callable[[], None] | None = scope.get(ON_UNPROVEN)
+        if told is not None:
+            told()
+
     def release(self, hold: Hold) -> None:
         if hold.holder is None:
             self._keyless -= 1
@@ -212,4 +232,4 @@ class HeldRequests:
             self._held.release(hold)
 
 
-__all__ = ["ON_REFUSED", "SCOPE_KEY", "Held", "HeldRequests", "Hold", "holder_of"]
+__all__ = ["ON_REFUSED", "ON_UNPROVEN", "SCOPE_KEY", "Held", "HeldRequests", "Hold", "holder_of"]

@@ -35,7 +35,7 @@ from frontdoor.connections import ConnectionLimits, fit_open_files, guarded_prot
 from queuegate import tracing
 from queuegate.errors import ConfigError
 from queuegate.runtime import default_stop_signals, run, stop_on_signals, tune_gc
-from queuegate.settings import Settings
+from queuegate.settings import Settings, trusted_proxies
 from queuegate.supervisor import Supervisor
 from router import Catalog
 
@@ -64,7 +64,9 @@ def serve(
     tune_gc()
     limits = ConnectionLimits.of(settings)
     limits = replace(limits, max_connections=fit_open_files(limits.max_connections))
-    config = _config(app, limits, log_level, timeout_graceful_shutdown=int(settings.shutdown_grace))
+    config = _config(
+        app, settings, limits, log_level, timeout_graceful_shutdown=int(settings.shutdown_grace)
+    )
     server = uvicorn.Server(config)
     sock = bind(host, port)
     log.info("front door on http://%s:%d (docs at /docs)", host, sock.getsockname()[1])
@@ -81,7 +83,7 @@ async def serving(
     """The front door served in this event loop (a free port by default), for tests and the
     demo; yields its root URL."""
     app = create_app(settings, catalog=catalog)
-    server = uvicorn.Server(_config(app, ConnectionLimits.of(settings), "warning"))
+    server = uvicorn.Server(_config(app, settings, ConnectionLimits.of(settings), "warning"))
     sock = bind(host, port)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -98,15 +100,21 @@ async def serving(
 
 
 def _config(
-    app: FastAPI, limits: ConnectionLimits, log_level: str, **options: Any
+    app: FastAPI, settings: Settings, limits: ConnectionLimits, log_level: str, **options: Any
 ) -> uvicorn.Config:
     """uvicorn as the front door runs it: httptools' parser with the limits of
     ``frontdoor.connections``, and no WebSocket upgrade (no route takes one, and an upgraded
-    connection would leave those limits behind)."""
+    connection would leave those limits behind). ``X-Forwarded-For`` is read by uvicorn's
+    proxy-headers middleware, from ``QUEUEGATE_HTTP_TRUSTED_PROXIES`` only: uvicorn's own
+    default trusts loopback (and reads ``FORWARDED_ALLOW_IPS``), so any client able to connect
+    from there could name whatever address it liked; none trusted, the middleware is off."""
+    proxies = trusted_proxies(settings.http_trusted_proxies)
     return uvicorn.Config(
         app,
         http=guarded_protocol(limits, app.state.held),
         ws="none",
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies,
         log_config=None,
         log_level=log_level,
         access_log=False,

@@ -91,6 +91,11 @@ class Keys:
         """Wrong keys one client address presented in the current window (a count)."""
         return f"{self.prefix}:failed-keys:{client}"
 
+    def proven_key(self, key_hash: str) -> str:
+        """A key the front door found live (by its SHA-256, never the key): looked up even
+        from an address locked out for wrong keys."""
+        return f"{self.prefix}:proven-key:{key_hash}"
+
     # Live stats: written by workers every few seconds, read by `queuegate status`.
 
     @property

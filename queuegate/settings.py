@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -182,7 +183,8 @@ class Settings(BaseSettings):
     """Largest request line and headers the front door reads; past it, 431 and closed."""
     http_max_connections: int = Field(default=4096, ge=1)
     """Connections one front-door process holds at once. Past it, a new connection closes
-    the one idle longest (no request in progress), or is answered 503 when none is idle."""
+    another (``frontdoor.connections`` says which), or is answered 503 when every one is
+    busy or has only just connected."""
     http_bodies_per_key: int = Field(default=16, ge=1)
     """Request bodies one API key may be sending to a front-door process at once, file uploads
     and Message Batches included; more are answered 429 before they are read."""
@@ -220,10 +222,17 @@ class Settings(BaseSettings):
     team takes the whole budget and has every other team's bodies answered 503. At least
     ``max_job_bytes``; when unsaid, a quarter of ``http_body_bytes_in_flight`` (16 MiB of
     64 MiB), or ``max_job_bytes`` if that is more."""
+    http_trusted_proxies: str = ""
+    """Comma-separated addresses or networks (``10.0.0.5,10.1.0.0/16``) of the proxies before
+    the front door: a connection from one of them is taken to come from the address its
+    ``X-Forwarded-For`` names (the right-most one not itself a trusted proxy), for the
+    wrong-key count and the logs. Empty: ``X-Forwarded-For`` is ignored, and every client
+    is the address it connects from, loopback included (anyone who can connect there could
+    name any address: dodge its own lockout or have another address locked out)."""
     failed_key_limit: int = Field(default=20, ge=1)
     """Wrong API keys one client address may present (to the APIs or the dashboard's sign-in)
-    in a ``failed_key_window``; past it, its key lookups are answered 429 until the window
-    ends."""
+    in a ``failed_key_window``; past it, its lookups of keys never found live are answered
+    429 until the window ends (``frontdoor.failed_keys``)."""
     failed_key_window: float = Field(default=60.0, gt=0, le=DAY)
     """Seconds over which ``failed_key_limit`` counts, from a client's first wrong key."""
     batch_file_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
@@ -351,6 +360,12 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("http_trusted_proxies")
+    @classmethod
+    def _trusted_proxies_are_addresses(cls, value: str) -> str:
+        trusted_proxies(value)
+        return value
+
     @model_validator(mode="after")
     def _a_job_body_fits(self) -> Settings:
         for name, value in (
@@ -464,6 +479,24 @@ def _variable(loc: str) -> str:
         if isinstance(names, AliasChoices) and loc in names.choices:
             return " or ".join(map(str, names.choices))
     return f"QUEUEGATE_{loc.upper()}"
+
+
+def trusted_proxies(listed: str) -> list[str]:
+    """``QUEUEGATE_HTTP_TRUSTED_PROXIES`` as the networks it names, written as uvicorn reads
+    them (``10.0.0.5`` as ``10.0.0.5/32``); ValueError naming an entry that is no address or
+    network (uvicorn would take it as a name no client address ever matches)."""
+    networks = []
+    for entry in (part.strip() for part in listed.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(entry, strict=False)))
+        except ValueError:
+            raise ValueError(
+                f"QUEUEGATE_HTTP_TRUSTED_PROXIES: {entry!r} is no IP address or network: name "
+                "your proxies' addresses (10.0.0.5,10.1.0.0/16), or leave it empty"
+            ) from None
+    return networks
 
 
 def sentinel_addresses(listed: str) -> list[tuple[str, int]]:

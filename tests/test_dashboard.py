@@ -258,8 +258,14 @@ async def test_an_audit_filter_naming_no_team_is_404_as_the_team_page_is(
 async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    # Given at most 3 wrong keys a minute from one address
-    settings = settings.model_copy(update={"failed_key_limit": 3, "failed_key_window": 60.0})
+    # Given at most 3 wrong keys a minute from one address (forwarded by a proxy at loopback)
+    settings = settings.model_copy(
+        update={
+            "failed_key_limit": 3,
+            "failed_key_window": 60.0,
+            "http_trusted_proxies": "127.0.0.1",
+        }
+    )
     wrong = "qg_000000000000_" + "x" * 43
     attacker = {"X-Forwarded-For": "203.0.113.9"}
     async with (
@@ -278,7 +284,8 @@ async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address
             token = await form_token(hammer)
             answer = await hammer.post("/dashboard/sign-in", data={"key": wrong, "csrf": token})
             assert answer.status_code == 401
-            # Expect its next sign-in refused 429 with Retry-After, whatever the key
+            # Expect its next sign-in refused 429 with Retry-After, for a key never found
+            # live as for a wrong one
             token = await form_token(hammer)
             live = {"key": door.keys["alpha"], "csrf": token}
             throttled = await hammer.post("/dashboard/sign-in", data=live)
@@ -286,7 +293,7 @@ async def test_wrong_keys_at_the_api_and_the_sign_in_share_one_limit_per_address
             assert 0 < int(throttled.headers["retry-after"]) <= 60
             assert "Too many wrong keys" in throttled.text
             assert door.keys["alpha"] not in throttled.text
-            # and its API calls too, in the API's shape, live key or not
+            # and its API calls too, in the API's shape
             with pytest.raises(openai.RateLimitError) as refused:
                 await api.with_options(api_key=door.keys["beta"]).models.list()
             assert refused.value.code == "too_many_requests"

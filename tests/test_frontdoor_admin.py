@@ -332,8 +332,15 @@ async def test_a_disabled_teams_key_is_refused_everywhere(served: Served) -> Non
 async def test_a_disabled_teams_key_is_refused_as_such_and_is_no_wrong_key(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    # Given one wrong key a minute allowed per address, and beta disabled
-    settings = settings.model_copy(update={"failed_key_limit": 1, "failed_key_window": 60.0})
+    # Given one wrong key a minute allowed per address (forwarded by a proxy at loopback),
+    # and beta disabled
+    settings = settings.model_copy(
+        update={
+            "failed_key_limit": 1,
+            "failed_key_window": 60.0,
+            "http_trusted_proxies": "127.0.0.1",
+        }
+    )
     address = {"X-Forwarded-For": "203.0.113.7"}
     async with (
         open_door(settings, TEAMS) as door,

@@ -83,6 +83,7 @@ async def sign_in(request: Request, door: Door) -> Response:
     try:
         owner = await door.keys.owner(key.strip(), client_of(request))
     except Throttled as exc:
+        request.app.state.held.unproven(request.scope)
         wait = math.ceil(exc.retry_after)
         refused = await _sign_in_page(
             request,
@@ -93,6 +94,7 @@ async def sign_in(request: Request, door: Door) -> Response:
         refused.headers["retry-after"] = str(wait)
         return refused
     except TeamDisabled as exc:
+        request.app.state.held.unproven(request.scope)
         return await _sign_in_page(
             request,
             door,
@@ -101,6 +103,7 @@ async def sign_in(request: Request, door: Door) -> Response:
         )
     session = None if owner is None else await sessions.start(door, owner)
     if session is None:
+        request.app.state.held.unproven(request.scope)
         return await _sign_in_page(
             request,
             door,
