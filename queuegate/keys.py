@@ -207,3 +207,8 @@ class Keys:
         """The team's reply and results queues (sorted set: name → when it may have expired),
         counted against ``reply_queues_per_team``."""
         return f"{self.prefix}:reply-queues:{team}"
+
+    def reply_queues_opening(self, team: str) -> str:
+        """The team's reply and results queues a worker is declaring now (sorted set: name →
+        when that declare is given up on): their slots are never reclaimed meanwhile."""
+        return f"{self.prefix}:reply-queues-opening:{team}"

@@ -27,7 +27,7 @@ from queuegate.registry import TeamConfig, check_team_name, list_teams
 from queuegate.registry_changes import RegistryChanges
 from queuegate.runtime import serving
 from queuegate.settings import Settings
-from queuegate.topology import Topology
+from queuegate.topology import Bound, Topology
 from router import Router
 from workers.admission import Admission, prefetch_for
 from workers.batch_cancel import BatchCancels
@@ -35,6 +35,7 @@ from workers.cache import ResponseCache
 from workers.claims import Claims
 from workers.control import ControlPlane
 from workers.gate import Gate
+from workers.held_results import HeldResults
 from workers.identity import Identities
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
@@ -154,6 +155,8 @@ class Worker:
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
         claims_task = asyncio.create_task(claims.run(live_stop))
+        held = HeldResults(s.management_url, self._topology, Bound.of(s))
+        held_task = asyncio.create_task(held.run(live_stop))
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog)
             consume = await connection.channel()
@@ -180,6 +183,7 @@ class Worker:
                 user_id=s.amqp_user,
                 keeps_results=self._topology.is_results_queue,
                 bounded=self._topology.is_team_reply_queue,
+                held_full=held.full,
                 accounted=claims.accounted,
             )
             self._processor = JobProcessor(
@@ -211,6 +215,7 @@ class Worker:
             # Drained: it took jobs (or could have), whose live counts are written.
             await _end_live_stats(live_task, live_stop, served=self._draining)
             await claims_task
+            await held_task
             await connection.close()
             await pool.close()
 
