@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from admin.teams import Credentials
@@ -66,3 +67,19 @@ async def test_results_a_consumer_holds_unacknowledged_count_against_its_queues_
                 assert len(later) == 20 and all(row["status"] == "ok" for row in later)
                 assert not any(row["reply_delivered"] for row in later)
                 assert len(held) == 2 * BOUND
+
+
+async def test_results_are_sent_and_the_look_said_missing_while_the_management_api_is_away(
+    settings: Settings, teams: dict[str, Credentials], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given workers whose management API does not answer (nothing listens on port 1)
+    away = settings.model_copy(update={"management_url": "http://guest:guest@127.0.0.1:1/"})
+    alpha = as_team(settings, teams["alpha"])
+    with logged("workers.held_results", "could not see what the teams' reply queues hold") as said:
+        async with running_gateway(settings, teams=("alpha",), components=away):
+            # Expect it said once, naming no password, and alpha served all the same
+            await asyncio.wait_for(said.wait(), 10)
+            async with GatewayClient(alpha, team="alpha") as client:
+                result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+                assert result.status == "ok", result.error
+    assert "127.0.0.1:1" in caplog.text and "guest:guest" not in caplog.text

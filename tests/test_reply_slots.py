@@ -8,6 +8,7 @@ API key, with a user shared by apps and its key.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from cli.main import app as cli
 from producer import GatewayClient, delete_reply_queue
 from queuegate.errors import ControlRefused
 from queuegate.keys import Keys
+from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.support import running_gateway
@@ -186,3 +188,28 @@ async def test_the_command_line_deletes_a_teams_queue_with_its_own_credentials(
         assert "reply queue nightly of team alpha deleted (0 unread results" in done.output
         assert not await exists(settings, queue)
         assert await counted(redis_client, settings, "alpha") == set()
+
+
+async def test_a_slot_opened_again_or_being_declared_while_it_is_looked_up_is_kept(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given alpha's queue admitted to its count, its declare under way (lua/reply_slot.lua)
+    keys = Keys(settings.redis_prefix)
+    slots = [keys.reply_queues("alpha"), keys.reply_queues_opening("alpha")]
+    take = redis_client.register_script(lua_source("workers", "reply_slot"))
+    reclaim = redis_client.register_script(lua_source("workers", "reply_reclaim"))
+    queue, now = "ns.results.alpha.nightly", time.time()
+    await take(keys=slots, args=[queue, now, now + 100, 16, 1000, now + 60])
+
+    async def give_back(read: float) -> int:
+        """What a worker that found the queue missing, its slot read as ``read``, frees."""
+        return int(await reclaim(keys=slots, args=[time.time(), queue, read]))
+
+    # When a worker that looked it up before the declare gives its slot back, expect it kept
+    assert await give_back(now + 100) == 0
+    # ... and once declared, a look that read it before it was opened again keeps it too
+    await redis_client.zrem(slots[1], queue)
+    assert await give_back(now + 99) == 0
+    # ... while a look at the slot as it is frees it
+    assert await give_back(now + 100) == 1
+    assert await counted(redis_client, settings, "alpha") == set()
