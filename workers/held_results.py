@@ -5,8 +5,8 @@ RabbitMQ counts only ready messages against a queue's ``max-length`` and
 team's user may set on any queue it may read) takes each result as it comes and never
 acknowledges it, so its reply queue never fills and the broker keeps every result in memory.
 RabbitMQ 3.10 has nothing to bound it: no prefetch a broker imposes, no per-queue consumer
-timeout (3.12), and ``consumer_timeout`` bounds a delivery's age, not how many: the channel
-closed, the results go back to the queue and the consumer takes them all again.
+timeout (3.11.15, 3.12), and ``consumer_timeout`` bounds a delivery's age, not how many: the
+channel closed, the results go back to the queue and the consumer takes them all again.
 
 So the workers count them: every ``INTERVAL`` seconds, one look at the management API lists
 the namespace's team reply and results queues with what each holds, ready and
@@ -15,8 +15,8 @@ full*, and a result for it is not sent, as if the broker had refused it (recorde
 ``reply_delivered = false``; the job sent again is answered from its stored outcome). A
 consumer past the bound then holds at most what reached it before the next look, the
 broker's statistics included (gathered every 5 s): ``INTERVAL`` plus 5 s of its team's
-results. While the management API does not answer, the last look stands (none at start):
-results are sent as the broker's bounds alone allow.
+results. While the management API does not answer, no queue is held full: results are sent
+as the broker's bounds alone allow, rather than refused on a look grown old.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class HeldResults:
         try:
             queues = await self._list(http)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
+            self._full = frozenset()
             now = time.monotonic()
             if now - self._failed_logged >= FAILED_LOG_INTERVAL:
                 self._failed_logged = now
