@@ -15,8 +15,12 @@ full*, and a result for it is not sent, as if the broker had refused it (recorde
 ``reply_delivered = false``; the job sent again is answered from its stored outcome). A
 consumer past the bound then holds at most what reached it before the next look, the
 broker's statistics included (gathered every 5 s): ``INTERVAL`` plus 5 s of its team's
-results. While the management API does not answer, no queue is held full: results are sent
-as the broker's bounds alone allow, rather than refused on a look grown old.
+results. One worker of the namespace looks per interval (whichever takes
+``Keys.held_full_look`` first) and writes what it found to Redis, where every worker reads
+it: a look costs the management API about as much as listing the vhost's queues, hundreds
+of milliseconds for a thousand, which each of many workers would pay again. While the
+management API or Redis does not answer, no queue is held full: results are sent as the
+broker's bounds alone allow, rather than refused on a look grown old.
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ import time
 from typing import Any
 
 import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from yarl import URL
 
+from queuegate.keys import Keys
+from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 from queuegate.urls import redact_url
 
@@ -56,7 +65,7 @@ COLUMNS = (
 class HeldResults:
     """The team reply queues held full, looked up in the background::
 
-    held = HeldResults(settings.management_url, Topology.of(settings), Bound.of(settings))
+    held = HeldResults(settings, redis)
     task = asyncio.create_task(held.run(stop))
     if held.full(reply_to): ...  # do not send it
 
@@ -64,14 +73,16 @@ class HeldResults:
     httpx, which a worker process would load for this one request (see tests/test_layout.py).
     """
 
-    def __init__(self, management_url: str, topology: Topology, bound: Bound) -> None:
-        url = URL(management_url)
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        url = URL(settings.management_url)
         credentials = f"{url.user or ''}:{url.password or ''}".encode()
         self._headers = {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
         self._queues = url.with_user(None).with_path("/api/queues/%2F", encoded=True)
-        self._display = redact_url(management_url)
-        self._pattern = topology.team_reply_queues_pattern()
-        self._bound = bound
+        self._display = redact_url(settings.management_url)
+        self._pattern = Topology.of(settings).team_reply_queues_pattern()
+        self._bound = Bound.of(settings)
+        self._redis = redis
+        self._keys = Keys(settings.redis_prefix)
         self._full: frozenset[str] = frozenset()
         self._failed_logged = -FAILED_LOG_INTERVAL
 
@@ -83,36 +94,59 @@ class HeldResults:
         timeout = aiohttp.ClientTimeout(total=TIMEOUT)
         async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as http:
             while not stop.is_set():
-                await self._look(http)
+                await self._refresh(http)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), INTERVAL)
+
+    async def _refresh(self, http: aiohttp.ClientSession) -> None:
+        """Look, if no other worker does this interval, then read the last look's answer."""
+        try:
+            # Taken for a little less than an interval, so that the next worker to come
+            # round finds it free and a look is never skipped for an interval.
+            ours = await self._redis.set(
+                self._keys.held_full_look, "1", nx=True, px=int(INTERVAL * 900)
+            )
+            if ours:
+                await self._look(http)
+            found = await self._redis.get(self._keys.held_full)
+        except RedisError as exc:
+            self._full = frozenset()
+            self._say_missing("Redis, which every worker reads the look from", exc)
+            return
+        self._full = frozenset(orjson.loads(found)) if found else frozenset()
 
     async def _look(self, http: aiohttp.ClientSession) -> None:
         try:
             queues = await self._list(http)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
-            self._full = frozenset()
-            now = time.monotonic()
-            if now - self._failed_logged >= FAILED_LOG_INTERVAL:
-                self._failed_logged = now
-                log.warning(
-                    "could not see what the teams' reply queues hold at the management API "
-                    "%s (%s: %s): results their consumers hold unacknowledged are not counted "
-                    "until it answers; check QUEUEGATE_MANAGEMENT_URL (said once per %.0f s)",
-                    self._display,
-                    type(exc).__name__,
-                    exc,
-                    FAILED_LOG_INTERVAL,
-                )
+            await self._redis.delete(self._keys.held_full)
+            self._say_missing(
+                f"the management API {self._display}; check QUEUEGATE_MANAGEMENT_URL", exc
+            )
             return
-        full = frozenset(q["name"] for q in queues if self._holds_its_bound(q))
-        for queue in full - self._full:
+        full = sorted(q["name"] for q in queues if self._holds_its_bound(q))
+        for queue in set(full) - self._full:
             log.warning(
                 "reply queue %s holds its bound, its consumer's unacknowledged results "
                 "counted: no result is sent to it until they are acknowledged",
                 queue,
             )
-        self._full = full
+        # Kept a few intervals, so a look that is late does not drop the queues at once.
+        await self._redis.set(self._keys.held_full, orjson.dumps(full), px=int(3 * INTERVAL * 1000))
+
+    def _say_missing(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._failed_logged >= FAILED_LOG_INTERVAL:
+            self._failed_logged = now
+            log.warning(
+                "could not see what the teams' reply queues hold (%s: %s: %s): results "
+                "their consumers hold unacknowledged are not counted until it answers "
+                "(said once per %.0f s)",
+                what,
+                type(exc).__name__,
+                exc,
+                FAILED_LOG_INTERVAL,
+            )
 
     async def _list(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
         """The team reply queues, page by page: the API filters by name only when paging."""

@@ -27,7 +27,7 @@ from queuegate.registry import TeamConfig, check_team_name, list_teams
 from queuegate.registry_changes import RegistryChanges
 from queuegate.runtime import serving
 from queuegate.settings import Settings
-from queuegate.topology import Bound, Topology
+from queuegate.topology import Topology
 from router import Router
 from workers.admission import Admission, prefetch_for
 from workers.batch_cancel import BatchCancels
@@ -155,7 +155,7 @@ class Worker:
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
         claims_task = asyncio.create_task(claims.run(live_stop))
-        held = HeldResults(s.management_url, self._topology, Bound.of(s))
+        held = HeldResults(s, redis)
         held_task = asyncio.create_task(held.run(live_stop))
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog)
@@ -215,7 +215,10 @@ class Worker:
             # Drained: it took jobs (or could have), whose live counts are written.
             await _end_live_stats(live_task, live_stop, served=self._draining)
             await claims_task
-            await held_task
+            # Not awaited to its end: a look may wait out a hanging Redis or management API.
+            held_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await held_task
             await connection.close()
             await pool.close()
 
