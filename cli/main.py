@@ -16,6 +16,7 @@ from cli.batch import batch_app
 from cli.console import err
 from cli.dlq import dlq_app
 from cli.keys import admin_key_app
+from cli.replies import replies_app
 from cli.reports import deployments, status, usage
 from cli.roles import accounting, api, demo, migrate, mock_provider, worker
 from cli.submit import submit
@@ -33,6 +34,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batch_app, name="batch")
 app.add_typer(admin_key_app, name="admin-key")
+app.add_typer(replies_app, name="replies")
 for command in (
     worker,
     api,

@@ -12,6 +12,7 @@ from producer.batch import (
     submit_batch,
 )
 from producer.client import GatewayClient, JobHandle
+from producer.reply_queues import delete_reply_queue
 from producer.streams import ChatStream
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "cancel_batch",
     "collect",
     "delete_batch",
+    "delete_reply_queue",
     "submit_batch",
 ]

@@ -186,8 +186,10 @@ class ControlClient:
         """Have the gateway declare one of the team's reply queues; its full name."""
         return str(await self.call(OpenReplyQueue(name=name, durable=durable)))
 
-    async def close_reply_queue(self, name: str, *, durable: bool) -> None:
-        await self.call(CloseReplyQueue(name=name, durable=durable))
+    async def close_reply_queue(self, name: str, *, durable: bool) -> int:
+        """Have the gateway delete one of the team's reply queues and free its slot; how
+        many unread results went with it."""
+        return int(await self.call(CloseReplyQueue(name=name, durable=durable)) or 0)
 
     async def batch(self, call: BatchCallName, batch: str = "", **args: Any) -> Any:
         """One step on one of the team's batches (see workers/control.py)."""

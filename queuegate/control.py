@@ -12,7 +12,8 @@ arguments, and answers a ControlResponse (to a direct reply-to name only).
 |--------------------|--------------------------------------------------------------------|
 | open_reply_queue   | declare ``<ns>.replies.<team>.<name>`` (transient) or             |
 |                    | ``<ns>.results.<team>.<name>`` (durable); both expire unused       |
-| close_reply_queue  | delete one of them                                                 |
+| close_reply_queue  | delete one of them, freeing its slot; answered with how many      |
+|                    | results unread went with it                                        |
 | batch              | one step of a batch (record, progress, status, cancel, list,      |
 |                    | delete) on the caller's team's batches only                        |
 """
@@ -80,7 +81,8 @@ class OpenReplyQueue(WireModel):
 
 
 class CloseReplyQueue(WireModel):
-    """Delete one of the team's reply queues (a closing client's own)."""
+    """Delete one of the team's reply queues (a closing client's own, or one the team gives
+    back: ``queuegate replies delete``); answered with how many unread results it held."""
 
     op: Literal["close_reply_queue"] = "close_reply_queue"
     name: str = Field(pattern=QUEUE_NAME)

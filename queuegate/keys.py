@@ -213,3 +213,20 @@ class Keys:
         """The team's reply and results queues (sorted set: name → when it may have expired),
         counted against ``reply_queues_per_team``."""
         return f"{self.prefix}:reply-queues:{team}"
+
+    @property
+    def held_full_look(self) -> str:
+        """Taken for an interval by the one worker that looks at what the teams' reply queues
+        hold (workers/held_results.py): one look per namespace, not one per worker."""
+        return f"{self.prefix}:held-full:look"
+
+    @property
+    def held_full(self) -> str:
+        """The team reply queues the last look found holding their bound, ready and
+        unacknowledged together (JSON list of names), for every worker to read."""
+        return f"{self.prefix}:held-full"
+
+    def reply_queues_opening(self, team: str) -> str:
+        """The team's reply and results queues a worker is declaring now (sorted set: name →
+        when that declare is given up on): their slots are never reclaimed meanwhile."""
+        return f"{self.prefix}:reply-queues-opening:{team}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import aiormq
 import redis.asyncio as aioredis
@@ -58,6 +58,9 @@ DROPPED_LOG_INTERVAL = 60.0
 """Seconds between two log lines about one team's dropped control requests."""
 LOCK_EXPIRES = 60.0
 """Seconds a batch's collect lock queue outlives its collector."""
+DECLARING_FOR = 60.0
+"""Seconds a reply queue being declared keeps its slot from reclaim (lua/reply_reclaim.lua)
+at most, should its worker die before saying the declare is over."""
 
 _IDS = TypeAdapter(list[str])
 _INDEX = TypeAdapter(list[tuple[str, int]])
@@ -89,6 +92,9 @@ class ControlPlane:
         self._served: dict[str, Consumer] = {}
         self._dropped_logged: dict[str, float] = {}
         self._reply_slot: AsyncScript = redis.register_script(lua_source("workers", "reply_slot"))
+        self._reply_reclaim: AsyncScript = redis.register_script(
+            lua_source("workers", "reply_reclaim")
+        )
         self._bound = Bound.of(settings)
 
     async def start(self, channel: AbstractRobustChannel) -> None:
@@ -241,37 +247,77 @@ class ControlPlane:
                 # the team's limit until they expire.
                 await self._redis.zrem(self._keys.reply_queues(team), full)
             raise
+        finally:
+            await self._redis.zrem(self._keys.reply_queues_opening(team), full)
         return full
 
     async def _count(self, team: str, queue: str, expires: float) -> bool:
         """Count the queue against the team's limit (lua/reply_slot.lua, one step, so
-        concurrent opens cannot all fit under it); Refused past it. True when it took a new
+        concurrent opens cannot all fit under it); Refused past it, once the slots of the
+        team's queues the broker no longer has are given back. True when it took a new
         slot, False when it was counted already.
 
         A queue counts until it may have expired (its last open plus its expiry), so one a
         client still uses is counted again when it asks for it after a reconnect.
         """
+        status, count = await self._take_slot(team, queue, expires)
+        if status < 0 and await self._reclaim(team):
+            status, count = await self._take_slot(team, queue, expires)
+        if status < 0:
+            raise Refused(
+                f"team {team!r} has {count} reply queues, its limit: delete one it no longer "
+                "needs (queuegate replies delete NAME) or let them expire before opening another"
+            )
+        return status == 1
+
+    async def _take_slot(self, team: str, queue: str, expires: float) -> tuple[int, int]:
         now = time.time()
         ttl = int(max(expires, self._settings.results_queue_expires)) + 60
         status, count = await self._reply_slot(
-            keys=[self._keys.reply_queues(team)],
-            args=[queue, now, now + expires, self._settings.reply_queues_per_team, ttl],
+            keys=[self._keys.reply_queues(team), self._keys.reply_queues_opening(team)],
+            args=[
+                queue,
+                now,
+                now + expires,
+                self._settings.reply_queues_per_team,
+                ttl,
+                now + DECLARING_FOR,
+            ],
         )
-        if int(status) < 0:
-            raise Refused(
-                f"team {team!r} has {int(count)} reply queues, its limit: close some (or let "
-                "them expire) before opening another"
-            )
-        return int(status) == 1
+        return int(status), int(count)
 
-    async def _close(self, team: str, name: str, *, durable: bool) -> None:
+    async def _reclaim(self, team: str) -> int:
+        """Give back the slots of the team's counted queues that the broker no longer has,
+        found by a passive declare of each; how many. A queue deleted out of band (by an
+        operator, lost with a node, expired while its slot still counted it) would otherwise
+        hold its slot until the slot's own expiry, 8 days for a results queue, and lock the
+        team out of new queues. Only the team's own slots are looked at."""
+        key = self._keys.reply_queues(team)
+        gone: list[str | float] = []
+        counted = await self._redis.zrange(key, 0, -1, withscores=True)
+        for member, score in cast(list[tuple[bytes | str, float]], counted):
+            queue = member.decode() if isinstance(member, bytes) else str(member)
+            if await self._depth(queue) is None:
+                gone += [queue, score]
+        if not gone:
+            return 0
+        freed = await self._reply_reclaim(
+            keys=[key, self._keys.reply_queues_opening(team)], args=[time.time(), *gone]
+        )
+        log.info("team %s: gave back %d reply-queue slots of queues deleted", team, int(freed))
+        return int(freed)
+
+    async def _close(self, team: str, name: str, *, durable: bool) -> int:
+        """Delete one of the team's queues, its name always under the team's own prefix, and
+        give back its slot; how many results unread went with it."""
         queue = (
             self._topology.results_queue(team, name)
             if durable
             else self._topology.replies_queue(team, name)
         )
-        await self._require_channel().queue_delete(queue)
+        deleted = await self._require_channel().queue_delete(queue)
         await self._redis.zrem(self._keys.reply_queues(team), queue)
+        return int(deleted.message_count or 0)
 
     def _require_channel(self) -> AbstractRobustChannel:
         assert self._channel is not None, "start() first"
@@ -340,12 +386,8 @@ class ControlPlane:
                 )
                 return lock.name
             case "delete":
-                channel = self._require_channel()
-                await channel.queue_delete(self._topology.results_queue(team, call.batch))
+                await self._close(team, call.batch, durable=True)
                 await state.delete()
-                await self._redis.zrem(
-                    self._keys.reply_queues(team), self._topology.results_queue(team, call.batch)
-                )
                 return None
         raise Refused(f"unknown batch call {call.call!r}")  # pragma: no cover - Literal
 
@@ -360,21 +402,23 @@ class ControlPlane:
 
     async def _waiting(self, team: str, name: str) -> int:
         """Results in a batch's results queue: answered, not collected yet."""
+        return await self._depth(self._topology.results_queue(team, name)) or 0
+
+    async def _depth(self, queue: str) -> int | None:
+        """Messages ready in ``queue``; None when the broker has no such queue."""
         try:
             # On a channel of its own: a passive declare of a missing queue closes it.
             channel = await self._require_channel().get_underlay_channel()
             connection = channel.connection
             probe = await connection.channel()
             try:
-                ok = await probe.queue_declare(
-                    self._topology.results_queue(team, name), passive=True
-                )
+                ok = await probe.queue_declare(queue, passive=True)
                 return int(ok.message_count or 0)
             finally:
                 if not probe.is_closed:
                     await probe.close()
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0
+            return None
 
 
 def _is_direct_reply_to(reply_to: str) -> bool:

@@ -81,11 +81,13 @@ class Publisher:
         user_id: str | None,
         keeps_results: Callable[[str], bool],
         bounded: Callable[[str], bool],
+        held_full: Callable[[str], bool] = lambda _queue: False,
         accounted: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._user_id = user_id
         self._keeps_results = keeps_results
         self._bounded = bounded
+        self._held_full = held_full
         self._channel = channel
         self._replies = replies
         self._usage = usage
@@ -111,7 +113,9 @@ class Publisher:
     async def result(self, reply_to: str, job_id: str, body: bytes) -> bool:
         """Send a ChatResult's JSON to the caller's reply queue; False when that queue no
         longer exists, or is one of a team's (``bounded``) and refuses it: full, its team
-        reading none of its results (``QUEUEGATE_REPLY_QUEUE_MAX_BYTES``). The job is then
+        reading none of its results (``QUEUEGATE_REPLY_QUEUE_MAX_BYTES``), or ``held_full``,
+        its bound reached with the results its consumer holds unacknowledged counted
+        (``workers/held_results.py``), which the broker does not count. The job is then
         answered and accounted all the same (``reply_delivered = false``), not sent back to
         its queue to be refused again and again, nor dead-lettered into the shared
         ``<ns>.dead`` by the thousand. Any other queue's refusal (one the gateway did not
@@ -126,6 +130,15 @@ class Publisher:
         Such a result is still in the outcome store: the job sent again is answered from it,
         neither called nor counted twice.
         """
+        if self._held_full(reply_to):
+            log.info(
+                "result of job %s not sent: reply queue %s holds its bound, its consumer's "
+                "unacknowledged results counted; the job sent again is answered from its "
+                "stored outcome",
+                job_id,
+                reply_to,
+            )
+            return False
         message = json_message(
             body,
             message_type=MESSAGE_TYPE_RESULT,
@@ -161,6 +174,8 @@ class Publisher:
 
         Not persistent: a delta is worth nothing after a broker restart, the final result is.
         """
+        if self._held_full(reply_to):
+            return False
         message = json_message(
             chunk.model_dump_json().encode(),
             message_type=MESSAGE_TYPE_CHUNK,

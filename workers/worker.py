@@ -35,6 +35,7 @@ from workers.cache import ResponseCache
 from workers.claims import Claims
 from workers.control import ControlPlane
 from workers.gate import Gate
+from workers.held_results import HeldResults
 from workers.identity import Identities
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
@@ -155,6 +156,8 @@ class Worker:
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
         claims_task = asyncio.create_task(claims.run(live_stop))
+        held = HeldResults(s, redis)
+        held_task: asyncio.Task[None] | None = None
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog)
             consume = await connection.channel()
@@ -182,6 +185,7 @@ class Worker:
                 user_id=s.amqp_user,
                 keeps_results=self._topology.is_results_queue,
                 bounded=self._topology.is_team_reply_queue,
+                held_full=held.full,
                 accounted=claims.accounted,
             )
             self._processor = JobProcessor(
@@ -202,6 +206,10 @@ class Worker:
             await claims.start()
             self._control = ControlPlane(s, redis, identities)
             await self._control.start(await connection.channel())
+            # Only now: its first look talks to Redis, and started earlier it was the worker's
+            # first word to a hung Redis, so a stop while starting came while the channels
+            # above were being opened (each open cancelled, one warning line more).
+            held_task = asyncio.create_task(held.run(live_stop))
             await self._serve_teams(consume, pool, stop)
             if not stop.is_set():
                 self.ready.set()
@@ -213,6 +221,11 @@ class Worker:
             # Drained: it took jobs (or could have), whose live counts are written.
             await _end_live_stats(live_task, live_stop, served=self._draining)
             await claims_task
+            if held_task is not None:
+                # Not awaited to its end: a look may wait out a hanging Redis or management API.
+                held_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await held_task
             await connection.close()
             await pool.close()
 

@@ -1,0 +1,32 @@
+"""A team's own reply and results queues, given back when it no longer needs them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from producer.client import GatewayClient
+from queuegate.control import QUEUE_NAME
+from queuegate.errors import ControlRefused
+from queuegate.settings import Settings
+
+
+async def delete_reply_queue(
+    settings: Settings, name: str, *, team: str, durable: bool = True, **who: Any
+) -> int:
+    """Delete the team's results queue ``name`` (what ``GatewayClient(reply_queue=name)``
+    reads; ``durable=False``: a client's own reply queue) and free its slot of the team's
+    ``reply_queues_per_team``; how many unread results went with it (0 when there was no
+    such queue). Asked of the gateway with the team's own credentials (``who``: ``api_key=``
+    where the team proves itself with one), which acts on that team's queues alone. Stop
+    the queue's reader first: a client still reading it asks for it again."""
+    if not re.fullmatch(QUEUE_NAME, name):
+        raise ControlRefused(
+            f"reply queue name {name!r} is not valid: use 1-64 letters, digits, - and _ "
+            "(the name the client was given, not the queue's full name)"
+        )
+    async with GatewayClient(settings, team=team, listen=False, **who) as client:
+        return await client.control.close_reply_queue(name, durable=durable)
+
+
+__all__ = ["delete_reply_queue"]
