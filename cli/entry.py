@@ -28,15 +28,31 @@ SERVING = frozenset({"worker", "accounting", "api"})
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOGGER = "queuegate.runtime"
 """The logger whose line (``say_stopped_starting``) a stop in the event loop's start writes."""
+NEVER_USED = ("opentelemetry.sdk.metrics",)
+"""Modules a library imports whenever they are installed, which no queuegate process uses.
+
+redis-py 8 imports OpenTelemetry's metrics SDK, when the ``otel`` extra is installed, to offer
+Redis metrics of its own that queuegate never switches on (its metrics are Prometheus', its
+OpenTelemetry only traces): 50 modules and 1.8 MB resident in every process, the worker's
+included (measured 2026-12-04: an idle worker 83.4 -> 81.6 MB)."""
 
 
 def main() -> None:
+    leave_out_unused()
     if sys.argv[1:2] and sys.argv[1] in SERVING:
         for sig in STOP_SIGNALS:
             signal.signal(sig, _stopped_starting)
     from cli.main import main as run_command
 
     run_command()
+
+
+def leave_out_unused() -> None:
+    """Mark ``NEVER_USED`` missing before anything imports the libraries that would load it:
+    they then go without, as where it is not installed. One a program imported before ours
+    (an instrumenting wrapper's) is kept."""
+    for name in NEVER_USED:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 def _stopped_starting(signum: int, _: FrameType | None) -> None:
