@@ -373,11 +373,9 @@ def claim_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     trips: list[list[str]] = []
     run_all, call = Scripts.run_all, TurnScript.__call__
 
-    async def together(
-        self: Scripts, calls: Sequence[Call], *, name: str | None = None
-    ) -> list[Any]:
+    async def together(self: Scripts, calls: Sequence[Call], **options: Any) -> list[Any]:
         trips.append([c.script for c in calls])
-        return await run_all(self, calls, name=name)
+        return await run_all(self, calls, **options)
 
     def alone(
         self: TurnScript,
@@ -395,7 +393,7 @@ def claim_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 
 async def test_a_job_one_at_a_time_records_its_call_in_its_claims_round_trip(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a team without limits, on a model whose first alias has one deployment without
     # limits (the bundled catalog's gpt-4o-mini), whose closed circuit is trusted throughout
@@ -410,8 +408,10 @@ async def test_a_job_one_at_a_time_records_its_call_in_its_claims_round_trip(
         assert gw.mock.stats.calls == 4
 
     # Expect two round trips of the claim's scripts a job, not three: the claim with the
-    # record of the call about to leave, then the outcome's store
+    # record of the call about to leave, then the outcome's store; and no replies of theirs
+    # kept in Redis (each is its delivery's own again if run twice)
     assert trips == [["claim", "hold"], ["finish"]] * 3
+    assert await redis_client.keys(Keys(settings.redis_prefix).once("*")) == []
 
 
 async def test_a_first_call_recorded_with_the_claim_is_lost_with_its_owner(

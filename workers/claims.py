@@ -357,7 +357,11 @@ class Claims:
         riding = [*(ahead.calls if ahead is not None else ()), *([recording] if recording else ())]
         if not riding:
             return await self._claim(keys=keys, args=args), False
-        reply, *replies = await self._scripts.run_all([Call("claim", keys, args), *riding])
+        # A claim and its call's record, run again by the same delivery (the Redis client
+        # sends a command again when its connection broke), find both its own.
+        reply, *replies = await self._scripts.run_all(
+            [Call("claim", keys, args), *riding], repeatable=ahead is None
+        )
         if ahead is not None:
             ahead.replies = replies[: len(ahead.calls)]
         return reply, recording is not None and len(replies) == len(riding) and replies[-1] == 1
