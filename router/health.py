@@ -102,6 +102,11 @@ class Health:
         the latest of them is stale by the time it arrives, and is not trusted."""
         self._asking: dict[str, _Asking] = {}
 
+    def trusted(self, deployment: Deployment) -> bool:
+        """Whether a call to ``deployment`` is allowed now without asking Redis: its closed,
+        unpaused verdict is still trusted."""
+        return self._closed_until.get(deployment.name, 0.0) > time.monotonic()
+
     async def allow(self, deployment: Deployment) -> Verdict:
         """May a call start? A ``probe`` verdict makes this caller the half-open circuit's probe."""
         name = deployment.name

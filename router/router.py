@@ -33,6 +33,7 @@ from queuegate.errors import (
     InvalidRequest,
     RateLimited,
     StreamInterrupted,
+    UnknownModel,
 )
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob, UnsupportedParams
@@ -237,6 +238,23 @@ class Router:
     def check(self, job: ChatJob) -> None:
         """Raise UnknownModel if the job's model or any of its fallbacks is not in the catalog."""
         self.catalog.chain(job.model, job.fallbacks)
+
+    def first_call(self, job: ChatJob) -> tuple[str, Deployment] | None:
+        """The alias and deployment of the job's first call when nothing but the catalog
+        decides it and nothing would make it wait: the first alias of its chain has one
+        deployment, with no concurrency cap, whose closed verdict is trusted (no pause, no
+        round trip to ask). None otherwise (a model the catalog lacks included)."""
+        try:
+            alias = self.catalog.chain(job.model, job.fallbacks)[0]
+        except UnknownModel:
+            return None
+        deployments = self.catalog.resolve(alias).deployments
+        if len(deployments) != 1:
+            return None
+        deployment = deployments[0]
+        if deployment.max_in_flight is not None or not self.health.trusted(deployment):
+            return None
+        return alias, deployment
 
     async def complete(
         self,

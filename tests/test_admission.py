@@ -73,11 +73,9 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     batches: list[list[str]] = []
     run_all = Scripts.run_all
 
-    async def counted(
-        self: Scripts, calls: Sequence[Call], *, name: str | None = None
-    ) -> list[list[int]]:
+    async def counted(self: Scripts, calls: Sequence[Call], **options: Any) -> list[list[int]]:
         batches.append([call.script for call in calls])
-        return await run_all(self, calls, name=name)
+        return await run_all(self, calls, **options)
 
     monkeypatch.setattr(Scripts, "run_all", counted)
     return batches

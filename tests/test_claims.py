@@ -4,11 +4,13 @@ and a job nobody could read or receive costs nothing."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -25,10 +27,13 @@ from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.messages import ChatJob
 from queuegate.redis_client import lua_source
+from queuegate.script_calls import TurnScript
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
+from router import health
 from tests.support import Gateway, running_accountant, running_gateway, wait_until
 from tests.test_script_calls import connections_named, named_client
+from workers.admission.scripts import Call, Scripts
 from workers.claims import Claim, ClaimedJob, Claims, Lapsed, LostCall
 from workers.outcome import Outcome, Timing, failed
 from workers.usage_record import UsageRecord
@@ -356,6 +361,78 @@ async def test_jobs_claimed_at_once_share_one_round_trip(
         assert await connections_named(client, name) == 1
     finally:
         await client.aclose()
+
+
+def claim_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The claim's scripts (``claim``, ``hold``, ``finish``) of every round trip from now on,
+    one list a round trip, as they go alone or together (``Scripts.run_all``)."""
+    names = {
+        hashlib.sha1(lua_source("workers", name).encode()).hexdigest(): name
+        for name in ("claim", "hold", "finish")
+    }
+    trips: list[list[str]] = []
+    run_all, call = Scripts.run_all, TurnScript.__call__
+
+    async def together(self: Scripts, calls: Sequence[Call], **options: Any) -> list[Any]:
+        trips.append([c.script for c in calls])
+        return await run_all(self, calls, **options)
+
+    def alone(
+        self: TurnScript,
+        keys: Sequence[Any] = (),
+        args: Sequence[Any] = (),
+        client: aioredis.Redis | None = None,
+    ) -> Any:
+        if client is None and self.script.sha in names:
+            trips.append([names[self.script.sha]])
+        return call(self, keys, args, client)
+
+    monkeypatch.setattr(Scripts, "run_all", together)
+    monkeypatch.setattr(TurnScript, "__call__", alone)
+    return trips
+
+
+async def test_a_job_one_at_a_time_records_its_call_in_its_claims_round_trip(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a team without limits, on a model whose first alias has one deployment without
+    # limits (the bundled catalog's gpt-4o-mini), whose closed circuit is trusted throughout
+    monkeypatch.setattr(health, "TRUST_CLOSED", 600.0)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
+        trips = claim_round_trips(monkeypatch)
+        # When three jobs are served one at a time
+        for _ in range(3):
+            result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+            assert result.status == "ok"
+        assert gw.mock.stats.calls == 4
+
+    # Expect two round trips of the claim's scripts a job, not three: the claim with the
+    # record of the call about to leave, then the outcome's store; and no replies of theirs
+    # kept in Redis (each is its delivery's own again if run twice)
+    assert trips == [["claim", "hold"], ["finish"]] * 3
+    assert await redis_client.keys(Keys(settings.redis_prefix).once("*")) == []
+
+
+async def test_a_first_call_recorded_with_the_claim_is_lost_with_its_owner(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a job claimed with the record of its first call in the claim's round trip
+    owner, successor = (_claims(settings, redis_client, pool, name) for name in ("w1", "w2"))
+    await owner.start()
+    job = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
+    call = LostCall(
+        model="gpt-4o-mini", deployment="openai-main", provider="openai", cost_usd=Decimal(1)
+    )
+    claim = await owner.take(job, redelivered=False, first=call)
+    assert isinstance(claim, Claim) and claim.recorded == "openai-main"
+
+    # When its owner lets it go (as its lease lapses when it dies) and another delivery takes it
+    await claim.abandon()
+    taken = await successor.take(job, redelivered=False)
+
+    # Expect the call billed as lost, as one recorded on its own before it left
+    assert isinstance(taken, Claim) and taken.lost == [call]
 
 
 def _expired(job: ClaimedJob) -> Outcome:

@@ -80,6 +80,7 @@ from queuegate.script_calls import ScriptCalls
 from router import Catalog, Deployment, Routed
 from router.router import AttemptGate
 from workers.admission import Ahead, Settlement, Ticket
+from workers.admission.estimate import Estimate
 from workers.admission.scripts import Call, Scripts
 from workers.outcome import Outcome
 from workers.usage_record import UsageRecord
@@ -243,7 +244,12 @@ class Claims:
         return f"{self._worker}/{secrets.token_hex(6)}"
 
     async def take(
-        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None = None
+        self,
+        job: ChatJob,
+        *,
+        redelivered: bool,
+        ahead: Ahead | None = None,
+        first: LostCall | None = None,
     ) -> Claim | Outcome:
         """The job held by this delivery, or its stored outcome; waits while another delivery
         holds it. Raises IdempotencyConflict, AlreadyAnswered, Busy past ``claim_wait``, or
@@ -256,15 +262,20 @@ class Claims:
         only if this delivery wins the claim there (``ahead.replies``), and then given back
         with the claim's end unless admission takes them over.
 
+        ``first``: the job's first call, recorded in the claim in the first try's round trip,
+        after ``ahead``'s calls and only if they all went through, for a job that goes from
+        its claim straight to that call (``Claim.recorded``): its own record would be a round
+        trip more right before the call.
+
         A miss (Redis not answering) is the job unclaimed, only once usage_log says it was
         not answered, for the memory epoch is unknown too."""
-        taken = await self._take(job, redelivered=redelivered, ahead=ahead)
+        taken = await self._take(job, redelivered=redelivered, ahead=ahead, first=first)
         if isinstance(taken, Claim) and taken.missed:
             await self._not_accounted(job)
         return taken
 
     async def _take(
-        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None
+        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None, first: LostCall | None
     ) -> Claim | Outcome:
         """As ``take``, a miss not looked up."""
         key = self._keys.claim(job.team, job.job_id)
@@ -276,10 +287,12 @@ class Claims:
         give_up = time.monotonic() + self._wait
         pause = FIRST_POLL
         claim_keys, riding = [key, result, *self._epoch_keys, failures], ahead
+        recording = None if first is None else self.hold_call(key, owner, ClaimedJob.of(job), first)
         while True:
             try:
-                reply = await self._try(claim_keys, args, riding)
-                riding = None  # a second try (the first found it busy) is a claim alone
+                reply, recorded = await self._try(claim_keys, args, riding, recording)
+                # A second try (the first found it busy) is a claim alone.
+                riding = recording = None
             except RedisError as exc:
                 self._outage.failed(exc)
                 return Claim(self, ClaimedJob.of(job), fingerprint, key, missed=True)
@@ -315,7 +328,15 @@ class Claims:
             await asyncio.sleep(min(pause, left, int(reply[2]) / 1000))
             pause = min(pause * 2, LAST_POLL)
         lost = _lost(reply[1])
-        claim = Claim(self, ClaimedJob.of(job), fingerprint, key, owner=owner, lost=lost)
+        claim = Claim(
+            self,
+            ClaimedJob.of(job),
+            fingerprint,
+            key,
+            owner=owner,
+            lost=lost,
+            recorded=first.deployment if recorded and first is not None else None,
+        )
         self._held[key] = owner
         if ahead is not None and ahead.replies:
             claim.settle_with(ahead.undo(claim.lost_usd))
@@ -327,14 +348,23 @@ class Claims:
             raise
         return claim
 
-    async def _try(self, keys: list[str], args: list[str | int], ahead: Ahead | None) -> Any:
-        """One try at the claim; ``ahead``'s calls ride with it, run only if it is won."""
-        if ahead is None:
-            return await self._claim(keys=keys, args=args)
-        reply, *ahead.replies = await self._scripts.run_all(
-            [Call("claim", keys, args), *ahead.calls]
+    async def _try(
+        self, keys: list[str], args: list[str | int], ahead: Ahead | None, recording: Call | None
+    ) -> tuple[Any, bool]:
+        """One try at the claim, and whether ``recording`` ran with it: ``ahead``'s calls,
+        then ``recording``, ride with it, each run only if the claim is won and every call
+        before it went through."""
+        riding = [*(ahead.calls if ahead is not None else ()), *([recording] if recording else ())]
+        if not riding:
+            return await self._claim(keys=keys, args=args), False
+        # A claim and its call's record, run again by the same delivery (the Redis client
+        # sends a command again when its connection broke), find both its own.
+        reply, *replies = await self._scripts.run_all(
+            [Call("claim", keys, args), *riding], repeatable=ahead is None
         )
-        return reply
+        if ahead is not None:
+            ahead.replies = replies[: len(ahead.calls)]
+        return reply, recording is not None and len(replies) == len(riding) and replies[-1] == 1
 
     async def lapsed(self) -> Lapsed:
         """Claims of jobs past their deadline and a lease whose dead owners' calls are on
@@ -573,6 +603,7 @@ class Claim:
         owner: str | None = None,
         lost: list[LostCall] | None = None,
         missed: bool = False,
+        recorded: str | None = None,
     ) -> None:
         self._claims = claims
         self.job = job
@@ -591,6 +622,9 @@ class Claim:
         self.charged = False
         """Whether admission took their charge to the ledger (``Admission.admit``)."""
         self._settlement: Settlement | None = None
+        self.recorded = recorded
+        """The deployment of the job's first call when that call was recorded with the claim
+        (``Claims.take``'s ``first``): the call to it needs no record of its own."""
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
 
@@ -621,7 +655,7 @@ class Claim:
         if not self.missed:
             return True
         try:
-            taken = await self._claims._take(job, redelivered=True, ahead=None)
+            taken = await self._claims._take(job, redelivered=True, ahead=None, first=None)
             if goes_on_missed and isinstance(taken, Claim) and taken.missed:
                 await self._claims._not_accounted(job)
         except (IdempotencyConflict, AlreadyAnswered) as exc:
@@ -757,17 +791,13 @@ class _Recording:
             job.model,
         )
         # Held while the call is recorded (most jobs wait there for a Redis connection).
-        call = shared_fields(
-            LostCall(
-                model=alias,
-                deployment=deployment.name,
-                provider=deployment.provider,
-                cost_usd=self._ticket.estimate.usd_at(deployment),
-            )
-        )
+        call = shared_fields(planned_call(alias, deployment, self._ticket.estimate))
         self._claim.sent[deployment.name] = call.cost_usd
-        # Recorded in the round trip of the deployment's take when that lets it go at once.
-        ran = await self._ticket.enter(deployment, then=self._claim.recording(call))
+        # Recorded with the claim already (the first call only), or in the round trip of the
+        # deployment's take when that lets it go at once.
+        recorded, self._claim.recorded = self._claim.recorded == deployment.name, None
+        then = None if recorded else self._claim.recording(call)
+        ran = await self._ticket.enter(deployment, then=then) or recorded
         if self._claim.missed:
             # Claimed before the call leaves: with fail_closed it waits for Redis as admission
             # does, whether or not its admission had anything to take there.
@@ -779,6 +809,17 @@ class _Recording:
 
     async def rate_limited(self, deployment: Deployment) -> None:
         await self._ticket.rate_limited(deployment)
+
+
+def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> LostCall:
+    """The record of a call of ``alias`` about to leave for ``deployment``, priced at the
+    job's ``estimate``."""
+    return LostCall(
+        model=alias,
+        deployment=deployment.name,
+        provider=deployment.provider,
+        cost_usd=estimate.usd_at(deployment),
+    )
 
 
 def _lost(raw: bytes) -> list[LostCall]:

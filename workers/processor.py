@@ -8,7 +8,8 @@ which the delivery that answered it may have died before sending) → PII policy
 cache → admission (budget, team buckets; for the common job, reserved and taken in the
 claim's round trip once it is won, given back with the claim if the job ends first) →
 router (each deployment's buckets, each call recorded in the claim before it leaves, in the
-take's round trip when it goes at once; streaming deltas to reply_to) → store outcome,
+take's round trip when it goes at once, or in the claim's own for a first call with nothing
+to wait for; streaming deltas to reply_to) → store outcome,
 ending the claim, and settle admission in the same round trip → publish result
 (confirmed) → usage event in the worker's next batch (confirmed; a job with a deadline then
 leaves the lapsing claims) → dead-letter bad input → ack.
@@ -53,7 +54,16 @@ from workers import spans
 from workers.admission import Admission, Ahead
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
-from workers.claims import Busy, Claim, Claims, Duplicate, Poison, Unaccounted
+from workers.claims import (
+    Busy,
+    Claim,
+    Claims,
+    Duplicate,
+    LostCall,
+    Poison,
+    Unaccounted,
+    planned_call,
+)
 from workers.gate import Admitted, Gate
 from workers.outcome import (
     UNACCOUNTED,
@@ -259,8 +269,16 @@ class JobProcessor:
             # The broker delivers it again: claimed here, its redelivery would wait on it.
             raise ChannelInvalidStateError(f"job {job.job_id}'s channel is closed")
         try:
-            ahead = self._ahead(message, job, admitted, unreceivable)
-            claim = await self._claims.take(job, redelivered=bool(message.redelivered), ahead=ahead)
+            straight = self._straight(message, job, admitted, unreceivable)
+            # None too for a model the catalog lacks (its estimate walks the chain): refused in
+            # its turn, before admission.
+            ahead = self._admission.ahead(job) if straight else None
+            claim = await self._claims.take(
+                job,
+                redelivered=bool(message.redelivered),
+                ahead=ahead,
+                first=self._first_call(job) if straight else None,
+            )
         except JobError as exc:  # a different request under the id, or answered before
             # One answered before is refused as that wherever its reply queue is: its own row
             # counts it, and a row for an unreceivable refusal would count it again.
@@ -507,35 +525,48 @@ class JobProcessor:
             )
         return job
 
-    def _ahead(
+    def _straight(
         self,
         message: AbstractIncomingMessage,
         job: ChatJob,
         admitted: Admitted,
         unreceivable: InvalidRequest | None,
-    ) -> Ahead | None:
-        """The job's budget reserve and first take of its team's buckets, to run with its
-        claim in one round trip, for the common job that goes from its claim straight to
-        admission: one it reaches with no other round trip of its own between (a cache
-        lookup, a usage_log lookup of a redelivery), as the job it screened is the job it
-        admits (no PII policy), and not past its deadline already. One that ends before
-        admission all the same gives them back with its claim (``Ahead.undo``).
+    ) -> bool:
+        """Whether the job goes from its claim straight to admission, so that its budget
+        reserve and first take of its team's buckets (``Admission.ahead``) and, with nothing
+        to wait for, the record of its first call (``_first_call``) run with its claim in one
+        round trip: the common job, that reaches admission with no other round trip of its
+        own between (a cache lookup, a usage_log lookup of a redelivery), as the job it
+        screened is the job it admits (no PII policy), and not past its deadline already.
+        One that ends before admission all the same gives them back with its claim
+        (``Ahead.undo``), and its claim's end drops the record.
 
         A job past its deadline is refused before admission (``_serve``): taken with its
         claim, its request would go back only a round trip later, and a backlog of jobs that
         expired in their queue would meanwhile hold the team's requests that the live jobs
         among them need, sending those to wait in line, where a deadline refuses them."""
-        if (
+        return not (
             unreceivable is not None
             or message.redelivered
             or _past(_monotonic_deadline(job.deadline))
             or admitted.screens
             or wanted(job, self._admission.config(job.team))
-        ):
+        )
+
+    def _first_call(self, job: ChatJob) -> LostCall | None:
+        """The record of the job's first call, to write with its claim, when the call goes
+        as soon as it is admitted: to the one deployment the router would pick (``first_call``)
+        with nothing of admission to wait for (no bucket of its team's or the deployment's:
+        ``Admission.straight``). A record written long before its call would, should the
+        worker die meanwhile, bill a call that never left, and count a failure against the
+        delivery limit; with nothing to wait for, the call leaves within the same CPU work as
+        it would after a round trip of its own."""
+        first = self._router.first_call(job)
+        if first is None:
             return None
-        # None too for a model the catalog lacks (its estimate walks the chain): refused in
-        # its turn, before admission.
-        return self._admission.ahead(job)
+        alias, deployment = first
+        needed = self._admission.straight(job, deployment)
+        return None if needed is None else planned_call(alias, deployment, needed)
 
     async def _answer(
         self,

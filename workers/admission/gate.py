@@ -133,6 +133,18 @@ class Admission:
             )
         return self._deployment_limits[name]
 
+    def straight(self, job: ChatJob, deployment: Deployment) -> Estimate | None:
+        """The job's estimate when admission has nothing to wait for between its claim and
+        its call to ``deployment``: no bucket of its team's, nor of the deployment's. None
+        otherwise, or when its estimate is refused (``admit`` refuses it in its turn)."""
+        config = self.config(job.team)
+        if self._team_limits(job, config) or self.deployment_limit(deployment) is not None:
+            return None
+        try:
+            return estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+        except JobError:
+            return None
+
     def line(self, limits: list[Limit]) -> asyncio.Lock:
         """Where this process's jobs wait their turn for the same buckets (see Ticket.take)."""
         key = tuple(limit.key for limit in limits)

@@ -63,7 +63,9 @@ class Scripts:
         [reply] = await self.run_all([call], name=name)
         return cast(list[int], reply)
 
-    async def run_all(self, calls: Sequence[Call], *, name: str | None = None) -> list[Any]:
+    async def run_all(
+        self, calls: Sequence[Call], *, name: str | None = None, repeatable: bool = False
+    ) -> list[Any]:
         """The replies of ``calls``, run in order in one round trip, up to and including the
         first that refuses (a reply starting with a negative status, a take not taken, or a
         claim not won).
@@ -72,10 +74,12 @@ class Scripts:
         within ``ONCE_MS`` returns the replies of the first instead of running again, so a
         caller trying again after an error that may have come after Redis ran it passes the
         name of its first try. None: a new one (the client's own resends are covered).
+        ``repeatable``: every call is safe to run twice (a claim and the record of its call),
+        so no replies are kept.
         """
         keys = [self._keys.once(name or once())]
         keys += [key for call in calls for key in call.keys]
-        args: list[str | int] = [ONCE_MS]
+        args: list[str | int] = [0 if repeatable else ONCE_MS]
         for call in calls:
             args += [call.script, len(call.keys), len(call.args), *call.args]
         replies: list[Any] = await self._batch(keys=keys, args=args)

@@ -12,7 +12,9 @@
 --
 -- KEYS[1]   the round trip's own key (one per round trip, chosen by the caller)
 -- KEYS[2..] every call's keys, call after call
--- ARGV[1]   milliseconds the replies are kept under KEYS[1]
+-- ARGV[1]   milliseconds the replies are kept under KEYS[1]; 0: not kept, for calls that
+--           may run twice (a claim and the record of its call: each, run again by the same
+--           delivery, finds it its own)
 -- ARGV[2..] per call: its script's name ("take", "spend", "claim", "hold" or "finish"), its
 --           number of keys, its number of arguments, then those arguments
 --
@@ -23,9 +25,12 @@
 -- ledger only by the delivery holding it (a duplicate's reservation would replace the
 -- owner's entry, and its undo delete it).
 
-local done = redis.call('GET', KEYS[1])
-if done then
-  return cmsgpack.unpack(done)
+local keep = tonumber(ARGV[1])
+if keep > 0 then
+  local done = redis.call('GET', KEYS[1])
+  if done then
+    return cmsgpack.unpack(done)
+  end
 end
 
 local scripts = {take = take, spend = spend, claim = claim, hold = hold, finish = finish}
@@ -46,5 +51,7 @@ while a <= #ARGV do
   end
   k, a = k + nkeys, a + 3 + nargs
 end
-redis.call('SET', KEYS[1], cmsgpack.pack(replies), 'PX', tonumber(ARGV[1]))
+if keep > 0 then
+  redis.call('SET', KEYS[1], cmsgpack.pack(replies), 'PX', keep)
+end
 return replies
