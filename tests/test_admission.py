@@ -25,6 +25,7 @@ from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent
 from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
+from workers.admission import Admission, Ahead, Settlement
 from workers.admission.scripts import Call, Scripts
 
 # 40 characters (the mock counts 10 prompt tokens) whose reply is longer than max_tokens, so
@@ -79,6 +80,19 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     monkeypatch.setattr(Scripts, "run_all", counted)
     return batches
+
+
+def undos(monkeypatch: pytest.MonkeyPatch) -> list[Ahead]:
+    """Every undo of what rode with a claim made from now on (``Admission.undo``)."""
+    made: list[Ahead] = []
+    undo = Admission.undo
+
+    def counted(self: Admission, ahead: Ahead, lost: Decimal) -> Settlement | None:
+        made.append(ahead)
+        return undo(self, ahead, lost)
+
+    monkeypatch.setattr(Admission, "undo", counted)
+    return made
 
 
 async def at_once(client: GatewayClient, jobs: int) -> list[ChatResult]:
@@ -163,6 +177,7 @@ models:
 """
     )
     batches = round_trips(monkeypatch)
+    undone = undos(monkeypatch)
     async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
         # When one job is served (a deadline it is well within changes nothing)
         began = time.monotonic()
@@ -180,6 +195,8 @@ models:
     after = [["take", "hold"], ["finish", "take", "take", "spend"]]
     assert batches[0] == ["claim", "spend", "take"]
     assert batches[1:] in (after, [["spend", "take"], *after])
+    # ... whose admission took over what rode with the claim: no undo of it was made
+    assert undone == []
     # ... and the counters at what the job really used, not at its estimate: the budget at
     # its cost (10 input tokens at $1/M, 11 output at $2/M), each bucket 21 tokens down,
     # give or take the refill of 1,000 a minute over the time the job took (more than a
@@ -238,6 +255,7 @@ async def test_a_job_ended_after_its_claim_gives_back_what_rode_with_the_claim(
     keys = Keys(settings.redis_prefix)
     await redis_client.set(keys.batch_canceled("alpha", "gone"), 1)
     batches = round_trips(monkeypatch)
+    undone = undos(monkeypatch)
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
         # When its job is claimed, its budget reserved and its team's buckets taken in the
         # claim's round trip, then it ends on the cancel before admission
@@ -252,6 +270,7 @@ async def test_a_job_ended_after_its_claim_gives_back_what_rode_with_the_claim(
     # the team's bucket, full again, and the budget's entry of the job at nothing
     assert batches[0] == ["claim", "spend", "take"]
     assert batches[1] == ["finish", "take", "take", "spend"]
+    assert len(undone) == 1
     assert [float(level or 0) for level in bucket] == [default_burst(6), 100]
     assert spent == 0
 

@@ -54,10 +54,11 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any, NamedTuple, cast
 
 import redis.asyncio as aioredis
@@ -339,7 +340,9 @@ class Claims:
         )
         self._held[key] = owner
         if ahead is not None and ahead.replies:
-            claim.settle_with(ahead.undo(claim.lost_usd))
+            # Made only if it runs: admission takes over what ran with the claim for all but
+            # the jobs that end before it (a governed job built its undo for nothing).
+            claim.settle_with(partial(ahead.undo, claim.lost_usd))
         try:
             if redelivered or await self._must_check(reply[2]):
                 await self._not_accounted(job)
@@ -621,7 +624,7 @@ class Claim:
         its budget ledger, whatever ends this delivery."""
         self.charged = False
         """Whether admission took their charge to the ledger (``Admission.admit``)."""
-        self._settlement: Settlement | None = None
+        self._settlement: Settlement | Callable[[], Settlement | None] | None = None
         self.recorded = recorded
         """The deployment of the job's first call when that call was recorded with the claim
         (``Claims.take``'s ``first``): the call to it needs no record of its own."""
@@ -717,14 +720,20 @@ class Claim:
             return None
         return self._claims.hold_call(self._key, self._owner, self.job, call)
 
-    def settle_with(self, settlement: Settlement | None) -> None:
+    def settle_with(self, settlement: Settlement | Callable[[], Settlement | None] | None) -> None:
         """Run the job's admission settles with the outcome's store (``finish``), or on their
-        own when the claim is let go (``abandon``) or ``settle`` is called first."""
+        own when the claim is let go (``abandon``) or ``settle`` is called first; given as a
+        function, they are made only when they run."""
         self._settlement = settlement
+
+    def _settles(self) -> Settlement | None:
+        """The settles given to ``settle_with``, made if need be, taken to run once."""
+        settlement, self._settlement = self._settlement, None
+        return settlement() if callable(settlement) else settlement
 
     async def settle(self) -> None:
         """Run the settles given to ``settle_with`` now, if they have not run."""
-        settlement, self._settlement = self._settlement, None
+        settlement = self._settles()
         if settlement is not None:
             await self._claims.settle(settlement)
 
@@ -756,7 +765,7 @@ class Claim:
         if self._owner is not None:
             self._claims.forget(self._key, self._owner)
             self._owner = None
-        settlement, self._settlement = self._settlement, None
+        settlement = self._settles()
         earlier = await self._claims.store(
             self.job, self._fingerprint, outcome, settlement, accounted=accounted
         )
