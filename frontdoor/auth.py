@@ -94,19 +94,24 @@ class KeyBook:
             cached = None
         if cached is not None and isinstance(cached[1], KeyOwner):
             return cached[1]  # a live key asks nothing of Redis
-        await self._failures.check(client, key_hash)
+        taken = client if await self._failures.check(client, key_hash) else None
         if key_hash is None:
             found = None  # not shaped like a key
         elif cached is not None:
             found = cached[1]  # known wrong, or its team disabled, within the ttl
         else:
-            found = await self._lookup(key, key_hash, now)
+            try:
+                found = await self._lookup(key, key_hash, now)
+            except BaseException:
+                await self._failures.give_back(taken)  # not found wrong: PostgreSQL failed
+                raise
             if isinstance(found, KeyOwner):
-                self._failures.proven(key_hash)
+                self._failures.proven(key_hash, taken)
         if isinstance(found, DisabledTeamKey):
+            await self._failures.give_back(taken)  # a live key, not a guess: not counted
             raise TeamDisabled(found.team)
         if found is None:
-            await self._failures.failed(client, key_hash)
+            await self._failures.failed(key_hash)
         return found
 
     async def _lookup(

@@ -28,6 +28,7 @@ recorded so in the background, never holding its request.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 
@@ -69,60 +70,104 @@ class FailedKeys:
         self._outage = OutageLog(log, "Redis", "wrong keys are not counted")
         self._recording: set[asyncio.Task[None]] = set()
 
-    async def check(self, who: str, key_hash: str | None) -> None:
-        """Throttled when ``who`` has used up its failures for the window, unless the key of
-        ``key_hash`` (None: not shaped like a key) was found live."""
+    async def check(self, who: str, key_hash: str | None) -> bool:
+        """Take one of ``who``'s lookups for the window, before the lookup: Throttled when it
+        has used them up, unless the key of ``key_hash`` (None: not shaped like a key) was
+        found live (then nothing is taken). Whether one was taken, to give back if the key
+        is found live (``proven``). Taken first and counted in one step, as many lookups at
+        once as the limit allows: checked first and counted after each failed, a burst of
+        wrong keys sent together was looked up whole."""
         count_key = self._keys.failed_keys(who)
         try:
-            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=False) as pipe:
-                pipe.get(count_key)
-                pipe.pttl(count_key)
+            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=True) as pipe:
                 if key_hash is not None:
                     pipe.exists(self._keys.proven_key(key_hash))
-                count, left, *proven = await pipe.execute()
+                pipe.incr(count_key)
+                pipe.pexpire(count_key, self._window_ms, nx=True)
+                pipe.pttl(count_key)
+                *proven, count, _, left = await pipe.execute()
+            if any(proven):
+                async with asyncio.timeout(WAIT):
+                    await self._client.decr(count_key)
+                return False
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._outage.failed(exc)
+            return False
+        self._outage.recovered()
+        if int(count) > self._limit:
+            # Not positive when the count expired between the two reads.
+            raise Throttled(left / 1000 if left > 0 else 1.0)
+        return True
+
+    async def failed(self, key_hash: str | None) -> None:
+        """A lookup found no live key: the key, if it was found live once, is so no longer
+        (revoked, its team disabled). Its lookup was counted by ``check``."""
+        if key_hash is None:
+            return
+        try:
+            async with asyncio.timeout(WAIT):
+                await self._client.delete(self._keys.proven_key(key_hash))
         except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
             return
         self._outage.recovered()
-        if count is not None and int(count) >= self._limit and not any(proven):
-            # Not positive when the count expired between the two reads.
-            raise Throttled(left / 1000 if left > 0 else 1.0)
 
-    async def failed(self, who: str, key_hash: str | None) -> None:
-        """Count a failed lookup of ``who``; the window starts with its first. The key, if
-        it was found live once, is so no longer (revoked, its team disabled)."""
+    async def give_back(self, who: str | None) -> None:
+        """Give back the lookup ``check`` took of ``who`` (None: it took none), for a key
+        that was no guess (its team disabled) or was not looked up (PostgreSQL failed)."""
+        if who is None:
+            return
         try:
-            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=True) as pipe:
-                pipe.incr(self._keys.failed_keys(who))
-                pipe.pexpire(self._keys.failed_keys(who), self._window_ms, nx=True)
-                if key_hash is not None:
-                    pipe.delete(self._keys.proven_key(key_hash))
+            async with asyncio.timeout(WAIT):
+                await self._client.decr(self._keys.failed_keys(who))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._outage.failed(exc)
+            return
+        self._outage.recovered()
+
+    def proven(self, key_hash: str, taken_from: str | None) -> None:
+        """Record the key of ``key_hash`` found live, and give back the lookup ``check`` took
+        of ``taken_from`` (None: it took none), in the background: its request waits for
+        PostgreSQL's answer only, never for Redis."""
+        task = asyncio.create_task(self._prove(key_hash, taken_from))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _prove(self, key_hash: str, taken_from: str | None) -> None:
+        try:
+            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=False) as pipe:
+                pipe.set(self._keys.proven_key(key_hash), 1, ex=PROVEN_FOR)
+                if taken_from is not None:
+                    pipe.decr(self._keys.failed_keys(taken_from))
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
             return
         self._outage.recovered()
 
-    def proven(self, key_hash: str) -> None:
-        """Record the key of ``key_hash`` found live, in the background: its request waits
-        for PostgreSQL's answer only, never for Redis."""
-        task = asyncio.create_task(self._prove(key_hash))
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-
-    async def _prove(self, key_hash: str) -> None:
-        try:
-            async with asyncio.timeout(WAIT):
-                await self._client.set(self._keys.proven_key(key_hash), 1, ex=PROVEN_FOR)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._outage.failed(exc)
-            return
-        self._outage.recovered()
+    async def aclose(self) -> None:
+        """Wait for the records still on their way (each within ``WAIT``), before Redis's
+        client closes under them."""
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
 
 
 def client_of(request: Request) -> str:
-    """Whom a request's failures are counted against: its client's address."""
-    return request.client.host if request.client is not None else "unknown"
+    """Whom a request's failures are counted against: its client's address, an IPv4 one as
+    such however it came (``::ffff:10.0.0.5`` on a listener on ``::``), an IPv6 one by its
+    /64, which one host usually holds whole (counted per address, it had as many tries as
+    addresses)."""
+    if request.client is None:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(request.client.host)
+    except ValueError:
+        return request.client.host  # not an address (a Unix socket's peer): as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 __all__ = ["PROVEN_FOR", "FailedKeys", "Throttled", "client_of"]

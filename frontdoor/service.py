@@ -49,6 +49,7 @@ class FrontDoor:
         self.bodies = Bodies.of(settings)
         self.bridge = Bridge(settings)
         self._redis: aioredis.Redis | None = None
+        self._failures: FailedKeys | None = None
         self._pool: asyncpg.Pool | None = None
         self._keys: KeyBook | None = None
         self._outcomes: Outcomes | None = None
@@ -104,10 +105,10 @@ class FrontDoor:
         try:
             self._redis = redis_for(s)
             keys = Keys(s.redis_prefix)
-            failures = FailedKeys(
+            self._failures = FailedKeys(
                 self._redis, keys, limit=s.failed_key_limit, window=s.failed_key_window
             )
-            self._keys = KeyBook(self._pool, failures, ttl=s.security_cache_ttl)
+            self._keys = KeyBook(self._pool, self._failures, ttl=s.security_cache_ttl)
             self._outcomes = Outcomes(self._redis, keys, ttl=s.result_ttl)
             self._budgets = BudgetGate(self._pool, self._redis, keys, self.catalog, s)
             # A budget lowered by `teams set` is refused here at once, not after the
@@ -141,6 +142,8 @@ class FrontDoor:
             await self._changes.__aexit__(None, None, None)
         if self._status is not None:
             await self._status.__aexit__(None, None, None)
+        if self._failures is not None:
+            await self._failures.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         if self._pool is not None:

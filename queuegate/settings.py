@@ -484,13 +484,19 @@ def _variable(loc: str) -> str:
 def trusted_proxies(listed: str) -> list[str]:
     """``QUEUEGATE_HTTP_TRUSTED_PROXIES`` as the networks it names, written as uvicorn reads
     them (``10.0.0.5`` as ``10.0.0.5/32``); ValueError naming an entry that is no address or
-    network (uvicorn would take it as a name no client address ever matches)."""
+    network (uvicorn would take it as a name no client address ever matches). An IPv4 network
+    is named as IPv4-mapped IPv6 too: a listener on ``::`` sees its IPv4 peers so
+    (``::ffff:10.0.0.5``)."""
     networks = []
     for entry in (part.strip() for part in listed.split(",")):
         if not entry:
             continue
         try:
-            networks.append(str(ipaddress.ip_network(entry, strict=False)))
+            network = ipaddress.ip_network(entry, strict=False)
+            networks.append(str(network))
+            if network.version == 4:
+                mapped = ipaddress.ip_address(f"::ffff:{network.network_address}")
+                networks.append(f"{mapped}/{96 + network.prefixlen}")
         except ValueError:
             raise ValueError(
                 f"QUEUEGATE_HTTP_TRUSTED_PROXIES: {entry!r} is no IP address or network: name "

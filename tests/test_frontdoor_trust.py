@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator
 
 import openai
 import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from starlette.requests import Request
 
+from frontdoor.failed_keys import client_of
 from frontdoor.serve import serving
 from queuegate.keys import Keys
 from queuegate.settings import Settings, settings_problem, trusted_proxies
@@ -88,7 +91,58 @@ async def test_x_forwarded_for_counts_only_from_a_proxy_named_trusted(
     # client named, nor the proxy's
     assert int(await redis_client.get(counted.failed_keys("203.0.113.51"))) == 1
     assert await redis_client.get(counted.failed_keys("198.51.100.10")) is None
-    assert int(await redis_client.get(counted.failed_keys("127.0.0.1"))) == 2
+    assert int(await redis_client.get(counted.failed_keys("127.0.0.1"))) == 3  # + the refused
+
+
+async def test_wrong_keys_sent_together_are_looked_up_no_more_than_the_limit(
+    settings: Settings,
+) -> None:
+    # Given at most 3 wrong keys a minute per address
+    settings = settings.model_copy(update={"failed_key_limit": 3, "failed_key_window": 60.0})
+    async with open_door(settings) as door:
+        # When 12 wrong keys arrive from it at once, each on a connection of its own (each
+        # was looked up: the count was read before any of them was added to it)
+        async def guess() -> type[openai.APIStatusError]:
+            async with api(door.v1, WRONG) as client:
+                try:
+                    await client.models.list()
+                except openai.APIStatusError as exc:
+                    return type(exc)
+            raise AssertionError("a wrong key was served")
+
+        answers = await asyncio.gather(*(guess() for _ in range(12)))
+
+    # Expect 3 looked up and refused 401, the others 429 unlooked-up
+    assert (
+        sorted(a.__name__ for a in answers) == ["AuthenticationError"] * 3 + ["RateLimitError"] * 9
+    )
+
+
+def test_a_proxy_named_by_its_ipv4_address_is_trusted_on_a_listener_on_ipv6_too() -> None:
+    # Given a proxy named by IPv4, as uvicorn gets the list
+    networks = [ipaddress.ip_network(n) for n in trusted_proxies("127.0.0.0/24")]
+    # Expect its connections to a listener on `::` (IPv4-mapped peers) trusted as well
+    # (they were not: its header was ignored, and every client behind it shared one count)
+    peer = ipaddress.ip_address("::ffff:127.0.0.60")
+    assert any(peer in network for network in networks)
+    assert not any(ipaddress.ip_address("::ffff:127.0.1.60") in n for n in networks)
+
+
+@pytest.mark.parametrize(
+    ("peer", "counted"),
+    [
+        ("::ffff:198.51.100.7", "198.51.100.7"),
+        ("2001:db8:0:0:1::99", "2001:db8::/64"),
+        ("2001:DB8::7", "2001:db8::/64"),
+        ("198.51.100.7", "198.51.100.7"),
+    ],
+)
+def test_wrong_keys_count_against_an_address_however_written_and_ipv6_by_its_64(
+    peer: str, counted: str
+) -> None:
+    # (an IPv6 host holds its /64 whole: counted per address, it had that many tries)
+    request = Request({"type": "http", "client": (peer, 5000), "headers": []})
+    assert client_of(request) == counted
 
 
 def test_trusted_proxies_that_are_no_addresses_are_refused_in_one_line() -> None:
@@ -100,7 +154,9 @@ def test_trusted_proxies_that_are_no_addresses_are_refused_in_one_line() -> None
     # ... and those that are, written as uvicorn matches them (a network with host bits
     # would be a name no address matches there)
     listed = Settings(http_trusted_proxies=" 10.0.0.5, 10.1.2.3/16,::1 ").http_trusted_proxies
-    assert trusted_proxies(listed) == ["10.0.0.5/32", "10.1.0.0/16", "::1/128"]
+    assert trusted_proxies(listed) == [
+        "10.0.0.5/32", "::ffff:a00:5/128", "10.1.0.0/16", "::ffff:a01:0/112", "::1/128"
+    ]  # fmt: skip
 
 
 async def test_an_address_locked_out_for_wrong_keys_still_has_its_teams_keys_served(
