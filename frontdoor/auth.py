@@ -32,10 +32,12 @@ costs PostgreSQL nothing more.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Request
@@ -81,6 +83,7 @@ class KeyBook:
         self._cache: OrderedDict[str, tuple[float, KeyOwner | DisabledTeamKey | None]] = (
             OrderedDict()
         )
+        self._asking: dict[str, asyncio.Task[KeyOwner | DisabledTeamKey | None]] = {}
 
     async def owner(self, key: str, client: str) -> KeyOwner | None:
         """Whose live key ``key`` is; None when unknown or revoked (counted against
@@ -94,29 +97,38 @@ class KeyBook:
             cached = None
         if cached is not None and isinstance(cached[1], KeyOwner):
             return cached[1]  # a live key asks nothing of Redis
-        taken = client if await self._failures.check(client, key_hash) else None
-        if key_hash is None:
-            found = None  # not shaped like a key
-        elif cached is not None:
-            found = cached[1]  # known wrong, or its team disabled, within the ttl
-        else:
-            try:
+        async with self._failures.looking_up(client, key_hash):
+            if key_hash is None:
+                found = None  # not shaped like a key
+            elif cached is not None:
+                found = cached[1]  # known wrong, or its team disabled, within the ttl
+            else:
                 found = await self._lookup(key, key_hash, now)
-            except BaseException:
-                await self._failures.give_back(taken)  # not found wrong: PostgreSQL failed
-                raise
-            if isinstance(found, KeyOwner):
-                self._failures.proven(key_hash, taken)
+                if isinstance(found, KeyOwner):
+                    self._failures.proven(key_hash)
+            if found is None:
+                await self._failures.failed(client, key_hash)
         if isinstance(found, DisabledTeamKey):
-            await self._failures.give_back(taken)  # a live key, not a guess: not counted
             raise TeamDisabled(found.team)
-        if found is None:
-            await self._failures.failed(key_hash)
         return found
 
     async def _lookup(
         self, key: str, key_hash: str, now: float
     ) -> KeyOwner | DisabledTeamKey | None:
+        """The key's row, asked for once however many requests present it at once (a live
+        key's burst, or one wrong key sent many times, costs PostgreSQL one lookup)."""
+        asking = self._asking.get(key_hash)
+        if asking is None:
+            asking = self._asking[key_hash] = asyncio.create_task(self._ask(key, key_hash, now))
+            asking.add_done_callback(partial(self._asked, key_hash))
+        return await asyncio.shield(asking)
+
+    def _asked(self, key_hash: str, asking: asyncio.Task[Any]) -> None:
+        del self._asking[key_hash]
+        if not asking.cancelled():
+            asking.exception()  # retrieved: every request that waited for it raised it
+
+    async def _ask(self, key: str, key_hash: str, now: float) -> KeyOwner | DisabledTeamKey | None:
         try:
             owner = await lookup_key(self._pool, key)
         except DB_ERRORS as exc:

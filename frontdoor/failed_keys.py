@@ -28,9 +28,11 @@ recorded so in the background, never holding its request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from fastapi import Request
@@ -69,76 +71,57 @@ class FailedKeys:
         self._window_ms = max(1, round(window * 1000))
         self._outage = OutageLog(log, "Redis", "wrong keys are not counted")
         self._recording: set[asyncio.Task[None]] = set()
+        self._looking: dict[str, dict[str | None, int]] = {}
+        """Client → the keys this process looks up for it now → requests waiting for each."""
 
-    async def check(self, who: str, key_hash: str | None) -> bool:
-        """Take one of ``who``'s lookups for the window, before the lookup: Throttled when it
-        has used them up, unless the key of ``key_hash`` (None: not shaped like a key) was
-        found live (then nothing is taken). Whether one was taken, to give back if the key
-        is found live (``proven``). Taken first and counted in one step, as many lookups at
-        once as the limit allows: checked first and counted after each failed, a burst of
-        wrong keys sent together was looked up whole."""
+    @contextlib.asynccontextmanager
+    async def looking_up(self, who: str, key_hash: str | None) -> AsyncIterator[None]:
+        """Around the lookup of a key ``who`` presents (and its ``failed``): Throttled first
+        when its failures for the window, with the other keys this process looks up for it
+        meanwhile, are used up, unless the key of ``key_hash`` (None: not shaped like a key)
+        was found live. Those in flight count: counted only once failed, wrong keys sent all
+        at once were each looked up (200 at once, 200 lookups). A key already being looked
+        up for it adds none (a live key's burst of requests at once is not a flood)."""
+        looking = self._looking.setdefault(who, {})
+        ahead = 0 if key_hash in looking else len(looking)
+        looking[key_hash] = looking.get(key_hash, 0) + 1
+        try:
+            await self._check(who, key_hash, ahead)
+            yield
+        finally:
+            if looking[key_hash] > 1:
+                looking[key_hash] -= 1
+            else:
+                del looking[key_hash]
+            if not looking:
+                del self._looking[who]
+
+    async def _check(self, who: str, key_hash: str | None, ahead: int) -> None:
         count_key = self._keys.failed_keys(who)
         try:
-            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=True) as pipe:
+            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=False) as pipe:
+                pipe.get(count_key)
+                pipe.pttl(count_key)
                 if key_hash is not None:
                     pipe.exists(self._keys.proven_key(key_hash))
-                pipe.incr(count_key)
-                pipe.pexpire(count_key, self._window_ms, nx=True)
-                pipe.pttl(count_key)
-                *proven, count, _, left = await pipe.execute()
-            if any(proven):
-                async with asyncio.timeout(WAIT):
-                    await self._client.decr(count_key)
-                return False
+                count, left, *proven = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
-            return False
+            return
         self._outage.recovered()
-        if int(count) > self._limit:
+        if int(count or 0) + ahead >= self._limit and not any(proven):
             # Not positive when the count expired between the two reads.
             raise Throttled(left / 1000 if left > 0 else 1.0)
-        return True
 
-    async def failed(self, key_hash: str | None) -> None:
-        """A lookup found no live key: the key, if it was found live once, is so no longer
-        (revoked, its team disabled). Its lookup was counted by ``check``."""
-        if key_hash is None:
-            return
+    async def failed(self, who: str, key_hash: str | None) -> None:
+        """Count a failed lookup of ``who``; the window starts with its first. The key, if
+        it was found live once, is so no longer (revoked, its team disabled)."""
         try:
-            async with asyncio.timeout(WAIT):
-                await self._client.delete(self._keys.proven_key(key_hash))
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._outage.failed(exc)
-            return
-        self._outage.recovered()
-
-    async def give_back(self, who: str | None) -> None:
-        """Give back the lookup ``check`` took of ``who`` (None: it took none), for a key
-        that was no guess (its team disabled) or was not looked up (PostgreSQL failed)."""
-        if who is None:
-            return
-        try:
-            async with asyncio.timeout(WAIT):
-                await self._client.decr(self._keys.failed_keys(who))
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._outage.failed(exc)
-            return
-        self._outage.recovered()
-
-    def proven(self, key_hash: str, taken_from: str | None) -> None:
-        """Record the key of ``key_hash`` found live, and give back the lookup ``check`` took
-        of ``taken_from`` (None: it took none), in the background: its request waits for
-        PostgreSQL's answer only, never for Redis."""
-        task = asyncio.create_task(self._prove(key_hash, taken_from))
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-
-    async def _prove(self, key_hash: str, taken_from: str | None) -> None:
-        try:
-            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=False) as pipe:
-                pipe.set(self._keys.proven_key(key_hash), 1, ex=PROVEN_FOR)
-                if taken_from is not None:
-                    pipe.decr(self._keys.failed_keys(taken_from))
+            async with asyncio.timeout(WAIT), self._client.pipeline(transaction=True) as pipe:
+                pipe.incr(self._keys.failed_keys(who))
+                pipe.pexpire(self._keys.failed_keys(who), self._window_ms, nx=True)
+                if key_hash is not None:
+                    pipe.delete(self._keys.proven_key(key_hash))
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._outage.failed(exc)
@@ -150,6 +133,22 @@ class FailedKeys:
         client closes under them."""
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)
+
+    def proven(self, key_hash: str) -> None:
+        """Record the key of ``key_hash`` found live, in the background: its request waits
+        for PostgreSQL's answer only, never for Redis."""
+        task = asyncio.create_task(self._prove(key_hash))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _prove(self, key_hash: str) -> None:
+        try:
+            async with asyncio.timeout(WAIT):
+                await self._client.set(self._keys.proven_key(key_hash), 1, ex=PROVEN_FOR)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._outage.failed(exc)
+            return
+        self._outage.recovered()
 
 
 def client_of(request: Request) -> str:

@@ -19,13 +19,15 @@ import redis.asyncio as aioredis
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.keys import Keys
-from queuegate.messages import ChatResult
+from queuegate.messages import ChatJob, ChatResult
 from queuegate.registry import TeamConfig, default_burst
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent
+from router import load_catalog
 from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
 from workers.admission import Admission, Ahead, Settlement
+from workers.admission.estimate import estimate
 from workers.admission.scripts import Call, Scripts
 
 # 40 characters (the mock counts 10 prompt tokens) whose reply is longer than max_tokens, so
@@ -154,6 +156,41 @@ async def test_concurrent_jobs_never_overspend_a_budget(settings: Settings) -> N
         await gw.usage_rows(100)
         spent = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
         assert spent <= budget
+
+
+async def test_jobs_asking_for_several_choices_never_overspend_a_budget(
+    settings: Settings,
+) -> None:
+    # Given a budget worth 20 jobs of gpt-4o-mini asking for 20 tokens (the estimate left
+    # out the choices asked for: each cost 8 jobs, the provider billing them all)
+    job_cost = (10 * Decimal("0.15") + 20 * Decimal("0.60")) / 1_000_000
+    budget = 20 * job_cost
+    await register(settings, "alpha", TeamConfig(budget_usd=budget))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When 20 jobs arrive at once, each asking for 8 choices of 20 tokens
+        handles = [
+            await client.submit(client.job("gpt-4o-mini", WORDS, fallbacks=[], n=8, max_tokens=20))
+            for _ in range(20)
+        ]
+        results = [await h.result(timeout=30) for h in handles]
+        await gw.usage_rows(20)
+        spent = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
+
+    # Expect at most a few served, and PostgreSQL's spend within the budget
+    assert 1 <= sum(r.status == "ok" for r in results) <= 3
+    assert spent <= budget
+
+
+@pytest.mark.parametrize(
+    ("asked", "output"),
+    [({"n": 8, "max_tokens": 20}, 160), ({"max_completion_tokens": 900}, 900), ({"n": 3}, 768)],
+)
+def test_a_jobs_estimate_holds_every_choice_and_the_completion_limit_it_asks_for(
+    asked: dict[str, int], output: int
+) -> None:
+    job = ChatJob(job_id="j", team="alpha", model="gpt-4o-mini", messages=WORDS, params=asked)
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    assert estimate(job, catalog, TeamConfig(), 256).output_tokens == output
 
 
 @pytest.mark.parametrize("deadline", [None, timedelta(seconds=30)], ids=["no_deadline", "deadline"])

@@ -59,11 +59,15 @@ def prompt_tokens(job: ChatJob) -> int:
 
 
 def estimate(job: ChatJob, catalog: Catalog, config: TeamConfig, default_output: int) -> Estimate:
-    """What admission reserves for ``job`` of a team with ``config``. Its output is the
-    job's ``max_tokens``, else the team's expected output, else ``default_output`` (the
+    """What admission reserves for ``job`` of a team with ``config``. Its output is, for each
+    of its ``n`` choices (the provider bills them all), the job's ``max_tokens`` or
+    ``max_completion_tokens``, else the team's expected output, else ``default_output`` (the
     gateway's ``expected_output_tokens``)."""
     prompt = prompt_tokens(job)
-    output = job.params.max_tokens or config.expected_output_tokens or default_output
+    extra = job.params.model_extra or {}
+    limit = job.params.max_tokens or extra.get("max_completion_tokens")
+    choice = limit or config.expected_output_tokens or default_output
+    output = choice * (extra.get("n") or 1)
     price = max(
         _usd(d, prompt, output)
         for alias in catalog.chain(job.model, job.fallbacks)
