@@ -12,6 +12,9 @@ import typer
 from queuegate.settings import Settings
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+Port = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")]
+"""Every ``--port``: refused in one line (exit 2) outside a TCP port's range, where binding
+would raise OverflowError, or the mock provider's server would listen on it modulo 65536."""
 
 
 def make_settings(**overrides: Any) -> Settings:

@@ -29,11 +29,13 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 
 from frontdoor.app import create_app
 from frontdoor.connections import ConnectionLimits, fit_open_files, guarded_protocol
 from queuegate import tracing
-from queuegate.errors import ConfigError
+from queuegate.errors import ConfigError, GatewayError
 from queuegate.runtime import default_stop_signals, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings, trusted_proxies
 from queuegate.supervisor import Supervisor
@@ -73,7 +75,14 @@ def serve(
     # uvicorn takes the stop signals from here (its stop after serving is its own: SIGTERM
     # raised again, status 143), and asyncio's Ctrl-C handling needs Python's to start
     default_stop_signals()
-    run(lambda: server.serve(sockets=[sock]))
+    try:
+        run(lambda: server.serve(sockets=[sock]))
+    except SystemExit as exc:
+        # uvicorn's own status for a lifespan that failed (3): the CLI's for any failure
+        # but a usage error is 1, what it says having been logged already
+        if exc.code == STARTUP_FAILURE:
+            raise SystemExit(1) from None
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -110,7 +119,7 @@ def _config(
     from there could name whatever address it liked; none trusted, the middleware is off."""
     proxies = trusted_proxies(settings.http_trusted_proxies)
     return uvicorn.Config(
-        app,
+        _said_in_one_line(app),
         http=guarded_protocol(limits, app.state.held),
         ws="none",
         proxy_headers=bool(proxies),
@@ -121,6 +130,26 @@ def _config(
         lifespan="on",
         **options,
     )
+
+
+def _said_in_one_line(app: FastAPI) -> ASGIApp:
+    """``app``, whose start failed for a service's reason (a ``GatewayError``: PostgreSQL
+    unreachable, or refusing the credentials) uvicorn logs as that error's one line, which
+    says what to do, instead of the traceback starlette sends it (5 KB in one log line)."""
+
+    async def said(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def send_said(message: Message) -> None:
+            failure = sys.exception()  # starlette sends the failure from its except block
+            if message["type"] == "lifespan.startup.failed" and isinstance(failure, GatewayError):
+                message = {**message, "message": str(failure)}
+            await send(message)
+
+        await app(scope, receive, send_said)
+
+    return said
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -11,7 +11,7 @@ import asyncpg
 
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
-from queuegate.urls import redact_url
+from queuegate.urls import redact_quoted, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ def database_unreachable(
         )
     if isinstance(cause, asyncpg.InvalidAuthorizationSpecificationError):
         return (
-            f"PostgreSQL at {url} refused the credentials ({cause}): set the right user and "
+            f"PostgreSQL at {url} refused the credentials "
+            f"({redact_quoted(str(cause), settings.database_url)}): set the right user and "
             "password in QUEUEGATE_DATABASE_URL"
         )
     return f"PostgreSQL is not reachable at {url}: {how} or set QUEUEGATE_DATABASE_URL"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 UNPARSABLE = "<unparsable URL>"
 """What a message shows of a URL it cannot be sure to show without its password."""
@@ -86,6 +86,21 @@ def redact_url(url: str) -> str:
         # whatever the scheme, as the password of a user:password pair is.
         netloc = f"***@{hosts}" if credentials else hosts
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact_quoted(text: str, url: str) -> str:
+    """``text``, a server's message about ``url``, with what ``redact_url`` hides of the URL's
+    userinfo (its password, or a lone userinfo) replaced by ``***``: PostgreSQL's refusal
+    quotes the user it was given (``role "SECRET" does not exist``)."""
+    if url_problem(url, several_hosts=True, hostless=True) is not None:
+        return text  # redact_url shows none of it: no userinfo to tell from the rest
+    credentials = urlsplit(url).netloc.rpartition("@")[0]
+    user, colon, password = credentials.partition(":")
+    for secret in (password,) if colon else (user,):
+        for form in (secret, unquote(secret)):  # the server quotes it decoded (%40 as @)
+            if form:
+                text = text.replace(form, "***")
+    return text
 
 
 _SECRET_OPTION = re.compile(r"(?i)(?<![^&;])([^&;=]*(?:pass|secret|token|key)[^&;=]*)=[^&;]*")

@@ -12,6 +12,7 @@ import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -344,3 +345,44 @@ async def test_batch_submit_refuses_a_deadline_of_no_time_or_past_any_date(
         # Expect a refusal that says what to give, not a batch failed at once or a traceback
         assert code == 2, stderr
         assert "give the batch some time" in stderr and "Traceback" not in stderr
+
+
+async def test_a_port_outside_0_to_65535_is_a_usage_error(settings: Settings) -> None:
+    for command in ("api", "mock-provider"):
+        for port in ("99999", "70000", "-1"):
+            # When a server is given a port no socket has
+            code, _, stderr = await _cli(settings, command, "--port", port)
+            # Expect a usage error in one line, not bind's OverflowError in a traceback
+            # (api) or a server listening on another port (mock-provider: 99999 - 65536)
+            assert code == 2, (command, port, stderr)
+            assert "'--port'" in _one_error_line(stderr), stderr
+
+
+async def test_the_front_door_says_in_one_line_what_postgresql_refused(settings: Settings) -> None:
+    where = urlsplit(settings.database_url)
+    for url, said in [
+        # a lone userinfo may be a password: hidden, in the URL and in the server's message
+        (f"postgresql://SECRETKEY1@{where.netloc.rpartition('@')[2]}/test", "refused the"),
+        ("postgresql://SECRETKEY1@127.0.0.1:1/test", "is not reachable"),
+    ]:
+        # When the front door starts with a PostgreSQL that refuses it or does not answer
+        code, _, stderr = await _cli(
+            settings, "api", "--port", "0", "--log-level", "warning", QUEUEGATE_DATABASE_URL=url
+        )
+        # Expect the failure's one line, which says what to do, and the status of a failure
+        assert code == 1, stderr
+        assert "Traceback" not in stderr and len(stderr) < 1000, stderr
+        assert "SECRETKEY1" not in stderr and said in stderr, stderr
+        assert "QUEUEGATE_DATABASE_URL" in stderr.splitlines()[0], stderr
+
+
+async def test_a_user_postgresql_refuses_is_hidden_in_its_message(settings: Settings) -> None:
+    # When a command's URL holds a lone userinfo, which PostgreSQL quotes as the role it lacks
+    host = urlsplit(settings.database_url).netloc.rpartition("@")[2]
+    url = f"postgresql://SECRETKEY1@{host}/test"
+    code, _, stderr = await _cli(settings, "usage", QUEUEGATE_DATABASE_URL=url)
+    # Expect its one line to say so with the userinfo hidden there too
+    assert code == 1
+    line = _one_error_line(stderr)
+    assert 'refused the credentials (role "***" does not exist)' in line, line
+    assert "SECRETKEY1" not in line, line
