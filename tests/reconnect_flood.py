@@ -15,16 +15,26 @@ import asyncio
 import sys
 
 AHEAD = 6
+"""Requests a connection keeps pipelined ahead of their answers (under the cut-off)."""
 
 
-async def client(host: str, port: int, key: str, answered: asyncio.Queue[None]) -> None:
+async def keep_pipelining(
+    host: str, port: int, key: str, answered: asyncio.Queue[None], *, reopen: bool = True
+) -> None:
+    """A connection of ``key``'s that always keeps ``AHEAD`` GETs of /v1/models pipelined,
+    topping them up as answers come (the first one told to ``answered``), and opens again at
+    once whenever it is closed or refused (unless not to ``reopen``)."""
     request = f"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n\r\n"
     first = True
-    while True:
+    opening = True
+    while opening:
+        opening = reopen
         try:
             reader, writer = await asyncio.open_connection(host, port)
         except OSError:
-            continue
+            if reopen:
+                continue
+            raise
         try:
             writer.write(request.encode() * AHEAD)
             while answers := await reader.read(65536):
@@ -40,7 +50,9 @@ async def client(host: str, port: int, key: str, answered: asyncio.Queue[None]) 
 
 async def main(host: str, port: int, key: str, connections: int) -> None:
     answered: asyncio.Queue[None] = asyncio.Queue()
-    flood = [asyncio.create_task(client(host, port, key, answered)) for _ in range(connections)]
+    flood = [
+        asyncio.create_task(keep_pipelining(host, port, key, answered)) for _ in range(connections)
+    ]
     for _ in flood:
         await answered.get()
     print("flooding", flush=True)

@@ -24,6 +24,7 @@ from frontdoor.connections import OPEN_FILES_RESERVE
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, issue_key, open_door
+from tests.reconnect_flood import keep_pipelining as pipelined
 
 HEADER_TIMEOUT = 0.5
 MAX_HEADER_BYTES = 8192
@@ -334,33 +335,13 @@ async def test_a_team_with_several_keys_holds_no_more_requests_than_with_one(
             await client.close()
 
 
-AHEAD = 6
-"""Requests a hostile connection keeps pipelined ahead of their answers (under the cut-off)."""
-
-
 async def keep_pipelining(
     door: Door, key: str, answered: asyncio.Queue[None], *, reopen: bool = True
 ) -> None:
-    """A connection of ``key``'s that always keeps ``AHEAD`` GETs of /v1/models pipelined,
-    topping them up as answers come (the first one told to ``answered``), and opens again at
-    once whenever it is closed (unless not to ``reopen``)."""
-    request = f"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n\r\n"
-    first = True
-    opening = True
-    while opening:
-        opening = reopen
-        reader, writer = await connect(door)
-        try:
-            writer.write(request.encode() * AHEAD)
-            while answers := await reader.read(65536):
-                if first:
-                    answered.put_nowait(None)
-                    first = False
-                writer.write(request.encode() * answers.count(b"HTTP/1.1 "))
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+    """``tests.reconnect_flood.keep_pipelining`` on ``door``, in this test's process."""
+    url = urlsplit(door.url)
+    assert url.hostname is not None and url.port is not None
+    await pipelined(url.hostname, url.port, key, answered, reopen=reopen)
 
 
 async def test_a_team_pipelining_past_its_share_on_many_connections_leaves_the_others_served(
