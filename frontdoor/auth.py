@@ -104,8 +104,6 @@ class KeyBook:
                 found = cached[1]  # known wrong, or its team disabled, within the ttl
             else:
                 found = await self._lookup(key, key_hash, now)
-                if isinstance(found, KeyOwner):
-                    self._failures.proven(key_hash)
             if found is None:
                 await self._failures.failed(client, key_hash)
         if isinstance(found, DisabledTeamKey):
@@ -138,6 +136,8 @@ class KeyBook:
                 f"the team registry (PostgreSQL) is unreachable ({type(exc).__name__}); "
                 "retry shortly"
             ) from exc
+        if isinstance(owner, KeyOwner):
+            self._failures.proven(key_hash)  # once per lookup, however many asked for it
         self._cache[key_hash] = (now, owner)
         self._cache.move_to_end(key_hash)
         if len(self._cache) > KEY_CACHE_SIZE:

@@ -224,12 +224,26 @@ class ChatParams(BaseModel):
         if n is not None and (type(n) is not int or not 1 <= n <= MAX_CHOICES):
             raise ValueError(f"n: the number of choices is a whole number from 1 to {MAX_CHOICES}")
         tokens = extra.get("max_completion_tokens")
-        if type(tokens) is int and not 1 <= tokens <= MAX_OUTPUT_TOKENS:
+        if tokens is not None and (type(tokens) is not int or not 1 <= tokens <= MAX_OUTPUT_TOKENS):
+            # Not a number ("100", 1.5) passed through, and broke the job's estimate.
             raise ValueError(f"max_completion_tokens: a whole number from 1 to {MAX_OUTPUT_TOKENS}")
         # The rest go to the provider as they are: none may be a number no worker can send.
         for name, value in extra.items():
             _check_values(name, value)
         return self
+
+    @property
+    def output_limit(self) -> int | None:
+        """The most output tokens a choice may have: ``max_tokens``, else OpenAI's newer
+        ``max_completion_tokens``; None when the job sets neither."""
+        limit: int | None = self.max_tokens or (self.model_extra or {}).get("max_completion_tokens")
+        return limit
+
+    @property
+    def choices(self) -> int:
+        """The choices (``n``) the job asks for, each generated and billed."""
+        n: int = (self.model_extra or {}).get("n") or 1
+        return n
 
 
 MAX_CHOICES = 128

@@ -93,6 +93,9 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
         ({"params": {"seed": -(2**63) - 1}}, "params"),
         ({"params": {"max_tokens": 10**20}}, "params"),
         ({"params": {"max_completion_tokens": 10**7}}, "params"),
+        # Not a number: it passed, and the job's estimate failed on it in the worker
+        ({"params": {"max_completion_tokens": "100"}}, "params"),
+        ({"params": {"max_completion_tokens": 1.5}}, "params"),
         ({"params": {"logit_bias": {"50256": 2**64}}}, "params"),
         ({"metadata": {"n": 2**64}}, "metadata"),
     ],

@@ -108,7 +108,9 @@ class BatchState:
                 await self._call(pipe.watch(self._meta))
                 recorded = await self._call(pipe.hget(self._meta, "submission"))
                 if recorded is not None:
-                    return text(recorded)
+                    if text(recorded) != meta.submission:
+                        raise BatchError(being_submitted(self.name))
+                    return meta.submission  # sent again: its answer lost with a connection
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(self._meta, mapping=mapping)
                 pipe.rename(self._index, self._lines)

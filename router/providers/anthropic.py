@@ -446,9 +446,7 @@ def _params(params: ChatParams, fidelity: Fidelity) -> dict[str, Any]:
             fidelity.unsupported(key)
     if params.seed is not None:
         fidelity.unsupported("seed")
-    out: dict[str, Any] = {
-        "max_tokens": params.max_tokens or extra.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
-    }
+    out: dict[str, Any] = {"max_tokens": params.output_limit or DEFAULT_MAX_TOKENS}
     if params.temperature is not None:
         if params.temperature > MAX_TEMPERATURE:
             fidelity.change("temperature", f"{params.temperature} is above Anthropic's 1.0")
@@ -476,9 +474,8 @@ def _params(params: ChatParams, fidelity: Fidelity) -> dict[str, Any]:
 
 def _refuse_what_cannot_be_expressed(params: ChatParams, extra: dict[str, Any]) -> None:
     """What no policy can drop without breaking the answer the caller expects."""
-    n = extra.get("n", 1)
-    if n != 1:  # ChatParams allows 1 to MAX_CHOICES
-        raise ProviderError("unsupported", f"n = {n}: more than one choice")
+    if params.choices != 1:  # ChatParams allows 1 to MAX_CHOICES
+        raise ProviderError("unsupported", f"n = {params.choices}: more than one choice")
     if params.response_format is not None:
         kind = params.response_format.get("type")
         if kind in _JSON_MODES:
@@ -516,7 +513,7 @@ def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: F
         elif effort not in THINKING_BUDGETS:
             fidelity.unsupported("reasoning_effort", f"{effort!r} has no thinking budget")
         else:
-            _budget(params, extra, out, THINKING_BUDGETS[effort], fidelity)
+            _budget(params, out, THINKING_BUDGETS[effort], fidelity)
     thinking = out.get("thinking")
     if not (isinstance(thinking, dict) and thinking.get("type") == "enabled"):
         return
@@ -539,12 +536,10 @@ def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: F
         }
 
 
-def _budget(
-    params: ChatParams, extra: dict[str, Any], out: Block, budget: int, fidelity: Fidelity
-) -> None:
+def _budget(params: ChatParams, out: Block, budget: int, fidelity: Fidelity) -> None:
     """A job's ``max_tokens`` bounds thinking and answer together, as OpenAI's bounds
     reasoning and answer; without one the answer keeps ``DEFAULT_MAX_TOKENS`` past the budget."""
-    requested = params.max_tokens or extra.get("max_completion_tokens")
+    requested = params.output_limit
     if requested is None:
         out["max_tokens"] = budget + DEFAULT_MAX_TOKENS
     else:

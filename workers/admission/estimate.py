@@ -64,10 +64,8 @@ def estimate(job: ChatJob, catalog: Catalog, config: TeamConfig, default_output:
     ``max_completion_tokens``, else the team's expected output, else ``default_output`` (the
     gateway's ``expected_output_tokens``)."""
     prompt = prompt_tokens(job)
-    extra = job.params.model_extra or {}
-    limit = job.params.max_tokens or extra.get("max_completion_tokens")
-    choice = limit or config.expected_output_tokens or default_output
-    output = choice * (extra.get("n") or 1)
+    choice = job.params.output_limit or config.expected_output_tokens or default_output
+    output = choice * job.params.choices
     price = max(
         _usd(d, prompt, output)
         for alias in catalog.chain(job.model, job.fallbacks)

@@ -208,7 +208,7 @@ class Admission:
             raise
         try:
             ticket.team_limits = limits
-            if with_claim and ticket.budget is not None and ticket.reserving > needed.cost_nano:
+            if with_claim and ticket.budget is not None and lost > 0:
                 # Reserved with the claim, before the claim said its lapsed owners made calls:
                 # again, with them (as a redelivery's reserve is made), so a job called again
                 # is let through only if the budget holds its lost calls too.
