@@ -337,9 +337,6 @@ class ControlPlane:
         state = BatchState(
             self._redis, self._keys, team, call.batch, _RUN.validate_python(args.get("run", ""))
         )
-        if call.call not in ("load", "create", "reset_index", "index", "is_canceled"):
-            # Every other step is on a recorded batch, whose expiry its keys then take.
-            await state.require()
         match call.call:
             case "load":
                 meta = await state.load()
@@ -354,6 +351,12 @@ class ControlPlane:
                 return None
             case "index":
                 return await state.index(_INDEX.validate_python(args.get("entries")))
+            case "is_canceled":
+                return await state.is_canceled()
+        # Every other step is on a recorded batch, whose expiry its keys then take: its record
+        # read once, here, for the steps that need it.
+        meta = await state.require()
+        match call.call:
             case "line_numbers":
                 return await state.line_numbers(_IDS.validate_python(args.get("ids")))
             case "published_among":
@@ -361,8 +364,7 @@ class ControlPlane:
             case "written_among":
                 return await state.written_among(_IDS.validate_python(args.get("ids")))
             case "outcomes_among":
-                ids = _IDS.validate_python(args.get("ids"))
-                return await state.outcomes_among(await state.require(), ids)
+                return await state.outcomes_among(meta, _IDS.validate_python(args.get("ids")))
             case "mark_published":
                 await state.mark_published(_IDS.validate_python(args.get("ids")))
                 return None
@@ -371,15 +373,13 @@ class ControlPlane:
                 return None
             case "unwritten":
                 return await state.unwritten(_CURSOR.validate_python(args.get("cursor", 0)))
-            case "is_canceled":
-                return await state.is_canceled()
             case "cancel":
                 await state.cancel()
-                return await self._status(state)
+                return await self._status(state, meta)
             case "counts":
-                return (await state.counts(await state.require())).model_dump(mode="json")
+                return (await state.counts(meta)).model_dump(mode="json")
             case "status":
-                return await self._status(state)
+                return await self._status(state, meta)
             case "lock":
                 lock = await self._topology.declare_collect_lock(
                     self._require_channel(), team, call.batch, expires_s=LOCK_EXPIRES
@@ -391,8 +391,7 @@ class ControlPlane:
                 return None
         raise Refused(f"unknown batch call {call.call!r}")  # pragma: no cover - Literal
 
-    async def _status(self, state: BatchState) -> dict[str, Any]:
-        meta = await state.require()
+    async def _status(self, state: BatchState, meta: BatchMeta) -> dict[str, Any]:
         counts = await state.counts(meta)
         return {
             "meta": meta.model_dump(mode="json"),
