@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, cast
 
 import aiormq
 import redis.asyncio as aioredis
 from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractRobustChannel
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import AbstractChannel, DeliveredMessage
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
@@ -44,7 +44,7 @@ from queuegate.control import (
 )
 from queuegate.errors import BatchError, ConfigError, GatewayError, JobError, ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.redis_client import lua_source
+from queuegate.redis_client import lua_source, text
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 from workers.batch_state import BatchState, list_batches
@@ -293,12 +293,16 @@ class ControlPlane:
         hold its slot until the slot's own expiry, 8 days for a results queue, and lock the
         team out of new queues. Only the team's own slots are looked at."""
         key = self._keys.reply_queues(team)
-        gone: list[str | float] = []
-        counted = await self._redis.zrange(key, 0, -1, withscores=True)
-        for member, score in cast(list[tuple[bytes | str, float]], counted):
-            queue = member.decode() if isinstance(member, bytes) else str(member)
-            if await self._depth(queue) is None:
-                gone += [queue, score]
+        counted = cast(
+            list[tuple[bytes | str, float]], await self._redis.zrange(key, 0, -1, withscores=True)
+        )
+        depths = await self._depths([text(member) for member, _ in counted])
+        gone: list[str | float] = [
+            value
+            for (member, score), depth in zip(counted, depths, strict=True)
+            if depth is None
+            for value in (text(member), score)
+        ]
         if not gone:
             return 0
         freed = await self._reply_reclaim(
@@ -325,11 +329,11 @@ class ControlPlane:
 
     async def _batch(self, team: str, call: BatchCall) -> Any:
         if call.call == "list":
+            batches = await list_batches(self._redis, self._keys, team)
+            waiting = await self._waiting(team, [b.name for b in batches])
             return [
-                b.model_copy(update={"waiting": await self._waiting(team, b.name)}).model_dump(
-                    mode="json"
-                )
-                for b in await list_batches(self._redis, self._keys, team)
+                b.model_copy(update={"waiting": n}).model_dump(mode="json")
+                for b, n in zip(batches, waiting, strict=True)
             ]
         if not call.batch:
             raise Refused(f"batch {call.call} needs a batch name")
@@ -396,28 +400,38 @@ class ControlPlane:
         return {
             "meta": meta.model_dump(mode="json"),
             "counts": counts.model_dump(mode="json"),
-            "waiting": await self._waiting(state.team, state.name),
+            "waiting": (await self._waiting(state.team, [state.name]))[0],
         }
 
-    async def _waiting(self, team: str, name: str) -> int:
-        """Results in a batch's results queue: answered, not collected yet."""
-        return await self._depth(self._topology.results_queue(team, name)) or 0
+    async def _waiting(self, team: str, names: Sequence[str]) -> list[int]:
+        """Results in each batch's results queue: answered, not collected yet."""
+        queues = [self._topology.results_queue(team, name) for name in names]
+        return [depth or 0 for depth in await self._depths(queues)]
 
-    async def _depth(self, queue: str) -> int | None:
-        """Messages ready in ``queue``; None when the broker has no such queue."""
+    async def _depths(self, queues: Sequence[str]) -> list[int | None]:
+        """Messages ready in each of ``queues``; None for one the broker has not.
+
+        Looked up by passive declares on one channel of their own, not the consumers': the
+        broker closes a channel on a passive declare of a missing queue, so another is opened
+        only after one was missing."""
+        connection = (await self._require_channel().get_underlay_channel()).connection
+        depths: list[int | None] = []
+        probe: AbstractChannel | None = None
         try:
-            # On a channel of its own: a passive declare of a missing queue closes it.
-            channel = await self._require_channel().get_underlay_channel()
-            connection = channel.connection
-            probe = await connection.channel()
-            try:
-                ok = await probe.queue_declare(queue, passive=True)
-                return int(ok.message_count or 0)
-            finally:
-                if not probe.is_closed:
-                    await probe.close()
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
+            for queue in queues:
+                if probe is None:
+                    probe = await connection.channel()
+                try:
+                    ok = await probe.queue_declare(queue, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    depths.append(None)
+                    probe = None  # closed by the broker with its refusal
+                else:
+                    depths.append(int(ok.message_count or 0))
+        finally:
+            if probe is not None and not probe.is_closed:
+                await probe.close()
+        return depths
 
 
 def _is_direct_reply_to(reply_to: str) -> bool:
