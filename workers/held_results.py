@@ -99,7 +99,7 @@ class HeldResults:
                     await asyncio.wait_for(stop.wait(), INTERVAL)
 
     async def _refresh(self, http: aiohttp.ClientSession) -> None:
-        """Look, if no other worker does this interval, then read the last look's answer."""
+        """Look, if no other worker does this interval, or else read the last look's answer."""
         try:
             # Taken for a little less than an interval, so that the next worker to come
             # round finds it free and a look is never skipped for an interval.
@@ -107,15 +107,19 @@ class HeldResults:
                 self._keys.held_full_look, "1", nx=True, px=int(INTERVAL * 900)
             )
             if ours:
-                await self._look(http)
-            found = await self._redis.get(self._keys.held_full)
+                full = await self._look(http)
+            else:
+                found = await self._redis.get(self._keys.held_full)
+                full = orjson.loads(found) if found else []
         except RedisError as exc:
             self._full = frozenset()
             self._say_missing("Redis, which every worker reads the look from", exc)
             return
-        self._full = frozenset(orjson.loads(found)) if found else frozenset()
+        self._full = frozenset(full)
 
-    async def _look(self, http: aiohttp.ClientSession) -> None:
+    async def _look(self, http: aiohttp.ClientSession) -> list[str]:
+        """The queues held full, written to Redis for every worker; none while the management
+        API does not answer."""
         try:
             queues = await self._list(http)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
@@ -123,7 +127,7 @@ class HeldResults:
             self._say_missing(
                 f"the management API {self._display}; check QUEUEGATE_MANAGEMENT_URL", exc
             )
-            return
+            return []
         full = sorted(q["name"] for q in queues if self._holds_its_bound(q))
         for queue in set(full) - self._full:
             log.warning(
@@ -133,6 +137,7 @@ class HeldResults:
             )
         # Kept a few intervals, so a look that is late does not drop the queues at once.
         await self._redis.set(self._keys.held_full, orjson.dumps(full), px=int(3 * INTERVAL * 1000))
+        return full
 
     def _say_missing(self, what: str, exc: Exception) -> None:
         now = time.monotonic()
