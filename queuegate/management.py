@@ -4,21 +4,56 @@ Used by operators' commands (teams, quotas), never on a job's path::
 
     async with BrokerAdmin(settings.management_url) as admin:
         await admin.put_policy("quota-alpha", pattern="^ns\\.jobs\\.alpha$", definition={...})
+
+Its URL is read in one place, ``ManagementApi``, for the workers' look at what the teams' reply
+queues hold too (workers/held_results.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
-
-import httpx
 
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
 from queuegate.urls import redact_url, url_problem
 
 TIMEOUT = 10.0
+VHOST = "/"
+"""The vhost the gateway's queues, users' permissions and policies are in."""
 _SET_URL = "set QUEUEGATE_MANAGEMENT_URL to http://USER:PASSWORD@HOST:15672/ of an administrator"
+
+
+@dataclass(frozen=True)
+class ManagementApi:
+    """A management URL as every client of the API reads it: where the API is and as whom."""
+
+    root: str
+    """``scheme://host:port/api/``: the URL's path, query and credentials left out."""
+    user: str | None
+    """The user the URL names, percent-decoded; None when it names none."""
+    password: str | None
+    """Its password, percent-decoded; None when the URL gives none."""
+    display: str
+    """The URL without its password, for messages."""
+
+    @classmethod
+    def of(cls, url: str) -> ManagementApi:
+        parts = urlsplit(url)
+        # The host as written, an IPv6 address in its brackets, with its port if it has one.
+        host = parts.netloc.rpartition("@")[2] or "127.0.0.1"
+        return cls(
+            root=urlunsplit((parts.scheme or "http", host, "/api/", "", "")),
+            user=unquote(parts.username) if parts.username else None,
+            password=None if parts.password is None else unquote(parts.password),
+            display=redact_url(url),
+        )
+
+
+def vhost_path(vhost: str = VHOST) -> str:
+    """``vhost`` as one segment of an API path (``/`` is ``%2F``)."""
+    return quote(vhost, safe="")
 
 
 class ManagementError(GatewayError):
@@ -33,24 +68,26 @@ class BrokerAdmin:
     the AMQP one when it is not set.
     """
 
-    def __init__(self, url: str, *, vhost: str = "/") -> None:
-        parts = urlsplit(url)
-        self._display = redact_url(url)
-        if not parts.username or parts.password is None:
+    def __init__(self, url: str, *, vhost: str = VHOST) -> None:
+        # Imported here, not with the module: a worker reads its URL with ManagementApi but
+        # calls the API over aiohttp (workers/held_results.py), and httpx brings its command
+        # line along (click, rich, pygments), megabytes of a process's memory.
+        import httpx
+
+        api = ManagementApi.of(url)
+        self._display = api.display
+        if api.user is None or api.password is None:
             raise ConfigError(f"the management URL {self._display} names no user: {_SET_URL}")
-        self._user = unquote(parts.username)
-        auth = (self._user, unquote(parts.password))
-        netloc = parts.hostname or "127.0.0.1"
-        if parts.port:
-            netloc = f"{netloc}:{parts.port}"
-        base = urlunsplit((parts.scheme or "http", netloc, "/api/", "", ""))
+        self._user = api.user
         # Only the host and port reach httpx (the settings check the rest): one it cannot
         # read is said as the settings say a URL's problem, the URL shown without password.
-        problem = url_problem(base, client=httpx.URL)
+        problem = url_problem(api.root, client=httpx.URL)
         if problem is not None:
             raise ConfigError(f"the management URL {self._display}: {problem}: {_SET_URL}")
-        self._client = httpx.AsyncClient(base_url=base, auth=auth, timeout=TIMEOUT)
-        self._vhost = quote(vhost, safe="")
+        self._client = httpx.AsyncClient(
+            base_url=api.root, auth=(api.user, api.password), timeout=TIMEOUT
+        )
+        self._vhost = vhost_path(vhost)
 
     async def __aenter__(self) -> Self:
         return self
@@ -66,6 +103,8 @@ class BrokerAdmin:
     async def _request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> Any:
+        import httpx
+
         try:
             response = await self._client.request(method, path, json=body, headers=headers)
         except httpx.HTTPError as exc:

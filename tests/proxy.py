@@ -19,6 +19,9 @@ bytes back once a client has sent ``marker``: what it sent arrives, no answer to
 
 ``watch(marker)`` counts the times ``marker`` passes, either way, in ``seen``: what a client
 asked of the service, or was told, named it.
+
+``TcpProxy(url, listen="::1")`` listens on the IPv6 loopback instead: the service reached at
+an IPv6 address.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ CHUNK = 65536
 
 
 class TcpProxy:
-    def __init__(self, target_url: str) -> None:
+    def __init__(self, target_url: str, *, listen: str = "127.0.0.1") -> None:
         parts = urlsplit(target_url)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"{target_url!r} needs an explicit host and port")
         self._target_url = target_url
+        self._listen = listen
         self._target = (parts.hostname, parts.port)
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -59,16 +63,17 @@ class TcpProxy:
 
     @property
     def url(self) -> str:
-        """The target URL with the proxy's port in place of the service's."""
+        """The target URL with the proxy's address and port in place of the service's."""
         parts = urlsplit(self._target_url)
         host = parts.netloc.rsplit("@", 1)
-        netloc = f"127.0.0.1:{self.port}"
+        address = f"[{self._listen}]" if ":" in self._listen else self._listen
+        netloc = f"{address}:{self.port}"
         if len(host) == 2:
             netloc = f"{host[0]}@{netloc}"
         return urlunsplit(parts._replace(netloc=netloc))
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, self._listen, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -12,6 +12,7 @@ from queuegate.errors import ConfigError
 from queuegate.management import BrokerAdmin, ManagementError
 from queuegate.settings import Settings
 from queuegate.topology import Topology
+from tests.proxy import TcpProxy
 
 
 async def test_a_policy_sets_a_queue_quota_the_broker_applies(settings: Settings) -> None:
@@ -49,6 +50,19 @@ async def test_a_user_with_no_permissions_cannot_open_the_vhost(settings: Settin
             await connection.close()
         finally:
             await admin.delete_user(user)
+
+
+async def test_a_management_url_naming_an_ipv6_address_reaches_the_api(
+    settings: Settings,
+) -> None:
+    # Given the management API at an IPv6 address (the loopback's, passed on to the broker's)
+    async with TcpProxy(settings.management_url, listen="::1") as proxy:
+        assert "@[::1]:" in proxy.url
+        # When an operator's command calls it there
+        async with BrokerAdmin(proxy.url) as admin:
+            # Expect it answered, through that address
+            await admin.check_administrator()
+        assert proxy.requested > 0
 
 
 async def test_a_refused_request_is_one_clear_error(settings: Settings) -> None:

@@ -39,9 +39,9 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from queuegate.keys import Keys
+from queuegate.management import ManagementApi, vhost_path
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
-from queuegate.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ class HeldResults:
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
-        url = URL(settings.management_url)
-        credentials = f"{url.user or ''}:{url.password or ''}".encode()
+        api = ManagementApi.of(settings.management_url)
+        credentials = f"{api.user or ''}:{api.password or ''}".encode()
         self._headers = {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
-        self._queues = url.with_user(None).with_path("/api/queues/%2F", encoded=True)
-        self._display = redact_url(settings.management_url)
+        self._queues = URL(f"{api.root}queues/{vhost_path()}", encoded=True)
+        self._display = api.display
         self._pattern = Topology.of(settings).team_reply_queues_pattern()
         self._bound = Bound.of(settings)
         self._redis = redis
