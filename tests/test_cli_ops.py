@@ -127,6 +127,19 @@ async def test_a_model_given_without_limits_is_refused(settings: Settings) -> No
     assert await _stored(settings, "alpha") == {}
 
 
+async def test_a_model_limit_without_an_alias_is_refused_in_one_line(settings: Settings) -> None:
+    # Given a team with a limit on one model
+    await add(settings, "alpha", identity="queue")
+    assert (await _cli(settings, "teams", "set", "alpha", "--model", "gpt-4o-mini:rpm=5"))[0] == 0
+    for spec in (":", ":rpm=5", " :"):
+        # When --model names no alias before its colon
+        code, out, stderr = await _cli(settings, "teams", "set", "alpha", "--model", spec)
+        # Expect a usage error in one line that says how to write it, and nothing changed
+        assert (code, out) == (2, ""), (spec, stderr)
+        assert "names no model alias before the colon: use ALIAS:" in _one_error_line(stderr)
+        assert await _stored(settings, "alpha") == {"models": {"gpt-4o-mini": {"rpm": 5}}}
+
+
 async def test_bad_names_and_numbers_are_refused_without_a_traceback(settings: Settings) -> None:
     for args in [
         ("status", "--teams", "a!"),
