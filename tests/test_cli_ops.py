@@ -371,6 +371,20 @@ async def test_a_port_outside_0_to_65535_is_a_usage_error(settings: Settings) ->
             assert "'--port'" in _one_error_line(stderr), stderr
 
 
+async def test_a_worker_concurrency_outside_its_range_is_a_usage_error(settings: Settings) -> None:
+    for value, bound in [
+        ("0", "greater than or equal to 1"),
+        ("10001", "less than or equal to 10000"),
+    ]:
+        # When a worker is given a concurrency (prefetch) no worker can take
+        code, _, stderr = await _cli(settings, "worker", "--concurrency", value)
+        # Expect a usage error in one line naming the option and its bound, as --port's is
+        # (not exit 1 blaming QUEUEGATE_PREFETCH, which was never set)
+        assert code == 2, (value, stderr)
+        line = _one_error_line(stderr)
+        assert "'--concurrency'" in line and bound in line, line
+
+
 async def test_the_front_door_says_in_one_line_what_postgresql_refused(settings: Settings) -> None:
     where = urlsplit(settings.database_url)
     for url, said in [
