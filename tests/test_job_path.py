@@ -271,6 +271,26 @@ async def test_a_job_setting_both_output_limits_is_refused_by_the_client_unpubli
         assert gw.mock.stats.calls == 1
 
 
+async def test_answers_carry_the_gateways_id_never_the_providers(settings: Settings) -> None:
+    # Given a gateway whose providers answer under ids of their own
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        for alias, provider in [("gpt-4o-mini", "openai"), ("claude-haiku", "anthropic")]:
+            # When the team asks each provider kind, whole and streamed
+            whole = await client.chat(alias, HELLO, max_tokens=20, timeout=10)
+            stream = client.stream(alias, HELLO, max_tokens=20, timeout=10)
+            async for _ in stream:
+                pass
+            assert stream.result is not None
+            for result in (whole, stream.result):
+                # Expect the answer's id the gateway's, as the front door gives it (which
+                # provider or deployment served it is told by gateway, not by the id), and
+                # nothing that is kept for Anthropic-format callers alone
+                assert result.status == "ok" and result.response is not None, result.error
+                assert result.response["id"] == f"chatcmpl-{result.job_id}", alias
+                assert "anthropic_body" not in result.response, alias
+                assert result.gateway.provider == provider
+
+
 async def test_a_redelivered_finished_job_is_answered_from_the_store(settings: Settings) -> None:
     # Given a job that has been answered once
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
