@@ -7,6 +7,7 @@ import sys
 from datetime import date
 from typing import Annotated, Any
 
+import annotated_types
 import typer
 
 from queuegate.settings import Settings
@@ -15,6 +16,20 @@ LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning
 Port = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")]
 """Every ``--port``: refused in one line (exit 2) outside a TCP port's range, where binding
 would raise OverflowError, or the mock provider's server would listen on it modulo 65536."""
+
+
+def bounds(field: str) -> dict[str, Any]:
+    """``min`` and ``max`` of an option that sets Settings' ``field``, the range Settings
+    takes: a value outside it is a usage error in one line naming the option (exit 2), as a
+    ``--port`` is, not Settings' refusal once the command runs (exit 1, naming the
+    environment variable that was never set)."""
+    limits: dict[str, Any] = {}
+    for rule in Settings.model_fields[field].metadata:
+        if isinstance(rule, annotated_types.Ge):
+            limits["min"] = rule.ge
+        elif isinstance(rule, annotated_types.Le):
+            limits["max"] = rule.le
+    return limits
 
 
 def make_settings(**overrides: Any) -> Settings:

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cli.console import err
 from queuegate.runtime import run
 from queuegate.settings import Settings
 
@@ -44,4 +45,15 @@ def delete(
             Settings(), name, team=team, durable=not transient, api_key=api_key
         )
     )
+    if dropped is None:
+        kind, hint = (
+            ("reply queue", "name a client's own queue by its id, or leave out --transient")
+            if transient
+            else ("results queue", "name one opened with reply_queue=NAME, or add --transient")
+        )
+        err.print(
+            f"team {team} has no {kind} named {name!r}, so nothing was deleted: {hint}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
     out.print(f"reply queue {name} of team {team} deleted ({dropped:,} unread results dropped)")

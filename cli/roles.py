@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from cli.console import out
-from cli.options import LogLevel, Port, finite, make_settings, split_teams
+from cli.options import LogLevel, Port, bounds, finite, make_settings, split_teams
 from queuegate import tracing
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
@@ -24,7 +24,12 @@ def worker(
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option("--concurrency", "--prefetch", help="Jobs held per team queue, per process."),
+        typer.Option(
+            "--concurrency",
+            "--prefetch",
+            **bounds("prefetch"),
+            help="Jobs held per team queue, per process.",
+        ),
     ] = None,
     processes: Annotated[
         int, typer.Option(min=1, help="Worker processes under one supervisor.")

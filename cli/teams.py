@@ -231,6 +231,12 @@ def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
     names = {"rpm": "rpm", "tpm": "tpm", "burst": "burst", "budget": "budget_usd"}
     for spec in specs:
         alias, colon, rest = spec.partition(":")
+        if not alias.strip():
+            # ":" alone cleared nothing and said nothing; ":rpm=5" blamed the catalog.
+            raise typer.BadParameter(
+                f"{spec!r} names no model alias before the colon: use "
+                "ALIAS:rpm=N,tpm=N,burst=N,budget=USD, or ALIAS: to clear the alias's limits"
+            )
         if not colon:
             raise typer.BadParameter(
                 f"{spec!r} sets no limit: use {alias}:rpm=N,tpm=N,burst=N,budget=USD "

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from frontdoor.answers import arrived
 from frontdoor.errors import ApiError, shown
-from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob
+from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ParamError
 from queuegate.settings import Settings
 from router import Catalog
 
@@ -207,6 +207,9 @@ def chat_job(
         )
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
+        refused = (first.get("ctx") or {}).get("error")
+        if isinstance(refused, ParamError):  # a check across parameters, naming the one
+            raise ApiError("invalid_request", str(refused), param=refused.param) from None
         # The job holds the request's parameters under ``params``; the caller sent them
         # at the top of the body, where their path starts.
         loc = first["loc"][1:] if first["loc"][:1] == ("params",) else first["loc"]

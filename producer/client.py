@@ -38,12 +38,23 @@ from queuegate.errors import (
     ServiceUnavailable,
 )
 from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult, request_digest
+from queuegate.provider_formats import openai_id, openai_view
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey, sign_job
 from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, Topology
 
 DEFAULT_TIMEOUT = 120.0
+
+
+def _answered(result: ChatResult) -> ChatResult:
+    """``result`` as an app gets it: its response's id the gateway's (``chatcmpl-<job id>``,
+    as the front door's and batch files' answers have), never the provider's, and without
+    what the workers keep for Anthropic-format callers alone."""
+    if result.response is None:
+        return result
+    response = openai_view(result.response, openai_id(result.job_id))
+    return result.model_copy(update={"response": response})
 
 
 @dataclass(frozen=True)
@@ -268,7 +279,7 @@ class GatewayClient:
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:
-            return await self._inbox.wait(job_id, timeout)
+            return _answered(await self._inbox.wait(job_id, timeout))
         except TimeoutError as exc:
             raise ResultTimeout(
                 f"no result for job {job_id} within {timeout} s; it may still be answered: "
@@ -300,7 +311,9 @@ class GatewayClient:
         ``params`` are those of ``job``; see ChatStream for what iteration yields.
         """
         job = self.job(model, messages, stream=True, **params)
-        stream = ChatStream(job.job_id, lambda: self._submit_stream(stream, job), timeout)
+        stream = ChatStream(
+            job.job_id, lambda: self._submit_stream(stream, job), timeout, view=_answered
+        )
         return stream
 
     async def _submit_stream(self, stream: ChatStream, job: ChatJob) -> None:

@@ -186,10 +186,11 @@ class ControlClient:
         """Have the gateway declare one of the team's reply queues; its full name."""
         return str(await self.call(OpenReplyQueue(name=name, durable=durable)))
 
-    async def close_reply_queue(self, name: str, *, durable: bool) -> int:
+    async def close_reply_queue(self, name: str, *, durable: bool) -> int | None:
         """Have the gateway delete one of the team's reply queues and free its slot; how
-        many unread results went with it."""
-        return int(await self.call(CloseReplyQueue(name=name, durable=durable)) or 0)
+        many unread results went with it, None when the team has no such queue."""
+        dropped = await self.call(CloseReplyQueue(name=name, durable=durable))
+        return None if dropped is None else int(dropped)
 
     async def batch(self, call: BatchCallName, batch: str = "", **args: Any) -> Any:
         """One step on one of the team's batches (see workers/control.py)."""

@@ -9,17 +9,27 @@ from producer.client import GatewayClient
 from queuegate.control import QUEUE_NAME
 from queuegate.errors import ControlRefused
 from queuegate.settings import Settings
+from queuegate.topology import COLLECT_LOCK_SUFFIX
 
 
 async def delete_reply_queue(
     settings: Settings, name: str, *, team: str, durable: bool = True, **who: Any
-) -> int:
+) -> int | None:
     """Delete the team's results queue ``name`` (what ``GatewayClient(reply_queue=name)``
     reads; ``durable=False``: a client's own reply queue) and free its slot of the team's
-    ``reply_queues_per_team``; how many unread results went with it (0 when there was no
-    such queue). Asked of the gateway with the team's own credentials (``who``: ``api_key=``
-    where the team proves itself with one), which acts on that team's queues alone. Stop
-    the queue's reader first: a client still reading it asks for it again."""
+    ``reply_queues_per_team``; how many unread results went with it, None when the team has
+    no such queue. Asked of the gateway with the team's own credentials (``who``:
+    ``api_key=`` where the team proves itself with one), which acts on that team's queues
+    alone. Stop the queue's reader first: a client still reading it asks for it again.
+
+    A batch's collect lock (``<batch>:collect``) is refused, saying what removes it."""
+    if name.endswith(COLLECT_LOCK_SUFFIX):
+        batch = name.removesuffix(COLLECT_LOCK_SUFFIX).rpartition(".")[2]
+        raise ControlRefused(
+            f"{name!r} is the collect lock of batch {batch!r}, not a reply queue: the broker "
+            "removes it by itself once its collector (queuegate batch collect) has stopped; "
+            f"to drop the batch and its results, run queuegate batch delete {batch}"
+        )
     if not re.fullmatch(QUEUE_NAME, name):
         raise ControlRefused(
             f"reply queue name {name!r} is not valid: use 1-64 letters, digits, - and _ "

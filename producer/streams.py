@@ -26,10 +26,18 @@ class ChatStream:
     the start, and its result holds the whole answer.
     """
 
-    def __init__(self, job_id: str, start: Callable[[], Awaitable[object]], timeout: float | None):
+    def __init__(
+        self,
+        job_id: str,
+        start: Callable[[], Awaitable[object]],
+        timeout: float | None,
+        *,
+        view: Callable[[ChatResult], ChatResult] | None = None,
+    ):
         self.job_id = job_id
         self.result: ChatResult | None = None
-        """The final result, once the iteration has ended."""
+        """The final result, once the iteration has ended (as ``view`` gives it, if one)."""
+        self._view = view
         self._start: Callable[[], Awaitable[object]] | None = start
         self._timeout = timeout
         self._items: asyncio.Queue[StreamChunk | ChatResult] = asyncio.Queue()
@@ -52,7 +60,7 @@ class ChatStream:
                     "check the workers (queuegate status)"
                 ) from exc
             if isinstance(item, ChatResult):
-                self.result = item
+                self.result = item if self._view is None else self._view(item)
             elif self._next_seq == 0 and item.seq > 0:
                 self._joined_late = True  # its result alone ends it
             elif item.seq >= self._next_seq and not self._joined_late:

@@ -200,6 +200,14 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
+class ParamError(ValueError):
+    """A job parameter ChatParams refuses, naming it (``param``) as OpenAI's errors do."""
+
+    def __init__(self, param: str, problem: str) -> None:
+        super().__init__(f"{param}: {problem}")
+        self.param = param
+
+
 class ChatParams(BaseModel):
     """Sampling and tool parameters in OpenAI form; unknown ones pass through to the provider."""
 
@@ -222,11 +230,24 @@ class ChatParams(BaseModel):
         # nothing in it (OpenAI refuses it; an adapter would name it wrongly).
         n = extra.get("n")
         if n is not None and (type(n) is not int or not 1 <= n <= MAX_CHOICES):
-            raise ValueError(f"n: the number of choices is a whole number from 1 to {MAX_CHOICES}")
+            raise ParamError(
+                "n", f"the number of choices is a whole number from 1 to {MAX_CHOICES}"
+            )
         tokens = extra.get("max_completion_tokens")
         if tokens is not None and (type(tokens) is not int or not 1 <= tokens <= MAX_OUTPUT_TOKENS):
             # Not a number ("100", 1.5) passed through, and broke the job's estimate.
-            raise ValueError(f"max_completion_tokens: a whole number from 1 to {MAX_OUTPUT_TOKENS}")
+            raise ParamError(
+                "max_completion_tokens", f"a whole number from 1 to {MAX_OUTPUT_TOKENS}"
+            )
+        if tokens is not None and self.max_tokens is not None:
+            # OpenAI answers both with a 400 (max_tokens is the deprecated name of
+            # max_completion_tokens), after the estimate had priced one of them: refused
+            # here, before any deployment is called and billed for it.
+            raise ParamError(
+                "max_tokens",
+                "set together with max_completion_tokens, which OpenAI refuses: send "
+                "max_completion_tokens alone (max_tokens is its deprecated name)",
+            )
         # The rest go to the provider as they are: none may be a number no worker can send.
         for name, value in extra.items():
             _check_values(name, value)
@@ -234,8 +255,8 @@ class ChatParams(BaseModel):
 
     @property
     def output_limit(self) -> int | None:
-        """The most output tokens a choice may have: ``max_tokens``, else OpenAI's newer
-        ``max_completion_tokens``; None when the job sets neither."""
+        """The most output tokens a choice may have: ``max_tokens`` or OpenAI's newer
+        ``max_completion_tokens``, whichever the job sets (never both); None when neither."""
         limit: int | None = self.max_tokens or (self.model_extra or {}).get("max_completion_tokens")
         return limit
 

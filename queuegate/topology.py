@@ -115,6 +115,10 @@ CONTROL_MAX_BYTES = 64 * 1024 * 1024
 without it, CONTROL_MAX_LENGTH requests of the broker's largest message size (16 MiB in
 deploy/, 128 MiB by default) would fill its memory. Some 800 of a batch's largest steps
 (1,000 custom ids of at most 64 characters) could still wait at once."""
+COLLECT_LOCK_SUFFIX = ":collect"
+"""What a batch's collect lock, ``<ns>.replies.<team>.<batch>:collect``, adds to the batch's
+name: an empty queue whose exclusive consumer is the batch's collector, removed by the broker
+once unused (no reply queue, no slot of the team's)."""
 
 
 RESERVED_NAMES = frozenset(
@@ -584,7 +588,7 @@ class Topology:
 
     def collect_lock_queue(self, team: str, batch: str) -> str:
         # ":" is outside every name a client may ask for, so no reply queue can take it.
-        return self.replies_queue(team, f"{batch}:collect")
+        return self.replies_queue(team, f"{batch}{COLLECT_LOCK_SUFFIX}")
 
     async def declare_collect_lock(
         self, channel: AbstractChannel, team: str, batch: str, *, expires_s: float

@@ -22,9 +22,11 @@ async def test_a_repeated_cached_job_is_answered_from_the_cache_for_free(
         # When the same request comes again
         again = await (await client.submit(client.job("gpt-4o-mini", HELLO, cache=True))).result(10)
 
-        # Expect the same answer, marked cached, costing nothing, with no second call
+        # Expect the same answer (under its own job's id), marked cached, costing nothing, with
+        # no second call
         assert again.status == "ok" and again.gateway.cached
-        assert again.response == first.response
+        assert first.response is not None
+        assert again.response == first.response | {"id": f"chatcmpl-{again.job_id}"}
         assert again.gateway.cost_usd == 0 and again.gateway.attempts == []
         assert not first.gateway.cached and first.gateway.cost_usd > 0
         assert gw.mock.stats.calls == 1
@@ -65,7 +67,8 @@ async def test_a_team_that_caches_by_default_answers_a_repeat_from_the_cache(
 
         # Expect it answered from the cache, with no second provider call
         assert not first.gateway.cached
-        assert again.gateway.cached and again.response == first.response
+        assert again.gateway.cached and first.response is not None
+        assert again.response == first.response | {"id": f"chatcmpl-{again.job_id}"}
         assert gw.mock.stats.calls == 1
 
 

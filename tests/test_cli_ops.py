@@ -127,6 +127,19 @@ async def test_a_model_given_without_limits_is_refused(settings: Settings) -> No
     assert await _stored(settings, "alpha") == {}
 
 
+async def test_a_model_limit_without_an_alias_is_refused_in_one_line(settings: Settings) -> None:
+    # Given a team with a limit on one model
+    await add(settings, "alpha", identity="queue")
+    assert (await _cli(settings, "teams", "set", "alpha", "--model", "gpt-4o-mini:rpm=5"))[0] == 0
+    for spec in (":", ":rpm=5", " :"):
+        # When --model names no alias before its colon
+        code, out, stderr = await _cli(settings, "teams", "set", "alpha", "--model", spec)
+        # Expect a usage error in one line that says how to write it, and nothing changed
+        assert (code, out) == (2, ""), (spec, stderr)
+        assert "names no model alias before the colon: use ALIAS:" in _one_error_line(stderr)
+        assert await _stored(settings, "alpha") == {"models": {"gpt-4o-mini": {"rpm": 5}}}
+
+
 async def test_bad_names_and_numbers_are_refused_without_a_traceback(settings: Settings) -> None:
     for args in [
         ("status", "--teams", "a!"),
@@ -356,6 +369,20 @@ async def test_a_port_outside_0_to_65535_is_a_usage_error(settings: Settings) ->
             # (api) or a server listening on another port (mock-provider: 99999 - 65536)
             assert code == 2, (command, port, stderr)
             assert "'--port'" in _one_error_line(stderr), stderr
+
+
+async def test_a_worker_concurrency_outside_its_range_is_a_usage_error(settings: Settings) -> None:
+    for value, bound in [
+        ("0", "greater than or equal to 1"),
+        ("10001", "less than or equal to 10000"),
+    ]:
+        # When a worker is given a concurrency (prefetch) no worker can take
+        code, _, stderr = await _cli(settings, "worker", "--concurrency", value)
+        # Expect a usage error in one line naming the option and its bound, as --port's is
+        # (not exit 1 blaming QUEUEGATE_PREFETCH, which was never set)
+        assert code == 2, (value, stderr)
+        line = _one_error_line(stderr)
+        assert "'--concurrency'" in line and bound in line, line
 
 
 async def test_the_front_door_says_in_one_line_what_postgresql_refused(settings: Settings) -> None:

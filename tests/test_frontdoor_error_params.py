@@ -17,6 +17,7 @@ from tests.frontdoor_support import HELLO, Door, open_door
 PARAMS: list[tuple[dict[str, Any], str | None]] = [
     ({"temperature": 3}, "temperature"),
     ({"max_tokens": "5"}, "max_tokens"),
+    ({"max_tokens": 5, "max_completion_tokens": 5}, "max_tokens"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),

@@ -27,6 +27,10 @@ OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"max_tokens": "5"}, "max_tokens: Input should be a valid integer"),
     ({"temperature": 3}, "temperature: Input should be less than or equal to 2"),
     ({"n": 0}, "n: Input should be greater than or equal to 1"),
+    (
+        {"max_tokens": 5, "max_completion_tokens": 5},
+        "max_tokens: set together with max_completion_tokens, which OpenAI refuses",
+    ),
     ({"logprobs": "yes"}, "logprobs: Input should be a valid boolean"),
     ({"response_format": {"type": "yaml"}}, "response_format.type: 'yaml' is not supported"),
     ({"metadata": {"k": 1}}, "metadata.k: Input should be a valid string"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import aio_pika
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from mockprovider import Behavior, MockConfig
 from queuegate.errors import ResultTimeout
@@ -207,6 +208,8 @@ UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {
     "huge-seed": ({"params": {"seed": 2**64}}, "params.seed"),
     "huge-max-tokens": ({"params": {"max_tokens": 10**20}}, "params.max_tokens"),
     "huge-extra": ({"params": {"top_logprobs": 10**20}}, "params"),
+    # What OpenAI refuses with a 400 once called and billed: both output limits at once.
+    "both-limits": ({"params": {"max_tokens": 5, "max_completion_tokens": 5}}, "params"),
 }
 
 
@@ -246,6 +249,46 @@ async def test_jobs_holding_what_cannot_be_stored_or_sent_are_refused_once_and_a
             assert {row["error_code"] for row in rows} == {"invalid_request"}
             # ... and the worker still serves good jobs
             assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
+
+
+async def test_a_job_setting_both_output_limits_is_refused_by_the_client_unpublished(
+    settings: Settings,
+) -> None:
+    # Given a running gateway and a team's client
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a job sets max_tokens and max_completion_tokens, which OpenAI refuses together
+        with pytest.raises(ValidationError) as refused:
+            await client.chat("gpt-4o-mini", HELLO, max_tokens=5, max_completion_tokens=5)
+        # Expect it refused naming the field and what to send instead, before it was published
+        problem = refused.value.errors()[0]["msg"]
+        assert "max_tokens: set together with max_completion_tokens" in problem
+        assert "send max_completion_tokens alone" in problem
+        assert "\n" not in problem
+        assert gw.mock.stats.calls == 0
+        # ... and the same request with the current field alone answered
+        result = await client.chat("gpt-4o-mini", HELLO, max_completion_tokens=5, timeout=10)
+        assert result.status == "ok"
+        assert gw.mock.stats.calls == 1
+
+
+async def test_answers_carry_the_gateways_id_never_the_providers(settings: Settings) -> None:
+    # Given a gateway whose providers answer under ids of their own
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        for alias, provider in [("gpt-4o-mini", "openai"), ("claude-haiku", "anthropic")]:
+            # When the team asks each provider kind, whole and streamed
+            whole = await client.chat(alias, HELLO, max_tokens=20, timeout=10)
+            stream = client.stream(alias, HELLO, max_tokens=20, timeout=10)
+            async for _ in stream:
+                pass
+            assert stream.result is not None
+            for result in (whole, stream.result):
+                # Expect the answer's id the gateway's, as the front door gives it (which
+                # provider or deployment served it is told by gateway, not by the id), and
+                # nothing that is kept for Anthropic-format callers alone
+                assert result.status == "ok" and result.response is not None, result.error
+                assert result.response["id"] == f"chatcmpl-{result.job_id}", alias
+                assert "anthropic_body" not in result.response, alias
+                assert result.gateway.provider == provider
 
 
 async def test_a_redelivered_finished_job_is_answered_from_the_store(settings: Settings) -> None:

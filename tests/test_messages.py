@@ -96,6 +96,8 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
         # Not a number: it passed, and the job's estimate failed on it in the worker
         ({"params": {"max_completion_tokens": "100"}}, "params"),
         ({"params": {"max_completion_tokens": 1.5}}, "params"),
+        # Both output limits: OpenAI refuses the pair, after the estimate priced one of them
+        ({"params": {"max_tokens": 5, "max_completion_tokens": 5}}, "params"),
         ({"params": {"logit_bias": {"50256": 2**64}}}, "params"),
         ({"metadata": {"n": 2**64}}, "metadata"),
     ],
@@ -107,9 +109,11 @@ def test_invalid_jobs_are_refused_naming_the_field(change: dict[str, object], fi
 
 
 def test_the_largest_sensible_integers_are_kept() -> None:
-    params = {"seed": 2**63 - 1, "max_tokens": 1_000_000, "max_completion_tokens": 1_000_000}
-    job = ChatJob.model_validate({**JOB, "params": params, "metadata": {"n": -(2**63)}})
-    assert job.params.seed == 2**63 - 1 and job.metadata == {"n": -(2**63)}
+    for limit in ("max_tokens", "max_completion_tokens"):
+        params = {"seed": 2**63 - 1, limit: 1_000_000}
+        job = ChatJob.model_validate({**JOB, "params": params, "metadata": {"n": -(2**63)}})
+        assert job.params.seed == 2**63 - 1 and job.metadata == {"n": -(2**63)}
+        assert job.params.output_limit == 1_000_000
 
 
 def test_a_nul_in_a_field_is_said_without_the_nul() -> None:

@@ -8,6 +8,8 @@ API key, with a user shared by apps and its key.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -150,10 +152,10 @@ async def test_a_team_cannot_delete_or_reclaim_another_teams_queue(
         await open_named(alpha, "weekly")
 
         # When alpha deletes "nightly", and asks for one more queue (looking for slots to
-        # give back), with its own credentials
+        # give back), with its own credentials: told it has no such queue
         assert (
             await delete_reply_queue(alpha.settings, "nightly", team="alpha", api_key=alpha.api_key)
-            == 0
+            is None
         )
         with pytest.raises(ControlRefused, match="1 reply queues, its limit"):
             await open_named(alpha, "monthly")
@@ -188,6 +190,50 @@ async def test_the_command_line_deletes_a_teams_queue_with_its_own_credentials(
         assert "reply queue nightly of team alpha deleted (0 unread results" in done.output
         assert not await exists(settings, queue)
         assert await counted(redis_client, settings, "alpha") == set()
+
+
+async def test_the_command_line_says_when_the_team_has_no_such_queue(
+    settings: Settings, teams: dict[str, Credentials], redis_client: aioredis.Redis
+) -> None:
+    async with alpha_with_limit(settings, teams, "broker", limit=16) as alpha:
+        # Given alpha's named results queue "nightly", and none named "never"
+        await open_named(alpha, "nightly")
+        env = {
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_AMQP_URL": alpha.settings.amqp_url,
+        }
+
+        async def delete(*args: str) -> tuple[int, str]:
+            """``queuegate replies delete ARGS --team alpha`` as alpha's engineer runs it:
+            its status, and what it printed (stdout, then stderr)."""
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cli", "replies", "delete", *args, "--team", "alpha",
+                env={**os.environ, **env, "COLUMNS": "200"},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+            assert process.returncode is not None
+            return process.returncode, (stdout + stderr).decode()
+
+        # When alpha deletes a queue it never had, as a results queue and as a client's own
+        for args, kind in [(("never",), "results queue"), (("never", "--transient"), "reply")]:
+            code, said = await delete(*args)
+            # Expect it told in one line that there was none, and a failure's status
+            assert code == 1, said
+            assert said.count("\n") == 1, said
+            assert f"team alpha has no {kind}" in said and "nothing was deleted" in said
+        # ... and so for "nightly" once deleted, though the first delete said it was
+        assert (await delete("nightly"))[0] == 0
+        code, said = await delete("nightly")
+        assert code == 1 and "has no results queue named 'nightly'" in said, said
+        assert await counted(redis_client, settings, "alpha") == set()
+
+        # When it names a batch's collect lock (no reply queue: the batch's collector's)
+        code, said = await delete("nightly:collect", "--transient")
+        # Expect told what removes it, and which command drops the batch
+        assert code == 1, said
+        assert "is the collect lock of batch 'nightly', not a reply queue" in said, said
+        assert "queuegate batch delete nightly" in said and said.count("\n") == 1, said
 
 
 async def test_a_slot_opened_again_or_being_declared_while_it_is_looked_up_is_kept(

@@ -311,14 +311,18 @@ class ControlPlane:
         log.info("team %s: gave back %d reply-queue slots of queues deleted", team, int(freed))
         return int(freed)
 
-    async def _close(self, team: str, name: str, *, durable: bool) -> int:
+    async def _close(self, team: str, name: str, *, durable: bool) -> int | None:
         """Delete one of the team's queues, its name always under the team's own prefix, and
-        give back its slot; how many results unread went with it."""
+        give back its slot; how many results unread went with it, None when the team had no
+        such queue (deleting one is no error to the broker, which would say it was)."""
         queue = (
             self._topology.results_queue(team, name)
             if durable
             else self._topology.replies_queue(team, name)
         )
+        if await self._depth(queue) is None:
+            await self._redis.zrem(self._keys.reply_queues(team), queue)
+            return None
         deleted = await self._require_channel().queue_delete(queue)
         await self._redis.zrem(self._keys.reply_queues(team), queue)
         return int(deleted.message_count or 0)
