@@ -71,7 +71,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from queuegate.broker import node_urls
-from queuegate.control import CONTROL_KEY_SUFFIX
+from queuegate.control import CONTROL_KEY_SUFFIX, BatchLockRole
 from queuegate.errors import ConfigError
 from queuegate.settings import Settings
 
@@ -582,17 +582,24 @@ class Topology:
             },
         )
 
-    def collect_lock_queue(self, team: str, batch: str) -> str:
+    def batch_lock_queue(self, team: str, batch: str, role: BatchLockRole) -> str:
         # ":" is outside every name a client may ask for, so no reply queue can take it.
-        return self.replies_queue(team, f"{batch}:collect")
+        return self.replies_queue(team, f"{batch}:{role}")
 
-    async def declare_collect_lock(
-        self, channel: AbstractChannel, team: str, batch: str, *, expires_s: float
+    async def declare_batch_lock(
+        self,
+        channel: AbstractChannel,
+        team: str,
+        batch: str,
+        role: BatchLockRole,
+        *,
+        expires_s: float,
     ) -> AbstractQueue:
-        """An empty queue a batch's collector consumes exclusively: a second one is refused,
-        and the broker releases it with the collector's connection, even on SIGKILL."""
+        """An empty queue a batch's collector (or submitter) consumes exclusively: a second
+        one is refused, and the broker releases it with the holder's connection, even on
+        SIGKILL."""
         return await channel.declare_queue(
-            self.collect_lock_queue(team, batch),
+            self.batch_lock_queue(team, batch, role),
             durable=False,
             arguments={"x-expires": int(expires_s * 1000), "x-max-length": 0},
         )
