@@ -9,7 +9,7 @@ from producer.client import GatewayClient
 from queuegate.control import QUEUE_NAME
 from queuegate.errors import ControlRefused
 from queuegate.settings import Settings
-from queuegate.topology import COLLECT_LOCK_SUFFIX
+from queuegate.topology import batch_lock_of
 
 
 async def delete_reply_queue(
@@ -22,12 +22,14 @@ async def delete_reply_queue(
     ``api_key=`` where the team proves itself with one), which acts on that team's queues
     alone. Stop the queue's reader first: a client still reading it asks for it again.
 
-    A batch's collect lock (``<batch>:collect``) is refused, saying what removes it."""
-    if name.endswith(COLLECT_LOCK_SUFFIX):
-        batch = name.removesuffix(COLLECT_LOCK_SUFFIX).rpartition(".")[2]
+    A batch's lock (``<batch>:collect``, ``<batch>:submit``) is refused, saying what removes
+    it."""
+    lock = batch_lock_of(name)
+    if lock is not None:
+        batch, role = lock
         raise ControlRefused(
-            f"{name!r} is the collect lock of batch {batch!r}, not a reply queue: the broker "
-            "removes it by itself once its collector (queuegate batch collect) has stopped; "
+            f"{name!r} is the {role} lock of batch {batch!r}, not a reply queue: the broker "
+            f"removes it by itself once its holder (queuegate batch {role}) has stopped; "
             f"to drop the batch and its results, run queuegate batch delete {batch}"
         )
     if not re.fullmatch(QUEUE_NAME, name):

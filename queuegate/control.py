@@ -38,6 +38,8 @@ QUEUE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 """A reply queue's own part of its name: no dot, so it stays inside the team's pattern."""
 
 Category = Literal["done", "failed", "expired", "canceled"]
+BatchLockRole = Literal["collect", "submit"]
+"""What a batch's lock is held for: one collector at a time, and one submitter."""
 CATEGORIES: tuple[Category, ...] = ("done", "failed", "expired", "canceled")
 
 BatchCallName = Literal[

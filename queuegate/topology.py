@@ -63,7 +63,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import aio_pika
 import aiormq.abc
@@ -71,7 +71,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from queuegate.broker import node_urls
-from queuegate.control import CONTROL_KEY_SUFFIX
+from queuegate.control import CONTROL_KEY_SUFFIX, BatchLockRole
 from queuegate.errors import ConfigError
 from queuegate.settings import Settings
 
@@ -115,10 +115,17 @@ CONTROL_MAX_BYTES = 64 * 1024 * 1024
 without it, CONTROL_MAX_LENGTH requests of the broker's largest message size (16 MiB in
 deploy/, 128 MiB by default) would fill its memory. Some 800 of a batch's largest steps
 (1,000 custom ids of at most 64 characters) could still wait at once."""
-COLLECT_LOCK_SUFFIX = ":collect"
-"""What a batch's collect lock, ``<ns>.replies.<team>.<batch>:collect``, adds to the batch's
-name: an empty queue whose exclusive consumer is the batch's collector, removed by the broker
-once unused (no reply queue, no slot of the team's)."""
+
+
+def batch_lock_of(name: str) -> tuple[str, BatchLockRole] | None:
+    """The batch and role of a batch's lock, ``<ns>.replies.<team>.<batch>:<role>`` or its
+    last part: an empty queue whose exclusive consumer is the batch's collector (or
+    submitter), removed by the broker once unused (no reply queue, no slot of the team's)."""
+    batch, colon, role = name.rpartition(".")[2].rpartition(":")
+    for known in get_args(BatchLockRole):
+        if colon and role == known:
+            return batch, known
+    return None
 
 
 RESERVED_NAMES = frozenset(
@@ -586,17 +593,24 @@ class Topology:
             },
         )
 
-    def collect_lock_queue(self, team: str, batch: str) -> str:
+    def batch_lock_queue(self, team: str, batch: str, role: BatchLockRole) -> str:
         # ":" is outside every name a client may ask for, so no reply queue can take it.
-        return self.replies_queue(team, f"{batch}{COLLECT_LOCK_SUFFIX}")
+        return self.replies_queue(team, f"{batch}:{role}")
 
-    async def declare_collect_lock(
-        self, channel: AbstractChannel, team: str, batch: str, *, expires_s: float
+    async def declare_batch_lock(
+        self,
+        channel: AbstractChannel,
+        team: str,
+        batch: str,
+        role: BatchLockRole,
+        *,
+        expires_s: float,
     ) -> AbstractQueue:
-        """An empty queue a batch's collector consumes exclusively: a second one is refused,
-        and the broker releases it with the collector's connection, even on SIGKILL."""
+        """An empty queue a batch's collector (or submitter) consumes exclusively: a second
+        one is refused, and the broker releases it with the holder's connection, even on
+        SIGKILL."""
         return await channel.declare_queue(
-            self.collect_lock_queue(team, batch),
+            self.batch_lock_queue(team, batch, role),
             durable=False,
             arguments={"x-expires": int(expires_s * 1000), "x-max-length": 0},
         )

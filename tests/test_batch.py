@@ -347,6 +347,58 @@ async def test_a_batch_larger_than_its_teams_queue_pauses_until_a_worker_makes_r
 
 
 @pytest.mark.parametrize("who", ["alpha", "beta"])
+async def test_a_batch_is_resumed_by_one_submit_at_a_time(
+    settings: Settings,
+    tmp_path: Path,
+    who: str,
+    alpha: TeamIdentity,
+    beta: TeamIdentity,
+    *,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="producer.batch.submit")
+    # Given a team (added the default way, or with an API key) whose queue holds 5 jobs, and
+    # a submit of 40 requests paused at that full queue, no worker serving the team
+    team = {"alpha": alpha, "beta": beta}[who]
+    await configure(settings, team.team, {"max_queue_length": 5})
+    await quota_in_force(settings, team.team)
+    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    with logged("producer.batch.submit", "batch resume paused") as paused:
+        async with nobody_serves(settings):
+            first = asyncio.create_task(
+                submit_batch(team.settings, source, name="resume", window=2, **team.who)
+            )
+            waiting = asyncio.create_task(paused.wait())
+            await asyncio.wait({first, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert waiting.done() and not first.done()
+            # When three more submits of it start, to resume it, while the first runs
+            # (each that resumed would pause at the full queue too)
+            async with asyncio.timeout(30):
+                others = await asyncio.gather(
+                    *(
+                        submit_batch(team.settings, source, name="resume", **team.who)
+                        for _ in range(3)
+                    ),
+                    return_exceptions=True,
+                )
+            # Expect each to stop in one line, having published nothing (the queue's room
+            # stays the first submit's)
+            assert all(isinstance(run, BatchError) for run in others), others
+            assert all("is being submitted by another run at once" in str(r) for r in others)
+        # and, once a worker serves the team, the first to publish each request once, each
+        # answered once
+        async with running_gateway(settings, teams=(team.team,)) as gw:
+            report = await first
+            await collect(team.settings, "resume", out, idle=0.2, **team.who)
+            calls = gw.mock.stats.calls
+    assert (report.published, report.already) == (40, 0)
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == 40 and set(counts.values()) == {1}
+    assert calls == 40
+
+
+@pytest.mark.parametrize("who", ["alpha", "beta"])
 async def test_submits_of_one_new_batch_at_once_publish_it_once(
     settings: Settings, tmp_path: Path, who: str, alpha: TeamIdentity, beta: TeamIdentity
 ) -> None:

@@ -162,7 +162,8 @@ def test_one_trigger_sums_the_depth_of_every_team_queue_and_no_other() -> None:
     others = [
         topology.results_queue("research", "nightly"),
         topology.replies_queue("research", "client-1"),
-        topology.collect_lock_queue("research", "batch-1"),
+        topology.batch_lock_queue("research", "batch-1", "collect"),
+        topology.batch_lock_queue("research", "batch-1", "submit"),
         topology.control_queue("research"),
         topology.shared_control_queue,
         topology.frontdoor_queue("p1"),

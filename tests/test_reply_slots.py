@@ -228,12 +228,13 @@ async def test_the_command_line_says_when_the_team_has_no_such_queue(
         assert code == 1 and "has no results queue named 'nightly'" in said, said
         assert await counted(redis_client, settings, "alpha") == set()
 
-        # When it names a batch's collect lock (no reply queue: the batch's collector's)
-        code, said = await delete("nightly:collect", "--transient")
-        # Expect told what removes it, and which command drops the batch
-        assert code == 1, said
-        assert "is the collect lock of batch 'nightly', not a reply queue" in said, said
-        assert "queuegate batch delete nightly" in said and said.count("\n") == 1, said
+        # When it names a batch's lock (no reply queue: the batch's collector's, submitter's)
+        for role in ("collect", "submit"):
+            code, said = await delete(f"nightly:{role}", "--transient")
+            # Expect told what removes it, and which command drops the batch
+            assert code == 1, said
+            assert f"is the {role} lock of batch 'nightly', not a reply queue" in said, said
+            assert "queuegate batch delete nightly" in said and said.count("\n") == 1, said
 
 
 async def test_a_slot_opened_again_or_being_declared_while_it_is_looked_up_is_kept(

@@ -35,6 +35,7 @@ from queuegate.control import (
     DIRECT_REPLY_TO,
     MESSAGE_TYPE_CONTROL_REPLY,
     BatchCall,
+    BatchLockRole,
     BatchMeta,
     Category,
     CloseReplyQueue,
@@ -57,7 +58,7 @@ PREFETCH = 4
 DROPPED_LOG_INTERVAL = 60.0
 """Seconds between two log lines about one team's dropped control requests."""
 LOCK_EXPIRES = 60.0
-"""Seconds a batch's collect lock queue outlives its collector."""
+"""Seconds a batch's lock queue outlives its collector or submitter."""
 DECLARING_FOR = 60.0
 """Seconds a reply queue being declared keeps its slot from reclaim (lua/reply_reclaim.lua)
 at most, should its worker die before saying the declare is over."""
@@ -66,6 +67,7 @@ _IDS = TypeAdapter(list[str])
 _INDEX = TypeAdapter(list[tuple[str, int]])
 _WRITTEN = TypeAdapter(list[tuple[str, Category, int]])
 _CURSOR = TypeAdapter(int)
+_LOCK_ROLE: TypeAdapter[BatchLockRole] = TypeAdapter(BatchLockRole)
 _RUN = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{0,16}$")])
 """A submit's own token (``producer.batch.state``): part of a Redis key."""
 
@@ -320,7 +322,7 @@ class ControlPlane:
             if durable
             else self._topology.replies_queue(team, name)
         )
-        if await self._depth(queue) is None:
+        if (await self._depths([queue]))[0] is None:
             await self._redis.zrem(self._keys.reply_queues(team), queue)
             return None
         deleted = await self._require_channel().queue_delete(queue)
@@ -389,8 +391,12 @@ class ControlPlane:
             case "status":
                 return await self._status(state, meta)
             case "lock":
-                lock = await self._topology.declare_collect_lock(
-                    self._require_channel(), team, call.batch, expires_s=LOCK_EXPIRES
+                lock = await self._topology.declare_batch_lock(
+                    self._require_channel(),
+                    team,
+                    call.batch,
+                    _LOCK_ROLE.validate_python(args.get("role", "collect")),
+                    expires_s=LOCK_EXPIRES,
                 )
                 return lock.name
             case "delete":

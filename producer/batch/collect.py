@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-import aiormq
 from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
@@ -51,13 +50,13 @@ from producer.batch.answers import (
 from producer.batch.files import ResultFiles, ResultSink
 from producer.batch.formats import FORMATS
 from producer.batch.jobs import check_batch_name
+from producer.batch.lock import hold_lock
 from producer.batch.resend import Resend, Source
 from producer.batch.state import NANO, BatchState, CollectState
 from producer.batch.submit import Progress
 from producer.client import GatewayClient
 from queuegate.broker import connect, consume, settle
 from queuegate.control import BatchMeta, Counts, job_id
-from queuegate.errors import BatchError
 from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey
@@ -216,26 +215,14 @@ async def _consume(
     topology = Topology.of(settings)
     connection = await connect(settings.amqp_url, name=f"batch-collect:{run.meta.name}")
     async with connection:
-        lock = await connection.channel()
-        lock_queue = await run.state.lock()
-
-        async def hold(channel: AbstractRobustChannel | None) -> None:
-            # An exclusive consumer of an empty queue is a lock the broker drops with the
-            # connection, even on SIGKILL (quorum queues ignore exclusive consumers, so it
-            # cannot be the results queue's own consumer).
-            if channel is not None and lock_queue is not None:
-                underlay = await channel.get_underlay_channel()
-                await underlay.basic_consume(lock_queue, _ignore, exclusive=True)
-
-        try:
-            await hold(lock)
-        except aiormq.exceptions.ChannelAccessRefused as exc:
-            raise BatchError(
+        lock = await run.state.lock()
+        if lock is not None:
+            await hold_lock(
+                connection,
+                lock,
                 f"batch {run.meta.name!r} is being collected by another process; "
-                "wait for it or stop it first"
-            ) from exc
-        # Both come back with the connection: the robust channels restore nothing of ours.
-        lock.reopen_callbacks.add(hold)
+                "wait for it or stop it first",
+            )
         channel: AbstractRobustChannel = await connection.channel()
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
@@ -273,10 +260,6 @@ async def _consume(
                 # result was acknowledged by a run that did not hold it back. It is lost.
                 log.warning("lines of %s were torn and cannot be written again", sorted(run.torn))
                 return
-
-
-async def _ignore(message: DeliveredMessage) -> None:
-    """The lock queue holds nothing; were a message to land there, it is of no use."""
 
 
 async def _take(

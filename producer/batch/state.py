@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from producer.control import ControlClient
 from queuegate.control import (
+    BatchLockRole,
     BatchMeta,
     BatchSummary,
     Category,
@@ -51,8 +52,8 @@ class CollectState(Protocol):
     async def is_canceled(self) -> bool: ...
 
     async def lock(self) -> str | None:
-        """The queue whose exclusive consumer holds the collect lock; None for a caller
-        that holds the batch by other means."""
+        """The queue whose exclusive consumer holds the collect lock (producer/batch/
+        lock.py); None for a caller that holds the batch by other means."""
         ...
 
 
@@ -147,9 +148,10 @@ class BatchState:
     async def cancel(self) -> tuple[BatchMeta, Counts, int]:
         return _status(await self._call("cancel"))
 
-    async def lock(self) -> str:
-        """The name of the queue whose exclusive consumer holds the batch's collect lock."""
-        return str(await self._call("lock"))
+    async def lock(self, role: BatchLockRole = "collect") -> str:
+        """The name of the queue whose exclusive consumer holds the batch's lock for
+        ``role`` (producer/batch/lock.py)."""
+        return str(await self._call("lock", role=role))
 
     async def delete(self) -> None:
         """Forget the batch: its record, its progress and its results queue."""

@@ -24,9 +24,11 @@ import aiormq
 
 from producer.batch.jobs import JobReader, check_batch_name, default_name
 from producer.batch.lines import BatchFile
+from producer.batch.lock import hold_lock
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
-from queuegate.control import BatchMeta, submission_jobs
+from queuegate.broker import connect
+from queuegate.control import BatchMeta, being_submitted, submission_jobs
 from queuegate.errors import BatchError, BatchInvalid, QueueFull, ServiceUnavailable
 from queuegate.messages import ChatJob
 from queuegate.registry import check_team_name
@@ -99,9 +101,10 @@ async def submit_batch(
     path = Path(path)
     name = check_batch_name(name or default_name(path))
     team = check_team_name(team)
-    async with GatewayClient(
-        settings, team=team, user_id=user_id, api_key=api_key, listen=False
-    ) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(
+            GatewayClient(settings, team=team, user_id=user_id, api_key=api_key, listen=False)
+        )
         state = BatchState(client.control, name)
         # The first request proves the team: wrong credentials stop here, before any state.
         meta = await state.load()
@@ -160,6 +163,13 @@ async def submit_batch(
                     f"batch {name!r} was submitted from another file (or {path} changed); "
                     "re-run it with the same file, or pick another --name"
                 )
+        # One submit publishes at a time: two resuming the batch would publish its rest
+        # twice. Its record exists by now (the gateway keeps a lock for a recorded batch
+        # only); of submits of a new name at once, only one recorded it.
+        lock = await state.lock("submit")
+        connection = await connect(settings.amqp_url, name=f"batch-submit:{name}")
+        stack.push_async_callback(connection.close)
+        await hold_lock(connection, lock, being_submitted(name))
         reply_to = Topology.of(settings).results_queue(team, name)
         sender = _Window(
             client, reply_to=reply_to, state=state, size=window, pause_when_full=pause_when_full
