@@ -8,16 +8,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from cli.console import err, out, print_table
 from cli.options import make_settings
 from queuegate.messages import JobStatus
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
-from queuegate.tables import add_number_column, add_text_column, compact_table, fit
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from admin.audit import AuditPage
 
 audit_app = typer.Typer(
@@ -77,6 +77,8 @@ def audit_log(
 
 
 def audit_table(page: AuditPage, *, wide: bool) -> Table:
+    from queuegate.tables import add_number_column, add_text_column, compact_table, fit
+
     table = compact_table(f"audit log: {len(page.entries):,} jobs, newest first")
     for header in ("finished (UTC)", "team", "job id", "model", "status"):
         add_text_column(table, header)

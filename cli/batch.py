@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from cli.console import LazyConsole
 from queuegate.errors import BatchError, BatchInvalid
 from queuegate.numbers import usd_text
-from queuegate.progress import progress
 from queuegate.runtime import run
 from queuegate.settings import Settings
 
@@ -23,10 +21,12 @@ batch_app = typer.Typer(
     help="Run OpenAI- or Anthropic-format batch files through the queue, resumably.",
     no_args_is_help=True,
 )
-out = Console()
-err = Console(stderr=True)
+out = LazyConsole()
+err = LazyConsole(stderr=True)
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from router import Catalog
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
@@ -83,6 +83,7 @@ def submit(
     """Validate a batch file and publish its requests; re-run it to resume."""
     from producer.batch import submit_batch
     from producer.batch.jobs import check_batch_name, default_name
+    from queuegate.progress import progress
     from router import load_catalog
 
     settings = Settings()
@@ -93,7 +94,7 @@ def submit(
     catalog = load_catalog(settings.catalog, os.environ)
     aliases = set(catalog.models)
     try:
-        with progress(err, "published") as update:
+        with progress(err.console, "published") as update:
             report = run(
                 lambda: submit_batch(
                     settings,
@@ -197,9 +198,10 @@ def collect(
 ) -> None:
     """Write a batch's results as they arrive, in its own format; re-run it to resume."""
     from producer.batch import collect as collect_batch
+    from queuegate.progress import progress
 
     settings = Settings()
-    with progress(err, "collected") as update:
+    with progress(err.console, "collected") as update:
         report = run(
             lambda: collect_batch(
                 settings,
@@ -250,6 +252,8 @@ def cancel(
 @batch_app.command("list")
 def list_(team: Team, api_key: ApiKey = None) -> None:
     """The team's batches the gateway still keeps (collected ones are gone)."""
+    from rich.table import Table
+
     from producer.batch import batch_list
 
     batches = run(lambda: batch_list(Settings(), team=team, api_key=api_key))
@@ -284,6 +288,8 @@ def delete(
 
 
 def _status_table(status: object) -> Table:
+    from rich.table import Table
+
     from producer.batch import BatchStatus
 
     assert isinstance(status, BatchStatus)

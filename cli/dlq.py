@@ -8,25 +8,23 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import Progress
-from rich.table import Table
 
+from cli.console import LazyConsole
 from queuegate.runtime import run
 from queuegate.settings import Settings
-from queuegate.tables import SafeTable, visible
+from queuegate.visible import visible
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from queuegate.dlq import DeadLetter
 
 dlq_app = typer.Typer(
     help="Inspect, replay and purge dead-lettered messages.", no_args_is_help=True
 )
 
-out = Console()
-err = Console(stderr=True)
+out = LazyConsole()
+err = LazyConsole(stderr=True)
 
 SHOW_BODY_LIMIT = 4000
 """Characters of a body ``show`` prints; a long body would bury the reason."""
@@ -61,6 +59,10 @@ def dlq_list(
 def dead_letter_table(letters: Sequence[DeadLetter], *, total: int, wide: bool) -> Table:
     """One row per letter; the job id whole (``dlq show`` and ``replay`` take it), the rest
     short enough for 80 columns unless ``wide``."""
+    from rich import box
+
+    from queuegate.tables import SafeTable
+
     table = SafeTable(title=f"dead letters: {len(letters):,} of {total:,}", box=box.SIMPLE_HEAD)
     longest = max((len(x.message_id or "-") for x in letters), default=6)
     table.add_column("job id", no_wrap=True, min_width=longest)
@@ -92,6 +94,8 @@ def dlq_show(
     job_id: Annotated[str, typer.Argument(help="The job id, or a prefix only it starts with.")],
 ) -> None:
     """One dead letter: reason, origin, headers and body."""
+    from rich.markup import escape
+
     from queuegate.dlq import find, peek
 
     letters, _ = run(lambda: peek(Settings()))
@@ -131,12 +135,14 @@ def dlq_replay(
     Published as the operator (your broker user): workers accept it for the queue's team once
     they have proven the job's first publisher again.
     """
+    from rich.progress import Progress
+
     from queuegate.dlq import replay
 
     if not job_ids and not replay_all:
         err.print("name the job ids to replay, or pass --all")
         raise typer.Exit(2)
-    with Progress(console=err, transient=True) as progress:
+    with Progress(console=err.console, transient=True) as progress:
         task = progress.add_task("replaying", total=len(job_ids) if job_ids else None)
         done, refused = run(
             lambda: replay(

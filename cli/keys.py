@@ -8,14 +8,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from cli.console import err, out
 from cli.options import make_settings
 from queuegate.runtime import run
-from queuegate.tables import add_text_column, compact_table, fit
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from admin.keys import IssuedKey, KeyInfo
 
 admin_key_app = typer.Typer(
@@ -31,6 +31,8 @@ def show_key(what: str, issued: IssuedKey, revoke: str) -> None:
 
 
 def keys_table(keys: Sequence[KeyInfo], *, title: str, labels: bool = False) -> Table:
+    from queuegate.tables import add_text_column, compact_table, fit
+
     table = compact_table(title)
     for header in ("key id", *(["label"] if labels else []), "created (UTC)", "revoked (UTC)"):
         add_text_column(table, header)

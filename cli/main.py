@@ -9,7 +9,6 @@ import socket
 import sys
 
 import typer
-from rich.markup import escape
 
 from cli.audit import audit_app
 from cli.batch import batch_app
@@ -24,7 +23,7 @@ from cli.teams import teams_app
 from queuegate.errors import GatewayError
 from queuegate.runtime import configure_logging
 from queuegate.settings import Settings, settings_problem
-from queuegate.tables import visible
+from queuegate.visible import visible
 
 app = typer.Typer(
     help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
@@ -81,6 +80,8 @@ def main() -> None:
 
 
 def _fail(message: str, *, exit_code: int = 1) -> None:
+    from rich.markup import escape
+
     line = " ".join(visible(message).split())  # a message of several lines made one
     err.print(f"[red]error:[/] {escape(line)}", highlight=False)
     sys.exit(exit_code)

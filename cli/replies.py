@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from cli.console import err
+from cli.console import LazyConsole, err
 from queuegate.runtime import run
 from queuegate.settings import Settings
 
@@ -15,7 +14,7 @@ replies_app = typer.Typer(
     help="A team's own reply and results queues (each holds one of its slots).",
     no_args_is_help=True,
 )
-out = Console()
+out = LazyConsole()
 
 
 @replies_app.command("delete")

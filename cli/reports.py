@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from cli.console import err, out, print_table
 from cli.options import finite, make_settings, parse_month, split_teams
@@ -21,7 +20,7 @@ from queuegate.errors import ServiceUnavailable, UnknownTeam
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
 from queuegate.settings import Settings
-from queuegate.tables import visible
+from queuegate.visible import visible
 
 if TYPE_CHECKING:  # the commands that read PostgreSQL import its client when they run
     import asyncpg
@@ -151,7 +150,7 @@ def status(
     async def forever() -> None:
         stop = stop_on_signals()
         async with StatusReader(settings) as reader, _Budgets(settings) as registry:
-            with Live(console=out) as live:
+            with Live(console=out.console) as live:
                 last: Status | None = None
                 since: datetime | None = None
                 while not stop.is_set():
@@ -176,6 +175,8 @@ def status(
     else:
         print_table(status_view(current, wide=wide), wide=wide)
     if current.reason is not None:
+        from rich.markup import escape
+
         err.print(f"[yellow]stale:[/] {escape(visible(current.reason))}", highlight=False)
         raise typer.Exit(STALE_EXIT)
 

@@ -223,4 +223,4 @@ def demo(
     from cli.demo import run_demo
 
     configure_logging(log_level)
-    run(lambda: run_demo(make_settings(), out, once=once))
+    run(lambda: run_demo(make_settings(), out.console, once=once))

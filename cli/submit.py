@@ -7,14 +7,13 @@ import os
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.markup import escape
 
 from cli.console import err, out
 from cli.options import make_settings, read_password, seconds
 from queuegate.messages import MAX_OUTPUT_TOKENS
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
-from queuegate.tables import visible
+from queuegate.visible import visible
 
 if TYPE_CHECKING:
     from queuegate.settings import Settings
@@ -62,6 +61,8 @@ def submit(
     password in QUEUEGATE_TEAM_PASSWORD or with --password-stdin. An api_key team passes its
     key. Otherwise the job goes out as the user of QUEUEGATE_AMQP_URL.
     """
+    from rich.markup import escape
+
     from admin.teams import with_user
     from producer import GatewayClient
     from queuegate.errors import ControlRefused, ResultTimeout, ServiceUnavailable
@@ -127,6 +128,8 @@ def submit(
 def _say_why(settings: Settings, exc: Exception, *, published: bool, timeout: float) -> NoReturn:
     """End a submit that got no answer: in one line naming Redis when it is the cause (workers
     hold a job while Redis does not answer: its limits and claims live there), not the workers."""
+    from rich.markup import escape
+
     from queuegate.errors import ResultTimeout, ServiceUnavailable
     from queuegate.services import check_redis
 

@@ -21,7 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from queuegate.numbers import USD_PLACES, plain_decimal, usd_places, usd_text
-from queuegate.tables import add_number_column, add_text_column, compact_table, fit, visible
+from queuegate.tables import add_number_column, add_text_column, compact_table, fit
+from queuegate.visible import visible
 
 if TYPE_CHECKING:  # the usage command needs no broker or Redis client
     from queuegate.status import Status

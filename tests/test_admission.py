@@ -472,3 +472,18 @@ async def test_a_burst_set_higher_than_the_provider_allows_costs_429s_but_no_fai
         # bucket), so each job's retry is admitted in time and every job is served
         assert {r.status for r in results} == {"ok"}
         assert gw.mock.stats.by_status[200] == 20
+
+
+async def test_the_jobs_of_teams_served_unregistered_share_one_config(settings: Settings) -> None:
+    # Given a worker serving two teams the registry does not hold (named with --teams)
+    async with running_gateway(settings, teams=("alpha", "beta")) as gw:
+        admission = gw.worker.admission
+        assert admission is not None
+
+        # When jobs of each ask for their team's config
+        configs = [admission.config(team) for team in ("alpha", "alpha", "beta")]
+
+    # Expect one config, without limits, for all: each job holds its team's until it ends,
+    # and one made for each was 0.8 KB a job (4 MB with 5,000 held)
+    assert configs[0] is configs[1] is configs[2]
+    assert configs[0] == TeamConfig()

@@ -126,11 +126,13 @@ WORKER_NEVER_USES = (
     "opentelemetry.sdk.trace",
     "pygments",
     "opentelemetry.sdk.metrics",
+    "rich",
 )
 """Libraries a worker process has no use for, each megabytes of its memory once imported
-(httpx brings its own command line: click, rich, pygments): imported only where used. The
-last, OpenTelemetry's metrics SDK, redis-py imports whenever it is installed, unless the
-entry point marks it missing first (``cli.entry.leave_out_unused``)."""
+(httpx brings its own command line: click, rich, pygments): imported only where used.
+OpenTelemetry's metrics SDK redis-py imports whenever it is installed, unless the entry
+point marks it missing first (``cli.entry.leave_out_unused``); rich only the commands that
+print tables and progress do, when they run (``cli.console.LazyConsole``)."""
 
 
 def test_a_worker_process_imports_no_library_it_never_uses() -> None:

@@ -350,7 +350,8 @@ class Worker:
     def _callback(
         self, team: str, queue: str
     ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
-        def released(_: asyncio.Task[None]) -> None:
+        def released(task: asyncio.Task[None]) -> None:
+            self._inflight.discard(task)
             self._telemetry.released(team)
 
         async def on_job(delivered: DeliveredMessage) -> None:
@@ -365,7 +366,7 @@ class Worker:
             # instead of calling again.
             task = asyncio.create_task(job)
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            # One callback: each holds a copy of the job's context until the job ends.
             task.add_done_callback(released)
 
         return on_job
