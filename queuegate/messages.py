@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -174,7 +174,9 @@ def shared_fields(model: M) -> M:
         shared = _FIELD_SETS[key] = given
     if shared is not None:
         object.__setattr__(model, "__pydantic_fields_set__", shared)
-    for value in model.__dict__.values():
+    values = model.__dict__
+    for name in _nesting(type(model)):
+        value = values[name]
         if isinstance(value, BaseModel):
             shared_fields(value)
         elif isinstance(value, list):
@@ -182,6 +184,27 @@ def shared_fields(model: M) -> M:
                 if isinstance(item, BaseModel):
                     shared_fields(item)
     return model
+
+
+_NESTING: dict[type[BaseModel], tuple[str, ...]] = {}
+
+
+def _nesting(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of ``cls`` whose value may be a model or a list (``shared_fields`` looks
+    in no other): a UsageEvent has 2 of 33, and the look at each costs as much as its set."""
+    names = _NESTING.get(cls)
+    if names is None:
+        fields = cls.model_fields.items()
+        names = _NESTING[cls] = tuple(n for n, f in fields if _may_nest(f.annotation))
+    return names
+
+
+def _may_nest(annotation: object) -> bool:
+    if annotation is Any or annotation is list or get_origin(annotation) is list:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_may_nest(arg) for arg in get_args(annotation))
 
 
 class WireModel(BaseModel):

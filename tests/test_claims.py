@@ -10,13 +10,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, get_args
 
 import aio_pika
 import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from pydantic import BaseModel
 
 from accounting.store import insert_usage
 from admin.teams import Credentials, add, set_security
@@ -25,17 +26,19 @@ from producer import GatewayClient
 from queuegate.errors import DeadlineExceeded, JobIdInFlight
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
-from queuegate.messages import ChatJob
+from queuegate.messages import Attempt, ChatJob, ChatResult
 from queuegate.redis_client import lua_source
 from queuegate.script_calls import TurnScript
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from router import health
+from router.router import Routed
 from tests.support import Gateway, running_accountant, running_gateway, wait_until
 from tests.test_script_calls import connections_named, named_client
 from workers.admission.scripts import Call, Scripts
 from workers.claims import Claim, ClaimedJob, Claims, Lapsed, LostCall
-from workers.outcome import Outcome, Timing, failed
+from workers.outcome import Announcement, Outcome, Timing, as_json, failed
+from workers.outcome import served as served_outcome
 from workers.usage_record import UsageRecord
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -577,3 +580,69 @@ async def test_an_answered_job_whose_usage_was_never_confirmed_is_swept_once_unt
     # ... and nothing left once that batch is confirmed
     await sweeps[0].accounted([unconfirmed])
     assert await redis_client.zcard(keys.lapsing) == 0
+
+
+def _fields_that_may_be_none(model: type[BaseModel]) -> dict[str, object]:
+    """Every field of ``model`` and of the models it holds that may be None, with its default."""
+    found: dict[str, object] = {}
+    for name, field in model.model_fields.items():
+        if type(None) in get_args(field.annotation):
+            found[f"{model.__name__}.{name}"] = field.get_default(call_default_factory=True)
+        for nested in _models_in(field.annotation):
+            found |= _fields_that_may_be_none(nested)
+    return found
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def test_every_field_of_a_result_that_may_be_none_defaults_to_none() -> None:
+    # A result is announced, and stored, without its fields that are None: each must read
+    # back as None, not as another default.
+    fields = _fields_that_may_be_none(ChatResult)
+    assert "GatewayInfo.model_used" in fields and "ErrorInfo.param" in fields
+    assert {name: default for name, default in fields.items() if default is not None} == {}
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "failed"])
+async def test_a_stored_outcome_reads_back_and_is_announced_as_the_one_stored(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, served: bool
+) -> None:
+    # Given a job claimed, its outcome (answered, or failed with an error) stored
+    claims = _claims(settings, redis_client, pool, "owner")
+    job = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
+    claim = await claims.take(job, redelivered=False)
+    assert isinstance(claim, Claim)
+    attempt = Attempt(model="gpt-4o-mini", deployment="d", provider="p", status=200)
+    outcome = (
+        served_outcome(
+            job,
+            Routed(
+                response={"id": "c1", "choices": [], "usage": None},
+                model_used="gpt-4o-mini",
+                deployment="d",
+                provider="p",
+                fallback_used=False,
+                attempts=[attempt],
+                input_tokens=3,
+                output_tokens=5,
+                cached_tokens=0,
+                cost_usd=Decimal("0.000012"),
+                latency_ms=1.5,
+            ),
+            Timing(2.5, "w"),
+        )
+        if served
+        else _expired(claim.job)
+    )
+    assert await claim.finish(outcome, dumped=as_json(outcome)) is outcome
+    # When another delivery of the job takes it
+    stored = await claims.take(job, redelivered=True)
+    # Expect the stored outcome, announced with the same bytes as the one stored
+    assert stored == outcome
+    assert isinstance(stored, Outcome)
+    again, first = Announcement.of(stored, "q"), Announcement.of(outcome, "q")
+    assert (again.result, again.usage) == (first.result, first.usage)

@@ -83,7 +83,7 @@ from router.router import AttemptGate
 from workers.admission import Ahead, Settlement, Ticket
 from workers.admission.estimate import Estimate
 from workers.admission.scripts import Call, Scripts
-from workers.outcome import Outcome
+from workers.outcome import Outcome, as_json
 from workers.usage_record import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -568,16 +568,21 @@ class Claims:
         settlement: Settlement | None = None,
         *,
         accounted: bool,
+        dumped: tuple[bytes, bytes] | None = None,
     ) -> Outcome | None:
         """Store a job's outcome and end its claim, with the job's admission ``settlement``
         in the same round trip; the outcome stored before, if any. Unless its usage event
         is ``accounted`` (confirmed) already, a claim on the lapsing claims stays there until
-        it is (``accounted``)."""
+        it is (``accounted``). ``dumped``: the outcome as it is announced (``as_json``),
+        stored as it is rather than made again."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         keys = [key, result, self._keys.lapsing]
-        # Captured prompts go to the audit table only, never into Redis.
-        stored = fingerprint + outcome.model_dump_json(exclude={"usage": {"content"}})
+        answer, usage = dumped if dumped is not None else as_json(outcome)
+        if outcome.usage.content is not None:
+            # Captured prompts go to the audit table only, never into Redis.
+            usage = outcome.usage.model_dump_json(exclude={"content"}).encode()
+        stored = f'{fingerprint}{{"result":{answer.decode()},"usage":{usage.decode()}}}'
         args: list[str | int] = [stored, self._ttl, "" if accounted else self._lease_ms]
         try:
             if settlement is None:
@@ -610,7 +615,8 @@ class Claim:
     ) -> None:
         self._claims = claims
         self.job = job
-        self._fingerprint = fingerprint
+        self.fingerprint = fingerprint
+        """The digest of the request its job id is bound to (``request_digest``)."""
         self._key = key
         self._owner = owner
         self.missed = missed
@@ -757,17 +763,24 @@ class Claim:
             update={"usage": usage.model_copy(update=update), "result": result}
         )
 
-    async def finish(self, outcome: Outcome, *, accounted: bool = False) -> Outcome:
+    async def finish(
+        self,
+        outcome: Outcome,
+        *,
+        accounted: bool = False,
+        dumped: tuple[bytes, bytes] | None = None,
+    ) -> Outcome:
         """Store the outcome and end the claim (the job's settles in the same round trip);
         returns what the job is announced with: the outcome stored first, when a delivery
         that took over finished before this one. ``accounted``: its usage event is
-        confirmed already (else the worker says when it is: ``Claims.accounted``)."""
+        confirmed already (else the worker says when it is: ``Claims.accounted``);
+        ``dumped``: the outcome ``as_json`` already."""
         if self._owner is not None:
             self._claims.forget(self._key, self._owner)
             self._owner = None
         settlement = self._settles()
         earlier = await self._claims.store(
-            self.job, self._fingerprint, outcome, settlement, accounted=accounted
+            self.job, self.fingerprint, outcome, settlement, accounted=accounted, dumped=dumped
         )
         return outcome if earlier is None else earlier
 

@@ -22,14 +22,13 @@ from typing import Annotated, Any, cast
 
 import aiormq
 import redis.asyncio as aioredis
-from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from queuegate.broker import CONNECTION_LOST, Consumer, consume, json_message, settle
+from queuegate.broker import CONNECTION_LOST, Consumer, Incoming, consume, json_message, settle
 from queuegate.control import (
     BATCH_ERROR,
     DIRECT_REPLY_TO,
@@ -134,7 +133,7 @@ class ControlPlane:
         """Answer a request in ``team``'s control queue, for that team: never for the one its
         routing key names, which a ``CC`` header's copy does not have (it keeps the key it
         was published under)."""
-        message = IncomingMessage(delivered)
+        message = Incoming(delivered)
         reply_to = message.reply_to
         if reply_to is not None and _is_direct_reply_to(reply_to):
             response = await self._answer(message, team)
@@ -181,7 +180,7 @@ class ControlPlane:
             DROPPED_LOG_INTERVAL,
         )
 
-    async def _answer(self, message: IncomingMessage, team: str) -> ControlResponse:
+    async def _answer(self, message: Incoming, team: str) -> ControlResponse:
         try:
             await self._identities.prove(
                 message, team, message.message_id or "", check_reply_to=False

@@ -56,10 +56,11 @@ class Admitted:
             self.sent = self.job
         return self.sent
 
-    async def stamp(self, outcome: Outcome) -> Outcome:
+    async def stamp(self, outcome: Outcome, digest: str | None = None) -> Outcome:
         """The outcome with its usage event carrying identity, PII flags and captured content,
         and its result the digest of the request it answers (as sent, before any redaction):
-        a conflict and the first request's answer share a job id on a reply queue."""
+        a conflict and the first request's answer share a job id on a reply queue.
+        ``digest``: that digest, when the job's claim has it already (``Claim.fingerprint``)."""
         content = None
         capture = self.security.capture
         if capture != "none":
@@ -73,7 +74,9 @@ class Admitted:
                 response = await redacted(response)
             content = AuditContent(capture=capture, prompt=prompt, response=response)
         update = {"identity": self.identity, "pii": ",".join(self.pii) or None, "content": content}
-        result = outcome.result.model_copy(update={"request": request_digest(self.job)})
+        if digest is None:
+            digest = request_digest(self.job)
+        result = outcome.result.model_copy(update={"request": digest})
         return outcome.model_copy(
             update={"result": result, "usage": outcome.usage.model_copy(update=update)}
         )

@@ -67,23 +67,24 @@ class Announcement:
         *,
         lapsing: str | None = None,
         usage_as_stored: bool = False,
+        dumped: tuple[bytes, bytes] | None = None,
     ) -> Announcement:
-        """``usage_as_stored``: a stored outcome whose result can reach nobody now (its reply
+        """``dumped``: the outcome ``as_json`` already (made once for its store and this).
+        ``usage_as_stored``: a stored outcome whose result can reach nobody now (its reply
         queue gone since it was answered), its usage event published again as stored. The
         delivery that stored it may have died before its event's batch left; usage_log keeps
         a job's first row, so one that did arrive is not counted twice. Its
         ``reply_delivered`` is left as stored: that result was sent, and this delivery cannot
         tell whether it arrived."""
-        usage = outcome.usage
+        result, usage = dumped if dumped is not None else as_json(outcome)
         if reply_to is None and not usage_as_stored:
-            usage = usage.model_copy(update={"reply_delivered": False})
+            event = outcome.usage.model_copy(update={"reply_delivered": False})
+            usage = event.model_dump_json().encode()
         return cls(
             job_id=outcome.result.job_id,
             reply_to=reply_to,
-            result=outcome.result.model_dump_json(exclude_none=True).encode(),
-            usage=None
-            if error is not None and error.code in UNACCOUNTED
-            else usage.model_dump_json().encode(),
+            result=result,
+            usage=None if error is not None and error.code in UNACCOUNTED else usage,
             bad_input=error if error is not None and error.code in BAD_INPUT else None,
             lapsing=lapsing,
         )
@@ -94,6 +95,14 @@ class Announcement:
             return None
         event = UsageEvent.model_validate_json(self.usage)
         return event.model_copy(update={"reply_delivered": False}).model_dump_json().encode()
+
+
+def as_json(outcome: Outcome) -> tuple[bytes, bytes]:
+    """The outcome's result as it is announced (its fields that are None left out, which
+    read back as None: every field of a result that may be None defaults to None) and its
+    usage event, as JSON."""
+    result = outcome.result.model_dump_json(exclude_none=True).encode()
+    return result, outcome.usage.model_dump_json().encode()
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ from workers.outcome import (
     Announcement,
     Outcome,
     Timing,
+    as_json,
     failed,
     refused,
     served,
@@ -372,13 +373,19 @@ class JobProcessor:
         """Store and announce the outcome of a delivery that held the claim, with the calls
         its lapsed owners made on its usage row and in its budget ledger."""
         try:
-            stamped = await admitted.stamp(outcome)
+            stamped = await admitted.stamp(outcome, claim.fingerprint)
         except BaseException:
             await claim.settle()  # what would have ridden with the store
             raise
         # Held while Redis stores it (the pool's connections are where most jobs wait).
-        outcome = await claim.finish(shared_fields(await self._billed(claim, stamped)))
-        return self._finished(outcome, reply_to, error, self._claims.lapsing(claim.job))
+        outcome = shared_fields(await self._billed(claim, stamped))
+        # Made once, for its store and its announcement alike.
+        dumped = as_json(outcome)
+        stored = await claim.finish(outcome, dumped=dumped)
+        lapsing = self._claims.lapsing(claim.job)
+        if stored is not outcome:  # another delivery's, stored first
+            return self._finished(stored, reply_to, error, lapsing)
+        return self._finished(outcome, reply_to, error, lapsing, dumped)
 
     async def _billed(self, claim: Claim, outcome: Outcome) -> Outcome:
         """The outcome of a job whose claim this delivery (or sweep) holds, with the calls
@@ -474,11 +481,12 @@ class JobProcessor:
         reply_to: str | None,
         error: JobError | None,
         lapsing: str | None = None,
+        dumped: tuple[bytes, bytes] | None = None,
     ) -> Announcement:
         self._telemetry.finished(outcome)
         if tracing.ON:
             spans.finished(outcome)
-        return Announcement.of(outcome, reply_to, error, lapsing=lapsing)
+        return Announcement.of(outcome, reply_to, error, lapsing=lapsing, dumped=dumped)
 
     def _refused(
         self, job_id: str, outcome: Outcome, reply_to: str | None, error: JobError

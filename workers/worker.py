@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractRobustChannel
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, nack_window
+from queuegate.broker import CONNECTION_LOST, Consumer, Incoming, connect, consume, nack_window
 from queuegate.db import DB_ERRORS, wait_for_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
@@ -358,7 +357,7 @@ class Worker:
             assert self._processor is not None
             # The processor's coroutine is the task's own, and the job leaves the count by a
             # callback: no frame of the worker's per job held.
-            job = self._processor.process(IncomingMessage(delivered), team, queue)
+            job = self._processor.process(Incoming(delivered), team, queue)
             self._telemetry.taken(team)
             # Not in this task, which aiormq cancels when the channel closes: a job whose
             # provider call is in flight when the connection drops runs on, stores its

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
@@ -55,7 +54,7 @@ from producer.batch.resend import Resend, Source
 from producer.batch.state import NANO, BatchState, CollectState
 from producer.batch.submit import Progress
 from producer.client import GatewayClient
-from queuegate.broker import connect, consume, settle
+from queuegate.broker import Incoming, connect, consume, settle
 from queuegate.control import BatchMeta, Counts, job_id
 from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings
@@ -227,7 +226,7 @@ async def _consume(
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
         async def take(message: DeliveredMessage) -> None:
-            inbox.put_nowait(IncomingMessage(message))
+            inbox.put_nowait(Incoming(message))
 
         results = topology.results_queue(run.state.team, run.meta.name)
 
