@@ -24,10 +24,24 @@ from openai.types.chat import ChatCompletion
 
 from admin.teams import configure
 from mockprovider import Behavior, MockConfig
-from producer import GatewayClient, batch_list, batch_status, cancel_batch, collect, submit_batch
+from producer import (
+    GatewayClient,
+    batch_list,
+    batch_status,
+    cancel_batch,
+    collect,
+    delete_reply_queue,
+    submit_batch,
+)
 from producer.batch import BatchStatus
 from queuegate.control import Counts
-from queuegate.errors import BatchError, BatchInvalid, ControlRefused, PublishRefused
+from queuegate.errors import (
+    BatchError,
+    BatchInvalid,
+    ControlRefused,
+    PublishRefused,
+    ServiceUnavailable,
+)
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.numbers import plain_decimal
@@ -398,6 +412,57 @@ async def test_a_batch_is_resumed_by_one_submit_at_a_time(
     assert calls == 40
 
 
+async def test_a_submit_that_lost_its_lock_with_its_connection_stops(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity, *, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="producer.batch.submit")
+    # Given a submit of 40 requests through a broker connection we can cut, paused at its
+    # team's full queue (5 jobs), no worker serving the team
+    await configure(settings, "alpha", {"max_queue_length": 5})
+    await quota_in_force(settings, "alpha")
+    source = write_jsonl(tmp_path / "cut.jsonl", [openai_line(i) for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    with logged("producer.batch.submit", "batch cut paused") as paused:
+        async with nobody_serves(settings), TcpProxy(alpha.settings.amqp_url) as proxy:
+            cut_off = alpha.settings.model_copy(update={"amqp_url": proxy.url})
+            first = asyncio.create_task(
+                submit_batch(cut_off, source, name="cut", window=2, **alpha.who)
+            )
+            waiting = asyncio.create_task(paused.wait())
+            await asyncio.wait({first, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert waiting.done() and not first.done()
+            # When its connection drops (the broker releases its lock), another submit of
+            # the batch starts and takes the lock, and the connection comes back
+            await proxy.down()
+            second = asyncio.create_task(
+                submit_batch(alpha.settings, source, name="cut", **alpha.who)
+            )
+            await wait_until(lambda: len(paused_lines(caplog, "cut")) >= 2)
+            await proxy.up()
+            # Expect the first to stop, saying why in a line, rather than publish alongside
+            with pytest.raises(ServiceUnavailable, match="lost batch 'cut''s submit lock"):
+                await asyncio.wait_for(first, 60)
+        # and the second to publish the rest, each request called and answered once
+        async with running_gateway(settings, teams=("alpha",)) as gw:
+            report = await asyncio.wait_for(second, 60)
+            await collect(alpha.settings, "cut", out, idle=0.2, **alpha.who)
+            calls = gw.mock.stats.calls
+    assert report.published + report.already == 40
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == 40 and set(counts.values()) == {1}
+    assert calls == 40
+
+
+def paused_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
+    """The lines of submits of batch ``name`` saying they paused at its full queue."""
+    return [
+        message
+        for record in caplog.records
+        if record.name == "producer.batch.submit"
+        and (message := record.getMessage()).startswith(f"batch {name} paused")
+    ]
+
+
 @pytest.mark.parametrize("who", ["alpha", "beta"])
 async def test_submits_of_one_new_batch_at_once_publish_it_once(
     settings: Settings, tmp_path: Path, who: str, alpha: TeamIdentity, beta: TeamIdentity
@@ -650,6 +715,24 @@ async def test_a_collected_batch_is_gone_and_listed_until_then(
     assert [(b.name, b.total) for b in listed] == [("small", 3)]
     assert after == [] and results is None
     assert report.counts.done == 3 and report.counts.spend_usd > 0
+
+
+@pytest.mark.parametrize("who", ["alpha", "beta"])
+async def test_a_batchs_results_queue_is_not_deleted_as_a_reply_queue(
+    settings: Settings, tmp_path: Path, who: str, alpha: TeamIdentity, beta: TeamIdentity
+) -> None:
+    # Given a team's batch, answered and not yet collected
+    team = {"alpha": alpha, "beta": beta}[who]
+    source = write_jsonl(tmp_path / "kept.jsonl", [openai_line(i) for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings, teams=(team.team,)):
+        await submit_batch(team.settings, source, **team.who)
+        # When the team deletes the batch's results queue as a reply queue of its own
+        with pytest.raises(ControlRefused, match="is the results queue of batch 'kept'"):
+            await delete_reply_queue(team.settings, "kept", **team.who)
+        # Expect it refused, pointing to batch delete, and the batch's answers kept
+        report = await collect(team.settings, "kept", out, idle=0.2, **team.who)
+    assert report.counts.written == 3
 
 
 async def test_a_team_reaches_only_its_own_batches(

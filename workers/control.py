@@ -219,6 +219,15 @@ class ControlPlane:
         if isinstance(request, OpenReplyQueue):
             return await self._open(team, request.name, durable=request.durable)
         if isinstance(request, CloseReplyQueue):
+            if (
+                request.durable
+                and await BatchState(self._redis, self._keys, team, request.name, "").load()
+            ):
+                # Its batch would stay, its paid results gone and its collect failing.
+                raise Refused(
+                    f"{request.name!r} is the results queue of batch {request.name!r}: "
+                    f"run queuegate batch delete {request.name} to drop the batch with it"
+                )
             return await self._close(team, request.name, durable=request.durable)
         assert isinstance(request, BatchCall)
         return await self._batch(team, request)

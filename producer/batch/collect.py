@@ -221,6 +221,7 @@ async def _consume(
                 lock,
                 f"batch {run.meta.name!r} is being collected by another process; "
                 "wait for it or stop it first",
+                retake=True,
             )
         channel: AbstractRobustChannel = await connection.channel()
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()

@@ -15,22 +15,41 @@ from aiormq.abc import DeliveredMessage
 from queuegate.errors import BatchError
 
 
-async def hold_lock(connection: AbstractRobustConnection, queue: str, busy: str) -> None:
-    """Hold the lock ``queue`` while ``connection`` lives, taken again whenever its channel
-    comes back; BatchError(``busy``) when another holds it."""
+class BatchLock:
+    """Whether the lock is held: False from the moment its channel closes (the broker then
+    releases it to whoever asks next) until it is taken again, if it is."""
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def dropped(self, *_: object) -> None:
+        self.held = False
+
+
+async def hold_lock(
+    connection: AbstractRobustConnection, queue: str, busy: str, *, retake: bool
+) -> BatchLock:
+    """Hold the lock ``queue`` on a channel of ``connection``; BatchError(``busy``) when
+    another holds it. ``retake``: take it again whenever the channel comes back (a
+    collector, which writes each line once whoever collects); else it stays lost."""
+    lock = BatchLock()
     channel = await connection.channel()
 
     async def hold(channel: AbstractRobustChannel | None) -> None:
         if channel is not None:
             underlay = await channel.get_underlay_channel()
             await underlay.basic_consume(queue, _ignore, exclusive=True)
+            lock.held = True
 
     try:
         await hold(channel)
     except aiormq.exceptions.ChannelAccessRefused as exc:
         raise BatchError(busy) from exc
-    # The robust channel restores nothing of ours: the lock is taken again by hand.
-    channel.reopen_callbacks.add(hold)
+    channel.close_callbacks.add(lock.dropped)
+    if retake:
+        # The robust channel restores nothing of ours: the lock is taken again by hand.
+        channel.reopen_callbacks.add(hold)
+    return lock
 
 
 async def _ignore(message: DeliveredMessage) -> None:

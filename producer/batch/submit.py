@@ -24,7 +24,7 @@ import aiormq
 
 from producer.batch.jobs import JobReader, check_batch_name, default_name
 from producer.batch.lines import BatchFile
-from producer.batch.lock import hold_lock
+from producer.batch.lock import BatchLock, hold_lock
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
 from queuegate.broker import connect
@@ -169,10 +169,15 @@ async def submit_batch(
         lock = await state.lock("submit")
         connection = await connect(settings.amqp_url, name=f"batch-submit:{name}")
         stack.push_async_callback(connection.close)
-        await hold_lock(connection, lock, being_submitted(name))
+        held = await hold_lock(connection, lock, being_submitted(name), retake=False)
         reply_to = Topology.of(settings).results_queue(team, name)
         sender = _Window(
-            client, reply_to=reply_to, state=state, size=window, pause_when_full=pause_when_full
+            client,
+            reply_to=reply_to,
+            state=state,
+            size=window,
+            pause_when_full=pause_when_full,
+            lock=held,
         )
         try:
             report = await _publish(
@@ -311,8 +316,10 @@ class _Window:
         state: BatchState,
         size: int,
         pause_when_full: bool,
+        lock: BatchLock,
     ) -> None:
         self._client = client
+        self._lock = lock
         self._pause_when_full = pause_when_full
         self._reply_to = reply_to
         self._state = state
@@ -339,7 +346,7 @@ class _Window:
     async def _one(self, job: ChatJob) -> str:
         try:
             try:
-                await self._client.publish(job, reply_to=self._reply_to)
+                await self._send(job)
             except QueueFull:
                 if not self._pause_when_full:
                     raise
@@ -358,7 +365,7 @@ class _Window:
         async with self._full:
             while True:
                 try:
-                    await self._client.publish(job, reply_to=self._reply_to)
+                    await self._send(job)
                     return
                 except QueueFull as exc:
                     if not self._told_full:
@@ -367,6 +374,15 @@ class _Window:
                             "batch %s paused until its queue has room: %s", self._state.name, exc
                         )
                     await asyncio.sleep(FULL_RETRY)
+
+    async def _send(self, job: ChatJob) -> None:
+        if not self._lock.held:
+            # Its connection dropped: another submit may hold the batch now and publish it.
+            raise ServiceUnavailable(
+                f"lost batch {self._state.name!r}'s submit lock with the broker connection; "
+                "run the same submit again to resume"
+            )
+        await self._client.publish(job, reply_to=self._reply_to)
 
     def _done(self, task: asyncio.Task[str]) -> None:
         self._pending.discard(task)
