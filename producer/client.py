@@ -37,7 +37,14 @@ from queuegate.errors import (
     ResultTimeout,
     ServiceUnavailable,
 )
-from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult, request_digest
+from queuegate.messages import (
+    ChatJob,
+    ChatMessage,
+    ChatParams,
+    ChatResult,
+    body_digest,
+    request_digest,
+)
 from queuegate.provider_formats import openai_id, openai_view
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
@@ -197,7 +204,8 @@ class GatewayClient:
     @property
     def strays(self) -> int:
         """Results dropped because they answer another request under a job id this client
-        awaits (a conflict sent by someone else, an earlier run's answer in a named queue)."""
+        awaits (a conflict sent by someone else, the refusal of a bad message someone sent
+        under the id, an earlier run's answer in a named queue)."""
         return self._inbox.replies.strays
 
     def job(
@@ -245,9 +253,12 @@ class GatewayClient:
                 f"job id {job.job_id!r} is in flight on this client with a different "
                 "request: give each request its own job id"
             )
-        self._inbox.expect(job.job_id, request)
+        message = self._message(job, reply_to=self.reply_to)
+        # The refusal of this very message names its digest (sent before the broker's
+        # confirm, it may come first): a refusal of anyone else's under the id is a stray.
+        self._inbox.expect(job.job_id, request, body_digest(message.body))
         try:
-            await self.publish(job, reply_to=self.reply_to)
+            await self._send(job, message)
         except (ServiceUnavailable, ClientError):
             self._inbox.forget(job.job_id)
             raise
@@ -260,18 +271,20 @@ class GatewayClient:
         ``expires=False``: no TTL from its deadline, for a job sent again to be answered
         from its stored outcome after the deadline (the worker, not the broker, refuses it
         uncalled when it has none)."""
+        await self._send(job, self._message(job, reply_to=reply_to, expires=expires))
+
+    def _message(self, job: ChatJob, *, reply_to: str, expires: bool = True) -> Outgoing:
+        return job_message(
+            job, reply_to=reply_to, user_id=self._user_id, api_key=self._api_key, expires=expires
+        )
+
+    async def _send(self, job: ChatJob, message: Outgoing) -> None:
         if self._exchange is None or self._channel is None:
             raise RuntimeError("use the client inside `async with`")
         await publish_to_team(
             self._channel,
             self._exchange.name,
-            job_message(
-                job,
-                reply_to=reply_to,
-                user_id=self._user_id,
-                api_key=self._api_key,
-                expires=expires,
-            ),
+            message,
             job,
             within=self._settings.reconnect_wait,
             nacks_within=nack_window(self._settings.amqp_url),

@@ -68,25 +68,37 @@ class ReplyBook:
     otherwise keep every abandoned job's result.
 
     A job expected with its request's digest (``queuegate.messages.request_digest``) takes
-    only a result answering that request (or one that names none): under a used id a
-    different request is answered ``idempotency_conflict`` on the same queue, and a named
-    queue may hold the answer to an earlier run's request under the id. Such a result is
-    dropped (counted in ``strays``).
+    only a result answering that request, or refusing a message this side published for it
+    (one naming its ``body_digest``): under a used id a different request is answered
+    ``idempotency_conflict`` on the same queue, anyone publishing as the team may send a
+    message under the id that the workers refuse unread, and a named queue may hold the
+    answer to an earlier run's request under the id. Such a result, and one naming nothing
+    (an older worker's), is dropped (counted in ``strays``).
     """
 
     def __init__(self, *, keep_unexpected: bool = True) -> None:
         self._futures: dict[str, asyncio.Future[ChatResult]] = {}
-        self._requests: dict[str, str] = {}
-        """The digest of the request each job id was published with, while it is expected."""
+        self._requests: dict[str, list[str]] = {}
+        """What a result of each job id may name while it is expected: the digest of the
+        request it was published with, then those of the messages that carried it."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._keep_unexpected = keep_unexpected
         self.duplicates = 0
         self.strays = 0
 
-    def expect(self, job_id: str, request: str | None = None) -> asyncio.Future[ChatResult]:
-        """The job's future; ``request``, its digest, when this side published it."""
+    def expect(
+        self, job_id: str, request: str | None = None, message: str | None = None
+    ) -> asyncio.Future[ChatResult]:
+        """The job's future; ``request``, its digest, and ``message``, the digest of the
+        body it is published in, when this side publishes it (before: a refusal may come
+        back before the broker's confirm)."""
         if request is not None:
-            self._requests[job_id] = request
+            names = self._requests.get(job_id)
+            if names is None or names[0] != request:
+                names = self._requests[job_id] = [request]
+            # Each message of the request published under the id (a retry's may differ).
+            if message is not None and message not in names:
+                names.append(message)
         future = self._futures.get(job_id)
         if future is not None and future.done() and self._answers_another(future.result()):
             # Arrived before the job was published: the answer to an earlier request.
@@ -98,33 +110,35 @@ class ReplyBook:
 
     def request(self, job_id: str) -> str | None:
         """The digest of the request the job id is expected with, if any."""
-        return self._requests.get(job_id)
+        names = self._requests.get(job_id)
+        return None if names is None else names[0]
 
     def _answers_another(self, result: ChatResult) -> bool:
-        request = self._requests.get(result.job_id)
-        return None not in (request, result.request) and result.request != request
+        names = self._requests.get(result.job_id)
+        return names is not None and result.request not in names
 
-    def deliver(self, result: ChatResult) -> None:
+    def deliver(self, result: ChatResult) -> bool:
         """Record a result; one that duplicates a result already delivered is counted, and
-        one answering another request than the job id's is dropped."""
+        one answering another request than the job id's is dropped: False then."""
         if self._answers_another(result):
             self.strays += 1
-            return
+            return False
         if result.job_id in self._seen:
             self.duplicates += 1
             # Someone waits for it again (a retry of the same job): answer them too.
             waiting = self._futures.get(result.job_id)
             if waiting is not None and not waiting.done():
                 waiting.set_result(result)
-            return
+            return True
         self._seen[result.job_id] = None
         if len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
         if not self._keep_unexpected and result.job_id not in self._futures:
-            return
+            return True
         future = self.expect(result.job_id)
         if not future.done():
             future.set_result(result)
+        return True
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
         """The job's result; on TimeoutError the job stays expected, for a later wait."""
@@ -245,8 +259,8 @@ class Inbox:
         self._ignore = ignore
         """Results that reach this queue but answer none of its waiters: dropped."""
 
-    def expect(self, job_id: str, request: str | None = None) -> None:
-        self.replies.expect(job_id, request)
+    def expect(self, job_id: str, request: str | None = None, message: str | None = None) -> None:
+        self.replies.expect(job_id, request, message)
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
         """The job's result; TimeoutError when none came within ``timeout``."""
@@ -267,14 +281,18 @@ class Inbox:
         try:
             if properties.message_type == MESSAGE_TYPE_RESULT:
                 result = ChatResult.model_validate_json(message.body)
-                if self._ignore is None or not self._ignore(result):
-                    self.replies.deliver(result)
-                    # A duplicate ends streams too: one opened after the first copy came.
-                    if self.streams.finish(result) and self._keep_unexpected:
-                        # Nobody waits for a streamed job's future. (An owner that drops
-                        # unexpected results forgets each job itself, once no request waits
-                        # for it, streamed or not.)
-                        self.replies.forget(result.job_id)
+                # A stray ends no stream either. A duplicate does: one opened after the
+                # first copy came.
+                if (
+                    (self._ignore is None or not self._ignore(result))
+                    and self.replies.deliver(result)
+                    and self.streams.finish(result)
+                    and self._keep_unexpected
+                ):
+                    # Nobody waits for a streamed job's future. (An owner that drops
+                    # unexpected results forgets each job itself, once no request waits
+                    # for it, streamed or not.)
+                    self.replies.forget(result.job_id)
             elif properties.message_type == MESSAGE_TYPE_CHUNK:
                 self.streams.chunk(StreamChunk.model_validate_json(message.body))
         except ValidationError:

@@ -337,6 +337,17 @@ def request_digest(job: ChatJob) -> str:
     return hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def body_digest(body: bytes) -> str:
+    """What tells one delivered message from another: 32 hex digits, half a
+    ``request_digest``'s length, so that neither is ever taken for the other.
+
+    A job refused before it was admitted (unreadable, or not proven its team's) has no
+    request to name: its result names this digest of the message instead, which its own
+    publisher knows and nobody else's message has, and its usage row is ``<job id>/refused/``
+    and this."""
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
 class Attempt(WireModel):
     """One call to one deployment, as recorded on results and usage events."""
 
@@ -397,9 +408,12 @@ class ChatResult(WireModel):
     error: ErrorInfo | None = None
     gateway: GatewayInfo
     request: str | None = None
-    """The ``request_digest`` of the request this answers; None when the worker could not
-    read the job. Two requests under one id get different answers (``idempotency_conflict``
-    for the later) on the same reply queue: a client tells them apart by it."""
+    """The ``request_digest`` of the request this answers; for a job refused before it was
+    admitted (unreadable, or not proven its team's), the ``body_digest`` of the message
+    refused. Two requests under one id get different answers (``idempotency_conflict`` for
+    the later) on the same reply queue, and anyone publishing as the team may send a bad
+    message under a job id to another's reply queue: a client tells them apart by it.
+    None only in results of older workers."""
 
     @property
     def content(self) -> str | None:

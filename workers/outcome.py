@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -16,6 +15,7 @@ from queuegate.messages import (
     ErrorInfo,
     GatewayInfo,
     UsageEvent,
+    body_digest,
     storable,
 )
 from router import Routed
@@ -229,8 +229,14 @@ def refused(
     refusal still has its row. ``body`` is the delivered message's: a redelivery of the same
     message (a worker killed before its ack) gets the same id, and ``usage_log`` keeps one
     row of it, while a different request refused under the job id gets a row of its own.
+    Its result names that digest too (``ChatResult.request``): its publisher alone waits
+    for it.
     """
     outcome = failed(job_id, team, model, error, timing)
-    refused_id = f"{storable(job_id)}{REFUSED_MARK}{hashlib.sha256(body).hexdigest()[:32]}"
+    digest = body_digest(body)
+    refused_id = f"{storable(job_id)}{REFUSED_MARK}{digest}"
     usage = outcome.usage.model_copy(update={"job_id": refused_id})
-    return outcome.model_copy(update={"usage": usage})
+    # Named by its message, not left to any waiter of the job id: someone else's bad message
+    # under the id would answer the real job. An admitted job's is stamped with its request.
+    result = outcome.result.model_copy(update={"request": digest})
+    return outcome.model_copy(update={"result": result, "usage": usage})

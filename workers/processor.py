@@ -458,7 +458,11 @@ class JobProcessor:
         job's wait ended with its deadline, a poison job is dead-lettered unanswered)."""
         job = claim.job
         timing = Timing(0.0, self._worker)
-        outcome = await self._billed(claim, failed(job.job_id, job.team, job.model, error, timing))
+        outcome = failed(job.job_id, job.team, job.model, error, timing)
+        # Naming the request it answers, as a delivery's stamped outcome does: a delivery
+        # still to come is answered from it, and a client drops a result naming another.
+        result = outcome.result.model_copy(update={"request": claim.fingerprint})
+        outcome = await self._billed(claim, outcome.model_copy(update={"result": result}))
         usage = Announcement.of(outcome, None).usage
         if usage is not None:
             await self._publisher.usage(usage)

@@ -1,0 +1,175 @@
+"""A refusal reaches only the publisher of the message refused: a bad message sent under a job
+id another client awaits is that client's stray, never its answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aio_pika
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractExchange
+
+from admin.teams import Credentials, revoke_key
+from mockprovider import Behavior, MockConfig
+from producer import GatewayClient
+from producer.streams import ChatStream
+from queuegate.keys import Keys
+from queuegate.messages import StreamChunk
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.support import running_gateway, wait_until
+from tests.test_api_key_proof import KeyTeam, key_team  # noqa: F401 (a fixture)
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+HELD = MockConfig(default=Behavior(latency_ms=1500))
+"""A call long enough for a bad message under its job id to be refused while it is held."""
+UNREADABLE = {
+    "text/plain": (b'{"anything": 1}', "text/plain"),
+    "not JSON": (b"{garbage", "application/json"),
+}
+
+
+async def test_a_bad_message_under_an_awaited_job_id_is_a_stray(
+    settings: Settings, redis_client: aioredis.Redis, teams: dict[str, Credentials]
+) -> None:
+    # (team alpha added the default way: its apps publish as its own broker user)
+    assert teams["alpha"].amqp_url is not None
+    apps = settings.model_copy(update={"amqp_url": teams["alpha"].amqp_url})
+    await _stray(settings, redis_client, apps)
+
+
+async def test_a_bad_message_under_an_awaited_job_id_is_a_stray_for_an_api_key_team(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    key_team: KeyTeam,  # noqa: F811 (the fixture)
+) -> None:
+    # (its apps publish as a broker user they share, which needs no key)
+    await _stray(settings, redis_client, key_team.apps, key_team.key)
+
+
+async def _stray(
+    settings: Settings, redis: aioredis.Redis, apps: Settings, key: str | None = None
+) -> None:
+    async with (
+        running_gateway(settings, mock_config=HELD) as gw,
+        GatewayClient(apps, team="alpha", api_key=key) as client,
+        _entry(settings, apps) as entry,
+    ):
+        for n, how in enumerate(UNREADABLE):
+            # Given a client awaiting a job held in its provider call
+            job = client.job("gpt-4o-mini", HELLO, job_id=f"held-{n}")
+            handle = await client.submit(job)
+            await _claimed(redis, settings, job.job_id)
+
+            # When someone publishing as the team sends a message under its id that no
+            # worker can read, its result to that client's queue
+            await entry.publish(_unread(apps, job.job_id, client.reply_to, how), "alpha")
+
+            # Expect the refusal dropped as a stray, and the job answered with its own
+            await wait_until(lambda n=n: client.strays == n + 1)
+            result = await handle.result(10)
+            assert result.status == "ok", result.error
+            assert result.content is not None
+        assert gw.mock.stats.calls == len(UNREADABLE)
+
+
+async def _claimed(redis: aioredis.Redis, settings: Settings, job_id: str) -> None:
+    """Once a worker holds the job's claim: it is in its provider call, or about to be."""
+    key = Keys(settings.redis_prefix).claim("alpha", job_id)
+    async with asyncio.timeout(10):
+        while True:
+            if await redis.exists(key):
+                return
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _entry(settings: Settings, apps: Settings) -> AsyncIterator[AbstractExchange]:
+    """Team alpha's entry exchange, as its apps publish to it (confirmed)."""
+    connection = await aio_pika.connect(apps.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        yield await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
+
+
+def _unread(apps: Settings, job_id: str, reply_to: str, how: str) -> aio_pika.Message:
+    """A message under ``job_id`` that no worker reads as a job (``UNREADABLE[how]``)."""
+    body, content_type = UNREADABLE[how]
+    return aio_pika.Message(
+        body,
+        content_type=content_type,
+        message_id=job_id,
+        correlation_id=job_id,
+        reply_to=reply_to,
+        user_id=apps.amqp_user,
+    )
+
+
+async def test_a_bad_message_under_a_streamed_job_id_ends_no_stream(
+    settings: Settings, redis_client: aioredis.Redis, teams: dict[str, Credentials]
+) -> None:
+    assert teams["alpha"].amqp_url is not None
+    apps = settings.model_copy(update={"amqp_url": teams["alpha"].amqp_url})
+    async with (
+        running_gateway(settings, mock_config=HELD) as gw,
+        GatewayClient(apps, team="alpha") as client,
+        _entry(settings, apps) as entry,
+    ):
+        # Given a client reading a streamed job held in its provider call
+        stream = client.stream("gpt-4o-mini", HELLO, job_id="streamed")
+        reading = asyncio.create_task(_chunks(stream))
+        await _claimed(redis_client, settings, "streamed")
+
+        # When a message no worker can read is sent under its id, to that client's queue
+        await entry.publish(_unread(apps, "streamed", client.reply_to, "not JSON"), "alpha")
+
+        # Expect the refusal dropped, and the stream ended by the job's own answer
+        await wait_until(lambda: client.strays == 1)
+        chunks = await reading
+        assert chunks and stream.result is not None and stream.result.status == "ok"
+        assert gw.mock.stats.calls == 1
+
+
+async def _chunks(stream: ChatStream) -> list[StreamChunk]:
+    return [chunk async for chunk in stream]
+
+
+async def test_a_clients_own_job_refused_unread_reaches_it(
+    settings: Settings, teams: dict[str, Credentials]
+) -> None:
+    assert teams["alpha"].amqp_url is not None
+    apps = settings.model_copy(update={"amqp_url": teams["alpha"].amqp_url})
+    async with running_gateway(settings) as gw, GatewayClient(apps, team="alpha") as client:
+        # When a client's job is refused before the worker reads it as a job (too many messages)
+        many = HELLO * (settings.max_job_messages + 1)
+        result = await client.chat("gpt-4o-mini", many, timeout=10)
+
+        # Expect the refusal its answer, not a stray
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert "messages; the limit is" in result.error.message
+        assert client.strays == 0
+        assert gw.mock.stats.calls == 0
+
+
+async def test_a_clients_own_job_refused_as_unproven_reaches_it(
+    settings: Settings,
+    key_team: KeyTeam,  # noqa: F811 (the fixture)
+) -> None:
+    # (keys looked up again at each job: the revocation below is seen at once)
+    settings = settings.model_copy(update={"security_cache_ttl": 0.001})
+    async with (
+        running_gateway(settings) as gw,
+        GatewayClient(key_team.apps, team="alpha", api_key=key_team.key) as client,
+    ):
+        # Given an API key team's client whose key is revoked once its reply queue is open
+        assert await revoke_key(settings, "alpha", key_team.key_id)
+
+        # When it sends a job
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+
+        # Expect the refusal its answer, not a stray
+        assert result.error is not None and result.error.code == "unauthorized"
+        assert client.strays == 0
+        assert gw.mock.stats.calls == 0
