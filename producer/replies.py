@@ -69,7 +69,7 @@ class ReplyBook:
 
     A job expected with its request's digest (``queuegate.messages.request_digest``) takes
     only a result answering that request, or refusing a message this side published for it
-    (one naming its ``body_digest``): under a used id a different request is answered
+    (one naming its ``message_digest``): under a used id a different request is answered
     ``idempotency_conflict`` on the same queue, anyone publishing as the team may send a
     message under the id that the workers refuse unread, and a named queue may hold the
     answer to an earlier run's request under the id. Such a result, and one naming nothing

@@ -25,9 +25,12 @@ from tests.test_api_key_proof import KeyTeam, key_team  # noqa: F401 (a fixture)
 HELLO = [{"role": "user", "content": "Hello there"}]
 HELD = MockConfig(default=Behavior(latency_ms=1500))
 """A call long enough for a bad message under its job id to be refused while it is held."""
-UNREADABLE = {
+UNREADABLE: dict[str, tuple[bytes | None, str]] = {
     "text/plain": (b'{"anything": 1}', "text/plain"),
     "not JSON": (b"{garbage", "application/json"),
+    # The client's own body, sent with neither its user_id nor its key's proof: refused
+    # unproven, its refusal names a message that is not the client's.
+    "unproven copy": (None, "application/json"),
 }
 
 
@@ -65,7 +68,9 @@ async def _stray(
 
             # When someone publishing as the team sends a message under its id that no
             # worker can read, its result to that client's queue
-            await entry.publish(_unread(apps, job.job_id, client.reply_to, how), "alpha")
+            # (or a copy of the client's own message, unproven)
+            copy = job.model_dump_json(exclude_defaults=True).encode()
+            await entry.publish(_unread(apps, job.job_id, client.reply_to, how, copy), "alpha")
 
             # Expect the refusal dropped as a stray, and the job answered with its own
             await wait_until(lambda n=n: client.strays == n + 1)
@@ -94,16 +99,19 @@ async def _entry(settings: Settings, apps: Settings) -> AsyncIterator[AbstractEx
         yield await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
 
 
-def _unread(apps: Settings, job_id: str, reply_to: str, how: str) -> aio_pika.Message:
-    """A message under ``job_id`` that no worker reads as a job (``UNREADABLE[how]``)."""
+def _unread(
+    apps: Settings, job_id: str, reply_to: str, how: str, copy: bytes = b""
+) -> aio_pika.Message:
+    """A message under ``job_id`` that no worker reads as a job (``UNREADABLE[how]``), or
+    ``copy`` sent unproven."""
     body, content_type = UNREADABLE[how]
     return aio_pika.Message(
-        body,
+        copy if body is None else body,
         content_type=content_type,
         message_id=job_id,
         correlation_id=job_id,
         reply_to=reply_to,
-        user_id=apps.amqp_user,
+        user_id=None if body is None else apps.amqp_user,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ConfigDict
 
 from queuegate.errors import JobError
@@ -16,8 +17,11 @@ from queuegate.messages import (
     GatewayInfo,
     UsageEvent,
     body_digest,
+    message_digest,
     storable,
 )
+from queuegate.signing import PROOF_HEADER
+from queuegate.topology import header_text
 from router import Routed
 
 BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized", "idempotency_conflict"})
@@ -218,25 +222,32 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
 
 
 def refused(
-    job_id: str, team: str, model: str, error: JobError, timing: Timing, *, body: bytes
+    job_id: str,
+    team: str,
+    model: str,
+    error: JobError,
+    timing: Timing,
+    *,
+    message: AbstractIncomingMessage,
 ) -> Outcome:
     """A job refused before it was admitted (malformed, or not its team's): answered under its
-    job id, but accounted under an id of its own, ``<job id>/refused/<digest of body>``.
+    job id, but accounted under an id of its own, ``<job id>/refused/<digest of message>``.
 
     The job id is the producer's; a refusal must not take it in ``usage_log``, or sending a
     bad copy first would leave the real job, served later under that id, unaccounted. It may
     be what the job was refused for (a NUL in it): recorded with that replaced, so the
-    refusal still has its row. ``body`` is the delivered message's: a redelivery of the same
-    message (a worker killed before its ack) gets the same id, and ``usage_log`` keeps one
-    row of it, while a different request refused under the job id gets a row of its own.
-    Its result names that digest too (``ChatResult.request``): its publisher alone waits
-    for it.
+    refusal still has its row. The digest is of the delivered body (``body_digest``): a
+    redelivery or a replay of the same request (a worker killed before its ack) gets the same
+    id, and ``usage_log`` keeps one row of it, while a different request refused under the job
+    id gets a row of its own. Its result names the message's digest (``message_digest``, with
+    its sender's identity): its publisher alone waits for it.
     """
     outcome = failed(job_id, team, model, error, timing)
-    digest = body_digest(body)
-    refused_id = f"{storable(job_id)}{REFUSED_MARK}{digest}"
+    refused_id = f"{storable(job_id)}{REFUSED_MARK}{body_digest(message.body)}"
     usage = outcome.usage.model_copy(update={"job_id": refused_id})
     # Named by its message, not left to any waiter of the job id: someone else's bad message
     # under the id would answer the real job. An admitted job's is stamped with its request.
-    result = outcome.result.model_copy(update={"request": digest})
+    proof = header_text((message.headers or {}).get(PROOF_HEADER))
+    sent = message_digest(message.body, message.user_id, proof)
+    result = outcome.result.model_copy(update={"request": sent})
     return outcome.model_copy(update={"result": result, "usage": usage})

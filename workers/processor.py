@@ -249,7 +249,7 @@ class JobProcessor:
         except JobError as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
             outcome = self._gate.claimed(
-                message, refused(job_id, team, "", exc, timing, body=message.body)
+                message, refused(job_id, team, "", exc, timing, message=message)
             )
             return self._refused(job_id, outcome, reply_to, exc)
         try:
@@ -260,7 +260,7 @@ class JobProcessor:
             admitted = await self._gate.admit(message, job, team)
         except JobError as exc:
             outcome = self._gate.claimed(
-                message, refused(job.job_id, team, job.model, exc, timing, body=message.body)
+                message, refused(job.job_id, team, job.model, exc, timing, message=message)
             )
             return self._refused(job.job_id, outcome, reply_to, exc)
         # Refused only once the claim is read (no call made): a lapsed owner's call must be
@@ -285,7 +285,7 @@ class JobProcessor:
             # counts it, and a row for an unreceivable refusal would count it again.
             why = exc if unreceivable is None or exc.code in UNACCOUNTED else unreceivable
             outcome = await admitted.stamp(
-                refused(job.job_id, team, job.model, why, timing, body=message.body)
+                refused(job.job_id, team, job.model, why, timing, message=message)
             )
             return self._refused(job.job_id, outcome, reply_to, why)
         if unreceivable is not None:
@@ -305,7 +305,7 @@ class JobProcessor:
                 return await self._ended(claim, admitted, outcome, reply_to, unreceivable)
             await claim.abandon()
             outcome = await admitted.stamp(
-                refused(job.job_id, team, job.model, unreceivable, timing, body=message.body)
+                refused(job.job_id, team, job.model, unreceivable, timing, message=message)
             )
             return self._refused(job.job_id, outcome, reply_to, unreceivable)
         if not isinstance(claim, Claim):
@@ -665,7 +665,7 @@ class JobProcessor:
             log.info("job %s was answered by another delivery; sending its result", job.job_id)
             return Announcement.of(found, reply_to, lapsing=self._claims.lapsing(job))
         outcome = await admitted.stamp(
-            refused(job.job_id, job.team, job.model, found, timing, body=message.body)
+            refused(job.job_id, job.team, job.model, found, timing, message=message)
         )
         return self._refused(job.job_id, outcome, reply_to, found)
 
