@@ -12,6 +12,7 @@ import orjson
 import typer
 
 from cli.console import LazyConsole
+from cli.options import ApiKey
 from queuegate.errors import BatchError, BatchInvalid
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
@@ -35,14 +36,6 @@ PROBLEMS_SHOWN = 20
 """Problems printed; with --skip-invalid all of them also go to a file."""
 
 Team = Annotated[str, typer.Option(help="The team the batch runs for (your credentials').")]
-ApiKey = Annotated[
-    str | None,
-    typer.Option(
-        envvar="QUEUEGATE_API_KEY",
-        show_default=False,
-        help="The team's API key, where it proves itself with one.",
-    ),
-]
 
 
 def parse_duration(text: str) -> timedelta:

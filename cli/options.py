@@ -12,6 +12,17 @@ import typer
 
 from queuegate.settings import Settings
 
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar=["QUEUEGATE_API_KEY", "QUEUEGATE_TEAM_API_KEY"],
+        show_default=False,
+        show_envvar=True,
+        help="The team's API key, where it proves itself with one (safer in the environment).",
+    ),
+]
+"""Every team command's ``--api-key``: one option under one pair of variable names, where
+``submit`` read QUEUEGATE_TEAM_API_KEY and the batch and replies commands QUEUEGATE_API_KEY."""
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 Port = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")]
 """Every ``--port``: refused in one line (exit 2) outside a TCP port's range, where binding

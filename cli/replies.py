@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.console import LazyConsole, err
+from cli.options import ApiKey
 from queuegate.runtime import run
 from queuegate.settings import Settings
 
@@ -27,14 +28,7 @@ def delete(
         bool,
         typer.Option(help="A client's own reply queue (replies.), not a named results queue."),
     ] = False,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            envvar="QUEUEGATE_API_KEY",
-            show_default=False,
-            help="The team's API key, where it proves itself with one.",
-        ),
-    ] = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Delete one of the team's reply queues, with any result unread, and free its slot."""
     from producer.reply_queues import delete_reply_queue

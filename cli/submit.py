@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from cli.console import err, out
-from cli.options import make_settings, read_password, seconds
+from cli.options import ApiKey, make_settings, read_password, seconds
 from queuegate.messages import MAX_OUTPUT_TOKENS
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
@@ -45,15 +45,7 @@ def submit(
             help="Read that user's password from stdin (or set QUEUEGATE_TEAM_PASSWORD).",
         ),
     ] = False,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            envvar="QUEUEGATE_TEAM_API_KEY",
-            show_default=False,
-            show_envvar=True,
-            help="The key of an api_key team (safer in the environment variable).",
-        ),
-    ] = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Publish one job and print its reply (a worker must be running).
 
@@ -96,7 +88,7 @@ def submit(
 
     as_team = (
         ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
-        "to --password-stdin), or QUEUEGATE_TEAM_API_KEY for an api_key team"
+        "to --password-stdin), or QUEUEGATE_API_KEY for an api_key team"
     )
     try:
         result = run(go)

@@ -315,7 +315,7 @@ def _show_credentials(credentials: Any) -> None:
         )
         out.print(
             "apps pass it as GatewayClient(..., api_key=...); "
-            "queuegate submit reads it from QUEUEGATE_TEAM_API_KEY",
+            "the team commands (submit, batch, replies) read it from QUEUEGATE_API_KEY",
             soft_wrap=True,
         )
     err.print("[yellow]shown once: queuegate keeps no copy; rotate-credentials makes new ones[/]")

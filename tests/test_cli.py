@@ -120,6 +120,10 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
             as_api_key = await _submit(
                 settings, "--team", "beta", "Hi beta", QUEUEGATE_TEAM_API_KEY=beta.api_key
             )
+            # (the key under the name the batch and replies commands read, too)
+            as_api_key_too = await _submit(
+                settings, "--team", "beta", "Hi beta too", QUEUEGATE_API_KEY=beta.api_key
+            )
             # and as the admin user, without the team's password, and with a wrong one
             as_admin = await _submit(settings, "--team", "alpha", "Hi again")
             wrong = await _submit(
@@ -130,7 +134,11 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
             await admin.delete_user(broker_team_user(settings.namespace, "alpha"))
 
     # Expect both served, neither secret echoed, and the admin's job refused
-    for (code, stdout, stderr), text in ((as_broker_user, "Hi alpha"), (as_api_key, "Hi beta")):
+    for (code, stdout, stderr), text in (
+        (as_broker_user, "Hi alpha"),
+        (as_api_key, "Hi beta"),
+        (as_api_key_too, "Hi beta too"),
+    ):
         assert code == 0, stderr
         assert f"mock reply to: {text}" in stdout
         assert alpha.password not in stdout + stderr and beta.api_key not in stdout + stderr
