@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import pytest
@@ -25,7 +26,7 @@ from queuegate.control import (
     ControlResponse,
     OpenReplyQueue,
 )
-from queuegate.errors import ControlRefused, ServiceUnavailable
+from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
@@ -460,3 +461,50 @@ async def test_a_client_whose_control_request_the_broker_refuses_says_so_in_one_
     said = str(refused.value)
     assert "the broker refused the request to the gateway" in said and "\n" not in said, said
     assert "try again" in said
+
+
+async def test_a_malformed_batch_step_is_refused_in_one_line_naming_what_is_missing(
+    settings: Settings, teams: dict[str, Credentials], redis_client: aioredis.Redis
+) -> None:
+    topology = Topology(settings.namespace)
+    meta = {
+        "name": "raw",
+        "team": "alpha",
+        "format": "openai",
+        "total": 1,
+        "deadline": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        "fingerprint": "0" * 64,
+    }
+    async with (
+        running_gateway(settings, teams=("alpha",)),
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as client,
+    ):
+        # When alpha's app sends raw batch steps: create before any index of its run, then
+        # create and index without their arguments
+        with pytest.raises(BatchError) as unindexed:
+            await client.control.batch("create", "raw", meta=meta, run="ab12")
+        with pytest.raises(ControlRefused) as no_meta:
+            await client.control.batch("create", "raw", run="ab12")
+        with pytest.raises(ControlRefused) as no_entries:
+            await client.control.batch("index", "raw", run="ab12")
+
+        # Expect each refused as the bad request it is, in one line naming what is missing
+        said = [str(e.value) for e in (unindexed, no_meta, no_entries)]
+        assert all("\n" not in s for s in said), said
+        assert "no index of run 'ab12'" in said[0] and "batch index" in said[0]
+        assert "needs argument 'meta'" in said[1]
+        assert "needs argument 'entries'" in said[2]
+        # ... leaving nothing behind: no batch, no results queue nor its slot
+        assert await client.control.batch("load", "raw") is None
+        results = topology.results_queue("alpha", "raw")
+        async with BrokerAdmin(settings.management_url) as admin:
+            assert await admin.queue(results) is None
+        slots = Keys(settings.redis_prefix).reply_queues("alpha")
+        assert await redis_client.zscore(slots, results) is None
+
+        # ... and the steps in their order still create the batch
+        await client.control.batch("reset_index", "raw", run="ab12")
+        assert await client.control.batch("index", "raw", entries=[["a", 1]], run="ab12") == [1]
+        assert await client.control.batch("create", "raw", meta=meta, run="ab12") == ""
+        assert (await client.control.batch("load", "raw"))["total"] == 1
+        await client.control.batch("delete", "raw")

@@ -12,7 +12,7 @@ publishes or writes again at most what was in flight, and drops the duplicates b
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,6 +54,7 @@ class BatchState:
         self._batches = keys.batches(team)
         self._meta = keys.batch(team, name)
         self._lines = keys.batch_lines(team, name)
+        self._run = run
         self._index = keys.batch_index(team, name, run)
         self._published = keys.batch_published(team, name)
         self._written = keys.batch_written(team, name)
@@ -85,12 +86,15 @@ class BatchState:
             raise BatchError(no_such_batch(self.team, self.name))
         return meta
 
-    async def create(self, meta: BatchMeta) -> str:
+    async def create(self, meta: BatchMeta, declare: Callable[[], Awaitable[object]]) -> str:
         """Record a new batch, and adopt the validated index as its lines; the submission
         the batch is recorded with. Sent again (its answer lost with a connection), it finds
         the batch recorded and leaves it be; another submit of the name that recorded it
         first keeps it (its submission is returned: the caller must not publish its own, or
-        each request would go out under two job ids, called and billed twice)."""
+        each request would go out under two job ids, called and billed twice).
+
+        ``declare`` (its results queue) is awaited once the request is found good, before
+        the batch is recorded: one refused (no index of its run) leaves nothing behind."""
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         mapping: dict[Any, str | int | float] = {
             "team": meta.team,
@@ -105,12 +109,21 @@ class BatchState:
         }
         async with self._r.pipeline(transaction=True) as pipe:
             try:
-                await self._call(pipe.watch(self._meta))
+                # The index too: renamed below, and a transaction's failing command does not
+                # undo the others (a batch recorded without its lines).
+                await self._call(pipe.watch(self._meta, self._index))
                 recorded = await self._call(pipe.hget(self._meta, "submission"))
                 if recorded is not None:
                     if text(recorded) != meta.submission:
                         raise BatchError(being_submitted(self.name))
+                    await declare()
                     return meta.submission  # sent again: its answer lost with a connection
+                if not await self._call(pipe.exists(self._index)):
+                    raise BatchError(
+                        f"batch create of {self.name!r} has no index of run {self._run!r} to "
+                        "take its lines from: send its custom ids first (batch index, same run)"
+                    )
+                await declare()
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(self._meta, mapping=mapping)
                 pipe.rename(self._index, self._lines)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Protocol, TypeVar, cast
 
 import aiormq
 import redis.asyncio as aioredis
@@ -67,6 +67,7 @@ _INDEX = TypeAdapter(list[tuple[str, int]])
 _WRITTEN = TypeAdapter(list[tuple[str, Category, int]])
 _CURSOR = TypeAdapter(int)
 _LOCK_ROLE: TypeAdapter[BatchLockRole] = TypeAdapter(BatchLockRole)
+_META = TypeAdapter(BatchMeta)
 _RUN = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{0,16}$")])
 """A submit's own token (``producer.batch.state``): part of a Redis key."""
 
@@ -351,24 +352,21 @@ class ControlPlane:
             ]
         if not call.batch:
             raise Refused(f"batch {call.call} needs a batch name")
-        args = call.args
-        state = BatchState(
-            self._redis, self._keys, team, call.batch, _RUN.validate_python(args.get("run", ""))
-        )
+        state = BatchState(self._redis, self._keys, team, call.batch, _arg(call, "run", _RUN, ""))
         match call.call:
             case "load":
                 meta = await state.load()
                 return None if meta is None else meta.model_dump(mode="json")
             case "create":
-                meta = BatchMeta.model_validate(args.get("meta"))
-                meta = meta.model_copy(update={"team": team, "name": call.batch})
-                await self._open(team, call.batch, durable=True)
-                return await state.create(meta)
+                meta = _arg(call, "meta", _META).model_copy(
+                    update={"team": team, "name": call.batch}
+                )
+                return await state.create(meta, lambda: self._open(team, call.batch, durable=True))
             case "reset_index":
                 await state.reset_index()
                 return None
             case "index":
-                return await state.index(_INDEX.validate_python(args.get("entries")))
+                return await state.index(_arg(call, "entries", _INDEX))
             case "is_canceled":
                 return await state.is_canceled()
         # Every other step is on a recorded batch, whose expiry its keys then take: its record
@@ -376,21 +374,21 @@ class ControlPlane:
         meta = await state.require()
         match call.call:
             case "line_numbers":
-                return await state.line_numbers(_IDS.validate_python(args.get("ids")))
+                return await state.line_numbers(_arg(call, "ids", _IDS))
             case "published_among":
-                return await state.published_among(_IDS.validate_python(args.get("ids")))
+                return await state.published_among(_arg(call, "ids", _IDS))
             case "written_among":
-                return await state.written_among(_IDS.validate_python(args.get("ids")))
+                return await state.written_among(_arg(call, "ids", _IDS))
             case "outcomes_among":
-                return await state.outcomes_among(meta, _IDS.validate_python(args.get("ids")))
+                return await state.outcomes_among(meta, _arg(call, "ids", _IDS))
             case "mark_published":
-                await state.mark_published(_IDS.validate_python(args.get("ids")))
+                await state.mark_published(_arg(call, "ids", _IDS))
                 return None
             case "mark_written":
-                await state.mark_written(_WRITTEN.validate_python(args.get("entries")))
+                await state.mark_written(_arg(call, "entries", _WRITTEN))
                 return None
             case "unwritten":
-                return await state.unwritten(_CURSOR.validate_python(args.get("cursor", 0)))
+                return await state.unwritten(_arg(call, "cursor", _CURSOR, 0))
             case "cancel":
                 await state.cancel()
                 return await self._status(state, meta)
@@ -403,7 +401,7 @@ class ControlPlane:
                     self._require_channel(),
                     team,
                     call.batch,
-                    _LOCK_ROLE.validate_python(args.get("role", "collect")),
+                    _arg(call, "role", _LOCK_ROLE, "collect"),
                     expires_s=LOCK_EXPIRES,
                 )
                 return lock.name
@@ -459,3 +457,31 @@ def _is_direct_reply_to(reply_to: str) -> bool:
 
 def _error(code: str, text: str) -> ControlResponse:
     return ControlResponse(ok=False, code=code, error=text)
+
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _Validator(Protocol[T_co]):
+    """A TypeAdapter, as ``_arg`` reads one: covariant, so a list's serves for a Sequence."""
+
+    def validate_python(self, value: Any, /) -> T_co: ...
+
+
+_REQUIRED: Any = object()
+"""An argument a batch step has no default for."""
+
+
+def _arg(call: BatchCall, name: str, adapter: _Validator[T], default: Any = _REQUIRED) -> T:
+    """Argument ``name`` of a batch step; Refused, naming it, when it is missing or invalid
+    (a bad request, not the gateway failing)."""
+    value = call.args.get(name, default)
+    if value is _REQUIRED:
+        raise Refused(f"batch {call.call} needs argument {name!r}; it was not sent")
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in (name, *first["loc"]))
+        raise Refused(f"batch {call.call}: argument {where} is not valid: {first['msg']}") from None
