@@ -42,14 +42,13 @@ from queuegate.messages import (
     ChatMessage,
     ChatParams,
     ChatResult,
-    message_digest,
     request_digest,
 )
 from queuegate.provider_formats import openai_id, openai_view
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
-from queuegate.signing import PROOF_HEADER, ApiKey, sign_job
-from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, Topology, header_text
+from queuegate.signing import ApiKey, message_digest, sign_job
+from queuegate.topology import HEADER_SENT_MS, MESSAGE_TYPE_JOB, Topology
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -254,15 +253,9 @@ class GatewayClient:
                 "request: give each request its own job id"
             )
         message = self._message(job, reply_to=self.reply_to)
-        sent = message.properties
-        proof = (sent.headers or {}).get(PROOF_HEADER)
         # The refusal of this very message names its digest (sent before the broker's
         # confirm, it may come first): a refusal of anyone else's under the id is a stray.
-        self._inbox.expect(
-            job.job_id,
-            request,
-            message_digest(message.body, sent.user_id, header_text(proof)),
-        )
+        self._inbox.expect(job.job_id, request, message_digest(message.body, message.properties))
         try:
             await self._send(job, message)
         except (ServiceUnavailable, ClientError):

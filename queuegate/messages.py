@@ -343,20 +343,6 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()[:32]
 
 
-def message_digest(body: bytes, user_id: str | None, proof: str | None) -> str:
-    """What tells one delivered message from another: 32 hex digits, half a
-    ``request_digest``'s length, so that neither is ever taken for the other.
-
-    A job refused before it was admitted (unreadable, or not proven its team's) has no
-    request to name: its result names this digest of the message instead, which its own
-    publisher knows. Its sender's ``user_id`` and key proof (``x-queuegate-proof``) are in
-    it: a copy of a client's body sent without them, refused unproven, is not taken for the
-    client's own message."""
-    digest = hashlib.sha256(body)
-    digest.update(f"\n{user_id or ''}\n{proof or ''}".encode())
-    return digest.hexdigest()[:32]
-
-
 class Attempt(WireModel):
     """One call to one deployment, as recorded on results and usage events."""
 
@@ -419,9 +405,10 @@ class ChatResult(WireModel):
     request: str | None = None
     """The ``request_digest`` of the request this answers; for a job refused before it was
     admitted (unreadable, or not proven its team's), the ``message_digest`` of the message
-    refused. Two requests under one id get different answers (``idempotency_conflict`` for
-    the later) on the same reply queue, and anyone publishing as the team may send a bad
-    message under a job id to another's reply queue: a client tells them apart by it.
+    refused (``queuegate.signing``). Two requests under one id get different answers
+    (``idempotency_conflict`` for the later) on the same reply queue, and anyone publishing as
+    the team may send a bad message under a job id to another's reply queue: a client tells
+    them apart by it.
     None only in results of older workers."""
 
     @property

@@ -21,10 +21,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from queuegate.errors import ConfigError
 from queuegate.tenancy import api_key_id, hash_api_key
+from queuegate.topology import header_text
 
 KEY_ID_HEADER = "x-queuegate-key-id"
 PROOF_HEADER = "x-queuegate-proof"
@@ -80,12 +83,54 @@ def proof_matches(key_hash: str, proof: str, *, job_id: str, team: str, body: by
     return hmac.compare_digest(expected.encode(), proof.encode())
 
 
+class Sent(Protocol):
+    """What ``message_digest`` reads of a message besides its body: the properties of a
+    delivery (aio-pika's message) or of a publish (pamqp's) alike."""
+
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def headers(self) -> Mapping[str, object] | None: ...
+
+
+def message_digest(body: bytes, sent: Sent) -> str:
+    """What tells one delivered message from another: 32 hex digits, half a
+    ``request_digest``'s length, so that neither is ever taken for the other.
+
+    A job refused before it was admitted (unreadable, or not proven its team's) has no
+    request to name: its result names this digest of the message instead, which its own
+    publisher knows. It covers all a worker reads of the message to refuse it: its body,
+    content type and message id, its sender's ``user_id`` and key (``x-queuegate-key-id``,
+    ``x-queuegate-proof``). A copy of a client's message refused for any of them (sent
+    without its sender's identity, as ``text/plain``, under another message id, with
+    another key id) names another message, and is not taken for the client's own."""
+    headers = sent.headers or {}
+    # JSON, so that no value can be shifted into another field; "" read as absent, as the
+    # worker reads each of them.
+    named = [
+        sent.content_type or None,
+        sent.message_id or None,
+        sent.user_id or None,
+        header_text(headers.get(KEY_ID_HEADER)) or None,
+        header_text(headers.get(PROOF_HEADER)) or None,
+    ]
+    digest = hashlib.sha256(body)
+    digest.update(json.dumps(named).encode())
+    return digest.hexdigest()[:32]
+
+
 __all__ = [
     "KEY_ID_HEADER",
     "PROOF_HEADER",
     "ApiKey",
+    "Sent",
     "Signer",
     "job_proof",
+    "message_digest",
     "proof_matches",
     "sign_job",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aio_pika
 import redis.asyncio as aioredis
@@ -14,10 +15,13 @@ from aio_pika.abc import AbstractExchange
 from admin.teams import Credentials, revoke_key
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
+from producer.client import job_message
 from producer.streams import ChatStream
+from queuegate.broker import Outgoing
 from queuegate.keys import Keys
 from queuegate.messages import StreamChunk
 from queuegate.settings import Settings
+from queuegate.signing import KEY_ID_HEADER
 from queuegate.topology import Topology
 from tests.support import running_gateway, wait_until
 from tests.test_api_key_proof import KeyTeam, key_team  # noqa: F401 (a fixture)
@@ -25,12 +29,22 @@ from tests.test_api_key_proof import KeyTeam, key_team  # noqa: F401 (a fixture)
 HELLO = [{"role": "user", "content": "Hello there"}]
 HELD = MockConfig(default=Behavior(latency_ms=1500))
 """A call long enough for a bad message under its job id to be refused while it is held."""
-UNREADABLE: dict[str, tuple[bytes | None, str]] = {
-    "text/plain": (b'{"anything": 1}', "text/plain"),
-    "not JSON": (b"{garbage", "application/json"),
+Change = Callable[[dict[str, Any]], dict[str, Any]]
+"""What a bad message makes of the fields of the client's own (``_fields``)."""
+UNREADABLE: dict[str, Change] = {
+    "text/plain": lambda m: m | {"body": b'{"anything": 1}', "content_type": "text/plain"},
+    "not JSON": lambda m: m | {"body": b"{garbage"},
     # The client's own body, sent with neither its user_id nor its key's proof: refused
     # unproven, its refusal names a message that is not the client's.
-    "unproven copy": (None, "application/json"),
+    "unproven copy": lambda m: m | {"user_id": None, "headers": None},
+    # The client's whole message, its user_id and key proof included, changed in one of the
+    # properties a worker refuses a job for.
+    "copy as text/plain": lambda m: m | {"content_type": "text/plain"},
+    "copy under another message id": lambda m: m | {"message_id": "another"},
+}
+ANOTHER_KEY: dict[str, Change] = {
+    # (read only of an API key team's jobs)
+    "copy with another key id": lambda m: m | {"headers": m["headers"] | {KEY_ID_HEADER: "0" * 12}},
 }
 
 
@@ -40,7 +54,7 @@ async def test_a_bad_message_under_an_awaited_job_id_is_a_stray(
     # (team alpha added the default way: its apps publish as its own broker user)
     assert teams["alpha"].amqp_url is not None
     apps = settings.model_copy(update={"amqp_url": teams["alpha"].amqp_url})
-    await _stray(settings, redis_client, apps)
+    await _stray(settings, redis_client, apps, UNREADABLE)
 
 
 async def test_a_bad_message_under_an_awaited_job_id_is_a_stray_for_an_api_key_team(
@@ -49,18 +63,22 @@ async def test_a_bad_message_under_an_awaited_job_id_is_a_stray_for_an_api_key_t
     key_team: KeyTeam,  # noqa: F811 (the fixture)
 ) -> None:
     # (its apps publish as a broker user they share, which needs no key)
-    await _stray(settings, redis_client, key_team.apps, key_team.key)
+    await _stray(settings, redis_client, key_team.apps, UNREADABLE | ANOTHER_KEY, key_team.key)
 
 
 async def _stray(
-    settings: Settings, redis: aioredis.Redis, apps: Settings, key: str | None = None
+    settings: Settings,
+    redis: aioredis.Redis,
+    apps: Settings,
+    bad: dict[str, Change],
+    key: str | None = None,
 ) -> None:
     async with (
         running_gateway(settings, mock_config=HELD) as gw,
         GatewayClient(apps, team="alpha", api_key=key) as client,
         _entry(settings, apps) as entry,
     ):
-        for n, how in enumerate(UNREADABLE):
+        for n, (how, change) in enumerate(bad.items()):
             # Given a client awaiting a job held in its provider call
             job = client.job("gpt-4o-mini", HELLO, job_id=f"held-{n}")
             handle = await client.submit(job)
@@ -68,16 +86,33 @@ async def _stray(
 
             # When someone publishing as the team sends a message under its id that no
             # worker can read, its result to that client's queue
-            # (or a copy of the client's own message, unproven)
-            copy = job.model_dump_json(exclude_defaults=True).encode()
-            await entry.publish(_unread(apps, job.job_id, client.reply_to, how, copy), "alpha")
+            # (or a copy of the client's own message, unproven or changed)
+            own = job_message(job, reply_to=client.reply_to, user_id=apps.amqp_user, api_key=key)
+            await entry.publish(aio_pika.Message(**change(_fields(own))), "alpha")
 
             # Expect the refusal dropped as a stray, and the job answered with its own
             await wait_until(lambda n=n: client.strays == n + 1)
             result = await handle.result(10)
-            assert result.status == "ok", result.error
+            assert result.status == "ok", (how, result.error)
             assert result.content is not None
-        assert gw.mock.stats.calls == len(UNREADABLE)
+        assert gw.mock.stats.calls == len(bad)
+
+
+def _fields(message: Outgoing) -> dict[str, Any]:
+    """``message`` as aio-pika's Message takes it: byte for byte, all a worker reads of it."""
+    p = message.properties
+    return {
+        "body": message.body,
+        "content_type": p.content_type,
+        "headers": p.headers,
+        "message_id": p.message_id,
+        "correlation_id": p.correlation_id,
+        "reply_to": p.reply_to,
+        "user_id": p.user_id,
+        "type": p.message_type,
+        "timestamp": p.timestamp,
+        "delivery_mode": p.delivery_mode,
+    }
 
 
 async def _claimed(redis: aioredis.Redis, settings: Settings, job_id: str) -> None:
@@ -99,19 +134,15 @@ async def _entry(settings: Settings, apps: Settings) -> AsyncIterator[AbstractEx
         yield await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
 
 
-def _unread(
-    apps: Settings, job_id: str, reply_to: str, how: str, copy: bytes = b""
-) -> aio_pika.Message:
-    """A message under ``job_id`` that no worker reads as a job (``UNREADABLE[how]``), or
-    ``copy`` sent unproven."""
-    body, content_type = UNREADABLE[how]
+def _unread(apps: Settings, job_id: str, reply_to: str) -> aio_pika.Message:
+    """A message under ``job_id`` that no worker reads as a job."""
     return aio_pika.Message(
-        copy if body is None else body,
-        content_type=content_type,
+        b"{garbage",
+        content_type="application/json",
         message_id=job_id,
         correlation_id=job_id,
         reply_to=reply_to,
-        user_id=None if body is None else apps.amqp_user,
+        user_id=apps.amqp_user,
     )
 
 
@@ -131,7 +162,7 @@ async def test_a_bad_message_under_a_streamed_job_id_ends_no_stream(
         await _claimed(redis_client, settings, "streamed")
 
         # When a message no worker can read is sent under its id, to that client's queue
-        await entry.publish(_unread(apps, "streamed", client.reply_to, "not JSON"), "alpha")
+        await entry.publish(_unread(apps, "streamed", client.reply_to), "alpha")
 
         # Expect the refusal dropped, and the stream ended by the job's own answer
         await wait_until(lambda: client.strays == 1)

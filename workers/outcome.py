@@ -17,11 +17,9 @@ from queuegate.messages import (
     GatewayInfo,
     UsageEvent,
     body_digest,
-    message_digest,
     storable,
 )
-from queuegate.signing import PROOF_HEADER
-from queuegate.topology import header_text
+from queuegate.signing import message_digest
 from router import Routed
 
 BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized", "idempotency_conflict"})
@@ -239,15 +237,13 @@ def refused(
     refusal still has its row. The digest is of the delivered body (``body_digest``): a
     redelivery or a replay of the same request (a worker killed before its ack) gets the same
     id, and ``usage_log`` keeps one row of it, while a different request refused under the job
-    id gets a row of its own. Its result names the message's digest (``message_digest``, with
-    its sender's identity): its publisher alone waits for it.
+    id gets a row of its own. Its result names the message's digest (``message_digest``: its
+    properties a refusal depends on, its sender's identity): its publisher alone waits for it.
     """
     outcome = failed(job_id, team, model, error, timing)
     refused_id = f"{storable(job_id)}{REFUSED_MARK}{body_digest(message.body)}"
     usage = outcome.usage.model_copy(update={"job_id": refused_id})
     # Named by its message, not left to any waiter of the job id: someone else's bad message
     # under the id would answer the real job. An admitted job's is stamped with its request.
-    proof = header_text((message.headers or {}).get(PROOF_HEADER))
-    sent = message_digest(message.body, message.user_id, proof)
-    result = outcome.result.model_copy(update={"request": sent})
+    result = outcome.result.model_copy(update={"request": message_digest(message.body, message)})
     return outcome.model_copy(update={"result": result, "usage": usage})
