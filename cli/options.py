@@ -11,11 +11,12 @@ import annotated_types
 import typer
 
 from queuegate.settings import Settings
+from queuegate.signing import API_KEY_VARIABLES
 
 ApiKey = Annotated[
     str | None,
     typer.Option(
-        envvar=["QUEUEGATE_API_KEY", "QUEUEGATE_TEAM_API_KEY"],
+        envvar=list(API_KEY_VARIABLES),
         show_default=False,
         show_envvar=True,
         help="The team's API key, where it proves itself with one (safer in the environment).",

@@ -58,6 +58,7 @@ def submit(
     from admin.teams import with_user
     from producer import GatewayClient
     from queuegate.errors import ControlRefused, ResultTimeout, ServiceUnavailable
+    from queuegate.signing import PASS_API_KEY
     from queuegate.tenancy import broker_user
 
     settings = make_settings()
@@ -88,7 +89,7 @@ def submit(
 
     as_team = (
         ": to publish as the team, set QUEUEGATE_TEAM_PASSWORD (or pipe the password "
-        "to --password-stdin), or QUEUEGATE_API_KEY for an api_key team"
+        f"to --password-stdin), or for an api_key team {PASS_API_KEY}"
     )
     try:
         result = run(go)

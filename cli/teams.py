@@ -17,6 +17,7 @@ from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
 from queuegate.runtime import run
 from queuegate.settings import Settings
+from queuegate.signing import PASS_API_KEY
 
 teams_app = typer.Typer(
     help="Register, list, show, configure and disable teams.", no_args_is_help=True
@@ -315,7 +316,7 @@ def _show_credentials(credentials: Any) -> None:
         )
         out.print(
             "apps pass it as GatewayClient(..., api_key=...); "
-            "the team commands (submit, batch, replies) read it from QUEUEGATE_API_KEY",
+            f"for the team commands (submit, batch, replies), {PASS_API_KEY}",
             soft_wrap=True,
         )
     err.print("[yellow]shown once: queuegate keeps no copy; rotate-credentials makes new ones[/]")

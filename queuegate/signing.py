@@ -31,6 +31,10 @@ from queuegate.topology import header_text
 
 KEY_ID_HEADER = "x-queuegate-key-id"
 PROOF_HEADER = "x-queuegate-proof"
+API_KEY_VARIABLES = ("QUEUEGATE_API_KEY", "QUEUEGATE_TEAM_API_KEY")
+"""The environment variables the CLI's team commands read a team's API key from, either."""
+PASS_API_KEY = f"pass --api-key or set {API_KEY_VARIABLES[0]} (or {API_KEY_VARIABLES[1]})"
+"""How a CLI user gives a team's API key: every message asking for one says it so."""
 
 
 def job_proof(key_hash: str, *, job_id: str, team: str, body: bytes) -> str:
@@ -124,7 +128,9 @@ def message_digest(body: bytes, sent: Sent) -> str:
 
 
 __all__ = [
+    "API_KEY_VARIABLES",
     "KEY_ID_HEADER",
+    "PASS_API_KEY",
     "PROOF_HEADER",
     "ApiKey",
     "Sent",

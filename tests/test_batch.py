@@ -1047,10 +1047,11 @@ async def test_the_cli_tells_an_api_key_team_without_its_key_how_to_pass_it(
         cli = start_cli(beta.settings, "batch", "list", "--team", "beta")
         _, stderr = await asyncio.to_thread(cli.communicate)
 
-    # Expect it told about --api-key and QUEUEGATE_API_KEY
+    # Expect it told about --api-key and both variables the option reads
     message = stderr.decode()
     assert cli.returncode == 1
     assert "--api-key" in message and "QUEUEGATE_API_KEY" in message
+    assert "QUEUEGATE_TEAM_API_KEY" in message
 
 
 async def test_a_line_torn_by_a_crash_is_written_again(

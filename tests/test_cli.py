@@ -144,6 +144,8 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
         assert alpha.password not in stdout + stderr and beta.api_key not in stdout + stderr
     code, _, stderr = as_admin
     assert code == 1 and "unauthorized" in stderr and "set QUEUEGATE_TEAM_PASSWORD" in stderr
+    # (and how an api_key team gives its key, each variable --api-key reads named)
+    assert "--api-key or set QUEUEGATE_API_KEY (or QUEUEGATE_TEAM_API_KEY)" in stderr
     code, _, stderr = wrong
     assert code == 1 and "refused the user's password" in stderr
     assert "not-the-password" not in stderr

@@ -53,7 +53,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from queuegate.db import DB_ERRORS, RETRY_CAP, RETRY_FIRST, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable, Unauthorized
 from queuegate.outage import OutageLog
-from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER, proof_matches
+from queuegate.signing import KEY_ID_HEADER, PASS_API_KEY, PROOF_HEADER, proof_matches
 from queuegate.tenancy import (
     TeamSecurity,
     all_security,
@@ -227,7 +227,7 @@ class Identities:
         proof = header_text(headers.get(PROOF_HEADER))
         if key_id is None or proof is None:
             raise Unauthorized(
-                f"team {team!r} requires an API key: pass --api-key or set QUEUEGATE_API_KEY "
+                f"team {team!r} requires an API key: {PASS_API_KEY} "
                 f"(api_key= to the client, which sends its id and a proof in {KEY_ID_HEADER} "
                 f"and {PROOF_HEADER})"
             )
