@@ -18,7 +18,6 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
     DeliveryMode,
@@ -328,12 +327,11 @@ class Delivery:
 
     __slots__ = ("_settlements", "_tag", "message_id")
 
-    def __init__(self, message: AbstractIncomingMessage) -> None:
-        self._tag = message.delivery_tag
-        self.message_id = message.message_id
-        try:
-            channel = message.channel
-        except ChannelInvalidStateError:
+    def __init__(self, delivered: DeliveredMessage) -> None:
+        self._tag: int | None = delivered.delivery_tag
+        self.message_id: str | None = delivered.header.properties.message_id or None
+        channel = delivered.channel
+        if channel.is_closed:
             self._settlements: Settlements | None = None
         else:
             self._settlements = Settlements.of(channel)

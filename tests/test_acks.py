@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import aio_pika
 import pytest
-from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
@@ -46,7 +45,7 @@ async def _deliveries(connection: AbstractConnection, queue: str) -> list[Delive
     all_in = asyncio.Event()
 
     async def on_message(delivered: DeliveredMessage) -> None:
-        held.append(Delivery(IncomingMessage(delivered)))
+        held.append(Delivery(delivered))
         if len(held) == JOBS:
             all_in.set()
 

@@ -251,8 +251,8 @@ async def test_a_delivery_settled_twice_is_acked_once_and_its_channel_stays_open
         channel = await connection.channel()
         queue = await channel.declare_queue(f"{settings.namespace}.twice", exclusive=True)
         await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue.name)
-        message = await queue.get(timeout=5)
-        delivery = Delivery(message)
+        underlay = await channel.get_underlay_channel()
+        delivery = Delivery(await underlay.basic_get(queue.name))
         # When it is acked, then acked and nacked again
         await delivery.ack()
         await delivery.ack()

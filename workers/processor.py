@@ -120,16 +120,15 @@ class JobProcessor:
         self._cancels = cancels
 
     def process(
-        self, message: AbstractIncomingMessage, team: str, queue: str
+        self, message: AbstractIncomingMessage, delivery: Delivery, team: str, queue: str
     ) -> Coroutine[Any, Any, None]:
-        """Answer, account and acknowledge one delivery; on an unexpected failure, requeue it.
+        """Answer, account and acknowledge one delivery (settled only through ``delivery``, made
+        as it arrived); on an unexpected failure, requeue it.
 
         Call it in the context of the job's task, and run the coroutine it returns as that
         task: not a coroutine itself, so the job holds one frame fewer while it waits (a
         worker holds thousands when its broker is the slowest stage).
         """
-        # First, as the delivery arrives: its channel's acks must know every tag it delivered.
-        delivery = Delivery(message)
         logs.for_job(message.message_id or message.correlation_id or "", team)
         # Once: the job span's queued child and the usage row say the same time.
         queued_ms = _queued_ms(message)

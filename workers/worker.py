@@ -16,7 +16,16 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from queuegate.broker import CONNECTION_LOST, Consumer, Incoming, connect, consume, nack_window
+from queuegate.broker import (
+    CONNECTION_LOST,
+    Consumer,
+    Delivery,
+    Incoming,
+    connect,
+    consume,
+    nack_window,
+    settle,
+)
 from queuegate.db import DB_ERRORS, wait_for_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
@@ -36,6 +45,7 @@ from workers.control import ControlPlane
 from workers.gate import Gate
 from workers.held_results import HeldResults
 from workers.identity import Identities
+from workers.job_slots import JobSlots
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
 from workers.reply_queues import ReplyQueues
@@ -84,6 +94,7 @@ class Worker:
         self._consumers: dict[str, _TeamConsumer] = {}
         self._reopening: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._slots: dict[str, JobSlots] = {}
         self._processor: JobProcessor | None = None
         self._admission: Admission | None = None
         self._control: ControlPlane | None = None
@@ -108,7 +119,8 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        return len(self._inflight)
+        """Jobs held: delivered and not yet settled, started or waiting for a slot."""
+        return sum(len(slots) for slots in self._slots.values())
 
     def is_ready(self) -> bool:
         """Connected to the broker and consuming (every team it serves, even if none yet)."""
@@ -349,17 +361,28 @@ class Worker:
     def _callback(
         self, team: str, queue: str
     ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        slots = self._slots.get(team)
+        if slots is None:
+            slots = self._slots[team] = self._team_slots(team, queue)
+
+        async def on_job(delivered: DeliveredMessage) -> None:
+            self._telemetry.taken(team)
+            slots.arrived(delivered)
+
+        return on_job
+
+    def _team_slots(self, team: str, queue: str) -> JobSlots:
         def released(task: asyncio.Task[None]) -> None:
             self._inflight.discard(task)
             self._telemetry.released(team)
+            slots.ended()
 
-        async def on_job(delivered: DeliveredMessage) -> None:
+        def start(delivered: DeliveredMessage, delivery: Delivery) -> None:
             assert self._processor is not None
             # The processor's coroutine is the task's own, and the job leaves the count by a
             # callback: no frame of the worker's per job held.
-            job = self._processor.process(Incoming(delivered), team, queue)
-            self._telemetry.taken(team)
-            # Not in this task, which aiormq cancels when the channel closes: a job whose
+            job = self._processor.process(Incoming(delivered), delivery, team, queue)
+            # Not in aiormq's task, which it cancels when the channel closes: a job whose
             # provider call is in flight when the connection drops runs on, stores its
             # outcome and keeps its claim, so that its redelivery is answered from it
             # instead of calling again.
@@ -368,7 +391,8 @@ class Worker:
             # One callback: each holds a copy of the job's context until the job ends.
             task.add_done_callback(released)
 
-        return on_job
+        slots = JobSlots(start, drop=lambda: self._telemetry.released(team))
+        return slots
 
     def _live_in_flight(self) -> dict[str, int]:
         return {team: self._telemetry.in_flight[team] for team in self._consumers}
@@ -380,6 +404,11 @@ class Worker:
             with contextlib.suppress(Exception):
                 await served.consumer.cancel()
         self._consumers.clear()
+        # Never started: back to the queue at once, for another worker.
+        for team, slots in self._slots.items():
+            for delivery in slots.take_all():
+                self._telemetry.released(team)
+                await settle(delivery.nack(requeue=True), f"return job {delivery.message_id}", log)
         if self._inflight:
             log.info(
                 "waiting up to %.0f s for %d jobs",
