@@ -62,7 +62,7 @@ from tests.proxy import TcpProxy
 from tests.support import Gateway, logged, running_gateway, wait_until
 from tests.teams import TeamIdentity, quota_in_force, register, team_identities
 
-BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small", "full")
+BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small", "full", "cut")
 """Every batch name these tests use; their reply queues are deleted after each test."""
 
 
@@ -448,6 +448,59 @@ async def test_a_submit_that_lost_its_lock_with_its_connection_stops(
             await collect(alpha.settings, "cut", out, idle=0.2, **alpha.who)
             calls = gw.mock.stats.calls
     assert report.published + report.already == 40
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == 40 and set(counts.values()) == {1}
+    assert calls == 40
+
+
+@pytest.mark.parametrize("who", ["alpha", "beta"])
+async def test_a_new_batch_cut_before_recording_its_published_jobs_is_kept(
+    settings: Settings,
+    tmp_path: Path,
+    who: str,
+    alpha: TeamIdentity,
+    beta: TeamIdentity,
+    *,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="producer.batch.submit")
+    caplog.set_level(logging.INFO, logger="queuegate.broker")
+    # Given a team (added the default way, or with an API key) whose queue holds 5 jobs, and
+    # a submit of a new batch of 40 requests through a connection we can cut, paused at the
+    # full queue: 5 jobs published and confirmed, none recorded yet
+    team = {"alpha": alpha, "beta": beta}[who]
+    await configure(settings, team.team, {"max_queue_length": 5})
+    await quota_in_force(settings, team.team)
+    source = write_jsonl(tmp_path / "cut.jsonl", [openai_line(i) for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    with (
+        logged("producer.batch.submit", "batch cut paused") as paused,
+        logged("queuegate.broker", "connection lost while asking the gateway") as asking,
+    ):
+        async with nobody_serves(settings), TcpProxy(team.settings.amqp_url) as proxy:
+            cut_off = team.settings.model_copy(update={"amqp_url": proxy.url})
+            first = asyncio.create_task(
+                submit_batch(cut_off, source, name="cut", window=2, **team.who)
+            )
+            waiting = asyncio.create_task(paused.wait())
+            await asyncio.wait({first, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert waiting.done() and not first.done()
+            # When its connection drops while it records them, and it is interrupted there
+            await proxy.down()
+            await asyncio.wait_for(asking.wait(), 30)
+            first.cancel()
+            await proxy.up()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(first, 60)
+            # Expect the batch kept (its 5 jobs are queued, their results bound for its queue)
+            status = await batch_status(team.settings, "cut", **team.who)
+            assert status.counts.total == 40
+        # and the same submit, run again, to resume it: each request called and answered once
+        async with running_gateway(settings, teams=(team.team,)) as gw:
+            report = await submit_batch(team.settings, source, name="cut", **team.who)
+            await collect(team.settings, "cut", out, idle=0.2, **team.who)
+            calls = gw.mock.stats.calls
+    assert report.published == 40
     counts = once_each(read_jsonl(out))
     assert len(counts) == 40 and set(counts.values()) == {1}
     assert calls == 40
