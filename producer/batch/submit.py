@@ -160,8 +160,12 @@ async def submit_batch(
                 submission=submission,
                 model=model,
                 source=str(path.resolve()),
+                own_queue=True,
             )
             await state.create(meta)
+            # As recorded: a gateway of an earlier version keeps no own queue for a batch,
+            # and declared the named reply queue of its name instead.
+            meta = await state.require()
         else:
             await state.reset_index()
             if meta.fingerprint != fingerprint:
@@ -176,7 +180,7 @@ async def submit_batch(
         connection = await connect(settings.amqp_url, name=f"batch-submit:{name}")
         stack.push_async_callback(connection.close)
         held = await hold_lock(connection, lock, being_submitted(name), retake=False)
-        reply_to = Topology.of(settings).results_queue(team, name)
+        reply_to = Topology.of(settings).batch_results_queue(meta)
         sender = _Window(
             client,
             reply_to=reply_to,
