@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from admin.teams import Credentials, add
+from queuegate.control import batch_reply_name
 from queuegate.db import quote_ident
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
@@ -183,7 +184,8 @@ async def _batch_created(settings: Settings, submit: subprocess.Popen[bytes]) ->
 
 
 async def _cleanup(settings: Settings, user: str | None) -> None:
-    await drop_namespace(settings, [TEAM], queues=[Topology.of(settings).results_queue(TEAM, NAME)])
+    queue = Topology.of(settings).results_queue(TEAM, batch_reply_name(NAME))
+    await drop_namespace(settings, [TEAM], queues=[queue])
     if user is not None:
         async with BrokerAdmin(settings.management_url) as admin:
             await admin.delete_user(user)

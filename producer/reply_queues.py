@@ -9,7 +9,7 @@ from producer.client import GatewayClient
 from queuegate.control import QUEUE_NAME
 from queuegate.errors import ControlRefused
 from queuegate.settings import Settings
-from queuegate.topology import batch_lock_of
+from queuegate.topology import batch_lock_of, batch_of_results_queue
 
 
 async def delete_reply_queue(
@@ -22,8 +22,8 @@ async def delete_reply_queue(
     ``api_key=`` where the team proves itself with one), which acts on that team's queues
     alone. Stop the queue's reader first: a client still reading it asks for it again.
 
-    A batch's lock (``<batch>:collect``, ``<batch>:submit``) is refused, saying what removes
-    it."""
+    A batch's lock (``<batch>:collect``, ``<batch>:submit``) or results queue
+    (``<batch>:results``) is refused, saying what removes it."""
     lock = batch_lock_of(name)
     if lock is not None:
         batch, role = lock
@@ -31,6 +31,12 @@ async def delete_reply_queue(
             f"{name!r} is the {role} lock of batch {batch!r}, not a reply queue: the broker "
             f"removes it by itself once its holder (queuegate batch {role}) has stopped; "
             f"to drop the batch and its results, run queuegate batch delete {batch}"
+        )
+    owner = batch_of_results_queue(name)
+    if owner is not None:
+        raise ControlRefused(
+            f"{name!r} is the results queue of batch {owner!r}, not a reply queue: collect "
+            f"the batch (its queue goes with it), or run queuegate batch delete {owner}"
         )
     if not re.fullmatch(QUEUE_NAME, name):
         raise ControlRefused(

@@ -37,6 +37,17 @@ BATCH_ERROR = "batch_error"
 QUEUE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 """A reply queue's own part of its name: no dot, so it stays inside the team's pattern."""
 
+BATCH_RESULTS_SUFFIX = ":results"
+"""Ends the last part of a batch's own results queue's name: ``:`` is outside QUEUE_NAME, so
+no named reply queue of a pipeline is ever one."""
+
+
+def batch_reply_name(batch: str, *, own: bool = True) -> str:
+    """The last part of batch ``batch``'s results queue's name (``<ns>.results.<team>.`` and
+    this); ``own=False``: a batch recorded before batches had a queue of their own."""
+    return batch + BATCH_RESULTS_SUFFIX if own else batch
+
+
 Category = Literal["done", "failed", "expired", "canceled"]
 BatchLockRole = Literal["collect", "submit"]
 """What a batch's lock is held for: one collector at a time, and one submitter."""
@@ -133,10 +144,20 @@ class BatchMeta(WireModel):
     source: str = ""
     """Where submit read the file (an absolute path on its machine): collect rebuilds from
     it the jobs whose results a full results queue refused, to ask for them again."""
+    own_queue: bool = False
+    """Its results wait in a queue of its own, ``<ns>.results.<team>.<name>:results``
+    (``Topology.batch_results_queue``), which no pipeline's named reply queue can be. False
+    for a batch recorded by an earlier version (or submitted by one), whose results go to
+    the named reply queue of its name, ``<ns>.results.<team>.<name>``."""
 
     @property
     def jobs(self) -> str:
         return submission_jobs(self.name, self.submission)
+
+    @property
+    def reply_name(self) -> str:
+        """The last part of its results queue's name (``Topology.batch_results_queue``)."""
+        return batch_reply_name(self.name, own=self.own_queue)
 
 
 Outcome = Literal["stored", "held"]

@@ -1,20 +1,21 @@
 """Broker names and their idempotent declarations, all under one namespace.
 
-| name                         | kind                       | purpose                           |
-|------------------------------|----------------------------|-----------------------------------|
-| ``<ns>.in.<team>``           | topic exchange             | the team's apps publish, its keys |
-| ``<ns>.jobs``                | topic exchange             | the gateway publishes, key = team |
-| ``<ns>.jobs.<team>``         | quorum queue               | one per team, dead-letters        |
-| ``<ns>.results.<team>.<n>``  | quorum queue, expires      | a pipeline's named reply queue    |
-| ``<ns>.replies.<team>.<id>`` | durable queue, expires     | one client's own reply queue      |
-| ``<ns>.control.<team>``      | quorum queue               | the team's control requests       |
-| ``<ns>.frontdoor.<id>``      | queue, expires             | one HTTP front-door process's     |
-| ``<ns>.usage``               | fanout exchange            | UsageEvents, a batch per message  |
-| ``<ns>.accounting``          | quorum queue               | bound to usage; accounting reads  |
-| ``<ns>.dead``                | fanout exchange            | every queue's dead-letter exchange|
-| ``<ns>.dead``                | quorum queue               | accounting's dead letters         |
-| ``<ns>.dead.teams``          | direct exchange            | bound to ``<ns>.dead``, by team   |
-| ``<ns>.dead.<team>``         | quorum queue               | one team's poison, expired jobs   |
+| name                                | kind                   | purpose                           |
+|-------------------------------------|------------------------|-----------------------------------|
+| ``<ns>.in.<team>``                  | topic exchange         | the team's apps publish, its keys |
+| ``<ns>.jobs``                       | topic exchange         | the gateway publishes, key = team |
+| ``<ns>.jobs.<team>``                | quorum queue           | one per team, dead-letters        |
+| ``<ns>.results.<team>.<n>``         | quorum queue, expires  | a pipeline's named reply queue    |
+| ``<ns>.results.<team>.<b>:results`` | quorum queue, expires  | a batch's results                 |
+| ``<ns>.replies.<team>.<id>``        | durable queue, expires | one client's own reply queue      |
+| ``<ns>.control.<team>``             | quorum queue           | the team's control requests       |
+| ``<ns>.frontdoor.<id>``             | queue, expires         | one HTTP front-door process's     |
+| ``<ns>.usage``                      | fanout exchange        | UsageEvents, a batch per message  |
+| ``<ns>.accounting``                 | quorum queue           | bound to usage; accounting reads  |
+| ``<ns>.dead``                       | fanout exchange        | each queue's dead-letter exchange |
+| ``<ns>.dead``                       | quorum queue           | accounting's dead letters         |
+| ``<ns>.dead.teams``                 | direct exchange        | bound to ``<ns>.dead``, by team   |
+| ``<ns>.dead.<team>``                | quorum queue           | one team's poison, expired jobs   |
 
 Each team publishes to an exchange of its own, ``<ns>.in.<team>``, bound to its job and control
 queues alone, and its broker user may write to no other: RabbitMQ before 4.0.3 does not check a
@@ -71,7 +72,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from queuegate.broker import node_urls
-from queuegate.control import CONTROL_KEY_SUFFIX, BatchLockRole
+from queuegate.control import BATCH_RESULTS_SUFFIX, CONTROL_KEY_SUFFIX, BatchLockRole, BatchMeta
 from queuegate.errors import ConfigError
 from queuegate.settings import Settings
 
@@ -126,6 +127,13 @@ def batch_lock_of(name: str) -> tuple[str, BatchLockRole] | None:
         if colon and role == known:
             return batch, known
     return None
+
+
+def batch_of_results_queue(name: str) -> str | None:
+    """The batch whose results queue ``name`` (its full name, or its last part) is, when it
+    is one of its own: not one of the team's reply queues."""
+    batch, suffix, rest = name.rpartition(".")[2].partition(BATCH_RESULTS_SUFFIX)
+    return batch if suffix and not rest else None
 
 
 RESERVED_NAMES = frozenset(
@@ -266,6 +274,13 @@ class Topology:
         if not _REPLY_NAME.fullmatch(name):
             raise ConfigError(f"reply queue name {name!r} is invalid: no dots, spaces or newlines")
         return f"{self.namespace}.results.{team}.{name}"
+
+    def batch_results_queue(self, meta: BatchMeta) -> str:
+        """Where a batch's results wait: ``<ns>.results.<team>.<batch>:results``, a name no
+        pipeline's named reply queue can take (``:`` is outside them), so neither reads nor
+        deletes the other's results; the named reply queue ``<batch>`` for a batch recorded
+        before (``BatchMeta.own_queue``), whose jobs went out with that ``reply_to``."""
+        return self.results_queue(meta.team, meta.reply_name)
 
     def is_results_queue(self, queue: str) -> bool:
         """Whether ``queue`` is a named results queue (a pipeline's, a batch's): one that keeps

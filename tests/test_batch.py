@@ -30,11 +30,12 @@ from producer import (
     batch_status,
     cancel_batch,
     collect,
+    delete_batch,
     delete_reply_queue,
     submit_batch,
 )
 from producer.batch import BatchStatus
-from queuegate.control import Counts
+from queuegate.control import BatchMeta, Counts, batch_reply_name
 from queuegate.errors import (
     BatchError,
     BatchInvalid,
@@ -62,19 +63,22 @@ from tests.proxy import TcpProxy
 from tests.support import Gateway, logged, running_gateway, wait_until
 from tests.teams import TeamIdentity, quota_in_force, register, team_identities
 
-BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small", "full")
-"""Every batch name these tests use; their reply queues are deleted after each test."""
+BATCH_NAMES = ("docs", "big", "resume", "cancel", "expire", "bad", "small", "full", "cut")
+"""Every batch name these tests use; their results queues are deleted after each test."""
+PIPELINE_QUEUES = ("nightly",)
+"""The named reply queues of pipelines these tests open; deleted after each test."""
 
 
 @pytest.fixture(autouse=True)
 async def reply_queues(settings: Settings) -> AsyncIterator[None]:
     yield
     topology = Topology(settings.namespace)
+    names = [*map(batch_reply_name, BATCH_NAMES), *PIPELINE_QUEUES]
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
         for team in TEST_TEAMS:
-            for name in BATCH_NAMES:
+            for name in names:
                 await channel.queue_delete(topology.results_queue(team, name))
 
 
@@ -106,7 +110,7 @@ async def consumed(settings: Settings, team: str, name: str) -> None:
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        name = Topology(settings.namespace).results_queue(team, name)
+        name = Topology(settings.namespace).results_queue(team, batch_reply_name(name))
         while True:
             queue = await channel.declare_queue(name, passive=True)
             if queue.declaration_result.consumer_count:
@@ -453,6 +457,61 @@ async def test_a_submit_that_lost_its_lock_with_its_connection_stops(
     assert calls == 40
 
 
+@pytest.mark.parametrize("who", ["alpha", "beta"])
+async def test_a_new_batch_cut_before_recording_its_published_jobs_is_kept(
+    settings: Settings,
+    tmp_path: Path,
+    who: str,
+    alpha: TeamIdentity,
+    beta: TeamIdentity,
+    *,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="producer.batch.submit")
+    caplog.set_level(logging.INFO, logger="queuegate.broker")
+    # Given a team (added the default way, or with an API key) whose queue holds 5 jobs, and
+    # a submit of a new batch of 40 requests through a connection we can cut, paused at the
+    # full queue: 5 jobs published and confirmed, none recorded yet
+    team = {"alpha": alpha, "beta": beta}[who]
+    await configure(settings, team.team, {"max_queue_length": 5})
+    await quota_in_force(settings, team.team)
+    source = write_jsonl(tmp_path / "cut.jsonl", [openai_line(i) for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    with (
+        logged("producer.batch.submit", "batch cut paused") as paused,
+        logged("queuegate.broker", "connection lost while asking the gateway") as asking,
+    ):
+        async with nobody_serves(settings), TcpProxy(team.settings.amqp_url) as proxy:
+            # A publish the cut catches in flight gives up after 10 s, and the submit goes on
+            # to record: a robust connection tries again every 5 s, so it is back by then.
+            cut_off = team.settings.model_copy(update={"amqp_url": proxy.url, "reconnect_wait": 10})
+            first = asyncio.create_task(
+                submit_batch(cut_off, source, name="cut", window=2, **team.who)
+            )
+            waiting = asyncio.create_task(paused.wait())
+            await asyncio.wait({first, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert waiting.done() and not first.done()
+            # When its connection drops while it records them, and it is interrupted there
+            await proxy.down()
+            await asyncio.wait_for(asking.wait(), 30)
+            first.cancel()
+            await proxy.up()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(first, 60)
+            # Expect the batch kept (its 5 jobs are queued, their results bound for its queue)
+            status = await batch_status(team.settings, "cut", **team.who)
+            assert status.counts.total == 40
+        # and the same submit, run again, to resume it: each request called and answered once
+        async with running_gateway(settings, teams=(team.team,)) as gw:
+            report = await submit_batch(team.settings, source, name="cut", **team.who)
+            await collect(team.settings, "cut", out, idle=0.2, **team.who)
+            calls = gw.mock.stats.calls
+    assert report.published == 40
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == 40 and set(counts.values()) == {1}
+    assert calls == 40
+
+
 def paused_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
     """The lines of submits of batch ``name`` saying they paused at its full queue."""
     return [
@@ -707,7 +766,9 @@ async def test_a_collected_batch_is_gone_and_listed_until_then(
         report = await collect(alpha.settings, "small", tmp_path / "out.jsonl", **alpha.who)
         after = await batch_list(alpha.settings, **alpha.who)
         async with BrokerAdmin(settings.management_url) as admin:
-            results = await admin.queue(gw.topology.results_queue("alpha", "small"))
+            results = await admin.queue(
+                gw.topology.results_queue("alpha", batch_reply_name("small"))
+            )
         with pytest.raises(BatchError, match="no batch named 'small'"):
             await batch_status(alpha.settings, "small", **alpha.who)
 
@@ -728,11 +789,90 @@ async def test_a_batchs_results_queue_is_not_deleted_as_a_reply_queue(
     async with running_gateway(settings, teams=(team.team,)):
         await submit_batch(team.settings, source, **team.who)
         # When the team deletes the batch's results queue as a reply queue of its own
-        with pytest.raises(ControlRefused, match="is the results queue of batch 'kept'"):
-            await delete_reply_queue(team.settings, "kept", **team.who)
-        # Expect it refused, pointing to batch delete, and the batch's answers kept
+        with pytest.raises(ControlRefused, match="is the results queue of batch 'kept'") as by:
+            await delete_reply_queue(team.settings, "kept:results", **team.who)
+        # ... or a reply queue of the batch's name, which it has not
+        missing = await delete_reply_queue(team.settings, "kept", **team.who)
+        # Expect the first refused, pointing to batch delete; nothing deleted; the batch's
+        # answers kept
         report = await collect(team.settings, "kept", out, idle=0.2, **team.who)
+    assert "run queuegate batch delete kept" in str(by.value)
+    assert missing is None
     assert report.counts.written == 3
+
+
+@pytest.mark.parametrize("who", ["alpha", "beta"])
+async def test_a_batch_named_as_a_pipelines_reply_queue_leaves_its_results(
+    settings: Settings, tmp_path: Path, who: str, alpha: TeamIdentity, beta: TeamIdentity
+) -> None:
+    # Given a team's pipeline whose named reply queue "nightly" holds 3 results unread
+    team = {"alpha": alpha, "beta": beta}[who]
+    async with (
+        nobody_serves(settings),
+        GatewayClient(team.settings, reply_queue="nightly", **team.who) as pipeline,
+    ):
+        for i in range(3):
+            await pipeline.submit(
+                pipeline.job("gpt-4o-mini", [{"role": "user", "content": f"{i}"}])
+            )
+    source = write_jsonl(tmp_path / "nightly.jsonl", [openai_line(i) for i in range(5)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings, teams=(team.team,)):
+        await results_in(settings, Topology.of(settings).results_queue(team.team, "nightly"), 3)
+        # When a batch of the same name is submitted and collected
+        await submit_batch(team.settings, source, name="nightly", **team.who)
+        report = await collect(team.settings, "nightly", out, idle=0.2, **team.who)
+        # Expect the batch's own lines written, each once, and the pipeline's results kept:
+        # its queue is still there to give back, with all 3
+        dropped = await delete_reply_queue(team.settings, "nightly", **team.who)
+    assert report.counts.written == 5
+    counts = once_each(read_jsonl(out))
+    assert len(counts) == 5 and set(counts.values()) == {1}
+    assert dropped == 3
+
+
+@pytest.mark.parametrize("who", ["alpha", "beta"])
+async def test_a_batch_an_earlier_version_submitted_keeps_the_queue_of_its_name(
+    settings: Settings, who: str, alpha: TeamIdentity, beta: TeamIdentity
+) -> None:
+    # Given a batch "nightly" recorded as an earlier version's submit records it: a record
+    # without own_queue, its jobs' results bound for the named reply queue of its name
+    team = {"alpha": alpha, "beta": beta}[who]
+    queue = Topology.of(settings).results_queue(team.team, "nightly")
+    meta = BatchMeta(
+        name="nightly",
+        team=team.team,
+        format="openai",
+        total=1,
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+        fingerprint="0" * 64,
+        submission="0a1b2c3d",
+    ).model_dump(mode="json", exclude={"own_queue"})
+    async with (
+        nobody_serves(settings),
+        GatewayClient(team.settings, listen=False, **team.who) as client,
+    ):
+        await client.control.batch("index", "nightly", entries=[["request-0", 1]], run="1")
+        await client.control.batch("create", "nightly", meta=meta, run="1")
+        await results_in(settings, queue, 0)
+        # When the team deletes that queue as a reply queue
+        with pytest.raises(ControlRefused, match="is the results queue of batch 'nightly'"):
+            await delete_reply_queue(team.settings, "nightly", **team.who)
+        # Expect it refused while the batch is kept, and deleted with the batch
+        await delete_batch(team.settings, "nightly", **team.who)
+        assert await delete_reply_queue(team.settings, "nightly", **team.who) is None
+
+
+async def results_in(settings: Settings, queue: str, expected: int) -> None:
+    """Until ``queue`` holds ``expected`` results: the broker announces no arrival."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection, asyncio.timeout(30):
+        channel = await connection.channel()
+        while True:
+            declared = await channel.declare_queue(queue, passive=True)
+            if declared.declaration_result.message_count >= expected:
+                return
+            await asyncio.sleep(0.02)
 
 
 async def test_a_team_reaches_only_its_own_batches(

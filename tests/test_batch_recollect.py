@@ -20,7 +20,7 @@ import pytest
 from producer import batch_status, collect, submit_batch
 from producer.batch import collect_into
 from producer.batch.files import ResultFiles
-from queuegate.control import Counts
+from queuegate.control import Counts, batch_reply_name
 from queuegate.errors import BatchError
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -41,7 +41,9 @@ async def alpha(settings: Settings) -> AsyncIterator[TeamIdentity]:
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        await channel.queue_delete(Topology(settings.namespace).results_queue("alpha", "late"))
+        await channel.queue_delete(
+            Topology(settings.namespace).results_queue("alpha", batch_reply_name("late"))
+        )
 
 
 async def test_a_batch_collected_after_it_ran_gets_every_answer_paid_once(

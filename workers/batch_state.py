@@ -76,6 +76,7 @@ class BatchState:
             submission=fields.get("submission", ""),
             model=fields.get("model") or None,
             source=fields.get("source", ""),
+            own_queue=fields.get("own_queue") == "1",
         )
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         return meta
@@ -105,6 +106,7 @@ class BatchState:
             "submission": meta.submission,
             "model": meta.model or "",
             "source": meta.source,
+            "own_queue": int(meta.own_queue),
             "created": time.time(),
         }
         async with self._r.pipeline(transaction=True) as pipe:
@@ -309,12 +311,14 @@ def _held(claim: list[Any], now_ms: float) -> bool:
     return owner is not None and (attempt is not None or float(lease or 0) > now_ms)
 
 
-async def list_batches(client: aioredis.Redis, keys: Keys, team: str) -> list[BatchSummary]:
-    """The team's batches still recorded, oldest first; those whose record expired are
-    dropped from the list as they are found."""
+async def list_batches(
+    client: aioredis.Redis, keys: Keys, team: str
+) -> list[tuple[BatchMeta, BatchSummary]]:
+    """The team's batches still recorded, oldest first, each its record and its line of the
+    list; those whose record expired are dropped from the list as they are found."""
     raw: list[Any] = await client.zrange(keys.batches(team), 0, -1)
     names = [text(n) for n in raw]
-    summaries: list[BatchSummary] = []
+    summaries: list[tuple[BatchMeta, BatchSummary]] = []
     gone: list[str] = []
     for name in names:
         state = BatchState(client, keys, team, name)
@@ -324,13 +328,16 @@ async def list_batches(client: aioredis.Redis, keys: Keys, team: str) -> list[Ba
             continue
         counts = await state.counts(meta)
         summaries.append(
-            BatchSummary(
-                name=name,
-                format=meta.format,
-                total=meta.total,
-                written=counts.written,
-                canceled=counts.canceled_flag,
-                deadline=meta.deadline,
+            (
+                meta,
+                BatchSummary(
+                    name=name,
+                    format=meta.format,
+                    total=meta.total,
+                    written=counts.written,
+                    canceled=counts.canceled_flag,
+                    deadline=meta.deadline,
+                ),
             )
         )
     if gone:

@@ -220,11 +220,14 @@ class ControlPlane:
         if isinstance(request, OpenReplyQueue):
             return await self._open(team, request.name, durable=request.durable)
         if isinstance(request, CloseReplyQueue):
-            if (
-                request.durable
-                and await BatchState(self._redis, self._keys, team, request.name, "").load()
-            ):
-                # Its batch would stay, its paid results gone and its collect failing.
+            batch = (
+                await BatchState(self._redis, self._keys, team, request.name, "").load()
+                if request.durable
+                else None
+            )
+            if batch is not None and not batch.own_queue:
+                # A batch recorded before batches had queues of their own: its results are
+                # in this one. It would stay, its paid results gone and its collect failing.
                 raise Refused(
                     f"{request.name!r} is the results queue of batch {request.name!r}: "
                     f"run queuegate batch delete {request.name} to drop the batch with it"
@@ -345,10 +348,10 @@ class ControlPlane:
     async def _batch(self, team: str, call: BatchCall) -> Any:
         if call.call == "list":
             batches = await list_batches(self._redis, self._keys, team)
-            waiting = await self._waiting(team, [b.name for b in batches])
+            waiting = await self._waiting([meta for meta, _ in batches])
             return [
                 b.model_copy(update={"waiting": n}).model_dump(mode="json")
-                for b, n in zip(batches, waiting, strict=True)
+                for (_, b), n in zip(batches, waiting, strict=True)
             ]
         if not call.batch:
             raise Refused(f"batch {call.call} needs a batch name")
@@ -358,10 +361,12 @@ class ControlPlane:
                 meta = await state.load()
                 return None if meta is None else meta.model_dump(mode="json")
             case "create":
-                meta = _arg(call, "meta", _META).model_copy(
+                new = _arg(call, "meta", _META).model_copy(
                     update={"team": team, "name": call.batch}
                 )
-                return await state.create(meta, lambda: self._open(team, call.batch, durable=True))
+                return await state.create(
+                    new, lambda: self._open(team, new.reply_name, durable=True)
+                )
             case "reset_index":
                 await state.reset_index()
                 return None
@@ -406,7 +411,7 @@ class ControlPlane:
                 )
                 return lock.name
             case "delete":
-                await self._close(team, call.batch, durable=True)
+                await self._close(team, meta.reply_name, durable=True)
                 await state.delete()
                 return None
         raise Refused(f"unknown batch call {call.call!r}")  # pragma: no cover - Literal
@@ -416,12 +421,12 @@ class ControlPlane:
         return {
             "meta": meta.model_dump(mode="json"),
             "counts": counts.model_dump(mode="json"),
-            "waiting": (await self._waiting(state.team, [state.name]))[0],
+            "waiting": (await self._waiting([meta]))[0],
         }
 
-    async def _waiting(self, team: str, names: Sequence[str]) -> list[int]:
+    async def _waiting(self, batches: Sequence[BatchMeta]) -> list[int]:
         """Results in each batch's results queue: answered, not collected yet."""
-        queues = [self._topology.results_queue(team, name) for name in names]
+        queues = [self._topology.batch_results_queue(meta) for meta in batches]
         return [depth or 0 for depth in await self._depths(queues)]
 
     async def _depths(self, queues: Sequence[str]) -> list[int | None]:

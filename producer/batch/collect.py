@@ -197,7 +197,7 @@ async def _batch(
         resend = Resend(
             client,
             meta,
-            reply_to=Topology.of(settings).results_queue(meta.team, name),
+            reply_to=Topology.of(settings).batch_results_queue(meta),
             max_bytes=settings.reply_queue_max_bytes,
             max_length=settings.reply_queue_max_length,
             source=Path(source) if isinstance(source, str) else source,
@@ -229,7 +229,7 @@ async def _consume(
         async def take(message: DeliveredMessage) -> None:
             inbox.put_nowait(Incoming(message))
 
-        results = topology.results_queue(run.state.team, run.meta.name)
+        results = topology.batch_results_queue(run.meta)
 
         async def consume_results(channel: AbstractRobustChannel | None) -> None:
             if channel is not None:

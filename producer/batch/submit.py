@@ -29,7 +29,13 @@ from producer.batch.state import BatchState
 from producer.client import GatewayClient
 from queuegate.broker import connect
 from queuegate.control import BatchMeta, being_submitted, submission_jobs
-from queuegate.errors import BatchError, BatchInvalid, QueueFull, ServiceUnavailable
+from queuegate.errors import (
+    BatchError,
+    BatchInvalid,
+    PublishRefused,
+    QueueFull,
+    ServiceUnavailable,
+)
 from queuegate.messages import ChatJob
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
@@ -154,8 +160,12 @@ async def submit_batch(
                 submission=submission,
                 model=model,
                 source=str(path.resolve()),
+                own_queue=True,
             )
             await state.create(meta)
+            # As recorded: a gateway of an earlier version keeps no own queue for a batch,
+            # and declared the named reply queue of its name instead.
+            meta = await state.require()
         else:
             await state.reset_index()
             if meta.fingerprint != fingerprint:
@@ -170,7 +180,7 @@ async def submit_batch(
         connection = await connect(settings.amqp_url, name=f"batch-submit:{name}")
         stack.push_async_callback(connection.close)
         held = await hold_lock(connection, lock, being_submitted(name), retake=False)
-        reply_to = Topology.of(settings).results_queue(team, name)
+        reply_to = Topology.of(settings).batch_results_queue(meta)
         sender = _Window(
             client,
             reply_to=reply_to,
@@ -184,8 +194,10 @@ async def submit_batch(
                 file, reader=reader, state=state, meta=meta, sender=sender, on_progress=on_progress
             )
         except BaseException:
-            if fresh and sender.confirmed == 0:
-                # Nothing reached the broker: leave no batch behind to lock the name.
+            if fresh and sender.reached == 0:
+                # Nothing reached the broker: leave no batch behind to lock the name. Not
+                # counted by confirms recorded: jobs confirmed but not recorded yet (a cut
+                # connection, an interrupt) are queued, their results bound for its queue.
                 with contextlib.suppress(Exception):
                     await state.delete()
             raise
@@ -330,6 +342,8 @@ class _Window:
         self._full = asyncio.Lock()
         self._told_full = False
         self.confirmed = 0
+        self.reached = 0
+        """Publishes the broker may hold: sent, and not refused by it (a nack, unroutable)."""
         self.on_flush: Callable[[int], None] | None = None
 
     async def publish(self, job: ChatJob) -> None:
@@ -382,7 +396,12 @@ class _Window:
                 f"lost batch {self._state.name!r}'s submit lock with the broker connection; "
                 "run the same submit again to resume"
             )
-        await self._client.publish(job, reply_to=self._reply_to)
+        self.reached += 1
+        try:
+            await self._client.publish(job, reply_to=self._reply_to)
+        except (QueueFull, PublishRefused):
+            self.reached -= 1  # the broker's own answer: it holds no such job
+            raise
 
     def _done(self, task: asyncio.Task[str]) -> None:
         self._pending.discard(task)
