@@ -44,6 +44,7 @@ from queuegate.control import (
 )
 from queuegate.errors import BatchError, ConfigError, GatewayError, JobError, ServiceUnavailable
 from queuegate.keys import Keys
+from queuegate.messages import decoded
 from queuegate.redis_client import lua_source, text
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
@@ -360,7 +361,7 @@ class ControlPlane:
                 meta = await state.load()
                 return None if meta is None else meta.model_dump(mode="json")
             case "create":
-                meta = BatchMeta.model_validate(args.get("meta"))
+                meta = decoded(BatchMeta, args.get("meta"))
                 meta = meta.model_copy(update={"team": team, "name": call.batch})
                 await self._open(team, call.batch, durable=True)
                 return await state.create(meta)
