@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from queuegate.numbers import Money
+from queuegate.visible import clipped
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -138,10 +139,12 @@ def _check_values(where: str, value: object) -> None:
     if isinstance(value, str):
         problem = storable_problem(value)
         if problem is not None:
-            raise ValueError(f"{where}: {problem}")
+            raise ValueError(f"{clipped(where)}: {problem}")
     elif isinstance(value, int) and not isinstance(value, bool):
         if not INT64[0] <= value <= INT64[1]:
-            raise ValueError(f"{where}: {value} is out of range (a 64-bit integer)")
+            raise ValueError(
+                f"{clipped(where)}: {clipped(str(value))} is out of range (a 64-bit integer)"
+            )
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_values(f"a key in {where}", key)

@@ -48,6 +48,7 @@ from queuegate.messages import decoded
 from queuegate.redis_client import lua_source, text
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
+from queuegate.visible import clipped
 from workers.batch_state import BatchState, list_batches
 from workers.identity import Identities
 
@@ -191,7 +192,7 @@ class ControlPlane:
         except ValidationError as exc:
             return _error("invalid_request", f"not a valid control request: {exc.errors()[0]}")
         except JobError as exc:
-            log.info("control request %s refused: %s", message.message_id, exc)
+            log.info("control request %s refused: %s", clipped(message.message_id or ""), exc)
             return _error(exc.code, str(exc))
         except BatchError as exc:
             return _error(BATCH_ERROR, str(exc))
