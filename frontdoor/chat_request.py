@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from frontdoor.answers import arrived
 from frontdoor.errors import ApiError, shown
-from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ParamError
+from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ChatParams, ParamError
 from queuegate.settings import Settings
 from router import Catalog
 
@@ -201,7 +201,7 @@ def chat_job(
             team=team,
             model=model,
             messages=messages,
-            params=params,
+            params=ChatParams.model_validate(params),
             deadline=options.deadline(),
             stream=stream,
         )
@@ -210,10 +210,9 @@ def chat_job(
         refused = (first.get("ctx") or {}).get("error")
         if isinstance(refused, ParamError):  # a check across parameters, naming the one
             raise ApiError("invalid_request", str(refused), param=refused.param) from None
-        # The job holds the request's parameters under ``params``; the caller sent them
-        # at the top of the body, where their path starts.
-        loc = first["loc"][1:] if first["loc"][:1] == ("params",) else first["loc"]
-        where = ".".join(str(part) for part in loc)
+        # The parameters are validated apart from the job: their path starts at the top of
+        # the body, where the caller sent them.
+        where = ".".join(str(part) for part in first["loc"])
         message = f"{where or 'request'}: {first['msg']}"
         raise ApiError("invalid_request", message, param=where or None) from None
     if len(job.model_dump_json(exclude_defaults=True)) > limits.max_job_bytes:

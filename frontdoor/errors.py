@@ -36,6 +36,7 @@ from queuegate.errors import (
     ServiceUnavailable,
 )
 from queuegate.messages import HTTP_STATUS, ChatResult
+from queuegate.visible import clipped
 
 HTTP_ONLY: dict[str, int] = {
     "request_too_large": 413,
@@ -85,7 +86,7 @@ what the caller sent."""
 
 def shown(text: str) -> str:
     """A caller's value as an error repeats it: its first ``ECHOED`` characters."""
-    return text if len(text) <= ECHOED else f"{text[:ECHOED]}…"
+    return clipped(text, ECHOED)
 
 
 class ApiError(Exception):

@@ -20,10 +20,9 @@ arguments, and answers a ControlResponse (to a direct reply-to name only).
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, Field
 
 from queuegate.messages import WireModel
 
@@ -111,9 +110,7 @@ class BatchCall(WireModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-class ControlRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
+class ControlRequest(WireModel):
     v: int = 1
     request: Annotated[OpenReplyQueue | CloseReplyQueue | BatchCall, Field(discriminator="op")]
 
@@ -133,7 +130,7 @@ class BatchMeta(WireModel):
     team: str
     format: Literal["openai", "anthropic"]
     total: int
-    deadline: datetime
+    deadline: AwareDatetime
     fingerprint: str
     """sha256 of the submitted file: a re-run must submit the same file."""
     submission: str = ""
@@ -211,7 +208,7 @@ class BatchSummary(WireModel):
     total: int
     written: int
     canceled: bool
-    deadline: datetime
+    deadline: AwareDatetime
     waiting: int = 0
     """Results answered and not collected yet."""
 

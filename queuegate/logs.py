@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import orjson
 
 from queuegate import tracing
+from queuegate.visible import clipped
 
 # Line breaks a message can carry from outside (a tenant's header, a provider's text), written
 # as escapes so that no message can forge a line of its own; U+2028, U+2029 and NEL break
@@ -34,7 +35,7 @@ def for_job(job_id: str, team: str) -> None:
     """Lines logged from now on in this task (and the tasks it starts) are about this job.
 
     A worker runs each delivery in a task of its own, whose context ends with it."""
-    _JOB.set((job_id, team))
+    _JOB.set((clipped(job_id), team))
 
 
 class TextFormatter(logging.Formatter):

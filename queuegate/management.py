@@ -146,6 +146,11 @@ class BrokerAdmin:
     async def delete_user(self, name: str) -> None:
         await self._request("DELETE", f"users/{quote(name, safe='')}")
 
+    async def users(self) -> list[str]:
+        """Every broker user, by name."""
+        listed: list[dict[str, Any]] = await self._request("GET", "users?columns=name") or []
+        return [user["name"] for user in listed]
+
     async def user_exists(self, name: str) -> bool:
         return await self._request("GET", f"users/{quote(name, safe='')}") is not None
 
@@ -249,6 +254,16 @@ class BrokerAdmin:
             or []
         )
         return sorted({b["destination"] for b in bindings if b["destination_type"] == "queue"})
+
+    async def queues(self) -> list[str]:
+        """Every queue of the vhost, by name."""
+        listed: list[dict[str, Any]] = (
+            await self._request("GET", f"queues/{self._vhost}?columns=name") or []
+        )
+        return [queue["name"] for queue in listed]
+
+    async def delete_queue(self, name: str) -> None:
+        await self._request("DELETE", f"queues/{self._vhost}/{quote(name, safe='')}")
 
     async def queue(self, name: str) -> dict[str, Any] | None:
         """The queue's state as the broker reports it, or None when it does not exist."""

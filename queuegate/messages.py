@@ -14,9 +14,18 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from queuegate.numbers import Money
+from queuegate.visible import clipped
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -130,10 +139,12 @@ def _check_values(where: str, value: object) -> None:
     if isinstance(value, str):
         problem = storable_problem(value)
         if problem is not None:
-            raise ValueError(f"{where}: {problem}")
+            raise ValueError(f"{clipped(where)}: {problem}")
     elif isinstance(value, int) and not isinstance(value, bool):
         if not INT64[0] <= value <= INT64[1]:
-            raise ValueError(f"{where}: {value} is out of range (a 64-bit integer)")
+            raise ValueError(
+                f"{clipped(where)}: {clipped(str(value))} is out of range (a 64-bit integer)"
+            )
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_values(f"a key in {where}", key)
@@ -208,13 +219,32 @@ def _may_nest(annotation: object) -> bool:
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    """A body, or part of one, that crosses the broker.
+
+    Strict, as OpenAI's API is: ``"5"`` is no integer, ``"yes"`` or ``1`` no boolean, ``"0.5"``
+    no number (an integer is taken for a float), and a job sent so is refused ``invalid_request``
+    naming the field, not run with a value its sender did not write. From JSON, a datetime is
+    ISO 8601 text, a ``Money`` amount text or a number; from Python, their own types. Every
+    datetime on the wire is ``AwareDatetime``: one without a timezone would be read in the
+    reading process's."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
-class ChatMessage(BaseModel):
+W = TypeVar("W", bound=WireModel)
+
+
+def decoded(model: type[W], value: Any) -> W:
+    """``model`` of a value of JSON already decoded (a control call's arguments, or its
+    answer), read as from its text: the Python form of a datetime, which strict validation
+    of a Python value asks for, is ISO 8601 text there."""
+    return model.model_validate_json(orjson.dumps(value))
+
+
+class ChatMessage(WireModel):
     """One message in OpenAI chat format; content is a string or a list of content parts."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -231,10 +261,10 @@ class ParamError(ValueError):
         self.param = param
 
 
-class ChatParams(BaseModel):
+class ChatParams(WireModel):
     """Sampling and tool parameters in OpenAI form; unknown ones pass through to the provider."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow")
 
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -305,7 +335,7 @@ class ChatJob(WireModel):
     params: ChatParams = ChatParams()
     fallbacks: list[StoredText] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    deadline: datetime | None = None
+    deadline: AwareDatetime | None = None
     stream: bool = False
     cache: bool | None = None
     """True: may be answered from the response cache (and fills it); False: never; None
@@ -485,7 +515,7 @@ class UsageEvent(WireModel):
     reply_delivered: bool = True
     """False when the reply queue was gone and the broker returned the result."""
     worker: str = ""
-    ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    ts: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     # Tenancy and audit: who published the job, what PII its prompt held, what is kept of it.
     identity: str | None = None
     """``queue``, ``broker:<user>`` or ``api_key:<key id>``; None when it was never proven."""

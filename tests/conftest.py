@@ -13,12 +13,12 @@ from accounting import migrate
 from admin.teams import Credentials, add
 from queuegate.db import create_pool
 from queuegate.management import BrokerAdmin
-from queuegate.namespace import drop_namespace
 from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from tests import dashboard_browser, session_services
 from tests.chaos.harness import FIGURES_PROPERTY
 from tests.rabbit_cluster import RabbitCluster
+from tests.support import drop_test_namespace
 
 TEST_TEAMS = ("alpha", "beta", "gamma")
 """Teams tests may use; their queues are deleted after every test."""
@@ -82,12 +82,7 @@ async def settings(base_settings: Settings) -> AsyncIterator[Settings]:
         update={"namespace": f"qgt-{tag}", "database_schema": f"qgt_{tag}", "shutdown_grace": 5.0}
     )
     yield s
-    await drop_namespace(s, TEST_TEAMS)
-    # Every team added gets a quota policy (``teams add``), whatever its name.
-    async with BrokerAdmin(s.management_url) as admin:
-        for policy in await admin.policies():
-            if policy["name"].startswith(f"{s.namespace}-"):
-                await admin.delete_policy(policy["name"])
+    await drop_test_namespace(s, TEST_TEAMS)
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ from accounting import Accountant
 from mockprovider import MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate import dlq
-from queuegate.db import create_pool
+from queuegate.db import create_pool, quote_ident
 from queuegate.management import BrokerAdmin
+from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import load_catalog, open_router
@@ -247,3 +248,39 @@ async def running_accountant(settings: Settings) -> AsyncIterator[Accountant]:
         finally:
             stop.set()
             await task
+
+
+async def drop_test_namespace(settings: Settings, teams: Sequence[str]) -> None:
+    """Everything a test made under its namespace, as every test ends (``settings``): what
+    ``drop_namespace`` knows of, then, whoever made it (the test, a CLI run, a subprocess)
+    and however the test ended, what it does not: broker users (``teams add`` makes one per
+    team), queues of the test's own (``<ns>.incoming``) or of a namespace derived from it
+    (``<ns>-demo``), quota policies (one per team added, whatever its name), and schemas
+    derived from the test's (``<schema>_x``)."""
+    namespace, schema = settings.namespace, settings.database_schema
+
+    def ours(name: str) -> bool:
+        return name.startswith((f"{namespace}.", f"{namespace}-"))
+
+    try:
+        await drop_namespace(settings, teams)
+    finally:
+        async with BrokerAdmin(settings.management_url) as admin:
+            for user in filter(ours, await admin.users()):
+                await admin.delete_user(user)
+            for queue in filter(ours, await admin.queues()):
+                await admin.delete_queue(queue)
+            for policy in await admin.policies():
+                if ours(policy["name"]):
+                    await admin.delete_policy(policy["name"])
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            schemas = await conn.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname = $1 OR starts_with(nspname, $2)",
+                schema,
+                f"{schema}_",
+            )
+            for row in schemas:
+                await conn.execute(f"DROP SCHEMA {quote_ident(row['nspname'])} CASCADE")
+        finally:
+            await conn.close()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
+import orjson
 import pytest
 from typer.testing import CliRunner
 
@@ -122,6 +123,59 @@ async def test_an_api_key_rests_nowhere_through_expiry_refusal_and_replay(
     for where, text in seen.items():
         for secret in (key_team.key, key_team.key.split("_", 2)[2], hash_api_key(key_team.key)):
             assert secret not in text, f"the API key leaked into {where}"
+
+
+async def test_what_a_client_chose_is_logged_cut_short_and_the_key_never(
+    settings: Settings, key_team: KeyTeam, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with (
+        running_gateway(settings, teams=("alpha",)),
+        GatewayClient(key_team.apps, team="alpha", api_key=key_team.key) as client,
+    ):
+        # Given jobs of alpha's sent under an 8,000-character key id, the first with its
+        # own key's id before it, and one also naming an 8,000-character parameter
+        long_id = key_team.key_id + "f" * 8000
+        named = "p" * 8000
+        jobs = [client.job("gpt-4o-mini", HELLO), client.job("gpt-4o-mini", HELLO)]
+        connection = await aio_pika.connect(key_team.apps.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            for job, params in zip(jobs, [{}, {named: "\x00"}], strict=True):
+                signed = job_message(
+                    job,
+                    reply_to=client.reply_to,
+                    user_id=key_team.apps.amqp_user,
+                    api_key=key_team.key,
+                )
+                message = aio_pika.Message(
+                    orjson.dumps(orjson.loads(signed.body) | {"params": params}),
+                    headers=dict(signed.properties.headers or {}) | {KEY_ID_HEADER: long_id},
+                    message_id=job.job_id,
+                    reply_to=client.reply_to,
+                    user_id=key_team.apps.amqp_user,
+                )
+                await publish(
+                    channel,
+                    message,
+                    exchange=Topology(settings.namespace).entry_exchange("alpha"),
+                    routing_key="alpha",
+                )
+        # When the workers refuse them
+        results = [await client.wait(job.job_id, timeout=10) for job in jobs]
+        assert [r.error.code if r.error else None for r in results] == [
+            "unauthorized",
+            "invalid_request",
+        ]
+    # Expect each refusal logged with 64 characters of the key id and of the parameter's
+    # name, an ellipsis saying they were cut, and never the key
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert all(f"api_key={long_id[:64]}…" in line for line in refusals), refusals
+    assert f"{named[:64]}…: a NUL byte is not allowed" in refusals[1]
+    assert all(len(line) < 400 for line in refusals), refusals
+    assert "f" * 65 not in caplog.text and "p" * 65 not in caplog.text
+    assert key_team.key.split("_", 2)[2] not in caplog.text
 
 
 def test_a_proof_holds_for_its_own_job_id_team_and_body_only() -> None:

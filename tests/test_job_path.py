@@ -210,10 +210,14 @@ UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {
     "huge-extra": ({"params": {"top_logprobs": 10**20}}, "params"),
     # What OpenAI refuses with a 400 once called and billed: both output limits at once.
     "both-limits": ({"params": {"max_tokens": 5, "max_completion_tokens": 5}}, "params"),
+    # What a lax reading took as another value: OpenAI refuses a string max_tokens (400).
+    "string-max-tokens": ({"params": {"max_tokens": "5"}}, "params.max_tokens"),
+    "string-stream": ({"stream": "yes"}, "stream"),
+    "naive-deadline": ({"deadline": "2099-01-01T00:00:00"}, "deadline"),
 }
 
 
-async def test_jobs_holding_what_cannot_be_stored_or_sent_are_refused_once_and_accounted(
+async def test_jobs_holding_what_cannot_be_stored_sent_or_read_as_written_are_refused_once(
     settings: Settings,
 ) -> None:
     # Given a running gateway, and jobs published raw as a tenant's own AMQP client could

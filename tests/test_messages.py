@@ -46,8 +46,9 @@ JOB = {
     "params": {"max_tokens": 50, "temperature": 0.2, "stop": ["\n"], "logprobs": True},
     "fallbacks": ["claude-haiku"],
     "metadata": {"custom_id": "line-7"},
-    "deadline": "2030-01-01T00:00:00Z",
+    "deadline": datetime(2030, 1, 1, tzinfo=UTC),
 }
+"""A job's fields as a producer gives them in Python (its JSON: ``orjson.dumps(JOB)``)."""
 
 
 def test_job_round_trips_with_content_parts_and_extra_params() -> None:
@@ -106,6 +107,70 @@ def test_invalid_jobs_are_refused_naming_the_field(change: dict[str, object], fi
     with pytest.raises(ValidationError) as info:
         ChatJob.model_validate({**JOB, **change})
     assert info.value.errors()[0]["loc"][0] == field
+
+
+LOOSE: list[tuple[dict[str, object], str]] = [
+    ({"params": {"max_tokens": "5"}}, "params.max_tokens"),
+    ({"params": {"max_tokens": 5.0}}, "params.max_tokens"),
+    ({"params": {"max_tokens": True}}, "params.max_tokens"),
+    ({"params": {"seed": "7"}}, "params.seed"),
+    ({"params": {"temperature": "0.5"}}, "params.temperature"),
+    ({"params": {"top_p": True}}, "params.top_p"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream": 1}, "stream"),
+    ({"cache": "false"}, "cache"),
+    ({"v": "1"}, "v"),
+    ({"deadline": "2030-01-01T00:00:00"}, "deadline"),
+    ({"deadline": 1_900_000_000}, "deadline"),
+]
+"""What a lax reading took as another value than was written: a string for a number, a
+number for a boolean, a deadline without a timezone (read in the worker's own)."""
+
+
+@pytest.mark.parametrize(("change", "where"), LOOSE)
+def test_a_job_sent_with_a_value_of_another_type_is_refused_naming_the_field(
+    change: dict[str, object], where: str
+) -> None:
+    # Given a job as it crosses the broker, one field of another type than the field's
+    body = orjson.dumps({**JOB, **change})
+    # When a worker reads it, Expect it refused naming the field, never taken as another value
+    with pytest.raises(ValidationError) as info:
+        ChatJob.model_validate_json(body)
+    assert ".".join(str(part) for part in info.value.errors()[0]["loc"]) == where
+    # ... and so when a producer builds it in Python
+    with pytest.raises(ValidationError):
+        ChatJob.model_validate({**JOB, **change})
+
+
+def test_legitimate_jobs_are_read_as_before() -> None:
+    # Given what OpenAI's API and its SDKs send: an integer for a number, any timezone
+    params = {"temperature": 1, "top_p": 1, "max_tokens": 5, "seed": -3, "n": 2}
+    changes = {"params": params, "deadline": "2030-01-01T02:00:00+02:00", "stream": True}
+    # When a worker reads the job
+    job = ChatJob.model_validate_json(orjson.dumps({**JOB, **changes}))
+    # Expect each value as written, the integers as numbers where numbers are asked
+    assert job.params.temperature == 1.0 and isinstance(job.params.temperature, float)
+    assert job.params.top_p == 1.0 and job.params.max_tokens == 5 and job.params.seed == -3
+    assert job.params.choices == 2 and job.stream is True
+    assert job.deadline == datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_results_and_usage_events_are_read_strictly_too() -> None:
+    # Given a result and a usage event as workers write them
+    gateway = GatewayInfo(model_requested="m", cost_usd=Decimal("0.25"), queued_ms=3)
+    result = ChatResult(job_id="j", team="alpha", status="ok", gateway=gateway)
+    event = UsageEvent(job_id="j", team="alpha", model_requested="m", status="ok")
+    # Expect them read back, a cost written as text or a number alike
+    assert ChatResult.model_validate_json(result.model_dump_json()) == result
+    number = orjson.loads(result.model_dump_json())
+    number["gateway"]["cost_usd"] = 0.25
+    assert ChatResult.model_validate_json(orjson.dumps(number)).gateway.cost_usd == Decimal("0.25")
+    # ... and refused with a count as text or a time without its timezone
+    for change in ({"input_tokens": "12"}, {"ts": "2030-01-01T00:00:00"}, {"cached": "true"}):
+        with pytest.raises(ValidationError):
+            UsageEvent.model_validate_json(
+                orjson.dumps(orjson.loads(event.model_dump_json()) | change)
+            )
 
 
 def test_the_largest_sensible_integers_are_kept() -> None:

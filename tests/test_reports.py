@@ -168,7 +168,12 @@ async def test_usage_csv_is_one_team_plain_numbers_and_no_formulas(
         [
             UsageEvent(job_id="a", team="alpha", model_requested=formula, status="ok", ts=day),
             UsageEvent(
-                job_id="b", team="beta", model_requested="m", status="ok", cost_usd=1, ts=day
+                job_id="b",
+                team="beta",
+                model_requested="m",
+                status="ok",
+                cost_usd=Decimal(1),
+                ts=day,
             ),
         ],
     )

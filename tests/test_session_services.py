@@ -7,19 +7,26 @@ nothing listens on. A Docker engine is not needed: where one would be, the plan 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
+import asyncpg
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import app
+from queuegate.db import quote_ident
 from queuegate.errors import ServiceUnavailable
 from queuegate.management import BrokerAdmin
 from queuegate.services import check_management, unanswered
 from queuegate.settings import Settings
 from tests.session_services import Plan, docker_engine, plan, replaceable
+from tests.support import drop_test_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 SILENT = {
@@ -163,3 +170,39 @@ def test_a_session_without_services_nor_docker_engine_ends_before_any_test_in_on
 
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
+
+
+async def test_a_test_leaves_nothing_of_its_namespace_on_the_shared_services(
+    settings: Settings,
+) -> None:
+    # Given what tests made and left to the end of the test: a team added by the CLI (its
+    # broker user and quota policy), a queue of the test's own, a schema derived from its own
+    env = {
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+    added = await asyncio.to_thread(CliRunner().invoke, app, ["teams", "add", "alpha"], env=env)
+    assert added.exit_code == 0, added.output
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(f"{settings.namespace}.incoming", auto_delete=False)
+    derived = f"{settings.database_schema}_x"
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {quote_ident(derived)}")
+        # When the test's namespace is dropped, as after every test
+        await drop_test_namespace(settings, ("alpha",))
+        # Expect no user, queue, policy or schema of it left
+        schemas = await conn.fetch(
+            "SELECT nspname FROM pg_namespace WHERE nspname IN ($1, $2)",
+            settings.database_schema,
+            derived,
+        )
+    finally:
+        await conn.close()
+    assert schemas == []
+    async with BrokerAdmin(settings.management_url) as admin:
+        left = [*await admin.users(), *await admin.queues()]
+        left += [policy["name"] for policy in await admin.policies()]
+    assert [name for name in left if name.startswith(settings.namespace)] == []

@@ -66,17 +66,20 @@ class BatchState:
         fields = {text(k): text(v) for k, v in raw.items()}
         if "team" not in fields:
             return None
-        meta = BatchMeta(
-            name=self.name,
-            team=fields["team"],
-            format=fields["format"],
-            total=int(fields["total"]),
-            deadline=datetime.fromtimestamp(float(fields["deadline"]), UTC),
-            fingerprint=fields["fingerprint"],
-            submission=fields.get("submission", ""),
-            model=fields.get("model") or None,
-            source=fields.get("source", ""),
-            own_queue=fields.get("own_queue") == "1",
+        # Validated as a dict: the recorded format is text, which the model checks is one.
+        meta = BatchMeta.model_validate(
+            {
+                "name": self.name,
+                "team": fields["team"],
+                "format": fields["format"],
+                "total": int(fields["total"]),
+                "deadline": datetime.fromtimestamp(float(fields["deadline"]), UTC),
+                "fingerprint": fields["fingerprint"],
+                "submission": fields.get("submission", ""),
+                "model": fields.get("model") or None,
+                "source": fields.get("source", ""),
+                "own_queue": fields.get("own_queue") == "1",
+            }
         )
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
         return meta

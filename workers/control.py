@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Protocol, TypeVar, cast
 
 import aiormq
+import orjson
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -47,6 +48,7 @@ from queuegate.keys import Keys
 from queuegate.redis_client import lua_source, text
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
+from queuegate.visible import clipped
 from workers.batch_state import BatchState, list_batches
 from workers.identity import Identities
 
@@ -191,7 +193,7 @@ class ControlPlane:
         except ValidationError as exc:
             return _error("invalid_request", f"not a valid control request: {exc.errors()[0]}")
         except JobError as exc:
-            log.info("control request %s refused: %s", message.message_id, exc)
+            log.info("control request %s refused: %s", clipped(message.message_id or ""), exc)
             return _error(exc.code, str(exc))
         except BatchError as exc:
             return _error(BATCH_ERROR, str(exc))
@@ -471,7 +473,7 @@ T_co = TypeVar("T_co", covariant=True)
 class _Validator(Protocol[T_co]):
     """A TypeAdapter, as ``_arg`` reads one: covariant, so a list's serves for a Sequence."""
 
-    def validate_python(self, value: Any, /) -> T_co: ...
+    def validate_json(self, value: bytes, /) -> T_co: ...
 
 
 _REQUIRED: Any = object()
@@ -485,7 +487,8 @@ def _arg(call: BatchCall, name: str, adapter: _Validator[T], default: Any = _REQ
     if value is _REQUIRED:
         raise Refused(f"batch {call.call} needs argument {name!r}; it was not sent")
     try:
-        return adapter.validate_python(value)
+        # Read as from its text (see messages.decoded): a strict model's datetime is ISO text.
+        return adapter.validate_json(orjson.dumps(value))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in (name, *first["loc"]))

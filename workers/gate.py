@@ -21,6 +21,7 @@ from queuegate.topology import (
     HEADER_REPLAY_OF,
     header_text,
 )
+from queuegate.visible import clipped
 from workers.identity import Identities
 from workers.outcome import Outcome
 from workers.pii.policy import apply, screen_job
@@ -96,7 +97,7 @@ class Gate:
         parts = [f"user_id={message.user_id}"] if message.user_id else []
         key_id = header_text((message.headers or {}).get(KEY_ID_HEADER))
         if key_id is not None:
-            parts.append(f"api_key={key_id[:32]}")  # an id, never a key: the key is never sent
+            parts.append(f"api_key={clipped(key_id)}")  # an id, never a key: the key is never sent
         identity = f"claimed:{','.join(parts) or 'nobody'}"
         usage = outcome.usage.model_copy(update={"identity": identity})
         return outcome.model_copy(update={"usage": usage})

@@ -62,6 +62,7 @@ from queuegate.tenancy import (
     reply_queue_pattern,
 )
 from queuegate.topology import HEADER_REPLAY_OF, header_text
+from queuegate.visible import clipped
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ class Identities:
         else:
             identity = await self._prove_key(message, team, job_id)
         if check_reply_to and not self.may_reply(team, message):
-            raise Unauthorized(f"reply_to {message.reply_to!r} is not a reply queue of {team!r}")
+            raise Unauthorized(
+                f"reply_to {clipped(message.reply_to or '')!r} is not a reply queue of {team!r}"
+            )
         return Proof(identity, security)
 
     def _replay_of(self, message: AbstractIncomingMessage) -> str | None:

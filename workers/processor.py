@@ -49,6 +49,7 @@ from queuegate.errors import (
 )
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.topology import HEADER_SENT_MS
+from queuegate.visible import clipped
 from router import Routed, Router
 from workers import spans
 from workers.admission import Admission, Ahead
@@ -497,7 +498,7 @@ class JobProcessor:
         # Said in the log too: a refusal is a team's app misbehaving, or someone forging.
         log.warning(
             "job %r for team %s refused (%s, published by %s): %s",
-            job_id,
+            clipped(job_id),
             outcome.usage.team,
             error.code,
             outcome.usage.identity,
@@ -509,7 +510,8 @@ class JobProcessor:
         content_type = (message.content_type or CONTENT_TYPE).split(";")[0].strip().lower()
         if content_type != CONTENT_TYPE:
             raise InvalidRequest(
-                f"content_type {message.content_type!r} is not supported; jobs are {CONTENT_TYPE}"
+                f"content_type {clipped(message.content_type or '')!r} is not supported; "
+                f"jobs are {CONTENT_TYPE}"
             )
         size = len(message.body)
         if size > self._max_job_bytes:
@@ -528,7 +530,8 @@ class JobProcessor:
             )
         if message.message_id and message.message_id != job.job_id:
             raise InvalidRequest(
-                f"message_id {message.message_id!r} differs from job_id {job.job_id!r}"
+                f"message_id {clipped(message.message_id)!r} differs from job_id "
+                f"{clipped(job.job_id)!r}"
             )
         if len(job.messages) > self._max_job_messages:
             raise InvalidRequest(

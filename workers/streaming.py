@@ -31,6 +31,8 @@ class StreamRelay:
     async def __call__(self, piece: Piece, model: str) -> None:
         if self._gone:
             return  # nobody listens: the job still runs to the end and is accounted
+        # The chunk fields the provider sent as text (CHUNK_FIELDS), repeated on the chunk.
+        sent: dict[str, Any] = {k: v for k, v in piece.chunk.items() if isinstance(v, str)}
         chunk = StreamChunk(
             job_id=self._job_id,
             seq=self._seq,
@@ -39,7 +41,7 @@ class StreamRelay:
             index=piece.index,
             logprobs=piece.logprobs,
             anthropic_events=piece.anthropic_events,
-            **{k: v for k, v in piece.chunk.items() if isinstance(v, str)},
+            **sent,
         )
         self._seq += 1
         if not await self._publisher.chunk(self._reply_to, chunk):

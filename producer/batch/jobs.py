@@ -14,7 +14,7 @@ from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.formats import FORMATS, FormatName, detect
 from queuegate.control import BatchMeta, job_id
 from queuegate.errors import BatchError
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, ChatParams
 
 ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
 """Parameters only Anthropic's API takes; another provider would refuse or ignore them."""
@@ -121,7 +121,7 @@ class JobReader:
                 team=self._team,
                 model=model,
                 messages=request.messages,
-                params=request.params,
+                params=ChatParams.model_validate(request.params),
                 metadata={"batch": self._batch, "custom_id": custom_id},
                 deadline=self.deadline,
             )

@@ -26,6 +26,7 @@ from queuegate.control import (
     no_such_batch,
 )
 from queuegate.errors import BatchError
+from queuegate.messages import decoded
 
 NANO = 10**9
 """Spend is counted in nano-dollars, an integer Redis can add exactly."""
@@ -72,7 +73,7 @@ class BatchState:
 
     async def load(self) -> BatchMeta | None:
         raw = await self._call("load")
-        return None if raw is None else BatchMeta.model_validate(raw)
+        return None if raw is None else decoded(BatchMeta, raw)
 
     async def require(self) -> BatchMeta:
         meta = await self.load()
@@ -140,7 +141,7 @@ class BatchState:
         return bool(await self._call("is_canceled"))
 
     async def counts(self, meta: BatchMeta | None = None) -> Counts:
-        return Counts.model_validate(await self._call("counts"))
+        return decoded(Counts, await self._call("counts"))
 
     async def status(self) -> tuple[BatchMeta, Counts, int]:
         return _status(await self._call("status"))
@@ -159,9 +160,9 @@ class BatchState:
 
 
 async def list_batches(control: ControlClient) -> list[BatchSummary]:
-    return [BatchSummary.model_validate(b) for b in await control.batch("list")]
+    return [decoded(BatchSummary, b) for b in await control.batch("list")]
 
 
 def _status(raw: Any) -> tuple[BatchMeta, Counts, int]:
-    meta = BatchMeta.model_validate(raw["meta"])
-    return meta, Counts.model_validate(raw["counts"]), int(raw["waiting"])
+    meta = decoded(BatchMeta, raw["meta"])
+    return meta, decoded(Counts, raw["counts"]), int(raw["waiting"])
