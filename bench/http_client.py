@@ -63,16 +63,19 @@ class _Transport:
     def __init__(self, url: str, connections: int) -> None:
         self._upstream = transport.Upstream(url, connections=connections)
 
+    # Each call holding one of the connections, as the router's do (Upstream.free).
     async def post(self, request: UpstreamRequest) -> Any:
-        return await transport.post(
-            self._upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE
-        )
+        async with self._upstream.free:
+            return await transport.post(
+                self._upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE
+            )
 
     async def events(self, request: UpstreamRequest) -> int:
-        stream = transport.events(
-            self._upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE
-        )
-        return len([event async for event in stream])
+        async with self._upstream.free:
+            stream = transport.events(
+                self._upstream, request, KEY, connect=CONNECT, first_byte=FIRST_BYTE
+            )
+            return len([event async for event in stream])
 
     async def aclose(self) -> None:
         await self._upstream.aclose()

@@ -85,7 +85,8 @@ class _Plain:
     async def complete(self, job: ChatJob) -> Routed:
         body = {"model": job.model, "messages": [m.model_dump() for m in job.messages]}
         request = UpstreamRequest("/v1/chat/completions", body, _AUTH)
-        _, answer = await transport.post(self._upstream, request, None)
+        async with self._upstream.free:  # as the router's calls do
+            _, answer = await transport.post(self._upstream, request, None)
         usage = answer["usage"]
         return Routed(
             response=answer,

@@ -102,6 +102,13 @@ class Health:
         the latest of them is stale by the time it arrives, and is not trusted."""
         self._asking: dict[str, _Asking] = {}
 
+    async def settled(self) -> None:
+        """Once the asks under way have ended: a refresh no call awaits may still be on its
+        round trip, and its owner must not close Redis under it."""
+        pending = [asking.answer for asking in self._asking.values()]
+        if pending:
+            await asyncio.wait(pending)
+
     def trusted(self, deployment: Deployment) -> bool:
         """Whether a call to ``deployment`` is allowed now without asking Redis: its closed,
         unpaused verdict is still trusted."""

@@ -207,9 +207,17 @@ class Router:
     """
 
     def __init__(
-        self, catalog: Catalog, env: Mapping[str, str], *, redis: aioredis.Redis, keys: Keys
+        self,
+        catalog: Catalog,
+        env: Mapping[str, str],
+        *,
+        redis: aioredis.Redis,
+        keys: Keys,
+        connections: int = transport.MAX_CONNECTIONS,
     ) -> None:
         self.catalog = catalog
+        self._connections = connections
+        """Per api_base: the calls that run at once; the others wait for one to end."""
         self.redis = redis
         self.health = Health(redis, keys, catalog)
         self._env = env
@@ -223,7 +231,9 @@ class Router:
         if self._upstreams is not None or self._closed:
             raise RuntimeError("a Router can be opened only once")
         bases = {d.api_base for entry in self.catalog.models.values() for d in entry.deployments}
-        self._upstreams = {base: transport.Upstream(base) for base in bases}
+        self._upstreams = {
+            base: transport.Upstream(base, connections=self._connections) for base in bases
+        }
         return self
 
     async def __aexit__(
@@ -234,6 +244,7 @@ class Router:
     ) -> None:
         upstreams, self._upstreams, self._closed = self._upstreams or {}, None, True
         await asyncio.gather(*(upstream.aclose() for upstream in upstreams.values()))
+        await self.health.settled()
 
     def check(self, job: ChatJob) -> None:
         """Raise UnknownModel if the job's model or any of its fallbacks is not in the catalog."""
@@ -461,15 +472,23 @@ class Router:
         if run.gate is not None:
             # Immediately before the call, so every retry and fallback is admitted too.
             await run.gate.enter(deployment)
-        started = time.monotonic()
         parser = None
         if run.sink is not None:
             parser = ADAPTERS[deployment.provider].stream_parser(deployment.model, call.key)
+        assert self._upstreams is not None
+        free = self._upstreams[deployment.api_base].free
+        # Its time starts once one of the connections is its own (see Upstream.free): the
+        # job's deadline alone bounds the wait.
+        await free.acquire()
+        started = time.monotonic()
         left = run.left()
         limit = transport.time_limit(min(deployment.timeout, left))
         try:
-            async with limit:
-                completion = await self._call(run, call, parser)
+            try:
+                async with limit:
+                    completion = await self._call(run, call, parser)
+            finally:
+                free.release()
         except ProviderError as err:
             if err.error_class not in UNSENT:
                 run.attempts.append(

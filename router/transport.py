@@ -46,8 +46,9 @@ _JSON = {"content-type": "application/json"}
 class Upstream:
     """The pooled keep-alive connections to one api_base, shared by every call to it::
 
-        async with Upstream("https://api.openai.com") as upstream, time_limit(30):
-            status, body = await post(upstream, request, key)
+        async with Upstream("https://api.openai.com") as upstream, upstream.free:
+            async with time_limit(30):
+                status, body = await post(upstream, request, key)
 
     Open it inside the event loop that uses it. Proxies and CA bundles come only from what
     it is given (today: none, and certifi's bundle), never from the process environment.
@@ -55,7 +56,13 @@ class Upstream:
 
     def __init__(self, api_base: str, *, connections: int = MAX_CONNECTIONS) -> None:
         self._base = api_base.rstrip("/")
-        self._free = asyncio.Semaphore(connections)
+        self.free = asyncio.Semaphore(connections)
+        """Held by each call from before it is sent until ``done``: calls past the pool's size
+        wait here, before aiohttp builds anything for them (waiting in aiohttp's own queue
+        holds about 10 KB per call, here about 4 KB), and before their time limits start: a
+        call's timeout bounds the provider, never this wait (counted in it, a call that waited
+        for a connection timed out while the provider was still answering, and was called
+        again)."""
         self._urls: dict[str, URL] = {}
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -85,35 +92,28 @@ class Upstream:
     async def send(self, request: UpstreamRequest, connect: float | None) -> aiohttp.ClientResponse:
         """The response to ``request`` once its head has arrived, body unread, holding one of
         the connections until ``done``; aiohttp's own errors, unmapped. ``connect`` bounds
-        opening a connection: DNS, TCP and TLS."""
-        # Calls past the pool's size wait here, before aiohttp builds anything for them:
-        # waiting in aiohttp's own queue holds about 10 KB per call, here about 4 KB. So
-        # aiohttp's pool never makes a call wait, and its connect timeout is the connect alone.
-        await self._free.acquire()
-        try:
-            url = self._urls.get(request.path)
-            if url is None:
-                # Appended, not joined: an api_base with a path (https://host/openai) keeps it.
-                url = self._urls[request.path] = URL(self._base + request.path)
-            # orjson's bytes keep a buffer of 4 KiB or more, and aiohttp holds the body until
-            # the answer ends: a right-sized copy saves that per call in flight.
-            body = bytes(memoryview(orjson.dumps(request.body)))
-            return await self._session.post(
-                url,
-                data=body,
-                headers={**_JSON, **request.headers},
-                timeout=aiohttp.ClientTimeout(connect=connect),
-                allow_redirects=False,
-            )
-        except BaseException:
-            self._free.release()
-            raise
+        opening a connection: DNS, TCP and TLS. Send it holding ``free``: aiohttp's pool then
+        never makes a call wait, and its connect timeout is the connect alone."""
+        url = self._urls.get(request.path)
+        if url is None:
+            # Appended, not joined: an api_base with a path (https://host/openai) keeps it.
+            url = self._urls[request.path] = URL(self._base + request.path)
+        # orjson's bytes keep a buffer of 4 KiB or more, and aiohttp holds the body until the
+        # answer ends: a right-sized copy saves that per call in flight.
+        body = bytes(memoryview(orjson.dumps(request.body)))
+        return await self._session.post(
+            url,
+            data=body,
+            headers={**_JSON, **request.headers},
+            timeout=aiohttp.ClientTimeout(connect=connect),
+            allow_redirects=False,
+        )
 
-    def done(self, response: aiohttp.ClientResponse) -> None:
+    @staticmethod
+    def done(response: aiohttp.ClientResponse) -> None:
         """Give back the connection of a response from ``send``: to the pool when its body
         was read to the end, closed otherwise."""
         response.release()
-        self._free.release()
 
 
 @functools.cache
@@ -123,7 +123,8 @@ def _tls() -> ssl.SSLContext:
 
 
 def time_limit(seconds: float) -> _TimeLimit:
-    """Bound a whole call (pool wait, connect, send, read): past it, ProviderError("timeout")."""
+    """Bound a whole call (connect, send, read; not the wait for ``Upstream.free``): past it,
+    ProviderError("timeout")."""
     return _TimeLimit(seconds)
 
 

@@ -25,10 +25,11 @@ from queuegate.errors import (
 )
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from router import Catalog, Router, load_catalog, open_router
 from router.providers import ProviderError
-from router.providers.base import classify
+from router.providers.base import UpstreamRequest, classify
 from router.providers.openai import OpenAIAdapter
 from router.transport import Upstream, events, post, time_limit
 
@@ -268,6 +269,35 @@ async def test_timeout_falls_back_after_the_deployment_timeout(
     assert 250 <= first.latency_ms < 2000
 
 
+async def test_a_call_waiting_for_a_connection_is_not_timed_out_nor_called_again(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a deployment answering in 1 s with a 1.7 s timeout, and three times more calls at
+    # once than the router's connections to it
+    mock.configure(MockConfig(models={"primary-model": Behavior(latency_ms=1000)}))
+    catalog = primary_and_backup(mock.url, timeout=1.7)
+    redis = redis_for(settings)
+    router = Router(catalog, ENV, redis=redis, keys=Keys(settings.redis_prefix), connections=10)
+
+    # When they are all sent at once (the last ones wait 2 s for a connection)
+    started = time.monotonic()
+    try:
+        async with router:
+            routed = await asyncio.gather(*(router.complete(chat("primary")) for _ in range(30)))
+    finally:
+        await redis.aclose()
+
+    # Expect each answered by the deployment on its one call: its timeout bounds the
+    # provider's answer, not the wait for a connection (counted in it, the late ones timed out
+    # while the provider was answering them, and went to the fallback: called twice)
+    assert {r.deployment for r in routed} == {"primary-dep"}
+    assert all(len(r.attempts) == 1 for r in routed)
+    assert len(mock.requests) == 30
+    assert max(r.attempts[0].latency_ms for r in routed) < 1700
+    # And they did wait: three rounds of the provider's second
+    assert time.monotonic() - started >= 3.0
+
+
 async def test_connection_refused_falls_back(settings: Settings, mock: MockProvider) -> None:
     catalog = primary_and_backup(mock.url, api_base=f"http://127.0.0.1:{closed_port()}")
 
@@ -494,16 +524,21 @@ async def test_calls_past_the_pool_wait_for_a_connection_and_each_gives_it_back(
     streamed = adapter.build_request(chat("m", stream=True), "slow", SENTINEL_KEY, stream=True)
 
     async with Upstream(mock.url, connections=2) as upstream, time_limit(10):
+
+        async def held(request: UpstreamRequest) -> tuple[int, Any]:
+            async with upstream.free:  # as the router's calls hold it
+                return await post(upstream, request, SENTINEL_KEY)
+
         # Given two connections: six calls at once take three rounds, and all are answered.
         started = time.monotonic()
-        answers = await asyncio.gather(*(post(upstream, slow, SENTINEL_KEY) for _ in range(6)))
+        answers = await asyncio.gather(*(held(slow) for _ in range(6)))
         elapsed = time.monotonic() - started
         # An error answer and a stream left after its first event give theirs back too.
         with pytest.raises(ProviderError):
-            await post(upstream, broken, SENTINEL_KEY)
-        async with aclosing(events(upstream, streamed, SENTINEL_KEY)) as stream:
+            await held(broken)
+        async with upstream.free, aclosing(events(upstream, streamed, SENTINEL_KEY)) as stream:
             await anext(stream)
-        still = await asyncio.gather(*(post(upstream, slow, SENTINEL_KEY) for _ in range(2)))
+        still = await asyncio.gather(*(held(slow) for _ in range(2)))
 
     assert [status for status, _ in answers + still] == [200] * 8
     assert elapsed >= 0.3
