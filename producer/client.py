@@ -29,6 +29,7 @@ from queuegate.broker import (
     publish,
     when_connected,
 )
+from queuegate.control import check_reply_queue_name
 from queuegate.errors import (
     ClientError,
     JobIdInFlight,
@@ -116,7 +117,8 @@ class GatewayClient:
         self._listen = listen
         self._topology = Topology.of(settings)
         self.team = check_team_name(team)
-        self._reply_name = reply_queue
+        # Checked here, in one line (else as the open request's validation error, on enter).
+        self._reply_name = None if reply_queue is None else check_reply_queue_name(reply_queue)
         # The broker checks user_id against the connection's user, so a worker can trust it.
         self._user_id = user_id or settings.amqp_user
         self._api_key = api_key

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from producer.client import GatewayClient
-from queuegate.control import QUEUE_NAME
-from queuegate.errors import ControlRefused
+from queuegate.control import check_reply_queue_name
+from queuegate.errors import ConfigError, ControlRefused
 from queuegate.settings import Settings
 from queuegate.topology import batch_lock_of, batch_of_results_queue
 
@@ -38,11 +37,10 @@ async def delete_reply_queue(
             f"{name!r} is the results queue of batch {owner!r}, not a reply queue: collect "
             f"the batch (its queue goes with it), or run queuegate batch delete {owner}"
         )
-    if not re.fullmatch(QUEUE_NAME, name):
-        raise ControlRefused(
-            f"reply queue name {name!r} is not valid: use 1-64 letters, digits, - and _ "
-            "(the name the client was given, not the queue's full name)"
-        )
+    try:
+        check_reply_queue_name(name)
+    except ConfigError as exc:
+        raise ControlRefused(str(exc)) from None
     async with GatewayClient(settings, team=team, listen=False, **who) as client:
         return await client.control.close_reply_queue(name, durable=durable)
 

@@ -20,10 +20,12 @@ arguments, and answers a ControlResponse (to a direct reply-to name only).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, Field
 
+from queuegate.errors import ConfigError
 from queuegate.messages import WireModel
 
 MESSAGE_TYPE_CONTROL = "control"
@@ -35,6 +37,17 @@ BATCH_ERROR = "batch_error"
 
 QUEUE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 """A reply queue's own part of its name: no dot, so it stays inside the team's pattern."""
+
+
+def check_reply_queue_name(name: str) -> str:
+    """``name`` as a reply queue's own name (QUEUE_NAME); ConfigError, in one line, if not."""
+    if not re.fullmatch(QUEUE_NAME, name):
+        raise ConfigError(
+            f"reply queue name {name!r} is not valid: use 1-64 letters, digits, - and _ "
+            "(the name the client was given, not the queue's full name)"
+        )
+    return name
+
 
 BATCH_RESULTS_SUFFIX = ":results"
 """Ends the last part of a batch's own results queue's name: ``:`` is outside QUEUE_NAME, so

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from producer.client import GatewayClient
 from queuegate.broker import connect
+from queuegate.errors import ConfigError
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from workers.reply_queues import ReplyQueues
@@ -30,3 +34,16 @@ async def test_jobs_asking_about_one_queue_at_once_share_one_look(settings: Sett
         assert not connection.is_closed
         assert connection.connected.is_set()
         await channel.queue_delete(name)
+
+
+@pytest.mark.parametrize("name", ["a.b", "nightly:results", "", "x" * 65, "two words"])
+def test_a_client_given_a_reply_queue_name_it_cannot_have_says_so_in_one_line(
+    settings: Settings, name: str
+) -> None:
+    # When a pipeline's client is made with a reply queue name no queue may have
+    with pytest.raises(ConfigError) as refused:
+        GatewayClient(settings, team="alpha", reply_queue=name)
+    # Expect one line naming it and what a name may hold, before anything is opened
+    message = str(refused.value)
+    assert "\n" not in message and repr(name) in message
+    assert "1-64 letters, digits, - and _" in message
