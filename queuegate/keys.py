@@ -128,8 +128,12 @@ class Keys:
         return f"{self.prefix}:live:deployment-seconds:{deployment}:{window}"
 
     def live_spend(self, team: str, month: str) -> str:
-        """The team's spend (USD) in a month (``YYYY-MM``) as the workers saw it."""
-        return f"{self.prefix}:live:spend:{team}:{month}"
+        """The team's spend in a month (``YYYY-MM``) as the workers saw it: an integer of
+        nano-USD, each job's cost as its ledger counts it (INCRBY, exact)."""
+        # Not ``live:spend:``, the key workers of earlier versions add float USD to
+        # (INCRBYFLOAT): during a rolling upgrade an old and a new worker never add to the same
+        # key, where each would fail on or corrupt the other's number.
+        return f"{self.prefix}:live:spend-nano:{team}:{month}"
 
     def team_bucket(self, team: str, model: str | None = None) -> str:
         """A team's token bucket (hash: requests, tokens, last refill), or one of its models'."""

@@ -8,7 +8,8 @@ seconds in one pipeline, so a job costs no Redis round trip of its own:
 - per team: the last ``WAIT_SAMPLES`` queue waits (the p50/p99 wait);
 - per deployment and window, likewise: provider calls, failed ones (the recent error rate)
   and those answered 429 (``rate_limited``);
-- per team and month: spend as the workers saw it (accounting's PostgreSQL stays the truth);
+- per team and month: spend as the workers saw it, in nano-USD (each job's cost as its
+  ledger counts it, added up exactly; accounting's PostgreSQL stays the truth);
 - per worker: a snapshot with its in-flight jobs per team, the deployments it called and
   bucket fills, expiring unless renewed, so a dead worker drops out of the picture by itself.
 
@@ -39,6 +40,7 @@ from queuegate.keys import Keys
 from queuegate.messages import Attempt, UsageEvent
 from queuegate.metrics import BREAKER_STATE, BUCKET_FILL, gauge_values
 from queuegate.redis_client import text
+from queuegate.spend import to_nano
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,9 @@ class _Buffer:
     deployment_counts: defaultdict[tuple[str, int], Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter)
     )
-    spend: defaultdict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    spend: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Nano-USD per (team, month): integers, so the sum is exact (floats drift in the last
+    digits)."""
 
 
 class LiveStatsWriter:
@@ -114,7 +118,7 @@ class LiveStatsWriter:
             counts["errors"] += 1
         self._buffer.waits[usage.team].append(round(usage.queued_ms, 1))
         if usage.cost_usd:
-            self._buffer.spend[(usage.team, usage.ts.strftime("%Y-%m"))] += float(usage.cost_usd)
+            self._buffer.spend[(usage.team, usage.ts.strftime("%Y-%m"))] += to_nano(usage.cost_usd)
         for attempt in attempts:
             self._deployments.add(attempt.deployment)
             calls = self._buffer.deployment_counts[(attempt.deployment, int(now))]
@@ -151,8 +155,8 @@ class LiveStatsWriter:
             window = window_of(second)
             totals = keys.live_deployment(deployment, window)
             _count(pipe, totals, keys.live_deployment_seconds(deployment, window), second, counts)
-        for (team, month), usd in buffer.spend.items():
-            pipe.incrbyfloat(keys.live_spend(team, month), usd)
+        for (team, month), nano in buffer.spend.items():
+            pipe.incrby(keys.live_spend(team, month), nano)
             pipe.expire(keys.live_spend(team, month), SPEND_TTL)
         if self._refresh is not None:
             # Best effort: the pipeline below meets Redis being away and says so once.

@@ -104,6 +104,11 @@ def to_nano(usd: Decimal) -> int:
     return math.ceil(usd * NANO)
 
 
+def from_nano(nano: int) -> Decimal:
+    """Nano-dollars as exact USD."""
+    return Decimal(nano) / NANO
+
+
 async def month_spend(
     db: asyncpg.Pool | asyncpg.Connection, team: str, month: str, model: str | None = None
 ) -> Decimal:
@@ -126,7 +131,7 @@ def ledger_total(fields: Sequence[Any]) -> Decimal | None:
     base, open_ = fields
     if base is None:
         return None
-    return Decimal(int(base) + int(open_ or 0)) / NANO
+    return from_nano(int(base) + int(open_ or 0))
 
 
 def budget_scopes(config: TeamConfig, model: str) -> list[tuple[str | None, Decimal]]:
@@ -185,9 +190,9 @@ def exhausted(
     scope_model, limit = scope
     what = f"its {model} cap" if scope_model else "its monthly budget"
     return BudgetExhausted(
-        f"team {team} has spent or reserved ${plain_decimal(Decimal(spent) / NANO)} of {what} "
+        f"team {team} has spent or reserved ${plain_decimal(from_nano(spent))} of {what} "
         f"(${plain_decimal(limit)}) for {month}; this job needs about "
-        f"${plain_decimal(Decimal(needed) / NANO)}: raise the budget (queuegate teams set "
+        f"${plain_decimal(from_nano(needed))}: raise the budget (queuegate teams set "
         f"{team} --budget ...) or wait for next month"
     )
 
@@ -204,7 +209,7 @@ async def spend_drift(
     """Redis's spend minus PostgreSQL's, USD to the nano-dollar Redis counts in: 0 once every
     job is written and reconciled."""
     redis_spent = await ledger_spent(client, keys, team, month, model) or Decimal(0)
-    pg_spent = Decimal(to_nano(await month_spend(pool, team, month, model))) / NANO
+    pg_spent = from_nano(to_nano(await month_spend(pool, team, month, model)))
     return redis_spent - pg_spent
 
 
@@ -364,8 +369,8 @@ async def _reconcile_scope(
     return Correction(
         scope,
         month,
-        Decimal(before) / NANO if found else None,
-        Decimal(after) / NANO,
+        from_nano(before) if found else None,
+        from_nano(after),
         generation,
         len(wanted),
     )

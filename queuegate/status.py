@@ -36,7 +36,7 @@ from queuegate.keys import Keys
 from queuegate.livestats import RATE_SPAN, rate_windows, read_view
 from queuegate.redis_client import lua_source, redis_for, redis_unreachable, text
 from queuegate.settings import Settings
-from queuegate.spend import ledger_total
+from queuegate.spend import from_nano, ledger_total
 from queuegate.topology import Topology
 
 REDIS_WAIT = 2.0
@@ -193,8 +193,8 @@ class StatusReader:
                     wait_p99_ms=_percentile(waits, 99),
                     bucket_fill=view.bucket_fill.get(team),
                     # The ledger (reconciled with usage_log) when the team has a budget, else
-                    # what the workers saw.
-                    spend_usd=ledger if ledger is not None else _usd(seen),
+                    # what the workers saw (nano-USD: exact).
+                    spend_usd=ledger if ledger is not None else from_nano(int(seen or 0)),
                     budget_usd=budgets.get(team),
                 )
             )
@@ -228,12 +228,6 @@ class StatusReader:
             return None, None
         result = declared.declaration_result
         return result.message_count, result.consumer_count
-
-
-def _usd(seen: Any) -> Decimal:
-    """The workers' float sum (INCRBYFLOAT) as the shortest decimal that is that float: the
-    amount they added up, without the binary digits past it."""
-    return Decimal(repr(float(text(seen)))) if seen else Decimal(0)
 
 
 def _counts(flat: Sequence[Any]) -> Counter[str]:

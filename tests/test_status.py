@@ -9,6 +9,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -16,14 +18,22 @@ import pytest
 from mockprovider import Behavior, MockConfig
 from queuegate.errors import ServiceUnavailable
 from queuegate.metrics import BREAKER_STATE
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.status import REDIS_WAIT, Status, StatusReader
 from queuegate.topology import Topology
 from tests.proxy import TcpProxy
 from tests.support import running_gateway
+from tests.teams import register
 
 JOBS = 8
 PREFETCH = 3
+# 40 characters (the mock counts 10 prompt tokens), answered in 3 output tokens: each job costs
+# 13 x $0.001 = $0.013 at $1,000 per million tokens, and twelve of them added as floats make
+# 0.15600000000000003, not $0.156 (small sums lose the error to the 17 places Redis keeps).
+PRICED = [{"role": "user", "content": "ab " * 13 + "a"}]
+PRICED_OUTPUT = 3
+PRICED_JOBS = 12
 
 
 async def _until(
@@ -188,3 +198,38 @@ async def test_status_with_a_frozen_redis_fails_in_one_line_within_its_bound(
     assert "Redis is not reachable" in lines[0]
     assert stdout == b""
     assert took < 3 * REDIS_WAIT + 15  # three reads of Redis
+
+
+async def test_status_spend_of_a_team_without_a_budget_is_usage_logs_exact_sum(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given team alpha, added without a budget (status then shows the spend the workers
+    # saw), and ten jobs whose costs do not add up exactly as floats, all written by
+    # accounting; one flush of live stats, as the worker stops, adds them all up
+    await register(settings, "alpha", TeamConfig())
+    settings = settings.model_copy(update={"stats_interval": 3600})
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  priced:
+    deployments:
+      - {name: priced-1, provider: openai, model: priced, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1000, output_per_mtok: 1000}
+"""
+    )
+    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
+        for _ in range(PRICED_JOBS):
+            result = await client.chat("priced", PRICED, max_tokens=PRICED_OUTPUT)
+            assert result.status == "ok"
+        rows = await gw.usage_rows(PRICED_JOBS)
+    assert {row["cost_usd"] for row in rows} == {Decimal("0.013")}
+    total = sum(row["cost_usd"] for row in rows)
+
+    # When the status is read
+    async with StatusReader(settings) as reader:
+        [alpha] = (await reader.read(["alpha"])).teams
+
+    # Expect the spend to be usage_log's sum to the last digit, as a Decimal
+    assert alpha.budget_usd is None
+    assert alpha.spend_usd == total == Decimal("0.156")

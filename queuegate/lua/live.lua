@@ -7,7 +7,7 @@
 -- ARGV[3]  cut, the oldest window's first second still in the rates' span (0-9)
 -- KEYS     per team: its oldest window's per-second hash (fields <name>:<second>), the
 --          w - 1 later windows' hashes of totals, its waits list, its spend ledger, its live
---          spend; then per deployment: the same w window hashes
+--          spend (nano-USD); then per deployment: the same w window hashes
 --
 -- Returns, per team, {counts, waits, {ledger base, ledger open}, live spend}, then per
 -- deployment its counts; counts flat: name, sum over the windows, ...
