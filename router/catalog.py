@@ -110,6 +110,12 @@ class Deployment(_Strict):
     """Overrides the catalog's ``resilience.breaker`` for this deployment."""
 
     @property
+    def limited(self) -> bool:
+        """Whether the catalog gives the provider account's own limits (``rpm``, ``tpm``):
+        calls to it wait for their buckets."""
+        return self.rpm is not None or self.tpm is not None
+
+    @property
     def request_burst(self) -> int | None:
         """The requests bucket's capacity: ``burst``, or half a second of ``rpm`` (at least 1)."""
         if self.rpm is None:

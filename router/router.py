@@ -254,7 +254,9 @@ class Router:
         """The alias and deployment of the job's first call when nothing but the catalog
         decides it and nothing would make it wait: the first alias of its chain has one
         deployment, with no concurrency cap, whose closed verdict is trusted (no pause, no
-        round trip to ask). None otherwise (a model the catalog lacks included)."""
+        round trip to ask), and a connection to it is free (a call recorded with its claim
+        is billed as lost should its worker die: one waiting for a connection is recorded
+        once it holds one). None otherwise (a model the catalog lacks included)."""
         try:
             alias = self.catalog.chain(job.model, job.fallbacks)[0]
         except UnknownModel:
@@ -264,6 +266,8 @@ class Router:
             return None
         deployment = deployments[0]
         if deployment.max_in_flight is not None or not self.health.trusted(deployment):
+            return None
+        if self._upstreams is None or self._upstreams[deployment.api_base].free.locked():
             return None
         return alias, deployment
 
@@ -469,17 +473,27 @@ class Router:
     async def _try_deployment(self, run: _Job, alias: str, call: _Call) -> Routed:
         """Records the attempt and the deployment's health; raises ProviderError to go on."""
         deployment = call.deployment
-        if run.gate is not None:
-            # Immediately before the call, so every retry and fallback is admitted too.
-            await run.gate.enter(deployment)
         parser = None
         if run.sink is not None:
             parser = ADAPTERS[deployment.provider].stream_parser(deployment.model, call.key)
         assert self._upstreams is not None
         free = self._upstreams[deployment.api_base].free
-        # Its time starts once one of the connections is its own (see Upstream.free): the
-        # job's deadline alone bounds the wait.
-        await free.acquire()
+        # The gate goes immediately before the call, so every retry and fallback is admitted
+        # too, and records the call as sent (billed as lost should this worker die before its
+        # outcome): once the call holds one of the connections (see Upstream.free), so that a
+        # call still waiting for one is never billed. Unless the deployment's own limits make
+        # it wait at the gate: a call waiting for their tokens must not hold a connection the
+        # other deployments at its address need. The job's deadline alone bounds both waits.
+        if deployment.limited:
+            await self._enter(run, deployment)
+            await free.acquire()
+        else:
+            await free.acquire()
+            try:
+                await self._enter(run, deployment)
+            except BaseException:
+                free.release()
+                raise
         started = time.monotonic()
         left = run.left()
         limit = transport.time_limit(min(deployment.timeout, left))
@@ -537,6 +551,11 @@ class Router:
             params_dropped=call.request.dropped,
             params_changed=call.request.changed,
         )
+
+    @staticmethod
+    async def _enter(run: _Job, deployment: Deployment) -> None:
+        if run.gate is not None:
+            await run.gate.enter(deployment)
 
     def _billed(
         self, run: _Job, alias: str, deployment: Deployment, parser: StreamParser

@@ -28,6 +28,7 @@ from queuegate.messages import ChatJob
 from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from router import Catalog, Router, load_catalog, open_router
+from router.catalog import Deployment
 from router.providers import ProviderError
 from router.providers.base import UpstreamRequest, classify
 from router.providers.openai import OpenAIAdapter
@@ -296,6 +297,73 @@ async def test_a_call_waiting_for_a_connection_is_not_timed_out_nor_called_again
     assert max(r.attempts[0].latency_ms for r in routed) < 1700
     # And they did wait: three rounds of the provider's second
     assert time.monotonic() - started >= 3.0
+
+
+class EnteredAt:
+    """A router gate noting when each call entered it (where a worker records it as sent)."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+        self.entered = asyncio.Event()
+
+    async def enter(self, deployment: Deployment) -> None:
+        self.at.append(time.monotonic())
+        self.entered.set()
+
+    async def rate_limited(self, deployment: Deployment) -> None:
+        return None
+
+
+async def test_a_call_enters_its_gate_once_it_holds_a_connection(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a deployment without limits of its own answering in 0.5 s, and one connection
+    mock.configure(MockConfig(models={"primary-model": Behavior(latency_ms=500)}))
+    catalog = primary_and_backup(mock.url)
+    redis = redis_for(settings)
+    router = Router(catalog, ENV, redis=redis, keys=Keys(settings.redis_prefix), connections=1)
+    gates = [EnteredAt(), EnteredAt()]
+
+    # When two jobs are sent at once
+    try:
+        async with router:
+            await asyncio.gather(*(router.complete(chat("primary"), gate=g) for g in gates))
+    finally:
+        await redis.aclose()
+
+    # Expect the second to pass its gate (be recorded as sent, and billed as lost should its
+    # worker die) only once the first call gave the connection back, not while it waited
+    first, second = sorted(gate.at[0] for gate in gates)
+    assert second - first >= 0.45
+
+
+async def test_a_job_goes_straight_to_its_call_only_while_a_connection_is_free(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a deployment answering in 0.5 s, one connection, and its closed circuit trusted
+    mock.configure(MockConfig(models={"primary-model": Behavior(latency_ms=500)}))
+    catalog = primary_and_backup(mock.url)
+    [deployment] = catalog.resolve("primary").deployments
+    redis = redis_for(settings)
+    router = Router(catalog, ENV, redis=redis, keys=Keys(settings.redis_prefix), connections=1)
+    try:
+        async with router:
+            await router.health.allow(deployment)
+            # Expect a job's first call known in advance (recorded with its claim) while the
+            # connection is free
+            assert router.first_call(chat("primary")) == ("primary", deployment)
+            # And not while another call holds it: recorded with the claim, the call would
+            # be billed as lost should the worker die while it waits for the connection
+            holding = EnteredAt()  # entered once its call holds the connection
+            busy = asyncio.create_task(router.complete(chat("primary"), gate=holding))
+            await holding.entered.wait()
+            await router.health.allow(deployment)
+            assert router.first_call(chat("primary")) is None
+            await busy
+            await router.health.allow(deployment)
+            assert router.first_call(chat("primary")) == ("primary", deployment)
+    finally:
+        await redis.aclose()
 
 
 async def test_connection_refused_falls_back(settings: Settings, mock: MockProvider) -> None:

@@ -127,7 +127,7 @@ class Admission:
         if name not in self._deployment_limits:
             self._deployment_limits[name] = (
                 None
-                if deployment.rpm is None and deployment.tpm is None
+                if not deployment.limited
                 else Limit(
                     self._keys.deployment_bucket(name),
                     f"deployment {name}",
