@@ -82,7 +82,8 @@ def submit(
     settings = Settings()
     window = parse_duration(deadline)
     # Checked before anything is published: a failure later would lose the skipped list.
-    target = skipped or Path(f"{check_batch_name(name or default_name(file))}.skipped.jsonl")
+    batch = check_batch_name(default_name(file) if name is None else name)
+    target = skipped or Path(f"{batch}.skipped.jsonl")
     check_writable(target, "--skipped")
     catalog = load_catalog(settings.catalog, os.environ)
     aliases = set(catalog.models)

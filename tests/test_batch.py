@@ -1241,6 +1241,22 @@ async def test_a_fully_answered_batch_is_listed_to_collect_with_its_answers(
     assert "collected spend (USD)" in stdout.decode()
 
 
+async def test_an_empty_batch_name_is_refused_not_replaced_by_the_files(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a file of 3 requests
+    source = write_jsonl(tmp_path / "named.jsonl", [openai_line(i) for i in range(3)])
+    # When it is submitted with --name '' (a script's unset variable)
+    cli = start_cli(alpha.settings, "batch", "submit", str(source), "--team", "alpha", "--name", "")
+    stdout, stderr = await asyncio.to_thread(cli.communicate)
+    # Expect a refusal in one line naming the name, before anything is published under the
+    # file's name
+    assert cli.returncode == 1
+    said = stderr.decode().strip()
+    assert "\n" not in said and "batch name '' is not valid" in said
+    assert b"published" not in stdout
+
+
 async def collect_killed_after(who: TeamIdentity, name: str, out: Path, lines: int) -> None:
     """Run `batch collect` in its own process and SIGKILL it once ``out`` holds ``lines`` lines."""
     process = start_cli(

@@ -105,7 +105,7 @@ async def submit_batch(
     QueueFull is raised (the confirmed requests recorded) for the caller to resume later.
     """
     path = Path(path)
-    name = check_batch_name(name or default_name(path))
+    name = check_batch_name(default_name(path) if name is None else name)
     team = check_team_name(team)
     async with contextlib.AsyncExitStack() as stack:
         client = await stack.enter_async_context(
