@@ -5,9 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import aio_pika
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel
 
 from accounting import migrate
 from admin.teams import Credentials, add
@@ -83,6 +85,14 @@ async def settings(base_settings: Settings) -> AsyncIterator[Settings]:
     )
     yield s
     await drop_test_namespace(s, TEST_TEAMS)
+
+
+@pytest.fixture
+async def direct(settings: Settings) -> AsyncIterator[AbstractChannel]:
+    """A channel of a connection of this test's own to the broker (as the admin user)."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        yield await connection.channel()
 
 
 @pytest.fixture

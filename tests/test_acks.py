@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aio_pika
-import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
@@ -20,13 +19,6 @@ from tests.proxy import TcpProxy
 JOBS = 20
 ACK_FRAME = 21
 """Bytes of one basic.ack frame: 7 of header, 4 of method, 8 of tag, 1 of flags, 1 of end."""
-
-
-@pytest.fixture
-async def direct(settings: Settings) -> AsyncIterator[AbstractChannel]:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        yield await connection.channel()
 
 
 async def _queue_of(channel: AbstractChannel, settings: Settings) -> str:

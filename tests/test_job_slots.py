@@ -4,11 +4,9 @@ as bare deliveries, started in arrival order as slots free, and returned by a dr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aio_pika
-import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
@@ -34,13 +32,6 @@ class Started:
 
     def drop(self) -> None:
         self.dropped += 1
-
-
-@pytest.fixture
-async def direct(settings: Settings) -> AsyncIterator[AbstractChannel]:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        yield await connection.channel()
 
 
 async def _queue(direct: AbstractChannel, settings: Settings) -> str:
