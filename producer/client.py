@@ -185,6 +185,13 @@ class GatewayClient:
         await self._connection.close()
 
     @property
+    def connection(self) -> AbstractRobustConnection:
+        """The client's broker connection (a batch submit holds its lock on it)."""
+        if self._connection is None:
+            raise RuntimeError("use the client inside `async with`")
+        return self._connection
+
+    @property
     def reply_to(self) -> str:
         if self._reply_queue is None:
             raise RuntimeError("use the client inside `async with`")

@@ -27,7 +27,6 @@ from producer.batch.lines import BatchFile
 from producer.batch.lock import BatchLock, hold_lock
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
-from queuegate.broker import connect
 from queuegate.control import BatchMeta, being_submitted, submission_jobs
 from queuegate.errors import (
     BatchError,
@@ -107,10 +106,9 @@ async def submit_batch(
     path = Path(path)
     name = check_batch_name(default_name(path) if name is None else name)
     team = check_team_name(team)
-    async with contextlib.AsyncExitStack() as stack:
-        client = await stack.enter_async_context(
-            GatewayClient(settings, team=team, user_id=user_id, api_key=api_key, listen=False)
-        )
+    async with GatewayClient(
+        settings, team=team, user_id=user_id, api_key=api_key, listen=False
+    ) as client:
         state = BatchState(client.control, name)
         # The first request proves the team: wrong credentials stop here, before any state.
         meta = await state.load()
@@ -177,9 +175,9 @@ async def submit_batch(
         # twice. Its record exists by now (the gateway keeps a lock for a recorded batch
         # only); of submits of a new name at once, only one recorded it.
         lock = await state.lock("submit")
-        connection = await connect(settings.amqp_url, name=f"batch-submit:{name}")
-        stack.push_async_callback(connection.close)
-        held = await hold_lock(connection, lock, being_submitted(name), retake=False)
+        # On the connection it publishes on: the lock is lost exactly when publishing may
+        # have been cut.
+        held = await hold_lock(client.connection, lock, being_submitted(name), retake=False)
         reply_to = Topology.of(settings).batch_results_queue(meta)
         sender = _Window(
             client,
