@@ -252,6 +252,16 @@ class ChatMessage(WireModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _parts(cls, content: str | list[dict[str, Any]] | None) -> object:
+        # A part's text is text, strictly as the rest: a number there was sent on, called
+        # and billed, where OpenAI answers it with a 400.
+        for i, part in enumerate(content if isinstance(content, list) else ()):
+            if "text" in part and not isinstance(part["text"], str):
+                raise ValueError(f"content[{i}].text: a string")
+        return content
+
 
 class ParamError(ValueError):
     """A job parameter ChatParams refuses, naming it (``param``) as OpenAI's errors do."""
@@ -275,6 +285,20 @@ class ChatParams(WireModel):
     response_format: dict[str, Any] | None = None
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     user: StoredText | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools: list[dict[str, Any]] | None) -> object:
+        # What every provider reads of a tool, strictly: its function's name and parameters.
+        for i, tool in enumerate(tools or ()):
+            function = tool.get("function")
+            if function is None:
+                continue
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ParamError("tools", f"tools[{i}].function.name: a string")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise ParamError("tools", f"tools[{i}].function.parameters: a JSON object")
+        return tools
 
     @model_validator(mode="after")
     def _extras(self) -> ChatParams:

@@ -214,6 +214,19 @@ UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {
     "string-max-tokens": ({"params": {"max_tokens": "5"}}, "params.max_tokens"),
     "string-stream": ({"stream": "yes"}, "stream"),
     "naive-deadline": ({"deadline": "2099-01-01T00:00:00"}, "deadline"),
+    # Nested, sent on and billed where OpenAI answers a 400: a part's text, a tool's function.
+    "number-text-part": (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        "messages.0.content",
+    ),
+    "number-tool-name": (
+        {"params": {"tools": [{"type": "function", "function": {"name": 5}}]}},
+        "params.tools",
+    ),
+    "list-tool-parameters": (
+        {"params": {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}},
+        "params.tools",
+    ),
 }
 
 
