@@ -25,7 +25,6 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    StringConstraints,
     Tag,
     ValidationError,
     model_validator,
@@ -34,7 +33,14 @@ from pydantic import (
 from frontdoor.chat_request import Limits, checked_messages, served_model
 from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import invalid_request, tagged_by
-from queuegate.messages import MAX_CHOICES, ChatJob
+from queuegate.messages import (
+    MAX_CHOICES,
+    ChatJob,
+    LogitBias,
+    OpenAIMetadata,
+    Penalty,
+    TopLogprobs,
+)
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
 from router.providers.anthropic import MIN_THINKING_BUDGET
 
@@ -298,10 +304,6 @@ Thinking = Annotated[
     | Annotated[ThinkingDisabled, Tag("disabled thinking")],
     Discriminator(tagged_by("type", "thinking")),
 ]
-MetadataKey = Annotated[str, StringConstraints(max_length=64)]
-MetadataValue = Annotated[str, StringConstraints(max_length=512)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-Bias = Annotated[int, Field(ge=-100, le=100)]
 
 
 class ChatRequest(_Object):
@@ -315,11 +317,11 @@ class ChatRequest(_Object):
     frequency_penalty: Penalty | None = None
     function_call: Literal["none", "auto"] | Named | None = None
     functions: list[FunctionDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
-    logit_bias: dict[str, Bias] | None = None
+    logit_bias: LogitBias | None = None
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
+    metadata: OpenAIMetadata | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     moderation: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
@@ -343,7 +345,7 @@ class ChatRequest(_Object):
     temperature: float | None = Field(default=None, ge=0, le=2)
     tool_choice: ToolChoice | None = None
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     top_p: float | None = Field(default=None, ge=0, le=1)
     user: str | None = None
     verbosity: Literal["low", "medium", "high"] | None = None

@@ -20,9 +20,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
+    with_config,
 )
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict from Python 3.12 on
 
 from queuegate.numbers import Money
 from queuegate.visible import clipped
@@ -271,8 +276,74 @@ class ParamError(ValueError):
         self.param = param
 
 
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+"""OpenAI's ``presence_penalty`` and ``frequency_penalty``."""
+LogitBias = dict[str, Annotated[int, Field(ge=-100, le=100)]]
+"""OpenAI's ``logit_bias``: token ids (as JSON keys, strings) to a whole bias, -100 to 100."""
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+"""OpenAI's ``top_logprobs``: the most likely tokens listed at each position."""
+OpenAIMetadata = Annotated[
+    dict[
+        Annotated[str, StringConstraints(max_length=64)],
+        Annotated[str, StringConstraints(max_length=512)],
+    ],
+    Field(max_length=16),
+]
+"""OpenAI's ``metadata``: at most 16 pairs of text."""
+JsonObject = dict[str, Any]
+
+
+@with_config(ConfigDict(strict=True))
+class OpenAIExtras(TypedDict, total=False):
+    """OpenAI's chat parameters a ChatParams keeps among its extras, typed as OpenAI's API
+    reference (and the openai SDK's ``CompletionCreateParams``) gives them: each is passed on
+    to the provider, and one of another type was called and billed where OpenAI answers a 400.
+    Objects are checked as objects, what they hold left to the provider (as ChatParams' own
+    ``tools``); the names a value may take (``reasoning_effort``, ``service_tier``, ...) are
+    left to the adapters, which map or refuse Anthropic's and OpenAI-compatible servers' own.
+    ``n`` and ``max_completion_tokens`` are checked apart, with what they count."""
+
+    logit_bias: LogitBias | None
+    logprobs: bool | None
+    top_logprobs: TopLogprobs | None
+    presence_penalty: Penalty | None
+    frequency_penalty: Penalty | None
+    parallel_tool_calls: bool | None
+    store: bool | None
+    metadata: OpenAIMetadata | None
+    modalities: list[str] | None
+    audio: JsonObject | None
+    prediction: JsonObject | None
+    function_call: str | JsonObject | None
+    functions: list[JsonObject] | None
+    reasoning_effort: str | None
+    service_tier: str | None
+    verbosity: str | None
+    prompt_cache_key: str | None
+    prompt_cache_retention: str | None
+    prompt_cache_options: JsonObject | None
+    safety_identifier: str | None
+    moderation: JsonObject | None
+    web_search_options: JsonObject | None
+
+
+_OPENAI_EXTRAS = TypeAdapter(OpenAIExtras)
+
+
+def _typed_extras(extra: dict[str, Any]) -> None:
+    """Refuse an OpenAI parameter among ``extra`` of another type than OpenAI's, naming it."""
+    try:
+        _OPENAI_EXTRAS.validate_python(extra)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        name, *inside = (clipped(str(part)) for part in first["loc"])
+        problem = first["msg"] if not inside else f"{'.'.join([name, *inside])}: {first['msg']}"
+        raise ParamError(name, problem) from None
+
+
 class ChatParams(WireModel):
-    """Sampling and tool parameters in OpenAI form; unknown ones pass through to the provider."""
+    """Sampling and tool parameters in OpenAI form; OpenAI's others kept among the extras,
+    typed as OpenAI's (``OpenAIExtras``), unknown ones passed through to the provider."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -300,9 +371,19 @@ class ChatParams(WireModel):
                 raise ParamError("tools", f"tools[{i}].function.parameters: a JSON object")
         return tools
 
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, response_format: dict[str, Any] | None) -> object:
+        # Every provider reads its type, which OpenAI requires.
+        if response_format is not None and not isinstance(response_format.get("type"), str):
+            raise ParamError("response_format", "response_format.type: a string")
+        return response_format
+
     @model_validator(mode="after")
     def _extras(self) -> ChatParams:
         extra = self.model_extra or {}
+        if extra:
+            _typed_extras(extra)
         # ``n`` is passed through like any extra, but zero choices would be an answer with
         # nothing in it (OpenAI refuses it; an adapter would name it wrongly).
         n = extra.get("n")

@@ -227,6 +227,10 @@ UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {
         {"params": {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}},
         "params.tools",
     ),
+    # An OpenAI parameter kept among the extras, of another type than OpenAI's (a 400 there).
+    "string-logit-bias": ({"params": {"logit_bias": {"5": "x"}}}, "params"),
+    "string-logprobs": ({"params": {"logprobs": "yes"}}, "params"),
+    "typeless-response-format": ({"params": {"response_format": {}}}, "params.response_format"),
 }
 
 

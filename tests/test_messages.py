@@ -155,6 +155,80 @@ def test_legitimate_jobs_are_read_as_before() -> None:
     assert job.deadline == datetime(2030, 1, 1, tzinfo=UTC)
 
 
+MISTYPED_PARAMS: list[tuple[dict[str, object], str]] = [
+    ({"logit_bias": {"5": "x"}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": 1.5}}, "logit_bias"),
+    ({"logit_bias": ["5"]}, "logit_bias"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": "3"}, "top_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
+    ({"store": "true"}, "store"),
+    ({"metadata": {"k": 1}}, "metadata"),
+    ({"modalities": "text"}, "modalities"),
+    ({"reasoning_effort": 3}, "reasoning_effort"),
+    ({"service_tier": ["auto"]}, "service_tier"),
+    ({"prediction": "the answer"}, "prediction"),
+    ({"response_format": {"schema": {}}}, "response_format"),
+    ({"response_format": {"type": 1}}, "response_format"),
+]
+"""OpenAI parameters a job keeps among its extras, each of another type than OpenAI's (which
+answers each with a 400): all were sent on, called and billed."""
+
+
+@pytest.mark.parametrize(("params", "name"), MISTYPED_PARAMS)
+def test_a_job_parameter_of_another_type_than_openais_is_refused_naming_it(
+    params: dict[str, object], name: str
+) -> None:
+    # Given a job whose parameter has another type than OpenAI's API gives it
+    body = orjson.dumps({**JOB, "params": params})
+    # When a worker reads it, Expect it refused naming the parameter
+    with pytest.raises(ValidationError) as info:
+        ChatJob.model_validate_json(body)
+    first = info.value.errors()[0]
+    assert first["loc"][0] == "params"
+    assert first["ctx"]["error"].param == name
+    assert first["msg"].startswith(f"Value error, {name}: ")
+    # ... and so when a producer builds it in Python
+    with pytest.raises(ValidationError):
+        ChatParams.model_validate(params)
+
+
+def test_a_mistyped_parameter_is_named_in_a_line_of_bounded_length() -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatParams.model_validate({"logit_bias": {"5" * 10_000: "x"}})
+    assert len(info.value.errors()[0]["msg"]) < 200
+
+
+def test_openai_parameters_of_openais_types_are_kept_as_sent() -> None:
+    # Given what OpenAI's API takes (an integer for a number, null for a parameter left out),
+    # and what Anthropic-format jobs carry beside (Anthropic's own tier, top_k, thinking)
+    params = {
+        "logit_bias": {"50256": -100, "11": 100},
+        "logprobs": True,
+        "top_logprobs": 0,
+        "presence_penalty": 2,
+        "frequency_penalty": -1.5,
+        "parallel_tool_calls": False,
+        "store": None,
+        "metadata": {"run": "7"},
+        "modalities": ["text"],
+        "reasoning_effort": "low",
+        "service_tier": "standard_only",
+        "prediction": {"type": "content", "content": "the answer"},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a"}},
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "top_k": 5,
+        "thinking": {"type": "enabled", "budget_tokens": 2048},
+    }
+    # When a worker reads the job, Expect each as it was sent
+    job = ChatJob.model_validate_json(orjson.dumps({**JOB, "params": params}))
+    assert job.params.model_dump() == {**ChatParams().model_dump(), **params}
+
+
 def test_results_and_usage_events_are_read_strictly_too() -> None:
     # Given a result and a usage event as workers write them
     gateway = GatewayInfo(model_requested="m", cost_usd=Decimal("0.25"), queued_ms=3)
