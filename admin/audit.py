@@ -24,6 +24,7 @@ from admin.filters import known_team, plain_text, utc_moment
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
 from queuegate.registry import check_team_name
+from queuegate.visible import clipped
 
 MAX_LIMIT = 1000
 """Rows a page holds at most."""
@@ -196,7 +197,7 @@ def parse_cursor(cursor: str) -> tuple[datetime, int]:
         return _EPOCH + int(match[1]) * _MICROSECOND, int(match[2])
     except (ValueError, OverflowError):
         raise ConfigError(
-            f"cursor {cursor!r} is not one of ours: pass a page's next_cursor"
+            f"cursor {clipped(cursor)!r} is not one of ours: pass a page's next_cursor"
         ) from None
 
 
@@ -213,13 +214,15 @@ def parse_age(text: str) -> timedelta:
     """``90d``, ``12h`` or ``30m`` as a timedelta."""
     match = _AGE.match(text.strip())
     if match is None:
-        raise ConfigError(f"{text!r} is not an age: use a number and d, h or m, e.g. 90d")
+        raise ConfigError(f"{clipped(text)!r} is not an age: use a number and d, h or m, e.g. 90d")
     try:
         age = timedelta(**{_UNITS[match[2]]: int(match[1])})
     except OverflowError:  # past timedelta's own range: older than MAX_AGE too
         age = timedelta.max
     if age > MAX_AGE:
-        raise ConfigError(f"{text!r} is older than anything kept: give at most {MAX_AGE.days}d")
+        raise ConfigError(
+            f"{clipped(text)!r} is older than anything kept: give at most {MAX_AGE.days}d"
+        )
     return age
 
 

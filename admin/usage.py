@@ -26,6 +26,7 @@ from accounting.reports import (
 from admin.filters import known_team, plain_text
 from queuegate.errors import ConfigError
 from queuegate.messages import JobStatus
+from queuegate.visible import clipped
 
 Grouping = Literal["team", "model", "day"]
 
@@ -50,7 +51,7 @@ def parse_month(text: str | None) -> date:
     try:
         first = datetime.strptime(text, "%Y-%m").date()
     except ValueError:
-        raise ConfigError(f"{text!r} is not a month: use YYYY-MM") from None
+        raise ConfigError(f"{clipped(text)!r} is not a month: use YYYY-MM") from None
     if first.year == date.max.year and first.month == 12:
         raise ConfigError(f"month {text} is out of range: the last is {date.max.year}-11")
     return first

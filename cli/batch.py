@@ -17,6 +17,7 @@ from queuegate.errors import BatchError, BatchInvalid
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
 from queuegate.settings import Settings
+from queuegate.visible import clipped
 
 batch_app = typer.Typer(
     help="Run OpenAI- or Anthropic-format batch files through the queue, resumably.",
@@ -42,14 +43,16 @@ def parse_duration(text: str) -> timedelta:
     """``90s``, ``30m``, ``24h``, ``2d``."""
     match = _DURATION.match(text)
     if not match:
-        raise typer.BadParameter(f"{text!r} is not a duration: use e.g. 30m, 24h or 2d")
+        raise typer.BadParameter(f"{clipped(text)!r} is not a duration: use e.g. 30m, 24h or 2d")
     try:
         window = timedelta(seconds=float(match[1]) * _UNITS[match[2]])
     except OverflowError:
         window = timedelta.max
     # A batch already past its deadline would publish nothing and fail every line.
     if not timedelta(0) < window < timedelta.max:
-        raise typer.BadParameter(f"{text!r}: give the batch some time, e.g. 30m, 24h or 2d")
+        raise typer.BadParameter(
+            f"{clipped(text)!r}: give the batch some time, e.g. 30m, 24h or 2d"
+        )
     return window
 
 

@@ -12,7 +12,7 @@ import typer
 from cli.console import LazyConsole
 from queuegate.runtime import run
 from queuegate.settings import Settings
-from queuegate.visible import visible
+from queuegate.visible import clipped, visible
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -157,7 +157,8 @@ def dlq_replay(
     missing = set(job_ids or ()) - {x.message_id for x in done} - {x.message_id for x, _ in refused}
     if missing and not replay_all:
         err.print(
-            f"not among the dead letters: {visible(', '.join(sorted(missing)))}", markup=False
+            f"not among the dead letters: {visible(', '.join(map(clipped, sorted(missing))))}",
+            markup=False,
         )
     if refused or (missing and not replay_all):
         raise typer.Exit(1)

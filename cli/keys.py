@@ -12,6 +12,7 @@ import typer
 from cli.console import err, out
 from cli.options import make_settings
 from queuegate.runtime import run
+from queuegate.visible import clipped
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -98,6 +99,8 @@ def admin_key_revoke(key_id: str) -> None:
             return await revoke_admin_key(pool, key_id)
 
     if not run(go):
-        err.print(f"no live admin key {key_id}: nothing revoked (queuegate admin-key list)")
+        err.print(
+            f"no live admin key {clipped(key_id)}: nothing revoked (queuegate admin-key list)"
+        )
         raise typer.Exit(1)
     out.print(f"admin key {key_id} is revoked")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import inspect
 import logging
+import re
 import socket
 import sys
 
@@ -23,7 +24,7 @@ from cli.teams import teams_app
 from queuegate.errors import GatewayError
 from queuegate.runtime import configure_logging
 from queuegate.settings import Settings, settings_problem
-from queuegate.visible import visible
+from queuegate.visible import clipped, visible
 
 app = typer.Typer(
     help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
@@ -87,11 +88,17 @@ def _fail(message: str, *, exit_code: int = 1) -> None:
     sys.exit(exit_code)
 
 
+_QUOTED = re.compile(r"'([^']*)'")
+"""A value quoted in click's (and typer's) own usage errors: ``'<value>' is not one of ...``."""
+
+
 def _usage_line(exc: typer.TyperException) -> str:
-    """A usage error with the help that shows the command's options and arguments."""
+    """A usage error with the help that shows the command's options and arguments; a value
+    it quotes clipped, as ours are (the help it points to comes last)."""
     context: typer.Context | None = getattr(exc, "ctx", None)  # a usage error's
     command = "queuegate" if context is None else context.command_path
-    return f"{exc.format_message().rstrip('.')}: see {command} --help"
+    message = _QUOTED.sub(lambda quoted: f"'{clipped(quoted[1])}'", exc.format_message())
+    return f"{message.rstrip('.')}: see {command} --help"
 
 
 def _one_line(exc: Exception) -> str | None:

@@ -20,7 +20,7 @@ from queuegate.errors import ServiceUnavailable, UnknownTeam
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
 from queuegate.settings import Settings
-from queuegate.visible import visible
+from queuegate.visible import clipped, visible
 
 if TYPE_CHECKING:  # the commands that read PostgreSQL import its client when they run
     import asyncpg
@@ -53,7 +53,7 @@ def usage(
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv")
     if by not in ("team", "model"):
-        raise typer.BadParameter(f"--by {by!r}: use team or model")
+        raise typer.BadParameter(f"--by {clipped(by)!r}: use team or model")
     day = parse_month(month)
     settings = make_settings()
     last = datetime.now(UTC).date() if month is None else month_end(day)

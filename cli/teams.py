@@ -18,6 +18,7 @@ from queuegate.messages import UnsupportedParams
 from queuegate.runtime import run
 from queuegate.settings import Settings
 from queuegate.signing import PASS_API_KEY
+from queuegate.visible import clipped
 
 teams_app = typer.Typer(
     help="Register, list, show, configure and disable teams.", no_args_is_help=True
@@ -210,7 +211,8 @@ def _cleared(fields: list[str]) -> dict[str, Any]:
     unknown = [name for name in names if name not in known]
     if unknown:
         raise typer.BadParameter(
-            f"--unset {', '.join(unknown)}: no such field; use one of {', '.join(known)}"
+            f"--unset {', '.join(map(clipped, unknown))}: no such field; "
+            f"use one of {', '.join(known)}"
         )
     return {name: known[name].get_default(call_default_factory=True) for name in names}
 
@@ -223,7 +225,9 @@ def _size(value: str) -> int:
     """Bytes from ``268435456``, ``256MiB`` or ``1GiB`` (binary units, any case)."""
     match = _SIZE.fullmatch(value.strip())
     if match is None:
-        raise typer.BadParameter(f"{value!r}: give bytes, or a size such as 256MiB or 1GiB")
+        raise typer.BadParameter(
+            f"{clipped(value)!r}: give bytes, or a size such as 256MiB or 1GiB"
+        )
     return int(match[1]) * _UNITS[match[2].lower()]
 
 
@@ -235,20 +239,21 @@ def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
         if not alias.strip():
             # ":" alone cleared nothing and said nothing; ":rpm=5" blamed the catalog.
             raise typer.BadParameter(
-                f"{spec!r} names no model alias before the colon: use "
+                f"{clipped(spec)!r} names no model alias before the colon: use "
                 "ALIAS:rpm=N,tpm=N,burst=N,budget=USD, or ALIAS: to clear the alias's limits"
             )
         if not colon:
             raise typer.BadParameter(
-                f"{spec!r} sets no limit: use {alias}:rpm=N,tpm=N,burst=N,budget=USD "
-                f"(any of them), or {alias}: to clear the alias's limits"
+                f"{clipped(spec)!r} sets no limit: use "
+                f"{clipped(alias)}:rpm=N,tpm=N,burst=N,budget=USD (any of them), "
+                f"or {clipped(alias)}: to clear the alias's limits"
             )
         fields: dict[str, str] = {}
         for pair in filter(None, rest.split(",")):
             key, _, value = pair.partition("=")
             if key not in names or not value:
                 raise typer.BadParameter(
-                    f"{spec!r}: use ALIAS:rpm=N,tpm=N,burst=N,budget=USD (any of them)"
+                    f"{clipped(spec)!r}: use ALIAS:rpm=N,tpm=N,burst=N,budget=USD (any of them)"
                 )
             fields[names[key]] = value
         limits[alias] = fields
@@ -265,8 +270,9 @@ def _check_aliases(settings: Settings, aliases: list[str]) -> None:
     if unknown:
         source = settings.catalog or "the bundled mock catalog (QUEUEGATE_CATALOG unset)"
         raise ConfigError(
-            f"no model alias {', '.join(map(repr, unknown))} in {source}: aliases come from "
-            f"the catalog QUEUEGATE_CATALOG names; pick one of {', '.join(sorted(catalog.models))}"
+            f"no model alias {', '.join(repr(clipped(a)) for a in unknown)} in {source}: "
+            "aliases come from the catalog QUEUEGATE_CATALOG names; "
+            f"pick one of {', '.join(sorted(catalog.models))}"
         )
 
 
@@ -276,7 +282,7 @@ def teams_disable(name: str) -> None:
     from admin.teams import disable
 
     if not run(lambda: disable(make_settings(), name)):
-        err.print(f"no team named {name}: list them with queuegate teams list")
+        err.print(f"no team named {clipped(name)}: list them with queuegate teams list")
         raise typer.Exit(1)
     out.print(f"team {name} is disabled")
 
@@ -365,7 +371,7 @@ def teams_revoke_key(name: str, key_id: str) -> None:
     from admin.teams import revoke_key
 
     if not run(lambda: revoke_key(make_settings(), name, key_id)):
-        err.print(f"team {name} has no live key {key_id}: nothing revoked")
+        err.print(f"team {clipped(name)} has no live key {clipped(key_id)}: nothing revoked")
         raise typer.Exit(1)
     out.print(f"key {key_id} of team {name} is revoked")
 

@@ -9,6 +9,7 @@ from queuegate.control import check_reply_queue_name
 from queuegate.errors import ConfigError, ControlRefused
 from queuegate.settings import Settings
 from queuegate.topology import batch_lock_of, batch_of_results_queue
+from queuegate.visible import clipped
 
 
 async def delete_reply_queue(
@@ -27,15 +28,17 @@ async def delete_reply_queue(
     if lock is not None:
         batch, role = lock
         raise ControlRefused(
-            f"{name!r} is the {role} lock of batch {batch!r}, not a reply queue: the broker "
-            f"removes it by itself once its holder (queuegate batch {role}) has stopped; "
-            f"to drop the batch and its results, run queuegate batch delete {batch}"
+            f"{clipped(name)!r} is the {role} lock of batch {clipped(batch)!r}, not a reply "
+            f"queue: the broker removes it by itself once its holder (queuegate batch {role}) "
+            "has stopped; to drop the batch and its results, run queuegate batch delete "
+            f"{clipped(batch)}"
         )
     owner = batch_of_results_queue(name)
     if owner is not None:
         raise ControlRefused(
-            f"{name!r} is the results queue of batch {owner!r}, not a reply queue: collect "
-            f"the batch (its queue goes with it), or run queuegate batch delete {owner}"
+            f"{clipped(name)!r} is the results queue of batch {clipped(owner)!r}, not a reply "
+            "queue: collect the batch (its queue goes with it), or run queuegate batch delete "
+            f"{clipped(owner)}"
         )
     try:
         check_reply_queue_name(name)

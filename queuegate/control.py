@@ -27,6 +27,7 @@ from pydantic import AwareDatetime, Field
 
 from queuegate.errors import ConfigError
 from queuegate.messages import WireModel
+from queuegate.visible import clipped
 
 MESSAGE_TYPE_CONTROL = "control"
 MESSAGE_TYPE_CONTROL_REPLY = "control-reply"
@@ -43,7 +44,7 @@ def check_reply_queue_name(name: str) -> str:
     """``name`` as a reply queue's own name (QUEUE_NAME); ConfigError, in one line, if not."""
     if not re.fullmatch(QUEUE_NAME, name):
         raise ConfigError(
-            f"reply queue name {name!r} is not valid: use 1-64 letters, digits, - and _ "
+            f"reply queue name {clipped(name)!r} is not valid: use 1-64 letters, digits, - and _ "
             "(the name the client was given, not the queue's full name)"
         )
     return name
@@ -90,7 +91,7 @@ BatchCallName = Literal[
 def no_such_batch(team: str, name: str) -> str:
     """What a step on a batch the team does not have is refused with."""
     return (
-        f"no batch named {name!r} for team {team!r}: submit it first "
+        f"no batch named {clipped(name)!r} for team {clipped(team)!r}: submit it first "
         "(queuegate batch submit), or see queuegate batch list"
     )
 

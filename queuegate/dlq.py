@@ -63,6 +63,7 @@ from queuegate.topology import (
     Topology,
     header_text,
 )
+from queuegate.visible import clipped
 
 _REPLAYED_HEADERS = (KEY_ID_HEADER, PROOF_HEADER, HEADER_SENT_MS)
 """The only headers of a dead letter a replay carries over (the rest describe its death or
@@ -125,10 +126,13 @@ def find(letters: Collection[DeadLetter], wanted: str) -> DeadLetter:
     exact = [x for x in letters if x.message_id == wanted]
     found = exact or [x for x in letters if x.message_id and x.message_id.startswith(wanted)]
     if not found:
-        raise ConfigError(f"no dead letter with id {wanted!r}: list them with queuegate dlq list")
+        raise ConfigError(
+            f"no dead letter with id {clipped(wanted)!r}: list them with queuegate dlq list"
+        )
     if len(found) > 1:
         raise ConfigError(
-            f"{len(found)} dead letters have ids starting with {wanted!r}: give more of the id"
+            f"{len(found)} dead letters have ids starting with {clipped(wanted)!r}: "
+            "give more of the id"
         )
     return found[0]
 

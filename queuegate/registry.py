@@ -22,6 +22,7 @@ from queuegate.errors import ConfigError
 from queuegate.messages import MAX_OUTPUT_TOKENS, UnsupportedParams
 from queuegate.numbers import Money
 from queuegate.registry_changes import NOTIFY
+from queuegate.visible import clipped
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ def default_burst(rpm: int) -> int:
 def check_team_name(name: str) -> str:
     if not TEAM_NAME.fullmatch(name):
         raise ConfigError(
-            f"team name {name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_', "
-            "starting with a letter or digit"
+            f"team name {clipped(name)!r} is invalid: use 1-64 lowercase letters, digits, '-' "
+            "or '_', starting with a letter or digit"
         )
     return name
 

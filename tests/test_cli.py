@@ -10,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from admin.teams import add
@@ -169,6 +171,50 @@ async def test_an_invalid_submit_option_is_one_line_not_a_validation_traceback(
     assert stderr.strip().count("\n") == 0, stderr
     assert "invalid model: String should have at most 128 characters" in stderr
     assert "correct it" in stderr
+
+
+LONG = "x" * 10_000
+"""A name no one would choose, but anyone may type (or a script pass from a file)."""
+
+
+@pytest.mark.parametrize(
+    ("args", "what_to_do"),
+    [
+        (["batch", "submit", "requests.jsonl", "--team", "alpha", "--name", LONG],
+         "use 1-48 lowercase letters, digits, - and _, starting with a letter or digit"),
+        (["batch", "submit", "requests.jsonl", "--team", "alpha", "--deadline", LONG],
+         "use e.g. 30m, 24h or 2d: see queuegate batch submit --help"),
+        (["replies", "delete", LONG, "--team", "alpha"],
+         "use 1-64 letters, digits, - and _ (the name the client was given"),
+        (["replies", "delete", f"{LONG}:collect", "--team", "alpha"],
+         "run queuegate batch delete x"),
+        (["teams", "show", LONG], "use 1-64 lowercase letters, digits, '-' or '_'"),
+        (["teams", "set", "alpha", "--unsupported-params", LONG],
+         "is not one of 'refuse', 'drop': see queuegate teams set --help"),
+    ],
+)  # fmt: skip
+def test_a_long_name_is_clipped_in_the_one_line_error_that_says_what_to_do(
+    settings: Settings, tmp_path: Path, args: list[str], what_to_do: str
+) -> None:
+    # Given a 10,000-character name where a command takes a name (refused before anything
+    # is opened: nothing of the namespace is touched)
+    (tmp_path / "requests.jsonl").write_text("")
+    # When the command is run
+    done = subprocess.run(
+        [Path(sys.executable).with_name("queuegate"), *args],  # the installed command
+        env={**os.environ, **_env(settings)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # Expect one short line: the name clipped as log lines clip it, and what to do
+    assert done.returncode in (1, 2)
+    line = done.stderr.strip()
+    assert "\n" not in line and len(line) < 500, line[:500]
+    assert f"{'x' * 64}…" in line
+    assert what_to_do in line
 
 
 def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:

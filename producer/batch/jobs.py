@@ -15,6 +15,7 @@ from producer.batch.formats import FORMATS, FormatName, detect
 from queuegate.control import BatchMeta, job_id
 from queuegate.errors import BatchError
 from queuegate.messages import ChatJob, ChatParams
+from queuegate.visible import clipped
 
 ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
 """Parameters only Anthropic's API takes; another provider would refuse or ignore them."""
@@ -26,8 +27,8 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 def check_batch_name(name: str) -> str:
     if not NAME.fullmatch(name):
         raise BatchError(
-            f"batch name {name!r} is not valid: use 1-48 lowercase letters, digits, - and _, "
-            "starting with a letter or digit"
+            f"batch name {clipped(name)!r} is not valid: use 1-48 lowercase letters, digits, "
+            "- and _, starting with a letter or digit"
         )
     return name
 
@@ -107,12 +108,12 @@ class JobReader:
         if not model:
             raise ValueError("no model: name one in the request or pass --model")
         if self._models is not None and model not in self._models:
-            raise ValueError(f"model {model!r} is not in the catalog: pass --model ALIAS")
+            raise ValueError(f"model {clipped(model)!r} is not in the catalog: pass --model ALIAS")
         if self._anthropic_models is not None and model not in self._anthropic_models:
             for key in ANTHROPIC_ONLY:
                 if key in request.params:
                     raise ValueError(
-                        f"{key} is Anthropic's alone and model {model!r} may be served by "
+                        f"{key} is Anthropic's alone and model {clipped(model)!r} may be served by "
                         "another provider: remove it, or pick a model served only by Anthropic"
                     )
         try:

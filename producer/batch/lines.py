@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from queuegate.errors import BatchError
+from queuegate.visible import clipped
 
 BOM = codecs.BOM_UTF8
 _READ = 65536
@@ -97,12 +98,12 @@ class _Document:
                     self._expect(",", "its keys must be separated by ,")
                 first = False
                 key = self._value("a key")
-                self._expect(":", f"key {key!r} must be followed by :")
+                self._expect(":", f"key {clipped(str(key))!r} must be followed by :")
                 if key == "requests":
                     found = True
                     yield from self._requests()
                 else:
-                    self._value(f"the value of {key!r}")
+                    self._value(f"the value of {clipped(str(key))!r}")
             if not found:
                 raise BatchError(f'{self._path}: the document has no "requests" array')
 

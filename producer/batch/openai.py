@@ -15,6 +15,7 @@ from producer.batch.answers import Answer, Category, Request
 from queuegate.api_errors import openai_error
 from queuegate.messages import HTTP_STATUS
 from queuegate.provider_formats import openai_id, openai_view
+from queuegate.visible import clipped
 
 URL = "/v1/chat/completions"
 _OWNED = frozenset({"model", "messages", "stream", "stream_options"})
@@ -27,11 +28,11 @@ _BATCH_ERRORS: dict[Category, tuple[str, str]] = {
 def parse(entry: dict[str, Any]) -> Request:
     """The request of one line; ValueError names what is wrong."""
     if entry.get("method") != "POST":
-        raise ValueError(f"method must be POST, not {entry.get('method')!r}")
+        raise ValueError(f"method must be POST, not {clipped(str(entry.get('method')))!r}")
     if "url" not in entry:
         raise ValueError(f"url is missing: it must be {URL}")
     if entry.get("url") != URL:
-        raise ValueError(f"url {entry.get('url')!r} is not served: only {URL}")
+        raise ValueError(f"url {clipped(str(entry.get('url')))!r} is not served: only {URL}")
     body = entry.get("body")
     if not isinstance(body, dict):
         raise ValueError("body must be an object")

@@ -40,6 +40,7 @@ from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey
 from queuegate.topology import Topology
+from queuegate.visible import clipped
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ async def _validate(
                 total += 1
             else:
                 problems.append(
-                    (number, f"duplicate custom_id {custom_id!r} (first on line {first})")
+                    (number, f"duplicate custom_id {clipped(custom_id)!r} (first on line {first})")
                 )
         chunk.clear()
 
