@@ -13,7 +13,7 @@ import typer
 
 from cli.console import LazyConsole
 from cli.options import ApiKey
-from queuegate.errors import BatchError, BatchInvalid
+from queuegate.errors import BatchError, BatchInvalid, NotText
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -107,6 +107,8 @@ def submit(
                     on_progress=update,
                 )
             )
+    except NotText:
+        raise  # its one line says where
     except BatchInvalid as exc:
         _print_problems(file, exc.problems)
         raise

@@ -235,3 +235,8 @@ class BatchInvalid(BatchError):
     def __init__(self, message: str, problems: list[tuple[int, str]]) -> None:
         super().__init__(message)
         self.problems = problems
+
+
+class NotText(BatchInvalid):
+    """A batch file is not UTF-8 text (a binary file, another encoding): refused whole, its
+    one problem the first byte that is not UTF-8, which the message names too."""

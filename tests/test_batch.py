@@ -1257,6 +1257,43 @@ async def test_an_empty_batch_name_is_refused_not_replaced_by_the_files(
     assert b"published" not in stdout
 
 
+async def test_a_file_that_is_not_utf8_text_is_refused_in_one_line_nothing_published(
+    settings: Settings, tmp_path: Path, redis_client: aioredis.Redis, alpha: TeamIdentity
+) -> None:
+    # Given a binary file, and a file of requests whose second is in Latin-1, not UTF-8
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(bytes(range(256)) * 8)
+    first = orjson.dumps(openai_line(1)) + b"\n"
+    latin = tmp_path / "latin.jsonl"
+    second = orjson.dumps(openai_line(2)).replace(b"Question", b"Qu\xe9stion")
+    latin.write_bytes(first + second)
+    async with nobody_serves(settings):
+        for source, where in [
+            (binary, "(line 2: byte 0x80 at offset 128)"),  # line 1 ends at 0x0a
+            (latin, f"(line 2: byte 0xe9 at offset {len(first) + second.index(0xE9)})"),
+        ]:
+            # When it is submitted
+            cli = start_cli(alpha.settings, "batch", "submit", str(source), "--team", "alpha")
+            stdout, stderr = await asyncio.to_thread(cli.communicate)
+            # Expect one line saying the file is not UTF-8 text, where, and what to do
+            assert cli.returncode == 1
+            said = stderr.decode().strip()
+            assert "\n" not in said, said
+            assert f"{source}: not UTF-8 JSONL text {where}, nothing published" in said
+            assert said.endswith("save it as UTF-8") and "surrogate" not in said
+            # ... and nothing published or kept
+            assert b"published" not in stdout
+            assert not await redis_client.exists(
+                Keys(settings.redis_prefix).batch("alpha", source.stem)
+            )
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).declare_queue(
+            Topology(settings.namespace).team_queue("alpha"), passive=True
+        )
+        assert queue.declaration_result.message_count == 0
+
+
 async def collect_killed_after(who: TeamIdentity, name: str, out: Path, lines: int) -> None:
     """Run `batch collect` in its own process and SIGKILL it once ``out`` holds ``lines`` lines."""
     process = start_cli(

@@ -16,7 +16,7 @@ from producer.batch.answers import Answer
 from producer.batch.formats import FORMATS
 from producer.batch.jobs import JobReader
 from producer.batch.lines import BatchFile
-from queuegate.errors import BatchError
+from queuegate.errors import BatchError, NotText
 from queuegate.messages import ChatJob, ChatResult, ErrorCode, ErrorInfo, GatewayInfo
 from queuegate.provider_formats import anthropic_message, openai_request
 from router import load_catalog
@@ -230,6 +230,31 @@ def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
         (1, "my-first-request"),
         (2, "my-second-request"),
     ]
+
+
+def test_a_requests_document_not_in_utf8_is_refused_where_it_is_not(tmp_path: Path) -> None:
+    # Given a document of requests in UTF-8 ("é" is 2 bytes, one cut by a read block's end)
+    requests = [
+        {"custom_id": f"r{i}", "params": {"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "é" * 50}]}}
+        for i in range(2000)
+    ]  # fmt: skip
+    raw = codecs.BOM_UTF8 + orjson.dumps({"requests": requests}, option=orjson.OPT_INDENT_2)
+    path = tmp_path / "doc.json"
+    path.write_bytes(raw)
+    # Expect every request read, each "é" whole
+    assert [entry["params"]["messages"][0]["content"] for _, entry in BatchFile(path)] == [
+        "é" * 50
+    ] * 2000
+    # When one "é" past the first read block is in Latin-1 instead
+    at = raw.index("é".encode(), 100_000)
+    path.write_bytes(raw[:at] + b"\xe9" + raw[at + 2 :])
+    # Expect the file refused whole, at that byte, on its line: never read as "\ufffd"
+    with pytest.raises(NotText) as refused:
+        list(BatchFile(path))
+    line = raw[:at].count(b"\n") + 1
+    assert f": not UTF-8 JSON text (line {line}: byte 0xe9 at offset {at:,})" in str(refused.value)
+    assert refused.value.problems == [(line, f"not UTF-8 text: byte 0xe9 at offset {at:,}")]
 
 
 def test_a_cut_short_requests_document_is_refused(tmp_path: Path) -> None:

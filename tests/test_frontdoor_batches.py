@@ -462,6 +462,21 @@ async def test_invalid_lines_fail_an_openai_batch_listing_them_and_publish_nothi
     assert ended.errors.data[0].line == 2
     assert "not JSON" in (ended.errors.data[0].message or "")
     assert ended.output_file_id is None and ended.error_file_id is None
+    # ... and so with a line that is not UTF-8 text (Latin-1), named with its byte
+    lines = jsonl(openai_lines(3)).split(b"\n")
+    lines[1] = lines[1].replace(b"req-1", b"r\xe9q-1")
+    async with door.openai() as client:
+        file_id = (
+            await client.files.create(file=("latin.jsonl", b"\n".join(lines)), purpose="batch")
+        ).id
+        batch = await client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        ended = await openai_ended(client, batch.id)
+    assert ended.status == "failed" and ended.errors is not None
+    assert [(e.line, e.message) for e in ended.errors.data] == [
+        (2, f"not UTF-8 text: byte 0xe9 at offset {len(lines[0]) + 1 + lines[1].index(0xE9)}")
+    ]
     assert gateway.mock.stats.calls == 0
 
 
@@ -513,6 +528,19 @@ async def test_uploads_are_bounded_and_batches_checked_before_anything_is_kept(
             await client.messages.batches.create(
                 requests=message_requests(2) + message_requests(1)  # type: ignore[arg-type]
             )
+        # a body that is not UTF-8 (a request in Latin-1) is refused where it is not, never
+        # read with its bytes replaced
+        document = orjson.dumps({"requests": message_requests(1)}, option=orjson.OPT_INDENT_2)
+        at = document.index(b'"user"') + 1
+        latin = document[:at] + b"\xe9" + document[at:]
+        line = document[:at].count(b"\n") + 1
+        async with httpx.AsyncClient(base_url=door.url) as http:
+            refused = await http.post(
+                "/v1/messages/batches", content=latin, headers={"x-api-key": keys["alpha"]}
+            )
+        assert refused.status_code == 400, refused.text
+        assert f"not UTF-8 JSON text (line {line}: byte 0xe9 at offset {at})" in refused.text
+        assert "/tmp" not in refused.text
         assert [b.id async for b in client.messages.batches.list()] == []
 
 

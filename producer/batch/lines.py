@@ -3,7 +3,8 @@
 A JSONL file is read one line at a time. Anthropic's ``{"requests": [...]}`` document is
 read one request at a time too, whatever the order of its keys. Either way each entry is
 numbered by the line it starts on, and memory stays constant, whatever the file's size. A
-UTF-8 byte order mark at the start is skipped.
+UTF-8 byte order mark at the start is skipped; a file that is not UTF-8 text is refused
+whole (NotText), at its first byte that is not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from queuegate.errors import BatchError
+from queuegate.errors import BatchError, NotText
 from queuegate.visible import clipped
 
 BOM = codecs.BOM_UTF8
@@ -48,16 +49,36 @@ class BatchFile:
         if self.document:
             yield from _Document(self.path, self.digest).entries()
             return
+        offset = 0  # the file's bytes before the line read
         with self.path.open("rb") as f:
             for number, read in enumerate(f, start=1):
                 self.digest.update(read)
                 raw = read.removeprefix(BOM) if number == 1 else read
-                if not raw.strip():
-                    continue
-                try:
-                    yield number, orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    yield number, ValueError(f"not JSON: {exc.msg} (column {exc.pos + 1})")
+                if raw.strip():
+                    try:
+                        yield number, orjson.loads(raw)
+                    except orjson.JSONDecodeError as exc:
+                        # Looked at only here: orjson refuses what is not UTF-8, in its words.
+                        _check_text(self.path, "JSONL", number, offset + len(read) - len(raw), raw)
+                        yield number, ValueError(f"not JSON: {exc.msg} (column {exc.pos + 1})")
+                offset += len(read)
+
+
+def _check_text(path: Path, kind: str, line: int, start: int, raw: bytes) -> None:
+    """NotText when ``raw``, line ``line`` of ``path`` from its byte ``start``, is not UTF-8."""
+    try:
+        raw.decode()
+    except UnicodeDecodeError as exc:
+        raise _not_text(path, kind, line, start + exc.start, raw[exc.start]) from None
+
+
+def _not_text(path: Path, kind: str, line: int, at: int, byte: int) -> NotText:
+    found = f"byte 0x{byte:02x} at offset {at:,}"
+    return NotText(
+        f"{path}: not UTF-8 {kind} text (line {line}: {found}), nothing published: a batch "
+        "file is UTF-8 text; save it as UTF-8",
+        [(line, f"not UTF-8 text: {found}")],
+    )
 
 
 def _opens_document(first: bytes) -> bool:
@@ -80,13 +101,15 @@ class _Document:
     def __init__(self, path: Path, digest: hashlib._Hash) -> None:
         self._path = path
         self._digest = digest
-        self._text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        self._text = codecs.getincrementaldecoder("utf-8-sig")()
         self._decoder = json.JSONDecoder()
         self._buffer = ""
         self._position = 0
         self._line = 1
         """The line number of ``_buffer[0]``."""
         self._eof = False
+        self._read = 0
+        """The file's bytes read."""
 
     def entries(self) -> Iterator[tuple[int, Any]]:
         with self._path.open("rb") as f:
@@ -131,7 +154,15 @@ class _Document:
         self._buffer, self._position = self._buffer[self._position :], 0
         raw = self._file.read(_READ)
         self._digest.update(raw)
-        self._buffer += self._text.decode(raw, final=not raw)
+        try:
+            self._buffer += self._text.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            # Decoded with the bytes of a character the last block cut, held before ``raw``.
+            held = len(exc.object) - len(raw)
+            line = self._line + self._buffer.count("\n") + exc.object[: exc.start].count(b"\n")
+            at = self._read - held + exc.start
+            raise _not_text(self._path, "JSON", line, at, exc.object[exc.start]) from None
+        self._read += len(raw)
         self._eof = not raw
         return True
 
