@@ -278,7 +278,7 @@ class JobProcessor:
                 job,
                 redelivered=bool(message.redelivered),
                 ahead=ahead,
-                first=self._first_call(job) if straight else None,
+                first=self._first_call(job, ahead) if straight else None,
             )
         except JobError as exc:  # a different request under the id, or answered before
             # One answered before is refused as that wherever its reply queue is: its own row
@@ -567,7 +567,7 @@ class JobProcessor:
             or wanted(job, self._admission.config(job.team))
         )
 
-    def _first_call(self, job: ChatJob) -> LostCall | None:
+    def _first_call(self, job: ChatJob, ahead: Ahead | None) -> LostCall | None:
         """The record of the job's first call, to write with its claim, when the call goes
         as soon as it is admitted: to the one deployment the router would pick (``first_call``)
         with nothing of admission to wait for (no bucket of its team's or the deployment's:
@@ -579,7 +579,7 @@ class JobProcessor:
         if first is None:
             return None
         alias, deployment = first
-        needed = self._admission.straight(job, deployment)
+        needed = self._admission.straight(job, deployment, ahead)
         return None if needed is None else planned_call(alias, deployment, needed)
 
     async def _answer(

@@ -138,13 +138,18 @@ class Admission:
             )
         return self._deployment_limits[name]
 
-    def straight(self, job: ChatJob, deployment: Deployment) -> Estimate | None:
+    def straight(
+        self, job: ChatJob, deployment: Deployment, ahead: Ahead | None = None
+    ) -> Estimate | None:
         """The job's estimate when admission has nothing to wait for between its claim and
         its call to ``deployment``: no bucket of its team's, nor of the deployment's. None
-        otherwise, or when its estimate is refused (``admit`` refuses it in its turn)."""
+        otherwise, or when its estimate is refused (``admit`` refuses it in its turn).
+        ``ahead``: the job's, whose estimate is the same (made once, not twice)."""
         config = self.config(job.team)
         if self._team_limits(job, config) or self.deployment_limit(deployment) is not None:
             return None
+        if ahead is not None:
+            return ahead.estimate
         try:
             return estimate(job, self._catalog, config, self._settings.expected_output_tokens)
         except JobError:
