@@ -9,9 +9,11 @@ What a route needs of a request besides its body comes from headers, read here o
 - The job id is a fresh one, or derived from ``Idempotency-Key`` (team-scoped: the workers
   key every claim and outcome by team), so a retry is the same job and never a second call.
 - The job's deadline follows the caller's wait: ``x-queuegate-timeout`` (seconds), else the
-  timeout the OpenAI SDK announces (``x-stainless-read-timeout``), else ``DEFAULT_WAIT``,
-  counted from the request's arrival (its key's check included); a job nobody waits for any
-  more expires in its queue instead of being served.
+  timeout the OpenAI and Anthropic SDKs announce (``x-stainless-read-timeout``; past
+  ``MAX_WAIT``, ``MAX_WAIT``), else ``DEFAULT_WAIT``, counted from the request's arrival (its
+  key's check included), less ``ANSWER_MARGIN``: the caller reads its answer, a 504 included,
+  before its own timer fires. A job nobody waits for any more expires in its queue instead
+  of being served.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ DEFAULT_WAIT = 600.0
 """Seconds a request waits for its answer when the caller names no timeout (the OpenAI
 SDK's own default)."""
 MAX_WAIT = 3600.0
+ANSWER_MARGIN = 0.25
+"""Seconds before the caller's timeout that its answer leaves at the latest (a tenth of the
+timeout when that is less). An SDK times a request from its own side of the wire, so a 504
+sent as the timeout passes here reached it 2 to 8 ms after its own timer fired: it read a
+timeout of its own, and retried the request as a new job, called and billed again."""
 MAX_IDEMPOTENCY_KEY = 255
 OWNED = frozenset({"model", "messages", "stream", "stream_options"})
 """Body fields the job carries itself; every other one is a parameter for the provider."""
@@ -84,8 +91,15 @@ class RequestOptions:
     @classmethod
     def of(cls, request: Request) -> RequestOptions:
         headers = request.headers
-        named = headers.get("x-queuegate-timeout") or headers.get("x-stainless-read-timeout")
-        timeout = DEFAULT_WAIT if named is None else _seconds(named)
+        ours = headers.get("x-queuegate-timeout")
+        announced = headers.get("x-stainless-read-timeout")
+        named = ours or announced
+        if ours is not None:
+            timeout = _seconds(ours)
+        elif announced is not None:
+            timeout = _announced(announced)
+        else:
+            timeout = DEFAULT_WAIT
         key = headers.get("idempotency-key")
         if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable()):
             raise ApiError(
@@ -102,8 +116,9 @@ class RequestOptions:
         )
 
     def left(self) -> float:
-        """Seconds until the caller stops waiting."""
-        return max(0.0, self.arrived + self.timeout - time.monotonic())
+        """Seconds until the caller's answer must leave (``ANSWER_MARGIN``)."""
+        margin = min(ANSWER_MARGIN, self.timeout / 10)
+        return max(0.0, self.arrived + self.timeout - margin - time.monotonic())
 
     def job_id(self, team: str) -> str:
         if self.idempotency_key is None:
@@ -117,6 +132,17 @@ class RequestOptions:
         if self.respond_async and not self.timeout_named:
             return None
         return datetime.now(UTC) + timedelta(seconds=self.left())
+
+
+def _announced(text: str) -> float:
+    """The timeout an SDK announces: the caller set it on its client, not for the gateway,
+    so one past ``MAX_WAIT`` is served within ``MAX_WAIT``, and one that is no number (no SDK
+    sends it) leaves the default."""
+    try:
+        value = float(text)
+    except ValueError:
+        return DEFAULT_WAIT
+    return min(value, MAX_WAIT) if value > 0 else DEFAULT_WAIT
 
 
 def _seconds(text: str) -> float:

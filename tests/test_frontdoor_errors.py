@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import anthropic
 import httpx
+import httpx2
 import openai
 import pytest
 
@@ -183,3 +184,59 @@ async def test_the_sdk_with_its_default_retries_pays_once_for_a_504(door: Door) 
         await door.gateway.mock.wait_for_calls(1)
     assert len(await door.gateway.usage_rows(1)) == 1
     assert door.gateway.mock.stats.calls == 1
+
+
+async def test_an_sdk_reads_the_504_before_its_own_timeout_and_pays_once(door: Door) -> None:
+    # Given each SDK with a timeout of its own (announced in x-stainless-read-timeout) and its
+    # default retries, and a provider still answering when that timeout passes
+    sent: list[httpx.Request | httpx2.Request] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request)
+
+    async def count_claude(request: httpx2.Request) -> None:
+        sent.append(request)
+
+    http = httpx.AsyncClient(event_hooks={"request": [count]})
+    claude_http = httpx2.AsyncClient(event_hooks={"request": [count_claude]})
+    async with (
+        openai.AsyncOpenAI(
+            base_url=door.v1, api_key=door.keys["alpha"], http_client=http, timeout=1.0
+        ) as client,
+        anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], http_client=claude_http, timeout=1.0
+        ) as claude,
+    ):
+        with pytest.raises(openai.InternalServerError) as late:
+            await client.chat.completions.create(model="flaky-gpt", messages=HELLO)
+        with pytest.raises(openai.InternalServerError) as late_stream:
+            await client.chat.completions.create(model="flaky-gpt", messages=HELLO, stream=True)
+        with pytest.raises(anthropic.InternalServerError) as late_claude:
+            await claude.messages.create(model="flaky-gpt", max_tokens=10, messages=HELLO)
+
+    # Expect the gateway's 504 read by each, not a timeout of the SDK's own that it retries
+    # as a new job: three requests, three provider calls, three usage rows
+    for error in (late.value, late_stream.value, late_claude.value):
+        assert error.status_code == 504
+    assert late.value.code == late_stream.value.code == "deadline_exceeded"
+    assert len(sent) == 3
+    async with asyncio.timeout(10):
+        await door.gateway.mock.wait_for_calls(3)
+    assert len(await door.gateway.usage_rows(3)) == 3
+    assert door.gateway.mock.stats.calls == 3
+
+
+async def test_an_sdk_timeout_past_the_gateways_longest_wait_is_served(door: Door) -> None:
+    # Given SDK clients built with a two-hour timeout, which they announce on every request
+    async with (
+        openai.AsyncOpenAI(base_url=door.v1, api_key=door.keys["alpha"], timeout=7200) as client,
+        anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], timeout=7200
+        ) as claude,
+    ):
+        # Expect their requests served (waiting at most the gateway's hour), not refused
+        # over a header their callers never set
+        answer = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        message = await claude.messages.create(model="claude-haiku", max_tokens=10, messages=HELLO)
+    assert answer.choices[0].message.content
+    assert message.content
