@@ -34,6 +34,7 @@ OPENAI_ERROR_TYPES = {
     "headers_too_large": "invalid_request_error",
     "request_timeout": "invalid_request_error",
     "not_found": "invalid_request_error",
+    "method_not_allowed": "invalid_request_error",
 }
 """Our error codes as OpenAI error types; the rest (timeouts, provider failures) are
 ``server_error``. The ``code`` stays ours, which says more."""
@@ -54,6 +55,7 @@ ANTHROPIC_ERROR_TYPES = {
     "headers_too_large": "invalid_request_error",
     "request_timeout": "invalid_request_error",
     "not_found": "not_found_error",
+    "method_not_allowed": "invalid_request_error",
     "deadline_exceeded": "timeout_error",
     "canceled": "conflict_error",
     "already_answered": "conflict_error",

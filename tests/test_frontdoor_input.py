@@ -103,9 +103,13 @@ async def test_unknown_routes_and_methods_answer_in_the_same_shape(door: Door) -
     async with httpx.AsyncClient(base_url=door.url) as http:
         missing = await http.get("/v1/nothing", headers=auth(door))
         wrong = await http.get("/v1/chat/completions", headers=auth(door))
+        wrong_claude = await http.get("/v1/messages", headers=auth(door))
         bad_wait = await http.get("/v1/jobs/x", params={"wait": "forever"}, headers=auth(door))
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    assert wrong.status_code == 405
+    # A method a route does not serve is the caller's mistake in either API's types, as a 4xx
+    assert wrong.status_code == wrong_claude.status_code == 405
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    assert wrong_claude.json()["error"]["type"] == "invalid_request_error"
     assert bad_wait.status_code == 400
     assert bad_wait.json()["error"]["code"] == "invalid_request"
 
