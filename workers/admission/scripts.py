@@ -25,9 +25,10 @@ again after an error (passing the same ``once``) within a Sentinel failover's ti
 
 
 def _batch_source() -> str:
-    """``batch.lua`` behind each script wrapped as a local function of its KEYS and ARGV."""
+    """``batch.lua`` behind each script wrapped as a local function of its KEYS and ARGV, and
+    of the round trip's TIME as ``...`` (which a script run on its own finds empty)."""
     functions = "".join(
-        f"local function {name}(KEYS, ARGV)\n{lua_source(package, name)}\nend\n"
+        f"local function {name}(KEYS, ARGV, ...)\n{lua_source(package, name)}\nend\n"
         for package, name in (*_SCRIPTS, *_CLAIM_SCRIPTS)
     )
     return functions + lua_source("workers.admission", "batch")

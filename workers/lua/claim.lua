@@ -65,7 +65,8 @@ local fp, owner, lease, attempt, lost = claim[1], claim[2], claim[3], claim[4], 
 if fp and fp ~= ARGV[3] then
   return {'conflict'}
 end
-local time = redis.call('TIME')
+-- The round trip's TIME when this runs with other calls (workers/admission/lua/batch.lua).
+local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 if owner == ARGV[1] then
   -- This very delivery's claim, sent again (the Redis client re-sends a command whose

@@ -40,7 +40,8 @@ local ttl = tonumber(ARGV[3])
 local threshold = tonumber(ARGV[4])
 local job = ARGV[7]
 local field = 'j:' .. job
-local time = redis.call('TIME')
+-- The round trip's TIME when this runs with other calls (batch.lua).
+local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local expires = now + tonumber(ARGV[8])
 local scopes = (#KEYS - 2) / 2

@@ -22,7 +22,8 @@
 -- KEYS[1]'s requests are after the call, in thousandths (0 in debt; -1 without an rpm), for
 -- metrics. Peek returns {1, 0, fill}; settle and drain {1, 0}.
 
-local t = redis.call('TIME')
+-- The round trip's TIME when this runs with other calls (batch.lua).
+local t = ... or redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local need = {tonumber(ARGV[2]), tonumber(ARGV[3])}
