@@ -5,6 +5,8 @@ buckets with the record of its call, its settles with its outcome's store."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, cast
@@ -43,9 +45,30 @@ class Call(NamedTuple):
     args: list[str | int]
 
 
+class _Names:
+    """Round trip names unique across processes and restarts without a random draw each (a
+    system call, three a governed job): a random prefix per process, then a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        # A child forked after the first name would count on from its parent's.
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = secrets.token_hex(12)
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        # The prefix is of a fixed length: no two (prefix, count) pairs make the same name.
+        return f"{self._prefix}{next(self._count):x}"
+
+
+_NAMES = _Names()
+
+
 def once() -> str:
     """A new round trip's name, for ``Scripts.run_all``."""
-    return secrets.token_hex(12)
+    return _NAMES.next()
 
 
 class Scripts:
