@@ -50,7 +50,8 @@ local spent, held, lost, gens = {}, {}, {}, {}
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   local known = ARGV[8 + scopes + i]
-  local state = redis.call('HMGET', ledger, 'base', 'gen')
+  -- Its entry and open sum with the rest, read again below only if a reap changed them.
+  local state = redis.call('HMGET', ledger, 'base', 'gen', 'open', field)
   local base = state[1]
   gens[i] = state[2] or ''
   if not base then
@@ -71,12 +72,13 @@ for i = 1, scopes do
         end
         redis.call('ZREM', expiry, unpack(lapsed))
         redis.call('HINCRBY', ledger, 'open', -gone)
+        local now_open = redis.call('HMGET', ledger, 'open', field)
+        state[3], state[4] = now_open[1], now_open[2]
       end
     end
-    local state = redis.call('HMGET', ledger, 'open', field)
-    held[i] = tonumber(state[2])
+    held[i] = tonumber(state[4])
     lost[i] = known ~= '' and gens[i] ~= known
-    spent[i] = tonumber(base) + (tonumber(state[1]) or 0)
+    spent[i] = tonumber(base) + (tonumber(state[3]) or 0)
     if mode == 'reserve' and spent[i] - (held[i] or 0) + amount > tonumber(ARGV[8 + i]) then
       return {-1, i, spent[i]}
     end
@@ -96,8 +98,13 @@ for i = 1, scopes do
       redis.call('HSET', ledger, field, amount)
       redis.call('ZADD', expiry, expires, job)
     end
-    redis.call('EXPIRE', ledger, ttl)
-    redis.call('EXPIRE', expiry, ttl)
+    -- Kept ttl past the last reserve: a settle's entry was written with its ttl by the job's
+    -- reserve (or a reconcile), moments ago against the weeks it keeps the ledger, unless
+    -- the ledger was made again since.
+    if mode == 'reserve' or lost[i] then
+      redis.call('EXPIRE', ledger, ttl)
+      redis.call('EXPIRE', expiry, ttl)
+    end
     if i == 1 then
       team_spent = spent[1] - (held[1] or 0) + amount
     end
