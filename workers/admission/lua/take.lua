@@ -54,7 +54,7 @@ for i, key in ipairs(KEYS) do
       end
     end
   end
-  levels[i] = {rates, caps, level}
+  levels[i] = {rates, caps, level, state[3]}
 end
 
 local function fill(level)
@@ -97,7 +97,12 @@ for i, key in ipairs(KEYS) do
   end
   if #changed > 0 then
     redis.call('HSET', key, 'ts', now, unpack(changed))
-    redis.call('PEXPIRE', key, ttl)
+    -- A settle that only gives back leaves the bucket nearer full than the ttl its last
+    -- write set allows for (refilling since shortens that too): kept, unless the bucket was
+    -- missing (made now, without one).
+    if mode ~= 'settle' or not levels[i][4] or need[1] < 0 or need[2] < 0 then
+      redis.call('PEXPIRE', key, ttl)
+    end
   end
 end
 if mode == 'take' then
