@@ -56,6 +56,7 @@ while a <= #ARGV do
   k, a = k + nkeys, a + 3 + nargs
 end
 if keep > 0 then
-  redis.call('SET', KEYS[1], cmsgpack.pack(replies), 'PX', keep)
+  -- ARGV[1] itself, not keep: Redis would format the number back into a string.
+  redis.call('SET', KEYS[1], cmsgpack.pack(replies), 'PX', ARGV[1])
 end
 return replies

@@ -36,7 +36,9 @@ local REAP = 100 -- lapsed entries reaped per scope and call: bounded work on th
 
 local mode = ARGV[1]
 local amount = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
+-- Passed on to Redis as the caller wrote it (an integer), where a number would be formatted
+-- into a string again (as ARGV[2] is, below).
+local ttl = ARGV[3]
 local threshold = tonumber(ARGV[4])
 local job = ARGV[7]
 local field = 'j:' .. job
@@ -95,7 +97,7 @@ for i = 1, scopes do
       redis.call('HDEL', ledger, field)
       redis.call('ZREM', expiry, job)
     else
-      redis.call('HSET', ledger, field, amount)
+      redis.call('HSET', ledger, field, ARGV[2])
       redis.call('ZADD', expiry, expires, job)
     end
     -- Kept ttl past the last reserve: a settle's entry was written with its ttl by the job's
