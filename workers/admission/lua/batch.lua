@@ -38,7 +38,9 @@ local scripts = {take = take, spend = spend, claim = claim, hold = hold, finish 
 local replies = {}
 -- One TIME for the round trip, passed to every call, where each would read its own: the round
 -- trip runs at once, and a governed job's three round trips read it eight times otherwise.
+-- As numbers, which each call's tonumber passes through, where it would parse the strings.
 local time = redis.call('TIME')
+time = {tonumber(time[1]), tonumber(time[2])}
 local k, a = 2, 2
 while a <= #ARGV do
   local nkeys, nargs = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
