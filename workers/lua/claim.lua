@@ -86,25 +86,25 @@ if attempt then
   lost = lost .. attempt .. '\n'
   redis.call('HDEL', KEYS[1], 'attempt')
   redis.call('INCR', KEYS[5])
-  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[4]))
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
 end
 local failures = poisoned()
 if failures then
   if lost == '' then
     redis.call('HDEL', KEYS[1], 'owner', 'lease')
     redis.call('HSET', KEYS[1], 'fp', ARGV[3])
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
     return {'poison', failures, ''}
   end
   -- Held, to bill the lost calls before the job is dead-lettered: the delivery stores an
   -- outcome carrying them (finish.lua), which answers any later delivery (a replay).
   redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
     string.format('%d', now + tonumber(ARGV[2])), 'lost', lost)
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
   return {'poison', failures, lost}
 end
 redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
   string.format('%d', now + tonumber(ARGV[2])),
   'lost', lost)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'claimed', lost, redis.call('GET', KEYS[3]) or ''}

@@ -41,5 +41,5 @@ end
 if stored then
   return stored
 end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return false

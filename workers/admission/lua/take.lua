@@ -73,6 +73,9 @@ if wait > within then
   return {0, wait, fill(levels[1][3][1] or 0)}
 end
 
+-- Integers go to Redis formatted here ('%d'): Redis would format a number with '%.17g', which
+-- costs several times as much.
+local ts = string.format('%d', now)
 for i, key in ipairs(KEYS) do
   local rates, caps, level = levels[i][1], levels[i][2], levels[i][3]
   local ttl = 1000
@@ -96,12 +99,12 @@ for i, key in ipairs(KEYS) do
     end
   end
   if #changed > 0 then
-    redis.call('HSET', key, 'ts', now, unpack(changed))
+    redis.call('HSET', key, 'ts', ts, unpack(changed))
     -- A settle that only gives back leaves the bucket nearer full than the ttl its last
     -- write set allows for (refilling since shortens that too): kept, unless the bucket was
     -- missing (made now, without one).
     if mode ~= 'settle' or not levels[i][4] or need[1] < 0 or need[2] < 0 then
-      redis.call('PEXPIRE', key, ttl)
+      redis.call('PEXPIRE', key, string.format('%d', ttl))
     end
   end
 end
