@@ -110,6 +110,30 @@ async def test_settling_a_larger_usage_leaves_debt_and_a_smaller_one_refunds(
     assert await buckets.take([limit], 1) == Take(True, 0)
 
 
+async def test_a_bucket_is_kept_until_it_would_be_full_again_whatever_settles_it(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a 600 tokens/minute bucket from which a job took 300 (full again in 30 s)
+    buckets = _buckets(redis_client, settings)
+    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
+    assert (await buckets.take([limit], 300)).taken
+
+    # When the job gives 100 back, then another takes 100 into debt, then the bucket lapses
+    # and a settle finds it missing
+    await _settle(redis_client, settings, limit, 100)
+    after_refund = await redis_client.pttl(limit.key)
+    await _settle(redis_client, settings, limit, -400)
+    after_debt = await redis_client.pttl(limit.key)
+    await redis_client.delete(limit.key)
+    await _settle(redis_client, settings, limit, 100)
+
+    # Expect it kept at least until full each time (a missing bucket reads as full): 20 s
+    # after the refund, 60 s in debt, and a ttl for the one the last settle made
+    assert after_refund >= 20_000
+    assert 60_000 <= after_debt <= 61_000
+    assert await redis_client.pttl(limit.key) > 0
+
+
 async def test_a_burst_admits_that_many_at_once_then_paces_at_the_rate(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:

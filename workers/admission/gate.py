@@ -146,7 +146,8 @@ class Admission:
         otherwise, or when its estimate is refused (``admit`` refuses it in its turn).
         ``ahead``: the job's, whose estimate is the same (made once, not twice)."""
         config = self.config(job.team)
-        if self._team_limits(job, config) or self.deployment_limit(deployment) is not None:
+        # The deployment's first: a lookup, where the team's limits are made anew.
+        if self.deployment_limit(deployment) is not None or self._team_limits(job, config):
             return None
         if ahead is not None:
             return ahead.estimate
@@ -197,7 +198,7 @@ class Admission:
             # Checked while the job waits, and once admitted: its batch, and its team's
             # config as the registry's notification brings it (never a round trip per tick).
             ticket.check = partial(self._recheck, job, config, ticket, check)
-            limits, tokens = self._team_limits(job, config), ticket.estimate.tokens
+            tokens = ticket.estimate.tokens
             # Made with the claim already, unless its ledger was lost: then it is made here, as
             # any other, its rebuild under the outage policy (PostgreSQL may be away too).
             with_claim = bool(ahead and ahead.replies and not lost_ledger(ahead.replies[0]))
@@ -209,6 +210,7 @@ class Admission:
             else:
                 # The first try at the team's buckets rides with the budget's reservation, in
                 # one round trip.
+                limits = self._team_limits(job, config)
                 first = self._first_take(limits, tokens)
                 ticket.budget, tried = await self._reserve(job, config, ticket, None, first)
         except Exception:

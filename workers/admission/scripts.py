@@ -5,6 +5,8 @@ buckets with the record of its call, its settles with its outcome's store."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, cast
@@ -25,9 +27,10 @@ again after an error (passing the same ``once``) within a Sentinel failover's ti
 
 
 def _batch_source() -> str:
-    """``batch.lua`` behind each script wrapped as a local function of its KEYS and ARGV."""
+    """``batch.lua`` behind each script wrapped as a local function of its KEYS and ARGV, and
+    of the round trip's TIME as ``...`` (which a script run on its own finds empty)."""
     functions = "".join(
-        f"local function {name}(KEYS, ARGV)\n{lua_source(package, name)}\nend\n"
+        f"local function {name}(KEYS, ARGV, ...)\n{lua_source(package, name)}\nend\n"
         for package, name in (*_SCRIPTS, *_CLAIM_SCRIPTS)
     )
     return functions + lua_source("workers.admission", "batch")
@@ -42,9 +45,30 @@ class Call(NamedTuple):
     args: list[str | int]
 
 
+class _Names:
+    """Round trip names unique across processes and restarts without a random draw each (a
+    system call, three a governed job): a random prefix per process, then a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        # A child forked after the first name would count on from its parent's.
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = secrets.token_hex(12)
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        # The prefix is of a fixed length: no two (prefix, count) pairs make the same name.
+        return f"{self._prefix}{next(self._count):x}"
+
+
+_NAMES = _Names()
+
+
 def once() -> str:
     """A new round trip's name, for ``Scripts.run_all``."""
-    return secrets.token_hex(12)
+    return _NAMES.next()
 
 
 class Scripts:

@@ -65,7 +65,8 @@ local fp, owner, lease, attempt, lost = claim[1], claim[2], claim[3], claim[4], 
 if fp and fp ~= ARGV[3] then
   return {'conflict'}
 end
-local time = redis.call('TIME')
+-- The round trip's TIME when this runs with other calls (workers/admission/lua/batch.lua).
+local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 if owner == ARGV[1] then
   -- This very delivery's claim, sent again (the Redis client re-sends a command whose
@@ -85,25 +86,25 @@ if attempt then
   lost = lost .. attempt .. '\n'
   redis.call('HDEL', KEYS[1], 'attempt')
   redis.call('INCR', KEYS[5])
-  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[4]))
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
 end
 local failures = poisoned()
 if failures then
   if lost == '' then
     redis.call('HDEL', KEYS[1], 'owner', 'lease')
     redis.call('HSET', KEYS[1], 'fp', ARGV[3])
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
     return {'poison', failures, ''}
   end
   -- Held, to bill the lost calls before the job is dead-lettered: the delivery stores an
   -- outcome carrying them (finish.lua), which answers any later delivery (a replay).
   redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
     string.format('%d', now + tonumber(ARGV[2])), 'lost', lost)
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
   return {'poison', failures, lost}
 end
 redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
   string.format('%d', now + tonumber(ARGV[2])),
   'lost', lost)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'claimed', lost, redis.call('GET', KEYS[3]) or ''}

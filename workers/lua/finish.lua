@@ -24,7 +24,8 @@ if ARGV[3] and ARGV[3] ~= '' then
   if due then
     -- Past due already (a late delivery): a sweep would send the event while the
     -- delivery's own batch is on its way.
-    local time = redis.call('TIME')
+    -- The round trip's TIME when this runs with other calls (workers/admission/lua/batch.lua).
+    local time = ... or redis.call('TIME')
     local soonest = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
       + tonumber(ARGV[3])
     if tonumber(due) < soonest then
@@ -40,5 +41,5 @@ end
 if stored then
   return stored
 end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return false

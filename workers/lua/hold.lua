@@ -17,7 +17,8 @@
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   return 0
 end
-local time = redis.call('TIME')
+-- The round trip's TIME when this runs with other calls (workers/admission/lua/batch.lua).
+local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])))
 if ARGV[3] ~= '' then

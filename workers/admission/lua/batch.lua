@@ -3,7 +3,8 @@
 -- a job's claim with its budget reservation and first take of the team's buckets, its first take of a
 -- deployment's buckets with the record of the call about to leave (hold), its settles with
 -- its outcome's store (finish). Each script's source is wrapped as a local function ahead of
--- this one (scripts.py), taking its KEYS and ARGV as it would on its own.
+-- this one (scripts.py), taking its KEYS and ARGV as it would on its own, and the round trip's
+-- TIME (its `...`, empty when it runs on its own).
 --
 -- Run once per round trip: the Redis client sends a command again when its connection broke,
 -- though Redis may have run it, and a take or a settle run twice would take twice or give
@@ -35,11 +36,16 @@ end
 
 local scripts = {take = take, spend = spend, claim = claim, hold = hold, finish = finish}
 local replies = {}
+-- One TIME for the round trip, passed to every call, where each would read its own: the round
+-- trip runs at once, and a governed job's three round trips read it eight times otherwise.
+-- As numbers, which each call's tonumber passes through, where it would parse the strings.
+local time = redis.call('TIME')
+time = {tonumber(time[1]), tonumber(time[2])}
 local k, a = 2, 2
 while a <= #ARGV do
   local nkeys, nargs = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local reply = scripts[ARGV[a]]({unpack(KEYS, k, k + nkeys - 1)},
-                                 {unpack(ARGV, a + 3, a + 2 + nargs)})
+                                 {unpack(ARGV, a + 3, a + 2 + nargs)}, time)
   replies[#replies + 1] = reply
   if ARGV[a] == 'claim' then
     if reply[1] ~= 'claimed' then
@@ -52,6 +58,7 @@ while a <= #ARGV do
   k, a = k + nkeys, a + 3 + nargs
 end
 if keep > 0 then
-  redis.call('SET', KEYS[1], cmsgpack.pack(replies), 'PX', keep)
+  -- ARGV[1] itself, not keep: Redis would format the number back into a string.
+  redis.call('SET', KEYS[1], cmsgpack.pack(replies), 'PX', ARGV[1])
 end
 return replies

@@ -36,20 +36,27 @@ local REAP = 100 -- lapsed entries reaped per scope and call: bounded work on th
 
 local mode = ARGV[1]
 local amount = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
+-- Passed on to Redis as the caller wrote it (an integer), where a number would be formatted
+-- into a string again (as ARGV[2] is, below).
+local ttl = ARGV[3]
 local threshold = tonumber(ARGV[4])
 local job = ARGV[7]
 local field = 'j:' .. job
-local time = redis.call('TIME')
+-- The round trip's TIME when this runs with other calls (batch.lua).
+local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local expires = now + tonumber(ARGV[8])
+-- Integers go to Redis formatted here ('%d'): Redis would format a number with '%.17g', which
+-- costs several times as much.
+local stamp = string.format('%d', now)
+local expires = string.format('%d', now + tonumber(ARGV[8]))
 local scopes = (#KEYS - 2) / 2
 
 local spent, held, lost, gens = {}, {}, {}, {}
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   local known = ARGV[8 + scopes + i]
-  local state = redis.call('HMGET', ledger, 'base', 'gen')
+  -- Its entry and open sum with the rest, read again below only if a reap changed them.
+  local state = redis.call('HMGET', ledger, 'base', 'gen', 'open', field)
   local base = state[1]
   gens[i] = state[2] or ''
   if not base then
@@ -60,7 +67,7 @@ for i = 1, scopes do
     return {-3, i}
   else
     if mode == 'reserve' then
-      local lapsed = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, REAP)
+      local lapsed = redis.call('ZRANGEBYSCORE', expiry, '-inf', stamp, 'LIMIT', 0, REAP)
       if #lapsed > 0 then
         local gone = 0
         for _, id in ipairs(lapsed) do
@@ -70,12 +77,13 @@ for i = 1, scopes do
         end
         redis.call('ZREM', expiry, unpack(lapsed))
         redis.call('HINCRBY', ledger, 'open', -gone)
+        local now_open = redis.call('HMGET', ledger, 'open', field)
+        state[3], state[4] = now_open[1], now_open[2]
       end
     end
-    local state = redis.call('HMGET', ledger, 'open', field)
-    held[i] = tonumber(state[2])
+    held[i] = tonumber(state[4])
     lost[i] = known ~= '' and gens[i] ~= known
-    spent[i] = tonumber(base) + (tonumber(state[1]) or 0)
+    spent[i] = tonumber(base) + (tonumber(state[3]) or 0)
     if mode == 'reserve' and spent[i] - (held[i] or 0) + amount > tonumber(ARGV[8 + i]) then
       return {-1, i, spent[i]}
     end
@@ -86,17 +94,22 @@ local team_spent = spent[1]
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   if spent[i] and (mode == 'reserve' or held[i] or lost[i]) then
-    redis.call('HINCRBY', ledger, 'open', amount - (held[i] or 0))
+    redis.call('HINCRBY', ledger, 'open', string.format('%d', amount - (held[i] or 0)))
     if mode == 'settle' and amount == 0 then
       -- Nothing spent: nothing for accounting to bring into base either.
       redis.call('HDEL', ledger, field)
       redis.call('ZREM', expiry, job)
     else
-      redis.call('HSET', ledger, field, amount)
+      redis.call('HSET', ledger, field, ARGV[2])
       redis.call('ZADD', expiry, expires, job)
     end
-    redis.call('EXPIRE', ledger, ttl)
-    redis.call('EXPIRE', expiry, ttl)
+    -- Kept ttl past the last reserve: a settle's entry was written with its ttl by the job's
+    -- reserve (or a reconcile), moments ago against the weeks it keeps the ledger, unless
+    -- the ledger was made again since.
+    if mode == 'reserve' or lost[i] then
+      redis.call('EXPIRE', ledger, ttl)
+      redis.call('EXPIRE', expiry, ttl)
+    end
     if i == 1 then
       team_spent = spent[1] - (held[1] or 0) + amount
     end

@@ -22,7 +22,8 @@
 -- KEYS[1]'s requests are after the call, in thousandths (0 in debt; -1 without an rpm), for
 -- metrics. Peek returns {1, 0, fill}; settle and drain {1, 0}.
 
-local t = redis.call('TIME')
+-- The round trip's TIME when this runs with other calls (batch.lua).
+local t = ... or redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local need = {tonumber(ARGV[2]), tonumber(ARGV[3])}
@@ -53,7 +54,7 @@ for i, key in ipairs(KEYS) do
       end
     end
   end
-  levels[i] = {rates, caps, level}
+  levels[i] = {rates, caps, level, state[3]}
 end
 
 local function fill(level)
@@ -72,6 +73,9 @@ if wait > within then
   return {0, wait, fill(levels[1][3][1] or 0)}
 end
 
+-- Integers go to Redis formatted here ('%d'): Redis would format a number with '%.17g', which
+-- costs several times as much.
+local ts = string.format('%d', now)
 for i, key in ipairs(KEYS) do
   local rates, caps, level = levels[i][1], levels[i][2], levels[i][3]
   local ttl = 1000
@@ -95,8 +99,13 @@ for i, key in ipairs(KEYS) do
     end
   end
   if #changed > 0 then
-    redis.call('HSET', key, 'ts', now, unpack(changed))
-    redis.call('PEXPIRE', key, ttl)
+    redis.call('HSET', key, 'ts', ts, unpack(changed))
+    -- A settle that only gives back leaves the bucket nearer full than the ttl its last
+    -- write set allows for (refilling since shortens that too): kept, unless the bucket was
+    -- missing (made now, without one).
+    if mode ~= 'settle' or not levels[i][4] or need[1] < 0 or need[2] < 0 then
+      redis.call('PEXPIRE', key, string.format('%d', ttl))
+    end
   end
 end
 if mode == 'take' then
