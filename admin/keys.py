@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.redis_client import text
-from queuegate.registry import get_team
+from queuegate.registry import team_exists
 from queuegate.tenancy import (
     ADMIN_KEY_PREFIX,
     add_api_key,
@@ -203,5 +203,5 @@ def _owner(row: Any) -> KeyOwner | None:
 
 
 async def _existing(pool: asyncpg.Pool, team: str) -> None:
-    if await get_team(pool, team) is None:
+    if not await team_exists(pool, team):
         raise ConfigError(f"no team named {team}: list them with queuegate teams list")

@@ -36,6 +36,7 @@ from queuegate.registry import (
     list_teams,
     set_team_config,
     stored_config,
+    team_exists,
 )
 from queuegate.services import REDIS_CHECK_WAIT
 from queuegate.settings import Settings
@@ -119,7 +120,7 @@ async def register(
     pool = await create_pool(settings)
     try:
         await migrate(pool, settings.database_schema)
-        existing = await get_team(pool, name)
+        existing = await _registered(pool, name)
         if existing is not None:
             return await _ensure(settings, pool, existing, identity, password)
         return await _create(settings, pool, name, identity or "broker", password)
@@ -258,9 +259,8 @@ async def rotate(settings: Settings, name: str) -> Credentials:
     """New credentials for the team's identity mode; the old password or keys stop working."""
     pool = await create_pool(settings)
     try:
-        teams = {team.name for team in await list_teams(pool)}
-        if name not in teams:
-            raise ConfigError(f"no team named {name}: list them with queuegate teams list")
+        if not await team_exists(pool, name):
+            raise _no_team(name)
         security = await get_security(pool, name)
         if security.identity == "queue":
             raise ConfigError(
@@ -279,7 +279,7 @@ async def _issue(
         user, password = broker_user(settings.namespace, team), new_password()
         async with BrokerAdmin(settings.management_url) as admin:
             await refuse_foreign_user(admin, user, team, recorded=security.broker_user)
-        config = (await get_team(pool, team) or Team(team, True)).config
+        config = await _limits_config(pool, team)
         await create_broker_user(settings, team, user, password, config)
         await put_security(pool, team, security.model_copy(update={"broker_user": user}))
         return Credentials("broker", user, password, with_user(settings.amqp_url, user, password))
@@ -335,7 +335,7 @@ async def set_security(
     """Change some of the team's security settings; new credentials when the identity changes."""
     pool = await create_pool(settings)
     try:
-        if name not in {team.name for team in await list_teams(pool)}:
+        if not await team_exists(pool, name):
             raise ConfigError(f"no team named {name}: add it with queuegate teams add {name}")
         current = await get_security(pool, name)
         changes = {"pii": pii, "capture": capture}
@@ -530,15 +530,11 @@ async def _put_limits(
     await admin.put_user_limit(user, "max-channels", limits.max_channels)
 
 
-async def show(settings: Settings, name: str) -> Team:
-    return (await details(settings, name))[0]
-
-
 async def details(settings: Settings, name: str) -> tuple[Team, TeamSecurity]:
     """The team and its security settings, for ``teams show``."""
     pool = await create_pool(settings)
     try:
-        team = await get_team(pool, name)
+        team = await _registered(pool, name)
         security = await get_security(pool, name)
     finally:
         await pool.close()
@@ -551,12 +547,59 @@ def _no_team(name: str) -> ConfigError:
     return ConfigError(f"no team named {name}: list them with queuegate teams list")
 
 
-async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> TeamConfig:
-    """Merge ``changes`` (None clears a field) into the team's config, store it, and apply its
-    queue quota as a broker policy (a queue's own arguments cannot change once declared).
+async def _registered(pool: asyncpg.Pool, name: str) -> Team | None:
+    """``get_team``, its refusal of a row it cannot read naming the commands that repair it."""
+    try:
+        return await get_team(pool, name)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}: workers skip the team; set its fields again with queuegate teams set "
+            f"{name} (--unset FIELD clears one), or stop it with queuegate teams disable {name}"
+        ) from None
+
+
+async def _limits_config(pool: asyncpg.Pool, name: str) -> TeamConfig:
+    """The team's config for its broker user's limits: the gateway's defaults while its row
+    cannot be read (``teams show`` names why) or is gone."""
+    try:
+        team = await get_team(pool, name)
+    except ConfigError:
+        return TeamConfig()
+    return TeamConfig() if team is None else team.config
+
+
+async def stored_models(settings: Settings, name: str) -> dict[str, Any]:
+    """The team's per-model limits as stored, unchecked, for ``teams set --model`` to add to
+    (``configure`` checks the result): none while its config is no JSON object."""
+    async with await create_pool(settings) as pool:
+        stored = await stored_config(pool, name)
+    if stored is None:
+        raise _no_team(name)
+    models = stored.fields.get("models")
+    return models if isinstance(models, dict) else {}
+
+
+BROKER_FIELDS = ("max_queue_length", "max_queue_bytes", "max_connections", "max_channels")
+"""The config fields the broker enforces (the queue's policy, the user's limits): only a
+change of one of them needs the management API."""
+
+
+@dataclass(frozen=True)
+class Configured:
+    config: TeamConfig
+    replaced: str | None
+    """What the stored config was when it was no JSON object and is replaced whole."""
+
+
+async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> Configured:
+    """Merge ``changes`` (None clears a field) into the team's config and store it; when a
+    broker-side field changes, apply the queue quota as a broker policy (a queue's own
+    arguments cannot change once declared) and the user's limits first, in the transaction
+    that stores the row, so that a broker refusing them leaves the team unchanged.
 
     Merged into the config as stored, so a row no longer valid (a bound added since it was
-    written) is repaired by changing or clearing the field the error names.
+    written) is repaired by changing or clearing the field the error names; a stored config
+    that is no JSON object (written with SQL) is replaced by what is set.
     Running workers and front doors are told the rest when it commits (``set_team_config``).
     """
     pool = await create_pool(settings)
@@ -565,7 +608,7 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
         if stored is None:
             raise _no_team(name)
         try:
-            config = TeamConfig.model_validate(stored | changes)
+            config = TeamConfig.model_validate(stored.fields | changes)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"])
@@ -574,23 +617,68 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> T
                 f"(or clear it: --unset {field.split('.')[0]})"
             ) from None
         try:
-            before = ledger_scopes(name, TeamConfig.model_validate(stored))
+            before = ledger_scopes(name, TeamConfig.model_validate(stored.fields))
         except ValidationError:
             before = []  # workers skip an invalid row: it held no ledger
         # Ledgers a budget starts to hold the team to: while it had none, nothing kept them
         # (no reserve, no settle, no reconciliation), so they are brought up to date at once.
         fresh = [scope for scope in ledger_scopes(name, config) if scope not in before]
-        await set_team_config(pool, name, config)
-        user = (await get_security(pool, name)).broker_user
+        broker = None
+        if any(stored.fields.get(field) != getattr(config, field) for field in BROKER_FIELDS):
+            user = (await get_security(pool, name)).broker_user
+            broker = _BrokerSide(settings, name, user, config)
+        try:
+            await set_team_config(
+                pool, name, config, before_commit=None if broker is None else broker.apply
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            if broker is None or not broker.applied:
+                raise
+            # The commit failed once the broker had its side: say which side holds what.
+            raise ServiceUnavailable(
+                f"team {name}: the broker applies its new queue quota and user limits, but "
+                f"the registry did not store them ({exc}): run the same command again"
+            ) from exc
         if fresh:
             await _reconcile_ledgers(settings, pool, name, fresh)
     finally:
         await pool.close()
-    async with BrokerAdmin(settings.management_url) as admin:
-        await put_quota(admin, settings, name, config)
-        if user is not None:
-            await _put_limits(admin, settings, user, config)
-    return config
+    return Configured(config, stored.unreadable)
+
+
+@dataclass
+class _BrokerSide:
+    """The broker's side of a team's config: its queue's quota policy, its user's limits."""
+
+    settings: Settings
+    team: str
+    user: str | None
+    config: TeamConfig
+    applied: bool = False
+
+    async def apply(self) -> None:
+        """Raises, the registry's side rolling back with it, when the broker refuses."""
+        writing = False
+        try:
+            async with BrokerAdmin(self.settings.management_url) as admin:
+                # Before any write: a user who may not make them changes nothing at all.
+                await admin.check_administrator()
+                writing = True
+                await put_quota(admin, self.settings, self.team, self.config)
+                if self.user is not None:
+                    await _put_limits(admin, self.settings, self.user, self.config)
+        except GatewayError as exc:
+            if writing:
+                raise ServiceUnavailable(
+                    f"team {self.team}: the registry is unchanged, but the broker may hold "
+                    f"part of its new queue quota and user limits ({exc}): run the same "
+                    "command again once the management API answers"
+                ) from exc
+            raise type(exc)(
+                f"team {self.team} is unchanged: {exc} (only max queue, queue bytes, "
+                "connections and channels need the management API)"
+            ) from exc
+        self.applied = True
 
 
 async def _reconcile_ledgers(

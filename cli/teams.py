@@ -169,7 +169,7 @@ def teams_set(
 ) -> None:
     """Change a team's limits, budget, queue quota, broker user limits, cache default or
     parameter policy; workers, front doors and the broker apply it at once."""
-    from admin.teams import configure, show
+    from admin.teams import configure, stored_models
 
     settings = make_settings()
     changes: dict[str, Any] = {
@@ -195,11 +195,17 @@ def teams_set(
     if model:
         limits = _model_limits(model)
         _check_aliases(settings, [alias for alias, fields in limits.items() if fields])
-        models = run(lambda: show(settings, name)).config.model_dump()["models"]
-        changes["models"] = models | limits
+        changes["models"] = run(lambda: stored_models(settings, name)) | limits
         changes["models"] = {k: v for k, v in changes["models"].items() if v}
-    config = run(lambda: configure(settings, name, changes))
-    out.print(f"team {name}: {config.model_dump_json(exclude_defaults=True)}", highlight=False)
+    configured = run(lambda: configure(settings, name, changes))
+    if configured.replaced is not None:
+        err.print(
+            f"team {name}: its stored config was {configured.replaced}, not an object, "
+            "and is replaced by what is set",
+            highlight=False,
+        )
+    config = configured.config.model_dump_json(exclude_defaults=True)
+    out.print(f"team {name}: {config}", highlight=False)
 
 
 def _cleared(fields: list[str]) -> dict[str, Any]:

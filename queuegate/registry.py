@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any
@@ -134,7 +134,21 @@ class Team:
     config: TeamConfig = field(default_factory=TeamConfig)
 
 
+_JSON_KINDS = {list: "a JSON array", str: "a JSON string", bool: "a JSON boolean"}
+
+
+def unreadable(raw: Any) -> str | None:
+    """What a stored config is when it is no JSON object (an array written with SQL), so that
+    none of its fields can be read; None for an object (or empty: no limits)."""
+    if isinstance(raw or {}, dict):
+        return None
+    return _JSON_KINDS.get(type(raw), "a JSON number")
+
+
 def parse_config(name: str, raw: Any) -> TeamConfig:
+    kind = unreadable(raw)
+    if kind is not None:
+        raise ConfigError(f"team {name!r} has an invalid config: it is {kind}, not an object")
     try:
         return TeamConfig.model_validate(raw or {})
     except ValidationError as exc:
@@ -178,26 +192,57 @@ async def get_team(pool: asyncpg.Pool, name: str) -> Team | None:
     return Team(name=row["name"], enabled=row["enabled"], config=parse_config(name, row["config"]))
 
 
-async def stored_config(pool: asyncpg.Pool, name: str) -> dict[str, Any] | None:
-    """The team's config as stored, unchecked (None: no such team), for ``teams set`` to
-    repair a row ``parse_config`` refuses: one written before a bound existed."""
-    raw: Any = await pool.fetchval(
+async def team_exists(pool: asyncpg.Pool, name: str) -> bool:
+    """Whether the registry has a row for the team, whatever its config holds."""
+    found: bool = await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM teams WHERE name = $1)", check_team_name(name)
+    )
+    return found
+
+
+@dataclass(frozen=True)
+class StoredConfig:
+    """A team's config as stored, unchecked, for ``teams set`` to repair a row
+    ``parse_config`` refuses: one written before a bound existed, or with SQL."""
+
+    fields: dict[str, Any]
+    """Its fields; none when it is no JSON object."""
+    unreadable: str | None
+    """What it is when it is no JSON object (``unreadable``): a write replaces it whole."""
+
+
+async def stored_config(pool: asyncpg.Pool, name: str) -> StoredConfig | None:
+    """The team's config as stored (None: no such team)."""
+    row: Any = await pool.fetchrow(
         "SELECT config FROM teams WHERE name = $1", check_team_name(name)
     )
-    return None if raw is None else dict(raw)
+    if row is None:
+        return None
+    kind = unreadable(row["config"])
+    return StoredConfig({} if kind else dict(row["config"] or {}), kind)
 
 
-async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> bool:
+async def set_team_config(
+    pool: asyncpg.Pool,
+    name: str,
+    config: TeamConfig,
+    *,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
+) -> bool:
     """Write the team's config; False when there is no such team.
 
     Merged into the stored one, so fields this version does not know (written by a newer
-    gateway) are kept; a field set to None is removed. Running workers and front doors are
-    told when it commits (``queuegate.registry_changes``): a budget lowered holds at once.
+    gateway) are kept; a field set to None is removed; a stored config that is no JSON object
+    is replaced. ``before_commit`` runs last in the transaction, so that what it fails to do
+    elsewhere (the broker's side of the config) leaves the row as it was. Running workers and
+    front doors are told when it commits (``queuegate.registry_changes``): a budget lowered
+    holds at once.
     """
     check_team_name(name)
     async with pool.acquire() as connection, connection.transaction():
         status: str = await connection.execute(
-            "UPDATE teams SET config = jsonb_strip_nulls(config || $2::jsonb),"
+            "UPDATE teams SET config = jsonb_strip_nulls("
+            "CASE jsonb_typeof(config) WHEN 'object' THEN config ELSE '{}' END || $2::jsonb),"
             " updated_at = now() WHERE name = $1",
             name,
             config.model_dump(mode="json"),
@@ -205,6 +250,8 @@ async def set_team_config(pool: asyncpg.Pool, name: str, config: TeamConfig) -> 
         changed = status.endswith(" 1")
         if changed:
             await connection.execute(NOTIFY, name)
+            if before_commit is not None:
+                await before_commit()
     return changed
 
 

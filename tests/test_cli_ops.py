@@ -9,17 +9,21 @@ import json
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from accounting import migrate
 from admin.keys import issue_admin_key
-from admin.teams import add
+from admin.teams import add, quota_policy
 from queuegate.db import create_pool
 from queuegate.keys import Keys
+from queuegate.management import BrokerAdmin
 from queuegate.redis_client import redis_for
 from queuegate.registry import TeamConfig
 from queuegate.reporting import table
@@ -103,6 +107,86 @@ async def test_a_row_stored_out_of_bounds_is_repaired_with_teams_set(settings: S
     assert kept[0] == 1 and "--unset budget_usd" in _one_error_line(kept[2])
     assert cleared[0] == 0, cleared[2]
     assert await _stored(settings, "alpha") == {"rpm": 90}
+
+
+@asynccontextmanager
+async def _no_administrator(settings: Settings) -> AsyncIterator[str]:
+    """The session's management URL as a broker user without the administrator tag (as a
+    team's own user is): it may use the API but change nothing on the broker."""
+    user = f"{settings.namespace}.not-admin"
+    async with BrokerAdmin(settings.management_url) as admin:
+        await admin.put_user(user, "secret", tags="management")
+        try:
+            parts = urlsplit(settings.management_url)
+            where = parts.netloc.rsplit("@", 1)[-1]
+            yield urlunsplit(parts._replace(netloc=f"{user}:secret@{where}"))
+        finally:
+            await admin.delete_user(user)
+
+
+async def test_teams_set_a_broker_refuses_changes_nothing_and_a_budget_needs_no_broker(
+    settings: Settings,
+) -> None:
+    # Given a team with a queue quota of 10 jobs, and a management URL of no administrator
+    await add(settings, "alpha", identity="queue")
+    assert (await _cli(settings, "teams", "set", "alpha", "--max-queue", "10"))[0] == 0
+    policy = quota_policy(settings, "alpha")
+    async with _no_administrator(settings) as url:
+        # When an operator sets a budget and a max queue through it, then a budget alone
+        both = await _cli(
+            settings, "teams", "set", "alpha", "--budget", "0.000001", "--max-queue", "5",
+            QUEUEGATE_MANAGEMENT_URL=url,
+        )  # fmt: skip
+        budget = await _cli(
+            settings, "teams", "set", "alpha", "--budget", "7", QUEUEGATE_MANAGEMENT_URL=url
+        )
+    # Expect the first refused in one line saying nothing changed, the registry and the
+    # broker's policy as they were; the second stored without the management API.
+    # (The old code stored the first's budget and max queue, then failed on the broker.)
+    assert both[0] == 1
+    assert "team alpha is unchanged: " in _one_error_line(both[2])
+    assert budget[0] == 0, budget[2]
+    assert await _stored(settings, "alpha") == {"max_queue_length": 10, "budget_usd": "7"}
+    async with BrokerAdmin(settings.management_url) as admin:
+        held = await admin.policy(policy)
+    assert held is not None and held["definition"]["max-length"] == 10
+
+
+async def _store_config(settings: Settings, team: str, config: str) -> None:
+    """The team's row as an operator writes it with SQL, which the README allows."""
+    async with await create_pool(settings) as pool:
+        await migrate(pool, settings.database_schema)
+        await pool.execute(
+            "INSERT INTO teams (name, config) VALUES ($1, $2::text::jsonb)"
+            " ON CONFLICT (name) DO UPDATE SET config = $2::text::jsonb",
+            team,
+            config,
+        )
+
+
+async def test_a_config_that_is_no_object_is_named_repaired_and_disabled(
+    settings: Settings,
+) -> None:
+    # Given rows written with SQL: a config that is a JSON array, and one with a bad field
+    await _store_config(settings, "epsilon", "[1, 2]")
+    await _store_config(settings, "zeta", '{"rpm": "many"}')
+    # When an operator looks at, secures, sets and disables them
+    shown = await _cli(settings, "teams", "show", "epsilon")
+    secured = await _cli(settings, "teams", "security", "epsilon", "--pii", "warn")
+    repaired = await _cli(settings, "teams", "set", "epsilon", "--rpm", "5")
+    disabled = [await _cli(settings, "teams", "disable", team) for team in ("epsilon", "zeta")]
+    # Expect one line naming the problem and its repair; the others to do what they say
+    # (the old code: a traceback from set, "no team named" from security, refusals from
+    # disable, the zeta one after disabling it).
+    said = _one_error_line(shown[2])
+    assert "it is a JSON array, not an object" in said and "teams set epsilon" in said
+    assert secured[0] == 0 and "pii warn" in secured[1], secured[2]
+    assert repaired[0] == 0 and "is replaced by what is set" in repaired[2], repaired[2]
+    assert await _stored(settings, "epsilon") == {"rpm": 5}
+    assert [result[0] for result in disabled] == [0, 0], disabled
+    async with await create_pool(settings) as pool:
+        enabled = await pool.fetch("SELECT enabled FROM teams WHERE name IN ('epsilon', 'zeta')")
+    assert [row["enabled"] for row in enabled] == [False, False]
 
 
 async def test_unset_refuses_unknown_fields_and_takes_a_list(settings: Settings) -> None:

@@ -284,7 +284,7 @@ async def test_a_budget_set_again_holds_the_spend_made_while_the_team_had_none(
     await insert_usage(pool, [spent])
 
     # When an operator sets a budget below that spend
-    config = await configure(settings, alpha, {"budget_usd": Decimal("0.40")})
+    config = (await configure(settings, alpha, {"budget_usd": Decimal("0.40")})).config
 
     # Expect the ledger to hold it, and the next job refused, without waiting for accounting
     assert await ledger_spent(redis_client, keys, alpha, month) == Decimal("0.50")
