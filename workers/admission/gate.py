@@ -114,7 +114,7 @@ class Admission:
             [
                 _team_limit(team, self._keys.team_bucket(team), f"team {team}", config)
                 for team, config in self._configs.items()
-                if config.rpm
+                if config.rpm or config.tpm
             ]
         )
 
