@@ -98,7 +98,8 @@ BREAKER_STATE = Gauge(
 )
 BUCKET_FILL = Gauge(
     "queuegate_bucket_fill_ratio",
-    "How full a team's request bucket is, from 0 (empty: jobs wait) to 1 (full).",
+    "How full a team's bucket is, its requests or its tokens, whichever is emptier: from 0 "
+    "(empty: jobs wait) to 1 (full).",
     ["team"],
     multiprocess_mode="livemin",
 )
@@ -200,7 +201,7 @@ def observe_bucket_wait(team: str, seconds: float) -> None:
 
 
 def set_bucket_fill(team: str, ratio: float) -> None:
-    """The team's request bucket after a take: 0 empty, 1 full."""
+    """The team's bucket after a take, its emptier dimension: 0 empty, 1 full."""
     BUCKET_FILL.labels(team).set(ratio)
 
 

@@ -24,6 +24,8 @@ from queuegate.status import StatusReader
 from tests.support import running_gateway
 from tests.teams import register
 from workers import Worker
+from workers.admission.buckets import Limit, take_call
+from workers.admission.scripts import Scripts
 
 HELLO = [{"role": "user", "content": "Hello metrics"}]
 
@@ -207,6 +209,42 @@ async def test_an_idle_teams_bucket_reads_refilled_in_status_and_metrics(
             while not all(f is not None and f > 0.95 for f in await fills()):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         assert time.monotonic() - drained > 1.5  # refilled by the rate, not at once
+
+
+async def test_a_team_short_of_tokens_reads_so_in_status_and_metrics(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha allowed 6,000 requests and 1,000 tokens a minute, beta 1,000 tokens
+    # and no request limit, their live stats written often
+    settings = settings.model_copy(update={"stats_interval": 0.1})
+    configs = {"alpha": TeamConfig(rpm=6000, tpm=1000), "beta": TeamConfig(tpm=1000)}
+    for team, config in configs.items():
+        await register(settings, team, config)
+    async with (
+        MetricsServer("127.0.0.1", 0, lambda: True) as server,
+        running_gateway(settings),
+        StatusReader(settings) as reader,
+    ):
+        # When jobs took 900 of each team's tokens (one request), as jobs waiting for tokens
+        # leave their buckets
+        keys = Keys(settings.redis_prefix)
+        for team, config in configs.items():
+            limit = Limit(keys.team_bucket(team), f"team {team}", config.rpm, config.tpm)
+            await Scripts(redis_client, keys).run(take_call([limit], 900))
+
+        # Expect each bucket read as its tokens' fill (about 0.1, refilling 1.7 % a second),
+        # not its requests' (alpha's full) nor none (beta), in the metric and in `status`
+        async def fills() -> list[float | None]:
+            samples = await _scrape(server)
+            read = (await reader.read(list(configs))).teams
+            return [_at(samples, "queuegate_bucket_fill_ratio", team=t) for t in configs] + [
+                team.bucket_fill for team in read
+            ]
+
+        async with asyncio.timeout(5):
+            # Polled: workers refresh it every stats_interval, unannounced.
+            while not all(f is not None and f < 0.2 for f in await fills()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
 
 
 async def test_a_breaker_opening_retries_and_fallbacks_are_recorded(

@@ -89,12 +89,13 @@ def take_call(limits: Sequence[Limit], tokens: int, within_ms: int = 0) -> Call:
 def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
     """What a take's reply says; InvalidRequest when the job is larger than a bucket holds.
 
-    A team's first bucket's fill goes to ``queuegate_bucket_fill_ratio`` on the way.
+    A team's first bucket's fill (its requests or tokens, whichever is emptier) goes to
+    ``queuegate_bucket_fill_ratio`` on the way.
     """
     if reply[0] == -1:
         raise too_large(limits[int(reply[1]) - 1], tokens)
     team = limits[0].team
-    if team is not None and len(reply) > 2 and reply[2] >= 0:
+    if team is not None and len(reply) > 2:
         set_bucket_fill(team, int(reply[2]) / 1000)
     return Take(reply[0] == 1, int(reply[1]))
 

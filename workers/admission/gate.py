@@ -114,7 +114,7 @@ class Admission:
             [
                 _team_limit(team, self._keys.team_bucket(team), f"team {team}", config)
                 for team, config in self._configs.items()
-                if config.rpm
+                if config.rpm or config.tpm
             ]
         )
 
@@ -226,7 +226,8 @@ class Admission:
                 # is let through only if the budget holds its lost calls too.
                 ticket.budget, _ = await self._reserve(job, config, ticket, ticket.budget)
             if tried is None or not taken(limits, tokens, tried).taken:
-                await ticket.take(limits, tried=tried is not None)
+                now = partial(self._limits_now, job, config)
+                await ticket.take(limits, tried=tried is not None, follow=now)
             # Again once admitted: the job may have waited long after its batch was canceled
             # or its team changed. Its request, tokens and budget go back in one round trip.
             try:
@@ -290,6 +291,11 @@ class Admission:
             lambda: (held, None),
             ticket.until,
         )
+
+    def _limits_now(self, job: ChatJob, admitted: TeamConfig) -> list[Limit]:
+        """The job's team buckets under its team's limits as this process's registry has them
+        now (as admitted when the registry does not list the team; see ``_recheck``)."""
+        return self._team_limits(job, self._configs.get(job.team) or admitted)
 
     def ahead(self, job: ChatJob) -> Ahead | None:
         """The job's budget reserve and first take of its team's buckets as script calls, to
@@ -543,11 +549,21 @@ class Ticket:
             await self._admission.drain(limit)
 
     async def take(
-        self, limits: list[Limit], *, tried: bool = False, then: Call | None = None
+        self,
+        limits: list[Limit],
+        *,
+        tried: bool = False,
+        then: Call | None = None,
+        follow: Callable[[], list[Limit]] | None = None,
     ) -> bool:
         """Wait for ``limits``' buckets to admit the job; ``tried``: they refused it just now,
         so it goes straight to the line. Whether ``then`` ran with a take that admitted it at
-        once (never when it waited)."""
+        once (never when it waited).
+
+        ``follow``: the team's buckets as its limits are now (``teams set`` may change them
+        while the job waits): a job that waits takes under them when its turn comes, and
+        again when they change while it waits for its reservation's turn, giving that back;
+        ``team_limits`` are then those it took."""
         if not limits:
             return False
         waited = self._waited = self._waited or 0.0
@@ -558,12 +574,14 @@ class Ticket:
                 return take.then_ran
         started = time.monotonic()
         try:
-            await self._wait_in_line(limits, line)
+            await self._wait_in_line(limits, line, follow)
         finally:
             self._waited = waited + time.monotonic() - started
         return False
 
-    async def _wait_in_line(self, limits: list[Limit], line: asyncio.Lock) -> None:
+    async def _wait_in_line(
+        self, limits: list[Limit], line: asyncio.Lock, follow: Callable[[], list[Limit]] | None
+    ) -> None:
         # Jobs that must wait queue in this process, first come, first served, and only the
         # first asks Redis: it reserves the next request the buckets will have (taken into
         # debt) and holds the line until its turn. One script call per job rather than one per
@@ -572,20 +590,28 @@ class Ticket:
         scopes = ", ".join(limit.scope for limit in limits)
         await self._join(line, scopes)
         try:
-            within = math.floor((self.until - time.monotonic()) * 1000)
-            taken, wait_ms, _ = await self._take(limits, within_ms=max(0, within))
-            if not taken:
-                raise RateLimited(
-                    f"{scopes}: over its rate limit; admitting the job needed "
-                    f"{wait_ms / 1000:.1f} s more than its deadline or the maximum wait allow",
-                    retry_after_ms=wait_ms,
-                )
-            try:
-                await self._sleep(wait_ms / 1000)
-            except BaseException:
-                # Its reservation is for a call it will not make: the jobs behind have it.
+            while True:
+                if follow is not None:
+                    limits = self.team_limits = follow()
+                within = math.floor((self.until - time.monotonic()) * 1000)
+                taken, wait_ms, _ = await self._take(limits, within_ms=max(0, within))
+                if not taken:
+                    raise RateLimited(
+                        f"{scopes}: over its rate limit; admitting the job needed "
+                        f"{wait_ms / 1000:.1f} s more than its deadline or the maximum wait "
+                        "allow",
+                        retry_after_ms=wait_ms,
+                    )
+                try:
+                    if await self._sleep(wait_ms / 1000, limits, follow):
+                        return
+                except BaseException:
+                    # Its reservation is for a call it will not make: the jobs behind have it.
+                    await self._admission.give_back(limits)
+                    raise
+                # Its team's limits changed meanwhile: its reservation, made under the old
+                # ones, goes back, and it takes again under the new.
                 await self._admission.give_back(limits)
-                raise
         finally:
             line.release()
 
@@ -611,13 +637,19 @@ class Ticket:
                 line.release()
             raise
 
-    async def _sleep(self, seconds: float) -> None:
-        """Wait for a reservation's turn, running the job's check meanwhile."""
+    async def _sleep(
+        self, seconds: float, limits: list[Limit], follow: Callable[[], list[Limit]] | None
+    ) -> bool:
+        """Wait for a reservation's turn, running the job's check meanwhile; False when
+        ``follow`` no longer gives the ``limits`` it was made under (cut short)."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, CHECK_SECONDS))
             if left > CHECK_SECONDS:
                 await self.check()
+                if follow is not None and follow() != limits:
+                    return False
+        return True
 
     async def _take(self, limits: list[Limit], within_ms: int, then: Call | None = None) -> Take:
         return await self._admission.take(limits, self.estimate.tokens, within_ms, self.until, then)

@@ -19,8 +19,8 @@
 -- is the clock, so every worker sees the same one. Returns {1, wait_ms, fill} when taken (wait
 -- 0 unless reserved), {0, wait_ms, fill} when not taken because the emptiest bucket
 -- needs that long to refill, {-1, i} when the job can never fit KEYS[i]; fill is how full
--- KEYS[1]'s requests are after the call, in thousandths (0 in debt; -1 without an rpm), for
--- metrics. Peek returns {1, 0, fill}; settle and drain {1, 0}.
+-- KEYS[1] is after the call, in thousandths: its requests or its tokens, whichever is emptier
+-- (0 in debt), for metrics. Peek returns {1, 0, fill}; settle and drain {1, 0}.
 
 -- The round trip's TIME when this runs with other calls (batch.lua).
 local t = ... or redis.call('TIME')
@@ -57,20 +57,23 @@ for i, key in ipairs(KEYS) do
   levels[i] = {rates, caps, level, state[3]}
 end
 
-local function fill(level)
-  local rate, cap = levels[1][1][1], levels[1][2][1]
-  if rate <= 0 then
-    return -1
+local function fill()
+  local rates, caps, level = levels[1][1], levels[1][2], levels[1][3]
+  local least = 1000
+  for d = 1, 2 do
+    if rates[d] > 0 then
+      least = math.min(least, math.max(0, math.floor(level[d] * 1000 / caps[d])))
+    end
   end
-  return math.max(0, math.floor(level * 1000 / cap))
+  return least
 end
 
 if mode == 'peek' then
-  return {1, 0, fill(levels[1][3][1] or 0)}
+  return {1, 0, fill()}
 end
 
 if wait > within then
-  return {0, wait, fill(levels[1][3][1] or 0)}
+  return {0, wait, fill()}
 end
 
 -- Integers go to Redis formatted here ('%d'): Redis would format a number with '%.17g', which
@@ -109,6 +112,6 @@ for i, key in ipairs(KEYS) do
   end
 end
 if mode == 'take' then
-  return {1, wait, fill(levels[1][3][1] or 0)}
+  return {1, wait, fill()}
 end
 return {1, wait}
