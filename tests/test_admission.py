@@ -549,3 +549,28 @@ async def test_a_lowered_rpm_holds_the_jobs_waiting_under_the_old_one_to_the_new
         await _set_limits(gw, "alpha", TeamConfig(rpm=6000))
         results = [await h.result(timeout=10) for h in handles]
         assert {r.status for r in results} == {"ok"}
+
+
+async def test_a_job_refused_for_its_rate_gives_back_no_tokens_it_never_took(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha allowed 240 tokens a minute (4 a second), its bucket emptied
+    await register(settings, "alpha", TeamConfig(tpm=240))
+    bucket = Keys(settings.redis_prefix).team_bucket("alpha")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        seconds, micros = await redis_client.time()
+        await redis_client.hset(bucket, mapping={"t": "0", "ts": seconds * 1_000_000 + micros})
+        emptied = time.monotonic()
+
+        # When a job needing 24 tokens (6 s of the rate) comes with a deadline 2 s away
+        job = client.job("gpt-4o-mini", WORDS, max_tokens=MAX_TOKENS, deadline=timedelta(seconds=2))
+        handle = await client.submit(job)
+        refused = await handle.result(timeout=10)
+        left = float(await redis_client.hget(bucket, "t") or 0)
+        refilled = 4 * (time.monotonic() - emptied)
+
+    # Expect it refused uncalled, and the bucket holding what refilled meanwhile alone, not
+    # the 24 tokens of a take it never made as well
+    assert refused.error is not None and refused.error.code == "rate_limited"
+    assert gw.mock.stats.calls == 0
+    assert left <= refilled

@@ -219,15 +219,18 @@ class Admission:
             await self.charge(job.team, job.model, job.job_id, lost)
             raise
         try:
-            ticket.team_limits = limits
+            if tried is not None and taken(limits, tokens, tried).taken:
+                ticket.team_limits = limits  # what it holds: settled however the job ends
             if with_claim and ticket.budget is not None and lost > 0:
                 # Reserved with the claim, before the claim said its lapsed owners made calls:
                 # again, with them (as a redelivery's reserve is made), so a job called again
                 # is let through only if the budget holds its lost calls too.
                 ticket.budget, _ = await self._reserve(job, config, ticket, ticket.budget)
-            if tried is None or not taken(limits, tokens, tried).taken:
+            if not ticket.team_limits:
                 now = partial(self._limits_now, job, config)
-                await ticket.take(limits, tried=tried is not None, follow=now)
+                _, ticket.team_limits = await ticket.take(
+                    limits, tried=tried is not None, follow=now
+                )
             # Again once admitted: the job may have waited long after its batch was canceled
             # or its team changed. Its request, tokens and budget go back in one round trip.
             try:
@@ -368,9 +371,10 @@ class Admission:
         if call is not None:
             await self.settle(Settlement([call], lambda _: None))
 
-    async def give_back(self, limits: list[Limit]) -> None:
-        """Return the request a job took from ``limits`` for a call it will not make."""
-        call = _give_back_call(limits)
+    async def give_back(self, limits: list[Limit], tokens: int) -> None:
+        """Return the request and ``tokens`` a job took from ``limits`` for a call it will
+        not make."""
+        call = _give_back_call(limits, tokens)
         if call is not None:
             await self.settle(self.settlement([call], None, 0))
 
@@ -492,6 +496,8 @@ class Ticket:
         self.until = until
         self.budget: Reservation | None = None
         self.team_limits: list[Limit] = []
+        """The team's buckets the job holds a request and tokens of (none until a take of
+        them admitted it): its settle gives back to these alone."""
         self._deployments: list[tuple[str, Limit]] = []
         """The deployments whose buckets this job took from, by name."""
         self._settled = False
@@ -536,7 +542,7 @@ class Ticket:
         limit = self._admission.deployment_limit(deployment)
         if limit is None:
             return False
-        ran = await self.take([limit], then=then)
+        ran, _ = await self.take([limit], then=then)
         self._deployments.append((deployment.name, limit))
         return ran
 
@@ -555,33 +561,33 @@ class Ticket:
         tried: bool = False,
         then: Call | None = None,
         follow: Callable[[], list[Limit]] | None = None,
-    ) -> bool:
+    ) -> tuple[bool, list[Limit]]:
         """Wait for ``limits``' buckets to admit the job; ``tried``: they refused it just now,
         so it goes straight to the line. Whether ``then`` ran with a take that admitted it at
-        once (never when it waited).
+        once (never when it waited), and the buckets it took from.
 
         ``follow``: the team's buckets as its limits are now (``teams set`` may change them
         while the job waits): a job that waits takes under them when its turn comes, and
-        again when they change while it waits for its reservation's turn, giving that back;
-        ``team_limits`` are then those it took."""
+        again when they change while it waits for its reservation's turn, giving that back.
+        Raising, it holds nothing of them."""
         if not limits:
-            return False
+            return False, limits
         waited = self._waited = self._waited or 0.0
         line = self._admission.line(limits)
         if not tried and not line.locked():
             take = await self._take(limits, within_ms=0, then=then)
             if take.taken:
-                return take.then_ran
+                return take.then_ran, limits
         started = time.monotonic()
         try:
-            await self._wait_in_line(limits, line, follow)
+            took = await self._wait_in_line(limits, line, follow)
         finally:
             self._waited = waited + time.monotonic() - started
-        return False
+        return False, took
 
     async def _wait_in_line(
         self, limits: list[Limit], line: asyncio.Lock, follow: Callable[[], list[Limit]] | None
-    ) -> None:
+    ) -> list[Limit]:
         # Jobs that must wait queue in this process, first come, first served, and only the
         # first asks Redis: it reserves the next request the buckets will have (taken into
         # debt) and holds the line until its turn. One script call per job rather than one per
@@ -592,7 +598,7 @@ class Ticket:
         try:
             while True:
                 if follow is not None:
-                    limits = self.team_limits = follow()
+                    limits = follow()
                 within = math.floor((self.until - time.monotonic()) * 1000)
                 taken, wait_ms, _ = await self._take(limits, within_ms=max(0, within))
                 if not taken:
@@ -604,14 +610,14 @@ class Ticket:
                     )
                 try:
                     if await self._sleep(wait_ms / 1000, limits, follow):
-                        return
+                        return limits
                 except BaseException:
                     # Its reservation is for a call it will not make: the jobs behind have it.
-                    await self._admission.give_back(limits)
+                    await self._admission.give_back(limits, self.estimate.tokens)
                     raise
                 # Its team's limits changed meanwhile: its reservation, made under the old
                 # ones, goes back, and it takes again under the new.
-                await self._admission.give_back(limits)
+                await self._admission.give_back(limits, self.estimate.tokens)
         finally:
             line.release()
 
@@ -731,9 +737,9 @@ class Settlement(NamedTuple):
     done: Callable[[Sequence[Any]], None]
 
 
-def _give_back_call(limits: list[Limit]) -> Call | None:
-    """The settle of ``Admission.give_back``."""
-    return settle_call(limits, 0, requests_back=1)
+def _give_back_call(limits: list[Limit], tokens: int = 0) -> Call | None:
+    """The settle of ``Admission.give_back``: a request, and ``tokens``."""
+    return settle_call(limits, tokens, requests_back=1)
 
 
 def _team_limit(team: str, key: str, scope: str, limits: TeamConfig | ModelLimits) -> Limit:
