@@ -168,7 +168,7 @@ class Admission:
         job: ChatJob,
         deadline: float | None,
         check: Check | None = None,
-        lost: Decimal = Decimal(0),
+        lost: Decimal | None = None,
         ahead: Ahead | None = None,
     ) -> Ticket:
         """Reserve the job's budget, then wait until the team's buckets admit it.
@@ -179,7 +179,7 @@ class Admission:
         ``check`` runs while the job waits for a bucket and once it is admitted: what it
         raises ends the wait, and gives back what the job took. ``lost``: the estimates of
         calls lapsed owners of the job made, charged with whatever it costs, or alone when
-        it is refused (``charge``).
+        it is refused (``charge``); None when it has no lapsed owner.
 
         Raises BudgetExhausted, RateLimited, or InvalidRequest (larger than a bucket).
         """
@@ -193,7 +193,7 @@ class Admission:
                 if ahead is not None
                 else estimate(job, self._catalog, config, self._settings.expected_output_tokens)
             )
-            ticket = Ticket(self, job.team, needed, until, lost=to_nano(lost))
+            ticket = Ticket(self, job.team, needed, until, lost=to_nano(lost or Decimal(0)))
             # Checked while the job waits, and once admitted: its batch, and its team's
             # config as the registry's notification brings it (never a round trip per tick).
             ticket.check = partial(self._recheck, job, config, ticket, check)
@@ -218,7 +218,7 @@ class Admission:
             raise
         try:
             ticket.team_limits = limits
-            if with_claim and ticket.budget is not None and lost > 0:
+            if with_claim and ticket.budget is not None and lost:
                 # Reserved with the claim, before the claim said its lapsed owners made calls:
                 # again, with them (as a redelivery's reserve is made), so a job called again
                 # is let through only if the budget holds its lost calls too.
@@ -349,11 +349,12 @@ class Admission:
             until,
         )
 
-    async def charge(self, team: str, model: str, job_id: str, lost: Decimal) -> None:
+    async def charge(self, team: str, model: str, job_id: str, lost: Decimal | None) -> None:
         """Charge ``lost`` to the budget entry of ``team``'s job ``job_id`` asking for
-        ``model`` (what its lapsed owners reserved), for a job refused before its own
-        reservation, or swept: the ledger holds what its usage row does."""
-        if lost <= 0:
+        ``model`` (what its lapsed owners reserved; 0 removes it), for a job refused before
+        its own reservation, or swept: the ledger holds what its usage row does. None: no
+        lapsed owner, so no entry to replace."""
+        if lost is None:
             return
         config = self.config(team)
         call = self._budgets.charge_call(team, model, config, to_nano(lost), job_id)
