@@ -46,6 +46,10 @@ T = TypeVar("T")
 
 LEASE_SLACK = 60.0
 """Seconds a job's budget reservation outlives its time limit before it lapses."""
+DEADLINE_SLACK = 10.0
+"""Seconds it outlives its job's deadline, when that comes first: the job's call is cut at
+the deadline and its settle follows within milliseconds; one later still finds its cost
+brought in by reconciliation."""
 
 CHECK_SECONDS = 1.0
 """How often a job waiting for its buckets runs its checks (its batch not canceled, its team
@@ -78,13 +82,15 @@ class Admission:
         self._catalog = catalog
         self._buckets = Buckets(self._scripts)
         # A reservation lapses once its job cannot be running any more: the worker bounds a
-        # job by its time limit, and publishing its outcome takes far less than LEASE_SLACK.
+        # job by its time limit and its deadline, and publishing its outcome takes far less
+        # than the slacks.
         self._budgets = Budgets(
             client,
             self._scripts,
             self._keys,
             pool,
             lease=settings.job_time_limit + LEASE_SLACK,
+            slack=DEADLINE_SLACK,
         )
         self._local = LocalBuckets(share=1 / settings.admission_workers)
         self.policy = settings.redis_outage
@@ -283,7 +289,14 @@ class Admission:
         name = once()
         return await self._guard(
             lambda: self._budgets.reserve(
-                job.team, job.model, config, ticket.reserving, job.job_id, then=then, name=name
+                job.team,
+                job.model,
+                config,
+                ticket.reserving,
+                job.job_id,
+                then=then,
+                name=name,
+                deadline=job.deadline,
             ),
             lambda: (held, None),
             ticket.until,
@@ -302,7 +315,7 @@ class Admission:
         except JobError:
             return None
         reserving = self._budgets.reserving(
-            job.team, job.model, config, needed.cost_nano, job.job_id
+            job.team, job.model, config, needed.cost_nano, job.job_id, deadline=job.deadline
         )
         if reserving is None:
             return None
