@@ -7,7 +7,7 @@ Components call the small functions below rather than touching the metric object
 line at a call site is enough::
 
     observe_bucket_wait("search", seconds)       # admission control, after a bucket wait
-    set_breaker_state("openai-main", "open")     # circuit breakers, on every transition
+    set_breaker_state("openai-main", "open")     # circuit breakers, on every transition seen
 
 The metrics live in prometheus_client's default registry (with its process collector);
 ``exposition()`` is what ``/metrics`` answers (``queuegate.metrics_server``, the front door).
@@ -206,7 +206,7 @@ def set_bucket_fill(team: str, ratio: float) -> None:
 
 
 def set_breaker_state(deployment: str, state: BreakerState) -> None:
-    """The deployment's breaker changed state (or was read at start)."""
+    """The deployment's breaker changed state, or was read again (``Health.refresh_gauges``)."""
     BREAKER_STATE.labels(deployment).set(BREAKER_VALUES[state])
 
 

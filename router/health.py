@@ -101,6 +101,11 @@ class Health:
         """Per deployment, failures and 429s met so far: a closed verdict asked for before
         the latest of them is stale by the time it arrives, and is not trusted."""
         self._asking: dict[str, _Asking] = {}
+        self._gauged: dict[str, int] = {}
+        """Deployments whose breaker gauge this worker set open or half-open, by the count
+        of gauge sets when it did: read again by ``refresh_gauges``, for no call may come to
+        see their state lapse."""
+        self._gauge_sets = 0
 
     async def settled(self) -> None:
         """Once the asks under way have ended: a refresh no call awaits may still be on its
@@ -181,6 +186,28 @@ class Health:
         """What every worker sees of a deployment now (read only; raises RedisError)."""
         return (await read_health(self._client, self._keys, [deployment.name]))[deployment.name]
 
+    async def refresh_gauges(self) -> None:
+        """Bring the breaker gauges this worker set open or half-open up to the shared state
+        (raises RedisError): once calls to a deployment stop, its state lapses in Redis and
+        nothing else would tell the gauge, which said open for good. One round trip, none
+        while every gauge says closed."""
+        if not self._gauged:
+            return
+        seen = dict(self._gauged)
+        health = await read_health(self._client, self._keys, list(seen))
+        for name, now in health.items():
+            # Unless a call set it meanwhile: its verdict may be newer than this read.
+            if self._gauged.get(name) == seen[name]:
+                self._gauge(name, _BREAKER.get(cast(State, now.state), "closed"))
+
+    def _gauge(self, name: str, state: BreakerState) -> None:
+        set_breaker_state(name, state)
+        self._gauge_sets += 1
+        if state == "closed":
+            self._gauged.pop(name, None)
+        else:
+            self._gauged[name] = self._gauge_sets
+
     async def _run(self, op: Op, deployment: Deployment, pause: float = 0.0) -> Verdict:
         policy = self._catalog.breaker(deployment)
         args = [
@@ -208,7 +235,7 @@ class Health:
         self._outage.recovered()
         verdict = Verdict(cast(State, text(state)), millis / 1000)
         if verdict.state in _BREAKER:
-            set_breaker_state(deployment.name, _BREAKER[verdict.state])
+            self._gauge(deployment.name, _BREAKER[verdict.state])
         fresh = self._reports.get(deployment.name, 0) == reports
         if op == "allow" and verdict.state == "closed" and fresh:
             self._closed_until[deployment.name] = time.monotonic() + TRUST_CLOSED

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.registry import TeamConfig, default_burst, set_team_config
 from queuegate.settings import Settings
-from queuegate.spend import NANO, current_month, ledger_spent
+from queuegate.spend import NANO, current_month, ledger_spent, ledgers_in_force
 from router import load_catalog
 from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
@@ -247,6 +247,39 @@ models:
         tokens = await redis_client.hget(bucket, "t")
         assert tokens is not None
         assert 1000 - REAL_TOKENS <= float(tokens) <= 1000 - REAL_TOKENS + 1000 / 60 * took
+
+
+async def test_a_reservation_lapses_soon_after_its_jobs_deadline_not_a_time_limit_later(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with a budget, and the reservations of two jobs held (waiting for the
+    # team's rate limit) by a worker that then died: one whose deadline passed 11 s ago (it
+    # expired in its queue: no delivery comes back to settle it), one without a deadline
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(1)))
+    keys, month = Keys(settings.redis_prefix), current_month()
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        admission = gw.worker.admission
+        assert admission is not None
+        # (the month's ledger made by a job served, as the reserves below need it made)
+        assert (await client.chat("gpt-4o-mini", WORDS)).status == "ok"
+        [before] = await ledgers_in_force(redis_client, keys, "alpha", month, [None])
+        assert before is not None
+        passed = datetime.now(UTC) - timedelta(seconds=11)
+        jobs = [client.job("gpt-4o-mini", WORDS, deadline=passed), client.job("gpt-4o-mini", WORDS)]
+        reserved = []
+        for job in jobs:
+            ahead = admission.ahead(job)
+            assert ahead is not None
+            [spend, *_] = await Scripts(redis_client, keys).run_all(ahead.calls)
+            assert spend[0] == 0
+            reserved.append(ahead.estimate.cost_nano)
+
+        # When the team's ledger is read as the next reserve compares it with the budget
+        in_force = await ledgers_in_force(redis_client, keys, "alpha", month, [None])
+
+    # Expect the expired job's reservation lapsed already (its deadline and 10 s), not
+    # counted until its time limit and a minute (26 min); the other's still counted
+    assert in_force == [before + reserved[1]]
 
 
 async def test_a_duplicate_finding_the_job_busy_leaves_its_owners_budget_entry_alone(

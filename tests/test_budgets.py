@@ -27,7 +27,7 @@ DOLLAR = to_nano(Decimal(1))
 
 def _budgets(settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool) -> Budgets:
     keys = Keys(settings.redis_prefix)
-    return Budgets(client, Scripts(client, keys), keys, pool, lease=60)
+    return Budgets(client, Scripts(client, keys), keys, pool, lease=60, slack=60)
 
 
 def _usage(job_id: str, cost: str, ts: datetime, model: str = "gpt-4o-mini") -> UsageEvent:
@@ -164,7 +164,7 @@ async def test_the_spend_in_force_leaves_out_lapsed_reservations_as_a_reserve_wo
     config = TeamConfig(
         budget_usd=Decimal(1), models={"gpt-4o": ModelLimits(budget_usd=Decimal("0.2"))}
     )
-    dead = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=0)
+    dead = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=0, slack=0)
     await dead.reserve("alpha", "m", config, DOLLAR * 6 // 10, "job-dead")
     month = current_month()
 

@@ -28,13 +28,17 @@ from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.messages import Attempt, ChatJob, ChatResult
 from queuegate.redis_client import lua_source
+from queuegate.registry import TeamConfig
 from queuegate.script_calls import TurnScript
 from queuegate.settings import Settings
+from queuegate.spend import current_month, ledger_spent, ledgers_in_force, to_nano
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
 from router import health
 from router.router import Routed
 from tests.support import Gateway, running_accountant, running_gateway, wait_until
+from tests.teams import register
 from tests.test_script_calls import connections_named, named_client
+from workers.admission.budgets import Budgets
 from workers.admission.scripts import Call, Scripts
 from workers.claims import Claim, ClaimedJob, Claims, Lapsed, LostCall
 from workers.outcome import Announcement, Outcome, Timing, as_json, failed
@@ -436,6 +440,45 @@ async def test_a_first_call_recorded_with_the_claim_is_lost_with_its_owner(
 
     # Expect the call billed as lost, as one recorded on its own before it left
     assert isinstance(taken, Claim) and taken.lost == [call]
+
+
+@pytest.mark.parametrize("ending", ["past its deadline", "without reply_to", "over budget"])
+async def test_a_job_its_dead_owner_reserved_ends_uncalled_leaving_no_reservation(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, ending: str
+) -> None:
+    # Given a team with a $1 budget, and a job whose owner reserved $0.30 of it and claimed
+    # it, then died waiting for the team's rate limit (no call made; its lease lapsed)
+    keys, month = Keys(settings.redis_prefix), current_month()
+    config = TeamConfig(budget_usd=Decimal(1))
+    # (over budget: the budget was then lowered below any job's estimate)
+    lowered = TeamConfig(budget_usd=Decimal("0.000001"))
+    await register(settings, "alpha", lowered if ending == "over budget" else config)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        passed = datetime.now(UTC) - timedelta(seconds=1)
+        job = client.job(
+            "gpt-4o-mini", HELLO, deadline=passed if ending == "past its deadline" else None
+        )
+        dead = _claims(settings, redis_client, pool, "dead")
+        assert isinstance(await dead.take(job, redelivered=False), Claim)
+        scripts = Scripts(redis_client, keys)
+        budgets = Budgets(redis_client, scripts, keys, pool, lease=600, slack=60)
+        await budgets.reserve("alpha", job.model, config, to_nano(Decimal("0.3")), job.job_id)
+        await redis_client.hset(keys.claim("alpha", job.job_id), "lease", "0")
+        assert await ledger_spent(redis_client, keys, "alpha", month) == Decimal("0.3")
+
+        # When the job is delivered again and ends uncalled: refused past its deadline, for
+        # want of a reply queue, or over budget
+        reply_to = None if ending == "without reply_to" else client.reply_to
+        await gw.publish(job.model_dump_json().encode(), message_id=job.job_id, reply_to=reply_to)
+        [row] = await gw.usage_rows(1)
+
+    # Expect its dead owner's reservation gone with it: the ledger holds what the usage rows
+    # do (nothing), not $0.30 until the entry lapses (a lease and a minute later)
+    refused = {"past its deadline": "deadline_exceeded", "over budget": "budget_exhausted"}
+    assert row["error_code"] == refused.get(ending, "invalid_request")
+    assert row["cost_usd"] == 0 and gw.mock.stats.calls == 0
+    assert await ledger_spent(redis_client, keys, "alpha", month) == 0
+    assert await ledgers_in_force(redis_client, keys, "alpha", month, [None]) == [0]
 
 
 def _expired(job: ClaimedJob) -> Outcome:

@@ -247,11 +247,10 @@ async def test_a_team_short_of_tokens_reads_so_in_status_and_metrics(
                 await asyncio.sleep(0.05)
 
 
-async def test_a_breaker_opening_retries_and_fallbacks_are_recorded(
-    settings: Settings, tmp_path: Path
-) -> None:
-    # Given an alias whose deployment fails every call (two attempts each), whose breaker
-    # opens after two failures, and which falls back to a healthy alias
+def _broken_primary(tmp_path: Path) -> Path:
+    """A catalog whose alias ``primary`` has one deployment (``broken-dep``, on the mock's
+    model ``broken``), tried twice a job, whose breaker opens after two failures, and which
+    falls back to a healthy alias."""
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(
         """
@@ -270,6 +269,15 @@ models:
          api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2}
 """
     )
+    return catalog
+
+
+async def test_a_breaker_opening_retries_and_fallbacks_are_recorded(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given an alias whose deployment fails every call (two attempts each), whose breaker
+    # opens after two failures, and which falls back to a healthy alias
+    catalog = _broken_primary(tmp_path)
     broken = MockConfig(models={"broken": Behavior(error_rate=1.0)})
     async with (
         MetricsServer("127.0.0.1", 0, lambda: True) as server,
@@ -287,3 +295,31 @@ models:
     labels = {"team": "alpha", "model": "primary"}
     for name, grew in (("queuegate_retries_total", 2), ("queuegate_fallbacks_total", 1)):
         assert (_at(after, name, **labels) or 0) - (_at(before, name, **labels) or 0) == grew
+
+
+async def test_an_open_breakers_gauge_reads_closed_once_its_shared_state_lapses(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # Given a deployment whose breaker a job opened, and live stats written often
+    settings = settings.model_copy(update={"stats_interval": 0.1})
+    broken = MockConfig(models={"broken": Behavior(error_rate=1.0)})
+    async with (
+        MetricsServer("127.0.0.1", 0, lambda: True) as server,
+        running_gateway(settings, catalog=_broken_primary(tmp_path), mock_config=broken) as gw,
+        gw.client("alpha") as client,
+    ):
+        assert (await client.chat("primary", HELLO)).gateway.fallback_used
+
+        async def gauge() -> float | None:
+            return _at(await _scrape(server), "queuegate_breaker_state", deployment="broken-dep")
+
+        assert await gauge() == 2
+        # When no call goes to it and its shared state lapses (its hash expires: gone here)
+        await redis_client.delete(Keys(settings.redis_prefix).breaker("broken-dep"))
+
+        # Expect the gauge closed too, as `queuegate deployments` then says, within a few
+        # of the worker's ticks, not open until a call comes
+        async with asyncio.timeout(10):
+            # Polled: the worker reads it every stats_interval, unannounced.
+            while await gauge() != 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)

@@ -288,7 +288,7 @@ async def test_a_budget_set_again_holds_the_spend_made_while_the_team_had_none(
 
     # Expect the ledger to hold it, and the next job refused, without waiting for accounting
     assert await ledger_spent(redis_client, keys, alpha, month) == Decimal("0.50")
-    budgets = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=60)
+    budgets = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=60, slack=60)
     with pytest.raises(BudgetExhausted):
         await budgets.reserve(alpha, "gpt-4o-mini", config, to_nano(Decimal("0.01")), "next")
 

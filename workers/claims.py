@@ -336,6 +336,7 @@ class Claims:
             key,
             owner=owner,
             lost=lost,
+            taken_over=reply[3] == 1,
             recorded=first.deployment if recorded and first is not None else None,
         )
         self._held[key] = owner
@@ -406,7 +407,9 @@ class Claims:
                     continue
                 job = ClaimedJob(team, job_id, reply[3].decode())
                 lost = _lost(reply[1])
-                claim = Claim(self, job, reply[2].decode(), key, owner=owner, lost=lost)
+                claim = Claim(
+                    self, job, reply[2].decode(), key, owner=owner, lost=lost, taken_over=True
+                )
                 self._held[key] = owner
                 try:
                     # Not waited for: the sweep runs in the worker's loop of periodic work.
@@ -610,6 +613,7 @@ class Claim:
         *,
         owner: str | None = None,
         lost: list[LostCall] | None = None,
+        taken_over: bool = False,
         missed: bool = False,
         recorded: str | None = None,
     ) -> None:
@@ -628,6 +632,10 @@ class Claim:
         self.lost_usd = sum((call.cost_usd for call in self.lost), Decimal(0))
         """Their estimates: added to the job's cost on its usage row, in its result and in
         its budget ledger, whatever ends this delivery."""
+        self.taken_over = taken_over
+        """Whether it was taken over from another owner, whose reservation of the job's
+        budget may still be in its ledger (one that died holding the job waiting for its
+        rate limit made no call, and lapses only after its lease)."""
         self.charged = False
         """Whether admission took their charge to the ledger (``Admission.admit``)."""
         self._settlement: Settlement | Callable[[], Settlement | None] | None = None
@@ -673,7 +681,15 @@ class Claim:
             raise Duplicate(taken)
         self.missed = taken.missed
         self._owner, self.lost, self.lost_usd = taken._owner, taken.lost, taken.lost_usd
+        self.taken_over = taken.taken_over
         return not self.missed
+
+    @property
+    def owed_usd(self) -> Decimal | None:
+        """What the job's budget entry is settled to when this delivery ends the job
+        without a reservation of its own (``Admission.charge``): the calls its lapsed owners
+        made, or 0 (the entry removed); None when no other owner may have left one."""
+        return self.lost_usd if self.lost or self.taken_over else None
 
     def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
         """The estimates of ``attempts`` that timed out once let go: the provider may have

@@ -303,6 +303,8 @@ class JobProcessor:
             if claim.lost:
                 outcome = failed(job.job_id, team, job.model, unreceivable, timing)
                 return await self._ended(claim, admitted, outcome, reply_to, unreceivable)
+            # Refused uncalled: what a lapsed owner reserved goes, while the claim is held.
+            await self._admission.charge(job.team, job.model, job.job_id, claim.owed_usd)
             await claim.abandon()
             outcome = await admitted.stamp(
                 refused(job.job_id, team, job.model, unreceivable, timing, message=message)
@@ -391,9 +393,9 @@ class JobProcessor:
         """The outcome of a job whose claim this delivery (or sweep) holds, with the calls
         its lapsed owners made on its usage row and in its result, and charged to its
         budget ledger."""
-        if claim.lost and not claim.charged:
+        if not claim.charged:
             job = claim.job
-            await self._admission.charge(job.team, job.model, job.job_id, claim.lost_usd)
+            await self._admission.charge(job.team, job.model, job.job_id, claim.owed_usd)
         return claim.account(outcome)
 
     async def sweep(self) -> None:
@@ -620,7 +622,7 @@ class JobProcessor:
         if ahead is not None and ahead.replies:
             claim.settle_with(None)  # what ran with the claim is admission's to settle now
         admitting = self._admission.admit(
-            job, deadline, self._cancels.watch(job), claim.lost_usd, ahead
+            job, deadline, self._cancels.watch(job), claim.owed_usd, ahead
         )
         if tracing.ON:
             attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}

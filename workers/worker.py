@@ -127,9 +127,12 @@ class Worker:
         connected = self._connected is not None and self._connected.is_set()
         return connected and self.ready.is_set() and not self._draining
 
-    async def _refresh_fills(self) -> None:
+    async def _refresh_gauges(self) -> None:
+        """The gauges the live stats read that only calls and takes set: bucket fills, and
+        breakers whose shared state may have lapsed since."""
         if self._admission is not None:
             await self._admission.refresh_fills()
+        await self._router.health.refresh_gauges()
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -149,7 +152,7 @@ class Worker:
             self.name,
             s.stats_interval,
             self._live_in_flight,
-            refresh=self._refresh_fills,
+            refresh=self._refresh_gauges,
         )
         self._telemetry.live = live
         claims = Claims(

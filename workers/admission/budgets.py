@@ -24,6 +24,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
@@ -98,12 +99,16 @@ class Budgets:
         pool: asyncpg.Pool,
         *,
         lease: float,
+        slack: float,
     ) -> None:
+        """``lease``: seconds a reservation lapses after, unless its job's deadline plus
+        ``slack`` comes first (a job is never called past its deadline)."""
         self._client = client
         self._scripts = scripts
         self._keys = keys
         self._pool = pool
         self._lease_ms = math.ceil(lease * 1000)
+        self._slack = slack
         self._token = reconciler_token()
         self._generations: dict[str, str] = {}
         """Each ledger's generation as this worker last reserved in it."""
@@ -121,6 +126,7 @@ class Budgets:
         *,
         then: Call | None = None,
         name: str | None = None,
+        deadline: datetime | None = None,
     ) -> tuple[Reservation | None, list[int] | None]:
         """Reserve ``nano`` for job ``job_id`` against the team's budget and the model's cap:
         the reservation (None when the team has neither), and the reply of ``then``.
@@ -128,9 +134,9 @@ class Budgets:
         ``then`` is a call to run in the same round trip once the reservation is made; it does
         not run (its reply is None) when there is nothing to reserve or the reserve fails.
         Raises BudgetExhausted when the budget or the cap cannot take ``nano``. ``name``: the
-        reservation's, the same on every try (``Scripts.run_all``).
+        reservation's, the same on every try (``Scripts.run_all``). ``deadline``: the job's.
         """
-        reserving = self.reserving(team, model, config, nano, job_id)
+        reserving = self.reserving(team, model, config, nano, job_id, deadline=deadline)
         if reserving is None:
             return None, None
         calls = [reserving.call] + ([then] if then is not None else [])
@@ -143,7 +149,14 @@ class Budgets:
                 return reservation, replies[1] if then is not None else None
 
     def reserving(
-        self, team: str, model: str, config: TeamConfig, nano: int, job_id: str
+        self,
+        team: str,
+        model: str,
+        config: TeamConfig,
+        nano: int,
+        job_id: str,
+        *,
+        deadline: datetime | None = None,
     ) -> Reserving | None:
         """The reserve of ``reserve`` as a script call, to run with another (a job's claim);
         its reply goes to ``reserved``. None when the team has neither budget nor cap."""
@@ -160,8 +173,16 @@ class Budgets:
         generations = [self._generations.get(ledger, "") for ledger in keys[::2]]
         held = Reservation(keys, team, month, job_id, nano, generations)
         limits = [to_nano(limit) for _, limit in scopes]
+        entry_ms = self._lease_ms
+        if deadline is not None:
+            # A job that expires in its queue after its worker died holding it (waiting for a
+            # rate limit) has no delivery coming back to settle its entry: it lapses then.
+            if deadline.tzinfo is None:
+                deadline = deadline.replace(tzinfo=UTC)
+            left = (deadline - datetime.now(UTC)).total_seconds() + self._slack
+            entry_ms = max(1, min(entry_ms, math.ceil(left * 1000)))
         call = self._call(
-            "reserve", held, nano, threshold=threshold, entry_ms=self._lease_ms, limits=limits
+            "reserve", held, nano, threshold=threshold, entry_ms=entry_ms, limits=limits
         )
         return Reserving(call, held, model, scopes)
 

@@ -46,6 +46,10 @@ T = TypeVar("T")
 
 LEASE_SLACK = 60.0
 """Seconds a job's budget reservation outlives its time limit before it lapses."""
+DEADLINE_SLACK = 10.0
+"""Seconds it outlives its job's deadline, when that comes first: the job's call is cut at
+the deadline and its settle follows within milliseconds; one later still finds its cost
+brought in by reconciliation."""
 
 CHECK_SECONDS = 1.0
 """How often a job waiting for its buckets runs its checks (its batch not canceled, its team
@@ -78,13 +82,15 @@ class Admission:
         self._catalog = catalog
         self._buckets = Buckets(self._scripts)
         # A reservation lapses once its job cannot be running any more: the worker bounds a
-        # job by its time limit, and publishing its outcome takes far less than LEASE_SLACK.
+        # job by its time limit and its deadline, and publishing its outcome takes far less
+        # than the slacks.
         self._budgets = Budgets(
             client,
             self._scripts,
             self._keys,
             pool,
             lease=settings.job_time_limit + LEASE_SLACK,
+            slack=DEADLINE_SLACK,
         )
         self._local = LocalBuckets(share=1 / settings.admission_workers)
         self.policy = settings.redis_outage
@@ -169,7 +175,7 @@ class Admission:
         job: ChatJob,
         deadline: float | None,
         check: Check | None = None,
-        lost: Decimal = Decimal(0),
+        lost: Decimal | None = None,
         ahead: Ahead | None = None,
     ) -> Ticket:
         """Reserve the job's budget, then wait until the team's buckets admit it.
@@ -180,7 +186,7 @@ class Admission:
         ``check`` runs while the job waits for a bucket and once it is admitted: what it
         raises ends the wait, and gives back what the job took. ``lost``: the estimates of
         calls lapsed owners of the job made, charged with whatever it costs, or alone when
-        it is refused (``charge``).
+        it is refused (``charge``); None when it has no lapsed owner.
 
         Raises BudgetExhausted, RateLimited, or InvalidRequest (larger than a bucket).
         """
@@ -194,7 +200,7 @@ class Admission:
                 if ahead is not None
                 else estimate(job, self._catalog, config, self._settings.expected_output_tokens)
             )
-            ticket = Ticket(self, job.team, needed, until, lost=to_nano(lost))
+            ticket = Ticket(self, job.team, needed, until, lost=to_nano(lost or Decimal(0)))
             # Checked while the job waits, and once admitted: its batch, and its team's
             # config as the registry's notification brings it (never a round trip per tick).
             ticket.check = partial(self._recheck, job, config, ticket, check)
@@ -221,7 +227,7 @@ class Admission:
         try:
             if tried is not None and taken(limits, tokens, tried).taken:
                 ticket.team_limits = limits  # what it holds: settled however the job ends
-            if with_claim and ticket.budget is not None and lost > 0:
+            if with_claim and ticket.budget is not None and lost:
                 # Reserved with the claim, before the claim said its lapsed owners made calls:
                 # again, with them (as a redelivery's reserve is made), so a job called again
                 # is let through only if the budget holds its lost calls too.
@@ -289,7 +295,14 @@ class Admission:
         name = once()
         return await self._guard(
             lambda: self._budgets.reserve(
-                job.team, job.model, config, ticket.reserving, job.job_id, then=then, name=name
+                job.team,
+                job.model,
+                config,
+                ticket.reserving,
+                job.job_id,
+                then=then,
+                name=name,
+                deadline=job.deadline,
             ),
             lambda: (held, None),
             ticket.until,
@@ -313,7 +326,7 @@ class Admission:
         except JobError:
             return None
         reserving = self._budgets.reserving(
-            job.team, job.model, config, needed.cost_nano, job.job_id
+            job.team, job.model, config, needed.cost_nano, job.job_id, deadline=job.deadline
         )
         if reserving is None:
             return None
@@ -360,11 +373,12 @@ class Admission:
             until,
         )
 
-    async def charge(self, team: str, model: str, job_id: str, lost: Decimal) -> None:
+    async def charge(self, team: str, model: str, job_id: str, lost: Decimal | None) -> None:
         """Charge ``lost`` to the budget entry of ``team``'s job ``job_id`` asking for
-        ``model`` (what its lapsed owners reserved), for a job refused before its own
-        reservation, or swept: the ledger holds what its usage row does."""
-        if lost <= 0:
+        ``model`` (what its lapsed owners reserved; 0 removes it), for a job refused before
+        its own reservation, or swept: the ledger holds what its usage row does. None: no
+        lapsed owner, so no entry to replace."""
+        if lost is None:
             return
         config = self.config(team)
         call = self._budgets.charge_call(team, model, config, to_nano(lost), job_id)

@@ -17,8 +17,10 @@
 --   {'conflict'}                        the id is used by a different request
 --   {'stored', outcome}                 the job was answered: outcome as stored
 --   {'busy', owner, ms}                 another delivery holds it for ms more
---   {'claimed', lost, epoch}            held now; lost: calls a lapsed owner had in flight
---                                       (one JSON object a line), epoch: KEYS[3] or ''
+--   {'claimed', lost, epoch, over}      held now; lost: calls a lapsed owner had in flight
+--                                       (one JSON object a line), epoch: KEYS[3] or '', over:
+--                                       1 when taken over from another owner (whose budget
+--                                       reservation of the job may be in its ledger), else 0
 --   {'poison', failures, lost}          more failures than the limit: the worker dead-letters
 --                                       the job, and its count starts again (for a replay);
 --                                       lost: '', or the calls its dead owners made, and the
@@ -72,7 +74,7 @@ if owner == ARGV[1] then
   -- This very delivery's claim, sent again (the Redis client re-sends a command whose
   -- connection broke, though the script may have run): still its own, not busy.
   redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])))
-  return {'claimed', lost or '', redis.call('GET', KEYS[3]) or ''}
+  return {'claimed', lost or '', redis.call('GET', KEYS[3]) or '', 0}
 end
 if owner and tonumber(lease) > now then
   return {'busy', owner, tonumber(lease) - now}
@@ -107,4 +109,4 @@ redis.call('HSET', KEYS[1], 'fp', ARGV[3], 'owner', ARGV[1], 'lease',
   string.format('%d', now + tonumber(ARGV[2])),
   'lost', lost)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {'claimed', lost, redis.call('GET', KEYS[3]) or ''}
+return {'claimed', lost, redis.call('GET', KEYS[3]) or '', owner and 1 or 0}
