@@ -607,3 +607,28 @@ async def test_a_job_refused_for_its_rate_gives_back_no_tokens_it_never_took(
     assert refused.error is not None and refused.error.code == "rate_limited"
     assert gw.mock.stats.calls == 0
     assert left <= refilled
+
+
+async def test_a_team_waits_behind_one_job_of_a_team_flooding_a_shared_deployment(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a deployment allowing 600 requests a minute, one at a time (one every 0.1 s),
+    # and team alpha's 60 jobs waiting for it in the worker (6 s of its rate)
+    catalog = small_deployment(tmp_path, rpm=600, burst=1)
+    async with (
+        running_gateway(settings, teams=("alpha", "beta"), catalog=catalog) as gw,
+        gw.client("alpha") as alpha,
+        gw.client("beta") as beta,
+    ):
+        flood = [await alpha.submit(alpha.job("small", WORDS)) for _ in range(60)]
+        await wait_until(lambda: gw.mock.stats.calls >= 2)
+
+        # When team beta sends one job
+        sent = time.monotonic()
+        trickle = await beta.chat("small", WORDS, timeout=30)
+        waited = time.monotonic() - sent
+
+        # Expect it served within a few turns of the rate, not behind alpha's backlog
+        assert trickle.status == "ok"
+        assert waited < 1.5
+        assert {(await h.result(timeout=30)).status for h in flood} == {"ok"}

@@ -37,6 +37,7 @@ from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
 from workers.admission.budgets import Budgets, Reservation, Reserving, lost_ledger
 from workers.admission.estimate import Estimate, estimate
+from workers.admission.line import Line
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
 from workers.admission.scripts import Call, Scripts, once
 
@@ -101,7 +102,7 @@ class Admission:
         self._configs: Mapping[str, TeamConfig] = {}
         self._stopped: set[str] = set()
         """Teams whose consumers this worker cancelled (disabled): their held jobs go back."""
-        self._lines: dict[tuple[str, ...], asyncio.Lock] = {}
+        self._lines: dict[tuple[str, ...], Line] = {}
         self._deployment_limits: dict[str, Limit | None] = {}
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
@@ -162,13 +163,13 @@ class Admission:
         except JobError:
             return None
 
-    def line(self, limits: list[Limit]) -> asyncio.Lock:
+    def line(self, limits: list[Limit]) -> Line:
         """Where this process's jobs wait their turn for the same buckets (see Ticket.take)."""
         key = tuple(limit.key for limit in limits)
-        lock = self._lines.get(key)
-        if lock is None:
-            lock = self._lines[key] = asyncio.Lock()
-        return lock
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = Line()
+        return line
 
     async def admit(
         self,
@@ -600,13 +601,13 @@ class Ticket:
         return False, took
 
     async def _wait_in_line(
-        self, limits: list[Limit], line: asyncio.Lock, follow: Callable[[], list[Limit]] | None
+        self, limits: list[Limit], line: Line, follow: Callable[[], list[Limit]] | None
     ) -> list[Limit]:
-        # Jobs that must wait queue in this process, first come, first served, and only the
-        # first asks Redis: it reserves the next request the buckets will have (taken into
-        # debt) and holds the line until its turn. One script call per job rather than one per
-        # waiter at every refill; and at most one reservation per process and bucket, all a
-        # worker that dies while waiting can waste.
+        # Jobs that must wait queue in this process, each team's first come, first served,
+        # the teams in turn (``Line``), and only the first asks Redis: it reserves the next
+        # request the buckets will have (taken into debt) and holds the line until its turn.
+        # One script call per job rather than one per waiter at every refill; and at most one
+        # reservation per process and bucket, all a worker that dies while waiting can waste.
         scopes = ", ".join(limit.scope for limit in limits)
         await self._join(line, scopes)
         try:
@@ -635,11 +636,11 @@ class Ticket:
         finally:
             line.release()
 
-    async def _join(self, line: asyncio.Lock, scopes: str) -> None:
+    async def _join(self, line: Line, scopes: str) -> None:
         """Wait for ``line`` until the job's deadline or the maximum wait, running the job's
         check meanwhile: a job that must not be served leaves its place, and whoever is
         behind it moves up, rather than holding the line until its turn."""
-        acquiring = asyncio.ensure_future(line.acquire())
+        acquiring = asyncio.ensure_future(line.acquire(self._team))
         try:
             while True:
                 left = self.until - time.monotonic()
