@@ -166,6 +166,8 @@ class Tool(_Strict):
     description: str | None = None
     type: Literal["custom"] | None = None
     cache_control: CacheControl | None = None
+    strict: bool | None = None
+    input_examples: list[dict[str, Any]] | None = None
 
 
 class ToolChoiceAuto(_Strict):

@@ -3,8 +3,9 @@
 What a route needs of a request besides its body comes from headers, read here once::
 
     options = RequestOptions.of(request)           # timeout, Idempotency-Key, Prefer
-    job = chat_job(body, caller.team, options, limits)   # ApiError 400/404 when invalid
+    check_chat(body, limits)                       # ApiError 400/404 when invalid
     stream, usage = wants_stream(body)
+    job = chat_job(body, caller.team, options, limits, stream=stream)
 
 - The job id is a fresh one, or derived from ``Idempotency-Key`` (team-scoped: the workers
   key every claim and outcome by team), so a retry is the same job and never a second call.
@@ -32,7 +33,8 @@ from pydantic import ValidationError
 
 from frontdoor.answers import arrived
 from frontdoor.errors import ApiError, shown
-from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ChatParams, ParamError
+from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ChatParams
+from queuegate.openai_params import ParamError
 from queuegate.settings import Settings
 from router import Catalog
 
@@ -59,6 +61,8 @@ class Limits:
     """Models an ``openai_compatible`` deployment may serve (their own or a fallback's): such
     a server takes parameters of its own, so a request for one may carry fields OpenAI's
     API does not have."""
+    stop_capped: Collection[str] = frozenset()
+    """Models whose jobs take at most OpenAI's 4 stop sequences (``Catalog.caps_stop``)."""
 
     @classmethod
     def of(cls, settings: Settings, catalog: Catalog) -> Limits:
@@ -74,6 +78,7 @@ class Limits:
             max_messages=settings.max_job_messages,
             max_job_bytes=settings.max_job_bytes,
             open_models=frozenset(filter(open_model, catalog.models)),
+            stop_capped=frozenset(filter(catalog.caps_stop, catalog.models)),
         )
 
 
@@ -159,22 +164,10 @@ def _seconds(text: str) -> float:
 
 
 def wants_stream(body: dict[str, Any]) -> tuple[bool, bool]:
-    """Whether the answer is streamed, and whether its last chunk carries the usage."""
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError("invalid_request", "stream must be true or false", param="stream")
+    """Whether the answer is streamed, and whether its last chunk carries the usage, of a body
+    ``check_chat`` took (which types both as a worker does)."""
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(
-            "invalid_request", "stream_options must be an object", param="stream_options"
-        )
-    usage = options.get("include_usage", False)
-    if not isinstance(usage, bool):
-        where = "stream_options.include_usage"
-        raise ApiError("invalid_request", f"{where} must be true or false", param=where)
-    return stream, usage
+    return body.get("stream") is True, options.get("include_usage") is True
 
 
 def served_model(body: dict[str, Any], limits: Limits) -> str:

@@ -12,7 +12,7 @@ is chosen by the request's path: OpenAI's unless a route family registered its o
 A 429 carries ``Retry-After``; a 409, the codes that a retry cannot change and those a retry
 would pay for twice carry ``x-should-retry: false`` (``NO_RETRY``), which the OpenAI and
 Anthropic SDKs obey (they retry 408, 409, 429 and 5xx by default). A value the caller sent
-is repeated ``shown``: cut to ``ECHOED`` characters.
+is repeated ``shown`` (``queuegate.value_errors``): cut to ``ECHOED`` characters.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from queuegate.errors import (
     ServiceUnavailable,
 )
 from queuegate.messages import HTTP_STATUS, ChatResult
-from queuegate.visible import clipped
+from queuegate.value_errors import shown
 
 HTTP_ONLY: dict[str, int] = {
     "request_too_large": 413,
@@ -77,16 +77,9 @@ anything was published)."""
 ErrorShape = Callable[[str, str, str | None], dict[str, Any]]
 """``shape(code, message, param)``: an API's error body (``param``: the field at fault)."""
 
-ECHOED = 100
-"""Characters of a caller's own value (a model name, an id, a field name) an error repeats."""
 MAX_MESSAGE = 1000
 """Characters of an error message at most, whatever it repeats: an answer never grows with
 what the caller sent."""
-
-
-def shown(text: str) -> str:
-    """A caller's value as an error repeats it: its first ``ECHOED`` characters."""
-    return clipped(text, ECHOED)
 
 
 class ApiError(Exception):

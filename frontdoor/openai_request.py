@@ -18,14 +18,13 @@ not serve) naming what is wrong:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Required, Self
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationError,
     model_validator,
 )
@@ -33,13 +32,12 @@ from pydantic import (
 from frontdoor.chat_request import Limits, checked_messages, served_model
 from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import invalid_request, tagged_by
-from queuegate.messages import (
-    MAX_CHOICES,
-    ChatJob,
-    LogitBias,
-    OpenAIMetadata,
-    Penalty,
-    TopLogprobs,
+from queuegate.messages import ChatJob
+from queuegate.openai_params import (
+    OpenAIObject,
+    OpenAIParams,
+    TextPart,
+    too_many_stops,
 )
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
 from router.providers.anthropic import MIN_THINKING_BUDGET
@@ -50,113 +48,34 @@ JOB_FIELDS = frozenset(ChatJob.model_fields) - OPENAI_CHAT_PARAMS
 """The job's own fields (``team``, ``deadline``, ``fallbacks``, …): set by the gateway."""
 NAMED = 5
 """Unknown fields an error names at most."""
-MAX_STOP = 4
-MAX_TOOLS = 128
-NAME = r"^[a-zA-Z0-9_-]{1,64}$"
-"""What OpenAI takes as the name of a function or of a JSON schema."""
 
 
-class _Object(BaseModel):
-    # Strict: "5" is no integer and "yes" no boolean, as OpenAI's API sees them. What an
-    # object holds beyond its fields is left for the provider to judge.
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class FunctionDefinition(_Object):
-    name: str = Field(pattern=NAME)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class CustomDefinition(_Object):
-    name: str = Field(min_length=1)
-    description: str | None = None
-    format: dict[str, Any] | None = None
-
-
-class FunctionTool(_Object):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class CustomTool(_Object):
-    type: Literal["custom"]
-    custom: CustomDefinition
-
-
-Tool = Annotated[
-    Annotated[FunctionTool, Tag("function tool")] | Annotated[CustomTool, Tag("custom tool")],
-    Discriminator(tagged_by("type", "tool")),
-]
-
-
-class Named(_Object):
-    name: str = Field(min_length=1)
-
-
-class FunctionChoice(_Object):
-    type: Literal["function"]
-    function: Named
-
-
-class CustomChoice(_Object):
-    type: Literal["custom"]
-    custom: Named
-
-
-class AllowedTools(_Object):
-    mode: Literal["auto", "required"]
-    tools: list[dict[str, Any]]
-
-
-class AllowedToolsChoice(_Object):
-    type: Literal["allowed_tools"]
-    allowed_tools: AllowedTools
-
-
-ToolChoice = (
-    Literal["none", "auto", "required"]
-    | Annotated[
-        Annotated[FunctionChoice, Tag("function choice")]
-        | Annotated[CustomChoice, Tag("custom choice")]
-        | Annotated[AllowedToolsChoice, Tag("allowed_tools choice")],
-        Discriminator(tagged_by("type", "choice")),
-    ]
-)
-
-
-class TextPart(_Object):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(_Object):
+class ImageURL(OpenAIObject):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(_Object):
+class ImagePart(OpenAIObject):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class InputAudio(_Object):
+class InputAudio(OpenAIObject):
     data: str
     format: Literal["wav", "mp3"]
 
 
-class AudioPart(_Object):
+class AudioPart(OpenAIObject):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
 
-class FilePart(_Object):
+class FilePart(OpenAIObject):
     type: Literal["file"]
     file: dict[str, Any]
 
 
-class RefusalPart(_Object):
+class RefusalPart(OpenAIObject):
     type: Literal["refusal"]
     refusal: str
 
@@ -174,23 +93,23 @@ AssistantPart = Annotated[
 ]
 
 
-class CalledFunction(_Object):
+class CalledFunction(OpenAIObject):
     name: str
     arguments: str
 
 
-class FunctionCall(_Object):
+class FunctionCall(OpenAIObject):
     id: str
     type: Literal["function"]
     function: CalledFunction
 
 
-class CalledCustom(_Object):
+class CalledCustom(OpenAIObject):
     name: str
     input: str
 
 
-class CustomCall(_Object):
+class CustomCall(OpenAIObject):
     id: str
     type: Literal["custom"]
     custom: CalledCustom
@@ -202,25 +121,25 @@ ToolCall = Annotated[
 ]
 
 
-class SystemMessage(_Object):
+class SystemMessage(OpenAIObject):
     role: Literal["system"]
     content: str | list[TextPart]
     name: str | None = None
 
 
-class DeveloperMessage(_Object):
+class DeveloperMessage(OpenAIObject):
     role: Literal["developer"]
     content: str | list[TextPart]
     name: str | None = None
 
 
-class UserMessage(_Object):
+class UserMessage(OpenAIObject):
     role: Literal["user"]
     content: str | list[UserPart]
     name: str | None = None
 
 
-class AssistantMessage(_Object):
+class AssistantMessage(OpenAIObject):
     role: Literal["assistant"]
     content: str | list[AssistantPart] | None = None
     name: str | None = None
@@ -236,7 +155,7 @@ class AssistantMessage(_Object):
         return self
 
 
-class ToolMessage(_Object):
+class ToolMessage(OpenAIObject):
     role: Literal["tool"]
     content: str | list[TextPart]
     tool_call_id: str
@@ -252,50 +171,12 @@ Message = Annotated[
 ]
 
 
-class JsonSchema(_Object):
-    name: str = Field(pattern=NAME)
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class TextFormat(_Object):
-    type: Literal["text"]
-
-
-class JsonObjectFormat(_Object):
-    type: Literal["json_object"]
-
-
-class JsonSchemaFormat(_Object):
-    type: Literal["json_schema"]
-    json_schema: JsonSchema
-
-
-ResponseFormat = Annotated[
-    Annotated[TextFormat, Tag("text format")]
-    | Annotated[JsonObjectFormat, Tag("json_object format")]
-    | Annotated[JsonSchemaFormat, Tag("json_schema format")],
-    Discriminator(tagged_by("type", "format")),
-]
-
-
-class Prediction(_Object):
-    type: Literal["content"]
-    content: str | list[TextPart]
-
-
-class StreamOptions(_Object):
-    include_usage: bool | None = None
-    include_obfuscation: bool | None = None
-
-
-class ThinkingEnabled(_Object):
+class ThinkingEnabled(OpenAIObject):
     type: Literal["enabled"]
     budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
 
 
-class ThinkingDisabled(_Object):
+class ThinkingDisabled(OpenAIObject):
     type: Literal["disabled"]
 
 
@@ -306,52 +187,20 @@ Thinking = Annotated[
 ]
 
 
-class ChatRequest(_Object):
+class ChatRequest(OpenAIParams, total=False):
     """The body of ``POST /v1/chat/completions`` (the openai SDK's
-    ``CompletionCreateParams``) with the bounds OpenAI's API reference gives; null is taken
-    wherever a field may be left out."""
+    ``CompletionCreateParams``) with the bounds OpenAI's API reference gives: its parameters
+    as a worker types a job's (``OpenAIParams``), its messages, and Anthropic's ``top_k`` and
+    ``thinking``, which the router maps."""
 
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    audio: dict[str, Any] | None = None
-    frequency_penalty: Penalty | None = None
-    function_call: Literal["none", "auto"] | Named | None = None
-    functions: list[FunctionDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
-    logit_bias: LogitBias | None = None
-    logprobs: bool | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    metadata: OpenAIMetadata | None = None
-    modalities: list[Literal["text", "audio"]] | None = None
-    moderation: dict[str, Any] | None = None
-    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
-    parallel_tool_calls: bool | None = None
-    prediction: Prediction | None = None
-    presence_penalty: Penalty | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_options: dict[str, Any] | None = None
-    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
-        None
-    )
-    response_format: ResponseFormat | None = None
-    safety_identifier: str | None = Field(default=None, max_length=64)
-    seed: int | None = None
-    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
-    stop: Annotated[list[str], Field(max_length=MAX_STOP)] | str | None = None
-    store: bool | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    tool_choice: ToolChoice | None = None
-    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
-    top_logprobs: TopLogprobs | None = None
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    user: str | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
-    web_search_options: dict[str, Any] | None = None
-    top_k: int | None = Field(default=None, ge=0)
-    thinking: Thinking | None = None
+    model: Required[str]
+    messages: Required[Annotated[list[Message], Field(min_length=1)]]
+    stream: bool | None
+    top_k: Annotated[int, Field(ge=0)] | None
+    thinking: Thinking | None
+
+
+_CHAT_REQUEST = TypeAdapter(ChatRequest)
 
 
 def check_chat(body: dict[str, Any], limits: Limits) -> None:
@@ -360,9 +209,14 @@ def check_chat(body: dict[str, Any], limits: Limits) -> None:
     checked_messages(body, limits)
     _known_fields(body, model, limits)
     try:
-        ChatRequest.model_validate(body)
+        _CHAT_REQUEST.validate_python(body)
     except ValidationError as exc:
         raise invalid_request(exc, body) from None
+    too_many = too_many_stops(body.get("stop"))
+    if too_many is not None and model in limits.stop_capped:
+        # OpenAI's cap, for a model OpenAI serves, as the worker's router keeps it: Anthropic
+        # takes more (an Anthropic-format job's stop_sequences are its stop).
+        raise ApiError("invalid_request", f"stop: {too_many}", param="stop")
 
 
 def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:

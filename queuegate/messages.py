@@ -20,16 +20,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
-    with_config,
 )
-from typing_extensions import TypedDict  # pydantic reads typing.TypedDict from Python 3.12 on
 
 from queuegate.numbers import Money
+from queuegate.openai_params import MAX_CHOICES, ParamError, check_params
 from queuegate.visible import clipped
 
 SCHEMA_VERSION = 1
@@ -268,82 +264,10 @@ class ChatMessage(WireModel):
         return content
 
 
-class ParamError(ValueError):
-    """A job parameter ChatParams refuses, naming it (``param``) as OpenAI's errors do."""
-
-    def __init__(self, param: str, problem: str) -> None:
-        super().__init__(f"{param}: {problem}")
-        self.param = param
-
-
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-"""OpenAI's ``presence_penalty`` and ``frequency_penalty``."""
-LogitBias = dict[str, Annotated[int, Field(ge=-100, le=100)]]
-"""OpenAI's ``logit_bias``: token ids (as JSON keys, strings) to a whole bias, -100 to 100."""
-TopLogprobs = Annotated[int, Field(ge=0, le=20)]
-"""OpenAI's ``top_logprobs``: the most likely tokens listed at each position."""
-OpenAIMetadata = Annotated[
-    dict[
-        Annotated[str, StringConstraints(max_length=64)],
-        Annotated[str, StringConstraints(max_length=512)],
-    ],
-    Field(max_length=16),
-]
-"""OpenAI's ``metadata``: at most 16 pairs of text."""
-JsonObject = dict[str, Any]
-
-
-@with_config(ConfigDict(strict=True))
-class OpenAIExtras(TypedDict, total=False):
-    """OpenAI's chat parameters a ChatParams keeps among its extras, typed as OpenAI's API
-    reference (and the openai SDK's ``CompletionCreateParams``) gives them: each is passed on
-    to the provider, and one of another type was called and billed where OpenAI answers a 400.
-    Objects are checked as objects, what they hold left to the provider (as ChatParams' own
-    ``tools``); the names a value may take (``reasoning_effort``, ``service_tier``, ...) are
-    left to the adapters, which map or refuse Anthropic's and OpenAI-compatible servers' own.
-    ``n`` and ``max_completion_tokens`` are checked apart, with what they count."""
-
-    logit_bias: LogitBias | None
-    logprobs: bool | None
-    top_logprobs: TopLogprobs | None
-    presence_penalty: Penalty | None
-    frequency_penalty: Penalty | None
-    parallel_tool_calls: bool | None
-    store: bool | None
-    metadata: OpenAIMetadata | None
-    modalities: list[str] | None
-    audio: JsonObject | None
-    prediction: JsonObject | None
-    function_call: str | JsonObject | None
-    functions: list[JsonObject] | None
-    reasoning_effort: str | None
-    service_tier: str | None
-    verbosity: str | None
-    prompt_cache_key: str | None
-    prompt_cache_retention: str | None
-    prompt_cache_options: JsonObject | None
-    safety_identifier: str | None
-    moderation: JsonObject | None
-    web_search_options: JsonObject | None
-
-
-_OPENAI_EXTRAS = TypeAdapter(OpenAIExtras)
-
-
-def _typed_extras(extra: dict[str, Any]) -> None:
-    """Refuse an OpenAI parameter among ``extra`` of another type than OpenAI's, naming it."""
-    try:
-        _OPENAI_EXTRAS.validate_python(extra)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        name, *inside = (clipped(str(part)) for part in first["loc"])
-        problem = first["msg"] if not inside else f"{'.'.join([name, *inside])}: {first['msg']}"
-        raise ParamError(name, problem) from None
-
-
 class ChatParams(WireModel):
     """Sampling and tool parameters in OpenAI form; OpenAI's others kept among the extras,
-    typed as OpenAI's (``OpenAIExtras``), unknown ones passed through to the provider."""
+    all typed as OpenAI's (``queuegate.openai_params``), unknown ones passed through to the
+    provider."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -357,33 +281,9 @@ class ChatParams(WireModel):
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     user: StoredText | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, tools: list[dict[str, Any]] | None) -> object:
-        # What every provider reads of a tool, strictly: its function's name and parameters.
-        for i, tool in enumerate(tools or ()):
-            function = tool.get("function")
-            if function is None:
-                continue
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise ParamError("tools", f"tools[{i}].function.name: a string")
-            if not isinstance(function.get("parameters", {}), dict):
-                raise ParamError("tools", f"tools[{i}].function.parameters: a JSON object")
-        return tools
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, response_format: dict[str, Any] | None) -> object:
-        # Every provider reads its type, which OpenAI requires.
-        if response_format is not None and not isinstance(response_format.get("type"), str):
-            raise ParamError("response_format", "response_format.type: a string")
-        return response_format
-
     @model_validator(mode="after")
     def _extras(self) -> ChatParams:
         extra = self.model_extra or {}
-        if extra:
-            _typed_extras(extra)
         # ``n`` is passed through like any extra, but zero choices would be an answer with
         # nothing in it (OpenAI refuses it; an adapter would name it wrongly).
         n = extra.get("n")
@@ -406,6 +306,12 @@ class ChatParams(WireModel):
                 "set together with max_completion_tokens, which OpenAI refuses: send "
                 "max_completion_tokens alone (max_tokens is its deprecated name)",
             )
+        # The parameters typed only as JSON here, OpenAI's among the extras included, are
+        # checked as OpenAI's API types them, as the front door checks them: nothing is read
+        # again for a job that has none.
+        shared = {name: value for name in _DEEP if (value := getattr(self, name)) is not None}
+        if extra or shared:
+            check_params(extra | shared)
         # The rest go to the provider as they are: none may be a number no worker can send.
         for name, value in extra.items():
             _check_values(name, value)
@@ -425,8 +331,8 @@ class ChatParams(WireModel):
         return n
 
 
-MAX_CHOICES = 128
-"""The most choices (``n``) one job may ask for: OpenAI's limit."""
+_DEEP = ("tools", "tool_choice", "response_format")
+"""ChatParams' own fields that hold more than their type here says."""
 
 
 class ChatJob(WireModel):

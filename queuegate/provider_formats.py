@@ -304,12 +304,22 @@ def _tool_message(block: Block, where: str) -> dict[str, Any]:
     return _cached(message, block)
 
 
+ANTHROPIC_EXAMPLES = "input_examples"
+"""Anthropic's example inputs of a tool, kept on the function of an Anthropic-format job's
+tool: its adapter sends them, OpenAI's has no place for them."""
+
+
 def _function_tool(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict) or "input_schema" not in tool:
         raise ValueError(f"{where}: only client tools with an input_schema are supported")
     function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
     if tool.get("description"):
         function["description"] = tool["description"]
+    # Carried where the adapters read them (Anthropic's tool has them too); OpenAI's function
+    # takes strict, and no examples.
+    for name in ("strict", ANTHROPIC_EXAMPLES):
+        if tool.get(name) is not None:
+            function[name] = tool[name]
     return _cached({"type": "function", "function": function}, tool)
 
 

@@ -237,6 +237,12 @@ class Catalog(_Strict):
             raise UnknownModel(f"unknown model {alias!r}")
         return entry
 
+    def caps_stop(self, alias: str) -> bool:
+        """Whether a job for ``alias`` may carry no more than OpenAI's ``MAX_STOP`` stop
+        sequences: OpenAI itself serves it. Anthropic takes more (an Anthropic-format job's
+        ``stop_sequences`` are its ``stop``), and an OpenAI-compatible server judges its own."""
+        return any(d.provider == "openai" for d in self.resolve(alias).deployments)
+
     def chain(self, alias: str, override: list[str] | None = None) -> list[str]:
         """The aliases to try, in order: ``alias``, its fallbacks, then theirs, without repeats.
 

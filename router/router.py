@@ -37,6 +37,7 @@ from queuegate.errors import (
 )
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob, UnsupportedParams
+from queuegate.openai_params import too_many_stops
 from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from router import transport
@@ -297,6 +298,11 @@ class Router:
             raise RuntimeError("the Router is not open: use `async with Router(...) as router`")
         run = _Job(job, deadline, on_delta if job.stream else None, gate, unsupported_params)
         chain = self.catalog.chain(job.model, job.fallbacks)
+        too_many = too_many_stops(job.params.stop)
+        if too_many is not None and self.catalog.caps_stop(job.model):
+            # Refused as the front door refuses it (OpenAI answers a 400), not left to a
+            # fallback: the same request is served or refused whichever door it came in by.
+            raise InvalidRequest(f"stop: {too_many}", param="stop")
         tried: list[str] = []
         while chain:
             alias = chain.pop(0)

@@ -268,3 +268,25 @@ async def test_a_cached_answer_streams_the_blocks_it_was_given(settings: Setting
     assert [b.to_dict() for b in cached.content] == [b.to_dict() for b in first.content]
     assert cached.content[0].type == "thinking" and cached.content[0].signature == SIGNATURE
     assert started[0].input_tokens == first.usage.input_tokens > 0
+
+
+async def test_a_strict_tool_is_served_its_strictness_reaching_the_provider(door: Door) -> None:
+    # Given a tool as the anthropic SDK's ToolParam documents it: strict, with example inputs
+    strict: ToolParam = {**WEATHER, "strict": True}
+    examples: ToolParam = {**strict, "input_examples": [{"city": "Oslo"}]}
+    async with client(door) as sdk:
+        # When an Anthropic caller sends it to a model Anthropic serves, Expect the tool sent
+        # as it was
+        assert await sdk.messages.create(
+            model="claude-haiku", max_tokens=50, tools=[examples], messages=QUESTION
+        )
+        sent_tools = door.gateway.mock.requests[-1].body
+        assert sent_tools is not None
+        assert sent_tools["tools"] == [examples]
+        # ... and to one OpenAI serves, its function strict (OpenAI's has no examples)
+        assert await sdk.messages.create(
+            model="gpt-4o-mini", max_tokens=50, tools=[strict], messages=QUESTION
+        )
+    received = door.gateway.mock.requests[-1].body
+    assert received is not None
+    assert received["tools"][0]["function"]["strict"] is True

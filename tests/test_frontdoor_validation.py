@@ -19,11 +19,12 @@ from frontdoor.openai_request import ROUTED_EXTRAS, ChatRequest, check_chat
 from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, OPENAI_CHAT_PARAMS
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
+from tests.openai_param_cases import ENUMS, REFUSED
 
 OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"tools": [{"type": "function"}]}, "tools.0.function: Field required"),
     ({"tools": [{"type": "web"}]}, "tools.0.type: 'web' is not supported"),
-    ({"stop": ["x"] * 1000}, "stop: List should have at most 4 items"),
+    ({"stop": ["x"] * 1000}, "stop: 1000 sequences; OpenAI takes at most 4"),
     ({"max_tokens": "5"}, "max_tokens: Input should be a valid integer"),
     ({"temperature": 3}, "temperature: Input should be less than or equal to 2"),
     ({"n": 0}, "n: Input should be greater than or equal to 1"),
@@ -73,6 +74,40 @@ async def test_what_openai_refuses_is_refused_naming_the_field_and_never_publish
         assert await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert len(await door.gateway.usage_rows(1)) == 1
     assert door.gateway.mock.stats.calls == 1
+
+
+async def test_openai_parameters_the_worker_refuses_are_refused_naming_their_path(
+    door: Door,
+) -> None:
+    async with door.client() as client:
+        for params, param in REFUSED:
+            # When a request carries a parameter (nested or not) of another type or value than
+            # OpenAI's, as a worker refuses it in a job
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=HELLO, extra_body=params
+                )
+            # Expect it refused 400 naming it by its path, the values a name may take listed
+            error = refused.value
+            assert (error.code, error.param) == ("invalid_request", param), error.message
+            assert f"{param}: " in error.message
+            assert ENUMS.get(param, "") in error.message
+        assert await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    # ... none of them published: the next valid request the only one served
+    assert len(await door.gateway.usage_rows(1)) == 1
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_more_stop_sequences_than_openais_are_served_for_a_model_anthropic_serves(
+    door: Door,
+) -> None:
+    # Given a model only Anthropic serves, which takes more stop sequences than OpenAI's 4
+    stop = ["a", "b", "c", "d", "e"]
+    async with door.client() as client:
+        # When an OpenAI caller sends five
+        await client.chat.completions.create(model="claude-haiku", messages=HELLO, stop=stop)
+    # Expect them sent to Anthropic as they were
+    assert door.gateway.mock.requests[-1].body["stop_sequences"] == stop
 
 
 async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_published(
@@ -126,7 +161,10 @@ def chat(model: str = "gpt-4o-mini", **fields: Any) -> dict[str, Any]:
 
 
 def test_the_fields_checked_are_openais_and_those_the_router_takes_on_purpose() -> None:
-    assert set(ChatRequest.model_fields) == OPENAI_CHAT_PARAMS | ROUTED_EXTRAS
+    assert (
+        ChatRequest.__required_keys__ | ChatRequest.__optional_keys__
+        == OPENAI_CHAT_PARAMS | ROUTED_EXTRAS
+    )
     count_tokens = typing.get_type_hints(message_count_tokens_params.MessageCountTokensParams)
     assert set(count_tokens) == ANTHROPIC_COUNT_TOKENS_PARAMS
 

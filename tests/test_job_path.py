@@ -17,6 +17,7 @@ from mockprovider import Behavior, MockConfig
 from queuegate.errors import ResultTimeout
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
+from tests.openai_param_cases import ENUMS, REFUSED
 from tests.support import running_accountant, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -221,16 +222,19 @@ UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {
     ),
     "number-tool-name": (
         {"params": {"tools": [{"type": "function", "function": {"name": 5}}]}},
-        "params.tools",
+        "params: tools.0.function.name",
     ),
     "list-tool-parameters": (
         {"params": {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}},
-        "params.tools",
+        "params: tools.0.function.parameters",
     ),
     # An OpenAI parameter kept among the extras, of another type than OpenAI's (a 400 there).
     "string-logit-bias": ({"params": {"logit_bias": {"5": "x"}}}, "params"),
     "string-logprobs": ({"params": {"logprobs": "yes"}}, "params"),
-    "typeless-response-format": ({"params": {"response_format": {}}}, "params.response_format"),
+    "typeless-response-format": (
+        {"params": {"response_format": {}}},
+        "params: response_format.type",
+    ),
 }
 
 
@@ -270,6 +274,38 @@ async def test_jobs_holding_what_cannot_be_stored_sent_or_read_as_written_are_re
             assert {row["error_code"] for row in rows} == {"invalid_request"}
             # ... and the worker still serves good jobs
             assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
+
+
+@pytest.mark.parametrize(("params", "param"), REFUSED, ids=[p for _, p in REFUSED])
+async def test_openai_parameters_the_front_door_refuses_are_refused_by_the_worker_uncalled(
+    settings: Settings, params: dict[str, object], param: str
+) -> None:
+    # Given a running gateway, and a job published raw whose parameter (nested or not) has
+    # another type or value than OpenAI's API gives it, as the front door refuses it
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(gw.topology.jobs_exchange)
+            job = {"job_id": "j", "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
+            message = aio_pika.Message(
+                orjson.dumps(job | {"params": params}), message_id="j", reply_to=client.reply_to
+            )
+            await exchange.publish(message, routing_key="alpha")
+            # Expect it answered invalid_request naming the parameter by its path, the values
+            # a name may take listed
+            result = await client.wait("j", timeout=10)
+            assert result.error is not None
+            assert result.error.code == "invalid_request", result.error
+            assert result.error.param == param, result.error
+            assert f"{param}: " in result.error.message
+            assert ENUMS.get(param, "") in result.error.message
+            # ... never called, its one usage row of no cost
+            rows = await gw.usage_rows(1)
+            assert [(row["error_code"], row["cost_usd"]) for row in rows] == [
+                ("invalid_request", 0)
+            ]
+            assert gw.mock.stats.calls == 0
 
 
 async def test_a_job_setting_both_output_limits_is_refused_by_the_client_unpublished(

@@ -48,6 +48,7 @@ from queuegate.errors import (
     WorkerFault,
 )
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
+from queuegate.openai_params import ParamError
 from queuegate.topology import HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
@@ -524,7 +525,11 @@ class JobProcessor:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise InvalidRequest(f"not a valid chat job: {where}: {first['msg']}") from exc
+            problem = first["msg"].removeprefix("Value error, ")
+            # A parameter refused as OpenAI types it is named as the front door names it.
+            refused = (first.get("ctx") or {}).get("error")
+            param = refused.param if isinstance(refused, ParamError) else None
+            raise InvalidRequest(f"not a valid chat job: {where}: {problem}", param=param) from exc
         if job.v > SCHEMA_VERSION:
             raise InvalidRequest(
                 f"schema version {job.v} is newer than this worker's ({SCHEMA_VERSION}); "

@@ -60,8 +60,8 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     options = RequestOptions.of(request)
     s = door.settings
     body = await door.bodies.read_json(request, caller, limit=s.max_job_bytes)
-    stream, include_usage = wants_stream(body)
     check_chat(body, door.limits)
+    stream, include_usage = wants_stream(body)
     job = chat_job(body, caller.team, options, door.limits, stream=stream)
     note_job(request, job.job_id)
     if options.respond_async:

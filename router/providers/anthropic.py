@@ -30,6 +30,7 @@ from typing import Any
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
 from queuegate.provider_formats import (
     ANTHROPIC_BODY,
+    ANTHROPIC_EXAMPLES,
     DOCUMENT,
     PDF,
     PLAIN_TEXT,
@@ -563,8 +564,9 @@ def _tool(tool: dict[str, Any]) -> Block:
     }
     if function.get("description"):
         out["description"] = function["description"]
-    if function.get("strict") is not None:
-        out["strict"] = function["strict"]
+    for name in ("strict", ANTHROPIC_EXAMPLES):
+        if function.get(name) is not None:
+            out[name] = function[name]
     if tool.get("cache_control") is not None:
         out["cache_control"] = tool["cache_control"]
     return out

@@ -22,7 +22,9 @@ import time
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage
+from queuegate.openai_params import too_many_stops
 from queuegate.provider_formats import (
+    ANTHROPIC_EXAMPLES,
     CHUNK_FIELDS,
     DOCUMENT,
     OPENAI_CHAT_PARAMS,
@@ -82,6 +84,12 @@ class OpenAIAdapter:
         body["messages"] = [_message(m, strict=self._strict) for m in job.messages]
         if self._strict:
             _only_openai(body, fidelity)
+            too_many = too_many_stops(body.get("stop"))
+            if too_many is not None:
+                # A job for a model Anthropic serves may carry more (its stop_sequences are a
+                # job's stop), and reach OpenAI as a fallback: OpenAI answers them with a 400.
+                fidelity.unsupported("stop", too_many)
+                del body["stop"]
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -159,10 +167,21 @@ def _only_openai(body: dict[str, Any], fidelity: Fidelity) -> None:
         else:
             body["reasoning_effort"] = _effort(as_int(thinking.get("budget_tokens")))
     if "tools" in body:
-        body["tools"] = [_uncached(tool) for tool in body["tools"]]
+        body["tools"] = [_openai_tool(tool, fidelity) for tool in body["tools"]]
     for key in [key for key in body if key not in OPENAI_CHAT_PARAMS]:
         fidelity.unsupported(key)
         del body[key]
+
+
+def _openai_tool(tool: Any, fidelity: Fidelity) -> Any:
+    """A tool without what Anthropic's has and OpenAI's function has not: its cache marker,
+    and its example inputs (refused or dropped)."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if isinstance(function, dict) and ANTHROPIC_EXAMPLES in function:
+        fidelity.unsupported(f"tools.function.{ANTHROPIC_EXAMPLES}")
+        function = {k: v for k, v in function.items() if k != ANTHROPIC_EXAMPLES}
+        tool = {**tool, "function": function}
+    return _uncached(tool)
 
 
 def _effort(budget: int) -> str:

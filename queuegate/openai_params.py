@@ -1,0 +1,273 @@
+"""OpenAI's chat parameters, typed once as its API reference (and the openai SDK's
+``CompletionCreateParams``) gives them: the front door checks a request's body against
+``OpenAIParams`` (``frontdoor.openai_request.ChatRequest`` adds the body's own fields), and
+a worker a job's parameters (``queuegate.messages.ChatParams``), so that both refuse the same
+values, naming the field, before anything is called.
+
+Strict, as OpenAI's API is: ``"5"`` is no integer and ``"yes"`` no boolean. A name a value
+may take (``reasoning_effort``, ``service_tier``, ...) is one OpenAI documents, Anthropic's
+own tier as well (Anthropic-format jobs carry it); what an object may hold beyond its fields
+is left to the provider. ``stop`` has no cap here: Anthropic takes more than OpenAI's 4
+sequences, so the cap is kept where OpenAI's format is sent (``MAX_STOP``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict from Python 3.12 on
+
+from queuegate.value_errors import problem, tagged_by
+
+MAX_CHOICES = 128
+"""The most choices (``n``) one job may ask for: OpenAI's limit."""
+MAX_STOP = 4
+"""The most stop sequences OpenAI takes (Anthropic takes more)."""
+MAX_TOOLS = 128
+NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+"""What OpenAI takes as the name of a function or of a JSON schema."""
+
+
+class OpenAIObject(BaseModel):
+    # Strict: "5" is no integer and "yes" no boolean, as OpenAI's API sees them. What an
+    # object holds beyond its fields is left for the provider to judge.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class FunctionDefinition(OpenAIObject):
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class CustomDefinition(OpenAIObject):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    format: dict[str, Any] | None = None
+
+
+class FunctionTool(OpenAIObject):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class CustomTool(OpenAIObject):
+    type: Literal["custom"]
+    custom: CustomDefinition
+
+
+Tool = Annotated[
+    Annotated[FunctionTool, Tag("function tool")] | Annotated[CustomTool, Tag("custom tool")],
+    Discriminator(tagged_by("type", "tool")),
+]
+
+
+class Named(OpenAIObject):
+    name: str = Field(min_length=1)
+
+
+class FunctionChoice(OpenAIObject):
+    type: Literal["function"]
+    function: Named
+
+
+class CustomChoice(OpenAIObject):
+    type: Literal["custom"]
+    custom: Named
+
+
+class AllowedTools(OpenAIObject):
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]
+
+
+class AllowedToolsChoice(OpenAIObject):
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+ToolChoice = (
+    Literal["none", "auto", "required"]
+    | Annotated[
+        Annotated[FunctionChoice, Tag("function choice")]
+        | Annotated[CustomChoice, Tag("custom choice")]
+        | Annotated[AllowedToolsChoice, Tag("allowed_tools choice")],
+        Discriminator(tagged_by("type", "choice")),
+    ]
+)
+
+
+class TextPart(OpenAIObject):
+    type: Literal["text"]
+    text: str
+
+
+class JsonSchema(OpenAIObject):
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(OpenAIObject):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(OpenAIObject):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(OpenAIObject):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("text format")]
+    | Annotated[JsonObjectFormat, Tag("json_object format")]
+    | Annotated[JsonSchemaFormat, Tag("json_schema format")],
+    Discriminator(tagged_by("type", "format")),
+]
+
+
+class Prediction(OpenAIObject):
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
+class StreamOptions(OpenAIObject):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class VoiceId(OpenAIObject):
+    id: str
+
+
+class Audio(OpenAIObject):
+    """Audio output: a built-in voice's name, or a custom voice's id."""
+
+    format: Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
+    voice: str | VoiceId
+
+
+class WebSearchOptions(OpenAIObject):
+    search_context_size: Literal["low", "medium", "high"] | None = None
+    user_location: dict[str, Any] | None = None
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+"""OpenAI's ``presence_penalty`` and ``frequency_penalty``."""
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}$")]
+LogitBias = dict[TokenId, Annotated[int, Field(ge=-100, le=100)]]
+"""OpenAI's ``logit_bias``: token ids (as JSON keys, text of a whole number) to a whole
+bias, -100 to 100."""
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+"""OpenAI's ``top_logprobs``: the most likely tokens listed at each position."""
+OpenAIMetadata = Annotated[
+    dict[
+        Annotated[str, StringConstraints(max_length=64)],
+        Annotated[str, StringConstraints(max_length=512)],
+    ],
+    Field(max_length=16),
+]
+"""OpenAI's ``metadata``: at most 16 pairs of text."""
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast", "standard_only"]
+"""OpenAI's tiers, and Anthropic's ``standard_only``, which its adapter maps."""
+
+
+@with_config(ConfigDict(strict=True))
+class OpenAIParams(TypedDict, total=False):
+    """Every parameter of OpenAI's chat completions but the body's ``model``, ``messages``
+    and ``stream``; null is taken wherever a field may be left out. A TypedDict, not a
+    model: only the parameters given are read (a worker reads a job's, 1 us for 6)."""
+
+    audio: Audio | None
+    frequency_penalty: Penalty | None
+    function_call: Literal["none", "auto"] | Named | None
+    functions: Annotated[list[FunctionDefinition], Field(max_length=MAX_TOOLS)] | None
+    logit_bias: LogitBias | None
+    logprobs: bool | None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None
+    max_tokens: Annotated[int, Field(ge=1)] | None
+    metadata: OpenAIMetadata | None
+    modalities: list[Literal["text", "audio"]] | None
+    moderation: dict[str, Any] | None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None
+    parallel_tool_calls: bool | None
+    prediction: Prediction | None
+    presence_penalty: Penalty | None
+    prompt_cache_key: str | None
+    prompt_cache_options: dict[str, Any] | None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None
+    reasoning_effort: ReasoningEffort | None
+    response_format: ResponseFormat | None
+    safety_identifier: Annotated[str, Field(max_length=64)] | None
+    seed: int | None
+    service_tier: ServiceTier | None
+    stop: list[str] | str | None
+    store: bool | None
+    stream_options: StreamOptions | None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None
+    tool_choice: ToolChoice | None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None
+    top_logprobs: TopLogprobs | None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None
+    user: str | None
+    verbosity: Literal["low", "medium", "high"] | None
+    web_search_options: WebSearchOptions | None
+
+
+_PARAMS = TypeAdapter(OpenAIParams)
+
+
+class ParamError(ValueError):
+    """A parameter refused, naming it (``param``, its path: ``response_format.type``) as
+    OpenAI's errors do."""
+
+    def __init__(self, param: str, problem: str) -> None:
+        super().__init__(f"{param}: {problem}")
+        self.param = param
+
+
+def too_many_stops(stop: object) -> str | None:
+    """Why ``stop`` holds more sequences than OpenAI takes; None when it does not."""
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        return f"{len(stop)} sequences; OpenAI takes at most {MAX_STOP}"
+    return None
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Refuse (ParamError) a parameter among ``params`` of another type or value than
+    OpenAI's; others (Anthropic's, a server's own) are left to the provider adapters."""
+    try:
+        _PARAMS.validate_python(params)
+    except ValidationError as exc:
+        deepest = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
+        where, reason = problem(deepest, params)
+        raise ParamError(where, reason) from None
+
+
+__all__ = [
+    "MAX_CHOICES",
+    "MAX_STOP",
+    "OpenAIObject",
+    "OpenAIParams",
+    "ParamError",
+    "TextPart",
+    "check_params",
+    "too_many_stops",
+]

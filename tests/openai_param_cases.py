@@ -1,0 +1,59 @@
+"""OpenAI chat parameters of another type or value than OpenAI's API gives them, nested ones
+included: the front door and a worker both refuse each naming its path (``param``), never
+calling a provider. Each was served and billed by the worker before the two shared one
+description of them (``queuegate.openai_params``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _schema(**fields: Any) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema", "json_schema": fields}}
+
+
+def _tool(**fields: Any) -> dict[str, Any]:
+    return {"tools": [{"type": "function", "function": {"name": "f", **fields}}]}
+
+
+REFUSED: list[tuple[dict[str, Any], str]] = [
+    (_schema(name="a", strict="yes"), "response_format.json_schema.strict"),
+    (_schema(name="a", schema="obj"), "response_format.json_schema.schema"),
+    (_schema(name=5), "response_format.json_schema.name"),
+    (_schema(strict=True), "response_format.json_schema.name"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice.function"),
+    ({"tool_choice": {"type": "function", "function": {"name": 5}}}, "tool_choice.function.name"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    (_tool(strict="yes"), "tools.0.function.strict"),
+    (_tool(description=5), "tools.0.function.description"),
+    ({"tools": [{"type": 5, "function": {"name": "f"}}]}, "tools.0.type"),
+    ({"stream_options": "yes"}, "stream_options"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"prediction": {"type": "content", "content": 5}}, "prediction.content"),
+    ({"prediction": {"type": "content"}}, "prediction.content"),
+    ({"prediction": {"type": "x", "content": "a"}}, "prediction.type"),
+    ({"audio": {"format": "wav", "voice": 5}}, "audio.voice"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias.abc"),
+    (
+        {"web_search_options": {"search_context_size": "huge"}},
+        "web_search_options.search_context_size",
+    ),
+    ({"modalities": ["video"]}, "modalities.0"),
+    ({"verbosity": "loud"}, "verbosity"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"service_tier": "turbo"}, "service_tier"),
+    ({"prompt_cache_retention": "1y"}, "prompt_cache_retention"),
+]
+"""Each set of parameters, and the path of the one at fault, for a model OpenAI serves."""
+
+ENUMS = {
+    "modalities.0": "'text' or 'audio'",
+    "verbosity": "'low', 'medium' or 'high'",
+    "reasoning_effort": "'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
+    "service_tier": "'auto', 'default', 'flex', 'scale', 'priority', 'fast' or 'standard_only'",
+    "prompt_cache_retention": "'in_memory' or '24h'",
+    "web_search_options.search_context_size": "'low', 'medium' or 'high'",
+}
+"""The values each refusal of a name lists as accepted."""
