@@ -48,6 +48,11 @@ timeout when that is less). An SDK times a request from its own side of the wire
 sent as the timeout passes here reached it 2 to 8 ms after its own timer fired: it read a
 timeout of its own, and retried the request as a new job, called and billed again."""
 MAX_IDEMPOTENCY_KEY = 255
+MAX_NESTING = 100
+"""Levels a request's JSON may nest: far past any schema a provider takes (OpenAI's structured
+outputs take 10 levels), and far inside what a job's JSON encoding and the workers' decoding
+carry (about 250 and 200: a tool schema nested 390 levels was a 500 here, one nested 200 a
+worker's refusal in its words)."""
 OWNED = frozenset({"model", "messages", "stream", "stream_options"})
 """Body fields the job carries itself; every other one is a parameter for the provider."""
 
@@ -202,11 +207,24 @@ def checked_messages(body: dict[str, Any], limits: Limits) -> list[Any]:
     return messages
 
 
+def _deeper(value: Any, levels: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests more than ``levels`` objects and arrays deep."""
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return False
+    return levels <= 0 or any(_deeper(child, levels - 1) for child in children)
+
+
 def chat_job(
     body: dict[str, Any], team: str, options: RequestOptions, limits: Limits, *, stream: bool
 ) -> ChatJob:
     """The job of a canonical (OpenAI chat) request; ApiError saying what is wrong when it is
     invalid. The OpenAI route checks the body as OpenAI does first (``openai_request``)."""
+    if _deeper(body, MAX_NESTING):
+        raise ApiError("invalid_request", f"the request nests deeper than {MAX_NESTING} levels")
     model = served_model(body, limits)
     messages = checked_messages(body, limits)
     params = {k: v for k, v in body.items() if k not in OWNED}

@@ -4,6 +4,7 @@ service unharmed; and no key, prompt or provider secret in any log line."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -38,6 +39,18 @@ def chat(**fields: object) -> bytes:
 USER = {"role": "user", "content": "x"}
 
 
+def _nested(levels: int) -> list[object]:
+    nested: list[object] = []
+    for _ in range(levels):
+        nested = [nested]
+    return nested
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"x": _nested(390)}}}
+DEEP = json.dumps({"model": "gpt-4o-mini", "messages": [USER], "tools": [TOOL]}).encode()
+"""Past what orjson writes (254 levels), as a client's own encoder may send it."""
+
+
 @pytest.mark.parametrize(
     ("body", "status", "says"),
     [
@@ -49,9 +62,11 @@ USER = {"role": "user", "content": "x"}
         (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
         (chat(max_tokens="lots"), 400, "max_tokens"),
         (chat(max_tokens=10**11), 400, "max_tokens is above"),
-        (chat(stream="yes"), 400, "stream must be"),
+        (chat(stream="yes"), 400, "stream: Input should be a valid boolean"),
         (chat(messages=[USER] * 9), 400, "9 messages"),
         (chat(messages=[{"role": "user", "content": "x" * 5000}]), 413, "larger than 4096"),
+        # A tool schema nested 390 levels was a 500: too deep for the job's JSON encoder
+        (DEEP, 400, "nests deeper than 100 levels"),
     ],
 )
 async def test_a_bad_body_is_a_clear_4xx_and_nothing_is_published(
