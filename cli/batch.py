@@ -17,7 +17,7 @@ from queuegate.errors import BatchError, BatchInvalid, NotText
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
 from queuegate.settings import Settings
-from queuegate.visible import clipped
+from queuegate.visible import clipped, clipped_path
 
 batch_app = typer.Typer(
     help="Run OpenAI- or Anthropic-format batch files through the queue, resumably.",
@@ -144,14 +144,21 @@ def submit(
 def check_writable(path: Path, option: str) -> None:
     """Refuse, in one line, a path that cannot be written: before anything is published or
     consumed, so nothing is lost to it."""
+    from producer.batch.files import reason
+
     parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir() or not parent.is_dir():
-        problem = "is a directory" if path.is_dir() else f"has no directory {parent}"
-    elif not os.access(path if path.exists() else parent, os.W_OK):
-        problem = "is not writable"
-    else:
-        return
-    raise BatchError(f"{option} {path} {problem}: pick another path")
+    try:
+        if path.is_dir() or not parent.is_dir():
+            problem = (
+                "is a directory" if path.is_dir() else f"has no directory {clipped_path(parent)}"
+            )
+        elif not os.access(path if path.exists() else parent, os.W_OK):
+            problem = "is not writable"
+        else:
+            return
+    except OSError as exc:  # a path too long to look at
+        problem = f"cannot be written ({reason(exc)})"
+    raise BatchError(f"{option} {clipped_path(path)} {problem}: pick another path")
 
 
 def anthropic_only(catalog: Catalog) -> set[str]:
@@ -189,6 +196,8 @@ def collect(
         Path | None,
         typer.Option(
             "--file",
+            exists=True,
+            dir_okay=False,
             help="The file the batch was submitted from, if moved: results its full queue "
             "refused are asked for again with it.",
         ),

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.console import LazyConsole
+from queuegate.errors import ConfigError
 from queuegate.runtime import run
 from queuegate.settings import Settings
-from queuegate.visible import clipped, visible
+from queuegate.visible import clipped, echoed, visible
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -142,7 +143,8 @@ def dlq_replay(
     if not job_ids and not replay_all:
         err.print("name the job ids to replay, or pass --all")
         raise typer.Exit(2)
-    with Progress(console=err.console, transient=True) as progress:
+    # Drawn on a terminal only: elsewhere its last frame is an empty line of stderr.
+    with Progress(console=err.console, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("replaying", total=len(job_ids) if job_ids else None)
         done, refused = run(
             lambda: replay(
@@ -151,16 +153,17 @@ def dlq_replay(
                 on_replayed=lambda _: progress.advance(task),
             )
         )
-    out.print(f"replayed {len(done):,} dead letters")
-    for letter, why in refused:
-        err.print(f"not replayed {visible(letter.message_id or '-')}: {why}", markup=False)
     missing = set(job_ids or ()) - {x.message_id for x in done} - {x.message_id for x, _ in refused}
+    if done or not missing:
+        out.print(f"replayed {len(done):,} dead letters")
+    for letter, why in refused:
+        err.print(f"not replayed {echoed(letter.message_id or '-')}: {why}", markup=False)
     if missing and not replay_all:
-        err.print(
-            f"not among the dead letters: {visible(', '.join(map(clipped, sorted(missing))))}",
-            markup=False,
+        raise ConfigError(
+            f"not among the dead letters: {', '.join(map(repr, map(clipped, sorted(missing))))}"
+            ": list them with queuegate dlq list"
         )
-    if refused or (missing and not replay_all):
+    if refused:
         raise typer.Exit(1)
 
 

@@ -11,6 +11,7 @@ import typer
 
 from cli.console import err, out
 from cli.options import make_settings
+from queuegate.errors import ConfigError
 from queuegate.runtime import run
 from queuegate.visible import clipped
 
@@ -99,8 +100,8 @@ def admin_key_revoke(key_id: str) -> None:
             return await revoke_admin_key(pool, key_id)
 
     if not run(go):
-        err.print(
-            f"no live admin key {clipped(key_id)}: nothing revoked (queuegate admin-key list)"
+        raise ConfigError(
+            f"no live admin key {clipped(key_id)}: nothing revoked; the keys are listed by "
+            "queuegate admin-key list"
         )
-        raise typer.Exit(1)
     out.print(f"admin key {key_id} is revoked")

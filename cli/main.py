@@ -24,7 +24,7 @@ from cli.teams import teams_app
 from queuegate.errors import GatewayError
 from queuegate.runtime import configure_logging
 from queuegate.settings import Settings, settings_problem
-from queuegate.visible import clipped, visible
+from queuegate.visible import clipped, clipped_path, visible
 
 app = typer.Typer(
     help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
@@ -88,8 +88,19 @@ def _fail(message: str, *, exit_code: int = 1) -> None:
     sys.exit(exit_code)
 
 
-_QUOTED = re.compile(r"'([^']*)'")
-"""A value quoted in click's (and typer's) own usage errors: ``'<value>' is not one of ...``."""
+_QUOTED = re.compile(
+    r"'(?P<quoted>[^']*)'|\((?P<listed>[^()']*)\)|(?<=: )(?P<dashes>--?)(?P<option>\S+)"
+)
+"""A value click's (and typer's) own usage errors repeat: quoted (``'<value>' is not one of
+...``), listed (``Got unexpected extra argument (<value>)``), or an option not taken (``No
+such option: --<value>``)."""
+
+
+def _clipped(value: re.Match[str]) -> str:
+    quoted, listed, dashes, option = value.group("quoted", "listed", "dashes", "option")
+    if quoted is not None:
+        return f"'{clipped(quoted)}'"
+    return f"({clipped(listed)})" if listed is not None else f"{dashes}{clipped(option)}"
 
 
 def _usage_line(exc: typer.TyperException) -> str:
@@ -97,7 +108,7 @@ def _usage_line(exc: typer.TyperException) -> str:
     it quotes clipped, as ours are (the help it points to comes last)."""
     context: typer.Context | None = getattr(exc, "ctx", None)  # a usage error's
     command = "queuegate" if context is None else context.command_path
-    message = _QUOTED.sub(lambda quoted: f"'{clipped(quoted[1])}'", exc.format_message())
+    message = _QUOTED.sub(_clipped, exc.format_message())
     return f"{message.rstrip('.')}: see {command} --help"
 
 
@@ -144,6 +155,8 @@ def _one_line(exc: Exception) -> str | None:
         return f"a service is not reachable ({first}): start it (make services)"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return f"{first}: another process listens on that port; set --port to a free port"
+    if isinstance(exc, OSError) and exc.filename is not None:  # a path given, at any length
+        return f"{exc.strerror}: {clipped_path(exc.filename)}: check the file or permission"
     if isinstance(exc, OSError):
         return f"{first}: check the file or permission it names"
     return None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import socket
 import sys
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import annotated_types
 import typer
@@ -24,10 +25,51 @@ ApiKey = Annotated[
 ]
 """Every team command's ``--api-key``: one option under one pair of variable names, where
 ``submit`` read QUEUEGATE_TEAM_API_KEY and the batch and replies commands QUEUEGATE_API_KEY."""
-LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error"],
+    typer.Option("--log-level", case_sensitive=False, help="debug, info, warning or error."),
+]
+"""Every ``--log-level``: another is a usage error in one line listing these (exit 2), not
+logging's ``Unknown level`` raised as the command starts, a traceback of 190 lines."""
 Port = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")]
 """Every ``--port``: refused in one line (exit 2) outside a TCP port's range, where binding
 would raise OverflowError, or the mock provider's server would listen on it modulo 65536."""
+
+
+def resolvable(host: str) -> str:
+    """A ``--host`` option's callback: an address (or a name that resolves to one) to listen
+    on; one that does not resolve is refused in one line before anything starts, where
+    asyncio's resolver raised a traceback (UnicodeError for a label of 64 characters or more)
+    and the front door's said another process listened there."""
+    from queuegate.visible import clipped
+
+    try:
+        # As a listening socket reads it: "" is every address of this machine.
+        socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        raise typer.BadParameter(
+            f"{clipped(host)!r} does not resolve to an address: give one of this machine's, "
+            "e.g. 127.0.0.1, or 0.0.0.0 for all"
+        ) from None
+    return host
+
+
+Host = Annotated[str, typer.Option(callback=resolvable, help="Address to listen on.")]
+
+
+def team_name(name: str) -> str:
+    """A team name argument's callback: a name no team can have is refused in one line, the
+    name clipped, before anything is opened."""
+    from queuegate.errors import ConfigError
+    from queuegate.registry import check_team_name
+
+    try:
+        return check_team_name(name)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+TeamName = Annotated[str, typer.Argument(callback=team_name, help="The team's name.")]
 
 
 def bounds(field: str) -> dict[str, Any]:

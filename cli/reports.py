@@ -20,7 +20,7 @@ from queuegate.errors import ServiceUnavailable, UnknownTeam
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals
 from queuegate.settings import Settings
-from queuegate.visible import clipped, visible
+from queuegate.visible import clipped, echoed, visible
 
 if TYPE_CHECKING:  # the commands that read PostgreSQL import its client when they run
     import asyncpg
@@ -79,7 +79,8 @@ def usage(
         when = f"{day:%Y-%m}"
         if daily:
             when = f"the {days} days to {'today' if month is None else last}"
-        out.print(f"no usage in {when}{_kept(team, model, status, ' for ')}", highlight=False)
+        kept = _kept(team, model, status, " for ")
+        out.print(f"no usage in {when}{kept}", highlight=False, markup=False)
     else:
         what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
         what += _kept(team, model, status, ", ")
@@ -89,7 +90,7 @@ def usage(
 def _kept(team: str | None, model: str | None, status: str | None, lead: str) -> str:
     """What the filters keep, for a title: ``, team alpha, model gpt-4o, error jobs``."""
     kept = [f"team {team}"] if team else []
-    kept += [f"model {model}"] if model else []
+    kept += [f"model {echoed(model)}"] if model else []  # any text: no alias is checked
     kept += [f"{status} jobs"] if status else []
     return lead + ", ".join(kept) if kept else ""
 

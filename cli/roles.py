@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from cli.console import out
-from cli.options import LogLevel, Port, bounds, finite, make_settings, split_teams
+from cli.options import Host, LogLevel, Port, bounds, finite, make_settings, split_teams
 from queuegate import tracing
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
@@ -96,7 +96,7 @@ def _supervise(
 
 
 def api(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Host = "127.0.0.1",
     port: Port = 8080,
     processes: Annotated[int, typer.Option(min=1, help="Processes under one supervisor.")] = 1,
     log_level: LogLevel = "info",
@@ -160,7 +160,7 @@ def migrate() -> None:
 
 
 def mock_provider(
-    host: str = "127.0.0.1",
+    host: Host = "127.0.0.1",
     port: Port = 8089,
     latency_ms: Annotated[
         float, typer.Option(min=0, callback=finite, help="Added to every call.")

@@ -12,7 +12,7 @@ import typer
 
 from cli.console import err, out
 from cli.keys import keys_table, show_key
-from cli.options import make_settings, read_password
+from cli.options import TeamName, make_settings, read_password
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
 from queuegate.runtime import run
@@ -27,7 +27,7 @@ teams_app = typer.Typer(
 
 @teams_app.command("add")
 def teams_add(
-    name: str,
+    name: TeamName,
     identity: Annotated[
         str | None,
         typer.Option(
@@ -93,7 +93,7 @@ def teams_list(
 
 @teams_app.command("show")
 def teams_show(
-    name: str,
+    name: TeamName,
     as_json: Annotated[bool, typer.Option("--json", help="The config as JSON.")] = False,
 ) -> None:
     """A team's limits, budget, quota and broker user limits."""
@@ -119,7 +119,7 @@ _MODEL_HELP = (
 
 @teams_app.command("set")
 def teams_set(
-    name: str,
+    name: TeamName,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
     burst: Annotated[
@@ -283,13 +283,12 @@ def _check_aliases(settings: Settings, aliases: list[str]) -> None:
 
 
 @teams_app.command("disable")
-def teams_disable(name: str) -> None:
+def teams_disable(name: TeamName) -> None:
     """Stop serving a team; its queued jobs stay in its queue."""
     from admin.teams import disable
 
     if not run(lambda: disable(make_settings(), name)):
-        err.print(f"no team named {clipped(name)}: list them with queuegate teams list")
-        raise typer.Exit(1)
+        raise ConfigError(f"no team named {name}: list them with queuegate teams list")
     out.print(f"team {name} is disabled")
 
 
@@ -335,7 +334,7 @@ def _show_credentials(credentials: Any) -> None:
 
 
 @teams_app.command("rotate-credentials")
-def teams_rotate(name: str) -> None:
+def teams_rotate(name: TeamName) -> None:
     """New broker password or API key for the team; the old one stops working."""
     from admin.teams import rotate
 
@@ -344,7 +343,7 @@ def teams_rotate(name: str) -> None:
 
 @teams_app.command("security")
 def teams_security(
-    name: str,
+    name: TeamName,
     identity: Annotated[str | None, typer.Option(help="queue, broker or api_key.")] = None,
     pii: Annotated[str | None, typer.Option(help="off, warn, redact or block.")] = None,
     capture: Annotated[
@@ -372,18 +371,20 @@ def teams_security(
 
 
 @teams_app.command("revoke-key")
-def teams_revoke_key(name: str, key_id: str) -> None:
+def teams_revoke_key(name: TeamName, key_id: str) -> None:
     """Revoke one of the team's API keys; workers refuse it within their cache lifetime."""
     from admin.teams import revoke_key
 
     if not run(lambda: revoke_key(make_settings(), name, key_id)):
-        err.print(f"team {clipped(name)} has no live key {clipped(key_id)}: nothing revoked")
-        raise typer.Exit(1)
+        raise ConfigError(
+            f"team {name} has no live key {clipped(key_id)}: nothing revoked; its keys are "
+            f"listed by queuegate teams keys {name}"
+        )
     out.print(f"key {key_id} of team {name} is revoked")
 
 
 @teams_app.command("add-key")
-def teams_add_key(name: str) -> None:
+def teams_add_key(name: TeamName) -> None:
     """A new API key for the team, whatever its identity mode; its other keys stay live.
     Shown once, stored hashed."""
     from admin.keys import IssuedKey, add_team_key
@@ -401,7 +402,7 @@ def teams_add_key(name: str) -> None:
 
 
 @teams_app.command("keys")
-def teams_keys(name: str) -> None:
+def teams_keys(name: TeamName) -> None:
     """The team's API keys, live and revoked (never the keys themselves)."""
     from admin.keys import KeyInfo, team_keys
     from queuegate.db import create_pool

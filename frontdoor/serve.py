@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ from queuegate.errors import ConfigError, GatewayError
 from queuegate.runtime import default_stop_signals, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings, trusted_proxies
 from queuegate.supervisor import Supervisor
+from queuegate.visible import clipped
 from router import Catalog
 
 log = logging.getLogger(__name__)
@@ -162,9 +164,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(
-            f"cannot serve the front door on {host}:{port} ({exc.strerror}): pick a free port"
-        ) from exc
+        raise ConfigError(cannot_listen(host, port, exc)) from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -180,10 +180,20 @@ def check_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise ConfigError(
-                f"cannot serve the front door on {host}:{port} ({exc.strerror}): another "
-                "process listens there; set --port to a free port"
-            ) from exc
+            raise ConfigError(cannot_listen(host, port, exc)) from exc
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why the front door cannot listen on ``host:port``, in one line saying what to do: only
+    a port in use is another process's doing (the host is clipped: an operator typed it)."""
+    where = f"cannot serve the front door on {clipped(host)}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: another process listens there; set --port to a free port"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: the host does not resolve; give an address of this machine"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no interface of this machine has that address; give one it has"
+    return f"{where} ({exc.strerror}): pick another --host or --port"
 
 
 def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:

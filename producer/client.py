@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -227,13 +227,23 @@ class GatewayClient:
         metadata: dict[str, Any] | None = None,
         stream: bool = False,
         cache: bool | None = None,
-        **params: Any,
+        params: Mapping[str, Any] | None = None,
+        **more_params: Any,
     ) -> ChatJob:
-        """Build a ChatJob for this team; ``params`` are OpenAI chat parameters.
+        """Build a ChatJob for this team.
+
+        OpenAI chat parameters are the other keywords (``max_tokens=100``), or ``params``, a
+        dict of them: the way to send one named as a keyword here is, OpenAI's own
+        ``metadata`` (``params={"metadata": {"run": "nightly"}}, store=True``). ``metadata``
+        is the job's own: kept with it, sent to no provider. A parameter given both ways is a
+        TypeError, never one of them left out.
 
         ``cache``: True, an identical earlier request of the team may be answered from the
         cache; False, never; None, as the team's default (``queuegate teams set --cache``).
         """
+        twice = sorted(set(params or {}) & set(more_params))
+        if twice:
+            raise TypeError(f"{', '.join(twice)} given twice: as a keyword and in params")
         if isinstance(deadline, timedelta):
             deadline = datetime.now(UTC) + deadline
         return ChatJob(
@@ -241,7 +251,7 @@ class GatewayClient:
             team=self.team,
             model=model,
             messages=[ChatMessage.model_validate(m) for m in messages],
-            params=ChatParams.model_validate(params),
+            params=ChatParams.model_validate({**(params or {}), **more_params}),
             fallbacks=fallbacks,
             metadata=metadata or {},
             deadline=deadline,

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -30,7 +30,7 @@ from aiormq.exceptions import ChannelInvalidStateError, DeliveryError, PublishEr
 from pamqp.header import ContentHeader
 from yarl import URL
 
-from queuegate.errors import ServiceUnavailable
+from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.messages import CONTENT_TYPE
 from queuegate.urls import redact_url
 
@@ -47,6 +47,13 @@ RETRY_PAUSE = 0.2
 
 CONNECT_WITHIN = 15.0
 """Seconds ``connect`` spends trying the nodes of ``QUEUEGATE_AMQP_URL`` before it gives up."""
+
+LOGIN_BYTES = 3500
+"""Bytes of a broker user and password together RabbitMQ's login takes at most here: the login
+(AMQP's Connection.Start-Ok, with the client's properties, about 300 bytes of aio-pika's) must
+fit the 4,096-byte frame allowed before a connection is tuned. A longer one is not refused but
+its connection reset unanswered (measured 2026-12-05, RabbitMQ 3.x: 3,786 bytes served, 3,787
+reset), which read as a broker that is down."""
 
 CONFIRM_STALL = 10.0
 """Seconds a publish waits for its confirm before its channel is taken for stuck (``publish``):
@@ -571,6 +578,15 @@ async def connect(url: str, *, name: str) -> AbstractRobustConnection:
     others in turn within ``CONNECT_WITHIN`` seconds. Once connected, it reconnects by itself
     (to the next node when its own is gone) and restores channels and consumers.
     """
+    parts = urlsplit(url)
+    login = len(unquote(parts.username or "").encode()) + len(
+        unquote(parts.password or "").encode()
+    )
+    if login > LOGIN_BYTES:
+        raise ConfigError(
+            f"the broker user and password are {login:,} bytes together, more than RabbitMQ's "
+            f"login takes ({LOGIN_BYTES:,}): give the user and password the broker has"
+        )
     nodes = node_urls(url)
     if len(nodes) > 1:
         nodes = [_with_heartbeat(node) for node in nodes]

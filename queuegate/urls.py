@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from queuegate.visible import clipped
+
 UNPARSABLE = "<unparsable URL>"
 """What a message shows of a URL it cannot be sure to show without its password."""
 
@@ -78,7 +80,7 @@ def redact_url(url: str) -> str:
     query = _SECRET_OPTION.sub(r"\1=***", parts.query)
     credentials, _, hosts = parts.netloc.rpartition("@")
     if parts.password is not None:
-        user = credentials.partition(":")[0]
+        user = clipped(credentials.partition(":")[0])  # its message a line, whatever its length
         netloc = f"{user}:***@{hosts}" if user else hosts
     else:
         # A userinfo without a colon is a user name to libpq and RabbitMQ but the password to

@@ -36,6 +36,7 @@ from yarl import URL
 
 from queuegate.errors import ConfigError, UnknownModel
 from queuegate.messages import UnsupportedParams
+from queuegate.visible import clipped_path
 from router.policies import BreakerPolicy, Count, Resilience, RetryPolicy, Seconds
 
 ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
@@ -295,11 +296,14 @@ def load_catalog(path: Path | None, env: Mapping[str, str]) -> Catalog:
         source = "router/catalogs/mock.yaml"
         text = resources.files("router").joinpath("catalogs/mock.yaml").read_text("utf-8")
     else:
-        source = str(path)
+        source = clipped_path(path)  # repeated by every message
         try:
             text = path.read_text("utf-8")
         except OSError as exc:
-            raise ConfigError(f"{source}: cannot read the catalog ({exc.strerror})") from exc
+            raise ConfigError(
+                f"{source}: cannot read the catalog ({exc.strerror}): give the path of a "
+                "catalog YAML (--catalog or QUEUEGATE_CATALOG)"
+            ) from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -22,6 +22,7 @@ from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user as broker_team_user
+from queuegate.visible import visible
 from tests.dashboard_browser import signed_in
 from tests.support import running_gateway
 
@@ -58,7 +59,7 @@ def test_teams_are_added_listed_and_disabled(settings: Settings) -> None:
         ("beta", False, "broker"),
     ]
     missing = runner.invoke(app, ["teams", "disable", "gamma"], env=env)
-    assert missing.exit_code == 1 and "no team named gamma" in missing.output
+    assert missing.exit_code == 1 and "no team named gamma" in str(missing.exception)
 
 
 async def test_submit_prints_the_reply_and_usage_reports_it(settings: Settings) -> None:
@@ -191,6 +192,21 @@ LONG = "x" * 10_000
         (["teams", "show", LONG], "use 1-64 lowercase letters, digits, '-' or '_'"),
         (["teams", "set", "alpha", "--unsupported-params", LONG],
          "is not one of 'refuse', 'drop': see queuegate teams set --help"),
+        *[([role, "--log-level", LONG],
+           "is not one of 'debug', 'info', 'warning', 'error': see queuegate")
+          for role in ("worker", "api", "accounting")],
+        *[([role, "--host", LONG], "does not resolve to an address: give one of this machine's")
+          for role in ("api", "mock-provider")],
+        *[([command, "--catalog", LONG], "cannot read the catalog (File name too long): give")
+          for command in ("worker", "deployments")],
+        *[(["teams", command, LONG], "use 1-64 lowercase letters, digits, '-' or '_'")
+          for command in ("rotate-credentials", "security", "disable", "keys", "add-key")],
+        (["usage", LONG], "Got unexpected extra argument(s) (x"),
+        (["batch", "status", "x", "--team", "alpha", f"--{LONG}"], "No such option: --x"),
+        (["batch", "submit", "requests.jsonl", "--team", "alpha", "--skipped", LONG],
+         "cannot be written (the path is too long): pick another path"),
+        (["batch", "collect", "b", "--team", "alpha", "--out", "o.jsonl", "--file", LONG],
+         "does not exist: see queuegate batch collect --help"),
     ],
 )  # fmt: skip
 def test_a_long_name_is_clipped_in_the_one_line_error_that_says_what_to_do(
@@ -200,21 +216,74 @@ def test_a_long_name_is_clipped_in_the_one_line_error_that_says_what_to_do(
     # is opened: nothing of the namespace is touched)
     (tmp_path / "requests.jsonl").write_text("")
     # When the command is run
+    line = _one_line_refusal(settings, tmp_path, args)
+    # Expect the name clipped as log lines clip it (a path at 255 characters), and what to do
+    assert re.search(r"(?<!x)(x{64}|x{255})…", line), line
+    assert what_to_do in line
+
+
+@pytest.mark.parametrize(("user", "password"), [(LONG, "someone"), ("someone", LONG)])
+def test_a_broker_login_too_long_is_told_so_not_a_broker_down(
+    settings: Settings, tmp_path: Path, user: str, password: str
+) -> None:
+    # When a submit is given a user or password of 10,000 characters (RabbitMQ resets the
+    # connection of a login that long, unanswered)
+    line = _one_line_refusal(
+        settings,
+        tmp_path,
+        ["submit", "--team", "alpha", "--user", user, "Hi"],
+        QUEUEGATE_TEAM_PASSWORD=password,
+    )
+    # Expect the login said to be too long, neither repeated nor RabbitMQ said to be down
+    assert "are 10,007 bytes together, more than RabbitMQ's login takes (3,500)" in line
+    assert "give the user and password the broker has" in line
+    assert "not reachable" not in line and LONG[:65] not in line
+
+
+WRAPPED = ("a\x1b[2J\r\n\u2028" * 2_000)[:10_000]
+"""A value whose control characters, printed raw, would clear the screen and break the line."""
+
+
+@pytest.mark.parametrize(
+    ("args", "what_to_do"),
+    [
+        (["teams", "disable", WRAPPED], "use 1-64 lowercase letters, digits, '-' or '_'"),
+        (["teams", "revoke-key", WRAPPED, WRAPPED], "use 1-64 lowercase letters, digits"),
+        (["teams", "revoke-key", "alpha", WRAPPED],
+         "nothing revoked; its keys are listed by queuegate teams keys alpha"),
+        (["admin-key", "revoke", WRAPPED],
+         "nothing revoked; the keys are listed by queuegate admin-key list"),
+        (["dlq", "replay", WRAPPED], "list them with queuegate dlq list"),
+    ],
+)  # fmt: skip
+async def test_a_value_with_control_characters_is_shown_escaped_in_one_line(
+    settings: Settings, pool: object, tmp_path: Path, args: list[str], what_to_do: str
+) -> None:
+    # Given a migrated schema (pool), and a value full of newlines and escape sequences
+    # When a command is given it where it takes a name or an id
+    line = await asyncio.to_thread(_one_line_refusal, settings, tmp_path, args)
+    # Expect it clipped with its control characters written out (as repr or visible writes
+    # them), and what to do
+    assert "a\\x1b[2J" in line and "…" in line and len(line) < 500, line
+    assert what_to_do in line
+
+
+def _one_line_refusal(settings: Settings, cwd: Path, args: list[str], **env: str) -> str:
+    """The one line of stderr ``queuegate ARGS`` is refused with (status 1 or 2): short,
+    without a control character (one would be a line of its own, or drive the terminal)."""
     done = subprocess.run(
         [Path(sys.executable).with_name("queuegate"), *args],  # the installed command
-        env={**os.environ, **_env(settings)},
-        cwd=tmp_path,
+        env={**os.environ, **_env(settings, **env)},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    # Expect one short line: the name clipped as log lines clip it, and what to do
-    assert done.returncode in (1, 2)
-    line = done.stderr.strip()
-    assert "\n" not in line and len(line) < 500, line[:500]
-    assert f"{'x' * 64}…" in line
-    assert what_to_do in line
+    assert done.returncode in (1, 2), (done.returncode, done.stdout[:500], done.stderr[:500])
+    line = done.stderr.removesuffix("\n")
+    assert len(line) < 500 and visible(line) == line, line[:500]
+    return line
 
 
 def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
@@ -253,8 +322,9 @@ def test_teams_show_and_usage_say_what_is_unset_or_empty(settings: Settings) -> 
 
 def test_a_team_name_refused_is_told_the_rule_it_breaks(settings: Settings) -> None:
     refused = runner.invoke(app, ["teams", "add", "_alpha"], env=_env(settings))
-    assert refused.exit_code == 1
-    assert "starting with a letter or digit" in str(refused.exception)
+    # (a usage error, as any team command's: refused before anything is opened)
+    assert refused.exit_code == 2
+    assert "starting with a letter or digit" in refused.output
 
 
 async def test_mock_provider_fails_the_models_it_is_told_to_and_serves_the_rest() -> None:

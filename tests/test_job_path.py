@@ -328,6 +328,34 @@ async def test_a_job_setting_both_output_limits_is_refused_by_the_client_unpubli
         assert gw.mock.stats.calls == 1
 
 
+async def test_openais_metadata_is_sent_from_python_in_params_the_jobs_own_is_not(
+    settings: Settings,
+) -> None:
+    # Given a running gateway and a team's client
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a caller sends OpenAI's metadata (stored completions) in params, and the job
+        # metadata of its own
+        result = await client.chat(
+            "gpt-4o-mini",
+            HELLO,
+            params={"metadata": {"run": "nightly"}},
+            store=True,
+            metadata={"ticket": "T-1"},
+            max_tokens=5,
+            timeout=10,
+        )
+        # Expect the provider to receive OpenAI's, with store, and never the job's own
+        assert result.status == "ok", result.error
+        assert result.gateway.params_dropped is None
+        [call] = gw.mock.requests
+        assert call.body is not None
+        assert call.body["metadata"] == {"run": "nightly"} and call.body["store"] is True
+        # ... and a parameter given both as a keyword and in params refused, never one of
+        # them left out
+        with pytest.raises(TypeError, match="max_tokens given twice"):
+            client.job("gpt-4o-mini", HELLO, params={"max_tokens": 5}, max_tokens=6)
+
+
 async def test_answers_carry_the_gateways_id_never_the_providers(settings: Settings) -> None:
     # Given a gateway whose providers answer under ids of their own
     async with running_gateway(settings) as gw, gw.client("alpha") as client:

@@ -3,6 +3,7 @@ are acknowledged, or any other ``ResultSink`` (the HTTP front door keeps them in
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from typing import IO, Any, Protocol, Self
 import orjson
 
 from queuegate.errors import BatchError
+from queuegate.visible import clipped_path
 
 _BLOCK = 65536
 _CUSTOM_ID = re.compile(rb'"custom_id":("(?:[^"\\]|\\.)*")')
@@ -36,6 +38,12 @@ class ResultSink(Protocol):
         ...
 
     async def sync(self) -> None: ...
+
+
+def reason(exc: OSError) -> str:
+    """Why a path cannot be used, in a few words: the system's, but for a path too long,
+    whose ``[Errno 36] File name too long`` reads as a file that is."""
+    return "the path is too long" if exc.errno == errno.ENAMETOOLONG else str(exc.strerror)
 
 
 class ResultFiles:
@@ -63,7 +71,9 @@ class ResultFiles:
                 self._files.append(path.open("ab"))
         except OSError as exc:
             self.close()
-            raise BatchError(f"cannot write {exc.filename}: {exc.strerror}") from exc
+            raise BatchError(
+                f"cannot write {clipped_path(exc.filename)} ({reason(exc)}): pick another path"
+            ) from exc
         return self
 
     def __exit__(

@@ -19,8 +19,9 @@ from typing import Any
 
 import orjson
 
+from producer.batch.files import reason
 from queuegate.errors import BatchError, NotText
-from queuegate.visible import clipped
+from queuegate.visible import clipped, clipped_path
 
 BOM = codecs.BOM_UTF8
 _READ = 65536
@@ -40,7 +41,9 @@ class BatchFile:
             with self.path.open("rb") as f:
                 first = f.readline().removeprefix(BOM).strip()
         except OSError as exc:
-            raise BatchError(f"cannot read {self.path}: {exc.strerror}") from exc
+            raise BatchError(
+                f"cannot read {clipped_path(self.path)} ({reason(exc)}): give the batch file's path"
+            ) from exc
         self.document = _opens_document(first)
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
