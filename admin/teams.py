@@ -56,6 +56,7 @@ from queuegate.tenancy import (
     revoke_api_keys,
 )
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
+from queuegate.visible import clipped
 
 
 @dataclass(frozen=True)
@@ -552,9 +553,10 @@ async def _registered(pool: asyncpg.Pool, name: str) -> Team | None:
     try:
         return await get_team(pool, name)
     except ConfigError as exc:
+        shown = clipped(name)
         raise ConfigError(
             f"{exc}: workers skip the team; set its fields again with queuegate teams set "
-            f"{name} (--unset FIELD clears one), or stop it with queuegate teams disable {name}"
+            f"{shown} (--unset FIELD clears one), or stop it with queuegate teams disable {shown}"
         ) from None
 
 
