@@ -91,7 +91,6 @@ async def mock() -> AsyncIterator[MockProvider]:
     ("fields", "what"),
     [
         ({"params": {"response_format": {"type": "json_object"}}}, "json_object (JSON mode)"),
-        ({"params": {"response_format": {"type": "yaml"}}}, "type 'yaml': not a known mode"),
         ({"params": {"n": 2}}, "n = 2: more than one choice"),
         (
             {
