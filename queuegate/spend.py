@@ -177,7 +177,20 @@ async def ledgers_in_force(
     reserved now, nano-USD, as a worker's next reserve compares it with the limit: the
     lapsed entries it would reap left out (``ledger_spent`` counts them until a reserve reaps
     them), at most as many as it reaps; None where Redis has no ledger. Read only."""
-    ledgers = ledger_keys(keys, team, month, models)
+    return await _in_force(client, ledger_keys(keys, team, month, models))
+
+
+async def teams_in_force(
+    client: aioredis.Redis, keys: Keys, teams: Sequence[str], month: str
+) -> list[int | None]:
+    """``ledgers_in_force`` of each team's budget ledger, in one call."""
+    ledgers = [key for team in teams for key in ledger_keys(keys, team, month, [None])]
+    return await _in_force(client, ledgers)
+
+
+async def _in_force(client: aioredis.Redis, ledgers: list[str]) -> list[int | None]:
+    if not ledgers:
+        return []
     reply = await client.register_script(lua_source("queuegate", "spent"))(keys=ledgers)
     return [None if spent < 0 else int(spent) for spent in reply]
 

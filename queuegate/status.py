@@ -36,7 +36,7 @@ from queuegate.keys import Keys
 from queuegate.livestats import RATE_SPAN, rate_windows, read_view
 from queuegate.redis_client import lua_source, redis_for, redis_unreachable, text
 from queuegate.settings import Settings
-from queuegate.spend import from_nano, ledger_total
+from queuegate.spend import from_nano, teams_in_force
 from queuegate.topology import Topology
 
 REDIS_WAIT = 2.0
@@ -63,7 +63,8 @@ class TeamStatus:
     """How full the team's bucket is, 0-1; None until admission control reports it."""
     spend_usd: Decimal
     """This month's spend: the team's budget ledger when it has one (reconciled with
-    usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates),
+    usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates,
+    reservations that lapsed with their worker do not),
     else as the workers saw it since Redis last lost its data."""
     budget_usd: Decimal | None
     """None: no budget, or not known when the status has a stale ``reason`` (PostgreSQL
@@ -163,22 +164,20 @@ class StatusReader:
         for team in names:
             keys_read += [keys.live_team_seconds(team, oldest)]
             keys_read += [keys.live_team(team, window) for window in rest]
-            keys_read += [
-                keys.live_waits(team),
-                keys.spend(team, month),
-                keys.live_spend(team, month),
-            ]
+            keys_read += [keys.live_waits(team), keys.live_spend(team, month)]
         for name in deployment_names:
             keys_read += [keys.live_deployment_seconds(name, oldest)]
             keys_read += [keys.live_deployment(name, window) for window in rest]
         async with asyncio.timeout(REDIS_WAIT):
             replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names), cut]))
+            # Its ledger as the next reserve sees it: a dead worker's lapsed reservations left
+            # out, not counted until a job of the team comes to reap them.
+            ledgers = await teams_in_force(self._redis, keys, names, month)
         rows = []
-        for team in names:
-            sums, waits_seen, ledger_fields, seen = next(replies)
+        for team, ledger in zip(names, ledgers, strict=True):
+            sums, waits_seen, seen = next(replies)
             taken = _counts(sums)
             waits = sorted(float(w) for w in waits_seen)
-            ledger = ledger_total(ledger_fields)
             depth, consumers = await self._queue_counts(self._topology.team_queue(team))
             rows.append(
                 TeamStatus(
@@ -194,7 +193,7 @@ class StatusReader:
                     bucket_fill=view.bucket_fill.get(team),
                     # The ledger (reconciled with usage_log) when the team has a budget, else
                     # what the workers saw (nano-USD: exact).
-                    spend_usd=ledger if ledger is not None else from_nano(int(seen or 0)),
+                    spend_usd=from_nano(ledger if ledger is not None else int(seen or 0)),
                     budget_usd=budgets.get(team),
                 )
             )

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig
 from queuegate.errors import ServiceUnavailable
+from queuegate.keys import Keys
 from queuegate.metrics import BREAKER_STATE
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.spend import NANO, current_month
 from queuegate.status import REDIS_WAIT, Status, StatusReader
 from queuegate.topology import Topology
 from tests.proxy import TcpProxy
@@ -233,3 +236,25 @@ models:
     # Expect the spend to be usage_log's sum to the last digit, as a Decimal
     assert alpha.budget_usd is None
     assert alpha.spend_usd == total == Decimal("0.156")
+
+
+async def test_status_spend_leaves_out_a_dead_workers_lapsed_reservation(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with a budget, whose ledger holds $0.25 spent and a $1 reservation of
+    # a job whose worker died, lapsed a second ago (no job of the team came since to reap it)
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    keys, month = Keys(settings.redis_prefix), current_month()
+    seconds, _ = await redis_client.time()
+    await redis_client.hset(
+        keys.spend("alpha", month),
+        mapping={"base": 250_000_000, "open": int(NANO), "j:dead": int(NANO)},
+    )
+    await redis_client.zadd(keys.spend_expiry("alpha", month), {"dead": seconds * 1000 - 1000})
+
+    # When the status is read
+    async with StatusReader(settings) as reader:
+        [alpha] = (await reader.read(["alpha"])).teams
+
+    # Expect the spend as the next reserve sees it: without the lapsed reservation
+    assert alpha.spend_usd == Decimal("0.25")

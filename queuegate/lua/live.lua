@@ -6,11 +6,12 @@
 -- ARGV[2]  t, the teams
 -- ARGV[3]  cut, the oldest window's first second still in the rates' span (0-9)
 -- KEYS     per team: its oldest window's per-second hash (fields <name>:<second>), the
---          w - 1 later windows' hashes of totals, its waits list, its spend ledger, its live
---          spend (nano-USD); then per deployment: the same w window hashes
+--          w - 1 later windows' hashes of totals, its waits list, its live spend (nano-USD);
+--          then per deployment: the same w window hashes
 --
--- Returns, per team, {counts, waits, {ledger base, ledger open}, live spend}, then per
--- deployment its counts; counts flat: name, sum over the windows, ...
+-- Returns, per team, {counts, waits, live spend}, then per deployment its counts; counts
+-- flat: name, sum over the windows, ... (A team's budget ledger is read as a reserve sees
+-- it, its lapsed entries left out: queuegate/lua/spent.lua.)
 -- (A deployment's breaker and pause are read as `queuegate deployments` reads them:
 -- queuegate/deployment_health.py.)
 
@@ -57,9 +58,8 @@ local out = {}
 for _ = 1, t do
   local sums = counts()
   local waits = redis.call('LRANGE', next_key(), 0, -1)
-  local ledger = redis.call('HMGET', next_key(), 'base', 'open')
   local seen = redis.call('GET', next_key())
-  out[#out + 1] = {sums, waits, ledger, seen}
+  out[#out + 1] = {sums, waits, seen}
 end
 while i < #KEYS do
   out[#out + 1] = counts()
