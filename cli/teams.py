@@ -191,7 +191,10 @@ def teams_set(
         }.items()
         if v is not None
     }
-    changes |= _cleared(unset or [])
+    cleared = _cleared(unset or [])
+    if both := sorted(cleared.keys() & changes.keys()):
+        raise typer.BadParameter(f"{', '.join(both)}: both set and --unset; give one or the other")
+    changes |= cleared
     if model:
         limits = _model_limits(model)
         _check_aliases(settings, [alias for alias, fields in limits.items() if fields])

@@ -22,6 +22,7 @@ gauges removed (``queuegate.supervisor``), its counts kept.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -203,6 +204,14 @@ def observe_bucket_wait(team: str, seconds: float) -> None:
 def set_bucket_fill(team: str, ratio: float) -> None:
     """The team's bucket after a take, its emptier dimension: 0 empty, 1 full."""
     BUCKET_FILL.labels(team).set(ratio)
+
+
+def keep_bucket_fills(teams: Collection[str]) -> None:
+    """Drop the bucket fill of every team but ``teams``: a team whose limits were removed has
+    no bucket, and its last reading, kept, read as a bucket still that full (0 %: "jobs wait")
+    in the metric and in ``queuegate status``."""
+    for team in gauge_values(BUCKET_FILL).keys() - set(teams):
+        BUCKET_FILL.remove(team)
 
 
 def set_breaker_state(deployment: str, state: BreakerState) -> None:

@@ -109,6 +109,20 @@ async def test_a_row_stored_out_of_bounds_is_repaired_with_teams_set(settings: S
     assert await _stored(settings, "alpha") == {"rpm": 90}
 
 
+async def test_a_field_both_set_and_unset_is_refused_in_one_line(settings: Settings) -> None:
+    # Given a team with a token limit
+    await add(settings, "alpha", identity="queue")
+    assert (await _cli(settings, "teams", "set", "alpha", "--tpm", "6000"))[0] == 0
+    # When one command sets it and clears it (the clear won, silently, and printed {})
+    code, _, stderr = await _cli(
+        settings, "teams", "set", "alpha", "--unset", "tpm", "--tpm", "600"
+    )
+    # Expect it refused in one line naming the field, and the stored config as it was
+    assert code == 2
+    assert "tpm: both set and --unset" in _one_error_line(stderr)
+    assert await _stored(settings, "alpha") == {"tpm": 6000}
+
+
 @asynccontextmanager
 async def _no_administrator(settings: Settings) -> AsyncIterator[str]:
     """The session's management URL as a broker user without the administrator tag (as a

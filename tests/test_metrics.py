@@ -18,10 +18,10 @@ from mockprovider import Behavior, MockConfig
 from queuegate.keys import Keys
 from queuegate.livestats import read_view
 from queuegate.metrics_server import MetricsServer
-from queuegate.registry import TeamConfig
+from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
 from queuegate.status import StatusReader
-from tests.support import running_gateway
+from tests.support import running_gateway, wait_until
 from tests.teams import register
 from workers import Worker
 from workers.admission.buckets import Limit, take_call
@@ -322,4 +322,42 @@ async def test_an_open_breakers_gauge_reads_closed_once_its_shared_state_lapses(
         async with asyncio.timeout(10):
             # Polled: the worker reads it every stats_interval, unannounced.
             while await gauge() != 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+
+async def test_a_team_whose_limits_are_removed_reads_no_bucket_fill(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha allowed 1,000 tokens a minute, 900 of them taken, read so (about 0.1)
+    settings = settings.model_copy(update={"stats_interval": 0.1})
+    await register(settings, "alpha", TeamConfig(tpm=1000))
+    keys = Keys(settings.redis_prefix)
+    async with (
+        MetricsServer("127.0.0.1", 0, lambda: True) as server,
+        running_gateway(settings) as gw,
+        StatusReader(settings) as reader,
+    ):
+        limit = Limit(keys.team_bucket("alpha"), "team alpha", None, 1000)
+        await Scripts(redis_client, keys).run(take_call([limit], 900))
+
+        async def fills() -> tuple[float | None, float | None]:
+            [alpha] = (await reader.read(["alpha"])).teams
+            return _at(await _scrape(server), "queuegate_bucket_fill_ratio", team="alpha"), (
+                alpha.bucket_fill
+            )
+
+        async with asyncio.timeout(5):
+            while not all(f is not None and f < 0.2 for f in await fills()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        # When its limits are removed
+        admission = gw.worker.admission
+        assert admission is not None
+        assert await set_team_config(gw.pool, "alpha", TeamConfig())
+        await wait_until(lambda: admission.config("alpha") == TeamConfig())
+
+        # Expect no fill read any more, in the metric or in `status` (it kept 0.1, "jobs
+        # wait", though the team has no bucket)
+        async with asyncio.timeout(5):
+            while await fills() != (None, None):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from queuegate.errors import Billed, JobError, RateLimited, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
-from queuegate.metrics import observe_bucket_wait
+from queuegate.metrics import keep_bucket_fills, observe_bucket_wait
 from queuegate.outage import OutageLog
 from queuegate.registry import ModelLimits, TeamConfig, default_burst
 from queuegate.settings import Settings
@@ -116,7 +116,9 @@ class Admission:
 
     async def refresh_fills(self) -> None:
         """Read every rate-limited team's bucket fill as of now into its metric (and so the
-        live stats ``queuegate status`` shows), rather than as of its last take."""
+        live stats ``queuegate status`` shows), rather than as of its last take; a team
+        with no limits any more has none."""
+        keep_bucket_fills([team for team, config in self._configs.items() if _limited(config)])
         await self._buckets.refresh_fills(
             [
                 _team_limit(team, self._keys.team_bucket(team), f"team {team}", config)
@@ -763,6 +765,13 @@ def _team_limit(team: str, key: str, scope: str, limits: TeamConfig | ModelLimit
     if limits.rpm is not None and burst is None:
         burst = default_burst(limits.rpm)
     return Limit(key, scope, limits.rpm, limits.tpm, burst, team)
+
+
+def _limited(config: TeamConfig) -> bool:
+    """Whether the team has buckets: its own, or on a model."""
+    return bool(config.rpm or config.tpm) or any(
+        model.rpm or model.tpm for model in config.models.values()
+    )
 
 
 def prefetch_for(config: TeamConfig, settings: Settings) -> int:
