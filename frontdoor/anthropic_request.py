@@ -30,12 +30,12 @@ from frontdoor.chat_request import Limits, RequestOptions, chat_job
 from frontdoor.errors import ApiError
 from frontdoor.request_errors import deepest, describe, error_path, tagged_by
 from queuegate.messages import ChatJob
+from queuegate.openai_params import MIN_THINKING_BUDGET
 from queuegate.provider_formats import (
     ANTHROPIC_COUNT_TOKENS_PARAMS,
     ANTHROPIC_MESSAGES_PARAMS,
     openai_request,
 )
-from router.providers.anthropic import MIN_THINKING_BUDGET
 
 
 class _Strict(BaseModel):

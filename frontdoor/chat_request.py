@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from frontdoor.answers import arrived
 from frontdoor.errors import ApiError, shown
 from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ChatParams
-from queuegate.openai_params import ParamError
+from queuegate.openai_params import refused_param
 from queuegate.settings import Settings
 from router import Catalog
 
@@ -244,8 +244,8 @@ def chat_job(
         )
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
-        refused = (first.get("ctx") or {}).get("error")
-        if isinstance(refused, ParamError):  # a check across parameters, naming the one
+        refused = refused_param(first)
+        if refused is not None:  # named by its path from the top of the body
             raise ApiError("invalid_request", str(refused), param=refused.param) from None
         # The parameters are validated apart from the job: their path starts at the top of
         # the body, where the caller sent them.

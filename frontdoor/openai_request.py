@@ -18,29 +18,17 @@ not serve) naming what is wrong:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Required, Self
+from typing import Annotated, Any, Required
 
-from pydantic import (
-    Discriminator,
-    Field,
-    Tag,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, TypeAdapter, ValidationError
 
 from frontdoor.chat_request import Limits, checked_messages, served_model
 from frontdoor.errors import ApiError, shown
-from frontdoor.request_errors import invalid_request, tagged_by
+from frontdoor.request_errors import invalid_request
 from queuegate.messages import ChatJob
-from queuegate.openai_params import (
-    OpenAIObject,
-    OpenAIParams,
-    TextPart,
-    too_many_stops,
-)
+from queuegate.openai_messages import Message
+from queuegate.openai_params import JobParams, too_many_stops
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
-from router.providers.anthropic import MIN_THINKING_BUDGET
 
 ROUTED_EXTRAS = frozenset({"top_k", "thinking"})
 """Anthropic's parameters, which the router maps for OpenAI or passes on to Anthropic."""
@@ -50,154 +38,14 @@ NAMED = 5
 """Unknown fields an error names at most."""
 
 
-class ImageURL(OpenAIObject):
-    url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
-
-
-class ImagePart(OpenAIObject):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class InputAudio(OpenAIObject):
-    data: str
-    format: Literal["wav", "mp3"]
-
-
-class AudioPart(OpenAIObject):
-    type: Literal["input_audio"]
-    input_audio: InputAudio
-
-
-class FilePart(OpenAIObject):
-    type: Literal["file"]
-    file: dict[str, Any]
-
-
-class RefusalPart(OpenAIObject):
-    type: Literal["refusal"]
-    refusal: str
-
-
-UserPart = Annotated[
-    Annotated[TextPart, Tag("text part")]
-    | Annotated[ImagePart, Tag("image_url part")]
-    | Annotated[AudioPart, Tag("input_audio part")]
-    | Annotated[FilePart, Tag("file part")],
-    Discriminator(tagged_by("type", "part")),
-]
-AssistantPart = Annotated[
-    Annotated[TextPart, Tag("text part")] | Annotated[RefusalPart, Tag("refusal part")],
-    Discriminator(tagged_by("type", "part")),
-]
-
-
-class CalledFunction(OpenAIObject):
-    name: str
-    arguments: str
-
-
-class FunctionCall(OpenAIObject):
-    id: str
-    type: Literal["function"]
-    function: CalledFunction
-
-
-class CalledCustom(OpenAIObject):
-    name: str
-    input: str
-
-
-class CustomCall(OpenAIObject):
-    id: str
-    type: Literal["custom"]
-    custom: CalledCustom
-
-
-ToolCall = Annotated[
-    Annotated[FunctionCall, Tag("function call")] | Annotated[CustomCall, Tag("custom call")],
-    Discriminator(tagged_by("type", "call")),
-]
-
-
-class SystemMessage(OpenAIObject):
-    role: Literal["system"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-class DeveloperMessage(OpenAIObject):
-    role: Literal["developer"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-class UserMessage(OpenAIObject):
-    role: Literal["user"]
-    content: str | list[UserPart]
-    name: str | None = None
-
-
-class AssistantMessage(OpenAIObject):
-    role: Literal["assistant"]
-    content: str | list[AssistantPart] | None = None
-    name: str | None = None
-    refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    function_call: CalledFunction | None = None
-    audio: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _says_something(self) -> Self:
-        if self.content is None and not self.tool_calls and self.function_call is None:
-            raise ValueError("an assistant message needs content, or tool_calls")
-        return self
-
-
-class ToolMessage(OpenAIObject):
-    role: Literal["tool"]
-    content: str | list[TextPart]
-    tool_call_id: str
-
-
-Message = Annotated[
-    Annotated[SystemMessage, Tag("system message")]
-    | Annotated[DeveloperMessage, Tag("developer message")]
-    | Annotated[UserMessage, Tag("user message")]
-    | Annotated[AssistantMessage, Tag("assistant message")]
-    | Annotated[ToolMessage, Tag("tool message")],
-    Discriminator(tagged_by("role", "message")),
-]
-
-
-class ThinkingEnabled(OpenAIObject):
-    type: Literal["enabled"]
-    budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
-
-
-class ThinkingDisabled(OpenAIObject):
-    type: Literal["disabled"]
-
-
-Thinking = Annotated[
-    Annotated[ThinkingEnabled, Tag("enabled thinking")]
-    | Annotated[ThinkingDisabled, Tag("disabled thinking")],
-    Discriminator(tagged_by("type", "thinking")),
-]
-
-
-class ChatRequest(OpenAIParams, total=False):
+class ChatRequest(JobParams, total=False):
     """The body of ``POST /v1/chat/completions`` (the openai SDK's
     ``CompletionCreateParams``) with the bounds OpenAI's API reference gives: its parameters
-    as a worker types a job's (``OpenAIParams``), its messages, and Anthropic's ``top_k`` and
-    ``thinking``, which the router maps."""
+    and its messages as a worker types a job's (``JobParams``, ``Message``)."""
 
     model: Required[str]
     messages: Required[Annotated[list[Message], Field(min_length=1)]]
     stream: bool | None
-    top_k: Annotated[int, Field(ge=0)] | None
-    thinking: Thinking | None
 
 
 _CHAT_REQUEST = TypeAdapter(ChatRequest)

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from queuegate.numbers import Money
+from queuegate.openai_messages import check_message
 from queuegate.openai_params import MAX_CHOICES, ParamError, check_params
 from queuegate.visible import clipped
 
@@ -253,15 +254,14 @@ class ChatMessage(WireModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _parts(cls, content: str | list[dict[str, Any]] | None) -> object:
-        # A part's text is text, strictly as the rest: a number there was sent on, called
-        # and billed, where OpenAI answers it with a 400.
-        for i, part in enumerate(content if isinstance(content, list) else ()):
-            if "text" in part and not isinstance(part["text"], str):
-                raise ValueError(f"content[{i}].text: a string")
-        return content
+    @model_validator(mode="after")
+    def _as_openai(self) -> ChatMessage:
+        # Typed as the front door types a request's messages (queuegate.openai_messages):
+        # a plain text message holds nothing more to read, and is not read again.
+        plain = isinstance(self.content, str) and self.role != "tool"
+        if not (plain and self.tool_calls is None and not self.model_extra):
+            check_message(self.model_dump(exclude_unset=True))
+        return self
 
 
 class ChatParams(WireModel):

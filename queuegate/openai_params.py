@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     with_config,
 )
+from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict from Python 3.12 on
 
 from queuegate.value_errors import problem, tagged_by
@@ -35,6 +36,8 @@ MAX_CHOICES = 128
 MAX_STOP = 4
 """The most stop sequences OpenAI takes (Anthropic takes more)."""
 MAX_TOOLS = 128
+MIN_THINKING_BUDGET = 1024
+"""The fewest thinking tokens Anthropic takes (``thinking.budget_tokens``)."""
 NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 """What OpenAI takes as the name of a function or of a JSON schema."""
 
@@ -45,11 +48,20 @@ class OpenAIObject(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+class CacheControl(OpenAIObject):
+    """Anthropic's prompt caching marker, which the Anthropic adapter sends on."""
+
+    type: Literal["ephemeral"]
+    ttl: Literal["5m", "1h"] | None = None
+
+
 class FunctionDefinition(OpenAIObject):
     name: str = Field(pattern=NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    input_examples: list[dict[str, Any]] | None = None
+    """Anthropic's, sent on to Anthropic's tool."""
 
 
 class CustomDefinition(OpenAIObject):
@@ -61,6 +73,7 @@ class CustomDefinition(OpenAIObject):
 class FunctionTool(OpenAIObject):
     type: Literal["function"]
     function: FunctionDefinition
+    cache_control: CacheControl | None = None
 
 
 class CustomTool(OpenAIObject):
@@ -163,9 +176,37 @@ class Audio(OpenAIObject):
     voice: str | VoiceId
 
 
+class ApproximateLocation(OpenAIObject):
+    city: str | None = None
+    country: str | None = None
+    region: str | None = None
+    timezone: str | None = None
+
+
+class UserLocation(OpenAIObject):
+    type: Literal["approximate"]
+    approximate: ApproximateLocation
+
+
 class WebSearchOptions(OpenAIObject):
     search_context_size: Literal["low", "medium", "high"] | None = None
-    user_location: dict[str, Any] | None = None
+    user_location: UserLocation | None = None
+
+
+class ThinkingEnabled(OpenAIObject):
+    type: Literal["enabled"]
+    budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
+
+
+class ThinkingDisabled(OpenAIObject):
+    type: Literal["disabled"]
+
+
+Thinking = Annotated[
+    Annotated[ThinkingEnabled, Tag("enabled thinking")]
+    | Annotated[ThinkingDisabled, Tag("disabled thinking")],
+    Discriminator(tagged_by("type", "thinking")),
+]
 
 
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -231,7 +272,15 @@ class OpenAIParams(TypedDict, total=False):
     web_search_options: WebSearchOptions | None
 
 
-_PARAMS = TypeAdapter(OpenAIParams)
+class JobParams(OpenAIParams, total=False):
+    """A job's parameters: OpenAI's, and Anthropic's ``top_k`` and ``thinking``, which the
+    router maps for OpenAI or passes on to Anthropic."""
+
+    top_k: Annotated[int, Field(ge=0)] | None
+    thinking: Thinking | None
+
+
+_PARAMS = TypeAdapter(JobParams)
 
 
 class ParamError(ValueError):
@@ -241,6 +290,21 @@ class ParamError(ValueError):
     def __init__(self, param: str, problem: str) -> None:
         super().__init__(f"{param}: {problem}")
         self.param = param
+        self.problem = problem
+
+
+def refused_param(error: ErrorDetails) -> ParamError | None:
+    """The ParamError a validation error of a job (or of its parameters) carries, named by
+    its path from the top of the request's body, as the front door names it: a message's
+    field under ``messages.<i>``, a parameter as it is (a job's ``params`` are the body's
+    top-level fields); None for any other error."""
+    refused = (error.get("ctx") or {}).get("error")
+    if not isinstance(refused, ParamError):
+        return None
+    loc = [str(step) for step in error["loc"]]
+    if loc[:1] == ["params"]:
+        loc = loc[1:]
+    return ParamError(".".join([*loc, refused.param]), refused.problem)
 
 
 def too_many_stops(stop: object) -> str | None:
@@ -264,10 +328,13 @@ def check_params(params: dict[str, Any]) -> None:
 __all__ = [
     "MAX_CHOICES",
     "MAX_STOP",
+    "MIN_THINKING_BUDGET",
+    "JobParams",
     "OpenAIObject",
     "OpenAIParams",
     "ParamError",
     "TextPart",
     "check_params",
+    "refused_param",
     "too_many_stops",
 ]

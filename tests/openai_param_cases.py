@@ -45,6 +45,26 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"service_tier": "turbo"}, "service_tier"),
     ({"prompt_cache_retention": "1y"}, "prompt_cache_retention"),
+    ({"thinking": {"type": "enabled", "budget_tokens": "2000"}}, "thinking.budget_tokens"),
+    ({"thinking": {"type": "on"}}, "thinking.type"),
+    ({"top_k": "5"}, "top_k"),
+    (_tool(input_examples="x"), "tools.0.function.input_examples"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f"}, "cache_control": "yes"}]},
+        "tools.0.cache_control",
+    ),
+    (
+        {"web_search_options": {"user_location": {"type": "exact", "approximate": {}}}},
+        "web_search_options.user_location.type",
+    ),
+    (
+        {
+            "web_search_options": {
+                "user_location": {"type": "approximate", "approximate": {"city": 5}}
+            }
+        },
+        "web_search_options.user_location.approximate.city",
+    ),
 ]
 """Each set of parameters, and the path of the one at fault, for a model OpenAI serves."""
 
@@ -55,5 +75,7 @@ ENUMS = {
     "service_tier": "'auto', 'default', 'flex', 'scale', 'priority', 'fast' or 'standard_only'",
     "prompt_cache_retention": "'in_memory' or '24h'",
     "web_search_options.search_context_size": "'low', 'medium' or 'high'",
+    "thinking.type": "'enabled', 'disabled'",
+    "web_search_options.user_location.type": "'approximate'",
 }
 """The values each refusal of a name lists as accepted."""

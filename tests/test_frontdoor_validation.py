@@ -18,6 +18,7 @@ from frontdoor.errors import ApiError
 from frontdoor.openai_request import ROUTED_EXTRAS, ChatRequest, check_chat
 from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, OPENAI_CHAT_PARAMS
 from queuegate.settings import Settings
+from tests import openai_message_cases
 from tests.frontdoor_support import HELLO, Door, open_door
 from tests.openai_param_cases import ENUMS, REFUSED
 
@@ -92,6 +93,26 @@ async def test_openai_parameters_the_worker_refuses_are_refused_naming_their_pat
             assert (error.code, error.param) == ("invalid_request", param), error.message
             assert f"{param}: " in error.message
             assert ENUMS.get(param, "") in error.message
+        assert await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    # ... none of them published: the next valid request the only one served
+    assert len(await door.gateway.usage_rows(1)) == 1
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_openai_messages_the_worker_refuses_are_refused_naming_their_path(
+    door: Door,
+) -> None:
+    async with door.client() as client:
+        for messages, param in openai_message_cases.REFUSED:
+            # When a request's message (nested or not) has another type or value than
+            # OpenAI's, as a worker refuses it in a job
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+            # Expect it refused 400 naming it by its path, the values a name may take listed
+            error = refused.value
+            assert (error.code, error.param) == ("invalid_request", param), error.message
+            assert f"{param}: " in error.message
+            assert openai_message_cases.ENUMS.get(param, "") in error.message
         assert await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     # ... none of them published: the next valid request the only one served
     assert len(await door.gateway.usage_rows(1)) == 1

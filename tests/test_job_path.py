@@ -17,10 +17,15 @@ from mockprovider import Behavior, MockConfig
 from queuegate.errors import ResultTimeout
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
-from tests.openai_param_cases import ENUMS, REFUSED
+from tests import openai_message_cases, openai_param_cases
 from tests.support import running_accountant, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
+REFUSED = [(HELLO, params, param) for params, param in openai_param_cases.REFUSED] + [
+    (messages, {}, param) for messages, param in openai_message_cases.REFUSED
+]
+"""Jobs' messages and parameters the front door refuses, and the path of the field at fault."""
+ENUMS = openai_param_cases.ENUMS | openai_message_cases.ENUMS
 
 
 @pytest.mark.parametrize(
@@ -218,7 +223,7 @@ UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {
     # Nested, sent on and billed where OpenAI answers a 400: a part's text, a tool's function.
     "number-text-part": (
         {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
-        "messages.0.content",
+        "messages.0.content.0.text",
     ),
     "number-tool-name": (
         {"params": {"tools": [{"type": "function", "function": {"name": 5}}]}},
@@ -276,18 +281,18 @@ async def test_jobs_holding_what_cannot_be_stored_sent_or_read_as_written_are_re
             assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
 
 
-@pytest.mark.parametrize(("params", "param"), REFUSED, ids=[p for _, p in REFUSED])
-async def test_openai_parameters_the_front_door_refuses_are_refused_by_the_worker_uncalled(
-    settings: Settings, params: dict[str, object], param: str
+@pytest.mark.parametrize(("messages", "params", "param"), REFUSED, ids=[p for *_, p in REFUSED])
+async def test_openai_values_the_front_door_refuses_are_refused_by_the_worker_uncalled(
+    settings: Settings, messages: list[dict[str, object]], params: dict[str, object], param: str
 ) -> None:
-    # Given a running gateway, and a job published raw whose parameter (nested or not) has
-    # another type or value than OpenAI's API gives it, as the front door refuses it
+    # Given a running gateway, and a job published raw whose parameter or message (nested or
+    # not) has another type or value than OpenAI's API gives it, as the front door refuses it
     async with running_gateway(settings) as gw, gw.client("alpha") as client:
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(gw.topology.jobs_exchange)
-            job = {"job_id": "j", "team": "alpha", "model": "gpt-4o-mini", "messages": HELLO}
+            job = {"job_id": "j", "team": "alpha", "model": "gpt-4o-mini", "messages": messages}
             message = aio_pika.Message(
                 orjson.dumps(job | {"params": params}), message_id="j", reply_to=client.reply_to
             )

@@ -280,7 +280,17 @@ def test_tool_calls_and_tool_results_become_tool_use_and_merged_tool_result_bloc
 @pytest.mark.parametrize(
     ("messages", "params"),
     [
-        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], {}),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+                    ],
+                }
+            ],
+            {},
+        ),
         ([{"role": "user", "content": "Hi"}], {"response_format": {"type": "json_object"}}),
         ([{"role": "user", "content": "Hi"}], {"n": 2}),
         (
@@ -291,7 +301,13 @@ def test_tool_calls_and_tool_results_become_tool_use_and_merged_tool_result_bloc
             [
                 {
                     "role": "assistant",
-                    "tool_calls": [{"id": "t", "function": {"name": "f", "arguments": "not json"}}],
+                    "tool_calls": [
+                        {
+                            "id": "t",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "not json"},
+                        }
+                    ],
                 }
             ],
             {},

@@ -48,7 +48,7 @@ from queuegate.errors import (
     WorkerFault,
 )
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
-from queuegate.openai_params import ParamError
+from queuegate.openai_params import refused_param
 from queuegate.topology import HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
@@ -526,9 +526,12 @@ class JobProcessor:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
             problem = first["msg"].removeprefix("Value error, ")
-            # A parameter refused as OpenAI types it is named as the front door names it.
-            refused = (first.get("ctx") or {}).get("error")
-            param = refused.param if isinstance(refused, ParamError) else None
+            # A parameter or message refused as OpenAI types it is named as the front door
+            # names it.
+            refused = refused_param(first)
+            param = refused.param if refused is not None else None
+            if refused is not None and where != "params":
+                where, problem = refused.param, refused.problem
             raise InvalidRequest(f"not a valid chat job: {where}: {problem}", param=param) from exc
         if job.v > SCHEMA_VERSION:
             raise InvalidRequest(

@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
+from queuegate.openai_params import MIN_THINKING_BUDGET
 from queuegate.provider_formats import (
     ANTHROPIC_BODY,
     ANTHROPIC_EXAMPLES,
@@ -66,8 +67,6 @@ MAX_TEMPERATURE = 1.0
 """Anthropic's range is 0 to 1, OpenAI's 0 to 2."""
 THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
 """Thinking tokens allowed for each OpenAI ``reasoning_effort`` (``none``: no thinking)."""
-MIN_THINKING_BUDGET = 1024
-"""Anthropic's smallest ``budget_tokens``; the budget must also stay below ``max_tokens``."""
 MIN_TOP_P_THINKING = 0.95
 """With thinking on, Anthropic takes ``top_p`` from 0.95 to 1 only."""
 

@@ -1,0 +1,176 @@
+"""OpenAI's chat messages, typed once as its API reference gives them: the front door checks
+a request's ``messages`` against ``Message`` (``frontdoor.openai_request.ChatRequest``), a
+worker a job's (``queuegate.messages.ChatMessage``), so that both refuse the same messages,
+naming the field (``messages.0.content.0.image_url.url``), before anything is called.
+
+A job's messages are the canonical format an Anthropic-format request is carried in too
+(``queuegate.provider_formats.openai_request``): an assistant turn may send Anthropic's
+thinking blocks back (the OpenAI adapter leaves them out), a tool result hold images.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+
+from queuegate.openai_params import OpenAIObject, ParamError, TextPart
+from queuegate.value_errors import problem, tagged_by
+
+
+class ImageURL(OpenAIObject):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(OpenAIObject):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(OpenAIObject):
+    data: str
+    format: Literal["wav", "mp3"]
+
+
+class AudioPart(OpenAIObject):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FilePart(OpenAIObject):
+    type: Literal["file"]
+    file: dict[str, Any]
+
+
+class RefusalPart(OpenAIObject):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class ThinkingPart(OpenAIObject):
+    """Anthropic's thinking block, sent back in an assistant turn (``THINKING_PARTS``)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingPart(OpenAIObject):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+UserPart = Annotated[
+    Annotated[TextPart, Tag("text part")]
+    | Annotated[ImagePart, Tag("image_url part")]
+    | Annotated[AudioPart, Tag("input_audio part")]
+    | Annotated[FilePart, Tag("file part")],
+    Discriminator(tagged_by("type", "part")),
+]
+AssistantPart = Annotated[
+    Annotated[TextPart, Tag("text part")]
+    | Annotated[RefusalPart, Tag("refusal part")]
+    | Annotated[ThinkingPart, Tag("thinking part")]
+    | Annotated[RedactedThinkingPart, Tag("redacted_thinking part")],
+    Discriminator(tagged_by("type", "part")),
+]
+ToolPart = Annotated[
+    Annotated[TextPart, Tag("text part")] | Annotated[ImagePart, Tag("image_url part")],
+    Discriminator(tagged_by("type", "part")),
+]
+
+
+class CalledFunction(OpenAIObject):
+    name: str
+    arguments: str
+
+
+class FunctionCall(OpenAIObject):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class CalledCustom(OpenAIObject):
+    name: str
+    input: str
+
+
+class CustomCall(OpenAIObject):
+    id: str
+    type: Literal["custom"]
+    custom: CalledCustom
+
+
+ToolCall = Annotated[
+    Annotated[FunctionCall, Tag("function call")] | Annotated[CustomCall, Tag("custom call")],
+    Discriminator(tagged_by("type", "call")),
+]
+
+
+class SystemMessage(OpenAIObject):
+    role: Literal["system"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class DeveloperMessage(OpenAIObject):
+    role: Literal["developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(OpenAIObject):
+    role: Literal["user"]
+    content: str | list[UserPart]
+    name: str | None = None
+
+
+class AssistantMessage(OpenAIObject):
+    role: Literal["assistant"]
+    content: str | list[AssistantPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: CalledFunction | None = None
+    audio: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> Self:
+        if self.content is None and not self.tool_calls and self.function_call is None:
+            raise ValueError("an assistant message needs content, or tool_calls")
+        return self
+
+
+class ToolMessage(OpenAIObject):
+    role: Literal["tool"]
+    content: str | list[ToolPart]
+    tool_call_id: str
+
+
+Message = Annotated[
+    Annotated[SystemMessage, Tag("system message")]
+    | Annotated[DeveloperMessage, Tag("developer message")]
+    | Annotated[UserMessage, Tag("user message")]
+    | Annotated[AssistantMessage, Tag("assistant message")]
+    | Annotated[ToolMessage, Tag("tool message")],
+    Discriminator(tagged_by("role", "message")),
+]
+
+
+_MESSAGE: TypeAdapter[Any] = TypeAdapter(Message)
+
+
+def check_message(message: dict[str, Any]) -> None:
+    """Refuse (ParamError, its path inside the message: ``content.0.image_url.url``) a message
+    of another shape, type or value than OpenAI's."""
+    try:
+        _MESSAGE.validate_python(message)
+    except ValidationError as exc:
+        deepest = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
+        where, reason = problem(deepest, message)
+        raise ParamError(where, reason) from None
+
+
+__all__ = ["Message", "check_message"]
