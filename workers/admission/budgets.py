@@ -180,7 +180,9 @@ class Budgets:
             if deadline.tzinfo is None:
                 deadline = deadline.replace(tzinfo=UTC)
             left = (deadline - datetime.now(UTC)).total_seconds() + self._slack
-            entry_ms = max(1, min(entry_ms, math.ceil(left * 1000)))
+            # Past already: it lapses at once (a reserve in the same millisecond reaps it),
+            # not a millisecond later, which a read in that millisecond still counts.
+            entry_ms = max(0, min(entry_ms, math.ceil(left * 1000)))
         call = self._call(
             "reserve", held, nano, threshold=threshold, entry_ms=entry_ms, limits=limits
         )
