@@ -50,40 +50,47 @@ async def test_supervisor_restarts_a_killed_worker_and_stops_all_without_losing_
         )  # fmt: skip
         assert supervisor.stderr is not None
         log = LogLines(supervisor.stderr)
-        first, _ = await log.matches(STARTED, 2)
+        try:
+            first, _ = await log.matches(STARTED, 2)
 
-        async with GatewayClient(settings, team="alpha") as client:
-            handles = [
-                await client.submit(
-                    client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}])
-                )
-                for i in range(JOBS)
-            ]
-            # When one worker process is killed while jobs are at the provider
-            await wait_until(lambda: mock.stats.calls >= 4, timeout=20)
-            os.kill(int(first[2]), signal.SIGKILL)
+            async with GatewayClient(settings, team="alpha") as client:
+                handles = [
+                    await client.submit(
+                        client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}])
+                    )
+                    for i in range(JOBS)
+                ]
+                # When one worker process is killed while jobs are at the provider
+                await wait_until(lambda: mock.stats.calls >= 4, timeout=20)
+                os.kill(int(first[2]), signal.SIGKILL)
 
-            # Expect it started again, in the same slot, as a new process that serves
-            restarted = (await log.matches(STARTED, 3))[2]
-            assert restarted[1] == first[1] and restarted[2] != first[2]
-            serving = await log.matches(SERVING, 3)
-            assert serving[2][1] == restarted[2]
+                # Expect it started again, in the same slot, as a new process that serves
+                restarted = (await log.matches(STARTED, 3))[2]
+                assert restarted[1] == first[1] and restarted[2] != first[2]
+                serving = await log.matches(SERVING, 3)
+                assert serving[2][1] == restarted[2]
 
-            # When SIGTERM reaches the supervisor while jobs are still in flight
-            supervisor.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(supervisor.wait(), timeout=30)
-            output = await log.closed()
+                # When SIGTERM reaches the supervisor while jobs are still in flight
+                supervisor.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(supervisor.wait(), timeout=30)
+                output = await log.closed()
 
-            # Expect all of them stopped cleanly and the supervisor exited 0
-            assert supervisor.returncode == 0, output[-3000:]
-            assert "Traceback" not in output, output[-3000:]
-            assert len(re.findall(r"process \d \(pid \d+\) stopped: status 0", output)) == 2
-            assert mock.stats.calls < JOBS + 8
+                # Expect all of them stopped cleanly and the supervisor exited 0
+                assert supervisor.returncode == 0, output[-3000:]
+                assert "Traceback" not in output, output[-3000:]
+                assert len(re.findall(r"process \d \(pid \d+\) stopped: status 0", output)) == 2
+                assert mock.stats.calls < JOBS + 8
 
-            # ... and every job answered and accounted exactly once, the rest by a new worker
-            async with running_gateway(settings) as gw:
-                results = [await handle.result(timeout=30) for handle in handles]
-                assert all(r.status == "ok" for r in results)
-                assert len({r.job_id for r in results}) == JOBS
-                rows = await gw.usage_rows(JOBS)
-                assert len(rows) == JOBS
+                # ... and every job answered and accounted exactly once, the rest by a new worker
+                async with running_gateway(settings) as gw:
+                    results = [await handle.result(timeout=30) for handle in handles]
+                    assert all(r.status == "ok" for r in results)
+                    assert len({r.job_id for r in results}) == JOBS
+                    rows = await gw.usage_rows(JOBS)
+                    assert len(rows) == JOBS
+
+        finally:
+            # A failed test stops its supervisor (and so its workers), not leaves them serving
+            if supervisor.returncode is None:
+                supervisor.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(supervisor.wait(), timeout=30)
