@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import asyncpg
 
@@ -78,14 +80,19 @@ def worker_env(settings: Settings, mock: MockProvider, **extra: str) -> dict[str
     }
 
 
-async def start_worker(env: Mapping[str, str], teams: Sequence[str]) -> asyncio.subprocess.Process:
-    """A worker process serving ``teams``, its logs discarded (it is killed mid-run)."""
-    return await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "cli", "worker", "--teams", ",".join(teams)),
-        *("--log-level", "warning"),
-        env=env,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+async def start_worker(
+    env: Mapping[str, str], teams: Sequence[str], *, log: Path | None = None
+) -> asyncio.subprocess.Process:
+    """A worker process serving ``teams``; its log, at info, goes to ``log`` when given (to
+    say why a scenario failed), else is discarded (it is killed mid-run)."""
+    with contextlib.ExitStack() as files:
+        stderr = asyncio.subprocess.DEVNULL if log is None else files.enter_context(log.open("a"))
+        return await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "cli", "worker", "--teams", ",".join(teams)),
+            *("--log-level", "warning" if log is None else "info"),
+            env=env,
+            stderr=stderr,
+        )
 
 
 async def stop_workers(workers: Sequence[asyncio.subprocess.Process]) -> None:
@@ -179,10 +186,12 @@ async def expect_each_job_once(
     dead: Settings,
     figures: Figures,
     timeout: float = 60,
+    worker_logs: Sequence[Path] = (),
 ) -> None:
     """Every confirmed job answered exactly once at the producer, called once and accounted
     once, nothing dead-lettered; the figures are recorded and printed. ``timeout``: seconds
-    the results may take to arrive, after the last job is confirmed."""
+    the results may take to arrive, after the last job is confirmed. ``worker_logs``: the
+    workers' logs, quoted when a job was called more than once."""
     handles = await submitting
     figures.sent = len(handles)
     results = await collect(handles, timeout=timeout)
@@ -198,5 +207,29 @@ async def expect_each_job_once(
     assert all(r.status == "ok" for r in results)
     assert figures.answered == len(handles)
     assert rows == distinct == len(handles)
-    assert figures.provider_calls == len(handles)
+    assert figures.provider_calls == len(handles), await _called_again(pool, worker_logs)
     assert figures.dead_lettered == 0
+
+
+async def _called_again(pool: asyncpg.Pool, worker_logs: Sequence[Path]) -> str:
+    """Why jobs were called more than once, as far as their usage rows and the workers' logs
+    tell: the rows with more than one attempt, and what the workers said of those jobs."""
+    rows = await pool.fetch(
+        "SELECT job_id, attempt_log::text AS attempts FROM usage_log"
+        " WHERE jsonb_array_length(attempt_log) > 1 ORDER BY job_id"
+    )
+    jobs = {row["job_id"] for row in rows}
+    said = [
+        line
+        for path in worker_logs
+        for line in path.read_text(errors="replace").splitlines()
+        if any(job in line for job in jobs) or " WARNING " in line or " ERROR " in line
+    ]
+    return "\n".join(
+        [
+            f"{len(rows)} usage row(s) with more than one attempt:",
+            *(f"  {row['job_id']}: {row['attempts']}" for row in rows),
+            f"the workers' log lines on them, and their warnings ({len(said)}):",
+            *said[-60:],
+        ]
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -46,8 +47,10 @@ async def run_through_fault(
     cluster: RabbitCluster,
     figures: Figures,
     fault: Callable[[PrivateBroker], None],
+    logs: Path,
 ) -> None:
-    """2,000 jobs through two workers; ``fault`` strikes the team queues' leader mid-run."""
+    """2,000 jobs through two workers; ``fault`` strikes the team queues' leader mid-run.
+    The workers log into ``logs``, a directory."""
     components = cluster.settings_for(settings)
     # Given two worker processes and accounting on the cluster, the provider taking 20 ms
     async with MockProvider(MockConfig(default=Behavior(latency_ms=20))) as mock:
@@ -60,7 +63,8 @@ async def run_through_fault(
             QUEUEGATE_AMQP_URL=components.amqp_url,
             QUEUEGATE_PREFETCH=str(PREFETCH),
         )
-        workers = [await start_worker(env, TEAMS), await start_worker(env, TEAMS)]
+        worker_logs = [logs / "worker-1.log", logs / "worker-2.log"]
+        workers = [await start_worker(env, TEAMS, log=log) for log in worker_logs]
         pool = await create_pool(settings)
         try:
             async with (
@@ -85,6 +89,7 @@ async def run_through_fault(
                     dead=components,
                     figures=figures,
                     timeout=120,
+                    worker_logs=worker_logs,
                 )
                 assert figures.lost == figures.double_counted == 0
         finally:
@@ -94,27 +99,32 @@ async def run_through_fault(
 
 
 async def test_the_team_queues_leader_killed_loses_nothing_and_counts_nothing_twice(
-    settings: Settings, rabbit_cluster: RabbitCluster
+    settings: Settings, rabbit_cluster: RabbitCluster, tmp_path: Path
 ) -> None:
     await run_through_fault(
-        settings, rabbit_cluster, Figures("cluster: leader SIGKILLed"), PrivateBroker.kill
+        settings, rabbit_cluster, Figures("cluster: leader SIGKILLed"), PrivateBroker.kill, tmp_path
     )
 
 
 async def test_a_node_stopped_and_started_again_loses_nothing_and_counts_nothing_twice(
-    settings: Settings, rabbit_cluster: RabbitCluster
+    settings: Settings, rabbit_cluster: RabbitCluster, tmp_path: Path
 ) -> None:
     await run_through_fault(
-        settings, rabbit_cluster, Figures("cluster: node restarted"), PrivateBroker.restart
+        settings,
+        rabbit_cluster,
+        Figures("cluster: node restarted"),
+        PrivateBroker.restart,
+        tmp_path,
     )
 
 
 async def test_a_node_partitioned_off_loses_nothing_and_counts_nothing_twice(
-    settings: Settings, rabbit_cluster: RabbitCluster
+    settings: Settings, rabbit_cluster: RabbitCluster, tmp_path: Path
 ) -> None:
     await run_through_fault(
         settings,
         rabbit_cluster,
         Figures("cluster: node partitioned"),
         rabbit_cluster.partition,
+        tmp_path,
     )
