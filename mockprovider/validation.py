@@ -64,6 +64,17 @@ ANTHROPIC_TOOL_FIELDS = frozenset(
 )
 ANTHROPIC_TIERS = frozenset({"auto", "standard_only"})
 ANTHROPIC_MIN_THINKING = 1024
+ANTHROPIC_THINKING = {
+    "enabled": frozenset({"type", "budget_tokens", "display"}),
+    "disabled": frozenset({"type"}),
+    "adaptive": frozenset({"type", "display"}),
+    "between_tools": frozenset({"type"}),
+}
+"""Anthropic's ``thinking`` types and the fields of each (the anthropic SDK's
+``ThinkingConfigParam``)."""
+ANTHROPIC_THINKING_ON = ("enabled", "adaptive")
+"""The types under which the model thinks, and the rules for thinking hold."""
+ANTHROPIC_DISPLAYS = ("summarized", "omitted")
 SIGNATURE = "mock-signature"
 """The signature of the mock's thinking blocks: the only one it takes back."""
 
@@ -204,17 +215,22 @@ def _thinking(body: dict[str, Any]) -> None:
     thinking = body.get("thinking")
     if thinking is None:
         return
-    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
-        raise InvalidRequest("thinking.type: Input should be 'enabled' or 'disabled'")
-    if thinking["type"] == "disabled":
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ANTHROPIC_THINKING:
+        raise InvalidRequest(f"thinking.type: Input should be {_either(ANTHROPIC_THINKING)}")
+    _fields(thinking, ANTHROPIC_THINKING[kind], "thinking", _extra)
+    if thinking.get("display") not in (None, *ANTHROPIC_DISPLAYS):
+        raise InvalidRequest(f"thinking.display: Input should be {_either(ANTHROPIC_DISPLAYS)}")
+    if kind not in ANTHROPIC_THINKING_ON:
         return
-    budget = thinking.get("budget_tokens")
-    if not isinstance(budget, int) or budget < ANTHROPIC_MIN_THINKING:
-        raise InvalidRequest(
-            "thinking.budget_tokens: Input should be greater than or equal to 1024"
-        )
-    if not budget < body.get("max_tokens", 0):
-        raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < ANTHROPIC_MIN_THINKING:
+            raise InvalidRequest(
+                "thinking.budget_tokens: Input should be greater than or equal to 1024"
+            )
+        if not budget < body.get("max_tokens", 0):
+            raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`")
     if body.get("temperature", 1) != 1:
         raise InvalidRequest("`temperature` may only be set to 1 when thinking is enabled")
     if body.get("top_k") is not None:
@@ -304,6 +320,12 @@ def _fields(obj: Any, allowed: Iterable[str], where: str, refusal: Any) -> None:
     for field in obj:
         if field not in allowed:
             raise InvalidRequest(refusal(f"{where}.{field}"))
+
+
+def _either(values: Iterable[str]) -> str:
+    """``'a', 'b' or 'c'``, as Anthropic lists the values a field takes."""
+    quoted = [f"'{value}'" for value in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def _openai_unknown(field: str) -> str:

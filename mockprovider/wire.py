@@ -38,7 +38,13 @@ from typing import Any, Literal
 
 import orjson
 
-from mockprovider.validation import SIGNATURE, InvalidRequest, check_anthropic, check_openai
+from mockprovider.validation import (
+    ANTHROPIC_THINKING_ON,
+    SIGNATURE,
+    InvalidRequest,
+    check_anthropic,
+    check_openai,
+)
 
 REPLY_PREFIX = "mock reply to: "
 QUOTED_CHARS = 60
@@ -502,7 +508,8 @@ class AnthropicWire(Wire):
         check_anthropic(body)
         reply = self._cached(body, reply, cache)
         thinking = body.get("thinking")
-        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        # Adaptive thinking leaves it to the model whether to think: the mock always does.
+        if isinstance(thinking, dict) and thinking.get("type") in ANTHROPIC_THINKING_ON:
             quoted = _last_text(body["messages"], ("user",))[:QUOTED_CHARS]
             thought = THINKING_PREFIX + quoted
             limit = _positive_int(body, "max_tokens")

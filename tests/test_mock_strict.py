@@ -154,6 +154,22 @@ async def test_openai_refuses_unknown_fields_and_invalid_values(
             "`temperature` may only be set to 1 when thinking is enabled",
         ),
         (
+            claude(thinking={"type": "adaptive"}, top_k=5),
+            "`top_k` must be unset when thinking is enabled",
+        ),
+        (
+            claude(thinking={"type": "adaptive", "budget_tokens": 1024}),
+            "thinking.budget_tokens: Extra inputs are not permitted",
+        ),
+        (
+            claude(thinking={"type": "adaptive", "display": "full"}),
+            "thinking.display: Input should be 'summarized' or 'omitted'",
+        ),
+        (
+            claude(thinking={"type": "sometimes"}),
+            "thinking.type: Input should be 'enabled', 'disabled', 'adaptive' or 'between_tools'",
+        ),
+        (
             claude(tools=[{"name": "f", "input_schema": {"type": "object"}, "x": 1}]),
             "tools.0.x: Extra inputs are not permitted",
         ),
@@ -209,9 +225,16 @@ async def test_anthropic_reports_a_cache_write_then_reads(client: httpx.AsyncCli
     assert first.usage.input_tokens == second.usage.input_tokens  # the rest, uncached
 
 
-async def test_anthropic_thinks_when_asked(client: httpx.AsyncClient) -> None:
-    thinking = {"type": "enabled", "budget_tokens": 1024}
-
+@pytest.mark.parametrize(
+    "thinking",
+    [
+        {"type": "enabled", "budget_tokens": 1024, "display": "summarized"},
+        {"type": "adaptive"},
+    ],
+)
+async def test_anthropic_thinks_when_asked(
+    client: httpx.AsyncClient, thinking: dict[str, Any]
+) -> None:
     message = Message.model_validate(
         (await client.post(ANTHROPIC, json=claude(thinking=thinking))).json()
     )

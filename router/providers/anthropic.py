@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
-from queuegate.openai_params import MIN_THINKING_BUDGET
+from queuegate.openai_params import MIN_THINKING_BUDGET, THINKING_ON
 from queuegate.provider_formats import (
     ANTHROPIC_BODY,
     ANTHROPIC_EXAMPLES,
@@ -515,10 +515,10 @@ def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: F
         else:
             _budget(params, out, THINKING_BUDGETS[effort], fidelity)
     thinking = out.get("thinking")
-    if not (isinstance(thinking, dict) and thinking.get("type") == "enabled"):
+    if not (isinstance(thinking, dict) and thinking.get("type") in THINKING_ON):
         return
-    # Anthropic's rules for thinking: temperature 1 only, no top_k, top_p 0.95 or more, and
-    # the model must be free to think before any tool call.
+    # Anthropic's rules for thinking, adaptive thinking's too: temperature 1 only, no top_k,
+    # top_p 0.95 or more, and the model must be free to think before any tool call.
     if out.get("temperature", 1) != 1:
         fidelity.change("temperature", "must be 1 with thinking")
         del out["temperature"]

@@ -161,6 +161,9 @@ def _uncached(block: Any) -> Any:
 def _only_openai(body: dict[str, Any], fidelity: Fidelity) -> None:
     """Anthropic's own parameters mapped where OpenAI has them; the rest refused or dropped."""
     thinking = body.pop("thinking", None)
+    # A budget becomes an effort. Adaptive thinking leaves how much to think to the model, as
+    # a request without reasoning_effort does; disabled and between_tools (thinking off) ask
+    # for nothing; display has no place (OpenAI's answers never carry the reasoning text).
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         if "reasoning_effort" in body:
             fidelity.unsupported("thinking", "set together with reasoning_effort")
