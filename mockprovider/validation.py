@@ -32,6 +32,10 @@ OPENAI_PART_FIELDS = {
     "refusal": frozenset({"type", "refusal"}),
 }
 OPENAI_FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+OPENAI_CUSTOM_FIELDS = frozenset({"name", "description", "format"})
+OPENAI_CUSTOM_FORMATS = frozenset({"text", "grammar"})
+OPENAI_TOOL_MODES = frozenset({"none", "auto", "required"})
+OPENAI_TOOL_CHOICES = frozenset({"function", "custom", "allowed_tools"})
 OPENAI_DETAILS = frozenset({"auto", "low", "high"})
 OPENAI_RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 OPENAI_METADATA_PAIRS = 16
@@ -120,6 +124,37 @@ def check_openai(body: dict[str, Any]) -> None:
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict):
             _fields(function, OPENAI_FUNCTION_FIELDS, f"tools[{i}].function", _openai_unknown)
+        custom = tool.get("custom") if isinstance(tool, dict) else None
+        if isinstance(custom, dict):
+            _openai_custom(custom, f"tools[{i}].custom")
+    _openai_tool_choice(body.get("tool_choice"))
+
+
+def _openai_custom(custom: dict[str, Any], where: str) -> None:
+    """A custom tool: free text, or text a grammar (Lark or a regex) constrains."""
+    _fields(custom, OPENAI_CUSTOM_FIELDS, where, _openai_unknown)
+    form = custom.get("format") or {"type": "text"}
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind not in OPENAI_CUSTOM_FORMATS:
+        raise InvalidRequest(f"{where}.format.type: invalid value {kind!r}")
+    if kind == "grammar":
+        grammar = form.get("grammar")
+        if not isinstance(grammar, dict) or grammar.get("syntax") not in ("lark", "regex"):
+            raise InvalidRequest(f"{where}.format.grammar.syntax: expected 'lark' or 'regex'")
+
+
+def _openai_tool_choice(choice: Any) -> None:
+    """A mode, a function or custom tool by name, or the tools allowed (``allowed_tools``)."""
+    if choice is None or (isinstance(choice, str) and choice in OPENAI_TOOL_MODES):
+        return
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in OPENAI_TOOL_CHOICES:
+        raise InvalidRequest(f"tool_choice: invalid value {choice!r:.60}")
+    if kind == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        mode = allowed.get("mode") if isinstance(allowed, dict) else None
+        if mode not in ("auto", "required"):
+            raise InvalidRequest(f"tool_choice.allowed_tools.mode: invalid value {mode!r}")
 
 
 def _openai_metadata(metadata: Any) -> None:

@@ -52,6 +52,13 @@ WORDS_PER_CHUNK = 3
 """Streamed replies arrive in deltas of this many words."""
 
 Finish = Literal["end", "stop_sequence", "length", "tool_use"]
+ToolType = Literal["function", "custom"]
+TOOL_INPUT: dict[ToolType, tuple[str, str]] = {
+    "function": ("arguments", "{}"),
+    "custom": ("input", ""),
+}
+"""The field of an OpenAI tool call holding what the mock calls a tool with, and what it is:
+a function with no arguments, a custom tool with no text."""
 CACHE_MIN_TOKENS = 1024
 """The shortest prefix either provider caches (shorter ones are sent uncached, no error)."""
 THINKING_PREFIX = "mock thinking about: "
@@ -104,6 +111,8 @@ class Reply:
     """The model refuses (``Behavior.refusal``): OpenAI's ``refusal`` instead of the text."""
     layout: Literal["plain", "split", "tool_first"] = "plain"
     """How an Anthropic answer lays out its blocks (``mockprovider.config.Behavior.layout``)."""
+    tool_type: ToolType = "function"
+    """What the tool called is (OpenAI's): a function, or a custom tool taking free text."""
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -200,9 +209,29 @@ def _reasoned(reply: Reply, thought: int, limit: int | None) -> Reply:
     return replace(reply, reasoning_tokens=thought, output_tokens=reply.output_tokens + thought)
 
 
-def _tool_reply(name: str, input_tokens: int) -> Reply:
-    # Output tokens of a call follow the same characters / 4 rule as prompts: name plus "{}".
-    return Reply("", "tool_use", None, name, input_tokens, -(-(len(name) + 2) // 4))
+def _tool_reply(name: str, input_tokens: int, kind: ToolType = "function") -> Reply:
+    # Output tokens of a call follow the same characters / 4 rule as prompts: its name and
+    # input ("{}" for Anthropic's tools and OpenAI's functions).
+    chars = len(name) + len(TOOL_INPUT[kind][1])
+    return Reply("", "tool_use", None, name, input_tokens, -(-chars // 4), tool_type=kind)
+
+
+def _openai_tool(tools: list[Any], choice: object) -> tuple[str, ToolType]:
+    """The name and type of the OpenAI tool the mock calls: the one ``tool_choice`` names, the
+    first ``allowed_tools`` allows, else the first offered. Tools, named choices and the
+    allowed ones alike hold their name under their type: ``{"type": "custom", "custom":
+    {"name": ...}}``."""
+    tool: object = tools[0]
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        listed = allowed.get("tools") if isinstance(allowed, dict) else None
+        tool = listed[0] if isinstance(listed, list) and listed else None
+    elif isinstance(choice, dict):
+        tool = choice
+    if not isinstance(tool, dict) or tool.get("type") not in TOOL_INPUT:
+        raise InvalidRequest("tools: every tool needs a type, 'function' or 'custom'")
+    kind: ToolType = tool["type"]
+    return _tool_name(tool.get(kind)), kind
 
 
 def _pieces(text: str) -> list[str]:
@@ -324,10 +353,8 @@ class OpenAIWire(Wire):
         input_tokens = _estimate_tokens(*(m.get("content") for m in messages))
         tools, choice = _tools(body), body.get("tool_choice")
         if tools and messages[-1].get("role") == "user" and choice != "none":
-            # A tool_choice object forces one function; it has the same shape as a tool.
-            tool = choice if isinstance(choice, dict) else tools[0]
-            function = tool.get("function") if isinstance(tool, dict) else None
-            return _tool_reply(_tool_name(function), input_tokens)
+            name, kind = _openai_tool(tools, choice)
+            return _tool_reply(name, input_tokens, kind)
         # Tool results quote like user text, as in Anthropic's format where they are user turns:
         # the same conversation gets the same reply from both providers.
         user_text = _last_text(messages, ("user", "tool"))
@@ -360,9 +387,10 @@ class OpenAIWire(Wire):
         message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
         message[field] = said
         if reply.tool is not None:
-            call = {"name": reply.tool, "arguments": "{}"}
+            kind, (field, value) = reply.tool_type, TOOL_INPUT[reply.tool_type]
+            call = {"id": _new_id("call_"), "type": kind, kind: {"name": reply.tool, field: value}}
             message["content"] = None
-            message["tool_calls"] = [{"id": _new_id("call_"), "type": "function", "function": call}]
+            message["tool_calls"] = [call]
         logprobs = _logprobs(body, field, said) if body.get("logprobs") is True else None
         choices = [
             {
@@ -399,11 +427,15 @@ class OpenAIWire(Wire):
             opening[field] = "" if reply.tool is None else None
             yield chunk(index, opening)
         if reply.tool is not None:
+            # The chunk schema documents function calls only; a custom call streams the same
+            # way under its own type, its input as a function's arguments.
+            kind, (field, value) = reply.tool_type, TOOL_INPUT[reply.tool_type]
             for index in choices:
-                start = {"name": reply.tool, "arguments": ""}
-                call = {"index": 0, "id": _new_id("call_"), "type": "function", "function": start}
+                start = {"name": reply.tool, field: ""}
+                call = {"index": 0, "id": _new_id("call_"), "type": kind, kind: start}
                 yield chunk(index, {"tool_calls": [call]})
-                yield chunk(index, {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
+                if value:
+                    yield chunk(index, {"tool_calls": [{"index": 0, kind: {field: value}}]})
         for piece in _pieces(said):
             for index in choices:
                 yield chunk(index, {field: piece})

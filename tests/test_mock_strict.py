@@ -81,6 +81,14 @@ def test_the_field_lists_are_the_sdks() -> None:
         ),
         (chat(response_format={"type": "yaml"}), "response_format.type: invalid value 'yaml'"),
         (
+            chat(tools=[{"type": "custom", "custom": {"name": "sql", "grammar": "x"}}]),
+            "Unrecognized request argument supplied: tools[0].custom.grammar",
+        ),
+        (
+            chat(tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "any"}}),
+            "tool_choice.allowed_tools.mode: invalid value 'any'",
+        ),
+        (
             chat(response_format={"type": "json_schema"}),
             "response_format.json_schema.name: Field required",
         ),
@@ -294,3 +302,27 @@ async def test_openai_accepts_valid_metadata_formats_and_details(
     response = await client.post(OPENAI, json=body)
 
     assert response.status_code == 200, response.text
+
+
+async def test_openai_takes_custom_tools_and_allowed_tools(client: httpx.AsyncClient) -> None:
+    sql = {
+        "type": "custom",
+        "custom": {
+            "name": "run_sql",
+            "format": {"type": "grammar", "grammar": {"syntax": "regex", "definition": "S.*"}},
+        },
+    }
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    allowed = {"mode": "required", "tools": [{"type": "custom", "custom": {"name": "run_sql"}}]}
+    choices: list[Any] = [
+        {"type": "custom", "custom": {"name": "run_sql"}},
+        {"type": "allowed_tools", "allowed_tools": allowed},
+    ]
+
+    for choice in choices:
+        body = chat(tools=[weather, sql], tool_choice=choice)
+        completion = ChatCompletion.model_validate((await client.post(OPENAI, json=body)).json())
+
+        [call] = completion.choices[0].message.tool_calls or []
+        assert call.type == "custom"
+        assert (call.custom.name, call.custom.input) == ("run_sql", "")
