@@ -10,6 +10,7 @@ Anthropic with "<field>: Extra inputs are not permitted"; both are 400
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
@@ -42,6 +43,7 @@ OPENAI_METADATA_PAIRS = 16
 OPENAI_METADATA_KEY = 64
 OPENAI_METADATA_VALUE = 512
 OPENAI_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
+OPENAI_MAX_STOP = 4
 OPENAI_TIERS = frozenset({"auto", "default", "flex", "scale", "priority"})
 
 ANTHROPIC_BLOCK_FIELDS = {
@@ -83,10 +85,28 @@ SIGNATURE = "mock-signature"
 """The signature of the mock's thinking blocks: the only one it takes back."""
 
 
-def check_openai(body: dict[str, Any]) -> None:
-    """Refuse what ``POST /v1/chat/completions`` refuses."""
+@dataclass(frozen=True, slots=True)
+class ChatServer:
+    """Where servers of OpenAI's chat completions differ in what they take."""
+
+    fields: frozenset[str] | None
+    """The top-level fields taken; None: any, the unknown ones ignored."""
+    max_stop: int | None
+    """The most stop sequences taken; None: no limit."""
+    efforts: frozenset[str]
+
+
+OPENAI_API = ChatServer(OPENAI_CHAT_PARAMS, OPENAI_MAX_STOP, OPENAI_EFFORTS)
+VLLM = ChatServer(None, None, OPENAI_EFFORTS | {"max"})
+"""vLLM's OpenAI-compatible server: its request model takes (and ignores) fields it does not
+know, beside its own sampling parameters (``top_k``, ``min_p``, ...); ``stop`` is a list of
+any length (its ``SamplingParams.stop``); its ``reasoning_effort`` adds ``max``."""
+
+
+def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
+    """Refuse what ``POST /v1/chat/completions`` refuses, of OpenAI or of another ``server``."""
     for field in body:
-        if field not in OPENAI_CHAT_PARAMS:
+        if server.fields is not None and field not in server.fields:
             raise InvalidRequest(f"Unrecognized request argument supplied: {field}")
     _number(body, "temperature", 0, 2)
     _number(body, "top_p", 0, 1)
@@ -95,10 +115,11 @@ def check_openai(body: dict[str, Any]) -> None:
     _number(body, "top_logprobs", 0, 20)
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
         raise InvalidRequest("top_logprobs: logprobs must be true when top_logprobs is set")
-    _one_of(body, "reasoning_effort", OPENAI_EFFORTS)
+    _one_of(body, "reasoning_effort", server.efforts)
     _one_of(body, "service_tier", OPENAI_TIERS)
-    if isinstance(body.get("stop"), list) and len(body["stop"]) > 4:
-        raise InvalidRequest("stop: at most 4 sequences")
+    stop = body.get("stop")
+    if server.max_stop is not None and isinstance(stop, list) and len(stop) > server.max_stop:
+        raise InvalidRequest(f"stop: at most {server.max_stop} sequences")
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise InvalidRequest("max_tokens: set max_tokens or max_completion_tokens, not both")
     _openai_metadata(body.get("metadata"))

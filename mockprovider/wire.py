@@ -1,6 +1,7 @@
 """The providers' wire formats, as the mock speaks them.
 
-``OPENAI`` answers ``POST /v1/chat/completions`` and ``ANTHROPIC`` answers ``POST /v1/messages``.
+``OPENAI`` answers ``POST /v1/chat/completions`` and ``ANTHROPIC`` answers ``POST /v1/messages``;
+``VLLM_SERVER`` answers ``POST /vllm/v1/chat/completions`` as vLLM's OpenAI-compatible server.
 Each reads a request into a `Reply` (what the mock model says) and renders it as a JSON body,
 as server-sent events, or renders an error, in the provider's documented shape.
 
@@ -8,7 +9,8 @@ Replies are deterministic, so tests can predict them: the text is ``"mock reply 
 first 60 characters of the last user text (or tool result), cut at a stop sequence and at
 ``max_tokens`` words (a word counts as a token); prompt tokens are the characters of all message
 text / 4, rounded up. When the request offers tools and the user spoke last, the reply calls the
-first tool (or the one ``tool_choice`` names) with ``{}`` as arguments. The same conversation
+first tool (or the one ``tool_choice`` names, or the first it allows) with ``{}`` as
+arguments (a custom tool with no text). The same conversation
 gets the same reply and usage from both providers.
 
 Requests are checked strictly (``mockprovider.validation``). Usage reports what the request
@@ -40,12 +42,17 @@ import orjson
 
 from mockprovider.validation import (
     ANTHROPIC_THINKING_ON,
+    OPENAI_API,
     SIGNATURE,
+    VLLM,
     InvalidRequest,
     check_anthropic,
     check_openai,
 )
 
+VLLM_PREFIX = "/vllm"
+"""Where the mock is a vLLM server: an ``openai_compatible`` deployment's ``api_base`` is the
+mock's URL and this (``MockProvider.vllm_url``)."""
 REPLY_PREFIX = "mock reply to: "
 QUOTED_CHARS = 60
 WORDS_PER_CHUNK = 3
@@ -328,10 +335,11 @@ def _logprobs(body: dict[str, Any], field: str, text: str) -> dict[str, Any]:
 
 class OpenAIWire(Wire):
     path = "/v1/chat/completions"
+    server = OPENAI_API
 
     def reply(self, body: dict[str, Any], cache: PromptCache) -> Reply:
         reply = self._reply(body)
-        check_openai(body)
+        check_openai(body, self.server)
         messages = body["messages"]
         prefix = _estimate_tokens(*(m.get("content") for m in messages[:-1]))
         if prefix >= CACHE_MIN_TOKENS and cache.hit(messages[:-1]):
@@ -681,5 +689,13 @@ class AnthropicWire(Wire):
         ]
 
 
+class VLLMWire(OpenAIWire):
+    """vLLM's OpenAI-compatible server: OpenAI's wire, taking what vLLM takes (``VLLM``)."""
+
+    path = VLLM_PREFIX + OpenAIWire.path
+    server = VLLM
+
+
 OPENAI = OpenAIWire()
+VLLM_SERVER = VLLMWire()
 ANTHROPIC = AnthropicWire()

@@ -13,6 +13,7 @@ from anthropic.types import Message, message_create_params
 from openai.types.chat import ChatCompletion, completion_create_params
 
 from mockprovider import MockProvider
+from mockprovider.wire import VLLM_PREFIX as VLLM
 from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
 
 OPENAI = "/v1/chat/completions"
@@ -326,3 +327,21 @@ async def test_openai_takes_custom_tools_and_allowed_tools(client: httpx.AsyncCl
         [call] = completion.choices[0].message.tool_calls or []
         assert call.type == "custom"
         assert (call.custom.name, call.custom.input) == ("run_sql", "")
+
+
+async def test_openai_takes_four_stop_sequences_and_a_vllm_server_any_number(
+    client: httpx.AsyncClient,
+) -> None:
+    stops = ["#1", "#2", "#3", "#4", "llo"]
+
+    refused = await client.post(OPENAI, json=chat(stop=stops))
+    taken = await client.post(OPENAI, json=chat(stop=stops[1:]))
+    vllm = await client.post(VLLM + OPENAI, json=chat(stop=stops, top_k=40, min_p=0.1))
+
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "stop: at most 4 sequences"
+    assert taken.status_code == 200
+    # vLLM takes the list whole, and its own sampling parameters: it stops at "llo"
+    assert vllm.status_code == 200, vllm.text
+    answer = ChatCompletion.model_validate(vllm.json()).choices[0].message
+    assert answer.content == "mock reply to: he"
