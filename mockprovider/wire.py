@@ -113,6 +113,9 @@ class Reply:
     cache_ttl: str = "5m"
     reasoning: str = ""
     """Thinking text (Anthropic); empty when the request asked for none."""
+    reasoning_shown: bool = True
+    """Whether the thinking block carries its text: ``display: omitted`` leaves it out, the
+    signature (and the tokens billed) kept."""
     reasoning_tokens: int = 0
     refusal: str | None = None
     """The model refuses (``Behavior.refusal``): OpenAI's ``refusal`` instead of the text."""
@@ -554,7 +557,11 @@ class AnthropicWire(Wire):
             thought = THINKING_PREFIX + quoted
             limit = _positive_int(body, "max_tokens")
             assert limit is not None  # _reply refused the request without it
-            reply = replace(_reasoned(reply, len(thought.split()), limit), reasoning=thought)
+            reply = replace(
+                _reasoned(reply, len(thought.split()), limit),
+                reasoning=thought,
+                reasoning_shown=thinking.get("display") != "omitted",
+            )
         return reply
 
     def _cached(self, body: dict[str, Any], reply: Reply, cache: PromptCache) -> Reply:
@@ -620,7 +627,8 @@ class AnthropicWire(Wire):
         """The answer's blocks, laid out as ``reply.layout`` says."""
         blocks: list[dict[str, Any]] = []
         if reply.reasoning:
-            blocks.append({"type": "thinking", "thinking": reply.reasoning, "signature": SIGNATURE})
+            thought = reply.reasoning if reply.reasoning_shown else ""
+            blocks.append({"type": "thinking", "thinking": thought, "signature": SIGNATURE})
         if reply.tool is not None:
             blocks.append(
                 {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}

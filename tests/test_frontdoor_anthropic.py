@@ -200,6 +200,14 @@ async def test_adaptive_thinking_reaches_anthropic_as_sent_and_openai_as_its_def
             model="claude-haiku", max_tokens=2048, messages=HELLO, thinking=adaptive
         )
         sent_to_anthropic = door.gateway.mock.requests[-1].body
+        # and streamed, its thinking's text omitted
+        async with sdk.messages.stream(
+            model="claude-haiku",
+            max_tokens=2048,
+            messages=HELLO,
+            thinking={"type": "adaptive", "display": "omitted"},
+        ) as stream:
+            omitted = await stream.get_final_message()
         # and of a model an OpenAI-format deployment serves
         gpt = await sdk.messages.create(
             model="gpt-4o-mini", max_tokens=2048, messages=HELLO, thinking={"type": "adaptive"}
@@ -218,6 +226,10 @@ async def test_adaptive_thinking_reaches_anthropic_as_sent_and_openai_as_its_def
     # Expect Anthropic to get the thinking as sent, and its thinking back
     assert sent_to_anthropic is not None and sent_to_anthropic["thinking"] == adaptive
     assert [block.type for block in claude.content] == ["thinking", "text"]
+    thought = omitted.content[0]
+    assert thought.type == "thinking"
+    assert (thought.thinking, thought.signature) == ("", "mock-signature")
+    assert omitted.content[1].type == "text"
     # OpenAI no effort: its model decides as adaptive asks
     assert sent_to_openai is not None
     assert not {"thinking", "reasoning_effort"} & sent_to_openai.keys()

@@ -254,6 +254,25 @@ async def test_anthropic_thinks_when_asked(
     assert message.usage.output_tokens_details.thinking_tokens == 4  # "mock thinking about: hello"
 
 
+@pytest.mark.parametrize("kind", ["enabled", "adaptive"])
+async def test_anthropic_thinking_displayed_omitted_keeps_its_signature_and_tokens(
+    client: httpx.AsyncClient, kind: str
+) -> None:
+    thinking: dict[str, Any] = {"type": kind, "display": "omitted"}
+    if kind == "enabled":
+        thinking["budget_tokens"] = 1024
+
+    message = Message.model_validate(
+        (await client.post(ANTHROPIC, json=claude(thinking=thinking))).json()
+    )
+
+    block = message.content[0]
+    assert block.type == "thinking"
+    assert (block.thinking, block.signature) == ("", "mock-signature")
+    assert message.usage.output_tokens_details is not None
+    assert message.usage.output_tokens_details.thinking_tokens == 4
+
+
 async def test_openai_reports_cached_input_and_reasoning_tokens(
     client: httpx.AsyncClient,
 ) -> None:
