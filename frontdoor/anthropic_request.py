@@ -7,7 +7,7 @@ reads it as a canonical (OpenAI chat) request with
 ``queuegate.provider_formats.openai_request``, and makes it the team's job as an OpenAI
 request is made one (``frontdoor.chat_request.chat_job``: catalog, limits, job id, deadline).
 What Anthropic takes and the gateway cannot carry (documents by URL, file id or content
-blocks, server tools, adaptive thinking) is refused by name. ``count_tokens_job`` does the
+blocks, server tools) is refused by name. ``count_tokens_job`` does the
 same for a ``/v1/messages/count_tokens`` body, whose job is only counted. Any refusal:
 ``ApiError``.
 """
@@ -30,7 +30,7 @@ from frontdoor.chat_request import Limits, RequestOptions, chat_job
 from frontdoor.errors import ApiError
 from frontdoor.request_errors import deepest, describe, error_path, tagged_by
 from queuegate.messages import ChatJob
-from queuegate.openai_params import MIN_THINKING_BUDGET
+from queuegate.openai_params import MIN_THINKING_BUDGET, ThinkingDisplay
 from queuegate.provider_formats import (
     ANTHROPIC_COUNT_TOKENS_PARAMS,
     ANTHROPIC_MESSAGES_PARAMS,
@@ -193,10 +193,27 @@ class ToolChoiceNone(_Strict):
 class ThinkingEnabled(_Strict):
     type: Literal["enabled"]
     budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
+    display: ThinkingDisplay | None = None
 
 
 class ThinkingDisabled(_Strict):
     type: Literal["disabled"]
+
+
+class ThinkingAdaptive(_Strict):
+    type: Literal["adaptive"]
+    display: ThinkingDisplay | None = None
+
+
+class ThinkingBetweenTools(_Strict):
+    type: Literal["between_tools"]
+
+
+ThinkingConfig = Annotated[
+    ThinkingEnabled | ThinkingDisabled | ThinkingAdaptive | ThinkingBetweenTools,
+    Field(discriminator="type"),
+]
+"""Anthropic's ``ThinkingConfigParam``: every type its API takes."""
 
 
 class Metadata(_Strict):
@@ -218,9 +235,7 @@ class _Prompt(_Strict):
         ]
         | None
     ) = None
-    thinking: Annotated[ThinkingEnabled | ThinkingDisabled, Field(discriminator="type")] | None = (
-        None
-    )
+    thinking: ThinkingConfig | None = None
 
     @model_validator(mode="after")
     def _content_given(self) -> Self:

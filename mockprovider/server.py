@@ -1,6 +1,7 @@
 """The mock provider's HTTP/1.1 server: raw asyncio streams, keep-alive, no framework.
 
-Model endpoints: ``POST /v1/chat/completions`` (OpenAI) and ``POST /v1/messages`` (Anthropic).
+Model endpoints: ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` (Anthropic) and
+``POST /vllm/v1/chat/completions`` (a vLLM server).
 Control endpoints, for other processes: ``GET /_mock/stats`` (``?log=1`` adds the request
 log), ``POST /_mock/config`` (a JSON `MockConfig` replaces the behaviour), ``POST /_mock/reset``.
 Request bodies must come with ``Content-Length``; responses are written whole, streams
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 
 from mockprovider.config import Behavior, MockConfig
 from mockprovider.validation import InvalidRequest
-from mockprovider.wire import ANTHROPIC, OPENAI, PromptCache, Wire
+from mockprovider.wire import ANTHROPIC, OPENAI, VLLM_PREFIX, VLLM_SERVER, PromptCache, Wire
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,7 @@ class MockProvider:
         self._connections: set[asyncio.Task[None]] = set()
         self._routes: dict[tuple[str, str], Handler] = {
             ("POST", OPENAI.path): functools.partial(self._call, OPENAI),
+            ("POST", VLLM_SERVER.path): functools.partial(self._call, VLLM_SERVER),
             ("POST", ANTHROPIC.path): functools.partial(self._call, ANTHROPIC),
             ("GET", "/_mock/stats"): self._get_stats,
             ("POST", "/_mock/config"): self._post_config,
@@ -327,6 +329,13 @@ class MockProvider:
         if self._server is None:
             raise RuntimeError("the mock provider is not running; use `async with`")
         return f"http://{self._host}:{self._port}"
+
+    @property
+    def vllm_url(self) -> str:
+        """The ``api_base`` of an ``openai_compatible`` deployment: the mock as vLLM's
+        OpenAI-compatible server, which takes what OpenAI refuses (more than 4 ``stop``
+        sequences, its own sampling parameters)."""
+        return self.url + VLLM_PREFIX
 
     @property
     def config(self) -> MockConfig:

@@ -10,6 +10,7 @@ Anthropic with "<field>: Extra inputs are not permitted"; both are 400
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
@@ -32,12 +33,17 @@ OPENAI_PART_FIELDS = {
     "refusal": frozenset({"type", "refusal"}),
 }
 OPENAI_FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+OPENAI_CUSTOM_FIELDS = frozenset({"name", "description", "format"})
+OPENAI_CUSTOM_FORMATS = frozenset({"text", "grammar"})
+OPENAI_TOOL_MODES = frozenset({"none", "auto", "required"})
+OPENAI_TOOL_CHOICES = frozenset({"function", "custom", "allowed_tools"})
 OPENAI_DETAILS = frozenset({"auto", "low", "high"})
 OPENAI_RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 OPENAI_METADATA_PAIRS = 16
 OPENAI_METADATA_KEY = 64
 OPENAI_METADATA_VALUE = 512
 OPENAI_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
+OPENAI_MAX_STOP = 4
 OPENAI_TIERS = frozenset({"auto", "default", "flex", "scale", "priority"})
 
 ANTHROPIC_BLOCK_FIELDS = {
@@ -64,14 +70,43 @@ ANTHROPIC_TOOL_FIELDS = frozenset(
 )
 ANTHROPIC_TIERS = frozenset({"auto", "standard_only"})
 ANTHROPIC_MIN_THINKING = 1024
+ANTHROPIC_THINKING = {
+    "enabled": frozenset({"type", "budget_tokens", "display"}),
+    "disabled": frozenset({"type"}),
+    "adaptive": frozenset({"type", "display"}),
+    "between_tools": frozenset({"type"}),
+}
+"""Anthropic's ``thinking`` types and the fields of each (the anthropic SDK's
+``ThinkingConfigParam``)."""
+ANTHROPIC_THINKING_ON = ("enabled", "adaptive")
+"""The types under which the model thinks, and the rules for thinking hold."""
+ANTHROPIC_DISPLAYS = ("summarized", "omitted")
 SIGNATURE = "mock-signature"
 """The signature of the mock's thinking blocks: the only one it takes back."""
 
 
-def check_openai(body: dict[str, Any]) -> None:
-    """Refuse what ``POST /v1/chat/completions`` refuses."""
+@dataclass(frozen=True, slots=True)
+class ChatServer:
+    """Where servers of OpenAI's chat completions differ in what they take."""
+
+    fields: frozenset[str] | None
+    """The top-level fields taken; None: any, the unknown ones ignored."""
+    max_stop: int | None
+    """The most stop sequences taken; None: no limit."""
+    efforts: frozenset[str]
+
+
+OPENAI_API = ChatServer(OPENAI_CHAT_PARAMS, OPENAI_MAX_STOP, OPENAI_EFFORTS)
+VLLM = ChatServer(None, None, OPENAI_EFFORTS | {"max"})
+"""vLLM's OpenAI-compatible server: its request model takes (and ignores) fields it does not
+know, beside its own sampling parameters (``top_k``, ``min_p``, ...); ``stop`` is a list of
+any length (its ``SamplingParams.stop``); its ``reasoning_effort`` adds ``max``."""
+
+
+def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
+    """Refuse what ``POST /v1/chat/completions`` refuses, of OpenAI or of another ``server``."""
     for field in body:
-        if field not in OPENAI_CHAT_PARAMS:
+        if server.fields is not None and field not in server.fields:
             raise InvalidRequest(f"Unrecognized request argument supplied: {field}")
     _number(body, "temperature", 0, 2)
     _number(body, "top_p", 0, 1)
@@ -80,10 +115,11 @@ def check_openai(body: dict[str, Any]) -> None:
     _number(body, "top_logprobs", 0, 20)
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
         raise InvalidRequest("top_logprobs: logprobs must be true when top_logprobs is set")
-    _one_of(body, "reasoning_effort", OPENAI_EFFORTS)
+    _one_of(body, "reasoning_effort", server.efforts)
     _one_of(body, "service_tier", OPENAI_TIERS)
-    if isinstance(body.get("stop"), list) and len(body["stop"]) > 4:
-        raise InvalidRequest("stop: at most 4 sequences")
+    stop = body.get("stop")
+    if server.max_stop is not None and isinstance(stop, list) and len(stop) > server.max_stop:
+        raise InvalidRequest(f"stop: at most {server.max_stop} sequences")
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise InvalidRequest("max_tokens: set max_tokens or max_completion_tokens, not both")
     _openai_metadata(body.get("metadata"))
@@ -109,6 +145,37 @@ def check_openai(body: dict[str, Any]) -> None:
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict):
             _fields(function, OPENAI_FUNCTION_FIELDS, f"tools[{i}].function", _openai_unknown)
+        custom = tool.get("custom") if isinstance(tool, dict) else None
+        if isinstance(custom, dict):
+            _openai_custom(custom, f"tools[{i}].custom")
+    _openai_tool_choice(body.get("tool_choice"))
+
+
+def _openai_custom(custom: dict[str, Any], where: str) -> None:
+    """A custom tool: free text, or text a grammar (Lark or a regex) constrains."""
+    _fields(custom, OPENAI_CUSTOM_FIELDS, where, _openai_unknown)
+    form = custom.get("format") or {"type": "text"}
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind not in OPENAI_CUSTOM_FORMATS:
+        raise InvalidRequest(f"{where}.format.type: invalid value {kind!r}")
+    if kind == "grammar":
+        grammar = form.get("grammar")
+        if not isinstance(grammar, dict) or grammar.get("syntax") not in ("lark", "regex"):
+            raise InvalidRequest(f"{where}.format.grammar.syntax: expected 'lark' or 'regex'")
+
+
+def _openai_tool_choice(choice: Any) -> None:
+    """A mode, a function or custom tool by name, or the tools allowed (``allowed_tools``)."""
+    if choice is None or (isinstance(choice, str) and choice in OPENAI_TOOL_MODES):
+        return
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in OPENAI_TOOL_CHOICES:
+        raise InvalidRequest(f"tool_choice: invalid value {choice!r:.60}")
+    if kind == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        mode = allowed.get("mode") if isinstance(allowed, dict) else None
+        if mode not in ("auto", "required"):
+            raise InvalidRequest(f"tool_choice.allowed_tools.mode: invalid value {mode!r}")
 
 
 def _openai_metadata(metadata: Any) -> None:
@@ -204,17 +271,22 @@ def _thinking(body: dict[str, Any]) -> None:
     thinking = body.get("thinking")
     if thinking is None:
         return
-    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
-        raise InvalidRequest("thinking.type: Input should be 'enabled' or 'disabled'")
-    if thinking["type"] == "disabled":
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ANTHROPIC_THINKING:
+        raise InvalidRequest(f"thinking.type: Input should be {_either(ANTHROPIC_THINKING)}")
+    _fields(thinking, ANTHROPIC_THINKING[kind], "thinking", _extra)
+    if thinking.get("display") not in (None, *ANTHROPIC_DISPLAYS):
+        raise InvalidRequest(f"thinking.display: Input should be {_either(ANTHROPIC_DISPLAYS)}")
+    if kind not in ANTHROPIC_THINKING_ON:
         return
-    budget = thinking.get("budget_tokens")
-    if not isinstance(budget, int) or budget < ANTHROPIC_MIN_THINKING:
-        raise InvalidRequest(
-            "thinking.budget_tokens: Input should be greater than or equal to 1024"
-        )
-    if not budget < body.get("max_tokens", 0):
-        raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < ANTHROPIC_MIN_THINKING:
+            raise InvalidRequest(
+                "thinking.budget_tokens: Input should be greater than or equal to 1024"
+            )
+        if not budget < body.get("max_tokens", 0):
+            raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`")
     if body.get("temperature", 1) != 1:
         raise InvalidRequest("`temperature` may only be set to 1 when thinking is enabled")
     if body.get("top_k") is not None:
@@ -304,6 +376,12 @@ def _fields(obj: Any, allowed: Iterable[str], where: str, refusal: Any) -> None:
     for field in obj:
         if field not in allowed:
             raise InvalidRequest(refusal(f"{where}.{field}"))
+
+
+def _either(values: Iterable[str]) -> str:
+    """``'a', 'b' or 'c'``, as Anthropic lists the values a field takes."""
+    quoted = [f"'{value}'" for value in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def _openai_unknown(field: str) -> str:

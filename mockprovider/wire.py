@@ -1,6 +1,7 @@
 """The providers' wire formats, as the mock speaks them.
 
-``OPENAI`` answers ``POST /v1/chat/completions`` and ``ANTHROPIC`` answers ``POST /v1/messages``.
+``OPENAI`` answers ``POST /v1/chat/completions`` and ``ANTHROPIC`` answers ``POST /v1/messages``;
+``VLLM_SERVER`` answers ``POST /vllm/v1/chat/completions`` as vLLM's OpenAI-compatible server.
 Each reads a request into a `Reply` (what the mock model says) and renders it as a JSON body,
 as server-sent events, or renders an error, in the provider's documented shape.
 
@@ -8,7 +9,8 @@ Replies are deterministic, so tests can predict them: the text is ``"mock reply 
 first 60 characters of the last user text (or tool result), cut at a stop sequence and at
 ``max_tokens`` words (a word counts as a token); prompt tokens are the characters of all message
 text / 4, rounded up. When the request offers tools and the user spoke last, the reply calls the
-first tool (or the one ``tool_choice`` names) with ``{}`` as arguments. The same conversation
+first tool (or the one ``tool_choice`` names, or the first it allows) with ``{}`` as
+arguments (a custom tool with no text). The same conversation
 gets the same reply and usage from both providers.
 
 Requests are checked strictly (``mockprovider.validation``). Usage reports what the request
@@ -38,14 +40,32 @@ from typing import Any, Literal
 
 import orjson
 
-from mockprovider.validation import SIGNATURE, InvalidRequest, check_anthropic, check_openai
+from mockprovider.validation import (
+    ANTHROPIC_THINKING_ON,
+    OPENAI_API,
+    SIGNATURE,
+    VLLM,
+    InvalidRequest,
+    check_anthropic,
+    check_openai,
+)
 
+VLLM_PREFIX = "/vllm"
+"""Where the mock is a vLLM server: an ``openai_compatible`` deployment's ``api_base`` is the
+mock's URL and this (``MockProvider.vllm_url``)."""
 REPLY_PREFIX = "mock reply to: "
 QUOTED_CHARS = 60
 WORDS_PER_CHUNK = 3
 """Streamed replies arrive in deltas of this many words."""
 
 Finish = Literal["end", "stop_sequence", "length", "tool_use"]
+ToolType = Literal["function", "custom"]
+TOOL_INPUT: dict[ToolType, tuple[str, str]] = {
+    "function": ("arguments", "{}"),
+    "custom": ("input", ""),
+}
+"""The field of an OpenAI tool call holding what the mock calls a tool with, and what it is:
+a function with no arguments, a custom tool with no text."""
 CACHE_MIN_TOKENS = 1024
 """The shortest prefix either provider caches (shorter ones are sent uncached, no error)."""
 THINKING_PREFIX = "mock thinking about: "
@@ -93,11 +113,16 @@ class Reply:
     cache_ttl: str = "5m"
     reasoning: str = ""
     """Thinking text (Anthropic); empty when the request asked for none."""
+    reasoning_shown: bool = True
+    """Whether the thinking block carries its text: ``display: omitted`` leaves it out, the
+    signature (and the tokens billed) kept."""
     reasoning_tokens: int = 0
     refusal: str | None = None
     """The model refuses (``Behavior.refusal``): OpenAI's ``refusal`` instead of the text."""
     layout: Literal["plain", "split", "tool_first"] = "plain"
     """How an Anthropic answer lays out its blocks (``mockprovider.config.Behavior.layout``)."""
+    tool_type: ToolType = "function"
+    """What the tool called is (OpenAI's): a function, or a custom tool taking free text."""
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -194,9 +219,29 @@ def _reasoned(reply: Reply, thought: int, limit: int | None) -> Reply:
     return replace(reply, reasoning_tokens=thought, output_tokens=reply.output_tokens + thought)
 
 
-def _tool_reply(name: str, input_tokens: int) -> Reply:
-    # Output tokens of a call follow the same characters / 4 rule as prompts: name plus "{}".
-    return Reply("", "tool_use", None, name, input_tokens, -(-(len(name) + 2) // 4))
+def _tool_reply(name: str, input_tokens: int, kind: ToolType = "function") -> Reply:
+    # Output tokens of a call follow the same characters / 4 rule as prompts: its name and
+    # input ("{}" for Anthropic's tools and OpenAI's functions).
+    chars = len(name) + len(TOOL_INPUT[kind][1])
+    return Reply("", "tool_use", None, name, input_tokens, -(-chars // 4), tool_type=kind)
+
+
+def _openai_tool(tools: list[Any], choice: object) -> tuple[str, ToolType]:
+    """The name and type of the OpenAI tool the mock calls: the one ``tool_choice`` names, the
+    first ``allowed_tools`` allows, else the first offered. Tools, named choices and the
+    allowed ones alike hold their name under their type: ``{"type": "custom", "custom":
+    {"name": ...}}``."""
+    tool: object = tools[0]
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        listed = allowed.get("tools") if isinstance(allowed, dict) else None
+        tool = listed[0] if isinstance(listed, list) and listed else None
+    elif isinstance(choice, dict):
+        tool = choice
+    if not isinstance(tool, dict) or tool.get("type") not in TOOL_INPUT:
+        raise InvalidRequest("tools: every tool needs a type, 'function' or 'custom'")
+    kind: ToolType = tool["type"]
+    return _tool_name(tool.get(kind)), kind
 
 
 def _pieces(text: str) -> list[str]:
@@ -293,10 +338,11 @@ def _logprobs(body: dict[str, Any], field: str, text: str) -> dict[str, Any]:
 
 class OpenAIWire(Wire):
     path = "/v1/chat/completions"
+    server = OPENAI_API
 
     def reply(self, body: dict[str, Any], cache: PromptCache) -> Reply:
         reply = self._reply(body)
-        check_openai(body)
+        check_openai(body, self.server)
         messages = body["messages"]
         prefix = _estimate_tokens(*(m.get("content") for m in messages[:-1]))
         if prefix >= CACHE_MIN_TOKENS and cache.hit(messages[:-1]):
@@ -318,10 +364,8 @@ class OpenAIWire(Wire):
         input_tokens = _estimate_tokens(*(m.get("content") for m in messages))
         tools, choice = _tools(body), body.get("tool_choice")
         if tools and messages[-1].get("role") == "user" and choice != "none":
-            # A tool_choice object forces one function; it has the same shape as a tool.
-            tool = choice if isinstance(choice, dict) else tools[0]
-            function = tool.get("function") if isinstance(tool, dict) else None
-            return _tool_reply(_tool_name(function), input_tokens)
+            name, kind = _openai_tool(tools, choice)
+            return _tool_reply(name, input_tokens, kind)
         # Tool results quote like user text, as in Anthropic's format where they are user turns:
         # the same conversation gets the same reply from both providers.
         user_text = _last_text(messages, ("user", "tool"))
@@ -354,9 +398,10 @@ class OpenAIWire(Wire):
         message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
         message[field] = said
         if reply.tool is not None:
-            call = {"name": reply.tool, "arguments": "{}"}
+            kind, (field, value) = reply.tool_type, TOOL_INPUT[reply.tool_type]
+            call = {"id": _new_id("call_"), "type": kind, kind: {"name": reply.tool, field: value}}
             message["content"] = None
-            message["tool_calls"] = [{"id": _new_id("call_"), "type": "function", "function": call}]
+            message["tool_calls"] = [call]
         logprobs = _logprobs(body, field, said) if body.get("logprobs") is True else None
         choices = [
             {
@@ -393,11 +438,15 @@ class OpenAIWire(Wire):
             opening[field] = "" if reply.tool is None else None
             yield chunk(index, opening)
         if reply.tool is not None:
+            # The chunk schema documents function calls only; a custom call streams the same
+            # way under its own type, its input as a function's arguments.
+            kind, (field, value) = reply.tool_type, TOOL_INPUT[reply.tool_type]
             for index in choices:
-                start = {"name": reply.tool, "arguments": ""}
-                call = {"index": 0, "id": _new_id("call_"), "type": "function", "function": start}
+                start = {"name": reply.tool, field: ""}
+                call = {"index": 0, "id": _new_id("call_"), "type": kind, kind: start}
                 yield chunk(index, {"tool_calls": [call]})
-                yield chunk(index, {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
+                if value:
+                    yield chunk(index, {"tool_calls": [{"index": 0, kind: {field: value}}]})
         for piece in _pieces(said):
             for index in choices:
                 yield chunk(index, {field: piece})
@@ -502,12 +551,17 @@ class AnthropicWire(Wire):
         check_anthropic(body)
         reply = self._cached(body, reply, cache)
         thinking = body.get("thinking")
-        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        # Adaptive thinking leaves it to the model whether to think: the mock always does.
+        if isinstance(thinking, dict) and thinking.get("type") in ANTHROPIC_THINKING_ON:
             quoted = _last_text(body["messages"], ("user",))[:QUOTED_CHARS]
             thought = THINKING_PREFIX + quoted
             limit = _positive_int(body, "max_tokens")
             assert limit is not None  # _reply refused the request without it
-            reply = replace(_reasoned(reply, len(thought.split()), limit), reasoning=thought)
+            reply = replace(
+                _reasoned(reply, len(thought.split()), limit),
+                reasoning=thought,
+                reasoning_shown=thinking.get("display") != "omitted",
+            )
         return reply
 
     def _cached(self, body: dict[str, Any], reply: Reply, cache: PromptCache) -> Reply:
@@ -573,7 +627,8 @@ class AnthropicWire(Wire):
         """The answer's blocks, laid out as ``reply.layout`` says."""
         blocks: list[dict[str, Any]] = []
         if reply.reasoning:
-            blocks.append({"type": "thinking", "thinking": reply.reasoning, "signature": SIGNATURE})
+            thought = reply.reasoning if reply.reasoning_shown else ""
+            blocks.append({"type": "thinking", "thinking": thought, "signature": SIGNATURE})
         if reply.tool is not None:
             blocks.append(
                 {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
@@ -642,5 +697,13 @@ class AnthropicWire(Wire):
         ]
 
 
+class VLLMWire(OpenAIWire):
+    """vLLM's OpenAI-compatible server: OpenAI's wire, taking what vLLM takes (``VLLM``)."""
+
+    path = VLLM_PREFIX + OpenAIWire.path
+    server = VLLM
+
+
 OPENAI = OpenAIWire()
+VLLM_SERVER = VLLMWire()
 ANTHROPIC = AnthropicWire()

@@ -193,20 +193,45 @@ class WebSearchOptions(OpenAIObject):
     user_location: UserLocation | None = None
 
 
+ThinkingDisplay = Literal["summarized", "omitted"]
+"""How Anthropic shows thinking in its answer: summarized, or its text left out (the
+signature kept)."""
+
+
 class ThinkingEnabled(OpenAIObject):
     type: Literal["enabled"]
     budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
+    display: ThinkingDisplay | None = None
 
 
 class ThinkingDisabled(OpenAIObject):
     type: Literal["disabled"]
 
 
+class ThinkingAdaptive(OpenAIObject):
+    """The model decides whether and how much to think: no budget."""
+
+    type: Literal["adaptive"]
+    display: ThinkingDisplay | None = None
+
+
+class ThinkingBetweenTools(OpenAIObject):
+    """Thinking off, the short updates a model writes between tool calls kept as thinking."""
+
+    type: Literal["between_tools"]
+
+
 Thinking = Annotated[
     Annotated[ThinkingEnabled, Tag("enabled thinking")]
-    | Annotated[ThinkingDisabled, Tag("disabled thinking")],
+    | Annotated[ThinkingDisabled, Tag("disabled thinking")]
+    | Annotated[ThinkingAdaptive, Tag("adaptive thinking")]
+    | Annotated[ThinkingBetweenTools, Tag("between_tools thinking")],
     Discriminator(tagged_by("type", "thinking")),
 ]
+"""Anthropic's ``thinking`` as its API types it (the anthropic SDK's ``ThinkingConfigParam``)."""
+THINKING_ON = frozenset({"enabled", "adaptive"})
+"""The ``thinking.type`` values under which the model thinks, and Anthropic's rules for
+thinking (temperature 1, no top_k, no forced tool) hold."""
 
 
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -329,11 +354,13 @@ __all__ = [
     "MAX_CHOICES",
     "MAX_STOP",
     "MIN_THINKING_BUDGET",
+    "THINKING_ON",
     "JobParams",
     "OpenAIObject",
     "OpenAIParams",
     "ParamError",
     "TextPart",
+    "ThinkingDisplay",
     "check_params",
     "refused_param",
     "too_many_stops",

@@ -47,6 +47,13 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"prompt_cache_retention": "1y"}, "prompt_cache_retention"),
     ({"thinking": {"type": "enabled", "budget_tokens": "2000"}}, "thinking.budget_tokens"),
     ({"thinking": {"type": "on"}}, "thinking.type"),
+    ({"thinking": {"type": "adaptive", "display": "full"}}, "thinking.display"),
+    ({"tools": [{"type": "custom", "custom": {"name": ""}}]}, "tools.0.custom.name"),
+    ({"tool_choice": {"type": "custom", "custom": {}}}, "tool_choice.custom.name"),
+    (
+        {"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "any", "tools": []}}},
+        "tool_choice.allowed_tools.mode",
+    ),
     ({"top_k": "5"}, "top_k"),
     (_tool(input_examples="x"), "tools.0.function.input_examples"),
     (
@@ -75,7 +82,9 @@ ENUMS = {
     "service_tier": "'auto', 'default', 'flex', 'scale', 'priority', 'fast' or 'standard_only'",
     "prompt_cache_retention": "'in_memory' or '24h'",
     "web_search_options.search_context_size": "'low', 'medium' or 'high'",
-    "thinking.type": "'enabled', 'disabled'",
+    "thinking.type": "'enabled', 'disabled', 'adaptive', 'between_tools'",
+    "thinking.display": "'summarized' or 'omitted'",
+    "tool_choice.allowed_tools.mode": "'auto' or 'required'",
     "web_search_options.user_location.type": "'approximate'",
 }
 """The values each refusal of a name lists as accepted."""

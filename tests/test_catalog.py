@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mockprovider.wire import VLLM_PREFIX
 from queuegate.errors import ConfigError, UnknownModel
 from router import Catalog, load_catalog
 
@@ -61,7 +62,11 @@ def test_bundled_mock_catalog_points_every_deployment_at_the_mock() -> None:
 
     assert {"gpt-4o-mini", "claude-haiku", "local-llama", "flaky-gpt"} <= catalog.models.keys()
     deployments = [d for entry in catalog.models.values() for d in entry.deployments]
-    assert {d.api_base for d in deployments} == {"http://127.0.0.1:8089"}
+    # (the vLLM deployment at the path where the mock answers as vLLM's server)
+    assert {d.api_base for d in deployments} == {
+        "http://127.0.0.1:8089",
+        "http://127.0.0.1:8089" + VLLM_PREFIX,
+    }
     kinds = {alias: catalog.resolve(alias).deployments[0] for alias in catalog.models}
     assert (kinds["gpt-4o-mini"].provider, kinds["gpt-4o-mini"].model) == ("openai", "gpt-4o-mini")
     assert (kinds["claude-haiku"].provider, kinds["claude-haiku"].model) == (

@@ -190,6 +190,54 @@ async def test_thinking_comes_back_as_a_thinking_block_streamed_or_not(door: Doo
     assert follow_up.content[-1].text == "mock reply to: And then?"
 
 
+async def test_adaptive_thinking_reaches_anthropic_as_sent_and_openai_as_its_default_effort(
+    door: Door,
+) -> None:
+    adaptive = {"type": "adaptive", "display": "summarized"}
+    async with client(door) as sdk:
+        # When a caller lets the model decide how much to think, of a Claude model
+        claude = await sdk.messages.create(
+            model="claude-haiku", max_tokens=2048, messages=HELLO, thinking=adaptive
+        )
+        sent_to_anthropic = door.gateway.mock.requests[-1].body
+        # and streamed, its thinking's text omitted
+        async with sdk.messages.stream(
+            model="claude-haiku",
+            max_tokens=2048,
+            messages=HELLO,
+            thinking={"type": "adaptive", "display": "omitted"},
+        ) as stream:
+            omitted = await stream.get_final_message()
+        # and of a model an OpenAI-format deployment serves
+        gpt = await sdk.messages.create(
+            model="gpt-4o-mini", max_tokens=2048, messages=HELLO, thinking={"type": "adaptive"}
+        )
+        sent_to_openai = door.gateway.mock.requests[-1].body
+        # and with a temperature, which Anthropic's rules for thinking forbid
+        with pytest.raises(anthropic.BadRequestError) as hot:
+            await sdk.messages.create(
+                model="claude-haiku",
+                max_tokens=2048,
+                messages=HELLO,
+                thinking=adaptive,
+                extra_body={"temperature": 0.2},  # the SDK's types leave sampling out
+            )
+
+    # Expect Anthropic to get the thinking as sent, and its thinking back
+    assert sent_to_anthropic is not None and sent_to_anthropic["thinking"] == adaptive
+    assert [block.type for block in claude.content] == ["thinking", "text"]
+    thought = omitted.content[0]
+    assert thought.type == "thinking"
+    assert (thought.thinking, thought.signature) == ("", "mock-signature")
+    assert omitted.content[1].type == "text"
+    # OpenAI no effort: its model decides as adaptive asks
+    assert sent_to_openai is not None
+    assert not {"thinking", "reasoning_effort"} & sent_to_openai.keys()
+    assert gpt.content[0].type == "text"
+    assert gpt.content[0].text == "mock reply to: Hello there"
+    assert "temperature" in hot.value.message
+
+
 async def test_a_bad_key_is_an_authentication_error(door: Door) -> None:
     async with client(door, api_key="qg-not-a-key") as sdk:
         with pytest.raises(anthropic.AuthenticationError) as refused:

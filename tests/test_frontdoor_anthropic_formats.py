@@ -191,6 +191,27 @@ def test_document_options_reach_anthropic_and_are_refused_by_openai() -> None:
 
 
 @pytest.mark.parametrize(
+    "thinking",
+    [
+        {"type": "adaptive"},
+        {"type": "adaptive", "display": "omitted"},
+        {"type": "enabled", "budget_tokens": 1024, "display": "summarized"},
+        {"type": "disabled"},
+        {"type": "between_tools"},
+    ],
+)
+def test_every_thinking_anthropic_takes_is_carried_as_sent(thinking: dict[str, Any]) -> None:
+    # Given each thinking config of the anthropic SDK's ThinkingConfigParam
+    job = read(body(max_tokens=2048, thinking=thinking))
+
+    # Expect the job to carry it unchanged, for the Anthropic adapter to send on
+    assert job.params.model_extra is not None
+    assert job.params.model_extra["thinking"] == thinking
+    sent = AnthropicAdapter().build_request(job, "claude", "k")
+    assert sent.body["thinking"] == thinking
+
+
+@pytest.mark.parametrize(
     ("fields", "reason"),
     [
         ({"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
@@ -202,7 +223,12 @@ def test_document_options_reach_anthropic_and_are_refused_by_openai() -> None:
         ({"metadata": {"user_id": "u", "team": "x"}}, "metadata.team: Extra inputs are not"),
         ({"stop_sequences": "END"}, "stop_sequences: Input should be a valid list"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name: Field required"),
-        ({"thinking": {"type": "adaptive"}}, "thinking.type: 'adaptive' is not supported"),
+        (
+            {"thinking": {"type": "adaptive", "budget_tokens": 1024}},
+            "thinking.budget_tokens: Extra inputs are not permitted",
+        ),
+        ({"thinking": {"type": "adaptive", "display": "full"}}, "thinking.display: Input should"),
+        ({"thinking": {"type": "sometimes"}}, "thinking.type: 'sometimes' is not supported"),
         (
             {"thinking": {"type": "enabled", "budget_tokens": 2048}},
             "`max_tokens` must be greater than `thinking.budget_tokens`",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import openai
 import pytest
 from anthropic import AsyncAnthropic
 from anthropic.types import MessageParam
@@ -123,3 +124,26 @@ async def test_every_answer_names_the_model_the_provider_served(door: Door, alia
     assert {chunk.model for chunk in chunks} == {served}
     assert message.model == start.message.model == final.model == served
     assert raw.headers["x-queuegate-model-used"] == alias
+
+
+async def test_more_than_four_stop_sequences_reach_a_vllm_server_and_openai_refuses_them(
+    door: Door,
+) -> None:
+    stops = ["never", "seen", "here", "at", "all", "story"]
+    async with door.client() as sdk:
+        # When a caller sends six stop sequences to a model a vLLM server serves
+        served = await sdk.chat.completions.create(
+            model="local-llama", max_tokens=50, stop=stops, messages=[dict(STORY[0])]
+        )
+        sent = door.gateway.mock.requests[-1].body
+        # and to one OpenAI serves
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=50, stop=stops, messages=[dict(STORY[0])]
+            )
+
+    # Expect vLLM, which takes a list of any length, to get them all and stop at the last
+    assert sent is not None and sent["stop"] == stops
+    assert served.choices[0].message.content == "mock reply to: Tell me a"
+    # and OpenAI's limit of 4 to be kept, naming the parameter
+    assert refused.value.param == "stop"

@@ -13,6 +13,7 @@ from anthropic.types import Message, message_create_params
 from openai.types.chat import ChatCompletion, completion_create_params
 
 from mockprovider import MockProvider
+from mockprovider.wire import VLLM_PREFIX as VLLM
 from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
 
 OPENAI = "/v1/chat/completions"
@@ -80,6 +81,14 @@ def test_the_field_lists_are_the_sdks() -> None:
             "metadata: at most 16 key-value pairs",
         ),
         (chat(response_format={"type": "yaml"}), "response_format.type: invalid value 'yaml'"),
+        (
+            chat(tools=[{"type": "custom", "custom": {"name": "sql", "grammar": "x"}}]),
+            "Unrecognized request argument supplied: tools[0].custom.grammar",
+        ),
+        (
+            chat(tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "any"}}),
+            "tool_choice.allowed_tools.mode: invalid value 'any'",
+        ),
         (
             chat(response_format={"type": "json_schema"}),
             "response_format.json_schema.name: Field required",
@@ -154,6 +163,22 @@ async def test_openai_refuses_unknown_fields_and_invalid_values(
             "`temperature` may only be set to 1 when thinking is enabled",
         ),
         (
+            claude(thinking={"type": "adaptive"}, top_k=5),
+            "`top_k` must be unset when thinking is enabled",
+        ),
+        (
+            claude(thinking={"type": "adaptive", "budget_tokens": 1024}),
+            "thinking.budget_tokens: Extra inputs are not permitted",
+        ),
+        (
+            claude(thinking={"type": "adaptive", "display": "full"}),
+            "thinking.display: Input should be 'summarized' or 'omitted'",
+        ),
+        (
+            claude(thinking={"type": "sometimes"}),
+            "thinking.type: Input should be 'enabled', 'disabled', 'adaptive' or 'between_tools'",
+        ),
+        (
             claude(tools=[{"name": "f", "input_schema": {"type": "object"}, "x": 1}]),
             "tools.0.x: Extra inputs are not permitted",
         ),
@@ -209,9 +234,16 @@ async def test_anthropic_reports_a_cache_write_then_reads(client: httpx.AsyncCli
     assert first.usage.input_tokens == second.usage.input_tokens  # the rest, uncached
 
 
-async def test_anthropic_thinks_when_asked(client: httpx.AsyncClient) -> None:
-    thinking = {"type": "enabled", "budget_tokens": 1024}
-
+@pytest.mark.parametrize(
+    "thinking",
+    [
+        {"type": "enabled", "budget_tokens": 1024, "display": "summarized"},
+        {"type": "adaptive"},
+    ],
+)
+async def test_anthropic_thinks_when_asked(
+    client: httpx.AsyncClient, thinking: dict[str, Any]
+) -> None:
     message = Message.model_validate(
         (await client.post(ANTHROPIC, json=claude(thinking=thinking))).json()
     )
@@ -220,6 +252,25 @@ async def test_anthropic_thinks_when_asked(client: httpx.AsyncClient) -> None:
     assert kinds == ["thinking", "text"]
     assert message.usage.output_tokens_details is not None
     assert message.usage.output_tokens_details.thinking_tokens == 4  # "mock thinking about: hello"
+
+
+@pytest.mark.parametrize("kind", ["enabled", "adaptive"])
+async def test_anthropic_thinking_displayed_omitted_keeps_its_signature_and_tokens(
+    client: httpx.AsyncClient, kind: str
+) -> None:
+    thinking: dict[str, Any] = {"type": kind, "display": "omitted"}
+    if kind == "enabled":
+        thinking["budget_tokens"] = 1024
+
+    message = Message.model_validate(
+        (await client.post(ANTHROPIC, json=claude(thinking=thinking))).json()
+    )
+
+    block = message.content[0]
+    assert block.type == "thinking"
+    assert (block.thinking, block.signature) == ("", "mock-signature")
+    assert message.usage.output_tokens_details is not None
+    assert message.usage.output_tokens_details.thinking_tokens == 4
 
 
 async def test_openai_reports_cached_input_and_reasoning_tokens(
@@ -271,3 +322,45 @@ async def test_openai_accepts_valid_metadata_formats_and_details(
     response = await client.post(OPENAI, json=body)
 
     assert response.status_code == 200, response.text
+
+
+async def test_openai_takes_custom_tools_and_allowed_tools(client: httpx.AsyncClient) -> None:
+    sql = {
+        "type": "custom",
+        "custom": {
+            "name": "run_sql",
+            "format": {"type": "grammar", "grammar": {"syntax": "regex", "definition": "S.*"}},
+        },
+    }
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    allowed = {"mode": "required", "tools": [{"type": "custom", "custom": {"name": "run_sql"}}]}
+    choices: list[Any] = [
+        {"type": "custom", "custom": {"name": "run_sql"}},
+        {"type": "allowed_tools", "allowed_tools": allowed},
+    ]
+
+    for choice in choices:
+        body = chat(tools=[weather, sql], tool_choice=choice)
+        completion = ChatCompletion.model_validate((await client.post(OPENAI, json=body)).json())
+
+        [call] = completion.choices[0].message.tool_calls or []
+        assert call.type == "custom"
+        assert (call.custom.name, call.custom.input) == ("run_sql", "")
+
+
+async def test_openai_takes_four_stop_sequences_and_a_vllm_server_any_number(
+    client: httpx.AsyncClient,
+) -> None:
+    stops = ["#1", "#2", "#3", "#4", "llo"]
+
+    refused = await client.post(OPENAI, json=chat(stop=stops))
+    taken = await client.post(OPENAI, json=chat(stop=stops[1:]))
+    vllm = await client.post(VLLM + OPENAI, json=chat(stop=stops, top_k=40, min_p=0.1))
+
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "stop: at most 4 sequences"
+    assert taken.status_code == 200
+    # vLLM takes the list whole, and its own sampling parameters: it stops at "llo"
+    assert vllm.status_code == 200, vllm.text
+    answer = ChatCompletion.model_validate(vllm.json()).choices[0].message
+    assert answer.content == "mock reply to: he"

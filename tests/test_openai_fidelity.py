@@ -7,6 +7,7 @@ Its refusal reaches an Anthropic-format caller (the ``anthropic`` SDK) as a refu
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from anthropic import AsyncAnthropic
@@ -161,3 +162,82 @@ async def test_an_anthropic_caller_is_told_an_openai_model_refused(settings: Set
         assert [(block.type, getattr(block, "text", None)) for block in message.content] == [
             ("text", REFUSAL)
         ]
+
+
+RUN_SQL = {
+    "type": "custom",
+    "custom": {
+        "name": "run_sql",
+        "description": "Runs one SELECT",
+        "format": {
+            "type": "grammar",
+            "grammar": {"syntax": "lark", "definition": 'start: "SELECT " /.+/'},
+        },
+    },
+}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def allowed(mode: str, *tools: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": list(tools)}}
+
+
+async def test_custom_tools_and_allowed_tools_reach_openai_unchanged_and_come_back(
+    door: Door,
+) -> None:
+    tools: Any = [WEATHER, RUN_SQL]
+    forced: Any = {"type": "custom", "custom": {"name": "run_sql"}}
+    only_sql: Any = allowed("required", {"type": "custom", "custom": {"name": "run_sql"}})
+    only_weather: Any = allowed("auto", {"type": "function", "function": {"name": "get_weather"}})
+    async with door.client() as sdk:
+        # When a caller forces its custom tool
+        whole = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=ASK, tools=tools, tool_choice=forced
+        )
+        sent = door.gateway.mock.requests[-1].body
+        # and allows only it, streamed, or only a function
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=ASK, tools=tools, tool_choice=only_sql, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        weather = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=ASK, tools=tools, tool_choice=only_weather
+        )
+        allowed_sent = door.gateway.mock.requests[-1].body
+        # and sends the custom call back with its result
+        [call] = whole.choices[0].message.tool_calls or []
+        history: Any = [
+            *ASK,
+            {"role": "assistant", "tool_calls": [call.to_dict()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "3 rows"},
+        ]
+        answer = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=history, tools=tools
+        )
+        sent_back = door.gateway.mock.requests[-1].body
+
+    # Expect OpenAI to get the tools and choices as sent, and its custom call back whole
+    assert sent is not None and allowed_sent is not None and sent_back is not None
+    assert (sent["tools"], sent["tool_choice"]) == (tools, forced)
+    assert allowed_sent["tool_choice"] == only_weather
+    assert call.to_dict() == {
+        "id": call.id,
+        "type": "custom",
+        "custom": {"name": "run_sql", "input": ""},
+    }
+    assert whole.choices[0].finish_reason == "tool_calls"
+    # streamed under its own type
+    streamed = [
+        part.to_dict()
+        for chunk in chunks
+        for choice in chunk.choices
+        for part in choice.delta.tool_calls or []
+    ]
+    assert [(part["type"], part["custom"]["name"]) for part in streamed] == [("custom", "run_sql")]
+    [function] = weather.choices[0].message.tool_calls or []
+    assert (function.type, function.to_dict()["function"]["name"]) == ("function", "get_weather")
+    assert sent_back["messages"][1]["tool_calls"] == [call.to_dict()]
+    assert answer.choices[0].message.content == "mock reply to: 3 rows"

@@ -326,6 +326,22 @@ async def test_redact_refuses_pii_in_an_id_it_cannot_rewrite(settings: Settings)
         assert gw.mock.stats.calls == 0
 
 
+async def test_redact_refuses_pii_in_a_custom_tool_name_it_cannot_rewrite(
+    settings: Settings,
+) -> None:
+    # Given alpha redacts
+    await _configure(settings, "redact")
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When PII sits in a custom tool's name, which its calls must repeat exactly
+        name = f"mail_{EMAIL}"
+        tools = [{"type": "custom", "custom": {"name": name}}]
+        result = await client.chat("gpt-4o-mini", [TOOL_TURNS[0]], tools=tools)
+        # Expect a clear refusal naming where, as for a function's name
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert "personal data (email) in a custom tool name cannot be" in result.error.message
+        assert gw.mock.stats.calls == 0
+
+
 async def test_a_large_prompt_is_redacted_by_the_helper_process_alike(settings: Settings) -> None:
     # Given alpha redacts, and a prompt well over the size scanned in the helper process
     await _configure(settings, "redact")

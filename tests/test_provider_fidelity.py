@@ -498,3 +498,46 @@ async def test_an_answer_sent_back_as_history_keeps_its_reasoning_out_of_the_req
     for call in mock.requests[1:]:
         assert call.body is not None
         assert "reasoning_content" not in str(call.body["messages"])
+
+
+def function_tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+async def test_a_streamed_custom_tool_call_is_assembled_under_its_own_type(
+    settings: Settings, mock: MockProvider
+) -> None:
+    custom = {"type": "custom", "custom": {"name": "run_sql", "format": {"type": "text"}}}
+    choice = {"type": "custom", "custom": {"name": "run_sql"}}
+    received: list[Delta] = []
+
+    async def sink(piece: Piece, model: str) -> None:
+        received.append(piece.delta)
+
+    job = chat("gpt", params={"tools": [custom], "tool_choice": choice}, stream=True)
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(job, on_delta=sink)
+
+    [call] = routed.response["choices"][0]["message"]["tool_calls"]
+    assert call == {"type": "custom", "custom": {"name": "run_sql", "input": ""}, "id": call["id"]}
+    assert routed.response["choices"][0]["finish_reason"] == "tool_calls"
+    assert [d["tool_calls"][0]["custom"]["name"] for d in received] == ["run_sql"]
+
+
+async def test_allowed_tools_reach_anthropic_as_the_tools_allowed_and_their_mode(
+    settings: Settings, mock: MockProvider
+) -> None:
+    allowed = {"mode": "required", "tools": [{"type": "function", "function": {"name": "clock"}}]}
+    params = {
+        "tools": [function_tool("weather"), function_tool("clock")],
+        "tool_choice": {"type": "allowed_tools", "allowed_tools": allowed},
+    }
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        routed = await router.complete(chat("claude", params=params))
+
+    [call] = mock.requests
+    assert call.body is not None
+    assert [tool["name"] for tool in call.body["tools"]] == ["clock"]
+    assert call.body["tool_choice"] == {"type": "any"}
+    [called] = routed.response["choices"][0]["message"]["tool_calls"]
+    assert called["function"]["name"] == "clock"

@@ -124,7 +124,7 @@ def mock_catalog(mock: MockProvider) -> Catalog:
     [
         ("gpt-4o-mini", "/v1/chat/completions", True),
         ("claude-haiku", "/v1/messages", True),
-        ("local-llama", "/v1/chat/completions", False),
+        ("local-llama", "/vllm/v1/chat/completions", False),
     ],
     ids=["openai", "anthropic", "openai_compatible"],
 )
@@ -164,6 +164,21 @@ async def test_each_provider_kind_serves_a_chat_completion(
     assert routed.latency_ms == attempt.latency_ms > 0
     [call] = mock.requests
     assert (call.path, call.model, call.had_key) == (path, expected.model, keyed)
+
+
+async def test_a_vllm_server_gets_every_stop_sequence_and_openai_at_most_four(
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    stops = ["#1", "#2", "#3", "#4", "#5", "there"]
+    async with open_router(mock_catalog, ENV, settings) as router:
+        routed = await router.complete(chat("local-llama", params={"stop": stops}))
+        with pytest.raises(InvalidRequest) as refused:
+            await router.complete(chat("gpt-4o-mini", params={"stop": stops}))
+
+    [call] = mock.requests
+    assert call.body is not None and call.body["stop"] == stops
+    assert routed.response["choices"][0]["message"]["content"] == "mock reply to: Hello"
+    assert refused.value.param == "stop"
 
 
 async def test_anthropic_deployment_gets_a_translated_request_and_answers_tool_calls(

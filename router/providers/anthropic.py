@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
-from queuegate.openai_params import MIN_THINKING_BUDGET
+from queuegate.openai_params import MIN_THINKING_BUDGET, THINKING_ON
 from queuegate.provider_formats import (
     ANTHROPIC_BODY,
     ANTHROPIC_EXAMPLES,
@@ -465,8 +465,9 @@ def _params(params: ChatParams, fidelity: Fidelity) -> dict[str, Any]:
         else:
             fidelity.unsupported("service_tier", f"tier {tier!r} does not exist")
     if params.tools:
-        out["tools"] = [_tool(tool) for tool in params.tools]
-        out["tool_choice"] = _tool_choice(params.tool_choice, extra.get("parallel_tool_calls"))
+        tools, choice = _allowed(params.tools, params.tool_choice)
+        out["tools"] = [_tool(tool) for tool in tools]
+        out["tool_choice"] = _tool_choice(choice, extra.get("parallel_tool_calls"))
     out.update({key: extra[key] for key in _NATIVE & extra.keys()})
     _thinking(params, extra, out, fidelity)
     return out
@@ -515,10 +516,10 @@ def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: F
         else:
             _budget(params, out, THINKING_BUDGETS[effort], fidelity)
     thinking = out.get("thinking")
-    if not (isinstance(thinking, dict) and thinking.get("type") == "enabled"):
+    if not (isinstance(thinking, dict) and thinking.get("type") in THINKING_ON):
         return
-    # Anthropic's rules for thinking: temperature 1 only, no top_k, top_p 0.95 or more, and
-    # the model must be free to think before any tool call.
+    # Anthropic's rules for thinking, adaptive thinking's too: temperature 1 only, no top_k,
+    # top_p 0.95 or more, and the model must be free to think before any tool call.
     if out.get("temperature", 1) != 1:
         fidelity.change("temperature", "must be 1 with thinking")
         del out["temperature"]
@@ -571,6 +572,26 @@ def _tool(tool: dict[str, Any]) -> Block:
     return out
 
 
+def _allowed(
+    tools: list[dict[str, Any]], choice: str | dict[str, Any] | None
+) -> tuple[list[dict[str, Any]], str | dict[str, Any] | None]:
+    """OpenAI's ``allowed_tools`` choice as the tools Anthropic is offered (those it allows)
+    and its mode (``auto`` or ``required``); any other choice as it is, with every tool."""
+    if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
+        return tools, choice
+    allowed = choice.get("allowed_tools") or {}
+    named = {_named(tool) for tool in allowed.get("tools") or []}
+    return [tool for tool in tools if _named(tool) in named], allowed.get("mode")
+
+
+def _named(tool: Any) -> tuple[Any, Any]:
+    """A tool (or a choice naming one) by its type and name: ``{"type": "function",
+    "function": {"name": ...}}``."""
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    said = tool.get(kind) if isinstance(tool, dict) and isinstance(kind, str) else None
+    return kind, said.get("name") if isinstance(said, dict) else None
+
+
 def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
     """auto/none keep their names, required is ``any``, a named function is ``tool``."""
     if choice is None or choice == "auto":
@@ -579,10 +600,11 @@ def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
         return {"type": "none"}
     elif choice == "required":
         out = {"type": "any"}
-    elif isinstance(choice, dict):
-        out = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        out = {"type": "tool", "name": _named(choice)[1]}
     else:
-        raise ProviderError("unsupported", f"tool_choice {choice!r}")
+        kind = choice.get("type") if isinstance(choice, dict) else choice
+        raise ProviderError("unsupported", f"tool_choice {str(kind)[:40]!r}")
     if parallel is False:
         out["disable_parallel_tool_use"] = True
     return out

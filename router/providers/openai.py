@@ -161,6 +161,9 @@ def _uncached(block: Any) -> Any:
 def _only_openai(body: dict[str, Any], fidelity: Fidelity) -> None:
     """Anthropic's own parameters mapped where OpenAI has them; the rest refused or dropped."""
     thinking = body.pop("thinking", None)
+    # A budget becomes an effort. Adaptive thinking leaves how much to think to the model, as
+    # a request without reasoning_effort does; disabled and between_tools (thinking off) ask
+    # for nothing; display has no place (OpenAI's answers never carry the reasoning text).
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         if "reasoning_effort" in body:
             fidelity.unsupported("thinking", "set together with reasoning_effort")
@@ -213,18 +216,22 @@ class _Choice:
         self.finish: str | None = None
 
     def add_call(self, part: dict[str, Any]) -> int:
-        """The tool call ``part`` adds to; the characters of arguments it brings."""
-        call = self.calls.setdefault(
-            as_int(part.get("index")), {"type": "function", "function": {"arguments": ""}}
-        )
+        """The tool call ``part`` adds to; the characters of arguments (or input) it brings.
+        A custom tool's call comes under its own type, as a whole answer has it."""
+        index = as_int(part.get("index"))
+        if index not in self.calls:
+            kind = "custom" if part.get("type") == "custom" else "function"
+            self.calls[index] = {"type": kind, kind: {_CALL_TEXT[kind]: ""}}
+        call = self.calls[index]
         if part.get("id"):
             call["id"] = part["id"]
-        function = part.get("function") or {}
-        if function.get("name"):
-            call["function"]["name"] = function["name"]
-        arguments = function.get("arguments") or ""
-        call["function"]["arguments"] += arguments
-        return len(arguments)
+        kind = call["type"]
+        said = part.get(kind) or {}
+        if said.get("name"):
+            call[kind]["name"] = said["name"]
+        text = said.get(_CALL_TEXT[kind]) or ""
+        call[kind][_CALL_TEXT[kind]] += text
+        return len(text)
 
     def add_logprobs(self, logprobs: dict[str, Any]) -> None:
         for field, entries in logprobs.items():
@@ -257,6 +264,8 @@ class _Choice:
 
 _TEXTS = ("content", "reasoning_content", "refusal")
 """The text fields of a delta, joined into the message's own."""
+_CALL_TEXT = {"function": "arguments", "custom": "input"}
+"""What a tool call of each type is called with, streamed in pieces."""
 
 
 class OpenAIStream:

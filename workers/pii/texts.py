@@ -39,6 +39,9 @@ name from the catalog; ``metadata`` stays with the job and its result)."""
 
 IDENTIFIERS = frozenset({"role", "type", "id", "tool_call_id"})
 """Keys whose values tie a request together rather than carry text."""
+TOOL_NAMES = {"function": "a function name", "custom": "a custom tool name"}
+"""The objects of OpenAI's tools, tool choices and tool calls whose ``name`` ties a call to
+its tool, and what such a name is called."""
 
 SIGNED: dict[Any, tuple[str, ...]] = {
     "thinking": ("thinking", "signature"),
@@ -134,8 +137,8 @@ def _structure(key: Any, parent: Any, block: dict[str, Any] | None) -> str | Non
     JSON string) is, when it is structure rather than text."""
     if key in IDENTIFIERS:
         return str(key)
-    if key == "name" and parent == "function":
-        return "a function name"
+    if key == "name" and parent in TOOL_NAMES:
+        return TOOL_NAMES[parent]
     if block is not None and key in SIGNED.get(block.get("type"), ()):
         return f"a {block['type']} block's {key}"
     return None
