@@ -71,11 +71,8 @@ class BudgetHeld(Exception):
     other jobs in flight: it waits for them to settle or lapse, then reserves again (refused
     only if the settled spend cannot take it then)."""
 
-    def __init__(self, ledgers: tuple[str, ...], ledger: str, message: str) -> None:
+    def __init__(self, ledger: str, message: str) -> None:
         super().__init__(message)
-        self.ledgers = ledgers
-        """The job's ledgers (``Budgets.ledgers``): the jobs waiting on the same ones wait in
-        one line."""
         self.ledger = ledger
         """The one whose reservations held it: a settle in it may let it in."""
 
@@ -167,7 +164,7 @@ class Budgets:
 
     def ledgers(self, team: str, model: str, config: TeamConfig) -> tuple[str, ...]:
         """The ledgers a job of ``model`` reserves in now (none when the team has neither
-        budget nor cap), as a reserve's BudgetHeld names them."""
+        budget nor cap): the jobs waiting for the same ones wait in one line."""
         models = [scope_model for scope_model, _ in budget_scopes(config, model)]
         return tuple(ledger_keys(self._keys, team, current_month(), models)[::2])
 
@@ -229,7 +226,6 @@ class Budgets:
             at = int(reply[1]) - 1
             scope_model, limit = scopes[at]
             raise BudgetHeld(
-                tuple(held.keys[::2]),
                 held.keys[2 * at],
                 f"team {held.team}'s {f'{scope_model} cap' if scope_model else 'budget'} "
                 f"(${plain_decimal(limit)}) is held by the reservations of its jobs in flight "

@@ -174,15 +174,19 @@ class Admission:
         self, job: ChatJob, deployment: Deployment, ahead: Ahead | None = None
     ) -> Estimate | None:
         """The job's estimate when admission has nothing to wait for between its claim and
-        its call to ``deployment``: no bucket of its team's, nor of the deployment's. None
-        otherwise, or when its estimate is refused (``admit`` refuses it in its turn).
-        ``ahead``: the job's, whose estimate is the same (made once, not twice)."""
+        its call to ``deployment``: no bucket of its team's, nor of the deployment's, nor
+        jobs waiting for its budget (a held-back reserve of ``ahead``'s stops its claim's round
+        trip before the call's record). None otherwise, or when its estimate is refused
+        (``admit`` refuses it in its turn). ``ahead``: the job's, whose estimate is the same
+        (made once, not twice)."""
         config = self.config(job.team)
         # The deployment's first: a lookup, where the team's limits are made anew.
         if self.deployment_limit(deployment) is not None or self._team_limits(job, config):
             return None
         if ahead is not None:
             return ahead.estimate
+        if self._budget_waited(self._budgets.ledgers(job.team, job.model, config)):
+            return None
         try:
             return estimate(job, self._catalog, config, self._settings.expected_output_tokens)
         except JobError:
@@ -191,6 +195,12 @@ class Admission:
     def line(self, limits: list[Limit]) -> Line:
         """Where this process's jobs wait their turn for the same buckets (see Ticket.take)."""
         return self._line_at(tuple(limit.key for limit in limits))
+
+    def _budget_waited(self, ledgers: tuple[str, ...]) -> bool:
+        """Whether jobs of this process wait for ``ledgers`` (``_wait_for_budget``): a job
+        reserving in them goes behind those, rather than take what they wait for."""
+        line = self._lines.get(ledgers)
+        return line is not None and line.locked()
 
     def _line_at(self, key: tuple[str, ...]) -> Line:
         """Where this process's jobs wait their turn for the same keys: buckets, or budget
@@ -336,12 +346,12 @@ class Admission:
         open reservations hold the budget it waits (``_wait_for_budget``), and ``then`` does
         not run."""
         ledgers = self._budgets.ledgers(job.team, job.model, config)
-        line = self._line_at(ledgers) if ledgers else None
-        if line is None or not line.locked():  # else jobs wait for this budget: behind them
+        if not self._budget_waited(ledgers):
             try:
                 return await self._reserve_once(job, config, ticket, held, then)
-            except BudgetHeld as exc:
-                line = self._line_at(exc.ledgers)
+            except BudgetHeld:
+                pass
+        line = self._line_at(ledgers)
         return await self._wait_for_budget(job, config, ticket, held, line), None
 
     async def _wait_for_budget(
@@ -443,7 +453,7 @@ class Admission:
         reserving = self._budgets.reserving(
             job.team, job.model, config, needed.cost_nano, job.job_id, deadline=job.deadline
         )
-        if reserving is None or self._line_at(tuple(reserving.held.keys[::2])).locked():
+        if reserving is None or self._budget_waited(tuple(reserving.held.keys[::2])):
             return None  # jobs wait for its budget already: it goes behind them (admit)
         limits = self._team_limits(job, config)
         first = self._first_take(limits, needed.tokens)
