@@ -235,12 +235,19 @@ async def test_a_job_held_back_by_reservations_past_its_deadline_is_answered_dea
 
         # When a job with a deadline 1.5 s away asks for it
         started = time.monotonic()
-        result = await client.chat(
-            "gpt-4o-mini", WORDS, fallbacks=[], deadline=timedelta(seconds=1.5)
+        waiting = await client.submit(
+            client.job("gpt-4o-mini", WORDS, fallbacks=[], deadline=timedelta(seconds=1.5))
         )
 
-    # Expect it answered deadline_exceeded at its deadline, not refused for its budget at
-    # once, nor called
+        # Expect a job arriving meanwhile to go behind it: neither reserved with its claim
+        # nor its first call recorded there, as it will wait too
+        newcomer = client.job("gpt-4o-mini", WORDS, fallbacks=[])
+        await wait_until(lambda: admission.ahead(newcomer) is None, timeout=1.4)
+        deployment = load_catalog(None, {}).models["gpt-4o-mini"].deployments[0]
+        assert admission.straight(newcomer, deployment) is None
+        # ... and the waiting job answered deadline_exceeded at its deadline, not refused for
+        # its budget at once, nor called
+        result = await waiting.result(timeout=10)
     assert result.error is not None and result.error.code == "deadline_exceeded"
     assert time.monotonic() - started >= 1.4
     assert gw.mock.stats.calls == 1
