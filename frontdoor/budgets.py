@@ -108,7 +108,9 @@ class BudgetGate:
 
     async def _ledgers(self, ledgers: tuple[str, str, tuple[str | None, ...]]) -> list[int]:
         team, month, models = ledgers
-        spent = await ledgers_in_force(self._client, self._keys, team, month, models)
+        # Settled spend, as a worker's reserve refuses on: a job the other jobs' open
+        # reservations keep out waits for them in a worker, it is not refused.
+        spent = await ledgers_in_force(self._client, self._keys, team, month, models, settled=True)
         # No ledger is not nothing spent: a worker's first reserve makes it from usage_log.
         return [
             to_nano(await month_spend(self._pool, team, month, model)) if nano is None else nano

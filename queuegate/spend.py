@@ -2,7 +2,8 @@
 
 Workers reserve and settle each job's cost in its team's ledger (``workers/admission``,
 ``lua/spend.lua``): ``base + open``, where ``base`` is what usage_log held at the last
-reconciliation and ``open`` the sum of one entry per job since. Accounting reconciles every
+reconciliation and ``open`` the sum of one entry per job since (``reserved`` the part of it
+still reservations, not yet settled). Accounting reconciles every
 budgeted team's ledger on a schedule::
 
     corrections = await reconcile(client, pool, keys, budgeted, month, token=token)
@@ -172,12 +173,16 @@ async def ledgers_in_force(
     team: str,
     month: str,
     models: Sequence[str | None],
+    *,
+    settled: bool = False,
 ) -> list[int | None]:
     """What each ledger (the team's, model None, or its ledger on a model) counts as spent and
     reserved now, nano-USD, as a worker's next reserve compares it with the limit: the
     lapsed entries it would reap left out (``ledger_spent`` counts them until a reserve reaps
-    them), at most as many as it reaps; None where Redis has no ledger. Read only."""
-    return await _in_force(client, ledger_keys(keys, team, month, models))
+    them), at most as many as it reaps; None where Redis has no ledger. ``settled``: the open
+    reservations left out too, as a reserve leaves them out of its refusal (a job they keep
+    out waits for them). Read only."""
+    return await _in_force(client, ledger_keys(keys, team, month, models), settled=settled)
 
 
 async def teams_in_force(
@@ -188,10 +193,13 @@ async def teams_in_force(
     return await _in_force(client, ledgers)
 
 
-async def _in_force(client: aioredis.Redis, ledgers: list[str]) -> list[int | None]:
+async def _in_force(
+    client: aioredis.Redis, ledgers: list[str], *, settled: bool = False
+) -> list[int | None]:
     if not ledgers:
         return []
-    reply = await client.register_script(lua_source("queuegate", "spent"))(keys=ledgers)
+    script = client.register_script(lua_source("queuegate", "spent"))
+    reply = await script(keys=ledgers, args=["settled" if settled else "all"])
     return [None if spent < 0 else int(spent) for spent in reply]
 
 
@@ -199,11 +207,12 @@ def exhausted(
     team: str, month: str, *, model: str, scope: tuple[str | None, Decimal], spent: int, needed: int
 ) -> BudgetExhausted:
     """The refusal of a job of ``model`` needing ``needed`` nano-USD of a scope (from
-    ``budget_scopes``) that has ``spent`` already."""
+    ``budget_scopes``) that has ``spent`` already (settled: the open reservations of jobs in
+    flight only hold a job back until they settle)."""
     scope_model, limit = scope
     what = f"its {model} cap" if scope_model else "its monthly budget"
     return BudgetExhausted(
-        f"team {team} has spent or reserved ${plain_decimal(from_nano(spent))} of {what} "
+        f"team {team} has spent ${plain_decimal(from_nano(spent))} of {what} "
         f"(${plain_decimal(limit)}) for {month}; this job needs about "
         f"${plain_decimal(from_nano(needed))}: raise the budget (queuegate teams set "
         f"{team} --budget ...) or wait for next month"

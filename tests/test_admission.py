@@ -183,6 +183,76 @@ async def test_jobs_asking_for_several_choices_never_overspend_a_budget(
     assert spent <= budget
 
 
+async def test_jobs_held_back_by_each_others_reservations_wait_for_them_and_are_all_served(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a budget worth 8 jobs' estimates of gpt-4o-mini asking for up to 4,000 tokens,
+    # and a provider answering each with 11 (a job really costs 1/300 of its estimate), slow
+    # enough that the worker's 32 jobs are in flight at once
+    estimate_usd = (13 * Decimal("0.15") + 4000 * Decimal("0.60")) / 1_000_000
+    budget = 8 * estimate_usd
+    await register(settings, "alpha", TeamConfig(budget_usd=budget))
+    slow = MockConfig(models={"gpt-4o-mini": Behavior(latency_ms=20)})
+    async with running_gateway(settings, mock_config=slow) as gw, gw.client("alpha") as client:
+        # When 300 such jobs arrive at once (their estimates together 37 budgets)
+        handles = [
+            await client.submit(client.job("gpt-4o-mini", WORDS, fallbacks=[], max_tokens=4000))
+            for _ in range(300)
+        ]
+        results = [await h.result(timeout=60) for h in handles]
+
+        # Expect none refused: each waited for the others' reservations, never more than the
+        # settled spend, far under the budget, would refuse it; every one called once
+        assert [r.error.code for r in results if r.error] == []
+        assert gw.mock.stats.calls == 300
+        # and the spend (PostgreSQL's, and the ledger's with nothing reserved any more) within
+        # the budget
+        await gw.usage_rows(300)
+        spent = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
+        assert spent <= budget
+        keys, month = Keys(settings.redis_prefix), current_month()
+        ledger = await redis_client.hmget(keys.spend("alpha", month), ["reserved"])
+        assert ledger == [b"0"]
+
+
+async def test_a_job_held_back_by_reservations_past_its_deadline_is_answered_deadline_exceeded(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha's budget held whole by the reservation of a job in flight (nothing
+    # settled against it)
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal("0.001")))
+    keys = Keys(settings.redis_prefix)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        admission = gw.worker.admission
+        assert admission is not None
+        # (the month's ledger made by a job served, as the reserve below needs it made)
+        assert (await client.chat("gpt-4o-mini", WORDS, fallbacks=[])).status == "ok"
+        holder = client.job("gpt-4o-mini", WORDS, fallbacks=[], max_tokens=1600)
+        ahead = admission.ahead(holder)
+        assert ahead is not None
+        [spend, *_] = await Scripts(redis_client, keys).run_all(ahead.calls)
+        assert spend[0] == 0
+
+        # When a job with a deadline 1.5 s away asks for it
+        started = time.monotonic()
+        waiting = await client.submit(
+            client.job("gpt-4o-mini", WORDS, fallbacks=[], deadline=timedelta(seconds=1.5))
+        )
+
+        # Expect a job arriving meanwhile to go behind it: neither reserved with its claim
+        # nor its first call recorded there, as it will wait too
+        newcomer = client.job("gpt-4o-mini", WORDS, fallbacks=[])
+        await wait_until(lambda: admission.ahead(newcomer) is None, timeout=1.4)
+        deployment = load_catalog(None, {}).models["gpt-4o-mini"].deployments[0]
+        assert admission.straight(newcomer, deployment) is None
+        # ... and the waiting job answered deadline_exceeded at its deadline, not refused for
+        # its budget at once, nor called
+        result = await waiting.result(timeout=10)
+    assert result.error is not None and result.error.code == "deadline_exceeded"
+    assert time.monotonic() - started >= 1.4
+    assert gw.mock.stats.calls == 1
+
+
 @pytest.mark.parametrize(
     ("asked", "output"),
     [({"n": 8, "max_tokens": 20}, 160), ({"max_completion_tokens": 900}, 900), ({"n": 3}, 768)],

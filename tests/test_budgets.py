@@ -19,7 +19,7 @@ from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, ledgers_in_force, to_nano
 from workers.admission.buckets import Limit, take_call, taken
-from workers.admission.budgets import Budgets
+from workers.admission.budgets import BudgetHeld, Budgets
 from workers.admission.scripts import Scripts
 
 DOLLAR = to_nano(Decimal(1))
@@ -205,3 +205,63 @@ async def test_the_spend_in_force_leaves_out_no_more_lapsed_entries_than_a_reser
     assert before == [50 * milli]
     assert await ledger_spent(redis_client, keys, "alpha", month) == Decimal("0.051")
     assert after == [milli]
+
+
+async def test_a_reserve_waits_for_other_jobs_reservations_and_is_refused_on_the_settled_spend(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget with $0.30 settled and $0.50 reserved by a job in flight
+    keys, month = Keys(settings.redis_prefix), current_month()
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(budget_usd=Decimal(1))
+    settled, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-settled")
+    assert settled is not None
+    await Scripts(redis_client, keys).run(budgets.settle_call(settled, DOLLAR * 3 // 10))
+    flying, _ = await budgets.reserve("alpha", "m", config, DOLLAR // 2, "job-flying")
+    assert flying is not None
+
+    # When a $0.40 job asks (the settled spend takes it, the reservation does not leave room)
+    # Expect it held back, holding nothing; and a $0.75 job refused on the settled spend
+    with pytest.raises(BudgetHeld):
+        await budgets.reserve("alpha", "m", config, DOLLAR * 4 // 10, "job-waiting")
+    with pytest.raises(BudgetExhausted, match=r"has spent \$0\.3 of its monthly budget"):
+        await budgets.reserve("alpha", "m", config, DOLLAR * 75 // 100, "job-too-big")
+    # and the spend shown (status) still spent and reserved, the front door's settled only
+    assert await ledger_spent(redis_client, keys, "alpha", month) == Decimal("0.8")
+    in_force = await ledgers_in_force(redis_client, keys, "alpha", month, [None], settled=True)
+    assert in_force == [DOLLAR * 3 // 10]
+
+    # When the job in flight settles at $0.01, expect the $0.40 job to fit
+    await Scripts(redis_client, keys).run(budgets.settle_call(flying, DOLLAR // 100))
+    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 4 // 10, "job-waiting")
+    assert reserved is not None
+
+
+async def test_a_lapsed_or_reconciled_reservation_stops_holding_the_budget_back(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget, $0.90 reserved by a job whose worker died (its entry lapsed at once),
+    # and $0.50 by a job whose settle was lost (its usage row says it cost $0.10)
+    keys, month = Keys(settings.redis_prefix), current_month()
+    config = TeamConfig(budget_usd=Decimal(1))
+    dead = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=0, slack=0)
+    await dead.reserve("alpha", "m", config, DOLLAR * 9 // 10, "job-dead")
+    budgets = _budgets(settings, redis_client, pool)
+    await budgets.reserve("alpha", "m", config, DOLLAR // 2, "job-lost")
+    await insert_usage(pool, [_usage("job-lost", "0.10", datetime.now(UTC), model="m")])
+
+    # When accounting reconciles the ledger
+    assert await spend.reconcile(
+        redis_client, pool, keys, [spend.Scope("alpha")], month, token=spend.reconciler_token()
+    )
+
+    # Expect neither reservation counted any more: a $0.95 job refused on the $0.10 settled
+    # (not held back for ever by reservations gone), a $0.85 job reserved
+    with pytest.raises(BudgetExhausted):
+        await budgets.reserve("alpha", "m", config, DOLLAR * 95 // 100, "job-big")
+    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 85 // 100, "job-fits")
+    assert reserved is not None
+    assert (
+        await redis_client.hget(keys.spend("alpha", month), "reserved")
+        == str(DOLLAR * 85 // 100).encode()
+    )

@@ -30,7 +30,9 @@ from router import load_catalog
 from tests.frontdoor_support import HELLO, Door, issue_key
 from tests.support import running_gateway
 from tests.teams import register
+from workers.admission.budgets import Budgets
 from workers.admission.estimate import estimate
+from workers.admission.scripts import Scripts
 
 
 @pytest.fixture
@@ -169,10 +171,33 @@ async def test_the_refusal_shows_sums_of_a_tiny_budget_in_full(
 
     # Expect each sum in the 402's message as it is, in plain notation: none rounded away
     message = str(refused.value)
-    assert "has spent or reserved $0.000042 of its monthly budget ($0.00005)" in message
+    assert "has spent $0.000042 of its monthly budget ($0.00005)" in message
     needed = estimate(job, catalog, config, settings.expected_output_tokens).cost_nano
     shown = re.search(r"needs about \$([0-9.]+):", message)
     assert shown is not None and Decimal(shown[1]) == Decimal(needed) / NANO
+
+
+async def test_a_job_only_other_jobs_reservations_keep_out_is_not_refused_at_the_door(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given alpha with a $0.001 budget held whole by the reservation of a job in flight
+    config = TeamConfig(budget_usd=Decimal("0.001"))
+    await register(settings, "alpha", config)
+    keys = Keys(settings.redis_prefix)
+    budgets = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=60, slack=60)
+    flying, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, int(NANO) // 1000, "flying")
+    assert flying is not None
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    gate = BudgetGate(pool, redis_client, keys, catalog, settings)
+
+    # When a job the settled spend (nothing) takes asks
+    job = ChatJob(
+        job_id="j", team="alpha", model="gpt-4o-mini", messages=HELLO, params={"max_tokens": 20}
+    )
+
+    # Expect it let through: a worker holds it until that reservation settles, as the door
+    # cannot know whether it will fit then
+    await gate.refuse_spent("alpha", job)
 
 
 async def test_fresh_values_hold_only_what_was_read_within_their_ttl() -> None:

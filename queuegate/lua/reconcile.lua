@@ -1,6 +1,6 @@
--- Set a spend ledger's base to what usage_log holds, drop the entries of the jobs it holds,
--- and put back the entries a worker settled that it does not hold yet
--- (workers/admission/lua/spend.lua describes the ledger).
+-- Set a spend ledger's base to what usage_log holds, drop the entries of the jobs it holds
+-- (with their reservations: a job whose settle was lost), and put back the entries a worker
+-- settled that it does not hold yet (workers/admission/lua/spend.lua describes the ledger).
 --
 -- KEYS[1]   the ledger          KEYS[2]   its expiry set
 -- KEYS[3]   the reconciler's lock: the call is refused unless it still holds ARGV[1]
@@ -21,10 +21,11 @@
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return {-1}
 end
-local state = redis.call('HMGET', KEYS[1], 'base', 'open', 'gen')
+local state = redis.call('HMGET', KEYS[1], 'base', 'open', 'gen', 'reserved')
 local base = tonumber(state[1]) or 0
 local open = tonumber(state[2]) or 0
 local gen = state[3] or ARGV[4]
+local reserved = tonumber(state[4]) or 0
 local before = base + open
 local n = tonumber(ARGV[5])
 local time = redis.call('TIME')
@@ -39,9 +40,11 @@ end
 local first = 6 + 3 * n
 local gone = 0
 for i = first, #ARGV do
-  local f = 'j:' .. ARGV[i]
-  gone = gone + (tonumber(redis.call('HGET', KEYS[1], f)) or 0)
-  redis.call('HDEL', KEYS[1], f)
+  local f, r = 'j:' .. ARGV[i], 'r:' .. ARGV[i]
+  local entry = redis.call('HMGET', KEYS[1], f, r)
+  gone = gone + (tonumber(entry[1]) or 0)
+  reserved = reserved - (tonumber(entry[2]) or 0)
+  redis.call('HDEL', KEYS[1], f, r)
 end
 if #ARGV >= first then
   redis.call('ZREM', KEYS[2], unpack(ARGV, first))
@@ -49,7 +52,7 @@ end
 if ARGV[2] ~= '' then
   base = tonumber(ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen)
+redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen, 'reserved', reserved)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if n > 0 then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))

@@ -48,7 +48,14 @@ def _job_id(text: str) -> str:
     return found[1]
 
 
-def _hello(i: int, body: str = "hello") -> list[dict[str, str]]:
+LONG = "a " * 40
+"""A body whose answer is cut at the jobs' max_tokens: a job (without fallbacks, estimated at
+its own model's price) costs its estimate, within the 3 tokens a message's estimate adds, so
+a budget admits as many jobs by their settled spend as by their estimates (a job held back by
+others' reservations waits for their settles)."""
+
+
+def _hello(i: int, body: str = LONG) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"job dup-{i}: {body}"}]
 
 
@@ -95,9 +102,11 @@ async def _through_outage(
     handles = []
     for i in range(IDS):
         for client in clients:
-            job = client.job("gpt-4o-mini", _hello(i), job_id=f"dup-{i}", max_tokens=20)
+            job = client.job(
+                "gpt-4o-mini", _hello(i), job_id=f"dup-{i}", max_tokens=20, fallbacks=[]
+            )
             handles.append((f"dup-{i}", "same", await client.submit(job)))
-    job = other.job("gpt-4o-mini", _hello(0, "other"), job_id=OTHER, max_tokens=20)
+    job = other.job("gpt-4o-mini", _hello(0, "other"), job_id=OTHER, max_tokens=20, fallbacks=[])
     handles.append((OTHER, "other", await other.submit(job)))
     # Every delivery held, uncalled, waiting for Redis: by admission, for a team with limits;
     # past the circuit breakers, which let calls go once they find Redis away, for one without
@@ -193,7 +202,7 @@ async def test_a_job_called_is_never_answered_by_a_duplicates_budget_refusal(
     ):
         admission = gw.worker.admission
         assert admission is not None
-        ahead = admission.ahead(a.job("gpt-4o-mini", _hello(0), max_tokens=20))
+        ahead = admission.ahead(a.job("gpt-4o-mini", _hello(0), max_tokens=20, fallbacks=[]))
         assert ahead is not None
         budget = Decimal(ahead.estimate.cost_nano) * (FITS * 2 + 1) / 2 / NANO
         await set_team_config(gw.pool, "alpha", TeamConfig(rpm=100_000, budget_usd=budget))

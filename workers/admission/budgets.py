@@ -2,10 +2,12 @@
 
 The ledgers live in Redis (nano-USD, per team and UTC month, optionally per model), updated
 by ``lua/spend.lua`` so concurrent jobs cannot overshoot a budget by more than one job's
-estimate error. Each job holds one entry, which lapses ``lease`` seconds after its reserve
-(a worker that died mid-job never settles it) and ``SETTLED_TTL`` after its settle; accounting
-reconciles every ledger with usage_log (queuegate/spend.py), which also recovers a settle
-lost to a Redis error.
+estimate error. A job the settled spend has room for, but not with the other jobs' open
+reservations, is not refused: ``BudgetHeld`` says it is to wait for them to settle (most of
+an estimate comes back), holding nothing meanwhile. Each job holds one entry, which lapses
+``lease`` seconds after its reserve (a worker that died mid-job never settles it) and
+``SETTLED_TTL`` after its settle; accounting reconciles every ledger with usage_log
+(queuegate/spend.py), which also recovers a settle lost to a Redis error.
 
 When Redis has lost a ledger, the usage_log sum it is made again from misses the jobs
 accounting has not written yet. So each worker remembers the jobs it settled (up to
@@ -62,6 +64,17 @@ about 3 MB. A worker that settles more of one team's jobs than this while accoun
 behind on them leaves the oldest out of a rebuilt ledger until accounting writes them."""
 LOCK_WAIT = 5.0
 """Seconds a rebuild waits for another reconciler's round (well under a second) to end."""
+
+
+class BudgetHeld(Exception):
+    """The job's reserve fits the budget's settled spend but not the open reservations of the
+    other jobs in flight: it waits for them to settle or lapse, then reserves again (refused
+    only if the settled spend cannot take it then)."""
+
+    def __init__(self, ledger: str, message: str) -> None:
+        super().__init__(message)
+        self.ledger = ledger
+        """The one whose reservations held it: a settle in it may let it in."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +146,8 @@ class Budgets:
 
         ``then`` is a call to run in the same round trip once the reservation is made; it does
         not run (its reply is None) when there is nothing to reserve or the reserve fails.
-        Raises BudgetExhausted when the budget or the cap cannot take ``nano``. ``name``: the
+        Raises BudgetExhausted when the budget or the cap cannot take ``nano``, BudgetHeld
+        when it can once the other jobs' reservations are settled. ``name``: the
         reservation's, the same on every try (``Scripts.run_all``). ``deadline``: the job's.
         """
         reserving = self.reserving(team, model, config, nano, job_id, deadline=deadline)
@@ -147,6 +161,12 @@ class Budgets:
             reservation = await self.reserved(reserving, replies[0])
             if reservation is not None:
                 return reservation, replies[1] if then is not None else None
+
+    def ledgers(self, team: str, model: str, config: TeamConfig) -> tuple[str, ...]:
+        """The ledgers a job of ``model`` reserves in now (none when the team has neither
+        budget nor cap): the jobs waiting for the same ones wait in one line."""
+        models = [scope_model for scope_model, _ in budget_scopes(config, model)]
+        return tuple(ledger_keys(self._keys, team, current_month(), models)[::2])
 
     def reserving(
         self,
@@ -191,7 +211,8 @@ class Budgets:
     async def reserved(self, reserving: Reserving, reply: list[int]) -> Reservation | None:
         """The reservation ``reply`` (of ``reserving.call``) made; None when it found the
         ledger lost or made again, rebuilt now: the call (its generations brought up to
-        date) is to run again. Raises BudgetExhausted when it was refused."""
+        date) is to run again. Raises BudgetExhausted when it was refused, BudgetHeld when
+        the other jobs' open reservations kept it out."""
         held, scopes = reserving.held, reserving.scopes
         _alert(held.team, held.month, reply)
         if lost_ledger(reply):
@@ -201,6 +222,15 @@ class Budgets:
             args = reserving.call.args
             args[-len(ledgers) :] = [self._generations.get(ledger, "") for ledger in ledgers]
             return None
+        if reply[0] == -4:
+            at = int(reply[1]) - 1
+            scope_model, limit = scopes[at]
+            raise BudgetHeld(
+                held.keys[2 * at],
+                f"team {held.team}'s {f'{scope_model} cap' if scope_model else 'budget'} "
+                f"(${plain_decimal(limit)}) is held by the reservations of its jobs in flight "
+                f"(${plain_decimal(Decimal(int(reply[2])) / NANO)} spent and reserved)",
+            )
         if reply[0] == -1:
             scope = scopes[int(reply[1]) - 1]
             raise exhausted(
@@ -348,6 +378,12 @@ def lost_ledger(reply: list[int]) -> bool:
     """Whether a reserve's ``reply`` found its ledger lost or made again: to be rebuilt (with
     PostgreSQL's help) before it runs again."""
     return reply[0] in (-2, -3)
+
+
+def held_back(reply: list[int]) -> bool:
+    """Whether a reserve's ``reply`` says the other jobs' open reservations kept it out: it
+    runs again once they settle."""
+    return reply[0] == -4
 
 
 def _forget_lapsed(jobs: OrderedDict[str, tuple[int, float]], now: float) -> None:

@@ -8,11 +8,19 @@ A job over its limit waits here, in its own consumer's slot, for exactly as long
 buckets say, so other teams' jobs keep flowing. It never waits past its deadline or
 ``settings.admission_max_wait`` (far inside the broker's consumer timeout): past that it is
 answered ``rate_limited`` with the wait it would have needed, and never requeued.
+
+A job whose budget has room on its settled spend but not beside the open reservations of the
+team's other jobs in flight waits here too, holding nothing, until enough of those settle
+(most of an estimate comes back) or lapse; then it is reserved, or refused if the settled
+spend cannot take it. Only the first of a process's jobs waiting on the same ledgers asks
+Redis, woken by this process's settles in them and polling for other processes'. Past its
+deadline it is answered ``deadline_exceeded``, past the maximum wait ``rate_limited``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -25,7 +33,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from queuegate.errors import Billed, JobError, RateLimited, ServiceUnavailable
+from queuegate.errors import Billed, DeadlineExceeded, JobError, RateLimited, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.metrics import keep_bucket_fills, observe_bucket_wait
@@ -35,7 +43,14 @@ from queuegate.settings import Settings
 from queuegate.spend import budget_scopes, to_nano
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
-from workers.admission.budgets import Budgets, Reservation, Reserving, lost_ledger
+from workers.admission.budgets import (
+    BudgetHeld,
+    Budgets,
+    Reservation,
+    Reserving,
+    held_back,
+    lost_ledger,
+)
 from workers.admission.estimate import Estimate, estimate
 from workers.admission.line import Line
 from workers.admission.policy import MEANWHILE, RETRY_SECONDS, LocalBuckets
@@ -52,10 +67,15 @@ DEADLINE_SLACK = 10.0
 the deadline and its settle follows within milliseconds; one later still finds its cost
 brought in by reconciliation."""
 
+BUDGET_POLL = 0.05
+"""Seconds the first job waiting for its budget's reservations waits before it asks again,
+doubled after each try up to ``RETRY_SECONDS``: a settle of this process's in the ledger that
+held it wakes it at once, another process's is seen within that."""
+
 CHECK_SECONDS = 1.0
-"""How often a job waiting for its buckets runs its checks (its batch not canceled, its team
-still served, its budget still covering it): a job that must not be served any more leaves
-within that, not when its turn comes."""
+"""How often a job waiting for its buckets or budget runs its checks (its batch not canceled,
+its team still served, its budget still covering it): a job that must not be served any more
+leaves within that, not when its turn comes."""
 
 UNREGISTERED = TeamConfig()
 """The config of a team the registry does not list (``--teams``; no limits, no budget):
@@ -103,6 +123,9 @@ class Admission:
         self._stopped: set[str] = set()
         """Teams whose consumers this worker cancelled (disabled): their held jobs go back."""
         self._lines: dict[tuple[str, ...], Line] = {}
+        self._settles: dict[str, asyncio.Event] = {}
+        """Per budget ledger a job waited on (``_wait_for_budget``), set by each settle of this
+        process's in it: one per team, month and capped model."""
         self._deployment_limits: dict[str, Limit | None] = {}
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
@@ -151,15 +174,19 @@ class Admission:
         self, job: ChatJob, deployment: Deployment, ahead: Ahead | None = None
     ) -> Estimate | None:
         """The job's estimate when admission has nothing to wait for between its claim and
-        its call to ``deployment``: no bucket of its team's, nor of the deployment's. None
-        otherwise, or when its estimate is refused (``admit`` refuses it in its turn).
-        ``ahead``: the job's, whose estimate is the same (made once, not twice)."""
+        its call to ``deployment``: no bucket of its team's, nor of the deployment's, nor
+        jobs waiting for its budget (a held-back reserve of ``ahead``'s stops its claim's round
+        trip before the call's record). None otherwise, or when its estimate is refused
+        (``admit`` refuses it in its turn). ``ahead``: the job's, whose estimate is the same
+        (made once, not twice)."""
         config = self.config(job.team)
         # The deployment's first: a lookup, where the team's limits are made anew.
         if self.deployment_limit(deployment) is not None or self._team_limits(job, config):
             return None
         if ahead is not None:
             return ahead.estimate
+        if self._budget_waited(self._budgets.ledgers(job.team, job.model, config)):
+            return None
         try:
             return estimate(job, self._catalog, config, self._settings.expected_output_tokens)
         except JobError:
@@ -167,7 +194,17 @@ class Admission:
 
     def line(self, limits: list[Limit]) -> Line:
         """Where this process's jobs wait their turn for the same buckets (see Ticket.take)."""
-        key = tuple(limit.key for limit in limits)
+        return self._line_at(tuple(limit.key for limit in limits))
+
+    def _budget_waited(self, ledgers: tuple[str, ...]) -> bool:
+        """Whether jobs of this process wait for ``ledgers`` (``_wait_for_budget``): a job
+        reserving in them goes behind those, rather than take what they wait for."""
+        line = self._lines.get(ledgers)
+        return line is not None and line.locked()
+
+    def _line_at(self, key: tuple[str, ...]) -> Line:
+        """Where this process's jobs wait their turn for the same keys: buckets, or budget
+        ledgers (``_wait_for_budget``)."""
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = Line()
@@ -204,13 +241,21 @@ class Admission:
                 else estimate(job, self._catalog, config, self._settings.expected_output_tokens)
             )
             ticket = Ticket(self, job.team, needed, until, lost=to_nano(lost or Decimal(0)))
+            ticket.deadline = deadline
+            ticket.served = partial(self._served, job, check)
             # Checked while the job waits, and once admitted: its batch, and its team's
             # config as the registry's notification brings it (never a round trip per tick).
             ticket.check = partial(self._recheck, job, config, ticket, check)
             tokens = ticket.estimate.tokens
             # Made with the claim already, unless its ledger was lost: then it is made here, as
             # any other, its rebuild under the outage policy (PostgreSQL may be away too).
-            with_claim = bool(ahead and ahead.replies and not lost_ledger(ahead.replies[0]))
+            # Held back by other jobs' reservations, it waits for them here, as any other.
+            with_claim = bool(
+                ahead
+                and ahead.replies
+                and not lost_ledger(ahead.replies[0])
+                and not held_back(ahead.replies[0])
+            )
             if ahead is not None and with_claim:
                 # Its buckets as they were taken (the team's limits may have changed since).
                 limits, replies = ahead.limits, ahead.replies
@@ -259,13 +304,7 @@ class Admission:
         process's registry. A team no longer served sends it back to its queue (TeamStopped);
         a change of its budgets reserves it again under the new ones, or refuses it
         (BudgetExhausted) as any job over budget is."""
-        if check is not None:
-            await check()
-        if job.team in self._stopped:
-            raise TeamStopped(
-                f"team {job.team} was disabled while the job waited for its rate limit; "
-                "it goes back to its queue"
-            )
+        await self._served(job, check)
         config = self._configs.get(job.team)
         held = ticket.config or admitted
         if config is None or config is held:
@@ -282,6 +321,17 @@ class Admission:
         # The reserve replaces the job's entry in a ledger it holds one in (spend.lua).
         ticket.budget, _ = await self._reserve(job, config, ticket, budget)
 
+    async def _served(self, job: ChatJob, check: Check | None) -> None:
+        """A held job's checks but its budget's: its own (``check``), then whether its team is
+        still served (TeamStopped when not)."""
+        if check is not None:
+            await check()
+        if job.team in self._stopped:
+            raise TeamStopped(
+                f"team {job.team} was disabled while the job waited for its rate limit or "
+                "budget; it goes back to its queue"
+            )
+
     async def _reserve(
         self,
         job: ChatJob,
@@ -292,7 +342,79 @@ class Admission:
     ) -> tuple[Reservation | None, list[int] | None]:
         """Reserve what ``ticket`` may cost against ``config``'s budgets (replacing the job's
         entry), with ``then`` in the same round trip; under the outage policy, ``held`` (what
-        the job holds already) when Redis is away and the job goes on."""
+        the job holds already) when Redis is away and the job goes on. While the other jobs'
+        open reservations hold the budget it waits (``_wait_for_budget``), and ``then`` does
+        not run."""
+        ledgers = self._budgets.ledgers(job.team, job.model, config)
+        if not self._budget_waited(ledgers):
+            try:
+                return await self._reserve_once(job, config, ticket, held, then)
+            except BudgetHeld:
+                pass
+        line = self._line_at(ledgers)
+        return await self._wait_for_budget(job, config, ticket, held, line), None
+
+    async def _wait_for_budget(
+        self,
+        job: ChatJob,
+        admitted: TeamConfig,
+        ticket: Ticket,
+        held: Reservation | None,
+        line: Line,
+    ) -> Reservation | None:
+        """Wait in ``line`` (the job's ledgers') for the reservations holding the job's budget
+        to settle or lapse, then reserve it under its team's config as it is then: refused
+        (BudgetExhausted) if the settled spend cannot take it, DeadlineExceeded or RateLimited
+        once its deadline or the maximum wait comes first. Meanwhile the job holds nothing it
+        did not hold already, nor a connection: only the first in line asks Redis."""
+        what = "its budget is held by the reservations of its team's jobs in flight"
+        await ticket.join(line, partial(ticket.late, what), ticket.served)
+        try:
+            delay, checked = BUDGET_POLL, time.monotonic()
+            while True:
+                config = self._configs.get(job.team) or admitted
+                ledgers = self._budgets.ledgers(job.team, job.model, config)
+                # Cleared before the reserve, so a settle while it runs is not missed.
+                for ledger in ledgers:
+                    self._settle_event(ledger).clear()
+                try:
+                    reserved, _ = await self._reserve_once(job, config, ticket, held)
+                except BudgetHeld as exc:
+                    cause = exc
+                else:
+                    ticket.config = config  # what its recheck compares with from now on
+                    return reserved
+                left = ticket.until - time.monotonic()
+                if left <= 0:
+                    raise ticket.late(str(cause)) from cause
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._settle_event(cause.ledger).wait(), min(delay, left)
+                    )
+                delay = min(delay * 2, RETRY_SECONDS)
+                if time.monotonic() - checked >= CHECK_SECONDS:
+                    # Its own checks only: its budget's would reserve it again, in this line.
+                    await ticket.served()
+                    checked = time.monotonic()
+        finally:
+            line.release()
+
+    def _settle_event(self, ledger: str) -> asyncio.Event:
+        event = self._settles.get(ledger)
+        if event is None:
+            event = self._settles[ledger] = asyncio.Event()
+        return event
+
+    async def _reserve_once(
+        self,
+        job: ChatJob,
+        config: TeamConfig,
+        ticket: Ticket,
+        held: Reservation | None,
+        then: Call | None = None,
+    ) -> tuple[Reservation | None, list[int] | None]:
+        """One reserve of ``_reserve``'s, under the outage policy; BudgetHeld when the job is
+        to wait."""
         # One name for every try, so a try after an error does not take again what the one
         # before took (its reply lost with its connection).
         name = once()
@@ -331,8 +453,8 @@ class Admission:
         reserving = self._budgets.reserving(
             job.team, job.model, config, needed.cost_nano, job.job_id, deadline=job.deadline
         )
-        if reserving is None:
-            return None
+        if reserving is None or self._budget_waited(tuple(reserving.held.keys[::2])):
+            return None  # jobs wait for its budget already: it goes behind them (admit)
         limits = self._team_limits(job, config)
         first = self._first_take(limits, needed.tokens)
         calls = [reserving.call] + ([first] if first is not None else [])
@@ -411,6 +533,10 @@ class Admission:
         def done(replies: Sequence[Any]) -> None:
             if budget is not None and spend is not None and len(replies) == len(calls):
                 self._budgets.settled(budget, replies[-1])
+                for ledger in budget.keys[::2]:
+                    event = self._settles.get(ledger)
+                    if event is not None:
+                        event.set()  # a job waiting for the ledger may fit now
 
         return Settlement(calls, done)
 
@@ -506,6 +632,11 @@ class Ticket:
         """Nano-USD of the calls lapsed owners of the job made: settled with its own cost."""
         self.check: Check = _nothing
         """Run every ``CHECK_SECONDS`` while the job waits, and once it is admitted."""
+        self.served: Check = _nothing
+        """The job's checks but its budget's, run while it waits for its budget (whose own
+        check would reserve it again)."""
+        self.deadline: float | None = None
+        """The job's deadline (``time.monotonic``), when it has one."""
         self.config: TeamConfig | None = None
         """The team's config as last checked, once it changed since the job's admission."""
         self._team = team
@@ -520,6 +651,15 @@ class Ticket:
         self._settled = False
         self._waited: float | None = None
         """Seconds spent waiting for buckets; None while it met none (no limits)."""
+
+    def late(self, what: str) -> JobError:
+        """The refusal of a job that waited for ``what`` until its ``until``: its deadline
+        passed (as a job whose deadline passes in its queue), or the maximum wait."""
+        if self.deadline is not None and self.deadline <= self.until:
+            return DeadlineExceeded(f"the job's deadline passed while it waited: {what}")
+        return RateLimited(
+            f"the job waited the maximum wait: {what}", retry_after_ms=RETRY_SECONDS * 1000
+        )
 
     @property
     def reserving(self) -> int:
@@ -611,7 +751,14 @@ class Ticket:
         # One script call per job rather than one per waiter at every refill; and at most one
         # reservation per process and bucket, all a worker that dies while waiting can waste.
         scopes = ", ".join(limit.scope for limit in limits)
-        await self._join(line, scopes)
+        await self.join(
+            line,
+            lambda: RateLimited(
+                f"{scopes}: over its rate limit; the jobs ahead of this one took until its "
+                "deadline or the maximum wait"
+            ),
+            self.check,
+        )
         try:
             while True:
                 if follow is not None:
@@ -638,10 +785,11 @@ class Ticket:
         finally:
             line.release()
 
-    async def _join(self, line: Line, scopes: str) -> None:
-        """Wait for ``line`` until the job's deadline or the maximum wait, running the job's
-        check meanwhile: a job that must not be served leaves its place, and whoever is
-        behind it moves up, rather than holding the line until its turn."""
+    async def join(self, line: Line, late: Callable[[], JobError], check: Check) -> None:
+        """Wait for ``line`` until the job's deadline or the maximum wait (then raise what
+        ``late`` makes), running ``check`` meanwhile: a job that must not be served leaves
+        its place, and whoever is behind it moves up, rather than holding the line until its
+        turn."""
         acquiring = asyncio.ensure_future(line.acquire(self._team))
         try:
             while True:
@@ -650,11 +798,8 @@ class Ticket:
                 if (await asyncio.wait({acquiring}, timeout=max(0.0, every)))[0]:
                     return
                 if left <= every:
-                    raise RateLimited(
-                        f"{scopes}: over its rate limit; the jobs ahead of this one took "
-                        "until its deadline or the maximum wait"
-                    )
-                await self.check()
+                    raise late()
+                await check()
         except BaseException:
             if not acquiring.cancel():  # it got the line meanwhile
                 line.release()

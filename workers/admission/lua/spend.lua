@@ -2,13 +2,21 @@
 --
 -- A ledger (hash) per scope holds `base`, the scope's spend in usage_log when accounting last
 -- reconciled it, and one `j:<job id>` field per job since (its reservation, then what it
--- cost), summed in `open`: spent and reserved = base + open. Beside it a sorted set holds
--- when each entry lapses. A reserve first reaps the lapsed ones, so a reservation whose
--- worker died without settling it stops counting; accounting removes a job's entry once its
--- usage row is in base (queuegate/lua/reconcile.lua). One entry per job id: a redelivered
--- job's reservation replaces its earlier one instead of adding to it. A ledger's `gen`
--- names it: a new one when it is made again after Redis lost it (queuegate/lua/reconcile.lua
--- makes it), so a worker can tell the ledger it settled into is gone.
+-- cost), summed in `open`: spent and reserved = base + open. While a job's entry is still its
+-- reservation, an `r:<job id>` field holds it too, summed in `reserved`: settled spend =
+-- base + open - reserved. Beside it a sorted set holds when each entry lapses. A reserve
+-- first reaps the lapsed ones, so a reservation whose worker died without settling it stops
+-- counting; accounting removes a job's entry once its usage row is in base
+-- (queuegate/lua/reconcile.lua). One entry per job id: a redelivered job's reservation
+-- replaces its earlier one instead of adding to it. A ledger's `gen` names it: a new one when
+-- it is made again after Redis lost it (queuegate/lua/reconcile.lua makes it), so a worker can
+-- tell the ledger it settled into is gone.
+--
+-- A reserve is made only when spent and reserved, with it, stay within each limit: so
+-- concurrent jobs cannot overshoot by more than their estimates' errors. One that the settled
+-- spend would take but the other jobs' open reservations do not leave room for is not
+-- refused: those mostly come back at their settles, so its job waits for them (status -4),
+-- holding nothing. It is refused (-1) only when the settled spend cannot take it.
 --
 -- KEYS[1]        the team's alert marker for the month (set once the alert is emitted)
 -- KEYS[2]        the alerts stream
@@ -24,13 +32,15 @@
 -- ARGV[8+i]      limit of scope i in nano-USD (reserve)
 -- ARGV[8+n+i]    the generation of scope i the caller knows ("" = none yet), n scopes
 --
--- Returns {0, spent, alerted, gen 1, .., gen n} when done, {-1, i, spent} when scope i
--- cannot take the amount, {-2, i} when scope i's ledger is missing (Redis lost it), and
--- {-3, i} when scope i's generation is not the caller's (a reserve: the ledger was made
--- again): the caller reconciles it, putting back what it settled, and calls again. A settle
--- whose entry is gone adds nothing when the ledger is the one it reserved in (the entry
--- lapsed, or the job was reconciled: its usage row brings its cost into base), and adds its
--- entry when the ledger was made again since (the reservation was lost with the old one).
+-- Returns {0, spent, alerted, gen 1, .., gen n} when done, {-1, i, settled} when scope i's
+-- settled spend (the job's own entry left out) cannot take the amount, {-4, i, spent} when
+-- only the other jobs' open reservations in scope i keep it out (nothing written), {-2, i}
+-- when scope i's ledger is missing (Redis lost it), and {-3, i} when scope i's generation is
+-- not the caller's (a reserve: the ledger was made again): the caller reconciles it, putting
+-- back what it settled, and calls again. A settle whose entry is gone adds nothing when the
+-- ledger is the one it reserved in (the entry lapsed, or the job was reconciled: its usage
+-- row brings its cost into base), and adds its entry when the ledger was made again since
+-- (the reservation was lost with the old one).
 
 local REAP = 100 -- lapsed entries reaped per scope and call: bounded work on the hot path
 
@@ -41,7 +51,7 @@ local amount = tonumber(ARGV[2])
 local ttl = ARGV[3]
 local threshold = tonumber(ARGV[4])
 local job = ARGV[7]
-local field = 'j:' .. job
+local field, mark = 'j:' .. job, 'r:' .. job
 -- The round trip's TIME when this runs with other calls (batch.lua).
 local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -51,12 +61,14 @@ local stamp = string.format('%d', now)
 local expires = string.format('%d', now + tonumber(ARGV[8]))
 local scopes = (#KEYS - 2) / 2
 
-local spent, held, lost, gens = {}, {}, {}, {}
+local spent, held, mine, lost, gens = {}, {}, {}, {}, {}
+local waits
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   local known = ARGV[8 + scopes + i]
-  -- Its entry and open sum with the rest, read again below only if a reap changed them.
-  local state = redis.call('HMGET', ledger, 'base', 'gen', 'open', field)
+  -- Its entry, reservation and sums with the rest, read again below only if a reap changed
+  -- them.
+  local state = redis.call('HMGET', ledger, 'base', 'gen', 'open', field, 'reserved', mark)
   local base = state[1]
   gens[i] = state[2] or ''
   if not base then
@@ -69,25 +81,45 @@ for i = 1, scopes do
     if mode == 'reserve' then
       local lapsed = redis.call('ZRANGEBYSCORE', expiry, '-inf', stamp, 'LIMIT', 0, REAP)
       if #lapsed > 0 then
-        local gone = 0
+        local gone, unreserved, fields = 0, 0, {}
         for _, id in ipairs(lapsed) do
-          local f = 'j:' .. id
-          gone = gone + (tonumber(redis.call('HGET', ledger, f)) or 0)
-          redis.call('HDEL', ledger, f)
+          local f, r = 'j:' .. id, 'r:' .. id
+          local entry = redis.call('HMGET', ledger, f, r)
+          gone = gone + (tonumber(entry[1]) or 0)
+          unreserved = unreserved + (tonumber(entry[2]) or 0)
+          fields[#fields + 1], fields[#fields + 2] = f, r
         end
+        redis.call('HDEL', ledger, unpack(fields))
         redis.call('ZREM', expiry, unpack(lapsed))
-        redis.call('HINCRBY', ledger, 'open', -gone)
-        local now_open = redis.call('HMGET', ledger, 'open', field)
-        state[3], state[4] = now_open[1], now_open[2]
+        redis.call('HINCRBY', ledger, 'open', string.format('%d', -gone))
+        if unreserved > 0 then
+          redis.call('HINCRBY', ledger, 'reserved', string.format('%d', -unreserved))
+        end
+        local now_open = redis.call('HMGET', ledger, 'open', field, 'reserved', mark)
+        state[3], state[4], state[5], state[6] = now_open[1], now_open[2], now_open[3], now_open[4]
       end
     end
     held[i] = tonumber(state[4])
+    mine[i] = tonumber(state[6])
     lost[i] = known ~= '' and gens[i] ~= known
     spent[i] = tonumber(base) + (tonumber(state[3]) or 0)
-    if mode == 'reserve' and spent[i] - (held[i] or 0) + amount > tonumber(ARGV[8 + i]) then
-      return {-1, i, spent[i]}
+    if mode == 'reserve' then
+      local limit = tonumber(ARGV[8 + i])
+      local others = spent[i] - (held[i] or 0)
+      local settled = others - ((tonumber(state[5]) or 0) - (mine[i] or 0))
+      if settled + amount > limit then
+        return {-1, i, settled}
+      end
+      if not waits and others + amount > limit then
+        waits = {-4, i, spent[i]}
+      end
     end
   end
+end
+-- Only once every scope is read: one whose settled spend refuses the job refuses it, though
+-- another's reservations would only have held it.
+if waits then
+  return waits
 end
 
 local team_spent = spent[1]
@@ -95,6 +127,14 @@ for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   if spent[i] and (mode == 'reserve' or held[i] or lost[i]) then
     redis.call('HINCRBY', ledger, 'open', string.format('%d', amount - (held[i] or 0)))
+    if mode == 'reserve' then
+      redis.call('HINCRBY', ledger, 'reserved', string.format('%d', amount - (mine[i] or 0)))
+      redis.call('HSET', ledger, mark, ARGV[2])
+    elseif mine[i] then
+      -- Settled: its entry is spend now, no longer a reservation.
+      redis.call('HINCRBY', ledger, 'reserved', string.format('%d', -mine[i]))
+      redis.call('HDEL', ledger, mark)
+    end
     if mode == 'settle' and amount == 0 then
       -- Nothing spent: nothing for accounting to bring into base either.
       redis.call('HDEL', ledger, field)
