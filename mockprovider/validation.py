@@ -9,11 +9,15 @@ Anthropic with "<field>: Extra inputs are not permitted"; both are 400
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from queuegate.openai_params import ALLOWED_TOOLS, unoffered_tools
 from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
+
+Refusal = Callable[[str], str] | None
+"""How a server words its refusal of an unknown field (given its path); None: it ignores it."""
 
 
 class InvalidRequest(Exception):
@@ -90,7 +94,8 @@ class ChatServer:
     """Where servers of OpenAI's chat completions differ in what they take."""
 
     fields: frozenset[str] | None
-    """The top-level fields taken; None: any, the unknown ones ignored."""
+    """The top-level fields taken; None: any, the unknown ones ignored, nested ones too (a
+    content part's ``cache_control``)."""
     max_stop: int | None
     """The most stop sequences taken; None: no limit."""
     efforts: frozenset[str]
@@ -105,6 +110,8 @@ any length (its ``SamplingParams.stop``); its ``reasoning_effort`` adds ``max``.
 
 def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
     """Refuse what ``POST /v1/chat/completions`` refuses, of OpenAI or of another ``server``."""
+    # vLLM's request model ignores the fields it does not know, at any depth.
+    unknown = _openai_unknown if server.fields is not None else None
     for field in body:
         if server.fields is not None and field not in server.fields:
             raise InvalidRequest(f"Unrecognized request argument supplied: {field}")
@@ -126,7 +133,7 @@ def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
     _openai_response_format(body.get("response_format"))
     for i, message in enumerate(body.get("messages") or []):
         where = f"messages[{i}]"
-        _fields(message, OPENAI_MESSAGE_FIELDS, where, _openai_unknown)
+        _fields(message, OPENAI_MESSAGE_FIELDS, where, unknown)
         if message.get("role") not in OPENAI_ROLES:
             raise InvalidRequest(f"{where}.role: invalid value {message.get('role')!r}")
         content = message.get("content")
@@ -135,25 +142,28 @@ def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
             allowed = OPENAI_PART_FIELDS.get(str(kind))
             if allowed is None:
                 raise InvalidRequest(f"{where}.content[{j}].type: invalid value")
-            _fields(part, allowed, f"{where}.content[{j}]", _openai_unknown)
+            _fields(part, allowed, f"{where}.content[{j}]", unknown)
             if kind == "image_url":
-                _openai_image(part.get("image_url"), f"{where}.content[{j}].image_url")
+                _openai_image(part.get("image_url"), f"{where}.content[{j}].image_url", unknown)
             if kind == "file":
-                _openai_file(part.get("file"), f"{where}.content[{j}].file")
+                _openai_file(part.get("file"), f"{where}.content[{j}].file", unknown)
     for i, tool in enumerate(body.get("tools") or []):
-        _fields(tool, {"type", "function", "custom"}, f"tools[{i}]", _openai_unknown)
+        _fields(tool, {"type", "function", "custom"}, f"tools[{i}]", unknown)
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict):
-            _fields(function, OPENAI_FUNCTION_FIELDS, f"tools[{i}].function", _openai_unknown)
+            _fields(function, OPENAI_FUNCTION_FIELDS, f"tools[{i}].function", unknown)
         custom = tool.get("custom") if isinstance(tool, dict) else None
         if isinstance(custom, dict):
-            _openai_custom(custom, f"tools[{i}].custom")
+            _openai_custom(custom, f"tools[{i}].custom", unknown)
     _openai_tool_choice(body.get("tool_choice"))
+    unoffered = unoffered_tools(body.get("tools"), body.get("tool_choice"))
+    if unoffered is not None:  # no tool a model could call: refused, never made up
+        raise InvalidRequest(f"{ALLOWED_TOOLS}: {unoffered}")
 
 
-def _openai_custom(custom: dict[str, Any], where: str) -> None:
+def _openai_custom(custom: dict[str, Any], where: str, unknown: Refusal) -> None:
     """A custom tool: free text, or text a grammar (Lark or a regex) constrains."""
-    _fields(custom, OPENAI_CUSTOM_FIELDS, where, _openai_unknown)
+    _fields(custom, OPENAI_CUSTOM_FIELDS, where, unknown)
     form = custom.get("format") or {"type": "text"}
     kind = form.get("type") if isinstance(form, dict) else None
     if kind not in OPENAI_CUSTOM_FORMATS:
@@ -162,6 +172,8 @@ def _openai_custom(custom: dict[str, Any], where: str) -> None:
         grammar = form.get("grammar")
         if not isinstance(grammar, dict) or grammar.get("syntax") not in ("lark", "regex"):
             raise InvalidRequest(f"{where}.format.grammar.syntax: expected 'lark' or 'regex'")
+        if not isinstance(grammar.get("definition"), str):
+            raise InvalidRequest(f"{where}.format.grammar.definition: Field required")
 
 
 def _openai_tool_choice(choice: Any) -> None:
@@ -212,10 +224,10 @@ def _openai_response_format(response_format: Any) -> None:
             raise InvalidRequest("response_format.json_schema.name: Field required")
 
 
-def _openai_image(image: Any, where: str) -> None:
+def _openai_image(image: Any, where: str, unknown: Refusal) -> None:
     if not isinstance(image, dict) or not isinstance(image.get("url"), str):
         raise InvalidRequest(f"{where}.url: Field required")
-    _fields(image, {"url", "detail"}, where, _openai_unknown)
+    _fields(image, {"url", "detail"}, where, unknown)
     detail = image.get("detail", "auto")
     if detail not in OPENAI_DETAILS:
         raise InvalidRequest(
@@ -223,10 +235,10 @@ def _openai_image(image: Any, where: str) -> None:
         )
 
 
-def _openai_file(file: Any, where: str) -> None:
+def _openai_file(file: Any, where: str, unknown: Refusal) -> None:
     """A file by id or inline: Chat Completions takes PDFs only (other files' text is sent
     as text)."""
-    _fields(file, {"file_data", "file_id", "filename"}, where, _openai_unknown)
+    _fields(file, {"file_data", "file_id", "filename"}, where, unknown)
     data = file.get("file_data")
     if data is None and not isinstance(file.get("file_id"), str):
         raise InvalidRequest(f"{where}: give file_data or file_id")
@@ -370,11 +382,13 @@ def _cache_control(block: dict[str, Any], where: str) -> None:
         raise InvalidRequest(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
 
 
-def _fields(obj: Any, allowed: Iterable[str], where: str, refusal: Any) -> None:
+def _fields(obj: Any, allowed: Iterable[str], where: str, refusal: Refusal) -> None:
+    """``obj`` must be an object; a field it holds beyond ``allowed`` is refused in the
+    words of ``refusal``, or ignored when there is none."""
     if not isinstance(obj, dict):
         raise InvalidRequest(f"{where}: Input should be an object")
     for field in obj:
-        if field not in allowed:
+        if refusal is not None and field not in allowed:
             raise InvalidRequest(refusal(f"{where}.{field}"))
 
 

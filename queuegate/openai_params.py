@@ -7,8 +7,11 @@ values, naming the field, before anything is called.
 Strict, as OpenAI's API is: ``"5"`` is no integer and ``"yes"`` no boolean. A name a value
 may take (``reasoning_effort``, ``service_tier``, ...) is one OpenAI documents, Anthropic's
 own tier as well (Anthropic-format jobs carry it); what an object may hold beyond its fields
-is left to the provider. ``stop`` has no cap here: Anthropic takes more than OpenAI's 4
-sequences, so the cap is kept where OpenAI's format is sent (``MAX_STOP``).
+is left to the provider, save where the API types every field it may hold (a custom tool's
+definition, Anthropic's ``thinking``: ``ClosedObject``). ``stop`` has no cap here: Anthropic
+takes more than OpenAI's 4 sequences, so the cap is kept where OpenAI's format is sent
+(``MAX_STOP``). An ``allowed_tools`` choice must name tools the request offers
+(``unoffered_tools``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict from Python 3.12 on
 
-from queuegate.value_errors import problem, tagged_by
+from queuegate.value_errors import problem, shown, tagged_by
 
 MAX_CHOICES = 128
 """The most choices (``n``) one job may ask for: OpenAI's limit."""
@@ -48,6 +51,13 @@ class OpenAIObject(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+class ClosedObject(OpenAIObject):
+    """An object whose every field its API types: another one is refused, as the API (or
+    Anthropic's own door, for ``thinking``) refuses it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class CacheControl(OpenAIObject):
     """Anthropic's prompt caching marker, which the Anthropic adapter sends on."""
 
@@ -64,10 +74,36 @@ class FunctionDefinition(OpenAIObject):
     """Anthropic's, sent on to Anthropic's tool."""
 
 
-class CustomDefinition(OpenAIObject):
+class CustomTextFormat(ClosedObject):
+    """Free text: what a custom tool takes unless its format says otherwise."""
+
+    type: Literal["text"]
+
+
+class Grammar(ClosedObject):
+    definition: str
+    syntax: Literal["lark", "regex"]
+
+
+class CustomGrammarFormat(ClosedObject):
+    """Text the grammar (Lark's, or a regular expression) constrains."""
+
+    type: Literal["grammar"]
+    grammar: Grammar
+
+
+CustomFormat = Annotated[
+    Annotated[CustomTextFormat, Tag("text format")]
+    | Annotated[CustomGrammarFormat, Tag("grammar format")],
+    Discriminator(tagged_by("type", "format")),
+]
+"""A custom tool's ``format``, as the openai SDK's ``ChatCompletionCustomToolParam`` types it."""
+
+
+class CustomDefinition(ClosedObject):
     name: str = Field(min_length=1)
     description: str | None = None
-    format: dict[str, Any] | None = None
+    format: CustomFormat | None = None
 
 
 class FunctionTool(OpenAIObject):
@@ -198,24 +234,24 @@ ThinkingDisplay = Literal["summarized", "omitted"]
 signature kept)."""
 
 
-class ThinkingEnabled(OpenAIObject):
+class ThinkingEnabled(ClosedObject):
     type: Literal["enabled"]
     budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
     display: ThinkingDisplay | None = None
 
 
-class ThinkingDisabled(OpenAIObject):
+class ThinkingDisabled(ClosedObject):
     type: Literal["disabled"]
 
 
-class ThinkingAdaptive(OpenAIObject):
+class ThinkingAdaptive(ClosedObject):
     """The model decides whether and how much to think: no budget."""
 
     type: Literal["adaptive"]
     display: ThinkingDisplay | None = None
 
 
-class ThinkingBetweenTools(OpenAIObject):
+class ThinkingBetweenTools(ClosedObject):
     """Thinking off, the short updates a model writes between tool calls kept as thinking."""
 
     type: Literal["between_tools"]
@@ -348,9 +384,43 @@ def check_params(params: dict[str, Any]) -> None:
         deepest = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
         where, reason = problem(deepest, params)
         raise ParamError(where, reason) from None
+    unoffered = unoffered_tools(params.get("tools"), params.get("tool_choice"))
+    if unoffered is not None:
+        raise ParamError(ALLOWED_TOOLS, unoffered)
+
+
+ALLOWED_TOOLS = "tool_choice.allowed_tools.tools"
+
+
+def unoffered_tools(tools: Any, choice: Any) -> str | None:
+    """Why an ``allowed_tools`` choice allows what ``tools`` does not offer (a tool by its
+    type and name: a custom tool is no function), or, in mode ``required``, no tool at all:
+    a call the model could not make, which Anthropic's adapter would send as no tools to
+    call and a caller would get text instead; None when it allows only tools offered."""
+    if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
+        return None
+    allowed = choice.get("allowed_tools") or {}
+    offered = {named_tool(tool) for tool in tools or []}
+    for tool in allowed.get("tools") or []:
+        kind, name = named_tool(tool)
+        if not (isinstance(kind, str) and isinstance(name, str) and (kind, name) in offered):
+            said = f"the {shown(str(kind))} tool {shown(str(name))!r}"
+            return f"allows {said}, which tools does not offer"
+    if not allowed.get("tools") and allowed.get("mode") == "required":
+        return "mode required allows no tool: name at least one of tools"
+    return None
+
+
+def named_tool(tool: Any) -> tuple[Any, Any]:
+    """A tool (or a choice naming one) by its type and name: ``{"type": "function",
+    "function": {"name": ...}}``."""
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    said = tool.get(kind) if isinstance(tool, dict) and isinstance(kind, str) else None
+    return kind, said.get("name") if isinstance(said, dict) else None
 
 
 __all__ = [
+    "ALLOWED_TOOLS",
     "MAX_CHOICES",
     "MAX_STOP",
     "MIN_THINKING_BUDGET",
@@ -362,6 +432,8 @@ __all__ = [
     "TextPart",
     "ThinkingDisplay",
     "check_params",
+    "named_tool",
     "refused_param",
     "too_many_stops",
+    "unoffered_tools",
 ]

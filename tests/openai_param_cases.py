@@ -16,6 +16,18 @@ def _tool(**fields: Any) -> dict[str, Any]:
     return {"tools": [{"type": "function", "function": {"name": "f", **fields}}]}
 
 
+def _custom(**fields: Any) -> dict[str, Any]:
+    return {"tools": [{"type": "custom", "custom": {"name": "sh", **fields}}]}
+
+
+def _allowing(mode: str, *tools: Any) -> dict[str, Any]:
+    """A function tool ``f`` offered, and an ``allowed_tools`` choice allowing ``tools``."""
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": list(tools)}}
+    return _tool() | {"tool_choice": choice}
+
+
+ALLOWED = "tool_choice.allowed_tools.tools"
+
 REFUSED: list[tuple[dict[str, Any], str]] = [
     (_schema(name="a", strict="yes"), "response_format.json_schema.strict"),
     (_schema(name="a", schema="obj"), "response_format.json_schema.schema"),
@@ -54,6 +66,21 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
         {"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "any", "tools": []}}},
         "tool_choice.allowed_tools.mode",
     ),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2000, "foo": 1}}, "thinking.foo"),
+    (_custom(format={"type": "yaml"}), "tools.0.custom.format.type"),
+    (
+        _custom(format={"type": "grammar", "grammar": {"syntax": "ebnf", "definition": "x"}}),
+        "tools.0.custom.format.grammar.syntax",
+    ),
+    (
+        _custom(format={"type": "grammar", "grammar": {"syntax": "lark"}}),
+        "tools.0.custom.format.grammar.definition",
+    ),
+    (_custom(foo=1), "tools.0.custom.foo"),
+    (_allowing("required", {"type": "function", "function": {"name": "nope"}}), ALLOWED),
+    (_allowing("auto", {"type": "custom", "custom": {"name": "f"}}), ALLOWED),
+    (_allowing("required", {"type": "function", "function": {"name": ["f"]}}), ALLOWED),
+    (_allowing("required"), ALLOWED),
     ({"top_k": "5"}, "top_k"),
     (_tool(input_examples="x"), "tools.0.function.input_examples"),
     (
@@ -84,6 +111,8 @@ ENUMS = {
     "web_search_options.search_context_size": "'low', 'medium' or 'high'",
     "thinking.type": "'enabled', 'disabled', 'adaptive', 'between_tools'",
     "thinking.display": "'summarized' or 'omitted'",
+    "tools.0.custom.format.type": "'text', 'grammar'",
+    "tools.0.custom.format.grammar.syntax": "'lark' or 'regex'",
     "tool_choice.allowed_tools.mode": "'auto' or 'required'",
     "web_search_options.user_location.type": "'approximate'",
 }

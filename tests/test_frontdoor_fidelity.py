@@ -147,3 +147,111 @@ async def test_more_than_four_stop_sequences_reach_a_vllm_server_and_openai_refu
     assert served.choices[0].message.content == "mock reply to: Tell me a"
     # and OpenAI's limit of 4 to be kept, naming the parameter
     assert refused.value.param == "stop"
+
+
+async def test_anthropics_thinking_in_an_openai_request_keeps_anthropics_rules(
+    door: Door,
+) -> None:
+    hi = [dict(STORY[0])]
+    thinking = {"type": "enabled", "budget_tokens": 2000}
+    async with door.client() as sdk:
+        # When an OpenAI-format request to a Claude model thinks with no max_tokens
+        unbounded = await sdk.chat.completions.create(
+            model="claude-haiku", messages=hi, extra_body={"thinking": thinking}
+        )
+        unbounded_sent = door.gateway.mock.requests[-1].body
+        # and with a max_tokens below its budget
+        await sdk.chat.completions.create(
+            model="claude-haiku", messages=hi, max_tokens=1500, extra_body={"thinking": thinking}
+        )
+        bounded_sent = door.gateway.mock.requests[-1].body
+        # and with a thinking Anthropic's own API refuses, to either provider
+        refused = []
+        for model, bad in [
+            ("claude-haiku", {"type": "disabled", "display": "omitted"}),
+            ("gpt-4o-mini", {"type": "disabled", "display": "omitted"}),
+            ("gpt-4o-mini", thinking | {"foo": 1}),
+        ]:
+            with pytest.raises(openai.BadRequestError) as error:
+                await sdk.chat.completions.create(
+                    model=model, messages=hi, extra_body={"thinking": bad}
+                )
+            refused.append(error.value.param)
+
+    # Expect Anthropic to get room to answer past the budget, as reasoning_effort gets it
+    assert unbounded.choices[0].message.content == "mock reply to: Tell me a story"
+    assert unbounded_sent is not None
+    assert (unbounded_sent["max_tokens"], unbounded_sent["thinking"]) == (3024, thinking)
+    # ... the budget lowered below a max_tokens that bounds thinking and answer together
+    assert bounded_sent is not None and bounded_sent["max_tokens"] == 1500
+    assert bounded_sent["thinking"] == {"type": "enabled", "budget_tokens": 1499}
+    # ... and what /v1/messages refuses refused the same, naming the field, never called
+    assert refused == ["thinking.display", "thinking.display", "thinking.foo"]
+    assert door.gateway.mock.stats.calls == 2
+
+
+async def test_an_allowed_tools_choice_allowing_no_tool_offered_is_refused(door: Door) -> None:
+    function = {"type": "function", "function": {"name": "get_w", "parameters": {"type": "object"}}}
+    refused = []
+    async with door.client() as sdk:
+        # When an allowed_tools choice to a Claude model requires a tool the request does not
+        # offer: unknown, none at all, or a function's name as a custom tool's
+        for allowed in [
+            [{"type": "function", "function": {"name": "nope"}}],
+            [],
+            [{"type": "custom", "custom": {"name": "get_w"}}],
+        ]:
+            choice = {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "required", "tools": allowed},
+            }
+            with pytest.raises(openai.BadRequestError) as error:
+                await sdk.chat.completions.create(
+                    model="claude-haiku",
+                    messages=[dict(STORY[0])],
+                    tools=[function],  # type: ignore[list-item]
+                    tool_choice=choice,  # type: ignore[arg-type]
+                )
+            refused.append((error.value.code, error.value.param))
+
+    # Expect each refused naming the allowed tools, never sent as no tool to call
+    assert refused == [("invalid_request", "tool_choice.allowed_tools.tools")] * 3
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_a_custom_tool_call_in_history_is_refused_by_anthropic_by_name(door: Door) -> None:
+    call = {"id": "call_x1", "type": "custom", "custom": {"name": "exec", "input": "ls -la"}}
+    history = [
+        {"role": "user", "content": "run"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_x1", "content": "file.txt"},
+    ]
+    async with door.client() as sdk:
+        # When a conversation holding a custom tool's call goes to a Claude model, whose
+        # tool_use takes an object, not a custom tool's text
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.chat.completions.create(model="claude-haiku", messages=history)  # type: ignore[arg-type]
+        # and to an OpenAI model, which has custom tools
+        served = await sdk.chat.completions.create(model="gpt-4o-mini", messages=history)  # type: ignore[arg-type]
+
+    # Expect it refused naming the call, never sent with its input lost
+    error = refused.value
+    assert (error.code, error.param) == ("invalid_request", "messages.1.tool_calls.0"), error
+    assert "unsupported: messages.1.tool_calls.0: custom tool calls" in error.message
+    assert served.choices[0].message.content
+    assert [r.path for r in door.gateway.mock.requests] == ["/v1/chat/completions"]
+
+
+async def test_a_vllm_server_takes_cache_control_on_a_content_part(door: Door) -> None:
+    part = {"type": "text", "text": "Tell me a story", "cache_control": {"type": "ephemeral"}}
+    async with door.client() as sdk:
+        # When a content part marked for Anthropic's prompt cache goes to a vLLM server
+        served = await sdk.chat.completions.create(
+            model="local-llama",
+            messages=[{"role": "user", "content": [part]}],  # type: ignore[list-item]
+        )
+
+    # Expect it passed on as it is, and vLLM (which ignores what it does not know) to answer
+    sent = door.gateway.mock.requests[-1].body
+    assert sent is not None and sent["messages"][0]["content"] == [part]
+    assert served.choices[0].message.content == "mock reply to: Tell me a story"

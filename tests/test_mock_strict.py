@@ -90,6 +90,33 @@ def test_the_field_lists_are_the_sdks() -> None:
             "tool_choice.allowed_tools.mode: invalid value 'any'",
         ),
         (
+            chat(
+                tools=[{"type": "function", "function": {"name": "get_weather"}}],
+                tool_choice={
+                    "type": "allowed_tools",
+                    "allowed_tools": {
+                        "mode": "required",
+                        "tools": [{"type": "function", "function": {"name": "nope"}}],
+                    },
+                },
+            ),
+            "tool_choice.allowed_tools.tools: allows the function tool 'nope', which tools",
+        ),
+        (
+            chat(
+                tools=[
+                    {
+                        "type": "custom",
+                        "custom": {
+                            "name": "sql",
+                            "format": {"type": "grammar", "grammar": {"syntax": "lark"}},
+                        },
+                    }
+                ]
+            ),
+            "tools[0].custom.format.grammar.definition: Field required",
+        ),
+        (
             chat(response_format={"type": "json_schema"}),
             "response_format.json_schema.name: Field required",
         ),
@@ -364,3 +391,19 @@ async def test_openai_takes_four_stop_sequences_and_a_vllm_server_any_number(
     assert vllm.status_code == 200, vllm.text
     answer = ChatCompletion.model_validate(vllm.json()).choices[0].message
     assert answer.content == "mock reply to: he"
+
+
+async def test_a_vllm_server_ignores_fields_it_does_not_know_at_any_depth(
+    client: httpx.AsyncClient,
+) -> None:
+    marked = {"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}}
+    body = chat(messages=[{"role": "user", "content": [marked]}])
+
+    refused = await client.post(OPENAI, json=body)
+    taken = await client.post(VLLM + OPENAI, json=body)
+
+    # OpenAI refuses the part's marker (the gateway leaves it out for OpenAI); vLLM, whose
+    # request model ignores unknown fields, answers
+    assert refused.status_code == 400
+    assert taken.status_code == 200, taken.text
+    assert ChatCompletion.model_validate(taken.json()).choices[0].message.content

@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
-from queuegate.openai_params import MIN_THINKING_BUDGET, THINKING_ON
+from queuegate.openai_params import MIN_THINKING_BUDGET, THINKING_ON, named_tool
 from queuegate.provider_formats import (
     ANTHROPIC_BODY,
     ANTHROPIC_EXAMPLES,
@@ -305,13 +305,13 @@ def _messages(
     """The top-level system prompt and the alternating user/assistant turns."""
     system: list[Block] = []
     turns: list[Block] = []
-    for message in messages:
+    for index, message in enumerate(messages):
         if message.name is not None:
             fidelity.unsupported("messages[].name", "a message's name is not supported")
         if message.role in ("system", "developer"):
             system.extend(_cached(message, _blocks(message.content, fidelity, text_only=True)))
             continue
-        role, blocks = _turn(message, fidelity)
+        role, blocks = _turn(message, f"messages.{index}", fidelity)
         if not blocks:  # the Messages API refuses empty turns
             continue
         if turns and turns[-1]["role"] == role:
@@ -331,7 +331,7 @@ def _cached(message: ChatMessage, blocks: list[Block]) -> list[Block]:
     return blocks
 
 
-def _turn(message: ChatMessage, fidelity: Fidelity) -> tuple[str, list[Block]]:
+def _turn(message: ChatMessage, where: str, fidelity: Fidelity) -> tuple[str, list[Block]]:
     if message.role == "tool":
         result: Block = {"type": "tool_result", "tool_use_id": message.tool_call_id or ""}
         if isinstance(message.content, str):
@@ -343,7 +343,8 @@ def _turn(message: ChatMessage, fidelity: Fidelity) -> tuple[str, list[Block]]:
         return "user", _cached(message, [result])
     blocks = _blocks(message.content, fidelity)
     if message.role == "assistant":
-        blocks.extend(_tool_use(call) for call in message.tool_calls or [])
+        calls = enumerate(message.tool_calls or [])
+        blocks.extend(_tool_use(call, f"{where}.tool_calls.{i}") for i, call in calls)
     return message.role, _cached(message, blocks)
 
 
@@ -423,7 +424,12 @@ def _document(part: Block) -> Block:
     return block | fields
 
 
-def _tool_use(call: dict[str, Any]) -> Block:
+def _tool_use(call: dict[str, Any], where: str) -> Block:
+    if call.get("type") != "function":
+        # A custom tool's call is free text, a tool_use block's input an object; and a
+        # custom tool is no tool Anthropic can be offered (``_tool``).
+        kind = str(call.get("type"))[:40]
+        raise ProviderError("unsupported", f"{where}: {kind} tool calls", param=where)
     try:
         return tool_use_block(call)
     except ValueError as exc:
@@ -508,14 +514,21 @@ def _metadata(user: str | None, metadata: Any, fidelity: Fidelity) -> Block:
 def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: Fidelity) -> None:
     """``reasoning_effort`` as extended thinking, and what thinking requires of the rest."""
     effort = extra.get("reasoning_effort")
+    asked_by = "thinking"
     if effort not in (None, "none"):
         if "thinking" in extra:
             fidelity.unsupported("reasoning_effort", "set together with thinking")
         elif effort not in THINKING_BUDGETS:
             fidelity.unsupported("reasoning_effort", f"{effort!r} has no thinking budget")
         else:
-            _budget(params, out, THINKING_BUDGETS[effort], fidelity)
+            out["thinking"] = {"type": "enabled", "budget_tokens": THINKING_BUDGETS[effort]}
+            asked_by = "reasoning_effort"
     thinking = out.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        # The job's own budget as an effort's (an Anthropic-format job's is below its
+        # max_tokens already: Anthropic's door refuses it otherwise).
+        _budget(params, out, thinking, asked_by, fidelity)
+        thinking = out.get("thinking")
     if not (isinstance(thinking, dict) and thinking.get("type") in THINKING_ON):
         return
     # Anthropic's rules for thinking, adaptive thinking's too: temperature 1 only, no top_k,
@@ -537,20 +550,24 @@ def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: F
         }
 
 
-def _budget(params: ChatParams, out: Block, budget: int, fidelity: Fidelity) -> None:
-    """A job's ``max_tokens`` bounds thinking and answer together, as OpenAI's bounds
-    reasoning and answer; without one the answer keeps ``DEFAULT_MAX_TOKENS`` past the budget."""
+def _budget(
+    params: ChatParams, out: Block, thinking: Block, asked_by: str, fidelity: Fidelity
+) -> None:
+    """Enabled ``thinking`` within the job's ``max_tokens``, which bounds thinking and answer
+    together, as OpenAI's bounds reasoning and answer: its budget lowered below it; without
+    one, the answer keeps ``DEFAULT_MAX_TOKENS`` past the budget. Too little left to think:
+    ``asked_by`` (the parameter that asked for thinking) refused, or dropped."""
     requested = params.output_limit
+    budget = thinking["budget_tokens"]
     if requested is None:
         out["max_tokens"] = budget + DEFAULT_MAX_TOKENS
     else:
         budget = min(budget, requested - 1)
         if budget < MIN_THINKING_BUDGET:
-            fidelity.unsupported(
-                "reasoning_effort", f"max_tokens must exceed {MIN_THINKING_BUDGET} to think"
-            )
+            fidelity.unsupported(asked_by, f"max_tokens must exceed {MIN_THINKING_BUDGET} to think")
+            out.pop("thinking", None)
             return
-    out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    out["thinking"] = thinking | {"budget_tokens": budget}
 
 
 def _tool(tool: dict[str, Any]) -> Block:
@@ -580,16 +597,8 @@ def _allowed(
     if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
         return tools, choice
     allowed = choice.get("allowed_tools") or {}
-    named = {_named(tool) for tool in allowed.get("tools") or []}
-    return [tool for tool in tools if _named(tool) in named], allowed.get("mode")
-
-
-def _named(tool: Any) -> tuple[Any, Any]:
-    """A tool (or a choice naming one) by its type and name: ``{"type": "function",
-    "function": {"name": ...}}``."""
-    kind = tool.get("type") if isinstance(tool, dict) else None
-    said = tool.get(kind) if isinstance(tool, dict) and isinstance(kind, str) else None
-    return kind, said.get("name") if isinstance(said, dict) else None
+    named = {named_tool(tool) for tool in allowed.get("tools") or []}
+    return [tool for tool in tools if named_tool(tool) in named], allowed.get("mode")
 
 
 def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
@@ -601,7 +610,7 @@ def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
     elif choice == "required":
         out = {"type": "any"}
     elif isinstance(choice, dict) and choice.get("type") == "function":
-        out = {"type": "tool", "name": _named(choice)[1]}
+        out = {"type": "tool", "name": named_tool(choice)[1]}
     else:
         kind = choice.get("type") if isinstance(choice, dict) else choice
         raise ProviderError("unsupported", f"tool_choice {str(kind)[:40]!r}")
