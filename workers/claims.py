@@ -24,10 +24,11 @@ Redis, in the same script call that looks for the job's stored outcome::
 - Each call is recorded in the claim before it leaves; a delivery that takes over a lapsed
   claim accounts the call its owner had in flight (``lost``, priced at its estimate).
 - A job with a deadline may expire in its queue after its owner died mid-call: the broker
-  dead-letters it, and no delivery comes back to account the call. Its claim is on the
-  namespace's lapsing claims from its first recorded call (in the scripts that record: no
-  round trip of its own), and a worker's sweep (``lapsed``) takes it past its deadline and a
-  lease, to be billed as a delivery taking it over would bill it (``lua/sweep.lua``). It
+  dead-letters it, and no delivery comes back to answer it or account the call. Its claim is
+  on the namespace's lapsing claims from its first recorded call, with its reply queue (in
+  the scripts that record: no round trip of its own), and a worker's sweep (``lapsed``)
+  takes it past its deadline and a lease, to be answered and billed as a delivery taking it
+  over would (``lua/sweep.lua``). It
   stays there once its outcome is stored, until the usage batch carrying its event is
   confirmed (``accounted``: one command per batch): an owner that died in between, its job
   then expiring, has the stored event sent again by a sweep.
@@ -110,10 +111,12 @@ class ClaimedJob(NamedTuple):
     model: str
     """The model the job asked for: its budget's scope, and its usage row's."""
     deadline: datetime | None = None
+    reply_to: str | None = None
+    """Where its result goes (None: nowhere): a sweep that bills it answers it there."""
 
     @classmethod
-    def of(cls, job: ChatJob) -> ClaimedJob:
-        return cls(job.team, job.job_id, job.model, job.deadline)
+    def of(cls, job: ChatJob, reply_to: str | None = None) -> ClaimedJob:
+        return cls(job.team, job.job_id, job.model, job.deadline, reply_to)
 
 
 class Unaccounted(NamedTuple):
@@ -130,7 +133,7 @@ class Lapsed(NamedTuple):
     """What a sweep found due on the lapsing claims (``Claims.lapsed``)."""
 
     claims: list[Claim]
-    """Held here, their dead owners' calls to be billed."""
+    """Held here, their jobs to be answered and their dead owners' calls billed."""
     answered: list[Unaccounted]
 
 
@@ -251,6 +254,7 @@ class Claims:
         redelivered: bool,
         ahead: Ahead | None = None,
         first: LostCall | None = None,
+        reply_to: str | None = None,
     ) -> Claim | Outcome:
         """The job held by this delivery, or its stored outcome; waits while another delivery
         holds it. Raises IdempotencyConflict, AlreadyAnswered, Busy past ``claim_wait``, or
@@ -268,15 +272,25 @@ class Claims:
         its claim straight to that call (``Claim.recorded``): its own record would be a round
         trip more right before the call.
 
+        ``reply_to``: where the job's result goes, kept with each call the claim records for
+        a job with a deadline, so that a sweep billing it answers it there.
+
         A miss (Redis not answering) is the job unclaimed, only once usage_log says it was
         not answered, for the memory epoch is unknown too."""
-        taken = await self._take(job, redelivered=redelivered, ahead=ahead, first=first)
+        claimed = ClaimedJob.of(job, reply_to)
+        taken = await self._take(job, claimed, redelivered=redelivered, ahead=ahead, first=first)
         if isinstance(taken, Claim) and taken.missed:
             await self._not_accounted(job)
         return taken
 
     async def _take(
-        self, job: ChatJob, *, redelivered: bool, ahead: Ahead | None, first: LostCall | None
+        self,
+        job: ChatJob,
+        claimed: ClaimedJob,
+        *,
+        redelivered: bool,
+        ahead: Ahead | None,
+        first: LostCall | None,
     ) -> Claim | Outcome:
         """As ``take``, a miss not looked up."""
         key = self._keys.claim(job.team, job.job_id)
@@ -288,7 +302,7 @@ class Claims:
         give_up = time.monotonic() + self._wait
         pause = FIRST_POLL
         claim_keys, riding = [key, result, *self._epoch_keys, failures], ahead
-        recording = None if first is None else self.hold_call(key, owner, ClaimedJob.of(job), first)
+        recording = None if first is None else self.hold_call(key, owner, claimed, first)
         while True:
             try:
                 reply, recorded = await self._try(claim_keys, args, riding, recording)
@@ -296,7 +310,7 @@ class Claims:
                 riding = recording = None
             except RedisError as exc:
                 self._outage.failed(exc)
-                return Claim(self, ClaimedJob.of(job), fingerprint, key, missed=True)
+                return Claim(self, claimed, fingerprint, key, missed=True)
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
@@ -308,7 +322,7 @@ class Claims:
                 lost = _lost(reply[2])
                 held = None
                 if lost:
-                    held = Claim(self, ClaimedJob.of(job), fingerprint, key, owner=owner, lost=lost)
+                    held = Claim(self, claimed, fingerprint, key, owner=owner, lost=lost)
                     self._held[key] = owner
                 raise Poison(
                     f"job {job.job_id} failed {int(reply[1])} deliveries (died in a provider "
@@ -320,7 +334,7 @@ class Claims:
                 if stored is not None:
                     return stored
                 log.warning("stored outcome of job %s is unreadable; serving it", job.job_id)
-                return Claim(self, ClaimedJob.of(job), fingerprint, key)
+                return Claim(self, claimed, fingerprint, key)
             if status == "claimed":
                 break
             left = give_up - time.monotonic()
@@ -331,7 +345,7 @@ class Claims:
         lost = _lost(reply[1])
         claim = Claim(
             self,
-            ClaimedJob.of(job),
+            claimed,
             fingerprint,
             key,
             owner=owner,
@@ -372,11 +386,12 @@ class Claims:
 
     async def lapsed(self) -> Lapsed:
         """Claims of jobs past their deadline and a lease whose dead owners' calls are on
-        record, now held here to be billed: their jobs expired in their queues, and no
-        delivery comes back for them. Each one is taken once, whichever sweeps or late
-        deliveries race for it (``lua/sweep.lua``). One that usage_log records was answered
-        (its outcome's store lost to a Redis fault) and is left to lapse, as a redelivery
-        would leave it; one PostgreSQL cannot tell of is swept again next time.
+        record, now held here to be answered (at the reply queue the claim kept) and billed:
+        their jobs expired in their queues, and no delivery comes back for them. Each one is
+        taken once, whichever sweeps or late deliveries race for it (``lua/sweep.lua``).
+        One that usage_log records was answered (its outcome's store lost to a Redis fault)
+        and is left to lapse, as a redelivery would leave it; one PostgreSQL cannot tell of
+        is swept again next time.
 
         And the stored outcomes of jobs answered whose usage batch was never confirmed, by
         one sweep at a time (each is due again a lease later, should its event's batch
@@ -405,7 +420,8 @@ class Claims:
                     await self._client.zrem(self._keys.lapsing, key)
                 if reply[0] != b"claimed":
                     continue
-                job = ClaimedJob(team, job_id, reply[3].decode())
+                reply_to = reply[4].decode() or None
+                job = ClaimedJob(team, job_id, reply[3].decode(), reply_to=reply_to)
                 lost = _lost(reply[1])
                 claim = Claim(
                     self, job, reply[2].decode(), key, owner=owner, lost=lost, taken_over=True
@@ -541,12 +557,13 @@ class Claims:
 
     def _recorded(self, job: ClaimedJob, call: LostCall) -> list[str | int]:
         """``hold.lua``'s arguments recording ``call``: with a deadline, when a sweep may
-        take the claim (a lease after it, when a dead owner's lease has surely lapsed)."""
+        take the claim (a lease after it, when a dead owner's lease has surely lapsed), and
+        what it bills and answers the job with (its model, its reply queue)."""
         if job.deadline is None:
             return [call.model_dump_json()]
         deadline = job.deadline if job.deadline.tzinfo else job.deadline.replace(tzinfo=UTC)
         due = int(deadline.timestamp() * 1000) + self._lease_ms
-        return [call.model_dump_json(), due, job.model]
+        return [call.model_dump_json(), due, job.model, job.reply_to or ""]
 
     async def _hold_for(
         self, key: str, owner: str, lease_ms: int, recorded: list[str | int]
@@ -672,7 +689,9 @@ class Claim:
         if not self.missed:
             return True
         try:
-            taken = await self._claims._take(job, redelivered=True, ahead=None, first=None)
+            taken = await self._claims._take(
+                job, self.job, redelivered=True, ahead=None, first=None
+            )
             if goes_on_missed and isinstance(taken, Claim) and taken.missed:
                 await self._claims._not_accounted(job)
         except (IdempotencyConflict, AlreadyAnswered) as exc:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -217,7 +217,7 @@ class JobProcessor:
                 "are billed"
             )
             try:
-                await self._bill_lost(claim, fault)
+                await self._bill_lost(claim, fault, answered=False)
             except Exception as exc:
                 log.exception("job %s could not be billed; it comes back", message.message_id)
                 await claim.abandon()
@@ -280,6 +280,7 @@ class JobProcessor:
                 redelivered=bool(message.redelivered),
                 ahead=ahead,
                 first=self._first_call(job, ahead) if straight else None,
+                reply_to=reply_to,
             )
         except JobError as exc:  # a different request under the id, or answered before
             # One answered before is refused as that wherever its reply queue is: its own row
@@ -400,10 +401,11 @@ class JobProcessor:
         return claim.account(outcome)
 
     async def sweep(self) -> None:
-        """Bill the calls lost with dead owners of jobs that then expired in their queues
-        (``Claims.lapsed``), as their redeliveries would have: a usage row under the job's
-        id with the calls, and the ledger charged. Each job's outcome is stored
-        ``deadline_exceeded``, so a delivery of it still to come is answered from it.
+        """Answer and bill the jobs whose owners died mid-call and that then expired in their
+        queues (``Claims.lapsed``), as their redeliveries would have: the ``deadline_exceeded``
+        result to the job's reply queue, a usage row under its id with the lost calls, and
+        the ledger charged. Each job's outcome is stored, so a delivery of it still to come
+        is answered from it.
 
         And send again the stored usage events of jobs answered whose worker died before
         their batch was confirmed, then expired in their queues, as their redeliveries would
@@ -417,15 +419,15 @@ class JobProcessor:
                 f"{len(claim.lost)} lost call(s) are billed"
             )
             try:
-                await self._bill_lost(claim, expired)
+                await self._bill_lost(claim, expired, answered=True)
             except Exception:
                 # A service gone (or a fault here): the claim is let go, to be swept again.
                 log.exception("lapsed job %s of team %s is swept again later", job.job_id, job.team)
                 await claim.abandon()
                 continue
             log.info(
-                "job %s of team %s expired after its worker died mid-call: its lost calls "
-                "are billed",
+                "job %s of team %s expired after its worker died mid-call: it is answered "
+                "and its lost calls are billed",
                 job.job_id,
                 job.team,
             )
@@ -452,13 +454,15 @@ class JobProcessor:
                     job_id,
                 )
 
-    async def _bill_lost(self, claim: Claim, error: JobError) -> None:
+    async def _bill_lost(self, claim: Claim, error: JobError, *, answered: bool) -> None:
         """End the job of ``claim`` with ``error``, billing the calls its dead owners made:
         a usage row under its id, the ledger charged, and the outcome stored (answering any
-        delivery still to come). Accounted before the claim ends, so that a failure between
-        the two bills them once when tried again (usage_log keeps a job's first row, the
-        charge replaces its entry); into no reply queue: its client is not answered (a swept
-        job's wait ended with its deadline, a poison job is dead-lettered unanswered)."""
+        delivery still to come). ``answered``: its result goes to the job's reply queue
+        first, as a delivery announces it (a swept job's); else its client is not answered
+        (a poison job is dead-lettered unanswered). Announced before the claim ends, so that
+        a failure between the two bills them once when tried again (usage_log keeps a job's
+        first row, the charge replaces its entry, the client drops a second result by job
+        id)."""
         job = claim.job
         timing = Timing(0.0, self._worker)
         outcome = failed(job.job_id, job.team, job.model, error, timing)
@@ -466,9 +470,9 @@ class JobProcessor:
         # still to come is answered from it, and a client drops a result naming another.
         result = outcome.result.model_copy(update={"request": claim.fingerprint})
         outcome = await self._billed(claim, outcome.model_copy(update={"result": result}))
-        usage = Announcement.of(outcome, None).usage
+        usage = await self._reply(Announcement.of(outcome, job.reply_to if answered else None))
         if usage is not None:
-            await self._publisher.usage(usage)
+            await self._accounting(usage, None)
         await claim.finish(outcome, accounted=True)
 
     async def _unreceivable(
@@ -690,35 +694,10 @@ class JobProcessor:
     ) -> None:
         """Announce the job, then acknowledge it; ``original``, the delivery, is given only
         when the job is bad input, which is also dead-lettered."""
-        usage = announcement.usage
-        reply_to = announcement.reply_to
-        if reply_to:
-            answering = self._publisher.result(reply_to, announcement.job_id, announcement.result)
-            if tracing.ON:
-                answering = tracing.traced(
-                    answering,
-                    "publish result",
-                    kind="PRODUCER",
-                    attributes={
-                        "messaging.system": "rabbitmq",
-                        "messaging.destination.name": reply_to,
-                    },
-                )
-            delivered = await answering
-            del answering  # not held through the usage event's wait (see _serve)
-            if not delivered:
-                usage = announcement.undelivered_usage()
+        usage = await self._reply(announcement)
         if usage is not None:
             # Acknowledged below only once the batch carrying the event is confirmed.
-            accounting = self._publisher.usage(usage, announcement.lapsing)
-            if tracing.ON:
-                accounting = tracing.traced(
-                    accounting,
-                    "publish usage",
-                    kind="PRODUCER",
-                    attributes={"messaging.system": "rabbitmq"},
-                )
-            await accounting
+            await self._accounting(usage, announcement.lapsing)
         error = announcement.bad_input
         if error is not None:
             assert original is not None
@@ -731,6 +710,42 @@ class JobProcessor:
                 first=self._gate.first_cause(original),
             )
         await settle(delivery.ack(), f"acknowledge job {announcement.job_id}", log)
+
+    async def _reply(self, announcement: Announcement) -> bytes | None:
+        """Send the result to its reply queue, if any, once the broker confirms it; the usage
+        event to send then, marked ``reply_delivered = false`` when that queue is gone or
+        full."""
+        reply_to = announcement.reply_to
+        if not reply_to:
+            return announcement.usage
+        answering = self._publisher.result(reply_to, announcement.job_id, announcement.result)
+        if tracing.ON:
+            answering = tracing.traced(
+                answering,
+                "publish result",
+                kind="PRODUCER",
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.destination.name": reply_to,
+                },
+            )
+        if await answering:
+            return announcement.usage
+        return announcement.undelivered_usage()
+
+    def _accounting(self, usage: bytes, lapsing: str | None) -> Awaitable[None]:
+        """The usage event in the worker's next batch: done once the broker confirms it.
+        Not a coroutine of its own, so that a job waiting for its batch (thousands do, when
+        the broker is the slowest stage) holds no frame more."""
+        accounting = self._publisher.usage(usage, lapsing)
+        if tracing.ON:
+            accounting = tracing.traced(
+                accounting,
+                "publish usage",
+                kind="PRODUCER",
+                attributes={"messaging.system": "rabbitmq"},
+            )
+        return accounting
 
 
 MAX_QUEUED_MS = 7 * 24 * 3600 * 1000

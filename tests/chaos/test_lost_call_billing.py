@@ -264,6 +264,84 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
     assert replay_drift == 0
 
 
+async def test_a_job_that_expires_in_its_queue_after_its_worker_died_mid_call_is_answered_once(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job due in 8 s whose worker is killed mid-call, its client still waiting
+    await register(settings, "beta", TeamConfig())
+    await declare_teams(settings, ("beta",))
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (_, handle, pool, env),
+    ):
+        # When it expires in its queue (no delivery of it comes back) and two workers of
+        # another team sweep
+        assert await dead_lettered(settings, expected=1, timeout=30) == 1
+        sweepers = [await start_worker(env, ("beta",)) for _ in range(2)]
+        try:
+            result = await handle.result(timeout=30)
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+        finally:
+            await stop_workers(sweepers)
+        rows = await pool.fetch("SELECT * FROM usage_log")
+        keys = Keys(settings.redis_prefix)
+        lapsing = await redis_client.zcard(keys.lapsing)
+        claimed = await redis_client.exists(keys.claim("alpha", handle.job_id))
+        duplicates = handle._client.duplicates
+
+    # Expect the client answered deadline_exceeded by the sweep that billed it, told the
+    # cost its one row holds, and delivered that result once
+    assert result.error is not None and result.error.code == "deadline_exceeded"
+    assert [(r["job_id"], r["error_code"], r["reply_delivered"]) for r in rows] == [
+        (handle.job_id, "deadline_exceeded", True)
+    ]
+    assert result.gateway is not None
+    assert result.gateway.cost_usd == Decimal(rows[0]["cost_usd"]) > 0
+    assert duplicates == 0
+    # ... and nothing left for a later sweep to answer or bill again
+    assert (lapsing, claimed) == (0, 0)
+
+
+async def test_a_swept_job_whose_reply_queue_is_gone_is_still_billed_once(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a job due in 8 s whose worker is killed mid-call
+    await register(settings, "beta", TeamConfig())
+    await declare_teams(settings, ("beta",))
+    async with (
+        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
+        killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (
+            stack,
+            handle,
+            pool,
+            env,
+        ),
+    ):
+        # When its reply queue is gone (its client closed) and it expires in its queue
+        # before a worker of another team sweeps
+        await stack.aclose()
+        assert await dead_lettered(settings, expected=1, timeout=30) == 1
+        sweeper = await start_worker(env, ("beta",))
+        try:
+            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+        finally:
+            await stop_workers([sweeper])
+        rows = await pool.fetch("SELECT * FROM usage_log")
+        drift = await ledger_drift(redis_client, pool, settings)
+        keys = Keys(settings.redis_prefix)
+        lapsing = await redis_client.zcard(keys.lapsing)
+        claimed = await redis_client.exists(keys.claim("alpha", handle.job_id))
+
+    # Expect its one row, the result undelivered, the lost call billed alike in the ledger,
+    # and the claim done with: the answer that reached nobody failed no sweep
+    assert [(r["job_id"], r["error_code"], r["reply_delivered"]) for r in rows] == [
+        (handle.job_id, "deadline_exceeded", False)
+    ]
+    assert Decimal(rows[0]["cost_usd"]) > 0
+    assert drift == 0
+    assert (lapsing, claimed) == (0, 0)
+
+
 async def kill_takers_until_dead_lettered(
     settings: Settings, mock: MockProvider, env: dict[str, str], killed: int
 ) -> tuple[int, asyncio.subprocess.Process]:

@@ -11,6 +11,7 @@
 --          job expire in its queue (ms since the epoch), or '' (no deadline: its delivery
 --          always comes back)
 -- ARGV[5]  with ARGV[4]: the model the job asked for (its budget's scope, its usage row's)
+-- ARGV[6]  with ARGV[4]: the job's reply queue, where a sweep answers it, or '' (nowhere)
 --
 -- Returns 1 while ARGV[1] owns the claim, 0 once another delivery took it over.
 
@@ -24,7 +25,7 @@ redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'attempt', ARGV[3])
   if ARGV[4] and ARGV[4] ~= '' then
-    redis.call('HSET', KEYS[1], 'model', ARGV[5])
+    redis.call('HSET', KEYS[1], 'model', ARGV[5], 'reply', ARGV[6] or '')
     redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), KEYS[1])
   end
 end

@@ -1,8 +1,8 @@
--- Take a lapsing claim (hold.lua) to bill the calls its dead owners made, when its job
--- expired in its queue and no delivery of it will come back. Decided on the claim's own
--- state, so a delivery that came back (claim.lua), or another sweep, and this one never
--- both take the calls: the taker stores the job's outcome (finish.lua), and the others are
--- answered from it.
+-- Take a lapsing claim (hold.lua) to answer its job and bill the calls its dead owners made,
+-- when that job expired in its queue and no delivery of it will come back. Decided on the
+-- claim's own state, so a delivery that came back (claim.lua), or another sweep, and this one
+-- never both take the calls: the taker stores the job's outcome (finish.lua), and the others
+-- are answered from it.
 --
 -- A job answered stays on the lapsing claims until the usage batch carrying its event is
 -- confirmed (finish.lua): one found due here with its outcome stored lost that batch with
@@ -20,8 +20,9 @@
 --   {'held'}                        a live delivery (or sweep) holds it, or sends its usage
 --                                   event: looked at again once that lease lapses
 --   {'none'}                        gone, or no call on record: left alone from now
---   {'claimed', lost, fp, model}    held now; lost: the calls (one JSON object a line), fp:
---                                   the request's fingerprint, model: the one it asked for
+--   {'claimed', lost, fp, model,    held now; lost: the calls (one JSON object a line), fp:
+--    reply}                         the request's fingerprint, model: the one it asked for,
+--                                   reply: its reply queue ('' if none)
 --   {'stored', outcome}             answered: its usage event (in outcome, as stored) to be
 --                                   sent again by this sweep
 
@@ -39,9 +40,10 @@ if stored then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), KEYS[1])
   return {'stored', stored}
 end
-local claim = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'lease', 'attempt', 'lost', 'model')
-local fp, owner, lease, attempt, lost, model = claim[1], claim[2], claim[3], claim[4], claim[5],
-  claim[6]
+local claim = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'lease', 'attempt', 'lost', 'model',
+  'reply')
+local fp, owner, lease, attempt, lost, model, reply = claim[1], claim[2], claim[3], claim[4],
+  claim[5], claim[6], claim[7]
 if owner and tonumber(lease) > now then
   redis.call('ZADD', KEYS[2], 'XX', tonumber(lease), KEYS[1])
   return {'held'}
@@ -57,4 +59,4 @@ end
 redis.call('HDEL', KEYS[1], 'attempt')
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease',
   string.format('%d', now + tonumber(ARGV[2])), 'lost', lost)
-return {'claimed', lost, fp, model or ''}
+return {'claimed', lost, fp, model or '', reply or ''}
