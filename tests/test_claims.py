@@ -567,6 +567,39 @@ async def test_a_lapsed_claim_is_taken_once_by_racing_sweeps_and_a_late_delivery
     assert await redis_client.zcard(keys.lapsing) == 0
 
 
+async def test_a_lapsed_claim_keeps_where_its_job_is_answered_for_the_sweep(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given two jobs past their deadlines whose owner died with a call recorded: one with
+    # its first call recorded with its claim, one on its own, only the first with a reply
+    # queue
+    dead = _claims(settings, redis_client, pool, "dead")
+    await dead.start()
+    passed = datetime.now(UTC) - timedelta(seconds=10)
+    hello = [{"role": "user", "content": "hi"}]
+    first, second = (
+        ChatJob(job_id=name, team="alpha", model="gpt-4o-mini", messages=hello, deadline=passed)
+        for name in ("with-first", "on-its-own")
+    )
+    call = LostCall(model="gpt-4o-mini", deployment="d", provider="p", cost_usd=Decimal(1))
+    taken = await dead.take(first, redelivered=False, first=call, reply_to="q.replies.alpha.1")
+    assert isinstance(taken, Claim) and taken.recorded == "d"
+    alone = await dead.take(second, redelivered=False)
+    assert isinstance(alone, Claim)
+    await alone.record(call)
+    for claim in (taken, alone):
+        await claim.abandon()
+
+    # When a worker sweeps
+    swept = await _claims(settings, redis_client, pool, "sweeper").lapsed()
+
+    # Expect each claim taken with the reply queue its job is answered at, if any
+    replies = {claim.job.job_id: claim.job.reply_to for claim in swept.claims}
+    assert replies == {"with-first": "q.replies.alpha.1", "on-its-own": None}
+    for claim in swept.claims:
+        await claim.finish(_expired(claim.job), accounted=True)
+
+
 async def test_a_lapsed_claim_of_a_job_usage_log_records_is_not_swept(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:

@@ -1,7 +1,8 @@
 """Chaos: the call a SIGKILLed worker had in flight is billed once, on the job's usage row and
 in its budget ledger alike, whether its job is called again, refused before any cost, expires
-in its queue with no delivery coming back (swept by another worker), or is dead-lettered past
-the delivery limit; and a call cut off at the job's deadline once sent is billed as alike."""
+in its queue with no delivery coming back (answered and billed by another worker's sweep,
+its reply queue there or gone), or is dead-lettered past the delivery limit; and a call cut
+off at the job's deadline once sent is billed as alike."""
 
 from __future__ import annotations
 
