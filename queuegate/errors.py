@@ -193,6 +193,8 @@ class AlreadyAnswered(JobError):
     result, which went to the original reply queue: it is not called again."""
 
     code = "already_answered"
+    cost_usd: Decimal | None = None
+    """What the job's usage row holds it cost, when the refusal read it there."""
 
 
 class AllProvidersFailed(JobError):

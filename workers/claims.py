@@ -146,6 +146,18 @@ class Duplicate(Exception):
     def __init__(self, found: Outcome | JobError) -> None:
         super().__init__(str(found))
         self.found = found
+        self.charged = False
+        """Whether the job's budget entry was settled to ``answered_usd`` (by the admission
+        ticket of this delivery, with its other settles)."""
+
+    @property
+    def answered_usd(self) -> Decimal | None:
+        """What the job's usage row holds it cost, as the outcome found or usage_log says;
+        None when not known (a different request's id)."""
+        found = self.found
+        if isinstance(found, Outcome):
+            return found.usage.cost_usd
+        return found.cost_usd if isinstance(found, AlreadyAnswered) else None
 
 
 class Poison(Exception):
@@ -411,9 +423,11 @@ class Claims:
                     self, job, reply[2].decode(), key, owner=owner, lost=lost, taken_over=True
                 )
                 self._held[key] = owner
+                answered: bool | None
                 try:
                     # Not waited for: the sweep runs in the worker's loop of periodic work.
-                    answered = await self._usage.accounted(team, job_id, until=time.monotonic())
+                    cost = await self._usage.accounted(team, job_id, until=time.monotonic())
+                    answered = cost is not None
                 except ServiceUnavailable:
                     answered = None
                 if answered is False:
@@ -452,14 +466,18 @@ class Claims:
             self._outage.failed(exc)  # then only the broker's far limit counts it
 
     async def _not_accounted(self, job: ChatJob) -> None:
-        """Raise AlreadyAnswered when PostgreSQL records the job's usage; wait while it
-        cannot tell, up to the job's time limit (then ServiceUnavailable)."""
+        """Raise AlreadyAnswered (with the cost its row holds) when PostgreSQL records the
+        job's usage; wait while it cannot tell, up to the job's time limit (then
+        ServiceUnavailable)."""
         until = time.monotonic() + self._lookup_wait
-        if await self._usage.accounted(job.team, job.job_id, until=until):
-            raise AlreadyAnswered(
+        cost = await self._usage.accounted(job.team, job.job_id, until=until)
+        if cost is not None:
+            answered = AlreadyAnswered(
                 f"job {job.job_id} was already answered (its usage is recorded); its "
                 "result went to the reply queue of the first delivery"
             )
+            answered.cost_usd = cost
+            raise answered
 
     async def start(self) -> None:
         """Write the memory epoch if Redis has none (it is new, or lost its data), so that
