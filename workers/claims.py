@@ -152,12 +152,15 @@ class Duplicate(Exception):
 
     @property
     def answered_usd(self) -> Decimal | None:
-        """What the job's usage row holds it cost, as the outcome found or usage_log says;
-        None when not known (a different request's id)."""
+        """What the job id's usage row holds its answer cost, as the outcome found (the
+        job's, or a different request's under its id) or usage_log says; None when not
+        known (that request not answered yet)."""
         found = self.found
         if isinstance(found, Outcome):
             return found.usage.cost_usd
-        return found.cost_usd if isinstance(found, AlreadyAnswered) else None
+        if isinstance(found, AlreadyAnswered | IdempotencyConflict):
+            return found.answered_usd
+        return None
 
 
 class Poison(Exception):
@@ -312,10 +315,7 @@ class Claims:
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
-                raise IdempotencyConflict(
-                    f"job id {job.job_id!r} was already used for a different request; "
-                    "give each request its own job id"
-                )
+                raise _conflict(job.job_id, reply)
             if status == "poison":
                 lost = _lost(reply[2])
                 held = None
@@ -476,7 +476,7 @@ class Claims:
                 f"job {job.job_id} was already answered (its usage is recorded); its "
                 "result went to the reply queue of the first delivery"
             )
-            answered.cost_usd = cost
+            answered.answered_usd = cost
             raise answered
 
     async def start(self) -> None:
@@ -876,6 +876,19 @@ def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> Lost
         provider=deployment.provider,
         cost_usd=estimate.usd_at(deployment),
     )
+
+
+def _conflict(job_id: str, reply: Sequence[Any]) -> IdempotencyConflict:
+    """The refusal of a request under ``job_id``, which names a different one (``reply``:
+    ``lua/claim.lua``'s), with what that one's answer cost when it is stored."""
+    conflict = IdempotencyConflict(
+        f"job id {job_id!r} was already used for a different request; "
+        "give each request its own job id"
+    )
+    other = stored_outcome(reply[1]) if len(reply) > 1 else None
+    if other is not None:
+        conflict.answered_usd = other.usage.cost_usd
+    return conflict
 
 
 def _lost(raw: bytes) -> list[LostCall]:
