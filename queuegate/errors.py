@@ -186,6 +186,8 @@ class IdempotencyConflict(JobError):
     fallbacks or team differ): it is not served, and never answered with the other's result."""
 
     code = "idempotency_conflict"
+    answered_usd: Decimal | None = None
+    """What the answer of the request the id names cost, when the refusal found it stored."""
 
 
 class AlreadyAnswered(JobError):
@@ -193,6 +195,8 @@ class AlreadyAnswered(JobError):
     result, which went to the original reply queue: it is not called again."""
 
     code = "already_answered"
+    answered_usd: Decimal | None = None
+    """What the job's usage row holds it cost, when the refusal read it there."""
 
 
 class AllProvidersFailed(JobError):

@@ -3,19 +3,22 @@
 Workers ask it of a job Redis may have forgotten (``workers.usage_record``), a ledger's
 reconciliation of the jobs whose entries it holds (``queuegate.spend``)::
 
-    rows = await accounted(pool, [("alpha", "job-1"), ("beta", "job-2")])   # {("alpha", "job-1")}
+    rows = await accounted(pool, [("alpha", "job-1"), ("beta", "job-2")])
+    # {("alpha", "job-1"): Decimal("0.000042")}: each with the cost its row holds
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from decimal import Decimal
 
 import asyncpg
 
 from queuegate.messages import storable
 
 _ACCOUNTED = (
-    "SELECT team, job_id FROM usage_log WHERE team = ANY($1::text[]) AND job_id = ANY($2::text[])"
+    "SELECT team, job_id, cost_usd FROM usage_log"
+    " WHERE team = ANY($1::text[]) AND job_id = ANY($2::text[])"
 )
 """Read by the (team, job_id) index. A row of one asked team under another's job id can come
 too (rarely: ids are unique per team), and is dropped below; pairs through ``unnest`` took
@@ -24,18 +27,20 @@ too (rarely: ids are unique per team), and is dropped below; pairs through ``unn
 
 async def accounted(
     db: asyncpg.Pool | asyncpg.Connection, jobs: Collection[tuple[str, str]]
-) -> set[tuple[str, str]]:
-    """Those of ``jobs``, (team, job id) pairs, that have a usage row. Raises asyncpg's
-    errors (``queuegate.db``)."""
+) -> dict[tuple[str, str], Decimal]:
+    """Those of ``jobs``, (team, job id) pairs, that have a usage row, each with the cost its
+    row holds. Raises asyncpg's errors (``queuegate.db``)."""
     # A text PostgreSQL cannot store has no row, and asking for it would fail the whole
     # lookup (a job id with a NUL, in a ledger from before jobs were checked for one).
     jobs = [(team, job) for team, job in jobs if storable(team) == team and storable(job) == job]
     if not jobs:
-        return set()
+        return {}
     teams, ids = {team for team, _ in jobs}, {job_id for _, job_id in jobs}
     rows = await db.fetch(_ACCOUNTED, list(teams), list(ids))
     asked = set(jobs)
-    return {pair for row in rows if (pair := (row["team"], row["job_id"])) in asked}
+    return {
+        pair: row["cost_usd"] for row in rows if (pair := (row["team"], row["job_id"])) in asked
+    }
 
 
 __all__ = ["accounted"]

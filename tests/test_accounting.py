@@ -445,9 +445,18 @@ async def test_graceful_stop_writes_what_it_holds(
 async def test_accounted_names_exactly_the_team_and_job_pairs_with_a_usage_row(
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
-    # Given rows of alpha's job-1 and job-2 and of beta's job-3 (job ids are unique per team)
+    # Given rows of alpha's job-1 and job-2 and of beta's job-3 (job ids are unique per team),
+    # each its own cost
     await migrate(pool, settings.database_schema)
-    await insert_usage(pool, [usage("job-1"), usage("job-2"), usage("job-3", team="beta")])
+    costs = [Decimal("0.1"), Decimal("0.2"), Decimal("0.3")]
+    await insert_usage(
+        pool,
+        [
+            usage("job-1", cost_usd=costs[0]),
+            usage("job-2", cost_usd=costs[1]),
+            usage("job-3", team="beta", cost_usd=costs[2]),
+        ],
+    )
 
     # When alpha's and beta's jobs are asked for across the teams, on a pool and in a
     # transaction as reconciliation asks
@@ -456,10 +465,11 @@ async def test_accounted_names_exactly_the_team_and_job_pairs_with_a_usage_row(
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         in_snapshot = await accounted(conn, [("alpha", "job-2"), ("alpha", "job-9")])
 
-    # Expect only the pairs with a row: another team's row under the same job id is not one
-    assert found == {("alpha", "job-1"), ("beta", "job-3")}
-    assert in_snapshot == {("alpha", "job-2")}
-    assert await accounted(pool, []) == set()
+    # Expect only the pairs with a row, each with the cost its row holds: another team's row
+    # under the same job id is not one
+    assert found == {("alpha", "job-1"): costs[0], ("beta", "job-3"): costs[2]}
+    assert in_snapshot == {("alpha", "job-2"): costs[1]}
+    assert await accounted(pool, []) == {}
 
 
 async def test_monthly_spend_equals_sums_of_the_rows(

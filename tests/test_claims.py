@@ -23,7 +23,7 @@ from accounting.store import insert_usage
 from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
-from queuegate.errors import DeadlineExceeded, JobIdInFlight
+from queuegate.errors import DeadlineExceeded, IdempotencyConflict, JobIdInFlight
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.messages import Attempt, ChatJob, ChatResult
@@ -40,7 +40,7 @@ from tests.teams import register
 from tests.test_script_calls import connections_named, named_client
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Call, Scripts
-from workers.claims import Claim, ClaimedJob, Claims, Lapsed, LostCall
+from workers.claims import Claim, ClaimedJob, Claims, Duplicate, Lapsed, LostCall
 from workers.outcome import Announcement, Outcome, Timing, as_json, failed
 from workers.outcome import served as served_outcome
 from workers.usage_record import UsageRecord
@@ -722,3 +722,45 @@ async def test_a_stored_outcome_reads_back_and_is_announced_as_the_one_stored(
     assert isinstance(stored, Outcome)
     again, first = Announcement.of(stored, "q"), Announcement.of(outcome, "q")
     assert (again.result, again.usage) == (first.result, first.usage)
+
+
+async def test_a_missed_claims_conflict_with_an_answered_request_tells_what_that_answer_cost(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a request answered under id j1 at a cost
+    claims = _claims(settings, redis_client, pool, "owner")
+    job = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
+    claim = await claims.take(job, redelivered=False)
+    assert isinstance(claim, Claim)
+    routed = Routed(
+        response={"id": "c1", "choices": [], "usage": None},
+        model_used="gpt-4o-mini",
+        deployment="d",
+        provider="p",
+        fallback_used=False,
+        attempts=[Attempt(model="gpt-4o-mini", deployment="d", provider="p", status=200)],
+        input_tokens=3,
+        output_tokens=5,
+        cached_tokens=0,
+        cost_usd=Decimal("0.000012"),
+        latency_ms=1.5,
+    )
+    outcome = served_outcome(job, routed, Timing(2.5, "w"))
+    await claim.finish(outcome, dumped=as_json(outcome))
+
+    # When a different request under j1, which missed its claim (Redis away) and may have
+    # reserved the id's budget entry meanwhile, takes it up
+    other = ChatJob(job_id="j1", team="alpha", model="gpt-4o", messages=HELLO)
+    missed = Claim(
+        claims,
+        ClaimedJob.of(other),
+        "0" * 64,
+        Keys(settings.redis_prefix).claim("alpha", "j1"),
+        missed=True,
+    )
+    with pytest.raises(Duplicate) as refused:
+        await missed.take_up(other)
+
+    # Expect it refused as a conflict, knowing what the answer its entry stood for cost
+    assert isinstance(refused.value.found, IdempotencyConflict)
+    assert refused.value.answered_usd == Decimal("0.000012")

@@ -7,15 +7,23 @@ import asyncio
 import os
 import sys
 import time
+from decimal import Decimal
 
 import pytest
+import redis.asyncio as aioredis
 
+from mockprovider import Behavior, MockConfig
 from queuegate.errors import ServiceUnavailable
+from queuegate.keys import Keys
+from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.spend import NANO, current_month, ledger_spent
+from router import load_catalog
 from tests.proxy import TcpProxy
 from tests.support import running_gateway, wait_until
 from tests.teams import register
+from workers.admission.estimate import estimate
 
 HELLO = [{"role": "user", "content": "Hello"}]
 TIMEOUT = 0.3
@@ -55,6 +63,68 @@ async def test_a_hung_redis_holds_jobs_uncalled_and_each_is_served_once_when_it_
             assert len({r["job_id"] for r in rows}) == 4
             assert {h.job_id for h in handles} <= {r["job_id"] for r in rows}
             await wait_until(lambda: not admission.outage.down, timeout=30)
+
+
+async def test_resends_refused_as_answered_after_a_hang_leave_the_ledger_at_the_usage_rows(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a team whose budget holds its jobs' estimates, and one more job's by what they
+    # really cost, but not one more estimate; its fail-closed worker reaching Redis through a
+    # proxy, accounting reconciling its ledger only at start
+    calls, catalog = 4, load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    one = estimate(
+        ChatJob(job_id="x", team="alpha", model="gpt-4o-mini", messages=HELLO),
+        catalog,
+        TeamConfig(),
+        settings.expected_output_tokens,
+    ).cost_nano
+    budget = Decimal(calls * one + one // 2) / NANO
+    await register(settings, "alpha", TeamConfig(budget_usd=budget))
+    keys, month = Keys(settings.redis_prefix), current_month()
+    async with TcpProxy(settings.redis_url) as proxy:
+        s = settings.model_copy(
+            update={
+                "redis_url": proxy.url,
+                "redis_outage": "fail_closed",
+                "redis_timeout": TIMEOUT,
+                "claim_lease": 1.0,
+                "spend_reconcile_interval": 3600.0,
+            }
+        )
+        slow = MockConfig(default=Behavior(latency_ms=2500))
+        async with (
+            running_gateway(s, mock_config=slow) as gw,
+            gw.client("alpha") as first,
+            gw.client("alpha") as again,
+        ):
+            jobs = [first.job("gpt-4o-mini", HELLO, job_id=f"hung-{i}") for i in range(calls)]
+            sent = [await first.submit(job) for job in jobs]
+
+            # When Redis hangs past its command bound with the jobs' calls in flight (each
+            # recorded in its claim before it leaves), the same jobs sent again meanwhile and
+            # their first calls accounted
+            claims = [keys.claim("alpha", job.job_id) for job in jobs]
+            async with asyncio.timeout(10):
+                # Polled: no event says a call left.
+                while not all([await redis_client.hexists(c, "attempt") for c in claims]):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            proxy.hang()
+            resent = [await again.submit(job) for job in jobs]
+            await gw.usage_rows(calls, timeout=30)
+            await proxy.up()
+            firsts = await asyncio.gather(*(h.result(timeout=60) for h in sent))
+            seconds = await asyncio.gather(*(h.result(timeout=60) for h in resent))
+            assert {r.status for r in firsts} == {"ok"}
+            assert all(r.status == "ok" or r.error.code == "already_answered" for r in seconds)
+            assert gw.mock.stats.calls == calls
+
+            # Expect the ledger, without a reconciliation, to hold what the usage rows do
+            rows = await gw.usage_rows(calls)
+            assert len(rows) == calls
+            spent = sum((row["cost_usd"] for row in rows), Decimal(0))
+            assert await ledger_spent(redis_client, keys, "alpha", month) == spent
+            # and a job the budget holds by them served at once, neither refused nor held
+            assert (await first.chat("gpt-4o-mini", HELLO, timeout=15)).status == "ok"
 
 
 async def test_a_client_opening_while_the_gateways_redis_is_away_is_told_redis_in_one_line(

@@ -149,6 +149,21 @@ class Duplicate(Exception):
     def __init__(self, found: Outcome | JobError) -> None:
         super().__init__(str(found))
         self.found = found
+        self.charged = False
+        """Whether the job's budget entry was settled to ``answered_usd`` (by the admission
+        ticket of this delivery, with its other settles)."""
+
+    @property
+    def answered_usd(self) -> Decimal | None:
+        """What the job id's usage row holds its answer cost, as the outcome found (the
+        job's, or a different request's under its id) or usage_log says; None when not
+        known (that request not answered yet)."""
+        found = self.found
+        if isinstance(found, Outcome):
+            return found.usage.cost_usd
+        if isinstance(found, AlreadyAnswered | IdempotencyConflict):
+            return found.answered_usd
+        return None
 
 
 class Poison(Exception):
@@ -314,10 +329,7 @@ class Claims:
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
-                raise IdempotencyConflict(
-                    f"job id {job.job_id!r} was already used for a different request; "
-                    "give each request its own job id"
-                )
+                raise _conflict(job.job_id, reply)
             if status == "poison":
                 lost = _lost(reply[2])
                 held = None
@@ -427,9 +439,11 @@ class Claims:
                     self, job, reply[2].decode(), key, owner=owner, lost=lost, taken_over=True
                 )
                 self._held[key] = owner
+                answered: bool | None
                 try:
                     # Not waited for: the sweep runs in the worker's loop of periodic work.
-                    answered = await self._usage.accounted(team, job_id, until=time.monotonic())
+                    cost = await self._usage.accounted(team, job_id, until=time.monotonic())
+                    answered = cost is not None
                 except ServiceUnavailable:
                     answered = None
                 if answered is False:
@@ -468,14 +482,18 @@ class Claims:
             self._outage.failed(exc)  # then only the broker's far limit counts it
 
     async def _not_accounted(self, job: ChatJob) -> None:
-        """Raise AlreadyAnswered when PostgreSQL records the job's usage; wait while it
-        cannot tell, up to the job's time limit (then ServiceUnavailable)."""
+        """Raise AlreadyAnswered (with the cost its row holds) when PostgreSQL records the
+        job's usage; wait while it cannot tell, up to the job's time limit (then
+        ServiceUnavailable)."""
         until = time.monotonic() + self._lookup_wait
-        if await self._usage.accounted(job.team, job.job_id, until=until):
-            raise AlreadyAnswered(
+        cost = await self._usage.accounted(job.team, job.job_id, until=until)
+        if cost is not None:
+            answered = AlreadyAnswered(
                 f"job {job.job_id} was already answered (its usage is recorded); its "
                 "result went to the reply queue of the first delivery"
             )
+            answered.answered_usd = cost
+            raise answered
 
     async def start(self) -> None:
         """Write the memory epoch if Redis has none (it is new, or lost its data), so that
@@ -877,6 +895,19 @@ def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> Lost
         provider=deployment.provider,
         cost_usd=estimate.usd_at(deployment),
     )
+
+
+def _conflict(job_id: str, reply: Sequence[Any]) -> IdempotencyConflict:
+    """The refusal of a request under ``job_id``, which names a different one (``reply``:
+    ``lua/claim.lua``'s), with what that one's answer cost when it is stored."""
+    conflict = IdempotencyConflict(
+        f"job id {job_id!r} was already used for a different request; "
+        "give each request its own job id"
+    )
+    other = stored_outcome(reply[1]) if len(reply) > 1 else None
+    if other is not None:
+        conflict.answered_usd = other.usage.cost_usd
+    return conflict
 
 
 def _lost(raw: bytes) -> list[LostCall]:

@@ -345,7 +345,7 @@ class JobProcessor:
                 await claim.take_up(job)
         except Duplicate as duplicate:
             return await self._duplicate(
-                duplicate.found, message, job, admitted=admitted, reply_to=reply_to, timing=timing
+                duplicate, message, job, admitted=admitted, reply_to=reply_to, timing=timing
             )
         except (Busy, Poison):
             raise  # another delivery holds it (taken up once admitted): as from the first take
@@ -656,7 +656,11 @@ class JobProcessor:
             if isinstance(exc, JobError):
                 # What its calls still cost: on its row and result (outcome.failed) alike.
                 exc.billed = spent = claim.spent(exc)
-            elif isinstance(exc, Duplicate | Busy):
+            elif isinstance(exc, Duplicate):
+                # Uncalled: another delivery answered the job, whose entry this one's
+                # reservation replaced.
+                exc.charged = ticket.answered(exc.answered_usd)
+            elif isinstance(exc, Busy):
                 ticket.leave_budget()  # uncalled: another delivery holds the job
             await ticket.settle(spent)
             raise
@@ -667,7 +671,7 @@ class JobProcessor:
 
     async def _duplicate(
         self,
-        found: Outcome | JobError,
+        duplicate: Duplicate,
         message: AbstractIncomingMessage,
         job: ChatJob,
         *,
@@ -676,7 +680,16 @@ class JobProcessor:
         timing: Timing,
     ) -> Announcement:
         """End a job that, taking up its claim, found another delivery's outcome (sent again,
-        as to any duplicate) or a refusal (as its first take would have been refused)."""
+        as to any duplicate) or a refusal (as its first take would have been refused).
+
+        Its budget entry holds the answer's cost again, which a reservation of this
+        delivery's (made while its claim was missed) replaced: the job's own usage row counts
+        it once. Settled with its admission's other settles when it was admitted, else
+        here."""
+        if not duplicate.charged:
+            cost = duplicate.answered_usd
+            await self._admission.charge(job.team, job.model, job.job_id, cost)
+        found = duplicate.found
         if isinstance(found, Outcome):
             log.info("job %s was answered by another delivery; sending its result", job.job_id)
             return Announcement.of(found, reply_to, lapsing=self._claims.lapsing(job))

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from functools import partial
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import asyncpg
 
@@ -31,6 +32,13 @@ RETRY_AFTER = 1.0
 with backoff, and a dead or silent server is not asked once per job."""
 
 
+class Row(NamedTuple):
+    """What usage_log says of one job."""
+
+    cost_usd: Decimal | None
+    """What its usage row holds it cost; None when it has no row."""
+
+
 class UsageRecord:
     """Reads ``usage_log`` through the worker's pool.
 
@@ -46,11 +54,12 @@ class UsageRecord:
         self._outage = OutageLog(
             log, "PostgreSQL (usage_log)", "jobs that must be looked up there wait for it"
         )
-        self._asked: dict[tuple[str, str], asyncio.Future[bool | None]] = {}
+        self._asked: dict[tuple[str, str], asyncio.Future[Row | None]] = {}
         self._looking: asyncio.Task[None] | None = None
 
-    async def accounted(self, team: str, job_id: str, *, until: float) -> bool:
-        """Whether the job has a usage row: it was answered (ok or error) and accounted.
+    async def accounted(self, team: str, job_id: str, *, until: float) -> Decimal | None:
+        """What the job's usage row holds it cost, if it has one (it was answered, ok or
+        error, and accounted); None when it has none.
 
         While PostgreSQL cannot tell, asked again with backoff up to ``until`` (a monotonic
         time), then ServiceUnavailable: the job goes back to its queue uncalled.
@@ -65,9 +74,9 @@ class UsageRecord:
                 )
             await asyncio.sleep(min(delay, left))
             delay = min(2 * delay, RETRY_CAP)
-        return answer
+        return answer.cost_usd
 
-    async def _has(self, team: str, job_id: str) -> bool | None:
+    async def _has(self, team: str, job_id: str) -> Row | None:
         key = (team, job_id)
         answer = self._asked.get(key)
         if answer is None:
@@ -80,7 +89,7 @@ class UsageRecord:
         while self._asked:
             asked, self._asked = self._asked, {}
             try:
-                nothing: set[tuple[str, str]] = set()
+                nothing: dict[tuple[str, str], Decimal] = {}
                 found = await self._read(partial(accounted, self._pool, list(asked)), nothing)
             except asyncio.CancelledError:
                 for answer in asked.values():
@@ -91,7 +100,7 @@ class UsageRecord:
                 found = None
             for key, answer in asked.items():
                 if not answer.done():
-                    answer.set_result(None if found is None else key in found)
+                    answer.set_result(None if found is None else Row(found.get(key)))
 
     async def accounted_before(self, epoch_ms: float, seconds: float) -> bool | None:
         """Whether any job that finished in the ``seconds`` before ``epoch_ms`` (Unix time,

@@ -649,6 +649,9 @@ class Ticket:
         self._deployments: list[tuple[str, Limit]] = []
         """The deployments whose buckets this job took from, by name."""
         self._settled = False
+        self._answered: int | None = None
+        """Nano-USD the job's usage row holds, once a duplicate found it answered
+        (``answered``): what its entry settles to, in place of what this delivery spent."""
         self._waited: float | None = None
         """Seconds spent waiting for buckets; None while it met none (no limits)."""
 
@@ -686,11 +689,24 @@ class Ticket:
 
     def leave_budget(self) -> None:
         """Leave the job's budget entry unsettled: a duplicate's (``Claim.take_up`` found the
-        job held or answered). One entry per job id, which its reservation replaced with the
-        same estimate: the delivery holding the job settles it (given back here, the holder's
-        reservation would stop counting while it calls), and accounting's reconciliation
-        drops it once the job's usage row is in."""
+        job held by another delivery). One entry per job id, which its reservation replaced
+        with the same estimate: the delivery holding the job settles it (given back here, the
+        holder's reservation would stop counting while it calls)."""
         self.budget = None
+
+    def answered(self, usd: Decimal | None) -> bool:
+        """Settle the job's budget entry to ``usd``, what its usage row holds it cost, with its
+        other settles: a duplicate's (``Claim.take_up`` found the job answered). One entry
+        per job id, which its reservation replaced (the answer's own settle, or the
+        reservation of the delivery that answered it, whose settle may have been lost): left
+        as it is, it would hold the estimate against the budget until accounting's
+        reconciliation. Whether it will be settled: not when ``usd`` is unknown (then left
+        as ``leave_budget`` leaves it), or the job reserved nothing."""
+        if usd is None or self.budget is None:
+            self.budget = None
+            return False
+        self._answered = to_nano(usd)
+        return True
 
     async def enter(self, deployment: Deployment, then: Call | None = None) -> bool:
         """Wait for the deployment's own buckets (the provider account's RPM/TPM); whether
@@ -854,6 +870,8 @@ class Ticket:
                 served = routed is not None and name == routed.deployment
                 calls.append(settle_call([limit], back if served else self.estimate.tokens))
         actual = self._lost + (to_nano(routed.cost_usd) if routed is not None else 0)
+        if self._answered is not None:
+            actual = self._answered
         return self._admission.settlement(
             [call for call in calls if call is not None], self.budget, actual
         )

@@ -14,7 +14,8 @@
 -- ARGV[5]  the delivery limit: failures a job may have before it is dead-lettered
 --
 -- Returns one of:
---   {'conflict'}                        the id is used by a different request
+--   {'conflict', outcome}               the id is used by a different request; outcome: as
+--                                       stored, when that request was answered, else absent
 --   {'stored', outcome}                 the job was answered: outcome as stored
 --   {'busy', owner, ms}                 another delivery holds it for ms more
 --   {'claimed', lost, epoch, over}      held now; lost: calls a lapsed owner had in flight
@@ -53,7 +54,7 @@ end
 local stored = redis.call('GET', KEYS[2])
 if stored then
   if string.sub(stored, 1, 1) ~= '{' and string.sub(stored, 1, 64) ~= ARGV[3] then
-    return {'conflict'}
+    return {'conflict', stored}
   end
   local failures = poisoned()
   if failures then
