@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
@@ -265,3 +266,51 @@ async def test_a_lapsed_or_reconciled_reservation_stops_holding_the_budget_back(
         await redis_client.hget(keys.spend("alpha", month), "reserved")
         == str(DOLLAR * 85 // 100).encode()
     )
+
+
+async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_dropped_as_dead(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget and a $1 cap on model m, each holding $0.30 reservations of a job
+    # whose claim's owner is alive, one whose owner's lease lapsed (it died), and one with no
+    # claim (it missed it, and takes it up later)
+    keys, month = Keys(settings.redis_prefix), current_month()
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(budget_usd=Decimal(1), models={"m": ModelLimits(budget_usd=Decimal(1))})
+    now_ms = int(time.time() * 1000)
+    leases = {"job-live": now_ms + 60_000, "job-dead": now_ms - 1}
+    for job_id, lease in leases.items():
+        await redis_client.hset(keys.claim("alpha", job_id), mapping={"owner": "w", "lease": lease})
+    held = {}
+    for job_id in ("job-live", "job-dead", "job-unclaimed"):
+        held[job_id], _ = await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, job_id)
+
+    # When a $0.30 job is held back by them, and the dead ones in each ledger are dropped
+    with pytest.raises(BudgetHeld) as caught:
+        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
+    assert await budgets.drop_dead(caught.value) == 1
+    with pytest.raises(BudgetHeld) as caught:  # the model's cap holds it still
+        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
+    assert caught.value.ledger == keys.spend("alpha", month, "m")
+    assert await budgets.drop_dead(caught.value) == 1
+
+    # Expect the dead job's reservation gone from both, the others kept: the waiting job fits
+    # now, and a fourth does not
+    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
+    assert reserved is not None
+    with pytest.raises(BudgetHeld):
+        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-fourth")
+    for model in (None, "m"):
+        ledger = await redis_client.hgetall(keys.spend("alpha", month, model))
+        assert b"r:job-dead" not in ledger and b"j:job-dead" not in ledger
+        assert ledger[b"open"] == ledger[b"reserved"] == str(DOLLAR * 9 // 10).encode()
+        expiry = keys.spend_expiry("alpha", month, model)
+        assert await redis_client.zscore(expiry, "job-dead") is None
+    # ... and the dead job's next delivery, settling the entry its dead owner reserved as it
+    # takes the claim over, adds nothing: its call's cost comes in with its usage row
+    dead = held["job-dead"]
+    assert dead is not None
+    await Scripts(redis_client, keys).run(budgets.settle_call(dead, DOLLAR // 100))
+    for model in (None, "m"):
+        ledger = await redis_client.hgetall(keys.spend("alpha", month, model))
+        assert ledger[b"open"] == str(DOLLAR * 9 // 10).encode()

@@ -6,8 +6,9 @@ estimate error. A job the settled spend has room for, but not with the other job
 reservations, is not refused: ``BudgetHeld`` says it is to wait for them to settle (most of
 an estimate comes back), holding nothing meanwhile. Each job holds one entry, which lapses
 ``lease`` seconds after its reserve (a worker that died mid-job never settles it) and
-``SETTLED_TTL`` after its settle; accounting reconciles every ledger with usage_log
-(queuegate/spend.py), which also recovers a settle lost to a Redis error.
+``SETTLED_TTL`` after its settle; a reservation whose job's claim lapsed (its worker died)
+goes sooner, once it holds a job back (``drop_dead``). Accounting reconciles every ledger
+with usage_log (queuegate/spend.py), which also recovers a settle lost to a Redis error.
 
 When Redis has lost a ledger, the usage_log sum it is made again from misses the jobs
 accounting has not written yet. So each worker remembers the jobs it settled (up to
@@ -31,12 +32,13 @@ from decimal import Decimal
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from queuegate.db import DB_ERRORS
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.numbers import plain_decimal
-from queuegate.redis_client import text
+from queuegate.redis_client import lua_source, text
 from queuegate.registry import TeamConfig
 from queuegate.spend import (
     LEDGER_TTL,
@@ -62,6 +64,8 @@ SETTLED_KEPT = 20_000
 """Settled jobs a worker remembers per ledger (the newest), to put back if Redis loses it:
 about 3 MB. A worker that settles more of one team's jobs than this while accounting is
 behind on them leaves the oldest out of a rebuilt ledger until accounting writes them."""
+DEAD_BATCH = 100
+"""Reservations ``drop_dead`` looks at per script call: bounded work for Redis."""
 LOCK_WAIT = 5.0
 """Seconds a rebuild waits for another reconciler's round (well under a second) to end."""
 
@@ -71,10 +75,13 @@ class BudgetHeld(Exception):
     other jobs in flight: it waits for them to settle or lapse, then reserves again (refused
     only if the settled spend cannot take it then)."""
 
-    def __init__(self, ledger: str, message: str) -> None:
+    def __init__(self, team: str, ledger: str, expiry: str, message: str) -> None:
         super().__init__(message)
+        self.team = team
         self.ledger = ledger
         """The one whose reservations held it: a settle in it may let it in."""
+        self.expiry = expiry
+        """The ledger's expiry set."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,9 @@ class Budgets:
         self._lease_ms = math.ceil(lease * 1000)
         self._slack = slack
         self._token = reconciler_token()
+        self._unreserve: AsyncScript = client.register_script(
+            lua_source("workers.admission", "unreserve")
+        )
         self._generations: dict[str, str] = {}
         """Each ledger's generation as this worker last reserved in it."""
         self._settled: dict[str, OrderedDict[str, tuple[int, float]]] = {}
@@ -226,7 +236,9 @@ class Budgets:
             at = int(reply[1]) - 1
             scope_model, limit = scopes[at]
             raise BudgetHeld(
+                held.team,
                 held.keys[2 * at],
+                held.keys[2 * at + 1],
                 f"team {held.team}'s {f'{scope_model} cap' if scope_model else 'budget'} "
                 f"(${plain_decimal(limit)}) is held by the reservations of its jobs in flight "
                 f"(${plain_decimal(Decimal(int(reply[2])) / NANO)} spent and reserved)",
@@ -250,6 +262,36 @@ class Budgets:
         generations = [text(gen) for gen in reply[3 : 3 + len(ledgers)]]
         self._generations.update(zip(ledgers, generations, strict=True))
         return replace(reserving.held, generations=generations)
+
+    async def drop_dead(self, held: BudgetHeld) -> int:
+        """Drop the reservations, in the ledger that ``held`` a job, of the jobs whose claims
+        lapsed (their workers died; ``lua/unreserve.lua``): how many. Those jobs' next
+        deliveries, which would end them, may be queued behind the very jobs they hold."""
+        jobs: list[str] = []
+        cursor = 0
+        while True:
+            cursor, fields = await self._client.hscan(
+                held.ledger, cursor, match="r:*", count=10 * DEAD_BATCH
+            )
+            jobs += [text(field).removeprefix("r:") for field in fields]
+            if not cursor:
+                break
+        dropped = 0
+        for at in range(0, len(jobs), DEAD_BATCH):
+            batch = jobs[at : at + DEAD_BATCH]
+            claims = [self._keys.claim(held.team, job) for job in batch]
+            dropped += len(
+                await self._unreserve(keys=[held.ledger, held.expiry, *claims], args=batch)
+            )
+        if dropped:
+            log.warning(
+                "dropped %d budget reservations of team %s whose workers died (their claims "
+                "lapsed) in %s",
+                dropped,
+                held.team,
+                held.ledger,
+            )
+        return dropped
 
     def settle_call(self, reservation: Reservation, actual_nano: int) -> Call:
         """The script call that replaces the reserved estimate with what the job really cost,

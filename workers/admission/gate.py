@@ -13,8 +13,10 @@ A job whose budget has room on its settled spend but not beside the open reserva
 team's other jobs in flight waits here too, holding nothing, until enough of those settle
 (most of an estimate comes back) or lapse; then it is reserved, or refused if the settled
 spend cannot take it. Only the first of a process's jobs waiting on the same ledgers asks
-Redis, woken by this process's settles in them and polling for other processes'. Past its
-deadline it is answered ``deadline_exceeded``, past the maximum wait ``rate_limited``.
+Redis, woken by this process's settles in them and polling for other processes'; once it
+has waited a claim lease, it drops the reservations of jobs whose workers died (their claims
+lapsed), whose next deliveries may be queued behind it. Past its deadline it is answered
+``deadline_exceeded``, past the maximum wait ``rate_limited``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class Admission:
         """Per budget ledger a job waited on (``_wait_for_budget``), set by each settle of this
         process's in it: one per team, month and capped model."""
         self._deployment_limits: dict[str, Limit | None] = {}
+        self._swept: dict[str, float] = {}
+        """Per budget ledger a job waited on, when this process last looked in it for the
+        reservations of dead workers' jobs (``_drop_dead``)."""
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
         self._configs = dict(configs)
@@ -368,6 +373,7 @@ class Admission:
         once its deadline or the maximum wait comes first. Meanwhile the job holds nothing it
         did not hold already, nor a connection: only the first in line asks Redis."""
         what = "its budget is held by the reservations of its team's jobs in flight"
+        since = time.monotonic()
         await ticket.join(line, partial(ticket.late, what), ticket.served)
         try:
             delay, checked = BUDGET_POLL, time.monotonic()
@@ -387,9 +393,13 @@ class Admission:
                 left = ticket.until - time.monotonic()
                 if left <= 0:
                     raise ticket.late(str(cause)) from cause
+                sweep = self._sweep_in(cause, since)
+                if sweep <= 0 and await self._drop_dead(cause):
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        self._settle_event(cause.ledger).wait(), min(delay, left)
+                        self._settle_event(cause.ledger).wait(),
+                        min(delay, left, sweep if sweep > 0 else self._settings.claim_lease / 2),
                     )
                 delay = min(delay * 2, RETRY_SECONDS)
                 if time.monotonic() - checked >= CHECK_SECONDS:
@@ -398,6 +408,25 @@ class Admission:
                     checked = time.monotonic()
         finally:
             line.release()
+
+    def _sweep_in(self, held: BudgetHeld, since: float) -> float:
+        """Seconds until the reservations that ``held`` a job waiting ``since`` then are to be
+        looked at for dead ones (``_drop_dead``): once it waited a claim lease (a dead
+        worker's claims lapse within one), then every half lease per ledger and process."""
+        lease = self._settings.claim_lease
+        last = self._swept.get(held.ledger)
+        due = since + lease if last is None else max(since + lease, last + lease / 2)
+        return due - time.monotonic()
+
+    async def _drop_dead(self, held: BudgetHeld) -> bool:
+        """Drop the reservations that ``held`` a job whose workers died: whether any went."""
+        self._swept[held.ledger] = time.monotonic()
+        try:
+            return await self._budgets.drop_dead(held) > 0
+        except RedisError as exc:
+            # They lapse in time anyway; the next look comes half a lease later.
+            log.warning("cannot look for dead jobs' budget reservations (%s)", exc)
+            return False
 
     def _settle_event(self, ledger: str) -> asyncio.Event:
         event = self._settles.get(ledger)

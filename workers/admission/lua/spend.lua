@@ -6,7 +6,8 @@
 -- reservation, an `r:<job id>` field holds it too, summed in `reserved`: settled spend =
 -- base + open - reserved. Beside it a sorted set holds when each entry lapses. A reserve
 -- first reaps the lapsed ones, so a reservation whose worker died without settling it stops
--- counting; accounting removes a job's entry once its usage row is in base
+-- counting (sooner once its job's claim lapsed and it holds a job back: unreserve.lua);
+-- accounting removes a job's entry once its usage row is in base
 -- (queuegate/lua/reconcile.lua). One entry per job id: a redelivered job's reservation
 -- replaces its earlier one instead of adding to it. A ledger's `gen` names it: a new one when
 -- it is made again after Redis lost it (queuegate/lua/reconcile.lua makes it), so a worker can

@@ -1,0 +1,117 @@
+"""A worker SIGKILLed holding budget reservations does not stall the jobs those hold: once its
+claims lapse, the jobs waiting on its reservations get them, though its jobs' redeliveries
+(which would end them) are queued behind the waiting jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from decimal import Decimal
+
+import redis.asyncio as aioredis
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate.broker import connect
+from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from queuegate.spend import current_month
+from queuegate.topology import Topology
+from tests.chaos.harness import (
+    collect,
+    declare_teams,
+    start_worker,
+    stop_workers,
+    usage_rows,
+    worker_env,
+)
+from tests.support import running_accountant
+from tests.teams import register
+
+BUDGET = Decimal("0.05")
+"""Three jobs' reservations (4,000 tokens each at the dearest fallback's price, about
+$0.016), not four; what the jobs really cost is a thousandth of it."""
+HELD = 3
+"""The killed worker's jobs: its prefetch, each with its reservation open."""
+WAITING = 2
+"""The surviving worker's prefetch, filled with jobs waiting on those reservations."""
+
+
+async def _reservations(client: aioredis.Redis, ledger: str) -> int:
+    """The open reservations in ``ledger``."""
+    return sum(field.startswith(b"r:") for field in await client.hkeys(ledger))
+
+
+async def _queue(settings: Settings) -> tuple[int, int]:
+    """Team alpha's queue: its messages ready, and its consumers."""
+    connection = await connect(settings.amqp_url, name="chaos-dead-reservations")
+    async with connection:
+        channel = await connection.channel()
+        underlay = await channel.get_underlay_channel()
+        declared = await underlay.queue_declare(
+            Topology.of(settings).team_queue("alpha"), passive=True
+        )
+        return int(declared.message_count or 0), int(declared.consumer_count or 0)
+
+
+async def test_a_killed_workers_reservations_stop_holding_once_its_claims_lapse(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with a budget three jobs' reservations fill, claims leased for 1 s, and
+    # a worker whose three jobs' calls hang, their reservations open
+    await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
+    ledger = Keys(settings.redis_prefix).spend("alpha", current_month())
+    async with MockProvider(MockConfig(default=Behavior(latency_ms=60_000))) as mock:
+        await declare_teams(settings, ("alpha",))
+        short = {"QUEUEGATE_CLAIM_LEASE": "1", "QUEUEGATE_ADMISSION_MAX_WAIT": "20"}
+        env = worker_env(settings, mock, **short)
+        killed = await start_worker({**env, "QUEUEGATE_PREFETCH": str(HELD)}, ("alpha",))
+        workers = [killed]
+        pool = await create_pool(settings)
+        try:
+            async with (
+                running_accountant(settings),
+                GatewayClient(settings, team="alpha") as client,
+            ):
+
+                def job(text: str) -> object:
+                    content = [{"role": "user", "content": text}]
+                    return client.job("gpt-4o-mini", content, max_tokens=4000)
+
+                handles = [await client.submit(job(f"held {i}")) for i in range(HELD)]
+                async with asyncio.timeout(30):
+                    # Polled: the reservations are made unannounced.
+                    while await _reservations(redis_client, ledger) < HELD:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                # ... and another worker whose slots fill with jobs waiting on them
+                workers.append(
+                    await start_worker({**env, "QUEUEGATE_PREFETCH": str(WAITING)}, ("alpha",))
+                )
+                async with asyncio.timeout(30):
+                    while (await _queue(settings))[1] < 2:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                handles += [await client.submit(job(f"waits {i}")) for i in range(WAITING + 1)]
+                async with asyncio.timeout(30):
+                    while (await _queue(settings))[0] > 1:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+
+                # When the first worker is killed (its jobs go back to the queue, behind the
+                # waiting ones) and the provider answers at once from then on
+                mock.configure(MockConfig(default=Behavior(latency_ms=50)))
+                killed.send_signal(signal.SIGKILL)
+                await killed.wait()
+
+                # Expect every job served well inside the maximum wait (none refused), each
+                # called once besides the killed worker's hung calls, within the budget
+                results = await collect(handles, timeout=15)
+                assert sorted(r.status if r.status == "ok" else r.error.code for r in results) == [
+                    "ok"
+                ] * len(handles)
+                assert len(handles) <= mock.stats.calls <= len(handles) + HELD
+                assert await usage_rows(pool, len(handles), timeout=30) == (len(handles),) * 2
+                assert await pool.fetchval("SELECT sum(cost_usd) FROM usage_log") <= BUDGET
+        finally:
+            await stop_workers(workers)
+            await pool.close()
