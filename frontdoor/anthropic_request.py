@@ -30,7 +30,7 @@ from frontdoor.chat_request import Limits, RequestOptions, chat_job
 from frontdoor.errors import ApiError
 from frontdoor.request_errors import deepest, describe, error_path, tagged_by
 from queuegate.messages import ChatJob
-from queuegate.openai_params import MIN_THINKING_BUDGET, ThinkingDisplay
+from queuegate.openai_params import Thinking, ThinkingEnabled
 from queuegate.provider_formats import (
     ANTHROPIC_COUNT_TOKENS_PARAMS,
     ANTHROPIC_MESSAGES_PARAMS,
@@ -190,30 +190,6 @@ class ToolChoiceNone(_Strict):
     type: Literal["none"]
 
 
-class ThinkingEnabled(_Strict):
-    type: Literal["enabled"]
-    budget_tokens: int = Field(ge=MIN_THINKING_BUDGET)
-    display: ThinkingDisplay | None = None
-
-
-class ThinkingDisabled(_Strict):
-    type: Literal["disabled"]
-
-
-class ThinkingAdaptive(_Strict):
-    type: Literal["adaptive"]
-    display: ThinkingDisplay | None = None
-
-
-class ThinkingBetweenTools(_Strict):
-    type: Literal["between_tools"]
-
-
-ThinkingConfig = Annotated[
-    ThinkingEnabled | ThinkingDisabled | ThinkingAdaptive | ThinkingBetweenTools,
-    Field(discriminator="type"),
-]
-"""Anthropic's ``ThinkingConfigParam``: every type its API takes."""
 
 
 class Metadata(_Strict):
@@ -235,7 +211,7 @@ class _Prompt(_Strict):
         ]
         | None
     ) = None
-    thinking: ThinkingConfig | None = None
+    thinking: Thinking | None = None  # one typing with OpenAI-format requests'
 
     @model_validator(mode="after")
     def _content_given(self) -> Self:
