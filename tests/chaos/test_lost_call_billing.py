@@ -79,6 +79,21 @@ async def ledger_drift(
     return await spend_drift(redis_client, pool, keys, "alpha", current_month())
 
 
+@asynccontextmanager
+async def swept(settings: Settings, env: dict[str, str], sweepers: int = 2) -> AsyncIterator[None]:
+    """The job of ``killed_mid_call`` expired in its queue (dead-lettered by the broker, no
+    delivery of it coming back), then ``sweepers`` workers of team beta, which holds no job,
+    running on ``env`` while the body runs: the sweep of its lapsed claim is theirs."""
+    await register(settings, "beta", TeamConfig())
+    await declare_teams(settings, ("beta",))
+    assert await dead_lettered(settings, expected=1, timeout=30) == 1
+    workers = [await start_worker(env, ("beta",)) for _ in range(sweepers)]
+    try:
+        yield
+    finally:
+        await stop_workers(workers)
+
+
 async def test_a_lost_call_whose_job_is_called_again_is_billed_alike_in_row_ledger_and_result(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
@@ -212,21 +227,15 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
 ) -> None:
     # Given a job due in 8 s whose worker is killed mid-call, and no other worker taking
     # its team's jobs
-    await register(settings, "beta", TeamConfig())
-    await declare_teams(settings, ("beta",))
     async with (
         MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
         killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (_, handle, pool, env),
     ):
         # When it expires in its queue (dead-lettered by the broker) and a worker of
         # another team sweeps
-        assert await dead_lettered(settings, expected=1, timeout=30) == 1
-        sweepers = [await start_worker(env, ("beta",)) for _ in range(2)]
-        try:
+        async with swept(settings, env):
             assert await usage_rows(pool, 1, timeout=30) == (1, 1)
             rows = await pool.fetch("SELECT * FROM usage_log")
-        finally:
-            await stop_workers(sweepers)
         drift = await ledger_drift(redis_client, pool, settings)
         keys = Keys(settings.redis_prefix)
         lapsing = await redis_client.zcard(keys.lapsing)
@@ -269,21 +278,15 @@ async def test_a_job_that_expires_in_its_queue_after_its_worker_died_mid_call_is
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job due in 8 s whose worker is killed mid-call, its client still waiting
-    await register(settings, "beta", TeamConfig())
-    await declare_teams(settings, ("beta",))
     async with (
         MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
         killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (_, handle, pool, env),
     ):
         # When it expires in its queue (no delivery of it comes back) and two workers of
         # another team sweep
-        assert await dead_lettered(settings, expected=1, timeout=30) == 1
-        sweepers = [await start_worker(env, ("beta",)) for _ in range(2)]
-        try:
+        async with swept(settings, env):
             result = await handle.result(timeout=30)
             assert await usage_rows(pool, 1, timeout=30) == (1, 1)
-        finally:
-            await stop_workers(sweepers)
         rows = await pool.fetch("SELECT * FROM usage_log")
         keys = Keys(settings.redis_prefix)
         lapsing = await redis_client.zcard(keys.lapsing)
@@ -307,8 +310,6 @@ async def test_a_swept_job_whose_reply_queue_is_gone_is_still_billed_once(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job due in 8 s whose worker is killed mid-call
-    await register(settings, "beta", TeamConfig())
-    await declare_teams(settings, ("beta",))
     async with (
         MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
         killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (
@@ -321,12 +322,8 @@ async def test_a_swept_job_whose_reply_queue_is_gone_is_still_billed_once(
         # When its reply queue is gone (its client closed) and it expires in its queue
         # before a worker of another team sweeps
         await stack.aclose()
-        assert await dead_lettered(settings, expected=1, timeout=30) == 1
-        sweeper = await start_worker(env, ("beta",))
-        try:
+        async with swept(settings, env, sweepers=1):
             assert await usage_rows(pool, 1, timeout=30) == (1, 1)
-        finally:
-            await stop_workers([sweeper])
         rows = await pool.fetch("SELECT * FROM usage_log")
         drift = await ledger_drift(redis_client, pool, settings)
         keys = Keys(settings.redis_prefix)
