@@ -190,8 +190,6 @@ class ToolChoiceNone(_Strict):
     type: Literal["none"]
 
 
-
-
 class Metadata(_Strict):
     user_id: str | None = Field(default=None, max_length=256)
 
