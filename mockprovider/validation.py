@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from queuegate.openai_params import ALLOWED_TOOLS, unoffered_tools
+from queuegate.openai_params import unoffered_tools
 from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
 
 Refusal = Callable[[str], str] | None
@@ -82,6 +82,14 @@ ANTHROPIC_THINKING = {
 }
 """Anthropic's ``thinking`` types and the fields of each (the anthropic SDK's
 ``ThinkingConfigParam``)."""
+ANTHROPIC_TOOL_CHOICES = {
+    "auto": frozenset({"type", "disable_parallel_tool_use"}),
+    "any": frozenset({"type", "disable_parallel_tool_use"}),
+    "tool": frozenset({"type", "name", "disable_parallel_tool_use"}),
+    "none": frozenset({"type"}),
+}
+"""Anthropic's ``tool_choice`` types and the fields of each (the anthropic SDK's
+``ToolChoiceParam``)."""
 ANTHROPIC_THINKING_ON = ("enabled", "adaptive")
 """The types under which the model thinks, and the rules for thinking hold."""
 ANTHROPIC_DISPLAYS = ("summarized", "omitted")
@@ -158,7 +166,7 @@ def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
     _openai_tool_choice(body.get("tool_choice"))
     unoffered = unoffered_tools(body.get("tools"), body.get("tool_choice"))
     if unoffered is not None:  # no tool a model could call: refused, never made up
-        raise InvalidRequest(f"{ALLOWED_TOOLS}: {unoffered}")
+        raise InvalidRequest(str(unoffered))
 
 
 def _openai_custom(custom: dict[str, Any], where: str, unknown: Refusal) -> None:
@@ -276,7 +284,25 @@ def check_anthropic(body: dict[str, Any]) -> None:
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise InvalidRequest(f"tools.{i}.input_schema.type: Input should be 'object'")
         _cache_control(tool, f"tools.{i}")
+    _tool_choice(body)
     _thinking(body)
+
+
+def _tool_choice(body: dict[str, Any]) -> None:
+    """A mode, or a tool by name: one of ``tools``, else no call the model could make."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ANTHROPIC_TOOL_CHOICES:
+        raise InvalidRequest(f"tool_choice.type: Input should be {_either(ANTHROPIC_TOOL_CHOICES)}")
+    _fields(choice, ANTHROPIC_TOOL_CHOICES[kind], "tool_choice", _extra)
+    if kind != "tool":
+        return
+    name = choice.get("name")
+    offered = {tool.get("name") for tool in body.get("tools") or [] if isinstance(tool, dict)}
+    if not isinstance(name, str) or name not in offered:
+        raise InvalidRequest(f"tool_choice.name: tool {name!r} is not one of tools")
 
 
 def _thinking(body: dict[str, Any]) -> None:

@@ -10,8 +10,8 @@ own tier as well (Anthropic-format jobs carry it); what an object may hold beyon
 is left to the provider, save where the API types every field it may hold (a custom tool's
 definition, Anthropic's ``thinking``: ``ClosedObject``). ``stop`` has no cap here: Anthropic
 takes more than OpenAI's 4 sequences, so the cap is kept where OpenAI's format is sent
-(``MAX_STOP``). An ``allowed_tools`` choice must name tools the request offers
-(``unoffered_tools``).
+(``MAX_STOP``). A ``tool_choice`` naming a tool, or an ``allowed_tools`` one, must name
+tools the request offers (``unoffered_tools``).
 """
 
 from __future__ import annotations
@@ -386,29 +386,49 @@ def check_params(params: dict[str, Any]) -> None:
         raise ParamError(where, reason) from None
     unoffered = unoffered_tools(params.get("tools"), params.get("tool_choice"))
     if unoffered is not None:
-        raise ParamError(ALLOWED_TOOLS, unoffered)
+        raise unoffered
 
 
 ALLOWED_TOOLS = "tool_choice.allowed_tools.tools"
+NAMED_CHOICES = frozenset({"function", "custom"})
+"""The ``tool_choice`` types naming one tool, under the type: ``{"type": "function",
+"function": {"name": ...}}``."""
 
 
-def unoffered_tools(tools: Any, choice: Any) -> str | None:
-    """Why an ``allowed_tools`` choice allows what ``tools`` does not offer (a tool by its
-    type and name: a custom tool is no function), or, in mode ``required``, no tool at all:
-    a call the model could not make, which Anthropic's adapter would send as no tools to
-    call and a caller would get text instead; None when it allows only tools offered."""
-    if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
+def unoffered_tools(tools: Any, choice: Any) -> ParamError | None:
+    """The error of a ``tool_choice`` asking for a tool that ``tools`` does not offer (a tool
+    by its type and name: a custom tool is no function): the function or custom tool it
+    names (``tool_choice.function.name``), a tool an ``allowed_tools`` choice allows, or, in
+    mode ``required``, no tool at all. Each is a call the model could not make: OpenAI and
+    Anthropic answer a named tool not offered with a 400 after the job waited its turn, and
+    Anthropic's adapter would send an ``allowed_tools`` choice as no tools to call, a caller
+    getting text instead. None when it asks only for tools offered."""
+    if not isinstance(choice, dict):
+        return None
+    offered = {named_tool(tool) for tool in tools or []}
+    kind = choice.get("type")
+    if kind in NAMED_CHOICES:
+        return _unoffered(choice, offered, f"tool_choice.{kind}.name", "names")
+    if kind != "allowed_tools":
         return None
     allowed = choice.get("allowed_tools") or {}
-    offered = {named_tool(tool) for tool in tools or []}
     for tool in allowed.get("tools") or []:
-        kind, name = named_tool(tool)
-        if not (isinstance(kind, str) and isinstance(name, str) and (kind, name) in offered):
-            said = f"the {shown(str(kind))} tool {shown(str(name))!r}"
-            return f"allows {said}, which tools does not offer"
+        unoffered = _unoffered(tool, offered, ALLOWED_TOOLS, "allows")
+        if unoffered is not None:
+            return unoffered
     if not allowed.get("tools") and allowed.get("mode") == "required":
-        return "mode required allows no tool: name at least one of tools"
+        return ParamError(ALLOWED_TOOLS, "mode required allows no tool: name at least one of tools")
     return None
+
+
+def _unoffered(
+    tool: Any, offered: set[tuple[Any, Any]], param: str, verb: str
+) -> ParamError | None:
+    kind, name = named_tool(tool)
+    if isinstance(kind, str) and isinstance(name, str) and (kind, name) in offered:
+        return None
+    said = f"the {shown(str(kind))} tool {shown(str(name))!r}"
+    return ParamError(param, f"{verb} {said}, which tools does not offer")
 
 
 def named_tool(tool: Any) -> tuple[Any, Any]:
@@ -420,7 +440,6 @@ def named_tool(tool: Any) -> tuple[Any, Any]:
 
 
 __all__ = [
-    "ALLOWED_TOOLS",
     "MAX_CHOICES",
     "MAX_STOP",
     "MIN_THINKING_BUDGET",

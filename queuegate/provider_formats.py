@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from queuegate.openai_params import unoffered_tools
+
 Block = dict[str, Any]
 
 OPENAI_CHAT_PARAMS = frozenset(
@@ -153,6 +155,11 @@ def openai_request(
         out["tools"] = [_function_tool(tool, _at(where, "tools")) for tool in params["tools"]]
     if params.get("tool_choice"):
         out.update(_openai_tool_choice(params["tool_choice"], _at(where, "tool_choice")))
+        # Named as the caller sent it (``tool_choice.name``), not as the canonical choice
+        # (``tool_choice.function.name``) that a job would be refused naming.
+        unoffered = unoffered_tools(out.get("tools"), out.get("tool_choice"))
+        if unoffered is not None:
+            raise ValueError(f"{_at(where, 'tool_choice.name')}: {unoffered.problem}")
     out.update({key: params[key] for key in _INVERSE_PASSED & params.keys()})
     return messages, out
 

@@ -26,6 +26,13 @@ def _allowing(mode: str, *tools: Any) -> dict[str, Any]:
     return _tool() | {"tool_choice": choice}
 
 
+def _naming(kind: str, name: str, *, offered: bool = True) -> dict[str, Any]:
+    """A ``tool_choice`` naming the ``kind`` tool ``name``, a function tool ``f`` offered (or
+    no tool at all)."""
+    choice = {"tool_choice": {"type": kind, kind: {"name": name}}}
+    return (_tool() if offered else {}) | choice
+
+
 ALLOWED = "tool_choice.allowed_tools.tools"
 
 REFUSED: list[tuple[dict[str, Any], str]] = [
@@ -81,6 +88,9 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     (_allowing("auto", {"type": "custom", "custom": {"name": "f"}}), ALLOWED),
     (_allowing("required", {"type": "function", "function": {"name": ["f"]}}), ALLOWED),
     (_allowing("required"), ALLOWED),
+    (_naming("function", "nope"), "tool_choice.function.name"),
+    (_naming("function", "f", offered=False), "tool_choice.function.name"),
+    (_naming("custom", "f"), "tool_choice.custom.name"),
     ({"top_k": "5"}, "top_k"),
     (_tool(input_examples="x"), "tools.0.function.input_examples"),
     (

@@ -5,7 +5,9 @@ anthropic SDKs against a real front door, worker and mock provider over HTTP."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
+import anthropic
 import openai
 import pytest
 from anthropic import AsyncAnthropic
@@ -217,6 +219,59 @@ async def test_an_allowed_tools_choice_allowing_no_tool_offered_is_refused(door:
     # Expect each refused naming the allowed tools, never sent as no tool to call
     assert refused == [("invalid_request", "tool_choice.allowed_tools.tools")] * 3
     assert door.gateway.mock.stats.calls == 0
+
+
+@pytest.mark.parametrize("alias", ["claude-haiku", "gpt-4o-mini"])
+async def test_a_tool_choice_naming_a_tool_not_offered_is_refused_in_either_format(
+    door: Door, alias: str
+) -> None:
+    function = {"type": "function", "function": {"name": "get_w", "parameters": {"type": "object"}}}
+    tool: Any = {"name": "get_w", "input_schema": {"type": "object"}}
+    async with door.client() as openai_sdk, anthropic_client(door) as anthropic_sdk:
+        # When a request names a tool its tools do not offer, in OpenAI's format (another
+        # function, a custom tool of a function's name, or with no tools at all)
+        refused = []
+        for tools, choice in [
+            ([function], {"type": "function", "function": {"name": "nope"}}),
+            ([function], {"type": "custom", "custom": {"name": "get_w"}}),
+            (openai.omit, {"type": "function", "function": {"name": "get_w"}}),
+        ]:
+            with pytest.raises(openai.BadRequestError) as error:
+                await openai_sdk.chat.completions.create(
+                    model=alias, messages=[dict(STORY[0])], tools=tools, tool_choice=choice
+                )
+            refused.append((error.value.code, error.value.param))
+        # and in Anthropic's
+        with pytest.raises(anthropic.BadRequestError) as anthropic_error:
+            await anthropic_sdk.messages.create(
+                model=alias,
+                max_tokens=50,
+                messages=STORY,
+                tools=[tool],
+                tool_choice={"type": "tool", "name": "nope"},
+            )
+        # while naming the tool offered is served, that tool called
+        served = await anthropic_sdk.messages.create(
+            model=alias,
+            max_tokens=50,
+            messages=STORY,
+            tools=[tool],
+            tool_choice={"type": "tool", "name": "get_w"},
+        )
+
+    # Expect each refused naming the field as its caller sent it, none sent to be refused by
+    # the provider after its turn in the queue
+    assert refused == [
+        ("invalid_request", "tool_choice.function.name"),
+        ("invalid_request", "tool_choice.custom.name"),
+        ("invalid_request", "tool_choice.function.name"),
+    ]
+    message = anthropic_error.value.body["error"]["message"]  # type: ignore[index]
+    assert "tool_choice.name: names the function tool 'nope', which tools does not offer" in (
+        message
+    )
+    assert [block.type for block in served.content] == ["tool_use"]
+    assert door.gateway.mock.stats.calls == 1
 
 
 async def test_a_custom_tool_call_in_history_is_refused_by_anthropic_by_name(door: Door) -> None:

@@ -222,6 +222,7 @@ def test_openai_parameters_of_openais_types_are_kept_as_sent() -> None:
         "service_tier": "standard_only",
         "prediction": {"type": "content", "content": "the answer"},
         "response_format": {"type": "json_schema", "json_schema": {"name": "a"}},
+        "tools": [{"type": "function", "function": {"name": "f"}}],
         "tool_choice": {"type": "function", "function": {"name": "f"}},
         "top_k": 5,
         "thinking": {"type": "enabled", "budget_tokens": 2048},

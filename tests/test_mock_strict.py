@@ -104,6 +104,13 @@ def test_the_field_lists_are_the_sdks() -> None:
         ),
         (
             chat(
+                tools=[{"type": "function", "function": {"name": "get_weather"}}],
+                tool_choice={"type": "function", "function": {"name": "nope"}},
+            ),
+            "tool_choice.function.name: names the function tool 'nope', which tools",
+        ),
+        (
+            chat(
                 tools=[
                     {
                         "type": "custom",
@@ -208,6 +215,21 @@ async def test_openai_refuses_unknown_fields_and_invalid_values(
         (
             claude(tools=[{"name": "f", "input_schema": {"type": "object"}, "x": 1}]),
             "tools.0.x: Extra inputs are not permitted",
+        ),
+        (
+            claude(
+                tools=[{"name": "f", "input_schema": {"type": "object"}}],
+                tool_choice={"type": "tool", "name": "nope"},
+            ),
+            "tool_choice.name: tool 'nope' is not one of tools",
+        ),
+        (
+            claude(tool_choice={"type": "required"}),
+            "tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'",
+        ),
+        (
+            claude(tool_choice={"type": "none", "disable_parallel_tool_use": True}),
+            "tool_choice.disable_parallel_tool_use: Extra inputs are not permitted",
         ),
         (
             claude(
