@@ -90,6 +90,10 @@ ANTHROPIC_TOOL_CHOICES = {
 }
 """Anthropic's ``tool_choice`` types and the fields of each (the anthropic SDK's
 ``ToolChoiceParam``)."""
+ANTHROPIC_OUTPUT_CONFIG = frozenset({"effort", "format"})
+ANTHROPIC_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+"""``output_config.effort`` (the anthropic SDK's ``OutputConfigParam``); which models take
+``xhigh`` and ``max`` is Anthropic's to judge, per model: the mock takes every level."""
 ANTHROPIC_THINKING_ON = ("enabled", "adaptive")
 """The types under which the model thinks, and the rules for thinking hold."""
 ANTHROPIC_DISPLAYS = ("summarized", "omitted")
@@ -285,6 +289,7 @@ def check_anthropic(body: dict[str, Any]) -> None:
             raise InvalidRequest(f"tools.{i}.input_schema.type: Input should be 'object'")
         _cache_control(tool, f"tools.{i}")
     _tool_choice(body)
+    _output_config(body.get("output_config"))
     _thinking(body)
 
 
@@ -303,6 +308,24 @@ def _tool_choice(body: dict[str, Any]) -> None:
     offered = {tool.get("name") for tool in body.get("tools") or [] if isinstance(tool, dict)}
     if not isinstance(name, str) or name not in offered:
         raise InvalidRequest(f"tool_choice.name: tool {name!r} is not one of tools")
+
+
+def _output_config(config: Any) -> None:
+    """How much effort the model spends (``effort``) and the JSON schema of its answer
+    (``format``)."""
+    if config is None:
+        return
+    _fields(config, ANTHROPIC_OUTPUT_CONFIG, "output_config", _extra)
+    if config.get("effort") not in (None, *ANTHROPIC_EFFORTS):
+        raise InvalidRequest(f"output_config.effort: Input should be {_either(ANTHROPIC_EFFORTS)}")
+    form = config.get("format")
+    if form is None:
+        return
+    _fields(form, {"type", "schema"}, "output_config.format", _extra)
+    if form.get("type") != "json_schema":
+        raise InvalidRequest("output_config.format.type: Input should be 'json_schema'")
+    if not isinstance(form.get("schema"), dict):
+        raise InvalidRequest("output_config.format.schema: Input should be an object")
 
 
 def _thinking(body: dict[str, Any]) -> None:

@@ -274,6 +274,26 @@ async def test_a_tool_choice_naming_a_tool_not_offered_is_refused_in_either_form
     assert door.gateway.mock.stats.calls == 1
 
 
+async def test_reasoning_effort_beside_adaptive_thinking_reaches_anthropic_as_its_effort(
+    door: Door,
+) -> None:
+    async with door.client() as sdk:
+        # When an OpenAI-format request to a Claude model thinks adaptively at an effort
+        answer = await sdk.chat.completions.create(
+            model="claude-haiku",
+            messages=[dict(STORY[0])],
+            reasoning_effort="max",
+            extra_body={"thinking": {"type": "adaptive"}},
+        )
+        sent = door.gateway.mock.requests[-1].body
+
+    # Expect Anthropic to get the effort where it takes it for adaptive thinking, and to think
+    assert sent is not None
+    assert (sent["thinking"], sent["output_config"]) == ({"type": "adaptive"}, {"effort": "max"})
+    assert answer.choices[0].message.model_extra is not None
+    assert answer.choices[0].message.model_extra["reasoning_content"]
+
+
 async def test_a_custom_tool_call_in_history_is_refused_by_anthropic_by_name(door: Door) -> None:
     call = {"id": "call_x1", "type": "custom", "custom": {"name": "exec", "input": "ls -la"}}
     history = [

@@ -232,6 +232,19 @@ async def test_openai_refuses_unknown_fields_and_invalid_values(
             "tool_choice.disable_parallel_tool_use: Extra inputs are not permitted",
         ),
         (
+            claude(thinking={"type": "adaptive"}, output_config={"effort": "minimal"}),
+            "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'",
+        ),
+        (
+            claude(output_config={"effort": "low", "reasoning_effort": "low"}),
+            "output_config.reasoning_effort: Extra inputs are not permitted",
+        ),
+        (claude(output_config="low"), "output_config: Input should be an object"),
+        (
+            claude(output_config={"format": {"type": "json_object"}}),
+            "output_config.format.type: Input should be 'json_schema'",
+        ),
+        (
             claude(
                 messages=[
                     {
@@ -301,6 +314,19 @@ async def test_anthropic_thinks_when_asked(
     assert kinds == ["thinking", "text"]
     assert message.usage.output_tokens_details is not None
     assert message.usage.output_tokens_details.thinking_tokens == 4  # "mock thinking about: hello"
+
+
+@pytest.mark.parametrize("effort", ["low", "medium", "high", "xhigh", "max"])
+async def test_anthropic_takes_each_effort_of_adaptive_thinking(
+    client: httpx.AsyncClient, effort: str
+) -> None:
+    body = claude(thinking={"type": "adaptive"}, output_config={"effort": effort})
+
+    response = await client.post(ANTHROPIC, json=body)
+
+    assert response.status_code == 200, response.text
+    message = Message.model_validate(response.json())
+    assert [block.type for block in message.content] == ["thinking", "text"]
 
 
 @pytest.mark.parametrize("kind", ["enabled", "adaptive"])

@@ -463,6 +463,46 @@ async def test_thinking_within_max_tokens_and_anthropic_rules_or_refused(
     assert bounded.reasoning_tokens > 0
 
 
+@pytest.mark.parametrize("effort", ["low", "max"])
+async def test_reasoning_effort_beside_adaptive_thinking_becomes_its_output_effort(
+    settings: Settings, mock: MockProvider, effort: str
+) -> None:
+    params = {"reasoning_effort": effort, "thinking": {"type": "adaptive"}}
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        # When a job thinking adaptively asks for an effort
+        routed = await router.complete(chat("claude", params=params))
+
+    # Expect it sent as Anthropic sets the effort of adaptive thinking (no budget to set),
+    # neither refused nor dropped, and the thinking back
+    [call] = mock.requests
+    assert call.status == 200
+    assert call.body is not None
+    assert call.body["thinking"] == {"type": "adaptive"}
+    assert call.body["output_config"] == {"effort": effort}
+    assert call.body["max_tokens"] == DEFAULT_MAX_TOKENS
+    assert (routed.params_dropped, routed.params_changed) == ((), ())
+    message = routed.response["choices"][0]["message"]
+    assert message["reasoning_content"] == "mock thinking about: Hello there"
+
+
+async def test_a_minimal_effort_beside_adaptive_thinking_is_refused_or_sent_as_low(
+    settings: Settings, mock: MockProvider
+) -> None:
+    params = {"reasoning_effort": "minimal", "thinking": {"type": "adaptive"}}
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        # When a job thinking adaptively asks for minimal effort, below Anthropic's lowest
+        with pytest.raises(InvalidRequest) as refused:
+            await router.complete(chat("claude", params=params))
+        # and again under drop
+        lowered = await router.complete(chat("claude", params=params, unsupported_params="drop"))
+
+    # Expect it refused by name, uncalled; under drop sent as low, listed as changed
+    assert "reasoning_effort" in refused.value.message
+    [call] = mock.requests
+    assert call.body is not None and call.body["output_config"] == {"effort": "low"}
+    assert lowered.params_changed == ("reasoning_effort",)
+
+
 async def test_streamed_thinking_arrives_as_reasoning_content_deltas(
     settings: Settings, mock: MockProvider
 ) -> None:

@@ -4,7 +4,8 @@ Request: system and developer messages become the top-level ``system``; ``tool``
 user ``tool_result`` blocks and assistant ``tool_calls`` become ``tool_use`` blocks; consecutive
 turns of one role are merged, since the Messages API requires user and assistant to alternate.
 ``cache_control`` on content parts, messages and tools is kept (prompt caching), and
-``reasoning_effort`` becomes extended ``thinking`` with the budget of ``THINKING_BUDGETS``.
+``reasoning_effort`` becomes extended ``thinking`` with the budget of ``THINKING_BUDGETS``, or,
+beside adaptive ``thinking``, its ``output_config.effort`` (``EFFORTS``).
 Thinking blocks sent back (content parts of an assistant message) are passed as they are,
 signature included, and a tool message's ``is_error`` is the ``tool_result``'s.
 Response: text blocks become the message content, ``tool_use`` blocks its ``tool_calls``,
@@ -67,6 +68,9 @@ MAX_TEMPERATURE = 1.0
 """Anthropic's range is 0 to 1, OpenAI's 0 to 2."""
 THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
 """Thinking tokens allowed for each OpenAI ``reasoning_effort`` (``none``: no thinking)."""
+EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
+"""Anthropic's ``output_config.effort`` levels, each an OpenAI ``reasoning_effort`` of the same
+name: how much a model thinking adaptively spends (``minimal`` has no level)."""
 MIN_TOP_P_THINKING = 0.95
 """With thinking on, Anthropic takes ``top_p`` from 0.95 to 1 only."""
 
@@ -512,11 +516,14 @@ def _metadata(user: str | None, metadata: Any, fidelity: Fidelity) -> Block:
 
 
 def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: Fidelity) -> None:
-    """``reasoning_effort`` as extended thinking, and what thinking requires of the rest."""
+    """``reasoning_effort`` as extended thinking (beside adaptive thinking, as its effort), and
+    what thinking requires of the rest."""
     effort = extra.get("reasoning_effort")
     asked_by = "thinking"
     if effort not in (None, "none"):
-        if "thinking" in extra:
+        if (extra.get("thinking") or {}).get("type") == "adaptive":
+            out["output_config"] = {"effort": _effort(effort, fidelity)}
+        elif "thinking" in extra:
             fidelity.unsupported("reasoning_effort", "set together with thinking")
         elif effort not in THINKING_BUDGETS:
             fidelity.unsupported("reasoning_effort", f"{effort!r} has no thinking budget")
@@ -548,6 +555,16 @@ def _thinking(params: ChatParams, extra: dict[str, Any], out: Block, fidelity: F
         out["tool_choice"] = {"type": "auto"} | {
             k: v for k, v in choice.items() if k == "disable_parallel_tool_use"
         }
+
+
+def _effort(effort: str, fidelity: Fidelity) -> str:
+    """``reasoning_effort`` as the effort of adaptive thinking, which Anthropic sets with
+    ``output_config.effort``, not with a budget: ``minimal``, below its lowest level,
+    refused or sent as ``low``."""
+    if effort in EFFORTS:
+        return effort
+    fidelity.change("reasoning_effort", f"{effort!r} is below the lowest effort, 'low'")
+    return "low"
 
 
 def _budget(
