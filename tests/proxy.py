@@ -12,6 +12,8 @@ they point the component under test at a proxy and take the proxy down instead::
 
 ``hang()`` freezes the service as SIGSTOP would: connections stay open and new ones are taken,
 but nothing passes either way until ``up()``; what was sent meanwhile then arrives.
+``hang_at(marker)`` hangs it once a client sends ``marker``, before those bytes pass: a
+request that never reaches the service (until ``up()``), its client waiting for the answer.
 
 ``hold_replies_after(marker)`` keeps the connections open but stops passing the service's
 bytes back once a client has sent ``marker``: what it sent arrives, no answer to it does
@@ -59,6 +61,9 @@ class TcpProxy:
         """Times the watched marker passed (``watch``)."""
         self.held = asyncio.Event()
         """Set once a client sent the marker: the service's bytes are dropped from then on."""
+        self._hang_at: bytes | None = None
+        self.hung = asyncio.Event()
+        """Set once a client sent the ``hang_at`` marker: nothing passes from then on."""
         self.port = 0
 
     @property
@@ -99,11 +104,13 @@ class TcpProxy:
             await asyncio.gather(*self._pipes, return_exceptions=True)
 
     async def up(self) -> None:
-        """The service is back, answering again (a hold set by ``hold_replies_after`` ends)."""
+        """The service is back, answering again (a hold set by ``hold_replies_after`` or
+        ``hang_at`` ends)."""
         self._up = True
         self._flowing.set()
-        self._marker = None
+        self._marker = self._hang_at = None
         self.held.clear()
+        self.hung.clear()
 
     def hang(self) -> None:
         """Pass nothing either way, keeping every connection open, until ``up()``: a frozen
@@ -118,6 +125,10 @@ class TcpProxy:
     def hold_replies_after(self, marker: bytes) -> None:
         """Once any client sends ``marker``, nothing the service sends reaches a client."""
         self._marker = marker
+
+    def hang_at(self, marker: bytes) -> None:
+        """``hang()`` once any client sends ``marker``, before those bytes reach the service."""
+        self._hang_at = marker
 
     def watch(self, marker: bytes) -> None:
         """Count in ``seen``, from now on, the times ``marker`` passes either way."""
@@ -162,7 +173,7 @@ class TcpProxy:
     async def _requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
     ) -> None:
-        tail, watched = b"", b""
+        tail, hang_tail, watched = b"", b"", b""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK):
                 watched = self._count(watched, data)
@@ -174,6 +185,13 @@ class TcpProxy:
                     if self._marker in tail + data:
                         self.held.set()
                     tail = data[-len(self._marker) :]
+                if self._hang_at is not None:
+                    if self._hang_at in hang_tail + data:
+                        self._hang_at = None
+                        self.hang()
+                        self.hung.set()
+                    else:
+                        hang_tail = data[-len(self._hang_at) :]
                 await self._flowing.wait()
                 self.requested += len(data)
                 writer.write(data)

@@ -620,7 +620,8 @@ async def test_an_answered_job_whose_usage_was_never_confirmed_is_swept_once_unt
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:
     keys = Keys(settings.redis_prefix)
-    # Given jobs with deadlines whose owner recorded a call and stored each one's outcome
+    # Given jobs with deadlines whose owner recorded a call and stored each one's outcome,
+    # each answered at a reply queue of its own
     owner = _claims(settings, redis_client, pool, "owner")
     await owner.start()
     deadline = datetime.now(UTC) + timedelta(seconds=60)
@@ -630,7 +631,7 @@ async def test_an_answered_job_whose_usage_was_never_confirmed_is_swept_once_unt
         job = ChatJob(
             job_id=job_id, team="alpha", model="gpt-4o-mini", messages=HELLO, deadline=deadline
         )
-        claim = await owner.take(job, redelivered=False)
+        claim = await owner.take(job, redelivered=False, reply_to=f"q.replies.alpha.{job_id}")
         assert isinstance(claim, Claim)
         await claim.record(call)
         outcomes[job_id] = await claim.finish(_expired(claim.job))
@@ -644,12 +645,14 @@ async def test_an_answered_job_whose_usage_was_never_confirmed_is_swept_once_unt
     sweeps = [_claims(settings, redis_client, pool, f"sweeper-{i}") for i in range(3)]
     swept = await asyncio.gather(*(claims.lapsed() for claims in sweeps))
 
-    # Expect exactly one to send the unconfirmed job's stored outcome again, none to bill a
-    # call, and its entry due a lease later (should that sweep's batch fail too)
+    # Expect exactly one to send the unconfirmed job's stored outcome again, to the reply
+    # queue it was answered at (its claim, which kept it, ended with the store), none to
+    # bill a call, and its entry due a lease later (should that sweep's batch fail too)
     answered = [entry for lapsed in swept for entry in lapsed.answered]
-    assert [(key, outcome.usage) for key, outcome in answered] == [
-        (unconfirmed, outcomes["unconfirmed"].usage)
+    assert [(key, outcome.usage, outcome.reply_to) for key, outcome in answered] == [
+        (unconfirmed, outcomes["unconfirmed"].usage, "q.replies.alpha.unconfirmed")
     ]
+    assert not await redis_client.exists(unconfirmed)
     assert [claim for lapsed in swept for claim in lapsed.claims] == []
     due = await redis_client.zscore(keys.lapsing, unconfirmed)
     assert due is not None and due > datetime.now(UTC).timestamp() * 1000

@@ -31,7 +31,8 @@ Redis, in the same script call that looks for the job's stored outcome::
   over would (``lua/sweep.lua``). It
   stays there once its outcome is stored, until the usage batch carrying its event is
   confirmed (``accounted``: one command per batch): an owner that died in between, its job
-  then expiring, has the stored event sent again by a sweep.
+  then expiring, has the stored outcome announced again by a sweep, its result to the reply
+  queue stored with it (``Stored``: the claim that kept it is gone) and its usage event.
 - Redis remembers outcomes for ``result_ttl``. When it lost its data less than that ago
   (the memory epoch key says when), while that cannot be told (no epoch, PostgreSQL
   unreachable, Redis unreachable), and for every redelivered job, PostgreSQL's usage row is
@@ -60,8 +61,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
+import orjson
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.commands.core import AsyncScript
@@ -119,14 +121,25 @@ class ClaimedJob(NamedTuple):
         return cls(job.team, job.job_id, job.model, job.deadline, reply_to)
 
 
+class Stored(Outcome):
+    """A job's outcome as ``Claims.store`` keeps it, with where a sweep answers it."""
+
+    reply_to: str | None = None
+    """The reply queue of a job with a deadline, its usage event still to be confirmed when
+    stored: should its worker die before publishing its result or before that event is
+    confirmed, and the job expire in its queue, a sweep publishes the result there
+    (``Claims.lapsed``), for the claim that kept it (``lua/hold.lua``) ends with the store."""
+
+
 class Unaccounted(NamedTuple):
-    """A job answered whose usage event may have died with its worker before its batch was
-    confirmed, the job expiring in its queue since: its stored event is sent again."""
+    """A job answered whose result and usage event may have died with its worker before
+    they were confirmed, the job expiring in its queue since: its stored outcome is
+    announced again."""
 
     key: str
     """Its claim's key: its entry on the lapsing claims, removed once that event is
     confirmed (``Claims.accounted``)."""
-    outcome: Outcome
+    outcome: Stored
 
 
 class Lapsed(NamedTuple):
@@ -405,9 +418,10 @@ class Claims:
         and is left to lapse, as a redelivery would leave it; one PostgreSQL cannot tell of
         is swept again next time.
 
-        And the stored outcomes of jobs answered whose usage batch was never confirmed, by
-        one sweep at a time (each is due again a lease later, should its event's batch
-        fail too)."""
+        And the stored outcomes of jobs answered whose usage batch was never confirmed (their
+        results may never have left either), with the reply queues stored with them, by one
+        sweep at a time (each is due again a lease later, should its event's batch fail
+        too)."""
         lapsed = Lapsed([], [])
         try:
             due = cast(
@@ -424,7 +438,7 @@ class Claims:
                 keys = [key, self._keys.lapsing, self._keys.result(team, job_id)]
                 reply = await self._sweep(keys=keys, args=[owner, self._lease_ms])
                 if reply[0] == b"stored":
-                    outcome = stored_outcome(reply[1])
+                    outcome = _read_stored(reply[1], Stored)
                     if outcome is not None:
                         lapsed.answered.append(Unaccounted(key, outcome))
                         continue
@@ -611,8 +625,10 @@ class Claims:
         """Store a job's outcome and end its claim, with the job's admission ``settlement``
         in the same round trip; the outcome stored before, if any. Unless its usage event
         is ``accounted`` (confirmed) already, a claim on the lapsing claims stays there until
-        it is (``accounted``). ``dumped``: the outcome as it is announced (``as_json``),
-        stored as it is rather than made again."""
+        it is (``accounted``), and the outcome of a job with a deadline is stored with its
+        reply queue (``Stored``), where a sweep answers it should its worker die first.
+        ``dumped``: the outcome as it is announced (``as_json``), stored as it is rather than
+        made again."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         keys = [key, result, self._keys.lapsing]
@@ -620,7 +636,12 @@ class Claims:
         if outcome.usage.content is not None:
             # Captured prompts go to the audit table only, never into Redis.
             usage = outcome.usage.model_dump_json(exclude={"content"}).encode()
-        stored = f'{fingerprint}{{"result":{answer.decode()},"usage":{usage.decode()}}}'
+        reply = ""
+        # Only a sweep reads it: of a job that may stay on the lapsing claims (a deadline)
+        # once stored (its event still to be confirmed).
+        if not accounted and job.deadline is not None and job.reply_to:
+            reply = f',"reply_to":{orjson.dumps(job.reply_to).decode()}'
+        stored = f'{fingerprint}{{"result":{answer.decode()},"usage":{usage.decode()}{reply}}}'
         args: list[str | int] = [stored, self._ttl, "" if accounted else self._lease_ms]
         try:
             if settlement is None:
@@ -928,8 +949,16 @@ def binding(client: aioredis.Redis) -> AsyncScript:
 def stored_outcome(raw: bytes) -> Outcome | None:
     """A job's outcome as ``Claims.store`` keeps it (after the request's fingerprint); None
     when unreadable."""
+    return _read_stored(raw, Outcome)
+
+
+Read = TypeVar("Read", bound=Outcome)
+
+
+def _read_stored(raw: bytes, model: type[Read]) -> Read | None:
+    """``stored_outcome`` read as ``model``: ``Stored`` for what else is kept with it."""
     body = raw if raw[:1] == b"{" else raw[FINGERPRINT:]
     try:
-        return Outcome.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError:
         return None

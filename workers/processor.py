@@ -407,9 +407,11 @@ class JobProcessor:
         the ledger charged. Each job's outcome is stored, so a delivery of it still to come
         is answered from it.
 
-        And send again the stored usage events of jobs answered whose worker died before
-        their batch was confirmed, then expired in their queues, as their redeliveries would
-        have: not charged again (the ledger was settled with the outcome's store)."""
+        And announce again the stored outcomes of jobs answered whose worker died before
+        their usage batch was confirmed (perhaps before publishing their results), then
+        expired in their queues, as their redeliveries would have: the result to the reply
+        queue stored with it, then its usage event; not charged again (the ledger was
+        settled with the outcome's store)."""
         lapsed = await self._claims.lapsed()
         await self._account(lapsed.answered)
         for claim in lapsed.claims:
@@ -433,24 +435,22 @@ class JobProcessor:
             )
 
     async def _account(self, answered: list[Unaccounted]) -> None:
-        """Send the stored usage events of ``answered`` again, together; one whose batch
-        fails is swept again a lease later."""
-        announced = (
-            Announcement.of(outcome, None, lapsing=key, usage_as_stored=True)
+        """Announce the stored outcomes of ``answered`` again, together: each result to the
+        reply queue stored with it, if any (the client drops a result it had by job id),
+        then its usage event; one that fails is swept again a lease later."""
+        announced = [
+            Announcement.of(outcome, outcome.reply_to, lapsing=key, usage_as_stored=True)
             for key, outcome in answered
-        )
-        events = [(a.job_id, a.usage, a.lapsing) for a in announced if a.usage is not None]
-        sent = await asyncio.gather(
-            *(self._publisher.usage(usage, key) for _, usage, key in events),
-            return_exceptions=True,
-        )
-        for (job_id, _, _), done in zip(events, sent, strict=True):
+        ]
+        sent = await asyncio.gather(*map(self._announce, announced), return_exceptions=True)
+        for announcement, done in zip(announced, sent, strict=True):
+            job_id = announcement.job_id
             if isinstance(done, BaseException):
-                log.warning("usage of answered job %s is sent again later: %s", job_id, done)
+                log.warning("answered job %s is announced again later: %s", job_id, done)
             else:
                 log.info(
                     "job %s expired after its worker died answering it, before accounting "
-                    "it: its stored usage is sent again",
+                    "it: its stored result and usage are sent again",
                     job_id,
                 )
 
@@ -470,9 +470,7 @@ class JobProcessor:
         # still to come is answered from it, and a client drops a result naming another.
         result = outcome.result.model_copy(update={"request": claim.fingerprint})
         outcome = await self._billed(claim, outcome.model_copy(update={"result": result}))
-        usage = await self._reply(Announcement.of(outcome, job.reply_to if answered else None))
-        if usage is not None:
-            await self._accounting(usage, None)
+        await self._announce(Announcement.of(outcome, job.reply_to if answered else None))
         await claim.finish(outcome, accounted=True)
 
     async def _unreceivable(
@@ -707,6 +705,8 @@ class JobProcessor:
     ) -> None:
         """Announce the job, then acknowledge it; ``original``, the delivery, is given only
         when the job is bad input, which is also dead-lettered."""
+        # As _announce does, without its frame: thousands of jobs wait here for their batch
+        # when the broker is the slowest stage.
         usage = await self._reply(announcement)
         if usage is not None:
             # Acknowledged below only once the batch carrying the event is confirmed.
@@ -723,6 +723,12 @@ class JobProcessor:
                 first=self._gate.first_cause(original),
             )
         await settle(delivery.ack(), f"acknowledge job {announcement.job_id}", log)
+
+    async def _announce(self, announcement: Announcement) -> None:
+        """Publish the result, then the usage event, each once the broker confirms it."""
+        usage = await self._reply(announcement)
+        if usage is not None:
+            await self._accounting(usage, announcement.lapsing)
 
     async def _reply(self, announcement: Announcement) -> bytes | None:
         """Send the result to its reply queue, if any, once the broker confirms it; the usage

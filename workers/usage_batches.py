@@ -13,9 +13,9 @@ One job at a time, each event alone cost a quorum-queue write and its disk sync,
 accounting delivery and a PostgreSQL insert per job, all landing while the client's next job
 crossed the broker: its way to the worker took 0.4 ms longer at the median. Only the job's
 acknowledgement waits, never its result; a worker that dies meanwhile has its job answered
-again from the outcome store (or, its deadline passing in its queue meanwhile, its stored event
-sent by a sweep: ``Claims.lapsed``), its event counted once (accounting keeps a job's first
-row)."""
+again from the outcome store (or, its deadline passing in its queue meanwhile, its stored
+result and event sent by a sweep: ``Claims.lapsed``), its event counted once (accounting keeps
+a job's first row)."""
 
 MAX_EVENTS = 500
 """Events in one message at most (about 350 KB): a burst of finished jobs goes in several

@@ -1,6 +1,7 @@
 """Chaos 1: one of two worker processes is SIGKILLed mid-run and restarted; a worker is
 SIGKILLed before its answered jobs are accounted (a job of them taken back, or expired in its
-queue and swept)."""
+queue and swept), or before it published a job's stored result (the job expired and swept:
+the sweep answers it)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from tests.chaos.harness import (
 from tests.proxy import TcpProxy
 from tests.support import running_accountant
 from tests.teams import register
+from workers.claims import stored_outcome
 
 JOBS = 2000
 KILL_AFTER_CALLS = 600
@@ -156,6 +158,12 @@ async def test_a_worker_killed_with_a_usage_batch_unconfirmed_counts_each_job_on
             await pool.close()
 
 
+def result_publish(reply_to: str) -> bytes:
+    """Basic.Publish (class 60, method 40) to the default exchange, routing key ``reply_to``:
+    a result sent to that reply queue, not a worker's check that the queue exists."""
+    return b"\x00\x3c\x00\x28\x00\x00\x00" + bytes([len(reply_to)]) + reply_to.encode()
+
+
 class Answered(NamedTuple):
     """A job answered by a worker killed before its usage event was sent."""
 
@@ -192,12 +200,7 @@ async def answered_by_a_killed_worker(
                     # its confirm never reaches the worker, so the job's usage event is never
                     # sent (its outcome is stored before the result is published)
                     reply_to = alpha.reply_to
-                    # Basic.Publish (class 60, method 40) to the default exchange, routing
-                    # key the reply queue: the result, not the worker's check that the queue
-                    # exists
-                    proxy.hold_replies_after(
-                        b"\x00\x3c\x00\x28\x00\x00\x00" + bytes([len(reply_to)]) + reply_to.encode()
-                    )
+                    proxy.hold_replies_after(result_publish(reply_to))
                     job = alpha.job("gpt-4o-mini", HELLO, deadline=deadline)
                     result = await (await alpha.submit(job)).result(timeout=30)
                     assert proxy.held.is_set()
@@ -266,3 +269,67 @@ async def test_a_job_answered_by_a_killed_worker_that_then_expires_is_accounted_
         # ledger alike, without calling it again
         await expect_accounted_once(settings, redis_client, answered)
     assert [(x.message_id, x.reason) for x in letters] == [(answered.result.job_id, "expired")]
+
+
+async def test_a_job_stored_by_a_worker_killed_before_publishing_it_is_answered_by_a_sweep(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a pipeline's job due in 3 s, its results going to a named queue, whose worker
+    # stores its outcome and is killed before its result reaches the broker (claims leased
+    # for 1 s)
+    await register(settings, "alpha", TeamConfig())
+    await declare_teams(settings, ["alpha"])
+    keys = Keys(settings.redis_prefix)
+    pool = await create_pool(settings)
+    workers: list[Process] = []
+    try:
+        async with (
+            MockProvider(MockConfig()) as mock,
+            TcpProxy(settings.amqp_url) as proxy,
+            running_accountant(settings),
+        ):
+            proxied = worker_env(
+                settings, mock, QUEUEGATE_AMQP_URL=proxy.url, QUEUEGATE_CLAIM_LEASE="1"
+            )
+            workers.append(await start_worker(proxied, ["alpha"]))
+            async with GatewayClient(settings, team="alpha", reply_queue="nightly") as pipeline:
+                proxy.hang_at(result_publish(pipeline.reply_to))
+                job = pipeline.job("gpt-4o-mini", HELLO, deadline=timedelta(seconds=3))
+                handle = await pipeline.submit(job)
+                async with asyncio.timeout(30):
+                    await proxy.hung.wait()
+                workers[0].send_signal(signal.SIGKILL)
+                await workers[0].wait()
+                stored = await redis_client.get(keys.result("alpha", job.job_id))
+                # Its connections cut (held open by the proxy): the broker takes the job back
+                await proxy.down()
+                # When its deadline passes in its queue (the broker dead-letters it expired),
+                # and a worker sweeping twice a second starts
+                assert await dead_lettered(settings, expected=1, timeout=30) == 1
+                sweeping = worker_env(settings, mock, QUEUEGATE_TEAMS_REFRESH="0.5")
+                workers.append(await start_worker(sweeping, ["alpha"]))
+                result = await handle.result(timeout=30)
+                assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+                duplicates = pipeline.duplicates
+            rows = await pool.fetch(
+                "SELECT job_id, status, reply_delivered, cost_usd FROM usage_log"
+            )
+            calls = mock.stats.calls
+    finally:
+        await stop_workers(workers)
+        await pool.close()
+
+    # Expect the pipeline answered once, with the result the killed worker stored (as that
+    # worker would have published it), accounted once with what its call cost, delivered,
+    # and not called again
+    outcome = None if stored is None else stored_outcome(stored)
+    assert outcome is not None and outcome.result.response is not None
+    # (its response under the gateway's id, which the client gives it, not the provider's)
+    bare = {"response": None}
+    assert result.model_copy(update=bare) == outcome.result.model_copy(update=bare)
+    assert result.response is not None
+    assert result.response["choices"] == outcome.result.response["choices"]
+    assert result.status == "ok" and result.gateway is not None
+    assert duplicates == 0
+    assert [tuple(r) for r in rows] == [(job.job_id, "ok", True, result.gateway.cost_usd)]
+    assert calls == 1

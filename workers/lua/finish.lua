@@ -3,14 +3,15 @@
 -- KEYS[1]  the job's claim (hash; see claim.lua)
 -- KEYS[2]  the job's stored outcome
 -- KEYS[3]  the namespace's lapsing claims (see hold.lua)
--- ARGV[1]  fingerprint then outcome JSON
+-- ARGV[1]  fingerprint then outcome JSON (for a job with a deadline whose event is still to be
+--          sent, with its reply queue: where a sweep answers it, its claim being gone)
 -- ARGV[2]  ttl, seconds
 -- ARGV[3]  '' (or absent): the job's usage event is confirmed already, and the claim leaves
 --          the lapsing claims; else a lease, ms: its event is still to be sent, so a claim
 --          on them (a job with a deadline, called) stays there, due no sooner than a lease
 --          from now, until the worker removes it once the event's batch is confirmed
 --          (Claims.accounted). Should that worker die first and the job expire in its
---          queue, a sweep sends the stored outcome's event again (sweep.lua).
+--          queue, a sweep sends the stored outcome's result and event again (sweep.lua).
 --
 -- Returns false when ARGV[1] is stored, or the outcome already stored (a delivery that took
 -- over a lapsed claim finished first): the job is announced with that one. Finding ARGV[1]

@@ -5,8 +5,9 @@
 -- are answered from it.
 --
 -- A job answered stays on the lapsing claims until the usage batch carrying its event is
--- confirmed (finish.lua): one found due here with its outcome stored lost that batch with
--- its worker, and expired in its queue. Its stored event is sent again by this sweep alone:
+-- confirmed (finish.lua): one found due here with its outcome stored lost that batch (and
+-- perhaps its result, unpublished) with its worker, and expired in its queue. Its stored
+-- result (to the reply queue stored with it) and event are sent again by this sweep alone:
 -- the entry is due again a lease from now (another sweep leaves it alone meanwhile), and
 -- leaves once that event's batch is confirmed (Claims.accounted).
 --
@@ -23,8 +24,9 @@
 --   {'claimed', lost, fp, model,    held now; lost: the calls (one JSON object a line), fp:
 --    reply}                         the request's fingerprint, model: the one it asked for,
 --                                   reply: its reply queue ('' if none)
---   {'stored', outcome}             answered: its usage event (in outcome, as stored) to be
---                                   sent again by this sweep
+--   {'stored', outcome}             answered: its result, to its reply queue, and its usage
+--                                   event (in outcome, as stored) to be sent again by this
+--                                   sweep
 
 local due = redis.call('ZSCORE', KEYS[2], KEYS[1])
 if not due then
