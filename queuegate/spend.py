@@ -8,12 +8,14 @@ budgeted team's ledger on a schedule::
 
     corrections = await reconcile(client, pool, keys, budgeted, month, token=token)
 
-In one PostgreSQL snapshot it reads the month's sum and which of the ledger's jobs have usage
-rows; then, in one script, it sets ``base`` to that sum and drops those jobs' entries. A job
-written after the snapshot keeps its entry (it is not in the sum), so nothing in flight is
-counted twice or missed, and whatever drifted (a reservation whose worker died, a settle
-lost to a Redis error, a ledger Redis lost) is corrected. ``spend_drift`` says how far a
-ledger is from PostgreSQL at any moment (the jobs in flight, between reconciliations).
+In one PostgreSQL snapshot it reads the month's sum and which of the ledger's jobs (listed
+once the snapshot is taken) have usage rows; then, in one script, it sets ``base`` to that sum
+and drops those jobs' entries (``CHUNK`` at a time, each call's base the sum less the rows of
+the entries later calls drop). A job written after the snapshot keeps its entry (it is not in
+the sum), so nothing in flight is counted twice or missed, even between the calls, and
+whatever drifted (a reservation whose worker died, a settle lost to a Redis error, a ledger
+Redis lost) is corrected. ``spend_drift`` says how far a ledger is from PostgreSQL at any
+moment (the jobs in flight, between reconciliations).
 
 Each ledger has a generation, given when it is made (first use, or after Redis lost it). A
 worker that sees a ledger's generation change reconciles it itself, passing ``restore``:
@@ -252,6 +254,8 @@ class Correction:
     before: Decimal | None
     """Spent and reserved before; None when Redis had lost the ledger."""
     after: Decimal
+    """``before`` as the reconciliation left it: what other jobs reserved or settled meanwhile
+    (between its script calls, when it drops more entries than one call takes) left out."""
     generation: str
     """The ledger's generation: new when Redis had lost it."""
     restored: int = 0
@@ -356,43 +360,58 @@ async def _reconcile_scope(
 ) -> Correction | None:
     """One scope's round of ``reconcile``; None when the lock was lost to another."""
     ledger, expiry = ledger_keys(keys, scope.team, month, [scope.model])
-    ids = [text(i) for i in await client.zrange(expiry, 0, -1)]
     wanted = dict(restore or {})
-    ids += [job for job in wanted if job not in ids]
     async with (
         pool.acquire() as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
+        # The first read takes the snapshot; the ledger's jobs are listed after it. A job is
+        # settled before its usage row is written, so every job whose row the snapshot holds
+        # is listed, and its entry dropped as its row enters base. Listed before the snapshot,
+        # a job that reserved and was written in between kept its entry beside its row: counted
+        # twice until the next round.
         spent = await month_spend(conn, scope.team, month, scope.model)
-        written = [job for _, job in await accounted(conn, [(scope.team, i) for i in ids])]
+        ids = [text(i) for i in await client.zrange(expiry, 0, -1)]
+        ids += [job for job in wanted if job not in ids]
+        costs = await accounted(conn, [(scope.team, i) for i in ids])
+    written = [job for _, job in costs]
     for job in written:
         wanted.pop(job, None)
     back: list[str | int] = [x for job, (nano, ms) in wanted.items() for x in (job, nano, ms)]
-    found, before, after, generation = 1, 0, 0, ""
+    # Each call sets base to the snapshot's sum less the rows of the jobs whose entries the
+    # later calls drop: between the calls, while other jobs reserve and settle, each job
+    # counts once, by its entry or by its row.
+    pending = sum(costs.values(), Decimal(0))
+    found, before, change, generation = 1, 0, 0, ""
     for start in range(0, max(1, len(written)), CHUNK):
         first = start == 0
+        chunk = written[start : start + CHUNK]
+        pending -= sum((costs[scope.team, job] for job in chunk), Decimal(0))
         reply = await script(
             keys=[ledger, expiry, keys.spend_reconciler],
             args=[
                 token,
-                to_nano(spent) if first else "",
+                to_nano(spent - pending),
                 LEDGER_TTL,
                 secrets.token_hex(8),
                 len(wanted) if first else 0,
                 *(back if first else []),
-                *written[start : start + CHUNK],
+                *chunk,
             ],
         )
         if reply[0] == -1:
             return None
         if first:
             found, before = reply[0], reply[1]
-        after, generation = reply[2], text(reply[3])
+        # What this call changed: what other jobs reserved or settled between the calls is
+        # no correction.
+        change += reply[2] - reply[1]
+        generation = text(reply[3])
     return Correction(
         scope,
         month,
         from_nano(before) if found else None,
-        from_nano(after),
+        from_nano(before + change),
         generation,
         len(wanted),
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
@@ -29,6 +31,8 @@ from queuegate.status import StatusReader
 from tests.faults import behind_proxies
 from tests.support import running_accountant, running_gateway
 from tests.teams import register
+from workers.admission.budgets import Budgets
+from workers.admission.scripts import Scripts
 
 MESSAGES = [{"role": "user", "content": "How much?"}]
 MAX_TOKENS = 1000
@@ -40,6 +44,7 @@ next one refused ``budget_exhausted`` until reconciliation."""
 WAIT = 30.0
 NANO_USD = 1_000_000_000
 """$1 in a ledger entry."""
+DIME = NANO_USD // 10
 
 
 async def _in_flight(redis_client: aioredis.Redis, settings: Settings, job_id: str) -> None:
@@ -246,3 +251,107 @@ async def test_a_ledger_postgresql_refuses_is_logged_and_the_others_are_reconcil
     assert [(c.scope, c.after) for c in corrections] == [(beta, Decimal("0.25"))]
     assert await spend_drift(redis_client, pool, keys, "beta", month) == 0
     assert any("cannot reconcile team bad" in r.getMessage() for r in caplog.records)
+
+
+class _Interleaved(aioredis.Redis):
+    """The test's Redis as a reconciliation is given it: after each command named in
+    ``between`` the test's step runs, before the reconciliation goes on (an interleaving of
+    the test's own, against the real Redis and PostgreSQL)."""
+
+    def __init__(
+        self, client: aioredis.Redis, between: dict[str, Callable[[], Awaitable[None]]]
+    ) -> None:
+        super().__init__(connection_pool=client.connection_pool)
+        self._between = between
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        reply = await super().execute_command(*args, **options)
+        step = self._between.get(str(args[0]).upper())
+        if step is not None:
+            await step()
+        return reply
+
+
+async def _settled(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, budgets: Budgets, job: str
+) -> None:
+    """Job ``job`` of alpha's, reserved, settled at $0.10 and written, as a worker and
+    accounting do it."""
+    keys = Keys(settings.redis_prefix)
+    config = TeamConfig(budget_usd=Decimal(1))
+    held, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DIME, job)
+    assert held is not None
+    await Scripts(redis_client, keys).run(budgets.settle_call(held, DIME))
+    await _spent(pool, "alpha", job, "0.1")
+
+
+async def test_a_reconciliation_in_several_calls_counts_each_job_once_and_corrects_nothing(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given alpha's $1 budget with three jobs settled and written at $0.10 each, and
+    # reconciliations dropping one entry per script call (as they drop a thousand of many)
+    keys, month = Keys(settings.redis_prefix), current_month()
+    budgets = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=60, slack=60)
+    for job in ("job-1", "job-2", "job-3"):
+        await _settled(settings, redis_client, pool, budgets, job)
+    monkeypatch.setattr("queuegate.spend.CHUNK", 1)
+    seen: list[Decimal | None] = []
+
+    async def meanwhile() -> None:
+        # What a reserve would find; then a fourth job reserves $0.05, as workers go on
+        seen.append(await ledger_spent(redis_client, keys, "alpha", month))
+        if len(seen) == 1:
+            config = TeamConfig(budget_usd=Decimal(1))
+            await budgets.reserve("alpha", "gpt-4o-mini", config, NANO_USD // 20, "job-4")
+
+    # When accounting reconciles the ledger, the fourth job reserving between its calls
+    corrections = await reconcile(
+        _Interleaved(redis_client, {"EVALSHA": meanwhile}),
+        pool,
+        keys,
+        [Scope("alpha")],
+        month,
+        token=reconciler_token(),
+    )
+
+    # Expect the ledger to count each job once between the calls as after them (the three
+    # written, then the fourth's reservation too: never a written job's entry beside its
+    # row, which would refuse jobs a budget has room for), and no correction reported: the
+    # fourth job's reservation is none
+    assert seen == [Decimal("0.3"), Decimal("0.35"), Decimal("0.35")]
+    assert await spend_drift(redis_client, pool, keys, "alpha", month) == Decimal("0.05")
+    assert corrections is not None
+    assert [c.drift for c in corrections] == [0]
+
+
+async def test_a_job_written_just_after_its_ledger_is_listed_is_counted_once(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given alpha's $1 budget with a job settled and written at $0.10
+    keys, month = Keys(settings.redis_prefix), current_month()
+    budgets = Budgets(redis_client, Scripts(redis_client, keys), keys, pool, lease=60, slack=60)
+    await _settled(settings, redis_client, pool, budgets, "job-1")
+
+    async def meanwhile() -> None:
+        await _settled(settings, redis_client, pool, budgets, "job-late")
+
+    # When accounting reconciles the ledger, and another job is reserved, settled and
+    # written just after the reconciliation listed the ledger's jobs
+    corrections = await reconcile(
+        _Interleaved(redis_client, {"ZRANGE": meanwhile}),
+        pool,
+        keys,
+        [Scope("alpha")],
+        month,
+        token=reconciler_token(),
+    )
+
+    # Expect both counted once, none twice (the late one by its entry beside its row), and
+    # no correction reported
+    assert await ledger_spent(redis_client, keys, "alpha", month) == Decimal("0.2")
+    assert await spend_drift(redis_client, pool, keys, "alpha", month) == 0
+    assert corrections is not None
+    assert [c.drift for c in corrections] == [0]

@@ -5,8 +5,9 @@
 -- KEYS[1]   the ledger          KEYS[2]   its expiry set
 -- KEYS[3]   the reconciler's lock: the call is refused unless it still holds ARGV[1]
 -- ARGV[1]   the reconciler's token
--- ARGV[2]   the new base, nano-USD: usage_log's sum, read in the same snapshot as the rest
---           ("" to keep the base: a later part of the same reconciliation)
+-- ARGV[2]   the new base, nano-USD: usage_log's sum, read in the same snapshot as the rest,
+--           less the rows of the jobs whose entries a later call of the same reconciliation
+--           drops (their entries count them until then)
 -- ARGV[3]   ttl of the ledger, seconds
 -- ARGV[4]   the generation to give the ledger if it has none (Redis lost it, or it is new)
 -- ARGV[5]   n, the number of entries to put back
@@ -49,9 +50,7 @@ end
 if #ARGV >= first then
   redis.call('ZREM', KEYS[2], unpack(ARGV, first))
 end
-if ARGV[2] ~= '' then
-  base = tonumber(ARGV[2])
-end
+base = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen, 'reserved', reserved)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if n > 0 then
