@@ -294,6 +294,20 @@ async def test_reasoning_effort_beside_adaptive_thinking_reaches_anthropic_as_it
     assert answer.choices[0].message.model_extra["reasoning_content"]
 
 
+async def test_an_openai_caller_gets_the_max_effort_openai_documents(door: Door) -> None:
+    async with door.client() as sdk:
+        # When an OpenAI-format caller asks a model OpenAI serves for its max effort
+        answer = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[dict(STORY[0])], reasoning_effort="max"
+        )
+        sent = door.gateway.mock.requests[-1].body
+
+    # Expect OpenAI to get it as asked (the openai SDK's ReasoningEffort has it) and reason
+    assert sent is not None and sent["reasoning_effort"] == "max"
+    assert answer.usage is not None and answer.usage.completion_tokens_details is not None
+    assert answer.usage.completion_tokens_details.reasoning_tokens
+
+
 async def test_a_custom_tool_call_in_history_is_refused_by_anthropic_by_name(door: Door) -> None:
     call = {"id": "call_x1", "type": "custom", "custom": {"name": "exec", "input": "ls -la"}}
     history = [
