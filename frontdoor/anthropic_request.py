@@ -7,9 +7,9 @@ reads it as a canonical (OpenAI chat) request with
 ``queuegate.provider_formats.openai_request``, and makes it the team's job as an OpenAI
 request is made one (``frontdoor.chat_request.chat_job``: catalog, limits, job id, deadline).
 What Anthropic takes and the gateway cannot carry (documents by URL, file id or content
-blocks, server tools) is refused by name. ``count_tokens_job`` does the
-same for a ``/v1/messages/count_tokens`` body, whose job is only counted. Any refusal:
-``ApiError``.
+blocks, server tools, structured output's ``output_config.format``) is refused by name.
+``count_tokens_job`` does the same for a ``/v1/messages/count_tokens`` body, whose job is
+only counted. Any refusal: ``ApiError``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from frontdoor.chat_request import Limits, RequestOptions, chat_job
 from frontdoor.errors import ApiError
 from frontdoor.request_errors import deepest, describe, error_path, tagged_by
 from queuegate.messages import ChatJob
-from queuegate.openai_params import Thinking, ThinkingEnabled
+from queuegate.openai_params import AnthropicEffort, Thinking, ThinkingEnabled
 from queuegate.provider_formats import (
     ANTHROPIC_COUNT_TOKENS_PARAMS,
     ANTHROPIC_MESSAGES_PARAMS,
@@ -194,6 +194,16 @@ class Metadata(_Strict):
     user_id: str | None = Field(default=None, max_length=256)
 
 
+class OutputConfig(_Strict):
+    """Anthropic's ``OutputConfigParam``, typed as its SDK types it. Reading it into the
+    canonical form (``openai_request``, which a Message Batch's requests go through too)
+    makes its ``effort`` the job's ``reasoning_effort``, beside adaptive thinking only, and
+    refuses its ``format`` by name."""
+
+    effort: AnthropicEffort | None = None
+    format: dict[str, Any] | None = None
+
+
 class _Prompt(_Strict):
     """What a request prompts with: the fields ``/v1/messages`` and its ``count_tokens``
     share."""
@@ -210,6 +220,7 @@ class _Prompt(_Strict):
         | None
     ) = None
     thinking: Thinking | None = None  # one typing with OpenAI-format requests'
+    output_config: OutputConfig | None = None
 
     @model_validator(mode="after")
     def _content_given(self) -> Self:

@@ -46,7 +46,9 @@ OPENAI_RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 OPENAI_METADATA_PAIRS = 16
 OPENAI_METADATA_KEY = 64
 OPENAI_METADATA_VALUE = 512
-OPENAI_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
+OPENAI_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
+"""``reasoning_effort`` (the openai SDK's ``ReasoningEffort``); which models take which level
+is OpenAI's to judge, per model: the mock takes every level."""
 OPENAI_MAX_STOP = 4
 OPENAI_TIERS = frozenset({"auto", "default", "flex", "scale", "priority"})
 
@@ -110,14 +112,13 @@ class ChatServer:
     content part's ``cache_control``)."""
     max_stop: int | None
     """The most stop sequences taken; None: no limit."""
-    efforts: frozenset[str]
 
 
-OPENAI_API = ChatServer(OPENAI_CHAT_PARAMS, OPENAI_MAX_STOP, OPENAI_EFFORTS)
-VLLM = ChatServer(None, None, OPENAI_EFFORTS | {"max"})
+OPENAI_API = ChatServer(OPENAI_CHAT_PARAMS, OPENAI_MAX_STOP)
+VLLM = ChatServer(None, None)
 """vLLM's OpenAI-compatible server: its request model takes (and ignores) fields it does not
 know, beside its own sampling parameters (``top_k``, ``min_p``, ...); ``stop`` is a list of
-any length (its ``SamplingParams.stop``); its ``reasoning_effort`` adds ``max``."""
+any length (its ``SamplingParams.stop``)."""
 
 
 def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
@@ -134,7 +135,7 @@ def check_openai(body: dict[str, Any], server: ChatServer = OPENAI_API) -> None:
     _number(body, "top_logprobs", 0, 20)
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
         raise InvalidRequest("top_logprobs: logprobs must be true when top_logprobs is set")
-    _one_of(body, "reasoning_effort", server.efforts)
+    _one_of(body, "reasoning_effort", OPENAI_EFFORTS)
     _one_of(body, "service_tier", OPENAI_TIERS)
     stop = body.get("stop")
     if server.max_stop is not None and isinstance(stop, list) and len(stop) > server.max_stop:

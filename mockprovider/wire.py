@@ -69,7 +69,14 @@ a function with no arguments, a custom tool with no text."""
 CACHE_MIN_TOKENS = 1024
 """The shortest prefix either provider caches (shorter ones are sent uncached, no error)."""
 THINKING_PREFIX = "mock thinking about: "
-REASONING_TOKENS = {"minimal": 16, "low": 64, "medium": 256, "high": 1024, "xhigh": 2048}
+REASONING_TOKENS = {
+    "minimal": 16,
+    "low": 64,
+    "medium": 256,
+    "high": 1024,
+    "xhigh": 2048,
+    "max": 4096,
+}
 """OpenAI reasoning tokens billed per effort (counted in ``completion_tokens``)."""
 SYSTEM_FINGERPRINT = "fp_mock0001"
 LOGPROB = -0.25

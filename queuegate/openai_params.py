@@ -16,7 +16,7 @@ tools the request offers (``unoffered_tools``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -265,6 +265,12 @@ Thinking = Annotated[
     Discriminator(tagged_by("type", "thinking")),
 ]
 """Anthropic's ``thinking`` as its API types it (the anthropic SDK's ``ThinkingConfigParam``)."""
+AnthropicEffort = Literal["low", "medium", "high", "xhigh", "max"]
+"""Anthropic's ``output_config.effort`` (the anthropic SDK's ``OutputConfigParam``): how much a
+model thinking adaptively spends. Each is a ``reasoning_effort`` of the same name, which is
+how a job carries it."""
+ANTHROPIC_EFFORTS: tuple[str, ...] = get_args(AnthropicEffort)
+"""Lowest first, as Anthropic lists them."""
 THINKING_ON = frozenset({"enabled", "adaptive"})
 """The ``thinking.type`` values under which the model thinks, and Anthropic's rules for
 thinking (temperature 1, no top_k, no forced tool) hold."""
@@ -440,10 +446,12 @@ def named_tool(tool: Any) -> tuple[Any, Any]:
 
 
 __all__ = [
+    "ANTHROPIC_EFFORTS",
     "MAX_CHOICES",
     "MAX_STOP",
     "MIN_THINKING_BUDGET",
     "THINKING_ON",
+    "AnthropicEffort",
     "JobParams",
     "OpenAIObject",
     "OpenAIParams",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from queuegate.openai_params import unoffered_tools
+from queuegate.openai_params import ANTHROPIC_EFFORTS, unoffered_tools
 
 Block = dict[str, Any]
 
@@ -121,7 +121,7 @@ def openai_request(
     canonical format cannot carry (documents by URL, file id or content blocks, server
     tools); thinking blocks sent back in assistant turns stay content parts
     (``THINKING_PARTS``), a document (a base64 PDF or plain text) a ``file`` or a text part
-    (``document_part``).
+    (``document_part``), ``output_config.effort`` the job's ``reasoning_effort``.
     ``cache_control`` markers are kept where the canonical format has them (content parts,
     system blocks, tool results, tools): the Anthropic adapter sends them on.
     """
@@ -161,7 +161,39 @@ def openai_request(
         if unoffered is not None:
             raise ValueError(f"{_at(where, 'tool_choice.name')}: {unoffered.problem}")
     out.update({key: params[key] for key in _INVERSE_PASSED & params.keys()})
+    effort = _output_effort(params, _at(where, "output_config"))
+    if effort is not None:
+        out["reasoning_effort"] = effort
     return messages, out
+
+
+def _output_effort(params: Block, where: str) -> str | None:
+    """``output_config.effort`` as the job's ``reasoning_effort``: the Anthropic adapter sends
+    it back as that effort beside adaptive thinking, and OpenAI takes each level by its name.
+    Beside other thinking, or none, it is refused: the job's ``reasoning_effort`` would then
+    be a thinking budget for the Anthropic adapter, not the effort asked. Its ``format``
+    (structured output) the canonical format does not carry: refused by name."""
+    config = params.get("output_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: Input should be an object")
+    for key in config:
+        if key != "effort":
+            raise ValueError(f"{where}.{key}: not supported by this gateway")
+    effort = config.get("effort")
+    if effort is None:
+        return None
+    if effort not in ANTHROPIC_EFFORTS:
+        levels = ", ".join(repr(level) for level in ANTHROPIC_EFFORTS)
+        raise ValueError(f"{where}.effort: Input should be one of {levels}")
+    thinking = params.get("thinking")
+    if not (isinstance(thinking, dict) and thinking.get("type") == "adaptive"):
+        raise ValueError(
+            f"{where}.effort: this gateway carries an effort beside adaptive thinking only "
+            '(thinking: {"type": "adaptive"})'
+        )
+    return str(effort)
 
 
 def _at(where: str, field: str) -> str:

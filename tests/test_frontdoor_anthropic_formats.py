@@ -220,6 +220,11 @@ def test_every_thinking_anthropic_takes_is_carried_as_sent(thinking: dict[str, A
         ({"top_k": -1}, "top_k: Input should be greater than or equal to 0"),
         ({"n": 2}, "n: Extra inputs are not permitted"),
         ({"container": "c"}, "container: not supported by this gateway"),
+        (
+            {"thinking": {"type": "adaptive"}, "output_config": {"effort": "minimal"}},
+            "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'",
+        ),
+        ({"output_config": {"speed": "fast"}}, "output_config.speed: Extra inputs are not"),
         ({"metadata": {"user_id": "u", "team": "x"}}, "metadata.team: Extra inputs are not"),
         ({"stop_sequences": "END"}, "stop_sequences: Input should be a valid list"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name: Field required"),

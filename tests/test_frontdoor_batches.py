@@ -269,6 +269,43 @@ async def test_a_message_batch_result_keeps_the_thinking_signature(door: Door) -
     assert thinking.type == "thinking" and thinking.signature == "mock-signature"
 
 
+async def test_a_message_batch_carries_an_adaptive_effort_and_refuses_what_it_cannot(
+    door: Door, gateway: Gateway
+) -> None:
+    # Given requests setting output_config: an effort beside adaptive thinking, as Anthropic
+    # documents it; the same effort without thinking; a structured output format
+    adaptive, bare, formatted = message_requests(3)
+    adaptive["params"] |= {"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}
+    bare["params"] |= {"output_config": {"effort": "low"}}
+    formatted["params"] |= {
+        "thinking": {"type": "adaptive"},
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+    }
+    async with door.anthropic() as client:
+        # When their batch ends
+        batch = await client.messages.batches.create(
+            requests=[adaptive, bare, formatted]  # type: ignore[list-item]
+        )
+        await anthropic_ended(client, batch.id)
+        results = {
+            r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)
+        }
+
+    # Expect the effort to reach Anthropic as it was sent, the model thinking at it
+    [call] = gateway.mock.requests
+    assert call.body is not None and call.body["output_config"] == {"effort": "low"}
+    served = results["msg-0"]
+    assert served.type == "succeeded" and served.message.content[0].type == "thinking"
+    # and the others errored naming the field, never sent (not carried without a word)
+    for custom_id, reason in [
+        ("msg-1", "params.output_config.effort: this gateway carries an effort beside"),
+        ("msg-2", "params.output_config.format: not supported by this gateway"),
+    ]:
+        refused = results[custom_id]
+        assert refused.type == "errored", custom_id
+        assert reason in refused.error.error.message
+
+
 async def test_another_team_finds_none_of_its_files_or_batches(door: Door) -> None:
     # Given alpha's batch file, OpenAI batch and Message Batch
     async with door.openai("alpha") as alpha, door.anthropic("alpha") as alpha_messages:

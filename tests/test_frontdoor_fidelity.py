@@ -294,6 +294,86 @@ async def test_reasoning_effort_beside_adaptive_thinking_reaches_anthropic_as_it
     assert answer.choices[0].message.model_extra["reasoning_content"]
 
 
+async def test_an_anthropic_callers_effort_reaches_either_provider_as_its_own(
+    door: Door,
+) -> None:
+    async with anthropic_client(door) as sdk:
+        # When an Anthropic-format caller thinks adaptively at an effort, as Anthropic
+        # documents it, to a Claude model
+        claude = await sdk.messages.create(
+            model="claude-haiku",
+            max_tokens=8000,
+            messages=STORY,
+            thinking={"type": "adaptive"},
+            output_config={"effort": "max"},
+        )
+        to_anthropic = door.gateway.mock.requests[-1].body
+        # and to a model OpenAI serves
+        gpt = await sdk.messages.create(
+            model="gpt-4o-mini",
+            max_tokens=8000,
+            messages=STORY,
+            thinking={"type": "adaptive"},
+            output_config={"effort": "max"},
+        )
+        to_openai = door.gateway.mock.requests[-1].body
+
+    # Expect Anthropic to get the same effort and to think at it
+    assert to_anthropic is not None
+    assert to_anthropic["thinking"] == {"type": "adaptive"}
+    assert to_anthropic["output_config"] == {"effort": "max"}
+    assert [block.type for block in claude.content] == ["thinking", "text"]
+    # and OpenAI its reasoning_effort of that name, with nothing of Anthropic's
+    assert to_openai is not None and to_openai["reasoning_effort"] == "max"
+    assert not {"thinking", "output_config"} & to_openai.keys()
+    assert [block.type for block in gpt.content] == ["text"]  # OpenAI shows no reasoning
+    assert gpt.usage.output_tokens > 4096  # the mock's reasoning at max, then the answer
+    assert door.gateway.mock.stats.calls == 2
+
+
+async def test_an_effort_the_gateway_cannot_carry_and_a_format_are_refused_by_name(
+    door: Door,
+) -> None:
+    refused = []
+    async with anthropic_client(door) as sdk:
+        # When an Anthropic-format caller sets an effort without adaptive thinking (a job's
+        # reasoning_effort would be a thinking budget then), or a structured output format
+        for thinking, config in [
+            (anthropic.omit, {"effort": "low"}),
+            ({"type": "enabled", "budget_tokens": 1024}, {"effort": "high"}),
+            ({"type": "adaptive"}, {"format": {"type": "json_schema", "schema": {}}}),
+        ]:
+            with pytest.raises(anthropic.BadRequestError) as error:
+                await sdk.messages.create(
+                    model="claude-haiku",
+                    max_tokens=2000,
+                    messages=STORY,
+                    thinking=thinking,
+                    output_config=config,  # type: ignore[arg-type]
+                )
+            refused.append(error.value.body["error"]["message"])  # type: ignore[index]
+
+    # Expect each refused naming the field, none sent
+    carried_beside = "output_config.effort: this gateway carries an effort beside adaptive"
+    assert carried_beside in refused[0] and carried_beside in refused[1]
+    assert refused[2] == "invalid_request: output_config.format: not supported by this gateway"
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_an_openai_caller_gets_the_max_effort_openai_documents(door: Door) -> None:
+    async with door.client() as sdk:
+        # When an OpenAI-format caller asks a model OpenAI serves for its max effort
+        answer = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[dict(STORY[0])], reasoning_effort="max"
+        )
+        sent = door.gateway.mock.requests[-1].body
+
+    # Expect OpenAI to get it as asked (the openai SDK's ReasoningEffort has it) and reason
+    assert sent is not None and sent["reasoning_effort"] == "max"
+    assert answer.usage is not None and answer.usage.completion_tokens_details is not None
+    assert answer.usage.completion_tokens_details.reasoning_tokens
+
+
 async def test_a_custom_tool_call_in_history_is_refused_by_anthropic_by_name(door: Door) -> None:
     call = {"id": "call_x1", "type": "custom", "custom": {"name": "exec", "input": "ls -la"}}
     history = [

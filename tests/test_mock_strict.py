@@ -9,11 +9,15 @@ from typing import Any
 
 import httpx
 import pytest
-from anthropic.types import Message, message_create_params
+from anthropic.types import Message, OutputConfigParam, message_create_params
+from openai.types import ReasoningEffort
 from openai.types.chat import ChatCompletion, completion_create_params
 
 from mockprovider import MockProvider
+from mockprovider import validation as mock_checks
+from mockprovider.wire import REASONING_TOKENS
 from mockprovider.wire import VLLM_PREFIX as VLLM
+from queuegate import openai_params
 from queuegate.provider_formats import ANTHROPIC_MESSAGES_PARAMS, OPENAI_CHAT_PARAMS
 
 OPENAI = "/v1/chat/completions"
@@ -43,6 +47,24 @@ def test_the_field_lists_are_the_sdks() -> None:
     # The Messages API reference also documents the sampling fields and stream.
     assert ANTHROPIC_MESSAGES_PARAMS - set(anthropic) == {"temperature", "top_p", "top_k", "stream"}
     assert set(anthropic) <= ANTHROPIC_MESSAGES_PARAMS
+
+
+def levels(hint: Any) -> set[str]:
+    """The names a type (a Literal, optional or not) allows."""
+    return {arg for arg in typing.get_args(hint) if isinstance(arg, str)} | {
+        name for arg in typing.get_args(hint) for name in levels(arg)
+    }
+
+
+def test_the_effort_levels_are_the_sdks() -> None:
+    openai = levels(ReasoningEffort)
+    anthropic = levels(typing.get_type_hints(OutputConfigParam)["effort"])
+
+    # Expect the mock to take, and the gateway to type, every level each SDK has
+    assert openai == {"none", "minimal", "low", "medium", "high", "xhigh", "max"}
+    assert mock_checks.OPENAI_EFFORTS == levels(openai_params.ReasoningEffort) == openai
+    assert set(mock_checks.ANTHROPIC_EFFORTS) == set(openai_params.ANTHROPIC_EFFORTS) == anthropic
+    assert anthropic <= openai  # each an OpenAI effort of the same name: how a job carries it
 
 
 @pytest.mark.parametrize(
@@ -365,6 +387,18 @@ async def test_openai_reports_cached_input_and_reasoning_tokens(
     assert cached is not None and 1024 < cached < second.usage.prompt_tokens
     assert second.usage.completion_tokens_details is not None
     assert second.usage.completion_tokens_details.reasoning_tokens == 64
+
+
+@pytest.mark.parametrize("effort", sorted(levels(ReasoningEffort) - {"none"}))
+async def test_openai_reasons_at_every_effort_it_documents(
+    client: httpx.AsyncClient, effort: str
+) -> None:
+    response = await client.post(OPENAI, json=chat(reasoning_effort=effort))
+
+    assert response.status_code == 200, response.text
+    usage = ChatCompletion.model_validate(response.json()).usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == REASONING_TOKENS[effort]
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
+from mockprovider.wire import REASONING_TOKENS
 from queuegate.errors import InvalidRequest, StreamInterrupted
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
@@ -501,6 +502,28 @@ async def test_a_minimal_effort_beside_adaptive_thinking_is_refused_or_sent_as_l
     [call] = mock.requests
     assert call.body is not None and call.body["output_config"] == {"effort": "low"}
     assert lowered.params_changed == ("reasoning_effort",)
+
+
+@pytest.mark.parametrize("effort", ["xhigh", "max"])
+async def test_openai_takes_every_reasoning_effort_it_documents_and_an_adaptive_ones(
+    settings: Settings, mock: MockProvider, effort: str
+) -> None:
+    adaptive = {"reasoning_effort": effort, "thinking": {"type": "adaptive"}}
+    async with open_router(catalog(mock.url), ENV, settings) as router:
+        # When a job asks OpenAI for one of its highest efforts (the openai SDK's
+        # ReasoningEffort has both)
+        routed = await router.complete(chat("gpt", params={"reasoning_effort": effort}))
+        # and a job thinking adaptively at that effort, as an Anthropic-format request's
+        # output_config.effort makes one, goes to OpenAI too
+        beside = await router.complete(chat("gpt", params=adaptive))
+
+    # Expect each sent as asked, neither refused nor dropped, and reasoned at that effort
+    assert [call.status for call in mock.requests] == [200, 200]
+    for call, answer in zip(mock.requests, (routed, beside), strict=True):
+        assert call.body is not None and call.body["reasoning_effort"] == effort
+        assert "thinking" not in call.body and "output_config" not in call.body
+        assert (answer.params_dropped, answer.params_changed) == ((), ())
+        assert answer.reasoning_tokens == REASONING_TOKENS[effort]
 
 
 async def test_streamed_thinking_arrives_as_reasoning_content_deltas(

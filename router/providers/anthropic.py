@@ -5,7 +5,7 @@ user ``tool_result`` blocks and assistant ``tool_calls`` become ``tool_use`` blo
 turns of one role are merged, since the Messages API requires user and assistant to alternate.
 ``cache_control`` on content parts, messages and tools is kept (prompt caching), and
 ``reasoning_effort`` becomes extended ``thinking`` with the budget of ``THINKING_BUDGETS``, or,
-beside adaptive ``thinking``, its ``output_config.effort`` (``EFFORTS``).
+beside adaptive ``thinking``, its ``output_config.effort`` (``ANTHROPIC_EFFORTS``).
 Thinking blocks sent back (content parts of an assistant message) are passed as they are,
 signature included, and a tool message's ``is_error`` is the ``tool_result``'s.
 Response: text blocks become the message content, ``tool_use`` blocks its ``tool_calls``,
@@ -29,7 +29,12 @@ from dataclasses import replace
 from typing import Any
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
-from queuegate.openai_params import MIN_THINKING_BUDGET, THINKING_ON, named_tool
+from queuegate.openai_params import (
+    ANTHROPIC_EFFORTS,
+    MIN_THINKING_BUDGET,
+    THINKING_ON,
+    named_tool,
+)
 from queuegate.provider_formats import (
     ANTHROPIC_BODY,
     ANTHROPIC_EXAMPLES,
@@ -68,9 +73,6 @@ MAX_TEMPERATURE = 1.0
 """Anthropic's range is 0 to 1, OpenAI's 0 to 2."""
 THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
 """Thinking tokens allowed for each OpenAI ``reasoning_effort`` (``none``: no thinking)."""
-EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
-"""Anthropic's ``output_config.effort`` levels, each an OpenAI ``reasoning_effort`` of the same
-name: how much a model thinking adaptively spends (``minimal`` has no level)."""
 MIN_TOP_P_THINKING = 0.95
 """With thinking on, Anthropic takes ``top_p`` from 0.95 to 1 only."""
 
@@ -561,7 +563,7 @@ def _effort(effort: str, fidelity: Fidelity) -> str:
     """``reasoning_effort`` as the effort of adaptive thinking, which Anthropic sets with
     ``output_config.effort``, not with a budget: ``minimal``, below its lowest level,
     refused or sent as ``low``."""
-    if effort in EFFORTS:
+    if effort in ANTHROPIC_EFFORTS:
         return effort
     fidelity.change("reasoning_effort", f"{effort!r} is below the lowest effort, 'low'")
     return "low"
