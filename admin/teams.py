@@ -141,12 +141,12 @@ async def _create(
     made = False
     # Before its queue exists, so that the queue is never unbounded; a policy left by a later
     # failure bounds no queue until the team is added, and is then put again.
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await put_quota(admin, settings, name, TeamConfig())
     try:
         if user is not None:
             password = password or new_password()
-            async with BrokerAdmin(settings.management_url) as admin:
+            async with BrokerAdmin.of(settings) as admin:
                 await refuse_foreign_user(admin, user, name, recorded=None)
                 await admin.put_user(user, password)
             made = True
@@ -184,7 +184,7 @@ async def refuse_foreign_user(
 
 async def _undo_user(settings: Settings, user: str, cause: BaseException) -> None:
     try:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(user)
     except GatewayError as exc:
         raise GatewayError(
@@ -207,13 +207,13 @@ async def _ensure(
             f"queuegate teams security {team.name} --identity {identity}"
         )
     # This version's bounds, on a queue an earlier version left without them.
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await put_quota(admin, settings, team.name, team.config)
     await _declare_queue(settings, team.name)
     credentials = Credentials(security.identity, user=security.broker_user)
     if security.identity == "broker":
         user = security.broker_user or broker_user(settings.namespace, team.name)
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await refuse_foreign_user(admin, user, team.name, recorded=security.broker_user)
             missing = not await admin.user_exists(user)
         # A working password is never replaced here (teams rotate-credentials does that).
@@ -278,7 +278,7 @@ async def _issue(
 ) -> Credentials:
     if security.identity == "broker":
         user, password = broker_user(settings.namespace, team), new_password()
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await refuse_foreign_user(admin, user, team, recorded=security.broker_user)
         config = await _limits_config(pool, team)
         await create_broker_user(settings, team, user, password, config)
@@ -286,7 +286,7 @@ async def _issue(
         return Credentials("broker", user, password, with_user(settings.amqp_url, user, password))
     if security.broker_user is not None:
         # No longer the team's identity: a user left behind would still reach the broker.
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(security.broker_user)
         security = security.model_copy(update={"broker_user": None})
     await put_security(pool, team, security)
@@ -309,7 +309,7 @@ async def create_broker_user(
     """
     allowed = permissions(settings.namespace, team)
     wanted = {"configure": allowed.configure, "write": allowed.write, "read": allowed.read}
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         if password is not None:
             await admin.put_user(user, password)
             await admin.close_connections(user, reason="queuegate: credentials rotated")
@@ -662,7 +662,7 @@ class _BrokerSide:
         """Raises, the registry's side rolling back with it, when the broker refuses."""
         writing = False
         try:
-            async with BrokerAdmin(self.settings.management_url) as admin:
+            async with BrokerAdmin.of(self.settings) as admin:
                 # Before any write: a user who may not make them changes nothing at all.
                 await admin.check_administrator()
                 writing = True

@@ -187,7 +187,7 @@ async def _cleanup(settings: Settings, user: str | None) -> None:
     queue = Topology.of(settings).results_queue(TEAM, batch_reply_name(NAME))
     await drop_namespace(settings, [TEAM], queues=[queue])
     if user is not None:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(user)
 
 

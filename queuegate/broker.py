@@ -506,6 +506,19 @@ def node_urls(url: str) -> list[str]:
     ]
 
 
+def vhost_of(url: str) -> str:
+    """The vhost ``url`` names, as aiormq reads it when it connects: its path after the first
+    ``/``, percent-decoded (``%2F`` is ``/``); ``/`` for no path or a bare ``/``.
+
+    Read the same way here, so that what the management API sets up (users' permissions,
+    queue policies) lands in the vhost the gateway's connections open.
+    """
+    path = URL(node_urls(url)[0]).path
+    # aiormq.Connection.__init__'s own reading, to the letter: a %2F some yarl versions
+    # leave encoded in the path is turned into the / it stands for.
+    return "/" if path in ("", "/") else path[1:].replace("%2F", "/")
+
+
 CLUSTER_HEARTBEAT = 5
 """Seconds of the AMQP heartbeat on a cluster's connections, unless the URL sets one
 (``?heartbeat=``). A node that freezes (SIGSTOP, a stalled VM or disk) neither answers nor

@@ -212,7 +212,7 @@ async def _dead_queues(channel: AbstractChannel, settings: Settings) -> list[Abs
     or not, as long as its queue is bound)."""
     topology = Topology.of(settings)
     await topology.declare_dead(channel)
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         names = await admin.bound_queues(topology.dead_teams_exchange)
     return [await channel.get_queue(name) for name in names]
 

@@ -2,7 +2,7 @@
 
 Used by operators' commands (teams, quotas), never on a job's path::
 
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await admin.put_policy("quota-alpha", pattern="^ns\\.jobs\\.alpha$", definition={...})
 
 Its URL is read in one place, ``ManagementApi``, for the workers' look at what the teams' reply
@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
 from queuegate.urls import redact_url, url_problem
 
+if TYPE_CHECKING:
+    from queuegate.settings import Settings
+
 TIMEOUT = 10.0
-VHOST = "/"
-"""The vhost the gateway's queues, users' permissions and policies are in."""
 _SET_URL = "set QUEUEGATE_MANAGEMENT_URL to http://USER:PASSWORD@HOST:15672/ of an administrator"
 
 
@@ -51,7 +52,7 @@ class ManagementApi:
         )
 
 
-def vhost_path(vhost: str = VHOST) -> str:
+def vhost_path(vhost: str) -> str:
     """``vhost`` as one segment of an API path (``/`` is ``%2F``)."""
     return quote(vhost, safe="")
 
@@ -66,9 +67,19 @@ class BrokerAdmin:
     No user means no fallback: guessing ``guest`` would act as whoever that is on the broker
     (or fail with a 401 that names nobody). ``Settings.management_url`` derives the URL from
     the AMQP one when it is not set.
+
+    ``vhost`` is where its permissions, policies and queues are: the gateway's is the one of
+    its AMQP URL (``of``). No default: one of ``/`` put a team's permissions and quota
+    beside a gateway on another vhost, where its user could not connect and its queue had
+    no bound.
     """
 
-    def __init__(self, url: str, *, vhost: str = VHOST) -> None:
+    @classmethod
+    def of(cls, settings: Settings) -> BrokerAdmin:
+        """The gateway's: its management URL, on the vhost of its AMQP URL."""
+        return cls(settings.management_url, vhost=settings.vhost)
+
+    def __init__(self, url: str, *, vhost: str) -> None:
         # Imported here, not with the module: a worker reads its URL with ManagementApi but
         # calls the API over aiohttp (workers/held_results.py), and httpx brings its command
         # line along (click, rich, pygments), megabytes of a process's memory.

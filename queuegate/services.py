@@ -58,7 +58,7 @@ async def check_database(settings: Settings) -> None:
 async def check_management(settings: Settings) -> None:
     """RabbitMQ's management API answers, as an administrator (operator commands need it)."""
     try:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.check_administrator()
     except ConfigError as exc:
         raise ServiceUnavailable(str(exc)) from exc

@@ -12,7 +12,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
-from queuegate.broker import node_urls
+from queuegate.broker import node_urls, vhost_of
 from queuegate.redis_client import redis_connection
 from queuegate.urls import url_problem
 
@@ -429,6 +429,12 @@ class Settings(BaseSettings):
     def amqp_user(self) -> str | None:
         """The broker user of ``amqp_url``: the ``user_id`` this process publishes under."""
         return unquote(urlsplit(self.amqp_url).username or "") or None
+
+    @property
+    def vhost(self) -> str:
+        """The broker vhost ``amqp_url`` names (``/`` when it names none): the gateway's
+        queues, its teams' users' permissions and its policies are all in it."""
+        return vhost_of(self.amqp_url)
 
     @property
     def operators(self) -> frozenset[str]:

@@ -120,7 +120,7 @@ async def teams(settings: Settings) -> AsyncIterator[dict[str, Credentials]]:
             created[team] = await add(settings, team)
         yield created
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             for credentials in created.values():
                 if credentials.user:
                     await admin.delete_user(credentials.user)

@@ -98,7 +98,7 @@ async def take_dead_letters(
     """Take ``expected`` messages from the dead-letter queues (the shared one and each team's
     declared so far), acknowledged, in the order they came."""
     topology = Topology.of(settings)
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         names = await admin.bound_queues(topology.dead_teams_exchange)
     arrived: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
     connection = await aio_pika.connect(settings.amqp_url)
@@ -265,7 +265,7 @@ async def drop_test_namespace(settings: Settings, teams: Sequence[str]) -> None:
     try:
         await drop_namespace(settings, teams)
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             for user in filter(ours, await admin.users()):
                 await admin.delete_user(user)
             for queue in filter(ours, await admin.queues()):

@@ -59,7 +59,7 @@ async def team_identities(settings: Settings) -> AsyncIterator[dict[str, TeamIde
             "beta": TeamIdentity("beta", settings, beta.api_key),
         }
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             assert alpha.user is not None
             await admin.delete_user(alpha.user)
 

@@ -54,7 +54,7 @@ async def key_team(settings: Settings) -> AsyncIterator[KeyTeam]:
     try:
         yield KeyTeam(credentials.api_key, credentials.api_key_id, apps)
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(user)
 
 

@@ -765,7 +765,7 @@ async def test_a_collected_batch_is_gone_and_listed_until_then(
         # When it is collected
         report = await collect(alpha.settings, "small", tmp_path / "out.jsonl", **alpha.who)
         after = await batch_list(alpha.settings, **alpha.who)
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             results = await admin.queue(
                 gw.topology.results_queue("alpha", batch_reply_name("small"))
             )

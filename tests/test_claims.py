@@ -57,7 +57,7 @@ async def broker_team(settings: Settings) -> AsyncIterator[Credentials]:
     try:
         yield credentials
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             if credentials.user:
                 await admin.delete_user(credentials.user)
 

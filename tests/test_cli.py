@@ -133,7 +133,7 @@ async def test_submit_works_as_a_broker_team_and_as_an_api_key_team(settings: Se
                 settings, "--team", "alpha", "Hi", QUEUEGATE_TEAM_PASSWORD="not-the-password"
             )
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(broker_team_user(settings.namespace, "alpha"))
 
     # Expect both served, neither secret echoed, and the admin's job refused

@@ -128,7 +128,7 @@ async def _no_administrator(settings: Settings) -> AsyncIterator[str]:
     """The session's management URL as a broker user without the administrator tag (as a
     team's own user is): it may use the API but change nothing on the broker."""
     user = f"{settings.namespace}.not-admin"
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await admin.put_user(user, "secret", tags="management")
         try:
             parts = urlsplit(settings.management_url)
@@ -161,7 +161,7 @@ async def test_teams_set_a_broker_refuses_changes_nothing_and_a_budget_needs_no_
     assert "team alpha is unchanged: " in _one_error_line(both[2])
     assert budget[0] == 0, budget[2]
     assert await _stored(settings, "alpha") == {"max_queue_length": 10, "budget_usd": "7"}
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         held = await admin.policy(policy)
     assert held is not None and held["definition"]["max-length"] == 10
 

@@ -75,7 +75,7 @@ def as_team(settings: Settings, credentials: Credentials) -> Settings:
 
 
 async def beta_depth(settings: Settings) -> int:
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         queue = await admin.queue(f"{settings.namespace}.jobs.beta")
     assert queue is not None
     return int(queue.get("messages", 0))
@@ -174,7 +174,7 @@ async def test_a_control_request_is_not_a_job_of_the_team(
         # Expect it answered by the control plane (the reply queue exists, by its name) ...
         assert client.reply_to.startswith(f"{settings.namespace}.replies.alpha.")
         # ... and nothing taken as a job: the worker never saw one, no usage row
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             queue = await admin.queue(client.reply_to)
             jobs = await admin.queue(gw.topology.team_queue("alpha"))
         assert queue is not None and jobs is not None
@@ -343,7 +343,7 @@ async def alpha_app(
     try:
         yield App(apps, user, signs_with, credentials.api_key)
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(user)
 
 
@@ -497,7 +497,7 @@ async def test_a_malformed_batch_step_is_refused_in_one_line_naming_what_is_miss
         # ... leaving nothing behind: no batch, no results queue nor its slot
         assert await client.control.batch("load", "raw") is None
         results = topology.results_queue("alpha", "raw")
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             assert await admin.queue(results) is None
         slots = Keys(settings.redis_prefix).reply_queues("alpha")
         assert await redis_client.zscore(slots, results) is None

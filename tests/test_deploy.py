@@ -389,7 +389,7 @@ async def test_the_compose_teams_and_submit_commands_serve_a_job(settings: Setti
         async with running_gateway(settings, teams=("research", "support")):
             submitted = await _run([sys.executable, "-m", "cli", *cli_args], {**env, **submit_env})
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             for team in ("research", "support"):
                 await admin.delete_user(broker_user(settings.namespace, team))
         await drop_namespace(settings, ("research", "support"))

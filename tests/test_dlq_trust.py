@@ -243,7 +243,7 @@ async def test_the_dead_letter_queues_are_bounded(settings: Settings) -> None:
         channel = await connection.channel()
         await topology.declare_dead(channel)
         await topology.declare_team_queue(channel, "alpha")
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         queues = [await admin.queue(topology.dead_queue)]
         queues.append(await admin.queue(topology.team_dead_queue("alpha")))
     # Expect a length and a byte bound, dropping the oldest letters rather than refusing any
@@ -291,7 +291,7 @@ async def test_an_operators_replay_never_turns_a_refused_forgery_into_a_served_j
             f"broker user {outsider.user!r} may not publish for team 'alpha'"
         )
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(user)
 
 

@@ -135,7 +135,7 @@ async def test_adding_an_earlier_versions_team_again_closes_its_apps_publishing_
     assert alpha.user is not None
     topology = Topology(settings.namespace)
     # Given alpha's user with an earlier version's permissions (the jobs exchange, its keys)
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await admin.put_permissions(
             alpha.user, configure="^$", write=f"^{re.escape(topology.jobs_exchange)}$", read="^$"
         )
@@ -151,7 +151,7 @@ async def test_adding_an_earlier_versions_team_again_closes_its_apps_publishing_
         channel = await app.channel(publisher_confirms=True)
         jobs = await channel.get_exchange(topology.jobs_exchange)
         await jobs.publish(aio_pika.Message(b"{}"), routing_key="alpha")
-        async with BrokerAdmin(settings.management_url) as admin, asyncio.timeout(30):
+        async with BrokerAdmin.of(settings) as admin, asyncio.timeout(30):
             # Listed once the broker's statistics have it (every few seconds): no event tells
             while not await admin.connections(alpha.user):  # noqa: ASYNC110
                 await asyncio.sleep(0.2)

@@ -857,7 +857,7 @@ async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it
                 row = await _row(serving, batch.id)
                 calls = serving.mock.stats.calls
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_policy(quota_policy(settings, "alpha"))
 
     # Expect no answer, so no output file; every request a failed line once: the queued ones

@@ -61,7 +61,7 @@ async def beta_apps(settings: Settings, teams: dict[str, Credentials]) -> AsyncI
     try:
         yield settings.model_copy(update={"amqp_url": urlunsplit(parts._replace(netloc=netloc))})
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(user)
 
 

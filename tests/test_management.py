@@ -18,7 +18,7 @@ from tests.proxy import TcpProxy
 async def test_a_policy_sets_a_queue_quota_the_broker_applies(settings: Settings) -> None:
     topo = Topology(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
-    async with connection, BrokerAdmin(settings.management_url) as admin:
+    async with connection, BrokerAdmin.of(settings) as admin:
         await topo.declare_team_queue(await connection.channel(), "alpha")
         name = f"{settings.namespace}-quota-alpha"
         pattern = f"^{re.escape(topo.team_queue('alpha'))}$"
@@ -40,7 +40,7 @@ async def test_a_policy_sets_a_queue_quota_the_broker_applies(settings: Settings
 
 async def test_a_user_with_no_permissions_cannot_open_the_vhost(settings: Settings) -> None:
     user, password = f"qgt-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await admin.put_user(user, password)
         try:
             with pytest.raises(aio_pika.exceptions.AMQPError):
@@ -59,14 +59,14 @@ async def test_a_management_url_naming_an_ipv6_address_reaches_the_api(
     async with TcpProxy(settings.management_url, listen="::1") as proxy:
         assert "@[::1]:" in proxy.url
         # When an operator's command calls it there
-        async with BrokerAdmin(proxy.url) as admin:
+        async with BrokerAdmin(proxy.url, vhost=settings.vhost) as admin:
             # Expect it answered, through that address
             await admin.check_administrator()
         assert proxy.requested > 0
 
 
 async def test_a_refused_request_is_one_clear_error(settings: Settings) -> None:
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         with pytest.raises(ManagementError, match=r"policies/.*: 400"):
             await admin.put_policy("bad", pattern="(", definition={"max-length": 1})
 
@@ -84,7 +84,7 @@ def test_the_management_url_defaults_to_the_amqp_urls_host_and_user() -> None:
 
 def test_a_management_url_without_a_user_is_refused_not_guessed() -> None:
     with pytest.raises(ConfigError, match="names no user: set QUEUEGATE_MANAGEMENT_URL"):
-        BrokerAdmin("http://127.0.0.1:15672/")
+        BrokerAdmin("http://127.0.0.1:15672/", vhost="/")
 
 
 def test_a_management_host_httpx_cannot_read_is_refused_without_the_password() -> None:
@@ -93,12 +93,12 @@ def test_a_management_host_httpx_cannot_read_is_refused_without_the_password() -
     assert Settings(management_url=url).management_url == url
     # Expect its client refused in one line naming the setting, the password not quoted
     with pytest.raises(ConfigError, match="its client cannot read it") as refused:
-        BrokerAdmin(url)
+        BrokerAdmin(url, vhost="/")
     assert "QUEUEGATE_MANAGEMENT_URL" in str(refused.value)
     assert "s3cret" not in str(refused.value)
 
 
 async def test_a_wrong_password_names_the_user_and_the_setting(settings: Settings) -> None:
-    async with BrokerAdmin("http://guest:wrong@127.0.0.1:15672/") as admin:
+    async with BrokerAdmin("http://guest:wrong@127.0.0.1:15672/", vhost=settings.vhost) as admin:
         with pytest.raises(ManagementError, match="refused user guest: set QUEUEGATE_MANAG"):
             await admin.queue("anything")

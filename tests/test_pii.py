@@ -223,7 +223,7 @@ async def broker_alpha(settings: Settings) -> AsyncIterator[Credentials]:
     try:
         yield credentials
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             assert credentials.user is not None
             await admin.delete_user(credentials.user)
 

@@ -499,5 +499,5 @@ async def test_a_fault_inside_the_router_answers_the_job_instead_of_requeuing_it
             assert gw.mock.stats.calls == 1
     finally:
         if credentials.user:
-            async with BrokerAdmin(settings.management_url) as admin:
+            async with BrokerAdmin.of(settings) as admin:
                 await admin.delete_user(credentials.user)

@@ -112,7 +112,7 @@ async def test_a_management_user_who_is_no_administrator_is_named_with_the_fix(
     base_settings: Settings,
 ) -> None:
     user = f"qgt-monitor-{os.getpid()}"
-    async with BrokerAdmin(base_settings.management_url) as admin:
+    async with BrokerAdmin.of(base_settings) as admin:
         await admin.put_user(user, "secret", tags="monitoring")
         try:
             # The session's management API (a container's, perhaps), as that user
@@ -202,7 +202,7 @@ async def test_a_test_leaves_nothing_of_its_namespace_on_the_shared_services(
     finally:
         await conn.close()
     assert schemas == []
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         left = [*await admin.users(), *await admin.queues()]
         left += [policy["name"] for policy in await admin.policies()]
     assert [name for name in left if name.startswith(settings.namespace)] == []

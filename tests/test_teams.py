@@ -65,7 +65,7 @@ async def alpha(settings: Settings) -> AsyncIterator[str]:
     """Team alpha registered; its quota policy removed afterwards."""
     await add(settings, "alpha", identity="queue")  # these tests publish as the guest user
     yield "alpha"
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await admin.delete_policy(quota_policy(settings, "alpha"))
 
 
@@ -150,7 +150,7 @@ async def test_an_operator_sets_a_teams_bytes_in_a_size_and_teams_add_puts_lost_
 
     # Expect it on the team's queue policy, beside the gateway's default count of jobs
     assert code == 0, stderr
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         quota = await admin.policy(quota_policy(settings, alpha))
         assert quota is not None
         assert quota["definition"] == {
@@ -433,7 +433,7 @@ async def users(settings: Settings) -> AsyncIterator[list[str]]:
     """Broker users a test may create (``<ns>.alpha``), deleted afterwards."""
     names = [broker_user(settings.namespace, "alpha")]
     yield names
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         for name in names:
             await admin.delete_user(name)
 
@@ -478,7 +478,7 @@ async def test_adding_a_team_never_takes_over_a_broker_user_of_its_name(
     settings: Settings, users: list[str]
 ) -> None:
     # Given an administrator's broker user that happens to be named as team alpha's would be
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await admin.put_user(users[0], "the-admins-password", tags="administrator")
         await admin.put_permissions(users[0], configure=".*", write=".*", read=".*")
 
@@ -513,7 +513,7 @@ async def test_a_failing_management_api_leaves_no_team_behind(settings: Settings
 
     # Expect no team registered (no worker serves it) and no queue declared
     assert await listing(settings) == []
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         assert await admin.queue(Topology(settings.namespace).team_queue("alpha")) is None
 
 
@@ -528,7 +528,7 @@ async def test_a_broker_refusing_the_queue_leaves_no_user_and_no_team(
         await add(broken, "alpha")
 
     # Expect the broker user made first deleted again, and no team registered
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         assert not await admin.user_exists(users[0])
     assert await listing(settings) == []
 
@@ -539,7 +539,7 @@ async def test_a_teams_broker_user_cannot_open_more_connections_than_its_limit(
     # Given team alpha added the default way: its user gets the gateway's default limits
     credentials = await add(settings, "alpha")
     assert credentials.amqp_url is not None
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         assert await admin.user_limits(users[0]) == {
             "max-connections": settings.team_max_connections,
             "max-channels": settings.team_max_channels,
@@ -566,7 +566,7 @@ async def test_adding_a_team_whose_broker_user_was_deleted_makes_it_again(
 ) -> None:
     # Given team alpha added the default way, then its broker user deleted by hand
     await add(settings, "alpha")
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         await admin.delete_user(users[0])
 
     # When an operator adds it again
@@ -575,7 +575,7 @@ async def test_adding_a_team_whose_broker_user_was_deleted_makes_it_again(
     # Expect a new password that works, and the user's limits set again
     assert not again.created and again.credentials.amqp_url is not None
     await (await aio_pika.connect(again.credentials.amqp_url)).close()
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         assert (await admin.user_limits(users[0]))["max-connections"] == 64
 
 
@@ -609,7 +609,7 @@ async def test_a_teams_quota_outranks_the_default_policies_of_the_definitions(
     [default] = [p for p in definitions["policies"] if p["name"] == "queuegate-team-queues"]
     pattern = default["pattern"].replace("queuegate", re.escape(settings.namespace), 1)
     names = [f"{settings.namespace}-a-defaults", f"{settings.namespace}-z-defaults"]
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         for name in names:
             await admin.put_policy(
                 name,
@@ -702,7 +702,7 @@ async def test_a_queue_the_broker_already_has_otherwise_is_one_line_that_says_wh
     assert stderr.strip().count("\n") == 0, stderr
     assert f"already has queue {queue} with other arguments" in stderr
     assert f"rabbitmqctl delete_queue {queue}" in stderr
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         assert not await admin.user_exists(users[0])
     assert await listing(settings) == []
 

@@ -312,7 +312,7 @@ async def test_rotating_credentials_closes_connections_opened_with_the_old_ones(
     connection = await aio_pika.connect(teams["alpha"].amqp_url)
     closed = asyncio.Event()
     connection.close_callbacks.add(lambda *_: closed.set())
-    async with BrokerAdmin(settings.management_url) as admin:
+    async with BrokerAdmin.of(settings) as admin:
         # (the management API lists a connection once the broker has reported it)
         assert teams["alpha"].user is not None
         for _ in range(200):  # no event announces it: up to 10 s
@@ -357,7 +357,7 @@ async def test_teams_add_prints_credentials_that_work_and_stores_no_password(
         assert [user in row[0] for row in rows] == [True]
         assert all(password not in row[0] for row in rows)
     finally:
-        async with BrokerAdmin(settings.management_url) as admin:
+        async with BrokerAdmin.of(settings) as admin:
             await admin.delete_user(user)
 
 

@@ -77,7 +77,7 @@ class HeldResults:
         api = ManagementApi.of(settings.management_url)
         credentials = f"{api.user or ''}:{api.password or ''}".encode()
         self._headers = {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
-        self._queues = URL(f"{api.root}queues/{vhost_path()}", encoded=True)
+        self._queues = URL(f"{api.root}queues/{vhost_path(settings.vhost)}", encoded=True)
         self._display = api.display
         self._pattern = Topology.of(settings).team_reply_queues_pattern()
         self._bound = Bound.of(settings)
