@@ -140,7 +140,10 @@ async def open_stream(
         stream.result = _ok(stored)
         return Opened(stream, None, bridged=False)
     bound = options.idempotency_key is not None
-    stream = door.bridge.stream(job, caller, _left(deadline), bound=bound)
+    # Each next chunk is waited for as long as the job's worker waits for it (a chunk wait),
+    # else for as long as the first, the job's deadline then ending it whole.
+    wait = _left(deadline) if job.chunk_wait is None else job.chunk_wait
+    stream = door.bridge.stream(job, caller, wait, bound=bound)
     try:
         async with asyncio.timeout_at(deadline):  # the publish too (a resource alarm)
             first = await anext(stream, None)

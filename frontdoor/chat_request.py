@@ -15,6 +15,11 @@ What a route needs of a request besides its body comes from headers, read here o
   key's check included), less ``ANSWER_MARGIN``: the caller reads its answer, a 504 included,
   before its own timer fires. A job nobody waits for any more expires in its queue instead
   of being served.
+- An SDK's timeout is its HTTP client's read timeout: the wait for each next byte, not for
+  the whole answer. A plain answer is one piece (nothing is sent before it is whole), so it
+  is the whole job's deadline; a stream's deadline bounds its first chunk, and its job's
+  ``chunk_wait`` (the same wait) each next one, so a stream longer than the timeout runs
+  while its chunks keep coming. ``x-queuegate-timeout`` is the caller's bound on the whole.
 """
 
 from __future__ import annotations
@@ -95,6 +100,9 @@ class RequestOptions:
     """Whether the caller said so (an async job without it has no deadline)."""
     idempotency_key: str | None
     respond_async: bool
+    read_timeout: bool = False
+    """Whether ``timeout`` is an SDK's read timeout, the wait for each next byte (see the
+    module's docstring), not ``x-queuegate-timeout``'s bound on the whole answer."""
     arrived: float = field(default_factory=time.monotonic)
     """When the request arrived (``time.monotonic()``): ``timeout`` counts from there."""
 
@@ -120,6 +128,7 @@ class RequestOptions:
         return cls(
             timeout=timeout,
             timeout_named=named is not None,
+            read_timeout=ours is None and announced is not None,
             idempotency_key=key,
             respond_async="respond-async" in prefer,
             arrived=arrived(request),
@@ -127,8 +136,16 @@ class RequestOptions:
 
     def left(self) -> float:
         """Seconds until the caller's answer must leave (``ANSWER_MARGIN``)."""
-        margin = min(ANSWER_MARGIN, self.timeout / 10)
-        return max(0.0, self.arrived + self.timeout - margin - time.monotonic())
+        return max(0.0, self.arrived + self._within() - time.monotonic())
+
+    def chunk_wait(self) -> float | None:
+        """The longest a stream's caller waits for each next chunk, to the chunk's leaving
+        (``ChatJob.chunk_wait``): an SDK's read timeout; None for a bound on the whole."""
+        return self._within() if self.read_timeout else None
+
+    def _within(self) -> float:
+        """The caller's timeout, less the time its answer needs to reach it first."""
+        return self.timeout - min(ANSWER_MARGIN, self.timeout / 10)
 
     def job_id(self, team: str) -> str:
         if self.idempotency_key is None:
@@ -241,6 +258,7 @@ def chat_job(
             params=ChatParams.model_validate(params),
             deadline=options.deadline(),
             stream=stream,
+            chunk_wait=options.chunk_wait() if stream else None,
         )
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]

@@ -39,6 +39,12 @@ class Behavior(BaseModel):
     """The bucket's capacity: calls admitted at once after a quiet spell; unset, a whole
     minute's. Real providers enforce their limits over shorter periods (OpenAI: 60,000 RPM
     may be enforced as 1,000 requests a second), which ``rate_limit_rpm / 60`` mimics."""
+    chunk_gap_ms: float = Field(default=0, ge=0)
+    """A streamed answer's events leave this far apart (the first after ``latency_ms``), as a
+    provider generating slowly sends them."""
+    stream_stall_after: int | None = Field(default=None, ge=1)
+    """A streamed answer stops for ``hang_s`` seconds after this many events (a provider
+    stalling mid-stream), then goes on."""
     stream_cut_after: int | None = Field(default=None, ge=0)
     """A streamed answer stops after this many events and the connection is closed mid-body
     (with ``stream_error``: the error event is sent there instead, and the body ends)."""

@@ -219,22 +219,47 @@ class _Cut(bytes):
     """A response the connection closes after, unfinished (an injected mid-stream failure)."""
 
 
+@dataclass(frozen=True)
+class _Paced:
+    """A response written in ``parts``, each ``waits[n]`` seconds after the one before (a
+    provider generating slowly); ``cut``: the connection closes after them, the body
+    unfinished."""
+
+    parts: list[bytes]
+    waits: list[float]
+    cut: bool
+
+
+Response = bytes | _Paced
+
+
 def _sse(
     events: Iterable[bytes],
     keep_alive: bool,
-    cut_after: int | None = None,
-    headers: Iterable[Header] = (),
-) -> bytes:
+    cut_after: int | None,
+    headers: Iterable[Header],
+    behavior: Behavior,
+) -> Response:
+    """A streamed answer of ``events``, cut after ``cut_after`` of them, paced or stalled as
+    ``behavior`` says."""
     fields = [
         ("content-type", "text/event-stream"),
         ("cache-control", "no-cache"),
         ("transfer-encoding", "chunked"),
         *headers,
     ]
-    chunks = [b"%x\r\n%s\r\n" % (len(event), event) for event in events]
-    if cut_after is not None:
-        return _Cut(b"".join([_head(200, keep_alive, fields), *chunks[:cut_after]]))
-    return b"".join([_head(200, keep_alive, fields), *chunks, b"0\r\n\r\n"])
+    chunks = [b"%x\r\n%s\r\n" % (len(event), event) for event in events][:cut_after]
+    head = _head(200, keep_alive, fields)
+    cut = cut_after is not None
+    ending = b"" if cut else b"0\r\n\r\n"
+    gap, stall = behavior.chunk_gap_ms / 1000, behavior.stream_stall_after
+    if (gap or stall) and chunks:
+        parts = [head + chunks[0], *chunks[1:]]
+        parts[-1] += ending  # the body ends with its last event, not a wait after it
+        waits = [behavior.hang_s if n == stall else gap for n in range(len(parts))]
+        return _Paced(parts, waits, cut)
+    whole = b"".join([head, *chunks, ending])
+    return _Cut(whole) if cut else whole
 
 
 def _has_key(headers: dict[str, str]) -> bool:
@@ -260,7 +285,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-Handler = Callable[[_Request], Awaitable[bytes | None]]
+Handler = Callable[[_Request], Awaitable[Response | None]]
 
 
 class MockProvider:
@@ -424,9 +449,18 @@ class MockProvider:
                 response = await handler(request)
                 if response is None:  # hung up on purpose
                     return
-                writer.write(response)
-                await writer.drain()
-                if not request.keep_alive or isinstance(response, _Cut):
+                if isinstance(response, _Paced):
+                    for n, part in enumerate(response.parts):
+                        if n:
+                            await asyncio.sleep(response.waits[n])
+                        writer.write(part)
+                        await writer.drain()
+                    cut = response.cut
+                else:
+                    writer.write(response)
+                    await writer.drain()
+                    cut = isinstance(response, _Cut)
+                if not request.keep_alive or cut:
                     return
         except _BadRequest as exc:
             error = {"error": {"message": str(exc), "type": "invalid_request_error"}}
@@ -438,7 +472,7 @@ class MockProvider:
         finally:
             writer.close()
 
-    async def _call(self, wire: Wire, request: _Request) -> bytes | None:
+    async def _call(self, wire: Wire, request: _Request) -> Response | None:
         body = None
         try:
             body = _json_object(request.body)
@@ -469,7 +503,7 @@ class MockProvider:
                 if behavior.stream_error is not None:
                     events = [*list(events)[:cut], wire.error_event(behavior.stream_error)]
                     cut = None
-                return _sse(events, request.keep_alive, cut, quota)
+                return _sse(events, request.keep_alive, cut, quota, behavior)
             return _json(200, wire.completion(body, reply), request.keep_alive, quota)
         if outcome == "rate_limited":
             assert bucket is not None

@@ -348,6 +348,11 @@ class ChatJob(WireModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     deadline: AwareDatetime | None = None
     stream: bool = False
+    chunk_wait: float | None = Field(default=None, gt=0)
+    """For a streamed job: the seconds its caller waits for each next chunk (an SDK's read
+    timeout). Its ``deadline`` then bounds the wait for the first chunk only: once that has
+    left, the stream runs on while each chunk comes within ``chunk_wait`` of the one before,
+    up to the worker's time limit. Unset, the deadline bounds the whole stream."""
     cache: bool | None = None
     """True: may be answered from the response cache (and fills it); False: never; None
     (unset): as the team's ``cache`` default says."""
@@ -362,6 +367,13 @@ class ChatJob(WireModel):
             _check_values("a key", key)
             _check_values(key, value)
         return metadata
+
+    @property
+    def ends_by(self) -> datetime | None:
+        """When the job's work is over at the latest, as far as the job says: its deadline,
+        but None for a stream its chunks keep going past it (``chunk_wait``), which only the
+        worker's time limit bounds."""
+        return None if self.stream and self.chunk_wait is not None else self.deadline
 
 
 def request_digest(job: ChatJob) -> str:

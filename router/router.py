@@ -153,9 +153,21 @@ class _Job:
     """A deployment was passed over because a 429 paused it."""
     param: str | None = None
     """The request's field the latest provider to name one found at fault."""
+    until: float | None = None
+    """The latest a stream with a chunk wait (``ChatJob.chunk_wait``) runs to, whatever its
+    chunks: the worker's time limit."""
+    calling: tuple[transport.TimeLimit, float, float] | None = None
+    """The time limit of the call in flight, when its deployment's own timeout ends it, and
+    that timeout."""
 
-    def left(self) -> float:
-        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+    def left(self, now: float | None = None) -> float:
+        if self.deadline is None:
+            return float("inf")
+        return self.deadline - (time.monotonic() if now is None else now)
+
+    def cut(self, own: float) -> bool:
+        """Whether the job's bound ends a call before its deployment's own timeout (``own``)."""
+        return self.deadline is not None and self.deadline < own
 
     def drop(self, entry: ModelEntry, catalog: Catalog) -> bool:
         """Whether parameters a provider cannot take are dropped rather than refused: the
@@ -190,7 +202,26 @@ class _Job:
         if not self.streamed and tracing.ON:
             tracing.event("first chunk")  # on the call's span: its time to the first token
         self.streamed = True
+        self._next_chunk_due()
         await self.sink(piece, model)
+
+    def _next_chunk_due(self) -> None:
+        """With a chunk wait, the job's deadline (and its call's limit) moves to a chunk wait
+        from now: its caller reads each chunk within that of the one before, not the whole
+        stream within the deadline it had for the first (``ChatJob.chunk_wait``)."""
+        wait = self.job.chunk_wait
+        if wait is None:
+            return
+        now = time.monotonic()
+        due, what = now + wait, f"no chunk within {wait:.3g}s of the one before"
+        if self.until is not None and self.until < due:
+            due, what = self.until, "the job's time limit passed"
+        self.deadline = due
+        if self.calling is not None:
+            limit, own, timeout = self.calling
+            if own <= due:
+                due, what = own, f"no answer within {timeout:.3g}s"
+            limit.move(due - now, what)
 
 
 class Router:
@@ -277,6 +308,7 @@ class Router:
         job: ChatJob,
         *,
         deadline: float | None = None,
+        until: float | None = None,
         on_delta: DeltaSink | None = None,
         gate: AttemptGate | None = None,
         unsupported_params: UnsupportedParams | None = None,
@@ -286,6 +318,9 @@ class Router:
         ``deadline`` is a ``time.monotonic()`` instant: no call starts after it, and none is
         allowed to run past it. With ``on_delta``, a job with ``stream`` set is streamed: its
         deltas go to ``on_delta`` in order, and the Routed still carries the whole response.
+        A stream with a ``chunk_wait`` runs past ``deadline`` once its first delta is out,
+        while each next one comes within that wait, up to ``until`` (a ``time.monotonic()``
+        instant; None: no bound).
         ``gate.enter`` runs immediately before each call (a deployment's own rate limits).
         ``unsupported_params`` is the team's policy for parameters a provider cannot take
         (the job's own comes first, the catalog's after).
@@ -297,6 +332,7 @@ class Router:
         if self._upstreams is None:
             raise RuntimeError("the Router is not open: use `async with Router(...) as router`")
         run = _Job(job, deadline, on_delta if job.stream else None, gate, unsupported_params)
+        run.until = until
         chain = self.catalog.chain(job.model, job.fallbacks)
         too_many = too_many_stops(job.params.stop)
         if too_many is not None and self.catalog.caps_stop(job.model):
@@ -501,13 +537,15 @@ class Router:
                 free.release()
                 raise
         started = time.monotonic()
-        left = run.left()
-        limit = transport.time_limit(min(deployment.timeout, left))
+        own = started + deployment.timeout
+        limit = transport.time_limit(min(deployment.timeout, run.left(started)))
+        run.calling = (limit, own, deployment.timeout)
         try:
             try:
                 async with limit:
                     completion = await self._call(run, call, parser)
             finally:
+                run.calling = None
                 free.release()
         except ProviderError as err:
             if err.error_class not in UNSENT:
@@ -519,7 +557,8 @@ class Router:
             # nothing of the provider's health, and must not open a breaker others share.
             # Told by which bound ended it, not by the clock after: a busy loop's timer fires
             # a few ms before the deadline by the wall clock, and the job seemed to have time.
-            cut = limit.expired and left < deployment.timeout
+            # (A stream's deadline moves with its chunks: the one its limit was last set by.)
+            cut = limit.expired and run.cut(own)
             if not cut:
                 await self._report(call, err)
             elif call.probe:

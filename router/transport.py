@@ -122,26 +122,33 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def time_limit(seconds: float) -> _TimeLimit:
+def time_limit(seconds: float) -> TimeLimit:
     """Bound a whole call (connect, send, read; not the wait for ``Upstream.free``): past it,
     ProviderError("timeout")."""
-    return _TimeLimit(seconds)
+    return TimeLimit(seconds)
 
 
-class _TimeLimit:
+class TimeLimit:
     # A class, not a generator: a worker holds thousands of calls waiting for a connection,
     # and a generator's context manager keeps its frame, arguments and wrapper (about 700
     # bytes) for as long as the call.
-    __slots__ = ("_seconds", "_timeout")
+    __slots__ = ("_seconds", "_timeout", "_what")
 
     def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
+        self._what = "no answer"
+        self._seconds: float | None = seconds
         self._timeout = asyncio.timeout(seconds)
 
     @property
     def expired(self) -> bool:
         """Whether this bound ended the call (not a connect or first-byte timeout within)."""
         return self._timeout.expired()
+
+    def move(self, seconds: float, what: str) -> None:
+        """End the call ``seconds`` from now instead, saying ``what`` did not come (a
+        stream's next chunk is due)."""
+        self._what, self._seconds = what, None
+        self._timeout.reschedule(asyncio.get_running_loop().time() + seconds)
 
     async def __aenter__(self) -> None:
         await self._timeout.__aenter__()
@@ -153,7 +160,7 @@ class _TimeLimit:
         traceback: TracebackType | None,
     ) -> None:
         await _timed_out(
-            self._timeout, exc_type, exc, traceback, what="no answer", seconds=self._seconds
+            self._timeout, exc_type, exc, traceback, what=self._what, seconds=self._seconds
         )
 
 

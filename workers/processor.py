@@ -646,6 +646,7 @@ class JobProcessor:
             routed = await self._router.complete(
                 job,
                 deadline=deadline,
+                until=limit,
                 on_delta=relay,
                 gate=claim.gate(job, ticket, self._router.catalog),
                 unsupported_params=self._admission.config(job.team).unsupported_params,

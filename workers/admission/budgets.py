@@ -122,7 +122,8 @@ class Budgets:
         slack: float,
     ) -> None:
         """``lease``: seconds a reservation lapses after, unless its job's deadline plus
-        ``slack`` comes first (a job is never called past its deadline)."""
+        ``slack`` comes first (a job is never called past its deadline; a stream its chunks
+        keep going past it passes ``ChatJob.ends_by``, no deadline)."""
         self._client = client
         self._scripts = scripts
         self._keys = keys
@@ -158,7 +159,8 @@ class Budgets:
         not run (its reply is None) when there is nothing to reserve or the reserve fails.
         Raises BudgetExhausted when the budget or the cap cannot take ``nano``, BudgetHeld
         when it can once the other jobs' reservations are settled. ``name``: the
-        reservation's, the same on every try (``Scripts.run_all``). ``deadline``: the job's.
+        reservation's, the same on every try (``Scripts.run_all``). ``deadline``: the job's
+        (``ChatJob.ends_by``).
         """
         reserving = self.reserving(team, model, config, nano, job_id, deadline=deadline)
         if reserving is None:

@@ -456,7 +456,7 @@ class Admission:
                 job.job_id,
                 then=then,
                 name=name,
-                deadline=job.deadline,
+                deadline=job.ends_by,
             ),
             lambda: (held, None),
             ticket.until,
@@ -480,7 +480,7 @@ class Admission:
         except JobError:
             return None
         reserving = self._budgets.reserving(
-            job.team, job.model, config, needed.cost_nano, job.job_id, deadline=job.deadline
+            job.team, job.model, config, needed.cost_nano, job.job_id, deadline=job.ends_by
         )
         if reserving is None or self._budget_waited(tuple(reserving.held.keys[::2])):
             return None  # jobs wait for its budget already: it goes behind them (admit)
