@@ -55,10 +55,15 @@ def note_job(request: Request, job_id: str) -> None:
     request.scope.setdefault("state", {})[JOB_STATE] = job_id
 
 
+def noted_job(scope: Scope) -> str | None:
+    """The id of the request's job, once it named one (``note_job``)."""
+    noted = scope.get("state", {}).get(JOB_STATE)
+    return noted if isinstance(noted, str) else None
+
+
 def request_id(scope: Scope) -> str:
     """The ``x-request-id`` of a request's answer: its job's id, or a fresh one."""
-    noted = scope.get("state", {}).get(JOB_STATE)
-    return noted if isinstance(noted, str) else uuid.uuid4().hex
+    return noted_job(scope) or uuid.uuid4().hex
 
 
 def elapsed_ms(started: float) -> float:
@@ -108,5 +113,6 @@ __all__ = [
     "gateway_headers",
     "note_arrival",
     "note_job",
+    "noted_job",
     "request_id",
 ]

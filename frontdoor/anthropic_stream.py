@@ -9,7 +9,10 @@ become Anthropic's documented event flow::
     message_delta (stop_reason, cumulative usage), message_stop
 
 with ``text_delta``, ``thinking_delta`` and ``input_json_delta`` deltas, or an ``error``
-event (and nothing after it) when the job fails after the stream has begun. The stop reason
+event (and nothing after it) when the job fails after the stream has begun, or the model's
+answer has no Messages API form (``message_of``): a tool call's input that begins as no JSON
+object does ends the stream at that delta, one that is no object once whole (truncated
+JSON) in place of ``message_stop``. The stop reason
 is known only from the final result, and ``message_delta`` carries the usage (its counts
 are cumulative: Anthropic's SDK takes them as the totals). ``message_start`` names the model
 the provider says answers, as a non-streamed answer does (``frontdoor.sse.ServedModel``).
@@ -26,13 +29,37 @@ from typing import Any, Literal
 
 import orjson
 
+from frontdoor.errors import ApiError
 from frontdoor.sse import ServedModel
 from queuegate.api_errors import anthropic_error
 from queuegate.messages import ChatResult, StreamChunk
-from queuegate.provider_formats import anthropic_message, as_int
+from queuegate.provider_formats import NotAnObject, anthropic_id, anthropic_message, as_int
 
 Event = dict[str, Any]
 BlockKind = Literal["text", "thinking", "tool_use"]
+
+
+def message_of(response: dict[str, Any], job_id: str) -> Event:
+    """The Messages API message answering job ``job_id`` with ``response``.
+
+    ApiError ``provider_error`` when the model answered what a message has no form for (a
+    tool called with input that is not a JSON object: ``NotAnObject``), naming it: the job
+    was served and billed, so the error is not retried (a retry would call the provider
+    again) and points at the answer, which ``GET /v1/jobs/<id>`` gives in OpenAI's format
+    (its ``arguments`` may be any text)."""
+    try:
+        return anthropic_message(response, anthropic_id(job_id))
+    except NotAnObject as exc:
+        raise _unanswerable(exc, job_id) from None
+
+
+def _unanswerable(exc: NotAnObject, job_id: str) -> ApiError:
+    return ApiError(
+        "provider_error",
+        f"{exc}; job {job_id} was served (and billed): GET /v1/jobs/{job_id} reads its "
+        "answer in OpenAI's format",
+        job_id=job_id,
+    )
 
 
 def encode(events: list[Event]) -> bytes:
@@ -46,12 +73,13 @@ def encode(events: list[Event]) -> bytes:
 class MessageEvents:
     """The events of one streamed Messages API answer (a ``frontdoor.sse.StreamWriter``)::
 
-    writer = MessageEvents(f"msg_{job.job_id}", job.model)
+    writer = MessageEvents(job.job_id, job.model)
     async for data in sse_events(stream, first, writer): ...
     """
 
-    def __init__(self, message_id: str, model: str) -> None:
-        self._id = message_id
+    def __init__(self, job_id: str, model: str) -> None:
+        self._job_id = job_id
+        self._id = anthropic_id(job_id)
         self._model = ServedModel(model)
         self._started = False
         self._blocks = 0
@@ -59,6 +87,13 @@ class MessageEvents:
         self._open: tuple[int, BlockKind] | None = None
         self._calls: dict[int, int] = {}
         """The block index of each tool call, by its position (OpenAI's ``index``)."""
+        self._tools: dict[int, str] = {}
+        """The name of each tool call's block, by index, until its input shows it begins an
+        object (``_checked``)."""
+        self._inputs: dict[int, str] = {}
+        """What those blocks' input deltas said so far (only blanks)."""
+        self._ended = False
+        """Whether an error event ended the answer: nothing is sent after it."""
         self._usage = {
             "input_tokens": 0,
             "output_tokens": 0,
@@ -68,19 +103,43 @@ class MessageEvents:
         """``message_start``'s usage: the provider's, when it sent its own."""
 
     def delta(self, chunk: StreamChunk) -> bytes:
+        if self._ended:
+            return b""
         self._model.note(chunk.model)
-        if chunk.anthropic_events is not None:
-            return encode(self._native(chunk.anthropic_events))
-        return encode(self._opening() + self.delta_events(chunk.delta))
+        events: list[Event] = []
+        try:
+            if chunk.anthropic_events is not None:
+                self._native(chunk.anthropic_events, events)
+            else:
+                events += self._opening()
+                events += self.delta_events(chunk.delta)
+        except NotAnObject as exc:
+            # A tool's input that begins with what no object does: the answer has no
+            # Messages API form, and ends before the SDK reads a block it cannot hold.
+            error = _unanswerable(exc, self._job_id)
+            return encode(events) + self.error(error.code, error.message)
+        return encode(events)
 
     def end(self, result: ChatResult) -> bytes:
+        if self._ended:
+            return b""
         self._model.note_result(result)
-        if not self._started and result.response is not None:
+        if result.status != "ok" or result.response is None:
+            assert result.error is not None
+            return self.error(result.error.code, result.error.message)
+        try:
+            message = message_of(result.response, self._job_id)
+        except ApiError as exc:
+            # After the model's own deltas, its call's input among them: the answer ends
+            # with the error instead of message_stop.
+            return self.error(exc.code, exc.message)
+        if not self._started:
             # Nothing was streamed (a cached answer): message_start can tell the usage.
-            self._usage = self._usage | anthropic_message(result.response, self._id)["usage"]
-        return encode(self._opening() + self.end_events(result))
+            self._usage = self._usage | message["usage"]
+        return encode(self._opening() + self.end_events(message))
 
     def error(self, code: str, message: str) -> bytes:
+        self._ended = True
         return encode([*self._opening(), anthropic_error(code, message)])
 
     def _opening(self) -> list[Event]:
@@ -99,10 +158,9 @@ class MessageEvents:
         }
         return [{"type": "message_start", "message": message}, {"type": "ping"}]
 
-    def _native(self, events: list[Event]) -> list[Event]:
-        """An Anthropic deployment's events, as it sent them; its ``message_start`` with
-        this stream's id and model."""
-        out: list[Event] = []
+    def _native(self, events: list[Event], out: list[Event]) -> None:
+        """An Anthropic deployment's events, as it sent them, onto ``out``; its
+        ``message_start`` with this stream's id and model."""
         for event in events:
             kind = event.get("type")
             if kind == "message_start":
@@ -112,10 +170,35 @@ class MessageEvents:
             out.extend(self._opening())
             if kind == "content_block_start":
                 self._blocks += 1
+                block = event.get("content_block") or {}
+                if block.get("type") == "tool_use":
+                    if not isinstance(block.get("input", {}), dict):
+                        raise NotAnObject(block.get("name"), block["input"])
+                    self._tools[as_int(event.get("index"))] = str(block.get("name"))
                 out.append(_signed(event))
+            elif kind == "content_block_delta":
+                delta = event.get("delta") or {}
+                if delta.get("type") == "input_json_delta":
+                    self._checked(as_int(event.get("index")), delta.get("partial_json"))
+                out.append(event)
             elif kind != "message_start":
                 out.append(event)
-        return out
+
+    def _checked(self, index: int, piece: Any) -> None:
+        """Raise NotAnObject when the input of tool call block ``index`` so far, ``piece``
+        its latest, begins with what no JSON object does: whatever follows, the block's
+        input is not one (a later error, truncated JSON, is found in the whole answer)."""
+        if index not in self._tools or not isinstance(piece, str):
+            return
+        so_far = self._inputs.get(index, "") + piece
+        begun = so_far.lstrip()
+        if not begun:
+            self._inputs[index] = so_far
+            return
+        name = self._tools.pop(index)
+        self._inputs.pop(index, None)
+        if not begun.startswith("{"):
+            raise NotAnObject(name, so_far)
 
     def delta_events(self, delta: dict[str, Any]) -> list[Event]:
         """The events of one canonical delta (often one ``content_block_delta``)."""
@@ -133,13 +216,9 @@ class MessageEvents:
                 events.extend(self._tool_call(position, call))
         return events
 
-    def end_events(self, result: ChatResult) -> list[Event]:
-        """For an answer, ``message_delta`` and ``message_stop`` (its content first, when
-        nothing was streamed: a stored outcome); for an error, the ``error`` event."""
-        if result.status != "ok" or result.response is None:
-            assert result.error is not None
-            return [anthropic_error(result.error.code, result.error.message)]
-        message = anthropic_message(result.response, self._id)
+    def end_events(self, message: Event) -> list[Event]:
+        """The closing events of the answer ``message``: ``message_delta`` and
+        ``message_stop`` (its content first, when nothing was streamed: a stored outcome)."""
         events: list[Event] = []
         if self._blocks == 0:
             for block in message["content"]:
@@ -188,8 +267,10 @@ class MessageEvents:
                 "input": {},
             }
             index = self._calls[number] = self._start(block, events)
+            self._tools[index] = block["name"]
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
+            self._checked(index, arguments)
             # A piece of an earlier call after a later one began (no provider is known to do
             # this) still goes to its own block: Anthropic's SDK accumulates by index.
             events.append(_delta(index, {"type": "input_json_delta", "partial_json": arguments}))

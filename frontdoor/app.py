@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontdoor.answers import TRACE_HEADER, note_arrival, request_id
 from frontdoor.dashboard import install as install_dashboard
-from frontdoor.errors import install_error_handlers
+from frontdoor.errors import UnexpectedErrors, install_error_handlers
 from frontdoor.held import Held, HeldRequests
 from frontdoor.routes import (
     admin,
@@ -93,6 +93,8 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
 
     app.state.held = held = Held.of(settings)
     app.add_middleware(HeldRequests, held=held, shapes=shapes)
+    # Inside RequestMetrics: an unexpected failure's answer is counted and has its ids too.
+    app.add_middleware(UnexpectedErrors, shapes=shapes)
     app.add_middleware(RequestMetrics)
     app.add_middleware(TraceRequests)
     return app

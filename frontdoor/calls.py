@@ -26,6 +26,7 @@ The steps every route that runs a chat job shares, whatever API it speaks::
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,12 +35,14 @@ from fastapi.responses import StreamingResponse
 from frontdoor.answers import gateway_headers
 from frontdoor.auth import Caller
 from frontdoor.chat_request import RequestOptions
-from frontdoor.errors import ApiError, error_of_result
+from frontdoor.errors import ApiError, error_of_result, unexpected
 from frontdoor.service import FrontDoor
 from frontdoor.sse import StreamWriter, sse_events
 from producer.streams import ChatStream
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatJob, ChatResult, StreamChunk
+
+log = logging.getLogger(__name__)
 
 
 async def run_job(
@@ -165,12 +168,18 @@ def streamed(
     door: FrontDoor, job: ChatJob, opened: Opened, writer: StreamWriter, started: float
 ) -> StreamingResponse:
     """The answer to a streamed request: the job's events in ``writer``'s API, as they come;
-    the stream is closed however the answer ends (the caller may hang up)."""
+    the stream is closed however the answer ends (the caller may hang up). A fault of the
+    front door's own ends it with the API's error event (``unexpected``), not a dropped
+    connection, which the SDKs take for a network error and retry."""
 
     async def events() -> AsyncIterator[bytes]:
         try:
             async for data in sse_events(opened.stream, opened.first, writer):
                 yield data
+        except Exception:
+            log.exception("job %s: its stream failed", job.job_id)
+            error = unexpected(job.job_id)
+            yield writer.error(error.code, error.message)
         finally:
             if opened.bridged:
                 door.bridge.close_stream(job.job_id)
@@ -200,6 +209,7 @@ def _late(job: ChatJob, timeout: float) -> ApiError:
         "deadline_exceeded",
         f"no answer within {timeout:g} s; job {job.job_id} may still finish: "
         f"GET /v1/jobs/{job.job_id}",
+        job_id=job.job_id,
     )
 
 

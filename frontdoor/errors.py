@@ -13,10 +13,15 @@ A 429 carries ``Retry-After``; a 409, the codes that a retry cannot change and t
 would pay for twice carry ``x-should-retry: false`` (``NO_RETRY``), which the OpenAI and
 Anthropic SDKs obey (they retry 408, 409, 429 and 5xx by default). A value the caller sent
 is repeated ``shown`` (``queuegate.value_errors``): cut to ``ECHOED`` characters.
+
+An exception no handler takes (a fault of the front door's own) is answered
+``internal_error`` (500) in the same shape by ``UnexpectedErrors``, its traceback logged,
+never Starlette's bare text/plain 500.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +31,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from frontdoor.answers import noted_job
 from queuegate.api_errors import openai_error
 from queuegate.errors import (
     ClientError,
@@ -37,6 +44,9 @@ from queuegate.errors import (
 )
 from queuegate.messages import HTTP_STATUS, ChatResult
 from queuegate.value_errors import shown
+from queuegate.visible import clipped
+
+log = logging.getLogger(__name__)
 
 HTTP_ONLY: dict[str, int] = {
     "request_too_large": 413,
@@ -48,6 +58,7 @@ HTTP_ONLY: dict[str, int] = {
     "forbidden": 403,
     "method_not_allowed": 405,
     "service_unavailable": 503,
+    "internal_error": 500,
 }
 """Codes of the HTTP layer, which no job is ever answered with."""
 
@@ -63,6 +74,7 @@ NO_RETRY = frozenset(
         "deadline_exceeded",
         "provider_error",
         "all_providers_failed",
+        "internal_error",
     }
 )
 """Codes the SDKs are told not to retry: a retry of the same request cannot change them, or
@@ -70,9 +82,10 @@ would publish a new job for what was called already. The SDKs retry 408, 409, 42
 5xx by default, with no Idempotency-Key (the new job calls the provider again, billed again):
 a 504 ``deadline_exceeded`` comes after the job was published, often called, and the
 retry has the same deadline (``GET /v1/jobs/{id}`` reads its answer); a 502 comes after the
-workers' own retries and fallbacks. Retried: 429 (``rate_limited``, ``queue_full``,
-``too_many_requests``, nothing called, with ``Retry-After``) and 503 (refused before
-anything was published)."""
+workers' own retries and fallbacks; after an ``internal_error`` the gateway cannot tell what
+it did before failing (a job published, its provider called). Retried: 429
+(``rate_limited``, ``queue_full``, ``too_many_requests``, nothing called, with
+``Retry-After``) and 503 (refused before anything was published)."""
 
 ErrorShape = Callable[[str, str, str | None], dict[str, Any]]
 """``shape(code, message, param)``: an API's error body (``param``: the field at fault)."""
@@ -144,6 +157,20 @@ def error_of(exc: GatewayError) -> ApiError:
     return ApiError("service_unavailable", f"the gateway failed: {exc}")
 
 
+def unexpected(job_id: str | None) -> ApiError:
+    """The answer to a fault of the front door's own while serving a request: nothing of the
+    fault itself (it may hold anything), the request's job when it named one, whose outcome
+    is read by id."""
+    if job_id is None:
+        return ApiError("internal_error", "the gateway failed serving this request")
+    return ApiError(
+        "internal_error",
+        f"the gateway failed answering job {job_id}, which may have been served: "
+        f"GET /v1/jobs/{job_id} reads its outcome",
+        job_id=job_id,
+    )
+
+
 def _seconds(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000
 
@@ -165,6 +192,38 @@ class ErrorShapes:
     def response(self, path: str, error: ApiError) -> JSONResponse:
         body = self.for_path(path)(error.code, error.message, error.param)
         return JSONResponse(body, status_code=error.status, headers=error.headers())
+
+
+class UnexpectedErrors:
+    """Answers an exception that no handler took, before the answer began, as
+    ``unexpected``: in the shape of the API called, not retried, naming the request's job.
+    Starlette's own answer is a text/plain 500 that the SDKs retry, each retry a new job,
+    the provider called and the team billed again. The traceback is logged. An answer that
+    began (a stream) ends as its route ends it (``frontdoor.calls.streamed``)."""
+
+    def __init__(self, app: ASGIApp, *, shapes: ErrorShapes) -> None:
+        self._app = app
+        self._shapes = shapes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        began = False
+
+        async def answering(message: Message) -> None:
+            nonlocal began
+            began = began or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, answering)
+        except Exception:
+            if began:
+                raise
+            log.exception("%s %s failed", scope["method"], clipped(scope["path"]))
+            answer = self._shapes.response(scope["path"], unexpected(noted_job(scope)))
+            await answer(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> ErrorShapes:
@@ -218,7 +277,9 @@ __all__ = [
     "ApiError",
     "ErrorShape",
     "ErrorShapes",
+    "UnexpectedErrors",
     "error_of",
     "error_of_result",
     "shown",
+    "unexpected",
 ]

@@ -59,6 +59,12 @@ class Behavior(BaseModel):
     """How Anthropic answers lay out their blocks, as real ones may: ``plain`` one text (or
     tool_use) block, ``split`` the text in two text blocks (its first word, then the rest),
     ``tool_first`` a tool call followed by a text block (``TEXT_AFTER_TOOL``)."""
+    tool_input: str | None = None
+    """What the model calls a tool with, in place of ``{}``: an OpenAI function call's
+    ``arguments`` as this very text (JSON or not: OpenAI's reference warns that a model's
+    may not be valid JSON, and one cut by ``max_tokens`` is not), whole or streamed; an
+    Anthropic ``tool_use`` block's ``input`` as this text parsed (an array, say, as a
+    misbehaving deployment might send)."""
     retry_after: float | None = Field(default=None, ge=0)
     """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``. Unset,
     a rate-limit 429 announces when the bucket next admits a call, an injected 429 one second."""

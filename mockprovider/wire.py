@@ -130,6 +130,14 @@ class Reply:
     """How an Anthropic answer lays out its blocks (``mockprovider.config.Behavior.layout``)."""
     tool_type: ToolType = "function"
     """What the tool called is (OpenAI's): a function, or a custom tool taking free text."""
+    tool_input: str | None = None
+    """What the tool is called with, as raw text, in place of ``TOOL_INPUT``'s
+    (``mockprovider.config.Behavior.tool_input``)."""
+
+    def called_with(self) -> tuple[str, str]:
+        """The field of an OpenAI tool call holding its input, and the input."""
+        field, value = TOOL_INPUT[self.tool_type]
+        return field, value if self.tool_input is None else self.tool_input
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -405,7 +413,7 @@ class OpenAIWire(Wire):
         message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
         message[field] = said
         if reply.tool is not None:
-            kind, (field, value) = reply.tool_type, TOOL_INPUT[reply.tool_type]
+            kind, (field, value) = reply.tool_type, reply.called_with()
             call = {"id": _new_id("call_"), "type": kind, kind: {"name": reply.tool, field: value}}
             message["content"] = None
             message["tool_calls"] = [call]
@@ -447,7 +455,7 @@ class OpenAIWire(Wire):
         if reply.tool is not None:
             # The chunk schema documents function calls only; a custom call streams the same
             # way under its own type, its input as a function's arguments.
-            kind, (field, value) = reply.tool_type, TOOL_INPUT[reply.tool_type]
+            kind, (field, value) = reply.tool_type, reply.called_with()
             for index in choices:
                 start = {"name": reply.tool, field: ""}
                 call = {"index": 0, "id": _new_id("call_"), "type": kind, kind: start}
@@ -522,7 +530,7 @@ def _block_events(block: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield _delta({"type": "thinking_delta", "thinking": piece})
         yield _delta({"type": "signature_delta", "signature": block["signature"]})
     elif kind == "tool_use":
-        yield _started(block)
+        yield _started(block | {"input": {}})  # as Anthropic: the input comes in the delta
         yield _delta(
             {"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()}
         )
@@ -637,8 +645,9 @@ class AnthropicWire(Wire):
             thought = reply.reasoning if reply.reasoning_shown else ""
             blocks.append({"type": "thinking", "thinking": thought, "signature": SIGNATURE})
         if reply.tool is not None:
+            called = {} if reply.tool_input is None else orjson.loads(reply.tool_input)
             blocks.append(
-                {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": {}}
+                {"type": "tool_use", "id": _new_id("toolu_"), "name": reply.tool, "input": called}
             )
             if reply.layout == "tool_first":
                 blocks.append({"type": "text", "text": TEXT_AFTER_TOOL})

@@ -24,6 +24,7 @@ import json
 from typing import Any
 
 from queuegate.openai_params import ANTHROPIC_EFFORTS, unoffered_tools
+from queuegate.visible import clipped
 
 Block = dict[str, Any]
 
@@ -62,16 +63,36 @@ def as_int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+class NotAnObject(ValueError):
+    """A tool call whose input is not a JSON object, which a ``tool_use`` block's ``input``
+    must be (Anthropic's reference; its SDK's ``ToolUseBlock.input`` is a ``Dict``): an
+    OpenAI model's ``arguments`` may be any text, not even JSON (OpenAI's reference warns
+    of it: a call cut by ``max_tokens`` is), a misbehaving deployment's ``input`` an array.
+    The message says which tool and what it was called with."""
+
+    def __init__(self, name: Any, called_with: Any) -> None:
+        shown = called_with if isinstance(called_with, str) else json.dumps(called_with)
+        super().__init__(
+            f"the model called tool {clipped(str(name))!r} with input that is not a JSON "
+            f"object, which a tool_use block's input must be: {clipped(shown, CALLED_WITH)!r}"
+        )
+
+
+CALLED_WITH = 200
+"""Characters of a tool call's input that ``NotAnObject`` repeats at most."""
+
+
 def tool_use_block(call: dict[str, Any]) -> Block:
-    """An OpenAI ``tool_calls`` entry as a ``tool_use`` block; ValueError when its arguments
+    """An OpenAI ``tool_calls`` entry as a ``tool_use`` block; NotAnObject when its arguments
     are not a JSON object (Anthropic takes only objects)."""
     function = call.get("function") or {}
+    raw = function.get("arguments") or "{}"
     try:
-        arguments = json.loads(function.get("arguments") or "{}")
+        arguments = json.loads(raw)
     except (TypeError, ValueError):
         arguments = None
     if not isinstance(arguments, dict):
-        raise ValueError("tool call arguments that are not a JSON object")
+        raise NotAnObject(function.get("name"), raw)
     return {
         "type": "tool_use",
         "id": call.get("id"),
@@ -387,7 +408,8 @@ def anthropic_id(job_id: str) -> str:
 
 
 def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, Any]:
-    """A canonical ``chat.completion`` as a Messages API ``message`` of id ``message_id``.
+    """A canonical ``chat.completion`` as a Messages API ``message`` of id ``message_id``;
+    NotAnObject when the model called a tool with input the message has no form for.
 
     An Anthropic deployment's answer is its own body (``ANTHROPIC_BODY``): every block in
     its order, signatures and usage as sent. Another provider's is translated: thinking
@@ -417,7 +439,14 @@ def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, An
     if not isinstance(native, dict):
         return translated
     kept = ("content", "stop_reason", "stop_sequence", "usage")
-    return translated | {key: native[key] for key in kept if key in native}
+    message = translated | {key: native[key] for key in kept if key in native}
+    for block in message["content"] if isinstance(message["content"], list) else []:
+        # Passed on as sent, but only in the Messages API's form (the canonical tool calls
+        # said ``{}`` of an empty array: ``tool_call_of``).
+        tool_use = isinstance(block, dict) and block.get("type") == "tool_use"
+        if tool_use and not isinstance(block.get("input"), dict):
+            raise NotAnObject(block.get("name"), block.get("input"))
+    return message
 
 
 def openai_view(response: dict[str, Any], answer_id: str) -> dict[str, Any]:

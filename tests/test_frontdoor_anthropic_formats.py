@@ -316,7 +316,7 @@ def relay(parser: Any, upstream: list[Any]) -> tuple[list[Piece], ChatResult]:
 
 def translate(pieces: list[Piece], result: ChatResult) -> list[dict[str, Any]]:
     """The events the front door sends for the pieces and result, as a client reads them."""
-    writer = MessageEvents("msg_j1", "claude-haiku")
+    writer = MessageEvents("j1", "claude-haiku")
     chunks = [
         StreamChunk(job_id="j1", seq=i, delta=p.delta, anthropic_events=p.anthropic_events)
         for i, p in enumerate(pieces)
@@ -564,7 +564,7 @@ def test_a_failure_after_the_stream_began_ends_it_with_an_error_event() -> None:
 
 
 def test_a_stream_the_front_door_gives_up_on_ends_with_an_error_event() -> None:
-    writer = MessageEvents("msg_j1", "claude-haiku")
+    writer = MessageEvents("j1", "claude-haiku")
     writer.delta(StreamChunk(job_id="j1", seq=0, delta={"content": "Hel"}))
 
     [event] = decode(writer.error("deadline_exceeded", "nothing more in time"))

@@ -5,8 +5,11 @@ provider's count. Point the ``anthropic`` SDK's ``base_url`` at the front door's
 root (the SDK adds ``/v1``); it sends the team's key as ``x-api-key``.
 
 Errors come in Anthropic's shape (``queuegate.api_errors.anthropic_error``), so the SDK
-raises its typed exceptions. The message's id is ``msg_<job id>`` (the ``x-request-id``
-header holds the job id); the gateway headers of ``frontdoor.answers`` are on every answer.
+raises its typed exceptions. A model's answer a message has no form for (a tool called with
+input that is not a JSON object) is a 502 ``api_error`` saying what the model sent, not
+retried: the job was served and billed (``frontdoor.anthropic_stream.message_of``). The
+message's id is ``msg_<job id>`` (the ``x-request-id`` header holds the job id); the
+gateway headers of ``frontdoor.answers`` are on every answer.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ from fastapi.responses import JSONResponse, Response
 
 from frontdoor.answers import gateway_headers, note_job
 from frontdoor.anthropic_request import count_tokens_job, messages_job
-from frontdoor.anthropic_stream import MessageEvents
+from frontdoor.anthropic_stream import MessageEvents, message_of
 from frontdoor.auth import Calling
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions
 from frontdoor.service import Door
-from queuegate.provider_formats import anthropic_id, anthropic_message
 from workers.admission.estimate import prompt_tokens
 
 PREFIX = "/v1/messages"
@@ -39,13 +41,12 @@ async def messages(request: Request, door: Door, caller: Calling) -> Response:
     body = await door.bodies.read_json(request, caller, limit=door.settings.max_job_bytes)
     job = messages_job(body, caller.team, options, door.limits)
     note_job(request, job.job_id)
-    message_id = anthropic_id(job.job_id)
     if job.stream:
         opened = await open_stream(door, caller, job, options)
-        return streamed(door, job, opened, MessageEvents(message_id, job.model), started)
+        return streamed(door, job, opened, MessageEvents(job.job_id, job.model), started)
     result = await run_job(door, caller, job, options)
     assert result.response is not None
-    message = anthropic_message(result.response, message_id)
+    message = message_of(result.response, job.job_id)
     return JSONResponse(message, headers=gateway_headers(job.job_id, result, started))
 
 

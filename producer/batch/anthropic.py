@@ -3,6 +3,10 @@
 In:  {"custom_id", "params": {"model", "max_tokens", "messages", ...}}
 Out: {"custom_id", "result": {"type": "succeeded", "message"} | {"type": "errored", "error"}
       | {"type": "canceled"} | {"type": "expired"}}
+
+An answer a Message cannot hold (a tool called with input that is not a JSON object) is
+``errored``, its error ``provider_error`` saying what the model sent: what a line says is
+what its request counts as (``category``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,12 @@ from typing import Any
 from producer.batch.answers import Answer, Category, Request
 from queuegate.api_errors import anthropic_error
 from queuegate.messages import ErrorCode
-from queuegate.provider_formats import anthropic_id, anthropic_message, openai_request
+from queuegate.provider_formats import (
+    NotAnObject,
+    anthropic_id,
+    anthropic_message,
+    openai_request,
+)
 
 
 def parse(entry: dict[str, Any]) -> Request:
@@ -33,8 +42,13 @@ def line(answer: Answer) -> dict[str, Any]:
     if answer.category in ("expired", "canceled"):
         out = {"type": answer.category}
     elif result is not None and result.status == "ok" and result.response is not None:
-        message = anthropic_message(result.response, anthropic_id(answer.digest))
-        out = {"type": "succeeded", "message": message}
+        try:
+            message = anthropic_message(result.response, anthropic_id(answer.digest))
+            out = {"type": "succeeded", "message": message}
+        except NotAnObject as exc:
+            # What the model answered has no Message form: the request errored, saying what
+            # it was (served and billed, as the line's gateway block tells).
+            out = {"type": "errored", "error": anthropic_error("provider_error", str(exc))}
     else:
         failure = answer.failure
         out = {"type": "errored", "error": anthropic_error(failure.code, failure.message)}

@@ -418,10 +418,13 @@ class _Run:
         for answer in fresh:
             line = self._fmt.line(answer)
             line["gateway"] = gateway_block(answer)
-            last[self.files.write(line, failed=answer.category != "done")] = answer.custom_id
+            # What the line says, as a resumed collect reads it back (``reconcile``): an
+            # answer its format cannot hold is written as an error, and counted as one.
+            category = self._fmt.category(line)
+            last[self.files.write(line, failed=category != "done")] = answer.custom_id
             if answer.custom_id in self.torn:
                 continue  # counted when first written
-            entries.append((answer.custom_id, answer.category, _nano(line["gateway"]["cost_usd"])))
+            entries.append((answer.custom_id, category, _nano(line["gateway"]["cost_usd"])))
         await self.files.sync()
         await self.state.mark_written(entries)
         if self._resend is not None:
