@@ -23,6 +23,7 @@ from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import invalid_request
 from frontdoor.service import Door
 from producer.batch.openai import URL
+from queuegate.messages import StoredText
 
 router = APIRouter(tags=["OpenAI Batches"])
 
@@ -34,13 +35,14 @@ REQUEST_BYTES = 64 * 1024
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input_file_id: str
+    # Stored text: PostgreSQL holds no NUL, so one is the caller's 400, not our 500.
+    input_file_id: StoredText
     endpoint: str
     completion_window: str
     metadata: (
         dict[
-            Annotated[str, StringConstraints(max_length=64)],
-            Annotated[str, StringConstraints(max_length=512)],
+            Annotated[StoredText, StringConstraints(max_length=64)],
+            Annotated[StoredText, StringConstraints(max_length=512)],
         ]
         | None
     ) = Field(default=None, max_length=16)
