@@ -8,12 +8,13 @@ and carries an ``x-request-id``.
 OpenAPI docs are at ``/docs``.
 
 To add an API family: write ``frontdoor/routes/<family>.py`` with its ``router``, include it
-in ``ROUTERS``, and register its error shape (``app.state.error_shapes.register(prefix,
-shape)``) when it is not OpenAI's. Routes take ``caller: Calling`` (``frontdoor.auth``: the
-proven team) and ``door: Door`` (``frontdoor.service``: the process's services), build a
-``ChatJob``, and run it with ``frontdoor.calls`` (``run_job``, ``open_stream``,
-``publish_job``). The admin routes take ``owner: Owner`` instead (a team, or an
-administrator) and serve ``admin``'s reports.
+in ``ROUTERS`` (each is mounted behind ``frontdoor.url_text.storable_url``: no route reads a
+URL PostgreSQL could not hold), and register its error shape
+(``app.state.error_shapes.register(prefix, shape)``) when it is not OpenAI's. Routes take
+``caller: Calling`` (``frontdoor.auth``: the proven team) and ``door: Door``
+(``frontdoor.service``: the process's services), build a ``ChatJob``, and run it with
+``frontdoor.calls`` (``run_job``, ``open_stream``, ``publish_job``). The admin routes take
+``owner: Owner`` instead (a team, or an administrator) and serve ``admin``'s reports.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,6 +44,7 @@ from frontdoor.routes import (
     openai,
 )
 from frontdoor.service import FrontDoor
+from frontdoor.url_text import storable_url
 from queuegate import tracing
 from queuegate.api_errors import anthropic_error
 from queuegate.metrics import observe_http
@@ -88,7 +90,8 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
     # /v1/messages/batches lies under this prefix: Anthropic's shape for both.
     shapes.register(anthropic.PREFIX, anthropic_error)
     for router in ROUTERS:
-        app.include_router(router)
+        # A URL PostgreSQL could not hold is answered before any route reads it
+        app.include_router(router, dependencies=[Depends(storable_url)])
     install_dashboard(app)
 
     app.state.held = held = Held.of(settings)

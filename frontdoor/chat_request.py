@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from frontdoor.answers import arrived
 from frontdoor.errors import ApiError, shown
+from queuegate.errors import IdempotencyConflict
 from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ChatParams
 from queuegate.openai_params import refused_param
 from queuegate.settings import Settings
@@ -118,18 +119,12 @@ class RequestOptions:
             timeout = _announced(announced)
         else:
             timeout = DEFAULT_WAIT
-        key = headers.get("idempotency-key")
-        if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable()):
-            raise ApiError(
-                "invalid_request",
-                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
-            )
         prefer = {p.strip().lower() for p in headers.get("prefer", "").split(",")}
         return cls(
             timeout=timeout,
             timeout_named=named is not None,
             read_timeout=ours is None and announced is not None,
-            idempotency_key=key,
+            idempotency_key=idempotency_key(request),
             respond_async="respond-async" in prefer,
             arrived=arrived(request),
         )
@@ -159,6 +154,26 @@ class RequestOptions:
         if self.respond_async and not self.timeout_named:
             return None
         return datetime.now(UTC) + timedelta(seconds=self.left())
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key``, if it names one; ApiError 400 for one that is empty,
+    too long or not printable (so it never holds what PostgreSQL or a log line would not)."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable()):
+        raise ApiError(
+            "invalid_request",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+        )
+    return key
+
+
+def key_conflict() -> IdempotencyConflict:
+    """The refusal of a request under an Idempotency-Key bound to a different one (a chat
+    job's, a batch's): 422 ``idempotency_conflict``, nothing done."""
+    return IdempotencyConflict(
+        "this Idempotency-Key was used for a different request: use a new key for a new request"
+    )
 
 
 def _announced(text: str) -> float:
@@ -282,6 +297,8 @@ __all__ = [
     "RequestOptions",
     "chat_job",
     "checked_messages",
+    "idempotency_key",
+    "key_conflict",
     "served_model",
     "unknown_model",
     "wants_stream",

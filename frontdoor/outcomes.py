@@ -19,7 +19,8 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from queuegate.errors import IdempotencyConflict, ServiceUnavailable
+from frontdoor.chat_request import key_conflict
+from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult, request_digest
 from workers.claims import binding, stored_outcome
@@ -81,10 +82,7 @@ class Outcomes:
             raise _unavailable(exc) from exc
         status = reply[0].decode()
         if status == "conflict":
-            raise IdempotencyConflict(
-                "this Idempotency-Key was used for a different request: use a new key for "
-                "a new request"
-            )
+            raise key_conflict()
         if status == "stored":
             outcome = stored_outcome(reply[1])
             return Binding(None if outcome is None else outcome.result, retry=True)

@@ -227,7 +227,7 @@ async def test_an_audit_filter_postgresql_cannot_hold_gets_the_error_page(
         await signed_in(client, admin.key)
         for query, said in [
             ("model=%00", "model: a NUL byte is not allowed"),
-            ("team=%00", "is invalid"),
+            ("team=%00", "team: a NUL byte is not allowed"),
             ("since=9999-12-31T23:59:59-14:00", "out of range"),
         ]:
             # When the audit log is asked for it

@@ -232,14 +232,16 @@ async def list_files(
     return [_file(row) for row in rows]
 
 
-async def delete_file(pool: asyncpg.Pool, team: str, file_id: str) -> bool:
-    """Delete one of the team's files of the Files API; whether there was one."""
+async def delete_file(
+    pool: asyncpg.Pool, team: str, file_id: str, purposes: Collection[str] = OPENAI_PURPOSES
+) -> bool:
+    """Delete one of the team's files (of the Files API by default); whether there was one."""
     deleted = await pool.fetchval(
         "DELETE FROM api_files WHERE id = $1 AND team = $2 AND ready "
         "AND purpose = any($3::text[]) RETURNING id",
         file_id,
         team,
-        list(OPENAI_PURPOSES),
+        list(purposes),
     )
     return deleted is not None
 

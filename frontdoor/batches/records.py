@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import asyncpg
 
+from frontdoor.chat_request import key_conflict
+
 Api = Literal["openai", "anthropic"]
 Phase = Literal["submit", "collect", "clean", "done"]
 
@@ -71,6 +73,10 @@ class BatchRow:
     cancelled_at: datetime | None
     phase: Phase
     faults: int
+    idempotency_key: str | None
+    """The Idempotency-Key it was created under, if any (``Bound``)."""
+    request_digest: str | None
+    """The fingerprint of the request that created it under that key."""
 
     @property
     def ended(self) -> bool:
@@ -94,6 +100,15 @@ _FIELDS = tuple(BatchRow.__dataclass_fields__)
 _COLUMNS = ", ".join(_FIELDS)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A create under an Idempotency-Key: the key (the team's: every lookup is by team) and
+    the fingerprint of the request, which a retry of it has too."""
+
+    key: str
+    digest: str
+
+
 def _row(record: asyncpg.Record | None) -> BatchRow | None:
     return None if record is None else BatchRow(**{name: record[name] for name in _FIELDS})
 
@@ -109,29 +124,61 @@ async def create_batch(
     endpoint: str,
     metadata: dict[str, str] | None,
     total: int = 0,
+    bound: Bound | None = None,
 ) -> BatchRow:
-    """Record a new batch, ``validating``, to expire ``WINDOW`` from now."""
-    record = await pool.fetchrow(
-        f"""
-        INSERT INTO api_batches (id, team, api, status, key_id, input_file_id, endpoint,
-                                 completion_window, metadata, expires_at, total)
-        VALUES ($1, $2, $3, 'validating', $4, $5, $6, $7, $8, $9, $10)
-        RETURNING {_COLUMNS}
-        """,
-        batch_id,
-        team,
-        api,
-        key_id,
-        input_file_id,
-        endpoint,
-        WINDOW,
-        metadata,
-        datetime.now(UTC) + _WINDOW_LENGTH,
-        total,
+    """Record a new batch, ``validating``, to expire ``WINDOW`` from now; under ``bound``'s
+    key, unless the key is bound to a batch of the team already (another create under it
+    committed first): then that batch, when the same request made it (``same_request``)."""
+    while True:
+        record = await pool.fetchrow(
+            f"""
+            INSERT INTO api_batches (id, team, api, status, key_id, input_file_id, endpoint,
+                                     completion_window, metadata, expires_at, total,
+                                     idempotency_key, request_digest)
+            VALUES ($1, $2, $3, 'validating', $4, $5, $6, $7, $8, $9, $10, $11, $12)
+            ON CONFLICT (team, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING {_COLUMNS}
+            """,
+            batch_id,
+            team,
+            api,
+            key_id,
+            input_file_id,
+            endpoint,
+            WINDOW,
+            metadata,
+            datetime.now(UTC) + _WINDOW_LENGTH,
+            total,
+            None if bound is None else bound.key,
+            None if bound is None else bound.digest,
+        )
+        row = _row(record)
+        if row is not None:
+            return row
+        assert bound is not None  # the key's index is the only conflict passed over
+        made = await batch_under(pool, team, bound.key)
+        if made is not None:
+            return same_request(made, api, bound)
+        # That batch was deleted in between (an ended Message Batch): the key is free again.
+
+
+async def batch_under(pool: asyncpg.Pool, team: str, key: str) -> BatchRow | None:
+    """The team's batch created under the Idempotency-Key ``key``, if any."""
+    return _row(
+        await pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM api_batches WHERE team = $1 AND idempotency_key = $2",
+            team,
+            key,
+        )
     )
-    row = _row(record)
-    assert row is not None
-    return row
+
+
+def same_request(made: BatchRow, api: Api, bound: Bound) -> BatchRow:
+    """``made``, the batch under ``bound``'s key, to answer a retry of the request that
+    created it with; IdempotencyConflict when another request (or the other batch API) did."""
+    if (made.api, made.request_digest) != (api, bound.digest):
+        raise key_conflict()
+    return made
 
 
 async def get_batch(pool: asyncpg.Pool, team: str, api: Api, batch_id: str) -> BatchRow | None:
@@ -352,7 +399,15 @@ async def held_by(conn: asyncpg.Connection, batch_id: str, runner: str) -> Batch
     return row
 
 
-_SETTABLE = frozenset(_FIELDS) - {"id", "team", "api", "key_id", "created_at"}
+_SETTABLE = frozenset(_FIELDS) - {
+    "id",
+    "team",
+    "api",
+    "key_id",
+    "created_at",
+    "idempotency_key",
+    "request_digest",
+}
 
 
 async def update(conn: asyncpg.Connection, batch_id: str, runner: str, **values: Any) -> None:

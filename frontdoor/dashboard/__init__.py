@@ -7,17 +7,18 @@ static files shipped as package data.
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from frontdoor.dashboard.batches import router as batches_router
-from frontdoor.dashboard.routes import install_handlers, router
+from frontdoor.dashboard.routes import install_handlers, router, storable_url
 from frontdoor.dashboard.security import DashboardHeaders
 
 
 def install(app: FastAPI) -> None:
-    app.include_router(router)
-    app.include_router(batches_router)
+    checked = [Depends(storable_url)]
+    app.include_router(router, dependencies=checked)
+    app.include_router(batches_router, dependencies=checked)
     app.mount(
         "/dashboard/static",
         StaticFiles(packages=[("frontdoor.dashboard", "static")]),

@@ -37,6 +37,7 @@ from frontdoor.dashboard.render import page
 from frontdoor.dashboard.session import Session
 from frontdoor.failed_keys import Throttled, client_of
 from frontdoor.service import Door, FrontDoor
+from frontdoor.url_text import unstorable
 from queuegate.db import DB_ERRORS, UNREACHABLE, database_unreachable
 from queuegate.errors import ConfigError, ServiceUnavailable, UnknownTeam
 from queuegate.registry import TEAM_NAME, get_team, list_teams
@@ -61,6 +62,15 @@ class Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+async def storable_url(request: Request) -> None:
+    """``frontdoor.url_text.storable_url``, answered as a page: a path naming nothing (a
+    batch to cancel, a team) 404, a filter or cursor 400."""
+    found = unstorable(request)
+    if found is not None:
+        status = 404 if found.where == "path" else 400
+        raise Refused(status, f"No such page: {found}." if status == 404 else f"{found}.")
 
 
 @router.get("/sign-in")

@@ -10,8 +10,10 @@ process or request ends meanwhile. Its results are two files: ``output_file_id``
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -19,10 +21,12 @@ from frontdoor.auth import Calling
 from frontdoor.batches import files, records
 from frontdoor.batches.objects import openai_batch, openai_page
 from frontdoor.batches.upload import over_quota
+from frontdoor.chat_request import idempotency_key
 from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import invalid_request
 from frontdoor.service import Door
 from producer.batch.openai import URL
+from queuegate.messages import StoredText
 
 router = APIRouter(tags=["OpenAI Batches"])
 
@@ -34,13 +38,14 @@ REQUEST_BYTES = 64 * 1024
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input_file_id: str
+    # Stored text: PostgreSQL holds no NUL, so one is the caller's 400, not our 500.
+    input_file_id: StoredText
     endpoint: str
     completion_window: str
     metadata: (
         dict[
-            Annotated[str, StringConstraints(max_length=64)],
-            Annotated[str, StringConstraints(max_length=512)],
+            Annotated[StoredText, StringConstraints(max_length=64)],
+            Annotated[StoredText, StringConstraints(max_length=512)],
         ]
         | None
     ) = Field(default=None, max_length=16)
@@ -48,11 +53,22 @@ class BatchCreate(BaseModel):
 
 @router.post("/v1/batches", summary="Create a batch from an uploaded file")
 async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
+    """Under an ``Idempotency-Key``, a retry of the request is answered the batch it made
+    (``records.same_request``), before any check a batch made since could change (the quota
+    it counts in, its input file deleted once it ended)."""
+    key = idempotency_key(request)
     body = await door.bodies.read_json(request, caller, limit=REQUEST_BYTES)
     try:
         asked = BatchCreate.model_validate(body)
     except ValidationError as exc:
         raise invalid_request(exc, body) from None
+    bound = None
+    if key is not None:
+        canonical = orjson.dumps(asked.model_dump(), option=orjson.OPT_SORT_KEYS)
+        bound = records.Bound(key, hashlib.sha256(canonical).hexdigest())
+        made = await records.batch_under(door.pool, caller.team, key)
+        if made is not None:
+            return openai_batch(records.same_request(made, "openai", bound))
     if asked.endpoint != URL:
         raise ApiError(
             "invalid_request", f"endpoint {shown(asked.endpoint)!r} is not served: use {URL}"
@@ -83,6 +99,7 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
         input_file_id=asked.input_file_id,
         endpoint=asked.endpoint,
         metadata=asked.metadata,
+        bound=bound,
     )
     door.batch_runner.wake()
     return openai_batch(row)

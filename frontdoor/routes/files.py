@@ -17,6 +17,7 @@ from frontdoor.batches.objects import file_object, openai_page
 from frontdoor.batches.upload import chunks, over_quota, read_upload, too_large
 from frontdoor.errors import ApiError, shown
 from frontdoor.service import Door, FrontDoor
+from queuegate.messages import storable_problem
 
 router = APIRouter(tags=["OpenAI Files"])
 
@@ -37,12 +38,15 @@ async def upload(request: Request, door: Door, caller: Calling) -> dict[str, Any
             )
         if not isinstance(upload, UploadFile):
             raise ApiError("invalid_request", "no file: send it as the multipart field `file`")
+        filename = upload.filename or "upload.jsonl"
+        if (problem := storable_problem(filename)) is not None:  # PostgreSQL's text cannot
+            raise ApiError("invalid_request", f"file: its filename: {problem}", param="file")
         try:
             stored = await files.store_file(
                 door.pool,
                 team=caller.team,
                 purpose=purpose,
-                filename=upload.filename or "upload.jsonl",
+                filename=filename,
                 chunks=chunks(upload, files.PART_BYTES),
                 max_bytes=limit,
                 quota=quota,

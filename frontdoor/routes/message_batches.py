@@ -11,6 +11,7 @@ As with Anthropic, ``params`` are validated as the batch runs: an invalid one is
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from frontdoor.batches import files, records
 from frontdoor.batches.objects import anthropic_batch, anthropic_page
 from frontdoor.batches.records import BatchRow
 from frontdoor.batches.upload import file_chunks, over_quota, spool_body
+from frontdoor.chat_request import idempotency_key
 from frontdoor.errors import ApiError, shown
 from frontdoor.service import Door, FrontDoor
 from producer.batch.lines import BatchFile
@@ -42,19 +44,29 @@ CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 @router.post(PREFIX, summary="Create a Message Batch")
 async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any]:
+    """Under an ``Idempotency-Key``, a retry of the request is answered the batch it made,
+    its body read only to be told from another request (``records.same_request``)."""
     s = door.settings
     limit = s.batch_file_max_bytes
+    key = idempotency_key(request)
+    # Looked up before the quota, which the batch made under the key counts in now
+    made = None if key is None else await records.batch_under(door.pool, caller.team, key)
     quota = await files.storage_quota(door.pool, caller.team, s.team_file_storage_bytes)
-    try:  # before its body is read: a team over its quota has its batch refused at once
-        await files.check_room(door.pool, caller.team, quota)
-    except files.OverQuota as exc:
-        raise over_quota(exc) from None
+    if made is None:
+        try:  # before its body is read: a team over its quota has its batch refused at once
+            await files.check_room(door.pool, caller.team, quota)
+        except files.OverQuota as exc:
+            raise over_quota(exc) from None
     batch_id = records.new_batch_id("anthropic")
     with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
         body, requests = Path(work) / "body.json", Path(work) / "requests.jsonl"
         reading = door.bodies.reader(caller)
         await spool_body(request, reading, body, limit=limit, timeout=s.batch_upload_timeout)
-        total = _requests(body, requests)
+        total, digest = _requests(body, requests)
+        bound = None if key is None else records.Bound(key, digest)
+        if made is not None and bound is not None:
+            made = records.same_request(made, "anthropic", bound)
+            return anthropic_batch(made, _results_url(request, made))
         try:
             stored = await files.store_file(
                 door.pool,
@@ -67,40 +79,51 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
             )
         except files.OverQuota as exc:
             raise over_quota(exc) from None
-    row = await records.create_batch(
-        door.pool,
-        batch_id=batch_id,
-        team=caller.team,
-        api="anthropic",
-        key_id=caller.key_id,
-        input_file_id=stored.id,
-        endpoint="/v1/messages",
-        metadata=None,
-        total=total,
-    )
+    row = None
+    try:
+        row = await records.create_batch(
+            door.pool,
+            batch_id=batch_id,
+            team=caller.team,
+            api="anthropic",
+            key_id=caller.key_id,
+            input_file_id=stored.id,
+            endpoint="/v1/messages",
+            metadata=None,
+            total=total,
+            bound=bound,
+        )
+    finally:
+        if row is None or row.id != batch_id:
+            # Another create under the key was first (its batch answers this one, or it was
+            # a different request): these requests are nobody's.
+            await files.delete_file(door.pool, caller.team, stored.id, purposes=(REQUESTS,))
     door.batch_runner.wake()
     return anthropic_batch(row, _results_url(request, row))
 
 
-def _requests(body: Path, out: Path) -> int:
+def _requests(body: Path, out: Path) -> tuple[int, str]:
     """Write the requests of a ``{"requests": [...]}`` body to ``out``, one a line (a line
     then names each request, as the runner's reports do), read one request at a time; the
-    number of requests. ApiError naming the first one without a custom_id or params, or
-    with a custom_id used before."""
+    number of requests, and their fingerprint (of each request's JSON, keys sorted).
+    ApiError naming the first one without a custom_id or params, or with a custom_id used
+    before."""
     file = BatchFile(body)
     if not file.document:
         raise ApiError("invalid_request", 'the body must be a JSON object: {"requests": [...]}')
     seen: set[str] = set()
+    digest = hashlib.sha256()
     try:
         with out.open("wb") as f:
             for index, (_, entry) in enumerate(file):
                 _check(f"requests.{index}", entry, seen)
                 f.write(orjson.dumps(entry) + b"\n")
+                digest.update(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n")
     except BatchError as exc:
         raise ApiError("invalid_request", str(exc).replace(f"{body}: ", "")) from None
     if not seen:
         raise ApiError("invalid_request", "requests: must hold at least one request")
-    return len(seen)
+    return len(seen), digest.hexdigest()
 
 
 def _check(where: str, entry: Any, seen: set[str]) -> None:
