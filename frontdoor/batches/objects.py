@@ -48,10 +48,12 @@ def openai_batch(row: BatchRow) -> dict[str, Any]:
         "cancelling_at": _unix(row.cancelling_at),
         "cancelled_at": _unix(row.cancelled_at),
         "request_counts": {
-            "total": row.total,
+            # The gateway counts the requests it took; those it refused have their lines too.
+            "total": row.total + row.refused,
             "completed": row.done,
-            # Every request with a line in the error file: failed, expired or canceled.
-            "failed": row.failed + row.expired + row.canceled,
+            # Every request with a line in the error file: failed, expired, canceled or
+            # refused (its endpoint would have answered it 400).
+            "failed": row.failed + row.expired + row.canceled + row.refused,
         },
         "metadata": row.metadata,
     }
