@@ -166,10 +166,10 @@ async def test_an_openai_batch_answers_each_line_chat_completions_would_refuse_4
 async def test_an_openai_batch_whose_every_line_is_refused_completes_with_its_error_file(
     door: Door,
 ) -> None:
-    # Given an OpenAI batch file each of whose lines sets a field no API has
+    # Given an OpenAI batch file each of whose lines sets a temperature that is no number
     lines = openai_lines(2)
     for line in lines:
-        line["body"]["frobnicate"] = 1
+        line["body"]["temperature"] = "hot"
     async with door.client() as client:
         # When its batch ends
         file_id = await upload(client, lines)
@@ -181,12 +181,14 @@ async def test_an_openai_batch_whose_every_line_is_refused_completes_with_its_er
         errors = parse_jsonl(await (await client.files.content(ended.error_file_id)).aread())
 
     # Expect it completed with no output file, each line answered 400 naming the field:
-    # the file was a valid batch, its requests were what the endpoint refuses
+    # the file was a valid batch (it does not fail whole), its requests what the endpoint
+    # refuses
     assert ended.status == "completed" and ended.output_file_id is None
     assert ended.request_counts is not None
     assert (ended.request_counts.total, ended.request_counts.failed) == (2, 2)
     assert sorted(e["custom_id"] for e in errors) == ["req-0", "req-1"]
     for error in errors:
         assert error["response"]["status_code"] == 400
-        assert "frobnicate" in error["response"]["body"]["error"]["message"]
+        message = error["response"]["body"]["error"]["message"]
+        assert message.startswith("temperature: Input should be a valid number")
     assert door.gateway.mock.requests == []

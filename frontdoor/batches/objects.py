@@ -48,8 +48,7 @@ def openai_batch(row: BatchRow) -> dict[str, Any]:
         "cancelling_at": _unix(row.cancelling_at),
         "cancelled_at": _unix(row.cancelled_at),
         "request_counts": {
-            # The gateway counts the requests it took; those it refused have their lines too.
-            "total": row.total + row.refused,
+            "total": row.total,
             "completed": row.done,
             # Every request with a line in the error file: failed, expired, canceled or
             # refused (its endpoint would have answered it 400).

@@ -522,11 +522,14 @@ class _Run:
         assert self._state is not None
         entries = _custom_ids(path)
         found: list[tuple[str, str]] = []
+        unknown = (
+            "its params are not valid" if self.row.api == "anthropic" else "its body is not valid"
+        )
         for start in range(0, len(entries), CHUNK):
             chunk = entries[start : start + CHUNK]
             lines = await self._state.line_numbers([custom_id for _, custom_id in chunk])
             found += [
-                (custom_id, reasons.get(number, "its params are not valid"))
+                (custom_id, reasons.get(number, unknown))
                 for (number, custom_id), line in zip(chunk, lines, strict=True)
                 if line is None
             ]
@@ -644,9 +647,9 @@ class _Run:
                 status = "expired" if counts.expired else "completed"
             files = await _keep_written(conn, row)
             await show_files(conn, [f for f in files.values() if f is not None])
-            values: dict[str, Any] = {**_counts(row, counts), **files}
             if refused:
-                values["refused"] = refused
+                row = dataclasses.replace(row, refused=refused)
+            values: dict[str, Any] = {**_counts(row, counts), **files, "refused": row.refused}
             if failure is not None:
                 values["errors"] = [*(row.errors or []), failure]
             if collected:
@@ -816,8 +819,9 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 def _counts(row: BatchRow, counts: Counts) -> dict[str, Any]:
-    """The row's counts from the gateway's. A Message Batch's total is its requests, known
-    from its creation; the gateway counts only the valid ones."""
+    """The row's counts from the gateway's. A batch's total is its requests: a Message
+    Batch's known from its creation, an OpenAI batch's those the gateway counts (the valid
+    ones) and those it refused."""
     values: dict[str, Any] = {
         "done": counts.done,
         "failed": counts.failed,
@@ -826,7 +830,7 @@ def _counts(row: BatchRow, counts: Counts) -> dict[str, Any]:
         "spend_usd": Decimal(str(counts.spend_usd)),
     }
     if row.api == "openai":
-        values["total"] = counts.total
+        values["total"] = counts.total + row.refused
     return values
 
 
