@@ -9,7 +9,9 @@ request is made one (``frontdoor.chat_request.chat_job``: catalog, limits, job i
 What Anthropic takes and the gateway cannot carry (documents by URL, file id or content
 blocks, server tools, structured output's ``output_config.format``) is refused by name.
 ``count_tokens_job`` does the same for a ``/v1/messages/count_tokens`` body, whose job is
-only counted. Any refusal: ``ApiError``.
+only counted. Any refusal: ``ApiError``. ``params_refusal`` is the same check of a Message
+Batch request's ``params`` (the batch runner's ``producer.batch.jobs.Check``), so a batch
+refuses, by name, what ``/v1/messages`` refuses, rather than leaving it out unread.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pydantic import (
 
 from frontdoor.chat_request import Limits, RequestOptions, chat_job
 from frontdoor.errors import ApiError
-from frontdoor.request_errors import deepest, describe, error_path, tagged_by
+from frontdoor.request_errors import deepest, joined, problem, tagged_by
 from queuegate.messages import ChatJob
 from queuegate.openai_params import AnthropicEffort, Thinking, ThinkingEnabled
 from queuegate.provider_formats import (
@@ -270,11 +272,30 @@ def messages_job(
 ) -> ChatJob:
     """The team's job for a ``/v1/messages`` body; ApiError saying what is wrong, in
     Anthropic's wording (``max_tokens: Field required``), when it is invalid."""
-    try:
-        request = MessagesRequest.model_validate(body)
-    except ValidationError as exc:
-        raise ApiError("invalid_request", _reason(exc, body, ANTHROPIC_MESSAGES_PARAMS)) from None
+    request = _messages_request(body, "")
     return _job(request.model_dump(exclude_none=True), team, options, limits, request.stream)
+
+
+def params_refusal(params: dict[str, Any]) -> str | None:
+    """Why ``/v1/messages`` would refuse a Message Batch request's ``params`` as its body,
+    the field named by its path in the request (``params.container: not supported by this
+    gateway``); None when it takes them. What it takes the batch reads as ``messages_job``
+    reads a body (``provider_formats.openai_request``), which refuses the rest."""
+    try:
+        _messages_request(params, "params")
+    except ApiError as exc:
+        return exc.message
+    return None
+
+
+def _messages_request(body: dict[str, Any], where: str) -> MessagesRequest:
+    """``body`` as a MessagesRequest; ApiError naming the field at fault by its path, under
+    ``where`` (the path of ``body`` in what the caller sent; "" for a request body)."""
+    try:
+        return MessagesRequest.model_validate(body)
+    except ValidationError as exc:
+        reason = _reason(exc, body, ANTHROPIC_MESSAGES_PARAMS, where)
+        raise ApiError("invalid_request", reason) from None
 
 
 def count_tokens_job(
@@ -303,9 +324,11 @@ def _job(
     return chat_job(canonical, team, options, limits, stream=stream)
 
 
-def _reason(exc: ValidationError, body: dict[str, Any], known: frozenset[str]) -> str:
+def _reason(
+    exc: ValidationError, body: dict[str, Any], known: frozenset[str], under: str = ""
+) -> str:
     error = deepest(exc)
-    where = error_path(error, body)
+    where, reason = problem(error, body)
     if error["type"] == "extra_forbidden" and where in known:
-        return f"{where}: not supported by this gateway"
-    return describe(error, body)
+        reason = "not supported by this gateway"
+    return joined(".".join(filter(None, (under, where))), reason)

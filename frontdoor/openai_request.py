@@ -2,7 +2,9 @@
 published.
 
 ``check_chat(body, limits)`` raises ``ApiError`` (400, or 404 for a model the catalog does
-not serve) naming what is wrong:
+not serve) naming what is wrong; ``body_refusal(body, limits)`` says the same of an OpenAI
+batch line's ``body``, for the batch to answer that line 400 rather than send on what the
+endpoint refuses:
 
 - top-level fields OpenAI's chat completions do not have
   (``queuegate.provider_formats.OPENAI_CHAT_PARAMS``), all of them at once, save those the
@@ -53,7 +55,24 @@ _CHAT_REQUEST = TypeAdapter(ChatRequest)
 
 def check_chat(body: dict[str, Any], limits: Limits) -> None:
     """Refuse what OpenAI's chat completions refuse (ApiError), before the job is made."""
-    model = served_model(body, limits)
+    _check_for(body, served_model(body, limits), limits)
+
+
+def body_refusal(body: dict[str, Any], limits: Limits) -> str | None:
+    """Why ``POST /v1/chat/completions`` would refuse the ``body`` of an OpenAI batch line
+    (the batch runner's ``producer.batch.jobs.Check``), or None when it takes it. Its model
+    is not looked up in the catalog: one not served is answered as any job's, by the worker
+    (404 ``unknown_model``)."""
+    model = body.get("model")
+    try:
+        _check_for(body, model if isinstance(model, str) else "", limits)
+    except ApiError as exc:
+        return exc.message
+    return None
+
+
+def _check_for(body: dict[str, Any], model: str, limits: Limits) -> None:
+    """The checks of a body for ``model``: which fields it may carry depends on it."""
     checked_messages(body, limits)
     _known_fields(body, model, limits)
     try:
@@ -90,4 +109,4 @@ def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:
     raise ApiError("invalid_request", f"unrecognized request arguments {names}: {why}")
 
 
-__all__ = ["ChatRequest", "check_chat"]
+__all__ = ["ChatRequest", "body_refusal", "check_chat"]

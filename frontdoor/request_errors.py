@@ -29,15 +29,11 @@ def invalid_request(exc: ValidationError, body: Any) -> ApiError:
     """The ``invalid_request`` error of ``body``'s deepest validation error, its ``param``
     the path of the field at fault."""
     where, reason = problem(deepest(exc), body)
-    return ApiError("invalid_request", _joined(where, reason), param=where or None)
+    return ApiError("invalid_request", joined(where, reason), param=where or None)
 
 
-def describe(error: ErrorDetails, body: Any) -> str:
-    return _joined(*problem(error, body))
-
-
-def _joined(where: str, reason: str) -> str:
+def joined(where: str, reason: str) -> str:
     return f"{where}: {reason}" if where else reason
 
 
-__all__ = ["deepest", "describe", "error_path", "invalid_request", "tagged_by"]
+__all__ = ["deepest", "error_path", "invalid_request", "joined", "problem", "tagged_by"]

@@ -116,7 +116,7 @@ class FrontDoor:
             self._changes = await RegistryChanges(s, self._budgets.forget).__aenter__()
             await self.bridge.__aenter__()
             # Batches created over HTTP, this process's and any a stopped process left.
-            self._batch_runner = BatchRunner(s, self._pool, self._redis)
+            self._batch_runner = BatchRunner(s, self._pool, self._redis, limits=self.limits)
             self._running = asyncio.create_task(self._batch_runner.run(self._stop_runner))
         except BaseException:
             await self._close()

@@ -234,11 +234,19 @@ class BatchError(ClientError):
 
 
 class BatchInvalid(BatchError):
-    """Lines of a batch file are invalid; ``problems`` holds (line number, reason) pairs."""
+    """Lines of a batch file are invalid; ``problems`` holds (line number, reason) pairs, and
+    ``refused`` those of requests a check of their API refused (``producer.batch.jobs``)."""
 
-    def __init__(self, message: str, problems: list[tuple[int, str]]) -> None:
+    def __init__(
+        self,
+        message: str,
+        problems: list[tuple[int, str]],
+        *,
+        refused: list[tuple[int, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.problems = problems
+        self.refused = refused or []
 
 
 class NotText(BatchInvalid):

@@ -353,4 +353,4 @@ def test_an_openai_line_without_url_is_told_the_url_is_missing() -> None:
 
     # When it is read, expect the missing field named, not "url None"
     with pytest.raises(ValueError, match="url is missing: it must be /v1/chat/completions"):
-        FORMATS["openai"].parse(entry)
+        FORMATS["openai"].body(entry)

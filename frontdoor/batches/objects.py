@@ -50,8 +50,9 @@ def openai_batch(row: BatchRow) -> dict[str, Any]:
         "request_counts": {
             "total": row.total,
             "completed": row.done,
-            # Every request with a line in the error file: failed, expired or canceled.
-            "failed": row.failed + row.expired + row.canceled,
+            # Every request with a line in the error file: failed, expired, canceled or
+            # refused (its endpoint would have answered it 400).
+            "failed": row.failed + row.expired + row.canceled + row.refused,
         },
         "metadata": row.metadata,
     }

@@ -67,13 +67,17 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from frontdoor.anthropic_request import params_refusal
 from frontdoor.batches import records
 from frontdoor.batches.files import new_result_file, read_file, show_files
 from frontdoor.batches.gateway_record import GatewayRecord
 from frontdoor.batches.records import MAX_FAULTS, BatchRow, LeaseLost
 from frontdoor.batches.results import StoredResults
+from frontdoor.chat_request import Limits
+from frontdoor.openai_request import body_refusal
 from producer.batch import collect_into, collect_state, delete_batch, submit_batch
-from producer.batch.anthropic import refused as refused_line
+from producer.batch.formats import FormatName, refused
+from producer.batch.jobs import Check
 from producer.batch.lines import BatchFile
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
@@ -88,7 +92,7 @@ from queuegate.errors import (
     ServiceUnavailable,
 )
 from queuegate.keys import Keys
-from queuegate.messages import ErrorInfo
+from queuegate.messages import ErrorCode, ErrorInfo
 from queuegate.settings import Settings
 from queuegate.signing import Signer
 from queuegate.tenancy import live_api_key
@@ -127,7 +131,7 @@ class _Held:
 class BatchRunner:
     """Takes batches left to run, a few at a time, and drives each to its end::
 
-    runner = BatchRunner(settings, pool)
+    runner = BatchRunner(settings, pool, redis, limits=Limits.of(settings, catalog))
     task = asyncio.create_task(runner.run(stop))
     runner.wake()          # a batch was just created: look now rather than at the next tick
     """
@@ -138,11 +142,19 @@ class BatchRunner:
         pool: asyncpg.Pool,
         redis: aioredis.Redis,
         *,
+        limits: Limits,
         name: str | None = None,
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._redis = redis
+        # Each request is checked as the synchronous endpoint of its API checks a body: what
+        # the endpoint refuses, a field it does not carry above all, is answered as a failed
+        # line naming it, never left out unread and the rest sent on.
+        self._checks: dict[FormatName, Check] = {
+            "openai": functools.partial(body_refusal, limits=limits),
+            "anthropic": params_refusal,
+        }
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._lease = settings.batch_runner_lease
         self._tick = min(1.0, self._lease / 3)
@@ -196,7 +208,7 @@ class BatchRunner:
                 return
             if row is None:
                 return
-            run = _Run(self._settings, self._pool, self._redis, row, self.name)
+            run = _Run(self._settings, self._pool, self._redis, row, self.name, checks=self._checks)
             task = asyncio.create_task(self._drive(run), name=f"batch {row.id}")
             self._running[row.id] = _Held(run, task, time.monotonic())
             task.add_done_callback(functools.partial(self._forget, row.id))
@@ -327,12 +339,15 @@ class _Run:
         redis: aioredis.Redis,
         row: BatchRow,
         runner: str,
+        *,
+        checks: dict[FormatName, Check],
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._redis = redis
         self.row = row
         self._runner = runner
+        self._checks = checks
         self._signer: Signer | None = None
         """The key's signer while it is live; None once it is revoked."""
         self._client: GatewayClient | None = None
@@ -483,29 +498,38 @@ class _Run:
                         # The runner pauses a full queue's batch itself (QueueFull), and
                         # checks for its cancel, its key and its share of runners meanwhile.
                         pause_when_full=False,
+                        checks=self._checks,
                         **self._who,
                     )
                 except BatchInvalid as exc:
+                    # A Message Batch's invalid requests are errored, whatever they are; an
+                    # OpenAI batch fails on lines that are no request (OpenAI validates the
+                    # file), and answers a request its endpoint refuses 400, in its file.
                     if anthropic:
-                        await self._refused_all(path, exc.problems)
+                        await self._refused_all(path, sorted(exc.problems + exc.refused))
+                    elif exc.refused and not exc.problems:
+                        await self._refused_all(path, exc.refused)
                     else:
                         await self._invalid(exc)
                     return
-                reasons = dict(report.skipped)
-            refused = await self._refused(path, reasons) if anthropic else []
+                reasons = dict(report.skipped + report.refused)
+            refused = await self._refused(path, reasons)
         await self._start_collect(refused)
 
     async def _refused(self, path: Path, reasons: dict[int, str]) -> list[tuple[str, str]]:
-        """(custom_id, reason) of the requests of a Message Batch the gateway did not take:
-        those it keeps no line of (they were invalid), whichever run of submit found them."""
+        """(custom_id, reason) of the requests the gateway did not take: those it keeps no
+        line of (they were invalid), whichever run of submit found them."""
         assert self._state is not None
         entries = _custom_ids(path)
         found: list[tuple[str, str]] = []
+        unknown = (
+            "its params are not valid" if self.row.api == "anthropic" else "its body is not valid"
+        )
         for start in range(0, len(entries), CHUNK):
             chunk = entries[start : start + CHUNK]
             lines = await self._state.line_numbers([custom_id for _, custom_id in chunk])
             found += [
-                (custom_id, reasons.get(number, "its params are not valid"))
+                (custom_id, reasons.get(number, unknown))
                 for (number, custom_id), line in zip(chunk, lines, strict=True)
                 if line is None
             ]
@@ -525,7 +549,7 @@ class _Run:
             self.row = await self._reload()
             sink = self._sink(await self._result_files(conn))
             for custom_id, reason in refused:
-                sink.write(refused_line(custom_id, reason), failed=True)
+                sink.write(self._refused_line(custom_id, reason), failed=True)
             await sink.flush(conn)
             await records.update(
                 conn,
@@ -623,9 +647,9 @@ class _Run:
                 status = "expired" if counts.expired else "completed"
             files = await _keep_written(conn, row)
             await show_files(conn, [f for f in files.values() if f is not None])
-            values: dict[str, Any] = {**_counts(row, counts), **files}
             if refused:
-                values["refused"] = refused
+                row = dataclasses.replace(row, refused=refused)
+            values: dict[str, Any] = {**_counts(row, counts), **files, "refused": row.refused}
             if failure is not None:
                 values["errors"] = [*(row.errors or []), failure]
             if collected:
@@ -679,10 +703,8 @@ class _Run:
             # Jobs a worker took before it learnt of the revocation are answered canceled.
             await record.cancel()
             if self.row.phase == "submit":
-                refused: list[tuple[str, str]] = []
-                if self.row.api == "anthropic":
-                    with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
-                        refused = await self._refused(await self._download(Path(work)), {})
+                with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
+                    refused = await self._refused(await self._download(Path(work)), {})
                 await self._start_collect(refused)
             unserved = ErrorInfo(code="unauthorized", message=f"not served: {reason}")
             sink = self._sink(self._files())
@@ -699,7 +721,8 @@ class _Run:
             return
         with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
             custom_ids = [c for _, c in _custom_ids(await self._download(Path(work)))]
-        lines = [refused_line(c, f"not served: {reason}", "unauthorized") for c in custom_ids]
+        unserved = f"not served: {reason}"
+        lines = [self._refused_line(c, unserved, "unauthorized") for c in custom_ids]
         await self._end(_no_counts(failed=len(lines)), lines=lines, failure=failure)
 
     async def _canceled_before_start(self) -> None:
@@ -715,12 +738,18 @@ class _Run:
         await self._end(_no_counts(canceled=n), lines=lines)
 
     async def _refused_all(self, path: Path, problems: list[tuple[int, str]]) -> None:
-        """Not one request of a Message Batch was valid: each is errored, and it ends."""
-        lines = [refused_line(c, reason) for c, reason in _named(path, problems)]
+        """Not one request was taken: each is a failed line naming why, and the batch ends."""
+        lines = [self._refused_line(c, reason) for c, reason in _named(path, problems)]
         await self._end(_no_counts(), lines=lines, refused=len(lines))
 
+    def _refused_line(
+        self, custom_id: str, reason: str, code: ErrorCode = "invalid_request"
+    ) -> dict[str, Any]:
+        return refused(self.row.api, self.row.id, custom_id, reason, code)
+
     async def _invalid(self, exc: BatchInvalid) -> None:
-        """An OpenAI batch whose input has invalid lines fails as a whole, listing them."""
+        """An OpenAI batch whose input has lines that are no request of its endpoint fails
+        as a whole, listing them."""
         errors = [
             {"code": "invalid_request", "line": number, "message": reason, "param": None}
             for number, reason in exc.problems[:SHOWN_PROBLEMS]
@@ -790,8 +819,9 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 def _counts(row: BatchRow, counts: Counts) -> dict[str, Any]:
-    """The row's counts from the gateway's. A Message Batch's total is its requests, known
-    from its creation; the gateway counts only the valid ones."""
+    """The row's counts from the gateway's. A batch's total is its requests: a Message
+    Batch's known from its creation, an OpenAI batch's those the gateway counts (the valid
+    ones) and those it refused."""
     values: dict[str, Any] = {
         "done": counts.done,
         "failed": counts.failed,
@@ -800,7 +830,7 @@ def _counts(row: BatchRow, counts: Counts) -> dict[str, Any]:
         "spend_usd": Decimal(str(counts.spend_usd)),
     }
     if row.api == "openai":
-        values["total"] = counts.total
+        values["total"] = counts.total + row.refused
     return values
 
 

@@ -5,7 +5,9 @@ A batch is recorded and answered ``validating`` at once; a runner of the front d
 (``frontdoor.batches.runner``) takes it through the team's queue to its end, whatever
 process or request ends meanwhile. Its results are two files: ``output_file_id``
 (requests answered 200) and ``error_file_id`` (the rest), read with
-``GET /v1/files/{id}/content`` in OpenAI's batch output format.
+``GET /v1/files/{id}/content`` in OpenAI's batch output format. A line whose ``body``
+``/v1/chat/completions`` would refuse (``openai_request.body_refusal``) is answered 400 there,
+never sent; lines that are no request fail the batch, listed in its ``errors``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 The request is checked for what Anthropic checks at once (each request a ``custom_id``,
 unique, and ``params``), kept as a stored file, and answered ``in_progress``; a runner of
 the front door (``frontdoor.batches.runner``) takes it through the team's queue to its end.
-As with Anthropic, ``params`` are validated as the batch runs: an invalid one is an
-``errored`` result, not a refused batch. Errors are answered in Anthropic's shape.
+As with Anthropic, ``params`` are validated as the batch runs, as ``/v1/messages`` validates
+a body (``anthropic_request.params_refusal``): an invalid one is an ``errored`` result naming
+what is wrong, not a refused batch. Errors are answered in Anthropic's shape.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from typing import Any
 
 from producer.batch.answers import Answer, Category, Request
 from queuegate.api_errors import anthropic_error
-from queuegate.messages import ErrorCode
 from queuegate.provider_formats import (
     NotAnObject,
     anthropic_id,
@@ -24,15 +23,23 @@ from queuegate.provider_formats import (
 )
 
 
-def parse(entry: dict[str, Any]) -> Request:
+def body(entry: dict[str, Any]) -> dict[str, Any]:
+    """The request a line holds, its ``params``; ValueError when they are no object."""
+    params = entry.get("params")
+    if not isinstance(params, dict):
+        raise ValueError("params must be an object")
+    return params
+
+
+def parse(custom_id: str, params: dict[str, Any]) -> Request:
     """The request of one line in canonical form; ValueError names what is wrong."""
-    messages, params = openai_request(entry.get("params"))
-    model = entry["params"].get("model")
+    messages, canonical = openai_request(params)
+    model = params.get("model")
     return Request(
-        custom_id=entry["custom_id"],
+        custom_id=custom_id,
         model=model if isinstance(model, str) else None,
         messages=messages,
-        params=params,
+        params=canonical,
     )
 
 
@@ -53,14 +60,6 @@ def line(answer: Answer) -> dict[str, Any]:
         failure = answer.failure
         out = {"type": "errored", "error": anthropic_error(failure.code, failure.message)}
     return {"custom_id": answer.custom_id, "result": out}
-
-
-def refused(custom_id: str, reason: str, code: ErrorCode = "invalid_request") -> dict[str, Any]:
-    """The line of a request refused before it was published (its params are invalid, or
-    ``code`` says why else): errored, as the Message Batches API reports a request it
-    could not validate."""
-    error = anthropic_error(code, reason)
-    return {"custom_id": custom_id, "result": {"type": "errored", "error": error}}
 
 
 _CATEGORIES: dict[str, Category] = {

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from producer.batch import anthropic, openai
 from producer.batch.answers import Answer, Category, Request
+from queuegate.control import job_id
+from queuegate.messages import ErrorCode, ErrorInfo
 
 FormatName = Literal["openai", "anthropic"]
 
@@ -15,15 +17,35 @@ FormatName = Literal["openai", "anthropic"]
 @dataclass(frozen=True)
 class Format:
     name: FormatName
-    parse: Callable[[dict[str, Any]], Request]
+    body: Callable[[dict[str, Any]], dict[str, Any]]
+    """The request a line holds: what its API's own endpoint would take as a body."""
+    parse: Callable[[str, dict[str, Any]], Request]
+    """(custom_id, body): the request in canonical form."""
     line: Callable[[Answer], dict[str, Any]]
     category: Callable[[dict[str, Any]], Category]
 
 
 FORMATS: dict[FormatName, Format] = {
-    "openai": Format("openai", openai.parse, openai.line, openai.category),
-    "anthropic": Format("anthropic", anthropic.parse, anthropic.line, anthropic.category),
+    "openai": Format("openai", openai.body, openai.parse, openai.line, openai.category),
+    "anthropic": Format(
+        "anthropic", anthropic.body, anthropic.parse, anthropic.line, anthropic.category
+    ),
 }
+
+
+def refused(
+    format: FormatName,
+    batch: str,
+    custom_id: str,
+    reason: str,
+    code: ErrorCode = "invalid_request",
+) -> dict[str, Any]:
+    """The line of a request answered without being published (its request is refused as
+    its API refuses it, or ``code`` says why else): a failed answer in the format's words,
+    an ``errored`` result or an error-file line with the HTTP status of ``code``, as the
+    providers' batches report a request they could not validate."""
+    error = ErrorInfo(code=code, message=reason)
+    return FORMATS[format].line(Answer(custom_id, job_id(batch, custom_id), "failed", error=error))
 
 
 def detect(entry: dict[str, Any]) -> FormatName:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,19 @@ from queuegate.visible import clipped
 
 ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
 """Parameters only Anthropic's API takes; another provider would refuse or ignore them."""
+
+Check = Callable[[dict[str, Any]], str | None]
+"""Why a request (a line's body: ``Format.body``) is refused, or None: its API's own
+validation, which the caller brings (the front door checks a batch's requests as its
+synchronous endpoints check a body)."""
+
+
+class Refused(ValueError):
+    """A request its format's ``Check`` refused: the line is a request of its format, but
+    one its API refuses. It is answered as a failed line of its own, never published, while
+    the batch's other requests are served (a line that is no request at all may fail the
+    whole batch instead)."""
+
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 """A batch name: part of queue names, Redis keys and every job id (matched whole)."""
@@ -56,6 +69,7 @@ class JobReader:
         format: FormatName | None = None,
         models: Collection[str] | None = None,
         anthropic_models: Collection[str] | None = None,
+        checks: Mapping[FormatName, Check] | None = None,
     ) -> None:
         self._batch = batch
         self._jobs = jobs
@@ -65,6 +79,7 @@ class JobReader:
         self.format = format
         self._models = models
         self._anthropic_models = anthropic_models
+        self._checks = checks or {}
 
     @classmethod
     def for_meta(
@@ -73,6 +88,7 @@ class JobReader:
         *,
         models: Collection[str] | None = None,
         anthropic_models: Collection[str] | None = None,
+        checks: Mapping[FormatName, Check] | None = None,
     ) -> JobReader:
         """The reader of a recorded batch: its jobs as its first submit built them, whether
         a re-run of submit or collect asking again builds them (same job ids, model,
@@ -86,6 +102,7 @@ class JobReader:
             format=meta.format,
             models=models,
             anthropic_models=anthropic_models,
+            checks=checks,
         )
 
     def job(self, entry: Any) -> ChatJob:
@@ -103,7 +120,12 @@ class JobReader:
             self.format = kind
         elif kind != self.format:
             raise ValueError(f"an {kind} request in an {self.format} batch")
-        request = FORMATS[kind].parse(entry)
+        fmt = FORMATS[kind]
+        body = fmt.body(entry)
+        check = self._checks.get(kind)
+        if check is not None and (reason := check(body)) is not None:
+            raise Refused(reason)
+        request = fmt.parse(custom_id, body)
         model = self._model or request.model
         if not model:
             raise ValueError("no model: name one in the request or pass --model")

@@ -25,23 +25,29 @@ _BATCH_ERRORS: dict[Category, tuple[str, str]] = {
 }
 
 
-def parse(entry: dict[str, Any]) -> Request:
-    """The request of one line; ValueError names what is wrong."""
+def body(entry: dict[str, Any]) -> dict[str, Any]:
+    """The request a line holds, its ``body``; ValueError when the line is not a request of
+    the format (its method, its url, a body that is no object)."""
     if entry.get("method") != "POST":
         raise ValueError(f"method must be POST, not {clipped(str(entry.get('method')))!r}")
     if "url" not in entry:
         raise ValueError(f"url is missing: it must be {URL}")
     if entry.get("url") != URL:
         raise ValueError(f"url {clipped(str(entry.get('url')))!r} is not served: only {URL}")
-    body = entry.get("body")
-    if not isinstance(body, dict):
+    request = entry.get("body")
+    if not isinstance(request, dict):
         raise ValueError("body must be an object")
-    model = body.get("model")
+    return request
+
+
+def parse(custom_id: str, request: dict[str, Any]) -> Request:
+    """The request of one line, from its ``body``."""
+    model = request.get("model")
     return Request(
-        custom_id=entry["custom_id"],
+        custom_id=custom_id,
         model=model if isinstance(model, str) else None,
-        messages=body.get("messages"),
-        params={k: v for k, v in body.items() if k not in _OWNED},
+        messages=request.get("messages"),
+        params={k: v for k, v in request.items() if k not in _OWNED},
     )
 
 

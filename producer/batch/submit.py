@@ -15,14 +15,15 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiormq
 
-from producer.batch.jobs import JobReader, check_batch_name, default_name
+from producer.batch.formats import FormatName
+from producer.batch.jobs import Check, JobReader, Refused, check_batch_name, default_name
 from producer.batch.lines import BatchFile
 from producer.batch.lock import BatchLock, hold_lock
 from producer.batch.state import BatchState
@@ -69,6 +70,8 @@ class SubmitReport:
     """Jobs an earlier run had published."""
     skipped: list[tuple[int, str]] = field(default_factory=list)
     """Invalid entries left out (with ``skip_invalid``): (number, reason)."""
+    refused: list[tuple[int, str]] = field(default_factory=list)
+    """Requests the ``checks`` refused, left out for the caller to answer: (number, reason)."""
     stopped: str | None = None
     """Why publishing stopped early (canceled, deadline passed), if it did."""
 
@@ -88,6 +91,7 @@ async def submit_batch(
     api_key: ApiKey | None = None,
     models: Collection[str] | None = None,
     anthropic_models: Collection[str] | None = None,
+    checks: Mapping[FormatName, Check] | None = None,
     on_progress: Progress | None = None,
 ) -> SubmitReport:
     """Publish a batch file's requests as jobs whose results go to the batch's reply queue.
@@ -101,6 +105,9 @@ async def submit_batch(
     ``models``, when given, are the catalog's aliases: a request naming another is invalid;
     ``anthropic_models``, those served by Anthropic alone (fallbacks included): a request
     with an Anthropic-only parameter (``top_k``) for another model is invalid.
+    ``checks``: by format, the validation of its API (``jobs.Check``); a request one refuses
+    is left out whatever ``skip_invalid`` says, listed in the report's ``refused`` (and in
+    BatchInvalid's when no request is left) for the caller to answer as a line of its own.
     ``pause_when_full``: a full team queue pauses publishing until it has room; else its
     QueueFull is raised (the confirmed requests recorded) for the caller to resume later.
     """
@@ -126,7 +133,9 @@ async def submit_batch(
         # Hex: job ids and the names derived from them take it as they take a batch name.
         submission = meta.submission if meta else secrets.token_hex(4)
         if meta:
-            reader = JobReader.for_meta(meta, models=models, anthropic_models=anthropic_models)
+            reader = JobReader.for_meta(
+                meta, models=models, anthropic_models=anthropic_models, checks=checks
+            )
         else:
             reader = JobReader(
                 batch=name,
@@ -136,16 +145,17 @@ async def submit_batch(
                 deadline=datetime.now(UTC) + deadline,
                 models=models,
                 anthropic_models=anthropic_models,
+                checks=checks,
             )
         file = BatchFile(path)
-        total, problems = await _validate(file, reader, state, settings.max_job_bytes)
+        total, problems, refused = await _validate(file, reader, state, settings.max_job_bytes)
         fingerprint = file.digest.hexdigest()
         if problems and not skip_invalid:
             await state.reset_index()
             raise _invalid(path, problems)
         if total == 0:
             # The skipped lines' reasons travel with it: all of them are why.
-            raise BatchInvalid(f"{path} holds no valid request", problems)
+            raise BatchInvalid(f"{path} holds no valid request", problems, refused=refused)
         fresh = meta is None
         if meta is None:
             assert reader.format is not None and reader.deadline is not None
@@ -200,18 +210,20 @@ async def submit_batch(
                 with contextlib.suppress(Exception):
                     await state.delete()
             raise
-        return dataclasses.replace(report, skipped=problems)
+        return dataclasses.replace(report, skipped=problems, refused=refused)
 
 
 async def _validate(
     file: BatchFile, reader: JobReader, state: BatchState, max_bytes: int
-) -> tuple[int, list[tuple[int, str]]]:
-    """Valid requests and problems; valid custom_ids land in the state's index.
+) -> tuple[int, list[tuple[int, str]], list[tuple[int, str]]]:
+    """Valid requests, problems and requests refused (``Refused``); valid custom_ids land
+    in the state's index.
 
     A request whose job would exceed ``max_bytes`` (the gateway's ``max_job_bytes``) is a
     problem here, with its line, not an error result after it was published.
     """
     problems: list[tuple[int, str]] = []
+    refused: list[tuple[int, str]] = []
     chunk: list[tuple[str, int]] = []
     total = 0
     await state.reset_index()
@@ -231,6 +243,9 @@ async def _validate(
     for number, entry in file:
         try:
             job = reader.job(entry)
+        except Refused as exc:
+            refused.append((number, str(exc)))
+            continue
         except ValueError as exc:
             problems.append((number, str(exc)))
             continue
@@ -246,7 +261,7 @@ async def _validate(
     if chunk:
         await flush()
     problems.sort()
-    return total, problems
+    return total, problems, refused
 
 
 def _invalid(path: Path, problems: list[tuple[int, str]]) -> BatchInvalid:
