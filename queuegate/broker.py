@@ -90,7 +90,9 @@ async def publish(
 
     A confirm that has not come after CONFIRM_STALL seconds of the connection unblocked closes
     the channel as stuck (``ChannelInvalidStateError``, which ``when_connected`` retries); while
-    a resource alarm blocks the connection, the publish simply waits (``Unblocked``).
+    a resource alarm blocks the connection, the publish simply waits (``Unblocked``). A publish
+    awaiting its confirm when its channel is closed that way, or renewed (``when_connected``),
+    fails with ``ChannelInvalidStateError`` too, as on a lost connection.
     """
     if channel.is_closed:
         # As aio-pika does: a robust channel would otherwise wait for its connection forever.
@@ -121,6 +123,15 @@ async def publish(
                 raise ChannelInvalidStateError(
                     "the connection was lost before the confirm"
                 ) from None
+            except aiormq.exceptions.ChannelClosed as exc:
+                if not _closed_from_this_side(exc):
+                    raise  # the broker closed it: for this publish, or for want of its exchange
+                # A channel closed from this side (stuck, renewed, a call on it cancelled) fails
+                # the confirms still pending on it with the ChannelClosed of its Channel.CloseOk,
+                # whatever reason the closer gave: the broker refused nothing, the publish is
+                # lost with the channel. Raised as it was, it reached the callers of a renewed
+                # channel's publishes (a cluster's node lost) instead of being sent again.
+                raise ChannelInvalidStateError("the channel was closed before the confirm") from exc
             finally:
                 unblocked.forget(stall)
     except TimeoutError:
@@ -130,6 +141,12 @@ async def publish(
         if not underlay.is_closed:
             await underlay.close(stalled)
         raise stalled from None
+
+
+def _closed_from_this_side(exc: aiormq.exceptions.ChannelClosed) -> bool:
+    """Whether aiormq raised ``exc`` at the Channel.CloseOk of a close this side began: it
+    gives that one no reply code, while the broker's closes all carry theirs."""
+    return type(exc) is aiormq.exceptions.ChannelClosed and exc.args[:1] == (None,)
 
 
 _UNBLOCKED_EVENT = "_Connection__connection_unblocked"

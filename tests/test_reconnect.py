@@ -7,6 +7,7 @@ import asyncio
 import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelInvalidStateError
 
 from frontdoor.auth import Caller
 from frontdoor.bridge import Bridge
@@ -27,6 +28,9 @@ from tests.teams import register
 HELLO = [{"role": "user", "content": "Hello there"}]
 OUTAGE = 0.5
 """Seconds the broker stays unreachable: long enough for every connection to notice."""
+RENEWED_PUBLISHES, RENEWED_ROUNDS = 300, 3
+"""Publishes at a time when their channel is closed for a fresh one, and the times it is: some
+are awaiting their confirm then, though not always (they may all be confirmed together)."""
 
 
 async def test_a_reply_sent_while_the_producer_is_disconnected_still_arrives(
@@ -261,3 +265,39 @@ async def test_a_delivery_settled_twice_is_acked_once_and_its_channel_stays_open
         declared = await channel.declare_queue(queue.name, passive=True)
         assert not channel.is_closed
         assert declared.declaration_result.message_count == 0
+
+
+async def test_publishes_awaiting_their_confirm_when_their_channel_is_renewed_are_sent_again(
+    settings: Settings,
+) -> None:
+    # Given a robust channel publishing persistent messages to a quorum queue, which confirms
+    # them once written, a few hundred at a time
+    connection = await connect(settings.amqp_url, name="test-renewed-confirms")
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        queue = await channel.declare_queue(
+            f"{settings.namespace}.renewed", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        message = json_message(b"{}", message_type="test")
+        for _ in range(RENEWED_ROUNDS):
+            publishing = [
+                asyncio.create_task(
+                    when_connected(
+                        channel,
+                        lambda: publish(channel, message, exchange="", routing_key=queue.name),
+                        within=30,
+                        what="publishing a test message",
+                    )
+                )
+                for _ in range(RENEWED_PUBLISHES)
+            ]
+            # When, once the first is confirmed (others then await theirs), the channel is
+            # closed from this side for a fresh one, as a publish that waited too long for its
+            # confirm has it closed, or publishes refused for seconds
+            await asyncio.wait(publishing, return_when=asyncio.FIRST_COMPLETED)
+            underlay = await channel.get_underlay_channel()
+            await underlay.close(ChannelInvalidStateError("a fresh channel"))
+            # Expect every publish sent again on the fresh channel and confirmed there, none
+            # failed with the ChannelClosed aiormq rejects the closed channel's confirms with
+            async with asyncio.timeout(30):
+                await asyncio.gather(*publishing)
