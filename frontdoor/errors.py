@@ -58,7 +58,6 @@ HTTP_ONLY: dict[str, int] = {
     "forbidden": 403,
     "method_not_allowed": 405,
     "service_unavailable": 503,
-    "internal_error": 500,
 }
 """Codes of the HTTP layer, which no job is ever answered with."""
 

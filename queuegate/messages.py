@@ -46,6 +46,7 @@ ErrorCode = Literal[
     "context_length_exceeded",
     "idempotency_conflict",
     "already_answered",
+    "internal_error",
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -62,6 +63,7 @@ HTTP_STATUS: dict[str, int] = {
     "context_length_exceeded": 400,
     "idempotency_conflict": 422,
     "already_answered": 409,
+    "internal_error": 500,
 }
 """The HTTP status each error code is answered with: by the HTTP front door (every API it
 speaks) and in batch output lines. ``queue_full`` is a 429 (retry later, as the SDKs do),

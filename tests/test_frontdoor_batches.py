@@ -987,17 +987,18 @@ async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
         rest = parse_jsonl((tmp_path / "rest.jsonl").read_bytes())
         calls = gateway.mock.stats.calls
 
-    # Expect the batch failed once, after MAX_FAULTS runs, its output file holding the two
-    # lines written before, and saying why in one error
+    # Expect the batch failed once, after MAX_FAULTS runs and a give-up that could not
+    # collect either (the lock is held), its output file holding the two lines written
+    # before, and saying why in one error
     assert ended.status == "failed"
     assert sorted(line["custom_id"] for line in output) == ["req-0", "req-1"]
     assert ended.request_counts is not None and ended.request_counts.completed == 2
     assert ended.errors is not None and len(ended.errors.data) == 1
     [error] = ended.errors.data
     assert error.code == "batch_failed" and "being collected" in (error.message or "")
-    assert (row["phase"], row["faults"]) == ("done", records.MAX_FAULTS)
+    assert (row["phase"], row["faults"]) == ("done", records.MAX_FAULTS + 1)
     said = _runner_said(caplog, batch.id)
-    assert len(said) == records.MAX_FAULTS and all(r.exc_info is None for r in said)
+    assert len(said) == records.MAX_FAULTS + 1 and all(r.exc_info is None for r in said)
     # and the answers paid for but not collected reach the team all the same, once
     assert sorted(line["custom_id"] for line in rest) == ["slow-0", "slow-1", "slow-2"]
     assert report.counts.done == 5 and calls == 5

@@ -40,11 +40,14 @@ stopped, as after a lost lease, and its jobs are served by the workers meanwhile
 collecting waits. So one team's slow batches (a low rpm, a provider that crawls) keep
 another team's batch from starting for a turn at most, not until they end.
 
-Every run that ends in a fault of ours (not an outage, which only pauses it) is counted:
-past ``MAX_FAULTS`` the batch fails, showing the lines it has written, and a batch that
-has ended is let go even when the gateway's copy could not be deleted (it expires).
-A batch failed that way keeps the gateway's copy: what was answered and not collected,
-already paid for, can still be collected there.
+Every run that ends in a fault of ours (not an outage, which only pauses it) is counted.
+At ``MAX_FAULTS`` the runner gives the batch up, as a revoked key's is wound up: nothing
+more is published or served, every answer its jobs got (paid for) is collected into its
+files, each request left unserved is an errored line saying why, and it fails once, its
+counts adding up. Should winding it up fail too, the batch fails showing the lines it has
+written, and keeps the gateway's copy: what was answered and not collected can still be
+collected there. A batch that has ended is let go even when the gateway's copy could not
+be deleted (it expires).
 """
 
 from __future__ import annotations
@@ -314,8 +317,24 @@ class BatchRunner:
                         cause,
                     )
                     await records.update(conn, batch_id, self.name, faults=faults, phase="done")
+                elif faults == MAX_FAULTS:
+                    log.error(
+                        "batch %s: given up after %d failed runs, ended with what was answered, "
+                        "the rest errored: %s",
+                        batch_id,
+                        faults,
+                        cause,
+                    )
+                    # Why, for the run that winds it up (``_Run._give_up``) and for its caller.
+                    reason = (
+                        f"the gateway gave up running this batch after {faults} failed runs "
+                        f"({cause})"
+                    )
+                    error = _error("batch_failed", reason)
+                    errors = [*(row.errors or []), error]
+                    await records.update(conn, batch_id, self.name, faults=faults, errors=errors)
                 else:
-                    log.warning("batch %s: failed after %d runs: %s", batch_id, faults, cause)
+                    log.warning("batch %s: could not be wound up either: %s", batch_id, cause)
                     # The gateway's copy is left to expire rather than deleted: results
                     # answered but not collected, already paid for, stay collectable there.
                     reason = (
@@ -323,6 +342,8 @@ class BatchRunner:
                         f"with the gateway: `queuegate batch collect {row.id} --team "
                         f"{row.team}` writes them"
                     )
+                    # In place of the give-up's error: the batch ends with one.
+                    row = dataclasses.replace(row, errors=(row.errors or [])[:-1])
                     error = _error("batch_failed", reason)
                     await _fail(conn, row, self.name, error, phase="done", faults=faults)
         except UNCOUNTED as lost:
@@ -443,6 +464,9 @@ class _Run:
                     await records.update(conn, row.id, self._runner, **values)
 
     async def _steps(self) -> None:
+        if self.row.faults >= MAX_FAULTS and self.row.phase in STEPPING:
+            await self._give_up()
+            return
         if self._signer is not None:
             try:
                 await self._served()
@@ -650,7 +674,8 @@ class _Run:
             if refused:
                 row = dataclasses.replace(row, refused=refused)
             values: dict[str, Any] = {**_counts(row, counts), **files, "refused": row.refused}
-            if failure is not None:
+            if failure is not None and failure not in (row.errors or []):
+                # A batch given up holds its failure already (``BatchRunner._fault``).
                 values["errors"] = [*(row.errors or []), failure]
             if collected:
                 values["finalizing_at"] = _now()
@@ -690,39 +715,55 @@ class _Run:
             f"{reason}: the requests it had not served are in the error file, answered "
             "401 unauthorized; submit them again with a live key",
         )
-        meta = await record.load()
+        log.warning("batch %s: %s; ending it with what was served", self.row.id, reason)
+        await self._stop(record, ErrorInfo(code="unauthorized", message=reason), failure)
+
+    async def _give_up(self) -> None:
+        """The batch's runs failed ``MAX_FAULTS`` times (``BatchRunner._fault``, which
+        logged it and put why in its last error): it is stopped and ended as a revoked key's
+        is, through the gateway's copy as the key can still reach it (so a collect the team
+        runs itself, holding the batch's lock, is not raced)."""
+        assert self._state is not None and self.row.errors
+        failure = self.row.errors[-1]
+        why = ErrorInfo(code="internal_error", message=str(failure["message"]))
+        await self._stop(self._state, why, failure)
+
+    async def _stop(
+        self, state: BatchState | GatewayRecord, why: ErrorInfo, failure: dict[str, Any]
+    ) -> None:
+        """End a batch that will not be served further, failed with ``failure``: nothing
+        more is published, what its jobs were answered (already paid for) is collected, and
+        each request left unserved is a failed line, ``why`` with ``not served:``."""
+        unserved = why.model_copy(update={"message": f"not served: {why.message}"})
+        meta = await state.load()
         if meta is None:
             if self.row.in_progress_at is not None:
                 await self._lost("before all its requests were published")
             elif self.row.status == "cancelling":
                 await self._canceled_before_start()
             else:
-                await self._unstarted(reason, failure)
+                await self._unstarted(unserved, failure)
         else:
-            log.warning("batch %s: %s; collecting what was served", self.row.id, reason)
-            # Jobs a worker took before it learnt of the revocation are answered canceled.
-            await record.cancel()
+            # Jobs a worker has not served yet are answered canceled, uncalled.
+            await state.cancel()
             if self.row.phase == "submit":
                 with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
                     refused = await self._refused(await self._download(Path(work)), {})
                 await self._start_collect(refused)
-            unserved = ErrorInfo(code="unauthorized", message=f"not served: {reason}")
             sink = self._sink(self._files())
-            report = await collect_state(self._settings, record, sink, unserved=unserved)
+            report = await collect_state(self._settings, state, sink, unserved=unserved)
             await self._end(report.counts, collected=True, failure=failure)
         await self._clean()
 
-    async def _unstarted(self, reason: str, failure: dict[str, Any]) -> None:
-        """Revoked before anything was published: an OpenAI batch fails with no files, as
+    async def _unstarted(self, unserved: ErrorInfo, failure: dict[str, Any]) -> None:
+        """Stopped before anything was published: an OpenAI batch fails with no files, as
         one refused before it ran does; a Message Batch lists each request errored."""
-        log.warning("batch %s: %s before it ran", self.row.id, reason)
         if self.row.api == "openai":
             await self._set(status="failed", failed_at=_now(), errors=[failure], phase="clean")
             return
         with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
             custom_ids = [c for _, c in _custom_ids(await self._download(Path(work)))]
-        unserved = f"not served: {reason}"
-        lines = [self._refused_line(c, unserved, "unauthorized") for c in custom_ids]
+        lines = [self._refused_line(c, unserved.message, unserved.code) for c in custom_ids]
         await self._end(_no_counts(failed=len(lines)), lines=lines, failure=failure)
 
     async def _canceled_before_start(self) -> None:

@@ -19,6 +19,9 @@ whose result its full results queue refused is asked for again once the queue ru
 (``producer.batch.resend``): answered from its stored outcome, not called or billed twice;
 past the deadline too, as is one still in a call then, whose answer is awaited.
 
+An answer the batch's format fails on (a fault of ours) is written as an errored line
+(``internal_error``) rather than failing the round, so the round's other answers are kept.
+
 Once every line is written, ``collect`` deletes the batch: its state and its results queue.
 ``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete;
 ``collect_state`` does so over a state the caller gives.
@@ -28,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
@@ -60,6 +65,7 @@ from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey
 from queuegate.topology import MESSAGE_TYPE_RESULT, Topology
+from queuegate.visible import clipped
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +422,7 @@ class _Run:
         entries: list[tuple[str, Category, int]] = []
         last: dict[int, str] = {}
         for answer in fresh:
-            line = self._fmt.line(answer)
-            line["gateway"] = gateway_block(answer)
+            line = self._line(answer)
             # What the line says, as a resumed collect reads it back (``reconcile``): an
             # answer its format cannot hold is written as an error, and counted as one.
             category = self._fmt.category(line)
@@ -434,6 +439,31 @@ class _Run:
         self.written += len(fresh)
         self._progress()
         return last
+
+    def _line(self, answer: Answer) -> dict[str, Any]:
+        """The answer's line, with how the gateway served it. An answer the batch's format
+        fails on (a fault of ours, not of its request) is written errored, saying why,
+        rather than failing the round: the round's other answers, served and paid for, are
+        kept, and this one, served and billed too (its gateway block says so), is not
+        served again."""
+        try:
+            line = self._fmt.line(answer)
+        except Exception as exc:
+            log.exception(
+                "batch %s: the answer to %s could not be written; written as an error",
+                self.meta.name,
+                answer.custom_id,
+            )
+            why = ErrorInfo(
+                code="internal_error",
+                message=f"the gateway could not write its answer ({type(exc).__name__}: "
+                f"{clipped(str(exc))}); it was served and billed, and is not served again",
+            )
+            line = self._fmt.line(
+                dataclasses.replace(answer, category="failed", result=None, error=why)
+            )
+        line["gateway"] = gateway_block(answer)
+        return line
 
     def _progress(self) -> None:
         if self._on_progress is not None:
