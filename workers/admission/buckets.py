@@ -41,6 +41,8 @@ class Take(NamedTuple):
     wait_ms: int
     then_ran: bool = False
     """Whether the call given to run once the take is made (``Buckets.take``) ran."""
+    again_ms: int = 0
+    """Taken in a line (``take_call``): when the buckets will have as much again."""
 
 
 class Buckets:
@@ -123,7 +125,7 @@ def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
     team = limits[0].team
     if team is not None and len(reply) > 2:
         set_bucket_fill(team, int(reply[2]) / 1000)
-    return Take(reply[0] == 1, int(reply[1]))
+    return Take(reply[0] == 1, int(reply[1]), again_ms=int(reply[3]) if len(reply) > 3 else 0)
 
 
 def settle_call(limits: Sequence[Limit], tokens_back: int, requests_back: int = 0) -> Call | None:

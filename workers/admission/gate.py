@@ -827,19 +827,24 @@ class Ticket:
             self.check,
         )
         try:
+            if lined(limits):
+                # Asking before the buckets have what the job ahead took again, it would
+                # only be told to wait.
+                await self._sleep(min(line.ready, self.until) - time.monotonic(), limits, follow)
             while True:
                 if follow is not None:
                     limits = follow()
                 within = max(0, math.floor((self.until - time.monotonic()) * 1000))
                 if lined(limits):
-                    taken, wait_ms, _ = await self._take(limits, within_ms=0)
-                    if taken:
+                    take = await self._take(limits, within_ms=0)
+                    if take.taken:
+                        line.ready = time.monotonic() + take.again_ms / 1000
                         return limits
-                    if wait_ms > within:
-                        raise late(wait_ms)
-                    await self._sleep(wait_ms / 1000, limits, follow)
+                    if take.wait_ms > within:
+                        raise late(take.wait_ms)
+                    await self._sleep(take.wait_ms / 1000, limits, follow)
                     continue
-                taken, wait_ms, _ = await self._take(limits, within_ms=within)
+                taken, wait_ms, *_ = await self._take(limits, within_ms=within)
                 if not taken:
                     raise late(wait_ms)
                 try:

@@ -22,6 +22,9 @@ class Line:
     def __init__(self) -> None:
         self._held = False
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self.ready = 0.0
+        """``time.monotonic()`` before which a deployment's buckets will not have what the
+        last job admitted from the line took (its take said so): the next one asks then."""
 
     def locked(self) -> bool:
         return self._held

@@ -24,7 +24,9 @@
 -- 0 unless reserved), {0, wait_ms, fill} when not taken because the emptiest bucket
 -- needs that long to refill, {-1, i} when the job can never fit KEYS[i]; fill is how full
 -- KEYS[1] is after the call, in thousandths: its requests or its tokens, whichever is emptier
--- (0 in debt), for metrics. Peek returns {1, 0, fill}; settle and drain {1, 0}.
+-- (0 in debt), for metrics; a take with a line returns {1, 0, fill, again}, again the
+-- milliseconds until the buckets have as much again. Peek returns {1, 0, fill}; settle and
+-- drain {1, 0}.
 
 -- The round trip's TIME when this runs with other calls (batch.lua).
 local t = ... or redis.call('TIME')
@@ -167,6 +169,20 @@ for i = 1, buckets do
   end
 end
 if mode == 'take' then
+  if line then
+    -- Milliseconds until the buckets have as much again: when the next job of the team
+    -- waiting in the caller's worker asks (asking sooner, it would only be told to wait).
+    local again = 0
+    for i = 1, buckets do
+      local rates, level = levels[i][1], levels[i][3]
+      for d = 1, 2 do
+        if rates[d] > 0 and level[d] < need[d] then
+          again = math.max(again, math.ceil((need[d] - level[d]) * 60000 / rates[d]))
+        end
+      end
+    end
+    return {1, 0, fill(), again}
+  end
   return {1, wait, fill()}
 end
 return {1, wait}
