@@ -144,6 +144,11 @@ class Keys:
         """A provider account's bucket, shared by every team and every worker."""
         return f"{self.prefix}:bucket:deployment:{deployment}"
 
+    def deployment_line(self, deployment: str) -> str:
+        """The teams waiting for a provider account's bucket, in every worker, in turn (hash:
+        team -> when it started waiting, until when its entry holds; ``lua/take.lua``)."""
+        return f"{self.prefix}:line:deployment:{deployment}"
+
     def spend(self, team: str, month: str, model: str | None = None) -> str:
         """A team's spend ledger for a UTC month (``YYYY-MM``), or its ledger on one model: a
         hash of nano-USD, ``base`` (the spend usage_log held when last reconciled), ``open``

@@ -557,7 +557,8 @@ async def test_jobs_waiting_for_a_deployment_go_at_its_pace_without_meeting_a_42
         assert gw.mock.stats.by_status == {200: 20}
         times = sorted(call.t for call in gw.mock.requests)
         assert times[-1] - times[0] >= (20 - 2) / 10 - 0.1
-        # and at most two takes per job: one on arrival, one to reserve its turn
+        # and at most two takes per job: one on arrival (unless jobs wait in line already),
+        # one in its turn, when the bucket has its request again (the job ahead says when)
         assert takes <= 2 * 20
 
 

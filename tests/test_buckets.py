@@ -22,9 +22,14 @@ def _buckets(client: aioredis.Redis, settings: Settings) -> Buckets:
 
 
 async def _settle(
-    client: aioredis.Redis, settings: Settings, limit: Limit, tokens_back: int
+    client: aioredis.Redis,
+    settings: Settings,
+    limit: Limit,
+    tokens_back: int,
+    requests_back: int = 0,
 ) -> None:
-    call = settle_call([limit], tokens_back)
+    """Give the bucket back ``tokens_back`` and ``requests_back`` (as if its rate refilled it)."""
+    call = settle_call([limit], tokens_back, requests_back)
     assert call is not None
     await Scripts(client, Keys(settings.redis_prefix)).run(call)
 
@@ -255,3 +260,74 @@ async def test_a_take_whose_reply_was_lost_is_sent_again_and_taken_once(
     assert second == Take(True, 0)
     left = float(await redis_client.hget(key, "r") or 0)
     assert 8 <= left < 8.5
+
+
+def _shared(settings: Settings) -> Limit:
+    """A deployment's bucket, shared by teams: one request a second, one at a time."""
+    keys = Keys(settings.redis_prefix)
+    return Limit(
+        keys.deployment_bucket("d"), "deployment d", 60, None, 1, line=keys.deployment_line("d")
+    )
+
+
+async def test_teams_take_a_shared_bucket_in_the_order_they_started_waiting(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a shared bucket that alpha just emptied, then beta and alpha waiting for it
+    buckets = _buckets(redis_client, settings)
+    limit = _shared(settings)
+    assert (await buckets.take([limit], 0, team="alpha")).taken
+    assert not await redis_client.exists(str(limit.line))  # nobody waited: nothing written
+    beta = await buckets.take([limit], 0, team="beta", patience_ms=10_000)
+    alpha = await buckets.take([limit], 0, team="alpha", patience_ms=10_000)
+    assert not beta.taken and not alpha.taken
+
+    # When the bucket has a request again, and alpha asks first
+    await _settle(redis_client, settings, limit, 0, requests_back=1)
+    early = await buckets.take([limit], 0, team="alpha", patience_ms=10_000)
+
+    # Expect alpha refused, told to ask again shortly (beta's turn), and beta served
+    assert early == Take(False, 50)
+    assert (await buckets.take([limit], 0, team="beta", patience_ms=10_000)).taken
+    # then alpha in its turn, leaving the line empty (beta served left it)
+    await _settle(redis_client, settings, limit, 0, requests_back=1)
+    assert (await buckets.take([limit], 0, team="alpha", patience_ms=10_000)).taken
+    assert not await redis_client.exists(str(limit.line))
+
+
+async def test_a_team_whose_waiter_stops_asking_loses_its_turn_soon_after_its_wait(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a shared bucket that alpha emptied, and beta entered in line (told ~1 s)
+    buckets = _buckets(redis_client, settings)
+    limit = _shared(settings)
+    line = str(limit.line)
+    await buckets.take([limit], 0, team="alpha")
+    told = await buckets.take([limit], 0, team="beta", patience_ms=10_000)
+    since, alive = map(int, (await redis_client.hget(line, "beta") or b"").split())
+    await _settle(redis_client, settings, limit, 0, requests_back=1)
+    assert not (await buckets.take([limit], 0, team="alpha", patience_ms=10_000)).taken
+
+    # When beta's worker dies, never asking again, and its entry's time passes
+    assert alive - since <= (told.wait_ms + 1000) * 1000  # its wait and 1 s, no more
+    await redis_client.hset(line, "beta", f"{since} {since + 1}")
+
+    # Expect alpha served, and beta's entry gone
+    assert (await buckets.take([limit], 0, team="alpha", patience_ms=10_000)).taken
+    assert await redis_client.hget(line, "beta") is None
+
+
+async def test_a_team_that_will_not_wait_long_enough_takes_no_place_in_line(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a shared bucket that alpha emptied (a second to the next request)
+    buckets = _buckets(redis_client, settings)
+    limit = _shared(settings)
+    await buckets.take([limit], 0, team="alpha")
+
+    # When beta asks, willing to wait 0.5 s
+    refused = await buckets.take([limit], 0, team="beta", patience_ms=500)
+
+    # Expect it refused and not entered: it would hold the bucket for a call never made
+    assert not refused.taken and refused.wait_ms > 500
+    assert not await redis_client.exists(str(limit.line))

@@ -29,6 +29,9 @@ class Limit:
     """Requests the bucket holds; None: a minute of ``rpm``."""
     team: str | None = None
     """The team whose bucket it is (the label of its metrics); None for a deployment's."""
+    line: str | None = None
+    """The key of the line of the teams waiting for the bucket, shared by teams (a
+    deployment's): teams take from it in turn (``lua/take.lua``); None for a team's own."""
 
 
 class Take(NamedTuple):
@@ -38,6 +41,8 @@ class Take(NamedTuple):
     wait_ms: int
     then_ran: bool = False
     """Whether the call given to run once the take is made (``Buckets.take``) ran."""
+    again_ms: int = 0
+    """Taken in a line (``take_call``): when the buckets will have as much again."""
 
 
 class Buckets:
@@ -52,6 +57,8 @@ class Buckets:
         *,
         name: str | None = None,
         then: Call | None = None,
+        team: str = "",
+        patience_ms: int = 0,
     ) -> Take:
         """Take one request and ``tokens`` from every bucket, or from none.
 
@@ -60,10 +67,12 @@ class Buckets:
         InvalidRequest when the job is larger than a bucket could ever hold. ``name``: the
         take's, the same on every try (``Scripts.run_all``). ``then``: a call to run in the
         same round trip once the take is made, its reply ignored (``Take.then_ran``).
+        ``team``, ``patience_ms``: see ``take_call``.
         """
         if not limits:
             return Take(True, 0)
-        calls = [take_call(limits, tokens, within_ms)] + ([then] if then is not None else [])
+        first = take_call(limits, tokens, within_ms, team=team, patience_ms=patience_ms)
+        calls = [first] + ([then] if then is not None else [])
         replies = await self._scripts.run_all(calls, name=name)
         return taken(limits, tokens, replies[0])._replace(then_ran=len(replies) > 1)
 
@@ -81,9 +90,28 @@ class Buckets:
             await self._scripts.run(_call(limits, "drain", 0, 0, 0))
 
 
-def take_call(limits: Sequence[Limit], tokens: int, within_ms: int = 0) -> Call:
-    """The script call of ``Buckets.take``, to run with another; its reply goes to ``taken``."""
+def take_call(
+    limits: Sequence[Limit],
+    tokens: int,
+    within_ms: int = 0,
+    *,
+    team: str = "",
+    patience_ms: int = 0,
+) -> Call:
+    """The script call of ``Buckets.take``, to run with another; its reply goes to ``taken``.
+
+    With ``team``, when ``limits`` are a deployment's (``lined``), the take waits ``team``'s
+    turn in their line and is never made into debt (``within_ms`` is 0): refused, the team
+    enters the line if the wait it is told is within ``patience_ms``, what it will wait."""
+    if team and limits and limits[0].line is not None:
+        return _call(limits, "take", 1, tokens, 0, line=(limits[0].line, team, patience_ms))
     return _call(limits, "take", 1, tokens, within_ms)
+
+
+def lined(limits: Sequence[Limit]) -> bool:
+    """Whether a take of ``limits`` waits its team's turn in their line: a deployment's, whose
+    buckets every team shares (one bucket a take)."""
+    return bool(limits) and limits[0].line is not None
 
 
 def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
@@ -97,7 +125,7 @@ def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
     team = limits[0].team
     if team is not None and len(reply) > 2:
         set_bucket_fill(team, int(reply[2]) / 1000)
-    return Take(reply[0] == 1, int(reply[1]))
+    return Take(reply[0] == 1, int(reply[1]), again_ms=int(reply[3]) if len(reply) > 3 else 0)
 
 
 def settle_call(limits: Sequence[Limit], tokens_back: int, requests_back: int = 0) -> Call | None:
@@ -116,6 +144,19 @@ def too_large(limit: Limit, tokens: int) -> InvalidRequest:
     )
 
 
-def _call(limits: Sequence[Limit], mode: str, requests: int, tokens: int, within_ms: int) -> Call:
+def _call(
+    limits: Sequence[Limit],
+    mode: str,
+    requests: int,
+    tokens: int,
+    within_ms: int,
+    *,
+    line: tuple[str, str, int] | None = None,
+) -> Call:
+    """``line``: the key of the line a take waits in, its team, and its patience."""
     caps = [arg for limit in limits for arg in (limit.rpm or 0, limit.tpm or 0, limit.burst or 0)]
-    return Call("take", [limit.key for limit in limits], [mode, requests, tokens, within_ms, *caps])
+    keys = [limit.key for limit in limits]
+    if line is None:
+        return Call("take", keys, [mode, requests, tokens, within_ms, "", 0, *caps])
+    key, team, patience_ms = line
+    return Call("take", [*keys, key], [mode, requests, tokens, within_ms, team, patience_ms, *caps])

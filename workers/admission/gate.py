@@ -44,7 +44,7 @@ from queuegate.registry import ModelLimits, TeamConfig, default_burst
 from queuegate.settings import Settings
 from queuegate.spend import budget_scopes, to_nano
 from router import Catalog, Deployment, Routed
-from workers.admission.buckets import Buckets, Limit, Take, settle_call, take_call, taken
+from workers.admission.buckets import Buckets, Limit, Take, lined, settle_call, take_call, taken
 from workers.admission.budgets import (
     BudgetHeld,
     Budgets,
@@ -171,6 +171,7 @@ class Admission:
                     deployment.rpm,
                     deployment.tpm,
                     deployment.request_burst,
+                    line=self._keys.deployment_line(name),
                 )
             )
         return self._deployment_limits[name]
@@ -197,9 +198,11 @@ class Admission:
         except JobError:
             return None
 
-    def line(self, limits: list[Limit]) -> Line:
-        """Where this process's jobs wait their turn for the same buckets (see Ticket.take)."""
-        return self._line_at(tuple(limit.key for limit in limits))
+    def line(self, limits: list[Limit], team: str) -> Line:
+        """Where this process's jobs of ``team`` wait their turn for the same buckets, first
+        come, first served (see Ticket.take). One per team: a deployment's buckets, shared by
+        teams, give the teams their turns themselves, across processes (``lua/take.lua``)."""
+        return self._line_at((*(limit.key for limit in limits), team))
 
     def _budget_waited(self, ledgers: tuple[str, ...]) -> bool:
         """Whether jobs of this process wait for ``ledgers`` (``_wait_for_budget``): a job
@@ -208,8 +211,8 @@ class Admission:
         return line is not None and line.locked()
 
     def _line_at(self, key: tuple[str, ...]) -> Line:
-        """Where this process's jobs wait their turn for the same keys: buckets, or budget
-        ledgers (``_wait_for_budget``)."""
+        """Where this process's jobs wait their turn for the same keys: buckets and team, or
+        budget ledgers (``_wait_for_budget``; a team's own)."""
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = Line()
@@ -270,7 +273,7 @@ class Admission:
                 # The first try at the team's buckets rides with the budget's reservation, in
                 # one round trip.
                 limits = self._team_limits(job, config)
-                first = self._first_take(limits, tokens)
+                first = self._first_take(limits, tokens, job.team)
                 ticket.budget, tried = await self._reserve(job, config, ticket, None, first)
         except Exception:
             # Refused before it reserved (too large, over budget): its lapsed owners' calls
@@ -485,7 +488,7 @@ class Admission:
         if reserving is None or self._budget_waited(tuple(reserving.held.keys[::2])):
             return None  # jobs wait for its budget already: it goes behind them (admit)
         limits = self._team_limits(job, config)
-        first = self._first_take(limits, needed.tokens)
+        first = self._first_take(limits, needed.tokens, job.team)
         calls = [reserving.call] + ([first] if first is not None else [])
         return Ahead(self, calls, reserving, needed, limits)
 
@@ -503,10 +506,12 @@ class Admission:
             ticket.team_limits = ahead.limits
         return ticket.settlement(None, give_back=True)
 
-    def _first_take(self, limits: list[Limit], tokens: int) -> Call | None:
+    def _first_take(self, limits: list[Limit], tokens: int, team: str) -> Call | None:
         """A job's first try at its team's buckets, to ride with its budget's reservation,
         unless jobs already wait in line for them (see Ticket.take)."""
-        return take_call(limits, tokens) if limits and not self.line(limits).locked() else None
+        return (
+            take_call(limits, tokens) if limits and not self.line(limits, team).locked() else None
+        )
 
     async def take(
         self,
@@ -514,15 +519,21 @@ class Admission:
         tokens: int,
         within_ms: int,
         until: float,
+        *,
         then: Call | None = None,
+        team: str = "",
     ) -> Take:
         """Take a request and ``tokens`` from every bucket of ``limits`` if they have them
         within ``within_ms``, under the outage policy (this process's share of the limits
         while Redis is away, when failing open); ``then`` runs in the same round trip once
-        taken (``Buckets.take``)."""
+        taken (``Buckets.take``). ``team``: whose turn it must be in their line, when the
+        buckets are a deployment's (``take_call``), which it waits in until ``until``."""
         name = once()  # the same for every try (see admit)
+        patience = max(0, math.floor((until - time.monotonic()) * 1000))
         return await self._guard(
-            lambda: self._buckets.take(limits, tokens, within_ms, name=name, then=then),
+            lambda: self._buckets.take(
+                limits, tokens, within_ms, name=name, then=then, team=team, patience_ms=patience
+            ),
             lambda: self._local.take(limits, tokens, within_ms),
             until,
         )
@@ -775,7 +786,7 @@ class Ticket:
         if not limits:
             return False, limits
         waited = self._waited = self._waited or 0.0
-        line = self._admission.line(limits)
+        line = self._admission.line(limits, self._team)
         if not tried and not line.locked():
             take = await self._take(limits, within_ms=0, then=then)
             if take.taken:
@@ -791,11 +802,22 @@ class Ticket:
         self, limits: list[Limit], line: Line, follow: Callable[[], list[Limit]] | None
     ) -> list[Limit]:
         # Jobs that must wait queue in this process, each team's first come, first served,
-        # the teams in turn (``Line``), and only the first asks Redis: it reserves the next
-        # request the buckets will have (taken into debt) and holds the line until its turn.
-        # One script call per job rather than one per waiter at every refill; and at most one
+        # and only the first asks Redis. For its team's own buckets it reserves the next
+        # request they will have (taken into debt) and holds the line until its turn: one
+        # script call per job rather than one per waiter at every refill, and at most one
         # reservation per process and bucket, all a worker that dies while waiting can waste.
+        # For a deployment's, shared by teams, it waits its team's turn in their line across
+        # processes (``lua/take.lua``), asking again when the buckets will have its request:
+        # a reservation would put it ahead of the teams coming after it.
         scopes = ", ".join(limit.scope for limit in limits)
+
+        def late(wait_ms: int) -> RateLimited:
+            return RateLimited(
+                f"{scopes}: over its rate limit; admitting the job needed "
+                f"{wait_ms / 1000:.1f} s more than its deadline or the maximum wait allow",
+                retry_after_ms=wait_ms,
+            )
+
         await self.join(
             line,
             lambda: RateLimited(
@@ -805,18 +827,26 @@ class Ticket:
             self.check,
         )
         try:
+            if lined(limits):
+                # Asking before the buckets have what the job ahead took again, it would
+                # only be told to wait.
+                await self._sleep(min(line.ready, self.until) - time.monotonic(), limits, follow)
             while True:
                 if follow is not None:
                     limits = follow()
-                within = math.floor((self.until - time.monotonic()) * 1000)
-                taken, wait_ms, _ = await self._take(limits, within_ms=max(0, within))
+                within = max(0, math.floor((self.until - time.monotonic()) * 1000))
+                if lined(limits):
+                    take = await self._take(limits, within_ms=0)
+                    if take.taken:
+                        line.ready = time.monotonic() + take.again_ms / 1000
+                        return limits
+                    if take.wait_ms > within:
+                        raise late(take.wait_ms)
+                    await self._sleep(take.wait_ms / 1000, limits, follow)
+                    continue
+                taken, wait_ms, *_ = await self._take(limits, within_ms=within)
                 if not taken:
-                    raise RateLimited(
-                        f"{scopes}: over its rate limit; admitting the job needed "
-                        f"{wait_ms / 1000:.1f} s more than its deadline or the maximum wait "
-                        "allow",
-                        retry_after_ms=wait_ms,
-                    )
+                    raise late(wait_ms)
                 try:
                     if await self._sleep(wait_ms / 1000, limits, follow):
                         return limits
@@ -835,7 +865,7 @@ class Ticket:
         ``late`` makes), running ``check`` meanwhile: a job that must not be served leaves
         its place, and whoever is behind it moves up, rather than holding the line until its
         turn."""
-        acquiring = asyncio.ensure_future(line.acquire(self._team))
+        acquiring = asyncio.ensure_future(line.acquire())
         try:
             while True:
                 left = self.until - time.monotonic()
@@ -865,7 +895,9 @@ class Ticket:
         return True
 
     async def _take(self, limits: list[Limit], within_ms: int, then: Call | None = None) -> Take:
-        return await self._admission.take(limits, self.estimate.tokens, within_ms, self.until, then)
+        return await self._admission.take(
+            limits, self.estimate.tokens, within_ms, self.until, then=then, team=self._team
+        )
 
     async def settle(self, routed: Routed | Billed | None) -> None:
         """Replace every estimate with the real usage (``None``: nothing served, refund all;

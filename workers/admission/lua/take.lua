@@ -1,6 +1,7 @@
 -- Token buckets in two dimensions (requests, tokens), taken for several scopes at once.
 --
 -- KEYS[i]   one bucket per scope: a hash {r = requests left, t = tokens left, ts = µs}
+-- KEYS[#KEYS]  with a team in ARGV[5] (a take only): the line of the first bucket, below
 -- ARGV[1]   "take": take ARGV[2] requests and ARGV[3] tokens from every bucket, or nothing
 --           "settle": give back ARGV[2] requests (a reservation given up before its call)
 --           and ARGV[3] tokens (negative: take them, even into debt)
@@ -10,8 +11,11 @@
 -- ARGV[3]   tokens
 -- ARGV[4]   take: milliseconds the caller will wait for the buckets. If they can admit the job
 --           within that, it is taken now, into debt, and the caller goes once the wait is over
---           (a reservation); 0 = take only what is there now
--- ARGV[2+3i], ARGV[3+3i], ARGV[4+3i]   rpm, tpm and request capacity of KEYS[i]; 0 = no limit
+--           (a reservation); 0 = take only what is there now. Never into debt with a line.
+-- ARGV[5]   take: the team taking, when the buckets are shared by teams (a deployment's) and
+--           so taken in the teams' turns (the line); '' = no line
+-- ARGV[6]   take with a line: milliseconds the caller will wait in it (ARGV[4] is 0)
+-- ARGV[4+3i], ARGV[5+3i], ARGV[6+3i]   rpm, tpm and request capacity of KEYS[i]; 0 = no limit
 --           in that dimension; capacity 0 = a minute of rpm
 --
 -- A bucket refills continuously at its per-minute rate, up to its capacity: a minute of the
@@ -20,7 +24,9 @@
 -- 0 unless reserved), {0, wait_ms, fill} when not taken because the emptiest bucket
 -- needs that long to refill, {-1, i} when the job can never fit KEYS[i]; fill is how full
 -- KEYS[1] is after the call, in thousandths: its requests or its tokens, whichever is emptier
--- (0 in debt), for metrics. Peek returns {1, 0, fill}; settle and drain {1, 0}.
+-- (0 in debt), for metrics; a take with a line returns {1, 0, fill, again}, again the
+-- milliseconds until the buckets have as much again. Peek returns {1, 0, fill}; settle and
+-- drain {1, 0}.
 
 -- The round trip's TIME when this runs with other calls (batch.lua).
 local t = ... or redis.call('TIME')
@@ -29,12 +35,23 @@ local mode = ARGV[1]
 local need = {tonumber(ARGV[2]), tonumber(ARGV[3])}
 local within = tonumber(ARGV[4])
 local fields = {'r', 't'}
+local team = ARGV[5]
+local buckets, line = #KEYS, nil
+if mode == 'take' and team ~= '' then
+  buckets, line = #KEYS - 1, KEYS[#KEYS]
+end
+-- Milliseconds a team waiting its turn while another team's turn has the buckets waits
+-- before it asks again (that team's waiter takes at once, unless its process died); and how
+-- long past the wait a line entry holds without its waiter asking again: a dead process's
+-- team holds the buckets that long at most.
+local POLL_MS, GRACE_MS = 50, 1000
 
 local levels = {}
 local wait = 0
-for i, key in ipairs(KEYS) do
-  local rates = {tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])}
-  local burst = tonumber(ARGV[4 + 3 * i])
+for i = 1, buckets do
+  local key = KEYS[i]
+  local rates = {tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])}
+  local burst = tonumber(ARGV[6 + 3 * i])
   local caps = {burst > 0 and burst or rates[1], rates[2]}
   local state = redis.call('HMGET', key, 'r', 't', 'ts')
   local elapsed = now - (tonumber(state[3]) or now)
@@ -72,14 +89,54 @@ if mode == 'peek' then
   return {1, 0, fill()}
 end
 
-if wait > within then
+if line then
+  -- The one more command a take with a line costs while no team waits: the line is empty.
+  local entries = redis.call('HGETALL', line)
+  local first, first_since, mine, last = nil, nil, nil, now
+  local gone = {}
+  for j = 1, #entries, 2 do
+    local since, alive = string.match(entries[j + 1], '^(%d+) (%d+)$')
+    since, alive = tonumber(since), tonumber(alive)
+    if alive <= now then
+      gone[#gone + 1] = entries[j]
+    else
+      if entries[j] == team then
+        mine = since
+      end
+      if not first_since or since < first_since then
+        first, first_since = entries[j], since
+      end
+      last = math.max(last, alive)
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', line, unpack(gone))
+  end
+  if wait > 0 or (first and first ~= team) then
+    if wait == 0 then
+      wait = POLL_MS
+    end
+    if wait <= tonumber(ARGV[6]) then
+      local alive = now + (wait + GRACE_MS) * 1000
+      redis.call('HSET', line, team, string.format('%d %d', mine or now, alive))
+      if alive > last then
+        redis.call('PEXPIRE', line, string.format('%d', wait + GRACE_MS))
+      end
+    end
+    return {0, wait, fill()}
+  end
+  if mine then
+    redis.call('HDEL', line, team)
+  end
+elseif wait > within then
   return {0, wait, fill()}
 end
 
 -- Integers go to Redis formatted here ('%d'): Redis would format a number with '%.17g', which
 -- costs several times as much.
 local ts = string.format('%d', now)
-for i, key in ipairs(KEYS) do
+for i = 1, buckets do
+  local key = KEYS[i]
   local rates, caps, level = levels[i][1], levels[i][2], levels[i][3]
   local ttl = 1000
   -- One HSET per bucket with every field it changes, rather than one per field: a governed
@@ -112,6 +169,20 @@ for i, key in ipairs(KEYS) do
   end
 end
 if mode == 'take' then
+  if line then
+    -- Milliseconds until the buckets have as much again: when the next job of the team
+    -- waiting in the caller's worker asks (asking sooner, it would only be told to wait).
+    local again = 0
+    for i = 1, buckets do
+      local rates, level = levels[i][1], levels[i][3]
+      for d = 1, 2 do
+        if rates[d] > 0 and level[d] < need[d] then
+          again = math.max(again, math.ceil((need[d] - level[d]) * 60000 / rates[d]))
+        end
+      end
+    end
+    return {1, 0, fill(), again}
+  end
   return {1, wait, fill()}
 end
 return {1, wait}
