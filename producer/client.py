@@ -84,15 +84,16 @@ class GatewayClient:
 
     Replies arrive on the client's own queue (``<ns>.replies.<team>.<id>``), which the gateway
     declares when the client asks (one control round trip at start: a team may not declare
-    queues itself). It survives a dropped broker connection, so a reply in flight is not
-    lost; the broker deletes it ``settings.reply_queue_expires`` seconds after the client is
-    gone, and a client that was away longer, or whose queue an operator deleted, asks for it
-    again. Opening asks the gateway, whose Redis counts the team's reply queues: while that
-    is away the open fails with ServiceUnavailable naming Redis. While the connection is
-    down, ``submit`` waits up to ``settings.reconnect_wait`` seconds for it to return. A
-    pipeline that must survive its own restart passes ``reply_queue="nightly"``: a durable
-    queue that keeps results while nobody listens, read again by the next client of that name.
-    Do not share one named reply queue between two live clients: each takes half the results.
+    queues itself), consumed on a channel of its own beside the one jobs are published on. It
+    survives a dropped broker connection, so a reply in flight is not lost; the broker deletes
+    it ``settings.reply_queue_expires`` seconds after the client is gone, and a client that was
+    away longer, or whose queue an operator deleted, asks for it again. Opening asks the
+    gateway, whose Redis counts the team's reply queues: while that is away the open fails with
+    ServiceUnavailable naming Redis. While the connection is down, ``submit`` waits up to
+    ``settings.reconnect_wait`` seconds for it to return. A pipeline that must survive its own
+    restart passes ``reply_queue="nightly"``: a durable queue that keeps results while nobody
+    listens, read again by the next client of that name. Do not share one named reply queue
+    between two live clients: each takes half the results.
 
     Connect with the team's own broker user (``settings.amqp_url`` from ``queuegate teams
     add``): every job carries it as ``user_id``, which the broker checks. A team identified
@@ -167,7 +168,12 @@ class GatewayClient:
             )
             await self._control.start()
             if self._listen:
-                self._reply_queue = await self._replies.start(self._channel)
+                # Consumed on a channel of its own: the broker refuses a consume of a queue
+                # gone (NOT_FOUND, as after a cluster's node holding it died, before the
+                # gateway declares it again) by closing the channel, which would fail the
+                # jobs awaiting their confirm on the publishing one (ChannelNotFoundEntity).
+                replies = await self._connection.channel(publisher_confirms=False)
+                self._reply_queue = await self._replies.start(replies)
         except BaseException:
             await self._connection.close()
             raise
@@ -352,8 +358,9 @@ class GatewayClient:
         await self.submit(job)
 
     async def _open_reply_queue(self, channel: AbstractRobustChannel) -> str:
-        # Asked of the gateway (a team may not declare queues), on ``channel``: the same
-        # name each time, declared again if it expired while we were away.
+        # Asked of the gateway (a team may not declare queues), on the control channel, not
+        # the reply queue's ``channel``: the same name each time, declared again if it
+        # expired while we were away.
         return await self.control.open_reply_queue(
             self._reply_id, durable=self._reply_name is not None
         )

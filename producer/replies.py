@@ -317,7 +317,11 @@ class ReplyQueue:
     channel itself, or asked of the gateway for a team's queue. Each time the channel comes
     back after a lost connection the queue is declared again (it may have expired meanwhile)
     and consumed again; so it is when the broker cancels the consumer because the queue was
-    deleted (an operator), tried again with backoff until it is there. ``delete`` removes it
+    deleted (an operator, a cluster's node lost); either is tried again with backoff until
+    it is done (the gateway may be unable to declare it for a while), one attempt at a time.
+    A channel that publishes jobs had better not be the one the queue is consumed on: the
+    broker refuses a consume of a queue gone (NOT_FOUND) by closing its channel, losing the
+    publishes on it (those awaiting their confirm fail with the refusal). ``delete`` removes it
     at ``stop``; None leaves it (a named queue that keeps results for the next owner): then
     nothing is sent at ``stop``, and the consumer ends with the connection. Should the broker
     be away at ``stop``, the queue expires by itself.
@@ -337,6 +341,11 @@ class ReplyQueue:
         self._channel: AbstractRobustChannel | None = None
         self._consumer: Consumer | None = None
         self._reopening: asyncio.Task[None] | None = None
+        """The one attempt under way to declare and consume the queue again, if any."""
+        self._unanswered = False
+        """Whether attempts have failed since the queue was last consumed."""
+        self._delay = REDECLARE_FIRST
+        """Seconds the next failed attempt waits before the one after it."""
         self._stopped = False
 
     @property
@@ -391,33 +400,45 @@ class ReplyQueue:
         )
         # Not awaited: this runs in the channel's reader, and the declare may be asked of the
         # gateway on this very channel.
-        self._reopening = asyncio.create_task(self._redeclare(channel))
-
-    async def _redeclare(self, channel: AbstractRobustChannel) -> None:
-        delay = REDECLARE_FIRST
-        while not self._stopped:
-            try:
-                await self._open(channel)
-                return
-            except UNANSWERED as exc:
-                log.warning(
-                    "could not declare reply queue %s again (%s); trying again in %.1f s",
-                    self._name,
-                    exc,
-                    delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, REDECLARE_MAX)
+        self._reopen_soon(channel)
 
     async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
         # Not awaited here: the channel's restore waits for its reopen callbacks, and a
         # queue asked of the gateway is answered on this very channel.
         if channel is not None:
-            self._reopening = asyncio.create_task(self._reopen(channel))
+            self._reopen_soon(channel)
+
+    def _reopen_soon(self, channel: AbstractRobustChannel) -> None:
+        # One attempt at a time: one still under way (a cancel's backoff when the connection
+        # came back, an earlier reconnect's) would consume the queue a second time beside it.
+        if self._reopening is not None:
+            self._reopening.cancel()
+        self._reopening = asyncio.create_task(self._reopen(channel))
 
     async def _reopen(self, channel: AbstractRobustChannel) -> None:
-        try:
-            await self._open(channel)
-        except UNANSWERED as exc:
-            # The next reconnect tries again; waiting jobs time out meanwhile.
-            log.warning("could not consume reply queue %s again: %s", self._name, exc)
+        """Declare the queue and consume it again, with backoff until it is done: given up
+        after one failure (the gateway unable to declare it for a moment), every job awaiting
+        its result would time out though the broker was back."""
+        while not self._stopped:
+            try:
+                await self._open(channel)
+            except UNANSWERED as exc:
+                if not self._unanswered:
+                    self._unanswered = True  # once an outage, not at every try
+                    log.warning(
+                        "could not consume reply queue %s again (%s); trying again with "
+                        "backoff up to %.0f s",
+                        self._name,
+                        exc,
+                        REDECLARE_MAX,
+                    )
+            else:
+                if self._unanswered:
+                    self._unanswered = False
+                    log.info("consuming reply queue %s again", self._name)
+                self._delay = REDECLARE_FIRST
+                return
+            # Kept across attempts, so a channel the broker closed at a refused consume
+            # (which starts a new attempt as it reopens) does not reset the backoff.
+            delay, self._delay = self._delay, min(self._delay * 2, REDECLARE_MAX)
+            await asyncio.sleep(delay)
