@@ -29,6 +29,7 @@ err = LazyConsole(stderr=True)
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from queuegate.messages import ErrorInfo
     from router import Catalog
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
@@ -76,7 +77,12 @@ def submit(
     ] = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Validate a batch file and publish its requests; re-run it to resume."""
+    """Validate a batch file and publish its requests; re-run it to resume.
+
+    Each request is checked as the front door's endpoint of its API checks a body: one it
+    refuses is never published, named here, and answered a failed line by collect."""
+    from frontdoor.batch_checks import batch_checks
+    from frontdoor.chat_request import Limits
     from producer.batch import submit_batch
     from producer.batch.jobs import check_batch_name, default_name
     from queuegate.progress import progress
@@ -103,6 +109,7 @@ def submit(
                     deadline=window,
                     models=aliases,
                     anthropic_models=anthropic_only(catalog),
+                    checks=batch_checks(Limits.of(settings, catalog)),
                     api_key=api_key,
                     on_progress=update,
                 )
@@ -110,9 +117,9 @@ def submit(
     except NotText:
         raise  # its one line says where
     except BatchInvalid as exc:
-        _print_problems(file, exc.problems)
+        _print_problems(file, sorted(exc.problems + _reasons(exc.refused)))
         raise
-    _print_problems(file, report.skipped)
+    _print_problems(file, sorted(report.skipped + _reasons(report.refused)))
     if report.skipped:
         target.write_bytes(
             b"".join(
@@ -132,6 +139,8 @@ def submit(
     )
     if report.skipped:
         line += f", {len(report.skipped):,} invalid skipped"
+    if report.refused:
+        line += f", {len(report.refused):,} refused (collect answers them failed)"
     if report.stopped:
         line += f"; stopped: {report.stopped}"
     out.print(line, highlight=False)
@@ -177,6 +186,10 @@ def anthropic_only(catalog: Catalog) -> set[str]:
     return {alias for alias in catalog.models if chain(alias, set()) == {"anthropic"}}
 
 
+def _reasons(refused: list[tuple[int, ErrorInfo]]) -> list[tuple[int, str]]:
+    return [(number, error.message) for number, error in refused]
+
+
 def _print_problems(file: Path, problems: list[tuple[int, str]]) -> None:
     for number, reason in problems[:PROBLEMS_SHOWN]:
         err.print(f"{file}:{number}: {reason}", highlight=False, markup=False, soft_wrap=True)
@@ -199,16 +212,21 @@ def collect(
             exists=True,
             dir_okay=False,
             help="The file the batch was submitted from, if moved: results its full queue "
-            "refused are asked for again with it.",
+            "refused are asked for again with it, and the requests submit refused answered.",
         ),
     ] = None,
     api_key: ApiKey = None,
 ) -> None:
     """Write a batch's results as they arrive, in its own format; re-run it to resume."""
+    from frontdoor.batch_checks import batch_checks
+    from frontdoor.chat_request import Limits
     from producer.batch import collect as collect_batch
     from queuegate.progress import progress
+    from router import load_catalog
 
     settings = Settings()
+    # The requests submit refused are answered with the reasons of the same checks.
+    checks = batch_checks(Limits.of(settings, load_catalog(settings.catalog, os.environ)))
     with progress(err.console, "collected") as update:
         report = run(
             lambda: collect_batch(
@@ -220,12 +238,15 @@ def collect(
                 api_key=api_key,
                 on_progress=update,
                 source=file,
+                checks=checks,
             )
         )
     c = report.counts
+    refused = f", {report.refused:,} refused at submit" if report.refused else ""
     out.print(
         f"batch {name}: {c.done:,} done, {c.failed:,} failed, {c.expired:,} expired, "
-        f"{c.canceled:,} canceled; {report.written:,} lines written now; ${usd_text(c.spend_usd)}",
+        f"{c.canceled:,} canceled{refused}; {report.written:,} lines written now; "
+        f"${usd_text(c.spend_usd)}",
         highlight=False,
     )
 

@@ -10,7 +10,7 @@ What Anthropic takes and the gateway cannot carry (documents by URL, file id or 
 blocks, server tools, structured output's ``output_config.format``) is refused by name.
 ``count_tokens_job`` does the same for a ``/v1/messages/count_tokens`` body, whose job is
 only counted. Any refusal: ``ApiError``. ``params_refusal`` is the same check of a Message
-Batch request's ``params`` (the batch runner's ``producer.batch.jobs.Check``), so a batch
+Batch request's ``params`` (a batch's ``producer.batch.jobs.Check``), so a batch
 refuses, by name, what ``/v1/messages`` refuses, rather than leaving it out unread.
 """
 
@@ -30,8 +30,8 @@ from pydantic import (
 
 from frontdoor.chat_request import Limits, RequestOptions, chat_job
 from frontdoor.errors import ApiError
-from frontdoor.request_errors import deepest, joined, problem, tagged_by
-from queuegate.messages import ChatJob
+from frontdoor.request_errors import deepest, joined, problem, refusal, tagged_by
+from queuegate.messages import ChatJob, ErrorInfo
 from queuegate.openai_params import AnthropicEffort, Thinking, ThinkingEnabled
 from queuegate.provider_formats import (
     ANTHROPIC_COUNT_TOKENS_PARAMS,
@@ -276,7 +276,7 @@ def messages_job(
     return _job(request.model_dump(exclude_none=True), team, options, limits, request.stream)
 
 
-def params_refusal(params: dict[str, Any]) -> str | None:
+def params_refusal(params: dict[str, Any]) -> ErrorInfo | None:
     """Why ``/v1/messages`` would refuse a Message Batch request's ``params`` as its body,
     the field named by its path in the request (``params.container: not supported by this
     gateway``); None when it takes them. What it takes the batch reads as ``messages_job``
@@ -284,7 +284,7 @@ def params_refusal(params: dict[str, Any]) -> str | None:
     try:
         _messages_request(params, "params")
     except ApiError as exc:
-        return exc.message
+        return refusal(exc)
     return None
 
 

@@ -26,8 +26,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from frontdoor.chat_request import Limits, checked_messages, served_model
 from frontdoor.errors import ApiError, shown
-from frontdoor.request_errors import invalid_request
-from queuegate.messages import ChatJob
+from frontdoor.request_errors import invalid_request, refusal
+from queuegate.messages import ChatJob, ErrorInfo
 from queuegate.openai_messages import Message
 from queuegate.openai_params import JobParams, too_many_stops
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
@@ -58,16 +58,16 @@ def check_chat(body: dict[str, Any], limits: Limits) -> None:
     _check_for(body, served_model(body, limits), limits)
 
 
-def body_refusal(body: dict[str, Any], limits: Limits) -> str | None:
+def body_refusal(body: dict[str, Any], limits: Limits) -> ErrorInfo | None:
     """Why ``POST /v1/chat/completions`` would refuse the ``body`` of an OpenAI batch line
-    (the batch runner's ``producer.batch.jobs.Check``), or None when it takes it. Its model
-    is not looked up in the catalog: one not served is answered as any job's, by the worker
-    (404 ``unknown_model``)."""
+    (a batch's ``producer.batch.jobs.Check``), or None when it takes it: the endpoint's
+    error, its ``param`` the field it names. Its model is not looked up in the catalog: one
+    not served is answered as any job's, by the worker (404 ``unknown_model``)."""
     model = body.get("model")
     try:
         _check_for(body, model if isinstance(model, str) else "", limits)
     except ApiError as exc:
-        return exc.message
+        return refusal(exc)
     return None
 
 
@@ -97,16 +97,22 @@ def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:
     refused = [name for name in unknown if model not in limits.open_models or name in JOB_FIELDS]
     if not refused:
         return
-    names = ", ".join(shown(name) for name in refused[:NAMED])
-    if len(refused) > NAMED:
-        names += f" and {len(refused) - NAMED} more"
     if any(name in JOB_FIELDS for name in refused):
         why = "the gateway sets a job's own fields (its team from the key, its deadline from "
         why += "x-queuegate-timeout), a request does not"
     else:
         why = "not parameters of OpenAI's chat completions, and no OpenAI-compatible server "
         why += f"that takes its own serves {shown(model)!r}"
-    raise ApiError("invalid_request", f"unrecognized request arguments {names}: {why}")
+    raise unrecognized(refused, why)
 
 
-__all__ = ["ChatRequest", "body_refusal", "check_chat"]
+def unrecognized(names: list[str], why: str) -> ApiError:
+    """The refusal of a body's fields its endpoint does not have, the first ``NAMED`` by
+    name (OpenAI's ``Unrecognized request argument``), saying ``why``."""
+    listed = ", ".join(shown(name) for name in names[:NAMED])
+    if len(names) > NAMED:
+        listed += f" and {len(names) - NAMED} more"
+    return ApiError("invalid_request", f"unrecognized request arguments {listed}: {why}")
+
+
+__all__ = ["ChatRequest", "body_refusal", "check_chat", "unrecognized"]

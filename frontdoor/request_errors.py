@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from frontdoor.errors import ApiError
+from queuegate.messages import ErrorInfo
 from queuegate.value_errors import error_path, problem, tagged_by
 
 
@@ -32,8 +33,14 @@ def invalid_request(exc: ValidationError, body: Any) -> ApiError:
     return ApiError("invalid_request", joined(where, reason), param=where or None)
 
 
+def refusal(exc: ApiError) -> ErrorInfo:
+    """A request check's ``invalid_request`` refusal as a batch answers it: the endpoint's
+    message, and its ``param`` where it names one (``producer.batch.jobs.Check``)."""
+    return ErrorInfo(code="invalid_request", message=exc.message, param=exc.param)
+
+
 def joined(where: str, reason: str) -> str:
     return f"{where}: {reason}" if where else reason
 
 
-__all__ = ["deepest", "error_path", "invalid_request", "joined", "problem", "tagged_by"]
+__all__ = ["deepest", "error_path", "invalid_request", "joined", "problem", "refusal", "tagged_by"]

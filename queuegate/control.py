@@ -155,6 +155,9 @@ class BatchMeta(WireModel):
     source: str = ""
     """Where submit read the file (an absolute path on its machine): collect rebuilds from
     it the jobs whose results a full results queue refused, to ask for them again."""
+    refused: int = 0
+    """Requests submit's checks refused (``producer.batch.jobs.Refused``): not in ``total``,
+    never published; collect writes each a failed line of its own from the submitted file."""
     own_queue: bool = False
     """Its results wait in a queue of its own, ``<ns>.results.<team>.<name>:results``
     (``Topology.batch_results_queue``), which no pipeline's named reply queue can be. False

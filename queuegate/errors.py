@@ -37,7 +37,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from queuegate.messages import Attempt, ErrorCode
+    from queuegate.messages import Attempt, ErrorCode, ErrorInfo
 
 
 class GatewayError(Exception):
@@ -235,14 +235,15 @@ class BatchError(ClientError):
 
 class BatchInvalid(BatchError):
     """Lines of a batch file are invalid; ``problems`` holds (line number, reason) pairs, and
-    ``refused`` those of requests a check of their API refused (``producer.batch.jobs``)."""
+    ``refused`` (line number, error) those of requests a check of their API refused
+    (``producer.batch.jobs``)."""
 
     def __init__(
         self,
         message: str,
         problems: list[tuple[int, str]],
         *,
-        refused: list[tuple[int, str]] | None = None,
+        refused: list[tuple[int, ErrorInfo]] | None = None,
     ) -> None:
         super().__init__(message)
         self.problems = problems

@@ -79,6 +79,7 @@ class BatchState:
                 "model": fields.get("model") or None,
                 "source": fields.get("source", ""),
                 "own_queue": fields.get("own_queue") == "1",
+                "refused": int(fields.get("refused", 0)),
             }
         )
         self._expire_at = int(meta.deadline.timestamp()) + KEEP_S
@@ -110,6 +111,7 @@ class BatchState:
             "model": meta.model or "",
             "source": meta.source,
             "own_queue": int(meta.own_queue),
+            "refused": meta.refused,
             "created": time.time(),
         }
         async with self._r.pipeline(transaction=True) as pipe:

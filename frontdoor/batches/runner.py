@@ -70,14 +70,13 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from frontdoor.anthropic_request import params_refusal
+from frontdoor.batch_checks import batch_checks
 from frontdoor.batches import records
 from frontdoor.batches.files import new_result_file, read_file, show_files
 from frontdoor.batches.gateway_record import GatewayRecord
 from frontdoor.batches.records import MAX_FAULTS, BatchRow, LeaseLost
 from frontdoor.batches.results import StoredResults
 from frontdoor.chat_request import Limits
-from frontdoor.openai_request import body_refusal
 from producer.batch import collect_into, collect_state, delete_batch, submit_batch
 from producer.batch.formats import FormatName, refused
 from producer.batch.jobs import Check
@@ -95,7 +94,7 @@ from queuegate.errors import (
     ServiceUnavailable,
 )
 from queuegate.keys import Keys
-from queuegate.messages import ErrorCode, ErrorInfo
+from queuegate.messages import ErrorInfo
 from queuegate.settings import Settings
 from queuegate.signing import Signer
 from queuegate.tenancy import live_api_key
@@ -154,10 +153,7 @@ class BatchRunner:
         # Each request is checked as the synchronous endpoint of its API checks a body: what
         # the endpoint refuses, a field it does not carry above all, is answered as a failed
         # line naming it, never left out unread and the rest sent on.
-        self._checks: dict[FormatName, Check] = {
-            "openai": functools.partial(body_refusal, limits=limits),
-            "anthropic": params_refusal,
-        }
+        self._checks = batch_checks(limits)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._lease = settings.batch_runner_lease
         self._tick = min(1.0, self._lease / 3)
@@ -509,7 +505,7 @@ class _Run:
         anthropic = self.row.api == "anthropic"
         with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
             path = await self._download(Path(work))
-            reasons: dict[int, str] = {}
+            reasons: dict[int, ErrorInfo] = {}
             # A batch canceled after the gateway recorded it publishes nothing more.
             if meta is None or not await self._state.is_canceled():
                 try:
@@ -530,24 +526,30 @@ class _Run:
                     # OpenAI batch fails on lines that are no request (OpenAI validates the
                     # file), and answers a request its endpoint refuses 400, in its file.
                     if anthropic:
-                        await self._refused_all(path, sorted(exc.problems + exc.refused))
+                        problems = _invalid_requests(exc.problems) + exc.refused
+                        await self._refused_all(path, sorted(problems, key=lambda p: p[0]))
                     elif exc.refused and not exc.problems:
                         await self._refused_all(path, exc.refused)
                     else:
                         await self._invalid(exc)
                     return
-                reasons = dict(report.skipped + report.refused)
+                reasons = dict(_invalid_requests(report.skipped) + report.refused)
             refused = await self._refused(path, reasons)
         await self._start_collect(refused)
 
-    async def _refused(self, path: Path, reasons: dict[int, str]) -> list[tuple[str, str]]:
-        """(custom_id, reason) of the requests the gateway did not take: those it keeps no
+    async def _refused(
+        self, path: Path, reasons: dict[int, ErrorInfo]
+    ) -> list[tuple[str, ErrorInfo]]:
+        """(custom_id, error) of the requests the gateway did not take: those it keeps no
         line of (they were invalid), whichever run of submit found them."""
         assert self._state is not None
         entries = _custom_ids(path)
-        found: list[tuple[str, str]] = []
-        unknown = (
-            "its params are not valid" if self.row.api == "anthropic" else "its body is not valid"
+        found: list[tuple[str, ErrorInfo]] = []
+        unknown = ErrorInfo(
+            code="invalid_request",
+            message="its params are not valid"
+            if self.row.api == "anthropic"
+            else "its body is not valid",
         )
         for start in range(0, len(entries), CHUNK):
             chunk = entries[start : start + CHUNK]
@@ -566,14 +568,14 @@ class _Run:
                 f.write(part)
         return path
 
-    async def _start_collect(self, refused: list[tuple[str, str]]) -> None:
+    async def _start_collect(self, refused: list[tuple[str, ErrorInfo]]) -> None:
         """Make the result files and write the refused requests' lines, with the next step."""
         async with self._pool.acquire() as conn, conn.transaction():
             await records.held_by(conn, self.row.id, self._runner)
             self.row = await self._reload()
             sink = self._sink(await self._result_files(conn))
-            for custom_id, reason in refused:
-                sink.write(self._refused_line(custom_id, reason), failed=True)
+            for custom_id, error in refused:
+                sink.write(self._refused_line(custom_id, error), failed=True)
             await sink.flush(conn)
             await records.update(
                 conn,
@@ -763,7 +765,7 @@ class _Run:
             return
         with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
             custom_ids = [c for _, c in _custom_ids(await self._download(Path(work)))]
-        lines = [self._refused_line(c, unserved.message, unserved.code) for c in custom_ids]
+        lines = [self._refused_line(c, unserved) for c in custom_ids]
         await self._end(_no_counts(failed=len(lines)), lines=lines, failure=failure)
 
     async def _canceled_before_start(self) -> None:
@@ -778,15 +780,13 @@ class _Run:
         n = len(lines)
         await self._end(_no_counts(canceled=n), lines=lines)
 
-    async def _refused_all(self, path: Path, problems: list[tuple[int, str]]) -> None:
+    async def _refused_all(self, path: Path, problems: list[tuple[int, ErrorInfo]]) -> None:
         """Not one request was taken: each is a failed line naming why, and the batch ends."""
-        lines = [self._refused_line(c, reason) for c, reason in _named(path, problems)]
+        lines = [self._refused_line(c, error) for c, error in _named(path, problems)]
         await self._end(_no_counts(), lines=lines, refused=len(lines))
 
-    def _refused_line(
-        self, custom_id: str, reason: str, code: ErrorCode = "invalid_request"
-    ) -> dict[str, Any]:
-        return refused(self.row.api, self.row.id, custom_id, reason, code)
+    def _refused_line(self, custom_id: str, error: ErrorInfo) -> dict[str, Any]:
+        return refused(self.row.api, self.row.id, custom_id, error)
 
     async def _invalid(self, exc: BatchInvalid) -> None:
         """An OpenAI batch whose input has lines that are no request of its endpoint fails
@@ -895,10 +895,15 @@ def _custom_ids(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def _named(path: Path, problems: list[tuple[int, str]]) -> list[tuple[str, str]]:
-    """(custom_id, reason) of each problem, by its line."""
+def _named(path: Path, problems: list[tuple[int, ErrorInfo]]) -> list[tuple[str, ErrorInfo]]:
+    """(custom_id, error) of each problem, by its line."""
     by_line = dict(_custom_ids(path))
-    return [(by_line[n], reason) for n, reason in problems if n in by_line]
+    return [(by_line[n], error) for n, error in problems if n in by_line]
+
+
+def _invalid_requests(problems: list[tuple[int, str]]) -> list[tuple[int, ErrorInfo]]:
+    """Submit's problems (lines no request of the format) as the errors answering them."""
+    return [(n, ErrorInfo(code="invalid_request", message=reason)) for n, reason in problems]
 
 
 def _now() -> datetime:

@@ -7,7 +7,9 @@ process or request ends meanwhile. Its results are two files: ``output_file_id``
 (requests answered 200) and ``error_file_id`` (the rest), read with
 ``GET /v1/files/{id}/content`` in OpenAI's batch output format. A line whose ``body``
 ``/v1/chat/completions`` would refuse (``openai_request.body_refusal``) is answered 400 there,
-never sent; lines that are no request fail the batch, listed in its ``errors``.
+never sent; lines that are no request fail the batch, listed in its ``errors``. A create
+request's fields are OpenAI's (``BatchCreateParams``): another is refused by name, as the
+chat endpoint refuses an unknown parameter, not left out unread.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from frontdoor.batches.objects import openai_batch, openai_page
 from frontdoor.batches.upload import over_quota
 from frontdoor.chat_request import idempotency_key
 from frontdoor.errors import ApiError, shown
+from frontdoor.openai_request import unrecognized
 from frontdoor.request_errors import invalid_request
 from frontdoor.service import Door
 from producer.batch.openai import URL
@@ -37,8 +40,16 @@ REQUEST_BYTES = 64 * 1024
 """A batch's own request is small: its lines are in the input file."""
 
 
+UNSUPPORTED = frozenset({"output_expires_after"})
+"""Fields of OpenAI's batch create the gateway does not carry: its result files do not
+expire on a caller's policy."""
+
+
 class BatchCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The body of ``POST /v1/batches``: the openai SDK's ``BatchCreateParams``, as far as
+    the gateway serves it (``UNSUPPORTED`` and unknown fields are refused by ``_asked``)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     # Stored text: PostgreSQL holds no NUL, so one is the caller's 400, not our 500.
     input_file_id: StoredText
@@ -60,10 +71,7 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
     it counts in, its input file deleted once it ended)."""
     key = idempotency_key(request)
     body = await door.bodies.read_json(request, caller, limit=REQUEST_BYTES)
-    try:
-        asked = BatchCreate.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_request(exc, body) from None
+    asked = _asked(body)
     bound = None
     if key is not None:
         canonical = orjson.dumps(asked.model_dump(), option=orjson.OPT_SORT_KEYS)
@@ -105,6 +113,22 @@ async def create(request: Request, door: Door, caller: Calling) -> dict[str, Any
     )
     door.batch_runner.wake()
     return openai_batch(row)
+
+
+def _asked(body: dict[str, Any]) -> BatchCreate:
+    """``body`` as a BatchCreate; ApiError 400 naming the fields it does not take, all at
+    once, or the first one invalid."""
+    unsupported = sorted(UNSUPPORTED & body.keys())
+    if unsupported:
+        name = unsupported[0]
+        raise ApiError("invalid_request", f"{name}: not supported by this gateway", param=name)
+    unknown = sorted(body.keys() - BatchCreate.model_fields.keys())
+    if unknown:
+        raise unrecognized(unknown, "not parameters of OpenAI's batch create")
+    try:
+        return BatchCreate.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_request(exc, body) from None
 
 
 @router.get("/v1/batches", summary="The team's batches, newest first")

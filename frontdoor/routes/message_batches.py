@@ -3,8 +3,9 @@
 ``GET /v1/messages/batches/{id}/results`` (JSONL: succeeded, errored, canceled, expired).
 
 The request is checked for what Anthropic checks at once (each request a ``custom_id``,
-unique, and ``params``), kept as a stored file, and answered ``in_progress``; a runner of
-the front door (``frontdoor.batches.runner``) takes it through the team's queue to its end.
+unique, and ``params``; no key beside ``requests``, refused by name), kept as a stored file,
+and answered ``in_progress``; a runner of the front door (``frontdoor.batches.runner``)
+takes it through the team's queue to its end.
 As with Anthropic, ``params`` are validated as the batch runs, as ``/v1/messages`` validates
 a body (``anthropic_request.params_refusal``): an invalid one is an ``errored`` result naming
 what is wrong, not a refused batch. Errors are answered in Anthropic's shape.
@@ -122,6 +123,9 @@ def _requests(body: Path, out: Path) -> tuple[int, str]:
                 digest.update(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n")
     except BatchError as exc:
         raise ApiError("invalid_request", str(exc).replace(f"{body}: ", "")) from None
+    if file.aside:
+        # As Anthropic's API refuses a field its schema does not have: named, not ignored.
+        raise ApiError("invalid_request", f"{shown(file.aside[0])}: Extra inputs are not permitted")
     if not seen:
         raise ApiError("invalid_request", "requests: must hold at least one request")
     return len(seen), digest.hexdigest()

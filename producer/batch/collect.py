@@ -22,6 +22,14 @@ past the deadline too, as is one still in a call then, whose answer is awaited.
 An answer the batch's format fails on (a fault of ours) is written as an errored line
 (``internal_error``) rather than failing the round, so the round's other answers are kept.
 
+Requests submit's checks refused (``BatchMeta.refused``: their API's own endpoint would have
+refused them, ``producer.batch.jobs.Check``) were never published: ``collect`` writes each a
+failed line in the batch's format (an ``errored`` result, an error line answered 400)
+naming what is wrong, as the front door's batches answer them, read again from the
+submitted file with the same checks. These lines carry no ``gateway`` block (no job of the
+gateway answered them): a resumed collect tells them from its results by it, and writes
+each once.
+
 Once every line is written, ``collect`` deletes the batch: its state and its results queue.
 ``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete;
 ``collect_state`` does so over a state the caller gives.
@@ -34,7 +42,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -52,8 +60,10 @@ from producer.batch.answers import (
     gateway_block,
 )
 from producer.batch.files import ResultFiles, ResultSink
-from producer.batch.formats import FORMATS
-from producer.batch.jobs import check_batch_name
+from producer.batch.formats import FORMATS, FormatName
+from producer.batch.formats import refused as refused_line
+from producer.batch.jobs import Check, JobReader, Refused, check_batch_name
+from producer.batch.lines import BatchFile
 from producer.batch.lock import hold_lock
 from producer.batch.resend import Resend, Source
 from producer.batch.state import NANO, BatchState, CollectState
@@ -61,11 +71,12 @@ from producer.batch.submit import Progress
 from producer.client import GatewayClient
 from queuegate.broker import Incoming, connect, consume, settle
 from queuegate.control import BatchMeta, Counts, job_id
+from queuegate.errors import BatchError
 from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey
 from queuegate.topology import MESSAGE_TYPE_RESULT, Topology
-from queuegate.visible import clipped
+from queuegate.visible import clipped, clipped_path
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,8 @@ class CollectReport:
     written: int
     """Lines written by this run."""
     counts: Counts
+    refused: int = 0
+    """Requests submit's checks refused, each a failed line of its own (not in ``counts``)."""
 
 
 async def collect(
@@ -100,6 +113,7 @@ async def collect(
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
     source: Path | str | None = None,
+    checks: Mapping[FormatName, Check] | None = None,
 ) -> CollectReport:
     """Write every result of ``team``'s batch ``name`` to ``out`` (failures to ``errors``).
 
@@ -107,11 +121,14 @@ async def collect(
     where it stopped when run again with the same files. One collect per batch at a time: a
     second one is refused. ``source``: the file the batch was submitted from, where it is
     no longer at the path submit recorded; results its full queue refused are asked for
-    again with the jobs it holds.
+    again with the jobs it holds, and the requests submit's ``checks`` refused are read
+    from it, answered by the same ``checks`` (BatchError without them).
     """
     batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
     async with batch as (state, resend):
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
+            where = Path(source) if source is not None else None
+            refused = _RefusedLines(state, files, where, checks)
             report = await collect_state(
                 settings,
                 state,
@@ -120,9 +137,86 @@ async def collect(
                 idle=idle,
                 expiry_grace=expiry_grace,
                 resend=resend,
+                held=refused,
             )
         await state.delete()
-    return report
+    written = report.written + refused.written
+    return dataclasses.replace(report, written=written, refused=refused.total)
+
+
+class _RefusedLines:
+    """Writes a failed line for each request submit's checks refused and no earlier run
+    wrote, read again from the submitted file, the reason its check gives: called by
+    ``collect_state`` once it holds the batch's collect lock, so two collects at once never
+    both write them."""
+
+    def __init__(
+        self,
+        state: BatchState,
+        files: ResultFiles,
+        source: Path | None,
+        checks: Mapping[FormatName, Check] | None,
+    ) -> None:
+        self._state = state
+        self._files = files
+        self._source = source
+        self._checks = checks
+        self.total = 0
+        """Requests refused, each with its line."""
+        self.written = 0
+        """Their lines written by this run."""
+
+    async def __call__(self) -> None:
+        meta = await self._state.require()
+        if meta.refused:
+            self.total, self.written = await self._answer(meta)
+
+    async def _answer(self, meta: BatchMeta) -> tuple[int, int]:
+        """(requests refused, lines written now) of a batch with requests refused."""
+        state, files, checks = self._state, self._files, self._checks
+        return await _answer_refused(state, files, meta, self._source, checks)
+
+
+async def _answer_refused(
+    state: BatchState,
+    files: ResultFiles,
+    meta: BatchMeta,
+    source: Path | None,
+    checks: Mapping[FormatName, Check] | None,
+) -> tuple[int, int]:
+    path = source or (Path(meta.source) if meta.source else None)
+    if checks is None or path is None or not path.is_file():
+        raise BatchError(
+            f"batch {meta.name!r} has {meta.refused:,} requests refused at submit, answered "
+            "from the file it was submitted from: collect again with --file naming it"
+        )
+    reader = JobReader.for_meta(meta, checks=checks)
+    file = BatchFile(path)
+    found: dict[str, ErrorInfo] = {}
+    for _, entry in file:
+        try:
+            reader.job(entry)
+        except Refused as exc:
+            found.setdefault(entry["custom_id"], exc.error)
+        except ValueError:
+            continue  # skipped by submit (--skip-invalid), listed by it
+    if file.digest.hexdigest() != meta.fingerprint:
+        raise BatchError(
+            f"{clipped_path(path)} is not the file batch {meta.name!r} was submitted from: "
+            "collect again with --file naming that one"
+        )
+    # A custom_id one of the batch's requests holds is that request's (submit's index).
+    ids = list(found)
+    taken = await state.line_numbers(ids)
+    refused = {c: found[c] for c, line in zip(ids, taken, strict=True) if line is None}
+    total = len(refused)
+    async for line in files.existing():
+        if "gateway" not in line:
+            refused.pop(str(line.get("custom_id")), None)
+    for custom_id, error in refused.items():
+        files.write(refused_line(meta.format, meta.jobs, custom_id, error), failed=True)
+    await files.sync()
+    return total, len(refused)
 
 
 async def collect_into(
@@ -164,8 +258,12 @@ async def collect_state(
     idle: float = IDLE,
     expiry_grace: float = EXPIRY_GRACE,
     resend: Resend | None = None,
+    held: Callable[[], Awaitable[None]] | None = None,
 ) -> CollectReport:
     """Collect the batch whose ``state`` is given into ``sink``, the batch kept.
+
+    ``held``: called once the batch's collect lock is held and the lines already in the
+    sink are counted, before any result is taken.
 
     ``resend``: how to ask again for results the full results queue refused; without it
     they are written ``expired`` once the deadline passes.
@@ -178,7 +276,7 @@ async def collect_state(
     """
     meta = await state.require()
     run = _Run(state, meta, sink, on_progress, unserved=unserved, resend=resend)
-    await _consume(settings, run, idle, expiry_grace, unserved)
+    await _consume(settings, run, idle, expiry_grace, unserved, held=held)
     return CollectReport(meta.name, run.written, await state.counts(meta))
 
 
@@ -215,7 +313,13 @@ async def _batch(
 
 
 async def _consume(
-    settings: Settings, run: _Run, idle: float, expiry_grace: float, unserved: ErrorInfo | None
+    settings: Settings,
+    run: _Run,
+    idle: float,
+    expiry_grace: float,
+    unserved: ErrorInfo | None,
+    *,
+    held: Callable[[], Awaitable[None]] | None,
 ) -> None:
     topology = Topology.of(settings)
     connection = await connect(settings.amqp_url, name=f"batch-collect:{run.meta.name}")
@@ -244,6 +348,8 @@ async def _consume(
         await consume_results(channel)
         channel.reopen_callbacks.add(consume_results)
         await run.reconcile()
+        if held is not None:
+            await held()
         if unserved is not None:
             await run.unanswerable("failed", unpublished_only=True, error=unserved)
         deadline = run.meta.deadline.timestamp() + expiry_grace

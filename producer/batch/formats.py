@@ -9,7 +9,7 @@ from typing import Any, Literal
 from producer.batch import anthropic, openai
 from producer.batch.answers import Answer, Category, Request
 from queuegate.control import job_id
-from queuegate.messages import ErrorCode, ErrorInfo
+from queuegate.messages import ErrorInfo
 
 FormatName = Literal["openai", "anthropic"]
 
@@ -33,18 +33,12 @@ FORMATS: dict[FormatName, Format] = {
 }
 
 
-def refused(
-    format: FormatName,
-    batch: str,
-    custom_id: str,
-    reason: str,
-    code: ErrorCode = "invalid_request",
-) -> dict[str, Any]:
+def refused(format: FormatName, batch: str, custom_id: str, error: ErrorInfo) -> dict[str, Any]:
     """The line of a request answered without being published (its request is refused as
-    its API refuses it, or ``code`` says why else): a failed answer in the format's words,
-    an ``errored`` result or an error-file line with the HTTP status of ``code``, as the
-    providers' batches report a request they could not validate."""
-    error = ErrorInfo(code=code, message=reason)
+    its API refuses it, or ``error`` says why else): a failed answer in the format's words,
+    an ``errored`` result or an error-file line with the HTTP status of ``error.code`` (its
+    ``param`` named, as the synchronous endpoint names it), as the providers' batches report
+    a request they could not validate. ``batch``: what its job ids start with."""
     return FORMATS[format].line(Answer(custom_id, job_id(batch, custom_id), "failed", error=error))
 
 

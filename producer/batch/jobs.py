@@ -14,16 +14,17 @@ from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.formats import FORMATS, FormatName, detect
 from queuegate.control import BatchMeta, job_id
 from queuegate.errors import BatchError
-from queuegate.messages import ChatJob, ChatParams
+from queuegate.messages import ChatJob, ChatParams, ErrorInfo
 from queuegate.visible import clipped
 
 ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
 """Parameters only Anthropic's API takes; another provider would refuse or ignore them."""
 
-Check = Callable[[dict[str, Any]], str | None]
+Check = Callable[[dict[str, Any]], ErrorInfo | None]
 """Why a request (a line's body: ``Format.body``) is refused, or None: its API's own
-validation, which the caller brings (the front door checks a batch's requests as its
-synchronous endpoints check a body)."""
+validation, which the caller brings (the front door and the CLI check a batch's requests as
+the front door's synchronous endpoints check a body: ``frontdoor.batch_checks``). The error
+is the endpoint's own, its ``param`` naming the field at fault where the endpoint does."""
 
 
 class Refused(ValueError):
@@ -31,6 +32,10 @@ class Refused(ValueError):
     one its API refuses. It is answered as a failed line of its own, never published, while
     the batch's other requests are served (a line that is no request at all may fail the
     whole batch instead)."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
@@ -123,8 +128,8 @@ class JobReader:
         fmt = FORMATS[kind]
         body = fmt.body(entry)
         check = self._checks.get(kind)
-        if check is not None and (reason := check(body)) is not None:
-            raise Refused(reason)
+        if check is not None and (error := check(body)) is not None:
+            raise Refused(error)
         request = fmt.parse(custom_id, body)
         model = self._model or request.model
         if not model:

@@ -35,6 +35,8 @@ class BatchFile:
     document: bool = False
     """A ``{"requests": [...]}`` document rather than JSONL."""
     digest: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
+    aside: list[str] = field(default_factory=list)
+    """A document's keys beside ``requests``, read and left aside, once it was read."""
 
     def __post_init__(self) -> None:
         try:
@@ -49,8 +51,9 @@ class BatchFile:
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         """Each entry as JSON, or a ValueError saying why it is not; also feeds ``digest``."""
         self.digest = hashlib.sha256()
+        self.aside = []
         if self.document:
-            yield from _Document(self.path, self.digest).entries()
+            yield from _Document(self.path, self.digest, self.aside).entries()
             return
         offset = 0  # the file's bytes before the line read
         with self.path.open("rb") as f:
@@ -101,9 +104,10 @@ class _Document:
     """The elements of a document's ``requests``, decoded one by one from a buffer of a few
     blocks; other keys, before or after it, are read and left aside."""
 
-    def __init__(self, path: Path, digest: hashlib._Hash) -> None:
+    def __init__(self, path: Path, digest: hashlib._Hash, aside: list[str]) -> None:
         self._path = path
         self._digest = digest
+        self._aside = aside
         self._text = codecs.getincrementaldecoder("utf-8-sig")()
         self._decoder = json.JSONDecoder()
         self._buffer = ""
@@ -129,6 +133,7 @@ class _Document:
                     found = True
                     yield from self._requests()
                 else:
+                    self._aside.append(str(key))
                     self._value(f"the value of {clipped(str(key))!r}")
             if not found:
                 raise BatchError(f'{self._path}: the document has no "requests" array')

@@ -36,7 +36,7 @@ from queuegate.errors import (
     QueueFull,
     ServiceUnavailable,
 )
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, ErrorInfo
 from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey
@@ -70,8 +70,8 @@ class SubmitReport:
     """Jobs an earlier run had published."""
     skipped: list[tuple[int, str]] = field(default_factory=list)
     """Invalid entries left out (with ``skip_invalid``): (number, reason)."""
-    refused: list[tuple[int, str]] = field(default_factory=list)
-    """Requests the ``checks`` refused, left out for the caller to answer: (number, reason)."""
+    refused: list[tuple[int, ErrorInfo]] = field(default_factory=list)
+    """Requests the ``checks`` refused, left out for the caller to answer: (number, error)."""
     stopped: str | None = None
     """Why publishing stopped early (canceled, deadline passed), if it did."""
 
@@ -170,6 +170,7 @@ async def submit_batch(
                 model=model,
                 source=str(path.resolve()),
                 own_queue=True,
+                refused=len(refused),
             )
             await state.create(meta)
             # As recorded: a gateway of an earlier version keeps no own queue for a batch,
@@ -215,7 +216,7 @@ async def submit_batch(
 
 async def _validate(
     file: BatchFile, reader: JobReader, state: BatchState, max_bytes: int
-) -> tuple[int, list[tuple[int, str]], list[tuple[int, str]]]:
+) -> tuple[int, list[tuple[int, str]], list[tuple[int, ErrorInfo]]]:
     """Valid requests, problems and requests refused (``Refused``); valid custom_ids land
     in the state's index.
 
@@ -223,7 +224,7 @@ async def _validate(
     problem here, with its line, not an error result after it was published.
     """
     problems: list[tuple[int, str]] = []
-    refused: list[tuple[int, str]] = []
+    refused: list[tuple[int, ErrorInfo]] = []
     chunk: list[tuple[str, int]] = []
     total = 0
     await state.reset_index()
@@ -244,7 +245,7 @@ async def _validate(
         try:
             job = reader.job(entry)
         except Refused as exc:
-            refused.append((number, str(exc)))
+            refused.append((number, exc.error))
             continue
         except ValueError as exc:
             problems.append((number, str(exc)))
