@@ -193,7 +193,9 @@ async def _redis_values(settings: Settings) -> str:
     }
     try:
         keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*")]
-        values = [repr(await readers[await client.type(key)](key)) for key in keys]
+        # A key may lapse between the scan and its read (a lock, a round trip's replies).
+        kinds = [(key, await client.type(key)) for key in keys]
+        values = [repr(await readers[kind](key)) for key, kind in kinds if kind != b"none"]
     finally:
         await client.aclose()
     assert values
