@@ -2,7 +2,8 @@
 
 One per process, opened with the app (``FrontDoor``): one robust connection, one publishing
 channel with confirms, and ONE reply queue, ``<ns>.frontdoor.<id>``, declared here with an
-expiry (a dead process's queue goes away) and a length bound, consumed once. Replies are
+expiry (a dead process's queue goes away) and a length bound, consumed once on a channel of
+its own (a consume the broker refuses, the queue gone, closes only that one). Replies are
 matched to waiters by job id, the queue kept across reconnects as ``GatewayClient`` keeps
 its own (``producer.replies.Inbox`` and ``ReplyQueue``)::
 
@@ -74,7 +75,9 @@ class Bridge:
             self._channel = channel
             # Declared, not looked up: the front door may start before any worker or team.
             self._exchange = await self._topology.declare_jobs_exchange(channel)
-            await self._replies.start(channel)
+            # Not on ``channel`` (ReplyQueue.start): a refused consume closes its channel,
+            # which would lose the publishes on it.
+            await self._replies.start(self._connection)
         except BaseException:
             await self._connection.close()
             raise

@@ -168,12 +168,9 @@ class GatewayClient:
             )
             await self._control.start()
             if self._listen:
-                # Consumed on a channel of its own: the broker refuses a consume of a queue
-                # gone (NOT_FOUND, as after a cluster's node holding it died, before the
-                # gateway declares it again) by closing the channel, which would fail the
-                # jobs awaiting their confirm on the publishing one (ChannelNotFoundEntity).
-                replies = await self._connection.channel(publisher_confirms=False)
-                self._reply_queue = await self._replies.start(replies)
+                # On a channel of its own, not ours (ReplyQueue.start): a refused consume
+                # closes its channel.
+                self._reply_queue = await self._replies.start(self._connection)
         except BaseException:
             await self._connection.close()
             raise

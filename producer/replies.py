@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 
 import aiormq
-from aio_pika.abc import AbstractRobustChannel
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
@@ -165,8 +165,8 @@ class ReplyAcks:
     last one's tag.
 
     A multiple ack covers every unacknowledged delivery up to its tag on the channel: the
-    channel must carry no other consumer's acknowledged deliveries (a client's and a front
-    door's carry only their reply queue's, and direct replies, which are never acknowledged).
+    channel must carry no other consumer's acknowledged deliveries (a reply queue's own
+    channel, opened by ``ReplyQueue.start``, carries nothing else).
     Replies are handed over in the order they are delivered, each at once (``Inbox.handle``
     does not wait); one whose handling failed is acknowledged with the rest (it would fail
     again). A channel that closed takes its unacknowledged replies back to the queue: they are
@@ -306,12 +306,12 @@ class Inbox:
 
 
 class ReplyQueue:
-    """One reply queue on a robust channel, consumed into ``inbox``::
+    """One reply queue on a robust channel of its own, consumed into ``inbox``::
 
         replies = ReplyQueue(inbox, declare=..., delete=...)
-        name = await replies.start(channel)   # declared, consumed: the jobs' reply_to
+        name = await replies.start(connection)   # declared, consumed: the jobs' reply_to
         ...
-        await replies.stop()                  # no longer consumed, and deleted
+        await replies.stop()                     # no longer consumed, and deleted
 
     ``declare(channel)`` makes sure the queue is there and gives its name: declared on the
     channel itself, or asked of the gateway for a team's queue. Each time the channel comes
@@ -319,9 +319,10 @@ class ReplyQueue:
     and consumed again; so it is when the broker cancels the consumer because the queue was
     deleted (an operator, a cluster's node lost); either is tried again with backoff until
     it is done (the gateway may be unable to declare it for a while), one attempt at a time.
-    A channel that publishes jobs had better not be the one the queue is consumed on: the
-    broker refuses a consume of a queue gone (NOT_FOUND) by closing its channel, losing the
-    publishes on it (those awaiting their confirm fail with the refusal). ``delete`` removes it
+    ``start`` opens a channel of its own for the queue on the owner's connection, never the
+    one jobs are published on: the broker refuses a consume of a queue gone (NOT_FOUND) by
+    closing its channel, which would lose the publishes on it (those awaiting their confirm
+    failing with the refusal, those behind the consume sent again). ``delete`` removes it
     at ``stop``; None leaves it (a named queue that keeps results for the next owner): then
     nothing is sent at ``stop``, and the consumer ends with the connection. Should the broker
     be away at ``stop``, the queue expires by itself.
@@ -354,8 +355,10 @@ class ReplyQueue:
             raise RuntimeError("start the reply queue first")
         return self._name
 
-    async def start(self, channel: AbstractRobustChannel) -> str:
-        """Declare the queue and consume it, now and whenever ``channel`` comes back."""
+    async def start(self, connection: AbstractRobustConnection) -> str:
+        """Open the queue's channel on ``connection`` (no confirms: nothing is published on
+        it), declare the queue and consume it, now and whenever the channel comes back."""
+        channel = await connection.channel(publisher_confirms=False)
         await self._open(channel)
         self._channel = channel
         channel.reopen_callbacks.add(self._on_reopen)

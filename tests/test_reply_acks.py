@@ -59,9 +59,8 @@ async def test_replies_handed_over_together_are_acknowledged_with_one_ack_and_no
         # When its client starts reading it, and has handed every one over
         connection = await connect(proxy.url, name="test-reply-acks")
         async with connection:
-            channel = await connection.channel(publisher_confirms=True)
             replies = ReplyQueue(inbox, declare=declare)  # named: kept, as a pipeline's
-            await replies.start(channel)
+            await replies.start(connection)
             started = proxy.requested
             async with asyncio.timeout(30):
                 await asyncio.gather(*futures)

@@ -1,4 +1,5 @@
-"""A client's reply queue failing to come back never fails its publishes, nor stays unconsumed."""
+"""A reply queue failing to come back (a client's, the front door's) never fails a publish, nor
+stays unconsumed."""
 
 from __future__ import annotations
 
@@ -6,12 +7,19 @@ import asyncio
 import logging
 
 import aio_pika
+import openai
 import pytest
 
+from frontdoor.chat_request import RequestOptions
 from producer import GatewayClient, JobHandle
 from producer.replies import REPLY_PREFETCH
+from queuegate.keys import Keys
+from queuegate.management import BrokerAdmin
+from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
+from queuegate.topology import Topology
 from tests.faults import behind_proxies
+from tests.frontdoor_support import open_door
 from tests.support import consumed, logged, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -19,6 +27,8 @@ SUBMITTERS = 32
 """Jobs published at a time while the reply queue is refused: on the channel of its consume,
 those waiting behind it are lost with the channel, and those awaiting their confirm then (when
 the broker is slower to confirm than here) failed with the refusal."""
+CALLER_TIMEOUT = 5.0
+"""Seconds a front door's caller waits for its answer (x-queuegate-timeout)."""
 
 
 def reply_qos_frame() -> bytes:
@@ -59,6 +69,7 @@ async def test_a_reply_queue_refused_at_its_consume_disturbs_no_publish(
         await proxy.hung.wait()
         async with admin.channel() as channel:
             await channel.queue_delete(queue)
+        print("DEBUGUP", flush=True)
         await proxy.up()
 
         # Expect the queue declared and consumed again, and the jobs published since answered
@@ -83,6 +94,7 @@ async def test_a_reply_queue_refused_at_its_consume_disturbs_no_publish(
         # dropped for the one its channel's reopening starts, not left to consume beside it
         async with admin.channel() as channel:
             declared = await channel.declare_queue(queue, passive=True)
+            print("DEBUG consumers", declared.declaration_result.consumer_count)
             assert declared.declaration_result.consumer_count == 1
 
 
@@ -119,3 +131,106 @@ async def test_a_reply_queue_the_gateway_cannot_declare_after_a_reconnect_is_ask
             if r.name == "producer.replies" and r.levelno == logging.WARNING
         ]
         assert len(warnings) == 1
+
+
+async def test_the_front_doors_reply_queue_refused_at_its_consume_disturbs_no_publish(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        behind_proxies(settings, "amqp") as (through, proxies),
+        open_door(settings, door_settings=through) as door,
+        # A caller's own bound: one whose result went with the deleted queue is answered
+        # deadline_exceeded by then, not left waiting for the SDK's ten minutes.
+        door.client(default_headers={"x-queuegate-timeout": f"{CALLER_TIMEOUT:g}"}) as sdk,
+        await aio_pika.connect(settings.amqp_url) as admin,
+    ):
+        caplog.set_level(logging.INFO, logger="queuegate.broker")
+        # Given a front door answering requests
+        assert (await sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO)).choices
+        queue, proxy = await frontdoor_queue(settings), proxies["amqp"]
+
+        async def request(key: str) -> None:
+            try:
+                await sdk.chat.completions.create(
+                    model="gpt-4o-mini", messages=HELLO, extra_headers={"Idempotency-Key": key}
+                )
+            except openai.APIStatusError as exc:
+                # Ends the deletion itself brings, not the channel: a result sent while the
+                # queue was gone is returned to the worker (its caller answered at its
+                # timeout), a job whose queue the worker found gone is refused.
+                assert exc.status_code == 504 or "does not exist" in exc.message, exc
+
+        # When its reply queue is deleted (the broker cancels the bridge's consumer), and is
+        # gone again when the bridge consumes it once it has declared it anew (as when a
+        # cluster's node holding it dies meanwhile): the broker refuses the consume with
+        # NOT_FOUND, closing the channel it came on. Requests come meanwhile, their jobs
+        # published while the consume awaits its answer (held at the consume itself, not at
+        # its basic.qos: a channel's publishes wait behind its call under way, and those
+        # waiting behind the qos would be sent before the consume).
+        proxy.hang_at(consume_frame(queue))
+        async with admin.channel() as channel:
+            await channel.queue_delete(queue)
+        await proxy.hung.wait()
+        # Each with an Idempotency-Key: its job's id known here, to see it published.
+        keys = [f"during-{i}" for i in range(SUBMITTERS)]
+        requests = [asyncio.create_task(request(key)) for key in keys]
+        await accepted(settings, keys)
+        async with admin.channel() as channel:
+            await channel.queue_delete(queue)
+        await proxy.up()
+
+        # Expect the queue declared and consumed again, and a request answered after
+        await consumed(admin, queue)
+        async with asyncio.timeout(CALLER_TIMEOUT + 30):
+            await asyncio.gather(*requests)
+        answer = await sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        assert answer.choices[0].message.content
+        # the channel the jobs are published on left open: no publish lost with it and sent
+        # again (those waiting behind the consume)
+        lost = [
+            r
+            for r in caplog.records
+            if r.name == "queuegate.broker" and r.getMessage().startswith("connection lost")
+        ]
+        assert lost == []
+        # and the queue read by one consumer
+        async with admin.channel() as channel:
+            declared = await channel.declare_queue(queue, passive=True)
+            assert declared.declaration_result.consumer_count == 1
+
+
+def consume_frame(queue: str) -> bytes:
+    """The start of a basic.consume of ``queue`` on the wire (class 60, method 20, the
+    reserved short, then the queue's name)."""
+    name = queue.encode()
+    return b"\x00\x3c\x00\x14\x00\x00" + len(name).to_bytes(1, "big") + name
+
+
+async def frontdoor_queue(settings: Settings) -> str:
+    """The reply queue of the namespace's one front-door process (named by its process id)."""
+    prefix = Topology.of(settings).frontdoor_queue("")
+    async with BrokerAdmin.of(settings) as admin:
+        (queue,) = [name for name in await admin.queues() if name.startswith(prefix)]
+    return queue
+
+
+async def accepted(settings: Settings, idempotency_keys: list[str]) -> None:
+    """Wait until the front door has taken alpha's requests of these Idempotency-Keys: it
+    marks each job accepted (in Redis) just before it publishes it."""
+    keys = Keys(settings.redis_prefix)
+    accepted = [keys.accepted("alpha", job_id("alpha", key)) for key in idempotency_keys]
+    async with redis_for(settings) as redis, asyncio.timeout(10):
+        # Polled: nothing announces it.
+        while await redis.exists(*accepted) < len(accepted):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def job_id(team: str, idempotency_key: str) -> str:
+    """The id of the job the front door makes of a request with ``idempotency_key``."""
+    options = RequestOptions(
+        timeout=CALLER_TIMEOUT,
+        timeout_named=True,
+        idempotency_key=idempotency_key,
+        respond_async=False,
+    )
+    return options.job_id(team)
