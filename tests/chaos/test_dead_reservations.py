@@ -1,6 +1,8 @@
 """A worker SIGKILLed holding budget reservations does not stall the jobs those hold: once its
 claims lapse, the jobs waiting on its reservations get them, though its jobs' redeliveries
-(which would end them) are queued behind the waiting jobs."""
+(which would end them) are queued behind the waiting jobs; and its jobs' redeliveries, whose
+entries in the ledger (their own) hold the budget, reserve in place of them rather than wait
+behind jobs waiting on them."""
 
 from __future__ import annotations
 
@@ -102,6 +104,63 @@ async def test_a_killed_workers_reservations_stop_holding_once_its_claims_lapse(
                 mock.configure(MockConfig(default=Behavior(latency_ms=50)))
                 killed.send_signal(signal.SIGKILL)
                 await killed.wait()
+
+                # Expect every job served well inside the maximum wait (none refused), each
+                # called once besides the killed worker's hung calls, within the budget
+                results = await collect(handles, timeout=15)
+                assert sorted(r.status if r.status == "ok" else r.error.code for r in results) == [
+                    "ok"
+                ] * len(handles)
+                assert len(handles) <= mock.stats.calls <= len(handles) + HELD
+                assert await usage_rows(pool, len(handles), timeout=30) == (len(handles),) * 2
+                assert await pool.fetchval("SELECT sum(cost_usd) FROM usage_log") <= BUDGET
+        finally:
+            await stop_workers(workers)
+            await pool.close()
+
+
+async def test_redelivered_jobs_whose_reservations_hold_the_budget_do_not_wait_for_each_other(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha with a budget three jobs' reservations fill, claims leased for 1 s, and
+    # a worker whose three jobs' calls hang, their reservations open
+    await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
+    ledger = Keys(settings.redis_prefix).spend("alpha", current_month())
+    async with MockProvider(MockConfig(default=Behavior(latency_ms=60_000))) as mock:
+        await declare_teams(settings, ("alpha",))
+        short = {"QUEUEGATE_CLAIM_LEASE": "1", "QUEUEGATE_ADMISSION_MAX_WAIT": "30"}
+        env = worker_env(settings, mock, **short)
+        killed = await start_worker({**env, "QUEUEGATE_PREFETCH": str(HELD)}, ("alpha",))
+        workers = [killed]
+        pool = await create_pool(settings)
+        try:
+            async with (
+                running_accountant(settings),
+                GatewayClient(settings, team="alpha") as client,
+            ):
+
+                def job(text: str) -> object:
+                    content = [{"role": "user", "content": text}]
+                    return client.job("gpt-4o-mini", content, max_tokens=4000)
+
+                handles = [await client.submit(job(f"held {i}")) for i in range(HELD)]
+                async with asyncio.timeout(30):
+                    # Polled: the reservations are made unannounced.
+                    while await _reservations(redis_client, ledger) < HELD:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+
+                # When it is killed, the provider answers at once from then on, and a new
+                # worker takes its jobs over (their claims, with their lost calls, and their
+                # entries in the ledger) along with fresh jobs, which wait for those entries
+                mock.configure(MockConfig(default=Behavior(latency_ms=50)))
+                killed.send_signal(signal.SIGKILL)
+                await killed.wait()
+                handles += [await client.submit(job(f"fresh {i}")) for i in range(WAITING)]
+                workers.append(
+                    await start_worker(
+                        {**env, "QUEUEGATE_PREFETCH": str(HELD + WAITING)}, ("alpha",)
+                    )
+                )
 
                 # Expect every job served well inside the maximum wait (none refused), each
                 # called once besides the killed worker's hung calls, within the budget

@@ -248,7 +248,14 @@ class Admission:
                 if ahead is not None
                 else estimate(job, self._catalog, config, self._settings.expected_output_tokens)
             )
-            ticket = Ticket(self, job.team, needed, until, lost=to_nano(lost or Decimal(0)))
+            ticket = Ticket(
+                self,
+                job.team,
+                needed,
+                until,
+                lost=to_nano(lost or Decimal(0)),
+                inherits=lost is not None,
+            )
             ticket.deadline = deadline
             ticket.served = partial(self._served, job, check)
             # Checked while the job waits, and once admitted: its batch, and its team's
@@ -352,13 +359,22 @@ class Admission:
         entry), with ``then`` in the same round trip; under the outage policy, ``held`` (what
         the job holds already) when Redis is away and the job goes on. While the other jobs'
         open reservations hold the budget it waits (``_wait_for_budget``), and ``then`` does
-        not run."""
+        not run.
+
+        A job that may inherit its lapsed owners' entry tries first even behind waiters: its
+        reserve replaces that entry (spend.lua leaves it out), so the waiters may be waiting
+        for it, and behind them it would wait for itself. Held all the same, it settles that
+        entry to the calls its lapsed owners made before it waits: a waiting job holds no
+        reservation, so no waiter's turn waits for a job waiting behind it."""
         ledgers = self._budgets.ledgers(job.team, job.model, config)
-        if not self._budget_waited(ledgers):
+        # Once tried, its entry is its own: its reservation, or spend.
+        inherits, ticket.inherits = ticket.inherits, False
+        if inherits or not self._budget_waited(ledgers):
             try:
                 return await self._reserve_once(job, config, ticket, held, then)
             except BudgetHeld:
-                pass
+                if inherits:
+                    await self._charge(job.team, job.model, config, ticket.lost_nano, job.job_id)
         line = self._line_at(ledgers)
         return await self._wait_for_budget(job, config, ticket, held, line), None
 
@@ -541,12 +557,16 @@ class Admission:
     async def charge(self, team: str, model: str, job_id: str, lost: Decimal | None) -> None:
         """Charge ``lost`` to the budget entry of ``team``'s job ``job_id`` asking for
         ``model`` (what its lapsed owners reserved; 0 removes it), for a job refused before
-        its own reservation, or swept: the ledger holds what its usage row does. None: no
-        lapsed owner, so no entry to replace."""
-        if lost is None:
-            return
-        config = self.config(team)
-        call = self._budgets.charge_call(team, model, config, to_nano(lost), job_id)
+        its own reservation, or swept: the ledger holds what its usage row does (as for one
+        held back before it waits: ``_reserve``). None: no lapsed owner, so no entry to
+        replace."""
+        if lost is not None:
+            await self._charge(team, model, self.config(team), to_nano(lost), job_id)
+
+    async def _charge(
+        self, team: str, model: str, config: TeamConfig, nano: int, job_id: str
+    ) -> None:
+        call = self._budgets.charge_call(team, model, config, nano, job_id)
         if call is not None:
             await self.settle(Settlement([call], lambda _: None))
 
@@ -666,10 +686,14 @@ class Ticket:
         until: float,
         *,
         lost: int = 0,
+        inherits: bool = False,
     ) -> None:
         self._admission = admission
-        self._lost = lost
+        self.lost_nano = lost
         """Nano-USD of the calls lapsed owners of the job made: settled with its own cost."""
+        self.inherits = inherits
+        """Whether the job's ledgers may hold its lapsed owners' reservation (taken over
+        from them), which its reserve replaces (``Admission._reserve``)."""
         self.check: Check = _nothing
         """Run every ``CHECK_SECONDS`` while the job waits, and once it is admitted."""
         self.served: Check = _nothing
@@ -709,12 +733,12 @@ class Ticket:
         """Nano-USD its budget entry holds while it runs: its estimate, and the calls its
         lapsed owners made (billed with it: the entry is one per job, replaced by each
         delivery's reserve, so without them a redelivery would free what they cost)."""
-        return self.estimate.cost_nano + self._lost
+        return self.estimate.cost_nano + self.lost_nano
 
     def lost(self, usd: Decimal) -> None:
         """Also settle ``usd`` of calls lapsed owners of the job made, found once admitted
         (its claim taken only then: ``Claim.take_up``)."""
-        self._lost += to_nano(usd)
+        self.lost_nano += to_nano(usd)
 
     async def claimed(self, take_up: Callable[[], Awaitable[bool]]) -> None:
         """Run ``take_up`` (a missed claim's ``Claim.take_up_before_call``) until it claims
@@ -930,7 +954,7 @@ class Ticket:
             if limit.tpm:
                 served = routed is not None and name == routed.deployment
                 calls.append(settle_call([limit], back if served else self.estimate.tokens))
-        actual = self._lost + (to_nano(routed.cost_usd) if routed is not None else 0)
+        actual = self.lost_nano + (to_nano(routed.cost_usd) if routed is not None else 0)
         if self._answered is not None:
             actual = self._answered
         return self._admission.settlement(
