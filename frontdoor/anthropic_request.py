@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from frontdoor.chat_request import Limits, RequestOptions, chat_job
+from frontdoor.chat_request import Limits, RequestOptions, chat_job, check_output_tokens
 from frontdoor.errors import ApiError
 from frontdoor.request_errors import deepest, joined, problem, refusal, tagged_by
 from queuegate.messages import ChatJob, ErrorInfo
@@ -283,6 +283,7 @@ def params_refusal(params: dict[str, Any]) -> ErrorInfo | None:
     reads a body (``provider_formats.openai_request``), which refuses the rest."""
     try:
         _messages_request(params, "params")
+        check_output_tokens(params, "params")  # the endpoint's, as it makes the job (chat_job)
     except ApiError as exc:
         return refusal(exc)
     return None

@@ -250,6 +250,18 @@ def _deeper(value: Any, levels: int) -> bool:
     return levels <= 0 or any(_deeper(child, levels - 1) for child in children)
 
 
+def check_output_tokens(params: dict[str, Any], under: str = "") -> None:
+    """ApiError when ``params`` ask for more output tokens than ``MAX_OUTPUT_TOKENS``, the
+    field named by its path under ``under`` (the path of ``params`` in what the caller sent).
+    A batch's checks apply it too: left to the job's own bound, such a request would be no
+    job at all, failing its whole OpenAI batch instead of itself."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = params.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT_TOKENS:
+            path = f"{under}.{name}" if under else name
+            raise ApiError("invalid_request", f"{path} is above {MAX_OUTPUT_TOKENS}", param=path)
+
+
 def chat_job(
     body: dict[str, Any], team: str, options: RequestOptions, limits: Limits, *, stream: bool
 ) -> ChatJob:
@@ -260,10 +272,7 @@ def chat_job(
     model = served_model(body, limits)
     messages = checked_messages(body, limits)
     params = {k: v for k, v in body.items() if k not in OWNED}
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = params.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT_TOKENS:
-            raise ApiError("invalid_request", f"{name} is above {MAX_OUTPUT_TOKENS}", param=name)
+    check_output_tokens(params)
     try:
         job = ChatJob(
             job_id=options.job_id(team),
@@ -296,6 +305,7 @@ __all__ = [
     "Limits",
     "RequestOptions",
     "chat_job",
+    "check_output_tokens",
     "checked_messages",
     "idempotency_key",
     "key_conflict",

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Required
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from frontdoor.chat_request import Limits, checked_messages, served_model
+from frontdoor.chat_request import Limits, check_output_tokens, checked_messages, served_model
 from frontdoor.errors import ApiError, shown
 from frontdoor.request_errors import invalid_request, refusal
 from queuegate.messages import ChatJob, ErrorInfo
@@ -66,6 +66,7 @@ def body_refusal(body: dict[str, Any], limits: Limits) -> ErrorInfo | None:
     model = body.get("model")
     try:
         _check_for(body, model if isinstance(model, str) else "", limits)
+        check_output_tokens(body)  # the endpoint's, applied as it makes the job (chat_job)
     except ApiError as exc:
         return refusal(exc)
     return None

@@ -45,12 +45,14 @@ REFUSED_PARAMS: dict[str, tuple[dict[str, Any], str]] = {
         "params.mcp_servers: Extra inputs are not permitted",
     ),
     "unknown": ({"frobnicate": True}, "params.frobnicate: Extra inputs are not permitted"),
+    "huge": ({"max_tokens": 10**7}, "params.max_tokens is above 1000000"),
 }
 REFUSED_BODIES: dict[str, tuple[dict[str, Any], str | None]] = {
     # (body beside the prompt, the param /v1/chat/completions names)
     "unknown": ({"frobnicate": True}, None),
     "typed": ({"temperature": "hot"}, "temperature"),
     "bounds": ({"temperature": 3}, "temperature"),
+    "huge": ({"max_tokens": 10**7}, "max_tokens"),
 }
 
 
@@ -90,15 +92,15 @@ async def test_the_cli_errors_each_anthropic_request_messages_would_refuse_and_s
     assert code == 0, stderr
     for number, (_, said) in enumerate(REFUSED_PARAMS.values(), start=2):
         assert f"{source}:{number}: {said}" in stderr
-    assert "3 refused" in stdout
+    assert "4 refused" in stdout
     assert collected[0] == 0, collected[2]
-    assert "3 refused at submit" in collected[1]
+    assert "4 refused at submit" in collected[1]
     # and each refused request errored once, in the words of /v1/messages, the other served
     results = {
         r.custom_id: r.result
         for r in map(MessageBatchIndividualResponse.model_validate, read_jsonl(out))
     }
-    assert len(read_jsonl(out)) == len(results) == 4
+    assert len(read_jsonl(out)) == len(results) == 5
     assert results[plain["custom_id"]].type == "succeeded"
     for custom_id, (_, said) in REFUSED_PARAMS.items():
         result = results[custom_id]

@@ -34,12 +34,15 @@ REFUSED_PARAMS: dict[str, dict[str, Any]] = {
     "unknown": {"frobnicate": True},
     "tier": {"service_tier": "priority"},
     "hot": {"temperature": 1.5},
+    "huge": {"max_tokens": 10**7},
 }
 """Message Batch requests' params the endpoint refuses, by custom_id, beside their prompt."""
 REFUSED_BODIES: dict[str, dict[str, Any]] = {
     "unknown": {"frobnicate": True},
     "typed": {"temperature": "hot"},
     "job-field": {"team": "beta"},
+    "huge": {"max_tokens": 10**7},
+    "long": {"max_completion_tokens": 10**7},
 }
 """OpenAI batch lines' bodies the endpoint refuses, by custom_id, beside their prompt."""
 
@@ -83,11 +86,12 @@ async def test_a_message_batch_errors_each_request_messages_would_refuse_and_ser
                     max_tokens=params.pop("max_tokens"),
                     messages=params.pop("messages"),
                     extra_body=params,
+                    timeout=60,  # else the SDK refuses a huge max_tokens unstreamed itself
                 )
             said[request["custom_id"]] = sync.value.body["error"]["message"]  # type: ignore[index]
 
     # Expect each refused request errored, named as /v1/messages names it, under params
-    assert (ended.request_counts.succeeded, ended.request_counts.errored) == (2, 6)
+    assert (ended.request_counts.succeeded, ended.request_counts.errored) == (2, 7)
     code = "invalid_request: "
     assert said["container"] == code + "container: not supported by this gateway"
     assert said["mcp"].startswith(code + "mcp_servers: Extra inputs are not permitted")
@@ -95,6 +99,7 @@ async def test_a_message_batch_errors_each_request_messages_would_refuse_and_ser
     assert said["unknown"].startswith(code + "frobnicate: Extra inputs are not permitted")
     assert said["tier"].startswith(code + "service_tier: Input should be 'auto' or")
     assert said["hot"].startswith(code + "temperature: Input should be less than or equal")
+    assert said["huge"] == code + "max_tokens is above 1000000"
     for custom_id in REFUSED_PARAMS:
         result = results[custom_id]
         assert result.type == "errored", custom_id
@@ -146,9 +151,13 @@ async def test_an_openai_batch_answers_each_line_chat_completions_would_refuse_4
     assert ended.status == "completed"
     assert ended.request_counts is not None
     counts = ended.request_counts
-    assert (counts.total, counts.completed, counts.failed) == (5, 2, 3)
+    assert (counts.total, counts.completed, counts.failed) == (7, 2, 5)
     assert "frobnicate" in said["unknown"] and said["typed"].startswith("temperature:")
     assert "team" in said["job-field"]
+    assert said["huge"] == "max_tokens is above 1000000"
+    assert said["long"] == "max_completion_tokens is above 1000000"
+    params = {e["custom_id"]: e["response"]["body"]["error"]["param"] for e in errors}
+    assert (params["huge"], params["long"]) == ("max_tokens", "max_completion_tokens")
     assert sorted(e["custom_id"] for e in errors) == sorted(REFUSED_BODIES)
     for error in errors:
         assert error["id"].startswith("batch_req_") and error["error"] is None

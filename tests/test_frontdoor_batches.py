@@ -652,6 +652,53 @@ async def test_a_batch_past_its_window_expires_its_requests_uncalled(
     assert gateway.mock.stats.calls == 0
 
 
+NEVER_ANSWERED = MockConfig(default=Behavior(latency_ms=120_000))
+"""Each call held far past any deadline a test sets: the deadline ends it mid-call."""
+
+
+async def test_a_request_called_when_its_batch_expires_says_it_was_called_and_billed(
+    settings: Settings, keys: dict[str, str]
+) -> None:
+    # Given a batch of one line whose window ends in 5 seconds, served by a provider that
+    # answers no call before then
+    async with (
+        running_gateway(settings, teams=("alpha",), mock_config=NEVER_ANSWERED) as gateway,
+        front_door(settings, gateway, keys) as door,
+        door.openai() as client,
+    ):
+        file_id = await upload(client, openai_lines(1))
+        batch_id = records.new_batch_id("openai")
+        await records.create_batch(
+            gateway.pool,
+            batch_id=batch_id,
+            team="alpha",
+            api="openai",
+            key_id=str(api_key_id(keys["alpha"])),
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            metadata=None,
+        )
+        await gateway.pool.execute(
+            "UPDATE api_batches SET expires_at = now() + interval '5 seconds' WHERE id = $1",
+            batch_id,
+        )
+        # When the deadline passes while its request is at the provider
+        ended = await openai_ended(client, batch_id)
+        assert ended.error_file_id
+        errors = parse_jsonl(await (await client.files.content(ended.error_file_id)).aread())
+
+    # Expect it expired, its request written batch_expired as OpenAI writes it, saying it
+    # was called and billed (as its gateway block shows), not that it never ran
+    # (the mock records a call when it ends: the one cut is not yet among them)
+    assert ended.status == "expired"
+    (line,) = errors
+    assert line["response"] is None and line["error"]["code"] == "batch_expired"
+    assert line["gateway"]["attempts"] == 1
+    message = line["error"]["message"]
+    assert "deadline passed while this request was being served" in message
+    assert "billed" in message and "could not be executed" not in message
+
+
 SERVED_SLOWLY = MockConfig(default=Behavior(latency_ms=300))
 """Each call a third of a second: a batch is still being served when its key is revoked."""
 RUNNER_LOG = "frontdoor.batches.runner"

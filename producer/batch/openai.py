@@ -23,6 +23,12 @@ _BATCH_ERRORS: dict[Category, tuple[str, str]] = {
     "expired": ("batch_expired", "This request could not be executed before the deadline."),
     "canceled": ("batch_cancelled", "This request was canceled with its batch."),
 }
+_EXPIRED_SERVED = (
+    "The batch's deadline passed while this request was being served: the provider was "
+    "called, and the call is billed (the line's gateway block shows it)."
+)
+"""The ``batch_expired`` message of a request a provider was called for: it was executed
+(and billed) all the same, which "could not be executed" would deny."""
 
 
 def body(entry: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +64,8 @@ def line(answer: Answer) -> dict[str, Any]:
     result = answer.result
     if answer.category in _BATCH_ERRORS:
         code, message = _BATCH_ERRORS[answer.category]
+        if answer.category == "expired" and result is not None and result.gateway.attempts:
+            message = _EXPIRED_SERVED
         out.update(response=None, error={"code": code, "message": message})
     elif result is not None and result.status == "ok":
         body = openai_view(result.response, openai_id(digest)) if result.response else None
