@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 
+import asyncpg
 import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
-from producer import GatewayClient
+from producer import GatewayClient, JobHandle
 from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.keys import Keys
@@ -58,16 +62,54 @@ async def _queue(settings: Settings) -> tuple[int, int]:
         return int(declared.message_count or 0), int(declared.consumer_count or 0)
 
 
-async def test_a_killed_workers_reservations_stop_holding_once_its_claims_lapse(
-    settings: Settings, redis_client: aioredis.Redis
-) -> None:
-    # Given team alpha with a budget three jobs' reservations fill, claims leased for 1 s, and
-    # a worker whose three jobs' calls hang, their reservations open
+@dataclass
+class Held:
+    """Team alpha's budget held by the reservations of a worker's hung calls."""
+
+    mock: MockProvider
+    env: dict[str, str]
+    killed: asyncio.subprocess.Process
+    workers: list[asyncio.subprocess.Process]
+    pool: asyncpg.Pool
+    client: GatewayClient
+    handles: list[JobHandle]
+
+    async def submit(self, text: str) -> None:
+        content = [{"role": "user", "content": text}]
+        job = self.client.job("gpt-4o-mini", content, max_tokens=4000)
+        self.handles.append(await self.client.submit(job))
+
+    async def kill(self) -> None:
+        """The provider answers at once from now on, and the worker holding the
+        reservations is killed."""
+        self.mock.configure(MockConfig(default=Behavior(latency_ms=50)))
+        self.killed.send_signal(signal.SIGKILL)
+        await self.killed.wait()
+
+    async def expect_each_served_once(self) -> None:
+        """Every job served well inside the maximum wait (none refused), each called once
+        besides the killed worker's hung calls, within the budget."""
+        handles = self.handles
+        results = await collect(handles, timeout=15)
+        assert sorted(r.status if r.status == "ok" else r.error.code for r in results) == [
+            "ok"
+        ] * len(handles)
+        assert len(handles) <= self.mock.stats.calls <= len(handles) + HELD
+        assert await usage_rows(self.pool, len(handles), timeout=30) == (len(handles),) * 2
+        assert await self.pool.fetchval("SELECT sum(cost_usd) FROM usage_log") <= BUDGET
+
+
+@asynccontextmanager
+async def held_budget(
+    settings: Settings, redis_client: aioredis.Redis, max_wait: int
+) -> AsyncIterator[Held]:
+    """Team alpha with a budget three jobs' reservations fill, claims leased for 1 s, and a
+    worker whose three jobs' calls hang, their reservations open."""
     await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
     ledger = Keys(settings.redis_prefix).spend("alpha", current_month())
     async with MockProvider(MockConfig(default=Behavior(latency_ms=60_000))) as mock:
         await declare_teams(settings, ("alpha",))
-        short = {"QUEUEGATE_CLAIM_LEASE": "1", "QUEUEGATE_ADMISSION_MAX_WAIT": "20"}
+        short = {"QUEUEGATE_CLAIM_LEASE": "1", "QUEUEGATE_ADMISSION_MAX_WAIT": str(max_wait)}
         env = worker_env(settings, mock, **short)
         killed = await start_worker({**env, "QUEUEGATE_PREFETCH": str(HELD)}, ("alpha",))
         workers = [killed]
@@ -77,100 +119,59 @@ async def test_a_killed_workers_reservations_stop_holding_once_its_claims_lapse(
                 running_accountant(settings),
                 GatewayClient(settings, team="alpha") as client,
             ):
-
-                def job(text: str) -> object:
-                    content = [{"role": "user", "content": text}]
-                    return client.job("gpt-4o-mini", content, max_tokens=4000)
-
-                handles = [await client.submit(job(f"held {i}")) for i in range(HELD)]
+                held = Held(mock, env, killed, workers, pool, client, [])
+                for i in range(HELD):
+                    await held.submit(f"held {i}")
                 async with asyncio.timeout(30):
                     # Polled: the reservations are made unannounced.
                     while await _reservations(redis_client, ledger) < HELD:  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
-                # ... and another worker whose slots fill with jobs waiting on them
-                workers.append(
-                    await start_worker({**env, "QUEUEGATE_PREFETCH": str(WAITING)}, ("alpha",))
-                )
-                async with asyncio.timeout(30):
-                    while (await _queue(settings))[1] < 2:  # noqa: ASYNC110
-                        await asyncio.sleep(0.05)
-                handles += [await client.submit(job(f"waits {i}")) for i in range(WAITING + 1)]
-                async with asyncio.timeout(30):
-                    while (await _queue(settings))[0] > 1:  # noqa: ASYNC110
-                        await asyncio.sleep(0.05)
-
-                # When the first worker is killed (its jobs go back to the queue, behind the
-                # waiting ones) and the provider answers at once from then on
-                mock.configure(MockConfig(default=Behavior(latency_ms=50)))
-                killed.send_signal(signal.SIGKILL)
-                await killed.wait()
-
-                # Expect every job served well inside the maximum wait (none refused), each
-                # called once besides the killed worker's hung calls, within the budget
-                results = await collect(handles, timeout=15)
-                assert sorted(r.status if r.status == "ok" else r.error.code for r in results) == [
-                    "ok"
-                ] * len(handles)
-                assert len(handles) <= mock.stats.calls <= len(handles) + HELD
-                assert await usage_rows(pool, len(handles), timeout=30) == (len(handles),) * 2
-                assert await pool.fetchval("SELECT sum(cost_usd) FROM usage_log") <= BUDGET
+                yield held
         finally:
             await stop_workers(workers)
             await pool.close()
+
+
+async def test_a_killed_workers_reservations_stop_holding_once_its_claims_lapse(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha's budget held by a worker's hung calls' reservations
+    async with held_budget(settings, redis_client, max_wait=20) as held:
+        # ... and another worker whose slots fill with jobs waiting on them
+        held.workers.append(
+            await start_worker({**held.env, "QUEUEGATE_PREFETCH": str(WAITING)}, ("alpha",))
+        )
+        async with asyncio.timeout(30):
+            while (await _queue(settings))[1] < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        for i in range(WAITING + 1):
+            await held.submit(f"waits {i}")
+        async with asyncio.timeout(30):
+            while (await _queue(settings))[0] > 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        # When the first worker is killed (its jobs go back to the queue, behind the waiting
+        # ones) and the provider answers at once from then on
+        await held.kill()
+
+        # Expect every job served once, none refused, within the budget
+        await held.expect_each_served_once()
 
 
 async def test_redelivered_jobs_whose_reservations_hold_the_budget_do_not_wait_for_each_other(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    # Given team alpha with a budget three jobs' reservations fill, claims leased for 1 s, and
-    # a worker whose three jobs' calls hang, their reservations open
-    await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
-    ledger = Keys(settings.redis_prefix).spend("alpha", current_month())
-    async with MockProvider(MockConfig(default=Behavior(latency_ms=60_000))) as mock:
-        await declare_teams(settings, ("alpha",))
-        short = {"QUEUEGATE_CLAIM_LEASE": "1", "QUEUEGATE_ADMISSION_MAX_WAIT": "30"}
-        env = worker_env(settings, mock, **short)
-        killed = await start_worker({**env, "QUEUEGATE_PREFETCH": str(HELD)}, ("alpha",))
-        workers = [killed]
-        pool = await create_pool(settings)
-        try:
-            async with (
-                running_accountant(settings),
-                GatewayClient(settings, team="alpha") as client,
-            ):
+    # Given team alpha's budget held by a worker's hung calls' reservations
+    async with held_budget(settings, redis_client, max_wait=30) as held:
+        # When it is killed, the provider answers at once from then on, and a new worker takes
+        # its jobs over (their claims, with their lost calls, and their entries in the ledger)
+        # along with fresh jobs, which wait for those entries
+        await held.kill()
+        for i in range(WAITING):
+            await held.submit(f"fresh {i}")
+        held.workers.append(
+            await start_worker({**held.env, "QUEUEGATE_PREFETCH": str(HELD + WAITING)}, ("alpha",))
+        )
 
-                def job(text: str) -> object:
-                    content = [{"role": "user", "content": text}]
-                    return client.job("gpt-4o-mini", content, max_tokens=4000)
-
-                handles = [await client.submit(job(f"held {i}")) for i in range(HELD)]
-                async with asyncio.timeout(30):
-                    # Polled: the reservations are made unannounced.
-                    while await _reservations(redis_client, ledger) < HELD:  # noqa: ASYNC110
-                        await asyncio.sleep(0.05)
-
-                # When it is killed, the provider answers at once from then on, and a new
-                # worker takes its jobs over (their claims, with their lost calls, and their
-                # entries in the ledger) along with fresh jobs, which wait for those entries
-                mock.configure(MockConfig(default=Behavior(latency_ms=50)))
-                killed.send_signal(signal.SIGKILL)
-                await killed.wait()
-                handles += [await client.submit(job(f"fresh {i}")) for i in range(WAITING)]
-                workers.append(
-                    await start_worker(
-                        {**env, "QUEUEGATE_PREFETCH": str(HELD + WAITING)}, ("alpha",)
-                    )
-                )
-
-                # Expect every job served well inside the maximum wait (none refused), each
-                # called once besides the killed worker's hung calls, within the budget
-                results = await collect(handles, timeout=15)
-                assert sorted(r.status if r.status == "ok" else r.error.code for r in results) == [
-                    "ok"
-                ] * len(handles)
-                assert len(handles) <= mock.stats.calls <= len(handles) + HELD
-                assert await usage_rows(pool, len(handles), timeout=30) == (len(handles),) * 2
-                assert await pool.fetchval("SELECT sum(cost_usd) FROM usage_log") <= BUDGET
-        finally:
-            await stop_workers(workers)
-            await pool.close()
+        # Expect every job served once, none refused, within the budget
+        await held.expect_each_served_once()
