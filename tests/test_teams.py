@@ -201,11 +201,17 @@ async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once
     async with running_gateway(slow) as gw, gw.client(alpha) as client:
         assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
 
-        # When an operator sets a zero budget, and the team publishes a job right after
+        # When an operator sets a zero budget
         await configure(settings, alpha, {"budget_usd": Decimal(0)})
-        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
 
-    # Expect it refused (told, the worker does not wait for its refresh), the provider not called
+        # Expect the worker told within moments, not at its refresh ten minutes on (the
+        # notification is read milliseconds after the commit: a job published in that same
+        # instant may still be admitted under the old config), and the next job refused, the
+        # provider not called
+        admission = gw.worker.admission
+        assert admission is not None
+        await wait_until(lambda: admission.config(alpha).budget_usd == 0, timeout=5)
+        result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
     assert result.error is not None and result.error.code == "budget_exhausted"
     assert gw.mock.stats.calls == 1
 
