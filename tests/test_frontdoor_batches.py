@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 import anthropic
+import asyncpg
 import httpx
 import openai
 import orjson
@@ -622,21 +623,7 @@ async def test_a_batch_past_its_window_expires_its_requests_uncalled(
         file_id = await upload(client, openai_lines(3))
     pool = await create_pool(settings)
     try:
-        batch_id = records.new_batch_id("openai")
-        await records.create_batch(
-            pool,
-            batch_id=batch_id,
-            team="alpha",
-            api="openai",
-            key_id=str(api_key_id(keys["alpha"])),
-            input_file_id=file_id,
-            endpoint="/v1/chat/completions",
-            metadata=None,
-        )
-        await pool.execute(
-            "UPDATE api_batches SET expires_at = now() - interval '1 second' WHERE id = $1",
-            batch_id,
-        )
+        batch_id = await _batch_expiring(pool, keys, file_id, "- interval '1 second'")
     finally:
         await pool.close()
     # When a front door runs it
@@ -667,21 +654,7 @@ async def test_a_request_called_when_its_batch_expires_says_it_was_called_and_bi
         door.openai() as client,
     ):
         file_id = await upload(client, openai_lines(1))
-        batch_id = records.new_batch_id("openai")
-        await records.create_batch(
-            gateway.pool,
-            batch_id=batch_id,
-            team="alpha",
-            api="openai",
-            key_id=str(api_key_id(keys["alpha"])),
-            input_file_id=file_id,
-            endpoint="/v1/chat/completions",
-            metadata=None,
-        )
-        await gateway.pool.execute(
-            "UPDATE api_batches SET expires_at = now() + interval '5 seconds' WHERE id = $1",
-            batch_id,
-        )
+        batch_id = await _batch_expiring(gateway.pool, keys, file_id, "+ interval '5 seconds'")
         # When the deadline passes while its request is at the provider
         ended = await openai_ended(client, batch_id)
         assert ended.error_file_id
@@ -1053,3 +1026,25 @@ async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
 
 async def _drop(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     """The lock queue holds nothing."""
+
+
+async def _batch_expiring(
+    pool: asyncpg.Pool, keys: dict[str, str], file_id: str, offset: str
+) -> str:
+    """Team alpha's OpenAI batch of ``file_id``, made as its create makes it, its 24 hours
+    ending at now ``offset`` (an SQL interval term) rather than a day on."""
+    batch_id = records.new_batch_id("openai")
+    await records.create_batch(
+        pool,
+        batch_id=batch_id,
+        team="alpha",
+        api="openai",
+        key_id=str(api_key_id(keys["alpha"])),
+        input_file_id=file_id,
+        endpoint="/v1/chat/completions",
+        metadata=None,
+    )
+    await pool.execute(
+        f"UPDATE api_batches SET expires_at = now() {offset} WHERE id = $1", batch_id
+    )
+    return batch_id
