@@ -26,6 +26,7 @@ from tests.frontdoor_support import Door, open_door
 from tests.test_frontdoor_batches import (
     anthropic_ended,
     openai_ended,
+    openai_ended_files,
     openai_lines,
     parse_jsonl,
     upload,
@@ -119,10 +120,7 @@ async def test_an_openai_batch_line_the_gateway_cannot_write_is_in_the_error_fil
         batch = await client.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
         )
-        ended = await openai_ended(client, batch.id)
-        assert ended.output_file_id and ended.error_file_id
-        output = parse_jsonl(await (await client.files.content(ended.output_file_id)).aread())
-        errors = parse_jsonl(await (await client.files.content(ended.error_file_id)).aread())
+        ended, output, errors = await openai_ended_files(client, batch.id)
         calls = door.gateway.mock.stats.calls
 
     # Expect it completed, the two others in its output, the one in its error file, a 500

@@ -20,6 +20,7 @@ from tests.test_frontdoor_batches import (
     anthropic_ended,
     message_requests,
     openai_ended,
+    openai_ended_files,
     openai_lines,
     parse_jsonl,
     upload,
@@ -132,10 +133,7 @@ async def test_an_openai_batch_answers_each_line_chat_completions_would_refuse_4
         batch = await client.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
         )
-        ended = await openai_ended(client, batch.id)
-        assert ended.output_file_id and ended.error_file_id
-        output = parse_jsonl(await (await client.files.content(ended.output_file_id)).aread())
-        errors = parse_jsonl(await (await client.files.content(ended.error_file_id)).aread())
+        ended, output, errors = await openai_ended_files(client, batch.id)
         # and the same bodies are sent to /v1/chat/completions
         said: dict[str, str] = {}
         for line in refused:

@@ -162,6 +162,17 @@ def parse_jsonl(raw: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
 
 
+async def openai_ended_files(
+    client: openai.AsyncOpenAI, batch_id: str
+) -> tuple[Batch, list[dict[str, Any]], list[dict[str, Any]]]:
+    """An OpenAI batch once it ended with both files, and their lines: output, errors."""
+    ended = await openai_ended(client, batch_id)
+    assert ended.output_file_id and ended.error_file_id
+    output = parse_jsonl(await (await client.files.content(ended.output_file_id)).aread())
+    errors = parse_jsonl(await (await client.files.content(ended.error_file_id)).aread())
+    return ended, output, errors
+
+
 async def test_an_openai_batch_ends_with_output_and_error_files_each_line_billed_once(
     door: Door, gateway: Gateway
 ) -> None:
@@ -733,10 +744,7 @@ async def test_a_key_revoked_mid_batch_keeps_every_paid_answer_and_ends_it_once(
         # When the key that created it is revoked once 32 lines are answered
         await polled(lambda: _ok_rows(gateway), lambda n: n >= 32)
         key_id = await _revoke(settings, keys)
-        ended = await openai_ended(reader, batch.id)
-        assert ended.output_file_id and ended.error_file_id
-        output = parse_jsonl(await (await reader.files.content(ended.output_file_id)).aread())
-        errors = parse_jsonl(await (await reader.files.content(ended.error_file_id)).aread())
+        ended, output, errors = await openai_ended_files(reader, batch.id)
         # the lines the runner wrote itself name the key: their requests were never published
         unpublished = [e for e in errors if key_id in e["response"]["body"]["error"]["message"]]
         paid = await _paid(gateway, 120 - len(unpublished))
