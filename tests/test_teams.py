@@ -45,6 +45,7 @@ from queuegate.settings import Settings
 from queuegate.spend import (
     Scope,
     current_month,
+    from_nano,
     ledger_spent,
     reconcile,
     reconciler_token,
@@ -218,13 +219,13 @@ async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once
 
 @asynccontextmanager
 async def held(
-    settings: Settings, alpha: str, jobs: int, *, named: bool = False
+    settings: Settings, alpha: str, jobs: int, *, named: bool = False, rpm: int = 6
 ) -> AsyncIterator[Held]:
-    """Team alpha at one request every ten seconds, served by a worker that reads the
+    """Team alpha at ``rpm`` (one request every ten seconds), served by a worker that reads the
     registry again only every ten minutes (told of changes at once), one job published and
     answered, then ``jobs`` more held in the worker waiting for the team's bucket.
     ``named``: the worker serves alpha by name (``--teams``), not as every enabled team."""
-    await configure(settings, alpha, {"rpm": 6, "burst": 1, "budget_usd": Decimal(10)})
+    await configure(settings, alpha, {"rpm": rpm, "burst": 1, "budget_usd": Decimal(10)})
     slow = settings.model_copy(update={"teams_refresh": 600.0})
     teams = (alpha,) if named else ()
     async with running_gateway(slow, teams=teams) as gw, gw.client(alpha) as client:
@@ -251,6 +252,28 @@ async def test_jobs_held_for_the_rate_are_refused_once_their_budget_is_cut(
         results = [await handle.result(timeout=5) for handle in handles]
     assert [r.error.code if r.error else r.status for r in results] == ["budget_exhausted"] * 3
     assert gw.mock.stats.calls == 1
+
+
+async def test_jobs_held_for_the_rate_whose_budget_is_cut_to_fit_one_do_not_wait_for_each_other(
+    settings: Settings, alpha: str, redis_client: aioredis.Redis
+) -> None:
+    # Given two jobs held in the worker waiting for their team's rate (one request every five
+    # seconds), each holding its budget reservation
+    async with held(settings, alpha, jobs=2, rpm=12) as (gw, handles):
+        keys, month = Keys(settings.redis_prefix), current_month()
+        base, open_ = await redis_client.hmget(keys.spend(alpha, month), ["base", "open"])
+        spent, each = int(base), int(open_) // 2
+
+        # When an operator cuts the budget to what was spent and one and a half reservations
+        budget = from_nano(spent + each * 3 // 2)
+        await configure(settings, alpha, {"budget_usd": budget})
+
+        # Expect both answered at the team's rate: one reserved again under the new budget,
+        # the other back in the queue until the first settled, not both waiting for each
+        # other until the admission's wait ran out and refused as rate limited
+        results = [await handle.result(timeout=40) for handle in handles]
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert gw.mock.stats.calls == 3
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["every_team", "named_team"])

@@ -93,6 +93,12 @@ class TeamStopped(ServiceUnavailable):
     buckets: the job goes back to its queue uncalled, as the queued jobs of the team stay."""
 
 
+class BudgetCut(ServiceUnavailable):
+    """The job's budgets changed while it waited for its buckets, and the reservations of
+    its team's jobs in flight hold them: the job goes back to its queue uncalled, to wait
+    for its budget holding nothing."""
+
+
 class Admission:
     """One per worker process; ``update`` hands it the registry's team configs."""
 
@@ -317,8 +323,9 @@ class Admission:
     ) -> None:
         """A held job's checks: its own (``check``), then its team's config from this
         process's registry. A team no longer served sends it back to its queue (TeamStopped);
-        a change of its budgets reserves it again under the new ones, or refuses it
-        (BudgetExhausted) as any job over budget is."""
+        a change of its budgets reserves it again under the new ones, refuses it
+        (BudgetExhausted) as any job over budget is, or sends it back to its queue while
+        other jobs' reservations hold them (BudgetCut)."""
         await self._served(job, check)
         config = self._configs.get(job.team)
         held = ticket.config or admitted
@@ -333,8 +340,20 @@ class Admission:
             # Other ledgers: what it holds in the old ones goes back before it reserves anew.
             await self.settle(self.settlement([], budget, 0))
             ticket.budget = budget = None
-        # The reserve replaces the job's entry in a ledger it holds one in (spend.lua).
-        ticket.budget, _ = await self._reserve(job, config, ticket, budget)
+        # The reserve replaces the job's entry in a ledger it holds one in (spend.lua), so it
+        # tries even behind jobs waiting for the budget (they may wait for this very entry).
+        try:
+            ticket.budget, _ = await self._reserve_once(job, config, ticket, budget)
+        except BudgetHeld as exc:
+            # Waiting here, it would keep its place in its rate's line, which the jobs whose
+            # reservations hold the budget may be waiting behind; in its queue it holds
+            # nothing, and comes back to wait for the budget first, as any job does.
+            await self.settle(self.settlement([], budget, 0))
+            ticket.budget = None
+            raise BudgetCut(
+                f"team {job.team}'s budgets changed while the job waited for its rate limit, "
+                "and its jobs in flight hold them; it goes back to its queue"
+            ) from exc
 
     async def _served(self, job: ChatJob, check: Check | None) -> None:
         """A held job's checks but its budget's: its own (``check``), then whether its team is
