@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -24,9 +25,11 @@ from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
 from queuegate.keys import Keys
+from queuegate.livestats import read_snapshots
 from queuegate.management import BrokerAdmin
 from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.registry import (
+    Change,
     Team,
     TeamConfig,
     add_team,
@@ -34,6 +37,7 @@ from queuegate.registry import (
     disable_team,
     get_team,
     list_teams,
+    sees,
     set_team_config,
     stored_config,
     team_exists,
@@ -81,6 +85,9 @@ class Added:
     credentials: Credentials
     """With secrets (shown once) for a new team or an existing team's missing broker user;
     else its identity and user alone."""
+    change: Change | None
+    """The registry write (``in_force`` waits for it); None when the team was enabled and is
+    left as it was."""
 
 
 async def add(
@@ -155,7 +162,7 @@ async def _create(
                 "broker", user, password, with_user(settings.amqp_url, user, password)
             )
         async with pool.acquire() as conn, conn.transaction():
-            await add_team(conn, name)
+            change = await add_team(conn, name)
             await put_security(conn, name, TeamSecurity(identity=identity, broker_user=user))
             if identity == "api_key":
                 key_id, key = await add_api_key(conn, name)
@@ -166,7 +173,7 @@ async def _create(
         if made and user is not None:
             await _undo_user(settings, user, exc)
         raise
-    return Added(True, False, credentials)
+    return Added(True, False, credentials, change)
 
 
 async def refuse_foreign_user(
@@ -226,9 +233,8 @@ async def _ensure(
         await create_broker_user(settings, team.name, user, password, team.config)
         if security.broker_user is None:
             await put_security(pool, team.name, security.model_copy(update={"broker_user": user}))
-    if not team.enabled:
-        await add_team(pool, team.name)
-    return Added(False, not team.enabled, credentials)
+    change = None if team.enabled else await add_team(pool, team.name)
+    return Added(False, not team.enabled, credentials, change)
 
 
 _REFUSED_QUEUE = re.compile(r"for queue '([^']+)'")
@@ -399,8 +405,9 @@ async def listing(settings: Settings) -> list[TeamListing]:
         return await team_listing(pool)
 
 
-async def disable(settings: Settings, name: str) -> bool:
-    """Stop serving the team and end its dashboard sessions; False when there is no such team."""
+async def disable(settings: Settings, name: str) -> Change | None:
+    """Stop serving the team and end its dashboard sessions; the registry write, or None when
+    there is no such team."""
     pool = await create_pool(settings)
     client = redis_for(settings)
     try:
@@ -417,20 +424,21 @@ async def disable(settings: Settings, name: str) -> bool:
 
 async def disable_and_sign_out(
     pool: asyncpg.Pool, client: aioredis.Redis, keys: Keys, name: str
-) -> bool:
+) -> Change | None:
     """Disable the team, then end the dashboard sessions of every key it has: a disabled team
     is refused at once anyway, but enabling it again must not bring its old sessions back.
     Ended once the team is disabled, when no new sign-in of it is accepted: a new generation
     of its sessions ends those being made meanwhile too (``dashboard_generation``), and the
     sessions stored are deleted."""
-    if not await disable_team(pool, name):
-        return False
+    change = await disable_team(pool, name)
+    if change is None:
+        return None
     key_ids = [key.key_id for key in await team_keys(pool, name)]
     # Bounded: a Redis (or its Sentinels) out of reach must not hold the command.
     async with asyncio.timeout(REDIS_CHECK_WAIT):
         await new_dashboard_generation(client, keys, name)
         await end_dashboard_sessions(client, keys, key_ids)
-    return True
+    return change
 
 
 def quota_policy(settings: Settings, team: str) -> str:
@@ -591,6 +599,8 @@ class Configured:
     config: TeamConfig
     replaced: str | None
     """What the stored config was when it was no JSON object and is replaced whole."""
+    change: Change
+    """The registry write (``in_force`` waits for it)."""
 
 
 async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> Configured:
@@ -630,7 +640,7 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> C
             user = (await get_security(pool, name)).broker_user
             broker = _BrokerSide(settings, name, user, config)
         try:
-            await set_team_config(
+            change = await set_team_config(
                 pool, name, config, before_commit=None if broker is None else broker.apply
             )
         except (OSError, asyncpg.PostgresError) as exc:
@@ -641,11 +651,13 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> C
                 f"team {name}: the broker applies its new queue quota and user limits, but "
                 f"the registry did not store them ({exc}): run the same command again"
             ) from exc
+        if change is None:
+            raise _no_team(name)  # removed by hand since it was read
         if fresh:
             await _reconcile_ledgers(settings, pool, name, fresh)
     finally:
         await pool.close()
-    return Configured(config, stored.unreadable)
+    return Configured(config, stored.unreadable, change)
 
 
 @dataclass
@@ -709,3 +721,78 @@ async def _reconcile_ledgers(
         ) from exc
     finally:
         await client.aclose()
+
+
+IN_FORCE_POLL = 0.05
+"""Seconds between two looks at the workers' snapshots while ``in_force`` waits."""
+IN_FORCE_SAY_AFTER = 0.5
+"""Seconds of waiting after which ``in_force`` says it waits: workers told of a change
+confirm it within milliseconds, with no progress line."""
+
+
+@dataclass(frozen=True)
+class InForce:
+    """Which live workers confirmed serving under a registry write (``in_force``)."""
+
+    workers: list[str]
+    """The workers live when the wait began: those whose live snapshot had not expired."""
+    pending: list[str]
+    """Those of them that did not confirm it within the wait: stalled, stopped, cut off from
+    PostgreSQL or Redis, or of an earlier version (which records no registry version)."""
+
+
+async def in_force(
+    settings: Settings,
+    change: Change,
+    within: float,
+    waiting: Callable[[int, int], None] = lambda pending, workers: None,
+) -> InForce:
+    """Wait up to ``within`` seconds until every live worker serves under a registry version
+    that sees ``change`` (each records its version in its live snapshot, once it serves every
+    team under it); ``waiting(pending, workers)`` once if some have not after
+    ``IN_FORCE_SAY_AFTER`` seconds.
+
+    The workers are those live when the wait begins: one that stops reporting meanwhile (dead,
+    or stalled and so not reading the change either) is waited for to the end and named, and
+    one started meanwhile reads the registry as it starts. ServiceUnavailable when Redis does
+    not answer in time."""
+    client = redis_for(settings)
+    keys = Keys(settings.redis_prefix)
+    workers: list[str] | None = None
+    confirmed: set[str] = set()
+    said = False
+    start = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                snapshots = await read_snapshots(client, keys)
+                if workers is None:
+                    workers = sorted(snapshots)
+                confirmed |= {
+                    name
+                    for name in workers
+                    if (version := snapshots.get(name, {}).get("registry")) is not None
+                    and sees(version, change)
+                }
+                pending = [name for name in workers if name not in confirmed]
+                if not pending:
+                    break
+                if not said and asyncio.get_running_loop().time() - start >= IN_FORCE_SAY_AFTER:
+                    said = True
+                    waiting(len(pending), len(workers))
+                await asyncio.sleep(IN_FORCE_POLL)
+    except TimeoutError:
+        if workers is None:
+            raise ServiceUnavailable(
+                f"the change is stored, but no worker's confirmation was read within "
+                f"{within:g} s: {redis_unreachable(settings)}"
+            ) from None
+    except (RedisError, OSError) as exc:
+        raise ServiceUnavailable(
+            "the change is stored, but no worker's confirmation could be read: "
+            + redis_unreachable(settings, cause=exc)
+        ) from exc
+    finally:
+        await client.aclose()
+    assert workers is not None
+    return InForce(workers, [name for name in workers if name not in confirmed])

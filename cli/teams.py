@@ -24,6 +24,58 @@ teams_app = typer.Typer(
     help="Register, list, show, configure and disable teams.", no_args_is_help=True
 )
 
+NOT_CONFIRMED = 3
+"""The exit status of a change stored but not confirmed in force by every live worker: a
+script tells it from a change refused (1), and may go on, or wait and check again."""
+Wait = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        max=600,
+        help="Seconds to wait until every live worker serves under the change (0: do not "
+        f"wait); past them, exit {NOT_CONFIRMED} naming the workers that did not confirm.",
+    ),
+]
+
+
+def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> None:
+    """Say when ``change`` is in force on every live worker, or exit ``NOT_CONFIRMED`` naming
+    those that did not confirm it within ``wait`` seconds (``admin.teams.in_force``)."""
+    from admin.teams import in_force
+    from queuegate.errors import ServiceUnavailable
+
+    if change is None or wait == 0:
+        return
+
+    def waiting(pending: int, workers: int) -> None:
+        err.print(
+            f"team {name}: waiting up to {wait:g} s for {pending} of {workers} workers to "
+            "apply the change",
+            markup=False,
+            highlight=False,
+        )
+
+    try:
+        confirmed = run(lambda: in_force(settings, change, wait, waiting))
+    except ServiceUnavailable as exc:
+        err.print(f"team {name}: {exc}", markup=False, highlight=False)
+        raise typer.Exit(NOT_CONFIRMED) from None
+    workers, pending = len(confirmed.workers), confirmed.pending
+    if pending:
+        err.print(
+            f"team {name}: the change is stored, but {len(pending)} of {workers} live workers "
+            f"did not confirm serving under it within {wait:g} s: {', '.join(pending)} "
+            "(stalled, stopping, cut off from PostgreSQL or Redis, or of an earlier version); "
+            "each applies it when it next reads the registry",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(NOT_CONFIRMED)
+    if workers:
+        out.print(f"team {name}: in force on every live worker ({workers})", highlight=False)
+    else:
+        out.print(f"team {name}: no worker is running; each reads it as it starts", highlight=False)
+
 
 @teams_app.command("add")
 def teams_add(
@@ -41,15 +93,18 @@ def teams_add(
             "--password-stdin", help="Give a broker team's user the password read from stdin."
         ),
     ] = False,
+    wait: Wait = 5.0,
 ) -> None:
     """Register a team, create its queue and its credentials; for a team that exists, enable
-    it and repair what is missing, but never change its credentials."""
+    it and repair what is missing, but never change its credentials. Then wait until every
+    live worker serves it."""
     from admin.teams import register
 
     password = read_password() if password_stdin else None
+    settings = make_settings()
     added = run(
         lambda: register(
-            make_settings(),
+            settings,
             name,
             identity=_identity(identity) if identity else None,
             password=password,
@@ -71,6 +126,7 @@ def teams_add(
         _show_credentials(added.credentials)
     elif added.credentials.password is not None:
         out.print(f"broker user: {added.credentials.user} (the password given)", highlight=False)
+    _confirm(settings, name, added.change, wait)
 
 
 @teams_app.command("list")
@@ -166,9 +222,11 @@ def teams_set(
         list[str] | None,
         typer.Option(help="Fields to clear, repeatable or comma-separated (e.g. rpm,budget_usd)."),
     ] = None,
+    wait: Wait = 5.0,
 ) -> None:
     """Change a team's limits, budget, queue quota, broker user limits, cache default or
-    parameter policy; workers, front doors and the broker apply it at once."""
+    parameter policy; the broker applies it as it is stored, workers and front doors when
+    told of it, and the command waits until every live worker serves under it."""
     from admin.teams import configure, stored_models
 
     settings = make_settings()
@@ -209,6 +267,7 @@ def teams_set(
         )
     config = configured.config.model_dump_json(exclude_defaults=True)
     out.print(f"team {name}: {config}", highlight=False)
+    _confirm(settings, name, configured.change, wait)
 
 
 def _cleared(fields: list[str]) -> dict[str, Any]:
@@ -286,13 +345,17 @@ def _check_aliases(settings: Settings, aliases: list[str]) -> None:
 
 
 @teams_app.command("disable")
-def teams_disable(name: TeamName) -> None:
-    """Stop serving a team; its queued jobs stay in its queue."""
+def teams_disable(name: TeamName, wait: Wait = 5.0) -> None:
+    """Stop serving a team; its queued jobs stay in its queue. Then wait until no live worker
+    serves it."""
     from admin.teams import disable
 
-    if not run(lambda: disable(make_settings(), name)):
+    settings = make_settings()
+    change = run(lambda: disable(settings, name))
+    if change is None:
         raise ConfigError(f"no team named {name}: list them with queuegate teams list")
     out.print(f"team {name} is disabled")
+    _confirm(settings, name, change, wait)
 
 
 _IDENTITIES = ("queue", "broker", "api_key")

@@ -10,8 +10,9 @@ seconds in one pipeline, so a job costs no Redis round trip of its own:
   and those answered 429 (``rate_limited``);
 - per team and month: spend as the workers saw it, in nano-USD (each job's cost as its
   ledger counts it, added up exactly; accounting's PostgreSQL stays the truth);
-- per worker: a snapshot with its in-flight jobs per team, the deployments it called and
-  bucket fills, expiring unless renewed, so a dead worker drops out of the picture by itself.
+- per worker: a snapshot with its in-flight jobs per team, the deployments it called,
+  bucket fills and the registry version it serves under (``teams set`` waits for it),
+  expiring unless renewed, so a dead worker drops out of the picture by itself.
 
 Breaker states and 429 pauses are not taken from here: they are shared state in Redis, read
 where they are kept (queuegate.deployment_health), since a worker's copy is only what it last
@@ -40,6 +41,8 @@ from queuegate.keys import Keys
 from queuegate.messages import Attempt, UsageEvent
 from queuegate.metrics import BREAKER_STATE, BUCKET_FILL, gauge_values
 from queuegate.redis_client import text
+from queuegate.registry import Version
+from queuegate.runtime import until_set
 from queuegate.spend import to_nano
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,14 @@ class LiveStatsWriter:
         self._buffer = _Buffer()
         self._deployments: set[str] = set()
         self._down = False
+        self._registry: Version | None = None
+        self._soon = asyncio.Event()
+
+    def applied(self, version: Version) -> None:
+        """The worker serves under the registry as read at ``version``: written now, not at
+        the next interval, for a ``teams set`` waiting for it."""
+        self._registry = version
+        self._soon.set()
 
     def taken(self, team: str) -> None:
         self._buffer.team_counts[(team, int(time.time()))]["taken"] += 1
@@ -130,8 +141,8 @@ class LiveStatsWriter:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._interval)
+            await until_set(self._interval, stop, self._soon)
+            self._soon.clear()
             await self.flush()
 
     async def flush(self) -> None:
@@ -169,6 +180,7 @@ class LiveStatsWriter:
             "breakers": breakers,
             "bucket_fill": gauge_values(BUCKET_FILL),
             "deployments": sorted(self._deployments | set(breakers)),
+            "registry": self._registry,
             "ts": now,
         }
         ttl = max(5, round(3 * self._interval))
@@ -207,14 +219,19 @@ class LiveView:
     deployments: list[str]
 
 
-async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
-    """Merge the snapshots of the workers that reported recently."""
+async def read_snapshots(client: aioredis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    """The snapshot of each live worker (one whose last has not expired), by its name."""
     names = [
         text(n)
         for n in await client.zrangebyscore(keys.live_workers, time.time() - WORKERS_TTL, "+inf")
     ]
     raw = await client.mget([keys.live_worker(name) for name in names]) if names else []
-    snapshots: list[dict[str, Any]] = [json.loads(r) for r in raw if r is not None]
+    return {name: json.loads(r) for name, r in zip(names, raw, strict=True) if r is not None}
+
+
+async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
+    """Merge the snapshots of the workers that reported recently."""
+    snapshots = list((await read_snapshots(client, keys)).values())
     in_flight: Counter[str] = Counter()
     fills: dict[str, float] = {}
     deployments: set[str] = set()

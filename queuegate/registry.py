@@ -161,19 +161,52 @@ def _log_invalid(name: str, error: ConfigError) -> None:
     log.warning("team registry row %r skipped: %s", name, error)
 
 
-async def list_teams(
+Change = int
+"""A registry write: the id of the PostgreSQL transaction that made it (``pg_current_xact_id``),
+which a read's ``Version`` sees or not (``sees``)."""
+_CHANGE = "pg_current_xact_id()::text"
+"""SQL for the ``Change`` a write is (as text: asyncpg reads no xid8)."""
+Version = str
+"""What a registry read saw: the PostgreSQL snapshot it was taken in (``pg_current_snapshot``,
+``xmin:xmax:xip,...``). A worker records the version it serves under, so that ``teams set``
+can tell when every worker applies its change."""
+
+
+def sees(version: Version, change: Change) -> bool:
+    """Whether a read at ``version`` saw ``change``, a write that committed (PostgreSQL's
+    ``pg_visible_in_snapshot``): one before the snapshot's ``xmin``, or before its ``xmax``
+    and not in progress then."""
+    xmin, xmax, in_progress = version.split(":")
+    if change < int(xmin):
+        return True
+    return change < int(xmax) and str(change) not in in_progress.split(",")
+
+
+@dataclass(frozen=True)
+class Registry:
+    teams: list[Team]
+    version: Version
+
+
+async def read_registry(
     pool: asyncpg.Pool,
     *,
     enabled_only: bool = False,
     on_invalid: Callable[[str, ConfigError], None] = _log_invalid,
-) -> list[Team]:
-    """The teams, by name. A row with an invalid name or config (written around ``teams add``
-    and ``teams set``, or by an older version) is left out and reported to ``on_invalid``:
-    one bad row never keeps the others from being served."""
-    rows: list[Any] = await pool.fetch(
-        "SELECT name, enabled, config FROM teams WHERE enabled OR NOT $1 ORDER BY name",
-        enabled_only,
-    )
+) -> Registry:
+    """The teams, by name, and the version they were read at. A row with an invalid name or
+    config (written around ``teams add`` and ``teams set``, or by an older version) is left
+    out and reported to ``on_invalid``: one bad row never keeps the others from being served."""
+    # One snapshot for both statements (repeatable read): the version is the rows'.
+    async with (
+        pool.acquire() as connection,
+        connection.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        version: str = await connection.fetchval("SELECT pg_current_snapshot()::text")
+        rows: list[Any] = await connection.fetch(
+            "SELECT name, enabled, config FROM teams WHERE enabled OR NOT $1 ORDER BY name",
+            enabled_only,
+        )
     teams: list[Team] = []
     for row in rows:
         try:
@@ -181,7 +214,18 @@ async def list_teams(
             teams.append(Team(name, row["enabled"], parse_config(name, row["config"])))
         except ConfigError as exc:
             on_invalid(row["name"], exc)
-    return teams
+    return Registry(teams, version)
+
+
+async def list_teams(
+    pool: asyncpg.Pool,
+    *,
+    enabled_only: bool = False,
+    on_invalid: Callable[[str, ConfigError], None] = _log_invalid,
+) -> list[Team]:
+    """``read_registry``'s teams."""
+    registry = await read_registry(pool, enabled_only=enabled_only, on_invalid=on_invalid)
+    return registry.teams
 
 
 async def get_team(pool: asyncpg.Pool, name: str) -> Team | None:
@@ -228,8 +272,8 @@ async def set_team_config(
     config: TeamConfig,
     *,
     before_commit: Callable[[], Awaitable[None]] | None = None,
-) -> bool:
-    """Write the team's config; False when there is no such team.
+) -> Change | None:
+    """Write the team's config; the write, or None when there is no such team.
 
     Merged into the stored one, so fields this version does not know (written by a newer
     gateway) are kept; a field set to None is removed; a stored config that is no JSON object
@@ -240,39 +284,42 @@ async def set_team_config(
     """
     check_team_name(name)
     async with pool.acquire() as connection, connection.transaction():
-        status: str = await connection.execute(
+        change = await connection.fetchval(
             "UPDATE teams SET config = jsonb_strip_nulls("
             "CASE jsonb_typeof(config) WHEN 'object' THEN config ELSE '{}' END || $2::jsonb),"
-            " updated_at = now() WHERE name = $1",
+            f" updated_at = now() WHERE name = $1 RETURNING {_CHANGE}",
             name,
             config.model_dump(mode="json"),
         )
-        changed = status.endswith(" 1")
-        if changed:
+        if change is not None:
             await connection.execute(NOTIFY, name)
             if before_commit is not None:
                 await before_commit()
-    return changed
+    return None if change is None else int(change)
 
 
-async def add_team(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> None:
-    """Add the team, or enable it again. Running processes are told after the insert, which
-    on a caller's transaction PostgreSQL delivers only when it commits."""
-    await executor.execute(
+async def add_team(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> Change:
+    """Add the team, or enable it again; the write. Running processes are told after the
+    insert, which on a caller's transaction PostgreSQL delivers only when it commits."""
+    change: str = await executor.fetchval(
         "INSERT INTO teams (name) VALUES ($1)"
-        " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()",
+        " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()"
+        f" RETURNING {_CHANGE}",
         check_team_name(name),
     )
     await executor.execute(NOTIFY, name)
+    return int(change)
 
 
-async def disable_team(pool: asyncpg.Pool, name: str) -> bool:
-    """Disable the team; False when there is no such team. Running workers and front doors
-    are told once it is written, so it is refused at once rather than at their next re-read."""
-    status: str = await pool.execute(
-        "UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1", name
+async def disable_team(pool: asyncpg.Pool, name: str) -> Change | None:
+    """Disable the team; the write, or None when there is no such team. Running workers and
+    front doors are told once it is written, so it is refused at once rather than at their
+    next re-read."""
+    change = await pool.fetchval(
+        f"UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1 RETURNING {_CHANGE}",
+        name,
     )
-    disabled = status.endswith(" 1")
-    if disabled:
-        await pool.execute(NOTIFY, name)
-    return disabled
+    if change is None:
+        return None
+    await pool.execute(NOTIFY, name)
+    return int(change)

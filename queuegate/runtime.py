@@ -96,6 +96,16 @@ def serving(stop: asyncio.Event) -> None:
         stop.serving()
 
 
+async def until_set(timeout: float, *events: asyncio.Event) -> None:
+    """Until one of ``events`` is set, or ``timeout`` seconds have passed."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 def say_stopped_starting(sig: signal.Signals) -> None:
     """The one line of a process a stop signal ended before it served (here, or in the
     CLI's entry point before the event loop took the signals over)."""

@@ -311,7 +311,6 @@ def test_every_queuegate_variable_in_compose_and_k8s_is_a_setting() -> None:
 def test_compose_reaches_the_broker_as_users_its_definitions_create() -> None:
     definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
     users = {u["name"]: (u["password"], u["tags"]) for u in definitions["users"]}
-    allowed = {p["user"] for p in definitions["permissions"] if p["vhost"] == "/"}
     for service in _compose()["services"].values():
         env = service.get("environment", {})
         if "QUEUEGATE_AMQP_URL" not in env:
@@ -319,6 +318,8 @@ def test_compose_reaches_the_broker_as_users_its_definitions_create() -> None:
         settings = Settings(
             amqp_url=env["QUEUEGATE_AMQP_URL"], management_url=env["QUEUEGATE_MANAGEMENT_URL"]
         )
+        # In the vhost its URL names, where its queues are and teams add puts its policies.
+        allowed = {p["user"] for p in definitions["permissions"] if p["vhost"] == settings.vhost}
         for url in (settings.amqp_url, settings.management_url):
             parts = urlsplit(url)
             assert parts.hostname == "rabbitmq"
@@ -327,6 +328,24 @@ def test_compose_reaches_the_broker_as_users_its_definitions_create() -> None:
         # The operator commands (teams add) need an administrator of the management API.
         assert "administrator" in users[urlsplit(settings.management_url).username or ""][1]
         assert urlsplit(settings.management_url).port == 15672
+
+
+def test_the_definitions_set_up_the_vhost_compose_connects_to_and_no_other() -> None:
+    # Given the broker's definitions, and the vhost of every compose process's URL
+    definitions = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    vhosts = {
+        Settings(amqp_url=service["environment"]["QUEUEGATE_AMQP_URL"]).vhost
+        for service in _compose()["services"].values()
+        if "QUEUEGATE_AMQP_URL" in service.get("environment", {})
+    }
+
+    # Expect one vhost, the one the definitions create, grant and bound its queues in: a
+    # vhost changed in the URL alone would leave the gateway's user no rights there, and in
+    # the definitions alone the default bounds on queues no process declares
+    assert len(vhosts) == 1
+    assert {v["name"] for v in definitions["vhosts"]} == vhosts
+    assert {p["vhost"] for p in definitions["permissions"]} == vhosts
+    assert {p["vhost"] for p in definitions["policies"]} == vhosts
 
 
 def test_compose_switches_traces_on_and_sends_them_to_its_jaeger() -> None:

@@ -6,8 +6,11 @@ import asyncio
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -23,10 +26,12 @@ from typer.testing import CliRunner
 
 from accounting.store import insert_usage
 from admin.teams import (
+    InForce,
     add,
     configure,
     control_policy,
     disable,
+    in_force,
     listing,
     quota_policy,
     register,
@@ -34,13 +39,16 @@ from admin.teams import (
     with_user,
 )
 from cli.main import app
-from mockprovider import Behavior, MockConfig
+from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool
 from queuegate.errors import BudgetExhausted, ConfigError, QueueFull, ServiceUnavailable
 from queuegate.keys import Keys
+from queuegate.livestats import read_snapshots
 from queuegate.management import BrokerAdmin
 from queuegate.messages import UsageEvent
+from queuegate.redis_client import redis_for
+from queuegate.registry import TeamConfig, read_registry, sees, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import (
     Scope,
@@ -53,6 +61,7 @@ from queuegate.spend import (
 )
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
+from tests.chaos.harness import start_worker, stop_workers, worker_env
 from tests.support import Gateway, running_gateway, wait_until
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Scripts
@@ -202,16 +211,13 @@ async def test_a_running_worker_applies_a_lowered_budget_to_the_next_job_at_once
     async with running_gateway(slow) as gw, gw.client(alpha) as client:
         assert (await client.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
 
-        # When an operator sets a zero budget
-        await configure(settings, alpha, {"budget_usd": Decimal(0)})
+        # When an operator sets a zero budget, and waits for the worker to serve under it
+        configured = await configure(settings, alpha, {"budget_usd": Decimal(0)})
+        confirmed = await in_force(settings, configured.change, 5)
 
-        # Expect the worker told within moments, not at its refresh ten minutes on (the
-        # notification is read milliseconds after the commit: a job published in that same
-        # instant may still be admitted under the old config), and the next job refused, the
-        # provider not called
-        admission = gw.worker.admission
-        assert admission is not None
-        await wait_until(lambda: admission.config(alpha).budget_usd == 0, timeout=5)
+        # Expect the worker to confirm within moments, not at its refresh ten minutes on,
+        # and the next job refused, the provider not called
+        assert (len(confirmed.workers), confirmed.pending) == (1, [])
         result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
     assert result.error is not None and result.error.code == "budget_exhausted"
     assert gw.mock.stats.calls == 1
@@ -797,3 +803,171 @@ async def test_budgets_in_scientific_notation_are_stored_and_read_plain(
     assert team["budget_usd"] == "1000"
     table = await cli("status", "--teams", "alpha")
     assert "$1,000" in table.stdout, table.stdout
+
+
+async def test_a_registry_read_sees_a_change_only_once_it_committed_before_the_read(
+    settings: Settings, alpha: str
+) -> None:
+    pool = await create_pool(settings)
+    try:
+        # Given a change of alpha's config in flight (its transaction not committed yet)
+        changing, committing = asyncio.Event(), asyncio.Event()
+
+        async def commit_later() -> None:
+            changing.set()
+            await committing.wait()
+
+        write = asyncio.create_task(
+            set_team_config(pool, alpha, TeamConfig(rpm=7), before_commit=commit_later)
+        )
+        await changing.wait()
+        # When the registry is read meanwhile, then once the change committed
+        during = await read_registry(pool)
+        committing.set()
+        change = await write
+        after = await read_registry(pool)
+    finally:
+        await pool.close()
+
+    # Expect the first read not to see the change (its rows are alpha's old config), the
+    # second to see it
+    assert change is not None
+    assert [team.config.rpm for team in during.teams] == [None]
+    assert not sees(during.version, change)
+    assert [team.config.rpm for team in after.teams] == [7]
+    assert sees(after.version, change)
+
+
+async def _serving(settings: Settings, names: list[str]) -> list[str]:
+    """The names of workers, once each has recorded the registry version it serves under (a
+    worker is then one ``teams set`` waits for)."""
+    client = redis_for(settings)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                snapshots = await read_snapshots(client, Keys(settings.redis_prefix))
+                if all(snapshots.get(name, {}).get("registry") for name in names):
+                    return names
+                # No event announces another process's snapshot.
+                await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+class _Workers(NamedTuple):
+    mock: MockProvider
+    processes: list[asyncio.subprocess.Process]
+    names: list[str]
+
+
+@asynccontextmanager
+async def _two_workers(settings: Settings, team: str, **env: str) -> AsyncIterator[_Workers]:
+    """Two worker processes serving ``team`` (``env`` added to their environment), the mock
+    provider they call, and their names once each serves under a registry version."""
+    async with MockProvider() as mock:
+        processes = [
+            await start_worker(worker_env(settings, mock, **env), [team]) for _ in range(2)
+        ]
+        try:
+            names = [f"{socket.gethostname()}:{process.pid}" for process in processes]
+            yield _Workers(mock, processes, await _serving(settings, names))
+        finally:
+            await stop_workers(processes)
+
+
+async def test_teams_set_returns_once_every_worker_serves_under_it(
+    settings: Settings, alpha: str
+) -> None:
+    # Given two worker processes serving alpha, their registry read again only every ten
+    # minutes (the change reaches them by its notification alone)
+    async with _two_workers(settings, alpha, QUEUEGATE_TEAMS_REFRESH="600") as workers:
+        # When an operator sets a zero budget
+        code, stdout, stderr = await _queuegate(settings, "teams", "set", alpha, "--budget", "0")
+
+        # Expect it to return once both serve under it, and the jobs sent right after (to
+        # both workers, in turn) refused, the provider never called
+        assert code == 0, stderr
+        assert f"team {alpha}: in force on every live worker (2)" in stdout
+        async with GatewayClient(settings, team=alpha) as client:
+            results = await asyncio.gather(
+                *(client.chat("gpt-4o-mini", HELLO, timeout=10) for _ in range(4))
+            )
+    assert [r.error.code if r.error else r.status for r in results] == ["budget_exhausted"] * 4
+    assert workers.mock.stats.calls == 0
+
+
+async def test_teams_set_names_a_stalled_worker_and_ends_within_its_wait(
+    settings: Settings, alpha: str
+) -> None:
+    # Given two worker processes serving alpha, whose snapshots stay live 30 s past their last
+    # (so the one stalled below is still a live worker while the command runs)
+    async with _two_workers(settings, alpha, QUEUEGATE_STATS_INTERVAL="10") as workers:
+        stalled, serving = workers.names
+
+        # When one is stalled (SIGSTOP) and an operator sets alpha's rate, waiting 2 s
+        os.kill(workers.processes[0].pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            code, stdout, stderr = await _queuegate(
+                settings, "teams", "set", alpha, "--rpm", "10", "--wait", "2"
+            )
+            took = time.monotonic() - started
+        finally:
+            os.kill(workers.processes[0].pid, signal.SIGCONT)
+
+        # Expect the change stored, the wait said, and the command to end after its 2 s (and
+        # its start: a few seconds on a busy machine) with exit 3, naming the stalled worker
+        # alone
+        assert f'team {alpha}: {{"rpm":10}}' in stdout
+        assert "waiting up to 2 s for 1 of 2 workers to apply the change" in stderr
+        assert code == 3, stderr
+        said = stderr.splitlines()[-1]
+        assert f"1 of 2 live workers did not confirm serving under it within 2 s: {stalled} " in (
+            said
+        )
+        assert serving not in said
+        assert took < 12
+
+        # When it runs again, expect it to serve under the change, as the next command says
+        code, stdout, stderr = await _queuegate(settings, "teams", "set", alpha, "--rpm", "10")
+        assert code == 0, stderr
+        assert f"team {alpha}: in force on every live worker (2)" in stdout
+
+
+async def test_teams_disable_returns_once_no_worker_serves_the_team(
+    settings: Settings, alpha: str
+) -> None:
+    # Given a worker serving alpha
+    async with running_gateway(settings) as gw:
+        await _serving(settings, [gw.worker.name])
+
+        # When an operator disables alpha
+        code, stdout, stderr = await _queuegate(settings, "teams", "disable", alpha)
+
+        # Expect it to return once the worker consumes alpha's queue no more
+        assert code == 0, stderr
+        assert f"team {alpha}: in force on every live worker (1)" in stdout
+        assert gw.worker.teams == []
+
+
+async def test_a_worker_of_an_earlier_version_is_named_and_one_that_lapsed_is_not_awaited(
+    settings: Settings, alpha: str, redis_client: aioredis.Redis
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    async with running_gateway(settings) as gw:
+        await _serving(settings, [gw.worker.name])
+        # Given, besides it, a worker of an earlier version (its snapshot, renewed, names no
+        # registry version) and one that died a minute ago (listed, its snapshot expired)
+        now = time.time()
+        earlier = {"in_flight": {}, "bucket_fill": {}, "deployments": [], "ts": now}
+        await redis_client.set(keys.live_worker("earlier:1"), json.dumps(earlier), ex=30)
+        await redis_client.zadd(keys.live_workers, {"earlier:1": now, "dead:2": now - 60})
+        try:
+            # When alpha's rate changes and its operator waits a second for the workers
+            configured = await configure(settings, alpha, {"rpm": 5})
+            confirmed = await in_force(settings, configured.change, 1)
+        finally:
+            await redis_client.delete(keys.live_workers, keys.live_worker("earlier:1"))
+
+    # Expect the earlier one named, not the dead one waited for
+    assert confirmed == InForce(workers=["earlier:1", gw.worker.name], pending=["earlier:1"])

@@ -31,9 +31,9 @@ from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.outage import OutageLog
-from queuegate.registry import TeamConfig, check_team_name, list_teams
+from queuegate.registry import TeamConfig, Version, check_team_name, read_registry
 from queuegate.registry_changes import RegistryChanges
-from queuegate.runtime import serving
+from queuegate.runtime import serving, until_set
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import Router
@@ -98,6 +98,7 @@ class Worker:
         self._processor: JobProcessor | None = None
         self._admission: Admission | None = None
         self._control: ControlPlane | None = None
+        self._live: LiveStatsWriter | None = None
         self._registry = OutageLog(
             log, "The team registry (PostgreSQL)", "the teams I have are served"
         )
@@ -146,7 +147,7 @@ class Worker:
         self._connected = connection.connected
         # One pool per process: the router's, which its opener closes.
         redis = self._router.redis
-        live = LiveStatsWriter(
+        live = self._live = LiveStatsWriter(
             redis,
             Keys(s.redis_prefix),
             self.name,
@@ -253,7 +254,7 @@ class Worker:
         changed = asyncio.Event()
         async with RegistryChanges(self._settings, lambda _team: changed.set()):
             while not stop.is_set():
-                await _until_set(self._settings.teams_refresh, stop, changed)
+                await until_set(self._settings.teams_refresh, stop, changed)
                 changed.clear()
                 if stop.is_set():
                     return
@@ -271,7 +272,8 @@ class Worker:
     ) -> None:
         assert self._admission is not None
         serving(stop)  # consumers start here: a stop from now on drains what they take
-        registry = await self._registry_teams(pool)
+        read = await self._registry_teams(pool)
+        registry, version = read if read is not None else (None, None)
         if registry is not None:
             self._admission.update(registry)
         assert self._control is not None
@@ -311,6 +313,10 @@ class Worker:
             # here again.
             self._admission.stopped(team)
             log.info("stopped serving team %s (disabled)", team)
+        if version is not None and self._live is not None:
+            # Only now that every team is served under it: a team added is consumed, one
+            # disabled is not, and the next job of each is admitted under its new config.
+            self._live.applied(version)
 
     async def _consume(
         self, channel: AbstractRobustChannel, team: str, queue: str, prefetch: int
@@ -343,17 +349,19 @@ class Worker:
         # that the task is not collected before it is done.
         self._reopening = asyncio.create_task(served.consumer.channel.close())
 
-    async def _registry_teams(self, pool: asyncpg.Pool) -> dict[str, TeamConfig] | None:
-        """Enabled teams and their configs (the disabled ones' names in ``_disabled``); None
-        while the registry cannot be read."""
+    async def _registry_teams(
+        self, pool: asyncpg.Pool
+    ) -> tuple[dict[str, TeamConfig], Version] | None:
+        """Enabled teams and their configs (the disabled ones' names in ``_disabled``), and
+        the version they were read at; None while the registry cannot be read."""
         try:
-            listed = await list_teams(pool, on_invalid=self._invalid_row)
+            read = await read_registry(pool, on_invalid=self._invalid_row)
         except DB_ERRORS as exc:
             self._registry.failed(exc)
             return None
         self._registry.recovered()
-        self._disabled = {team.name for team in listed if not team.enabled}
-        return {team.name: team.config for team in listed if team.enabled}
+        self._disabled = {team.name for team in read.teams if not team.enabled}
+        return {team.name: team.config for team in read.teams if team.enabled}, read.version
 
     def _invalid_row(self, name: str, error: ConfigError) -> None:
         # Read every few seconds: said once per row and error, not on every refresh.
@@ -443,13 +451,3 @@ async def _end_live_stats(task: asyncio.Task[None], stop: asyncio.Event, *, serv
     task.cancel()
     await asyncio.wait([task])
     stop.set()
-
-
-async def _until_set(timeout: float, *events: asyncio.Event) -> None:
-    """Until one of ``events`` is set, or ``timeout`` seconds have passed."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
