@@ -322,7 +322,7 @@ def _job(
     except ValueError as exc:
         raise ApiError("invalid_request", str(exc)) from None
     canonical = {"model": fields["model"], "messages": messages, **params}
-    return chat_job(canonical, team, options, limits, stream=stream)
+    return chat_job(canonical, team, options, limits, stream=stream, answer_format="anthropic")
 
 
 def _reason(

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from frontdoor.answers import arrived
 from frontdoor.errors import ApiError, shown
 from queuegate.errors import IdempotencyConflict
-from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob, ChatParams
+from queuegate.messages import MAX_OUTPUT_TOKENS, AnswerFormat, ChatJob, ChatParams
 from queuegate.openai_params import refused_param
 from queuegate.settings import Settings
 from router import Catalog
@@ -263,10 +263,17 @@ def check_output_tokens(params: dict[str, Any], under: str = "") -> None:
 
 
 def chat_job(
-    body: dict[str, Any], team: str, options: RequestOptions, limits: Limits, *, stream: bool
+    body: dict[str, Any],
+    team: str,
+    options: RequestOptions,
+    limits: Limits,
+    *,
+    stream: bool,
+    answer_format: AnswerFormat = "openai",
 ) -> ChatJob:
-    """The job of a canonical (OpenAI chat) request; ApiError saying what is wrong when it is
-    invalid. The OpenAI route checks the body as OpenAI does first (``openai_request``)."""
+    """The job of a canonical (OpenAI chat) request, its answer read in ``answer_format``;
+    ApiError saying what is wrong when it is invalid. The OpenAI route checks the body as
+    OpenAI does first (``openai_request``)."""
     if _deeper(body, MAX_NESTING):
         raise ApiError("invalid_request", f"the request nests deeper than {MAX_NESTING} levels")
     model = served_model(body, limits)
@@ -283,6 +290,7 @@ def chat_job(
             deadline=options.deadline(),
             stream=stream,
             chunk_wait=options.chunk_wait() if stream else None,
+            answer_format=answer_format,
         )
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]

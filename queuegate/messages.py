@@ -73,6 +73,10 @@ speaks) and in batch output lines. ``queue_full`` is a 429 (retry later, as the 
 JobStatus = Literal["ok", "error"]
 """How a job ended: answered, or with an error (``ErrorInfo``)."""
 
+AnswerFormat = Literal["openai", "anthropic"]
+"""The API a job's caller reads its answer in: OpenAI's chat completions, or Anthropic's
+Messages API (``/v1/messages``, a Message Batch)."""
+
 UnsupportedParams = Literal["refuse", "drop"]
 """What the gateway does with a job parameter a provider cannot take as asked: ``refuse`` it
 on that deployment (the job goes on to the next one, and fails ``invalid_request`` naming the
@@ -360,6 +364,10 @@ class ChatJob(WireModel):
     (unset): as the team's ``cache`` default says."""
     unsupported_params: UnsupportedParams | None = None
     """For this job, overrides the team's and the catalog's policy (docs/providers.md)."""
+    answer_format: AnswerFormat = "openai"
+    """The API its caller reads the answer in. An answer a Messages API message has no form
+    for (``provider_formats.NotAnObject``) reaches an ``anthropic`` caller as an error: its
+    usage is recorded as one (``provider_error``, billed), not ``ok``."""
 
     @field_validator("metadata")
     @classmethod

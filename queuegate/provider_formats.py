@@ -449,6 +449,16 @@ def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, An
     return message
 
 
+def has_message_form(response: dict[str, Any]) -> bool:
+    """Whether a canonical ``response`` has a Messages API form (``anthropic_message`` raises
+    no NotAnObject)."""
+    try:
+        anthropic_message(response, "")
+    except NotAnObject:
+        return False
+    return True
+
+
 def openai_view(response: dict[str, Any], answer_id: str) -> dict[str, Any]:
     """A canonical response as OpenAI's callers get it, of id ``answer_id``: without
     ``ANTHROPIC_BODY``."""

@@ -86,7 +86,8 @@ class Deployment(_Strict):
     """USD per million input tokens written to Anthropic's one-hour cache; unset,
     ``cache_write_per_mtok``."""
     timeout: Seconds = Field(default=60.0, gt=0)
-    """Seconds one call may take in total, connection included."""
+    """Seconds one call may take in total, connection included; for a stream, the wait for
+    its first bytes and then for each next read (its job's deadline bounds the whole)."""
     rpm: Count | None = None
     """The provider account's requests per minute for this model; workers keep under it."""
     burst: Count | None = None

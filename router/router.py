@@ -129,6 +129,20 @@ class _Call:
     """The call is its half-open circuit's one probe: its answer closes the circuit."""
 
 
+@dataclass(slots=True)
+class _Calling:
+    """The bounds of a call in flight: its time limit, and when its deployment's own timeout
+    ends it (for a stream, moved on at each read: ``_Job.read``)."""
+
+    limit: transport.TimeLimit
+    timeout: float
+    own: float
+    what: str = "no answer"
+    """What did not come in time when ``own`` passes."""
+    reading: bool = False
+    """The stream has read some of its answer."""
+
+
 @dataclass
 class _Job:
     """One job's way through the router: what it has spent and what it has tried."""
@@ -156,18 +170,19 @@ class _Job:
     until: float | None = None
     """The latest a stream with a chunk wait (``ChatJob.chunk_wait``) runs to, whatever its
     chunks: the worker's time limit."""
-    calling: tuple[transport.TimeLimit, float, float] | None = None
-    """The time limit of the call in flight, when its deployment's own timeout ends it, and
-    that timeout."""
+    overdue: str = "the job's deadline passed"
+    """What did not come in time when ``deadline`` passes."""
+    calling: _Calling | None = None
+    """The bounds of the call in flight."""
 
     def left(self, now: float | None = None) -> float:
         if self.deadline is None:
             return float("inf")
         return self.deadline - (time.monotonic() if now is None else now)
 
-    def cut(self, own: float) -> bool:
-        """Whether the job's bound ends a call before its deployment's own timeout (``own``)."""
-        return self.deadline is not None and self.deadline < own
+    def cut(self, calling: _Calling) -> bool:
+        """Whether the job's bound ends ``calling`` before its deployment's own timeout."""
+        return self.deadline is not None and self.deadline < calling.own
 
     def drop(self, entry: ModelEntry, catalog: Catalog) -> bool:
         """Whether parameters a provider cannot take are dropped rather than refused: the
@@ -216,12 +231,33 @@ class _Job:
         due, what = now + wait, f"no chunk within {wait:.3g}s of the one before"
         if self.until is not None and self.until < due:
             due, what = self.until, "the job's time limit passed"
-        self.deadline = due
-        if self.calling is not None:
-            limit, own, timeout = self.calling
-            if own <= due:
-                due, what = own, f"no answer within {timeout:.3g}s"
-            limit.move(due - now, what)
+        self.deadline, self.overdue = due, what
+        self._bound(now)
+
+    def read(self) -> None:
+        """The stream in flight received more of its answer: its deployment's timeout bounds
+        the wait for the next, as a provider SDK's read timeout does, not the whole stream
+        (the job's deadline does that)."""
+        calling = self.calling
+        if calling is None:
+            return
+        now = time.monotonic()
+        calling.own = now + calling.timeout
+        if not calling.reading:  # said once: a stream reads thousands of times
+            calling.reading = True
+            calling.what = f"nothing more within {calling.timeout:.3g}s"
+        self._bound(now)
+
+    def _bound(self, now: float) -> None:
+        """Move the call in flight's limit to the first of its own timeout and the job's
+        deadline, saying which passed."""
+        calling = self.calling
+        if calling is None:
+            return
+        due, what = calling.own, calling.what
+        if self.deadline is not None and self.deadline < due:
+            due, what = self.deadline, self.overdue
+        calling.limit.move(due - now, what)
 
 
 class Router:
@@ -537,9 +573,9 @@ class Router:
                 free.release()
                 raise
         started = time.monotonic()
-        own = started + deployment.timeout
         limit = transport.time_limit(min(deployment.timeout, run.left(started)))
-        run.calling = (limit, own, deployment.timeout)
+        calling = _Calling(limit, deployment.timeout, started + deployment.timeout)
+        run.calling = calling
         try:
             try:
                 async with limit:
@@ -557,8 +593,8 @@ class Router:
             # nothing of the provider's health, and must not open a breaker others share.
             # Told by which bound ended it, not by the clock after: a busy loop's timer fires
             # a few ms before the deadline by the wall clock, and the job seemed to have time.
-            # (A stream's deadline moves with its chunks: the one its limit was last set by.)
-            cut = limit.expired and run.cut(own)
+            # (A stream's bounds move with its chunks: the ones its limit was last set by.)
+            cut = limit.expired and run.cut(calling)
             if not cut:
                 await self._report(call, err)
             elif call.probe:
@@ -629,7 +665,12 @@ class Router:
             )
             return ADAPTERS[deployment.provider].parse_response(body, deployment.model)
         events = transport.events(
-            upstream, call.request, call.key, connect=connect, first_byte=first_byte
+            upstream,
+            call.request,
+            call.key,
+            connect=connect,
+            first_byte=first_byte,
+            on_read=run.read,
         )
         async with aclosing(events):
             async for event in events:

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import re
 import ssl
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from email.utils import parsedate_to_datetime
 from time import time
@@ -124,7 +124,7 @@ def _tls() -> ssl.SSLContext:
 
 def time_limit(seconds: float) -> TimeLimit:
     """Bound a whole call (connect, send, read; not the wait for ``Upstream.free``): past it,
-    ProviderError("timeout")."""
+    ProviderError("timeout"). A stream moves it on as it reads (``TimeLimit.move``)."""
     return TimeLimit(seconds)
 
 
@@ -196,15 +196,18 @@ async def events(
     *,
     connect: float | None = None,
     first_byte: float | None = None,
+    on_read: Callable[[], None] | None = None,
 ) -> AsyncGenerator[ServerEvent, None]:
     """The server-sent events of a 2xx streamed answer; iterate it inside ``time_limit``.
 
-    ``first_byte`` bounds the wait for the first event, headers included.
+    ``first_byte`` bounds the wait for the first event, headers included. ``on_read`` is
+    called at each read of the body that brought bytes (comments and partial events too: the
+    provider is still sending), to move the time limit on.
     """
     limit = _FirstByte(first_byte)
     response = await _opened(upstream, request, secret, connect, limit)
     try:
-        async with aclosing(_read_events(response.content)) as stream:
+        async with aclosing(_read_events(response.content, on_read)) as stream:
             async with limit:
                 with _mapped:
                     first = await anext(stream, None)
@@ -222,9 +225,13 @@ async def events(
         upstream.done(response)
 
 
-async def _read_events(body: aiohttp.StreamReader) -> AsyncGenerator[ServerEvent, None]:
+async def _read_events(
+    body: aiohttp.StreamReader, on_read: Callable[[], None] | None
+) -> AsyncGenerator[ServerEvent, None]:
     lines, parser = LineSplitter(), EventParser()
     async for chunk in body.iter_any():
+        if on_read is not None:
+            on_read()
         for line in lines.feed(chunk):
             if (event := parser.feed(line)) is not None:
                 yield event

@@ -71,6 +71,15 @@ def calling(upstream: str, called_with: str) -> MockConfig:
     return MockConfig(models={upstream: Behavior(tool_input=called_with)})
 
 
+def accounted(rows: list[Any]) -> list[tuple[str, str | None, bool]]:
+    """Each usage row's status, error code, and whether it is billed."""
+    return [(row["status"], row["error_code"], row["cost_usd"] > 0) for row in rows]
+
+
+BILLED_ERROR = ("error", "provider_error", True)
+"""The row of a job whose caller got an error after its call was billed."""
+
+
 async def answer_by_id(door: Door, job_id: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=door.v1) as http:
         got = await http.get(f"/jobs/{job_id}", headers={"x-api-key": door.keys["alpha"]})
@@ -111,6 +120,8 @@ async def test_a_message_whose_tool_input_is_not_an_object_is_an_error_not_retri
     assert f"GET /v1/jobs/{job_id}" in error.api_message
     assert calls == 1
     assert [row["job_id"] for row in rows] == [job_id]
+    # accounted as the error its caller got, billed, not as answered
+    assert accounted(rows) == [BILLED_ERROR]
     # and the answer kept, readable by id as the model gave it
     [call] = answer["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_w", "arguments": called_with}
@@ -146,7 +157,7 @@ async def test_a_stream_whose_tool_input_is_not_an_object_ends_with_an_error_eve
     message = body["error"]["message"]
     assert message.startswith("provider_error: the model called tool 'get_w'")
     assert repr(shown) in message
-    assert calls == 1 and len(rows) == 1
+    assert calls == 1 and accounted(rows) == [BILLED_ERROR]
 
 
 async def test_a_batch_line_whose_tool_input_is_not_an_object_errors_alone(
@@ -192,8 +203,31 @@ async def test_a_batch_line_whose_tool_input_is_not_an_object_errors_alone(
     assert odd.error.error.message.startswith("provider_error: the model called tool 'get_w'")
     assert repr(TRUNCATED) in odd.error.error.message
     assert plain.type == "succeeded" and plain.message.content[0].type == "text"
-    # each served and billed once
-    assert calls == 2 and len(rows) == 2
+    # each served and billed once, the odd one accounted as the error its line says
+    assert calls == 2
+    assert sorted(accounted(rows)) == [BILLED_ERROR, ("ok", None, True)]
+
+
+@pytest.mark.parametrize("called_with", [TRUNCATED, "[1, 2]"])
+async def test_an_openai_caller_gets_such_a_tool_call_as_sent_and_answered(
+    settings: Settings, called_with: str
+) -> None:
+    # Given a model that calls its tool with arguments that are not a JSON object
+    async with open_door(settings, mock_config=calling("gpt-4o-mini", called_with)) as door:
+        # When an OpenAI-format caller asks it
+        async with door.client() as client:
+            completion = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                max_tokens=50,
+                tools=[{"type": "function", "function": {"name": "get_w", "parameters": {}}}],
+                messages=[{"role": "user", "content": "Weather in Paris?"}],
+            )
+        rows = await door.gateway.usage_rows(1)
+
+    # Expect the arguments as the model sent them, and the job accounted as answered
+    [call] = completion.choices[0].message.tool_calls or []
+    assert call.type == "function" and call.function.arguments == called_with
+    assert accounted(rows) == [("ok", None, True)]
 
 
 async def test_a_deadline_exceeded_names_its_job(settings: Settings) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from mockprovider import Behavior, MockConfig, MockProvider
+from mockprovider.catalog import mock_deployment
 from queuegate.errors import StreamInterrupted
 from queuegate.messages import ChatJob
 from queuegate.settings import Settings
-from router import Catalog, load_catalog, open_router
+from router import Catalog, Routed, load_catalog, open_router
 from router.providers import Delta, Piece
 from tests.support import running_gateway
 
@@ -142,6 +144,135 @@ async def test_a_failure_after_the_first_chunk_ends_the_stream_with_an_error(
         ("openai-flaky", "connection")
     ]
     assert mock.stats.calls == 1
+
+
+# --- the deployment's timeout, per read of a stream ------------------------------------------
+
+TIMEOUT = 0.6
+"""The deployment's timeout in these tests: a few of the provider's gaps."""
+GAP = 0.2
+"""Seconds between the provider's events: well inside TIMEOUT."""
+STALL = 3.0
+"""Seconds a stalling provider stops for: far past TIMEOUT."""
+
+
+def slow_and_backup(url: str, primary: str = "slow-model") -> Catalog:
+    """Alias ``slow`` (upstream ``primary``, a TIMEOUT deployment) falling back to ``backup``."""
+    return Catalog.model_validate(
+        {
+            "models": {
+                "slow": {
+                    "fallbacks": ["backup"],
+                    "deployments": [mock_deployment("slow-dep", primary, url, timeout=TIMEOUT)],
+                },
+                "backup": {"deployments": [mock_deployment("backup-dep", "backup-model", url)]},
+            }
+        }
+    )
+
+
+@dataclass
+class Streamed:
+    """How a job streamed from ``slow`` ended, what reached its caller, how long it took."""
+
+    routed: Routed | None
+    broken: StreamInterrupted | None
+    sink: Sink
+    took: float
+
+
+async def stream_slow(
+    settings: Settings, mock: MockProvider, behavior: Behavior, within: float | None = None
+) -> Streamed:
+    """Stream a job from alias ``slow`` (``slow_and_backup``), its provider behaving as
+    ``behavior``, its deadline ``within`` seconds away (None: none)."""
+    mock.configure(MockConfig(models={"slow-model": behavior}))
+    sink = Sink()
+    async with open_router(slow_and_backup(mock.url), ENV, settings) as router:
+        started = time.monotonic()
+        deadline = None if within is None else started + within
+        try:
+            routed = await router.complete(chat("slow"), deadline=deadline, on_delta=sink)
+        except StreamInterrupted as broken:
+            return Streamed(None, broken, sink, time.monotonic() - started)
+        return Streamed(routed, None, sink, time.monotonic() - started)
+
+
+async def test_a_stream_longer_than_its_deployments_timeout_runs_while_its_chunks_come(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a deployment with a 0.6 s timeout whose provider sends an event every 0.2 s, a
+    # stream of about 2 s; when a job streams from it
+    streamed = await stream_slow(settings, mock, Behavior(chunk_gap_ms=GAP * 1000))
+
+    # Expect it served whole by that deployment in one call, though it took longer than the
+    # timeout: the timeout bounds each wait for more, as a provider SDK's read timeout does
+    routed = streamed.routed
+    assert routed is not None, streamed.broken
+    assert streamed.took > 2 * TIMEOUT
+    assert [(a.deployment, a.error) for a in routed.attempts] == [("slow-dep", None)]
+    assert routed.response["choices"][0]["finish_reason"] == "stop"
+    assert streamed.sink.text == routed.response["choices"][0]["message"]["content"]
+    assert mock.stats.calls == 1
+
+
+async def test_a_stream_stalling_past_its_deployments_timeout_ends_with_an_error(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a deployment with a 0.6 s timeout whose provider stalls 3 s after 3 events; when
+    # a job streams from it
+    stalling = Behavior(chunk_gap_ms=GAP * 1000, stream_stall_after=3, hang_s=STALL)
+    streamed = await stream_slow(settings, mock, stalling)
+
+    # Expect the stream cut a timeout after its last event, long before the provider goes
+    # on, and no fallback (the caller has part of the answer): a provider_error, its call a
+    # timeout, billed for what came
+    error = streamed.broken
+    assert error is not None
+    assert streamed.took < STALL
+    assert streamed.sink.deltas
+    assert error.code == "provider_error"
+    assert "the stream broke after it had started" in error.message
+    assert f"nothing more within {TIMEOUT:.3g}s" in error.message
+    assert [(a.deployment, a.error) for a in error.attempts] == [("slow-dep", "timeout")]
+    assert error.billed is not None and error.billed.output_tokens > 0
+    assert mock.stats.calls == 1
+
+
+async def test_a_stream_whose_first_chunk_is_later_than_its_deployments_timeout_falls_back(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a deployment with a 0.6 s timeout whose provider starts answering after 3 s;
+    # when a job streams from it
+    streamed = await stream_slow(settings, mock, Behavior(latency_ms=STALL * 1000))
+
+    # Expect it retried, then the fallback to serve it, each call cut at the timeout: nothing
+    # had reached the caller
+    routed = streamed.routed
+    assert routed is not None, streamed.broken
+    assert streamed.took < STALL
+    assert [(a.deployment, a.error) for a in routed.attempts] == [
+        ("slow-dep", "timeout"),
+        ("slow-dep", "timeout"),
+        ("backup-dep", None),
+    ]
+    assert streamed.sink.text == routed.response["choices"][0]["message"]["content"]
+
+
+async def test_the_jobs_deadline_still_bounds_a_whole_stream(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given a provider sending an event every 0.2 s, well within its deployment's timeout;
+    # when a job whose deadline is 0.5 s away streams from it
+    streamed = await stream_slow(settings, mock, Behavior(chunk_gap_ms=GAP * 1000), within=0.5)
+
+    # Expect it cut at the deadline, though its chunks kept coming
+    error = streamed.broken
+    assert error is not None
+    assert 0.5 <= streamed.took < 0.5 + 2 * GAP
+    assert streamed.sink.deltas
+    assert "the job's deadline passed" in error.message
+    assert [a.error for a in error.attempts] == ["timeout"]
 
 
 @pytest.mark.parametrize("alias", ["gpt-4o-mini", "claude-haiku"])

@@ -19,6 +19,7 @@ from queuegate.messages import (
     body_digest,
     storable,
 )
+from queuegate.provider_formats import has_message_form
 from queuegate.signing import message_digest
 from router import Routed
 
@@ -117,6 +118,12 @@ class Timing:
 
 
 def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False) -> Outcome:
+    """A job answered. Its caller reading Anthropic's Messages API gets an error for an
+    answer a message has no form for (a tool called with input that is not a JSON object),
+    which the front door and a Message Batch's results give it: recorded as that error
+    (billed, not ``ok``), as a call that failed after it was billed is. Its result keeps the
+    answer, readable in OpenAI's format."""
+    unreadable = job.answer_format == "anthropic" and not has_message_form(routed.response)
     gateway = GatewayInfo(
         model_requested=job.model,
         model_used=routed.model_used,
@@ -149,7 +156,8 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         cache_write_tokens=routed.cache_write_tokens,
         reasoning_tokens=routed.reasoning_tokens,
         cost_usd=routed.cost_usd,
-        status="ok",
+        status="error" if unreadable else "ok",
+        error_code="provider_error" if unreadable else None,
         queued_ms=timing.queued_ms,
         latency_ms=routed.latency_ms,
         attempts=len(routed.attempts),

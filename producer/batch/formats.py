@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from producer.batch import anthropic, openai
 from producer.batch.answers import Answer, Category, Request
 from queuegate.control import job_id
-from queuegate.messages import ErrorInfo
+from queuegate.messages import AnswerFormat, ErrorInfo
 
-FormatName = Literal["openai", "anthropic"]
+FormatName = AnswerFormat
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,7 @@ class JobReader:
                 params=ChatParams.model_validate(request.params),
                 metadata={"batch": self._batch, "custom_id": custom_id},
                 deadline=self.deadline,
+                answer_format=kind,
             )
         except ValidationError as exc:
             first = exc.errors()[0]

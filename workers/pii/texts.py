@@ -33,6 +33,7 @@ from queuegate.messages import ChatJob
 
 GATEWAY_ONLY = frozenset(
     {"v", "job_id", "team", "model", "fallbacks", "metadata", "deadline", "stream", "cache"}
+    | {"answer_format"}
 )
 """ChatJob fields the gateway reads and no provider receives (the adapters build the model
 name from the catalog; ``metadata`` stays with the job and its result)."""
