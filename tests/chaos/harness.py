@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,6 +101,18 @@ async def stop_workers(workers: Sequence[asyncio.subprocess.Process]) -> None:
         if worker.returncode is None:
             worker.send_signal(signal.SIGTERM)
     await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def workers_running(
+    env: Mapping[str, str], teams: Sequence[str], count: int = 1
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """``count`` worker processes serving ``teams`` while the body runs, stopped after it."""
+    workers = [await start_worker(env, teams) for _ in range(count)]
+    try:
+        yield workers
+    finally:
+        await stop_workers(workers)
 
 
 async def submit_all(clients: Sequence[GatewayClient], count: int) -> list[JobHandle]:
