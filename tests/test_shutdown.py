@@ -16,9 +16,8 @@ import pytest
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
-from queuegate.broker import connect
 from queuegate.settings import Settings
-from queuegate.topology import Topology
+from tests.chaos.harness import declare_teams, worker_env
 from tests.support import LogLines, running_gateway, wait_until
 
 JOBS = 40
@@ -30,21 +29,8 @@ async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Set
     # Given a worker process holding 8 jobs at a time against a provider taking 300 ms a call
     slow = MockConfig(default=Behavior(latency_ms=300))
     async with MockProvider(slow) as mock:
-        connection = await connect(settings.amqp_url, name="test")
-        async with connection:
-            await Topology(settings.namespace).declare_team_queue(
-                await connection.channel(), "alpha"
-            )
-        env = {
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "QUEUEGATE_PREFETCH": "8",
-            "QUEUEGATE_SHUTDOWN_GRACE": "10",
-            "QUEUEGATE_METRICS_PORT": "0",  # any free port: other test runs share the host
-            "QUEUEGATE_MOCK_URL": mock.url,
-            "QUEUEGATE_MOCK_KEY": "sk-test",
-        }
+        await declare_teams(settings, ("alpha",))
+        env = worker_env(settings, mock, QUEUEGATE_PREFETCH="8", QUEUEGATE_SHUTDOWN_GRACE="10")
         worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -74,11 +60,7 @@ async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Set
 
             # ... and every job answered exactly once after a new worker takes over the rest
             async with running_gateway(settings, mock_config=MockConfig()) as gw:
-                results = [await handle.result(timeout=30) for handle in handles]
-                assert all(r.status == "ok" for r in results)
-                assert len({r.job_id for r in results}) == JOBS
-                rows = await gw.usage_rows(JOBS)
-                assert len(rows) == JOBS
+                await gw.expect_each_answered_once(handles)
                 assert 0 < answered_by_first < JOBS
 
 
