@@ -404,30 +404,14 @@ async def test_a_message_batch_canceled_before_it_ran_lists_every_request_cancel
     settings: Settings, gateway: Gateway, keys: dict[str, str]
 ) -> None:
     # Given a Message Batch recorded and canceled while no front-door process ran
-    requests = b"".join(orjson.dumps(r) + b"\n" for r in message_requests(3))
     pool = await create_pool(settings)
     try:
-        stored = await files.store_file(
-            pool,
-            team="alpha",
-            purpose="message_batch_requests",
-            filename="requests.json",
-            chunks=_once(requests),
-            max_bytes=len(requests),
-            quota=settings.team_file_storage_bytes,
+        stored = await _stored_message_requests(settings, pool, 3)
+        recorded = _recorded(
+            "anthropic", stored.id, str(api_key_id(keys["alpha"])), endpoint="/v1/messages", total=3
         )
-        batch_id = records.new_batch_id("anthropic")
-        await records.create_batch(
-            pool,
-            batch_id=batch_id,
-            team="alpha",
-            api="anthropic",
-            key_id=str(api_key_id(keys["alpha"])),
-            input_file_id=stored.id,
-            endpoint="/v1/messages",
-            metadata=None,
-            total=3,
-        )
+        batch_id = recorded["batch_id"]
+        await records.create_batch(pool, **recorded)
         canceled = await records.request_cancel(pool, "alpha", "anthropic", batch_id)
         assert canceled is not None and canceled.status == "cancelling"
     finally:
@@ -898,19 +882,10 @@ async def test_batches_revoked_before_they_ran_end_at_once(
     # Given an OpenAI batch and a Message Batch recorded while no front door ran
     async with front_door(settings, gateway, keys) as door, door.openai() as client:
         file_id = await upload(client, openai_lines(2))
-    requests = b"".join(orjson.dumps(r) + b"\n" for r in message_requests(3))
     key_id = str(api_key_id(keys["alpha"]))
     pool = await create_pool(settings)
     try:
-        stored = await files.store_file(
-            pool,
-            team="alpha",
-            purpose="message_batch_requests",
-            filename="requests.json",
-            chunks=_once(requests),
-            max_bytes=len(requests),
-            quota=settings.team_file_storage_bytes,
-        )
+        stored = await _stored_message_requests(settings, pool, 3)
         openai_batch = await records.create_batch(
             pool, **_recorded("openai", file_id, key_id, endpoint="/v1/chat/completions")
         )
@@ -939,6 +914,22 @@ async def test_batches_revoked_before_they_ran_end_at_once(
     assert sorted(r.custom_id for r in results) == ["msg-0", "msg-1", "msg-2"]
     assert {r.result.type for r in results} == {"errored"}
     assert gateway.mock.stats.calls == 0
+
+
+async def _stored_message_requests(
+    settings: Settings, pool: asyncpg.Pool, count: int
+) -> files.StoredFile:
+    """``count`` Message Batch requests of alpha's, stored as its route stores them."""
+    requests = b"".join(orjson.dumps(r) + b"\n" for r in message_requests(count))
+    return await files.store_file(
+        pool,
+        team="alpha",
+        purpose="message_batch_requests",
+        filename="requests.json",
+        chunks=_once(requests),
+        max_bytes=len(requests),
+        quota=settings.team_file_storage_bytes,
+    )
 
 
 def _recorded(
