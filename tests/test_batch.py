@@ -27,7 +27,6 @@ from admin.teams import configure
 from mockprovider import Behavior, MockConfig
 from producer import (
     GatewayClient,
-    SubmitReport,
     batch_list,
     batch_status,
     cancel_batch,
@@ -36,7 +35,7 @@ from producer import (
     delete_reply_queue,
     submit_batch,
 )
-from producer.batch import BatchStatus
+from producer.batch import BatchStatus, SubmitReport
 from queuegate.control import BatchMeta, Counts, batch_reply_name
 from queuegate.errors import (
     BatchError,
