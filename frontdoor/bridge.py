@@ -30,16 +30,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from types import TracebackType
 from typing import Self
 
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 
 from frontdoor.auth import Caller
 from producer.client import job_message, publish_to_team
-from producer.replies import Inbox, ReplyQueue
+from producer.replies import Inbox, ReplyingConnection, ReplyQueue
 from producer.streams import ChatStream
-from queuegate.broker import connect, nack_window
+from queuegate.broker import nack_window
 from queuegate.errors import ConfigError
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
@@ -48,7 +47,7 @@ from queuegate.topology import Topology
 log = logging.getLogger(__name__)
 
 
-class Bridge:
+class Bridge(ReplyingConnection):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._topology = Topology.of(settings)
@@ -69,30 +68,17 @@ class Bridge:
                 f"the front door publishes as broker user {self._user_id!r}, which "
                 "QUEUEGATE_FRONTDOOR_USERS does not name: workers would refuse its jobs; add it"
             )
-        self._connection = await connect(self._settings.amqp_url, name="frontdoor")
-        try:
-            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._channel = channel
-            # Declared, not looked up: the front door may start before any worker or team.
-            self._exchange = await self._topology.declare_jobs_exchange(channel)
-            # Not on ``channel`` (ReplyQueue.start): a refused consume closes its channel,
-            # which would lose the publishes on it.
-            await self._replies.start(self._connection)
-        except BaseException:
-            await self._connection.close()
-            raise
+        await self._connect(self._settings.amqp_url, name="frontdoor")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._connection is None:
-            return
-        await self._replies.stop()
-        await self._connection.close()
+    async def _setup(self, connection: AbstractRobustConnection) -> None:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
+        # Declared, not looked up: the front door may start before any worker or team.
+        self._exchange = await self._topology.declare_jobs_exchange(channel)
+        # Not on ``channel`` (ReplyQueue.start): a refused consume closes its channel,
+        # which would lose the publishes on it.
+        await self._replies.start(connection)
 
     @property
     def connected(self) -> bool:

@@ -9,7 +9,7 @@ Anthropic with "<field>: Extra inputs are not permitted"; both are 400
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -299,10 +299,7 @@ def _tool_choice(body: dict[str, Any]) -> None:
     choice = body.get("tool_choice")
     if choice is None:
         return
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind not in ANTHROPIC_TOOL_CHOICES:
-        raise InvalidRequest(f"tool_choice.type: Input should be {_either(ANTHROPIC_TOOL_CHOICES)}")
-    _fields(choice, ANTHROPIC_TOOL_CHOICES[kind], "tool_choice", _extra)
+    kind = _tagged(choice, ANTHROPIC_TOOL_CHOICES, "tool_choice")
     if kind != "tool":
         return
     name = choice.get("name")
@@ -317,8 +314,7 @@ def _output_config(config: Any) -> None:
     if config is None:
         return
     _fields(config, ANTHROPIC_OUTPUT_CONFIG, "output_config", _extra)
-    if config.get("effort") not in (None, *ANTHROPIC_EFFORTS):
-        raise InvalidRequest(f"output_config.effort: Input should be {_either(ANTHROPIC_EFFORTS)}")
+    _anthropic_choice(config, "effort", ANTHROPIC_EFFORTS, "output_config")
     form = config.get("format")
     if form is None:
         return
@@ -333,12 +329,8 @@ def _thinking(body: dict[str, Any]) -> None:
     thinking = body.get("thinking")
     if thinking is None:
         return
-    kind = thinking.get("type") if isinstance(thinking, dict) else None
-    if kind not in ANTHROPIC_THINKING:
-        raise InvalidRequest(f"thinking.type: Input should be {_either(ANTHROPIC_THINKING)}")
-    _fields(thinking, ANTHROPIC_THINKING[kind], "thinking", _extra)
-    if thinking.get("display") not in (None, *ANTHROPIC_DISPLAYS):
-        raise InvalidRequest(f"thinking.display: Input should be {_either(ANTHROPIC_DISPLAYS)}")
+    kind = _tagged(thinking, ANTHROPIC_THINKING, "thinking")
+    _anthropic_choice(thinking, "display", ANTHROPIC_DISPLAYS, "thinking")
     if kind not in ANTHROPIC_THINKING_ON:
         return
     if kind == "enabled":
@@ -440,6 +432,21 @@ def _fields(obj: Any, allowed: Iterable[str], where: str, refusal: Refusal) -> N
     for field in obj:
         if refusal is not None and field not in allowed:
             raise InvalidRequest(refusal(f"{where}.{field}"))
+
+
+def _tagged(obj: Any, kinds: Mapping[str, Iterable[str]], where: str) -> str:
+    """The ``type`` of ``obj``, one of ``kinds``; a field beyond those of its type is refused."""
+    kind: Any = obj.get("type") if isinstance(obj, dict) else None
+    if kind not in kinds:
+        raise InvalidRequest(f"{where}.type: Input should be {_either(kinds)}")
+    _fields(obj, kinds[kind], where, _extra)
+    return str(kind)
+
+
+def _anthropic_choice(obj: dict[str, Any], field: str, values: Iterable[str], where: str) -> None:
+    """``obj``'s ``field``, when given, must be one of ``values`` (in Anthropic's words)."""
+    if obj.get(field) not in (None, *values):
+        raise InvalidRequest(f"{where}.{field}: Input should be {_either(values)}")
 
 
 def _either(values: Iterable[str]) -> str:

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import Any, Self
 
 import aiormq
@@ -18,12 +17,11 @@ from aio_pika.abc import (
 )
 
 from producer.control import ControlClient
-from producer.replies import Inbox, ReplyQueue
+from producer.replies import Inbox, ReplyingConnection, ReplyQueue
 from producer.streams import ChatStream
 from queuegate import tracing
 from queuegate.broker import (
     Outgoing,
-    connect,
     json_message,
     nack_window,
     publish,
@@ -75,7 +73,7 @@ class JobHandle:
         return await self._client.wait(self.job_id, timeout)
 
 
-class GatewayClient:
+class GatewayClient(ReplyingConnection):
     """Publishes a team's chat jobs and awaits their results::
 
         async with GatewayClient(settings, team="search") as client:
@@ -141,51 +139,36 @@ class GatewayClient:
         # The application's own process: its callers are its own to heed, as OpenTelemetry
         # does by default.
         tracing.start("queuegate-producer", heed_callers=True)
-        self._connection = await connect(self._settings.amqp_url, name=f"producer:{self.team}")
-        try:
-            self._channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            # Passive: a team's broker user may publish to its entry exchange, the only one it
-            # may, but not declare it.
-            entry = self._topology.entry_exchange(self.team)
-            try:
-                self._exchange = await self._channel.get_exchange(entry)
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise PublishRefused(
-                    f"no team {self.team!r} in namespace {self._settings.namespace!r} (no "
-                    f"exchange {entry}): check the team name, or register the team "
-                    f"(queuegate teams add {self.team}, again for one of an earlier version)"
-                ) from exc
-            self._control = ControlClient(
-                self._channel,
-                exchange=self._exchange.name,
-                team=self.team,
-                user_id=self._user_id,
-                api_key=self._api_key,
-                reconnect_wait=self._settings.reconnect_wait,
-                nacks_within=nack_window(self._settings.amqp_url),
-            )
-            await self._control.start()
-            if self._listen:
-                # On a channel of its own, not ours (ReplyQueue.start): a refused consume
-                # closes its channel.
-                self._reply_queue = await self._replies.start(self._connection)
-        except BaseException:
-            await self._connection.close()
-            raise
+        await self._connect(self._settings.amqp_url, name=f"producer:{self.team}")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._connection is None:
-            return
-        await self._replies.stop()
-        await self._connection.close()
+    async def _setup(self, connection: AbstractRobustConnection) -> None:
+        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        # Passive: a team's broker user may publish to its entry exchange, the only one it
+        # may, but not declare it.
+        entry = self._topology.entry_exchange(self.team)
+        try:
+            self._exchange = await self._channel.get_exchange(entry)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise PublishRefused(
+                f"no team {self.team!r} in namespace {self._settings.namespace!r} (no "
+                f"exchange {entry}): check the team name, or register the team "
+                f"(queuegate teams add {self.team}, again for one of an earlier version)"
+            ) from exc
+        self._control = ControlClient(
+            self._channel,
+            exchange=self._exchange.name,
+            team=self.team,
+            user_id=self._user_id,
+            api_key=self._api_key,
+            reconnect_wait=self._settings.reconnect_wait,
+            nacks_within=nack_window(self._settings.amqp_url),
+        )
+        await self._control.start()
+        if self._listen:
+            # On a channel of its own, not ours (ReplyQueue.start): a refused consume
+            # closes its channel.
+            self._reply_queue = await self._replies.start(connection)
 
     @property
     def connection(self) -> AbstractRobustConnection:

@@ -2,7 +2,8 @@
 
 ``Inbox`` reads the messages of a reply queue (results and stream chunks) and hands each to
 its waiter; ``ReplyQueue`` keeps that queue there, consumed into the inbox, across reconnects,
-and removes it at the end. ``GatewayClient`` and the HTTP front door both hold their queue so.
+and removes it at the end. ``GatewayClient`` and the HTTP front door both hold their queue so,
+on a connection of their own (``ReplyingConnection``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
@@ -20,7 +23,7 @@ from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from producer.streams import ChatStream, StreamBook
-from queuegate.broker import CONNECTION_LOST, Consumer, consume, settle
+from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, settle
 from queuegate.errors import ClientError, ServiceUnavailable
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.topology import MESSAGE_TYPE_CHUNK, MESSAGE_TYPE_RESULT
@@ -445,3 +448,39 @@ class ReplyQueue:
             # (which starts a new attempt as it reopens) does not reset the backoff.
             delay, self._delay = self._delay, min(self._delay * 2, REDECLARE_MAX)
             await asyncio.sleep(delay)
+
+
+class ReplyingConnection(ABC):
+    """A broker connection of its owner's own with its reply queue on it, opened by
+    ``_connect`` and closed on leaving ``async with``: ``GatewayClient`` and the front door's
+    ``Bridge``. Each sets ``_replies`` and ``_connection = None`` and opens its channels and
+    starts ``_replies`` in ``_setup``; leaving stops the queue first, while the connection
+    can still remove it."""
+
+    _connection: AbstractRobustConnection | None
+    _replies: ReplyQueue
+
+    async def _connect(self, url: str, *, name: str) -> None:
+        """Connect to ``url`` and ``_setup`` the connection; closed again should that fail, as
+        ``async with`` then never calls ``__aexit__``."""
+        self._connection = await connect(url, name=name)
+        try:
+            await self._setup(self._connection)
+        except BaseException:
+            await self._connection.close()
+            raise
+
+    @abstractmethod
+    async def _setup(self, connection: AbstractRobustConnection) -> None:
+        """Open the owner's channels and start ``_replies`` on ``connection``."""
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._connection is None:
+            return
+        await self._replies.stop()
+        await self._connection.close()

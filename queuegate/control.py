@@ -200,6 +200,11 @@ def submission_jobs(name: str, submission: str) -> str:
     return f"{name}.{submission}" if submission else name
 
 
+NANO = 10**9
+"""A batch's spend is counted in nano-dollars, an integer Redis can add exactly: collect records
+each line's so, and ``Counts.spend_usd`` is their sum over ``NANO``."""
+
+
 class Counts(WireModel):
     total: int
     published: int

@@ -18,7 +18,7 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 
 from accounting import Accountant
 from mockprovider import MockConfig, MockProvider
-from producer import GatewayClient
+from producer import GatewayClient, JobHandle
 from queuegate import dlq
 from queuegate.db import create_pool, quote_ident
 from queuegate.management import BrokerAdmin
@@ -194,6 +194,14 @@ class Gateway:
                 raise TimeoutError(f"{n} usage rows, expected {expected}")
             await asyncio.sleep(0.02)
         return list(await self.pool.fetch("SELECT * FROM usage_log ORDER BY job_id"))
+
+    async def expect_each_answered_once(self, handles: Sequence[JobHandle]) -> None:
+        """Expect every job of ``handles`` answered ok, each once, and accounted once."""
+        results = [await handle.result(timeout=30) for handle in handles]
+        assert all(r.status == "ok" for r in results), [r.error for r in results]
+        assert len({r.job_id for r in results}) == len(handles)
+        rows = await self.usage_rows(len(handles))
+        assert len(rows) == len(handles)
 
     async def dead_letters(
         self, expected: int, timeout: float = 10.0

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import orjson
@@ -34,7 +35,7 @@ from producer import (
     delete_reply_queue,
     submit_batch,
 )
-from producer.batch import BatchStatus
+from producer.batch import BatchStatus, SubmitReport
 from queuegate.control import BatchMeta, Counts, batch_reply_name
 from queuegate.errors import (
     BatchError,
@@ -120,6 +121,32 @@ async def consumed(settings: Settings, team: str, name: str) -> None:
 
 def once_each(lines: list[dict[str, object]]) -> Counter[object]:
     return Counter(line["custom_id"] for line in lines)
+
+
+def expect_each_once(lines: list[dict[str, object]], expected: int) -> Counter[object]:
+    """Expect ``expected`` custom_ids in ``lines``, each once; their counts."""
+    counts = once_each(lines)
+    assert len(counts) == expected and set(counts.values()) == {1}
+    return counts
+
+
+async def forty_for_five(settings: Settings, team: str, path: Path) -> Path:
+    """A batch of 40 requests written at ``path``, for ``team``, whose queue now holds 5 jobs."""
+    await configure(settings, team, {"max_queue_length": 5})
+    await quota_in_force(settings, team)
+    return write_jsonl(path, [openai_line(i) for i in range(40)])
+
+
+async def paused(
+    submit: Coroutine[Any, Any, SubmitReport], pause: asyncio.Event
+) -> asyncio.Task[SubmitReport]:
+    """``submit`` running, once it said it paused at its team's full queue (``pause``): not
+    stopped."""
+    submitting = asyncio.create_task(submit)
+    waiting = asyncio.create_task(pause.wait())
+    await asyncio.wait({submitting, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    assert waiting.done() and not submitting.done()
+    return submitting
 
 
 async def test_openai_documented_lines_come_back_as_openai_output(
@@ -304,8 +331,7 @@ async def test_skip_invalid_publishes_the_valid_lines_only(
     # Expect the valid requests answered once each, the bad ones reported as skipped
     assert report.total == report.published == 23
     assert len(report.skipped) == 20
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == 23 and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), 23)
 
 
 @pytest.mark.timeout(300)  # 5,000 jobs through one in-process gateway: CPU-bound on a busy machine
@@ -323,8 +349,7 @@ async def test_5000_lines_with_failing_calls_answer_every_custom_id_once(
 
     # Expect every custom_id exactly once across both files, failures in the error file
     ok, failed = read_jsonl(out), read_jsonl(errors)
-    counts = once_each(ok + failed)
-    assert len(counts) == 5000 and set(counts.values()) == {1}
+    expect_each_once(ok + failed, 5000)
     assert {line["response"]["status_code"] for line in ok} == {200}
     assert {line["response"]["status_code"] for line in failed} == {502}
     # Each call is tried twice before it fails: about 0.05² of 5,000 jobs, some dozen, fail
@@ -337,31 +362,23 @@ async def test_a_batch_larger_than_its_teams_queue_pauses_until_a_worker_makes_r
 ) -> None:
     caplog.set_level(logging.INFO, logger="producer.batch.submit")
     # Given a team whose queue holds 5 jobs, and a batch of 40 requests
-    await configure(settings, "alpha", {"max_queue_length": 5})
-    await quota_in_force(settings, "alpha")
-    source = write_jsonl(tmp_path / "full.jsonl", [openai_line(i) for i in range(40)])
+    source = await forty_for_five(settings, "alpha", tmp_path / "full.jsonl")
     out = tmp_path / "out.jsonl"
-    with logged("producer.batch.submit", "batch full paused") as paused:
+    with logged("producer.batch.submit", "batch full paused") as pause:
         async with nobody_serves(settings):
-            # When it is submitted while no worker serves the team
-            submitting = asyncio.create_task(
-                # (two confirms outstanding at once: a quorum queue takes the publishes in
-                # flight when it fills, so a wider window could fit all 40)
-                submit_batch(alpha.settings, source, model="local-llama", window=2, **alpha.who)
+            # When it is submitted while no worker serves the team, expect it paused at the
+            # full queue, not stopped (two confirms outstanding at once: a quorum queue takes
+            # the publishes in flight when it fills, so a wider window could fit all 40)
+            submitting = await paused(
+                submit_batch(alpha.settings, source, model="local-llama", window=2, **alpha.who),
+                pause,
             )
-            waiting = asyncio.create_task(paused.wait())
-            await asyncio.wait(
-                {submitting, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED
-            )
-            # Expect it paused at the full queue, not stopped
-            assert waiting.done() and not submitting.done()
         # and, once a worker serves the team, every request published and answered once
         async with running_gateway(settings, teams=("alpha",)):
             report = await submitting
             await collect(alpha.settings, "full", out, idle=0.2, **alpha.who)
     assert (report.published, report.stopped) == (40, None)
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == 40 and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), 40)
 
 
 @pytest.mark.parametrize("who", ["alpha", "beta"])
@@ -378,18 +395,13 @@ async def test_a_batch_is_resumed_by_one_submit_at_a_time(
     # Given a team (added the default way, or with an API key) whose queue holds 5 jobs, and
     # a submit of 40 requests paused at that full queue, no worker serving the team
     team = {"alpha": alpha, "beta": beta}[who]
-    await configure(settings, team.team, {"max_queue_length": 5})
-    await quota_in_force(settings, team.team)
-    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(40)])
+    source = await forty_for_five(settings, team.team, tmp_path / "resume.jsonl")
     out = tmp_path / "out.jsonl"
-    with logged("producer.batch.submit", "batch resume paused") as paused:
+    with logged("producer.batch.submit", "batch resume paused") as pause:
         async with nobody_serves(settings):
-            first = asyncio.create_task(
-                submit_batch(team.settings, source, name="resume", window=2, **team.who)
+            first = await paused(
+                submit_batch(team.settings, source, name="resume", window=2, **team.who), pause
             )
-            waiting = asyncio.create_task(paused.wait())
-            await asyncio.wait({first, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            assert waiting.done() and not first.done()
             # When three more submits of it start, to resume it, while the first runs
             # (each that resumed would pause at the full queue too)
             async with asyncio.timeout(30):
@@ -411,8 +423,7 @@ async def test_a_batch_is_resumed_by_one_submit_at_a_time(
             await collect(team.settings, "resume", out, idle=0.2, **team.who)
             calls = gw.mock.stats.calls
     assert (report.published, report.already) == (40, 0)
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == 40 and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), 40)
     assert calls == 40
 
 
@@ -422,19 +433,14 @@ async def test_a_submit_that_lost_its_lock_with_its_connection_stops(
     caplog.set_level(logging.INFO, logger="producer.batch.submit")
     # Given a submit of 40 requests through a broker connection we can cut, paused at its
     # team's full queue (5 jobs), no worker serving the team
-    await configure(settings, "alpha", {"max_queue_length": 5})
-    await quota_in_force(settings, "alpha")
-    source = write_jsonl(tmp_path / "cut.jsonl", [openai_line(i) for i in range(40)])
+    source = await forty_for_five(settings, "alpha", tmp_path / "cut.jsonl")
     out = tmp_path / "out.jsonl"
-    with logged("producer.batch.submit", "batch cut paused") as paused:
+    with logged("producer.batch.submit", "batch cut paused") as pause:
         async with nobody_serves(settings), TcpProxy(alpha.settings.amqp_url) as proxy:
             cut_off = alpha.settings.model_copy(update={"amqp_url": proxy.url})
-            first = asyncio.create_task(
-                submit_batch(cut_off, source, name="cut", window=2, **alpha.who)
+            first = await paused(
+                submit_batch(cut_off, source, name="cut", window=2, **alpha.who), pause
             )
-            waiting = asyncio.create_task(paused.wait())
-            await asyncio.wait({first, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            assert waiting.done() and not first.done()
             # When its connection drops (the broker releases its lock), another submit of
             # the batch starts and takes the lock, and the connection comes back
             await proxy.down()
@@ -452,8 +458,7 @@ async def test_a_submit_that_lost_its_lock_with_its_connection_stops(
             await collect(alpha.settings, "cut", out, idle=0.2, **alpha.who)
             calls = gw.mock.stats.calls
     assert report.published + report.already == 40
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == 40 and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), 40)
     assert calls == 40
 
 
@@ -473,24 +478,19 @@ async def test_a_new_batch_cut_before_recording_its_published_jobs_is_kept(
     # a submit of a new batch of 40 requests through a connection we can cut, paused at the
     # full queue: 5 jobs published and confirmed, none recorded yet
     team = {"alpha": alpha, "beta": beta}[who]
-    await configure(settings, team.team, {"max_queue_length": 5})
-    await quota_in_force(settings, team.team)
-    source = write_jsonl(tmp_path / "cut.jsonl", [openai_line(i) for i in range(40)])
+    source = await forty_for_five(settings, team.team, tmp_path / "cut.jsonl")
     out = tmp_path / "out.jsonl"
     with (
-        logged("producer.batch.submit", "batch cut paused") as paused,
+        logged("producer.batch.submit", "batch cut paused") as pause,
         logged("queuegate.broker", "connection lost while asking the gateway") as asking,
     ):
         async with nobody_serves(settings), TcpProxy(team.settings.amqp_url) as proxy:
             # A publish the cut catches in flight gives up after 10 s, and the submit goes on
             # to record: a robust connection tries again every 5 s, so it is back by then.
             cut_off = team.settings.model_copy(update={"amqp_url": proxy.url, "reconnect_wait": 10})
-            first = asyncio.create_task(
-                submit_batch(cut_off, source, name="cut", window=2, **team.who)
+            first = await paused(
+                submit_batch(cut_off, source, name="cut", window=2, **team.who), pause
             )
-            waiting = asyncio.create_task(paused.wait())
-            await asyncio.wait({first, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            assert waiting.done() and not first.done()
             # When its connection drops while it records them, and it is interrupted there
             await proxy.down()
             await asyncio.wait_for(asking.wait(), 30)
@@ -507,8 +507,7 @@ async def test_a_new_batch_cut_before_recording_its_published_jobs_is_kept(
             await collect(team.settings, "cut", out, idle=0.2, **team.who)
             calls = gw.mock.stats.calls
     assert report.published == 40
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == 40 and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), 40)
     assert calls == 40
 
 
@@ -549,8 +548,7 @@ async def test_submits_of_one_new_batch_at_once_publish_it_once(
     assert all(isinstance(run, BatchError) for run in stopped), stopped
     assert all("is being submitted by another run at once" in str(run) for run in stopped)
     assert len(stopped) >= 4
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == total and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), total)
     assert calls == total
 
 
@@ -582,20 +580,16 @@ async def test_a_killed_submit_resumes_without_answering_twice(
         await collect(alpha.settings, "resume", out, errors, idle=0.2, **alpha.who)
 
     # Expect every custom_id answered exactly once
-    counts = once_each(read_jsonl(out, errors))
-    assert len(counts) == total and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out, errors), total)
 
 
 async def test_a_killed_collect_resumes_without_writing_twice(
     settings: Settings, tmp_path: Path, beta: TeamIdentity
 ) -> None:
     # Given a submitted batch of 600 and `batch collect` killed after 100 lines
-    total = 600
-    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    total = KILLED_TOTAL
     out = tmp_path / "out.jsonl"
-    async with running_gateway(settings, teams=("beta",)):
-        await submit_batch(beta.settings, source, **beta.who)
-        await collect_killed_after(beta, "resume", out, lines=100)
+    async with collect_killed(settings, beta, tmp_path / "resume.jsonl", out):
         written_before = len(read_jsonl(out))
 
         # When it is run again
@@ -603,8 +597,7 @@ async def test_a_killed_collect_resumes_without_writing_twice(
 
     # Expect every custom_id exactly once in the file
     assert written_before < total, "the first collect finished before it could be killed"
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == total and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), total)
 
 
 async def test_cancel_answers_the_rest_canceled_without_calling_a_provider(
@@ -826,8 +819,7 @@ async def test_a_batch_named_as_a_pipelines_reply_queue_leaves_its_results(
         # its queue is still there to give back, with all 3
         dropped = await delete_reply_queue(team.settings, "nightly", **team.who)
     assert report.counts.written == 5
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == 5 and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), 5)
     assert dropped == 3
 
 
@@ -1024,8 +1016,7 @@ async def test_collect_rides_out_a_broker_outage_without_writing_twice(
         report = await asyncio.wait_for(collecting, 60)
 
     # Expect every custom_id exactly once
-    counts = once_each(read_jsonl(out))
-    assert len(counts) == total and set(counts.values()) == {1}
+    expect_each_once(read_jsonl(out), total)
     assert report.counts.written == total
 
 
@@ -1203,12 +1194,9 @@ async def test_a_line_torn_by_a_crash_is_written_again(
     settings: Settings, tmp_path: Path, beta: TeamIdentity
 ) -> None:
     # Given an API-key team's batch of 600 and `batch collect` killed after 100 lines
-    total = 600
-    source = write_jsonl(tmp_path / "resume.jsonl", [openai_line(i) for i in range(total)])
+    total = KILLED_TOTAL
     out = tmp_path / "out.jsonl"
-    async with running_gateway(settings, teams=("beta",)):
-        await submit_batch(beta.settings, source, **beta.who)
-        await collect_killed_after(beta, "resume", out, lines=100)
+    async with collect_killed(settings, beta, tmp_path / "resume.jsonl", out):
         # and the last line it wrote torn, as a crash or power loss mid-write leaves it
         raw = out.read_bytes()
         whole = raw[: raw.rindex(b"\n") + 1]
@@ -1219,9 +1207,8 @@ async def test_a_line_torn_by_a_crash_is_written_again(
         report = await collect(beta.settings, "resume", out, idle=0.2, **beta.who)
 
     # Expect every custom_id exactly once in the file, the torn one too, counted once
-    counts = once_each(read_jsonl(out))
+    counts = expect_each_once(read_jsonl(out), total)
     assert counts[torn] == 1
-    assert len(counts) == total and set(counts.values()) == {1}
     assert report.counts.written == total
 
 
@@ -1297,6 +1284,23 @@ async def test_a_file_that_is_not_utf8_text_is_refused_in_one_line_nothing_publi
             Topology(settings.namespace).team_queue("alpha"), passive=True
         )
         assert queue.declaration_result.message_count == 0
+
+
+KILLED_TOTAL = 600
+
+
+@asynccontextmanager
+async def collect_killed(
+    settings: Settings, who: TeamIdentity, source: Path, out: Path
+) -> AsyncIterator[None]:
+    """A batch "resume" of KILLED_TOTAL requests written at ``source`` and submitted as
+    ``who``, and its `batch collect` into ``out`` killed after 100 lines; ``who``'s team served
+    while the body runs."""
+    write_jsonl(source, [openai_line(i) for i in range(KILLED_TOTAL)])
+    async with running_gateway(settings, teams=(who.team,)):
+        await submit_batch(who.settings, source, **who.who)
+        await collect_killed_after(who, "resume", out, lines=100)
+        yield
 
 
 async def collect_killed_after(who: TeamIdentity, name: str, out: Path, lines: int) -> None:

@@ -158,6 +158,13 @@ async def upload(client: openai.AsyncOpenAI, lines: list[dict[str, Any]]) -> str
     return created.id
 
 
+async def chat_batch(client: openai.AsyncOpenAI, file_id: str) -> Batch:
+    """The batch of ``file_id``'s chat completions, due within 24 h, as created."""
+    return await client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
 def parse_jsonl(raw: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
 
@@ -322,9 +329,7 @@ async def test_another_team_finds_none_of_its_files_or_batches(door: Door) -> No
     # Given alpha's batch file, OpenAI batch and Message Batch
     async with door.openai("alpha") as alpha, door.anthropic("alpha") as alpha_messages:
         file_id = await upload(alpha, openai_lines(2))
-        batch = await alpha.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = await chat_batch(alpha, file_id)
         message_batch = await alpha_messages.messages.batches.create(
             requests=message_requests(2)  # type: ignore[arg-type]
         )
@@ -339,9 +344,7 @@ async def test_another_team_finds_none_of_its_files_or_batches(door: Door) -> No
             beta.files.delete(file_id),
             beta.batches.retrieve(batch.id),
             beta.batches.cancel(batch.id),
-            beta.batches.create(
-                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-            ),
+            chat_batch(beta, file_id),
         ):
             with pytest.raises(openai.NotFoundError):
                 await call
@@ -371,9 +374,7 @@ async def test_cancel_answers_what_was_not_served_canceled_without_a_provider_ca
         door.openai() as client,
     ):
         file_id = await upload(client, openai_lines(10))
-        batch = await client.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = await chat_batch(client, file_id)
         keys_of = Keys(settings.redis_prefix)
         published = keys_of.batch_published("alpha", batch.id)
         await polled(lambda: redis_client.scard(published), lambda n: n == 10)
@@ -403,30 +404,14 @@ async def test_a_message_batch_canceled_before_it_ran_lists_every_request_cancel
     settings: Settings, gateway: Gateway, keys: dict[str, str]
 ) -> None:
     # Given a Message Batch recorded and canceled while no front-door process ran
-    requests = b"".join(orjson.dumps(r) + b"\n" for r in message_requests(3))
     pool = await create_pool(settings)
     try:
-        stored = await files.store_file(
-            pool,
-            team="alpha",
-            purpose="message_batch_requests",
-            filename="requests.json",
-            chunks=_once(requests),
-            max_bytes=len(requests),
-            quota=settings.team_file_storage_bytes,
+        stored = await _stored_message_requests(settings, pool, 3)
+        recorded = _recorded(
+            "anthropic", stored.id, str(api_key_id(keys["alpha"])), endpoint="/v1/messages", total=3
         )
-        batch_id = records.new_batch_id("anthropic")
-        await records.create_batch(
-            pool,
-            batch_id=batch_id,
-            team="alpha",
-            api="anthropic",
-            key_id=str(api_key_id(keys["alpha"])),
-            input_file_id=stored.id,
-            endpoint="/v1/messages",
-            metadata=None,
-            total=3,
-        )
+        batch_id = recorded["batch_id"]
+        await records.create_batch(pool, **recorded)
         canceled = await records.request_cancel(pool, "alpha", "anthropic", batch_id)
         assert canceled is not None and canceled.status == "cancelling"
     finally:
@@ -460,9 +445,7 @@ async def test_a_batch_outlives_the_front_door_process_that_took_it(
         # Given a batch published by one front-door process, its jobs still queued
         async with front_door(settings, idle, keys) as first, first.openai() as client:
             file_id = await upload(client, openai_lines(12))
-            batch = await client.batches.create(
-                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
+            batch = await chat_batch(client, file_id)
             await polled(
                 lambda: client.batches.retrieve(batch.id), lambda b: b.status == "in_progress"
             )
@@ -502,9 +485,7 @@ async def test_invalid_lines_fail_an_openai_batch_listing_them_and_publish_nothi
         file_id = (
             await client.files.create(file=("bad.jsonl", b"\n".join(lines)), purpose="batch")
         ).id
-        batch = await client.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = await chat_batch(client, file_id)
         ended = await openai_ended(client, batch.id)
     assert ended.status == "failed" and ended.failed_at
     assert ended.errors is not None and ended.errors.data
@@ -518,9 +499,7 @@ async def test_invalid_lines_fail_an_openai_batch_listing_them_and_publish_nothi
         file_id = (
             await client.files.create(file=("latin.jsonl", b"\n".join(lines)), purpose="batch")
         ).id
-        batch = await client.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = await chat_batch(client, file_id)
         ended = await openai_ended(client, batch.id)
     assert ended.status == "failed" and ended.errors is not None
     assert [(e.line, e.message) for e in ended.errors.data] == [
@@ -549,9 +528,7 @@ async def test_uploads_are_bounded_and_batches_checked_before_anything_is_kept(
                 input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
             )
         with pytest.raises(openai.NotFoundError):
-            await client.batches.create(
-                input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
-            )
+            await chat_batch(client, "file-nope")
         assert [b.id async for b in client.batches.list()] == []
     async with front_door(bounded, gateway, keys) as door, door.anthropic() as client:
         # A Message Batch over the limit is refused 413, whether its Content-Length says so
@@ -597,14 +574,7 @@ async def test_lists_page_newest_first_with_the_sdks(door: Door) -> None:
     # Given three batches of each API (whose requests are all refused: nothing is called)
     async with door.openai() as client, door.anthropic() as claude:
         file_id = (await client.files.create(file=("bad.jsonl", b"{\n"), purpose="batch")).id
-        created = [
-            (
-                await client.batches.create(
-                    input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-                )
-            ).id
-            for _ in range(3)
-        ]
+        created = [(await chat_batch(client, file_id)).id for _ in range(3)]
         bad = message_requests(1)
         bad[0]["params"]["max_tokens"] = 0
         messages = [
@@ -709,6 +679,22 @@ async def _ok_rows(gateway: Gateway) -> int:
     return int(await gateway.pool.fetchval("SELECT count(*) FROM usage_log WHERE status = 'ok'"))
 
 
+async def _revocable(settings: Settings) -> tuple[Settings, str]:
+    """``settings`` for workers that learn of a revoked key within 0.1 s, and a second key of
+    alpha's, to read its batch with once the first is revoked."""
+    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
+    _, second = await issue_key(settings, "alpha")
+    return settings, second
+
+
+async def _revoke_once_answered(
+    settings: Settings, keys: dict[str, str], gateway: Gateway, answered: int
+) -> str:
+    """Revoke alpha's key once ``answered`` of its jobs are answered ok; its id."""
+    await polled(lambda: _ok_rows(gateway), lambda n: n >= answered)
+    return await _revoke(settings, keys)
+
+
 async def _paid(gateway: Gateway, answered: int) -> set[str]:
     """The custom_ids of the jobs answered ok, once accounting has all ``answered`` rows."""
     rows = await gateway.usage_rows(answered)
@@ -729,8 +715,7 @@ async def test_a_key_revoked_mid_batch_keeps_every_paid_answer_and_ends_it_once(
 ) -> None:
     # Given a batch of 120 lines served 32 at a time, a third of a second each, by workers
     # that learn of a revoked key within 0.1 s, and a second key of the team to read it with
-    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
-    _, second = await issue_key(settings, "alpha")
+    settings, second = await _revocable(settings)
     async with (
         running_gateway(settings, teams=("alpha",), mock_config=SERVED_SLOWLY) as gateway,
         front_door(settings, gateway, keys) as door,
@@ -738,12 +723,9 @@ async def test_a_key_revoked_mid_batch_keeps_every_paid_answer_and_ends_it_once(
         door.reading(second).openai() as reader,
     ):
         file_id = await upload(client, openai_lines(120))
-        batch = await client.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = await chat_batch(client, file_id)
         # When the key that created it is revoked once 32 lines are answered
-        await polled(lambda: _ok_rows(gateway), lambda n: n >= 32)
-        key_id = await _revoke(settings, keys)
+        key_id = await _revoke_once_answered(settings, keys, gateway, 32)
         ended, output, errors = await openai_ended_files(reader, batch.id)
         # the lines the runner wrote itself name the key: their requests were never published
         unpublished = [e for e in errors if key_id in e["response"]["body"]["error"]["message"]]
@@ -779,9 +761,8 @@ async def test_requests_waiting_on_a_bucket_when_the_key_is_revoked_are_401_line
 ) -> None:
     # Given team alpha held to one request a second (a bucket of 2), so most of a batch of
     # 12 waits for its bucket in the workers, and workers that learn of a revocation at once
-    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
+    settings, second = await _revocable(settings)
     await configure(settings, "alpha", {"rpm": 60, "burst": 2})
-    _, second = await issue_key(settings, "alpha")
     async with (
         running_gateway(settings, teams=("alpha",)) as gateway,
         front_door(settings, gateway, keys) as door,
@@ -789,12 +770,9 @@ async def test_requests_waiting_on_a_bucket_when_the_key_is_revoked_are_401_line
         door.reading(second).openai() as reader,
     ):
         file_id = await upload(client, openai_lines(12))
-        batch = await client.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = await chat_batch(client, file_id)
         # When its key is revoked once 3 lines are answered
-        await polled(lambda: _ok_rows(gateway), lambda n: n >= 3)
-        key_id = await _revoke(settings, keys)
+        key_id = await _revoke_once_answered(settings, keys, gateway, 3)
         ended = await openai_ended(reader, batch.id)
         assert ended.error_file_id
         errors = parse_jsonl(await (await reader.files.content(ended.error_file_id)).aread())
@@ -818,8 +796,7 @@ async def test_a_message_batch_whose_key_is_revoked_lists_what_was_served(
     settings: Settings, keys: dict[str, str]
 ) -> None:
     # Given a Message Batch of 120 requests being served when its key is revoked
-    settings = settings.model_copy(update={"security_cache_ttl": 0.1})
-    _, second = await issue_key(settings, "alpha")
+    settings, second = await _revocable(settings)
     async with (
         running_gateway(settings, teams=("alpha",), mock_config=SERVED_SLOWLY) as gateway,
         front_door(settings, gateway, keys) as door,
@@ -829,8 +806,7 @@ async def test_a_message_batch_whose_key_is_revoked_lists_what_was_served(
         batch = await client.messages.batches.create(
             requests=message_requests(120)  # type: ignore[arg-type]
         )
-        await polled(lambda: _ok_rows(gateway), lambda n: n >= 32)
-        key_id = await _revoke(settings, keys)
+        key_id = await _revoke_once_answered(settings, keys, gateway, 32)
         # When the team reads it with its other key
         ended = await anthropic_ended(reader, batch.id)
         results = [r async for r in await reader.messages.batches.results(batch.id)]
@@ -870,9 +846,7 @@ async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it
             door.reading(second).openai() as reader,
         ):
             file_id = await upload(client, openai_lines(200))
-            batch = await client.batches.create(
-                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
+            batch = await chat_batch(client, file_id)
             published = Keys(settings.redis_prefix).batch_published("alpha", batch.id)
             await polled(lambda: redis_client.scard(published), lambda n: n >= 5)
             # When its key is revoked, and only then its team served
@@ -908,19 +882,10 @@ async def test_batches_revoked_before_they_ran_end_at_once(
     # Given an OpenAI batch and a Message Batch recorded while no front door ran
     async with front_door(settings, gateway, keys) as door, door.openai() as client:
         file_id = await upload(client, openai_lines(2))
-    requests = b"".join(orjson.dumps(r) + b"\n" for r in message_requests(3))
     key_id = str(api_key_id(keys["alpha"]))
     pool = await create_pool(settings)
     try:
-        stored = await files.store_file(
-            pool,
-            team="alpha",
-            purpose="message_batch_requests",
-            filename="requests.json",
-            chunks=_once(requests),
-            max_bytes=len(requests),
-            quota=settings.team_file_storage_bytes,
-        )
+        stored = await _stored_message_requests(settings, pool, 3)
         openai_batch = await records.create_batch(
             pool, **_recorded("openai", file_id, key_id, endpoint="/v1/chat/completions")
         )
@@ -949,6 +914,22 @@ async def test_batches_revoked_before_they_ran_end_at_once(
     assert sorted(r.custom_id for r in results) == ["msg-0", "msg-1", "msg-2"]
     assert {r.result.type for r in results} == {"errored"}
     assert gateway.mock.stats.calls == 0
+
+
+async def _stored_message_requests(
+    settings: Settings, pool: asyncpg.Pool, count: int
+) -> files.StoredFile:
+    """``count`` Message Batch requests of alpha's, stored as its route stores them."""
+    requests = b"".join(orjson.dumps(r) + b"\n" for r in message_requests(count))
+    return await files.store_file(
+        pool,
+        team="alpha",
+        purpose="message_batch_requests",
+        filename="requests.json",
+        chunks=_once(requests),
+        max_bytes=len(requests),
+        quota=settings.team_file_storage_bytes,
+    )
 
 
 def _recorded(
@@ -984,9 +965,7 @@ async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
     async with running_gateway(settings, teams=("alpha",), mock_config=mock) as gateway:
         async with front_door(settings, gateway, keys) as first, first.openai() as client:
             file_id = await upload(client, lines)
-            batch = await client.batches.create(
-                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
+            batch = await chat_batch(client, file_id)
             await polled(
                 lambda: client.batches.retrieve(batch.id),
                 lambda b: b.request_counts is not None and b.request_counts.completed == 2,

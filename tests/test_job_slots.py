@@ -4,9 +4,11 @@ as bare deliveries, started in arrival order as slots free, and returned by a dr
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
@@ -43,10 +45,23 @@ async def _queue(direct: AbstractChannel, settings: Settings) -> str:
 
 @dataclass
 class Held:
+    queue: str
+    started: Started
     connection: AbstractConnection
     channel: AbstractChannel
     consumer_tag: str
     slots: JobSlots
+
+
+@pytest.fixture
+async def held(settings: Settings, direct: AbstractChannel) -> AsyncIterator[Held]:
+    """JOBS messages in a queue of the test's own, all held by its consumer in a JobSlots of
+    LIMIT slots; the queue deleted after the test."""
+    queue = await _queue(direct, settings)
+    try:
+        yield await _held(settings, queue, Started())
+    finally:
+        await direct.queue_delete(queue)
 
 
 async def _held(settings: Settings, queue: str, started: Started) -> Held:
@@ -67,7 +82,7 @@ async def _held(settings: Settings, queue: str, started: Started) -> Held:
     assert ok.consumer_tag is not None
     async with asyncio.timeout(10):
         await arrived.wait()
-    return Held(connection, channel, ok.consumer_tag, slots)
+    return Held(queue, started, connection, channel, ok.consumer_tag, slots)
 
 
 async def _taken_by_another(settings: Settings, queue: str, count: int) -> list[bytes]:
@@ -87,13 +102,10 @@ async def _taken_by_another(settings: Settings, queue: str, count: int) -> list[
 
 
 async def test_jobs_past_the_slots_wait_and_start_in_arrival_order_as_slots_free(
-    settings: Settings, direct: AbstractChannel
+    settings: Settings, held: Held
 ) -> None:
     # Given a team's slots (2) holding 6 deliveries
-    queue = await _queue(direct, settings)
-    started = Started()
-    held = await _held(settings, queue, started)
-    slots = held.slots
+    queue, started, slots = held.queue, held.started, held.slots
     async with held.connection:
         # Expect the first two started, the other four held but not started
         assert started.bodies == [b"0", b"1"]
@@ -110,17 +122,13 @@ async def test_jobs_past_the_slots_wait_and_start_in_arrival_order_as_slots_free
     # And once the connection is gone, what was still held is back in the queue, the acked
     # ones not
     assert sorted(await _taken_by_another(settings, queue, JOBS - 3)) == [b"3", b"4", b"5"]
-    await direct.queue_delete(queue)
 
 
 async def test_a_waiting_job_whose_channel_closed_is_dropped_not_started(
-    settings: Settings, direct: AbstractChannel
+    settings: Settings, held: Held
 ) -> None:
     # Given 2 started and 4 waiting
-    queue = await _queue(direct, settings)
-    started = Started()
-    held = await _held(settings, queue, started)
-    slots = held.slots
+    queue, started, slots = held.queue, held.started, held.slots
     # When the connection closes (the broker delivers the held ones again) and then the
     # started ones end
     await held.connection.close()
@@ -133,17 +141,11 @@ async def test_a_waiting_job_whose_channel_closed_is_dropped_not_started(
     assert len(slots) == 0
     # And every job back in the queue for the next worker
     assert len(set(await _taken_by_another(settings, queue, JOBS))) == JOBS
-    await direct.queue_delete(queue)
 
 
-async def test_a_drain_returns_the_waiting_jobs_at_once(
-    settings: Settings, direct: AbstractChannel
-) -> None:
+async def test_a_drain_returns_the_waiting_jobs_at_once(settings: Settings, held: Held) -> None:
     # Given 2 started and 4 waiting, the connection kept open
-    queue = await _queue(direct, settings)
-    started = Started()
-    held = await _held(settings, queue, started)
-    slots = held.slots
+    queue, started, slots = held.queue, held.started, held.slots
     async with held.connection:
         # When its consumer is cancelled and the waiting ones taken and returned (as a
         # worker's drain does)
@@ -165,4 +167,3 @@ async def test_a_drain_returns_the_waiting_jobs_at_once(
         assert started.bodies == [b"0", b"1"]
         assert len(slots) == 0
         await asyncio.gather(*(delivery.ack() for delivery in started.deliveries))
-    await direct.queue_delete(queue)

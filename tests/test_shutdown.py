@@ -11,14 +11,16 @@ import os
 import re
 import signal
 import sys
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
-from queuegate.broker import connect
 from queuegate.settings import Settings
-from queuegate.topology import Topology
+from tests.chaos.harness import declare_teams, worker_env
 from tests.support import LogLines, running_gateway, wait_until
 
 JOBS = 40
@@ -26,25 +28,42 @@ CLOSED_DATABASE = "postgresql://postgres@127.0.0.1:18711/test"
 """A PostgreSQL nobody listens for (a port of this file's own): a start waits for it forever."""
 
 
+def role_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a role on the test's namespace and schema (any free metrics port:
+    other test runs share the host); ``extra`` adds or overrides variables."""
+    return {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_METRICS_PORT": "0",
+        **extra,
+    }
+
+
+@asynccontextmanager
+async def logging_process(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Process, LogLines]]:
+    """``python *args``, its stderr read as lines; killed after the body if still running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *args,
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        yield process, LogLines(process.stderr)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Settings) -> None:
     # Given a worker process holding 8 jobs at a time against a provider taking 300 ms a call
     slow = MockConfig(default=Behavior(latency_ms=300))
     async with MockProvider(slow) as mock:
-        connection = await connect(settings.amqp_url, name="test")
-        async with connection:
-            await Topology(settings.namespace).declare_team_queue(
-                await connection.channel(), "alpha"
-            )
-        env = {
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "QUEUEGATE_PREFETCH": "8",
-            "QUEUEGATE_SHUTDOWN_GRACE": "10",
-            "QUEUEGATE_METRICS_PORT": "0",  # any free port: other test runs share the host
-            "QUEUEGATE_MOCK_URL": mock.url,
-            "QUEUEGATE_MOCK_KEY": "sk-test",
-        }
+        await declare_teams(settings, ("alpha",))
+        env = worker_env(settings, mock, QUEUEGATE_PREFETCH="8", QUEUEGATE_SHUTDOWN_GRACE="10")
         worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -74,11 +93,7 @@ async def test_sigterm_drains_in_flight_jobs_and_requeues_the_rest(settings: Set
 
             # ... and every job answered exactly once after a new worker takes over the rest
             async with running_gateway(settings, mock_config=MockConfig()) as gw:
-                results = [await handle.result(timeout=30) for handle in handles]
-                assert all(r.status == "ok" for r in results)
-                assert len({r.job_id for r in results}) == JOBS
-                rows = await gw.usage_rows(JOBS)
-                assert len(rows) == JOBS
+                await gw.expect_each_answered_once(handles)
                 assert 0 < answered_by_first < JOBS
 
 
@@ -91,20 +106,8 @@ async def test_a_stop_signal_while_waiting_for_a_service_at_start_stops_at_once(
     settings: Settings, role: str, sig: signal.Signals
 ) -> None:
     # Given a role waiting at start for a PostgreSQL that is not there (retrying for ever)
-    env = {
-        **os.environ,
-        "QUEUEGATE_NAMESPACE": settings.namespace,
-        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "QUEUEGATE_DATABASE_URL": CLOSED_DATABASE,
-        "QUEUEGATE_METRICS_PORT": "0",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", role,
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    lines = LogLines(process.stderr)
-    try:
+    env = role_env(settings, QUEUEGATE_DATABASE_URL=CLOSED_DATABASE)
+    async with logging_process("-m", "cli", role, env=env) as (process, lines):
         await lines.matches(re.compile("PostgreSQL is not reachable .* waiting for it"), 1)
         # When the operator stops it (SIGTERM, or Ctrl-C)
         process.send_signal(sig)
@@ -112,10 +115,6 @@ async def test_a_stop_signal_while_waiting_for_a_service_at_start_stops_at_once(
         # as a normal stop exits, in one line and no traceback
         async with asyncio.timeout(5):
             code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     said = await lines.closed()
     assert code == 0, said
     assert "Traceback" not in said, said
@@ -141,14 +140,7 @@ async def test_a_stop_signal_while_a_role_imports_stops_it_as_at_start(
 ) -> None:
     # Given a role just started, whose Python says which modules it has imported (to signal
     # it at a known moment of the second or two before it runs: it died of the signal then)
-    env = {
-        **os.environ,
-        "QUEUEGATE_NAMESPACE": settings.namespace,
-        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "QUEUEGATE_METRICS_PORT": "0",
-        "PYTHONVERBOSE": "1",
-        "QUEUEGATE_LOG_FORMAT": form,
-    }
+    env = role_env(settings, PYTHONVERBOSE="1", QUEUEGATE_LOG_FORMAT=form)
     port = ["--port", "0"] if role == "api" else []
     # Its output goes through a pipe of one page, read only as far as the module's line: the
     # role may run at most a page of output past it before it waits for the reader, so the
@@ -259,20 +251,8 @@ async def test_sigterm_while_a_hung_service_is_connecting_at_start_stops_at_once
     # Given a role connecting at start to a service that accepted and never answers
     service = HungService()
     async with service as port:
-        env = {
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "QUEUEGATE_METRICS_PORT": "0",
-            variable: url.format(port=port),
-        }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", role,
-            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert process.stderr is not None
-        lines = LogLines(process.stderr)
-        try:
+        env = role_env(settings, **{variable: url.format(port=port)})
+        async with logging_process("-m", "cli", role, env=env) as (process, lines):
             async with asyncio.timeout(30):
                 await service.accepted.wait()
             # When the operator stops it while it waits for the service's greeting
@@ -284,10 +264,6 @@ async def test_sigterm_while_a_hung_service_is_connecting_at_start_stops_at_once
                     code = await process.wait()
             except TimeoutError:
                 pytest.fail(f"still running 5 s after SIGTERM, having said: {lines.lines}")
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
     said = await lines.closed()
     assert code == 0, said
     assert "Traceback" not in said, said
@@ -317,13 +293,7 @@ run(main)
 
 async def test_a_second_signal_ends_a_start_up_that_did_not_stop_at_the_first() -> None:
     # Given a process whose start-up swallows the cancel a stop signal makes
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", DEAF_START,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    lines = LogLines(process.stderr)
-    try:
+    async with logging_process("-c", DEAF_START) as (process, lines):
         await lines.matches(re.compile("starting"), 1)
         process.send_signal(signal.SIGTERM)
         await lines.matches(re.compile("SIGTERM while starting: stopped before serving"), 1)
@@ -332,10 +302,6 @@ async def test_a_second_signal_ends_a_start_up_that_did_not_stop_at_the_first() 
         # Expect the process gone at once, killed by that signal, saying so
         async with asyncio.timeout(5):
             code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     said = await lines.closed()
     assert code == -signal.SIGTERM, said
     assert said.splitlines()[-1].endswith(

@@ -10,9 +10,8 @@ import sys
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
-from queuegate.broker import connect
 from queuegate.settings import Settings
-from queuegate.topology import Topology
+from tests.chaos.harness import declare_teams, worker_env
 from tests.support import LogLines, running_gateway, wait_until
 
 JOBS = 60
@@ -26,23 +25,10 @@ async def test_supervisor_restarts_a_killed_worker_and_stops_all_without_losing_
     # Given a supervisor running two worker processes against a provider taking 500 ms a call
     slow = MockConfig(default=Behavior(latency_ms=500))
     async with MockProvider(slow) as mock:
-        connection = await connect(settings.amqp_url, name="test")
-        async with connection:
-            await Topology(settings.namespace).declare_team_queue(
-                await connection.channel(), "alpha"
-            )
-        env = {
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "QUEUEGATE_SHUTDOWN_GRACE": "10",
-            # The killed process's claims lapse in 1 s, not 10: the other process, handed
-            # those jobs again, waits out their leases, and its drain at SIGTERM with them
-            "QUEUEGATE_CLAIM_LEASE": "1",
-            "QUEUEGATE_METRICS_PORT": "0",  # any free port: other test runs share the host
-            "QUEUEGATE_MOCK_URL": mock.url,
-            "QUEUEGATE_MOCK_KEY": "sk-test",
-        }
+        await declare_teams(settings, ("alpha",))
+        # The killed process's claims lapse in 1 s, not 10: the other process, handed those
+        # jobs again, waits out their leases, and its drain at SIGTERM with them
+        env = worker_env(settings, mock, QUEUEGATE_SHUTDOWN_GRACE="10", QUEUEGATE_CLAIM_LEASE="1")
         supervisor = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli", "worker",
             "--processes", "2", "--concurrency", "4", "--teams", "alpha",
@@ -83,11 +69,7 @@ async def test_supervisor_restarts_a_killed_worker_and_stops_all_without_losing_
 
                 # ... and every job answered and accounted exactly once, the rest by a new worker
                 async with running_gateway(settings) as gw:
-                    results = [await handle.result(timeout=30) for handle in handles]
-                    assert all(r.status == "ok" for r in results)
-                    assert len({r.job_id for r in results}) == JOBS
-                    rows = await gw.usage_rows(JOBS)
-                    assert len(rows) == JOBS
+                    await gw.expect_each_answered_once(handles)
 
         finally:
             # A failed test stops its supervisor (and so its workers), not leaves them serving

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 
 from admin.teams import Credentials, revoke_key, rotate, set_security
@@ -31,6 +33,23 @@ def as_team(settings: Settings, credentials: Credentials) -> Settings:
     return settings.model_copy(update={"amqp_url": credentials.amqp_url})
 
 
+async def alpha_connection(teams: dict[str, Credentials]) -> AbstractConnection:
+    """A connection under team alpha's own broker user."""
+    url = teams["alpha"].amqp_url
+    assert url is not None
+    return await aio_pika.connect(url)
+
+
+@asynccontextmanager
+async def alpha_entry(
+    settings: Settings, teams: dict[str, Credentials]
+) -> AsyncIterator[AbstractExchange]:
+    """Team alpha's entry exchange, on a channel with confirms under alpha's own user."""
+    async with await alpha_connection(teams) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        yield await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
+
+
 def forged(team: str, *, job_id: str | None = None) -> bytes:
     job = {"job_id": job_id or uuid.uuid4().hex, "team": team, "model": "m", "messages": HELLO}
     return ChatJob.model_validate(job).model_dump_json().encode()
@@ -40,11 +59,7 @@ async def test_a_team_cannot_publish_under_another_teams_routing_key(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
     # Given team alpha connected with its own broker user
-    assert teams["alpha"].amqp_url is not None
-    connection = await aio_pika.connect(teams["alpha"].amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
+    async with alpha_entry(settings, teams) as exchange:
         # When it publishes a job under beta's routing key
         # Expect the broker to close the channel: access refused
         with pytest.raises(ChannelAccessRefused, match="topic 'beta'"):
@@ -55,8 +70,7 @@ async def test_a_team_cannot_publish_on_the_default_exchange(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
     # Given team alpha's user, when it publishes straight into beta's queue by name
-    assert teams["alpha"].amqp_url is not None
-    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    connection = await alpha_connection(teams)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         # Expect the broker to refuse: the team has no write on amq.default
@@ -77,8 +91,7 @@ async def test_a_team_cannot_consume_another_teams_job_or_reply_queue(
         GatewayClient(as_team(settings, teams["beta"]), team="beta", reply_queue="nightly"),
     ):
         pass
-    assert teams["alpha"].amqp_url is not None
-    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    connection = await alpha_connection(teams)
     try:
         async with connection:
             for queue_name in (f"{ns}.jobs.beta", beta_results, f"{ns}.jobs.alpha"):
@@ -97,11 +110,7 @@ async def test_a_team_cannot_consume_another_teams_job_or_reply_queue(
 async def test_a_user_id_other_than_the_connections_user_is_refused_by_the_broker(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
-    assert teams["alpha"].amqp_url is not None
-    connection = await aio_pika.connect(teams["alpha"].amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(Topology(settings.namespace).entry_exchange("alpha"))
+    async with alpha_entry(settings, teams) as exchange:
         # When alpha's connection claims to be beta's user
         message = aio_pika.Message(forged("alpha"), user_id=teams["beta"].user)
         # Expect the broker itself to refuse it
@@ -227,11 +236,7 @@ async def test_a_reply_to_outside_the_teams_reply_queues_is_refused_and_not_answ
             )
             try:
                 # When alpha sends a job whose reply_to is beta's queue
-                assert teams["alpha"].amqp_url is not None
-                connection = await aio_pika.connect(teams["alpha"].amqp_url)
-                async with connection:
-                    channel = await connection.channel(publisher_confirms=True)
-                    exchange = await channel.get_exchange(gw.topology.entry_exchange("alpha"))
+                async with alpha_entry(settings, teams) as exchange:
                     await exchange.publish(
                         aio_pika.Message(
                             forged("alpha", job_id="misdirected"),
@@ -308,8 +313,7 @@ async def test_rotating_credentials_closes_connections_opened_with_the_old_ones(
     settings: Settings, teams: dict[str, Credentials]
 ) -> None:
     # Given an app connected with alpha's current password
-    assert teams["alpha"].amqp_url is not None
-    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    connection = await alpha_connection(teams)
     closed = asyncio.Event()
     connection.close_callbacks.add(lambda *_: closed.set())
     async with BrokerAdmin.of(settings) as admin:
@@ -424,8 +428,7 @@ async def test_a_team_sees_another_queues_depth_but_never_its_messages(
         GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta,
     ):
         await beta.submit(beta.job("gpt-4o-mini", HELLO))
-    assert teams["alpha"].amqp_url is not None
-    connection = await aio_pika.connect(teams["alpha"].amqp_url)
+    connection = await alpha_connection(teams)
     async with connection:
         # When alpha declares beta's queue passively: the broker checks no permission for it
         channel = await connection.channel()

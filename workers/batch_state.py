@@ -21,6 +21,7 @@ from redis.exceptions import RedisError, WatchError
 
 from queuegate.control import (
     CATEGORIES,
+    NANO,
     BatchMeta,
     BatchSummary,
     Category,
@@ -36,8 +37,6 @@ from queuegate.redis_client import text
 
 KEEP_S = 7 * 24 * 3600
 """Seconds a batch's state outlives its deadline."""
-NANO = 10**9
-"""Spend is counted in nano-dollars, an integer Redis can add exactly."""
 
 
 class BatchState:

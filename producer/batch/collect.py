@@ -66,11 +66,11 @@ from producer.batch.jobs import Check, JobReader, Refused, check_batch_name
 from producer.batch.lines import BatchFile
 from producer.batch.lock import hold_lock
 from producer.batch.resend import Resend, Source
-from producer.batch.state import NANO, BatchState, CollectState
+from producer.batch.state import BatchState, CollectState
 from producer.batch.submit import Progress
 from producer.client import GatewayClient
 from queuegate.broker import Incoming, connect, consume, settle
-from queuegate.control import BatchMeta, Counts, job_id
+from queuegate.control import NANO, BatchMeta, Counts, job_id
 from queuegate.errors import BatchError
 from queuegate.messages import ChatResult, ErrorInfo
 from queuegate.settings import Settings

@@ -1,11 +1,7 @@
 """A batch's state, kept by the gateway under the team's own keys and reached through the
 control plane: the team's tools never touch Redis. Same steps as the gateway's BatchState
-(workers/batch_state.py), each one round trip, each over many custom_ids at once.
-
-Submit writes ``lines`` (custom_id → line number, the valid requests) and ``published``;
-collect writes ``written`` and the counts. A custom_id enters ``published`` only after the
-broker's confirm and ``written`` only after its line is fsynced, so after any crash a re-run
-publishes or writes again at most what was in flight, and drops the duplicates by custom_id.
+(workers/batch_state.py), each one round trip, each over many custom_ids at once; what
+submit and collect write, and why a re-run after a crash repeats nothing, is said there.
 """
 
 from __future__ import annotations
@@ -28,8 +24,6 @@ from queuegate.control import (
 from queuegate.errors import BatchError
 from queuegate.messages import decoded
 
-NANO = 10**9
-"""Spend is counted in nano-dollars, an integer Redis can add exactly."""
 OUTCOMES: dict[str, Outcome] = {"stored": "stored", "held": "held"}
 
 

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,6 +103,39 @@ async def stop_workers(workers: Sequence[asyncio.subprocess.Process]) -> None:
     await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout=30)
 
 
+@contextlib.asynccontextmanager
+async def workers_running(
+    env: Mapping[str, str], teams: Sequence[str], count: int = 1
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """``count`` worker processes serving ``teams`` while the body runs, stopped after it."""
+    workers = [await start_worker(env, teams) for _ in range(count)]
+    try:
+        yield workers
+    finally:
+        await stop_workers(workers)
+
+
+@contextlib.asynccontextmanager
+async def team_clients(
+    open_client: Callable[[str], GatewayClient],
+) -> AsyncIterator[list[GatewayClient]]:
+    """A client of each of ``TEAMS``, as ``open_client(team)`` makes it, open while the body
+    runs."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(open_client(team)) for team in TEAMS]
+
+
+async def jobs_flowing(
+    clients: Sequence[GatewayClient], mock: MockProvider, jobs: int, calls: int, within: float
+) -> asyncio.Task[list[JobHandle]]:
+    """The task submitting ``jobs`` jobs round-robin over ``clients``, once ``mock`` has been
+    called ``calls`` times (within ``within`` seconds): a fault that strikes now comes mid-run."""
+    submitting = asyncio.create_task(submit_all(clients, jobs))
+    async with asyncio.timeout(within):
+        await mock.wait_for_calls(calls)
+    return submitting
+
+
 async def submit_all(clients: Sequence[GatewayClient], count: int) -> list[JobHandle]:
     """Submit ``count`` jobs round-robin over the clients' teams, a few hundred at a time."""
     chosen = [clients[i % len(clients)] for i in range(count)]
@@ -182,14 +215,15 @@ async def expect_each_job_once(
     *,
     clients: Sequence[GatewayClient],
     pool: asyncpg.Pool,
-    calls: Callable[[], int],
+    mock: MockProvider,
     dead: Settings,
     figures: Figures,
     timeout: float = 60,
     worker_logs: Sequence[Path] = (),
 ) -> None:
     """Every confirmed job answered exactly once at the producer, called once and accounted
-    once, nothing dead-lettered; the figures are recorded and printed. ``timeout``: seconds
+    once (``mock`` called once a job), nothing dead-lettered; the figures are recorded and
+    printed. ``timeout``: seconds
     the results may take to arrive, after the last job is confirmed. ``worker_logs``: the
     workers' logs, quoted when a job was called more than once."""
     handles = await submitting
@@ -201,7 +235,7 @@ async def expect_each_job_once(
     rows, distinct = await usage_rows(pool, len(handles), timeout=timeout / 2)
     figures.usage_rows = rows
     figures.double_counted = rows - distinct
-    figures.provider_calls = calls()
+    figures.provider_calls = mock.stats.calls
     figures.dead_lettered = await dead_lettered(dead)
     figures.done()
     assert all(r.status == "ok" for r in results)

@@ -11,7 +11,7 @@ import asyncio
 
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.chaos.harness import TEAMS, Figures, expect_each_job_once, submit_all
+from tests.chaos.harness import TEAMS, Figures, expect_each_job_once, jobs_flowing, team_clients
 from tests.chaos.private_broker import PrivateBroker, on_node
 from tests.support import running_gateway
 
@@ -28,15 +28,10 @@ async def test_a_broker_restart_loses_no_confirmed_job_and_counts_none_twice(
     mock = MockConfig(default=Behavior(latency_ms=20))
     async with (
         running_gateway(settings, teams=TEAMS, mock_config=mock, components=components) as gw,
-        gw.client("alpha") as alpha,
-        gw.client("beta") as beta,
-        gw.client("gamma") as gamma,
+        team_clients(gw.client) as clients,
     ):
-        clients = [alpha, beta, gamma]
         # When jobs are flowing and the node stops and starts again
-        submitting = asyncio.create_task(submit_all(clients, JOBS))
-        async with asyncio.timeout(60):
-            await gw.mock.wait_for_calls(RESTART_AFTER_CALLS)
+        submitting = await jobs_flowing(clients, gw.mock, JOBS, RESTART_AFTER_CALLS, within=60)
         calls_at_restart = gw.mock.stats.calls
         await asyncio.to_thread(broker.restart)
 
@@ -45,7 +40,7 @@ async def test_a_broker_restart_loses_no_confirmed_job_and_counts_none_twice(
             submitting,
             clients=clients,
             pool=gw.pool,
-            calls=lambda: gw.mock.stats.calls,
+            mock=gw.mock,
             dead=components,
             figures=figures,
         )

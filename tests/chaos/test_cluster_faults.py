@@ -26,9 +26,10 @@ from tests.chaos.harness import (
     Figures,
     declare_teams,
     expect_each_job_once,
+    jobs_flowing,
     start_worker,
     stop_workers,
-    submit_all,
+    team_clients,
     worker_env,
 )
 from tests.chaos.private_broker import PrivateBroker
@@ -69,15 +70,10 @@ async def run_through_fault(
         try:
             async with (
                 running_accountant(components),
-                GatewayClient(components, team="alpha") as alpha,
-                GatewayClient(components, team="beta") as beta,
-                GatewayClient(components, team="gamma") as gamma,
+                team_clients(lambda team: GatewayClient(components, team=team)) as clients,
             ):
-                clients = [alpha, beta, gamma]
                 # When jobs are flowing and the fault strikes the queues' leader
-                submitting = asyncio.create_task(submit_all(clients, JOBS))
-                async with asyncio.timeout(90):
-                    await mock.wait_for_calls(FAULT_AFTER_CALLS)
+                submitting = await jobs_flowing(clients, mock, JOBS, FAULT_AFTER_CALLS, within=90)
                 await asyncio.to_thread(fault, cluster.node_named(leader))
 
                 # Expect every confirmed job answered once, called once, accounted once
@@ -85,7 +81,7 @@ async def run_through_fault(
                     submitting,
                     clients=clients,
                     pool=pool,
-                    calls=lambda: mock.stats.calls,
+                    mock=mock,
                     dead=components,
                     figures=figures,
                     timeout=120,

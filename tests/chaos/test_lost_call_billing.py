@@ -22,7 +22,7 @@ from producer.client import JobHandle
 from queuegate import dlq
 from queuegate.db import create_pool
 from queuegate.keys import Keys
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, ChatResult
 from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, spend_drift
@@ -34,6 +34,7 @@ from tests.chaos.harness import (
     stop_workers,
     usage_rows,
     worker_env,
+    workers_running,
 )
 from tests.support import running_accountant
 from tests.teams import register
@@ -44,30 +45,36 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 @asynccontextmanager
 async def killed_mid_call(
-    settings: Settings, mock: MockProvider, deadline: timedelta | None = None
-) -> AsyncIterator[tuple[AsyncExitStack, JobHandle, asyncpg.Pool, dict[str, str]]]:
+    settings: Settings, deadline: timedelta | None = None
+) -> AsyncIterator[tuple[MockProvider, AsyncExitStack, JobHandle, asyncpg.Pool, dict[str, str]]]:
     """A budgeted team's job (due within ``deadline``) whose worker is SIGKILLed while the
-    provider holds its call; accounting runs without reconciling, so the ledger shows what
-    the workers settled. The client closes with the stack yielded (early when the test
-    closes it). Workers on the environment yielded sweep lapsed claims twice a second."""
+    mock provider yielded holds its call (as it holds every call until reconfigured);
+    accounting runs without reconciling, so the ledger shows what the workers settled. The
+    client closes with the stack yielded (early when the test closes it). Workers on the
+    environment yielded sweep lapsed claims twice a second."""
     await register(settings, "alpha", TeamConfig(budget_usd=Decimal(5)))
     await declare_teams(settings, ("alpha",))
-    env = worker_env(settings, mock, QUEUEGATE_CLAIM_LEASE="1", QUEUEGATE_TEAMS_REFRESH="0.5")
-    worker = await start_worker(env, ("alpha",))
     pool = await create_pool(settings)
     unreconciled = settings.model_copy(update={"spend_reconcile_interval": 86400})
     try:
-        async with running_accountant(unreconciled), AsyncExitStack() as stack:
-            client = await stack.enter_async_context(GatewayClient(settings, team="alpha"))
-            job = client.job("gpt-4o-mini", HELLO, max_tokens=50, deadline=deadline)
-            handle = await client.submit(job)
-            async with asyncio.timeout(60):
-                await mock.wait_for_calls(1)
-            worker.send_signal(signal.SIGKILL)
-            await worker.wait()
-            yield stack, handle, pool, env
+        async with MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock:
+            env = worker_env(
+                settings, mock, QUEUEGATE_CLAIM_LEASE="1", QUEUEGATE_TEAMS_REFRESH="0.5"
+            )
+            async with (
+                workers_running(env, ("alpha",)) as [worker],
+                running_accountant(unreconciled),
+                AsyncExitStack() as stack,
+            ):
+                client = await stack.enter_async_context(GatewayClient(settings, team="alpha"))
+                job = client.job("gpt-4o-mini", HELLO, max_tokens=50, deadline=deadline)
+                handle = await client.submit(job)
+                async with asyncio.timeout(60):
+                    await mock.wait_for_calls(1)
+                worker.send_signal(signal.SIGKILL)
+                await worker.wait()
+                yield mock, stack, handle, pool, env
     finally:
-        await stop_workers([worker])
         await pool.close()
 
 
@@ -79,6 +86,24 @@ async def ledger_drift(
     return await spend_drift(redis_client, pool, keys, "alpha", current_month())
 
 
+async def claim_left(
+    redis_client: aioredis.Redis, settings: Settings, job_id: str
+) -> tuple[int, int]:
+    """Lapsing claims, and whether the job's claim is there: what a sweep could still take."""
+    keys = Keys(settings.redis_prefix)
+    return await redis_client.zcard(keys.lapsing), await redis_client.exists(
+        keys.claim("alpha", job_id)
+    )
+
+
+async def taken_over(pool: asyncpg.Pool, env: dict[str, str], handle: JobHandle) -> ChatResult:
+    """The job's result once a worker of its team takes it over, and its one usage row."""
+    async with workers_running(env, ("alpha",)):
+        result = await handle.result(timeout=60)
+        assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+    return result
+
+
 @asynccontextmanager
 async def swept(settings: Settings, env: dict[str, str], sweepers: int = 2) -> AsyncIterator[None]:
     """The job of ``killed_mid_call`` expired in its queue (dead-lettered by the broker, no
@@ -87,30 +112,19 @@ async def swept(settings: Settings, env: dict[str, str], sweepers: int = 2) -> A
     await register(settings, "beta", TeamConfig())
     await declare_teams(settings, ("beta",))
     assert await dead_lettered(settings, expected=1, timeout=30) == 1
-    workers = [await start_worker(env, ("beta",)) for _ in range(sweepers)]
-    try:
+    async with workers_running(env, ("beta",), sweepers):
         yield
-    finally:
-        await stop_workers(workers)
 
 
 async def test_a_lost_call_whose_job_is_called_again_is_billed_alike_in_row_ledger_and_result(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job whose worker is killed mid-call
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock) as (_, handle, pool, env),
-    ):
+    async with killed_mid_call(settings) as (mock, _, handle, pool, env):
         # When another worker takes it over and the provider answers
         mock.configure(MockConfig())
-        worker = await start_worker(env, ("alpha",))
-        try:
-            result = await handle.result(timeout=60)
-            assert result.status == "ok", result.error
-            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
-        finally:
-            await stop_workers([worker])
+        result = await taken_over(pool, env, handle)
+        assert result.status == "ok", result.error
         row = await pool.fetchrow("SELECT * FROM usage_log")
         drift = await ledger_drift(redis_client, pool, settings)
 
@@ -127,18 +141,12 @@ async def test_a_lost_call_whose_job_is_refused_before_any_cost_is_on_the_jobs_r
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job whose worker is killed mid-call
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock) as (stack, handle, pool, env),
-    ):
+    async with killed_mid_call(settings) as (mock, stack, handle, pool, env):
         # When its reply queue is gone (its client closed) before another worker takes
         # it over
         await stack.aclose()
-        worker = await start_worker(env, ("alpha",))
-        try:
+        async with workers_running(env, ("alpha",)):
             assert (await usage_rows(pool, 1, timeout=60))[0] >= 1
-        finally:
-            await stop_workers([worker])
         rows = await pool.fetch("SELECT * FROM usage_log")
         drift = await ledger_drift(redis_client, pool, settings)
         calls = mock.stats.calls
@@ -156,18 +164,10 @@ async def test_a_lost_call_whose_job_is_refused_over_budget_is_charged_as_its_ro
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job whose worker is killed mid-call
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock) as (_, handle, pool, env),
-    ):
+    async with killed_mid_call(settings) as (mock, _, handle, pool, env):
         # When its team's budget is cut below a call before another worker takes it over
         await set_team_config(pool, "alpha", TeamConfig(budget_usd=Decimal("0.000001")))
-        worker = await start_worker(env, ("alpha",))
-        try:
-            result = await handle.result(timeout=60)
-            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
-        finally:
-            await stop_workers([worker])
+        result = await taken_over(pool, env, handle)
         row = await pool.fetchrow("SELECT * FROM usage_log")
         drift = await ledger_drift(redis_client, pool, settings)
         calls = mock.stats.calls
@@ -187,10 +187,7 @@ async def test_a_lost_call_whose_job_the_budget_holds_once_but_not_twice_is_not_
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job whose worker is killed mid-call: its ledger holds the lost call's estimate
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock) as (_, handle, pool, env),
-    ):
+    async with killed_mid_call(settings) as (mock, _, handle, pool, env):
         keys = Keys(settings.redis_prefix)
         reserved = await ledger_spent(redis_client, keys, "alpha", current_month())
         catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": mock.url})
@@ -206,12 +203,7 @@ async def test_a_lost_call_whose_job_the_budget_holds_once_but_not_twice_is_not_
         # entry: the lost call's cost was freed, and the job was called again past the budget)
         mock.configure(MockConfig())
         await set_team_config(pool, "alpha", TeamConfig(budget_usd=reserved + lost / 2))
-        worker = await start_worker(env, ("alpha",))
-        try:
-            result = await handle.result(timeout=60)
-            assert await usage_rows(pool, 1, timeout=30) == (1, 1)
-        finally:
-            await stop_workers([worker])
+        result = await taken_over(pool, env, handle)
         row = await pool.fetchrow("SELECT * FROM usage_log")
         calls = mock.stats.calls
 
@@ -227,9 +219,12 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
 ) -> None:
     # Given a job due in 8 s whose worker is killed mid-call, and no other worker taking
     # its team's jobs
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (_, handle, pool, env),
+    async with killed_mid_call(settings, deadline=timedelta(seconds=8)) as (
+        mock,
+        _,
+        handle,
+        pool,
+        env,
     ):
         # When it expires in its queue (dead-lettered by the broker) and a worker of
         # another team sweeps
@@ -237,18 +232,14 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
             assert await usage_rows(pool, 1, timeout=30) == (1, 1)
             rows = await pool.fetch("SELECT * FROM usage_log")
         drift = await ledger_drift(redis_client, pool, settings)
+        lapsing, claimed = await claim_left(redis_client, settings, handle.job_id)
         keys = Keys(settings.redis_prefix)
-        lapsing = await redis_client.zcard(keys.lapsing)
-        claimed = await redis_client.exists(keys.claim("alpha", handle.job_id))
         stored = await redis_client.get(keys.result("alpha", handle.job_id))
         # ... and when it is then replayed from the dead letters to a worker of its team
         mock.configure(MockConfig())
-        worker = await start_worker(env, ("alpha",))
-        try:
+        async with workers_running(env, ("alpha",)):
             replayed, _ = await dlq.replay(settings, {handle.job_id})
             result = await handle.result(timeout=60)
-        finally:
-            await stop_workers([worker])
         replay_drift = await ledger_drift(redis_client, pool, settings)
         calls = mock.stats.calls
 
@@ -278,9 +269,12 @@ async def test_a_job_that_expires_in_its_queue_after_its_worker_died_mid_call_is
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job due in 8 s whose worker is killed mid-call, its client still waiting
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (_, handle, pool, env),
+    async with killed_mid_call(settings, deadline=timedelta(seconds=8)) as (
+        _,
+        _,
+        handle,
+        pool,
+        env,
     ):
         # When it expires in its queue (no delivery of it comes back) and two workers of
         # another team sweep
@@ -288,9 +282,7 @@ async def test_a_job_that_expires_in_its_queue_after_its_worker_died_mid_call_is
             result = await handle.result(timeout=30)
             assert await usage_rows(pool, 1, timeout=30) == (1, 1)
         rows = await pool.fetch("SELECT * FROM usage_log")
-        keys = Keys(settings.redis_prefix)
-        lapsing = await redis_client.zcard(keys.lapsing)
-        claimed = await redis_client.exists(keys.claim("alpha", handle.job_id))
+        lapsing, claimed = await claim_left(redis_client, settings, handle.job_id)
         duplicates = handle._client.duplicates
 
     # Expect the client answered deadline_exceeded by the sweep that billed it, told the
@@ -310,14 +302,12 @@ async def test_a_swept_job_whose_reply_queue_is_gone_is_still_billed_once(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job due in 8 s whose worker is killed mid-call
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock, deadline=timedelta(seconds=8)) as (
-            stack,
-            handle,
-            pool,
-            env,
-        ),
+    async with killed_mid_call(settings, deadline=timedelta(seconds=8)) as (
+        _,
+        stack,
+        handle,
+        pool,
+        env,
     ):
         # When its reply queue is gone (its client closed) and it expires in its queue
         # before a worker of another team sweeps
@@ -326,9 +316,7 @@ async def test_a_swept_job_whose_reply_queue_is_gone_is_still_billed_once(
             assert await usage_rows(pool, 1, timeout=30) == (1, 1)
         rows = await pool.fetch("SELECT * FROM usage_log")
         drift = await ledger_drift(redis_client, pool, settings)
-        keys = Keys(settings.redis_prefix)
-        lapsing = await redis_client.zcard(keys.lapsing)
-        claimed = await redis_client.exists(keys.claim("alpha", handle.job_id))
+        lapsing, claimed = await claim_left(redis_client, settings, handle.job_id)
 
     # Expect its one row, the result undelivered, the lost call billed alike in the ledger,
     # and the claim done with: the answer that reached nobody failed no sweep
@@ -364,10 +352,7 @@ async def test_lost_calls_of_a_job_dead_lettered_past_the_delivery_limit_are_bil
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # Given a job with no deadline and a delivery limit of 2, whose owners are killed mid-call
-    async with (
-        MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=300))) as mock,
-        killed_mid_call(settings, mock) as (_, handle, pool, env),
-    ):
+    async with killed_mid_call(settings) as (mock, _, handle, pool, env):
         limited = {**env, "QUEUEGATE_DELIVERY_LIMIT": "2"}
         # When each worker taking it over is killed too, until one dead-letters it
         kills, last = await kill_takers_until_dead_lettered(settings, mock, limited, 1)
@@ -410,22 +395,21 @@ async def test_a_call_cut_off_at_the_jobs_deadline_once_sent_is_billed_at_its_es
     unreconciled = settings.model_copy(update={"spend_reconcile_interval": 86400})
     pool = await create_pool(settings)
     async with MockProvider(MockConfig(default=Behavior(timeout_rate=1, hang_s=30))) as mock:
-        worker = await start_worker(worker_env(settings, mock), ("alpha",))
         try:
-            async with (
-                running_accountant(unreconciled),
-                GatewayClient(settings, team="alpha") as client,
-            ):
-                # When the worker calls it and the deadline cuts the call
-                job = client.job(
-                    "gpt-4o-mini", HELLO, max_tokens=50, deadline=timedelta(seconds=1.5)
-                )
-                result = await (await client.submit(job)).result(timeout=60)
-                assert await usage_rows(pool, 1, timeout=30) == (1, 1)
-            row = await pool.fetchrow("SELECT * FROM usage_log")
-            drift = await ledger_drift(redis_client, pool, settings)
+            async with workers_running(worker_env(settings, mock), ("alpha",)):
+                async with (
+                    running_accountant(unreconciled),
+                    GatewayClient(settings, team="alpha") as client,
+                ):
+                    # When the worker calls it and the deadline cuts the call
+                    job = client.job(
+                        "gpt-4o-mini", HELLO, max_tokens=50, deadline=timedelta(seconds=1.5)
+                    )
+                    result = await (await client.submit(job)).result(timeout=60)
+                    assert await usage_rows(pool, 1, timeout=30) == (1, 1)
+                row = await pool.fetchrow("SELECT * FROM usage_log")
+                drift = await ledger_drift(redis_client, pool, settings)
         finally:
-            await stop_workers([worker])
             await pool.close()
         catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": mock.url})
 

@@ -13,7 +13,7 @@ import pytest
 
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.chaos.harness import TEAMS, Figures, expect_each_job_once, submit_all
+from tests.chaos.harness import TEAMS, Figures, expect_each_job_once, jobs_flowing, team_clients
 from tests.faults import Service, behind_proxies
 from tests.support import running_gateway
 
@@ -35,15 +35,10 @@ async def test_an_outage_loses_no_confirmed_job_and_counts_none_twice(
     async with (
         behind_proxies(settings, service) as (through, proxies),
         running_gateway(settings, teams=TEAMS, mock_config=mock, components=through) as gw,
-        gw.client("alpha") as alpha,
-        gw.client("beta") as beta,
-        gw.client("gamma") as gamma,
+        team_clients(gw.client) as clients,
     ):
-        clients = [alpha, beta, gamma]
         # When jobs are flowing and the service becomes unreachable for a while
-        submitting = asyncio.create_task(submit_all(clients, JOBS))
-        async with asyncio.timeout(60):
-            await gw.mock.wait_for_calls(CUT_AFTER_CALLS)
+        submitting = await jobs_flowing(clients, gw.mock, JOBS, CUT_AFTER_CALLS, within=60)
         calls_at_cut = gw.mock.stats.calls
         await proxies[service].down()
         await asyncio.sleep(outage)
@@ -54,7 +49,7 @@ async def test_an_outage_loses_no_confirmed_job_and_counts_none_twice(
             submitting,
             clients=clients,
             pool=gw.pool,
-            calls=lambda: gw.mock.stats.calls,
+            mock=gw.mock,
             dead=settings,
             figures=figures,
         )

@@ -18,9 +18,9 @@ from queuegate.spend import current_month, spend_drift
 from tests.chaos.harness import (
     collect,
     declare_teams,
+    jobs_flowing,
     start_worker,
     stop_workers,
-    submit_all,
     usage_rows,
     worker_env,
 )
@@ -49,9 +49,7 @@ async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
         try:
             async with running_accountant(quick), GatewayClient(settings, team="alpha") as client:
                 # When jobs flow and one worker is killed mid-call, then restarted
-                submitting = asyncio.create_task(submit_all([client], JOBS))
-                async with asyncio.timeout(60):
-                    await mock.wait_for_calls(KILL_AFTER_CALLS)
+                submitting = await jobs_flowing([client], mock, JOBS, KILL_AFTER_CALLS, within=60)
                 workers[0].send_signal(signal.SIGKILL)
                 await workers[0].wait()
                 workers[0] = await start_worker(env, ("alpha",))

@@ -34,9 +34,10 @@ from tests.chaos.harness import (
     collect,
     dead_lettered,
     declare_teams,
+    jobs_flowing,
     start_worker,
     stop_workers,
-    submit_all,
+    team_clients,
     usage_rows,
     worker_env,
 )
@@ -64,15 +65,10 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
         try:
             async with (
                 running_accountant(settings),
-                GatewayClient(settings, team="alpha") as alpha,
-                GatewayClient(settings, team="beta") as beta,
-                GatewayClient(settings, team="gamma") as gamma,
+                team_clients(lambda team: GatewayClient(settings, team=team)) as clients,
             ):
-                clients = [alpha, beta, gamma]
                 # When 2,000 jobs are submitted and one worker is killed mid-run, then restarted
-                submitting = asyncio.create_task(submit_all(clients, JOBS))
-                async with asyncio.timeout(60):
-                    await mock.wait_for_calls(KILL_AFTER_CALLS)
+                submitting = await jobs_flowing(clients, mock, JOBS, KILL_AFTER_CALLS, within=60)
                 workers[0].send_signal(signal.SIGKILL)
                 await workers[0].wait()
                 workers[0] = await start_worker(env, TEAMS)
