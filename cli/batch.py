@@ -81,11 +81,11 @@ def submit(
 
     Each request is checked as the front door's endpoint of its API checks a body: one it
     refuses is never published, named here, and answered a failed line by collect."""
-    from frontdoor.batch_checks import batch_checks
-    from frontdoor.chat_request import Limits
     from producer.batch import submit_batch
+    from producer.batch.checks import batch_checks
     from producer.batch.jobs import check_batch_name, default_name
     from queuegate.progress import progress
+    from queuegate.request_limits import Limits
     from router import load_catalog
 
     settings = Settings()
@@ -218,10 +218,10 @@ def collect(
     api_key: ApiKey = None,
 ) -> None:
     """Write a batch's results as they arrive, in its own format; re-run it to resume."""
-    from frontdoor.batch_checks import batch_checks
-    from frontdoor.chat_request import Limits
     from producer.batch import collect as collect_batch
+    from producer.batch.checks import batch_checks
     from queuegate.progress import progress
+    from queuegate.request_limits import Limits
     from router import load_catalog
 
     settings = Settings()

@@ -28,7 +28,6 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,12 +36,12 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from frontdoor.answers import arrived
-from frontdoor.errors import ApiError, shown
+from frontdoor.errors import ApiError, refusing, shown
 from queuegate.errors import IdempotencyConflict
-from queuegate.messages import MAX_OUTPUT_TOKENS, AnswerFormat, ChatJob, ChatParams
-from queuegate.openai_params import refused_param
-from queuegate.settings import Settings
-from router import Catalog
+from queuegate.messages import AnswerFormat, ChatJob, ChatParams
+from queuegate.openai_request import check_chat_body
+from queuegate.request_errors import job_refusal
+from queuegate.request_limits import Limits, check_output_tokens, checked_messages
 
 DEFAULT_WAIT = 600.0
 """Seconds a request waits for its answer when the caller names no timeout (the OpenAI
@@ -61,36 +60,6 @@ carry (about 250 and 200: a tool schema nested 390 levels was a 500 here, one ne
 worker's refusal in its words)."""
 OWNED = frozenset({"model", "messages", "stream", "stream_options"})
 """Body fields the job carries itself; every other one is a parameter for the provider."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    models: Collection[str]
-    max_messages: int
-    max_job_bytes: int
-    open_models: Collection[str] = frozenset()
-    """Models an ``openai_compatible`` deployment may serve (their own or a fallback's): such
-    a server takes parameters of its own, so a request for one may carry fields OpenAI's
-    API does not have."""
-    stop_capped: Collection[str] = frozenset()
-    """Models whose jobs take at most OpenAI's 4 stop sequences (``Catalog.caps_stop``)."""
-
-    @classmethod
-    def of(cls, settings: Settings, catalog: Catalog) -> Limits:
-        def open_model(alias: str) -> bool:
-            return any(
-                deployment.provider == "openai_compatible"
-                for served in catalog.chain(alias)
-                for deployment in catalog.resolve(served).deployments
-            )
-
-        return cls(
-            models=frozenset(catalog.models),
-            max_messages=settings.max_job_messages,
-            max_job_bytes=settings.max_job_bytes,
-            open_models=frozenset(filter(open_model, catalog.models)),
-            stop_capped=frozenset(filter(catalog.caps_stop, catalog.models)),
-        )
 
 
 @dataclass(frozen=True)
@@ -207,6 +176,14 @@ def wants_stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return body.get("stream") is True, options.get("include_usage") is True
 
 
+def check_chat(body: dict[str, Any], limits: Limits) -> None:
+    """Refuse what OpenAI's chat completions refuse (ApiError 400, or 404 for a model the
+    catalog does not serve), before the job is made (``queuegate.openai_request``)."""
+    model = served_model(body, limits)
+    with refusing():
+        check_chat_body(body, model, limits)
+
+
 def served_model(body: dict[str, Any], limits: Limits) -> str:
     """The request's model, one of the catalog's; ApiError 400, or 404 for another."""
     model = body.get("model")
@@ -225,20 +202,6 @@ def unknown_model(name: str) -> ApiError:
     )
 
 
-def checked_messages(body: dict[str, Any], limits: Limits) -> list[Any]:
-    """The request's messages, as many as a job may carry; ApiError 400 otherwise."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("invalid_request", "messages must be a non-empty array", param="messages")
-    if len(messages) > limits.max_messages:
-        raise ApiError(
-            "invalid_request",
-            f"{len(messages)} messages; at most {limits.max_messages} are served at once",
-            param="messages",
-        )
-    return messages
-
-
 def _deeper(value: Any, levels: int) -> bool:
     """Whether ``value`` (parsed JSON) nests more than ``levels`` objects and arrays deep."""
     if isinstance(value, dict):
@@ -248,18 +211,6 @@ def _deeper(value: Any, levels: int) -> bool:
     else:
         return False
     return levels <= 0 or any(_deeper(child, levels - 1) for child in children)
-
-
-def check_output_tokens(params: dict[str, Any], under: str = "") -> None:
-    """ApiError when ``params`` ask for more output tokens than ``MAX_OUTPUT_TOKENS``, the
-    field named by its path under ``under`` (the path of ``params`` in what the caller sent).
-    A batch's checks apply it too: left to the job's own bound, such a request would be no
-    job at all, failing its whole OpenAI batch instead of itself."""
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = params.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT_TOKENS:
-            path = f"{under}.{name}" if under else name
-            raise ApiError("invalid_request", f"{path} is above {MAX_OUTPUT_TOKENS}", param=path)
 
 
 def chat_job(
@@ -273,35 +224,28 @@ def chat_job(
 ) -> ChatJob:
     """The job of a canonical (OpenAI chat) request, its answer read in ``answer_format``;
     ApiError saying what is wrong when it is invalid. The OpenAI route checks the body as
-    OpenAI does first (``openai_request``)."""
+    OpenAI does first (``check_chat``)."""
     if _deeper(body, MAX_NESTING):
         raise ApiError("invalid_request", f"the request nests deeper than {MAX_NESTING} levels")
     model = served_model(body, limits)
-    messages = checked_messages(body, limits)
     params = {k: v for k, v in body.items() if k not in OWNED}
-    check_output_tokens(params)
-    try:
-        job = ChatJob(
-            job_id=options.job_id(team),
-            team=team,
-            model=model,
-            messages=messages,
-            params=ChatParams.model_validate(params),
-            deadline=options.deadline(),
-            stream=stream,
-            chunk_wait=options.chunk_wait() if stream else None,
-            answer_format=answer_format,
-        )
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        refused = refused_param(first)
-        if refused is not None:  # named by its path from the top of the body
-            raise ApiError("invalid_request", str(refused), param=refused.param) from None
-        # The parameters are validated apart from the job: their path starts at the top of
-        # the body, where the caller sent them.
-        where = ".".join(str(part) for part in first["loc"])
-        message = f"{where or 'request'}: {first['msg']}"
-        raise ApiError("invalid_request", message, param=where or None) from None
+    with refusing():
+        messages = checked_messages(body, limits)
+        check_output_tokens(params)
+        try:
+            job = ChatJob(
+                job_id=options.job_id(team),
+                team=team,
+                model=model,
+                messages=messages,
+                params=ChatParams.model_validate(params),
+                deadline=options.deadline(),
+                stream=stream,
+                chunk_wait=options.chunk_wait() if stream else None,
+                answer_format=answer_format,
+            )
+        except ValidationError as exc:
+            raise job_refusal(exc) from None
     if len(job.model_dump_json(exclude_defaults=True)) > limits.max_job_bytes:
         raise ApiError(
             "request_too_large", f"the request is larger than {limits.max_job_bytes} bytes"
@@ -310,11 +254,9 @@ def chat_job(
 
 
 __all__ = [
-    "Limits",
     "RequestOptions",
     "chat_job",
-    "check_output_tokens",
-    "checked_messages",
+    "check_chat",
     "idempotency_key",
     "key_conflict",
     "served_model",

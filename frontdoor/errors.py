@@ -21,9 +21,10 @@ never Starlette's bare text/plain 500.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,12 +39,13 @@ from queuegate.api_errors import openai_error
 from queuegate.errors import (
     ClientError,
     GatewayError,
+    InvalidRequest,
     JobError,
     QueueFull,
     ServiceUnavailable,
 )
 from queuegate.messages import HTTP_STATUS, ChatResult
-from queuegate.value_errors import shown
+from queuegate.value_errors import bounded, shown
 from queuegate.visible import clipped
 
 log = logging.getLogger(__name__)
@@ -89,10 +91,6 @@ it did before failing (a job published, its provider called). Retried: 429
 ErrorShape = Callable[[str, str, str | None], dict[str, Any]]
 """``shape(code, message, param)``: an API's error body (``param``: the field at fault)."""
 
-MAX_MESSAGE = 1000
-"""Characters of an error message at most, whatever it repeats: an answer never grows with
-what the caller sent."""
-
 
 class ApiError(Exception):
     """An error answer: ``code``, a message saying what to do, and its HTTP status."""
@@ -106,8 +104,7 @@ class ApiError(Exception):
         job_id: str | None = None,
         param: str | None = None,
     ) -> None:
-        if len(message) > MAX_MESSAGE:
-            message = f"{message[:MAX_MESSAGE]}…"
+        message = bounded(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -154,6 +151,16 @@ def error_of(exc: GatewayError) -> ApiError:
     if isinstance(exc, ServiceUnavailable | ClientError):
         return ApiError("service_unavailable", str(exc))
     return ApiError("service_unavailable", f"the gateway failed: {exc}")
+
+
+@contextlib.contextmanager
+def refusing() -> Iterator[None]:
+    """A shared check's refusal of a request (``queuegate.request_errors``) raised as the
+    front door's own, its ``param`` kept."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        raise error_of(exc) from None
 
 
 def unexpected(job_id: str | None) -> ApiError:
@@ -279,6 +286,7 @@ __all__ = [
     "UnexpectedErrors",
     "error_of",
     "error_of_result",
+    "refusing",
     "shown",
     "unexpected",
 ]

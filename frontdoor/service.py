@@ -26,13 +26,13 @@ from frontdoor.batches.runner import BatchRunner
 from frontdoor.body import Bodies
 from frontdoor.bridge import Bridge
 from frontdoor.budgets import BudgetGate
-from frontdoor.chat_request import Limits
 from frontdoor.failed_keys import FailedKeys
 from frontdoor.outcomes import Outcomes
 from queuegate.db import DB_ERRORS, create_pool
 from queuegate.keys import Keys
 from queuegate.redis_client import redis_for
 from queuegate.registry_changes import RegistryChanges
+from queuegate.request_limits import Limits
 from queuegate.settings import Settings
 from queuegate.status import StatusReader
 from router import Catalog

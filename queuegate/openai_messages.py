@@ -1,5 +1,5 @@
 """OpenAI's chat messages, typed once as its API reference gives them: the front door checks
-a request's ``messages`` against ``Message`` (``frontdoor.openai_request.ChatRequest``), a
+a request's ``messages`` against ``Message`` (``queuegate.openai_request.ChatRequest``), a
 worker a job's (``queuegate.messages.ChatMessage``), so that both refuse the same messages,
 naming the field (``messages.0.content.0.image_url.url``), before anything is called.
 

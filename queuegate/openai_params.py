@@ -1,6 +1,6 @@
 """OpenAI's chat parameters, typed once as its API reference (and the openai SDK's
 ``CompletionCreateParams``) gives them: the front door checks a request's body against
-``OpenAIParams`` (``frontdoor.openai_request.ChatRequest`` adds the body's own fields), and
+``OpenAIParams`` (``queuegate.openai_request.ChatRequest`` adds the body's own fields), and
 a worker a job's parameters (``queuegate.messages.ChatParams``), so that both refuse the same
 values, naming the field, before anything is called.
 

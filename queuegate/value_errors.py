@@ -20,6 +20,16 @@ ECHOED = 100
 """Characters of a caller's own value (a model name, an id, a field name) an error repeats."""
 
 
+MAX_MESSAGE = 1000
+"""Characters of an error message at most, whatever it repeats: an answer never grows with
+what the caller sent."""
+
+
+def bounded(message: str) -> str:
+    """An error message as it is answered: its first ``MAX_MESSAGE`` characters."""
+    return f"{message[:MAX_MESSAGE]}…" if len(message) > MAX_MESSAGE else message
+
+
 def shown(text: str) -> str:
     """A caller's value as an error repeats it: its first ``ECHOED`` characters."""
     return clipped(text, ECHOED)
@@ -85,4 +95,4 @@ def error_path(error: ErrorDetails, value: Any) -> str:
     return ".".join(steps)
 
 
-__all__ = ["ECHOED", "error_path", "problem", "shown", "tagged_by"]
+__all__ = ["ECHOED", "MAX_MESSAGE", "bounded", "error_path", "problem", "shown", "tagged_by"]

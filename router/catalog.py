@@ -245,6 +245,16 @@ class Catalog(_Strict):
         ``stop_sequences`` are its ``stop``), and an OpenAI-compatible server judges its own."""
         return any(d.provider == "openai" for d in self.resolve(alias).deployments)
 
+    def takes_own_params(self, alias: str) -> bool:
+        """Whether an ``openai_compatible`` deployment may serve a job for ``alias`` (its own
+        or a fallback's): such a server takes parameters of its own, which OpenAI's API does
+        not have."""
+        return any(
+            deployment.provider == "openai_compatible"
+            for served in self.chain(alias)
+            for deployment in self.resolve(served).deployments
+        )
+
     def chain(self, alias: str, override: list[str] | None = None) -> list[str]:
         """The aliases to try, in order: ``alias``, its fallbacks, then theirs, without repeats.
 

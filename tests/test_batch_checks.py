@@ -17,6 +17,7 @@ from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
 from anthropic.types.messages import MessageBatchIndividualResponse
 
@@ -26,8 +27,10 @@ from tests.frontdoor_support import Door, open_door
 from tests.support import running_gateway, wait_until
 from tests.teams import TeamIdentity, team_identities
 from tests.test_frontdoor_batches import (
+    anthropic_ended,
     message_requests,
     openai_ended,
+    openai_ended_files,
     openai_lines,
     parse_jsonl,
     upload,
@@ -46,6 +49,12 @@ REFUSED_PARAMS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown": ({"frobnicate": True}, "params.frobnicate: Extra inputs are not permitted"),
     "huge": ({"max_tokens": 10**7}, "params.max_tokens is above 1000000"),
+    # /v1/messages streams it; a batch cannot (Anthropic types a batch request's params
+    # MessageCreateParamsNonStreaming)
+    "stream": (
+        {"stream": True},
+        "params.stream: a Message Batch request cannot stream; remove stream",
+    ),
 }
 REFUSED_BODIES: dict[str, tuple[dict[str, Any], str | None]] = {
     # (body beside the prompt, the param /v1/chat/completions names)
@@ -54,6 +63,24 @@ REFUSED_BODIES: dict[str, tuple[dict[str, Any], str | None]] = {
     "bounds": ({"temperature": 3}, "temperature"),
     "huge": ({"max_tokens": 10**7}, "max_tokens"),
 }
+JOB_REFUSED: dict[str, dict[str, Any]] = {
+    # Bodies /v1/chat/completions' schema takes and the job it would make refuses (beside
+    # the prompt): the endpoint answers 400, naming the field
+    "both-limits": {"max_tokens": 5, "max_completion_tokens": 5},
+    "seed": {"seed": 2**63},  # one past the 64-bit integers PostgreSQL stores
+}
+
+
+def with_cases(
+    lines: list[dict[str, Any]], cases: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """OpenAI batch ``lines``: the first as it is, each next one a case, named by its
+    ``custom_id`` and given the case's fields beside its prompt."""
+    plain, *others = lines
+    for line, (custom_id, fields) in zip(others, cases.items(), strict=True):
+        line["custom_id"] = custom_id
+        line["body"] |= fields
+    return [plain, *others]
 
 
 @pytest.fixture
@@ -92,15 +119,15 @@ async def test_the_cli_errors_each_anthropic_request_messages_would_refuse_and_s
     assert code == 0, stderr
     for number, (_, said) in enumerate(REFUSED_PARAMS.values(), start=2):
         assert f"{source}:{number}: {said}" in stderr
-    assert "4 refused" in stdout
+    assert f"{len(REFUSED_PARAMS)} refused" in stdout
     assert collected[0] == 0, collected[2]
-    assert "4 refused at submit" in collected[1]
+    assert f"{len(REFUSED_PARAMS)} refused at submit" in collected[1]
     # and each refused request errored once, in the words of /v1/messages, the other served
     results = {
         r.custom_id: r.result
         for r in map(MessageBatchIndividualResponse.model_validate, read_jsonl(out))
     }
-    assert len(read_jsonl(out)) == len(results) == 5
+    assert len(read_jsonl(out)) == len(results) == 1 + len(REFUSED_PARAMS)
     assert results[plain["custom_id"]].type == "succeeded"
     for custom_id, (_, said) in REFUSED_PARAMS.items():
         result = results[custom_id]
@@ -116,10 +143,8 @@ async def test_the_cli_answers_each_openai_line_chat_completions_would_refuse_40
 ) -> None:
     # Given an OpenAI-format file whose lines' bodies /v1/chat/completions refuses, beside
     # one with none
-    plain, *refused = (openai_line(i) for i in range(1 + len(REFUSED_BODIES)))
-    for line, (custom_id, (fields, _)) in zip(refused, REFUSED_BODIES.items(), strict=True):
-        line["custom_id"] = custom_id
-        line["body"] |= fields
+    cases = {custom_id: fields for custom_id, (fields, _) in REFUSED_BODIES.items()}
+    plain, *refused = with_cases([openai_line(i) for i in range(1 + len(cases))], cases)
     source = write_jsonl(tmp_path / "checked.jsonl", [plain, *refused])
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     async with running_gateway(settings) as gateway:
@@ -192,6 +217,57 @@ async def test_a_cli_batch_whose_every_request_is_refused_publishes_nothing(
     assert code == 1
     assert f"{source}:1: params.container: not supported by this gateway" in stderr
     assert f"{source}:2: params.container" in stderr
+    assert "has no batch" in listed[1]
+    assert gateway.mock.requests == []
+
+
+async def test_the_cli_answers_each_openai_line_its_job_would_refuse_400_not_the_batch(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given an OpenAI-format file whose lines' bodies make jobs the gateway refuses, beside
+    # one that makes a valid job
+    lines = with_cases([openai_line(i) for i in range(1 + len(JOB_REFUSED))], JOB_REFUSED)
+    source = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    plain = lines[0]
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    async with running_gateway(settings) as gateway:
+        # When the team's CLI submits it and collects it, failures apart
+        submitted = await cli(alpha, "submit", str(source), "--name", "jobs")
+        collected = await cli(alpha, "collect", "jobs", "--out", str(out), "--errors", str(errors))
+        calls = gateway.mock.requests
+
+    # Expect the batch to go on, each refused line named by its line and field
+    assert submitted[0] == 0, submitted[2]
+    assert f"{source}:2: max_tokens: set together with max_completion_tokens" in submitted[2]
+    assert f"{source}:3: seed:" in submitted[2]
+    assert f"{len(JOB_REFUSED)} refused" in submitted[1]
+    # and each answered 400, its param named, the other served
+    assert collected[0] == 0, collected[2]
+    assert [line["custom_id"] for line in read_jsonl(out)] == [plain["custom_id"]]
+    failed = {line["custom_id"]: line["response"] for line in read_jsonl(errors)}
+    assert {c: (r["status_code"], r["body"]["error"]["param"]) for c, r in failed.items()} == {
+        "both-limits": (400, "max_tokens"),
+        "seed": (400, "seed"),
+    }
+    assert len(calls) == 1
+
+
+async def test_the_cli_refuses_a_requests_document_with_keys_beside_requests(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a {"requests": [...]} document with a key meant for the batch beside them
+    source = tmp_path / "doc.json"
+    source.write_bytes(orjson.dumps({"model": "claude-haiku", "requests": message_requests(1)}))
+    async with running_gateway(settings) as gateway:
+        # When the team's CLI submits it
+        code, _, stderr = await cli(alpha, "submit", str(source), "--name", "doc")
+        listed = await cli(alpha, "list")
+
+    # Expect it refused in one line naming the key and what to do, nothing published
+    assert code == 1
+    [said] = [line for line in stderr.splitlines() if "doc.json" in line]
+    assert "unknown top-level key 'model' beside \"requests\", nothing published" in said
+    assert "remove the rest (options go on the command line)" in said
     assert "has no batch" in listed[1]
     assert gateway.mock.requests == []
 
@@ -284,3 +360,62 @@ async def test_an_openai_batch_error_line_names_its_param_as_the_sync_error_does
     error = line["response"]["body"]["error"]
     assert error["param"] == sync.value.param
     assert error["message"] == sync.value.body["message"]  # type: ignore[index]
+
+
+async def test_an_openai_batch_answers_a_line_its_job_would_refuse_as_the_sync_endpoint_does(
+    door: Door,
+) -> None:
+    # Given OpenAI batch lines whose bodies make jobs the gateway refuses, beside one served
+    plain, *refused = with_cases(openai_lines(1 + len(JOB_REFUSED)), JOB_REFUSED)
+    async with door.client() as client:
+        # When their batch ends
+        file_id = await upload(client, [plain, *refused])
+        batch = await client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        ended, output, errors = await openai_ended_files(client, batch.id)
+        # and the same bodies are sent to /v1/chat/completions
+        sync: dict[str, openai.BadRequestError] = {}
+        for line in refused:
+            body = dict(line["body"])
+            with pytest.raises(openai.BadRequestError) as refusal:
+                await client.chat.completions.create(
+                    model=body.pop("model"), messages=body.pop("messages"), extra_body=body
+                )
+            sync[line["custom_id"]] = refusal.value
+
+    # Expect the batch completed, the plain line served, and each refused line alone
+    # answered 400 with the synchronous error's message and param
+    assert ended.status == "completed", ended.errors
+    assert [line["custom_id"] for line in output] == [plain["custom_id"]]
+    assert sorted(line["custom_id"] for line in errors) == sorted(JOB_REFUSED)
+    for line in errors:
+        response = line["response"]
+        assert response["status_code"] == 400
+        error, said = response["body"]["error"], sync[line["custom_id"]]
+        assert (error["message"], error["param"]) == (said.body["message"], said.param)  # type: ignore[index]
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_a_message_batch_errors_a_request_asking_to_stream(door: Door) -> None:
+    # Given a Message Batch request asking to stream, beside one that does not
+    plain, streamed = message_requests(2)
+    streamed["params"]["stream"] = True
+    async with anthropic.AsyncAnthropic(
+        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+    ) as client:
+        # When its batch ends
+        batch = await client.messages.batches.create(requests=[plain, streamed])  # type: ignore[list-item]
+        await anthropic_ended(client, batch.id)
+        results = {
+            r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)
+        }
+
+    # Expect it errored by name, never sent; the other served
+    assert results[plain["custom_id"]].type == "succeeded"
+    result = results[streamed["custom_id"]]
+    assert result.type == "errored"
+    assert result.error.error.message == (
+        "invalid_request: params.stream: a Message Batch request cannot stream; remove stream"
+    )
+    assert door.gateway.mock.stats.calls == 1

@@ -15,10 +15,11 @@ from pydantic import TypeAdapter
 
 from frontdoor.anthropic_request import messages_job
 from frontdoor.anthropic_stream import MessageEvents
-from frontdoor.chat_request import Limits, RequestOptions
+from frontdoor.chat_request import RequestOptions
 from frontdoor.errors import ApiError
 from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, StreamChunk
 from queuegate.provider_formats import anthropic_message
+from queuegate.request_limits import Limits
 from router.providers import AnthropicAdapter, OpenAIAdapter, Piece
 from router.providers.base import ProviderError
 from tests.test_stream_translation import (

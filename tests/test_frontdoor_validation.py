@@ -13,10 +13,11 @@ import openai
 import pytest
 from anthropic.types import message_count_tokens_params
 
-from frontdoor.chat_request import Limits
+from frontdoor.chat_request import check_chat
 from frontdoor.errors import ApiError
-from frontdoor.openai_request import ROUTED_EXTRAS, ChatRequest, check_chat
+from queuegate.openai_request import ROUTED_EXTRAS, ChatRequest
 from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, OPENAI_CHAT_PARAMS
+from queuegate.request_limits import Limits
 from queuegate.settings import Settings
 from tests import openai_message_cases
 from tests.frontdoor_support import HELLO, Door, open_door

@@ -151,3 +151,35 @@ def test_a_worker_process_imports_no_library_it_never_uses() -> None:
     )
     # Expect none of those loaded
     assert ran.stdout.split() == []
+
+
+HTTP_SERVER = ("fastapi", "starlette", "uvicorn")
+"""The front door's stack: the command line's batch commands check requests as its endpoints
+do (``producer.batch.checks``, over ``queuegate.openai_request`` and
+``queuegate.messages_request``) without it."""
+
+
+def test_batch_submit_checks_requests_without_the_http_servers_stack(tmp_path: Path) -> None:
+    # Given a batch file, and a --skipped path submit refuses once it has imported all it
+    # uses, before it connects to anything
+    batch = tmp_path / "b.jsonl"
+    batch.write_text('{"custom_id": "a", "params": {}}\n')
+    unwritable = tmp_path / "none" / "skipped.jsonl"
+    argv = ["batch", "submit", str(batch), "--team", "alpha", "--skipped", str(unwritable)]
+    imports = "import cli.entry; cli.entry.leave_out_unused(); import sys; "
+    imports += "from typer.testing import CliRunner; from cli.main import app; "
+    imports += f"ran = CliRunner().invoke(app, {argv!r}); "
+    report = "print(ran.exception); "
+    report += "print(' '.join(m for m in sys.argv[1:] if sys.modules.get(m) is not None))"
+    # When it runs in a process of its own
+    ran = subprocess.run(
+        [sys.executable, "-c", imports + report, "producer.batch.checks", *HTTP_SERVER],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # Expect it stopped where expected, its checks loaded, and nothing of the server's
+    refusal, loaded = ran.stdout.splitlines()
+    assert "has no directory" in refusal
+    assert loaded.split() == ["producer.batch.checks"]

@@ -70,14 +70,13 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from frontdoor.batch_checks import batch_checks
 from frontdoor.batches import records
 from frontdoor.batches.files import new_result_file, read_file, show_files
 from frontdoor.batches.gateway_record import GatewayRecord
 from frontdoor.batches.records import MAX_FAULTS, BatchRow, LeaseLost
 from frontdoor.batches.results import StoredResults
-from frontdoor.chat_request import Limits
 from producer.batch import collect_into, collect_state, delete_batch, submit_batch
+from producer.batch.checks import batch_checks
 from producer.batch.formats import FormatName, refused
 from producer.batch.jobs import Check
 from producer.batch.lines import BatchFile
@@ -95,6 +94,7 @@ from queuegate.errors import (
 )
 from queuegate.keys import Keys
 from queuegate.messages import ErrorInfo
+from queuegate.request_limits import Limits
 from queuegate.settings import Settings
 from queuegate.signing import Signer
 from queuegate.tenancy import live_api_key

@@ -6,8 +6,9 @@ A batch is recorded and answered ``validating`` at once; a runner of the front d
 process or request ends meanwhile. Its results are two files: ``output_file_id``
 (requests answered 200) and ``error_file_id`` (the rest), read with
 ``GET /v1/files/{id}/content`` in OpenAI's batch output format. A line whose ``body``
-``/v1/chat/completions`` would refuse (``openai_request.body_refusal``) is answered 400 there,
-never sent; lines that are no request fail the batch, listed in its ``errors``. A create
+``/v1/chat/completions`` would refuse (``queuegate.openai_request.body_refusal``), or that
+makes no valid job (``producer.batch.jobs.Refused``), is answered 400 there, never sent;
+lines that are no request fail the batch, listed in its ``errors``. A create
 request's fields are OpenAI's (``BatchCreateParams``): another is refused by name, as the
 chat endpoint refuses an unknown parameter, not left out unread.
 """
@@ -27,11 +28,11 @@ from frontdoor.batches.objects import openai_batch, openai_page
 from frontdoor.batches.upload import over_quota
 from frontdoor.chat_request import idempotency_key
 from frontdoor.errors import ApiError, shown
-from frontdoor.openai_request import unrecognized
-from frontdoor.request_errors import invalid_request
 from frontdoor.service import Door
 from producer.batch.openai import URL
 from queuegate.messages import StoredText
+from queuegate.openai_request import unrecognized
+from queuegate.request_errors import invalid_request
 
 router = APIRouter(tags=["OpenAI Batches"])
 

@@ -7,8 +7,9 @@ unique, and ``params``; no key beside ``requests``, refused by name), kept as a 
 and answered ``in_progress``; a runner of the front door (``frontdoor.batches.runner``)
 takes it through the team's queue to its end.
 As with Anthropic, ``params`` are validated as the batch runs, as ``/v1/messages`` validates
-a body (``anthropic_request.params_refusal``): an invalid one is an ``errored`` result naming
-what is wrong, not a refused batch. Errors are answered in Anthropic's shape.
+a body (``queuegate.messages_request.params_refusal``), ``stream`` refused as Anthropic
+refuses it in a batch: an invalid one is an ``errored`` result naming what is wrong, not a
+refused batch. Errors are answered in Anthropic's shape.
 """
 
 from __future__ import annotations

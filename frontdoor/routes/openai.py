@@ -19,8 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from frontdoor.answers import gateway_block, gateway_headers, note_job
 from frontdoor.auth import Caller, Calling
 from frontdoor.calls import open_stream, publish_job, run_job, streamed
-from frontdoor.chat_request import RequestOptions, chat_job, unknown_model, wants_stream
-from frontdoor.openai_request import check_chat
+from frontdoor.chat_request import RequestOptions, chat_job, check_chat, unknown_model, wants_stream
 from frontdoor.service import Door, FrontDoor
 from frontdoor.sse import ChunkWriter
 from queuegate.messages import ChatJob, ChatResult

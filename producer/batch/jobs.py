@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.formats import FORMATS, FormatName, detect
 from queuegate.control import BatchMeta, job_id
-from queuegate.errors import BatchError
-from queuegate.messages import ChatJob, ChatParams, ErrorInfo
+from queuegate.errors import BatchError, InvalidRequest
+from queuegate.messages import ChatJob, ChatParams, ErrorInfo, storable_problem
+from queuegate.request_errors import job_refusal, refusal
 from queuegate.visible import clipped
 
 ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
@@ -23,15 +24,16 @@ ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
 Check = Callable[[dict[str, Any]], ErrorInfo | None]
 """Why a request (a line's body: ``Format.body``) is refused, or None: its API's own
 validation, which the caller brings (the front door and the CLI check a batch's requests as
-the front door's synchronous endpoints check a body: ``frontdoor.batch_checks``). The error
+the front door's synchronous endpoints check a body: ``producer.batch.checks``). The error
 is the endpoint's own, its ``param`` naming the field at fault where the endpoint does."""
 
 
 class Refused(ValueError):
-    """A request its format's ``Check`` refused: the line is a request of its format, but
-    one its API refuses. It is answered as a failed line of its own, never published, while
-    the batch's other requests are served (a line that is no request at all may fail the
-    whole batch instead)."""
+    """A request of its format the gateway refuses: its format's ``Check`` refused it, or,
+    with checks brought, it makes no valid job (no model, a parameter the job refuses:
+    ``max_tokens`` beside ``max_completion_tokens``, a ``seed`` past 64 bits). It is answered
+    as a failed line of its own, never published, while the batch's other requests are
+    served (a line that is no request at all may fail the whole batch instead)."""
 
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.message)
@@ -84,7 +86,8 @@ class JobReader:
         self.format = format
         self._models = models
         self._anthropic_models = anthropic_models
-        self._checks = checks or {}
+        self._checks = checks
+        """None: the caller answers no refused request, so one is a problem of the file."""
 
     @classmethod
     def for_meta(
@@ -120,6 +123,10 @@ class JobReader:
             raise ValueError("custom_id must be a non-empty string")
         if len(custom_id) > MAX_CUSTOM_ID:
             raise ValueError(f"custom_id is longer than {MAX_CUSTOM_ID} characters")
+        # Checked here, not by the job it would be part of: a line naming no id it can be
+        # answered under is no request, whereas a request the job refuses is answered failed.
+        if (unstorable := storable_problem(custom_id)) is not None:
+            raise ValueError(f"custom_id: {unstorable}")
         kind = detect(entry)
         if self.format is None:
             self.format = kind
@@ -127,13 +134,16 @@ class JobReader:
             raise ValueError(f"an {kind} request in an {self.format} batch")
         fmt = FORMATS[kind]
         body = fmt.body(entry)
-        check = self._checks.get(kind)
+        check = (self._checks or {}).get(kind)
         if check is not None and (error := check(body)) is not None:
             raise Refused(error)
-        request = fmt.parse(custom_id, body)
+        try:
+            request = fmt.parse(custom_id, body)
+        except ValueError as exc:  # what the canonical form cannot carry, as the endpoint says
+            raise self._refused(InvalidRequest(str(exc))) from None
         model = self._model or request.model
         if not model:
-            raise ValueError("no model: name one in the request or pass --model")
+            raise self._refused(InvalidRequest("model must be a non-empty string", param="model"))
         if self._models is not None and model not in self._models:
             raise ValueError(f"model {clipped(model)!r} is not in the catalog: pass --model ALIAS")
         if self._anthropic_models is not None and model not in self._anthropic_models:
@@ -155,6 +165,12 @@ class JobReader:
                 answer_format=kind,
             )
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "request"
-            raise ValueError(f"{where}: {first['msg']}") from None
+            # The job's own refusal, named as the endpoint names it (its parameters are the
+            # request's top-level fields): this request fails, not its batch.
+            raise self._refused(job_refusal(exc)) from None
+
+    def _refused(self, exc: InvalidRequest) -> ValueError:
+        """A request of its format the gateway refuses: ``Refused``, answered as a line of
+        its own, where the caller answers refused requests (it brings the checks, which
+        collect reads the file again with); else a problem of the file, as any other."""
+        return ValueError(exc.message) if self._checks is None else Refused(refusal(exc))

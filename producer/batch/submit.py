@@ -41,7 +41,7 @@ from queuegate.registry import check_team_name
 from queuegate.settings import Settings
 from queuegate.signing import ApiKey
 from queuegate.topology import Topology
-from queuegate.visible import clipped
+from queuegate.visible import clipped, clipped_path
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,16 @@ async def submit_batch(
         file = BatchFile(path)
         total, problems, refused = await _validate(file, reader, state, settings.max_job_bytes)
         fingerprint = file.digest.hexdigest()
+        if file.aside:
+            # As Anthropic's API refuses a field its schema does not have: a key meant for
+            # the batch (a model, a deadline) would otherwise be ignored unseen.
+            await state.reset_index()
+            keys = ", ".join(repr(clipped(key)) for key in file.aside)
+            raise BatchError(
+                f'{clipped_path(path)}: unknown top-level key {keys} beside "requests", nothing '
+                'published: a batch document holds "requests" alone; remove the rest (options '
+                "go on the command line)"
+            )
         if problems and not skip_invalid:
             await state.reset_index()
             raise _invalid(path, problems)

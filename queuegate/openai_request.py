@@ -1,10 +1,9 @@
-"""``POST /v1/chat/completions`` bodies checked as OpenAI checks them, before anything is
-published.
+"""OpenAI chat request bodies (``POST /v1/chat/completions``, an OpenAI batch line's
+``body``) checked as OpenAI checks them, before anything is published.
 
-``check_chat(body, limits)`` raises ``ApiError`` (400, or 404 for a model the catalog does
-not serve) naming what is wrong; ``body_refusal(body, limits)`` says the same of an OpenAI
-batch line's ``body``, for the batch to answer that line 400 rather than send on what the
-endpoint refuses:
+``check_chat_body(body, model, limits)`` raises ``InvalidRequest`` naming what is wrong;
+``body_refusal(body, limits)`` says the same of an OpenAI batch line's ``body``, for the
+batch to answer that line 400 rather than send on what the endpoint refuses:
 
 - top-level fields OpenAI's chat completions do not have
   (``queuegate.provider_formats.OPENAI_CHAT_PARAMS``), all of them at once, save those the
@@ -16,6 +15,9 @@ endpoint refuses:
   bounds (``stop`` holds at most 4 sequences, ``temperature`` 0 to 2, …), and objects
   without what they must hold (a tool without its ``function``). What an object may hold
   beyond is left to the provider.
+
+The front door looks the model up in the catalog first (404 for one not served); a batch
+line's is not: one not served is answered as any job's, by the worker.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from typing import Annotated, Any, Required
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from frontdoor.chat_request import Limits, check_output_tokens, checked_messages, served_model
-from frontdoor.errors import ApiError, shown
-from frontdoor.request_errors import invalid_request, refusal
+from queuegate.errors import InvalidRequest
 from queuegate.messages import ChatJob, ErrorInfo
 from queuegate.openai_messages import Message
 from queuegate.openai_params import JobParams, too_many_stops
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
+from queuegate.request_errors import invalid_request, refusal
+from queuegate.request_limits import Limits, check_output_tokens, checked_messages
+from queuegate.value_errors import shown
 
 ROUTED_EXTRAS = frozenset({"top_k", "thinking"})
 """Anthropic's parameters, which the router maps for OpenAI or passes on to Anthropic."""
@@ -53,26 +56,20 @@ class ChatRequest(JobParams, total=False):
 _CHAT_REQUEST = TypeAdapter(ChatRequest)
 
 
-def check_chat(body: dict[str, Any], limits: Limits) -> None:
-    """Refuse what OpenAI's chat completions refuse (ApiError), before the job is made."""
-    _check_for(body, served_model(body, limits), limits)
-
-
 def body_refusal(body: dict[str, Any], limits: Limits) -> ErrorInfo | None:
     """Why ``POST /v1/chat/completions`` would refuse the ``body`` of an OpenAI batch line
     (a batch's ``producer.batch.jobs.Check``), or None when it takes it: the endpoint's
-    error, its ``param`` the field it names. Its model is not looked up in the catalog: one
-    not served is answered as any job's, by the worker (404 ``unknown_model``)."""
+    error, its ``param`` the field it names."""
     model = body.get("model")
     try:
-        _check_for(body, model if isinstance(model, str) else "", limits)
-        check_output_tokens(body)  # the endpoint's, applied as it makes the job (chat_job)
-    except ApiError as exc:
+        check_chat_body(body, model if isinstance(model, str) else "", limits)
+        check_output_tokens(body)  # the endpoint's, applied as it makes the job
+    except InvalidRequest as exc:
         return refusal(exc)
     return None
 
 
-def _check_for(body: dict[str, Any], model: str, limits: Limits) -> None:
+def check_chat_body(body: dict[str, Any], model: str, limits: Limits) -> None:
     """The checks of a body for ``model``: which fields it may carry depends on it."""
     checked_messages(body, limits)
     _known_fields(body, model, limits)
@@ -84,15 +81,14 @@ def _check_for(body: dict[str, Any], model: str, limits: Limits) -> None:
     if too_many is not None and model in limits.stop_capped:
         # OpenAI's cap, for a model OpenAI serves, as the worker's router keeps it: Anthropic
         # takes more (an Anthropic-format job's stop_sequences are its stop).
-        raise ApiError("invalid_request", f"stop: {too_many}", param="stop")
+        raise InvalidRequest(f"stop: {too_many}", param="stop")
 
 
 def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:
     if "extra_body" in body:
-        raise ApiError(
-            "invalid_request",
+        raise InvalidRequest(
             "extra_body: the openai SDK sends the fields of extra_body at the top level of "
-            "the body; send them there",
+            "the body; send them there"
         )
     unknown = sorted(body.keys() - OPENAI_CHAT_PARAMS - ROUTED_EXTRAS)
     refused = [name for name in unknown if model not in limits.open_models or name in JOB_FIELDS]
@@ -107,13 +103,20 @@ def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:
     raise unrecognized(refused, why)
 
 
-def unrecognized(names: list[str], why: str) -> ApiError:
+def unrecognized(names: list[str], why: str) -> InvalidRequest:
     """The refusal of a body's fields its endpoint does not have, the first ``NAMED`` by
     name (OpenAI's ``Unrecognized request argument``), saying ``why``."""
     listed = ", ".join(shown(name) for name in names[:NAMED])
     if len(names) > NAMED:
         listed += f" and {len(names) - NAMED} more"
-    return ApiError("invalid_request", f"unrecognized request arguments {listed}: {why}")
+    return InvalidRequest(f"unrecognized request arguments {listed}: {why}")
 
 
-__all__ = ["ChatRequest", "body_refusal", "check_chat", "unrecognized"]
+__all__ = [
+    "JOB_FIELDS",
+    "ROUTED_EXTRAS",
+    "ChatRequest",
+    "body_refusal",
+    "check_chat_body",
+    "unrecognized",
+]
