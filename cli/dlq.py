@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.console import LazyConsole
+from cli.console import LazyConsole, err
 from queuegate.errors import ConfigError
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -25,7 +25,6 @@ dlq_app = typer.Typer(
 )
 
 out = LazyConsole()
-err = LazyConsole(stderr=True)
 
 SHOW_BODY_LIMIT = 4000
 """Characters of a body ``show`` prints; a long body would bury the reason."""
@@ -97,7 +96,7 @@ def dlq_show(
     """One dead letter: reason, origin, headers and body."""
     from rich.markup import escape
 
-    from queuegate.dlq import find, peek
+    from queuegate.dlq import answered_why, find, peek
 
     letters, _ = run(lambda: peek(Settings()))
     letter = find(letters, job_id)
@@ -113,6 +112,8 @@ def dlq_show(
         out.print(f"detail: {shown(letter.detail)}", highlight=False)
     if letter.then:
         out.print(f"replayed, then: {shown(letter.then)}", highlight=False)
+    if letter.answered is not None:
+        out.print(f"not replayable: {shown(answered_why(letter.answered))}", highlight=False)
     out.print(
         f"from queue: {shown(letter.queue or '(unknown: not replayable)')}  deaths: "
         f"{letter.deaths}  published by: {shown(letter.user_id or '-')}  reply_to: "
@@ -134,7 +135,9 @@ def dlq_replay(
     """Send dead letters back to their queue, keeping their job id (nothing counts twice).
 
     Published as the operator (your broker user): workers accept it for the queue's team once
-    they have proven the job's first publisher again.
+    they have proven the job's first publisher again. A letter answered with an error when it
+    died (unknown_model, invalid_request, unauthorized, idempotency_conflict) stays: its
+    request, submitted anew under a new job id, is what gets served.
     """
     from rich.progress import Progress
 
@@ -203,6 +206,7 @@ def _as_dict(letter: DeadLetter) -> dict[str, Any]:
         "reason": letter.reason,
         "detail": letter.detail,
         "then": letter.then,
+        "answered": letter.answered,
         "queue": letter.queue,
         "team": letter.team,
         "deaths": letter.deaths,

@@ -23,8 +23,14 @@ Replay publishes the original body, ``message_id``, ``correlation_id`` and ``rep
 its team's queue under the operator's own ``user_id``, naming the user it was first published
 under (``x-queuegate-replay-of``) and why it was first dead-lettered: the worker proves that
 first publisher again (``workers.identity``), and a second refusal keeps the first cause. The
-job id is kept, so a job that had already been answered is answered from the stored outcome and
-never counted twice; the dead letter is removed only once the broker confirmed the publish.
+job id is kept, so a job whose outcome was stored before it died (a ``delivery_limit`` job
+whose dead owners' calls were billed) is answered from it and never counted twice; the dead
+letter is removed only once the broker confirmed the publish. A letter a worker answered as it
+last dead-lettered it (bad input: ``unknown_model``, ``invalid_request``, ``unauthorized``,
+``idempotency_conflict``) is not replayed, whatever was fixed since: under its job id it could
+only be answered that error again, or be answered a second time, which its caller's client
+drops (it keeps a job's first result). It stays a dead letter; its request, submitted anew under
+a new job id, is served and accounted under that id.
 
 Reading the queue takes the messages without acknowledging them and closes the channel, which
 returns them all; their ``x-delivery-count`` then grows (quorum queues count every return), so
@@ -44,7 +50,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from queuegate.broker import connect, json_message, publish
-from queuegate.errors import ConfigError
+from queuegate.errors import BAD_INPUT, ConfigError
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TEAM_NAME
 from queuegate.settings import Settings
@@ -99,6 +105,14 @@ class DeadLetter:
     user_id: str | None
     truncated: int | None
     """The original body's size when a worker cut the kept body short."""
+
+    @property
+    def answered(self) -> str | None:
+        """The error a worker answered the job with as it last dead-lettered it (bad input,
+        ``BAD_INPUT``), which keeps it from replay (see above); None for a job that died
+        unanswered (``expired``, ``delivery_limit``…)."""
+        latest = _then(self) or self.reason
+        return latest if latest in BAD_INPUT else None
 
 
 async def peek(
@@ -166,6 +180,9 @@ async def replay(
             if letter.truncated is not None:
                 refused.append((letter, f"its body was cut from {letter.truncated:,} bytes"))
                 continue
+            if letter.answered is not None:
+                refused.append((letter, answered_why(letter.answered)))
+                continue
             if letter.queue == topology.accounting_queue and _trusted(message, settings):
                 exchange, key = usage.name, ""
             elif letter.team is not None:
@@ -194,6 +211,14 @@ async def replay(
             if on_replayed is not None:
                 on_replayed(letter)
     return replayed, refused
+
+
+def answered_why(reason: str) -> str:
+    """Why a letter answered ``reason`` when it died is not replayed, and what serves it."""
+    return (
+        f"answered {reason} when it died, and a replay would send that answer again: "
+        "have its caller submit the request anew (a new job id) to be served"
+    )
 
 
 async def purge(settings: Settings) -> int:
@@ -335,4 +360,4 @@ def _replay_headers(
     return headers
 
 
-__all__ = ["DeadLetter", "find", "peek", "purge", "replay"]
+__all__ = ["DeadLetter", "answered_why", "find", "peek", "purge", "replay"]

@@ -205,6 +205,13 @@ class AllProvidersFailed(JobError):
     code = "all_providers_failed"
 
 
+BAD_INPUT = frozenset(
+    error.code for error in (InvalidRequest, UnknownModel, Unauthorized, IdempotencyConflict)
+)
+"""Error codes that mean the job itself is wrong: a worker answers it with the error, then
+dead-letters it under that code, so a dead letter of one was answered when it died."""
+
+
 class ClientError(GatewayError):
     """Raised to producers by the client library."""
 

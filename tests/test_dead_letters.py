@@ -6,10 +6,13 @@ import asyncio
 import os
 import sys
 from datetime import UTC, datetime, timedelta
+from importlib import resources
+from pathlib import Path
 
 import aio_pika
 import orjson
 import pytest
+import yaml
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from admin.teams import Credentials
@@ -26,7 +29,7 @@ from queuegate.topology import (
     HEADER_DEAD_REASON,
     Topology,
 )
-from tests.support import Gateway, depth, running_gateway, wait_until
+from tests.support import Gateway, dead_letters, depth, running_gateway, wait_until
 from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -185,13 +188,9 @@ async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs
         assert _death(message)["reason"] == "expired"
 
 
-async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
-    # Given one dead-lettered job (bad input, dead-lettered by the worker) with a long id
-    job_id = "bad-" + "0123456789abcdef" * 2
-    async with running_gateway(settings) as gw, gw.client("alpha") as client:
-        body = {"job_id": job_id, "team": "alpha", "model": "no-such-model", "messages": HELLO}
-        await gw.publish(orjson.dumps(body), message_id=job_id, reply_to=client.reply_to)
-        await client.wait(job_id, timeout=10)
+async def _dlq_cli(settings: Settings, *args: str, exit_code: int = 0) -> tuple[str, str]:
+    """``queuegate dlq ARGS`` as an operator runs it, at 80 columns: its stdout and stderr,
+    once it exited with ``exit_code``."""
     env = {
         **os.environ,
         "QUEUEGATE_NAMESPACE": settings.namespace,
@@ -199,14 +198,31 @@ async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
         "COLUMNS": "80",
     }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        "dlq",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == exit_code, (stdout + stderr).decode()
+    return stdout.decode(), stderr.decode()
+
+
+async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
+    # Given one dead-lettered job (bad input, dead-lettered by the worker) with a long id
+    job_id = "bad-" + "0123456789abcdef" * 2
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        body = {"job_id": job_id, "team": "alpha", "model": "no-such-model", "messages": HELLO}
+        await gw.publish(orjson.dumps(body), message_id=job_id, reply_to=client.reply_to)
+        await client.wait(job_id, timeout=10)
 
     async def cli(*args: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "dlq", *args, env=env, stdout=asyncio.subprocess.PIPE
-        )
-        stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
-        assert proc.returncode == 0, stdout.decode()
-        return stdout.decode()
+        return (await _dlq_cli(settings, *args))[0]
 
     # When an operator lists at 80 columns, expect the whole id (to copy), the reason, the team
     listing = await cli("list")
@@ -334,3 +350,100 @@ async def test_a_team_queue_an_earlier_version_declared_is_used_as_it_is(
             topology.team_queue("alpha") in r.getMessage() and "earlier version" in r.getMessage()
             for r in caplog.records
         )
+
+
+def _catalog_with(tmp_path: Path, alias: str) -> Path:
+    """The bundled catalog with ``alias`` added, served as gpt-4o-mini is: an operator's fix."""
+    catalog = yaml.safe_load(resources.files("router").joinpath("catalogs/mock.yaml").read_text())
+    served = catalog["models"]["gpt-4o-mini"]["deployments"]
+    renamed = [{**x, "name": f"{alias}-{x['name']}"} for x in served]  # names are unique
+    catalog["models"][alias] = {"deployments": renamed}
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    return path
+
+
+async def test_a_job_answered_unknown_model_is_not_replayed_once_the_alias_exists(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a job naming an alias the catalog lacks: answered unknown_model, dead-lettered
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        answered = await client.chat("fixme", HELLO, timeout=10)
+        assert answered.error is not None and answered.error.code == "unknown_model"
+        [letter] = await dead_letters(settings, 1)
+        assert letter.answered == "unknown_model"
+        # When the operator adds the alias, restarts the worker and replays the letter
+        await gw.stop_worker()
+        async with running_gateway(settings, catalog=_catalog_with(tmp_path, "fixme")) as fixed:
+            job_id = answered.job_id
+            stdout, stderr = await _dlq_cli(settings, "replay", job_id, exit_code=1)
+            # Expect to be told, in one line, that it was answered and what serves it
+            assert "replayed 0 dead letters" in stdout
+            assert stderr.splitlines() == [
+                f"not replayed {job_id}: answered unknown_model when it died, and a replay "
+                "would send that answer again: have its caller submit the request anew (a new "
+                "job id) to be served"
+            ]
+            # ... the letter still a dead letter, `show` saying why, its row unchanged
+            assert [x.message_id for x in (await dlq.peek(settings))[0]] == [job_id]
+            assert "not replayable: answered unknown_model" in (
+                await _dlq_cli(settings, "show", job_id)
+            )[0].replace("\n", " ")
+            # ... and its request, sent anew by its caller, served and billed once under its id
+            again = await client.chat("fixme", HELLO, timeout=10)
+            assert again.status == "ok" and again.job_id != job_id
+            rows = await fixed.usage_rows(2)
+            assert {r["job_id"]: r["error_code"] for r in rows} == {
+                job_id: "unknown_model",
+                again.job_id: None,
+            }
+            assert fixed.mock.stats.calls == 1
+
+
+async def test_replay_serves_a_job_that_died_unanswered_and_keeps_one_answered_since(
+    settings: Settings, tmp_path: Path, direct: AbstractChannel
+) -> None:
+    # Given two of alpha's jobs that expired in its queue while no worker served alpha (one
+    # serving gamma answers the client's request for a reply queue), one naming `fixme`
+    await register(settings, "alpha", TeamConfig())
+    await Topology(settings.namespace).declare_team_queue(direct, "alpha")
+    async with (
+        running_gateway(settings, teams=("gamma",)) as gw,
+        gw.client("alpha") as client,
+    ):
+        late, typo = client.job("gpt-4o-mini", HELLO), client.job("fixme", HELLO)
+        for job in (late, typo):
+            await gw.publish(
+                job.model_dump_json().encode(),
+                message_id=job.job_id,
+                reply_to=client.reply_to,
+                expiration=timedelta(milliseconds=1),
+            )
+        await dead_letters(settings, 2)
+        # ... `fixme` replayed before the catalog had it: answered unknown_model, dead again
+        async with running_gateway(settings) as alpha:
+            assert [x.message_id for x in (await dlq.replay(settings, {typo.job_id}))[0]] == [
+                typo.job_id
+            ]
+            refusal = await client.wait(typo.job_id, timeout=10)
+            assert refusal.error is not None and refusal.error.code == "unknown_model"
+            await dead_letters(settings, 2)
+        # When the operator adds the alias, restarts the worker and replays every letter
+        async with running_gateway(settings, catalog=_catalog_with(tmp_path, "fixme")) as alpha:
+            replayed, refused = await dlq.replay(settings)
+            # Expect the job that died unanswered replayed, served once and billed once
+            assert [x.message_id for x in replayed] == [late.job_id]
+            served = await client.wait(late.job_id, timeout=10)
+            assert served.status == "ok", served.error
+            rows = await alpha.usage_rows(2)
+            assert {r["job_id"]: r["error_code"] for r in rows} == {
+                late.job_id: None,
+                typo.job_id: "unknown_model",
+            }
+            assert alpha.mock.stats.calls == 1
+            # ... and the one answered as it last died kept, first cause and answer both told
+            [(kept, why)] = refused
+            assert kept.message_id == typo.job_id and kept.reason == "expired"
+            assert kept.answered == "unknown_model"
+            assert why.startswith("answered unknown_model when it died")
+            assert [x.message_id for x in (await dlq.peek(settings))[0]] == [typo.job_id]

@@ -8,7 +8,7 @@ from decimal import Decimal
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ConfigDict
 
-from queuegate.errors import JobError
+from queuegate.errors import BAD_INPUT, JobError
 from queuegate.messages import (
     REFUSED_MARK,
     ChatJob,
@@ -23,12 +23,10 @@ from queuegate.provider_formats import has_message_form
 from queuegate.signing import message_digest
 from router import Routed
 
-BAD_INPUT = frozenset({"invalid_request", "unknown_model", "unauthorized", "idempotency_conflict"})
 UNACCOUNTED = frozenset({"already_answered"})
 """Refusals with no usage row: a copy of a job usage_log already holds, never called. A row
 would count the one request again (and as an error) in the team's reports; the worker's log
 says it was refused."""
-"""Error codes that mean the job itself is wrong: it is answered and also dead-lettered."""
 
 
 class Outcome(BaseModel):
