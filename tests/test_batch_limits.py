@@ -7,27 +7,33 @@ submit``/``collect`` (a team added the default way)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
-import openai
+import httpx
+import orjson
 import pytest
 
+from producer.batch.jobs import JobReader
+from producer.batch.submitted import SubmittedFile
 from queuegate.request_limits import MAX_NESTING
 from queuegate.settings import Settings
 from tests.batch_files import openai_line, read_jsonl, write_jsonl
 from tests.frontdoor_support import Door, open_door
-from tests.support import running_gateway
 from tests.teams import TeamIdentity
-from tests.test_batch_checks import alpha, cli
+from tests.test_batch_checks import (
+    alpha,
+    batch_and_sync,
+    message_batch_results,
+    submitted_and_collected,
+)
 from tests.test_frontdoor_batches import (
-    anthropic_ended,
     message_requests,
-    openai_ended_files,
     openai_lines,
-    upload,
 )
 
 __all__ = ["alpha"]  # the CLI's team, a fixture
@@ -46,9 +52,9 @@ def nested(levels: int) -> list[Any]:
     return value
 
 
-def deep_tool_openai() -> dict[str, Any]:
-    """A chat completions tool whose schema nests ``DEEP`` levels below the request."""
-    schema = {"type": "object", "properties": {"x": {"enum": nested(DEEP)}}}
+def deep_tool_openai(levels: int = DEEP) -> dict[str, Any]:
+    """A chat completions tool whose schema nests ``levels`` levels below the request."""
+    schema = {"type": "object", "properties": {"x": {"enum": nested(levels)}}}
     return {"type": "function", "function": {"name": "f", "parameters": schema}}
 
 
@@ -70,22 +76,8 @@ async def test_an_openai_batch_answers_an_oversize_and_a_deep_line_alone_as_sync
     plain, large, deep = openai_lines(3)
     large["body"]["messages"][0]["content"] = LARGE
     deep["body"]["tools"] = [deep_tool_openai()]
-    async with door.client() as client:
-        # When its batch ends
-        file_id = await upload(client, [plain, large, deep])
-        batch = await client.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        ended, output, errors = await openai_ended_files(client, batch.id)
-        # and the same bodies are sent to /v1/chat/completions
-        sync: dict[str, openai.APIStatusError] = {}
-        for line in (large, deep):
-            body = dict(line["body"])
-            with pytest.raises(openai.APIStatusError) as refused:
-                await client.chat.completions.create(
-                    model=body.pop("model"), messages=body.pop("messages"), extra_body=body
-                )
-            sync[line["custom_id"]] = refused.value
+    # When its batch ends, and the same bodies are sent to /v1/chat/completions
+    ended, output, errors, sync = await batch_and_sync(door, plain, [large, deep])
 
     # Expect the batch completed, the plain line served, and each other line alone answered
     # with the synchronous refusal's status, code, type, message and param
@@ -110,15 +102,11 @@ async def test_a_message_batch_errors_an_oversize_and_a_deep_request_alone_as_sy
     plain, large, deep = message_requests(3)
     large["params"]["messages"][0]["content"] = LARGE
     deep["params"]["tools"] = [deep_tool_anthropic()]
+    # When its batch ends
+    results = await message_batch_results(door, [plain, large, deep])
     async with anthropic.AsyncAnthropic(
         base_url=door.url, api_key=door.keys["alpha"], max_retries=0
     ) as client:
-        # When its batch ends
-        batch = await client.messages.batches.create(requests=[plain, large, deep])  # type: ignore[list-item]
-        await anthropic_ended(client, batch.id)
-        results = {
-            r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)
-        }
         # and the same params are sent to /v1/messages
         sync: dict[str, anthropic.APIStatusError] = {}
         for request in (large, deep):
@@ -138,6 +126,45 @@ async def test_a_message_batch_errors_an_oversize_and_a_deep_request_alone_as_sy
     assert door.gateway.mock.stats.calls == 1
 
 
+async def test_a_message_batch_errors_a_request_nested_past_what_orjson_writes_alone(
+    door: Door,
+) -> None:
+    # Given a Message Batch with a request nested 300 levels (orjson writes 254), beside one
+    # served, and a create with one nested past what any decoder here reads (sent as bytes:
+    # no client's encoder writes it either)
+    plain, deep = message_requests(2)
+    deep["params"]["tools"] = [{"name": "f", "input_schema": {"type": "object", "x": nested(300)}}]
+    levels = 1100
+    deepest = b'{"custom_id": "deepest", "params": {"metadata": %s%s}}' % (
+        b"[" * levels,
+        b"]" * levels,
+    )
+    body = b'{"requests": [\n%s,\n%s]}' % (orjson.dumps(plain), deepest)
+    # When its batch ends
+    results = await message_batch_results(door, [plain, deep])
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        unreadable = await http.post(
+            "/v1/messages/batches",
+            content=body,
+            headers={"x-api-key": door.keys["alpha"], "content-type": "application/json"},
+        )
+
+    # Expect it errored alone, not a 500 for the whole batch
+    assert results[plain["custom_id"]].type == "succeeded"
+    result = results[deep["custom_id"]]
+    assert result.type == "errored"
+    assert result.error.error.message == (
+        f"invalid_request: the request nests deeper than {MAX_NESTING} levels: flatten it"
+    )
+    # and the unreadable one refused in one line naming it
+    assert unreadable.status_code == 400
+    said = unreadable.json()["error"]["message"]
+    assert said.endswith(
+        f"line 3 nests too deep to read: a request may nest at most {MAX_NESTING} levels"
+    )
+    assert door.gateway.mock.stats.calls == 1
+
+
 async def test_the_cli_answers_an_oversize_and_a_deep_line_alone_and_serves_the_rest(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
@@ -148,13 +175,8 @@ async def test_the_cli_answers_an_oversize_and_a_deep_line_alone_and_serves_the_
     deep["body"]["tools"] = [deep_tool_openai()]
     source = write_jsonl(tmp_path / "limits.jsonl", [plain, large, deep])
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    async with running_gateway(settings) as gateway:
-        # When the team's CLI submits it and collects it, failures apart
-        submitted = await cli(alpha, "submit", str(source), "--name", "limits")
-        collected = await cli(
-            alpha, "collect", "limits", "--out", str(out), "--errors", str(errors)
-        )
-        calls = gateway.mock.requests
+    # When the team's CLI submits it and collects it, failures apart
+    submitted, collected, calls = await submitted_and_collected(settings, alpha, source, "limits")
 
     # Expect the submit to go on, naming each line refused
     code, stdout, stderr = submitted
@@ -174,3 +196,26 @@ async def test_the_cli_answers_an_oversize_and_a_deep_line_alone_and_serves_the_
     assert failed[large["custom_id"]]["body"]["error"]["message"] == too_large
     assert failed[large["custom_id"]]["body"]["error"]["param"] is None
     assert len(calls) == 1
+
+
+def test_a_file_read_again_for_its_jobs_passes_over_a_request_nested_past_orjson(
+    tmp_path: Path,
+) -> None:
+    # Given a submitted file with a line nested 300 levels (orjson writes 254), refused at
+    # submit, beside one published (written by the json module, which writes it)
+    plain, deep = openai_line(0), openai_line(1)
+    deep["body"]["tools"] = [deep_tool_openai(300)]
+    source = tmp_path / "deep.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in (plain, deep)))
+    reader = JobReader(batch="deep", jobs="deep.0", team="alpha", model=None, deadline=None)
+
+    # When it is read again for the published line's job (collect asking for it again)
+    submitted = SubmittedFile.read(source, reader, hashlib.sha256(source.read_bytes()).hexdigest())
+    assert submitted is not None
+    try:
+        jobs = submitted.jobs([(plain["custom_id"], 1)])
+    finally:
+        submitted.close()
+
+    # Expect that job, as submit made it
+    assert [job.metadata["custom_id"] for job in jobs] == [plain["custom_id"]]
