@@ -42,8 +42,9 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from frontdoor.errors import ApiError
+from frontdoor.errors import ApiError, error_of
 from frontdoor.whose import Keyed, less, sharer, whose
+from queuegate.request_limits import too_large
 from queuegate.settings import Settings
 
 Reader = Callable[[int], contextlib.AbstractContextManager[None]]
@@ -179,9 +180,8 @@ class Bodies:
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        "request_too_large", f"the request body is larger than {limit} bytes: send less"
-    )
+    # As a request whose job is past the limit is refused, at the front door or in a batch.
+    return error_of(too_large(limit))
 
 
 def declared_size(request: Request, limit: int, too_large: Callable[[int], ApiError]) -> int | None:

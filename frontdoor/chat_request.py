@@ -41,7 +41,13 @@ from queuegate.errors import IdempotencyConflict
 from queuegate.messages import AnswerFormat, ChatJob, ChatParams
 from queuegate.openai_request import check_chat_body
 from queuegate.request_errors import job_refusal
-from queuegate.request_limits import Limits, check_output_tokens, checked_messages
+from queuegate.request_limits import (
+    Limits,
+    check_job_size,
+    check_nesting,
+    check_output_tokens,
+    checked_messages,
+)
 
 DEFAULT_WAIT = 600.0
 """Seconds a request waits for its answer when the caller names no timeout (the OpenAI
@@ -53,11 +59,6 @@ timeout when that is less). An SDK times a request from its own side of the wire
 sent as the timeout passes here reached it 2 to 8 ms after its own timer fired: it read a
 timeout of its own, and retried the request as a new job, called and billed again."""
 MAX_IDEMPOTENCY_KEY = 255
-MAX_NESTING = 100
-"""Levels a request's JSON may nest: far past any schema a provider takes (OpenAI's structured
-outputs take 10 levels), and far inside what a job's JSON encoding and the workers' decoding
-carry (about 250 and 200: a tool schema nested 390 levels was a 500 here, one nested 200 a
-worker's refusal in its words)."""
 OWNED = frozenset({"model", "messages", "stream", "stream_options"})
 """Body fields the job carries itself; every other one is a parameter for the provider."""
 
@@ -202,17 +203,6 @@ def unknown_model(name: str) -> ApiError:
     )
 
 
-def _deeper(value: Any, levels: int) -> bool:
-    """Whether ``value`` (parsed JSON) nests more than ``levels`` objects and arrays deep."""
-    if isinstance(value, dict):
-        children: Any = value.values()
-    elif isinstance(value, list):
-        children = value
-    else:
-        return False
-    return levels <= 0 or any(_deeper(child, levels - 1) for child in children)
-
-
 def chat_job(
     body: dict[str, Any],
     team: str,
@@ -225,8 +215,8 @@ def chat_job(
     """The job of a canonical (OpenAI chat) request, its answer read in ``answer_format``;
     ApiError saying what is wrong when it is invalid. The OpenAI route checks the body as
     OpenAI does first (``check_chat``)."""
-    if _deeper(body, MAX_NESTING):
-        raise ApiError("invalid_request", f"the request nests deeper than {MAX_NESTING} levels")
+    with refusing():
+        check_nesting(body)
     model = served_model(body, limits)
     params = {k: v for k, v in body.items() if k not in OWNED}
     with refusing():
@@ -246,10 +236,7 @@ def chat_job(
             )
         except ValidationError as exc:
             raise job_refusal(exc) from None
-    if len(job.model_dump_json(exclude_defaults=True)) > limits.max_job_bytes:
-        raise ApiError(
-            "request_too_large", f"the request is larger than {limits.max_job_bytes} bytes"
-        )
+        check_job_size(job, limits.max_job_bytes)
     return job
 
 

@@ -51,7 +51,6 @@ from queuegate.visible import clipped
 log = logging.getLogger(__name__)
 
 HTTP_ONLY: dict[str, int] = {
-    "request_too_large": 413,
     "storage_quota_exceeded": 400,
     "request_timeout": 408,
     "headers_too_large": 431,

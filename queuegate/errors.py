@@ -6,6 +6,7 @@
     ├── ServiceUnavailable           RabbitMQ, Redis or PostgreSQL cannot be reached
     ├── JobError                     a job ends in an error; ``code`` is its wire error code
     │   ├── InvalidRequest           the job is malformed or breaks a limit (400)
+    │   │   └── RequestTooLarge      the request's job is past ``max_job_bytes`` (413)
     │   ├── ContextLengthExceeded    no model along the chain takes a prompt this long (400)
     │   ├── UnknownModel             the alias is not in the catalog (400)
     │   ├── Unauthorized             the publisher may not act for the team (401)
@@ -86,7 +87,14 @@ class JobError(GatewayError):
 class InvalidRequest(JobError):
     """The job is not valid JSON, not a valid ChatJob, or breaks an input limit."""
 
-    code = "invalid_request"
+    code: ErrorCode = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    """A request whose job would be larger than the gateway takes (``max_job_bytes``): the
+    front door answers it 413, and a batch its line, never published."""
+
+    code = "request_too_large"
 
 
 class ContextLengthExceeded(JobError):

@@ -51,9 +51,10 @@ def job_refusal(exc: ValidationError) -> InvalidRequest:
 
 
 def refusal(exc: InvalidRequest) -> ErrorInfo:
-    """A request's refusal as a batch answers it: the endpoint's message, and its ``param``
-    where it names one (``producer.batch.jobs.Check``)."""
-    return ErrorInfo(code="invalid_request", message=bounded(exc.message), param=exc.param)
+    """A request's refusal as a batch answers it: the endpoint's code (``request_too_large``
+    for one past the size limit) and message, and its ``param`` where it names one
+    (``producer.batch.jobs.Check``)."""
+    return ErrorInfo(code=exc.code, message=bounded(exc.message), param=exc.param)
 
 
 def joined(where: str, reason: str) -> str:

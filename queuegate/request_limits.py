@@ -1,9 +1,12 @@
 """What the gateway takes of a request beyond its API's own schema: the catalog's models, how
-many messages and output tokens a job carries, how large it is. The front door's endpoints
-and a batch's checks of its requests (``producer.batch.checks``) read them alike::
+many messages and output tokens a job carries, how deep its JSON nests, how large its job
+is. The front door's endpoints and a batch's requests (``producer.batch.checks``,
+``producer.batch.jobs.JobReader``) are checked by these alike::
 
     limits = Limits.of(settings, catalog)
     checked_messages(body, limits)      # InvalidRequest naming what is over
+    check_nesting(request)              # of the canonical request, before its job is made
+    check_job_size(job, limits.max_job_bytes)   # RequestTooLarge (413)
 """
 
 from __future__ import annotations
@@ -12,11 +15,17 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from queuegate.errors import InvalidRequest
-from queuegate.messages import MAX_OUTPUT_TOKENS
+from queuegate.errors import InvalidRequest, RequestTooLarge
+from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob
 
 if TYPE_CHECKING:
     from queuegate.settings import Settings
+
+MAX_NESTING = 100
+"""Levels a request's JSON may nest: far past any schema a provider takes (OpenAI's structured
+outputs take 10 levels), and far inside what a job's JSON encoding and the workers' decoding
+carry (about 250 and 200: a tool schema nested 390 levels was a 500 at the front door, one
+nested 200 a worker's refusal in its words)."""
 
 
 class Served(Protocol):
@@ -79,4 +88,42 @@ def check_output_tokens(params: dict[str, Any], under: str = "") -> None:
             raise InvalidRequest(f"{path} is above {MAX_OUTPUT_TOKENS}", param=path)
 
 
-__all__ = ["Limits", "Served", "check_output_tokens", "checked_messages"]
+def check_nesting(request: dict[str, Any]) -> None:
+    """InvalidRequest when ``request`` (parsed JSON, a canonical request) nests more than
+    ``MAX_NESTING`` objects and arrays deep."""
+    if _deeper(request, MAX_NESTING):
+        raise InvalidRequest(f"the request nests deeper than {MAX_NESTING} levels: flatten it")
+
+
+def _deeper(value: Any, levels: int) -> bool:
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return False
+    return levels <= 0 or any(_deeper(child, levels - 1) for child in children)
+
+
+def check_job_size(job: ChatJob, max_bytes: int) -> None:
+    """RequestTooLarge when ``job``, as published, is larger than ``max_bytes`` (the
+    gateway's ``max_job_bytes``, which a worker refuses past)."""
+    if len(job.model_dump_json(exclude_defaults=True)) > max_bytes:
+        raise too_large(max_bytes)
+
+
+def too_large(max_bytes: int) -> RequestTooLarge:
+    """The refusal of a request past ``max_bytes``: its body as read, or the job it makes."""
+    return RequestTooLarge(f"the request is larger than {max_bytes} bytes: send less")
+
+
+__all__ = [
+    "MAX_NESTING",
+    "Limits",
+    "Served",
+    "check_job_size",
+    "check_nesting",
+    "check_output_tokens",
+    "checked_messages",
+    "too_large",
+]

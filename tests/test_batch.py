@@ -1058,7 +1058,7 @@ async def test_a_request_over_the_job_size_limit_is_an_invalid_line(
 
     # Expect it refused at validation, by its line number, and nothing recorded
     [(number, reason)] = caught.value.problems
-    assert number == 2 and "over the gateway's 1,048,576" in reason
+    assert number == 2 and reason == "the request is larger than 1048576 bytes: send less"
     assert listed == []
 
 

@@ -19,7 +19,8 @@ import anthropic
 import openai
 import orjson
 import pytest
-from anthropic.types.messages import MessageBatchIndividualResponse
+from anthropic.types.messages import MessageBatchIndividualResponse, MessageBatchResult
+from openai.types import Batch
 
 from queuegate.settings import Settings
 from tests.batch_files import kill, openai_line, read_jsonl, start_cli, write_jsonl
@@ -97,6 +98,19 @@ async def cli(team: TeamIdentity, *args: str) -> tuple[int, str, str]:
     return process.returncode, " ".join(stdout.decode().split()), stderr.decode()
 
 
+async def submitted_and_collected(
+    settings: Settings, team: TeamIdentity, source: Path, name: str
+) -> tuple[tuple[int, str, str], tuple[int, str, str], list[Any]]:
+    """The team's CLI's submit of ``source`` as batch ``name`` and its collect into
+    ``<source dir>/out.jsonl`` and ``errors.jsonl`` (failures apart), as (code, stdout,
+    stderr) each, and the requests the provider was sent meanwhile."""
+    out, errors = source.parent / "out.jsonl", source.parent / "errors.jsonl"
+    async with running_gateway(settings) as gateway:
+        submitted = await cli(team, "submit", str(source), "--name", name)
+        collected = await cli(team, "collect", name, "--out", str(out), "--errors", str(errors))
+        return submitted, collected, list(gateway.mock.requests)
+
+
 async def test_the_cli_errors_each_anthropic_request_messages_would_refuse_and_serves_the_rest(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:
@@ -147,13 +161,8 @@ async def test_the_cli_answers_each_openai_line_chat_completions_would_refuse_40
     plain, *refused = with_cases([openai_line(i) for i in range(1 + len(cases))], cases)
     source = write_jsonl(tmp_path / "checked.jsonl", [plain, *refused])
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    async with running_gateway(settings) as gateway:
-        # When the team's CLI submits it and collects it, failures apart
-        submitted = await cli(alpha, "submit", str(source), "--name", "checked")
-        collected = await cli(
-            alpha, "collect", "checked", "--out", str(out), "--errors", str(errors)
-        )
-        calls = gateway.mock.requests
+    # When the team's CLI submits it and collects it, failures apart
+    submitted, collected, calls = await submitted_and_collected(settings, alpha, source, "checked")
 
     # Expect each refused line named, and answered 400 in OpenAI's batch output format,
     # its param named as the endpoint names it; the other served
@@ -230,11 +239,8 @@ async def test_the_cli_answers_each_openai_line_its_job_would_refuse_400_not_the
     source = write_jsonl(tmp_path / "jobs.jsonl", lines)
     plain = lines[0]
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    async with running_gateway(settings) as gateway:
-        # When the team's CLI submits it and collects it, failures apart
-        submitted = await cli(alpha, "submit", str(source), "--name", "jobs")
-        collected = await cli(alpha, "collect", "jobs", "--out", str(out), "--errors", str(errors))
-        calls = gateway.mock.requests
+    # When the team's CLI submits it and collects it, failures apart
+    submitted, collected, calls = await submitted_and_collected(settings, alpha, source, "jobs")
 
     # Expect the batch to go on, each refused line named by its line and field
     assert submitted[0] == 0, submitted[2]
@@ -362,27 +368,36 @@ async def test_an_openai_batch_error_line_names_its_param_as_the_sync_error_does
     assert error["message"] == sync.value.body["message"]  # type: ignore[index]
 
 
-async def test_an_openai_batch_answers_a_line_its_job_would_refuse_as_the_sync_endpoint_does(
-    door: Door,
-) -> None:
-    # Given OpenAI batch lines whose bodies make jobs the gateway refuses, beside one served
-    plain, *refused = with_cases(openai_lines(1 + len(JOB_REFUSED)), JOB_REFUSED)
+async def batch_and_sync(
+    door: Door, plain: dict[str, Any], refused: list[dict[str, Any]]
+) -> tuple[Batch, list[dict[str, Any]], list[dict[str, Any]], dict[str, openai.APIStatusError]]:
+    """The OpenAI batch of ``plain`` and ``refused`` lines once it ended, its output and
+    error lines, and by custom_id the error /v1/chat/completions answers each refused
+    line's body with."""
     async with door.client() as client:
-        # When their batch ends
         file_id = await upload(client, [plain, *refused])
         batch = await client.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
         )
         ended, output, errors = await openai_ended_files(client, batch.id)
-        # and the same bodies are sent to /v1/chat/completions
-        sync: dict[str, openai.BadRequestError] = {}
+        sync: dict[str, openai.APIStatusError] = {}
         for line in refused:
             body = dict(line["body"])
-            with pytest.raises(openai.BadRequestError) as refusal:
+            with pytest.raises(openai.APIStatusError) as refusal:
                 await client.chat.completions.create(
                     model=body.pop("model"), messages=body.pop("messages"), extra_body=body
                 )
             sync[line["custom_id"]] = refusal.value
+    return ended, output, errors, sync
+
+
+async def test_an_openai_batch_answers_a_line_its_job_would_refuse_as_the_sync_endpoint_does(
+    door: Door,
+) -> None:
+    # Given OpenAI batch lines whose bodies make jobs the gateway refuses, beside one served
+    plain, *refused = with_cases(openai_lines(1 + len(JOB_REFUSED)), JOB_REFUSED)
+    # When their batch ends, and the same bodies are sent to /v1/chat/completions
+    ended, output, errors, sync = await batch_and_sync(door, plain, refused)
 
     # Expect the batch completed, the plain line served, and each refused line alone
     # answered 400 with the synchronous error's message and param
@@ -393,23 +408,31 @@ async def test_an_openai_batch_answers_a_line_its_job_would_refuse_as_the_sync_e
         response = line["response"]
         assert response["status_code"] == 400
         error, said = response["body"]["error"], sync[line["custom_id"]]
+        assert said.status_code == 400
         assert (error["message"], error["param"]) == (said.body["message"], said.param)  # type: ignore[index]
     assert door.gateway.mock.stats.calls == 1
+
+
+async def message_batch_results(
+    door: Door, requests: list[dict[str, Any]]
+) -> dict[str, MessageBatchResult]:
+    """The result of each of a Message Batch's ``requests``, by custom_id, once it ended."""
+    async with anthropic.AsyncAnthropic(
+        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+    ) as client:
+        batch = await client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        await anthropic_ended(client, batch.id)
+        return {
+            r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)
+        }
 
 
 async def test_a_message_batch_errors_a_request_asking_to_stream(door: Door) -> None:
     # Given a Message Batch request asking to stream, beside one that does not
     plain, streamed = message_requests(2)
     streamed["params"]["stream"] = True
-    async with anthropic.AsyncAnthropic(
-        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
-    ) as client:
-        # When its batch ends
-        batch = await client.messages.batches.create(requests=[plain, streamed])  # type: ignore[list-item]
-        await anthropic_ended(client, batch.id)
-        results = {
-            r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)
-        }
+    # When its batch ends
+    results = await message_batch_results(door, [plain, streamed])
 
     # Expect it errored by name, never sent; the other served
     assert results[plain["custom_id"]].type == "succeeded"

@@ -15,6 +15,7 @@ refused batch. Errors are answered in Anthropic's shape.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -120,8 +121,8 @@ def _requests(body: Path, out: Path) -> tuple[int, str]:
         with out.open("wb") as f:
             for index, (_, entry) in enumerate(file):
                 _check(f"requests.{index}", entry, seen)
-                f.write(orjson.dumps(entry) + b"\n")
-                digest.update(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n")
+                f.write(_dumps(entry) + b"\n")
+                digest.update(_dumps(entry, sort_keys=True) + b"\n")
     except BatchError as exc:
         raise ApiError("invalid_request", str(exc).replace(f"{body}: ", "")) from None
     if file.aside:
@@ -130,6 +131,17 @@ def _requests(body: Path, out: Path) -> tuple[int, str]:
     if not seen:
         raise ApiError("invalid_request", "requests: must hold at least one request")
     return len(seen), digest.hexdigest()
+
+
+def _dumps(entry: dict[str, Any], *, sort_keys: bool = False) -> bytes:
+    """``entry`` as JSON, one line. One nested past what orjson writes (254 levels) is
+    written by the json module, which read it: its request is then errored alone as the
+    batch runs (nested past the front door's limit), not the whole create a 500."""
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except orjson.JSONEncodeError:
+        text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
+        return text.encode()
 
 
 def _check(where: str, entry: Any, seen: set[str]) -> None:

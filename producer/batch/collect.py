@@ -128,7 +128,7 @@ async def collect(
     async with batch as (state, resend):
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
             where = Path(source) if source is not None else None
-            refused = _RefusedLines(state, files, where, checks)
+            refused = _RefusedLines(state, files, where, checks, settings.max_job_bytes)
             report = await collect_state(
                 settings,
                 state,
@@ -156,11 +156,14 @@ class _RefusedLines:
         files: ResultFiles,
         source: Path | None,
         checks: Mapping[FormatName, Check] | None,
+        max_bytes: int,
     ) -> None:
         self._state = state
         self._files = files
         self._source = source
         self._checks = checks
+        self._max_bytes = max_bytes
+        """The gateway's ``max_job_bytes``, which submit refused a request past."""
         self.total = 0
         """Requests refused, each with its line."""
         self.written = 0
@@ -174,7 +177,9 @@ class _RefusedLines:
     async def _answer(self, meta: BatchMeta) -> tuple[int, int]:
         """(requests refused, lines written now) of a batch with requests refused."""
         state, files, checks = self._state, self._files, self._checks
-        return await _answer_refused(state, files, meta, self._source, checks)
+        return await _answer_refused(
+            state, files, meta, self._source, checks, max_bytes=self._max_bytes
+        )
 
 
 async def _answer_refused(
@@ -183,6 +188,8 @@ async def _answer_refused(
     meta: BatchMeta,
     source: Path | None,
     checks: Mapping[FormatName, Check] | None,
+    *,
+    max_bytes: int,
 ) -> tuple[int, int]:
     path = source or (Path(meta.source) if meta.source else None)
     if checks is None or path is None or not path.is_file():
@@ -190,7 +197,7 @@ async def _answer_refused(
             f"batch {meta.name!r} has {meta.refused:,} requests refused at submit, answered "
             "from the file it was submitted from: collect again with --file naming it"
         )
-    reader = JobReader.for_meta(meta, checks=checks)
+    reader = JobReader.for_meta(meta, checks=checks, max_bytes=max_bytes)
     file = BatchFile(path)
     found: dict[str, ErrorInfo] = {}
     for _, entry in file:

@@ -16,6 +16,7 @@ from queuegate.control import BatchMeta, job_id
 from queuegate.errors import BatchError, InvalidRequest
 from queuegate.messages import ChatJob, ChatParams, ErrorInfo, storable_problem
 from queuegate.request_errors import job_refusal, refusal
+from queuegate.request_limits import check_job_size, check_nesting
 from queuegate.visible import clipped
 
 ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
@@ -31,7 +32,9 @@ is the endpoint's own, its ``param`` naming the field at fault where the endpoin
 class Refused(ValueError):
     """A request of its format the gateway refuses: its format's ``Check`` refused it, or,
     with checks brought, it makes no valid job (no model, a parameter the job refuses:
-    ``max_tokens`` beside ``max_completion_tokens``, a ``seed`` past 64 bits). It is answered
+    ``max_tokens`` beside ``max_completion_tokens``, a ``seed`` past 64 bits), or one past
+    the front door's limits (nested deeper than ``MAX_NESTING``, a job past ``max_bytes``,
+    ``request_too_large``), as its endpoint refuses them. It is answered
     as a failed line of its own, never published, while the batch's other requests are
     served (a line that is no request at all may fail the whole batch instead)."""
 
@@ -77,6 +80,7 @@ class JobReader:
         models: Collection[str] | None = None,
         anthropic_models: Collection[str] | None = None,
         checks: Mapping[FormatName, Check] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._batch = batch
         self._jobs = jobs
@@ -88,6 +92,8 @@ class JobReader:
         self._anthropic_models = anthropic_models
         self._checks = checks
         """None: the caller answers no refused request, so one is a problem of the file."""
+        self._max_bytes = max_bytes
+        """The gateway's ``max_job_bytes``: a larger job is refused (None: not checked)."""
 
     @classmethod
     def for_meta(
@@ -97,6 +103,7 @@ class JobReader:
         models: Collection[str] | None = None,
         anthropic_models: Collection[str] | None = None,
         checks: Mapping[FormatName, Check] | None = None,
+        max_bytes: int | None = None,
     ) -> JobReader:
         """The reader of a recorded batch: its jobs as its first submit built them, whether
         a re-run of submit or collect asking again builds them (same job ids, model,
@@ -111,6 +118,7 @@ class JobReader:
             models=models,
             anthropic_models=anthropic_models,
             checks=checks,
+            max_bytes=max_bytes,
         )
 
     def job(self, entry: Any) -> ChatJob:
@@ -141,6 +149,11 @@ class JobReader:
             request = fmt.parse(custom_id, body)
         except ValueError as exc:  # what the canonical form cannot carry, as the endpoint says
             raise self._refused(InvalidRequest(str(exc))) from None
+        try:
+            # Of the canonical request, as the endpoint checks the job it makes of it.
+            check_nesting({"messages": request.messages, **request.params})
+        except InvalidRequest as exc:
+            raise self._refused(exc) from None
         model = self._model or request.model
         if not model:
             raise self._refused(InvalidRequest("model must be a non-empty string", param="model"))
@@ -154,7 +167,7 @@ class JobReader:
                         "another provider: remove it, or pick a model served only by Anthropic"
                     )
         try:
-            return ChatJob(
+            job = ChatJob(
                 job_id=job_id(self._jobs, custom_id),
                 team=self._team,
                 model=model,
@@ -168,6 +181,14 @@ class JobReader:
             # The job's own refusal, named as the endpoint names it (its parameters are the
             # request's top-level fields): this request fails, not its batch.
             raise self._refused(job_refusal(exc)) from None
+        if self._max_bytes is not None:
+            # Here, not by the caller: collect reads the file again to answer it, as submit
+            # refused it, and a line past it fails alone rather than its OpenAI batch.
+            try:
+                check_job_size(job, self._max_bytes)
+            except InvalidRequest as exc:
+                raise self._refused(exc) from None
+        return job
 
     def _refused(self, exc: InvalidRequest) -> ValueError:
         """A request of its format the gateway refuses: ``Refused``, answered as a line of

@@ -21,6 +21,7 @@ import orjson
 
 from producer.batch.files import reason
 from queuegate.errors import BatchError, NotText
+from queuegate.request_limits import MAX_NESTING
 from queuegate.visible import clipped, clipped_path
 
 BOM = codecs.BOM_UTF8
@@ -206,5 +207,11 @@ class _Document:
                 if self._more():
                     continue
                 raise BatchError(f"{self._path}: {what} is not valid JSON: {exc.msg}") from exc
+            except RecursionError:
+                # Past the interpreter's stack (about 1,000 levels): no request nests so deep.
+                raise BatchError(
+                    f"{self._path}: {what} nests too deep to read: a request may nest at most "
+                    f"{MAX_NESTING} levels"
+                ) from None
             self._position = end
             return value

@@ -134,7 +134,11 @@ async def submit_batch(
         submission = meta.submission if meta else secrets.token_hex(4)
         if meta:
             reader = JobReader.for_meta(
-                meta, models=models, anthropic_models=anthropic_models, checks=checks
+                meta,
+                models=models,
+                anthropic_models=anthropic_models,
+                checks=checks,
+                max_bytes=settings.max_job_bytes,
             )
         else:
             reader = JobReader(
@@ -146,9 +150,10 @@ async def submit_batch(
                 models=models,
                 anthropic_models=anthropic_models,
                 checks=checks,
+                max_bytes=settings.max_job_bytes,
             )
         file = BatchFile(path)
-        total, problems, refused = await _validate(file, reader, state, settings.max_job_bytes)
+        total, problems, refused = await _validate(file, reader, state)
         fingerprint = file.digest.hexdigest()
         if file.aside:
             # As Anthropic's API refuses a field its schema does not have: a key meant for
@@ -225,13 +230,13 @@ async def submit_batch(
 
 
 async def _validate(
-    file: BatchFile, reader: JobReader, state: BatchState, max_bytes: int
+    file: BatchFile, reader: JobReader, state: BatchState
 ) -> tuple[int, list[tuple[int, str]], list[tuple[int, ErrorInfo]]]:
     """Valid requests, problems and requests refused (``Refused``); valid custom_ids land
     in the state's index.
 
-    A request whose job would exceed ``max_bytes`` (the gateway's ``max_job_bytes``) is a
-    problem here, with its line, not an error result after it was published.
+    A request whose job would exceed the gateway's ``max_job_bytes`` (the reader's) is
+    refused or a problem here, with its line, not an error result after it was published.
     """
     problems: list[tuple[int, str]] = []
     refused: list[tuple[int, ErrorInfo]] = []
@@ -259,12 +264,6 @@ async def _validate(
             continue
         except ValueError as exc:
             problems.append((number, str(exc)))
-            continue
-        size = len(job.model_dump_json(exclude_defaults=True))
-        if size > max_bytes:
-            problems.append(
-                (number, f"the request is {size:,} bytes, over the gateway's {max_bytes:,}")
-            )
             continue
         chunk.append((job.metadata["custom_id"], number))
         if len(chunk) >= CHUNK:

@@ -82,8 +82,13 @@ def _rows(file: BatchFile) -> Iterator[tuple[str, int, bytes]]:
     """(custom_id, line, entry) of each entry with a custom_id: the only ones asked for."""
     for number, entry in file:
         custom_id: Any = entry.get("custom_id") if isinstance(entry, dict) else None
-        if isinstance(custom_id, str):
-            yield custom_id, number, orjson.dumps(entry)
+        if not isinstance(custom_id, str):
+            continue
+        try:
+            body = orjson.dumps(entry)
+        except orjson.JSONEncodeError:
+            continue  # nested past what orjson writes (254 levels): refused, never published
+        yield custom_id, number, body
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -1,0 +1,221 @@
+"""The front door's limits on a request, applied to each request of a batch as its
+synchronous endpoint applies them to a body: a request whose job is larger than
+``max_job_bytes`` is answered ``request_too_large`` (413) and one nested deeper than
+``MAX_NESTING`` levels 400, each alone, in the words of the synchronous refusal, while the
+rest of its batch is served: over HTTP (the official SDKs) and by ``queuegate batch
+submit``/``collect`` (a team added the default way)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+import pytest
+
+from producer.batch.jobs import JobReader
+from producer.batch.submitted import SubmittedFile
+from queuegate.request_limits import MAX_NESTING
+from queuegate.settings import Settings
+from tests.batch_files import openai_line, read_jsonl, write_jsonl
+from tests.frontdoor_support import Door, open_door
+from tests.teams import TeamIdentity
+from tests.test_batch_checks import (
+    alpha,
+    batch_and_sync,
+    message_batch_results,
+    submitted_and_collected,
+)
+from tests.test_frontdoor_batches import (
+    message_requests,
+    openai_lines,
+)
+
+__all__ = ["alpha"]  # the CLI's team, a fixture
+
+JOB_BYTES = 4096
+"""The door's ``max_job_bytes``: small, so an oversize request is a few kilobytes."""
+LARGE = "x" * (JOB_BYTES + 100)
+DEEP = 150
+"""Levels a request nests: past ``MAX_NESTING``, inside what the jobs' JSON carries."""
+
+
+def nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def deep_tool_openai(levels: int = DEEP) -> dict[str, Any]:
+    """A chat completions tool whose schema nests ``levels`` levels below the request."""
+    schema = {"type": "object", "properties": {"x": {"enum": nested(levels)}}}
+    return {"type": "function", "function": {"name": "f", "parameters": schema}}
+
+
+def deep_tool_anthropic() -> dict[str, Any]:
+    return {"name": "f", "input_schema": {"type": "object", "x": nested(DEEP)}}
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings.model_copy(update={"max_job_bytes": JOB_BYTES})) as d:
+        yield d
+
+
+async def test_an_openai_batch_answers_an_oversize_and_a_deep_line_alone_as_sync_does(
+    door: Door,
+) -> None:
+    # Given an OpenAI batch with a line past the size limit and one nested 150 levels,
+    # beside one served
+    plain, large, deep = openai_lines(3)
+    large["body"]["messages"][0]["content"] = LARGE
+    deep["body"]["tools"] = [deep_tool_openai()]
+    # When its batch ends, and the same bodies are sent to /v1/chat/completions
+    ended, output, errors, sync = await batch_and_sync(door, plain, [large, deep])
+
+    # Expect the batch completed, the plain line served, and each other line alone answered
+    # with the synchronous refusal's status, code, type, message and param
+    assert ended.status == "completed", ended.errors
+    assert [line["custom_id"] for line in output] == [plain["custom_id"]]
+    assert sync[large["custom_id"]].status_code == 413
+    assert sync[deep["custom_id"]].status_code == 400
+    assert f"nests deeper than {MAX_NESTING} levels" in sync[deep["custom_id"]].message
+    assert sorted(line["custom_id"] for line in errors) == [large["custom_id"], deep["custom_id"]]
+    for line in errors:
+        said = sync[line["custom_id"]]
+        assert line["response"]["status_code"] == said.status_code
+        assert line["response"]["body"] == said.response.json()
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_a_message_batch_errors_an_oversize_and_a_deep_request_alone_as_sync_does(
+    door: Door,
+) -> None:
+    # Given a Message Batch with a request past the size limit and one nested 150 levels,
+    # beside one served
+    plain, large, deep = message_requests(3)
+    large["params"]["messages"][0]["content"] = LARGE
+    deep["params"]["tools"] = [deep_tool_anthropic()]
+    # When its batch ends
+    results = await message_batch_results(door, [plain, large, deep])
+    async with anthropic.AsyncAnthropic(
+        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+    ) as client:
+        # and the same params are sent to /v1/messages
+        sync: dict[str, anthropic.APIStatusError] = {}
+        for request in (large, deep):
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(**request["params"])
+            sync[request["custom_id"]] = refused.value
+
+    # Expect the plain request served, and each other errored alone in the words of
+    # /v1/messages' refusal
+    assert results[plain["custom_id"]].type == "succeeded"
+    assert sync[large["custom_id"]].status_code == 413
+    assert sync[deep["custom_id"]].status_code == 400
+    for custom_id, said in sync.items():
+        result = results[custom_id]
+        assert result.type == "errored", custom_id
+        assert result.error.error.model_dump() == said.response.json()["error"], custom_id
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_a_message_batch_errors_a_request_nested_past_what_orjson_writes_alone(
+    door: Door,
+) -> None:
+    # Given a Message Batch with a request nested 300 levels (orjson writes 254), beside one
+    # served, and a create with one nested past what any decoder here reads (sent as bytes:
+    # no client's encoder writes it either)
+    plain, deep = message_requests(2)
+    deep["params"]["tools"] = [{"name": "f", "input_schema": {"type": "object", "x": nested(300)}}]
+    levels = 1100
+    deepest = b'{"custom_id": "deepest", "params": {"metadata": %s%s}}' % (
+        b"[" * levels,
+        b"]" * levels,
+    )
+    body = b'{"requests": [\n%s,\n%s]}' % (orjson.dumps(plain), deepest)
+    # When its batch ends
+    results = await message_batch_results(door, [plain, deep])
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        unreadable = await http.post(
+            "/v1/messages/batches",
+            content=body,
+            headers={"x-api-key": door.keys["alpha"], "content-type": "application/json"},
+        )
+
+    # Expect it errored alone, not a 500 for the whole batch
+    assert results[plain["custom_id"]].type == "succeeded"
+    result = results[deep["custom_id"]]
+    assert result.type == "errored"
+    assert result.error.error.message == (
+        f"invalid_request: the request nests deeper than {MAX_NESTING} levels: flatten it"
+    )
+    # and the unreadable one refused in one line naming it
+    assert unreadable.status_code == 400
+    said = unreadable.json()["error"]["message"]
+    assert said.endswith(
+        f"line 3 nests too deep to read: a request may nest at most {MAX_NESTING} levels"
+    )
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_the_cli_answers_an_oversize_and_a_deep_line_alone_and_serves_the_rest(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given an OpenAI-format file with a line past the gateway's 1 MiB job limit and one
+    # nested 150 levels, beside one served
+    plain, large, deep = (openai_line(i) for i in range(3))
+    large["body"]["messages"][0]["content"] = "x" * (settings.max_job_bytes + 100)
+    deep["body"]["tools"] = [deep_tool_openai()]
+    source = write_jsonl(tmp_path / "limits.jsonl", [plain, large, deep])
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    # When the team's CLI submits it and collects it, failures apart
+    submitted, collected, calls = await submitted_and_collected(settings, alpha, source, "limits")
+
+    # Expect the submit to go on, naming each line refused
+    code, stdout, stderr = submitted
+    assert code == 0, stderr
+    too_large = f"the request is larger than {settings.max_job_bytes} bytes: send less"
+    assert f"{source}:2: {too_large}" in stderr
+    assert f"{source}:3: the request nests deeper than {MAX_NESTING} levels" in stderr
+    assert "2 refused" in stdout
+    # and collect to answer each an errored line, the other served
+    assert collected[0] == 0, collected[2]
+    assert [line["custom_id"] for line in read_jsonl(out)] == [plain["custom_id"]]
+    failed = {line["custom_id"]: line["response"] for line in read_jsonl(errors)}
+    assert {c: (r["status_code"], r["body"]["error"]["code"]) for c, r in failed.items()} == {
+        large["custom_id"]: (413, "request_too_large"),
+        deep["custom_id"]: (400, "invalid_request"),
+    }
+    assert failed[large["custom_id"]]["body"]["error"]["message"] == too_large
+    assert failed[large["custom_id"]]["body"]["error"]["param"] is None
+    assert len(calls) == 1
+
+
+def test_a_file_read_again_for_its_jobs_passes_over_a_request_nested_past_orjson(
+    tmp_path: Path,
+) -> None:
+    # Given a submitted file with a line nested 300 levels (orjson writes 254), refused at
+    # submit, beside one published (written by the json module, which writes it)
+    plain, deep = openai_line(0), openai_line(1)
+    deep["body"]["tools"] = [deep_tool_openai(300)]
+    source = tmp_path / "deep.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in (plain, deep)))
+    reader = JobReader(batch="deep", jobs="deep.0", team="alpha", model=None, deadline=None)
+
+    # When it is read again for the published line's job (collect asking for it again)
+    submitted = SubmittedFile.read(source, reader, hashlib.sha256(source.read_bytes()).hexdigest())
+    assert submitted is not None
+    try:
+        jobs = submitted.jobs([(plain["custom_id"], 1)])
+    finally:
+        submitted.close()
+
+    # Expect that job, as submit made it
+    assert [job.metadata["custom_id"] for job in jobs] == [plain["custom_id"]]
