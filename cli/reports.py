@@ -8,7 +8,6 @@ import dataclasses
 import os
 import sys
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,6 +23,8 @@ from queuegate.visible import clipped, echoed, visible
 
 if TYPE_CHECKING:  # the commands that read PostgreSQL import its client when they run
     import asyncpg
+
+    from admin.status import Registered
 
 
 def usage(
@@ -95,17 +96,16 @@ def _kept(team: str | None, model: str | None, status: str | None, lead: str) ->
     return lead + ", ".join(kept) if kept else ""
 
 
-BUDGETS_WAIT = 2.0
-"""Seconds status gives PostgreSQL to answer for the budgets, as it gives Redis each round
-trip (queuegate.status.REDIS_WAIT): a hung server would otherwise hold every refresh."""
 STALE_EXIT = 3
-"""Exit status of a status printed with figures missing (PostgreSQL's budgets), the reason
-on stderr: a script reads the figures it has, and knows they are not all there."""
+"""Exit status of a stale status: printed with figures missing (PostgreSQL's budgets) or
+with no worker reporting, the reason on stderr: a script reads the figures it has, and knows
+they are not all there."""
 
 
 def status(
     teams: Annotated[
-        str | None, typer.Option(help="Comma-separated teams; those live workers serve if unset.")
+        str | None,
+        typer.Option(help="Comma-separated teams; the registry's enabled teams if unset."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
@@ -119,9 +119,10 @@ def status(
     """Queue depth, in-flight jobs, rates, waits and spend per team; breakers and 429 pauses of
     every deployment of the catalog.
 
-    Reads the broker, Redis and the budgets in PostgreSQL. With PostgreSQL unreachable the
-    rest is printed, budgets "unknown", the reason on stderr, and the exit status is 3;
-    --watch marks itself stale with the reason and goes on refreshing.
+    Reads the broker, Redis and the registry in PostgreSQL: every enabled team is listed with
+    its queue depth, whether or not a worker serves it. With PostgreSQL unreachable the rest
+    is printed, budgets "unknown", the reason on stderr, and the exit status is 3, as when no
+    worker reports; --watch marks itself stale with the reason and goes on refreshing.
     """
     from rich.live import Live
 
@@ -133,9 +134,10 @@ def status(
     wanted = split_teams(teams)
     listed = load_catalog(settings.catalog, os.environ).deployment_names
 
-    async def read(reader: StatusReader, registry: _Budgets) -> Status:
-        budgets, unread = await registry.read()
-        current = await reader.read(wanted, budgets, listed, stale=unread)
+    async def read(reader: StatusReader, registry: _Registry) -> Status:
+        found = await registry.read()
+        shown = wanted if wanted is not None else found.teams
+        current = await reader.read(shown, found.budgets, listed, stale=found.unread)
         # A team named that has no queue may be a mistyped name: said as every report says
         # it, not shown as an idle team's row (a team workers serve has one: they declare it).
         named = set(wanted or ())
@@ -145,12 +147,12 @@ def status(
         return current
 
     async def once() -> Status:
-        async with StatusReader(settings) as reader, _Budgets(settings) as registry:
+        async with StatusReader(settings) as reader, _Registry(settings) as registry:
             return await read(reader, registry)
 
     async def forever() -> None:
         stop = stop_on_signals()
-        async with StatusReader(settings) as reader, _Budgets(settings) as registry:
+        async with StatusReader(settings) as reader, _Registry(settings) as registry:
             with Live(console=out.console) as live:
                 last: Status | None = None
                 since: datetime | None = None
@@ -182,47 +184,35 @@ def status(
         raise typer.Exit(STALE_EXIT)
 
 
-class _Budgets:
-    """Budgets from the team registry, or none and why when PostgreSQL cannot be read: the
-    budgets are then unknown, which status must not show as "no budget". One pool serves
-    every refresh of a watch (asyncpg's pool reconnects after an outage); opened on the first
-    read that finds PostgreSQL, so a watch started during an outage still finds it later."""
+class _Registry:
+    """The registry's enabled teams and budgets (admin.status), or none and why when
+    PostgreSQL cannot be read: the budgets are then unknown, which status must not show as
+    "no budget". One pool serves every refresh of a watch (asyncpg's pool reconnects after an
+    outage); opened on the first read that finds PostgreSQL, so a watch started during an
+    outage still finds it later."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._pool: asyncpg.Pool | None = None
 
-    async def __aenter__(self) -> _Budgets:
+    async def __aenter__(self) -> _Registry:
         return self
 
     async def __aexit__(self, *_: object) -> None:
         if self._pool is not None:
             await self._pool.close()
 
-    async def read(self) -> tuple[dict[str, Decimal], str | None]:
-        import asyncpg
+    async def read(self) -> Registered:
+        from admin.status import REGISTRY_WAIT, UNREADABLE, Registered, registered, unreadable
+        from queuegate.db import create_pool
 
-        from accounting.reports import team_budgets
-        from queuegate.db import UNREACHABLE, create_pool, database_unreachable
-        from queuegate.urls import redact_url
-
-        try:
-            async with asyncio.timeout(BUDGETS_WAIT):
-                if self._pool is None:
+        if self._pool is None:
+            try:
+                async with asyncio.timeout(REGISTRY_WAIT):
                     self._pool = await create_pool(self._settings, max_size=1)
-                return await team_budgets(self._pool), None
-        except asyncpg.UndefinedTableError:  # not migrated yet: no team has a budget
-            return {}, None
-        except TimeoutError:
-            url = redact_url(self._settings.database_url)
-            return (
-                {},
-                f"PostgreSQL at {url} did not answer within {BUDGETS_WAIT:g} s: check that it runs",
-            )
-        except ServiceUnavailable as exc:  # create_pool's line already names the cause
-            return {}, str(exc)
-        except UNREACHABLE as exc:
-            return {}, database_unreachable(self._settings, exc)
+            except UNREADABLE as exc:
+                return Registered(unread=unreadable(self._settings, exc))
+        return await registered(self._pool, self._settings)
 
     async def check_known(self, teams: list[str]) -> None:
         """UnknownTeam for the first of ``teams`` the registry does not hold; nothing when it
@@ -230,12 +220,13 @@ class _Budgets:
         import asyncpg
 
         from admin.filters import known_team
+        from admin.status import REGISTRY_WAIT
         from queuegate.db import UNREACHABLE
 
         if self._pool is None or not teams:
             return
         try:
-            async with asyncio.timeout(BUDGETS_WAIT):
+            async with asyncio.timeout(REGISTRY_WAIT):
                 for team in teams:
                     await known_team(self._pool, team)
         except asyncpg.UndefinedTableError:  # not migrated yet: no team is registered

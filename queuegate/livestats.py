@@ -8,8 +8,6 @@ seconds in one pipeline, so a job costs no Redis round trip of its own:
 - per team: the last ``WAIT_SAMPLES`` queue waits (the p50/p99 wait);
 - per deployment and window, likewise: provider calls, failed ones (the recent error rate)
   and those answered 429 (``rate_limited``);
-- per team and month: spend as the workers saw it, in nano-USD (each job's cost as its
-  ledger counts it, added up exactly; accounting's PostgreSQL stays the truth);
 - per worker: a snapshot with its in-flight jobs per team, the deployments it called,
   bucket fills and the registry version it serves under (``teams set`` waits for it),
   expiring unless renewed, so a dead worker drops out of the picture by itself.
@@ -43,7 +41,6 @@ from queuegate.metrics import BREAKER_STATE, BUCKET_FILL, gauge_values
 from queuegate.redis_client import text
 from queuegate.registry import Version
 from queuegate.runtime import until_set
-from queuegate.spend import to_nano
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +54,9 @@ RATE_SPAN = 60
 """Seconds the job and error rates are computed over."""
 WAIT_SAMPLES = 1000
 SPEND_TTL = 40 * 24 * 3600
-"""A month's live spend outlives the month by a few days, then goes."""
+"""A month's live spend (``Keys.live_spend``, nano-USD: added by workers/lua/finish.lua with
+each job's stored outcome, not buffered here, so a worker killed before its next write
+loses none of it) outlives the month by a few days, then goes."""
 WORKERS_TTL = 3600
 """Workers silent for this long are dropped from the workers set."""
 
@@ -81,9 +80,6 @@ class _Buffer:
     deployment_counts: defaultdict[tuple[str, int], Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter)
     )
-    spend: Counter[tuple[str, str]] = field(default_factory=Counter)
-    """Nano-USD per (team, month): integers, so the sum is exact (floats drift in the last
-    digits)."""
 
 
 class LiveStatsWriter:
@@ -128,8 +124,6 @@ class LiveStatsWriter:
         if usage.status == "error":
             counts["errors"] += 1
         self._buffer.waits[usage.team].append(round(usage.queued_ms, 1))
-        if usage.cost_usd:
-            self._buffer.spend[(usage.team, usage.ts.strftime("%Y-%m"))] += to_nano(usage.cost_usd)
         for attempt in attempts:
             self._deployments.add(attempt.deployment)
             calls = self._buffer.deployment_counts[(attempt.deployment, int(now))]
@@ -166,9 +160,6 @@ class LiveStatsWriter:
             window = window_of(second)
             totals = keys.live_deployment(deployment, window)
             _count(pipe, totals, keys.live_deployment_seconds(deployment, window), second, counts)
-        for (team, month), nano in buffer.spend.items():
-            pipe.incrby(keys.live_spend(team, month), nano)
-            pipe.expire(keys.live_spend(team, month), SPEND_TTL)
         if self._refresh is not None:
             # Best effort: the pipeline below meets Redis being away and says so once.
             with contextlib.suppress(RedisError, OSError):

@@ -39,6 +39,9 @@ from queuegate.settings import Settings
 from queuegate.spend import from_nano, teams_in_force
 from queuegate.topology import Topology
 
+NO_WORKER = "no worker has reported in the last few seconds"
+"""Why a status with no live worker is stale: its in-flight jobs, rates and the spend they
+add to are what workers report, and none does (dead, stalled, or cut off from Redis)."""
 REDIS_WAIT = 2.0
 """Seconds each of a read's Redis round trips may take: a hung Redis (stopped, partitioned)
 then reads as unreachable within seconds instead of holding ``--watch`` and the Live page
@@ -94,7 +97,8 @@ class Status:
     deployments: list[DeploymentStatus]
     reason: str | None = None
     """Why the status is stale: some figures could not be read (PostgreSQL's budgets), in
-    one line that says what to do; None when every figure is current."""
+    one line that says what to do, or no worker reports (``NO_WORKER``); None when every
+    figure is current."""
 
 
 def status_record(status: Status) -> dict[str, Any]:
@@ -135,15 +139,19 @@ class StatusReader:
         *,
         stale: str | None = None,
     ) -> Status:
-        """The teams given (or those live workers serve); the deployments given (the catalog's:
-        a deployment is listed whether or not a running worker has called it) and any other
-        that workers called. ``stale``: why the caller could not read the budgets, carried
-        by the status (its budgets are then unknown, not absent)."""
+        """The teams given (the registry's enabled ones: admin.status; those live workers
+        serve when None); the deployments given (the catalog's: a deployment is listed
+        whether or not a running worker has called it) and any other that workers called.
+        ``stale``: why the caller could not read the budgets, carried by the status (its
+        budgets are then unknown, not absent); else the status is stale when no worker
+        reports."""
         try:
             status = await self._read(teams, budgets or {}, deployments)
         # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings, cause=exc)) from exc
+        if stale is None and status.workers == 0:
+            stale = NO_WORKER
         return dataclasses.replace(status, reason=stale)
 
     async def _read(

@@ -334,15 +334,18 @@ async def test_an_outcome_stored_again_by_its_own_delivery_is_still_its_own(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     # The Redis client re-sends a store whose connection broke after it ran: the delivery
-    # must announce its own outcome, not find it "stored first by another delivery".
+    # must announce its own outcome, not find it "stored first by another delivery", and its
+    # cost counts once in the team's live spend.
     finish = redis_client.register_script(lua_source("workers", "finish"))
     keys = Keys(settings.redis_prefix)
-    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1"), keys.lapsing]
-    first = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])
-    again = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60])
-    other = await finish(keys=names, args=["f" * 64 + '{"a": 2}', 60])
+    spend = keys.live_spend("alpha", "2026-12")
+    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1"), keys.lapsing, spend]
+    first = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60, "", 7, 60])
+    again = await finish(keys=names, args=["f" * 64 + '{"a": 1}', 60, "", 7, 60])
+    other = await finish(keys=names, args=["f" * 64 + '{"a": 2}', 60, "", 5, 60])
     assert first is None and again is None
     assert other == b"f" * 64 + b'{"a": 1}'
+    assert await redis_client.get(spend) == b"7"
 
 
 async def test_jobs_claimed_at_once_share_one_round_trip(

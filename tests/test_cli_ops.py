@@ -21,6 +21,7 @@ import httpx
 from accounting import migrate
 from admin.keys import issue_admin_key
 from admin.teams import add, quota_policy
+from cli.reports import STALE_EXIT
 from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
@@ -29,6 +30,7 @@ from queuegate.registry import TeamConfig
 from queuegate.reporting import table
 from queuegate.runtime import configure_logging
 from queuegate.settings import Settings
+from queuegate.status import NO_WORKER
 from tests.dashboard_browser import signed_in
 from tests.frontdoor_support import open_door
 from tests.proxy import TcpProxy
@@ -286,9 +288,9 @@ async def test_status_of_a_team_that_does_not_exist_says_so_in_one_line(
     assert _one_error_line(stderr) == (
         "error: no team named nosuch: list them with queuegate teams list"
     )
-    # and alpha alone still shown
+    # and alpha alone still shown (stale: no worker runs)
     code, out, stderr = await _cli(settings, "status", "--teams", "alpha")
-    assert code == 0, stderr
+    assert (code, stderr.strip()) == (STALE_EXIT, f"stale: {NO_WORKER}")
     assert any(line.startswith("alpha ") for line in out.splitlines()), out
 
 
@@ -319,7 +321,8 @@ async def test_status_shows_spend_exactly_in_its_table_and_json(settings: Settin
         await client.delete(Keys(settings.redis_prefix).spend("alpha", month))
         await client.aclose()
     # Expect both amounts as plain decimal strings, and the table showing the spend whole
-    assert code == 0, stderr
+    # (stale: no worker runs)
+    assert code == STALE_EXIT, stderr
     [team] = json.loads(out)["teams"]
     assert (team["spend_usd"], team["budget_usd"]) == ("0.00000075", "0.0000001")
     row = next(line for line in shown[1].splitlines() if line.startswith("alpha"))

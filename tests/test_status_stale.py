@@ -1,5 +1,6 @@
-"""``queuegate status`` when PostgreSQL or Redis cannot be read: it says so, never shows a
-missing figure as a real one, and ``--watch`` outlives the outage."""
+"""``queuegate status`` when PostgreSQL or Redis cannot be read, or no worker reports: it says
+so, as the Live page's ``live.json`` does, never shows a missing figure as a real one, and
+``--watch`` outlives the outage."""
 
 from __future__ import annotations
 
@@ -10,11 +11,28 @@ import os
 import pty
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
+import aio_pika
+import httpx
+import redis.asyncio as aioredis
+
+from admin.keys import issue_admin_key
 from admin.teams import add
+from frontdoor.serve import serving
+from mockprovider import MockProvider
+from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from queuegate.status import NO_WORKER
+from queuegate.topology import Topology
 from queuegate.urls import redact_url
+from router import load_catalog
+from tests.chaos.harness import declare_teams, start_worker, worker_env, workers_running
+from tests.dashboard_browser import signed_in
 from tests.proxy import TcpProxy
+from tests.teams import register
 
 CLI_WAIT = 30.0
 """Seconds a CLI run may take (its start on a loaded machine takes seconds of its own)."""
@@ -30,9 +48,11 @@ def _env(settings: Settings, **urls: str) -> dict[str, str]:
     return env | {f"QUEUEGATE_{name.upper()}": url for name, url in urls.items()}
 
 
-async def _status(env: dict[str, str], *args: str) -> tuple[int | None, str, str]:
+async def _status(
+    env: dict[str, str], *args: str, teams: tuple[str, ...] = ("--teams", "alpha")
+) -> tuple[int | None, str, str]:
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", "status", "--teams", "alpha", *args,
+        sys.executable, "-m", "cli", "status", *teams, *args,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=CLI_WAIT)
@@ -121,9 +141,13 @@ async def test_watch_marks_itself_stale_while_redis_is_away_and_recovers(
     settings: Settings,
 ) -> None:
     # Given `status --watch` of team alpha on a terminal, reaching Redis through a proxy,
-    # showing figures
+    # showing figures, and a worker process serving alpha (reporting to Redis directly)
     await add(settings, "alpha", identity="queue")
-    async with TcpProxy(settings.redis_url) as proxy:
+    async with (
+        MockProvider() as mock,
+        workers_running(worker_env(settings, mock, QUEUEGATE_STATS_INTERVAL="0.2"), ("alpha",)),
+        TcpProxy(settings.redis_url) as proxy,
+    ):
         screen_fd, tty = pty.openpty()
         cli = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli", "status", "--watch", "--interval", "0.2",
@@ -171,3 +195,67 @@ async def test_status_names_a_missing_database_not_an_unreachable_server(
     assert "does not exist: create it" in line, line
     assert "not reachable" not in line
     assert code == 3
+
+
+QUEUED = 200
+
+
+async def _until(check: Callable[[], Awaitable[object]], timeout: float = 30) -> None:
+    """Poll ``check`` until it holds: what workers report arrives unannounced."""
+    async with asyncio.timeout(timeout):
+        while not await check():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def test_status_with_every_worker_dead_lists_queued_jobs_stale_as_live_json(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha registered, served by one worker process that reports every 0.2 s
+    await register(settings, "alpha", TeamConfig())
+    await declare_teams(settings, ("alpha",))
+    pool = await create_pool(settings)
+    admin = await issue_admin_key(pool, "status test")
+    await pool.close()
+    live = Keys(settings.redis_prefix).live_workers
+    async with MockProvider() as mock:
+        env = worker_env(settings, mock, QUEUEGATE_STATS_INTERVAL="0.2")
+        worker = await start_worker(env, ("alpha",))
+        try:
+            await _until(lambda: redis_client.zcard(live))
+        finally:
+            # When it is SIGKILLed, and jobs are queued for the team with no worker left
+            worker.kill()
+            await worker.wait()
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            jobs = await channel.get_exchange(Topology.of(settings).jobs_exchange)
+            for _ in range(QUEUED):
+                await jobs.publish(aio_pika.Message(b"{}"), routing_key="alpha")
+        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": mock.url})
+        async with serving(settings, catalog) as url, httpx.AsyncClient(base_url=url) as http:
+            await signed_in(http, admin.key)
+
+            async def stale() -> bool:
+                return bool((await http.get("/dashboard/live.json")).json()["stale"])
+
+            # (once its last snapshot has expired: live.json says so)
+            await _until(stale)
+            page = (await http.get("/dashboard/live.json")).json()
+            # and an operator asks for the status of every team, as JSON and as a table
+            code, stdout, stderr = await _status(_env(settings), "--json", teams=())
+            table_code, table, table_stderr = await _status(_env(settings), teams=())
+
+    # Expect the team listed with its queued jobs, stale with live.json's reason, exit 3
+    status = json.loads(stdout)
+    assert (status["workers"], status["stale"], status["reason"]) == (0, True, NO_WORKER)
+    assert [(t["team"], t["queue_depth"], t["consumers"]) for t in status["teams"]] == [
+        ("alpha", QUEUED, 0)
+    ]
+    assert (page["stale"], page["reason"]) == (True, status["reason"])
+    assert [(t["team"], t["queue_depth"]) for t in page["teams"]] == [("alpha", QUEUED)]
+    assert (code, table_code) == (3, 3)
+    for err in (stderr, table_stderr):
+        assert err.strip().splitlines() == [f"stale: {NO_WORKER}"]
+    [alpha] = [line.split() for line in table.splitlines() if line.lstrip().startswith("alpha")]
+    assert alpha[1:3] == [str(QUEUED), "0"]

@@ -77,10 +77,12 @@ from queuegate.errors import (
     ServiceUnavailable,
 )
 from queuegate.keys import Keys
+from queuegate.livestats import SPEND_TTL
 from queuegate.messages import Attempt, ChatJob, request_digest, shared_fields
 from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
 from queuegate.script_calls import ScriptCalls
+from queuegate.spend import to_nano
 from router import Catalog, Deployment, Routed
 from router.router import AttemptGate
 from workers.admission import Ahead, Settlement, Ticket
@@ -628,10 +630,13 @@ class Claims:
         it is (``accounted``), and the outcome of a job with a deadline is stored with its
         reply queue (``Stored``), where a sweep answers it should its worker die first.
         ``dumped``: the outcome as it is announced (``as_json``), stored as it is rather than
-        made again."""
+        made again. The first store of a job's outcome adds its cost to the team's live spend
+        (what ``queuegate status`` shows), in the same script: once a job, as usage_log
+        counts it, however many deliveries or sweeps end it."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
-        keys = [key, result, self._keys.lapsing]
+        spend = self._keys.live_spend(job.team, outcome.usage.ts.strftime("%Y-%m"))
+        keys = [key, result, self._keys.lapsing, spend]
         answer, usage = dumped if dumped is not None else as_json(outcome)
         if outcome.usage.content is not None:
             # Captured prompts go to the audit table only, never into Redis.
@@ -642,7 +647,9 @@ class Claims:
         if not accounted and job.deadline is not None and job.reply_to:
             reply = f',"reply_to":{orjson.dumps(job.reply_to).decode()}'
         stored = f'{fingerprint}{{"result":{answer.decode()},"usage":{usage.decode()}{reply}}}'
-        args: list[str | int] = [stored, self._ttl, "" if accounted else self._lease_ms]
+        cost = to_nano(outcome.usage.cost_usd)
+        lease = "" if accounted else self._lease_ms
+        args: list[str | int] = [stored, self._ttl, lease, cost, SPEND_TTL]
         try:
             if settlement is None:
                 earlier = await self._finish(keys=keys, args=args)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import contextlib
 import dataclasses
 import math
 from collections import defaultdict
@@ -28,6 +27,7 @@ from redis.exceptions import RedisError
 from accounting.reports import DaySpend, ModelSpend, TeamSpend, team_budgets
 from admin.audit import AuditFilter, audit_page
 from admin.keys import team_keys
+from admin.status import registered
 from admin.usage import TREND_DAYS, team_month, usage_rows
 from frontdoor.auth import TeamDisabled
 from frontdoor.dashboard import session as sessions
@@ -38,9 +38,8 @@ from frontdoor.dashboard.session import Session
 from frontdoor.failed_keys import Throttled, client_of
 from frontdoor.service import Door, FrontDoor
 from frontdoor.url_text import unstorable
-from queuegate.db import DB_ERRORS, UNREACHABLE, database_unreachable
 from queuegate.errors import ConfigError, ServiceUnavailable, UnknownTeam
-from queuegate.registry import TEAM_NAME, get_team, list_teams
+from queuegate.registry import TEAM_NAME, get_team
 from queuegate.reporting import to_json
 from queuegate.status import status_record
 
@@ -322,26 +321,15 @@ async def live_json(door: Door, session: Signed) -> Response:
     catalog, its breaker and pause as ``queuegate deployments`` reads them; ``stale`` with the
     reason when no worker reports or Redis or the broker cannot be read."""
     _admin_only(session)
-    teams: list[str] | None = None
-    budgets: dict[str, Decimal] = {}
-    unread: str | None = None
-    with contextlib.suppress(*DB_ERRORS):  # not migrated yet: no team has a budget
-        try:
-            teams = [t.name for t in await list_teams(door.pool, enabled_only=True)]
-            budgets = await team_budgets(door.pool)
-        except UNREACHABLE:
-            # Budgets unknown, not absent: stale, as `queuegate status` says it.
-            unread = database_unreachable(door.settings)
+    registry = await registered(door.pool, door.settings)
     try:
         reader = await door.status()
-        status = await reader.read(teams, budgets, door.catalog.deployment_names, stale=unread)
+        status = await reader.read(
+            registry.teams, registry.budgets, door.catalog.deployment_names, stale=registry.unread
+        )
     except (ServiceUnavailable, RedisError, OSError, aio_pika.exceptions.AMQPError) as exc:
         reason = str(exc) if isinstance(exc, ServiceUnavailable) else type(exc).__name__
         return _json({"stale": True, "reason": reason, "at": datetime.now(UTC)})
-    if status.reason is None and status.workers == 0:
-        status = dataclasses.replace(
-            status, reason="no worker has reported in the last few seconds"
-        )
     return _json(status_record(status))
 
 

@@ -25,7 +25,7 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.registry import TeamConfig, set_team_config
 from queuegate.settings import Settings
-from queuegate.spend import current_month, ledger_spent, spend_drift
+from queuegate.spend import current_month, from_nano, ledger_spent, spend_drift
 from router import load_catalog
 from tests.chaos.harness import (
     dead_lettered,
@@ -242,9 +242,12 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
             result = await handle.result(timeout=60)
         replay_drift = await ledger_drift(redis_client, pool, settings)
         calls = mock.stats.calls
+        # (the spend `queuegate status` shows for a team without a budget)
+        live = await redis_client.get(keys.live_spend("alpha", current_month()))
 
     # Expect one row under the job's own id, for its team, carrying the lost call at its
-    # estimate, which the ledger charges too; no second call
+    # estimate, which the ledger and the live spend count too (once: not again for the
+    # replay); no second call
     assert calls == 1
     assert [(r["job_id"], r["team"], r["error_code"]) for r in rows] == [
         (handle.job_id, "alpha", "deadline_exceeded")
@@ -252,6 +255,7 @@ async def test_a_lost_call_whose_job_expires_in_its_queue_is_billed_once_by_a_sw
     assert [a["error"] for a in rows[0]["attempt_log"]] == ["lost"]
     assert Decimal(rows[0]["cost_usd"]) > 0
     assert drift == 0
+    assert live is not None and from_nano(int(live)) == Decimal(rows[0]["cost_usd"])
     # ... and nothing left that a sweep or a late delivery could bill again: the claim is
     # gone, the job's outcome stored (a delivery still to come is answered from it)
     assert (lapsing, claimed) == (0, 0)

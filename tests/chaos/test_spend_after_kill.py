@@ -1,4 +1,5 @@
-"""A worker SIGKILLed mid-call leaves no reservation behind: Redis's spend equals PostgreSQL's."""
+"""A worker SIGKILLed mid-call leaves no reservation behind: Redis's spend equals PostgreSQL's;
+and ``queuegate status``'s spend of a team without a budget equals PostgreSQL's too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, spend_drift
+from queuegate.status import StatusReader
 from tests.chaos.harness import (
     collect,
     declare_teams,
@@ -32,6 +34,9 @@ KILL_AFTER_CALLS = 30
 BUDGET = Decimal("0.05")
 """About ten times what the jobs really cost, and less than what their reservations (each
 priced at the dearest fallback) would hold if the killed worker's stayed counted."""
+KILL_AFTER_ANSWERS = 70
+"""Past the first calls of both workers (2 x 20 at once): the worker killed has answered jobs
+by then, and holds calls in flight."""
 
 
 async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
@@ -70,3 +75,47 @@ async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
         finally:
             await stop_workers(workers)
             await pool.close()
+
+
+async def test_status_spend_of_a_team_without_a_budget_matches_postgresql_after_a_kill(
+    settings: Settings,
+) -> None:
+    # Given two worker processes serving team alpha, which has no budget (status shows the
+    # spend the workers saw), writing their live stats only as they stop, and a provider
+    # taking 300 ms a call
+    await register(settings, "alpha", TeamConfig())
+    async with MockProvider(MockConfig(default=Behavior(latency_ms=300))) as mock:
+        await declare_teams(settings, ("alpha",))
+        env = worker_env(settings, mock, QUEUEGATE_PREFETCH="20", QUEUEGATE_STATS_INTERVAL="3600")
+        workers = [await start_worker(env, ("alpha",)), await start_worker(env, ("alpha",))]
+        pool = await create_pool(settings)
+        try:
+            async with (
+                running_accountant(settings),
+                GatewayClient(settings, team="alpha") as client,
+            ):
+                # When one worker is SIGKILLed mid-load, having answered jobs, its calls in
+                # flight lost (billed by the worker that takes their jobs over), then restarted
+                submitting = await jobs_flowing([client], mock, JOBS, KILL_AFTER_ANSWERS, 60)
+                workers[0].send_signal(signal.SIGKILL)
+                await workers[0].wait()
+                workers[0] = await start_worker(env, ("alpha",))
+                results = await collect(await submitting, timeout=120)
+                rows, distinct = await usage_rows(pool, JOBS, timeout=30)
+                billed = await pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
+                lost = await pool.fetchval(
+                    'SELECT count(*) FROM usage_log WHERE attempt_log @> \'[{"error": "lost"}]\''
+                )
+            await stop_workers(workers)  # their last live stats written
+            async with StatusReader(settings) as reader:
+                [alpha] = (await reader.read(["alpha"])).teams
+        finally:
+            await stop_workers(workers)
+            await pool.close()
+
+    # Expect every job served once, lost calls billed, and status's spend PostgreSQL's, exactly
+    assert [r.error for r in results if r.status != "ok"] == []
+    assert rows == distinct == JOBS
+    assert lost > 0
+    assert alpha.budget_usd is None
+    assert alpha.spend_usd == billed

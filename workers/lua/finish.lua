@@ -3,6 +3,8 @@
 -- KEYS[1]  the job's claim (hash; see claim.lua)
 -- KEYS[2]  the job's stored outcome
 -- KEYS[3]  the namespace's lapsing claims (see hold.lua)
+-- KEYS[4]  the team's live spend of the outcome's month (nano-USD, what `queuegate status`
+--          shows for a team without a budget)
 -- ARGV[1]  fingerprint then outcome JSON (for a job with a deadline whose event is still to be
 --          sent, with its reply queue: where a sweep answers it, its claim being gone)
 -- ARGV[2]  ttl, seconds
@@ -12,6 +14,10 @@
 --          from now, until the worker removes it once the event's batch is confirmed
 --          (Claims.accounted). Should that worker die first and the job expire in its
 --          queue, a sweep sends the stored outcome's result and event again (sweep.lua).
+-- ARGV[4]  the outcome's cost, nano-USD, added to KEYS[4] with the store: once a job, as
+--          usage_log keeps one row a job, the calls lapsed owners made included, and not lost
+--          with a worker killed before it wrote its live stats
+-- ARGV[5]  KEYS[4]'s ttl, seconds
 --
 -- Returns false when ARGV[1] is stored, or the outcome already stored (a delivery that took
 -- over a lapsed claim finished first): the job is announced with that one. Finding ARGV[1]
@@ -43,4 +49,8 @@ if stored then
   return stored
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('INCRBY', KEYS[4], ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+end
 return false

@@ -1,0 +1,65 @@
+"""What ``queuegate status`` and the dashboard's Live page read of the registry, read once
+for both: the enabled teams (each listed with its queue depth whether or not a worker
+serves it) and their budgets, or why PostgreSQL could not be read (the status is then stale,
+its budgets unknown, and it lists the teams live workers serve)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import asyncpg
+
+from accounting.reports import team_budgets
+from queuegate.db import UNREACHABLE, database_unreachable
+from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.registry import list_teams
+from queuegate.settings import Settings
+from queuegate.urls import redact_url
+
+REGISTRY_WAIT = 2.0
+"""Seconds a refresh gives PostgreSQL to answer, as it gives Redis each round trip
+(queuegate.status.REDIS_WAIT): a hung server would otherwise hold every refresh."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    teams: list[str] | None = None
+    """The enabled teams; None when the registry could not be read (or is not migrated)."""
+    budgets: dict[str, Decimal] = field(default_factory=dict)
+    unread: str | None = None
+    """Why PostgreSQL could not be read, in one line saying what to do; None when it was."""
+
+
+UNREADABLE: tuple[type[Exception], ...] = (*UNREACHABLE, ServiceUnavailable)
+"""What opening or reading the registry raises when PostgreSQL cannot be read
+(``create_pool`` says why in a ServiceUnavailable; a REGISTRY_WAIT passed is a TimeoutError)."""
+
+
+def unreadable(settings: Settings, exc: BaseException) -> str:
+    """Why PostgreSQL could not be read, from what ``UNREADABLE`` was raised, in one line."""
+    if isinstance(exc, TimeoutError):
+        url = redact_url(settings.database_url)
+        return f"PostgreSQL at {url} did not answer within {REGISTRY_WAIT:g} s: check that it runs"
+    if isinstance(exc, ServiceUnavailable):  # its line already names the cause
+        return str(exc)
+    return database_unreachable(settings, exc)
+
+
+def _skipped(name: str, error: ConfigError) -> None:
+    """A row workers cannot serve is left out, as they leave it out; ``teams show`` says
+    what is wrong with it (logged here, it would repeat at every refresh)."""
+
+
+async def registered(pool: asyncpg.Pool, settings: Settings) -> Registered:
+    """The registry's enabled teams and budgets, or why they could not be read."""
+    try:
+        async with asyncio.timeout(REGISTRY_WAIT):
+            teams = await list_teams(pool, enabled_only=True, on_invalid=_skipped)
+            budgets = await team_budgets(pool)
+    except asyncpg.UndefinedTableError:  # not migrated yet: no team, no budget
+        return Registered()
+    except UNREADABLE as exc:
+        return Registered(unread=unreadable(settings, exc))
+    return Registered([team.name for team in teams], budgets)
