@@ -26,7 +26,6 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -68,10 +67,7 @@ def serve(
     tune_gc()
     limits = ConnectionLimits.of(settings)
     limits = replace(limits, max_connections=fit_open_files(limits.max_connections))
-    config = _config(
-        app, settings, limits, log_level, timeout_graceful_shutdown=int(settings.shutdown_grace)
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(_config(app, settings, limits, log_level))
     sock = bind(host, port)
     log.info("front door on http://%s:%d (docs at /docs)", host, sock.getsockname()[1])
     # uvicorn takes the stop signals from here (its stop after serving is its own: SIGTERM
@@ -111,11 +107,14 @@ async def serving(
 
 
 def _config(
-    app: FastAPI, settings: Settings, limits: ConnectionLimits, log_level: str, **options: Any
+    app: FastAPI, settings: Settings, limits: ConnectionLimits, log_level: str
 ) -> uvicorn.Config:
     """uvicorn as the front door runs it: httptools' parser with the limits of
     ``frontdoor.connections``, and no WebSocket upgrade (no route takes one, and an upgraded
-    connection would leave those limits behind). ``X-Forwarded-For`` is read by uvicorn's
+    connection would leave those limits behind). Requests in progress at a stop get
+    ``shutdown_grace`` to finish, in a process and in ``serving`` alike: without the bound
+    uvicorn waits for each, a request held by a slow call for as long as the call takes.
+    ``X-Forwarded-For`` is read by uvicorn's
     proxy-headers middleware, from ``QUEUEGATE_HTTP_TRUSTED_PROXIES`` only: uvicorn's own
     default trusts loopback (and reads ``FORWARDED_ALLOW_IPS``), so any client able to connect
     from there could name whatever address it liked; none trusted, the middleware is off."""
@@ -130,7 +129,7 @@ def _config(
         log_level=log_level,
         access_log=False,
         lifespan="on",
-        **options,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
 
 

@@ -11,6 +11,7 @@ queues hold too (workers/held_results.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -20,6 +21,8 @@ from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
 from queuegate.urls import redact_url, url_problem
 
 if TYPE_CHECKING:
+    import ssl
+
     from queuegate.settings import Settings
 
 TIMEOUT = 10.0
@@ -50,6 +53,16 @@ class ManagementApi:
             password=None if parts.password is None else unquote(parts.password),
             display=redact_url(url),
         )
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """httpx's default TLS context (certifi's CAs, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made
+    once per process: httpx makes one for each client it opens, reading the CA bundle again,
+    20-90 ms of every ``BrokerAdmin`` (a ``teams add`` opens several)."""
+    import httpx
+
+    return httpx.create_ssl_context()
 
 
 def vhost_path(vhost: str) -> str:
@@ -96,7 +109,7 @@ class BrokerAdmin:
         if problem is not None:
             raise ConfigError(f"the management URL {self._display}: {problem}: {_SET_URL}")
         self._client = httpx.AsyncClient(
-            base_url=api.root, auth=(api.user, api.password), timeout=TIMEOUT
+            base_url=api.root, auth=(api.user, api.password), timeout=TIMEOUT, verify=_tls()
         )
         self._vhost = vhost_path(vhost)
 

@@ -6,6 +6,7 @@ requests that must still be served."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import socket
@@ -25,6 +26,7 @@ from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, issue_key, open_door
 from tests.reconnect_flood import keep_pipelining as pipelined
+from tests.support import wait_until
 
 HEADER_TIMEOUT = 0.5
 MAX_HEADER_BYTES = 8192
@@ -238,15 +240,46 @@ def test_the_connection_cap_fits_the_open_file_limit() -> None:
 
 SLOW = "local-llama"
 """The hostile team's model: the mock answers it (as llama-3.1-8b) only after the test."""
+SLOW_MS = 12_000
+SLOW_MOCK = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=SLOW_MS)})
+GRACE = 1.0
+"""Seconds the door and its worker give requests still in progress at their stop: the
+chats a test leaves held at the slow model end then, not when the model answers."""
 
 
 @pytest.fixture
 async def shared_door(settings: Settings) -> AsyncIterator[Door]:
     """Two teams on a door of ``MAX_CONNECTIONS``: a quarter of them per team, a quarter
     without a key (the derived defaults)."""
-    mock = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=12_000)})
-    async with open_door(serving(settings, http_header_timeout=60.0), mock_config=mock) as opened:
+    limits = serving(settings, http_header_timeout=60.0, shutdown_grace=GRACE)
+    async with open_door(limits, mock_config=SLOW_MOCK) as opened:
         yield opened
+
+
+async def test_a_door_stopping_gives_a_request_held_by_a_slow_call_its_grace_alone(
+    settings: Settings,
+) -> None:
+    # Given a door (served in the test's loop) and its worker, each giving requests in
+    # progress GRACE at a stop, and a chat held at a model answering in SLOW_MS
+    async with contextlib.AsyncExitStack() as stack:
+        door = await stack.enter_async_context(
+            open_door(serving(settings, shutdown_grace=GRACE), mock_config=SLOW_MOCK)
+        )
+        client = door.client("alpha", timeout=120)
+        held = asyncio.create_task(client.chat.completions.create(model=SLOW, messages=HELLO))
+        await wait_until(lambda: door.gateway.worker.in_flight == 1)
+
+        # When the door and its worker stop
+        started = time.monotonic()
+        await stack.aclose()
+        took = time.monotonic() - started
+    # (the chat cut at the door's stop, as a front-door process cuts it)
+    with pytest.raises(openai.APIError):
+        await held
+    await client.close()
+
+    # Expect the stop to take the grace of each, not the call's time
+    assert took < SLOW_MS / 1000 / 2, took
 
 
 async def test_one_keys_requests_in_progress_leave_the_other_teams_served(

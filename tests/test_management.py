@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import ssl
 import uuid
+from typing import Any
 
 import aio_pika
 import pytest
@@ -102,3 +104,23 @@ async def test_a_wrong_password_names_the_user_and_the_setting(settings: Setting
     async with BrokerAdmin("http://guest:wrong@127.0.0.1:15672/", vhost=settings.vhost) as admin:
         with pytest.raises(ManagementError, match="refused user guest: set QUEUEGATE_MANAG"):
             await admin.queue("anything")
+
+
+async def test_clients_of_the_api_read_the_ca_bundle_once_per_process(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given TLS contexts counted as they are made
+    made: list[object] = []
+    default_context = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(args or kwargs)
+        return default_context(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    # When three clients of the API are opened, as one `teams add` does, and each asks
+    for _ in range(3):
+        async with BrokerAdmin.of(settings) as admin:
+            assert await admin.users()
+    # Expect one context at most (none when this process made it before), not one each
+    assert len(made) <= 1

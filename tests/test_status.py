@@ -53,7 +53,11 @@ async def _until(
 
 async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: Settings) -> None:
     # Given a worker holding 3 jobs of team alpha at a slow provider, and 5 more queued
-    settings = settings.model_copy(update={"prefetch": PREFETCH, "stats_interval": 0.1})
+    # (a grace of 0.2 s at its stop: the jobs it holds are never answered, and the grace of
+    # the suite's settings would hold the stop 5 s for them)
+    settings = settings.model_copy(
+        update={"prefetch": PREFETCH, "stats_interval": 0.1, "shutdown_grace": 0.2}
+    )
     # Slower than anything the test waits for (a CLI start on a loaded machine included), so
     # the 3 jobs are still in flight when the CLI reads: the worker's grace ends them.
     slow = MockConfig(default=Behavior(latency_ms=120_000))

@@ -42,13 +42,14 @@ by then, and holds calls in flight."""
 async def test_a_killed_workers_reservations_lapse_and_spend_matches_postgresql(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    # Given two worker processes serving team alpha, whose budget holds its jobs' real cost,
-    # and a provider taking 300 ms a call
+    # Given two worker processes serving team alpha (claims leased for 1 s: the jobs the
+    # killed one held are taken over a second after it died, not ten), whose budget holds
+    # its jobs' real cost, and a provider taking 300 ms a call
     await register(settings, "alpha", TeamConfig(budget_usd=BUDGET))
     quick = settings.model_copy(update={"spend_reconcile_interval": 0.2})
     async with MockProvider(MockConfig(default=Behavior(latency_ms=300))) as mock:
         await declare_teams(settings, ("alpha",))
-        env = worker_env(settings, mock, QUEUEGATE_PREFETCH="20")
+        env = worker_env(settings, mock, QUEUEGATE_PREFETCH="20", QUEUEGATE_CLAIM_LEASE="1")
         workers = [await start_worker(env, ("alpha",)), await start_worker(env, ("alpha",))]
         pool = await create_pool(settings)
         try:

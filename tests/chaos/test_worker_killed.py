@@ -57,9 +57,13 @@ async def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(
 ) -> None:
     figures = Figures("worker SIGKILL")
     # Given two worker processes serving three teams against a provider taking 20 ms a call
+    # (claims leased for 1 s: the jobs the killed one held are taken over a second after it
+    # died, not ten)
     async with MockProvider(MockConfig(default=Behavior(latency_ms=20))) as mock:
         await declare_teams(settings)
-        env = worker_env(settings, mock, QUEUEGATE_PREFETCH=str(PREFETCH))
+        env = worker_env(
+            settings, mock, QUEUEGATE_PREFETCH=str(PREFETCH), QUEUEGATE_CLAIM_LEASE="1"
+        )
         workers = [await start_worker(env, TEAMS), await start_worker(env, TEAMS)]
         pool = await create_pool(settings)
         try:
