@@ -114,17 +114,20 @@ async def test_status_and_deployments_piped_are_whole(settings: Settings) -> Non
         "COLUMNS": "",
     }
 
-    async def piped(*args: str) -> str:
+    async def piped(*args: str, code: int = 0) -> str:
         cli = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli", *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=30)
-        assert cli.returncode == 0, stderr.decode()
+        assert cli.returncode == code, stderr.decode()
         return stdout.decode()
 
+    # (status is stale, exit 3, with no worker reporting)
     status, deployments, wide = await asyncio.gather(
-        piped("status", "--teams", "alpha"), piped("deployments"), piped("deployments", "--wide")
+        piped("status", "--teams", "alpha", code=3),
+        piped("deployments"),
+        piped("deployments", "--wide"),
     )
 
     # Expect 80 columns at most and no cut header or name
