@@ -11,11 +11,12 @@ become Anthropic's documented event flow::
 with ``text_delta``, ``thinking_delta`` and ``input_json_delta`` deltas, or an ``error``
 event (and nothing after it) when the job fails after the stream has begun, or the model's
 answer has no Messages API form (``message_of``): a tool call's input that begins as no JSON
-object does ends the stream at that delta, one that is no object once whole (truncated
-JSON) in place of ``message_stop``. The stop reason
-is known only from the final result, and ``message_delta`` carries the usage (its counts
-are cumulative: Anthropic's SDK takes them as the totals). ``message_start`` names the model
-the provider says answers, as a non-streamed answer does (``frontdoor.sse.ServedModel``).
+object does, or holds a lone surrogate escape (``InputText``), ends the stream at that delta,
+one that is no strict JSON object once whole (truncated JSON, ``NaN``) in place of
+``message_stop``. The stop reason is known only from the final result, and
+``message_delta`` carries the usage (its counts are cumulative: Anthropic's SDK takes them
+as the totals). ``message_start`` names the model the provider says answers, as a
+non-streamed answer does (``frontdoor.sse.ServedModel``).
 
 An Anthropic deployment's own events ride on the chunks (``StreamChunk.anthropic_events``):
 they are sent as they came, so each block keeps its index, its signature (``signature_delta``) and
@@ -25,6 +26,7 @@ deltas are translated (``message_start`` then carries zero counts).
 
 from __future__ import annotations
 
+from string import hexdigits
 from typing import Any, Literal
 
 import orjson
@@ -33,7 +35,13 @@ from frontdoor.errors import ApiError
 from frontdoor.sse import ServedModel
 from queuegate.api_errors import anthropic_error
 from queuegate.messages import ChatResult, StreamChunk
-from queuegate.provider_formats import NotAnObject, anthropic_id, anthropic_message, as_int
+from queuegate.provider_formats import (
+    CALLED_WITH,
+    NotAnObject,
+    anthropic_id,
+    anthropic_message,
+    as_int,
+)
 
 Event = dict[str, Any]
 BlockKind = Literal["text", "thinking", "tool_use"]
@@ -88,10 +96,9 @@ class MessageEvents:
         self._calls: dict[int, int] = {}
         """The block index of each tool call, by its position (OpenAI's ``index``)."""
         self._tools: dict[int, str] = {}
-        """The name of each tool call's block, by index, until its input shows it begins an
-        object (``_checked``)."""
-        self._inputs: dict[int, str] = {}
-        """What those blocks' input deltas said so far (only blanks)."""
+        """The name of each tool call's block, by index (``_checked``)."""
+        self._inputs: dict[int, InputText] = {}
+        """What those blocks' input deltas said so far."""
         self._ended = False
         """Whether an error event ended the answer: nothing is sent after it."""
         self._usage = {
@@ -186,19 +193,14 @@ class MessageEvents:
 
     def _checked(self, index: int, piece: Any) -> None:
         """Raise NotAnObject when the input of tool call block ``index`` so far, ``piece``
-        its latest, begins with what no JSON object does: whatever follows, the block's
-        input is not one (a later error, truncated JSON, is found in the whole answer)."""
+        its latest, is what no JSON object begins as (``InputText.refused``): whatever
+        follows, the block's input is not one (a later error, truncated JSON, is found in
+        the whole answer)."""
         if index not in self._tools or not isinstance(piece, str):
             return
-        so_far = self._inputs.get(index, "") + piece
-        begun = so_far.lstrip()
-        if not begun:
-            self._inputs[index] = so_far
-            return
-        name = self._tools.pop(index)
-        self._inputs.pop(index, None)
-        if not begun.startswith("{"):
-            raise NotAnObject(name, so_far)
+        text = self._inputs.setdefault(index, InputText())
+        if text.refused(piece):
+            raise NotAnObject(self._tools[index], text.shown)
 
     def delta_events(self, delta: dict[str, Any]) -> list[Event]:
         """The events of one canonical delta (often one ``content_block_delta``)."""
@@ -299,6 +301,61 @@ class MessageEvents:
         else:
             self._start(block, events)
         return events
+
+
+class InputText:
+    """A streamed tool input, read piece by piece as far as telling whether it can still
+    begin a strict JSON object; each piece is read once (an input may run to megabytes)."""
+
+    def __init__(self) -> None:
+        self.shown = ""
+        """Its first characters, as many as ``NotAnObject`` repeats, and one more (so that
+        it says it cut them)."""
+        self._begun = False
+        """Whether a character other than a blank came."""
+        self._tail = ""
+        """What is still to be read: an escape whose rest is to come."""
+        self._high = False
+        """Whether the escape read last is a high surrogate, whose low half must follow."""
+
+    def refused(self, piece: str) -> bool:
+        """Read ``piece``; whether the input is now no object's beginning: it begins with
+        something else than ``{``, or it holds a lone surrogate escape. Anthropic's SDK
+        parses each delta's input so far and raises on that escape (``\\ud800`` not
+        followed by its low half) as it comes, before the answer's end could say why."""
+        if len(self.shown) <= CALLED_WITH:
+            self.shown = (self.shown + piece)[: CALLED_WITH + 1]
+        if not self._begun:
+            begun = piece.lstrip()  # the pieces before it were blanks
+            self._begun = bool(begun)
+            if begun and not begun.startswith("{"):
+                return True
+        self._tail += piece
+        return self._lone_surrogate()
+
+    def _lone_surrogate(self) -> bool:
+        text, at = self._tail, 0
+        self._tail = ""
+        while (slash := text.find("\\", at)) != -1:
+            if self._high and slash != at:
+                return True
+            if len(text) < slash + 2 or (text[slash + 1] == "u" and len(text) < slash + 6):
+                self._tail = text[slash:]  # the escape's rest is still to come
+                return False
+            if text[slash + 1] != "u":
+                if self._high:
+                    return True
+                at = slash + 2
+                continue
+            digits = text[slash + 2 : slash + 6]
+            if not all(digit in hexdigits for digit in digits):
+                return True  # no JSON escape at all
+            code = int(digits, 16)
+            if (0xDC00 <= code <= 0xDFFF) != self._high:
+                return True
+            self._high = 0xD800 <= code <= 0xDBFF
+            at = slash + 6
+        return self._high and len(text) > at
 
 
 def _signed(start: Event) -> Event:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 from queuegate.openai_params import ANTHROPIC_EFFORTS, unoffered_tools
 from queuegate.visible import clipped
 
@@ -67,8 +69,9 @@ class NotAnObject(ValueError):
     """A tool call whose input is not a JSON object, which a ``tool_use`` block's ``input``
     must be (Anthropic's reference; its SDK's ``ToolUseBlock.input`` is a ``Dict``): an
     OpenAI model's ``arguments`` may be any text, not even JSON (OpenAI's reference warns
-    of it: a call cut by ``max_tokens`` is), a misbehaving deployment's ``input`` an array.
-    The message says which tool and what it was called with."""
+    of it: a call cut by ``max_tokens`` is), not even strict JSON (``strict_json``), a
+    misbehaving deployment's ``input`` an array. The message says which tool and what it
+    was called with."""
 
     def __init__(self, name: Any, called_with: Any) -> None:
         shown = called_with if isinstance(called_with, str) else json.dumps(called_with)
@@ -82,13 +85,23 @@ CALLED_WITH = 200
 """Characters of a tool call's input that ``NotAnObject`` repeats at most."""
 
 
+def strict_json(text: str) -> Any:
+    """The value of JSON ``text``; ValueError when it is no strict JSON (RFC 8259).
+
+    Python's ``json`` reads more: ``NaN`` and ``Infinity``, a number beyond a float's range
+    (as ``inf``), a lone surrogate escape (as a string no UTF-8 holds). None of them has a
+    form in an answer: ``orjson`` refuses to write them (the front door's 500) or writes
+    ``null`` (a value nobody sent), and Anthropic's SDK refuses the streamed text."""
+    return orjson.loads(text)
+
+
 def tool_use_block(call: dict[str, Any]) -> Block:
     """An OpenAI ``tool_calls`` entry as a ``tool_use`` block; NotAnObject when its arguments
-    are not a JSON object (Anthropic takes only objects)."""
+    are not a strict JSON object (Anthropic takes only objects)."""
     function = call.get("function") or {}
     raw = function.get("arguments") or "{}"
     try:
-        arguments = json.loads(raw)
+        arguments = strict_json(raw)
     except (TypeError, ValueError):
         arguments = None
     if not isinstance(arguments, dict):

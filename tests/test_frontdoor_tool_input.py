@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from frontdoor.answers import note_job
-from frontdoor.anthropic_stream import MessageEvents
+from frontdoor.anthropic_stream import InputText, MessageEvents
 from frontdoor.app import create_app
 from frontdoor.calls import Opened, streamed
 from frontdoor.service import FrontDoor
@@ -41,9 +41,20 @@ TOOLS: list[ToolParam] = [
 ]
 TRUNCATED = '{"c": "x'
 """An OpenAI model's arguments cut by max_tokens: not JSON."""
+LAX = [
+    pytest.param('{"c": NaN}', id="nan"),
+    pytest.param('{"c": 1e400}', id="beyond-a-float"),
+    pytest.param('{"c": "\\ud800"}', id="lone-surrogate"),
+]
+"""Arguments that Python's ``json`` reads as an object but that are no strict JSON: no
+Messages API form holds them (``strict_json``)."""
 ODD = [
     pytest.param("gpt-4o-mini", "gpt-4o-mini", TRUNCATED, id="openai-arguments-not-json"),
     pytest.param("gpt-4o-mini", "gpt-4o-mini", "[1, 2]", id="openai-arguments-an-array"),
+    *(
+        pytest.param("gpt-4o-mini", "gpt-4o-mini", *lax.values, id=f"openai-arguments-{lax.id}")
+        for lax in LAX
+    ),
     pytest.param("claude-haiku", "claude-3-5-haiku-latest", "[1, 2]", id="anthropic-input-array"),
 ]
 """The alias asked for, the upstream model the mock serves it as, and its tool call's input."""
@@ -54,6 +65,13 @@ STREAMED = [
     ),
     # Found at the first delta of the input, which is no object's beginning
     pytest.param("gpt-4o-mini", "gpt-4o-mini", "[1, 2]", "[1, 2]", id="openai-arguments-an-array"),
+    # Found in the whole answer: it begins as an object does, and is JSON only to a lax reader
+    *(
+        pytest.param(
+            "gpt-4o-mini", "gpt-4o-mini", *lax.values, *lax.values, id=f"openai-arguments-{lax.id}"
+        )
+        for lax in LAX
+    ),
     # The deployment's own delta, as it sent it (its JSON without blanks)
     pytest.param(
         "claude-haiku", "claude-3-5-haiku-latest", "[1, 2]", "[1,2]", id="anthropic-input-array"
@@ -160,11 +178,12 @@ async def test_a_stream_whose_tool_input_is_not_an_object_ends_with_an_error_eve
     assert calls == 1 and accounted(rows) == [BILLED_ERROR]
 
 
+@pytest.mark.parametrize("called_with", [pytest.param(TRUNCATED, id="not-json"), *LAX])
 async def test_a_batch_line_whose_tool_input_is_not_an_object_errors_alone(
-    settings: Settings,
+    settings: Settings, called_with: str
 ) -> None:
     # Given a Message Batch of a request whose model calls its tool with arguments that are
-    # not JSON, beside a plain one
+    # not (strict) JSON, beside a plain one
     requests: list[Any] = [
         {
             "custom_id": "odd",
@@ -184,7 +203,7 @@ async def test_a_batch_line_whose_tool_input_is_not_an_object_errors_alone(
             },
         },
     ]
-    async with open_door(settings, mock_config=calling("gpt-4o-mini", TRUNCATED)) as door:
+    async with open_door(settings, mock_config=calling("gpt-4o-mini", called_with)) as door:
         # When it ends
         async with sdk(door) as claude:
             batch = await claude.messages.batches.create(requests=requests)
@@ -201,14 +220,74 @@ async def test_a_batch_line_whose_tool_input_is_not_an_object_errors_alone(
     odd, plain = results["odd"], results["plain"]
     assert odd.type == "errored" and odd.error.error.type == "api_error"
     assert odd.error.error.message.startswith("provider_error: the model called tool 'get_w'")
-    assert repr(TRUNCATED) in odd.error.error.message
+    assert repr(called_with) in odd.error.error.message
     assert plain.type == "succeeded" and plain.message.content[0].type == "text"
     # each served and billed once, the odd one accounted as the error its line says
     assert calls == 2
     assert sorted(accounted(rows)) == [BILLED_ERROR, ("ok", None, True)]
 
 
-@pytest.mark.parametrize("called_with", [TRUNCATED, "[1, 2]"])
+async def test_a_streamed_tool_input_with_a_surrogate_pair_is_answered(
+    settings: Settings,
+) -> None:
+    # Given a model that calls its tool with a character beyond the BMP, escaped as a pair
+    pair = calling("gpt-4o-mini", '{"c": "\\ud83d\\ude00"}')
+    async with open_door(settings, mock_config=pair) as door:
+        # When the SDK streams a message from it
+        async with (
+            sdk(door) as claude,
+            claude.messages.stream(
+                model="gpt-4o-mini",
+                max_tokens=50,
+                tools=TOOLS,
+                messages=[{"role": "user", "content": "Weather in Paris?"}],
+            ) as stream,
+        ):
+            message = await stream.get_final_message()
+        rows = await door.gateway.usage_rows(1)
+
+    # Expect the character, not an error: only a lone half has no form
+    [block] = message.content
+    assert block.type == "tool_use" and block.input == {"c": "\U0001f600"}
+    assert message.stop_reason == "tool_use" and accounted(rows) == [("ok", None, True)]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "refused_at"),
+    [
+        (['{"c": "\\ud8', '00"}'], 1),
+        (['{"c": "\\ud83d', "\\", "ude00", ' x"}'], None),
+        (['{"c": "\\ud83d', '\\n"}'], 1),
+        (['{"c": "\\udc00'], 0),
+        (['{"c": "\\\\ud800"}'], None),
+        (['{"c": "\\ud83d', '"}'], 1),
+        (["  ", " [1"], 1),
+    ],
+    ids=[
+        "high-split",
+        "pair-split",
+        "high-then-other",
+        "low-alone",
+        "escaped-backslash",
+        "high-then-quote",
+        "an-array",
+    ],
+)
+def test_a_streamed_input_is_refused_at_the_piece_that_shows_it_is_no_object(
+    pieces: list[str], refused_at: int | None
+) -> None:
+    # Given a tool input's text as it streams, in pieces
+    text = InputText()
+
+    # When each piece comes
+    refused = [text.refused(piece) for piece in pieces]
+
+    # Expect it refused from the piece that shows it is no strict JSON object's beginning
+    expected = [refused_at is not None and at >= refused_at for at in range(len(pieces))]
+    assert refused == expected
+
+
+@pytest.mark.parametrize("called_with", [TRUNCATED, "[1, 2]", *LAX])
 async def test_an_openai_caller_gets_such_a_tool_call_as_sent_and_answered(
     settings: Settings, called_with: str
 ) -> None:
