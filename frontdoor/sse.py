@@ -7,6 +7,9 @@
     data: {... "choices": [], "usage": {...}}          (with stream_options.include_usage)
     data: [DONE]
 
+A relayed chunk with no event of its own (the provider's finish reason or usage, which come
+with the end) is the comment line ``:``, which the SDKs skip (``ARRIVED``).
+
 A job that fails after its first chunk ends with ``data: {"error": {...}}`` (the SDK raises
 it) and no ``[DONE]``; one that fails before is answered as a plain error by the route.
 """
@@ -27,6 +30,10 @@ from queuegate.provider_formats import CHUNK_FIELDS, STOP_SEQUENCE, as_int, open
 from queuegate.stored_stream import choice_deltas
 
 DONE = b"data: [DONE]\n\n"
+ARRIVED = b":\n\n"
+"""A comment the SDKs skip, written for a chunk with no event of its caller's API (the
+provider's finish or usage, say): its caller's read timeout starts again, as it would
+straight from the provider, so only a stalled provider lets it fire."""
 
 
 def event(data: dict[str, Any]) -> bytes:
@@ -150,10 +157,10 @@ async def sse_events(
 ) -> AsyncIterator[bytes]:
     """The events of ``stream``, whose first chunk (``first``) was already taken."""
     if first is not None:
-        yield writer.delta(first)
+        yield writer.delta(first) or ARRIVED
     try:
         async for chunk in stream:
-            yield writer.delta(chunk)
+            yield writer.delta(chunk) or ARRIVED
     except ResultTimeout:
         message = f"the stream stopped: job {stream.job_id} sent nothing more in time"
         yield writer.error("deadline_exceeded", message)

@@ -326,6 +326,8 @@ class GatewayClient(ReplyingConnection):
         """Publish a streamed chat job when iterated: ``async for chunk in client.stream(...)``.
 
         ``params`` are those of ``job``; see ChatStream for what iteration yields.
+        ``timeout`` bounds the wait for the first chunk and for each next, not the stream:
+        ``deadline=`` bounds the job.
         """
         job = self.job(model, messages, stream=True, **params)
         stream = ChatStream(

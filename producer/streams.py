@@ -20,8 +20,11 @@ class ChatStream:
 
     The job is published when iteration starts. Iteration ends with the result, which is
     ``ok`` with the whole response, or ``error`` (a failure after the first chunk ends the
-    stream with ``provider_error``; one before it falls back like any other call). ``timeout``
-    is the longest wait for the next chunk; past it, ResultTimeout. A stream opened after its
+    stream with ``provider_error``; one before it falls back like any other call). Once the
+    first is out, a chunk comes for every event the provider sends, some with an empty delta
+    (its finish reason, usage, end). ``timeout`` is the longest wait for the first chunk
+    (queueing included) and then for each next, not for the whole stream; past it,
+    ResultTimeout, while the job runs on (its ``deadline`` bounds it). A stream opened after its
     job's chunks began (a second reader of a job already streaming) yields none: it missed
     the start, and its result holds the whole answer.
     """

@@ -353,7 +353,9 @@ class Router:
 
         ``deadline`` is a ``time.monotonic()`` instant: no call starts after it, and none is
         allowed to run past it. With ``on_delta``, a job with ``stream`` set is streamed: its
-        deltas go to ``on_delta`` in order, and the Routed still carries the whole response.
+        deltas go to ``on_delta`` in order (after the first, an empty one for each provider
+        event with none: its finish reason, usage, end), and the Routed still carries the
+        whole response.
         A stream with a ``chunk_wait`` runs past ``deadline`` once its first delta is out,
         while each next one comes within that wait, up to ``until`` (a ``time.monotonic()``
         instant; None: no bound).
@@ -674,8 +676,14 @@ class Router:
         )
         async with aclosing(events):
             async for event in events:
-                for piece in parser.feed(event):
+                pieces = parser.feed(event)
+                for piece in pieces:
                     await run.emit(piece, parser.model)
+                if not pieces and run.streamed:
+                    # An event with nothing to relay (a finish reason, the usage, the end)
+                    # arrived all the same: its caller's wait for the next chunk starts
+                    # again, as straight from the provider (ChatJob.chunk_wait).
+                    await run.emit(Piece({}), parser.model)
         return parser.completion()
 
     async def _report(self, call: _Call, err: ProviderError) -> None:

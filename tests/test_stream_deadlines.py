@@ -26,9 +26,14 @@ STALL = 3.0
 """Seconds a stalling provider stops for, after its first few chunks: past the callers'
 timeout."""
 
+TAIL_GAP = 0.7
+"""Seconds between the events of a slower provider: half the callers' read timeout, though
+its finish reason, usage and end after the last text span more than that timeout."""
+
 DRIPPING = MockConfig(
     models={
         "gpt-4o-mini": Behavior(chunk_gap_ms=GAP * 1000),
+        "llama-3.1-8b": Behavior(chunk_gap_ms=TAIL_GAP * 1000),
         "claude-3-5-haiku-latest": Behavior(chunk_gap_ms=GAP * 1000),
         "flaky-gpt": Behavior(stream_stall_after=3, hang_s=STALL),
     }
@@ -72,6 +77,36 @@ async def test_a_stream_longer_than_the_sdks_read_timeout_is_served_whole(door: 
     rows = await door.gateway.usage_rows(2)
     assert [row["status"] for row in rows] == ["ok", "ok"]
     assert door.gateway.mock.stats.calls == 2
+
+
+async def test_a_stream_whose_ending_events_outlast_the_read_timeout_is_served_whole(
+    door: Door,
+) -> None:
+    # Given a provider sending an event every 0.7 s, its finish reason, usage and end after
+    # the last text, so that more than the callers' 1.5 s pass from that text to the end
+    hi = [{"role": "user", "content": "hi"}]
+    async with (
+        door.client(timeout=TIMEOUT) as client,
+        anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], timeout=TIMEOUT, max_retries=0
+        ) as claude,
+        door.gateway.client("alpha") as gateway,
+    ):
+        # When each official SDK streams an answer, and the gateway's own client
+        chunks = await client.chat.completions.create(model="local-llama", messages=hi, stream=True)
+        ends = [c.choices[0].finish_reason async for c in chunks if c.choices]
+        async with claude.messages.stream(
+            model="local-llama", max_tokens=50, messages=hi
+        ) as stream:
+            message = await stream.get_final_message()
+        queued = gateway.stream("local-llama", hi, timeout=TIMEOUT)
+        relayed = [chunk async for chunk in queued]
+
+    # Expect each served whole: every event came within the wait of the one before
+    assert ends[-1] == "stop" and message.stop_reason == "end_turn" and message.content
+    assert queued.result is not None and queued.result.status == "ok" and relayed
+    rows = await door.gateway.usage_rows(3)
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok"]
 
 
 async def test_a_stream_stalling_past_the_read_timeout_ends_in_the_gateways_error(
