@@ -44,6 +44,22 @@ async def consumed(connection: AbstractConnection, queue: str, timeout: float = 
             await asyncio.sleep(0.01)
 
 
+async def consumers(settings: Settings, teams: list[str], count: int) -> None:
+    """Return once ``count`` consumers read each team's queue: the workers split its jobs."""
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        while True:
+            queues = [
+                await channel.declare_queue(topology.team_queue(team), passive=True)
+                for team in teams
+            ]
+            if min(queue.declaration_result.consumer_count or 0 for queue in queues) >= count:
+                return
+            await asyncio.sleep(0.05)  # polled: the broker announces no consumer
+
+
 async def depth(settings: Settings, queue: str) -> int:
     """Messages ready in ``queue``, by a passive declare (exact, unlike the management API's
     statistics)."""

@@ -94,7 +94,6 @@ async def test_a_reply_queue_refused_at_its_consume_disturbs_no_publish(
         # dropped for the one its channel's reopening starts, not left to consume beside it
         async with admin.channel() as channel:
             declared = await channel.declare_queue(queue, passive=True)
-            print("DEBUG consumers", declared.declaration_result.consumer_count)
             assert declared.declaration_result.consumer_count == 1
 
 

@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-
-import aio_pika
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.settings import Settings
-from queuegate.topology import Topology
 from tests.chaos.harness import collect, declare_teams, start_worker, stop_workers, worker_env
-from tests.support import wait_until
+from tests.support import consumers, wait_until
 from tests.test_admission import small_deployment
 
 FLOOD = 30
 """Alpha's backlog: 15 s of the deployment's rate, longer than beta's jobs take."""
 TRICKLE = 3
-
-
-async def _consumers(settings: Settings, teams: list[str], count: int) -> None:
-    """Return once ``count`` consumers read each team's queue: the workers split its jobs."""
-    topology = Topology(settings.namespace)
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        while True:
-            queues = [
-                await channel.declare_queue(topology.team_queue(team), passive=True)
-                for team in teams
-            ]
-            if min(queue.declaration_result.consumer_count or 0 for queue in queues) >= count:
-                return
-            await asyncio.sleep(0.05)  # polled: the broker announces no consumer
 
 
 async def test_a_team_waits_behind_one_job_of_a_team_flooding_a_deployment_from_two_processes(
@@ -48,7 +28,7 @@ async def test_a_team_waits_behind_one_job_of_a_team_flooding_a_deployment_from_
         env = worker_env(settings, mock, QUEUEGATE_CATALOG=str(catalog))
         workers = [await start_worker(env, ["alpha", "beta"]) for _ in range(2)]
         try:
-            await _consumers(settings, ["alpha", "beta"], 2)
+            await consumers(settings, ["alpha", "beta"], 2)
             async with (
                 GatewayClient(settings, team="alpha") as alpha,
                 GatewayClient(settings, team="beta") as beta,

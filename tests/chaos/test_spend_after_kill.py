@@ -26,7 +26,7 @@ from tests.chaos.harness import (
     usage_rows,
     worker_env,
 )
-from tests.support import running_accountant
+from tests.support import consumers, running_accountant
 from tests.teams import register
 
 JOBS = 120
@@ -91,6 +91,8 @@ async def test_status_spend_of_a_team_without_a_budget_matches_postgresql_after_
         workers = [await start_worker(env, ("alpha",)), await start_worker(env, ("alpha",))]
         pool = await create_pool(settings)
         try:
+            # (both consuming, so the one killed holds calls)
+            await consumers(settings, ["alpha"], 2)
             async with (
                 running_accountant(settings),
                 GatewayClient(settings, team="alpha") as client,
