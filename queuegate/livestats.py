@@ -94,8 +94,11 @@ class LiveStatsWriter:
         in_flight: Callable[[], dict[str, int]],
         *,
         refresh: Callable[[], Awaitable[None]] | None = None,
+        reread: Callable[[], None] | None = None,
     ) -> None:
-        """``refresh``: brings gauges the snapshot reads up to date (bucket fills), first."""
+        """``refresh``: brings gauges the snapshot reads up to date (bucket fills), first.
+        ``reread``: asks the worker to read the registry again (``current`` wants it), when
+        the snapshot may have lapsed and when it is written again after (or first)."""
         self._client = client
         self._refresh = refresh
         self._keys = keys
@@ -107,12 +110,49 @@ class LiveStatsWriter:
         self._down = False
         self._registry: Version | None = None
         self._soon = asyncio.Event()
+        self._reread_asked = reread
+        self._lapse_told = False
+        self._read_at = 0.0
+        """When (``time.monotonic``) the read of the registry the worker serves under began."""
+        self._shown_since = 0.0
+        """When the snapshot was written after it may have lapsed: the start of the stretch
+        during which ``teams set`` has seen this worker all along."""
+        self._shown_until = 0.0
+        """Until when the last snapshot written surely lasts (its write's start + its TTL)."""
+        self._reread = asyncio.Event()
 
-    def applied(self, version: Version) -> None:
-        """The worker serves under the registry as read at ``version``: written now, not at
-        the next interval, for a ``teams set`` waiting for it."""
+    def applied(self, version: Version, read_at: float) -> None:
+        """The worker serves under the registry as read at ``version``, a read begun at
+        ``read_at`` (``time.monotonic``): written now, not at the next interval, for a
+        ``teams set`` waiting for it."""
         self._registry = version
+        self._read_at = read_at
+        self._reread.set()
+        self._reread = asyncio.Event()
         self._soon.set()
+
+    def current(self) -> bool:
+        """Whether jobs may be admitted under the registry the worker serves under: a
+        ``teams set`` waits for this worker only while its snapshot lasts in Redis
+        (``admin.teams.in_force``), and one that did not see it returned without its
+        confirmation. So the registry must have been read since the snapshot was written
+        after it may have lapsed, or, while it may be lapsed now, since it may have lapsed.
+        A clock read, no round trip: the hot path asks it of every job."""
+        now = time.monotonic()
+        since = self._shown_since if now < self._shown_until else self._shown_until
+        return self._read_at >= since
+
+    async def until_current(self, until: float) -> bool:
+        """Wait until ``current``, or ``until`` (``time.monotonic``): whether it is."""
+        while not self.current():
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            # Only a registry read makes it current (a write that shows the worker again
+            # asks for one: ``reread``).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reread.wait(), left)
+        return True
 
     def taken(self, team: str) -> None:
         self._buffer.team_counts[(team, int(time.time()))]["taken"] += 1
@@ -178,16 +218,33 @@ class LiveStatsWriter:
         pipe.set(keys.live_worker(self._worker), json.dumps(snapshot), ex=ttl)
         pipe.zadd(keys.live_workers, {self._worker: now})
         pipe.zremrangebyscore(keys.live_workers, 0, now - WORKERS_TTL)
+        sent = time.monotonic()
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:
             if not self._down:
                 log.warning("live stats not written: Redis unavailable (%s)", type(exc).__name__)
             self._down = True
+            if time.monotonic() >= self._shown_until and not self._lapse_told:
+                self._lapse_told = True
+                self._ask_reread()
             return
         if self._down:
             log.info("live stats are written again")
         self._down = False
+        written = time.monotonic()
+        lapsed = written >= self._shown_until
+        if lapsed:
+            # A `teams set` meanwhile may not have waited for this worker.
+            self._shown_since = written
+        self._shown_until = sent + ttl
+        if lapsed:
+            self._lapse_told = False
+            self._ask_reread()
+
+    def _ask_reread(self) -> None:
+        if self._reread_asked is not None:
+            self._reread_asked()
 
 
 def _count(pipe: Pipeline, totals: str, seconds: str, second: int, counts: Counter[str]) -> None:

@@ -63,6 +63,7 @@ from queuegate.spend import (
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
 from tests.chaos.harness import start_worker, stop_workers, worker_env
+from tests.proxy import TcpProxy
 from tests.support import Gateway, running_gateway, wait_until
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Scripts
@@ -972,3 +973,73 @@ async def test_a_worker_of_an_earlier_version_is_named_and_one_that_lapsed_is_no
 
     # Expect the earlier one named, not the dead one waited for
     assert confirmed == InForce(workers=["earlier:1", gw.worker.name], pending=["earlier:1"])
+
+
+CUT_OFF_WAIT = 3.0
+"""Seconds a worker back in Redis but cut off from PostgreSQL is watched answering no job."""
+
+
+async def _shown(settings: Settings, name: str, *, live: bool) -> None:
+    """Once the worker's live snapshot is in Redis (``live``), or no longer is."""
+    client = redis_for(settings)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                if (name in await read_snapshots(client, Keys(settings.redis_prefix))) == live:
+                    return
+                # No event announces another process's snapshot, nor its expiry.
+                await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def test_a_worker_cut_off_past_its_live_entry_reads_the_registry_before_its_next_job(
+    settings: Settings, alpha: str
+) -> None:
+    # Given a worker process serving alpha (no budget) that reaches Redis and PostgreSQL
+    # through proxies, and serves under the registry
+    async with (
+        MockProvider() as mock,
+        TcpProxy(settings.redis_url) as redis_proxy,
+        TcpProxy(settings.database_url) as pg_proxy,
+    ):
+        env = worker_env(
+            settings,
+            mock,
+            QUEUEGATE_REDIS_URL=redis_proxy.url,
+            QUEUEGATE_DATABASE_URL=pg_proxy.url,
+        )
+        process = await start_worker(env, [alpha])
+        try:
+            (name,) = await _serving(settings, [f"{socket.gethostname()}:{process.pid}"])
+            async with GatewayClient(settings, team=alpha) as client:
+                # When Redis freezes for it until its live entry lapsed, PostgreSQL refuses it,
+                # and alpha's budget is cut to nothing meanwhile: the command finds no worker
+                # to wait for
+                redis_proxy.hang()
+                await pg_proxy.down()
+                await _shown(settings, name, live=False)
+                configured = await configure(settings, alpha, {"budget_usd": Decimal(0)})
+                assert await in_force(settings, configured.change, 1) == InForce([], [])
+
+                # and jobs published after it reach the worker once Redis is back to it,
+                # PostgreSQL still refusing it (its teams' security settings served as last
+                # read)
+                handles = [await client.submit(client.job("gpt-4o-mini", HELLO)) for _ in range(2)]
+                await redis_proxy.up()
+                await _shown(settings, name, live=True)
+                answers = [asyncio.ensure_future(h.result(timeout=60)) for h in handles]
+                # Expect none answered while it cannot read the registry again (the old
+                # worker served them under its old view within moments), then, once it can,
+                done, _ = await asyncio.wait(answers, timeout=CUT_OFF_WAIT)
+                assert not done, [answer.result() for answer in done]
+                await pg_proxy.up()
+                results = await asyncio.gather(*answers)
+        finally:
+            await redis_proxy.up()
+            await pg_proxy.up()
+            await stop_workers([process])
+
+    # under the budget it read again, the provider not called
+    assert [r.error.code if r.error else r.status for r in results] == ["budget_exhausted"] * 2
+    assert mock.stats.calls == 0

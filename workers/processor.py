@@ -259,6 +259,8 @@ class JobProcessor:
             # Before the stored result: only a proven publisher may have it sent again. A
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
+            # Before its claim, which reserves its budget under the team's config.
+            await self._admission.current(_monotonic_deadline(job.deadline))
         except JobError as exc:
             outcome = self._gate.claimed(
                 message, refused(job.job_id, team, job.model, exc, timing, message=message)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,8 @@ class Worker:
             log, "The team registry (PostgreSQL)", "the teams I have are served"
         )
         self._connected: asyncio.Event | None = None
+        self._changed = asyncio.Event()
+        """Set when the registry is to be read again at once (``_refresh_teams``)."""
         self._invalid_rows: set[tuple[str, str]] = set()
         self._draining = False
         self._telemetry = Telemetry(router.catalog.models)
@@ -154,6 +157,7 @@ class Worker:
             s.stats_interval,
             self._live_in_flight,
             refresh=self._refresh_gauges,
+            reread=self._changed.set,
         )
         self._telemetry.live = live
         claims = Claims(
@@ -174,7 +178,7 @@ class Worker:
         held = HeldResults(s, redis)
         held_task: asyncio.Task[None] | None = None
         try:
-            self._admission = Admission(s, redis, pool, self._router.catalog)
+            self._admission = Admission(s, redis, pool, self._router.catalog, view=live)
             consume = await connection.channel()
             consume.reopen_callbacks.add(self._on_reopen)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -251,7 +255,7 @@ class Worker:
         ``teams_refresh``, and at once when a `teams set` is told (a budget lowered holds for
         the next job); the refresh only catches what the listener missed."""
         assert self._processor is not None
-        changed = asyncio.Event()
+        changed = self._changed
         async with RegistryChanges(self._settings, lambda _team: changed.set()):
             while not stop.is_set():
                 await until_set(self._settings.teams_refresh, stop, changed)
@@ -273,7 +277,7 @@ class Worker:
         assert self._admission is not None
         serving(stop)  # consumers start here: a stop from now on drains what they take
         read = await self._registry_teams(pool)
-        registry, version = read if read is not None else (None, None)
+        registry, version, read_at = read if read is not None else (None, None, 0.0)
         if registry is not None:
             self._admission.update(registry)
         assert self._control is not None
@@ -316,7 +320,7 @@ class Worker:
         if version is not None and self._live is not None:
             # Only now that every team is served under it: a team added is consumed, one
             # disabled is not, and the next job of each is admitted under its new config.
-            self._live.applied(version)
+            self._live.applied(version, read_at)
 
     async def _consume(
         self, channel: AbstractRobustChannel, team: str, queue: str, prefetch: int
@@ -351,9 +355,11 @@ class Worker:
 
     async def _registry_teams(
         self, pool: asyncpg.Pool
-    ) -> tuple[dict[str, TeamConfig], Version] | None:
-        """Enabled teams and their configs (the disabled ones' names in ``_disabled``), and
-        the version they were read at; None while the registry cannot be read."""
+    ) -> tuple[dict[str, TeamConfig], Version, float] | None:
+        """Enabled teams and their configs (the disabled ones' names in ``_disabled``), the
+        version they were read at and when the read began (``time.monotonic``); None while
+        the registry cannot be read."""
+        read_at = time.monotonic()
         try:
             read = await read_registry(pool, on_invalid=self._invalid_row)
         except DB_ERRORS as exc:
@@ -361,7 +367,8 @@ class Worker:
             return None
         self._registry.recovered()
         self._disabled = {team.name for team in read.teams if not team.enabled}
-        return {team.name: team.config for team in read.teams if team.enabled}, read.version
+        enabled = {team.name: team.config for team in read.teams if team.enabled}
+        return enabled, read.version, read_at
 
     def _invalid_row(self, name: str, error: ConfigError) -> None:
         # Read every few seconds: said once per row and error, not on every refresh.

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from queuegate.errors import Billed, DeadlineExceeded, JobError, RateLimited, ServiceUnavailable
 from queuegate.keys import Keys
+from queuegate.livestats import LiveStatsWriter
 from queuegate.messages import ChatJob
 from queuegate.metrics import keep_bucket_fills, observe_bucket_wait
 from queuegate.outage import OutageLog
@@ -103,8 +104,17 @@ class Admission:
     """One per worker process; ``update`` hands it the registry's team configs."""
 
     def __init__(
-        self, settings: Settings, client: aioredis.Redis, pool: asyncpg.Pool, catalog: Catalog
+        self,
+        settings: Settings,
+        client: aioredis.Redis,
+        pool: asyncpg.Pool,
+        catalog: Catalog,
+        *,
+        view: LiveStatsWriter | None = None,
     ) -> None:
+        """``view``: says whether the registry configs ``update`` gave may be admitted under
+        (``LiveStatsWriter.current``); None: always."""
+        self._view = view
         self._keys = Keys(settings.redis_prefix)
         self._scripts = Scripts(client, self._keys)
         self._settings = settings
@@ -142,6 +152,27 @@ class Admission:
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
         self._configs = dict(configs)
         self._stopped -= set(configs)
+
+    async def current(self, deadline: float | None) -> None:
+        """Wait until jobs may be admitted under this process's registry configs: a worker
+        whose live snapshot may have lapsed (cut off from Redis) reads the registry again
+        first, as a `teams set` meanwhile returned without waiting for it. Until the job's
+        deadline or the maximum wait, as for any outage (then RateLimited or
+        DeadlineExceeded); a clock read when it may."""
+        view = self._view
+        if view is None or view.current():
+            return
+        until = time.monotonic() + self._settings.admission_max_wait
+        if deadline is not None:
+            until = min(until, deadline)
+        if await view.until_current(until):
+            return
+        raise _late(
+            deadline,
+            until,
+            "the team registry (PostgreSQL) could not be read again since this worker's live "
+            "entry in Redis lapsed, so a team's config changed meanwhile may not be applied",
+        )
 
     def stopped(self, team: str) -> None:
         """The worker no longer takes ``team``'s jobs (disabled): those waiting for its
@@ -683,6 +714,16 @@ class Admission:
             self.outage.recovered()
 
 
+def _late(deadline: float | None, until: float, what: str) -> JobError:
+    """The refusal of a job that waited for ``what`` until ``until``: its deadline passed (as
+    a job whose deadline passes in its queue), or the maximum wait."""
+    if deadline is not None and deadline <= until:
+        return DeadlineExceeded(f"the job's deadline passed while it waited: {what}")
+    return RateLimited(
+        f"the job waited the maximum wait: {what}", retry_after_ms=RETRY_SECONDS * 1000
+    )
+
+
 async def _pause(until: float, cause: Exception | None, what: str) -> None:
     """Wait before the next try, or raise RateLimited when ``until`` has come."""
     left = until - time.monotonic()
@@ -739,13 +780,8 @@ class Ticket:
         """Seconds spent waiting for buckets; None while it met none (no limits)."""
 
     def late(self, what: str) -> JobError:
-        """The refusal of a job that waited for ``what`` until its ``until``: its deadline
-        passed (as a job whose deadline passes in its queue), or the maximum wait."""
-        if self.deadline is not None and self.deadline <= self.until:
-            return DeadlineExceeded(f"the job's deadline passed while it waited: {what}")
-        return RateLimited(
-            f"the job waited the maximum wait: {what}", retry_after_ms=RETRY_SECONDS * 1000
-        )
+        """The refusal of a job that waited for ``what`` until its ``until`` (``_late``)."""
+        return _late(self.deadline, self.until, what)
 
     @property
     def reserving(self) -> int:
