@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -117,8 +118,10 @@ class LiveStatsWriter:
         self._shown_since = 0.0
         """When the snapshot was written after it may have lapsed: the start of the stretch
         during which ``teams set`` has seen this worker all along."""
-        self._shown_until = 0.0
-        """Until when the last snapshot written surely lasts (its write's start + its TTL)."""
+        self._shown_until = math.inf
+        """Until when the last snapshot written surely lasts (its write's start + its TTL);
+        unbounded before the first write: the registry read at the start is as new as that
+        write, unless the write fails (then the worker was unseen from its start)."""
         self._reread = asyncio.Event()
 
     def applied(self, version: Version, read_at: float) -> None:
@@ -225,6 +228,8 @@ class LiveStatsWriter:
             if not self._down:
                 log.warning("live stats not written: Redis unavailable (%s)", type(exc).__name__)
             self._down = True
+            if self._shown_until == math.inf:
+                self._shown_until = 0.0  # unseen from its start: its first write asks a read
             if time.monotonic() >= self._shown_until and not self._lapse_told:
                 self._lapse_told = True
                 self._ask_reread()
