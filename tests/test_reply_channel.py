@@ -69,7 +69,6 @@ async def test_a_reply_queue_refused_at_its_consume_disturbs_no_publish(
         await proxy.hung.wait()
         async with admin.channel() as channel:
             await channel.queue_delete(queue)
-        print("DEBUGUP", flush=True)
         await proxy.up()
 
         # Expect the queue declared and consumed again, and the jobs published since answered
@@ -80,21 +79,11 @@ async def test_a_reply_queue_refused_at_its_consume_disturbs_no_publish(
         assert published
         assert (await client.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
         assert client.reply_to == queue
-        # the channel the jobs are published on left open: no publish lost with it and
-        # sent again (those waiting behind the consume), none failed with the refusal's
-        # ChannelNotFoundEntity (those awaiting their confirm then, as on a loaded cluster)
-        lost = [
-            r
-            for r in caplog.records
-            # Its own lines alone: aio-pika's may name a callback whose repr fails once run.
-            if r.name == "queuegate.broker" and r.getMessage().startswith("connection lost")
-        ]
-        assert lost == []
-        # and the queue read by one consumer: the attempt the refusal put in backoff is
-        # dropped for the one its channel's reopening starts, not left to consume beside it
-        async with admin.channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            assert declared.declaration_result.consumer_count == 1
+        # the channel the jobs are published on left open, none failed with the refusal's
+        # ChannelNotFoundEntity (those awaiting their confirm then, as on a loaded cluster),
+        # and the attempt the refusal put in backoff dropped for the one its channel's
+        # reopening starts, not left to consume beside it
+        await publish_channel_kept_and_one_consumer(admin, queue, caplog)
 
 
 async def test_a_reply_queue_the_gateway_cannot_declare_after_a_reconnect_is_asked_again(
@@ -184,18 +173,24 @@ async def test_the_front_doors_reply_queue_refused_at_its_consume_disturbs_no_pu
             await asyncio.gather(*requests)
         answer = await sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
         assert answer.choices[0].message.content
-        # the channel the jobs are published on left open: no publish lost with it and sent
-        # again (those waiting behind the consume)
-        lost = [
-            r
-            for r in caplog.records
-            if r.name == "queuegate.broker" and r.getMessage().startswith("connection lost")
-        ]
-        assert lost == []
-        # and the queue read by one consumer
-        async with admin.channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            assert declared.declaration_result.consumer_count == 1
+        await publish_channel_kept_and_one_consumer(admin, queue, caplog)
+
+
+async def publish_channel_kept_and_one_consumer(
+    admin: aio_pika.abc.AbstractConnection, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Assert the channel the jobs are published on was left open (no publish lost with it
+    and sent again: those waiting behind the consume) and ``queue`` is read by one consumer."""
+    lost = [
+        r
+        for r in caplog.records
+        # Its own lines alone: aio-pika's may name a callback whose repr fails once run.
+        if r.name == "queuegate.broker" and r.getMessage().startswith("connection lost")
+    ]
+    assert lost == []
+    async with admin.channel() as channel:
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.consumer_count == 1
 
 
 def consume_frame(queue: str) -> bytes:
