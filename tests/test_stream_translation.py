@@ -185,6 +185,20 @@ def test_anthropic_tool_use_stream_becomes_openai_tool_call_deltas() -> None:
     assert completion.usage.output_tokens == 89
 
 
+@pytest.mark.parametrize("lax", ["NaN", "1e400", '"\\ud800"'])
+def test_a_streamed_tool_input_json_only_to_a_lax_reader_is_a_bad_response(lax: str) -> None:
+    # As a non-streamed body with it is (transport.post reads it strictly): no answer holds it
+    said, lax_said = (json.dumps(piece)[1:-1] for piece in (' "San Francisco, CA"}', f" {lax}}}"))
+    events = [ServerEvent(e.name, e.data.replace(said, lax_said)) for e in ANTHROPIC_TOOL]
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
+    feed(parser, events)
+
+    with pytest.raises(ProviderError) as caught:
+        parser.completion()
+
+    assert caught.value.error_class == "bad_response"
+
+
 def test_openai_stream_passes_its_deltas_through_and_reads_the_usage_chunk() -> None:
     parser = OpenAIAdapter().stream_parser("gpt-4o-mini", None)
 

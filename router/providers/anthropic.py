@@ -23,7 +23,6 @@ The inverse direction, for Anthropic-format batch files, is in ``queuegate.provi
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from typing import Any
@@ -46,6 +45,7 @@ from queuegate.provider_formats import (
     as_int,
     data_url,
     openai_finish,
+    strict_json,
     tool_call_of,
     tool_use_block,
 )
@@ -279,7 +279,7 @@ class AnthropicStream:
             raise ProviderError("bad_response", "the stream ended before message_stop")
         for index, pieces in self._json.items():
             try:
-                self._message["content"][index]["input"] = json.loads("".join(pieces) or "{}")
+                self._message["content"][index]["input"] = strict_json("".join(pieces) or "{}")
             except ValueError as exc:
                 raise ProviderError("bad_response", "streamed tool input is not JSON") from exc
         return self._adapter.parse_response(
