@@ -141,6 +141,9 @@ class _Calling:
     """What did not come in time when ``own`` passes."""
     reading: bool = False
     """The stream has read some of its answer."""
+    due: float = float("-inf")
+    """The instant ``limit`` was last moved to: a move to it again is skipped (a stream
+    whose chunk wait binds would move it twice a read, 3 µs each)."""
 
 
 @dataclass
@@ -257,7 +260,9 @@ class _Job:
         due, what = calling.own, calling.what
         if self.deadline is not None and self.deadline < due:
             due, what = self.deadline, self.overdue
-        calling.limit.move(due - now, what)
+        if due != calling.due:
+            calling.due = due
+            calling.limit.move(due - now, what)
 
 
 class Router:
