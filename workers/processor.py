@@ -260,7 +260,8 @@ class JobProcessor:
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
             # Before its claim, which reserves its budget under the team's config.
-            await self._admission.current(_monotonic_deadline(job.deadline))
+            if not self._admission.current():
+                await self._admission.until_current(_monotonic_deadline(job.deadline))
         except JobError as exc:
             outcome = self._gate.claimed(
                 message, refused(job.job_id, team, job.model, exc, timing, message=message)

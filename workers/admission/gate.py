@@ -153,14 +153,18 @@ class Admission:
         self._configs = dict(configs)
         self._stopped -= set(configs)
 
-    async def current(self, deadline: float | None) -> None:
-        """Wait until jobs may be admitted under this process's registry configs: a worker
-        whose live snapshot may have lapsed (cut off from Redis) reads the registry again
-        first, as a `teams set` meanwhile returned without waiting for it. Until the job's
-        deadline or the maximum wait, as for any outage (then RateLimited or
-        DeadlineExceeded); a clock read when it may."""
+    def current(self) -> bool:
+        """Whether jobs may be admitted under this process's registry configs now: a clock
+        read, no coroutine, as the hot path asks it of every job (``until_current`` else)."""
+        return self._view is None or self._view.current()
+
+    async def until_current(self, deadline: float | None) -> None:
+        """Wait until ``current``: a worker whose live snapshot may have lapsed (cut off from
+        Redis) reads the registry again first, as a `teams set` meanwhile returned without
+        waiting for it. Until the job's deadline or the maximum wait, as for any outage
+        (then RateLimited or DeadlineExceeded)."""
         view = self._view
-        if view is None or view.current():
+        if view is None:
             return
         until = time.monotonic() + self._settings.admission_max_wait
         if deadline is not None:
