@@ -220,7 +220,7 @@ def chat_job(
     model = served_model(body, limits)
     params = {k: v for k, v in body.items() if k not in OWNED}
     with refusing():
-        messages = checked_messages(body, limits)
+        messages = checked_messages(body, limits.max_messages)
         check_output_tokens(params)
         try:
             job = ChatJob(
