@@ -217,10 +217,9 @@ def chat_job(
     OpenAI does first (``check_chat``)."""
     with refusing():
         check_nesting(body)
-    model = served_model(body, limits)
-    params = {k: v for k, v in body.items() if k not in OWNED}
-    with refusing():
-        messages = checked_messages(body, limits)
+        model = served_model(body, limits)
+        params = {k: v for k, v in body.items() if k not in OWNED}
+        messages = checked_messages(body, limits.max_messages)
         check_output_tokens(params)
         try:
             job = ChatJob(

@@ -296,7 +296,7 @@ def params_refusal(params: dict[str, Any]) -> ErrorInfo | None:
         # Served, its answer would be a Message all the same: the caller asked for what a
         # batch does not do, as Anthropic answers it.
         message = "params.stream: a Message Batch request cannot stream; remove stream"
-        return ErrorInfo(code="invalid_request", message=message, param="params.stream")
+        return refusal(InvalidRequest(message, param="params.stream"))
     return None
 
 

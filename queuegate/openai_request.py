@@ -71,7 +71,7 @@ def body_refusal(body: dict[str, Any], limits: Limits) -> ErrorInfo | None:
 
 def check_chat_body(body: dict[str, Any], model: str, limits: Limits) -> None:
     """The checks of a body for ``model``: which fields it may carry depends on it."""
-    checked_messages(body, limits)
+    checked_messages(body, limits.max_messages)
     _known_fields(body, model, limits)
     try:
         _CHAT_REQUEST.validate_python(body)

@@ -4,7 +4,7 @@ is. The front door's endpoints and a batch's requests (``producer.batch.checks``
 ``producer.batch.jobs.JobReader``) are checked by these alike::
 
     limits = Limits.of(settings, catalog)
-    checked_messages(body, limits)      # InvalidRequest naming what is over
+    checked_messages(body, limits.max_messages)  # InvalidRequest naming what is over
     check_nesting(request)              # of the canonical request, before its job is made
     check_job_size(job, limits.max_job_bytes)   # RequestTooLarge (413)
 """
@@ -63,14 +63,15 @@ class Limits:
         )
 
 
-def checked_messages(body: dict[str, Any], limits: Limits) -> list[Any]:
-    """The request's messages, as many as a job may carry; InvalidRequest otherwise."""
+def checked_messages(body: dict[str, Any], max_messages: int) -> list[Any]:
+    """The request's messages, at most ``max_messages`` (the gateway's ``max_job_messages``,
+    which a worker refuses past); InvalidRequest otherwise."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty array", param="messages")
-    if len(messages) > limits.max_messages:
+    if len(messages) > max_messages:
         raise InvalidRequest(
-            f"{len(messages)} messages; at most {limits.max_messages} are served at once",
+            f"{len(messages)} messages; at most {max_messages} are served at once",
             param="messages",
         )
     return messages

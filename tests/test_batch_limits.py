@@ -1,9 +1,10 @@
 """The front door's limits on a request, applied to each request of a batch as its
 synchronous endpoint applies them to a body: a request whose job is larger than
-``max_job_bytes`` is answered ``request_too_large`` (413) and one nested deeper than
-``MAX_NESTING`` levels 400, each alone, in the words of the synchronous refusal, while the
-rest of its batch is served: over HTTP (the official SDKs) and by ``queuegate batch
-submit``/``collect`` (a team added the default way)."""
+``max_job_bytes`` is answered ``request_too_large`` (413), one of more messages than
+``max_job_messages`` or nested deeper than ``MAX_NESTING`` levels 400, each alone, in the
+words of the synchronous refusal, while the rest of its batch is served: over HTTP (the
+official SDKs) and by ``queuegate batch submit``/``collect`` (a team added the default
+way)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ __all__ = ["alpha"]  # the CLI's team, a fixture
 JOB_BYTES = 4096
 """The door's ``max_job_bytes``: small, so an oversize request is a few kilobytes."""
 LARGE = "x" * (JOB_BYTES + 100)
+JOB_MESSAGES = 8
+"""The door's ``max_job_messages``."""
 DEEP = 150
 """Levels a request nests: past ``MAX_NESTING``, inside what the jobs' JSON carries."""
 
@@ -64,7 +67,9 @@ def deep_tool_anthropic() -> dict[str, Any]:
 
 @pytest.fixture
 async def door(settings: Settings) -> AsyncIterator[Door]:
-    async with open_door(settings.model_copy(update={"max_job_bytes": JOB_BYTES})) as d:
+    async with open_door(
+        settings.model_copy(update={"max_job_bytes": JOB_BYTES, "max_job_messages": JOB_MESSAGES})
+    ) as d:
         yield d
 
 
@@ -123,6 +128,30 @@ async def test_a_message_batch_errors_an_oversize_and_a_deep_request_alone_as_sy
         result = results[custom_id]
         assert result.type == "errored", custom_id
         assert result.error.error.model_dump() == said.response.json()["error"], custom_id
+    assert door.gateway.mock.stats.calls == 1
+
+
+async def test_a_message_batch_errors_a_request_with_too_many_messages_as_sync_does(
+    door: Door,
+) -> None:
+    # Given a Message Batch with a request of more messages than a job carries, beside one
+    # served
+    plain, many = message_requests(2)
+    many["params"]["messages"] = many["params"]["messages"] * (JOB_MESSAGES + 1)
+    # When its batch ends, and the same params are sent to /v1/messages
+    results = await message_batch_results(door, [plain, many])
+    async with anthropic.AsyncAnthropic(
+        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+    ) as client:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(**many["params"])
+
+    # Expect it errored alone, never published, in the words of /v1/messages' refusal
+    assert results[plain["custom_id"]].type == "succeeded"
+    assert refused.value.status_code == 400
+    result = results[many["custom_id"]]
+    assert result.type == "errored"
+    assert result.error.error.model_dump() == refused.value.response.json()["error"]
     assert door.gateway.mock.stats.calls == 1
 
 
@@ -195,6 +224,32 @@ async def test_the_cli_answers_an_oversize_and_a_deep_line_alone_and_serves_the_
     }
     assert failed[large["custom_id"]]["body"]["error"]["message"] == too_large
     assert failed[large["custom_id"]]["body"]["error"]["param"] is None
+    assert len(calls) == 1
+
+
+async def test_the_cli_errors_an_anthropic_request_with_too_many_messages_alone(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given an Anthropic-format file with a request of more messages than a job carries,
+    # beside one served
+    plain, many = message_requests(2)
+    many["params"]["messages"] = many["params"]["messages"] * (settings.max_job_messages + 1)
+    source = write_jsonl(tmp_path / "many.jsonl", [plain, many])
+    # When the team's CLI submits it and collects it
+    submitted, collected, calls = await submitted_and_collected(settings, alpha, source, "many")
+
+    # Expect the submit to name it refused, never published, and collect to error it alone
+    said = f"{settings.max_job_messages + 1} messages; at most {settings.max_job_messages} are"
+    code, stdout, stderr = submitted
+    assert code == 0, stderr
+    assert f"{source}:2: {said}" in stderr
+    assert "1 refused" in stdout
+    assert collected[0] == 0, collected[2]
+    lines = read_jsonl(tmp_path / "out.jsonl") + read_jsonl(tmp_path / "errors.jsonl")
+    results = {line["custom_id"]: line["result"] for line in lines}
+    assert results[plain["custom_id"]]["type"] == "succeeded"
+    assert results[many["custom_id"]]["type"] == "errored"
+    assert said in results[many["custom_id"]]["error"]["error"]["message"]
     assert len(calls) == 1
 
 

@@ -128,7 +128,7 @@ async def collect(
     async with batch as (state, resend):
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
             where = Path(source) if source is not None else None
-            refused = _RefusedLines(state, files, where, checks, settings.max_job_bytes)
+            refused = _RefusedLines(state, files, where, checks, settings)
             report = await collect_state(
                 settings,
                 state,
@@ -156,14 +156,14 @@ class _RefusedLines:
         files: ResultFiles,
         source: Path | None,
         checks: Mapping[FormatName, Check] | None,
-        max_bytes: int,
+        settings: Settings,
     ) -> None:
         self._state = state
         self._files = files
         self._source = source
         self._checks = checks
-        self._max_bytes = max_bytes
-        """The gateway's ``max_job_bytes``, which submit refused a request past."""
+        self._settings = settings
+        """Its ``max_job_bytes`` and ``max_job_messages``, which submit refused a request past."""
         self.total = 0
         """Requests refused, each with its line."""
         self.written = 0
@@ -178,7 +178,7 @@ class _RefusedLines:
         """(requests refused, lines written now) of a batch with requests refused."""
         state, files, checks = self._state, self._files, self._checks
         return await _answer_refused(
-            state, files, meta, self._source, checks, max_bytes=self._max_bytes
+            state, files, meta, self._source, checks, settings=self._settings
         )
 
 
@@ -189,7 +189,7 @@ async def _answer_refused(
     source: Path | None,
     checks: Mapping[FormatName, Check] | None,
     *,
-    max_bytes: int,
+    settings: Settings,
 ) -> tuple[int, int]:
     path = source or (Path(meta.source) if meta.source else None)
     if checks is None or path is None or not path.is_file():
@@ -197,7 +197,12 @@ async def _answer_refused(
             f"batch {meta.name!r} has {meta.refused:,} requests refused at submit, answered "
             "from the file it was submitted from: collect again with --file naming it"
         )
-    reader = JobReader.for_meta(meta, checks=checks, max_bytes=max_bytes)
+    reader = JobReader.for_meta(
+        meta,
+        checks=checks,
+        max_bytes=settings.max_job_bytes,
+        max_messages=settings.max_job_messages,
+    )
     file = BatchFile(path)
     found: dict[str, ErrorInfo] = {}
     for _, entry in file:

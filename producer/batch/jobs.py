@@ -16,7 +16,7 @@ from queuegate.control import BatchMeta, job_id
 from queuegate.errors import BatchError, InvalidRequest
 from queuegate.messages import ChatJob, ChatParams, ErrorInfo, storable_problem
 from queuegate.request_errors import job_refusal, refusal
-from queuegate.request_limits import check_job_size, check_nesting
+from queuegate.request_limits import check_job_size, check_nesting, checked_messages
 from queuegate.visible import clipped
 
 ANTHROPIC_ONLY = ("top_k", "thinking", "service_tier")
@@ -33,7 +33,8 @@ class Refused(ValueError):
     """A request of its format the gateway refuses: its format's ``Check`` refused it, or,
     with checks brought, it makes no valid job (no model, a parameter the job refuses:
     ``max_tokens`` beside ``max_completion_tokens``, a ``seed`` past 64 bits), or one past
-    the front door's limits (nested deeper than ``MAX_NESTING``, a job past ``max_bytes``,
+    the front door's limits (nested deeper than ``MAX_NESTING``, more messages than
+    ``max_messages``, a job past ``max_bytes``,
     ``request_too_large``), as its endpoint refuses them. It is answered
     as a failed line of its own, never published, while the batch's other requests are
     served (a line that is no request at all may fail the whole batch instead)."""
@@ -81,6 +82,7 @@ class JobReader:
         anthropic_models: Collection[str] | None = None,
         checks: Mapping[FormatName, Check] | None = None,
         max_bytes: int | None = None,
+        max_messages: int | None = None,
     ) -> None:
         self._batch = batch
         self._jobs = jobs
@@ -94,6 +96,8 @@ class JobReader:
         """None: the caller answers no refused request, so one is a problem of the file."""
         self._max_bytes = max_bytes
         """The gateway's ``max_job_bytes``: a larger job is refused (None: not checked)."""
+        self._max_messages = max_messages
+        """The gateway's ``max_job_messages``: a job with more is refused (None: not checked)."""
 
     @classmethod
     def for_meta(
@@ -104,6 +108,7 @@ class JobReader:
         anthropic_models: Collection[str] | None = None,
         checks: Mapping[FormatName, Check] | None = None,
         max_bytes: int | None = None,
+        max_messages: int | None = None,
     ) -> JobReader:
         """The reader of a recorded batch: its jobs as its first submit built them, whether
         a re-run of submit or collect asking again builds them (same job ids, model,
@@ -119,6 +124,7 @@ class JobReader:
             anthropic_models=anthropic_models,
             checks=checks,
             max_bytes=max_bytes,
+            max_messages=max_messages,
         )
 
     def job(self, entry: Any) -> ChatJob:
@@ -152,6 +158,8 @@ class JobReader:
         try:
             # Of the canonical request, as the endpoint checks the job it makes of it.
             check_nesting({"messages": request.messages, **request.params})
+            if self._max_messages is not None:
+                checked_messages({"messages": request.messages}, self._max_messages)
         except InvalidRequest as exc:
             raise self._refused(exc) from None
         model = self._model or request.model

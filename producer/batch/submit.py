@@ -139,6 +139,7 @@ async def submit_batch(
                 anthropic_models=anthropic_models,
                 checks=checks,
                 max_bytes=settings.max_job_bytes,
+                max_messages=settings.max_job_messages,
             )
         else:
             reader = JobReader(
@@ -151,6 +152,7 @@ async def submit_batch(
                 anthropic_models=anthropic_models,
                 checks=checks,
                 max_bytes=settings.max_job_bytes,
+                max_messages=settings.max_job_messages,
             )
         file = BatchFile(path)
         total, problems, refused = await _validate(file, reader, state)
