@@ -119,8 +119,8 @@ def table(
 def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     """The status tables: teams, then deployments; ``wide`` adds error rates and p50 waits.
 
-    A stale status (its budgets unread) shows them "unknown", never as no budget."""
-    unknown = "unknown" if status.reason is not None else "-"
+    A status whose budgets were not read shows them "unknown", never as no budget."""
+    unknown = "-" if status.budgets_read else "unknown"
     live = f"{status.workers} worker{'' if status.workers == 1 else 's'} live"
     teams = compact_table(f"teams at {status.at:%H:%M:%S} UTC, {live}")
     add_text_column(teams, "team")

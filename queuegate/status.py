@@ -100,6 +100,11 @@ class Status:
     one line that says what to do, or no worker reports (``NO_WORKER``); None when every
     figure is current."""
 
+    @property
+    def budgets_read(self) -> bool:
+        """Whether the budgets were read: stale only for want of a worker, they were."""
+        return self.reason in (None, NO_WORKER)
+
 
 def status_record(status: Status) -> dict[str, Any]:
     """The status for programs (``--json``, the Live page's ``live.json``): its fields, and

@@ -259,3 +259,5 @@ async def test_status_with_every_worker_dead_lists_queued_jobs_stale_as_live_jso
         assert err.strip().splitlines() == [f"stale: {NO_WORKER}"]
     [alpha] = [line.split() for line in table.splitlines() if line.lstrip().startswith("alpha")]
     assert alpha[1:3] == [str(QUEUED), "0"]
+    # and its budget read, none (not "unknown": PostgreSQL answered)
+    assert alpha[-1] == "-"
