@@ -22,9 +22,10 @@ class ChatStream:
     ``ok`` with the whole response, or ``error`` (a failure after the first chunk ends the
     stream with ``provider_error``; one before it falls back like any other call). Once the
     first is out, a chunk comes for every event the provider sends, some with an empty delta
-    (its finish reason, usage, end). ``timeout`` is the longest wait for the first chunk
-    (queueing included) and then for each next, not for the whole stream; past it,
-    ResultTimeout, while the job runs on (its ``deadline`` bounds it). A stream opened after its
+    (its finish reason, usage), but the one that ends its stream: the result comes right
+    after that. ``timeout`` is the longest wait for the first chunk (queueing included) and
+    then for each next, not for the whole stream; past it, ResultTimeout, while the job runs
+    on (its ``deadline`` bounds it). A stream opened after its
     job's chunks began (a second reader of a job already streaming) yields none: it missed
     the start, and its result holds the whole answer.
     """

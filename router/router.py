@@ -359,8 +359,8 @@ class Router:
         ``deadline`` is a ``time.monotonic()`` instant: no call starts after it, and none is
         allowed to run past it. With ``on_delta``, a job with ``stream`` set is streamed: its
         deltas go to ``on_delta`` in order (after the first, an empty one for each provider
-        event with none: its finish reason, usage, end), and the Routed still carries the
-        whole response.
+        event with none, its finish reason or usage, but the one that ends the stream), and
+        the Routed still carries the whole response.
         A stream with a ``chunk_wait`` runs past ``deadline`` once its first delta is out,
         while each next one comes within that wait, up to ``until`` (a ``time.monotonic()``
         instant; None: no bound).
@@ -684,10 +684,12 @@ class Router:
                 pieces = parser.feed(event)
                 for piece in pieces:
                     await run.emit(piece, parser.model)
-                if not pieces and run.streamed:
-                    # An event with nothing to relay (a finish reason, the usage, the end)
-                    # arrived all the same: its caller's wait for the next chunk starts
-                    # again, as straight from the provider (ChatJob.chunk_wait).
+                if not pieces and run.streamed and not parser.ended:
+                    # An event with nothing to relay (a finish reason, the usage) arrived all
+                    # the same: its caller's wait for the next chunk starts again, as
+                    # straight from the provider (ChatJob.chunk_wait). Not the one that ends
+                    # the stream: the result, published right after it, ends it for the
+                    # caller (a chunk for it would be one more publish and confirm).
                     await run.emit(Piece({}), parser.model)
         return parser.completion()
 

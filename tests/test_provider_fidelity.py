@@ -584,7 +584,7 @@ async def test_a_streamed_custom_tool_call_is_assembled_under_its_own_type(
     [call] = routed.response["choices"][0]["message"]["tool_calls"]
     assert call == {"type": "custom", "custom": {"name": "run_sql", "input": ""}, "id": call["id"]}
     assert routed.response["choices"][0]["finish_reason"] == "tool_calls"
-    # (the empty deltas after it: the provider's finish reason, usage and end arriving)
+    # (the empty deltas after it: the provider's finish reason and usage arriving)
     assert [d["tool_calls"][0]["custom"]["name"] for d in received if d] == ["run_sql"]
 
 

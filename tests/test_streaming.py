@@ -13,11 +13,12 @@ import pytest
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
 from queuegate.errors import StreamInterrupted
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, StreamChunk
 from queuegate.settings import Settings
 from router import Catalog, Routed, load_catalog, open_router
 from router.providers import Delta, Piece
 from tests.support import running_gateway
+from workers.publisher import Publisher
 
 ENV = {"QUEUEGATE_MOCK_KEY": "sk-test"}
 LONG = "Tell me a story about a lighthouse keeper and the sea, in many words please"
@@ -293,3 +294,34 @@ async def test_a_streamed_job_reaches_the_client_in_order_and_its_usage_is_accou
         assert row["input_tokens"] == usage["prompt_tokens"] > 0
         assert row["output_tokens"] == usage["completion_tokens"] > 0
         assert row["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("alias", ["gpt-4o-mini", "claude-haiku"])
+async def test_a_stream_publishes_a_piece_per_event_but_the_last_which_its_result_follows(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, alias: str
+) -> None:
+    # Given a worker whose stream pieces are counted as it publishes them
+    published: list[StreamChunk] = []
+    publish = Publisher.chunk
+
+    async def counted(self: Publisher, reply_to: str, chunk: StreamChunk) -> bool:
+        published.append(chunk)
+        return await publish(self, reply_to, chunk)
+
+    monkeypatch.setattr(Publisher, "chunk", counted)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a client streams an answer of N text deltas
+        stream = client.stream(alias, [{"role": "user", "content": LONG}], timeout=10)
+        chunks = [chunk async for chunk in stream]
+
+    # Expect N + 2 pieces: one per text delta, one per later event with nothing to show
+    # (OpenAI's finish reason and usage; Anthropic's block stop and message_delta, which
+    # carries the last events), none for the event that ends the stream ([DONE],
+    # message_stop): the result, published right after it, ends the stream
+    texts = [chunk for chunk in published if chunk.delta.get("content")]
+    assert len(texts) > 3
+    assert len(published) == len(texts) + 2
+    assert [chunk.seq for chunk in chunks] == [chunk.seq for chunk in published]
+    result = stream.result
+    assert result is not None and result.status == "ok"
+    assert "".join(chunk.delta["content"] for chunk in texts) == result.content

@@ -202,6 +202,10 @@ class AnthropicStream:
     def model(self) -> str:
         return str(self._message["model"])
 
+    @property
+    def ended(self) -> bool:
+        return self._stopped
+
     def feed(self, event: ServerEvent) -> list[Piece]:
         data = json_data(event)
         pieces = [Piece(delta) for delta in self._read(data)]

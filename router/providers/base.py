@@ -312,6 +312,12 @@ class StreamParser(Protocol):
         none); raises ProviderError for an error event or a malformed one."""
         ...
 
+    @property
+    def ended(self) -> bool:
+        """Whether an event fed so far ended the stream (OpenAI's ``[DONE]``, Anthropic's
+        ``message_stop``): nothing comes after it but the completion."""
+        ...
+
     def completion(self) -> Completion:
         """The whole answer, as if it had not been streamed, with the usage the provider
         reported; raises ProviderError("bad_response") when the stream ended early."""

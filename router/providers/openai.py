@@ -281,13 +281,19 @@ class OpenAIStream:
         """Characters of content, reasoning, refusal and tool arguments received so far."""
         self._choices: dict[int, _Choice] = {}
         self._usage: Any = None
+        self._done = False
 
     @property
     def model(self) -> str:
         return str(self._head["model"])
 
+    @property
+    def ended(self) -> bool:
+        return self._done
+
     def feed(self, event: ServerEvent) -> list[Piece]:
         if event.data.strip() == "[DONE]":
+            self._done = True
             return []
         chunk = json_data(event)
         if "error" in chunk:
