@@ -99,6 +99,17 @@ def tool_use_block(call: dict[str, Any]) -> Block:
     """An OpenAI ``tool_calls`` entry as a ``tool_use`` block; NotAnObject when its arguments
     are not a strict JSON object (Anthropic takes only objects)."""
     function = call.get("function") or {}
+    return {
+        "type": "tool_use",
+        "id": call.get("id"),
+        "name": function.get("name"),
+        "input": _tool_input(function),
+    }
+
+
+def _tool_input(function: dict[str, Any]) -> dict[str, Any]:
+    """A tool call's ``function`` arguments as a ``tool_use`` block's input; NotAnObject when
+    they are not a strict JSON object."""
     raw = function.get("arguments") or "{}"
     try:
         arguments = strict_json(raw)
@@ -106,12 +117,7 @@ def tool_use_block(call: dict[str, Any]) -> Block:
         arguments = None
     if not isinstance(arguments, dict):
         raise NotAnObject(function.get("name"), raw)
-    return {
-        "type": "tool_use",
-        "id": call.get("id"),
-        "name": function.get("name"),
-        "input": arguments,
-    }
+    return arguments
 
 
 def tool_call_of(block: Block) -> dict[str, Any]:
@@ -430,8 +436,7 @@ def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, An
     gave one), then the text (an OpenAI model's ``refusal`` too, with ``stop_reason:
     refusal``, as Anthropic's own refusals end), then the tool calls.
     """
-    choice = (response.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
+    choice, message = _answer(response)
     content: list[Block] = []
     if isinstance(message.get("reasoning_content"), str) and message["reasoning_content"]:
         content.append(thinking_block(message["reasoning_content"]))
@@ -451,22 +456,38 @@ def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, An
     native = response.get(ANTHROPIC_BODY)
     if not isinstance(native, dict):
         return translated
+    _check_inputs(native.get("content"))
     kept = ("content", "stop_reason", "stop_sequence", "usage")
-    message = translated | {key: native[key] for key in kept if key in native}
-    for block in message["content"] if isinstance(message["content"], list) else []:
-        # Passed on as sent, but only in the Messages API's form (the canonical tool calls
-        # said ``{}`` of an empty array: ``tool_call_of``).
+    return translated | {key: native[key] for key in kept if key in native}
+
+
+def _answer(response: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A canonical response's first choice and its message: a Messages API answer's."""
+    choice = (response.get("choices") or [{}])[0]
+    return choice, choice.get("message") or {}
+
+
+def _check_inputs(content: Any) -> None:
+    """NotAnObject when an Anthropic deployment's own ``content`` holds a tool_use block
+    whose input is not an object: passed on as sent, but only in the Messages API's form
+    (the canonical tool calls said ``{}`` of an empty array: ``tool_call_of``)."""
+    for block in content if isinstance(content, list) else []:
         tool_use = isinstance(block, dict) and block.get("type") == "tool_use"
         if tool_use and not isinstance(block.get("input"), dict):
             raise NotAnObject(block.get("name"), block.get("input"))
-    return message
 
 
 def has_message_form(response: dict[str, Any]) -> bool:
     """Whether a canonical ``response`` has a Messages API form (``anthropic_message`` raises
-    no NotAnObject)."""
+    no NotAnObject): its tool inputs checked as that reads them, no message built (the
+    front door builds the one its caller gets)."""
+    _, message = _answer(response)
+    native = response.get(ANTHROPIC_BODY)
     try:
-        anthropic_message(response, "")
+        for call in message.get("tool_calls") or []:
+            _tool_input(call.get("function") or {})
+        if isinstance(native, dict):
+            _check_inputs(native.get("content"))
     except NotAnObject:
         return False
     return True

@@ -23,6 +23,7 @@ from anthropic.types import Message, RawMessageStreamEvent, ToolParam
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from frontdoor import anthropic_stream
 from frontdoor.answers import note_job
 from frontdoor.anthropic_stream import InputText, MessageEvents
 from frontdoor.app import create_app
@@ -30,6 +31,7 @@ from frontdoor.calls import Opened, streamed
 from frontdoor.service import FrontDoor
 from mockprovider import Behavior, MockConfig
 from producer.streams import ChatStream
+from queuegate import provider_formats
 from queuegate.messages import ChatJob, ChatResult, GatewayInfo, StreamChunk
 from queuegate.settings import Settings
 from router import load_catalog
@@ -307,6 +309,45 @@ async def test_an_openai_caller_gets_such_a_tool_call_as_sent_and_answered(
     [call] = completion.choices[0].message.tool_calls or []
     assert call.type == "function" and call.function.arguments == called_with
     assert accounted(rows) == [("ok", None, True)]
+
+
+@pytest.mark.parametrize(
+    ("model", "upstream"),
+    [
+        pytest.param("gpt-4o-mini", "gpt-4o-mini", id="translated"),
+        pytest.param("claude-haiku", "claude-3-5-haiku-latest", id="anthropic-own"),
+    ],
+)
+async def test_an_anthropic_answer_is_built_as_a_message_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, model: str, upstream: str
+) -> None:
+    # Given the Messages API message of every answer counted as it is built, wherever
+    built: list[str] = []
+    build = provider_formats.anthropic_message
+
+    def counted(response: dict[str, Any], message_id: str) -> dict[str, Any]:
+        built.append(message_id)
+        return build(response, message_id)
+
+    monkeypatch.setattr(provider_formats, "anthropic_message", counted)
+    monkeypatch.setattr(anthropic_stream, "anthropic_message", counted)
+    async with open_door(settings, mock_config=calling(upstream, '{"c": "Paris"}')) as door:
+        # When the SDK asks a model that calls its tool with an object for a message
+        async with sdk(door) as claude:
+            message = await claude.messages.create(
+                model=model,
+                max_tokens=50,
+                tools=TOOLS,
+                messages=[{"role": "user", "content": "Weather in Paris?"}],
+            )
+        rows = await door.gateway.usage_rows(1)
+
+    # Expect it answered and accounted, its message built once, by the front door: the
+    # worker checks the tool's input without building one
+    [call] = [block for block in message.content if block.type == "tool_use"]
+    assert call.input == {"c": "Paris"}
+    assert accounted(rows) == [("ok", None, True)]
+    assert built == [message.id]
 
 
 async def test_a_deadline_exceeded_names_its_job(settings: Settings) -> None:
