@@ -3,7 +3,8 @@
 ``messages_job`` checks a body as Anthropic checks it (``queuegate.messages_request``),
 reads it as a canonical (OpenAI chat) request with
 ``queuegate.provider_formats.openai_request``, and makes it the team's job as an OpenAI
-request is made one (``frontdoor.chat_request.chat_job``: catalog, limits, job id, deadline).
+request is made one (``frontdoor.chat_request.check_canonical`` and ``chat_job``: catalog,
+limits, job id, deadline).
 ``count_tokens_job`` does the same for a ``/v1/messages/count_tokens`` body, whose job is
 only counted. Any refusal: ``ApiError``.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from frontdoor.chat_request import RequestOptions, chat_job
+from frontdoor.chat_request import RequestOptions, chat_job, check_canonical
 from frontdoor.errors import ApiError, refusing
 from queuegate.messages import ChatJob
 from queuegate.messages_request import count_tokens_request, messages_request
@@ -50,7 +51,10 @@ def _job(
     except ValueError as exc:
         raise ApiError("invalid_request", str(exc)) from None
     canonical = {"model": fields["model"], "messages": messages, **params}
-    return chat_job(canonical, team, options, limits, stream=stream, answer_format="anthropic")
+    checked = check_canonical(canonical, limits)
+    return chat_job(
+        canonical, checked, team, options, limits, stream=stream, answer_format="anthropic"
+    )
 
 
 __all__ = ["count_tokens_job", "messages_job"]

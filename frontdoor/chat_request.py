@@ -3,9 +3,12 @@
 What a route needs of a request besides its body comes from headers, read here once::
 
     options = RequestOptions.of(request)           # timeout, Idempotency-Key, Prefer
-    check_chat(body, limits)                       # ApiError 400/404 when invalid
+    checked = check_chat(body, limits)             # ApiError 400/404 when invalid
     stream, usage = wants_stream(body)
-    job = chat_job(body, caller.team, options, limits, stream=stream)
+    job = chat_job(body, checked, caller.team, options, limits, stream=stream)
+
+A canonical request made of another API's body (``/v1/messages``) is checked by
+``check_canonical`` instead of ``check_chat``.
 
 - The job id is a fresh one, or derived from ``Idempotency-Key`` (team-scoped: the workers
   key every claim and outcome by team), so a retry is the same job and never a second call.
@@ -177,12 +180,34 @@ def wants_stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return body.get("stream") is True, options.get("include_usage") is True
 
 
-def check_chat(body: dict[str, Any], limits: Limits) -> None:
+@dataclass(frozen=True)
+class Checked:
+    """What the checks of a canonical request's body found, for ``chat_job``."""
+
+    model: str
+    """One of the catalog's (``served_model``)."""
+    messages: list[Any]
+    """Counted (``checked_messages``)."""
+
+
+def check_chat(body: dict[str, Any], limits: Limits) -> Checked:
     """Refuse what OpenAI's chat completions refuse (ApiError 400, or 404 for a model the
-    catalog does not serve), before the job is made (``queuegate.openai_request``)."""
+    catalog does not serve), and what the gateway takes of no request (its nesting), before
+    the job is made (``queuegate.openai_request``)."""
     model = served_model(body, limits)
     with refusing():
-        check_chat_body(body, model, limits)
+        messages = check_chat_body(body, model, limits)
+        check_nesting(body)
+    return Checked(model, messages)
+
+
+def check_canonical(body: dict[str, Any], limits: Limits) -> Checked:
+    """The checks of a canonical request made of another API's body, which checked it as
+    that API does (``/v1/messages``): its nesting, model and messages; ApiError."""
+    with refusing():
+        check_nesting(body)
+        model = served_model(body, limits)
+        return Checked(model, checked_messages(body, limits.max_messages))
 
 
 def served_model(body: dict[str, Any], limits: Limits) -> str:
@@ -205,6 +230,7 @@ def unknown_model(name: str) -> ApiError:
 
 def chat_job(
     body: dict[str, Any],
+    checked: Checked,
     team: str,
     options: RequestOptions,
     limits: Limits,
@@ -212,21 +238,18 @@ def chat_job(
     stream: bool,
     answer_format: AnswerFormat = "openai",
 ) -> ChatJob:
-    """The job of a canonical (OpenAI chat) request, its answer read in ``answer_format``;
-    ApiError saying what is wrong when it is invalid. The OpenAI route checks the body as
-    OpenAI does first (``check_chat``)."""
+    """The job of a canonical (OpenAI chat) request, ``checked`` (``check_chat`` or
+    ``check_canonical``), its answer read in ``answer_format``; ApiError saying what is
+    wrong when it is invalid."""
     with refusing():
-        check_nesting(body)
-        model = served_model(body, limits)
         params = {k: v for k, v in body.items() if k not in OWNED}
-        messages = checked_messages(body, limits.max_messages)
         check_output_tokens(params)
         try:
             job = ChatJob(
                 job_id=options.job_id(team),
                 team=team,
-                model=model,
-                messages=messages,
+                model=checked.model,
+                messages=checked.messages,
                 params=ChatParams.model_validate(params),
                 deadline=options.deadline(),
                 stream=stream,
@@ -240,8 +263,10 @@ def chat_job(
 
 
 __all__ = [
+    "Checked",
     "RequestOptions",
     "chat_job",
+    "check_canonical",
     "check_chat",
     "idempotency_key",
     "key_conflict",

@@ -69,9 +69,10 @@ def body_refusal(body: dict[str, Any], limits: Limits) -> ErrorInfo | None:
     return None
 
 
-def check_chat_body(body: dict[str, Any], model: str, limits: Limits) -> None:
-    """The checks of a body for ``model``: which fields it may carry depends on it."""
-    checked_messages(body, limits.max_messages)
+def check_chat_body(body: dict[str, Any], model: str, limits: Limits) -> list[Any]:
+    """The checks of a body for ``model`` (which fields it may carry depends on it); its
+    messages, counted (``checked_messages``)."""
+    messages = checked_messages(body, limits.max_messages)
     _known_fields(body, model, limits)
     try:
         _CHAT_REQUEST.validate_python(body)
@@ -82,6 +83,7 @@ def check_chat_body(body: dict[str, Any], model: str, limits: Limits) -> None:
         # OpenAI's cap, for a model OpenAI serves, as the worker's router keeps it: Anthropic
         # takes more (an Anthropic-format job's stop_sequences are its stop).
         raise InvalidRequest(f"stop: {too_many}", param="stop")
+    return messages
 
 
 def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:

@@ -13,11 +13,13 @@ import openai
 import pytest
 from anthropic.types import message_count_tokens_params
 
+from frontdoor import chat_request
 from frontdoor.chat_request import check_chat
 from frontdoor.errors import ApiError
+from queuegate import openai_request
 from queuegate.openai_request import ROUTED_EXTRAS, ChatRequest
 from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, OPENAI_CHAT_PARAMS
-from queuegate.request_limits import Limits
+from queuegate.request_limits import Limits, checked_messages
 from queuegate.settings import Settings
 from tests import openai_message_cases
 from tests.frontdoor_support import HELLO, Door, open_door
@@ -166,6 +168,35 @@ async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_publ
         assert await sdk.messages.create(model="claude-haiku", max_tokens=20, messages=HELLO)
     assert len(await door.gateway.usage_rows(1)) == 1
     assert door.gateway.mock.stats.calls == 1
+
+
+async def test_each_route_counts_a_requests_messages_once(
+    door: Door, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given every count of a request's messages noted, wherever the front door makes it
+    counted: list[int] = []
+
+    def counting(body: dict[str, Any], max_messages: int) -> list[Any]:
+        counted.append(len(body["messages"]))
+        return checked_messages(body, max_messages)
+
+    monkeypatch.setattr(openai_request, "checked_messages", counting)
+    monkeypatch.setattr(chat_request, "checked_messages", counting)
+    two = [*HELLO, {"role": "assistant", "content": "Hi"}, *HELLO]
+    async with (
+        door.client() as client,
+        anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+        ) as sdk,
+    ):
+        # When a request of three messages comes by the OpenAI route, then the Anthropic one
+        assert await client.chat.completions.create(model="gpt-4o-mini", messages=two)
+        by_openai, counted[:] = list(counted), []
+        assert await sdk.messages.create(model="claude-haiku", max_tokens=20, messages=two)
+
+    # Expect each counted once
+    assert by_openai == [3]
+    assert counted == [3]
 
 
 # --- which fields, pure ---------------------------------------------------------------------

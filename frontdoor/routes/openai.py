@@ -59,9 +59,9 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     options = RequestOptions.of(request)
     s = door.settings
     body = await door.bodies.read_json(request, caller, limit=s.max_job_bytes)
-    check_chat(body, door.limits)
+    checked = check_chat(body, door.limits)
     stream, include_usage = wants_stream(body)
-    job = chat_job(body, caller.team, options, door.limits, stream=stream)
+    job = chat_job(body, checked, caller.team, options, door.limits, stream=stream)
     note_job(request, job.job_id)
     if options.respond_async:
         answered = await publish_job(
