@@ -1,4 +1,4 @@
-"""``queuegate dlq``: list, show, replay and purge dead-lettered messages."""
+"""``queuegate dlq``: list, show, replay, drop and purge dead-lettered messages."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from queuegate.dlq import DeadLetter
 
 dlq_app = typer.Typer(
-    help="Inspect, replay and purge dead-lettered messages.", no_args_is_help=True
+    help="Inspect, replay, drop and purge dead-lettered messages.", no_args_is_help=True
 )
 
 out = LazyConsole()
@@ -168,6 +168,25 @@ def dlq_replay(
         )
     if refused:
         raise typer.Exit(1)
+
+
+@dlq_app.command("drop")
+def dlq_drop(
+    job_id: Annotated[str, typer.Argument(help="The job id, whole (dlq list shows it).")],
+) -> None:
+    """Delete one dead letter for good (copies of its job, under the same id, with it): one
+    replay refuses, say, once its caller has sent the request anew. The others stay, in
+    their order; an id no letter has is refused, nothing deleted.
+    """
+    from queuegate.dlq import drop
+
+    dropped = run(lambda: drop(Settings(), job_id))
+    for letter in dropped:
+        out.print(
+            f"dropped {echoed(letter.message_id or '-')} ({letter.reason}, from {_origin(letter)})",
+            markup=False,
+            highlight=False,
+        )
 
 
 @dlq_app.command("purge")

@@ -221,6 +221,23 @@ def answered_why(reason: str) -> str:
     )
 
 
+async def drop(settings: Settings, job_id: str) -> list[DeadLetter]:
+    """Delete the dead letters of ``job_id`` (its whole id: copies of one job share it), the
+    others left as they were, in their order; ConfigError when none has it."""
+    async with _taken(settings, None) as (_, taken, _):
+        dropped: list[DeadLetter] = []
+        for position, message in enumerate(taken, start=1):
+            if message.message_id == job_id:
+                await message.ack()
+                dropped.append(_describe(position, message, settings))
+    if not dropped:
+        raise ConfigError(
+            f"no dead letter has the id {clipped(job_id)!r} (give it whole): list them with "
+            "queuegate dlq list"
+        )
+    return dropped
+
+
 async def purge(settings: Settings) -> int:
     """Delete every dead letter of every queue; returns how many there were."""
     connection = await connect(settings.amqp_url, name="queuegate-dlq")
@@ -360,4 +377,4 @@ def _replay_headers(
     return headers
 
 
-__all__ = ["DeadLetter", "answered_why", "find", "peek", "purge", "replay"]
+__all__ = ["DeadLetter", "answered_why", "drop", "find", "peek", "purge", "replay"]
