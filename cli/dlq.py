@@ -96,7 +96,7 @@ def dlq_show(
     """One dead letter: reason, origin, headers and body."""
     from rich.markup import escape
 
-    from queuegate.dlq import answered_why, find, peek
+    from queuegate.dlq import find, kept_why, peek
 
     letters, _ = run(lambda: peek(Settings()))
     letter = find(letters, job_id)
@@ -112,8 +112,8 @@ def dlq_show(
         out.print(f"detail: {shown(letter.detail)}", highlight=False)
     if letter.then:
         out.print(f"replayed, then: {shown(letter.then)}", highlight=False)
-    if letter.answered is not None:
-        out.print(f"not replayable: {shown(answered_why(letter.answered))}", highlight=False)
+    if (why := kept_why(letter)) is not None:
+        out.print(f"not replayable: {shown(why)}", highlight=False)
     out.print(
         f"from queue: {shown(letter.queue or '(unknown: not replayable)')}  deaths: "
         f"{letter.deaths}  published by: {shown(letter.user_id or '-')}  reply_to: "
@@ -226,6 +226,7 @@ def _as_dict(letter: DeadLetter) -> dict[str, Any]:
         "detail": letter.detail,
         "then": letter.then,
         "answered": letter.answered,
+        "unanswered": letter.unanswered,
         "queue": letter.queue,
         "team": letter.team,
         "deaths": letter.deaths,
