@@ -15,6 +15,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 
@@ -29,6 +30,13 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import load_catalog, open_router
 from workers import Worker
+
+
+def sized(target: int, model: str, **params: Any) -> str:
+    """A user message's content that makes its request exactly ``target`` bytes: what the
+    caller sends of it as compact JSON, as its job carries it (model, messages, parameters)."""
+    empty = {"model": model, "messages": [{"role": "user", "content": ""}]}
+    return "x" * (target - len(orjson.dumps(empty | ({"params": params} if params else {}))))
 
 
 async def consumed(connection: AbstractConnection, queue: str, timeout: float = 10.0) -> None:

@@ -49,6 +49,7 @@ from queuegate.errors import (
 )
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.openai_params import refused_param
+from queuegate.request_limits import JOB_OWN_BYTES, request_bytes
 from queuegate.topology import HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
@@ -521,9 +522,12 @@ class JobProcessor:
                 f"content_type {clipped(message.content_type or '')!r} is not supported; "
                 f"jobs are {CONTENT_TYPE}"
             )
-        size = len(message.body)
-        if size > self._max_job_bytes:
-            raise InvalidRequest(f"job is {size} bytes; the limit is {self._max_job_bytes}")
+        size, limit = len(message.body), self._max_job_bytes
+        if size > limit + JOB_OWN_BYTES:
+            raise InvalidRequest(
+                f"job is {size} bytes; the limit is {limit + JOB_OWN_BYTES} ({limit} of its "
+                "request)"
+            )
         try:
             # Held until it is answered, with thousands of others: its fields sets shared.
             job = shared_fields(ChatJob.model_validate_json(message.body))
@@ -552,6 +556,10 @@ class JobProcessor:
             raise InvalidRequest(
                 f"job has {len(job.messages)} messages; the limit is {self._max_job_messages}"
             )
+        # Measured only past the limit, as the front door measures it: a smaller job's
+        # request is smaller still.
+        if size > limit and (request := request_bytes(job)) > limit:
+            raise InvalidRequest(f"job's request is {request} bytes; the limit is {limit}")
         return job
 
     def _straight(
