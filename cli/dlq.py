@@ -1,4 +1,4 @@
-"""``queuegate dlq``: list, show, replay and purge dead-lettered messages."""
+"""``queuegate dlq``: list, show, replay, drop and purge dead-lettered messages."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from queuegate.dlq import DeadLetter
 
 dlq_app = typer.Typer(
-    help="Inspect, replay and purge dead-lettered messages.", no_args_is_help=True
+    help="Inspect, replay, drop and purge dead-lettered messages.", no_args_is_help=True
 )
 
 out = LazyConsole()
@@ -96,7 +96,7 @@ def dlq_show(
     """One dead letter: reason, origin, headers and body."""
     from rich.markup import escape
 
-    from queuegate.dlq import answered_why, find, peek
+    from queuegate.dlq import find, kept_why, peek
 
     letters, _ = run(lambda: peek(Settings()))
     letter = find(letters, job_id)
@@ -112,8 +112,8 @@ def dlq_show(
         out.print(f"detail: {shown(letter.detail)}", highlight=False)
     if letter.then:
         out.print(f"replayed, then: {shown(letter.then)}", highlight=False)
-    if letter.answered is not None:
-        out.print(f"not replayable: {shown(answered_why(letter.answered))}", highlight=False)
+    if (why := kept_why(letter)) is not None:
+        out.print(f"not replayable: {shown(why)}", highlight=False)
     out.print(
         f"from queue: {shown(letter.queue or '(unknown: not replayable)')}  deaths: "
         f"{letter.deaths}  published by: {shown(letter.user_id or '-')}  reply_to: "
@@ -170,6 +170,25 @@ def dlq_replay(
         raise typer.Exit(1)
 
 
+@dlq_app.command("drop")
+def dlq_drop(
+    job_id: Annotated[str, typer.Argument(help="The job id, whole (dlq list shows it).")],
+) -> None:
+    """Delete one dead letter for good (copies of its job, under the same id, with it): one
+    replay refuses, say, once its caller has sent the request anew. The others stay, in
+    their order; an id no letter has is refused, nothing deleted.
+    """
+    from queuegate.dlq import drop
+
+    dropped = run(lambda: drop(Settings(), job_id))
+    for letter in dropped:
+        out.print(
+            f"dropped {echoed(letter.message_id or '-')} ({letter.reason}, from {_origin(letter)})",
+            markup=False,
+            highlight=False,
+        )
+
+
 @dlq_app.command("purge")
 def dlq_purge(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
@@ -207,6 +226,7 @@ def _as_dict(letter: DeadLetter) -> dict[str, Any]:
         "detail": letter.detail,
         "then": letter.then,
         "answered": letter.answered,
+        "unanswered": letter.unanswered,
         "queue": letter.queue,
         "team": letter.team,
         "deaths": letter.deaths,

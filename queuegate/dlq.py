@@ -60,6 +60,7 @@ from queuegate.topology import (
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
     HEADER_DEAD_TRUNCATED,
+    HEADER_DEAD_UNANSWERED,
     HEADER_DEAD_USER,
     HEADER_FIRST_DETAIL,
     HEADER_FIRST_REASON,
@@ -105,14 +106,23 @@ class DeadLetter:
     user_id: str | None
     truncated: int | None
     """The original body's size when a worker cut the kept body short."""
+    unanswered: bool = False
+    """Whether the refusal a worker dead-lettered it with last reached no reply queue (none
+    named, or it was gone or full): as a worker records it."""
+
+    @property
+    def refused(self) -> str | None:
+        """The error a worker refused the job with as it last dead-lettered it (bad input,
+        ``BAD_INPUT``), which keeps it from replay (see above), whether or not that answer
+        reached its caller; None for a job that died unanswered (``expired``,
+        ``delivery_limit``…)."""
+        latest = _then(self) or self.reason
+        return latest if latest in BAD_INPUT else None
 
     @property
     def answered(self) -> str | None:
-        """The error a worker answered the job with as it last dead-lettered it (bad input,
-        ``BAD_INPUT``), which keeps it from replay (see above); None for a job that died
-        unanswered (``expired``, ``delivery_limit``…)."""
-        latest = _then(self) or self.reason
-        return latest if latest in BAD_INPUT else None
+        """``refused``, when that answer reached the job's reply queue."""
+        return None if self.unanswered else self.refused
 
 
 async def peek(
@@ -180,8 +190,8 @@ async def replay(
             if letter.truncated is not None:
                 refused.append((letter, f"its body was cut from {letter.truncated:,} bytes"))
                 continue
-            if letter.answered is not None:
-                refused.append((letter, answered_why(letter.answered)))
+            if (why := kept_why(letter)) is not None:
+                refused.append((letter, why))
                 continue
             if letter.queue == topology.accounting_queue and _trusted(message, settings):
                 exchange, key = usage.name, ""
@@ -213,12 +223,41 @@ async def replay(
     return replayed, refused
 
 
-def answered_why(reason: str) -> str:
-    """Why a letter answered ``reason`` when it died is not replayed, and what serves it."""
+def kept_why(letter: DeadLetter) -> str | None:
+    """Why a letter a worker refused as it last died is not replayed, and what is left of it;
+    None for one that died unanswered."""
+    if letter.refused is None:
+        return None
+    if not letter.unanswered:
+        return (
+            f"answered {letter.refused} when it died, and a replay would send that answer "
+            "again: have its caller submit the request anew (a new job id) to be served"
+        )
+    # Not sent again either: a worker would refuse it again, to no one.
+    done = "replayed, then refused" if letter.then else "refused"
     return (
-        f"answered {reason} when it died, and a replay would send that answer again: "
-        "have its caller submit the request anew (a new job id) to be served"
+        f"{done} {letter.refused}, an answer that reached no one (its reply "
+        "queue gone, full or never named): its outcome is kept only as its usage row (and "
+        "its stored result, where it was called), under its job id; remove the letter with "
+        f"queuegate dlq drop {letter.message_id or ''}"
     )
+
+
+async def drop(settings: Settings, job_id: str) -> list[DeadLetter]:
+    """Delete the dead letters of ``job_id`` (its whole id: copies of one job share it), the
+    others left as they were, in their order; ConfigError when none has it."""
+    async with _taken(settings, None) as (_, taken, _):
+        dropped: list[DeadLetter] = []
+        for position, message in enumerate(taken, start=1):
+            if message.message_id == job_id:
+                await message.ack()
+                dropped.append(_describe(position, message, settings))
+    if not dropped:
+        raise ConfigError(
+            f"no dead letter has the id {clipped(job_id)!r} (give it whole): list them with "
+            "queuegate dlq list"
+        )
+    return dropped
 
 
 async def purge(settings: Settings) -> int:
@@ -295,6 +334,7 @@ def _describe(position: int, message: AbstractIncomingMessage, settings: Setting
         then = f"{reason}: {detail}" if detail else reason
         reason, detail = first, header_text(headers.get(HEADER_FIRST_DETAIL)) or ""
     truncated = headers.get(HEADER_DEAD_TRUNCATED) if trusted else None
+    unanswered = trusted and HEADER_DEAD_UNANSWERED in headers
     return DeadLetter(
         position=position,
         message_id=message.message_id,
@@ -310,6 +350,7 @@ def _describe(position: int, message: AbstractIncomingMessage, settings: Setting
         reply_to=message.reply_to,
         user_id=message.user_id,
         truncated=truncated if isinstance(truncated, int) else None,
+        unanswered=unanswered,
     )
 
 
@@ -360,4 +401,4 @@ def _replay_headers(
     return headers
 
 
-__all__ = ["DeadLetter", "answered_why", "find", "peek", "purge", "replay"]
+__all__ = ["DeadLetter", "drop", "find", "kept_why", "peek", "purge", "replay"]

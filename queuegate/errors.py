@@ -6,7 +6,7 @@
     ├── ServiceUnavailable           RabbitMQ, Redis or PostgreSQL cannot be reached
     ├── JobError                     a job ends in an error; ``code`` is its wire error code
     │   ├── InvalidRequest           the job is malformed or breaks a limit (400)
-    │   │   └── RequestTooLarge      the request's job is past ``max_job_bytes`` (413)
+    │   │   └── RequestTooLarge      the request is past ``max_job_bytes`` (413)
     │   ├── ContextLengthExceeded    no model along the chain takes a prompt this long (400)
     │   ├── UnknownModel             the alias is not in the catalog (400)
     │   ├── Unauthorized             the publisher may not act for the team (401)
@@ -91,8 +91,9 @@ class InvalidRequest(JobError):
 
 
 class RequestTooLarge(InvalidRequest):
-    """A request whose job would be larger than the gateway takes (``max_job_bytes``): the
-    front door answers it 413, and a batch its line, never published."""
+    """A request larger than the gateway takes (``max_job_bytes``, of its model, messages and
+    parameters: ``request_limits.request_bytes``): the front door answers it 413, and a
+    batch its line, never published."""
 
     code = "request_too_large"
 

@@ -1,12 +1,18 @@
 """What the gateway takes of a request beyond its API's own schema: the catalog's models, how
-many messages and output tokens a job carries, how deep its JSON nests, how large its job
-is. The front door's endpoints and a batch's requests (``producer.batch.checks``,
+many messages and output tokens a job carries, how deep its JSON nests, how large its
+request is. The front door's endpoints and a batch's requests (``producer.batch.checks``,
 ``producer.batch.jobs.JobReader``) are checked by these alike::
 
     limits = Limits.of(settings, catalog)
     checked_messages(body, limits.max_messages)  # InvalidRequest naming what is over
     check_nesting(request)              # of the canonical request, before its job is made
     check_job_size(job, limits.max_job_bytes)   # RequestTooLarge (413)
+
+``max_job_bytes`` bounds the request a job carries (``request_bytes``: its model, messages,
+parameters), not the job's own fields around it, which differ by the way it came in: a
+batch's job has a longer id and its batch and custom id in its metadata, a synchronous one a
+deadline. So a request is taken or refused alike whichever way it is sent; a worker takes a
+job up to ``JOB_OWN_BYTES`` larger.
 """
 
 from __future__ import annotations
@@ -20,6 +26,15 @@ from queuegate.messages import MAX_OUTPUT_TOKENS, ChatJob
 
 if TYPE_CHECKING:
     from queuegate.settings import Settings
+
+REQUEST_FIELDS = frozenset({"model", "messages", "params", "fallbacks"})
+"""A job's request, as its caller sent it (what ``request_digest`` compares too); its other
+fields are the job's own: id, team, metadata, deadline, how it is answered."""
+
+JOB_OWN_BYTES = 4096
+"""Bytes a job may carry beyond its request (``max_job_bytes``) that a worker takes: the
+gateway's own jobs carry under 1 KiB of them (an id of 128 characters, a team of 64, a
+batch's name and custom id, a deadline, flags); the rest is room for a producer's metadata."""
 
 MAX_NESTING = 100
 """Levels a request's JSON may nest: far past any schema a provider takes (OpenAI's structured
@@ -106,10 +121,15 @@ def _deeper(value: Any, levels: int) -> bool:
     return levels <= 0 or any(_deeper(child, levels - 1) for child in children)
 
 
+def request_bytes(job: ChatJob) -> int:
+    """The size of ``job``'s request, in bytes of the JSON it is published in (UTF-8)."""
+    return len(job.model_dump_json(include=set(REQUEST_FIELDS), exclude_defaults=True).encode())
+
+
 def check_job_size(job: ChatJob, max_bytes: int) -> None:
-    """RequestTooLarge when ``job``, as published, is larger than ``max_bytes`` (the
-    gateway's ``max_job_bytes``, which a worker refuses past)."""
-    if len(job.model_dump_json(exclude_defaults=True)) > max_bytes:
+    """RequestTooLarge when ``job``'s request is larger than ``max_bytes`` (the gateway's
+    ``max_job_bytes``, which a worker refuses past)."""
+    if request_bytes(job) > max_bytes:
         raise too_large(max_bytes)
 
 
@@ -119,12 +139,15 @@ def too_large(max_bytes: int) -> RequestTooLarge:
 
 
 __all__ = [
+    "JOB_OWN_BYTES",
     "MAX_NESTING",
+    "REQUEST_FIELDS",
     "Limits",
     "Served",
     "check_job_size",
     "check_nesting",
     "check_output_tokens",
     "checked_messages",
+    "request_bytes",
     "too_large",
 ]

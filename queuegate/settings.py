@@ -116,7 +116,11 @@ class Settings(BaseSettings):
     cache_ttl: int = Field(default=3600, ge=1)
     """Seconds a cached response (jobs with ``cache`` set) is served again."""
     max_job_bytes: int = Field(default=1_048_576, ge=1024)
-    """Largest job body a worker accepts; larger ones are answered ``invalid_request``."""
+    """Largest request a job may carry (its model, messages and parameters, as compact JSON
+    in UTF-8), whichever way it comes in: refused ``request_too_large`` (413) by the front
+    door and in a batch, ``invalid_request`` by a worker, which takes a job up to
+    ``request_limits.JOB_OWN_BYTES`` (4 KiB) larger for its own fields (id, team, metadata,
+    deadline)."""
     max_job_messages: int = Field(default=256, ge=1)
     """Most messages one job may carry; more are answered ``invalid_request``."""
     security_cache_ttl: float = Field(default=5.0, gt=0, le=DAY)

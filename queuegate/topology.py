@@ -96,6 +96,9 @@ HEADER_DEAD_USER = "x-queuegate-user"
 """The user_id the refused job was published under (empty: none)."""
 HEADER_DEAD_TRUNCATED = "x-queuegate-truncated"
 """Bytes of the original body, on a letter whose body was cut to ``DEAD_BODY_LIMIT``."""
+HEADER_DEAD_UNANSWERED = "x-queuegate-unanswered"
+"""Set on a letter refused as bad input whose refusal reached no reply queue (none named, or
+gone or full): no caller has that answer, so the letter is not called answered."""
 # Set by ``dlq replay`` on what it re-publishes (under an operator's user_id, so trusted).
 HEADER_REPLAY_OF = "x-queuegate-replay-of"
 """The user_id the replayed job was first published under (empty: none)."""

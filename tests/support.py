@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 
@@ -27,6 +30,13 @@ from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import load_catalog, open_router
 from workers import Worker
+
+
+def sized(target: int, model: str, **params: Any) -> str:
+    """A user message's content that makes its request exactly ``target`` bytes: what the
+    caller sends of it as compact JSON, as its job carries it (model, messages, parameters)."""
+    empty = {"model": model, "messages": [{"role": "user", "content": ""}]}
+    return "x" * (target - len(orjson.dumps(empty | ({"params": params} if params else {}))))
 
 
 async def consumed(connection: AbstractConnection, queue: str, timeout: float = 10.0) -> None:
@@ -106,6 +116,31 @@ async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter
             if total >= expected:
                 return letters
             await asyncio.sleep(0.02)
+
+
+async def dlq_cli(settings: Settings, *args: str, exit_code: int = 0) -> tuple[str, str]:
+    """``queuegate dlq ARGS`` as an operator runs it, at 80 columns: its stdout and stderr,
+    once it exited with ``exit_code``."""
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "COLUMNS": "80",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        "dlq",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == exit_code, (stdout + stderr).decode()
+    return stdout.decode(), stderr.decode()
 
 
 async def take_dead_letters(

@@ -19,12 +19,14 @@ import httpx
 import orjson
 import pytest
 
+from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.jobs import JobReader
 from producer.batch.submitted import SubmittedFile
 from queuegate.request_limits import MAX_NESTING
 from queuegate.settings import Settings
 from tests.batch_files import openai_line, read_jsonl, write_jsonl
 from tests.frontdoor_support import Door, open_door
+from tests.support import sized
 from tests.teams import TeamIdentity
 from tests.test_batch_checks import (
     alpha,
@@ -46,6 +48,11 @@ JOB_MESSAGES = 8
 """The door's ``max_job_messages``."""
 DEEP = 150
 """Levels a request nests: past ``MAX_NESTING``, inside what the jobs' JSON carries."""
+
+
+def long_id(tag: str) -> str:
+    """The longest custom_id a batch takes: its job's id and metadata are as long as can be."""
+    return tag + "-" * (MAX_CUSTOM_ID - len(tag))
 
 
 def nested(levels: int) -> list[Any]:
@@ -97,6 +104,66 @@ async def test_an_openai_batch_answers_an_oversize_and_a_deep_line_alone_as_sync
         assert line["response"]["status_code"] == said.status_code
         assert line["response"]["body"] == said.response.json()
     assert door.gateway.mock.stats.calls == 1
+
+
+async def test_an_openai_batch_takes_a_request_at_the_limit_as_sync_does_and_refuses_one_past(
+    door: Door,
+) -> None:
+    # Given OpenAI batch lines of the longest custom_id, one whose request (its body as
+    # compact JSON, what the SDK sends) is exactly the limit and one a byte past it
+    at, over = openai_lines(2)
+    for line, size in ((at, JOB_BYTES), (over, JOB_BYTES + 1)):
+        line["custom_id"] = long_id(line["custom_id"])
+        line["body"]["messages"][0]["content"] = sized(size, line["body"]["model"])
+    assert len(orjson.dumps(at["body"])) == JOB_BYTES
+    # When their batch ends, and the same bodies are sent to /v1/chat/completions
+    ended, output, errors, sync = await batch_and_sync(door, at, [over])
+    async with door.client() as client:
+        served = await client.chat.completions.create(**at["body"])
+
+    # Expect one limit: the request at it served both ways, the one past it refused both
+    # ways alike (413, in the same words)
+    assert served.choices[0].message.content
+    assert ended.status == "completed", ended.errors
+    assert [line["custom_id"] for line in output] == [at["custom_id"]]
+    assert output[0]["response"]["status_code"] == 200
+    [refused] = errors
+    assert refused["custom_id"] == over["custom_id"]
+    said = sync[over["custom_id"]]
+    assert said.status_code == refused["response"]["status_code"] == 413
+    assert refused["response"]["body"] == said.response.json()
+    assert door.gateway.mock.stats.calls == 2
+
+
+async def test_a_message_batch_takes_a_request_at_the_limit_as_sync_does_and_refuses_one_past(
+    door: Door,
+) -> None:
+    # Given Message Batch requests of the longest custom_id, one whose request is exactly
+    # the limit and one a byte past it
+    at, over = message_requests(2)
+    for request, size in ((at, JOB_BYTES), (over, JOB_BYTES + 1)):
+        request["custom_id"] = long_id(request["custom_id"])
+        params = request["params"]
+        content = sized(size, params["model"], max_tokens=params["max_tokens"])
+        params["messages"][0]["content"] = content
+    # When its batch ends, and the same params are sent to /v1/messages
+    results = await message_batch_results(door, [at, over])
+    async with anthropic.AsyncAnthropic(
+        base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+    ) as client:
+        served = await client.messages.create(**at["params"])
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.create(**over["params"])
+
+    # Expect one limit: the request at it served both ways, the one past it errored as
+    # /v1/messages refuses it (413)
+    assert served.content
+    assert results[at["custom_id"]].type == "succeeded"
+    assert refused.value.status_code == 413
+    result = results[over["custom_id"]]
+    assert result.type == "errored"
+    assert result.error.error.model_dump() == refused.value.response.json()["error"]
+    assert door.gateway.mock.stats.calls == 2
 
 
 async def test_a_message_batch_errors_an_oversize_and_a_deep_request_alone_as_sync_does(
@@ -224,6 +291,33 @@ async def test_the_cli_answers_an_oversize_and_a_deep_line_alone_and_serves_the_
     }
     assert failed[large["custom_id"]]["body"]["error"]["message"] == too_large
     assert failed[large["custom_id"]]["body"]["error"]["param"] is None
+    assert len(calls) == 1
+
+
+async def test_the_cli_serves_a_request_at_the_limit_and_refuses_one_past_it(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given an OpenAI-format file of the longest custom_ids, with a request exactly at the
+    # gateway's 1 MiB limit and one a byte past it
+    at, over = openai_line(0), openai_line(1)
+    for line, size in ((at, settings.max_job_bytes), (over, settings.max_job_bytes + 1)):
+        line["custom_id"] = long_id(line["custom_id"])
+        line["body"]["messages"][0]["content"] = sized(size, line["body"]["model"])
+    source = write_jsonl(tmp_path / "edge.jsonl", [at, over])
+    # When the team's CLI submits it and collects it
+    submitted, collected, calls = await submitted_and_collected(settings, alpha, source, "edge")
+
+    # Expect the one at the limit published and served (its worker takes it), the one past
+    # it refused at submit and answered 413, as /v1/chat/completions answers them
+    code, stdout, stderr = submitted
+    assert code == 0, stderr
+    too_large = f"the request is larger than {settings.max_job_bytes} bytes: send less"
+    assert stderr.count(too_large) == 1 and f"{source}:2: {too_large}" in stderr
+    assert "1 refused" in stdout
+    assert collected[0] == 0, collected[2]
+    assert [line["custom_id"] for line in read_jsonl(tmp_path / "out.jsonl")] == [at["custom_id"]]
+    failed = {line["custom_id"]: line["response"] for line in read_jsonl(tmp_path / "errors.jsonl")}
+    assert {c: r["status_code"] for c, r in failed.items()} == {over["custom_id"]: 413}
     assert len(calls) == 1
 
 

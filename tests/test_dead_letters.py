@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -29,7 +27,7 @@ from queuegate.topology import (
     HEADER_DEAD_REASON,
     Topology,
 )
-from tests.support import Gateway, dead_letters, depth, running_gateway, wait_until
+from tests.support import Gateway, dead_letters, depth, dlq_cli, running_gateway, wait_until
 from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -188,31 +186,6 @@ async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs
         assert _death(message)["reason"] == "expired"
 
 
-async def _dlq_cli(settings: Settings, *args: str, exit_code: int = 0) -> tuple[str, str]:
-    """``queuegate dlq ARGS`` as an operator runs it, at 80 columns: its stdout and stderr,
-    once it exited with ``exit_code``."""
-    env = {
-        **os.environ,
-        "QUEUEGATE_NAMESPACE": settings.namespace,
-        "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
-        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "COLUMNS": "80",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
-        "dlq",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
-    assert proc.returncode == exit_code, (stdout + stderr).decode()
-    return stdout.decode(), stderr.decode()
-
-
 async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
     # Given one dead-lettered job (bad input, dead-lettered by the worker) with a long id
     job_id = "bad-" + "0123456789abcdef" * 2
@@ -222,7 +195,7 @@ async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
         await client.wait(job_id, timeout=10)
 
     async def cli(*args: str) -> str:
-        return (await _dlq_cli(settings, *args))[0]
+        return (await dlq_cli(settings, *args))[0]
 
     # When an operator lists at 80 columns, expect the whole id (to copy), the reason, the team
     listing = await cli("list")
@@ -376,7 +349,7 @@ async def test_a_job_answered_unknown_model_is_not_replayed_once_the_alias_exist
         await gw.stop_worker()
         async with running_gateway(settings, catalog=_catalog_with(tmp_path, "fixme")) as fixed:
             job_id = answered.job_id
-            stdout, stderr = await _dlq_cli(settings, "replay", job_id, exit_code=1)
+            stdout, stderr = await dlq_cli(settings, "replay", job_id, exit_code=1)
             # Expect to be told, in one line, that it was answered and what serves it
             assert "replayed 0 dead letters" in stdout
             assert stderr.splitlines() == [
@@ -387,7 +360,7 @@ async def test_a_job_answered_unknown_model_is_not_replayed_once_the_alias_exist
             # ... the letter still a dead letter, `show` saying why, its row unchanged
             assert [x.message_id for x in (await dlq.peek(settings))[0]] == [job_id]
             assert "not replayable: answered unknown_model" in (
-                await _dlq_cli(settings, "show", job_id)
+                await dlq_cli(settings, "show", job_id)
             )[0].replace("\n", " ")
             # ... and its request, sent anew by its caller, served and billed once under its id
             again = await client.chat("fixme", HELLO, timeout=10)

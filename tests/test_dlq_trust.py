@@ -279,10 +279,11 @@ async def test_an_operators_replay_never_turns_a_refused_forgery_into_a_served_j
             assert letter.reason == "unauthorized" and letter.team == "alpha"
             # When the operator replays it
             replayed, [(kept, why)] = await dlq.replay(settings)
-            # Expect it left a dead letter, answered `unauthorized` as it was, never served:
-            # one refusal row (a forgery that expired instead is proven again: see above)
+            # Expect it left a dead letter, refused `unauthorized` as it was (to no one: it
+            # named no reply queue), never served: one refusal row (a forgery that expired
+            # instead is proven again: see above)
             assert not replayed and kept.message_id == "forged-2"
-            assert why.startswith("answered unauthorized when it died")
+            assert why.startswith("refused unauthorized, an answer that reached no one")
             [again] = await dead_letters(settings, 1)
             rows = await gw.usage_rows(1)
             assert [row["error_code"] for row in rows] == ["unauthorized"]

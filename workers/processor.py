@@ -49,6 +49,7 @@ from queuegate.errors import (
 )
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.openai_params import refused_param
+from queuegate.request_limits import JOB_OWN_BYTES, request_bytes
 from queuegate.topology import HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
@@ -521,9 +522,12 @@ class JobProcessor:
                 f"content_type {clipped(message.content_type or '')!r} is not supported; "
                 f"jobs are {CONTENT_TYPE}"
             )
-        size = len(message.body)
-        if size > self._max_job_bytes:
-            raise InvalidRequest(f"job is {size} bytes; the limit is {self._max_job_bytes}")
+        size, limit = len(message.body), self._max_job_bytes
+        if size > limit + JOB_OWN_BYTES:
+            raise InvalidRequest(
+                f"job is {size} bytes; the limit is {limit + JOB_OWN_BYTES} ({limit} of its "
+                "request)"
+            )
         try:
             # Held until it is answered, with thousands of others: its fields sets shared.
             job = shared_fields(ChatJob.model_validate_json(message.body))
@@ -552,6 +556,10 @@ class JobProcessor:
             raise InvalidRequest(
                 f"job has {len(job.messages)} messages; the limit is {self._max_job_messages}"
             )
+        # Measured only past the limit, as the front door measures it: a smaller job's
+        # request is smaller still.
+        if size > limit and (request := request_bytes(job)) > limit:
+            raise InvalidRequest(f"job's request is {request} bytes; the limit is {limit}")
         return job
 
     def _straight(
@@ -711,7 +719,7 @@ class JobProcessor:
         when the job is bad input, which is also dead-lettered."""
         # As _announce does, without its frame: thousands of jobs wait here for their batch
         # when the broker is the slowest stage.
-        usage = await self._reply(announcement)
+        usage, received = await self._reply(announcement)
         if usage is not None:
             # Acknowledged below only once the batch carrying the event is confirmed.
             await self._accounting(usage, announcement.lapsing)
@@ -725,22 +733,23 @@ class JobProcessor:
                 queue=queue,
                 user=self._gate.first_user(original),
                 first=self._gate.first_cause(original),
+                unanswered=not received,
             )
         await settle(delivery.ack(), f"acknowledge job {announcement.job_id}", log)
 
     async def _announce(self, announcement: Announcement) -> None:
         """Publish the result, then the usage event, each once the broker confirms it."""
-        usage = await self._reply(announcement)
+        usage, _ = await self._reply(announcement)
         if usage is not None:
             await self._accounting(usage, announcement.lapsing)
 
-    async def _reply(self, announcement: Announcement) -> bytes | None:
+    async def _reply(self, announcement: Announcement) -> tuple[bytes | None, bool]:
         """Send the result to its reply queue, if any, once the broker confirms it; the usage
         event to send then, marked ``reply_delivered = false`` when that queue is gone or
-        full."""
+        full, and whether the result reached a reply queue."""
         reply_to = announcement.reply_to
         if not reply_to:
-            return announcement.usage
+            return announcement.usage, False
         answering = self._publisher.result(reply_to, announcement.job_id, announcement.result)
         if tracing.ON:
             answering = tracing.traced(
@@ -753,8 +762,8 @@ class JobProcessor:
                 },
             )
         if await answering:
-            return announcement.usage
-        return announcement.undelivered_usage()
+            return announcement.usage, True
+        return announcement.undelivered_usage(), False
 
     def _accounting(self, usage: bytes, lapsing: str | None) -> Awaitable[None]:
         """The usage event in the worker's next batch: done once the broker confirms it.

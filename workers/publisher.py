@@ -20,6 +20,7 @@ from queuegate.topology import (
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
     HEADER_DEAD_TRUNCATED,
+    HEADER_DEAD_UNANSWERED,
     HEADER_DEAD_USER,
     HEADER_FIRST_DETAIL,
     HEADER_FIRST_REASON,
@@ -235,6 +236,7 @@ class Publisher:
         queue: str,
         user: str,
         first: tuple[str, str] | None = None,
+        unanswered: bool = False,
     ) -> None:
         """Keep the original job, with why it was refused, in the dead-letter queue.
 
@@ -242,7 +244,8 @@ class Publisher:
         behind), plus the job's API key proof, so that a replay can prove it again. A body
         beyond DEAD_BODY_LIMIT is cut there: what an operator needs is why, not the megabytes.
         ``user`` is who first published the job; ``first`` the reason and detail a replayed job
-        was first dead-lettered for.
+        was first dead-lettered for; ``unanswered``, that the refusal reached no reply queue
+        (none named, or it is gone or full): its caller has no such answer.
         """
         headers: dict[str, str | int] = {
             HEADER_DEAD_REASON: reason,
@@ -252,6 +255,8 @@ class Publisher:
         }
         if first is not None:
             headers[HEADER_FIRST_REASON], headers[HEADER_FIRST_DETAIL] = first
+        if unanswered:
+            headers[HEADER_DEAD_UNANSWERED] = 1
         for name in (KEY_ID_HEADER, PROOF_HEADER):
             value = header_text((original.headers or {}).get(name))
             if value is not None:

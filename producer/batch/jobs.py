@@ -34,7 +34,7 @@ class Refused(ValueError):
     with checks brought, it makes no valid job (no model, a parameter the job refuses:
     ``max_tokens`` beside ``max_completion_tokens``, a ``seed`` past 64 bits), or one past
     the front door's limits (nested deeper than ``MAX_NESTING``, more messages than
-    ``max_messages``, a job past ``max_bytes``,
+    ``max_messages``, a request past ``max_bytes``,
     ``request_too_large``), as its endpoint refuses them. It is answered
     as a failed line of its own, never published, while the batch's other requests are
     served (a line that is no request at all may fail the whole batch instead)."""
@@ -95,7 +95,8 @@ class JobReader:
         self._checks = checks
         """None: the caller answers no refused request, so one is a problem of the file."""
         self._max_bytes = max_bytes
-        """The gateway's ``max_job_bytes``: a larger job is refused (None: not checked)."""
+        """The gateway's ``max_job_bytes``: a job whose request is larger is refused (None:
+        not checked)."""
         self._max_messages = max_messages
         """The gateway's ``max_job_messages``: a job with more is refused (None: not checked)."""
 

@@ -237,7 +237,7 @@ async def _validate(
     """Valid requests, problems and requests refused (``Refused``); valid custom_ids land
     in the state's index.
 
-    A request whose job would exceed the gateway's ``max_job_bytes`` (the reader's) is
+    A request past the gateway's ``max_job_bytes`` (the reader's) is
     refused or a problem here, with its line, not an error result after it was published.
     """
     problems: list[tuple[int, str]] = []
