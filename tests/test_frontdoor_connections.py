@@ -24,7 +24,7 @@ import pytest
 from frontdoor.connections import OPEN_FILES_RESERVE
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.frontdoor_support import HELLO, Door, issue_key, open_door
+from tests.frontdoor_support import HELLO, Door, door_before, issue_key, keyed_gateway, open_door
 from tests.reconnect_flood import keep_pipelining as pipelined
 from tests.support import wait_until
 
@@ -279,6 +279,42 @@ async def test_a_door_stopping_gives_a_request_held_by_a_slow_call_its_grace_alo
     await client.close()
 
     # Expect the stop to take the grace of each, not the call's time
+    assert took < SLOW_MS / 1000 / 2, took
+
+
+FRACTION = 0.9
+"""A grace of less than a second: rounded down to whole seconds, it would be none at all."""
+
+
+async def test_a_door_stopping_gives_a_held_request_a_grace_of_a_fraction_as_given(
+    settings: Settings,
+) -> None:
+    # Given a door giving requests in progress FRACTION s at a stop, before a gateway, and a
+    # chat held at a model answering in SLOW_MS
+    async with keyed_gateway(settings, mock_config=SLOW_MOCK) as (gateway, keys, _):
+        stack = contextlib.AsyncExitStack()
+        async with stack:
+            door = door_before(gateway, settings.model_copy(update={"shutdown_grace": FRACTION}))
+            url = await stack.enter_async_context(door)
+            client = openai.AsyncOpenAI(
+                base_url=f"{url}/v1", api_key=keys["alpha"], max_retries=0, timeout=120
+            )
+            held = asyncio.create_task(client.chat.completions.create(model=SLOW, messages=HELLO))
+            cut: list[float] = []
+            held.add_done_callback(lambda _: cut.append(time.monotonic()))
+            await wait_until(lambda: gateway.worker.in_flight == 1)
+
+            # When the door stops
+            started = time.monotonic()
+            await stack.aclose()
+            took = time.monotonic() - started
+        with pytest.raises(openai.APIError):
+            await held
+        await client.close()
+
+    # Expect the chat cut once the grace as given is over, not at once, and the stop to
+    # take about that grace, not the call's time
+    assert cut[0] - started >= FRACTION, cut[0] - started
     assert took < SLOW_MS / 1000 / 2, took
 
 
