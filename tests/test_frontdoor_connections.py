@@ -289,13 +289,13 @@ FRACTION = 0.9
 async def test_a_door_stopping_gives_a_held_request_a_grace_of_a_fraction_as_given(
     settings: Settings,
 ) -> None:
-    # Given a door giving requests in progress FRACTION s at a stop, before a gateway, and a
-    # chat held at a model answering in SLOW_MS
-    async with keyed_gateway(settings, mock_config=SLOW_MOCK) as (gateway, keys, _):
+    # Given a door giving requests in progress FRACTION s at a stop, before a gateway (whose
+    # worker gives them as much), and a chat held at a model answering in SLOW_MS
+    quick = settings.model_copy(update={"shutdown_grace": FRACTION})
+    async with keyed_gateway(quick, mock_config=SLOW_MOCK) as (gateway, keys, _):
         stack = contextlib.AsyncExitStack()
         async with stack:
-            door = door_before(gateway, settings.model_copy(update={"shutdown_grace": FRACTION}))
-            url = await stack.enter_async_context(door)
+            url = await stack.enter_async_context(door_before(gateway, quick))
             client = openai.AsyncOpenAI(
                 base_url=f"{url}/v1", api_key=keys["alpha"], max_retries=0, timeout=120
             )
