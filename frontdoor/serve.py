@@ -129,7 +129,9 @@ def _config(
         log_level=log_level,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        # As given, a fraction too (int() made 0.5 s no grace at all): uvicorn declares an
+        # int but only hands it to asyncio.timeout, which takes any number of seconds.
+        timeout_graceful_shutdown=settings.shutdown_grace,  # type: ignore[arg-type]
     )
 
 

@@ -57,7 +57,10 @@ class ChatStream:
             await start()
         while self.result is None:
             try:
-                item = await asyncio.wait_for(self._items.get(), self._timeout)
+                # Not asyncio.wait_for, which in Python 3.11 drops a cancel that comes with a
+                # chunk: a request cancelled at its front door's stop would stream on.
+                async with asyncio.timeout(self._timeout):
+                    item = await self._items.get()
             except TimeoutError as exc:
                 raise ResultTimeout(
                     f"no chunk of job {self.job_id} within {self._timeout} s; "

@@ -55,6 +55,30 @@ class Door:
 
 
 @contextlib.asynccontextmanager
+async def keyed_gateway(
+    settings: Settings,
+    teams: Mapping[str, TeamConfig] | None = None,
+    mock_config: MockConfig | None = None,
+) -> AsyncIterator[tuple[Gateway, dict[str, str], dict[str, str]]]:
+    """``teams`` registered with their configs (alpha and beta by default), served by a
+    gateway; with the gateway, a key of each team and the keys' ids, by team."""
+    teams = teams or {"alpha": TeamConfig(), "beta": TeamConfig()}
+    keys, key_ids = {}, {}
+    for team, config in teams.items():
+        await register(settings, team, config)
+        key_ids[team], keys[team] = await issue_key(settings, team)
+    async with running_gateway(settings, teams=list(teams), mock_config=mock_config) as gateway:
+        yield gateway, keys, key_ids
+
+
+def door_before(
+    gateway: Gateway, settings: Settings
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """The front door of ``settings`` before ``gateway``, yielding its root URL."""
+    return serving(settings, load_catalog(None, {"QUEUEGATE_MOCK_URL": gateway.mock.url}))
+
+
+@contextlib.asynccontextmanager
 async def open_door(
     settings: Settings,
     teams: Mapping[str, TeamConfig] | None = None,
@@ -64,12 +88,8 @@ async def open_door(
     """``teams`` registered with their configs (alpha and beta by default), each with a key,
     served by a gateway and the front door (with ``door_settings`` when given: a front door
     reaching a service through a proxy, say)."""
-    teams = teams or {"alpha": TeamConfig(), "beta": TeamConfig()}
-    keys, key_ids = {}, {}
-    for team, config in teams.items():
-        await register(settings, team, config)
-        key_ids[team], keys[team] = await issue_key(settings, team)
-    async with running_gateway(settings, teams=list(teams), mock_config=mock_config) as gateway:
-        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": gateway.mock.url})
-        async with serving(door_settings or settings, catalog) as url:
-            yield Door(gateway, url, keys, key_ids)
+    async with (
+        keyed_gateway(settings, teams, mock_config) as (gateway, keys, key_ids),
+        door_before(gateway, door_settings or settings) as url,
+    ):
+        yield Door(gateway, url, keys, key_ids)

@@ -25,6 +25,9 @@ from tests.test_frontdoor_batches import (
 
 SLOW = TeamConfig(rpm=1)
 """A team whose every batch is slow: one request a minute, the first at once."""
+GRACE = 0.2
+"""Seconds the gateway gives jobs in progress at its stop: the slow team's are waiting for
+its rate, which no grace would see come (the default held each test's end 5 s)."""
 
 
 async def _batch(client: openai.AsyncOpenAI, lines: int) -> str:
@@ -54,7 +57,7 @@ async def test_a_team_holding_every_runner_gives_one_to_another_teams_batch_at_o
     settings: Settings,
 ) -> None:
     # Given two runners, both held by a slow team's batches, a third of them waiting
-    settings = settings.model_copy(update={"batch_runners": 2})
+    settings = settings.model_copy(update={"batch_runners": 2, "shutdown_grace": GRACE})
     teams = {"alpha": SLOW, "beta": TeamConfig()}
     async with (
         open_door(settings, teams) as door,
@@ -82,7 +85,9 @@ async def test_a_team_holding_every_runner_gives_one_to_another_teams_batch_at_o
 
 async def test_teams_holding_as_many_runners_take_turns(settings: Settings) -> None:
     # Given one runner, held by a slow team's batch that collects for minutes
-    settings = settings.model_copy(update={"batch_runners": 1, "batch_runner_turn": 1.0})
+    settings = settings.model_copy(
+        update={"batch_runners": 1, "batch_runner_turn": 1.0, "shutdown_grace": GRACE}
+    )
     teams = {"alpha": SLOW, "beta": TeamConfig()}
     async with (
         open_door(settings, teams) as door,

@@ -24,7 +24,7 @@ import pytest
 from frontdoor.connections import OPEN_FILES_RESERVE
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
-from tests.frontdoor_support import HELLO, Door, issue_key, open_door
+from tests.frontdoor_support import HELLO, Door, door_before, issue_key, keyed_gateway, open_door
 from tests.reconnect_flood import keep_pipelining as pipelined
 from tests.support import wait_until
 
@@ -256,18 +256,28 @@ async def shared_door(settings: Settings) -> AsyncIterator[Door]:
         yield opened
 
 
-async def test_a_door_stopping_gives_a_request_held_by_a_slow_call_its_grace_alone(
+FRACTION = 0.9
+"""A grace of less than a second: rounded down to whole seconds, it would be none at all."""
+
+
+async def test_a_door_stopping_gives_a_request_held_by_a_slow_call_its_grace_as_given(
     settings: Settings,
 ) -> None:
     # Given a door (served in the test's loop) and its worker, each giving requests in
-    # progress GRACE at a stop, and a chat held at a model answering in SLOW_MS
+    # progress FRACTION s at a stop, and a chat held at a model answering in SLOW_MS
+    quick = settings.model_copy(update={"shutdown_grace": FRACTION})
     async with contextlib.AsyncExitStack() as stack:
-        door = await stack.enter_async_context(
-            open_door(serving(settings, shutdown_grace=GRACE), mock_config=SLOW_MOCK)
+        gateway, keys, _ = await stack.enter_async_context(
+            keyed_gateway(quick, mock_config=SLOW_MOCK)
         )
-        client = door.client("alpha", timeout=120)
+        url = await stack.enter_async_context(door_before(gateway, quick))
+        client = openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key=keys["alpha"], max_retries=0, timeout=120
+        )
         held = asyncio.create_task(client.chat.completions.create(model=SLOW, messages=HELLO))
-        await wait_until(lambda: door.gateway.worker.in_flight == 1)
+        cut: list[float] = []
+        held.add_done_callback(lambda _: cut.append(time.monotonic()))
+        await wait_until(lambda: gateway.worker.in_flight == 1)
 
         # When the door and its worker stop
         started = time.monotonic()
@@ -278,7 +288,9 @@ async def test_a_door_stopping_gives_a_request_held_by_a_slow_call_its_grace_alo
         await held
     await client.close()
 
-    # Expect the stop to take the grace of each, not the call's time
+    # Expect the chat cut once the door's grace, as given, is over (not at once), and the
+    # stop to take the grace of each, not the call's time
+    assert cut[0] - started >= FRACTION, cut[0] - started
     assert took < SLOW_MS / 1000 / 2, took
 
 

@@ -390,8 +390,12 @@ async def _take(
     inbox: asyncio.Queue[AbstractIncomingMessage], idle: float
 ) -> list[AbstractIncomingMessage]:
     """What has arrived, waiting up to ``idle`` seconds for the first."""
+    # Not asyncio.wait_for: Python 3.11's returns a result that arrives with a cancel and drops
+    # the cancel, so a batch runner stopping as a result came went on collecting until the
+    # batch ended (minutes, for a team of a low rpm), and held its front door's stop.
     try:
-        first = await asyncio.wait_for(inbox.get(), idle)
+        async with asyncio.timeout(idle):
+            first = await inbox.get()
     except TimeoutError:
         return []
     taken = [first]
