@@ -39,8 +39,9 @@ class Take(NamedTuple):
 
     taken: bool
     wait_ms: int
-    then_ran: bool = False
-    """Whether the call given to run once the take is made (``Buckets.take``) ran."""
+    then: int | None = None
+    """The reply of the call given to run once the take is made (``Buckets.take``); None
+    when it did not run."""
     again_ms: int = 0
     """Taken in a line (``take_call``): when the buckets will have as much again."""
 
@@ -66,7 +67,7 @@ class Buckets:
         its place: it is taken now, into debt, and ``wait_ms`` says when it may go. Raises
         InvalidRequest when the job is larger than a bucket could ever hold. ``name``: the
         take's, the same on every try (``Scripts.run_all``). ``then``: a call to run in the
-        same round trip once the take is made, its reply ignored (``Take.then_ran``).
+        same round trip once the take is made, its reply in ``Take.then``.
         ``team``, ``patience_ms``: see ``take_call``.
         """
         if not limits:
@@ -74,7 +75,9 @@ class Buckets:
         first = take_call(limits, tokens, within_ms, team=team, patience_ms=patience_ms)
         calls = [first] + ([then] if then is not None else [])
         replies = await self._scripts.run_all(calls, name=name)
-        return taken(limits, tokens, replies[0])._replace(then_ran=len(replies) > 1)
+        return taken(limits, tokens, replies[0])._replace(
+            then=replies[1] if len(replies) > 1 else None
+        )
 
     async def refresh_fills(self, limits: Sequence[Limit]) -> None:
         """Set ``queuegate_bucket_fill_ratio`` of each team bucket of ``limits`` as of now
