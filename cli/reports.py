@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import sys
@@ -17,7 +16,7 @@ from cli.console import err, out, print_table
 from cli.options import finite, make_settings, parse_month, split_teams
 from queuegate.errors import ServiceUnavailable, UnknownTeam
 from queuegate.messages import JobStatus
-from queuegate.runtime import run, stop_on_signals
+from queuegate.runtime import run, stop_on_signals, until_set
 from queuegate.settings import Settings
 from queuegate.visible import clipped, echoed, visible
 
@@ -166,8 +165,7 @@ def status(
                         reason = str(exc)
                     since = None if reason is None else since or datetime.now(UTC)
                     live.update(watch_view(last, reason, since, wide=wide))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=interval)
+                    await until_set(interval, stop)
 
     if watch:
         run(forever)

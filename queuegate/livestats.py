@@ -153,8 +153,7 @@ class LiveStatsWriter:
                 return False
             # Only a registry read makes it current (a write that shows the worker again
             # asks for one: ``reread``).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reread.wait(), left)
+            await until_set(left, self._reread)
         return True
 
     def taken(self, team: str) -> None:

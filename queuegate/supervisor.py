@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from prometheus_client.multiprocess import mark_process_dead
 
 from queuegate.metrics import MULTIPROCESS_DIR
+from queuegate.runtime import until_set
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ class Supervisor:
                 delay,
             )
             self.restarts += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await until_set(delay, stop)
             delay = min(delay * 2, BACKOFF_CAP)
 
     async def _terminate(

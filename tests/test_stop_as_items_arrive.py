@@ -12,6 +12,7 @@ from typing import Any
 from producer.batch.collect import _take
 from producer.streams import ChatStream
 from queuegate.messages import StreamChunk
+from queuegate.runtime import until_set
 
 TURNS = 6
 """Event-loop turns between an item's arrival and the cancel, each tried: asyncio.wait_for
@@ -67,3 +68,16 @@ async def test_a_stream_read_stops_when_cancelled_as_a_chunk_arrives() -> None:
         seq += 1
 
     await _stops_however_the_cancel_falls(streaming, chunk)
+
+
+async def test_a_wait_for_an_event_stops_when_cancelled_as_the_event_is_set() -> None:
+    # The waits of the worker's loops (a budget's settle, a registry read, the next lease
+    # renewal) are until_set's: one waiting on would hold the worker's stop for its budget.
+    settled = asyncio.Event()
+
+    async def waiting_for_settles() -> None:
+        while True:  # as a job held by others' reservations waits for each settle
+            settled.clear()
+            await until_set(60.0, settled)
+
+    await _stops_however_the_cancel_falls(waiting_for_settles, settled.set)

@@ -56,7 +56,6 @@ times a second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -85,6 +84,7 @@ from queuegate.livestats import SPEND_TTL
 from queuegate.messages import Attempt, ChatJob, request_digest, shared_fields
 from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
+from queuegate.runtime import until_set
 from queuegate.script_calls import ScriptCalls
 from queuegate.spend import to_nano
 from router import Catalog, Deployment, Routed
@@ -263,8 +263,7 @@ class Claims:
         """Renew the leases of the jobs in flight every third of a lease, until ``stop``."""
         every = self._lease_ms / 3000
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=every)
+            await until_set(every, stop)
             held = list(self._held.items())
             if not held or stop.is_set():
                 continue

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import time
 from typing import Any
@@ -40,6 +39,7 @@ from yarl import URL
 
 from queuegate.keys import Keys
 from queuegate.management import ManagementApi, vhost_path
+from queuegate.runtime import until_set
 from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 
@@ -95,8 +95,7 @@ class HeldResults:
         async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as http:
             while not stop.is_set():
                 await self._refresh(http)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), INTERVAL)
+                await until_set(INTERVAL, stop)
 
     async def _refresh(self, http: aiohttp.ClientSession) -> None:
         """Look, if no other worker does this interval, or else read the last look's answer."""

@@ -22,7 +22,6 @@ lapsed), whose next deliveries may be queued behind it. Past its deadline it is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -42,6 +41,7 @@ from queuegate.messages import ChatJob
 from queuegate.metrics import keep_bucket_fills, observe_bucket_wait
 from queuegate.outage import OutageLog
 from queuegate.registry import ModelLimits, TeamConfig, default_burst
+from queuegate.runtime import until_set
 from queuegate.settings import Settings
 from queuegate.spend import budget_scopes, to_nano
 from router import Catalog, Deployment, Routed
@@ -469,11 +469,12 @@ class Admission:
                 sweep = self._sweep_in(cause, since)
                 if sweep <= 0 and await self._drop_dead(cause):
                     continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._settle_event(cause.ledger).wait(),
-                        min(delay, left, sweep if sweep > 0 else self._settings.claim_lease / 2),
-                    )
+                # Not asyncio.wait_for: on Python 3.11 it drops a cancel (the worker's stop)
+                # that comes as the settle does, and the job would wait on for its budget.
+                await until_set(
+                    min(delay, left, sweep if sweep > 0 else self._settings.claim_lease / 2),
+                    self._settle_event(cause.ledger),
+                )
                 delay = min(delay * 2, RETRY_SECONDS)
                 if time.monotonic() - checked >= CHECK_SECONDS:
                     # Its own checks only: its budget's would reserve it again, in this line.
