@@ -39,7 +39,6 @@ from queuegate.errors import (
 from queuegate.messages import (
     ChatJob,
     ChatMessage,
-    ChatParams,
     ChatResult,
     request_digest,
 )
@@ -232,17 +231,21 @@ class GatewayClient(ReplyingConnection):
             raise TypeError(f"{', '.join(twice)} given twice: as a keyword and in params")
         if isinstance(deadline, timedelta):
             deadline = datetime.now(UTC) + deadline
-        return ChatJob(
-            job_id=job_id or uuid.uuid4().hex,
-            team=self.team,
-            model=model,
-            messages=[ChatMessage.model_validate(m) for m in messages],
-            params=ChatParams.model_validate({**(params or {}), **more_params}),
-            fallbacks=fallbacks,
-            metadata=metadata or {},
-            deadline=deadline,
-            stream=stream,
-            cache=cache,
+        # Messages and parameters validated by the job itself, once: a model validated on its
+        # own first has its checks (``ChatMessage``'s, ``ChatParams``') run again in the job.
+        return ChatJob.model_validate(
+            {
+                "job_id": job_id or uuid.uuid4().hex,
+                "team": self.team,
+                "model": model,
+                "messages": list(messages),
+                "params": {**(params or {}), **more_params},
+                "fallbacks": fallbacks,
+                "metadata": metadata or {},
+                "deadline": deadline,
+                "stream": stream,
+                "cache": cache,
+            }
         )
 
     async def submit(self, job: ChatJob) -> JobHandle:
