@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from admin.teams import with_user
+from queuegate import broker
 from queuegate.broker import CLUSTER_HEARTBEAT, NACK_RETRY, connect, nack_window, node_urls
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
@@ -55,6 +56,18 @@ def test_refused_publishes_are_sent_again_on_a_cluster_only() -> None:
     # On one node a refusal means a full queue: the producer hears QueueFull at once
     assert nack_window(CLUSTER) == NACK_RETRY > 0
     assert nack_window("amqp://guest:guest@127.0.0.1:5672/") == 0
+
+
+def test_a_urls_nack_window_is_read_once_not_at_every_publish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given the nodes of a URL counted as they are read
+    url, reads = "amqp://gw:s3cret@node-1:5672,node-2:5673/once", []
+    monkeypatch.setattr(broker, "node_urls", lambda url: reads.append(url) or [url, url])
+    # When publishers ask its window, as each publish does
+    windows = {nack_window(url) for _ in range(3)}
+    # Expect the URL read once, and its window the cluster's
+    assert windows == {NACK_RETRY} and reads == [url]
 
 
 def test_a_teams_url_on_a_cluster_keeps_every_node() -> None:
