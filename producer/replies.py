@@ -146,11 +146,12 @@ class ReplyBook:
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
         """The job's result; on TimeoutError the job stays expected, for a later wait."""
         future = self.expect(job_id)
-        # asyncio.wait leaves the future be on a timeout or a cancel, in one hop fewer
-        # than wait_for around a shield.
-        await asyncio.wait((future,), timeout=timeout)
-        if not future.done():
-            raise TimeoutError
+        if not future.done():  # a result already here is taken without a wait's task
+            # asyncio.wait leaves the future be on a timeout or a cancel, in one hop fewer
+            # than wait_for around a shield.
+            await asyncio.wait((future,), timeout=timeout)
+            if not future.done():
+                raise TimeoutError
         self._futures.pop(job_id, None)
         self._requests.pop(job_id, None)
         return future.result()

@@ -1,4 +1,5 @@
-"""What the client does per job, and no more: each check of a job once."""
+"""What the client does per job, and no more: each check of a job once, no wait for a
+result already here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from producer import GatewayClient
+from producer.replies import ReplyBook
 from queuegate import messages
+from queuegate.messages import ChatResult, GatewayInfo
 from queuegate.settings import Settings
 
 HELLO = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
@@ -50,3 +53,17 @@ def test_a_bad_message_or_parameter_is_refused_naming_it(settings: Settings) -> 
     assert bad_message.value.errors()[0]["loc"][:3] == ("messages", 0, "role")
     assert bad_param.value.errors()[0]["loc"] == ("params", "temperature")
 
+
+async def test_a_result_already_here_is_taken_without_waiting() -> None:
+    # Given a result delivered before anyone waits for it
+    book = ReplyBook()
+    result = ChatResult(
+        job_id="j1", team="alpha", status="ok", gateway=GatewayInfo(model_requested="m")
+    )
+    assert book.deliver(result)
+    # When its job is waited for
+    waiting = book.wait("j1", timeout=1)
+    # Expect the result at once, the wait never suspended
+    with pytest.raises(StopIteration) as done:
+        waiting.send(None)
+    assert done.value.value is result
