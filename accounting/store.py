@@ -137,6 +137,16 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
     return inserted
 
 
+async def prepare_insert(conn: asyncpg.Connection) -> None:
+    """Have ``conn`` prepare the batch insert as its first batch would, writing nothing.
+
+    A connection's first batch otherwise pays for PostgreSQL parsing and planning the
+    statement, loading the tables' catalogs into its backend, and asyncpg describing it.
+    """
+    empty: list[list[object]] = [[] for _ in range(_N + len(_CONTENT))]
+    await conn.fetchval(_INSERT, *empty, timeout=STATEMENT_TIMEOUT)
+
+
 # jsonb refuses the escaped NUL that JSON allows: a prompt, a model's answer or a provider's
 # error text holding one would fail the whole statement, and the job would go unbilled. It is
 # stored as U+FFFD instead; an escaped backslash before "u0000" is text, left as it is.

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 import accounting
 from accounting import Accountant, TeamSpend, migrate, monthly_spend
+from accounting.consumer import IN_FLIGHT
 from accounting.migrate import available_migrations
 from accounting.reports import month_range
 from accounting.store import COLUMNS, insert_usage
@@ -240,6 +241,27 @@ async def test_an_accountant_stopped_while_starting_consumes_nothing(
         Topology(settings.namespace).accounting_queue, passive=True
     )
     assert queue.declaration_result.message_count == 1
+
+
+async def test_an_accountant_prepares_its_writes_before_it_consumes(settings: Settings) -> None:
+    # Given an accountant started, not yet consuming
+    async with Accountant(settings) as accountant:
+        pool = accountant._pool  # its own pool: what its batches write on
+        assert pool is not None
+
+        # When the connections of the batches it writes at once are taken from its pool
+        async with contextlib.AsyncExitStack() as held:
+            conns = [await held.enter_async_context(pool.acquire()) for _ in range(IN_FLIGHT)]
+
+            # Expect each opened already, the batch insert prepared on it (a backlog's first
+            # batches would otherwise wait for both while their deliveries are held)
+            assert pool.get_size() == IN_FLIGHT
+            for conn in conns:
+                prepared = await conn.fetchval(
+                    "SELECT count(*) FROM pg_prepared_statements"
+                    " WHERE statement LIKE 'WITH inserted AS (INSERT INTO usage_log %'"
+                )
+                assert prepared == 1
 
 
 async def test_an_event_delivered_three_times_is_one_row(
