@@ -555,6 +555,20 @@ def test_month_range_wraps_at_the_year_end() -> None:
     )
 
 
+async def test_a_count_beyond_bigint_fails_the_write_as_a_value_it_cannot_store(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given an event whose token count no bigint holds
+    await migrate(pool, settings.database_schema)
+    huge = usage("job-huge", input_tokens=2**70)
+
+    # When it is stored, expect the DataError that marks it unstorable (the accountant then
+    # dead-letters it alone), and the connection good for the next write
+    with pytest.raises(asyncpg.DataError):
+        await insert_usage(pool, [huge, usage("job-fine")])
+    assert await insert_usage(pool, [usage("job-fine")]) == 1
+
+
 async def test_captured_content_holding_nul_is_stored_and_billed(
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
