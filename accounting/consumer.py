@@ -101,7 +101,7 @@ class Accountant:
             await accountant.run(stop)                    # until `stop` is set, then flushes
 
     Events are written in batches of ``settings.accounting_batch`` (or whatever arrived
-    within ``settings.accounting_linger``) by one idempotent statement, and acknowledged only
+    within ``settings.accounting_linger``) by one idempotent transaction, and acknowledged only
     after it commits. While PostgreSQL is unavailable the batch is held and retried with
     backoff, and the broker keeps the rest. Any number may run side by side: a job's row is
     written once however often its event is delivered, alone or in a worker's batch
@@ -395,7 +395,7 @@ class Accountant:
     async def _collect(self) -> list[_Delivery]:
         """The next batch: waits for one delivery, then up to ``accounting_linger`` seconds for
         ``accounting_batch`` events; at once what is held after the stop. Whole deliveries
-        only: one worker's batch is written by one statement, whatever its size."""
+        only: one worker's batch is written by one transaction, whatever its size."""
         size = self.settings.accounting_batch
         await self._await_inbox(1, math.inf)
         deadline = asyncio.get_running_loop().time() + self.settings.accounting_linger

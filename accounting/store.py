@@ -1,5 +1,6 @@
-"""Writing usage events to ``usage_log``: one statement per batch, idempotent by team and
-``job_id`` (producers choose job ids, so they are unique within a team only)."""
+"""Writing usage events to ``usage_log``: one transaction per batch (a COPY, one INSERT),
+idempotent by team and ``job_id`` (producers choose job ids, so they are unique within a team
+only)."""
 
 from __future__ import annotations
 
