@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from accounting.migrate import migrate
-from accounting.store import first_per_job, insert_usage
+from accounting.store import first_per_job, insert_usage, prepare_insert
 from queuegate import tracing
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, settle
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
@@ -101,7 +101,7 @@ class Accountant:
             await accountant.run(stop)                    # until `stop` is set, then flushes
 
     Events are written in batches of ``settings.accounting_batch`` (or whatever arrived
-    within ``settings.accounting_linger``) by one idempotent statement, and acknowledged only
+    within ``settings.accounting_linger``) by one idempotent transaction, and acknowledged only
     after it commits. While PostgreSQL is unavailable the batch is held and retried with
     backoff, and the broker keeps the rest. Any number may run side by side: a job's row is
     written once however often its event is delivered, alone or in a worker's batch
@@ -171,6 +171,7 @@ class Accountant:
             )
             stack.push_async_callback(pool.close)
             await migrate(pool, self.settings.database_schema)
+            await _open_writers(pool)
             # A robust connection: it reconnects, reopens the channel and declares the exchange
             # and queue again on it (_on_reopen consumes again).
             connection = await connect(self.settings.amqp_url, name="queuegate-accounting")
@@ -394,7 +395,7 @@ class Accountant:
     async def _collect(self) -> list[_Delivery]:
         """The next batch: waits for one delivery, then up to ``accounting_linger`` seconds for
         ``accounting_batch`` events; at once what is held after the stop. Whole deliveries
-        only: one worker's batch is written by one statement, whatever its size."""
+        only: one worker's batch is written by one transaction, whatever its size."""
         size = self.settings.accounting_batch
         await self._await_inbox(1, math.inf)
         deadline = asyncio.get_running_loop().time() + self.settings.accounting_linger
@@ -527,6 +528,16 @@ class Accountant:
         for predicate, future in self._waiters:
             if not future.done() and predicate():
                 future.set_result(None)
+
+
+async def _open_writers(pool: asyncpg.Pool) -> None:
+    """Open the connections of the batches in flight and prepare the insert on each before
+    consuming: else the first batches after a start, a backlog's, wait for it. A connection's
+    first batch of 500 cost PostgreSQL twice the CPU of the next (23-25 ms against 12-13)
+    and took 30-60 ms longer, besides opening the connection."""
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(IN_FLIGHT):
+            await prepare_insert(await held.enter_async_context(pool.acquire()))
 
 
 def _traced_write(written: list[UsageEvent], size: int, started: int, ended: int) -> None:

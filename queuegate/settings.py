@@ -295,7 +295,7 @@ class Settings(BaseSettings):
     per-team prefetch is sized from the share of the rate each worker gets."""
 
     accounting_batch: int = Field(default=500, ge=1, le=10_000)
-    """Usage events accounting writes to PostgreSQL in one statement at most (and acks
+    """Usage events accounting writes to PostgreSQL in one transaction at most (and acks
     together); it holds four batches' worth of deliveries unacknowledged."""
     accounting_linger: float = Field(default=0.05, ge=0, le=60)
     """Seconds accounting waits to fill a batch before writing what it has (at most a

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 import accounting
 from accounting import Accountant, TeamSpend, migrate, monthly_spend
+from accounting.consumer import IN_FLIGHT
 from accounting.migrate import available_migrations
 from accounting.reports import month_range
 from accounting.store import COLUMNS, insert_usage
@@ -240,6 +241,27 @@ async def test_an_accountant_stopped_while_starting_consumes_nothing(
         Topology(settings.namespace).accounting_queue, passive=True
     )
     assert queue.declaration_result.message_count == 1
+
+
+async def test_an_accountant_prepares_its_writes_before_it_consumes(settings: Settings) -> None:
+    # Given an accountant started, not yet consuming
+    async with Accountant(settings) as accountant:
+        pool = accountant._pool  # its own pool: what its batches write on
+        assert pool is not None
+
+        # When the connections of the batches it writes at once are taken from its pool
+        async with contextlib.AsyncExitStack() as held:
+            conns = [await held.enter_async_context(pool.acquire()) for _ in range(IN_FLIGHT)]
+
+            # Expect each opened already, the batch insert prepared on it (a backlog's first
+            # batches would otherwise wait for both while their deliveries are held)
+            assert pool.get_size() == IN_FLIGHT
+            for conn in conns:
+                prepared = await conn.fetchval(
+                    "SELECT count(*) FROM pg_prepared_statements"
+                    " WHERE statement LIKE 'WITH inserted AS (INSERT INTO usage_log %'"
+                )
+                assert prepared == 1
 
 
 async def test_an_event_delivered_three_times_is_one_row(
@@ -531,6 +553,20 @@ def test_month_range_wraps_at_the_year_end() -> None:
         datetime(2025, 12, 1, tzinfo=UTC),
         datetime(2026, 1, 1, tzinfo=UTC),
     )
+
+
+async def test_a_count_beyond_bigint_fails_the_write_as_a_value_it_cannot_store(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given an event whose token count no bigint holds
+    await migrate(pool, settings.database_schema)
+    huge = usage("job-huge", input_tokens=2**70)
+
+    # When it is stored, expect the DataError that marks it unstorable (the accountant then
+    # dead-letters it alone), and the connection good for the next write
+    with pytest.raises(asyncpg.DataError):
+        await insert_usage(pool, [huge, usage("job-fine")])
+    assert await insert_usage(pool, [usage("job-fine")]) == 1
 
 
 async def test_captured_content_holding_nul_is_stored_and_billed(
