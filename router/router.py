@@ -474,8 +474,8 @@ class Router:
                 continue
             verdict: Verdict = await self.health.allow(deployment)
             if verdict.allowed:
-                # _attempt releases the slot
-                return replace(call, probe=verdict.state == "probe")
+                # _attempt releases the slot. Copied only for a probe: a copy costs µs a job.
+                return replace(call, probe=True) if verdict.state == "probe" else call
             await self._slots.release(deployment)
             if verdict.state == "paused":
                 run.paused = True

@@ -7,6 +7,7 @@ import time
 from collections import Counter, defaultdict
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from mockprovider import Behavior, MockConfig
+from queuegate import metrics
 from queuegate.keys import Keys
 from queuegate.livestats import read_view
 from queuegate.metrics_server import MetricsServer
@@ -361,3 +363,32 @@ async def test_a_team_whose_limits_are_removed_reads_no_bucket_fill(
         async with asyncio.timeout(5):
             while await fills() != (None, None):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+
+
+def test_a_teams_bucket_series_are_looked_up_once_and_made_again_once_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ``labels`` costs a few µs, and a governed job records a bucket's wait and fill.
+    looked: Counter[str] = Counter()
+    for name in ("BUCKET_WAIT", "BUCKET_FILL"):
+        metric = getattr(metrics, name)
+
+        def labels(*values: str, _real: Any = metric.labels, _name: str = name) -> Any:
+            looked[_name] += 1
+            return _real(*values)
+
+        monkeypatch.setattr(metric, "labels", labels)
+    team = "series-looked-up-once"
+    # Given a team whose jobs took from its buckets three times
+    for _ in range(3):
+        metrics.set_bucket_fill(team, 0.5)
+        metrics.observe_bucket_wait(team, 0.0)
+    assert looked == {"BUCKET_WAIT": 1, "BUCKET_FILL": 1}
+    # When its limits are removed, then set again
+    others = set(metrics.gauge_values(metrics.BUCKET_FILL)) - {team}
+    metrics.keep_bucket_fills(others)
+    assert team not in metrics.gauge_values(metrics.BUCKET_FILL)
+    metrics.set_bucket_fill(team, 0.25)
+    # Expect its fill read again, from a series made anew
+    assert metrics.gauge_values(metrics.BUCKET_FILL)[team] == 0.25
+    metrics.keep_bucket_fills(others)
