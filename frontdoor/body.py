@@ -6,7 +6,7 @@ is complete and valid, so it never takes a worker's slot. Routes read it once th
 proven from the headers (a refused key costs no body read), through the process's
 ``Bodies``::
 
-    body = await door.bodies.read_json(request, caller, limit=s.max_job_bytes)
+    body = await door.bodies.read_json(request, caller, limit=s.max_body_bytes)
 
 A body sent before any key is proven (a dashboard sign-in form) is read under its client's
 address instead (``read_keyless``), and also counted against the process's

@@ -220,14 +220,14 @@ class Settings(BaseSettings):
     ``http_max_connections``; when unsaid, a quarter of it (at most 32)."""
     http_body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Bytes of request bodies one front-door process reads at once, counted by their
-    Content-Length (``max_job_bytes`` when unsaid); more are answered 503 before they are
-    read. At least ``max_job_bytes``."""
+    Content-Length (``max_body_bytes`` when unsaid); more are answered 503 before they are
+    read. At least ``max_body_bytes``."""
     http_body_bytes_per_team: int | None = Field(default=None, ge=1024)
     """Bytes of ``http_body_bytes_in_flight`` one team's bodies, all its API keys together,
     may take at once; more of that team's are answered 429 before they are read, so that no
     team takes the whole budget and has every other team's bodies answered 503. At least
-    ``max_job_bytes``; when unsaid, a quarter of ``http_body_bytes_in_flight`` (16 MiB of
-    64 MiB), or ``max_job_bytes`` if that is more."""
+    ``max_body_bytes``; when unsaid, a quarter of ``http_body_bytes_in_flight`` (16 MiB of
+    64 MiB), or ``max_body_bytes`` if that is more."""
     http_trusted_proxies: str = ""
     """Comma-separated addresses or networks (``10.0.0.5,10.1.0.0/16``) of the proxies before
     the front door: a connection from one of them is taken to come from the address its
@@ -378,10 +378,10 @@ class Settings(BaseSettings):
             ("QUEUEGATE_HTTP_BODY_BYTES_IN_FLIGHT", self.http_body_bytes_in_flight),
             ("QUEUEGATE_HTTP_BODY_BYTES_PER_TEAM", self.body_bytes_per_team),
         ):
-            if value < self.max_job_bytes:
+            if value < self.max_body_bytes:
                 raise ValueError(
-                    f"{name} is below QUEUEGATE_MAX_JOB_BYTES, so the front door could read "
-                    "no large job: raise it"
+                    f"{name} is below twice QUEUEGATE_MAX_JOB_BYTES (the largest body the "
+                    "front door reads), so it could read no large job: raise it"
                 )
         return self
 
@@ -424,12 +424,21 @@ class Settings(BaseSettings):
         return self._quarter(self.http_keyless_bodies, most=32)
 
     @property
+    def max_body_bytes(self) -> int:
+        """The largest body the front door reads of one request: twice ``max_job_bytes``.
+        The limit is the request's as its job carries it, measured once the body is read
+        (``request_limits.request_bytes``), as a batch's request is: a body is larger by
+        what that leaves out (explicit nulls and empty defaults, whitespace, escapes), so
+        is read up to this bound, past which it is refused 413 unread."""
+        return 2 * self.max_job_bytes
+
+    @property
     def body_bytes_per_team(self) -> int:
         """``http_body_bytes_per_team``, or a quarter of the bytes in flight (at least
-        ``max_job_bytes``, so that a team can send its largest job)."""
+        ``max_body_bytes``, so that a team can send its largest job)."""
         if self.http_body_bytes_per_team is not None:
             return self.http_body_bytes_per_team
-        return max(self.max_job_bytes, self.http_body_bytes_in_flight // 4)
+        return max(self.max_body_bytes, self.http_body_bytes_in_flight // 4)
 
     @property
     def amqp_user(self) -> str | None:

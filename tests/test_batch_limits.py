@@ -72,6 +72,13 @@ def deep_tool_anthropic() -> dict[str, Any]:
     return {"name": "f", "input_schema": {"type": "object", "x": nested(DEEP)}}
 
 
+NULLS = dict.fromkeys(
+    ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "user")
+) | {"logprobs": None}
+"""Parameters an OpenAI client may send as explicit nulls: its body is larger than the
+request it makes, which leaves them out."""
+
+
 @pytest.fixture
 async def door(settings: Settings) -> AsyncIterator[Door]:
     async with open_door(
@@ -106,17 +113,22 @@ async def test_an_openai_batch_answers_an_oversize_and_a_deep_line_alone_as_sync
     assert door.gateway.mock.stats.calls == 1
 
 
+@pytest.mark.parametrize("nulls", [False, True], ids=["compact", "nulls"])
 async def test_an_openai_batch_takes_a_request_at_the_limit_as_sync_does_and_refuses_one_past(
-    door: Door,
+    door: Door, nulls: bool
 ) -> None:
     # Given OpenAI batch lines of the longest custom_id, one whose request (its body as
-    # compact JSON, what the SDK sends) is exactly the limit and one a byte past it
+    # compact JSON, what the SDK sends, less the explicit nulls its job leaves out: it keeps
+    # three) is exactly the limit and one a byte past it
+    kept = dict.fromkeys(("presence_penalty", "frequency_penalty", "logprobs")) if nulls else {}
     at, over = openai_lines(2)
     for line, size in ((at, JOB_BYTES), (over, JOB_BYTES + 1)):
         line["custom_id"] = long_id(line["custom_id"])
-        line["body"]["messages"][0]["content"] = sized(size, line["body"]["model"])
-    assert len(orjson.dumps(at["body"])) == JOB_BYTES
-    # When their batch ends, and the same bodies are sent to /v1/chat/completions
+        line["body"]["messages"][0]["content"] = sized(size, line["body"]["model"], **kept)
+        line["body"] |= NULLS if nulls else {}
+    assert (len(orjson.dumps(at["body"])) > JOB_BYTES + 50) == nulls
+    # When their batch ends, and the same bodies are sent to /v1/chat/completions through
+    # the SDK (nulls and all)
     ended, output, errors, sync = await batch_and_sync(door, at, [over])
     async with door.client() as client:
         served = await client.chat.completions.create(**at["body"])
@@ -164,6 +176,55 @@ async def test_a_message_batch_takes_a_request_at_the_limit_as_sync_does_and_ref
     assert result.type == "errored"
     assert result.error.error.model_dump() == refused.value.response.json()["error"]
     assert door.gateway.mock.stats.calls == 2
+
+
+async def test_messages_takes_a_request_sent_with_empties_at_the_limit_as_a_batch_does(
+    door: Door,
+) -> None:
+    # Given Message Batch requests carrying nulls and empties, one whose request (without
+    # them) is exactly the limit, its body past it, and one a byte past the limit
+    at, over = message_requests(2)
+    empties = {"stop_sequences": [], "metadata": {}, "temperature": None, "top_p": None}
+    for request, size in ((at, JOB_BYTES), (over, JOB_BYTES + 1)):
+        params = request["params"]
+        content = sized(size, params["model"], max_tokens=params["max_tokens"])
+        params["messages"][0]["content"] = content
+        params |= empties
+    assert len(orjson.dumps(at["params"])) > JOB_BYTES + 50
+    # When its batch ends, and the same params are sent to /v1/messages as they are
+    results = await message_batch_results(door, [at, over])
+    async with httpx.AsyncClient(
+        base_url=door.url, headers={"x-api-key": door.keys["alpha"]}
+    ) as client:
+        served = await client.post("/v1/messages", json=at["params"])
+        refused = await client.post("/v1/messages", json=over["params"])
+
+    # Expect one limit, of the request: the one at it served both ways, the one past it
+    # refused both ways alike (413)
+    assert served.status_code == 200, served.text
+    assert results[at["custom_id"]].type == "succeeded"
+    assert refused.status_code == 413
+    result = results[over["custom_id"]]
+    assert result.type == "errored"
+    assert result.error.error.model_dump() == refused.json()["error"]
+
+
+async def test_a_body_far_past_the_limit_is_refused_before_it_is_read_whole(
+    door: Door,
+) -> None:
+    # Given a body twice the limit and a byte, of whitespace around a small request
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]'
+    padded = body + b" " * (2 * JOB_BYTES + 1 - len(body) - 1) + b"}"
+    # When it is sent to /v1/chat/completions
+    async with httpx.AsyncClient(
+        base_url=door.url, headers={"authorization": f"Bearer {door.keys['alpha']}"}
+    ) as client:
+        refused = await client.post(
+            "/v1/chat/completions", content=padded, headers={"content-type": "application/json"}
+        )
+    # Expect it refused 413 (a body is read up to twice the limit, no further)
+    assert refused.status_code == 413
+    assert door.gateway.mock.stats.calls == 0
 
 
 async def test_a_message_batch_errors_an_oversize_and_a_deep_request_alone_as_sync_does(

@@ -27,11 +27,13 @@ from tests.frontdoor_support import HELLO, Door, issue_key, open_door
 
 TEAMS = {"alpha": TeamConfig(), "beta": TeamConfig(), "gamma": TeamConfig()}
 BODIES_PER_KEY = 2
-JOB_BYTES = 4096
+JOB_BYTES = 2048
+BODY_BYTES = 2 * JOB_BYTES
+"""The largest body the door reads (``Settings.max_body_bytes``), a team's least share."""
 BYTES_IN_FLIGHT = 10_000
 SLOW = 2000
 """The Content-Length of a slow body: a key's two of them fit in its team's share of the
-process's bytes (``JOB_BYTES``, the least it may be)."""
+process's bytes (``BODY_BYTES``, the least it may be)."""
 MAX_CONNECTIONS = BODIES_PER_KEY + 2
 UPLOADS = {
     "/v1/files": "multipart/form-data; boundary=b",
@@ -181,7 +183,7 @@ async def test_a_process_reading_its_bytes_worth_of_bodies_answers_503(door: Doo
         # Expect a third team's body that does not fit refused before it is read, with
         # Retry-After
         reader, writer = await connect(door)
-        writer.write(head(JOB_BYTES, door.keys["gamma"]))
+        writer.write(head(BODY_BYTES, door.keys["gamma"]))
         status, answer_head = await status_of(reader)
         assert status == 503
         assert b"retry-after: 1" in answer_head
@@ -214,12 +216,12 @@ async def test_a_team_with_several_keys_takes_no_more_than_its_share_of_the_byte
             # Expect beta served meanwhile, by the official SDK without retries
             async with door.client("beta") as beta:
                 assert await beta.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
-            # ... as alpha's bodies were read only up to its share (``JOB_BYTES``: one of
+            # ... as alpha's bodies were read only up to its share (``BODY_BYTES``: one of
             # them), the others refused before they were read
             assert answers == [100, 429, 429, 429]
             # ... and alpha's next body that does not fit its share, by any of its keys,
             # refused 429 in a line that says what to do, with Retry-After
-            long = [{"role": "user", "content": "a" * (JOB_BYTES - BYTES_IN_FLIGHT // 4)}]
+            long = [{"role": "user", "content": "a" * (BODY_BYTES - BYTES_IN_FLIGHT // 4)}]
             async with openai.AsyncOpenAI(
                 base_url=door.v1, api_key=keys[-1], max_retries=0
             ) as alpha:

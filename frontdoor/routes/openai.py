@@ -58,7 +58,7 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     started = time.perf_counter()
     options = RequestOptions.of(request)
     s = door.settings
-    body = await door.bodies.read_json(request, caller, limit=s.max_job_bytes)
+    body = await door.bodies.read_json(request, caller, limit=s.max_body_bytes)
     checked = check_chat(body, door.limits)
     stream, include_usage = wants_stream(body)
     job = chat_job(body, checked, caller.team, options, door.limits, stream=stream)
