@@ -173,14 +173,19 @@ def dlq_replay(
 @dlq_app.command("drop")
 def dlq_drop(
     job_id: Annotated[str, typer.Argument(help="The job id, whole (dlq list shows it).")],
+    team: Annotated[
+        str | None,
+        typer.Option(help="The team whose letter it is: needed when teams share the id."),
+    ] = None,
 ) -> None:
     """Delete one dead letter for good (copies of its job, under the same id, with it): one
     replay refuses, say, once its caller has sent the request anew. The others stay, in
-    their order; an id no letter has is refused, nothing deleted.
+    their order; an id no letter has is refused, nothing deleted, and so is one in several
+    teams' queues (teams choose their own job ids) unless --team says whose.
     """
     from queuegate.dlq import drop
 
-    dropped = run(lambda: drop(Settings(), job_id))
+    dropped = run(lambda: drop(Settings(), job_id, team=team))
     for letter in dropped:
         out.print(
             f"dropped {echoed(letter.message_id or '-')} ({letter.reason}, from {_origin(letter)})",

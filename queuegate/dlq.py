@@ -32,8 +32,9 @@ only be answered that error again, or be answered a second time, which its calle
 drops (it keeps a job's first result). It stays a dead letter; its request, submitted anew under
 a new job id, is served and accounted under that id.
 
-Reading the queue takes the messages without acknowledging them and closes the channel, which
-returns them all; their ``x-delivery-count`` then grows (quorum queues count every return), so
+Reading the queue takes the messages without acknowledging them and returns them, one at a
+time in their order (``_returned_in_order``), so that reading keeps it; their
+``x-delivery-count`` then grows (quorum queues count every return), so
 it is left out of what is shown: ``deaths`` is the broker's own count in ``x-death``. (The
 queue's delivery limit is set out of reach, so that reading never drops a letter.)
 """
@@ -243,21 +244,34 @@ def kept_why(letter: DeadLetter) -> str | None:
     )
 
 
-async def drop(settings: Settings, job_id: str) -> list[DeadLetter]:
-    """Delete the dead letters of ``job_id`` (its whole id: copies of one job share it), the
-    others left as they were, in their order; ConfigError when none has it."""
+async def drop(settings: Settings, job_id: str, *, team: str | None = None) -> list[DeadLetter]:
+    """Delete the dead letters of ``job_id`` (its whole id: copies of one job share it) of one
+    team, the others left as they were, in their order; ConfigError when none has it, or
+    when letters of several teams have it and ``team`` does not say whose (teams choose
+    their own job ids: one team's must not take another's letter with it)."""
     async with _taken(settings, None) as (_, taken, _):
-        dropped: list[DeadLetter] = []
-        for position, message in enumerate(taken, start=1):
-            if message.message_id == job_id:
-                await message.ack()
-                dropped.append(_describe(position, message, settings))
-    if not dropped:
+        found = [
+            (message, _describe(position, message, settings))
+            for position, message in enumerate(taken, start=1)
+            if message.message_id == job_id
+        ]
+        if team is not None:
+            found = [(message, letter) for message, letter in found if letter.team == team]
+        teams = sorted({letter.team or "no team" for _, letter in found})
+        if len(teams) > 1:
+            raise ConfigError(
+                f"dead letters of {len(teams)} teams have the id {clipped(job_id)!r} "
+                f"({', '.join(teams)}): name one with --team"
+            )
+        for message, _ in found:
+            await message.ack()
+    if not found:
+        of = f" of team {team}" if team is not None else ""
         raise ConfigError(
-            f"no dead letter has the id {clipped(job_id)!r} (give it whole): list them with "
-            "queuegate dlq list"
+            f"no dead letter{of} has the id {clipped(job_id)!r} (give it whole): list them "
+            "with queuegate dlq list"
         )
-    return dropped
+    return [letter for _, letter in found]
 
 
 async def purge(settings: Settings) -> int:
@@ -303,7 +317,22 @@ async def _taken(
                 if message is None:
                     break
                 taken.append(message)
-        yield channel, taken, total
+        try:
+            yield channel, taken, total
+        finally:
+            if not channel.is_closed:
+                await _returned_in_order(taken)
+
+
+async def _returned_in_order(taken: list[AbstractIncomingMessage]) -> None:
+    """Return to their queues what was taken and not acknowledged, one at a time in the order
+    taken. Left to the channel's close, a quorum queue puts many back in an order of its own
+    (twelve came back ``1 7 8 … 12 2 … 6``); it puts each message returned ahead of those not
+    taken, in the order returned, and a classic queue puts it back where it was, so returned
+    one by one, oldest first, they keep their order either way."""
+    for message in taken:
+        if not message.processed:
+            await message.nack(requeue=True)
 
 
 def _trusted(message: AbstractIncomingMessage, settings: Settings) -> bool:

@@ -4,6 +4,8 @@ key, each with its own ``<ns>.dead.<team>``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from producer import GatewayClient
 from queuegate import dlq
 from queuegate.settings import Settings
@@ -13,13 +15,16 @@ from tests.teams import TeamIdentity, team_identities
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-async def answered_unknown_model(identity: TeamIdentity, count: int) -> list[str]:
-    """The job ids of ``count`` jobs of the team naming an alias the catalog lacks: each
-    answered ``unknown_model`` and dead-lettered, a letter ``dlq replay`` refuses."""
+async def answered_unknown_model(
+    identity: TeamIdentity, count: int, job_ids: Sequence[str | None] = ()
+) -> list[str]:
+    """The job ids of ``count`` jobs of the team (``job_ids`` its own, else the client's)
+    naming an alias the catalog lacks: each answered ``unknown_model`` and dead-lettered, a
+    letter ``dlq replay`` refuses."""
     ids = []
     async with GatewayClient(identity.settings, **identity.who) as client:  # type: ignore[arg-type]
-        for _ in range(count):
-            result = await client.chat("fixme", HELLO, timeout=10)
+        for job_id in list(job_ids) or [None] * count:
+            result = await client.chat("fixme", HELLO, timeout=10, job_id=job_id)
             assert result.error is not None and result.error.code == "unknown_model"
             ids.append(result.job_id)
     return ids
@@ -85,6 +90,65 @@ async def test_drop_refuses_an_id_no_letter_has_in_one_line_and_deletes_nothing(
         assert f"no dead letter has the id {beta_job[:8]!r}" in prefix[1]
         assert await ids_left(settings) == before
         assert sorted(map(str, before)) == sorted([alpha_job, beta_job])
+
+
+async def test_reading_and_a_refused_drop_keep_twelve_letters_in_their_order(
+    settings: Settings,
+) -> None:
+    async with (
+        team_identities(settings) as teams,
+        running_gateway(settings, teams=("alpha",)),
+    ):
+        # Given twelve letters in alpha's queue (past ten, where returning them all at once
+        # put them back out of order)
+        ids = [f"order-{i}" for i in range(12)]
+        await answered_unknown_model(teams["alpha"], len(ids), ids)
+        await dead_letters(settings, len(ids))
+
+        # When the operator lists them, shows one, replays one (refused), drops one no
+        # letter has, and lists them again
+        first = await ids_left(settings)
+        await dlq_cli(settings, "show", ids[5])
+        _, refused = await dlq.replay(settings, {ids[3]})
+        await dlq_cli(settings, "drop", "order-none", exit_code=1)
+        await dlq.drop(settings, ids[7])
+
+        # Expect them in the order they died each time, the one dropped gone
+        assert first == ids
+        assert [letter.message_id for letter, _ in refused] == [ids[3]]
+        assert await ids_left(settings) == [x for x in ids if x != ids[7]]
+
+
+async def test_drop_of_an_id_two_teams_chose_takes_their_team_and_deletes_one_letter(
+    settings: Settings,
+) -> None:
+    async with (
+        team_identities(settings) as teams,
+        running_gateway(settings, teams=("alpha", "beta")),
+    ):
+        # Given one job id chosen by alpha (its broker user) and by beta (an API key)
+        await answered_unknown_model(teams["alpha"], 1, ["shared-id"])
+        await answered_unknown_model(teams["beta"], 1, ["shared-id"])
+        await dead_letters(settings, 2)
+
+        # When the operator drops it without naming a team, then with each team in turn
+        ambiguous = await dlq_cli(settings, "drop", "shared-id", exit_code=1)
+        kept = [(x.message_id, x.team) for x in (await dlq.peek(settings))[0]]
+        stdout, _ = await dlq_cli(settings, "drop", "shared-id", "--team", "beta")
+        after_beta = [(x.message_id, x.team) for x in (await dlq.peek(settings))[0]]
+        dropped = await dlq.drop(settings, "shared-id", team="alpha")
+
+        # Expect the first refused in one line naming both teams, nothing deleted; then
+        # each drop deleting its team's letter only
+        assert ambiguous[1].strip() == (
+            "error: dead letters of 2 teams have the id 'shared-id' (alpha, beta): "
+            "name one with --team"
+        )
+        assert sorted(kept, key=str) == [("shared-id", "alpha"), ("shared-id", "beta")]
+        assert "dropped shared-id (unknown_model, from beta)" in stdout
+        assert after_beta == [("shared-id", "alpha")]
+        assert [(x.message_id, x.team) for x in dropped] == [("shared-id", "alpha")]
+        assert await ids_left(settings) == []
 
 
 async def test_drop_is_in_the_dlq_help(settings: Settings) -> None:
