@@ -109,9 +109,7 @@ class Settings(BaseSettings):
     """Seconds a finished job's result is kept, so a redelivery is answered without a new call."""
     claim_lease: float = Field(default=10.0, gt=0, le=DAY)
     """Seconds a job's claim outlives a worker that stops renewing it (it died or hangs):
-    then another delivery of the job takes it over. Renewed every third of it meanwhile. A
-    claim with no call recorded (its job waiting for admission) is taken over by the job's
-    redelivery at once, without waiting for it."""
+    then another delivery of the job takes it over. Renewed every third of it meanwhile."""
     claim_wait: float = Field(default=30.0, gt=0, le=DAY)
     """Seconds a second delivery of a job waits for the first one's outcome before it goes
     back to its queue (never calling the provider while the first holds the job)."""

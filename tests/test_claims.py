@@ -40,7 +40,7 @@ from tests.teams import register
 from tests.test_script_calls import connections_named, named_client
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Call, Scripts
-from workers.claims import Busy, Claim, ClaimedJob, Claims, Duplicate, Lapsed, LostCall
+from workers.claims import Claim, ClaimedJob, Claims, Duplicate, Lapsed, LostCall
 from workers.outcome import Announcement, Outcome, Timing, as_json, failed
 from workers.outcome import served as served_outcome
 from workers.usage_record import UsageRecord
@@ -489,20 +489,16 @@ def _expired(job: ClaimedJob) -> Outcome:
 
 
 def _claims(
-    settings: Settings,
-    redis_client: aioredis.Redis,
-    pool: asyncpg.Pool,
-    name: str,
-    wait: float = 10.0,
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, name: str
 ) -> Claims:
-    """A worker's claims, with a lease of 5 s; a duplicate waits ``wait`` s for the job."""
+    """A worker's claims, with a lease of 5 s."""
     return Claims(
         redis_client,
         Keys(settings.redis_prefix),
         UsageRecord(pool),
         worker=name,
         lease=5.0,
-        wait=wait,
+        wait=10.0,
         ttl=60,
         lookup_wait=5.0,
         delivery_limit=5,
@@ -774,106 +770,3 @@ async def test_a_missed_claims_conflict_with_an_answered_request_tells_what_that
     # Expect it refused as a conflict, knowing what the answer its entry stood for cost
     assert isinstance(refused.value.found, IdempotencyConflict)
     assert refused.value.answered_usd == Decimal("0.000012")
-
-
-async def test_a_redelivery_takes_over_at_once_only_a_claim_whose_owner_has_called_nothing(
-    settings: Settings, redis_client: aioredis.Redis
-) -> None:
-    claim = redis_client.register_script(lua_source("workers", "claim"))
-    hold = redis_client.register_script(lua_source("workers", "hold"))
-    keys = Keys(settings.redis_prefix)
-    fingerprint = "f" * 64
-
-    def names(job_id: str) -> list[str]:
-        return [keys.claim("alpha", job_id), keys.result("alpha", job_id), keys.memory_epoch]
-
-    def take(job_id: str, owner: str, redelivered: str) -> Any:
-        failures = keys.failures("alpha", job_id)
-        args = [owner, 10_000, fingerprint, 60, 5, redelivered]
-        return claim(keys=[*names(job_id), keys.replication, failures], args=args)
-
-    # Given a job held by a delivery waiting for admission (no call recorded), and another
-    # held by one whose call is on record, both with long leases
-    assert (await take("waiting", "worker/a", ""))[0] == b"claimed"
-    assert (await take("calling", "worker/a", ""))[0] == b"claimed"
-    recorded = await hold(
-        keys=[keys.claim("alpha", "calling"), keys.lapsing], args=["worker/a", 10_000, "{}"]
-    )
-    assert recorded == 1
-
-    # When a duplicate that is no redelivery, then redeliveries, try to claim each
-    duplicate = await take("waiting", "worker/b", "")
-    seized = await take("waiting", "worker/c", "1")
-    in_flight = await take("calling", "worker/c", "1")
-
-    # Expect the duplicate to wait, the redelivery to take over the uncalled claim at once
-    # (from another owner), and the claim with a call in flight kept by its owner
-    assert duplicate[0] == b"busy"
-    assert seized[0] == b"claimed" and seized[3] == 1
-    assert in_flight[0] == b"busy" and in_flight[1] == b"worker/a"
-    # ... and the owner it was taken from can no longer record a call in it
-    late = await hold(
-        keys=[keys.claim("alpha", "waiting"), keys.lapsing], args=["worker/a", 10_000, "{}"]
-    )
-    assert late == 0
-    assert await redis_client.hget(keys.claim("alpha", "waiting"), "attempt") is None
-
-
-async def test_an_owner_whose_uncalled_claim_a_redelivery_took_neither_calls_nor_answers(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
-) -> None:
-    # Given a job claimed by a worker, waiting for admission (its lease 5 s), and taken over
-    # by a redelivery in another worker (its first worker cut off from the broker)
-    old = _claims(settings, redis_client, pool, "old", wait=0.3)
-    new = _claims(settings, redis_client, pool, "new")
-    await old.start()
-    job = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
-    held = await old.take(job, redelivered=False)
-    assert isinstance(held, Claim)
-    started = asyncio.get_running_loop().time()
-    taken = await new.take(job, redelivered=True)
-    assert isinstance(taken, Claim) and taken.taken_over
-    assert asyncio.get_running_loop().time() - started < 1.0  # not the 5 s lease
-
-    # When the old owner's job reaches its call, then ends uncalled (its wait run out)
-    call = LostCall(model="gpt-4o-mini", deployment="d", provider="p", cost_usd=Decimal(1))
-    recorded = await held.record(call)
-    with pytest.raises(Busy):
-        await held.finish(_expired(held.job))
-
-    # Expect its call refused (not to leave), its end not stored as the job's, and the claim
-    # still the redelivery's, which answers the job
-    assert recorded is False
-    keys = Keys(settings.redis_prefix)
-    assert await redis_client.get(keys.result("alpha", "j1")) is None
-    assert await redis_client.hget(keys.claim("alpha", "j1"), "owner") == taken._owner.encode()
-    assert await taken.record(call) is True
-
-
-async def test_the_redelivery_of_a_duplicate_sent_back_as_held_waits_for_the_owner(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
-) -> None:
-    # Given a job held by a delivery waiting long for admission, and a duplicate of it that
-    # went back to its queue past the claim wait (the job held)
-    owner = _claims(settings, redis_client, pool, "a")
-    duplicate = _claims(settings, redis_client, pool, "b")
-    await owner.start()
-    job = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
-    held = await owner.take(job, redelivered=False)
-    assert isinstance(held, Claim)
-    await duplicate.returned("alpha", "j1", held=True)
-
-    # When that duplicate comes back redelivered, then the owner's own job does (its worker
-    # cut off from the broker)
-    claim = redis_client.register_script(lua_source("workers", "claim"))
-    keys = Keys(settings.redis_prefix)
-    names = [keys.claim("alpha", "j1"), keys.result("alpha", "j1"), keys.memory_epoch]
-    names += [keys.replication, keys.failures("alpha", "j1")]
-    fingerprint = held.fingerprint
-    back = await claim(keys=names, args=["worker/b", 5_000, fingerprint, 60, 5, "1"])
-    own = await claim(keys=names, args=["worker/c", 5_000, fingerprint, 60, 5, "1"])
-
-    # Expect the duplicate to wait for the owner (the two would take the job from each other
-    # in turn), and the owner's own redelivery to take it over at once
-    assert back[0] == b"busy"
-    assert own[0] == b"claimed"

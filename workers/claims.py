@@ -14,10 +14,6 @@ Redis, in the same script call that looks for the job's stored outcome::
   one task of the worker (``run``) while the job is in flight, however slow its call. When
   the owner dies its lease lapses after ``claim_lease`` seconds and the next delivery takes
   over; a second delivery meanwhile waits for the outcome, polling the claim with backoff.
-  A redelivery (the delivery before it went unacknowledged) does not wait for the lease of
-  an owner that has recorded no call: it takes the claim over at once, and that owner,
-  should it live, finds it taken when it records its call or stores its end, and yields
-  (``Claim.yielded``): it neither calls nor answers the job.
   (Polling: a blocking wait would hold one of the worker's pooled Redis connections per
   waiting delivery, and a burst of duplicates could starve the jobs they wait for.)
 - The claim and the outcome carry the request's fingerprint
@@ -64,7 +60,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
-from typing import Any, NamedTuple, NoReturn, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -185,11 +181,6 @@ class Duplicate(Exception):
         return None
 
 
-class Taken(Exception):
-    """A redelivery took over the claim of a delivery that had called nothing (``Claims.take``
-    with ``redelivered``): that delivery neither calls nor answers the job (``Claim.yielded``)."""
-
-
 class Poison(Exception):
     """The job failed more deliveries than the delivery limit: it is dead-lettered, uncalled.
 
@@ -277,11 +268,7 @@ class Claims:
                 continue
             for (key, owner), still in zip(held, owned, strict=True):
                 if not still and self._held.get(key) == owner:
-                    log.warning(
-                        "claim %s was taken over: its lease lapsed while held, or a "
-                        "redelivery took it before its call",
-                        key,
-                    )
+                    log.warning("claim %s was taken over: its lease lapsed while held", key)
                     del self._held[key]
 
     def _owner(self) -> str:
@@ -303,10 +290,7 @@ class Claims:
         Poison past the delivery limit.
 
         ``redelivered``: the job may have been answered by a delivery Redis does not know of,
-        so it is looked up in usage_log once claimed, whatever the memory epoch says. And the
-        delivery before it went unacknowledged (its worker died, or lost its broker
-        connection), so a claim whose owner has called nothing yet is taken over at once
-        (``lua/claim.lua``): that owner, should it live, yields it (``Claim.yielded``).
+        so it is looked up in usage_log once claimed, whatever the memory epoch says.
 
         ``ahead``: the job's budget reserve and first take, run in the first try's round trip
         only if this delivery wins the claim there (``ahead.replies``), and then given back
@@ -323,62 +307,60 @@ class Claims:
         A miss (Redis not answering) is the job unclaimed, only once usage_log says it was
         not answered, for the memory epoch is unknown too."""
         claimed = ClaimedJob.of(job, reply_to)
-        taken = await self._take(
-            claimed,
-            request_digest(job),
-            redelivered=redelivered,
-            ahead=ahead,
-            first=first,
-            seize=redelivered,
-        )
+        taken = await self._take(job, claimed, redelivered=redelivered, ahead=ahead, first=first)
         if isinstance(taken, Claim) and taken.missed:
             await self._not_accounted(job)
         return taken
 
     async def _take(
         self,
-        job: ClaimedJob,
-        fingerprint: str,
+        job: ChatJob,
+        claimed: ClaimedJob,
         *,
         redelivered: bool,
-        ahead: Ahead | None = None,
-        first: LostCall | None = None,
-        seize: bool = False,
+        ahead: Ahead | None,
+        first: LostCall | None,
     ) -> Claim | Outcome:
-        """As ``take``, a miss not looked up; ``seize``: a claim whose owner called nothing
-        is taken over at once."""
+        """As ``take``, a miss not looked up."""
         key = self._keys.claim(job.team, job.job_id)
         result = self._keys.result(job.team, job.job_id)
         failures = self._keys.failures(job.team, job.job_id)
+        fingerprint = request_digest(job)
         owner = self._owner()
         args: list[str | int] = [owner, self._lease_ms, fingerprint, self._ttl, self._limit]
-        args.append("1" if seize else "")
         give_up = time.monotonic() + self._wait
         pause = FIRST_POLL
         claim_keys, riding = [key, result, *self._epoch_keys, failures], ahead
-        recording = None if first is None else self.hold_call(key, owner, job, first)
+        recording = None if first is None else self.hold_call(key, owner, claimed, first)
         while True:
             try:
                 reply, recorded = await self._try(claim_keys, args, riding, recording)
-                # A second try (the first found it busy) is a claim alone, and waits out the
-                # lease of an owner it did not take over at once.
+                # A second try (the first found it busy) is a claim alone.
                 riding = recording = None
-                args[-1] = ""
             except RedisError as exc:
                 self._outage.failed(exc)
-                return Claim(self, job, fingerprint, key, missed=True)
+                return Claim(self, claimed, fingerprint, key, missed=True)
             self._outage.recovered()
             status = reply[0].decode()
             if status == "conflict":
                 raise _conflict(job.job_id, reply)
             if status == "poison":
-                raise self._poison(job, fingerprint, key, owner, reply)
+                lost = _lost(reply[2])
+                held = None
+                if lost:
+                    held = Claim(self, claimed, fingerprint, key, owner=owner, lost=lost)
+                    self._held[key] = owner
+                raise Poison(
+                    f"job {job.job_id} failed {int(reply[1])} deliveries (died in a provider "
+                    f"call, or returned on a failure), past the delivery limit of {self._limit}",
+                    held,
+                )
             if status == "stored":
                 stored = stored_outcome(reply[1])
                 if stored is not None:
                     return stored
                 log.warning("stored outcome of job %s is unreadable; serving it", job.job_id)
-                return Claim(self, job, fingerprint, key)
+                return Claim(self, claimed, fingerprint, key)
             if status == "claimed":
                 break
             left = give_up - time.monotonic()
@@ -389,7 +371,7 @@ class Claims:
         lost = _lost(reply[1])
         claim = Claim(
             self,
-            job,
+            claimed,
             fingerprint,
             key,
             owner=owner,
@@ -409,22 +391,6 @@ class Claims:
             await claim.abandon()
             raise
         return claim
-
-    def _poison(
-        self, job: ClaimedJob, fingerprint: str, key: str, owner: str, reply: Sequence[Any]
-    ) -> Poison:
-        """The refusal of a job past the delivery limit (``lua/claim.lua``'s ``poison``),
-        holding it when its dead owners made calls, to bill them."""
-        lost = _lost(reply[2])
-        held = None
-        if lost:
-            held = Claim(self, job, fingerprint, key, owner=owner, lost=lost)
-            self._held[key] = owner
-        return Poison(
-            f"job {job.job_id} failed {int(reply[1])} deliveries (died in a provider "
-            f"call, or returned on a failure), past the delivery limit of {self._limit}",
-            held,
-        )
 
     async def _try(
         self, keys: list[str], args: list[str | int], ahead: Ahead | None, recording: Call | None
@@ -519,27 +485,18 @@ class Claims:
         except RedisError as exc:
             self._outage.failed(exc)
 
-    async def returned(self, team: str, job_id: str, *, held: bool = False) -> None:
-        """Count a delivery of the job that a worker returns to its queue on a failure.
-
-        ``held``: it goes back because another delivery holds the job (``Busy``): its
-        redelivery then does not take over a claim at once (``lua/claim.lua``), or two
-        deliveries of a job long in line would take it from each other in turn, each back at
-        the end of the line."""
+    async def returned(self, team: str, job_id: str) -> None:
+        """Count a delivery of the job that a worker returns to its queue on a failure."""
         key = self._keys.failures(team, job_id)
         try:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.incr(key)
                 pipe.expire(key, self._ttl)
-                if held:
-                    claim = self._keys.claim(team, job_id)
-                    pipe.hincrby(claim, "requeued", 1)
-                    pipe.expire(claim, self._ttl)
                 await pipe.execute()
         except RedisError as exc:
             self._outage.failed(exc)  # then only the broker's far limit counts it
 
-    async def _not_accounted(self, job: ChatJob | ClaimedJob) -> None:
+    async def _not_accounted(self, job: ChatJob) -> None:
         """Raise AlreadyAnswered (with the cost its row holds) when PostgreSQL records the
         job's usage; wait while it cannot tell, up to the job's time limit (then
         ServiceUnavailable)."""
@@ -609,9 +566,8 @@ class Claims:
             return True
         return self._verdict(raw) is not False
 
-    def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Awaitable[bool]:
-        """Renew a claim now, with the call about to leave; False when another delivery took
-        it over (then nothing is recorded, and the call must not leave)."""
+    def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Awaitable[None]:
+        """Renew a claim now, with the call about to leave."""
         # Not a coroutine of its own: a call waiting for a Redis connection holds each frame
         # of its chain, and thousands wait when Redis is the slowest stage.
         return self._hold_for(key, owner, self._lease_ms, self._recorded(job, call))
@@ -644,15 +600,11 @@ class Claims:
 
     async def _hold_for(
         self, key: str, owner: str, lease_ms: int, recorded: list[str | int]
-    ) -> bool:
-        """Whether ``owner`` still held the claim: True too when Redis did not answer (the
-        call goes unrecorded, as one made while Redis is away)."""
+    ) -> None:
         try:
-            args = [owner, lease_ms, *recorded]
-            return bool(await self._hold(keys=[key, self._keys.lapsing], args=args))
+            await self._hold(keys=[key, self._keys.lapsing], args=[owner, lease_ms, *recorded])
         except RedisError as exc:
             self._outage.failed(exc)
-            return True
 
     async def settle(self, settlement: Settlement) -> None:
         """Run a job's admission settles on their own (its claim let go, not finished)."""
@@ -670,12 +622,9 @@ class Claims:
         *,
         accounted: bool,
         dumped: tuple[bytes, bytes] | None = None,
-        holder: str | None = None,
     ) -> Outcome | None:
         """Store a job's outcome and end its claim, with the job's admission ``settlement``
-        in the same round trip; the outcome stored before, if any. ``holder``: the owner of a
-        delivery that let no call go, which stores it only while it still holds the claim
-        (raises Taken, nothing done, once a redelivery took it over). Unless its usage event
+        in the same round trip; the outcome stored before, if any. Unless its usage event
         is ``accounted`` (confirmed) already, a claim on the lapsing claims stays there until
         it is (``accounted``), and the outcome of a job with a deadline is stored with its
         reply queue (``Stored``), where a sweep answers it should its worker die first.
@@ -699,20 +648,18 @@ class Claims:
         stored = f'{fingerprint}{{"result":{answer.decode()},"usage":{usage.decode()}{reply}}}'
         cost = to_nano(outcome.usage.cost_usd)
         lease = "" if accounted else self._lease_ms
-        args: list[str | int] = [stored, self._ttl, lease, cost, SPEND_TTL, holder or ""]
+        args: list[str | int] = [stored, self._ttl, lease, cost, SPEND_TTL]
         try:
             if settlement is None:
                 earlier = await self._finish(keys=keys, args=args)
             else:
-                # The store first: its reply stops the round trip only when it is not made.
+                # The store first: its reply never stops the round trip (lua/batch.lua).
                 finish = Call("finish", keys, args)
                 earlier, *settled = await self._scripts.run_all([finish, *settlement.calls])
                 settlement.done(settled)
         except RedisError as exc:
             self._outage.failed(exc)
             return None
-        if isinstance(earlier, list):
-            raise Taken(f"job {job.job_id}'s claim was taken over by a redelivery")
         return None if earlier is None else stored_outcome(earlier)
 
 
@@ -759,9 +706,6 @@ class Claim:
         (``Claims.take``'s ``first``): the call to it needs no record of its own."""
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
-        self.called = False
-        """Whether a call of this delivery's is on record in the claim (then no redelivery
-        takes it over before its lease lapses: the call may be in flight)."""
 
     async def take_up(self, job: ChatJob) -> bool:
         """Claim a job that ``missed`` its claim before its end is stored: the duplicates of
@@ -789,43 +733,20 @@ class Claim:
     async def _take_up(self, job: ChatJob, *, goes_on_missed: bool) -> bool:
         if not self.missed:
             return True
-        taken = await self._take_again()
-        if goes_on_missed and taken.missed:
-            await self._claims._not_accounted(job)
-        self.missed = taken.missed
-        return not self.missed
-
-    async def yielded(self) -> NoReturn:
-        """Wait as a duplicate does once a redelivery took over this delivery's claim before
-        it called (``Claims.hold`` or ``Claims.store`` said so): raises Duplicate when that
-        one answered the job, Busy when it holds it past the wait, or Poison as a take does.
-        Never takes a claim over at once itself: two redeliveries would take it from each
-        other in turn. Should the claim come back to it (the other let it go uncalled, or
-        died), it lets it go at once and raises Busy too: that other delivery's job comes
-        back, and the delivery taking it then calls or bills what it must, where this one
-        would store an end that knows nothing of the other's calls."""
-        if self._owner is not None:
-            self._claims.forget(self._key, self._owner)
-            self._owner = None
-        owner = (await self._take_again())._owner
-        self._owner = None
-        if owner is not None:
-            await self._claims.let_go(self._key, owner)
-        raise Busy(f"job {self.job.job_id}'s claim was taken over by a redelivery")
-
-    async def _take_again(self) -> Claim:
-        """Claim the job again, as ``take_up`` and ``yielded`` do (looked up in usage_log
-        once claimed), taking what the claim says; raises Duplicate when it was answered (or
-        is to be refused)."""
         try:
-            taken = await self._claims._take(self.job, self.fingerprint, redelivered=True)
+            taken = await self._claims._take(
+                job, self.job, redelivered=True, ahead=None, first=None
+            )
+            if goes_on_missed and isinstance(taken, Claim) and taken.missed:
+                await self._claims._not_accounted(job)
         except (IdempotencyConflict, AlreadyAnswered) as exc:
             raise Duplicate(exc) from exc
         if not isinstance(taken, Claim):
             raise Duplicate(taken)
+        self.missed = taken.missed
         self._owner, self.lost, self.lost_usd = taken._owner, taken.lost, taken.lost_usd
         self.taken_over = taken.taken_over
-        return taken
+        return not self.missed
 
     @property
     def owed_usd(self) -> Decimal | None:
@@ -873,12 +794,10 @@ class Claim:
         """``ticket`` that also records each call of ``job`` in the claim before it leaves."""
         return _Recording(self, job, ticket, catalog)
 
-    async def record(self, call: LostCall) -> bool:
-        """Note the call about to leave: lost, should this owner die before its outcome.
-        False when the claim was taken over (``yielded``): the call must not leave."""
-        if self._owner is None:
-            return True
-        return await self._claims.hold(self._key, self._owner, self.job, call)
+    async def record(self, call: LostCall) -> None:
+        """Note the call about to leave: lost, should this owner die before its outcome."""
+        if self._owner is not None:
+            await self._claims.hold(self._key, self._owner, self.job, call)
 
     def recording(self, call: LostCall) -> Call | None:
         """``record`` as a script call, to ride with the take that lets the call go; None
@@ -936,31 +855,13 @@ class Claim:
         that took over finished before this one. ``accounted``: its usage event is
         confirmed already (else the worker says when it is: ``Claims.accounted``);
         ``dumped``: the outcome ``as_json`` already."""
-        # Uncalled, it stores its end only while it holds the claim (a redelivery may have
-        # taken it over, and be calling).
-        holder = None if self.called else self._owner
         if self._owner is not None:
             self._claims.forget(self._key, self._owner)
             self._owner = None
         settlement = self._settles()
-        try:
-            earlier = await self._claims.store(
-                self.job,
-                self.fingerprint,
-                outcome,
-                settlement,
-                accounted=accounted,
-                dumped=dumped,
-                holder=holder,
-            )
-        except Taken:
-            # Its settles did not run: the job's budget entry is the other delivery's.
-            try:
-                await self.yielded()
-            except Duplicate as duplicate:
-                if not isinstance(duplicate.found, Outcome):
-                    raise
-                return duplicate.found
+        earlier = await self._claims.store(
+            self.job, self.fingerprint, outcome, settlement, accounted=accounted, dumped=dumped
+        )
         return outcome if earlier is None else earlier
 
     async def abandon(self) -> None:
@@ -993,26 +894,20 @@ class _Recording:
         )
         # Held while the call is recorded (most jobs wait there for a Redis connection).
         call = shared_fields(planned_call(alias, deployment, self._ticket.estimate))
+        self._claim.sent[deployment.name] = call.cost_usd
         # Recorded with the claim already (the first call only), or in the round trip of the
         # deployment's take when that lets it go at once.
         recorded, self._claim.recorded = self._claim.recorded == deployment.name, None
         then = None if recorded else self._claim.recording(call)
-        held = await self._ticket.enter(deployment, then=then)
+        ran = await self._ticket.enter(deployment, then=then) or recorded
         if self._claim.missed:
             # Claimed before the call leaves: with fail_closed it waits for Redis as admission
             # does, whether or not its admission had anything to take there.
             await self._ticket.claimed(lambda: self._claim.take_up_before_call(job))
             if self._claim.lost_usd:
                 self._ticket.lost(self._claim.lost_usd)  # found only now: none charged yet
-        if held is None and not recorded:
-            held = await self._claim.record(call)
-        if held == 0:
-            # A redelivery took the claim over while this job waited (its broker connection
-            # lost): that one calls, this one gives back its turn and waits for its answer.
-            await self._ticket.leave(deployment)
-            await self._claim.yielded()
-        self._claim.sent[deployment.name] = call.cost_usd
-        self._claim.called = True
+        if not ran:
+            await self._claim.record(call)
 
     async def rate_limited(self, deployment: Deployment) -> None:
         await self._ticket.rate_limited(deployment)

@@ -19,8 +19,6 @@ and the redelivery is answered from the store instead of calling the provider ag
 that point the claim (workers.claims) keeps any other delivery of the job from calling. A
 delivery whose channel closes (the broker connection lost) runs on to its outcome if it holds
 the claim, and stops before claiming if not: either way its redelivery makes no second call.
-One that holds the claim but has not called yet (waiting for admission) has it taken over by
-its redelivery at once, and yields it before its call (``Claim.yielded``).
 """
 
 from __future__ import annotations
@@ -198,8 +196,7 @@ class JobProcessor:
         if tracing.ON:
             tracing.failed(tracing.current(), why)
         if delivery.message_id:  # the job's id (checked against the body before any claim)
-            held = isinstance(why, Busy)
-            await self._claims.returned(team, delivery.message_id, held=held)
+            await self._claims.returned(team, delivery.message_id)
         await settle(delivery.nack(requeue=True), f"return job {delivery.message_id}", log)
 
     async def _dead_letter_poison(
@@ -673,12 +670,9 @@ class JobProcessor:
                 # Uncalled: another delivery answered the job, whose entry this one's
                 # reservation replaced.
                 exc.charged = ticket.answered(exc.answered_usd)
-            elif isinstance(exc, Busy | Poison):
+            elif isinstance(exc, Busy):
                 ticket.leave_budget()  # uncalled: another delivery holds the job
-            # Uncalled for another delivery's sake, it gives back its requests too (that one
-            # took its own).
-            yielded = isinstance(exc, Duplicate | Busy | Poison) and not claim.called
-            await ticket.settle(spent, give_back=yielded)
+            await ticket.settle(spent)
             raise
         routed = claim.served(routed)
         # Settled in the round trip that stores the outcome (or when the claim is let go).

@@ -39,9 +39,8 @@ class Take(NamedTuple):
 
     taken: bool
     wait_ms: int
-    then: int | None = None
-    """The reply of the call given to run once the take is made (``Buckets.take``); None
-    when it did not run."""
+    then_ran: bool = False
+    """Whether the call given to run once the take is made (``Buckets.take``) ran."""
     again_ms: int = 0
     """Taken in a line (``take_call``): when the buckets will have as much again."""
 
@@ -67,7 +66,7 @@ class Buckets:
         its place: it is taken now, into debt, and ``wait_ms`` says when it may go. Raises
         InvalidRequest when the job is larger than a bucket could ever hold. ``name``: the
         take's, the same on every try (``Scripts.run_all``). ``then``: a call to run in the
-        same round trip once the take is made, its reply in ``Take.then``.
+        same round trip once the take is made, its reply ignored (``Take.then_ran``).
         ``team``, ``patience_ms``: see ``take_call``.
         """
         if not limits:
@@ -75,9 +74,7 @@ class Buckets:
         first = take_call(limits, tokens, within_ms, team=team, patience_ms=patience_ms)
         calls = [first] + ([then] if then is not None else [])
         replies = await self._scripts.run_all(calls, name=name)
-        return taken(limits, tokens, replies[0])._replace(
-            then=replies[1] if len(replies) > 1 else None
-        )
+        return taken(limits, tokens, replies[0])._replace(then_ran=len(replies) > 1)
 
     async def refresh_fills(self, limits: Sequence[Limit]) -> None:
         """Set ``queuegate_bucket_fill_ratio`` of each team bucket of ``limits`` as of now

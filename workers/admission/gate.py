@@ -832,27 +832,16 @@ class Ticket:
         self._answered = to_nano(usd)
         return True
 
-    async def enter(self, deployment: Deployment, then: Call | None = None) -> int | None:
-        """Wait for the deployment's own buckets (the provider account's RPM/TPM); the reply
-        of ``then`` (a record of the call in its claim: 0 when the claim is no longer this
-        delivery's), run in the round trip of the take that let the call go; None when it did
-        not run (the deployment has no buckets, or the call waited for them)."""
+    async def enter(self, deployment: Deployment, then: Call | None = None) -> bool:
+        """Wait for the deployment's own buckets (the provider account's RPM/TPM); whether
+        ``then`` ran, in the round trip of the take that let the call go (it does not when
+        the deployment has no buckets, or the call waited for them)."""
         limit = self._admission.deployment_limit(deployment)
         if limit is None:
-            return None
+            return False
         ran, _ = await self.take([limit], then=then)
         self._deployments.append((deployment.name, limit))
         return ran
-
-    async def leave(self, deployment: Deployment) -> None:
-        """Give back the take that ``enter`` made of ``deployment``'s buckets, for a call
-        that will not leave (its claim taken by another delivery): the teams behind it in
-        line have it."""
-        limit = self._admission.deployment_limit(deployment)
-        if limit is None or (deployment.name, limit) not in self._deployments:
-            return
-        self._deployments.remove((deployment.name, limit))
-        await self._admission.give_back([limit], self.estimate.tokens)
 
     async def rate_limited(self, deployment: Deployment) -> None:
         """The deployment answered 429: its provider admits fewer calls at once than the
@@ -869,30 +858,29 @@ class Ticket:
         tried: bool = False,
         then: Call | None = None,
         follow: Callable[[], list[Limit]] | None = None,
-    ) -> tuple[int | None, list[Limit]]:
+    ) -> tuple[bool, list[Limit]]:
         """Wait for ``limits``' buckets to admit the job; ``tried``: they refused it just now,
-        so it goes straight to the line. The reply of ``then``, run with a take that admitted
-        it at once (None when it did not run: never when it waited), and the buckets it took
-        from.
+        so it goes straight to the line. Whether ``then`` ran with a take that admitted it at
+        once (never when it waited), and the buckets it took from.
 
         ``follow``: the team's buckets as its limits are now (``teams set`` may change them
         while the job waits): a job that waits takes under them when its turn comes, and
         again when they change while it waits for its reservation's turn, giving that back.
         Raising, it holds nothing of them."""
         if not limits:
-            return None, limits
+            return False, limits
         waited = self._waited = self._waited or 0.0
         line = self._admission.line(limits, self._team)
         if not tried and not line.locked():
             take = await self._take(limits, within_ms=0, then=then)
             if take.taken:
-                return take.then, limits
+                return take.then_ran, limits
         started = time.monotonic()
         try:
             took = await self._wait_in_line(limits, line, follow)
         finally:
             self._waited = waited + time.monotonic() - started
-        return None, took
+        return False, took
 
     async def _wait_in_line(
         self, limits: list[Limit], line: Line, follow: Callable[[], list[Limit]] | None
@@ -995,14 +983,13 @@ class Ticket:
             limits, self.estimate.tokens, within_ms, self.until, then=then, team=self._team
         )
 
-    async def settle(self, routed: Routed | Billed | None, *, give_back: bool = False) -> None:
+    async def settle(self, routed: Routed | Billed | None) -> None:
         """Replace every estimate with the real usage (``None``: nothing served, refund all;
         ``Billed``: a stream that broke, charged for what the provider generated).
 
-        Requests stay taken: a failed call still counted at the provider. ``give_back``: as
-        ``settlement``'s, for a job that made no call.
+        Requests stay taken: a failed call still counted at the provider.
         """
-        await self._admission.settle(self.settlement(routed, give_back=give_back))
+        await self._admission.settle(self.settlement(routed))
 
     def settlement(
         self, routed: Routed | Billed | None, *, give_back: bool = False

@@ -1,7 +1,6 @@
 -- Claim a job before any provider call, or learn why not, in one round trip.
 --
--- KEYS[1]  the job's claim (hash: fp, owner, lease, attempt, lost; requeued: deliveries that
---          went back to their queue because another delivery held the job, Claims.returned)
+-- KEYS[1]  the job's claim (hash: fp, owner, lease, attempt, lost)
 -- KEYS[2]  the job's stored outcome: its request fingerprint (64 hex) then the outcome JSON
 --          (a value starting with "{" is an outcome stored without a fingerprint)
 -- KEYS[3]  the memory epoch: when Redis may have started forgetting outcomes (ms, 0 = never)
@@ -13,17 +12,12 @@
 -- ARGV[3]  the request's fingerprint
 -- ARGV[4]  ttl of the claim, seconds (as long as a stored outcome lives)
 -- ARGV[5]  the delivery limit: failures a job may have before it is dead-lettered
--- ARGV[6]  '1' (optional): this delivery may take over a claim held by a live lease whose
---          owner has recorded no call and carries none of lapsed owners (a redelivery: the
---          delivery before it went unacknowledged, its worker dead or cut off from the broker
---          while the job waited for admission)
 --
 -- Returns one of:
 --   {'conflict', outcome}               the id is used by a different request; outcome: as
 --                                       stored, when that request was answered, else absent
 --   {'stored', outcome}                 the job was answered: outcome as stored
---   {'busy', owner, ms}                 another delivery holds it for ms more (with a call
---                                       recorded, when ARGV[6] is '1')
+--   {'busy', owner, ms}                 another delivery holds it for ms more
 --   {'claimed', lost, epoch, over}      held now; lost: calls a lapsed owner had in flight
 --                                       (one JSON object a line), epoch: KEYS[3] or '', over:
 --                                       1 when taken over from another owner (whose budget
@@ -69,7 +63,7 @@ if stored then
   return {'stored', stored}
 end
 
-local claim = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'lease', 'attempt', 'lost', 'requeued')
+local claim = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'lease', 'attempt', 'lost')
 local fp, owner, lease, attempt, lost = claim[1], claim[2], claim[3], claim[4], claim[5]
 if fp and fp ~= ARGV[3] then
   return {'conflict'}
@@ -83,27 +77,12 @@ if owner == ARGV[1] then
   redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])))
   return {'claimed', lost or '', redis.call('GET', KEYS[3]) or '', 0}
 end
--- An owner with no call recorded has sent none: a redelivery need not wait out its lease
--- to tell a dead worker from a slow one, for the owner, should it live, records its call only
--- while it still holds the claim (hold.lua), and stores an end without a call only while it
--- still holds it (finish.lua), so it neither calls nor stores an end once it is taken. Not
--- one billing lapsed owners' calls (a sweep's, a poison job's): it ends the job uncalled.
--- Nor by the redelivery of a duplicate that went back to its queue, the job held (each such
--- return lets one redelivery wait instead): two deliveries of a job waiting long in line would
--- take it from each other in turn.
-local held = owner and tonumber(lease) > now
-local seize = held and ARGV[6] == '1' and not attempt and (lost or '') == ''
-if seize and tonumber(claim[6] or '0') > 0 then
-  redis.call('HINCRBY', KEYS[1], 'requeued', -1)
-  seize = false
-end
-if held and not seize then
+if owner and tonumber(lease) > now then
   return {'busy', owner, tonumber(lease) - now}
 end
 
--- Free, its owner's lease lapsed (the owner died), or seized from an owner that has called
--- nothing (above): take it over, keeping the call a lapsed owner had in flight, which the
--- provider may bill though no outcome records it.
+-- Free, or its owner's lease lapsed (the owner died): take it over, keeping the call the
+-- owner had in flight, which the provider may bill though no outcome records it.
 -- An owner that died with a call recorded died in (or right after) that call: a failure.
 lost = lost or ''
 if attempt then

@@ -18,24 +18,13 @@
 --          usage_log keeps one row a job, the calls lapsed owners made included, and not lost
 --          with a worker killed before it wrote its live stats
 -- ARGV[5]  KEYS[4]'s ttl, seconds
--- ARGV[6]  the owner storing it, when its delivery let no call go (or absent, ''): stored only
---          while no other delivery holds the claim, which a redelivery may have taken over
---          (claim.lua) and be calling for
 --
 -- Returns false when ARGV[1] is stored, or the outcome already stored (a delivery that took
 -- over a lapsed claim finished first): the job is announced with that one. Finding ARGV[1]
 -- itself is this call sent again by the Redis client (its connection broke after Redis ran
--- it): stored by this call, so false again. {-1} when another delivery holds the claim
--- (ARGV[6]): nothing is done, and the round trip stops (batch.lua), so the job's settles
--- are left to that delivery.
+-- it): stored by this call, so false again.
 
 local stored = redis.call('GET', KEYS[2])
-if not stored and ARGV[6] and ARGV[6] ~= '' then
-  local holder = redis.call('HGET', KEYS[1], 'owner')
-  if holder and holder ~= ARGV[6] then
-    return {-1}
-  end
-end
 redis.call('DEL', KEYS[1])
 if ARGV[3] and ARGV[3] ~= '' then
   local due = redis.call('ZSCORE', KEYS[3], KEYS[1])

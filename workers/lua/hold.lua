@@ -1,6 +1,5 @@
 -- Extend a claim's lease, record the call about to leave, or let the claim go: only while
--- ARGV[1] still owns it. A redelivery takes over at once a claim with no call recorded
--- (claim.lua): its owner, told so here, must not let its call leave.
+-- ARGV[1] still owns it.
 --
 -- KEYS[1]  the job's claim (hash; see claim.lua)
 -- KEYS[2]  the namespace's lapsing claims (sorted set: claim key by when its job's deadline

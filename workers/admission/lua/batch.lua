@@ -51,8 +51,7 @@ while a <= #ARGV do
     if reply[1] ~= 'claimed' then
       break
     end
-  -- hold's reply is a number, finish's false or a string (or {-1}, refused): only tables
-  -- say refused.
+  -- hold's reply is a number, finish's false or a string: only tables say refused.
   elseif type(reply) == 'table' and (reply[1] < 0 or (ARGV[a] == 'take' and reply[1] == 0)) then
     break
   end
