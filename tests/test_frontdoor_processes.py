@@ -1,5 +1,6 @@
 """``queuegate api --processes N``: processes sharing one port share their metrics, so a scrape
-that reaches any of them counts every process's requests."""
+that reaches any of them counts every process's requests; a stop takes the grace and a
+bounded close, whatever the requests in progress wait for."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import re
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from accounting import migrate
-from frontdoor.serve import bind
+from frontdoor.serve import CLOSING, bind
+from mockprovider import Behavior, MockConfig
 from queuegate.db import create_pool
 from queuegate.metrics import MULTIPROCESS_DIR
 from queuegate.settings import Settings
-from tests.support import LogLines
+from tests.frontdoor_support import HELLO, keyed_gateway
+from tests.support import LogLines, wait_until
 
 REQUESTS = 40
 STARTED = re.compile(r"process (\d) started \(pid (\d+)\)")
@@ -40,6 +45,25 @@ def count(metrics: str, route: str) -> float:
     return float(found[1]) if found else 0.0
 
 
+async def two_processes(
+    settings: Settings, port: int, **env: str
+) -> tuple[asyncio.subprocess.Process, LogLines]:
+    """``queuegate api --processes 2`` on ``port``, of the test's namespace and schema (and
+    ``env``), and its log lines."""
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        **env,
+    }
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "api", "--port", str(port), "--processes", "2",
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert supervisor.stderr is not None
+    return supervisor, LogLines(supervisor.stderr)
+
+
 async def fetch(url: str, path: str) -> str:
     """One request over a connection of its own, so the kernel picks any process for it."""
     async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0) as client:
@@ -52,18 +76,7 @@ async def test_metrics_count_the_requests_of_every_process(settings: Settings) -
     async with await create_pool(settings) as pool:
         await migrate(pool, settings.database_schema)
     port = free_port()
-    env = {
-        **os.environ,
-        "QUEUEGATE_NAMESPACE": settings.namespace,
-        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "QUEUEGATE_SHUTDOWN_GRACE": "5",
-    }
-    supervisor = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", "api", "--port", str(port), "--processes", "2",
-        env=env, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert supervisor.stderr is not None
-    log = LogLines(supervisor.stderr)
+    supervisor, log = await two_processes(settings, port, QUEUEGATE_SHUTDOWN_GRACE="5")
     url = f"http://127.0.0.1:{port}"
     try:
         started = await log.matches(STARTED, 2)
@@ -128,3 +141,54 @@ def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     pairs = (entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
     return {key.decode(): value.decode() for key, value in pairs}
+
+
+GRACE = 0.5
+"""A grace of a fraction of a second, as an operator may set it."""
+SLOW = "local-llama"
+SLOW_MS = 12_000
+SLOW_MOCK = MockConfig(models={"llama-3.1-8b": Behavior(latency_ms=SLOW_MS)})
+STOPPED = re.compile(r"all 2 processes stopped")
+
+
+async def test_a_stop_with_a_request_held_takes_the_grace_and_a_bounded_close(
+    settings: Settings,
+) -> None:
+    # Given the front door served by two processes giving requests in progress GRACE s at
+    # a stop, and a chat held at a model answering in SLOW_MS
+    async with keyed_gateway(settings, mock_config=SLOW_MOCK) as (gateway, keys, _):
+        port = free_port()
+        supervisor, log = await two_processes(
+            settings,
+            port,
+            QUEUEGATE_SHUTDOWN_GRACE=str(GRACE),
+            QUEUEGATE_MOCK_URL=gateway.mock.url,
+        )
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=keys["alpha"], max_retries=0
+        )
+        try:
+            await log.matches(SERVING, 2)
+            held = asyncio.create_task(client.chat.completions.create(model=SLOW, messages=HELLO))
+            await wait_until(lambda: gateway.worker.in_flight == 1)
+
+            # When the front door is stopped
+            started = time.monotonic()
+            supervisor.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(supervisor.wait(), timeout=30)
+            took = time.monotonic() - started
+        finally:
+            if supervisor.returncode is None:
+                supervisor.kill()
+                await supervisor.wait()
+            output = await log.closed()
+            await client.close()
+        # (the chat cut at the end of the grace)
+        with pytest.raises(openai.APIError):
+            await held
+
+    # Expect it stopped cleanly within its grace and the bounded close the README states,
+    # not the call's time
+    assert supervisor.returncode == 0, output[-3000:]
+    assert STOPPED.search(output), output[-3000:]
+    assert GRACE <= took < GRACE + CLOSING, took
