@@ -140,9 +140,13 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # A stop that came without a signal (``serving``) counts from here.
-        began = self._signalled if self._signalled is not None else time.monotonic()
-        left = self._grace - (time.monotonic() - began)
+        if self._signalled is None:
+            # A stop without a signal (``serving``: a test's or the demo's loop, which goes on
+            # after it) closes whole, however long that takes: nothing would release what a
+            # cut left open.
+            await super().shutdown(sockets)
+            return
+        left = self._grace - (time.monotonic() - self._signalled)
         self.config.timeout_graceful_shutdown = max(left - SETTLE, 0.0)  # type: ignore[assignment]
         try:
             async with asyncio.timeout(max(left, 0.0) + CLOSING):
