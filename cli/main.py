@@ -127,7 +127,9 @@ def _one_line(exc: Exception) -> str | None:
         return settings_problem(exc)
     if isinstance(exc, pydantic.ValidationError):
         problem = exc.errors()[0]
-        field = ".".join(str(part) for part in problem["loc"]) or "input"
+        # A job's parameters are options of their own here (--max-tokens), not a "params".
+        loc = problem["loc"][1:] if problem["loc"][:1] == ("params",) else problem["loc"]
+        field = ".".join(str(part) for part in loc) or "input"
         return f"invalid {field}: {problem['msg']}: correct it and run the command again"
     if isinstance(exc, aiormq.exceptions.AMQPError | aio_pika.exceptions.AMQPException):
         return (
