@@ -111,8 +111,13 @@ def first_per_job(events: Iterable[UsageEvent]) -> list[UsageEvent]:
     return list(unique.values())
 
 
-async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[UsageEvent]) -> int:
+async def insert_usage(
+    db: asyncpg.Pool | asyncpg.Connection, events: Iterable[UsageEvent], *, staged: bool = False
+) -> int:
     """Store the events whose ``job_id`` is new; return how many rows were inserted.
+
+    ``staged``: ``db``'s connections have the staging table already (``stage``, as a pool's
+    ``prepare``), so no batch asks for it again: a round trip a batch.
 
     Raises ``asyncpg.DataError`` or ``asyncpg.IntegrityConstraintViolationError`` when a
     value cannot be stored (the whole statement fails), other asyncpg errors or ``OSError``
@@ -142,7 +147,8 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
         # The copy and the insert commit together; in a transaction of the caller's, with it.
         if not conn.is_in_transaction():
             await stack.enter_async_context(conn.transaction())
-        await conn.execute(_STAGE, timeout=STATEMENT_TIMEOUT)
+        if not staged:
+            await stage(conn)
         try:
             await conn.copy_records_to_table(
                 "usage_in", records=rows, columns=_COLUMN_NAMES, timeout=STATEMENT_TIMEOUT
@@ -155,6 +161,11 @@ async def insert_usage(db: asyncpg.Pool | asyncpg.Connection, events: Iterable[U
     return inserted
 
 
+async def stage(conn: asyncpg.Connection) -> None:
+    """Create ``conn``'s staging table, if it has none: it lasts as long as the connection."""
+    await conn.execute(_STAGE, timeout=STATEMENT_TIMEOUT)
+
+
 async def prepare_insert(conn: asyncpg.Connection) -> None:
     """Have ``conn`` create its staging table and prepare the batch insert as its first batch
     would, writing nothing.
@@ -163,7 +174,7 @@ async def prepare_insert(conn: asyncpg.Connection) -> None:
     statement, loading the tables' catalogs into its backend, and asyncpg describing it.
     """
     async with conn.transaction():
-        await conn.execute(_STAGE, timeout=STATEMENT_TIMEOUT)
+        await stage(conn)
         empty: list[list[object]] = [[] for _ in _CONTENT]
         await conn.fetchval(_INSERT, *empty, timeout=STATEMENT_TIMEOUT)
 

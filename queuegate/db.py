@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -69,8 +71,17 @@ async def reconnect(pool: asyncpg.Pool) -> None:
     await pool.expire_connections()
 
 
+Prepare = Callable[[asyncpg.Connection], Awaitable[None]]
+"""Session state a pool's caller wants on each of its connections, set up once it opens."""
+
+
 async def create_pool(
-    settings: Settings, *, min_size: int = 1, max_size: int = 4, reset_sessions: bool = True
+    settings: Settings,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    reset_sessions: bool = True,
+    prepare: Prepare | None = None,
 ) -> asyncpg.Pool:
     """A pool whose connections resolve unqualified names in ``settings.database_schema``.
 
@@ -78,6 +89,8 @@ async def create_pool(
     ``reset_sessions=False`` skips asyncpg's session reset (``RESET ALL``, ``UNLISTEN *``...:
     a round trip) when a connection goes back to the pool, for callers that leave no session
     state behind (every lock here is a transaction's); an open transaction is still rolled back.
+    ``prepare`` runs on each connection once it opens (a temporary table its statements use),
+    not at each use.
     """
     schema = settings.database_schema
     try:
@@ -87,7 +100,7 @@ async def create_pool(
             max_size=max_size,
             timeout=CONNECT_TIMEOUT,
             server_settings={"search_path": schema},
-            init=_init_connection,
+            init=_init_connection if prepare is None else functools.partial(_init_then, prepare),
             reset=None if reset_sessions else _keep_session,
         )
     except _CONNECT_ERRORS as exc:
@@ -111,7 +124,12 @@ async def _keep_session(_: asyncpg.Connection) -> None:
 
 
 async def wait_for_pool(
-    settings: Settings, *, min_size: int = 1, max_size: int = 4, reset_sessions: bool = True
+    settings: Settings,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    reset_sessions: bool = True,
+    prepare: Prepare | None = None,
 ) -> asyncpg.Pool:
     """``create_pool``, waiting while PostgreSQL is unreachable (0.5 s doubling to
     ``START_RETRY_MAX``): a long-running process started during an outage, or restarted by
@@ -120,7 +138,11 @@ async def wait_for_pool(
     while True:
         try:
             pool = await create_pool(
-                settings, min_size=min_size, max_size=max_size, reset_sessions=reset_sessions
+                settings,
+                min_size=min_size,
+                max_size=max_size,
+                reset_sessions=reset_sessions,
+                prepare=prepare,
             )
         except ServiceUnavailable as exc:
             if time.monotonic() - said >= START_LOG_EVERY:
@@ -170,6 +192,11 @@ async def lock_schema(conn: asyncpg.Connection, schema: str) -> None:
     on the catalog, so every such transaction takes this lock first.
     """
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"queuegate.ddl.{schema}")
+
+
+async def _init_then(prepare: Prepare, conn: asyncpg.Connection) -> None:
+    await _init_connection(conn)
+    await prepare(conn)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -621,3 +621,24 @@ async def test_a_pool_that_keeps_sessions_still_rolls_back_a_transaction_left_op
             assert await conn.fetchval("SELECT count(*) FROM usage_log") == 0
     finally:
         await pool.close()
+
+
+async def test_an_accountants_connections_get_their_staging_table_once_as_they_open(
+    settings: Settings,
+) -> None:
+    # Given an accountant started, its pool's connections then replaced (as after an outage)
+    async with Accountant(settings) as accountant:
+        pool = accountant._pool
+        assert pool is not None
+        await pool.expire_connections()
+
+        # When a batch is written on a connection it opens anew
+        sent: list[str] = []
+        async with pool.acquire() as conn:
+            with conn.query_logger(lambda record: sent.append(record.query)):
+                assert await insert_usage(conn, [usage("job-staged")], staged=True) == 1
+
+        # Expect it written without asking for the staging table: the connection made it
+        # as it opened, not a round trip a batch
+        assert any(query.startswith("WITH inserted AS") for query in sent)
+        assert not any("CREATE TEMP TABLE" in query for query in sent)
