@@ -112,6 +112,7 @@ def check_nesting(request: dict[str, Any]) -> None:
 
 
 def _deeper(value: Any, levels: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests more than ``levels`` objects and arrays deep."""
     if isinstance(value, dict):
         children: Any = value.values()
     elif isinstance(value, list):

@@ -18,6 +18,7 @@ import anthropic
 import httpx
 import orjson
 import pytest
+from anthropic.types.messages import MessageBatchResult
 
 from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.jobs import JobReader
@@ -70,6 +71,16 @@ def deep_tool_openai(levels: int = DEEP) -> dict[str, Any]:
 
 def deep_tool_anthropic() -> dict[str, Any]:
     return {"name": "f", "input_schema": {"type": "object", "x": nested(DEEP)}}
+
+
+def assert_errored_as(
+    results: dict[str, MessageBatchResult], custom_id: str, error: dict[str, Any]
+) -> None:
+    """That ``custom_id``'s result errored with ``error``, the body's error of the refusal
+    /v1/messages answered the same params with."""
+    result = results[custom_id]
+    assert result.type == "errored", custom_id
+    assert result.error.error.model_dump() == error, custom_id
 
 
 NULLS = dict.fromkeys(
@@ -172,9 +183,7 @@ async def test_a_message_batch_takes_a_request_at_the_limit_as_sync_does_and_ref
     assert served.content
     assert results[at["custom_id"]].type == "succeeded"
     assert refused.value.status_code == 413
-    result = results[over["custom_id"]]
-    assert result.type == "errored"
-    assert result.error.error.model_dump() == refused.value.response.json()["error"]
+    assert_errored_as(results, over["custom_id"], refused.value.response.json()["error"])
     assert door.gateway.mock.stats.calls == 2
 
 
@@ -204,9 +213,7 @@ async def test_messages_takes_a_request_sent_with_empties_at_the_limit_as_a_batc
     assert served.status_code == 200, served.text
     assert results[at["custom_id"]].type == "succeeded"
     assert refused.status_code == 413
-    result = results[over["custom_id"]]
-    assert result.type == "errored"
-    assert result.error.error.model_dump() == refused.json()["error"]
+    assert_errored_as(results, over["custom_id"], refused.json()["error"])
 
 
 async def test_a_body_far_past_the_limit_is_refused_before_it_is_read_whole(
@@ -253,9 +260,7 @@ async def test_a_message_batch_errors_an_oversize_and_a_deep_request_alone_as_sy
     assert sync[large["custom_id"]].status_code == 413
     assert sync[deep["custom_id"]].status_code == 400
     for custom_id, said in sync.items():
-        result = results[custom_id]
-        assert result.type == "errored", custom_id
-        assert result.error.error.model_dump() == said.response.json()["error"], custom_id
+        assert_errored_as(results, custom_id, said.response.json()["error"])
     assert door.gateway.mock.stats.calls == 1
 
 
@@ -277,9 +282,7 @@ async def test_a_message_batch_errors_a_request_with_too_many_messages_as_sync_d
     # Expect it errored alone, never published, in the words of /v1/messages' refusal
     assert results[plain["custom_id"]].type == "succeeded"
     assert refused.value.status_code == 400
-    result = results[many["custom_id"]]
-    assert result.type == "errored"
-    assert result.error.error.model_dump() == refused.value.response.json()["error"]
+    assert_errored_as(results, many["custom_id"], refused.value.response.json()["error"])
     assert door.gateway.mock.stats.calls == 1
 
 

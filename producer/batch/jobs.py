@@ -34,10 +34,10 @@ class Refused(ValueError):
     with checks brought, it makes no valid job (no model, a parameter the job refuses:
     ``max_tokens`` beside ``max_completion_tokens``, a ``seed`` past 64 bits), or one past
     the front door's limits (nested deeper than ``MAX_NESTING``, more messages than
-    ``max_messages``, a request past ``max_bytes``,
-    ``request_too_large``), as its endpoint refuses them. It is answered
-    as a failed line of its own, never published, while the batch's other requests are
-    served (a line that is no request at all may fail the whole batch instead)."""
+    ``max_messages``, a request past ``max_bytes``: ``request_too_large``), as its endpoint
+    refuses them. It is answered as a failed line of its own, never published, while the
+    batch's other requests are served (a line that is no request at all may fail the whole
+    batch instead)."""
 
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.message)
