@@ -14,7 +14,7 @@ from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.settings import Settings
 from tests.chaos.harness import declare_teams, worker_env
-from tests.support import LogLines, running_gateway, wait_until
+from tests.support import LogLines, log_once_ended, running_gateway, wait_until
 
 JOBS = 60
 STARTED = re.compile(r"process (\d) started \(pid (\d+)\)")
@@ -104,10 +104,7 @@ async def test_a_supervisor_ends_once_its_worker_processes_stopped(settings: Set
             await asyncio.wait_for(supervisor.wait(), timeout=30)
             took = time.monotonic() - stopped
         finally:
-            if supervisor.returncode is None:
-                supervisor.kill()
-                await supervisor.wait()
-            output = await log.closed()
+            output = await log_once_ended(supervisor, log)
 
     # Expect it to exit cleanly right after saying its processes stopped, not after Python's
     # finalisation of the modules it imported
