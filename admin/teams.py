@@ -25,7 +25,7 @@ from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.livestats import read_snapshots
+from queuegate.livestats import read_workers
 from queuegate.management import BrokerAdmin
 from queuegate.redis_client import redis_for, redis_unreachable
 from queuegate.registry import (
@@ -735,9 +735,10 @@ class InForce:
     """Which live workers confirmed serving under a registry write (``in_force``)."""
 
     workers: list[str]
-    """The workers live when the wait began: those whose live snapshot had not expired."""
+    """The workers live when the wait began (those whose live snapshot had not expired),
+    less those that withdrew it since, stopping cleanly (``LiveStatsWriter.withdraw``)."""
     pending: list[str]
-    """Those of them that did not confirm it within the wait: stalled, stopped, cut off from
+    """Those of them that did not confirm it within the wait: stalled, dead, cut off from
     PostgreSQL or Redis, or of an earlier version (which records no registry version)."""
 
 
@@ -753,19 +754,22 @@ async def in_force(
     ``IN_FORCE_SAY_AFTER`` seconds.
 
     The workers are those live when the wait begins: one that stops reporting meanwhile (dead,
-    or stalled and so not reading the change either) is waited for to the end and named, and
-    one started meanwhile reads the registry as it starts. ServiceUnavailable when Redis does
-    not answer in time."""
+    or stalled and so not reading the change either) is waited for to the end and named, one
+    that withdraws as it stops cleanly (it takes no job under any config) is waited for no
+    more, and one started meanwhile reads the registry as it starts. ServiceUnavailable when
+    Redis does not answer in time."""
     client = redis_for(settings)
     keys = Keys(settings.redis_prefix)
     workers: list[str] | None = None
     confirmed: set[str] = set()
+    withdrawn: set[str] = set()
     said = False
     start = asyncio.get_running_loop().time()
     try:
         async with asyncio.timeout(within):
             while True:
-                snapshots = await read_snapshots(client, keys)
+                live = await read_workers(client, keys)
+                snapshots = live.snapshots
                 if workers is None:
                     workers = sorted(snapshots)
                 confirmed |= {
@@ -774,7 +778,8 @@ async def in_force(
                     if (version := snapshots.get(name, {}).get("registry")) is not None
                     and sees(version, change)
                 }
-                pending = [name for name in workers if name not in confirmed]
+                withdrawn |= {name for name in workers if name not in live.listed}
+                pending = [name for name in workers if name not in confirmed | withdrawn]
                 if not pending:
                     break
                 if not said and asyncio.get_running_loop().time() - start >= IN_FORCE_SAY_AFTER:
@@ -795,4 +800,7 @@ async def in_force(
     finally:
         await client.aclose()
     assert workers is not None
-    return InForce(workers, [name for name in workers if name not in confirmed])
+    return InForce(
+        [name for name in workers if name not in withdrawn],
+        [name for name in workers if name not in confirmed | withdrawn],
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -45,8 +45,8 @@ def worker(
     settings = make_settings(prefetch=concurrency, catalog=catalog)
     configure_logging(log_level, form=settings.log_format)
     if processes > 1:
+        # Never returns: the process exits once its processes stopped.
         _supervise(settings, processes, teams, catalog, log_level)
-        return
     tracing.start(
         "queuegate-worker",
         content=settings.trace_content,
@@ -74,8 +74,8 @@ def worker(
 
 def _supervise(
     settings: Settings, processes: int, teams: str | None, catalog: Path | None, log_level: str
-) -> None:
-    from queuegate.supervisor import Supervisor
+) -> NoReturn:
+    from queuegate.supervisor import supervise
 
     argv = [sys.executable, "-m", "cli", "worker", "--log-level", log_level]
     argv += ["--concurrency", str(settings.prefetch)]
@@ -88,11 +88,7 @@ def _supervise(
         port = settings.metrics_port + slot if settings.metrics_port else 0
         return argv, {**os.environ, "QUEUEGATE_METRICS_PORT": str(port)}
 
-    async def supervise() -> None:
-        stop = stop_on_signals()
-        await Supervisor(command, processes=processes, grace=settings.shutdown_grace).run(stop)
-
-    run(supervise)
+    supervise(command, processes=processes, grace=settings.shutdown_grace)
 
 
 def api(

@@ -65,7 +65,7 @@ def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> 
         err.print(
             f"team {name}: the change is stored, but {len(pending)} of {workers} live workers "
             f"did not confirm serving under it within {wait:g} s: {', '.join(pending)} "
-            "(stalled, stopping, cut off from PostgreSQL or Redis, or of an earlier version); "
+            "(stalled, dead, cut off from PostgreSQL or Redis, or of an earlier version); "
             "each applies it when it next reads the registry",
             markup=False,
             highlight=False,

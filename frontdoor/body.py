@@ -6,7 +6,8 @@ is complete and valid, so it never takes a worker's slot. Routes read it once th
 proven from the headers (a refused key costs no body read), through the process's
 ``Bodies``::
 
-    body = await door.bodies.read_json(request, caller, limit=s.max_body_bytes)
+    body = await door.bodies.read_request(request, caller)  # a job's request
+    body = await door.bodies.read_json(request, caller, limit=REQUEST_BYTES)  # any other
 
 A body sent before any key is proven (a dashboard sign-in form) is read under its client's
 address instead (``read_keyless``), and also counted against the process's
@@ -15,11 +16,12 @@ address instead (``read_keyless``), and also counted against the process's
 every connection the process may have, and the keys' requests from being served.
 
 Raises ApiError: ``request_too_large`` (413) past ``limit`` bytes (at once when the
-Content-Length says so), ``too_many_requests`` (429) while the key is sending
-``http_bodies_per_key`` bodies already, its team (all its keys together) its
-``http_body_bytes_per_team`` bytes, or the process ``http_keyless_bodies`` keyless ones,
-``service_unavailable`` (503) while the process is reading ``http_body_bytes_in_flight``
-bytes already (all before any byte is read),
+Content-Length says so; for a job's request the message names ``max_job_bytes``, which it
+is held to once read, not its body's bound of twice that), ``too_many_requests`` (429)
+while the key is sending ``http_bodies_per_key`` bodies already, its team (all its keys
+together) its ``http_body_bytes_per_team`` bytes, or the process ``http_keyless_bodies``
+keyless ones, ``service_unavailable`` (503) while the process is reading
+``http_body_bytes_in_flight`` bytes already (all before any byte is read),
 ``request_timeout`` (408) when the body is not all there within ``http_body_timeout``
 seconds, ``invalid_request`` (400) when it is not UTF-8 JSON of an object. A caller that
 hangs up mid-body raises Starlette's ``ClientDisconnect``, answered (to no one) by
@@ -44,7 +46,7 @@ from fastapi import Request
 
 from frontdoor.errors import ApiError, error_of
 from frontdoor.whose import Keyed, less, sharer, whose
-from queuegate.request_limits import too_large
+from queuegate.request_limits import body_too_large, too_large
 from queuegate.settings import Settings
 
 Reader = Callable[[int], contextlib.AbstractContextManager[None]]
@@ -65,9 +67,21 @@ class Bodies:
     could otherwise take all of it, and every other team's bodies would be answered 503."""
 
     def __init__(
-        self, *, timeout: float, per_key: int, keyless: int, total_bytes: int, team_bytes: int
+        self,
+        *,
+        timeout: float,
+        per_key: int,
+        keyless: int,
+        total_bytes: int,
+        team_bytes: int,
+        job_bytes: int,
+        body_bytes: int,
     ) -> None:
+        """``job_bytes``: the largest request of a job (``max_job_bytes``); ``body_bytes``:
+        the largest body read of one (``max_body_bytes``)."""
         self._timeout = timeout
+        self._job_bytes = job_bytes
+        self._body_bytes = body_bytes
         self._per_key = per_key
         self._keyless_cap = keyless
         self._total_bytes = total_bytes
@@ -86,29 +100,43 @@ class Bodies:
             keyless=settings.keyless_bodies,
             total_bytes=settings.http_body_bytes_in_flight,
             team_bytes=settings.body_bytes_per_team,
+            job_bytes=settings.max_job_bytes,
+            body_bytes=settings.max_body_bytes,
         )
 
+    async def read_request(self, request: Request, caller: Keyed) -> dict[str, Any]:
+        """``read_json`` of a body that makes a job's request: up to ``body_bytes``, past
+        which it is refused as a request past the job limit, unread (the limit itself holds
+        for the request it makes, ``request_limits.check_job_size``)."""
+        reading = self.reader(caller)
+        raw = await self._read(request, reading, limit=self._body_bytes, too_large=self._past_job)
+        return _json_object(raw)
+
+    def _past_job(self, body_bytes: int) -> ApiError:
+        return error_of(body_too_large(self._job_bytes, body_bytes))
+
     async def read_json(self, request: Request, caller: Keyed, *, limit: int) -> dict[str, Any]:
-        raw = await self.read(request, caller, limit=limit)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            problem = "not UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON: {exc.msg}"
-            raise ApiError(
-                "invalid_request", f"the request body is {problem} (at byte {exc.pos})"
-            ) from None
-        if not isinstance(body, dict):
-            raise ApiError("invalid_request", "the request body must be a JSON object")
-        return body
+        return _json_object(await self.read(request, caller, limit=limit))
 
     async def read(self, request: Request, caller: Keyed, *, limit: int) -> bytes:
         return await self._read(request, self.reader(caller), limit=limit)
 
-    async def _read(self, request: Request, reading: Reader, *, limit: int) -> bytes:
-        size = declared_size(request, limit, _too_large)
+    async def _read(
+        self,
+        request: Request,
+        reading: Reader,
+        *,
+        limit: int,
+        too_large: Callable[[int], ApiError] | None = None,
+    ) -> bytes:
+        """``too_large``: the refusal past ``limit`` (``_too_large`` unless given)."""
+        refused = _too_large if too_large is None else too_large
+        size = declared_size(request, limit, refused)
         with reading(limit if size is None else size):
             chunks: list[bytes] = []
-            await receive(request, chunks.append, limit=limit, timeout=self._timeout)
+            await receive(
+                request, chunks.append, limit=limit, timeout=self._timeout, too_large=refused
+            )
             return b"".join(chunks)
 
     async def read_keyless(self, request: Request, client: str, *, limit: int) -> bytes:
@@ -177,6 +205,20 @@ class Bodies:
             less(self._reading, key_id, 1)
             if share is not None:
                 less(self._shares, share, size)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed, a JSON object: else ApiError ``invalid_request``."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        problem = "not UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON: {exc.msg}"
+        raise ApiError(
+            "invalid_request", f"the request body is {problem} (at byte {exc.pos})"
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "the request body must be a JSON object")
+    return body
 
 
 def _too_large(limit: int) -> ApiError:

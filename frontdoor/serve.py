@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from fastapi import FastAPI
@@ -39,15 +40,9 @@ from frontdoor.app import create_app
 from frontdoor.connections import ConnectionLimits, fit_open_files, guarded_protocol
 from queuegate import tracing
 from queuegate.errors import ConfigError, GatewayError
-from queuegate.runtime import (
-    default_stop_signals,
-    exit_at_once,
-    run,
-    stop_on_signals,
-    tune_gc,
-)
+from queuegate.runtime import default_stop_signals, run, tune_gc
 from queuegate.settings import Settings, trusted_proxies
-from queuegate.supervisor import Supervisor
+from queuegate.supervisor import supervise
 from queuegate.visible import clipped
 from router import Catalog
 
@@ -76,8 +71,8 @@ def serve(
     if not joining:
         check_free(host, port)
     if processes > 1:
+        # Never returns: the process exits once its processes stopped.
         _supervise(settings, host=host, port=port, processes=processes, log_level=log_level)
-        return
     tracing.start("queuegate-frontdoor", heed_callers=settings.trace_heed_callers)
     app = create_app(settings)
     tune_gc()
@@ -247,24 +242,16 @@ def cannot_listen(host: str, port: int, exc: OSError) -> str:
     return f"{where} ({exc.strerror}): pick another --host or --port"
 
 
-def _supervise(settings: Settings, *, host: str, port: int, processes: int, log_level: str) -> None:
+def _supervise(
+    settings: Settings, *, host: str, port: int, processes: int, log_level: str
+) -> NoReturn:
     argv = [sys.executable, "-m", "cli", "api", "--host", host, "--port", str(port)]
     argv += ["--log-level", log_level, "--joining"]
 
     def command(slot: int) -> tuple[list[str], dict[str, str]]:
         return argv, dict(os.environ)
 
-    async def supervise() -> None:
-        stop = stop_on_signals()
-        supervisor = Supervisor(
-            command, processes=processes, grace=settings.shutdown_grace, shared_metrics=True
-        )
-        await supervisor.run(stop)
-
-    run(supervise)
-    # Every process has stopped: Python's own finalisation of this one (which imported the
-    # whole front door) took 0.8-1.3 s more under load, past the grace, releasing nothing.
-    exit_at_once()
+    supervise(command, processes=processes, grace=settings.shutdown_grace, shared_metrics=True)
 
 
 __all__ = ["bind", "check_free", "serve", "serving"]

@@ -10,7 +10,8 @@ seconds in one pipeline, so a job costs no Redis round trip of its own:
   and those answered 429 (``rate_limited``);
 - per worker: a snapshot with its in-flight jobs per team, the deployments it called,
   bucket fills and the registry version it serves under (``teams set`` waits for it),
-  expiring unless renewed, so a dead worker drops out of the picture by itself.
+  expiring unless renewed, so a dead worker drops out of the picture by itself; one that
+  stops cleanly withdraws it as it begins to drain (``withdraw``), at once.
 
 Breaker states and 429 pauses are not taken from here: they are shared state in Redis, read
 where they are kept (queuegate.deployment_health), since a worker's copy is only what it last
@@ -123,6 +124,15 @@ class LiveStatsWriter:
         unbounded before the first write: the registry read at the start is as new as that
         write, unless the write fails (then the worker was unseen from its start)."""
         self._reread = asyncio.Event()
+        self._withdrawn = False
+
+    def withdraw(self) -> None:
+        """The worker stops taking jobs: its snapshot and its name among the live workers are
+        removed now, and not written again (its counts still are), so that a ``teams set``
+        no longer waits for it nor names it unconfirmed. One that dies instead leaves its
+        snapshot to lapse."""
+        self._withdrawn = True
+        self._soon.set()
 
     def applied(self, version: Version, read_at: float) -> None:
         """The worker serves under the registry as read at ``version``, a read begun at
@@ -202,24 +212,14 @@ class LiveStatsWriter:
             window = window_of(second)
             totals = keys.live_deployment(deployment, window)
             _count(pipe, totals, keys.live_deployment_seconds(deployment, window), second, counts)
-        if self._refresh is not None:
-            # Best effort: the pipeline below meets Redis being away and says so once.
-            with contextlib.suppress(RedisError, OSError):
-                await self._refresh()
-        breakers = gauge_values(BREAKER_STATE)
-        snapshot = {
-            "in_flight": self._in_flight(),
-            # Read by gateways of the previous version, while a rolling upgrade mixes them.
-            "breakers": breakers,
-            "bucket_fill": gauge_values(BUCKET_FILL),
-            "deployments": sorted(self._deployments | set(breakers)),
-            "registry": self._registry,
-            "ts": now,
-        }
         ttl = max(5, round(3 * self._interval))
-        pipe.set(keys.live_worker(self._worker), json.dumps(snapshot), ex=ttl)
-        pipe.zadd(keys.live_workers, {self._worker: now})
-        pipe.zremrangebyscore(keys.live_workers, 0, now - WORKERS_TTL)
+        if self._withdrawn:
+            # In this writer's own order, after its earlier writes: none of their snapshots
+            # can land after this and show the worker again.
+            pipe.zrem(keys.live_workers, self._worker)
+            pipe.delete(keys.live_worker(self._worker))
+        else:
+            await self._show(pipe, now, ttl)
         sent = time.monotonic()
         try:
             await pipe.execute()
@@ -236,6 +236,8 @@ class LiveStatsWriter:
         if self._down:
             log.info("live stats are written again")
         self._down = False
+        if self._withdrawn:
+            return  # nothing shown: ``current`` has nothing to follow
         written = time.monotonic()
         lapsed = written >= self._shown_until
         if lapsed:
@@ -245,6 +247,26 @@ class LiveStatsWriter:
         if lapsed:
             self._lapse_told = False
             self._ask_reread()
+
+    async def _show(self, pipe: Pipeline, now: float, ttl: int) -> None:
+        """Add the worker's snapshot, lasting ``ttl`` seconds, to ``pipe``."""
+        if self._refresh is not None:
+            # Best effort: the pipeline meets Redis being away and says so once.
+            with contextlib.suppress(RedisError, OSError):
+                await self._refresh()
+        breakers = gauge_values(BREAKER_STATE)
+        snapshot = {
+            "in_flight": self._in_flight(),
+            # Read by gateways of the previous version, while a rolling upgrade mixes them.
+            "breakers": breakers,
+            "bucket_fill": gauge_values(BUCKET_FILL),
+            "deployments": sorted(self._deployments | set(breakers)),
+            "registry": self._registry,
+            "ts": now,
+        }
+        pipe.set(self._keys.live_worker(self._worker), json.dumps(snapshot), ex=ttl)
+        pipe.zadd(self._keys.live_workers, {self._worker: now})
+        pipe.zremrangebyscore(self._keys.live_workers, 0, now - WORKERS_TTL)
 
     def _ask_reread(self) -> None:
         if self._reread_asked is not None:
@@ -271,14 +293,30 @@ class LiveView:
     deployments: list[str]
 
 
-async def read_snapshots(client: aioredis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
-    """The snapshot of each live worker (one whose last has not expired), by its name."""
+@dataclass(frozen=True)
+class LiveWorkers:
+    """The workers as their live entries say (``read_workers``)."""
+
+    listed: frozenset[str]
+    """Those that wrote a snapshot in the last ``WORKERS_TTL`` seconds and did not withdraw
+    it: live, or dead with their snapshot lapsed (or about to)."""
+    snapshots: dict[str, dict[str, Any]]
+    """The snapshot of each live one (its last has not expired), by its name."""
+
+
+async def read_workers(client: aioredis.Redis, keys: Keys) -> LiveWorkers:
     names = [
         text(n)
         for n in await client.zrangebyscore(keys.live_workers, time.time() - WORKERS_TTL, "+inf")
     ]
     raw = await client.mget([keys.live_worker(name) for name in names]) if names else []
-    return {name: json.loads(r) for name, r in zip(names, raw, strict=True) if r is not None}
+    snapshots = {n: json.loads(r) for n, r in zip(names, raw, strict=True) if r is not None}
+    return LiveWorkers(frozenset(names), snapshots)
+
+
+async def read_snapshots(client: aioredis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    """The snapshot of each live worker (one whose last has not expired), by its name."""
+    return (await read_workers(client, keys)).snapshots
 
 
 async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:

@@ -139,12 +139,23 @@ def too_large(max_bytes: int) -> RequestTooLarge:
     return RequestTooLarge(f"the request is larger than {max_bytes} bytes: send less")
 
 
+def body_too_large(max_bytes: int, body_bytes: int) -> RequestTooLarge:
+    """The refusal of a body past ``body_bytes``, the most read of a request held to
+    ``max_bytes`` once read: it names the limit a request is held to, as ``too_large`` does,
+    not the body's bound (the same words for both read as two limits)."""
+    return RequestTooLarge(
+        f"the request is larger than the {max_bytes}-byte limit (its body is over {body_bytes} "
+        "bytes, which no request within the limit reaches): send less"
+    )
+
+
 __all__ = [
     "JOB_OWN_BYTES",
     "MAX_NESTING",
     "REQUEST_FIELDS",
     "Limits",
     "Served",
+    "body_too_large",
     "check_job_size",
     "check_nesting",
     "check_output_tokens",

@@ -1,6 +1,9 @@
 """Runs N copies of a command (worker processes) and keeps them running until told to stop.
 
-    stop = stop_on_signals()
+    supervise(argv_of, processes=4, grace=30)  # until SIGTERM or SIGINT, then exits
+
+or, inside an event loop of one's own (a test's)::
+
     await Supervisor(argv_of, processes=4, grace=30).run(stop)
 
 A process that exits on its own is started again after a backoff that doubles while it keeps
@@ -23,11 +26,12 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 from prometheus_client.multiprocess import mark_process_dead
 
 from queuegate.metrics import MULTIPROCESS_DIR
-from queuegate.runtime import until_set
+from queuegate.runtime import exit_at_once, run, stop_on_signals, until_set
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +43,38 @@ KILL_MARGIN = 10.0
 """Seconds beyond the drain grace before a process that will not stop is killed."""
 
 
+Command = Callable[[int], tuple[Sequence[str], Mapping[str, str]]]
+"""``command(slot)``: the argv and environment of the process in ``slot``."""
+
+
+def supervise(
+    command: Command, *, processes: int, grace: float, shared_metrics: bool = False
+) -> NoReturn:
+    """Run a ``Supervisor`` until SIGTERM or SIGINT has stopped every process, then end this
+    one at once, status 0 (``exit_at_once``): with its processes stopped it holds nothing,
+    and Python's own finalisation of it (freeing the modules the CLI imported) took
+    0.11-0.27 s more for the worker's, 0.8-1.3 s under load for the front door's."""
+
+    async def until_stopped() -> None:
+        stop = stop_on_signals()
+        supervisor = Supervisor(
+            command, processes=processes, grace=grace, shared_metrics=shared_metrics
+        )
+        await supervisor.run(stop)
+
+    run(until_stopped)
+    exit_at_once()
+
+
 class Supervisor:
     def __init__(
         self,
-        command: Callable[[int], tuple[Sequence[str], Mapping[str, str]]],
+        command: Command,
         *,
         processes: int,
         grace: float,
         shared_metrics: bool = False,
     ) -> None:
-        """``command(slot)`` gives the argv and environment of the process in ``slot``."""
         self._command = command
         self._processes = processes
         self._grace = grace

@@ -195,6 +195,15 @@ class LogLines:
         return "".join(self.lines)
 
 
+async def log_once_ended(process: asyncio.subprocess.Process, log: LogLines) -> str:
+    """``process``'s whole log once it has exited: killed first if it still runs (a test that
+    failed before it stopped), never left running."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    return await log.closed()
+
+
 class Gateway:
     """The running pieces of one test's gateway."""
 

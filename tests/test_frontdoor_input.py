@@ -37,6 +37,13 @@ def chat(**fields: object) -> bytes:
 
 
 USER = {"role": "user", "content": "x"}
+PAST_LIMIT = "the request is larger than 4096 bytes: send less"
+"""A request past the door's ``max_job_bytes``, its body read."""
+PAST_BODY_BOUND = (
+    "the request is larger than the 4096-byte limit (its body is over 8192 bytes, which no "
+    "request within the limit reaches): send less"
+)
+"""A body past twice ``max_job_bytes``, refused unread: the limit named is the same."""
 
 
 def _nested(levels: int) -> list[object]:
@@ -64,7 +71,7 @@ DEEP = json.dumps({"model": "gpt-4o-mini", "messages": [USER], "tools": [TOOL]})
         (chat(max_tokens=10**11), 400, "max_tokens is above"),
         (chat(stream="yes"), 400, "stream: Input should be a valid boolean"),
         (chat(messages=[USER] * 9), 400, "9 messages"),
-        (chat(messages=[{"role": "user", "content": "x" * 5000}]), 413, "larger than 4096"),
+        (chat(messages=[{"role": "user", "content": "x" * 5000}]), 413, PAST_LIMIT),
         # A tool schema nested 390 levels was a 500: too deep for the job's JSON encoder
         (DEEP, 400, "nests deeper than 100 levels"),
     ],
@@ -89,6 +96,35 @@ async def test_a_bad_body_is_a_clear_4xx_and_nothing_is_published(
     assert fine.status_code == 200
     assert door.gateway.mock.stats.calls == 1
     assert len(await door.gateway.usage_rows(1)) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "streamed"])
+async def test_a_body_past_twice_the_limit_is_refused_naming_the_limit(
+    door: Door, path: str, declared: bool
+) -> None:
+    # Given a body of 9,000 bytes, past twice the door's 4,096-byte request limit, its
+    # Content-Length sent or streamed without one
+    body = orjson.dumps({"model": "gpt-4o-mini", "max_tokens": 8, "messages": [USER]})
+    body = body[:-1] + b"," + b" " * (9000 - len(body)) + b"}"
+
+    async def streamed() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    # When it is sent
+    async with httpx.AsyncClient(base_url=door.url) as http:
+        response = await http.post(
+            path,
+            content=body if declared else streamed(),
+            headers={**auth(door), "content-type": "application/json"},
+        )
+
+    # Expect it refused 413 with the limit a request within it is held to, as a request
+    # past that limit is (not the body's bound, which read as a second limit), unpublished
+    assert response.status_code == 413, response.text
+    assert PAST_BODY_BOUND in response.text
+    assert door.gateway.mock.stats.calls == 0
 
 
 async def test_a_slow_body_is_408_and_holds_only_its_own_connection(door: Door) -> None:

@@ -24,7 +24,7 @@ from queuegate.db import create_pool
 from queuegate.metrics import MULTIPROCESS_DIR
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, keyed_gateway
-from tests.support import LogLines, wait_until
+from tests.support import LogLines, log_once_ended, wait_until
 
 REQUESTS = 40
 STARTED = re.compile(r"process (\d) started \(pid (\d+)\)")
@@ -178,10 +178,7 @@ async def test_a_stop_with_a_request_held_takes_the_grace_and_a_bounded_close(
             await asyncio.wait_for(supervisor.wait(), timeout=30)
             took = time.monotonic() - started
         finally:
-            if supervisor.returncode is None:
-                supervisor.kill()
-                await supervisor.wait()
-            output = await log.closed()
+            output = await log_once_ended(supervisor, log)
             await client.close()
         # (the chat cut at the end of the grace)
         with pytest.raises(openai.APIError):

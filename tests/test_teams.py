@@ -45,7 +45,7 @@ from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool
 from queuegate.errors import BudgetExhausted, ConfigError, QueueFull, ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.livestats import read_snapshots
+from queuegate.livestats import read_snapshots, read_workers
 from queuegate.management import BrokerAdmin
 from queuegate.messages import UsageEvent
 from queuegate.redis_client import redis_for
@@ -934,6 +934,54 @@ async def test_teams_set_names_a_stalled_worker_and_ends_within_its_wait(
         code, stdout, stderr = await _queuegate(settings, "teams", "set", alpha, "--rpm", "10")
         assert code == 0, stderr
         assert f"team {alpha}: in force on every live worker (2)" in stdout
+
+
+async def test_a_worker_stopping_cleanly_is_neither_awaited_nor_named_while_it_drains(
+    settings: Settings, alpha: str, redis_client: aioredis.Redis
+) -> None:
+    # Given two worker processes serving alpha, whose snapshots stay live 30 s past their last
+    # (as a snapshot a stopped worker left would, unwithdrawn), the first holding a job at a
+    # model that hangs for a minute, with 3 s to drain it at a stop
+    slow = MockConfig(default=Behavior(timeout_rate=1, hang_s=60))
+    async with MockProvider(slow) as mock:
+        env = worker_env(settings, mock, QUEUEGATE_STATS_INTERVAL="10")
+        env["QUEUEGATE_SHUTDOWN_GRACE"] = "3"
+        stopping = await start_worker(env, [alpha])
+        processes = [stopping]
+        try:
+            stopping_name = f"{socket.gethostname()}:{stopping.pid}"
+            await _serving(settings, [stopping_name])
+            async with GatewayClient(settings, team=alpha) as client:
+                await client.submit(client.job("gpt-4o-mini", HELLO))
+            async with asyncio.timeout(20):
+                await mock.wait_for_calls(1)
+            serving = await start_worker(env, [alpha])
+            processes.append(serving)
+            serving_name = f"{socket.gethostname()}:{serving.pid}"
+            await _serving(settings, [serving_name])
+
+            # When the first is sent SIGTERM, and an operator sets alpha's rate while it
+            # drains its job
+            stopping.send_signal(signal.SIGTERM)
+            code, stdout, stderr = await _queuegate(
+                settings, "teams", "set", alpha, "--rpm", "10", "--wait", "2"
+            )
+
+            # Expect the change confirmed by the worker that serves, the stopping one not
+            # waited for nor named, though it still runs
+            assert code == 0, stderr
+            assert f"team {alpha}: in force on every live worker (1)" in stdout
+            assert stopping_name not in stdout + stderr
+            assert stopping.returncode is None
+
+            # ... and once it has stopped, its live entry gone, not left to lapse
+            await asyncio.wait_for(stopping.wait(), timeout=30)
+            assert stopping.returncode == 0
+            live = await read_workers(redis_client, Keys(settings.redis_prefix))
+            assert stopping_name not in live.listed
+            assert serving_name in live.snapshots
+        finally:
+            await stop_workers(processes)
 
 
 async def test_teams_disable_returns_once_no_worker_serves_the_team(

@@ -418,6 +418,9 @@ class Worker:
     async def _drain(self) -> None:
         """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
         self._draining = True
+        if self._live is not None:
+            # Under no config from now on: `teams set` is not to wait for it, nor name it.
+            self._live.withdraw()
         for served in self._consumers.values():
             with contextlib.suppress(Exception):
                 await served.consumer.cancel()

@@ -38,7 +38,7 @@ router = APIRouter(tags=["Anthropic"])
 async def messages(request: Request, door: Door, caller: Calling) -> Response:
     started = time.perf_counter()
     options = RequestOptions.of(request)
-    body = await door.bodies.read_json(request, caller, limit=door.settings.max_body_bytes)
+    body = await door.bodies.read_request(request, caller)
     job = messages_job(body, caller.team, options, door.limits)
     note_job(request, job.job_id)
     if job.stream:
@@ -55,6 +55,6 @@ async def messages(request: Request, door: Door, caller: Calling) -> Response:
     summary="Count a message's input tokens (the gateway's estimate, as its admission makes it)",
 )
 async def count_tokens(request: Request, door: Door, caller: Calling) -> dict[str, int]:
-    body = await door.bodies.read_json(request, caller, limit=door.settings.max_body_bytes)
+    body = await door.bodies.read_request(request, caller)
     job = count_tokens_job(body, caller.team, RequestOptions.of(request), door.limits)
     return {"input_tokens": prompt_tokens(job)}

@@ -57,8 +57,7 @@ def _model(alias: str) -> dict[str, Any]:
 async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) -> Response:
     started = time.perf_counter()
     options = RequestOptions.of(request)
-    s = door.settings
-    body = await door.bodies.read_json(request, caller, limit=s.max_body_bytes)
+    body = await door.bodies.read_request(request, caller)
     checked = check_chat(body, door.limits)
     stream, include_usage = wants_stream(body)
     job = chat_job(body, checked, caller.team, options, door.limits, stream=stream)
