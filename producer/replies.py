@@ -23,9 +23,10 @@ from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from producer.streams import ChatStream, StreamBook
-from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, settle
+from queuegate.broker import CONNECTION_LOST, Consumer, Outgoing, connect, consume, settle
 from queuegate.errors import ClientError, ServiceUnavailable
 from queuegate.messages import ChatResult, StreamChunk
+from queuegate.signing import message_digest
 from queuegate.topology import MESSAGE_TYPE_CHUNK, MESSAGE_TYPE_RESULT
 
 log = logging.getLogger(__name__)
@@ -84,24 +85,34 @@ class ReplyBook:
         self._requests: dict[str, list[str]] = {}
         """What a result of each job id may name while it is expected: the digest of the
         request it was published with, then those of the messages that carried it."""
+        self._unnamed: dict[str, Outgoing] = {}
+        """The last message a job was published in, its digest not yet worked out: only a
+        refusal names it (``_name``), and most jobs are answered, not refused."""
+        self._waiters: dict[str, set[asyncio.Future[ChatResult]]] = {}
+        """Each wait's own future, settled along with its job's (``_settle``): awaited, not
+        the job's, so that a wait that times out or is cancelled cancels nothing another
+        wait of the job awaits."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._keep_unexpected = keep_unexpected
         self.duplicates = 0
         self.strays = 0
 
     def expect(
-        self, job_id: str, request: str | None = None, message: str | None = None
+        self, job_id: str, request: str | None = None, message: Outgoing | None = None
     ) -> asyncio.Future[ChatResult]:
-        """The job's future; ``request``, its digest, and ``message``, the digest of the
-        body it is published in, when this side publishes it (before: a refusal may come
-        back before the broker's confirm)."""
+        """The job's future; ``request``, its digest, and ``message``, the message it is
+        published in, when this side publishes it (before: a refusal may come back before
+        the broker's confirm)."""
         if request is not None:
             names = self._requests.get(job_id)
             if names is None or names[0] != request:
                 names = self._requests[job_id] = [request]
-            # Each message of the request published under the id (a retry's may differ).
-            if message is not None and message not in names:
-                names.append(message)
+                self._unnamed.pop(job_id, None)
+            # Each message of the request published under the id (a retry's may differ):
+            # the one before named now, so a job published again holds one name a message.
+            if message is not None:
+                self._name(job_id, names)
+                self._unnamed[job_id] = message
         future = self._futures.get(job_id)
         if future is not None and future.done() and self._answers_another(future.result()):
             # Arrived before the job was published: the answer to an earlier request.
@@ -118,7 +129,18 @@ class ReplyBook:
 
     def _answers_another(self, result: ChatResult) -> bool:
         names = self._requests.get(result.job_id)
-        return names is not None and result.request not in names
+        if names is None or result.request == names[0]:
+            return False
+        self._name(result.job_id, names)
+        return result.request not in names
+
+    def _name(self, job_id: str, names: list[str]) -> None:
+        """Add the digest of the job's message not yet named to its ``names``."""
+        message = self._unnamed.pop(job_id, None)
+        if message is not None:
+            digest = message_digest(message.body, message.properties)
+            if digest not in names:
+                names.append(digest)
 
     def deliver(self, result: ChatResult) -> bool:
         """Record a result; one that duplicates a result already delivered is counted, and
@@ -131,7 +153,7 @@ class ReplyBook:
             # Someone waits for it again (a retry of the same job): answer them too.
             waiting = self._futures.get(result.job_id)
             if waiting is not None and not waiting.done():
-                waiting.set_result(result)
+                self._settle(result.job_id, waiting, result)
             return True
         self._seen[result.job_id] = None
         if len(self._seen) > SEEN_LIMIT:
@@ -140,27 +162,52 @@ class ReplyBook:
             return True
         future = self.expect(result.job_id)
         if not future.done():
-            future.set_result(result)
+            self._settle(result.job_id, future, result)
         return True
+
+    def _settle(
+        self, job_id: str, future: asyncio.Future[ChatResult], result: ChatResult | None
+    ) -> None:
+        """Give the job's future ``result`` (None: cancel it), and each wait's future too."""
+        waiters = self._waiters.get(job_id, ())
+        if result is None:
+            future.cancel()
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        future.set_result(result)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(result)
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
         """The job's result; on TimeoutError the job stays expected, for a later wait."""
         future = self.expect(job_id)
         if not future.done():  # a result already here is taken without a wait's task
-            # asyncio.wait leaves the future be on a timeout or a cancel, in one hop fewer
-            # than wait_for around a shield.
-            await asyncio.wait((future,), timeout=timeout)
-            if not future.done():
-                raise TimeoutError
+            # A future of this wait's own, settled by ``_settle`` as the job's is: the result
+            # wakes this task in the turn it arrives, where a wait on the job's future
+            # (asyncio.wait, or a shield) took a turn more, through a callback of its own.
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(job_id, set()).add(future)
+            try:
+                async with asyncio.timeout(timeout):
+                    await future
+            finally:
+                waiters = self._waiters[job_id]
+                waiters.discard(future)
+                if not waiters:
+                    del self._waiters[job_id]
         self._futures.pop(job_id, None)
         self._requests.pop(job_id, None)
+        self._unnamed.pop(job_id, None)
         return future.result()
 
     def forget(self, job_id: str) -> None:
         self._requests.pop(job_id, None)
+        self._unnamed.pop(job_id, None)
         future = self._futures.pop(job_id, None)
         if future is not None:
-            future.cancel()
+            self._settle(job_id, future, None)
 
 
 class ReplyAcks:
@@ -263,7 +310,9 @@ class Inbox:
         self._ignore = ignore
         """Results that reach this queue but answer none of its waiters: dropped."""
 
-    def expect(self, job_id: str, request: str | None = None, message: str | None = None) -> None:
+    def expect(
+        self, job_id: str, request: str | None = None, message: Outgoing | None = None
+    ) -> None:
         self.replies.expect(job_id, request, message)
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:

@@ -7,12 +7,13 @@ import contextlib
 import functools
 import logging
 import random
+import struct
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
@@ -28,6 +29,7 @@ from aio_pika.robust_connection import RobustConnection
 from aiormq import spec
 from aiormq.abc import ConsumerCallback, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
+from pamqp import encode as pamqp_encode
 from pamqp.header import ContentHeader
 from yarl import URL
 
@@ -69,6 +71,52 @@ NACK_RETRY = 8.0
 """Seconds a publish the broker refused (nack) is sent again on a cluster before it fails: a
 quorum queue whose leader's node died refuses publishes until its members elect a new one
 (a few seconds), and that is no reason to fail a job. On one node a nack means a full queue."""
+
+
+def _short_str(value: str) -> bytes:
+    raw = value.encode()
+    if len(raw) > 255:
+        # As pamqp's: a property too long for AMQP is no message to send.
+        raise TypeError("string exceeds maximum length of 255 bytes")
+    return _OCTET.pack(len(raw)) + raw
+
+
+_OCTET = struct.Struct("B")
+_FLAGS = struct.Struct(">H")
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {
+    "shortstr": _short_str,
+    "octet": _OCTET.pack,
+    "timestamp": pamqp_encode.timestamp,
+    "table": pamqp_encode.field_table,
+}
+
+
+class Properties(spec.Basic.Properties):
+    """pamqp's message properties, marshalled in one pass with each property's encoder looked
+    up once, to the same bytes as pamqp's own: pamqp's ``marshal`` finds each property's type
+    by name and dispatches on it again for every message (7 against 2 us a job's properties,
+    on every publish)."""
+
+    _fields: ClassVar[tuple[tuple[str, int, Callable[[Any], bytes]], ...]] = tuple(
+        (
+            name,
+            spec.Basic.Properties.flags[name],
+            _ENCODERS[getattr(spec.Basic.Properties, f"_{name}")],
+        )
+        for name in spec.Basic.Properties.__slots__
+    )
+
+    def marshal(self) -> bytes:
+        flags = 0
+        parts = [b""]
+        for name, flag, encode in self._fields:
+            value = getattr(self, name)
+            if value is not None and value != "":
+                flags |= flag
+                parts.append(encode(value))
+        # The 14 properties' flags fit one 16-bit word: no continuation bit.
+        parts[0] = _FLAGS.pack(flags)
+        return b"".join(parts)
 
 
 class Outgoing(NamedTuple):
@@ -755,7 +803,7 @@ def json_message(
     The properties are pamqp's own, which ``publish`` sends as they are: an ``aio_pika.Message``
     would check each field as it is set, then build them anew (16 against 1.5 us a message).
     """
-    properties = spec.Basic.Properties(
+    properties = Properties(
         content_type=CONTENT_TYPE,
         message_type=message_type,
         message_id=message_id,
