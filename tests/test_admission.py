@@ -24,7 +24,7 @@ from queuegate.registry import TeamConfig, default_burst, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent, ledgers_in_force
 from router import load_catalog
-from tests.support import Gateway, running_gateway, wait_until
+from tests.support import Gateway, depth, running_gateway, wait_until
 from tests.teams import register
 from workers.admission import Admission, Ahead, Settlement
 from workers.admission.estimate import estimate
@@ -703,3 +703,54 @@ async def test_a_team_waits_behind_one_job_of_a_team_flooding_a_shared_deploymen
         assert trickle.status == "ok"
         assert waited < 1.5
         assert {(await h.result(timeout=30)).status for h in flood} == {"ok"}
+
+
+@pytest.mark.parametrize("wait", ["rate", "budget"])
+async def test_a_draining_worker_returns_its_jobs_waiting_for_admission_at_once_holding_nothing(
+    settings: Settings, redis_client: aioredis.Redis, wait: str
+) -> None:
+    # Given three jobs of team alpha waiting in its worker for admission: for its rate (6
+    # requests a minute, one at a time, taken by a job served; the first's turn reserved 10 s
+    # ahead, the others in line), or for its budget, held whole by a job in flight's
+    # reservation
+    rate = wait == "rate"
+    config = TeamConfig(rpm=6, burst=1) if rate else TeamConfig(budget_usd=Decimal("0.001"))
+    await register(settings, "alpha", config)
+    keys = Keys(settings.redis_prefix)
+    bucket, ledger = keys.team_bucket("alpha"), keys.spend("alpha", current_month())
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        admission = gw.worker.admission
+        assert admission is not None
+        assert (await client.chat("gpt-4o-mini", WORDS, fallbacks=[])).status == "ok"
+        if not rate:
+            holder = admission.ahead(
+                client.job("gpt-4o-mini", WORDS, fallbacks=[], max_tokens=1600)
+            )
+            assert holder is not None
+            [spend, *_] = await Scripts(redis_client, keys).run_all(holder.calls)
+            assert spend[0] == 0
+        held = await redis_client.hget(ledger, "reserved")
+        for _ in range(3):
+            await client.submit(client.job("gpt-4o-mini", WORDS, fallbacks=[]))
+        newcomer = client.job("gpt-4o-mini", WORDS, fallbacks=[])
+        waiting = False
+        while not waiting:  # polled: Redis and the line announce nothing
+            reserved = float(await redis_client.hget(bucket, "r") or 0) < 0
+            lined = admission.ahead(newcomer) is None
+            waiting = gw.worker.in_flight == 3 and (reserved if rate else lined)
+            await asyncio.sleep(0.01)
+
+        # When the worker drains (a stop, as on SIGTERM)
+        started = time.monotonic()
+        await gw.stop_worker()
+        took = time.monotonic() - started
+
+        # Expect all three back in alpha's queue uncalled, at once rather than at the end
+        # of the drain's grace, holding nothing: the reserved turn given back to the bucket,
+        # no reservation in the budget's ledger beside the one held before
+        assert took < settings.shutdown_grace / 2
+        assert gw.mock.stats.calls == 1
+        assert await depth(settings, gw.topology.team_queue("alpha")) == 3
+        if rate:
+            assert float(await redis_client.hget(bucket, "r") or 0) >= 0
+        assert await redis_client.hget(ledger, "reserved") == held

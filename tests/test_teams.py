@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -980,6 +980,54 @@ async def test_a_worker_stopping_cleanly_is_neither_awaited_nor_named_while_it_d
             live = await read_workers(redis_client, Keys(settings.redis_prefix))
             assert stopping_name not in live.listed
             assert serving_name in live.snapshots
+        finally:
+            await stop_workers(processes)
+
+
+async def test_a_draining_worker_sends_its_jobs_held_for_the_rate_back_uncalled(
+    settings: Settings, alpha: str
+) -> None:
+    # Given alpha at 6 requests a minute, one at a time (a job admitted every 10 s), a worker
+    # serving it with 30 s to drain at a stop, and another worker (of team beta)
+    await configure(settings, alpha, {"rpm": 6, "burst": 1})
+    slow = MockConfig(models={"llama-3.1-8b": Behavior(timeout_rate=1, hang_s=60)})
+    async with MockProvider(slow) as mock:
+        env = worker_env(settings, mock, QUEUEGATE_SHUTDOWN_GRACE="30")
+        processes = [await start_worker(env, [alpha]), await start_worker(env, ["beta"])]
+        stopping = processes[0]
+        try:
+            await _serving(settings, [f"{socket.gethostname()}:{p.pid}" for p in processes])
+            # ... the first holding a job at a model that hangs, until its deadline 15 s on
+            # (which keeps the worker draining), and two jobs waiting for alpha's bucket
+            async with GatewayClient(settings, team=alpha) as client:
+                await client.submit(
+                    client.job("local-llama", HELLO, deadline=timedelta(seconds=15))
+                )
+                async with asyncio.timeout(20):
+                    await mock.wait_for_calls(1)
+                for _ in range(2):
+                    await client.submit(client.job("gpt-4o-mini", HELLO))
+            async with asyncio.timeout(10):
+                while True:  # all three delivered to the worker
+                    if not await _ready(settings, alpha):
+                        break
+                    await asyncio.sleep(0.05)  # polled: the broker announces no delivery
+
+            # When the first is sent SIGTERM, and an operator disables alpha as it drains
+            stopping.send_signal(signal.SIGTERM)
+            code, stdout, stderr = await _queuegate(settings, "teams", "disable", alpha)
+            in_force = time.monotonic()
+            assert code == 0, stderr
+            assert f"team {alpha}: in force on every live worker (1)" in stdout
+
+            # Expect no call of the waiting jobs once the change was in force (the draining
+            # worker admits none of them under the config it had): both back in alpha's
+            # queue, uncalled, once it stopped
+            await asyncio.wait_for(stopping.wait(), timeout=40)
+            assert stopping.returncode == 0
+            late = [r for r in mock.requests if r.model == "gpt-4o-mini" and r.t >= in_force]
+            assert late == []
+            assert await _ready(settings, alpha) == 2
         finally:
             await stop_workers(processes)
 

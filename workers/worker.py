@@ -416,15 +416,22 @@ class Worker:
         return {team: self._telemetry.in_flight[team] for team in self._consumers}
 
     async def _drain(self) -> None:
-        """Stop taking jobs, let in-flight ones finish within the grace period, cancel the rest."""
+        """Stop taking jobs, return those not yet admitted, let the admitted ones finish
+        within the grace period, cancel the rest."""
         self._draining = True
-        if self._live is not None:
-            # Under no config from now on: `teams set` is not to wait for it, nor name it.
-            self._live.withdraw()
+        # First: a job sent back to its queue below must not be delivered here again.
         for served in self._consumers.values():
             with contextlib.suppress(Exception):
                 await served.consumer.cancel()
         self._consumers.clear()
+        # Waiting for admission: back to the queue at once, uncalled, for another worker.
+        # Before the withdraw, with no wait between: once a `teams set` can see the worker
+        # gone, it admits no job under the config it had.
+        if self._admission is not None:
+            self._admission.stop()
+        if self._live is not None:
+            # Under no config from now on: `teams set` is not to wait for it, nor name it.
+            self._live.withdraw()
         # Never started: back to the queue at once, for another worker.
         for team, slots in self._slots.items():
             for delivery in slots.take_all():

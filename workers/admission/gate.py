@@ -90,8 +90,9 @@ Check = Callable[[], Awaitable[None]]
 
 
 class TeamStopped(ServiceUnavailable):
-    """The worker stopped serving the job's team (disabled) while the job waited for its
-    buckets: the job goes back to its queue uncalled, as the queued jobs of the team stay."""
+    """The worker stopped serving the job's team (disabled, or the worker drains:
+    ``Admission.stop``) while the job waited for admission: the job goes back to its queue
+    uncalled, as the queued jobs of the team stay."""
 
 
 class BudgetCut(ServiceUnavailable):
@@ -140,6 +141,8 @@ class Admission:
         self._configs: Mapping[str, TeamConfig] = {}
         self._stopped: set[str] = set()
         """Teams whose consumers this worker cancelled (disabled): their held jobs go back."""
+        self._stop = asyncio.Event()
+        """Set as the worker drains (``stop``): every held job goes back."""
         self._lines: dict[tuple[str, ...], Line] = {}
         self._settles: dict[str, asyncio.Event] = {}
         """Per budget ledger a job waited on (``_wait_for_budget``), set by each settle of this
@@ -182,6 +185,28 @@ class Admission:
         """The worker no longer takes ``team``'s jobs (disabled): those waiting for its
         buckets go back to its queue at their next check, uncalled."""
         self._stopped.add(team)
+
+    def stop(self) -> None:
+        """The worker drains: no job is admitted from now on, and every job waiting for
+        admission (its buckets, its budget) goes back to its queue at once, uncalled and
+        holding nothing, as a disabled team's do (TeamStopped). Once this returns no job is
+        admitted: the stop is the last thing an admission looks at, after its last wait
+        (``_recheck``)."""
+        self._stop.set()
+
+    async def pause(self, seconds: float, *events: asyncio.Event) -> None:
+        """Wait ``seconds``, or until one of ``events`` is set or the worker drains (``stop``:
+        the job waiting then runs its checks, which send it back)."""
+        await until_set(seconds, self._stop, *events)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the worker drains (``stop``)."""
+        return self._stop.is_set()
+
+    async def until_stopped(self) -> None:
+        """Return once the worker drains (``stop``)."""
+        await self._stop.wait()
 
     async def refresh_fills(self) -> None:
         """Read every rate-limited team's bucket fill as of now into its metric (and so the
@@ -362,6 +387,13 @@ class Admission:
         (BudgetExhausted) as any job over budget is, or sends it back to its queue while
         other jobs' reservations hold them (BudgetCut)."""
         await self._served(job, check)
+        await self._rebudget(job, admitted, ticket)
+        # Last, after the reserve's round trip: the last look of an admission (``admit``), so
+        # no job is admitted once a drain began (``stop``), however long it waited.
+        self._serving(job)
+
+    async def _rebudget(self, job: ChatJob, admitted: TeamConfig, ticket: Ticket) -> None:
+        """Reserve a held job again when its team's budgets changed (see ``_recheck``)."""
         config = self._configs.get(job.team)
         held = ticket.config or admitted
         if config is None or config is held:
@@ -392,9 +424,19 @@ class Admission:
 
     async def _served(self, job: ChatJob, check: Check | None) -> None:
         """A held job's checks but its budget's: its own (``check``), then whether its team is
-        still served (TeamStopped when not)."""
+        still served (``_serving``)."""
         if check is not None:
             await check()
+        self._serving(job)
+
+    def _serving(self, job: ChatJob) -> None:
+        """TeamStopped when the worker no longer serves the job's team: disabled, or the
+        worker drains."""
+        if self._stop.is_set():
+            raise TeamStopped(
+                "the worker began to drain while the job waited for admission; it goes back "
+                "to its queue"
+            )
         if job.team in self._stopped:
             raise TeamStopped(
                 f"team {job.team} was disabled while the job waited for its rate limit or "
@@ -471,12 +513,12 @@ class Admission:
                     continue
                 # Not asyncio.wait_for: on Python 3.11 it drops a cancel (the worker's stop)
                 # that comes as the settle does, and the job would wait on for its budget.
-                await until_set(
+                await self.pause(
                     min(delay, left, sweep if sweep > 0 else self._settings.claim_lease / 2),
                     self._settle_event(cause.ledger),
                 )
                 delay = min(delay * 2, RETRY_SECONDS)
-                if time.monotonic() - checked >= CHECK_SECONDS:
+                if time.monotonic() - checked >= CHECK_SECONDS or self.stopping:
                     # Its own checks only: its budget's would reserve it again, in this line.
                     await ticket.served()
                     checked = time.monotonic()
@@ -950,19 +992,28 @@ class Ticket:
         its place, and whoever is behind it moves up, rather than holding the line until its
         turn."""
         acquiring = asyncio.ensure_future(line.acquire())
+        stopped = asyncio.ensure_future(self._admission.until_stopped())
         try:
             while True:
                 left = self.until - time.monotonic()
                 every = min(left, CHECK_SECONDS)
-                if (await asyncio.wait({acquiring}, timeout=max(0.0, every)))[0]:
+                done, _ = await asyncio.wait(
+                    {acquiring, stopped},
+                    timeout=max(0.0, every),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if acquiring in done:
                     return
+                # First: woken by a drain, the job goes back whatever time it has left.
+                await check()
                 if left <= every:
                     raise late()
-                await check()
         except BaseException:
             if not acquiring.cancel():  # it got the line meanwhile
                 line.release()
             raise
+        finally:
+            stopped.cancel()
 
     async def _sleep(
         self, seconds: float, limits: list[Limit], follow: Callable[[], list[Limit]] | None
@@ -971,8 +1022,8 @@ class Ticket:
         ``follow`` no longer gives the ``limits`` it was made under (cut short)."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, CHECK_SECONDS))
-            if left > CHECK_SECONDS:
+            await self._admission.pause(min(left, CHECK_SECONDS))
+            if left > CHECK_SECONDS or self._admission.stopping:
                 await self.check()
                 if follow is not None and follow() != limits:
                     return False
