@@ -319,6 +319,105 @@ models:
         assert 1000 - REAL_TOKENS <= float(tokens) <= 1000 - REAL_TOKENS + 1000 / 60 * took
 
 
+def limited_deployment(tmp_path: Path, limits: str) -> Path:
+    """A catalog of model small on one deployment with its provider account's ``limits``."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        f"""
+models:
+  small:
+    deployments:
+      - {{name: small-1, provider: openai, model: small, api_base: "${{QUEUEGATE_MOCK_URL}}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, {limits}}}
+"""
+    )
+    return catalog
+
+
+async def test_a_governed_jobs_deployment_take_and_call_record_ride_with_its_claim(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given team alpha with buckets and a budget, on a deployment with limits of its own (each
+    # bucket 10 requests a second, a burst of 10, and 1,000 tokens a minute), and a job served
+    # already (the deployment's health trusted, a connection to it free)
+    await register(settings, "alpha", TeamConfig(rpm=600, tpm=1000, budget_usd=Decimal(1)))
+    catalog = limited_deployment(tmp_path, "rpm: 600, tpm: 1000, burst: 10")
+    # (its closed circuit trusted for the test, not 50 ms: no round trip to ask before a call)
+    monkeypatch.setattr("router.health.TRUST_CLOSED", 600.0)
+    keys = Keys(settings.redis_prefix)
+    buckets = [keys.team_bucket("alpha"), keys.deployment_bucket("small-1")]
+    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
+        began = time.monotonic()
+        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+        spent = await ledger_spent(redis_client, keys, "alpha", current_month())
+        before = [await redis_client.hmget(bucket, ["r", "t"]) for bucket in buckets]
+        batches = round_trips(monkeypatch)
+        undone = undos(monkeypatch)
+
+        # When the next job is served
+        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+        after = [await redis_client.hmget(bucket, ["r", "t"]) for bucket in buckets]
+        took = time.monotonic() - began
+
+    # Expect two round trips: the claim with the budget's reservation, the team's and the
+    # deployment's takes and the call's record; then the outcome's store with every settle
+    assert batches == [
+        ["claim", "spend", "take", "take", "hold"],
+        ["finish", "take", "take", "spend"],
+    ]
+    assert undone == []
+    # ... each bucket a request and the job's real tokens down, not its estimate (give or
+    # take the refill since the first job's writes), and the budget at its cost (10 input
+    # tokens at $1/M, 11 output at $2/M)
+    for (requests, tokens), (requests_now, tokens_now) in zip(before, after, strict=True):
+        assert float(requests) - 1 <= float(requests_now) <= float(requests) - 1 + 10 * took
+        down = float(tokens) - REAL_TOKENS
+        assert down <= float(tokens_now) <= down + 1000 / 60 * took
+    spent_now = await ledger_spent(redis_client, keys, "alpha", current_month())
+    assert spent_now - spent == Decimal(32_000) / NANO
+
+
+async def test_a_job_ended_after_its_claim_gives_back_the_deployments_take_that_rode_with_it(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given team alpha with buckets and a budget, on a deployment whose buckets take minutes to
+    # refill what a job takes (6 requests and 100 tokens a minute), a job served already (the
+    # deployment's health trusted, a connection to it free), and a batch of alpha's canceled
+    await register(settings, "alpha", TeamConfig(rpm=600, tpm=10_000, budget_usd=Decimal(1)))
+    catalog = limited_deployment(tmp_path, "rpm: 6, tpm: 100, burst: 6")
+    monkeypatch.setattr("router.health.TRUST_CLOSED", 600.0)  # (as in the test above)
+    keys = Keys(settings.redis_prefix)
+    await redis_client.set(keys.batch_canceled("alpha", "gone"), 1)
+    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
+        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+        bucket = keys.deployment_bucket("small-1")
+        before = await redis_client.hmget(bucket, ["r", "t"])
+        batches = round_trips(monkeypatch)
+        undone = undos(monkeypatch)
+
+        # When a job of the batch is claimed, with its budget's reservation and its team's and
+        # the deployment's takes, then ends on the cancel before admission
+        job = client.job("small", WORDS, max_tokens=MAX_TOKENS, metadata={"batch": "gone"})
+        result = await (await client.submit(job)).result(timeout=10)
+        assert result.error is not None and result.error.code == "canceled"
+        after = await redis_client.hmget(bucket, ["r", "t"])
+        assert gw.mock.stats.calls == 1
+
+    # Expect the undo in the outcome's store to give the deployment its request and every
+    # estimated token back (what it holds only refilled since)
+    assert batches[0] == ["claim", "spend", "take", "take", "hold"]
+    assert batches[1] == ["finish", "take", "take", "take", "spend"]
+    assert len(undone) == 1
+    assert float(after[0]) >= float(before[0])
+    assert float(after[1]) >= float(before[1])
+
+
 async def test_a_reservation_lapses_soon_after_its_jobs_deadline_not_a_time_limit_later(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
