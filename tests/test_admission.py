@@ -38,8 +38,8 @@ REAL_TOKENS = 21
 ESTIMATE_ERROR = 3
 
 
-def small_deployment(tmp_path: Path, *, rpm: int, burst: int) -> Path:
-    """A catalog of one model served by one deployment with its provider account's limits."""
+def limited_deployment(tmp_path: Path, limits: str) -> Path:
+    """A catalog of model small on one deployment with its provider account's ``limits``."""
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(
         f"""
@@ -47,11 +47,15 @@ models:
   small:
     deployments:
       - {{name: small-1, provider: openai, model: small, api_base: "${{QUEUEGATE_MOCK_URL}}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: {rpm},
-         burst: {burst}}}
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, {limits}}}
 """
     )
     return catalog
+
+
+def small_deployment(tmp_path: Path, *, rpm: int, burst: int) -> Path:
+    """A catalog of one model served by one deployment with its provider account's limits."""
+    return limited_deployment(tmp_path, f"rpm: {rpm}, burst: {burst}")
 
 
 @asynccontextmanager
@@ -319,19 +323,20 @@ models:
         assert 1000 - REAL_TOKENS <= float(tokens) <= 1000 - REAL_TOKENS + 1000 / 60 * took
 
 
-def limited_deployment(tmp_path: Path, limits: str) -> Path:
-    """A catalog of model small on one deployment with its provider account's ``limits``."""
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(
-        f"""
-models:
-  small:
-    deployments:
-      - {{name: small-1, provider: openai, model: small, api_base: "${{QUEUEGATE_MOCK_URL}}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, {limits}}}
-"""
-    )
-    return catalog
+@asynccontextmanager
+async def governed_after_a_job(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limits: str
+) -> AsyncIterator[tuple[Gateway, GatewayClient]]:
+    """A gateway serving team alpha with buckets (600 requests, 1,000 tokens a minute) and a
+    budget, on a deployment with ``limits`` of its own, once it served a job of alpha's (the
+    deployment's health trusted, a connection to it free); and alpha's client."""
+    await register(settings, "alpha", TeamConfig(rpm=600, tpm=1000, budget_usd=Decimal(1)))
+    catalog = limited_deployment(tmp_path, limits)
+    # (its closed circuit trusted for the test, not 50 ms: no round trip to ask before a call)
+    monkeypatch.setattr("router.health.TRUST_CLOSED", 600.0)
+    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
+        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+        yield gw, client
 
 
 async def test_a_governed_jobs_deployment_take_and_call_record_ride_with_its_claim(
@@ -342,16 +347,12 @@ async def test_a_governed_jobs_deployment_take_and_call_record_ride_with_its_cla
 ) -> None:
     # Given team alpha with buckets and a budget, on a deployment with limits of its own (each
     # bucket 10 requests a second, a burst of 10, and 1,000 tokens a minute), and a job served
-    # already (the deployment's health trusted, a connection to it free)
-    await register(settings, "alpha", TeamConfig(rpm=600, tpm=1000, budget_usd=Decimal(1)))
-    catalog = limited_deployment(tmp_path, "rpm: 600, tpm: 1000, burst: 10")
-    # (its closed circuit trusted for the test, not 50 ms: no round trip to ask before a call)
-    monkeypatch.setattr("router.health.TRUST_CLOSED", 600.0)
+    # already
     keys = Keys(settings.redis_prefix)
     buckets = [keys.team_bucket("alpha"), keys.deployment_bucket("small-1")]
-    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
-        began = time.monotonic()
-        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+    began = time.monotonic()
+    limits = "rpm: 600, tpm: 1000, burst: 10"
+    async with governed_after_a_job(settings, tmp_path, monkeypatch, limits) as (_, client):
         spent = await ledger_spent(redis_client, keys, "alpha", current_month())
         before = [await redis_client.hmget(bucket, ["r", "t"]) for bucket in buckets]
         batches = round_trips(monkeypatch)
@@ -386,16 +387,13 @@ async def test_a_job_ended_after_its_claim_gives_back_the_deployments_take_that_
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Given team alpha with buckets and a budget, on a deployment whose buckets take minutes to
-    # refill what a job takes (6 requests and 100 tokens a minute), a job served already (the
-    # deployment's health trusted, a connection to it free), and a batch of alpha's canceled
-    await register(settings, "alpha", TeamConfig(rpm=600, tpm=10_000, budget_usd=Decimal(1)))
-    catalog = limited_deployment(tmp_path, "rpm: 6, tpm: 100, burst: 6")
-    monkeypatch.setattr("router.health.TRUST_CLOSED", 600.0)  # (as in the test above)
-    keys = Keys(settings.redis_prefix)
-    await redis_client.set(keys.batch_canceled("alpha", "gone"), 1)
-    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
-        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+    # Given a batch of team alpha's canceled, alpha's buckets and budget, a deployment whose
+    # own buckets take minutes to refill what a job takes (6 requests and 100 tokens a
+    # minute), and a job served already
+    limits = "rpm: 6, tpm: 100, burst: 6"
+    async with governed_after_a_job(settings, tmp_path, monkeypatch, limits) as (gw, client):
+        keys = Keys(settings.redis_prefix)
+        await redis_client.set(keys.batch_canceled("alpha", "gone"), 1)
         bucket = keys.deployment_bucket("small-1")
         before = await redis_client.hmget(bucket, ["r", "t"])
         batches = round_trips(monkeypatch)
