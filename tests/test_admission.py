@@ -27,7 +27,8 @@ from router import load_catalog
 from tests.support import Gateway, running_gateway, wait_until
 from tests.teams import register
 from workers.admission import Admission, Ahead, Settlement
-from workers.admission.estimate import estimate
+from workers.admission.estimate import Estimate, estimate
+from workers.admission.gate import Ticket
 from workers.admission.scripts import Call, Scripts
 
 # 40 characters (the mock counts 10 prompt tokens) whose reply is longer than max_tokens, so
@@ -414,6 +415,43 @@ async def test_a_job_ended_after_its_claim_gives_back_the_deployments_take_that_
     assert len(undone) == 1
     assert float(after[0]) >= float(before[0])
     assert float(after[1]) >= float(before[1])
+
+
+async def test_a_deployment_take_that_rode_with_the_claim_goes_back_when_the_call_goes_elsewhere(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # Given model small on two deployments, each with buckets that take minutes to refill what
+    # a job takes (6 requests and 100 tokens a minute), and a job's take of the first, as its
+    # claim made it
+    catalog = tmp_path / "catalog.yaml"
+    deployment = """
+      - {name: small-N, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 6,
+         tpm: 100, burst: 6}"""
+    entries = "".join(deployment.replace("small-N", f"small-{n}") for n in (1, 2))
+    catalog.write_text(f"models:\n  small:\n    deployments:{entries}\n")
+    env = {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9", "QUEUEGATE_MOCK_KEY": "sk-test"}
+    first, second = load_catalog(catalog, env).resolve("small").deployments
+    keys = Keys(settings.redis_prefix)
+    needed = Estimate(prompt_tokens=10, output_tokens=14, cost_nano=0)
+    async with running_gateway(settings, catalog=catalog) as gw:
+        admission = gw.worker.admission
+        assert admission is not None
+        taken = admission.deployment_limit(first)
+        assert taken is not None
+        assert (await admission.take([taken], needed.tokens, 0, time.monotonic() + 10)).taken
+        ticket = Ticket(admission, "alpha", needed, time.monotonic() + 10)
+        ticket.deployment_ahead = taken
+
+        # When its call enters the second deployment instead (the router went elsewhere)
+        await ticket.enter(second)
+        buckets = [keys.deployment_bucket("small-1"), keys.deployment_bucket("small-2")]
+        levels = [[float(v) for v in await redis_client.hmget(b, ["r", "t"])] for b in buckets]
+
+    # Expect the first's request and tokens back (full again), the second's taken
+    assert levels[0] == [6, 100]
+    assert 5 <= levels[1][0] < 5.5
+    assert 76 <= levels[1][1] < 80
 
 
 async def test_a_reservation_lapses_soon_after_its_jobs_deadline_not_a_time_limit_later(
