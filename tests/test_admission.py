@@ -27,7 +27,8 @@ from router import load_catalog
 from tests.support import Gateway, depth, running_gateway, wait_until
 from tests.teams import register
 from workers.admission import Admission, Ahead, Settlement
-from workers.admission.estimate import estimate
+from workers.admission.estimate import Estimate, estimate
+from workers.admission.gate import Ticket
 from workers.admission.scripts import Call, Scripts
 
 # 40 characters (the mock counts 10 prompt tokens) whose reply is longer than max_tokens, so
@@ -38,8 +39,8 @@ REAL_TOKENS = 21
 ESTIMATE_ERROR = 3
 
 
-def small_deployment(tmp_path: Path, *, rpm: int, burst: int) -> Path:
-    """A catalog of one model served by one deployment with its provider account's limits."""
+def limited_deployment(tmp_path: Path, limits: str) -> Path:
+    """A catalog of model small on one deployment with its provider account's ``limits``."""
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(
         f"""
@@ -47,11 +48,15 @@ models:
   small:
     deployments:
       - {{name: small-1, provider: openai, model: small, api_base: "${{QUEUEGATE_MOCK_URL}}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: {rpm},
-         burst: {burst}}}
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, {limits}}}
 """
     )
     return catalog
+
+
+def small_deployment(tmp_path: Path, *, rpm: int, burst: int) -> Path:
+    """A catalog of one model served by one deployment with its provider account's limits."""
+    return limited_deployment(tmp_path, f"rpm: {rpm}, burst: {burst}")
 
 
 @asynccontextmanager
@@ -317,6 +322,136 @@ models:
         tokens = await redis_client.hget(bucket, "t")
         assert tokens is not None
         assert 1000 - REAL_TOKENS <= float(tokens) <= 1000 - REAL_TOKENS + 1000 / 60 * took
+
+
+@asynccontextmanager
+async def governed_after_a_job(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limits: str
+) -> AsyncIterator[tuple[Gateway, GatewayClient]]:
+    """A gateway serving team alpha with buckets (600 requests, 1,000 tokens a minute) and a
+    budget, on a deployment with ``limits`` of its own, once it served a job of alpha's (the
+    deployment's health trusted, a connection to it free); and alpha's client."""
+    await register(settings, "alpha", TeamConfig(rpm=600, tpm=1000, budget_usd=Decimal(1)))
+    catalog = limited_deployment(tmp_path, limits)
+    # (its closed circuit trusted for the test, not 50 ms: no round trip to ask before a call)
+    monkeypatch.setattr("router.health.TRUST_CLOSED", 600.0)
+    async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
+        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+        yield gw, client
+
+
+async def test_a_governed_jobs_deployment_take_and_call_record_ride_with_its_claim(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given team alpha with buckets and a budget, on a deployment with limits of its own (each
+    # bucket 10 requests a second, a burst of 10, and 1,000 tokens a minute), and a job served
+    # already
+    keys = Keys(settings.redis_prefix)
+    buckets = [keys.team_bucket("alpha"), keys.deployment_bucket("small-1")]
+    began = time.monotonic()
+    limits = "rpm: 600, tpm: 1000, burst: 10"
+    async with governed_after_a_job(settings, tmp_path, monkeypatch, limits) as (_, client):
+        spent = await ledger_spent(redis_client, keys, "alpha", current_month())
+        before = [await redis_client.hmget(bucket, ["r", "t"]) for bucket in buckets]
+        batches = round_trips(monkeypatch)
+        undone = undos(monkeypatch)
+
+        # When the next job is served
+        assert (await client.chat("small", WORDS, max_tokens=MAX_TOKENS)).status == "ok"
+        after = [await redis_client.hmget(bucket, ["r", "t"]) for bucket in buckets]
+        took = time.monotonic() - began
+
+    # Expect two round trips: the claim with the budget's reservation, the team's and the
+    # deployment's takes and the call's record; then the outcome's store with every settle
+    assert batches == [
+        ["claim", "spend", "take", "take", "hold"],
+        ["finish", "take", "take", "spend"],
+    ]
+    assert undone == []
+    # ... each bucket a request and the job's real tokens down, not its estimate (give or
+    # take the refill since the first job's writes), and the budget at its cost (10 input
+    # tokens at $1/M, 11 output at $2/M)
+    for (requests, tokens), (requests_now, tokens_now) in zip(before, after, strict=True):
+        assert float(requests) - 1 <= float(requests_now) <= float(requests) - 1 + 10 * took
+        down = float(tokens) - REAL_TOKENS
+        assert down <= float(tokens_now) <= down + 1000 / 60 * took
+    spent_now = await ledger_spent(redis_client, keys, "alpha", current_month())
+    assert spent_now - spent == Decimal(32_000) / NANO
+
+
+async def test_a_job_ended_after_its_claim_gives_back_the_deployments_take_that_rode_with_it(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a batch of team alpha's canceled, alpha's buckets and budget, a deployment whose
+    # own buckets take minutes to refill what a job takes (6 requests and 100 tokens a
+    # minute), and a job served already
+    limits = "rpm: 6, tpm: 100, burst: 6"
+    async with governed_after_a_job(settings, tmp_path, monkeypatch, limits) as (gw, client):
+        keys = Keys(settings.redis_prefix)
+        await redis_client.set(keys.batch_canceled("alpha", "gone"), 1)
+        bucket = keys.deployment_bucket("small-1")
+        before = await redis_client.hmget(bucket, ["r", "t"])
+        batches = round_trips(monkeypatch)
+        undone = undos(monkeypatch)
+
+        # When a job of the batch is claimed, with its budget's reservation and its team's and
+        # the deployment's takes, then ends on the cancel before admission
+        job = client.job("small", WORDS, max_tokens=MAX_TOKENS, metadata={"batch": "gone"})
+        result = await (await client.submit(job)).result(timeout=10)
+        assert result.error is not None and result.error.code == "canceled"
+        after = await redis_client.hmget(bucket, ["r", "t"])
+        assert gw.mock.stats.calls == 1
+
+    # Expect the undo in the outcome's store to give the deployment its request and every
+    # estimated token back (what it holds only refilled since)
+    assert batches[0] == ["claim", "spend", "take", "take", "hold"]
+    assert batches[1] == ["finish", "take", "take", "take", "spend"]
+    assert len(undone) == 1
+    assert float(after[0]) >= float(before[0])
+    assert float(after[1]) >= float(before[1])
+
+
+async def test_a_deployment_take_that_rode_with_the_claim_goes_back_when_the_call_goes_elsewhere(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # Given model small on two deployments, each with buckets that take minutes to refill what
+    # a job takes (6 requests and 100 tokens a minute), and a job's take of the first, as its
+    # claim made it
+    catalog = tmp_path / "catalog.yaml"
+    deployment = """
+      - {name: small-N, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, rpm: 6,
+         tpm: 100, burst: 6}"""
+    entries = "".join(deployment.replace("small-N", f"small-{n}") for n in (1, 2))
+    catalog.write_text(f"models:\n  small:\n    deployments:{entries}\n")
+    env = {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9", "QUEUEGATE_MOCK_KEY": "sk-test"}
+    first, second = load_catalog(catalog, env).resolve("small").deployments
+    keys = Keys(settings.redis_prefix)
+    needed = Estimate(prompt_tokens=10, output_tokens=14, cost_nano=0)
+    async with running_gateway(settings, catalog=catalog) as gw:
+        admission = gw.worker.admission
+        assert admission is not None
+        taken = admission.deployment_limit(first)
+        assert taken is not None
+        assert (await admission.take([taken], needed.tokens, 0, time.monotonic() + 10)).taken
+        ticket = Ticket(admission, "alpha", needed, time.monotonic() + 10)
+        ticket.deployment_ahead = taken
+
+        # When its call enters the second deployment instead (the router went elsewhere)
+        await ticket.enter(second)
+        buckets = [keys.deployment_bucket("small-1"), keys.deployment_bucket("small-2")]
+        levels = [[float(v) for v in await redis_client.hmget(b, ["r", "t"])] for b in buckets]
+
+    # Expect the first's request and tokens back (full again), the second's taken
+    assert levels[0] == [6, 100]
+    assert 5 <= levels[1][0] < 5.5
+    assert 76 <= levels[1][1] < 80
 
 
 async def test_a_reservation_lapses_soon_after_its_jobs_deadline_not_a_time_limit_later(

@@ -355,3 +355,22 @@ async def test_a_job_written_just_after_its_ledger_is_listed_is_counted_once(
     assert await spend_drift(redis_client, pool, keys, "alpha", month) == 0
     assert corrections is not None
     assert [c.drift for c in corrections] == [0]
+
+
+async def test_a_reconciled_ledger_finds_a_jobs_entry_without_a_scan_of_the_others(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a month's ledger made by a reconciliation, with one entry put back
+    keys, month, alpha = Keys(settings.redis_prefix), current_month(), Scope("alpha")
+    restore = {alpha: {"a-1": (NANO_USD, 600_000)}}
+    corrections = await reconcile(
+        redis_client, pool, keys, [alpha], month, token=reconciler_token(), restore=restore
+    )
+    assert corrections is not None
+
+    # When Redis is asked how it keeps it
+    encoding = await redis_client.object("encoding", keys.spend("alpha", month))
+
+    # Expect a hash table, not the compact list Redis keeps a small hash in, where each of a
+    # job's reserve and settle would scan every entry for its own, eight times a job
+    assert encoding == b"hashtable"

@@ -593,11 +593,11 @@ class JobProcessor:
     def _first_call(self, job: ChatJob, ahead: Ahead | None) -> LostCall | None:
         """The record of the job's first call, to write with its claim, when the call goes
         as soon as it is admitted: to the one deployment the router would pick (``first_call``)
-        with nothing of admission to wait for (no bucket of its team's or the deployment's:
-        ``Admission.straight``). A record written long before its call would, should the
-        worker die meanwhile, bill a call that never left, and count a failure against the
-        delivery limit; with nothing to wait for, the call leaves within the same CPU work as
-        it would after a round trip of its own."""
+        with nothing of admission to wait for (no bucket of its team's or the deployment's, or
+        their takes ride with the claim before the record: ``Admission.straight``). A record
+        written long before its call would, should the worker die meanwhile, bill a call that
+        never left, and count a failure against the delivery limit; with nothing to wait for,
+        the call leaves within the same CPU work as it would after a round trip of its own."""
         first = self._router.first_call(job)
         if first is None:
             return None

@@ -19,6 +19,8 @@
 -- may be newer), else {found, before, after, generation}: found 0 when the ledger was
 -- missing (Redis lost it), and the ledger's spent before and after (base + open).
 
+local ABOUT = 'a month of spend in nano-USD: base (usage_log) + open (j: entries), reserved (r: marks)'
+
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return {-1}
 end
@@ -51,7 +53,12 @@ if #ARGV >= first then
   redis.call('ZREM', KEYS[2], unpack(ARGV, first))
 end
 base = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen, 'reserved', reserved)
+-- `about`, longer than Redis keeps in a small hash's compact encoding (hash-max-listpack-value,
+-- 64 bytes), makes the ledger a hash table for good: kept compact, its every job's field
+-- would be found by a scan of all of them, eight a job (reserve and settle) over up to 512
+-- fields (hash-max-listpack-entries) between two reconciliations.
+redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen, 'reserved', reserved,
+  'about', ABOUT)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if n > 0 then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))

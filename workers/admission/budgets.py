@@ -178,6 +178,8 @@ class Budgets:
         """The ledgers a job of ``model`` reserves in now (none when the team has neither
         budget nor cap): the jobs waiting for the same ones wait in one line."""
         models = [scope_model for scope_model, _ in budget_scopes(config, model)]
+        if not models:
+            return ()  # no month to look up: asked twice for each job of such a team
         return tuple(ledger_keys(self._keys, team, current_month(), models)[::2])
 
     def reserving(

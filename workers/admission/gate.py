@@ -249,20 +249,43 @@ class Admission:
         its call to ``deployment``: no bucket of its team's, nor of the deployment's, nor
         jobs waiting for its budget (a held-back reserve of ``ahead``'s stops its claim's round
         trip before the call's record). None otherwise, or when its estimate is refused
-        (``admit`` refuses it in its turn). ``ahead``: the job's, whose estimate is the same
-        (made once, not twice)."""
+        (``admit`` refuses it in its turn).
+
+        ``ahead``: the job's, whose estimate is the same (made once, not twice), and which
+        takes its team's buckets with its claim: then the deployment's are taken there too,
+        after them (``_take_ahead``), and the call is recorded only if both let it go."""
+        limit = self.deployment_limit(deployment)
+        if ahead is not None:
+            return ahead.estimate if self._take_ahead(ahead, limit) else None
         config = self.config(job.team)
         # The deployment's first: a lookup, where the team's limits are made anew.
-        if self.deployment_limit(deployment) is not None or self._team_limits(job, config):
+        if limit is not None or self._team_limits(job, config):
             return None
-        if ahead is not None:
-            return ahead.estimate
         if self._budget_waited(self._budgets.ledgers(job.team, job.model, config)):
             return None
         try:
             return estimate(job, self._catalog, config, self._settings.expected_output_tokens)
         except JobError:
             return None
+
+    def _take_ahead(self, ahead: Ahead, limit: Limit | None) -> bool:
+        """Whether a job whose reserve and first take ride with its claim (``ahead``) meets
+        nothing else to wait for before its call: its team's buckets are taken there (it has
+        none, or no job of this process waits for them), and so are the deployment's
+        (``limit``; None: it has none), whose take is added to ``ahead``'s calls unless jobs of
+        this process wait for it. A third round trip, right before the call, otherwise."""
+        if ahead.limits and len(ahead.calls) < 2:
+            return False  # its team's jobs wait in line: so will it
+        if limit is None:
+            return True
+        team = ahead.reserving.held.team
+        if self.line([limit], team).locked():
+            return False
+        # Never into the deployment's line across processes (patience 0): refused, the job
+        # takes its turn there as any other, once admitted (Ticket.enter).
+        ahead.calls.append(take_call([limit], ahead.estimate.tokens, team=team))
+        ahead.deployment = limit
+        return True
 
     def line(self, limits: list[Limit], team: str) -> Line:
         """Where this process's jobs of ``team`` wait their turn for the same buckets, first
@@ -339,9 +362,9 @@ class Admission:
             )
             if ahead is not None and with_claim:
                 # Its buckets as they were taken (the team's limits may have changed since).
-                limits, replies = ahead.limits, ahead.replies
-                ticket.budget = await self._budgets.reserved(ahead.reserving, replies[0])
-                tried = replies[1] if len(replies) > 1 else None
+                limits = ahead.limits
+                ticket.budget = await self._budgets.reserved(ahead.reserving, ahead.replies[0])
+                tried = ahead.team_take()
             else:
                 # The first try at the team's buckets rides with the budget's reservation, in
                 # one round trip.
@@ -356,6 +379,8 @@ class Admission:
         try:
             if tried is not None and taken(limits, tokens, tried).taken:
                 ticket.team_limits = limits  # what it holds: settled however the job ends
+            if ahead is not None and with_claim:
+                ticket.deployment_ahead = ahead.deployment_taken()
             if with_claim and ticket.budget is not None and lost:
                 # Reserved with the claim, before the claim said its lapsed owners made calls:
                 # again, with them (as a redelivery's reserve is made), so a job called again
@@ -615,8 +640,10 @@ class Admission:
         # Never admitted, so it never waits: no time to wait until.
         ticket = Ticket(self, team, ahead.estimate, until=0.0, lost=to_nano(lost))
         ticket.budget = self._budgets.made(ahead.reserving, replies[0])
-        if len(replies) > 1 and replies[1][0] == 1:
+        tried = ahead.team_take()
+        if tried is not None and tried[0] == 1:
             ticket.team_limits = ahead.limits
+        ticket.deployment_ahead = ahead.deployment_taken()
         return ticket.settlement(None, give_back=True)
 
     def _first_take(self, limits: list[Limit], tokens: int, team: str) -> Call | None:
@@ -819,6 +846,9 @@ class Ticket:
         them admitted it): its settle gives back to these alone."""
         self._deployments: list[tuple[str, Limit]] = []
         """The deployments whose buckets this job took from, by name."""
+        self.deployment_ahead: Limit | None = None
+        """The deployment's buckets the job took with its claim (``Ahead``), until its first
+        call enters them (``enter``): given back, request and tokens, if it never does."""
         self._settled = False
         self._answered: int | None = None
         """Nano-USD the job's usage row holds, once a duplicate found it answered
@@ -879,6 +909,15 @@ class Ticket:
         ``then`` ran, in the round trip of the take that let the call go (it does not when
         the deployment has no buckets, or the call waited for them)."""
         limit = self._admission.deployment_limit(deployment)
+        ahead, self.deployment_ahead = self.deployment_ahead, None
+        if ahead is not None:
+            if ahead is limit:
+                # Taken with the claim: ``then`` ran there too, or not at all.
+                self._waited = self._waited or 0.0
+                self._deployments.append((deployment.name, limit))
+                return False
+            # The router went elsewhere (its health changed since the claim).
+            await self._admission.give_back([ahead], self.estimate.tokens)
         if limit is None:
             return False
         ran, _ = await self.take([limit], then=then)
@@ -1060,6 +1099,9 @@ class Ticket:
         back = self.estimate.tokens - used
         # Only buckets of tokens have anything to settle; all in one round trip.
         calls = [_give_back_call(self.team_limits) if give_back else None]
+        if self.deployment_ahead is not None:
+            # Taken with the claim for a call that never entered it.
+            calls.append(_give_back_call([self.deployment_ahead], self.estimate.tokens))
         calls.append(settle_call([limit for limit in self.team_limits if limit.tpm], back))
         for name, limit in self._deployments:
             if limit.tpm:
@@ -1091,11 +1133,28 @@ class Ahead:
     ) -> None:
         self._admission = admission
         self.calls = calls
+        """The reserve, then the first take of the team's buckets (if it has any and no job
+        of this process waits for them), then that of the deployment's (``deployment``)."""
         self.reserving = reserving
         self.estimate = estimate
         self.limits = limits
+        self.deployment: Limit | None = None
+        """The deployment's buckets whose take is the last of ``calls``, if any
+        (``Admission.straight``)."""
         self.replies: Sequence[Any] = ()
         """The replies of ``calls``, once they ran with the claim (none: it was not won)."""
+
+    def team_take(self) -> Any | None:
+        """The reply of the first take of the team's buckets, if it ran."""
+        return self.replies[1] if self.limits and len(self.replies) > 1 else None
+
+    def deployment_taken(self) -> Limit | None:
+        """The deployment's buckets, if their take ran and took (the round trip runs each call
+        only when the ones before went through)."""
+        replies = self.replies
+        if self.deployment is None or len(replies) < len(self.calls) or replies[-1][0] != 1:
+            return None
+        return self.deployment
 
     def undo(self, lost: Decimal) -> Settlement | None:
         """What gives back what ran with the claim (its reservation, its take), for a job

@@ -21,12 +21,15 @@ end
 -- The round trip's TIME when this runs with other calls (workers/admission/lua/batch.lua).
 local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + tonumber(ARGV[2])))
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'attempt', ARGV[3])
-  if ARGV[4] and ARGV[4] ~= '' then
-    redis.call('HSET', KEYS[1], 'model', ARGV[5], 'reply', ARGV[6] or '')
-    redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), KEYS[1])
-  end
+local lease = string.format('%d', now + tonumber(ARGV[2]))
+-- One HSET with every field the call changes, not one per field.
+if ARGV[3] == '' then
+  redis.call('HSET', KEYS[1], 'lease', lease)
+elseif ARGV[4] and ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'lease', lease, 'attempt', ARGV[3], 'model', ARGV[5],
+    'reply', ARGV[6] or '')
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'lease', lease, 'attempt', ARGV[3])
 end
 return 1

@@ -128,21 +128,27 @@ for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   if spent[i] and (mode == 'reserve' or held[i] or lost[i]) then
     redis.call('HINCRBY', ledger, 'open', string.format('%d', amount - (held[i] or 0)))
+    -- Each field the call writes or drops in one command, not one per field.
     if mode == 'reserve' then
       redis.call('HINCRBY', ledger, 'reserved', string.format('%d', amount - (mine[i] or 0)))
-      redis.call('HSET', ledger, mark, ARGV[2])
-    elseif mine[i] then
-      -- Settled: its entry is spend now, no longer a reservation.
-      redis.call('HINCRBY', ledger, 'reserved', string.format('%d', -mine[i]))
-      redis.call('HDEL', ledger, mark)
-    end
-    if mode == 'settle' and amount == 0 then
-      -- Nothing spent: nothing for accounting to bring into base either.
-      redis.call('HDEL', ledger, field)
-      redis.call('ZREM', expiry, job)
-    else
-      redis.call('HSET', ledger, field, ARGV[2])
+      redis.call('HSET', ledger, field, ARGV[2], mark, ARGV[2])
       redis.call('ZADD', expiry, expires, job)
+    else
+      if mine[i] then
+        -- Settled: its entry is spend now, no longer a reservation.
+        redis.call('HINCRBY', ledger, 'reserved', string.format('%d', -mine[i]))
+      end
+      if amount == 0 then
+        -- Nothing spent: nothing for accounting to bring into base either.
+        redis.call('HDEL', ledger, field, mark)
+        redis.call('ZREM', expiry, job)
+      else
+        if mine[i] then
+          redis.call('HDEL', ledger, mark)
+        end
+        redis.call('HSET', ledger, field, ARGV[2])
+        redis.call('ZADD', expiry, expires, job)
+      end
     end
     -- Kept ttl past the last reserve: a settle's entry was written with its ttl by the job's
     -- reserve (or a reconcile), moments ago against the weeks it keeps the ledger, unless
