@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ConfigDict
@@ -38,13 +39,14 @@ class Outcome(BaseModel):
     usage: UsageEvent
 
 
-@dataclass(frozen=True, slots=True)
-class Announcement:
+class Announcement(NamedTuple):
     """A finished job as the bytes it is announced with, and nothing else of it.
 
     A worker holds most of its jobs here, while the broker confirms their result and usage
     (thousands, when the broker is the slowest stage): the job, its outcome's models and the
     provider's answer are about 8 KB more per job, so they are let go before publishing.
+    A tuple: a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``, a call each, once per job.
     """
 
     job_id: str
@@ -102,8 +104,13 @@ def as_json(outcome: Outcome) -> tuple[bytes, bytes]:
     """The outcome's result as it is announced (its fields that are None left out, which
     read back as None: every field of a result that may be None defaults to None) and its
     usage event, as JSON."""
-    result = outcome.result.model_dump_json(exclude_none=True).encode()
-    return result, outcome.usage.model_dump_json().encode()
+    # The serializers themselves: ``model_dump_json``'s own Python costs a fifth as much again.
+    result = _RESULT_JSON.to_json(outcome.result, exclude_none=True)
+    return result, _USAGE_JSON.to_json(outcome.usage)
+
+
+_RESULT_JSON = ChatResult.__pydantic_serializer__
+_USAGE_JSON = UsageEvent.__pydantic_serializer__
 
 
 @dataclass(frozen=True)
