@@ -113,6 +113,17 @@ _RESULT_JSON = ChatResult.__pydantic_serializer__
 _USAGE_JSON = UsageEvent.__pydantic_serializer__
 
 
+class Marks(NamedTuple):
+    """What the gate marks a job's outcome with (``workers.gate.Admitted``): who published
+    it, the PII families its prompt held, and the digest of the request it answers. Given to
+    ``served`` and ``failed``, the outcome is built with them, rather than copied three times
+    to stamp them on (``Admitted.stamp``)."""
+
+    identity: str
+    pii: str | None
+    request: str
+
+
 @dataclass(frozen=True)
 class Timing:
     queued_ms: float
@@ -122,7 +133,14 @@ class Timing:
     """The job's trace and recorded span (``queuegate.tracing.ids``), when the worker traces."""
 
 
-def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False) -> Outcome:
+def served(
+    job: ChatJob,
+    routed: Routed,
+    timing: Timing,
+    *,
+    cached: bool = False,
+    marks: Marks | None = None,
+) -> Outcome:
     """A job answered. Its caller reading Anthropic's Messages API gets an error for an
     answer a message has no form for (a tool called with input that is not a JSON object),
     which the front door and a Message Batch's results give it: recorded as that error
@@ -146,7 +164,12 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         trace_id=timing.trace_id,
     )
     result = ChatResult(
-        job_id=job.job_id, team=job.team, status="ok", response=routed.response, gateway=gateway
+        job_id=job.job_id,
+        team=job.team,
+        status="ok",
+        response=routed.response,
+        gateway=gateway,
+        request=marks.request if marks is not None else None,
     )
     usage = UsageEvent(
         job_id=job.job_id,
@@ -174,11 +197,21 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         params_changed=",".join(routed.params_changed) or None,
         trace_id=timing.trace_id,
         span_id=timing.span_id,
+        identity=marks.identity if marks is not None else None,
+        pii=marks.pii if marks is not None else None,
     )
     return Outcome(result=result, usage=usage)
 
 
-def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) -> Outcome:
+def failed(
+    job_id: str,
+    team: str,
+    model: str,
+    error: JobError,
+    timing: Timing,
+    *,
+    marks: Marks | None = None,
+) -> Outcome:
     attempts = error.attempts
     gateway = GatewayInfo(
         model_requested=model,
@@ -207,7 +240,14 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
             "tokens_estimated": billed.estimated or None,
         }
         gateway = gateway.model_copy(update=spent)
-    result = ChatResult(job_id=job_id, team=team, status="error", error=info, gateway=gateway)
+    result = ChatResult(
+        job_id=job_id,
+        team=team,
+        status="error",
+        error=info,
+        gateway=gateway,
+        request=marks.request if marks is not None else None,
+    )
     usage = UsageEvent(
         job_id=job_id,
         team=team,
@@ -221,6 +261,8 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         worker=timing.worker,
         trace_id=timing.trace_id,
         span_id=timing.span_id,
+        identity=marks.identity if marks is not None else None,
+        pii=marks.pii if marks is not None else None,
     )
     if billed is not None:
         tokens = {
