@@ -3,7 +3,8 @@ and mark its outcome for the audit log (identity, PII found, captured content).
 
     admitted = await gate.admit(message, job, team)  # Unauthorized
     sent = await admitted.screen()                    # InvalidRequest when the policy blocks
-    outcome = await admitted.stamp(served(sent, ...)) # also for failed outcomes
+    outcome = served(sent, ..., marks=admitted.marks(digest))  # also for failed outcomes
+    outcome = await admitted.stamp(outcome)           # only when marks was None (content kept)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from queuegate.topology import (
 )
 from queuegate.visible import clipped
 from workers.identity import Identities
-from workers.outcome import Outcome
+from workers.outcome import Marks, Outcome
 from workers.pii.policy import apply, screen_job
 from workers.pii.screening import Screening, redacted
 
@@ -57,6 +58,17 @@ class Admitted:
             self.sent = self.job
         return self.sent
 
+    def marks(self, digest: str) -> Marks | None:
+        """What to build the job's outcome with (``served``, ``failed``), its request's
+        ``digest`` given: None for a team that captures content, whose outcome is stamped
+        once built (``stamp``), for that content is read from it."""
+        if self.security.capture != "none":
+            return None
+        return Marks(self.identity, self._pii(), digest)
+
+    def _pii(self) -> str | None:
+        return ",".join(self.pii) or None
+
     async def stamp(self, outcome: Outcome, digest: str | None = None) -> Outcome:
         """The outcome with its usage event carrying identity, PII flags and captured content,
         and its result the digest of the request it answers (as sent, before any redaction):
@@ -74,7 +86,7 @@ class Admitted:
                 prompt = screening.redacted(keep_structure=False)["messages"]
                 response = await redacted(response)
             content = AuditContent(capture=capture, prompt=prompt, response=response)
-        update = {"identity": self.identity, "pii": ",".join(self.pii) or None, "content": content}
+        update = {"identity": self.identity, "pii": self._pii(), "content": content}
         if digest is None:
             digest = request_digest(self.job)
         result = outcome.result.model_copy(update={"request": digest})

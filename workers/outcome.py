@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ConfigDict
@@ -38,13 +39,14 @@ class Outcome(BaseModel):
     usage: UsageEvent
 
 
-@dataclass(frozen=True, slots=True)
-class Announcement:
+class Announcement(NamedTuple):
     """A finished job as the bytes it is announced with, and nothing else of it.
 
     A worker holds most of its jobs here, while the broker confirms their result and usage
     (thousands, when the broker is the slowest stage): the job, its outcome's models and the
     provider's answer are about 8 KB more per job, so they are let go before publishing.
+    A tuple: a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``, a call each, once per job.
     """
 
     job_id: str
@@ -102,8 +104,24 @@ def as_json(outcome: Outcome) -> tuple[bytes, bytes]:
     """The outcome's result as it is announced (its fields that are None left out, which
     read back as None: every field of a result that may be None defaults to None) and its
     usage event, as JSON."""
-    result = outcome.result.model_dump_json(exclude_none=True).encode()
-    return result, outcome.usage.model_dump_json().encode()
+    # The serializers themselves: ``model_dump_json``'s own Python costs a fifth as much again.
+    result = _RESULT_JSON.to_json(outcome.result, exclude_none=True)
+    return result, _USAGE_JSON.to_json(outcome.usage)
+
+
+_RESULT_JSON = ChatResult.__pydantic_serializer__
+_USAGE_JSON = UsageEvent.__pydantic_serializer__
+
+
+class Marks(NamedTuple):
+    """What the gate marks a job's outcome with (``workers.gate.Admitted``): who published
+    it, the PII families its prompt held, and the digest of the request it answers. Given to
+    ``served`` and ``failed``, the outcome is built with them, rather than copied three times
+    to stamp them on (``Admitted.stamp``)."""
+
+    identity: str
+    pii: str | None
+    request: str
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,14 @@ class Timing:
     """The job's trace and recorded span (``queuegate.tracing.ids``), when the worker traces."""
 
 
-def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False) -> Outcome:
+def served(
+    job: ChatJob,
+    routed: Routed,
+    timing: Timing,
+    *,
+    cached: bool = False,
+    marks: Marks | None = None,
+) -> Outcome:
     """A job answered. Its caller reading Anthropic's Messages API gets an error for an
     answer a message has no form for (a tool called with input that is not a JSON object),
     which the front door and a Message Batch's results give it: recorded as that error
@@ -139,7 +164,12 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         trace_id=timing.trace_id,
     )
     result = ChatResult(
-        job_id=job.job_id, team=job.team, status="ok", response=routed.response, gateway=gateway
+        job_id=job.job_id,
+        team=job.team,
+        status="ok",
+        response=routed.response,
+        gateway=gateway,
+        request=marks.request if marks is not None else None,
     )
     usage = UsageEvent(
         job_id=job.job_id,
@@ -167,11 +197,21 @@ def served(job: ChatJob, routed: Routed, timing: Timing, *, cached: bool = False
         params_changed=",".join(routed.params_changed) or None,
         trace_id=timing.trace_id,
         span_id=timing.span_id,
+        identity=marks.identity if marks is not None else None,
+        pii=marks.pii if marks is not None else None,
     )
     return Outcome(result=result, usage=usage)
 
 
-def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) -> Outcome:
+def failed(
+    job_id: str,
+    team: str,
+    model: str,
+    error: JobError,
+    timing: Timing,
+    *,
+    marks: Marks | None = None,
+) -> Outcome:
     attempts = error.attempts
     gateway = GatewayInfo(
         model_requested=model,
@@ -200,7 +240,14 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
             "tokens_estimated": billed.estimated or None,
         }
         gateway = gateway.model_copy(update=spent)
-    result = ChatResult(job_id=job_id, team=team, status="error", error=info, gateway=gateway)
+    result = ChatResult(
+        job_id=job_id,
+        team=team,
+        status="error",
+        error=info,
+        gateway=gateway,
+        request=marks.request if marks is not None else None,
+    )
     usage = UsageEvent(
         job_id=job_id,
         team=team,
@@ -214,6 +261,8 @@ def failed(job_id: str, team: str, model: str, error: JobError, timing: Timing) 
         worker=timing.worker,
         trace_id=timing.trace_id,
         span_id=timing.span_id,
+        identity=marks.identity if marks is not None else None,
+        pii=marks.pii if marks is not None else None,
     )
     if billed is not None:
         tokens = {

@@ -71,6 +71,7 @@ from workers.gate import Admitted, Gate
 from workers.outcome import (
     UNACCOUNTED,
     Announcement,
+    Marks,
     Outcome,
     Timing,
     as_json,
@@ -307,7 +308,8 @@ class JobProcessor:
                     claim, None, lapsing=self._claims.lapsing(job), usage_as_stored=True
                 )
             if claim.lost:
-                outcome = failed(job.job_id, team, job.model, unreceivable, timing)
+                marks = admitted.marks(claim.fingerprint)
+                outcome = failed(job.job_id, team, job.model, unreceivable, timing, marks=marks)
                 return await self._ended(claim, admitted, outcome, reply_to, unreceivable)
             # Refused uncalled: what a lapsed owner reserved goes, while the claim is held.
             await self._admission.charge(job.team, job.model, job.job_id, claim.owed_usd)
@@ -334,16 +336,19 @@ class JobProcessor:
         reply_to: str | None,
         timing: Timing,
     ) -> Announcement:
-        """Answer a job this delivery holds (or missed the claim of: ``Claim.take_up``)."""
+        """Answer a job this delivery holds (or missed the claim of: ``Claim.take_up``).
+        Its outcome is built with the gate's marks (``Admitted.marks``, once screened: the
+        PII found is among them), as ``_ended`` expects."""
         error: JobError | None = None
         try:
             try:
-                outcome = await self._answer(
-                    await admitted.screen(), reply_to, timing, claim, ahead
-                )
+                sent = await admitted.screen()
+                marks = admitted.marks(claim.fingerprint)
+                outcome = await self._answer(sent, reply_to, timing, claim, ahead, marks=marks)
             except JobError as exc:
                 error = exc
-                outcome = failed(job.job_id, job.team, job.model, exc, timing)
+                marks = admitted.marks(claim.fingerprint)
+                outcome = failed(job.job_id, job.team, job.model, exc, timing, marks=marks)
                 # Its end is stored as the job's outcome: not before another delivery's, which
                 # may be calling (one refused over budget would answer a job that was called).
                 await claim.take_up(job)
@@ -364,7 +369,8 @@ class JobProcessor:
                 f"the gateway failed on this job ({type(exc).__name__}); "
                 "its operators have the details in the worker's log",
             )
-            outcome = failed(job.job_id, job.team, job.model, error, timing)
+            marks = admitted.marks(claim.fingerprint)
+            outcome = failed(job.job_id, job.team, job.model, error, timing, marks=marks)
         except BaseException:
             await claim.abandon()
             raise
@@ -379,9 +385,15 @@ class JobProcessor:
         error: JobError | None,
     ) -> Announcement:
         """Store and announce the outcome of a delivery that held the claim, with the calls
-        its lapsed owners made on its usage row and in its budget ledger."""
+        its lapsed owners made on its usage row and in its budget ledger. ``outcome`` is
+        built with the gate's marks (``Admitted.marks``) where it has them, else stamped
+        here."""
         try:
-            stamped = await admitted.stamp(outcome, claim.fingerprint)
+            stamped = (
+                outcome
+                if admitted.marks(claim.fingerprint) is not None
+                else await admitted.stamp(outcome, claim.fingerprint)
+            )
         except BaseException:
             await claim.settle()  # what would have ridden with the store
             raise
@@ -612,20 +624,22 @@ class JobProcessor:
         timing: Timing,
         claim: Claim,
         ahead: Ahead | None,
+        *,
+        marks: Marks | None,
     ) -> Outcome:
         """From the response cache when the job (or its team) wants it, else from the router
-        (streamed to ``reply_to`` when the job asks for it)."""
+        (streamed to ``reply_to`` when the job asks for it); built with ``marks``."""
         relay = relay_for(job, reply_to, self._publisher)
         cache = wanted(job, self._admission.config(job.team))
         hit = await self._cache.get(job) if cache else None
         if hit is not None:
             if relay is not None:
                 await relay.replay(hit.response)
-            return served(job, hit, timing, cached=True)
+            return served(job, hit, timing, cached=True, marks=marks)
         routed = await self._serve(job, relay, claim, ahead)
         if cache:
             await self._cache.put(job, routed)
-        return served(job, routed, timing)
+        return served(job, routed, timing, marks=marks)
 
     async def _serve(
         self, job: ChatJob, relay: StreamRelay | None, claim: Claim, ahead: Ahead | None
