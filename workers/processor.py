@@ -54,7 +54,7 @@ from queuegate.topology import HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
 from workers import spans
-from workers.admission import Admission, Ahead
+from workers.admission import Admission, Ahead, TeamStopped
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
 from workers.claims import (
@@ -185,7 +185,12 @@ class JobProcessor:
             if tracing.ON:
                 tracing.failed(tracing.current(), exc)
         except ServiceUnavailable as exc:
-            log.warning("job %s: %s", delivery.message_id, exc)
+            # TeamStopped is an operator's doing (a drain, a team disabled), not a fault; a
+            # drain may return a prefetch's worth of jobs, a line each.
+            stopped = isinstance(exc, TeamStopped)
+            log.log(
+                logging.INFO if stopped else logging.WARNING, "job %s: %s", delivery.message_id, exc
+            )
             await self._requeue(delivery, team, exc)
         except Exception as exc:
             log.exception(

@@ -10,6 +10,14 @@
 | ``scripts``   | the Lua scripts' calls, one or several a round trip (``batch``) |
 """
 
-from workers.admission.gate import Admission, Ahead, Check, Settlement, Ticket, prefetch_for
+from workers.admission.gate import (
+    Admission,
+    Ahead,
+    Check,
+    Settlement,
+    TeamStopped,
+    Ticket,
+    prefetch_for,
+)
 
-__all__ = ["Admission", "Ahead", "Check", "Settlement", "Ticket", "prefetch_for"]
+__all__ = ["Admission", "Ahead", "Check", "Settlement", "TeamStopped", "Ticket", "prefetch_for"]
