@@ -244,9 +244,9 @@ async def test_status_spend_leaves_out_a_dead_workers_lapsed_reservation(
     )
     await redis_client.zadd(keys.spend_expiry("alpha", month), {"dead": seconds * 1000 - 1000})
 
-    # When the status is read
+    # When the status is read (with the budget, as the registry gives it)
     async with StatusReader(settings) as reader:
-        [alpha] = (await reader.read(["alpha"])).teams
+        [alpha] = (await reader.read(["alpha"], {"alpha": Decimal(10)})).teams
 
     # Expect the spend as the next reserve sees it: without the lapsed reservation
     assert alpha.spend_usd == Decimal("0.25")
