@@ -65,10 +65,11 @@ class TeamStatus:
     bucket_fill: float | None
     """How full the team's bucket is, 0-1; None until admission control reports it."""
     spend_usd: Decimal
-    """This month's spend: the team's budget ledger when it has one (reconciled with
+    """This month's spend: the team's budget ledger when it has a budget (reconciled with
     usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates,
-    reservations that lapsed with their worker do not),
-    else as the workers saw it since Redis last lost its data."""
+    reservations that lapsed with their worker do not), else (no budget, a ledger left from
+    one unset included, or budgets not read) as the workers saw it since Redis last lost its
+    data."""
     budget_usd: Decimal | None
     """None: no budget, or not known when the status has a stale ``reason`` (PostgreSQL
     could not be read)."""
@@ -183,11 +184,16 @@ class StatusReader:
             keys_read += [keys.live_deployment(name, window) for window in rest]
         async with asyncio.timeout(REDIS_WAIT):
             replies = iter(await self._live(keys=keys_read, args=[len(windows), len(names), cut]))
-            # Its ledger as the next reserve sees it: a dead worker's lapsed reservations left
-            # out, not counted until a job of the team comes to reap them.
-            ledgers = await teams_in_force(self._redis, keys, names, month)
+            # A ledger is believed only while its team has a budget: once unset, nothing keeps
+            # it (no reserve, settle or reconciliation), so the one it left stays as it was.
+            budgeted = [team for team in names if team in budgets]
+            # As the next reserve sees it: a dead worker's lapsed reservations left out, not
+            # counted until a job of the team comes to reap them.
+            in_force = await teams_in_force(self._redis, keys, budgeted, month)
+        ledgers = dict(zip(budgeted, in_force, strict=True))
         rows = []
-        for team, ledger in zip(names, ledgers, strict=True):
+        for team in names:
+            ledger = ledgers.get(team)
             sums, waits_seen, seen = next(replies)
             taken = _counts(sums)
             waits = sorted(float(w) for w in waits_seen)
@@ -205,7 +211,7 @@ class StatusReader:
                     wait_p99_ms=_percentile(waits, 99),
                     bucket_fill=view.bucket_fill.get(team),
                     # The ledger (reconciled with usage_log) when the team has a budget, else
-                    # what the workers saw (nano-USD: exact).
+                    # (none, or none known) what the workers saw (nano-USD: exact).
                     spend_usd=from_nano(ledger if ledger is not None else int(seen or 0)),
                     budget_usd=budgets.get(team),
                 )

@@ -39,6 +39,28 @@ def sized(target: int, model: str, **params: Any) -> str:
     return "x" * (target - len(orjson.dumps(empty | ({"params": params} if params else {}))))
 
 
+PRICED = [{"role": "user", "content": "ab " * 13 + "a"}]
+"""40 characters: the mock counts 10 prompt tokens. Answered in ``PRICED_OUTPUT`` tokens, a job
+of ``priced_catalog``'s model ``priced`` costs 13 x $0.001 = $0.013."""
+PRICED_OUTPUT = 3
+
+
+def priced_catalog(tmp_path: Path) -> Path:
+    """A catalog of one model, ``priced``, at $1,000 per million tokens in and out, without
+    fallbacks: round costs, and a job's estimate priced at that model alone."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        """
+models:
+  priced:
+    deployments:
+      - {name: priced-1, provider: openai, model: priced, api_base: "${QUEUEGATE_MOCK_URL}",
+         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1000, output_per_mtok: 1000}
+"""
+    )
+    return catalog
+
+
 async def consumed(connection: AbstractConnection, queue: str, timeout: float = 10.0) -> None:
     """Wait until ``queue`` exists and has one consumer."""
     async with asyncio.timeout(timeout):

@@ -195,7 +195,7 @@ async def test_status_spend_recovers_from_a_redis_loss_once_reconciled(
         await gw.usage_rows(4)
         # Expect status's spend, once reconciled, to be all four jobs' (PostgreSQL's)
         await _reconciled(redis_client, gw.pool, settings)
-        status = await reader.read(teams=["alpha"], budgets={})
+        status = await reader.read(teams=["alpha"], budgets={"alpha": Decimal(10)})
         total = await gw.pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
         assert status.teams[0].spend_usd == total  # both exact: Decimals
 

@@ -26,16 +26,13 @@ from queuegate.spend import NANO, current_month
 from queuegate.status import REDIS_WAIT, Status, StatusReader
 from queuegate.topology import Topology
 from tests.proxy import TcpProxy
-from tests.support import running_gateway
+from tests.support import PRICED, PRICED_OUTPUT, priced_catalog, running_gateway
 from tests.teams import register
 
 JOBS = 8
 PREFETCH = 3
-# 40 characters (the mock counts 10 prompt tokens), answered in 3 output tokens: each job costs
-# 13 x $0.001 = $0.013 at $1,000 per million tokens, and twelve of them added as floats make
-# 0.15600000000000003, not $0.156 (small sums lose the error to the 17 places Redis keeps).
-PRICED = [{"role": "user", "content": "ab " * 13 + "a"}]
-PRICED_OUTPUT = 3
+# Twelve jobs of $0.013 (tests.support.PRICED) added as floats make 0.15600000000000003, not
+# $0.156 (small sums lose the error to the 17 places Redis keeps).
 PRICED_JOBS = 12
 
 
@@ -215,16 +212,7 @@ async def test_status_spend_of_a_team_without_a_budget_is_usage_logs_exact_sum(
     # accounting; one flush of live stats, as the worker stops, adds them all up
     await register(settings, "alpha", TeamConfig())
     settings = settings.model_copy(update={"stats_interval": 3600})
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(
-        """
-models:
-  priced:
-    deployments:
-      - {name: priced-1, provider: openai, model: priced, api_base: "${QUEUEGATE_MOCK_URL}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1000, output_per_mtok: 1000}
-"""
-    )
+    catalog = priced_catalog(tmp_path)
     async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
         for _ in range(PRICED_JOBS):
             result = await client.chat("priced", PRICED, max_tokens=PRICED_OUTPUT)
@@ -256,9 +244,9 @@ async def test_status_spend_leaves_out_a_dead_workers_lapsed_reservation(
     )
     await redis_client.zadd(keys.spend_expiry("alpha", month), {"dead": seconds * 1000 - 1000})
 
-    # When the status is read
+    # When the status is read (with the budget, as the registry gives it)
     async with StatusReader(settings) as reader:
-        [alpha] = (await reader.read(["alpha"])).teams
+        [alpha] = (await reader.read(["alpha"], {"alpha": Decimal(10)})).teams
 
     # Expect the spend as the next reserve sees it: without the lapsed reservation
     assert alpha.spend_usd == Decimal("0.25")
