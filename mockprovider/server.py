@@ -134,6 +134,10 @@ class _Faults:
             bucket = self._buckets[model] = _Bucket(rpm, capacity, capacity, time.monotonic())
         return bucket
 
+    @property
+    def arrived(self) -> int:
+        return sum(self._calls.values())
+
     def decide(self, model: str, bucket: _Bucket | None, behavior: Behavior) -> Outcome:
         if bucket is not None and not bucket.take(time.monotonic()):
             return "rate_limited"
@@ -387,6 +391,12 @@ class MockProvider:
     def requests(self) -> list[CallRecord]:
         """The logged model calls, oldest first."""
         return list(self._stats.log)
+
+    @property
+    def arrived(self) -> int:
+        """Model calls received since the last reset and not rate-limited, counted as they
+        arrive: ``stats.calls`` counts them only once answered, after their latency."""
+        return self._faults.arrived
 
     async def wait_for_calls(self, n: int) -> None:
         """Wait until ``n`` model calls have been answered or hung up on since the last reset.

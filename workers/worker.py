@@ -280,6 +280,9 @@ class Worker:
         registry, version, read_at = read if read is not None else (None, None, 0.0)
         if registry is not None:
             self._admission.update(registry)
+            # Before the version is confirmed below: a team given a budget counts its jobs
+            # in flight from the moment `teams set` says it is in force.
+            await self._admission.hold_in_flight()
         assert self._control is not None
         # Every registered team's, not only those whose jobs this worker takes: an app asks
         # for its reply queue before it sends a job, whichever workers run.

@@ -68,6 +68,8 @@ DEAD_BATCH = 100
 """Reservations ``drop_dead`` looks at per script call: bounded work for Redis."""
 LOCK_WAIT = 5.0
 """Seconds a rebuild waits for another reconciler's round (well under a second) to end."""
+UNLIMITED = 2**62
+"""The limit of a forced reserve, in nano-USD: one no spend reaches."""
 
 
 class BudgetHeld(Exception):
@@ -151,6 +153,7 @@ class Budgets:
         then: Call | None = None,
         name: str | None = None,
         deadline: datetime | None = None,
+        forced: bool = False,
     ) -> tuple[Reservation | None, list[int] | None]:
         """Reserve ``nano`` for job ``job_id`` against the team's budget and the model's cap:
         the reservation (None when the team has neither), and the reply of ``then``.
@@ -160,9 +163,11 @@ class Budgets:
         Raises BudgetExhausted when the budget or the cap cannot take ``nano``, BudgetHeld
         when it can once the other jobs' reservations are settled. ``name``: the
         reservation's, the same on every try (``Scripts.run_all``). ``deadline``: the job's
-        (``ChatJob.ends_by``).
+        (``ChatJob.ends_by``). ``forced``: made past every limit (a job already called).
         """
-        reserving = self.reserving(team, model, config, nano, job_id, deadline=deadline)
+        reserving = self.reserving(
+            team, model, config, nano, job_id, deadline=deadline, forced=forced
+        )
         if reserving is None:
             return None, None
         calls = [reserving.call] + ([then] if then is not None else [])
@@ -191,6 +196,7 @@ class Budgets:
         job_id: str,
         *,
         deadline: datetime | None = None,
+        forced: bool = False,
     ) -> Reserving | None:
         """The reserve of ``reserve`` as a script call, to run with another (a job's claim);
         its reply goes to ``reserved``. None when the team has neither budget nor cap."""
@@ -206,7 +212,7 @@ class Budgets:
         keys = ledger_keys(self._keys, team, month, [scope_model for scope_model, _ in scopes])
         generations = [self._generations.get(ledger, "") for ledger in keys[::2]]
         held = Reservation(keys, team, month, job_id, nano, generations)
-        limits = [to_nano(limit) for _, limit in scopes]
+        limits = [UNLIMITED if forced else to_nano(limit) for _, limit in scopes]
         entry_ms = self._lease_ms
         if deadline is not None:
             # A job that expires in its queue after its worker died holding it (waiting for a

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from functools import partial
@@ -148,13 +149,55 @@ class Admission:
         """Per budget ledger a job waited on (``_wait_for_budget``), set by each settle of this
         process's in it: one per team, month and capped model."""
         self._deployment_limits: dict[str, Limit | None] = {}
+        self._in_flight: weakref.WeakKeyDictionary[Ticket, ChatJob] = weakref.WeakKeyDictionary()
+        """The jobs admitted and not settled yet, by ticket (weakly: one a path never settles
+        goes with it), for ``hold_in_flight``."""
         self._swept: dict[str, float] = {}
         """Per budget ledger a job waited on, when this process last looked in it for the
         reservations of dead workers' jobs (``_drop_dead``)."""
 
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
+        """Admit under ``configs`` from now on; then ``hold_in_flight``, before the worker
+        confirms their registry version."""
         self._configs = dict(configs)
         self._stopped -= set(configs)
+
+    async def hold_in_flight(self) -> None:
+        """Reserve each admitted job's estimate in the ledgers its team's config (``update``)
+        gives it that it holds no entry in: a team given a budget or a model cap it had none
+        of admitted it reserving nothing there, and a ledger made from usage_log as the
+        change commits misses it until it settles. The worker confirms the registry version
+        only once this returns (``teams set`` waits for that), so every admission after the
+        change is in force counts them; their settles replace the reservations with what
+        they cost, as any job's. Made past the limits: the jobs are in their calls. A reserve
+        lost to an outage leaves its job to count once it settles, as before."""
+        for ticket, job in list(self._in_flight.items()):
+            config = self.config(job.team)
+            ledgers = set(self._budgets.ledgers(job.team, job.model, config))
+            held = set(ticket.budget.keys[::2]) if ticket.budget is not None else set()
+            if not held < ledgers or not ticket.budgeting:
+                continue  # no ledger it misses, or a dropped one: its checks reserve anew
+            try:
+                reservation, _ = await self._budgets.reserve(
+                    job.team,
+                    job.model,
+                    config,
+                    ticket.reserving,
+                    job.job_id,
+                    deadline=job.ends_by,
+                    forced=True,
+                )
+            except (RedisError, ServiceUnavailable) as exc:
+                log.warning(
+                    "cannot reserve job %s of team %s, in flight as its budget changed, in its "
+                    "new ledgers (%s): they count it once it settles",
+                    job.job_id,
+                    job.team,
+                    exc,
+                )
+                continue
+            if reservation is not None:
+                await self.settle(ticket.rebudgeted(reservation))
 
     def current(self) -> bool:
         """Whether jobs may be admitted under this process's registry configs now: a clock
@@ -393,11 +436,18 @@ class Admission:
                 )
             # Again once admitted: the job may have waited long after its batch was canceled
             # or its team changed. Its request, tokens and budget go back in one round trip.
+            # Again if its team's config changed during the check: a ``hold_in_flight`` since
+            # did not see the job.
             try:
-                await ticket.check()
+                while True:
+                    seen = self._configs.get(job.team)
+                    await ticket.check()
+                    if self._configs.get(job.team) is seen:
+                        break
             except BaseException:
                 await self.settle(ticket.settlement(None, give_back=True))
                 raise
+            self._in_flight[ticket] = job
         except BaseException:
             await ticket.settle(None)
             raise
@@ -724,6 +774,10 @@ class Admission:
 
         return Settlement(calls, done)
 
+    def landed(self, ticket: Ticket) -> None:
+        """``ticket``'s job is settled: ``hold_in_flight`` leaves it."""
+        self._in_flight.pop(ticket, None)
+
     async def settle(self, settlement: Settlement | None) -> None:
         """Run a job's settles in one round trip of their own."""
         if settlement is None:
@@ -850,6 +904,10 @@ class Ticket:
         """The deployment's buckets the job took with its claim (``Ahead``), until its first
         call enters them (``enter``): given back, request and tokens, if it never does."""
         self._settled = False
+        self._spent: int | None = None
+        """Nano-USD its budget entry was settled to, once settled."""
+        self._left = False
+        """Whether its budget entry is another delivery's to settle (``leave_budget``)."""
         self._answered: int | None = None
         """Nano-USD the job's usage row holds, once a duplicate found it answered
         (``answered``): what its entry settles to, in place of what this delivery spent."""
@@ -889,6 +947,25 @@ class Ticket:
         with the same estimate: the delivery holding the job settles it (given back here, the
         holder's reservation would stop counting while it calls)."""
         self.budget = None
+        self._left = True
+
+    @property
+    def budgeting(self) -> bool:
+        """Whether the job's budget entry is this delivery's to reserve and settle: not a
+        duplicate's (``leave_budget``, ``answered``)."""
+        return not self._left and self._answered is None
+
+    def rebudgeted(self, reservation: Reservation) -> Settlement | None:
+        """Take ``reservation``, made for the job once admitted (``hold_in_flight``): None,
+        or, when the job was settled or found a duplicate meanwhile, the settle of it to
+        what the job's entry holds (a duplicate's entry is the holder's, with the same
+        estimate: left as it is)."""
+        if not self.budgeting:
+            return None
+        if self._spent is not None:
+            return self._admission.settlement([], reservation, self._spent)
+        self.budget = reservation
+        return None
 
     def answered(self, usd: Decimal | None) -> bool:
         """Settle the job's budget entry to ``usd``, what its usage row holds it cost, with its
@@ -900,6 +977,7 @@ class Ticket:
         as ``leave_budget`` leaves it), or the job reserved nothing."""
         if usd is None or self.budget is None:
             self.budget = None
+            self._left = True
             return False
         self._answered = to_nano(usd)
         return True
@@ -1093,6 +1171,7 @@ class Ticket:
         if self._settled:
             return None
         self._settled = True
+        self._admission.landed(self)
         if self._waited is not None:
             observe_bucket_wait(self._team, self._waited)
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
@@ -1110,6 +1189,7 @@ class Ticket:
         actual = self.lost_nano + (to_nano(routed.cost_usd) if routed is not None else 0)
         if self._answered is not None:
             actual = self._answered
+        self._spent = actual
         return self._admission.settlement(
             [call for call in calls if call is not None], self.budget, actual
         )
