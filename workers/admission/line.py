@@ -40,7 +40,9 @@ class Line:
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
                 self.release()  # handed the line as it was cancelled: pass it on
-            else:
+            elif turn in self._waiting:
+                # Not there when a release ran between the cancel and this: it passed over
+                # the cancelled turn (a drain's stop cancels waits as jobs leave the line).
                 self._waiting.remove(turn)
             raise
 
