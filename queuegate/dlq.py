@@ -41,6 +41,7 @@ queue's delivery limit is set out of reach, so that reading never drops a letter
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,11 @@ from queuegate.topology import (
     header_text,
 )
 from queuegate.visible import clipped
+
+RETURN_WAIT = 5.0
+"""Seconds a read of the dead letters waits at most, in all, for the letters it returned to be
+back in their queues (milliseconds on a quorum queue; the broker offers no event to await)."""
+RETURN_POLL = 0.01
 
 _REPLAYED_HEADERS = (KEY_ID_HEADER, PROOF_HEADER, HEADER_SENT_MS)
 """The only headers of a dead letter a replay carries over (the rest describe its death or
@@ -307,21 +313,44 @@ async def _taken(
         queues = await _dead_queues(channel, settings)
         total = sum(queue.declaration_result.message_count or 0 for queue in queues)
         taken: list[AbstractIncomingMessage] = []
+        of_queue: list[tuple[AbstractQueue, int, list[AbstractIncomingMessage]]] = []
         for queue in queues:
             # Its count bounds the loop: a message returned meanwhile is not taken twice.
-            count = queue.declaration_result.message_count or 0
+            depth = count = queue.declaration_result.message_count or 0
             if limit is not None:
                 count = min(count, limit - len(taken))
+            mine: list[AbstractIncomingMessage] = []
             for _ in range(count):
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                taken.append(message)
+                mine.append(message)
+            taken += mine
+            of_queue.append((queue, depth, mine))
         try:
             yield channel, taken, total
         finally:
             if not channel.is_closed:
+                # What was acknowledged is gone; the rest must be back before the next read.
+                left = [(q, depth - sum(m.processed for m in mine)) for q, depth, mine in of_queue]
                 await _returned_in_order(taken)
+                await _until_back(channel, left)
+
+
+async def _until_back(channel: AbstractChannel, left: list[tuple[AbstractQueue, int]]) -> None:
+    """Wait until each queue holds at least what it held but the letters acknowledged from it:
+    a quorum queue takes letters returned after its channel's close has been answered, and a
+    read right after (``dlq list`` after ``dlq drop``) found it empty."""
+    underlay = await channel.get_underlay_channel()
+    waited = 0.0
+    for queue, expected in left:
+        while waited < RETURN_WAIT:
+            # On the underlying channel: a robust one answers a passive declare from memory.
+            declared = await underlay.queue_declare(queue.name, passive=True)
+            if (declared.message_count or 0) >= expected:
+                break
+            await asyncio.sleep(RETURN_POLL)
+            waited += RETURN_POLL
 
 
 async def _returned_in_order(taken: list[AbstractIncomingMessage]) -> None:
