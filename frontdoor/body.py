@@ -58,6 +58,11 @@ KEYLESS = "client "
 """How a body read before any key is proven is counted: per client address, under this prefix."""
 
 
+def _too_large(limit: int) -> ApiError:
+    # As a request whose job is past the limit is refused, at the front door or in a batch.
+    return error_of(too_large(limit))
+
+
 class Bodies:
     """The request bodies this process is reading: at most ``per_key`` of one API key (or
     client address) at once, at most ``keyless`` sent before any key is proven, at most
@@ -127,15 +132,14 @@ class Bodies:
         reading: Reader,
         *,
         limit: int,
-        too_large: Callable[[int], ApiError] | None = None,
+        too_large: Callable[[int], ApiError] = _too_large,
     ) -> bytes:
-        """``too_large``: the refusal past ``limit`` (``_too_large`` unless given)."""
-        refused = _too_large if too_large is None else too_large
-        size = declared_size(request, limit, refused)
+        """``too_large``: the refusal past ``limit``."""
+        size = declared_size(request, limit, too_large)
         with reading(limit if size is None else size):
             chunks: list[bytes] = []
             await receive(
-                request, chunks.append, limit=limit, timeout=self._timeout, too_large=refused
+                request, chunks.append, limit=limit, timeout=self._timeout, too_large=too_large
             )
             return b"".join(chunks)
 
@@ -219,11 +223,6 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "the request body must be a JSON object")
     return body
-
-
-def _too_large(limit: int) -> ApiError:
-    # As a request whose job is past the limit is refused, at the front door or in a batch.
-    return error_of(too_large(limit))
 
 
 def declared_size(request: Request, limit: int, too_large: Callable[[int], ApiError]) -> int | None:

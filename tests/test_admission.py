@@ -280,16 +280,7 @@ async def test_a_served_jobs_claim_and_admission_take_three_round_trips_and_leav
 ) -> None:
     # Given team alpha with a token bucket and a budget, on a deployment with a token limit
     await register(settings, "alpha", TeamConfig(tpm=1000, budget_usd=Decimal(1)))
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(
-        """
-models:
-  small:
-    deployments:
-      - {name: small-1, provider: openai, model: small, api_base: "${QUEUEGATE_MOCK_URL}",
-         api_key_env: QUEUEGATE_MOCK_KEY, input_per_mtok: 1, output_per_mtok: 2, tpm: 1000}
-"""
-    )
+    catalog = limited_deployment(tmp_path, "tpm: 1000")
     batches = round_trips(monkeypatch)
     undone = undos(monkeypatch)
     async with running_gateway(settings, catalog=catalog) as gw, gw.client("alpha") as client:
