@@ -140,6 +140,8 @@ class Admission:
             log, "PostgreSQL (budget ledger rebuild)", "jobs of teams whose ledger is lost wait"
         )
         self._configs: Mapping[str, TeamConfig] = {}
+        self._changed: set[str] = set()
+        """Teams whose config ``update`` changed since the last ``hold_in_flight``."""
         self._stopped: set[str] = set()
         """Teams whose consumers this worker cancelled (disabled): their held jobs go back."""
         self._stop = asyncio.Event()
@@ -159,7 +161,17 @@ class Admission:
     def update(self, configs: Mapping[str, TeamConfig]) -> None:
         """Admit under ``configs`` from now on; then ``hold_in_flight``, before the worker
         confirms their registry version."""
-        self._configs = dict(configs)
+        old = self._configs
+        # Each read builds every config anew: an unchanged one stays the object it was, so
+        # that an admission sees a change by identity and ``hold_in_flight`` looks only at
+        # the jobs of teams whose config changed.
+        self._configs = {
+            team: old[team] if old.get(team) == config else config
+            for team, config in configs.items()
+        }
+        self._changed |= {
+            team for team, config in self._configs.items() if old.get(team) is not config
+        }
         self._stopped -= set(configs)
 
     async def hold_in_flight(self) -> None:
@@ -171,7 +183,10 @@ class Admission:
         change is in force counts them; their settles replace the reservations with what
         they cost, as any job's. Made past the limits: the jobs are in their calls. A reserve
         lost to an outage leaves its job to count once it settles, as before."""
+        changed, self._changed = self._changed, set()
         for ticket, job in list(self._in_flight.items()):
+            if job.team not in changed:
+                continue
             config = self.config(job.team)
             ledgers = set(self._budgets.ledgers(job.team, job.model, config))
             held = set(ticket.budget.keys[::2]) if ticket.budget is not None else set()
