@@ -37,6 +37,12 @@ time in their order (``_returned_in_order``), so that reading keeps it; their
 ``x-delivery-count`` then grows (quorum queues count every return), so
 it is left out of what is shown: ``deaths`` is the broker's own count in ``x-death``. (The
 queue's delivery limit is set out of reach, so that reading never drops a letter.)
+
+Two commands reading at once would each take part of the letters, and return them in another
+order, so each holds the namespace's lock while it reads: the exclusive queue
+``<ns>.dlq.lock``, which the broker refuses to any other connection (405 RESOURCE_LOCKED) and
+deletes with its holder's connection, a killed process's included. A second command tries
+again until ``Settings.dlq_lock_wait`` has passed, then gives up in one line.
 """
 
 from __future__ import annotations
@@ -51,7 +57,12 @@ from datetime import datetime
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from queuegate.broker import connect, json_message, publish
 from queuegate.errors import BAD_INPUT, ConfigError
@@ -82,6 +93,10 @@ RETURN_WAIT = 5.0
 """Seconds a read of the dead letters waits at most, in all, for the letters it returned to be
 back in their queues (milliseconds on a quorum queue; the broker offers no event to await)."""
 RETURN_POLL = 0.01
+LOCK_POLL = 0.05
+"""Seconds a command waits, at first, before it asks for the lock again; doubled each time,
+up to LOCK_POLL_MAX, so a long wait does not hammer the broker."""
+LOCK_POLL_MAX = 1.0
 
 _REPLAYED_HEADERS = (KEY_ID_HEADER, PROOF_HEADER, HEADER_SENT_MS)
 """The only headers of a dead letter a replay carries over (the rest describe its death or
@@ -286,8 +301,7 @@ async def drop(settings: Settings, job_id: str, *, team: str | None = None) -> l
 
 async def purge(settings: Settings) -> int:
     """Delete every dead letter of every queue; returns how many there were."""
-    connection = await connect(settings.amqp_url, name="queuegate-dlq")
-    async with connection:
+    async with _reading(settings) as connection:
         purged = 0
         for queue in await _dead_queues(await connection.channel(), settings):
             done = await queue.purge()
@@ -306,13 +320,49 @@ async def _dead_queues(channel: AbstractChannel, settings: Settings) -> list[Abs
 
 
 @contextlib.asynccontextmanager
+async def _reading(settings: Settings) -> AsyncIterator[AbstractRobustConnection]:
+    """A connection to the broker holding the dead-letter commands' lock (see above)."""
+    connection = await connect(settings.amqp_url, name="queuegate-dlq")
+    async with connection:
+        await _lock(connection, settings)
+        yield connection
+
+
+async def _lock(connection: AbstractRobustConnection, settings: Settings) -> None:
+    """Declare the lock, waiting for another command's to go; ConfigError once it waited
+    ``settings.dlq_lock_wait`` in vain."""
+    name = Topology.of(settings).dlq_lock_queue
+    until = time.monotonic() + settings.dlq_lock_wait
+    pause = LOCK_POLL
+    while True:
+        # The broker closes the channel it refuses the lock on: each attempt on a new one.
+        async with connection.channel() as channel:
+            # On the underlying channel: a robust one would declare it again after a
+            # reconnect, by when another command may be reading.
+            underlay = await channel.get_underlay_channel()
+            try:
+                await underlay.queue_declare(name, exclusive=True)
+                return
+            except aiormq.exceptions.ChannelLockedResource:
+                pass
+        left = until - time.monotonic()
+        if left <= 0:
+            raise ConfigError(
+                f"another queuegate dlq command is reading the dead letters (it holds {name}) "
+                f"and did not end within {settings.dlq_lock_wait:g} s: run this one again once "
+                "it ends (or raise QUEUEGATE_DLQ_LOCK_WAIT)"
+            )
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LOCK_POLL_MAX)
+
+
+@contextlib.asynccontextmanager
 async def _taken(
     settings: Settings, limit: int | None
 ) -> AsyncIterator[tuple[AbstractChannel, list[AbstractIncomingMessage], int]]:
     """Up to ``limit`` dead letters held unacknowledged, and the queues' depth; what is not
     acknowledged goes back to its queue on exit."""
-    connection = await connect(settings.amqp_url, name="queuegate-dlq")
-    async with connection:
+    async with _reading(settings) as connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queues = await _dead_queues(channel, settings)
         total = sum(queue.declaration_result.message_count or 0 for queue in queues)
@@ -353,7 +403,8 @@ async def _until_back(channel: AbstractChannel, left: list[tuple[AbstractQueue, 
             (await underlay.queue_declare(queue.name, passive=True)).message_count or 0
         ) < expected:
             if time.monotonic() >= until:
-                # Another reader holds some (a dlq command run beside this one): not an error.
+                # Another reader holds some (one taking no lock: an earlier version's dlq
+                # command, run beside this one): not an error.
                 log.debug("%s holds fewer letters than were returned to it", queue.name)
                 return
             await asyncio.sleep(RETURN_POLL)

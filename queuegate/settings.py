@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     key or changed policy takes effect within this time."""
     reconnect_wait: float = Field(default=60.0, ge=0, le=DAY)
     """Seconds a publish waits for a lost broker connection to return before it fails."""
+    dlq_lock_wait: float = Field(default=30.0, gt=0, le=DAY)
+    """Seconds a ``queuegate dlq`` command waits for another one to end (``queuegate.dlq``:
+    one reads the dead letters at a time) before it gives up."""
     reply_queue_expires: float = Field(default=300.0, ge=1, le=YEAR)
     """Seconds a client's reply queue outlives its client (a dropped connection included)."""
     results_queue_expires: float = Field(default=8 * 24 * 3600.0, ge=60, le=YEAR)

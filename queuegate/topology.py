@@ -340,6 +340,13 @@ class Topology:
     def team_dead_queue(self, team: str) -> str:
         return f"{self.namespace}.dead.{team}"
 
+    @property
+    def dlq_lock_queue(self) -> str:
+        """The lock of the dead-letter commands (``queuegate.dlq``): an exclusive queue, whose
+        name no team can have declared (teams configure nothing, and the queues declared
+        for them are ``<ns>.replies.*``/``<ns>.results.*``)."""
+        return f"{self.namespace}.dlq.lock"
+
     def _quorum_args(self, delivery_limit: int) -> dict[str, Any]:
         return {
             **self._quorum(),
