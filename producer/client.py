@@ -299,8 +299,7 @@ class GatewayClient(ReplyingConnection):
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         try:
-            # The book's own wait, not the inbox's around it: one coroutine fewer a result.
-            return _answered(await self._inbox.replies.wait(job_id, timeout))
+            return _answered(await self._inbox.wait(job_id, timeout))
         except TimeoutError as exc:
             raise ResultTimeout(
                 f"no result for job {job_id} within {timeout} s; it may still be answered: "
