@@ -167,16 +167,15 @@ async def stage(conn: asyncpg.Connection) -> None:
 
 
 async def prepare_insert(conn: asyncpg.Connection) -> None:
-    """Have ``conn`` create its staging table and prepare the batch insert as its first batch
-    would, writing nothing.
+    """Have ``conn``, staged already (``stage``, as its pool's ``prepare``), prepare the batch
+    insert as its first batch would, writing nothing.
 
     A connection's first batch otherwise pays for PostgreSQL parsing and planning the
     statement, loading the tables' catalogs into its backend, and asyncpg describing it.
+    One statement, so no transaction of its own: it inserts no row.
     """
-    async with conn.transaction():
-        await stage(conn)
-        empty: list[list[object]] = [[] for _ in _CONTENT]
-        await conn.fetchval(_INSERT, *empty, timeout=STATEMENT_TIMEOUT)
+    empty: list[list[object]] = [[] for _ in _CONTENT]
+    await conn.fetchval(_INSERT, *empty, timeout=STATEMENT_TIMEOUT)
 
 
 # jsonb refuses the escaped NUL that JSON allows: a prompt, a model's answer or a provider's

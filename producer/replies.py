@@ -13,8 +13,9 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
@@ -315,9 +316,12 @@ class Inbox:
     ) -> None:
         self.replies.expect(job_id, request, message)
 
-    async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
-        """The job's result; TimeoutError when none came within ``timeout``."""
-        return await self.replies.wait(job_id, timeout)
+    def wait(self, job_id: str, timeout: float | None) -> Coroutine[Any, Any, ChatResult]:
+        """The job's result, to await; TimeoutError when none came within ``timeout``.
+
+        The book's own wait, not a coroutine around it: one coroutine fewer for each result
+        a client awaits."""
+        return self.replies.wait(job_id, timeout)
 
     def open(self, stream: ChatStream) -> None:
         """Route the job's chunks, then its result, to ``stream``."""

@@ -264,6 +264,30 @@ async def test_an_accountant_prepares_its_writes_before_it_consumes(settings: Se
                 assert prepared == 1
 
 
+async def test_an_accountant_stages_each_connection_once_as_it_starts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given every statement sent by execute (how a connection asks for its staging table)
+    # counted by the backend it went to
+    sent: dict[int, list[str]] = {}
+    execute = asyncpg.Connection.execute
+
+    async def counted(conn: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> str:
+        sent.setdefault(conn.get_server_pid(), []).append(query)
+        return await execute(conn, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", counted)
+    # When an accountant starts: its pool's connections opened, its writers' insert prepared
+    async with Accountant(settings):
+        pass
+
+    # Expect each connection it opened, its writers' too, to have asked for it once: as it
+    # opened, not again to prepare the insert
+    staged = {pid: sum(q.startswith("CREATE TEMP TABLE") for q in qs) for pid, qs in sent.items()}
+    assert len(staged) >= IN_FLIGHT
+    assert staged == dict.fromkeys(staged, 1)
+
+
 async def test_an_event_delivered_three_times_is_one_row(
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:

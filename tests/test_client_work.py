@@ -4,6 +4,8 @@ result already here."""
 from __future__ import annotations
 
 import asyncio
+import re
+import uuid
 from typing import Any
 
 import pytest
@@ -56,6 +58,17 @@ def test_a_bad_message_or_parameter_is_refused_naming_it(settings: Settings) -> 
     # Expect each refused, naming where
     assert bad_message.value.errors()[0]["loc"][:3] == ("messages", 0, "role")
     assert bad_param.value.errors()[0]["loc"] == ("params", "temperature")
+
+
+def test_a_job_id_the_client_draws_is_a_random_uuids_32_hex_digits(settings: Settings) -> None:
+    # Given a client
+    client = GatewayClient(settings, team="alpha", listen=False)
+    # When it draws the ids of jobs given none
+    ids = [client.job("gpt-4o-mini", HELLO).job_id for _ in range(64)]
+    # Expect each a version-4 UUID's 32 lowercase hex digits (uuid4().hex), no two alike
+    assert all(re.fullmatch("[0-9a-f]{32}", job_id) for job_id in ids), ids
+    assert {uuid.UUID(hex=job_id).version for job_id in ids} == {4}
+    assert len(set(ids)) == len(ids)
 
 
 async def test_a_result_already_here_is_taken_without_waiting() -> None:
