@@ -103,8 +103,15 @@ class Keys:
         """Sorted set: worker name → time of its last snapshot (seconds since the epoch)."""
         return f"{self.prefix}:live:workers"
 
+    @property
+    def live_draining(self) -> str:
+        """Sorted set: worker name → time of its last snapshot, of the workers draining (a
+        clean stop): out of ``live_workers``, so that no ``teams set`` waits for them."""
+        return f"{self.prefix}:live:draining"
+
     def live_worker(self, worker: str) -> str:
-        """A worker's snapshot (JSON): in-flight per team, breaker states, bucket fills."""
+        """A worker's snapshot (JSON): in-flight per team, breaker states, bucket fills;
+        ``draining`` once it stops cleanly."""
         return f"{self.prefix}:live:worker:{worker}"
 
     def live_team(self, team: str, window: int) -> str:

@@ -11,7 +11,9 @@ seconds in one pipeline, so a job costs no Redis round trip of its own:
 - per worker: a snapshot with its in-flight jobs per team, the deployments it called,
   bucket fills and the registry version it serves under (``teams set`` waits for it),
   expiring unless renewed, so a dead worker drops out of the picture by itself; one that
-  stops cleanly withdraws it as it begins to drain (``withdraw``), at once.
+  stops cleanly marks it draining as its drain begins (``withdraw``), at once: out of the
+  live workers ``teams set`` waits for, still shown by ``queuegate status`` with the jobs it
+  is finishing, and removed once its drain has ended.
 
 Breaker states and 429 pauses are not taken from here: they are shared state in Redis, read
 where they are kept (queuegate.deployment_health), since a worker's copy is only what it last
@@ -127,10 +129,11 @@ class LiveStatsWriter:
         self._withdrawn = False
 
     def withdraw(self) -> None:
-        """The worker stops taking jobs: its snapshot and its name among the live workers are
-        removed now, and not written again (its counts still are), so that a ``teams set``
-        no longer waits for it nor names it unconfirmed. One that dies instead leaves its
-        snapshot to lapse."""
+        """The worker stops taking jobs: its name leaves the live workers now, so that a
+        ``teams set`` no longer waits for it nor names it unconfirmed, and its snapshot,
+        marked ``draining``, is listed among the draining workers instead (``status`` shows
+        what it still has in flight) until the last flush after the stop removes it. One that
+        dies as it drains leaves it to lapse, as any other."""
         self._withdrawn = True
         self._soon.set()
 
@@ -186,12 +189,18 @@ class LiveStatsWriter:
                 calls["rate_limited"] += 1
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+        while True:
             await until_set(self._interval, stop, self._soon)
             self._soon.clear()
-            await self.flush()
+            # Begun once stopped: what was counted since the one before is in it.
+            last = stop.is_set()
+            await self.flush(last=last)
+            if last:
+                return
 
-    async def flush(self) -> None:
+    async def flush(self, *, last: bool = False) -> None:
+        """Write what was counted since the last flush, and the worker's snapshot; ``last``:
+        the worker has stopped, and a withdrawn one's snapshot is removed instead."""
         buffer, self._buffer = self._buffer, _Buffer()
         keys = self._keys
         now = time.time()
@@ -215,11 +224,15 @@ class LiveStatsWriter:
         ttl = max(5, round(3 * self._interval))
         if self._withdrawn:
             # In this writer's own order, after its earlier writes: none of their snapshots
-            # can land after this and show the worker again.
+            # can land after this and list the worker among the live ones again.
             pipe.zrem(keys.live_workers, self._worker)
-            pipe.delete(keys.live_worker(self._worker))
+            if last:
+                pipe.zrem(keys.live_draining, self._worker)
+                pipe.delete(keys.live_worker(self._worker))
+            else:
+                await self._show(pipe, now, ttl, keys.live_draining)
         else:
-            await self._show(pipe, now, ttl)
+            await self._show(pipe, now, ttl, keys.live_workers)
         sent = time.monotonic()
         try:
             await pipe.execute()
@@ -237,7 +250,7 @@ class LiveStatsWriter:
             log.info("live stats are written again")
         self._down = False
         if self._withdrawn:
-            return  # nothing shown: ``current`` has nothing to follow
+            return  # no job admitted any more: ``current`` has nothing to follow
         written = time.monotonic()
         lapsed = written >= self._shown_until
         if lapsed:
@@ -248,8 +261,9 @@ class LiveStatsWriter:
             self._lapse_told = False
             self._ask_reread()
 
-    async def _show(self, pipe: Pipeline, now: float, ttl: int) -> None:
-        """Add the worker's snapshot, lasting ``ttl`` seconds, to ``pipe``."""
+    async def _show(self, pipe: Pipeline, now: float, ttl: int, listed: str) -> None:
+        """Add the worker's snapshot, lasting ``ttl`` seconds, and its name to the ``listed``
+        set (``Keys.live_workers``, or ``live_draining`` once withdrawn) to ``pipe``."""
         if self._refresh is not None:
             # Best effort: the pipeline meets Redis being away and says so once.
             with contextlib.suppress(RedisError, OSError):
@@ -263,10 +277,14 @@ class LiveStatsWriter:
             "deployments": sorted(self._deployments | set(breakers)),
             "registry": self._registry,
             "ts": now,
+            "draining": self._withdrawn,
         }
         pipe.set(self._keys.live_worker(self._worker), json.dumps(snapshot), ex=ttl)
-        pipe.zadd(self._keys.live_workers, {self._worker: now})
-        pipe.zremrangebyscore(self._keys.live_workers, 0, now - WORKERS_TTL)
+        pipe.zadd(listed, {self._worker: now})
+        pipe.zremrangebyscore(listed, 0, now - WORKERS_TTL)
+        if self._withdrawn:
+            # Drains are rare: a set left by workers killed as they drained goes with them.
+            pipe.expire(listed, WORKERS_TTL)
 
     def _ask_reread(self) -> None:
         if self._reread_asked is not None:
@@ -284,9 +302,12 @@ def _count(pipe: Pipeline, totals: str, seconds: str, second: int, counts: Count
 
 @dataclass(frozen=True)
 class LiveView:
-    """Everything the workers reported, merged across live workers."""
+    """Everything the workers reported, merged across live and draining workers."""
 
     workers: int
+    """Those serving: the draining ones are not counted."""
+    draining: dict[str, int]
+    """The jobs each draining worker has in flight, by its name: counted in ``in_flight``."""
     teams: list[str]
     in_flight: dict[str, int]
     bucket_fill: dict[str, float]
@@ -302,16 +323,26 @@ class LiveWorkers:
     it: live, or dead with their snapshot lapsed (or about to)."""
     snapshots: dict[str, dict[str, Any]]
     """The snapshot of each live one (its last has not expired), by its name."""
+    draining: dict[str, dict[str, Any]]
+    """The snapshot of each draining one (withdrawn, its drain not ended, its last snapshot
+    not expired), by its name: in neither of the above, which are what a ``teams set``
+    waits for."""
 
 
 async def read_workers(client: aioredis.Redis, keys: Keys) -> LiveWorkers:
-    names = [
-        text(n)
-        for n in await client.zrangebyscore(keys.live_workers, time.time() - WORKERS_TTL, "+inf")
-    ]
+    since = time.time() - WORKERS_TTL
+    pipe = client.pipeline(transaction=False)
+    pipe.zrangebyscore(keys.live_workers, since, "+inf")
+    pipe.zrangebyscore(keys.live_draining, since, "+inf")
+    serving, withdrawn = ([text(n) for n in names] for names in await pipe.execute())
+    names = list(dict.fromkeys(serving + withdrawn))
     raw = await client.mget([keys.live_worker(name) for name in names]) if names else []
-    snapshots = {n: json.loads(r) for n, r in zip(names, raw, strict=True) if r is not None}
-    return LiveWorkers(frozenset(names), snapshots)
+    found = {n: json.loads(r) for n, r in zip(names, raw, strict=True) if r is not None}
+    # By the snapshot's mark, not by the set: read between the two, a worker that withdrew
+    # meanwhile is still in the first, with the snapshot of its drain.
+    draining = {n: snap for n, snap in found.items() if snap.get("draining")}
+    listed = frozenset(serving) - set(draining)
+    return LiveWorkers(listed, {n: snap for n, snap in found.items() if n in listed}, draining)
 
 
 async def read_snapshots(client: aioredis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
@@ -320,8 +351,9 @@ async def read_snapshots(client: aioredis.Redis, keys: Keys) -> dict[str, dict[s
 
 
 async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
-    """Merge the snapshots of the workers that reported recently."""
-    snapshots = list((await read_snapshots(client, keys)).values())
+    """Merge the snapshots of the workers that reported recently, draining ones included."""
+    live = await read_workers(client, keys)
+    snapshots = [*live.snapshots.values(), *live.draining.values()]
     in_flight: Counter[str] = Counter()
     fills: dict[str, float] = {}
     deployments: set[str] = set()
@@ -333,7 +365,8 @@ async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
             fills[team] = min(value, fills.get(team, 1.0))
         deployments.update(snap["deployments"])
     return LiveView(
-        workers=len(snapshots),
+        workers=len(live.snapshots),
+        draining={name: sum(snap["in_flight"].values()) for name, snap in live.draining.items()},
         teams=sorted(set(in_flight)),
         in_flight=dict(in_flight),
         bucket_fill=fills,

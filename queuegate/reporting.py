@@ -122,6 +122,9 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     A status whose budgets were not read shows them "unknown", never as no budget."""
     unknown = "-" if status.budgets_read else "unknown"
     live = f"{status.workers} worker{'' if status.workers == 1 else 's'} live"
+    if status.draining:
+        each = "; ".join(f"{d.worker}, {d.in_flight:,} in flight" for d in status.draining)
+        live += f", {len(status.draining)} draining ({each})"
     teams = compact_table(f"teams at {status.at:%H:%M:%S} UTC, {live}")
     add_text_column(teams, "team")
     headers = ["queued", "cons.", "in fl.", *(["in/s"] if wide else []), "out/s"]

@@ -18,7 +18,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Self
@@ -91,15 +91,28 @@ class DeploymentStatus:
 
 
 @dataclass(frozen=True)
+class DrainingWorker:
+    """A worker stopped cleanly that is still finishing the jobs it admitted."""
+
+    worker: str
+    in_flight: int
+    """Its jobs still in flight (counted in their teams' ``in_flight``)."""
+
+
+@dataclass(frozen=True)
 class Status:
     at: datetime
     workers: int
+    """Workers serving: those draining are in ``draining``."""
     teams: list[TeamStatus]
     deployments: list[DeploymentStatus]
+    draining: list[DrainingWorker] = field(default_factory=list)
+    """Workers stopped cleanly (SIGTERM) and still finishing their jobs, by name: each goes
+    once its drain ends. No ``teams set`` waits for them (they admit no job)."""
     reason: str | None = None
     """Why the status is stale: some figures could not be read (PostgreSQL's budgets), in
-    one line that says what to do, or no worker reports (``NO_WORKER``); None when every
-    figure is current."""
+    one line that says what to do, or no worker reports (``NO_WORKER``: none serves, none
+    drains); None when every figure is current."""
 
     @property
     def budgets_read(self) -> bool:
@@ -156,7 +169,8 @@ class StatusReader:
         # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings, cause=exc)) from exc
-        if stale is None and status.workers == 0:
+        # A draining worker reports: the figures are current, and say that it drains.
+        if stale is None and status.workers == 0 and not status.draining:
             stale = NO_WORKER
         return dataclasses.replace(status, reason=stale)
 
@@ -231,7 +245,8 @@ class StatusReader:
                     paused_for=health[name].paused_for,
                 )
             )
-        return Status(datetime.now(UTC), view.workers, rows, deployments)
+        draining = [DrainingWorker(name, n) for name, n in sorted(view.draining.items())]
+        return Status(datetime.now(UTC), view.workers, rows, deployments, draining)
 
     async def _queue_counts(self, queue: str) -> tuple[int | None, int | None]:
         assert self._connection is not None

@@ -60,6 +60,7 @@ from queuegate.spend import (
     reconciler_token,
     to_nano,
 )
+from queuegate.status import NO_WORKER, DrainingWorker, Status, StatusReader
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
 from tests.chaos.harness import start_worker, stop_workers, worker_env
@@ -982,6 +983,79 @@ async def test_a_worker_stopping_cleanly_is_neither_awaited_nor_named_while_it_d
             assert serving_name in live.snapshots
         finally:
             await stop_workers(processes)
+
+
+async def _draining(reader: StatusReader, team: str, name: str) -> Status:
+    """The status of ``team`` once it shows the worker ``name`` draining (its snapshot,
+    written by another process, arrives unannounced)."""
+    async with asyncio.timeout(20):
+        while True:
+            status = await reader.read([team])
+            if name in {d.worker for d in status.draining}:
+                return status
+            await asyncio.sleep(0.05)
+
+
+async def test_status_shows_a_worker_draining_with_its_jobs_in_flight_until_its_drain_ends(
+    settings: Settings, alpha: str, redis_client: aioredis.Redis
+) -> None:
+    # Given the one worker process serving alpha, whose snapshot stays live 30 s past its
+    # last (so one left behind would still show), holding a job at a model that hangs for
+    # two minutes, with a minute to drain it at a stop
+    slow = MockConfig(default=Behavior(timeout_rate=1, hang_s=120))
+    keys = Keys(settings.redis_prefix)
+    env_extra = {"QUEUEGATE_STATS_INTERVAL": "10", "QUEUEGATE_SHUTDOWN_GRACE": "60"}
+    worker: asyncio.subprocess.Process | None = None
+    try:
+        async with MockProvider(slow) as mock, StatusReader(settings) as reader:
+            worker = await start_worker(worker_env(settings, mock, **env_extra), [alpha])
+            name = f"{socket.gethostname()}:{worker.pid}"
+            await _serving(settings, [name])
+            async with GatewayClient(settings, team=alpha) as client:
+                await client.submit(client.job("gpt-4o-mini", HELLO))
+            async with asyncio.timeout(20):
+                await mock.wait_for_calls(1)
+
+            # When it is sent SIGTERM
+            worker.send_signal(signal.SIGTERM)
+
+            # Expect the status to show it draining with its job in flight, not serving, and
+            # current (a worker reports), as `queuegate status --json` says too
+            during = await _draining(reader, alpha, name)
+            assert (during.workers, during.draining, during.reason) == (
+                0,
+                [DrainingWorker(name, 1)],
+                None,
+            )
+            assert [t.in_flight for t in during.teams] == [1]
+            code, stdout, stderr = await _queuegate(settings, "status", "--json", "--teams", alpha)
+            assert code == 0, stderr
+            shown = json.loads(stdout)
+            assert (shown["workers"], shown["stale"]) == (0, False)
+            assert shown["draining"] == [{"worker": name, "in_flight": 1}]
+
+            # When an operator sets alpha's rate as it drains, expect no wait for it: no
+            # worker serves, though it still runs and shows draining
+            code, stdout, stderr = await _queuegate(
+                settings, "teams", "set", alpha, "--rpm", "10", "--wait", "20"
+            )
+            assert code == 0, stderr
+            assert f"team {alpha}: no worker is running; each reads it as it starts" in stdout
+            assert name not in stdout + stderr
+            assert worker.returncode is None
+            assert (await reader.read([alpha])).draining == [DrainingWorker(name, 1)]
+        # (the mock stopped: its hang ends, so does the worker's call and its drain)
+        await asyncio.wait_for(worker.wait(), timeout=30)
+        assert worker.returncode == 0
+
+        # Expect it gone once its drain has ended, its entry removed, not left to lapse
+        async with StatusReader(settings) as reader:
+            after = await reader.read([alpha])
+        assert (after.workers, after.draining, after.reason) == (0, [], NO_WORKER)
+        assert await redis_client.exists(keys.live_worker(name)) == 0
+    finally:
+        if worker is not None:
+            await stop_workers([worker])
 
 
 async def test_a_draining_worker_sends_its_jobs_held_for_the_rate_back_uncalled(

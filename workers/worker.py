@@ -416,7 +416,11 @@ class Worker:
         return slots
 
     def _live_in_flight(self) -> dict[str, int]:
-        return {team: self._telemetry.in_flight[team] for team in self._consumers}
+        # The teams served, and those still holding jobs: a draining worker serves none, and
+        # ``queuegate status`` shows what it is finishing.
+        in_flight = self._telemetry.in_flight
+        held = (team for team, n in in_flight.items() if n)
+        return {team: in_flight[team] for team in {*self._consumers, *held}}
 
     async def _drain(self) -> None:
         """Stop taking jobs, return those not yet admitted, let the admitted ones finish
@@ -433,7 +437,8 @@ class Worker:
         if self._admission is not None:
             self._admission.stop()
         if self._live is not None:
-            # Under no config from now on: `teams set` is not to wait for it, nor name it.
+            # Under no config from now on: `teams set` is not to wait for it, nor name it
+            # (status shows it draining until its last flush, after the drain).
             self._live.withdraw()
         # Never started: back to the queue at once, for another worker.
         for team, slots in self._slots.items():

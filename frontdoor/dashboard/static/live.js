@@ -96,7 +96,12 @@
     }
     document.getElementById("live-deployments-empty").hidden =
       (data.deployments || []).length > 0 || data.deployments === undefined;
-    document.getElementById("workers").textContent = data.workers === undefined ? "–" : data.workers;
+    // Draining workers (stopped, finishing their jobs) apart: they take no job any more.
+    const draining = data.draining || [];
+    const workers = document.getElementById("workers");
+    workers.textContent = data.workers === undefined ? "–"
+      : data.workers + (draining.length ? " + " + draining.length + " draining" : "");
+    workers.title = draining.map(d => d.worker + ": " + count(d.in_flight) + " in flight").join("\n");
     document.getElementById("queued").textContent = count(queued);
     document.getElementById("in-flight").textContent = count(inFlight);
     document.getElementById("jobs-per-s").textContent = rate(out);
