@@ -46,7 +46,16 @@ from queuegate.runtime import until_set
 from queuegate.settings import Settings
 from queuegate.spend import budget_scopes, to_nano
 from router import Catalog, Deployment, Routed
-from workers.admission.buckets import Buckets, Limit, Take, lined, settle_call, take_call, taken
+from workers.admission.buckets import (
+    Buckets,
+    Limit,
+    Take,
+    lined,
+    refunded,
+    settle_call,
+    take_call,
+    taken,
+)
 from workers.admission.budgets import (
     BudgetHeld,
     Budgets,
@@ -150,6 +159,9 @@ class Admission:
         self._settles: dict[str, asyncio.Event] = {}
         """Per budget ledger a job waited on (``_wait_for_budget``), set by each settle of this
         process's in it: one per team, month and capped model."""
+        self._refunds: dict[str, asyncio.Event] = {}
+        """Per bucket a reservation waits on (``Ticket._sleep``), set and dropped by the next
+        settle of this process's giving tokens back to it (``refunds``)."""
         self._deployment_limits: dict[str, Limit | None] = {}
         self._in_flight: weakref.WeakKeyDictionary[Ticket, ChatJob] = weakref.WeakKeyDictionary()
         """The jobs admitted and not settled yet, by ticket (weakly: one a path never settles
@@ -356,6 +368,30 @@ class Admission:
         reserving in them goes behind those, rather than take what they wait for."""
         line = self._lines.get(ledgers)
         return line is not None and line.locked()
+
+    def refunds(self, limits: Sequence[Limit]) -> list[asyncio.Event]:
+        """Events set by this process's next settle giving tokens back to each bucket of
+        ``limits`` with a token limit. Each is set once, then replaced: taken before a look
+        at the buckets (``due``), one set by a settle during that look is not missed."""
+        events = []
+        for limit in limits:
+            if limit.tpm:
+                event = self._refunds.get(limit.key)
+                if event is None:
+                    event = self._refunds[limit.key] = asyncio.Event()
+                events.append(event)
+        return events
+
+    async def due(self, limits: Sequence[Limit], marks: Sequence[int]) -> float | None:
+        """Seconds a reservation of ``limits`` (its take's ``marks``) has still to wait
+        (``Buckets.due``); None when Redis could not tell (it waits as its take said)."""
+        try:
+            due_ms = await self._buckets.due(limits, marks)
+        except RedisError as exc:
+            self.outage.failed(exc)
+            return None
+        self.outage.recovered()
+        return due_ms / 1000
 
     def _line_at(self, key: tuple[str, ...]) -> Line:
         """Where this process's jobs wait their turn for the same keys: buckets and team, or
@@ -780,6 +816,10 @@ class Admission:
             return None
 
         def done(replies: Sequence[Any]) -> None:
+            for key in refunded(buckets):
+                waiting = self._refunds.pop(key, None)
+                if waiting is not None:
+                    waiting.set()  # a reservation waiting for the bucket may go now
             if budget is not None and spend is not None and len(replies) == len(calls):
                 self._budgets.settled(budget, replies[-1])
                 for ledger in budget.keys[::2]:
@@ -1102,11 +1142,11 @@ class Ticket:
                         raise late(take.wait_ms)
                     await self._sleep(take.wait_ms / 1000, limits, follow)
                     continue
-                taken, wait_ms, *_ = await self._take(limits, within_ms=within)
-                if not taken:
-                    raise late(wait_ms)
+                take = await self._take(limits, within_ms=within)
+                if not take.taken:
+                    raise late(take.wait_ms)
                 try:
-                    if await self._sleep(wait_ms / 1000, limits, follow):
+                    if await self._sleep(take.wait_ms / 1000, limits, follow, take.marks):
                         return limits
                 except BaseException:
                     # Its reservation is for a call it will not make: the jobs behind have it.
@@ -1148,15 +1188,39 @@ class Ticket:
             stopped.cancel()
 
     async def _sleep(
-        self, seconds: float, limits: list[Limit], follow: Callable[[], list[Limit]] | None
+        self,
+        seconds: float,
+        limits: list[Limit],
+        follow: Callable[[], list[Limit]] | None,
+        marks: Sequence[int] = (),
     ) -> bool:
         """Wait for a reservation's turn, running the job's check meanwhile; False when
-        ``follow`` no longer gives the ``limits`` it was made under (cut short)."""
+        ``follow`` no longer gives the ``limits`` it was made under (cut short).
+
+        With its take's ``marks`` (it waits for tokens), the turn comes sooner when jobs
+        that used fewer tokens than they took give them back: it asks Redis how long it has
+        still to wait (``Admission.due``) at once when a settle of this process's gives
+        tokens back to its buckets, and every ``CHECK_SECONDS`` for other processes'. That
+        look costs one round trip a second per process and bucket that a reservation waits
+        for, and nothing while none waits; told by pub/sub instead, every refund into a
+        bucket in debt would cost a PUBLISH and every worker a subscription kept alive, to
+        save at most a second of a wait that was many before."""
         end = time.monotonic() + seconds
+        checked = time.monotonic()
+        refunds = self._admission.refunds(limits) if marks else []
         while (left := end - time.monotonic()) > 0:
-            await self._admission.pause(min(left, CHECK_SECONDS))
-            if left > CHECK_SECONDS or self._admission.stopping:
+            await self._admission.pause(min(left, CHECK_SECONDS), *refunds)
+            stopping = self._admission.stopping
+            if marks and not stopping and end > time.monotonic():
+                # Taken before the look, so a refund while it runs wakes the next pause.
+                refunds = self._admission.refunds(limits)
+                due = await self._admission.due(limits, marks)
+                if due is not None:
+                    end = min(end, time.monotonic() + due)
+            now = time.monotonic()
+            if stopping or (now - checked >= CHECK_SECONDS and end > now):
                 await self.check()
+                checked = time.monotonic()
                 if follow is not None and follow() != limits:
                     return False
         return True
