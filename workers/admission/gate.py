@@ -4,8 +4,9 @@
     routed = await router.complete(job, deadline=deadline, gate=ticket)  # + each deployment's
     await ticket.settle(routed)                          # real usage replaces the estimates
 
-A job over its limit waits here, in its own consumer's slot, for exactly as long as the
-buckets say, so other teams' jobs keep flowing. It never waits past its deadline or
+A job over its limit waits here, in its own consumer's slot, for as long as the buckets
+say, so other teams' jobs keep flowing; less when the jobs ahead settle for fewer tokens
+than they took (``Ticket._sleep``). It never waits past its deadline or
 ``settings.admission_max_wait`` (far inside the broker's consumer timeout): past that it is
 answered ``rate_limited`` with the wait it would have needed, and never requeued.
 
