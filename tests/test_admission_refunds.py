@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -14,6 +15,7 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.support import running_gateway
 from tests.teams import register
+from tests.test_admission import limited_deployment
 from workers.admission.buckets import Buckets, Limit, settle_call
 from workers.admission.scripts import Scripts
 
@@ -38,6 +40,14 @@ async def reserved(redis_client: aioredis.Redis, bucket: str) -> None:
     debt = False
     while not debt:
         debt = float(await redis_client.hget(bucket, "t") or 0) < 0
+        await asyncio.sleep(0.01)
+
+
+async def in_line(redis_client: aioredis.Redis, line: str, team: str) -> None:
+    """Until ``team`` waits its turn in a deployment's ``line`` (polled, as ``reserved``)."""
+    waiting = False
+    while not waiting:
+        waiting = bool(await redis_client.hexists(line, team))
         await asyncio.sleep(0.01)
 
 
@@ -94,3 +104,31 @@ async def test_a_job_waiting_for_tokens_goes_when_another_workers_job_settles(
     # second while a reservation waits), not 20 s after its reservation
     assert result.status == "ok"
     assert gw.mock.requests[0].t - settled < 5.0
+
+
+async def test_a_job_waiting_for_a_deployments_tokens_takes_again_when_the_job_ahead_settles(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # Given a deployment whose provider account allows 1,200 tokens a minute, and two jobs
+    # estimated at 800 tokens each, whose calls take 3 s: one in its call, the other waiting
+    # its team's turn in the deployment's line, told the tokens come in 20 s
+    catalog = limited_deployment(tmp_path, f"tpm: {TPM}")
+    line = Keys(settings.redis_prefix).deployment_line("small-1")
+    slow = MockConfig(default=Behavior(latency_ms=3000))
+    async with (
+        running_gateway(settings, catalog=catalog, mock_config=slow) as gw,
+        gw.client("alpha") as client,
+    ):
+        jobs = [client.job("small", words(last), max_tokens=MAX_TOKENS) for last in "ab"]
+        handles = [await client.submit(job) for job in jobs]
+        await asyncio.wait_for(in_line(redis_client, line, "alpha"), 10)
+        assert gw.mock.stats.calls == 0  # the first still in its call
+
+        # When the first job's call ends, having used a few dozen tokens, and it settles
+        results = [await handle.result(timeout=30) for handle in handles]
+
+    # Expect the second called right after the first's answer, not 20 s after its take
+    assert [r.status for r in results] == ["ok", "ok"]
+    answered = [call.t for call in gw.mock.requests]
+    assert answered[1] - answered[0] >= 2.9
+    assert answered[1] - answered[0] < 10.0

@@ -1129,7 +1129,8 @@ class Ticket:
             if lined(limits):
                 # Asking before the buckets have what the job ahead took again, it would
                 # only be told to wait.
-                await self._sleep(min(line.ready, self.until) - time.monotonic(), limits, follow)
+                until = min(line.ready, self.until) - time.monotonic()
+                await self._sleep(until, limits, follow, retake=True)
             while True:
                 if follow is not None:
                     limits = follow()
@@ -1141,7 +1142,7 @@ class Ticket:
                         return limits
                     if take.wait_ms > within:
                         raise late(take.wait_ms)
-                    await self._sleep(take.wait_ms / 1000, limits, follow)
+                    await self._sleep(take.wait_ms / 1000, limits, follow, retake=True)
                     continue
                 take = await self._take(limits, within_ms=within)
                 if not take.taken:
@@ -1194,9 +1195,14 @@ class Ticket:
         limits: list[Limit],
         follow: Callable[[], list[Limit]] | None,
         marks: Sequence[int] = (),
+        *,
+        retake: bool = False,
     ) -> bool:
         """Wait for a reservation's turn, running the job's check meanwhile; False when
         ``follow`` no longer gives the ``limits`` it was made under (cut short).
+
+        ``retake``: a wait to take a deployment's buckets again (in its team's turn, never
+        into debt), cut short when a settle of this process's gives tokens back to them.
 
         With its take's ``marks`` (it waits for tokens), the turn comes sooner when jobs
         that used fewer tokens than they took give them back: it asks Redis how long it has
@@ -1207,21 +1213,26 @@ class Ticket:
         bucket in debt would cost a PUBLISH and every worker a subscription kept alive, to
         save at most a second of a wait that was many before."""
         end = time.monotonic() + seconds
-        checked = time.monotonic()
-        refunds = self._admission.refunds(limits) if marks else []
+        tick = time.monotonic() + CHECK_SECONDS
+        refunds = self._admission.refunds(limits) if marks or retake else []
         while (left := end - time.monotonic()) > 0:
-            await self._admission.pause(min(left, CHECK_SECONDS), *refunds)
+            until_tick = max(0.0, tick - time.monotonic())
+            ticked = until_tick < left  # else it sleeps to its turn, not to a tick
+            await self._admission.pause(min(left, until_tick), *refunds)
             stopping = self._admission.stopping
-            if marks and not stopping and end > time.monotonic():
+            refunded = any(event.is_set() for event in refunds)
+            ticked = ticked and not refunded and not stopping
+            if retake and refunded and not stopping:
+                return True
+            if marks and (ticked or refunded):
                 # Taken before the look, so a refund while it runs wakes the next pause.
                 refunds = self._admission.refunds(limits)
                 due = await self._admission.due(limits, marks)
                 if due is not None:
                     end = min(end, time.monotonic() + due)
-            now = time.monotonic()
-            if stopping or (now - checked >= CHECK_SECONDS and end > now):
+            if ticked or stopping:
                 await self.check()
-                checked = time.monotonic()
+                tick = time.monotonic() + CHECK_SECONDS
                 if follow is not None and follow() != limits:
                     return False
         return True
