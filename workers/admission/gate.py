@@ -1208,10 +1208,12 @@ class Ticket:
         that used fewer tokens than they took give them back: it asks Redis how long it has
         still to wait (``Admission.due``) at once when a settle of this process's gives
         tokens back to its buckets, and every ``CHECK_SECONDS`` for other processes'. That
-        look costs one round trip a second per process and bucket that a reservation waits
-        for, and nothing while none waits; told by pub/sub instead, every refund into a
-        bucket in debt would cost a PUBLISH and every worker a subscription kept alive, to
-        save at most a second of a wait that was many before."""
+        look (TIME and one HMGET a bucket, replies not kept) costs a round trip a second per
+        reservation waiting, at most one per line of a process, as the bucket fills' own
+        refresh does per limited team; nothing while none waits. Told by pub/sub instead,
+        each refund into a bucket in debt would cost a PUBLISH and every worker a
+        subscription kept alive across Redis failovers, to save at most that second of a
+        wait that was many before."""
         end = time.monotonic() + seconds
         tick = time.monotonic() + CHECK_SECONDS
         refunds = self._admission.refunds(limits) if marks or retake else []
