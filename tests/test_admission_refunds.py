@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig
@@ -16,6 +17,7 @@ from queuegate.settings import Settings
 from tests.support import running_gateway
 from tests.teams import register
 from tests.test_admission import limited_deployment
+from workers.admission import gate
 from workers.admission.buckets import Buckets, Limit, settle_call
 from workers.admission.scripts import Scripts
 
@@ -52,11 +54,13 @@ async def in_line(redis_client: aioredis.Redis, line: str, team: str) -> None:
 
 
 async def test_a_job_waiting_for_tokens_goes_when_the_job_ahead_in_its_worker_settles(
-    settings: Settings, redis_client: aioredis.Redis
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given team alpha allowed 1,200 tokens a minute, and two jobs of it estimated at 800
     # tokens each, whose calls take 3 s: one admitted and in its call, the other reserved
-    # behind it, told to wait 20 s
+    # behind it, told to wait 20 s; its worker looking at the bucket on its own only every
+    # minute, so that only its settle's wake can let the second go sooner
+    monkeypatch.setattr(gate, "CHECK_SECONDS", 60.0)
     await register(settings, "alpha", TeamConfig(tpm=TPM))
     bucket = Keys(settings.redis_prefix).team_bucket("alpha")
     slow = MockConfig(default=Behavior(latency_ms=3000))

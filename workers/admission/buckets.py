@@ -81,8 +81,9 @@ class Buckets:
 
     async def due(self, limits: Sequence[Limit], marks: Sequence[int]) -> int:
         """Milliseconds a reservation (its take's ``marks``) has still to wait, now that
-        settles may have given back tokens its jobs did not use: at most what its take said,
-        less the time since. Reads only, so it may run twice."""
+        settles may have given back tokens its jobs did not use (its take's wait less the
+        time since, or sooner; later only where the bucket was lost meanwhile, so the
+        caller keeps the sooner of the two). Reads only, so it may run twice."""
         [reply] = await self._scripts.run_all(
             [_call(limits, "due", 0, 0, 0, marks=marks)], repeatable=True
         )
