@@ -33,7 +33,8 @@
 --
 -- A reservation whose wait is for tokens (not only requests) returns {1, wait_ms, fill, 0,
 -- now, requests_ms, mark_1 .. mark_n}: the round trip's TIME (µs), the wait its requests
--- alone need, and per bucket the sum g must reach for its tokens to be there with no refill.
+-- alone need, and per bucket the sum g must reach for its tokens to be there with no refill
+-- (in thousandths of a token, rounded up: Redis truncates a Lua number to an integer).
 -- "due" takes these as ARGV[7+3n ..] and returns {1, due_ms}. Refunds (settles giving back
 -- what a job did not use) pay a reservation's debt as the refill does, so a job goes once
 -- both together have paid it, not only at the wait its take computed. g grows only while the
@@ -111,7 +112,8 @@ if mode == 'due' then
   for i = 1, buckets do
     local rate = levels[i][1][2]
     if rate > 0 then
-      local owed = tonumber(ARGV[base + 2 + i]) - levels[i][5] - (now - from) * rate / 60000000
+      local mark = tonumber(ARGV[base + 2 + i]) / 1000
+      local owed = mark - levels[i][5] - (now - from) * rate / 60000000
       due = math.max(due, owed * 60000 / rate)
     end
   end
@@ -171,7 +173,7 @@ if mode == 'take' and wait > 0 and not line then
     if rates[1] > 0 and level[1] < need[1] then
       requests = math.max(requests, math.ceil((need[1] - level[1]) * 60000 / rates[1]))
     end
-    marks[i] = rates[2] > 0 and math.ceil(levels[i][5] + need[2] - level[2]) or 0
+    marks[i] = rates[2] > 0 and math.ceil((levels[i][5] + need[2] - level[2]) * 1000) or 0
   end
   if requests >= wait then
     marks = nil
