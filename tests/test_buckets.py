@@ -331,3 +331,30 @@ async def test_a_team_that_will_not_wait_long_enough_takes_no_place_in_line(
     # Expect it refused and not entered: it would hold the bucket for a call never made
     assert not refused.taken and refused.wait_ms > 500
     assert not await redis_client.exists(str(limit.line))
+
+
+async def test_a_reservation_is_due_sooner_by_what_settles_give_back_while_it_waits(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a team bucket of 600 tokens a minute (10 a second) emptied by one job's take,
+    # and a job of 300 tokens reserved behind it, told to wait 30 s
+    buckets = _buckets(redis_client, settings)
+    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
+    assert (await buckets.take([limit], 600)).taken
+    reserved = await buckets.take([limit], 300, within_ms=60_000)
+    assert reserved.taken and 29_000 <= reserved.wait_ms <= 30_000
+    assert reserved.marks
+
+    # When the first job settles having used 400 tokens (200 back), then another 200 more
+    due = await buckets.due([limit], reserved.marks)
+    await _settle(redis_client, settings, limit, 200)
+    sooner = await buckets.due([limit], reserved.marks)
+    await _settle(redis_client, settings, limit, 200)
+    paid = await buckets.due([limit], reserved.marks)
+
+    # Expect the reservation due as its take said, then 20 s sooner, then at once, the
+    # bucket out of debt
+    assert 28_000 <= due <= reserved.wait_ms
+    assert due - 21_000 <= sooner <= due - 19_000
+    assert paid == 0
+    assert float(await redis_client.hget(limit.key, "t") or 0) >= 0

@@ -43,6 +43,9 @@ class Take(NamedTuple):
     """Whether the call given to run once the take is made (``Buckets.take``) ran."""
     again_ms: int = 0
     """Taken in a line (``take_call``): when the buckets will have as much again."""
+    marks: tuple[int, ...] = ()
+    """Reserved (taken into debt, to go after ``wait_ms``) for want of tokens: where the
+    buckets stood, for ``Buckets.due`` to tell how much sooner refunds let it go."""
 
 
 class Buckets:
@@ -75,6 +78,16 @@ class Buckets:
         calls = [first] + ([then] if then is not None else [])
         replies = await self._scripts.run_all(calls, name=name)
         return taken(limits, tokens, replies[0])._replace(then_ran=len(replies) > 1)
+
+    async def due(self, limits: Sequence[Limit], marks: Sequence[int]) -> int:
+        """Milliseconds a reservation (its take's ``marks``) has still to wait, now that
+        settles may have given back tokens its jobs did not use (its take's wait less the
+        time since, or sooner; later only where the bucket was lost meanwhile, so the
+        caller keeps the sooner of the two). Reads only, so it may run twice."""
+        [reply] = await self._scripts.run_all(
+            [_call(limits, "due", 0, 0, 0, marks=marks)], repeatable=True
+        )
+        return int(reply[1])
 
     async def refresh_fills(self, limits: Sequence[Limit]) -> None:
         """Set ``queuegate_bucket_fill_ratio`` of each team bucket of ``limits`` as of now
@@ -125,7 +138,8 @@ def taken(limits: Sequence[Limit], tokens: int, reply: list[int]) -> Take:
     team = limits[0].team
     if team is not None and len(reply) > 2:
         set_bucket_fill(team, int(reply[2]) / 1000)
-    return Take(reply[0] == 1, int(reply[1]), again_ms=int(reply[3]) if len(reply) > 3 else 0)
+    again_ms = int(reply[3]) if len(reply) > 3 else 0
+    return Take(reply[0] == 1, int(reply[1]), again_ms=again_ms, marks=tuple(reply[4:]))
 
 
 def settle_call(limits: Sequence[Limit], tokens_back: int, requests_back: int = 0) -> Call | None:
@@ -135,6 +149,17 @@ def settle_call(limits: Sequence[Limit], tokens_back: int, requests_back: int = 
     if not limits or not (tokens_back or requests_back):
         return None
     return _call(limits, "settle", requests_back, tokens_back, 0)
+
+
+def refunded(calls: Sequence[Call]) -> list[str]:
+    """The buckets ``calls`` give tokens back to (settles of jobs that used fewer than they
+    took, or gave up a take): a reservation waiting for them may go sooner."""
+    return [
+        key
+        for call in calls
+        if call.script == "take" and call.args[0] == "settle" and int(call.args[2]) > 0
+        for key in call.keys
+    ]
 
 
 def too_large(limit: Limit, tokens: int) -> InvalidRequest:
@@ -152,11 +177,13 @@ def _call(
     within_ms: int,
     *,
     line: tuple[str, str, int] | None = None,
+    marks: Sequence[int] = (),
 ) -> Call:
-    """``line``: the key of the line a take waits in, its team, and its patience."""
+    """``line``: the key of the line a take waits in, its team, and its patience; ``marks``:
+    a reservation's, which "due" reads after the caps."""
     caps = [arg for limit in limits for arg in (limit.rpm or 0, limit.tpm or 0, limit.burst or 0)]
     keys = [limit.key for limit in limits]
     if line is None:
-        return Call("take", keys, [mode, requests, tokens, within_ms, "", 0, *caps])
+        return Call("take", keys, [mode, requests, tokens, within_ms, "", 0, *caps, *marks])
     key, team, patience_ms = line
     return Call("take", [*keys, key], [mode, requests, tokens, within_ms, team, patience_ms, *caps])

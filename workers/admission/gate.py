@@ -4,8 +4,9 @@
     routed = await router.complete(job, deadline=deadline, gate=ticket)  # + each deployment's
     await ticket.settle(routed)                          # real usage replaces the estimates
 
-A job over its limit waits here, in its own consumer's slot, for exactly as long as the
-buckets say, so other teams' jobs keep flowing. It never waits past its deadline or
+A job over its limit waits here, in its own consumer's slot, for as long as the buckets
+say, so other teams' jobs keep flowing; less when the jobs ahead settle for fewer tokens
+than they took (``Ticket._sleep``). It never waits past its deadline or
 ``settings.admission_max_wait`` (far inside the broker's consumer timeout): past that it is
 answered ``rate_limited`` with the wait it would have needed, and never requeued.
 
@@ -46,7 +47,16 @@ from queuegate.runtime import until_set
 from queuegate.settings import Settings
 from queuegate.spend import budget_scopes, to_nano
 from router import Catalog, Deployment, Routed
-from workers.admission.buckets import Buckets, Limit, Take, lined, settle_call, take_call, taken
+from workers.admission.buckets import (
+    Buckets,
+    Limit,
+    Take,
+    lined,
+    refunded,
+    settle_call,
+    take_call,
+    taken,
+)
 from workers.admission.budgets import (
     BudgetHeld,
     Budgets,
@@ -150,6 +160,9 @@ class Admission:
         self._settles: dict[str, asyncio.Event] = {}
         """Per budget ledger a job waited on (``_wait_for_budget``), set by each settle of this
         process's in it: one per team, month and capped model."""
+        self._refunds: dict[str, asyncio.Event] = {}
+        """Per bucket a reservation waits on (``Ticket._sleep``), set and dropped by the next
+        settle of this process's giving tokens back to it (``refunds``)."""
         self._deployment_limits: dict[str, Limit | None] = {}
         self._in_flight: weakref.WeakKeyDictionary[Ticket, ChatJob] = weakref.WeakKeyDictionary()
         """The jobs admitted and not settled yet, by ticket (weakly: one a path never settles
@@ -356,6 +369,30 @@ class Admission:
         reserving in them goes behind those, rather than take what they wait for."""
         line = self._lines.get(ledgers)
         return line is not None and line.locked()
+
+    def refunds(self, limits: Sequence[Limit]) -> list[asyncio.Event]:
+        """Events set by this process's next settle giving tokens back to each bucket of
+        ``limits`` with a token limit. Each is set once, then replaced: taken before a look
+        at the buckets (``due``), one set by a settle during that look is not missed."""
+        events = []
+        for limit in limits:
+            if limit.tpm:
+                event = self._refunds.get(limit.key)
+                if event is None:
+                    event = self._refunds[limit.key] = asyncio.Event()
+                events.append(event)
+        return events
+
+    async def due(self, limits: Sequence[Limit], marks: Sequence[int]) -> float | None:
+        """Seconds a reservation of ``limits`` (its take's ``marks``) has still to wait
+        (``Buckets.due``); None when Redis could not tell (it waits as its take said)."""
+        try:
+            due_ms = await self._buckets.due(limits, marks)
+        except RedisError as exc:
+            self.outage.failed(exc)
+            return None
+        self.outage.recovered()
+        return due_ms / 1000
 
     def _line_at(self, key: tuple[str, ...]) -> Line:
         """Where this process's jobs wait their turn for the same keys: buckets and team, or
@@ -780,6 +817,10 @@ class Admission:
             return None
 
         def done(replies: Sequence[Any]) -> None:
+            for key in refunded(buckets):
+                waiting = self._refunds.pop(key, None)
+                if waiting is not None:
+                    waiting.set()  # a reservation waiting for the bucket may go now
             if budget is not None and spend is not None and len(replies) == len(calls):
                 self._budgets.settled(budget, replies[-1])
                 for ledger in budget.keys[::2]:
@@ -1088,7 +1129,8 @@ class Ticket:
             if lined(limits):
                 # Asking before the buckets have what the job ahead took again, it would
                 # only be told to wait.
-                await self._sleep(min(line.ready, self.until) - time.monotonic(), limits, follow)
+                until = min(line.ready, self.until) - time.monotonic()
+                await self._sleep(until, limits, follow, retake=True)
             while True:
                 if follow is not None:
                     limits = follow()
@@ -1100,13 +1142,13 @@ class Ticket:
                         return limits
                     if take.wait_ms > within:
                         raise late(take.wait_ms)
-                    await self._sleep(take.wait_ms / 1000, limits, follow)
+                    await self._sleep(take.wait_ms / 1000, limits, follow, retake=True)
                     continue
-                taken, wait_ms, *_ = await self._take(limits, within_ms=within)
-                if not taken:
-                    raise late(wait_ms)
+                take = await self._take(limits, within_ms=within)
+                if not take.taken:
+                    raise late(take.wait_ms)
                 try:
-                    if await self._sleep(wait_ms / 1000, limits, follow):
+                    if await self._sleep(take.wait_ms / 1000, limits, follow, take.marks):
                         return limits
                 except BaseException:
                     # Its reservation is for a call it will not make: the jobs behind have it.
@@ -1148,15 +1190,51 @@ class Ticket:
             stopped.cancel()
 
     async def _sleep(
-        self, seconds: float, limits: list[Limit], follow: Callable[[], list[Limit]] | None
+        self,
+        seconds: float,
+        limits: list[Limit],
+        follow: Callable[[], list[Limit]] | None,
+        marks: Sequence[int] = (),
+        *,
+        retake: bool = False,
     ) -> bool:
         """Wait for a reservation's turn, running the job's check meanwhile; False when
-        ``follow`` no longer gives the ``limits`` it was made under (cut short)."""
+        ``follow`` no longer gives the ``limits`` it was made under (cut short).
+
+        ``retake``: a wait to take a deployment's buckets again (in its team's turn, never
+        into debt), cut short when a settle of this process's gives tokens back to them.
+
+        With its take's ``marks`` (it waits for tokens), the turn comes sooner when jobs
+        that used fewer tokens than they took give them back: it asks Redis how long it has
+        still to wait (``Admission.due``) at once when a settle of this process's gives
+        tokens back to its buckets, and every ``CHECK_SECONDS`` for other processes'. That
+        look (TIME and one HMGET a bucket, replies not kept) costs a round trip a second per
+        reservation waiting, at most one per line of a process, as the bucket fills' own
+        refresh does per limited team; nothing while none waits. Told by pub/sub instead,
+        each refund into a bucket in debt would cost a PUBLISH and every worker a
+        subscription kept alive across Redis failovers, to save at most that second of a
+        wait that was many before."""
         end = time.monotonic() + seconds
+        tick = time.monotonic() + CHECK_SECONDS
+        refunds = self._admission.refunds(limits) if marks or retake else []
         while (left := end - time.monotonic()) > 0:
-            await self._admission.pause(min(left, CHECK_SECONDS))
-            if left > CHECK_SECONDS or self._admission.stopping:
+            until_tick = max(0.0, tick - time.monotonic())
+            ticked = until_tick < left  # else it sleeps to its turn, not to a tick
+            await self._admission.pause(min(left, until_tick), *refunds)
+            stopping = self._admission.stopping
+            refunded = any(event.is_set() for event in refunds)
+            ticked = ticked and not refunded and not stopping
+            if retake and refunded and not stopping:
+                return True
+            if marks and (ticked or refunded):
+                # Taken before the look, so a refund while it runs wakes the next pause.
+                refunds = self._admission.refunds(limits)
+                due = await self._admission.due(limits, marks)
+                if due is not None:
+                    end = min(end, time.monotonic() + due)
+            if ticked or stopping:
                 await self.check()
+                tick = time.monotonic() + CHECK_SECONDS
                 if follow is not None and follow() != limits:
                     return False
         return True

@@ -1,12 +1,15 @@
 -- Token buckets in two dimensions (requests, tokens), taken for several scopes at once.
 --
--- KEYS[i]   one bucket per scope: a hash {r = requests left, t = tokens left, ts = µs}
+-- KEYS[i]   one bucket per scope: a hash {r = requests left, t = tokens left, ts = µs,
+--           g = tokens settles gave back while it was in debt, summed: see "due"}
 -- KEYS[#KEYS]  with a team in ARGV[5] (a take only): the line of the first bucket, below
 -- ARGV[1]   "take": take ARGV[2] requests and ARGV[3] tokens from every bucket, or nothing
 --           "settle": give back ARGV[2] requests (a reservation given up before its call)
 --           and ARGV[3] tokens (negative: take them, even into debt)
 --           "drain": empty the requests (the provider answered 429: it admits fewer)
 --           "peek": change nothing; read the fill as of now, refilled since the last take
+--           "due": change nothing; the milliseconds a reservation (a take into debt) has still
+--           to wait now that settles may have given tokens back (its marks: ARGV after caps)
 -- ARGV[2]   requests
 -- ARGV[3]   tokens
 -- ARGV[4]   take: milliseconds the caller will wait for the buckets. If they can admit the job
@@ -27,6 +30,17 @@
 -- (0 in debt), for metrics; a take with a line returns {1, 0, fill, again}, again the
 -- milliseconds until the buckets have as much again. Peek returns {1, 0, fill}; settle and
 -- drain {1, 0}.
+--
+-- A reservation whose wait is for tokens (not only requests) returns {1, wait_ms, fill, 0,
+-- now, requests_ms, mark_1 .. mark_n}: the round trip's TIME (µs), the wait its requests
+-- alone need, and per bucket the sum g must reach for its tokens to be there with no refill
+-- (in thousandths of a token, rounded up: Redis truncates a Lua number to an integer).
+-- "due" takes these as ARGV[7+3n ..] and returns {1, due_ms}. Refunds (settles giving back
+-- what a job did not use) pay a reservation's debt as the refill does, so a job goes once
+-- both together have paid it, not only at the wait its take computed. g grows only while the
+-- bucket is in debt: a reservation is outstanding only then (its take left the bucket below
+-- zero, and each later take only lowers it), so a refund to a bucket out of debt writes
+-- nothing more than before.
 
 -- The round trip's TIME when this runs with other calls (batch.lua).
 local t = ... or redis.call('TIME')
@@ -53,7 +67,7 @@ for i = 1, buckets do
   local rates = {tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])}
   local burst = tonumber(ARGV[6 + 3 * i])
   local caps = {burst > 0 and burst or rates[1], rates[2]}
-  local state = redis.call('HMGET', key, 'r', 't', 'ts')
+  local state = redis.call('HMGET', key, 'r', 't', 'ts', 'g')
   local elapsed = now - (tonumber(state[3]) or now)
   local level = {}
   for d = 1, 2 do
@@ -71,7 +85,7 @@ for i = 1, buckets do
       end
     end
   end
-  levels[i] = {rates, caps, level, state[3]}
+  levels[i] = {rates, caps, level, state[3], tonumber(state[4]) or 0}
 end
 
 local function fill()
@@ -87,6 +101,23 @@ end
 
 if mode == 'peek' then
   return {1, 0, fill()}
+end
+
+if mode == 'due' then
+  -- A missing bucket (expired: full again) reads g as 0, so a reservation's marks stay out of
+  -- reach and it is told its wait as taken, never less.
+  local base = 6 + 3 * buckets
+  local from = tonumber(ARGV[base + 1])
+  local due = tonumber(ARGV[base + 2]) - (now - from) / 1000
+  for i = 1, buckets do
+    local rate = levels[i][1][2]
+    if rate > 0 then
+      local mark = tonumber(ARGV[base + 2 + i]) / 1000
+      local owed = mark - levels[i][5] - (now - from) * rate / 60000000
+      due = math.max(due, owed * 60000 / rate)
+    end
+  end
+  return {1, math.max(0, math.ceil(due))}
 end
 
 if line then
@@ -132,6 +163,26 @@ elseif wait > within then
   return {0, wait, fill()}
 end
 
+-- A reservation's marks (see "due"), unless its requests alone need all of its wait.
+local marks = nil
+if mode == 'take' and wait > 0 and not line then
+  local requests = 0
+  marks = {}
+  for i = 1, buckets do
+    local rates, level = levels[i][1], levels[i][3]
+    if rates[1] > 0 and level[1] < need[1] then
+      requests = math.max(requests, math.ceil((need[1] - level[1]) * 60000 / rates[1]))
+    end
+    marks[i] = rates[2] > 0 and math.ceil((levels[i][5] + need[2] - level[2]) * 1000) or 0
+  end
+  if requests >= wait then
+    marks = nil
+  else
+    table.insert(marks, 1, requests)
+    table.insert(marks, 1, now)
+  end
+end
+
 -- Integers go to Redis formatted here ('%d'): Redis would format a number with '%.17g', which
 -- costs several times as much.
 local ts = string.format('%d', now)
@@ -148,7 +199,12 @@ for i = 1, buckets do
       if mode == 'take' then
         level[d] = level[d] - need[d]
       elseif mode == 'settle' then
+        local was = level[d]
         level[d] = math.min(cap, level[d] + need[d])
+        if d == 2 and was < 0 and level[d] > was then
+          changed[#changed + 1] = 'g'
+          changed[#changed + 1] = string.format('%.6f', levels[i][5] + level[d] - was)
+        end
       elseif mode == 'drain' and d == 1 then
         level[d] = math.min(level[d], 0)
       end
@@ -182,6 +238,9 @@ if mode == 'take' then
       end
     end
     return {1, 0, fill(), again}
+  end
+  if marks then
+    return {1, wait, fill(), 0, unpack(marks)}
   end
   return {1, wait, fill()}
 end
