@@ -358,3 +358,26 @@ async def test_a_reservation_is_due_sooner_by_what_settles_give_back_while_it_wa
     assert due - 21_000 <= sooner <= due - 19_000
     assert paid == 0
     assert float(await redis_client.hget(limit.key, "t") or 0) >= 0
+
+
+async def test_a_job_that_used_more_than_it_took_offsets_refunds_to_a_reservation(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a team bucket of 600 tokens a minute emptied by one job's take, and a job of 300
+    # tokens reserved behind it, told to wait 30 s
+    buckets = _buckets(redis_client, settings)
+    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
+    assert (await buckets.take([limit], 600)).taken
+    reserved = await buckets.take([limit], 300, within_ms=60_000)
+    assert reserved.taken and reserved.marks
+    due = await buckets.due([limit], reserved.marks)
+
+    # When one job settles 200 tokens back and another 200 more than it took, the bucket
+    # as deep in debt as at the reservation
+    await _settle(redis_client, settings, limit, 200)
+    await _settle(redis_client, settings, limit, -200)
+    after = await buckets.due([limit], reserved.marks)
+
+    # Expect the reservation due no sooner than the refill alone makes it: the refund was
+    # spent by the overuse, not free for the job waiting
+    assert after >= due - 1_000

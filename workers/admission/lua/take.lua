@@ -1,7 +1,7 @@
 -- Token buckets in two dimensions (requests, tokens), taken for several scopes at once.
 --
 -- KEYS[i]   one bucket per scope: a hash {r = requests left, t = tokens left, ts = µs,
---           g = tokens settles gave back while it was in debt, summed: see "due"}
+--           g = tokens settles gave back while it was in debt, net of overuse: see "due"}
 -- KEYS[#KEYS]  with a team in ARGV[5] (a take only): the line of the first bucket, below
 -- ARGV[1]   "take": take ARGV[2] requests and ARGV[3] tokens from every bucket, or nothing
 --           "settle": give back ARGV[2] requests (a reservation given up before its call)
@@ -201,7 +201,9 @@ for i = 1, buckets do
       elseif mode == 'settle' then
         local was = level[d]
         level[d] = math.min(cap, level[d] + need[d])
-        if d == 2 and was < 0 and level[d] > was then
+        -- Net of what jobs used past their take, so a refund another job's overuse spent
+        -- does not let a reservation go early.
+        if d == 2 and was < 0 and level[d] ~= was then
           changed[#changed + 1] = 'g'
           changed[#changed + 1] = string.format('%.6f', levels[i][5] + level[d] - was)
         end
