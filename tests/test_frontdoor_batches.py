@@ -832,7 +832,7 @@ async def test_a_message_batch_whose_key_is_revoked_lists_what_was_served(
 
 async def _published(redis_client: aioredis.Redis, published: str) -> set[str]:
     """The custom_ids of a batch's jobs the broker confirmed, as the gateway records them."""
-    return {m.decode() for m in await redis_client.smembers(published)}  # type: ignore[misc]
+    return {m.decode() for m in await redis_client.smembers(published)}
 
 
 async def _paused(gateway: Gateway, redis_client: aioredis.Redis, batch: Batch) -> bool:
@@ -840,7 +840,7 @@ async def _paused(gateway: Gateway, redis_client: aioredis.Redis, batch: Batch) 
     out its rest), its confirmed publishes all recorded."""
     published = Keys(gateway.settings.redis_prefix).batch_published("alpha", batch.id)
     runner = await gateway.pool.fetchval("SELECT runner FROM api_batches WHERE id = $1", batch.id)
-    return runner is None and await redis_client.scard(published) > 0  # type: ignore[misc]
+    return runner is None and await redis_client.scard(published) > 0
 
 
 async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it(
