@@ -830,11 +830,27 @@ async def test_a_message_batch_whose_key_is_revoked_lists_what_was_served(
     assert counts.processing == 0 and ended.results_url
 
 
+async def _published(redis_client: aioredis.Redis, published: str) -> set[str]:
+    """The custom_ids of a batch's jobs the broker confirmed, as the gateway records them."""
+    return {m.decode() for m in await redis_client.smembers(published)}
+
+
+async def _paused(gateway: Gateway, redis_client: aioredis.Redis, batch: Batch) -> bool:
+    """Whether a run of the batch published and ended (no runner holds it: the next waits
+    out its rest), its confirmed publishes all recorded."""
+    published = Keys(gateway.settings.redis_prefix).batch_published("alpha", batch.id)
+    runner = await gateway.pool.fetchval("SELECT runner FROM api_batches WHERE id = $1", batch.id)
+    return runner is None and await redis_client.scard(published) > 0
+
+
 async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it(
     settings: Settings, keys: dict[str, str], redis_client: aioredis.Redis
 ) -> None:
-    # Given team alpha's queue held to 5 jobs and nobody serving it: a batch of 200 publishes
-    # what the broker takes and waits for room (not a fault: the queue drains when served)
+    # Given team alpha's queue held to 5 jobs and nobody serving it: a batch of 500 publishes
+    # what the broker takes and pauses, its run ended, to wait for room (not a fault: the
+    # queue drains when served). A quorum queue may take past its 5 the publishes already on
+    # their way, at most the publishing window of 256: never the 500.
+    total = 500
     await configure(settings, "alpha", {"max_queue_length": 5})
     await quota_in_force(settings, "alpha")
     _, second = await issue_key(settings, "alpha")
@@ -845,12 +861,21 @@ async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it
             door.openai() as client,
             door.reading(second).openai() as reader,
         ):
-            file_id = await upload(client, openai_lines(200))
+            file_id = await upload(client, openai_lines(total))
             batch = await chat_batch(client, file_id)
-            published = Keys(settings.redis_prefix).batch_published("alpha", batch.id)
-            await polled(lambda: redis_client.scard(published), lambda n: n >= 5)
-            # When its key is revoked, and only then its team served
+            # Paused, not publishing: what it published is recorded (as a run ends), and no
+            # run takes the batch up again before its rest is over
+            await polled(lambda: _paused(idle, redis_client, batch), bool)
+            # When its key is revoked, and its team served only once the runner, seeing the
+            # revocation, has stopped the batch (canceled it in the gateway's record): what
+            # was published by then is all that ever is
             key_id = await _revoke(settings, keys)
+            gateway_keys = Keys(settings.redis_prefix)
+            canceled = gateway_keys.batch_canceled("alpha", batch.id)
+            await polled(lambda: redis_client.exists(canceled), bool)
+            published = await _published(
+                redis_client, gateway_keys.batch_published("alpha", batch.id)
+            )
             async with running_gateway(settings, teams=("alpha",)) as serving:
                 ended = await openai_ended(reader, batch.id)
                 assert ended.error_file_id
@@ -862,15 +887,18 @@ async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it
         async with BrokerAdmin.of(settings) as admin:
             await admin.delete_policy(quota_policy(settings, "alpha"))
 
-    # Expect no answer, so no output file; every request a failed line once: the queued ones
-    # refused by the workers, the ones never published named unserved by the runner
+    # Expect some requests published before the revocation and some not
+    everyone = {f"req-{i}" for i in range(total)}
+    assert len(published) >= 5 and published < everyone
+    # no answer, so no output file; every request a failed line once, 401: the published
+    # ones refused by the workers, the ones never published named unserved by the runner
     assert ended.status == "failed" and ended.output_file_id is None
-    assert sorted(line["custom_id"] for line in errors) == sorted(f"req-{i}" for i in range(200))
-    messages = [line["response"]["body"]["error"]["message"] for line in errors]
+    assert sorted(line["custom_id"] for line in errors) == sorted(everyone)
     assert all(line["response"]["status_code"] == 401 for line in errors)
-    unserved = [m for m in messages if "not served" in m and key_id in m]
-    refused = [m for m in messages if m.endswith("the API key is unknown or revoked")]
-    assert len(refused) >= 5 and unserved and len(unserved) + len(refused) == 200
+    by_id = {line["custom_id"]: line["response"]["body"]["error"]["message"] for line in errors}
+    refused = {c for c, m in by_id.items() if m.endswith("the API key is unknown or revoked")}
+    unserved = {c for c, m in by_id.items() if "not served" in m and key_id in m}
+    assert refused == published and unserved == everyone - published
     assert ended.errors is not None and [e.code for e in ended.errors.data] == ["key_revoked"]
     assert calls == 0
     assert (row["phase"], row["faults"]) == ("done", 0)
