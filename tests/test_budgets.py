@@ -314,3 +314,37 @@ async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_dropped_as_
     for model in (None, "m"):
         ledger = await redis_client.hgetall(keys.spend("alpha", month, model))
         assert ledger[b"open"] == str(DOLLAR * 9 // 10).encode()
+
+
+async def test_a_ledgers_sums_follow_its_entries_through_reserves_again_and_settles(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget, $0.30 reserved for job a and $0.20 for job b
+    keys, month = Keys(settings.redis_prefix), current_month()
+    budgets, scripts = _budgets(settings, redis_client, pool), Scripts(redis_client, keys)
+    config = TeamConfig(budget_usd=Decimal(1))
+    cent = DOLLAR // 100
+    await budgets.reserve("alpha", "m", config, 30 * cent, "a")
+    b, _ = await budgets.reserve("alpha", "m", config, 20 * cent, "b")
+    assert b is not None
+
+    async def sums() -> tuple[int, int]:
+        ledger = await redis_client.hgetall(keys.spend("alpha", month))
+        return int(ledger[b"open"]), int(ledger[b"reserved"])
+
+    # When a is delivered again and reserves $0.25 (its entry replaced), then settles at
+    # $0.10, and b settles at nothing
+    a, _ = await budgets.reserve("alpha", "m", config, 25 * cent, "a")
+    assert a is not None
+    again = await sums()
+    await scripts.run(budgets.settle_call(a, 10 * cent))
+    settled_a = await sums()
+    await scripts.run(budgets.settle_call(b, 0))
+
+    # Expect the sums to hold exactly what the entries do at each step
+    assert again == (45 * cent, 45 * cent)
+    assert settled_a == (30 * cent, 20 * cent)
+    assert await sums() == (10 * cent, 0)
+    ledger = await redis_client.hgetall(keys.spend("alpha", month))
+    assert ledger[b"j:a"] == str(10 * cent).encode()
+    assert not {b"r:a", b"j:b", b"r:b"} & set(ledger)
