@@ -19,6 +19,7 @@ from queuegate.messages import UsageEvent
 from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, ledgers_in_force, to_nano
+from workers.admission import budgets as budgets_module
 from workers.admission.buckets import Limit, take_call, taken
 from workers.admission.budgets import BudgetHeld, Budgets
 from workers.admission.scripts import Scripts
@@ -348,3 +349,29 @@ async def test_a_ledgers_sums_follow_its_entries_through_reserves_again_and_sett
     ledger = await redis_client.hgetall(keys.spend("alpha", month))
     assert ledger[b"j:a"] == str(10 * cent).encode()
     assert not {b"r:a", b"j:b", b"r:b"} & set(ledger)
+
+
+async def test_a_reserve_holds_a_job_to_its_teams_config_and_month_as_they_are_now(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a $1 budget a job of which reserved $0.50
+    keys = Keys(settings.redis_prefix)
+    budgets = _budgets(settings, redis_client, pool)
+    await budgets.reserve("alpha", "m", TeamConfig(budget_usd=Decimal(1)), DOLLAR // 2, "a")
+
+    # When the budget is lowered to $0.60, and another job asks for $0.20
+    lowered = TeamConfig(budget_usd=Decimal("0.6"))
+    with pytest.raises(BudgetHeld):
+        await budgets.reserve("alpha", "m", lowered, DOLLAR // 5, "b")
+    # ... and when a month has passed
+    reserving = budgets.reserving("alpha", "m", lowered, DOLLAR // 5, "c")
+    monkeypatch.setattr(budgets_module, "current_month", lambda: "2999-01")
+    later = budgets.reserving("alpha", "m", lowered, DOLLAR // 5, "c")
+
+    # Expect the lowered budget to hold the job back, and the new month's ledger asked
+    assert reserving is not None and later is not None
+    assert reserving.held.keys[0] == keys.spend("alpha", current_month())
+    assert later.held.keys[0] == keys.spend("alpha", "2999-01")
