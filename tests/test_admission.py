@@ -296,8 +296,8 @@ async def test_a_served_jobs_claim_and_admission_take_three_round_trips_and_leav
     # take (then a reservation of its own when the first finds no ledger for the month, which
     # is then rebuilt from PostgreSQL, unless accounting's reconciliation made it first), the
     # deployment bucket's take with the call's record in the claim, then the outcome's store
-    # with every settle (both buckets' tokens, the budget's cost)
-    after = [["take", "hold"], ["finish", "take", "take", "spend"]]
+    # with every settle (both buckets' tokens in one call, the budget's cost)
+    after = [["take", "hold"], ["finish", "take", "spend"]]
     assert batches[0] == ["claim", "spend", "take"]
     assert batches[1:] in (after, [["spend", "take"], *after])
     # ... whose admission took over what rode with the claim: no undo of it was made
@@ -357,9 +357,10 @@ async def test_a_governed_jobs_deployment_take_and_call_record_ride_with_its_cla
 
     # Expect two round trips: the claim with the budget's reservation, the team's and the
     # deployment's takes and the call's record; then the outcome's store with every settle
+    # (both buckets' tokens back in one call)
     assert batches == [
         ["claim", "spend", "take", "take", "hold"],
-        ["finish", "take", "take", "spend"],
+        ["finish", "take", "spend"],
     ]
     assert undone == []
     # ... each bucket a request and the job's real tokens down, not its estimate (give or

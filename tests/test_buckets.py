@@ -139,6 +139,30 @@ async def test_a_bucket_is_kept_until_it_would_be_full_again_whatever_settles_it
     assert await redis_client.pttl(limit.key) > 0
 
 
+async def test_a_bucket_in_steady_use_is_kept_a_minute_not_renewed_on_every_take(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a bucket of 600,000 tokens a minute (a take of 100 refills in 10 ms), taken once
+    buckets = _buckets(redis_client, settings)
+    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600_000)
+    assert (await buckets.take([limit], 100)).taken
+    first = await redis_client.pttl(limit.key)
+
+    # When its ttl has partly run (set shorter here: as if 30 s had passed), a take that
+    # needs less than what is left, then one that empties it (full again in a minute)
+    await redis_client.pexpire(limit.key, 30_000)
+    assert (await buckets.take([limit], 100)).taken
+    after_small = await redis_client.pttl(limit.key)
+    assert (await buckets.take([limit], 599_000)).taken
+    after_large = await redis_client.pttl(limit.key)
+
+    # Expect it kept a minute when set, not renewed by the small take (it still expires),
+    # and renewed once a take needs longer than is left
+    assert 59_000 <= first <= 60_000
+    assert 0 < after_small <= 30_000
+    assert 60_000 <= after_large <= 61_000
+
+
 async def test_a_burst_admits_that_many_at_once_then_paces_at_the_rate(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:

@@ -19,6 +19,7 @@ from queuegate.messages import UsageEvent
 from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, ledgers_in_force, to_nano
+from workers.admission import budgets as budgets_module
 from workers.admission.buckets import Limit, take_call, taken
 from workers.admission.budgets import BudgetHeld, Budgets
 from workers.admission.scripts import Scripts
@@ -314,3 +315,63 @@ async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_dropped_as_
     for model in (None, "m"):
         ledger = await redis_client.hgetall(keys.spend("alpha", month, model))
         assert ledger[b"open"] == str(DOLLAR * 9 // 10).encode()
+
+
+async def test_a_ledgers_sums_follow_its_entries_through_reserves_again_and_settles(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget, $0.30 reserved for job a and $0.20 for job b
+    keys, month = Keys(settings.redis_prefix), current_month()
+    budgets, scripts = _budgets(settings, redis_client, pool), Scripts(redis_client, keys)
+    config = TeamConfig(budget_usd=Decimal(1))
+    cent = DOLLAR // 100
+    await budgets.reserve("alpha", "m", config, 30 * cent, "a")
+    b, _ = await budgets.reserve("alpha", "m", config, 20 * cent, "b")
+    assert b is not None
+
+    async def sums() -> tuple[int, int]:
+        ledger = await redis_client.hgetall(keys.spend("alpha", month))
+        return int(ledger[b"open"]), int(ledger[b"reserved"])
+
+    # When a is delivered again and reserves $0.25 (its entry replaced), then settles at
+    # $0.10, and b settles at nothing
+    a, _ = await budgets.reserve("alpha", "m", config, 25 * cent, "a")
+    assert a is not None
+    again = await sums()
+    await scripts.run(budgets.settle_call(a, 10 * cent))
+    settled_a = await sums()
+    await scripts.run(budgets.settle_call(b, 0))
+
+    # Expect the sums to hold exactly what the entries do at each step
+    assert again == (45 * cent, 45 * cent)
+    assert settled_a == (30 * cent, 20 * cent)
+    assert await sums() == (10 * cent, 0)
+    ledger = await redis_client.hgetall(keys.spend("alpha", month))
+    assert ledger[b"j:a"] == str(10 * cent).encode()
+    assert not {b"r:a", b"j:b", b"r:b"} & set(ledger)
+
+
+async def test_a_reserve_holds_a_job_to_its_teams_config_and_month_as_they_are_now(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a $1 budget a job of which reserved $0.50
+    keys = Keys(settings.redis_prefix)
+    budgets = _budgets(settings, redis_client, pool)
+    await budgets.reserve("alpha", "m", TeamConfig(budget_usd=Decimal(1)), DOLLAR // 2, "a")
+
+    # When the budget is lowered to $0.60, and another job asks for $0.20
+    lowered = TeamConfig(budget_usd=Decimal("0.6"))
+    with pytest.raises(BudgetHeld):
+        await budgets.reserve("alpha", "m", lowered, DOLLAR // 5, "b")
+    # ... and when a month has passed
+    reserving = budgets.reserving("alpha", "m", lowered, DOLLAR // 5, "c")
+    monkeypatch.setattr(budgets_module, "current_month", lambda: "2999-01")
+    later = budgets.reserving("alpha", "m", lowered, DOLLAR // 5, "c")
+
+    # Expect the lowered budget to hold the job back, and the new month's ledger asked
+    assert reserving is not None and later is not None
+    assert reserving.held.keys[0] == keys.spend("alpha", current_month())
+    assert later.held.keys[0] == keys.spend("alpha", "2999-01")

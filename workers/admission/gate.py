@@ -1274,11 +1274,21 @@ class Ticket:
         if self.deployment_ahead is not None:
             # Taken with the claim for a call that never entered it.
             calls.append(_give_back_call([self.deployment_ahead], self.estimate.tokens))
-        calls.append(settle_call([limit for limit in self.team_limits if limit.tpm], back))
+        # The team's buckets and the served deployment's get the same tokens back: one call
+        # settles them all (a call each cost a governed job a script call more). The served
+        # deployment's only once in it: a call reads each bucket once, so a key twice in one
+        # would be given back once (tried twice, its second entry settles apart, as before).
+        backs = [limit for limit in self.team_limits if limit.tpm]
+        merged = False
         for name, limit in self._deployments:
             if limit.tpm:
                 served = routed is not None and name == routed.deployment
-                calls.append(settle_call([limit], back if served else self.estimate.tokens))
+                if served and not merged:
+                    backs.append(limit)
+                    merged = True
+                else:
+                    calls.append(settle_call([limit], back if served else self.estimate.tokens))
+        calls.append(settle_call(backs, back))
         actual = self.lost_nano + (to_nano(routed.cost_usd) if routed is not None else 0)
         if self._answered is not None:
             actual = self._answered

@@ -63,6 +63,8 @@ local expires = string.format('%d', now + tonumber(ARGV[8]))
 local scopes = (#KEYS - 2) / 2
 
 local spent, held, mine, lost, gens = {}, {}, {}, {}, {}
+-- Each scope's sums as read (or read again after a reap): written back with this call's change.
+local open, reserved = {}, {}
 local waits
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
@@ -102,6 +104,7 @@ for i = 1, scopes do
     end
     held[i] = tonumber(state[4])
     mine[i] = tonumber(state[6])
+    open[i], reserved[i] = tonumber(state[3]) or 0, tonumber(state[5]) or 0
     lost[i] = known ~= '' and gens[i] ~= known
     spent[i] = tonumber(base) + (tonumber(state[3]) or 0)
     if mode == 'reserve' then
@@ -127,26 +130,30 @@ local team_spent = spent[1]
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   if spent[i] and (mode == 'reserve' or held[i] or lost[i]) then
-    redis.call('HINCRBY', ledger, 'open', string.format('%d', amount - (held[i] or 0)))
-    -- Each field the call writes or drops in one command, not one per field.
+    -- Each field the call writes or drops in one command, not one per field: the sums too,
+    -- as read above plus this call's change (the script runs alone, so nothing changed them
+    -- since), where an HINCRBY each would cost a command. Integers, exact as Lua's numbers
+    -- up to 2^53 nano-USD (9 million USD) a sum, as reconcile.lua writes them.
+    local sums = {'open', string.format('%d', open[i] + amount - (held[i] or 0))}
     if mode == 'reserve' then
-      redis.call('HINCRBY', ledger, 'reserved', string.format('%d', amount - (mine[i] or 0)))
-      redis.call('HSET', ledger, field, ARGV[2], mark, ARGV[2])
+      sums[3], sums[4] = 'reserved', string.format('%d', reserved[i] + amount - (mine[i] or 0))
+      redis.call('HSET', ledger, field, ARGV[2], mark, ARGV[2], unpack(sums))
       redis.call('ZADD', expiry, expires, job)
     else
       if mine[i] then
         -- Settled: its entry is spend now, no longer a reservation.
-        redis.call('HINCRBY', ledger, 'reserved', string.format('%d', -mine[i]))
+        sums[3], sums[4] = 'reserved', string.format('%d', reserved[i] - mine[i])
       end
       if amount == 0 then
         -- Nothing spent: nothing for accounting to bring into base either.
+        redis.call('HSET', ledger, unpack(sums))
         redis.call('HDEL', ledger, field, mark)
         redis.call('ZREM', expiry, job)
       else
         if mine[i] then
           redis.call('HDEL', ledger, mark)
         end
-        redis.call('HSET', ledger, field, ARGV[2])
+        redis.call('HSET', ledger, field, ARGV[2], unpack(sums))
         redis.call('ZADD', expiry, expires, job)
       end
     end

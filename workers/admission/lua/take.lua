@@ -1,7 +1,8 @@
 -- Token buckets in two dimensions (requests, tokens), taken for several scopes at once.
 --
 -- KEYS[i]   one bucket per scope: a hash {r = requests left, t = tokens left, ts = µs,
---           g = tokens settles gave back while it was in debt, net of overuse: see "due"}
+--           x = ms until which its ttl keeps it, g = tokens settles gave back while it was
+--           in debt, net of overuse: see "due"}
 -- KEYS[#KEYS]  with a team in ARGV[5] (a take only): the line of the first bucket, below
 -- ARGV[1]   "take": take ARGV[2] requests and ARGV[3] tokens from every bucket, or nothing
 --           "settle": give back ARGV[2] requests (a reservation given up before its call)
@@ -59,6 +60,10 @@ end
 -- long past the wait a line entry holds without its waiter asking again: a dead process's
 -- team holds the buckets that long at most.
 local POLL_MS, GRACE_MS = 50, 1000
+-- Milliseconds a bucket is kept at least whenever its ttl is set: a bucket in use most of the
+-- time needs a second or so (until full again), and renewing that on every take costs a
+-- command a bucket; kept a minute, it is renewed once a minute.
+local KEEP_MS = 60000
 
 local levels = {}
 local wait = 0
@@ -67,7 +72,7 @@ for i = 1, buckets do
   local rates = {tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])}
   local burst = tonumber(ARGV[6 + 3 * i])
   local caps = {burst > 0 and burst or rates[1], rates[2]}
-  local state = redis.call('HMGET', key, 'r', 't', 'ts', 'g')
+  local state = redis.call('HMGET', key, 'r', 't', 'ts', 'x', 'g')
   local elapsed = now - (tonumber(state[3]) or now)
   local level = {}
   for d = 1, 2 do
@@ -85,7 +90,7 @@ for i = 1, buckets do
       end
     end
   end
-  levels[i] = {rates, caps, level, state[3], tonumber(state[4]) or 0}
+  levels[i] = {rates, caps, level, tonumber(state[4]), tonumber(state[5]) or 0}
 end
 
 local function fill()
@@ -217,12 +222,20 @@ for i = 1, buckets do
     end
   end
   if #changed > 0 then
-    redis.call('HSET', key, 'ts', ts, unpack(changed))
-    -- A settle that only gives back leaves the bucket nearer full than the ttl its last
-    -- write set allows for (refilling since shortens that too): kept, unless the bucket was
-    -- missing (made now, without one).
-    if mode ~= 'settle' or not levels[i][4] or need[1] < 0 or need[2] < 0 then
+    -- Its ttl is set only when the one its last setting left (x) runs out before the bucket
+    -- would be full again, or it has none (missing, made now): a settle that gives back only
+    -- shortens what it needs, and so does the refill since. Set, it keeps the bucket at
+    -- least KEEP_MS, so that a bucket in steady use is not renewed on every take.
+    local kept, ms = levels[i][4], math.floor(now / 1000)
+    if not kept or ms + ttl > kept then
+      ttl = math.max(ttl, KEEP_MS)
+      changed[#changed + 1] = 'x'
+      -- In ms, not µs as ts: three digits fewer for every take's tonumber to read.
+      changed[#changed + 1] = string.format('%d', ms + ttl)
+      redis.call('HSET', key, 'ts', ts, unpack(changed))
       redis.call('PEXPIRE', key, string.format('%d', ttl))
+    else
+      redis.call('HSET', key, 'ts', ts, unpack(changed))
     end
   end
 end
