@@ -405,3 +405,25 @@ async def test_a_job_that_used_more_than_it_took_offsets_refunds_to_a_reservatio
     # Expect the reservation due no sooner than the refill alone makes it: the refund was
     # spent by the overuse, not free for the job waiting
     assert after >= due - 1_000
+
+
+async def test_a_reservation_given_up_behind_another_does_not_pay_its_debt(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a team bucket of 600 tokens a minute emptied by one job's take, a job of 300
+    # tokens reserved behind it, and another of 300 reserved behind that one
+    buckets = _buckets(redis_client, settings)
+    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
+    assert (await buckets.take([limit], 600)).taken
+    first = await buckets.take([limit], 300, within_ms=120_000)
+    second = await buckets.take([limit], 300, within_ms=120_000)
+    assert first.marks and second.marks and second.wait_ms > first.wait_ms
+    due = await buckets.due([limit], first.marks)
+
+    # When the second gives its reservation up (its worker drains: no call made), its
+    # request and its 300 tokens back
+    await _settle(redis_client, settings, limit, 300, requests_back=1)
+
+    # Expect the first due no sooner: those tokens were never part of its debt (it would
+    # have gone 30 s early, its tokens not there)
+    assert await buckets.due([limit], first.marks) >= due - 1_000

@@ -1270,7 +1270,8 @@ class Ticket:
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
         back = self.estimate.tokens - used
         # Only buckets of tokens have anything to settle; all in one round trip.
-        calls = [_give_back_call(self.team_limits) if give_back else None]
+        # A give-back's tokens go with its request (no refund to reservations: take.lua).
+        calls = [_give_back_call(self.team_limits, back) if give_back else None]
         if self.deployment_ahead is not None:
             # Taken with the claim for a call that never entered it.
             calls.append(_give_back_call([self.deployment_ahead], self.estimate.tokens))
@@ -1278,7 +1279,7 @@ class Ticket:
         # settles them all (a call each cost a governed job a script call more). The served
         # deployment's only once in it: a call reads each bucket once, so a key twice in one
         # would be given back once (tried twice, its second entry settles apart, as before).
-        backs = [limit for limit in self.team_limits if limit.tpm]
+        backs = [] if give_back else [limit for limit in self.team_limits if limit.tpm]
         merged = False
         for name, limit in self._deployments:
             if limit.tpm:

@@ -207,8 +207,10 @@ for i = 1, buckets do
         local was = level[d]
         level[d] = math.min(cap, level[d] + need[d])
         -- Net of what jobs used past their take, so a refund another job's overuse spent
-        -- does not let a reservation go early.
-        if d == 2 and was < 0 and level[d] ~= was then
+        -- does not let a reservation go early. A give-back (a request back: a take undone,
+        -- its call never made) is no refund: its take may have come after the reservation's,
+        -- whose marks never counted it, so it would pay a debt the reservation does not owe.
+        if d == 2 and was < 0 and level[d] ~= was and need[1] == 0 then
           changed[#changed + 1] = 'g'
           changed[#changed + 1] = string.format('%.6f', levels[i][5] + level[d] - was)
         end
