@@ -2,10 +2,11 @@
 
 Each team's dead letters land in its own ``<ns>.dead.<team>``, accounting's in ``<ns>.dead``
 (and every team's, from versions before per-team queues); the tools read every queue bound to
-``<ns>.dead.teams``, found through the management API. Two kinds of dead letter land there.
-The broker dead-letters a job that outlived its TTL (``expired``: no worker took it before
-its deadline) or ran out of its queue's safety-net deliveries (``delivery_limit``, while
-workers could not count failures), recording where from in its ``x-death`` header. A worker
+``<ns>.dead.teams``, found through the management API (of one team, those that can hold its
+letters). Two kinds of dead letter land there. The broker dead-letters a job that outlived
+its TTL (``expired``: no worker took it before its deadline) or ran out of its queue's
+safety-net deliveries (``delivery_limit``, while workers could not count failures), recording
+where from in its ``x-death`` header. A worker
 dead-letters bad input, and a job past ``QUEUEGATE_DELIVERY_LIMIT`` failures
 (``delivery_limit``: it kept crashing or failing workers), itself, with its
 ``x-queuegate-reason``/``-detail``/``-queue``/``-user`` headers, under its own broker user as
@@ -38,11 +39,17 @@ time in their order, a batch at a time (``_returned_in_order``), so that reading
 it is left out of what is shown: ``deaths`` is the broker's own count in ``x-death``. (The
 queue's delivery limit is set out of reach, so that reading never drops a letter.)
 
-Two commands reading at once would each take part of the letters, and return them in another
-order, so each holds the namespace's lock while it reads: the exclusive queue
-``<ns>.dlq.lock``, which the broker refuses to any other connection (405 RESOURCE_LOCKED) and
-deletes with its holder's connection, a killed process's included. A second command tries
-again until ``Settings.dlq_lock_wait`` has passed, then gives up in one line.
+Two commands reading a queue at once would each take part of its letters, and return them in
+another order, so each holds the queue's lock while it reads it: an exclusive queue,
+``<ns>.dlq.lock`` for ``<ns>.dead`` (earlier versions' one lock of every queue),
+``<ns>.dlq.lock.<team>`` for ``<ns>.dead.<team>``, which the broker refuses to any other
+connection (405 RESOURCE_LOCKED) and deletes with its holder's connection, a killed process's
+included. A second command tries again until ``Settings.dlq_lock_wait`` has passed, then gives
+up in one line. A command reads one queue after another, in name order, and holds a queue's
+lock only while it reads it (``drop`` to its end, where the id is), so that commands about
+different teams do not wait on each other, and none waits for one it holds a lock another
+awaits. A command about one team reads only the queues that can hold its letters
+(``_dead_queues``), and a list stops reading once it has its ``limit``.
 """
 
 from __future__ import annotations
@@ -60,7 +67,6 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 
@@ -163,16 +169,31 @@ async def peek(
     reason: str | None = None,
 ) -> tuple[list[DeadLetter], int]:
     """Up to ``limit`` dead letters (of ``team``, for ``reason``), oldest first in each queue,
-    left where they are; and how many the queues hold in all."""
-    filtered = team is not None or reason is not None
-    async with _taken(settings, None if filtered else limit) as (_, taken, total):
-        letters = [_describe(i, message, settings) for i, message in enumerate(taken, start=1)]
-    letters = [
-        x
-        for x in letters
-        if (team is None or x.team == team) and (reason is None or reason in (x.reason, _then(x)))
-    ]
-    return letters[:limit] if limit is not None else letters, total
+    left where they are; and how many the queues hold in all. Of ``team``, only the
+    queues that can hold its letters are read (``_dead_queues``); each is read under its own
+    lock, and no further than its ``limit``-th letter wanted."""
+    letters: list[DeadLetter] = []
+
+    def chosen(message: AbstractIncomingMessage) -> bool:
+        letter = _describe(len(letters) + 1, message, settings)
+        wanted = (team is None or letter.team == team) and (
+            reason is None or reason in (letter.reason, _then(letter))
+        )
+        if wanted:
+            letters.append(letter)
+        return wanted
+
+    async with _reading(settings) as reader:
+        every = await _dead_queues(reader, None)
+        # Counted without their locks: reading them is what takes turns.
+        total = sum([await _ready(reader.underlay, name) for name in every])
+        for name in _of_team(reader, every, team):
+            left = limit - len(letters) if limit is not None else None
+            if left == 0:
+                break
+            async with _held(reader, name, chosen, left):
+                pass  # each letter described as it is taken
+    return letters, total
 
 
 def find(letters: Collection[DeadLetter], wanted: str) -> DeadLetter:
@@ -210,46 +231,55 @@ async def replay(
     topology = Topology.of(settings)
     replayed: list[DeadLetter] = []
     refused: list[tuple[DeadLetter, str]] = []
-    async with _taken(settings, None) as (channel, taken, _):
+    async with _reading(settings) as reader:
+        channel = reader.channel
         jobs = await topology.declare_jobs_exchange(channel)
         usage = await topology.declare_usage(channel)
-        for position, message in enumerate(taken, start=1):
-            letter = _describe(position, message, settings)
-            if job_ids is not None and letter.message_id not in job_ids:
-                continue
-            if letter.truncated is not None:
-                refused.append((letter, f"its body was cut from {letter.truncated:,} bytes"))
-                continue
-            if (why := kept_why(letter)) is not None:
-                refused.append((letter, why))
-                continue
-            if letter.queue == topology.accounting_queue and _trusted(message, settings):
-                exchange, key = usage.name, ""
-            elif letter.team is not None:
-                exchange, key = jobs.name, letter.team
-            else:
-                refused.append((letter, _unreplayable(letter, topology)))
-                continue
-            again = json_message(
-                message.body,
-                message_type=message.type or MESSAGE_TYPE_JOB,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                reply_to=message.reply_to,
-                user_id=operator,
-                headers=_replay_headers(letter, message, settings),
-            )
-            try:
-                await publish(channel, again, exchange=exchange, routing_key=key)
-            except aiormq.exceptions.PublishError:
-                refused.append(
-                    (letter, f"no queue takes it: register the team (queuegate teams add {key})")
-                )
-                continue
-            await message.ack()
-            replayed.append(letter)
-            if on_replayed is not None:
-                on_replayed(letter)
+        position = 0
+        for name in await _dead_queues(reader, None):
+            async with _held(reader, name) as taken:
+                for message in taken:
+                    position += 1
+                    letter = _describe(position, message, settings)
+                    if job_ids is not None and letter.message_id not in job_ids:
+                        continue
+                    if letter.truncated is not None:
+                        cut = f"its body was cut from {letter.truncated:,} bytes"
+                        refused.append((letter, cut))
+                        continue
+                    if (why := kept_why(letter)) is not None:
+                        refused.append((letter, why))
+                        continue
+                    if letter.queue == topology.accounting_queue and _trusted(message, settings):
+                        exchange, key = usage.name, ""
+                    elif letter.team is not None:
+                        exchange, key = jobs.name, letter.team
+                    else:
+                        refused.append((letter, _unreplayable(letter, topology)))
+                        continue
+                    again = json_message(
+                        message.body,
+                        message_type=message.type or MESSAGE_TYPE_JOB,
+                        message_id=message.message_id,
+                        correlation_id=message.correlation_id,
+                        reply_to=message.reply_to,
+                        user_id=operator,
+                        headers=_replay_headers(letter, message, settings),
+                    )
+                    try:
+                        await publish(channel, again, exchange=exchange, routing_key=key)
+                    except aiormq.exceptions.PublishError:
+                        refused.append(
+                            (
+                                letter,
+                                f"no queue takes it: register the team (queuegate teams add {key})",
+                            )
+                        )
+                        continue
+                    await message.ack()
+                    replayed.append(letter)
+                    if on_replayed is not None:
+                        on_replayed(letter)
     return replayed, refused
 
 
@@ -277,15 +307,25 @@ async def drop(settings: Settings, job_id: str, *, team: str | None = None) -> l
     """Delete the dead letters of ``job_id`` (its whole id: copies of one job share it) of one
     team, the others left as they were, in their order; ConfigError when none has it, or
     when letters of several teams have it and ``team`` does not say whose (teams choose
-    their own job ids: one team's must not take another's letter with it)."""
-    async with _taken(settings, None) as (_, taken, _):
-        found = [
-            (message, _describe(position, message, settings))
-            for position, message in enumerate(taken, start=1)
-            if message.message_id == job_id
-        ]
-        if team is not None:
-            found = [(message, letter) for message, letter in found if letter.team == team]
+    their own job ids: one team's must not take another's letter with it). Each queue is read
+    under its own lock, held to the end only by those holding the id."""
+    found: list[tuple[AbstractIncomingMessage, DeadLetter]] = []
+    position = 0
+    async with _reading(settings) as reader, contextlib.AsyncExitStack() as kept:
+        for name in await _dead_queues(reader, team):
+            section = await kept.enter_async_context(contextlib.AsyncExitStack())
+            taken = await section.enter_async_context(_held(reader, name))
+            mine = []
+            for message in taken:
+                position += 1
+                if message.message_id == job_id:
+                    letter = _describe(position, message, settings)
+                    if team is None or letter.team == team:
+                        mine.append((message, letter))
+            if mine:
+                found += mine
+            else:
+                await section.aclose()  # its letters back and its lock released at once
         teams = sorted({letter.team or "no team" for _, letter in found})
         if len(teams) > 1:
             raise ConfigError(
@@ -305,100 +345,128 @@ async def drop(settings: Settings, job_id: str, *, team: str | None = None) -> l
 
 async def purge(settings: Settings) -> int:
     """Delete every dead letter of every queue; returns how many there were."""
-    async with _reading(settings) as connection:
-        purged = 0
-        for queue in await _dead_queues(await connection.channel(), settings):
-            done = await queue.purge()
-            purged += int(done.message_count or 0)
-        return purged
+    purged = 0
+    async with _reading(settings) as reader:
+        for name in await _dead_queues(reader, None):
+            async with _locked(reader, name):
+                done = await reader.underlay.queue_purge(name)
+                purged += int(done.message_count or 0)
+    return purged
 
 
-async def _dead_queues(channel: AbstractChannel, settings: Settings) -> list[AbstractQueue]:
-    """Every dead-letter queue: ``<ns>.dead`` and each team's (a team of any version, enabled
-    or not, as long as its queue is bound)."""
-    topology = Topology.of(settings)
-    await topology.declare_dead(channel)
-    async with BrokerAdmin.of(settings) as admin:
+@dataclass(frozen=True)
+class _Reader:
+    """A connection of a dead-letter command's, and the channel it reads on."""
+
+    settings: Settings
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    underlay: aiormq.abc.AbstractChannel
+    """The channel's own: a robust one answers a passive declare from memory, and would take
+    a lock again after a reconnect, when another command may be reading."""
+
+
+async def _dead_queues(reader: _Reader, team: str | None) -> list[str]:
+    """The dead-letter queues a command reads, in name order (the order their locks are taken
+    in, so that two commands never wait on each other's): every queue bound to
+    ``<ns>.dead.teams`` (a team's of any version, enabled or not, as long as its queue is
+    bound); of ``team``, those that can hold its letters: its own ``<ns>.dead.<team>``, and
+    ``<ns>.dead``, which holds every team's letters from versions before per-team queues (and
+    while one runs). Another team's queue holds a letter of the team only when the broker
+    dead-lettered its job under a ``CC`` key too, which its quota policy (``teams add``) ends,
+    and then the team's own holds it as well."""
+    topology = Topology.of(reader.settings)
+    await topology.declare_dead(reader.channel)
+    async with BrokerAdmin.of(reader.settings) as admin:
         names = await admin.bound_queues(topology.dead_teams_exchange)
-    return [await channel.get_queue(name) for name in names]
+    return _of_team(reader, names, team)
+
+
+def _of_team(reader: _Reader, names: list[str], team: str | None) -> list[str]:
+    if team is None:
+        return names
+    topology = Topology.of(reader.settings)
+    return [name for name in names if name in (topology.dead_queue, topology.team_dead_queue(team))]
 
 
 @contextlib.asynccontextmanager
-async def _reading(settings: Settings) -> AsyncIterator[AbstractRobustConnection]:
-    """A connection to the broker holding the dead-letter commands' lock (see above)."""
+async def _reading(settings: Settings) -> AsyncIterator[_Reader]:
     connection = await connect(settings.amqp_url, name="queuegate-dlq")
     async with connection:
-        await _lock(connection, settings)
-        yield connection
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        yield _Reader(settings, connection, channel, await channel.get_underlay_channel())
 
 
-async def _lock(connection: AbstractRobustConnection, settings: Settings) -> None:
-    """Declare the lock, waiting for another command's to go; ConfigError once it waited
-    ``settings.dlq_lock_wait`` in vain."""
-    name = Topology.of(settings).dlq_lock_queue
+@contextlib.asynccontextmanager
+async def _held(
+    reader: _Reader,
+    name: str,
+    chosen: Callable[[AbstractIncomingMessage], bool] | None = None,
+    limit: int | None = None,
+) -> AsyncIterator[list[AbstractIncomingMessage]]:
+    """The letters of the queue ``name``, under its lock, held unacknowledged: every one, or
+    up to the ``limit``-th of those ``chosen`` says are wanted. What is not acknowledged goes
+    back to the queue, in its order, before the lock is released."""
+    async with _locked(reader, name):
+        taken: list[AbstractIncomingMessage] = []
+        wanted = 0
+        queue = await reader.channel.get_queue(name, ensure=False)
+        # Its count bounds the loop: a message returned meanwhile is not taken twice.
+        for _ in range(await _ready(reader.underlay, name)):
+            if limit is not None and wanted >= limit:
+                break
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            taken.append(message)
+            wanted += chosen is None or chosen(message)
+        try:
+            yield taken
+        finally:
+            if not reader.channel.is_closed:
+                # What was acknowledged is gone; the rest must be back, in its order, before
+                # the next read.
+                await _returned_in_order(reader.underlay, name, taken)
+
+
+@contextlib.asynccontextmanager
+async def _locked(reader: _Reader, name: str) -> AsyncIterator[None]:
+    """Hold the lock of the dead-letter queue ``name`` (see above), waiting for another
+    command's to go; ConfigError once it waited ``settings.dlq_lock_wait`` in vain."""
+    settings = reader.settings
+    lock = Topology.of(settings).dead_lock_queue(name)
     until = time.monotonic() + settings.dlq_lock_wait
     pause = LOCK_POLL
     while True:
         # The broker closes the channel it refuses the lock on: each attempt on a new one.
-        async with connection.channel() as channel:
-            # On the underlying channel: a robust one would declare it again after a
-            # reconnect, by when another command may be reading.
+        async with reader.connection.channel() as channel:
             underlay = await channel.get_underlay_channel()
             try:
-                await underlay.queue_declare(name, exclusive=True)
-                return
+                await underlay.queue_declare(lock, exclusive=True)
+                break
             except aiormq.exceptions.ChannelLockedResource:
                 pass
         left = until - time.monotonic()
         if left <= 0:
             raise ConfigError(
-                f"another queuegate dlq command is reading the dead letters (it holds {name}) "
+                f"another queuegate dlq command is reading the dead letters (it holds {lock}) "
                 f"and did not end within {settings.dlq_lock_wait:g} s: run this one again once "
                 "it ends (or raise QUEUEGATE_DLQ_LOCK_WAIT)"
             )
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, LOCK_POLL_MAX)
-
-
-@contextlib.asynccontextmanager
-async def _taken(
-    settings: Settings, limit: int | None
-) -> AsyncIterator[tuple[AbstractChannel, list[AbstractIncomingMessage], int]]:
-    """Up to ``limit`` dead letters held unacknowledged, and the queues' depth; what is not
-    acknowledged goes back to its queue on exit."""
-    async with _reading(settings) as connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queues = await _dead_queues(channel, settings)
-        total = sum(queue.declaration_result.message_count or 0 for queue in queues)
-        taken: list[AbstractIncomingMessage] = []
-        of_queue: list[tuple[AbstractQueue, list[AbstractIncomingMessage]]] = []
-        for queue in queues:
-            # Its count bounds the loop: a message returned meanwhile is not taken twice.
-            count = queue.declaration_result.message_count or 0
-            if limit is not None:
-                count = min(count, limit - len(taken))
-            mine: list[AbstractIncomingMessage] = []
-            for _ in range(count):
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                mine.append(message)
-            taken += mine
-            of_queue.append((queue, mine))
-        try:
-            yield channel, taken, total
-        finally:
-            if not channel.is_closed:
-                # What was acknowledged is gone; the rest must be back, in its order, before
-                # the next read.
-                await _returned_in_order(channel, of_queue)
+    try:
+        yield
+    finally:
+        if not reader.underlay.is_closed:
+            await reader.underlay.queue_delete(lock)
 
 
 async def _returned_in_order(
-    channel: AbstractChannel, held: list[tuple[AbstractQueue, list[AbstractIncomingMessage]]]
+    underlay: aiormq.abc.AbstractChannel, name: str, taken: list[AbstractIncomingMessage]
 ) -> None:
-    """Return to each queue what was taken from it and not acknowledged, one at a time in the
-    order taken, at most RETURN_BATCH before the queue has taken them back.
+    """Return to the queue ``name`` what was taken from it and not acknowledged, one at a time
+    in the order taken, at most RETURN_BATCH before the queue has taken them back.
 
     Left to the channel's close, a quorum queue puts many back in an order of its own (twelve
     came back ``1 7 8 … 12 2 … 6``). Returned one by one it puts each back ahead of those not
@@ -413,23 +481,20 @@ async def _returned_in_order(
 
     Waiting is also what makes a read right after (``dlq list`` after ``dlq drop``) find every
     letter: a quorum queue takes letters back after the channel has answered."""
-    underlay = await channel.get_underlay_channel()
-    waiting = True
-    for queue, taken in held:
-        left = [message for message in taken if not message.processed]
-        if not left:
-            continue
-        ready = await _ready(underlay, queue.name)
-        for start in range(0, len(left), RETURN_BATCH):
-            batch = left[start : start + RETURN_BATCH]
-            for message in batch:
+    left = [message for message in taken if not message.processed]
+    ready = await _ready(underlay, name)
+    for start in range(0, len(left), RETURN_BATCH):
+        batch = left[start : start + RETURN_BATCH]
+        for message in batch:
+            await message.nack(requeue=True)
+        ready += len(batch)
+        if not await _until_ready(underlay, name, ready):
+            # Another reader holds some (one taking no lock: an earlier version's dlq
+            # command, run beside this one): not an error, and no use waiting again.
+            log.debug("%s holds fewer letters than were returned to it", name)
+            for message in left[start + RETURN_BATCH :]:
                 await message.nack(requeue=True)
-            ready += len(batch)
-            if waiting and not await _until_ready(underlay, queue.name, ready):
-                # Another reader holds some (one taking no lock: an earlier version's dlq
-                # command, run beside this one): not an error, and no use waiting again.
-                log.debug("%s holds fewer letters than were returned to it", queue.name)
-                waiting = False
+            return
 
 
 async def _ready(underlay: aiormq.abc.AbstractChannel, name: str) -> int:

@@ -149,8 +149,9 @@ async def publish_dead_letters(
     settings: Settings, channel: AbstractChannel, team: str, count: int
 ) -> list[str]:
     """``count`` dead letters of ``team`` in its ``<ns>.dead.<team>``, published as a worker
-    dead-letters a job it refused (its headers, the job queue's name as key), in one go; their
-    ids, in their order. Wait for them with ``dead_letters``."""
+    dead-letters a job it refused (its headers, the job queue's name as key, the operators'
+    user_id the workers run under), in one go; their ids, in their order, once the queue holds
+    them (a quorum queue confirms a publish once it holds it)."""
     topology = Topology.of(settings)
     await topology.declare_dead(channel)
     await topology.declare_team_dead(channel, team)
@@ -165,7 +166,9 @@ async def publish_dead_letters(
     await asyncio.gather(
         *(
             by_team.publish(
-                aio_pika.Message(b"{}", message_id=job_id, headers=headers),
+                aio_pika.Message(
+                    b"{}", message_id=job_id, headers=headers, user_id=settings.amqp_user
+                ),
                 routing_key=topology.team_queue(team),
             )
             for job_id in ids
