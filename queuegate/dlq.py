@@ -47,9 +47,9 @@ connection (405 RESOURCE_LOCKED) and deletes with its holder's connection, a kil
 included. A second command tries again until ``Settings.dlq_lock_wait`` has passed, then gives
 up in one line. A command reads one queue after another, in name order, and holds a queue's
 lock only while it reads it (``drop`` to its end, where the id is), so that commands about
-different teams do not wait on each other, and none waits for one it holds a lock another
-awaits. A command about one team reads only the queues that can hold its letters
-(``_dead_queues``), and a list stops reading once it has its ``limit``.
+different teams do not wait on each other; taken in name order, no two commands' locks can
+each wait for the other's. A command about one team reads only the queues that can hold its letters
+(``_of_team``), and a list stops reading once it has its ``limit``.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from datetime import datetime
 from typing import Any
 
 import aiormq
+import asyncpg
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -71,9 +72,10 @@ from aio_pika.abc import (
 )
 
 from queuegate.broker import connect, json_message, publish
+from queuegate.db import create_pool
 from queuegate.errors import BAD_INPUT, ConfigError
 from queuegate.management import BrokerAdmin
-from queuegate.registry import TEAM_NAME
+from queuegate.registry import TEAM_NAME, check_team_name, team_exists
 from queuegate.settings import Settings
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER
 from queuegate.topology import (
@@ -107,6 +109,10 @@ LOCK_POLL = 0.05
 """Seconds a command waits, at first, before it asks for the lock again; doubled each time,
 up to LOCK_POLL_MAX, so a long wait does not hammer the broker."""
 LOCK_POLL_MAX = 1.0
+
+REASONS = BAD_INPUT | {"delivery_limit", "expired", "maxlen", "rejected", "unknown"}
+"""Why a letter can be dead: a worker's refusal of bad input, or of a job that failed too often;
+the broker's ``x-death`` reasons; ``unknown`` for a letter nothing trustworthy explains."""
 
 _REPLAYED_HEADERS = (KEY_ID_HEADER, PROOF_HEADER, HEADER_SENT_MS)
 """The only headers of a dead letter a replay carries over (the rest describe its death or
@@ -170,7 +176,7 @@ async def peek(
 ) -> tuple[list[DeadLetter], int]:
     """Up to ``limit`` dead letters (of ``team``, for ``reason``), oldest first in each queue,
     left where they are; and how many the queues hold in all. Of ``team``, only the
-    queues that can hold its letters are read (``_dead_queues``); each is read under its own
+    queues that can hold its letters are read (``_of_team``); each is read under its own
     lock, and no further than its ``limit``-th letter wanted."""
     letters: list[DeadLetter] = []
 
@@ -183,17 +189,26 @@ async def peek(
             letters.append(letter)
         return wanted
 
+    if reason is not None and reason not in REASONS:
+        raise ConfigError(
+            f"no dead letter is listed for the reason {clipped(reason)!r}: give one of "
+            f"{', '.join(sorted(REASONS))}"
+        )
     async with _reading(settings) as reader:
-        every = await _dead_queues(reader, None)
-        # Counted without their locks: reading them is what takes turns.
-        total = sum([await _ready(reader.underlay, name) for name in every])
-        for name in _of_team(reader, every, team):
+        every = await _dead_queues(reader)
+        # Those read counted as they are read, so that none read is left out; the others
+        # without their locks.
+        depths: dict[str, int] = {}
+        for name in await _of_team(reader, every, team):
             left = limit - len(letters) if limit is not None else None
             if left == 0:
                 break
-            async with _held(reader, name, chosen, left):
+            async with _held(reader, name, chosen, left) as (_, depths[name]):
                 pass  # each letter described as it is taken
-    return letters, total
+        for name in every:
+            if name not in depths:
+                depths[name] = await _ready(reader.underlay, name)
+    return letters, sum(depths.values())
 
 
 def find(letters: Collection[DeadLetter], wanted: str) -> DeadLetter:
@@ -233,11 +248,9 @@ async def replay(
     refused: list[tuple[DeadLetter, str]] = []
     async with _reading(settings) as reader:
         channel = reader.channel
-        jobs = await topology.declare_jobs_exchange(channel)
-        usage = await topology.declare_usage(channel)
         position = 0
-        for name in await _dead_queues(reader, None):
-            async with _held(reader, name) as taken:
+        for name in await _dead_queues(reader):
+            async with _held(reader, name) as (taken, _):
                 for message in taken:
                     position += 1
                     letter = _describe(position, message, settings)
@@ -251,9 +264,9 @@ async def replay(
                         refused.append((letter, why))
                         continue
                     if letter.queue == topology.accounting_queue and _trusted(message, settings):
-                        exchange, key = usage.name, ""
+                        exchange, key = topology.usage_exchange, ""
                     elif letter.team is not None:
-                        exchange, key = jobs.name, letter.team
+                        exchange, key = topology.jobs_exchange, letter.team
                     else:
                         refused.append((letter, _unreplayable(letter, topology)))
                         continue
@@ -312,9 +325,9 @@ async def drop(settings: Settings, job_id: str, *, team: str | None = None) -> l
     found: list[tuple[AbstractIncomingMessage, DeadLetter]] = []
     position = 0
     async with _reading(settings) as reader, contextlib.AsyncExitStack() as kept:
-        for name in await _dead_queues(reader, team):
+        for name in await _of_team(reader, await _dead_queues(reader), team):
             section = await kept.enter_async_context(contextlib.AsyncExitStack())
-            taken = await section.enter_async_context(_held(reader, name))
+            taken, _ = await section.enter_async_context(_held(reader, name))
             mine = []
             for message in taken:
                 position += 1
@@ -347,7 +360,7 @@ async def purge(settings: Settings) -> int:
     """Delete every dead letter of every queue; returns how many there were."""
     purged = 0
     async with _reading(settings) as reader:
-        for name in await _dead_queues(reader, None):
+        for name in await _dead_queues(reader):
             async with _locked(reader, name):
                 done = await reader.underlay.queue_purge(name)
                 purged += int(done.message_count or 0)
@@ -366,27 +379,51 @@ class _Reader:
     a lock again after a reconnect, when another command may be reading."""
 
 
-async def _dead_queues(reader: _Reader, team: str | None) -> list[str]:
-    """The dead-letter queues a command reads, in name order (the order their locks are taken
-    in, so that two commands never wait on each other's): every queue bound to
-    ``<ns>.dead.teams`` (a team's of any version, enabled or not, as long as its queue is
-    bound); of ``team``, those that can hold its letters: its own ``<ns>.dead.<team>``, and
-    ``<ns>.dead``, which holds every team's letters from versions before per-team queues (and
-    while one runs). Another team's queue holds a letter of the team only when the broker
-    dead-lettered its job under a ``CC`` key too, which its quota policy (``teams add``) ends,
-    and then the team's own holds it as well."""
-    topology = Topology.of(reader.settings)
-    await topology.declare_dead(reader.channel)
-    async with BrokerAdmin.of(reader.settings) as admin:
+async def _dead_queues(reader: _Reader) -> list[str]:
+    """Every dead-letter queue, in name order (the order their locks are taken in, so that two
+    commands never wait on each other's): those bound to ``<ns>.dead.teams`` (a team's of any
+    version, enabled or not, as long as its queue is bound). Declares nothing: ConfigError
+    when the namespace has none (misspelled, or no worker ever started)."""
+    settings = reader.settings
+    topology = Topology.of(settings)
+    async with BrokerAdmin.of(settings) as admin:
         names = await admin.bound_queues(topology.dead_teams_exchange)
-    return _of_team(reader, names, team)
+    if topology.dead_queue not in names:
+        raise ConfigError(
+            f"namespace {clipped(settings.namespace)!r} (QUEUEGATE_NAMESPACE) has no "
+            "dead-letter queues: check its spelling, or start a worker or run queuegate teams "
+            "add TEAM, which declare them"
+        )
+    return names
 
 
-def _of_team(reader: _Reader, names: list[str], team: str | None) -> list[str]:
+async def _of_team(reader: _Reader, names: list[str], team: str | None) -> list[str]:
+    """Of the dead-letter queues ``names``, those that can hold ``team``'s letters (all when
+    None): its own ``<ns>.dead.<team>``, and ``<ns>.dead``, which holds every team's letters
+    from versions before per-team queues (and while one runs). Another team's queue holds a
+    letter of the team only when the broker dead-lettered its job under a ``CC`` key too,
+    which its quota policy (``teams add``) ends, and then the team's own holds it as well.
+    ConfigError for a team with no queue there that the registry does not know either."""
     if team is None:
         return names
     topology = Topology.of(reader.settings)
-    return [name for name in names if name in (topology.dead_queue, topology.team_dead_queue(team))]
+    own = topology.team_dead_queue(check_team_name(team))
+    if own not in names and not await _registered(reader.settings, team):
+        raise ConfigError(
+            f"no team {clipped(team)!r} has dead letters or is registered: list the teams "
+            "with queuegate teams list"
+        )
+    return [name for name in names if name in (topology.dead_queue, own)]
+
+
+async def _registered(settings: Settings, team: str) -> bool:
+    pool = await create_pool(settings)
+    try:
+        return await team_exists(pool, team)
+    except asyncpg.UndefinedTableError:
+        return False  # a schema accounting never migrated: no team was ever added
+    finally:
+        await pool.close()
 
 
 @contextlib.asynccontextmanager
@@ -403,16 +440,17 @@ async def _held(
     name: str,
     chosen: Callable[[AbstractIncomingMessage], bool] | None = None,
     limit: int | None = None,
-) -> AsyncIterator[list[AbstractIncomingMessage]]:
+) -> AsyncIterator[tuple[list[AbstractIncomingMessage], int]]:
     """The letters of the queue ``name``, under its lock, held unacknowledged: every one, or
-    up to the ``limit``-th of those ``chosen`` says are wanted. What is not acknowledged goes
-    back to the queue, in its order, before the lock is released."""
+    up to the ``limit``-th of those ``chosen`` says are wanted; and how many it held. What is
+    not acknowledged goes back to the queue, in its order, before the lock is released."""
     async with _locked(reader, name):
         taken: list[AbstractIncomingMessage] = []
         wanted = 0
         queue = await reader.channel.get_queue(name, ensure=False)
         # Its count bounds the loop: a message returned meanwhile is not taken twice.
-        for _ in range(await _ready(reader.underlay, name)):
+        depth = await _ready(reader.underlay, name)
+        for _ in range(depth):
             if limit is not None and wanted >= limit:
                 break
             message = await queue.get(no_ack=False, fail=False)
@@ -421,7 +459,7 @@ async def _held(
             taken.append(message)
             wanted += chosen is None or chosen(message)
         try:
-            yield taken
+            yield taken, depth
         finally:
             if not reader.channel.is_closed:
                 # What was acknowledged is gone; the rest must be back, in its order, before

@@ -412,7 +412,8 @@ class Topology:
         """The dead-letter exchanges, and the ``<ns>.dead`` queue for accounting's letters.
 
         Moves the queue off its earlier versions' binding too: run as a process starts
-        (workers, accounting, dead-letter commands) and at ``teams add``, not per team."""
+        (workers, accounting) and at ``teams add``, not per team; the dead-letter commands
+        declare nothing."""
         exchange, by_team = await self._declare_dead_exchanges(channel)
         queue = await channel.declare_queue(
             self.dead_queue,

@@ -30,9 +30,9 @@ from queuegate.settings import Settings
 
 async def main() -> None:
     async with dlq._reading(Settings()) as reader, contextlib.AsyncExitStack() as held:
-        names = await dlq._dead_queues(reader, None)
+        names = await dlq._dead_queues(reader)
         taken = [await held.enter_async_context(dlq._held(reader, name)) for name in names]
-        print(sum(map(len, taken)), flush=True)
+        print(sum(len(letters) for letters, _ in taken), flush=True)
         await asyncio.Event().wait()
 
 asyncio.run(main())
