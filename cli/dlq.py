@@ -92,13 +92,14 @@ def dead_letter_table(letters: Sequence[DeadLetter], *, total: int, wide: bool) 
 @dlq_app.command("show")
 def dlq_show(
     job_id: Annotated[str, typer.Argument(help="The job id, or a prefix only it starts with.")],
+    team: TeamFilter = None,
 ) -> None:
     """One dead letter: reason, origin, headers and body."""
     from rich.markup import escape
 
     from queuegate.dlq import find, kept_why, peek
 
-    letters, _ = run(lambda: peek(Settings()))
+    letters, _ = run(lambda: peek(Settings(), team=team))
     letter = find(letters, job_id)
 
     def shown(text: str) -> str:  # publishers choose these: written out, never markup

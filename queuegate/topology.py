@@ -342,10 +342,18 @@ class Topology:
 
     @property
     def dlq_lock_queue(self) -> str:
-        """The lock of the dead-letter commands (``queuegate.dlq``): an exclusive queue, whose
-        name no team can have declared (teams configure nothing, and the queues declared
-        for them are ``<ns>.replies.*``/``<ns>.results.*``)."""
+        """The dead-letter commands' (``queuegate.dlq``) lock of ``<ns>.dead``, which earlier
+        versions' commands took for every dead-letter queue: an exclusive queue, whose name
+        no team can have declared (teams configure nothing, and the queues declared for
+        them are ``<ns>.replies.*``/``<ns>.results.*``)."""
         return f"{self.namespace}.dlq.lock"
+
+    def dead_lock_queue(self, dead_queue: str) -> str:
+        """The dead-letter commands' lock of one dead-letter queue: ``dlq_lock_queue`` for
+        ``<ns>.dead``, ``<ns>.dlq.lock.<team>`` for ``<ns>.dead.<team>``."""
+        if dead_queue == self.dead_queue:
+            return self.dlq_lock_queue
+        return f"{self.dlq_lock_queue}.{dead_queue.removeprefix(f'{self.dead_queue}.')}"
 
     def _quorum_args(self, delivery_limit: int) -> dict[str, Any]:
         return {
@@ -404,7 +412,8 @@ class Topology:
         """The dead-letter exchanges, and the ``<ns>.dead`` queue for accounting's letters.
 
         Moves the queue off its earlier versions' binding too: run as a process starts
-        (workers, accounting, dead-letter commands) and at ``teams add``, not per team."""
+        (workers, accounting) and at ``teams add``, not per team; the dead-letter commands
+        declare nothing."""
         exchange, by_team = await self._declare_dead_exchanges(channel)
         queue = await channel.declare_queue(
             self.dead_queue,

@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import orjson
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from accounting import Accountant
@@ -27,7 +27,12 @@ from queuegate.db import create_pool, quote_ident
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
-from queuegate.topology import Topology
+from queuegate.topology import (
+    HEADER_DEAD_DETAIL,
+    HEADER_DEAD_QUEUE,
+    HEADER_DEAD_REASON,
+    Topology,
+)
 from router import load_catalog, open_router
 from workers import Worker
 
@@ -138,6 +143,38 @@ async def dead_letters(settings: Settings, expected: int) -> list[dlq.DeadLetter
             if total >= expected:
                 return letters
             await asyncio.sleep(0.02)
+
+
+async def publish_dead_letters(
+    settings: Settings, channel: AbstractChannel, team: str, count: int
+) -> list[str]:
+    """``count`` dead letters of ``team`` in its ``<ns>.dead.<team>``, published as a worker
+    dead-letters a job it refused (its headers, the job queue's name as key, the operators'
+    user_id the workers run under), in one go; their ids, in their order, once the queue holds
+    them (a quorum queue confirms a publish once it holds it)."""
+    topology = Topology.of(settings)
+    await topology.declare_dead(channel)
+    await topology.declare_team_dead(channel, team)
+    by_team = await channel.get_exchange(topology.dead_teams_exchange)
+    ids = [f"{team}-{i:05d}" for i in range(count)]
+    headers = {
+        HEADER_DEAD_REASON: "unknown_model",
+        HEADER_DEAD_DETAIL: "no such model",
+        HEADER_DEAD_QUEUE: topology.team_queue(team),
+    }
+    # At once: the channel sends them in the order asked, whatever order the broker confirms.
+    await asyncio.gather(
+        *(
+            by_team.publish(
+                aio_pika.Message(
+                    b"{}", message_id=job_id, headers=headers, user_id=settings.amqp_user
+                ),
+                routing_key=topology.team_queue(team),
+            )
+            for job_id in ids
+        )
+    )
+    return ids
 
 
 async def dlq_cli(settings: Settings, *args: str, exit_code: int = 0) -> tuple[str, str]:

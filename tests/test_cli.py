@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aio_pika
 import httpx
 import pytest
 from typer.testing import CliRunner
@@ -22,6 +23,7 @@ from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user as broker_team_user
+from queuegate.topology import Topology
 from queuegate.visible import visible
 from tests.dashboard_browser import signed_in
 from tests.support import running_gateway
@@ -259,7 +261,10 @@ WRAPPED = ("a\x1b[2J\r\n\u2028" * 2_000)[:10_000]
 async def test_a_value_with_control_characters_is_shown_escaped_in_one_line(
     settings: Settings, pool: object, tmp_path: Path, args: list[str], what_to_do: str
 ) -> None:
-    # Given a migrated schema (pool), and a value full of newlines and escape sequences
+    # Given a migrated schema (pool), the namespace's dead letters (dlq declares none), and a
+    # value full of newlines and escape sequences
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        await Topology.of(settings).declare_dead(await connection.channel())
     # When a command is given it where it takes a name or an id
     line = await asyncio.to_thread(_one_line_refusal, settings, tmp_path, args)
     # Expect it clipped with its control characters written out (as repr or visible writes

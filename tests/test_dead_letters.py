@@ -187,9 +187,13 @@ async def test_an_expired_job_is_dead_lettered_by_the_broker_when_no_worker_runs
 
 
 async def test_dlq_cli_lists_shows_and_purges(settings: Settings) -> None:
-    # Given one dead-lettered job (bad input, dead-lettered by the worker) with a long id
+    # Given one dead-lettered job (bad input, dead-lettered by the worker) with a long id, of
+    # alpha's, and beta served with none
     job_id = "bad-" + "0123456789abcdef" * 2
-    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+    async with (
+        running_gateway(settings, teams=("alpha", "beta")) as gw,
+        gw.client("alpha") as client,
+    ):
         body = {"job_id": job_id, "team": "alpha", "model": "no-such-model", "messages": HELLO}
         await gw.publish(orjson.dumps(body), message_id=job_id, reply_to=client.reply_to)
         await client.wait(job_id, timeout=10)

@@ -24,12 +24,15 @@ LETTERS = 12
 
 HOLDER = """
 import asyncio
+import contextlib
 from queuegate import dlq
 from queuegate.settings import Settings
 
 async def main() -> None:
-    async with dlq._taken(Settings(), None) as (_, taken, _):
-        print(len(taken), flush=True)
+    async with dlq._reading(Settings()) as reader, contextlib.AsyncExitStack() as held:
+        names = await dlq._dead_queues(reader)
+        taken = [await held.enter_async_context(dlq._held(reader, name)) for name in names]
+        print(sum(len(letters) for letters, _ in taken), flush=True)
         await asyncio.Event().wait()
 
 asyncio.run(main())

@@ -1,0 +1,61 @@
+"""A team's flood of dead letters slows no command about another team: a command scoped to a
+team (``--team``) reads only the queues that can hold its letters, a list stops once it has
+its ``--limit``, and each queue has its own lock, so commands about different teams do not
+wait on each other."""
+
+from __future__ import annotations
+
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from queuegate import dlq
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.support import dlq_cli, publish_dead_letters
+
+FLOOD = 3000
+
+
+async def returns(channel: AbstractChannel, queue: str, count: int) -> list[int]:
+    """How often each of the queue's first ``count`` letters was returned to it (a quorum
+    queue's ``x-delivery-count``), left there in their order."""
+    source = await channel.get_queue(queue)
+    taken = [await source.get(no_ack=False) for _ in range(count)]
+    for message in taken:
+        await message.nack(requeue=True)
+    return [int((message.headers or {}).get("x-delivery-count", 0)) for message in taken]
+
+
+async def test_commands_about_one_team_read_none_of_another_teams_flood(
+    settings: Settings, direct: AbstractChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given alpha's dead letters flooded with 3,000 letters, and five of beta's
+    topology = Topology.of(settings)
+    flood = await publish_dead_letters(settings, direct, "alpha", FLOOD)
+    beta = await publish_dead_letters(settings, direct, "beta", 5)
+
+    # When the operator lists three of beta's letters
+    listed, _ = await dlq_cli(settings, "list", "--team", "beta", "--limit", "3")
+
+    # Expect them listed, having read beta's first three letters alone: none of alpha's
+    # taken and returned, nor beta's last two
+    assert [line.split()[0] for line in listed.splitlines() if "beta-" in line] == beta[:3]
+    assert await returns(direct, topology.team_dead_queue("alpha"), 1) == [0]
+    assert await returns(direct, topology.team_dead_queue("beta"), 5) == [1, 1, 1, 0, 0]
+
+    # When another command reads alpha's letters meanwhile (it holds alpha's queue), and the
+    # operator shows and drops one of beta's, and lists beta's, waiting at most half a second
+    monkeypatch.setenv("QUEUEGATE_DLQ_LOCK_WAIT", "0.5")
+    async with (
+        dlq._reading(settings) as reader,
+        dlq._held(reader, topology.team_dead_queue("alpha"), limit=1),
+    ):
+        shown, _ = await dlq_cli(settings, "show", beta[1], "--team", "beta")
+        dropped, _ = await dlq_cli(settings, "drop", beta[3], "--team", "beta")
+        after = await dlq.peek(settings.model_copy(update={"dlq_lock_wait": 0.5}), team="beta")
+
+    # Expect each served at once, and every letter of alpha's there, in its order
+    assert shown.startswith(f"{beta[1]}  reason: unknown_model")
+    assert f"dropped {beta[3]} (unknown_model, from beta)" in dropped
+    assert [x.message_id for x in after[0]] == [x for x in beta if x != beta[3]]
+    assert [x.message_id for x in (await dlq.peek(settings, team="alpha"))[0]] == flood
