@@ -1,14 +1,16 @@
 """Monthly budgets: a job's estimated cost is reserved before the call and settled after.
 
 The ledgers live in Redis (nano-USD, per team and UTC month, optionally per model), updated
-by ``lua/spend.lua`` so concurrent jobs cannot overshoot a budget by more than one job's
-estimate error. A job the settled spend has room for, but not with the other jobs' open
-reservations, is not refused: ``BudgetHeld`` says it is to wait for them to settle (most of
-an estimate comes back), holding nothing meanwhile. Each job holds one entry, which lapses
-``lease`` seconds after its reserve (a worker that died mid-job never settles it) and
-``SETTLED_TTL`` after its settle; a reservation whose job's claim lapsed (its worker died)
-goes sooner, once it holds a job back (``drop_dead``). Accounting reconciles every ledger
-with usage_log (queuegate/spend.py), which also recovers a settle lost to a Redis error.
+by ``lua/spend.lua`` so concurrent jobs cannot overshoot a budget by more than what they
+cost past their estimates (a job's ``max_tokens`` bounds its output; without it, the team's
+expected output does not: README, Admission control). A job the settled spend has room
+for, but not with the other jobs' open reservations, is not refused: ``BudgetHeld`` says it
+is to wait for them to settle (most of an estimate comes back), holding nothing meanwhile.
+Each job holds one entry, which lapses ``lease`` seconds after its reserve (a worker that
+died mid-job never settles it) and ``SETTLED_TTL`` after its settle; a reservation whose
+job's claim lapsed (its worker died) goes sooner, once it holds a job back (``drop_dead``).
+Accounting reconciles every ledger with usage_log (queuegate/spend.py), which also recovers
+a settle lost to a Redis error.
 
 When Redis has lost a ledger, the usage_log sum it is made again from misses the jobs
 accounting has not written yet. So each worker remembers the jobs it settled (up to
