@@ -13,11 +13,14 @@ Accounting reconciles every ledger with usage_log (queuegate/spend.py), which al
 a settle lost to a Redis error.
 
 When Redis has lost a ledger, the usage_log sum it is made again from misses the jobs
-accounting has not written yet. So each worker remembers the jobs it settled (up to
-``SETTLED_TTL`` and ``SETTLED_KEPT`` per ledger), and the first reserve that finds the ledger
-missing or made again (a new generation) reconciles it here, putting those back as entries
-unless usage_log holds them: the ledger stays short only of the reservations of jobs in
-flight at the loss, until each settles (its settle puts its cost in the new ledger).
+accounting has not written yet. So each worker remembers the jobs it settled, budgeted or
+not (up to ``SETTLED_TTL`` and ``SETTLED_KEPT`` per team and month: job id, cost, model),
+and the first reserve that finds the ledger missing or made again (a new generation)
+reconciles it here, putting those of its scope back as entries unless usage_log holds them:
+the ledger stays short only of the reservations of jobs in flight at the loss, until each
+settles (its settle puts its cost in the new ledger). A ledger a team gains (a budget or a
+model cap set from none), made from usage_log as the change commits, misses them the same
+way: each worker puts them back (``restore``) before it confirms the change.
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ SETTLED_TTL = 3600
 ledger's base long before, unless it is down that long (then the ledger is short of those
 jobs until it returns)."""
 SETTLED_KEPT = 20_000
-"""Settled jobs a worker remembers per ledger (the newest), to put back if Redis loses it:
-about 3 MB. A worker that settles more of one team's jobs than this while accounting is
-behind on them leaves the oldest out of a rebuilt ledger until accounting writes them."""
+"""Settled jobs a worker remembers per team and month (the newest), to put back into a
+ledger Redis lost or the team gained: about 5 MB, job ids included (one per job: 1 µs, about
+10,000 instructions). A worker that settles more of one team's jobs than this while
+accounting is behind on them leaves the oldest out of such a ledger until accounting
+writes them."""
 DEAD_BATCH = 100
 """Reservations ``drop_dead`` looks at per script call: bounded work for Redis."""
 LOCK_WAIT = 5.0
@@ -100,6 +105,14 @@ class Reservation:
     nano: int
     generations: list[str]
     """Each scope's ledger generation the job reserved in."""
+    model: str
+    """The job's model: what a ledger on a model cap puts it back by (``Budgets.restore``)."""
+
+
+Settled = tuple[int, float, str]
+"""A job a worker settled (``Budgets.remember``): its cost (nano-USD), when its ledger entry
+lapses (epoch seconds: it is forgotten then), its model. A plain tuple: a NamedTuple's cost
+0.23 µs more a job, for every job of every team."""
 
 
 @dataclass(frozen=True)
@@ -156,9 +169,10 @@ class Budgets:
         """Each ledger's generation as this worker last reserved in it."""
         self._scoped: dict[tuple[str, str], _Scoped] = {}
         """Per team and model, what its jobs reserve in, as of the config last seen."""
-        self._settled: dict[str, OrderedDict[str, tuple[int, float]]] = {}
-        """Per ledger, the jobs this worker settled: cost (nano-USD), when the entry lapses
-        (epoch seconds), oldest first."""
+        self._settled: dict[tuple[str, str], OrderedDict[str, Settled]] = {}
+        """Per team and month, the jobs this worker settled (with a reservation or none),
+        oldest first: one memory for all of a team's ledgers, those it has and those it may
+        gain, rather than one per ledger."""
 
     async def reserve(
         self,
@@ -223,7 +237,7 @@ class Budgets:
             return None
         keys, month = scoped.keys, scoped.month
         generations = [self._generations.get(ledger, "") for ledger in keys[::2]]
-        held = Reservation(keys, team, month, job_id, nano, generations)
+        held = Reservation(keys, team, month, job_id, nano, generations, model)
         limits = [UNLIMITED for _ in scoped.limits] if forced else scoped.limits
         entry_ms = self._lease_ms
         if deadline is not None:
@@ -310,7 +324,7 @@ class Budgets:
         self._generations.update(zip(ledgers, generations, strict=True))
         # Made as it is, not by dataclasses.replace: its look at each field costs µs a job.
         return Reservation(
-            held.keys, held.team, held.month, held.job_id, held.nano, generations=generations
+            held.keys, held.team, held.month, held.job_id, held.nano, generations, held.model
         )
 
     async def drop_dead(self, held: BudgetHeld) -> int:
@@ -347,7 +361,13 @@ class Budgets:
         """The script call that replaces the reserved estimate with what the job really cost,
         to run with the job's other settles (its reply then goes to ``settled``)."""
         if actual_nano > 0:
-            self._remember(reservation, actual_nano)
+            self.remember(
+                reservation.team,
+                reservation.month,
+                reservation.model,
+                reservation.job_id,
+                actual_nano,
+            )
         return self._call(
             "settle",
             reservation,
@@ -370,7 +390,7 @@ class Budgets:
         month = current_month()
         keys = ledger_keys(self._keys, team, month, [scope_model for scope_model, _ in scopes])
         # No generation known: only an entry of the ledger as it is now is replaced.
-        reservation = Reservation(keys, team, month, job_id, nano, ["" for _ in scopes])
+        reservation = Reservation(keys, team, month, job_id, nano, ["" for _ in scopes], model)
         return self.settle_call(reservation, nano)
 
     def settled(self, reservation: Reservation, reply: list[int]) -> None:
@@ -396,25 +416,47 @@ class Budgets:
             "spend", [self._keys.budget_alerted(team, month), self._keys.alerts, *entry.keys], args
         )
 
-    def _remember(self, reservation: Reservation, nano: int) -> None:
+    def remember(self, team: str, month: str, model: str, job_id: str, nano: int) -> None:
+        """Keep job ``job_id`` of ``team``'s ``model``, settled for ``nano`` (> 0) in
+        ``month``, to put back into a ledger of the team's Redis loses or the team gains
+        until accounting writes its usage row: a job of a team without a budget too, which
+        has no ledger yet (asked for each of its jobs: a dict's work, no Redis)."""
+        jobs = self._settled.get((team, month))
+        if jobs is None:
+            jobs = self._settled[team, month] = OrderedDict()
         now = time.time()
-        for ledger in reservation.keys[::2]:
-            jobs = self._settled.setdefault(ledger, OrderedDict())
-            jobs[reservation.job_id] = (nano, now + SETTLED_TTL)
-            jobs.move_to_end(reservation.job_id)
-            _forget_lapsed(jobs, now)
-            while len(jobs) > SETTLED_KEPT:
-                jobs.popitem(last=False)
+        jobs[job_id] = (nano, now + SETTLED_TTL, model)
+        jobs.move_to_end(job_id)  # a job settled again (a redelivery) lapses last
+        _forget_lapsed(jobs, now)
+        if len(jobs) > SETTLED_KEPT:
+            jobs.popitem(last=False)
+
+    async def restore(self, team: str, scopes: list[Scope]) -> None:
+        """Put the jobs this worker settled that usage_log does not hold yet back into
+        ``scopes``, ledgers ``team`` gained this month (``Admission.hold_in_flight``): each
+        was made from usage_log alone as the change committed. Raises ServiceUnavailable
+        (PostgreSQL away, or the reconciler's lock held for ``LOCK_WAIT``) or RedisError."""
+        month = current_month()
+        jobs = self._settled.get((team, month))
+        if not jobs:
+            return
+        models = {model for _, _, model in jobs.values()}
+        for scope in scopes:
+            if scope.model is None or scope.model in models:
+                await self._rebuild(team, month, scope.model)
 
     async def _rebuild(self, team: str, month: str, model: str | None) -> None:
-        """Reconcile a ledger Redis lost (or made again since this worker reserved in it),
-        putting back the jobs this worker settled that usage_log does not hold yet."""
+        """Reconcile a ledger Redis lost (or made again since this worker reserved in it, or
+        the team gained), putting back the jobs of its scope (the team's, or its ``model``'s)
+        this worker settled that usage_log does not hold yet."""
         ledger = self._keys.spend(team, month, model)
-        jobs = self._settled.get(ledger, OrderedDict())
+        jobs = self._settled.get((team, month), OrderedDict())
         now = time.time()
         _forget_lapsed(jobs, now)
         back = {
-            job: (nano, math.ceil((lapses - now) * 1000)) for job, (nano, lapses) in jobs.items()
+            job: (nano, math.ceil((lapses - now) * 1000))
+            for job, (nano, lapses, of) in jobs.items()
+            if model is None or of == model
         }
         scope = Scope(team, model)
         deadline, delay = time.monotonic() + LOCK_WAIT, 0.02
@@ -458,8 +500,9 @@ class Budgets:
             )
         elif back:
             log.info(
-                "team %s's spend ledger for %s was made again since this worker used it: put "
-                "back the jobs it settled that accounting has not written yet (%d kept)",
+                "team %s's spend ledger for %s was made again (or gained) since this worker "
+                "used it: put back the jobs it settled that accounting has not written yet "
+                "(%d kept)",
                 team,
                 month,
                 len(back),
@@ -478,7 +521,7 @@ def held_back(reply: list[int]) -> bool:
     return reply[0] == -4
 
 
-def _forget_lapsed(jobs: OrderedDict[str, tuple[int, float]], now: float) -> None:
+def _forget_lapsed(jobs: OrderedDict[str, Settled], now: float) -> None:
     """Drop the jobs whose entries would have lapsed from the ledger anyway."""
     while jobs and next(iter(jobs.values()))[1] <= now:
         jobs.popitem(last=False)

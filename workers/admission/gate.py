@@ -45,7 +45,7 @@ from queuegate.outage import OutageLog
 from queuegate.registry import ModelLimits, TeamConfig, default_burst
 from queuegate.runtime import until_set
 from queuegate.settings import Settings
-from queuegate.spend import budget_scopes, to_nano
+from queuegate.spend import budget_scopes, current_month, ledger_scopes, to_nano
 from router import Catalog, Deployment, Routed
 from workers.admission.buckets import (
     Buckets,
@@ -150,8 +150,9 @@ class Admission:
             log, "PostgreSQL (budget ledger rebuild)", "jobs of teams whose ledger is lost wait"
         )
         self._configs: Mapping[str, TeamConfig] = {}
-        self._changed: set[str] = set()
-        """Teams whose config ``update`` changed since the last ``hold_in_flight``."""
+        self._changed: dict[str, TeamConfig] = {}
+        """Teams whose config ``update`` changed since the last ``hold_in_flight``, each with
+        its config before (``UNREGISTERED`` if none)."""
         self._stopped: set[str] = set()
         """Teams whose consumers this worker cancelled (disabled): their held jobs go back."""
         self._stop = asyncio.Event()
@@ -182,9 +183,9 @@ class Admission:
             team: old[team] if old.get(team) == config else config
             for team, config in configs.items()
         }
-        self._changed |= {
-            team for team, config in self._configs.items() if old.get(team) is not config
-        }
+        for team, config in self._configs.items():
+            if old.get(team) is not config:
+                self._changed.setdefault(team, old.get(team) or UNREGISTERED)
         self._stopped -= set(configs)
 
     async def hold_in_flight(self) -> None:
@@ -195,8 +196,14 @@ class Admission:
         only once this returns (``teams set`` waits for that), so every admission after the
         change is in force counts them; their settles replace the reservations with what
         they cost, as any job's. Made past the limits: the jobs are in their calls. A reserve
-        lost to an outage leaves its job to count once it settles, as before."""
-        changed, self._changed = self._changed, set()
+        lost to an outage leaves its job to count once it settles, as before.
+
+        Then the jobs of the team this worker settled reserving nothing there (remembered:
+        ``Budgets.remember``) go back into each ledger the team gained, unless usage_log
+        holds them: accounting, behind or down, may not have written them when the ledger
+        was made. Last, so a job that settles meanwhile is remembered by then. Lost to an
+        outage, those count once accounting writes them."""
+        changed, self._changed = self._changed, {}
         for ticket, job in list(self._in_flight.items()):
             if job.team not in changed:
                 continue
@@ -226,6 +233,20 @@ class Admission:
                 continue
             if reservation is not None:
                 await self.settle(ticket.rebudgeted(reservation))
+        for team, before in changed.items():
+            had = set(ledger_scopes(team, before))
+            gained = [scope for scope in ledger_scopes(team, self.config(team)) if scope not in had]
+            if not gained:
+                continue
+            try:
+                await self._budgets.restore(team, gained)
+            except (RedisError, ServiceUnavailable) as exc:
+                log.warning(
+                    "cannot put the jobs of team %s this worker settled back into the budget "
+                    "ledgers it gained (%s): they count once accounting writes them",
+                    team,
+                    exc,
+                )
 
     def current(self) -> bool:
         """Whether jobs may be admitted under this process's registry configs now: a clock
@@ -830,9 +851,15 @@ class Admission:
 
         return Settlement(calls, done)
 
-    def landed(self, ticket: Ticket) -> None:
-        """``ticket``'s job is settled: ``hold_in_flight`` leaves it."""
-        self._in_flight.pop(ticket, None)
+    def landed(self, ticket: Ticket) -> ChatJob | None:
+        """``ticket``'s job is settled: ``hold_in_flight`` leaves it. The job, if it was
+        admitted."""
+        return self._in_flight.pop(ticket, None)
+
+    def remember(self, job: ChatJob, nano: int) -> None:
+        """``job`` settled for ``nano`` (> 0) reserving nothing: kept for a ledger its team
+        may gain (``Budgets.remember``)."""
+        self._budgets.remember(job.team, current_month(), job.model, job.job_id, nano)
 
     async def settle(self, settlement: Settlement | None) -> None:
         """Run a job's settles in one round trip of their own."""
@@ -1264,7 +1291,7 @@ class Ticket:
         if self._settled:
             return None
         self._settled = True
-        self._admission.landed(self)
+        job = self._admission.landed(self)
         if self._waited is not None:
             observe_bucket_wait(self._team, self._waited)
         used = routed.input_tokens + routed.output_tokens if routed is not None else 0
@@ -1294,6 +1321,10 @@ class Ticket:
         if self._answered is not None:
             actual = self._answered
         self._spent = actual
+        if self.budget is None and actual > 0 and job is not None and self.budgeting:
+            # Reserved nowhere (its team has no budget): a ledger it gains counts it all the
+            # same (``Admission.hold_in_flight``).
+            self._admission.remember(job, actual)
         return self._admission.settlement(
             [call for call in calls if call is not None], self.budget, actual
         )
