@@ -375,3 +375,28 @@ async def test_a_reserve_holds_a_job_to_its_teams_config_and_month_as_they_are_n
     assert reserving is not None and later is not None
     assert reserving.held.keys[0] == keys.spend("alpha", current_month())
     assert later.held.keys[0] == keys.spend("alpha", "2999-01")
+
+
+async def test_a_worker_forgets_the_settled_jobs_of_quiet_teams_and_past_months(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a worker that settled jobs of team quiet in October, and of team busy
+    budgets = _budgets(settings, redis_client, pool)
+    start = 1_790_000_000.0
+    monkeypatch.setattr(budgets_module.time, "time", lambda: start)
+    for n in range(50):
+        budgets.remember("quiet", "2026-10", "gpt-4o-mini", f"q-{n}", 1_000)
+    budgets.remember("busy", "2026-11", "gpt-4o-mini", "b-0", 1_000)
+
+    # When an hour and more has passed (the entries would have lapsed from any ledger), and
+    # only team busy settles a job
+    later = start + budgets_module.SETTLED_TTL + budgets_module.SWEEP_SECONDS + 1
+    monkeypatch.setattr(budgets_module.time, "time", lambda: later)
+    budgets.remember("busy", "2026-11", "gpt-4o-mini", "b-1", 1_000)
+
+    # Expect the worker to hold only busy's job of now: team quiet's month, which no job of
+    # it would ever sweep again, and busy's lapsed job are forgotten
+    assert {key: len(jobs) for key, jobs in budgets._settled.items()} == {("busy", "2026-11"): 1}

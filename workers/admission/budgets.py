@@ -71,6 +71,9 @@ ledger Redis lost or the team gained: about 5 MB, job ids included (one per job:
 10,000 instructions). A worker that settles more of one team's jobs than this while
 accounting is behind on them leaves the oldest out of such a ledger until accounting
 writes them."""
+SWEEP_SECONDS = 60
+"""How often a worker drops the settled jobs it remembers that have lapsed, of every team and
+month: a team gone quiet, or a month gone by, settles nothing that would drop them."""
 DEAD_BATCH = 100
 """Reservations ``drop_dead`` looks at per script call: bounded work for Redis."""
 LOCK_WAIT = 5.0
@@ -173,6 +176,7 @@ class Budgets:
         """Per team and month, the jobs this worker settled (with a reservation or none),
         oldest first: one memory for all of a team's ledgers, those it has and those it may
         gain, rather than one per ledger."""
+        self._swept = 0.0
 
     async def reserve(
         self,
@@ -421,15 +425,25 @@ class Budgets:
         ``month``, to put back into a ledger of the team's Redis loses or the team gains
         until accounting writes its usage row: a job of a team without a budget too, which
         has no ledger yet (asked for each of its jobs: a dict's work, no Redis)."""
+        now = time.time()
+        if now - self._swept > SWEEP_SECONDS:
+            self._sweep(now)
         jobs = self._settled.get((team, month))
         if jobs is None:
             jobs = self._settled[team, month] = OrderedDict()
-        now = time.time()
         jobs[job_id] = (nano, now + SETTLED_TTL, model)
         jobs.move_to_end(job_id)  # a job settled again (a redelivery) lapses last
         _forget_lapsed(jobs, now)
         if len(jobs) > SETTLED_KEPT:
             jobs.popitem(last=False)
+
+    def _sweep(self, now: float) -> None:
+        """Drop every lapsed job remembered, and each team and month left with none."""
+        self._swept = now
+        for key, jobs in list(self._settled.items()):
+            _forget_lapsed(jobs, now)
+            if not jobs:
+                del self._settled[key]
 
     async def restore(self, team: str, scopes: list[Scope]) -> None:
         """Put the jobs this worker settled that usage_log does not hold yet back into
