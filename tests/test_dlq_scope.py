@@ -65,7 +65,8 @@ async def test_commands_about_one_team_read_none_of_another_teams_flood(
 
 
 class _Waits(logging.Handler):
-    """Sets ``event`` once a dlq command logs that it waits for the lock ``lock``."""
+    """Sets ``event`` once a dlq command logs that it waits for the lock ``lock`` (its first
+    attempt refused)."""
 
     def __init__(self, lock: str) -> None:
         super().__init__(logging.DEBUG)
@@ -88,24 +89,25 @@ async def test_a_drop_by_id_alone_holds_no_lock_of_its_letters_team_while_readin
     waits = _Waits(beta_lock)
     logger = logging.getLogger(dlq.__name__)
     monkeypatch.setattr(logger, "level", logging.DEBUG)
-    logger.addHandler(waits)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, waits])
 
     # When the operator drops one of alpha's by its id alone while another command reads
     # beta's letters (the drop waits for them, as for a flood read), and meanwhile lists and
     # shows alpha's letters, waiting at most half a second
     monkeypatch.setenv("QUEUEGATE_DLQ_LOCK_WAIT", "0.5")
-    try:
-        async with dlq._reading(settings) as reader:
-            async with dlq._held(reader, topology.team_dead_queue("beta"), limit=1):
-                dropping = asyncio.create_task(
-                    dlq.drop(settings.model_copy(update={"dlq_lock_wait": 30.0}), alpha[2])
-                )
-                await asyncio.wait_for(waits.event.wait(), timeout=20)
-                listed, _ = await dlq_cli(settings, "list", "--team", "alpha")
-                shown, _ = await dlq_cli(settings, "show", alpha[1], "--team", "alpha")
-            dropped = await dropping
-    finally:
-        logger.removeHandler(waits)
+    # The drop ended (cancelled, should the test fail) before the namespace is deleted.
+    async with (
+        asyncio.TaskGroup() as tasks,
+        dlq._reading(settings) as reader,
+        dlq._held(reader, topology.team_dead_queue("beta"), limit=1),
+    ):
+        dropping = tasks.create_task(
+            dlq.drop(settings.model_copy(update={"dlq_lock_wait": 30.0}), alpha[2])
+        )
+        await asyncio.wait_for(waits.event.wait(), timeout=20)
+        listed, _ = await dlq_cli(settings, "list", "--team", "alpha")
+        shown, _ = await dlq_cli(settings, "show", alpha[1], "--team", "alpha")
+    dropped = dropping.result()
 
     # Expect each served at once, all five listed as the drop waited; then the letter
     # dropped once beta's queue was read, the others of both teams there in their order
