@@ -78,7 +78,10 @@ class _Waits(logging.Handler):
 
 
 async def test_a_drop_by_id_alone_holds_no_lock_of_its_letters_team_while_reading_another(
-    settings: Settings, direct: AbstractChannel, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    direct: AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given five letters of alpha, and beta's queue flooded (it sorts after alpha's, so a
     # drop without --team reads it after alpha's)
@@ -88,7 +91,7 @@ async def test_a_drop_by_id_alone_holds_no_lock_of_its_letters_team_while_readin
     beta_lock = topology.dead_lock_queue(topology.team_dead_queue("beta"))
     waits = _Waits(beta_lock)
     logger = logging.getLogger(dlq.__name__)
-    monkeypatch.setattr(logger, "level", logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger=logger.name)  # clears the loggers' cached levels
     monkeypatch.setattr(logger, "handlers", [*logger.handlers, waits])
 
     # When the operator drops one of alpha's by its id alone while another command reads
