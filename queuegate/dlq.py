@@ -46,8 +46,9 @@ another order, so each holds the queue's lock while it reads it: an exclusive qu
 connection (405 RESOURCE_LOCKED) and deletes with its holder's connection, a killed process's
 included. A second command tries again until ``Settings.dlq_lock_wait`` has passed, then gives
 up in one line. A command reads one queue after another, in name order, and holds a queue's
-lock only while it reads it (``drop`` to its end, where the id is), so that commands about
-different teams do not wait on each other; taken in name order, no two commands' locks can
+lock only while it reads it, so that commands about different teams do not wait on each other
+(``drop`` without ``--team`` looks for the id first, then drops it from the queues found
+holding it alone); taken in name order, no two commands' locks can
 each wait for the other's. A command about one team reads only the queues that can hold its letters
 (``_of_team``), and a list stops reading once it has its ``limit``.
 """
@@ -320,40 +321,70 @@ async def drop(settings: Settings, job_id: str, *, team: str | None = None) -> l
     """Delete the dead letters of ``job_id`` (its whole id: copies of one job share it) of one
     team, the others left as they were, in their order; ConfigError when none has it, or
     when letters of several teams have it and ``team`` does not say whose (teams choose
-    their own job ids: one team's must not take another's letter with it). Each queue is read
-    under its own lock, held to the end only by those holding the id."""
-    found: list[tuple[AbstractIncomingMessage, DeadLetter]] = []
-    position = 0
-    async with _reading(settings) as reader, contextlib.AsyncExitStack() as kept:
-        for name in await _of_team(reader, await _dead_queues(reader), team):
-            section = await kept.enter_async_context(contextlib.AsyncExitStack())
-            taken, _ = await section.enter_async_context(_held(reader, name))
-            mine = []
-            for message in taken:
-                position += 1
-                if message.message_id == job_id:
-                    letter = _describe(position, message, settings)
-                    if team is None or letter.team == team:
-                        mine.append((message, letter))
-            if mine:
-                found += mine
-            else:
-                await section.aclose()  # its letters back and its lock released at once
-        teams = sorted({letter.team or "no team" for _, letter in found})
-        if len(teams) > 1:
-            raise ConfigError(
-                f"dead letters of {len(teams)} teams have the id {clipped(job_id)!r} "
-                f"({', '.join(teams)}): name one with --team"
-            )
-        for message, _ in found:
-            await message.ack()
-    if not found:
+    their own job ids: one team's must not take another's letter with it).
+
+    Without ``team``, the queues are first searched, each under its lock only while it is
+    read, for whose letters have the id; then those of the one team that has it are dropped
+    as with ``team``, from the queues found holding them alone: a drop named by its id holds
+    no lock of its letter's queue while it reads other teams' (maybe flooded) queues."""
+    async with _reading(settings) as reader:
+        names = await _of_team(reader, await _dead_queues(reader), team)
+        whose: str | None = team
+        if team is None:
+            holders = await _holders(reader, names, job_id)
+            teams = set().union(*holders.values())
+            if len(teams) > 1:
+                listed = sorted(x or "no team" for x in teams)
+                raise ConfigError(
+                    f"dead letters of {len(listed)} teams have the id {clipped(job_id)!r} "
+                    f"({', '.join(listed)}): name one with --team"
+                )
+            names = list(holders)  # none when no letter has it: refused below
+            whose = next(iter(teams), None)
+        dropped = await _dropped(reader, names, job_id, whose)
+    if not dropped:
         of = f" of team {team}" if team is not None else ""
         raise ConfigError(
             f"no dead letter{of} has the id {clipped(job_id)!r} (give it whole): list them "
             "with queuegate dlq list"
         )
-    return [letter for _, letter in found]
+    return dropped
+
+
+async def _holders(reader: _Reader, names: list[str], job_id: str) -> dict[str, set[str | None]]:
+    """Of the dead-letter queues ``names``, those holding letters of ``job_id``, and the
+    teams those are of; each read under its lock, released once it is read."""
+    holders: dict[str, set[str | None]] = {}
+    for name in names:
+        async with _held(reader, name) as (taken, _):
+            teams = {
+                _describe(0, message, reader.settings).team
+                for message in taken
+                if message.message_id == job_id
+            }
+        if teams:
+            holders[name] = teams
+    return holders
+
+
+async def _dropped(
+    reader: _Reader, names: list[str], job_id: str, team: str | None
+) -> list[DeadLetter]:
+    """Acknowledge (delete) the letters of ``job_id`` of ``team`` (None: of no team) in the
+    queues ``names``, each read under its own lock, released once it is read."""
+    dropped: list[DeadLetter] = []
+    position = 0
+    for name in names:
+        async with _held(reader, name) as (taken, _):
+            for message in taken:
+                position += 1
+                if message.message_id != job_id:
+                    continue
+                letter = _describe(position, message, reader.settings)
+                if letter.team == team:
+                    await message.ack()
+                    dropped.append(letter)
+    return dropped
 
 
 async def purge(settings: Settings) -> int:
@@ -484,6 +515,8 @@ async def _locked(reader: _Reader, name: str) -> AsyncIterator[None]:
                 break
             except aiormq.exceptions.ChannelLockedResource:
                 pass
+        if pause == LOCK_POLL:  # once: why a command stalls, when debugging
+            log.debug("waiting for %s: another dlq command holds it", lock)
         left = until - time.monotonic()
         if left <= 0:
             raise ConfigError(

@@ -5,6 +5,9 @@ wait on each other."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 from aio_pika.abc import AbstractChannel
 
@@ -59,3 +62,60 @@ async def test_commands_about_one_team_read_none_of_another_teams_flood(
     assert f"dropped {beta[3]} (unknown_model, from beta)" in dropped
     assert [x.message_id for x in after[0]] == [x for x in beta if x != beta[3]]
     assert [x.message_id for x in (await dlq.peek(settings, team="alpha"))[0]] == flood
+
+
+class _Waits(logging.Handler):
+    """Sets ``event`` once a dlq command logs that it waits for the lock ``lock`` (its first
+    attempt refused)."""
+
+    def __init__(self, lock: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.awaited, self.event = lock, asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.args and record.args[0] == self.awaited:
+            self.event.set()
+
+
+async def test_a_drop_by_id_alone_holds_no_lock_of_its_letters_team_while_reading_another(
+    settings: Settings,
+    direct: AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given five letters of alpha, and beta's queue flooded (it sorts after alpha's, so a
+    # drop without --team reads it after alpha's)
+    topology = Topology.of(settings)
+    alpha = await publish_dead_letters(settings, direct, "alpha", 5)
+    flood = await publish_dead_letters(settings, direct, "beta", FLOOD // 10)
+    beta_lock = topology.dead_lock_queue(topology.team_dead_queue("beta"))
+    waits = _Waits(beta_lock)
+    logger = logging.getLogger(dlq.__name__)
+    caplog.set_level(logging.DEBUG, logger=logger.name)  # clears the loggers' cached levels
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, waits])
+
+    # When the operator drops one of alpha's by its id alone while another command reads
+    # beta's letters (the drop waits for them, as for a flood read), and meanwhile lists and
+    # shows alpha's letters, waiting at most half a second
+    monkeypatch.setenv("QUEUEGATE_DLQ_LOCK_WAIT", "0.5")
+    # The drop ended (cancelled, should the test fail) before the namespace is deleted.
+    async with (
+        asyncio.TaskGroup() as tasks,
+        dlq._reading(settings) as reader,
+        dlq._held(reader, topology.team_dead_queue("beta"), limit=1),
+    ):
+        dropping = tasks.create_task(
+            dlq.drop(settings.model_copy(update={"dlq_lock_wait": 30.0}), alpha[2])
+        )
+        await asyncio.wait_for(waits.event.wait(), timeout=20)
+        listed, _ = await dlq_cli(settings, "list", "--team", "alpha")
+        shown, _ = await dlq_cli(settings, "show", alpha[1], "--team", "alpha")
+    dropped = dropping.result()
+
+    # Expect each served at once, all five listed as the drop waited; then the letter
+    # dropped once beta's queue was read, the others of both teams there in their order
+    assert [line.split()[0] for line in listed.splitlines() if "alpha-" in line] == alpha
+    assert shown.startswith(f"{alpha[1]}  reason: unknown_model")
+    assert [(x.message_id, x.team) for x in dropped] == [(alpha[2], "alpha")]
+    left = (await dlq.peek(settings))[0]
+    assert [x.message_id for x in left] == [x for x in alpha if x != alpha[2]] + flood
