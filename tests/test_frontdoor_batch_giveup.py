@@ -25,6 +25,7 @@ from queuegate.settings import Settings
 from tests.frontdoor_support import Door, open_door
 from tests.test_frontdoor_batches import (
     anthropic_ended,
+    ended_row,
     openai_ended,
     openai_ended_files,
     openai_lines,
@@ -209,9 +210,7 @@ async def test_a_batch_given_up_keeps_what_was_answered_and_errors_the_rest(
             batch_id = made.id
         served = await ok_rows(door)
         calls = door.gateway.mock.stats.calls
-        row = await door.gateway.pool.fetchrow(
-            "SELECT phase, faults FROM api_batches WHERE id = $1", batch_id
-        )
+        row = await ended_row(door.gateway, batch_id)
 
     # Expect every request with one result: those answered (paid for) kept, the rest errored
     assert answered.isdisjoint(errored) and len(answered) + len(errored) == LINES

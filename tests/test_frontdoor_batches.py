@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -669,10 +670,18 @@ async def _revoke(settings: Settings, keys: dict[str, str]) -> str:
     return key_id
 
 
-async def _row(gateway: Gateway, batch_id: str) -> Any:
-    return await gateway.pool.fetchrow(
-        "SELECT phase, faults FROM api_batches WHERE id = $1", batch_id
-    )
+async def ended_row(gateway: Gateway, batch_id: str, timeout: float = 10.0) -> Any:
+    """The batch's row once its runner is done with it: the batch reads ended as soon as its
+    files are written, and the runner cleans up after (phase ``clean``, then ``done``). The
+    row as it is after ``timeout`` s if it never gets there."""
+    until = time.monotonic() + timeout
+    while True:
+        row = await gateway.pool.fetchrow(
+            "SELECT phase, faults FROM api_batches WHERE id = $1", batch_id
+        )
+        if row is None or row["phase"] == "done" or time.monotonic() > until:
+            return row
+        await asyncio.sleep(0.01)
 
 
 async def _ok_rows(gateway: Gateway) -> int:
@@ -730,7 +739,7 @@ async def test_a_key_revoked_mid_batch_keeps_every_paid_answer_and_ends_it_once(
         # the lines the runner wrote itself name the key: their requests were never published
         unpublished = [e for e in errors if key_id in e["response"]["body"]["error"]["message"]]
         paid = await _paid(gateway, 120 - len(unpublished))
-        row = await _row(gateway, batch.id)
+        row = await ended_row(gateway, batch.id)
 
     # Expect every answer paid for in the output file, once, and only those
     served = [line["custom_id"] for line in output]
@@ -881,7 +890,7 @@ async def test_requests_a_revoked_key_never_published_are_failed_lines_naming_it
                 assert ended.error_file_id
                 content = await reader.files.content(ended.error_file_id)
                 errors = parse_jsonl(await content.aread())
-                row = await _row(serving, batch.id)
+                row = await ended_row(serving, batch.id)
                 calls = serving.mock.stats.calls
     finally:
         async with BrokerAdmin.of(settings) as admin:
@@ -1014,7 +1023,7 @@ async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
                 assert ended.output_file_id
                 content = await client.files.content(ended.output_file_id)
                 output = parse_jsonl(await content.aread())
-            row = await _row(gateway, batch.id)
+            row = await ended_row(gateway, batch.id)
         # and the team then collects, itself, what the gateway answered and kept
         report = await collect(
             settings, batch.id, tmp_path / "rest.jsonl", team="alpha", api_key=keys["alpha"]
