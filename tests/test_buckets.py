@@ -34,6 +34,19 @@ async def _settle(
     await Scripts(client, Keys(settings.redis_prefix)).run(call)
 
 
+async def _reserved_behind(
+    settings: Settings, redis_client: aioredis.Redis, tokens: int = 300
+) -> tuple[Buckets, Limit, Take]:
+    """A team bucket of 600 tokens a minute (10 a second) emptied by one job's take, and a
+    job of ``tokens`` reserved behind it."""
+    buckets = _buckets(redis_client, settings)
+    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
+    assert (await buckets.take([limit], 600)).taken
+    reserved = await buckets.take([limit], tokens, within_ms=120_000)
+    assert reserved.taken and reserved.marks
+    return buckets, limit, reserved
+
+
 async def test_a_full_bucket_admits_a_minute_of_its_limit_then_says_how_long_to_wait(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
@@ -362,12 +375,8 @@ async def test_a_reservation_is_due_sooner_by_what_settles_give_back_while_it_wa
 ) -> None:
     # Given a team bucket of 600 tokens a minute (10 a second) emptied by one job's take,
     # and a job of 300 tokens reserved behind it, told to wait 30 s
-    buckets = _buckets(redis_client, settings)
-    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
-    assert (await buckets.take([limit], 600)).taken
-    reserved = await buckets.take([limit], 300, within_ms=60_000)
-    assert reserved.taken and 29_000 <= reserved.wait_ms <= 30_000
-    assert reserved.marks
+    buckets, limit, reserved = await _reserved_behind(settings, redis_client)
+    assert 29_000 <= reserved.wait_ms <= 30_000
 
     # When the first job settles having used 400 tokens (200 back), then another 200 more
     due = await buckets.due([limit], reserved.marks)
@@ -389,11 +398,7 @@ async def test_a_job_that_used_more_than_it_took_offsets_refunds_to_a_reservatio
 ) -> None:
     # Given a team bucket of 600 tokens a minute emptied by one job's take, and a job of 300
     # tokens reserved behind it, told to wait 30 s
-    buckets = _buckets(redis_client, settings)
-    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
-    assert (await buckets.take([limit], 600)).taken
-    reserved = await buckets.take([limit], 300, within_ms=60_000)
-    assert reserved.taken and reserved.marks
+    buckets, limit, reserved = await _reserved_behind(settings, redis_client)
     due = await buckets.due([limit], reserved.marks)
 
     # When one job settles 200 tokens back and another 200 more than it took, the bucket
@@ -412,10 +417,7 @@ async def test_a_reservation_given_up_behind_another_does_not_pay_its_debt(
 ) -> None:
     # Given a team bucket of 600 tokens a minute emptied by one job's take, a job of 300
     # tokens reserved behind it, and another of 300 reserved behind that one
-    buckets = _buckets(redis_client, settings)
-    limit = Limit(Keys(settings.redis_prefix).team_bucket("alpha"), "team alpha", None, 600)
-    assert (await buckets.take([limit], 600)).taken
-    first = await buckets.take([limit], 300, within_ms=120_000)
+    buckets, limit, first = await _reserved_behind(settings, redis_client)
     second = await buckets.take([limit], 300, within_ms=120_000)
     assert first.marks and second.marks and second.wait_ms > first.wait_ms
     due = await buckets.due([limit], first.marks)
