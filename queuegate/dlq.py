@@ -106,6 +106,10 @@ RETURN_WAIT = 5.0
 """Seconds a read of the dead letters waits at most for a batch of the letters it returned to
 be back in their queue (milliseconds on a quorum queue)."""
 RETURN_POLL = 0.001
+"""Seconds before asking again at first; doubled each time up to RETURN_POLL_MAX, so that a
+batch that never comes back (another reader holds it) is not asked after a thousand times a
+second for RETURN_WAIT."""
+RETURN_POLL_MAX = 0.05
 LOCK_POLL = 0.05
 """Seconds a command waits, at first, before it asks for the lock again; doubled each time,
 up to LOCK_POLL_MAX, so a long wait does not hammer the broker."""
@@ -578,10 +582,12 @@ async def _until_ready(underlay: aiormq.abc.AbstractChannel, name: str, expected
     """Whether the queue held ``expected`` letters ready within RETURN_WAIT (the broker offers
     no event to await)."""
     until = time.monotonic() + RETURN_WAIT
+    pause = RETURN_POLL
     while await _ready(underlay, name) < expected:
         if time.monotonic() >= until:
             return False
-        await asyncio.sleep(RETURN_POLL)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, RETURN_POLL_MAX)
     return True
 
 
