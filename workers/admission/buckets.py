@@ -152,12 +152,16 @@ def settle_call(limits: Sequence[Limit], tokens_back: int, requests_back: int = 
 
 
 def refunded(calls: Sequence[Call]) -> list[str]:
-    """The buckets ``calls`` give tokens back to (settles of jobs that used fewer than they
-    took, or gave up a take): a reservation waiting for them may go sooner."""
+    """The buckets ``calls`` refund tokens to (settles of jobs that used fewer than they took):
+    a reservation waiting for them may go sooner. Not a give-back (a request back too: a take
+    undone), which take.lua does not count as a refund, so no waiter could go sooner by it."""
     return [
         key
         for call in calls
-        if call.script == "take" and call.args[0] == "settle" and int(call.args[2]) > 0
+        if call.script == "take"
+        and call.args[0] == "settle"
+        and int(call.args[1]) == 0
+        and int(call.args[2]) > 0
         for key in call.keys
     ]
 
