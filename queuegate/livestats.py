@@ -345,11 +345,6 @@ async def read_workers(client: aioredis.Redis, keys: Keys) -> LiveWorkers:
     return LiveWorkers(listed, {n: snap for n, snap in found.items() if n in listed}, draining)
 
 
-async def read_snapshots(client: aioredis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
-    """The snapshot of each live worker (one whose last has not expired), by its name."""
-    return (await read_workers(client, keys)).snapshots
-
-
 async def read_view(client: aioredis.Redis, keys: Keys) -> LiveView:
     """Merge the snapshots of the workers that reported recently, draining ones included."""
     live = await read_workers(client, keys)

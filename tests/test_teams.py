@@ -45,7 +45,7 @@ from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool
 from queuegate.errors import BudgetExhausted, ConfigError, QueueFull, ServiceUnavailable
 from queuegate.keys import Keys
-from queuegate.livestats import read_snapshots, read_workers
+from queuegate.livestats import read_workers
 from queuegate.management import BrokerAdmin
 from queuegate.messages import UsageEvent
 from queuegate.redis_client import redis_for
@@ -848,7 +848,7 @@ async def _serving(settings: Settings, names: list[str]) -> list[str]:
     try:
         async with asyncio.timeout(30):
             while True:
-                snapshots = await read_snapshots(client, Keys(settings.redis_prefix))
+                snapshots = (await read_workers(client, Keys(settings.redis_prefix))).snapshots
                 if all(snapshots.get(name, {}).get("registry") for name in names):
                     return names
                 # No event announces another process's snapshot.
@@ -1155,7 +1155,9 @@ async def _shown(settings: Settings, name: str, *, live: bool) -> None:
     try:
         async with asyncio.timeout(30):
             while True:
-                if (name in await read_snapshots(client, Keys(settings.redis_prefix))) == live:
+                if (
+                    name in (await read_workers(client, Keys(settings.redis_prefix))).snapshots
+                ) == live:
                     return
                 # No event announces another process's snapshot, nor its expiry.
                 await asyncio.sleep(0.05)
