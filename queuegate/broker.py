@@ -33,11 +33,14 @@ from pamqp import encode as pamqp_encode
 from pamqp.header import ContentHeader
 from yarl import URL
 
+from queuegate import channel_close
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.messages import CONTENT_TYPE
 from queuegate.urls import redact_url
 
 log = logging.getLogger(__name__)
+
+channel_close.apply()
 
 T = TypeVar("T")
 

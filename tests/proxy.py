@@ -12,6 +12,9 @@ they point the component under test at a proxy and take the proxy down instead::
 
 ``hang()`` freezes the service as SIGSTOP would: connections stay open and new ones are taken,
 but nothing passes either way until ``up()``; what was sent meanwhile then arrives.
+``hang_requests()`` and ``hang_replies()`` hold one way alone (a service too busy to read,
+answers late on a slow network); ``replies_waiting`` is set once an answer is held, and
+``release_replies()`` lets the answers through alone.
 ``hang_at(marker)`` hangs it once a client sends ``marker``, before those bytes pass: a
 request that never reaches the service (until ``up()``), its client waiting for the answer.
 
@@ -23,13 +26,16 @@ bytes back once a client has sent ``marker``: what it sent arrives, no answer to
 asked of the service, or was told, named it.
 
 ``TcpProxy(url, listen="::1")`` listens on the IPv6 loopback instead: the service reached at
-an IPv6 address.
+an IPv6 address. ``TcpProxy(url, receive_buffer=n)`` takes at most about ``n`` bytes of a client
+it does not read (its sockets' receive buffer, which the kernel otherwise grows to tens of MiB):
+a client's writes then back up into the client itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
@@ -38,19 +44,26 @@ CHUNK = 65536
 
 
 class TcpProxy:
-    def __init__(self, target_url: str, *, listen: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_url: str, *, listen: str = "127.0.0.1", receive_buffer: int | None = None
+    ) -> None:
         parts = urlsplit(target_url)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"{target_url!r} needs an explicit host and port")
         self._target_url = target_url
         self._listen = listen
+        self._receive_buffer = receive_buffer
         self._target = (parts.hostname, parts.port)
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._up = True
-        self._flowing = asyncio.Event()
-        self._flowing.set()
+        self._requests_flowing = asyncio.Event()
+        self._requests_flowing.set()
+        self._replies_flowing = asyncio.Event()
+        self._replies_flowing.set()
+        self.replies_waiting = asyncio.Event()
+        """Set once the service's bytes wait behind ``hang_replies`` (or ``hang``)."""
         self._lose_reply_to: bytes | None = None
         self.replies_lost = 0
         self.requested = 0
@@ -78,7 +91,13 @@ class TcpProxy:
         return urlunsplit(parts._replace(netloc=netloc))
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, self._listen, 0)
+        family = socket.AF_INET6 if ":" in self._listen else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        if self._receive_buffer is not None:
+            # Before listen(): the connections accepted inherit it, their window sized by it.
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+        listening.bind((self._listen, 0))
+        self._server = await asyncio.start_server(self._accept, sock=listening)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -107,7 +126,9 @@ class TcpProxy:
         """The service is back, answering again (a hold set by ``hold_replies_after`` or
         ``hang_at`` ends)."""
         self._up = True
-        self._flowing.set()
+        self._requests_flowing.set()
+        self._replies_flowing.set()
+        self.replies_waiting.clear()
         self._marker = self._hang_at = None
         self.held.clear()
         self.hung.clear()
@@ -115,7 +136,24 @@ class TcpProxy:
     def hang(self) -> None:
         """Pass nothing either way, keeping every connection open, until ``up()``: a frozen
         service, which neither answers nor refuses."""
-        self._flowing.clear()
+        self.hang_requests()
+        self.hang_replies()
+
+    def hang_requests(self) -> None:
+        """Pass no client's bytes to the service until ``up()`` (they are kept, and the
+        clients' sockets fill), its answers still coming."""
+        self._requests_flowing.clear()
+
+    def hang_replies(self) -> None:
+        """Pass none of the service's bytes to a client until ``up()`` or ``release_replies()``
+        (they are kept), the clients' requests still reaching it."""
+        self._replies_flowing.clear()
+
+    def release_replies(self) -> None:
+        """Let the service's bytes through again, what was held first (a hang of the requests
+        stays)."""
+        self._replies_flowing.set()
+        self.replies_waiting.clear()
 
     def lose_reply(self, marker: bytes) -> None:
         """Let the next request holding ``marker`` reach the service, then cut its connection
@@ -192,7 +230,7 @@ class TcpProxy:
                         self.hung.set()
                     else:
                         hang_tail = data[-len(self._hang_at) :]
-                await self._flowing.wait()
+                await self._requests_flowing.wait()
                 self.requested += len(data)
                 writer.write(data)
                 await writer.drain()
@@ -209,7 +247,9 @@ class TcpProxy:
                     return  # the connection is cut with the reply unsent
                 if self.held.is_set():
                     continue  # held: the service's bytes are dropped, the connection kept
-                await self._flowing.wait()
+                if not self._replies_flowing.is_set():
+                    self.replies_waiting.set()
+                    await self._replies_flowing.wait()
                 writer.write(data)
                 await writer.drain()
 

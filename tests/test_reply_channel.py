@@ -182,7 +182,7 @@ async def publish_channel_kept_and_one_consumer(
     """Assert the channel the jobs are published on was left open (no publish lost with it
     and sent again: those waiting behind the consume) and ``queue`` is read by one consumer."""
     lost = [
-        r
+        r.getMessage()
         for r in caplog.records
         # Its own lines alone: aio-pika's may name a callback whose repr fails once run.
         if r.name == "queuegate.broker" and r.getMessage().startswith("connection lost")
