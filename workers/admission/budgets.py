@@ -218,10 +218,8 @@ class Budgets:
     def ledgers(self, team: str, model: str, config: TeamConfig) -> tuple[str, ...]:
         """The ledgers a job of ``model`` reserves in now (none when the team has neither
         budget nor cap): the jobs waiting for the same ones wait in one line."""
-        models = [scope_model for scope_model, _ in budget_scopes(config, model)]
-        if not models:
-            return ()  # no month to look up: asked twice for each job of such a team
-        return tuple(ledger_keys(self._keys, team, current_month(), models)[::2])
+        scoped = self._scope(team, model, config)
+        return () if scoped is None else tuple(scoped.keys[::2])
 
     def reserving(
         self,
@@ -388,13 +386,12 @@ class Budgets:
         delivery's (a refused job whose lapsed owners made calls): it replaces what they
         reserved; once that entry has lapsed, the job's usage row brings ``nano`` in at
         reconciliation. None when the team has no budget."""
-        scopes = budget_scopes(config, model)
-        if not scopes:
+        scoped = self._scope(team, model, config)
+        if scoped is None:
             return None
-        month = current_month()
-        keys = ledger_keys(self._keys, team, month, [scope_model for scope_model, _ in scopes])
         # No generation known: only an entry of the ledger as it is now is replaced.
-        reservation = Reservation(keys, team, month, job_id, nano, ["" for _ in scopes], model)
+        generations = ["" for _ in scoped.scopes]
+        reservation = Reservation(scoped.keys, team, scoped.month, job_id, nano, generations, model)
         return self.settle_call(reservation, nano)
 
     def settled(self, reservation: Reservation, reply: list[int]) -> None:
