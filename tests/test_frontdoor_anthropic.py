@@ -353,13 +353,13 @@ async def test_a_timeout_and_a_conflict_are_the_error_types_anthropic_documents(
             model="claude-haiku", max_tokens=10, messages=HELLO, extra_headers=again
         )
         await door.gateway.usage_rows(1)
-        # When a caller waits 0.5 s for the slow model
+        # When a caller waits 1 s for the slow model
         with pytest.raises(anthropic.GatewayTimeoutError) as late:
             await sdk.messages.create(
                 model="gpt-4o-mini",
                 max_tokens=10,
                 messages=HELLO,
-                extra_headers={"x-queuegate-timeout": "0.5"},
+                extra_headers={"x-queuegate-timeout": "1"},
             )
         # and the answered message is sent again after Redis lost the outcome it kept
         async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):

@@ -354,13 +354,13 @@ async def test_a_deadline_exceeded_names_its_job(settings: Settings) -> None:
     # Given a model whose provider takes 2 s
     slow = MockConfig(models={"gpt-4o-mini": Behavior(latency_ms=2000)})
     async with open_door(settings, mock_config=slow) as door, sdk(door) as claude:
-        # When a caller waits 0.5 s for it
+        # When a caller waits 1 s for it
         with pytest.raises(anthropic.GatewayTimeoutError) as late:
             await claude.messages.create(
                 model="gpt-4o-mini",
                 max_tokens=10,
                 messages=[{"role": "user", "content": "Hello there"}],
-                extra_headers={"x-queuegate-timeout": "0.5"},
+                extra_headers={"x-queuegate-timeout": "1"},
             )
 
     # Expect the 504 to carry its job's id, as every answer about a job does
