@@ -80,6 +80,7 @@ from queuegate.registry import TEAM_NAME, check_team_name, team_exists
 from queuegate.settings import Settings
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER
 from queuegate.topology import (
+    BROKER_DEAD_REASONS,
     HEADER_DEAD_DETAIL,
     HEADER_DEAD_QUEUE,
     HEADER_DEAD_REASON,
@@ -91,6 +92,7 @@ from queuegate.topology import (
     HEADER_REPLAY_OF,
     HEADER_SENT_MS,
     MESSAGE_TYPE_JOB,
+    WORKER_DEAD_REASONS,
     Topology,
     header_text,
 )
@@ -115,9 +117,10 @@ LOCK_POLL = 0.05
 up to LOCK_POLL_MAX, so a long wait does not hammer the broker."""
 LOCK_POLL_MAX = 1.0
 
-REASONS = BAD_INPUT | {"delivery_limit", "expired", "maxlen", "rejected", "unknown"}
-"""Why a letter can be dead: a worker's refusal of bad input, or of a job that failed too often;
-the broker's ``x-death`` reasons; ``unknown`` for a letter nothing trustworthy explains."""
+UNKNOWN = "unknown"
+"""The reason of a letter nothing trustworthy explains."""
+REASONS = WORKER_DEAD_REASONS | BROKER_DEAD_REASONS | {UNKNOWN}
+"""Why a letter can be dead: a worker's or the broker's reason, or ``UNKNOWN``."""
 
 _REPLAYED_HEADERS = (KEY_ID_HEADER, PROOF_HEADER, HEADER_SENT_MS)
 """The only headers of a dead letter a replay carries over (the rest describe its death or
@@ -600,7 +603,7 @@ def _describe(position: int, message: AbstractIncomingMessage, settings: Setting
     headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
     trusted = _trusted(message, settings)
     death = _latest_death(headers)
-    reason, detail, queue, deaths, at = "unknown", "", "", 0, message.timestamp
+    reason, detail, queue, deaths, at = UNKNOWN, "", "", 0, message.timestamp
     if death is not None:
         # The broker puts its newest entry first; entries a team forged sit behind it.
         reason = header_text(death.get("reason")) or reason

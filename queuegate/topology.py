@@ -73,7 +73,7 @@ from aiormq.exceptions import ChannelPreconditionFailed
 
 from queuegate.broker import node_urls
 from queuegate.control import BATCH_RESULTS_SUFFIX, CONTROL_KEY_SUFFIX, BatchLockRole, BatchMeta
-from queuegate.errors import ConfigError
+from queuegate.errors import BAD_INPUT, ConfigError
 from queuegate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,16 @@ MESSAGE_TYPE_USAGE = "usage"
 """One UsageEvent (what workers sent before batches; still accepted)."""
 MESSAGE_TYPE_USAGE_BATCH = "usage-batch"
 """A UsageBatch: the events of several jobs."""
+
+DELIVERY_LIMIT_REASON = "delivery_limit"
+"""Why a worker dead-letters a job past ``QUEUEGATE_DELIVERY_LIMIT`` failures; also the
+broker's reason for one past its queue's own ``x-delivery-limit``."""
+WORKER_DEAD_REASONS = BAD_INPUT | {DELIVERY_LIMIT_REASON}
+"""Why a worker dead-letters a job itself (``HEADER_DEAD_REASON``): bad input, refused under
+its error's code, or too many failures."""
+BROKER_DEAD_REASONS = frozenset({DELIVERY_LIMIT_REASON, "expired", "maxlen", "rejected"})
+"""Why RabbitMQ dead-letters a message from a queue declared here with a dead-letter
+exchange, as its ``x-death`` header records it."""
 
 # Headers a worker sets on the letters it dead-letters itself. The dead-letter tools trust them
 # only on a letter whose broker-validated user_id is an operator's (the worker's own user):

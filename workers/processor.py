@@ -50,7 +50,7 @@ from queuegate.errors import (
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.openai_params import refused_param
 from queuegate.request_limits import JOB_OWN_BYTES, request_bytes
-from queuegate.topology import HEADER_SENT_MS
+from queuegate.topology import DELIVERY_LIMIT_REASON, HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
 from workers import spans
@@ -233,7 +233,7 @@ class JobProcessor:
         try:
             await self._publisher.dead_letter(
                 message,
-                reason="delivery_limit",
+                reason=DELIVERY_LIMIT_REASON,
                 detail=str(why),
                 queue=queue,
                 user=self._gate.first_user(message),
