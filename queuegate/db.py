@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
@@ -117,6 +118,26 @@ async def create_pool(
         await pool.close()
         raise
     return pool
+
+
+@contextlib.asynccontextmanager
+async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """One connection, set up as a pool's are (``create_pool``), for a command's single query:
+    a pool would open, and close, more than it needs. Creates no schema: a query on a schema
+    never migrated fails on its missing table."""
+    try:
+        conn = await asyncpg.connect(
+            settings.database_url,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"search_path": settings.database_schema},
+        )
+    except _CONNECT_ERRORS as exc:
+        raise ServiceUnavailable(database_unreachable(settings, exc)) from exc
+    try:
+        await _init_connection(conn)
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:

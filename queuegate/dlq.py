@@ -73,7 +73,7 @@ from aio_pika.abc import (
 )
 
 from queuegate.broker import connect, json_message, publish
-from queuegate.db import create_pool
+from queuegate.db import connection
 from queuegate.errors import BAD_INPUT, ConfigError
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TEAM_NAME, check_team_name, team_exists
@@ -455,13 +455,11 @@ async def _of_team(reader: _Reader, names: list[str], team: str | None) -> list[
 
 
 async def _registered(settings: Settings, team: str) -> bool:
-    pool = await create_pool(settings)
     try:
-        return await team_exists(pool, team)
+        async with connection(settings) as conn:
+            return await team_exists(conn, team)
     except asyncpg.UndefinedTableError:
         return False  # a schema accounting never migrated: no team was ever added
-    finally:
-        await pool.close()
 
 
 @contextlib.asynccontextmanager

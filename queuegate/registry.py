@@ -236,9 +236,9 @@ async def get_team(pool: asyncpg.Pool, name: str) -> Team | None:
     return Team(name=row["name"], enabled=row["enabled"], config=parse_config(name, row["config"]))
 
 
-async def team_exists(pool: asyncpg.Pool, name: str) -> bool:
+async def team_exists(db: asyncpg.Pool | asyncpg.Connection, name: str) -> bool:
     """Whether the registry has a row for the team, whatever its config holds."""
-    found: bool = await pool.fetchval(
+    found: bool = await db.fetchval(
         "SELECT EXISTS (SELECT 1 FROM teams WHERE name = $1)", check_team_name(name)
     )
     return found
