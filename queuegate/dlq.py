@@ -59,10 +59,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiormq
 import asyncpg
@@ -186,16 +186,11 @@ async def peek(
     left where they are; and how many the queues hold in all. Of ``team``, only the
     queues that can hold its letters are read (``_of_team``); each is read under its own
     lock, and no further than its ``limit``-th letter wanted."""
-    letters: list[DeadLetter] = []
 
-    def chosen(message: AbstractIncomingMessage) -> bool:
-        letter = _describe(len(letters) + 1, message, settings)
-        wanted = (team is None or letter.team == team) and (
+    def wanted(letter: DeadLetter) -> bool:
+        return (team is None or letter.team == team) and (
             reason is None or reason in (letter.reason, _then(letter))
         )
-        if wanted:
-            letters.append(letter)
-        return wanted
 
     if reason is not None and reason not in REASONS:
         raise ConfigError(
@@ -207,12 +202,10 @@ async def peek(
         # Those read counted as they are read, so that none read is left out; the others
         # without their locks.
         depths: dict[str, int] = {}
-        for name in await _of_team(reader, every, team):
-            left = limit - len(letters) if limit is not None else None
-            if left == 0:
-                break
-            async with _held(reader, name, chosen, left) as (_, depths[name]):
-                pass  # each letter described as it is taken
+        read = _letters(
+            reader, await _of_team(reader, every, team), wanted, limit=limit, depths=depths
+        )
+        letters = [x.letter async for x in read]
         for name in every:
             if name not in depths:
                 depths[name] = await _ready(reader.underlay, name)
@@ -251,57 +244,56 @@ async def replay(
         raise ConfigError(
             "replay publishes as an operator: put the broker user in QUEUEGATE_AMQP_URL"
         )
-    topology = Topology.of(settings)
     replayed: list[DeadLetter] = []
     refused: list[tuple[DeadLetter, str]] = []
+
+    def wanted(letter: DeadLetter) -> bool:
+        return job_ids is None or letter.message_id in job_ids
+
     async with _reading(settings) as reader:
-        channel = reader.channel
-        position = 0
-        for name in await _dead_queues(reader):
-            async with _held(reader, name) as (taken, _):
-                for message in taken:
-                    position += 1
-                    letter = _describe(position, message, settings)
-                    if job_ids is not None and letter.message_id not in job_ids:
-                        continue
-                    if letter.truncated is not None:
-                        cut = f"its body was cut from {letter.truncated:,} bytes"
-                        refused.append((letter, cut))
-                        continue
-                    if (why := kept_why(letter)) is not None:
-                        refused.append((letter, why))
-                        continue
-                    if letter.queue == topology.accounting_queue and _trusted(message, settings):
-                        exchange, key = topology.usage_exchange, ""
-                    elif letter.team is not None:
-                        exchange, key = topology.jobs_exchange, letter.team
-                    else:
-                        refused.append((letter, _unreplayable(letter, topology)))
-                        continue
-                    again = json_message(
-                        message.body,
-                        message_type=message.type or MESSAGE_TYPE_JOB,
-                        message_id=message.message_id,
-                        correlation_id=message.correlation_id,
-                        reply_to=message.reply_to,
-                        user_id=operator,
-                        headers=_replay_headers(letter, message, settings),
-                    )
-                    try:
-                        await publish(channel, again, exchange=exchange, routing_key=key)
-                    except aiormq.exceptions.PublishError:
-                        refused.append(
-                            (
-                                letter,
-                                f"no queue takes it: register the team (queuegate teams add {key})",
-                            )
-                        )
-                        continue
-                    await message.ack()
-                    replayed.append(letter)
-                    if on_replayed is not None:
-                        on_replayed(letter)
+        names = await _dead_queues(reader)
+        async with contextlib.aclosing(_letters(reader, names, wanted)) as letters:
+            async for read in letters:
+                why = await _replay_one(reader, read, operator)
+                if why is not None:
+                    refused.append((read.letter, why))
+                    continue
+                replayed.append(read.letter)
+                if on_replayed is not None:
+                    on_replayed(read.letter)
     return replayed, refused
+
+
+async def _replay_one(reader: _Reader, read: _Letter, operator: str) -> str | None:
+    """Send a letter back where it came from, and acknowledge (delete) it once the broker
+    confirmed the publish; or why it is left dead-lettered."""
+    settings, letter, message = reader.settings, read.letter, read.message
+    topology = Topology.of(settings)
+    if letter.truncated is not None:
+        return f"its body was cut from {letter.truncated:,} bytes"
+    if (why := kept_why(letter)) is not None:
+        return why
+    if letter.queue == topology.accounting_queue and _trusted(message, settings):
+        exchange, key = topology.usage_exchange, ""
+    elif letter.team is not None:
+        exchange, key = topology.jobs_exchange, letter.team
+    else:
+        return _unreplayable(letter, topology)
+    again = json_message(
+        message.body,
+        message_type=message.type or MESSAGE_TYPE_JOB,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        user_id=operator,
+        headers=_replay_headers(letter, message, settings),
+    )
+    try:
+        await publish(reader.channel, again, exchange=exchange, routing_key=key)
+    except aiormq.exceptions.PublishError:
+        return f"no queue takes it: register the team (queuegate teams add {key})"
+    await message.ack()
+    return None
 
 
 def kept_why(letter: DeadLetter) -> str | None:
@@ -362,15 +354,8 @@ async def _holders(reader: _Reader, names: list[str], job_id: str) -> dict[str, 
     """Of the dead-letter queues ``names``, those holding letters of ``job_id``, and the
     teams those are of; each read under its lock, released once it is read."""
     holders: dict[str, set[str | None]] = {}
-    for name in names:
-        async with _held(reader, name) as (taken, _):
-            teams = {
-                _describe(0, message, reader.settings).team
-                for message in taken
-                if message.message_id == job_id
-            }
-        if teams:
-            holders[name] = teams
+    async for read in _letters(reader, names, lambda letter: letter.message_id == job_id):
+        holders.setdefault(read.queue, set()).add(read.letter.team)
     return holders
 
 
@@ -379,18 +364,15 @@ async def _dropped(
 ) -> list[DeadLetter]:
     """Acknowledge (delete) the letters of ``job_id`` of ``team`` (None: of no team) in the
     queues ``names``, each read under its own lock, released once it is read."""
+
+    def wanted(letter: DeadLetter) -> bool:
+        return letter.message_id == job_id and letter.team == team
+
     dropped: list[DeadLetter] = []
-    position = 0
-    for name in names:
-        async with _held(reader, name) as (taken, _):
-            for message in taken:
-                position += 1
-                if message.message_id != job_id:
-                    continue
-                letter = _describe(position, message, reader.settings)
-                if letter.team == team:
-                    await message.ack()
-                    dropped.append(letter)
+    async with contextlib.aclosing(_letters(reader, names, wanted)) as letters:
+        async for read in letters:
+            await read.message.ack()
+            dropped.append(read.letter)
     return dropped
 
 
@@ -470,32 +452,74 @@ async def _reading(settings: Settings) -> AsyncIterator[_Reader]:
         yield _Reader(settings, connection, channel, await channel.get_underlay_channel())
 
 
+class _Letter(NamedTuple):
+    """A letter as read, held unacknowledged, and the dead-letter queue it is held from."""
+
+    queue: str
+    letter: DeadLetter
+    message: AbstractIncomingMessage
+
+
+async def _letters(
+    reader: _Reader,
+    names: list[str],
+    wanted: Callable[[DeadLetter], bool] | None = None,
+    *,
+    limit: int | None = None,
+    depths: dict[str, int] | None = None,
+) -> AsyncGenerator[_Letter, None]:
+    """The letters of the dead-letter queues ``names`` that ``wanted`` says are (all when
+    None), oldest first in each queue, numbered from 1, up to ``limit``: each queue read in its
+    turn (``_held``) under its own lock, and no further than the letter the ``limit`` needs.
+    Those of a queue not acknowledged as they are given go back to it, in their order, before
+    the next queue is read. ``depths`` gets how many letters each queue read held.
+
+    Left before its end, it is to be closed at once (``contextlib.aclosing``): until then it
+    holds a queue's lock and letters."""
+    given = 0
+    for name in names:
+        left = None if limit is None else limit - given
+        if left == 0:
+            break
+        async with _held(reader, name, wanted, left, first=given + 1) as (letters, depth):
+            if depths is not None:
+                depths[name] = depth
+            for letter in letters:
+                given += 1
+                yield letter
+
+
 @contextlib.asynccontextmanager
 async def _held(
     reader: _Reader,
     name: str,
-    chosen: Callable[[AbstractIncomingMessage], bool] | None = None,
+    wanted: Callable[[DeadLetter], bool] | None = None,
     limit: int | None = None,
-) -> AsyncIterator[tuple[list[AbstractIncomingMessage], int]]:
-    """The letters of the queue ``name``, under its lock, held unacknowledged: every one, or
-    up to the ``limit``-th of those ``chosen`` says are wanted; and how many it held. What is
-    not acknowledged goes back to the queue, in its order, before the lock is released."""
+    *,
+    first: int = 1,
+) -> AsyncIterator[tuple[list[_Letter], int]]:
+    """The letters of the queue ``name`` that ``wanted`` says are (all when None), numbered
+    from ``first``, under its lock: every letter taken and held unacknowledged, up to the
+    ``limit``-th wanted; and how many the queue held. What is not acknowledged goes back to
+    the queue, in its order, before the lock is released."""
     async with _locked(reader, name):
         taken: list[AbstractIncomingMessage] = []
-        wanted = 0
+        chosen: list[_Letter] = []
         queue = await reader.channel.get_queue(name, ensure=False)
         # Its count bounds the loop: a message returned meanwhile is not taken twice.
         depth = await _ready(reader.underlay, name)
         for _ in range(depth):
-            if limit is not None and wanted >= limit:
+            if limit is not None and len(chosen) >= limit:
                 break
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
             taken.append(message)
-            wanted += chosen is None or chosen(message)
+            letter = _describe(first + len(chosen), message, reader.settings)
+            if wanted is None or wanted(letter):
+                chosen.append(_Letter(name, letter, message))
         try:
-            yield taken, depth
+            yield chosen, depth
         finally:
             if not reader.channel.is_closed:
                 # What was acknowledged is gone; the rest must be back, in its order, before
