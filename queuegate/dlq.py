@@ -252,6 +252,7 @@ async def replay(
 
     async with _reading(settings) as reader:
         names = await _dead_queues(reader)
+        await _replayable_to(reader)
         async with contextlib.aclosing(_letters(reader, names, wanted)) as letters:
             async for read in letters:
                 why = await _replay_one(reader, read, operator)
@@ -262,6 +263,24 @@ async def replay(
                 if on_replayed is not None:
                     on_replayed(read.letter)
     return replayed, refused
+
+
+async def _replayable_to(reader: _Reader) -> None:
+    """ConfigError unless the exchanges a replay publishes to are there, checked before it
+    takes a letter: a publish to a missing one is refused (404) with the channel it was made
+    on, mid-replay, and the letters held then go back in an order of the queue's own."""
+    topology = Topology.of(reader.settings)
+    # The channel a passive declare is refused on is closed: not the one letters are read on.
+    async with reader.connection.channel() as channel:
+        underlay = await channel.get_underlay_channel()
+        for name in (topology.jobs_exchange, topology.usage_exchange):
+            try:
+                await underlay.exchange_declare(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise ConfigError(
+                    f"the exchange {clipped(name)!r} a replay publishes to is missing: start "
+                    "a worker, which declares it, then replay again (no dead letter was taken)"
+                ) from None
 
 
 async def _replay_one(reader: _Reader, read: _Letter, operator: str) -> str | None:

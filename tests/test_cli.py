@@ -261,10 +261,13 @@ WRAPPED = ("a\x1b[2J\r\n\u2028" * 2_000)[:10_000]
 async def test_a_value_with_control_characters_is_shown_escaped_in_one_line(
     settings: Settings, pool: object, tmp_path: Path, args: list[str], what_to_do: str
 ) -> None:
-    # Given a migrated schema (pool), the namespace's dead letters (dlq declares none), and a
-    # value full of newlines and escape sequences
+    # Given a migrated schema (pool), the namespace's dead letters and the exchanges a replay
+    # publishes to, as workers declare them (dlq declares none), and a value full of newlines
+    # and escape sequences
     async with await aio_pika.connect(settings.amqp_url) as connection:
-        await Topology.of(settings).declare_dead(await connection.channel())
+        channel = await connection.channel()
+        await Topology.of(settings).declare_usage(channel)  # and the dead letters'
+        await Topology.of(settings).declare_jobs_exchange(channel)
     # When a command is given it where it takes a name or an id
     line = await asyncio.to_thread(_one_line_refusal, settings, tmp_path, args)
     # Expect it clipped with its control characters written out (as repr or visible writes

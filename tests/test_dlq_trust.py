@@ -122,6 +122,7 @@ async def test_a_usage_event_is_replayed_to_accounting_only_when_a_worker_publis
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         usage = await topology.declare_usage(channel)
+        await topology.declare_jobs_exchange(channel)  # a replay checks both are there
         for job_id, user in (("by-worker", settings.amqp_user), ("unsigned", None)):
             await usage.publish(
                 aio_pika.Message(
@@ -299,6 +300,9 @@ async def test_a_team_flooding_the_dead_letters_drops_only_its_own(
 ) -> None:
     alpha, beta = teams["alpha"], teams["beta"]
     topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:  # as a worker does: a replay checks its exchanges are there
+        await topology.declare_usage(await connection.channel())
     # Given a dead letter of beta's: a job that expired in its queue, as an operator would
     # inspect and replay it
     await publish_as(
