@@ -4,6 +4,7 @@ to do, rather than answered "(none)"."""
 
 from __future__ import annotations
 
+import asyncpg
 from aio_pika.abc import AbstractChannel
 
 from queuegate.management import BrokerAdmin
@@ -65,3 +66,24 @@ async def test_an_unknown_team_or_reason_is_refused_and_a_registered_team_listed
         "delivery_limit, expired, idempotency_conflict, invalid_request, maxlen, rejected, "
         "unauthorized, unknown, unknown_model"
     ]
+
+
+async def test_an_unknown_team_is_looked_up_without_creating_the_schema(
+    settings: Settings, direct: AbstractChannel
+) -> None:
+    # Given a namespace with alpha's dead letters, whose schema was never migrated (created)
+    await publish_dead_letters(settings, direct, "alpha", 2)
+
+    # When the operator lists those of a team that does not exist
+    _, stderr = await dlq_cli(settings, "list", "--team", "nosuchteam", exit_code=1)
+
+    # Expect it refused as no team's, and still no schema: the registry was only read
+    assert stderr.startswith("error: no team 'nosuchteam' has dead letters or is registered")
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1", settings.database_schema
+        )
+    finally:
+        await conn.close()
+    assert found == 0
