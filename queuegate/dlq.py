@@ -133,6 +133,7 @@ class DeadLetter:
     """One dead-lettered message and why it is there."""
 
     position: int
+    """Its place, from 1, among the letters a command read and wanted."""
     message_id: str | None
     reason: str
     """The first cause: ``invalid_request``, ``unknown_model``, ``unauthorized`` (worker),
@@ -237,7 +238,8 @@ async def replay(
     """Send dead letters back where they came from (all, or those of ``job_ids``).
 
     Returns those replayed and those left dead-lettered, each with why. Each is removed only
-    after the broker confirmed its republication.
+    after the broker confirmed its republication. ConfigError, no letter taken, when an
+    exchange it publishes to is missing (``_replayable_to``).
     """
     operator = settings.amqp_user
     if operator is None:
