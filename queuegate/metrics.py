@@ -116,6 +116,12 @@ USAGE_BATCH = Histogram(
     "awaited the broker's confirm).",
     buckets=_BATCH_BUCKETS,
 )
+BROKER_RECONNECTS = Counter(
+    "queuegate_broker_reconnects",
+    "Times a worker's broker connection was lost and made again: its own (worker), or one its "
+    "answers to a team's control requests go on (control).",
+    ["connection"],
+)
 ACCOUNTING_EVENTS = Counter(
     "queuegate_accounting_events",
     "Usage events handled by accounting, by outcome (written or rejected).",

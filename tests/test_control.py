@@ -16,6 +16,7 @@ import aio_pika
 import pytest
 import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
+from prometheus_client import REGISTRY
 
 from admin.teams import Credentials, create_broker_user, set_security, with_user
 from producer import GatewayClient
@@ -33,7 +34,7 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import sign_job
 from queuegate.topology import CONTROL_MAX_BYTES, CONTROL_MAX_LENGTH, Topology
-from tests.support import running_gateway
+from tests.support import logged, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -508,3 +509,50 @@ async def test_a_malformed_batch_step_is_refused_in_one_line_naming_what_is_miss
         assert await client.control.batch("create", "raw", meta=meta, run="ab12") == ""
         assert (await client.control.batch("load", "raw"))["total"] == 1
         await client.control.batch("delete", "raw")
+
+
+UNDECODABLE = "amq.rabbitmq.reply-to.g1h2AA5yZWJiaXRAdm0AAAAAAAAAAQAAAAA=.abc"
+"""A direct reply-to name RabbitMQ 3.10 cannot decode (a node name longer than its bytes): the
+channel that publishes to it crashes, and the broker closes its connection (541)."""
+
+
+def reconnects(connection: str) -> float:
+    """Times a worker's broker connections of this kind were made again, in this process."""
+    labels = {"connection": connection}
+    return REGISTRY.get_sample_value("queuegate_broker_reconnects_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_control_answer_the_broker_cannot_deliver_drops_no_workers_connection(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        running_gateway(settings, teams=("alpha", "beta")),
+        GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta,
+    ):
+        worker, control = reconnects("worker"), reconnects("control")
+        # When alpha's app asks for its answers at a direct reply-to name the broker cannot
+        # decode, with alpha's own credentials
+        with logged("aiormq.connection", "Unexpected connection close") as crashed:
+            connection = await aio_pika.connect(app.settings.amqp_url)
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
+                message = control_message(
+                    OpenReplyQueue(name="evil"),
+                    team="alpha",
+                    reply_to=UNDECODABLE,
+                    user=app.user,
+                    key=app.signs_with,
+                )
+                await exchange.publish(message, routing_key="alpha.control")
+            # (the broker closed the connection that answer went on)
+            await crashed.wait()
+        # Expect beta served, alpha's own client answered again, and the worker's connection
+        # kept: only the one alpha's answers go on was made again
+        assert (await beta.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+        async with GatewayClient(app.settings, team="alpha", api_key=app.api_key):
+            pass
+        assert reconnects("worker") == worker
+        assert reconnects("control") == control + 1

@@ -4,7 +4,9 @@ Every worker consumes the ``<ns>.control.<team>`` of each team it serves or the 
 holds, a few requests at a time (``PREFETCH``), so a team flooding its own queue holds at
 most those slots. A request is answered, and carried out, only when its ``reply_to`` is a
 direct reply-to name: the answer goes out under the worker's identity on the default
-exchange, where any other name could be another team's queue. It is proven like a job
+exchange, where any other name could be another team's queue, on a connection of the team's
+own (``ControlAnswers``: a name the broker cannot decode closes the connection it is
+published on). It is proven like a job
 (``Identities.prove``: broker ``user_id``, API key, operator), its team taken from the
 routing key (``<team>.control``, which the broker lets only that team's user publish).
 Reply and results queues are declared here, with the gateway's arguments only (an expiry,
@@ -29,7 +31,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from queuegate.broker import CONNECTION_LOST, Consumer, Incoming, consume, json_message, settle
+from queuegate.broker import Consumer, Incoming, consume, json_message, settle
 from queuegate.control import (
     BATCH_ERROR,
     DIRECT_REPLY_TO,
@@ -50,6 +52,7 @@ from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 from queuegate.visible import clipped
 from workers.batch_state import BatchState, list_batches
+from workers.control_answers import ControlAnswers
 from workers.identity import Identities
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ class ControlPlane:
             lua_source("workers", "reply_reclaim")
         )
         self._bound = Bound.of(settings)
+        self._answers = ControlAnswers(settings.amqp_url, within=settings.reconnect_wait)
 
     async def start(self, channel: AbstractRobustChannel) -> None:
         self._channel = channel
@@ -107,6 +111,13 @@ class ControlPlane:
         # the broker refuse them all.
         await channel.queue_delete(self._topology.shared_control_queue)
         channel.reopen_callbacks.add(self._on_reopen)
+
+    async def sweep(self) -> None:
+        """Close the answer connections of teams that asked nothing for a while."""
+        await self._answers.sweep()
+
+    async def close(self) -> None:
+        await self._answers.close()
 
     async def serve(self, teams: Iterable[str], *, only: bool = True) -> None:
         """Consume the control queues of ``teams`` (declared first); ``only``: stop
@@ -140,7 +151,6 @@ class ControlPlane:
         reply_to = message.reply_to
         if reply_to is not None and _is_direct_reply_to(reply_to):
             response = await self._answer(message, team)
-            # Not mandatory: a client that gave up has no reply-to consumer any more.
             reply = json_message(
                 response.model_dump_json().encode(),
                 message_type=MESSAGE_TYPE_CONTROL_REPLY,
@@ -148,12 +158,17 @@ class ControlPlane:
                 persistent=False,
             )
             try:
-                await delivered.channel.basic_publish(
-                    reply.body, exchange="", routing_key=reply_to, properties=reply[1]
-                )
-            except (*CONNECTION_LOST, aiormq.exceptions.AMQPError) as exc:
-                # The channel is gone: the request is delivered again, and answered then.
+                await self._answers.send(team, reply_to, reply)
+            except (ServiceUnavailable, aiormq.exceptions.AMQPError) as exc:
+                # Delivered again (up to the queue's delivery limit), and answered then.
                 log.info("could not answer control request %s (%s)", message.message_id, exc)
+                assert delivered.delivery_tag is not None
+                await settle(
+                    delivered.channel.basic_reject(delivered.delivery_tag, requeue=True),
+                    "return an unanswered control request",
+                    log,
+                )
+                return
         else:
             self._dropped(team, message.reply_to)
         assert delivered.delivery_tag is not None

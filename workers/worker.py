@@ -31,6 +31,7 @@ from queuegate.db import DB_ERRORS, wait_for_pool
 from queuegate.errors import ConfigError
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
+from queuegate.metrics import BROKER_RECONNECTS
 from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig, Version, check_team_name, read_registry
 from queuegate.registry_changes import RegistryChanges
@@ -148,6 +149,9 @@ class Worker:
             await pool.close()
             raise
         self._connected = connection.connected
+        connection.reconnect_callbacks.add(
+            lambda *_: BROKER_RECONNECTS.labels(connection="worker").inc()
+        )
         # One pool per process: the router's, which its opener closes.
         redis = self._router.redis
         live = self._live = LiveStatsWriter(
@@ -240,11 +244,10 @@ class Worker:
             # Drained: it took jobs (or could have), whose live counts are written.
             await _end_live_stats(live_task, live_stop, served=self._draining)
             await claims_task
-            if held_task is not None:
-                # Not awaited to its end: a look may wait out a hanging Redis or management API.
-                held_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await held_task
+            # Not awaited to its end: a look may wait out a hanging Redis or management API.
+            await _cancel(held_task)
+            if self._control is not None:
+                await self._control.close()
             await connection.close()
             await pool.close()
 
@@ -270,6 +273,8 @@ class Worker:
                     log.warning("broker unavailable (%s); teams are refreshed later", exc)
                 # With the refresh: a lapsed claim waits for a sweep, never a job.
                 await self._processor.sweep()
+                assert self._control is not None
+                await self._control.sweep()
 
     async def _serve_teams(
         self, channel: AbstractRobustChannel, pool: asyncpg.Pool, stop: asyncio.Event
@@ -461,6 +466,15 @@ class Worker:
                     "%d jobs did not finish in time; they go back to the queue", len(pending)
                 )
                 await asyncio.wait(pending)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task``, if any, and wait for it to end."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _end_live_stats(task: asyncio.Task[None], stop: asyncio.Event, *, served: bool) -> None:
