@@ -64,7 +64,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import aio_pika
 import aiormq.abc
@@ -215,8 +215,23 @@ class Bound:
         return {f"x-{key}": value for key, value in self.policy().items()}
 
 
+DeadLetterStrategy = Literal["at-least-once", "at-most-once"]
+TEAM_DEAD_LETTERING: DeadLetterStrategy = "at-most-once"
+"""How a team's job queue dead-letters. At-least-once hands each letter to a dead-letter worker
+of the broker's, which RabbitMQ 3.10 crashes on a malformed ``x-death`` header, a header any
+team may set on its own jobs: it crashes again at each restart until the supervisor of every
+queue's workers gives up, and no queue of the node dead-letters from then on, nor starts
+(attacks of 2026-12-06, twice, on the shared broker). At-most-once drops that job's letter
+alone and nothing else breaks (measured on a private node); it may drop a letter in a broker
+fault too, where the dead-letter queue has no leader: a job that was never served, whose
+caller has its own deadline, never a bill."""
+
 _EARLIER_LIMIT = re.compile(r"inequivalent arg 'x-delivery-limit'.* current is '(\d+)'")
-"""The broker's refusal of a declare whose only difference may be the delivery limit."""
+"""The broker's refusal of a declare that differs in the delivery limit."""
+_EARLIER_STRATEGY = re.compile(
+    r"inequivalent arg 'x-dead-letter-strategy'.* current is '([a-z-]+)'"
+)
+"""The broker's refusal of a declare that differs in the dead-letter strategy."""
 
 
 async def _probe(
@@ -365,13 +380,12 @@ class Topology:
             return self.dlq_lock_queue
         return f"{self.dlq_lock_queue}.{dead_queue.removeprefix(f'{self.dead_queue}.')}"
 
-    def _quorum_args(self, delivery_limit: int) -> dict[str, Any]:
+    def _quorum_args(self, delivery_limit: int, *, strategy: DeadLetterStrategy) -> dict[str, Any]:
         return {
             **self._quorum(),
             "x-delivery-limit": delivery_limit,
             "x-dead-letter-exchange": self.dead_exchange,
-            # At-least-once dead-lettering: a dead letter is never dropped on the way.
-            "x-dead-letter-strategy": "at-least-once",
+            "x-dead-letter-strategy": strategy,
             "x-overflow": "reject-publish",
         }
 
@@ -466,7 +480,9 @@ class Topology:
         await self._declare_team_dead(channel, team, by_team)
         await self._declare_control_queue(channel, team, exchange, entry)
         queue = await self._declare_served(
-            channel, self.team_queue(team), self._quorum_args(JOBS_DELIVERY_LIMIT)
+            channel,
+            self.team_queue(team),
+            self._quorum_args(JOBS_DELIVERY_LIMIT, strategy=TEAM_DEAD_LETTERING),
         )
         await queue.bind(exchange, routing_key=team)
         await queue.bind(entry, routing_key=team)
@@ -479,16 +495,26 @@ class Topology:
         version's delivery limit; declared on ``channel`` too once the arguments are known,
         for a robust channel to declare it again when it reconnects."""
 
-        def earlier(refused: str) -> _Kept | None:
+        def earlier(refused: str, arguments: dict[str, Any]) -> _Kept | None:
             limit = _EARLIER_LIMIT.search(refused)
-            if limit is None:
-                return None
-            return _Kept(
-                arguments | {"x-delivery-limit": int(limit[1])},
-                logging.WARNING,
-                f"delivery limit ({limit[1]}): what merely waits in a worker that dies counts "
-                "toward it; move it over as the README says (Poison jobs and dead letters)",
-            )
+            if limit is not None:
+                return _Kept(
+                    arguments | {"x-delivery-limit": int(limit[1])},
+                    logging.WARNING,
+                    f"delivery limit ({limit[1]}): what merely waits in a worker that dies "
+                    "counts toward it; move it over as the README says (Poison jobs and dead "
+                    "letters)",
+                )
+            strategy = _EARLIER_STRATEGY.search(refused)
+            if strategy is not None:
+                return _Kept(
+                    arguments | {"x-dead-letter-strategy": strategy[1]},
+                    logging.WARNING,
+                    f"dead-letter strategy ({strategy[1]}): on RabbitMQ 3.10 a job of the "
+                    "team's with a malformed x-death header stops the dead-lettering of every "
+                    "queue; move it over as the README says (A broker fault a team can reach)",
+                )
+            return None
 
         arguments = await self._declare(channel, name, arguments, earlier)
         return await channel.declare_queue(name, durable=True, arguments=arguments)
@@ -498,26 +524,30 @@ class Topology:
         channel: AbstractChannel,
         name: str,
         arguments: dict[str, Any],
-        earlier: Callable[[str], _Kept | None],
+        earlier: Callable[[str, dict[str, Any]], _Kept | None],
     ) -> dict[str, Any]:
         """Declare the durable queue ``name`` with ``arguments``, or, where the broker refuses
-        them, with those ``earlier`` finds an earlier version declared it with in the refusal
-        (None: any other difference, refused as before with ChannelPreconditionFailed); the
-        arguments it has.
+        them, with what ``earlier`` finds an earlier version declared it with in each refusal
+        (the broker names one difference at a time; None, or nothing new: any other
+        difference, refused as before with ChannelPreconditionFailed); the arguments it has.
 
         On channels of their own: the broker closes the channel of a declare whose arguments
         differ, and ``channel`` may carry consumers or answer control requests."""
         underlay = await channel.get_underlay_channel()
-        try:
-            await _probe(underlay, name, arguments)
-            return arguments
-        except ChannelPreconditionFailed as exc:
-            kept = earlier(str(exc))
-            if kept is None:
-                raise
-        await _probe(underlay, name, kept.arguments)  # neither version's: this raises
-        log.log(kept.level, "queue %s keeps an earlier version's %s", name, kept.why)
-        return kept.arguments
+        kept: list[_Kept] = []
+        while True:
+            try:
+                await _probe(underlay, name, arguments)
+                break
+            except ChannelPreconditionFailed as exc:
+                found = earlier(str(exc), arguments)
+                if found is None or found.arguments == arguments:
+                    raise
+                kept.append(found)
+                arguments = found.arguments
+        for each in kept:
+            log.log(each.level, "queue %s keeps an earlier version's %s", name, each.why)
+        return arguments
 
     async def declare_control_queue(self, channel: AbstractChannel, team: str) -> AbstractQueue:
         """The team's control requests (routing key ``<team>.control``), a queue per team as
@@ -611,7 +641,7 @@ class Topology:
         reconnects, and the control plane's would grow by one each open and bring back the
         queues that expired meanwhile."""
         kept = _Kept(earlier, logging.INFO, "arguments until it expires")
-        arguments = await self._declare(channel, name, arguments, lambda _: kept)
+        arguments = await self._declare(channel, name, arguments, lambda _, __: kept)
         return aio_pika.Queue(
             channel, name, durable=True, exclusive=False, auto_delete=False, arguments=arguments
         )
@@ -666,7 +696,10 @@ class Topology:
         )
         await self.declare_dead(channel)
         queue = await self._declare_served(
-            channel, self.accounting_queue, self._quorum_args(ACCOUNTING_DELIVERY_LIMIT)
+            channel,
+            self.accounting_queue,
+            # No team publishes there: a dead letter of accounting's is never dropped on the way.
+            self._quorum_args(ACCOUNTING_DELIVERY_LIMIT, strategy="at-least-once"),
         )
         await queue.bind(exchange)
         return exchange
