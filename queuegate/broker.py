@@ -639,6 +639,13 @@ class ClusterConnection(RobustConnection):
             task.add_done_callback(self._draining.discard)
         await super()._on_connection_close(closing)
 
+    async def close(self, exc: aiormq.abc.ExceptionType | None = asyncio.CancelledError) -> None:
+        # A drain still under way (for up to a second) would outlive its connection, and an
+        # event loop closed meanwhile: Task was destroyed but it is pending.
+        for task in self._draining:
+            task.cancel()
+        await super().close(exc)
+
 
 async def _drain(queue: asyncio.Queue[Any]) -> None:
     """Take what is put into a dead connection's write queue until nothing comes for a second."""

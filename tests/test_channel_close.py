@@ -80,3 +80,19 @@ async def test_a_channel_closed_by_the_broker_while_publishes_wait_keeps_the_con
                 await refused.declare_queue(exclusive=True)
             assert connection.transport.connection is underlay
             assert lost == []
+
+
+async def test_a_connection_closed_after_its_broker_went_leaves_no_task_behind(
+    settings: Settings,
+) -> None:
+    async with TcpProxy(settings.amqp_url) as proxy:
+        connection = await connect(proxy.url, name="closed-after-loss")
+        # Given a connection whose broker went (its dead write queue is drained a while)
+        await connection.channel()
+        await proxy.down()
+        await wait_until(lambda: not connection.connected.is_set())
+        # When it is closed at once
+        await connection.close()
+    # Expect nothing of it left running to outlive the event loop
+    left = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_drain"]  # type: ignore[union-attr]
+    assert left == []
