@@ -191,6 +191,11 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self._cut():
+            # Taken down while this one was connecting: it must not outlive the cut.
+            for w in (writer, up_writer):
+                w.transport.abort()
+            return
         self._writers.update((writer, up_writer))
         sent = asyncio.Event()  # the request whose reply is to be lost went up
         pipes = [
@@ -207,6 +212,10 @@ class TcpProxy:
             for w in (writer, up_writer):
                 w.transport.abort()
                 self._writers.discard(w)
+
+    def _cut(self) -> bool:
+        """Whether the service is down now (read afresh after an await)."""
+        return not self._up
 
     async def _requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
