@@ -183,3 +183,33 @@ def test_batch_submit_checks_requests_without_the_http_servers_stack(tmp_path: P
     refusal, loaded = ran.stdout.splitlines()
     assert "has no directory" in refusal
     assert loaded.split() == ["producer.batch.checks"]
+
+
+def test_the_tree_holds_no_stray_output_and_no_machine_paths() -> None:
+    """The project speaks of itself alone: a log or scratch file left at the root, or a path of
+    one machine written into a tracked file, would ship to every clone."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(tracked) > 100  # the listing reads the real tree
+    at_root = {name for name in tracked if "/" not in name}
+    assert at_root == {".gitignore", "Makefile", "README.md", "pyproject.toml"}
+    machine = subprocess.run(
+        [
+            "git",
+            "grep",
+            "-lI",
+            "-e",
+            "/work/",
+            "-e",
+            "/root/",
+            "--",
+            ".",
+            f":!{Path(__file__).relative_to(ROOT)}",
+        ],
+        cwd=ROOT,
+        check=False,  # git grep exits 1 when it finds nothing, the case we want
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert machine == [], f"paths of one machine in {machine}"
