@@ -32,12 +32,11 @@ costs PostgreSQL nothing more.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 import asyncpg
 from fastapi import Depends, Request
@@ -47,6 +46,7 @@ from frontdoor.errors import ApiError
 from frontdoor.failed_keys import FailedKeys, Throttled, client_of
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect
 from queuegate.errors import ServiceUnavailable
+from queuegate.single_flight import SingleFlight
 from queuegate.tenancy import hash_api_key, key_shape
 
 KEY_CACHE_SIZE = 10_000
@@ -83,7 +83,7 @@ class KeyBook:
         self._cache: OrderedDict[str, tuple[float, KeyOwner | DisabledTeamKey | None]] = (
             OrderedDict()
         )
-        self._asking: dict[str, asyncio.Task[KeyOwner | DisabledTeamKey | None]] = {}
+        self._asking: SingleFlight[str, KeyOwner | DisabledTeamKey | None] = SingleFlight()
 
     async def owner(self, key: str, client: str) -> KeyOwner | None:
         """Whose live key ``key`` is; None when unknown or revoked (counted against
@@ -115,16 +115,7 @@ class KeyBook:
     ) -> KeyOwner | DisabledTeamKey | None:
         """The key's row, asked for once however many requests present it at once (a live
         key's burst, or one wrong key sent many times, costs PostgreSQL one lookup)."""
-        asking = self._asking.get(key_hash)
-        if asking is None:
-            asking = self._asking[key_hash] = asyncio.create_task(self._ask(key, key_hash, now))
-            asking.add_done_callback(partial(self._asked, key_hash))
-        return await asyncio.shield(asking)
-
-    def _asked(self, key_hash: str, asking: asyncio.Task[Any]) -> None:
-        del self._asking[key_hash]
-        if not asking.cancelled():
-            asking.exception()  # retrieved: every request that waited for it raised it
+        return await self._asking(key_hash, partial(self._ask, key, key_hash, now))
 
     async def _ask(self, key: str, key_hash: str, now: float) -> KeyOwner | DisabledTeamKey | None:
         try:

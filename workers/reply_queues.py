@@ -3,19 +3,21 @@
 A result sent to a queue that does not exist is returned by the broker, after the provider
 was paid for it. A passive declare answers first; a queue seen to exist is believed for
 ``REMEMBER`` seconds, so a client's stream of jobs costs one look, not one per job. Jobs that
-ask about a queue while a look at it is under way share that look: 5,000 jobs delivered at
+ask about a queue while a look at it is under way share that look (5,000 jobs delivered at
 once each opened a channel for the same queue, past the broker's 2,047 channels a connection,
-and the broker closed the worker's connection.
+and the broker closed the worker's connection).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
+from functools import partial
 
 import aiormq
 from aio_pika.abc import AbstractConnection
+
+from queuegate.single_flight import SingleFlight
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 """RabbitMQ's direct reply-to pseudo-queues cannot be declared; the result's mandatory flag
@@ -30,7 +32,7 @@ class ReplyQueues:
     def __init__(self, connection: AbstractConnection) -> None:
         self._connection = connection
         self._seen: OrderedDict[str, float] = OrderedDict()
-        self._looking: dict[str, asyncio.Future[bool]] = {}
+        self._looking: SingleFlight[str, bool] = SingleFlight()
 
     async def exists(self, queue: str) -> bool:
         if queue.startswith(DIRECT_REPLY_TO):
@@ -38,12 +40,7 @@ class ReplyQueues:
         seen = self._seen.get(queue)
         if seen is not None and time.monotonic() - seen < REMEMBER:
             return True
-        looking = self._looking.get(queue)
-        if looking is None:
-            looking = self._looking[queue] = asyncio.ensure_future(self._look(queue))
-            looking.add_done_callback(lambda _: self._looking.pop(queue, None))
-        # Shielded: one job cancelled while it waits must not cancel the others' answer.
-        return await asyncio.shield(looking)
+        return await self._looking(queue, partial(self._look, queue))
 
     async def _look(self, queue: str) -> bool:
         now = time.monotonic()
