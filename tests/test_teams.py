@@ -281,6 +281,37 @@ async def test_jobs_held_for_the_rate_are_refused_once_their_budget_is_cut(
     assert gw.mock.stats.calls == 1
 
 
+async def test_a_job_reserved_with_its_claim_under_a_budget_cut_before_its_admission_is_refused(
+    settings: Settings, alpha: str
+) -> None:
+    # Given team alpha with a $10 budget, served by a worker that reaches Redis through a
+    # proxy, and a job whose claim (its reserve under that budget riding with it) hangs on
+    # its way to Redis
+    await configure(settings, alpha, {"budget_usd": Decimal(10)})
+    async with TcpProxy(settings.redis_url) as proxy:
+        proxied = settings.model_copy(update={"redis_url": proxy.url})
+        async with running_gateway(proxied) as gw, gw.client(alpha) as client:
+            admission = gw.worker.admission
+            assert admission is not None
+            job = client.job("gpt-4o-mini", HELLO)
+            proxy.hang_at(job.job_id.encode())
+            handle = await client.submit(job)
+            await asyncio.wait_for(proxy.hung.wait(), 10)
+
+            # When an operator cuts the budget to nothing, the worker applies the cut, and
+            # then the claim goes through, reserved under the budget before it
+            cut = Decimal("0.000000001")
+            await configure(settings, alpha, {"budget_usd": cut})
+            await wait_until(lambda: admission.config(alpha).budget_usd == cut)
+            await proxy.up()
+            result = await handle.result(timeout=10)
+
+    # Expect the job refused as any job admitted under the cut, the provider not called
+    assert result.error is not None, result.status
+    assert result.error.code == "budget_exhausted", result.error.message
+    assert gw.mock.stats.calls == 0
+
+
 async def test_jobs_held_for_the_rate_whose_budget_is_cut_to_fit_one_do_not_wait_for_each_other(
     settings: Settings, alpha: str, redis_client: aioredis.Redis
 ) -> None:
