@@ -480,6 +480,10 @@ class Admission:
                 # Its buckets as they were taken (the team's limits may have changed since).
                 limits = ahead.limits
                 ticket.budget = await self._budgets.reserved(ahead.reserving, ahead.replies[0])
+                # Reserved under the config of its claim's time: a change that came during
+                # the claim's round trip is its checks' to apply, as for a job held since
+                # (``_rebudget``), or it is called past a budget cut before its admission.
+                ticket.config = ahead.config
                 tried = ahead.team_take()
             else:
                 # The first try at the team's buckets rides with the budget's reservation, in
@@ -751,7 +755,7 @@ class Admission:
         limits = self._team_limits(job, config)
         first = self._first_take(limits, needed.tokens, job.team)
         calls = [reserving.call] + ([first] if first is not None else [])
-        return Ahead(self, calls, reserving, needed, limits)
+        return Ahead(self, calls, reserving, needed, limits, config=config)
 
     def undo(self, ahead: Ahead, lost: Decimal) -> Settlement | None:
         """``Ahead.undo``: what ``admit`` settles for a job its check ends once admitted, as
@@ -973,7 +977,8 @@ class Ticket:
         self.deadline: float | None = None
         """The job's deadline (``time.monotonic``), when it has one."""
         self.config: TeamConfig | None = None
-        """The team's config as last checked, once it changed since the job's admission."""
+        """The team's config as last checked, once it changed since the job's admission, or
+        the one its reserve with its claim was made under (``Ahead.config``)."""
         self._team = team
         self.estimate = estimate
         self.until = until
@@ -1345,6 +1350,8 @@ class Ahead:
         reserving: Reserving,
         estimate: Estimate,
         limits: list[Limit],
+        *,
+        config: TeamConfig,
     ) -> None:
         self._admission = admission
         self.calls = calls
@@ -1353,6 +1360,8 @@ class Ahead:
         self.reserving = reserving
         self.estimate = estimate
         self.limits = limits
+        self.config = config
+        """The team's config the reserve (and the take) was made under."""
         self.deployment: Limit | None = None
         """The deployment's buckets whose take is the last of ``calls``, if any
         (``Admission.straight``)."""
