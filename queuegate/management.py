@@ -202,11 +202,15 @@ class BrokerAdmin:
         """Close every listed connection of ``user`` (a new password does not end open ones)."""
         names = await self.connections(user)
         for name in names:
-            # A 404 (it closed meanwhile) is not an error: _request answers None.
-            await self._request(
-                "DELETE", f"connections/{quote(name, safe='')}", headers={"X-Reason": reason}
-            )
+            await self.close_connection(name, reason=reason)
         return len(names)
+
+    async def close_connection(self, name: str, *, reason: str) -> None:
+        """Close one connection, by the name the broker lists it under."""
+        # A 404 (it closed meanwhile) is not an error: _request answers None.
+        await self._request(
+            "DELETE", f"connections/{quote(name, safe='')}", headers={"X-Reason": reason}
+        )
 
     async def put_permissions(self, user: str, *, configure: str, write: str, read: str) -> None:
         await self._request(

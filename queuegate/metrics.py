@@ -118,9 +118,9 @@ USAGE_BATCH = Histogram(
 )
 BROKER_RECONNECTS = Counter(
     "queuegate_broker_reconnects",
-    "Times a worker's broker connection was lost and made again: its own (worker), or one its "
-    "answers to a team's control requests go on (control).",
-    ["connection"],
+    "Times a worker's broker connection was lost and made again: its own (worker, team empty), "
+    "or the one of a team's jobs and control answers (team, with the team's name).",
+    ["connection", "team"],
 )
 ACCOUNTING_EVENTS = Counter(
     "queuegate_accounting_events",

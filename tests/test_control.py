@@ -516,9 +516,10 @@ UNDECODABLE = "amq.rabbitmq.reply-to.g1h2AA5yZWJiaXRAdm0AAAAAAAAAAQAAAAA=.abc"
 channel that publishes to it crashes, and the broker closes its connection (541)."""
 
 
-def reconnects(connection: str) -> float:
-    """Times a worker's broker connections of this kind were made again, in this process."""
-    labels = {"connection": connection}
+def reconnects(connection: str, team: str = "") -> float:
+    """Times a worker's broker connections of this kind (and team) were made again, in this
+    process."""
+    labels = {"connection": connection, "team": team}
     return REGISTRY.get_sample_value("queuegate_broker_reconnects_total", labels) or 0.0
 
 
@@ -531,7 +532,11 @@ async def test_a_control_answer_the_broker_cannot_deliver_drops_no_workers_conne
         running_gateway(settings, teams=("alpha", "beta")),
         GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta,
     ):
-        worker, control = reconnects("worker"), reconnects("control")
+        worker, alpha, beta_ = (
+            reconnects("worker"),
+            reconnects("team", "alpha"),
+            reconnects("team", "beta"),
+        )
         # When alpha's app asks for its answers at a direct reply-to name the broker cannot
         # decode, with alpha's own credentials
         with logged("aiormq.connection", "Unexpected connection close") as crashed:
@@ -550,9 +555,10 @@ async def test_a_control_answer_the_broker_cannot_deliver_drops_no_workers_conne
             # (the broker closed the connection that answer went on)
             await crashed.wait()
         # Expect beta served, alpha's own client answered again, and the worker's connection
-        # kept: only the one alpha's answers go on was made again
+        # and beta's kept: only alpha's own, its answers go on, was made again
         assert (await beta.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
         async with GatewayClient(app.settings, team="alpha", api_key=app.api_key):
             pass
         assert reconnects("worker") == worker
-        assert reconnects("control") == control + 1
+        assert reconnects("team", "beta") == beta_
+        assert reconnects("team", "alpha") == alpha + 1

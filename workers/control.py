@@ -4,9 +4,9 @@ Every worker consumes the ``<ns>.control.<team>`` of each team it serves or the 
 holds, a few requests at a time (``PREFETCH``), so a team flooding its own queue holds at
 most those slots. A request is answered, and carried out, only when its ``reply_to`` is a
 direct reply-to name: the answer goes out under the worker's identity on the default
-exchange, where any other name could be another team's queue, on a connection of the team's
-own (``ControlAnswers``: a name the broker cannot decode closes the connection it is
-published on). It is proven like a job
+exchange, where any other name could be another team's queue, on the team's own connection
+(``TeamConnections``: a name the broker cannot decode closes the connection it is published
+on). It is proven like a job
 (``Identities.prove``: broker ``user_id``, API key, operator), its team taken from the
 routing key (``<team>.control``, which the broker lets only that team's user publish).
 Reply and results queues are declared here, with the gateway's arguments only (an expiry,
@@ -52,8 +52,8 @@ from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 from queuegate.visible import clipped
 from workers.batch_state import BatchState, list_batches
-from workers.control_answers import ControlAnswers
 from workers.identity import Identities
+from workers.team_connections import TeamConnections
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,19 @@ class Refused(GatewayError):
 class ControlPlane:
     """Consumes the teams' control queues on its own channel and answers each request::
 
-    control = ControlPlane(settings, redis, identities)
+    control = ControlPlane(settings, redis, identities, answers=team_connections)
     await control.start(await connection.channel())
     await control.serve(["search", "ads"])
     """
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, identities: Identities) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        identities: Identities,
+        *,
+        answers: TeamConnections,
+    ) -> None:
         self._settings = settings
         self._redis = redis
         self._identities = identities
@@ -103,7 +110,10 @@ class ControlPlane:
             lua_source("workers", "reply_reclaim")
         )
         self._bound = Bound.of(settings)
-        self._answers = ControlAnswers(settings.amqp_url, within=settings.reconnect_wait)
+        self._answers = answers
+        """Where each team's answers go: a request is consumed and acknowledged here, on
+        the worker's own connection, so one whose answer closes the team's connection is not
+        delivered again."""
 
     async def start(self, channel: AbstractRobustChannel) -> None:
         self._channel = channel
@@ -111,13 +121,6 @@ class ControlPlane:
         # the broker refuse them all.
         await channel.queue_delete(self._topology.shared_control_queue)
         channel.reopen_callbacks.add(self._on_reopen)
-
-    async def sweep(self) -> None:
-        """Close the answer connections of teams that asked nothing for a while."""
-        await self._answers.sweep()
-
-    async def close(self) -> None:
-        await self._answers.close()
 
     async def serve(self, teams: Iterable[str], *, only: bool = True) -> None:
         """Consume the control queues of ``teams`` (declared first); ``only``: stop

@@ -28,7 +28,7 @@ from queuegate.broker import (
     settle,
 )
 from queuegate.db import DB_ERRORS, wait_for_pool
-from queuegate.errors import ConfigError
+from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.metrics import BROKER_RECONNECTS
@@ -51,6 +51,7 @@ from workers.job_slots import JobSlots
 from workers.processor import JobProcessor
 from workers.publisher import Publisher
 from workers.reply_queues import ReplyQueues
+from workers.team_connections import TeamConnections
 from workers.telemetry import Telemetry
 from workers.usage_record import UsageRecord
 
@@ -75,8 +76,11 @@ class Worker:
         async with open_router(catalog, os.environ, settings) as router:
             await Worker(settings, router, teams=["search"]).run(stop)  # until stop is set
 
-    On stop it cancels its consumers, gives in-flight jobs ``settings.shutdown_grace``
-    seconds, and closes its channel, which returns every unfinished job to its queue.
+    Each team's jobs are consumed on a broker connection of that team's own
+    (``TeamConnections``), so a fault of the broker's that a team can cause closes only that
+    team's consumer. On stop it cancels its consumers, gives in-flight jobs
+    ``settings.shutdown_grace`` seconds, and closes the teams' connections, which returns
+    every unfinished job to its queue.
     """
 
     def __init__(
@@ -94,6 +98,12 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology.of(settings)
         self._consumers: dict[str, _TeamConsumer] = {}
+        self._team_connections = TeamConnections(
+            settings.amqp_url,
+            worker=self.name,
+            within=settings.reconnect_wait,
+            on_reopen=self._on_reopen,
+        )
         self._reopening: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._slots: dict[str, JobSlots] = {}
@@ -150,7 +160,7 @@ class Worker:
             raise
         self._connected = connection.connected
         connection.reconnect_callbacks.add(
-            lambda *_: BROKER_RECONNECTS.labels(connection="worker").inc()
+            lambda *_: BROKER_RECONNECTS.labels(connection="worker", team="").inc()
         )
         # One pool per process: the router's, which its opener closes.
         redis = self._router.redis
@@ -183,8 +193,6 @@ class Worker:
         held_task: asyncio.Task[None] | None = None
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog, view=live)
-            consume = await connection.channel()
-            consume.reopen_callbacks.add(self._on_reopen)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
             replies = await connection.channel(publisher_confirms=True, on_return_raises=True)
             # Declares the dead-letter exchanges too (accounting's letters go there).
@@ -227,17 +235,17 @@ class Worker:
                 cancels=BatchCancels(redis, Keys(s.redis_prefix)),
             )
             await claims.start()
-            self._control = ControlPlane(s, redis, identities)
+            self._control = ControlPlane(s, redis, identities, answers=self._team_connections)
             await self._control.start(await connection.channel())
             # Only now: its first look talks to Redis, and started earlier it was the worker's
             # first word to a hung Redis, so a stop while starting came while the channels
             # above were being opened (each open cancelled, one warning line more).
             held_task = asyncio.create_task(held.run(live_stop))
-            await self._serve_teams(consume, pool, stop)
+            await self._serve_teams(pool, stop)
             if not stop.is_set():
                 self.ready.set()
                 log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
-            await self._refresh_teams(consume, pool, stop)
+            await self._refresh_teams(pool, stop)
             await self._drain()
             await publisher.close()
         finally:
@@ -246,14 +254,11 @@ class Worker:
             await claims_task
             # Not awaited to its end: a look may wait out a hanging Redis or management API.
             await _cancel(held_task)
-            if self._control is not None:
-                await self._control.close()
+            await self._team_connections.close()
             await connection.close()
             await pool.close()
 
-    async def _refresh_teams(
-        self, channel: AbstractRobustChannel, pool: asyncpg.Pool, stop: asyncio.Event
-    ) -> None:
+    async def _refresh_teams(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         """Serve the registry's teams under their configs until ``stop``: read again every
         ``teams_refresh``, and at once when a `teams set` is told (a budget lowered holds for
         the next job); the refresh only catches what the listener missed."""
@@ -266,19 +271,16 @@ class Worker:
                 if stop.is_set():
                     return
                 try:
-                    await self._serve_teams(channel, pool, stop)
-                except CONNECTION_LOST as exc:
-                    # The consumers it has come back with the channel (_on_reopen); new
+                    await self._serve_teams(pool, stop)
+                except (*CONNECTION_LOST, ServiceUnavailable) as exc:
+                    # The consumers it has come back with their channels (_on_reopen); new
                     # teams and limits next time.
                     log.warning("broker unavailable (%s); teams are refreshed later", exc)
                 # With the refresh: a lapsed claim waits for a sweep, never a job.
                 await self._processor.sweep()
-                assert self._control is not None
-                await self._control.sweep()
+                await self._team_connections.sweep(keep=self._holding())
 
-    async def _serve_teams(
-        self, channel: AbstractRobustChannel, pool: asyncpg.Pool, stop: asyncio.Event
-    ) -> None:
+    async def _serve_teams(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         assert self._admission is not None
         serving(stop)  # consumers start here: a stop from now on drains what they take
         read = await self._registry_teams(pool)
@@ -315,6 +317,7 @@ class Worker:
             # are acked as usual, and count on top of the new slots until then.
             if current is not None:
                 await current.consumer.cancel()
+            channel = await self._team_connections.jobs(team)
             queue = await self._topology.declare_team_queue(channel, team)
             self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
             if not stop.is_set():
@@ -322,7 +325,8 @@ class Worker:
         for team in set(self._consumers) - set(wanted):
             await self._consumers.pop(team).consumer.cancel()
             # Only once its consumer is gone: a held job sent back now is not delivered
-            # here again.
+            # here again. Its connection stays until the jobs it holds are settled on it
+            # (closed by a sweep: _holding).
             self._admission.stopped(team)
             log.info("stopped serving team %s (disabled)", team)
         if version is not None and self._live is not None:
@@ -338,13 +342,13 @@ class Worker:
         consumer.channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
         return _TeamConsumer(queue, prefetch, consumer)
 
-    async def _on_reopen(self, channel: AbstractRobustChannel | None) -> None:
-        if self._draining or channel is None:
+    async def _on_reopen(self, team: str, channel: AbstractRobustChannel) -> None:
+        """The team's jobs channel is back (its connection was, or it was renewed): consume
+        its queue there again, unless it is no longer served."""
+        current = self._consumers.get(team)
+        if self._draining or current is None:
             return
-        for team, consumer in list(self._consumers.items()):
-            self._consumers[team] = await self._consume(
-                channel, team, consumer.queue, consumer.prefetch
-            )
+        self._consumers[team] = await self._consume(channel, team, current.queue, current.prefetch)
 
     def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
         served = next(
@@ -420,12 +424,16 @@ class Worker:
         slots = JobSlots(start, drop=lambda: self._telemetry.released(team))
         return slots
 
+    def _holding(self) -> set[str]:
+        """The teams served, and those still holding jobs (a team no longer served settles
+        them on its connection)."""
+        held = (team for team, n in self._telemetry.in_flight.items() if n)
+        return {*self._consumers, *held}
+
     def _live_in_flight(self) -> dict[str, int]:
-        # The teams served, and those still holding jobs: a draining worker serves none, and
-        # ``queuegate status`` shows what it is finishing.
+        # A draining worker serves none, and ``queuegate status`` shows what it is finishing.
         in_flight = self._telemetry.in_flight
-        held = (team for team, n in in_flight.items() if n)
-        return {team: in_flight[team] for team in {*self._consumers, *held}}
+        return {team: in_flight[team] for team in self._holding()}
 
     async def _drain(self) -> None:
         """Stop taking jobs, return those not yet admitted, let the admitted ones finish

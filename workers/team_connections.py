@@ -1,0 +1,158 @@
+"""Each team's broker connection in a worker: its jobs are consumed and settled there, and the
+answers to its control requests published there.
+
+A team can make RabbitMQ 3.10 close a connection that serves it (541 INTERNAL_ERROR), by
+what it publishes with its own credentials:
+
+- a job with a malformed ``x-death`` header that expires in its queue restarts the team's
+  quorum queue (README: A broker fault a team can reach), which may then deliver to a
+  consumer tag the channel no longer knows: the broker closes that channel's connection;
+- a control request whose ``reply_to`` is a direct reply-to name the broker cannot decode
+  crashes the channel its answer is published on (``pid_recomposition:from_binary``).
+
+On a connection of the worker's shared by every team, either closed every team's consumers
+with it: every team's jobs were redelivered and answered seconds late. On the team's own,
+only that team's jobs held by this worker come back; the connection reconnects on its own
+(robust) and the worker consumes that team's queue again (``on_reopen``). Results and usage
+events stay on the worker's own connection: publishing them is nothing the broker closes a
+connection for here.
+
+A team's connection is opened when the worker starts consuming its jobs or answers its first
+control request, and closed at a ``sweep`` once it serves neither: its jobs no longer
+consumed and none held (``keep``), and no answer for ``IDLE`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+
+from queuegate.broker import Outgoing, connect, when_connected
+from queuegate.metrics import BROKER_RECONNECTS
+
+IDLE = 60.0
+"""Seconds a team's connection that only answers stays open after its last answer."""
+
+
+@dataclass
+class _Line:
+    connection: AbstractRobustConnection
+    answers: AbstractRobustChannel
+    jobs: AbstractRobustChannel | None
+    """Opened when the worker first consumes the team's jobs."""
+    answered: float
+    """When its last answer was sent (``time.monotonic``)."""
+
+
+class TeamConnections:
+    """A worker's connection of each team::
+
+    teams = TeamConnections(url, worker="host:123", within=30.0, on_reopen=consume_again)
+    channel = await teams.jobs("search")              # declare and consume the team's queue
+    await teams.send("search", reply_to, message)     # a control answer
+    await teams.sweep(keep={"search"})                # now and then: closes the idle ones
+    await teams.close()
+
+    ``on_reopen(team, channel)`` runs each time a team's jobs channel reopens (its connection
+    came back, or the channel was closed to be renewed), its queues declared again: consume
+    there again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        worker: str,
+        within: float,
+        on_reopen: Callable[[str, AbstractRobustChannel], Awaitable[None]],
+    ) -> None:
+        self._url = url
+        self._worker = worker
+        self._within = within
+        self._on_reopen = on_reopen
+        self._lines: dict[str, _Line] = {}
+        self._opening: dict[str, asyncio.Future[_Line]] = {}
+
+    async def jobs(self, team: str) -> AbstractRobustChannel:
+        """The channel ``team``'s jobs are consumed and settled on, opened with its
+        connection if need be."""
+        line = await self._line(team)
+        if line.jobs is None:
+            line.jobs = await line.connection.channel()
+
+            async def reopened(channel: AbstractRobustChannel | None, /) -> None:
+                if channel is not None:  # the sender, held weakly: ours holds it
+                    await self._on_reopen(team, channel)
+
+            line.jobs.reopen_callbacks.add(reopened)
+        return line.jobs
+
+    async def send(self, team: str, reply_to: str, message: Outgoing) -> None:
+        """Publish a control answer to ``reply_to`` (not mandatory: a client that gave up has
+        no consumer there any more), waiting up to ``within`` for the team's connection to
+        come back. Raises ServiceUnavailable when it does not, aiormq's AMQPError for a
+        refusal."""
+        line = await self._line(team)
+        line.answered = time.monotonic()
+
+        async def publish() -> None:
+            underlay = await line.answers.get_underlay_channel()
+            await underlay.basic_publish(
+                message.body, exchange="", routing_key=reply_to, properties=message.properties
+            )
+
+        await when_connected(
+            line.answers,
+            publish,
+            within=self._within,
+            what=f"answering a control request of team {team}",
+        )
+
+    async def _line(self, team: str) -> _Line:
+        line = self._lines.get(team)
+        if line is not None:
+            return line
+        # One opening a team: the worker's and its answers' that come together share it.
+        opening = self._opening.get(team)
+        if opening is None:
+            opening = self._opening[team] = asyncio.ensure_future(self._open(team))
+            opening.add_done_callback(lambda _: self._opening.pop(team, None))
+        return await asyncio.shield(opening)
+
+    async def _open(self, team: str) -> _Line:
+        # Named for `rabbitmqctl list_connections user_provided_name`: whose, and which team.
+        connection = await connect(self._url, name=f"worker:{self._worker} team:{team}")
+        try:
+            answers = await connection.channel(publisher_confirms=False)
+        except BaseException:
+            await connection.close()
+            raise
+        reconnects = BROKER_RECONNECTS.labels(connection="team", team=team)
+        connection.reconnect_callbacks.add(lambda *_: reconnects.inc())
+        # Never answered yet: idle from the start, until it answers or serves jobs.
+        line = self._lines[team] = _Line(connection, answers, None, time.monotonic() - IDLE)
+        return line
+
+    async def sweep(self, *, keep: Collection[str]) -> None:
+        """Close the connections of the teams not in ``keep`` (whose jobs this worker takes
+        or holds) that sent no answer for ``IDLE`` seconds."""
+        now = time.monotonic()
+        for team, line in list(self._lines.items()):
+            if team not in keep and now - line.answered >= IDLE:
+                del self._lines[team]
+                await line.connection.close()
+
+    async def close(self) -> None:
+        """Close every team's connection: whatever it holds unsettled returns to its queue."""
+        openings = list(self._opening.values())
+        for opening in openings:
+            # Cancelled, its connect closes what it opened (queuegate.broker.connect).
+            opening.cancel()
+        if openings:
+            await asyncio.wait(openings)
+        lines, self._lines = list(self._lines.values()), {}
+        await asyncio.gather(*(line.connection.close() for line in lines))
