@@ -124,7 +124,7 @@ class TeamConnections:
         return await asyncio.shield(opening)
 
     async def _open(self, team: str) -> _Line:
-        # Named for `rabbitmqctl list_connections user_provided_name`: whose, and which team.
+        # Named for `rabbitmqctl list_connections client_properties`: whose, and which team.
         connection = await connect(self._url, name=f"worker:{self._worker} team:{team}")
         try:
             answers = await connection.channel(publisher_confirms=False)
