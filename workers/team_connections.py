@@ -28,11 +28,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from queuegate.broker import Outgoing, connect, when_connected
+from queuegate.errors import ServiceUnavailable
 from queuegate.metrics import BROKER_RECONNECTS
+from queuegate.single_flight import SingleFlight
 
 IDLE = 60.0
 """Seconds a team's connection that only answers stays open after its last answer."""
@@ -75,7 +78,9 @@ class TeamConnections:
         self._within = within
         self._on_reopen = on_reopen
         self._lines: dict[str, _Line] = {}
-        self._opening: dict[str, asyncio.Future[_Line]] = {}
+        self._opening: SingleFlight[str, _Line] = SingleFlight()
+        """One opening a team: the worker's and its answers' that come together share it."""
+        self._closed = False
 
     async def jobs(self, team: str) -> AbstractRobustChannel:
         """The channel ``team``'s jobs are consumed and settled on, opened with its
@@ -116,18 +121,17 @@ class TeamConnections:
         line = self._lines.get(team)
         if line is not None:
             return line
-        # One opening a team: the worker's and its answers' that come together share it.
-        opening = self._opening.get(team)
-        if opening is None:
-            opening = self._opening[team] = asyncio.ensure_future(self._open(team))
-            opening.add_done_callback(lambda _: self._opening.pop(team, None))
-        return await asyncio.shield(opening)
+        return await self._opening(team, partial(self._open, team))
 
     async def _open(self, team: str) -> _Line:
         # Named for `rabbitmqctl list_connections client_properties`: whose, and which team.
         connection = await connect(self._url, name=f"worker:{self._worker} team:{team}")
         try:
             answers = await connection.channel(publisher_confirms=False)
+            if self._closed:
+                # The worker stopped while this opened (a control request answered as it
+                # stopped): nothing is to be left open after close().
+                raise ServiceUnavailable(f"the worker stopped; team {team} is not served")
         except BaseException:
             await connection.close()
             raise
@@ -147,12 +151,8 @@ class TeamConnections:
                 await line.connection.close()
 
     async def close(self) -> None:
-        """Close every team's connection: whatever it holds unsettled returns to its queue."""
-        openings = list(self._opening.values())
-        for opening in openings:
-            # Cancelled, its connect closes what it opened (queuegate.broker.connect).
-            opening.cancel()
-        if openings:
-            await asyncio.wait(openings)
+        """Close every team's connection: whatever it holds unsettled returns to its queue.
+        One still opening closes itself once open."""
+        self._closed = True
         lines, self._lines = list(self._lines.values()), {}
         await asyncio.gather(*(line.connection.close() for line in lines))
