@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
+from prometheus_client import REGISTRY
 
 from accounting import Accountant
 from mockprovider import MockConfig, MockProvider
@@ -113,6 +114,13 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+def reconnects(connection: str, team: str = "") -> float:
+    """Times a worker's broker connections of this kind (and team) were made again, in this
+    process."""
+    labels = {"connection": connection, "team": team}
+    return REGISTRY.get_sample_value("queuegate_broker_reconnects_total", labels) or 0.0
 
 
 @contextlib.contextmanager

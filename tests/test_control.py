@@ -16,7 +16,6 @@ import aio_pika
 import pytest
 import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
-from prometheus_client import REGISTRY
 
 from admin.teams import Credentials, create_broker_user, set_security, with_user
 from producer import GatewayClient
@@ -34,7 +33,7 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import sign_job
 from queuegate.topology import CONTROL_MAX_BYTES, CONTROL_MAX_LENGTH, Topology
-from tests.support import logged, running_gateway
+from tests.support import logged, reconnects, running_gateway
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -514,13 +513,6 @@ async def test_a_malformed_batch_step_is_refused_in_one_line_naming_what_is_miss
 UNDECODABLE = "amq.rabbitmq.reply-to.g1h2AA5yZWJiaXRAdm0AAAAAAAAAAQAAAAA=.abc"
 """A direct reply-to name RabbitMQ 3.10 cannot decode (a node name longer than its bytes): the
 channel that publishes to it crashes, and the broker closes its connection (541)."""
-
-
-def reconnects(connection: str, team: str = "") -> float:
-    """Times a worker's broker connections of this kind (and team) were made again, in this
-    process."""
-    labels = {"connection": connection, "team": team}
-    return REGISTRY.get_sample_value("queuegate_broker_reconnects_total", labels) or 0.0
 
 
 @pytest.mark.parametrize("identity", ["broker", "api_key"])

@@ -14,7 +14,6 @@ import asyncio
 import time
 
 import pytest
-from prometheus_client import REGISTRY
 
 from admin.teams import add, disable
 from mockprovider import Behavior, MockConfig
@@ -26,7 +25,7 @@ from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from tests.faults import RECONNECT_INTERVAL
-from tests.support import running_gateway, wait_until
+from tests.support import reconnects, running_gateway, wait_until
 from tests.teams import team_identities
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -34,13 +33,6 @@ JOBS = 6
 """Jobs of each team at the provider when the connection closes: fewer than the prefetch."""
 SLOW = MockConfig(default=Behavior(latency_ms=2000))
 """Calls long enough for the connection to be closed while every job is in one."""
-
-
-def reconnects(connection: str, team: str = "") -> float:
-    """Times a worker's broker connections of this kind (and team) were made again, in this
-    process."""
-    labels = {"connection": connection, "team": team}
-    return REGISTRY.get_sample_value("queuegate_broker_reconnects_total", labels) or 0.0
 
 
 async def consumed_on(settings: Settings, team: str) -> str:
