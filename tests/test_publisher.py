@@ -6,7 +6,7 @@ import asyncio
 import uuid
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from queuegate.broker import connect
 from queuegate.settings import Settings
@@ -41,6 +41,16 @@ class Arrivals:
             self.all.set()
 
 
+class OneChannel:
+    """Every team's results on one channel, as ``TeamReplies``."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+
+    async def replies(self, team: str) -> AbstractChannel:
+        return self._channel
+
+
 async def test_results_past_the_bound_wait_their_turn_outside_aiormq_and_none_is_lost(
     settings: Settings,
 ) -> None:
@@ -64,7 +74,7 @@ async def test_results_past_the_bound_wait_their_turn_outside_aiormq_and_none_is
                 channel,
                 usage,
                 usage,
-                replies=replies,
+                replies=OneChannel(replies),
                 reconnect_wait=30,
                 user_id=None,
                 keeps_results=lambda _: True,
@@ -79,7 +89,7 @@ async def test_results_past_the_bound_wait_their_turn_outside_aiormq_and_none_is
 
             # When the worker answers more jobs at once than the bound
             answering = [
-                asyncio.create_task(publisher.result(name, f"job-{i}", body))
+                asyncio.create_task(publisher.result("alpha", name, f"job-{i}", body))
                 for i, body in enumerate(bodies)
             ]
             async with asyncio.timeout(30):

@@ -304,9 +304,9 @@ async def test_a_stream_publishes_a_piece_per_event_but_the_last_which_its_resul
     published: list[StreamChunk] = []
     publish = Publisher.chunk
 
-    async def counted(self: Publisher, reply_to: str, chunk: StreamChunk) -> bool:
+    async def counted(self: Publisher, team: str, reply_to: str, chunk: StreamChunk) -> bool:
         published.append(chunk)
-        return await publish(self, reply_to, chunk)
+        return await publish(self, team, reply_to, chunk)
 
     monkeypatch.setattr(Publisher, "chunk", counted)
     async with running_gateway(settings) as gw, gw.client("alpha") as client:

@@ -151,3 +151,39 @@ async def test_a_team_enabled_is_consumed_on_a_connection_of_its_own_closed_once
         assert gamma not in (alpha, beta)
         listed = await connections_once_closed(settings, beta)
         assert alpha in listed and gamma in listed
+
+
+async def published_on(settings: Settings, connection: str, *, at_least: int) -> int:
+    """Messages the channels of ``connection`` published, as the broker's statistics count
+    them (some seconds behind: looked at again until there are ``at_least``)."""
+    async with BrokerAdmin.of(settings) as admin, asyncio.timeout(30):
+        while True:
+            channels = await admin._request("GET", "channels") or []
+            published = sum(
+                int((channel.get("message_stats") or {}).get("publish", 0))
+                for channel in channels
+                if channel["connection_details"]["name"] == connection
+            )
+            if published >= at_least:
+                return published
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("team", ["alpha", "beta"])
+async def test_a_teams_results_go_on_the_connection_its_jobs_are_consumed_on(
+    settings: Settings, team: str
+) -> None:
+    async with (
+        team_identities(settings) as identities,
+        running_gateway(settings, teams=("alpha", "beta")),
+        GatewayClient(identities[team].settings, **identities[team].who) as client,  # type: ignore[arg-type]
+    ):
+        # When the team's jobs are answered
+        handles = [await client.submit(client.job("gpt-4o-mini", HELLO)) for _ in range(JOBS)]
+        assert [(await h.result(30)).status for h in handles] == ["ok"] * JOBS
+
+        # Expect their results published on the connection they were consumed and
+        # acknowledged on: the broker reads a job's acknowledgement with its result, and a
+        # fault of the team's closes no connection its results share with other teams'
+        consumed = await consumed_on(settings, team)
+        assert await published_on(settings, consumed, at_least=JOBS) >= JOBS

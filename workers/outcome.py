@@ -50,6 +50,8 @@ class Announcement(NamedTuple):
     """
 
     job_id: str
+    team: str
+    """Whose queue the job came from: its result goes on that team's broker connection."""
     reply_to: str | None
     """Where the result goes; None when it may go nowhere (it is then only accounted)."""
     result: bytes
@@ -85,6 +87,7 @@ class Announcement(NamedTuple):
             usage = event.model_dump_json().encode()
         return cls(
             job_id=outcome.result.job_id,
+            team=outcome.usage.team,
             reply_to=reply_to,
             result=result,
             usage=None if error is not None and error.code in UNACCOUNTED else usage,

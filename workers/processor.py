@@ -769,7 +769,9 @@ class JobProcessor:
         reply_to = announcement.reply_to
         if not reply_to:
             return announcement.usage, False
-        answering = self._publisher.result(reply_to, announcement.job_id, announcement.result)
+        answering = self._publisher.result(
+            announcement.team, reply_to, announcement.job_id, announcement.result
+        )
         if tracing.ON:
             answering = tracing.traced(
                 answering,

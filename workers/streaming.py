@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 class StreamRelay:
     """A Router ``on_delta`` sink that publishes each delta with the next ``seq``."""
 
-    def __init__(self, publisher: Publisher, reply_to: str, job_id: str) -> None:
+    def __init__(self, publisher: Publisher, team: str, reply_to: str, job_id: str) -> None:
         self._publisher = publisher
+        self._team = team
         self._reply_to = reply_to
         self._job_id = job_id
         self._seq = 0
@@ -44,7 +45,7 @@ class StreamRelay:
             **sent,
         )
         self._seq += 1
-        if not await self._publisher.chunk(self._reply_to, chunk):
+        if not await self._publisher.chunk(self._team, self._reply_to, chunk):
             self._gone = True
             log.warning(
                 "reply queue of streamed job %s is gone or full; not relaying", self._job_id
@@ -68,4 +69,4 @@ def relay_for(job: ChatJob, reply_to: str | None, publisher: Publisher) -> Strea
     """The relay of a job that asked to be streamed and has somewhere to stream to."""
     if not job.stream or not reply_to:
         return None
-    return StreamRelay(publisher, reply_to, job.job_id)
+    return StreamRelay(publisher, job.team, reply_to, job.job_id)

@@ -1,5 +1,5 @@
-"""Each team's broker connection in a worker: its jobs are consumed and settled there, and the
-answers to its control requests published there.
+"""Each team's broker connection in a worker: its jobs are consumed and settled there, their
+results and streamed deltas published there, and the answers to its control requests.
 
 A team can make RabbitMQ 3.10 close a connection that serves it (541 INTERNAL_ERROR), by
 what it publishes with its own credentials:
@@ -13,13 +13,14 @@ what it publishes with its own credentials:
 On a connection of the worker's shared by every team, either closed every team's consumers
 with it: every team's jobs were redelivered and answered seconds late. On the team's own,
 only that team's jobs held by this worker come back; the connection reconnects on its own
-(robust) and the worker consumes that team's queue again (``on_reopen``). Results and usage
-events stay on the worker's own connection: publishing them is nothing the broker closes a
-connection for here.
+(robust) and the worker consumes that team's queue again (``on_reopen``). Usage events (in
+batches of every team's jobs) and dead letters stay on the worker's own connection: they go
+to the gateway's exchanges, not to a name the team chose.
 
-A team's connection is opened when the worker starts consuming its jobs or answers its first
-control request, and closed at a ``sweep`` once it serves neither: its jobs no longer
-consumed and none held (``keep``), and no answer for ``IDLE`` seconds.
+A team's connection is opened when the worker starts consuming its jobs, publishes a result
+of one (a job answered by another worker, announced again), or answers its first control
+request, and closed at a ``sweep`` once it serves none of them: its jobs no longer consumed
+and none held (``keep``), and nothing published for ``IDLE`` seconds.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from queuegate.metrics import BROKER_RECONNECTS
 from queuegate.single_flight import SingleFlight
 
 IDLE = 60.0
-"""Seconds a team's connection that only answers stays open after its last answer."""
+"""Seconds a team's connection that consumes nothing stays open after its last publish."""
 
 
 @dataclass
@@ -47,8 +48,10 @@ class _Line:
     answers: AbstractRobustChannel
     jobs: AbstractRobustChannel | None
     """Opened when the worker first consumes the team's jobs."""
-    answered: float
-    """When its last answer was sent (``time.monotonic``)."""
+    replies: AbstractRobustChannel
+    """Results and deltas, with publisher confirms and ``on_return_raises``."""
+    used: float
+    """When it was last asked to publish (``time.monotonic``)."""
 
 
 class TeamConnections:
@@ -56,6 +59,7 @@ class TeamConnections:
 
     teams = TeamConnections(url, worker="host:123", within=30.0, on_reopen=consume_again)
     channel = await teams.jobs("search")              # declare and consume the team's queue
+    replies = await teams.replies("search")           # publish its jobs' results there
     await teams.send("search", reply_to, message)     # a control answer
     await teams.sweep(keep={"search"})                # now and then: closes the idle ones
     await teams.close()
@@ -96,13 +100,20 @@ class TeamConnections:
             line.jobs.reopen_callbacks.add(reopened)
         return line.jobs
 
+    async def replies(self, team: str) -> AbstractRobustChannel:
+        """The channel results and deltas of ``team``'s jobs are published on (publisher
+        confirms, ``on_return_raises``), opened with its connection if need be."""
+        line = self._lines.get(team) or await self._line(team)
+        line.used = time.monotonic()
+        return line.replies
+
     async def send(self, team: str, reply_to: str, message: Outgoing) -> None:
         """Publish a control answer to ``reply_to`` (not mandatory: a client that gave up has
         no consumer there any more), waiting up to ``within`` for the team's connection to
         come back. Raises ServiceUnavailable when it does not, aiormq's AMQPError for a
         refusal."""
         line = await self._line(team)
-        line.answered = time.monotonic()
+        line.used = time.monotonic()
 
         async def publish() -> None:
             underlay = await line.answers.get_underlay_channel()
@@ -128,6 +139,7 @@ class TeamConnections:
         connection = await connect(self._url, name=f"worker:{self._worker} team:{team}")
         try:
             answers = await connection.channel(publisher_confirms=False)
+            replies = await connection.channel(publisher_confirms=True, on_return_raises=True)
             if self._closed:
                 # The worker stopped while this opened (a control request answered as it
                 # stopped): nothing is to be left open after close().
@@ -137,16 +149,18 @@ class TeamConnections:
             raise
         reconnects = BROKER_RECONNECTS.labels(connection="team", team=team)
         connection.reconnect_callbacks.add(lambda *_: reconnects.inc())
-        # Never answered yet: idle from the start, until it answers or serves jobs.
-        line = self._lines[team] = _Line(connection, answers, None, time.monotonic() - IDLE)
+        # Never used yet: idle from the start, until it publishes or serves jobs.
+        line = self._lines[team] = _Line(
+            connection, answers, None, replies, time.monotonic() - IDLE
+        )
         return line
 
     async def sweep(self, *, keep: Collection[str]) -> None:
         """Close the connections of the teams not in ``keep`` (whose jobs this worker takes
-        or holds) that sent no answer for ``IDLE`` seconds."""
+        or holds) that published nothing for ``IDLE`` seconds."""
         now = time.monotonic()
         for team, line in list(self._lines.items()):
-            if team not in keep and now - line.answered >= IDLE:
+            if team not in keep and now - line.used >= IDLE:
                 del self._lines[team]
                 await line.connection.close()
 

@@ -194,7 +194,6 @@ class Worker:
         try:
             self._admission = Admission(s, redis, pool, self._router.catalog, view=live)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            replies = await connection.channel(publisher_confirms=True, on_return_raises=True)
             # Declares the dead-letter exchanges too (accounting's letters go there).
             usage = await self._topology.declare_usage(publish)
             dead = await publish.get_exchange(self._topology.dead_exchange, ensure=False)
@@ -210,7 +209,7 @@ class Worker:
                 publish,
                 usage,
                 dead,
-                replies=replies,
+                replies=self._team_connections,
                 reconnect_wait=s.reconnect_wait,
                 nacks_within=nack_window(s.amqp_url),
                 user_id=s.amqp_user,
