@@ -110,7 +110,11 @@ async def create_pool(
         # Also the first connection when min_size is 0: a wrong URL fails here, not later.
         async with pool.acquire() as conn, conn.transaction():
             await lock_schema(conn, schema)
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+            # Created meanwhile all the same, now and then, under the lock (a worker and
+            # accounting starting together as PostgreSQL came up, once in a full test run):
+            # the schema is there, which is all this asks.
+            with contextlib.suppress(asyncpg.UniqueViolationError):
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     except _CONNECT_ERRORS as exc:
         await pool.close()
         raise ServiceUnavailable(database_unreachable(settings, exc)) from exc

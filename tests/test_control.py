@@ -33,7 +33,8 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.signing import sign_job
 from queuegate.topology import CONTROL_MAX_BYTES, CONTROL_MAX_LENGTH, Topology
-from tests.support import logged, reconnects, running_gateway
+from tests.faults import RECONNECT_INTERVAL
+from tests.support import logged, reconnects, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -554,3 +555,46 @@ async def test_a_control_answer_the_broker_cannot_deliver_drops_no_workers_conne
         assert reconnects("worker") == worker
         assert reconnects("team", "beta") == beta_
         assert reconnects("team", "alpha") == alpha + 1
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_teams_waiting_requests_that_close_its_connection_stop_no_worker_starting(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    components = settings.model_copy(
+        update={"amqp_url": f"{settings.amqp_url}?reconnect_interval={RECONNECT_INTERVAL}"}
+    )
+    async with alpha_app(settings, teams, identity) as app:
+        # Given alpha's app has left requests waiting for the workers, each asking for its
+        # answer at a direct reply-to name the broker cannot decode (each answer closes the
+        # connection it goes on)
+        connection = await aio_pika.connect(app.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
+            for _ in range(POISONED):
+                message = control_message(
+                    OpenReplyQueue(name="evil"),
+                    team="alpha",
+                    reply_to=UNDECODABLE,
+                    user=app.user,
+                    key=app.signs_with,
+                )
+                await exchange.publish(message, routing_key="alpha.control")
+        assert await depth(settings, Topology.of(settings).control_queue("alpha")) == POISONED
+        alpha = reconnects("team", "alpha")
+
+        # When a worker starts, its connection of alpha's closed again and again as it does
+        async with (
+            running_gateway(components, teams=("alpha", "beta")),
+            GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta,
+        ):
+            # Expect it to serve beta, and alpha too once its requests are answered
+            assert (await beta.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+            await wait_until(lambda: reconnects("team", "alpha") > alpha)
+            async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as own:
+                assert (await own.chat("gpt-4o-mini", HELLO, timeout=60)).status == "ok"
+
+
+POISONED = 8
+"""Requests waiting: enough that alpha's connection is closed while the worker starts."""

@@ -44,9 +44,11 @@ async def consumed_on(settings: Settings, team: str) -> str:
         while True:
             listed = await admin.queue(queue)
             consumers = (listed or {}).get("consumer_details") or []
-            if consumers:
-                [consumer] = consumers
-                return str(consumer["channel_details"]["connection_name"])
+            # A consumer's channel the statistics do not know yet has an empty list there.
+            details = [c["channel_details"] for c in consumers]
+            if details and isinstance(details[0], dict):
+                [channel] = details
+                return str(channel["connection_name"])
             await asyncio.sleep(0.2)
 
 
@@ -162,7 +164,9 @@ async def published_on(settings: Settings, connection: str, *, at_least: int) ->
             published = sum(
                 int((channel.get("message_stats") or {}).get("publish", 0))
                 for channel in channels
-                if channel["connection_details"]["name"] == connection
+                # (an empty list for a channel whose connection the statistics do not know yet)
+                if isinstance(channel["connection_details"], dict)
+                and channel["connection_details"]["name"] == connection
             )
             if published >= at_least:
                 return published

@@ -91,7 +91,12 @@ class TeamConnections:
         connection if need be."""
         line = await self._line(team)
         if line.jobs is None:
-            line.jobs = await line.connection.channel()
+            try:
+                line.jobs = await line.connection.channel()
+            except RuntimeError as exc:
+                # aiormq's word for a connection closed under the opening: the broker closed
+                # it (the team's own doing, or a fault), and it is coming back.
+                raise ServiceUnavailable(f"team {team}'s broker connection is down") from exc
 
             async def reopened(channel: AbstractRobustChannel | None, /) -> None:
                 if channel is not None:  # the sender, held weakly: ours holds it

@@ -57,6 +57,9 @@ from workers.usage_record import UsageRecord
 
 log = logging.getLogger(__name__)
 
+TEAM_CONNECTION_DOWN = (*CONNECTION_LOST, ServiceUnavailable)
+"""What serving a team raises while its broker connection (or the worker's) is down."""
+
 
 @dataclass(frozen=True)
 class _TeamConsumer:
@@ -271,7 +274,7 @@ class Worker:
                     return
                 try:
                     await self._serve_teams(pool, stop)
-                except (*CONNECTION_LOST, ServiceUnavailable) as exc:
+                except TEAM_CONNECTION_DOWN as exc:
                     # The consumers it has come back with their channels (_on_reopen); new
                     # teams and limits next time.
                     log.warning("broker unavailable (%s); teams are refreshed later", exc)
@@ -311,27 +314,48 @@ class Worker:
             current = self._consumers.get(team)
             if current is not None and current.prefetch == prefetch:
                 continue
-            # A consumer's prefetch is fixed when it starts (quorum queues refuse a global
-            # one), so a new limit means a new consumer; the old one's held jobs finish and
-            # are acked as usual, and count on top of the new slots until then.
-            if current is not None:
-                await current.consumer.cancel()
-            channel = await self._team_connections.jobs(team)
-            queue = await self._topology.declare_team_queue(channel, team)
-            self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
+            try:
+                await self._serve_team(team, current, prefetch)
+            except TEAM_CONNECTION_DOWN as exc:
+                # Its own connection, closed by the broker (a team can make it close it) and
+                # coming back: the other teams are served meanwhile, and it at the next
+                # refresh. Raised, a team's queued requests that close it stopped every
+                # worker from starting.
+                log.warning(
+                    "team %s not served for now: its broker connection is down (%s); "
+                    "served at the next refresh",
+                    team,
+                    exc,
+                )
+                continue
             if not stop.is_set():
                 log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
-            await self._consumers.pop(team).consumer.cancel()
+            with contextlib.suppress(*TEAM_CONNECTION_DOWN):
+                # Its connection down, the broker has dropped the consumer already.
+                await self._consumers.pop(team).consumer.cancel()
             # Only once its consumer is gone: a held job sent back now is not delivered
             # here again. Its connection stays until the jobs it holds are settled on it
             # (closed by a sweep: _holding).
             self._admission.stopped(team)
             log.info("stopped serving team %s (disabled)", team)
         if version is not None and self._live is not None:
-            # Only now that every team is served under it: a team added is consumed, one
-            # disabled is not, and the next job of each is admitted under its new config.
+            # Only now that every team is served under it: a team added is consumed (but one
+            # whose own connection is down, at the next refresh), one disabled is not, and the
+            # next job of each is admitted under its new config.
             self._live.applied(version, read_at)
+
+    async def _serve_team(self, team: str, current: _TeamConsumer | None, prefetch: int) -> None:
+        """Consume ``team``'s queue with ``prefetch`` slots, on its connection."""
+        # A consumer's prefetch is fixed when it starts (quorum queues refuse a global one),
+        # so a new limit means a new consumer; the old one's held jobs finish and are acked
+        # as usual, and count on top of the new slots until then.
+        if current is not None:
+            del self._consumers[team]
+            await current.consumer.cancel()
+        channel = await self._team_connections.jobs(team)
+        queue = await self._topology.declare_team_queue(channel, team)
+        self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
 
     async def _consume(
         self, channel: AbstractRobustChannel, team: str, queue: str, prefetch: int
