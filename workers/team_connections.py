@@ -91,12 +91,7 @@ class TeamConnections:
         connection if need be."""
         line = await self._line(team)
         if line.jobs is None:
-            try:
-                line.jobs = await line.connection.channel()
-            except RuntimeError as exc:
-                # aiormq's word for a connection closed under the opening: the broker closed
-                # it (the team's own doing, or a fault), and it is coming back.
-                raise ServiceUnavailable(f"team {team}'s broker connection is down") from exc
+            line.jobs = await _channel(line.connection, team)
 
             async def reopened(channel: AbstractRobustChannel | None, /) -> None:
                 if channel is not None:  # the sender, held weakly: ours holds it
@@ -143,8 +138,10 @@ class TeamConnections:
         # Named for `rabbitmqctl list_connections client_properties`: whose, and which team.
         connection = await connect(self._url, name=f"worker:{self._worker} team:{team}")
         try:
-            answers = await connection.channel(publisher_confirms=False)
-            replies = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            answers = await _channel(connection, team, publisher_confirms=False)
+            replies = await _channel(
+                connection, team, publisher_confirms=True, on_return_raises=True
+            )
             if self._closed:
                 # The worker stopped while this opened (a control request answered as it
                 # stopped): nothing is to be left open after close().
@@ -175,3 +172,15 @@ class TeamConnections:
         self._closed = True
         lines, self._lines = list(self._lines.values()), {}
         await asyncio.gather(*(line.connection.close() for line in lines))
+
+
+async def _channel(
+    connection: AbstractRobustConnection, team: str, **options: bool
+) -> AbstractRobustChannel:
+    """A channel of ``team``'s connection; ServiceUnavailable when the broker closed the
+    connection under the opening (the team's own doing, or a fault): it is coming back."""
+    try:
+        return await connection.channel(**options)
+    except RuntimeError as exc:
+        # aiormq's word for a connection closed while a channel opens on it.
+        raise ServiceUnavailable(f"team {team}'s broker connection is down") from exc
