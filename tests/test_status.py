@@ -113,12 +113,18 @@ async def test_status_reports_breaker_state_and_error_rate_per_deployment(
                 ).status == "ok"
 
             # Expect the failing deployment at 100 % errors and open, the fallback at 0 %
-            # (the breaker gauge is the process's: earlier tests' deployments may be listed)
+            # (the breaker gauge is the process's: earlier tests' deployments may be listed).
+            # The breaker's state is written as it changes and the call counts each
+            # stats_interval, so the wait is for both.
             status = await _until(
                 reader,
                 lambda s: (
-                    {d.deployment: d.breaker for d in s.deployments if d.deployment in SEEN}
-                    == {"openai-flaky": "open", "anthropic-main": "closed"}
+                    {
+                        d.deployment: (d.breaker, d.error_rate is not None)
+                        for d in s.deployments
+                        if d.deployment in SEEN
+                    }
+                    == {"openai-flaky": ("open", True), "anthropic-main": ("closed", True)}
                 ),
             )
         finally:
