@@ -1,21 +1,24 @@
 """What ``queuegate status`` and the dashboard's Live page read of the registry, read once
 for both: the enabled teams (each listed with its queue depth whether or not a worker
-serves it) and their budgets, or why PostgreSQL could not be read (the status is then stale,
-its budgets unknown, and it lists the teams live workers serve)."""
+serves it), their budgets and the month's spend accounting wrote (the least status shows, as
+Redis may have lost its own count), or why PostgreSQL could not be read (the status is then
+stale, its budgets unknown, its spend Redis's, and it lists the teams live workers serve)."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
 
-from accounting.reports import team_budgets
+from accounting.reports import month_costs, team_budgets
 from queuegate.db import UNREACHABLE, database_unreachable
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.registry import list_teams
 from queuegate.settings import Settings
+from queuegate.status import Accounted
 from queuegate.urls import redact_url
 
 REGISTRY_WAIT = 2.0
@@ -28,6 +31,8 @@ class Registered:
     teams: list[str] | None = None
     """The enabled teams; None when the registry could not be read (or is not migrated)."""
     budgets: dict[str, Decimal] = field(default_factory=dict)
+    accounted: Accounted | None = None
+    """The month's spend per team in usage_log; None when it was not read (as ``teams``)."""
     unread: str | None = None
     """Why PostgreSQL could not be read, in one line saying what to do; None when it was."""
 
@@ -53,13 +58,15 @@ def _skipped(name: str, error: ConfigError) -> None:
 
 
 async def registered(pool: asyncpg.Pool, settings: Settings) -> Registered:
-    """The registry's enabled teams and budgets, or why they could not be read."""
+    """The registry's enabled teams, budgets and month's spend, or why they could not be read."""
+    today = datetime.now(UTC).date()
     try:
         async with asyncio.timeout(REGISTRY_WAIT):
             teams = await list_teams(pool, enabled_only=True, on_invalid=_skipped)
             budgets = await team_budgets(pool)
+            spent = await month_costs(pool, today)
     except asyncpg.UndefinedTableError:  # not migrated yet: no team, no budget
         return Registered()
     except UNREADABLE as exc:
         return Registered(unread=unreadable(settings, exc))
-    return Registered([team.name for team in teams], budgets)
+    return Registered([team.name for team in teams], budgets, Accounted(f"{today:%Y-%m}", spent))

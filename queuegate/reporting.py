@@ -156,7 +156,8 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
         teams.add_row("(no live worker: name teams with --teams)", *[""] * len(headers))
     if status.teams:
         teams.caption = (
-            "cons.: consumers · in fl.: in flight · spend: this month, as workers count it"
+            "cons.: consumers · in fl.: in flight · spend: this month, as workers count it,"
+            " at least what accounting wrote"
         )
     deployments = compact_table("deployments, last minute")
     add_text_column(deployments, "deployment")

@@ -1,10 +1,12 @@
-"""``queuegate status``: what the gateway is doing now, from the broker and Redis alone.
+"""``queuegate status``: what the gateway is doing now, from the broker and Redis.
 
 Queue depth and consumers come from a passive declare of each team queue (no management
 plugin needed); in-flight jobs, rates, waits and spend from the live stats workers write to
 Redis (queuegate.livestats); each deployment's breaker and 429 pause from the keys the
 workers share them by, read as ``queuegate deployments`` reads them
-(queuegate.deployment_health). Budgets are shown when the caller has them.
+(queuegate.deployment_health). Budgets are shown when the caller has them, and a team's
+spend is never less than what usage_log holds of its month, when the caller has read it
+(``Accounted``).
 
     async with StatusReader(settings) as reader:
         status = await reader.read(teams=None, budgets={}, deployments=catalog.deployment_names)
@@ -66,10 +68,10 @@ class TeamStatus:
     """How full the team's bucket is, 0-1; None until admission control reports it."""
     spend_usd: Decimal
     """This month's spend: the team's budget ledger when it has a budget (reconciled with
-    usage_log, so it recovers from a Redis loss; jobs in flight count at their estimates,
-    reservations that lapsed with their worker do not), else (no budget, a ledger left from
-    one unset included, or budgets not read) as the workers saw it since Redis last lost its
-    data."""
+    usage_log; jobs in flight count at their estimates, reservations that lapsed with their
+    worker do not), else (no budget, a ledger left from one unset included, or budgets not
+    read) as the workers saw it since Redis last lost its data; either way never less than
+    usage_log's month (``Accounted``), which Redis losing its data does not lose."""
     budget_usd: Decimal | None
     """None: no budget, or not known when the status has a stale ``reason`` (PostgreSQL
     could not be read)."""
@@ -120,6 +122,16 @@ class Status:
         return self.reason in (None, NO_WORKER)
 
 
+@dataclass(frozen=True)
+class Accounted:
+    """Each team's spend in ``month`` (``YYYY-MM``, UTC) as usage_log holds it, teams without
+    usage absent: what accounting wrote to PostgreSQL, the least a team's spend shows, which
+    Redis losing its data (its ledgers, its live spend) does not lower."""
+
+    month: str
+    spend: Mapping[str, Decimal]
+
+
 def status_record(status: Status) -> dict[str, Any]:
     """The status for programs (``--json``, the Live page's ``live.json``): its fields, and
     ``stale`` with the ``reason`` when some figures could not be read."""
@@ -157,15 +169,17 @@ class StatusReader:
         deployments: Sequence[str] = (),
         *,
         stale: str | None = None,
+        accounted: Accounted | None = None,
     ) -> Status:
         """The teams given (the registry's enabled ones: admin.status; those live workers
         serve when None); the deployments given (the catalog's: a deployment is listed
         whether or not a running worker has called it) and any other that workers called.
         ``stale``: why the caller could not read the budgets, carried by the status (its
         budgets are then unknown, not absent); else the status is stale when no worker
-        reports."""
+        reports. ``accounted``: the month's spend in PostgreSQL, the least each team shows
+        (none: Redis's figures alone)."""
         try:
-            status = await self._read(teams, budgets or {}, deployments)
+            status = await self._read(teams, budgets or {}, deployments, accounted)
         # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings, cause=exc)) from exc
@@ -175,7 +189,11 @@ class StatusReader:
         return dataclasses.replace(status, reason=stale)
 
     async def _read(
-        self, teams: Sequence[str] | None, budgets: Mapping[str, Decimal], listed: Sequence[str]
+        self,
+        teams: Sequence[str] | None,
+        budgets: Mapping[str, Decimal],
+        listed: Sequence[str],
+        accounted: Accounted | None,
     ) -> Status:
         assert self._redis is not None and self._live is not None
         keys = self._keys
@@ -205,6 +223,8 @@ class StatusReader:
             # counted until a job of the team comes to reap them.
             in_force = await teams_in_force(self._redis, keys, budgeted, month)
         ledgers = dict(zip(budgeted, in_force, strict=True))
+        # Read for another month (a refresh across midnight on the 1st): not this one's.
+        written = accounted.spend if accounted is not None and accounted.month == month else {}
         rows = []
         for team in names:
             ledger = ledgers.get(team)
@@ -225,8 +245,14 @@ class StatusReader:
                     wait_p99_ms=_percentile(waits, 99),
                     bucket_fill=view.bucket_fill.get(team),
                     # The ledger (reconciled with usage_log) when the team has a budget, else
-                    # (none, or none known) what the workers saw (nano-USD: exact).
-                    spend_usd=from_nano(ledger if ledger is not None else int(seen or 0)),
+                    # (none, or none known) what the workers saw (nano-USD: exact); never
+                    # below what accounting wrote. Once Redis lost its data, the ledger is gone
+                    # until it is made again from usage_log and the live spend counts only the
+                    # jobs since; otherwise both are ahead by the jobs accounting has yet to write.
+                    spend_usd=max(
+                        from_nano(ledger if ledger is not None else int(seen or 0)),
+                        written.get(team, Decimal(0)),
+                    ),
                     budget_usd=budgets.get(team),
                 )
             )

@@ -185,29 +185,32 @@ async def publish_dead_letters(
     return ids
 
 
+async def queuegate_cli(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
+    """``queuegate ARGS`` run as an operator runs it, in the test's namespace and schema, at 80
+    columns (``env`` adds to its environment): its exit status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args,
+        env={
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+            "COLUMNS": "80",
+            **env,
+        },
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
 async def dlq_cli(settings: Settings, *args: str, exit_code: int = 0) -> tuple[str, str]:
-    """``queuegate dlq ARGS`` as an operator runs it, at 80 columns: its stdout and stderr,
-    once it exited with ``exit_code``."""
-    env = {
-        **os.environ,
-        "QUEUEGATE_NAMESPACE": settings.namespace,
-        "QUEUEGATE_METRICS_PORT": "0",  # any free port: several workers share the host
-        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "COLUMNS": "80",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
-        "dlq",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
-    assert proc.returncode == exit_code, (stdout + stderr).decode()
-    return stdout.decode(), stderr.decode()
+    """``queuegate dlq ARGS`` as an operator runs it: its stdout and stderr, once it exited
+    with ``exit_code``."""
+    # Any free metrics port: several workers share the host.
+    code, stdout, stderr = await queuegate_cli(settings, "dlq", *args, QUEUEGATE_METRICS_PORT="0")
+    assert code == exit_code, stdout + stderr
+    return stdout, stderr
 
 
 async def take_dead_letters(

@@ -7,8 +7,6 @@ import asyncio
 import io
 import json
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -34,27 +32,10 @@ from queuegate.status import NO_WORKER
 from tests.dashboard_browser import signed_in
 from tests.frontdoor_support import open_door
 from tests.proxy import TcpProxy
+from tests.support import queuegate_cli as _cli
 
 HUGE = "1" + "0" * 400
 """What ``--budget 1e400`` was stored as before budgets had a bound."""
-
-
-async def _cli(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
-    """``queuegate ARGS`` run as an operator runs it, in the test's namespace and schema."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", *args,
-        env={
-            **os.environ,
-            "QUEUEGATE_NAMESPACE": settings.namespace,
-            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-            "COLUMNS": "80",
-            **env,
-        },
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 async def _stored(settings: Settings, team: str) -> dict[str, object]:

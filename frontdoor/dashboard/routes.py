@@ -325,7 +325,11 @@ async def live_json(door: Door, session: Signed) -> Response:
     try:
         reader = await door.status()
         status = await reader.read(
-            registry.teams, registry.budgets, door.catalog.deployment_names, stale=registry.unread
+            registry.teams,
+            registry.budgets,
+            door.catalog.deployment_names,
+            stale=registry.unread,
+            accounted=registry.accounted,
         )
     except (ServiceUnavailable, RedisError, OSError, aio_pika.exceptions.AMQPError) as exc:
         reason = str(exc) if isinstance(exc, ServiceUnavailable) else type(exc).__name__
