@@ -1050,7 +1050,7 @@ async def _draining(reader: StatusReader, team: str, name: str) -> Status:
 
 
 async def test_status_shows_a_worker_draining_with_its_jobs_in_flight_until_its_drain_ends(
-    settings: Settings, alpha: str, redis_client: aioredis.Redis
+    settings: Settings, alpha: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     # Given the one worker process serving alpha, whose snapshot stays live 30 s past its
     # last (so one left behind would still show), holding a job at a model that hangs for
@@ -1061,7 +1061,9 @@ async def test_status_shows_a_worker_draining_with_its_jobs_in_flight_until_its_
     worker: asyncio.subprocess.Process | None = None
     try:
         async with MockProvider(slow) as mock, StatusReader(settings) as reader:
-            worker = await start_worker(worker_env(settings, mock, **env_extra), [alpha])
+            # (its log kept: a full run once saw its drain outlast the wait below)
+            log = tmp_path / "worker.log"
+            worker = await start_worker(worker_env(settings, mock, **env_extra), [alpha], log=log)
             name = f"{socket.gethostname()}:{worker.pid}"
             await _serving(settings, [name])
             async with GatewayClient(settings, team=alpha) as client:
@@ -1098,7 +1100,10 @@ async def test_status_shows_a_worker_draining_with_its_jobs_in_flight_until_its_
             assert worker.returncode is None
             assert (await reader.read([alpha])).draining == [DrainingWorker(name, 1)]
         # (the mock stopped: its hang ends, so does the worker's call and its drain)
-        await asyncio.wait_for(worker.wait(), timeout=30)
+        try:
+            await asyncio.wait_for(worker.wait(), timeout=30)
+        except TimeoutError:
+            raise AssertionError(f"the drain outlasted 30 s; its log:\n{log.read_text()}") from None
         assert worker.returncode == 0
 
         # Expect it gone once its drain has ended, its entry removed, not left to lapse
