@@ -413,6 +413,11 @@ class Delivery:
             if self._tag is not None:
                 self._settlements.hold(self._tag)
 
+    def held(self) -> bool:
+        """Whether its channel is open: once closed (its connection lost), the broker delivers
+        the message again, and this one is settled no more."""
+        return self._settlements is not None and not self._settlements.closed
+
     def _open(self, tag: int) -> Settlements:
         if self._settlements is None:
             raise ChannelInvalidStateError(f"the channel of delivery {tag} is closed")
@@ -476,6 +481,11 @@ class Settlements:
         if settlements is None:
             settlements = _SETTLEMENTS[channel] = cls(channel)
         return settlements
+
+    @property
+    def closed(self) -> bool:
+        channel = self._channel()
+        return channel is None or channel.is_closed
 
     def open_channel(self, tag: int) -> aiormq.abc.AbstractChannel:
         channel = self._channel()
@@ -750,15 +760,18 @@ async def when_connected(
     within: float,
     what: str,
     nacks_within: float = 0.0,
+    held: Callable[[], bool] | None = None,
 ) -> T:
     """Run a broker action, retrying it once the robust channel is back after a lost connection.
 
     Robust connections restore channels, queues and consumers, but never replay a publish that
     failed during the outage: that is the caller's, and this does it. Retry only actions that
     are safe twice (every publish of ours is: job ids make its duplicate harmless). Raises
-    ServiceUnavailable when the connection is not back within ``within`` seconds. A publish
-    the broker refuses (nack) is sent again for ``nacks_within`` seconds (``nack_window``),
-    then its DeliveryError raised; one returned unroutable (PublishError) is raised at once.
+    ServiceUnavailable when the connection is not back within ``within`` seconds, and the
+    lost connection's own error at once when ``held`` says what the action was for is gone
+    with it (a delivery it answers, which the broker delivers again). A publish the broker
+    refuses (nack) is sent again for ``nacks_within`` seconds (``nack_window``), then its
+    DeliveryError raised; one returned unroutable (PublishError) is raised at once.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
@@ -778,6 +791,8 @@ async def when_connected(
                 await _renew(channel, f"refused publishes for {now - refused_since:.0f} s")
             await asyncio.sleep(RETRY_PAUSE)
         except CONNECTION_LOST as exc:
+            if held is not None and not held():
+                raise
             left = deadline - loop.time()
             if left <= 0:
                 raise ServiceUnavailable(

@@ -89,7 +89,10 @@ async def test_results_past_the_bound_wait_their_turn_outside_aiormq_and_none_is
 
             # When the worker answers more jobs at once than the bound
             answering = [
-                asyncio.create_task(publisher.result("alpha", name, f"job-{i}", body))
+                # (each answering a delivery still open)
+                asyncio.create_task(
+                    publisher.result("alpha", name, f"job-{i}", body, held=lambda: True)
+                )
                 for i, body in enumerate(bodies)
             ]
             async with asyncio.timeout(30):

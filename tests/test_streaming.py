@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,9 +304,11 @@ async def test_a_stream_publishes_a_piece_per_event_but_the_last_which_its_resul
     published: list[StreamChunk] = []
     publish = Publisher.chunk
 
-    async def counted(self: Publisher, team: str, reply_to: str, chunk: StreamChunk) -> bool:
+    async def counted(
+        self: Publisher, team: str, reply_to: str, chunk: StreamChunk, *, held: Callable[[], bool]
+    ) -> bool:
         published.append(chunk)
-        return await publish(self, team, reply_to, chunk)
+        return await publish(self, team, reply_to, chunk, held=held)
 
     monkeypatch.setattr(Publisher, "chunk", counted)
     async with running_gateway(settings) as gw, gw.client("alpha") as client:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -349,7 +349,10 @@ class JobProcessor:
             try:
                 sent = await admitted.screen()
                 marks = admitted.marks(claim.fingerprint)
-                outcome = await self._answer(sent, reply_to, timing, claim, ahead, marks=marks)
+                held = _held_by(message)
+                outcome = await self._answer(
+                    sent, reply_to, timing, claim, ahead, marks=marks, held=held
+                )
             except JobError as exc:
                 error = exc
                 marks = admitted.marks(claim.fingerprint)
@@ -631,10 +634,12 @@ class JobProcessor:
         ahead: Ahead | None,
         *,
         marks: Marks | None,
+        held: Callable[[], bool],
     ) -> Outcome:
         """From the response cache when the job (or its team) wants it, else from the router
-        (streamed to ``reply_to`` when the job asks for it); built with ``marks``."""
-        relay = relay_for(job, reply_to, self._publisher)
+        (streamed to ``reply_to`` when the job asks for it, while its delivery is ``held``);
+        built with ``marks``."""
+        relay = relay_for(job, reply_to, self._publisher, held)
         cache = wanted(job, self._admission.config(job.team))
         hit = await self._cache.get(job) if cache else None
         if hit is not None:
@@ -738,7 +743,7 @@ class JobProcessor:
         when the job is bad input, which is also dead-lettered."""
         # As _announce does, without its frame: thousands of jobs wait here for their batch
         # when the broker is the slowest stage.
-        usage, received = await self._reply(announcement)
+        usage, received = await self._reply(announcement, delivery.held)
         if usage is not None:
             # Acknowledged below only once the batch carrying the event is confirmed.
             await self._accounting(usage, announcement.lapsing)
@@ -757,20 +762,25 @@ class JobProcessor:
         await settle(delivery.ack(), f"acknowledge job {announcement.job_id}", log)
 
     async def _announce(self, announcement: Announcement) -> None:
-        """Publish the result, then the usage event, each once the broker confirms it."""
-        usage, _ = await self._reply(announcement)
+        """Publish the result, then the usage event, each once the broker confirms it: for
+        a job no delivery holds (a sweep's), its result not after a lost connection
+        (``Publisher.result``)."""
+        usage, _ = await self._reply(announcement, _unheld)
         if usage is not None:
             await self._accounting(usage, announcement.lapsing)
 
-    async def _reply(self, announcement: Announcement) -> tuple[bytes | None, bool]:
-        """Send the result to its reply queue, if any, once the broker confirms it; the usage
+    async def _reply(
+        self, announcement: Announcement, held: Callable[[], bool]
+    ) -> tuple[bytes | None, bool]:
+        """Send the result to its reply queue, if any, once the broker confirms it (sent
+        again after a lost connection only while ``held``: ``Publisher.result``); the usage
         event to send then, marked ``reply_delivered = false`` when that queue is gone or
         full, and whether the result reached a reply queue."""
         reply_to = announcement.reply_to
         if not reply_to:
             return announcement.usage, False
         answering = self._publisher.result(
-            announcement.team, reply_to, announcement.job_id, announcement.result
+            announcement.team, reply_to, announcement.job_id, announcement.result, held=held
         )
         if tracing.ON:
             answering = tracing.traced(
@@ -811,6 +821,16 @@ def _channel_gone(message: AbstractIncomingMessage) -> bool:
         return message.channel.is_closed  # aio-pika raises instead, once it is
     except ChannelInvalidStateError:
         return True
+
+
+def _held_by(message: AbstractIncomingMessage) -> Callable[[], bool]:
+    """Whether the delivery of ``message`` is still open (``Delivery.held``)."""
+    return lambda: not _channel_gone(message)
+
+
+def _unheld() -> bool:
+    """For a job no delivery holds: a sweep's."""
+    return False
 
 
 def _queued_ms(message: AbstractIncomingMessage) -> float:

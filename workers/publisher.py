@@ -11,7 +11,7 @@ from typing import Protocol
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from queuegate.broker import Outgoing, json_message, publish, when_connected
+from queuegate.broker import CONNECTION_LOST, Outgoing, json_message, publish, when_connected
 from queuegate.messages import StreamChunk, usage_batch_body
 from queuegate.metrics import observe_usage_batch
 from queuegate.signing import KEY_ID_HEADER, PROOF_HEADER
@@ -120,6 +120,7 @@ class Publisher:
         what: str,
         *,
         channel: AbstractChannel | None = None,
+        held: Callable[[], bool] | None = None,
     ) -> Awaitable[None]:
         # Not a coroutine of its own: thousands of jobs can be waiting in here at once.
         return when_connected(
@@ -128,9 +129,12 @@ class Publisher:
             within=self._reconnect_wait,
             what=what,
             nacks_within=self._nacks_within,
+            held=held,
         )
 
-    async def result(self, team: str, reply_to: str, job_id: str, body: bytes) -> bool:
+    async def result(
+        self, team: str, reply_to: str, job_id: str, body: bytes, *, held: Callable[[], bool]
+    ) -> bool:
         """Send a ChatResult's JSON of a job of ``team``'s queue to the caller's reply queue,
         on the team's connection; False when that queue no
         longer exists, or is one of a team's (``bounded``) and refuses it: full, its team
@@ -150,6 +154,14 @@ class Publisher:
         across a broker restart (none of 800 jobs across two restarts in the chaos test did).
         Such a result is still in the outcome store: the job sent again is answered from it,
         neither called nor counted twice.
+
+        Sent again after a lost connection only while ``held`` (the job's delivery, which is
+        on the same team connection, is still open), else the connection's error is raised
+        at once: that delivery is void, the broker delivers the job again and that delivery
+        announces it, from the stored outcome (a sweep's announcement, held by no delivery,
+        is swept again a lease later). Waiting for the connection instead held a worker's
+        stop for its whole grace while a team's requests kept closing its connection, and
+        sent each result again on every reconnect (about 135 times each in an attack).
         """
         if self._held_full(reply_to):
             log.info(
@@ -173,6 +185,7 @@ class Publisher:
                 lambda: self._reply(channel, reply_to, message),
                 f"answering job {job_id}",
                 channel=channel,
+                held=held,
             )
         except aiormq.exceptions.PublishError:
             log.warning(
@@ -191,10 +204,14 @@ class Publisher:
             return False
         return True
 
-    async def chunk(self, team: str, reply_to: str, chunk: StreamChunk) -> bool:
+    async def chunk(
+        self, team: str, reply_to: str, chunk: StreamChunk, *, held: Callable[[], bool]
+    ) -> bool:
         """Send one streamed delta; False when the reply queue no longer exists, or is one
         of a team's and full (its final result is then refused too, or comes when there is
-        room: the deltas before it are the reader's to lose).
+        room: the deltas before it are the reader's to lose), or when the connection is lost
+        and the job's delivery with it (``held``, as for ``result``): the job is delivered
+        again, and its call runs on to its stored outcome, which answers that delivery.
 
         Not persistent: a delta is worth nothing after a broker restart, the final result is.
         """
@@ -212,8 +229,9 @@ class Publisher:
                 lambda: self._reply(channel, reply_to, message),
                 f"streaming job {chunk.job_id}",
                 channel=channel,
+                held=held,
             )
-        except aiormq.exceptions.PublishError:
+        except (aiormq.exceptions.PublishError, *CONNECTION_LOST):
             return False
         except aiormq.exceptions.DeliveryError:
             if not self._bounded(reply_to):

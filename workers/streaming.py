@@ -7,6 +7,7 @@ arrive in ``seq`` order and always before the result, which is published after t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from queuegate.messages import ChatJob, StreamChunk
@@ -21,11 +22,20 @@ log = logging.getLogger(__name__)
 class StreamRelay:
     """A Router ``on_delta`` sink that publishes each delta with the next ``seq``."""
 
-    def __init__(self, publisher: Publisher, team: str, reply_to: str, job_id: str) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        team: str,
+        reply_to: str,
+        job_id: str,
+        held: Callable[[], bool],
+    ) -> None:
         self._publisher = publisher
         self._team = team
         self._reply_to = reply_to
         self._job_id = job_id
+        self._held = held
+        """Whether the job's delivery is still open (``Publisher.chunk``)."""
         self._seq = 0
         self._gone = False
 
@@ -45,10 +55,12 @@ class StreamRelay:
             **sent,
         )
         self._seq += 1
-        if not await self._publisher.chunk(self._team, self._reply_to, chunk):
+        if not await self._publisher.chunk(self._team, self._reply_to, chunk, held=self._held):
             self._gone = True
             log.warning(
-                "reply queue of streamed job %s is gone or full; not relaying", self._job_id
+                "reply queue of streamed job %s is gone or full, or the job's delivery is, "
+                "with its connection; not relaying",
+                self._job_id,
             )
 
     async def replay(self, response: dict[str, Any]) -> None:
@@ -65,8 +77,11 @@ class StreamRelay:
             await self(Piece(d.delta, d.index, d.logprobs, chunk, anthropic_events=events), model)
 
 
-def relay_for(job: ChatJob, reply_to: str | None, publisher: Publisher) -> StreamRelay | None:
-    """The relay of a job that asked to be streamed and has somewhere to stream to."""
+def relay_for(
+    job: ChatJob, reply_to: str | None, publisher: Publisher, held: Callable[[], bool]
+) -> StreamRelay | None:
+    """The relay of a job that asked to be streamed and has somewhere to stream to, while
+    its delivery is ``held``."""
     if not job.stream or not reply_to:
         return None
-    return StreamRelay(publisher, job.team, reply_to, job.job_id)
+    return StreamRelay(publisher, job.team, reply_to, job.job_id, held)

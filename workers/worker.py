@@ -59,6 +59,13 @@ log = logging.getLogger(__name__)
 
 TEAM_CONNECTION_DOWN = (*CONNECTION_LOST, ServiceUnavailable)
 """What serving a team raises while its broker connection (or the worker's) is down."""
+TEAM_SERVE_WAIT = 2.0
+"""Seconds serving one team (its consumer cancelled, or started: a channel of its connection,
+its queue declared and consumed, 10-60 ms here) may take before its connection counts as down.
+aio-pika's robust channel waits for its connection to come back and the channel to be
+restored, which a team's requests that close its connection again each time it is back can
+keep from ever happening: a worker waited there past every `teams set` (exit 3, naming it
+stalled) and past its stop, 90 s until the test ended."""
 
 
 @dataclass(frozen=True)
@@ -315,25 +322,27 @@ class Worker:
             if current is not None and current.prefetch == prefetch:
                 continue
             try:
-                await self._serve_team(team, current, prefetch)
-            except TEAM_CONNECTION_DOWN as exc:
+                async with asyncio.timeout(TEAM_SERVE_WAIT):
+                    await self._serve_team(team, current, prefetch)
+            except (*TEAM_CONNECTION_DOWN, TimeoutError) as exc:
                 # Its own connection, closed by the broker (a team can make it close it) and
                 # coming back: the other teams are served meanwhile, and it at the next
                 # refresh. Raised, a team's queued requests that close it stopped every
-                # worker from starting.
+                # worker from starting; waited for, they held the registry's confirm.
                 log.warning(
                     "team %s not served for now: its broker connection is down (%s); "
                     "served at the next refresh",
                     team,
-                    exc,
+                    exc or f"no answer within {TEAM_SERVE_WAIT:g} s",
                 )
                 continue
             if not stop.is_set():
                 log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
-            with contextlib.suppress(*TEAM_CONNECTION_DOWN):
+            with contextlib.suppress(*TEAM_CONNECTION_DOWN, TimeoutError):
                 # Its connection down, the broker has dropped the consumer already.
-                await self._consumers.pop(team).consumer.cancel()
+                async with asyncio.timeout(TEAM_SERVE_WAIT):
+                    await self._consumers.pop(team).consumer.cancel()
             # Only once its consumer is gone: a held job sent back now is not delivered
             # here again. Its connection stays until the jobs it holds are settled on it
             # (closed by a sweep: _holding).
@@ -341,8 +350,9 @@ class Worker:
             log.info("stopped serving team %s (disabled)", team)
         if version is not None and self._live is not None:
             # Only now that every team is served under it: a team added is consumed (but one
-            # whose own connection is down, at the next refresh), one disabled is not, and the
-            # next job of each is admitted under its new config.
+            # whose own connection is down, or did not answer within TEAM_SERVE_WAIT, at the
+            # next refresh), one disabled is not, and the next job of each is admitted under
+            # its new config.
             self._live.applied(version, read_at)
 
     async def _serve_team(self, team: str, current: _TeamConsumer | None, prefetch: int) -> None:
