@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 TEAM_CONNECTION_DOWN = (*CONNECTION_LOST, ServiceUnavailable)
 """What serving a team raises while its broker connection (or the worker's) is down."""
 TEAM_SERVE_WAIT = 2.0
-"""Seconds serving one team (its consumer cancelled, or started: a channel of its connection,
-its queue declared and consumed, 10-60 ms here) may take before its connection counts as down.
+"""Seconds opening one team's jobs channel and declaring its queue (10-60 ms here) may take
+before its connection counts as down.
 aio-pika's robust channel waits for its connection to come back and the channel to be
 restored, which a team's requests that close its connection again each time it is back can
 keep from ever happening: a worker waited there past every `teams set` (exit 3, naming it
@@ -322,8 +322,7 @@ class Worker:
             if current is not None and current.prefetch == prefetch:
                 continue
             try:
-                async with asyncio.timeout(TEAM_SERVE_WAIT):
-                    await self._serve_team(team, current, prefetch)
+                await self._serve_team(team, current, prefetch)
             except (*TEAM_CONNECTION_DOWN, TimeoutError) as exc:
                 # Its own connection, closed by the broker (a team can make it close it) and
                 # coming back: the other teams are served meanwhile, and it at the next
@@ -339,10 +338,9 @@ class Worker:
             if not stop.is_set():
                 log.info("now serving team %s with %d slots", team, prefetch)
         for team in set(self._consumers) - set(wanted):
-            with contextlib.suppress(*TEAM_CONNECTION_DOWN, TimeoutError):
+            with contextlib.suppress(*TEAM_CONNECTION_DOWN):
                 # Its connection down, the broker has dropped the consumer already.
-                async with asyncio.timeout(TEAM_SERVE_WAIT):
-                    await self._consumers.pop(team).consumer.cancel()
+                await self._consumers.pop(team).consumer.cancel()
             # Only once its consumer is gone: a held job sent back now is not delivered
             # here again. Its connection stays until the jobs it holds are settled on it
             # (closed by a sweep: _holding).
@@ -363,8 +361,14 @@ class Worker:
         if current is not None:
             del self._consumers[team]
             await current.consumer.cancel()
-        channel = await self._team_connections.jobs(team)
-        queue = await self._topology.declare_team_queue(channel, team)
+        # Only the robust channel's steps are time-boxed: they wait for its connection to be
+        # back and the channel restored. A consume or cancel is on the underlying channel,
+        # which fails at once when its connection is down, and one cut off between its
+        # sending and the broker's answer would leave a consumer untracked (never cancelled
+        # at a disable or a stop).
+        async with asyncio.timeout(TEAM_SERVE_WAIT):
+            channel = await self._team_connections.jobs(team)
+            queue = await self._topology.declare_team_queue(channel, team)
         self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
 
     async def _consume(
