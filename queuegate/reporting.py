@@ -155,9 +155,10 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     if not status.teams:
         teams.add_row("(no live worker: name teams with --teams)", *[""] * len(headers))
     if status.teams:
+        # What accounting wrote is read with the budgets: not known when they are not.
+        floor = ", at least what accounting wrote" if status.budgets_read else ""
         teams.caption = (
-            "cons.: consumers · in fl.: in flight · spend: this month, as workers count it,"
-            " at least what accounting wrote"
+            f"cons.: consumers · in fl.: in flight · spend: this month, as workers count it{floor}"
         )
     deployments = compact_table("deployments, last minute")
     add_text_column(deployments, "deployment")

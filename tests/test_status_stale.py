@@ -84,6 +84,9 @@ async def test_status_with_postgres_unreachable_says_so_and_shows_budgets_unknow
         assert reason in line and "start it or set QUEUEGATE_DATABASE_URL" in line
     [alpha] = [line for line in table.splitlines() if line.lstrip().startswith("alpha")]
     assert alpha.rstrip().endswith("unknown")
+    # and its spend not said to be at least accounting's, which was not read either
+    assert "spend: this month, as workers count it" in " ".join(table.split())
+    assert "accounting" not in table
 
 
 class _Screen:
@@ -259,5 +262,7 @@ async def test_status_with_every_worker_dead_lists_queued_jobs_stale_as_live_jso
         assert err.strip().splitlines() == [f"stale: {NO_WORKER}"]
     [alpha] = [line.split() for line in table.splitlines() if line.lstrip().startswith("alpha")]
     assert alpha[1:3] == [str(QUEUED), "0"]
-    # and its budget read, none (not "unknown": PostgreSQL answered)
+    # and its budget read, none (not "unknown": PostgreSQL answered), and its spend at least
+    # what accounting wrote
     assert alpha[-1] == "-"
+    assert "at least what accounting wrote" in " ".join(table.split())
