@@ -293,11 +293,14 @@ async def reconcile(
     *,
     token: str,
     restore: Mapping[Scope, Mapping[str, tuple[int, int]]] | None = None,
+    restoring: int = 0,
 ) -> list[Correction] | None:
     """Bring each scope's ledger for ``month`` in line with usage_log (module docstring).
 
     ``restore`` maps a scope to the entries to put back, job id to (nano-USD, milliseconds
-    until the entry lapses), unless the snapshot holds the job's usage row.
+    until the entry lapses), unless the snapshot holds the job's usage row. ``restoring``:
+    milliseconds a ledger made here (Redis had lost it) holds its reserves back, for the
+    other workers to put theirs back (``lua/reconcile.lua``); 0: none.
 
     None when another reconciler (another ``token``) holds the lock: one at a time, or an
     older snapshot could be applied after a newer one. A scope PostgreSQL refuses a value of
@@ -320,6 +323,7 @@ async def reconcile(
                     month=month,
                     token=token,
                     restore=(restore or {}).get(scope),
+                    restoring=restoring,
                 )
             except asyncpg.DataError as exc:
                 # A value PostgreSQL refuses fails this ledger alone: the others must still
@@ -357,6 +361,7 @@ async def _reconcile_scope(
     month: str,
     token: str,
     restore: Mapping[str, tuple[int, int]] | None,
+    restoring: int,
 ) -> Correction | None:
     """One scope's round of ``reconcile``; None when the lock was lost to another."""
     ledger, expiry = ledger_keys(keys, scope.team, month, [scope.model])
@@ -394,6 +399,7 @@ async def _reconcile_scope(
                 to_nano(spent - pending),
                 LEDGER_TTL,
                 secrets.token_hex(8),
+                restoring,
                 len(wanted) if first else 0,
                 *(back if first else []),
                 *chunk,

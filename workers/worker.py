@@ -154,9 +154,11 @@ class Worker:
 
     async def _refresh_gauges(self) -> None:
         """The gauges the live stats read that only calls and takes set: bucket fills, and
-        breakers whose shared state may have lapsed since."""
+        breakers whose shared state may have lapsed since. And, on the same tick, this
+        worker's settled jobs back into the budget ledgers made again since it used them."""
         if self._admission is not None:
             await self._admission.refresh_fills()
+            await self._admission.put_back()
         await self._router.health.refresh_gauges()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -10,10 +10,12 @@
 --           drops (their entries count them until then)
 -- ARGV[3]   ttl of the ledger, seconds
 -- ARGV[4]   the generation to give the ledger if it has none (Redis lost it, or it is new)
--- ARGV[5]   n, the number of entries to put back
--- ARGV[6 .. 5+3n]  each: job id, nano-USD, milliseconds until it lapses; jobs the snapshot
+-- ARGV[5]   milliseconds a ledger it makes (had none) is restoring: its reserves wait that
+--           long for the other workers to put back their jobs (spend.lua); 0 = not
+-- ARGV[6]   n, the number of entries to put back
+-- ARGV[7 .. 6+3n]  each: job id, nano-USD, milliseconds until it lapses; jobs the snapshot
 --           does not hold, put back only where the ledger has no entry for them
--- ARGV[6+3n ..]    job ids whose usage rows that snapshot holds
+-- ARGV[7+3n ..]    job ids whose usage rows that snapshot holds
 --
 -- Returns {-1} when the lock is no longer ours (another accountant reconciles: its snapshot
 -- may be newer), else {found, before, after, generation}: found 0 when the ledger was
@@ -30,17 +32,17 @@ local open = tonumber(state[2]) or 0
 local gen = state[3] or ARGV[4]
 local reserved = tonumber(state[4]) or 0
 local before = base + open
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-for i = 6, 5 + 3 * n, 3 do
+for i = 7, 6 + 3 * n, 3 do
   local f = 'j:' .. ARGV[i]
   if redis.call('HSETNX', KEYS[1], f, ARGV[i + 1]) == 1 then
     open = open + tonumber(ARGV[i + 1])
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 2]), ARGV[i])
   end
 end
-local first = 6 + 3 * n
+local first = 7 + 3 * n
 local gone = 0
 for i = first, #ARGV do
   local f, r = 'j:' .. ARGV[i], 'r:' .. ARGV[i]
@@ -62,5 +64,9 @@ redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen, 'rese
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if n > 0 then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+local restoring = tonumber(ARGV[5])
+if not state[1] and restoring > 0 then
+  redis.call('HSET', KEYS[1], 'restoring', string.format('%d', now + restoring))
 end
 return {state[1] and 1 or 0, before, base + open - gone, gen}

@@ -18,9 +18,12 @@ not (up to ``SETTLED_TTL`` and ``SETTLED_KEPT`` per team and month: job id, cost
 and the first reserve that finds the ledger missing or made again (a new generation)
 reconciles it here, putting those of its scope back as entries unless usage_log holds them:
 the ledger stays short only of the reservations of jobs in flight at the loss, until each
-settles (its settle puts its cost in the new ledger). A ledger a team gains (a budget or a
-model cap set from none), made from usage_log as the change commits, misses them the same
-way: each worker puts them back (``restore``) before it confirms the change.
+settles (its settle puts its cost in the new ledger). The other workers' jobs are put back by
+each of them (``put_back``, on its live-stats flush) once it sees the ledger's generation
+change; until then, ``hold`` seconds at most, the ledger is restoring and every reserve in it
+waits, as one the other jobs' reservations hold does (``BudgetHeld``). A ledger a team gains
+(a budget or a model cap set from none), made from usage_log as the change commits, misses
+them the same way: each worker puts them back (``restore``) before it confirms the change.
 """
 
 from __future__ import annotations
@@ -154,10 +157,13 @@ class Budgets:
         *,
         lease: float,
         slack: float,
+        hold: float = 0.0,
     ) -> None:
         """``lease``: seconds a reservation lapses after, unless its job's deadline plus
         ``slack`` comes first (a job is never called past its deadline; a stream its chunks
-        keep going past it passes ``ChatJob.ends_by``, no deadline)."""
+        keep going past it passes ``ChatJob.ends_by``, no deadline). ``hold``: seconds a
+        ledger this worker makes again after a loss holds its reserves back, for every other
+        worker to put back its jobs (``put_back``) first; 0: none."""
         self._client = client
         self._scripts = scripts
         self._keys = keys
@@ -168,8 +174,11 @@ class Budgets:
         self._unreserve: AsyncScript = client.register_script(
             lua_source("workers.admission", "unreserve")
         )
+        self._hold_ms = math.ceil(hold * 1000)
         self._generations: dict[str, str] = {}
         """Each ledger's generation as this worker last reserved in it."""
+        self._ledgers: dict[str, tuple[str, str, str | None]] = {}
+        """Each ledger a job of this worker's reserves in: its team, month and model."""
         self._scoped: dict[tuple[str, str], _Scoped] = {}
         """Per team and model, what its jobs reserve in, as of the config last seen."""
         self._settled: dict[tuple[str, str], OrderedDict[str, Settled]] = {}
@@ -272,7 +281,10 @@ class Budgets:
             if config.budget_usd is not None
             else 0
         )
-        keys = ledger_keys(self._keys, team, month, [scope_model for scope_model, _ in scopes])
+        models = [scope_model for scope_model, _ in scopes]
+        keys = ledger_keys(self._keys, team, month, models)
+        for ledger, scope_model in zip(keys[::2], models, strict=True):
+            self._ledgers[ledger] = (team, month, scope_model)
         limits = [to_nano(limit) for _, limit in scopes]
         scoped = _Scoped(config, month, scopes, keys, threshold, limits)
         self._scoped[(team, model)] = scoped
@@ -292,15 +304,21 @@ class Budgets:
             args = reserving.call.args
             args[-len(ledgers) :] = [self._generations.get(ledger, "") for ledger in ledgers]
             return None
-        if reply[0] == -4:
+        if held_back(reply):
             at = int(reply[1]) - 1
             scope_model, limit = scopes[at]
+            why = (
+                "the reservations of its jobs in flight"
+                if reply[0] == -4
+                else "its ledger, made again after Redis lost it, until every worker has put "
+                "back the jobs it settled that accounting has not written"
+            )
             raise BudgetHeld(
                 held.team,
                 held.keys[2 * at],
                 held.keys[2 * at + 1],
                 f"team {held.team}'s {f'{scope_model} cap' if scope_model else 'budget'} "
-                f"(${plain_decimal(limit)}) is held by the reservations of its jobs in flight "
+                f"(${plain_decimal(limit)}) is held by {why} "
                 f"(${plain_decimal(Decimal(int(reply[2])) / NANO)} spent and reserved)",
             )
         if reply[0] == -1:
@@ -456,10 +474,32 @@ class Budgets:
             if scope.model is None or scope.model in models:
                 await self._rebuild(team, month, scope.model)
 
+    async def put_back(self) -> None:
+        """Put the jobs this worker settled that usage_log does not hold yet back into each
+        ledger of their team and month that was made again (or lost) since this worker
+        reserved in it: another worker's reserve rebuilt it from usage_log and its own jobs
+        alone, and holds its reserves back meanwhile (``hold``). Run every live-stats
+        interval: one HGET per such ledger, in one round trip. Raises ServiceUnavailable or
+        RedisError, as ``restore``."""
+        ledgers = [
+            ledger for ledger in self._generations if self._settled.get(self._ledgers[ledger][:2])
+        ]
+        if not ledgers:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for ledger in ledgers:
+            pipe.hget(ledger, "gen")
+        generations = await pipe.execute()
+        for ledger, generation in zip(ledgers, generations, strict=True):
+            if generation is None or text(generation) != self._generations[ledger]:
+                await self._rebuild(*self._ledgers[ledger])
+
     async def _rebuild(self, team: str, month: str, model: str | None) -> None:
         """Reconcile a ledger Redis lost (or made again since this worker reserved in it, or
         the team gained), putting back the jobs of its scope (the team's, or its ``model``'s)
-        this worker settled that usage_log does not hold yet."""
+        this worker settled that usage_log does not hold yet. Made again here by a worker
+        that used it or settled jobs of its scope, the ledger is lost, not new: it holds its
+        reserves back for ``hold`` while the other workers put theirs back."""
         ledger = self._keys.spend(team, month, model)
         jobs = self._settled.get((team, month), OrderedDict())
         now = time.time()
@@ -469,6 +509,7 @@ class Budgets:
             for job, (nano, lapses, of) in jobs.items()
             if model is None or of == model
         }
+        lost = bool(back) or bool(self._generations.get(ledger))
         scope = Scope(team, model)
         deadline, delay = time.monotonic() + LOCK_WAIT, 0.02
         while True:
@@ -481,6 +522,7 @@ class Budgets:
                     month,
                     token=self._token,
                     restore={scope: back},
+                    restoring=self._hold_ms if lost else 0,
                 )
             except DB_ERRORS as exc:
                 raise ServiceUnavailable(
@@ -499,6 +541,7 @@ class Budgets:
             raise ServiceUnavailable(f"cannot rebuild team {team}'s spend for {month}")
         (correction,) = corrections
         self._generations[ledger] = correction.generation
+        self._ledgers[ledger] = (team, month, model)
         if correction.before is None:
             log.warning(
                 "team %s's spend ledger for %s was missing (Redis lost it): rebuilt from "
@@ -527,9 +570,10 @@ def lost_ledger(reply: list[int]) -> bool:
 
 
 def held_back(reply: list[int]) -> bool:
-    """Whether a reserve's ``reply`` says the other jobs' open reservations kept it out: it
-    runs again once they settle."""
-    return reply[0] == -4
+    """Whether a reserve's ``reply`` says the other jobs' open reservations kept it out, or
+    its ledger is restoring (made again after a loss): it runs again once they settle, or
+    the restoring is over."""
+    return reply[0] in (-4, -5)
 
 
 def _forget_lapsed(jobs: OrderedDict[str, Settled], now: float) -> None:

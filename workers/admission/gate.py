@@ -81,6 +81,11 @@ DEADLINE_SLACK = 10.0
 the deadline and its settle follows within milliseconds; one later still finds its cost
 brought in by reconciliation."""
 
+RESTORING_INTERVALS = 2
+"""Live-stats intervals a ledger made again after a Redis loss holds its reserves back: every
+live worker flushes its live stats (and puts its jobs back: ``Admission.put_back``) within
+one, the second is slack for a flush that runs late."""
+
 BUDGET_POLL = 0.05
 """Seconds the first job waiting for its budget's reservations waits before it asks again,
 doubled after each try up to ``RETRY_SECONDS``: a settle of this process's in the ledger that
@@ -142,12 +147,19 @@ class Admission:
             pool,
             lease=settings.job_time_limit + LEASE_SLACK,
             slack=DEADLINE_SLACK,
+            hold=RESTORING_INTERVALS * settings.stats_interval,
         )
         self._local = LocalBuckets(share=1 / settings.admission_workers)
         self.policy = settings.redis_outage
         self.outage = OutageLog(log, "Redis", MEANWHILE[self.policy])
         self._postgres = OutageLog(
             log, "PostgreSQL (budget ledger rebuild)", "jobs of teams whose ledger is lost wait"
+        )
+        self._put_back = OutageLog(
+            log,
+            "PostgreSQL (budget ledger put-back)",
+            "the jobs this worker settled come back into a ledger made again at its next "
+            "reserve there, or as accounting writes them",
         )
         self._configs: Mapping[str, TeamConfig] = {}
         self._changed: dict[str, TeamConfig] = {}
@@ -312,6 +324,20 @@ class Admission:
                 if config.rpm or config.tpm
             ]
         )
+
+    async def put_back(self) -> None:
+        """Put the jobs this worker settled that accounting has not written back into their
+        ledgers another worker made again after a Redis loss (``Budgets.put_back``): called
+        on each live-stats flush, within the interval, as that ledger holds its reserves back
+        for ``RESTORING_INTERVALS``. Lost to an outage or cut off by the interval, it is tried
+        again at the next flush. A RedisError is the flush's too, which says so once."""
+        try:
+            async with asyncio.timeout(self._settings.stats_interval):
+                await self._budgets.put_back()
+        except (ServiceUnavailable, TimeoutError) as exc:
+            self._put_back.failed(exc)
+        else:
+            self._put_back.recovered()
 
     def config(self, team: str) -> TeamConfig:
         return self._configs.get(team) or UNREGISTERED

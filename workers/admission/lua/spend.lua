@@ -11,7 +11,10 @@
 -- (queuegate/lua/reconcile.lua). One entry per job id: a redelivered job's reservation
 -- replaces its earlier one instead of adding to it. A ledger's `gen` names it: a new one when
 -- it is made again after Redis lost it (queuegate/lua/reconcile.lua makes it), so a worker can
--- tell the ledger it settled into is gone.
+-- tell the ledger it settled into is gone. A ledger a worker made again after a loss holds
+-- `restoring` (ms since epoch) until the other workers have put back the jobs they settled
+-- that accounting has not written (workers/admission/budgets.py): a reserve until then waits
+-- (status -5), unless forced (a limit of 2^62 or more: its job is in its call already).
 --
 -- A reserve is made only when spent and reserved, with it, stay within each limit: so
 -- concurrent jobs cannot overshoot by more than their estimates' errors. One that the settled
@@ -35,7 +38,8 @@
 --
 -- Returns {0, spent, alerted, gen 1, .., gen n} when done, {-1, i, settled} when scope i's
 -- settled spend (the job's own entry left out) cannot take the amount, {-4, i, spent} when
--- only the other jobs' open reservations in scope i keep it out (nothing written), {-2, i}
+-- only the other jobs' open reservations in scope i keep it out (nothing written), {-5, i,
+-- spent} when scope i's ledger is restoring (nothing written: it waits as for -4), {-2, i}
 -- when scope i's ledger is missing (Redis lost it), and {-3, i} when scope i's generation is
 -- not the caller's (a reserve: the ledger was made again): the caller reconciles it, putting
 -- back what it settled, and calls again. A settle whose entry is gone adds nothing when the
@@ -44,6 +48,7 @@
 -- (the reservation was lost with the old one).
 
 local REAP = 100 -- lapsed entries reaped per scope and call: bounded work on the hot path
+local FORCED = 2 ^ 62 -- a limit this large is a forced reserve's (budgets.py UNLIMITED)
 
 local mode = ARGV[1]
 local amount = tonumber(ARGV[2])
@@ -71,7 +76,8 @@ for i = 1, scopes do
   local known = ARGV[8 + scopes + i]
   -- Its entry, reservation and sums with the rest, read again below only if a reap changed
   -- them.
-  local state = redis.call('HMGET', ledger, 'base', 'gen', 'open', field, 'reserved', mark)
+  local state = redis.call('HMGET', ledger, 'base', 'gen', 'open', field, 'reserved', mark,
+    'restoring')
   local base = state[1]
   gens[i] = state[2] or ''
   if not base then
@@ -114,7 +120,11 @@ for i = 1, scopes do
       if settled + amount > limit then
         return {-1, i, settled}
       end
-      if not waits and others + amount > limit then
+      -- Refused already (above) when the settled spend cannot take it: what the other
+      -- workers put back only adds to it.
+      if not waits and limit < FORCED and now < (tonumber(state[7]) or 0) then
+        waits = {-5, i, spent[i]}
+      elseif not waits and others + amount > limit then
         waits = {-4, i, spent[i]}
       end
     end
