@@ -157,8 +157,9 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     if status.teams:
         # What accounting wrote is read with the budgets: not known when they are not.
         floor = ", at least what accounting wrote" if status.budgets_read else ""
+        # Two lines: piped, a caption is not wrapped, and one line would pass 80 columns.
         teams.caption = (
-            f"cons.: consumers · in fl.: in flight · spend: this month, as workers count it{floor}"
+            f"cons.: consumers · in fl.: in flight\nspend: this month, as workers count it{floor}"
         )
     deployments = compact_table("deployments, last minute")
     add_text_column(deployments, "deployment")
