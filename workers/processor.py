@@ -175,9 +175,12 @@ class JobProcessor:
             del message
             await self._finish(delivery, original, announcement, queue)
         except Busy as exc:
-            # Not called meanwhile: the job comes back, and by then has its outcome.
+            # Not called meanwhile: the job comes back, and by then has its outcome. No
+            # failure of the job's (its owner is alive, in its call), so not counted toward
+            # the delivery limit: a call longer than the limit's waits dead-lettered, unanswered,
+            # a job whose first delivery's answer was lost with its connection.
             log.info("%s past the wait; returning this delivery to the queue", exc)
-            await self._requeue(delivery, team, exc)
+            await self._requeue(delivery, team, exc, failed=False)
         except CONNECTION_LOST as exc:
             # The delivery's channel died with the connection: the broker delivers the job
             # again, and the outcome stored before it was announced answers it.
@@ -198,10 +201,14 @@ class JobProcessor:
             )
             await self._requeue(delivery, team, exc)
 
-    async def _requeue(self, delivery: Delivery, team: str, why: Exception) -> None:
+    async def _requeue(
+        self, delivery: Delivery, team: str, why: Exception, *, failed: bool = True
+    ) -> None:
+        """Return the job to its queue; counted toward its delivery limit when ``failed``."""
         if tracing.ON:
             tracing.failed(tracing.current(), why)
-        if delivery.message_id:  # the job's id (checked against the body before any claim)
+        # message_id: the job's id (checked against the body before any claim)
+        if failed and delivery.message_id:
             await self._claims.returned(team, delivery.message_id)
         await settle(delivery.nack(requeue=True), f"return job {delivery.message_id}", log)
 
