@@ -82,7 +82,7 @@ from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
 from queuegate.runtime import until_set
 from queuegate.script_calls import ScriptCalls
-from queuegate.spend import to_nano
+from queuegate.spend import from_nano, to_nano
 from router import Catalog, Deployment, Routed
 from router.router import AttemptGate
 from workers.admission import Ahead, Settlement, Ticket
@@ -221,8 +221,12 @@ class Claims:
         lookup_wait: float,
         delivery_limit: int,
         fail_open: bool = False,
+        remembered: Callable[[str, str], int | None] = lambda _team, _job: None,
     ) -> None:
         self._client = client
+        self._remembered = remembered
+        """What a job of a team cost when this worker settled it within the hour, else None
+        (``Admission.remembered``): answered, though neither Redis nor PostgreSQL may say so."""
         self.fail_open = fail_open
         """The ``redis_outage`` policy serves a job that missed its claim unclaimed after one
         more try before its call (``fail_open``), or holds it until claimed."""
@@ -497,11 +501,18 @@ class Claims:
             self._outage.failed(exc)  # then only the broker's far limit counts it
 
     async def _not_accounted(self, job: ChatJob) -> None:
-        """Raise AlreadyAnswered (with the cost its row holds) when PostgreSQL records the
-        job's usage; wait while it cannot tell, up to the job's time limit (then
-        ServiceUnavailable)."""
-        until = time.monotonic() + self._lookup_wait
-        cost = await self._usage.accounted(job.team, job.job_id, until=until)
+        """Raise AlreadyAnswered (with the cost its row holds) when this worker remembers
+        settling the job or PostgreSQL records its usage; wait while it cannot tell, up to
+        the job's time limit (then ServiceUnavailable)."""
+        # This worker's memory first: a job it answered whose usage accounting has not
+        # written yet (stopped, or behind) was called again after a Redis loss, its second
+        # call's cost in no ledger and no usage row (its event dropped by job id).
+        nano = self._remembered(job.team, job.job_id)
+        if nano is not None:
+            cost: Decimal | None = from_nano(nano)
+        else:
+            until = time.monotonic() + self._lookup_wait
+            cost = await self._usage.accounted(job.team, job.job_id, until=until)
         if cost is not None:
             answered = AlreadyAnswered(
                 f"job {job.job_id} was already answered (its usage is recorded); its "

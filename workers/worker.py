@@ -197,6 +197,10 @@ class Worker:
             lookup_wait=s.job_time_limit,
             delivery_limit=s.delivery_limit,
             fail_open=s.redis_outage == "fail_open",
+            # Made below: asked only once jobs are served.
+            remembered=lambda team, job: (
+                None if self._admission is None else self._admission.remembered(team, job)
+            ),
         )
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))

@@ -452,6 +452,14 @@ class Budgets:
         if len(jobs) > SETTLED_KEPT:
             jobs.popitem(last=False)
 
+    def remembered(self, team: str, job_id: str) -> int | None:
+        """What job ``job_id`` of ``team`` cost when this worker settled it (``remember``);
+        None when it does not remember settling it."""
+        for (of, _), jobs in self._settled.items():
+            if of == team and job_id in jobs:
+                return jobs[job_id][0]
+        return None
+
     def _sweep(self, now: float) -> None:
         """Drop every lapsed job remembered, and each team and month left with none."""
         self._swept = now

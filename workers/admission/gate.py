@@ -325,6 +325,11 @@ class Admission:
             ]
         )
 
+    def remembered(self, team: str, job_id: str) -> int | None:
+        """What job ``job_id`` of ``team`` cost (nano-USD) when this worker settled it within
+        the hour (``Budgets.remember``); None when it does not remember it."""
+        return self._budgets.remembered(team, job_id)
+
     async def put_back(self) -> None:
         """Put the jobs this worker settled that accounting has not written back into their
         ledgers another worker made again after a Redis loss (``Budgets.put_back``): called
