@@ -75,6 +75,9 @@ async def test_a_stop_returns_at_once_the_jobs_whose_team_connection_is_down(
         async with alpha_closed(settings, app):
             # ... when alpha's connection is closed, and stays down as they are answered
             await gw.mock.wait_for_calls(JOBS)
+            # (each accounted meanwhile, though its result waits for its redelivery: billed
+            # even should alpha's queue be consumed no more, its team disabled)
+            assert len(await gw.usage_rows(JOBS)) == JOBS
 
             # When the worker stops (a SIGTERM)
             began = time.monotonic()

@@ -24,6 +24,7 @@ the claim, and stops before claiming if not: either way its redelivery makes no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -750,7 +751,19 @@ class JobProcessor:
         when the job is bad input, which is also dead-lettered."""
         # As _announce does, without its frame: thousands of jobs wait here for their batch
         # when the broker is the slowest stage.
-        usage, received = await self._reply(announcement, delivery.held)
+        try:
+            usage, received = await self._reply(announcement, delivery.held)
+        except CONNECTION_LOST:
+            # The delivery is gone with its team's connection: the job comes back and is
+            # answered from its stored outcome. Its usage goes now all the same (accounting
+            # keeps one row a job id, so the redelivery's is dropped): waiting for that
+            # redelivery left a called job unbilled for as long as its team's queue is not
+            # consumed (a team disabled while its own requests kept its connection down).
+            # Not raised in its place: the redelivery accounts it should this fail.
+            if announcement.usage is not None:
+                with contextlib.suppress(AMQPError, ServiceUnavailable, *CONNECTION_LOST):
+                    await self._accounting(announcement.usage, announcement.lapsing)
+            raise
         if usage is not None:
             # Acknowledged below only once the batch carrying the event is confirmed.
             await self._accounting(usage, announcement.lapsing)
