@@ -338,7 +338,8 @@ class Worker:
                     "team %s not served for now: its broker connection is down (%s); "
                     "served at the next refresh",
                     team,
-                    exc or f"no answer within {TEAM_SERVE_WAIT:g} s",
+                    # A TimeoutError says nothing of itself.
+                    str(exc) or f"no answer within {TEAM_SERVE_WAIT:g} s",
                 )
                 continue
             if not stop.is_set():
