@@ -204,6 +204,30 @@ async def test_a_job_resent_after_redis_lost_its_data_while_accounting_is_stoppe
     assert gw.mock.stats.calls == 2
 
 
+async def test_a_refused_job_resent_after_redis_lost_its_data_is_told_to_take_a_new_id(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # Given a job refused (a model the catalog lacks) and accounted, and Redis then
+        # losing every key of the gateway
+        bad = client.job("no-such-model", HELLO, job_id="refused-1")
+        first = await (await client.submit(bad)).result(10)
+        assert first.error is not None and first.error.code == "unknown_model"
+        await gw.usage_rows(1)
+        await _lose_data(redis_client, settings)
+
+        # When it is sent again under its id, corrected
+        good = client.job("gpt-4o-mini", HELLO, job_id="refused-1")
+        again = await (await client.submit(good)).result(10)
+
+    # Expect it refused, uncalled, as the README says, saying what happened and what to do
+    # (it was never answered: "already answered" alone misled)
+    assert again.error is not None and again.error.code == "already_answered"
+    assert "answered or refused" in again.error.message
+    assert "new job id" in again.error.message
+    assert gw.mock.stats.calls == 0
+
+
 async def test_while_postgresql_cannot_tell_a_job_redis_may_have_forgotten_waits_uncalled(
     settings: Settings, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -515,8 +515,9 @@ class Claims:
             cost = await self._usage.accounted(job.team, job.job_id, until=until)
         if cost is not None:
             answered = AlreadyAnswered(
-                f"job {job.job_id} was already answered (its usage is recorded); its "
-                "result went to the reply queue of the first delivery"
+                f"job {job.job_id} was already answered or refused under this id (its usage "
+                "is recorded; the answer went to the reply queue of its first delivery): send "
+                "a new request under a new job id"
             )
             answered.answered_usd = cost
             raise answered
