@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from accounting.migrate import migrate
-from accounting.store import first_per_job, insert_usage, prepare_insert, stage
+from accounting.store import insert_usage, prepare_insert, stage
 from queuegate import tracing
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, settle
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
@@ -516,7 +516,9 @@ class Accountant:
         # rest are written and only that event is dead-lettered instead of blocking the queue.
         inserted = 0
         unstorable: set[tuple[str, str]] = set()
-        for event in first_per_job(events):
+        # Every event, not the first of each job: another of a job's events may bill calls
+        # made under another claim (``insert_usage``).
+        for event in events:
             try:
                 inserted += await insert_usage(self._pool, [event], staged=True)
             except DB_ERRORS as exc:

@@ -1,6 +1,7 @@
 """Writing usage events to ``usage_log``: one transaction per batch (a COPY, one INSERT),
 idempotent by team and ``job_id`` (producers choose job ids, so they are unique within a team
-only)."""
+only), and by claim: a job's event under another claim than its row's bills calls made again,
+on a row of its own."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import asyncpg
 import orjson
 from pydantic import TypeAdapter
 
-from queuegate.messages import Attempt, UsageEvent
+from queuegate.messages import AGAIN_MARK, Attempt, UsageEvent
 
 STATEMENT_TIMEOUT = 30.0
 """Seconds one batch insert may take before it counts as a failed write (and is retried)."""
@@ -51,6 +52,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("tokens_estimated", "boolean"),
     ("trace_id", "text"),
     ("span_id", "text"),
+    ("claim", "text"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
 
@@ -114,7 +116,8 @@ def first_per_job(events: Iterable[UsageEvent]) -> list[UsageEvent]:
 async def insert_usage(
     db: asyncpg.Pool | asyncpg.Connection, events: Iterable[UsageEvent], *, staged: bool = False
 ) -> int:
-    """Store the events whose ``job_id`` is new; return how many rows were inserted.
+    """Store the events whose ``job_id`` is new, and those that bill a job's calls under
+    another claim than its row's (``again``); return how many rows were inserted.
 
     ``staged``: ``db``'s connections have the staging table already (``stage``, as a pool's
     ``prepare``), so no batch asks for it again: a round trip a batch.
@@ -123,6 +126,7 @@ async def insert_usage(
     value cannot be stored (the whole statement fails), other asyncpg errors or ``OSError``
     when PostgreSQL cannot be reached.
     """
+    events = list(events)
     # In key order: two batches are written at once (see accounting.consumer.IN_FLIGHT), and
     # a job redelivered into both would otherwise deadlock them, each waiting on the other's
     # uncommitted row. In one order the second waits for the first's commit, then skips it.
@@ -158,7 +162,40 @@ async def insert_usage(
             # for one in a statement's parameters, which callers take as unstorable.
             raise asyncpg.DataError(f"invalid input for usage_log: {exc}") from exc
         inserted: int = await conn.fetchval(_INSERT, *content, timeout=STATEMENT_TIMEOUT)
+        if inserted < len(events):
+            # Some were a job's row already (a redelivery, or calls made again): rarely, so
+            # a batch of new jobs pays nothing for telling them apart.
+            again = await _again(conn, events)
+            if again:
+                await conn.execute("DELETE FROM usage_in", timeout=STATEMENT_TIMEOUT)
+                inserted += await insert_usage(conn, again, staged=True)
     return inserted
+
+
+async def _again(conn: asyncpg.Connection, events: list[UsageEvent]) -> list[UsageEvent]:
+    """Those of ``events`` that bill calls a job's row does not: made under another claim
+    than the row's (after Redis lost the first claim's outcome, the job's duplicate was
+    called again), as events of their own, ``<job id>/again/<claim>``.
+
+    An event sent again (a redelivery, a stored outcome announced again) names its claim
+    as stored: one row. Without a claim on either side (served while Redis was unreachable,
+    a row from before claims were recorded) or without a call (a refusal) it is dropped."""
+    called = [e for e in events if e.claim and e.attempts and AGAIN_MARK not in e.job_id]
+    if not called:
+        return []
+    rows = await conn.fetch(
+        "SELECT team, job_id, claim FROM usage_log"
+        " WHERE (team, job_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        [e.team for e in called],
+        [e.job_id for e in called],
+        timeout=STATEMENT_TIMEOUT,
+    )
+    claims = {(row["team"], row["job_id"]): row["claim"] for row in rows}
+    return [
+        e.model_copy(update={"job_id": f"{e.job_id}{AGAIN_MARK}{e.claim}"})
+        for e in called
+        if (claim := claims.get(_KEY(e))) is not None and claim != e.claim
+    ]
 
 
 async def stage(conn: asyncpg.Connection) -> None:

@@ -131,11 +131,16 @@ REFUSED_MARK = "/refused/"
 (``workers.outcome.refused``), and no job id may: a job sent under a refusal's id, which its
 producer can work out from what it sent, was called and billed, its cost dropped against the
 refusal's row of no cost."""
+AGAIN_MARK = "/again/"
+"""What the usage row of a job's calls made under a second claim has in its id, ``<job
+id>/again/<claim>`` (``accounting.store``): calls made again once Redis had lost the first
+claim's outcome, billed on a row of their own. No job id may hold it either."""
 
 
 def _job_id(text: str) -> str:
-    if REFUSED_MARK in text:
-        raise ValueError(f"a job id may not contain {REFUSED_MARK!r} (the ids of refusals' rows)")
+    for mark in (REFUSED_MARK, AGAIN_MARK):
+        if mark in text:
+            raise ValueError(f"a job id may not contain {mark!r} (the ids of accounting's rows)")
     return text
 
 
@@ -521,7 +526,8 @@ class AuditContent(WireModel):
 
 
 class UsageEvent(WireModel):
-    """What one finished job cost; accounting writes exactly one row per ``job_id``."""
+    """What one finished job cost; accounting writes one row per ``job_id``, and one more per
+    claim that called it again (``claim``)."""
 
     v: int = SCHEMA_VERSION
     job_id: str
@@ -571,6 +577,11 @@ class UsageEvent(WireModel):
     span_id: str | None = None
     """The job's span in that trace (16 hex digits) when it was recorded (sampled): accounting
     continues the trace from it with its write."""
+    claim: str | None = None
+    """The owner of the job's claim whose delivery (or sweep) made the calls billed here, as
+    stored with the outcome and sent again with it; None when the job was served unclaimed
+    (Redis unreachable). A job's event under another claim bills calls made again after Redis
+    lost the first's outcome: accounting keeps it on a row of its own (``AGAIN_MARK``)."""
 
 
 class UsageBatch(WireModel):

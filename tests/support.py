@@ -16,6 +16,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import orjson
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 from prometheus_client import REGISTRY
@@ -105,6 +106,13 @@ async def depth(settings: Settings, queue: str) -> int:
     async with connection:
         declared = await (await connection.channel()).declare_queue(queue, passive=True)
         return int(declared.declaration_result.message_count or 0)
+
+
+async def lose_redis_data(redis_client: aioredis.Redis, settings: Settings) -> None:
+    """Every key of the test's gateway gone from Redis, as when Redis restarts without
+    persistence (only its prefix: Redis is shared)."""
+    async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
+        await redis_client.delete(key)
 
 
 async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:

@@ -20,6 +20,7 @@ from mockprovider.config import Behavior
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import Door, open_door
+from tests.support import lose_redis_data
 
 HELLO: list[MessageParam] = [{"role": "user", "content": "Hello there"}]
 STORY: list[MessageParam] = [{"role": "user", "content": "Tell me a long story about the sea"}]
@@ -362,8 +363,7 @@ async def test_a_timeout_and_a_conflict_are_the_error_types_anthropic_documents(
                 extra_headers={"x-queuegate-timeout": "1"},
             )
         # and the answered message is sent again after Redis lost the outcome it kept
-        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
-            await redis_client.delete(key)
+        await lose_redis_data(redis_client, settings)
         with pytest.raises(anthropic.ConflictError) as answered:
             await sdk.messages.create(
                 model="claude-haiku", max_tokens=10, messages=HELLO, extra_headers=again

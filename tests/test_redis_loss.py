@@ -21,17 +21,11 @@ from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
 from tests.proxy import TcpProxy
-from tests.support import Gateway, logged, running_gateway, wait_until
+from tests.support import Gateway, logged, lose_redis_data, running_gateway, wait_until
 from tests.teams import register
 from workers.claims import SETTLE
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-async def _lose_data(redis_client: aioredis.Redis, settings: Settings) -> None:
-    """Every key of the gateway gone, as when Redis restarts without persistence."""
-    async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
-        await redis_client.delete(key)
 
 
 async def _answered(gw: Gateway, job_id: str) -> ChatJob:
@@ -51,7 +45,7 @@ async def test_after_redis_loses_its_data_an_accounted_job_is_not_called_again(
         # Given a job answered and accounted
         job = await _answered(gw, "kept")
         # When Redis loses every key of the gateway, and the job is published again
-        await _lose_data(redis_client, settings)
+        await lose_redis_data(redis_client, settings)
         async with gw.client("alpha") as second:
             result = await (await second.submit(job)).result(10)
             # ... then another job, accounted after anything the duplicate left
@@ -74,7 +68,7 @@ async def test_an_accounted_job_sent_again_to_a_gone_reply_queue_is_not_accounte
     async with running_gateway(settings) as gw:
         # Given a job answered and accounted, and Redis then losing every key of the gateway
         job = await _answered(gw, "kept")
-        await _lose_data(redis_client, settings)
+        await lose_redis_data(redis_client, settings)
         # When the job is published again naming a reply queue that no longer exists
         with logged("workers.processor", "job 'kept' for team alpha refused (") as refused:
             await gw.publish(
@@ -109,7 +103,7 @@ async def test_a_redis_restarted_empty_under_a_running_worker_calls_no_accounted
                 assert {(await h.result(10)).status for h in handles} == {"ok"}
             await gw.usage_rows(3)
             # When Redis restarts empty: every key gone, every pooled connection closed
-            await _lose_data(redis_client, settings)
+            await lose_redis_data(redis_client, settings)
             await proxy.down()
             await proxy.up()
             # and the jobs are published again at once
@@ -165,7 +159,7 @@ async def test_jobs_answered_just_before_redis_lost_its_data_are_not_called_agai
                     assert {(await h.result(10)).status for h in handles} == {"ok"}
                 # When Redis loses its data, and another job finds it so while PostgreSQL
                 # holds no usage row at all
-                await _lose_data(redis_client, settings)
+                await lose_redis_data(redis_client, settings)
                 async with gw.client("alpha") as other:
                     assert (await other.chat("gpt-4o-mini", HELLO, timeout=10)).status == "ok"
         finally:
@@ -192,7 +186,7 @@ async def test_a_job_resent_after_redis_lost_its_data_while_accounting_is_stoppe
         assert {(await h.result(10)).status for h in handles} == {"ok"}
 
         # When Redis loses its data, and both are sent again under their ids
-        await _lose_data(redis_client, settings)
+        await lose_redis_data(redis_client, settings)
         async with gw.client("alpha") as second:
             again = [await second.submit(job) for job in jobs]
             results = [await h.result(10) for h in again]
@@ -214,7 +208,7 @@ async def test_a_refused_job_resent_after_redis_lost_its_data_is_told_to_take_a_
         first = await (await client.submit(bad)).result(10)
         assert first.error is not None and first.error.code == "unknown_model"
         await gw.usage_rows(1)
-        await _lose_data(redis_client, settings)
+        await lose_redis_data(redis_client, settings)
 
         # When it is sent again under its id, corrected
         good = client.job("gpt-4o-mini", HELLO, job_id="refused-1")
@@ -251,7 +245,7 @@ async def test_while_postgresql_cannot_tell_a_job_redis_may_have_forgotten_waits
             # published again
             caplog.set_level(logging.WARNING, logger="workers.usage_record")
             await proxy.down()
-            await _lose_data(redis_client, settings)
+            await lose_redis_data(redis_client, settings)
             again = [await second.submit(job) for job in jobs]
 
             # Expect them held uncalled while PostgreSQL cannot tell whether they were answered

@@ -29,7 +29,7 @@ from queuegate.spend import (
 )
 from queuegate.status import StatusReader
 from tests.faults import behind_proxies
-from tests.support import running_accountant, running_gateway
+from tests.support import lose_redis_data, running_accountant, running_gateway
 from tests.teams import register
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Scripts
@@ -157,8 +157,7 @@ async def test_a_ledger_lost_while_accounting_is_behind_keeps_the_jobs_it_had_se
         assert await ledger_spent(redis_client, keys, "alpha", month) == cost > 0
 
         # When Redis loses every key of the gateway, then one more job comes
-        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
-            await redis_client.delete(key)
+        await lose_redis_data(redis_client, settings)
         last = await client.chat("gpt-4o-mini", MESSAGES)
         assert last.status == "ok" and last.gateway is not None
 
@@ -189,8 +188,7 @@ async def test_status_spend_recovers_from_a_redis_loss_once_reconciled(
             assert (await client.chat("gpt-4o-mini", MESSAGES)).status == "ok"
         await gw.usage_rows(3)
         # When Redis loses every key of the gateway, then one more job comes
-        async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
-            await redis_client.delete(key)
+        await lose_redis_data(redis_client, settings)
         assert (await client.chat("gpt-4o-mini", MESSAGES)).status == "ok"
         await gw.usage_rows(4)
         # Expect status's spend, once reconciled, to be all four jobs' (PostgreSQL's)

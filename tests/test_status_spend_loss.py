@@ -19,6 +19,7 @@ from queuegate.status import StatusReader
 from tests.support import (
     PRICED,
     PRICED_OUTPUT,
+    lose_redis_data,
     priced_catalog,
     queuegate_cli,
     running_gateway,
@@ -48,8 +49,7 @@ async def test_status_shows_postgresql_spend_after_redis_loses_its_data(
 
             # When Redis loses every key of the gateway (long before accounting's next
             # reconciliation, 30 s away, makes alpha's ledger again)
-            async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
-                await redis_client.delete(key)
+            await lose_redis_data(redis_client, settings)
             await _worker_reports(settings)
             # Expect status to show each team's spend as PostgreSQL holds it
             accounted = JOBS * JOB_COST

@@ -505,8 +505,8 @@ class Claims:
         settling the job or PostgreSQL records its usage; wait while it cannot tell, up to
         the job's time limit (then ServiceUnavailable)."""
         # This worker's memory first: a job it answered whose usage accounting has not
-        # written yet (stopped, or behind) was called again after a Redis loss, its second
-        # call's cost in no ledger and no usage row (its event dropped by job id).
+        # written yet (stopped, or behind) was called again after a Redis loss (billed on a
+        # row of its own, but called twice all the same).
         nano = self._remembered(job.team, job.job_id)
         if nano is not None:
             cost: Decimal | None = from_nano(nano)
@@ -836,17 +836,22 @@ class Claim:
             await self._claims.settle(settlement)
 
     def account(self, outcome: Outcome) -> Outcome:
-        """The outcome whose usage and result also count the calls lost with lapsed owners:
-        the client is told the attempts and cost its usage row holds."""
-        if not self.lost:
-            return outcome
+        """The outcome whose usage names this delivery's claim, and also counts the calls
+        lost with lapsed owners: the client is told the attempts and cost its usage row
+        holds. Accounting bills a claim's calls once, and those of each claim: a delivery
+        served unclaimed (Redis unreachable, ``fail_open``) is named as one would have been,
+        for a duplicate so served calls again."""
         usage = outcome.usage
+        claim = self._owner if self._owner is not None else self._claims._owner()
+        if not self.lost:
+            return outcome.model_copy(update={"usage": usage.model_copy(update={"claim": claim})})
         lost = [call.attempt() for call in self.lost]
         cost = usage.cost_usd + self.lost_usd
         update = {
             "attempt_log": lost + (usage.attempt_log or []),
             "attempts": usage.attempts + len(lost),
             "cost_usd": cost,
+            "claim": claim,
         }
         gateway = outcome.result.gateway
         gateway = gateway.model_copy(update={"attempts": lost + gateway.attempts, "cost_usd": cost})
