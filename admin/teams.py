@@ -728,6 +728,20 @@ IN_FORCE_POLL = 0.05
 IN_FORCE_SAY_AFTER = 0.5
 """Seconds of waiting after which ``in_force`` says it waits: workers told of a change
 confirm it within milliseconds, with no progress line."""
+REPORTS = 2
+"""Live-stats intervals ``in_force`` looks for live workers when it finds none at first.
+
+Redis that lost its data (flushed, restarted empty) holds no live entry until each worker's
+next live-stats write, ``stats_interval`` later at most, though the workers run and apply the
+change at once: looking once, the command would say that none runs and confirm nothing. Two
+intervals let every worker write again, a slow write included.
+
+Always, not only once Redis is known to have lost its data, for nothing in Redis tells that
+from a namespace no worker runs in: the memory epoch (``Keys.memory_epoch``) is written by a
+worker as it starts and by the first job claimed after a loss, so it is missing after a loss
+while no job comes, as where no worker ever ran, and present after a loss once a job came,
+the workers' entries maybe not back yet. Only a command run while no worker runs at all
+pays the wait (2 s by default)."""
 
 
 @dataclass(frozen=True)
@@ -735,11 +749,18 @@ class InForce:
     """Which live workers confirmed serving under a registry write (``in_force``)."""
 
     workers: list[str]
-    """The workers live when the wait began (those whose live snapshot had not expired),
-    less those that withdrew it since, stopping cleanly (``LiveStatsWriter.withdraw``)."""
+    """The workers live when the wait began (those whose live snapshot had not expired), or,
+    when none was, those found live within ``reports_within``, less those that withdrew it
+    since, stopping cleanly (``LiveStatsWriter.withdraw``)."""
     pending: list[str]
     """Those of them that did not confirm it within the wait: stalled, dead, cut off from
     PostgreSQL or Redis, or of an earlier version (which records no registry version)."""
+
+
+def reports_within(settings: Settings, within: float) -> float:
+    """Seconds ``in_force``, waiting up to ``within``, looks for live workers when it finds
+    none at first (``REPORTS``)."""
+    return min(within, REPORTS * settings.stats_interval)
 
 
 async def in_force(
@@ -751,27 +772,36 @@ async def in_force(
     """Wait up to ``within`` seconds until every live worker serves under a registry version
     that sees ``change`` (each records its version in its live snapshot, once it serves every
     team under it); ``waiting(pending, workers)`` once if some have not after
-    ``IN_FORCE_SAY_AFTER`` seconds.
+    ``IN_FORCE_SAY_AFTER`` seconds, ``waiting(0, 0)`` if none was found live by then.
 
     The workers are those live when the wait begins: one that stops reporting meanwhile (dead,
     or stalled and so not reading the change either) is waited for to the end and named, one
     that withdraws as it stops cleanly (it takes no job under any config) is waited for no
-    more, and one started meanwhile reads the registry as it starts. ServiceUnavailable when
-    Redis does not answer in time."""
+    more, and one started meanwhile reads the registry as it starts. When none is live, those
+    found within ``reports_within`` are, waited for that long at least (``REPORTS``: Redis may
+    have lost their entries).
+    ServiceUnavailable when Redis does not answer in time."""
     client = redis_for(settings)
     keys = Keys(settings.redis_prefix)
     workers: list[str] | None = None
     confirmed: set[str] = set()
     withdrawn: set[str] = set()
+    gathering = 0.0  # until when (seconds into the wait) workers found join those awaited
     said = False
-    start = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     try:
         async with asyncio.timeout(within):
             while True:
                 live = await read_workers(client, keys)
                 snapshots = live.snapshots
+                waited = loop.time() - start
                 if workers is None:
                     workers = sorted(snapshots)
+                    # None live: Redis may have lost their entries (REPORTS).
+                    gathering = 0.0 if workers else reports_within(settings, within)
+                if waited < gathering:
+                    workers = sorted({*workers, *snapshots})
                 confirmed |= {
                     name
                     for name in workers
@@ -780,9 +810,9 @@ async def in_force(
                 }
                 withdrawn |= {name for name in workers if name not in live.listed}
                 pending = [name for name in workers if name not in confirmed | withdrawn]
-                if not pending:
+                if not pending and waited >= gathering:
                     break
-                if not said and asyncio.get_running_loop().time() - start >= IN_FORCE_SAY_AFTER:
+                if not said and waited >= IN_FORCE_SAY_AFTER and (pending or not workers):
                     said = True
                     waiting(len(pending), len(workers))
                 await asyncio.sleep(IN_FORCE_POLL)

@@ -41,19 +41,21 @@ Wait = Annotated[
 def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> None:
     """Say when ``change`` is in force on every live worker, or exit ``NOT_CONFIRMED`` naming
     those that did not confirm it within ``wait`` seconds (``admin.teams.in_force``)."""
-    from admin.teams import in_force
+    from admin.teams import in_force, reports_within
     from queuegate.errors import ServiceUnavailable
 
     if change is None or wait == 0:
         return
+    looking = reports_within(settings, wait)
 
     def waiting(pending: int, workers: int) -> None:
-        err.print(
-            f"team {name}: waiting up to {wait:g} s for {pending} of {workers} workers to "
-            "apply the change",
-            markup=False,
-            highlight=False,
+        said = (
+            f"waiting up to {wait:g} s for {pending} of {workers} workers to apply the change"
+            if workers
+            else f"no live worker found yet; waiting up to {looking:g} s for workers to "
+            "report (Redis may have lost their live entries)"
         )
+        err.print(f"team {name}: {said}", markup=False, highlight=False)
 
     try:
         confirmed = run(lambda: in_force(settings, change, wait, waiting))
@@ -74,7 +76,11 @@ def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> 
     if workers:
         out.print(f"team {name}: in force on every live worker ({workers})", highlight=False)
     else:
-        out.print(f"team {name}: no worker is running; each reads it as it starts", highlight=False)
+        out.print(
+            f"team {name}: no worker is running (none reported in {looking:g} s); "
+            "each reads it as it starts",
+            highlight=False,
+        )
 
 
 @teams_app.command("add")

@@ -1008,6 +1008,69 @@ async def test_teams_set_names_a_stalled_worker_and_ends_within_its_wait(
         assert f"team {alpha}: in force on every live worker (2)" in stdout
 
 
+async def test_teams_set_right_after_redis_lost_its_data_waits_for_the_workers_to_report(
+    settings: Settings, alpha: str, redis_client: aioredis.Redis
+) -> None:
+    # Given a worker process serving alpha, reaching PostgreSQL through a proxy, its registry
+    # read again only every ten minutes and its live stats written every minute (so that
+    # only the change below makes it write its live entry again), told of a first change
+    async with MockProvider() as mock, TcpProxy(settings.database_url) as pg_proxy:
+        env = worker_env(
+            settings,
+            mock,
+            QUEUEGATE_DATABASE_URL=pg_proxy.url,
+            QUEUEGATE_TEAMS_REFRESH="600",
+            QUEUEGATE_STATS_INTERVAL="60",
+        )
+        process = await start_worker(env, [alpha])
+        try:
+            await _serving(settings, [f"{socket.gethostname()}:{process.pid}"])
+            configured = await configure(settings, alpha, {"rpm": 5})
+            assert (await in_force(settings, configured.change, 10)).pending == []
+
+            # When Redis loses every key of the namespace, its live entry with them, and an
+            # operator sets alpha's rate before the worker has applied it (PostgreSQL's
+            # answers, the change's notification among them, held from it until the command
+            # has first looked for live workers)
+            pg_proxy.hang_replies()
+            async for key in redis_client.scan_iter(match=f"{settings.redis_prefix}:*"):
+                await redis_client.delete(key)
+            cli = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "cli", "teams", "set", alpha, "--rpm", "10"),
+                env=_cli_env(settings),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert cli.stderr is not None
+            first = (await asyncio.wait_for(cli.stderr.readline(), timeout=30)).decode()
+            pg_proxy.release_replies()
+            stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=30)
+        finally:
+            await pg_proxy.up()
+            await stop_workers([process])
+
+    # Expect it confirmed by the worker, not said that none runs, once it said that it looks
+    # for workers to report
+    assert cli.returncode == 0, first + stderr.decode()
+    assert f"team {alpha}: in force on every live worker (1)" in stdout.decode()
+    assert f"team {alpha}: no live worker found yet; waiting up to 2 s for workers" in first
+
+
+async def test_teams_set_with_no_worker_running_says_so_once_workers_had_time_to_report(
+    settings: Settings, alpha: str
+) -> None:
+    # Given no worker running, when an operator sets alpha's rate
+    started = time.monotonic()
+    code, stdout, stderr = await _queuegate(settings, "teams", "set", alpha, "--rpm", "10")
+    took = time.monotonic() - started
+
+    # Expect the change stored, and said that no worker runs once two live-stats intervals
+    # (1 s each) passed with none reporting: 2 s, and the command's start
+    assert code == 0, stderr
+    assert f"team {alpha}: no worker is running (none reported in 2 s)" in stdout
+    assert 2 <= took < 10
+
+
 async def test_a_worker_stopping_cleanly_is_neither_awaited_nor_named_while_it_drains(
     settings: Settings, alpha: str, redis_client: aioredis.Redis
 ) -> None:
@@ -1113,7 +1176,7 @@ async def test_status_shows_a_worker_draining_with_its_jobs_in_flight_until_its_
                 settings, "teams", "set", alpha, "--rpm", "10", "--wait", "20"
             )
             assert code == 0, stderr
-            assert f"team {alpha}: no worker is running; each reads it as it starts" in stdout
+            assert f"team {alpha}: no worker is running (none reported in 2 s)" in stdout
             assert name not in stdout + stderr
             assert worker.returncode is None
             assert (await reader.read([alpha])).draining == [DrainingWorker(name, 1)]
