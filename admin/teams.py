@@ -22,7 +22,7 @@ from admin.keys import (
     team_keys,
 )
 from queuegate.broker import connect
-from queuegate.db import create_pool
+from queuegate.db import DB_ERRORS, connection, create_pool, worker_application_name
 from queuegate.errors import ConfigError, GatewayError, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import read_workers
@@ -729,19 +729,17 @@ IN_FORCE_SAY_AFTER = 0.5
 """Seconds of waiting after which ``in_force`` says it waits: workers told of a change
 confirm it within milliseconds, with no progress line."""
 REPORTS = 2
-"""Live-stats intervals ``in_force`` looks for live workers when it finds none at first.
+"""Live-stats intervals ``in_force`` looks for live workers when it finds none at first and
+PostgreSQL says some of the namespace are connected (``workers_connected``).
 
 Redis that lost its data (flushed, restarted empty) holds no live entry until each worker's
 next live-stats write, ``stats_interval`` later at most, though the workers run and apply the
 change at once: looking once, the command would say that none runs and confirm nothing. Two
-intervals let every worker write again, a slow write included.
-
-Always, not only once Redis is known to have lost its data, for nothing in Redis tells that
-from a namespace no worker runs in: the memory epoch (``Keys.memory_epoch``) is written by a
-worker as it starts and by the first job claimed after a loss, so it is missing after a loss
-while no job comes, as where no worker ever ran, and present after a loss once a job came,
-the workers' entries maybe not back yet. Only a command run while no worker runs at all
-pays the wait (2 s by default)."""
+intervals let every worker write again, a slow write included. Nothing in Redis tells a loss
+from a namespace no worker runs in (the memory epoch, ``Keys.memory_epoch``, is missing after
+a loss while no job comes, as where no worker ever ran), so PostgreSQL, whose sessions Redis
+cannot lose, is asked which: a command run while no worker runs says so at once. Asked in
+vain, it looks all the same."""
 
 
 @dataclass(frozen=True)
@@ -755,12 +753,31 @@ class InForce:
     pending: list[str]
     """Those of them that did not confirm it within the wait: stalled, dead, cut off from
     PostgreSQL or Redis, or of an earlier version (which records no registry version)."""
+    looked: float
+    """Seconds it looked for live workers, none being live when it began (``REPORTS``): 0
+    when there were, or when PostgreSQL said none of the namespace is connected."""
 
 
 def reports_within(settings: Settings, within: float) -> float:
     """Seconds ``in_force``, waiting up to ``within``, looks for live workers when it finds
-    none at first (``REPORTS``)."""
+    none at first, and some may run (``REPORTS``)."""
     return min(within, REPORTS * settings.stats_interval)
+
+
+async def workers_connected(settings: Settings) -> int | None:
+    """How many connections to PostgreSQL the namespace's workers hold (each holds some while
+    it runs, ``worker_application_name``), or None if PostgreSQL cannot be asked."""
+    try:
+        async with connection(settings) as conn:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                worker_application_name(settings.namespace),
+            )
+    except ServiceUnavailable:  # not answering, or refusing the credentials
+        return None
+    except DB_ERRORS:  # lost, or refused, mid-query
+        return None
+    return count
 
 
 async def in_force(
@@ -777,9 +794,10 @@ async def in_force(
     The workers are those live when the wait begins: one that stops reporting meanwhile (dead,
     or stalled and so not reading the change either) is waited for to the end and named, one
     that withdraws as it stops cleanly (it takes no job under any config) is waited for no
-    more, and one started meanwhile reads the registry as it starts. When none is live, those
-    found within ``reports_within`` are, waited for that long at least (``REPORTS``: Redis may
-    have lost their entries).
+    more, and one started meanwhile reads the registry as it starts. When none is live but
+    PostgreSQL does not say that none of the namespace is connected, those found within
+    ``reports_within`` are, waited for that long at least (``REPORTS``: Redis may have lost
+    their entries).
     ServiceUnavailable when Redis does not answer in time."""
     client = redis_for(settings)
     keys = Keys(settings.redis_prefix)
@@ -798,8 +816,11 @@ async def in_force(
                 waited = loop.time() - start
                 if workers is None:
                     workers = sorted(snapshots)
-                    # None live: Redis may have lost their entries (REPORTS).
-                    gathering = 0.0 if workers else reports_within(settings, within)
+                    # None live: Redis may have lost their entries, unless none runs (REPORTS).
+                    if not workers:
+                        gathering = reports_within(settings, within)
+                        if await workers_connected(settings) == 0:
+                            gathering = 0.0
                 if waited < gathering:
                     workers = sorted({*workers, *snapshots})
                 confirmed |= {
@@ -833,4 +854,5 @@ async def in_force(
     return InForce(
         [name for name in workers if name not in withdrawn],
         [name for name in workers if name not in confirmed | withdrawn],
+        gathering,
     )

@@ -76,9 +76,10 @@ def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> 
     if workers:
         out.print(f"team {name}: in force on every live worker ({workers})", highlight=False)
     else:
+        # Looked for: PostgreSQL did not say that none of the namespace is connected.
+        looked = f" (none reported in {confirmed.looked:g} s)" if confirmed.looked else ""
         out.print(
-            f"team {name}: no worker is running (none reported in {looking:g} s); "
-            "each reads it as it starts",
+            f"team {name}: no worker is running{looked}; each reads it as it starts",
             highlight=False,
         )
 

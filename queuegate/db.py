@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -75,6 +76,23 @@ async def reconnect(pool: asyncpg.Pool) -> None:
 Prepare = Callable[[asyncpg.Connection], Awaitable[None]]
 """Session state a pool's caller wants on each of its connections, set up once it opens."""
 
+NAME_BYTES = 63
+"""The most a PostgreSQL name holds: an identifier (a LISTEN channel's name) or an
+``application_name``; a longer one is cut, or refused."""
+WORKER_APPLICATION = "queuegate worker"
+
+
+def worker_application_name(namespace: str) -> str:
+    """What a worker of ``namespace`` names its connections to PostgreSQL (``application_name``,
+    seen by every role in ``pg_stat_activity``), for ``teams set`` to count the namespace's
+    running workers by, which Redis can lose. The namespace itself when it fits, else its md5
+    after ``#``, which no namespace holds: cut at ``NAME_BYTES``, two long namespaces alike
+    at the start would count each other's workers."""
+    name = f"{WORKER_APPLICATION} {namespace}"
+    if len(name.encode()) <= NAME_BYTES:
+        return name
+    return f"{WORKER_APPLICATION} #{hashlib.md5(namespace.encode()).hexdigest()}"
+
 
 async def create_pool(
     settings: Settings,
@@ -83,6 +101,7 @@ async def create_pool(
     max_size: int = 4,
     reset_sessions: bool = True,
     prepare: Prepare | None = None,
+    application_name: str | None = None,
 ) -> asyncpg.Pool:
     """A pool whose connections resolve unqualified names in ``settings.database_schema``.
 
@@ -91,16 +110,18 @@ async def create_pool(
     a round trip) when a connection goes back to the pool, for callers that leave no session
     state behind (every lock here is a transaction's); an open transaction is still rolled back.
     ``prepare`` runs on each connection once it opens (a temporary table its statements use),
-    not at each use.
+    not at each use. ``application_name`` names its connections in ``pg_stat_activity`` (over
+    one the URL may give).
     """
     schema = settings.database_schema
+    named = {} if application_name is None else {"application_name": application_name}
     try:
         pool = await asyncpg.create_pool(
             settings.database_url,
             min_size=min_size,
             max_size=max_size,
             timeout=CONNECT_TIMEOUT,
-            server_settings={"search_path": schema},
+            server_settings={"search_path": schema, **named},
             init=_init_connection if prepare is None else functools.partial(_init_then, prepare),
             reset=None if reset_sessions else _keep_session,
         )
@@ -155,6 +176,7 @@ async def wait_for_pool(
     max_size: int = 4,
     reset_sessions: bool = True,
     prepare: Prepare | None = None,
+    application_name: str | None = None,
 ) -> asyncpg.Pool:
     """``create_pool``, waiting while PostgreSQL is unreachable (0.5 s doubling to
     ``START_RETRY_MAX``): a long-running process started during an outage, or restarted by
@@ -168,6 +190,7 @@ async def wait_for_pool(
                 max_size=max_size,
                 reset_sessions=reset_sessions,
                 prepare=prepare,
+                application_name=application_name,
             )
         except ServiceUnavailable as exc:
             if time.monotonic() - said >= START_LOG_EVERY:

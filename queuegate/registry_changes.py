@@ -29,7 +29,7 @@ from typing import Self
 
 import asyncpg
 
-from queuegate.db import CONNECT_TIMEOUT, DB_ERRORS, START_RETRY_MAX
+from queuegate.db import CONNECT_TIMEOUT, DB_ERRORS, NAME_BYTES, START_RETRY_MAX
 from queuegate.settings import Settings
 from queuegate.urls import redact_url
 
@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "queuegate_team_config"
 """What every schema's channel name starts with (``_channel``)."""
-NAME_BYTES = 63
-"""The most a channel's name holds (PostgreSQL's identifiers): longer, LISTEN would cut it
-and pg_notify refuse it."""
 
 
 def _channel(schema: str) -> str:
@@ -60,8 +57,16 @@ writes in."""
 
 
 class RegistryChanges:
-    def __init__(self, settings: Settings, on_change: Callable[[str | None], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_change: Callable[[str | None], None],
+        *,
+        application_name: str | None = None,
+    ) -> None:
+        """``application_name``: the listening connection's name in ``pg_stat_activity``."""
         self._url = settings.database_url
+        self._named = {} if application_name is None else {"application_name": application_name}
         self._schema = settings.database_schema
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
@@ -85,7 +90,9 @@ class RegistryChanges:
         delay, said = 0.5, False
         while True:
             try:
-                connection = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
+                connection = await asyncpg.connect(
+                    self._url, timeout=CONNECT_TIMEOUT, server_settings=self._named
+                )
             except DB_ERRORS as exc:
                 if not said:
                     said = True

@@ -37,12 +37,13 @@ from admin.teams import (
     register,
     reply_policy,
     with_user,
+    workers_connected,
 )
 from cli.main import app
 from cli.reports import STALE_EXIT
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient, JobHandle
-from queuegate.db import create_pool
+from queuegate.db import create_pool, worker_application_name
 from queuegate.errors import BudgetExhausted, ConfigError, QueueFull, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import read_workers
@@ -64,8 +65,9 @@ from queuegate.status import NO_WORKER, DrainingWorker, Status, StatusReader
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
 from tests.chaos.harness import start_worker, stop_workers, worker_env
+from tests.conftest import TEST_TEAMS
 from tests.proxy import TcpProxy
-from tests.support import Gateway, running_gateway, wait_until
+from tests.support import Gateway, drop_test_namespace, running_gateway, wait_until
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Scripts
 
@@ -1056,19 +1058,56 @@ async def test_teams_set_right_after_redis_lost_its_data_waits_for_the_workers_t
     assert f"team {alpha}: no live worker found yet; waiting up to 2 s for workers" in first
 
 
-async def test_teams_set_with_no_worker_running_says_so_once_workers_had_time_to_report(
+async def test_teams_set_with_no_worker_running_says_so_without_looking_for_reports(
     settings: Settings, alpha: str
 ) -> None:
     # Given no worker running, when an operator sets alpha's rate
-    started = time.monotonic()
     code, stdout, stderr = await _queuegate(settings, "teams", "set", alpha, "--rpm", "10")
-    took = time.monotonic() - started
 
-    # Expect the change stored, and said that no worker runs once two live-stats intervals
-    # (1 s each) passed with none reporting: 2 s, and the command's start
+    # Expect the change stored, and said at once that no worker runs: PostgreSQL holds no
+    # worker's connection, so the command does not look for workers to report
     assert code == 0, stderr
-    assert f"team {alpha}: no worker is running (none reported in 2 s)" in stdout
-    assert 2 <= took < 10
+    assert f"team {alpha}: no worker is running; each reads it as it starts" in stdout
+    assert "waiting" not in stderr, stderr
+
+
+async def test_a_worker_of_another_namespace_connected_to_postgresql_is_not_looked_for(
+    settings: Settings, alpha: str
+) -> None:
+    # Given a worker running in another namespace whose name starts with this one's (its own
+    # schema), connected to PostgreSQL as its namespace's worker
+    other = settings.model_copy(
+        update={
+            "namespace": f"{settings.namespace}-x",
+            "database_schema": f"{settings.database_schema}_x",
+        }
+    )
+    said: list[tuple[int, int]] = []
+    try:
+        async with running_gateway(other, accounting=False):
+            assert await workers_connected(other)
+
+            # When alpha's rate is set in this namespace, waiting up to 5 s for its workers
+            configured = await configure(settings, alpha, {"rpm": 5})
+            confirmed = await in_force(
+                settings, configured.change, 5, lambda *counts: said.append(counts)
+            )
+    finally:
+        await drop_test_namespace(other, TEST_TEAMS)
+
+    # Expect none found, and none looked for (PostgreSQL holds none of this namespace's)
+    assert confirmed == InForce(workers=[], pending=[], looked=0.0)
+    assert said == []
+
+
+def test_a_long_namespace_names_its_workers_apart_within_postgresqls_limit() -> None:
+    # Given two namespaces of the longest kind, alike but for their last character
+    first, second = "n" * 63 + "a", "n" * 63 + "b"
+
+    # Expect their workers' application names apart, each kept whole by PostgreSQL
+    names = {worker_application_name(first), worker_application_name(second)}
+    assert len(names) == 2
+    assert all(len(name.encode()) <= 63 for name in names)
 
 
 async def test_a_worker_stopping_cleanly_is_neither_awaited_nor_named_while_it_drains(
@@ -1281,7 +1320,9 @@ async def test_a_worker_of_an_earlier_version_is_named_and_one_that_lapsed_is_no
             await redis_client.delete(keys.live_workers, keys.live_worker("earlier:1"))
 
     # Expect the earlier one named, not the dead one waited for
-    assert confirmed == InForce(workers=["earlier:1", gw.worker.name], pending=["earlier:1"])
+    assert confirmed == InForce(
+        workers=["earlier:1", gw.worker.name], pending=["earlier:1"], looked=0.0
+    )
 
 
 CUT_OFF_WAIT = 3.0
@@ -1331,7 +1372,8 @@ async def test_a_worker_cut_off_past_its_live_entry_reads_the_registry_before_it
                 await pg_proxy.down()
                 await _shown(settings, name, live=False)
                 configured = await configure(settings, alpha, {"budget_usd": Decimal(0)})
-                assert await in_force(settings, configured.change, 1) == InForce([], [])
+                confirmed = await in_force(settings, configured.change, 1)
+                assert (confirmed.workers, confirmed.pending) == ([], [])
 
                 # and jobs published after it reach the worker once Redis is back to it,
                 # PostgreSQL still refusing it (its teams' security settings served as last

@@ -27,7 +27,7 @@ from queuegate.broker import (
     nack_window,
     settle,
 )
-from queuegate.db import DB_ERRORS, wait_for_pool
+from queuegate.db import DB_ERRORS, wait_for_pool, worker_application_name
 from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
@@ -163,8 +163,9 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
-        # The registry: teams to serve (unless fixed) and their security settings.
-        pool = await wait_for_pool(s)
+        # The registry: teams to serve (unless fixed) and their security settings. Held open
+        # while it runs, named for `teams set` to count it by (worker_application_name).
+        pool = await wait_for_pool(s, application_name=worker_application_name(s.namespace))
         try:
             connection = await connect(s.amqp_url, name=f"worker:{self.name}")
         except BaseException:
@@ -279,7 +280,11 @@ class Worker:
         the next job); the refresh only catches what the listener missed."""
         assert self._processor is not None
         changed = self._changed
-        async with RegistryChanges(self._settings, lambda _team: changed.set()):
+        async with RegistryChanges(
+            self._settings,
+            lambda _team: changed.set(),
+            application_name=worker_application_name(self._settings.namespace),
+        ):
             while not stop.is_set():
                 await until_set(self._settings.teams_refresh, stop, changed)
                 changed.clear()
