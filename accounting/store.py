@@ -53,6 +53,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("trace_id", "text"),
     ("span_id", "text"),
     ("claim", "text"),
+    ("covers", "text[]"),
 )
 """The ``usage_log`` columns filled from a UsageEvent's fields of the same name."""
 
@@ -178,23 +179,31 @@ async def _again(conn: asyncpg.Connection, events: list[UsageEvent]) -> list[Usa
     called again), as events of their own, ``<job id>/again/<claim>``.
 
     An event sent again (a redelivery, a stored outcome announced again) names its claim
-    as stored: one row. Without a claim on either side (served while Redis was unreachable,
-    a row from before claims were recorded) or without a call (a refusal) it is dropped."""
+    as stored: one row. So is one whose claims (its own and those whose calls it bills as
+    lost, ``covers``) meet the row's: the same call may be in both (a sweep's outcome and a
+    stalled owner's, each announced before the other's store). Without a claim on either
+    side (from a worker before claims were named, a row from before) or without a call (a
+    refusal) it is dropped."""
     called = [e for e in events if e.claim and e.attempts and AGAIN_MARK not in e.job_id]
     if not called:
         return []
     rows = await conn.fetch(
-        "SELECT team, job_id, claim FROM usage_log"
+        "SELECT team, job_id, claim, covers FROM usage_log"
         " WHERE (team, job_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
         [e.team for e in called],
         [e.job_id for e in called],
         timeout=STATEMENT_TIMEOUT,
     )
-    claims = {(row["team"], row["job_id"]): row["claim"] for row in rows}
+    billed = {
+        (row["team"], row["job_id"]): {row["claim"], *(row["covers"] or ())}
+        for row in rows
+        if row["claim"] is not None
+    }
     return [
         e.model_copy(update={"job_id": f"{e.job_id}{AGAIN_MARK}{e.claim}"})
         for e in called
-        if (claim := claims.get(_KEY(e))) is not None and claim != e.claim
+        if (claims := billed.get(_KEY(e))) is not None
+        and claims.isdisjoint((e.claim, *(e.covers or ())))
     ]
 
 

@@ -582,6 +582,10 @@ class UsageEvent(WireModel):
     stored with the outcome and sent again with it; None when the job was served unclaimed
     (Redis unreachable). A job's event under another claim bills calls made again after Redis
     lost the first's outcome: accounting keeps it on a row of its own (``AGAIN_MARK``)."""
+    covers: list[str] | None = None
+    """The claims whose calls this event bills as ``lost`` (their owners' leases lapsed, the
+    job taken over): an owner among them that lived after all bills nothing more, and
+    accounting never bills one of them again on a row of its own."""
 
 
 class UsageBatch(WireModel):

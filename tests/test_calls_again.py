@@ -11,12 +11,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from accounting.store import insert_usage
+from mockprovider import Behavior, MockConfig
+from queuegate.errors import DeadlineExceeded
 from queuegate.messages import Attempt, ChatJob, UsageEvent
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.proxy import TcpProxy
 from tests.support import lose_redis_data, running_accountant, running_gateway, wait_until
 from tests.teams import register
+from workers.outcome import Timing, failed, outcome_of_late
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 CALL = Attempt(model="gpt-mini", deployment="openai-main", provider="openai", latency_ms=5.0)
@@ -95,6 +98,34 @@ async def test_an_event_that_cannot_be_told_a_second_call_is_dropped(
     assert [job for job, _, _ in await _rows(pool)] == ["job-1"]
 
 
+@pytest.mark.parametrize(
+    ("first", "later", "rows"),
+    [
+        (called("job-1", "w1/a"), called("job-1", "sweep/s", covers=["w1/a"]), 1),
+        (called("job-1", "sweep/s", covers=["w1/a"]), called("job-1", "w1/a"), 1),
+        (
+            called("job-1", "w2/b", covers=["w1/a"]),
+            called("job-1", "w3/c", covers=["w1/a", "w2/b"]),
+            1,
+        ),
+        (called("job-1", "w1/a"), called("job-1", "w2/b", covers=["w9/z"]), 2),
+    ],
+    ids=["covers the row's", "the row covers its", "both cover one", "covers another"],
+)
+async def test_an_event_billing_a_call_the_row_may_bill_is_dropped(
+    pool: asyncpg.Pool, first: UsageEvent, later: UsageEvent, rows: int
+) -> None:
+    # Given a job's row, under a claim and maybe billing the calls of others as lost
+    await insert_usage(pool, [first])
+
+    # When another of its events comes whose claims (its own, those it covers) meet the
+    # row's: the same call may be in both, as a sweep's and a stalled owner's may be
+    await insert_usage(pool, [later])
+
+    # Expect it dropped; only an event whose claims the row does not know is a row more
+    assert len(await _rows(pool)) == rows
+
+
 @pytest.mark.parametrize("budget", [None, Decimal("1")], ids=["no budget", "budget"])
 async def test_a_job_called_again_after_redis_lost_its_outcome_is_billed_for_both_calls(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, budget: Decimal | None
@@ -152,6 +183,57 @@ async def test_a_job_served_unclaimed_then_called_again_is_billed_for_both_calls
     # a claim would be
     rows = await _rows_once_accounted(settings, pool, events=2)
     assert [r["job_id"] for r in rows] == ["unclaimed", f"unclaimed/again/{rows[1]['claim']}"]
+
+
+async def test_a_job_in_flight_when_redis_lost_its_claim_is_billed_for_both_calls(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    slow = MockConfig(default=Behavior(latency_ms=1500))
+    async with (
+        running_gateway(settings, mock_config=slow) as gw,
+        gw.client("alpha") as first_client,
+        gw.client("alpha") as second_client,
+    ):
+        # Given a job mid-call
+        job: ChatJob = first_client.job("gpt-4o-mini", HELLO, job_id="in-flight")
+        first = await first_client.submit(job)
+        await wait_until(lambda: gw.mock.arrived >= 1)
+
+        # When Redis loses its data (the job's claim with it), and the job is sent again:
+        # nothing says it is being answered, so it is called again
+        await lose_redis_data(redis_client, settings)
+        second = await second_client.submit(job)
+        results = [await first.result(30), await second.result(30)]
+        assert [r.status for r in results] == ["ok", "ok"]
+        assert gw.mock.stats.calls == 2
+
+        # Expect each call billed once: the delivery that stored the job's outcome second
+        # announces it, and bills its own call on a row of its own
+        rows = await gw.usage_rows(2)
+    claims = [r["claim"] for r in rows]
+    assert [r["job_id"] for r in rows] == ["in-flight", f"in-flight/again/{claims[1]}"]
+    assert claims[0] != claims[1]
+    assert rows[0]["cost_usd"] == rows[1]["cost_usd"] > 0
+
+
+def test_a_late_delivery_whose_calls_the_stored_outcome_took_over_bills_nothing_more() -> None:
+    # Given a job's stored outcome, billing as lost the call of a claim whose owner stalled
+    timing = Timing(0.0, "w1")
+    call = DeadlineExceeded("past its deadline", [CALL])
+    stored = failed("job-1", "alpha", "gpt-mini", call, timing)
+    stored = stored.model_copy(
+        update={"usage": stored.usage.model_copy(update={"claim": "w2/b", "covers": ["w1/a"]})}
+    )
+    own = failed("job-1", "alpha", "gpt-mini", call, timing)
+
+    # Expect that owner, finishing after all, to announce it and bill nothing more; another
+    # delivery that called (Redis lost the claim under it) bills its own call, under its
+    # claim; one that made no call, nothing
+    assert outcome_of_late(stored, own, "w1/a") is stored
+    late = outcome_of_late(stored, own, "w3/c")
+    assert (late.result, late.usage.claim, late.usage.attempts) == (stored.result, "w3/c", 1)
+    uncalled = failed("job-1", "alpha", "gpt-mini", DeadlineExceeded("past its deadline"), timing)
+    assert outcome_of_late(stored, uncalled, "w3/c") is stored
 
 
 async def _rows_once_accounted(

@@ -200,6 +200,9 @@ class LostCall(Attempt):
 
     cost_usd: Decimal = Decimal(0)
     """Its estimate: the job's estimated tokens at the deployment's prices."""
+    claim: str | None = None
+    """The claim whose delivery made it (its owner), recorded with it: an owner that lives
+    after all finds its calls billed by the taker's outcome (``UsageEvent.covers``)."""
 
     def attempt(self) -> Attempt:
         return Attempt(
@@ -582,7 +585,7 @@ class Claims:
         """Renew a claim now, with the call about to leave."""
         # Not a coroutine of its own: a call waiting for a Redis connection holds each frame
         # of its chain, and thousands wait when Redis is the slowest stage.
-        return self._hold_for(key, owner, self._lease_ms, self._recorded(job, call))
+        return self._hold_for(key, owner, self._lease_ms, self._recorded(job, call, owner))
 
     async def let_go(self, key: str, owner: str) -> None:
         """End the claim's lease now (its record stays): the next delivery takes over."""
@@ -597,18 +600,20 @@ class Claims:
     def hold_call(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Call:
         """``hold`` with ``call`` as a script call, to ride with another (a deployment's
         take: ``Ticket.enter``)."""
-        recorded = self._recorded(job, call)
+        recorded = self._recorded(job, call, owner)
         return Call("hold", [key, self._keys.lapsing], [owner, self._lease_ms, *recorded])
 
-    def _recorded(self, job: ClaimedJob, call: LostCall) -> list[str | int]:
-        """``hold.lua``'s arguments recording ``call``: with a deadline, when a sweep may
-        take the claim (a lease after it, when a dead owner's lease has surely lapsed), and
-        what it bills and answers the job with (its model, its reply queue)."""
+    def _recorded(self, job: ClaimedJob, call: LostCall, owner: str) -> list[str | int]:
+        """``hold.lua``'s arguments recording ``call`` made by ``owner``: with a deadline,
+        when a sweep may take the claim (a lease after it, when a dead owner's lease has
+        surely lapsed), and what it bills and answers the job with (its model, its reply
+        queue)."""
+        recorded = call.model_copy(update={"claim": owner}).model_dump_json()
         if job.deadline is None:
-            return [call.model_dump_json()]
+            return [recorded]
         deadline = job.deadline if job.deadline.tzinfo else job.deadline.replace(tzinfo=UTC)
         due = int(deadline.timestamp() * 1000) + self._lease_ms
-        return [call.model_dump_json(), due, job.model, job.reply_to or ""]
+        return [recorded, due, job.model, job.reply_to or ""]
 
     async def _hold_for(
         self, key: str, owner: str, lease_ms: int, recorded: list[str | int]
@@ -852,6 +857,7 @@ class Claim:
             "attempts": usage.attempts + len(lost),
             "cost_usd": cost,
             "claim": claim,
+            "covers": sorted({call.claim for call in self.lost if call.claim}) or None,
         }
         gateway = outcome.result.gateway
         gateway = gateway.model_copy(update={"attempts": lost + gateway.attempts, "cost_usd": cost})

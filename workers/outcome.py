@@ -103,6 +103,20 @@ class Announcement(NamedTuple):
         return event.model_copy(update={"reply_delivered": False}).model_dump_json().encode()
 
 
+def outcome_of_late(stored: Outcome, own: Outcome, claim: str | None) -> Outcome:
+    """What a delivery that finished after another stored the job's outcome announces: that
+    outcome's result (the job's answer is the first stored), with this delivery's own calls
+    (``own``, without the lost calls it took over) billed under its ``claim``, unless the
+    stored outcome bills them already as lost (``UsageEvent.covers``: it took them over from
+    this delivery's owner, stalled past its lease). Two deliveries both call a job when one's
+    owner stalled past its lease, or when Redis lost the claim mid-call: each call is billed
+    once, the second on a row of its own (``accounting.store``)."""
+    usage = own.usage
+    if not usage.attempts or claim is None or claim in (stored.usage.covers or ()):
+        return stored
+    return stored.model_copy(update={"usage": usage.model_copy(update={"claim": claim})})
+
+
 def as_json(outcome: Outcome) -> tuple[bytes, bytes]:
     """The outcome's result as it is announced (its fields that are None left out, which
     read back as None: every field of a result that may be None defaults to None) and its

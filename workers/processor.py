@@ -77,6 +77,7 @@ from workers.outcome import (
     Timing,
     as_json,
     failed,
+    outcome_of_late,
     refused,
     served,
 )
@@ -420,7 +421,8 @@ class JobProcessor:
         stored = await claim.finish(outcome, dumped=dumped)
         lapsing = self._claims.lapsing(claim.job)
         if stored is not outcome:  # another delivery's, stored first
-            return self._finished(stored, reply_to, error, lapsing)
+            late = outcome_of_late(stored, stamped, outcome.usage.claim)
+            return self._finished(late, reply_to, error, lapsing)
         return self._finished(outcome, reply_to, error, lapsing, dumped)
 
     async def _billed(self, claim: Claim, outcome: Outcome) -> Outcome:
