@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -756,6 +757,11 @@ class InForce:
     looked: float
     """Seconds it looked for live workers, none being live when it began (``REPORTS``): 0
     when there were, or when PostgreSQL said none of the namespace is connected."""
+    connected: int | None = None
+    """When none was live at first: the connections the namespace's workers hold in
+    PostgreSQL (``workers_connected``), None when it could not tell in time. Workers
+    connected that never reported (stalled, draining, cut off from Redis) leave the change
+    unconfirmed, not "no worker is running"."""
 
 
 def reports_within(settings: Settings, within: float) -> float:
@@ -805,6 +811,7 @@ async def in_force(
     confirmed: set[str] = set()
     withdrawn: set[str] = set()
     gathering = 0.0  # until when (seconds into the wait) workers found join those awaited
+    asking: asyncio.Task[int | None] | None = None
     said = False
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -817,10 +824,12 @@ async def in_force(
                 if workers is None:
                     workers = sorted(snapshots)
                     # None live: Redis may have lost their entries, unless none runs (REPORTS).
+                    # Asked beside the reads: a PostgreSQL that hangs must not stop them.
                     if not workers:
                         gathering = reports_within(settings, within)
-                        if await workers_connected(settings) == 0:
-                            gathering = 0.0
+                        asking = asyncio.create_task(workers_connected(settings))
+                if asking is not None and asking.done() and asking.result() == 0:
+                    gathering = 0.0
                 if waited < gathering:
                     workers = sorted({*workers, *snapshots})
                 confirmed |= {
@@ -850,9 +859,14 @@ async def in_force(
         ) from exc
     finally:
         await client.aclose()
+        if asking is not None and not asking.done():
+            asking.cancel()  # not answered within the wait: it cannot tell
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
     assert workers is not None
     return InForce(
         [name for name in workers if name not in withdrawn],
         [name for name in workers if name not in confirmed | withdrawn],
         gathering,
+        None if asking is None or asking.cancelled() else asking.result(),
     )

@@ -75,13 +75,23 @@ def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> 
         raise typer.Exit(NOT_CONFIRMED)
     if workers:
         out.print(f"team {name}: in force on every live worker ({workers})", highlight=False)
+    elif confirmed.connected == 0:
+        out.print(f"team {name}: no worker is running; each reads it as it starts", highlight=False)
     else:
-        # Looked for: PostgreSQL did not say that none of the namespace is connected.
-        looked = f" (none reported in {confirmed.looked:g} s)" if confirmed.looked else ""
-        out.print(
-            f"team {name}: no worker is running{looked}; each reads it as it starts",
+        connected = (
+            "PostgreSQL could not tell whether any runs"
+            if confirmed.connected is None
+            else f"PostgreSQL holds {confirmed.connected} of the namespace's worker "
+            "connections (stalled, draining, or cut off from Redis)"
+        )
+        err.print(
+            f"team {name}: the change is stored, but no worker reported serving under it "
+            f"within {confirmed.looked:g} s, and {connected}; each applies it when it next "
+            "reads the registry",
+            markup=False,
             highlight=False,
         )
+        raise typer.Exit(NOT_CONFIRMED)
 
 
 @teams_app.command("add")

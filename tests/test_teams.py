@@ -1071,6 +1071,29 @@ async def test_teams_set_with_no_worker_running_says_so_without_looking_for_repo
     assert "waiting" not in stderr, stderr
 
 
+async def test_teams_set_with_a_worker_connected_but_not_reporting_is_not_confirmed(
+    settings: Settings, alpha: str
+) -> None:
+    # Given a worker of this namespace connected to PostgreSQL that reports nothing to Redis
+    # (stalled, draining, or cut off from Redis), as its connection shows it
+    conn = await asyncpg.connect(
+        settings.database_url,
+        server_settings={"application_name": worker_application_name(settings.namespace)},
+    )
+    try:
+        # When an operator sets alpha's rate
+        code, stdout, stderr = await _queuegate(settings, "teams", "set", alpha, "--rpm", "10")
+    finally:
+        await conn.close()
+
+    # Expect the change stored but not confirmed (exit 3), saying why, never that no worker
+    # is running: one is
+    assert code == 3, stdout + stderr
+    assert "the change is stored, but no worker reported serving under it" in stderr
+    assert "PostgreSQL holds 1 of the namespace's worker connections (stalled" in stderr
+    assert "no worker is running" not in stdout + stderr
+
+
 async def test_a_worker_of_another_namespace_connected_to_postgresql_is_not_looked_for(
     settings: Settings, alpha: str
 ) -> None:
@@ -1096,7 +1119,7 @@ async def test_a_worker_of_another_namespace_connected_to_postgresql_is_not_look
         await drop_test_namespace(other, TEST_TEAMS)
 
     # Expect none found, and none looked for (PostgreSQL holds none of this namespace's)
-    assert confirmed == InForce(workers=[], pending=[], looked=0.0)
+    assert confirmed == InForce(workers=[], pending=[], looked=0.0, connected=0)
     assert said == []
 
 
@@ -1209,13 +1232,16 @@ async def test_status_shows_a_worker_draining_with_its_jobs_in_flight_until_its_
             assert (shown["workers"], shown["stale"]) == (0, False)
             assert shown["draining"] == [{"worker": name, "in_flight": 1}]
 
-            # When an operator sets alpha's rate as it drains, expect no wait for it: no
-            # worker serves, though it still runs and shows draining
+            # When an operator sets alpha's rate as it drains, expect no wait for it past
+            # the look for reports (no worker serves), and the change stored but not said
+            # to be in force nor that no worker runs: it still runs, and shows draining
             code, stdout, stderr = await _queuegate(
                 settings, "teams", "set", alpha, "--rpm", "10", "--wait", "20"
             )
-            assert code == 0, stderr
-            assert f"team {alpha}: no worker is running (none reported in 2 s)" in stdout
+            assert code == 3, stdout + stderr
+            assert "no worker reported serving under it within 2 s" in stderr
+            assert "worker connections (stalled, draining, or cut off from Redis)" in stderr
+            assert "no worker is running" not in stdout + stderr
             assert name not in stdout + stderr
             assert worker.returncode is None
             assert (await reader.read([alpha])).draining == [DrainingWorker(name, 1)]
