@@ -406,6 +406,11 @@ async def listing(settings: Settings) -> list[TeamListing]:
         return await team_listing(pool)
 
 
+class StoredUnconfirmed(ServiceUnavailable):
+    """A change stored whose effect elsewhere could not be made: the command exits as for a
+    change no worker confirmed (``cli.teams.NOT_CONFIRMED``), never as one refused."""
+
+
 async def disable(settings: Settings, name: str) -> Change | None:
     """Stop serving the team and end its dashboard sessions; the registry write, or None when
     there is no such team."""
@@ -414,7 +419,7 @@ async def disable(settings: Settings, name: str) -> Change | None:
     try:
         return await disable_and_sign_out(pool, client, Keys(settings.redis_prefix), name)
     except (RedisError, OSError) as exc:
-        raise ServiceUnavailable(
+        raise StoredUnconfirmed(
             f"team {name} is disabled, but its dashboard sessions are not ended: "
             + redis_unreachable(settings, "start it and disable the team again")
         ) from exc

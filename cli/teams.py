@@ -365,10 +365,14 @@ def _check_aliases(settings: Settings, aliases: list[str]) -> None:
 def teams_disable(name: TeamName, wait: Wait = 5.0) -> None:
     """Stop serving a team; its queued jobs stay in its queue. Then wait until no live worker
     serves it."""
-    from admin.teams import disable
+    from admin.teams import StoredUnconfirmed, disable
 
     settings = make_settings()
-    change = run(lambda: disable(settings, name))
+    try:
+        change = run(lambda: disable(settings, name))
+    except StoredUnconfirmed as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(NOT_CONFIRMED) from None
     if change is None:
         raise ConfigError(f"no team named {name}: list them with queuegate teams list")
     out.print(f"team {name} is disabled")

@@ -43,14 +43,15 @@ async def silent_sentinel() -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-async def failed_cli(env: dict[str, str], *args: str) -> tuple[str, bytes]:
-    """The one line a CLI command that must fail wrote to stderr, and its stdout."""
+async def failed_cli(env: dict[str, str], *args: str, code: int = 1) -> tuple[str, bytes]:
+    """The one line a CLI command that must fail (exit ``code``) wrote to stderr, and its
+    stdout."""
     cli = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli", *args,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=GUARD)
-    assert cli.returncode == 1
+    assert cli.returncode == code
     lines = stderr.decode().strip().splitlines()
     assert len(lines) == 1, stderr.decode()
     return lines[0], stdout
@@ -126,7 +127,8 @@ async def test_disabling_a_team_with_silent_sentinels_fails_in_one_line(
         "QUEUEGATE_REDIS_SENTINELS": silent_sentinel,
     }
     # When an operator disables it while its Sentinel never answers
-    # Expect the team disabled and one line saying its sessions are not ended, and why
-    line, _ = await failed_cli(env, "teams", "disable", "alpha")
+    # Expect the team disabled and one line saying its sessions are not ended, and why, with
+    # the exit status of a change stored but not confirmed (3), not of one refused (1)
+    line, _ = await failed_cli(env, "teams", "disable", "alpha", code=3)
     assert "team alpha is disabled, but its dashboard sessions are not ended" in line
     assert f"through the Sentinels at {silent_sentinel}" in line
