@@ -41,7 +41,7 @@ from tests.teams import register
 from tests.test_script_calls import connections_named, named_client
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Call, Scripts
-from workers.claims import Claim, ClaimedJob, Claims, Duplicate, Lapsed, LostCall
+from workers.claims import Busy, Claim, ClaimedJob, Claims, Duplicate, Lapsed, LostCall
 from workers.outcome import Announcement, Outcome, Timing, as_json, failed
 from workers.outcome import served as served_outcome
 from workers.usage_record import UsageRecord
@@ -428,16 +428,28 @@ async def test_a_job_one_at_a_time_records_its_call_in_its_claims_round_trip(
     assert await redis_client.keys(Keys(settings.redis_prefix).once("*")) == []
 
 
+J1 = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
+CALL = LostCall(
+    model="gpt-4o-mini", deployment="openai-main", provider="openai", cost_usd=Decimal(1)
+)
+"""A call of J1's, priced at 1 USD."""
+
+
+async def _owner_and_successor(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> tuple[Claims, Claims]:
+    """Two workers' claims, w1 (started) to hold a job and w2 to take it over."""
+    owner, successor = (_claims(settings, redis_client, pool, name) for name in ("w1", "w2"))
+    await owner.start()
+    return owner, successor
+
+
 async def test_a_first_call_recorded_with_the_claim_is_lost_with_its_owner(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:
     # Given a job claimed with the record of its first call in the claim's round trip
-    owner, successor = (_claims(settings, redis_client, pool, name) for name in ("w1", "w2"))
-    await owner.start()
-    job = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
-    call = LostCall(
-        model="gpt-4o-mini", deployment="openai-main", provider="openai", cost_usd=Decimal(1)
-    )
+    owner, successor = await _owner_and_successor(settings, redis_client, pool)
+    job, call = J1, CALL
     claim = await owner.take(job, redelivered=False, first=call)
     assert isinstance(claim, Claim) and claim.recorded == "openai-main"
 
@@ -450,6 +462,36 @@ async def test_a_first_call_recorded_with_the_claim_is_lost_with_its_owner(
     assert isinstance(taken, Claim)
     assert [lost.model_copy(update={"claim": None}) for lost in taken.lost] == [call]
     assert (taken.lost[0].claim or "").startswith("w1/")
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["taken over", "claim lost"])
+async def test_an_owner_whose_claim_was_taken_over_makes_no_more_calls(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, lost: bool
+) -> None:
+    # Given a job claimed and its first call recorded, its owner then stalled past its lease
+    owner, successor = await _owner_and_successor(settings, redis_client, pool)
+    job, call = J1, CALL
+    claim = await owner.take(job, redelivered=False)
+    assert isinstance(claim, Claim)
+    await claim.record(call)
+    key = Keys(settings.redis_prefix).claim("alpha", "j1")
+    await redis_client.hset(key, "lease", "0")
+
+    # When another delivery takes the claim over, billing that call as lost (or Redis loses
+    # the claim), and the owner, resumed, is about to call again (its call timed out)
+    if lost:
+        await redis_client.delete(key)
+    else:
+        taken = await successor.take(job, redelivered=False)
+        assert isinstance(taken, Claim) and len(taken.lost) == 1
+
+    # Expect it stopped before the call leaves, which nothing would bill, when taken over;
+    # and going on when the claim is gone (its own outcome bills its calls then)
+    if lost:
+        await claim.record(call)
+    else:
+        with pytest.raises(Busy, match="taken over by another delivery"):
+            await claim.record(call)
 
 
 @pytest.mark.parametrize("ending", ["past its deadline", "without reply_to", "over budget"])

@@ -581,8 +581,10 @@ class Claims:
             return True
         return self._verdict(raw) is not False
 
-    def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Awaitable[None]:
-        """Renew a claim now, with the call about to leave."""
+    def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Awaitable[bool]:
+        """Renew a claim now, with the call about to leave; False when another delivery took
+        it over (true also while Redis cannot tell, or has lost the claim: the call goes on
+        and is billed by this delivery's outcome)."""
         # Not a coroutine of its own: a call waiting for a Redis connection holds each frame
         # of its chain, and thousands wait when Redis is the slowest stage.
         return self._hold_for(key, owner, self._lease_ms, self._recorded(job, call, owner))
@@ -617,11 +619,15 @@ class Claims:
 
     async def _hold_for(
         self, key: str, owner: str, lease_ms: int, recorded: list[str | int]
-    ) -> None:
+    ) -> bool:
         try:
-            await self._hold(keys=[key, self._keys.lapsing], args=[owner, lease_ms, *recorded])
+            held = await self._hold(
+                keys=[key, self._keys.lapsing], args=[owner, lease_ms, *recorded]
+            )
         except RedisError as exc:
             self._outage.failed(exc)
+            return True
+        return bool(held != 0)  # lua/hold.lua: 0 when taken over, nil when the claim is gone
 
     async def settle(self, settlement: Settlement) -> None:
         """Run a job's admission settles on their own (its claim let go, not finished)."""
@@ -812,9 +818,14 @@ class Claim:
         return _Recording(self, job, ticket, catalog)
 
     async def record(self, call: LostCall) -> None:
-        """Note the call about to leave: lost, should this owner die before its outcome."""
-        if self._owner is not None:
-            await self._claims.hold(self._key, self._owner, self.job, call)
+        """Note the call about to leave: lost, should this owner die before its outcome.
+        Busy when another delivery took the claim over (this owner stalled past its lease,
+        a call of its timing out meanwhile): the taker answers the job and bills this
+        owner's calls recorded before as lost, so this one must not leave, billed nowhere."""
+        if self._owner is not None and not await self._claims.hold(
+            self._key, self._owner, self.job, call
+        ):
+            raise Busy(f"job {self.job.job_id} was taken over by another delivery")
 
     def recording(self, call: LostCall) -> Call | None:
         """``record`` as a script call, to ride with the take that lets the call go; None
@@ -919,7 +930,8 @@ class _Recording:
         call = shared_fields(planned_call(alias, deployment, self._ticket.estimate))
         self._claim.sent[deployment.name] = call.cost_usd
         # Recorded with the claim already (the first call only), or in the round trip of the
-        # deployment's take when that lets it go at once.
+        # deployment's take when that lets it go at once; recorded on its own otherwise, and
+        # when that record found the claim another's (``record`` then stops the call).
         recorded, self._claim.recorded = self._claim.recorded == deployment.name, None
         then = None if recorded else self._claim.recording(call)
         ran = await self._ticket.enter(deployment, then=then) or recorded

@@ -40,7 +40,8 @@ class Take(NamedTuple):
     taken: bool
     wait_ms: int
     then_ran: bool = False
-    """Whether the call given to run once the take is made (``Buckets.take``) ran."""
+    """Whether the call given to run once the take is made (``Buckets.take``) ran and
+    answered 1 (a claim's record of its call, ``lua/hold.lua``: still this owner's)."""
     again_ms: int = 0
     """Taken in a line (``take_call``): when the buckets will have as much again."""
     marks: tuple[int, ...] = ()
@@ -69,7 +70,7 @@ class Buckets:
         its place: it is taken now, into debt, and ``wait_ms`` says when it may go. Raises
         InvalidRequest when the job is larger than a bucket could ever hold. ``name``: the
         take's, the same on every try (``Scripts.run_all``). ``then``: a call to run in the
-        same round trip once the take is made, its reply ignored (``Take.then_ran``).
+        same round trip once the take is made (``Take.then_ran``).
         ``team``, ``patience_ms``: see ``take_call``.
         """
         if not limits:
@@ -77,7 +78,8 @@ class Buckets:
         first = take_call(limits, tokens, within_ms, team=team, patience_ms=patience_ms)
         calls = [first] + ([then] if then is not None else [])
         replies = await self._scripts.run_all(calls, name=name)
-        return taken(limits, tokens, replies[0])._replace(then_ran=len(replies) > 1)
+        ran = len(replies) > 1 and replies[1] == 1
+        return taken(limits, tokens, replies[0])._replace(then_ran=ran)
 
     async def due(self, limits: Sequence[Limit], marks: Sequence[int]) -> int:
         """Milliseconds a reservation (its take's ``marks``) has still to wait, now that

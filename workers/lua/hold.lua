@@ -13,10 +13,15 @@
 -- ARGV[5]  with ARGV[4]: the model the job asked for (its budget's scope, its usage row's)
 -- ARGV[6]  with ARGV[4]: the job's reply queue, where a sweep answers it, or '' (nowhere)
 --
--- Returns 1 while ARGV[1] owns the claim, 0 once another delivery took it over.
+-- Returns 1 while ARGV[1] owns the claim, 0 once another delivery took it over, nil when
+-- the claim is gone (Redis lost it, or it ended).
 
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
-  return 0
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner ~= ARGV[1] then
+  if owner then
+    return 0
+  end
+  return false
 end
 -- The round trip's TIME when this runs with other calls (workers/admission/lua/batch.lua).
 local time = ... or redis.call('TIME')
