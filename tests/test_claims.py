@@ -464,9 +464,9 @@ async def test_a_first_call_recorded_with_the_claim_is_lost_with_its_owner(
     assert (taken.lost[0].claim or "").startswith("w1/")
 
 
-@pytest.mark.parametrize("lost", [False, True], ids=["taken over", "claim lost"])
+@pytest.mark.parametrize("then", ["taken over", "answered", "claim lost"])
 async def test_an_owner_whose_claim_was_taken_over_makes_no_more_calls(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, lost: bool
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, then: str
 ) -> None:
     # Given a job claimed and its first call recorded, its owner then stalled past its lease
     owner, successor = await _owner_and_successor(settings, redis_client, pool)
@@ -474,20 +474,27 @@ async def test_an_owner_whose_claim_was_taken_over_makes_no_more_calls(
     claim = await owner.take(job, redelivered=False)
     assert isinstance(claim, Claim)
     await claim.record(call)
-    key = Keys(settings.redis_prefix).claim("alpha", "j1")
+    keys = Keys(settings.redis_prefix)
+    key = keys.claim("alpha", "j1")
     await redis_client.hset(key, "lease", "0")
 
-    # When another delivery takes the claim over, billing that call as lost (or Redis loses
-    # the claim), and the owner, resumed, is about to call again (its call timed out)
-    if lost:
+    # When another delivery takes the claim over, billing that call as lost (and maybe
+    # answers the job, ending the claim with its outcome stored; or Redis loses the claim
+    # with everything else), and the owner, resumed, is about to call again (its call timed
+    # out while it stalled)
+    if then == "claim lost":
         await redis_client.delete(key)
     else:
         taken = await successor.take(job, redelivered=False)
         assert isinstance(taken, Claim) and len(taken.lost) == 1
+        if then == "answered":
+            await redis_client.delete(key)
+            await redis_client.set(keys.result("alpha", "j1"), "{}")
 
-    # Expect it stopped before the call leaves, which nothing would bill, when taken over;
-    # and going on when the claim is gone (its own outcome bills its calls then)
-    if lost:
+    # Expect it stopped before the call leaves, which nothing would bill, when taken over or
+    # answered; and going on when the claim is gone with the rest (its own outcome bills
+    # its calls then)
+    if then == "claim lost":
         await claim.record(call)
     else:
         with pytest.raises(Busy, match="taken over by another delivery"):

@@ -583,11 +583,14 @@ class Claims:
 
     def hold(self, key: str, owner: str, job: ClaimedJob, call: LostCall) -> Awaitable[bool]:
         """Renew a claim now, with the call about to leave; False when another delivery took
-        it over (true also while Redis cannot tell, or has lost the claim: the call goes on
-        and is billed by this delivery's outcome)."""
+        it over, or ended it storing the job's outcome (true also while Redis cannot tell,
+        or has lost the claim and the outcome: the call goes on and is billed by this
+        delivery's outcome)."""
         # Not a coroutine of its own: a call waiting for a Redis connection holds each frame
         # of its chain, and thousands wait when Redis is the slowest stage.
-        return self._hold_for(key, owner, self._lease_ms, self._recorded(job, call, owner))
+        return self._hold_for(
+            key, owner, self._lease_ms, self._recorded(job, call, owner), self._outcome(job)
+        )
 
     async def let_go(self, key: str, owner: str) -> None:
         """End the claim's lease now (its record stays): the next delivery takes over."""
@@ -603,7 +606,12 @@ class Claims:
         """``hold`` with ``call`` as a script call, to ride with another (a deployment's
         take: ``Ticket.enter``)."""
         recorded = self._recorded(job, call, owner)
-        return Call("hold", [key, self._keys.lapsing], [owner, self._lease_ms, *recorded])
+        keys = [key, self._keys.lapsing, self._outcome(job)]
+        return Call("hold", keys, [owner, self._lease_ms, *recorded])
+
+    def _outcome(self, job: ClaimedJob) -> str:
+        """The key of the job's stored outcome."""
+        return self._keys.result(job.team, job.job_id)
 
     def _recorded(self, job: ClaimedJob, call: LostCall, owner: str) -> list[str | int]:
         """``hold.lua``'s arguments recording ``call`` made by ``owner``: with a deadline,
@@ -618,16 +626,15 @@ class Claims:
         return [recorded, due, job.model, job.reply_to or ""]
 
     async def _hold_for(
-        self, key: str, owner: str, lease_ms: int, recorded: list[str | int]
+        self, key: str, owner: str, lease_ms: int, recorded: list[str | int], outcome: str = ""
     ) -> bool:
+        keys = [key, self._keys.lapsing, *([outcome] if outcome else [])]
         try:
-            held = await self._hold(
-                keys=[key, self._keys.lapsing], args=[owner, lease_ms, *recorded]
-            )
+            held = await self._hold(keys=keys, args=[owner, lease_ms, *recorded])
         except RedisError as exc:
             self._outage.failed(exc)
             return True
-        return bool(held != 0)  # lua/hold.lua: 0 when taken over, nil when the claim is gone
+        return bool(held != 0)  # lua/hold.lua: 0 taken over or answered, nil lost with Redis
 
     async def settle(self, settlement: Settlement) -> None:
         """Run a job's admission settles on their own (its claim let go, not finished)."""
@@ -820,8 +827,9 @@ class Claim:
     async def record(self, call: LostCall) -> None:
         """Note the call about to leave: lost, should this owner die before its outcome.
         Busy when another delivery took the claim over (this owner stalled past its lease,
-        a call of its timing out meanwhile): the taker answers the job and bills this
-        owner's calls recorded before as lost, so this one must not leave, billed nowhere."""
+        a call of its timing out meanwhile), or has answered the job since: the taker
+        answers it and bills this owner's calls recorded before as lost, so this one must
+        not leave, billed nowhere."""
         if self._owner is not None and not await self._claims.hold(
             self._key, self._owner, self.job, call
         ):

@@ -4,6 +4,7 @@
 -- KEYS[1]  the job's claim (hash; see claim.lua)
 -- KEYS[2]  the namespace's lapsing claims (sorted set: claim key by when its job's deadline
 --          and a lease have passed; see sweep.lua); only read with ARGV[4]
+-- KEYS[3]  with a call, the job's stored outcome (see claim.lua), or absent
 -- ARGV[1]  owner
 -- ARGV[2]  lease from now, ms (0: let it go now, so the next delivery takes over at once)
 -- ARGV[3]  the call about to leave (JSON), or '' to leave the recorded one as it is
@@ -13,12 +14,13 @@
 -- ARGV[5]  with ARGV[4]: the model the job asked for (its budget's scope, its usage row's)
 -- ARGV[6]  with ARGV[4]: the job's reply queue, where a sweep answers it, or '' (nowhere)
 --
--- Returns 1 while ARGV[1] owns the claim, 0 once another delivery took it over, nil when
--- the claim is gone (Redis lost it, or it ended).
+-- Returns 1 while ARGV[1] owns the claim, 0 once another delivery took it over or (the
+-- claim ended) stored the job's outcome, nil when the claim is gone with no outcome (Redis
+-- lost them).
 
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner ~= ARGV[1] then
-  if owner then
+  if owner or (KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1) then
     return 0
   end
   return false
