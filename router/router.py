@@ -494,8 +494,15 @@ class Router:
         now = time.monotonic()
         backoffs = [ready_at[d.name] - now for d in waiting if ready_at.get(d.name, 0.0) > now]
         if len(backoffs) < len(waiting):
-            # Some deployment is only at its concurrency cap: wait for any call to end, or
-            # for the first backoff, whichever comes first.
+            ready = [d for d in waiting if ready_at.get(d.name, 0.0) <= now]
+            if not all(self._slots.full(d) for d in ready):
+                # A backoff ended since _pick looked (while it asked Redis of another
+                # deployment's circuit): pick again. Waiting for a call to end instead would
+                # hold a job with no deadline until another job's call, forever in a quiet
+                # worker (a draining one held its last job for its whole grace).
+                return True
+            # Each is at its concurrency cap: wait for any call to end, or for the first
+            # backoff, whichever comes first.
             limit = min([*backoffs, run.left()])
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if limit == float("inf") else max(0.0, limit)):

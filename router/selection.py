@@ -24,10 +24,14 @@ class Slots:
     def running(self, deployment: Deployment) -> int:
         return self._running[deployment.name]
 
+    def full(self, deployment: Deployment) -> bool:
+        """Whether the deployment runs as many calls as its cap allows."""
+        cap = deployment.max_in_flight
+        return cap is not None and self._running[deployment.name] >= cap
+
     def take(self, deployment: Deployment) -> bool:
         """Count one call as running, if under the deployment's cap; ``release`` it after."""
-        cap = deployment.max_in_flight
-        if cap is not None and self._running[deployment.name] >= cap:
+        if self.full(deployment):
             return False
         self._running[deployment.name] += 1
         return True

@@ -226,6 +226,49 @@ async def test_a_deployment_paused_by_another_worker_past_the_deadline_is_rate_l
     assert len(calls_to(mock, "busy")) == 2
 
 
+async def test_a_retry_whose_backoff_ends_while_another_circuit_is_asked_is_made_at_once(
+    settings: Settings, mock: MockProvider
+) -> None:
+    # Given an alias of two deployments in order: the first answers its first call 429 with
+    # 0.2 s to wait, the second's circuit is open; and the router's Redis behind a proxy that
+    # hangs once the second's circuit is asked of
+    mock.configure(
+        MockConfig(models={"flaky": Behavior(fail_first=1, error_status=429, retry_after=0.2)})
+    )
+    cat = catalog(
+        {
+            "both": {
+                "deployments": [
+                    dep("flaky-dep", "flaky", mock.url),
+                    dep("open-dep", "open", mock.url, breaker={"failures": 1, "cooldown": 60}),
+                ]
+            }
+        },
+        rate_limit_pause=0,
+    )
+    opened = cat.models["both"].deployments[1]
+    async with TcpProxy(settings.redis_url) as proxy:
+        behind = settings.model_copy(update={"redis_url": proxy.url})
+        async with open_router(cat, ENV, behind) as router:
+            await router.health.failure(opened)
+            proxy.hang_at(Keys(settings.redis_prefix).breaker(opened.name).encode())
+
+            # When a job with no deadline, alone in the worker, has its first call refused,
+            # and the wait that asks for ends while the second's circuit is asked of (a wait
+            # in time: no event marks it)
+            serving = asyncio.create_task(router.complete(chat("both")))
+            await proxy.hung.wait()
+            await asyncio.sleep(0.3)
+            await proxy.up()
+
+            # Expect the retry made then, not held until another job's call ends (none will)
+            async with asyncio.timeout(5):
+                routed = await serving
+
+    assert routed.deployment == "flaky-dep"
+    assert [a.error for a in routed.attempts] == ["rate_limited", None]
+
+
 def test_backoff_is_full_jitter_capped_and_never_below_the_floor() -> None:
     policy = RetryPolicy(base_delay=0.1, max_delay=0.4)
 
