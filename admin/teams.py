@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -64,6 +64,22 @@ from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topolog
 from queuegate.visible import clipped
 
 
+@dataclass
+class Storing:
+    """How far a command storing a change in the registry got, for one cut short (a
+    PostgreSQL that hangs) to say honestly whether the change may have landed, and how long
+    Redis's part after the store may take."""
+
+    within: float = REDIS_CHECK_WAIT
+    """Seconds the steps after the store (ending sessions, bringing ledgers up to date) may
+    wait for Redis."""
+    sent: bool = False
+    """The write that commits the change may have reached PostgreSQL: from here on a store
+    cut short may or may not have landed; before, its transaction was never committed."""
+    stored: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the change is committed."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What a team's apps authenticate with; shown once, stored nowhere by queuegate."""
@@ -109,6 +125,7 @@ async def register(
     *,
     identity: IdentityMode | None = None,
     password: str | None = None,
+    storing: Storing | None = None,
 ) -> Added:
     """Register the team, declare its queue and give it its identity (``broker`` by default).
 
@@ -130,9 +147,10 @@ async def register(
     try:
         await migrate(pool, settings.database_schema)
         existing = await _registered(pool, name)
+        storing = storing or Storing()
         if existing is not None:
-            return await _ensure(settings, pool, existing, identity, password)
-        return await _create(settings, pool, name, identity or "broker", password)
+            return await _ensure(settings, pool, existing, identity, password, storing=storing)
+        return await _create(settings, pool, name, identity or "broker", password, storing=storing)
     finally:
         await pool.close()
 
@@ -143,6 +161,8 @@ async def _create(
     name: str,
     identity: IdentityMode,
     password: str | None,
+    *,
+    storing: Storing,
 ) -> Added:
     credentials = Credentials(identity)
     user = broker_user(settings.namespace, name) if identity == "broker" else None
@@ -162,6 +182,7 @@ async def _create(
             credentials = Credentials(
                 "broker", user, password, with_user(settings.amqp_url, user, password)
             )
+        storing.sent = True  # the transaction below commits the team, as it ends
         async with pool.acquire() as conn, conn.transaction():
             change = await add_team(conn, name)
             await put_security(conn, name, TeamSecurity(identity=identity, broker_user=user))
@@ -170,6 +191,7 @@ async def _create(
                 credentials = Credentials("api_key", api_key_id=key_id, api_key=key)
             # Last before the commit: a broker that refuses the queue rolls the rows back.
             await _declare_queue(settings, name)
+        storing.stored.set()
     except BaseException as exc:
         if made and user is not None:
             await _undo_user(settings, user, exc)
@@ -207,6 +229,8 @@ async def _ensure(
     team: Team,
     identity: IdentityMode | None,
     password: str | None,
+    *,
+    storing: Storing,
 ) -> Added:
     security = await get_security(pool, team.name)
     if identity is not None and identity != security.identity:
@@ -234,7 +258,11 @@ async def _ensure(
         await create_broker_user(settings, team.name, user, password, team.config)
         if security.broker_user is None:
             await put_security(pool, team.name, security.model_copy(update={"broker_user": user}))
-    change = None if team.enabled else await add_team(pool, team.name)
+    change = None
+    if not team.enabled:
+        storing.sent = True  # a statement of its own: committed as PostgreSQL runs it
+        change = await add_team(pool, team.name)
+        storing.stored.set()
     return Added(False, not team.enabled, credentials, change)
 
 
@@ -411,13 +439,15 @@ class StoredUnconfirmed(ServiceUnavailable):
     change no worker confirmed (``cli.teams.NOT_CONFIRMED``), never as one refused."""
 
 
-async def disable(settings: Settings, name: str) -> Change | None:
+async def disable(settings: Settings, name: str, storing: Storing | None = None) -> Change | None:
     """Stop serving the team and end its dashboard sessions; the registry write, or None when
     there is no such team."""
     pool = await create_pool(settings)
     client = redis_for(settings)
     try:
-        return await disable_and_sign_out(pool, client, Keys(settings.redis_prefix), name)
+        return await disable_and_sign_out(
+            pool, client, Keys(settings.redis_prefix), name, storing or Storing()
+        )
     except (RedisError, OSError) as exc:
         raise StoredUnconfirmed(
             f"team {name} is disabled, but its dashboard sessions are not ended: "
@@ -429,19 +459,21 @@ async def disable(settings: Settings, name: str) -> Change | None:
 
 
 async def disable_and_sign_out(
-    pool: asyncpg.Pool, client: aioredis.Redis, keys: Keys, name: str
+    pool: asyncpg.Pool, client: aioredis.Redis, keys: Keys, name: str, storing: Storing
 ) -> Change | None:
     """Disable the team, then end the dashboard sessions of every key it has: a disabled team
     is refused at once anyway, but enabling it again must not bring its old sessions back.
     Ended once the team is disabled, when no new sign-in of it is accepted: a new generation
     of its sessions ends those being made meanwhile too (``dashboard_generation``), and the
     sessions stored are deleted."""
+    storing.sent = True  # a statement of its own: committed as PostgreSQL runs it
     change = await disable_team(pool, name)
     if change is None:
         return None
+    storing.stored.set()
     key_ids = [key.key_id for key in await team_keys(pool, name)]
     # Bounded: a Redis (or its Sentinels) out of reach must not hold the command.
-    async with asyncio.timeout(REDIS_CHECK_WAIT):
+    async with asyncio.timeout(storing.within):
         await new_dashboard_generation(client, keys, name)
         await end_dashboard_sessions(client, keys, key_ids)
     return change
@@ -609,7 +641,9 @@ class Configured:
     """The registry write (``in_force`` waits for it)."""
 
 
-async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> Configured:
+async def configure(
+    settings: Settings, name: str, changes: dict[str, Any], storing: Storing | None = None
+) -> Configured:
     """Merge ``changes`` (None clears a field) into the team's config and store it; when a
     broker-side field changes, apply the queue quota as a broker policy (a queue's own
     arguments cannot change once declared) and the user's limits first, in the transaction
@@ -645,10 +679,15 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> C
         if any(stored.fields.get(field) != getattr(config, field) for field in BROKER_FIELDS):
             user = (await get_security(pool, name)).broker_user
             broker = _BrokerSide(settings, name, user, config)
+        storing = storing or Storing()
+
+        async def committing() -> None:
+            if broker is not None:
+                await broker.apply()
+            storing.sent = True
+
         try:
-            change = await set_team_config(
-                pool, name, config, before_commit=None if broker is None else broker.apply
-            )
+            change = await set_team_config(pool, name, config, before_commit=committing)
         except (OSError, asyncpg.PostgresError) as exc:
             if broker is None or not broker.applied:
                 raise
@@ -659,8 +698,9 @@ async def configure(settings: Settings, name: str, changes: dict[str, Any]) -> C
             ) from exc
         if change is None:
             raise _no_team(name)  # removed by hand since it was read
+        storing.stored.set()
         if fresh:
-            await _reconcile_ledgers(settings, pool, name, fresh)
+            await _reconcile_ledgers(settings, pool, name, fresh, storing.within)
     finally:
         await pool.close()
     return Configured(config, stored.unreadable, change)
@@ -702,7 +742,7 @@ class _BrokerSide:
 
 
 async def _reconcile_ledgers(
-    settings: Settings, pool: asyncpg.Pool, name: str, scopes: list[Scope]
+    settings: Settings, pool: asyncpg.Pool, name: str, scopes: list[Scope], within: float
 ) -> None:
     """Reconcile the team's ``scopes`` ledgers with usage_log now, once the config that
     budgets them is committed (the jobs reserving from then on keep their entries): spend
@@ -712,7 +752,7 @@ async def _reconcile_ledgers(
     token = reconciler_token()
     try:
         # Bounded: Redis (or an accountant's reconciliation round) must not hold the command.
-        async with asyncio.timeout(REDIS_CHECK_WAIT):
+        async with asyncio.timeout(within):
             keys = Keys(settings.redis_prefix)
             while True:
                 done = await reconcile(client, pool, keys, scopes, current_month(), token=token)
@@ -720,7 +760,7 @@ async def _reconcile_ledgers(
                     return
                 await asyncio.sleep(0.05)  # another reconciler's round, well under a second
     except (RedisError, OSError, TimeoutError) as exc:
-        raise ServiceUnavailable(
+        raise StoredUnconfirmed(
             f"team {name}'s budget is set, but its spend ledger is not brought up to date "
             "(accounting does within QUEUEGATE_SPEND_RECONCILE_INTERVAL): "
             + redis_unreachable(settings, "start it and set the budget again")
@@ -767,6 +807,9 @@ class InForce:
     PostgreSQL (``workers_connected``), None when it could not tell in time. Workers
     connected that never reported (stalled, draining, cut off from Redis) leave the change
     unconfirmed, not "no worker is running"."""
+    unanswered: bool = False
+    """PostgreSQL, asked for ``connected``, did not answer within the wait (a hung server):
+    not asked again, nor waited for past it."""
 
 
 def reports_within(settings: Settings, within: float) -> float:
@@ -869,9 +912,11 @@ async def in_force(
             with contextlib.suppress(asyncio.CancelledError):
                 await asking
     assert workers is not None
+    unanswered = asking is not None and asking.cancelled()
     return InForce(
         [name for name in workers if name not in withdrawn],
         [name for name in workers if name not in confirmed | withdrawn],
         gathering,
-        None if asking is None or asking.cancelled() else asking.result(),
+        None if asking is None or unanswered else asking.result(),
+        unanswered,
     )

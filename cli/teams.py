@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
 import sys
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -15,10 +17,16 @@ from cli.keys import keys_table, show_key
 from cli.options import TeamName, make_settings, read_password
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
-from queuegate.runtime import run
+from queuegate.runtime import exit_at_once, run
 from queuegate.settings import Settings
 from queuegate.signing import PASS_API_KEY
+from queuegate.urls import redact_url
 from queuegate.visible import clipped
+
+if TYPE_CHECKING:
+    from admin.teams import Storing
+
+T = TypeVar("T")
 
 teams_app = typer.Typer(
     help="Register, list, show, configure and disable teams.", no_args_is_help=True
@@ -36,11 +44,71 @@ Wait = Annotated[
         f"wait); past them, exit {NOT_CONFIRMED} naming the workers that did not confirm.",
     ),
 ]
+STORE_WAIT = 10.0
+"""Seconds a change may take to be stored (PostgreSQL, and the management API for what the
+broker enforces), as long as a connection to PostgreSQL may take (``queuegate.db``'s
+``CONNECT_TIMEOUT``): asyncpg bounds its connects alone, and a server that takes a
+connection and never answers would hold the command forever."""
+LATE_EXIT = 0.5
+"""Seconds past a bound the command still waits for its steps to end by themselves (they
+are bounded too) before it ends at once, leaving them: a connection's graceful close waits
+for a service that may never answer."""
+
+
+async def _ended(work: Awaitable[T], within: float, late: str, status: int) -> T:
+    """``work``'s result if it ends within ``within`` seconds; else ``late`` said in one line,
+    and the process ended at once with ``status`` (see ``LATE_EXIT``)."""
+    task = asyncio.ensure_future(work)
+    if not (await asyncio.wait({task}, timeout=within))[0]:
+        err.print(late, markup=False, highlight=False)
+        exit_at_once(status)
+    return task.result()
+
+
+def _store(name: str, wait: float, store: Callable[[Storing], Awaitable[T]]) -> T:
+    """``store``'s result, run within ``STORE_WAIT`` until the change is stored, then within
+    the ``wait`` (``Storing.within``: Redis's part after the store, before the confirmation's
+    own wait). Ended at once past them: with status 1, saying whether the change may have
+    landed; with ``NOT_CONFIRMED`` once it is stored, which a step after it failing exits
+    with too (``StoredUnconfirmed``)."""
+    from admin.teams import StoredUnconfirmed, Storing
+    from queuegate.services import REDIS_CHECK_WAIT
+
+    storing = Storing(within=min(wait, REDIS_CHECK_WAIT) or REDIS_CHECK_WAIT)
+
+    async def bounded() -> T:
+        task = asyncio.ensure_future(store(storing))
+        stored = asyncio.ensure_future(storing.stored.wait())
+        await asyncio.wait({task, stored}, timeout=STORE_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        stored.cancel()
+        if not storing.stored.is_set() and not task.done():
+            said = (
+                "may or may not be stored: PostgreSQL did not confirm its commit within "
+                f"{STORE_WAIT:g} s; once it answers, see which with queuegate teams show {name}"
+                if storing.sent
+                else "is NOT stored: PostgreSQL (or the broker's management API) did not "
+                f"answer within {STORE_WAIT:g} s; run the same command again once it answers"
+            )
+            err.print(f"team {name}: the change {said}", markup=False, highlight=False)
+            exit_at_once(1)
+        late = (
+            f"team {name}: the change is stored, but PostgreSQL or Redis did not answer "
+            f"within {storing.within:g} s after it; each worker applies it when it next reads "
+            "the registry"
+        )
+        return await _ended(task, storing.within + LATE_EXIT, late, NOT_CONFIRMED)
+
+    try:
+        return run(bounded)
+    except StoredUnconfirmed as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(NOT_CONFIRMED) from None
 
 
 def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> None:
     """Say when ``change`` is in force on every live worker, or exit ``NOT_CONFIRMED`` naming
-    those that did not confirm it within ``wait`` seconds (``admin.teams.in_force``)."""
+    those that did not confirm it within ``wait`` seconds (``admin.teams.in_force``), ending
+    then whatever Redis or PostgreSQL does."""
     from admin.teams import in_force, reports_within
     from queuegate.errors import ServiceUnavailable
 
@@ -57,8 +125,16 @@ def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> 
         )
         err.print(f"team {name}: {said}", markup=False, highlight=False)
 
+    late = (
+        f"team {name}: the change is stored, but no worker's confirmation was read within "
+        f"{wait:g} s: Redis or PostgreSQL did not answer in time"
+    )
     try:
-        confirmed = run(lambda: in_force(settings, change, wait, waiting))
+        confirmed = run(
+            lambda: _ended(
+                in_force(settings, change, wait, waiting), wait + LATE_EXIT, late, NOT_CONFIRMED
+            )
+        )
     except ServiceUnavailable as exc:
         err.print(f"team {name}: {exc}", markup=False, highlight=False)
         raise typer.Exit(NOT_CONFIRMED) from None
@@ -79,7 +155,10 @@ def _confirm(settings: Settings, name: str, change: int | None, wait: float) -> 
         out.print(f"team {name}: no worker is running; each reads it as it starts", highlight=False)
     else:
         connected = (
-            "PostgreSQL could not tell whether any runs"
+            f"PostgreSQL at {redact_url(settings.database_url)} did not answer in time whether "
+            "any runs"
+            if confirmed.unanswered
+            else "PostgreSQL could not tell whether any runs"
             if confirmed.connected is None
             else f"PostgreSQL holds {confirmed.connected} of the namespace's worker "
             "connections (stalled, draining, or cut off from Redis)"
@@ -119,13 +198,16 @@ def teams_add(
 
     password = read_password() if password_stdin else None
     settings = make_settings()
-    added = run(
-        lambda: register(
+    added = _store(
+        name,
+        wait,
+        lambda storing: register(
             settings,
             name,
             identity=_identity(identity) if identity else None,
             password=password,
-        )
+            storing=storing,
+        ),
     )
     if added.created:
         out.print(f"team {name} is registered; workers serve it within seconds")
@@ -244,7 +326,7 @@ def teams_set(
     """Change a team's limits, budget, queue quota, broker user limits, cache default or
     parameter policy; the broker applies it as it is stored, workers and front doors when
     told of it, and the command waits until every live worker serves under it."""
-    from admin.teams import configure, stored_models
+    from admin.teams import Configured, configure, stored_models
 
     settings = make_settings()
     changes: dict[str, Any] = {
@@ -270,12 +352,17 @@ def teams_set(
     if both := sorted(cleared.keys() & changes.keys()):
         raise typer.BadParameter(f"{', '.join(both)}: both set and --unset; give one or the other")
     changes |= cleared
-    if model:
-        limits = _model_limits(model)
+    limits = _model_limits(model) if model else None
+    if limits:
         _check_aliases(settings, [alias for alias, fields in limits.items() if fields])
-        changes["models"] = run(lambda: stored_models(settings, name)) | limits
-        changes["models"] = {k: v for k, v in changes["models"].items() if v}
-    configured = run(lambda: configure(settings, name, changes))
+
+    async def store(storing: Storing) -> Configured:
+        if limits:
+            models = await stored_models(settings, name) | limits
+            changes["models"] = {k: v for k, v in models.items() if v}
+        return await configure(settings, name, changes, storing)
+
+    configured = _store(name, wait, store)
     if configured.replaced is not None:
         err.print(
             f"team {name}: its stored config was {configured.replaced}, not an object, "
@@ -365,14 +452,10 @@ def _check_aliases(settings: Settings, aliases: list[str]) -> None:
 def teams_disable(name: TeamName, wait: Wait = 5.0) -> None:
     """Stop serving a team; its queued jobs stay in its queue. Then wait until no live worker
     serves it."""
-    from admin.teams import StoredUnconfirmed, disable
+    from admin.teams import disable
 
     settings = make_settings()
-    try:
-        change = run(lambda: disable(settings, name))
-    except StoredUnconfirmed as exc:
-        err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(NOT_CONFIRMED) from None
+    change = _store(name, wait, lambda storing: disable(settings, name, storing))
     if change is None:
         raise ConfigError(f"no team named {name}: list them with queuegate teams list")
     out.print(f"team {name} is disabled")

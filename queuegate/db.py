@@ -149,7 +149,8 @@ async def create_pool(
 async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     """One connection, set up as a pool's are (``create_pool``), for a command's single query:
     a pool would open, and close, more than it needs. Creates no schema: a query on a schema
-    never migrated fails on its missing table."""
+    never migrated fails on its missing table. Dropped at once when the query fails or is
+    cancelled."""
     try:
         conn = await asyncpg.connect(
             settings.database_url,
@@ -161,8 +162,12 @@ async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     try:
         await _init_connection(conn)
         yield conn
-    finally:
-        await conn.close()
+    except BaseException:
+        # Not closed gracefully: that waits for the server's goodbye, which one that hangs
+        # (the caller's reason to give up, often) never sends.
+        conn.terminate()
+        raise
+    await conn.close()
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:

@@ -108,14 +108,15 @@ async def until_set(timeout: float, *events: asyncio.Event) -> None:
             wait.cancel()
 
 
-def exit_at_once() -> NoReturn:
-    """End the process with status 0 now, its log and standard streams flushed, skipping
-    Python's finalisation (atexit handlers, freeing every module): for a process with
-    nothing left to release."""
+def exit_at_once(status: int = 0) -> NoReturn:
+    """End the process with ``status`` now, its log and standard streams flushed, skipping
+    Python's finalisation (atexit handlers, freeing every module, the event loop's tasks):
+    for a process with nothing left to release, or whose releases wait on a service that
+    does not answer."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def say_stopped_starting(sig: signal.Signals) -> None:

@@ -41,6 +41,7 @@ from admin.teams import (
 )
 from cli.main import app
 from cli.reports import STALE_EXIT
+from cli.teams import STORE_WAIT
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient, JobHandle
 from queuegate.db import create_pool, worker_application_name
@@ -64,6 +65,7 @@ from queuegate.spend import (
 from queuegate.status import NO_WORKER, DrainingWorker, Status, StatusReader
 from queuegate.tenancy import broker_user
 from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
+from queuegate.urls import redact_url
 from tests.chaos.harness import start_worker, stop_workers, worker_env
 from tests.conftest import TEST_TEAMS
 from tests.proxy import TcpProxy
@@ -539,9 +541,10 @@ def _cli_env(settings: Settings) -> dict[str, str]:
     }
 
 
-async def _queuegate(settings: Settings, *args: str) -> tuple[int, str, str]:
+async def _queuegate(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
+    """The CLI run with ``args``, ``env`` added to its environment: its status and output."""
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", *args, env=_cli_env(settings),
+        sys.executable, "-m", "cli", *args, env=_cli_env(settings) | env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=30)
@@ -1131,6 +1134,108 @@ def test_a_long_namespace_names_its_workers_apart_within_postgresqls_limit() -> 
     names = {worker_application_name(first), worker_application_name(second)}
     assert len(names) == 2
     assert all(len(name.encode()) <= 63 for name in names)
+
+
+WAIT_BOUND = 2 + 4
+"""Seconds a team's change with ``--wait 2`` may take in all, its start on a loaded machine
+included: the services' own timeouts, which a frozen one runs out, add up to 11 s."""
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["set", "--rpm", "10"], "the change is stored, but no worker's confirmation was read"),
+        # A first budget, whose spend ledger is brought up to date in Redis once it is stored
+        (["set", "--budget", "5"], "'s budget is set, but its spend ledger is not brought up"),
+        (["disable"], "is disabled, but its dashboard sessions are not ended"),
+    ],
+)
+async def test_a_teams_change_ends_within_its_wait_while_redis_hangs(
+    settings: Settings, alpha: str, args: list[str], said: str
+) -> None:
+    # Given Redis frozen (it takes connections and never answers, as under SIGSTOP)
+    command, *options = args
+    async with TcpProxy(settings.redis_url) as proxy:
+        proxy.hang()
+
+        # When an operator changes alpha, waiting 2 s
+        started = time.monotonic()
+        code, _, stderr = await _queuegate(
+            settings, "teams", command, alpha, *options, "--wait", "2",
+            QUEUEGATE_REDIS_URL=proxy.url,
+        )  # fmt: skip
+        took = time.monotonic() - started
+
+    # Expect the change stored, and said in one line to be unconfirmed, Redis named, by the
+    # end of the wait
+    assert code == 3, stderr
+    assert stderr.strip().startswith(f"team {alpha}") and said in stderr, stderr
+    assert f"Redis is not reachable at {proxy.url}" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert took < WAIT_BOUND
+
+
+async def test_teams_set_ends_within_its_wait_while_postgresql_hangs_asked_for_workers(
+    settings: Settings, alpha: str
+) -> None:
+    # Given no worker reporting, and PostgreSQL frozen once asked for the namespace's workers
+    async with TcpProxy(settings.database_url) as proxy:
+        proxy.hang_at(b"pg_stat_activity")
+
+        # When an operator sets alpha's rate, waiting 2 s
+        started = time.monotonic()
+        code, stdout, stderr = await _queuegate(
+            settings, "teams", "set", alpha, "--rpm", "10", "--wait", "2",
+            QUEUEGATE_DATABASE_URL=proxy.url,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert proxy.hung.is_set()
+
+    # Expect the change stored, and said to be unconfirmed, PostgreSQL named as not
+    # answering in time, by the end of the wait
+    assert f'team {alpha}: {{"rpm":10}}' in stdout
+    assert code == 3, stderr
+    said = stderr.splitlines()[-1]
+    assert said.startswith(f"team {alpha}: the change is stored, but no worker reported"), said
+    assert f"PostgreSQL at {redact_url(proxy.url)} did not answer in time whether any" in said
+    assert took < WAIT_BOUND
+
+
+@pytest.mark.parametrize(
+    ("args", "hang_at", "said"),
+    [
+        # Its UPDATE sent in a transaction never committed, which PostgreSQL rolls back
+        (["set", "--rpm", "10"], b"UPDATE teams", "is NOT stored"),
+        (["disable"], b"SELECT", "is NOT stored"),  # before any write
+        # A statement committed as it runs: once sent, it may have landed
+        (["disable"], b"UPDATE teams", "may or may not be stored"),
+    ],
+)
+async def test_a_teams_change_ends_when_postgresql_hangs_before_it_is_stored(
+    settings: Settings, alpha: str, args: list[str], hang_at: bytes, said: str
+) -> None:
+    # Given PostgreSQL frozen once the command sends the first statement holding ``hang_at``
+    command, *options = args
+    async with TcpProxy(settings.database_url) as proxy:
+        proxy.hang_at(hang_at)
+
+        # When an operator changes alpha
+        started = time.monotonic()
+        code, stdout, stderr = await _queuegate(
+            settings, "teams", command, alpha, *options, QUEUEGATE_DATABASE_URL=proxy.url
+        )
+        took = time.monotonic() - started
+        assert proxy.hung.is_set()
+
+    # Expect one line saying whether the change is stored, and what to do, with the status
+    # of a change refused, once the store's bound has passed
+    assert code == 1, stdout + stderr
+    assert stderr.strip() == stderr.strip().splitlines()[0], stderr
+    assert stderr.startswith(f"team {alpha}: the change {said}: PostgreSQL"), stderr
+    assert took < STORE_WAIT + 4
+    if said == "is NOT stored":
+        [team] = [team for team in await listing(settings) if team.name == alpha]
+        assert team.enabled and team.config.rpm is None
 
 
 async def test_a_worker_stopping_cleanly_is_neither_awaited_nor_named_while_it_drains(
