@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from accounting.store import insert_usage
+from admin.teams import configure, in_force
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.errors import BudgetExhausted
@@ -19,7 +20,7 @@ from queuegate.messages import UsageEvent
 from queuegate.registry import ModelLimits, TeamConfig, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import Scope, current_month, reconcile, reconciler_token, to_nano
-from tests.support import running_gateway
+from tests.support import running_gateway, wait_until
 from tests.teams import register, team_identities
 from workers.admission.budgets import BudgetHeld, Budgets
 from workers.admission.scripts import Scripts
@@ -255,3 +256,28 @@ async def test_bounded_jobs_near_the_edge_still_run_at_once(settings: Settings) 
     # Expect all served at once, as before
     assert [r.error for r in results] == [None] * 6
     assert len(calls) == 6 and calls[-1] - calls[0] < LATENCY_MS / 1000
+
+
+async def test_an_unbounded_job_in_flight_as_its_team_gains_a_budget_counts_at_its_worst(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given team alpha without a budget, and an unbounded job of its in the provider's call
+    await register(settings, "alpha", TeamConfig())
+    slow = MockConfig(models={MINI: Behavior(latency_ms=3000)})
+    async with running_gateway(settings, mock_config=slow) as gw, gw.client("alpha") as client:
+        job = client.job(MINI, MESSAGES, fallbacks=[], reasoning_effort="max")
+        handle = await client.submit(job)
+        await wait_until(lambda: gw.mock.arrived == 1)
+
+        # When a budget is set, in force once every worker reserved its jobs in flight
+        change = await configure(settings, "alpha", {"budget_usd": 1})
+        assert (await in_force(settings, change.change, 5)).pending == []
+
+        # Expect its reservation in the new ledger with what it may cost past it, as a job
+        # admitted under the budget holds, so the jobs admitted beside it count it
+        ledger = await redis_client.hgetall(
+            Keys(settings.redis_prefix).spend("alpha", current_month())
+        )
+        past = int(ledger[f"x:{job.job_id}".encode()])
+        assert past == int(ledger[b"excess"]) > 10 * int(ledger[f"r:{job.job_id}".encode()])
+        assert (await handle.result(timeout=WAIT)).status == "ok"

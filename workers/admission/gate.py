@@ -235,6 +235,7 @@ class Admission:
                     job.job_id,
                     deadline=job.ends_by,
                     forced=True,
+                    room=ticket.room,
                 )
             except (RedisError, ServiceUnavailable) as exc:
                 log.warning(
