@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
 from queuegate.broker import node_urls, vhost_of
+from queuegate.messages import MAX_OUTPUT_TOKENS
 from queuegate.redis_client import redis_connection
 from queuegate.urls import url_problem
 
@@ -288,6 +289,10 @@ class Settings(BaseSettings):
     """
     expected_output_tokens: int = Field(default=256, ge=1)
     """Output tokens reserved for a job that sets no ``max_tokens`` (a team may override it)."""
+    unbounded_output_tokens: int = Field(default=4096, ge=1, le=MAX_OUTPUT_TOKENS)
+    """Output tokens a job that sets no ``max_tokens`` is assumed able to reach: jobs are
+    admitted beside such a job in flight only while its budget has room for it at that, and
+    near the edge such a job is admitted only alone (``workers/admission/lua/spend.lua``)."""
     redis_outage: Literal["fail_closed", "fail_open"] = "fail_closed"
     """While Redis is unreachable: jobs wait for it (up to their deadline), or each worker
     admits from a local bucket holding its fair share of every limit."""

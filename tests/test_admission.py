@@ -426,7 +426,7 @@ async def test_a_deployment_take_that_rode_with_the_claim_goes_back_when_the_cal
     env = {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9", "QUEUEGATE_MOCK_KEY": "sk-test"}
     first, second = load_catalog(catalog, env).resolve("small").deployments
     keys = Keys(settings.redis_prefix)
-    needed = Estimate(prompt_tokens=10, output_tokens=14, cost_nano=0)
+    needed = Estimate(prompt_tokens=10, output_tokens=14, cost_nano=0, room_nano=0)
     async with running_gateway(settings, catalog=catalog) as gw:
         admission = gw.worker.admission
         assert admission is not None

@@ -68,15 +68,23 @@ async def test_a_hung_redis_holds_jobs_uncalled_and_each_is_served_once_when_it_
 async def test_resends_refused_as_answered_after_a_hang_leave_the_ledger_at_the_usage_rows(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    # Given a team whose budget holds its jobs' estimates, and one more job's by what they
-    # really cost, but not one more estimate; its fail-closed worker reaching Redis through a
-    # proxy, accounting reconciling its ledger only at start
+    # Given a team whose budget holds its jobs' estimates (at their max_tokens, so they run
+    # at once), and one more job's by what they really cost, but not one more estimate; its
+    # fail-closed worker reaching Redis through a proxy, accounting reconciling its ledger
+    # only at start
     calls, catalog = 4, load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    output = settings.expected_output_tokens
     one = estimate(
-        ChatJob(job_id="x", team="alpha", model="gpt-4o-mini", messages=HELLO),
+        ChatJob(
+            job_id="x",
+            team="alpha",
+            model="gpt-4o-mini",
+            messages=HELLO,
+            params={"max_tokens": output},
+        ),
         catalog,
         TeamConfig(),
-        settings.expected_output_tokens,
+        output,
     ).cost_nano
     budget = Decimal(calls * one + one // 2) / NANO
     await register(settings, "alpha", TeamConfig(budget_usd=budget))
@@ -97,7 +105,10 @@ async def test_resends_refused_as_answered_after_a_hang_leave_the_ledger_at_the_
             gw.client("alpha") as first,
             gw.client("alpha") as again,
         ):
-            jobs = [first.job("gpt-4o-mini", HELLO, job_id=f"hung-{i}") for i in range(calls)]
+            jobs = [
+                first.job("gpt-4o-mini", HELLO, job_id=f"hung-{i}", max_tokens=output)
+                for i in range(calls)
+            ]
             sent = [await first.submit(job) for job in jobs]
 
             # When Redis hangs past its command bound with the jobs' calls in flight (each

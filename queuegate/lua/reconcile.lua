@@ -1,5 +1,5 @@
--- Set a spend ledger's base to what usage_log holds, drop the entries of the jobs it holds
--- (with their reservations: a job whose settle was lost), and put back the entries a worker
+-- Set a spend ledger's base to what usage_log holds, drop the entries of the jobs it holds (with
+-- their reservations and excesses: a job whose settle was lost), and put back the entries a worker
 -- settled that it does not hold yet (workers/admission/lua/spend.lua describes the ledger).
 --
 -- KEYS[1]   the ledger          KEYS[2]   its expiry set
@@ -21,16 +21,18 @@
 -- may be newer), else {found, before, after, generation}: found 0 when the ledger was
 -- missing (Redis lost it), and the ledger's spent before and after (base + open).
 
-local ABOUT = 'a month of spend in nano-USD: base (usage_log) + open (j: entries), reserved (r: marks)'
+local ABOUT = 'a month of spend in nano-USD: base (usage_log) + open (j: entries), '
+  .. 'reserved (r: marks), excess (x: marks)'
 
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return {-1}
 end
-local state = redis.call('HMGET', KEYS[1], 'base', 'open', 'gen', 'reserved')
+local state = redis.call('HMGET', KEYS[1], 'base', 'open', 'gen', 'reserved', 'excess')
 local base = tonumber(state[1]) or 0
 local open = tonumber(state[2]) or 0
 local gen = state[3] or ARGV[4]
 local reserved = tonumber(state[4]) or 0
+local excess = tonumber(state[5]) or 0
 local before = base + open
 local n = tonumber(ARGV[6])
 local time = redis.call('TIME')
@@ -45,11 +47,12 @@ end
 local first = 7 + 3 * n
 local gone = 0
 for i = first, #ARGV do
-  local f, r = 'j:' .. ARGV[i], 'r:' .. ARGV[i]
-  local entry = redis.call('HMGET', KEYS[1], f, r)
+  local f, r, x = 'j:' .. ARGV[i], 'r:' .. ARGV[i], 'x:' .. ARGV[i]
+  local entry = redis.call('HMGET', KEYS[1], f, r, x)
   gone = gone + (tonumber(entry[1]) or 0)
   reserved = reserved - (tonumber(entry[2]) or 0)
-  redis.call('HDEL', KEYS[1], f, r)
+  excess = excess - (tonumber(entry[3]) or 0)
+  redis.call('HDEL', KEYS[1], f, r, x)
 end
 if #ARGV >= first then
   redis.call('ZREM', KEYS[2], unpack(ARGV, first))
@@ -60,7 +63,7 @@ base = tonumber(ARGV[2])
 -- would be found by a scan of all of them, eight a job (reserve and settle) over up to 512
 -- fields (hash-max-listpack-entries) between two reconciliations.
 redis.call('HSET', KEYS[1], 'base', base, 'open', open - gone, 'gen', gen, 'reserved', reserved,
-  'about', ABOUT)
+  'excess', excess, 'about', ABOUT)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if n > 0 then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))

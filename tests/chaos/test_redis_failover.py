@@ -48,8 +48,9 @@ WORKERS = 2
 PREFETCH = 20
 LATENCY_MS = 300
 EXPECTED_OUTPUT = 8
-"""Output tokens a job reserves (it sets no max_tokens): a little more than the mock answers,
-so that a reservation covers what its job costs."""
+"""Output tokens a job reserves, its max_tokens: a little more than the mock answers, so that
+a reservation covers what its job costs (without it, a job could cost far more, and near the
+budget's edge, all of this run, would be admitted only alone)."""
 BUDGET_JOBS = 200
 """The team's budget in reservations: about three quarters of the run is served."""
 FAULT_AFTER = 250
@@ -183,7 +184,12 @@ async def test_a_redis_failover_mid_run_answers_each_job_once_and_counts_it_once
 
 def _job(client: GatewayClient, i: int) -> ChatJob:
     """A small job on gpt-4o-mini alone, so that what it reserves is what it could cost."""
-    return client.job("gpt-4o-mini", [{"role": "user", "content": f"job {i}"}], fallbacks=[])
+    return client.job(
+        "gpt-4o-mini",
+        [{"role": "user", "content": f"job {i}"}],
+        fallbacks=[],
+        max_tokens=EXPECTED_OUTPUT,
+    )
 
 
 def _reservation(job: ChatJob) -> Decimal:

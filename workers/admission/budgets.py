@@ -6,6 +6,11 @@ cost past their estimates (a job's ``max_tokens`` bounds its output; without it,
 expected output does not: README, Admission control). A job the settled spend has room
 for, but not with the other jobs' open reservations, is not refused: ``BudgetHeld`` says it
 is to wait for them to settle (most of an estimate comes back), holding nothing meanwhile.
+A job without an output limit may cost far more than its estimate: its ``room`` is its cost
+at the output it is assumed able to reach. Beside other jobs' open reservations a job is
+admitted only while the budget has room for its own room and what those may cost past their
+estimates (their excesses) beside the spend: near the edge an unbounded job goes alone, and
+the jobs after it wait for it, so one job at most passes the budget, by its own excess.
 Each job holds one entry, which lapses ``lease`` seconds after its reserve (a worker that
 died mid-job never settles it) and ``SETTLED_TTL`` after its settle; a reservation whose
 job's claim lapsed (its worker died) goes sooner, once it holds a job back (``drop_dead``).
@@ -87,8 +92,9 @@ UNLIMITED = 2**62
 
 class BudgetHeld(Exception):
     """The job's reserve fits the budget's settled spend but not the open reservations of the
-    other jobs in flight: it waits for them to settle or lapse, then reserves again (refused
-    only if the settled spend cannot take it then)."""
+    other jobs in flight (with what those may cost past them, and its own room): it waits
+    for them to settle or lapse, then reserves again (refused only if the settled spend
+    cannot take it then)."""
 
     def __init__(self, team: str, ledger: str, expiry: str, message: str) -> None:
         super().__init__(message)
@@ -199,6 +205,7 @@ class Budgets:
         name: str | None = None,
         deadline: datetime | None = None,
         forced: bool = False,
+        room: int | None = None,
     ) -> tuple[Reservation | None, list[int] | None]:
         """Reserve ``nano`` for job ``job_id`` against the team's budget and the model's cap:
         the reservation (None when the team has neither), and the reply of ``then``.
@@ -209,9 +216,11 @@ class Budgets:
         when it can once the other jobs' reservations are settled. ``name``: the
         reservation's, the same on every try (``Scripts.run_all``). ``deadline``: the job's
         (``ChatJob.ends_by``). ``forced``: made past every limit (a job already called).
+        ``room``: what the job may cost at most, when more than ``nano`` (``Estimate.room_nano``:
+        an unbounded job); None: ``nano``.
         """
         reserving = self.reserving(
-            team, model, config, nano, job_id, deadline=deadline, forced=forced
+            team, model, config, nano, job_id, deadline=deadline, forced=forced, room=room
         )
         if reserving is None:
             return None, None
@@ -240,6 +249,7 @@ class Budgets:
         *,
         deadline: datetime | None = None,
         forced: bool = False,
+        room: int | None = None,
     ) -> Reserving | None:
         """The reserve of ``reserve`` as a script call, to run with another (a job's claim);
         its reply goes to ``reserved``. None when the team has neither budget nor cap."""
@@ -261,7 +271,13 @@ class Budgets:
             # not a millisecond later, which a read in that millisecond still counts.
             entry_ms = max(0, min(entry_ms, math.ceil(left * 1000)))
         call = self._call(
-            "reserve", held, nano, threshold=scoped.threshold, entry_ms=entry_ms, limits=limits
+            "reserve",
+            held,
+            nano,
+            threshold=scoped.threshold,
+            entry_ms=entry_ms,
+            limits=limits,
+            room=nano if room is None else room,
         )
         return Reserving(call, held, model, scoped.scopes)
 
@@ -424,13 +440,15 @@ class Budgets:
         threshold: int,
         entry_ms: int,
         limits: list[int],
+        room: int = 0,
     ) -> Call:
         """spend.lua's call on ``entry``'s ledgers: ``mode`` ("reserve" or "settle") ``nano``
         for its job, whose entry lapses ``entry_ms`` later, refused past each scope's limit
-        (0: none), alerted once past ``threshold`` (0: never)."""
+        (0: none), alerted once past ``threshold`` (0: never). ``room``: a reserve's job's
+        cost at its worst output (no more than ``nano``: none)."""
         team, month = entry.team, entry.month
         args: list[str | int] = [mode, nano, LEDGER_TTL, threshold, team, month, entry.job_id]
-        args += [entry_ms, *limits, *entry.generations]
+        args += [entry_ms, room, *limits, *entry.generations]
         return Call(
             "spend", [self._keys.budget_alerted(team, month), self._keys.alerts, *entry.keys], args
         )

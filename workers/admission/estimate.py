@@ -30,6 +30,10 @@ class Estimate:
     output_tokens: int
     cost_nano: int
     """The dearest deployment along the job's chain: the worst case of its fallbacks."""
+    room_nano: int
+    """What the job may cost at most, priced as ``cost_nano``: that, for a job whose output
+    limit bounds its output; at the output an unbounded job is assumed able to reach, where
+    that is more (spend.lua admits such a job near its budget's edge only alone)."""
 
     @property
     def tokens(self) -> int:
@@ -58,17 +62,31 @@ def prompt_tokens(job: ChatJob) -> int:
     return math.ceil(chars / 4) + PER_MESSAGE * len(job.messages)
 
 
-def estimate(job: ChatJob, catalog: Catalog, config: TeamConfig, default_output: int) -> Estimate:
+def estimate(
+    job: ChatJob,
+    catalog: Catalog,
+    config: TeamConfig,
+    default_output: int,
+    unbounded_output: int | None = None,
+) -> Estimate:
     """What admission reserves for ``job`` of a team with ``config``. Its output is, for each
     of its ``n`` choices (the provider bills them all), the job's ``max_tokens`` or
     ``max_completion_tokens``, else the team's expected output, else ``default_output`` (the
-    gateway's ``expected_output_tokens``)."""
+    gateway's ``expected_output_tokens``). Its room is its cost at ``unbounded_output`` per
+    choice (the gateway's ``unbounded_output_tokens``) when it sets no output limit and that
+    is more; its cost otherwise, and when ``unbounded_output`` is None (no room asked for)."""
     prompt = prompt_tokens(job)
-    choice = job.params.output_limit or config.expected_output_tokens or default_output
+    limit = job.params.output_limit
+    choice = limit or config.expected_output_tokens or default_output
     output = choice * job.params.choices
-    price = max(
-        _usd(d, prompt, output)
+    deployments = [
+        d
         for alias in catalog.chain(job.model, job.fallbacks)
         for d in catalog.resolve(alias).deployments
-    )
-    return Estimate(prompt, output, to_nano(price))
+    ]
+    cost = to_nano(max(_usd(d, prompt, output) for d in deployments))
+    room = cost
+    if limit is None and unbounded_output is not None and unbounded_output > choice:
+        worst = unbounded_output * job.params.choices
+        room = to_nano(max(_usd(d, prompt, worst) for d in deployments))
+    return Estimate(prompt, output, cost, room)

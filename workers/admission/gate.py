@@ -13,11 +13,13 @@ answered ``rate_limited`` with the wait it would have needed, and never requeued
 A job whose budget has room on its settled spend but not beside the open reservations of the
 team's other jobs in flight waits here too, holding nothing, until enough of those settle
 (most of an estimate comes back) or lapse; then it is reserved, or refused if the settled
-spend cannot take it. Only the first of a process's jobs waiting on the same ledgers asks
-Redis, woken by this process's settles in them and polling for other processes'; once it
-has waited a claim lease, it drops the reservations of jobs whose workers died (their claims
-lapsed), whose next deliveries may be queued behind it. Past its deadline it is answered
-``deadline_exceeded``, past the maximum wait ``rate_limited``.
+spend cannot take it. So does a job without an output limit near its budget's edge, while
+any other job's reservation is open there (it goes alone: ``budgets``). Only the first of a
+process's jobs waiting on the same ledgers asks Redis, woken by this process's settles in
+them and polling for other processes'; once it has waited a claim lease, it drops the
+reservations of jobs whose workers died (their claims lapsed), whose next deliveries may be
+queued behind it. Past its deadline it is answered ``deadline_exceeded``, past the maximum
+wait ``rate_limited``.
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ class Admission:
                     job.job_id,
                     deadline=job.ends_by,
                     forced=True,
+                    room=ticket.room,
                 )
             except (RedisError, ServiceUnavailable) as exc:
                 log.warning(
@@ -387,7 +390,7 @@ class Admission:
         if self._budget_waited(self._budgets.ledgers(job.team, job.model, config)):
             return None
         try:
-            return estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+            return self._estimate(job, config)
         except JobError:
             return None
 
@@ -479,11 +482,7 @@ class Admission:
         if deadline is not None:
             until = min(until, deadline)
         try:
-            needed = (
-                ahead.estimate
-                if ahead is not None
-                else estimate(job, self._catalog, config, self._settings.expected_output_tokens)
-            )
+            needed = ahead.estimate if ahead is not None else self._estimate(job, config)
             ticket = Ticket(
                 self,
                 job.team,
@@ -756,6 +755,7 @@ class Admission:
                 then=then,
                 name=name,
                 deadline=job.ends_by,
+                room=ticket.room,
             ),
             lambda: (held, None),
             ticket.until,
@@ -775,11 +775,17 @@ class Admission:
         if not budget_scopes(config, job.model):
             return None  # nothing to reserve: not worth the estimate
         try:
-            needed = estimate(job, self._catalog, config, self._settings.expected_output_tokens)
+            needed = self._estimate(job, config)
         except JobError:
             return None
         reserving = self._budgets.reserving(
-            job.team, job.model, config, needed.cost_nano, job.job_id, deadline=job.ends_by
+            job.team,
+            job.model,
+            config,
+            needed.cost_nano,
+            job.job_id,
+            deadline=job.ends_by,
+            room=needed.room_nano,
         )
         if reserving is None or self._budget_waited(tuple(reserving.held.keys[::2])):
             return None  # jobs wait for its budget already: it goes behind them (admit)
@@ -787,6 +793,17 @@ class Admission:
         first = self._first_take(limits, needed.tokens, job.team)
         calls = [reserving.call] + ([first] if first is not None else [])
         return Ahead(self, calls, reserving, needed, limits, config=config)
+
+    def _estimate(self, job: ChatJob, config: TeamConfig) -> Estimate:
+        """What ``job`` of a team with ``config`` is reserved at, and its room (``estimate``)."""
+        settings = self._settings
+        return estimate(
+            job,
+            self._catalog,
+            config,
+            settings.expected_output_tokens,
+            settings.unbounded_output_tokens,
+        )
 
     def undo(self, ahead: Ahead, lost: Decimal) -> Settlement | None:
         """``Ahead.undo``: what ``admit`` settles for a job its check ends once admitted, as
@@ -1043,6 +1060,12 @@ class Ticket:
         lapsed owners made (billed with it: the entry is one per job, replaced by each
         delivery's reserve, so without them a redelivery would free what they cost)."""
         return self.estimate.cost_nano + self.lost_nano
+
+    @property
+    def room(self) -> int:
+        """Nano-USD it may cost at most (``Estimate.room_nano``), the same lost calls with it:
+        more than ``reserving`` only for a job without an output limit."""
+        return self.estimate.room_nano + self.lost_nano
 
     def lost(self, usd: Decimal) -> None:
         """Also settle ``usd`` of calls lapsed owners of the job made, found once admitted

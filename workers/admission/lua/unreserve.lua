@@ -1,16 +1,15 @@
 -- Drop the open reservations of jobs whose owners died (spend.lua describes the ledger).
 --
--- A reservation lives as long as its job's claim (workers/lua/claim.lua): a worker killed
--- mid-job leaves both behind, and its job's next delivery, which would take the claim over
--- and end the reservation, may sit in a queue behind the very jobs that reservation holds.
--- So once a claim's owner's lease has lapsed, its job's reservation is dropped here, as a
--- lapse drops it (its `j:` and `r:` fields, their sums, its expiry). Only a claim with a lapsed
--- owner: a live owner renews its lease, and a job with no claim at all is one that missed it
--- (served under the Redis outage policy, taking it up later) or ended without its settle (a
--- Redis error; reconciliation mends it): those lapse as before. The delivery that takes the
--- claim over later reserves afresh (its dead owner's calls with it), and its settle of the
--- dropped entry adds nothing (spend.lua: a settle whose entry is gone adds nothing to the
--- ledger it reserved in).
+-- A reservation lives as long as its job's claim (workers/lua/claim.lua): a worker killed mid-job
+-- leaves both behind, and its job's next delivery, which would take the claim over and end the
+-- reservation, may sit in a queue behind the very jobs that reservation holds. So once a claim's
+-- owner's lease has lapsed, its job's reservation is dropped here, as a lapse drops it (its `j:`,
+-- `r:` and `x:` fields, their sums, its expiry). Only a claim with a lapsed owner: a live owner
+-- renews its lease, and a job with no claim at all is one that missed it (served under the Redis
+-- outage policy, taking it up later) or ended without its settle (a Redis error; reconciliation
+-- mends it): those lapse as before. The delivery that takes the claim over later reserves afresh
+-- (its dead owner's calls with it), and its settle of the dropped entry adds nothing (spend.lua: a
+-- settle whose entry is gone adds nothing to the ledger it reserved in).
 --
 -- The claims come in KEYS, as every script's keys do, from the ids of the reservations the
 -- caller found open: a reservation made after that look is not looked at.
@@ -23,16 +22,17 @@
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local gone, unreserved, fields, dropped = 0, 0, {}, {}
+local gone, unreserved, unexcess, fields, dropped = 0, 0, 0, {}, {}
 for i, id in ipairs(ARGV) do
-  local f, r = 'j:' .. id, 'r:' .. id
-  local entry = redis.call('HMGET', KEYS[1], f, r)
+  local f, r, x = 'j:' .. id, 'r:' .. id, 'x:' .. id
+  local entry = redis.call('HMGET', KEYS[1], f, r, x)
   if entry[2] then
     local claim = redis.call('HMGET', KEYS[2 + i], 'owner', 'lease')
     if claim[1] and tonumber(claim[2]) <= now then
       gone = gone + (tonumber(entry[1]) or 0)
       unreserved = unreserved + tonumber(entry[2])
-      fields[#fields + 1], fields[#fields + 2] = f, r
+      unexcess = unexcess + (tonumber(entry[3]) or 0)
+      fields[#fields + 1], fields[#fields + 2], fields[#fields + 3] = f, r, x
       dropped[#dropped + 1] = id
     end
   end
@@ -42,5 +42,8 @@ if #dropped > 0 then
   redis.call('ZREM', KEYS[2], unpack(dropped))
   redis.call('HINCRBY', KEYS[1], 'open', string.format('%d', -gone))
   redis.call('HINCRBY', KEYS[1], 'reserved', string.format('%d', -unreserved))
+  if unexcess > 0 then
+    redis.call('HINCRBY', KEYS[1], 'excess', string.format('%d', -unexcess))
+  end
 end
 return dropped
