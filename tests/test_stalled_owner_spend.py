@@ -59,6 +59,8 @@ class Ledger:
         with pytest.raises(BudgetHeld) as caught:
             await self.reserve("job-waiting", 70)
         assert await self.budgets.drop_dead(caught.value) == len(job_ids)
+        # Each marked dropped, counted nowhere.
+        assert await self.jobs() == {f"d:{job_id}": "1" for job_id in job_ids}
         return stalled
 
     async def fields(self) -> dict[str, str]:
@@ -72,13 +74,16 @@ class Ledger:
         return {key: value for key, value in (await self.fields()).items() if key[1:2] == ":"}
 
 
+@pytest.fixture
+def ledger(settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool) -> Ledger:
+    return Ledger(settings, redis_client, pool)
+
+
 async def test_a_stalled_owners_settle_counts_its_dropped_reservations_cost(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    ledger: Ledger,
 ) -> None:
     # Given a $1 budget and job a's $0.40 reservation dropped, its claim's lease lapsed
-    ledger = Ledger(settings, redis_client, pool)
     stalled = await ledger.stall("a")
-    assert await ledger.jobs() == {"d:a": "1"}
 
     # When its owner, only stalled, resumes and settles what its call cost, $0.33
     await ledger.settle(stalled["a"], 33)
@@ -87,16 +92,14 @@ async def test_a_stalled_owners_settle_counts_its_dropped_reservations_cost(
     fields = await ledger.fields()
     assert int(fields["open"]) == 33 * CENT and int(fields["reserved"]) == 0
     assert await ledger.jobs() == {"j:a": str(33 * CENT)}
-    assert await redis_client.zscore(ledger.expiry, "a") is not None
+    assert await ledger.client.zscore(ledger.expiry, "a") is not None
 
 
 async def test_the_next_delivery_reserving_afresh_clears_the_mark_and_counts_once(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    ledger: Ledger,
 ) -> None:
     # Given job a's $0.40 reservation dropped, its claim's lease lapsed
-    ledger = Ledger(settings, redis_client, pool)
     await ledger.stall("a")
-    assert await ledger.jobs() == {"d:a": "1"}
 
     # When its next delivery takes the claim over and reserves afresh
     again = await ledger.reserve("a", 40)
@@ -109,14 +112,13 @@ async def test_the_next_delivery_reserving_afresh_clears_the_mark_and_counts_onc
 
 
 async def test_a_settle_after_the_jobs_row_is_reconciled_does_not_count_it_twice(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    ledger: Ledger,
 ) -> None:
     # Given jobs a and b's reservations dropped, their claims' leases lapsed, and b's usage
     # row ($0.25) written and reconciled into the ledger's base before its owner settles
-    ledger = Ledger(settings, redis_client, pool)
     stalled = await ledger.stall("a", "b")
     await insert_usage(
-        pool,
+        ledger.pool,
         [
             UsageEvent(
                 job_id="b",
@@ -129,7 +131,12 @@ async def test_a_settle_after_the_jobs_row_is_reconciled_does_not_count_it_twice
         ],
     )
     assert await reconcile(
-        redis_client, pool, ledger.keys, [Scope("alpha")], ledger.month, token=reconciler_token()
+        ledger.client,
+        ledger.pool,
+        ledger.keys,
+        [Scope("alpha")],
+        ledger.month,
+        token=reconciler_token(),
     )
     assert await ledger.jobs() == {"d:a": "1"}
 
@@ -141,22 +148,20 @@ async def test_a_settle_after_the_jobs_row_is_reconciled_does_not_count_it_twice
     fields = await ledger.fields()
     assert int(fields["base"]) == 25 * CENT and int(fields["open"]) == 33 * CENT
     assert await ledger.jobs() == {"j:a": str(33 * CENT)}
-    assert await redis_client.zscore(ledger.expiry, "b") is None
+    assert await ledger.client.zscore(ledger.expiry, "b") is None
 
 
 async def test_a_dropped_reservations_mark_is_reaped_when_its_entry_would_have_lapsed(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    ledger: Ledger,
 ) -> None:
     # Given job a's reservation dropped, its claim's lease lapsed, leaving its mark
-    ledger = Ledger(settings, redis_client, pool)
     await ledger.stall("a")
-    assert await ledger.jobs() == {"d:a": "1"}
 
     # When the time its entry would have lapsed at passes (its owner never came back), and
     # another job reserves
-    assert await redis_client.zadd(ledger.expiry, {"a": 1}, xx=True, ch=True) == 1
+    assert await ledger.client.zadd(ledger.expiry, {"a": 1}, xx=True, ch=True) == 1
     await ledger.reserve("b", 10)
 
     # Expect the mark reaped with it: nothing of job a left
     assert await ledger.jobs() == {"j:b": str(10 * CENT), "r:b": str(10 * CENT)}
-    assert await redis_client.zscore(ledger.expiry, "a") is None
+    assert await ledger.client.zscore(ledger.expiry, "a") is None
