@@ -4,12 +4,16 @@
 -- leaves both behind, and its job's next delivery, which would take the claim over and end the
 -- reservation, may sit in a queue behind the very jobs that reservation holds. So once a claim's
 -- owner's lease has lapsed, its job's reservation is dropped here, as a lapse drops it (its `j:`,
--- `r:` and `x:` fields, their sums, its expiry). Only a claim with a lapsed owner: a live owner
--- renews its lease, and a job with no claim at all is one that missed it (served under the Redis
--- outage policy, taking it up later) or ended without its settle (a Redis error; reconciliation
--- mends it): those lapse as before. The delivery that takes the claim over later reserves afresh
--- (its dead owner's calls with it), and its settle of the dropped entry adds nothing (spend.lua: a
--- settle whose entry is gone adds nothing to the ledger it reserved in).
+-- `r:` and `x:` fields, their sums). Only a claim with a lapsed owner: a live owner renews its
+-- lease, and a job with no claim at all is one that missed it (served under the Redis outage
+-- policy, taking it up later) or ended without its settle (a Redis error; reconciliation mends
+-- it): those lapse as before. An owner whose lease lapsed may only have stalled, though, and
+-- settle when it resumes, its call billed: so a dropped reservation leaves a `d:<job id>` field
+-- (no sum counts it), and its job stays in the expiry set, the field lapsing with the entry it
+-- replaces (reaped with it by spend.lua). The owner's settle then adds its cost as the job's
+-- entry (spend.lua), counted at once rather than at the next reconciliation; the delivery that
+-- takes the claim over later reserves afresh (its dead owner's calls with it) and clears the
+-- field, as accounting does once the job's usage row is in base (queuegate/lua/reconcile.lua).
 --
 -- The claims come in KEYS, as every script's keys do, from the ids of the reservations the
 -- caller found open: a reservation made after that look is not looked at.
@@ -39,7 +43,11 @@ for i, id in ipairs(ARGV) do
 end
 if #dropped > 0 then
   redis.call('HDEL', KEYS[1], unpack(fields))
-  redis.call('ZREM', KEYS[2], unpack(dropped))
+  local marks = {}
+  for _, id in ipairs(dropped) do
+    marks[#marks + 1], marks[#marks + 2] = 'd:' .. id, '1'
+  end
+  redis.call('HSET', KEYS[1], unpack(marks))
   redis.call('HINCRBY', KEYS[1], 'open', string.format('%d', -gone))
   redis.call('HINCRBY', KEYS[1], 'reserved', string.format('%d', -unreserved))
   if unexcess > 0 then
