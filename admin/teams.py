@@ -759,14 +759,40 @@ async def _reconcile_ledgers(
                 if done is not None:
                     return
                 await asyncio.sleep(0.05)  # another reconciler's round, well under a second
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        # Named by what failed: the round reads usage_log too, and a PostgreSQL that hangs
+        # there ends it by the bound as a hung Redis does; a Redis that answers a PING at
+        # once was not what it waited for.
+        if isinstance(exc, TimeoutError) and await _answers(client):
+            why = (
+                f"PostgreSQL did not answer within {within:g} s; set the budget again once "
+                "it answers"
+            )
+        elif isinstance(exc, RedisError | TimeoutError):
+            why = redis_unreachable(settings, "start it and set the budget again")
+        else:
+            why = f"PostgreSQL could not be read ({type(exc).__name__}); set the budget again"
         raise StoredUnconfirmed(
             f"team {name}'s budget is set, but its spend ledger is not brought up to date "
-            "(accounting does within QUEUEGATE_SPEND_RECONCILE_INTERVAL): "
-            + redis_unreachable(settings, "start it and set the budget again")
+            f"(accounting does within QUEUEGATE_SPEND_RECONCILE_INTERVAL): {why}"
         ) from exc
     finally:
         await client.aclose()
+
+
+PING_WAIT = 0.25
+"""Seconds a Redis that is up answers a PING in, asked to tell it from a PostgreSQL that hung
+(well inside the half second a command may end past its bound)."""
+
+
+async def _answers(client: aioredis.Redis) -> bool:
+    """Whether Redis answers a PING within ``PING_WAIT``."""
+    try:
+        async with asyncio.timeout(PING_WAIT):
+            await client.ping()
+    except (RedisError, OSError, TimeoutError):
+        return False
+    return True
 
 
 IN_FORCE_POLL = 0.05

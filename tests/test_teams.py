@@ -1209,6 +1209,34 @@ async def test_teams_set_ends_within_its_wait_while_postgresql_hangs_asked_for_w
     assert took < WAIT_BOUND
 
 
+async def test_a_first_budget_with_postgresql_hung_reading_its_spend_blames_no_redis(
+    settings: Settings, alpha: str
+) -> None:
+    # Given PostgreSQL frozen once the command reads alpha's spend for its first budget's
+    # ledger (Redis answering)
+    async with TcpProxy(settings.database_url) as proxy:
+        proxy.hang_at(b"coalesce(sum(cost_usd)")
+
+        # When an operator sets alpha's first budget, waiting 2 s
+        started = time.monotonic()
+        code, _, stderr = await _queuegate(
+            settings, "teams", "set", alpha, "--budget", "5", "--wait", "2",
+            QUEUEGATE_DATABASE_URL=proxy.url,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert proxy.hung.is_set()
+
+    # Expect the budget stored and said unconfirmed in one line by the end of the wait, with
+    # PostgreSQL among what did not answer, not an operator sent to start a Redis that runs
+    assert code == 3, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "PostgreSQL" in stderr and "did not answer" in stderr, stderr
+    assert "Redis is not reachable" not in stderr, stderr
+    assert took < WAIT_BOUND
+    [team] = [team for team in await listing(settings) if team.name == alpha]
+    assert team.config.budget_usd == 5
+
+
 @pytest.mark.parametrize(
     ("args", "hang_at", "said"),
     [
