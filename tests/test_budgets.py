@@ -269,12 +269,12 @@ async def test_a_lapsed_or_reconciled_reservation_stops_holding_the_budget_back(
     )
 
 
-async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_dropped_as_dead(
+async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_ended_as_spend(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:
     # Given a $1 budget and a $1 cap on model m, each holding $0.30 reservations of a job
-    # whose claim's owner is alive, one whose owner's lease lapsed (it died), and one with no
-    # claim (it missed it, and takes it up later)
+    # whose claim's owner is alive, one whose owner's lease lapsed (it died, or stalled), and
+    # one with no claim (it missed it, and takes it up later)
     keys, month = Keys(settings.redis_prefix), current_month()
     budgets = _budgets(settings, redis_client, pool)
     config = TeamConfig(budget_usd=Decimal(1), models={"m": ModelLimits(budget_usd=Decimal(1))})
@@ -286,34 +286,77 @@ async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_dropped_as_
     for job_id in ("job-live", "job-dead", "job-unclaimed"):
         held[job_id], _ = await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, job_id)
 
-    # When a $0.30 job is held back by them, and the dead ones in each ledger are dropped
+    # When a $0.30 job is held back by them, and the dead one's reservation in that ledger
+    # (the team's) is ended
     with pytest.raises(BudgetHeld) as caught:
         await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
-    assert await budgets.drop_dead(caught.value) == 1
-    with pytest.raises(BudgetHeld) as caught:  # the model's cap holds it still
-        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
-    assert caught.value.ledger == keys.spend("alpha", month, "m")
+    assert caught.value.ledger == keys.spend("alpha", month)
     assert await budgets.drop_dead(caught.value) == 1
 
-    # Expect the dead job's reservation gone from both (marked dropped, till it would have
-    # lapsed), the others kept: the waiting job fits now, and a fourth does not
-    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
-    assert reserved is not None
-    with pytest.raises(BudgetHeld):
-        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-fourth")
-    for model in (None, "m"):
-        ledger = await redis_client.hgetall(keys.spend("alpha", month, model))
-        assert b"r:job-dead" not in ledger and b"j:job-dead" not in ledger
-        assert b"d:job-dead" in ledger
-        assert ledger[b"open"] == ledger[b"reserved"] == str(DOLLAR * 9 // 10).encode()
-    # ... and its owner's settle, should it only have stalled, counts what its call cost
+    # Expect it a reservation no more, but spent at its worst (its estimate, a bounded job's)
+    # until its job settles, lapsing as it would have; the others kept, and the model's
+    # ledger, which held no job, as it was
+    team = await redis_client.hgetall(keys.spend("alpha", month))
+    assert b"r:job-dead" not in team and team[b"j:job-dead"] == str(DOLLAR * 3 // 10).encode()
+    assert (team[b"open"], team[b"reserved"]) == (
+        str(DOLLAR * 9 // 10).encode(),
+        str(DOLLAR * 6 // 10).encode(),
+    )
+    assert await redis_client.zscore(keys.spend_expiry("alpha", month), "job-dead") is not None
+    capped = await redis_client.hgetall(keys.spend("alpha", month, "m"))
+    assert capped[b"reserved"] == str(DOLLAR * 9 // 10).encode()
+    # ... so the waiting job is held still, by the live reservations, and none is left to end
+    with pytest.raises(BudgetHeld) as caught:
+        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
+    assert await budgets.drop_dead(caught.value) == 0
+
+    # When the dead job settles after all (its owner had stalled), at $0.01
     dead = held["job-dead"]
     assert dead is not None
     await Scripts(redis_client, keys).run(budgets.settle_call(dead, DOLLAR // 100))
+
+    # Expect its cost in both ledgers in place of its worst, and the waiting job to fit
     for model in (None, "m"):
         ledger = await redis_client.hgetall(keys.spend("alpha", month, model))
-        assert ledger[b"open"] == str(DOLLAR * 91 // 100).encode()
-        assert b"d:job-dead" not in ledger
+        assert ledger[b"open"] == str(DOLLAR * 61 // 100).encode()
+        assert ledger[b"reserved"] == str(DOLLAR * 6 // 10).encode()
+    reserved, _ = await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, "job-waiting")
+    assert reserved is not None
+
+
+async def test_a_stalled_owners_unbounded_job_counts_at_its_worst_until_it_settles(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    # Given a $1 budget and an unbounded job reserving $0.05 that may cost $0.90, whose
+    # owner's lease lapsed (it stalled) mid-call
+    keys, month = Keys(settings.redis_prefix), current_month()
+    budgets = _budgets(settings, redis_client, pool)
+    config = TeamConfig(budget_usd=Decimal(1))
+    cent = DOLLAR // 100
+    stalled, _ = await budgets.reserve("alpha", "m", config, 5 * cent, "a", room=90 * cent)
+    assert stalled is not None
+    lapsed = int(time.time() * 1000) - 1
+    await redis_client.hset(keys.claim("alpha", "a"), mapping={"owner": "w", "lease": lapsed})
+
+    # When another unbounded job waits on it past a lease, and its reservation is ended
+    with pytest.raises(BudgetHeld) as caught:
+        await budgets.reserve("alpha", "m", config, 5 * cent, "b", room=90 * cent)
+    assert await budgets.drop_dead(caught.value) == 1
+
+    # Expect the next one refused while the stalled job counts at $0.90 (dropped, it counted
+    # nothing, and one unbounded job after another was admitted beside it)
+    with pytest.raises(BudgetExhausted):
+        await budgets.reserve("alpha", "m", config, 15 * cent, "b", room=90 * cent)
+    ledger = await redis_client.hgetall(keys.spend("alpha", month))
+    assert ledger[b"open"] == str(90 * cent).encode()
+    assert (ledger[b"reserved"], ledger[b"excess"]) == (b"0", b"0")
+
+    # ... and, once it settles at $0.40 when its owner resumes, a job that fits beside that
+    await Scripts(redis_client, keys).run(budgets.settle_call(stalled, 40 * cent))
+    admitted, _ = await budgets.reserve("alpha", "m", config, 5 * cent, "b", room=50 * cent)
+    assert admitted is not None
+    ledger = await redis_client.hgetall(keys.spend("alpha", month))
+    assert ledger[b"open"] == str(45 * cent).encode()
 
 
 async def test_a_ledgers_sums_follow_its_entries_through_reserves_again_and_settles(

@@ -130,17 +130,20 @@ async def test_a_ledgers_excess_follows_its_unbounded_reservations_until_each_en
     await scripts.run(budgets.settle_call(a, CENT * 20))
     steps.append(await excess())
     # ... and job b's unbounded reservation lapses (its worker died), reaped by c's reserve,
-    # and job d's, whose claim lapsed, is dropped as it holds a job back
+    # and job d's, whose claim lapsed, is ended as it holds a job back (spent at its worst),
+    # then settled as its owner resumes
     lapsing = Budgets(redis_client, scripts, keys, pool, lease=0, slack=0)
     await lapsing.reserve("alpha", MINI, config, CENT * 5, "b", room=CENT * 45)
     await budgets.reserve("alpha", MINI, config, CENT * 5, "c")
     steps.append(await excess())
     await redis_client.hset(keys.claim("alpha", "d"), mapping={"owner": "w", "lease": 1})
-    await budgets.reserve("alpha", MINI, config, CENT * 5, "d", room=DIME * 7)
+    d, _ = await budgets.reserve("alpha", MINI, config, CENT * 5, "d", room=DIME * 7)
+    assert d is not None
     with pytest.raises(BudgetHeld) as caught:
         await budgets.reserve("alpha", MINI, config, CENT * 5, "e", room=DIME * 7)
     assert await budgets.drop_dead(caught.value) == 1
     steps.append(await excess())
+    await scripts.run(budgets.settle_call(d, CENT * 5))
     # ... and job f's, whose settle was lost, is reconciled once its usage row is written
     await budgets.reserve("alpha", MINI, config, CENT * 5, "f", room=DIME * 3)
     steps.append(await excess())

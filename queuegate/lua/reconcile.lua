@@ -1,8 +1,6 @@
 -- Set a spend ledger's base to what usage_log holds, drop the entries of the jobs it holds (with
--- their reservations and excesses: a job whose settle was lost; and the `d:` mark of one whose
--- reservation was dropped, so that its owner's late settle does not count it again), and put back
--- the entries a worker settled that it does not hold yet (workers/admission/lua/spend.lua
--- describes the ledger).
+-- their reservations and excesses: a job whose settle was lost), and put back the entries a worker
+-- settled that it does not hold yet (workers/admission/lua/spend.lua describes the ledger).
 --
 -- KEYS[1]   the ledger          KEYS[2]   its expiry set
 -- KEYS[3]   the reconciler's lock: the call is refused unless it still holds ARGV[1]
@@ -17,8 +15,7 @@
 -- ARGV[6]   n, the number of entries to put back
 -- ARGV[7 .. 6+3n]  each: job id, nano-USD, milliseconds until it lapses; jobs the snapshot
 --           does not hold, put back only where the ledger has no entry for them
--- ARGV[7+3n ..]    job ids whose usage rows that snapshot holds (of those in the expiry set,
---           which keeps a dropped reservation's job until its `d:` mark lapses)
+-- ARGV[7+3n ..]    job ids whose usage rows that snapshot holds
 --
 -- Returns {-1} when the lock is no longer ours (another accountant reconciles: its snapshot
 -- may be newer), else {found, before, after, generation}: found 0 when the ledger was
@@ -55,7 +52,7 @@ for i = first, #ARGV do
   gone = gone + (tonumber(entry[1]) or 0)
   reserved = reserved - (tonumber(entry[2]) or 0)
   excess = excess - (tonumber(entry[3]) or 0)
-  redis.call('HDEL', KEYS[1], f, r, x, 'd:' .. ARGV[i])
+  redis.call('HDEL', KEYS[1], f, r, x)
 end
 if #ARGV >= first then
   redis.call('ZREM', KEYS[2], unpack(ARGV, first))

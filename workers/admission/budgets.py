@@ -13,8 +13,8 @@ estimates (their excesses) beside the spend: near the edge an unbounded job goes
 the jobs after it wait for it, so one job at most passes the budget, by its own excess.
 Each job holds one entry, which lapses ``lease`` seconds after its reserve (a worker that
 died mid-job never settles it) and ``SETTLED_TTL`` after its settle; a reservation whose
-job's claim lapsed (its worker died) goes sooner, once it holds a job back (``drop_dead``),
-marked dropped until then: a worker that had only stalled still counts its cost at its settle.
+job's claim lapsed (its worker died, or stalled) stops holding jobs back sooner, once it
+holds one (``drop_dead``), counted as spent at the job's worst until the job settles.
 Accounting reconciles every ledger with usage_log (queuegate/spend.py), which also recovers
 a settle lost to a Redis error.
 
@@ -365,11 +365,10 @@ class Budgets:
         )
 
     async def drop_dead(self, held: BudgetHeld) -> int:
-        """Drop the reservations, in the ledger that ``held`` a job, of the jobs whose claims
-        lapsed (their workers died; ``lua/unreserve.lua``): how many. Those jobs' next
-        deliveries, which would end them, may be queued behind the very jobs they hold. Each
-        leaves a mark, so that its worker's settle, should it only have stalled, counts what
-        its job cost."""
+        """End the reservations, in the ledger that ``held`` a job, of the jobs whose claims
+        lapsed (their workers died, or stalled), each kept as spend at its worst until its
+        settle or its next delivery replaces it (``lua/unreserve.lua``): how many. Those jobs'
+        next deliveries, which would end them, may be queued behind the very jobs they hold."""
         jobs: list[str] = []
         cursor = 0
         while True:
@@ -388,8 +387,8 @@ class Budgets:
             )
         if dropped:
             log.warning(
-                "dropped %d budget reservations of team %s whose workers died (their claims "
-                "lapsed) in %s",
+                "ended %d budget reservations of team %s whose workers died or stalled (their "
+                "claims lapsed) in %s, counted as spent at their worst until they settle",
                 dropped,
                 held.team,
                 held.ledger,

@@ -16,10 +16,11 @@ team's other jobs in flight waits here too, holding nothing, until enough of tho
 spend cannot take it. So does a job without an output limit near its budget's edge, while
 any other job's reservation is open there (it goes alone: ``budgets``). Only the first of a
 process's jobs waiting on the same ledgers asks Redis, woken by this process's settles in
-them and polling for other processes'; once it has waited a claim lease, it drops the
-reservations of jobs whose workers died (their claims lapsed), whose next deliveries may be
-queued behind it. Past its deadline it is answered ``deadline_exceeded``, past the maximum
-wait ``rate_limited``.
+them and polling for other processes'; once it has waited a claim lease, it ends the
+reservations of jobs whose workers died or stalled (their claims lapsed), whose next
+deliveries may be queued behind it, each counted as spent at its worst until it settles.
+Past its deadline it is answered ``deadline_exceeded``, past the maximum wait
+``rate_limited``.
 """
 
 from __future__ import annotations
@@ -717,7 +718,7 @@ class Admission:
         return due - time.monotonic()
 
     async def _drop_dead(self, held: BudgetHeld) -> bool:
-        """Drop the reservations that ``held`` a job whose workers died: whether any went."""
+        """End the reservations that ``held`` a job whose workers died: whether any ended."""
         self._swept[held.ledger] = time.monotonic()
         try:
             return await self._budgets.drop_dead(held) > 0

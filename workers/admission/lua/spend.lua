@@ -7,9 +7,7 @@
 -- and, the reservation of a job that may cost more than it (below), an `x:<job id>` field holds how
 -- much more, summed in `excess`. Beside it a sorted set holds when each entry lapses. A reserve
 -- first reaps the lapsed ones, so a reservation whose worker died without settling it stops
--- counting (sooner once its job's claim lapsed and it holds a job back: unreserve.lua, which
--- leaves a `d:<job id>` field in its place, counted by no sum, to lapse as the entry would have,
--- so that its owner, should it only have stalled, still counts its cost at its settle); accounting
+-- counting (sooner once its job's claim lapsed and it holds a job back: unreserve.lua); accounting
 -- removes a job's entry once its usage row is in base (queuegate/lua/reconcile.lua). One entry per
 -- job id: a redelivered job's reservation replaces its earlier one instead of adding to it. A
 -- ledger's `gen` names it: a new one when it is made again after Redis lost it
@@ -60,11 +58,9 @@
 -- it), and {-3, i} when scope i's generation is not the caller's (a reserve: the ledger was
 -- made again): the caller reconciles it, putting back what it settled, and calls again. A
 -- settle whose entry is gone adds nothing when the ledger is the one it reserved in (the
--- entry lapsed, or the job was reconciled: its usage row brings its cost into base), unless
--- the entry was dropped as its owner's who let its claim lapse (its `d:` field: the owner
--- had stalled, not died): then, as when the ledger was made again since (the reservation was
--- lost with the old one), it adds its entry. A reserve of the job (its next delivery's)
--- clears the `d:` field: its own settle settles the entry it makes.
+-- entry lapsed, or the job was reconciled: its usage row brings its cost into base), and
+-- adds its entry when the ledger was made again since (the reservation was lost with the
+-- old one).
 
 local REAP = 100 -- lapsed entries reaped per scope and call: bounded work on the hot path
 local FORCED = 2 ^ 62 -- a limit this large is a forced reserve's (budgets.py UNLIMITED)
@@ -77,7 +73,7 @@ local room = tonumber(ARGV[9])
 local ttl = ARGV[3]
 local threshold = tonumber(ARGV[4])
 local job = ARGV[7]
-local field, mark, over, dead = 'j:' .. job, 'r:' .. job, 'x:' .. job, 'd:' .. job
+local field, mark, over = 'j:' .. job, 'r:' .. job, 'x:' .. job
 -- The round trip's TIME when this runs with other calls (batch.lua).
 local time = ... or redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -87,7 +83,7 @@ local stamp = string.format('%d', now)
 local expires = string.format('%d', now + tonumber(ARGV[8]))
 local scopes = (#KEYS - 2) / 2
 
-local spent, held, mine, lost, dropped, gens = {}, {}, {}, {}, {}, {}
+local spent, held, mine, lost, gens = {}, {}, {}, {}, {}
 -- Each scope's sums as read (or read again after a reap): written back with this call's change.
 local open, reserved, excess, mine_over = {}, {}, {}, {}
 local waits
@@ -97,7 +93,7 @@ for i = 1, scopes do
   -- Its entry, reservation and sums with the rest, read again below only if a reap changed
   -- them.
   local state = redis.call('HMGET', ledger, 'base', 'gen', 'open', field, 'reserved', mark,
-    'restoring', 'excess', over, dead)
+    'restoring', 'excess', over)
   local base = state[1]
   gens[i] = state[2] or ''
   if not base then
@@ -118,7 +114,6 @@ for i = 1, scopes do
           unreserved = unreserved + (tonumber(entry[2]) or 0)
           unexcess = unexcess + (tonumber(entry[3]) or 0)
           fields[#fields + 1], fields[#fields + 2], fields[#fields + 3] = f, r, x
-          fields[#fields + 1] = 'd:' .. id
         end
         redis.call('HDEL', ledger, unpack(fields))
         redis.call('ZREM', expiry, unpack(lapsed))
@@ -130,16 +125,15 @@ for i = 1, scopes do
           redis.call('HINCRBY', ledger, 'excess', string.format('%d', -unexcess))
         end
         local now_open = redis.call('HMGET', ledger, 'open', field, 'reserved', mark, 'excess',
-          over, dead)
+          over)
         state[3], state[4], state[5], state[6] = now_open[1], now_open[2], now_open[3], now_open[4]
-        state[8], state[9], state[10] = now_open[5], now_open[6], now_open[7]
+        state[8], state[9] = now_open[5], now_open[6]
       end
     end
     held[i] = tonumber(state[4])
     mine[i] = tonumber(state[6])
     open[i], reserved[i] = tonumber(state[3]) or 0, tonumber(state[5]) or 0
     excess[i], mine_over[i] = tonumber(state[8]) or 0, tonumber(state[9])
-    dropped[i] = state[10] ~= false
     lost[i] = known ~= '' and gens[i] ~= known
     spent[i] = tonumber(base) + (tonumber(state[3]) or 0)
     if mode == 'reserve' then
@@ -172,7 +166,7 @@ end
 local team_spent = spent[1]
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  if spent[i] and (mode == 'reserve' or held[i] or lost[i] or dropped[i]) then
+  if spent[i] and (mode == 'reserve' or held[i] or lost[i]) then
     -- Each field the call writes or drops in one command, not one per field: the sums too,
     -- as read above plus this call's change (the script runs alone, so nothing changed them
     -- since), where an HINCRBY each would cost a command. Integers, exact as Lua's numbers
@@ -186,21 +180,13 @@ for i = 1, scopes do
         sums[5] = 'excess'
         sums[6] = string.format('%d', excess[i] + beyond - (mine_over[i] or 0))
       end
-      -- A reservation of the job ends the dropped one's mark: its own settle settles it.
-      local stale = {}
-      if dropped[i] then
-        stale[#stale + 1] = dead
-      end
-      if beyond <= 0 and mine_over[i] then
-        stale[#stale + 1] = over
-      end
-      if #stale > 0 then
-        redis.call('HDEL', ledger, unpack(stale))
-      end
       if beyond > 0 then
         redis.call('HSET', ledger, field, ARGV[2], mark, ARGV[2], over,
           string.format('%d', beyond), unpack(sums))
       else
+        if mine_over[i] then
+          redis.call('HDEL', ledger, over)
+        end
         redis.call('HSET', ledger, field, ARGV[2], mark, ARGV[2], unpack(sums))
       end
       redis.call('ZADD', expiry, expires, job)
@@ -215,13 +201,11 @@ for i = 1, scopes do
       if amount == 0 then
         -- Nothing spent: nothing for accounting to bring into base either.
         redis.call('HSET', ledger, unpack(sums))
-        redis.call('HDEL', ledger, field, mark, over, dead)
+        redis.call('HDEL', ledger, field, mark, over)
         redis.call('ZREM', expiry, job)
       else
-        if mine[i] or dropped[i] then
-          -- Its entry is spend now: no longer a reservation, nor one dropped (its owner's
-          -- cost, counted now).
-          redis.call('HDEL', ledger, mark, over, dead)
+        if mine[i] then
+          redis.call('HDEL', ledger, mark, over)
         end
         redis.call('HSET', ledger, field, ARGV[2], unpack(sums))
         redis.call('ZADD', expiry, expires, job)
