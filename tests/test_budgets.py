@@ -324,7 +324,7 @@ async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_ended_as_sp
     assert reserved is not None
 
 
-async def test_a_stalled_owners_unbounded_job_counts_at_its_worst_until_it_settles(
+async def test_a_stalled_owners_unbounded_job_holds_jobs_back_near_the_edge_until_it_settles(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:
     # Given a $1 budget and an unbounded job reserving $0.05 that may cost $0.90, whose
@@ -343,13 +343,20 @@ async def test_a_stalled_owners_unbounded_job_counts_at_its_worst_until_it_settl
         await budgets.reserve("alpha", "m", config, 5 * cent, "b", room=90 * cent)
     assert await budgets.drop_dead(caught.value) == 1
 
-    # Expect the next one refused while the stalled job counts at $0.90 (dropped, it counted
-    # nothing, and one unbounded job after another was admitted beside it)
-    with pytest.raises(BudgetExhausted):
-        await budgets.reserve("alpha", "m", config, 15 * cent, "b", room=90 * cent)
+    # Expect it spent at its estimate, its excess kept: the next unbounded job and a bounded
+    # one that fits the settled spend but not the stalled job's worst held (dropped, it
+    # counted nothing, and one unbounded job after another was admitted beside it), not
+    # refused (counted as spent at its worst, a killed worker's jobs refused others while
+    # their next deliveries were a moment away); one the settled spend cannot take refused
     ledger = await redis_client.hgetall(keys.spend("alpha", month))
-    assert ledger[b"open"] == str(90 * cent).encode()
-    assert (ledger[b"reserved"], ledger[b"excess"]) == (b"0", b"0")
+    assert (ledger[b"open"], ledger[b"reserved"]) == (str(5 * cent).encode(), b"0")
+    assert ledger[b"excess"] == str(85 * cent).encode()
+    with pytest.raises(BudgetHeld):
+        await budgets.reserve("alpha", "m", config, 5 * cent, "b", room=90 * cent)
+    with pytest.raises(BudgetHeld):
+        await budgets.reserve("alpha", "m", config, 15 * cent, "b")
+    with pytest.raises(BudgetExhausted):
+        await budgets.reserve("alpha", "m", config, 96 * cent, "b")
 
     # ... and, once it settles at $0.40 when its owner resumes, a job that fits beside that
     await Scripts(redis_client, keys).run(budgets.settle_call(stalled, 40 * cent))
@@ -357,6 +364,8 @@ async def test_a_stalled_owners_unbounded_job_counts_at_its_worst_until_it_settl
     assert admitted is not None
     ledger = await redis_client.hgetall(keys.spend("alpha", month))
     assert ledger[b"open"] == str(45 * cent).encode()
+    assert ledger[b"excess"] == str(45 * cent).encode()  # b's own
+    assert b"x:a" not in ledger
 
 
 async def test_a_ledgers_sums_follow_its_entries_through_reserves_again_and_settles(

@@ -130,8 +130,8 @@ async def test_a_ledgers_excess_follows_its_unbounded_reservations_until_each_en
     await scripts.run(budgets.settle_call(a, CENT * 20))
     steps.append(await excess())
     # ... and job b's unbounded reservation lapses (its worker died), reaped by c's reserve,
-    # and job d's, whose claim lapsed, is ended as it holds a job back (spent at its worst),
-    # then settled as its owner resumes
+    # and job d's, whose claim lapsed, is ended as it holds a job back (its excess kept: its
+    # owner may only have stalled), then settled as its owner resumes
     lapsing = Budgets(redis_client, scripts, keys, pool, lease=0, slack=0)
     await lapsing.reserve("alpha", MINI, config, CENT * 5, "b", room=CENT * 45)
     await budgets.reserve("alpha", MINI, config, CENT * 5, "c")
@@ -153,9 +153,9 @@ async def test_a_ledgers_excess_follows_its_unbounded_reservations_until_each_en
     )])  # fmt: skip
     await reconcile(redis_client, pool, keys, [Scope("alpha")], month, token=reconciler_token())
 
-    # Expect the excess at each step what the open reservations may cost past them
+    # Expect the excess at each step what the open (or ended) reservations may cost past them
     ledger = await redis_client.hgetall(keys.spend("alpha", month))
-    assert steps == [CENT * 40, 0, CENT * 30, 0, 0, 0, CENT * 25]
+    assert steps == [CENT * 40, 0, CENT * 30, 0, 0, CENT * 65, CENT * 25]
     assert int(ledger[b"excess"]) == 0
     assert not [field for field in ledger if field.startswith(b"x:")]
 

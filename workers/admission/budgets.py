@@ -14,7 +14,8 @@ the jobs after it wait for it, so one job at most passes the budget, by its own 
 Each job holds one entry, which lapses ``lease`` seconds after its reserve (a worker that
 died mid-job never settles it) and ``SETTLED_TTL`` after its settle; a reservation whose
 job's claim lapsed (its worker died, or stalled) stops holding jobs back sooner, once it
-holds one (``drop_dead``), counted as spent at the job's worst until the job settles.
+holds one (``drop_dead``), counted as spent at the job's estimate until the job settles, and
+its excess held as an open reservation's.
 Accounting reconciles every ledger with usage_log (queuegate/spend.py), which also recovers
 a settle lost to a Redis error.
 
@@ -366,9 +367,10 @@ class Budgets:
 
     async def drop_dead(self, held: BudgetHeld) -> int:
         """End the reservations, in the ledger that ``held`` a job, of the jobs whose claims
-        lapsed (their workers died, or stalled), each kept as spend at its worst until its
-        settle or its next delivery replaces it (``lua/unreserve.lua``): how many. Those jobs'
-        next deliveries, which would end them, may be queued behind the very jobs they hold."""
+        lapsed (their workers died, or stalled), each kept as spend at its estimate (its
+        excess held) until its settle or its next delivery replaces it
+        (``lua/unreserve.lua``): how many. Those jobs' next deliveries, which would end them,
+        may be queued behind the very jobs they hold."""
         jobs: list[str] = []
         cursor = 0
         while True:
@@ -388,7 +390,7 @@ class Budgets:
         if dropped:
             log.warning(
                 "ended %d budget reservations of team %s whose workers died or stalled (their "
-                "claims lapsed) in %s, counted as spent at their worst until they settle",
+                "claims lapsed) in %s, counted as spent at their estimates until they settle",
                 dropped,
                 held.team,
                 held.ledger,

@@ -18,7 +18,8 @@ any other job's reservation is open there (it goes alone: ``budgets``). Only the
 process's jobs waiting on the same ledgers asks Redis, woken by this process's settles in
 them and polling for other processes'; once it has waited a claim lease, it ends the
 reservations of jobs whose workers died or stalled (their claims lapsed), whose next
-deliveries may be queued behind it, each counted as spent at its worst until it settles.
+deliveries may be queued behind it, each counted as spent at its estimate until it settles
+(an unbounded job's excess still holding jobs back near the edge).
 Past its deadline it is answered ``deadline_exceeded``, past the maximum wait
 ``rate_limited``.
 """

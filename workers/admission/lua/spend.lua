@@ -27,8 +27,9 @@
 -- its team's expected output: its room (ARGV[9]) is what it costs at the output it is assumed
 -- able to reach, and its excess the room less the estimate (none for a bounded job: its room
 -- is its amount). Any job also waits (-4) while another job's reservation is open in the
--- scope and spent and reserved, the others' excesses and its own room pass the limit: so
--- every job in flight beside others can reach its worst within the budget. Near the edge,
+-- scope, or an ended one keeps its excess (unreserve.lua: its owner's claim lapsed, and it may
+-- only have stalled), and spent and reserved, the others' excesses and its own room pass the
+-- limit: so every job in flight beside others can reach its worst within the budget. Near the edge,
 -- where that does not fit, an unbounded job is admitted only alone, and the jobs after it
 -- wait for it: at most one job overshoots a ledger by its excess (a job past its assumed
 -- output aside). Far from the edge nothing waits more; where no unbounded job is in flight,
@@ -139,7 +140,8 @@ for i = 1, scopes do
     if mode == 'reserve' then
       local limit = tonumber(ARGV[9 + i])
       local others = spent[i] - (held[i] or 0)
-      -- The other jobs' open reservations, and what those of unbounded jobs may cost past them.
+      -- The other jobs' open reservations, and what unbounded ones (and ended ones: unreserve.lua)
+      -- may cost past them.
       local theirs = reserved[i] - (mine[i] or 0)
       local past = excess[i] - (mine_over[i] or 0)
       local settled = others - theirs
@@ -151,7 +153,7 @@ for i = 1, scopes do
       if not waits and limit < FORCED and now < (tonumber(state[7]) or 0) then
         waits = {-5, i, spent[i]}
       elseif not waits and (others + amount > limit
-          or (theirs > 0 and others + past + math.max(room, amount) > limit)) then
+          or ((theirs > 0 or past > 0) and others + past + math.max(room, amount) > limit)) then
         waits = {-4, i, spent[i]}
       end
     end
@@ -204,7 +206,7 @@ for i = 1, scopes do
         redis.call('HDEL', ledger, field, mark, over)
         redis.call('ZREM', expiry, job)
       else
-        if mine[i] then
+        if mine[i] or mine_over[i] then
           redis.call('HDEL', ledger, mark, over)
         end
         redis.call('HSET', ledger, field, ARGV[2], unpack(sums))
