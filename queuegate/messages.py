@@ -135,10 +135,15 @@ AGAIN_MARK = "/again/"
 """What the usage row of a job's calls made under a second claim has in its id, ``<job
 id>/again/<claim>`` (``accounting.store``): calls made again once Redis had lost the first
 claim's outcome, billed on a row of their own. No job id may hold it either."""
+LATE_MARK = "/late/"
+"""What the usage row of a stalled owner's calls has in its id, ``<job id>/late/<claim>``
+(``workers.outcome.outcome_of_late``): another delivery billed them as lost, at their
+estimates, while the owner was stalled; this row bills what they really cost past that
+(less, when they cost less), with their tokens. No job id may hold it either."""
 
 
 def _job_id(text: str) -> str:
-    for mark in (REFUSED_MARK, AGAIN_MARK):
+    for mark in (REFUSED_MARK, AGAIN_MARK, LATE_MARK):
         if mark in text:
             raise ValueError(f"a job id may not contain {mark!r} (the ids of accounting's rows)")
     return text

@@ -216,8 +216,9 @@ async def test_a_job_in_flight_when_redis_lost_its_claim_is_billed_for_both_call
     assert rows[0]["cost_usd"] == rows[1]["cost_usd"] > 0
 
 
-def test_a_late_delivery_whose_calls_the_stored_outcome_took_over_bills_nothing_more() -> None:
-    # Given a job's stored outcome, billing as lost the call of a claim whose owner stalled
+def test_a_late_delivery_whose_calls_another_billed_as_lost_bills_what_they_cost_past_it() -> None:
+    # Given a job's stored outcome, billing as lost (at $0.002) the call of a claim whose
+    # owner stalled
     timing = Timing(0.0, "w1")
     call = DeadlineExceeded("past its deadline", [CALL])
     stored = failed("job-1", "alpha", "gpt-mini", call, timing)
@@ -225,15 +226,25 @@ def test_a_late_delivery_whose_calls_the_stored_outcome_took_over_bills_nothing_
         update={"usage": stored.usage.model_copy(update={"claim": "w2/b", "covers": ["w1/a"]})}
     )
     own = failed("job-1", "alpha", "gpt-mini", call, timing)
+    own = own.model_copy(update={"usage": own.usage.model_copy(update={"cost_usd": Decimal(5)})})
 
-    # Expect that owner, finishing after all, to announce it and bill nothing more; another
-    # delivery that called (Redis lost the claim under it) bills its own call, under its
-    # claim; one that made no call, nothing
-    assert outcome_of_late(stored, own, "w1/a") is stored
-    late = outcome_of_late(stored, own, "w3/c")
+    # Expect that owner, finishing after all (its call cost $5), to announce the stored result
+    # and bill on a row of its own what its call cost past the estimate; another delivery that
+    # called (Redis lost the claim under it) bills its own call, under its claim; one that
+    # made no call, nothing
+    stalled = outcome_of_late(stored, own, "w1/a", Decimal("0.002"))
+    assert stalled.result == stored.result
+    assert (stalled.usage.job_id, stalled.usage.claim) == ("job-1/late/w1/a", "w1/a")
+    assert stalled.usage.cost_usd == Decimal("4.998")
+    late = outcome_of_late(stored, own, "w3/c", Decimal(0))
     assert (late.result, late.usage.claim, late.usage.attempts) == (stored.result, "w3/c", 1)
+    assert (late.usage.job_id, late.usage.cost_usd) == ("job-1", Decimal(5))
     uncalled = failed("job-1", "alpha", "gpt-mini", DeadlineExceeded("past its deadline"), timing)
-    assert outcome_of_late(stored, uncalled, "w3/c") is stored
+    assert outcome_of_late(stored, uncalled, "w3/c", Decimal(0)) is stored
+    # ... and no job can take such a row's id (its call would be billed against the row)
+    job = {"job_id": "job-1/late/w1/a", "team": "alpha", "model": "gpt-mini", "messages": []}
+    with pytest.raises(ValueError, match="may not contain '/late/'"):
+        ChatJob.model_validate(job)
 
 
 async def _rows_once_accounted(

@@ -785,13 +785,15 @@ class Claim:
         made, or 0 (the entry removed); None when no other owner may have left one."""
         return self.lost_usd if self.lost or self.taken_over else None
 
+    def estimated(self, attempts: Sequence[Attempt] | None) -> Decimal:
+        """The estimates of ``attempts`` this delivery made: what a delivery taking its claim
+        over billed them as lost (each was recorded at its estimate before it left)."""
+        return sum((self.sent.get(a.deployment, Decimal(0)) for a in attempts or ()), Decimal(0))
+
     def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
         """The estimates of ``attempts`` that timed out once let go: the provider may have
         got each and bill it, so each is priced as a lost call is, at its estimate."""
-        return sum(
-            (self.sent.get(a.deployment, Decimal(0)) for a in attempts if a.error == "timeout"),
-            Decimal(0),
-        )
+        return self.estimated([a for a in attempts if a.error == "timeout"])
 
     def served(self, routed: Routed) -> Routed:
         """``routed`` costing also the calls that timed out before the one that answered."""

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from queuegate.errors import BAD_INPUT, JobError
 from queuegate.messages import (
+    LATE_MARK,
     REFUSED_MARK,
     ChatJob,
     ChatResult,
@@ -103,17 +104,31 @@ class Announcement(NamedTuple):
         return event.model_copy(update={"reply_delivered": False}).model_dump_json().encode()
 
 
-def outcome_of_late(stored: Outcome, own: Outcome, claim: str | None) -> Outcome:
+def outcome_of_late(
+    stored: Outcome, own: Outcome, claim: str | None, billed_as_lost: Decimal
+) -> Outcome:
     """What a delivery that finished after another stored the job's outcome announces: that
     outcome's result (the job's answer is the first stored), with this delivery's own calls
-    (``own``, without the lost calls it took over) billed under its ``claim``, unless the
-    stored outcome bills them already as lost (``UsageEvent.covers``: it took them over from
-    this delivery's owner, stalled past its lease). Two deliveries both call a job when one's
-    owner stalled past its lease, or when Redis lost the claim mid-call: each call is billed
-    once, the second on a row of its own (``accounting.store``)."""
+    (``own``, without the lost calls it took over) billed under its ``claim``. Two
+    deliveries both call a job when one's owner stalled past its lease, or when Redis lost
+    the claim mid-call: each call is billed once, the second on a row of its own
+    (``accounting.store``).
+
+    When the stored outcome bills them already as lost (``UsageEvent.covers``: it took them
+    over from this delivery's owner, stalled past its lease), at their estimates
+    (``billed_as_lost``), its row bills what they really cost past that, with their tokens
+    (``LATE_MARK``): billed at the estimates alone, the call of a job without ``max_tokens``
+    that ran on while its owner was stopped cost the provider 16 times its row."""
     usage = own.usage
-    if not usage.attempts or claim is None or claim in (stored.usage.covers or ()):
+    if not usage.attempts or claim is None:
         return stored
+    if claim in (stored.usage.covers or ()):
+        usage = usage.model_copy(
+            update={
+                "job_id": f"{usage.job_id}{LATE_MARK}{claim}",
+                "cost_usd": usage.cost_usd - billed_as_lost,
+            }
+        )
     return stored.model_copy(update={"usage": usage.model_copy(update={"claim": claim})})
 
 

@@ -421,7 +421,9 @@ class JobProcessor:
         stored = await claim.finish(outcome, dumped=dumped)
         lapsing = self._claims.lapsing(claim.job)
         if stored is not outcome:  # another delivery's, stored first
-            late = outcome_of_late(stored, stamped, outcome.usage.claim)
+            late = outcome_of_late(
+                stored, stamped, outcome.usage.claim, claim.estimated(stamped.usage.attempt_log)
+            )
             return self._finished(late, reply_to, error, lapsing)
         return self._finished(outcome, reply_to, error, lapsing, dumped)
 

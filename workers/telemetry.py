@@ -82,7 +82,9 @@ class Telemetry:
         series.wait.observe(usage.queued_ms / 1000)
         series.input.inc(usage.input_tokens)
         series.output.inc(usage.output_tokens)
-        series.cost.inc(float(usage.cost_usd))
+        # A counter only rises: a stalled owner's row billing less than the estimate its call
+        # was billed at as lost (``outcome_of_late``) leaves it; usage_log holds the refund.
+        series.cost.inc(max(float(usage.cost_usd), 0.0))
         if len(attempts) > 1:
             metrics.RETRIES.labels(team, model).inc(len(attempts) - 1)
         if usage.fallback_used:

@@ -1,0 +1,100 @@
+"""Chaos: a worker stopped (SIGSTOP) mid-call past its claim lease, its job taken over by a
+duplicate delivery that bills the stopped call as lost at its estimate, bills that call's real
+cost once it resumes: its row (``<job id>/late/<claim>``) carries the call's tokens and what it
+cost past the estimate, so the job's rows sum to what the provider served, and the budget
+ledger agrees with them."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from decimal import Decimal
+
+import redis.asyncio as aioredis
+
+from mockprovider import Behavior, MockConfig, MockProvider
+from producer import GatewayClient
+from queuegate.db import create_pool
+from queuegate.keys import Keys
+from queuegate.registry import TeamConfig
+from queuegate.settings import Settings
+from queuegate.spend import current_month, spend_drift
+from tests.chaos.harness import declare_teams, start_worker, stop_workers, usage_rows, worker_env
+from tests.support import consumers, running_accountant
+from tests.teams import register
+
+HELLO = [{"role": "user", "content": "Tell me a long story about a lighthouse"}]
+
+
+async def test_a_stalled_owners_call_billed_as_lost_is_billed_at_its_real_cost_once_it_resumes(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a budgeted team, a provider taking 3 s a call, and a worker taking one job at a
+    # time, its claims leased for 1 s
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(5)))
+    await declare_teams(settings, ("alpha",))
+    quick = settings.model_copy(update={"spend_reconcile_interval": 0.2})
+    pool = await create_pool(settings)
+    workers = []
+    try:
+        async with MockProvider(MockConfig(default=Behavior(latency_ms=3000))) as mock:
+            env = worker_env(settings, mock, QUEUEGATE_CLAIM_LEASE="1", QUEUEGATE_PREFETCH="1")
+            workers.append(stalled := await start_worker(env, ("alpha",)))
+            await consumers(settings, ["alpha"], 1)
+            async with (
+                running_accountant(quick),
+                GatewayClient(settings, team="alpha") as first,
+                GatewayClient(settings, team="alpha") as second,
+            ):
+                # When a job without max_tokens is called, its worker is stopped mid-call, and
+                # the job's duplicate goes to another worker, which takes its claim over once the
+                # lease lapses (billing the stopped call as lost) and answers it
+                job = first.job("gpt-4o-mini", HELLO)
+                handle = await first.submit(job)
+                async with asyncio.timeout(60):
+                    await mock.wait_for_calls(1)
+                stalled.send_signal(signal.SIGSTOP)
+                workers.append(await start_worker(env, ("alpha",)))
+                answered = await (await second.submit(job)).result(timeout=60)
+                # ... then the stopped worker resumes, its call answered meanwhile
+                stalled.send_signal(signal.SIGCONT)
+                late = await handle.result(timeout=60)
+                rows, distinct = await usage_rows(pool, 2, timeout=30)
+                # ... and the same request, sent once more under an id of its own, is served alone
+                alone = await (await first.submit(first.job("gpt-4o-mini", HELLO))).result(60)
+                await usage_rows(pool, 3, timeout=30)
+                single = await pool.fetchrow(
+                    "SELECT cost_usd, output_tokens FROM usage_log WHERE job_id = $1", alone.job_id
+                )
+                keys = Keys(settings.redis_prefix)
+                async with asyncio.timeout(30):
+                    # Polled: reconciliations run on accounting's schedule, unannounced.
+                    while await spend_drift(  # noqa: ASYNC110
+                        redis_client, pool, keys, "alpha", current_month()
+                    ):
+                        await asyncio.sleep(0.1)
+                billed = await pool.fetch(
+                    "SELECT * FROM usage_log WHERE job_id LIKE $1 ORDER BY job_id", f"{job.job_id}%"
+                )
+                calls = mock.stats.calls
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGCONT)
+        await stop_workers(workers)
+        await pool.close()
+
+    # Expect both callers told the taker's answer, which bills the stopped call as lost
+    assert (rows, distinct) == (2, 2)
+    assert answered.status == late.status == alone.status == "ok"
+    assert answered.response == late.response
+    assert calls == 3
+    taker, stopped = billed
+    assert [a["error"] for a in taker["attempt_log"]] == ["lost", None]
+    assert taker["covers"] == [stopped["claim"]]
+    # ... and the stopped worker's row, under its claim, carrying its call's tokens and what it
+    # cost past that estimate, so the job's rows sum to two calls at what one costs alone
+    assert stopped["job_id"] == f"{job.job_id}/late/{stopped['claim']}"
+    assert single["cost_usd"] > 0
+    assert taker["output_tokens"] == stopped["output_tokens"] == single["output_tokens"]
+    assert taker["cost_usd"] + stopped["cost_usd"] == 2 * single["cost_usd"]
