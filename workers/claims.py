@@ -77,7 +77,7 @@ from queuegate.errors import (
 )
 from queuegate.keys import Keys
 from queuegate.livestats import SPEND_TTL
-from queuegate.messages import Attempt, ChatJob, request_digest, shared_fields
+from queuegate.messages import Attempt, ChatJob, UsageEvent, request_digest, shared_fields
 from queuegate.outage import OutageLog
 from queuegate.redis_client import lua_source
 from queuegate.runtime import until_set
@@ -477,6 +477,19 @@ class Claims:
         except RedisError as exc:
             self._outage.failed(exc)  # the claims not taken are swept next time
         return lapsed
+
+    async def spent_late(self, usage: UsageEvent) -> None:
+        """Add the cost of a stalled owner's late row (``outcome_of_late``: what its calls
+        cost past the estimates they were billed at as lost) to its team's live spend, as the
+        first store of the job's outcome added the job's (``store``)."""
+        spend = self._keys.live_spend(usage.team, usage.ts.strftime("%Y-%m"))
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.incrby(spend, to_nano(usage.cost_usd))
+                pipe.expire(spend, SPEND_TTL)
+                await pipe.execute()
+        except RedisError as exc:
+            self._outage.failed(exc)
 
     def lapsing(self, job: ChatJob | ClaimedJob) -> str | None:
         """The job's entry on the lapsing claims, when it may have one (a deadline): to be

@@ -424,6 +424,8 @@ class JobProcessor:
             late = outcome_of_late(
                 stored, stamped, outcome.usage.claim, claim.estimated(stamped.usage.attempt_log)
             )
+            if late.usage.job_id != stored.usage.job_id:  # a late row of its own
+                await self._claims.spent_late(late.usage)
             return self._finished(late, reply_to, error, lapsing)
         return self._finished(outcome, reply_to, error, lapsing, dumped)
 

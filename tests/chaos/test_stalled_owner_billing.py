@@ -2,7 +2,7 @@
 duplicate delivery that bills the stopped call as lost at its estimate, bills that call's real
 cost once it resumes: its row (``<job id>/late/<claim>``) carries the call's tokens and what it
 cost past the estimate, so the job's rows sum to what the provider served, and the budget
-ledger agrees with them."""
+ledger and the live spend agree with them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.spend import current_month, spend_drift
+from queuegate.spend import current_month, from_nano, spend_drift
 from tests.chaos.harness import declare_teams, start_worker, stop_workers, usage_rows, worker_env
 from tests.support import consumers, running_accountant
 from tests.teams import register
@@ -73,6 +73,8 @@ async def test_a_stalled_owners_call_billed_as_lost_is_billed_at_its_real_cost_o
                         redis_client, pool, keys, "alpha", current_month()
                     ):
                         await asyncio.sleep(0.1)
+                live = await redis_client.get(keys.live_spend("alpha", current_month()))
+                total = await pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
                 billed = await pool.fetch(
                     "SELECT * FROM usage_log WHERE job_id LIKE $1 ORDER BY job_id", f"{job.job_id}%"
                 )
@@ -98,3 +100,5 @@ async def test_a_stalled_owners_call_billed_as_lost_is_billed_at_its_real_cost_o
     assert single["cost_usd"] > 0
     assert taker["output_tokens"] == stopped["output_tokens"] == single["output_tokens"]
     assert taker["cost_usd"] + stopped["cost_usd"] == 2 * single["cost_usd"]
+    # ... which the live spend (`queuegate status`'s, for a team without a budget) counts too
+    assert live is not None and from_nano(int(live)) == total
