@@ -15,6 +15,7 @@ import typer
 from cli.console import err, out
 from cli.keys import keys_table, show_key
 from cli.options import TeamName, make_settings, read_password
+from queuegate.db import CONNECT_TIMEOUT
 from queuegate.errors import ConfigError
 from queuegate.messages import UnsupportedParams
 from queuegate.runtime import exit_at_once, run
@@ -44,11 +45,11 @@ Wait = Annotated[
         f"wait); past them, exit {NOT_CONFIRMED} naming the workers that did not confirm.",
     ),
 ]
-STORE_WAIT = 10.0
+STORE_WAIT = CONNECT_TIMEOUT
 """Seconds a change may take to be stored (PostgreSQL, and the management API for what the
-broker enforces), as long as a connection to PostgreSQL may take (``queuegate.db``'s
-``CONNECT_TIMEOUT``): asyncpg bounds its connects alone, and a server that takes a
-connection and never answers would hold the command forever."""
+broker enforces), as long as a connection to PostgreSQL may take: asyncpg bounds its
+connects alone, and a server that takes a connection and never answers would hold the
+command forever."""
 LATE_EXIT = 0.5
 """Seconds past a bound the command still waits for its steps to end by themselves (they
 are bounded too) before it ends at once, leaving them: a connection's graceful close waits
