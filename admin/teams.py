@@ -182,7 +182,6 @@ async def _create(
             credentials = Credentials(
                 "broker", user, password, with_user(settings.amqp_url, user, password)
             )
-        storing.sent = True  # the transaction below commits the team, as it ends
         async with pool.acquire() as conn, conn.transaction():
             change = await add_team(conn, name)
             await put_security(conn, name, TeamSecurity(identity=identity, broker_user=user))
@@ -191,6 +190,9 @@ async def _create(
                 credentials = Credentials("api_key", api_key_id=key_id, api_key=key)
             # Last before the commit: a broker that refuses the queue rolls the rows back.
             await _declare_queue(settings, name)
+            # Only the commit, as the transaction ends, is left: a broker hanging above left
+            # the team not stored.
+            storing.sent = True
         storing.stored.set()
     except BaseException as exc:
         if made and user is not None:

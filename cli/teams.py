@@ -87,8 +87,8 @@ def _store(name: str, wait: float, store: Callable[[Storing], Awaitable[T]]) -> 
                 "may or may not be stored: PostgreSQL did not confirm its commit within "
                 f"{STORE_WAIT:g} s; once it answers, see which with queuegate teams show {name}"
                 if storing.sent
-                else "is NOT stored: PostgreSQL (or the broker's management API) did not "
-                f"answer within {STORE_WAIT:g} s; run the same command again once it answers"
+                else "is NOT stored: PostgreSQL (or the broker) did not answer within "
+                f"{STORE_WAIT:g} s; run the same command again once it answers"
             )
             err.print(f"team {name}: the change {said}", markup=False, highlight=False)
             exit_at_once(1)

@@ -1274,6 +1274,32 @@ async def test_a_teams_change_ends_when_postgresql_hangs_before_it_is_stored(
         assert team.enabled and team.config.rpm is None
 
 
+async def test_teams_add_with_the_broker_hung_declaring_its_queue_says_it_is_not_stored(
+    settings: Settings,
+) -> None:
+    # Given RabbitMQ frozen once the command declares the new team's queue (the last step
+    # before its transaction commits)
+    async with TcpProxy(settings.amqp_url) as proxy:
+        proxy.hang_at(Topology.of(settings).team_queue("beta").encode())
+
+        # When an operator adds team beta
+        started = time.monotonic()
+        code, stdout, stderr = await _queuegate(
+            settings, "teams", "add", "beta", "--identity", "api_key",
+            QUEUEGATE_AMQP_URL=proxy.url,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert proxy.hung.is_set()
+
+    # Expect one line saying it is not stored (its transaction never committed), naming the
+    # broker among what did not answer, once the store's bound has passed; and no team beta
+    assert code == 1, stdout + stderr
+    assert stderr.strip() == stderr.strip().splitlines()[0], stderr
+    assert stderr.startswith("team beta: the change is NOT stored: PostgreSQL (or the broker)")
+    assert took < STORE_WAIT + 4
+    assert "beta" not in [team.name for team in await listing(settings)]
+
+
 async def test_a_worker_stopping_cleanly_is_neither_awaited_nor_named_while_it_drains(
     settings: Settings, alpha: str, redis_client: aioredis.Redis
 ) -> None:
