@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from queuegate.errors import ConfigError
 from queuegate.messages import MAX_OUTPUT_TOKENS, UnsupportedParams
 from queuegate.numbers import Money
-from queuegate.registry_changes import NOTIFY
+from queuegate.registry_changes import NOTIFY, notifying
 from queuegate.visible import clipped
 
 log = logging.getLogger(__name__)
@@ -299,15 +299,16 @@ async def set_team_config(
 
 
 async def add_team(executor: asyncpg.Pool | asyncpg.Connection, name: str) -> Change:
-    """Add the team, or enable it again; the write. Running processes are told after the
+    """Add the team, or enable it again; the write. Running processes are told with the
     insert, which on a caller's transaction PostgreSQL delivers only when it commits."""
     change: str = await executor.fetchval(
-        "INSERT INTO teams (name) VALUES ($1)"
-        " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()"
-        f" RETURNING {_CHANGE}",
+        notifying(
+            "INSERT INTO teams (name) VALUES ($1)"
+            " ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = now()"
+            f" RETURNING {_CHANGE} AS change"
+        ),
         check_team_name(name),
     )
-    await executor.execute(NOTIFY, name)
     return int(change)
 
 
@@ -316,10 +317,10 @@ async def disable_team(pool: asyncpg.Pool, name: str) -> Change | None:
     front doors are told once it is written, so it is refused at once rather than at their
     next re-read."""
     change = await pool.fetchval(
-        f"UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1 RETURNING {_CHANGE}",
+        notifying(
+            "UPDATE teams SET enabled = false, updated_at = now() WHERE name = $1"
+            f" RETURNING {_CHANGE} AS change"
+        ),
         name,
     )
-    if change is None:
-        return None
-    await pool.execute(NOTIFY, name)
-    return int(change)
+    return None if change is None else int(change)

@@ -56,6 +56,17 @@ NOTIFY = f"SELECT pg_notify({_channel('current_schema()')}, $1)"
 writes in."""
 
 
+def notifying(write: str) -> str:
+    """SQL for ``write``, a statement on team ``$1`` returning its change as ``change``, that
+    also sends its notification (``NOTIFY``), in one statement: committed with the write as
+    PostgreSQL runs it. A notification of its own after an autocommitted write could hang
+    with the write stored, leaving ``queuegate teams`` unable to say whether it was."""
+    return (
+        f"WITH written AS ({write})"
+        f" SELECT change, pg_notify({_channel('current_schema()')}, $1) FROM written"
+    )
+
+
 class RegistryChanges:
     def __init__(
         self,
@@ -126,4 +137,4 @@ class RegistryChanges:
         self._on_change(str(payload))
 
 
-__all__ = ["NOTIFY", "RegistryChanges"]
+__all__ = ["NOTIFY", "RegistryChanges", "notifying"]

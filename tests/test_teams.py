@@ -1274,6 +1274,28 @@ async def test_a_teams_change_ends_when_postgresql_hangs_before_it_is_stored(
         assert team.enabled and team.config.rpm is None
 
 
+async def test_teams_disable_never_writes_without_telling_the_running_processes(
+    settings: Settings, alpha: str
+) -> None:
+    # Given PostgreSQL frozen once the command sends the notification of alpha's change
+    async with TcpProxy(settings.database_url) as proxy:
+        proxy.hang_at(b"pg_notify")
+
+        # When an operator disables alpha
+        code, stdout, stderr = await _queuegate(
+            settings, "teams", "disable", alpha, QUEUEGATE_DATABASE_URL=proxy.url
+        )
+        assert proxy.hung.is_set()
+
+    # Expect it said in one line that the change may or may not be stored, and the write not
+    # made without its notification (sent apart, the team was disabled with the running
+    # workers and front doors never told, serving it until their next re-read)
+    assert code == 1, stdout + stderr
+    assert stderr.startswith(f"team {alpha}: the change may or may not be stored"), stderr
+    [team] = [team for team in await listing(settings) if team.name == alpha]
+    assert team.enabled
+
+
 async def test_teams_add_with_the_broker_hung_declaring_its_queue_says_it_is_not_stored(
     settings: Settings,
 ) -> None:
