@@ -128,16 +128,31 @@ def time_limit(seconds: float) -> TimeLimit:
     return TimeLimit(seconds)
 
 
+STALLED = 0.25
+"""Seconds late a call's bound may come due before the worker counts itself as having been
+stalled (stopped, or starved of CPU) when it did: its call gets ``STALL_GRACE`` more."""
+STALL_GRACE = 0.25
+"""Seconds a call whose bound came due during a stall of the worker's may still end: its
+answer may have come meanwhile, in the socket unread. Cut at once, such a call (the provider
+had served it, 4,100 tokens) was billed at its estimate, a sixteenth of what it cost."""
+
+
 class TimeLimit:
     # A class, not a generator: a worker holds thousands of calls waiting for a connection,
     # and a generator's context manager keeps its frame, arguments and wrapper (about 700
     # bytes) for as long as the call.
-    __slots__ = ("_seconds", "_timeout", "_what")
+    __slots__ = ("_due", "_graced", "_seconds", "_timeout", "_timer", "_what")
 
     def __init__(self, seconds: float) -> None:
         self._what = "no answer"
         self._seconds: float | None = seconds
-        self._timeout = asyncio.timeout(seconds)
+        self._due = seconds
+        """Until ``__aenter__``, seconds from then; from it, the loop's time it comes due."""
+        self._graced = False
+        self._timer: asyncio.TimerHandle | None = None
+        # Ended by ``_due_now`` rather than by its own deadline: that looks at how late the
+        # bound came due first.
+        self._timeout = asyncio.timeout(None)
 
     @property
     def expired(self) -> bool:
@@ -148,10 +163,30 @@ class TimeLimit:
         """End the call ``seconds`` from now instead, saying ``what`` did not come (a
         stream's next chunk is due)."""
         self._what, self._seconds = what, None
-        self._timeout.reschedule(asyncio.get_running_loop().time() + seconds)
+        self._set(asyncio.get_running_loop().time() + seconds)
+
+    def _set(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        # Due now at the latest: one set in the past is not late by how far in the past.
+        self._due = max(due, loop.time())
+        self._timer = loop.call_at(self._due, self._due_now)
+
+    def _due_now(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._due > STALLED and not self._graced:
+            # Come due during a stall: the answer may be here already, unread.
+            self._graced = True
+            self._timer = loop.call_at(now + STALL_GRACE, self._due_now)
+            return
+        self._timer = None
+        self._timeout.reschedule(now)
 
     async def __aenter__(self) -> None:
         await self._timeout.__aenter__()
+        self._set(asyncio.get_running_loop().time() + self._due)
 
     async def __aexit__(
         self,
@@ -159,6 +194,9 @@ class TimeLimit:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         await _timed_out(
             self._timeout, exc_type, exc, traceback, what=self._what, seconds=self._seconds
         )

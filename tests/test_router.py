@@ -577,6 +577,38 @@ async def test_router_must_be_open_to_complete_and_opens_once(
 # --- the HTTP boundary and the classification table --------------------------------------------
 
 
+async def test_a_call_whose_bound_came_due_while_the_worker_stalled_reads_its_answer() -> None:
+    # Given calls bounded by 0.1 s, and the worker's loop stalled (stopped, or starved) from
+    # 0.05 s to 0.55 s, the first call's answer coming in meanwhile: as the loop resumes, its
+    # answer and its bound are both due, the answer first (as a socket's bytes come first)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+    never: asyncio.Future[str] = loop.create_future()
+
+    async def call(reply: asyncio.Future[str]) -> str:
+        async with time_limit(0.1):
+            return await reply
+
+    answered, unanswered = asyncio.create_task(call(answer)), asyncio.create_task(call(never))
+    started = time.monotonic()
+    loop.call_later(0.05, time.sleep, 0.5)
+    loop.call_later(0.06, answer.set_result, "answered")
+
+    # Expect the answer read, not the call cut (cut, a call the provider had served was billed
+    # at its estimate); and a call with no answer cut a moment after the stall
+    assert await answered == "answered"
+    with pytest.raises(ProviderError) as caught:
+        await unanswered
+    assert caught.value.error_class == "timeout"
+    assert time.monotonic() - started < 0.55 + 0.5
+
+    # ... and a bound that comes due on time cuts its call then, stall or no stall before it
+    started = time.monotonic()
+    with pytest.raises(ProviderError):
+        await call(loop.create_future())
+    assert time.monotonic() - started < 0.1 + 0.2
+
+
 async def test_rate_limit_is_classified_with_the_retry_after_the_provider_sent(
     mock: MockProvider,
 ) -> None:

@@ -1,13 +1,16 @@
 """Chaos: a worker stopped (SIGSTOP) mid-call past its claim lease, its job taken over by a
-duplicate delivery that bills the stopped call as lost at its estimate, bills that call's real
-cost once it resumes: its row (``<job id>/late/<claim>``) carries the call's tokens and what it
-cost past the estimate, so the job's rows sum to what the provider served, and the budget
-ledger and the live spend agree with them."""
+duplicate delivery, or answered past its deadline by another worker's sweep, either billing
+the stopped call as lost at its estimate, bills that call's real cost once it resumes (its
+answer read, though the job's deadline passed while it was stopped): its row (``<job
+id>/late/<claim>``) carries the call's tokens and what it cost past the estimate, so the
+job's rows sum to what the provider served, and the budget ledger and the live spend agree
+with them."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import timedelta
 from decimal import Decimal
 
 import redis.asyncio as aioredis
@@ -102,3 +105,85 @@ async def test_a_stalled_owners_call_billed_as_lost_is_billed_at_its_real_cost_o
     assert taker["cost_usd"] + stopped["cost_usd"] == 2 * single["cost_usd"]
     # ... which the live spend (`queuegate status`'s, for a team without a budget) counts too
     assert live is not None and from_nano(int(live)) == total
+
+
+async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_real_cost(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a budgeted team, a provider taking 2 s a call, a worker of the team, its claims
+    # leased for 1 s, and a worker of another team sweeping lapsed claims twice a second
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(5)))
+    await register(settings, "beta", TeamConfig())
+    await declare_teams(settings, ("alpha", "beta"))
+    quick = settings.model_copy(update={"spend_reconcile_interval": 0.2})
+    pool = await create_pool(settings)
+    workers = []
+    try:
+        async with MockProvider(MockConfig(default=Behavior(latency_ms=2000))) as mock:
+            env = worker_env(
+                settings, mock, QUEUEGATE_CLAIM_LEASE="1", QUEUEGATE_TEAMS_REFRESH="0.5"
+            )
+            workers.append(stalled := await start_worker(env, ("alpha",)))
+            await consumers(settings, ["alpha"], 1)
+            async with (
+                running_accountant(quick),
+                GatewayClient(settings, team="alpha") as client,
+            ):
+                # When a job without max_tokens, due in 4 s, is called and its worker stopped
+                # mid-call, its answer coming meanwhile; the sweep answers it past its
+                # deadline (billing the stopped call as lost); then the worker resumes
+                job = client.job("gpt-4o-mini", HELLO, deadline=timedelta(seconds=4))
+                handle = await client.submit(job)
+                async with asyncio.timeout(60):
+                    await mock.wait_for_calls(1)
+                stalled.send_signal(signal.SIGSTOP)
+                workers.append(await start_worker(env, ("beta",)))
+                swept = await handle.result(timeout=60)
+                keys = Keys(settings.redis_prefix)
+                async with asyncio.timeout(30):
+                    # Polled: the sweep stores the outcome unannounced, just after its result
+                    # (a resume before that finds none, and the stopped worker's store is the
+                    # job's: its usage event meets the sweep's row, which covers its claim).
+                    while not await redis_client.exists(  # noqa: ASYNC110
+                        keys.result("alpha", job.job_id)
+                    ):
+                        await asyncio.sleep(0.05)
+                stalled.send_signal(signal.SIGCONT)
+                rows, distinct = await usage_rows(pool, 2, timeout=30)
+                # ... and the same request, sent once more under an id of its own, is served
+                alone = await (await client.submit(client.job("gpt-4o-mini", HELLO))).result(60)
+                await usage_rows(pool, 3, timeout=30)
+                single = await pool.fetchrow(
+                    "SELECT cost_usd, output_tokens FROM usage_log WHERE job_id = $1",
+                    alone.job_id,
+                )
+                async with asyncio.timeout(30):
+                    # Polled: reconciliations run on accounting's schedule, unannounced.
+                    while await spend_drift(  # noqa: ASYNC110
+                        redis_client, pool, keys, "alpha", current_month()
+                    ):
+                        await asyncio.sleep(0.1)
+                billed = await pool.fetch(
+                    "SELECT * FROM usage_log WHERE job_id LIKE $1 ORDER BY job_id",
+                    f"{job.job_id}%",
+                )
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGCONT)
+        await stop_workers(workers)
+        await pool.close()
+
+    # Expect the client told the sweep's deadline_exceeded, its row billing the stopped call
+    # as lost; and the stopped worker's own row carrying what the call cost past that, its
+    # answer read: the job's rows sum to the one call at what it costs alone
+    assert (rows, distinct) == (2, 2)
+    assert swept.error is not None and swept.error.code == "deadline_exceeded"
+    assert alone.status == "ok"
+    sweep, stopped = billed
+    assert [a["error"] for a in sweep["attempt_log"]] == ["lost"]
+    assert sweep["covers"] == [stopped["claim"]]
+    assert stopped["job_id"] == f"{job.job_id}/late/{stopped['claim']}"
+    assert [a["error"] for a in stopped["attempt_log"]] == [None]
+    assert stopped["output_tokens"] == single["output_tokens"]
+    assert sweep["cost_usd"] + stopped["cost_usd"] == single["cost_usd"]
