@@ -13,12 +13,14 @@ import signal
 from datetime import timedelta
 from decimal import Decimal
 
+import asyncpg
 import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
 from queuegate.db import create_pool
 from queuegate.keys import Keys
+from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import current_month, from_nano, spend_drift
@@ -63,35 +65,20 @@ async def test_a_stalled_owners_call_billed_as_lost_is_billed_at_its_real_cost_o
                 stalled.send_signal(signal.SIGCONT)
                 late = await handle.result(timeout=60)
                 rows, distinct = await usage_rows(pool, 2, timeout=30)
-                # ... and the same request, sent once more under an id of its own, is served alone
-                alone = await (await first.submit(first.job("gpt-4o-mini", HELLO))).result(60)
-                await usage_rows(pool, 3, timeout=30)
-                single = await pool.fetchrow(
-                    "SELECT cost_usd, output_tokens FROM usage_log WHERE job_id = $1", alone.job_id
+                billed, single = await _alone_and_reconciled(
+                    first, settings, redis_client, pool, job
                 )
                 keys = Keys(settings.redis_prefix)
-                async with asyncio.timeout(30):
-                    # Polled: reconciliations run on accounting's schedule, unannounced.
-                    while await spend_drift(  # noqa: ASYNC110
-                        redis_client, pool, keys, "alpha", current_month()
-                    ):
-                        await asyncio.sleep(0.1)
                 live = await redis_client.get(keys.live_spend("alpha", current_month()))
                 total = await pool.fetchval("SELECT sum(cost_usd) FROM usage_log")
-                billed = await pool.fetch(
-                    "SELECT * FROM usage_log WHERE job_id LIKE $1 ORDER BY job_id", f"{job.job_id}%"
-                )
                 calls = mock.stats.calls
     finally:
-        for worker in workers:
-            if worker.returncode is None:
-                worker.send_signal(signal.SIGCONT)
-        await stop_workers(workers)
+        await _resumed_and_stopped(workers)
         await pool.close()
 
     # Expect both callers told the taker's answer, which bills the stopped call as lost
     assert (rows, distinct) == (2, 2)
-    assert answered.status == late.status == alone.status == "ok"
+    assert answered.status == late.status == "ok"
     assert answered.response == late.response
     assert calls == 3
     taker, stopped = billed
@@ -150,28 +137,11 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
                         await asyncio.sleep(0.05)
                 stalled.send_signal(signal.SIGCONT)
                 rows, distinct = await usage_rows(pool, 2, timeout=30)
-                # ... and the same request, sent once more under an id of its own, is served
-                alone = await (await client.submit(client.job("gpt-4o-mini", HELLO))).result(60)
-                await usage_rows(pool, 3, timeout=30)
-                single = await pool.fetchrow(
-                    "SELECT cost_usd, output_tokens FROM usage_log WHERE job_id = $1",
-                    alone.job_id,
-                )
-                async with asyncio.timeout(30):
-                    # Polled: reconciliations run on accounting's schedule, unannounced.
-                    while await spend_drift(  # noqa: ASYNC110
-                        redis_client, pool, keys, "alpha", current_month()
-                    ):
-                        await asyncio.sleep(0.1)
-                billed = await pool.fetch(
-                    "SELECT * FROM usage_log WHERE job_id LIKE $1 ORDER BY job_id",
-                    f"{job.job_id}%",
+                billed, single = await _alone_and_reconciled(
+                    client, settings, redis_client, pool, job
                 )
     finally:
-        for worker in workers:
-            if worker.returncode is None:
-                worker.send_signal(signal.SIGCONT)
-        await stop_workers(workers)
+        await _resumed_and_stopped(workers)
         await pool.close()
 
     # Expect the client told the sweep's deadline_exceeded, its row billing the stopped call
@@ -179,7 +149,6 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
     # answer read: the job's rows sum to the one call at what it costs alone
     assert (rows, distinct) == (2, 2)
     assert swept.error is not None and swept.error.code == "deadline_exceeded"
-    assert alone.status == "ok"
     sweep, stopped = billed
     assert [a["error"] for a in sweep["attempt_log"]] == ["lost"]
     assert sweep["covers"] == [stopped["claim"]]
@@ -187,3 +156,38 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
     assert [a["error"] for a in stopped["attempt_log"]] == [None]
     assert stopped["output_tokens"] == single["output_tokens"]
     assert sweep["cost_usd"] + stopped["cost_usd"] == single["cost_usd"]
+
+
+async def _alone_and_reconciled(
+    client: GatewayClient,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    job: ChatJob,
+) -> tuple[list[asyncpg.Record], asyncpg.Record]:
+    """Once the same request as ``job``, sent once more under an id of its own, is served
+    alone and accounted, and team alpha's ledger is reconciled with usage_log: ``job``'s
+    usage rows, and that request's cost and output tokens."""
+    alone = await (await client.submit(client.job("gpt-4o-mini", HELLO))).result(60)
+    assert alone.status == "ok"
+    await usage_rows(pool, 3, timeout=30)
+    single = await pool.fetchrow(
+        "SELECT cost_usd, output_tokens FROM usage_log WHERE job_id = $1", alone.job_id
+    )
+    keys = Keys(settings.redis_prefix)
+    async with asyncio.timeout(30):
+        # Polled: reconciliations run on accounting's schedule, unannounced.
+        while await spend_drift(redis_client, pool, keys, "alpha", current_month()):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    billed = await pool.fetch(
+        "SELECT * FROM usage_log WHERE job_id LIKE $1 ORDER BY job_id", f"{job.job_id}%"
+    )
+    return list(billed), single
+
+
+async def _resumed_and_stopped(workers: list[asyncio.subprocess.Process]) -> None:
+    """Stop the worker processes, resuming first any left stopped (SIGSTOP)."""
+    for worker in workers:
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGCONT)
+    await stop_workers(workers)
