@@ -146,8 +146,8 @@ class TimeLimit:
     def __init__(self, seconds: float) -> None:
         self._what = "no answer"
         self._seconds: float | None = seconds
-        self._due = seconds
-        """Until ``__aenter__``, seconds from then; from it, the loop's time it comes due."""
+        self._due = 0.0
+        """The loop's time the bound comes due, from ``__aenter__`` on."""
         self._graced = False
         self._timer: asyncio.TimerHandle | None = None
         # Ended by ``_due_now`` rather than by its own deadline: that looks at how late the
@@ -186,7 +186,9 @@ class TimeLimit:
 
     async def __aenter__(self) -> None:
         await self._timeout.__aenter__()
-        self._set(asyncio.get_running_loop().time() + self._due)
+        # Its seconds as made: only ``move``, once entered, sets them aside.
+        assert self._seconds is not None
+        self._set(asyncio.get_running_loop().time() + self._seconds)
 
     async def __aexit__(
         self,

@@ -315,7 +315,7 @@ async def test_only_the_reservations_of_jobs_whose_claims_lapsed_are_ended_as_sp
     assert dead is not None
     await Scripts(redis_client, keys).run(budgets.settle_call(dead, DOLLAR // 100))
 
-    # Expect its cost in both ledgers in place of its worst, and the waiting job to fit
+    # Expect its cost in both ledgers in place of its estimate, and the waiting job to fit
     for model in (None, "m"):
         ledger = await redis_client.hgetall(keys.spend("alpha", month, model))
         assert ledger[b"open"] == str(DOLLAR * 61 // 100).encode()
