@@ -66,6 +66,10 @@ aio-pika's robust channel waits for its connection to come back and the channel 
 restored, which a team's requests that close its connection again each time it is back can
 keep from ever happening: a worker waited there past every `teams set` (exit 3, naming it
 stalled) and past its stop, 90 s until the test ended."""
+TEAM_RETRY = 1.0
+"""Seconds until a team left out (its connection down, or slower than ``TEAM_SERVE_WAIT``) is
+tried again, when ``teams_refresh`` is longer: a broker slow for a moment at a start (a queue
+declare past 2 s under load) left the team without a consumer until the next refresh."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,12 @@ class Worker:
         self._invalid_rows: set[tuple[str, str]] = set()
         self._draining = False
         self._telemetry = Telemetry(router.catalog.models)
+        self._left_out: set[str] = set()
+        """Teams to serve that the last pass could not (``TEAM_RETRY``)."""
         self.ready = asyncio.Event()
-        """Set once the worker consumes every team it serves."""
+        """Set once the worker consumes every team it serves, or has tried again those it could
+        not: a team that keeps its own connection closing holds its own jobs, never the
+        worker's readiness."""
 
     @property
     def teams(self) -> list[str]:
@@ -258,9 +266,8 @@ class Worker:
             # above were being opened (each open cancelled, one warning line more).
             held_task = asyncio.create_task(held.run(live_stop))
             await self._serve_teams(pool, stop)
-            if not stop.is_set():
-                self.ready.set()
-                log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
+            if not self._left_out:
+                self._set_ready(stop)
             await self._refresh_teams(pool, stop)
             await self._drain()
             await publisher.close()
@@ -274,6 +281,11 @@ class Worker:
             await connection.close()
             await pool.close()
 
+    def _set_ready(self, stop: asyncio.Event) -> None:
+        if not stop.is_set() and not self.ready.is_set():
+            self.ready.set()
+            log.info("worker %s serving %s", self.name, ", ".join(self.teams) or "no team yet")
+
     async def _refresh_teams(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         """Serve the registry's teams under their configs until ``stop``: read again every
         ``teams_refresh``, and at once when a `teams set` is told (a budget lowered holds for
@@ -286,7 +298,9 @@ class Worker:
             application_name=worker_application_name(self._settings.namespace),
         ):
             while not stop.is_set():
-                await until_set(self._settings.teams_refresh, stop, changed)
+                refresh = self._settings.teams_refresh
+                soon = min(refresh, TEAM_RETRY) if self._left_out else refresh
+                await until_set(soon, stop, changed)
                 changed.clear()
                 if stop.is_set():
                     return
@@ -296,6 +310,8 @@ class Worker:
                     # The consumers it has come back with their channels (_on_reopen); new
                     # teams and limits next time.
                     log.warning("broker unavailable (%s); teams are refreshed later", exc)
+                else:
+                    self._set_ready(stop)
                 # With the refresh: a lapsed claim waits for a sweep, never a job.
                 await self._processor.sweep()
                 await self._team_connections.sweep(keep=self._holding())
@@ -322,33 +338,12 @@ class Worker:
         # A team named with --teams is served without a registry row (a ``queue`` team of a
         # development setup), but not once an operator disabled it.
         wanted = [team for team in wanted if team not in self._disabled]
-        for team in wanted:
-            # Serving has begun (runtime.serving): a stop signal sets the stop and cancels
-            # nothing, so the stop is what says no consumer more and none announced. The
-            # drain ends those already started, and answers the jobs they took.
-            if stop.is_set():
-                return
-            prefetch = prefetch_for(self._admission.config(team), self._settings)
-            current = self._consumers.get(team)
-            if current is not None and current.prefetch == prefetch:
-                continue
-            try:
-                await self._serve_team(team, current, prefetch)
-            except (*TEAM_CONNECTION_DOWN, TimeoutError) as exc:
-                # Its own connection, closed by the broker (a team can make it close it) and
-                # coming back: the other teams are served meanwhile, and it at the next
-                # refresh. Raised, a team's queued requests that close it stopped every
-                # worker from starting; waited for, they held the registry's confirm.
-                log.warning(
-                    "team %s not served for now: its broker connection is down (%s); "
-                    "served at the next refresh",
-                    team,
-                    # A TimeoutError says nothing of itself.
-                    str(exc) or f"no answer within {TEAM_SERVE_WAIT:g} s",
-                )
-                continue
-            if not stop.is_set():
-                log.info("now serving team %s with %d slots", team, prefetch)
+        # Those left out last time after the confirm below: one whose connection a team keeps
+        # closing waits TEAM_SERVE_WAIT at each try, and held every `teams set` that long more.
+        again = [team for team in wanted if team in self._left_out]
+        self._left_out = set()
+        if not await self._serve_each([team for team in wanted if team not in again], stop):
+            return
         for team in set(self._consumers) - set(wanted):
             with contextlib.suppress(*TEAM_CONNECTION_DOWN):
                 # Its connection down, the broker has dropped the consumer already.
@@ -360,10 +355,46 @@ class Worker:
             log.info("stopped serving team %s (disabled)", team)
         if version is not None and self._live is not None:
             # Only now that every team is served under it: a team added is consumed (but one
-            # whose own connection is down, or did not answer within TEAM_SERVE_WAIT, at the
-            # next refresh), one disabled is not, and the next job of each is admitted under
+            # whose own connection is down, or did not answer within TEAM_SERVE_WAIT, when
+            # tried again), one disabled is not, and the next job of each is admitted under
             # its new config.
             self._live.applied(version, read_at)
+        await self._serve_each(again, stop)
+
+    async def _serve_each(self, teams: list[str], stop: asyncio.Event) -> bool:
+        """Consume each of ``teams`` not yet consumed with its slots; those whose connection
+        is down go to ``_left_out``. False once ``stop`` is set."""
+        assert self._admission is not None
+        for team in teams:
+            # Serving has begun (runtime.serving): a stop signal sets the stop and cancels
+            # nothing, so the stop is what says no consumer more and none announced. The
+            # drain ends those already started, and answers the jobs they took.
+            if stop.is_set():
+                return False
+            prefetch = prefetch_for(self._admission.config(team), self._settings)
+            current = self._consumers.get(team)
+            if current is not None and current.prefetch == prefetch:
+                continue
+            try:
+                await self._serve_team(team, current, prefetch)
+            except (*TEAM_CONNECTION_DOWN, TimeoutError) as exc:
+                # Its own connection, closed by the broker (a team can make it close it) and
+                # coming back: the other teams are served meanwhile, and it when tried again.
+                # Raised, a team's queued requests that close it stopped every worker from
+                # starting; waited for, they held the registry's confirm.
+                log.warning(
+                    "team %s not served for now: its broker connection is down (%s); "
+                    "tried again in %g s",
+                    team,
+                    # A TimeoutError says nothing of itself.
+                    str(exc) or f"no answer within {TEAM_SERVE_WAIT:g} s",
+                    min(self._settings.teams_refresh, TEAM_RETRY),
+                )
+                self._left_out.add(team)
+                continue
+            if not stop.is_set():
+                log.info("now serving team %s with %d slots", team, prefetch)
+        return not stop.is_set()
 
     async def _serve_team(self, team: str, current: _TeamConsumer | None, prefetch: int) -> None:
         """Consume ``team``'s queue with ``prefetch`` slots, on its connection."""

@@ -1,0 +1,66 @@
+"""A broker slower than ``TEAM_SERVE_WAIT`` at a team's queue declare, as a worker starts.
+
+A full run's fixture once met it on a loaded machine: the declare took over 2 s, the worker
+left the team to its next refresh and said it was ready, and the team's first request was
+answered 503 (no queue). Now the team is tried again a second later, whatever
+``teams_refresh`` is, and the worker is ready once it is served. Alpha is added the default
+way (its own broker user) or identified by API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from admin.teams import Credentials
+from producer import GatewayClient
+from queuegate.settings import Settings
+from queuegate.topology import Topology
+from tests.proxy import TcpProxy
+from tests.support import logged, running_gateway
+from tests.test_control import alpha_app
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_team_whose_queue_declare_is_slow_is_served_before_the_worker_is_ready(
+    settings: Settings,
+    teams: dict[str, Credentials],
+    identity: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "workers.worker")
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        TcpProxy(settings.amqp_url) as broker,
+    ):
+        # Given a broker that stops answering as the worker declares alpha's jobs queue,
+        # until the worker has given up on it (TEAM_SERVE_WAIT), and a refresh far away
+        broker.hang_at(Topology.of(settings).team_queue("alpha").encode())
+        components = settings.model_copy(update={"amqp_url": broker.url, "teams_refresh": 600.0})
+        with logged("workers.worker", "team alpha not served for now") as left_out:
+            answered_again = asyncio.create_task(_answer_again(broker, left_out))
+            # When the worker starts
+            async with (
+                running_gateway(settings, teams=("alpha", "beta"), components=components) as gw,
+                GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha,
+            ):
+                # Expect it ready only once alpha is served: tried again a second later
+                # (TEAM_RETRY), within the fixture's wait, not at the refresh (the line it
+                # says it is ready with names the teams it serves then)
+                await answered_again
+                said = [r.getMessage() for r in caplog.records]
+                ready = [line for line in said if line.startswith("worker test-worker serving")]
+                assert ready == ["worker test-worker serving alpha, beta"]
+                assert "alpha" in gw.worker.teams
+                assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+
+
+async def _answer_again(broker: TcpProxy, left_out: asyncio.Event) -> None:
+    """Let the broker answer once the worker left alpha out."""
+    await broker.hung.wait()
+    await left_out.wait()
+    await broker.up()
