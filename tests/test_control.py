@@ -17,7 +17,15 @@ import pytest
 import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
 
-from admin.teams import Credentials, create_broker_user, set_security, with_user
+from admin.teams import (
+    Credentials,
+    create_broker_user,
+    disable,
+    in_force,
+    register,
+    set_security,
+    with_user,
+)
 from producer import GatewayClient
 from queuegate.control import (
     DIRECT_REPLY_TO,
@@ -594,3 +602,37 @@ async def test_a_teams_waiting_requests_that_close_its_connection_stop_no_worker
 
 POISONED = 8
 """Requests waiting: enough that alpha's connection is closed while the worker starts."""
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["every_team", "named_team"])
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_disabled_teams_app_is_told_so_at_once_and_served_once_it_is_enabled(
+    settings: Settings, teams: dict[str, Credentials], identity: str, named: bool
+) -> None:
+    # (a worker of every enabled team, or one told to serve alpha by name: answered as
+    # alpha's before, though disabled)
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        running_gateway(settings, teams=("alpha", "beta") if named else ()),
+    ):
+        # Given an operator disabled alpha, every live worker confirming it
+        change = await disable(settings, "alpha")
+        assert change is not None
+        assert (await in_force(settings, change, 5)).pending == []
+        # When alpha's app starts (asking the gateway for its reply queue), expect it refused
+        # in one line that says what to do, well before its wait for an answer (30 s) ends
+        with pytest.raises(ControlRefused) as refused:
+            async with (
+                asyncio.timeout(10),
+                GatewayClient(app.settings, team="alpha", api_key=app.api_key),
+            ):
+                pass
+        assert str(refused.value) == (
+            "team alpha is disabled: ask an operator to enable it again (queuegate teams add alpha)"
+        )
+        # ... and served again once an operator enables it
+        again = await register(settings, "alpha")
+        assert again.enabled_again and again.change is not None
+        assert (await in_force(settings, again.change, 5)).pending == []
+        async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha:
+            assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"

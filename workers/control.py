@@ -45,7 +45,14 @@ from queuegate.control import (
     ControlResponse,
     OpenReplyQueue,
 )
-from queuegate.errors import BatchError, ConfigError, GatewayError, JobError, ServiceUnavailable
+from queuegate.errors import (
+    BatchError,
+    ConfigError,
+    GatewayError,
+    JobError,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from queuegate.keys import Keys
 from queuegate.redis_client import lua_source, text
 from queuegate.settings import Settings
@@ -104,6 +111,7 @@ class ControlPlane:
         self._topology = Topology.of(settings)
         self._channel: AbstractRobustChannel | None = None
         self._served: dict[str, Consumer] = {}
+        self._disabled: frozenset[str] = frozenset()
         self._dropped_logged: dict[str, float] = {}
         self._reply_slot: AsyncScript = redis.register_script(lua_source("workers", "reply_slot"))
         self._reply_reclaim: AsyncScript = redis.register_script(
@@ -122,11 +130,16 @@ class ControlPlane:
         await channel.queue_delete(self._topology.shared_control_queue)
         channel.reopen_callbacks.add(self._on_reopen)
 
-    async def serve(self, teams: Iterable[str], *, only: bool = True) -> None:
+    async def serve(
+        self, teams: Iterable[str], *, only: bool = True, disabled: Iterable[str] = ()
+    ) -> None:
         """Consume the control queues of ``teams`` (declared first); ``only``: stop
-        consuming those of other teams."""
+        consuming those of other teams. Those of the ``disabled`` teams too, each request
+        refused saying so: left unconsumed, their apps waited 30 s to be told that no
+        gateway answered, and to check that workers run."""
         channel = self._require_channel()
-        wanted = set(teams)
+        self._disabled = frozenset(disabled)
+        wanted = set(teams) | self._disabled
         for team in sorted(wanted - set(self._served)):
             await self._topology.declare_control_queue(channel, team)
             self._served[team] = await self._consume(channel, team)
@@ -206,6 +219,12 @@ class ControlPlane:
             await self._identities.prove(
                 message, team, message.message_id or "", check_reply_to=False
             )
+            if team in self._disabled:
+                # Once proven: only the team's own credentials learn it.
+                raise Unauthorized(
+                    f"team {team} is disabled: ask an operator to enable it again "
+                    f"(queuegate teams add {team})"
+                )
             request = ControlRequest.model_validate_json(message.body).request
             return ControlResponse(ok=True, result=await self._do(team, request))
         except ValidationError as exc:

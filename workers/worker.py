@@ -330,7 +330,9 @@ class Worker:
         # Every registered team's, not only those whose jobs this worker takes: an app asks
         # for its reply queue before it sends a job, whichever workers run.
         await self._control.serve(
-            [*(self._fixed_teams or ()), *(registry or ())], only=registry is not None
+            [*(self._fixed_teams or ()), *(registry or ())],
+            only=registry is not None,
+            disabled=self._disabled,
         )
         wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
