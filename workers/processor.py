@@ -426,6 +426,11 @@ class JobProcessor:
             )
             if late.usage.job_id != stored.usage.job_id:  # a late row of its own
                 await self._claims.spent_late(late.usage)
+            # The job has one entry in its budget ledger, which this delivery's settle (with
+            # the store) made its own calls' alone: the first's held until accounting's next
+            # reconciliation (30 s), jobs admitted meanwhile as if it were not spent.
+            both = stored.usage.cost_usd + (late.usage.cost_usd if late is not stored else 0)
+            await self._admission.charge(claim.job.team, claim.job.model, claim.job.job_id, both)
             return self._finished(late, reply_to, error, lapsing)
         return self._finished(outcome, reply_to, error, lapsing, dumped)
 
