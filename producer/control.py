@@ -35,6 +35,9 @@ from queuegate.signing import ApiKey, sign_job
 
 CONTROL_TIMEOUT = 30.0
 """Seconds a control request waits for its answer (also its time to live in the queue)."""
+SEND_AGAIN = 3.0
+"""Seconds after which an unanswered request that may run twice is sent again (a worker
+answers one in 1-20 ms here; a stalled worker holds the ones it took)."""
 
 
 class ControlClient:
@@ -108,7 +111,7 @@ class ControlClient:
         try:
             response = await when_connected(
                 self._channel,
-                lambda: self._round_trip(body),
+                lambda: self._round_trip(body, again=_may_run_twice(request)),
                 within=self._reconnect_wait,
                 what=f"asking the gateway ({request.op})",
                 nacks_within=self._nacks_within,
@@ -127,13 +130,44 @@ class ControlClient:
             raise ControlRefused(response.error or "the gateway refused the request")
         return response.result
 
-    async def _round_trip(self, body: bytes) -> ControlResponse:
+    async def _round_trip(self, body: bytes, *, again: bool) -> ControlResponse:
+        """Send the request and wait for its answer; ``again``: a request that may run twice
+        (opening or closing a reply queue) is sent again every ``SEND_AGAIN`` seconds while
+        unanswered, any copy's answer taken. A worker that stalls (stopped, its loop hung)
+        holds the requests it took until it resumes: the team's app starting waited out the
+        whole timeout, though the other workers were serving."""
         if self._channel.is_closed:
             # As publish does: when_connected waits for the channel to come back.
             raise ChannelInvalidStateError(f"{self._channel} is closed")
         await self._consume()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        sent: list[str] = []
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise ServiceUnavailable(
+                        f"no gateway answered within {self._timeout:.0f} s: check that "
+                        "workers run (queuegate status)"
+                    )
+                sent.append(await self._send(body, left))
+                futures = [self._pending[request_id] for request_id in sent]
+                wait = min(SEND_AGAIN, left) if again else left
+                done, _ = await asyncio.wait(
+                    futures, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    return done.pop().result()
+        finally:
+            for request_id in sent:
+                self._pending.pop(request_id, None)
+
+    async def _send(self, body: bytes, ttl: float) -> str:
+        """Publish one copy of the request, living ``ttl`` seconds in the queue; its id, under
+        which its answer's future waits in ``_pending``."""
         request_id = uuid.uuid4().hex
-        future = self._pending[request_id] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = asyncio.get_running_loop().create_future()
         message = json_message(
             body,
             message_type=MESSAGE_TYPE_CONTROL,
@@ -142,7 +176,7 @@ class ControlClient:
             reply_to=DIRECT_REPLY_TO,
             user_id=self._user_id,
             # Not served after its client stopped waiting for it.
-            expiration_ms=int(self._timeout * 1000),
+            expiration_ms=max(1, int(ttl * 1000)),
             headers=(
                 {}
                 if self._api_key is None
@@ -151,36 +185,25 @@ class ControlClient:
             persistent=False,
         )
         try:
-            try:
-                await publish(
-                    self._channel,
-                    message,
-                    exchange=self._exchange,
-                    routing_key=self.team + CONTROL_KEY_SUFFIX,
-                )
-            except aiormq.exceptions.ChannelAccessRefused as exc:
-                raise ControlRefused(
-                    f"the broker refused a request for team {self.team!r}: these credentials "
-                    f"are not {self.team!r}'s (or hold an earlier version's permissions, which "
-                    f"queuegate teams add {self.team} moves over); check the team name and "
-                    "QUEUEGATE_AMQP_URL"
-                ) from exc
-            except aiormq.exceptions.PublishError as exc:
-                raise ServiceUnavailable(
-                    f"no control queue for team {self.team!r} in this namespace: add the "
-                    f"team (queuegate teams add {self.team}) or start a worker, and try again"
-                ) from exc
-            try:
-                async with asyncio.timeout(self._timeout):
-                    response: ControlResponse = await future
-                    return response
-            except TimeoutError as exc:
-                raise ServiceUnavailable(
-                    f"no gateway answered within {self._timeout:.0f} s: check that workers "
-                    "run (queuegate status)"
-                ) from exc
-        finally:
-            self._pending.pop(request_id, None)
+            await publish(
+                self._channel,
+                message,
+                exchange=self._exchange,
+                routing_key=self.team + CONTROL_KEY_SUFFIX,
+            )
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise ControlRefused(
+                f"the broker refused a request for team {self.team!r}: these credentials "
+                f"are not {self.team!r}'s (or hold an earlier version's permissions, which "
+                f"queuegate teams add {self.team} moves over); check the team name and "
+                "QUEUEGATE_AMQP_URL"
+            ) from exc
+        except aiormq.exceptions.PublishError as exc:
+            raise ServiceUnavailable(
+                f"no control queue for team {self.team!r} in this namespace: add the "
+                f"team (queuegate teams add {self.team}) or start a worker, and try again"
+            ) from exc
+        return request_id
 
     async def open_reply_queue(self, name: str, *, durable: bool) -> str:
         """Have the gateway declare one of the team's reply queues; its full name."""
@@ -195,6 +218,16 @@ class ControlClient:
     async def batch(self, call: BatchCallName, batch: str = "", **args: Any) -> Any:
         """One step on one of the team's batches (see workers/control.py)."""
         return await self.call(BatchCall(call=call, batch=batch, args=args))
+
+
+def _may_run_twice(request: OpenReplyQueue | CloseReplyQueue | BatchCall) -> bool:
+    """Whether a copy of ``request`` run late (by a stalled worker, once another answered)
+    does no harm: opening a queue again, or deleting a client's own reply queue, whose name
+    no one takes again. Not deleting a named results queue, which a pipeline may have opened
+    again meanwhile (its unread results would go), nor a batch step."""
+    if isinstance(request, OpenReplyQueue):
+        return True
+    return isinstance(request, CloseReplyQueue) and not request.durable
 
 
 __all__ = ["ControlClient"]

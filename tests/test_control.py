@@ -636,3 +636,39 @@ async def test_a_disabled_teams_app_is_told_so_at_once_and_served_once_it_is_ena
         assert (await in_force(settings, again.change, 5)).pending == []
         async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha:
             assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_an_app_starting_while_a_worker_holds_its_request_is_answered_by_another(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    async with alpha_app(settings, teams, identity) as app:
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            # Given a stalled consumer of alpha's control requests (a worker stopped, its
+            # loop hung), the only one when alpha's app asks for its reply queue
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=1)
+            queue = await channel.get_queue(
+                Topology.of(settings).control_queue("alpha"), ensure=False
+            )
+            held: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+            await queue.consume(held.put)
+            starting = asyncio.create_task(
+                GatewayClient(app.settings, team="alpha", api_key=app.api_key).__aenter__()
+            )
+            stalled = await held.get()
+            # When a worker serving alpha starts beside it
+            async with running_gateway(settings, teams=("alpha", "beta")):
+                # Expect the app answered by it (the request sent again), long before its
+                # wait for an answer (30 s) ends, and served
+                async with asyncio.timeout(10):
+                    alpha = await starting
+                try:
+                    assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+                finally:
+                    await alpha.__aexit__(None, None, None)
+                # ... the held request, run late once the consumer resumes, doing no harm
+                await stalled.nack(requeue=True)
+                async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as again:
+                    assert (await again.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
