@@ -434,13 +434,16 @@ class JobProcessor:
             return self._finished(late, reply_to, error, lapsing)
         return self._finished(outcome, reply_to, error, lapsing, dumped)
 
-    async def _billed(self, claim: Claim, outcome: Outcome) -> Outcome:
+    async def _billed(self, claim: Claim, outcome: Outcome, *, swept: bool = False) -> Outcome:
         """The outcome of a job whose claim this delivery (or sweep) holds, with the calls
         its lapsed owners made on its usage row and in its result, and charged to its
-        budget ledger."""
+        budget ledger. ``swept``: ended by no call of its own, its lost calls billed at
+        their estimates while they may still be running (``Admission.charge``)."""
         if not claim.charged:
             job = claim.job
-            await self._admission.charge(job.team, job.model, job.job_id, claim.owed_usd)
+            await self._admission.charge(
+                job.team, job.model, job.job_id, claim.owed_usd, running=swept
+            )
         return claim.account(outcome)
 
     async def sweep(self) -> None:
@@ -512,7 +515,9 @@ class JobProcessor:
         # Naming the request it answers, as a delivery's stamped outcome does: a delivery
         # still to come is answered from it, and a client drops a result naming another.
         result = outcome.result.model_copy(update={"request": claim.fingerprint})
-        outcome = await self._billed(claim, outcome.model_copy(update={"result": result}))
+        outcome = await self._billed(
+            claim, outcome.model_copy(update={"result": result}), swept=True
+        )
         await self._announce(Announcement.of(outcome, job.reply_to if answered else None))
         await claim.finish(outcome, accounted=True)
 

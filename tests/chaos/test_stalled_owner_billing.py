@@ -4,7 +4,7 @@ the stopped call as lost at its estimate, bills that call's real cost once it re
 answer read, though the job's deadline passed while it was stopped): its row (``<job
 id>/late/<claim>``) carries the call's tokens and what it cost past the estimate, so the
 job's rows sum to what the provider served, and the budget ledger and the live spend agree
-with them."""
+with them, the ledger keeping the stopped call's excess until then."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
     await register(settings, "alpha", TeamConfig(budget_usd=Decimal(5)))
     await register(settings, "beta", TeamConfig())
     await declare_teams(settings, ("alpha", "beta"))
-    quick = settings.model_copy(update={"spend_reconcile_interval": 0.2})
+    # No reconciliation in the test's time, which would drop the swept job's entry
+    unreconciled = settings.model_copy(update={"spend_reconcile_interval": 3600.0})
     pool = await create_pool(settings)
     workers = []
     try:
@@ -116,7 +117,7 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
             workers.append(stalled := await start_worker(env, ("alpha",)))
             await consumers(settings, ["alpha"], 1)
             async with (
-                running_accountant(quick),
+                running_accountant(unreconciled),
                 GatewayClient(settings, team="alpha") as client,
             ):
                 # When a job without max_tokens, due in 4 s, is called and its worker stopped
@@ -138,11 +139,15 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
                         keys.result("alpha", job.job_id)
                     ):
                         await asyncio.sleep(0.05)
+                ledger = keys.spend("alpha", current_month())
+                excess = f"x:{job.job_id}"
+                kept = await redis_client.hget(ledger, excess)
                 stalled.send_signal(signal.SIGCONT)
                 rows, distinct = await usage_rows(pool, 2, timeout=30)
                 billed, single = await _alone_and_reconciled(
                     client, settings, redis_client, pool, job
                 )
+                settled = await redis_client.hmget(ledger, excess, "excess")
     finally:
         await _resumed_and_stopped(workers)
         await pool.close()
@@ -159,6 +164,11 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
     assert [a["error"] for a in stopped["attempt_log"]] == [None]
     assert stopped["output_tokens"] == single["output_tokens"]
     assert sweep["cost_usd"] + stopped["cost_usd"] == single["cost_usd"]
+    # ... the budget ledger keeping the stopped call's excess (what it may cost past the
+    # sweep's estimate) while its worker was stopped, so that the jobs beside it near the
+    # edge waited for it as for a running one, until the worker settled what it cost
+    assert kept is not None and int(kept) > 0
+    assert settled == [None, b"0"]
 
 
 async def _alone_and_reconciled(

@@ -397,9 +397,13 @@ class Budgets:
             )
         return dropped
 
-    def settle_call(self, reservation: Reservation, actual_nano: int) -> Call:
+    def settle_call(
+        self, reservation: Reservation, actual_nano: int, *, running: bool = False
+    ) -> Call:
         """The script call that replaces the reserved estimate with what the job really cost,
-        to run with the job's other settles (its reply then goes to ``settled``)."""
+        to run with the job's other settles (its reply then goes to ``settled``). ``running``:
+        ``actual_nano`` bills calls as lost that may still be running, whose excess the entry
+        keeps (spend.lua's "lost")."""
         if actual_nano > 0:
             self.remember(
                 reservation.team,
@@ -409,7 +413,7 @@ class Budgets:
                 actual_nano,
             )
         return self._call(
-            "settle",
+            "lost" if running else "settle",
             reservation,
             actual_nano,
             threshold=0,
@@ -418,19 +422,26 @@ class Budgets:
         )
 
     def charge_call(
-        self, team: str, model: str, config: TeamConfig, nano: int, job_id: str
+        self,
+        team: str,
+        model: str,
+        config: TeamConfig,
+        nano: int,
+        job_id: str,
+        *,
+        running: bool = False,
     ) -> Call | None:
         """A settle of job ``job_id``'s entry to ``nano`` without a reservation of this
         delivery's (a refused job whose lapsed owners made calls): it replaces what they
         reserved; once that entry has lapsed, the job's usage row brings ``nano`` in at
-        reconciliation. None when the team has no budget."""
+        reconciliation. None when the team has no budget. ``running``: as ``settle_call``'s."""
         scoped = self._scope(team, model, config)
         if scoped is None:
             return None
         # No generation known: only an entry of the ledger as it is now is replaced.
         generations = ["" for _ in scoped.scopes]
         reservation = Reservation(scoped.keys, team, scoped.month, job_id, nano, generations, model)
-        return self.settle_call(reservation, nano)
+        return self.settle_call(reservation, nano, running=running)
 
     def settled(self, reservation: Reservation, reply: list[int]) -> None:
         _alert(reservation.team, reservation.month, reply)
@@ -446,8 +457,8 @@ class Budgets:
         limits: list[int],
         room: int = 0,
     ) -> Call:
-        """spend.lua's call on ``entry``'s ledgers: ``mode`` ("reserve" or "settle") ``nano``
-        for its job, whose entry lapses ``entry_ms`` later, refused past each scope's limit
+        """spend.lua's call on ``entry``'s ledgers: ``mode`` ("reserve", "settle" or "lost")
+        ``nano`` for its job, whose entry lapses ``entry_ms`` later, refused past each scope's limit
         (0: none), alerted once past ``threshold`` (0: never). ``room``: a reserve's job's
         cost at its worst output (no more than ``nano``: none)."""
         team, month = entry.team, entry.month

@@ -855,19 +855,31 @@ class Admission:
             until,
         )
 
-    async def charge(self, team: str, model: str, job_id: str, lost: Decimal | None) -> None:
+    async def charge(
+        self, team: str, model: str, job_id: str, lost: Decimal | None, *, running: bool = False
+    ) -> None:
         """Charge ``lost`` to the budget entry of ``team``'s job ``job_id`` asking for
         ``model`` (what its lapsed owners reserved; 0 removes it), for a job refused before
         its own reservation, or swept: the ledger holds what its usage row does (as for one
         held back before it waits: ``_reserve``). None: no lapsed owner, so no entry to
-        replace."""
+        replace. ``running``: its lost calls may still be running (a swept job's owner may
+        only have stalled), and the entry keeps their excess (``Budgets.settle_call``)."""
         if lost is not None:
-            await self._charge(team, model, self.config(team), to_nano(lost), job_id)
+            await self._charge(
+                team, model, self.config(team), to_nano(lost), job_id, running=running
+            )
 
     async def _charge(
-        self, team: str, model: str, config: TeamConfig, nano: int, job_id: str
+        self,
+        team: str,
+        model: str,
+        config: TeamConfig,
+        nano: int,
+        job_id: str,
+        *,
+        running: bool = False,
     ) -> None:
-        call = self._budgets.charge_call(team, model, config, nano, job_id)
+        call = self._budgets.charge_call(team, model, config, nano, job_id, running=running)
         if call is not None:
             await self.settle(Settlement([call], lambda _: None))
 

@@ -39,7 +39,12 @@
 -- KEYS[2]        the alerts stream
 -- KEYS[1+2i]     scope i's ledger: the team's, then optionally the model's
 -- KEYS[2+2i]     scope i's expiry set
--- ARGV[1]        "reserve" (all scopes or none, refused past a limit) or "settle"
+-- ARGV[1]        "reserve" (all scopes or none, refused past a limit), "settle", or "lost": a
+--                settle of calls billed as lost at their estimates that may still be running (an
+--                owner swept past its job's deadline may only have stalled), keeping the
+--                entry's excess until its owner settles what they cost, or accounting
+--                reconciles the job: dropped, jobs were admitted beside a stalled call without
+--                room for its worst, and the provider served twice a small budget
 -- ARGV[2]        amount in nano-USD: the estimate (reserve) or the real cost (settle)
 -- ARGV[3]        ttl of ledgers and marker, seconds (past the month's end)
 -- ARGV[4]        alert threshold in nano-USD on the team ledger; 0 = none
@@ -197,7 +202,8 @@ for i = 1, scopes do
         -- Settled: its entry is spend now, no longer a reservation.
         sums[3], sums[4] = 'reserved', string.format('%d', reserved[i] - mine[i])
       end
-      if mine_over[i] then
+      local keep = mode == 'lost' and amount > 0
+      if mine_over[i] and not keep then
         sums[#sums + 1], sums[#sums + 2] = 'excess', string.format('%d', excess[i] - mine_over[i])
       end
       if amount == 0 then
@@ -206,7 +212,11 @@ for i = 1, scopes do
         redis.call('HDEL', ledger, field, mark, over)
         redis.call('ZREM', expiry, job)
       else
-        if mine[i] or mine_over[i] then
+        if keep then
+          if mine[i] then
+            redis.call('HDEL', ledger, mark)
+          end
+        elseif mine[i] or mine_over[i] then
           redis.call('HDEL', ledger, mark, over)
         end
         redis.call('HSET', ledger, field, ARGV[2], unpack(sums))
