@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from decimal import Decimal
 
 import pytest
 
-from admin.teams import Credentials
+from admin.teams import Credentials, configure, in_force
 from producer import GatewayClient
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -64,3 +65,32 @@ async def _answer_again(broker: TcpProxy, left_out: asyncio.Event) -> None:
     await broker.hung.wait()
     await left_out.wait()
     await broker.up()
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_teams_change_is_confirmed_and_a_stop_ends_while_the_broker_stalls(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    async with (
+        alpha_app(settings, teams, identity),
+        TcpProxy(settings.amqp_url) as broker,
+    ):
+        components = settings.model_copy(update={"amqp_url": broker.url, "shutdown_grace": 2.0})
+        async with running_gateway(settings, teams=("alpha", "beta"), components=components) as gw:
+            # Given a broker that stalls: nothing passes either way, no connection closed
+            # (a network fault; a memory alarm holds the connections that publish)
+            broker.hang()
+            try:
+                # When alpha's rate changes (its consumer renewed: the old one cancelled,
+                # which the broker never answers), then beta's budget
+                changes = [("alpha", {"rpm": 6}), ("beta", {"budget_usd": Decimal(5)})]
+                for team, fields in changes:
+                    change = await configure(settings, team, fields)
+                    # Expect each confirmed by the worker within the command's wait (5 s)
+                    assert (await in_force(settings, change.change, 5)).pending == [], team
+                # ... and the worker's stop to end, the broker still stalled (it waited for
+                # the broker before: 20 s and more in an attack, until the stall ended)
+                async with asyncio.timeout(20):
+                    await gw.stop_worker()
+            finally:
+                await broker.up()

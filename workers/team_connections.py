@@ -26,6 +26,7 @@ and none held (``keep``), and nothing published for ``IDLE`` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class TeamConnections:
         self._lines: dict[str, _Line] = {}
         self._opening: SingleFlight[str, _Line] = SingleFlight()
         """One opening a team: the worker's and its answers' that come together share it."""
+        self._dropping: set[asyncio.Task[None]] = set()
+        """Closes of dropped jobs channels under way (``drop_jobs``): referenced so that none
+        is collected before it is done."""
         self._closed = False
 
     async def jobs(self, team: str) -> AbstractRobustChannel:
@@ -91,14 +95,35 @@ class TeamConnections:
         connection if need be."""
         line = await self._line(team)
         if line.jobs is None:
-            line.jobs = await _channel(line.connection, team)
+            jobs = line.jobs = await _channel(line.connection, team)
 
             async def reopened(channel: AbstractRobustChannel | None, /) -> None:
-                if channel is not None:  # the sender, held weakly: ours holds it
+                # The sender, held weakly: ours holds it. Not one dropped since (drop_jobs).
+                if channel is not None and line.jobs is jobs:
                     await self._on_reopen(team, channel)
 
-            line.jobs.reopen_callbacks.add(reopened)
+            jobs.reopen_callbacks.add(reopened)
         return line.jobs
+
+    def drop_jobs(self, team: str, *, within: float) -> None:
+        """Give up ``team``'s jobs channel, on which no consumer of the worker's is left, for
+        the next ``jobs`` to open another: a step on it cut off by the worker's bound has
+        aiormq close it, and its restore, itself waiting on a stalled connection, could leave
+        it closed for good (the team was not served again). Closed meanwhile, within
+        ``within``: not waited for, as the broker may not answer."""
+        line = self._lines.get(team)
+        if line is None or line.jobs is None:
+            return
+        jobs, line.jobs = line.jobs, None
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(within):
+                    await jobs.close()
+
+        task = asyncio.create_task(close())
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
 
     async def replies(self, team: str) -> AbstractRobustChannel:
         """The channel results and deltas of ``team``'s jobs are published on (publisher
@@ -171,6 +196,7 @@ class TeamConnections:
         One still opening closes itself once open."""
         self._closed = True
         lines, self._lines = list(self._lines.values()), {}
+        await asyncio.gather(*self._dropping)
         await asyncio.gather(*(line.connection.close() for line in lines))
 
 

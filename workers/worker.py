@@ -405,15 +405,29 @@ class Worker:
         # as usual, and count on top of the new slots until then.
         if current is not None:
             del self._consumers[team]
-            await current.consumer.cancel()
-        # Only the robust channel's steps are time-boxed: they wait for its connection to be
-        # back and the channel restored. A consume or cancel is on the underlying channel,
-        # which fails at once when its connection is down, and one cut off between its
-        # sending and the broker's answer would leave a consumer untracked (never cancelled
-        # at a disable or a stop).
-        async with asyncio.timeout(TEAM_SERVE_WAIT):
-            channel = await self._team_connections.jobs(team)
-            queue = await self._topology.declare_team_queue(channel, team)
+            try:
+                # Bounded: on a connection that stalls (bytes held, not closed) the broker's
+                # answer never came, and every `teams set` after waited with this pass, and a
+                # stop with it. Kept meanwhile, and cancelled again when tried again (the
+                # broker answers a cancel of a consumer it no longer has as done).
+                async with asyncio.timeout(TEAM_SERVE_WAIT):
+                    await current.consumer.cancel()
+            except TimeoutError:
+                self._consumers.setdefault(team, current)
+                raise
+        # The robust channel's steps are time-boxed: they wait for its connection to be back
+        # and the channel restored. Not the consume: it is on the underlying channel, which
+        # fails at once when its connection is down, and one cut off between its sending and
+        # the broker's answer would leave a consumer untracked (never cancelled at a disable
+        # or a stop).
+        try:
+            async with asyncio.timeout(TEAM_SERVE_WAIT):
+                channel = await self._team_connections.jobs(team)
+                queue = await self._topology.declare_team_queue(channel, team)
+        except TimeoutError:
+            # Tried again on a channel of its own: this one may be left closed for good.
+            self._team_connections.drop_jobs(team, within=TEAM_SERVE_WAIT)
+            raise
         self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
 
     async def _consume(
@@ -523,8 +537,11 @@ class Worker:
         self._draining = True
         # First: a job sent back to its queue below must not be delivered here again.
         for served in self._consumers.values():
+            # Bounded as in _serve_team: a stalled connection held the stop. Its connection
+            # closes with the worker's, its consumer with it.
             with contextlib.suppress(Exception):
-                await served.consumer.cancel()
+                async with asyncio.timeout(TEAM_SERVE_WAIT):
+                    await served.consumer.cancel()
         self._consumers.clear()
         # Waiting for admission: back to the queue at once, uncalled, for another worker.
         # Before the withdraw, with no wait between: once a `teams set` can see the worker
