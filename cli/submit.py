@@ -57,7 +57,7 @@ def submit(
 
     from admin.teams import with_user
     from producer import GatewayClient
-    from queuegate.errors import ControlRefused, ResultTimeout, ServiceUnavailable
+    from queuegate.errors import ControlRefused, ResultTimeout, ServiceUnavailable, TeamDisabled
     from queuegate.signing import PASS_API_KEY
     from queuegate.tenancy import broker_user
 
@@ -94,7 +94,7 @@ def submit(
     try:
         result = run(go)
     except ControlRefused as exc:  # the gateway would not open a reply queue for this user
-        hint = "" if password or api_key else as_team
+        hint = "" if password or api_key or isinstance(exc, TeamDisabled) else as_team
         err.print(f"[red]unauthorized:[/] {escape(visible(str(exc)))}{hint}", highlight=False)
         raise typer.Exit(1) from exc
     except (ServiceUnavailable, ResultTimeout, TimeoutError) as exc:

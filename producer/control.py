@@ -23,6 +23,7 @@ from queuegate.control import (
     CONTROL_KEY_SUFFIX,
     DIRECT_REPLY_TO,
     MESSAGE_TYPE_CONTROL,
+    TEAM_DISABLED,
     BatchCall,
     BatchCallName,
     CloseReplyQueue,
@@ -30,7 +31,7 @@ from queuegate.control import (
     ControlResponse,
     OpenReplyQueue,
 )
-from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable
+from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable, TeamDisabled
 from queuegate.signing import ApiKey, sign_job
 
 CONTROL_TIMEOUT = 30.0
@@ -127,6 +128,8 @@ class ControlClient:
                 raise ServiceUnavailable(response.error or "the gateway is unavailable")
             if response.code == BATCH_ERROR:
                 raise BatchError(response.error or "the gateway refused the batch step")
+            if response.code == TEAM_DISABLED:
+                raise TeamDisabled(response.error or f"team {self.team} is disabled")
             raise ControlRefused(response.error or "the gateway refused the request")
         return response.result
 

@@ -35,6 +35,8 @@ CONTROL_KEY_SUFFIX = ".control"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 BATCH_ERROR = "batch_error"
 """The ``code`` of an answer refusing a batch step (raised as BatchError to the client)."""
+TEAM_DISABLED = "team_disabled"
+"""The ``code`` of an answer to a disabled team's request (raised as TeamDisabled)."""
 
 QUEUE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 """A reply queue's own part of its name: no dot, so it stays inside the team's pattern."""

@@ -245,6 +245,10 @@ class ControlRefused(ClientError):
     """The gateway refused a control request (a limit, a permission); the message says why."""
 
 
+class TeamDisabled(ControlRefused):
+    """The team is disabled: an operator enables it again (``queuegate teams add``)."""
+
+
 class BatchError(ClientError):
     """A batch cannot be submitted, collected or canceled; the message says what to do."""
 

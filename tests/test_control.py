@@ -34,7 +34,7 @@ from queuegate.control import (
     ControlResponse,
     OpenReplyQueue,
 )
-from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable
+from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable, TeamDisabled
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
@@ -621,7 +621,7 @@ async def test_a_disabled_teams_app_is_told_so_at_once_and_served_once_it_is_ena
         assert (await in_force(settings, change, 5)).pending == []
         # When alpha's app starts (asking the gateway for its reply queue), expect it refused
         # in one line that says what to do, well before its wait for an answer (30 s) ends
-        with pytest.raises(ControlRefused) as refused:
+        with pytest.raises(TeamDisabled) as refused:
             async with (
                 asyncio.timeout(10),
                 GatewayClient(app.settings, team="alpha", api_key=app.api_key),

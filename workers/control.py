@@ -36,6 +36,7 @@ from queuegate.control import (
     BATCH_ERROR,
     DIRECT_REPLY_TO,
     MESSAGE_TYPE_CONTROL_REPLY,
+    TEAM_DISABLED,
     BatchCall,
     BatchLockRole,
     BatchMeta,
@@ -51,7 +52,6 @@ from queuegate.errors import (
     GatewayError,
     JobError,
     ServiceUnavailable,
-    Unauthorized,
 )
 from queuegate.keys import Keys
 from queuegate.redis_client import lua_source, text
@@ -220,10 +220,13 @@ class ControlPlane:
                 message, team, message.message_id or "", check_reply_to=False
             )
             if team in self._disabled:
-                # Once proven: only the team's own credentials learn it.
-                raise Unauthorized(
+                # Once proven: only the team's own credentials learn it. Not logged: the
+                # operator knows, and a disabled team's app retrying wrote thousands of lines
+                # a minute.
+                return _error(
+                    TEAM_DISABLED,
                     f"team {team} is disabled: ask an operator to enable it again "
-                    f"(queuegate teams add {team})"
+                    f"(queuegate teams add {team})",
                 )
             request = ControlRequest.model_validate_json(message.body).request
             return ControlResponse(ok=True, result=await self._do(team, request))
