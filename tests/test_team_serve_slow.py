@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import pytest
 
-from admin.teams import Credentials, configure, in_force
+from admin.teams import Credentials, configure, disable, in_force
 from producer import GatewayClient
 from queuegate.settings import Settings
 from queuegate.topology import Topology
@@ -88,6 +88,10 @@ async def test_a_teams_change_is_confirmed_and_a_stop_ends_while_the_broker_stal
                     change = await configure(settings, team, fields)
                     # Expect each confirmed by the worker within the command's wait (5 s)
                     assert (await in_force(settings, change.change, 5)).pending == [], team
+                # ... and beta's disable too (its consumer's cancel unanswered as well)
+                disabled = await disable(settings, "beta")
+                assert disabled is not None
+                assert (await in_force(settings, disabled, 5)).pending == []
                 # ... and the worker's stop to end, the broker still stalled (it waited for
                 # the broker before: 20 s and more in an attack, until the stall ended)
                 async with asyncio.timeout(20):

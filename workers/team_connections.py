@@ -105,12 +105,13 @@ class TeamConnections:
             jobs.reopen_callbacks.add(reopened)
         return line.jobs
 
-    def drop_jobs(self, team: str, *, within: float) -> None:
-        """Give up ``team``'s jobs channel, on which no consumer of the worker's is left, for
-        the next ``jobs`` to open another: a step on it cut off by the worker's bound has
-        aiormq close it, and its restore, itself waiting on a stalled connection, could leave
-        it closed for good (the team was not served again). Closed meanwhile, within
-        ``within``: not waited for, as the broker may not answer."""
+    def drop_jobs(self, team: str) -> None:
+        """Give up ``team``'s jobs channel, on which the worker tracks no consumer, for the
+        next ``jobs`` to open another: a step on it cut off by the worker's bound has aiormq
+        close it, and its restore, itself waiting on a stalled connection, could leave it
+        closed for good (the team was not served again); a consumer whose cancel was cut off
+        so goes with it. Closed in the background: the broker may not answer for a while
+        (``close`` ends it with the connection)."""
         line = self._lines.get(team)
         if line is None or line.jobs is None:
             return
@@ -118,8 +119,7 @@ class TeamConnections:
 
         async def close() -> None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(within):
-                    await jobs.close()
+                await jobs.close()
 
         task = asyncio.create_task(close())
         self._dropping.add(task)
@@ -196,7 +196,8 @@ class TeamConnections:
         One still opening closes itself once open."""
         self._closed = True
         lines, self._lines = list(self._lines.values()), {}
-        await asyncio.gather(*self._dropping)
+        for task in list(self._dropping):
+            task.cancel()
         await asyncio.gather(*(line.connection.close() for line in lines))
 
 

@@ -347,9 +347,16 @@ class Worker:
         if not await self._serve_each([team for team in wanted if team not in again], stop):
             return
         for team in set(self._consumers) - set(wanted):
-            with contextlib.suppress(*TEAM_CONNECTION_DOWN):
-                # Its connection down, the broker has dropped the consumer already.
-                await self._consumers.pop(team).consumer.cancel()
+            served = self._consumers.pop(team)
+            try:
+                async with asyncio.timeout(TEAM_SERVE_WAIT):  # as in _serve_team
+                    await served.consumer.cancel()
+            except TEAM_CONNECTION_DOWN:
+                pass  # its connection down, the broker has dropped the consumer already
+            except TimeoutError:
+                # Its connection stalled: the consumer goes with its channel, once the
+                # broker hears of it (its deliveries meanwhile go back: TeamStopped).
+                self._team_connections.drop_jobs(team)
             # Only once its consumer is gone: a held job sent back now is not delivered
             # here again. Its connection stays until the jobs it holds are settled on it
             # (closed by a sweep: _holding).
@@ -405,28 +412,23 @@ class Worker:
         # as usual, and count on top of the new slots until then.
         if current is not None:
             del self._consumers[team]
-            try:
-                # Bounded: on a connection that stalls (bytes held, not closed) the broker's
-                # answer never came, and every `teams set` after waited with this pass, and a
-                # stop with it. Kept meanwhile, and cancelled again when tried again (the
-                # broker answers a cancel of a consumer it no longer has as done).
-                async with asyncio.timeout(TEAM_SERVE_WAIT):
-                    await current.consumer.cancel()
-            except TimeoutError:
-                self._consumers.setdefault(team, current)
-                raise
-        # The robust channel's steps are time-boxed: they wait for its connection to be back
-        # and the channel restored. Not the consume: it is on the underlying channel, which
-        # fails at once when its connection is down, and one cut off between its sending and
-        # the broker's answer would leave a consumer untracked (never cancelled at a disable
-        # or a stop).
+        # The cancel and the robust channel's steps are time-boxed: the channel's wait for its
+        # connection to be back and restored, and on a connection that stalls (bytes held,
+        # not closed) the broker's answer never came, and every `teams set` after waited with
+        # this pass, and a stop with it. Not the consume: it is on the underlying channel,
+        # which fails at once when its connection is down, and one cut off between its
+        # sending and the broker's answer would leave a consumer untracked (never cancelled
+        # at a disable or a stop).
         try:
             async with asyncio.timeout(TEAM_SERVE_WAIT):
+                if current is not None:
+                    await current.consumer.cancel()
                 channel = await self._team_connections.jobs(team)
                 queue = await self._topology.declare_team_queue(channel, team)
-        except TimeoutError:
-            # Tried again on a channel of its own: this one may be left closed for good.
-            self._team_connections.drop_jobs(team, within=TEAM_SERVE_WAIT)
+        except (*TEAM_CONNECTION_DOWN, TimeoutError):
+            # Tried again on a channel of its own: this one may be left closed for good, and
+            # a consumer whose cancel was cut off goes with it.
+            self._team_connections.drop_jobs(team)
             raise
         self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
 
