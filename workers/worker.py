@@ -538,12 +538,10 @@ class Worker:
         within the grace period, cancel the rest."""
         self._draining = True
         # First: a job sent back to its queue below must not be delivered here again.
-        for served in self._consumers.values():
-            # Bounded as in _serve_team: a stalled connection held the stop. Its connection
-            # closes with the worker's, its consumer with it.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(TEAM_SERVE_WAIT):
-                    await served.consumer.cancel()
+        # Bounded as in _serve_team, and together: a stalled connection held the stop, and one
+        # after another each stalled team would add its bound. Its connection closes with the
+        # worker's, its consumer with it.
+        await asyncio.gather(*(_cancelled(served) for served in self._consumers.values()))
         self._consumers.clear()
         # Waiting for admission: back to the queue at once, uncalled, for another worker.
         # Before the withdraw, with no wait between: once a `teams set` can see the worker
@@ -575,6 +573,13 @@ class Worker:
                     "%d jobs did not finish in time; they go back to the queue", len(pending)
                 )
                 await asyncio.wait(pending)
+
+
+async def _cancelled(served: _TeamConsumer) -> None:
+    """Cancel a team's consumer, giving up after ``TEAM_SERVE_WAIT`` or on any error."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(TEAM_SERVE_WAIT):
+            await served.consumer.cancel()
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
