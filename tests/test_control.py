@@ -27,9 +27,11 @@ from admin.teams import (
     with_user,
 )
 from producer import GatewayClient
+from producer.reply_queues import delete_reply_queue
 from queuegate.control import (
     DIRECT_REPLY_TO,
     BatchCall,
+    CloseReplyQueue,
     ControlRequest,
     ControlResponse,
     OpenReplyQueue,
@@ -358,8 +360,17 @@ async def alpha_app(
 
 
 def control_message(
-    request: OpenReplyQueue | BatchCall, *, team: str, reply_to: str, user: str, key: str | None
+    request: OpenReplyQueue | CloseReplyQueue | BatchCall,
+    *,
+    team: str,
+    reply_to: str,
+    user: str,
+    key: str | None,
+    sent: datetime | None = None,
+    wait_s: int | None = None,
 ) -> aio_pika.Message:
+    """A control request as a client sends it; ``sent`` and ``wait_s``: its timestamp and
+    its time to live (the wait its client had left)."""
     body = ControlRequest(request=request).model_dump_json().encode()
     request_id = uuid.uuid4().hex
     proof = None if key is None else sign_job(key, job_id=request_id, team=team, body=body)
@@ -369,6 +380,8 @@ def control_message(
         correlation_id=request_id,
         reply_to=reply_to,
         user_id=user,
+        timestamp=sent,
+        expiration=None if wait_s is None else wait_s,
         headers=None if proof is None else dict(proof),
     )
 
@@ -672,3 +685,61 @@ async def test_an_app_starting_while_a_worker_holds_its_request_is_answered_by_a
                 await stalled.nack(requeue=True)
                 async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as again:
                     assert (await again.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_request_whose_client_stopped_waiting_is_not_carried_out(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    results = Topology(settings.namespace).results_queue("alpha", "nightly")
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        running_gateway(settings, teams=("alpha", "beta")),
+    ):
+        async with GatewayClient(
+            app.settings, team="alpha", api_key=app.api_key, reply_queue="nightly"
+        ):
+            pass
+        connection = await aio_pika.connect(app.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await (await channel.get_queue(DIRECT_REPLY_TO, ensure=False)).consume(
+                ignore, no_ack=True
+            )
+            exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
+            # When a worker gets alpha's request to delete its named results queue only after
+            # its client stopped waiting (sent 40 s ago, 30 s to live: a worker held it,
+            # stopped, while the client was told no gateway answered)
+            with logged("workers.control", "control requests of team alpha dropped") as dropped:
+                await exchange.publish(
+                    control_message(
+                        CloseReplyQueue(name="nightly", durable=True),
+                        team="alpha",
+                        reply_to=DIRECT_REPLY_TO,
+                        user=app.user,
+                        key=app.signs_with,
+                        sent=datetime.now(UTC) - timedelta(seconds=40),
+                        wait_s=30,
+                    ),
+                    routing_key="alpha.control",
+                )
+                async with asyncio.timeout(10):
+                    await dropped.wait()
+        # Expect it dropped, not carried out: the queue, opened again since, stays
+        assert await exists(settings, results)
+        # ... while a request still waited for is: the queue deleted
+        assert (
+            await delete_reply_queue(app.settings, "nightly", team="alpha", api_key=app.api_key)
+            is not None
+        )
+        assert not await exists(settings, results)
+
+
+async def exists(settings: Settings, queue: str) -> bool:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        try:
+            await (await connection.channel()).declare_queue(queue, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+        return True

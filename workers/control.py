@@ -165,7 +165,9 @@ class ControlPlane:
         was published under)."""
         message = Incoming(delivered)
         reply_to = message.reply_to
-        if reply_to is not None and _is_direct_reply_to(reply_to):
+        if _waited_out(message):
+            self._dropped(team, "their clients stopped waiting (a worker held them)")
+        elif reply_to is not None and _is_direct_reply_to(reply_to):
             response = await self._answer(message, team)
             reply = json_message(
                 response.model_dump_json().encode(),
@@ -186,7 +188,7 @@ class ControlPlane:
                 )
                 return
         else:
-            self._dropped(team, message.reply_to)
+            self._dropped(team, f"reply_to {message.reply_to!r} is not {DIRECT_REPLY_TO}")
         assert delivered.delivery_tag is not None
         await settle(
             delivered.channel.basic_ack(delivered.delivery_tag),
@@ -194,23 +196,24 @@ class ControlPlane:
             log,
         )
 
-    def _dropped(self, team: str, reply_to: str | None) -> None:
-        """Say, once per team and ``DROPPED_LOG_INTERVAL``, that requests were dropped.
+    def _dropped(self, team: str, why: str) -> None:
+        """Say, once per team and ``DROPPED_LOG_INTERVAL``, that requests were dropped,
+        unanswered and not carried out, and ``why``.
 
-        The worker publishes its answer under its own identity, on the default exchange: sent
-        to any other ``reply_to`` it would land in whatever queue a team names (another team's
-        jobs or results, accounting, the dead letters). Unanswered and not carried out.
+        A ``reply_to`` other than direct reply-to: the worker publishes its answer under its
+        own identity, on the default exchange, so sent there it would land in whatever queue
+        a team names (another team's jobs or results, accounting, the dead letters). A
+        request whose client stopped waiting (``_waited_out``): told it failed, the client
+        may have done the step again or undone it since.
         """
         now = time.monotonic()
         if now - self._dropped_logged.get(team, -DROPPED_LOG_INTERVAL) < DROPPED_LOG_INTERVAL:
             return
         self._dropped_logged[team] = now
         log.warning(
-            "control requests of team %s dropped unanswered: reply_to %r is not %s "
-            "(said once per %.0f s)",
+            "control requests of team %s dropped unanswered: %s (said once per %.0f s)",
             team,
-            reply_to,
-            DIRECT_REPLY_TO,
+            why,
             DROPPED_LOG_INTERVAL,
         )
 
@@ -500,6 +503,20 @@ class ControlPlane:
 def _is_direct_reply_to(reply_to: str) -> bool:
     # What the broker hands the consumer is the name with the requester's channel appended.
     return reply_to.startswith(DIRECT_REPLY_TO + ".")
+
+
+def _waited_out(message: Incoming) -> bool:
+    """Whether the request's client has stopped waiting for it: sent (``timestamp``, whole
+    seconds, so up to a second early) more than its time to live (``expiration``, the wait
+    its client had left) ago. The broker drops such a request only while it waits in the
+    queue; one that a worker took and held (stopped, its loop hung) was run when the worker
+    resumed, after its client had been told that no gateway answered: in an attack, batch
+    deletes and named results queues' deletes reported failed ran 45 s later, removing the
+    batches and the queue opened again since, with their paid answers."""
+    ttl = message.expiration  # seconds, as aio-pika decodes it
+    if message.timestamp is None or not isinstance(ttl, int | float):
+        return False
+    return message.timestamp.timestamp() + ttl <= time.time()
 
 
 def _error(code: str, text: str) -> ControlResponse:
