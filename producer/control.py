@@ -21,7 +21,9 @@ from queuegate.broker import json_message, publish, when_connected
 from queuegate.control import (
     BATCH_ERROR,
     CONTROL_KEY_SUFFIX,
+    CONTROL_WAIT,
     DIRECT_REPLY_TO,
+    HEADER_REQUEST,
     MESSAGE_TYPE_CONTROL,
     TEAM_DISABLED,
     BatchCall,
@@ -34,8 +36,6 @@ from queuegate.control import (
 from queuegate.errors import BatchError, ControlRefused, ServiceUnavailable, TeamDisabled
 from queuegate.signing import ApiKey, sign_job
 
-CONTROL_TIMEOUT = 30.0
-"""Seconds a control request waits for its answer (also its time to live in the queue)."""
 SEND_AGAIN = 3.0
 """Seconds after which an unanswered request that may run twice is sent again (a worker
 answers one in 1-20 ms here; a stalled worker holds the ones it took)."""
@@ -60,7 +60,7 @@ class ControlClient:
         api_key: ApiKey | None,
         reconnect_wait: float,
         nacks_within: float = 0.0,
-        timeout: float = CONTROL_TIMEOUT,
+        timeout: float = CONTROL_WAIT,
     ) -> None:
         self._channel = channel
         self._nacks_within = nacks_within
@@ -146,6 +146,8 @@ class ControlClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         sent: list[str] = []
+        # One for all its copies: a worker drops a copy of a request another copy answered.
+        request = uuid.uuid4().hex
         try:
             while True:
                 left = deadline - loop.time()
@@ -154,7 +156,7 @@ class ControlClient:
                         f"no gateway answered within {self._timeout:.0f} s: check that "
                         "workers run (queuegate status)"
                     )
-                sent.append(await self._send(body, left))
+                sent.append(await self._send(body, left, request))
                 futures = [self._pending[request_id] for request_id in sent]
                 wait = min(SEND_AGAIN, left) if again else left
                 done, _ = await asyncio.wait(
@@ -166,9 +168,9 @@ class ControlClient:
             for request_id in sent:
                 self._pending.pop(request_id, None)
 
-    async def _send(self, body: bytes, ttl: float) -> str:
-        """Publish one copy of the request, living ``ttl`` seconds in the queue; its id, under
-        which its answer's future waits in ``_pending``."""
+    async def _send(self, body: bytes, ttl: float, request: str) -> str:
+        """Publish one copy of ``request``, living ``ttl`` seconds in the queue; the copy's
+        id, under which its answer's future waits in ``_pending``."""
         request_id = uuid.uuid4().hex
         self._pending[request_id] = asyncio.get_running_loop().create_future()
         message = json_message(
@@ -180,11 +182,14 @@ class ControlClient:
             user_id=self._user_id,
             # Not served after its client stopped waiting for it.
             expiration_ms=max(1, int(ttl * 1000)),
-            headers=(
-                {}
-                if self._api_key is None
-                else sign_job(self._api_key, job_id=request_id, team=self.team, body=body)
-            ),
+            headers={
+                HEADER_REQUEST: request,
+                **(
+                    {}
+                    if self._api_key is None
+                    else sign_job(self._api_key, job_id=request_id, team=self.team, body=body)
+                ),
+            },
             persistent=False,
         )
         try:

@@ -225,6 +225,11 @@ class Keys:
         """Set when a batch is canceled; workers answer its remaining jobs ``canceled``."""
         return f"{self.prefix}:batch:{team}:{name}:canceled"
 
+    def control_answered(self, team: str, request: str) -> str:
+        """Set once a copy of the team's control request ``request`` is answered (expiring
+        after the client's wait): its other copies are dropped."""
+        return f"{self.prefix}:control-answered:{team}:{request}"
+
     def reply_queues(self, team: str) -> str:
         """The team's reply and results queues (sorted set: name → when it may have expired),
         counted against ``reply_queues_per_team``."""

@@ -6,6 +6,7 @@ Each attack is made as a hostile team would, with the team's own broker credenti
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -653,8 +654,12 @@ async def test_a_disabled_teams_app_is_told_so_at_once_and_served_once_it_is_ena
 
 @pytest.mark.parametrize("identity", ["broker", "api_key"])
 async def test_an_app_starting_while_a_worker_holds_its_request_is_answered_by_another(
-    settings: Settings, teams: dict[str, Credentials], identity: str
+    settings: Settings,
+    teams: dict[str, Credentials],
+    identity: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "workers.control")
     async with alpha_app(settings, teams, identity) as app:
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
@@ -670,7 +675,7 @@ async def test_an_app_starting_while_a_worker_holds_its_request_is_answered_by_a
             starting = asyncio.create_task(
                 GatewayClient(app.settings, team="alpha", api_key=app.api_key).__aenter__()
             )
-            stalled = await held.get()
+            await held.get()
             # When a worker serving alpha starts beside it
             async with running_gateway(settings, teams=("alpha", "beta")):
                 # Expect the app answered by it (the request sent again), long before its
@@ -679,10 +684,17 @@ async def test_an_app_starting_while_a_worker_holds_its_request_is_answered_by_a
                     alpha = await starting
                 try:
                     assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+                    replies = alpha._reply_queue
                 finally:
                     await alpha.__aexit__(None, None, None)
-                # ... the held request, run late once the consumer resumes, doing no harm
-                await stalled.nack(requeue=True)
+                # ... and the held copy, once the consumer holding it is gone and the worker
+                # gets it, dropped: run, it would open the closed app's queue again (taking
+                # one of the team's slots for 5 minutes)
+                with logged("workers.control", "a copy of team alpha's control request") as dropped:
+                    await channel.close()
+                    async with asyncio.timeout(10):
+                        await dropped.wait()
+                assert replies is not None and not await exists(settings, replies)
                 async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as again:
                     assert (await again.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
 

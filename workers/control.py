@@ -17,7 +17,9 @@ team's own keys. See queuegate/control.py for the requests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Protocol, TypeVar, cast
@@ -34,8 +36,11 @@ from redis.exceptions import RedisError
 from queuegate.broker import Consumer, Incoming, consume, json_message, settle
 from queuegate.control import (
     BATCH_ERROR,
+    CONTROL_WAIT,
     DIRECT_REPLY_TO,
+    HEADER_REQUEST,
     MESSAGE_TYPE_CONTROL_REPLY,
+    REQUEST_ID,
     TEAM_DISABLED,
     BatchCall,
     BatchLockRole,
@@ -165,10 +170,22 @@ class ControlPlane:
         was published under)."""
         message = Incoming(delivered)
         reply_to = message.reply_to
+        request = _request_of(message)
         if _waited_out(message):
             self._dropped(team, "their clients stopped waiting (a worker held them)")
+        elif request is not None and await self._answered(team, request):
+            # A copy run late by a worker that held it (stopped) would act after its client
+            # had moved on: an open after its close left a queue taking one of the team's
+            # slots for 5 minutes, 1-4 slots a stall in an attack.
+            log.info(
+                "a copy of team %s's control request %s dropped: another was answered",
+                team,
+                request,
+            )
         elif reply_to is not None and _is_direct_reply_to(reply_to):
             response = await self._answer(message, team)
+            if request is not None:
+                await self._answering(team, request)
             reply = json_message(
                 response.model_dump_json().encode(),
                 message_type=MESSAGE_TYPE_CONTROL_REPLY,
@@ -195,6 +212,21 @@ class ControlPlane:
             "acknowledge a control request",
             log,
         )
+
+    async def _answered(self, team: str, request: str) -> bool:
+        """Whether another copy of ``request`` was answered (best effort: Redis failing, it
+        is answered again, as before copies were sent)."""
+        try:
+            return bool(await self._redis.exists(self._keys.control_answered(team, request)))
+        except RedisError:
+            return False
+
+    async def _answering(self, team: str, request: str) -> None:
+        """Mark ``request`` answered, for as long as its client waits."""
+        with contextlib.suppress(RedisError):
+            await self._redis.set(
+                self._keys.control_answered(team, request), 1, ex=int(CONTROL_WAIT) + 60
+            )
 
     def _dropped(self, team: str, why: str) -> None:
         """Say, once per team and ``DROPPED_LOG_INTERVAL``, that requests were dropped,
@@ -503,6 +535,12 @@ class ControlPlane:
 def _is_direct_reply_to(reply_to: str) -> bool:
     # What the broker hands the consumer is the name with the requester's channel appended.
     return reply_to.startswith(DIRECT_REPLY_TO + ".")
+
+
+def _request_of(message: Incoming) -> str | None:
+    """The request the message is a copy of (``HEADER_REQUEST``), if it names a well-formed one."""
+    request = message.headers.get(HEADER_REQUEST)
+    return request if isinstance(request, str) and re.fullmatch(REQUEST_ID, request) else None
 
 
 def _waited_out(message: Incoming) -> bool:
