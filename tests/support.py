@@ -108,6 +108,17 @@ async def depth(settings: Settings, queue: str) -> int:
         return int(declared.declaration_result.message_count or 0)
 
 
+async def exists(settings: Settings, queue: str) -> bool:
+    """Whether ``queue`` exists, by a passive declare."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        try:
+            await (await connection.channel()).declare_queue(queue, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+    return True
+
+
 async def lose_redis_data(redis_client: aioredis.Redis, settings: Settings) -> None:
     """Every key of the test's gateway gone from Redis, as when Redis restarts without
     persistence (only its prefix: Redis is shared)."""

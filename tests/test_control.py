@@ -45,7 +45,7 @@ from queuegate.settings import Settings
 from queuegate.signing import sign_job
 from queuegate.topology import CONTROL_MAX_BYTES, CONTROL_MAX_LENGTH, Topology
 from tests.faults import RECONNECT_INTERVAL
-from tests.support import logged, reconnects, running_gateway, wait_until
+from tests.support import exists, logged, reconnects, running_gateway, wait_until
 from tests.test_team_connections import consumed_on
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -745,13 +745,3 @@ async def test_a_request_whose_client_stopped_waiting_is_not_carried_out(
             is not None
         )
         assert not await exists(settings, results)
-
-
-async def exists(settings: Settings, queue: str) -> bool:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        try:
-            await (await connection.channel()).declare_queue(queue, passive=True)
-        except ChannelNotFoundEntity:
-            return False
-        return True

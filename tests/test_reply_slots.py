@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 import aio_pika
 import pytest
 import redis.asyncio as aioredis
-from aiormq.exceptions import ChannelNotFoundEntity
 from typer.testing import CliRunner
 
 from admin.teams import Credentials
@@ -28,7 +27,7 @@ from queuegate.keys import Keys
 from queuegate.redis_client import lua_source
 from queuegate.settings import Settings
 from queuegate.topology import Topology
-from tests.support import running_gateway
+from tests.support import exists, running_gateway
 from tests.test_control import App, alpha_app, as_team
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -61,16 +60,6 @@ async def open_named(alpha: App, *names: str) -> None:
 async def counted(redis_client: aioredis.Redis, settings: Settings, team: str) -> set[str]:
     members = await redis_client.zrange(Keys(settings.redis_prefix).reply_queues(team), 0, -1)
     return {m.decode() if isinstance(m, bytes) else m for m in members}
-
-
-async def exists(settings: Settings, queue: str) -> bool:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        try:
-            await (await connection.channel()).declare_queue(queue, passive=True)
-        except ChannelNotFoundEntity:
-            return False
-    return True
 
 
 async def as_operator(
