@@ -39,7 +39,7 @@ CONTROL_WAIT = 30.0
 """Seconds a client waits for the answer to a control request (also its time to live)."""
 HEADER_REQUEST = "x-queuegate-request"
 """The request a control message is a copy of: the client sends a request that may run twice
-again while unanswered, and a worker drops a copy of one another copy answered already."""
+again while unanswered, and a worker drops a copy of one another worker took first."""
 REQUEST_ID = r"^[0-9a-f]{32}$"
 TEAM_DISABLED = "team_disabled"
 """The ``code`` of an answer to a disabled team's request (raised as TeamDisabled)."""

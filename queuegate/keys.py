@@ -226,8 +226,8 @@ class Keys:
         return f"{self.prefix}:batch:{team}:{name}:canceled"
 
     def control_answered(self, team: str, request: str) -> str:
-        """Set once a copy of the team's control request ``request`` is answered (expiring
-        after the client's wait): its other copies are dropped."""
+        """Set by the first copy of the team's control request ``request`` a worker takes
+        (expiring after the client's wait): its other copies are dropped."""
         return f"{self.prefix}:control-answered:{team}:{request}"
 
     def reply_queues(self, team: str) -> str:

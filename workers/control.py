@@ -17,7 +17,7 @@ team's own keys. See queuegate/control.py for the requests.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import re
 import time
@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 
 PREFETCH = 4
 """Control requests of one team taken at once: all a team's flood can hold of a worker."""
+FIRST_COPY_WAIT = 0.25
+"""Seconds a worker asks Redis whether a request's copy is the first (1 ms here)."""
+MARKED_FOR = int(CONTROL_WAIT) + 60
+"""Seconds a request's first copy stays marked: past its client's wait, a copy is dropped
+as waited out anyway (``_waited_out``)."""
 DROPPED_LOG_INTERVAL = 60.0
 """Seconds between two log lines about one team's dropped control requests."""
 LOCK_EXPIRES = 60.0
@@ -173,19 +178,17 @@ class ControlPlane:
         request = _request_of(message)
         if _waited_out(message):
             self._dropped(team, "their clients stopped waiting (a worker held them)")
-        elif request is not None and await self._answered(team, request):
+        elif request is not None and not await self._first_copy(team, request):
             # A copy run late by a worker that held it (stopped) would act after its client
             # had moved on: an open after its close left a queue taking one of the team's
             # slots for 5 minutes, 1-4 slots a stall in an attack.
             log.info(
-                "a copy of team %s's control request %s dropped: another was answered",
+                "a copy of team %s's control request %s dropped: another was taken first",
                 team,
                 request,
             )
         elif reply_to is not None and _is_direct_reply_to(reply_to):
             response = await self._answer(message, team)
-            if request is not None:
-                await self._answering(team, request)
             reply = json_message(
                 response.model_dump_json().encode(),
                 message_type=MESSAGE_TYPE_CONTROL_REPLY,
@@ -213,20 +216,19 @@ class ControlPlane:
             log,
         )
 
-    async def _answered(self, team: str, request: str) -> bool:
-        """Whether another copy of ``request`` was answered (best effort: Redis failing, it
-        is answered again, as before copies were sent)."""
+    async def _first_copy(self, team: str, request: str) -> bool:
+        """Whether this is the first copy of ``request`` a worker takes, marking it taken for
+        as long as its client waits. Best effort, and within ``FIRST_COPY_WAIT``: Redis
+        failing or slow, it is carried out as before copies were sent (its own steps then
+        say Redis is unavailable, which an extra wait of Redis's timeout only delayed)."""
         try:
-            return bool(await self._redis.exists(self._keys.control_answered(team, request)))
-        except RedisError:
-            return False
-
-    async def _answering(self, team: str, request: str) -> None:
-        """Mark ``request`` answered, for as long as its client waits."""
-        with contextlib.suppress(RedisError):
-            await self._redis.set(
-                self._keys.control_answered(team, request), 1, ex=int(CONTROL_WAIT) + 60
-            )
+            async with asyncio.timeout(FIRST_COPY_WAIT):
+                first = await self._redis.set(
+                    self._keys.control_answered(team, request), 1, nx=True, ex=MARKED_FOR
+                )
+        except (RedisError, TimeoutError):
+            return True
+        return bool(first)
 
     def _dropped(self, team: str, why: str) -> None:
         """Say, once per team and ``DROPPED_LOG_INTERVAL``, that requests were dropped,
