@@ -31,6 +31,7 @@ from producer import GatewayClient
 from producer.reply_queues import delete_reply_queue
 from queuegate.control import (
     DIRECT_REPLY_TO,
+    HEADER_REQUEST,
     BatchCall,
     CloseReplyQueue,
     ControlRequest,
@@ -369,9 +370,11 @@ def control_message(
     key: str | None,
     sent: datetime | None = None,
     wait_s: int | None = None,
+    copy_of: str | None = None,
 ) -> aio_pika.Message:
     """A control request as a client sends it; ``sent`` and ``wait_s``: its timestamp and
-    its time to live (the wait its client had left)."""
+    its time to live (the wait its client had left); ``copy_of``: the request it is a copy
+    of (``HEADER_REQUEST``)."""
     body = ControlRequest(request=request).model_dump_json().encode()
     request_id = uuid.uuid4().hex
     proof = None if key is None else sign_job(key, job_id=request_id, team=team, body=body)
@@ -383,7 +386,10 @@ def control_message(
         user_id=user,
         timestamp=sent,
         expiration=None if wait_s is None else wait_s,
-        headers=None if proof is None else dict(proof),
+        headers={
+            **({} if proof is None else dict(proof)),
+            **({} if copy_of is None else {HEADER_REQUEST: copy_of}),
+        },
     )
 
 
@@ -745,3 +751,53 @@ async def test_a_request_whose_client_stopped_waiting_is_not_carried_out(
             is not None
         )
         assert not await exists(settings, results)
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_copy_delivered_again_is_answered_and_another_copy_is_dropped(
+    settings: Settings,
+    teams: dict[str, Credentials],
+    identity: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "workers.control")
+    request = uuid.uuid4().hex
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        running_gateway(settings, teams=("alpha", "beta")),
+    ):
+        connection = await aio_pika.connect(app.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            answers: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+            await (await channel.get_queue(DIRECT_REPLY_TO, ensure=False)).consume(
+                answers.put, no_ack=True
+            )
+            exchange = await channel.get_exchange(alpha_entry(settings), ensure=False)
+
+            def copy() -> aio_pika.Message:
+                return control_message(
+                    OpenReplyQueue(name="copied"),
+                    team="alpha",
+                    reply_to=DIRECT_REPLY_TO,
+                    user=app.user,
+                    key=app.signs_with,
+                    copy_of=request,
+                )
+
+            # When a copy of alpha's request is delivered, then delivered again (as one whose
+            # answer could not be sent comes back)
+            first = copy()
+            for _ in range(2):
+                await exchange.publish(first, routing_key="alpha.control")
+                async with asyncio.timeout(10):
+                    answer = await answers.get()
+                # Expect it answered each time
+                assert answer.correlation_id == first.correlation_id
+                assert ControlResponse.model_validate_json(answer.body).ok
+            # ... and another copy of the same request dropped, unanswered
+            with logged("workers.control", "a copy of team alpha's control request") as dropped:
+                await exchange.publish(copy(), routing_key="alpha.control")
+                async with asyncio.timeout(10):
+                    await dropped.wait()
+            assert answers.empty()

@@ -178,7 +178,9 @@ class ControlPlane:
         request = _request_of(message)
         if _waited_out(message):
             self._dropped(team, "their clients stopped waiting (a worker held them)")
-        elif request is not None and not await self._first_copy(team, request):
+        elif request is not None and not await self._first_copy(
+            team, request, message.message_id or ""
+        ):
             # A copy run late by a worker that held it (stopped) would act after its client
             # had moved on: an open after its close left a queue taking one of the team's
             # slots for 5 minutes, 1-4 slots a stall in an attack.
@@ -216,19 +218,21 @@ class ControlPlane:
             log,
         )
 
-    async def _first_copy(self, team: str, request: str) -> bool:
-        """Whether this is the first copy of ``request`` a worker takes, marking it taken for
-        as long as its client waits. Best effort, and within ``FIRST_COPY_WAIT``: Redis
-        failing or slow, it is carried out as before copies were sent (its own steps then
-        say Redis is unavailable, which an extra wait of Redis's timeout only delayed)."""
+    async def _first_copy(self, team: str, request: str, copy: str) -> bool:
+        """Whether ``copy`` is the first copy of ``request`` a worker takes (or that copy
+        delivered again: one whose answer could not be sent comes back to be answered),
+        marking it taken for as long as its client waits. Best effort, and within
+        ``FIRST_COPY_WAIT``: Redis failing or slow, it is carried out as before copies were
+        sent (its own steps then say Redis is unavailable, which an extra wait of Redis's
+        timeout only delayed)."""
+        key = self._keys.control_answered(team, request)
         try:
             async with asyncio.timeout(FIRST_COPY_WAIT):
-                first = await self._redis.set(
-                    self._keys.control_answered(team, request), 1, nx=True, ex=MARKED_FOR
-                )
+                if await self._redis.set(key, copy, nx=True, ex=MARKED_FOR):
+                    return True
+                return text(await self._redis.get(key)) == copy
         except (RedisError, TimeoutError):
             return True
-        return bool(first)
 
     def _dropped(self, team: str, why: str) -> None:
         """Say, once per team and ``DROPPED_LOG_INTERVAL``, that requests were dropped,
