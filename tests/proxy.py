@@ -75,6 +75,9 @@ class TcpProxy:
         self.held = asyncio.Event()
         """Set once a client sent the marker: the service's bytes are dropped from then on."""
         self._hang_at: bytes | None = None
+        self._alone = False
+        self._hung_alone: list[asyncio.Event] = []
+        """The flow of each connection hung alone (``hang_at(..., alone=True)``)."""
         self.hung = asyncio.Event()
         """Set once a client sent the ``hang_at`` marker: nothing passes from then on."""
         self.port = 0
@@ -130,6 +133,9 @@ class TcpProxy:
         self._replies_flowing.set()
         self.replies_waiting.clear()
         self._marker = self._hang_at = None
+        for flowing in self._hung_alone:
+            flowing.set()
+        self._hung_alone = []
         self.held.clear()
         self.hung.clear()
 
@@ -164,9 +170,11 @@ class TcpProxy:
         """Once any client sends ``marker``, nothing the service sends reaches a client."""
         self._marker = marker
 
-    def hang_at(self, marker: bytes) -> None:
-        """``hang()`` once any client sends ``marker``, before those bytes reach the service."""
-        self._hang_at = marker
+    def hang_at(self, marker: bytes, *, alone: bool = False) -> None:
+        """``hang()`` once any client sends ``marker``, before those bytes reach the service;
+        ``alone``: only the connection that sent it hangs (both ways, kept open), the others
+        flowing on."""
+        self._hang_at, self._alone = marker, alone
 
     def watch(self, marker: bytes) -> None:
         """Count in ``seen``, from now on, the times ``marker`` passes either way."""
@@ -198,9 +206,11 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         sent = asyncio.Event()  # the request whose reply is to be lost went up
+        flowing = asyncio.Event()  # this connection's own (hang_at alone)
+        flowing.set()
         pipes = [
-            asyncio.create_task(self._requests(reader, up_writer, sent)),
-            asyncio.create_task(self._replies(up_reader, writer, sent)),
+            asyncio.create_task(self._requests(reader, up_writer, sent, flowing)),
+            asyncio.create_task(self._replies(up_reader, writer, sent, flowing)),
         ]
         self._pipes.update(pipes)
         try:
@@ -218,7 +228,11 @@ class TcpProxy:
         return not self._up
 
     async def _requests(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sent: asyncio.Event,
+        flowing: asyncio.Event,
     ) -> None:
         tail, hang_tail, watched = b"", b"", b""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
@@ -235,17 +249,26 @@ class TcpProxy:
                 if self._hang_at is not None:
                     if self._hang_at in hang_tail + data:
                         self._hang_at = None
-                        self.hang()
+                        if self._alone:
+                            flowing.clear()
+                            self._hung_alone.append(flowing)
+                        else:
+                            self.hang()
                         self.hung.set()
                     else:
                         hang_tail = data[-len(self._hang_at) :]
                 await self._requests_flowing.wait()
+                await flowing.wait()
                 self.requested += len(data)
                 writer.write(data)
                 await writer.drain()
 
     async def _replies(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: asyncio.Event
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sent: asyncio.Event,
+        flowing: asyncio.Event,
     ) -> None:
         watched = b""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
@@ -259,6 +282,7 @@ class TcpProxy:
                 if not self._replies_flowing.is_set():
                     self.replies_waiting.set()
                     await self._replies_flowing.wait()
+                await flowing.wait()
                 writer.write(data)
                 await writer.drain()
 

@@ -3,13 +3,15 @@
 A stop signal while starting cancels the start (``queuegate.runtime.stop_on_signals``), but
 an await of the broker client's can swallow that cancel: then only the stop, already set,
 tells the start to end. So the stop is set here without a cancel, at each point of the
-start where the worker's task says something (every log record it writes, at DEBUG).
+start where the worker says something (every log record its task, or a task it made,
+writes, at DEBUG).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -24,26 +26,35 @@ from queuegate.runtime import stop_on_signals
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 from router import load_catalog, open_router
+from tests.proxy import TcpProxy
 from tests.support import running_gateway
 from workers import Worker
 
 TEAMS = ("alpha", "beta")
 
 
+_STARTING: contextvars.ContextVar[_StopAt | None] = contextvars.ContextVar("starting", default=None)
+"""The hook of the worker start running in this task (``_StopAt.run``), or in the task that
+made it: teams are served in tasks of their own (``SERVE_AT_ONCE``)."""
+
+
 class _StopAt(logging.Handler):
-    """Sets ``stop`` at the ``at``-th record the worker's task writes while it starts (until
-    ``started``), keeping what it writes after."""
+    """Sets ``stop`` at the ``at``-th record the worker's start writes (until ``started``),
+    in its task or the tasks it made, keeping what they write after."""
 
     def __init__(self, at: int, stop: asyncio.Event, started: asyncio.Event) -> None:
         super().__init__(logging.DEBUG)
         self.at, self.stop, self.started = at, stop, started
-        self.task: asyncio.Task[None] | None = None
         self.seen = 0
         self.loggers: set[str] = set()
         self.after: list[str] = []
 
+    async def run(self, worker: Worker) -> None:
+        _STARTING.set(self)
+        await worker.run(self.stop)
+
     def emit(self, record: logging.LogRecord) -> None:
-        if self.task is None or asyncio.current_task() is not self.task:
+        if _STARTING.get() is not self:
             return
         self.loggers.add(record.name)
         if self.stop.is_set():
@@ -69,11 +80,11 @@ async def test_a_stop_at_any_point_of_the_start_never_serves(
                     hook = _StopAt(at, stop, worker.ready)
                     root.addHandler(hook)
                     try:
-                        hook.task = asyncio.create_task(worker.run(stop))
+                        task = asyncio.create_task(hook.run(worker))
                         # When the start goes on past the stop (no cancel here: a swallowed one)
                         ready = asyncio.create_task(worker.ready.wait())
                         await asyncio.wait(
-                            [hook.task, ready], timeout=20, return_when=asyncio.FIRST_COMPLETED
+                            [task, ready], timeout=20, return_when=asyncio.FIRST_COMPLETED
                         )
                         ready.cancel()
                         if not stop.is_set():
@@ -82,12 +93,12 @@ async def test_a_stop_at_any_point_of_the_start_never_serves(
                             assert worker.ready.is_set(), at
                             assert "aio_pika.channel" in hook.loggers, hook.loggers
                             stop.set()
-                            await hook.task
+                            await task
                             return
                     finally:
                         root.removeHandler(hook)
                     # Expect it to end, never announcing a team or itself as serving
-                    await hook.task
+                    await task
                     assert not worker.ready.is_set(), at
                     serving = [line for line in hook.after if "serving" in line]
                     assert not serving, (at, serving)
@@ -154,8 +165,15 @@ async def test_a_stop_signal_once_a_team_is_consumed_drains_instead_of_cutting_i
             for i in range(jobs)
         ]
         env = {"QUEUEGATE_MOCK_URL": gw.mock.url, "QUEUEGATE_MOCK_KEY": "sk-test-mock"}
-        async with open_router(load_catalog(None, env), env, settings) as router:
-            worker = Worker(settings, router, teams=list(TEAMS), name="signalled")
+        async with (
+            open_router(load_catalog(None, env), env, settings) as router,
+            TcpProxy(settings.amqp_url) as broker,
+        ):
+            # ... and beta's queue declare held (its own connection stalls there, the others
+            # flow): teams are served at once, and beta's serve is still under way
+            broker.hang_at(Topology.of(settings).team_queue("beta").encode(), alone=True)
+            through = settings.model_copy(update={"amqp_url": broker.url})
+            worker = Worker(through, router, teams=list(TEAMS), name="signalled")
 
             async def serve() -> None:  # as `queuegate worker` runs it
                 await worker.run(stop_on_signals())
@@ -174,6 +192,7 @@ async def test_a_stop_signal_once_a_team_is_consumed_drains_instead_of_cutting_i
                 target.setLevel(level)
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+                await broker.up()
 
         # Expect the start to have drained, not been cut off: it never announced itself, and
         # each job it took was answered, each call once (a later worker answers the rest)

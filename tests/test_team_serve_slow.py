@@ -98,3 +98,40 @@ async def test_a_teams_change_is_confirmed_and_a_stop_ends_while_the_broker_stal
                     await gw.stop_worker()
             finally:
                 await broker.up()
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_team_whose_connection_stalls_holds_back_no_other_team(
+    settings: Settings,
+    teams: dict[str, Credentials],
+    identity: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "workers.worker")
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        TcpProxy(settings.amqp_url) as broker,
+    ):
+        # Given a broker that stalls beta's own connection as the worker declares beta's queue
+        # (nothing passes on it either way, none closed; the other connections flow), and
+        # beta first in the worker's order
+        broker.hang_at(Topology.of(settings).team_queue("beta").encode(), alone=True)
+        components = settings.model_copy(update={"amqp_url": broker.url, "shutdown_grace": 2.0})
+        try:
+            # When the worker starts
+            async with (
+                running_gateway(settings, teams=("beta", "alpha"), components=components),
+                GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha,
+            ):
+                # Expect alpha served while beta's serve waits on the stall, not after it
+                # gave up on beta (TEAM_SERVE_WAIT; one after another, alpha waited there)
+                said = [r.getMessage() for r in caplog.records]
+                served = _first(said, "now serving team alpha")
+                assert served < _first(said, "team beta not served for now"), said
+                assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+        finally:
+            await broker.up()
+
+
+def _first(lines: list[str], start: str) -> int:
+    return next(i for i, line in enumerate(lines) if line.startswith(start))

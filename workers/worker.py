@@ -70,6 +70,11 @@ TEAM_RETRY = 1.0
 """Seconds until a team left out (its connection down, or slower than ``TEAM_SERVE_WAIT``) is
 tried again, when ``teams_refresh`` is longer: a broker slow for a moment at a start (a queue
 declare past 2 s under load) left the team without a consumer until the next refresh."""
+SERVE_AT_ONCE = 16
+"""Teams a worker starts (or renews) consuming at once, each on its own connection. Served one
+after another, each team whose connection stalled or kept closing held every team after it
+``TEAM_SERVE_WAIT`` more, at the start and at each renewal (found in an attack). Bounded, so
+that a worker of many teams opens their channels a few at a time rather than all at once."""
 
 
 @dataclass(frozen=True)
@@ -371,39 +376,53 @@ class Worker:
         await self._serve_each(again, stop)
 
     async def _serve_each(self, teams: list[str], stop: asyncio.Event) -> bool:
-        """Consume each of ``teams`` not yet consumed with its slots; those whose connection
-        is down go to ``_left_out``. False once ``stop`` is set."""
-        assert self._admission is not None
-        for team in teams:
-            # Serving has begun (runtime.serving): a stop signal sets the stop and cancels
-            # nothing, so the stop is what says no consumer more and none announced. The
-            # drain ends those already started, and answers the jobs they took.
-            if stop.is_set():
-                return False
-            prefetch = prefetch_for(self._admission.config(team), self._settings)
-            current = self._consumers.get(team)
-            if current is not None and current.prefetch == prefetch:
-                continue
-            try:
-                await self._serve_team(team, current, prefetch)
-            except (*TEAM_CONNECTION_DOWN, TimeoutError) as exc:
-                # Its own connection, closed by the broker (a team can make it close it) and
-                # coming back: the other teams are served meanwhile, and it when tried again.
-                # Raised, a team's queued requests that close it stopped every worker from
-                # starting; waited for, they held the registry's confirm.
-                log.warning(
-                    "team %s not served for now: its broker connection is down (%s); "
-                    "tried again in %g s",
-                    team,
-                    # A TimeoutError says nothing of itself.
-                    str(exc) or f"no answer within {TEAM_SERVE_WAIT:g} s",
-                    min(self._settings.teams_refresh, TEAM_RETRY),
-                )
-                self._left_out.add(team)
-                continue
-            if not stop.is_set():
-                log.info("now serving team %s with %d slots", team, prefetch)
+        """Consume each of ``teams`` not yet consumed with its slots, ``SERVE_AT_ONCE`` at a
+        time; those whose connection is down go to ``_left_out``. False once ``stop`` is set.
+
+        Each is served to its end, whatever the others do: one cut off between its consume
+        and the broker's answer would leave a consumer untracked (see ``_serve_team``)."""
+        at_once = asyncio.Semaphore(SERVE_AT_ONCE)
+
+        async def serve(team: str) -> None:
+            async with at_once:
+                await self._serve_one(team, stop)
+
+        served = await asyncio.gather(*map(serve, teams), return_exceptions=True)
+        for outcome in served:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return not stop.is_set()
+
+    async def _serve_one(self, team: str, stop: asyncio.Event) -> None:
+        assert self._admission is not None
+        # Serving has begun (runtime.serving): a stop signal sets the stop and cancels
+        # nothing, so the stop is what says no consumer more and none announced. The drain
+        # ends those already started, and answers the jobs they took.
+        if stop.is_set():
+            return
+        prefetch = prefetch_for(self._admission.config(team), self._settings)
+        current = self._consumers.get(team)
+        if current is not None and current.prefetch == prefetch:
+            return
+        try:
+            await self._serve_team(team, current, prefetch)
+        except (*TEAM_CONNECTION_DOWN, TimeoutError) as exc:
+            # Its own connection, closed by the broker (a team can make it close it) and
+            # coming back: the other teams are served meanwhile, and it when tried again.
+            # Raised, a team's queued requests that close it stopped every worker from
+            # starting; waited for, they held the registry's confirm.
+            log.warning(
+                "team %s not served for now: its broker connection is down (%s); "
+                "tried again in %g s",
+                team,
+                # A TimeoutError says nothing of itself.
+                str(exc) or f"no answer within {TEAM_SERVE_WAIT:g} s",
+                min(self._settings.teams_refresh, TEAM_RETRY),
+            )
+            self._left_out.add(team)
+            return
+        if not stop.is_set():
+            log.info("now serving team %s with %d slots", team, prefetch)
 
     async def _serve_team(self, team: str, current: _TeamConsumer | None, prefetch: int) -> None:
         """Consume ``team``'s queue with ``prefetch`` slots, on its connection."""
