@@ -5,6 +5,9 @@ left the team to its next refresh and said it was ready, and the team's first re
 answered 503 (no queue). Now the team is tried again a second later, whatever
 ``teams_refresh`` is, and the worker is ready once it is served. Alpha is added the default
 way (its own broker user) or identified by API key.
+
+Then a broker that stalls: a team's change confirmed and a stop ended, one team's stall
+holding back no other team's serving, and idle connections that stall closed together.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from queuegate.topology import Topology
 from tests.proxy import TcpProxy
 from tests.support import logged, running_gateway
 from tests.test_control import alpha_app
+from workers import team_connections
+from workers.team_connections import TeamConnections
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -135,3 +140,28 @@ async def test_a_team_whose_connection_stalls_holds_back_no_other_team(
 
 def _first(lines: list[str], start: str) -> int:
     return next(i for i, line in enumerate(lines) if line.startswith(start))
+
+
+async def test_a_sweep_of_idle_connections_that_stall_waits_for_them_together(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given five teams' connections of a worker, idle (IDLE at 0), then stalled by the broker
+    # (a close waits for its answer: 2 s)
+    monkeypatch.setattr(team_connections, "IDLE", 0.0)
+
+    async def reopened(_team: str, _channel: object) -> None:
+        return None
+
+    async with TcpProxy(settings.amqp_url) as broker:
+        lines = TeamConnections(broker.url, worker="test", within=5.0, on_reopen=reopened)
+        try:
+            for team in ("a", "b", "c", "d", "e"):
+                await lines.replies(team)
+            broker.hang()
+            # When the worker's refresh sweeps them, expect their closes waited for together
+            # (one after another: 10 s, every team's renewal waiting in the same loop)
+            async with asyncio.timeout(6):
+                await lines.sweep(keep=())
+        finally:
+            await broker.up()
+            await lines.close()

@@ -186,10 +186,14 @@ class TeamConnections:
         """Close the connections of the teams not in ``keep`` (whose jobs this worker takes
         or holds) that published nothing for ``IDLE`` seconds."""
         now = time.monotonic()
-        for team, line in list(self._lines.items()):
-            if team not in keep and now - line.used >= IDLE:
-                del self._lines[team]
-                await line.connection.close()
+        idle = [
+            team
+            for team, line in self._lines.items()
+            if team not in keep and now - line.used >= IDLE
+        ]
+        # Together: a close waits for the broker's answer, which a stalled connection holds
+        # (about 2 s), and the sweep runs in the loop that serves every team's changes.
+        await asyncio.gather(*(self._lines.pop(team).connection.close() for team in idle))
 
     async def close(self) -> None:
         """Close every team's connection: whatever it holds unsettled returns to its queue.
