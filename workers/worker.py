@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,22 +351,8 @@ class Worker:
         self._left_out = set()
         if not await self._serve_each([team for team in wanted if team not in again], stop):
             return
-        for team in set(self._consumers) - set(wanted):
-            served = self._consumers.pop(team)
-            try:
-                async with asyncio.timeout(TEAM_SERVE_WAIT):  # as in _serve_team
-                    await served.consumer.cancel()
-            except TEAM_CONNECTION_DOWN:
-                pass  # its connection down, the broker has dropped the consumer already
-            except TimeoutError:
-                # Its connection stalled: the consumer goes with its channel, once the
-                # broker hears of it (its deliveries meanwhile go back: TeamStopped).
-                self._team_connections.drop_jobs(team)
-            # Only once its consumer is gone: a held job sent back now is not delivered
-            # here again. Its connection stays until the jobs it holds are settled on it
-            # (closed by a sweep: _holding).
-            self._admission.stopped(team)
-            log.info("stopped serving team %s (disabled)", team)
+        # Together, as teams are served: each cancel may wait out a stalled connection.
+        await _to_their_ends(map(self._stop_serving, set(self._consumers) - set(wanted)))
         if version is not None and self._live is not None:
             # Only now that every team is served under it: a team added is consumed (but one
             # whose own connection is down, or did not answer within TEAM_SERVE_WAIT, when
@@ -375,22 +361,35 @@ class Worker:
             self._live.applied(version, read_at)
         await self._serve_each(again, stop)
 
+    async def _stop_serving(self, team: str) -> None:
+        """Cancel the consumer of ``team``, disabled."""
+        assert self._admission is not None
+        served = self._consumers.pop(team)
+        try:
+            async with asyncio.timeout(TEAM_SERVE_WAIT):  # as in _serve_team
+                await served.consumer.cancel()
+        except TEAM_CONNECTION_DOWN:
+            pass  # its connection down, the broker has dropped the consumer already
+        except TimeoutError:
+            # Its connection stalled: the consumer goes with its channel, once the broker
+            # hears of it (its deliveries meanwhile go back: TeamStopped).
+            self._team_connections.drop_jobs(team)
+        # Only once its consumer is gone: a held job sent back now is not delivered here
+        # again. Its connection stays until the jobs it holds are settled on it (closed by a
+        # sweep: _holding).
+        self._admission.stopped(team)
+        log.info("stopped serving team %s (disabled)", team)
+
     async def _serve_each(self, teams: list[str], stop: asyncio.Event) -> bool:
         """Consume each of ``teams`` not yet consumed with its slots, ``SERVE_AT_ONCE`` at a
-        time; those whose connection is down go to ``_left_out``. False once ``stop`` is set.
-
-        Each is served to its end, whatever the others do: one cut off between its consume
-        and the broker's answer would leave a consumer untracked (see ``_serve_team``)."""
+        time; those whose connection is down go to ``_left_out``. False once ``stop`` is set."""
         at_once = asyncio.Semaphore(SERVE_AT_ONCE)
 
         async def serve(team: str) -> None:
             async with at_once:
                 await self._serve_one(team, stop)
 
-        served = await asyncio.gather(*map(serve, teams), return_exceptions=True)
-        for outcome in served:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await _to_their_ends(map(serve, teams))
         return not stop.is_set()
 
     async def _serve_one(self, team: str, stop: asyncio.Event) -> None:
@@ -592,6 +591,14 @@ class Worker:
                     "%d jobs did not finish in time; they go back to the queue", len(pending)
                 )
                 await asyncio.wait(pending)
+
+
+async def _to_their_ends(steps: Iterable[Awaitable[None]]) -> None:
+    """Run ``steps`` at once, each to its end whatever the others raise (a consume or a
+    cancel cut off would leave a consumer untracked), then raise the first error, if any."""
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def _cancelled(served: _TeamConsumer) -> None:
