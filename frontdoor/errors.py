@@ -84,8 +84,11 @@ a 504 ``deadline_exceeded`` comes after the job was published, often called, and
 retry has the same deadline (``GET /v1/jobs/{id}`` reads its answer); a 502 comes after the
 workers' own retries and fallbacks; after an ``internal_error`` the gateway cannot tell what
 it did before failing (a job published, its provider called). Retried: 429
-(``rate_limited``, ``queue_full``, ``too_many_requests``, nothing called, with
-``Retry-After``) and 503 (refused before anything was published)."""
+(``rate_limited`` by the gateway's own limits, ``queue_full``, ``too_many_requests``, nothing
+called, with ``Retry-After``) and 503 (refused before anything was published). Not a
+``rate_limited`` job whose attempts reached a provider (its own 429s): the workers waited and
+tried again already, and each SDK retry was a new job calling it again (an attack counted 3
+jobs and 6 calls for one request)."""
 
 ErrorShape = Callable[[str, str, str | None], dict[str, Any]]
 """``shape(code, message, param)``: an API's error body (``param``: the field at fault)."""
@@ -102,6 +105,7 @@ class ApiError(Exception):
         retry_after_s: float | None = None,
         job_id: str | None = None,
         param: str | None = None,
+        called: bool = False,
     ) -> None:
         message = bounded(message)
         super().__init__(message)
@@ -114,6 +118,8 @@ class ApiError(Exception):
         self.param = param
         """The path of the request's field at fault (``temperature``, ``messages.0.content``),
         when one is: OpenAI's errors name it."""
+        self.called = called
+        """A provider answered the job's calls: a retry would call it again (``NO_RETRY``)."""
 
     def headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -121,7 +127,7 @@ class ApiError(Exception):
             headers["x-queuegate-job-id"] = self.job_id
         if self.status in {429, 503}:
             headers["retry-after"] = str(max(1, math.ceil(self.retry_after_s or 1)))
-        if self.code in NO_RETRY or self.status == 409:
+        if self.code in NO_RETRY or self.status == 409 or self.called:
             headers["x-should-retry"] = "false"
         return headers
 
@@ -136,6 +142,7 @@ def error_of_result(result: ChatResult) -> ApiError:
         retry_after_s=_seconds(error.retry_after_ms),
         job_id=result.job_id,
         param=error.param,
+        called=any(attempt.status is not None for attempt in result.gateway.attempts),
     )
 
 

@@ -1,0 +1,59 @@
+"""A provider's own 429 through the front door: the workers called it, waited and tried
+again already, so the SDKs are told not to send the request again (each retry was a new job
+calling the provider again: an attack counted 3 jobs and 6 calls for one request). The
+gateway's own limits' 429 is still retried (``test_frontdoor_errors``): nothing was called."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anthropic
+import httpx
+import httpx2
+import openai
+import pytest
+
+from mockprovider import Behavior, MockConfig
+from queuegate.settings import Settings
+from tests.frontdoor_support import HELLO, Door, open_door
+from tests.test_frontdoor_errors import Answers
+
+LIMITED = MockConfig(models={"claude-3-5-haiku-latest": Behavior(error_rate=1.0, error_status=429)})
+"""claude-haiku's deployment: the model has no fallbacks in the bundled catalog."""
+
+
+@pytest.fixture
+async def door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings, mock_config=LIMITED) as opened:
+        yield opened
+
+
+async def test_the_sdks_with_their_default_retries_send_a_providers_429_once(door: Door) -> None:
+    # Given the SDKs as callers build them: two retries of a 429 by default
+    answers = Answers()
+    http = httpx.AsyncClient(event_hooks=answers.hooks)
+    claude_http = httpx2.AsyncClient(event_hooks=answers.hooks)  # the anthropic SDK's
+    async with (
+        openai.AsyncOpenAI(base_url=door.v1, api_key=door.keys["alpha"], http_client=http) as gpt,
+        anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["beta"], http_client=claude_http
+        ) as claude,
+    ):
+        # When the provider answers every call 429
+        answers.call()
+        with pytest.raises(openai.RateLimitError) as limited:
+            await gpt.chat.completions.create(model="claude-haiku", messages=HELLO)
+        answers.call()
+        with pytest.raises(anthropic.RateLimitError) as limited_claude:
+            await claude.messages.create(model="claude-haiku", max_tokens=10, messages=HELLO)
+
+    # Expect each request sent once, told not to be sent again: one job each, and only its
+    # own calls at the provider
+    for error in (limited.value, limited_claude.value):
+        assert error.response.headers["x-should-retry"] == "false"
+        assert "retry-after" in error.response.headers
+    assert answers.calls == [[429], [429]]
+    rows = await door.gateway.usage_rows(2)
+    assert len(rows) == 2
+    assert {row["error_code"] for row in rows} == {"rate_limited"}
+    assert door.gateway.mock.stats.calls == sum(row["attempts"] for row in rows)
