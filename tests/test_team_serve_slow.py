@@ -165,3 +165,32 @@ async def test_a_sweep_of_idle_connections_that_stall_waits_for_them_together(
         finally:
             await broker.up()
             await lines.close()
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_teams_change_waits_for_no_retry_of_a_team_left_out(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        TcpProxy(settings.amqp_url) as broker,
+    ):
+        # Given beta's own connection stalled at its queue declare, so that the worker tries
+        # beta again every second or so, each try waiting out TEAM_SERVE_WAIT (2 s)
+        broker.hang_at(Topology.of(settings).team_queue("beta").encode(), alone=True)
+        components = settings.model_copy(update={"amqp_url": broker.url, "shutdown_grace": 2.0})
+        try:
+            async with (
+                running_gateway(settings, teams=("beta", "alpha"), components=components),
+                GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha,
+            ):
+                # When alpha's rate changes again and again (its consumer renewed each time)
+                for rpm in range(60, 66):
+                    change = await configure(settings, "alpha", {"rpm": rpm})
+                    # Expect each confirmed at once, not after a retry of beta under way:
+                    # waited for, one landing in a retry took up to 2 s more (an attack's,
+                    # with 16 teams stalled, exited 3 at the command's 5 s)
+                    assert (await in_force(settings, change.change, 1.0)).pending == [], rpm
+                assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+        finally:
+            await broker.up()

@@ -141,6 +141,10 @@ class Worker:
         self._telemetry = Telemetry(router.catalog.models)
         self._left_out: set[str] = set()
         """Teams to serve that the last pass could not (``TEAM_RETRY``)."""
+        self._retry: asyncio.Task[None] | None = None
+        """The left-out teams' retry under way (``_retry_left_out``), if any."""
+        self._retrying: set[str] = set()
+        """The teams it tries again."""
         self.ready = asyncio.Event()
         """Set once the worker consumes every team it serves, or has tried again those it could
         not: a team that keeps its own connection closing holds its own jobs, never the
@@ -274,6 +278,8 @@ class Worker:
             if not self._left_out:
                 self._set_ready(stop)
             await self._refresh_teams(pool, stop)
+            # Its consumers, if any, are drained with the rest.
+            await self._retried()
             await self._drain()
             await publisher.close()
         finally:
@@ -282,6 +288,10 @@ class Worker:
             await claims_task
             # Not awaited to its end: a look may wait out a hanging Redis or management API.
             await _cancel(held_task)
+            # Left only by a fault (raised already): any consumer it made goes with its
+            # connection, and what it raised is the same fault's.
+            with contextlib.suppress(Exception):
+                await _cancel(self._retry)
             await self._team_connections.close()
             await connection.close()
             await pool.close()
@@ -304,7 +314,8 @@ class Worker:
         ):
             while not stop.is_set():
                 refresh = self._settings.teams_refresh
-                soon = min(refresh, TEAM_RETRY) if self._left_out else refresh
+                retrying = self._left_out or self._retrying
+                soon = min(refresh, TEAM_RETRY) if retrying else refresh
                 await until_set(soon, stop, changed)
                 changed.clear()
                 if stop.is_set():
@@ -316,10 +327,12 @@ class Worker:
                     # teams and limits next time.
                     log.warning("broker unavailable (%s); teams are refreshed later", exc)
                 else:
-                    self._set_ready(stop)
+                    if not self._retrying:  # else once the retry ends (_retry_left_out)
+                        self._set_ready(stop)
                 # With the refresh: a lapsed claim waits for a sweep, never a job.
                 await self._processor.sweep()
-                await self._team_connections.sweep(keep=self._holding())
+                # Nor the connections of the teams being tried again, under the retry.
+                await self._team_connections.sweep(keep=self._holding() | self._retrying)
 
     async def _serve_teams(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         assert self._admission is not None
@@ -345,21 +358,57 @@ class Worker:
         # A team named with --teams is served without a registry row (a ``queue`` team of a
         # development setup), but not once an operator disabled it.
         wanted = [team for team in wanted if team not in self._disabled]
-        # Those left out last time after the confirm below: one whose connection a team keeps
-        # closing waits TEAM_SERVE_WAIT at each try, and held every `teams set` that long more.
+        if self._retrying - set(wanted):
+            # A team tried again is no longer to be served: its consumer, if the retry makes
+            # one, is cancelled below, not left to the next refresh.
+            await self._retried()
+        else:
+            self._retried_error()
+        # Those left out by an earlier pass, or being tried again, are not waited for here
+        # (below); one left out by this pass is tried again by the next, TEAM_RETRY later.
         again = [team for team in wanted if team in self._left_out]
-        self._left_out = set()
-        if not await self._serve_each([team for team in wanted if team not in again], stop):
-            return
+        fresh = [team for team in wanted if team not in self._left_out | self._retrying]
         # Together, as teams are served: each cancel may wait out a stalled connection.
-        await _to_their_ends(map(self._stop_serving, set(self._consumers) - set(wanted)))
+        gone = set(self._consumers) - set(wanted)
+        await _to_their_ends([self._serve_each(fresh, stop), *map(self._stop_serving, gone)])
+        if stop.is_set():
+            return
         if version is not None and self._live is not None:
             # Only now that every team is served under it: a team added is consumed (but one
             # whose own connection is down, or did not answer within TEAM_SERVE_WAIT, when
             # tried again), one disabled is not, and the next job of each is admitted under
             # its new config.
             self._live.applied(version, read_at)
-        await self._serve_each(again, stop)
+        if self._retry is None:
+            self._left_out -= set(again)
+            if again:
+                self._retrying = set(again)
+                self._retry = asyncio.create_task(self._retry_left_out(again, stop))
+
+    async def _retry_left_out(self, teams: list[str], stop: asyncio.Event) -> None:
+        """Try again to serve ``teams``, left out by an earlier pass, beside the passes to
+        come: one whose connection a team keeps closing (or that stalls) waits
+        TEAM_SERVE_WAIT at each try, and waited for by the pass, held every `teams set`
+        behind it that long more (an attack's, with 16 teams' connections stalled, exited 3).
+        The worker is ready once they are tried again."""
+        try:
+            await self._serve_each(teams, stop)
+        finally:
+            self._retrying = set()
+        self._set_ready(stop)
+
+    async def _retried(self) -> None:
+        """Wait for the retry under way, if any, raising what it raised."""
+        if self._retry is not None:
+            await asyncio.wait([self._retry])
+            self._retried_error()
+
+    def _retried_error(self) -> None:
+        """Raise what the retry that ended raised (a fault of the worker's own), if any."""
+        retry = self._retry
+        if retry is not None and retry.done():
+            self._retry = None
+            retry.result()
 
     async def _stop_serving(self, team: str) -> None:
         """Cancel the consumer of ``team``, disabled."""
@@ -380,9 +429,9 @@ class Worker:
         self._admission.stopped(team)
         log.info("stopped serving team %s (disabled)", team)
 
-    async def _serve_each(self, teams: list[str], stop: asyncio.Event) -> bool:
+    async def _serve_each(self, teams: list[str], stop: asyncio.Event) -> None:
         """Consume each of ``teams`` not yet consumed with its slots, ``SERVE_AT_ONCE`` at a
-        time; those whose connection is down go to ``_left_out``. False once ``stop`` is set."""
+        time, until ``stop`` is set; those whose connection is down go to ``_left_out``."""
         at_once = asyncio.Semaphore(SERVE_AT_ONCE)
 
         async def serve(team: str) -> None:
@@ -390,7 +439,6 @@ class Worker:
                 await self._serve_one(team, stop)
 
         await _to_their_ends(map(serve, teams))
-        return not stop.is_set()
 
     async def _serve_one(self, team: str, stop: asyncio.Event) -> None:
         assert self._admission is not None
