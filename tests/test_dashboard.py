@@ -57,6 +57,11 @@ async def _stored_session(settings: Settings, session_id: str) -> dict[str, str]
         await client.aclose()
 
 
+def dollars(shown: str) -> Decimal:
+    """The amount a page shows as ``$1,234.5`` (``-$0.5``)."""
+    return Decimal(shown.replace("$", "").replace(",", ""))
+
+
 async def _shot(page: Page, tmp_path: Path, name: str) -> None:
     await page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
 
@@ -81,11 +86,12 @@ async def test_admin_overview_and_team_pages_show_what_postgres_holds(
             assert page.url == f"{door.url}/dashboard"
             alpha = page.locator("#teams tr[data-team=alpha]")
             assert await alpha.locator(".requests").inner_text() == str(alpha_n)
-            assert await alpha.locator(".spend").inner_text() == money(alpha_usd)
+            # exact, never rounded (an attack saw $0.0093 for 0.00927835)
+            assert dollars(await alpha.locator(".spend").inner_text()) == alpha_usd
             assert "over" in (await alpha.get_attribute("class") or "")
             beta = page.locator("#teams tr[data-team=beta]")
             assert await beta.locator(".requests").inner_text() == str(beta_n)
-            assert await beta.locator(".spend").inner_text() == money(beta_usd)
+            assert dollars(await beta.locator(".spend").inner_text()) == beta_usd
             assert await page.inner_text("#total-requests") == str(alpha_n + beta_n)
             assert await page.inner_text("#over-budget") == "1"
             # with a title on each bar, read on hover
@@ -95,6 +101,8 @@ async def test_admin_overview_and_team_pages_show_what_postgres_holds(
             # And the team page an administrator opens from it
             await page.click("#teams tr[data-team=alpha] a")
             assert await page.inner_text("#spend") == money(alpha_usd)
+            # what is left of its budget to the last decimal, though a person would round it
+            assert dollars(await page.inner_text("#remaining")) == over.budget_usd - alpha_usd
             assert await page.inner_text("#requests") == f"{alpha_n} · 0"
             assert door.key_ids["alpha"] in await page.inner_text("#keys")
             limits = await page.inner_text("#limits")
