@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli.console import err, out, print_table
-from cli.options import make_settings
+from cli.options import OnlyTeam, make_settings
 from queuegate.messages import JobStatus
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
@@ -30,7 +30,7 @@ _TIME = "YYYY-MM-DD[THH:MM:SS]"
 
 @audit_app.command("log")
 def audit_log(
-    team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
+    team: OnlyTeam = None,
     model: Annotated[str | None, typer.Option(help="Only this requested model alias.")] = None,
     status: Annotated[
         JobStatus | None, typer.Option(help="Only jobs that ended so: ok or error.")

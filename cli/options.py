@@ -72,6 +72,15 @@ def team_name(name: str) -> str:
 TeamName = Annotated[str, typer.Argument(callback=team_name, help="The team's name.")]
 
 
+def only_team(name: str | None) -> str | None:
+    """``--team``'s callback: unset (every team), or a name as ``team_name`` checks it, so a
+    bad one is a usage error (exit 2) as it is where a team is an argument."""
+    return None if name is None else team_name(name)
+
+
+OnlyTeam = Annotated[str | None, typer.Option(callback=only_team, help="Only this team.")]
+
+
 def bounds(field: str) -> dict[str, Any]:
     """``min`` and ``max`` of an option that sets Settings' ``field``, the range Settings
     takes: a value outside it is a usage error in one line naming the option (exit 2), as a

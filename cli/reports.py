@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.console import err, out, print_table
-from cli.options import finite, make_settings, parse_month, split_teams
+from cli.options import OnlyTeam, finite, make_settings, parse_month, split_teams
 from queuegate.errors import ServiceUnavailable, UnknownTeam
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals, until_set
@@ -33,7 +33,7 @@ def usage(
         bool, typer.Option("--daily", help="A day-by-day trend instead of the month.")
     ] = False,
     days: Annotated[int, typer.Option(min=1, max=366, help="Days in the --daily trend.")] = 30,
-    team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
+    team: OnlyTeam = None,
     model: Annotated[str | None, typer.Option(help="Only this requested model alias.")] = None,
     status: Annotated[
         JobStatus | None, typer.Option(help="Only jobs that ended so: ok or error.")

@@ -204,6 +204,9 @@ LONG = "x" * 10_000
         *[(["teams", command, LONG], "use 1-64 lowercase letters, digits, '-' or '_'")
           for command in ("rotate-credentials", "security", "disable", "keys", "add-key")],
         (["usage", LONG], "Got unexpected extra argument(s) (x"),
+        *[([*command, "--team", LONG],
+           f"or '_', starting with a letter or digit: see queuegate {' '.join(command)} --help")
+          for command in (["usage"], ["audit", "log"])],
         (["batch", "status", "x", "--team", "alpha", f"--{LONG}"], "No such option: --x"),
         (["batch", "submit", "requests.jsonl", "--team", "alpha", "--skipped", LONG],
          "cannot be written (the path is too long): pick another path"),
