@@ -18,15 +18,18 @@ carry (documents by URL, file id or content blocks, server tools, structured out
 
 from __future__ import annotations
 
+import binascii
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -36,7 +39,7 @@ from queuegate.openai_params import AnthropicEffort, Thinking, ThinkingEnabled
 from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, ANTHROPIC_MESSAGES_PARAMS
 from queuegate.request_errors import deepest, joined, refusal
 from queuegate.request_limits import check_output_tokens
-from queuegate.value_errors import problem, tagged_by
+from queuegate.value_errors import problem, shown, tagged_by
 
 
 class _Strict(BaseModel):
@@ -55,10 +58,24 @@ class TextBlock(_Strict):
     cache_control: CacheControl | None = None
 
 
+def _base64(data: str) -> str:
+    """Data Anthropic decodes: refused here, or the job waited its turn for the provider's
+    400 (an attack's ``"!!!"`` was published and called)."""
+    try:
+        # Lines broken as MIME breaks them are base64 still.
+        binascii.a2b_base64("".join(data.split()), strict_mode=True)
+    except binascii.Error:
+        raise ValueError("invalid base64 data") from None
+    return data
+
+
+Base64Data = Annotated[str, Field(min_length=1), AfterValidator(_base64)]
+
+
 class Base64Source(_Strict):
     type: Literal["base64"]
     media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
-    data: str = Field(min_length=1)
+    data: Base64Data
 
 
 class URLSource(_Strict):
@@ -75,7 +92,7 @@ class ImageBlock(_Strict):
 class PdfSource(_Strict):
     type: Literal["base64"]
     media_type: Literal["application/pdf"]
-    data: str = Field(min_length=1)
+    data: Base64Data
 
 
 class PlainTextSource(_Strict):
@@ -236,7 +253,27 @@ class _Prompt(_Strict):
                 isinstance(block, TextBlock) and not block.text for block in message.content
             ):
                 raise ValueError(f"messages.{index}: text content blocks must be non-empty")
+        names = [tool.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: Tool names must be unique")
+        _answered_tool_uses(self.messages)
         return self
+
+
+def _answered_tool_uses(messages: list[MessageParam]) -> None:
+    """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, as
+    Anthropic does (an attack's was published and called)."""
+    asked: set[str] = set()
+    for index, message in enumerate(messages):
+        blocks = message.content if isinstance(message.content, list) else []
+        for at, block in enumerate(blocks):
+            if isinstance(block, ToolResultBlock) and block.tool_use_id not in asked:
+                raise ValueError(
+                    f"messages.{index}.content.{at}: unexpected `tool_use_id` found in "
+                    f"`tool_result` blocks: {shown(block.tool_use_id)}. Each `tool_result` "
+                    "block must have a corresponding `tool_use` block in the previous message"
+                )
+        asked = {block.id for block in blocks if isinstance(block, ToolUseBlock)}
 
 
 class MessagesRequest(_Prompt):
@@ -251,6 +288,13 @@ class MessagesRequest(_Prompt):
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: Literal["auto", "standard_only"] | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops_say_something(cls, stops: list[str] | None) -> list[str] | None:
+        if stops is not None and any(not stop.strip() for stop in stops):
+            raise ValueError("each stop sequence must contain non-whitespace")
+        return stops
 
     @model_validator(mode="after")
     def _thinking_fits(self) -> Self:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
 from queuegate.openai_params import OpenAIObject, ParamError, TextPart
-from queuegate.value_errors import problem, tagged_by
+from queuegate.value_errors import problem, shown, tagged_by
 
 
 class ImageURL(OpenAIObject):
@@ -173,4 +173,28 @@ def check_message(message: dict[str, Any]) -> None:
         raise ParamError(where, reason) from None
 
 
-__all__ = ["Message", "check_message"]
+def unanswered_tool_calls(messages: list[Any]) -> ParamError | None:
+    """The error of an assistant message's tool calls that a message other than a tool's
+    answer follows before each call is answered, as OpenAI refuses them (an attack's was
+    published and called); None when each is answered, or the calls end the conversation."""
+    asked: set[Any] = set()
+    at = 0
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "tool":
+            asked.discard(message.get("tool_call_id"))
+            continue
+        if asked:
+            return ParamError(
+                f"messages.{at}.tool_calls",
+                "an assistant message with tool_calls must be followed by tool messages "
+                "answering each tool_call_id; unanswered: "
+                + ", ".join(sorted(shown(str(call)) for call in asked)),
+            )
+        calls = message.get("tool_calls") if role == "assistant" else None
+        asked = {call.get("id") for call in calls or [] if isinstance(call, dict)}
+        at = index
+    return None
+
+
+__all__ = ["Message", "check_message", "unanswered_tool_calls"]

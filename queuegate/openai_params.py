@@ -393,6 +393,22 @@ def check_params(params: dict[str, Any]) -> None:
     unoffered = unoffered_tools(params.get("tools"), params.get("tool_choice"))
     if unoffered is not None:
         raise unoffered
+    alone = _without_its_partner(params)
+    if alone is not None:
+        raise alone
+
+
+def _without_its_partner(params: dict[str, Any]) -> ParamError | None:
+    """A parameter OpenAI takes only beside another the request lacks, which it answers
+    with a 400 after the job waited its turn (an attack's were published and called)."""
+    if not params.get("tools"):
+        if params.get("tool_choice") == "required":
+            return ParamError("tool_choice", "required needs tools to call: offer them in tools")
+        if params.get("parallel_tool_calls") is not None:
+            return ParamError("parallel_tool_calls", "only allowed when tools are offered")
+    if params.get("top_logprobs") is not None and params.get("logprobs") is not True:
+        return ParamError("top_logprobs", "only allowed when logprobs is true")
+    return None
 
 
 ALLOWED_TOOLS = "tool_choice.allowed_tools.tools"

@@ -28,7 +28,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from queuegate.errors import InvalidRequest
 from queuegate.messages import ChatJob, ErrorInfo
-from queuegate.openai_messages import Message
+from queuegate.openai_messages import Message, unanswered_tool_calls
 from queuegate.openai_params import JobParams, too_many_stops
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
 from queuegate.request_errors import invalid_request, refusal
@@ -78,6 +78,14 @@ def check_chat_body(body: dict[str, Any], model: str, limits: Limits) -> list[An
         _CHAT_REQUEST.validate_python(body)
     except ValidationError as exc:
         raise invalid_request(exc, body) from None
+    if body.get("stream_options") is not None and body.get("stream") is not True:
+        # OpenAI's 400; a job's stream is its own field, not a parameter, so it is told here.
+        raise InvalidRequest(
+            "stream_options: only allowed when stream is true", param="stream_options"
+        )
+    unanswered = unanswered_tool_calls(messages)
+    if unanswered is not None:
+        raise InvalidRequest(str(unanswered), param=unanswered.param)
     too_many = too_many_stops(body.get("stop"))
     if too_many is not None and model in limits.stop_capped:
         # OpenAI's cap, for a model OpenAI serves, as the worker's router keeps it: Anthropic

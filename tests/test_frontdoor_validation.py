@@ -25,6 +25,7 @@ from tests import openai_message_cases
 from tests.frontdoor_support import HELLO, Door, open_door
 from tests.openai_param_cases import ENUMS, REFUSED
 
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"tools": [{"type": "function"}]}, "tools.0.function: Field required"),
     ({"tools": [{"type": "web"}]}, "tools.0.type: 'web' is not supported"),
@@ -54,6 +55,16 @@ OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
         "unrecognized request arguments min_p: not parameters of OpenAI's chat completions",
     ),
     ({"extra_body": {"extra_body": {"min_p": 0.1}}}, "extra_body: the openai SDK sends"),
+    # A parameter OpenAI takes only beside another (an attack's were published and called)
+    ({"tool_choice": "required"}, "tool_choice: required needs tools to call"),
+    ({"parallel_tool_calls": False}, "parallel_tool_calls: only allowed when tools are offered"),
+    ({"top_logprobs": 3}, "top_logprobs: only allowed when logprobs is true"),
+    ({"stream_options": {"include_usage": True}}, "stream_options: only allowed when stream"),
+    (
+        {"messages": [*HELLO, {"role": "assistant", "tool_calls": [CALL]}, *HELLO]},
+        "messages.1.tool_calls: an assistant message with tool_calls must be followed by tool "
+        "messages answering each tool_call_id; unanswered: call_1",
+    ),
 ]
 
 
@@ -134,6 +145,11 @@ async def test_more_stop_sequences_than_openais_are_served_for_a_model_anthropic
     assert door.gateway.mock.requests[-1].body["stop_sequences"] == stop
 
 
+TOOL = {"name": "f", "input_schema": {"type": "object"}}
+RESULT = {"type": "tool_result", "tool_use_id": "t1", "content": "x"}
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "!!!"}}
+
+
 async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_published(
     door: Door,
 ) -> None:
@@ -150,6 +166,17 @@ async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_publ
         # The SDK computes with max_tokens itself: a string goes in extra_body, as stream's.
         ({"extra_body": {"stream": "yes"}}, "stream: Input should be a valid boolean"),
         ({"extra_body": {"max_tokens": "5"}}, "max_tokens: Input should be a valid integer"),
+        # As Anthropic refuses them (an attack's were published and called)
+        ({"tools": [TOOL, TOOL]}, "tools: Tool names must be unique"),
+        (
+            {"messages": [{"role": "user", "content": [RESULT]}]},
+            "messages.0.content.0: unexpected `tool_use_id` found in `tool_result` blocks: t1",
+        ),
+        ({"stop_sequences": [" "]}, "stop_sequences: each stop sequence must contain non-white"),
+        (
+            {"messages": [{"role": "user", "content": [IMAGE]}]},
+            "messages.0.content.0.source.data: invalid base64 data",
+        ),
     ]
     async with anthropic.AsyncAnthropic(
         base_url=door.url, api_key=door.keys["alpha"], max_retries=0
