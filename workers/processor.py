@@ -271,7 +271,9 @@ class JobProcessor:
             return self._refused(job_id, outcome, reply_to, exc)
         try:
             if job.team != team:
-                raise Unauthorized(f"job for team {job.team!r} arrived on team {team!r}'s queue")
+                raise Unauthorized(
+                    f"job for team {job.team!r} arrived on the queue of team {team!r}"
+                )
             # Before the stored result: only a proven publisher may have it sent again. A
             # refusal is not stored, or a forger could answer the real job in advance.
             admitted = await self._gate.admit(message, job, team)
