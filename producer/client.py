@@ -452,8 +452,8 @@ def _publish_error(job: ChatJob, exc: aiormq.exceptions.DeliveryError) -> Client
             f"{job.team}) or start a worker for it"
         )
     return QueueFull(
-        f"the broker refused job {job.job_id}: the queue of team {job.team!r} is full (its quota "
-        "of jobs or of bytes); retry once workers drain it, or ask an operator to raise it"
+        f"the broker refused job {job.job_id}: team {job.team}'s queue is full (its quota of "
+        "jobs or of bytes); retry once workers drain it, or ask an operator to raise it"
     )
 
 
