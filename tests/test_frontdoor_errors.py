@@ -4,6 +4,7 @@ maps to, so the openai SDK raises its own typed exceptions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -66,6 +67,24 @@ class Answers:
         for statuses in self.calls:
             assert statuses[-1] == 504, statuses
             assert {*statuses[:-1]} <= {429, 503}, statuses
+
+
+@contextlib.asynccontextmanager
+async def watched_sdks(
+    door: Door, answers: Answers, **options: Any
+) -> AsyncIterator[tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic]]:
+    """alpha's openai and anthropic SDK clients (with ``options``: a timeout), each request
+    and response of theirs seen by ``answers``."""
+    http = httpx.AsyncClient(event_hooks=answers.hooks)
+    claude_http = httpx2.AsyncClient(event_hooks=answers.hooks)  # the anthropic SDK's
+    key = door.keys["alpha"]
+    async with (
+        openai.AsyncOpenAI(base_url=door.v1, api_key=key, http_client=http, **options) as gpt,
+        anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=key, http_client=claude_http, **options
+        ) as claude,
+    ):
+        yield gpt, claude
 
 
 @pytest.fixture
@@ -222,16 +241,7 @@ async def test_an_sdk_reads_the_504_before_its_own_timeout_and_pays_once(door: D
     # Given each SDK with a timeout of its own (announced in x-stainless-read-timeout) and its
     # default retries, and a provider still answering when that timeout passes
     answers = Answers()
-    http = httpx.AsyncClient(event_hooks=answers.hooks)
-    claude_http = httpx2.AsyncClient(event_hooks=answers.hooks)
-    async with (
-        openai.AsyncOpenAI(
-            base_url=door.v1, api_key=door.keys["alpha"], http_client=http, timeout=1.0
-        ) as client,
-        anthropic.AsyncAnthropic(
-            base_url=door.url, api_key=door.keys["alpha"], http_client=claude_http, timeout=1.0
-        ) as claude,
-    ):
+    async with watched_sdks(door, answers, timeout=1.0) as (client, claude):
         answers.call()
         with pytest.raises(openai.InternalServerError) as late:
             await client.chat.completions.create(model="flaky-gpt", messages=HELLO)

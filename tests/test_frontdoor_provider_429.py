@@ -8,15 +8,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anthropic
-import httpx
-import httpx2
 import openai
 import pytest
 
 from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
-from tests.test_frontdoor_errors import Answers
+from tests.test_frontdoor_errors import Answers, watched_sdks
 
 LIMITED = MockConfig(models={"claude-3-5-haiku-latest": Behavior(error_rate=1.0, error_status=429)})
 """claude-haiku's deployment: the model has no fallbacks in the bundled catalog."""
@@ -31,14 +29,7 @@ async def door(settings: Settings) -> AsyncIterator[Door]:
 async def test_the_sdks_with_their_default_retries_send_a_providers_429_once(door: Door) -> None:
     # Given the SDKs as callers build them: two retries of a 429 by default
     answers = Answers()
-    http = httpx.AsyncClient(event_hooks=answers.hooks)
-    claude_http = httpx2.AsyncClient(event_hooks=answers.hooks)  # the anthropic SDK's
-    async with (
-        openai.AsyncOpenAI(base_url=door.v1, api_key=door.keys["alpha"], http_client=http) as gpt,
-        anthropic.AsyncAnthropic(
-            base_url=door.url, api_key=door.keys["beta"], http_client=claude_http
-        ) as claude,
-    ):
+    async with watched_sdks(door, answers) as (gpt, claude):
         # When the provider answers every call 429
         answers.call()
         with pytest.raises(openai.RateLimitError) as limited:

@@ -13,7 +13,9 @@ holding back no other team's serving, and idle connections that stall closed tog
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -113,27 +115,37 @@ async def test_a_team_whose_connection_stalls_holds_back_no_other_team(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, "workers.worker")
+    # Given beta first in the worker's order, its own connection stalled at its declare
+    # When the worker starts
+    async with _beta_stalled(settings, teams, identity) as alpha:
+        # Expect alpha served while beta's serve waits on the stall, not after it gave up on
+        # beta (TEAM_SERVE_WAIT; one after another, alpha waited there)
+        said = [r.getMessage() for r in caplog.records]
+        served = _first(said, "now serving team alpha")
+        assert served < _first(said, "team beta not served for now"), said
+        assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+
+
+@contextlib.asynccontextmanager
+async def _beta_stalled(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> AsyncIterator[GatewayClient]:
+    """A gateway serving beta, then alpha, through a broker that stalls beta's own
+    connection as the worker declares beta's queue (nothing passes on it either way, none
+    closed; the other connections flow), so that the worker tries beta again every second
+    or so, each try waiting out TEAM_SERVE_WAIT; alpha's client (``identity``)."""
     async with (
         alpha_app(settings, teams, identity) as app,
         TcpProxy(settings.amqp_url) as broker,
     ):
-        # Given a broker that stalls beta's own connection as the worker declares beta's queue
-        # (nothing passes on it either way, none closed; the other connections flow), and
-        # beta first in the worker's order
         broker.hang_at(Topology.of(settings).team_queue("beta").encode(), alone=True)
         components = settings.model_copy(update={"amqp_url": broker.url, "shutdown_grace": 2.0})
         try:
-            # When the worker starts
             async with (
                 running_gateway(settings, teams=("beta", "alpha"), components=components),
                 GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha,
             ):
-                # Expect alpha served while beta's serve waits on the stall, not after it
-                # gave up on beta (TEAM_SERVE_WAIT; one after another, alpha waited there)
-                said = [r.getMessage() for r in caplog.records]
-                served = _first(said, "now serving team alpha")
-                assert served < _first(said, "team beta not served for now"), said
-                assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+                yield alpha
         finally:
             await broker.up()
 
@@ -171,26 +183,13 @@ async def test_a_sweep_of_idle_connections_that_stall_waits_for_them_together(
 async def test_a_teams_change_waits_for_no_retry_of_a_team_left_out(
     settings: Settings, teams: dict[str, Credentials], identity: str
 ) -> None:
-    async with (
-        alpha_app(settings, teams, identity) as app,
-        TcpProxy(settings.amqp_url) as broker,
-    ):
-        # Given beta's own connection stalled at its queue declare, so that the worker tries
-        # beta again every second or so, each try waiting out TEAM_SERVE_WAIT (2 s)
-        broker.hang_at(Topology.of(settings).team_queue("beta").encode(), alone=True)
-        components = settings.model_copy(update={"amqp_url": broker.url, "shutdown_grace": 2.0})
-        try:
-            async with (
-                running_gateway(settings, teams=("beta", "alpha"), components=components),
-                GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha,
-            ):
-                # When alpha's rate changes again and again (its consumer renewed each time)
-                for rpm in range(60, 66):
-                    change = await configure(settings, "alpha", {"rpm": rpm})
-                    # Expect each confirmed at once, not after a retry of beta under way:
-                    # waited for, one landing in a retry took up to 2 s more (an attack's,
-                    # with 16 teams stalled, exited 3 at the command's 5 s)
-                    assert (await in_force(settings, change.change, 1.0)).pending == [], rpm
-                assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
-        finally:
-            await broker.up()
+    # Given beta's own connection stalled, the worker trying beta again and again
+    async with _beta_stalled(settings, teams, identity) as alpha:
+        # When alpha's rate changes again and again (its consumer renewed each time)
+        for rpm in range(60, 66):
+            change = await configure(settings, "alpha", {"rpm": rpm})
+            # Expect each confirmed at once, not after a retry of beta under way: waited
+            # for, one landing in a retry took up to 2 s more (an attack's, with 16 teams
+            # stalled, exited 3 at the command's 5 s)
+            assert (await in_force(settings, change.change, 1.0)).pending == [], rpm
+        assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
