@@ -7,6 +7,7 @@ import functools
 import logging
 import random
 import struct
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -292,9 +293,18 @@ async def consume(
     underlay = await channel.get_underlay_channel()
     if prefetch is not None:
         await underlay.basic_qos(prefetch_count=prefetch)
-    ok = await underlay.basic_consume(queue, callback)
-    assert ok.consumer_tag is not None  # the broker names it when we do not
-    return Consumer(underlay, ok.consumer_tag)
+    tag = f"ctag.{uuid.uuid4().hex}"
+    try:
+        await underlay.basic_consume(queue, callback, consumer_tag=tag)
+    except BaseException:
+        # aiormq keeps the callback of a consume that failed or was cut off (a bound passed
+        # on a stalled connection): a broker that then starts the consumer would have its
+        # deliveries run, untracked. Unknown, they wait unacknowledged until the channel
+        # closes, and go back to the queue.
+        if isinstance(underlay, aiormq.Channel):
+            underlay.consumers.pop(tag, None)
+        raise
+    return Consumer(underlay, tag)
 
 
 _SET = object.__setattr__

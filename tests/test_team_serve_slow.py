@@ -193,3 +193,38 @@ async def test_a_teams_change_waits_for_no_retry_of_a_team_left_out(
             # stalled, exited 3 at the command's 5 s)
             assert (await in_force(settings, change.change, 1.0)).pending == [], rpm
         assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+
+
+@pytest.mark.parametrize("identity", ["broker", "api_key"])
+async def test_a_consume_the_broker_never_answers_holds_no_change_nor_the_stop(
+    settings: Settings, teams: dict[str, Credentials], identity: str
+) -> None:
+    async with (
+        alpha_app(settings, teams, identity) as app,
+        TcpProxy(settings.amqp_url) as broker,
+    ):
+        components = settings.model_copy(update={"amqp_url": broker.url, "shutdown_grace": 2.0})
+        async with running_gateway(settings, teams=("alpha", "beta"), components=components) as gw:
+            # Given alpha's own connection stalled as the worker sends the consume of its queue
+            # (a Basic.Consume's queue name, then its consumer tag: the queue's declare holds
+            # the name alone), the others flowing
+            queue = Topology.of(settings).team_queue("alpha").encode()
+            broker.hang_at(queue + bytes([len("ctag.") + 32]) + b"ctag.", alone=True)
+            try:
+                # When alpha's rate changes (its consumer renewed: the new consume never
+                # answered), then beta's budget
+                renewal = await configure(settings, "alpha", {"rpm": 6})
+                await broker.hung.wait()
+                change = await configure(settings, "beta", {"budget_usd": Decimal(5)})
+                # Expect each confirmed within the command's wait (before, the worker froze
+                # there: every change exited 3 until the stall ended), and the stop to end
+                assert (await in_force(settings, renewal.change, 5)).pending == []
+                assert (await in_force(settings, change.change, 5)).pending == []
+            finally:
+                await broker.up()
+            # ... and alpha served again once its connection flows, its job answered once
+            async with GatewayClient(app.settings, team="alpha", api_key=app.api_key) as alpha:
+                assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+            async with asyncio.timeout(20):
+                await gw.stop_worker()
+        assert gw.mock.stats.calls == 1

@@ -478,25 +478,24 @@ class Worker:
         # as usual, and count on top of the new slots until then.
         if current is not None:
             del self._consumers[team]
-        # The cancel and the robust channel's steps are time-boxed: the channel's wait for its
-        # connection to be back and restored, and on a connection that stalls (bytes held,
-        # not closed) the broker's answer never came, and every `teams set` after waited with
-        # this pass, and a stop with it. Not the consume: it is on the underlying channel,
-        # which fails at once when its connection is down, and one cut off between its
-        # sending and the broker's answer would leave a consumer untracked (never cancelled
-        # at a disable or a stop).
+        # Every step is time-boxed: the robust channel's wait for its connection to be back
+        # and restored, and on a connection that stalls (bytes held, not closed) the broker's
+        # answer never came, and every `teams set` after waited with this pass, and a stop
+        # with it (an attack held the consume: the worker froze, every change exited 3).
         try:
             async with asyncio.timeout(TEAM_SERVE_WAIT):
                 if current is not None:
                     await current.consumer.cancel()
                 channel = await self._team_connections.jobs(team)
                 queue = await self._topology.declare_team_queue(channel, team)
+                consumer = await self._consume(channel, team, queue.name, prefetch)
         except (*TEAM_CONNECTION_DOWN, TimeoutError):
             # Tried again on a channel of its own: this one may be left closed for good, and
-            # a consumer whose cancel was cut off goes with it.
+            # a consumer whose cancel or consume was cut off goes with it (its deliveries
+            # until then run nowhere: consume).
             self._team_connections.drop_jobs(team)
             raise
-        self._consumers[team] = await self._consume(channel, team, queue.name, prefetch)
+        self._consumers[team] = consumer
 
     async def _consume(
         self, channel: AbstractRobustChannel, team: str, queue: str, prefetch: int
