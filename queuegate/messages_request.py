@@ -261,8 +261,9 @@ class _Prompt(_Strict):
 
 
 def _answered_tool_uses(messages: list[MessageParam]) -> None:
-    """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, as
-    Anthropic does (an attack's was published and called)."""
+    """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, and a
+    ``tool_use`` the next message leaves unanswered, as Anthropic does (attacks' were
+    published and called); one that ends the conversation waits for its answer."""
     asked: set[str] = set()
     for index, message in enumerate(messages):
         blocks = message.content if isinstance(message.content, list) else []
@@ -273,6 +274,14 @@ def _answered_tool_uses(messages: list[MessageParam]) -> None:
                     f"`tool_result` blocks: {shown(block.tool_use_id)}. Each `tool_result` "
                     "block must have a corresponding `tool_use` block in the previous message"
                 )
+        results = {block.tool_use_id for block in blocks if isinstance(block, ToolResultBlock)}
+        if asked - results:
+            unanswered = ", ".join(sorted(shown(id_) for id_ in asked - results))
+            raise ValueError(
+                f"messages.{index}: `tool_use` ids were found without `tool_result` blocks "
+                f"immediately after: {unanswered}. Each `tool_use` block must have a "
+                "corresponding `tool_result` block in the next message"
+            )
         asked = {block.id for block in blocks if isinstance(block, ToolUseBlock)}
 
 

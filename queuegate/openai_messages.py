@@ -175,14 +175,22 @@ def check_message(message: dict[str, Any]) -> None:
 
 def unanswered_tool_calls(messages: list[Any]) -> ParamError | None:
     """The error of an assistant message's tool calls that a message other than a tool's
-    answer follows before each call is answered, as OpenAI refuses them (an attack's was
-    published and called); None when each is answered, or the calls end the conversation."""
+    answer follows before each call is answered, or a tool message answering no call of the
+    assistant message before it, as OpenAI refuses them (attacks' were published and
+    called); None when each is answered, or the calls end the conversation."""
     asked: set[Any] = set()
     at = 0
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role == "tool":
-            asked.discard(message.get("tool_call_id"))
+            answered = message.get("tool_call_id")
+            if answered not in asked:
+                return ParamError(
+                    f"messages.{index}.tool_call_id",
+                    f"{shown(str(answered))!r} answers no tool call of the assistant message "
+                    "before it",
+                )
+            asked.discard(answered)
             continue
         if asked:
             return ParamError(

@@ -26,6 +26,7 @@ from tests.frontdoor_support import HELLO, Door, open_door
 from tests.openai_param_cases import ENUMS, REFUSED
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+ANSWER_OF_NONE = {"role": "tool", "tool_call_id": "zz", "content": "r"}
 OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"tools": [{"type": "function"}]}, "tools.0.function: Field required"),
     ({"tools": [{"type": "web"}]}, "tools.0.type: 'web' is not supported"),
@@ -65,6 +66,11 @@ OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
         "messages.1.tool_calls: an assistant message with tool_calls must be followed by tool "
         "messages answering each tool_call_id; unanswered: call_1",
     ),
+    (
+        {"messages": [*HELLO, {"role": "assistant", "tool_calls": [CALL]}, ANSWER_OF_NONE]},
+        "messages.2.tool_call_id: 'zz' answers no tool call of the assistant message before it",
+    ),
+    ({"messages": [ANSWER_OF_NONE]}, "messages.0.tool_call_id: 'zz' answers no tool call"),
 ]
 
 
@@ -147,6 +153,7 @@ async def test_more_stop_sequences_than_openais_are_served_for_a_model_anthropic
 
 TOOL = {"name": "f", "input_schema": {"type": "object"}}
 RESULT = {"type": "tool_result", "tool_use_id": "t1", "content": "x"}
+USE = {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "!!!"}}
 
 
@@ -171,6 +178,11 @@ async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_publ
         (
             {"messages": [{"role": "user", "content": [RESULT]}]},
             "messages.0.content.0: unexpected `tool_use_id` found in `tool_result` blocks: t1",
+        ),
+        (
+            {"messages": [*HELLO, {"role": "assistant", "content": [USE]}, *HELLO]},
+            "messages.2: `tool_use` ids were found without `tool_result` blocks immediately "
+            "after: t1",
         ),
         ({"stop_sequences": [" "]}, "stop_sequences: each stop sequence must contain non-white"),
         (
