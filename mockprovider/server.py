@@ -316,7 +316,7 @@ class MockProvider:
         self._faults = _Faults(self._config.seed)
         self._cache = PromptCache()
         self._stats = Stats(log=deque(maxlen=self._config.log_size))
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._server: asyncio.Server | None = None
         self._closing = False
         self._connections: set[asyncio.Task[None]] = set()
@@ -403,11 +403,32 @@ class MockProvider:
 
         Wrap it in ``asyncio.timeout`` in tests: it waits as long as it takes.
         """
-        if self._stats.calls >= n:
+        await self._until(lambda: self._stats.calls >= n)
+
+    async def wait_for_arrivals(self, n: int) -> None:
+        """Wait until ``n`` model calls have arrived (``arrived``): with a latency, the last
+        is still running, its caller waiting for the answer (``wait_for_calls`` returns only
+        once it is sent, when the caller may have read it already)."""
+        await self._until(lambda: self.arrived >= n)
+
+    async def _until(self, met: Callable[[], bool]) -> None:
+        if met():
             return
         future = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, future))
+        self._waiters.append((met, future))
         await future
+
+    def _wake(self) -> None:
+        """Wake the waiters whose condition now holds."""
+        waiting = []
+        for met, future in self._waiters:
+            if future.done():
+                continue
+            if met():
+                future.set_result(None)
+            else:
+                waiting.append((met, future))
+        self._waiters = waiting
 
     def _record(self, request: _Request, body: dict[str, Any] | None, status: int | None) -> None:
         model = body.get("model") if body is not None else None
@@ -432,15 +453,7 @@ class MockProvider:
         )
         stats.log.append(record)
         if self._waiters:
-            waiting = []
-            for n, future in self._waiters:
-                if future.done():
-                    continue
-                if stats.calls >= n:
-                    future.set_result(None)
-                else:
-                    waiting.append((n, future))
-            self._waiters = waiting
+            self._wake()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._closing:  # accepted just before close
@@ -496,6 +509,8 @@ class MockProvider:
             reply = replace(reply, refusal=behavior.refusal)
         bucket = self._faults.bucket(model, behavior)
         outcome = self._faults.decide(model, bucket, behavior)
+        if self._waiters:
+            self._wake()  # arrived
         # Like OpenAI and Anthropic, a rate-limited model states its limit on every answer.
         quota = bucket.quota(wire) if bucket is not None else []
         if outcome == "hang":

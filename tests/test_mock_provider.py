@@ -316,6 +316,25 @@ async def test_a_hanging_call_does_not_hold_up_others(
     assert mock.requests[0].status is None
 
 
+async def test_a_call_is_waited_for_as_it_arrives_or_once_answered(
+    mock: MockProvider, client: httpx.AsyncClient
+) -> None:
+    # Given a model answering after 30 s
+    mock.configure(MockConfig(models={"gpt-slow": Behavior(latency_ms=30_000)}))
+
+    # When a call to it is sent
+    slow = asyncio.create_task(client.post(OPENAI, json=chat("gpt-slow"), timeout=60))
+    async with asyncio.timeout(5):
+        await mock.wait_for_arrivals(1)
+
+    # Expect it waited for mid-call, its answer not sent: a caller stopped now has not read it
+    try:
+        assert not slow.done()
+        assert (mock.arrived, mock.stats.calls) == (1, 0)
+    finally:
+        slow.cancel()
+
+
 async def test_a_hang_ends_by_closing_the_connection_unanswered(
     mock: MockProvider, client: httpx.AsyncClient
 ) -> None:

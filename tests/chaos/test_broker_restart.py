@@ -59,7 +59,7 @@ async def test_a_reply_awaited_across_a_broker_restart_arrives(
     ):
         handle = await alpha.submit(alpha.job("gpt-4o-mini", [{"role": "user", "content": "hi"}]))
         async with asyncio.timeout(10):
-            await gw.mock.wait_for_calls(1)
+            await gw.mock.wait_for_arrivals(1)
 
         # When the node restarts while its producer awaits the reply
         await asyncio.to_thread(broker.restart)

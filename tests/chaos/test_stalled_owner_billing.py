@@ -60,7 +60,7 @@ async def test_a_stalled_owners_call_billed_as_lost_is_billed_at_its_real_cost_o
                 job = first.job("gpt-4o-mini", HELLO)
                 handle = await first.submit(job)
                 async with asyncio.timeout(60):
-                    await mock.wait_for_calls(1)
+                    await mock.wait_for_arrivals(1)
                 stalled.send_signal(signal.SIGSTOP)
                 workers.append(await start_worker(env, ("alpha",)))
                 answered = await (await second.submit(job)).result(timeout=60)
@@ -126,7 +126,7 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
                 job = client.job("gpt-4o-mini", HELLO, deadline=timedelta(seconds=4))
                 handle = await client.submit(job)
                 async with asyncio.timeout(60):
-                    await mock.wait_for_calls(1)
+                    await mock.wait_for_arrivals(1)
                 stalled.send_signal(signal.SIGSTOP)
                 workers.append(await start_worker(env, ("beta",)))
                 swept = await handle.result(timeout=60)
