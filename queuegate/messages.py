@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from queuegate.numbers import Money
-from queuegate.openai_messages import check_message
+from queuegate.openai_messages import check_message, unanswered_tool_calls
 from queuegate.openai_params import MAX_CHOICES, ParamError, check_params
 from queuegate.visible import clipped
 
@@ -389,6 +389,15 @@ class ChatJob(WireModel):
             _check_values("a key", key)
             _check_values(key, value)
         return metadata
+
+    @model_validator(mode="after")
+    def _answered(self) -> ChatJob:
+        # As the front door checks a request (``check_chat_body``): a provider refuses a
+        # conversation whose tool calls go unanswered only once the job has waited its turn.
+        unanswered = unanswered_tool_calls(self.messages)
+        if unanswered is not None:
+            raise unanswered
+        return self
 
     @property
     def ends_by(self) -> datetime | None:

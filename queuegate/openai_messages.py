@@ -10,6 +10,8 @@ thinking blocks back (the OpenAI adapter leaves them out), a tool result hold im
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
@@ -173,17 +175,19 @@ def check_message(message: dict[str, Any]) -> None:
         raise ParamError(where, reason) from None
 
 
-def unanswered_tool_calls(messages: list[Any]) -> ParamError | None:
+def unanswered_tool_calls(messages: Sequence[Any]) -> ParamError | None:
     """The error of an assistant message's tool calls that a message other than a tool's
     answer follows before each call is answered, or a tool message answering no call of the
     assistant message before it, as OpenAI refuses them (attacks' were published and
-    called); None when each is answered, or the calls end the conversation."""
+    called); None when each is answered, or the calls end the conversation. The messages
+    are a request's (dicts) or a job's (``ChatMessage``: its fields are read as attributes)."""
     asked: set[Any] = set()
     at = 0
     for index, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
+        get = message.get if isinstance(message, dict) else functools.partial(getattr, message)
+        role = get("role", None)
         if role == "tool":
-            answered = message.get("tool_call_id")
+            answered = get("tool_call_id", None)
             if answered not in asked:
                 return ParamError(
                     f"messages.{index}.tool_call_id",
@@ -199,7 +203,7 @@ def unanswered_tool_calls(messages: list[Any]) -> ParamError | None:
                 "answering each tool_call_id; unanswered: "
                 + ", ".join(sorted(shown(str(call)) for call in asked)),
             )
-        calls = message.get("tool_calls") if role == "assistant" else None
+        calls = get("tool_calls", None) if role == "assistant" else None
         asked = {call.get("id") for call in calls or [] if isinstance(call, dict)}
         at = index
     return None

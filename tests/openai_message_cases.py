@@ -19,6 +19,8 @@ def _called(call: dict[str, Any]) -> list[dict[str, Any]]:
     return [ASK, called, {"role": "tool", "tool_call_id": "c1", "content": "r"}]
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
 REFUSED: list[tuple[list[dict[str, Any]], str]] = [
     (_user_part({"type": "bogus", "text": "x"}), "messages.0.content.1.type"),
     (_user_part({"type": "text", "text": 5}), "messages.0.content.1.text"),
@@ -45,6 +47,12 @@ REFUSED: list[tuple[list[dict[str, Any]], str]] = [
         "messages.1.tool_calls.0.type",
     ),
     ([ASK, {"role": "tool", "content": "r"}], "messages.1.tool_call_id"),
+    # Tool calls left unanswered, and an answer to no call (a queued job's were called)
+    ([*_called(CALL)[:2], ASK], "messages.1.tool_calls"),
+    (
+        [*_called(CALL)[:2], {"role": "tool", "tool_call_id": "zz", "content": "r"}],
+        "messages.2.tool_call_id",
+    ),
 ]
 """Each list of messages, and the path of the field at fault."""
 

@@ -264,7 +264,7 @@ async def test_redact_reaches_tool_calls_names_params_and_passed_through_extras(
     ("place", "messages", "params"),
     [
         ("a message's name", [{"role": "user", "content": "hi", "name": EMAIL}], {}),
-        ("tool call arguments", [*TOOL_TURNS[1:2], {"role": "user", "content": "ok?"}], {}),
+        ("tool call arguments", [*TOOL_TURNS[1:], {"role": "user", "content": "ok?"}], {}),
         ("params.user", [{"role": "user", "content": "hi"}], {"user": EMAIL}),
         ("a tool's description", [{"role": "user", "content": "hi"}], {"tools": TOOLS}),
         ("a passed-through parameter", [{"role": "user", "content": "hi"}], {"x_note": [SSN]}),
