@@ -1,8 +1,9 @@
 """What ``queuegate status`` and the dashboard's Live page read of the registry, read once
 for both: the enabled teams (each listed with its queue depth whether or not a worker
-serves it), their budgets and the month's spend accounting wrote (the least status shows, as
-Redis may have lost its own count), or why PostgreSQL could not be read (the status is then
-stale, its budgets unknown, its spend Redis's, and it lists the teams live workers serve)."""
+serves it), the disabled ones (listed while their queues hold jobs), their budgets and the
+month's spend accounting wrote (the least status shows, as Redis may have lost its own
+count), or why PostgreSQL could not be read (the status is then stale, its budgets unknown,
+its spend Redis's, and it lists the teams live workers serve)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ REGISTRY_WAIT = 2.0
 class Registered:
     teams: list[str] | None = None
     """The enabled teams; None when the registry could not be read (or is not migrated)."""
+    disabled: list[str] = field(default_factory=list)
+    """The disabled teams: no worker serves them, and the jobs left in their queues wait."""
     budgets: dict[str, Decimal] = field(default_factory=dict)
     accounted: Accounted | None = None
     """The month's spend per team in usage_log; None when it was not read (as ``teams``)."""
@@ -58,15 +61,18 @@ def _skipped(name: str, error: ConfigError) -> None:
 
 
 async def registered(pool: asyncpg.Pool, settings: Settings) -> Registered:
-    """The registry's enabled teams, budgets and month's spend, or why they could not be read."""
+    """The registry's teams, enabled and disabled, budgets and month's spend, or why they
+    could not be read."""
     today = datetime.now(UTC).date()
     try:
         async with asyncio.timeout(REGISTRY_WAIT):
-            teams = await list_teams(pool, enabled_only=True, on_invalid=_skipped)
+            teams = await list_teams(pool, on_invalid=_skipped)
             budgets = await team_budgets(pool)
             spent = await month_costs(pool, today)
     except asyncpg.UndefinedTableError:  # not migrated yet: no team, no budget
         return Registered()
     except UNREADABLE as exc:
         return Registered(unread=unreadable(settings, exc))
-    return Registered([team.name for team in teams], budgets, Accounted(f"{today:%Y-%m}", spent))
+    enabled = [team.name for team in teams if team.enabled]
+    disabled = [team.name for team in teams if not team.enabled]
+    return Registered(enabled, disabled, budgets, Accounted(f"{today:%Y-%m}", spent))

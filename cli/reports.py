@@ -119,7 +119,8 @@ def status(
     every deployment of the catalog.
 
     Reads the broker, Redis and the registry in PostgreSQL: every enabled team is listed with
-    its queue depth, whether or not a worker serves it, its spend never less than the month's
+    its queue depth, whether or not a worker serves it (and every disabled team whose queue
+    still holds jobs, marked disabled), its spend never less than the month's
     in usage_log (Redis may have lost its own count). With PostgreSQL unreachable the rest
     is printed, budgets "unknown", the reason on stderr, and the exit status is 3, as when no
     worker reports; --watch marks itself stale with the reason and goes on refreshing.
@@ -138,7 +139,12 @@ def status(
         found = await registry.read()
         shown = wanted if wanted is not None else found.teams
         current = await reader.read(
-            shown, found.budgets, listed, stale=found.unread, accounted=found.accounted
+            shown,
+            found.budgets,
+            listed,
+            stale=found.unread,
+            accounted=found.accounted,
+            disabled=[team for team in found.disabled if wanted is None or team in wanted],
         )
         # A team named that has no queue may be a mistyped name: said as every report says
         # it, not shown as an idle team's row (a team workers serve has one: they declare it).

@@ -136,7 +136,7 @@ def status_view(status: Status, *, wide: bool = False) -> RenderableType:
     budget = usd_places((t.budget_usd for t in status.teams), least=0)
     for t in status.teams:
         cells = [
-            t.team,
+            t.team if t.enabled else f"{t.team} (disabled)",
             _count(t.queue_depth),
             _count(t.consumers),
             f"{t.in_flight:,}",

@@ -75,6 +75,9 @@ class TeamStatus:
     budget_usd: Decimal | None
     """None: no budget, or not known when the status has a stale ``reason`` (PostgreSQL
     could not be read)."""
+    enabled: bool = True
+    """False: the team is disabled, listed for the jobs its queue still holds, which no
+    worker takes until it is enabled again."""
 
 
 @dataclass(frozen=True)
@@ -170,16 +173,18 @@ class StatusReader:
         *,
         stale: str | None = None,
         accounted: Accounted | None = None,
+        disabled: Sequence[str] = (),
     ) -> Status:
         """The teams given (the registry's enabled ones: admin.status; those live workers
-        serve when None); the deployments given (the catalog's: a deployment is listed
+        serve when None), and those of the ``disabled`` teams whose queues hold jobs, each
+        marked disabled; the deployments given (the catalog's: a deployment is listed
         whether or not a running worker has called it) and any other that workers called.
         ``stale``: why the caller could not read the budgets, carried by the status (its
         budgets are then unknown, not absent); else the status is stale when no worker
         reports. ``accounted``: the month's spend in PostgreSQL, the least each team shows
         (none: Redis's figures alone)."""
         try:
-            status = await self._read(teams, budgets or {}, deployments, accounted)
+            status = await self._read(teams, budgets or {}, deployments, accounted, disabled)
         # TimeoutError, a REDIS_WAIT passed, is an OSError.
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(redis_unreachable(self._settings, cause=exc)) from exc
@@ -194,6 +199,7 @@ class StatusReader:
         budgets: Mapping[str, Decimal],
         listed: Sequence[str],
         accounted: Accounted | None,
+        disabled: Sequence[str],
     ) -> Status:
         assert self._redis is not None and self._live is not None
         keys = self._keys
@@ -201,7 +207,12 @@ class StatusReader:
         async with asyncio.timeout(REDIS_WAIT):
             view = await read_view(self._redis, keys)
         month = datetime.now(UTC).strftime("%Y-%m")
-        names = sorted(set(teams or view.teams))
+        # A disabled team's backlog waits unseen by workers: it is shown, not its idle queue.
+        queues = {
+            team: await self._queue_counts(self._topology.team_queue(team)) for team in disabled
+        }
+        held = [team for team, (depth, _) in queues.items() if depth]
+        names = sorted(set(teams or view.teams) | set(held))
         deployment_names = sorted(set(listed) | set(view.deployments))
         windows, cut = rate_windows(now)
         oldest, rest = windows[0], windows[1:]
@@ -231,7 +242,11 @@ class StatusReader:
             sums, waits_seen, seen = next(replies)
             taken = _counts(sums)
             waits = sorted(float(w) for w in waits_seen)
-            depth, consumers = await self._queue_counts(self._topology.team_queue(team))
+            depth, consumers = (
+                queues[team]
+                if team in queues
+                else await self._queue_counts(self._topology.team_queue(team))
+            )
             rows.append(
                 TeamStatus(
                     team=team,
@@ -254,6 +269,7 @@ class StatusReader:
                         written.get(team, Decimal(0)),
                     ),
                     budget_usd=budgets.get(team),
+                    enabled=team not in queues,
                 )
             )
         async with asyncio.timeout(REDIS_WAIT):

@@ -17,10 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig
+from queuegate.db import create_pool
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.metrics import BREAKER_STATE
-from queuegate.registry import TeamConfig
+from queuegate.registry import TeamConfig, disable_team
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month
 from queuegate.status import REDIS_WAIT, Status, StatusReader
@@ -256,3 +257,55 @@ async def test_status_spend_leaves_out_a_dead_workers_lapsed_reservation(
 
     # Expect the spend as the next reserve sees it: without the lapsed reservation
     assert alpha.spend_usd == Decimal("0.25")
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+async def test_status_lists_a_disabled_teams_backlog_marked_disabled(settings: Settings) -> None:
+    # Given enabled alpha, and disabled beta and gamma, beta's queue holding 2 jobs no worker
+    # takes while it is disabled, gamma's none
+    for team in ("alpha", "beta", "gamma"):
+        await register(settings, team, TeamConfig())
+    topology = Topology.of(settings)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for team in ("alpha", "beta", "gamma"):
+            await topology.declare_team_queue(channel, team)
+        jobs = await channel.get_exchange(topology.jobs_exchange)
+        for i in range(2):
+            job = {"job_id": f"j{i}", "team": "beta", "model": "gpt-4o-mini", "messages": HI}
+            await jobs.publish(aio_pika.Message(json.dumps(job).encode()), routing_key="beta")
+    pool = await create_pool(settings)
+    try:
+        for team in ("beta", "gamma"):
+            await disable_team(pool, team)
+    finally:
+        await pool.close()
+
+    # When an operator asks for the status, as JSON and as a table
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "COLUMNS": "160",
+    }
+    said = []
+    for shape in (["--json"], []):
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "status", *shape,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
+        # (stale: no worker runs)
+        assert cli.returncode == 3, stderr.decode()
+        said.append(stdout.decode())
+
+    # Expect beta listed, marked disabled, with its 2 jobs; alpha listed as ever; gamma,
+    # disabled with nothing waiting, left out
+    teams = {t["team"]: t for t in json.loads(said[0])["teams"]}
+    assert sorted(teams) == ["alpha", "beta"]
+    assert (teams["beta"]["enabled"], teams["beta"]["queue_depth"]) == (False, 2)
+    assert (teams["alpha"]["enabled"], teams["alpha"]["queue_depth"]) == (True, 0)
+    assert "beta (disabled)" in said[1] and "gamma" not in said[1]

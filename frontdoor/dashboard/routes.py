@@ -330,6 +330,7 @@ async def live_json(door: Door, session: Signed) -> Response:
             door.catalog.deployment_names,
             stale=registry.unread,
             accounted=registry.accounted,
+            disabled=registry.disabled,
         )
     except (ServiceUnavailable, RedisError, OSError, aio_pika.exceptions.AMQPError) as exc:
         reason = str(exc) if isinstance(exc, ServiceUnavailable) else type(exc).__name__

@@ -70,7 +70,7 @@
       queued += t.queue_depth || 0; inFlight += t.in_flight; out += t.jobs_out_per_s;
       const row = body.insertRow();
       row.dataset.team = t.team;
-      cell(row, t.team);
+      cell(row, t.enabled === false ? t.team + " (disabled)" : t.team);
       cell(row, count(t.queue_depth), true);
       cell(row, count(t.in_flight), true);
       cell(row, rate(t.jobs_in_per_s), true);
