@@ -35,6 +35,7 @@ meanwhile (``Bodies.reader``), as an uploaded file does.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import functools
 from collections import Counter
@@ -216,6 +217,12 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if raw.startswith(codecs.BOM_UTF8):  # UTF-8 all the same: orjson's message says "UTF-8"
+            raise ApiError(
+                "invalid_request",
+                "the request body starts with a byte-order mark (EF BB BF): send the JSON "
+                "without it",
+            ) from None
         problem = "not UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON: {exc.msg}"
         raise ApiError(
             "invalid_request", f"the request body is {problem} (at byte {exc.pos})"

@@ -63,6 +63,8 @@ DEEP = json.dumps({"model": "gpt-4o-mini", "messages": [USER], "tools": [TOOL]})
     [
         (b"{not json", 400, "not valid JSON"),
         (chat()[:-3] + b'\xff\xfe"}]}', 400, "UTF-8"),
+        # Said to be "not UTF-8", which it is
+        (b"\xef\xbb\xbf" + chat(), 400, "starts with a byte-order mark (EF BB BF): send"),
         (b"[1, 2]", 400, "must be a JSON object"),
         (chat(model=42), 400, "model must be a non-empty string"),
         (chat(messages="hi"), 400, "messages must be a non-empty array"),
