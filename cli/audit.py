@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli.console import err, out, print_table
-from cli.options import OnlyTeam, make_settings
+from cli.options import OnlyTeam, make_settings, one
 from queuegate.messages import JobStatus
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
@@ -60,7 +60,7 @@ def audit_log(
     from queuegate.db import create_pool
     from queuegate.reporting import to_json
 
-    where = AuditFilter(team, model, status, pii, since, until)
+    where = AuditFilter(one(team), model, status, pii, since, until)
     settings = make_settings()
 
     async def go() -> AuditPage:

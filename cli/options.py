@@ -72,13 +72,28 @@ def team_name(name: str) -> str:
 TeamName = Annotated[str, typer.Argument(callback=team_name, help="The team's name.")]
 
 
-def only_team(name: str | None) -> str | None:
-    """``--team``'s callback: unset (every team), or a name as ``team_name`` checks it, so a
-    bad one is a usage error (exit 2) as it is where a team is an argument."""
-    return None if name is None else team_name(name)
+def only_team(names: list[str] | None) -> list[str] | None:
+    """``--team``'s callback: unset (every team), or one name as ``team_name`` checks it, so a
+    bad one is a usage error (exit 2) as it is where a team is an argument. Given twice, it
+    is one too: a single option kept the last silently, reporting one team of the two."""
+    if not names:
+        return None
+    if len(names) > 1:
+        raise typer.BadParameter(
+            f"given {len(names)} times: a report is of one team, or of every team without --team"
+        )
+    return [team_name(names[0])]
 
 
-OnlyTeam = Annotated[str | None, typer.Option(callback=only_team, help="Only this team.")]
+OnlyTeam = Annotated[
+    list[str] | None, typer.Option(callback=only_team, metavar="TEAM", help="Only this team.")
+]
+"""``--team``, a list so that a second one is seen (``only_team``): read it with ``one``."""
+
+
+def one(team: list[str] | None) -> str | None:
+    """The team an ``OnlyTeam`` option names; None for every team."""
+    return team[0] if team else None
 
 
 def bounds(field: str) -> dict[str, Any]:

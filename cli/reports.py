@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.console import err, out, print_table
-from cli.options import OnlyTeam, finite, make_settings, parse_month, split_teams
+from cli.options import OnlyTeam, finite, make_settings, one, parse_month, split_teams
 from queuegate.errors import ServiceUnavailable, UnknownTeam
 from queuegate.messages import JobStatus
 from queuegate.runtime import run, stop_on_signals, until_set
@@ -57,6 +57,7 @@ def usage(
     day = parse_month(month)
     settings = make_settings()
     last = datetime.now(UTC).date() if month is None else month_end(day)
+    chosen = one(team)
 
     async def go() -> list[Any]:
         async with await create_pool(settings) as pool:
@@ -66,7 +67,7 @@ def usage(
                 month=day,
                 last_day=last,
                 days=days,
-                where=UsageFilter(team, model, status),
+                where=UsageFilter(chosen, model, status),
                 top=top,
             )
 
@@ -79,11 +80,11 @@ def usage(
         when = f"{day:%Y-%m}"
         if daily:
             when = f"the {days} days to {'today' if month is None else last}"
-        kept = _kept(team, model, status, " for ")
+        kept = _kept(chosen, model, status, " for ")
         out.print(f"no usage in {when}{kept}", highlight=False, markup=False)
     else:
         what = f"daily usage, {days} days" if daily else f"usage by {by} in {day:%Y-%m}"
-        what += _kept(team, model, status, ", ")
+        what += _kept(chosen, model, status, ", ")
         print_table(table(rows, title=what, wide=wide), wide=wide)
 
 

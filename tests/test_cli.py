@@ -297,6 +297,16 @@ def _one_line_refusal(settings: Settings, cwd: Path, args: list[str], **env: str
     return line
 
 
+@pytest.mark.parametrize("command", [["usage"], ["audit", "log"]], ids=" ".join)
+def test_a_report_given_two_teams_is_refused_not_of_the_last_alone(
+    settings: Settings, tmp_path: Path, command: list[str]
+) -> None:
+    # When a report is asked for --team alpha --team beta (it kept beta's alone)
+    line = _one_line_refusal(settings, tmp_path, [*command, "--team", "alpha", "--team", "beta"])
+    # Expect a usage error saying a report is of one team or of all
+    assert "--team" in line and "given 2 times: a report is of one team" in line, line
+
+
 def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
     # When an operator reads the help of commands with long descriptions at 80 columns
     for command in (["submit"], ["worker"], ["teams", "add"], ["teams", "set"], ["status"]):
