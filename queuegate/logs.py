@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -101,3 +102,49 @@ class PoolRetries(logging.Filter):
             record.args = (f"{type(cause).__name__}: {cause}", OUTAGE_GAP)
             record.exc_info, record.exc_text = None, None
         return first
+
+
+REPEAT_GAP = 60.0
+"""Seconds in which a line of the broker libraries is not written again (``BrokerRepeats``)."""
+_REPEATS_KEPT = 1024
+"""Kinds of line ``BrokerRepeats`` remembers: their messages are templates, a few dozen."""
+
+
+class BrokerRepeats(logging.Filter):
+    """One line a minute of each kind the broker libraries (aio-pika, aiormq) write.
+
+    They log each connection's loss at length: a warning with a 20-line traceback, then an
+    error per channel of the connection. A worker holds a connection per team, so teams whose
+    connections kept closing wrote thousands of lines a minute (34 such teams: 7,079 lines in
+    20 s), burying the worker's own; its reconnects are counted per connection and team in
+    ``queuegate_broker_reconnects``. The first line of each kind (its logger and message
+    template) passes as one line with its cause; the same kind within ``REPEAT_GAP`` is left
+    out, counted on the next one let through. ``configure_logging`` installs it on the
+    handlers: a logger's own filters never see its children's lines.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, object], float] = {}
+        self._left_out: Counter[tuple[str, object]] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("aio_pika", "aiormq")):
+            return True
+        kind = (record.name, record.msg)
+        if record.created - self._last.get(kind, -math.inf) < REPEAT_GAP:
+            self._left_out[kind] += 1
+            return False
+        if len(self._last) >= _REPEATS_KEPT:
+            self._last.clear()
+        self._last[kind] = record.created
+        line = record.getMessage()
+        cause = record.exc_info[1] if record.exc_info else None
+        if cause is not None:
+            line += f" ({type(cause).__name__}: {cause})"
+        left_out = self._left_out.pop(kind, 0)
+        if left_out:
+            line += f" [{left_out} more like it left out in the last {REPEAT_GAP:.0f} s or more]"
+        record.msg, record.args = line, None
+        record.exc_info, record.exc_text = None, None
+        return True

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NoReturn, TypeVar
 
-from queuegate.logs import JsonFormatter, PoolRetries, TextFormatter
+from queuegate.logs import BrokerRepeats, JsonFormatter, PoolRetries, TextFormatter
 
 T = TypeVar("T")
 
@@ -181,6 +181,7 @@ def configure_logging(
     formatter = JsonFormatter() if form == "json" else TextFormatter(TEXT_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(BrokerRepeats())
     for name in ("aio_pika", "aiormq", "httpx"):
         logging.getLogger(name).setLevel(libraries)
     pool = logging.getLogger("asyncpg.pool")
