@@ -10,20 +10,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aio_pika
 import openai
+import orjson
 import redis.asyncio as aioredis
 from playwright.async_api import Page
 
 from admin.keys import issue_admin_key
 from mockprovider import Behavior, MockConfig
+from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.metrics import BREAKER_STATE, set_breaker_state
-from queuegate.registry import TeamConfig
+from queuegate.registry import TeamConfig, disable_team
 from queuegate.settings import Settings
+from queuegate.topology import Topology
 from router import load_catalog
 from router.health import Health
 from tests.dashboard_browser import chromium, sign_in
 from tests.frontdoor_support import HELLO, open_door
+from tests.teams import register
 
 SLOW = MockConfig(default=Behavior(latency_ms=300))
 """A third of a second a call: jobs stay in flight long enough to be seen."""
@@ -186,3 +191,41 @@ async def _deployment_shows(page: Page, deployment: str, breaker: str, *, paused
 
 async def _ask(client: openai.AsyncOpenAI) -> None:
     await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)  # type: ignore[arg-type]
+
+
+async def test_the_live_page_lists_a_disabled_teams_backlog_marked_disabled(
+    settings: Settings,
+) -> None:
+    # Given team beta disabled before any worker starts, its queue holding 2 jobs
+    await register(settings, "beta", TeamConfig())
+    pool = await create_pool(settings)
+    try:
+        await disable_team(pool, "beta")
+    finally:
+        await pool.close()
+    async with _served(settings, SLOW) as served, chromium() as browser:
+        topology = Topology.of(settings)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await topology.declare_team_queue(channel, "beta")
+            jobs = await channel.get_exchange(topology.jobs_exchange)
+            for i in range(2):
+                job = {"job_id": f"j{i}", "team": "beta", "model": "gpt-4o-mini", "messages": HELLO}
+                await jobs.publish(aio_pika.Message(orjson.dumps(job)), routing_key="beta")
+
+        # When an operator opens the Live page
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await sign_in(page, served.url, served.admin_key)
+        await page.goto(f"{served.url}/dashboard/live")
+
+        # Expect beta's row, marked disabled, with its 2 jobs queued, beside alpha's
+        await page.wait_for_function(
+            """() => {
+                const row = document.querySelector("#live-teams tr[data-team=beta]");
+                return row !== null && row.cells[0].textContent === "beta (disabled)"
+                    && row.cells[1].textContent === "2";
+            }""",
+            timeout=10_000,
+        )
+        assert await page.inner_text("#live-teams tr[data-team=alpha] td:nth-child(1)") == "alpha"
