@@ -149,14 +149,15 @@ def budget_scopes(config: TeamConfig, model: str) -> list[tuple[str | None, Deci
     return scopes
 
 
+def capped_models(config: TeamConfig) -> list[str]:
+    """The model aliases ``config`` caps the spend of."""
+    return [model for model, limits in config.models.items() if limits.budget_usd is not None]
+
+
 def ledger_scopes(team: str, config: TeamConfig) -> list[Scope]:
     """The ledgers ``config`` holds team ``team`` to: its budget's, then each capped model's."""
     scopes = [Scope(team)] if config.budget_usd is not None else []
-    return scopes + [
-        Scope(team, model)
-        for model, limits in config.models.items()
-        if limits.budget_usd is not None
-    ]
+    return scopes + [Scope(team, model) for model in capped_models(config)]
 
 
 def ledger_keys(keys: Keys, team: str, month: str, models: Sequence[str | None]) -> list[str]:

@@ -15,10 +15,12 @@ from pydantic import ValidationError
 
 from mockprovider import Behavior, MockConfig
 from queuegate.errors import ResultTimeout
+from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
 from tests import openai_message_cases, openai_param_cases
 from tests.support import running_accountant, running_gateway
+from tests.teams import register
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 REFUSED = [(HELLO, params, param) for params, param in openai_param_cases.REFUSED] + [
@@ -79,6 +81,34 @@ async def test_a_failing_primary_falls_back_and_says_so(settings: Settings) -> N
         [row] = await gw.usage_rows(1)
         assert row["fallback_used"] and row["model_used"] == "claude-haiku"
         assert row["attempts"] == 3
+
+
+async def test_a_team_capping_a_models_spend_never_falls_back_to_it_from_another(
+    settings: Settings,
+) -> None:
+    # Given team alpha capping claude-haiku's spend, and flaky-gpt, whose fallback it is in
+    # the catalog, answering 500 to everything
+    capped = {"claude-haiku": ModelLimits(budget_usd=Decimal(1))}
+    await register(settings, "alpha", TeamConfig(models=capped))
+    faults = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        # When a job asks flaky-gpt, another names claude-haiku among its own fallbacks, and a
+        # third asks claude-haiku itself
+        fell = await client.chat("flaky-gpt", HELLO, timeout=10)
+        named = await client.submit(client.job("flaky-gpt", HELLO, fallbacks=["claude-haiku"]))
+        named_result = await named.result(timeout=10)
+        asked = await client.chat("claude-haiku", HELLO, timeout=10)
+
+        # Expect the first two to fail on flaky-gpt's calls alone, saying why claude-haiku
+        # was not tried (its cap counts the jobs that ask for it: passed unseen before); the
+        # third served by claude-haiku, held to its cap
+        for result in (fell, named_result):
+            assert result.status == "error" and result.error is not None
+            assert {a.model for a in result.gateway.attempts} == {"flaky-gpt"}, result.gateway
+            assert "claude-haiku: not a fallback of this team's, which caps its spend" in (
+                result.error.message
+            )
+        assert asked.status == "ok" and asked.gateway.model_used == "claude-haiku"
 
 
 async def test_the_usage_row_of_a_fallen_back_job_lists_every_attempt(settings: Settings) -> None:

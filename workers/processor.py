@@ -51,6 +51,7 @@ from queuegate.errors import (
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.openai_params import refused_param
 from queuegate.request_limits import JOB_OWN_BYTES, request_bytes
+from queuegate.spend import capped_models
 from queuegate.topology import DELIVERY_LIMIT_REASON, HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
@@ -703,6 +704,7 @@ class JobProcessor:
         # (Python 3.11), and this one would be for the whole call: jobs hold thousands.
         del admitting
         spent: Billed | None = None
+        config = self._admission.config(job.team)
         try:
             routed = await self._router.complete(
                 job,
@@ -710,7 +712,8 @@ class JobProcessor:
                 until=limit,
                 on_delta=relay,
                 gate=claim.gate(job, ticket, self._router.catalog),
-                unsupported_params=self._admission.config(job.team).unsupported_params,
+                unsupported_params=config.unsupported_params,
+                capped=capped_models(config) if config.models else (),
             )
         except BaseException as exc:
             if isinstance(exc, JobError):
