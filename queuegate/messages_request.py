@@ -261,18 +261,27 @@ class _Prompt(_Strict):
 
 
 def _answered_tool_uses(messages: list[MessageParam]) -> None:
-    """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, and a
-    ``tool_use`` the next message leaves unanswered, as Anthropic does (attacks' were
+    """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, or
+    that follows other content of its message, a ``tool_use`` the next message leaves
+    unanswered, and two ``tool_use`` blocks of one id, as Anthropic does (attacks' were
     published and called); one that ends the conversation waits for its answer."""
     asked: set[str] = set()
     for index, message in enumerate(messages):
         blocks = message.content if isinstance(message.content, list) else []
+        other = False
         for at, block in enumerate(blocks):
-            if isinstance(block, ToolResultBlock) and block.tool_use_id not in asked:
+            if not isinstance(block, ToolResultBlock):
+                other = True
+            elif block.tool_use_id not in asked:
                 raise ValueError(
                     f"messages.{index}.content.{at}: unexpected `tool_use_id` found in "
                     f"`tool_result` blocks: {shown(block.tool_use_id)}. Each `tool_result` "
                     "block must have a corresponding `tool_use` block in the previous message"
+                )
+            elif other:
+                raise ValueError(
+                    f"messages.{index}.content.{at}: `tool_result` blocks must come first in "
+                    "the message, before any other content"
                 )
         results = {block.tool_use_id for block in blocks if isinstance(block, ToolResultBlock)}
         if asked - results:
@@ -282,7 +291,10 @@ def _answered_tool_uses(messages: list[MessageParam]) -> None:
                 f"immediately after: {unanswered}. Each `tool_use` block must have a "
                 "corresponding `tool_result` block in the next message"
             )
-        asked = {block.id for block in blocks if isinstance(block, ToolUseBlock)}
+        uses = [block.id for block in blocks if isinstance(block, ToolUseBlock)]
+        asked = set(uses)
+        if len(asked) < len(uses):
+            raise ValueError(f"messages.{index}: `tool_use` ids must be unique")
 
 
 class MessagesRequest(_Prompt):

@@ -177,36 +177,49 @@ def check_message(message: dict[str, Any]) -> None:
 
 def unanswered_tool_calls(messages: Sequence[Any]) -> ParamError | None:
     """The error of an assistant message's tool calls that a message other than a tool's
-    answer follows before each call is answered, or a tool message answering no call of the
-    assistant message before it, as OpenAI refuses them (attacks' were published and
-    called); None when each is answered, or the calls end the conversation. The messages
-    are a request's (dicts) or a job's (``ChatMessage``: its fields are read as attributes)."""
+    answer follows before each call is answered (or that the conversation ends on once some
+    are answered), of a tool message answering no call of the assistant message before it,
+    and of an assistant message giving two of its calls one id, as OpenAI refuses them
+    (attacks' were published and called); None when each call is answered, or the calls end
+    the conversation unanswered. The messages are a request's (dicts) or a job's
+    (``ChatMessage``: its fields are read as attributes)."""
     asked: set[Any] = set()
+    answered = False
     at = 0
     for index, message in enumerate(messages):
         get = message.get if isinstance(message, dict) else functools.partial(getattr, message)
         role = get("role", None)
         if role == "tool":
-            answered = get("tool_call_id", None)
-            if answered not in asked:
+            answer = get("tool_call_id", None)
+            if answer not in asked:
                 return ParamError(
                     f"messages.{index}.tool_call_id",
-                    f"{shown(str(answered))!r} answers no tool call of the assistant message "
+                    f"{shown(str(answer))!r} answers no tool call of the assistant message "
                     "before it",
                 )
-            asked.discard(answered)
+            asked.discard(answer)
+            answered = True
             continue
         if asked:
-            return ParamError(
-                f"messages.{at}.tool_calls",
-                "an assistant message with tool_calls must be followed by tool messages "
-                "answering each tool_call_id; unanswered: "
-                + ", ".join(sorted(shown(str(call)) for call in asked)),
-            )
+            return _unanswered(at, asked)
         calls = get("tool_calls", None) if role == "assistant" else None
-        asked = {call.get("id") for call in calls or [] if isinstance(call, dict)}
-        at = index
-    return None
+        ids = [call.get("id") for call in calls or [] if isinstance(call, dict)]
+        asked, answered, at = set(ids), False, index
+        if len(asked) < len(ids):
+            twice = next(id_ for id_ in ids if ids.count(id_) > 1)
+            return ParamError(
+                f"messages.{index}.tool_calls",
+                f"two calls have the id {shown(str(twice))!r}: each call needs an id of its own",
+            )
+    return _unanswered(at, asked) if asked and answered else None
+
+
+def _unanswered(at: int, asked: set[Any]) -> ParamError:
+    return ParamError(
+        f"messages.{at}.tool_calls",
+        "an assistant message with tool_calls must be followed by tool messages answering "
+        "each tool_call_id; unanswered: " + ", ".join(sorted(shown(str(call)) for call in asked)),
+    )
 
 
 __all__ = ["Message", "check_message", "unanswered_tool_calls"]

@@ -14,9 +14,16 @@ def _user_part(part: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "text", "text": "Look"}, part]}]
 
 
+def _calling(*calls: dict[str, Any]) -> dict[str, Any]:
+    return {"role": "assistant", "content": None, "tool_calls": list(calls)}
+
+
+def _answer(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "r"}
+
+
 def _called(call: dict[str, Any]) -> list[dict[str, Any]]:
-    called = {"role": "assistant", "content": None, "tool_calls": [call]}
-    return [ASK, called, {"role": "tool", "tool_call_id": "c1", "content": "r"}]
+    return [ASK, _calling(call), _answer("c1")]
 
 
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
@@ -47,7 +54,13 @@ REFUSED: list[tuple[list[dict[str, Any]], str]] = [
         "messages.1.tool_calls.0.type",
     ),
     ([ASK, {"role": "tool", "content": "r"}], "messages.1.tool_call_id"),
-    # Tool calls left unanswered, and an answer to no call (a queued job's were called)
+    # Tool calls left unanswered (some answered, at the end too), an answer to no call, two
+    # calls of one id (a queued job's were called)
+    (
+        [*_called(CALL)[:1], _calling(CALL, {**CALL, "id": "c2"}), _answer("c1")],
+        "messages.1.tool_calls",
+    ),
+    ([*_called(CALL)[:1], _calling(CALL, CALL), _answer("c1")], "messages.1.tool_calls"),
     ([*_called(CALL)[:2], ASK], "messages.1.tool_calls"),
     (
         [*_called(CALL)[:2], {"role": "tool", "tool_call_id": "zz", "content": "r"}],

@@ -184,6 +184,20 @@ async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_publ
             "messages.2: `tool_use` ids were found without `tool_result` blocks immediately "
             "after: t1",
         ),
+        (
+            {"messages": [*HELLO, {"role": "assistant", "content": [USE, USE]}, *HELLO]},
+            "messages.1: `tool_use` ids must be unique",
+        ),
+        (
+            {
+                "messages": [
+                    *HELLO,
+                    {"role": "assistant", "content": [USE]},
+                    {"role": "user", "content": [{"type": "text", "text": "x"}, RESULT]},
+                ]
+            },
+            "messages.2.content.1: `tool_result` blocks must come first in the message",
+        ),
         ({"stop_sequences": [" "]}, "stop_sequences: each stop sequence must contain non-white"),
         (
             {"messages": [{"role": "user", "content": [IMAGE]}]},
