@@ -149,15 +149,25 @@ def budget_scopes(config: TeamConfig, model: str) -> list[tuple[str | None, Deci
     return scopes
 
 
-def capped_models(config: TeamConfig) -> list[str]:
-    """The model aliases ``config`` caps the spend of."""
-    return [model for model, limits in config.models.items() if limits.budget_usd is not None]
+def capped_fallback(config: TeamConfig, asked: str, alias: str) -> bool:
+    """Whether ``alias`` is left out of the chain of a job asking for ``asked``: a fallback
+    whose spend the team caps. A cap counts the jobs that ask for its alias (its ledger, its
+    reconciliation with usage_log), so a job of another alias served by it would pass the cap
+    unseen."""
+    if alias == asked or not config.models:
+        return False
+    limits = config.models.get(alias)
+    return limits is not None and limits.budget_usd is not None
 
 
 def ledger_scopes(team: str, config: TeamConfig) -> list[Scope]:
     """The ledgers ``config`` holds team ``team`` to: its budget's, then each capped model's."""
     scopes = [Scope(team)] if config.budget_usd is not None else []
-    return scopes + [Scope(team, model) for model in capped_models(config)]
+    return scopes + [
+        Scope(team, model)
+        for model, limits in config.models.items()
+        if limits.budget_usd is not None
+    ]
 
 
 def ledger_keys(keys: Keys, team: str, month: str, models: Sequence[str | None]) -> list[str]:

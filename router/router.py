@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -353,11 +353,12 @@ class Router:
         on_delta: DeltaSink | None = None,
         gate: AttemptGate | None = None,
         unsupported_params: UnsupportedParams | None = None,
-        capped: Collection[str] = (),
+        capped: Callable[[str], bool] | None = None,
     ) -> Routed:
         """Serve ``job`` from the first deployment along its chain that answers, leaving out
-        the ``capped`` aliases (those the team caps the spend of) but the one it asks for: a
-        cap counts the jobs that ask for its model, so a fallback to it would pass it unseen.
+        each fallback ``capped`` says the team caps the spend of, asked as the job reaches it
+        (a cap set meanwhile holds from then): a cap counts the jobs that ask for its alias,
+        so a fallback to it would pass it unseen.
 
         ``deadline`` is a ``time.monotonic()`` instant: no call starts after it, and none is
         allowed to run past it. With ``on_delta``, a job with ``stream`` set is streamed: its
@@ -379,20 +380,29 @@ class Router:
             raise RuntimeError("the Router is not open: use `async with Router(...) as router`")
         run = _Job(job, deadline, on_delta if job.stream else None, gate, unsupported_params)
         run.until = until
-        chain = _uncapped(run, self.catalog.chain(job.model, job.fallbacks), capped)
+        chain = self.catalog.chain(job.model, job.fallbacks)
         too_many = too_many_stops(job.params.stop)
         if too_many is not None and self.catalog.caps_stop(job.model):
             # Refused as the front door refuses it (OpenAI answers a 400), not left to a
             # fallback: the same request is served or refused whichever door it came in by.
             raise InvalidRequest(f"stop: {too_many}", param="stop")
         tried: list[str] = []
+        left_out: set[str] = set()
         while chain:
             alias = chain.pop(0)
+            if alias in left_out:
+                continue
+            if capped is not None and alias != job.model and capped(alias):
+                left_out.add(alias)
+                run.failures.append(
+                    f"{alias}: not a fallback of this team's, which caps its spend (ask for it)"
+                )
+                continue
             tried.append(alias)
             try:
                 routed = await self._serve_alias(run, alias)
             except _Redirect as redirect:
-                chain = _uncapped(run, self.catalog.redirect(redirect.aliases, tried), capped)
+                chain = self.catalog.redirect(redirect.aliases, tried)
                 continue
             except _Spent:
                 run.reasons.add("budget")
@@ -763,22 +773,6 @@ async def open_router(
             yield router
     finally:
         await redis.aclose()
-
-
-def _uncapped(run: _Job, chain: list[str], capped: Collection[str]) -> list[str]:
-    """``chain`` without the ``capped`` aliases the job did not ask for, each left out said
-    among the job's failures (the reason its error gives, should no other alias serve it)."""
-    if not capped:
-        return chain
-    kept = []
-    for alias in chain:
-        if alias in capped and alias != run.job.model:
-            run.failures.append(
-                f"{alias}: not a fallback of this team's, which caps its spend (ask for it)"
-            )
-        else:
-            kept.append(alias)
-    return kept
 
 
 def _failure(run: _Job, tried: list[str]) -> Exception:

@@ -20,7 +20,7 @@ from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult
-from queuegate.registry import TeamConfig, default_burst, set_team_config
+from queuegate.registry import ModelLimits, TeamConfig, default_burst, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent, ledgers_in_force
 from router import load_catalog
@@ -268,6 +268,18 @@ def test_a_jobs_estimate_holds_every_choice_and_the_completion_limit_it_asks_for
     job = ChatJob(job_id="j", team="alpha", model="gpt-4o-mini", messages=WORDS, params=asked)
     catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
     assert estimate(job, catalog, TeamConfig(), 256).output_tokens == output
+
+
+def test_a_jobs_estimate_leaves_out_the_fallbacks_its_team_caps() -> None:
+    # Given a job of gpt-4o-mini, whose fallback claude-haiku is dearer
+    job = ChatJob(job_id="j", team="alpha", model="gpt-4o-mini", messages=WORDS)
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    alone = estimate(job.model_copy(update={"fallbacks": []}), catalog, TeamConfig(), 256)
+    assert estimate(job, catalog, TeamConfig(), 256).cost_nano > alone.cost_nano
+    # When its team caps claude-haiku, which it then never falls back to (Router.complete)
+    capped = TeamConfig(models={"claude-haiku": ModelLimits(budget_usd=Decimal(1))})
+    # Expect it priced at gpt-4o-mini's alone: it was refused for claude-haiku's price
+    assert estimate(job, catalog, capped, 256) == alone
 
 
 @pytest.mark.parametrize("deadline", [None, timedelta(seconds=30)], ids=["no_deadline", "deadline"])

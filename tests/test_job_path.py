@@ -13,6 +13,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from admin.teams import configure, in_force
 from mockprovider import Behavior, MockConfig
 from queuegate.errors import ResultTimeout
 from queuegate.registry import ModelLimits, TeamConfig
@@ -109,6 +110,33 @@ async def test_a_team_capping_a_models_spend_never_falls_back_to_it_from_another
                 result.error.message
             )
         assert asked.status == "ok" and asked.gateway.model_used == "claude-haiku"
+
+
+async def test_a_cap_set_while_a_job_is_in_its_primarys_call_keeps_it_from_falling_back_there(
+    settings: Settings,
+) -> None:
+    # Given team alpha without caps, and flaky-gpt, whose fallback is claude-haiku,
+    # answering 500 after 2 s
+    await register(settings, "alpha", TeamConfig())
+    slow_fail = Behavior(latency_ms=2000, error_rate=1.0, error_status=500)
+    faults = MockConfig(models={"flaky-gpt": slow_fail})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        # When a job of flaky-gpt is in its first call, and a cap on claude-haiku is put in
+        # force on every worker
+        handle = await client.submit(client.job("flaky-gpt", HELLO))
+        async with asyncio.timeout(10):
+            await gw.mock.wait_for_arrivals(1)
+        capped = {"models": {"claude-haiku": {"budget_usd": "1"}}}
+        change = await configure(settings, "alpha", capped)
+        assert (await in_force(settings, change.change, 5)).pending == []
+        assert gw.mock.stats.calls == 0  # still in its call
+        result = await handle.result(timeout=30)
+
+    # Expect its fallback left out as the cap says from then: before, the job fell back to
+    # claude-haiku, the cap read as the job began
+    assert result.status == "error" and result.error is not None
+    assert {a.model for a in result.gateway.attempts} == {"flaky-gpt"}, result.gateway
+    assert "claude-haiku: not a fallback of this team's" in result.error.message
 
 
 async def test_the_usage_row_of_a_fallen_back_job_lists_every_attempt(settings: Settings) -> None:

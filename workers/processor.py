@@ -51,7 +51,7 @@ from queuegate.errors import (
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.openai_params import refused_param
 from queuegate.request_limits import JOB_OWN_BYTES, request_bytes
-from queuegate.spend import capped_models
+from queuegate.spend import capped_fallback
 from queuegate.topology import DELIVERY_LIMIT_REASON, HEADER_SENT_MS
 from queuegate.visible import clipped
 from router import Routed, Router
@@ -704,7 +704,11 @@ class JobProcessor:
         # (Python 3.11), and this one would be for the whole call: jobs hold thousands.
         del admitting
         spent: Billed | None = None
-        config = self._admission.config(job.team)
+        config = self._admission.config
+
+        def capped(alias: str) -> bool:  # the team's config as it is when the job gets there
+            return capped_fallback(config(job.team), job.model, alias)
+
         try:
             routed = await self._router.complete(
                 job,
@@ -712,8 +716,8 @@ class JobProcessor:
                 until=limit,
                 on_delta=relay,
                 gate=claim.gate(job, ticket, self._router.catalog),
-                unsupported_params=config.unsupported_params,
-                capped=capped_models(config) if config.models else (),
+                unsupported_params=config(job.team).unsupported_params,
+                capped=capped,
             )
         except BaseException as exc:
             if isinstance(exc, JobError):

@@ -16,7 +16,7 @@ import orjson
 
 from queuegate.messages import ChatJob
 from queuegate.registry import TeamConfig
-from queuegate.spend import to_nano
+from queuegate.spend import capped_fallback, to_nano
 from router.catalog import Catalog, Deployment
 
 PER_MESSAGE = 3
@@ -82,6 +82,7 @@ def estimate(
     deployments = [
         d
         for alias in catalog.chain(job.model, job.fallbacks)
+        if not capped_fallback(config, job.model, alias)  # never tried (Router.complete)
         for d in catalog.resolve(alias).deployments
     ]
     cost = to_nano(max(_usd(d, prompt, output) for d in deployments))
