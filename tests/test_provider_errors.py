@@ -251,6 +251,14 @@ def test_scrub_redacts_more_than_half_of_a_short_key() -> None:
     assert scrub("sk- and test are fine", "sk-test-mock") == "sk- and test are fine"
 
 
+def test_scrub_leaves_an_error_whole_for_a_placeholder_key_of_a_few_characters() -> None:
+    said = "Invalid 'max_tokens': expected an integer; got 'x' (see the docs)"
+    # A key "x" masked every x and every e (its base64 begins "eA"): "inj[redacted]ct[redacted]d"
+    for key in ("x", "sk", "abc"):
+        assert scrub(said, key) == said
+    assert scrub("a key abcd was sent", "abcd") == "a key [redacted] was sent"
+
+
 def test_scrub_is_fast_on_a_large_error_body() -> None:
     body = "upstream said: " + " ".join(f"word{i}%20x" for i in range(20_000)) + KEY.upper()
     echoes = "echoed: " + KEY * 2_000

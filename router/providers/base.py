@@ -392,10 +392,11 @@ def scrub(text: str, secret: str | None) -> str:
     (category Cf: zero-width spaces, joiners, bidi marks) removed, whitespace collapsed to
     single spaces, then the key redacted, then cut to ``MAX_DETAIL`` characters.
 
-    Redacted is any run of at least ``_run_length`` characters (12, fewer for a short key: more
-    than half of it) that is a piece of the key, of its hex, or of its base64 encoding at any of
-    the three byte alignments (standard or URL-safe alphabet), compared without regard to case,
-    to whitespace inside the run, to characters written percent-encoded or as HTML character
+    Redacted is any run of at least ``_run_length`` characters (12, fewer for a short key:
+    more than half of it, 4 at least, so a key under 4 characters is not looked for) that is
+    a piece of the key, of its hex, or of its base64 encoding at any of the three byte
+    alignments (standard or URL-safe alphabet), compared without regard to case, to
+    whitespace inside the run, to characters written percent-encoded or as HTML character
     references, or to one character put between each two: the whole key, its prefix or
     suffix, the key split across lines, upper-cased, URL-encoded, HTML-escaped, hex- or
     base64-encoded, or spelt out with dots between its characters.
@@ -421,11 +422,16 @@ def scrub(text: str, secret: str | None) -> str:
 
 MIN_RUN = 12
 """Characters of the key (or of its base64) that are never let through together."""
+SHORTEST_RUN = 4
+"""The shortest run redacted, whatever the key: a key of 1 to 3 characters (a placeholder:
+``x``, ``sk``) guards nothing, and its runs, letters, masked every letter of its kind in every
+error (``inj[redacted]ct[redacted]d`` for a key ``x``, whose base64 begins with ``e``)."""
 
 
 def _run_length(needle: str) -> int:
-    """The shortest run of ``needle`` redacted: ``MIN_RUN``, or more than half a short one."""
-    return min(MIN_RUN, len(needle) // 2 + 1)
+    """The shortest run of ``needle`` redacted: ``MIN_RUN``, or more than half a short one,
+    never under ``SHORTEST_RUN`` (a form shorter than that is not looked for)."""
+    return max(SHORTEST_RUN, min(MIN_RUN, len(needle) // 2 + 1))
 
 
 @dataclass(frozen=True)
@@ -457,7 +463,7 @@ def _needles(secret: str) -> tuple[_Needle, ...]:
     for form in sorted(forms):
         lowered = form.lower()
         run = _run_length(lowered)
-        if run:
+        if run <= len(lowered):
             grams = frozenset(lowered[i : i + run] for i in range(len(lowered) - run + 1))
             needles.append(_Needle(lowered, run, grams))
     return tuple(needles)
