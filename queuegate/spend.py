@@ -224,11 +224,13 @@ def exhausted(
     flight only hold a job back until they settle)."""
     scope_model, limit = scope
     what = f"its {model} cap" if scope_model else "its monthly budget"
+    raise_it = f"the cap (queuegate teams set {team} --model {model}:budget=...)"
+    if not scope_model:
+        raise_it = f"the budget (queuegate teams set {team} --budget ...)"
     return BudgetExhausted(
         f"team {team} has spent ${plain_decimal(from_nano(spent))} of {what} "
         f"(${plain_decimal(limit)}) for {month}; this job needs about "
-        f"${plain_decimal(from_nano(needed))}: raise the budget (queuegate teams set "
-        f"{team} --budget ...) or wait for next month"
+        f"${plain_decimal(from_nano(needed))}: raise {raise_it} or wait for next month"
     )
 
 

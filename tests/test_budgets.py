@@ -107,8 +107,12 @@ async def test_a_model_cap_refuses_that_model_only(
     )
 
     # When each model asks for $0.20, expect gpt-4o refused and the other admitted
-    with pytest.raises(BudgetExhausted, match="its gpt-4o cap"):
+    with pytest.raises(BudgetExhausted, match="its gpt-4o cap") as refused:
         await budgets.reserve("alpha", "gpt-4o", config, DOLLAR // 5, "job-5")
+    # ... saying how to raise the cap, not the budget
+    assert "raise the cap (queuegate teams set alpha --model gpt-4o:budget=...)" in str(
+        refused.value
+    )
     reserved, _ = await budgets.reserve("alpha", "gpt-4o-mini", config, DOLLAR // 5, "job-6")
     assert reserved is not None
 
