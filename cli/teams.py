@@ -269,7 +269,8 @@ def teams_show(
 
 
 _MODEL_HELP = (
-    "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,burst=N,budget=USD (ALIAS: clears them)."
+    "Per-model limits, repeatable: ALIAS:rpm=N,tpm=N,burst=N,budget=USD, each set over the "
+    "alias's others (budget= empty clears that one; ALIAS: clears them all)."
 )
 
 
@@ -359,8 +360,7 @@ def teams_set(
 
     async def store(storing: Storing) -> Configured:
         if limits:
-            models = await stored_models(settings, name) | limits
-            changes["models"] = {k: v for k, v in models.items() if v}
+            changes["models"] = _merged(await stored_models(settings, name), limits)
         return await configure(settings, name, changes, storing)
 
     configured = _store(name, wait, store)
@@ -404,6 +404,22 @@ def _size(value: str) -> int:
     return int(match[1]) * _UNITS[match[2].lower()]
 
 
+def _merged(stored: dict[str, Any], limits: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The per-model limits ``limits`` makes of those ``stored``: each alias's fields set over
+    its others (``rpm=`` empty clears that one alone: setting an alias's rpm dropped its budget
+    cap silently), ``ALIAS:`` clearing them all."""
+    models = dict(stored)
+    for alias, fields in limits.items():
+        kept = models.get(alias)
+        merged = {**(kept if isinstance(kept, dict) and fields else {}), **fields}
+        merged = {field: value for field, value in merged.items() if value != ""}
+        if merged:
+            models[alias] = merged
+        else:
+            models.pop(alias, None)
+    return models
+
+
 def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
     limits: dict[str, dict[str, str]] = {}
     names = {"rpm": "rpm", "tpm": "tpm", "burst": "burst", "budget": "budget_usd"}
@@ -423,12 +439,13 @@ def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
             )
         fields: dict[str, str] = {}
         for pair in filter(None, rest.split(",")):
-            key, _, value = pair.partition("=")
-            if key not in names or not value:
+            key, equals, value = pair.partition("=")
+            if key not in names or not equals:
                 raise typer.BadParameter(
-                    f"{clipped(spec)!r}: use ALIAS:rpm=N,tpm=N,burst=N,budget=USD (any of them)"
+                    f"{clipped(spec)!r}: use ALIAS:rpm=N,tpm=N,burst=N,budget=USD (any of "
+                    "them; budget= empty clears that one)"
                 )
-            fields[names[key]] = value
+            fields[names[key]] = value  # "" clears it (``_merged``)
         limits[alias] = fields
     return limits
 

@@ -221,6 +221,25 @@ async def test_a_model_limit_without_an_alias_is_refused_in_one_line(settings: S
         assert await _stored(settings, "alpha") == {"models": {"gpt-4o-mini": {"rpm": 5}}}
 
 
+async def test_a_models_limit_set_keeps_its_others_and_one_is_cleared_alone(
+    settings: Settings,
+) -> None:
+    # Given a team capping gpt-4o-mini's spend
+    await add(settings, "alpha", identity="queue")
+    model = ("teams", "set", "alpha", "--model")
+    assert (await _cli(settings, *model, "gpt-4o-mini:budget=5"))[0] == 0
+    # When its rpm is set (this dropped the cap silently), then the cap cleared alone
+    assert (await _cli(settings, *model, "gpt-4o-mini:rpm=60"))[0] == 0
+    capped = await _stored(settings, "alpha")
+    assert (await _cli(settings, *model, "gpt-4o-mini:budget="))[0] == 0
+    uncapped = await _stored(settings, "alpha")
+    assert (await _cli(settings, *model, "gpt-4o-mini:"))[0] == 0
+    # Expect the cap kept beside the rpm, then the rpm kept alone, then nothing
+    assert capped == {"models": {"gpt-4o-mini": {"rpm": 60, "budget_usd": "5"}}}
+    assert uncapped == {"models": {"gpt-4o-mini": {"rpm": 60}}}
+    assert await _stored(settings, "alpha") == {}
+
+
 async def test_bad_names_and_numbers_are_refused_without_a_traceback(settings: Settings) -> None:
     for args in [
         ("status", "--teams", "a!"),
