@@ -48,3 +48,26 @@ async def test_the_sdks_with_their_default_retries_send_a_providers_429_once(doo
     assert len(rows) == 2
     assert {row["error_code"] for row in rows} == {"rate_limited"}
     assert door.gateway.mock.stats.calls == sum(row["attempts"] for row in rows)
+
+
+async def test_a_streamed_request_every_deployment_of_answers_429_is_rate_limited_too(
+    door: Door,
+) -> None:
+    # When the provider answers every call 429 to a streamed request, of each SDK
+    async with (
+        openai.AsyncOpenAI(base_url=f"{door.url}/v1", api_key=door.keys["alpha"]) as gpt,
+        anthropic.AsyncAnthropic(base_url=door.url, api_key=door.keys["alpha"]) as claude,
+    ):
+        with pytest.raises(openai.RateLimitError) as limited:
+            await gpt.chat.completions.create(model="claude-haiku", messages=HELLO, stream=True)
+        with pytest.raises(anthropic.RateLimitError) as limited_claude:
+            await claude.messages.create(
+                model="claude-haiku", max_tokens=10, messages=HELLO, stream=True
+            )
+
+    # Expect it told rate_limited, as the same request unstreamed is (it was
+    # all_providers_failed), and its usage rows so too
+    for error in (limited.value, limited_claude.value):
+        assert error.response.headers["x-should-retry"] == "false"
+    rows = await door.gateway.usage_rows(2)
+    assert {row["error_code"] for row in rows} == {"rate_limited"}
