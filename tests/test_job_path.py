@@ -112,28 +112,36 @@ async def test_a_team_capping_a_models_spend_never_falls_back_to_it_from_another
         assert asked.status == "ok" and asked.gateway.model_used == "claude-haiku"
 
 
-async def test_a_cap_set_while_a_job_is_in_its_primarys_call_keeps_it_from_falling_back_there(
-    settings: Settings,
+CAPPED = {"claude-haiku": {"budget_usd": "1"}}
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [({}, CAPPED), (CAPPED, {})], ids=["cap set", "cap cleared"]
+)
+async def test_a_cap_changed_while_a_job_is_in_its_primarys_call_keeps_it_from_falling_back(
+    settings: Settings, before: dict[str, object], after: dict[str, object]
 ) -> None:
-    # Given team alpha without caps, and flaky-gpt, whose fallback is claude-haiku,
-    # answering 500 after 2 s
-    await register(settings, "alpha", TeamConfig())
-    slow_fail = Behavior(latency_ms=2000, error_rate=1.0, error_status=500)
+    # Given team alpha with a budget, and flaky-gpt, whose fallback is claude-haiku,
+    # answering 500 after 3 s (twice: it is retried once before the job falls back)
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(1)))
+    slow_fail = Behavior(latency_ms=3000, error_rate=1.0, error_status=500)
     faults = MockConfig(models={"flaky-gpt": slow_fail})
     async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        change = await configure(settings, "alpha", {"models": before})
+        assert (await in_force(settings, change.change, 5)).pending == []
         # When a job of flaky-gpt is in its first call, and a cap on claude-haiku is put in
-        # force on every worker
+        # force on every worker, or cleared
         handle = await client.submit(client.job("flaky-gpt", HELLO))
         async with asyncio.timeout(10):
             await gw.mock.wait_for_arrivals(1)
-        capped = {"models": {"claude-haiku": {"budget_usd": "1"}}}
-        change = await configure(settings, "alpha", capped)
+        change = await configure(settings, "alpha", {"models": after})
         assert (await in_force(settings, change.change, 5)).pending == []
-        assert gw.mock.stats.calls == 0  # still in its call
+        assert gw.mock.stats.calls < 2  # still calling flaky-gpt: the fallback not chosen
         result = await handle.result(timeout=30)
 
-    # Expect its fallback left out as the cap says from then: before, the job fell back to
-    # claude-haiku, the cap read as the job began
+    # Expect its fallback left out either way: capped from the moment the cap is in force
+    # (before, the job fell back to it, the cap read as the job began), and once the job was
+    # priced without it, never reserved for (before, it was then served past the budget)
     assert result.status == "error" and result.error is not None
     assert {a.model for a in result.gateway.attempts} == {"flaky-gpt"}, result.gateway
     assert "claude-haiku: not a fallback of this team's" in result.error.message

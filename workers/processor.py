@@ -704,10 +704,14 @@ class JobProcessor:
         # (Python 3.11), and this one would be for the whole call: jobs hold thousands.
         del admitting
         spent: Billed | None = None
-        config = self._admission.config
+        config, priced = self._admission.config, ticket.priced
 
-        def capped(alias: str) -> bool:  # the team's config as it is when the job gets there
-            return capped_fallback(config(job.team), job.model, alias)
+        def capped(alias: str) -> bool:
+            # Capped as the config is when the job gets there (a cap put in force since its
+            # admission holds), or when the job was priced (its reservation leaves it out).
+            return capped_fallback(config(job.team), job.model, alias) or (
+                priced is not None and capped_fallback(priced, job.model, alias)
+            )
 
         try:
             routed = await self._router.complete(

@@ -494,6 +494,7 @@ class Admission:
                 inherits=lost is not None,
             )
             ticket.deadline = deadline
+            ticket.priced = ahead.config if ahead is not None else config
             ticket.served = partial(self._served, job, check)
             # Checked while the job waits, and once admitted: its batch, and its team's
             # config as the registry's notification brings it (never a round trip per tick).
@@ -1041,6 +1042,10 @@ class Ticket:
         self.config: TeamConfig | None = None
         """The team's config as last checked, once it changed since the job's admission, or
         the one its reserve with its claim was made under (``Ahead.config``)."""
+        self.priced: TeamConfig | None = None
+        """The team's config the job's estimate was made under: a fallback it left out of it
+        for its cap (``capped_fallback``) is never tried by the job, its cost reserved by
+        nothing, whatever the config says since."""
         self._team = team
         self.estimate = estimate
         self.until = until
