@@ -261,17 +261,25 @@ class _Prompt(_Strict):
 
 
 def _answered_tool_uses(messages: list[MessageParam]) -> None:
-    """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, or
-    that follows other content of its message, a ``tool_use`` the next message leaves
+    """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, one
+    answered already, or one that follows other content of its message, a ``tool_use`` the
+    next message leaves
     unanswered, and two ``tool_use`` blocks of one id, as Anthropic does (attacks' were
     published and called); one that ends the conversation waits for its answer."""
     asked: set[str] = set()
     for index, message in enumerate(messages):
         blocks = message.content if isinstance(message.content, list) else []
         other = False
+        results: set[str] = set()
         for at, block in enumerate(blocks):
             if not isinstance(block, ToolResultBlock):
                 other = True
+            elif block.tool_use_id in results:
+                raise ValueError(
+                    f"messages.{index}.content.{at}: each `tool_use` must have a single "
+                    f"result; found multiple `tool_result` blocks with id: "
+                    f"{shown(block.tool_use_id)}"
+                )
             elif block.tool_use_id not in asked:
                 raise ValueError(
                     f"messages.{index}.content.{at}: unexpected `tool_use_id` found in "
@@ -283,7 +291,8 @@ def _answered_tool_uses(messages: list[MessageParam]) -> None:
                     f"messages.{index}.content.{at}: `tool_result` blocks must come first in "
                     "the message, before any other content"
                 )
-        results = {block.tool_use_id for block in blocks if isinstance(block, ToolResultBlock)}
+            else:
+                results.add(block.tool_use_id)
         if asked - results:
             unanswered = ", ".join(sorted(shown(id_) for id_ in asked - results))
             raise ValueError(

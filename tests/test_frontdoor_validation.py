@@ -198,6 +198,16 @@ async def test_what_anthropic_refuses_is_refused_naming_the_field_and_never_publ
             },
             "messages.2.content.1: `tool_result` blocks must come first in the message",
         ),
+        (
+            {
+                "messages": [
+                    *HELLO,
+                    {"role": "assistant", "content": [USE]},
+                    {"role": "user", "content": [RESULT, RESULT]},
+                ]
+            },
+            "messages.2.content.1: each `tool_use` must have a single result",
+        ),
         ({"stop_sequences": [" "]}, "stop_sequences: each stop sequence must contain non-white"),
         (
             {"messages": [{"role": "user", "content": [IMAGE]}]},
