@@ -262,10 +262,10 @@ class _Prompt(_Strict):
 
 def _answered_tool_uses(messages: list[MessageParam]) -> None:
     """Refuse a ``tool_result`` that answers no ``tool_use`` of the message before it, one
-    answered already, or one that follows other content of its message, a ``tool_use`` the
-    next message leaves
-    unanswered, and two ``tool_use`` blocks of one id, as Anthropic does (attacks' were
-    published and called); one that ends the conversation waits for its answer."""
+    answered already, or one that follows other content of its message; a ``tool_use`` the
+    next message leaves unanswered, and two ``tool_use`` blocks of one id, as Anthropic does
+    (attacks' were published and called). One that ends the conversation waits for its
+    answer."""
     asked: set[str] = set()
     for index, message in enumerate(messages):
         blocks = message.content if isinstance(message.content, list) else []

@@ -256,6 +256,8 @@ def test_scrub_leaves_an_error_whole_for_a_placeholder_key_of_a_few_characters()
     # A key "x" masked every x and every e (its base64 begins "eA"): "inj[redacted]ct[redacted]d"
     for key in ("x", "sk", "abc"):
         assert scrub(said, key) == said
+    # ... nor its hex or base64 ("abc" is 616263, YWJj)
+    assert scrub("ids 6162 and 6263, YWJj", "abc") == "ids 6162 and 6263, YWJj"
     assert scrub("a key abcd was sent", "abcd") == "a key [redacted] was sent"
 
 

@@ -449,6 +449,8 @@ def _needles(secret: str) -> tuple[_Needle, ...]:
     then its base64 at each of the three byte alignments. Each base64 form keeps only the
     characters that do not depend on the bytes around the key (a key inside a longer encoded
     text)."""
+    if len(secret) < SHORTEST_RUN:
+        return ()  # its hex and base64 neither: "abc" masked every "6162" of an error
     raw = secret.encode("utf-8")
     forms = {secret, raw.hex()}
     for offset in range(3):
