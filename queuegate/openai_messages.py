@@ -10,7 +10,6 @@ thinking blocks back (the OpenAI adapter leaves them out), a tool result hold im
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Self
 
@@ -187,10 +186,9 @@ def unanswered_tool_calls(messages: Sequence[Any]) -> ParamError | None:
     answered = False
     at = 0
     for index, message in enumerate(messages):
-        get = message.get if isinstance(message, dict) else functools.partial(getattr, message)
-        role = get("role", None)
+        role = _field(message, "role")
         if role == "tool":
-            answer = get("tool_call_id", None)
+            answer = _field(message, "tool_call_id")
             if answer not in asked:
                 return ParamError(
                     f"messages.{index}.tool_call_id",
@@ -202,7 +200,7 @@ def unanswered_tool_calls(messages: Sequence[Any]) -> ParamError | None:
             continue
         if asked:
             return _unanswered(at, asked)
-        calls = get("tool_calls", None) if role == "assistant" else None
+        calls = _field(message, "tool_calls") if role == "assistant" else None
         ids = [call.get("id") for call in calls or [] if isinstance(call, dict)]
         asked, answered, at = set(ids), False, index
         if len(asked) < len(ids):
@@ -212,6 +210,11 @@ def unanswered_tool_calls(messages: Sequence[Any]) -> ParamError | None:
                 f"two calls have the id {shown(str(twice))!r}: each call needs an id of its own",
             )
     return _unanswered(at, asked) if asked and answered else None
+
+
+def _field(message: Any, name: str) -> Any:
+    """A field of a request's message (a dict) or of a job's (``ChatMessage``)."""
+    return message.get(name) if isinstance(message, dict) else getattr(message, name, None)
 
 
 def _unanswered(at: int, asked: set[Any]) -> ParamError:
