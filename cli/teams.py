@@ -446,6 +446,12 @@ def _model_limits(specs: list[str]) -> dict[str, dict[str, str]]:
                     "them; budget= empty clears that one)"
                 )
             fields[names[key]] = value  # "" clears it (``_merged``)
+        if alias in limits:
+            # The last given alone was kept, the limits before it dropped with exit 0.
+            raise typer.BadParameter(
+                f"{clipped(alias)!r} is given twice: give each alias once, with all its "
+                f"limits ({clipped(alias)}:rpm=N,budget=USD)"
+            )
         limits[alias] = fields
     return limits
 

@@ -238,6 +238,12 @@ async def test_a_models_limit_set_keeps_its_others_and_one_is_cleared_alone(
     assert capped == {"models": {"gpt-4o-mini": {"rpm": 60, "budget_usd": "5"}}}
     assert uncapped == {"models": {"gpt-4o-mini": {"rpm": 60}}}
     assert await _stored(settings, "alpha") == {}
+    # ... and an alias given twice in one command refused, nothing changed (the last one alone
+    # was kept: tpm=60 dropped)
+    twice = ("gpt-4o-mini:tpm=60", "--model", "gpt-4o-mini:burst=2")
+    code, _, stderr = await _cli(settings, *model, *twice)
+    assert code == 2 and "is given twice: give each alias once" in stderr, stderr
+    assert await _stored(settings, "alpha") == {}
 
 
 async def test_bad_names_and_numbers_are_refused_without_a_traceback(settings: Settings) -> None:
