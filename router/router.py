@@ -793,8 +793,9 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
         head = "no deployment along the chain can serve this request"
         return InvalidRequest(run.summary(head), run.attempts, param=run.param)
     calls = len(run.attempts)
+    failed = f"all {len(tried)} models" if len(tried) > 1 else tried[0]  # the one asked for
     return AllProvidersFailed(
-        run.summary(f"all {len(tried)} models failed after {calls} call{'s' * (calls != 1)}"),
+        run.summary(f"{failed} failed after {calls} call{'s' * (calls != 1)}"),
         run.attempts,
     )
 

@@ -470,6 +470,19 @@ async def test_every_deployment_failing_lists_each_attempt(
     ]
 
 
+async def test_a_model_without_fallbacks_failing_is_named_alone(
+    settings: Settings, mock: MockProvider, mock_catalog: Catalog
+) -> None:
+    mock.configure(MockConfig(models={"llama-3.1-8b": Behavior(error_rate=1.0, error_status=500)}))
+
+    async with open_router(mock_catalog, ENV, settings) as router:
+        with pytest.raises(AllProvidersFailed) as caught:
+            await router.complete(chat("local-llama"))
+
+    # Not "all 1 models failed".
+    assert str(caught.value).startswith("local-llama failed after 2 calls: local-vllm: 500")
+
+
 async def test_missing_key_variable_fails_that_deployment_and_names_the_variable(
     settings: Settings, mock: MockProvider, mock_catalog: Catalog
 ) -> None:
@@ -482,7 +495,7 @@ async def test_missing_key_variable_fails_that_deployment_and_names_the_variable
     assert "anthropic-main: no_api_key" in str(caught.value)
     # Nothing reached the network: no call is counted.
     assert caught.value.attempts == []
-    assert "after 0 calls" in str(caught.value)
+    assert "all 2 models failed after 0 calls" in str(caught.value)
     assert keyless.deployment == "local-vllm"
     assert mock.stats.calls == 1
 
