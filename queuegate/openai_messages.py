@@ -133,7 +133,7 @@ class AssistantMessage(OpenAIObject):
     content: str | list[AssistantPart] | None = None
     name: str | None = None
     refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
     function_call: CalledFunction | None = None
     audio: dict[str, Any] | None = None
 

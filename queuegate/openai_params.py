@@ -331,7 +331,7 @@ class OpenAIParams(TypedDict, total=False):
     stream_options: StreamOptions | None
     temperature: Annotated[float, Field(ge=0, le=2)] | None
     tool_choice: ToolChoice | None
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None
     top_logprobs: TopLogprobs | None
     top_p: Annotated[float, Field(ge=0, le=1)] | None
     user: str | None

@@ -47,6 +47,7 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     (_tool(strict="yes"), "tools.0.function.strict"),
     (_tool(description=5), "tools.0.function.description"),
     ({"tools": [{"type": 5, "function": {"name": "f"}}]}, "tools.0.type"),
+    ({"tools": []}, "tools"),  # OpenAI's 400 (empty_array): leave tools out to offer none
     ({"stream_options": "yes"}, "stream_options"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"prediction": {"type": "content", "content": 5}}, "prediction.content"),
