@@ -9,7 +9,8 @@ OpenAPI docs are at ``/docs``.
 
 To add an API family: write ``frontdoor/routes/<family>.py`` with its ``router``, include it
 in ``ROUTERS`` (each is mounted behind ``frontdoor.url_text.storable_url``: no route reads a
-URL PostgreSQL could not hold), and register its error shape
+URL PostgreSQL could not hold; and ``frontdoor.query_once.once_each``: none reads the last of
+a parameter given twice as if alone), and register its error shape
 (``app.state.error_shapes.register(prefix, shape)``) when it is not OpenAI's. Routes take
 ``caller: Calling`` (``frontdoor.auth``: the proven team) and ``door: Door``
 (``frontdoor.service``: the process's services), build a ``ChatJob``, and run it with
@@ -33,6 +34,7 @@ from frontdoor.answers import TRACE_HEADER, note_arrival, request_id
 from frontdoor.dashboard import install as install_dashboard
 from frontdoor.errors import UnexpectedErrors, install_error_handlers
 from frontdoor.held import Held, HeldRequests
+from frontdoor.query_once import once_each
 from frontdoor.routes import (
     admin,
     anthropic,
@@ -90,8 +92,9 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
     # /v1/messages/batches lies under this prefix: Anthropic's shape for both.
     shapes.register(anthropic.PREFIX, anthropic_error)
     for router in ROUTERS:
-        # A URL PostgreSQL could not hold is answered before any route reads it
-        app.include_router(router, dependencies=[Depends(storable_url)])
+        # A URL PostgreSQL could not hold, or repeating a parameter read as one value, is
+        # answered before any route reads it
+        app.include_router(router, dependencies=[Depends(storable_url), Depends(once_each)])
     install_dashboard(app)
 
     app.state.held = held = Held.of(settings)

@@ -1,0 +1,58 @@
+"""A query parameter read as one value is given once, checked once for every route.
+
+Starlette keeps each value of a repeated query parameter, and FastAPI reads the last of them
+into a parameter declared as one value: ``/admin/usage?team=a&team=b`` answered team b's
+month, 200, as though ``a`` had not been asked for. So each router takes ``once_each`` as a
+dependency, which runs before the route and refuses such a request 400 ``invalid_request``
+naming the parameter, in the API's error shape::
+
+    app.include_router(router, dependencies=[Depends(storable_url), Depends(once_each)])
+
+Which parameters are read as one value comes from what the matched route declares, by
+FastAPI's own rule (a ``list[str]`` parameter keeps every value, and may repeat): no route
+lists its own. A parameter no route declares is left unread, repeated or not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastapi import Request
+from fastapi._compat import field_annotation_is_sequence
+from fastapi.dependencies.utils import get_flat_params
+from fastapi.params import Query
+from fastapi.routing import APIRoute
+
+from frontdoor.errors import ApiError
+
+
+def single_valued(route: APIRoute) -> frozenset[str]:
+    """The query parameters ``route`` reads one value of, its dependencies' included."""
+    return frozenset(
+        field.alias
+        for field in get_flat_params(route.dependant)
+        if isinstance(field.field_info, Query)
+        and not field_annotation_is_sequence(field.field_info.annotation)
+    )
+
+
+def repeated(request: Request) -> tuple[str, int] | None:
+    """The first query parameter the request's route reads one value of that it gives more
+    than once, and how many times it gives it."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return None
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    single = single_valued(route)
+    return next(((n, c) for n, c in counts.items() if c > 1 and n in single), None)
+
+
+async def once_each(request: Request) -> None:
+    """ApiError (in the API's shape) for a parameter ``repeated`` finds given twice."""
+    found = repeated(request)
+    if found is not None:
+        name, count = found
+        raise ApiError("invalid_request", f"{name} given {count} times: give it once", param=name)
+
+
+__all__ = ["once_each", "repeated", "single_valued"]
