@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # the commands that read PostgreSQL import its client when th
     import asyncpg
 
     from admin.status import Registered
+    from queuegate.status import Status
 
 
 def usage(
@@ -108,7 +111,12 @@ def status(
         typer.Option(help="Comma-separated teams; the registry's enabled teams if unset."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Refresh in place until Ctrl-C; with --json, one JSON line each."
+        ),
+    ] = False,
     interval: Annotated[
         float, typer.Option(min=0.2, callback=finite, help="Seconds between refreshes.")
     ] = 2.0,
@@ -124,12 +132,11 @@ def status(
     still holds jobs, marked disabled), its spend never less than the month's
     in usage_log (Redis may have lost its own count). With PostgreSQL unreachable the rest
     is printed, budgets "unknown", the reason on stderr, and the exit status is 3, as when no
-    worker reports; --watch marks itself stale with the reason and goes on refreshing.
+    worker reports; --watch marks itself stale with the reason and goes on refreshing
+    (--watch --json: "stale": true, the "reason" and "stale_since" in each line).
     """
-    from rich.live import Live
-
-    from queuegate.reporting import status_view, to_json, watch_view
-    from queuegate.status import Status, StatusReader, status_record
+    from queuegate.reporting import status_view, to_json
+    from queuegate.status import StatusReader, status_record
     from router import load_catalog
 
     settings = make_settings()
@@ -162,7 +169,7 @@ def status(
     async def forever() -> None:
         stop = stop_on_signals()
         async with StatusReader(settings) as reader, _Registry(settings) as registry:
-            with Live(console=out.console) as live:
+            with _refreshes(as_json=as_json, wide=wide) as show:
                 last: Status | None = None
                 since: datetime | None = None
                 while not stop.is_set():
@@ -174,7 +181,7 @@ def status(
                     except ServiceUnavailable as exc:
                         reason = str(exc)
                     since = None if reason is None else since or datetime.now(UTC)
-                    live.update(watch_view(last, reason, since, wide=wide))
+                    show(last, reason, since)
                     await until_set(interval, stop)
 
     if watch:
@@ -190,6 +197,29 @@ def status(
 
         err.print(f"[yellow]stale:[/] {escape(visible(current.reason))}", highlight=False)
         raise typer.Exit(STALE_EXIT)
+
+
+@contextlib.contextmanager
+def _refreshes(
+    *, as_json: bool, wide: bool
+) -> Iterator[Callable[[Status | None, str | None, datetime | None], None]]:
+    """How each refresh of ``status --watch`` is shown: the tables redrawn in place, or with
+    --json one document a line, flushed (a pipe to jq would see none until the end)."""
+    from queuegate.reporting import to_json, watch_view
+    from queuegate.status import watch_record
+
+    if as_json:
+
+        def line(last: Status | None, reason: str | None, since: datetime | None) -> None:
+            sys.stdout.write(to_json(watch_record(last, reason, since)))
+            sys.stdout.flush()
+
+        yield line
+        return
+    from rich.live import Live
+
+    with Live(console=out.console) as live:
+        yield lambda *seen: live.update(watch_view(*seen, wide=wide))
 
 
 class _Registry:

@@ -141,6 +141,16 @@ def status_record(status: Status) -> dict[str, Any]:
     return {**dataclasses.asdict(status), "stale": status.reason is not None}
 
 
+def watch_record(last: Status | None, reason: str | None, since: datetime | None) -> dict[str, Any]:
+    """One refresh of ``status --watch --json``, marked stale as the table watch marks its
+    frame (``queuegate.reporting.watch_view``): the last status read (``status_record``;
+    ``at`` when it was read), ``stale`` with this refresh's ``reason``, and ``stale_since``
+    when the watch went stale (null while fresh). A refresh that failed keeps the figures
+    read before it; until one is read there are none, only the stale fields."""
+    figures = status_record(last) if last is not None else {}
+    return {**figures, "stale": reason is not None, "reason": reason, "stale_since": since}
+
+
 class StatusReader:
     """Holds one broker connection and one Redis client, so ``--watch`` reads cheaply."""
 

@@ -5,6 +5,7 @@ so, as the Live page's ``live.json`` does, never shows a missing figure as a rea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ import pty
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
 import httpx
@@ -25,7 +27,7 @@ from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
-from queuegate.status import NO_WORKER
+from queuegate.status import NO_WORKER, Status
 from queuegate.topology import Topology
 from queuegate.urls import redact_url
 from router import load_catalog
@@ -181,6 +183,73 @@ async def test_watch_marks_itself_stale_while_redis_is_away_and_recovers(
                 cli.kill()
                 await cli.wait()
             screen.close()
+
+
+STATUS_FIELDS = {f.name for f in dataclasses.fields(Status)} | {"stale"}
+"""The fields of the document ``status --json`` prints."""
+
+
+async def test_watch_as_json_prints_a_status_document_a_line_stale_ones_marked(
+    settings: Settings,
+) -> None:
+    # Given `status --watch --json` of team alpha piped to a program, reaching Redis through
+    # a proxy, and a worker process serving alpha (reporting to Redis directly)
+    await add(settings, "alpha", identity="queue")
+    async with (
+        MockProvider() as mock,
+        workers_running(worker_env(settings, mock, QUEUEGATE_STATS_INTERVAL="0.2"), ("alpha",)),
+        TcpProxy(settings.redis_url) as proxy,
+    ):
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "status", "--watch", "--json", "--interval", "0.2",
+            "--teams", "alpha",
+            env=_env(settings, redis_url=proxy.url),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = cli.stdout, cli.stderr
+        assert stdout is not None and stderr is not None
+
+        async def document() -> dict[str, Any]:
+            line = await asyncio.wait_for(stdout.readline(), timeout=CLI_WAIT)
+            parsed: dict[str, Any] = json.loads(line)
+            return parsed
+
+        async def until(check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+            while not check(found := await document()):
+                pass
+            return found
+
+        try:
+            # When two refreshes have passed
+            first, second = await document(), await document()
+            # Expect each a line of its own, the status document with when it went stale
+            for refresh in (first, second):
+                assert set(refresh) == STATUS_FIELDS | {"stale_since"}
+                assert [team["team"] for team in refresh["teams"]] == ["alpha"]
+            assert first["at"] < second["at"]
+
+            # And, once the worker reports, fresh figures, not stale
+            fresh = await until(lambda refresh: not refresh["stale"])
+            assert (fresh["reason"], fresh["stale_since"], fresh["workers"]) == (None, None, 1)
+
+            # When Redis goes away
+            await proxy.down()
+            # Expect the watch still printing: the last figures read, marked stale with the
+            # one-line reason and since when, as the table watch marks its frame
+            stale = await until(lambda refresh: refresh["stale"])
+            assert stale["reason"].startswith(f"Redis is not reachable at {redact_url(proxy.url)}")
+            assert stale["stale_since"] is not None and stale["stale_since"] > fresh["at"]
+            assert stale["at"] >= fresh["at"] and stale["teams"][0]["team"] == "alpha"
+            assert cli.returncode is None
+
+            # When it is interrupted, expect a clean end
+            cli.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(cli.wait(), timeout=CLI_WAIT) == 0
+            assert "Traceback" not in (await stderr.read()).decode()
+        finally:
+            if cli.returncode is None:
+                cli.kill()
+                await cli.wait()
 
 
 async def test_status_names_a_missing_database_not_an_unreachable_server(
