@@ -10,12 +10,14 @@ naming the parameter, in the API's error shape::
 
 Which parameters are read as one value comes from what the matched route declares, by
 FastAPI's own rule (a ``list[str]`` parameter keeps every value, and may repeat): no route
-lists its own. A parameter no route declares is left unread, repeated or not.
+lists its own. A parameter no route declares is left unread, repeated or not. The
+dashboard's routes take ``repeated`` as their own dependency, answering in a page.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi._compat import field_annotation_is_sequence
@@ -36,23 +38,33 @@ def single_valued(route: APIRoute) -> frozenset[str]:
     )
 
 
-def repeated(request: Request) -> tuple[str, int] | None:
+@dataclass(frozen=True)
+class Repeated:
+    """A query parameter read as one value, given more than once."""
+
+    name: str
+    times: int
+
+    def __str__(self) -> str:
+        return f"{self.name} given {self.times} times: give it once"
+
+
+def repeated(request: Request) -> Repeated | None:
     """The first query parameter the request's route reads one value of that it gives more
-    than once, and how many times it gives it."""
+    than once."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return None
-    counts = Counter(name for name, _ in request.query_params.multi_items())
     single = single_valued(route)
-    return next(((n, c) for n, c in counts.items() if c > 1 and n in single), None)
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    return next((Repeated(n, c) for n, c in counts.items() if c > 1 and n in single), None)
 
 
 async def once_each(request: Request) -> None:
     """ApiError (in the API's shape) for a parameter ``repeated`` finds given twice."""
     found = repeated(request)
     if found is not None:
-        name, count = found
-        raise ApiError("invalid_request", f"{name} given {count} times: give it once", param=name)
+        raise ApiError("invalid_request", str(found), param=found.name)
 
 
-__all__ = ["once_each", "repeated", "single_valued"]
+__all__ = ["Repeated", "once_each", "repeated", "single_valued"]

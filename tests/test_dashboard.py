@@ -247,6 +247,21 @@ async def test_an_audit_filter_postgresql_cannot_hold_gets_the_error_page(
             assert said in answer.text, query
 
 
+async def test_an_audit_filter_given_twice_gets_the_error_page_not_the_last_ones_rows(
+    settings: Settings,
+) -> None:
+    async with open_door(settings, TEAMS) as door, httpx.AsyncClient(base_url=door.url) as client:
+        admin = await issue_admin_key(door.gateway.pool, "ops")
+        await signed_in(client, admin.key)
+        # When the audit log is asked for two teams' rows in one request
+        answer = await client.get("/dashboard/audit?team=alpha&team=beta")
+    # Expect the error page, 400, naming the filter and saying what to do
+    assert answer.status_code == 400
+    assert answer.headers["content-security-policy"] == CSP
+    assert answer.headers["content-type"].startswith("text/html")
+    assert "team given 2 times: give it once." in answer.text
+
+
 async def test_an_audit_filter_naming_no_team_is_404_as_the_team_page_is(
     settings: Settings,
 ) -> None:

@@ -11,12 +11,12 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from frontdoor.dashboard.batches import router as batches_router
-from frontdoor.dashboard.routes import install_handlers, router, storable_url
+from frontdoor.dashboard.routes import install_handlers, once_each, router, storable_url
 from frontdoor.dashboard.security import DashboardHeaders
 
 
 def install(app: FastAPI) -> None:
-    checked = [Depends(storable_url)]
+    checked = [Depends(storable_url), Depends(once_each)]
     app.include_router(router, dependencies=checked)
     app.include_router(batches_router, dependencies=checked)
     app.mount(

@@ -36,6 +36,7 @@ from frontdoor.dashboard.outage import RETRY_AFTER, Guarded, Unavailable
 from frontdoor.dashboard.render import page
 from frontdoor.dashboard.session import Session
 from frontdoor.failed_keys import Throttled, client_of
+from frontdoor.query_once import repeated
 from frontdoor.service import Door, FrontDoor
 from frontdoor.url_text import unstorable
 from queuegate.errors import ConfigError, ServiceUnavailable, UnknownTeam
@@ -70,6 +71,13 @@ async def storable_url(request: Request) -> None:
     if found is not None:
         status = 404 if found.where == "path" else 400
         raise Refused(status, f"No such page: {found}." if status == 404 else f"{found}.")
+
+
+async def once_each(request: Request) -> None:
+    """``frontdoor.query_once.once_each``, answered as a page: 400."""
+    found = repeated(request)
+    if found is not None:
+        raise Refused(400, f"{found}.")
 
 
 @router.get("/sign-in")
