@@ -17,10 +17,11 @@ dashboard's routes take ``repeated`` as their own dependency, answering in a pag
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
+from typing import Any, get_args, get_origin
 
 from fastapi import Request
-from fastapi._compat import field_annotation_is_sequence
 from fastapi.dependencies.utils import get_flat_params
 from fastapi.params import Query
 from fastapi.routing import APIRoute
@@ -33,9 +34,17 @@ def single_valued(route: APIRoute) -> frozenset[str]:
     return frozenset(
         field.alias
         for field in get_flat_params(route.dependant)
-        if isinstance(field.field_info, Query)
-        and not field_annotation_is_sequence(field.field_info.annotation)
+        if isinstance(field.field_info, Query) and not _many(field.field_info.annotation)
     )
+
+
+def _many(annotation: Any) -> bool:
+    """Whether a parameter of this type keeps every value given (``list[str]``,
+    ``list[str] | None``), as FastAPI reads a sequence from a repeated parameter."""
+    origin = get_origin(annotation)
+    if isinstance(origin, type) and issubclass(origin, (Sequence, Set)) and origin is not str:
+        return True
+    return any(_many(member) for member in get_args(annotation)) if origin is not None else False
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,8 @@ def repeated(request: Request) -> Repeated | None:
     """The first query parameter the request's route reads one value of that it gives more
     than once."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
+    # No query string, nothing to read: the chat and messages routes take none.
+    if not request.scope.get("query_string") or not isinstance(route, APIRoute):
         return None
     single = single_valued(route)
     counts = Counter(name for name, _ in request.query_params.multi_items())
