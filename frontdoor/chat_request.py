@@ -62,7 +62,7 @@ timeout when that is less). An SDK times a request from its own side of the wire
 sent as the timeout passes here reached it 2 to 8 ms after its own timer fired: it read a
 timeout of its own, and retried the request as a new job, called and billed again."""
 MAX_IDEMPOTENCY_KEY = 255
-OWNED = frozenset({"model", "messages", "stream", "stream_options"})
+OWNED = frozenset({"model", "messages", "stream", "stream_options", "fallbacks"})
 """Body fields the job carries itself; every other one is a parameter for the provider."""
 
 
@@ -192,22 +192,25 @@ class Checked:
 
 def check_chat(body: dict[str, Any], limits: Limits) -> Checked:
     """Refuse what OpenAI's chat completions refuse (ApiError 400, or 404 for a model the
-    catalog does not serve), and what the gateway takes of no request (its nesting), before
-    the job is made (``queuegate.openai_request``)."""
+    catalog does not serve, the request's own fallbacks' included), and what the gateway
+    takes of no request (its nesting), before the job is made (``queuegate.openai_request``)."""
     model = served_model(body, limits)
     with refusing():
         messages = check_chat_body(body, model, limits)
         check_nesting(body)
+    served_fallbacks(body, limits)
     return Checked(model, messages)
 
 
 def check_canonical(body: dict[str, Any], limits: Limits) -> Checked:
     """The checks of a canonical request made of another API's body, which checked it as
-    that API does (``/v1/messages``): its nesting, model and messages; ApiError."""
+    that API does (``/v1/messages``): its nesting, model, messages and fallbacks; ApiError."""
     with refusing():
         check_nesting(body)
         model = served_model(body, limits)
-        return Checked(model, checked_messages(body, limits.max_messages))
+        messages = checked_messages(body, limits.max_messages)
+    served_fallbacks(body, limits)
+    return Checked(model, messages)
 
 
 def served_model(body: dict[str, Any], limits: Limits) -> str:
@@ -222,9 +225,23 @@ def served_model(body: dict[str, Any], limits: Limits) -> str:
     return model
 
 
-def unknown_model(name: str) -> ApiError:
+def served_fallbacks(body: dict[str, Any], limits: Limits) -> None:
+    """ApiError 404 naming the first of the request's own ``fallbacks`` the catalog does not
+    serve (``fallbacks.1``), as one for its model: the worker would refuse the job for it
+    (``Router.check``). Of a body its API's checks typed (``RequestFallbacks``)."""
+    for index, alias in enumerate(body.get("fallbacks") or ()):
+        if alias not in limits.models:
+            raise unknown_model(alias, f"fallbacks.{index}")
+
+
+def unknown_model(name: str, param: str | None = None) -> ApiError:
+    """The 404 of a model the catalog does not serve, named where the request named it when
+    that is not its ``model`` (Anthropic's errors name no field but in their message)."""
+    where = f"{param}: " if param else ""
     return ApiError(
-        "unknown_model", f"model {shown(name)!r} is not served here: GET /v1/models lists them"
+        "unknown_model",
+        f"{where}model {shown(name)!r} is not served here: GET /v1/models lists them",
+        param=param,
     )
 
 
@@ -251,6 +268,7 @@ def chat_job(
                 model=checked.model,
                 messages=checked.messages,
                 params=ChatParams.model_validate(params),
+                fallbacks=body.get("fallbacks"),
                 deadline=options.deadline(),
                 stream=stream,
                 chunk_wait=options.chunk_wait() if stream else None,

@@ -126,6 +126,19 @@ StoredText = Annotated[str, AfterValidator(_stored_text)]
 stored there, so that the job it came in is refused as bad input before it is called, never
 called and then left unaccounted."""
 
+MAX_FALLBACKS = 8
+"""Aliases a request's own ``fallbacks`` names at most: each one failing costs its retries and
+its timeout before the next is tried, so a longer chain outlives any caller's wait."""
+
+RequestFallbacks = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_stored_text)]],
+    Field(min_length=1, max_length=MAX_FALLBACKS),
+]
+"""A request's own ``fallbacks`` (``/v1/chat/completions``, ``/v1/messages``, a batch's
+request), typed as its API's other fields are (strict there: ``"x"`` is no list): 1 to
+``MAX_FALLBACKS`` aliases, each as a job's ``model`` is. They become the job's ``fallbacks``,
+never a parameter; whether the catalog serves them is asked where its ``model`` is."""
+
 REFUSED_MARK = "/refused/"
 """What the usage row of a refused job has in its id, ``<job id>/refused/<digest of body>``
 (``workers.outcome.refused``), and no job id may: a job sent under a refusal's id, which its

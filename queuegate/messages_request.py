@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from queuegate.errors import InvalidRequest
-from queuegate.messages import ErrorInfo
+from queuegate.messages import ErrorInfo, RequestFallbacks
 from queuegate.openai_params import AnthropicEffort, Thinking, ThinkingEnabled
 from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, ANTHROPIC_MESSAGES_PARAMS
 from queuegate.request_errors import deepest, joined, refusal
@@ -318,6 +318,9 @@ class MessagesRequest(_Prompt):
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: Literal["auto", "standard_only"] | None = None
+    fallbacks: RequestFallbacks | None = None
+    """The gateway's, not Anthropic's: the job's own fallbacks, as an OpenAI request names
+    them (the SDK's ``extra_body``)."""
 
     @field_validator("stop_sequences")
     @classmethod

@@ -10,14 +10,16 @@ batch to answer that line 400 rather than send on what the endpoint refuses:
   router takes on purpose (docs/providers.md): Anthropic's ``top_k`` and ``thinking``, and,
   for a model an ``openai_compatible`` server may serve, any other (such servers have
   parameters of their own, which the openai SDK sends with ``extra_body``); the job's own
-  fields (``team``, ``deadline``, ``cache``, ``fallbacks``, …) never, as the gateway sets them;
+  fields (``team``, ``deadline``, ``cache``, …) never, as the gateway sets them, but its
+  ``fallbacks`` (``REQUEST_JOB_FIELDS``);
 - values of another type than OpenAI's (no coercion: ``"5"`` is no integer) or out of its
   bounds (``stop`` holds at most 4 sequences, ``temperature`` 0 to 2, …), and objects
   without what they must hold (a tool without its ``function``). What an object may hold
   beyond is left to the provider.
 
-The front door looks the model up in the catalog first (404 for one not served); a batch
-line's is not: one not served is answered as any job's, by the worker.
+The front door looks the model, and the request's own fallbacks, up in the catalog (404 for
+one not served); a batch line's are not: one not served is answered as any job's, by the
+worker.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Annotated, Any, Required
 from pydantic import Field, TypeAdapter, ValidationError
 
 from queuegate.errors import InvalidRequest
-from queuegate.messages import ChatJob, ErrorInfo
+from queuegate.messages import ChatJob, ErrorInfo, RequestFallbacks
 from queuegate.openai_messages import Message, unanswered_tool_calls
 from queuegate.openai_params import JobParams, too_many_stops
 from queuegate.provider_formats import OPENAI_CHAT_PARAMS
@@ -37,8 +39,11 @@ from queuegate.value_errors import shown
 
 ROUTED_EXTRAS = frozenset({"top_k", "thinking"})
 """Anthropic's parameters, which the router maps for OpenAI or passes on to Anthropic."""
-JOB_FIELDS = frozenset(ChatJob.model_fields) - OPENAI_CHAT_PARAMS
-"""The job's own fields (``team``, ``deadline``, ``fallbacks``, …): set by the gateway."""
+REQUEST_JOB_FIELDS = frozenset({"fallbacks"})
+"""The job's own fields a request may name (``RequestFallbacks``), as LiteLLM's proxy takes
+them in the body (the SDKs' ``extra_body``)."""
+JOB_FIELDS = frozenset(ChatJob.model_fields) - OPENAI_CHAT_PARAMS - REQUEST_JOB_FIELDS
+"""The job's own fields (``team``, ``deadline``, ``cache``, …): set by the gateway."""
 NAMED = 5
 """Unknown fields an error names at most."""
 
@@ -46,11 +51,13 @@ NAMED = 5
 class ChatRequest(JobParams, total=False):
     """The body of ``POST /v1/chat/completions`` (the openai SDK's
     ``CompletionCreateParams``) with the bounds OpenAI's API reference gives: its parameters
-    and its messages as a worker types a job's (``JobParams``, ``Message``)."""
+    and its messages as a worker types a job's (``JobParams``, ``Message``), and the job's
+    own ``fallbacks`` it may name."""
 
     model: Required[str]
     messages: Required[Annotated[list[Message], Field(min_length=1)]]
     stream: bool | None
+    fallbacks: RequestFallbacks | None
 
 
 _CHAT_REQUEST = TypeAdapter(ChatRequest)
@@ -100,7 +107,7 @@ def _known_fields(body: dict[str, Any], model: str, limits: Limits) -> None:
             "extra_body: the openai SDK sends the fields of extra_body at the top level of "
             "the body; send them there"
         )
-    unknown = sorted(body.keys() - OPENAI_CHAT_PARAMS - ROUTED_EXTRAS)
+    unknown = sorted(body.keys() - OPENAI_CHAT_PARAMS - ROUTED_EXTRAS - REQUEST_JOB_FIELDS)
     refused = [name for name in unknown if model not in limits.open_models or name in JOB_FIELDS]
     if not refused:
         return
@@ -124,6 +131,7 @@ def unrecognized(names: list[str], why: str) -> InvalidRequest:
 
 __all__ = [
     "JOB_FIELDS",
+    "REQUEST_JOB_FIELDS",
     "ROUTED_EXTRAS",
     "ChatRequest",
     "body_refusal",

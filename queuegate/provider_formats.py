@@ -143,7 +143,9 @@ _STOP_REASONS = {finish: stop for stop, finish in reversed(FINISH_REASONS.items(
 STOP_SEQUENCE = "stop_sequence"
 """The canonical choice's field naming the stop sequence the provider stopped at, when it
 said which (Anthropic does; OpenAI's ``finish_reason: stop`` does not tell)."""
-_INVERSE_PASSED = frozenset({"top_k", "thinking", "service_tier"})
+_INVERSE_PASSED = frozenset({"top_k", "thinking", "service_tier", "fallbacks"})
+"""Fields the canonical request carries as they are: Anthropic's parameters the router maps
+or passes on, and the request's own ``fallbacks``, which its job takes out of them."""
 THINKING_PARTS = frozenset({"thinking", "redacted_thinking"})
 """Anthropic's thinking blocks, kept as content parts of the assistant message sending them
 back: their signature must reach Anthropic again when a tool call follows them."""
@@ -161,9 +163,11 @@ def openai_request(
     canonical format cannot carry (documents by URL, file id or content blocks, server
     tools); thinking blocks sent back in assistant turns stay content parts
     (``THINKING_PARTS``), a document (a base64 PDF or plain text) a ``file`` or a text part
-    (``document_part``), ``output_config.effort`` the job's ``reasoning_effort``.
-    ``cache_control`` markers are kept where the canonical format has them (content parts,
-    system blocks, tool results, tools): the Anthropic adapter sends them on.
+    (``document_part``), ``output_config.effort`` the job's ``reasoning_effort``; the
+    request's own ``fallbacks`` are kept among the params, as an OpenAI request's body holds
+    them (its job takes them out). ``cache_control`` markers are kept where the canonical
+    format has them (content parts, system blocks, tool results, tools): the Anthropic
+    adapter sends them on.
     """
     if not isinstance(params, dict):
         raise ValueError(f"{where or 'the request'} must be an object")

@@ -49,6 +49,23 @@ async def door(settings: Settings) -> AsyncIterator[Door]:
         yield opened
 
 
+FAILING = MockConfig(
+    models={
+        "flaky-gpt": Behavior(error_rate=1.0, error_status=500),
+        "llama-3.1-8b": Behavior(error_rate=1.0, error_status=500),
+    }
+)
+"""flaky-gpt (whose catalog fallback is claude-haiku) and local-llama (which has none) answer
+500 to everything."""
+UPSTREAM = {
+    "local-llama": "llama-3.1-8b",
+    "flaky-gpt": "flaky-gpt",
+    "claude-haiku": "claude-3-5-haiku-latest",
+    "gpt-4o-mini": "gpt-4o-mini",
+}
+"""The model each alias of the bundled catalog asks its provider for."""
+
+
 @pytest.mark.parametrize("model", MODELS)
 async def test_a_message_goes_through_the_team_queue_and_back(door: Door, model: str) -> None:
     # When team alpha creates a message with the async SDK
@@ -475,4 +492,65 @@ async def test_a_document_the_gateway_cannot_carry_is_refused_naming_its_source(
         "invalid_request: messages.0.content.0.source.type: 'url' is not supported by this "
         "gateway; use one of 'base64', 'text'"
     )
+    assert door.gateway.mock.stats.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "fallback"),
+    [
+        ("local-llama", "claude-haiku"),  # the catalog gives it no fallback
+        ("flaky-gpt", "gpt-4o-mini"),  # instead of its catalog's claude-haiku
+    ],
+)
+async def test_a_messages_own_fallback_serves_it_when_its_model_fails(
+    settings: Settings, model: str, fallback: str
+) -> None:
+    # Given the model failing every call
+    async with open_door(settings, mock_config=FAILING) as door, client(door) as sdk:
+        # When a message for it names its own fallback, as an OpenAI request names it
+        raw = await sdk.messages.with_raw_response.create(
+            model=model, max_tokens=50, messages=HELLO, extra_body={"fallbacks": [fallback]}
+        )
+        message = await raw.parse()
+        [row] = await door.gateway.usage_rows(1)
+        called = {call.model for call in door.gateway.mock.requests}
+
+    # Expect the named fallback to answer it, alone after the model
+    assert message.content[0].type == "text"
+    assert raw.headers["x-queuegate-model-used"] == fallback
+    assert row["model_used"] == fallback
+    assert called == {UPSTREAM[model], UPSTREAM[fallback]}
+
+
+async def test_a_messages_fallback_the_catalog_lacks_is_not_found_naming_it(door: Door) -> None:
+    async with client(door) as sdk:
+        with pytest.raises(anthropic.NotFoundError) as refused:
+            await sdk.messages.create(
+                model="claude-haiku",
+                max_tokens=10,
+                messages=HELLO,
+                extra_body={"fallbacks": ["claude-haiku", "claude-9"]},
+            )
+
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["error"]["type"] == "not_found_error"
+    assert "fallbacks.1: model 'claude-9' is not served here" in refused.value.message
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_a_messages_fallbacks_that_are_no_list_are_refused(door: Door) -> None:
+    async with client(door) as sdk:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await sdk.messages.create(
+                model="claude-haiku",
+                max_tokens=10,
+                messages=HELLO,
+                extra_body={"fallbacks": "gpt-4o-mini"},
+            )
+
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["error"] == {
+        "type": "invalid_request_error",
+        "message": "invalid_request: fallbacks: Input should be a valid list",
+    }
     assert door.gateway.mock.stats.calls == 0

@@ -8,16 +8,33 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import httpx
+import openai
 import pytest
 
+from mockprovider import Behavior, MockConfig
 from queuegate.numbers import plain_decimal
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
+
+FAILING = MockConfig(
+    models={
+        "flaky-gpt": Behavior(error_rate=1.0, error_status=500),
+        "llama-3.1-8b": Behavior(error_rate=1.0, error_status=500),
+    }
+)
+"""flaky-gpt (whose catalog fallback is claude-haiku) and local-llama (which has none) answer
+500 to everything."""
 
 
 @pytest.fixture
 async def door(settings: Settings) -> AsyncIterator[Door]:
     async with open_door(settings) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def failing_door(settings: Settings) -> AsyncIterator[Door]:
+    async with open_door(settings, mock_config=FAILING) as opened:
         yield opened
 
 
@@ -153,3 +170,62 @@ async def test_a_cheap_jobs_cost_is_shown_in_plain_notation(door: Door) -> None:
     assert shown.startswith("0.000000")
     assert response.headers["x-queuegate-cost-usd"] == shown
     assert response.json()["_gateway"]["cost_usd"] == shown
+
+
+async def test_a_requests_own_fallback_serves_it_when_its_model_fails(failing_door: Door) -> None:
+    # Given local-llama failing, which the catalog gives no fallback
+    async with failing_door.client() as client:
+        # When a request for it names its own fallback, as LiteLLM's proxy takes it
+        raw = await client.chat.completions.with_raw_response.create(
+            model="local-llama", messages=HELLO, extra_body={"fallbacks": ["claude-haiku"]}
+        )
+
+    # Expect the fallback to answer, and to be what the answer and the usage row name
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-queuegate-model-used"] == "claude-haiku"
+    assert raw.headers["x-queuegate-fallback"] == "true"
+    [row] = await failing_door.gateway.usage_rows(1)
+    assert row["model_requested"] == "local-llama" and row["model_used"] == "claude-haiku"
+
+
+async def test_a_requests_own_fallbacks_replace_its_models_in_the_catalog(
+    failing_door: Door,
+) -> None:
+    # Given flaky-gpt failing, whose catalog fallback is claude-haiku
+    async with failing_door.client() as client:
+        # When a request for it names gpt-4o-mini as its fallback
+        raw = await client.chat.completions.with_raw_response.create(
+            model="flaky-gpt", messages=HELLO, extra_body={"fallbacks": ["gpt-4o-mini"]}
+        )
+
+    # Expect gpt-4o-mini to serve it, never claude-haiku, the fallbacks sent to no provider
+    assert raw.headers["x-queuegate-model-used"] == "gpt-4o-mini"
+    [row] = await failing_door.gateway.usage_rows(1)
+    assert row["model_used"] == "gpt-4o-mini"
+    calls = [call.body for call in failing_door.gateway.mock.requests if call.body is not None]
+    assert [body["model"] for body in calls] == ["flaky-gpt", "flaky-gpt", "gpt-4o-mini"]
+    assert not any("fallbacks" in body for body in calls)
+
+
+async def test_a_fallback_the_catalog_lacks_is_not_found_naming_it(door: Door) -> None:
+    async with door.client() as client:
+        with pytest.raises(openai.NotFoundError) as refused:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO, extra_body={"fallbacks": ["gpt-9"]}
+            )
+
+    assert refused.value.code == "unknown_model" and refused.value.param == "fallbacks.0"
+    assert "fallbacks.0: model 'gpt-9' is not served here" in refused.value.message
+    assert door.gateway.mock.stats.calls == 0
+
+
+async def test_fallbacks_that_are_no_list_of_aliases_are_refused(door: Door) -> None:
+    async with door.client() as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO, extra_body={"fallbacks": "claude-haiku"}
+            )
+
+    assert refused.value.param == "fallbacks"
+    assert "fallbacks: Input should be a valid list" in refused.value.message
+    assert door.gateway.mock.stats.calls == 0

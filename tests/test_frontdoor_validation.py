@@ -17,7 +17,7 @@ from frontdoor import chat_request
 from frontdoor.chat_request import check_chat
 from frontdoor.errors import ApiError
 from queuegate import openai_request
-from queuegate.openai_request import ROUTED_EXTRAS, ChatRequest
+from queuegate.openai_request import REQUEST_JOB_FIELDS, ROUTED_EXTRAS, ChatRequest
 from queuegate.provider_formats import ANTHROPIC_COUNT_TOKENS_PARAMS, OPENAI_CHAT_PARAMS
 from queuegate.request_limits import Limits, checked_messages
 from queuegate.settings import Settings
@@ -48,8 +48,8 @@ OPENAI_REFUSALS: list[tuple[dict[str, Any], str]] = [
         "unrecognized request arguments deadline, job_id, team: the gateway sets",
     ),
     (
-        {"extra_body": {"cache": False, "fallbacks": ["claude-haiku"]}},
-        "unrecognized request arguments cache, fallbacks: the gateway sets",
+        {"extra_body": {"cache": False, "unsupported_params": "drop"}},
+        "unrecognized request arguments cache, unsupported_params: the gateway sets",
     ),
     (
         {"extra_body": {"min_p": 0.1}},
@@ -276,10 +276,10 @@ def chat(model: str = "gpt-4o-mini", **fields: Any) -> dict[str, Any]:
     return {"model": model, "messages": HELLO, **fields}
 
 
-def test_the_fields_checked_are_openais_and_those_the_router_takes_on_purpose() -> None:
+def test_the_fields_checked_are_openais_those_the_router_takes_and_the_jobs_fallbacks() -> None:
     assert (
         ChatRequest.__required_keys__ | ChatRequest.__optional_keys__
-        == OPENAI_CHAT_PARAMS | ROUTED_EXTRAS
+        == OPENAI_CHAT_PARAMS | ROUTED_EXTRAS | REQUEST_JOB_FIELDS
     )
     count_tokens = typing.get_type_hints(message_count_tokens_params.MessageCountTokensParams)
     assert set(count_tokens) == ANTHROPIC_COUNT_TOKENS_PARAMS
