@@ -13,12 +13,14 @@ from anthropic.types import Message
 
 from cli.batch import anthropic_only
 from producer.batch.answers import Answer
-from producer.batch.formats import FORMATS
-from producer.batch.jobs import JobReader
+from producer.batch.checks import batch_checks
+from producer.batch.formats import FORMATS, FormatName
+from producer.batch.jobs import JobReader, Refused
 from producer.batch.lines import BatchFile
 from queuegate.errors import BatchError, NotText
 from queuegate.messages import ChatJob, ChatResult, ErrorCode, ErrorInfo, GatewayInfo
 from queuegate.provider_formats import anthropic_message, openai_request
+from queuegate.request_limits import Limits
 from router import load_catalog
 from router.providers import AnthropicAdapter
 from tests.batch_files import ANTHROPIC_EXAMPLE
@@ -345,6 +347,81 @@ def test_top_k_for_a_model_another_provider_may_serve_is_an_invalid_line() -> No
     with pytest.raises(ValueError, match="top_k is Anthropic's alone"):
         reader("gpt-4o-mini").job(entry)
     assert reader("claude-haiku").job(entry).params.model_extra == {"top_k": 5}
+
+
+def _with_fallbacks(format: FormatName, fallbacks: Any) -> dict[str, Any]:
+    """A batch entry of ``format`` for flaky-gpt naming ``fallbacks``."""
+    if format == "anthropic":
+        params = {**ANTHROPIC_EXAMPLE[0]["params"], "model": "flaky-gpt", "fallbacks": fallbacks}
+        return {"custom_id": "r1", "params": params}
+    body = {"model": "flaky-gpt", "messages": [{"role": "user", "content": "Hi"}]}
+    return {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": body | {"fallbacks": fallbacks},
+    }
+
+
+def _cli_reader() -> JobReader:
+    """A reader as ``queuegate batch submit`` makes it: the catalog's aliases, its checks."""
+    aliases = frozenset(load_catalog(None, {}).models)
+    limits = Limits(models=aliases, max_messages=100, max_job_bytes=1_000_000)
+    return JobReader(
+        batch="b",
+        jobs="b",
+        team="alpha",
+        model=None,
+        deadline=None,
+        models=aliases,
+        checks=batch_checks(limits),
+    )
+
+
+@pytest.mark.parametrize("format", ["openai", "anthropic"])
+def test_a_requests_own_fallbacks_are_its_jobs_never_a_parameter(format: FormatName) -> None:
+    job = _cli_reader().job(_with_fallbacks(format, ["gpt-4o-mini"]))
+
+    assert job.fallbacks == ["gpt-4o-mini"]
+    assert "fallbacks" not in (job.params.model_extra or {})
+
+
+@pytest.mark.parametrize("format", ["openai", "anthropic"])
+def test_a_fallback_the_catalog_lacks_is_a_problem_of_the_file_as_a_model_is(
+    format: FormatName,
+) -> None:
+    with pytest.raises(ValueError, match=r"fallbacks\.1: model 'gpt-9' is not in the catalog"):
+        _cli_reader().job(_with_fallbacks(format, ["gpt-4o-mini", "gpt-9"]))
+
+
+@pytest.mark.parametrize(
+    ("format", "reason"),
+    [
+        ("openai", "fallbacks: List should have at most 8 items"),
+        ("anthropic", "params.fallbacks: List should have at most 8 items"),
+    ],
+)
+def test_too_many_fallbacks_are_refused_as_the_endpoint_refuses_them(
+    format: FormatName, reason: str
+) -> None:
+    with pytest.raises(Refused) as refused:
+        _cli_reader().job(_with_fallbacks(format, ["gpt-4o-mini"] * 9))
+
+    assert refused.value.error.message.startswith(reason)
+
+
+def test_top_k_is_refused_where_a_requests_own_fallback_is_another_providers() -> None:
+    # Given an Anthropic request with top_k for claude-haiku, which Anthropic alone serves
+    entry = {"custom_id": "r1", "params": {**ANTHROPIC_EXAMPLE[0]["params"], "top_k": 5}}
+    entry["params"] |= {"model": "claude-haiku", "fallbacks": ["gpt-4o-mini"]}
+    only = anthropic_only(load_catalog(None, {}))
+    reader = JobReader(
+        batch="b", jobs="b", team="alpha", model=None, deadline=None, anthropic_models=only
+    )
+
+    # When it names an OpenAI model as its fallback, expect it refused as for that model
+    with pytest.raises(ValueError, match="top_k is Anthropic's alone"):
+        reader.job(entry)
 
 
 def test_an_openai_line_without_url_is_told_the_url_is_missing() -> None:

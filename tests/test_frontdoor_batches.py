@@ -270,6 +270,79 @@ async def test_a_message_batch_ends_with_results_the_sdk_reads(
     assert gateway.mock.stats.calls == 19
 
 
+FAILING = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=500)})
+"""flaky-gpt, whose catalog fallback is claude-haiku, answers 500 to everything."""
+
+
+async def test_an_openai_batch_lines_own_fallbacks_serve_it_as_its_jobs(
+    settings: Settings, keys: dict[str, str]
+) -> None:
+    # Given flaky-gpt failing, and a batch file of a line for it naming gpt-4o-mini as its
+    # fallback, one naming a fallback the catalog lacks, and one whose fallbacks are no list
+    lines = openai_lines(3, model="flaky-gpt")
+    for line, fallbacks in zip(lines, (["gpt-4o-mini"], ["gpt-9"], "gpt-4o-mini"), strict=True):
+        line["body"]["fallbacks"] = fallbacks
+    async with (
+        running_gateway(settings, teams=("alpha", "beta"), mock_config=FAILING) as gateway,
+        front_door(settings, gateway, keys) as door,
+        door.openai() as client,
+    ):
+        # When the batch ends
+        batch = await chat_batch(client, await upload(client, lines))
+        ended, output, errors = await openai_ended_files(client, batch.id)
+        rows = await gateway.usage_rows(1)
+        called = [call.model for call in gateway.mock.requests]
+
+    # Expect the first line served by its fallback, never the catalog's claude-haiku
+    assert ended.status == "completed"
+    [served] = output
+    assert served["custom_id"] == "req-0" and served["response"]["status_code"] == 200
+    assert [row["model_used"] for row in rows if row["status"] == "ok"] == ["gpt-4o-mini"]
+    assert called == ["flaky-gpt", "flaky-gpt", "gpt-4o-mini"]
+    # the unknown fallback answered as an unknown model, the malformed one as the endpoint
+    # refuses it, each line alone
+    failed = {line["custom_id"]: line["response"] for line in errors}
+    assert failed["req-1"]["status_code"] == 404
+    assert failed["req-1"]["body"]["error"]["code"] == "unknown_model"
+    assert failed["req-2"]["status_code"] == 400
+    assert failed["req-2"]["body"]["error"]["param"] == "fallbacks"
+
+
+async def test_a_message_batch_requests_own_fallbacks_serve_it_as_its_jobs(
+    settings: Settings, keys: dict[str, str]
+) -> None:
+    # Given flaky-gpt failing, and a Message Batch of a request for it naming gpt-4o-mini as
+    # its fallback, and one whose fallbacks name nothing
+    served, malformed = message_requests(2)
+    served["params"] |= {"model": "flaky-gpt", "fallbacks": ["gpt-4o-mini"]}
+    malformed["params"] |= {"model": "flaky-gpt", "fallbacks": [""]}
+    async with (
+        running_gateway(settings, teams=("alpha", "beta"), mock_config=FAILING) as gateway,
+        front_door(settings, gateway, keys) as door,
+        door.anthropic() as client,
+    ):
+        # When the batch ends
+        batch = await client.messages.batches.create(
+            requests=[served, malformed]  # type: ignore[list-item]
+        )
+        await anthropic_ended(client, batch.id)
+        results = {
+            r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)
+        }
+        [row] = await gateway.usage_rows(1)
+        called = [call.model for call in gateway.mock.requests]
+
+    # Expect the first served by its fallback, the other errored naming the field
+    assert results["msg-0"].type == "succeeded"
+    assert row["model_used"] == "gpt-4o-mini"
+    assert called == ["flaky-gpt", "flaky-gpt", "gpt-4o-mini"]
+    refused = results["msg-1"]
+    assert refused.type == "errored"
+    assert "params.fallbacks.0: String should have at least 1 character" in (
+        refused.error.error.message
+    )
+
+
 async def test_a_message_batch_result_keeps_the_thinking_signature(door: Door) -> None:
     # Given a request that thinks
     [request] = message_requests(1)

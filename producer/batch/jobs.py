@@ -166,22 +166,19 @@ class JobReader:
         model = self._model or request.model
         if not model:
             raise self._refused(InvalidRequest("model must be a non-empty string", param="model"))
-        if self._models is not None and model not in self._models:
-            raise ValueError(f"model {clipped(model)!r} is not in the catalog: pass --model ALIAS")
-        if self._anthropic_models is not None and model not in self._anthropic_models:
-            for key in ANTHROPIC_ONLY:
-                if key in request.params:
-                    raise ValueError(
-                        f"{key} is Anthropic's alone and model {clipped(model)!r} may be served by "
-                        "another provider: remove it, or pick a model served only by Anthropic"
-                    )
+        # The request's own fallbacks are its job's (typed by its format's check), never a
+        # parameter: both formats' canonical params carry them as the request named them.
+        params = dict(request.params)
+        fallbacks = params.pop("fallbacks", None)
+        self._check_served(model, fallbacks, params)
         try:
             job = ChatJob(
                 job_id=job_id(self._jobs, custom_id),
                 team=self._team,
                 model=model,
                 messages=request.messages,
-                params=ChatParams.model_validate(request.params),
+                params=ChatParams.model_validate(params),
+                fallbacks=fallbacks,
                 metadata={"batch": self._batch, "custom_id": custom_id},
                 deadline=self.deadline,
                 answer_format=kind,
@@ -198,6 +195,34 @@ class JobReader:
             except InvalidRequest as exc:
                 raise self._refused(exc) from None
         return job
+
+    def _check_served(self, model: str, fallbacks: Any, params: dict[str, Any]) -> None:
+        """ValueError, a problem of the file, for a model or fallback the catalog lacks
+        (``models``), or an Anthropic-only parameter where another provider may serve."""
+        # Only the aliases a job would take: without checks, a malformed list is its refusal.
+        named = {
+            f"fallbacks.{index}": alias
+            for index, alias in enumerate(fallbacks if isinstance(fallbacks, list) else ())
+            if isinstance(alias, str)
+        }
+        if self._models is not None:
+            if model not in self._models:
+                raise ValueError(
+                    f"model {clipped(model)!r} is not in the catalog: pass --model ALIAS"
+                )
+            for where, alias in named.items():
+                if alias not in self._models:
+                    raise ValueError(f"{where}: model {clipped(alias)!r} is not in the catalog")
+        anthropic = self._anthropic_models
+        if anthropic is None or all(a in anthropic for a in (model, *named.values())):
+            return
+        for key in ANTHROPIC_ONLY:
+            if key in params:
+                raise ValueError(
+                    f"{key} is Anthropic's alone and model {clipped(model)!r} or a fallback it "
+                    "names may be served by another provider: remove it, or pick models served "
+                    "only by Anthropic"
+                )
 
     def _refused(self, exc: InvalidRequest) -> ValueError:
         """A request of its format the gateway refuses: ``Refused``, answered as a line of
