@@ -65,6 +65,10 @@ class Behavior(BaseModel):
     may not be valid JSON, and one cut by ``max_tokens`` is not), whole or streamed; an
     Anthropic ``tool_use`` block's ``input`` as this text parsed (an array, say, as a
     misbehaving deployment might send)."""
+    usage: dict[str, Any] | None = None
+    """Every answer reports this usage object in place of its own counts, whole or streamed
+    (OpenAI's last chunk; Anthropic's message_start and message_delta), as a misbehaving
+    server might: ``{}`` for none, negative or huge counts, counts as strings."""
     retry_after: float | None = Field(default=None, ge=0)
     """Seconds announced on 429s: ``Retry-After`` (rounded up) and ``retry-after-ms``. Unset,
     a rate-limit 429 announces when the bucket next admits a call, an injected 429 one second."""

@@ -521,7 +521,9 @@ class MockProvider:
             await asyncio.sleep(behavior.latency_ms / 1000)
         if outcome == "answer":
             self._record(request, body, 200)
-            reply = replace(reply, layout=behavior.layout, tool_input=behavior.tool_input)
+            reply = replace(
+                reply, layout=behavior.layout, tool_input=behavior.tool_input, usage=behavior.usage
+            )
             if body.get("stream") is True:
                 events: Iterable[bytes] = wire.events(body, reply)
                 cut = behavior.stream_cut_after

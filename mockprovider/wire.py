@@ -133,6 +133,8 @@ class Reply:
     tool_input: str | None = None
     """What the tool is called with, as raw text, in place of ``TOOL_INPUT``'s
     (``mockprovider.config.Behavior.tool_input``)."""
+    usage: dict[str, Any] | None = None
+    """The usage reported in place of the reply's counts (``Behavior.usage``)."""
 
     def called_with(self) -> tuple[str, str]:
         """The field of an OpenAI tool call holding its input, and the input."""
@@ -387,6 +389,8 @@ class OpenAIWire(Wire):
         return _compose(user_text, max_tokens, stops, input_tokens)
 
     def _usage(self, reply: Reply, choices: int) -> dict[str, Any]:
+        if reply.usage is not None:
+            return reply.usage
         # Every choice is generated, and billed.
         output, reasoning = reply.output_tokens * choices, reply.reasoning_tokens * choices
         return {
@@ -622,6 +626,8 @@ class AnthropicWire(Wire):
         return _compose(_last_text(messages, ("user",)), max_tokens, stops, input_tokens)
 
     def _usage(self, reply: Reply, output_tokens: int) -> dict[str, Any]:
+        if reply.usage is not None:
+            return reply.usage
         written = reply.cache_write_tokens
         usage: dict[str, Any] = {
             # Anthropic counts cache reads and writes apart from input_tokens.
@@ -690,7 +696,7 @@ class AnthropicWire(Wire):
                 if index == n == 0:  # as Anthropic: a ping after the first block's start
                     yield _event({"type": "ping"})
         stop = {"stop_reason": ANTHROPIC_STOP[reply.finish], "stop_sequence": reply.stop_sequence}
-        usage = {"output_tokens": reply.output_tokens}
+        usage = reply.usage if reply.usage is not None else {"output_tokens": reply.output_tokens}
         yield _event({"type": "message_delta", "delta": stop, "usage": usage})
         yield _event({"type": "message_stop"})
 

@@ -489,8 +489,9 @@ class GatewayInfo(WireModel):
     params_changed: list[str] | None = None
     """Job parameters sent with another value than asked (``unsupported_params: drop``)."""
     tokens_estimated: bool | None = None
-    """True when the provider reported no usage for what it generated (a stream that broke)
-    and the tokens were counted from the text received, characters / 4."""
+    """True when the provider reported no usage to bill by for what it generated (a stream
+    that broke; an answer without counts, or with none readable) and the tokens were counted
+    from the text, characters / 4."""
     trace_id: str | None = None
     """The OpenTelemetry trace the job ran in (32 hex digits), when the worker traces."""
 

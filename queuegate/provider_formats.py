@@ -61,8 +61,24 @@ ANTHROPIC_COUNT_TOKENS_PARAMS = frozenset(
 
 
 def as_int(value: Any) -> int:
-    """A token count from a usage object; absent or malformed counts are zero."""
+    """An index in a provider's answer; absent or malformed ones are zero."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+MAX_TOKEN_COUNT = 10**9
+"""The most tokens one count of a call's usage is believed for: the largest context windows
+hold about 10^7. Believed, a provider's negative count paid the team back (its cost and spend
+below zero, its budget bypassed) and failed the worker's metrics after the result had left,
+so the job was answered twice; a count of 10^15 overflowed usage_log's cost (the row lost)
+and the spend counters in Redis (the team refused with a spend of -9.2 billion dollars)."""
+
+
+def token_count(value: Any) -> int | None:
+    """A token count a provider reported, or None when it is none: absent, not a whole
+    number (``"5"``, ``1.5e3``, ``true``), negative, or past ``MAX_TOKEN_COUNT``."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None
 
 
 class NotAnObject(ValueError):
@@ -539,11 +555,11 @@ def anthropic_usage(usage: dict[str, Any]) -> dict[str, Any]:
     """A ``chat.completion``'s usage as a Message's: Anthropic counts cache reads and writes
     apart from ``input_tokens``, where OpenAI's ``prompt_tokens`` includes them."""
     details = usage.get("prompt_tokens_details") or {}
-    cached = as_int(details.get("cached_tokens"))
-    written = as_int(details.get("cache_write_tokens"))
+    cached = token_count(details.get("cached_tokens")) or 0
+    written = token_count(details.get("cache_write_tokens")) or 0
     return {
-        "input_tokens": max(0, as_int(usage.get("prompt_tokens")) - cached - written),
-        "output_tokens": as_int(usage.get("completion_tokens")),
+        "input_tokens": max(0, (token_count(usage.get("prompt_tokens")) or 0) - cached - written),
+        "output_tokens": token_count(usage.get("completion_tokens")) or 0,
         "cache_read_input_tokens": cached,
         "cache_creation_input_tokens": written,
     }

@@ -38,6 +38,7 @@ from queuegate.errors import (
 from queuegate.keys import Keys
 from queuegate.messages import Attempt, ChatJob, UnsupportedParams
 from queuegate.openai_params import too_many_stops
+from queuegate.provider_formats import ANTHROPIC_BODY
 from queuegate.redis_client import redis_for
 from queuegate.settings import Settings
 from router import transport
@@ -52,7 +53,7 @@ from router.providers import (
     StreamParser,
     UpstreamRequest,
 )
-from router.providers.base import UNSENT
+from router.providers.base import UNSENT, Usage, estimate_tokens, openai_usage
 from router.selection import Slots
 
 KEY_FILE_REREAD = 10.0
@@ -90,6 +91,8 @@ class Routed:
     """Job parameters the serving provider could not take, left out (policy ``drop``)."""
     params_changed: tuple[str, ...] = ()
     """Job parameters sent to it with another value than asked (policy ``drop``)."""
+    estimated: bool = False
+    """The provider sent no counts to bill by: its tokens were counted from the text."""
 
 
 class AttemptGate(Protocol):
@@ -641,9 +644,9 @@ class Router:
             raise
         await self.health.success(deployment, probe=call.probe)
         run.attempts.append(_attempt_of(alias, deployment, started, 200, None))
-        usage = completion.usage
+        response, usage = _counted(run.job, completion)
         return Routed(
-            response=completion.response,
+            response=response,
             model_used=alias,
             deployment=deployment.name,
             provider=deployment.provider,
@@ -658,6 +661,7 @@ class Router:
             reasoning_tokens=usage.reasoning_tokens,
             params_dropped=call.request.dropped,
             params_changed=call.request.changed,
+            estimated=usage.estimated,
         )
 
     @staticmethod
@@ -677,6 +681,7 @@ class Router:
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
             cost_usd=cost(deployment, usage),
             estimated=usage.estimated,
         )
@@ -800,15 +805,55 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
     )
 
 
+def _counted(job: ChatJob, completion: Completion) -> tuple[dict[str, Any], Usage]:
+    """The answer and the usage it is billed by: the provider's counts, or, when it sent none
+    to bill by (``Completion.usage``), the prompt's and the answer's text counted as a broken
+    stream's is, the answer's usage then that count. Before, such an answer was free."""
+    if completion.usage is not None:
+        return completion.response, completion.usage
+    usage = Usage(
+        estimate_tokens(_prompt_chars(job)),
+        estimate_tokens(_answer_chars(completion.response)),
+        estimated=True,
+    )
+    response = completion.response | {"usage": openai_usage(usage)}
+    native = response.get(ANTHROPIC_BODY)
+    if isinstance(native, dict):  # its usage would be the Messages API answer's
+        response[ANTHROPIC_BODY] = {k: v for k, v in native.items() if k != "usage"}
+    return response, usage
+
+
+def _answer_chars(response: dict[str, Any]) -> int:
+    """Characters of an answer's text: every choice's content, refusal, reasoning and tool
+    calls (names and arguments)."""
+    chars = 0
+    for choice in response.get("choices") or []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        chars += sum(_text_chars(message.get(name)) for name in _ANSWER_TEXTS)
+        for call in message.get("tool_calls") or []:
+            called = isinstance(call, dict) and (call.get("function") or call.get("custom"))
+            if isinstance(called, dict):
+                chars += sum(len(str(value)) for value in called.values())
+    return chars
+
+
+_ANSWER_TEXTS = ("content", "refusal", "reasoning_content")
+
+
 def _prompt_chars(job: ChatJob) -> int:
     """Characters of the job's message text (to estimate its tokens when none were counted)."""
-    chars = 0
-    for message in job.messages:
-        if isinstance(message.content, str):
-            chars += len(message.content)
-        elif message.content:
-            chars += sum(len(str(part.get("text") or "")) for part in message.content)
-    return chars
+    return sum(_text_chars(message.content) for message in job.messages)
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of a message's text: a string, or the text of its content parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(str(part.get("text") or "")) for part in content if isinstance(part, dict))
+    return 0
 
 
 def _attempt_attributes(run: _Job, alias: str, call: _Call) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from mockprovider.wire import REASONING_TOKENS
 from queuegate.errors import InvalidRequest, StreamInterrupted
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.provider_formats import ANTHROPIC_BODY
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import ledger_spent
@@ -360,6 +361,111 @@ async def test_a_stream_broken_after_text_is_billed_for_what_was_received(
     assert billed.input_tokens > 0
     assert billed.cost_usd > 0
     assert billed.deployment == f"{alias}-dep"
+
+
+UNREADABLE_USAGE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # name: (an OpenAI wire's usage, an Anthropic wire's), each no counts to bill by
+    "none": ({}, {}),
+    "negative": (
+        {"prompt_tokens": -1_000_000, "completion_tokens": -5_000_000, "total_tokens": -6_000_000},
+        {"input_tokens": -1_000_000, "output_tokens": -5_000_000},
+    ),
+    "huge": (
+        {"prompt_tokens": 10**15, "completion_tokens": 10**15, "total_tokens": 2 * 10**15},
+        {"input_tokens": 10**15, "output_tokens": 10**15},
+    ),
+    "not whole numbers": (
+        {"prompt_tokens": "5", "completion_tokens": 1.5e3},
+        {"input_tokens": "5", "output_tokens": 1.5e3},
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("alias", ["gpt", "claude"])
+@pytest.mark.parametrize("reported", list(UNREADABLE_USAGE))
+async def test_an_answer_without_counts_to_bill_by_is_billed_by_its_text(
+    settings: Settings, alias: str, reported: str, stream: bool
+) -> None:
+    # Given a provider whose answers report no counts, or none a count can be (before: a
+    # negative count paid the team back, 10^15 overflowed usage_log, none was free)
+    openai, anthropic = UNREADABLE_USAGE[reported]
+    faults = MockConfig(
+        models={"gpt-model": Behavior(usage=openai), "claude-model": Behavior(usage=anthropic)}
+    )
+    prompt = "Tell me a long story"
+
+    async def sink(piece: Piece, model: str) -> None:
+        pass
+
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        routed = await router.complete(chat(alias, prompt, stream=stream), on_delta=sink)
+
+    text = routed.response["choices"][0]["message"]["content"]
+    assert routed.estimated
+    assert routed.input_tokens == -(-len(prompt) // 4)
+    assert routed.output_tokens == -(-len(text) // 4)
+    assert Decimal(0) < routed.cost_usd < Decimal("0.001")
+    # The answer says what it is billed by, not the provider's counts
+    usage = routed.response["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        routed.input_tokens,
+        routed.output_tokens,
+    )
+    assert "usage" not in routed.response.get(ANTHROPIC_BODY, {})
+
+
+async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(
+    settings: Settings,
+) -> None:
+    # Given a stream whose message_start reports a cache write, cut after some text
+    system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Tell me"}]
+    faults = MockConfig(models={"claude-model": Behavior(stream_cut_after=4)})
+
+    async def sink(piece: Piece, model: str) -> None:
+        pass
+
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        with pytest.raises(StreamInterrupted) as caught:
+            await router.complete(chat("claude", messages=messages, stream=True), on_delta=sink)
+
+    billed = caught.value.billed
+    assert billed is not None
+    # recorded as it is priced (before: priced as a write, recorded as none)
+    assert billed.cache_write_tokens > 1024
+
+
+async def test_a_job_answered_with_negative_counts_is_billed_once_by_its_text(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given a team with a budget and a provider answering with negative counts
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal(10)))
+    negative = {"prompt_tokens": -1_000_000, "completion_tokens": -5_000_000}
+    faults = MockConfig(models={"gpt-4o-mini": Behavior(usage=negative)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        job = client.job("gpt-4o-mini", [{"role": "user", "content": "Tell me more"}])
+        result = await (await client.submit(job)).result(10)
+
+        # Then it is answered ok, billed by its text, on one row and in the budget
+        assert result.status == "ok" and result.response is not None
+        assert result.gateway.tokens_estimated is True
+        assert result.gateway.cost_usd > 0
+        assert result.response["usage"]["prompt_tokens"] > 0
+        [row] = await gw.usage_rows(1)
+        assert row["input_tokens"] > 0 and row["output_tokens"] > 0
+        assert Decimal(row["cost_usd"]) == result.gateway.cost_usd
+        assert row["tokens_estimated"] is True
+        month = datetime.now(UTC).strftime("%Y-%m")
+        spent = await ledger_spent(redis_client, Keys(settings.redis_prefix), "alpha", month)
+        assert spent == result.gateway.cost_usd
+        assert gw.mock.stats.calls == 1
 
 
 async def test_a_broken_stream_is_accounted_on_the_usage_row_and_the_budget(

@@ -193,6 +193,7 @@ def served(
         worker=timing.worker,
         params_dropped=list(routed.params_dropped) or None,
         params_changed=list(routed.params_changed) or None,
+        tokens_estimated=routed.estimated or None,
         trace_id=timing.trace_id,
     )
     result = ChatResult(
@@ -227,6 +228,7 @@ def served(
         worker=timing.worker,
         params_dropped=",".join(routed.params_dropped) or None,
         params_changed=",".join(routed.params_changed) or None,
+        tokens_estimated=routed.estimated or None,
         trace_id=timing.trace_id,
         span_id=timing.span_id,
         identity=marks.identity if marks is not None else None,
@@ -301,6 +303,7 @@ def failed(
             "input_tokens": billed.input_tokens,
             "output_tokens": billed.output_tokens,
             "cached_tokens": billed.cached_tokens,
+            "cache_write_tokens": billed.cache_write_tokens,
         }
         usage = usage.model_copy(update=spent | tokens)
     return Outcome(result=result, usage=usage)

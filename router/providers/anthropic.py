@@ -46,6 +46,7 @@ from queuegate.provider_formats import (
     data_url,
     openai_finish,
     strict_json,
+    token_count,
     tool_call_of,
     tool_use_block,
 )
@@ -162,7 +163,7 @@ class AnthropicAdapter:
                     **openai_finish(body.get("stop_reason"), body.get("stop_sequence")),
                 }
             ],
-            "usage": openai_usage(usage),
+            "usage": openai_usage(usage) if usage is not None else None,
             ANTHROPIC_BODY: body,
         }
         return Completion(response=response, usage=usage)
@@ -295,11 +296,13 @@ class AnthropicStream:
         message_start's input count (Anthropic sends it first) and the output estimated from
         what arrived (message_start's output count is a placeholder)."""
         usage = _usage(self._usage)
-        if self._final:
+        if usage is not None and self._final:
             return usage
         output = estimate_tokens(self._received)
-        if usage.input_tokens:
-            return replace(usage, output_tokens=output, estimated=True)
+        if usage is not None:
+            # message_start's input and cache counts, which the provider bills, kept
+            thinking = min(usage.reasoning_tokens, output)
+            return replace(usage, output_tokens=output, reasoning_tokens=thinking, estimated=True)
         return Usage(estimate_tokens(prompt_chars), output, estimated=True)
 
 
@@ -642,22 +645,29 @@ def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
     return out
 
 
-def _usage(usage: Any) -> Usage:
+def _usage(usage: Any) -> Usage | None:
     """Anthropic reports cache reads and writes apart from ``input_tokens``; the canonical
-    count includes them, as OpenAI's ``prompt_tokens`` does."""
+    count includes them, as OpenAI's ``prompt_tokens`` does. None without an input and an
+    output count to bill by (``token_count``); a detail that is no count is none."""
     if not isinstance(usage, dict):
-        return Usage()
-    cached = as_int(usage.get("cache_read_input_tokens"))
-    written = as_int(usage.get("cache_creation_input_tokens"))
+        return None
+    uncached = token_count(usage.get("input_tokens"))
+    output = token_count(usage.get("output_tokens"))
+    if uncached is None or output is None:
+        return None
+    cached = token_count(usage.get("cache_read_input_tokens")) or 0
+    written = token_count(usage.get("cache_creation_input_tokens")) or 0
     creation = usage.get("cache_creation")
-    hour = as_int(creation.get("ephemeral_1h_input_tokens")) if isinstance(creation, dict) else 0
+    creation = creation if isinstance(creation, dict) else {}
+    hour = token_count(creation.get("ephemeral_1h_input_tokens")) or 0
     details = usage.get("output_tokens_details")
-    thinking = as_int(details.get("thinking_tokens")) if isinstance(details, dict) else 0
+    details = details if isinstance(details, dict) else {}
+    thinking = token_count(details.get("thinking_tokens")) or 0
     return Usage(
-        input_tokens=as_int(usage.get("input_tokens")) + cached + written,
-        output_tokens=as_int(usage.get("output_tokens")),
+        input_tokens=uncached + cached + written,
+        output_tokens=output,
         cached_tokens=cached,
         cache_write_tokens=written,
         cache_write_1h_tokens=min(hour, written),
-        reasoning_tokens=thinking,
+        reasoning_tokens=min(thinking, output),
     )

@@ -181,8 +181,8 @@ class Usage:
     cache_write_1h_tokens: int = 0
     reasoning_tokens: int = 0
     estimated: bool = False
-    """Counted by the gateway from the text received (characters / 4), because the provider
-    sent no usage: only for a stream that broke before its end."""
+    """Counted by the gateway from the text (characters / 4), because the provider sent no
+    counts to bill by: a stream that broke before its end, or an answer without them."""
 
 
 def openai_usage(usage: Usage) -> dict[str, Any]:
@@ -212,7 +212,9 @@ class Completion:
     """A provider's answer in canonical form: an OpenAI ``chat.completion`` dict and its usage."""
 
     response: dict[str, Any]
-    usage: Usage
+    usage: Usage | None
+    """None when the provider sent no counts to bill by (none, or none readable:
+    ``token_count``): the router counts them from the text, as a broken stream's."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from queuegate.provider_formats import (
     OPENAI_CHAT_PARAMS,
     THINKING_PARTS,
     as_int,
+    token_count,
 )
 from router.providers.base import (
     Completion,
@@ -101,10 +102,8 @@ class OpenAIAdapter:
             raise ProviderError("bad_response", "no choices in the chat.completion body")
         if not body["choices"]:
             raise ProviderError("bad_response", "empty choices in the chat.completion body")
-        usage = body.get("usage")
-        if not isinstance(usage, dict):  # OpenAI-compatible servers may leave it out
-            usage = {}
-        return Completion(response=body, usage=_usage(usage))
+        # OpenAI-compatible servers may leave it out: counted from the text then.
+        return Completion(response=body, usage=_usage(body.get("usage")))
 
     def stream_parser(self, model: str, secret: str | None) -> OpenAIStream:
         return OpenAIStream(self, model, secret)
@@ -191,17 +190,29 @@ def _effort(budget: int) -> str:
     return next((effort for bound, effort in EFFORT_OF_BUDGET if budget <= bound), "high")
 
 
-def _usage(usage: dict[str, Any]) -> Usage:
+def _usage(usage: Any) -> Usage | None:
+    """The counts of a usage object; None without a prompt and a completion count to bill by
+    (``token_count``). A detail that is no count is none, and none exceeds its total."""
+    if not isinstance(usage, dict):
+        return None
+    prompt_tokens = token_count(usage.get("prompt_tokens"))
+    completion_tokens = token_count(usage.get("completion_tokens"))
+    if prompt_tokens is None or completion_tokens is None:
+        return None
     prompt = usage.get("prompt_tokens_details")
     prompt = prompt if isinstance(prompt, dict) else {}
     completion = usage.get("completion_tokens_details")
     completion = completion if isinstance(completion, dict) else {}
+    cached = min(token_count(prompt.get("cached_tokens")) or 0, prompt_tokens)
+    written = min(token_count(prompt.get("cache_write_tokens")) or 0, prompt_tokens - cached)
     return Usage(
-        input_tokens=as_int(usage.get("prompt_tokens")),
-        output_tokens=as_int(usage.get("completion_tokens")),
-        cached_tokens=as_int(prompt.get("cached_tokens")),
-        cache_write_tokens=as_int(prompt.get("cache_write_tokens")),
-        reasoning_tokens=as_int(completion.get("reasoning_tokens")),
+        input_tokens=prompt_tokens,
+        output_tokens=completion_tokens,
+        cached_tokens=cached,
+        cache_write_tokens=written,
+        reasoning_tokens=min(
+            token_count(completion.get("reasoning_tokens")) or 0, completion_tokens
+        ),
     )
 
 
@@ -343,6 +354,7 @@ class OpenAIStream:
 
     def received(self, prompt_chars: int) -> Usage:
         """OpenAI sends the usage only in the last chunk: a broken stream is estimated."""
-        if isinstance(self._usage, dict):
-            return _usage(self._usage)
+        usage = _usage(self._usage)
+        if usage is not None:
+            return usage
         return Usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), estimated=True)
