@@ -7,7 +7,7 @@ The rollup holds one row per UTC day, team, requested model and status, kept by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -29,10 +29,17 @@ class TeamSpend:
     output_tokens: int
     cost_usd: Decimal
     budget_usd: Decimal | None = None
+    month_cost_usd: Decimal | None = field(default=None, metadata={"report": False})
+    """The team's whole month of spend, when the row holds some of its jobs alone (of one
+    model or status): what its budget is left of. No column of its own in a report."""
 
     @property
     def budget_remaining(self) -> Decimal | None:
-        return None if self.budget_usd is None else self.budget_usd - self.cost_usd
+        """The budget less all of the month's spend, whatever the row's filters keep."""
+        if self.budget_usd is None:
+            return None
+        spent = self.cost_usd if self.month_cost_usd is None else self.month_cost_usd
+        return self.budget_usd - spent
 
 
 @dataclass(frozen=True)
@@ -158,10 +165,17 @@ async def monthly_spend(
 
     Most expensive team first (only the ``top`` ones when given); teams without usage that
     month are absent. With ``team``, that team's row alone; with ``model`` or ``status``, the
-    usage of that requested model or of jobs that ended so.
+    usage of that requested model or of jobs that ended so, its budget remaining still of
+    the whole month (``month_cost_usd``).
     """
     rows: list[Any] = await pool.fetch(MONTHLY_SPEND, *_month_days(month), top, team, model, status)
-    return [TeamSpend(**dict(row)) for row in rows]
+    spends = [TeamSpend(**dict(row)) for row in rows]
+    if model is None and status is None:
+        return spends
+    # Before, a filtered row's budget remaining was its budget less the filtered spend: a
+    # team nearly spent read as untouched in `queuegate usage --status error`.
+    whole = await month_costs(pool, month)
+    return [replace(s, month_cost_usd=whole.get(s.team, s.cost_usd)) for s in spends]
 
 
 async def model_spend(

@@ -19,6 +19,7 @@ from accounting.reports import (
     TeamSpend,
     daily_spend,
     model_spend,
+    month_costs,
     month_range,
     monthly_spend,
     team_budgets,
@@ -130,8 +131,7 @@ async def team_month(
     budget = (await team_budgets(pool)).get(team)
     spent = totals.cost_usd
     if model is not None or status is not None:
-        whole = await monthly_spend(pool, first, team=team)
-        spent = whole[0].cost_usd if whole else Decimal(0)
+        spent = (await month_costs(pool, first)).get(team, Decimal(0))
     by_model = await model_spend(pool, first, team=team, model=model, status=status)
     last_day = min(month_end(first), today)
     daily = await daily_spend(pool, last_day, days=days, team=team, model=model, status=status)

@@ -31,10 +31,15 @@ _MONEY = ("cost_usd", "budget_usd", "budget_remaining", "spend_usd")
 
 
 def records(rows: Sequence[Any]) -> list[dict[str, Any]]:
-    """Dataclass rows as dicts, with the properties a report shows (budget remaining)."""
+    """Dataclass rows as dicts, with the properties a report shows (budget remaining), without
+    the fields that only feed them (``metadata={"report": False}``)."""
     out = []
     for row in rows:
-        record = dataclasses.asdict(row)
+        record = {
+            f.name: getattr(row, f.name)
+            for f in dataclasses.fields(row)
+            if f.metadata.get("report", True)
+        }
         if hasattr(row, "budget_remaining"):
             record["budget_remaining"] = row.budget_remaining
         out.append(record)

@@ -93,6 +93,39 @@ async def test_team_month_holds_totals_budget_models_and_trend(pool: asyncpg.Poo
     assert failed.budget_remaining == whole.budget_remaining
 
 
+async def test_the_usage_command_filtered_leaves_the_budget_of_the_whole_month(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given alpha's March, with a budget of 50 USD
+    await insert_usage(pool, _events(300, seed=19))
+    await add_team(pool, "alpha")
+    await set_team_config(pool, "alpha", TeamConfig(budget_usd=Decimal(50)))
+    rows = [r for r in await _rows(pool) if _in_month(r) and r["team"] == "alpha"]
+    spent = sum((r["cost_usd"] for r in rows), Decimal(0))
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+
+    # When an operator asks for its failed jobs
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "usage", "--month", "2026-03", "--team", "alpha",
+        "--status", "error", "--json",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
+
+    # Expect their cost alone, but the budget left of all of the month's spend, as the admin
+    # API says it (before: the budget less the failed jobs' cost)
+    assert cli.returncode == 0, stderr.decode()
+    [row] = json.loads(stdout)
+    failed = sum((r["cost_usd"] for r in rows if r["status"] == "error"), Decimal(0))
+    assert Decimal(row["cost_usd"]) == failed < spent
+    assert Decimal(row["budget_remaining"]) == Decimal(50) - spent
+    assert "month_cost_usd" not in row
+
+
 async def test_team_month_of_an_unknown_team_is_refused(pool: asyncpg.Pool) -> None:
     with pytest.raises(ConfigError, match="no team named nobody"):
         await team_month(pool, "nobody", MONTH, today=MONTH)
