@@ -91,6 +91,8 @@ class Credentials:
     """The broker URL with the team's user in it, for the apps' QUEUEGATE_AMQP_URL."""
     api_key_id: str | None = None
     api_key: str | None = None
+    deleted_user: str | None = None
+    """The team's broker user, deleted as it stopped being the team's identity."""
 
 
 @dataclass(frozen=True)
@@ -321,17 +323,18 @@ async def _issue(
         await create_broker_user(settings, team, user, password, config)
         await put_security(pool, team, security.model_copy(update={"broker_user": user}))
         return Credentials("broker", user, password, with_user(settings.amqp_url, user, password))
-    if security.broker_user is not None:
+    deleted = security.broker_user
+    if deleted is not None:
         # No longer the team's identity: a user left behind would still reach the broker.
         async with BrokerAdmin.of(settings) as admin:
-            await admin.delete_user(security.broker_user)
+            await admin.delete_user(deleted)
         security = security.model_copy(update={"broker_user": None})
     await put_security(pool, team, security)
     if security.identity == "api_key":
         await revoke_api_keys(pool, team)
         key_id, key = await add_api_key(pool, team)
-        return Credentials("api_key", api_key_id=key_id, api_key=key)
-    return Credentials("queue")
+        return Credentials("api_key", api_key_id=key_id, api_key=key, deleted_user=deleted)
+    return Credentials("queue", deleted_user=deleted)
 
 
 async def create_broker_user(

@@ -503,6 +503,15 @@ def _identity(value: str) -> Any:
 
 
 def _show_credentials(credentials: Any) -> None:
+    if credentials is not None and credentials.deleted_user is not None:
+        # Its apps' connections close with it: say so, and where they publish now.
+        out.print(
+            f"broker user {credentials.deleted_user} is deleted: the team's apps publish under "
+            "a broker user they share, which you give write on the team's entry exchange "
+            "(README: Tenancy and security)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if credentials is None or (credentials.password or credentials.api_key) is None:
         return
     if credentials.identity == "broker":

@@ -520,3 +520,20 @@ async def test_a_user_postgresql_refuses_is_hidden_in_its_message(settings: Sett
     line = _one_error_line(stderr)
     assert 'refused the credentials (role "***" does not exist)' in line, line
     assert "SECRETKEY1" not in line, line
+
+
+async def test_a_team_turned_api_key_is_told_its_broker_user_is_deleted(
+    settings: Settings,
+) -> None:
+    # Given a team added the default way, with its own broker user
+    user = (await add(settings, "alpha")).user
+    assert user is not None
+    # When its identity becomes api_key
+    code, stdout, stderr = await _cli(
+        settings, "teams", "security", "alpha", "--identity", "api_key"
+    )
+    # Expect it said that the user is gone (before: deleted without a word), and gone
+    assert code == 0, stderr
+    assert f"broker user {user} is deleted" in stdout
+    async with BrokerAdmin.of(settings) as admin:
+        assert not await admin.user_exists(user)
