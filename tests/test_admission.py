@@ -22,7 +22,7 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.registry import ModelLimits, TeamConfig, default_burst, set_team_config
 from queuegate.settings import Settings
-from queuegate.spend import NANO, current_month, ledger_spent, ledgers_in_force
+from queuegate.spend import NANO, current_month, ledger_spent, ledgers_in_force, to_nano
 from router import load_catalog
 from tests.support import Gateway, depth, running_gateway, wait_until
 from tests.teams import register
@@ -280,6 +280,46 @@ def test_a_jobs_estimate_leaves_out_the_fallbacks_its_team_caps() -> None:
     capped = TeamConfig(models={"claude-haiku": ModelLimits(budget_usd=Decimal(1))})
     # Expect it priced at gpt-4o-mini's alone: it was refused for claude-haiku's price
     assert estimate(job, catalog, capped, 256) == alone
+
+
+MARKED = {"type": "ephemeral", "ttl": "1h"}
+
+
+@pytest.mark.parametrize(
+    "marked",
+    [
+        [
+            {
+                "role": "system",
+                "content": [{"type": "text", "text": "x" * 4000, "cache_control": MARKED}],
+            }
+        ],
+        [{"role": "user", "content": "x" * 4000, "cache_control": MARKED}],
+    ],
+    ids=["content part", "message"],
+)
+def test_a_job_marking_a_prompt_cache_is_priced_as_written_to_it(marked: list[Any]) -> None:
+    # Given claude-haiku, whose cache writes cost 1.25 (5 min) and 2 (1 h) times its input
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    [deployment] = catalog.models["claude-haiku"].deployments
+    job = ChatJob(job_id="j", team="alpha", model="claude-haiku", messages=[*marked, *WORDS])
+    unmarked_messages = [{"role": "user", "content": "x" * 4000}, *WORDS]
+    plain = ChatJob(job_id="j", team="alpha", model="claude-haiku", messages=unmarked_messages)
+    # When each is estimated
+    cached, unmarked = (estimate(j, catalog, TeamConfig(), 256) for j in (job, plain))
+    # Expect the marked prompt priced at the dearest write (before: as input, half of what
+    # an hour's write cost, and a team went 31 % past its budget)
+    assert deployment.cache_write_1h_per_mtok == 2 * deployment.input_per_mtok
+    prompt_usd = Decimal(cached.prompt_tokens) * deployment.input_per_mtok / 1_000_000
+    assert cached.cost_nano - unmarked.cost_nano >= to_nano(prompt_usd) - 1
+    assert (
+        cached.usd_at(deployment)
+        == (
+            cached.prompt_tokens * deployment.cache_write_1h_per_mtok
+            + cached.output_tokens * deployment.output_per_mtok
+        )
+        / 1_000_000
+    )
 
 
 @pytest.mark.parametrize("deadline", [None, timedelta(seconds=30)], ids=["no_deadline", "deadline"])
