@@ -5,6 +5,7 @@ bounded close, whatever the requests in progress wait for."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -46,10 +47,10 @@ def count(metrics: str, route: str) -> float:
 
 
 async def two_processes(
-    settings: Settings, port: int, **env: str
+    settings: Settings, port: int, processes: int = 2, **env: str
 ) -> tuple[asyncio.subprocess.Process, LogLines]:
-    """``queuegate api --processes 2`` on ``port``, of the test's namespace and schema (and
-    ``env``), and its log lines."""
+    """``queuegate api --processes 2`` (or ``processes``) on ``port``, of the test's namespace
+    and schema (and ``env``), and its log lines."""
     env = {
         **os.environ,
         "QUEUEGATE_NAMESPACE": settings.namespace,
@@ -57,7 +58,8 @@ async def two_processes(
         **env,
     }
     supervisor = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", "api", "--port", str(port), "--processes", "2",
+        sys.executable, "-m", "cli", "api", "--port", str(port),
+        "--processes", str(processes),
         env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert supervisor.stderr is not None
@@ -189,3 +191,56 @@ async def test_a_stop_with_a_request_held_takes_the_grace_and_a_bounded_close(
     assert supervisor.returncode == 0, output[-3000:]
     assert STOPPED.search(output), output[-3000:]
     assert GRACE <= took < GRACE + CLOSING, took
+
+
+STOP_WITHIN = 3.0
+"""Seconds a front door with nobody left to answer takes at most to exit once signalled:
+0.13-0.2 s measured, idle or with requests whose client hung up; these waited for their jobs
+before (SLOW_MS here, up to the whole grace)."""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["chat", "stream"])
+async def test_a_stop_exits_at_once_when_nobody_waits_for_an_answer(
+    settings: Settings, stream: bool
+) -> None:
+    # Given the front door, one process, giving requests in progress the default 30 s at a
+    # stop, with a client's keep-alive connection open and idle, and a chat (or a stream,
+    # before its first chunk) its client hung up on, held at a model answering in SLOW_MS
+    worker = settings.model_copy(update={"shutdown_grace": 0.5})  # ends the call at the end
+    async with keyed_gateway(worker, mock_config=SLOW_MOCK) as (gateway, keys, _):
+        port = free_port()
+        door, log = await two_processes(
+            settings,
+            port,
+            processes=1,
+            QUEUEGATE_SHUTDOWN_GRACE="30",
+            QUEUEGATE_MOCK_URL=gateway.mock.url,
+        )
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            await log.matches(SERVING, 1)
+            async with openai.AsyncOpenAI(base_url=url, api_key=keys["alpha"]) as idle:
+                await idle.models.list()
+                async with openai.AsyncOpenAI(
+                    base_url=url, api_key=keys["alpha"], max_retries=0
+                ) as client:
+                    asked = asyncio.create_task(
+                        client.chat.completions.create(model=SLOW, messages=HELLO, stream=stream)
+                    )
+                    await wait_until(lambda: gateway.worker.in_flight == 1)
+                    asked.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asked
+
+                # When it is stopped
+                started = time.monotonic()
+                door.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(door.wait(), timeout=30)
+                took = time.monotonic() - started
+        finally:
+            output = await log_once_ended(door, log)
+
+    # Expect it gone at once, as an operator's stop ends: status 0, nothing logged amiss
+    assert took < STOP_WITHIN, took
+    assert door.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
