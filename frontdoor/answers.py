@@ -3,6 +3,7 @@
 
     note_job(request, job.job_id)   # its answer, an error too, carries it as x-request-id
     headers = gateway_headers(job_id, result, started)   # x-request-id, latency, cost, model
+    headers |= serving_headers(job, first_chunk)   # a stream's: model, before its result
     body = {**result.response, "_gateway": gateway_block(job_id, result, started)}
 
 Every answer carries ``x-request-id`` (``frontdoor.app.RequestMetrics``): the job's id once
@@ -25,7 +26,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import Scope
 
-from queuegate.messages import ChatResult
+from queuegate.messages import ChatJob, ChatResult, StreamChunk
 from queuegate.numbers import plain_decimal
 
 TRACE_HEADER = "x-queuegate-trace-id"
@@ -79,12 +80,28 @@ def gateway_headers(job_id: str, result: ChatResult | None, started: float) -> d
     if result is not None:
         g = result.gateway
         headers["x-queuegate-cost-usd"] = plain_decimal(g.cost_usd)
-        headers["x-queuegate-model-used"] = g.model_used or ""
-        headers["x-queuegate-fallback"] = "true" if g.fallback_used else "false"
-        headers["x-queuegate-cached"] = "true" if g.cached else "false"
+        headers |= _served(g.model_used or "", fallback=g.fallback_used, cached=g.cached)
         if g.trace_id is not None:  # the job's own: an earlier request's, read back by id
             headers[TRACE_HEADER] = g.trace_id
     return headers
+
+
+def serving_headers(job: ChatJob, first: StreamChunk) -> dict[str, str]:
+    """How a streamed job is served, as its first chunk says it (the headers leave with that
+    chunk, before the job's result exists): the alias serving it, a fallback or not, cached
+    or not, as ``gateway_headers`` names them from a result. None from a worker that predates
+    ``StreamChunk.model_used``."""
+    if first.model_used is None:
+        return {}
+    return _served(first.model_used, fallback=first.model_used != job.model, cached=first.cached)
+
+
+def _served(model_used: str, *, fallback: bool, cached: bool) -> dict[str, str]:
+    return {
+        "x-queuegate-model-used": model_used,
+        "x-queuegate-fallback": "true" if fallback else "false",
+        "x-queuegate-cached": "true" if cached else "false",
+    }
 
 
 def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dict[str, Any]:
@@ -115,4 +132,5 @@ __all__ = [
     "note_job",
     "noted_job",
     "request_id",
+    "serving_headers",
 ]

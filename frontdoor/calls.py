@@ -20,7 +20,9 @@ The steps every route that runs a chat job shares, whatever API it speaks::
   publishes until it clears): the job may still finish, and ``GET /v1/jobs/<id>``
   reads its outcome then.
 - ``open_stream`` waits for the first chunk before the route answers, so an error before
-  any output (a refused key, an exhausted budget) is a plain error status, not a stream.
+  any output (a refused key, an exhausted budget) is a plain error status, not a stream,
+  and the answer's head names what serves the job (``x-queuegate-model-used``: a fallback
+  may), as the first chunk says.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
 
-from frontdoor.answers import gateway_headers
+from frontdoor.answers import gateway_headers, serving_headers
 from frontdoor.auth import Caller
 from frontdoor.chat_request import RequestOptions
 from frontdoor.errors import ApiError, error_of_result, unexpected
@@ -184,9 +186,12 @@ def streamed(
             if opened.bridged:
                 door.bridge.close_stream(job.job_id)
 
-    # An answer read from the store names its job's trace (a retry's), as a plain one does
-    answered = None if opened.bridged else opened.stream.result
-    headers = gateway_headers(job.job_id, answered, started)
+    # An answer read from the store names its job's trace (a retry's), as a plain one does;
+    # a job that ended before any chunk has its result, which the head says all of
+    ended = opened.stream.result if opened.first is None else None
+    headers = gateway_headers(job.job_id, ended, started)
+    if opened.first is not None:
+        headers |= serving_headers(job, opened.first)
     return StreamingResponse(
         events(),
         media_type="text/event-stream",

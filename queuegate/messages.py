@@ -536,6 +536,12 @@ class StreamChunk(WireModel):
     model: str | None = None
     """The model the provider says is answering, as the answer's ``model`` names it (None
     from a worker that predates it)."""
+    model_used: str | None = None
+    """The alias serving the job, as its result's ``gateway.model_used`` will name it (a
+    fallback's when one serves it: none can once a chunk is out); None from a worker that
+    predates it."""
+    cached: bool = False
+    """The chunk replays the response cache's answer (``gateway.cached`` of the result)."""
     index: int = 0
     """The choice the delta belongs to: more than one with ``n`` > 1."""
     logprobs: dict[str, Any] | None = None

@@ -60,9 +60,10 @@ KEY_FILE_REREAD = 10.0
 """Seconds a key read from a secret file is used before the file is read again, so a secret
 rotated in place is picked up that long after the file changes."""
 
-DeltaSink = Callable[[Piece, str], Awaitable[None]]
+DeltaSink = Callable[[Piece, str, str], Awaitable[None]]
 """Receives a streamed job's deltas (with the choice of each), in order, as they arrive,
-each with the model the provider says is answering (``StreamParser.model``)."""
+each with the model the provider says is answering (``StreamParser.model``) and the alias
+serving the job (``Routed.model_used``: a fallback's when one does, known from the first)."""
 
 
 @dataclass(frozen=True)
@@ -218,13 +219,13 @@ class _Job:
     def summary(self, head: str) -> str:
         return f"{head}: {'; '.join(self.failures)}" if self.failures else head
 
-    async def emit(self, piece: Piece, model: str) -> None:
+    async def emit(self, piece: Piece, model: str, alias: str) -> None:
         assert self.sink is not None
         if not self.streamed and tracing.ON:
             tracing.event("first chunk")  # on the call's span: its time to the first token
         self.streamed = True
         self._next_chunk_due()
-        await self.sink(piece, model)
+        await self.sink(piece, model, alias)
 
     def _next_chunk_due(self) -> None:
         """With a chunk wait, the job's deadline (and its call's limit) moves to a chunk wait
@@ -609,7 +610,7 @@ class Router:
         try:
             try:
                 async with limit:
-                    completion = await self._call(run, call, parser)
+                    completion = await self._call(run, alias, call, parser)
             finally:
                 run.calling = None
                 free.release()
@@ -686,7 +687,9 @@ class Router:
             estimated=usage.estimated,
         )
 
-    async def _call(self, run: _Job, call: _Call, parser: StreamParser | None) -> Completion:
+    async def _call(
+        self, run: _Job, alias: str, call: _Call, parser: StreamParser | None
+    ) -> Completion:
         assert self._upstreams is not None
         deployment = call.deployment
         upstream = self._upstreams[deployment.api_base]
@@ -708,14 +711,14 @@ class Router:
             async for event in events:
                 pieces = parser.feed(event)
                 for piece in pieces:
-                    await run.emit(piece, parser.model)
+                    await run.emit(piece, parser.model, alias)
                 if not pieces and run.streamed and not parser.ended:
                     # An event with nothing to relay (a finish reason, the usage) arrived all
                     # the same: its caller's wait for the next chunk starts again, as
                     # straight from the provider (ChatJob.chunk_wait). Not the one that ends
                     # the stream: the result, published right after it, ends it for the
                     # caller (a chunk for it would be one more publish and confirm).
-                    await run.emit(Piece({}), parser.model)
+                    await run.emit(Piece({}), parser.model, alias)
         return parser.completion()
 
     async def _report(self, call: _Call, err: ProviderError) -> None:

@@ -13,6 +13,7 @@ import pytest
 from anthropic import AsyncAnthropic
 from anthropic.types import MessageParam
 
+from mockprovider import Behavior, MockConfig
 from queuegate.settings import Settings
 from router import load_catalog
 from tests.frontdoor_support import Door, open_door
@@ -126,6 +127,40 @@ async def test_every_answer_names_the_model_the_provider_served(door: Door, alia
     assert {chunk.model for chunk in chunks} == {served}
     assert message.model == start.message.model == final.model == served
     assert raw.headers["x-queuegate-model-used"] == alias
+
+
+FLAKY_DOWN = MockConfig(models={"flaky-gpt": Behavior(error_rate=1.0, error_status=503)})
+"""flaky-gpt's deployment failing every call: its fallback, claude-haiku, serves it."""
+
+
+async def test_a_streamed_answer_names_the_fallback_serving_it_as_a_whole_one_does(
+    settings: Settings,
+) -> None:
+    # Given flaky-gpt served by its fallback, claude-haiku
+    async with (
+        open_door(settings, mock_config=FLAKY_DOWN) as door,
+        door.client() as openai_sdk,
+        anthropic_client(door) as anthropic_sdk,
+    ):
+        # When it is asked for streamed, in either API's format, and whole
+        streamed = await openai_sdk.chat.completions.with_raw_response.create(
+            model="flaky-gpt", messages=[dict(STORY[0])], stream=True
+        )
+        chunks = [chunk async for chunk in streamed.parse()]
+        messages = await anthropic_sdk.messages.with_raw_response.create(
+            model="flaky-gpt", max_tokens=50, messages=STORY, stream=True
+        )
+        events = [event async for event in await messages.parse()]
+        whole = await openai_sdk.chat.completions.with_raw_response.create(
+            model="flaky-gpt", messages=[dict(STORY[0])]
+        )
+
+    # Expect each answer's head to name the fallback, the streams' before their first byte
+    assert chunks and events
+    for answer in (streamed, messages, whole):
+        assert answer.headers["x-queuegate-model-used"] == "claude-haiku"
+        assert answer.headers["x-queuegate-fallback"] == "true"
+        assert answer.headers["x-queuegate-cached"] == "false"
 
 
 async def test_more_than_four_stop_sequences_reach_a_vllm_server_and_openai_refuses_them(

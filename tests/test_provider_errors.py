@@ -346,7 +346,7 @@ async def test_a_key_echoed_by_the_provider_is_scrubbed_on_every_path(
         assert piece not in said
 
 
-async def _ignore(delta: Any, model: str) -> None:
+async def _ignore(delta: Any, model: str, alias: str) -> None:
     pass
 
 

@@ -343,7 +343,7 @@ async def test_a_stream_broken_after_text_is_billed_for_what_was_received(
     faults = MockConfig(models={"gpt-model": cut, "claude-model": cut})
     received: list[Delta] = []
 
-    async def sink(piece: Piece, model: str) -> None:
+    async def sink(piece: Piece, model: str, alias: str) -> None:
         received.append(piece.delta)
 
     async with (
@@ -637,7 +637,7 @@ async def test_streamed_thinking_arrives_as_reasoning_content_deltas(
 ) -> None:
     received: list[Delta] = []
 
-    async def sink(piece: Piece, model: str) -> None:
+    async def sink(piece: Piece, model: str, alias: str) -> None:
         received.append(piece.delta)
 
     job = chat("claude", params={"reasoning_effort": "minimal"}, stream=True)
@@ -680,7 +680,7 @@ async def test_a_streamed_custom_tool_call_is_assembled_under_its_own_type(
     choice = {"type": "custom", "custom": {"name": "run_sql"}}
     received: list[Delta] = []
 
-    async def sink(piece: Piece, model: str) -> None:
+    async def sink(piece: Piece, model: str, alias: str) -> None:
         received.append(piece.delta)
 
     job = chat("gpt", params={"tools": [custom], "tool_choice": choice}, stream=True)

@@ -44,10 +44,12 @@ class Sink:
     def __init__(self) -> None:
         self.deltas: list[Delta] = []
         self.models: set[str] = set()
+        self.aliases: set[str] = set()
 
-    async def __call__(self, piece: Piece, model: str) -> None:
+    async def __call__(self, piece: Piece, model: str, alias: str) -> None:
         self.deltas.append(piece.delta)
         self.models.add(model)
+        self.aliases.add(alias)
 
     @property
     def text(self) -> str:
@@ -124,6 +126,8 @@ async def test_a_failure_before_the_first_chunk_falls_back(
 
     assert routed.model_used == "claude-haiku"
     assert sink.text == routed.response["choices"][0]["message"]["content"]
+    # each delta named the fallback serving it
+    assert sink.aliases == {"claude-haiku"}
 
 
 async def test_a_failure_after_the_first_chunk_ends_the_stream_with_an_error(

@@ -671,7 +671,7 @@ class JobProcessor:
         hit = await self._cache.get(job) if cache else None
         if hit is not None:
             if relay is not None:
-                await relay.replay(hit.response)
+                await relay.replay(hit.response, hit.model_used)
             return served(job, hit, timing, cached=True, marks=marks)
         routed = await self._serve(job, relay, claim, ahead)
         if cache:

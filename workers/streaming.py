@@ -38,8 +38,9 @@ class StreamRelay:
         """Whether the job's delivery is still open (``Publisher.chunk``)."""
         self._seq = 0
         self._gone = False
+        self._cached = False
 
-    async def __call__(self, piece: Piece, model: str) -> None:
+    async def __call__(self, piece: Piece, model: str, alias: str) -> None:
         if self._gone:
             return  # nobody listens: the job still runs to the end and is accounted
         # The chunk fields the provider sent as text (CHUNK_FIELDS), repeated on the chunk.
@@ -49,6 +50,8 @@ class StreamRelay:
             seq=self._seq,
             delta=piece.delta,
             model=model,
+            model_used=alias,
+            cached=self._cached,
             index=piece.index,
             logprobs=piece.logprobs,
             anthropic_events=piece.anthropic_events,
@@ -63,8 +66,10 @@ class StreamRelay:
                 self._job_id,
             )
 
-    async def replay(self, response: dict[str, Any]) -> None:
-        """An answer that was not streamed (a cache hit), as its live stream's deltas."""
+    async def replay(self, response: dict[str, Any], alias: str) -> None:
+        """An answer that was not streamed (a cache hit, served by ``alias``), as its live
+        stream's deltas."""
+        self._cached = True
         chunk = {k: response[k] for k in CHUNK_FIELDS if k in response}
         # No events for an Anthropic deployment's answer: an Anthropic caller gets the
         # provider's blocks whole, at the end.
@@ -74,7 +79,8 @@ class StreamRelay:
         if not deltas and events is not None:
             deltas = [Replayed(0, {})]  # still one chunk, naming the model
         for d in deltas:
-            await self(Piece(d.delta, d.index, d.logprobs, chunk, anthropic_events=events), model)
+            piece = Piece(d.delta, d.index, d.logprobs, chunk, anthropic_events=events)
+            await self(piece, model, alias)
 
 
 def relay_for(
