@@ -395,7 +395,7 @@ async def test_an_answer_without_counts_to_bill_by_is_billed_by_its_text(
     )
     prompt = "Tell me a long story"
 
-    async def sink(piece: Piece, model: str) -> None:
+    async def sink(piece: Piece, model: str, alias: str) -> None:
         pass
 
     async with (
@@ -426,7 +426,7 @@ async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "Tell me"}]
     faults = MockConfig(models={"claude-model": Behavior(stream_cut_after=4)})
 
-    async def sink(piece: Piece, model: str) -> None:
+    async def sink(piece: Piece, model: str, alias: str) -> None:
         pass
 
     async with (
