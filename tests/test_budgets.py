@@ -145,20 +145,36 @@ async def test_crossing_the_alert_threshold_alerts_once_a_month(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:
     # Given a $1 budget alerting at 50 %
-    budgets = _budgets(settings, redis_client, pool)
+    keys = Keys(settings.redis_prefix)
+    budgets, scripts = _budgets(settings, redis_client, pool), Scripts(redis_client, keys)
     config = TeamConfig(budget_usd=Decimal(1), alert_threshold=0.5)
 
-    # When three $0.30 jobs reserve it (crossing 50 % on the second)
-    for i in range(3):
-        await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, f"job-{i}")
+    # When three jobs reserve $0.30 each, and the first two cost $0.01
+    reserved = [
+        (await budgets.reserve("alpha", "m", config, DOLLAR * 3 // 10, f"job-{i}"))[0]
+        for i in range(3)
+    ]
+    for cheap in reserved[:2]:
+        assert cheap is not None
+        await scripts.run(budgets.settle_call(cheap, DOLLAR // 100))
+    # Expect no alert: $0.92 was reserved at most, $0.02 spent (before: alerted on the
+    # reservations, and the month's one alert was gone)
+    assert await redis_client.xrange(keys.alerts) == []
+
+    # When the third costs $0.60 (spend crossing 50 % at its settle), then more jobs do
+    assert reserved[2] is not None
+    await scripts.run(budgets.settle_call(reserved[2], DOLLAR * 6 // 10))
+    more, _ = await budgets.reserve("alpha", "m", config, DOLLAR // 10, "job-3")
+    assert more is not None
+    await scripts.run(budgets.settle_call(more, DOLLAR // 10))
 
     # Expect exactly one alert on the stream, naming the team and the month
-    entries = await redis_client.xrange(Keys(settings.redis_prefix).alerts)
+    entries = await redis_client.xrange(keys.alerts)
     assert len(entries) == 1
     _, fields = entries[0]
     assert fields[b"team"] == b"alpha"
     assert fields[b"month"] == datetime.now(UTC).strftime("%Y-%m").encode()
-    assert int(fields[b"spent_nano_usd"]) == DOLLAR * 6 // 10
+    assert int(fields[b"spent_nano_usd"]) == DOLLAR * 62 // 100
 
 
 async def test_the_spend_in_force_leaves_out_lapsed_reservations_as_a_reserve_would(

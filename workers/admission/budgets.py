@@ -627,7 +627,7 @@ def _alert(team: str, month: str, reply: list[int]) -> None:
     """Log the alert a reserve or settle emitted when it crossed the team's threshold."""
     if len(reply) > 2 and reply[0] == 0 and reply[2] == 1:
         log.warning(
-            "team %s crossed its budget alert threshold for %s: $%s spent or reserved",
+            "team %s crossed its budget alert threshold for %s: $%s spent",
             team,
             month,
             plain_decimal(Decimal(int(reply[1])) / NANO),

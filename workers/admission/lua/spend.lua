@@ -47,7 +47,9 @@
 --                room for its worst, and the provider served twice a small budget
 -- ARGV[2]        amount in nano-USD: the estimate (reserve) or the real cost (settle)
 -- ARGV[3]        ttl of ledgers and marker, seconds (past the month's end)
--- ARGV[4]        alert threshold in nano-USD on the team ledger; 0 = none
+-- ARGV[4]        alert threshold in nano-USD on the team ledger's settled spend (reservations
+--                left out: jobs reserving far more than they cost alerted a team that had
+--                spent 0.02 % of its budget, and the month's one alert was gone); 0 = none
 -- ARGV[5..6]     team and month, written into the alert
 -- ARGV[7]        the job id
 -- ARGV[8]        milliseconds until the job's entry lapses
@@ -56,7 +58,8 @@
 -- ARGV[9+i]      limit of scope i in nano-USD (reserve)
 -- ARGV[9+n+i]    the generation of scope i the caller knows ("" = none yet), n scopes
 --
--- Returns {0, spent, alerted, gen 1, .., gen n} when done, {-1, i, settled} when scope i's
+-- Returns {0, spent, alerted, gen 1, .., gen n} when done (spent: the team's spent and reserved,
+-- its settled spend when this call alerted), {-1, i, settled} when scope i's
 -- settled spend (the job's own entry left out) cannot take the amount, {-4, i, spent} when
 -- only the other jobs' open reservations in scope i keep it out (with their excesses and its
 -- room, as above; nothing written), {-5, i, spent} when scope i's ledger is restoring
@@ -171,6 +174,7 @@ if waits then
 end
 
 local team_spent = spent[1]
+local team_settled = spent[1] and spent[1] - reserved[1]
 for i = 1, scopes do
   local ledger, expiry = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   if spent[i] and (mode == 'reserve' or held[i] or lost[i]) then
@@ -232,16 +236,19 @@ for i = 1, scopes do
     end
     if i == 1 then
       team_spent = spent[1] - (held[1] or 0) + amount
+      -- A reserve leaves the settled spend as it was; a settle adds what the job cost.
+      local still = reserved[1] - (mine[1] or 0) + (mode == 'reserve' and amount or 0)
+      team_settled = team_spent - still
     end
   end
 end
 
-if team_spent and threshold > 0 and team_spent >= threshold then
+if team_settled and threshold > 0 and team_settled >= threshold then
   if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*',
-      'team', ARGV[5], 'month', ARGV[6], 'spent_nano_usd', team_spent,
+      'team', ARGV[5], 'month', ARGV[6], 'spent_nano_usd', string.format('%d', team_settled),
       'budget_nano_usd', ARGV[10])
-    return {0, team_spent, 1, unpack(gens)}
+    return {0, team_settled, 1, unpack(gens)}
   end
 end
 return {0, team_spent or 0, 0, unpack(gens)}
