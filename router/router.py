@@ -399,7 +399,8 @@ class Router:
             if capped is not None and alias != job.model and capped(alias):
                 left_out.add(alias)
                 run.failures.append(
-                    f"{alias}: not a fallback of this team's, which caps its spend (ask for it)"
+                    f"{alias}: not a fallback of this job's: its team caps that model's spend, "
+                    "or did when the job was priced (ask for it)"
                 )
                 continue
             tried.append(alias)
