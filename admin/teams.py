@@ -668,10 +668,14 @@ async def configure(
             config = TeamConfig.model_validate(stored.fields | changes)
         except ValidationError as exc:
             first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"])
+            loc = [str(part) for part in first["loc"]]
+            if loc[0] == "models" and len(loc) > 1:
+                clear = f"--model {loc[1]}:"  # that model's limits; --unset models, every one's
+            else:
+                clear = f"--unset {loc[0]}"
             raise ConfigError(
-                f"team {name}: {field}: {first['msg']}: give another value "
-                f"(or clear it: --unset {field.split('.')[0]})"
+                f"team {name}: {'.'.join(loc)}: {first['msg']}: give another value "
+                f"(or clear it: {clear})"
             ) from None
         try:
             before = ledger_scopes(name, TeamConfig.model_validate(stored.fields))

@@ -68,9 +68,13 @@ async def test_absurd_limits_are_refused_in_one_line_and_nothing_is_stored(
     ]:
         # When an operator sets a value no gateway means
         code, _, stderr = await _cli(settings, "teams", "set", "alpha", option, value)
-        # Expect one line naming the field, and the stored config as it was
+        # Expect one line naming the field and how to clear it (a model's limits with its
+        # model's, not every model's: --unset models), and the stored config as it was
         assert code == 1, (option, value)
-        assert f"team alpha: {field}:" in _one_error_line(stderr)
+        said = _one_error_line(stderr)
+        assert f"team alpha: {field}:" in said
+        clear = "--model gpt-4o-mini:)" if field.startswith("models.") else f"--unset {field})"
+        assert said.endswith(f"(or clear it: {clear}"), said
         assert await _stored(settings, "alpha") == {"budget_usd": "5"}
 
 
