@@ -161,9 +161,12 @@ async def test_crossing_the_alert_threshold_alerts_once_a_month(
     # reservations, and the month's one alert was gone)
     assert await redis_client.xrange(keys.alerts) == []
 
-    # When the third costs $0.60 (spend crossing 50 % at its settle), then more jobs do
+    # When the third costs $0.60: spend crosses 50 % at its settle, with no job after it
+    # (before, only a later reserve looked: the alert never came)
     assert reserved[2] is not None
     await scripts.run(budgets.settle_call(reserved[2], DOLLAR * 6 // 10))
+    assert len(await redis_client.xrange(keys.alerts)) == 1
+    # ... and when more jobs come
     more, _ = await budgets.reserve("alpha", "m", config, DOLLAR // 10, "job-3")
     assert more is not None
     await scripts.run(budgets.settle_call(more, DOLLAR // 10))

@@ -121,6 +121,9 @@ class Reservation:
     """Each scope's ledger generation the job reserved in."""
     model: str
     """The job's model: what a ledger on a model cap puts it back by (``Budgets.restore``)."""
+    threshold: int = 0
+    """The team's alert threshold (nano-USD, 0: none) as the job was reserved: its settle is
+    what brings the settled spend across it (spend.lua)."""
 
 
 Settled = tuple[int, float, str]
@@ -260,7 +263,7 @@ class Budgets:
             return None
         keys, month = scoped.keys, scoped.month
         generations = [self._generations.get(ledger, "") for ledger in keys[::2]]
-        held = Reservation(keys, team, month, job_id, nano, generations, model)
+        held = Reservation(keys, team, month, job_id, nano, generations, model, scoped.threshold)
         limits = [UNLIMITED for _ in scoped.limits] if forced else scoped.limits
         entry_ms = self._lease_ms
         if deadline is not None:
@@ -362,7 +365,14 @@ class Budgets:
         self._generations.update(zip(ledgers, generations, strict=True))
         # Made as it is, not by dataclasses.replace: its look at each field costs µs a job.
         return Reservation(
-            held.keys, held.team, held.month, held.job_id, held.nano, generations, held.model
+            held.keys,
+            held.team,
+            held.month,
+            held.job_id,
+            held.nano,
+            generations,
+            held.model,
+            held.threshold,
         )
 
     async def drop_dead(self, held: BudgetHeld) -> int:
@@ -416,7 +426,7 @@ class Budgets:
             "lost" if running else "settle",
             reservation,
             actual_nano,
-            threshold=0,
+            threshold=reservation.threshold,
             entry_ms=SETTLED_TTL * 1000,
             limits=[0 for _ in reservation.generations],  # a settle is never refused
         )
@@ -440,7 +450,9 @@ class Budgets:
             return None
         # No generation known: only an entry of the ledger as it is now is replaced.
         generations = ["" for _ in scoped.scopes]
-        reservation = Reservation(scoped.keys, team, scoped.month, job_id, nano, generations, model)
+        reservation = Reservation(
+            scoped.keys, team, scoped.month, job_id, nano, generations, model, scoped.threshold
+        )
         return self.settle_call(reservation, nano, running=running)
 
     def settled(self, reservation: Reservation, reply: list[int]) -> None:
