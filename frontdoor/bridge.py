@@ -129,6 +129,10 @@ class Bridge(ReplyingConnection):
             self._done(job.job_id)
             raise
 
+    def give_up(self) -> None:
+        """End every request's wait for its job's result or next chunk (``Inbox.give_up``)."""
+        self._inbox.give_up()
+
     async def wait(self, job_id: str, timeout: float) -> ChatResult:
         """The result of a submitted job; TimeoutError when none came within ``timeout``."""
         try:

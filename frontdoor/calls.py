@@ -41,7 +41,7 @@ from frontdoor.errors import ApiError, error_of_result, unexpected
 from frontdoor.service import FrontDoor
 from frontdoor.sse import StreamWriter, sse_events
 from producer.streams import ChatStream
-from queuegate.errors import ResultTimeout
+from queuegate.errors import GaveUp, ResultTimeout
 from queuegate.messages import ChatJob, ChatResult, StreamChunk
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ async def run_job(
         result = await door.bridge.wait(job.job_id, _left(deadline))
     except TimeoutError:
         raise _late(job, options.timeout) from None
+    except GaveUp:
+        raise _stopped(job) from None
     return _ok(result)
 
 
@@ -155,6 +157,9 @@ async def open_stream(
     except (ResultTimeout, TimeoutError):
         door.bridge.close_stream(job.job_id)
         raise _late(job, options.timeout) from None
+    except GaveUp:
+        door.bridge.close_stream(job.job_id)
+        raise _stopped(job) from None
     except BaseException:
         door.bridge.close_stream(job.job_id)
         raise
@@ -178,6 +183,9 @@ def streamed(
         try:
             async for data in sse_events(opened.stream, opened.first, writer):
                 yield data
+        except GaveUp:
+            stopped = _stopped(job)
+            yield writer.error(stopped.code, stopped.message)
         except Exception:
             log.exception("job %s: its stream failed", job.job_id)
             error = unexpected(job.job_id)
@@ -207,6 +215,17 @@ def _ok(result: ChatResult) -> ChatResult:
     if result.status != "ok" or result.response is None:
         raise error_of_result(result)
     return result
+
+
+def _stopped(job: ChatJob) -> ApiError:
+    """The answer of a request whose front door stops before its job ends: 504, not retried
+    (the job runs on; a retry would be a new job, called again)."""
+    return ApiError(
+        "deadline_exceeded",
+        f"the front door stopped before job {job.job_id} was answered; it may still finish: "
+        f"GET /v1/jobs/{job.job_id}",
+        job_id=job.job_id,
+    )
 
 
 def _late(job: ChatJob, timeout: float) -> ApiError:

@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from types import FrameType
 from typing import NoReturn
@@ -45,6 +45,7 @@ from frontdoor.connections import (
     fit_open_files,
     guarded_protocol,
 )
+from frontdoor.service import FrontDoor
 from queuegate import tracing
 from queuegate.errors import ConfigError, GatewayError
 from queuegate.runtime import default_stop_signals, run, tune_gc
@@ -63,6 +64,10 @@ with a request cut); cut there, it exits as it would have, its connections dropp
 (a batch it ran is taken over once its lease lapses)."""
 SETTLE = 0.1
 """The pause uvicorn makes, once it stops accepting, before the grace it is given begins."""
+GIVE_UP = 0.25
+"""Seconds before the grace ends that the requests still waiting for their jobs are answered
+(``FrontDoor.give_up``): 504 naming the job, not retried. Cut at the grace's end instead,
+each was a bare text/plain 500, which the SDKs retried as a new job, called again."""
 
 
 def serve(
@@ -85,7 +90,7 @@ def serve(
     tune_gc()
     limits = ConnectionLimits.of(settings)
     limits = replace(limits, max_connections=fit_open_files(limits.max_connections))
-    server = _Server(_config(app, settings, limits, log_level))
+    server = _Server(_config(app, settings, limits, log_level), give_up=lambda: _give_up(app))
     sock = bind(host, port)
     log.info("front door on http://%s:%d (docs at /docs)", host, sock.getsockname()[1])
     # uvicorn takes the stop signals from here (``_Server.handle_exit``), and asyncio's
@@ -137,10 +142,11 @@ class _Server(uvicorn.Server):
     stops in 0.15 s. And once stopped it raises the signal it got again, which ends the
     process of it (status 143, or 130 for Ctrl-C) where an operator's stop is a clean one."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, give_up: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self._grace = config.timeout_graceful_shutdown or 0.0
         self._signalled: float | None = None
+        self._give_up = give_up
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled is None:
@@ -163,12 +169,21 @@ class _Server(uvicorn.Server):
             return
         left = self._grace - (time.monotonic() - self._signalled)
         self.config.timeout_graceful_shutdown = max(left - SETTLE, 0.0)  # type: ignore[assignment]
+        if self._give_up is not None:
+            asyncio.get_running_loop().call_later(max(left - GIVE_UP, 0.0), self._give_up)
         try:
             async with asyncio.timeout(max(left, 0.0) + CLOSING):
                 await super().shutdown(sockets)
         except TimeoutError:
             # Not raised on: uvicorn ends its serve as usual, raising the signal it got again.
             log.warning("closing took over %.1f s after the grace: exiting without it", CLOSING)
+
+
+def _give_up(app: FastAPI) -> None:
+    """Answer the requests still waiting for their jobs (``GIVE_UP``), if the door started."""
+    door: FrontDoor | None = getattr(app.state, "frontdoor", None)
+    if door is not None:
+        door.bridge.give_up()
 
 
 def _config(

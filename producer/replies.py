@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from producer.streams import ChatStream, StreamBook
 from queuegate.broker import CONNECTION_LOST, Consumer, Outgoing, connect, consume, settle
-from queuegate.errors import ClientError, ServiceUnavailable
+from queuegate.errors import ClientError, GaveUp, ServiceUnavailable
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.signing import message_digest
 from queuegate.topology import MESSAGE_TYPE_CHUNK, MESSAGE_TYPE_RESULT
@@ -210,6 +210,13 @@ class ReplyBook:
         if future is not None:
             self._settle(job_id, future, None)
 
+    def give_up(self) -> None:
+        """End every wait under way with ``GaveUp``: its job runs on, unawaited."""
+        for job_id, waiters in self._waiters.items():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(GaveUp(job_id))
+
 
 class ReplyAcks:
     """Acknowledges the replies of one queue together: every reply handed over on a channel,
@@ -326,6 +333,13 @@ class Inbox:
     def open(self, stream: ChatStream) -> None:
         """Route the job's chunks, then its result, to ``stream``."""
         self.streams.open(stream)
+
+    def give_up(self) -> None:
+        """End every wait for a result or a chunk with ``GaveUp``, as the client stops: a
+        front door whose grace ends answers each such caller, naming its job, rather than
+        being cut with its requests (a bare 500, which the SDKs retry as a new job)."""
+        self.replies.give_up()
+        self.streams.give_up()
 
     def forget(self, job_id: str) -> None:
         """Stop waiting for the job (its stream too)."""

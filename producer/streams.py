@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Self
 
-from queuegate.errors import ResultTimeout
+from queuegate.errors import GaveUp, ResultTimeout
 from queuegate.messages import ChatResult, StreamChunk
 
 
@@ -44,7 +44,7 @@ class ChatStream:
         self._view = view
         self._start: Callable[[], Awaitable[object]] | None = start
         self._timeout = timeout
-        self._items: asyncio.Queue[StreamChunk | ChatResult] = asyncio.Queue()
+        self._items: asyncio.Queue[StreamChunk | ChatResult | Exception] = asyncio.Queue()
         self._next_seq = 0
         self._joined_late = False
 
@@ -66,6 +66,8 @@ class ChatStream:
                     f"no chunk of job {self.job_id} within {self._timeout} s; "
                     "check the workers (queuegate status)"
                 ) from exc
+            if isinstance(item, Exception):
+                raise item
             if isinstance(item, ChatResult):
                 self.result = item if self._view is None else self._view(item)
             elif self._next_seq == 0 and item.seq > 0:
@@ -76,7 +78,8 @@ class ChatStream:
                 return item
         raise StopAsyncIteration
 
-    def put(self, item: StreamChunk | ChatResult) -> None:
+    def put(self, item: StreamChunk | ChatResult | Exception) -> None:
+        """Its next item; an exception, raised to its reader in its turn."""
         self._items.put_nowait(item)
 
 
@@ -97,6 +100,12 @@ class StreamBook:
     def close(self, job_id: str) -> None:
         """Drop the streams of a job nobody reads any more."""
         self._streams.pop(job_id, None)
+
+    def give_up(self) -> None:
+        """End each open stream's wait for its next chunk with ``GaveUp`` (Inbox.give_up)."""
+        for job_id, streams in self._streams.items():
+            for stream in streams:
+                stream.put(GaveUp(job_id))
 
     def finish(self, result: ChatResult) -> bool:
         """Hand the result to the job's streams, if it has any; False otherwise."""

@@ -232,6 +232,15 @@ class ResultTimeout(ClientError):
     """No result arrived for a job within the timeout; the job may still be answered later."""
 
 
+class GaveUp(Exception):
+    """A wait for a job's result or its next chunk ended before them, as the client stops
+    (``producer.replies.Inbox.give_up``): the job runs on, its result kept for a later read."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"stopped waiting for job {job_id}")
+        self.job_id = job_id
+
+
 class QueueFull(ClientError):
     """The team's queue is at its quota and the broker refused the job; retry later."""
 
