@@ -222,6 +222,10 @@ def _refreshes(
         yield lambda *seen: live.update(watch_view(*seen, wide=wide))
 
 
+LET_GO = 1.0
+"""Seconds past its own wait that a registry read is given to let go of its connection."""
+
+
 class _Registry:
     """The registry's enabled teams and budgets (admin.status), or none and why when
     PostgreSQL cannot be read: the budgets are then unknown, which status must not show as
@@ -250,7 +254,17 @@ class _Registry:
                     self._pool = await create_pool(self._settings, max_size=1)
             except UNREADABLE as exc:
                 return Registered(unread=unreadable(self._settings, exc))
-        return await registered(self._pool, self._settings)
+        pool = self._pool
+        reading = asyncio.ensure_future(registered(pool, self._settings))
+        await asyncio.wait([reading], timeout=REGISTRY_WAIT + LET_GO)
+        if reading.done():
+            return reading.result()
+        # Its read timed out, but the connection it cut is released only once the server
+        # answers: a PostgreSQL that hung mid-watch held every refresh until it came back.
+        # Dropped instead; the next refresh opens a new pool.
+        self._pool = None
+        pool.terminate()
+        return Registered(unread=unreadable(self._settings, TimeoutError()))
 
     async def check_known(self, teams: list[str]) -> None:
         """UnknownTeam for the first of ``teams`` the registry does not hold; nothing when it

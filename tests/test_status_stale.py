@@ -252,6 +252,36 @@ async def test_watch_as_json_prints_a_status_document_a_line_stale_ones_marked(
                 await cli.wait()
 
 
+async def test_watch_goes_on_refreshing_while_postgres_hangs(settings: Settings) -> None:
+    # Given `status --watch --json` reaching PostgreSQL through a proxy, its figures fresh
+    await add(settings, "alpha", identity="queue")
+    async with TcpProxy(settings.database_url) as proxy:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "status", "--watch", "--json", "--interval", "0.2",
+            "--teams", "alpha",
+            env=_env(settings, database_url=proxy.url),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert cli.stdout is not None
+        try:
+            await asyncio.wait_for(cli.stdout.readline(), timeout=CLI_WAIT)
+            # When PostgreSQL hangs (neither answers nor refuses) mid-watch
+            proxy.hang()
+            # Expect lines still coming while it hangs, marked stale with the reason (before,
+            # none came until it answered again, the refresh held by the hung connection)
+            async with asyncio.timeout(15):
+                while True:
+                    line = json.loads(await cli.stdout.readline())
+                    if line["reason"] is not None and "did not answer" in line["reason"]:
+                        break
+            assert line["stale"] is True and line["stale_since"] is not None
+            assert line["teams"][0]["budget_usd"] is None
+            await proxy.up()
+        finally:
+            cli.kill()
+            await cli.wait()
+
+
 async def test_status_names_a_missing_database_not_an_unreachable_server(
     settings: Settings,
 ) -> None:
