@@ -425,6 +425,24 @@ class ChatJob(WireModel):
         return None if self.stream and self.chunk_wait is not None else self.deadline
 
 
+def prompt_cache_ttl(job: ChatJob) -> Literal["5m", "1h"] | None:
+    """How long the job asks part of its prompt to be cached (a ``cache_control`` on a
+    message, a content part or a tool): "1h" when any mark says so, else "5m"; None when it
+    marks none. What a write to the cache is priced at before the provider says it wrote."""
+    marks: list[Any] = []
+    for message in job.messages:
+        if message.model_extra:
+            marks.append(message.model_extra.get("cache_control"))
+        parts = message.content if isinstance(message.content, list) else ()
+        marks += [part.get("cache_control") for part in parts]
+    marks += [tool.get("cache_control") for tool in job.params.tools or ()]
+    marked = [mark for mark in marks if mark is not None]
+    if not marked:
+        return None
+    hour = any(isinstance(mark, dict) and mark.get("ttl") == "1h" for mark in marked)
+    return "1h" if hour else "5m"
+
+
 def request_digest(job: ChatJob) -> str:
     """What makes two jobs the same request: team, model, fallbacks, messages, parameters.
 

@@ -73,6 +73,13 @@ so the job was answered twice; a count of 10^15 overflowed usage_log's cost (the
 and the spend counters in Redis (the team refused with a spend of -9.2 billion dollars)."""
 
 
+def detail_count(value: Any) -> int | None:
+    """A count of cache reads or writes: absent or null is none (0); another that is no
+    ``token_count`` is None, which makes the whole usage unreadable (a cache write reported
+    as ``"2500"`` was free)."""
+    return 0 if value is None else token_count(value)
+
+
 def token_count(value: Any) -> int | None:
     """A token count a provider reported, or None when it is none: absent, not a whole
     number (``"5"``, ``1.5e3``, ``true``), negative, or past ``MAX_TOKEN_COUNT``."""

@@ -36,7 +36,7 @@ from queuegate.errors import (
     UnknownModel,
 )
 from queuegate.keys import Keys
-from queuegate.messages import Attempt, ChatJob, UnsupportedParams
+from queuegate.messages import Attempt, ChatJob, UnsupportedParams, prompt_cache_ttl
 from queuegate.openai_params import too_many_stops
 from queuegate.provider_formats import ANTHROPIC_BODY
 from queuegate.redis_client import redis_for
@@ -815,9 +815,15 @@ def _counted(job: ChatJob, completion: Completion) -> tuple[dict[str, Any], Usag
     stream's is, the answer's usage then that count. Before, such an answer was free."""
     if completion.usage is not None:
         return completion.response, completion.usage
+    prompt = estimate_tokens(_prompt_chars(job))
+    # A prompt marked for a cache counted as written to it, as the estimate reserved it: a
+    # provider that wrote it may have said so in a count that is no count.
+    ttl = prompt_cache_ttl(job)
     usage = Usage(
-        estimate_tokens(_prompt_chars(job)),
+        prompt,
         estimate_tokens(_answer_chars(completion.response)),
+        cache_write_tokens=prompt if ttl else 0,
+        cache_write_1h_tokens=prompt if ttl == "1h" else 0,
         estimated=True,
     )
     response = completion.response | {"usage": openai_usage(usage)}

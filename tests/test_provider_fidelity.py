@@ -418,6 +418,33 @@ async def test_an_answer_without_counts_to_bill_by_is_billed_by_its_text(
     assert "usage" not in routed.response.get(ANTHROPIC_BODY, {})
 
 
+@pytest.mark.parametrize("written", ["2500", 2500.0, -1, 10**10])
+async def test_an_unreadable_cache_count_is_billed_as_the_marked_prompt_written(
+    settings: Settings, written: object
+) -> None:
+    # Given an answer whose cache write count is no count, to a prompt marked for an hour
+    # (before: taken as no write, the write free)
+    usage = {"input_tokens": 3, "output_tokens": 5, "cache_creation_input_tokens": written}
+    faults = MockConfig(models={"claude-model": Behavior(usage=usage)})
+    marked = {"type": "ephemeral", "ttl": "1h"}
+    system = [{"type": "text", "text": LONG, "cache_control": marked}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        routed = await router.complete(chat("claude", messages=messages))
+
+    # Expect it counted from the text, the prompt billed as written to the cache for an hour
+    assert routed.estimated
+    assert routed.cache_write_tokens == routed.input_tokens > 1000
+    per = Decimal(1_000_000)
+    assert (
+        routed.cost_usd
+        == (routed.input_tokens * Decimal(6) + routed.output_tokens * Decimal(15)) / per
+    )
+
+
 async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(
     settings: Settings,
 ) -> None:

@@ -342,3 +342,50 @@ def test_lines_end_at_crlf_lf_or_cr_even_split_between_chunks() -> None:
 
     assert lines == ["data: a", "data: b", "data: é", ""]
     assert splitter.end() == ["data: c"]
+
+
+def test_anthropic_counts_a_message_delta_leaves_null_keep_message_starts() -> None:
+    # Given a message_delta whose usage leaves its input and cache counts null (the SDK types
+    # them so): before, they erased message_start's, and the job was billed by estimate
+    nulls = {"input_tokens": None, "cache_creation_input_tokens": None}
+    events = [
+        e if e.name != "message_delta" else ServerEvent(e.name, _with_usage(e, nulls))
+        for e in ANTHROPIC_TEXT
+    ]
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
+    feed(parser, events)
+
+    usage = parser.completion().usage
+    assert usage is not None and not usage.estimated
+    assert (usage.input_tokens, usage.output_tokens) == (25, 15)
+
+
+def test_an_anthropic_stream_without_its_output_count_is_counted_from_its_text() -> None:
+    # Given a stream that ends without a message_delta: message_start's output count is a
+    # placeholder (1), which the whole answer was billed at
+    events = [e for e in ANTHROPIC_TEXT if e.name != "message_delta"]
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
+    feed(parser, events)
+
+    completion = parser.completion()
+    usage = completion.usage
+    assert usage is not None and usage.estimated
+    assert (usage.input_tokens, usage.output_tokens) == (25, 2)  # "Hello!": 6 characters / 4
+    assert completion.response["usage"]["completion_tokens"] == 2
+
+
+def test_a_stream_event_nested_past_the_parsers_depth_is_a_bad_response() -> None:
+    # Before, its RecursionError failed the job as the worker's own fault, nothing billed
+    deep = '{"type": "message_delta", "usage": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
+    feed(parser, ANTHROPIC_TEXT[:5])
+
+    with pytest.raises(ProviderError) as caught:
+        parser.feed(ServerEvent("message_delta", deep))
+    assert caught.value.error_class == "bad_response"
+
+
+def _with_usage(event: ServerEvent, usage: dict[str, Any]) -> str:
+    data = json.loads(event.data)
+    data["usage"] = {**data["usage"], **usage}
+    return json.dumps(data)

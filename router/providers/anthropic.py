@@ -44,6 +44,7 @@ from queuegate.provider_formats import (
     Block,
     as_int,
     data_url,
+    detail_count,
     openai_finish,
     strict_json,
     token_count,
@@ -226,15 +227,17 @@ class AnthropicStream:
         if kind == "message_start":
             start = data.get("message") or {}
             self._message |= {k: v for k, v in start.items() if k not in ("content", "usage")}
-            self._usage |= start.get("usage") or {}
+            self._usage |= _given(start.get("usage"))
         elif kind == "content_block_start":
             return self._start(as_int(data.get("index")), data.get("content_block") or {})
         elif kind == "content_block_delta":
             return self._delta(as_int(data.get("index")), data.get("delta") or {})
         elif kind == "message_delta":
             self._message |= data.get("delta") or {}
-            self._usage |= data.get("usage") or {}
-            self._final = "output_tokens" in self._usage
+            # Counts it leaves null (the SDK types them so) are not message_start's erased.
+            given = _given(data.get("usage"))
+            self._usage |= given
+            self._final = "output_tokens" in given
         elif kind == "message_stop":
             self._stopped = True
         return []
@@ -287,9 +290,15 @@ class AnthropicStream:
                 self._message["content"][index]["input"] = strict_json("".join(pieces) or "{}")
             except ValueError as exc:
                 raise ProviderError("bad_response", "streamed tool input is not JSON") from exc
-        return self._adapter.parse_response(
+        parsed = self._adapter.parse_response(
             self._message | {"usage": self._usage}, self._message["model"]
         )
+        if self._final or parsed.usage is None:
+            return parsed
+        # No message_delta said the output count: message_start's is a placeholder (1), and
+        # the stream's text was billed as one token.
+        usage = self._estimated(parsed.usage)
+        return Completion(parsed.response | {"usage": openai_usage(usage)}, usage)
 
     def received(self, prompt_chars: int) -> Usage:
         """The usage of a stream that broke: the counts a message_delta reported, else
@@ -298,12 +307,16 @@ class AnthropicStream:
         usage = _usage(self._usage)
         if usage is not None and self._final:
             return usage
-        output = estimate_tokens(self._received)
         if usage is not None:
-            # message_start's input and cache counts, which the provider bills, kept
-            thinking = min(usage.reasoning_tokens, output)
-            return replace(usage, output_tokens=output, reasoning_tokens=thinking, estimated=True)
-        return Usage(estimate_tokens(prompt_chars), output, estimated=True)
+            return self._estimated(usage)
+        return Usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), estimated=True)
+
+    def _estimated(self, usage: Usage) -> Usage:
+        """``usage`` with its output counted from the text received: message_start's input
+        and cache counts, which the provider bills, kept."""
+        output = estimate_tokens(self._received)
+        thinking = min(usage.reasoning_tokens, output)
+        return replace(usage, output_tokens=output, reasoning_tokens=thinking, estimated=True)
 
 
 _RELAYED = frozenset(
@@ -645,18 +658,26 @@ def _tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -> Block:
     return out
 
 
+def _given(usage: Any) -> dict[str, Any]:
+    """The counts a stream event's usage gives: those it leaves null are not given."""
+    if not isinstance(usage, dict):
+        return {}
+    return {name: count for name, count in usage.items() if count is not None}
+
+
 def _usage(usage: Any) -> Usage | None:
     """Anthropic reports cache reads and writes apart from ``input_tokens``; the canonical
     count includes them, as OpenAI's ``prompt_tokens`` does. None without an input and an
-    output count to bill by (``token_count``); a detail that is no count is none."""
+    output count to bill by (``token_count``), or with a cache count that is no count
+    (``detail_count``); another detail that is no count is none."""
     if not isinstance(usage, dict):
         return None
     uncached = token_count(usage.get("input_tokens"))
     output = token_count(usage.get("output_tokens"))
-    if uncached is None or output is None:
+    cached = detail_count(usage.get("cache_read_input_tokens"))
+    written = detail_count(usage.get("cache_creation_input_tokens"))
+    if uncached is None or output is None or cached is None or written is None:
         return None
-    cached = token_count(usage.get("cache_read_input_tokens")) or 0
-    written = token_count(usage.get("cache_creation_input_tokens")) or 0
     creation = usage.get("cache_creation")
     creation = creation if isinstance(creation, dict) else {}
     hour = token_count(creation.get("ephemeral_1h_input_tokens")) or 0

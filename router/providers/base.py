@@ -363,7 +363,9 @@ def json_data(event: ServerEvent) -> dict[str, Any]:
     """The JSON object an event carries; raises ProviderError("bad_response")."""
     try:
         data = json.loads(event.data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # Nested past the parser's depth, it failed the job as the worker's own fault, billed
+        # nothing for the text already streamed: a stream that broke, billed as one.
         raise ProviderError("bad_response", "a stream event is not JSON") from exc
     if not isinstance(data, dict):
         raise ProviderError("bad_response", "a stream event is not a JSON object")

@@ -30,6 +30,7 @@ from queuegate.provider_formats import (
     OPENAI_CHAT_PARAMS,
     THINKING_PARTS,
     as_int,
+    detail_count,
     token_count,
 )
 from router.providers.base import (
@@ -192,7 +193,8 @@ def _effort(budget: int) -> str:
 
 def _usage(usage: Any) -> Usage | None:
     """The counts of a usage object; None without a prompt and a completion count to bill by
-    (``token_count``). A detail that is no count is none, and none exceeds its total."""
+    (``token_count``), or with a cache count that is no count (``detail_count``); a reasoning
+    count that is no count is none, and no detail exceeds its total."""
     if not isinstance(usage, dict):
         return None
     prompt_tokens = token_count(usage.get("prompt_tokens"))
@@ -203,8 +205,12 @@ def _usage(usage: Any) -> Usage | None:
     prompt = prompt if isinstance(prompt, dict) else {}
     completion = usage.get("completion_tokens_details")
     completion = completion if isinstance(completion, dict) else {}
-    cached = min(token_count(prompt.get("cached_tokens")) or 0, prompt_tokens)
-    written = min(token_count(prompt.get("cache_write_tokens")) or 0, prompt_tokens - cached)
+    read = detail_count(prompt.get("cached_tokens"))
+    write = detail_count(prompt.get("cache_write_tokens"))
+    if read is None or write is None:
+        return None
+    cached = min(read, prompt_tokens)
+    written = min(write, prompt_tokens - cached)
     return Usage(
         input_tokens=prompt_tokens,
         output_tokens=completion_tokens,

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 import orjson
 
-from queuegate.messages import ChatJob
+from queuegate.messages import ChatJob, prompt_cache_ttl
 from queuegate.registry import TeamConfig
 from queuegate.spend import capped_fallback, to_nano
 from router.catalog import Catalog, Deployment
@@ -66,18 +66,6 @@ def _prompt_price(deployment: Deployment) -> Decimal:
     return max(price for price in prices if price is not None)
 
 
-def marks_cache(job: ChatJob) -> bool:
-    """Whether the job asks for part of its prompt to be cached (a ``cache_control`` on a
-    message, a content part or a tool)."""
-    for message in job.messages:
-        if message.model_extra and "cache_control" in message.model_extra:
-            return True
-        parts = message.content if isinstance(message.content, list) else ()
-        if any("cache_control" in part for part in parts):
-            return True
-    return any("cache_control" in tool for tool in job.params.tools or ())
-
-
 def prompt_tokens(job: ChatJob) -> int:
     chars = 0
     for message in job.messages:
@@ -105,7 +93,7 @@ def estimate(
     gateway's ``expected_output_tokens``). Its room is its cost at ``unbounded_output`` per
     choice (the gateway's ``unbounded_output_tokens``) when it sets no output limit and that
     is more; its cost otherwise, and when ``unbounded_output`` is None (no room asked for)."""
-    prompt, caches = prompt_tokens(job), marks_cache(job)
+    prompt, caches = prompt_tokens(job), prompt_cache_ttl(job) is not None
     limit = job.params.output_limit
     choice = limit or config.expected_output_tokens or default_output
     output = choice * job.params.choices
