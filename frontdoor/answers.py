@@ -118,6 +118,8 @@ def gateway_block(job_id: str, result: ChatResult, started: float | None) -> dic
         "fallback": g.fallback_used,
         "cached": g.cached,
         "attempts": len(g.attempts),
+        # Only when true, as trace_id only when there is one: billed by a count of its text
+        **({"tokens_estimated": True} if g.tokens_estimated else {}),
         **({"trace_id": g.trace_id} if g.trace_id is not None else {}),
     }
 

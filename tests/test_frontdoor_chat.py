@@ -138,6 +138,27 @@ async def test_chat_answers_with_the_gateway_block(door: Door) -> None:
     assert float(block["cost_usd"]) > 0 and block["latency_ms"] > 0
 
 
+async def test_the_gateway_block_says_when_tokens_were_counted_from_the_text(
+    settings: Settings,
+) -> None:
+    # Given a self-hosted server that answers without usage (OpenAI-compatible ones may)
+    silent = MockConfig(models={"llama-3.1-8b": Behavior(usage={})})
+    async with (
+        open_door(settings, mock_config=silent) as door,
+        httpx.AsyncClient(base_url=door.url) as http,
+    ):
+        response = await http.post(
+            "/v1/chat",
+            json={"model": "local-llama", "messages": HELLO},
+            headers={"Authorization": f"Bearer {door.keys['alpha']}"},
+        )
+    # Expect its answer billed by its text, and saying so over HTTP as a result does
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["_gateway"]["tokens_estimated"] is True
+    assert body["usage"]["completion_tokens"] > 0
+
+
 async def test_health_readiness_metrics_and_docs(door: Door) -> None:
     async with httpx.AsyncClient(base_url=door.url) as http:
         assert (await http.get("/healthz")).status_code == 200
