@@ -324,7 +324,12 @@ class Router:
         await self.health.settled()
 
     def check(self, job: ChatJob) -> None:
-        """Raise UnknownModel if the job's model or any of its fallbacks is not in the catalog."""
+        """Raise UnknownModel if the job's model or any of its fallbacks is not in the catalog,
+        naming a fallback by its place (``fallbacks.1``), as the front door does."""
+        for index, alias in enumerate(job.fallbacks or ()):
+            if alias not in self.catalog.models:
+                where = f"fallbacks.{index}"
+                raise UnknownModel(f"{where}: unknown model {alias!r}", param=where)
         self.catalog.chain(job.model, job.fallbacks)
 
     def first_call(self, job: ChatJob) -> tuple[str, Deployment] | None:

@@ -304,6 +304,7 @@ async def test_an_openai_batch_lines_own_fallbacks_serve_it_as_its_jobs(
     failed = {line["custom_id"]: line["response"] for line in errors}
     assert failed["req-1"]["status_code"] == 404
     assert failed["req-1"]["body"]["error"]["code"] == "unknown_model"
+    assert failed["req-1"]["body"]["error"]["param"] == "fallbacks.0"
     assert failed["req-2"]["status_code"] == 400
     assert failed["req-2"]["body"]["error"]["param"] == "fallbacks"
 

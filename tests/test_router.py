@@ -570,8 +570,9 @@ async def test_check_refuses_unknown_models_and_fallbacks(
     router.check(chat("gpt-4o-mini", fallbacks=["local-llama"]))
     with pytest.raises(UnknownModel, match="'gpt-9'"):
         router.check(chat("gpt-9"))
-    with pytest.raises(UnknownModel, match="'ghost'"):
+    with pytest.raises(UnknownModel, match=r"^fallbacks\.1: unknown model 'ghost'") as caught:
         router.check(chat("gpt-4o-mini", fallbacks=["local-llama", "ghost"]))
+    assert caught.value.param == "fallbacks.1"  # named as the front door names it
 
 
 async def test_router_must_be_open_to_complete_and_opens_once(
