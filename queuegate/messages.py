@@ -132,12 +132,13 @@ its timeout before the next is tried, so a longer chain outlives any caller's wa
 
 RequestFallbacks = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_stored_text)]],
-    Field(min_length=1, max_length=MAX_FALLBACKS),
+    Field(max_length=MAX_FALLBACKS),
 ]
-"""A request's own ``fallbacks`` (``/v1/chat/completions``, ``/v1/messages``, a batch's
-request), typed as its API's other fields are (strict there: ``"x"`` is no list): 1 to
-``MAX_FALLBACKS`` aliases, each as a job's ``model`` is. They become the job's ``fallbacks``,
-never a parameter; whether the catalog serves them is asked where its ``model`` is."""
+"""A job's own ``fallbacks``, whichever door it came in by (a queued job, ``/v1/chat/
+completions``, ``/v1/messages``, a batch's request; strict at the front door, as its API's
+other fields are: ``"x"`` is no list): up to ``MAX_FALLBACKS`` aliases, each as a job's
+``model`` is, ``[]`` for none (not the catalog's either). Never a parameter; whether the
+catalog serves them is asked where its ``model`` is."""
 
 REFUSED_MARK = "/refused/"
 """What the usage row of a refused job has in its id, ``<job id>/refused/<digest of body>``
@@ -375,7 +376,7 @@ class ChatJob(WireModel):
     model: StoredText = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1)
     params: ChatParams = ChatParams()
-    fallbacks: list[StoredText] | None = None
+    fallbacks: RequestFallbacks | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     deadline: AwareDatetime | None = None
     stream: bool = False

@@ -10,6 +10,7 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
+from pydantic import ValidationError
 
 from mockprovider import Behavior, MockConfig
 from queuegate.numbers import plain_decimal
@@ -226,6 +227,40 @@ async def test_a_requests_own_fallbacks_replace_its_models_in_the_catalog(
     calls = [call.body for call in failing_door.gateway.mock.requests if call.body is not None]
     assert [body["model"] for body in calls] == ["flaky-gpt", "flaky-gpt", "gpt-4o-mini"]
     assert not any("fallbacks" in body for body in calls)
+
+
+async def test_a_request_naming_no_fallbacks_is_not_served_by_the_catalogs(
+    failing_door: Door,
+) -> None:
+    # Given flaky-gpt failing, whose catalog fallback is claude-haiku
+    async with failing_door.client() as client:
+        # When a request for it names no fallback at all, as a queued job may
+        with pytest.raises(openai.APIStatusError) as failed:
+            await client.chat.completions.create(
+                model="flaky-gpt", messages=HELLO, extra_body={"fallbacks": []}
+            )
+
+    # Expect it failed on flaky-gpt alone (before: refused 400, [] was no list of 1 to 8)
+    assert failed.value.status_code == 502
+    calls = [call.body for call in failing_door.gateway.mock.requests if call.body is not None]
+    assert [body["model"] for body in calls] == ["flaky-gpt", "flaky-gpt"]
+
+
+async def test_nine_fallbacks_are_refused_by_either_door(door: Door) -> None:
+    nine = ["gpt-4o-mini"] * 9
+    async with door.client() as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO, extra_body={"fallbacks": nine}
+            )
+    assert refused.value.param == "fallbacks"
+    # ... and a queued job with as many, by the client as a worker would, unpublished
+    # (before: served, the bound the front door's alone)
+    async with door.gateway.client("alpha") as queued:
+        with pytest.raises(ValidationError) as unpublished:
+            await queued.chat("gpt-4o-mini", HELLO, fallbacks=nine)
+    assert unpublished.value.errors()[0]["loc"] == ("fallbacks",)
+    assert door.gateway.mock.stats.calls == 0
 
 
 async def test_a_fallback_the_catalog_lacks_is_not_found_naming_it(door: Door) -> None:
