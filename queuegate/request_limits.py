@@ -107,11 +107,11 @@ def check_output_tokens(params: dict[str, Any], under: str = "") -> None:
 def check_nesting(request: dict[str, Any]) -> None:
     """InvalidRequest when ``request`` (parsed JSON, a canonical request) nests more than
     ``MAX_NESTING`` objects and arrays deep."""
-    if _deeper(request, MAX_NESTING):
+    if nests_deeper(request, MAX_NESTING):
         raise InvalidRequest(f"the request nests deeper than {MAX_NESTING} levels: flatten it")
 
 
-def _deeper(value: Any, levels: int) -> bool:
+def nests_deeper(value: Any, levels: int) -> bool:
     """Whether ``value`` (parsed JSON) nests more than ``levels`` objects and arrays deep."""
     if isinstance(value, dict):
         children: Any = value.values()
@@ -119,7 +119,7 @@ def _deeper(value: Any, levels: int) -> bool:
         children = value
     else:
         return False
-    return levels <= 0 or any(_deeper(child, levels - 1) for child in children)
+    return levels <= 0 or any(nests_deeper(child, levels - 1) for child in children)
 
 
 def request_bytes(job: ChatJob) -> int:
@@ -160,6 +160,7 @@ __all__ = [
     "check_nesting",
     "check_output_tokens",
     "checked_messages",
+    "nests_deeper",
     "request_bytes",
     "too_large",
 ]

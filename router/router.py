@@ -40,6 +40,7 @@ from queuegate.messages import Attempt, ChatJob, UnsupportedParams, prompt_cache
 from queuegate.openai_params import too_many_stops
 from queuegate.provider_formats import ANTHROPIC_BODY
 from queuegate.redis_client import redis_for
+from queuegate.request_limits import MAX_NESTING, nests_deeper
 from queuegate.settings import Settings
 from router import transport
 from router.catalog import Catalog, Deployment, ModelEntry
@@ -704,7 +705,7 @@ class Router:
             _, body = await transport.post(
                 upstream, call.request, call.key, connect=connect, first_byte=first_byte
             )
-            return ADAPTERS[deployment.provider].parse_response(body, deployment.model)
+            return _writable(ADAPTERS[deployment.provider].parse_response(body, deployment.model))
         events = transport.events(
             upstream,
             call.request,
@@ -725,7 +726,7 @@ class Router:
                     # the stream: the result, published right after it, ends it for the
                     # caller (a chunk for it would be one more publish and confirm).
                     await run.emit(Piece({}), parser.model, alias)
-        return parser.completion()
+        return _writable(parser.completion())
 
     async def _report(self, call: _Call, err: ProviderError) -> None:
         deployment = call.deployment
@@ -812,6 +813,15 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
         run.summary(f"{failed} failed after {calls} call{'s' * (calls != 1)}"),
         run.attempts,
     )
+
+
+def _writable(completion: Completion) -> Completion:
+    """``completion``, unless its answer nests deeper than a job's JSON may (``MAX_NESTING``):
+    a bad response. Taken, the worker failed writing its outcome after the call, and the job
+    went back to its queue, its claim held, unanswered and unbilled for good."""
+    if nests_deeper(completion.response, MAX_NESTING):
+        raise ProviderError("bad_response", f"the answer nests deeper than {MAX_NESTING} levels")
+    return completion
 
 
 def _counted(job: ChatJob, completion: Completion) -> tuple[dict[str, Any], Usage]:

@@ -42,7 +42,7 @@ from tests.test_script_calls import connections_named, named_client
 from workers.admission.budgets import Budgets
 from workers.admission.scripts import Call, Scripts
 from workers.claims import Busy, Claim, ClaimedJob, Claims, Duplicate, Lapsed, LostCall
-from workers.outcome import Announcement, Outcome, Timing, as_json, failed
+from workers.outcome import Announcement, Outcome, Timing, as_json, failed, unwritable
 from workers.outcome import served as served_outcome
 from workers.usage_record import UsageRecord
 
@@ -826,3 +826,37 @@ async def test_a_missed_claims_conflict_with_an_answered_request_tells_what_that
     # Expect it refused as a conflict, knowing what the answer its entry stood for cost
     assert isinstance(refused.value.found, IdempotencyConflict)
     assert refused.value.answered_usd == Decimal("0.000012")
+
+
+def test_an_outcome_that_cannot_be_written_is_a_billed_error_that_can() -> None:
+    # Given a served job whose answer pydantic cannot write (nested past its 200 levels): a
+    # worker failed writing it, and the job went back to its queue with its claim held
+    deep: list[object] = []
+    for _ in range(300):
+        deep = [deep]
+    job = ChatJob(job_id="j1", team="alpha", model="gpt-4o-mini", messages=HELLO)
+    routed = Routed(
+        response={"id": "c1", "choices": [], "x": deep},
+        model_used="gpt-4o-mini",
+        deployment="d",
+        provider="p",
+        fallback_used=False,
+        attempts=[Attempt(model="gpt-4o-mini", deployment="d", provider="p", status=200)],
+        input_tokens=3,
+        output_tokens=5,
+        cached_tokens=0,
+        cost_usd=Decimal("0.000012"),
+        latency_ms=1.5,
+    )
+    outcome = served_outcome(job, routed, Timing(2.5, "w"))
+    with pytest.raises(Exception, match="depth"):
+        as_json(outcome)
+    # When it is made writable
+    written = unwritable(outcome)
+    result, usage = as_json(written)
+    # Expect a provider_error billed as served: its answer out, its usage and cost kept
+    assert written.result.status == "error" and written.result.response is None
+    assert written.result.error is not None and written.result.error.code == "provider_error"
+    assert (written.usage.status, written.usage.error_code) == ("error", "provider_error")
+    assert written.usage.cost_usd == Decimal("0.000012") and written.usage.output_tokens == 5
+    assert b"provider_error" in result and b"0.000012" in usage

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
 from mockprovider.wire import REASONING_TOKENS
-from queuegate.errors import InvalidRequest, StreamInterrupted
+from queuegate.errors import AllProvidersFailed, InvalidRequest, StreamInterrupted
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
 from queuegate.provider_formats import ANTHROPIC_BODY
@@ -443,6 +443,61 @@ async def test_an_unreadable_cache_count_is_billed_as_the_marked_prompt_written(
         routed.cost_usd
         == (routed.input_tokens * Decimal(6) + routed.output_tokens * Decimal(15)) / per
     )
+
+
+def _nested(levels: int) -> Any:
+    deep: Any = []
+    for _ in range(levels):
+        deep = [deep]
+    return deep
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_an_answer_nested_past_a_jobs_depth_is_a_bad_response(
+    settings: Settings, stream: bool
+) -> None:
+    # Given answers nesting 150 levels deep, past the bound of a job (pydantic writes 200)
+    # (before: the worker failed writing it, and the job looped in its queue unanswered)
+    usage = {"prompt_tokens": 5, "completion_tokens": 5, "x": _nested(150)}
+    faults = MockConfig(models={"gpt-model": Behavior(usage=usage)})
+    received: list[Delta] = []
+
+    async def sink(piece: Piece, model: str, alias: str) -> None:
+        received.append(piece.delta)
+
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        with pytest.raises((AllProvidersFailed, StreamInterrupted)) as caught:
+            await router.complete(chat("gpt", "Tell me", stream=stream), on_delta=sink)
+
+    # Expect a bad response: a whole one fails the call, a stream that sent text is billed
+    assert "the answer nests deeper than 100 levels" in str(caught.value)
+    if stream:
+        assert isinstance(caught.value, StreamInterrupted) and received
+        billed = caught.value.billed
+        assert billed is not None and billed.cost_usd > 0
+    else:
+        assert isinstance(caught.value, AllProvidersFailed)
+
+
+async def test_a_job_answered_nested_too_deep_is_answered_once_not_looped(
+    settings: Settings,
+) -> None:
+    # Given a provider whose answers nest past a job's bound, and a job with no fallback
+    usage = {"prompt_tokens": 5, "completion_tokens": 5, "x": _nested(150)}
+    faults = MockConfig(models={"gpt-4o-mini": Behavior(usage=usage)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        job = client.job("gpt-4o-mini", [{"role": "user", "content": "Hi"}], fallbacks=[])
+        result = await (await client.submit(job)).result(10)
+
+        # Then it is answered an error at once, with one row (before, at 250 levels: the
+        # worker failed writing it and the job went round its queue for good)
+        assert result.status == "error" and result.error is not None
+        assert "nests deeper than 100 levels" in result.error.message
+        [row] = await gw.usage_rows(1)
+        assert row["status"] == "error"
 
 
 async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(

@@ -237,6 +237,24 @@ def served(
     return Outcome(result=result, usage=usage)
 
 
+def unwritable(outcome: Outcome) -> Outcome:
+    """``outcome``, whose result could not be written as JSON (``as_json`` raised), as a
+    ``provider_error`` billed as it was served: its answer left out, its usage and cost kept.
+    Raised on, the job went back to its queue with its claim held, unanswered for good."""
+    result = outcome.result
+    error = ErrorInfo(
+        code="provider_error",
+        message="the gateway could not write this job's answer, which is billed as served; "
+        "its operators have the details in the worker's log",
+        attempts=len(result.gateway.attempts),
+    )
+    usage = {"status": "error", "error_code": "provider_error"}
+    return Outcome(
+        result=result.model_copy(update={"status": "error", "response": None, "error": error}),
+        usage=outcome.usage.model_copy(update=usage),
+    )
+
+
 def failed(
     job_id: str,
     team: str,

@@ -81,6 +81,7 @@ from workers.outcome import (
     outcome_of_late,
     refused,
     served,
+    unwritable,
 )
 from workers.publisher import Publisher
 from workers.reply_queues import ReplyQueues
@@ -420,7 +421,14 @@ class JobProcessor:
         # Held while Redis stores it (the pool's connections are where most jobs wait).
         outcome = shared_fields(await self._billed(claim, stamped))
         # Made once, for its store and its announcement alike.
-        dumped = as_json(outcome)
+        try:
+            dumped = as_json(outcome)
+        except Exception:
+            log.exception(
+                "job %s: its outcome cannot be written; answering an error", claim.job.job_id
+            )
+            outcome = unwritable(outcome)
+            dumped = as_json(outcome)
         stored = await claim.finish(outcome, dumped=dumped)
         lapsing = self._claims.lapsing(claim.job)
         if stored is not outcome:  # another delivery's, stored first
