@@ -178,6 +178,7 @@ async def test_crossing_the_alert_threshold_alerts_once_a_month(
     assert fields[b"team"] == b"alpha"
     assert fields[b"month"] == datetime.now(UTC).strftime("%Y-%m").encode()
     assert int(fields[b"spent_nano_usd"]) == DOLLAR * 62 // 100
+    assert int(fields[b"budget_nano_usd"]) == DOLLAR  # (written by a settle, it read 0)
 
 
 async def test_the_spend_in_force_leaves_out_lapsed_reservations_as_a_reserve_would(

@@ -124,6 +124,9 @@ class Reservation:
     threshold: int = 0
     """The team's alert threshold (nano-USD, 0: none) as the job was reserved: its settle is
     what brings the settled spend across it (spend.lua)."""
+    budget: int = 0
+    """The team's budget (nano-USD) as the job was reserved, which an alert its settle
+    writes names (a settle is refused at no limit: spend.lua reads them for a reserve)."""
 
 
 Settled = tuple[int, float, str]
@@ -263,7 +266,7 @@ class Budgets:
             return None
         keys, month = scoped.keys, scoped.month
         generations = [self._generations.get(ledger, "") for ledger in keys[::2]]
-        held = Reservation(keys, team, month, job_id, nano, generations, model, scoped.threshold)
+        held = Reservation(keys, team, month, job_id, nano, generations, model, *_alerting(scoped))
         limits = [UNLIMITED for _ in scoped.limits] if forced else scoped.limits
         entry_ms = self._lease_ms
         if deadline is not None:
@@ -373,6 +376,7 @@ class Budgets:
             generations,
             held.model,
             held.threshold,
+            held.budget,
         )
 
     async def drop_dead(self, held: BudgetHeld) -> int:
@@ -428,7 +432,7 @@ class Budgets:
             actual_nano,
             threshold=reservation.threshold,
             entry_ms=SETTLED_TTL * 1000,
-            limits=[0 for _ in reservation.generations],  # a settle is never refused
+            limits=[reservation.budget, *(0 for _ in reservation.generations[1:])],
         )
 
     def charge_call(
@@ -451,7 +455,7 @@ class Budgets:
         # No generation known: only an entry of the ledger as it is now is replaced.
         generations = ["" for _ in scoped.scopes]
         reservation = Reservation(
-            scoped.keys, team, scoped.month, job_id, nano, generations, model, scoped.threshold
+            scoped.keys, team, scoped.month, job_id, nano, generations, model, *_alerting(scoped)
         )
         return self.settle_call(reservation, nano, running=running)
 
@@ -633,6 +637,12 @@ def _forget_lapsed(jobs: OrderedDict[str, Settled], now: float) -> None:
     """Drop the jobs whose entries would have lapsed from the ledger anyway."""
     while jobs and next(iter(jobs.values()))[1] <= now:
         jobs.popitem(last=False)
+
+
+def _alerting(scoped: _Scoped) -> tuple[int, int]:
+    """A reservation's alert threshold and the budget its alert names: the team ledger's
+    (the first scope), when the team has a budget."""
+    return scoped.threshold, scoped.limits[0] if scoped.threshold else 0
 
 
 def _alert(team: str, month: str, reply: list[int]) -> None:
