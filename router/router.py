@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -702,10 +702,12 @@ class Router:
         upstream = self._upstreams[deployment.api_base]
         connect, first_byte = deployment.connect_timeout, deployment.first_byte_timeout
         if parser is None:
-            _, body = await transport.post(
+            status, body = await transport.post(
                 upstream, call.request, call.key, connect=connect, first_byte=first_byte
             )
-            return _writable(ADAPTERS[deployment.provider].parse_response(body, deployment.model))
+            with _answered(status):
+                adapter = ADAPTERS[deployment.provider]
+                return _writable(adapter.parse_response(body, deployment.model))
         events = transport.events(
             upstream,
             call.request,
@@ -726,7 +728,8 @@ class Router:
                     # the stream: the result, published right after it, ends it for the
                     # caller (a chunk for it would be one more publish and confirm).
                     await run.emit(Piece({}), parser.model, alias)
-        return _writable(parser.completion())
+        with _answered(200):  # its events came after a 2xx
+            return _writable(parser.completion())
 
     async def _report(self, call: _Call, err: ProviderError) -> None:
         deployment = call.deployment
@@ -813,6 +816,18 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
         run.summary(f"{failed} failed after {calls} call{'s' * (calls != 1)}"),
         run.attempts,
     )
+
+
+@contextlib.contextmanager
+def _answered(status: int) -> Iterator[None]:
+    """A bad response raised in the block is one to a call the provider answered ``status``:
+    recorded so, it is billed as a call timed out once sent is (``workers.claims``)."""
+    try:
+        yield
+    except ProviderError as err:
+        if err.status is not None:
+            raise
+        raise ProviderError(err.error_class, err.detail, status=status, param=err.param) from err
 
 
 def _writable(completion: Completion) -> Completion:

@@ -498,6 +498,10 @@ async def test_a_job_answered_nested_too_deep_is_answered_once_not_looped(
         assert "nests deeper than 100 levels" in result.error.message
         [row] = await gw.usage_rows(1)
         assert row["status"] == "error"
+        # ... billed at its estimate, as a call timed out once sent is: the provider answered
+        # 200, and bills it (before: free)
+        assert result.gateway.cost_usd > 0, result.gateway.attempts
+        assert Decimal(row["cost_usd"]) == result.gateway.cost_usd
 
 
 async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(

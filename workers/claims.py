@@ -804,9 +804,9 @@ class Claim:
         return sum((self.sent.get(a.deployment, Decimal(0)) for a in attempts or ()), Decimal(0))
 
     def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
-        """The estimates of ``attempts`` that timed out once let go: the provider may have
-        got each and bill it, so each is priced as a lost call is, at its estimate."""
-        return self.estimated([a for a in attempts if a.error == "timeout"])
+        """The estimates of ``attempts`` the provider may bill though no answer was read
+        (``_unread``): each priced as a lost call is, at its estimate."""
+        return self.estimated([a for a in attempts if _unread(a)])
 
     def served(self, routed: Routed) -> Routed:
         """``routed`` costing also the calls that timed out before the one that answered."""
@@ -823,7 +823,7 @@ class Claim:
             return billed
         if billed is not None:
             return replace(billed, cost_usd=billed.cost_usd + extra)
-        last = next(a for a in reversed(attempts) if a.error == "timeout")
+        last = next(a for a in reversed(attempts) if _unread(a))
         return Billed(
             model_used=last.model,
             deployment=last.deployment,
@@ -969,6 +969,16 @@ class _Recording:
 
     async def rate_limited(self, deployment: Deployment) -> None:
         await self._ticket.rate_limited(deployment)
+
+
+def _unread(attempt: Attempt) -> bool:
+    """A call the provider may bill though no answer of it was read: timed out once let go,
+    or answered 2xx with a body that is no answer (``bad_response``: no JSON, nested past a
+    job's depth). Before, such a 200 was free, and the fallback that followed was billed
+    alone."""
+    if attempt.error == "timeout":
+        return True
+    return attempt.error == "bad_response" and 200 <= (attempt.status or 0) < 300
 
 
 def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> LostCall:

@@ -151,6 +151,7 @@ class ProviderError(GatewayError):
         param: str | None = None,
     ) -> None:
         self.error_class: ErrorClass = error_class
+        self.detail = detail
         self.status = status
         self.param = param
         """The request's field the provider named as at fault (OpenAI's error ``param``)."""
