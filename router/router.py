@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -705,9 +705,13 @@ class Router:
             status, body = await transport.post(
                 upstream, call.request, call.key, connect=connect, first_byte=first_byte
             )
-            with _answered(status):
-                adapter = ADAPTERS[deployment.provider]
+            adapter = ADAPTERS[deployment.provider]
+            try:
                 return _writable(adapter.parse_response(body, deployment.model))
+            except ProviderError as err:
+                if err.status is not None:
+                    raise
+                raise _answered(err, status) from err
         events = transport.events(
             upstream,
             call.request,
@@ -728,8 +732,12 @@ class Router:
                     # the stream: the result, published right after it, ends it for the
                     # caller (a chunk for it would be one more publish and confirm).
                     await run.emit(Piece({}), parser.model, alias)
-        with _answered(200):  # its events came after a 2xx
+        try:
             return _writable(parser.completion())
+        except ProviderError as err:
+            if err.status is not None:
+                raise
+            raise _answered(err, 200) from err  # its events came after a 2xx
 
     async def _report(self, call: _Call, err: ProviderError) -> None:
         deployment = call.deployment
@@ -818,16 +826,10 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
     )
 
 
-@contextlib.contextmanager
-def _answered(status: int) -> Iterator[None]:
-    """A bad response raised in the block is one to a call the provider answered ``status``:
-    recorded so, it is billed as a call timed out once sent is (``workers.claims``)."""
-    try:
-        yield
-    except ProviderError as err:
-        if err.status is not None:
-            raise
-        raise ProviderError(err.error_class, err.detail, status=status, param=err.param) from err
+def _answered(err: ProviderError, status: int) -> ProviderError:
+    """``err``, which names no status, as a bad response to a call the provider answered
+    ``status``: billed then as a call timed out once sent is (``workers.claims``)."""
+    return ProviderError(err.error_class, err.detail, status=status, param=err.param)
 
 
 def _writable(completion: Completion) -> Completion:
