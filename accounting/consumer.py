@@ -145,7 +145,7 @@ class Accountant:
         self._broker = OutageLog(
             log,
             "RabbitMQ",
-            "usage events wait in their queue until the connection is restored",
+            "usage events wait in their queue",
         )
         self._ledgers = OutageLog(
             log, "Redis or PostgreSQL (spend reconciliation)", "spend ledgers are not reconciled"
