@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 
 from admin.keys import issue_admin_key
-from frontdoor.dashboard.outage import WAIT
+from frontdoor.dashboard.outage import PAGE_WAIT, WAIT
 from frontdoor.serve import serving
 from queuegate.db import database_unreachable
 from queuegate.redis_client import redis_unreachable
@@ -116,3 +116,23 @@ async def test_pages_say_postgresql_is_down(settings: Settings) -> None:
         await served.proxy.down()
         # Expect every page to answer 503 within the bound, naming PostgreSQL
         await _answers_unavailable(client, database_unreachable(served.settings))
+
+
+async def test_pages_answer_within_the_bound_while_postgresql_hangs(settings: Settings) -> None:
+    async with (
+        _served(settings, "database_url") as served,
+        httpx.AsyncClient(base_url=served.url, timeout=PAGE_WAIT + 3) as client,
+    ):
+        await signed_in(client, served.admin_key)
+        for path in PAGES:  # each read once: its session, then its own reads, answered
+            assert (await client.get(path)).status_code == 200, path
+        # When the front door's PostgreSQL stops answering, its connections kept open
+        served.proxy.hang()
+        try:
+            # Expect every page and the Live data to answer 503 within the bound (before:
+            # the overview and the Live data waited on their reads as long as it hung)
+            for path in (*PAGES, "/dashboard/live.json"):
+                shown = await client.get(path)
+                assert shown.status_code == 503, (path, shown.text)
+        finally:
+            await served.proxy.up()

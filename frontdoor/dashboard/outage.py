@@ -28,6 +28,12 @@ WAIT = 2.0
 """Seconds a session's read of Redis or PostgreSQL may take before the page says the service
 is unavailable: a hung server (stopped, partitioned) would otherwise hold the page until the
 client gives up."""
+PAGE_WAIT = 5.0
+"""Seconds a page's own reads may take (a session read already done within ``WAIT``):
+the overview sums a month of every team's rollup, tens of milliseconds on a healthy server.
+Past it the page answers 503 without waiting for the reads to let go of their connections,
+which a hung PostgreSQL holds until it answers (the overview and the Live page's data were
+held 60 s and more)."""
 RETRY_AFTER = 5
 """Seconds a 503 asks the browser to wait before trying again."""
 
@@ -55,8 +61,19 @@ class Guarded(APIRoute):
 
         async def guarded(request: Request) -> Response:
             door: FrontDoor = request.app.state.frontdoor
+            serving = asyncio.ensure_future(handler(request))
             try:
-                return await handler(request)
+                await asyncio.wait([serving], timeout=PAGE_WAIT)
+                if not serving.done():
+                    serving.cancel()  # its reads let go in their own time
+                    raise Unavailable(
+                        f"PostgreSQL or Redis did not answer within {PAGE_WAIT:g} s: check "
+                        "that they run"
+                    )
+                return serving.result()
+            except asyncio.CancelledError:
+                serving.cancel()
+                raise
             except RedisError as exc:
                 raise Unavailable(redis_unreachable(door.settings, cause=exc)) from exc
             except UNREACHABLE as exc:
