@@ -20,6 +20,7 @@ import pytest
 from frontdoor.batches import records, runner
 from producer.batch.answers import Answer
 from producer.batch.formats import FORMATS, FormatName
+from producer.batch.lock import LockHeld
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import Door, open_door
@@ -224,3 +225,37 @@ async def test_a_batch_given_up_keeps_what_was_answered_and_errors_the_rest(
     # and the give-up logged once, naming the batch
     [logged] = said(caplog, batch_id)
     assert "given up" in logged.getMessage()
+
+
+async def test_a_batch_whose_collect_lock_another_holds_waits_for_it_not_failed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a runner whose collects find the batch's lock held for more runs than fail a
+    # batch, as when the runner before it stalled past its lease: the broker lets its lock
+    # go only at its missed heartbeats (a minute on)
+    collect = runner.collect_into
+    refused: list[int] = []
+
+    async def held_then_free(*args: Any, **kwargs: Any) -> Any:
+        if len(refused) < records.MAX_FAULTS + 2:
+            refused.append(1)
+            raise LockHeld("batch 'b' is being collected by another process")
+        return await collect(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "collect_into", held_then_free)
+    monkeypatch.setattr(runner, "RETRY_AFTER", 0.05)
+    async with open_door(settings) as door, door.client() as client:
+        # When a batch runs
+        file_id = await upload(client, openai_lines(3))
+        made = await client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await openai_ended(client, made.id)
+        row = await ended_row(door.gateway, made.id)
+
+    # Expect it completed once the lock was free, no run counted failed (before: failed
+    # after five runs, its answered lines in no file)
+    assert done.status == "completed", done.errors
+    assert done.request_counts is not None and done.request_counts.completed == 3
+    assert len(refused) == records.MAX_FAULTS + 2
+    assert row["faults"] == 0

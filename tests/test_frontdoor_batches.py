@@ -1066,9 +1066,11 @@ async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    # Given runs that rest a twentieth of a second after a fault, and a batch of 2 fast
-    # lines and 3 slow ones (2 s each)
+    # Given runs that rest a twentieth of a second after a fault, a collect lock found held
+    # counted as one at once (not after LOCK_PATIENCE, which covers a stalled runner's lock),
+    # and a batch of 2 fast lines and 3 slow ones (2 s each)
     monkeypatch.setattr(runner, "RETRY_AFTER", 0.05)
+    monkeypatch.setattr(runner, "LOCK_PATIENCE", 0.0)
     lines = openai_lines(2) + openai_lines(3, model="local-llama")
     for i, line in enumerate(lines[2:]):
         line["custom_id"] = f"slow-{i}"

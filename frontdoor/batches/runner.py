@@ -80,6 +80,7 @@ from producer.batch.checks import batch_checks
 from producer.batch.formats import FormatName, refused
 from producer.batch.jobs import Check
 from producer.batch.lines import BatchFile
+from producer.batch.lock import LockHeld
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
 from queuegate.control import BatchMeta, Counts
@@ -103,6 +104,11 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER = 5.0
 """Seconds a batch rests after a run that failed (an outage, a fault) before it is taken up."""
+LOCK_PATIENCE = 150.0
+"""Seconds a batch's collect lock may be found held by another before each run it stops
+counts as failed: past the broker's heartbeat timeout (60 s by default, a dead peer found
+within two of its intervals), which drops a runner that stalled past its lease with its
+lock. A holder still there past it lives on (the team's own ``queuegate batch collect``)."""
 OUTAGES: tuple[type[Exception], ...] = (ServiceUnavailable, *DB_ERRORS)
 """What pauses a run without counting against the batch: it is taken up again later."""
 UNFOLLOWED: tuple[type[Exception], ...] = (*OUTAGES, ControlRefused)
@@ -161,6 +167,8 @@ class BatchRunner:
         self._running: dict[str, _Held] = {}
         """By batch id, in the order they were taken."""
         self._given_back: set[str] = set()
+        self._locked: dict[str, float] = {}
+        """By batch id, since when its collect lock was found held by another (monotonic)."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -264,7 +272,7 @@ class BatchRunner:
     async def _drive(self, run: _Run) -> None:
         """One run of a batch while this runner holds it; the lease is given back after."""
         row = run.row
-        rest = 0.0
+        rest, locked = 0.0, False
         try:
             async with run:
                 await run.heartbeat(self._lease, self._tick)
@@ -273,6 +281,16 @@ class BatchRunner:
         except QueueFull as exc:
             log.info("batch %s: paused, resumed later: %s", row.id, exc)
             rest = RETRY_AFTER
+        except LockHeld as exc:
+            rest, locked = RETRY_AFTER, True
+            # A runner that stalled past its lease holds the lock until the broker drops its
+            # connection at its missed heartbeats: counted as failures at once, five runs 5 s
+            # apart failed the batch first, its lines in no file (attack bd, a 60 s SIGSTOP).
+            since = self._locked.setdefault(row.id, time.monotonic())
+            if time.monotonic() - since < LOCK_PATIENCE:
+                log.info("batch %s: paused, resumed later: %s", row.id, exc)
+            else:  # a holder that lives on: the team's own collect, say
+                await self._fault(row.id, exc)
         except OUTAGES as exc:
             log.warning("batch %s: paused by an outage, resumed later: %s", row.id, exc)
             rest = RETRY_AFTER
@@ -280,6 +298,8 @@ class BatchRunner:
             rest = RETRY_AFTER
             await self._fault(row.id, exc)
         finally:
+            if not locked:
+                self._locked.pop(row.id, None)
             if row.id in self._given_back:
                 self._given_back.discard(row.id)
                 rest = self._tick

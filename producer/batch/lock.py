@@ -15,6 +15,12 @@ from aiormq.abc import DeliveredMessage
 from queuegate.errors import BatchError
 
 
+class LockHeld(BatchError):
+    """Another process holds the lock: a wait, not a failure. A holder that stalled keeps
+    it until the broker drops its connection (missed heartbeats), which may be after its
+    batch lease lapsed and another runner took the batch up."""
+
+
 class BatchLock:
     """Whether the lock is held: False from the moment its channel closes (the broker then
     releases it to whoever asks next) until it is taken again, if it is."""
@@ -44,7 +50,7 @@ async def hold_lock(
     try:
         await hold(channel)
     except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise BatchError(busy) from exc
+        raise LockHeld(busy) from exc
     channel.close_callbacks.add(lock.dropped)
     if retake:
         # The robust channel restores nothing of ours: the lock is taken again by hand.
