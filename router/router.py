@@ -706,12 +706,7 @@ class Router:
                 upstream, call.request, call.key, connect=connect, first_byte=first_byte
             )
             adapter = ADAPTERS[deployment.provider]
-            try:
-                return _writable(adapter.parse_response(body, deployment.model))
-            except ProviderError as err:
-                if err.status is not None:
-                    raise
-                raise _answered(err, status) from err
+            return _answer(lambda: adapter.parse_response(body, deployment.model), status)
         events = transport.events(
             upstream,
             call.request,
@@ -732,12 +727,7 @@ class Router:
                     # the stream: the result, published right after it, ends it for the
                     # caller (a chunk for it would be one more publish and confirm).
                     await run.emit(Piece({}), parser.model, alias)
-        try:
-            return _writable(parser.completion())
-        except ProviderError as err:
-            if err.status is not None:
-                raise
-            raise _answered(err, 200) from err  # its events came after a 2xx
+        return _answer(parser.completion, 200)  # its events came after a 2xx
 
     async def _report(self, call: _Call, err: ProviderError) -> None:
         deployment = call.deployment
@@ -826,18 +816,23 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
     )
 
 
-def _answered(err: ProviderError, status: int) -> ProviderError:
-    """``err``, which names no status, as a bad response to a call the provider answered
-    ``status``: billed then as a call timed out once sent is (``workers.claims``)."""
-    return ProviderError(err.error_class, err.detail, status=status, param=err.param)
-
-
-def _writable(completion: Completion) -> Completion:
-    """``completion``, unless its answer nests deeper than a job's JSON may (``MAX_NESTING``):
-    a bad response. Taken, the worker failed writing its outcome after the call, and the job
-    went back to its queue, its claim held, unanswered and unbilled for good."""
-    if nests_deeper(completion.response, MAX_NESTING):
-        raise ProviderError("bad_response", f"the answer nests deeper than {MAX_NESTING} levels")
+def _answer(read: Callable[[], Completion], status: int) -> Completion:
+    """The completion ``read`` makes of an answer the provider sent with ``status`` (2xx).
+    One whose answer nests deeper than a job's JSON may (``MAX_NESTING``) is a bad response:
+    taken, the worker failed writing its outcome after the call, and the job went back to its
+    queue, its claim held, unanswered and unbilled for good. A bad response is raised naming
+    ``status``: the provider answered, and bills it, so the call is billed as one timed out
+    once sent is (``workers.claims``)."""
+    try:
+        completion = read()
+        if nests_deeper(completion.response, MAX_NESTING):
+            raise ProviderError(
+                "bad_response", f"the answer nests deeper than {MAX_NESTING} levels"
+            )
+    except ProviderError as err:
+        if err.status is not None:
+            raise
+        raise ProviderError(err.error_class, err.detail, status=status, param=err.param) from err
     return completion
 
 

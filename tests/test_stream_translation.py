@@ -389,3 +389,16 @@ def _with_usage(event: ServerEvent, usage: dict[str, Any]) -> str:
     data = json.loads(event.data)
     data["usage"] = {**data["usage"], **usage}
     return json.dumps(data)
+
+
+def test_a_stream_event_nested_past_a_jobs_depth_is_a_bad_response() -> None:
+    # Parsed whole (300 levels), but relayed as it came it failed the worker writing its
+    # chunk, and the stream's call was billed nothing
+    deep = '{"type": "message_delta", "usage": ' + "[" * 300 + "]" * 300 + "}"
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
+    feed(parser, ANTHROPIC_TEXT[:5])
+
+    with pytest.raises(ProviderError) as caught:
+        parser.feed(ServerEvent("message_delta", deep))
+    assert caught.value.error_class == "bad_response"
+    assert "nests deeper than 100 levels" in str(caught.value)

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatJob
+from queuegate.request_limits import MAX_NESTING, nests_deeper
 
 MAX_DETAIL = 160
 """Characters of an upstream error message kept: enough to say what was wrong, no more."""
@@ -370,6 +371,11 @@ def json_data(event: ServerEvent) -> dict[str, Any]:
         raise ProviderError("bad_response", "a stream event is not JSON") from exc
     if not isinstance(data, dict):
         raise ProviderError("bad_response", "a stream event is not a JSON object")
+    if nests_deeper(data, MAX_NESTING):
+        # Relayed as it came (Anthropic's events ride on their pieces), it failed the
+        # worker writing its chunk, the stream's calls billed nothing.
+        deep = f"the answer nests deeper than {MAX_NESTING} levels (a stream event)"
+        raise ProviderError("bad_response", deep)
     return data
 
 
