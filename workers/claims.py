@@ -803,22 +803,23 @@ class Claim:
         over billed them as lost (each was recorded at its estimate before it left)."""
         return sum((self.sent.get(a.deployment, Decimal(0)) for a in attempts or ()), Decimal(0))
 
-    def _timed_out_usd(self, attempts: Sequence[Attempt]) -> Decimal:
+    def _unread_usd(self, attempts: Sequence[Attempt]) -> Decimal:
         """The estimates of ``attempts`` the provider may bill though no answer was read
         (``_unread``): each priced as a lost call is, at its estimate."""
         return self.estimated([a for a in attempts if _unread(a)])
 
     def served(self, routed: Routed) -> Routed:
-        """``routed`` costing also the calls that timed out before the one that answered."""
-        extra = self._timed_out_usd(routed.attempts)
+        """``routed`` costing also the calls before the one that answered whose answers
+        were not read (``_unread``)."""
+        extra = self._unread_usd(routed.attempts)
         return replace(routed, cost_usd=routed.cost_usd + extra) if extra else routed
 
     def spent(self, error: JobError) -> Billed | None:
         """What the calls of a job that failed with ``error`` still cost: its ``billed`` (a
-        stream that broke: its last call) and the estimates of those that timed out."""
+        stream that broke: its last call) and the estimates of those whose answers were not read."""
         billed = error.billed
         attempts = error.attempts[:-1] if billed is not None else error.attempts
-        extra = self._timed_out_usd(attempts)
+        extra = self._unread_usd(attempts)
         if not extra:
             return billed
         if billed is not None:
