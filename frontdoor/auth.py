@@ -32,11 +32,12 @@ costs PostgreSQL nothing more.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Request
@@ -70,6 +71,16 @@ class Caller:
     key_id: str
     api_key: str = field(repr=False)
     """What the front door signs the team's jobs with; never logged or stored."""
+
+
+KEY_WAIT = 5.0
+"""Seconds a request waits for its key's row when the process's copy lacks it."""
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A lookup no request awaits any more: its failure is the next request's to meet."""
+    if not task.cancelled():
+        task.exception()
 
 
 class KeyBook:
@@ -114,8 +125,22 @@ class KeyBook:
         self, key: str, key_hash: str, now: float
     ) -> KeyOwner | DisabledTeamKey | None:
         """The key's row, asked for once however many requests present it at once (a live
-        key's burst, or one wrong key sent many times, costs PostgreSQL one lookup)."""
-        return await self._asking(key_hash, partial(self._ask, key, key_hash, now))
+        key's burst, or one wrong key sent many times, costs PostgreSQL one lookup); waited
+        for ``KEY_WAIT`` at most (ServiceUnavailable: nothing published, retried)."""
+        asking = asyncio.ensure_future(
+            self._asking(key_hash, partial(self._ask, key, key_hash, now))
+        )
+        # Shielded: the lookup runs on for the requests after (its connection let go only
+        # once the server answers); this one is answered. Unbounded, a key not in the copy
+        # held its request for as long as PostgreSQL hung (150 s seen, no answer).
+        done, _ = await asyncio.wait([asking], timeout=KEY_WAIT)
+        if not done:
+            asking.add_done_callback(_retrieved)
+            raise ServiceUnavailable(
+                f"the team registry (PostgreSQL) did not answer within {KEY_WAIT:g} s; "
+                "nothing was published: retry shortly"
+            )
+        return asking.result()
 
     async def _ask(self, key: str, key_hash: str, now: float) -> KeyOwner | DisabledTeamKey | None:
         try:

@@ -10,17 +10,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+import openai
+import pytest
 
 from admin.keys import issue_admin_key
+from frontdoor.auth import KEY_WAIT
 from frontdoor.dashboard.outage import PAGE_WAIT, WAIT
 from frontdoor.serve import serving
 from queuegate.db import database_unreachable
 from queuegate.redis_client import redis_unreachable
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from router import load_catalog
 from tests.dashboard_browser import chromium, sign_in, signed_in
+from tests.frontdoor_support import issue_key
 from tests.proxy import TcpProxy
 from tests.support import running_gateway
+from tests.teams import register
 
 ANSWERED_WITHIN = httpx.Timeout(WAIT + 3)
 """A client that gives up past the bound: a page held as long as the outage fails the test."""
@@ -136,3 +142,28 @@ async def test_pages_answer_within_the_bound_while_postgresql_hangs(settings: Se
                 assert shown.status_code == 503, (path, shown.text)
         finally:
             await served.proxy.up()
+
+
+async def test_a_key_not_yet_read_answers_503_within_the_bound_while_postgresql_hangs(
+    settings: Settings,
+) -> None:
+    # Given a team's key the front door has not read yet, and its PostgreSQL hung
+    async with _served(settings, "database_url") as served:
+        await register(settings, "alpha", TeamConfig())
+        _, key = await issue_key(settings, "alpha")
+        served.proxy.hang()
+        try:
+            # When the key is presented
+            async with openai.AsyncOpenAI(
+                base_url=f"{served.url}/v1", api_key=key, max_retries=0, timeout=KEY_WAIT + 5
+            ) as client:
+                with pytest.raises(openai.APIStatusError) as refused:
+                    await client.chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
+                    )
+        finally:
+            await served.proxy.up()
+    # Expect 503 within the bound, saying nothing was published (before: no answer at all,
+    # for as long as PostgreSQL hung)
+    assert refused.value.status_code == 503
+    assert "nothing was published" in refused.value.message
