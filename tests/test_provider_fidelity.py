@@ -28,6 +28,7 @@ from router.providers import Delta, Piece
 from router.providers.anthropic import DEFAULT_MAX_TOKENS, THINKING_BUDGETS
 from tests.support import running_gateway
 from tests.teams import register
+from workers.admission.estimate import prompt_tokens
 
 ENV = {"QUEUEGATE_MOCK_KEY": "sk-test-fidelity"}
 LONG = "All work and no play makes a dull prompt. " * 120
@@ -502,6 +503,28 @@ async def test_a_job_answered_nested_too_deep_is_answered_once_not_looped(
         # 200, and bills it (before: free)
         assert result.gateway.cost_usd > 0, result.gateway.attempts
         assert Decimal(row["cost_usd"]) == result.gateway.cost_usd
+
+
+async def test_a_job_answered_no_answer_has_the_tokens_its_estimate_bills_on_its_row(
+    settings: Settings,
+) -> None:
+    # Given a provider whose answers nest past a job's bound, and a job with no fallback
+    usage = {"prompt_tokens": 5, "completion_tokens": 5, "x": _nested(150)}
+    faults = MockConfig(models={"gpt-4o-mini": Behavior(usage=usage)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        messages = [{"role": "user", "content": "Tell me a story"}]
+        job = client.job("gpt-4o-mini", messages, fallbacks=[], max_tokens=40)
+        result = await (await client.submit(job)).result(10)
+
+        # Then its row carries the tokens its estimate is billed by, marked estimated
+        # (before: 0 input and 0 output tokens at a cost above 0, which reports summed)
+        assert result.status == "error"
+        [row] = await gw.usage_rows(1)
+        assert (row["input_tokens"], row["output_tokens"]) == (prompt_tokens(job), 40)
+        assert row["tokens_estimated"] is True and result.gateway.tokens_estimated is True
+        per = Decimal(1_000_000)
+        priced = (row["input_tokens"] * Decimal("0.15") + 40 * Decimal("0.60")) / per
+        assert Decimal(row["cost_usd"]) == priced == result.gateway.cost_usd
 
 
 async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(

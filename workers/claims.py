@@ -749,6 +749,8 @@ class Claim:
         (``Claims.take``'s ``first``): the call to it needs no record of its own."""
         self.sent: dict[str, Decimal] = {}
         """Deployment → the estimate of a call to it, for each this delivery let go."""
+        self.estimate: Estimate | None = None
+        """The job's estimate those calls were priced at (set with the first)."""
 
     async def take_up(self, job: ChatJob) -> bool:
         """Claim a job that ``missed`` its claim before its end is stored: the duplicates of
@@ -819,20 +821,32 @@ class Claim:
         stream that broke: its last call) and the estimates of those whose answers were not read."""
         billed = error.billed
         attempts = error.attempts[:-1] if billed is not None else error.attempts
-        extra = self._unread_usd(attempts)
-        if not extra:
+        unread = [a for a in attempts if _unread(a)]
+        extra = self.estimated(unread)
+        estimate = self.estimate
+        if not extra or estimate is None:
             return billed
-        if billed is not None:
-            return replace(billed, cost_usd=billed.cost_usd + extra)
-        last = next(a for a in reversed(attempts) if _unread(a))
-        return Billed(
-            model_used=last.model,
-            deployment=last.deployment,
-            provider=last.provider,
-            input_tokens=0,
-            output_tokens=0,
-            cached_tokens=0,
-            cost_usd=extra,
+        if billed is None:
+            last = unread[-1]
+            billed = Billed(
+                model_used=last.model,
+                deployment=last.deployment,
+                provider=last.provider,
+                input_tokens=0,
+                output_tokens=0,
+                cached_tokens=0,
+                cost_usd=Decimal(0),
+                estimated=True,
+            )
+        # With the estimate's tokens too: the row's tokens are what its cost bills (before,
+        # a job failed after such a call had 0 tokens at a cost above 0).
+        prompt = estimate.prompt_tokens * len(unread)
+        return replace(
+            billed,
+            input_tokens=billed.input_tokens + prompt,
+            output_tokens=billed.output_tokens + estimate.output_tokens * len(unread),
+            cache_write_tokens=billed.cache_write_tokens + (prompt if estimate.caches else 0),
+            cost_usd=billed.cost_usd + extra,
             estimated=True,
         )
 
@@ -953,6 +967,7 @@ class _Recording:
         # Held while the call is recorded (most jobs wait there for a Redis connection).
         call = shared_fields(planned_call(alias, deployment, self._ticket.estimate))
         self._claim.sent[deployment.name] = call.cost_usd
+        self._claim.estimate = self._ticket.estimate
         # Recorded with the claim already (the first call only), or in the round trip of the
         # deployment's take when that lets it go at once; recorded on its own otherwise, and
         # when that record found the claim another's (``record`` then stops the call).
