@@ -54,6 +54,7 @@ from router.providers import (
     StreamParser,
     UpstreamRequest,
 )
+from router.providers.anthropic import native_usage
 from router.providers.base import UNSENT, Usage, estimate_tokens, openai_usage
 from router.selection import Slots
 
@@ -839,9 +840,19 @@ def _answer(read: Callable[[], Completion], status: int) -> Completion:
 def _counted(job: ChatJob, completion: Completion) -> tuple[dict[str, Any], Usage]:
     """The answer and the usage it is billed by: the provider's counts, or, when it sent none
     to bill by (``Completion.usage``), the prompt's and the answer's text counted as a broken
-    stream's is, the answer's usage then that count. Before, such an answer was free."""
-    if completion.usage is not None:
-        return completion.response, completion.usage
+    stream's is, the answer's usage then that count. Before, such an answer was free.
+
+    The answer's usage (and an Anthropic answer's own) says the counts billed, which its
+    usage row holds, over the provider's other fields: before, a count clamped or no count,
+    a total that was no sum, or a stream's output estimated, said otherwise."""
+    response, usage = completion.response, completion.usage
+    native = response.get(ANTHROPIC_BODY)
+    if usage is not None:
+        response = response | {"usage": openai_usage(usage, response.get("usage"))}
+        said = native.get("usage") if isinstance(native, dict) else None
+        if isinstance(native, dict) and isinstance(said, dict):
+            response[ANTHROPIC_BODY] = native | {"usage": native_usage(said, usage)}
+        return response, usage
     prompt = estimate_tokens(_prompt_chars(job))
     # A prompt marked for a cache counted as written to it, as the estimate reserved it: a
     # provider that wrote it may have said so in a count that is no count.
@@ -853,8 +864,7 @@ def _counted(job: ChatJob, completion: Completion) -> tuple[dict[str, Any], Usag
         cache_write_1h_tokens=prompt if ttl == "1h" else 0,
         estimated=True,
     )
-    response = completion.response | {"usage": openai_usage(usage)}
-    native = response.get(ANTHROPIC_BODY)
+    response = response | {"usage": openai_usage(usage)}
     if isinstance(native, dict):  # its usage would be the Messages API answer's
         response[ANTHROPIC_BODY] = {k: v for k, v in native.items() if k != "usage"}
     return response, usage

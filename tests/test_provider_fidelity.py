@@ -19,7 +19,7 @@ from mockprovider.wire import REASONING_TOKENS
 from queuegate.errors import AllProvidersFailed, InvalidRequest, StreamInterrupted
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
-from queuegate.provider_formats import ANTHROPIC_BODY
+from queuegate.provider_formats import ANTHROPIC_BODY, anthropic_message
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from queuegate.spend import ledger_spent
@@ -525,6 +525,83 @@ async def test_a_job_answered_no_answer_has_the_tokens_its_estimate_bills_on_its
         per = Decimal(1_000_000)
         priced = (row["input_tokens"] * Decimal("0.15") + 40 * Decimal("0.60")) / per
         assert Decimal(row["cost_usd"]) == priced == result.gateway.cost_usd
+
+
+PARTLY_UNREADABLE = {
+    "gpt-4o-mini": {
+        "prompt_tokens": 5,
+        "completion_tokens": 6,
+        "total_tokens": 99,
+        "prompt_tokens_details": {"cached_tokens": 50, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": "3", "accepted_prediction_tokens": 0},
+    },
+    "claude-haiku": {
+        "input_tokens": 3,
+        "output_tokens": 6,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 100,
+        "cache_creation": {"ephemeral_5m_input_tokens": 40, "ephemeral_1h_input_tokens": 500},
+        "service_tier": "standard",
+    },
+}
+"""Usage a count of which is clamped or no count: the cached tokens past the prompt, a
+reasoning count as text, a total that is no sum, a one-hour cache write past the write."""
+
+
+@pytest.mark.parametrize("alias", list(PARTLY_UNREADABLE))
+async def test_an_answers_usage_says_the_counts_its_row_bills(
+    settings: Settings, alias: str
+) -> None:
+    # Given a provider answering with counts that are clamped or no count, and valid details
+    deployment = {"gpt-4o-mini": "gpt-4o-mini", "claude-haiku": "claude-3-5-haiku-latest"}
+    faults = MockConfig(models={deployment[alias]: Behavior(usage=PARTLY_UNREADABLE[alias])})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        job = client.job(alias, [{"role": "user", "content": "Tell me"}], fallbacks=[])
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then the answer's usage says what its row bills, the provider's valid details kept
+    # (before: the provider's counts as sent, a total of 99 and 50 cached of 5 prompt tokens)
+    assert result.status == "ok" and result.response is not None
+    usage = result.response["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        row["input_tokens"],
+        row["output_tokens"],
+        row["input_tokens"] + row["output_tokens"],
+    )
+    prompt = usage["prompt_tokens_details"]
+    assert prompt["cached_tokens"] == row["cached_tokens"]
+    assert prompt.get("cache_write_tokens", 0) == row["cache_write_tokens"]
+    reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
+    assert reasoning == row["reasoning_tokens"]
+    if alias == "gpt-4o-mini":
+        assert row["cached_tokens"] == 5 and row["reasoning_tokens"] == 0
+        assert prompt["audio_tokens"] == 0
+        assert usage["completion_tokens_details"]["accepted_prediction_tokens"] == 0
+
+
+async def test_an_anthropic_answers_own_usage_says_the_counts_it_is_billed_by(
+    settings: Settings,
+) -> None:
+    # Given an Anthropic answer whose one-hour cache write is past its whole write
+    usage = PARTLY_UNREADABLE["claude-haiku"]
+    faults = MockConfig(models={"claude-model": Behavior(usage=usage)})
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        routed = await router.complete(chat("claude"))
+
+    # Then the Messages API answer its caller gets says the write billed, split as priced
+    # (before: 40 written for five minutes and 500 for an hour, of a write of 100)
+    native = anthropic_message(routed.response, "msg_1")["usage"]
+    assert routed.cache_write_tokens == native["cache_creation_input_tokens"] == 100
+    assert native["cache_creation"] == {
+        "ephemeral_5m_input_tokens": 0,
+        "ephemeral_1h_input_tokens": 100,
+    }
+    assert (native["input_tokens"], native["output_tokens"]) == (3, routed.output_tokens)
+    assert native["service_tier"] == "standard"
 
 
 async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(

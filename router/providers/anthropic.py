@@ -60,6 +60,7 @@ from router.providers.base import (
     ServerEvent,
     UpstreamRequest,
     Usage,
+    billed_counts,
     estimate_tokens,
     json_data,
     openai_usage,
@@ -663,6 +664,31 @@ def _given(usage: Any) -> dict[str, Any]:
     if not isinstance(usage, dict):
         return {}
     return {name: count for name, count in usage.items() if count is not None}
+
+
+def native_usage(sent: dict[str, Any], usage: Usage) -> dict[str, Any]:
+    """An answer's own usage object ``sent`` with the counts it is billed by (``usage``: read
+    from it, clamped, or its output estimated), as a Messages API caller reads them; its
+    other fields kept."""
+    written, hour = usage.cache_write_tokens, usage.cache_write_1h_tokens
+    counts = billed_counts(
+        sent,
+        input_tokens=usage.input_tokens - usage.cached_tokens - written,
+        output_tokens=usage.output_tokens,
+        cache_read_input_tokens=usage.cached_tokens,
+        cache_creation_input_tokens=written,
+    )
+    if "cache_creation" in sent:
+        counts["cache_creation"] = billed_counts(
+            sent["cache_creation"],
+            ephemeral_5m_input_tokens=written - hour,
+            ephemeral_1h_input_tokens=hour,
+        )
+    if "output_tokens_details" in sent:
+        counts["output_tokens_details"] = billed_counts(
+            sent["output_tokens_details"], thinking_tokens=usage.reasoning_tokens
+        )
+    return counts
 
 
 def _usage(usage: Any) -> Usage | None:

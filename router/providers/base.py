@@ -187,20 +187,37 @@ class Usage:
     counts to bill by: a stream that broke before its end, or an answer without them."""
 
 
-def openai_usage(usage: Usage) -> dict[str, Any]:
-    """``usage`` as a ``chat.completion``'s: cache and reasoning details when there are any."""
-    prompt: dict[str, int] = {"cached_tokens": usage.cached_tokens}
-    if usage.cache_write_tokens:
-        prompt["cache_write_tokens"] = usage.cache_write_tokens
-    out: dict[str, Any] = {
+def openai_usage(usage: Usage, sent: Any = None) -> dict[str, Any]:
+    """``usage`` as a ``chat.completion``'s: cache and reasoning details when there are any.
+    Over ``sent``, the provider's own usage object: its other fields and details kept, the
+    counts it is billed by said as billed (``billed_counts``)."""
+    sent = sent if isinstance(sent, dict) else {}
+    prompt = billed_counts(
+        sent.get("prompt_tokens_details"),
+        cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+    )
+    completion = billed_counts(
+        sent.get("completion_tokens_details"), reasoning_tokens=usage.reasoning_tokens
+    )
+    out: dict[str, Any] = sent | {
         "prompt_tokens": usage.input_tokens,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.input_tokens + usage.output_tokens,
-        "prompt_tokens_details": prompt,
     }
-    if usage.reasoning_tokens:
-        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    if prompt or not sent:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens} | prompt
+    if completion:
+        out["completion_tokens_details"] = completion
     return out
+
+
+def billed_counts(given: Any, **counts: int) -> dict[str, Any]:
+    """A provider's usage details ``given`` with ``counts`` as billed: a count it sent is
+    replaced (clamped, or no count: the answer said otherwise than the usage row), one it
+    did not send is added unless 0; its other details are kept."""
+    kept: dict[str, Any] = given if isinstance(given, dict) else {}
+    return kept | {name: count for name, count in counts.items() if count or name in kept}
 
 
 def estimate_tokens(chars: int) -> int:
