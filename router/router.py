@@ -716,18 +716,30 @@ class Router:
             first_byte=first_byte,
             on_read=run.read,
         )
+        answered = False
         async with aclosing(events):
-            async for event in events:
-                pieces = parser.feed(event)
-                for piece in pieces:
-                    await run.emit(piece, parser.model, alias)
-                if not pieces and run.streamed and not parser.ended:
-                    # An event with nothing to relay (a finish reason, the usage) arrived all
-                    # the same: its caller's wait for the next chunk starts again, as
-                    # straight from the provider (ChatJob.chunk_wait). Not the one that ends
-                    # the stream: the result, published right after it, ends it for the
-                    # caller (a chunk for it would be one more publish and confirm).
-                    await run.emit(Piece({}), parser.model, alias)
+            try:
+                async for event in events:
+                    answered = True
+                    pieces = parser.feed(event)
+                    for piece in pieces:
+                        await run.emit(piece, parser.model, alias)
+                    if not pieces and run.streamed and not parser.ended:
+                        # An event with nothing to relay (a finish reason, the usage) arrived
+                        # all the same: its caller's wait for the next chunk starts again, as
+                        # straight from the provider (ChatJob.chunk_wait). Not the one that
+                        # ends the stream: the result, published right after it, ends it for
+                        # the caller (a chunk for it would be one more publish and confirm).
+                        await run.emit(Piece({}), parser.model, alias)
+            except ProviderError as err:
+                if not answered or err.status is not None:
+                    raise
+                # Failed after the provider answered 2xx and began (Anthropic's message_start
+                # reports the prompt it read and wrote to its cache, which it bills): named
+                # so, a cut or bad stream is billed as an answer not read (workers.claims).
+                raise ProviderError(
+                    err.error_class, err.detail, status=200, param=err.param
+                ) from err
         return _answer(parser.completion, 200)  # its events came after a 2xx
 
     async def _report(self, call: _Call, err: ProviderError) -> None:

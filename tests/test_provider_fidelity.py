@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -626,6 +628,38 @@ async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(
     assert billed is not None
     # recorded as it is priced (before: priced as a write, recorded as none)
     assert billed.cache_write_tokens > 1024
+
+
+async def test_an_anthropic_stream_cut_after_its_start_is_billed_once_beside_its_fallback(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given Anthropic streams cut after message_start, which reports the prompt written to
+    # its cache, and a fallback that answers
+    text = resources.files("router").joinpath("catalogs/mock.yaml").read_text("utf-8")
+    text = text.replace("  claude-haiku:\n", "  claude-haiku:\n    fallbacks: [local-llama]\n")
+    path = tmp_path / "catalog.yaml"
+    path.write_text(text)
+    faults = MockConfig(models={"claude-3-5-haiku-latest": Behavior(stream_cut_after=1)})
+    system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Tell me"}]
+    async with (
+        running_gateway(settings, mock_config=faults, catalog=path) as gw,
+        gw.client("alpha") as client,
+    ):
+        job = client.job("claude-haiku", messages, stream=True, max_tokens=50)
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then each cut call is billed once, at its estimate (the prompt priced as a cache
+    # write), and the fallback by its own counts (before: the cut calls were free)
+    assert result.status == "ok" and result.gateway.model_used == "local-llama"
+    *cut, served = result.gateway.attempts
+    assert cut and all(a.deployment == "anthropic-main" for a in cut)
+    assert served.deployment == "local-vllm"
+    per = Decimal(1_000_000)
+    estimate = (prompt_tokens(job) * Decimal("1.60") + 50 * Decimal("4.00")) / per
+    own = (row["input_tokens"] * Decimal("0.05") + row["output_tokens"] * Decimal("0.08")) / per
+    assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
 
 
 async def test_a_job_answered_with_negative_counts_is_billed_once_by_its_text(

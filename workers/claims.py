@@ -990,11 +990,16 @@ class _Recording:
 def _unread(attempt: Attempt) -> bool:
     """A call the provider may bill though no answer of it was read: timed out once let go,
     or answered 2xx with a body that is no answer (``bad_response``: no JSON, nested past a
-    job's depth). Before, such a 200 was free, and the fallback that followed was billed
-    alone."""
+    job's depth) or cut before it was read (``connection``: a stream dropped after its
+    start, which may have reported a cache write). Before, such a 200 was free, and the
+    fallback that followed was billed alone."""
     if attempt.error == "timeout":
         return True
-    return attempt.error == "bad_response" and 200 <= (attempt.status or 0) < 300
+    return attempt.error in _CUT_SHORT and 200 <= (attempt.status or 0) < 300
+
+
+_CUT_SHORT = frozenset({"bad_response", "connection"})
+"""Failures of a call answered 2xx that leave its answer unread."""
 
 
 def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> LostCall:
