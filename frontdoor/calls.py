@@ -104,7 +104,7 @@ async def _admit(
             if not retry:
                 # A retry's job may be in flight, holding its budget: the worker tells it apart.
                 await door.budgets.refuse_spent(caller.team, job)
-            await door.outcomes.accept(caller.team, job.job_id)
+            await door.outcomes.accept(job)
     except TimeoutError:
         raise ApiError(
             "service_unavailable",

@@ -109,7 +109,9 @@ class FrontDoor:
                 self._redis, keys, limit=s.failed_key_limit, window=s.failed_key_window
             )
             self._keys = KeyBook(self._pool, self._failures, ttl=s.security_cache_ttl)
-            self._outcomes = Outcomes(self._redis, keys, ttl=s.result_ttl)
+            self._outcomes = Outcomes(
+                self._redis, keys, ttl=s.result_ttl, time_limit=s.job_time_limit
+            )
             self._budgets = BudgetGate(self._pool, self._redis, keys, self.catalog, s)
             # A budget lowered by `teams set` is refused here at once, not after the
             # config's refresh: published meanwhile, each job would be a worker's refusal.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -132,3 +133,55 @@ async def test_a_caller_that_hung_up_gets_its_answer_by_retrying_with_its_key(
     assert door.gateway.mock.stats.calls == 1
     [row] = await door.gateway.usage_rows(1)
     assert row["model_requested"] == "flaky-gpt"
+
+
+async def test_a_job_of_v1_messages_is_read_back_as_the_message_it_answered(door: Door) -> None:
+    # Given a message answered through /v1/messages
+    claude = anthropic.AsyncAnthropic(base_url=door.url, api_key=door.keys["alpha"], max_retries=0)
+    async with claude, httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+        created = await claude.messages.with_raw_response.create(
+            model="gpt-4o-mini",
+            max_tokens=50,
+            messages=HELLO,  # type: ignore[arg-type]
+        )
+        job_id = created.headers["x-queuegate-job-id"]
+        # When its job is read by id, as a caller that lost its answer reads it
+        read = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+    # Expect the message /v1/messages answered, the gateway's block beside it
+    assert read.status_code == 200, read.text
+    body = read.json()
+    assert body.pop("_gateway")["request_id"] == job_id
+    assert body == created.http_response.json()
+    assert body["type"] == "message" and body["id"] == f"msg_{job_id}"
+
+
+async def test_a_failed_job_of_v1_messages_is_read_back_in_anthropics_error_shape(
+    settings: Settings,
+) -> None:
+    # Given a message its provider refused, and a chat completion refused alike
+    refusing = MockConfig(models={"gpt-4o-mini": Behavior(error_rate=1.0, error_status=400)})
+    async with open_door(settings, mock_config=refusing) as door:
+        claude = anthropic.AsyncAnthropic(
+            base_url=door.url, api_key=door.keys["alpha"], max_retries=0
+        )
+        async with claude, door.client() as client, httpx.AsyncClient(base_url=door.url) as http:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await claude.messages.create(
+                    model="gpt-4o-mini",
+                    max_tokens=50,
+                    messages=HELLO,  # type: ignore[arg-type]
+                )
+            with pytest.raises(openai.BadRequestError) as refused_too:
+                await client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=HELLO,  # type: ignore[arg-type]
+                )
+            # When each job is read by id
+            ids = [e.value.response.headers["x-queuegate-job-id"] for e in (refused, refused_too)]
+            read = [await http.get(f"/v1/jobs/{i}", headers=auth(door)) for i in ids]
+    # Expect each error as its own route answered it, in that API's shape
+    assert [r.status_code for r in read] == [400, 400]
+    assert read[0].json() == refused.value.response.json()
+    assert read[0].json()["type"] == "error"
+    assert read[1].json() == refused_too.value.response.json()
+    assert read[1].json()["error"]["code"] == "invalid_request"

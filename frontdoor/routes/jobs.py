@@ -5,8 +5,9 @@ ran out. Read from the outcomes the workers store (``frontdoor.outcomes``), by t
 team: another team's id reads as unknown. ``wait`` long-polls up to N seconds from the
 request's arrival.
 
-- 200: the job's ``chat.completion`` with its ``_gateway`` block;
-- an error status in the error shape: the job ended in that error;
+- 200: the job's answer with its ``_gateway`` block, in the API of the route that
+  published it: a ``chat.completion``, or a ``/v1/messages`` job's Messages API message;
+- an error status: the job ended in that error, in that API's error shape;
 - 202 ``{"id", "object": "queuegate.job", "status": "queued"}``: not finished yet;
 - 404 ``not_found``: no such job of this team (or its outcome has expired);
 - 503 ``service_unavailable``: the store (Redis) did not answer within ``wait`` and
@@ -17,17 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from frontdoor.answers import arrived, gateway_block, gateway_headers, note_job
 from frontdoor.auth import Calling
-from frontdoor.errors import ApiError, error_of_result, shown
+from frontdoor.errors import ApiError, ErrorShapes, error_of_result, shown
 from frontdoor.outcomes import Finished
+from frontdoor.routes import anthropic
 from frontdoor.service import Door
-from queuegate.provider_formats import openai_id, openai_view
+from queuegate.messages import AnswerFormat, ChatResult
+from queuegate.provider_formats import (
+    NotAnObject,
+    anthropic_id,
+    anthropic_message,
+    openai_id,
+    openai_view,
+)
 
 router = APIRouter(tags=["Jobs"])
 
@@ -60,14 +69,7 @@ async def job(
                 if state != "unknown":
                     note_job(request, job_id)
                 if isinstance(state, Finished):
-                    result = state.result
-                    if result.status != "ok" or result.response is None:
-                        raise error_of_result(result)
-                    body = {
-                        **openai_view(result.response, openai_id(job_id)),
-                        "_gateway": gateway_block(job_id, result, None),
-                    }
-                    return JSONResponse(body, headers=gateway_headers(job_id, result, started))
+                    return finished(request, state.result, state.answer_format, started)
                 if state == "unknown":
                     raise ApiError(
                         "not_found",
@@ -87,3 +89,29 @@ async def job(
             f"the outcome store (Redis) did not answer within {wait + STORE_WAIT:g} s; "
             f"job {shown(job_id)} is unchanged by it: ask again",
         ) from None
+
+
+def finished(
+    request: Request, result: ChatResult, answer_format: AnswerFormat, started: float
+) -> JSONResponse:
+    """A finished job's answer as it is read by id, in ``answer_format``'s API: its answer
+    with the ``_gateway`` block, or its error in that API's shape."""
+    job_id = result.job_id
+    if result.status != "ok" or result.response is None:
+        shapes: ErrorShapes = request.app.state.error_shapes
+        path = anthropic.PREFIX if answer_format == "anthropic" else request.url.path
+        return shapes.response(path, error_of_result(result))
+    body = {
+        **_view(result.response, job_id, answer_format),
+        "_gateway": gateway_block(job_id, result, None),
+    }
+    return JSONResponse(body, headers=gateway_headers(job_id, result, started))
+
+
+def _view(response: dict[str, Any], job_id: str, answer_format: AnswerFormat) -> dict[str, Any]:
+    if answer_format == "anthropic":
+        try:
+            return anthropic_message(response, anthropic_id(job_id))
+        except NotAnObject:
+            pass  # no message has a form for it: read in OpenAI's format, as its 502 said
+    return openai_view(response, openai_id(job_id))
