@@ -122,7 +122,8 @@ async def test_an_async_request_under_a_used_key_is_refused_if_it_differs(door: 
     assert two.json()["error"]["code"] == "idempotency_conflict"
     assert done.status_code == 200, done.text
     assert done.json()["choices"][0]["message"]["content"] == "mock reply to: one"
-    assert repeated.status_code == 202 and repeated.json()["id"] == one.json()["id"]
+    assert repeated.status_code == 200, repeated.text
+    assert repeated.headers["x-queuegate-job-id"] == one.json()["id"]
     assert door.gateway.mock.stats.calls == 1
 
 
@@ -137,7 +138,7 @@ async def test_every_retry_of_an_answered_key_names_the_trace_of_its_job(
         async with open_door(settings) as door, door.client() as client:
             create = client.chat.completions.with_raw_response.create
             first = await create(model="gpt-4o-mini", messages=said("one"), extra_headers=headers)
-            # When it is sent again, plain, streamed, and to be answered later (202)
+            # When it is sent again, plain, streamed, and to be answered later (respond-async)
             plain = await create(model="gpt-4o-mini", messages=said("one"), extra_headers=headers)
             streamed = await create(
                 model="gpt-4o-mini", messages=said("one"), stream=True, extra_headers=headers
@@ -151,12 +152,12 @@ async def test_every_retry_of_an_answered_key_names_the_trace_of_its_job(
     finally:
         tracing.install(None)
     # Expect each retry answered from the first's job, naming that job's trace (the streamed
-    # and the 202 named their own request's, a trace nothing else is in)
+    # and the async one named their own request's, a trace nothing else is in)
     assert first.parse().choices[0].message.content == "mock reply to: one"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
         "mock reply to: one"
     )
-    assert later.http_response.status_code == 202
+    assert later.http_response.status_code == 200
     assert door.gateway.mock.stats.calls == 1
     trace_id = first.headers["x-queuegate-trace-id"]
     assert [r.headers["x-queuegate-trace-id"] for r in (plain, streamed, later)] == [trace_id] * 3

@@ -185,3 +185,20 @@ async def test_a_failed_job_of_v1_messages_is_read_back_in_anthropics_error_shap
     assert read[0].json()["type"] == "error"
     assert read[1].json() == refused_too.value.response.json()
     assert read[1].json()["error"]["code"] == "invalid_request"
+
+
+async def test_an_async_retry_of_an_answered_job_gets_its_answer_never_queued(door: Door) -> None:
+    # Given an async request under an Idempotency-Key, its answer read by id
+    headers = {**auth(door, prefer="respond-async"), "Idempotency-Key": "nightly-1"}
+    async with httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+        first = await http.post("/v1/chat/completions", json=BODY, headers=headers)
+        job_id = first.json()["id"]
+        polled = await http.get(f"/v1/jobs/{job_id}", params={"wait": 10}, headers=auth(door))
+        # When it is sent again, as a client unsure it was taken sends it
+        again = await http.post("/v1/chat/completions", json=BODY, headers=headers)
+    # Expect the answer as the poll read it, where it is read, not a 202 saying "queued"
+    assert first.status_code == 202 and polled.status_code == 200, polled.text
+    assert again.status_code == 200, again.text
+    assert again.json() == polled.json()
+    assert again.headers["content-location"] == f"/v1/jobs/{job_id}"
+    assert door.gateway.mock.stats.calls == 1

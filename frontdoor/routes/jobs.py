@@ -91,6 +91,11 @@ async def job(
         ) from None
 
 
+def job_url(job_id: str) -> str:
+    """Where the job's answer is read."""
+    return f"/v1/jobs/{job_id}"
+
+
 def finished(
     request: Request, result: ChatResult, answer_format: AnswerFormat, started: float
 ) -> JSONResponse:

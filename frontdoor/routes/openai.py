@@ -5,7 +5,8 @@ latency, cost, model used, fallback). Point the ``openai`` SDK's ``base_url`` at
 anything is published.
 
 ``Prefer: respond-async`` answers 202 at once with the job id; ``GET /v1/jobs/<id>`` reads
-the answer (routes/jobs.py).
+the answer (routes/jobs.py). A retry of a job answered already (its Idempotency-Key's) is
+answered as that read answers it, never said queued.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from frontdoor.answers import gateway_block, gateway_headers, note_job
 from frontdoor.auth import Caller, Calling
 from frontdoor.calls import open_stream, publish_job, run_job, streamed
 from frontdoor.chat_request import RequestOptions, chat_job, check_chat, unknown_model, wants_stream
+from frontdoor.routes.jobs import finished, job_url
 from frontdoor.service import Door, FrontDoor
 from frontdoor.sse import ChunkWriter
-from queuegate.messages import ChatJob, ChatResult
+from queuegate.messages import ChatJob
 from queuegate.provider_formats import openai_id, openai_view
 
 router = APIRouter(tags=["OpenAI"])
@@ -66,7 +68,12 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
         answered = await publish_job(
             door, caller, job.model_copy(update={"stream": False}), options
         )
-        return accepted(job, started, answered)
+        if answered is None:
+            return accepted(job, started)
+        # A retry of a job answered already: its answer, as a poll of it reads it
+        read = finished(request, answered, job.answer_format, started)
+        read.headers["content-location"] = job_url(job.job_id)
+        return read
     if stream:
         return await _stream(
             door, caller, job, options, include_usage=include_usage, started=started
@@ -79,11 +86,10 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     return JSONResponse(answer, headers=gateway_headers(job.job_id, result, started))
 
 
-def accepted(job: ChatJob, started: float, answered: ChatResult | None) -> JSONResponse:
-    """202: the job is queued; its answer is read by id. A retry of a job ``answered``
-    already carries its headers (its trace's id among them), as a plain retry does."""
-    location = f"/v1/jobs/{job.job_id}"
-    headers = {**gateway_headers(job.job_id, answered, started), "location": location}
+def accepted(job: ChatJob, started: float) -> JSONResponse:
+    """202: the job is queued; its answer is read by id."""
+    location = job_url(job.job_id)
+    headers = {**gateway_headers(job.job_id, None, started), "location": location}
     body = {"id": job.job_id, "object": "queuegate.job", "status": "queued", "url": location}
     return JSONResponse(body, status_code=202, headers=headers)
 
