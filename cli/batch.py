@@ -8,12 +8,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import orjson
 import typer
 
 from cli.console import LazyConsole
 from cli.options import ApiKey
 from queuegate.errors import BatchError, BatchInvalid, NotText
+from queuegate.json_lines import json_line
 from queuegate.numbers import usd_text
 from queuegate.runtime import run
 from queuegate.settings import Settings
@@ -123,8 +123,7 @@ def submit(
     if report.skipped:
         target.write_bytes(
             b"".join(
-                orjson.dumps({"line": number, "reason": reason}) + b"\n"
-                for number, reason in report.skipped
+                json_line({"line": number, "reason": reason}) for number, reason in report.skipped
             )
         )
         err.print(

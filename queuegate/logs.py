@@ -16,18 +16,16 @@ from collections import Counter
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-import orjson
-
 from queuegate import tracing
+from queuegate.json_lines import one_line
 from queuegate.visible import clipped
 
 # Line breaks a message can carry from outside (a tenant's header, a provider's text), written
 # as escapes so that no message can forge a line of its own; U+2028, U+2029 and NEL break
-# lines for Unicode-aware readers, and JSON leaves them raw.
+# lines for Unicode-aware readers (a JSON line escapes them too: queuegate.json_lines).
 _BREAKS = str.maketrans(
     {"\n": "\\n", "\r": "\\r", "\x85": "\\x85", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 )
-_UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 _JOB: ContextVar[tuple[str, str] | None] = ContextVar("queuegate_job", default=None)
 
@@ -67,7 +65,7 @@ class JsonFormatter(logging.Formatter):
             line["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(line).decode().translate(_UNICODE_BREAKS)
+        return one_line(line).decode()
 
 
 OUTAGE_GAP = 150.0

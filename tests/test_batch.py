@@ -243,6 +243,28 @@ async def test_failures_are_errored_results_in_the_anthropic_format(
         assert "all_providers_failed" in result.error.error.message
 
 
+async def test_collected_files_escape_what_a_unicode_reader_takes_for_a_line_break(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a line served and a line its provider refuses, their custom_ids holding U+2028,
+    # U+2029 and NEL, which JSON leaves raw
+    served, refused = openai_line(1), openai_line(2, model="local-llama")
+    served["custom_id"], refused["custom_id"] = "a\u2028b", "c\u2029d\x85e"
+    source = write_jsonl(tmp_path / "small.jsonl", [served, refused])
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    faults = MockConfig(models={"llama-3.1-8b": Behavior(error_rate=1.0, error_status=400)})
+    async with running_gateway(settings, mock_config=faults):
+        # When they are submitted and collected
+        report = await submit_batch(alpha.settings, source, **alpha.who)
+        await collect(alpha.settings, report.name, out, errors, idle=0.2, **alpha.who)
+    # Expect each file read line by line as Python's str.splitlines reads it, every line whole
+    written = [
+        [orjson.loads(line)["custom_id"] for line in path.read_text().splitlines()]
+        for path in (out, errors)
+    ]
+    assert written == [["a\u2028b"], ["c\u2029d\x85e"]]
+
+
 HELLO = [{"role": "user", "content": "Hello"}]
 MALFORMED = [
     b'{"custom_id": "cut-short", "method": "POST"',

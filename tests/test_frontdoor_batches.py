@@ -237,6 +237,29 @@ async def test_an_openai_batch_ends_with_output_and_error_files_each_line_billed
     assert sum(float(row["cost_usd"]) > 0 for row in rows) == 28
 
 
+async def test_result_files_escape_what_a_unicode_reader_takes_for_a_line_break(
+    door: Door,
+) -> None:
+    # Given a line served and a line refused, their custom_ids holding U+2028, U+2029 and
+    # NEL, which JSON leaves raw
+    lines = openai_lines(1) + openai_lines(1, model="no-such-model")
+    lines[0]["custom_id"], lines[1]["custom_id"] = "a\u2028b", "c\u2029d\x85e"
+    async with door.openai() as client:
+        # When the batch ends
+        ended = await openai_ended(
+            client, (await chat_batch(client, await upload(client, lines))).id
+        )
+        assert ended.output_file_id and ended.error_file_id
+        raw = [
+            await (await client.files.content(file_id)).aread()
+            for file_id in (ended.output_file_id, ended.error_file_id)
+        ]
+    # Expect each file read line by line as Python's str.splitlines reads it, every line whole
+    output, errors = ([orjson.loads(line) for line in f.decode().splitlines()] for f in raw)
+    assert [line["custom_id"] for line in output] == ["a\u2028b"]
+    assert [line["custom_id"] for line in errors] == ["c\u2029d\x85e"]
+
+
 async def test_a_message_batch_ends_with_results_the_sdk_reads(
     door: Door, gateway: Gateway
 ) -> None:

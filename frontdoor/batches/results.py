@@ -16,6 +16,7 @@ import orjson
 
 from frontdoor.batches.files import append_part, read_file
 from frontdoor.batches.records import held_by
+from queuegate.json_lines import json_line
 
 
 class StoredResults:
@@ -41,7 +42,7 @@ class StoredResults:
 
     def write(self, line: dict[str, Any], *, failed: bool) -> int:
         index = len(self._files) - 1 if failed else 0
-        self._pending[index] += orjson.dumps(line) + b"\n"
+        self._pending[index] += json_line(line)
         return index
 
     async def sync(self) -> None:

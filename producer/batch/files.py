@@ -14,6 +14,7 @@ from typing import IO, Any, Protocol, Self
 import orjson
 
 from queuegate.errors import BatchError
+from queuegate.json_lines import json_line
 from queuegate.visible import clipped_path
 
 _BLOCK = 65536
@@ -100,7 +101,7 @@ class ResultFiles:
     def write(self, line: dict[str, Any], *, failed: bool) -> int:
         """Append ``line``; the index of the file it went to."""
         index = len(self._files) - 1 if failed else 0
-        self._files[index].write(orjson.dumps(line) + b"\n")
+        self._files[index].write(json_line(line))
         return index
 
     async def sync(self) -> None:
