@@ -202,3 +202,25 @@ async def test_an_async_retry_of_an_answered_job_gets_its_answer_never_queued(do
     assert again.json() == polled.json()
     assert again.headers["content-location"] == f"/v1/jobs/{job_id}"
     assert door.gateway.mock.stats.calls == 1
+
+
+async def test_v1_messages_answers_respond_async_and_its_job_is_read_as_a_message(
+    door: Door,
+) -> None:
+    # Given a /v1/messages request that prefers to be answered later, and no timeout named
+    body = {"model": "flaky-gpt", "max_tokens": 50, "messages": HELLO}
+    async with httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+        accepted = await http.post(
+            "/v1/messages",
+            json=body,
+            headers={"x-api-key": door.keys["alpha"], "prefer": "respond-async"},
+        )
+        # When its job is read by id once done
+        job_id = accepted.json()["id"]
+        done = await http.get(f"/v1/jobs/{job_id}", params={"wait": 10}, headers=auth(door))
+    # Expect 202 at once, as a chat completion is answered (not the message, waited for),
+    # and the message read by id
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.headers["location"] == f"/v1/jobs/{job_id}"
+    assert done.status_code == 200, done.text
+    assert done.json()["type"] == "message" and done.json()["id"] == f"msg_{job_id}"

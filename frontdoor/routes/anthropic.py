@@ -9,7 +9,8 @@ raises its typed exceptions. A model's answer a message has no form for (a tool 
 input that is not a JSON object) is a 502 ``api_error`` saying what the model sent, not
 retried: the job was served and billed (``frontdoor.anthropic_stream.message_of``). The
 message's id is ``msg_<job id>`` (the ``x-request-id`` header holds the job id); the
-gateway headers of ``frontdoor.answers`` are on every answer.
+gateway headers of ``frontdoor.answers`` are on every answer. ``Prefer: respond-async``
+answers 202 with the job id, as OpenAI's routes do; ``GET /v1/jobs/<id>`` reads the message.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from frontdoor.anthropic_stream import MessageEvents, message_of
 from frontdoor.auth import Calling
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions
+from frontdoor.routes.jobs import respond_async
 from frontdoor.service import Door
 from workers.admission.estimate import prompt_tokens
 
@@ -41,6 +43,8 @@ async def messages(request: Request, door: Door, caller: Calling) -> Response:
     body = await door.bodies.read_request(request, caller)
     job = messages_job(body, caller.team, options, door.limits)
     note_job(request, job.job_id)
+    if options.respond_async:
+        return await respond_async(request, door, caller, job, options, started=started)
     if job.stream:
         opened = await open_stream(door, caller, job, options)
         return streamed(door, job, opened, MessageEvents(job.job_id, job.model), started)

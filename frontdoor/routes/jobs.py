@@ -1,9 +1,9 @@
 """``GET /v1/jobs/{id}?wait=N``: the answer of a job the front door published, by id.
 
-For an async job (``Prefer: respond-async``), a caller that disconnected, or one whose wait
-ran out. Read from the outcomes the workers store (``frontdoor.outcomes``), by the caller's
-team: another team's id reads as unknown. ``wait`` long-polls up to N seconds from the
-request's arrival.
+For an async job (``Prefer: respond-async``, which a chat route answers with
+``respond_async``), a caller that disconnected, or one whose wait ran out. Read from the
+outcomes the workers store (``frontdoor.outcomes``), by the caller's team: another team's id
+reads as unknown. ``wait`` long-polls up to N seconds from the request's arrival.
 
 - 200: the job's answer with its ``_gateway`` block, in the API of the route that
   published it: a ``chat.completion``, or a ``/v1/messages`` job's Messages API message;
@@ -24,12 +24,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from frontdoor.answers import arrived, gateway_block, gateway_headers, note_job
-from frontdoor.auth import Calling
+from frontdoor.auth import Caller, Calling
+from frontdoor.calls import publish_job
+from frontdoor.chat_request import RequestOptions
 from frontdoor.errors import ApiError, ErrorShapes, error_of_result, shown
 from frontdoor.outcomes import Finished
 from frontdoor.routes import anthropic
-from frontdoor.service import Door
-from queuegate.messages import AnswerFormat, ChatResult
+from frontdoor.service import Door, FrontDoor
+from queuegate.messages import AnswerFormat, ChatJob, ChatResult
 from queuegate.provider_formats import (
     NotAnObject,
     anthropic_id,
@@ -91,9 +93,27 @@ async def job(
         ) from None
 
 
-def job_url(job_id: str) -> str:
-    """Where the job's answer is read."""
-    return f"/v1/jobs/{job_id}"
+async def respond_async(
+    request: Request,
+    door: FrontDoor,
+    caller: Caller,
+    job: ChatJob,
+    options: RequestOptions,
+    *,
+    started: float,
+) -> JSONResponse:
+    """A chat route's answer to ``Prefer: respond-async``: 202 once the job is published,
+    its answer read by id; a retry of a job answered already (its Idempotency-Key's) gets
+    that answer as the read gives it, never a 202 saying it is queued."""
+    answered = await publish_job(door, caller, job.model_copy(update={"stream": False}), options)
+    location = f"/v1/jobs/{job.job_id}"
+    if answered is not None:
+        read = finished(request, answered, job.answer_format, started)
+        read.headers["content-location"] = location
+        return read
+    headers = {**gateway_headers(job.job_id, None, started), "location": location}
+    body = {"id": job.job_id, "object": "queuegate.job", "status": "queued", "url": location}
+    return JSONResponse(body, status_code=202, headers=headers)
 
 
 def finished(

@@ -5,8 +5,7 @@ latency, cost, model used, fallback). Point the ``openai`` SDK's ``base_url`` at
 anything is published.
 
 ``Prefer: respond-async`` answers 202 at once with the job id; ``GET /v1/jobs/<id>`` reads
-the answer (routes/jobs.py). A retry of a job answered already (its Idempotency-Key's) is
-answered as that read answers it, never said queued.
+the answer (routes/jobs.py).
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontdoor.answers import gateway_block, gateway_headers, note_job
 from frontdoor.auth import Caller, Calling
-from frontdoor.calls import open_stream, publish_job, run_job, streamed
+from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions, chat_job, check_chat, unknown_model, wants_stream
-from frontdoor.routes.jobs import finished, job_url
+from frontdoor.routes.jobs import respond_async
 from frontdoor.service import Door, FrontDoor
 from frontdoor.sse import ChunkWriter
 from queuegate.messages import ChatJob
@@ -65,15 +64,7 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     job = chat_job(body, checked, caller.team, options, door.limits, stream=stream)
     note_job(request, job.job_id)
     if options.respond_async:
-        answered = await publish_job(
-            door, caller, job.model_copy(update={"stream": False}), options
-        )
-        if answered is None:
-            return accepted(job, started)
-        # A retry of a job answered already: its answer, as a poll of it reads it
-        read = finished(request, answered, job.answer_format, started)
-        read.headers["content-location"] = job_url(job.job_id)
-        return read
+        return await respond_async(request, door, caller, job, options, started=started)
     if stream:
         return await _stream(
             door, caller, job, options, include_usage=include_usage, started=started
@@ -84,14 +75,6 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     if gateway:
         answer = {**answer, "_gateway": gateway_block(job.job_id, result, started)}
     return JSONResponse(answer, headers=gateway_headers(job.job_id, result, started))
-
-
-def accepted(job: ChatJob, started: float) -> JSONResponse:
-    """202: the job is queued; its answer is read by id."""
-    location = job_url(job.job_id)
-    headers = {**gateway_headers(job.job_id, None, started), "location": location}
-    body = {"id": job.job_id, "object": "queuegate.job", "status": "queued", "url": location}
-    return JSONResponse(body, status_code=202, headers=headers)
 
 
 async def _stream(
