@@ -48,6 +48,9 @@ class Behavior(BaseModel):
     stream_cut_after: int | None = Field(default=None, ge=0)
     """A streamed answer stops after this many events and the connection is closed mid-body
     (with ``stream_error``: the error event is sent there instead, and the body ends)."""
+    body_cut_after: int | None = Field(default=None, ge=0)
+    """A plain (not streamed) answer sends its 200 headers, with the whole body's
+    Content-Length, and this many bytes of its body; then the connection is closed mid-body."""
     stream_error: dict[str, Any] | None = None
     """The ``error`` object of an error event a streamed answer carries (after a 200) in
     place of its end, as providers report failures mid-stream."""

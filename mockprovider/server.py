@@ -220,7 +220,7 @@ def _json(status: int, obj: object, keep_alive: bool, headers: Iterable[Header] 
 
 
 class _Cut(bytes):
-    """A response the connection closes after, unfinished (an injected mid-stream failure)."""
+    """A response the connection closes after, unfinished (an injected failure mid-body)."""
 
 
 @dataclass(frozen=True)
@@ -531,7 +531,11 @@ class MockProvider:
                     events = [*list(events)[:cut], wire.error_event(behavior.stream_error)]
                     cut = None
                 return _sse(events, request.keep_alive, cut, quota, behavior)
-            return _json(200, wire.completion(body, reply), request.keep_alive, quota)
+            answer = _json(200, wire.completion(body, reply), request.keep_alive, quota)
+            if behavior.body_cut_after is not None:
+                head = answer.index(b"\r\n\r\n") + 4
+                return _Cut(answer[: head + behavior.body_cut_after])
+            return answer
         if outcome == "rate_limited":
             assert bucket is not None
             status, wait = 429, bucket.next_in()

@@ -472,7 +472,7 @@ class Attempt(WireModel):
     deployment: str
     provider: str
     status: int | None = None
-    """The provider's HTTP status; None when no response arrived (timeout, connection)."""
+    """The provider's HTTP status; None when no response head arrived (timeout, connection)."""
     error: str | None = None
     """The error class (``timeout``, ``connection``, ``server_error``, ``rate_limited``, …)."""
     latency_ms: float = 0.0

@@ -662,6 +662,31 @@ async def test_an_anthropic_stream_cut_after_its_start_is_billed_once_beside_its
     assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
 
 
+async def test_a_plain_answer_cut_mid_body_is_billed_once_beside_its_fallback(
+    settings: Settings,
+) -> None:
+    # Given a provider whose plain answers send their 200 headers, then drop the connection
+    # mid-body (the provider has done the work), and a fallback that answers
+    faults = MockConfig(models={"gpt-4o-mini": Behavior(body_cut_after=10)})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        job = client.job("gpt-4o-mini", [{"role": "user", "content": "Tell me"}], max_tokens=40)
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then each cut call is recorded with its 200 and billed once, at its estimate, and the
+    # fallback by its own counts (before: a connection error with no status, free)
+    assert result.status == "ok" and result.gateway.model_used == "claude-haiku"
+    *cut, served = result.gateway.attempts
+    assert cut and all(
+        (a.deployment, a.status, a.error) == ("openai-main", 200, "connection") for a in cut
+    )
+    assert served.deployment == "anthropic-main"
+    per = Decimal(1_000_000)
+    estimate = (prompt_tokens(job) * Decimal("0.15") + 40 * Decimal("0.60")) / per
+    own = (row["input_tokens"] * Decimal("0.80") + row["output_tokens"] * Decimal("4.00")) / per
+    assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
+
+
 async def test_a_job_answered_with_negative_counts_is_billed_once_by_its_text(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
