@@ -687,6 +687,65 @@ async def test_a_plain_answer_cut_mid_body_is_billed_once_beside_its_fallback(
     assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
 
 
+@pytest.mark.parametrize(
+    ("error", "error_class"), [("overloaded_error", "overloaded"), ("timeout_error", "timeout")]
+)
+async def test_an_error_event_in_a_stream_is_recorded_with_its_200_and_not_billed(
+    settings: Settings, tmp_path: Path, error: str, error_class: str
+) -> None:
+    # Given Anthropic streams that report a failure in an error event after message_start
+    # (a failed request, which Anthropic does not charge), and a fallback that answers
+    text = resources.files("router").joinpath("catalogs/mock.yaml").read_text("utf-8")
+    text = text.replace("  claude-haiku:\n", "  claude-haiku:\n    fallbacks: [local-llama]\n")
+    path = tmp_path / "catalog.yaml"
+    path.write_text(text)
+    failed = Behavior(stream_cut_after=1, stream_error={"type": error, "message": "Failed"})
+    faults = MockConfig(models={"claude-3-5-haiku-latest": failed})
+    async with (
+        running_gateway(settings, mock_config=faults, catalog=path) as gw,
+        gw.client("alpha") as client,
+    ):
+        messages = [{"role": "user", "content": "Tell me"}]
+        job = client.job("claude-haiku", messages, stream=True, max_tokens=50)
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then each failed call is recorded with the 200 it came with, and only the fallback is
+    # billed (before: a timeout_error was billed at its estimate, as a call timed out is)
+    assert result.status == "ok" and result.gateway.model_used == "local-llama"
+    *failures, served = result.gateway.attempts
+    assert failures and all((a.status, a.error) == (200, error_class) for a in failures)
+    assert served.deployment == "local-vllm"
+    per = Decimal(1_000_000)
+    own = (row["input_tokens"] * Decimal("0.05") + row["output_tokens"] * Decimal("0.08")) / per
+    assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own
+
+
+async def test_a_stream_an_error_event_ends_after_its_text_is_billed_once_by_what_came(
+    settings: Settings,
+) -> None:
+    # Given an Anthropic stream that reports a timeout_error after some text
+    error = {"type": "timeout_error", "message": "Timed out"}
+    faults = MockConfig(
+        models={"claude-3-5-haiku-latest": Behavior(stream_cut_after=4, stream_error=error)}
+    )
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        messages = [{"role": "user", "content": "Tell me a story"}]
+        job = client.job("claude-haiku", messages, stream=True, max_tokens=50)
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then its one call is billed by what the provider generated until then, not at its
+    # estimate besides
+    assert result.status == "error"
+    [failed] = result.gateway.attempts
+    assert (failed.status, failed.error) == (200, "timeout")
+    per = Decimal(1_000_000)
+    own = (row["input_tokens"] * Decimal("0.80") + row["output_tokens"] * Decimal("4.00")) / per
+    assert row["output_tokens"] > 0
+    assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own
+
+
 async def test_a_job_answered_with_negative_counts_is_billed_once_by_its_text(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:

@@ -990,11 +990,16 @@ class _Recording:
 def _unread(attempt: Attempt) -> bool:
     """A call the provider may bill though no answer of it was read: timed out once let go,
     or answered 2xx with a body that is no answer (``bad_response``: no JSON, nested past a
-    job's depth) or cut before it was read (``connection``: a stream dropped after its
-    start, which may have reported a cache write). Before, such a 200 was free, and the
-    fallback that followed was billed alone."""
+    job's depth) or cut before it was read (``connection``: a plain answer's body, or a
+    stream dropped after its start, which may have reported a cache write). Before, such a
+    200 was free, and the fallback that followed was billed alone.
+
+    Not a failure the provider reported, whatever its class: an error event in a 2xx stream
+    (recorded with its 200) is a failed request, which Anthropic documents it does not
+    charge. A timeout is the worker's own bound (no status), not a provider's 408 or
+    ``timeout_error`` event (before, billed at the estimate as one)."""
     if attempt.error == "timeout":
-        return True
+        return attempt.status is None
     return attempt.error in _CUT_SHORT and 200 <= (attempt.status or 0) < 300
 
 
