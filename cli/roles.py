@@ -40,7 +40,8 @@ def worker(
     """Consume team queues and serve their jobs until SIGTERM or Ctrl-C.
 
     With --processes N, a supervisor runs N worker processes, restarts one that dies, and
-    stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i.
+    stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i (9464 + i
+    if unset).
     """
     settings = make_settings(prefetch=concurrency, catalog=catalog)
     configure_logging(log_level, form=settings.log_format)
@@ -65,7 +66,7 @@ def worker(
         async with open_router(cat, os.environ, settings) as router:
             serving = Worker(settings, router, teams=split_teams(teams))
             async with MetricsServer(
-                settings.metrics_host, settings.metrics_port, serving.is_ready
+                settings.metrics_host, settings.metrics_port_of("worker"), serving.is_ready
             ):
                 await serving.run(stop)
 
@@ -85,7 +86,8 @@ def _supervise(
         argv += ["--catalog", str(catalog)]
 
     def command(slot: int) -> tuple[list[str], dict[str, str]]:
-        port = settings.metrics_port + slot if settings.metrics_port else 0
+        first = settings.metrics_port_of("worker")
+        port = first + slot if first else 0
         return argv, {**os.environ, "QUEUEGATE_METRICS_PORT": str(port)}
 
     supervise(command, processes=processes, grace=settings.shutdown_grace)
@@ -117,7 +119,8 @@ def api(
 
 
 def accounting(log_level: LogLevel = "info") -> None:
-    """Write usage events to PostgreSQL in batches until SIGTERM or Ctrl-C."""
+    """Write usage events to PostgreSQL in batches until SIGTERM or Ctrl-C; metrics on
+    QUEUEGATE_METRICS_PORT (9463 if unset: a worker's is 9464)."""
     from accounting import Accountant
     from queuegate.metrics_server import MetricsServer
 
@@ -130,7 +133,9 @@ def accounting(log_level: LogLevel = "info") -> None:
         stop = stop_on_signals()
         async with (
             Accountant(settings) as accountant,
-            MetricsServer(settings.metrics_host, settings.metrics_port, accountant.is_ready),
+            MetricsServer(
+                settings.metrics_host, settings.metrics_port_of("accounting"), accountant.is_ready
+            ),
         ):
             await accountant.run(stop)
 

@@ -17,6 +17,10 @@ from queuegate.messages import MAX_OUTPUT_TOKENS
 from queuegate.redis_client import redis_connection
 from queuegate.urls import url_problem
 
+METRICS_PORTS = {"worker": 9464, "accounting": 9463}
+"""Each role's metrics port when ``metrics_port`` is unset: two, so that a worker and the
+accounting started on one host with the defaults do not both take 9464 (the second stopped);
+the accounting's below the worker's, whose ``--processes N`` take 9464 + i."""
 DAY = 86_400.0
 """The longest a duration setting may be: a lease, wait or interval past a day is a typo, and
 a value the clock cannot add to (1e300) would stop a process with an OverflowError."""
@@ -263,8 +267,9 @@ class Settings(BaseSettings):
 
     metrics_host: str = "0.0.0.0"
     """Address ``/metrics``, ``/healthz`` and ``/readyz`` listen on."""
-    metrics_port: int = Field(default=9464, ge=0, le=65535)
-    """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes;
+    unset, each role's own (``METRICS_PORTS``, read through ``metrics_port_of``)."""
     log_format: Literal["text", "json"] = "text"
     """Log lines of the long-running roles: human ``text``, or ``json``, one object per line
     with the job, team, trace and span it was logged for (``queuegate.logs``)."""
@@ -413,6 +418,10 @@ class Settings(BaseSettings):
             return said
         quarter = self.http_max_connections // 4
         return max(1, quarter if most is None else min(most, quarter))
+
+    def metrics_port_of(self, role: Literal["worker", "accounting"]) -> int:
+        """The port ``role`` serves its metrics on: ``metrics_port``, or the role's own."""
+        return METRICS_PORTS[role] if self.metrics_port is None else self.metrics_port
 
     @property
     def requests_per_team(self) -> int:

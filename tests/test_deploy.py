@@ -88,7 +88,7 @@ def test_images_are_this_version_and_commands_exist() -> None:
 @pytest.mark.parametrize("deployment", ["queuegate-worker", "queuegate-accounting"])
 def test_probes_and_metrics_port_match_the_settings(deployment: str) -> None:
     container = _container(deployment)
-    port = Settings().metrics_port
+    port = Settings().metrics_port_of("worker")
     [metrics] = container["ports"]
     assert (metrics["name"], metrics["containerPort"]) == ("metrics", port)
     assert int(_env(container)["QUEUEGATE_METRICS_PORT"]) == port
@@ -243,7 +243,7 @@ def test_the_image_holds_every_package_the_distribution_lists() -> None:
 
 def test_compose_checks_readiness_and_scrapes_on_the_metrics_port() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    port = Settings().metrics_port
+    port = Settings().metrics_port_of("worker")
     assert compose["x-queuegate"]["environment"]["QUEUEGATE_METRICS_PORT"] == str(port)
     for service in ("worker", "accounting"):
         check = " ".join(compose["services"][service]["healthcheck"]["test"])

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import sys
 import time
 from collections import Counter, defaultdict
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -98,6 +103,39 @@ async def test_job_counts_tokens_and_cost_match_postgresql(settings: Settings) -
     assert jobs[("alpha", "-", "unknown_model")] == 1
     # ... and accounting's count of events written equal to the rows
     assert written - written_before == len(rows)
+
+
+async def test_the_accounting_beside_a_worker_on_one_host_serves_on_a_port_of_its_own(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    # Given a worker's default metrics port taken, as by a worker on this host
+    with socket.socket() as worker_port:
+        with contextlib.suppress(OSError):  # else another process on this host holds it
+            worker_port.bind(("0.0.0.0", 9464))
+            worker_port.listen()
+        # When the accounting starts with QUEUEGATE_METRICS_PORT unset
+        env = {
+            **os.environ,
+            "QUEUEGATE_NAMESPACE": settings.namespace,
+            "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        }
+        env.pop("QUEUEGATE_METRICS_PORT", None)
+        accounting = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "accounting",
+            env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert accounting.stderr is not None
+        try:
+            # Expect it to serve its metrics on 9463, its own default (before: it stopped,
+            # 9464 taken)
+            async with asyncio.timeout(20):
+                said = (await accounting.stderr.readline()).decode()
+                while said and "/readyz on" not in said:
+                    said = (await accounting.stderr.readline()).decode()
+            assert said.rstrip().endswith("/readyz on http://0.0.0.0:9463"), said
+        finally:
+            accounting.terminate()
+            await accounting.communicate()
 
 
 async def test_readyz_follows_the_worker_and_metrics_are_served(settings: Settings) -> None:
