@@ -20,9 +20,9 @@ class LazyConsole:
     @property
     def console(self) -> Console:
         if self._console is None:
-            from rich.console import Console
+            from cli.rich_console import PipedConsole
 
-            self._console = Console(**self._options)
+            self._console = PipedConsole(**self._options)
         return self._console
 
     def __getattr__(self, name: str) -> Any:
@@ -37,12 +37,13 @@ def print_table(renderable: RenderableType, *, wide: bool) -> None:
     """Tables fit 80 columns; a --wide one is printed as wide as it needs, so a narrower
     terminal wraps its lines rather than cutting them (and a pipe gets them whole)."""
     if wide:
-        from rich.console import Console
         from rich.measure import Measurement
+
+        from cli.rich_console import PipedConsole
 
         console = out.console
         needed = Measurement.get(console, console.options.update_width(10_000), renderable).maximum
         # print(width=) never exceeds the console's own width: a console as wide as needed.
-        Console(width=max(console.width, needed), soft_wrap=True).print(renderable)
+        PipedConsole(width=max(console.width, needed), soft_wrap=True).print(renderable)
     else:
         out.print(renderable)

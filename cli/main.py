@@ -5,11 +5,15 @@ from __future__ import annotations
 import errno
 import inspect
 import logging
+import os
 import re
+import select
 import socket
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from cli.audit import audit_app
 from cli.batch import batch_app
@@ -26,8 +30,36 @@ from queuegate.runtime import configure_logging
 from queuegate.settings import Settings, settings_problem
 from queuegate.visible import clipped, clipped_path, visible
 
+
+class _Commands(TyperGroup):
+    """Every command, ended quietly with status 0 when its reader closes stdout, as unix tools
+    end (``status --watch --json | head -1``, ``usage --csv | head``): click's own handling
+    of a broken pipe exits 1."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click.Context, which is private
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            if not _stdout_closed():
+                raise  # a service's connection, not the reader: said as any failure is
+            # What stdout still buffers would fail again as Python exits: it goes nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader is gone (the write end of a pipe no one reads polls as an
+    error)."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
 app = typer.Typer(
-    help="queuegate: a queue-based LLM gateway.", no_args_is_help=True, add_completion=False
+    cls=_Commands,
+    help="queuegate: a queue-based LLM gateway.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 app.add_typer(teams_app, name="teams")
 app.add_typer(audit_app, name="audit")

@@ -307,6 +307,28 @@ def test_a_report_given_two_teams_is_refused_not_of_the_last_alone(
     assert "--team" in line and "given 2 times: a report is of one team" in line, line
 
 
+@pytest.mark.usefixtures("pool")
+@pytest.mark.parametrize(
+    "command",
+    [["status", "--watch", "--json"], ["usage", "--json"], ["usage"], ["audit", "log"]],
+)
+async def test_a_closed_stdout_ends_a_command_quietly(
+    settings: Settings, command: list[str]
+) -> None:
+    # Given a pipe whose reader is gone, as once head has read its lines
+    reader, writer = os.pipe()
+    os.close(reader)
+    # When a command prints to it
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *command,
+        env={**os.environ, **_env(settings)}, stdout=writer, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(writer)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    # Expect it to end there, status 0, saying nothing (before: status 1)
+    assert (process.returncode, stderr.decode()) == (0, "")
+
+
 def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
     # When an operator reads the help of commands with long descriptions at 80 columns
     for command in (["submit"], ["worker"], ["teams", "add"], ["teams", "set"], ["status"]):
