@@ -157,6 +157,7 @@ class GatewayClient(ReplyingConnection):
         self._control = ControlClient(
             self._channel,
             exchange=self._exchange.name,
+            queue=self._topology.control_queue(self.team),
             team=self.team,
             user_id=self._user_id,
             api_key=self._api_key,

@@ -45,7 +45,9 @@ class ControlClient:
     """Control requests on one robust channel of the caller (direct reply-to needs the
     request and its consumer on the same channel)::
 
-        control = ControlClient(channel, exchange="queuegate.in.search", team="search", ...)
+        control = ControlClient(
+            channel, exchange="queuegate.in.search", queue="queuegate.control.search", ...
+        )
         await control.start()
         queue = await control.open_reply_queue("nightly", durable=True)
     """
@@ -55,6 +57,7 @@ class ControlClient:
         channel: AbstractRobustChannel,
         *,
         exchange: str,
+        queue: str,
         team: str,
         user_id: str | None,
         api_key: ApiKey | None,
@@ -65,6 +68,7 @@ class ControlClient:
         self._channel = channel
         self._nacks_within = nacks_within
         self._exchange = exchange
+        self._queue = queue
         self.team = team
         self._user_id = user_id
         self._api_key = api_key
@@ -132,6 +136,29 @@ class ControlClient:
                 raise TeamDisabled(response.error or f"team {self.team} is disabled")
             raise ControlRefused(response.error or "the gateway refused the request")
         return response.result
+
+    async def check_served(self) -> None:
+        """ServiceUnavailable at once when no worker consumes the team's control queue: a
+        read (``batch status``, ``batch list``) would otherwise wait out ``CONTROL_WAIT`` (30
+        s) to be told so. A queue the broker has not is left to the request, which says so.
+
+        Looked up by a passive declare on a channel of its own: the broker closes the channel
+        of one that names a missing queue."""
+        connection = (await self._channel.get_underlay_channel()).connection
+        probe = await connection.channel()
+        try:
+            declared = await probe.queue_declare(self._queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        if not declared.consumer_count:
+            raise ServiceUnavailable(
+                f"no worker serves team {self.team!r} now (its control queue has no "
+                "consumer): start one (queuegate worker; queuegate status shows them) and "
+                "try again"
+            )
 
     async def _round_trip(self, body: bytes, *, again: bool) -> ControlResponse:
         """Send the request and wait for its answer; ``again``: a request that may run twice

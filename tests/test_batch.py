@@ -769,6 +769,19 @@ async def test_status_counts_results_and_spend(
     assert (c.total, c.published, c.done, status.waiting, status.queued) == (10, 10, 0, 10, 0)
 
 
+async def test_a_status_read_with_no_worker_running_says_so_at_once(
+    alpha: TeamIdentity, beta: TeamIdentity
+) -> None:
+    # Given teams no worker serves: none runs
+    # When a batch's status and a team's batches are read, by a broker user and by an API key
+    async with asyncio.timeout(5):  # before: each waited 30 s for an answer
+        # Expect each told at once that no worker serves the team
+        with pytest.raises(ServiceUnavailable, match="no worker serves team 'alpha'"):
+            await batch_status(alpha.settings, "small", **alpha.who)
+        with pytest.raises(ServiceUnavailable, match="no worker serves team 'beta'"):
+            await batch_list(beta.settings, **beta.who)
+
+
 async def test_a_collected_batch_is_gone_and_listed_until_then(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:

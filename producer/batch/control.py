@@ -52,6 +52,7 @@ async def batch_status(settings: Settings, name: str, *, team: str, **who: Any) 
     ``who``: ``user_id`` and ``api_key``, as for GatewayClient.
     """
     async with GatewayClient(settings, team=team, listen=False, **who) as client:
+        await client.control.check_served()
         meta, counts, waiting = await BatchState(client.control, check_batch_name(name)).status()
     return BatchStatus(name, meta.team, meta.format, meta.deadline, counts, waiting)
 
@@ -74,4 +75,5 @@ async def delete_batch(settings: Settings, name: str, *, team: str, **who: Any) 
 async def batch_list(settings: Settings, *, team: str, **who: Any) -> list[BatchSummary]:
     """The team's batches the gateway still keeps."""
     async with GatewayClient(settings, team=team, listen=False, **who) as client:
+        await client.control.check_served()
         return await list_batches(client.control)
