@@ -152,18 +152,32 @@ class FrontDoor:
             await self._pool.close()
 
     async def readiness(self) -> dict[str, bool]:
-        """Whether the broker, Redis and PostgreSQL can be reached from here now."""
-        redis_ok = db_ok = False
+        """Whether the broker, Redis and PostgreSQL can be reached from here now, said within
+        ``READY_TIMEOUT``: Redis and PostgreSQL are asked at once, and a read a hung server
+        holds is left to let go in its own time (asyncpg's release of a connection whose
+        query was cancelled waits for the server)."""
+        asks = (
+            asyncio.ensure_future(self._redis_answers()),
+            asyncio.ensure_future(self._database_answers()),
+        )
         try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                assert self._redis is not None
-                redis_ok = bool(await self._redis.ping())
-        except (RedisError, OSError, TimeoutError):
-            pass
-        with contextlib.suppress(TimeoutError, *DB_ERRORS):
-            async with asyncio.timeout(READY_TIMEOUT):
-                db_ok = await self.pool.fetchval("SELECT 1") == 1
+            await asyncio.wait(asks, timeout=READY_TIMEOUT)
+        finally:
+            for ask in asks:
+                ask.cancel()
+        redis_ok, db_ok = (ask.done() and not ask.cancelled() and ask.result() for ask in asks)
         return {"broker": self.bridge.connected, "redis": redis_ok, "database": db_ok}
+
+    async def _redis_answers(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def _database_answers(self) -> bool:
+        with contextlib.suppress(*DB_ERRORS):
+            return bool(await self.pool.fetchval("SELECT 1") == 1)
+        return False
 
 
 async def frontdoor(request: Request) -> FrontDoor:

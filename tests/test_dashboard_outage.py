@@ -136,10 +136,13 @@ async def test_pages_answer_within_the_bound_while_postgresql_hangs(settings: Se
         served.proxy.hang()
         try:
             # Expect every page and the Live data to answer 503 within the bound (before:
-            # the overview and the Live data waited on their reads as long as it hung)
+            # the overview and the Live data waited on their reads as long as it hung), naming
+            # PostgreSQL alone (before: "PostgreSQL or Redis")
             for path in (*PAGES, "/dashboard/live.json"):
                 shown = await client.get(path)
                 assert shown.status_code == 503, (path, shown.text)
+                assert "PostgreSQL is not reachable at" in shown.text, (path, shown.text)
+                assert "Redis" not in shown.text, (path, shown.text)
         finally:
             await served.proxy.up()
 

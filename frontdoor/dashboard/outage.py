@@ -17,10 +17,11 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 
-from frontdoor.service import FrontDoor
+from frontdoor.service import READY_TIMEOUT, FrontDoor
 from queuegate.db import UNREACHABLE, database_unreachable
 from queuegate.errors import ServiceUnavailable
 from queuegate.redis_client import redis_unreachable
+from queuegate.settings import Settings
 
 OUTAGE: tuple[type[Exception], ...] = (RedisError, *UNREACHABLE)
 """A read of Redis or PostgreSQL that could not reach its service."""
@@ -33,7 +34,8 @@ PAGE_WAIT = 5.0
 the overview sums a month of every team's rollup, tens of milliseconds on a healthy server.
 Past it the page answers 503 without waiting for the reads to let go of their connections,
 which a hung PostgreSQL holds until it answers (the overview and the Live page's data were
-held 60 s and more)."""
+held 60 s and more), naming the service that did not answer: both are asked (``readiness``)
+in the wait's last ``READY_TIMEOUT`` seconds."""
 RETRY_AFTER = 5
 """Seconds a 503 asks the browser to wait before trying again."""
 
@@ -63,13 +65,15 @@ class Guarded(APIRoute):
             door: FrontDoor = request.app.state.frontdoor
             serving = asyncio.ensure_future(handler(request))
             try:
-                await asyncio.wait([serving], timeout=PAGE_WAIT)
+                await asyncio.wait([serving], timeout=PAGE_WAIT - READY_TIMEOUT)
                 if not serving.done():
-                    serving.cancel()  # its reads let go in their own time
-                    raise Unavailable(
-                        f"PostgreSQL or Redis did not answer within {PAGE_WAIT:g} s: check "
-                        "that they run"
+                    # Which service is silent, asked while the page has its last seconds.
+                    _, ready = await asyncio.gather(
+                        asyncio.wait([serving], timeout=READY_TIMEOUT), door.readiness()
                     )
+                    if not serving.done():
+                        serving.cancel()  # its reads let go in their own time
+                        raise Unavailable(_silent(door.settings, ready))
                 return serving.result()
             except asyncio.CancelledError:
                 serving.cancel()
@@ -82,3 +86,19 @@ class Guarded(APIRoute):
                 raise Unavailable(str(exc)) from exc
 
         return guarded
+
+
+def _silent(settings: Settings, ready: dict[str, bool]) -> str:
+    """The one line a page past ``PAGE_WAIT`` answers: which of PostgreSQL and Redis did not
+    answer ``FrontDoor.readiness`` (``ready``), and what to do."""
+    how = "check that it runs and answers"
+    if ready["database"] and ready["redis"]:  # both answer: the page's own reads were slow
+        return (
+            f"the page's reads took over {PAGE_WAIT:g} s, though PostgreSQL and Redis answer: "
+            "reload the page"
+        )
+    if ready["redis"]:
+        return database_unreachable(settings, how=how)
+    if ready["database"]:
+        return redis_unreachable(settings, how)
+    return f"PostgreSQL and Redis did not answer within {PAGE_WAIT:g} s: check that they run"
