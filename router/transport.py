@@ -2,6 +2,8 @@
 
 aiohttp's exceptions are mapped with messages written here, never their own text, and the
 upstream error message kept as detail goes through ``scrub`` (key removed, one short line).
+A successful answer, whole or each stream event, that echoes the key has it redacted
+(``echoed``, ``unechoed``) before anything reads it.
 
 aiohttp rather than httpx: per call it spends about a fifth of the CPU (``python -m
 bench.http_client``), and its pool hands out an idle connection without scanning the others.
@@ -31,8 +33,11 @@ from router.providers.base import (
     ServerEvent,
     UpstreamRequest,
     classify,
+    echoed,
     error_param,
+    redact,
     scrub,
+    unechoed,
 )
 
 MAX_CONNECTIONS = 1000
@@ -214,8 +219,9 @@ async def post(
 ) -> tuple[int, Any]:
     """Status and decoded JSON body of a 2xx answer; run it inside ``time_limit``.
 
-    ``secret`` is the key sent with the request, scrubbed from anything the provider echoes.
-    ``connect`` bounds opening a connection, ``first_byte`` the wait for the response headers.
+    ``secret`` is the key sent with the request, scrubbed from anything the provider echoes,
+    answer or error. ``connect`` bounds opening a connection, ``first_byte`` the wait for the
+    response headers.
     """
     response = await _opened(upstream, request, secret, connect, _FirstByte(first_byte))
     try:
@@ -229,9 +235,14 @@ async def post(
     finally:
         upstream.done(response)
     try:
-        return response.status, orjson.loads(content)
+        body = orjson.loads(content)
     except orjson.JSONDecodeError as exc:
         raise ProviderError("bad_response", "the body is not JSON", status=response.status) from exc
+    # Looked for in the body as sent, before anything reads it: a provider or a proxy that
+    # echoes the key (in the id, the model, the text) would have it relayed, stored and traced.
+    if secret is not None and echoed(content, secret):
+        body = unechoed(body, secret)
+    return response.status, body
 
 
 async def events(
@@ -245,14 +256,15 @@ async def events(
 ) -> AsyncGenerator[ServerEvent, None]:
     """The server-sent events of a 2xx streamed answer; iterate it inside ``time_limit``.
 
-    ``first_byte`` bounds the wait for the first event, headers included. ``on_read`` is
-    called at each read of the body that brought bytes (comments and partial events too: the
-    provider is still sending), to move the time limit on.
+    ``secret`` is scrubbed from each event as from ``post``'s answer. ``first_byte`` bounds
+    the wait for the first event, headers included. ``on_read`` is called at each read of the
+    body that brought bytes (comments and partial events too: the provider is still
+    sending), to move the time limit on.
     """
     limit = _FirstByte(first_byte)
     response = await _opened(upstream, request, secret, connect, limit)
     try:
-        async with aclosing(_read_events(response.content, on_read)) as stream:
+        async with aclosing(_read_events(response.content, secret, on_read)) as stream:
             async with limit:
                 with _mapped:
                     first = await anext(stream, None)
@@ -271,7 +283,7 @@ async def events(
 
 
 async def _read_events(
-    body: aiohttp.StreamReader, on_read: Callable[[], None] | None
+    body: aiohttp.StreamReader, secret: str | None, on_read: Callable[[], None] | None
 ) -> AsyncGenerator[ServerEvent, None]:
     lines, parser = LineSplitter(), EventParser()
     async for chunk in body.iter_any():
@@ -279,10 +291,24 @@ async def _read_events(
             on_read()
         for line in lines.feed(chunk):
             if (event := parser.feed(line)) is not None:
-                yield event
+                yield _unechoed_event(event, secret)
     for line in lines.end():
         if (event := parser.feed(line)) is not None:
-            yield event
+            yield _unechoed_event(event, secret)
+
+
+def _unechoed_event(event: ServerEvent, secret: str | None) -> ServerEvent:
+    """``event`` without the key, when it echoes it (``echoed``): its JSON with the key
+    redacted, written again."""
+    if secret is None or not echoed(event.data, secret):
+        return event
+    try:
+        data = orjson.dumps(unechoed(orjson.loads(event.data), secret)).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        # Not JSON, or nested past what is relayed: its parser refuses it as a bad response,
+        # naming none of its text, which is redacted all the same.
+        data = redact(event.data, secret)
+    return ServerEvent(event.name, data)
 
 
 class LineSplitter:

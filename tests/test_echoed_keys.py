@@ -1,0 +1,199 @@
+"""A provider (or a proxy before it) that echoes the key inside a successful answer: in its
+id, its model, its system fingerprint or its text, whole or streamed. The key reaches neither
+the answer, nor its stream, nor its span, nor the result stored in Redis. Over real HTTP
+against a small server in the test that echoes whatever key it is called with."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from mockprovider.catalog import mock_deployment
+from queuegate.keys import Keys
+from queuegate.messages import ChatJob
+from queuegate.settings import Settings
+from router import Catalog, open_router
+from router.providers import Piece
+from tests.support import running_gateway
+from tests.test_tracing import in_memory
+
+KEY = "sk-SENTINEL-echoed-0123456789abcdef"
+MOCK_KEY = "sk-test-mock"  # the key running_gateway gives the worker
+
+
+def _openai(key: str, stream: bool) -> list[dict[str, Any]]:
+    head = {
+        "id": f"chatcmpl-{key}",
+        "created": 1,
+        "model": f"echo-{key}",
+        "system_fingerprint": f"fp_{key}",
+    }
+    if not stream:
+        message = {"role": "assistant", "content": f"your key is {key}"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        return [{**head, "object": "chat.completion", "choices": [choice], "usage": usage}]
+    chunk = {**head, "object": "chat.completion.chunk"}
+    return [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "your "}}]},
+        {**chunk, "choices": [{"index": 0, "delta": {"content": f"key is {key}"}}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}},
+    ]
+
+
+def _anthropic(key: str, stream: bool) -> list[dict[str, Any]]:
+    message = {"id": f"msg_{key}", "type": "message", "role": "assistant", "model": f"echo-{key}"}
+    if not stream:
+        return [
+            message
+            | {
+                "content": [{"type": "text", "text": f"your key is {key}"}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 3, "output_tokens": 5},
+            }
+        ]
+    start = message | {"content": [], "stop_reason": None, "usage": {"input_tokens": 3}}
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": key}},
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 5},
+        },
+        {"type": "message_stop"},
+    ]
+
+
+async def _answer(request: web.Request) -> web.StreamResponse:
+    """The answer of a provider that echoes the key it was called with everywhere it can."""
+    body = await request.json()
+    anthropic = request.path == "/v1/messages"
+    if anthropic:
+        key = request.headers["x-api-key"]
+    else:
+        key = request.headers["authorization"].removeprefix("Bearer ")
+    stream = body.get("stream") is True
+    said = (_anthropic if anthropic else _openai)(key, stream)
+    if not stream:
+        return web.json_response(said[0])
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for event in said:
+        name = f"event: {event['type']}\n" if anthropic else ""
+        await response.write(f"{name}data: {json.dumps(event)}\n\n".encode())
+    if not anthropic:
+        await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@contextlib.asynccontextmanager
+async def echoing_provider() -> AsyncIterator[str]:
+    """The URL of a provider answering both wires, echoing the caller's key."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _answer)
+    app.router.add_post("/v1/messages", _answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        [(host, port)] = runner.addresses
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def chat(model: str, *, stream: bool) -> ChatJob:
+    return ChatJob.model_validate(
+        {
+            "job_id": f"job-{time.monotonic_ns()}",
+            "team": "alpha",
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello there"}],
+            "stream": stream,
+        }
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_key_echoed_in_a_successful_answer_reaches_neither_the_answer_nor_its_span(
+    settings: Settings, provider: str, stream: bool
+) -> None:
+    # Given a provider that echoes the key in the id, the model and the text of its answers
+    deltas: list[tuple[Piece, str, str]] = []
+
+    async def relay(piece: Piece, model: str, alias: str) -> None:
+        deltas.append((piece, model, alias))
+
+    async with echoing_provider() as url:
+        entry = mock_deployment("d", "m", url, provider=provider)
+        catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+        # When a job is served from it, traced
+        with in_memory() as exported:
+            async with open_router(catalog, {"QUEUEGATE_MOCK_KEY": KEY}, settings) as router:
+                routed = await router.complete(chat("m", stream=stream), on_delta=relay)
+            spans = exported.get_finished_spans()
+
+    # Expect the key redacted where it was echoed: the answer, each delta, the span
+    response = routed.response
+    assert "[redacted]" in response["id"] and "[redacted]" in response["model"]
+    assert response["choices"][0]["message"]["content"].endswith("[redacted]")
+    attributes = [dict(span.attributes or {}) for span in spans]
+    [answered] = [a for a in attributes if "gen_ai.response.id" in a]
+    assert "[redacted]" in str(answered["gen_ai.response.id"])
+    assert stream == bool(deltas)
+    said = repr(response) + repr(deltas) + repr(attributes)
+    assert KEY not in said and "SENTINEL" not in said
+
+
+async def test_a_key_echoed_in_a_successful_answer_is_not_in_the_stored_result(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # Given a gateway whose deployments (one per wire) echo the key in their answers
+    async with echoing_provider() as url:
+        catalog = tmp_path / "catalog.yaml"
+        entries = {
+            alias: {"deployments": [mock_deployment(alias, alias, url, provider=alias)]}
+            for alias in ("openai", "anthropic")
+        }
+        catalog.write_text(json.dumps({"models": entries}))  # YAML reads JSON
+        async with (
+            running_gateway(settings, catalog=catalog) as gw,
+            gw.client("alpha") as client,
+        ):
+            # When jobs are answered by a provider echoing the key, whole and streamed
+            results = [
+                await client.chat(alias, [{"role": "user", "content": "Hi"}]) for alias in entries
+            ]
+            chunks = []
+            for alias in entries:
+                stream = client.stream(alias, [{"role": "user", "content": "Hi"}], timeout=10)
+                chunks += [chunk async for chunk in stream]
+                assert stream.result is not None
+                results.append(stream.result)
+            stored = [
+                await redis_client.get(Keys(settings.redis_prefix).result("alpha", r.job_id))
+                for r in results
+            ]
+
+    # Expect each answered, with the key redacted from what the caller got and Redis keeps
+    assert [r.status for r in results] == ["ok"] * 4
+    assert all(r.content is not None and r.content.endswith("[redacted]") for r in results)
+    assert chunks and all(value is not None for value in stored)
+    said = repr([r.model_dump_json() for r in results]) + repr(chunks) + repr(stored)
+    assert MOCK_KEY not in said and "[redacted]" in said
