@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -58,9 +59,14 @@ from router.providers.anthropic import native_usage
 from router.providers.base import UNSENT, Usage, estimate_tokens, openai_usage
 from router.selection import Slots
 
+log = logging.getLogger(__name__)
+
 KEY_FILE_REREAD = 10.0
 """Seconds a key read from a secret file is used before the file is read again, so a secret
 rotated in place is picked up that long after the file changes."""
+NO_KEY = "no key is configured for this deployment"
+"""What a job is told of a deployment whose key is missing: the variable or file the key is
+read from is the operator's to know, and the worker's log tells them (``Router``)."""
 
 DeltaSink = Callable[[Piece, str, str], Awaitable[None]]
 """Receives a streamed job's deltas (with the choice of each), in order, as they arrive,
@@ -280,7 +286,9 @@ class Router:
 
     It owns one pooled HTTP client per api_base, opened on enter and closed on exit, so open one
     Router per process (per event loop) and share it; it can be opened only once. Keys are read
-    from ``env`` at each call, so a rotated key is picked up without a restart. ``redis`` holds
+    from ``env`` at each call, so a rotated key is picked up without a restart; each deployment
+    whose key cannot be read on enter is named in a warning (a job is told only that it has
+    none: ``NO_KEY``). ``redis`` holds
     the deployments' circuit breakers and 429 pauses, shared with every other worker; the
     caller owns and closes it, and may keep its own state there too (``router.redis``).
     """
@@ -313,7 +321,26 @@ class Router:
         self._upstreams = {
             base: transport.Upstream(base, connections=self._connections) for base in bases
         }
+        self._warn_keyless()
         return self
+
+    def _warn_keyless(self) -> None:
+        """One warning per deployment whose key cannot be read, naming where it is missing:
+        every job it would serve fails over to the next deployment, or as ``no_api_key``,
+        and its breaker and calls never show why (no call is made)."""
+        deployments = {
+            d.name: d for entry in self.catalog.models.values() for d in entry.deployments
+        }
+        for deployment in deployments.values():
+            try:
+                self._read_key(deployment)
+            except _NoKey as missing:
+                log.warning(
+                    "deployment %s has no key: %s; until then its jobs go to the next "
+                    "deployment, or fail as no_api_key",
+                    deployment.name,
+                    missing,
+                )
 
     async def __aexit__(
         self,
@@ -764,13 +791,26 @@ class Router:
             raise InvalidRequest(run.failures[-1], run.attempts, param=err.param) from err
 
     def _key(self, deployment: Deployment) -> str | None:
+        """The key a call to ``deployment`` carries (None: it takes none); ProviderError
+        ("no_api_key") saying only ``NO_KEY`` when it is missing: before, the job's error
+        named the operator's variable or file path, and only the job was told."""
+        try:
+            return self._read_key(deployment)
+        except _NoKey:
+            raise ProviderError("no_api_key", NO_KEY) from None
+
+    def _read_key(self, deployment: Deployment) -> str | None:
+        """As ``_key``; ``_NoKey`` saying where the key is missing and what to do."""
         if deployment.api_key_file is not None:
             return self._key_file(deployment.api_key_file)
         if deployment.api_key_env is None:
             return None
         key = self._env.get(deployment.api_key_env)
         if not key:
-            raise ProviderError("no_api_key", f"{deployment.api_key_env} is not set")
+            raise _NoKey(
+                f"{deployment.api_key_env} is not set: set it in the worker's environment and "
+                "restart the worker"
+            )
         return key
 
     def _key_file(self, path: Path) -> str:
@@ -784,11 +824,18 @@ class Router:
             text = path.read_text("utf-8").strip()
         except OSError as exc:
             # The path and the OS's reason, never the file's content.
-            raise ProviderError("no_api_key", f"cannot read {path} ({exc.strerror})") from exc
+            raise _NoKey(
+                f"cannot read {path} ({exc.strerror}): put the key there, readable by the "
+                "worker (read again at the next call, no restart needed)"
+            ) from None
         if not text:
-            raise ProviderError("no_api_key", f"{path} is empty")
+            raise _NoKey(f"{path} is empty: put the key there (read again at the next call)")
         self._key_files[path] = (now, text)
         return text
+
+
+class _NoKey(Exception):
+    """A deployment's key cannot be read: where, and what to do, for the operator alone."""
 
 
 @asynccontextmanager

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ from router.catalog import Deployment
 from router.providers import ProviderError
 from router.providers.base import UpstreamRequest, classify
 from router.providers.openai import OpenAIAdapter
+from router.router import NO_KEY
 from router.transport import Upstream, events, post, time_limit
 
 SENTINEL_KEY = "sk-SENTINEL-0123456789abcdef"
@@ -483,21 +486,66 @@ async def test_a_model_without_fallbacks_failing_is_named_alone(
     assert str(caught.value).startswith("local-llama failed after 2 calls: local-vllm: 500")
 
 
-async def test_missing_key_variable_fails_that_deployment_and_names_the_variable(
-    settings: Settings, mock: MockProvider, mock_catalog: Catalog
+async def test_a_missing_key_variable_is_told_to_the_operator_and_not_to_the_job(
+    settings: Settings,
+    mock: MockProvider,
+    mock_catalog: Catalog,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # Given a router opened without the variable its keyed deployments read their key from
+    caplog.set_level(logging.WARNING, logger="router.router")
     async with open_router(mock_catalog, {}, settings) as router:
+        warned = [record.getMessage() for record in caplog.records]
+        # When jobs ask for a keyed deployment and for one that needs no key
         with pytest.raises(AllProvidersFailed) as caught:
             await router.complete(chat("gpt-4o-mini"))
-        keyless = await router.complete(chat("local-llama"))  # needs no key
+        keyless = await router.complete(chat("local-llama"))
 
-    assert "openai-main: no_api_key: QUEUEGATE_MOCK_KEY is not set" in str(caught.value)
-    assert "anthropic-main: no_api_key" in str(caught.value)
+    # Expect one warning per keyed deployment at open, naming it, the variable, what to do
+    keyed = ["openai-main", "anthropic-main", "openai-flaky"]
+    assert len(warned) == len(keyed)
+    for name, line in zip(keyed, warned, strict=True):
+        assert line.startswith(f"deployment {name} has no key: QUEUEGATE_MOCK_KEY is not set: ")
+        assert "restart the worker" in line
+    # ... and the job told only that each deployment it tried has no key
+    assert f"openai-main: no_api_key: {NO_KEY}" in str(caught.value)
+    assert f"anthropic-main: no_api_key: {NO_KEY}" in str(caught.value)
+    assert "QUEUEGATE_MOCK_KEY" not in everything_said(caught.value)
     # Nothing reached the network: no call is counted.
     assert caught.value.attempts == []
     assert "all 2 models failed after 0 calls" in str(caught.value)
     assert keyless.deployment == "local-vllm"
     assert mock.stats.calls == 1
+
+
+@pytest.mark.parametrize("written", [None, ""], ids=["missing", "empty"])
+async def test_an_unreadable_key_file_is_told_to_the_operator_and_not_to_the_job(
+    settings: Settings,
+    mock: MockProvider,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    written: str | None,
+) -> None:
+    # Given a deployment whose key file is missing or empty
+    key_file = tmp_path / "provider.key"
+    if written is not None:
+        key_file.write_text(written)
+    entry = mock_deployment("filed", "gpt-4o-mini", mock.url, api_key_file=str(key_file))
+    del entry["api_key_env"]
+    catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+    caplog.set_level(logging.WARNING, logger="router.router")
+    async with open_router(catalog, {}, settings) as router:
+        [warned] = [record.getMessage() for record in caplog.records]
+        with pytest.raises(AllProvidersFailed) as caught:
+            await router.complete(chat("m"))
+
+    # Expect the operator told which file and what to do, the job only that there is no key
+    said = f"cannot read {key_file} (" if written is None else f"{key_file} is empty: "
+    assert warned.startswith(f"deployment filed has no key: {said}")
+    assert "read again at the next call" in warned
+    assert f"filed: no_api_key: {NO_KEY}" in str(caught.value)
+    assert str(tmp_path) not in everything_said(caught.value)
+    assert mock.stats.calls == 0
 
 
 async def test_no_key_value_appears_in_any_error(settings: Settings, mock: MockProvider) -> None:

@@ -145,6 +145,11 @@ async def test_sentinel_keys_appear_nowhere_after_failing_and_succeeding_jobs(
         "redis": await _redis_values(settings),
     }
     assert "DEBUG" in seen["worker stderr"] and "now serving team alpha" in seen["worker stderr"]
+    # ... the operator told at start where the key file of one deployment is missing, and
+    # its job only that the deployment has no key
+    missing = str(tmp_path / "missing.key")
+    assert f"deployment nofile has no key: cannot read {missing}" in seen["worker stderr"]
+    assert missing not in seen["results"] and "no key is configured" in seen["results"]
     for where, text in seen.items():
         for key in (env_key, file_key):
             assert key not in text, f"a provider key leaked into {where}"
