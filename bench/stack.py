@@ -304,8 +304,9 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """Start the processes, wait until each is serving, and tear everything down after.
 
-    ``catalog`` replaces the bundled mock catalog (``QUEUEGATE_CATALOG``); ``team`` registers
-    the bench team with these limits and budget (else it is served unregistered: no limits);
+    ``catalog`` replaces the bundled mock catalog (``QUEUEGATE_CATALOG``); ``team`` gives the
+    bench team these limits and budget (else it is registered without any: a worker's
+    ``--teams`` names registered teams only);
     ``redis_url`` points the stack at another Redis; ``extra_env`` sets more ``QUEUEGATE_*``.
     """
     settings = bench_settings()
@@ -377,8 +378,8 @@ async def prepare(settings: Settings, team: TeamConfig | None) -> None:
     pool = await create_pool(settings)
     try:
         await migrate(pool, settings.database_schema)
+        await add_team(pool, TEAM)
         if team is not None:
-            await add_team(pool, TEAM)
             await set_team_config(pool, TEAM, team)
     finally:
         await pool.close()

@@ -116,13 +116,23 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def split_teams(teams: str | None) -> list[str] | None:
-    """``--teams a,b``'s names, each checked as ``teams add`` checks one."""
+    """``--teams a,b``'s names, each checked as ``teams add`` checks one; None when not given.
+
+    Given with no name (``--teams "$TEAMS"`` of a variable left unset) is a usage error, not
+    every team: a worker so started served them all."""
     from queuegate.errors import ConfigError
     from queuegate.registry import check_team_name
 
-    names = [t.strip() for t in teams.split(",") if t.strip()] if teams else None
+    if teams is None:
+        return None
+    names = [t.strip() for t in teams.split(",") if t.strip()]
+    if not names:
+        raise typer.BadParameter(
+            "--teams names no team: give one or more, e.g. --teams research,search, or leave "
+            "it out for every team"
+        )
     try:
-        return None if names is None else [check_team_name(name) for name in names]
+        return [check_team_name(name) for name in names]
     except ConfigError as exc:
         raise typer.BadParameter(f"--teams: {exc}") from None
 

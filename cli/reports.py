@@ -154,12 +154,15 @@ def status(
             accounted=found.accounted,
             disabled=[team for team in found.disabled if wanted is None or team in wanted],
         )
-        # A team named that has no queue may be a mistyped name: said as every report says
-        # it, not shown as an idle team's row (a team workers serve has one: they declare it).
-        named = set(wanted or ())
-        await registry.check_known(
-            [t.team for t in current.teams if t.team in named and t.queue_depth is None]
-        )
+        # A team named that the registry does not list may be a mistyped name: said as every
+        # report says it, not shown as an idle team's row, whether or not it has queues (a
+        # worker of an earlier version declared those of any name it was given). Not looked
+        # up while the registry cannot be read: each look would wait out the outage again.
+        named, known = set(wanted or ()), {*(found.teams or ()), *found.disabled}
+        if found.unread is None:
+            await registry.check_known(
+                [t.team for t in current.teams if t.team in named and t.team not in known]
+            )
         return current
 
     async def once() -> Status:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -45,6 +46,9 @@ def worker(
     """
     settings = make_settings(prefetch=concurrency, catalog=catalog)
     configure_logging(log_level, form=settings.log_format)
+    named = split_teams(teams)
+    if named is not None:
+        run(partial(_registered, settings, named))
     if processes > 1:
         # Never returns: the process exits once its processes stopped.
         _supervise(settings, processes, teams, catalog, log_level)
@@ -64,13 +68,40 @@ def worker(
     async def serve() -> None:
         stop = stop_on_signals()
         async with open_router(cat, os.environ, settings) as router:
-            serving = Worker(settings, router, teams=split_teams(teams))
+            serving = Worker(settings, router, teams=named)
             async with MetricsServer(
                 settings.metrics_host, settings.metrics_port_of("worker"), serving.is_ready
             ):
                 await serving.run(stop)
 
     run(serve)
+
+
+async def _registered(settings: Settings, teams: list[str]) -> None:
+    """ConfigError naming those of ``teams`` the registry lacks. Without it a name mistyped
+    was served all the same: its queues declared, left behind, and shown by ``status`` as an
+    idle team. Refused, not waited for: a pool started before its team is added says so at
+    once, and serves it when started again after ``teams add``."""
+    from queuegate.db import wait_for_pool
+    from queuegate.errors import ConfigError
+    from queuegate.registry import team_exists
+
+    # Waiting out an outage at start, as the worker does for the same registry.
+    pool = await wait_for_pool(settings, max_size=1)
+    try:
+        missing = [team for team in teams if not await team_exists(pool, team)]
+    finally:
+        await pool.close()
+    if len(missing) == 1:
+        [team] = missing
+        raise ConfigError(
+            f"no team named {team}: add it with queuegate teams add {team}, then start the worker"
+        )
+    if missing:
+        raise ConfigError(
+            f"no teams named {', '.join(missing)}: add each with queuegate teams add NAME, then "
+            "start the worker"
+        )
 
 
 def _supervise(

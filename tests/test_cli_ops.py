@@ -15,11 +15,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import pytest
 
 from accounting import migrate
 from admin.keys import issue_admin_key
 from admin.teams import add, quota_policy
 from cli.reports import STALE_EXIT
+from queuegate.broker import connect
 from queuegate.db import create_pool
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
@@ -29,9 +31,11 @@ from queuegate.reporting import table
 from queuegate.runtime import configure_logging
 from queuegate.settings import Settings
 from queuegate.status import NO_WORKER
+from queuegate.topology import Topology
 from tests.dashboard_browser import signed_in
 from tests.frontdoor_support import open_door
 from tests.proxy import TcpProxy
+from tests.support import exists
 from tests.support import queuegate_cli as _cli
 
 HUGE = "1" + "0" * 400
@@ -302,6 +306,50 @@ async def test_status_of_a_team_that_does_not_exist_says_so_in_one_line(
     code, out, stderr = await _cli(settings, "status", "--teams", "alpha")
     assert (code, stderr.strip()) == (STALE_EXIT, f"stale: {NO_WORKER}")
     assert any(line.startswith("alpha ") for line in out.splitlines()), out
+
+
+async def test_status_of_a_name_with_queues_but_no_registry_row_says_no_team(
+    settings: Settings,
+) -> None:
+    # Given gamma's queues, left by a worker that once served it by name, and no row for it
+    await add(settings, "alpha", identity="queue")
+    connection = await connect(settings.amqp_url, name="test-leftover")
+    async with connection:
+        await Topology.of(settings).declare_team_queue(await connection.channel(), "gamma")
+    # When status is asked for it
+    code, out, stderr = await _cli(settings, "status", "--teams", "gamma")
+    # Expect the line every report says of an unknown team, not an idle enabled team's row
+    assert (code, out) == (1, ""), out + stderr
+    assert _one_error_line(stderr) == (
+        "error: no team named gamma: list them with queuegate teams list"
+    )
+
+
+async def test_a_worker_named_a_team_not_registered_refuses_to_start(settings: Settings) -> None:
+    # Given alpha registered, and gamma not
+    await add(settings, "alpha", identity="queue")
+    # When a worker is started for both, any free metrics port (others share the host)
+    code, out, stderr = await _cli(
+        settings, "worker", "--teams", "gamma,alpha", QUEUEGATE_METRICS_PORT="0"
+    )
+    # Expect it refused in one line saying which and what to do, nothing of gamma's declared
+    assert (code, out) == (1, ""), out + stderr
+    assert _one_error_line(stderr) == (
+        "error: no team named gamma: add it with queuegate teams add gamma, then start the worker"
+    )
+    assert not await exists(settings, Topology.of(settings).team_queue("gamma"))
+
+
+@pytest.mark.parametrize("teams", [",", "", " , "])
+async def test_a_worker_given_an_empty_team_list_refuses_to_start(
+    settings: Settings, teams: str
+) -> None:
+    # When a worker is started with --teams of no name (a shell variable left unset)
+    code, out, stderr = await _cli(settings, "worker", "--teams", teams, QUEUEGATE_METRICS_PORT="0")
+    # Expect a usage error in one line, not a worker serving every team
+    assert (code, out) == (2, ""), out + stderr
+    line = _one_error_line(stderr)
+    assert "--teams names no team" in line and line.endswith(" -m cli worker --help"), line
 
 
 async def test_submit_refuses_max_tokens_0_before_publishing(settings: Settings) -> None:

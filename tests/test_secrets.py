@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from accounting import Accountant
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
-from queuegate.broker import connect
 from queuegate.db import create_pool, quote_ident
 from queuegate.settings import Settings
 from queuegate.topology import Topology
+from tests.chaos.harness import declare_teams
 
 CATALOG = """
 models:
@@ -82,11 +82,7 @@ async def test_sentinel_keys_appear_nowhere_after_failing_and_succeeding_jobs(
         catalog.write_text(
             CATALOG.format(url=mock.url, key_file=key_file, missing=tmp_path / "missing.key")
         )
-        connection = await connect(settings.amqp_url, name="test")
-        async with connection:
-            await Topology(settings.namespace).declare_team_queue(
-                await connection.channel(), "alpha"
-            )
+        await declare_teams(settings, ("alpha",))
         async with Accountant(settings) as accountant:
             stop = asyncio.Event()
             accounting = asyncio.create_task(accountant.run(stop))

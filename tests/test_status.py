@@ -56,6 +56,7 @@ async def test_status_json_reports_queue_depth_and_in_flight_of_a_run(settings: 
     settings = settings.model_copy(
         update={"prefetch": PREFETCH, "stats_interval": 0.1, "shutdown_grace": 0.2}
     )
+    await register(settings, "alpha", TeamConfig())  # status names registered teams only
     # Slower than anything the test waits for (a CLI start on a loaded machine included), so
     # the 3 jobs are still in flight when the CLI reads: the worker's grace ends them.
     slow = MockConfig(default=Behavior(latency_ms=120_000))

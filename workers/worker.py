@@ -355,8 +355,9 @@ class Worker:
         wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
             return
-        # A team named with --teams is served without a registry row (a ``queue`` team of a
-        # development setup), but not once an operator disabled it.
+        # A team named is served without a registry row (the demo's, before it registers
+        # them; ``queuegate worker --teams`` refuses a name the registry lacks), but not once
+        # an operator disabled it.
         wanted = [team for team in wanted if team not in self._disabled]
         if self._retrying - set(wanted):
             # A team tried again is no longer to be served: its consumer, if the retry makes

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import asyncpg
 
+from accounting import migrate
 from mockprovider import MockProvider
 from producer import GatewayClient, JobHandle
 from queuegate.broker import connect
+from queuegate.db import create_pool
 from queuegate.messages import ChatJob, ChatResult
+from queuegate.registry import add_team
 from queuegate.settings import Settings
 from queuegate.topology import Topology
 
@@ -59,6 +62,15 @@ class Figures:
 
 
 async def declare_teams(settings: Settings, teams: Sequence[str] = TEAMS) -> None:
+    """``teams`` registered (``queuegate worker --teams`` serves no other) and their queues
+    declared."""
+    pool = await create_pool(settings)
+    try:
+        await migrate(pool, settings.database_schema)
+        for team in teams:
+            await add_team(pool, team)
+    finally:
+        await pool.close()
     connection = await connect(settings.amqp_url, name="chaos-declare")
     async with connection:
         channel = await connection.channel()
