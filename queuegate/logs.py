@@ -38,10 +38,12 @@ def for_job(job_id: str, team: str) -> None:
 
 
 class TextFormatter(logging.Formatter):
-    """Human lines, one per record (a traceback after it is ours, and keeps its lines)."""
+    """Human lines, one per record: a traceback or stack after the message is on its line, its
+    line breaks escaped as a message's are (as the JSON form's ``exception`` holds it), so a
+    reader that takes a line for a record (a log shipper, ``grep``) gets the whole of it."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).translate(_BREAKS)
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(_BREAKS)
 
 
 class JsonFormatter(logging.Formatter):

@@ -41,6 +41,41 @@ def test_a_message_holding_line_breaks_is_one_line(
         )
 
 
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_record_with_a_traceback_is_one_line(
+    form: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given logging configured as a process configures it
+    configure_logging("INFO", form=form)  # type: ignore[arg-type]
+    try:
+        # When a failure is logged with its traceback, and a line with the stack it came from
+        try:
+            raise ValueError(f"bad value {FORGED}")
+        except ValueError:
+            logging.getLogger("workers.processor").exception("job %s failed", "j-1")
+        logging.getLogger("workers.processor").warning("here", stack_info=True)
+        err = capsys.readouterr().err
+    finally:
+        configure_logging("WARNING")
+
+    # Expect a line each, by any reader's idea of a line, holding the traceback and the stack
+    lines = err.splitlines()
+    assert len(lines) == 2, lines
+    if form == "json":
+        failed, here = (json.loads(line) for line in lines)
+        assert failed["exception"].endswith(f"ValueError: bad value {FORGED}")
+        assert "test_logs.py" in here["stack"]
+    else:
+        assert (
+            "workers.processor: job j-1 failed\\nTraceback (most recent call last):\\n" in lines[0]
+        )
+        assert lines[0].endswith(
+            "ValueError: bad value refused\\n2026-12-03 19:00:00,000 ERROR "
+            "workers.processor: FORGED\\r\\u2028\\u2029\\x85end"
+        )
+        assert "workers.processor: here\\nStack (most recent call last):\\n" in lines[1]
+
+
 async def test_an_outage_line_names_the_cause_without_the_clients_repr(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
