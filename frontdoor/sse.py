@@ -1,7 +1,7 @@
 """A streamed job as server-sent events: ``sse_events`` drives any API's ``StreamWriter``;
 ``ChunkWriter`` writes OpenAI's, which the ``openai`` SDK reads::
 
-    data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", ...}}]}
+    data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant"}}]}
     data: {... one chunk per delta the worker relays, as it relays it ...}
     data: {... "choices": [{"delta": {}, "finish_reason": "stop"}]}
     data: {... "choices": [], "usage": {...}}          (with stream_options.include_usage)
@@ -27,7 +27,7 @@ from queuegate.api_errors import openai_error
 from queuegate.errors import ResultTimeout
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.provider_formats import CHUNK_FIELDS, STOP_SEQUENCE, as_int, openai_id
-from queuegate.stored_stream import choice_deltas
+from queuegate.stored_stream import ANSWER, choice_deltas
 
 DONE = b"data: [DONE]\n\n"
 ARRIVED = b":\n\n"
@@ -76,7 +76,7 @@ class ServedModel:
 
 class ChunkWriter:
     """The ``chat.completion.chunk`` events of one job: each choice's deltas under its own
-    ``index`` (the first of each with the role), with its logprobs, and the provider's
+    ``index`` (each opened by a chunk of its role alone), with its logprobs, and the provider's
     ``system_fingerprint`` and ``service_tier`` on every chunk once it sent them."""
 
     def __init__(self, job_id: str, model: str, *, include_usage: bool) -> None:
@@ -109,14 +109,19 @@ class ChunkWriter:
         # else (a block's start or stop, a cached answer's) is no chunk at all.
         if not chunk.delta and chunk.logprobs is None:
             return b""
-        delta = dict(chunk.delta)
+        opening = b""
         if chunk.index not in self._opened:
-            delta = {"role": "assistant", **delta}
+            # Each choice opens with its role alone, as OpenAI's does (its answer's text empty,
+            # so a tool call's content stays null), and no logprobs: the openai SDK's stream
+            # helper counts those of a choice's first chunk twice unless it is the stream's
+            # first chunk (so every choice's but one, with n > 1).
+            role = {"role": "assistant"} | {field: "" for field in ANSWER if field in chunk.delta}
+            opening = self._chunk([{"index": chunk.index, "delta": role, "finish_reason": None}])
             self._opened.add(chunk.index)
-        choice = {"index": chunk.index, "delta": delta, "finish_reason": None}
+        choice = {"index": chunk.index, "delta": chunk.delta, "finish_reason": None}
         if chunk.logprobs is not None:
             choice["logprobs"] = chunk.logprobs
-        return self._chunk([choice])
+        return opening + self._chunk([choice])
 
     def _note(self, fields: dict[str, Any]) -> None:
         self._sent |= {k: v for k, v in fields.items() if k in CHUNK_FIELDS and v is not None}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import openai
@@ -117,6 +118,33 @@ async def test_a_sync_stream_ends_with_done_and_no_usage_unless_asked(door: Door
 
     chunks = await asyncio.to_thread(call)
     assert chunks and all(getattr(c, "usage", None) is None for c in chunks)
+
+
+async def test_each_choice_of_a_stream_keeps_the_providers_logprobs_in_the_sdks_helper(
+    door: Door,
+) -> None:
+    # Given two choices streamed with logprobs, read by the SDK's stream helper, which counts
+    # the logprobs of a choice's first chunk twice unless it is the stream's first chunk
+    request: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Hi there friend"}],
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    provider = openai.AsyncOpenAI(
+        base_url=f"{door.gateway.mock.url}/v1", api_key="sk-test-mock", max_retries=0
+    )
+    # When the same request is streamed through the gateway and straight from the provider
+    async with door.client() as client, client.chat.completions.stream(**request) as stream:
+        relayed = await stream.get_final_completion()
+    async with provider, provider.chat.completions.stream(**request) as stream:
+        direct = await stream.get_final_completion()
+    # Expect each choice its text and the provider's logprobs, once each
+    assert len(direct.choices) == len(relayed.choices) == 2
+    for ours, theirs in zip(relayed.choices, direct.choices, strict=True):
+        assert ours.message.content == theirs.message.content
+        assert ours.logprobs == theirs.logprobs and theirs.logprobs is not None
 
 
 async def test_models_lists_the_catalogs_aliases(door: Door) -> None:
