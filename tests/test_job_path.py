@@ -20,8 +20,10 @@ from queuegate.registry import ModelLimits, TeamConfig
 from queuegate.settings import Settings
 from queuegate.topology import HEADER_DEAD_REASON
 from tests import openai_message_cases, openai_param_cases
-from tests.support import running_accountant, running_gateway
+from tests.support import depth, running_accountant, running_gateway
 from tests.teams import register
+from workers.gate import Gate
+from workers.reply_queues import ReplyQueues
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 REFUSED = [(HELLO, params, param) for params, param in openai_param_cases.REFUSED] + [
@@ -272,6 +274,69 @@ async def test_bad_messages_are_answered_dead_lettered_and_the_worker_keeps_goin
             # ... and the worker still serves good jobs
             result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
             assert result.status == "ok"
+
+
+@pytest.mark.parametrize(
+    ("owner", "step"),
+    [
+        (Gate, "admit"),  # the gate's checks of its publisher
+        (ReplyQueues, "exists"),  # whether its reply queue exists
+    ],
+)
+async def test_a_job_the_worker_fails_on_before_its_claim_is_answered_once_not_returned(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    owner: type,
+    step: str,
+) -> None:
+    # Given a worker whose own code fails on one job, before the job's claim is taken
+    settings = settings.model_copy(update={"delivery_limit": 2})
+    original = getattr(owner, step)
+    queues: list[str] = []  # the reply queue only that job is answered at, once opened
+    tries = 0
+
+    def of_the_job(arg: object) -> bool:
+        return getattr(arg, "job_id", None) == "broken" or arg in queues
+
+    async def failing(self: object, *args: object) -> object:
+        nonlocal tries
+        if any(map(of_the_job, args)):
+            tries += 1
+            raise RuntimeError("a bug in the worker")
+        return await original(self, *args)
+
+    monkeypatch.setattr(owner, step, failing)
+    async with running_gateway(settings) as gw:
+        async with gw.client("alpha") as client, gw.client("alpha") as broken_client:
+            queues.append(broken_client.reply_to)
+            # When it is published
+            job = broken_client.job("gpt-4o-mini", HELLO, job_id="broken")
+            handle = await broken_client.submit(job)
+
+            # Expect it answered provider_error naming the exception, uncalled
+            result = await handle.result(timeout=10)
+            assert result.status == "error" and result.error is not None
+            assert result.error.code == "provider_error"
+            assert "RuntimeError" in result.error.message
+            # ... and the next job served
+            served = await client.chat("gpt-4o-mini", HELLO, timeout=10)
+            assert served.status == "ok" and gw.mock.stats.calls == 1
+            # ... accounted once, as a refusal is (on a row of its own, not the job id's)
+            rows = await gw.usage_rows(2)
+            assert len(rows) == 2
+            [row] = [r for r in rows if r["job_id"].startswith("broken/")]
+            assert row["job_id"].startswith("broken/refused/")
+            assert row["error_code"] == "provider_error" and row["cost_usd"] == 0
+            assert broken_client.duplicates == 0
+        # ... acknowledged: never delivered again, nor back in its queue once the worker stops
+        await gw.stop_worker()
+        assert tries == 1
+        assert await depth(settings, gw.topology.team_queue("alpha")) == 0
+        # ... and logged once, in full
+        failures = [r for r in caplog.records if "failed in the worker" in r.getMessage()]
+        assert len(failures) == 1 and failures[0].exc_info is not None
+        assert "answering it with an error" in failures[0].getMessage()
 
 
 UNSERVABLE: dict[str, tuple[dict[str, object], str]] = {

@@ -261,16 +261,20 @@ class JobProcessor:
     ) -> Announcement:
         ids = tracing.ids() if tracing.ON else None
         timing = Timing(queued_ms, self._worker, *ids) if ids else Timing(queued_ms, self._worker)
-        # Results and streamed deltas go only to a reply queue the team may use.
-        reply_to = await self._gate.reply_to(message, team)
+        # Until its claim is taken, a job the worker fails on is answered as a refused one is
+        # (no call made), with that failure (``_error_of``).
+        reply_to: str | None = None  # nowhere, when where it may go could not be told
         try:
+            # Results and streamed deltas go only to a reply queue the team may use.
+            reply_to = await self._gate.reply_to(message, team)
             job = self._decode(message)
-        except JobError as exc:
+        except Exception as exc:
             job_id = message.correlation_id or message.message_id or "unknown"
+            error = _error_of(exc, job_id)
             outcome = self._gate.claimed(
-                message, refused(job_id, team, "", exc, timing, message=message)
+                message, refused(job_id, team, "", error, timing, message=message)
             )
-            return self._refused(job_id, outcome, reply_to, exc)
+            return self._refused(job_id, outcome, reply_to, error)
         try:
             if job.team != team:
                 raise Unauthorized(
@@ -282,18 +286,20 @@ class JobProcessor:
             # Before its claim, which reserves its budget under the team's config.
             if not self._admission.current():
                 await self._admission.until_current(_monotonic_deadline(job.deadline))
-        except JobError as exc:
+        except Exception as exc:
+            error = _error_of(exc, job.job_id)
             outcome = self._gate.claimed(
-                message, refused(job.job_id, team, job.model, exc, timing, message=message)
+                message, refused(job.job_id, team, job.model, error, timing, message=message)
             )
-            return self._refused(job.job_id, outcome, reply_to, exc)
-        # Refused only once the claim is read (no call made): a lapsed owner's call must be
-        # accounted on the job's row, however the job ends.
-        unreceivable = await self._unreceivable(message, reply_to)
-        if _channel_gone(message):
-            # The broker delivers it again: claimed here, its redelivery would wait on it.
-            raise ChannelInvalidStateError(f"job {job.job_id}'s channel is closed")
+            return self._refused(job.job_id, outcome, reply_to, error)
+        unreceivable: InvalidRequest | None = None
         try:
+            # Refused only once the claim is read (no call made): a lapsed owner's call must be
+            # accounted on the job's row, however the job ends.
+            unreceivable = await self._unreceivable(message, reply_to)
+            if _channel_gone(message):
+                # The broker delivers it again: claimed here, its redelivery would wait on it.
+                raise ChannelInvalidStateError(f"job {job.job_id}'s channel is closed")
             straight = self._straight(message, job, admitted, unreceivable)
             # None too for a model the catalog lacks (its estimate walks the chain): refused in
             # its turn, before admission.
@@ -305,10 +311,11 @@ class JobProcessor:
                 first=self._first_call(job, ahead) if straight else None,
                 reply_to=reply_to,
             )
-        except JobError as exc:  # a different request under the id, or answered before
+        except Exception as exc:  # a different request under the id, answered before, a fault
+            error = _error_of(exc, job.job_id)
             # One answered before is refused as that wherever its reply queue is: its own row
             # counts it, and a row for an unreceivable refusal would count it again.
-            why = exc if unreceivable is None or exc.code in UNACCOUNTED else unreceivable
+            why = error if unreceivable is None or error.code in UNACCOUNTED else unreceivable
             outcome = await admitted.stamp(
                 refused(job.job_id, team, job.model, why, timing, message=message)
             )
@@ -383,13 +390,7 @@ class JobProcessor:
             if isinstance(exc, TRANSIENT):
                 await claim.abandon()
                 raise
-            # Not a service coming and going: the next delivery would fail the same way, and
-            # the job would loop to the delivery limit without an answer. It ends here.
-            log.exception("job %s failed in the worker; answering it with an error", job.job_id)
-            error = WorkerFault(
-                f"the gateway failed on this job ({type(exc).__name__}); "
-                "its operators have the details in the worker's log",
-            )
+            error = _error_of(exc, job.job_id)
             marks = admitted.marks(claim.fingerprint)
             outcome = failed(job.job_id, job.team, job.model, error, timing, marks=marks)
         except BaseException:
@@ -559,6 +560,8 @@ class JobProcessor:
     def _refused(
         self, job_id: str, outcome: Outcome, reply_to: str | None, error: JobError
     ) -> Announcement:
+        if isinstance(error, WorkerFault):
+            return self._finished(outcome, reply_to, error)  # logged in full (``_error_of``)
         # Said in the log too: a refusal is a team's app misbehaving, or someone forging.
         log.warning(
             "job %r for team %s refused (%s, published by %s): %s",
@@ -871,6 +874,25 @@ class JobProcessor:
 MAX_QUEUED_MS = 7 * 24 * 3600 * 1000
 """The longest wait in a queue a job's send time is believed for: a week, as long as its
 result is kept by default (``QUEUEGATE_RESULT_TTL``)."""
+
+
+def _error_of(exc: Exception, job_id: str) -> JobError:
+    """What a job whose delivery raised ``exc`` is answered with: ``exc`` itself when it is
+    the job's error, else a ``WorkerFault`` naming it, logged here in full: not a service
+    coming and going (``TRANSIENT``), so the next delivery would fail the same way, and the
+    job would loop to the delivery limit without an answer. It ends here.
+
+    Raises ``exc`` again when the job is not to be answered now: a service lost (it comes
+    back to its queue), ``Busy`` (another delivery holds it), ``Poison`` (dead-lettered)."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, (*TRANSIENT, Busy, Poison)):
+        raise exc
+    log.error("job %s failed in the worker; answering it with an error", job_id, exc_info=exc)
+    return WorkerFault(
+        f"the gateway failed on this job ({type(exc).__name__}); "
+        "its operators have the details in the worker's log",
+    )
 
 
 def _channel_gone(message: AbstractIncomingMessage) -> bool:
