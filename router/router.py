@@ -56,7 +56,7 @@ from router.providers import (
     UpstreamRequest,
 )
 from router.providers.anthropic import native_usage
-from router.providers.base import UNSENT, Usage, estimate_tokens, openai_usage
+from router.providers.base import UNSENT, Usage, estimate_tokens, openai_usage, within
 from router.selection import Slots
 
 log = logging.getLogger(__name__)
@@ -672,7 +672,7 @@ class Router:
                 raise StreamInterrupted(
                     run.summary("the stream broke after it had started"),
                     run.attempts,
-                    billed=self._billed(run, alias, deployment, parser),
+                    billed=self._billed(run, alias, call, parser),
                 ) from err
             if cut:  # however early the loop's timer fired, the job's time is up
                 head = f"deadline passed after calling {deployment.name}"
@@ -680,7 +680,7 @@ class Router:
             raise
         await self.health.success(deployment, probe=call.probe)
         run.attempts.append(_attempt_of(alias, deployment, started, 200, None))
-        response, usage = _counted(run.job, completion)
+        response, usage = _counted(run.job, completion, call.request.output_limit)
         return Routed(
             response=response,
             model_used=alias,
@@ -705,11 +705,11 @@ class Router:
         if run.gate is not None:
             await run.gate.enter(deployment)
 
-    def _billed(
-        self, run: _Job, alias: str, deployment: Deployment, parser: StreamParser
-    ) -> Billed:
-        """What the provider generated before the stream broke, which it bills."""
-        usage = parser.received(_prompt_chars(run.job))
+    def _billed(self, run: _Job, alias: str, call: _Call, parser: StreamParser) -> Billed:
+        """What the provider generated before the stream broke, which it bills: its output
+        within what the request allowed, as an answer's (``_counted``)."""
+        deployment = call.deployment
+        usage = within(parser.received(_prompt_chars(run.job)), call.request.output_limit)
         return Billed(
             model_used=alias,
             deployment=deployment.name,
@@ -896,37 +896,46 @@ def _answer(read: Callable[[], Completion], status: int) -> Completion:
     return completion
 
 
-def _counted(job: ChatJob, completion: Completion) -> tuple[dict[str, Any], Usage]:
+def _counted(
+    job: ChatJob, completion: Completion, output_limit: int | None
+) -> tuple[dict[str, Any], Usage]:
     """The answer and the usage it is billed by: the provider's counts, or, when it sent none
     to bill by (``Completion.usage``), the prompt's and the answer's text counted as a broken
-    stream's is, the answer's usage then that count. Before, such an answer was free.
+    stream's is, the answer's usage then that count. Before, such an answer was free. Either
+    way its output is billed within the request's ``output_limit`` (``within``): before, a
+    provider claiming 10^7 output tokens for a job of ``max_tokens`` 50 was believed.
 
     The answer's usage (and an Anthropic answer's own) says the counts billed, which its
     usage row holds, over the provider's other fields: before, a count clamped or no count,
     a total that was no sum, or a stream's output estimated, said otherwise."""
-    response, usage = completion.response, completion.usage
+    response, counted = completion.response, completion.usage
     native = response.get(ANTHROPIC_BODY)
-    if usage is not None:
+    usage = within(counted if counted is not None else _by_text(job, response), output_limit)
+    if counted is not None:
         response = response | {"usage": openai_usage(usage, response.get("usage"))}
         said = native.get("usage") if isinstance(native, dict) else None
         if isinstance(native, dict) and isinstance(said, dict):
             response[ANTHROPIC_BODY] = native | {"usage": native_usage(said, usage)}
         return response, usage
-    prompt = estimate_tokens(_prompt_chars(job))
-    # A prompt marked for a cache counted as written to it, as the estimate reserved it: a
-    # provider that wrote it may have said so in a count that is no count.
-    ttl = prompt_cache_ttl(job)
-    usage = Usage(
-        prompt,
-        estimate_tokens(_answer_chars(completion.response)),
-        cache_write_tokens=prompt if ttl else 0,
-        cache_write_1h_tokens=prompt if ttl == "1h" else 0,
-        estimated=True,
-    )
     response = response | {"usage": openai_usage(usage)}
     if isinstance(native, dict):  # its usage would be the Messages API answer's
         response[ANTHROPIC_BODY] = {k: v for k, v in native.items() if k != "usage"}
     return response, usage
+
+
+def _by_text(job: ChatJob, response: dict[str, Any]) -> Usage:
+    """The usage of an answer with no counts to bill by: its prompt's and its text's."""
+    prompt = estimate_tokens(_prompt_chars(job))
+    # A prompt marked for a cache counted as written to it, as the estimate reserved it: a
+    # provider that wrote it may have said so in a count that is no count.
+    ttl = prompt_cache_ttl(job)
+    return Usage(
+        prompt,
+        estimate_tokens(_answer_chars(response)),
+        cache_write_tokens=prompt if ttl else 0,
+        cache_write_1h_tokens=prompt if ttl == "1h" else 0,
+        estimated=True,
+    )
 
 
 def _answer_chars(response: dict[str, Any]) -> int:

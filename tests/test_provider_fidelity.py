@@ -772,6 +772,124 @@ async def test_a_job_answered_with_negative_counts_is_billed_once_by_its_text(
         assert gw.mock.stats.calls == 1
 
 
+CLAIMED = 10_000_000
+"""Output tokens a lying provider claims for a job of ``max_tokens`` 50: $20 or more."""
+DEPLOYED = {"gpt-4o-mini": "gpt-4o-mini", "claude-haiku": "claude-3-5-haiku-latest"}
+PRICES = {"gpt-4o-mini": ("0.15", "0.60"), "claude-haiku": ("0.80", "4.00")}
+
+
+def _usage_of(alias: str, prompt: int, output: int) -> dict[str, Any]:
+    if alias == "gpt-4o-mini":
+        return {"prompt_tokens": prompt, "completion_tokens": output}
+    return {"input_tokens": prompt, "output_tokens": output}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("alias", list(DEPLOYED))
+async def test_an_output_count_past_the_jobs_max_tokens_is_billed_at_it(
+    settings: Settings, alias: str, stream: bool
+) -> None:
+    # Given a provider claiming 10^7 output tokens for a job of max_tokens 50 (before: billed
+    # as sent, $20 on a $1 budget, where admission had reserved $0.000118)
+    faults = MockConfig(models={DEPLOYED[alias]: Behavior(usage=_usage_of(alias, 15, CLAIMED))})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        messages = [{"role": "user", "content": "Tell me a story"}]
+        job = client.job(alias, messages, fallbacks=[], stream=stream, max_tokens=50)
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then its output is billed at the 50 the provider cannot have passed, marked estimated
+    assert result.status == "ok" and result.response is not None
+    assert (row["input_tokens"], row["output_tokens"]) == (15, 50)
+    assert row["tokens_estimated"] is True and result.gateway.tokens_estimated is True
+    per, (input_price, output_price) = Decimal(1_000_000), PRICES[alias]
+    priced = (15 * Decimal(input_price) + 50 * Decimal(output_price)) / per
+    assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == priced
+    # ... and its answer says the counts billed, as its row holds them
+    usage = result.response["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        15,
+        50,
+        65,
+    )
+    if alias == "claude-haiku":
+        native = anthropic_message(result.response, "msg_1")["usage"]
+        assert (native["input_tokens"], native["output_tokens"]) == (15, 50)
+
+
+@pytest.mark.parametrize(("alias", "n"), [("gpt-4o-mini", 2), ("claude-haiku", 1)])
+async def test_an_output_count_at_the_jobs_max_tokens_is_believed(
+    settings: Settings, alias: str, n: int
+) -> None:
+    # Given a provider answering a job of max_tokens 50 with all of it, for each choice
+    bound = 50 * n
+    faults = MockConfig(models={DEPLOYED[alias]: Behavior(usage=_usage_of(alias, 15, bound))})
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        messages = [{"role": "user", "content": "Tell me a story"}]
+        job = client.job(alias, messages, fallbacks=[], max_tokens=50, n=n)
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then its counts are believed as sent
+    assert result.status == "ok" and result.response is not None
+    assert (row["input_tokens"], row["output_tokens"]) == (15, bound)
+    assert not row["tokens_estimated"] and not result.gateway.tokens_estimated
+    assert result.response["usage"]["completion_tokens"] == bound
+
+
+async def test_an_anthropic_output_count_is_believed_up_to_the_max_tokens_sent_for_a_job(
+    settings: Settings,
+) -> None:
+    # Given a job that sets no max_tokens, sent to Anthropic with the adapter's, and a
+    # provider claiming 10^9 input and 10^9 output tokens (before: $3000 and more)
+    usage = {"input_tokens": 15, "output_tokens": 10**9}
+    faults = MockConfig(models={"claude-model": Behavior(usage=usage)})
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        routed = await router.complete(chat("claude"))
+
+    # Then its output is billed at the max_tokens the request carried
+    assert routed.estimated
+    assert (routed.input_tokens, routed.output_tokens) == (15, DEFAULT_MAX_TOKENS)
+    assert routed.cost_usd == (15 * Decimal(3) + DEFAULT_MAX_TOKENS * Decimal(15)) / 10**6
+
+
+async def test_a_stream_cut_after_its_output_count_is_billed_within_max_tokens(
+    settings: Settings,
+) -> None:
+    # Given an Anthropic stream whose message_delta claims 10^7 output tokens, then cut
+    # before its message_stop (before: its claim billed as sent)
+    prompt = "Tell me a story"
+    texts: list[str] = []
+
+    async def sink(piece: Piece, model: str, alias: str) -> None:
+        if piece.delta.get("content"):
+            texts.append(piece.delta["content"])
+
+    async with MockProvider() as mock, open_router(catalog(mock.url), ENV, settings) as router:
+        await router.complete(
+            chat("claude", prompt, stream=True, params={"max_tokens": 50}), on_delta=sink
+        )
+    # message_start, its block's start, a ping, its deltas, its stop, then message_delta
+    cut = 3 + len(texts) + 2
+    usage = {"input_tokens": 15, "output_tokens": CLAIMED}
+    faults = MockConfig(models={"claude-model": Behavior(usage=usage, stream_cut_after=cut)})
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        with pytest.raises(StreamInterrupted) as caught:
+            job = chat("claude", prompt, stream=True, params={"max_tokens": 50})
+            await router.complete(job, on_delta=sink)
+
+    # Then it is billed at its max_tokens, marked estimated
+    billed = caught.value.billed
+    assert billed is not None and billed.estimated
+    assert (billed.input_tokens, billed.output_tokens) == (15, 50)
+
+
 async def test_a_broken_stream_is_accounted_on_the_usage_row_and_the_budget(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:

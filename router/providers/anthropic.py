@@ -127,7 +127,8 @@ class AnthropicAdapter:
         headers = {"anthropic-version": API_VERSION}
         if api_key:
             headers["x-api-key"] = api_key
-        return request(PATH, body, headers, fidelity)
+        # Always set (the Messages API requires it), thinking included; one choice.
+        return request(PATH, body, headers, fidelity, body["max_tokens"])
 
     def parse_response(self, body: Any, model: str) -> Completion:
         if not isinstance(body, dict) or not isinstance(body.get("content"), list):

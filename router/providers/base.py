@@ -18,7 +18,7 @@ import html
 import json
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from queuegate.errors import GatewayError
@@ -184,7 +184,8 @@ class Usage:
     reasoning_tokens: int = 0
     estimated: bool = False
     """Counted by the gateway from the text (characters / 4), because the provider sent no
-    counts to bill by: a stream that broke before its end, or an answer without them."""
+    counts to bill by: a stream that broke before its end, or an answer without them; or its
+    output billed at the request's limit, the count sent being past it (``within``)."""
 
 
 def openai_usage(usage: Usage, sent: Any = None) -> dict[str, Any]:
@@ -220,6 +221,23 @@ def billed_counts(given: Any, **counts: int) -> dict[str, Any]:
     return kept | {name: count for name, count in counts.items() if count or name in kept}
 
 
+def within(usage: Usage, output_limit: int | None) -> Usage:
+    """``usage`` with an output count past ``output_limit`` (``UpstreamRequest``) not
+    believed: billed at that limit, ``estimated``. The provider cannot have generated more,
+    so the limit never bills less than it did, and a job that set the limit no more than
+    admission reserved for it (its estimate is that limit). Billed by its text instead, OpenAI's reasoning
+    (never sent) would be free, and a text as long as the claim billed as much. Believed,
+    10^7 tokens claimed for a job of ``max_tokens`` 50 cost $20 on a $1 budget."""
+    if output_limit is None or usage.output_tokens <= output_limit:
+        return usage
+    return replace(
+        usage,
+        output_tokens=output_limit,
+        reasoning_tokens=min(usage.reasoning_tokens, output_limit),
+        estimated=True,
+    )
+
+
 def estimate_tokens(chars: int) -> int:
     """Tokens of ``chars`` characters of text when no one counted them: characters / 4,
     rounded up (OpenAI's rule of thumb for English, the admission estimate's too)."""
@@ -248,6 +266,10 @@ class UpstreamRequest:
     """Parameters of the job the provider cannot take, left out (the job allowed it)."""
     changed: tuple[str, ...] = ()
     """Parameters of the job sent with another value than asked (the job allowed it)."""
+    output_limit: int | None = None
+    """The most output tokens the provider generates for it, its choices together (reasoning
+    included): its ``max_tokens`` (or ``max_completion_tokens``) times its ``n``; None when
+    it sets none. No answer to it holds more (``within``)."""
 
 
 @dataclass
@@ -283,11 +305,20 @@ class Fidelity:
 
 
 def request(
-    path: str, body: dict[str, Any], headers: dict[str, str], fidelity: Fidelity
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    fidelity: Fidelity,
+    output_limit: int | None,
 ) -> UpstreamRequest:
     """The request, with what ``fidelity`` noted as dropped and changed."""
     return UpstreamRequest(
-        path, body, headers, dropped=tuple(fidelity.dropped), changed=tuple(fidelity.changed)
+        path,
+        body,
+        headers,
+        dropped=tuple(fidelity.dropped),
+        changed=tuple(fidelity.changed),
+        output_limit=output_limit,
     )
 
 

@@ -96,7 +96,9 @@ class OpenAIAdapter:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return request(PATH, body, headers, fidelity)
+        # OpenAI's max_completion_tokens bounds reasoning and answer together, each choice.
+        limit = job.params.output_limit
+        return request(PATH, body, headers, fidelity, limit and limit * job.params.choices)
 
     def parse_response(self, body: Any, model: str) -> Completion:
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
