@@ -56,7 +56,14 @@ from router.providers import (
     UpstreamRequest,
 )
 from router.providers.anthropic import native_usage
-from router.providers.base import UNSENT, Usage, estimate_tokens, openai_usage, within
+from router.providers.base import (
+    UNSENT,
+    Usage,
+    estimate_tokens,
+    estimated_usage,
+    openai_usage,
+    within,
+)
 from router.selection import Slots
 
 log = logging.getLogger(__name__)
@@ -928,14 +935,7 @@ def _by_text(job: ChatJob, response: dict[str, Any]) -> Usage:
     prompt = estimate_tokens(_prompt_chars(job))
     # A prompt marked for a cache counted as written to it, as the estimate reserved it: a
     # provider that wrote it may have said so in a count that is no count.
-    ttl = prompt_cache_ttl(job)
-    return Usage(
-        prompt,
-        estimate_tokens(_answer_chars(response)),
-        cache_write_tokens=prompt if ttl else 0,
-        cache_write_1h_tokens=prompt if ttl == "1h" else 0,
-        estimated=True,
-    )
+    return estimated_usage(prompt, estimate_tokens(_answer_chars(response)), prompt_cache_ttl(job))
 
 
 def _answer_chars(response: dict[str, Any]) -> int:

@@ -630,17 +630,27 @@ async def test_a_cut_anthropic_stream_keeps_the_cache_write_its_start_reported(
     assert billed.cache_write_tokens > 1024
 
 
+MARKS = [
+    ({"type": "ephemeral"}, Decimal("1.00")),
+    ({"type": "ephemeral", "ttl": "5m"}, Decimal("1.00")),
+    ({"type": "ephemeral", "ttl": "1h"}, Decimal("1.60")),
+]
+"""Cache marks and the price (claude-haiku's, in the bundled catalog) of a prompt token
+each writes: five minutes' write, or an hour's."""
+
+
+@pytest.mark.parametrize(("mark", "written"), MARKS, ids=["ephemeral", "5m", "1h"])
 async def test_an_anthropic_stream_cut_after_its_start_is_billed_once_beside_its_fallback(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, mark: dict[str, str], written: Decimal
 ) -> None:
     # Given Anthropic streams cut after message_start, which reports the prompt written to
-    # its cache, and a fallback that answers
+    # its cache for as long as the job's mark says, and a fallback that answers
     text = resources.files("router").joinpath("catalogs/mock.yaml").read_text("utf-8")
     text = text.replace("  claude-haiku:\n", "  claude-haiku:\n    fallbacks: [local-llama]\n")
     path = tmp_path / "catalog.yaml"
     path.write_text(text)
     faults = MockConfig(models={"claude-3-5-haiku-latest": Behavior(stream_cut_after=1)})
-    system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+    system = [{"type": "text", "text": LONG, "cache_control": mark}]
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "Tell me"}]
     async with (
         running_gateway(settings, mock_config=faults, catalog=path) as gw,
@@ -651,13 +661,14 @@ async def test_an_anthropic_stream_cut_after_its_start_is_billed_once_beside_its
         [row] = await gw.usage_rows(1)
 
     # Then each cut call is billed once, at its estimate (the prompt priced as a cache
-    # write), and the fallback by its own counts (before: the cut calls were free)
+    # write for the mark's time), and the fallback by its own counts (before: the cut calls
+    # were free; then a five-minute mark was priced as an hour's write)
     assert result.status == "ok" and result.gateway.model_used == "local-llama"
     *cut, served = result.gateway.attempts
     assert cut and all(a.deployment == "anthropic-main" for a in cut)
     assert served.deployment == "local-vllm"
     per = Decimal(1_000_000)
-    estimate = (prompt_tokens(job) * Decimal("1.60") + 50 * Decimal("4.00")) / per
+    estimate = (prompt_tokens(job) * written + 50 * Decimal("4.00")) / per
     own = (row["input_tokens"] * Decimal("0.05") + row["output_tokens"] * Decimal("0.08")) / per
     assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
 
@@ -685,6 +696,33 @@ async def test_a_plain_answer_cut_mid_body_is_billed_once_beside_its_fallback(
     estimate = (prompt_tokens(job) * Decimal("0.15") + 40 * Decimal("0.60")) / per
     own = (row["input_tokens"] * Decimal("0.80") + row["output_tokens"] * Decimal("4.00")) / per
     assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
+
+
+@pytest.mark.parametrize(("mark", "written"), MARKS[1:], ids=["5m", "1h"])
+async def test_a_job_failed_after_a_cut_answer_bills_its_prompt_at_its_marks_write_price(
+    settings: Settings, mark: dict[str, str], written: Decimal
+) -> None:
+    # Given an Anthropic job marking its prompt for a cache, with no fallback, whose plain
+    # answers are cut mid-body after their 200 head
+    faults = MockConfig(models={"claude-3-5-haiku-latest": Behavior(body_cut_after=10)})
+    system = [{"type": "text", "text": LONG, "cache_control": mark}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Tell me"}]
+    async with running_gateway(settings, mock_config=faults) as gw, gw.client("alpha") as client:
+        job = client.job("claude-haiku", messages, fallbacks=[], max_tokens=50)
+        result = await (await client.submit(job)).result(10)
+        [row] = await gw.usage_rows(1)
+
+    # Then each cut call is billed at its estimate, the prompt as written to the cache at
+    # the mark's own price (before: an hour's, 1.60, for a five-minute mark too)
+    assert result.status == "error"
+    cut = result.gateway.attempts
+    assert cut and all((a.status, a.error) == (200, "connection") for a in cut)
+    prompt = prompt_tokens(job)
+    assert (row["input_tokens"], row["output_tokens"]) == (len(cut) * prompt, len(cut) * 50)
+    assert row["cache_write_tokens"] == row["input_tokens"]
+    per = Decimal(1_000_000)
+    estimate = (prompt * written + 50 * Decimal("4.00")) / per
+    assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == len(cut) * estimate
 
 
 @pytest.mark.parametrize(

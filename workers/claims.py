@@ -845,7 +845,7 @@ class Claim:
             billed,
             input_tokens=billed.input_tokens + prompt,
             output_tokens=billed.output_tokens + estimate.output_tokens * len(unread),
-            cache_write_tokens=billed.cache_write_tokens + (prompt if estimate.caches else 0),
+            cache_write_tokens=billed.cache_write_tokens + (prompt if estimate.cache_ttl else 0),
             cost_usd=billed.cost_usd + extra,
             estimated=True,
         )

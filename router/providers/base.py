@@ -225,9 +225,9 @@ def within(usage: Usage, output_limit: int | None) -> Usage:
     """``usage`` with an output count past ``output_limit`` (``UpstreamRequest``) not
     believed: billed at that limit, ``estimated``. The provider cannot have generated more,
     so the limit never bills less than it did, and a job that set the limit no more than
-    admission reserved for it (its estimate is that limit). Billed by its text instead, OpenAI's reasoning
-    (never sent) would be free, and a text as long as the claim billed as much. Believed,
-    10^7 tokens claimed for a job of ``max_tokens`` 50 cost $20 on a $1 budget."""
+    admission reserved for it (its estimate is that limit). Billed by its text instead,
+    OpenAI's reasoning (never sent) would be free, and a text as long as the claim billed as
+    much. Believed, 10^7 tokens claimed for a job of ``max_tokens`` 50 cost $20 on a $1 budget."""
     if output_limit is None or usage.output_tokens <= output_limit:
         return usage
     return replace(
@@ -242,6 +242,21 @@ def estimate_tokens(chars: int) -> int:
     """Tokens of ``chars`` characters of text when no one counted them: characters / 4,
     rounded up (OpenAI's rule of thumb for English, the admission estimate's too)."""
     return -(-chars // 4)
+
+
+def estimated_usage(prompt: int, output: int, ttl: Literal["5m", "1h"] | None) -> Usage:
+    """The usage of a call the gateway counted itself: ``prompt`` and ``output`` tokens,
+    the prompt as written to a cache for ``ttl`` when the job marks one
+    (``prompt_cache_ttl``), as a provider that wrote it bills it. An answer without counts
+    is billed by it (``Router``), and a call lost or not read at the job's estimate
+    (``Estimate.usd_at``)."""
+    return Usage(
+        prompt,
+        output,
+        cache_write_tokens=prompt if ttl else 0,
+        cache_write_1h_tokens=prompt if ttl == "1h" else 0,
+        estimated=True,
+    )
 
 
 @dataclass(frozen=True)

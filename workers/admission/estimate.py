@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Literal
 
 import orjson
 
@@ -18,6 +19,8 @@ from queuegate.messages import ChatJob, prompt_cache_ttl
 from queuegate.registry import TeamConfig
 from queuegate.spend import capped_fallback, to_nano
 from router.catalog import Catalog, Deployment
+from router.pricing import cost
+from router.providers.base import estimated_usage
 
 PER_MESSAGE = 3
 """Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
@@ -34,17 +37,22 @@ class Estimate:
     """What the job may cost at most, priced as ``cost_nano``: that, for a job whose output
     limit bounds its output; at the output an unbounded job is assumed able to reach, where
     that is more (spend.lua admits such a job near its budget's edge only alone)."""
-    caches: bool = False
-    """The job marks a prompt cache (``cache_control``): its prompt is priced as written to
-    it (``_prompt_price``)."""
+    cache_ttl: Literal["5m", "1h"] | None = None
+    """How long the job marks its prompt to be cached (``prompt_cache_ttl``), None when it
+    marks none: its prompt is reserved as written to it at the dearest prompt price
+    (``_prompt_price``), and billed so at the mark's own (``usd_at``)."""
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens
 
     def usd_at(self, deployment: Deployment) -> Decimal:
-        """What the estimated tokens cost at ``deployment``'s prices."""
-        return _usd(deployment, self.prompt_tokens, self.output_tokens, self.caches)
+        """What the estimated tokens cost at ``deployment``'s prices: what a call lost or
+        not read is billed, its prompt written to a cache for as long as the job marks it,
+        as an answer without counts is (before: at an hour's write price for a five-minute
+        mark, 2x the input price at Anthropic for 1.25x)."""
+        usage = estimated_usage(self.prompt_tokens, self.output_tokens, self.cache_ttl)
+        return cost(deployment, usage)
 
 
 def _usd(deployment: Deployment, prompt: int, output: int, caches: bool) -> Decimal:
@@ -93,7 +101,8 @@ def estimate(
     gateway's ``expected_output_tokens``). Its room is its cost at ``unbounded_output`` per
     choice (the gateway's ``unbounded_output_tokens``) when it sets no output limit and that
     is more; its cost otherwise, and when ``unbounded_output`` is None (no room asked for)."""
-    prompt, caches = prompt_tokens(job), prompt_cache_ttl(job) is not None
+    prompt, ttl = prompt_tokens(job), prompt_cache_ttl(job)
+    caches = ttl is not None
     limit = job.params.output_limit
     choice = limit or config.expected_output_tokens or default_output
     output = choice * job.params.choices
@@ -103,9 +112,9 @@ def estimate(
         if not capped_fallback(config, job.model, alias)  # never tried (Router.complete)
         for d in catalog.resolve(alias).deployments
     ]
-    cost = to_nano(max(_usd(d, prompt, output, caches) for d in deployments))
-    room = cost
+    reserved = to_nano(max(_usd(d, prompt, output, caches) for d in deployments))
+    room = reserved
     if limit is None and unbounded_output is not None and unbounded_output > choice:
         worst = unbounded_output * job.params.choices
         room = to_nano(max(_usd(d, prompt, worst, caches) for d in deployments))
-    return Estimate(prompt, output, cost, room, caches)
+    return Estimate(prompt, output, reserved, room, ttl)
