@@ -6,7 +6,7 @@ async with open_router(catalog, os.environ, settings) as router:  # Redis from t
 """
 
 from router.catalog import Catalog, Deployment, ModelEntry, load_catalog
-from router.router import AttemptGate, DeltaSink, Routed, Router, open_router
+from router.router import AttemptGate, DeltaSink, Routed, Router, billed_answer, open_router
 
 __all__ = [
     "AttemptGate",
@@ -16,6 +16,7 @@ __all__ = [
     "ModelEntry",
     "Routed",
     "Router",
+    "billed_answer",
     "load_catalog",
     "open_router",
 ]

@@ -916,14 +916,10 @@ def _counted(
     usage row holds, over the provider's other fields: before, a count clamped or no count,
     a total that was no sum, or a stream's output estimated, said otherwise."""
     response, counted = completion.response, completion.usage
-    native = response.get(ANTHROPIC_BODY)
     usage = within(counted if counted is not None else _by_text(job, response), output_limit)
     if counted is not None:
-        response = response | {"usage": openai_usage(usage, response.get("usage"))}
-        said = native.get("usage") if isinstance(native, dict) else None
-        if isinstance(native, dict) and isinstance(said, dict):
-            response[ANTHROPIC_BODY] = native | {"usage": native_usage(said, usage)}
-        return response, usage
+        return billed_answer(response, usage), usage
+    native = response.get(ANTHROPIC_BODY)
     response = response | {"usage": openai_usage(usage)}
     if isinstance(native, dict):  # its usage would be the Messages API answer's
         response[ANTHROPIC_BODY] = {k: v for k, v in native.items() if k != "usage"}
@@ -936,6 +932,17 @@ def _by_text(job: ChatJob, response: dict[str, Any]) -> Usage:
     # A prompt marked for a cache counted as written to it, as the estimate reserved it: a
     # provider that wrote it may have said so in a count that is no count.
     return estimated_usage(prompt, estimate_tokens(_answer_chars(response)), prompt_cache_ttl(job))
+
+
+def billed_answer(response: dict[str, Any], usage: Usage) -> dict[str, Any]:
+    """``response`` whose usage, and an Anthropic answer's own, says ``usage``: the counts
+    it is billed by, as its usage row holds them, over the provider's other fields."""
+    response = response | {"usage": openai_usage(usage, response.get("usage"))}
+    native = response.get(ANTHROPIC_BODY)
+    said = native.get("usage") if isinstance(native, dict) else None
+    if isinstance(native, dict) and isinstance(said, dict):
+        response[ANTHROPIC_BODY] = native | {"usage": native_usage(said, usage)}
+    return response
 
 
 def _answer_chars(response: dict[str, Any]) -> int:

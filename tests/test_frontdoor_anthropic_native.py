@@ -263,11 +263,16 @@ async def test_a_cached_answer_streams_the_blocks_it_was_given(settings: Setting
             cached = await stream.get_final_message()
         calls = door.gateway.mock.stats.calls
 
-    # Expect the provider's blocks, signature included, and its usage from message_start on
+    # Expect the provider's blocks, signature included, and its usage from message_start on:
+    # the tokens it was billed, none (before: the cached call's)
     assert calls == 1
     assert [b.to_dict() for b in cached.content] == [b.to_dict() for b in first.content]
     assert cached.content[0].type == "thinking" and cached.content[0].signature == SIGNATURE
-    assert started[0].input_tokens == first.usage.input_tokens > 0
+    assert first.usage.input_tokens > 0
+    assert started[0].input_tokens == cached.usage.input_tokens == 0
+    assert cached.usage.output_tokens == 0
+    assert cached.usage.output_tokens_details is not None
+    assert cached.usage.output_tokens_details.thinking_tokens == 0
 
 
 async def test_a_strict_tool_is_served_its_strictness_reaching_the_provider(door: Door) -> None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from mockprovider import Behavior, MockConfig
 from queuegate.numbers import plain_decimal
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
 
@@ -186,6 +187,37 @@ async def test_the_gateway_block_says_when_tokens_were_counted_from_the_text(
     body = response.json()
     assert body["_gateway"]["tokens_estimated"] is True
     assert body["usage"]["completion_tokens"] > 0
+
+
+async def test_a_cached_answers_usage_adds_up_to_what_its_rows_bill(settings: Settings) -> None:
+    # Given a team whose answers are cached, and an answer in the cache
+    async with open_door(settings, {"alpha": TeamConfig(cache=True)}) as door:
+        async with door.client() as client:
+            first = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+
+            # When the same request comes again, whole and streamed with its usage
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=HELLO
+            )
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=HELLO,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+        rows = await door.gateway.usage_rows(3)
+
+    # Expect each answer's usage to say the tokens its row bills: the cached ones none
+    # (before: the cached call's, though a caller adding up its answers gets what
+    # `queuegate usage` reports)
+    again, streamed = raw.parse().usage, chunks[-1].usage
+    assert first.usage is not None and again is not None and streamed is not None
+    assert raw.headers["x-queuegate-cost-usd"] == "0"
+    answered = sum(u.total_tokens for u in (first.usage, again, streamed))
+    assert answered == sum(row["input_tokens"] + row["output_tokens"] for row in rows) > 0
+    assert again.total_tokens == streamed.total_tokens == 0
+    assert again.prompt_tokens == again.completion_tokens == 0
 
 
 async def test_health_readiness_metrics_and_docs(door: Door) -> None:

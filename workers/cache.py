@@ -3,7 +3,8 @@ or whose team caches by default (``TeamConfig.cache``; see ``wanted``).
 
 The key is a hash of the team, the model (and fallbacks), the messages and the parameters,
 so a team never reads another team's answers. A hit costs nothing: it is answered with the
-stored response, marked ``cached``, and still accounted (no tokens, cost 0, ``cached`` set).
+stored response, marked ``cached``, and still accounted (no tokens, cost 0, ``cached`` set),
+its ``usage`` saying the 0 tokens it is billed.
 Best effort, like the outcome store: while Redis is down every lookup misses.
 """
 
@@ -21,7 +22,8 @@ from queuegate.keys import Keys
 from queuegate.messages import ChatJob, request_digest
 from queuegate.outage import OutageLog
 from queuegate.registry import TeamConfig
-from router import Routed
+from router import Routed, billed_answer
+from router.providers import Usage
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ class ResponseCache:
     async def get(self, job: ChatJob) -> Routed | None:
         """The cached answer to ``job`` as a Routed with no attempts, tokens or cost, or None.
 
-        No tokens: the provider processed none, so buckets and token reports stay true; the
-        response keeps the ``usage`` of the call that was cached.
+        No tokens: the provider processed none, so buckets and token reports stay true, and
+        the response's ``usage`` says so, as its usage row does (before, it said the cached
+        call's tokens, and a caller's sums disagreed with ``queuegate usage``).
         """
         try:
             raw: bytes | str | None = await self._client.get(self._keys.cache(request_digest(job)))
@@ -60,7 +63,8 @@ class ResponseCache:
             log.warning("cached answer for job %s is unreadable; calling the provider", job.job_id)
             return None
         return Routed(
-            **entry.model_dump(),
+            **entry.model_dump(exclude={"response"}),
+            response=billed_answer(entry.response, Usage()),
             fallback_used=entry.model_used != job.model,
             attempts=[],
             input_tokens=0,
