@@ -5,17 +5,21 @@ Workers keep each job's outcome (``queuegate.keys.Keys.result``, per team) for
 caller that came back after a disconnect, and for a retry under the same idempotency key.
 Keys carry the team, so a team reads only its own jobs, whatever id it names::
 
-    outcomes = Outcomes(redis, keys, ttl=settings.result_ttl, time_limit=settings.job_time_limit)
+    outcomes = Outcomes(redis, keys, ttl=settings.result_ttl, late=stored_by(settings))
     await outcomes.accept(job)                   # before publishing: the id is known
-    state = await outcomes.look(team, job_id)    # Finished(...), "pending" or "unknown"
+    state = await outcomes.look(team, job_id)    # Finished(...), Expired(...), "pending"
     bound = await outcomes.bind(job)             # an Idempotency-Key's job id to its request
+
+A job with a deadline whose outcome is not stored ``late`` seconds past it never will be:
+it expired in its queue uncalled (or a worker took it late and refused it), and ``look``
+says so (``Expired``) rather than "pending" for as long as its id is remembered.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import redis.asyncio as aioredis
@@ -25,6 +29,7 @@ from frontdoor.chat_request import key_conflict
 from queuegate.errors import ServiceUnavailable
 from queuegate.keys import Keys
 from queuegate.messages import AnswerFormat, ChatJob, ChatResult, request_digest
+from queuegate.settings import Settings
 from workers.claims import binding, stored_outcome
 
 
@@ -45,33 +50,52 @@ class Finished:
     """The API of the route that published the job, which its answer read by id takes."""
 
 
+@dataclass(frozen=True)
+class Expired:
+    """A job whose deadline passed ``late`` ago and more with no outcome stored: no worker
+    called it, and none will."""
+
+    deadline: datetime
+    answer_format: AnswerFormat
+
+
 Pending = Literal["pending", "unknown"]
 """``pending``: the front door published the job and no outcome is stored yet."""
 
 
+def stored_by(settings: Settings) -> float:
+    """Seconds past a job's deadline by which its outcome is stored, if it ever is: a worker
+    that took it in time spends its time limit on it at most, and one that died on it is
+    taken over by a worker's sweep (every ``teams_refresh``) once its claim's lease lapsed
+    (``workers.claims``: ``Claims.lapsed``)."""
+    return settings.job_time_limit + settings.claim_lease + settings.teams_refresh
+
+
 class Outcomes:
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl: int, time_limit: float) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl: int, late: float) -> None:
         self._client = client
         self._keys = keys
         self._ttl = ttl
-        self._time_limit = time_limit
-        """The longest a worker spends on a job once it has begun."""
+        self._late = late
+        """Seconds past a job's deadline by which its outcome is stored, if ever
+        (``stored_by``)."""
         self._bind = binding(client)
 
     async def accept(self, job: ChatJob) -> None:
-        """Remember that the job was published, and the API its caller reads it in, for as
-        long as its outcome will be kept: that is kept ``ttl`` from the job's end, which
-        comes by its deadline and a worker's time limit after it at the latest. (A job
-        without a deadline, an async one, may wait in its queue longer than that.)"""
+        """Remember that the job was published, the API its caller reads it in and its
+        deadline, for as long as its outcome will be kept: that is kept ``ttl`` from the
+        job's end, which comes ``late`` past its deadline at the latest. (A job without a
+        deadline, an async one, may wait in its queue longer than that.)
+        Published again (a retry under its Idempotency-Key), its new deadline holds."""
         ends = 0.0 if job.deadline is None else (job.deadline - datetime.now(UTC)).total_seconds()
-        keep = self._ttl + math.ceil(max(0.0, ends) + self._time_limit)
+        keep = self._ttl + math.ceil(max(0.0, ends) + self._late)
         accepted = self._keys.accepted(job.team, job.job_id)
         try:
-            await self._client.set(accepted, job.answer_format.encode(), ex=keep)
+            await self._client.set(accepted, _marker(job), ex=keep)
         except RedisError as exc:
             raise _unavailable(exc) from exc
 
-    async def look(self, team: str, job_id: str) -> Finished | Pending:
+    async def look(self, team: str, job_id: str) -> Finished | Expired | Pending:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.get(self._keys.result(team, job_id))
@@ -79,12 +103,14 @@ class Outcomes:
                 raw, accepted = await pipe.execute()
         except RedisError as exc:
             raise _unavailable(exc) from exc
+        answer_format, deadline = _read_marker(accepted)
         if raw is not None and (outcome := stored_outcome(raw)) is not None:
-            # A front door before the format was kept wrote b"1", as any other caller's job
-            # is answered in OpenAI's format
-            answer_format: AnswerFormat = "anthropic" if accepted == b"anthropic" else "openai"
             return Finished(outcome.result, answer_format)
-        return "pending" if accepted is not None else "unknown"
+        if accepted is None:
+            return "unknown"
+        if deadline is not None and datetime.now(UTC) > deadline + timedelta(seconds=self._late):
+            return Expired(deadline, answer_format)
+        return "pending"
 
     async def bind(self, job: ChatJob) -> Binding:
         """Bind the job's id to this very request, before it is published: a retry of the
@@ -104,8 +130,27 @@ class Outcomes:
         return Binding(None, retry=reply[1] == 0)
 
 
+def _marker(job: ChatJob) -> bytes:
+    """The accepted marker: the job's answer format, then its deadline (epoch ms) if any."""
+    if job.deadline is None:
+        return job.answer_format.encode()
+    deadline = job.deadline if job.deadline.tzinfo else job.deadline.replace(tzinfo=UTC)
+    return f"{job.answer_format} {int(deadline.timestamp() * 1000)}".encode()
+
+
+def _read_marker(marker: bytes | None) -> tuple[AnswerFormat, datetime | None]:
+    """The answer format and deadline an accepted marker holds. A front door before the
+    format was kept wrote b"1", before the deadline was kept the format alone: a job as
+    any other caller's, answered in OpenAI's format, and one without a deadline."""
+    answer_format, _, deadline = (marker or b"").partition(b" ")
+    return (
+        "anthropic" if answer_format == b"anthropic" else "openai",
+        datetime.fromtimestamp(int(deadline) / 1000, UTC) if deadline else None,
+    )
+
+
 def _unavailable(exc: RedisError) -> ServiceUnavailable:
     return ServiceUnavailable(f"Redis is unreachable ({type(exc).__name__}); retry shortly")
 
 
-__all__ = ["Binding", "Finished", "Outcomes", "Pending"]
+__all__ = ["Binding", "Expired", "Finished", "Outcomes", "Pending", "stored_by"]

@@ -27,7 +27,7 @@ from frontdoor.body import Bodies
 from frontdoor.bridge import Bridge
 from frontdoor.budgets import BudgetGate
 from frontdoor.failed_keys import FailedKeys
-from frontdoor.outcomes import Outcomes
+from frontdoor.outcomes import Outcomes, stored_by
 from queuegate.db import DB_ERRORS, create_pool
 from queuegate.keys import Keys
 from queuegate.redis_client import redis_for
@@ -109,9 +109,7 @@ class FrontDoor:
                 self._redis, keys, limit=s.failed_key_limit, window=s.failed_key_window
             )
             self._keys = KeyBook(self._pool, self._failures, ttl=s.security_cache_ttl)
-            self._outcomes = Outcomes(
-                self._redis, keys, ttl=s.result_ttl, time_limit=s.job_time_limit
-            )
+            self._outcomes = Outcomes(self._redis, keys, ttl=s.result_ttl, late=stored_by(s))
             self._budgets = BudgetGate(self._pool, self._redis, keys, self.catalog, s)
             # A budget lowered by `teams set` is refused here at once, not after the
             # config's refresh: published meanwhile, each job would be a worker's refusal.

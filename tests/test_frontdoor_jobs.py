@@ -5,19 +5,26 @@ call."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import anthropic
 import httpx
 import openai
 import pytest
+import redis.asyncio as aioredis
 
 from mockprovider import Behavior, MockConfig
+from queuegate.keys import Keys
 from queuegate.settings import Settings
 from tests.frontdoor_support import HELLO, Door, open_door
+from tests.support import running_gateway
 
 SLOW = MockConfig(models={"flaky-gpt": Behavior(latency_ms=600)})
 BODY = {"model": "gpt-4o-mini", "messages": HELLO}
+QUICK = {"job_time_limit": 0.5, "claim_lease": 0.5, "teams_refresh": 0.5}
+"""A job's outcome, if any, is stored 1.5 s past its deadline at the latest: a worker on it
+spends 0.5 s at most, a dead one's claim lapses 0.5 s later, and a sweep comes each 0.5 s."""
 
 
 @pytest.fixture
@@ -224,3 +231,92 @@ async def test_v1_messages_answers_respond_async_and_its_job_is_read_as_a_messag
     assert accepted.headers["location"] == f"/v1/jobs/{job_id}"
     assert done.status_code == 200, done.text
     assert done.json()["type"] == "message" and done.json()["id"] == f"msg_{job_id}"
+
+
+async def test_an_async_job_expired_in_its_queue_is_read_as_deadline_exceeded(
+    settings: Settings,
+) -> None:
+    # Given async jobs with a 1 s deadline, a chat completion and a message, and one without
+    # a deadline, published while no worker takes any job
+    async with open_door(settings.model_copy(update=QUICK)) as door:
+        await door.gateway.stop_worker()
+        later = auth(door, prefer="respond-async")
+        due = {**later, "x-queuegate-timeout": "1"}
+        message = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": HELLO}
+        async with httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+            accepted = [
+                await http.post("/v1/chat/completions", json=BODY, headers=due),
+                await http.post("/v1/messages", json=message, headers=due),
+                await http.post("/v1/chat/completions", json=BODY, headers=later),
+            ]
+            chat, messages, undated = [a.json()["id"] for a in accepted]
+            queued = await http.get(f"/v1/jobs/{chat}", headers=auth(door))
+            # When the dated ones are long-polled past their deadline and the time a worker
+            # could still answer them, and the undated one read then
+            began = time.monotonic()
+            read = await asyncio.gather(
+                *(
+                    http.get(f"/v1/jobs/{i}", params={"wait": 20}, headers=auth(door))
+                    for i in (chat, messages)
+                )
+            )
+            waited = time.monotonic() - began
+            still = await http.get(f"/v1/jobs/{undated}", headers=auth(door))
+    # Expect each dated job's error in its route's shape, not retried, once that time came
+    # rather than at the wait's end; the undated one queued
+    assert [a.status_code for a in accepted] == [202, 202, 202]
+    assert queued.status_code == 202 and queued.json()["status"] == "queued"
+    assert [r.status_code for r in read] == [504, 504], [r.text for r in read]
+    assert all(r.headers["x-should-retry"] == "false" for r in read)
+    error = read[0].json()["error"]
+    assert error["code"] == "deadline_exceeded"
+    assert "expired in its queue" in error["message"] and "nothing was billed" in error["message"]
+    assert read[1].json()["type"] == "error"
+    assert read[1].json()["error"]["type"] == "timeout_error"
+    assert read[1].json()["error"]["message"].startswith("deadline_exceeded: job ")
+    assert waited < 10
+    assert still.status_code == 202 and still.json()["status"] == "queued"
+
+
+async def test_a_job_expired_in_its_queue_is_published_again_by_a_retry_under_its_key(
+    settings: Settings,
+) -> None:
+    # Given an async job under an Idempotency-Key that expired in its queue, no worker there
+    quick = settings.model_copy(update=QUICK)
+    key = {"Idempotency-Key": "expired-1"}
+    async with open_door(quick) as door:
+        await door.gateway.stop_worker()
+        due = auth(door, prefer="respond-async", **{"x-queuegate-timeout": "1"}, **key)
+        async with httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+            first = await http.post("/v1/chat/completions", json=BODY, headers=due)
+            job_id = first.json()["id"]
+            expired = await http.get(f"/v1/jobs/{job_id}", params={"wait": 20}, headers=auth(door))
+            # When it is sent again under its key, a worker serving its team once more
+            async with running_gateway(quick, teams=["alpha", "beta"]) as again:
+                retried = await http.post(
+                    "/v1/chat/completions", json=BODY, headers=auth(door, **key)
+                )
+                read = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+    # Expect it published again and answered, once, the same job read so since
+    assert expired.status_code == 504, expired.text
+    assert retried.status_code == 200, retried.text
+    assert retried.headers["x-queuegate-job-id"] == job_id
+    assert read.status_code == 200 and read.json()["_gateway"]["request_id"] == job_id
+    assert again.mock.stats.calls == 1
+
+
+async def test_a_job_an_earlier_front_door_accepted_reads_as_queued(
+    door: Door, redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    # Given jobs accepted by front doors that kept no deadline: b"1", then the format alone
+    keys = Keys(settings.redis_prefix)
+    for job_id, marker in (("before-formats", b"1"), ("before-deadlines", b"anthropic")):
+        await redis_client.set(keys.accepted("alpha", job_id), marker, ex=60)
+    # When each is read by id
+    async with httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+        read = [
+            await http.get(f"/v1/jobs/{i}", headers=auth(door))
+            for i in ("before-formats", "before-deadlines")
+        ]
+    # Expect each queued, as it was
+    assert [(r.status_code, r.json()["status"]) for r in read] == [(202, "queued")] * 2

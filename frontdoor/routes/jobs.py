@@ -9,6 +9,9 @@ reads as unknown. ``wait`` long-polls up to N seconds from the request's arrival
   published it: a ``chat.completion``, or a ``/v1/messages`` job's Messages API message;
 - an error status: the job ended in that error, in that API's error shape;
 - 202 ``{"id", "object": "queuegate.job", "status": "queued"}``: not finished yet;
+- 504 ``deadline_exceeded``, in that API's error shape: the job's deadline passed with no
+  outcome stored, and no worker may still store one (``frontdoor.outcomes.Expired``): it
+  expired in its queue uncalled; a ``wait`` ends there;
 - 404 ``not_found``: no such job of this team (or its outcome has expired);
 - 503 ``service_unavailable``: the store (Redis) did not answer within ``wait`` and
   ``STORE_WAIT`` more: ask again.
@@ -28,7 +31,7 @@ from frontdoor.auth import Caller, Calling
 from frontdoor.calls import publish_job
 from frontdoor.chat_request import RequestOptions
 from frontdoor.errors import ApiError, ErrorShapes, error_of_result, shown
-from frontdoor.outcomes import Finished
+from frontdoor.outcomes import Expired, Finished
 from frontdoor.routes import anthropic
 from frontdoor.service import Door, FrontDoor
 from queuegate.messages import AnswerFormat, ChatJob, ChatResult
@@ -72,6 +75,8 @@ async def job(
                     note_job(request, job_id)
                 if isinstance(state, Finished):
                     return finished(request, state.result, state.answer_format, started)
+                if isinstance(state, Expired):
+                    return _in_shape(request, state.answer_format, _expired(job_id, state))
                 if state == "unknown":
                     raise ApiError(
                         "not_found",
@@ -123,14 +128,28 @@ def finished(
     with the ``_gateway`` block, or its error in that API's shape."""
     job_id = result.job_id
     if result.status != "ok" or result.response is None:
-        shapes: ErrorShapes = request.app.state.error_shapes
-        path = anthropic.PREFIX if answer_format == "anthropic" else request.url.path
-        return shapes.response(path, error_of_result(result))
+        return _in_shape(request, answer_format, error_of_result(result))
     body = {
         **_view(result.response, job_id, answer_format),
         "_gateway": gateway_block(job_id, result, None),
     }
     return JSONResponse(body, headers=gateway_headers(job_id, result, started))
+
+
+def _in_shape(request: Request, answer_format: AnswerFormat, error: ApiError) -> JSONResponse:
+    """A job's error read by id, in the error shape of ``answer_format``'s API."""
+    shapes: ErrorShapes = request.app.state.error_shapes
+    path = anthropic.PREFIX if answer_format == "anthropic" else request.url.path
+    return shapes.response(path, error)
+
+
+def _expired(job_id: str, expired: Expired) -> ApiError:
+    return ApiError(
+        "deadline_exceeded",
+        f"job {shown(job_id)} expired in its queue at its deadline "
+        f"({expired.deadline.isoformat(timespec='seconds')}), uncalled: nothing was billed",
+        job_id=job_id,
+    )
 
 
 def _view(response: dict[str, Any], job_id: str, answer_format: AnswerFormat) -> dict[str, Any]:
