@@ -67,8 +67,10 @@ def stored_by(settings: Settings) -> float:
     """Seconds past a job's deadline by which its outcome is stored, if it ever is: a worker
     that took it in time spends its time limit on it at most, and one that died on it is
     taken over by a worker's sweep (every ``teams_refresh``) once its claim's lease lapsed
-    (``workers.claims``: ``Claims.lapsed``)."""
-    return settings.job_time_limit + settings.claim_lease + settings.teams_refresh
+    (``workers.claims``: ``Claims.lapsed``). A second sweep's time more: a sweep asks
+    PostgreSQL and bills the lost call before it stores, which takes time of its own, and a
+    job read as expired too soon would say "nothing billed" of a call billed after it."""
+    return settings.job_time_limit + settings.claim_lease + 2 * settings.teams_refresh
 
 
 class Outcomes:
