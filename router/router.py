@@ -58,6 +58,7 @@ from router.providers import (
 from router.providers.anthropic import native_usage
 from router.providers.base import (
     UNSENT,
+    ServerEvent,
     Usage,
     estimate_tokens,
     estimated_usage,
@@ -755,7 +756,7 @@ class Router:
             try:
                 async for event in events:
                     answered = True
-                    pieces = parser.feed(event)
+                    pieces = _fed(parser, event)
                     for piece in pieces:
                         await run.emit(piece, parser.model, alias)
                     if not pieces and run.streamed and not parser.ended:
@@ -900,7 +901,22 @@ def _answer(read: Callable[[], Completion], status: int) -> Completion:
         if err.status is not None:
             raise
         raise ProviderError(err.error_class, err.detail, status=status, param=err.param) from err
+    except Exception as exc:  # a parser's own failure on an answer it did not expect
+        raise ProviderError("bad_response", "the answer could not be read", status=status) from exc
     return completion
+
+
+def _fed(parser: StreamParser, event: ServerEvent) -> list[Piece]:
+    """``parser.feed(event)``, any failure of it a bad response: the last guard of the
+    parsers' own checks (``text_of``). Before, an exception of another kind (a TypeError on
+    content 42) failed the worker with its call, which the provider bills, recorded nowhere:
+    no attempt, no cost, no breaker failure."""
+    try:
+        return parser.feed(event)
+    except ProviderError:
+        raise
+    except Exception as exc:
+        raise ProviderError("bad_response", "a stream event could not be read") from exc
 
 
 def _counted(

@@ -63,9 +63,11 @@ from router.providers.base import (
     billed_counts,
     estimate_tokens,
     json_data,
+    object_of,
     openai_usage,
     request,
     stream_error,
+    text_of,
 )
 
 PATH = "/v1/messages"
@@ -138,12 +140,14 @@ class AnthropicAdapter:
         tool_calls: list[dict[str, Any]] = []
         for block in body["content"]:
             kind = block.get("type") if isinstance(block, dict) else None
+            # A text of another type is a bad response, as a stream's (text_of).
             if kind == "text":
-                texts.append(str(block.get("text", "")))
+                texts.append(text_of(block.get("text"), "a text block's text"))
             elif kind == "tool_use":
+                text_of(block.get("name"), "a tool_use block's name")
                 tool_calls.append(tool_call_of(block))
             elif kind == "thinking":
-                thoughts.append(str(block.get("thinking", "")))
+                thoughts.append(text_of(block.get("thinking"), "a thinking block's thinking"))
             # redacted_thinking is encrypted: nothing a caller could read
         message: dict[str, Any] = {
             "role": "assistant",
@@ -227,15 +231,17 @@ class AnthropicStream:
         if kind == "error":
             raise stream_error(data.get("error"), self._secret)
         if kind == "message_start":
-            start = data.get("message") or {}
+            start = object_of(data.get("message"), "message_start's message")
             self._message |= {k: v for k, v in start.items() if k not in ("content", "usage")}
             self._usage |= _given(start.get("usage"))
         elif kind == "content_block_start":
-            return self._start(as_int(data.get("index")), data.get("content_block") or {})
+            block = object_of(data.get("content_block"), "a content block")
+            return self._start(as_int(data.get("index")), block)
         elif kind == "content_block_delta":
-            return self._delta(as_int(data.get("index")), data.get("delta") or {})
+            delta = object_of(data.get("delta"), "a content block's delta")
+            return self._delta(as_int(data.get("index")), delta)
         elif kind == "message_delta":
-            self._message |= data.get("delta") or {}
+            self._message |= object_of(data.get("delta"), "message_delta's delta")
             # Counts it leaves null (the SDK types them so) are not message_start's erased.
             given = _given(data.get("usage"))
             self._usage |= given
@@ -252,12 +258,14 @@ class AnthropicStream:
         if block.get("type") == "tool_use":
             position = self._calls[index] = len(self._calls)
             self._json[index] = []
-            function = {"name": block.get("name"), "arguments": ""}
-            call = {"index": position, "id": block.get("id"), "type": "function"}
-            return [{"tool_calls": [call | {"function": function}]}]
-        if block.get("type") == "text" and block.get("text"):
-            self._received += len(block["text"])
-            return [{"content": block["text"]}]
+            function = {"name": text_of(block.get("name"), "a tool_use block's name")}
+            call_id = text_of(block.get("id"), "a tool_use block's id")
+            call = {"index": position, "id": call_id, "type": "function"}
+            return [{"tool_calls": [call | {"function": function | {"arguments": ""}}]}]
+        text = text_of(block.get("text"), "a text block's text")
+        if block.get("type") == "text" and text:
+            self._received += len(text)
+            return [{"content": text}]
         return []
 
     def _delta(self, index: int, delta: Block) -> list[Delta]:
@@ -266,18 +274,18 @@ class AnthropicStream:
             raise ProviderError("bad_response", "a stream delta for a block never started")
         kind = delta.get("type")
         if kind == "signature_delta":  # seals the thinking, to be sent back with a tool call
-            blocks[index]["signature"] = str(delta.get("signature") or "")
+            blocks[index]["signature"] = text_of(delta.get("signature"), "a signature")
             return []
         if kind in ("text_delta", "thinking_delta"):
             field = "text" if kind == "text_delta" else "thinking"
-            text = str(delta.get(field) or "")
+            text = text_of(delta.get(field), f"a {kind}'s {field}")
             blocks[index][field] = blocks[index].get(field, "") + text
             self._received += len(text)
             if not text:
                 return []
             return [{"content": text}] if field == "text" else [{"reasoning_content": text}]
         if kind == "input_json_delta" and index in self._calls:
-            piece = str(delta.get("partial_json") or "")
+            piece = text_of(delta.get("partial_json"), "an input_json_delta's partial_json")
             self._json[index].append(piece)
             self._received += len(piece)
             function = {"arguments": piece}

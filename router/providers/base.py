@@ -439,7 +439,56 @@ def json_data(event: ServerEvent) -> dict[str, Any]:
         # worker writing its chunk, the stream's calls billed nothing.
         deep = f"the answer nests deeper than {MAX_NESTING} levels (a stream event)"
         raise ProviderError("bad_response", deep)
-    return data
+    # Only an event escaping a surrogate can decode to one (orjson refuses a whole answer
+    # holding a lone one): looked for in its text before its values are walked.
+    return _writable(data) if _SURROGATE_ESCAPE.search(event.data) else data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def writable(text: str) -> str:
+    """``text`` with its lone surrogates (which JSON may escape, and no UTF-8 can hold) as
+    U+FFFD: kept, the result holding it could not be written, its call recorded nowhere."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _writable(value: Any) -> Any:
+    if isinstance(value, str):
+        return writable(value)
+    if isinstance(value, list):
+        return [_writable(item) for item in value]
+    if isinstance(value, dict):
+        return {writable(name): _writable(item) for name, item in value.items()}
+    return value
+
+
+def text_of(value: Any, what: str) -> str:
+    """A text field of a provider's answer or stream event, "" when absent; raises
+    ProviderError("bad_response") when it is no string (content 42): taken, it failed the
+    worker inside the parser, the call billed and recorded nowhere."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProviderError("bad_response", f"{what} is not a string")
+    return value
+
+
+def object_of(value: Any, what: str) -> dict[str, Any]:
+    """An object of a provider's answer or stream event, {} when absent; raises
+    ProviderError("bad_response") when it is no object, as ``text_of``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProviderError("bad_response", f"{what} is not an object")
+    return value
 
 
 def stream_error(error: Any, secret: str | None) -> ProviderError:

@@ -43,8 +43,10 @@ from router.providers.base import (
     Usage,
     estimate_tokens,
     json_data,
+    object_of,
     request,
     stream_error,
+    text_of,
 )
 
 PATH = "/v1/chat/completions"
@@ -105,6 +107,8 @@ class OpenAIAdapter:
             raise ProviderError("bad_response", "no choices in the chat.completion body")
         if not body["choices"]:
             raise ProviderError("bad_response", "empty choices in the chat.completion body")
+        for choice in body["choices"]:
+            _check_message(object_of(choice, "a choice").get("message"))
         # OpenAI-compatible servers may leave it out: counted from the text then.
         return Completion(response=body, usage=_usage(body.get("usage")))
 
@@ -193,6 +197,28 @@ def _effort(budget: int) -> str:
     return next((effort for bound, effort in EFFORT_OF_BUDGET if budget <= bound), "high")
 
 
+def _check_message(message: Any) -> None:
+    """Raises ProviderError("bad_response") for a whole answer's message whose text, or a
+    tool call's, is no string: relayed, it was a caller's answer of content 42."""
+    message = object_of(message, "a choice's message")
+    for field in _TEXTS:
+        text_of(message.get(field), f"a message's {field}")
+    for entry in _list_of(message.get("tool_calls"), "a message's tool_calls"):
+        call = object_of(entry, "a tool call")
+        for kind, field in _CALL_TEXT.items():
+            text_of(object_of(call.get(kind), f"a tool call's {kind}").get(field), field)
+
+
+def _list_of(value: Any, what: str) -> list[Any]:
+    """A list of a stream chunk, [] when absent; raises ProviderError("bad_response") when
+    it is no list, as ``text_of``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProviderError("bad_response", f"{what} is not a list")
+    return value
+
+
 def _usage(usage: Any) -> Usage | None:
     """The counts of a usage object; None without a prompt and a completion count to bill by
     (``token_count``), or with a cache count that is no count (``detail_count``); a reasoning
@@ -242,13 +268,13 @@ class _Choice:
             kind = "custom" if part.get("type") == "custom" else "function"
             self.calls[index] = {"type": kind, kind: {_CALL_TEXT[kind]: ""}}
         call = self.calls[index]
-        if part.get("id"):
-            call["id"] = part["id"]
+        if call_id := text_of(part.get("id"), "a streamed tool call's id"):
+            call["id"] = call_id
         kind = call["type"]
-        said = part.get(kind) or {}
-        if said.get("name"):
-            call[kind]["name"] = said["name"]
-        text = said.get(_CALL_TEXT[kind]) or ""
+        said = object_of(part.get(kind), f"a streamed tool call's {kind}")
+        if name := text_of(said.get("name"), "a streamed tool call's name"):
+            call[kind]["name"] = name
+        text = text_of(said.get(_CALL_TEXT[kind]), f"a streamed tool call's {_CALL_TEXT[kind]}")
         call[kind][_CALL_TEXT[kind]] += text
         return len(text)
 
@@ -324,19 +350,24 @@ class OpenAIStream:
             self._usage = chunk["usage"]
         sent = {field: self._head[field] for field in CHUNK_FIELDS if field in self._head}
         pieces = []
-        for choice in chunk.get("choices") or []:
+        # Every value taken from the chunk is checked here, where it is taken: one of another
+        # type (content 42, arguments 5) failed the worker inside this parser, its call, which
+        # the provider bills, recorded nowhere. A bad response instead: billed as a stream
+        # broken after its first event, counted toward the breaker.
+        for choice in _list_of(chunk.get("choices"), "a chunk's choices"):
             if not isinstance(choice, dict):
                 continue
             index = as_int(choice.get("index"))
             state = self._choices.setdefault(index, _Choice())
-            state.finish = choice.get("finish_reason") or state.finish
-            delta = choice.get("delta") or {}
+            finish = text_of(choice.get("finish_reason"), "a chunk's finish_reason")
+            state.finish = finish or state.finish
+            delta = object_of(choice.get("delta"), "a chunk's delta")
             for field in _TEXTS:
-                if delta.get(field):
-                    state.texts[field].append(delta[field])
-                    self._received += len(delta[field])
-            for call in delta.get("tool_calls") or []:
-                self._received += state.add_call(call)
+                if text := text_of(delta.get(field), f"a chunk's {field}"):
+                    state.texts[field].append(text)
+                    self._received += len(text)
+            for call in _list_of(delta.get("tool_calls"), "a chunk's tool_calls"):
+                self._received += state.add_call(object_of(call, "a streamed tool call"))
             logprobs = choice.get("logprobs")
             # An opening chunk may carry empty lists: nothing to relay yet.
             if not (isinstance(logprobs, dict) and any(logprobs.values())):
