@@ -144,8 +144,10 @@ TEXT = {"type": "content_block_start", "index": 0, "content_block": {"type": "te
             "index": 1,
             "content_block": {"type": "tool_use", "name": 5},
         },
+        {"type": "content_block_start", "index": 10**9, "content_block": TEXT["content_block"]},
+        {"type": "content_block_start", "index": -1, "content_block": TEXT["content_block"]},
     ],
-    ids=["text-42", "delta-5", "tool-name-5"],
+    ids=["text-42", "delta-5", "tool-name-5", "index-far-ahead", "index-negative"],
 )
 def test_an_anthropic_event_of_the_wrong_type_is_a_bad_response(event: dict[str, object]) -> None:
     # Given an Anthropic stream begun with a text block

@@ -252,8 +252,12 @@ class AnthropicStream:
 
     def _start(self, index: int, block: Block) -> list[Delta]:
         blocks = self._message["content"]
-        while len(blocks) <= index:
-            blocks.append({"type": "text", "text": ""})
+        if not 0 <= index <= len(blocks):
+            # Blocks start in order; a gap was filled block by block up to the index, so one
+            # start at index 10^9 took the worker's memory.
+            raise ProviderError("bad_response", "a stream block started out of order")
+        if index == len(blocks):
+            blocks.append({})
         blocks[index] = dict(block)
         if block.get("type") == "tool_use":
             position = self._calls[index] = len(self._calls)
