@@ -308,7 +308,8 @@ def delete(
     team: Team,
     api_key: ApiKey = None,
 ) -> None:
-    """Forget a batch and drop its results queue, with any result not collected."""
+    """Forget a batch and drop its results queue, with any result not collected; one with
+    requests not answered yet is refused: cancel it first."""
     from producer.batch import delete_batch
 
     run(lambda: delete_batch(Settings(), name, team=team, api_key=api_key))

@@ -229,6 +229,12 @@ class Counts(WireModel):
     def written(self) -> int:
         return self.done + self.failed + self.expired + self.canceled
 
+    def unanswered(self, waiting: int) -> int:
+        """Published requests not answered yet, with ``waiting`` results in the batch's
+        results queue: never more than were published."""
+        left = min(self.published, self.total - self.written)
+        return max(0, left - waiting)
+
 
 class BatchSummary(WireModel):
     """One line of ``batch list``."""

@@ -728,6 +728,40 @@ async def test_cancel_ends_a_slow_teams_batch_at_once_and_frees_its_live_traffic
     assert report.counts.canceled == 20 - at_cancel
 
 
+async def test_a_running_batch_is_not_deleted_until_canceled_and_answered(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given 12 requests of a team admitted two a second, most held waiting for their turn
+    await register(settings, "alpha", TeamConfig(rpm=120, burst=1))
+    source = write_jsonl(tmp_path / "cancel.jsonl", [openai_line(i) for i in range(12)])
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await wait_until(lambda: gw.mock.stats.calls >= 2, timeout=30)
+        # When the team deletes it mid-run
+        with pytest.raises(ControlRefused) as refused:
+            await delete_batch(alpha.settings, "cancel", **alpha.who)
+        # Expect it refused in one line saying to cancel first, the batch kept (before: its
+        # record went while its held jobs were still called and billed, answers to nobody)
+        said = str(refused.value)
+        assert "\n" not in said and "cancel it first (queuegate batch cancel cancel)" in said
+        assert (await batch_status(alpha.settings, "cancel", **alpha.who)).counts.total == 12
+        # When it is canceled, and deleted once every request is answered
+        await cancel_batch(alpha.settings, "cancel", **alpha.who)
+        at_cancel = gw.mock.stats.calls
+        rows = await gw.usage_rows(12)
+        await delete_batch(alpha.settings, "cancel", **alpha.who)
+        calls = gw.mock.stats.calls
+        with pytest.raises(BatchError, match="no batch named 'cancel'"):
+            await batch_status(alpha.settings, "cancel", **alpha.who)
+
+    # Expect no call after the cancel but one already past its check; the rest unpaid
+    assert calls <= at_cancel + 1
+    assert len([row for row in rows if row["status"] == "ok"]) == calls
+    canceled = [row for row in rows if row["status"] != "ok"]
+    assert {row["error_code"] for row in canceled} == {"canceled"}
+    assert len(canceled) == 12 - calls and all(row["cost_usd"] == 0 for row in canceled)
+
+
 async def test_requests_past_the_deadline_are_written_expired(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:

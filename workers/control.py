@@ -494,10 +494,28 @@ class ControlPlane:
                 )
                 return lock.name
             case "delete":
+                await self._check_answered(state, meta)
                 await self._close(team, meta.reply_name, durable=True)
                 await state.delete()
                 return None
         raise Refused(f"unknown batch call {call.call!r}")  # pragma: no cover - Literal
+
+    async def _check_answered(self, state: BatchState, meta: BatchMeta) -> None:
+        """Refuse to delete a batch whose published requests are not all answered.
+
+        Deleted, its jobs still queued or held for the team's rate would be called and
+        billed all the same, their answers sent to a queue gone with it. Canceling first,
+        here, is not safe: the cancel flag is the batch name's, so it would have to outlive
+        the record (delete drops it with the rest, or the jobs are served) and would then
+        cancel a batch submitted again under the name. After ``batch cancel`` its jobs are
+        answered ``canceled`` within a second or so, and the batch can go."""
+        left = (await state.counts(meta)).unanswered((await self._waiting([meta]))[0])
+        if left:
+            raise Refused(
+                f"batch {meta.name!r} has {left:,} requests not answered yet, which workers "
+                f"would still call and bill: cancel it first (queuegate batch cancel "
+                f"{meta.name}), then delete it once batch status shows none queued"
+            )
 
     async def _status(self, state: BatchState, meta: BatchMeta) -> dict[str, Any]:
         counts = await state.counts(meta)

@@ -26,8 +26,7 @@ class BatchStatus:
     @property
     def queued(self) -> int:
         """Published requests not answered yet: never more than were published."""
-        left = min(self.counts.published, self.counts.total - self.counts.written)
-        return max(0, left - self.waiting)
+        return self.counts.unanswered(self.waiting)
 
     @property
     def rate(self) -> float | None:
@@ -67,7 +66,9 @@ async def cancel_batch(settings: Settings, name: str, *, team: str, **who: Any) 
 
 
 async def delete_batch(settings: Settings, name: str, *, team: str, **who: Any) -> None:
-    """Forget a batch: its state and its results queue, with any result not collected."""
+    """Forget a batch: its state and its results queue, with any result not collected.
+    ControlRefused while published requests are not answered yet (``cancel_batch`` first):
+    they would still be called and billed."""
     async with GatewayClient(settings, team=team, listen=False, **who) as client:
         await BatchState(client.control, check_batch_name(name)).delete()
 
