@@ -1171,3 +1171,49 @@ async def _batch_expiring(
         f"UPDATE api_batches SET expires_at = now() {offset} WHERE id = $1", batch_id
     )
     return batch_id
+
+
+async def test_lines_the_teams_own_collect_took_are_error_lines_not_completed_ones(
+    settings: Settings, keys: dict[str, str], tmp_path: Path
+) -> None:
+    # Given a batch of 6 of a team admitted one request a second, 2 collected by the front door
+    await register(settings, "alpha", TeamConfig(rpm=60, burst=1))
+    async with running_gateway(settings, teams=("alpha",)) as gateway:
+        async with front_door(settings, gateway, keys) as first, first.openai() as client:
+            batch = await chat_batch(client, await upload(client, openai_lines(6)))
+            await polled(
+                lambda: client.batches.retrieve(batch.id),
+                lambda b: b.request_counts is not None and b.request_counts.completed >= 2,
+            )
+        # When, while no front door runs it, the team's own collect takes some results and
+        # is interrupted, and a front door then ends the batch
+        took = asyncio.Event()
+        own = tmp_path / "own.jsonl"
+        collecting = asyncio.create_task(
+            collect(
+                settings,
+                batch.id,
+                own,
+                team="alpha",
+                api_key=keys["alpha"],
+                on_progress=lambda done, _: took.set() if done >= 3 else None,
+            )
+        )
+        await asyncio.wait_for(took.wait(), 30)
+        collecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collecting
+        taken = {line["custom_id"] for line in parse_jsonl(own.read_bytes())}
+        async with front_door(settings, gateway, keys) as second, second.openai() as client:
+            ended, output, errors = await openai_ended_files(client, batch.id)
+
+    # Expect the batch's counts to be its files' (before: completed 6, its output holding
+    # fewer): each line the team took an error line saying where its answer went
+    assert ended.status == "completed" and ended.request_counts is not None
+    assert taken and ended.request_counts.completed == len(output) == 6 - len(taken)
+    assert ended.request_counts.failed == len(errors) == len(taken)
+    assert {line["custom_id"] for line in errors} == taken
+    assert {line["response"]["status_code"] for line in errors} == {409}
+    assert all(
+        "queuegate batch collect" in line["response"]["body"]["error"]["message"] for line in errors
+    )

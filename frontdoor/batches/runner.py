@@ -62,6 +62,7 @@ import secrets
 import socket
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -77,13 +78,13 @@ from frontdoor.batches.records import MAX_FAULTS, BatchRow, LeaseLost
 from frontdoor.batches.results import StoredResults
 from producer.batch import collect_into, collect_state, delete_batch, submit_batch
 from producer.batch.checks import batch_checks
-from producer.batch.formats import FormatName, refused
+from producer.batch.formats import FORMATS, FormatName, refused
 from producer.batch.jobs import Check
 from producer.batch.lines import BatchFile
 from producer.batch.lock import LockHeld
 from producer.batch.state import BatchState
 from producer.client import GatewayClient
-from queuegate.control import BatchMeta, Counts
+from queuegate.control import CATEGORIES, BatchMeta, Category, Counts
 from queuegate.db import DB_ERRORS
 from queuegate.errors import (
     BatchError,
@@ -657,7 +658,34 @@ class _Run:
                 raise
             await self._lost(f"while its results were collected ({exc})")
             return
-        await self._end(report.counts, collected=True)
+        counts, lines = await self._collected_elsewhere(report.counts)
+        await self._end(counts, collected=True, lines=lines)
+
+    async def _collected_elsewhere(self, counts: Counts) -> tuple[Counts, list[dict[str, Any]]]:
+        """The batch's counts as its files hold them, and an error line for each request the
+        gateway counts written that they lack: one whose result the team's own ``queuegate
+        batch collect`` took (run while no front door ran the batch), its answer in that
+        collect's file. Counted as written, the batch ended ``completed`` with lines its
+        output file did not hold."""
+        fmt = FORMATS[self.row.api]
+        held: set[str] = set()
+        tally: Counter[Category] = Counter()
+        async for line in self._sink(self._files()).existing():
+            held.add(str(line["custom_id"]))
+            if "gateway" in line:  # an answer; a request refused unpublished has no block
+                tally[fmt.category(line)] += 1
+        if len(held) >= counts.written + self.row.refused:
+            return counts, []
+        with tempfile.TemporaryDirectory(prefix="queuegate-batch-") as work:
+            custom_ids = [c for _, c in _custom_ids(await self._download(Path(work)))]
+        why = ErrorInfo(
+            code="already_answered",
+            message="its answer was collected outside the front door, by the team's own "
+            f"`queuegate batch collect {self.row.id}`, into that collect's file",
+        )
+        lines = [self._refused_line(c, why) for c in custom_ids if c not in held]
+        tally["failed"] += len(lines)
+        return counts.model_copy(update={c: tally[c] for c in CATEGORIES}), lines
 
     async def _gateway_meta(self) -> BatchMeta | None:
         assert self._state is not None
@@ -673,7 +701,8 @@ class _Run:
         failure: dict[str, Any] | None = None,
     ) -> None:
         """Record how the batch ended and show its files, in one transaction, with ``lines``
-        of requests that were never published (Message Batches only). ``collected``: its
+        of requests that were never published (Message Batches only) or whose answers the
+        files lack (``_collected_elsewhere``). ``collected``: its
         results were collected (it was finalized), rather than it ended before it ran;
         ``failure``: the error it failed with, unless the caller canceled it."""
         async with self._pool.acquire() as conn, conn.transaction():
