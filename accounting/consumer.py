@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from accounting.migrate import migrate
-from accounting.store import insert_usage, prepare_insert, stage
+from accounting.store import insert_usage, prepare_insert, stage, storable_json
 from queuegate import tracing
 from queuegate.broker import CONNECTION_LOST, Consumer, connect, consume, settle
 from queuegate.db import DB_ERRORS, is_unreachable, reconnect, wait_for_pool
@@ -600,10 +600,12 @@ def _report(correction: Correction) -> None:
 
 def _events(message: DeliveredMessage) -> list[UsageEvent]:
     """The events a usage message holds: a batch's (``usage-batch``), or one (``usage``, what
-    workers before batches send, and what any other type is read as)."""
+    workers before batches send, and what any other type is read as), each NUL in their text
+    as U+FFFD: the row of a job whose key id, model or error held one is still written."""
+    body = storable_json(message.body)
     if message.header.properties.message_type == MESSAGE_TYPE_USAGE_BATCH:
-        return UsageBatch.model_validate_json(message.body).events
-    return [UsageEvent.model_validate_json(message.body)]
+        return UsageBatch.model_validate_json(body).events
+    return [UsageEvent.model_validate_json(body)]
 
 
 def _log_malformed(message: DeliveredMessage, exc: ValidationError) -> None:

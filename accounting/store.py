@@ -224,19 +224,23 @@ async def prepare_insert(conn: asyncpg.Connection) -> None:
     await conn.fetchval(_INSERT, *empty, timeout=STATEMENT_TIMEOUT)
 
 
-# jsonb refuses the escaped NUL that JSON allows: a prompt, a model's answer or a provider's
-# error text holding one would fail the whole statement, and the job would go unbilled. It is
-# stored as U+FFFD instead; an escaped backslash before "u0000" is text, left as it is.
-_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+# PostgreSQL text refuses NUL, and jsonb the escape of it that JSON allows: a usage event with
+# one in any text (a tenant's key id or model, a prompt, a model's answer, a provider's error)
+# would fail the whole statement, and the job would go unbilled. It is stored as U+FFFD
+# instead; an escaped backslash before "u0000" is text, left as it is. (A lone surrogate,
+# which neither can hold either, has no JSON form the workers write or pydantic reads.)
+_JSON_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def _jsonb(text: str) -> str:
-    """JSON text as jsonb takes it."""
-    return _JSON_NUL.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+def storable_json(data: bytes) -> bytes:
+    """JSON with each NUL it holds as U+FFFD, so that every text in it can be stored: a usage
+    message's body, every field of its events at once, before they are read
+    (``accounting.consumer``), and the JSON of the jsonb columns."""
+    return _JSON_NUL.sub(rb"\1\\ufffd", data) if b"\\u0000" in data else data
 
 
 def _json(value: object) -> str:
-    return _jsonb(orjson.dumps(value).decode())
+    return storable_json(orjson.dumps(value)).decode()
 
 
 def _stored(row: tuple[Any, ...]) -> list[Any]:
@@ -244,7 +248,7 @@ def _stored(row: tuple[Any, ...]) -> list[Any]:
     stored = list(row)
     stored[_TS] = _as_utc(row[_TS])
     log = row[_ATTEMPT_LOG]
-    stored[_ATTEMPT_LOG] = None if log is None else _jsonb(_ATTEMPTS.dump_json(log).decode())
+    stored[_ATTEMPT_LOG] = None if log is None else storable_json(_ATTEMPTS.dump_json(log)).decode()
     return stored
 
 

@@ -361,10 +361,11 @@ async def test_a_batch_around_a_malformed_body_is_acknowledged_whole(
 async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:
-    # Given a valid UsageEvent with a value PostgreSQL refuses (text cannot hold NUL), queued
-    # among good events so that all share one batch, one of them another team's same job id
-    unstorable = usage("job-nul", worker="w\x00")
-    namesake = usage("job-nul", team="beta")
+    # Given a valid UsageEvent with a value PostgreSQL refuses (a count no bigint holds),
+    # queued among good events so that all share one batch, one of them another team's same
+    # job id
+    unstorable = usage("job-huge", input_tokens=2**70)
+    namesake = usage("job-huge", team="beta")
     await send_usage(usage_exchange, usage("job-1"), unstorable, namesake, usage("job-2"))
 
     # When the accountant writes the batch
@@ -375,7 +376,52 @@ async def test_an_event_postgres_cannot_store_is_dead_lettered_alone(
     assert accountant.events_written == 3
     assert await row_count(pool) == 3
     [dead] = await dead_letters(settings, 1)
-    assert UsageEvent.model_validate_json(dead.body).job_id == "job-nul"
+    assert UsageEvent.model_validate_json(dead.body).job_id == "job-huge"
+    assert await queued(settings) == 0
+
+
+async def test_an_event_with_nul_in_its_text_is_stored_with_it_replaced(
+    settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
+) -> None:
+    # Given events holding NUL, which PostgreSQL text cannot store, in every text field a
+    # tenant or a provider can fill (a refusal under a key id that held one, its model, an
+    # attempt's error, claims), alone and in a batch, and a literal backslash-u0000 text
+    nul = {
+        "model_requested": "gpt\x00mini",
+        "model_used": "gpt\x00mini",
+        "provider": "open\x00ai",
+        "deployment": "d\x00",
+        "error_code": None,
+        "worker": "w\x00",
+        "identity": "api_key:ab\x00cd",
+        "pii": "email\x00",
+        "params_dropped": "seed\x00",
+        "params_changed": "max_tokens\x00",
+        "claim": "c\x00",
+        "covers": ["c\x00", "d\x00"],
+        "attempt_log": [
+            Attempt(model="m\x00", deployment="d\x00", provider="p\x00", error="e\x00")
+        ],
+    }
+    await send_usage(usage_exchange, usage("job-\x00/refused/1", **nul))
+    await send_batch(usage_exchange, usage("job-2", **nul), usage("job-\\u0000"))
+
+    # When the accountant writes them
+    async with running(settings) as accountant:
+        await wait_until(accountant, lambda: accountant.events_written == 3)
+
+    # Expect each its row, every NUL as U+FFFD, the literal text as it was, nothing rejected
+    assert accountant.events_rejected == 0
+    rows = {r["job_id"]: r for r in await pool.fetch("SELECT * FROM usage_log")}
+    assert sorted(rows) == ["job-2", "job-\\u0000", "job-\ufffd/refused/1"]
+    for job_id in ("job-\ufffd/refused/1", "job-2"):
+        row = rows[job_id]
+        for name, value in nul.items():
+            if isinstance(value, str):
+                assert row[name] == value.replace("\x00", "\ufffd"), name
+        assert row["covers"] == ["c\ufffd", "d\ufffd"]
+        [attempt] = row["attempt_log"]
+        assert (attempt["model"], attempt["error"]) == ("m\ufffd", "e\ufffd")
     assert await queued(settings) == 0
 
 
@@ -429,7 +475,7 @@ async def test_a_batch_with_an_event_postgres_cannot_store_is_dead_lettered_whol
     settings: Settings, usage_exchange: AbstractExchange, pool: asyncpg.Pool
 ) -> None:
     # Given a batch holding one value PostgreSQL refuses among good events, and a good batch
-    await send_batch(usage_exchange, usage("job-1"), usage("job-nul", worker="w\x00"))
+    await send_batch(usage_exchange, usage("job-1"), usage("job-huge", input_tokens=2**70))
     await send_batch(usage_exchange, usage("job-2"))
 
     # When the accountant writes them
@@ -443,7 +489,7 @@ async def test_a_batch_with_an_event_postgres_cannot_store_is_dead_lettered_whol
     [dead] = await dead_letters(settings, 1)
     assert dead.type == MESSAGE_TYPE_USAGE_BATCH
     held = UsageBatch.model_validate_json(dead.body).events
-    assert [e.job_id for e in held] == ["job-1", "job-nul"]
+    assert [e.job_id for e in held] == ["job-1", "job-huge"]
     assert await queued(settings) == 0
 
 

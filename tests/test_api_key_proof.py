@@ -178,6 +178,47 @@ async def test_what_a_client_chose_is_logged_cut_short_and_the_key_never(
     assert key_team.key.split("_", 2)[2] not in caplog.text
 
 
+async def test_a_key_id_holding_nul_is_refused_and_its_refusal_billed_on_a_row(
+    settings: Settings, key_team: KeyTeam
+) -> None:
+    async with (
+        running_gateway(settings, teams=("alpha",)) as gw,
+        GatewayClient(key_team.apps, team="alpha", api_key=key_team.key) as client,
+    ):
+        # Given a job of alpha's sent under a key id holding NUL, which PostgreSQL text cannot
+        # store (accounting's tests put one in every other text of a usage event)
+        job = client.job("gpt-4o-mini", HELLO)
+        signed = job_message(
+            job, reply_to=client.reply_to, user_id=key_team.apps.amqp_user, api_key=key_team.key
+        )
+        message = aio_pika.Message(
+            signed.body,
+            headers=dict(signed.properties.headers or {}) | {KEY_ID_HEADER: "ab\x00cd"},
+            message_id=job.job_id,
+            reply_to=client.reply_to,
+            user_id=key_team.apps.amqp_user,
+        )
+        connection = await aio_pika.connect(key_team.apps.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await publish(
+                channel,
+                message,
+                exchange=Topology(settings.namespace).entry_exchange("alpha"),
+                routing_key="alpha",
+            )
+
+        # When a worker refuses it
+        result = await client.wait(job.job_id, timeout=10)
+        assert result.error is not None and result.error.code == "unauthorized"
+
+        # Expect its refusal on a usage row, under the key id it claimed with NUL replaced
+        [row] = await gw.usage_rows(1)
+        assert row["job_id"].startswith(f"{job.job_id}/refused/")
+        assert row["error_code"] == "unauthorized"
+        assert row["identity"].endswith(",api_key=ab\ufffdcd")
+
+
 def test_a_proof_holds_for_its_own_job_id_team_and_body_only() -> None:
     _, key = new_api_key()
     headers = sign_job(key, job_id="j1", team="alpha", body=b"{}")
