@@ -18,14 +18,7 @@ from datetime import UTC, datetime
 
 from queuegate import tracing
 from queuegate.json_lines import one_line
-from queuegate.visible import clipped
-
-# Line breaks a message can carry from outside (a tenant's header, a provider's text), written
-# as escapes so that no message can forge a line of its own; U+2028, U+2029 and NEL break
-# lines for Unicode-aware readers (a JSON line escapes them too: queuegate.json_lines).
-_BREAKS = str.maketrans(
-    {"\n": "\\n", "\r": "\\r", "\x85": "\\x85", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-)
+from queuegate.visible import clipped, visible
 
 _JOB: ContextVar[tuple[str, str] | None] = ContextVar("queuegate_job", default=None)
 
@@ -40,10 +33,16 @@ def for_job(job_id: str, team: str) -> None:
 class TextFormatter(logging.Formatter):
     """Human lines, one per record: a traceback or stack after the message is on its line, its
     line breaks escaped as a message's are (as the JSON form's ``exception`` holds it), so a
-    reader that takes a line for a record (a log shipper, ``grep``) gets the whole of it."""
+    reader that takes a line for a record (a log shipper, ``grep``) gets the whole of it.
+
+    Every control character of the line is written out (``visible``: ``\\n``, ``\\x1b``,
+    ``\\u2028``): a message carries text from outside (a tenant's header or queue name, a
+    provider's text), and raw, a line break in it (VT, FF, FS and NEL too, for
+    ``str.splitlines``) would forge a record, an escape sequence rewrite the operator's
+    terminal, and a NUL make ``grep`` take the log for binary."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).translate(_BREAKS)
+        return visible(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):

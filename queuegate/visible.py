@@ -49,14 +49,24 @@ def visible(text: str) -> str:
     an escape sequence in one would colour an operator's terminal, set its title or rewrite
     what the table shows.
     """
-    return _CONTROL.sub(_escape, text)
+    # Every character _CONTROL matches is one isprintable refuses, and it reads a usual line
+    # faster than the search: a 140-character ASCII log line, by timeit here, 0.9 us for all
+    # of visible(), 1.5 us for _CONTROL.search alone (and 13 us for the str.translate of five
+    # line breaks that TextFormatter ran before).
+    return text if text.isprintable() else _CONTROL.sub(_escape, text)
 
 
 def _escape(match: re.Match[str]) -> str:
     return _escape_char(match.group())
 
 
+_SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+"""The escapes Python writes for these, which read more plainly than ``\\x0a``."""
+
+
 def _escape_char(char: str) -> str:
+    if char in _SHORT:
+        return _SHORT[char]
     code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 

@@ -41,6 +41,37 @@ def test_a_message_holding_line_breaks_is_one_line(
         )
 
 
+CONTROLS = "".join(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]))
+"""Every character ``str.splitlines`` splits on, and every other control (ESC, NUL, DEL, C1)."""
+
+
+def test_a_text_line_writes_out_every_control_character(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given human lines, as a process configures them
+    configure_logging("INFO", form="text")
+    try:
+        # When a reply queue name a tenant chose holds every control character (a forged
+        # record after a vertical tab, an escape sequence erasing the terminal's line, NUL)
+        queue = f"q{CONTROLS}\x0bERROR FORGED\x1b[2K\x1b[1A\x00"
+        logging.getLogger("workers.publisher").warning(
+            "result of job %s returned: reply queue %s no longer exists", "j-1", queue
+        )
+        err = capsys.readouterr().err
+    finally:
+        configure_logging("WARNING")
+
+    # Expect one line of printable text, by any reader's idea of a line, saying each one
+    [line] = err.splitlines()
+    assert line.isprintable(), line
+    assert err == line + "\n"
+    assert line.endswith(
+        "reply queue q\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07\\x08\\t\\n\\x0b\\x0c\\r"
+        + "".join(f"\\x{code:02x}" for code in [*range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0)])
+        + "\\u2028\\u2029\\x0bERROR FORGED\\x1b[2K\\x1b[1A\\x00 no longer exists"
+    )
+
+
 @pytest.mark.parametrize("form", ["text", "json"])
 def test_a_record_with_a_traceback_is_one_line(
     form: str, capsys: pytest.CaptureFixture[str]
