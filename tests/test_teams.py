@@ -1457,6 +1457,7 @@ async def test_a_draining_worker_sends_its_jobs_held_for_the_rate_back_uncalled(
     # Given alpha at 6 requests a minute, one at a time (a job admitted every 10 s), a worker
     # serving it with 30 s to drain at a stop, and another worker (of team beta)
     await configure(settings, alpha, {"rpm": 6, "burst": 1})
+    await register(settings, "beta", identity="queue")  # a worker serves registered teams alone
     slow = MockConfig(models={"llama-3.1-8b": Behavior(timeout_rate=1, hang_s=60)})
     async with MockProvider(slow) as mock:
         env = worker_env(settings, mock, QUEUEGATE_SHUTDOWN_GRACE="30")
