@@ -19,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 from accounting import Accountant
@@ -441,3 +442,18 @@ async def drop_test_namespace(settings: Settings, teams: Sequence[str]) -> None:
                 await conn.execute(f"DROP SCHEMA {quote_ident(row['nspname'])} CASCADE")
         finally:
             await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """The base URL of ``app`` served on a free loopback port: a provider of a test's own, for
+    answers the mock provider does not make."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        [(host, port)] = runner.addresses
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()

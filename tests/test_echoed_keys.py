@@ -22,7 +22,7 @@ from queuegate.messages import ChatJob
 from queuegate.settings import Settings
 from router import Catalog, open_router
 from router.providers import Piece
-from tests.support import running_gateway
+from tests.support import running_gateway, serving
 from tests.test_tracing import in_memory
 
 KEY = "sk-SENTINEL-echoed-0123456789abcdef"
@@ -106,15 +106,8 @@ async def echoing_provider() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _answer)
     app.router.add_post("/v1/messages", _answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        [(host, port)] = runner.addresses
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 def chat(model: str, *, stream: bool) -> ChatJob:

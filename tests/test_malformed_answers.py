@@ -17,7 +17,7 @@ from mockprovider.catalog import mock_deployment
 from queuegate.settings import Settings
 from router.providers.anthropic import AnthropicAdapter
 from router.providers.base import ProviderError, ServerEvent
-from tests.support import running_gateway
+from tests.support import running_gateway, serving
 
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 OPENING = {**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi "}}]}
@@ -58,15 +58,8 @@ async def malformed_provider(malformed: str) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        [(host, port)] = runner.addresses
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
