@@ -471,16 +471,17 @@ async def test_a_worker_answers_a_job_whose_key_the_http_client_refuses(
 
 
 @pytest.mark.parametrize("identity", ["broker", "api_key"])
-async def test_a_fault_inside_the_router_answers_the_job_instead_of_requeuing_it(
+async def test_a_fault_reading_an_answer_is_its_calls_bad_response_billed_never_requeued(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, identity: str
 ) -> None:
-    # Given a worker that fails on every answer in a way no redelivery cures (what a value
-    # no check caught does: float infinity turned into milliseconds), and a team added the
-    # default way (its own broker user) or proving itself with an API key
+    # Given a worker that fails reading every answer in a way no redelivery cures (what a
+    # value no check caught does: float infinity turned into milliseconds), and a team added
+    # the default way (its own broker user) or proving itself with an API key
     def overflow(body: Any, model: str) -> Any:
         raise OverflowError("cannot convert float infinity to integer")
 
-    monkeypatch.setattr(ADAPTERS["openai"], "parse_response", overflow)
+    for adapter in ADAPTERS.values():
+        monkeypatch.setattr(adapter, "parse_response", overflow)
     settings = not_operator(settings)
     credentials = await add(settings, "alpha")
     app, api_key = as_team(settings, credentials), None
@@ -499,14 +500,15 @@ async def test_a_fault_inside_the_router_answers_the_job_instead_of_requeuing_it
             )
 
             # Expect an error result (the job does not come back until the delivery limit,
-            # unanswered), the provider called once, accounted once
+            # unanswered), accounted once, each call the provider answered recorded as its
+            # bad response with its 200 and billed (the provider charged it)
             assert result.status == "error" and result.error is not None
-            assert result.error.code == "provider_error"
-            assert "OverflowError" in result.error.message
             [row] = await gw.usage_rows(1)
-            assert row["job_id"] == result.job_id and row["error_code"] == "provider_error"
+            assert row["job_id"] == result.job_id and row["error_code"] == result.error.code
             assert row["identity"].startswith(f"{identity}:")
-            assert gw.mock.stats.calls == 1
+            attempts = [(a["status"], a["error"]) for a in row["attempt_log"]]
+            assert attempts == [(200, "bad_response")] * gw.mock.stats.calls
+            assert gw.mock.stats.calls >= 1 and row["cost_usd"] > 0
     finally:
         if credentials.user:
             async with BrokerAdmin.of(settings) as admin:
