@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 import asyncpg
 from fastapi import Depends, Request
@@ -75,12 +75,6 @@ class Caller:
 
 KEY_WAIT = 5.0
 """Seconds a request waits for its key's row when the process's copy lacks it."""
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """A lookup no request awaits any more: its failure is the next request's to meet."""
-    if not task.cancelled():
-        task.exception()
 
 
 class KeyBook:
@@ -127,20 +121,19 @@ class KeyBook:
         """The key's row, asked for once however many requests present it at once (a live
         key's burst, or one wrong key sent many times, costs PostgreSQL one lookup); waited
         for ``KEY_WAIT`` at most (ServiceUnavailable: nothing published, retried)."""
-        asking = asyncio.ensure_future(
-            self._asking(key_hash, partial(self._ask, key, key_hash, now))
-        )
-        # Shielded: the lookup runs on for the requests after (its connection let go only
-        # once the server answers); this one is answered. Unbounded, a key not in the copy
-        # held its request for as long as PostgreSQL hung (150 s seen, no answer).
-        done, _ = await asyncio.wait([asking], timeout=KEY_WAIT)
-        if not done:
-            asking.add_done_callback(_retrieved)
+        # Bounded: unbounded, a key not in the copy held its request for as long as
+        # PostgreSQL hung (150 s seen, no answer). SingleFlight shields the lookup, so it runs
+        # on for the requests after (its connection let go only once the server answers) and
+        # its failure is retrieved there; this one is answered.
+        try:
+            async with asyncio.timeout(KEY_WAIT):
+                return await self._asking(key_hash, partial(self._ask, key, key_hash, now))
+        except TimeoutError as exc:
+            # The lookup's own timeouts are ServiceUnavailable already (``_ask``).
             raise ServiceUnavailable(
                 f"the team registry (PostgreSQL) did not answer within {KEY_WAIT:g} s; "
                 "nothing was published: retry shortly"
-            )
-        return asking.result()
+            ) from exc
 
     async def _ask(self, key: str, key_hash: str, now: float) -> KeyOwner | DisabledTeamKey | None:
         try:
