@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontdoor.answers import noted_job
-from queuegate.api_errors import openai_error
+from queuegate.api_errors import anthropic_error, openai_error
 from queuegate.errors import (
     ClientError,
     GatewayError,
@@ -44,7 +44,7 @@ from queuegate.errors import (
     QueueFull,
     ServiceUnavailable,
 )
-from queuegate.messages import HTTP_STATUS, ChatResult
+from queuegate.messages import HTTP_STATUS, AnswerFormat, ChatResult
 from queuegate.value_errors import bounded, shown
 from queuegate.visible import clipped
 
@@ -92,6 +92,13 @@ jobs and 6 calls for one request)."""
 
 ErrorShape = Callable[[str, str, str | None], dict[str, Any]]
 """``shape(code, message, param)``: an API's error body (``param``: the field at fault)."""
+
+FORMAT_SHAPES: dict[AnswerFormat, ErrorShape] = {
+    "openai": openai_error,
+    "anthropic": anthropic_error,
+}
+"""The error shape of each API a job is answered in (``ChatJob.answer_format``): what a job's
+error read by id takes, whatever path reads it."""
 
 
 class ApiError(Exception):
@@ -202,8 +209,13 @@ class ErrorShapes:
         return self._shapes[max(matches, key=len)] if matches else self._default
 
     def response(self, path: str, error: ApiError) -> JSONResponse:
-        body = self.for_path(path)(error.code, error.message, error.param)
-        return JSONResponse(body, status_code=error.status, headers=error.headers())
+        return error_response(self.for_path(path), error)
+
+
+def error_response(shape: ErrorShape, error: ApiError) -> JSONResponse:
+    """``error`` answered in ``shape``, with its status and headers."""
+    body = shape(error.code, error.message, error.param)
+    return JSONResponse(body, status_code=error.status, headers=error.headers())
 
 
 class UnexpectedErrors:
@@ -285,6 +297,7 @@ def install_error_handlers(app: FastAPI) -> ErrorShapes:
 
 
 __all__ = [
+    "FORMAT_SHAPES",
     "HTTP_ONLY",
     "ApiError",
     "ErrorShape",
@@ -292,6 +305,7 @@ __all__ = [
     "UnexpectedErrors",
     "error_of",
     "error_of_result",
+    "error_response",
     "refusing",
     "shown",
     "unexpected",

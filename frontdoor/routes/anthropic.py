@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse, Response
 from frontdoor.answers import gateway_headers, note_job
 from frontdoor.anthropic_request import count_tokens_job, messages_job
 from frontdoor.anthropic_stream import MessageEvents, message_of
+from frontdoor.async_answers import respond_async
 from frontdoor.auth import Calling
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions
-from frontdoor.routes.jobs import respond_async
 from frontdoor.service import Door
 from workers.admission.estimate import prompt_tokens
 
@@ -44,7 +44,7 @@ async def messages(request: Request, door: Door, caller: Calling) -> Response:
     job = messages_job(body, caller.team, options, door.limits)
     note_job(request, job.job_id)
     if options.respond_async:
-        return await respond_async(request, door, caller, job, options, started=started)
+        return await respond_async(door, caller, job, options, started=started)
     if job.stream:
         opened = await open_stream(door, caller, job, options)
         return streamed(door, job, opened, MessageEvents(job.job_id, job.model), started)

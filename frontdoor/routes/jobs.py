@@ -1,9 +1,10 @@
 """``GET /v1/jobs/{id}?wait=N``: the answer of a job the front door published, by id.
 
 For an async job (``Prefer: respond-async``, which a chat route answers with
-``respond_async``), a caller that disconnected, or one whose wait ran out. Read from the
-outcomes the workers store (``frontdoor.outcomes``), by the caller's team: another team's id
-reads as unknown. ``wait`` long-polls up to N seconds from the request's arrival.
+``frontdoor.async_answers.respond_async``), a caller that disconnected, or one whose wait ran
+out. Read from the outcomes the workers store (``frontdoor.outcomes``), by the caller's team:
+another team's id reads as unknown. ``wait`` long-polls up to N seconds from the request's
+arrival.
 
 - 200: the job's answer with its ``_gateway`` block, in the API of the route that
   published it: a ``chat.completion``, or a ``/v1/messages`` job's Messages API message;
@@ -21,27 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from frontdoor.answers import arrived, gateway_block, gateway_headers, note_job
-from frontdoor.auth import Caller, Calling
-from frontdoor.calls import publish_job
-from frontdoor.chat_request import RequestOptions
-from frontdoor.errors import ApiError, ErrorShapes, error_of_result, shown
+from frontdoor.answers import arrived, gateway_headers, note_job
+from frontdoor.async_answers import error_answer, finished
+from frontdoor.auth import Calling
+from frontdoor.errors import ApiError, shown
 from frontdoor.outcomes import Expired, Finished
-from frontdoor.routes import anthropic
-from frontdoor.service import Door, FrontDoor
-from queuegate.messages import AnswerFormat, ChatJob, ChatResult
-from queuegate.provider_formats import (
-    NotAnObject,
-    anthropic_id,
-    anthropic_message,
-    openai_id,
-    openai_view,
-)
+from frontdoor.service import Door
 
 router = APIRouter(tags=["Jobs"])
 
@@ -74,9 +65,9 @@ async def job(
                 if state != "unknown":
                     note_job(request, job_id)
                 if isinstance(state, Finished):
-                    return finished(request, state.result, state.answer_format, started)
+                    return finished(state.result, state.answer_format, started)
                 if isinstance(state, Expired):
-                    return _in_shape(request, state.answer_format, _expired(job_id, state))
+                    return error_answer(state.answer_format, _expired(job_id, state))
                 if state == "unknown":
                     raise ApiError(
                         "not_found",
@@ -98,51 +89,6 @@ async def job(
         ) from None
 
 
-async def respond_async(
-    request: Request,
-    door: FrontDoor,
-    caller: Caller,
-    job: ChatJob,
-    options: RequestOptions,
-    *,
-    started: float,
-) -> JSONResponse:
-    """A chat route's answer to ``Prefer: respond-async``: 202 once the job is published,
-    its answer read by id; a retry of a job answered already (its Idempotency-Key's) gets
-    that answer as the read gives it, never a 202 saying it is queued."""
-    answered = await publish_job(door, caller, job.model_copy(update={"stream": False}), options)
-    location = f"/v1/jobs/{job.job_id}"
-    if answered is not None:
-        read = finished(request, answered, job.answer_format, started)
-        read.headers["content-location"] = location
-        return read
-    headers = {**gateway_headers(job.job_id, None, started), "location": location}
-    body = {"id": job.job_id, "object": "queuegate.job", "status": "queued", "url": location}
-    return JSONResponse(body, status_code=202, headers=headers)
-
-
-def finished(
-    request: Request, result: ChatResult, answer_format: AnswerFormat, started: float
-) -> JSONResponse:
-    """A finished job's answer as it is read by id, in ``answer_format``'s API: its answer
-    with the ``_gateway`` block, or its error in that API's shape."""
-    job_id = result.job_id
-    if result.status != "ok" or result.response is None:
-        return _in_shape(request, answer_format, error_of_result(result))
-    body = {
-        **_view(result.response, job_id, answer_format),
-        "_gateway": gateway_block(job_id, result, None),
-    }
-    return JSONResponse(body, headers=gateway_headers(job_id, result, started))
-
-
-def _in_shape(request: Request, answer_format: AnswerFormat, error: ApiError) -> JSONResponse:
-    """A job's error read by id, in the error shape of ``answer_format``'s API."""
-    shapes: ErrorShapes = request.app.state.error_shapes
-    path = anthropic.PREFIX if answer_format == "anthropic" else request.url.path
-    return shapes.response(path, error)
-
-
 def _expired(job_id: str, expired: Expired) -> ApiError:
     return ApiError(
         "deadline_exceeded",
@@ -150,12 +96,3 @@ def _expired(job_id: str, expired: Expired) -> ApiError:
         f"({expired.deadline.isoformat(timespec='seconds')}), uncalled: nothing was billed",
         job_id=job_id,
     )
-
-
-def _view(response: dict[str, Any], job_id: str, answer_format: AnswerFormat) -> dict[str, Any]:
-    if answer_format == "anthropic":
-        try:
-            return anthropic_message(response, anthropic_id(job_id))
-        except NotAnObject:
-            pass  # no message has a form for it: read in OpenAI's format, as its 502 said
-    return openai_view(response, openai_id(job_id))

@@ -5,7 +5,7 @@ latency, cost, model used, fallback). Point the ``openai`` SDK's ``base_url`` at
 anything is published.
 
 ``Prefer: respond-async`` answers 202 at once with the job id; ``GET /v1/jobs/<id>`` reads
-the answer (routes/jobs.py).
+the answer (routes/jobs.py; ``frontdoor.async_answers``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontdoor.answers import gateway_block, gateway_headers, note_job
+from frontdoor.async_answers import respond_async
 from frontdoor.auth import Caller, Calling
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions, chat_job, check_chat, unknown_model, wants_stream
-from frontdoor.routes.jobs import respond_async
 from frontdoor.service import Door, FrontDoor
 from frontdoor.sse import ChunkWriter
 from queuegate.messages import ChatJob
@@ -64,7 +64,7 @@ async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) 
     job = chat_job(body, checked, caller.team, options, door.limits, stream=stream)
     note_job(request, job.job_id)
     if options.respond_async:
-        return await respond_async(request, door, caller, job, options, started=started)
+        return await respond_async(door, caller, job, options, started=started)
     if stream:
         return await _stream(
             door, caller, job, options, include_usage=include_usage, started=started
