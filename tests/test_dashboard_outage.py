@@ -5,18 +5,22 @@ answers a stale payload within the bound instead of a 500 or a hang, and every p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 
 from admin.keys import issue_admin_key
 from frontdoor.auth import KEY_WAIT
-from frontdoor.dashboard.outage import PAGE_WAIT, WAIT
+from frontdoor.dashboard.outage import PAGE_WAIT, WAIT, Guarded
 from frontdoor.serve import serving
+from frontdoor.service import READY_TIMEOUT, FrontDoor
 from queuegate.db import database_unreachable
 from queuegate.redis_client import redis_unreachable
 from queuegate.registry import TeamConfig
@@ -170,3 +174,39 @@ async def test_a_key_not_yet_read_answers_503_within_the_bound_while_postgresql_
     # for as long as PostgreSQL hung)
     assert refused.value.status_code == 503
     assert "nothing was published" in refused.value.message
+
+
+async def test_a_page_done_while_the_services_are_asked_is_answered_at_once(
+    settings: Settings,
+) -> None:
+    # Given the front door's Redis, which hangs once asked whether it answers (the probe of a
+    # page in its last seconds), and a guarded page done once it hangs
+    async with TcpProxy(settings.redis_url) as proxy:
+        proxy.hang_at(b"PING")
+        door_settings = settings.model_copy(update={"redis_url": proxy.url})
+        async with FrontDoor(door_settings, load_catalog(None, {})) as door:
+            app = FastAPI()
+            app.state.frontdoor = door
+
+            async def page() -> dict[str, str]:
+                await proxy.hung.wait()
+                return {"page": "shown"}
+
+            app.router.add_api_route("/dashboard/slow", page, route_class_override=Guarded)
+            transport = httpx.ASGITransport(app)
+            try:
+                async with httpx.AsyncClient(transport=transport, base_url="http://door") as http:
+                    # When the page is asked for
+                    asked = time.monotonic()
+                    shown = asyncio.ensure_future(http.get("/dashboard/slow"))
+                    await proxy.hung.wait()
+                    probed = time.monotonic()
+                    answer = await shown
+                    answered = time.monotonic()
+            finally:
+                await proxy.up()  # the front door closes its Redis connections
+    # Expect the page, done while the probe waited, answered at once (before: held until
+    # the probe gave Redis up, READY_TIMEOUT later)
+    assert answer.status_code == 200 and answer.json() == {"page": "shown"}
+    assert probed - asked >= PAGE_WAIT - READY_TIMEOUT  # the probe is what it waited for
+    assert answered - probed < READY_TIMEOUT / 2

@@ -64,16 +64,18 @@ class Guarded(APIRoute):
         async def guarded(request: Request) -> Response:
             door: FrontDoor = request.app.state.frontdoor
             serving = asyncio.ensure_future(handler(request))
+            asking: asyncio.Future[dict[str, bool]] | None = None
             try:
                 await asyncio.wait([serving], timeout=PAGE_WAIT - READY_TIMEOUT)
                 if not serving.done():
-                    # Which service is silent, asked while the page has its last seconds.
-                    _, ready = await asyncio.gather(
-                        asyncio.wait([serving], timeout=READY_TIMEOUT), door.readiness()
-                    )
+                    # Which service is silent, asked while the page has its last seconds and
+                    # read only if it is still not done: a page done meanwhile is answered at
+                    # once, not held until both services answer (up to READY_TIMEOUT).
+                    asking = asyncio.ensure_future(door.readiness())
+                    await asyncio.wait([serving], timeout=READY_TIMEOUT)
                     if not serving.done():
                         serving.cancel()  # its reads let go in their own time
-                        raise Unavailable(_silent(door.settings, ready))
+                        raise Unavailable(_silent(door.settings, await asking))
                 return serving.result()
             except asyncio.CancelledError:
                 serving.cancel()
@@ -84,6 +86,9 @@ class Guarded(APIRoute):
                 raise Unavailable(database_unreachable(door.settings)) from exc
             except ServiceUnavailable as exc:
                 raise Unavailable(str(exc)) from exc
+            finally:
+                if asking is not None:
+                    asking.cancel()  # its reads let go in their own time (``readiness``)
 
         return guarded
 
