@@ -136,8 +136,7 @@ def _marker(job: ChatJob) -> bytes:
     """The accepted marker: the job's answer format, then its deadline (epoch ms) if any."""
     if job.deadline is None:
         return job.answer_format.encode()
-    deadline = job.deadline if job.deadline.tzinfo else job.deadline.replace(tzinfo=UTC)
-    return f"{job.answer_format} {int(deadline.timestamp() * 1000)}".encode()
+    return f"{job.answer_format} {int(job.deadline.timestamp() * 1000)}".encode()
 
 
 def _read_marker(marker: bytes | None) -> tuple[AnswerFormat, datetime | None]:
