@@ -83,6 +83,7 @@ app.command()(demo)
 
 
 def main() -> None:
+    _stand_in_for_closed_output()
     # One-shot commands say what went wrong in one line of their own; long-running ones
     # (worker, accounting) configure logging again at the level they are given.
     configure_logging("warning", libraries=logging.CRITICAL)
@@ -211,3 +212,19 @@ def _paragraphs_on_one_line(commands: typer.Typer) -> None:
 
 
 _paragraphs_on_one_line(app)
+
+
+def _stand_in_for_closed_output() -> None:
+    """/dev/null on a standard descriptor the command was started without (``>&-``), so that
+    its output goes nowhere quietly, as into a pipe closed early: else the next file opened
+    takes the free number, and uvloop, finding a socket at 1, aborted the process (SIGABRT,
+    exit 134). Python found no stream there and set it None: it gets one again."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:  # the lowest free number is this one unless one below is free too
+                os.dup2(opened, fd)
+                os.close(opened)
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (the process's own)

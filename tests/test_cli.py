@@ -329,6 +329,22 @@ async def test_a_closed_stdout_ends_a_command_quietly(
     assert (process.returncode, stderr.decode()) == (0, "")
 
 
+@pytest.mark.usefixtures("pool")
+@pytest.mark.parametrize("command", [["usage", "--json"], ["audit", "log"]])
+async def test_a_command_started_without_stdout_ends_quietly(
+    settings: Settings, command: list[str]
+) -> None:
+    # When a command is started with its stdout closed (a shell's >&-)
+    process = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'exec "$0" -m cli "$@" >&-', sys.executable, *command,
+        env={**os.environ, **_env(settings)}, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    # Expect it to end status 0, saying nothing (before: uvloop, finding a socket at 1,
+    # aborted it: status 134, an assertion on stderr)
+    assert (process.returncode, stderr.decode()) == (0, "")
+
+
 def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
     # When an operator reads the help of commands with long descriptions at 80 columns
     for command in (["submit"], ["worker"], ["teams", "add"], ["teams", "set"], ["status"]):
