@@ -10,9 +10,11 @@ Keys carry the team, so a team reads only its own jobs, whatever id it names::
     state = await outcomes.look(team, job_id)    # Finished(...), Expired(...), "pending"
     bound = await outcomes.bind(job)             # an Idempotency-Key's job id to its request
 
-A job with a deadline whose outcome is not stored ``late`` seconds past it never will be:
-it expired in its queue uncalled (or a worker took it late and refused it), and ``look``
-says so (``Expired``) rather than "pending" for as long as its id is remembered.
+A job with a deadline whose outcome is not stored ``late`` seconds past it, and whose claim
+records no call, never will be: it expired in its queue uncalled (or a worker took it late
+and refused it), and ``look`` says so (``Expired``) rather than "pending" for as long as
+its id is remembered. One whose claim records a call (its worker died in it) is answered
+and billed by the next worker's sweep, whenever a worker runs: it stays "pending".
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Expired:
-    """A job whose deadline passed ``late`` ago and more with no outcome stored: no worker
-    called it, and none will."""
+    """A job whose deadline passed ``late`` ago and more with no outcome stored, nor a call
+    on its claim: no worker called it, and none will."""
 
     deadline: datetime
     answer_format: AnswerFormat
@@ -102,7 +104,8 @@ class Outcomes:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.get(self._keys.result(team, job_id))
                 pipe.get(self._keys.accepted(team, job_id))
-                raw, accepted = await pipe.execute()
+                pipe.hmget(self._keys.claim(team, job_id), "attempt", "lost")
+                raw, accepted, calls = await pipe.execute()
         except RedisError as exc:
             raise _unavailable(exc) from exc
         answer_format, deadline = _read_marker(accepted)
@@ -110,7 +113,16 @@ class Outcomes:
             return Finished(outcome.result, answer_format)
         if accepted is None:
             return "unknown"
-        if deadline is not None and datetime.now(UTC) > deadline + timedelta(seconds=self._late):
+        # A call on its claim (in flight, or lost with an owner before) was made by a worker
+        # that died in it, the provider perhaps billing it: a sweep bills and answers it
+        # (workers/lua/sweep.lua takes a claim on the same fields) once any worker runs, so
+        # "expired uncalled, nothing billed" would be untrue. A claim bound by an
+        # Idempotency-Key alone, or taken with no call made, has neither.
+        if (
+            deadline is not None
+            and not any(calls)
+            and datetime.now(UTC) > deadline + timedelta(seconds=self._late)
+        ):
             return Expired(deadline, answer_format)
         return "pending"
 

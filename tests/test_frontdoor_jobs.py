@@ -5,6 +5,7 @@ call."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -14,9 +15,11 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
+from frontdoor.outcomes import stored_by
 from mockprovider import Behavior, MockConfig
 from queuegate.keys import Keys
 from queuegate.settings import Settings
+from tests.chaos.harness import worker_env, workers_running
 from tests.frontdoor_support import HELLO, Door, open_door
 from tests.support import running_gateway
 
@@ -303,6 +306,55 @@ async def test_a_job_expired_in_its_queue_is_published_again_by_a_retry_under_it
     assert retried.headers["x-queuegate-job-id"] == job_id
     assert read.status_code == 200 and read.json()["_gateway"]["request_id"] == job_id
     assert again.mock.stats.calls == 1
+
+
+async def test_an_async_job_whose_worker_died_in_its_call_reads_queued_until_a_sweep_bills_it(
+    settings: Settings,
+) -> None:
+    # Given an async job due in 6 s whose worker process is SIGKILLed while the provider
+    # holds its call, and no worker running after it
+    bounds = {"job_time_limit": 2.0, "claim_lease": 0.5, "teams_refresh": 0.5}
+    quick = settings.model_copy(update=bounds)
+    hanging = MockConfig(default=Behavior(timeout_rate=1, hang_s=300))
+    async with open_door(quick, mock_config=hanging) as door:
+        await door.gateway.stop_worker()
+        mock = door.gateway.mock
+        env = worker_env(
+            quick, mock, **{f"QUEUEGATE_{k.upper()}": str(v) for k, v in bounds.items()}
+        )
+        due = auth(door, prefer="respond-async", **{"x-queuegate-timeout": "6"})
+        async with httpx.AsyncClient(base_url=door.url, timeout=30) as http:
+            async with workers_running(env, ("alpha",)) as [worker]:
+                accepted = await http.post("/v1/chat/completions", json=BODY, headers=due)
+                submitted = time.monotonic()
+                async with asyncio.timeout(20):
+                    await mock.wait_for_calls(1)
+                worker.send_signal(signal.SIGKILL)
+                await worker.wait()
+            job_id = accepted.json()["id"]
+            # When it is read by id past its deadline and the time a live worker could
+            # still answer it (2 s + 0.5 s + 2 x 0.5 s), then once a worker runs again
+            past = 6 + stored_by(quick) + 1 - (time.monotonic() - submitted)
+            while_dead = await http.get(
+                f"/v1/jobs/{job_id}", params={"wait": past}, headers=auth(door)
+            )
+            async with workers_running(env, ("alpha",)):
+                swept = await http.get(
+                    f"/v1/jobs/{job_id}", params={"wait": 30}, headers=auth(door)
+                )
+                rows = await door.gateway.usage_rows(1, timeout=30)
+    # Expect it queued while no worker could bill the call its dead worker made (not "expired
+    # uncalled: nothing was billed"), then answered deadline_exceeded with that call billed
+    assert accepted.status_code == 202, accepted.text
+    assert while_dead.status_code == 202, while_dead.text
+    assert while_dead.json()["status"] == "queued"
+    assert swept.status_code == 504, swept.text
+    assert swept.json()["error"]["code"] == "deadline_exceeded"
+    assert "nothing was billed" not in swept.json()["error"]["message"]
+    assert [(r["job_id"], r["error_code"]) for r in rows] == [(job_id, "deadline_exceeded")]
+    assert [a["error"] for a in rows[0]["attempt_log"]] == ["lost"]
+    assert rows[0]["cost_usd"] > 0
+    assert mock.stats.calls == 1
 
 
 async def test_a_job_an_earlier_front_door_accepted_reads_as_queued(

@@ -9,7 +9,9 @@ arrival.
 - 200: the job's answer with its ``_gateway`` block, in the API of the route that
   published it: a ``chat.completion``, or a ``/v1/messages`` job's Messages API message;
 - an error status: the job ended in that error, in that API's error shape;
-- 202 ``{"id", "object": "queuegate.job", "status": "queued"}``: not finished yet;
+- 202 ``{"id", "object": "queuegate.job", "status": "queued"}``: not finished yet (this
+  too for a job past its deadline whose worker died in its call: the next worker's sweep
+  bills that call and answers it);
 - 504 ``deadline_exceeded``, in that API's error shape: the job's deadline passed with no
   outcome stored, and no worker may still store one (``frontdoor.outcomes.Expired``): it
   expired in its queue uncalled; a ``wait`` ends there;
