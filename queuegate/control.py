@@ -171,6 +171,11 @@ class BatchMeta(WireModel):
     (``Topology.batch_results_queue``), which no pipeline's named reply queue can be. False
     for a batch recorded by an earlier version (or submitted by one), whose results go to
     the named reply queue of its name, ``<ns>.results.<team>.<name>``."""
+    front_door: bool = False
+    """Submitted by the HTTP front door's batch runner (``frontdoor.batches.runner``), which
+    deletes it once it ended the batch: the team's own ``queuegate batch collect`` of it
+    leaves it be, so that runner, finding the lines that collect took written, ends the batch
+    with an error line for each (rather than failing it as a batch the gateway lost)."""
 
     @property
     def jobs(self) -> str:

@@ -1173,18 +1173,40 @@ async def _batch_expiring(
     return batch_id
 
 
+async def _partly_collected(settings: Settings, gateway: Gateway, keys: dict[str, str]) -> str:
+    """A batch of 6 of a team admitted one request a second (registered so), 2 collected by
+    a front door before it stopped: the batch's id."""
+    async with front_door(settings, gateway, keys) as first, first.openai() as client:
+        batch = await chat_batch(client, await upload(client, openai_lines(6)))
+        await polled(
+            lambda: client.batches.retrieve(batch.id),
+            lambda b: b.request_counts is not None and b.request_counts.completed >= 2,
+        )
+    return batch.id
+
+
+def expect_taken_as_error_lines(
+    ended: Batch, output: list[dict[str, Any]], errors: list[dict[str, Any]], taken: set[str]
+) -> None:
+    """Expect the batch completed, its counts its files', each line the team's own collect
+    took an error line (409) saying where its answer went."""
+    assert ended.status == "completed" and ended.request_counts is not None
+    assert taken and ended.request_counts.completed == len(output) == 6 - len(taken)
+    assert ended.request_counts.failed == len(errors) == len(taken)
+    assert {line["custom_id"] for line in errors} == taken
+    assert {line["response"]["status_code"] for line in errors} == {409}
+    assert all(
+        "queuegate batch collect" in line["response"]["body"]["error"]["message"] for line in errors
+    )
+
+
 async def test_lines_the_teams_own_collect_took_are_error_lines_not_completed_ones(
     settings: Settings, keys: dict[str, str], tmp_path: Path
 ) -> None:
     # Given a batch of 6 of a team admitted one request a second, 2 collected by the front door
     await register(settings, "alpha", TeamConfig(rpm=60, burst=1))
     async with running_gateway(settings, teams=("alpha",)) as gateway:
-        async with front_door(settings, gateway, keys) as first, first.openai() as client:
-            batch = await chat_batch(client, await upload(client, openai_lines(6)))
-            await polled(
-                lambda: client.batches.retrieve(batch.id),
-                lambda b: b.request_counts is not None and b.request_counts.completed >= 2,
-            )
+        batch_id = await _partly_collected(settings, gateway, keys)
         # When, while no front door runs it, the team's own collect takes some results and
         # is interrupted, and a front door then ends the batch
         own = tmp_path / "own.jsonl"
@@ -1200,22 +1222,38 @@ async def test_lines_the_teams_own_collect_took_are_error_lines_not_completed_on
 
         collecting = asyncio.create_task(
             collect(
-                settings, batch.id, own, team="alpha", api_key=keys["alpha"], on_progress=interrupt
+                settings, batch_id, own, team="alpha", api_key=keys["alpha"], on_progress=interrupt
             )
         )
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(collecting, 30)
         taken = {line["custom_id"] for line in parse_jsonl(own.read_bytes())}
         async with front_door(settings, gateway, keys) as second, second.openai() as client:
-            ended, output, errors = await openai_ended_files(client, batch.id)
+            ended, output, errors = await openai_ended_files(client, batch_id)
 
     # Expect the batch's counts to be its files' (before: completed 6, its output holding
     # fewer): each line the team took an error line saying where its answer went
-    assert ended.status == "completed" and ended.request_counts is not None
-    assert taken and ended.request_counts.completed == len(output) == 6 - len(taken)
-    assert ended.request_counts.failed == len(errors) == len(taken)
-    assert {line["custom_id"] for line in errors} == taken
-    assert {line["response"]["status_code"] for line in errors} == {409}
-    assert all(
-        "queuegate batch collect" in line["response"]["body"]["error"]["message"] for line in errors
-    )
+    expect_taken_as_error_lines(ended, output, errors, taken)
+
+
+async def test_a_batch_the_teams_own_collect_took_to_its_end_ends_completed_not_lost(
+    settings: Settings, keys: dict[str, str], tmp_path: Path
+) -> None:
+    # Given a batch of 6 of a team admitted one request a second, 2 collected by the front door
+    await register(settings, "alpha", TeamConfig(rpm=60, burst=1))
+    async with running_gateway(settings, teams=("alpha",)) as gateway:
+        batch_id = await _partly_collected(settings, gateway, keys)
+        # When, while no front door runs it, the team's own collect takes every result left,
+        # to its end, and a front door then ends the batch
+        own = tmp_path / "own.jsonl"
+        await asyncio.wait_for(
+            collect(settings, batch_id, own, team="alpha", api_key=keys["alpha"]), 30
+        )
+        taken = {line["custom_id"] for line in parse_jsonl(own.read_bytes())}
+        async with front_door(settings, gateway, keys) as second, second.openai() as client:
+            ended, output, errors = await openai_ended_files(client, batch_id)
+
+    # Expect it completed as one the team's collect took a part of (before: failed
+    # batch_lost, "no batch named", its counts 2/6 and no error file): its lines the
+    # runner's, each line that collect took an error line saying where its answer went
+    expect_taken_as_error_lines(ended, output, errors, taken)

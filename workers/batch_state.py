@@ -78,6 +78,7 @@ class BatchState:
                 "model": fields.get("model") or None,
                 "source": fields.get("source", ""),
                 "own_queue": fields.get("own_queue") == "1",
+                "front_door": fields.get("front_door") == "1",
                 "refused": int(fields.get("refused", 0)),
             }
         )
@@ -110,6 +111,7 @@ class BatchState:
             "model": meta.model or "",
             "source": meta.source,
             "own_queue": int(meta.own_queue),
+            "front_door": int(meta.front_door),
             "refused": meta.refused,
             "created": time.time(),
         }

@@ -540,6 +540,7 @@ class _Run:
                         # checks for its cancel, its key and its share of runners meanwhile.
                         pause_when_full=False,
                         checks=self._checks,
+                        front_door=True,
                         **self._who,
                     )
                 except BatchInvalid as exc:

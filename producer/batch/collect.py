@@ -30,9 +30,11 @@ submitted file with the same checks. These lines carry no ``gateway`` block (no 
 gateway answered them): a resumed collect tells them from its results by it, and writes
 each once.
 
-Once every line is written, ``collect`` deletes the batch: its state and its results queue.
-``collect_into`` writes to any ResultSink and leaves the batch for its caller to delete;
-``collect_state`` does so over a state the caller gives.
+Once every line is written, ``collect`` deletes the batch: its state and its results queue;
+not one the HTTP front door submitted (``BatchMeta.front_door``), which its runner deletes
+once it has ended it, the lines this collect took each an error line there saying where its
+answer went. ``collect_into`` writes to any ResultSink and leaves the batch for its caller
+to delete; ``collect_state`` does so over a state the caller gives.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ async def collect(
 ) -> CollectReport:
     """Write every result of ``team``'s batch ``name`` to ``out`` (failures to ``errors``).
 
-    Returns once every request has a line, then deletes the batch. Interrupted, it resumes
+    Returns once every request has a line, then deletes the batch (not the front door's:
+    ``BatchMeta.front_door``). Interrupted, it resumes
     where it stopped when run again with the same files. One collect per batch at a time: a
     second one is refused. ``source``: the file the batch was submitted from, where it is
     no longer at the path submit recorded; results its full queue refused are asked for
@@ -125,7 +128,7 @@ async def collect(
     from it, answered by the same ``checks`` (BatchError without them).
     """
     batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
-    async with batch as (state, resend):
+    async with batch as (state, meta, resend):
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
             where = Path(source) if source is not None else None
             refused = _RefusedLines(state, files, where, checks, settings)
@@ -139,7 +142,8 @@ async def collect(
                 resend=resend,
                 held=refused,
             )
-        await state.delete()
+        if not meta.front_door:
+            await state.delete()
     written = report.written + refused.written
     return dataclasses.replace(report, written=written, refused=refused.total)
 
@@ -248,7 +252,7 @@ async def collect_into(
     the caller can record the batch as collected before the gateway forgets it.
     ``source``: the submitted file, or how to fetch it should results be asked for again."""
     batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
-    async with batch as (state, resend):
+    async with batch as (state, _, resend):
         return await collect_state(
             settings,
             state,
@@ -301,9 +305,9 @@ async def _batch(
     user_id: str | None,
     api_key: ApiKey | None,
     source: Source | str | None,
-) -> AsyncIterator[tuple[BatchState, Resend]]:
-    """The state of the team's batch ``name``, through a client of the gateway, and how to
-    ask again for its results, as the team that submitted it."""
+) -> AsyncIterator[tuple[BatchState, BatchMeta, Resend]]:
+    """The state of the team's batch ``name``, through a client of the gateway, what it is,
+    and how to ask again for its results, as the team that submitted it."""
     name = check_batch_name(name)
     async with GatewayClient(
         settings, team=team, user_id=user_id, api_key=api_key, listen=False
@@ -319,7 +323,7 @@ async def _batch(
             source=Path(source) if isinstance(source, str) else source,
         )
         try:
-            yield state, resend
+            yield state, meta, resend
         finally:
             await resend.aclose()
 

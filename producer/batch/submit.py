@@ -93,6 +93,7 @@ async def submit_batch(
     anthropic_models: Collection[str] | None = None,
     checks: Mapping[FormatName, Check] | None = None,
     on_progress: Progress | None = None,
+    front_door: bool = False,
 ) -> SubmitReport:
     """Publish a batch file's requests as jobs whose results go to the batch's reply queue.
 
@@ -110,6 +111,8 @@ async def submit_batch(
     BatchInvalid's when no request is left) for the caller to answer as a line of its own.
     ``pause_when_full``: a full team queue pauses publishing until it has room; else its
     QueueFull is raised (the confirmed requests recorded) for the caller to resume later.
+    ``front_door``: the HTTP front door's batch runner submits it, and deletes it once ended
+    (``BatchMeta.front_door``).
     """
     path = Path(path)
     name = check_batch_name(default_name(path) if name is None else name)
@@ -188,6 +191,7 @@ async def submit_batch(
                 source=str(path.resolve()),
                 own_queue=True,
                 refused=len(refused),
+                front_door=front_door,
             )
             await state.create(meta)
             # As recorded: a gateway of an earlier version keeps no own queue for a batch,
