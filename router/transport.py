@@ -2,8 +2,8 @@
 
 aiohttp's exceptions are mapped with messages written here, never their own text, and the
 upstream error message kept as detail goes through ``scrub`` (key removed, one short line).
-A successful answer, whole or each stream event, that echoes the key has it redacted
-(``echoed``, ``unechoed``) before anything reads it.
+A successful whole answer that echoes the key has it redacted (``echoed``, ``unechoed``)
+before anything reads it; a stream event, when its parser reads it (``json_data``).
 
 aiohttp rather than httpx: per call it spends about a fifth of the CPU (``python -m
 bench.http_client``), and its pool hands out an idle connection without scanning the others.
@@ -35,7 +35,6 @@ from router.providers.base import (
     classify,
     echoed,
     error_param,
-    redact,
     scrub,
     unechoed,
 )
@@ -240,7 +239,7 @@ async def post(
         raise ProviderError("bad_response", "the body is not JSON", status=response.status) from exc
     # Looked for in the body as sent, before anything reads it: a provider or a proxy that
     # echoes the key (in the id, the model, the text) would have it relayed, stored and traced.
-    if secret is not None and echoed(content, secret):
+    if secret is not None and echoed(content, secret, body):
         body = unechoed(body, secret)
     return response.status, body
 
@@ -256,15 +255,16 @@ async def events(
 ) -> AsyncGenerator[ServerEvent, None]:
     """The server-sent events of a 2xx streamed answer; iterate it inside ``time_limit``.
 
-    ``secret`` is scrubbed from each event as from ``post``'s answer. ``first_byte`` bounds
-    the wait for the first event, headers included. ``on_read`` is called at each read of the
-    body that brought bytes (comments and partial events too: the provider is still
-    sending), to move the time limit on.
+    ``secret`` is scrubbed from the errors as from ``post``'s; from each event, by the
+    parser that decodes it (``json_data``): decoded here too, an event echoing it was parsed
+    twice. ``first_byte`` bounds the wait for the first event, headers included. ``on_read``
+    is called at each read of the body that brought bytes (comments and partial events too:
+    the provider is still sending), to move the time limit on.
     """
     limit = _FirstByte(first_byte)
     response = await _opened(upstream, request, secret, connect, limit)
     try:
-        async with aclosing(_read_events(response.content, secret, on_read)) as stream:
+        async with aclosing(_read_events(response.content, on_read)) as stream:
             async with limit:
                 with _mapped:
                     first = await anext(stream, None)
@@ -283,7 +283,7 @@ async def events(
 
 
 async def _read_events(
-    body: aiohttp.StreamReader, secret: str | None, on_read: Callable[[], None] | None
+    body: aiohttp.StreamReader, on_read: Callable[[], None] | None
 ) -> AsyncGenerator[ServerEvent, None]:
     lines, parser = LineSplitter(), EventParser()
     async for chunk in body.iter_any():
@@ -291,24 +291,10 @@ async def _read_events(
             on_read()
         for line in lines.feed(chunk):
             if (event := parser.feed(line)) is not None:
-                yield _unechoed_event(event, secret)
+                yield event
     for line in lines.end():
         if (event := parser.feed(line)) is not None:
-            yield _unechoed_event(event, secret)
-
-
-def _unechoed_event(event: ServerEvent, secret: str | None) -> ServerEvent:
-    """``event`` without the key, when it echoes it (``echoed``): its JSON with the key
-    redacted, written again."""
-    if secret is None or not echoed(event.data, secret):
-        return event
-    try:
-        data = orjson.dumps(unechoed(orjson.loads(event.data), secret)).decode()
-    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
-        # Not JSON, or nested past what is relayed: its parser refuses it as a bad response,
-        # naming none of its text, which is redacted all the same.
-        data = redact(event.data, secret)
-    return ServerEvent(event.name, data)
+            yield event
 
 
 class LineSplitter:

@@ -1,11 +1,13 @@
 """A provider (or a proxy before it) that echoes the key inside a successful answer: in its
-id, its model, its system fingerprint or its text, whole or streamed. The key reaches neither
-the answer, nor its stream, nor its span, nor the result stored in Redis. Over real HTTP
-against a small server in the test that echoes whatever key it is called with."""
+id, its model, its system fingerprint or its text, whole or streamed, written as it is or
+with JSON ``\\u`` escapes. The key reaches neither the answer, nor its stream, nor its span,
+nor the result stored in Redis. Over real HTTP against a small server in the test that
+echoes whatever key it is called with."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -77,7 +79,22 @@ def _anthropic(key: str, stream: bool) -> list[dict[str, Any]]:
     ]
 
 
-async def _answer(request: web.Request) -> web.StreamResponse:
+ESCAPES = ["literal", "one-escaped", "all-escaped"]
+"""How the key is written in the answer's JSON: as it is, its fourth character as a ``\\u``
+escape (``sk-\\u0053ENTINEL...``), or every character so."""
+
+
+def _json(said: dict[str, Any], key: str, escaped: str) -> str:
+    """``said`` as JSON, with the key written as ``escaped`` says."""
+    text = json.dumps(said)
+    if escaped == "literal":
+        return text
+    chosen = range(3, 4) if escaped == "one-escaped" else range(len(key))
+    written = "".join(f"\\u{ord(c):04x}" if i in chosen else c for i, c in enumerate(key))
+    return text.replace(key, written)
+
+
+async def _answer(request: web.Request, escaped: str) -> web.StreamResponse:
     """The answer of a provider that echoes the key it was called with everywhere it can."""
     body = await request.json()
     anthropic = request.path == "/v1/messages"
@@ -88,12 +105,12 @@ async def _answer(request: web.Request) -> web.StreamResponse:
     stream = body.get("stream") is True
     said = (_anthropic if anthropic else _openai)(key, stream)
     if not stream:
-        return web.json_response(said[0])
+        return web.json_response(text=_json(said[0], key, escaped))
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     for event in said:
         name = f"event: {event['type']}\n" if anthropic else ""
-        await response.write(f"{name}data: {json.dumps(event)}\n\n".encode())
+        await response.write(f"{name}data: {_json(event, key, escaped)}\n\n".encode())
     if not anthropic:
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
@@ -101,11 +118,13 @@ async def _answer(request: web.Request) -> web.StreamResponse:
 
 
 @contextlib.asynccontextmanager
-async def echoing_provider() -> AsyncIterator[str]:
-    """The URL of a provider answering both wires, echoing the caller's key."""
+async def echoing_provider(escaped: str = "literal") -> AsyncIterator[str]:
+    """The URL of a provider answering both wires, echoing the caller's key written as
+    ``escaped`` says (``ESCAPES``)."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", _answer)
-    app.router.add_post("/v1/messages", _answer)
+    answer = functools.partial(_answer, escaped=escaped)
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/messages", answer)
     async with serving(app) as url:
         yield url
 
@@ -122,18 +141,20 @@ def chat(model: str, *, stream: bool) -> ChatJob:
     )
 
 
+@pytest.mark.parametrize("escaped", ESCAPES)
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_a_key_echoed_in_a_successful_answer_reaches_neither_the_answer_nor_its_span(
-    settings: Settings, provider: str, stream: bool
+    settings: Settings, provider: str, stream: bool, escaped: str
 ) -> None:
-    # Given a provider that echoes the key in the id, the model and the text of its answers
+    # Given a provider that echoes the key in the id, the model and the text of its answers,
+    # written as it is or with JSON escapes
     deltas: list[tuple[Piece, str, str]] = []
 
     async def relay(piece: Piece, model: str, alias: str) -> None:
         deltas.append((piece, model, alias))
 
-    async with echoing_provider() as url:
+    async with echoing_provider(escaped) as url:
         entry = mock_deployment("d", "m", url, provider=provider)
         catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
         # When a job is served from it, traced
@@ -154,11 +175,13 @@ async def test_a_key_echoed_in_a_successful_answer_reaches_neither_the_answer_no
     assert KEY not in said and "SENTINEL" not in said
 
 
+@pytest.mark.parametrize("escaped", ["literal", "all-escaped"])
 async def test_a_key_echoed_in_a_successful_answer_is_not_in_the_stored_result(
-    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, escaped: str
 ) -> None:
-    # Given a gateway whose deployments (one per wire) echo the key in their answers
-    async with echoing_provider() as url:
+    # Given a gateway whose deployments (one per wire) echo the key in their answers, written
+    # as it is or with every character a JSON escape
+    async with echoing_provider(escaped) as url:
         catalog = tmp_path / "catalog.yaml"
         entries = {
             alias: {"deployments": [mock_deployment(alias, alias, url, provider=alias)]}

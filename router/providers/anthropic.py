@@ -215,7 +215,7 @@ class AnthropicStream:
         return self._stopped
 
     def feed(self, event: ServerEvent) -> list[Piece]:
-        data = json_data(event)
+        data = json_data(event, self._secret)
         pieces = [Piece(delta) for delta in self._read(data)]
         if data.get("type") in _RELAYED:
             self._pending.append(data)

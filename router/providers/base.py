@@ -424,8 +424,10 @@ class Adapter(Protocol):
         ...
 
 
-def json_data(event: ServerEvent) -> dict[str, Any]:
-    """The JSON object an event carries; raises ProviderError("bad_response")."""
+def json_data(event: ServerEvent, secret: str | None) -> dict[str, Any]:
+    """The JSON object an event carries, the key the call carried (``secret``) redacted from
+    it when it echoes it (``echoed``): parsed once, before anything reads it. Raises
+    ProviderError("bad_response"), naming none of the event's text."""
     try:
         data = json.loads(event.data)
     except (ValueError, RecursionError) as exc:
@@ -441,7 +443,10 @@ def json_data(event: ServerEvent) -> dict[str, Any]:
         raise ProviderError("bad_response", deep)
     # Only an event escaping a surrogate can decode to one (orjson refuses a whole answer
     # holding a lone one): looked for in its text before its values are walked.
-    return _writable(data) if _SURROGATE_ESCAPE.search(event.data) else data
+    said: dict[str, Any] = _writable(data) if _SURROGATE_ESCAPE.search(event.data) else data
+    if secret is not None and echoed(event.data, secret, said):
+        said = _unechoed(said, secret.strip())  # no deeper than MAX_NESTING, as checked
+    return said
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -549,20 +554,48 @@ def redact(text: str, secret: str | None) -> str:
     return "".join([*pieces, text[kept:]])
 
 
-def echoed(sent: str | bytes, secret: str) -> bool:
-    """Whether ``sent``, an answer or one stream event as the provider sent it (JSON), holds
-    ``secret`` as JSON writes it: one search, so that every successful answer can be looked
-    at before it is relayed, kept or traced, and only one that echoes the key is read again
-    (``unechoed``). Measured (timeit, keys of 51 to 168 characters): 1.2 µs for an answer of
-    1 KB, 5 to 12 µs for one of 100 KB (parsing it takes 110 µs), 0.5 µs per stream event.
+def echoed(sent: str | bytes, secret: str, decoded: Any) -> bool:
+    """Whether ``sent``, an answer or one stream event as the provider sent it (JSON), which
+    decodes to ``decoded``, holds ``secret``: one search of ``sent`` for the key as JSON
+    writes it, so that every successful answer can be looked at before it is relayed, kept or
+    traced, and only one that echoes the key is read again (``unechoed``). Measured (timeit,
+    keys of 51 to 168 characters): 1.2 µs for an answer of 1 KB, 5 to 12 µs for one of 100 KB
+    (parsing it takes 110 µs), 0.5 µs per stream event.
+    That search is exact only for a text without a ``\\u`` escape: the key may be written
+    with some or all of its characters so (``sk-\\u0050ROV``), which no search of the raw
+    text finds. Where ``sent`` holds one, ``decoded``'s strings are walked for the key: 14 µs
+    more for an answer of 176 KB whose accents are all escaped, 0.5 µs more per such event.
     Only the whole key is looked for: one cut across two stream events, or sent only
     upper-cased, hex- or base64-encoded, passes."""
     written = _written(secret)
     if written is None:
         return False
     if isinstance(sent, bytes):
-        return written.encode() in sent
-    return written in sent
+        if written.encode() in sent:
+            return True
+        escaped = b"\\u" in sent
+    else:
+        if written in sent:
+            return True
+        escaped = "\\u" in sent
+    return escaped and _holds(decoded, secret.strip())
+
+
+def _holds(value: Any, key: str) -> bool:
+    """Whether a string of ``value`` (an object's keys too) holds ``key``. Walked without
+    recursion: an answer may nest deeper than Python recurses (orjson decodes 1024 levels)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if key in item:
+                return True
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, dict):
+            stack += item
+            stack += item.values()
+    return False
 
 
 @functools.lru_cache(maxsize=64)
@@ -574,9 +607,10 @@ def _written(secret: str) -> str | None:
 
 
 def unechoed(answer: Any, secret: str) -> Any:
-    """``answer``, a provider's decoded answer (or stream event) that ``echoed`` the key, with
-    every string holding the key (an object's keys too) redacted as ``redact`` does, the rest
-    as it was: some 5 ms per KB of those strings, paid only by an answer that echoes the key.
+    """``answer``, a provider's decoded answer that ``echoed`` the key (a stream event's is
+    redacted in ``json_data``), with every string holding the key (an object's keys too)
+    redacted as ``redact`` does, the rest as it was: some 5 ms per KB of those strings, paid
+    only by an answer that echoes the key.
     One nested deeper than ``MAX_NESTING`` is left as it came: it is refused as a bad
     response, never relayed or kept."""
     if nests_deeper(answer, MAX_NESTING):

@@ -340,7 +340,7 @@ class OpenAIStream:
         if event.data.strip() == "[DONE]":
             self._done = True
             return []
-        chunk = json_data(event)
+        chunk = json_data(event, self._secret)
         if "error" in chunk:
             raise stream_error(chunk["error"], self._secret)
         for field in ("id", "created", "model", *CHUNK_FIELDS):
