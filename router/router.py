@@ -627,7 +627,9 @@ class Router:
         deployment = call.deployment
         parser = None
         if run.sink is not None:
-            parser = ADAPTERS[deployment.provider].stream_parser(deployment.model, call.key)
+            parser = ADAPTERS[deployment.provider].stream_parser(
+                deployment.model, call.key, choices=run.job.params.choices
+            )
         assert self._upstreams is not None
         free = self._upstreams[deployment.api_base].free
         # The gate goes immediately before the call, so every retry and fallback is admitted
@@ -742,7 +744,10 @@ class Router:
                 upstream, call.request, call.key, connect=connect, first_byte=first_byte
             )
             adapter = ADAPTERS[deployment.provider]
-            return _answer(lambda: adapter.parse_response(body, deployment.model), status)
+            choices = run.job.params.choices
+            return _answer(
+                lambda: adapter.parse_response(body, deployment.model, choices=choices), status
+            )
         events = transport.events(
             upstream,
             call.request,

@@ -1,7 +1,8 @@
-"""A provider whose answer holds values of the wrong type (content 42, tool call arguments 5)
-or text no UTF-8 can hold (a lone surrogate, escaped in its JSON). Over real HTTP against a
-small server in the test: the call is recorded as an attempt with its 200 and billed, never
-lost with the worker failing inside the parser or writing the result."""
+"""A provider whose answer holds values of the wrong type (content 42, tool call arguments 5,
+a choice's index "zero", a model 42), a choice the job did not ask for, or text no UTF-8 can
+hold (a lone surrogate, escaped in its JSON). Over real HTTP against a small server in the
+test: the call is recorded as an attempt with its 200 and billed, never lost with the worker
+failing inside the parser or writing the result, nor relayed as a fine answer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -17,14 +19,28 @@ from mockprovider.catalog import mock_deployment
 from queuegate.settings import Settings
 from router.providers.anthropic import AnthropicAdapter
 from router.providers.base import ProviderError, ServerEvent
+from router.providers.openai import OpenAIAdapter
 from tests.support import running_gateway, serving
 
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-OPENING = {**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi "}}]}
+OPENING_DELTA = {"role": "assistant", "content": "Hi "}
+OPENING = {**HEAD, "choices": [{"index": 0, "delta": OPENING_DELTA}]}
 CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": 5}}
-MALFORMED = {
-    "content 42": {"content": 42},
-    "arguments 5": {"tool_calls": [CALL]},
+NAMED_F = CALL | {"function": {"name": "f", "arguments": "{}"}}
+NAMED_42 = CALL | {"function": {"name": 42, "arguments": "{}"}}
+MALFORMED: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    # What the answer (or its malformed chunk) has of its own: in its head, in its choice, in
+    # its message (or the chunk's delta).
+    "content 42": ({}, {}, {"content": 42}),
+    "arguments 5": ({}, {}, {"tool_calls": [CALL]}),
+    "index zero": ({}, {"index": "zero"}, {"content": "there"}),
+    "index past n": ({}, {"index": 1}, {"content": "there"}),
+    "tool index x": ({}, {}, {"tool_calls": [NAMED_F | {"index": "x"}]}),
+    "finish_reason 5": ({}, {"finish_reason": 5}, {}),
+    "role 42": ({}, {}, {"role": 42}),
+    "model 42": ({"model": 42}, {}, {}),
+    "name 42": ({}, {}, {"tool_calls": [NAMED_42]}),
+    "fingerprint object": ({"system_fingerprint": {"fp": 1}}, {}, {}),
 }
 SURROGATE = '{"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "a\\ud800b"}}]}'
 
@@ -34,7 +50,8 @@ def _events(malformed: str) -> list[str]:
     if malformed == "surrogate":
         bad = SURROGATE
     else:
-        bad = json.dumps({**HEAD, "choices": [{"index": 0, "delta": MALFORMED[malformed]}]})
+        head, choice, delta = MALFORMED[malformed]
+        bad = json.dumps({**HEAD, **head, "choices": [{"index": 0, "delta": delta, **choice}]})
     end = {**HEAD, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
     usage = {**HEAD, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}
     return [json.dumps(OPENING), bad, json.dumps(end), json.dumps(usage), "[DONE]"]
@@ -46,9 +63,12 @@ async def malformed_provider(malformed: str) -> AsyncIterator[str]:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         if (await request.json()).get("stream") is not True:
-            message = {"role": "assistant", **MALFORMED[malformed]}
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
-            return web.json_response({**HEAD, "object": "chat.completion", "choices": [choice]})
+            head, fields, said = MALFORMED[malformed]
+            message = {"role": "assistant", **said}
+            choice = {"index": 0, "message": message, "finish_reason": "stop", **fields}
+            return web.json_response(
+                {**HEAD, "object": "chat.completion", **head, "choices": [choice]}
+            )
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         for data in _events(malformed):
@@ -62,15 +82,21 @@ async def malformed_provider(malformed: str) -> AsyncIterator[str]:
         yield url
 
 
+STREAMED = ["content 42", "arguments 5", "index zero", "index past n", "tool index x"]
+WHOLE = ["content 42", "finish_reason 5", "index zero", "index past n", "role 42", "model 42"]
+WHOLE += ["name 42", "fingerprint object"]
+
+
 @pytest.mark.parametrize(
     ("malformed", "stream"),
-    [("content 42", True), ("arguments 5", True), ("content 42", False)],
-    ids=["streamed-content", "streamed-arguments", "whole-content"],
+    [(m, True) for m in STREAMED] + [(m, False) for m in WHOLE],
+    ids=[f"streamed-{m}" for m in STREAMED] + [f"whole-{m}" for m in WHOLE],
 )
 async def test_an_answer_of_the_wrong_type_is_a_bad_response_recorded_and_billed(
     settings: Settings, tmp_path: Path, malformed: str, stream: bool
 ) -> None:
-    # Given a provider answering with a value of the wrong type, after a first good chunk
+    # Given a provider answering with a value of the wrong type (or a choice not asked for),
+    # after a first good chunk
     async with malformed_provider(malformed) as url:
         catalog = tmp_path / "catalog.yaml"
         entries = {"m": {"deployments": [mock_deployment("d", "m", url)]}}
@@ -80,17 +106,20 @@ async def test_an_answer_of_the_wrong_type_is_a_bad_response_recorded_and_billed
             gw.client("alpha") as client,
         ):
             # When a job is answered by it
+            chunks = []
             if stream:
                 call = client.stream("m", [{"role": "user", "content": "Hello"}], timeout=10)
-                _ = [chunk async for chunk in call]
+                chunks = [chunk async for chunk in call]
                 result = call.result
             else:
                 result = await client.chat("m", [{"role": "user", "content": "Hello"}])
             [row] = await gw.usage_rows(1)
 
-    # Expect it answered once as an error, its call recorded with its 200 as a bad response
-    # (counted toward the breaker) and billed, on the result and on its usage row
+    # Expect it answered once as an error, nothing of the malformed chunk relayed before, its
+    # call recorded with its 200 as a bad response (counted toward the breaker) and billed,
+    # on the result and on its usage row
     assert result is not None and result.status == "error"
+    assert [(c.index, c.delta) for c in chunks if c.delta] == [(0, OPENING_DELTA)] * stream
     [attempt] = result.gateway.attempts
     assert (attempt.deployment, attempt.status, attempt.error) == ("d", 200, "bad_response")
     assert [(a["status"], a["error"]) for a in row["attempt_log"]] == [(200, "bad_response")]
@@ -139,8 +168,17 @@ TEXT = {"type": "content_block_start", "index": 0, "content_block": {"type": "te
         },
         {"type": "content_block_start", "index": 10**9, "content_block": TEXT["content_block"]},
         {"type": "content_block_start", "index": -1, "content_block": TEXT["content_block"]},
+        {"type": "content_block_delta", "index": "0", "delta": {"type": "text_delta", "text": "a"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": 7, "text": "a"}},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": 7, "text": "a"}},
+        {"type": "message_delta", "delta": {"stop_reason": 42}, "usage": {"output_tokens": 1}},
+        START | {"message": START["message"] | {"model": 42}},
+        {"type": 7},
     ],
-    ids=["text-42", "delta-5", "tool-name-5", "index-far-ahead", "index-negative"],
+    ids=[
+        *("text-42", "delta-5", "tool-name-5", "index-far-ahead", "index-negative"),
+        *("index-string", "delta-type-7", "block-type-7", "stop-reason-42", "model-42", "type-7"),
+    ],
 )
 def test_an_anthropic_event_of_the_wrong_type_is_a_bad_response(event: dict[str, object]) -> None:
     # Given an Anthropic stream begun with a text block
@@ -154,9 +192,70 @@ def test_an_anthropic_event_of_the_wrong_type_is_a_bad_response(event: dict[str,
     assert raised.value.error_class == "bad_response"
 
 
-def test_a_whole_anthropic_answer_of_the_wrong_type_is_a_bad_response() -> None:
-    # Given a Messages body whose text is a number, expect it read as a bad response
-    body = {"id": "msg_1", "model": "m", "content": [{"type": "text", "text": 42}]}
+ANSWER = {"id": "msg_1", "model": "m", "content": [{"type": "text", "text": "Hi"}]}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ANSWER | {"content": [{"type": "text", "text": 42}]},
+        ANSWER | {"stop_reason": 42},
+        ANSWER | {"content": [{"type": 7, "text": "Hi"}]},
+        ANSWER | {"content": [7]},
+        ANSWER | {"model": 42},
+        ANSWER | {"content": [{"type": "tool_use", "id": 5, "name": "f", "input": {}}]},
+    ],
+    ids=["text-42", "stop-reason-42", "block-type-7", "block-7", "model-42", "tool-id-5"],
+)
+def test_a_whole_anthropic_answer_of_the_wrong_type_is_a_bad_response(
+    body: dict[str, Any],
+) -> None:
+    # Given a Messages body with a field of the wrong type, expect it read as a bad response
+    AnthropicAdapter().parse_response(ANSWER, "m")  # as it is, read
     with pytest.raises(ProviderError) as raised:
         AnthropicAdapter().parse_response(body, "m")
+    assert raised.value.error_class == "bad_response"
+
+
+def _chunk(head: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]) -> ServerEvent:
+    said = {"index": 0, "delta": {"content": "a"} | delta} | choice
+    return ServerEvent(None, json.dumps({**HEAD, "choices": [said], **head}))
+
+
+@pytest.mark.parametrize(
+    ("head", "choice", "delta"),
+    [
+        ({}, {"index": "zero"}, {}),
+        ({}, {"index": True}, {}),
+        ({}, {"index": -1}, {}),
+        ({}, {"index": 2}, {}),
+        ({}, {}, {"tool_calls": [{"index": "x", "function": {"arguments": "{}"}}]}),
+        ({}, {}, {"tool_calls": [{"index": 0, "type": 7, "function": {"arguments": "{}"}}]}),
+        ({}, {}, {"role": 42}),
+        ({}, {"finish_reason": 5}, {}),
+        ({"model": 42}, {}, {}),
+        ({"id": 42}, {}, {}),
+        ({"created": "1"}, {}, {}),
+        ({"system_fingerprint": {"fp": 1}}, {}, {}),
+        ({"service_tier": 1}, {}, {}),
+        ({"choices": [7]}, {}, {}),
+    ],
+    ids=[
+        *("index-zero", "index-true", "index-negative", "index-past-n", "tool-index-x"),
+        *("tool-type-7", "role-42", "finish-5", "model-42", "id-42", "created-string"),
+        *("fingerprint-object", "tier-1", "choice-7"),
+    ],
+)
+def test_an_openai_chunk_of_the_wrong_type_is_a_bad_response_relaying_nothing(
+    head: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]
+) -> None:
+    # Given an OpenAI stream of a job of two choices, begun with a chunk of each
+    parser = OpenAIAdapter().stream_parser("m", None, choices=2)
+    for index in (0, 1):
+        assert parser.feed(_chunk({}, {"index": index}, {}))
+
+    # When a chunk holding a value of the wrong type comes, expect a bad response (no piece
+    # of it relayed)
+    with pytest.raises(ProviderError) as raised:
+        parser.feed(_chunk(head, choice, delta))
     assert raised.value.error_class == "bad_response"

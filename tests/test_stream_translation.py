@@ -221,7 +221,7 @@ def test_openai_stream_keeps_each_choice_its_logprobs_and_a_refusal_apart() -> N
         return chunk | {"choices": [chunk["choices"][0] | {"index": index, **fields}]}
 
     hi = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}
-    parser = OpenAIAdapter().stream_parser("gpt-4o-mini", None)
+    parser = OpenAIAdapter().stream_parser("gpt-4o-mini", None, choices=2)
     # Given two choices interleaved: the first answers (with logprobs), the second refuses
     pieces = [
         piece

@@ -42,7 +42,6 @@ from queuegate.provider_formats import (
     PLAIN_TEXT,
     THINKING_PARTS,
     Block,
-    as_int,
     data_url,
     detail_count,
     openai_finish,
@@ -68,6 +67,8 @@ from router.providers.base import (
     request,
     stream_error,
     text_of,
+    texts_of,
+    whole_of,
 )
 
 PATH = "/v1/messages"
@@ -132,19 +133,23 @@ class AnthropicAdapter:
         # Always set (the Messages API requires it), thinking included; one choice.
         return request(PATH, body, headers, fidelity, body["max_tokens"])
 
-    def parse_response(self, body: Any, model: str) -> Completion:
+    def parse_response(self, body: Any, model: str, *, choices: int = 1) -> Completion:
+        # One choice: more is refused before the call (_params).
         if not isinstance(body, dict) or not isinstance(body.get("content"), list):
             raise ProviderError("bad_response", "no content in the Messages body")
+        # Kept as it came (ANTHROPIC_BODY), an Anthropic caller's answer: checked whole.
+        texts_of(body, _MESSAGE_TEXTS, "the Messages body")
         texts: list[str] = []
         thoughts: list[str] = []
         tool_calls: list[dict[str, Any]] = []
-        for block in body["content"]:
-            kind = block.get("type") if isinstance(block, dict) else None
+        for entry in body["content"]:
+            block = object_of(entry, "a content block")
+            kind = text_of(block.get("type"), "a content block's type")
             # A text of another type is a bad response, as a stream's (text_of).
             if kind == "text":
                 texts.append(text_of(block.get("text"), "a text block's text"))
             elif kind == "tool_use":
-                text_of(block.get("name"), "a tool_use block's name")
+                texts_of(block, ("id", "name"), "a tool_use block")
                 tool_calls.append(tool_call_of(block))
             elif kind == "thinking":
                 thoughts.append(text_of(block.get("thinking"), "a thinking block's thinking"))
@@ -175,7 +180,7 @@ class AnthropicAdapter:
         }
         return Completion(response=response, usage=usage)
 
-    def stream_parser(self, model: str, secret: str | None) -> AnthropicStream:
+    def stream_parser(self, model: str, secret: str | None, *, choices: int = 1) -> AnthropicStream:
         return AnthropicStream(self, model, secret)
 
 
@@ -227,21 +232,28 @@ class AnthropicStream:
         return pieces
 
     def _read(self, data: Block) -> list[Delta]:
-        kind = data.get("type")
+        # Every field read is checked as it comes, before its event is relayed: not only by
+        # parse_response at the end, once the events before the bad one had been.
+        kind = text_of(data.get("type"), "a stream event's type")
         if kind == "error":
             raise stream_error(data.get("error"), self._secret)
         if kind == "message_start":
             start = object_of(data.get("message"), "message_start's message")
+            texts_of(start, _MESSAGE_TEXTS, "message_start's message")
             self._message |= {k: v for k, v in start.items() if k not in ("content", "usage")}
             self._usage |= _given(start.get("usage"))
         elif kind == "content_block_start":
             block = object_of(data.get("content_block"), "a content block")
-            return self._start(as_int(data.get("index")), block)
+            text_of(block.get("type"), "a content block's type")
+            return self._start(whole_of(data.get("index"), "a content block's index"), block)
         elif kind == "content_block_delta":
             delta = object_of(data.get("delta"), "a content block's delta")
-            return self._delta(as_int(data.get("index")), delta)
+            text_of(delta.get("type"), "a content block delta's type")
+            return self._delta(whole_of(data.get("index"), "a content block's index"), delta)
         elif kind == "message_delta":
-            self._message |= object_of(data.get("delta"), "message_delta's delta")
+            delta = object_of(data.get("delta"), "message_delta's delta")
+            texts_of(delta, _MESSAGE_TEXTS, "message_delta's delta")
+            self._message |= delta
             # Counts it leaves null (the SDK types them so) are not message_start's erased.
             given = _given(data.get("usage"))
             self._usage |= given
@@ -333,6 +345,8 @@ class AnthropicStream:
         return replace(usage, output_tokens=output, reasoning_tokens=thinking, estimated=True)
 
 
+_MESSAGE_TEXTS = ("id", "type", "role", "model", "stop_reason", "stop_sequence")
+"""The text fields of a Message (the stop's nullable), read or kept as they came."""
 _RELAYED = frozenset(
     {"message_start", "content_block_start", "content_block_delta", "content_block_stop"}
 )

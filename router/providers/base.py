@@ -414,13 +414,16 @@ class Adapter(Protocol):
         leaves out what can be left out and notes it on the request."""
         ...
 
-    def parse_response(self, body: Any, model: str) -> Completion:
-        """The canonical completion of a 2xx body; raises ProviderError("bad_response")."""
+    def parse_response(self, body: Any, model: str, *, choices: int = 1) -> Completion:
+        """The canonical completion of a 2xx body answering a job of ``choices`` choices
+        (``n``); raises ProviderError("bad_response"), for a field of the wrong type or a
+        choice the job did not ask for too."""
         ...
 
-    def stream_parser(self, model: str, secret: str | None) -> StreamParser:
-        """A parser for one streamed answer from ``model``; ``secret``, the key the call
-        carried, is scrubbed from the errors the stream may carry."""
+    def stream_parser(self, model: str, secret: str | None, *, choices: int = 1) -> StreamParser:
+        """A parser for one streamed answer from ``model`` to a job of ``choices`` choices;
+        ``secret``, the key the call carried, is scrubbed from the errors the stream may
+        carry and from its events (``json_data``)."""
         ...
 
 
@@ -483,6 +486,25 @@ def text_of(value: Any, what: str) -> str:
         return ""
     if not isinstance(value, str):
         raise ProviderError("bad_response", f"{what} is not a string")
+    return value
+
+
+def texts_of(value: dict[str, Any], fields: tuple[str, ...], what: str) -> None:
+    """Raises ProviderError("bad_response") when one of ``fields`` of ``value`` is there and
+    no string (``text_of``; null is none, as the providers document their nullable ones):
+    relayed, a caller's answer said model 42, a finish_reason 5 or a fingerprint {}."""
+    for name in fields:
+        text_of(value.get(name), f"{what}'s {name}")
+
+
+def whole_of(value: Any, what: str) -> int:
+    """A whole-number field of a provider's answer or stream event (an index, a time), 0 when
+    absent; raises ProviderError("bad_response") when it is no int from 0 (true and "zero"
+    neither), as ``text_of``: read as 0, a chunk of choice "zero" was relayed as the first."""
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise ProviderError("bad_response", f"{what} is not a whole number")
     return value
 
 

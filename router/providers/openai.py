@@ -47,6 +47,8 @@ from router.providers.base import (
     request,
     stream_error,
     text_of,
+    texts_of,
+    whole_of,
 )
 
 PATH = "/v1/chat/completions"
@@ -102,18 +104,23 @@ class OpenAIAdapter:
         limit = job.params.output_limit
         return request(PATH, body, headers, fidelity, limit and limit * job.params.choices)
 
-    def parse_response(self, body: Any, model: str) -> Completion:
+    def parse_response(self, body: Any, model: str, *, choices: int = 1) -> Completion:
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
             raise ProviderError("bad_response", "no choices in the chat.completion body")
         if not body["choices"]:
             raise ProviderError("bad_response", "empty choices in the chat.completion body")
-        for choice in body["choices"]:
-            _check_message(object_of(choice, "a choice").get("message"))
+        # Relayed as it came: every field of it is checked, as a stream's chunk is.
+        _check_head(body, "the answer")
+        for entry in body["choices"]:
+            choice = object_of(entry, "a choice")
+            _choice_index(choice.get("index"), choices)
+            text_of(choice.get("finish_reason"), "a choice's finish_reason")
+            _check_message(choice.get("message"))
         # OpenAI-compatible servers may leave it out: counted from the text then.
         return Completion(response=body, usage=_usage(body.get("usage")))
 
-    def stream_parser(self, model: str, secret: str | None) -> OpenAIStream:
-        return OpenAIStream(self, model, secret)
+    def stream_parser(self, model: str, secret: str | None, *, choices: int = 1) -> OpenAIStream:
+        return OpenAIStream(self, model, secret, choices)
 
 
 def _message(message: ChatMessage, *, strict: bool) -> dict[str, Any]:
@@ -197,16 +204,34 @@ def _effort(budget: int) -> str:
     return next((effort for bound, effort in EFFORT_OF_BUDGET if budget <= bound), "high")
 
 
+def _check_head(body: dict[str, Any], what: str) -> None:
+    """Raises ProviderError("bad_response") for an answer's or a chunk's own field of the
+    wrong type: OpenAI documents each a string (the fingerprint and the tier nullable) but
+    ``created``, a whole number of seconds."""
+    texts_of(body, _HEAD_TEXTS, what)
+    whole_of(body.get("created"), f"{what}'s created")
+
+
+def _choice_index(value: Any, choices: int) -> int:
+    """A choice's ``index``, 0 when absent; raises ProviderError("bad_response") when it is
+    no whole number (``whole_of``) or names a choice past the ``choices`` asked for: relayed,
+    a caller of one choice was streamed a second."""
+    index = whole_of(value, "a choice's index")
+    if index >= choices:
+        raise ProviderError("bad_response", f"a choice's index is past the {choices} asked for")
+    return index
+
+
 def _check_message(message: Any) -> None:
-    """Raises ProviderError("bad_response") for a whole answer's message whose text, or a
-    tool call's, is no string: relayed, it was a caller's answer of content 42."""
+    """Raises ProviderError("bad_response") for a whole answer's message whose role, text, or
+    a tool call's, is no string: relayed, it was a caller's answer of content 42."""
     message = object_of(message, "a choice's message")
-    for field in _TEXTS:
-        text_of(message.get(field), f"a message's {field}")
+    texts_of(message, ("role", *_TEXTS), "a message")
     for entry in _list_of(message.get("tool_calls"), "a message's tool_calls"):
         call = object_of(entry, "a tool call")
+        texts_of(call, ("id", "type"), "a tool call")
         for kind, field in _CALL_TEXT.items():
-            text_of(object_of(call.get(kind), f"a tool call's {kind}").get(field), field)
+            texts_of(object_of(call.get(kind), f"a tool call's {kind}"), ("name", field), kind)
 
 
 def _list_of(value: Any, what: str) -> list[Any]:
@@ -263,9 +288,10 @@ class _Choice:
     def add_call(self, part: dict[str, Any]) -> int:
         """The tool call ``part`` adds to; the characters of arguments (or input) it brings.
         A custom tool's call comes under its own type, as a whole answer has it."""
-        index = as_int(part.get("index"))
+        index = whole_of(part.get("index"), "a streamed tool call's index")
         if index not in self.calls:
-            kind = "custom" if part.get("type") == "custom" else "function"
+            custom = text_of(part.get("type"), "a streamed tool call's type") == "custom"
+            kind = "custom" if custom else "function"
             self.calls[index] = {"type": kind, kind: {_CALL_TEXT[kind]: ""}}
         call = self.calls[index]
         if call_id := text_of(part.get("id"), "a streamed tool call's id"):
@@ -309,6 +335,8 @@ class _Choice:
 
 _TEXTS = ("content", "reasoning_content", "refusal")
 """The text fields of a delta, joined into the message's own."""
+_HEAD_TEXTS = ("id", "object", "model", *CHUNK_FIELDS)
+"""The text fields of a whole answer and of a chunk, beside their choices."""
 _CALL_TEXT = {"function": "arguments", "custom": "input"}
 """What a tool call of each type is called with, streamed in pieces."""
 
@@ -318,9 +346,13 @@ class OpenAIStream:
     (``reasoning_content``, which OpenAI-compatible reasoning servers stream, included). Each
     choice (``n`` > 1) is relayed under its own ``index`` and answered whole."""
 
-    def __init__(self, adapter: OpenAIAdapter, model: str, secret: str | None) -> None:
+    def __init__(
+        self, adapter: OpenAIAdapter, model: str, secret: str | None, choices: int
+    ) -> None:
         self._adapter = adapter
         self._secret = secret
+        self._asked = choices
+        """The choices (``n``) the job asked for: a chunk of another is a bad response."""
         self._head: dict[str, Any] = {"model": model}
         self._received = 0
         """Characters of content, reasoning, refusal and tool arguments received so far."""
@@ -343,6 +375,7 @@ class OpenAIStream:
         chunk = json_data(event, self._secret)
         if "error" in chunk:
             raise stream_error(chunk["error"], self._secret)
+        _check_head(chunk, "a chunk")
         for field in ("id", "created", "model", *CHUNK_FIELDS):
             if chunk.get(field) is not None:
                 self._head[field] = chunk[field]
@@ -354,14 +387,14 @@ class OpenAIStream:
         # type (content 42, arguments 5) failed the worker inside this parser, its call, which
         # the provider bills, recorded nowhere. A bad response instead: billed as a stream
         # broken after its first event, counted toward the breaker.
-        for choice in _list_of(chunk.get("choices"), "a chunk's choices"):
-            if not isinstance(choice, dict):
-                continue
-            index = as_int(choice.get("index"))
+        for entry in _list_of(chunk.get("choices"), "a chunk's choices"):
+            choice = object_of(entry, "a chunk's choice")
+            index = _choice_index(choice.get("index"), self._asked)
             state = self._choices.setdefault(index, _Choice())
             finish = text_of(choice.get("finish_reason"), "a chunk's finish_reason")
             state.finish = finish or state.finish
             delta = object_of(choice.get("delta"), "a chunk's delta")
+            text_of(delta.get("role"), "a chunk's role")
             for field in _TEXTS:
                 if text := text_of(delta.get(field), f"a chunk's {field}"):
                     state.texts[field].append(text)
@@ -389,7 +422,7 @@ class OpenAIStream:
         }
         if self._usage is not None:
             body["usage"] = self._usage
-        return self._adapter.parse_response(body, self._head["model"])
+        return self._adapter.parse_response(body, self._head["model"], choices=self._asked)
 
     def received(self, prompt_chars: int) -> Usage:
         """OpenAI sends the usage only in the last chunk: a broken stream is estimated."""
