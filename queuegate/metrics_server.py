@@ -3,7 +3,9 @@
 prometheus_client's own server runs in a thread and cannot ask the event loop whether the
 component is consuming; this one answers from the loop itself::
 
-    async with MetricsServer(settings.metrics_host, settings.metrics_port, worker.is_ready):
+    async with MetricsServer(
+        settings.metrics_host, settings.metrics_port_of("worker"), worker.is_ready
+    ):
         await worker.run(stop)
 
 ``/healthz`` answers 200 while the loop runs (the process is alive and not wedged);

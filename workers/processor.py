@@ -384,12 +384,12 @@ class JobProcessor:
             return await self._duplicate(
                 duplicate, message, job, admitted=admitted, reply_to=reply_to, timing=timing
             )
-        except (Busy, Poison):
-            raise  # another delivery holds it (taken up once admitted): as from the first take
         except Exception as exc:
             if isinstance(exc, TRANSIENT):
                 await claim.abandon()
                 raise
+            # Busy and Poison are raised again there, the claim kept: another delivery holds
+            # the job (taken up once admitted), or it is dead-lettered, as from the first take.
             error = _error_of(exc, job.job_id)
             marks = admitted.marks(claim.fingerprint)
             outcome = failed(job.job_id, job.team, job.model, error, timing, marks=marks)
