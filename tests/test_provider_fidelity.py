@@ -666,11 +666,17 @@ async def test_an_anthropic_stream_cut_after_its_start_is_billed_once_beside_its
     assert result.status == "ok" and result.gateway.model_used == "local-llama"
     *cut, served = result.gateway.attempts
     assert cut and all(a.deployment == "anthropic-main" for a in cut)
-    assert served.deployment == "local-vllm"
+    assert served.deployment == "local-vllm" and result.response is not None
+    answered = result.response["usage"]
     per = Decimal(1_000_000)
     estimate = (prompt_tokens(job) * written + 50 * Decimal("4.00")) / per
-    own = (row["input_tokens"] * Decimal("0.05") + row["output_tokens"] * Decimal("0.08")) / per
+    own = (
+        answered["prompt_tokens"] * Decimal("0.05")
+        + answered["completion_tokens"] * Decimal("0.08")
+    ) / per
     assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
+    # ... their prompts on its row as written to the cache, as they are priced
+    assert row["cache_write_tokens"] == len(cut) * prompt_tokens(job)
 
 
 async def test_a_plain_answer_cut_mid_body_is_billed_once_beside_its_fallback(
@@ -687,15 +693,27 @@ async def test_a_plain_answer_cut_mid_body_is_billed_once_beside_its_fallback(
     # Then each cut call is recorded with its 200 and billed once, at its estimate, and the
     # fallback by its own counts (before: a connection error with no status, free)
     assert result.status == "ok" and result.gateway.model_used == "claude-haiku"
+    assert result.response is not None
     *cut, served = result.gateway.attempts
     assert cut and all(
         (a.deployment, a.status, a.error) == ("openai-main", 200, "connection") for a in cut
     )
     assert served.deployment == "anthropic-main"
+    answered = result.response["usage"]
     per = Decimal(1_000_000)
     estimate = (prompt_tokens(job) * Decimal("0.15") + 40 * Decimal("0.60")) / per
-    own = (row["input_tokens"] * Decimal("0.80") + row["output_tokens"] * Decimal("4.00")) / per
+    own = (
+        answered["prompt_tokens"] * Decimal("0.80")
+        + answered["completion_tokens"] * Decimal("4.00")
+    ) / per
     assert Decimal(row["cost_usd"]) == result.gateway.cost_usd == own + len(cut) * estimate
+    # ... with their estimated tokens on its row beside the fallback's, as a job failed after
+    # them has: its tokens are what its cost bills (before: the fallback's alone)
+    assert (row["input_tokens"], row["output_tokens"]) == (
+        answered["prompt_tokens"] + len(cut) * prompt_tokens(job),
+        answered["completion_tokens"] + len(cut) * 40,
+    )
+    assert row["tokens_estimated"] is True and result.gateway.tokens_estimated is True
 
 
 @pytest.mark.parametrize(("mark", "written"), MARKS[1:], ids=["5m", "1h"])

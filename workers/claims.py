@@ -805,50 +805,47 @@ class Claim:
         over billed them as lost (each was recorded at its estimate before it left)."""
         return sum((self.sent.get(a.deployment, Decimal(0)) for a in attempts or ()), Decimal(0))
 
-    def _unread_usd(self, attempts: Sequence[Attempt]) -> Decimal:
-        """The estimates of ``attempts`` the provider may bill though no answer was read
-        (``_unread``): each priced as a lost call is, at its estimate."""
-        return self.estimated([a for a in attempts if _unread(a)])
+    def _unread_bill(self, attempts: Sequence[Attempt]) -> Billed | None:
+        """What the calls of ``attempts`` the provider may bill though no answer was read
+        (``_unread``) cost, named after the last of them: each priced as a lost call is, at
+        its estimate, with the estimate's tokens (the prompt as written to a cache when the
+        job marks one), so that a row's tokens are what its cost bills. None when none of
+        them is billed."""
+        unread = [a for a in attempts if _unread(a)]
+        usd = self.estimated(unread)
+        estimate = self.estimate
+        if not usd or estimate is None:
+            return None
+        last = unread[-1]
+        prompt = estimate.prompt_tokens * len(unread)
+        return Billed(
+            model_used=last.model,
+            deployment=last.deployment,
+            provider=last.provider,
+            input_tokens=prompt,
+            output_tokens=estimate.output_tokens * len(unread),
+            cached_tokens=0,
+            cost_usd=usd,
+            estimated=True,
+            cache_write_tokens=prompt if estimate.cache_ttl else 0,
+        )
 
     def served(self, routed: Routed) -> Routed:
-        """``routed`` costing also the calls before the one that answered whose answers
-        were not read (``_unread``)."""
-        extra = self._unread_usd(routed.attempts)
-        return replace(routed, cost_usd=routed.cost_usd + extra) if extra else routed
+        """``routed`` billing also the calls before the one that answered whose answers
+        were not read (``_unread_bill``): their tokens too (before, only their cost, so a
+        row's tokens were the serving call's alone)."""
+        unread = self._unread_bill(routed.attempts)
+        return routed if unread is None else _plus(routed, unread)
 
     def spent(self, error: JobError) -> Billed | None:
         """What the calls of a job that failed with ``error`` still cost: its ``billed`` (a
-        stream that broke: its last call) and the estimates of those whose answers were not read."""
+        stream that broke: its last call) and those whose answers were not read
+        (``_unread_bill``)."""
         billed = error.billed
-        attempts = error.attempts[:-1] if billed is not None else error.attempts
-        unread = [a for a in attempts if _unread(a)]
-        extra = self.estimated(unread)
-        estimate = self.estimate
-        if not extra or estimate is None:
+        unread = self._unread_bill(error.attempts[:-1] if billed is not None else error.attempts)
+        if unread is None:
             return billed
-        if billed is None:
-            last = unread[-1]
-            billed = Billed(
-                model_used=last.model,
-                deployment=last.deployment,
-                provider=last.provider,
-                input_tokens=0,
-                output_tokens=0,
-                cached_tokens=0,
-                cost_usd=Decimal(0),
-                estimated=True,
-            )
-        # With the estimate's tokens too: the row's tokens are what its cost bills (before,
-        # a job failed after such a call had 0 tokens at a cost above 0).
-        prompt = estimate.prompt_tokens * len(unread)
-        return replace(
-            billed,
-            input_tokens=billed.input_tokens + prompt,
-            output_tokens=billed.output_tokens + estimate.output_tokens * len(unread),
-            cache_write_tokens=billed.cache_write_tokens + (prompt if estimate.cache_ttl else 0),
-            cost_usd=billed.cost_usd + extra,
-            estimated=True,
-        )
+        return unread if billed is None else _plus(billed, unread)
 
     def gate(self, job: ChatJob, ticket: Ticket, catalog: Catalog) -> AttemptGate:
         """``ticket`` that also records each call of ``job`` in the claim before it leaves."""
@@ -1005,6 +1002,22 @@ def _unread(attempt: Attempt) -> bool:
 
 _CUT_SHORT = frozenset({"bad_response", "connection"})
 """Failures of a call answered 2xx that leave its answer unread."""
+
+
+Bill = TypeVar("Bill", Routed, Billed)
+
+
+def _plus(bill: Bill, unread: Billed) -> Bill:
+    """``bill`` billing also the ``unread`` calls (``Claim._unread_bill``): their cost and
+    their tokens, ``estimated`` as they are."""
+    return replace(
+        bill,
+        input_tokens=bill.input_tokens + unread.input_tokens,
+        output_tokens=bill.output_tokens + unread.output_tokens,
+        cache_write_tokens=bill.cache_write_tokens + unread.cache_write_tokens,
+        cost_usd=bill.cost_usd + unread.cost_usd,
+        estimated=True,
+    )
 
 
 def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> LostCall:
