@@ -37,6 +37,9 @@ def worker(
     ] = 1,
     catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
     log_level: LogLevel = "info",
+    joining: Annotated[
+        bool, typer.Option("--joining", hidden=True, help="Started by a supervisor.")
+    ] = False,
 ) -> None:
     """Consume team queues and serve their jobs until SIGTERM or Ctrl-C.
 
@@ -47,7 +50,9 @@ def worker(
     settings = make_settings(prefetch=concurrency, catalog=catalog)
     configure_logging(log_level, form=settings.log_format)
     named = split_teams(teams)
-    if named is not None:
+    if named is not None and not joining:
+        # Once, by the process started, not by each its supervisor starts: started again
+        # after a team named was deleted, a process would refuse to start, again and again.
         run(partial(_registered, settings, named))
     if processes > 1:
         # Never returns: the process exits once its processes stopped.
@@ -84,12 +89,12 @@ async def _registered(settings: Settings, teams: list[str]) -> None:
     once, and serves it when started again after ``teams add``."""
     from queuegate.db import wait_for_pool
     from queuegate.errors import ConfigError
-    from queuegate.registry import team_exists
+    from queuegate.registry import unregistered
 
     # Waiting out an outage at start, as the worker does for the same registry.
     pool = await wait_for_pool(settings, max_size=1)
     try:
-        missing = [team for team in teams if not await team_exists(pool, team)]
+        missing = await unregistered(pool, teams)
     finally:
         await pool.close()
     if len(missing) == 1:
@@ -109,7 +114,7 @@ def _supervise(
 ) -> NoReturn:
     from queuegate.supervisor import supervise
 
-    argv = [sys.executable, "-m", "cli", "worker", "--log-level", log_level]
+    argv = [sys.executable, "-m", "cli", "worker", "--log-level", log_level, "--joining"]
     argv += ["--concurrency", str(settings.prefetch)]
     if teams:
         argv += ["--teams", teams]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any
@@ -242,6 +242,16 @@ async def team_exists(db: asyncpg.Pool | asyncpg.Connection, name: str) -> bool:
         "SELECT EXISTS (SELECT 1 FROM teams WHERE name = $1)", check_team_name(name)
     )
     return found
+
+
+async def unregistered(db: asyncpg.Pool | asyncpg.Connection, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` the registry has no row for, in their order: one query for all."""
+    found = await db.fetch(
+        "SELECT name FROM teams WHERE name = ANY($1::text[])",
+        [check_team_name(name) for name in names],
+    )
+    registered = {row["name"] for row in found}
+    return [name for name in names if name not in registered]
 
 
 @dataclass(frozen=True)

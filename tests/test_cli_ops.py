@@ -340,6 +340,23 @@ async def test_a_worker_named_a_team_not_registered_refuses_to_start(settings: S
     assert not await exists(settings, Topology.of(settings).team_queue("gamma"))
 
 
+async def test_a_worker_named_teams_not_registered_names_each_in_its_order(
+    settings: Settings,
+) -> None:
+    # Given alpha registered, and gamma and delta not
+    await add(settings, "alpha", identity="queue")
+    # When a worker is started for all three, the registry asked once for them all
+    code, out, stderr = await _cli(
+        settings, "worker", "--teams", "gamma,alpha,delta", QUEUEGATE_METRICS_PORT="0"
+    )
+    # Expect it refused in one line naming both as they were given
+    assert (code, out) == (1, ""), out + stderr
+    assert _one_error_line(stderr) == (
+        "error: no teams named gamma, delta: add each with queuegate teams add NAME, then start "
+        "the worker"
+    )
+
+
 @pytest.mark.parametrize("teams", [",", "", " , "])
 async def test_a_worker_given_an_empty_team_list_refuses_to_start(
     settings: Settings, teams: str

@@ -12,6 +12,7 @@ import time
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
+from queuegate.db import create_pool
 from queuegate.settings import Settings
 from tests.chaos.harness import declare_teams, worker_env
 from tests.support import LogLines, log_once_ended, running_gateway, wait_until
@@ -111,3 +112,37 @@ async def test_a_supervisor_ends_once_its_worker_processes_stopped(settings: Set
     assert supervisor.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert took < ENDS_WITHIN, took
+
+
+async def test_a_restarted_worker_process_serves_a_team_deleted_since_it_started(
+    settings: Settings,
+) -> None:
+    # Given a supervisor running two worker processes for alpha, checked at its start
+    async with MockProvider(MockConfig()) as mock:
+        await declare_teams(settings, ("alpha",))
+        supervisor = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--processes", "2", "--teams", "alpha",
+            env=worker_env(settings, mock), stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert supervisor.stderr is not None
+        log = LogLines(supervisor.stderr)
+        try:
+            first, _ = await log.matches(SERVING, 2)
+            # When alpha's row is deleted, and then one of its processes killed
+            pool = await create_pool(settings)
+            try:
+                await pool.execute("DELETE FROM teams WHERE name = 'alpha'")
+            finally:
+                await pool.close()
+            os.kill(int(first[1]), signal.SIGKILL)
+
+            # Expect it started again and serving alpha, as told at the supervisor's start
+            # (before: each new process checked the team again, refused, and was restarted)
+            restarted = (await log.matches(SERVING, 3))[2]
+            assert restarted[1] != first[1]
+            supervisor.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(supervisor.wait(), timeout=30)
+        finally:
+            output = await log_once_ended(supervisor, log)
+    assert supervisor.returncode == 0, output[-3000:]
+    assert "no team named" not in output, output[-3000:]
