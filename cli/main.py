@@ -25,7 +25,7 @@ from cli.reports import deployments, status, usage
 from cli.roles import accounting, api, demo, migrate, mock_provider, worker
 from cli.submit import submit
 from cli.teams import teams_app
-from queuegate.errors import GatewayError
+from queuegate.errors import GatewayError, StartRefused
 from queuegate.runtime import configure_logging
 from queuegate.settings import Settings, settings_problem
 from queuegate.visible import clipped, clipped_path, visible
@@ -99,6 +99,8 @@ def main() -> None:
         _fail(_usage_line(exc), exit_code=exc.exit_code)
     except typer.Abort:  # a confirmation answered no
         _fail("aborted: nothing was changed")
+    except StartRefused as exc:
+        _fail(str(exc), exit_code=exc.status)
     except GatewayError as exc:
         _fail(str(exc))
     except Exception as exc:

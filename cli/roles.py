@@ -7,15 +7,19 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from cli.console import out
 from cli.options import Host, LogLevel, Port, bounds, finite, make_settings, split_teams
 from queuegate import tracing
+from queuegate.errors import ConfigError, StartRefused
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import Settings
+
+if TYPE_CHECKING:
+    from workers import Worker
 
 
 def worker(
@@ -45,7 +49,7 @@ def worker(
 
     With --processes N, a supervisor runs N worker processes, restarts one that dies, and
     stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i (9464 + i
-    if unset).
+    if unset). One that cannot start as configured (its metrics port taken) stops them all.
     """
     settings = make_settings(prefetch=concurrency, catalog=catalog)
     configure_logging(log_level, form=settings.log_format)
@@ -57,6 +61,18 @@ def worker(
     if processes > 1:
         # Never returns: the process exits once its processes stopped.
         _supervise(settings, processes, teams, catalog, log_level)
+    started: list[Worker] = []
+    try:
+        _serve(settings, named, started)
+    except ConfigError as exc:
+        if joining and not any(serving.ready.is_set() for serving in started):
+            # Started again it would fail the same way: its supervisor stops them all.
+            raise StartRefused(str(exc)) from exc
+        raise
+
+
+def _serve(settings: Settings, named: list[str] | None, started: list[Worker]) -> None:
+    """Serve as one worker process until stopped; ``started`` gets its ``Worker`` once made."""
     tracing.start(
         "queuegate-worker",
         content=settings.trace_content,
@@ -74,6 +90,7 @@ def worker(
         stop = stop_on_signals()
         async with open_router(cat, os.environ, settings) as router:
             serving = Worker(settings, router, teams=named)
+            started.append(serving)
             async with MetricsServer(
                 settings.metrics_host, settings.metrics_port_of("worker"), serving.is_ready
             ):
@@ -88,7 +105,6 @@ async def _registered(settings: Settings, teams: list[str]) -> None:
     idle team. Refused, not waited for: a pool started before its team is added says so at
     once, and serves it when started again after ``teams add``."""
     from queuegate.db import wait_for_pool
-    from queuegate.errors import ConfigError
     from queuegate.registry import unregistered
 
     # Waiting out an outage at start, as the worker does for the same registry.

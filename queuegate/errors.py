@@ -2,7 +2,8 @@
 
     GatewayError                     base of everything queuegate raises on purpose
     ├── ConfigError                  settings or catalog are invalid
-    │   └── UnknownTeam              a report's team filter names no registered team (404)
+    │   ├── UnknownTeam              a report's team filter names no registered team (404)
+    │   └── StartRefused             a supervised process cannot start as configured
     ├── ServiceUnavailable           RabbitMQ, Redis or PostgreSQL cannot be reached
     ├── JobError                     a job ends in an error; ``code`` is its wire error code
     │   ├── InvalidRequest           the job is malformed or breaks a limit (400)
@@ -55,6 +56,15 @@ class UnknownTeam(ConfigError):
     def __init__(self, team: str) -> None:
         super().__init__(f"no team named {team}: list them with queuegate teams list")
         self.team = team
+
+
+class StartRefused(ConfigError):
+    """A process its supervisor started cannot start as configured, before it was ever
+    ready: started again it would fail the same way, so it exits with ``status``, at which
+    its supervisor stops them all (``queuegate.supervisor``)."""
+
+    status = 78
+    """sysexits' EX_CONFIG: no status Python or the CLI gives for anything else."""
 
 
 class ServiceUnavailable(GatewayError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Callable
 from typing import Self
@@ -49,8 +50,10 @@ class MetricsServer:
         try:
             self._server = await asyncio.start_server(self._handle, self._host, self._port)
         except OSError as exc:
+            # uvloop's own strerror of a taken port repeats the address, at length.
+            why = "another process listens there" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise ConfigError(
-                f"cannot serve metrics on {self._host}:{self._port} ({exc.strerror}): "
+                f"cannot serve metrics on {self._host}:{self._port}: {why}; "
                 "set QUEUEGATE_METRICS_PORT to a free port"
             ) from exc
         log.info("metrics, /healthz and /readyz on http://%s:%d", self._host, self.port)

@@ -8,8 +8,10 @@ or, inside an event loop of one's own (a test's)::
 
 A process that exits on its own is started again after a backoff that doubles while it keeps
 crashing soon after start (so a broken config does not spin) and resets once it has run for
-a while. On stop every process gets SIGTERM and ``grace`` seconds (plus a margin) to drain;
-one still running then gets SIGKILL, and the broker requeues what it held.
+a while. One that exits with ``StartRefused.status`` (it cannot start as configured, and
+said why) would fail the same way again: every other process is stopped as below, and
+``supervise`` exits 1. On stop every process gets SIGTERM and ``grace`` seconds (plus a
+margin) to drain; one still running then gets SIGKILL, and the broker requeues what it held.
 
 With ``shared_metrics`` the processes share one Prometheus registry (they share one port, so
 a scrape reaches any of them): each is started with ``PROMETHEUS_MULTIPROC_DIR`` set to a
@@ -30,6 +32,7 @@ from typing import NoReturn
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from queuegate.errors import StartRefused
 from queuegate.metrics import MULTIPROCESS_DIR
 from queuegate.runtime import exit_at_once, run, stop_on_signals, until_set
 
@@ -51,19 +54,21 @@ def supervise(
     command: Command, *, processes: int, grace: float, shared_metrics: bool = False
 ) -> NoReturn:
     """Run a ``Supervisor`` until SIGTERM or SIGINT has stopped every process, then end this
-    one at once, status 0 (``exit_at_once``): with its processes stopped it holds nothing,
-    and Python's own finalisation of it (freeing the modules the CLI imported) took
-    0.11-0.27 s more for the worker's, 0.8-1.3 s under load for the front door's."""
+    one at once, status 0 (``exit_at_once``), 1 when a process refused to start: with its
+    processes stopped it holds nothing, and Python's own finalisation of it (freeing the
+    modules the CLI imported) took 0.11-0.27 s more for the worker's, 0.8-1.3 s under load
+    for the front door's."""
 
-    async def until_stopped() -> None:
+    async def until_stopped() -> bool:
         stop = stop_on_signals()
         supervisor = Supervisor(
             command, processes=processes, grace=grace, shared_metrics=shared_metrics
         )
         await supervisor.run(stop)
+        return supervisor.refused
 
-    run(until_stopped)
-    exit_at_once()
+    refused = run(until_stopped)
+    exit_at_once(1 if refused else 0)
 
 
 class Supervisor:
@@ -80,6 +85,8 @@ class Supervisor:
         self._grace = grace
         self._shared_metrics = shared_metrics
         self.restarts = 0
+        self.refused = False
+        """Whether a process refused to start (``StartRefused``), which stopped them all."""
 
     async def run(self, stop: asyncio.Event) -> None:
         with contextlib.ExitStack() as stack:
@@ -114,6 +121,13 @@ class Supervisor:
             stopping.cancel()
             code = exited.result()
             _forget(process.pid, metrics_dir)
+            if code == StartRefused.status:
+                # Its one line said why and what to do: said again at each restart, it only
+                # scrolled away while the command looked alive.
+                log.info("process %d cannot start as configured: stopping all", slot)
+                self.refused = True
+                stop.set()
+                return
             if time.monotonic() - started > STABLE_AFTER:
                 delay = BACKOFF_FIRST
             log.warning(

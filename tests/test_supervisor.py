@@ -1,5 +1,5 @@
 """``queuegate worker --processes N``: a supervisor restarts a dead worker and stops them all,
-then ends at once."""
+then ends at once; one that cannot start as configured stops them all."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
@@ -114,6 +117,62 @@ async def test_a_supervisor_ends_once_its_worker_processes_stopped(settings: Set
     assert took < ENDS_WITHIN, took
 
 
+async def test_a_worker_process_that_cannot_start_stops_them_all_in_one_line(
+    settings: Settings,
+) -> None:
+    # Given the metrics port of a supervisor's first worker process taken, its second's free
+    async with MockProvider(MockConfig()) as mock:
+        await declare_teams(settings, ("alpha",))
+        with _taken_then_free() as port:
+            env = worker_env(
+                settings,
+                mock,
+                QUEUEGATE_METRICS_HOST="127.0.0.1",
+                QUEUEGATE_METRICS_PORT=str(port),
+            )
+            # When the supervisor starts them
+            supervisor = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cli", "worker", "--processes", "2", "--teams", "alpha",
+                env=env, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert supervisor.stderr is not None
+            log = LogLines(supervisor.stderr)
+            try:
+                await asyncio.wait_for(supervisor.wait(), timeout=30)
+            finally:
+                output = await _ended(supervisor, log)
+
+    # Expect it to stop, status 1, having said once what to do, the other process stopped
+    # cleanly (before: the first was started again and again, its line said at each start)
+    assert supervisor.returncode == 1, output[-3000:]
+    said = [line for line in output.splitlines() if "error:" in line]
+    assert said == [
+        f"error: cannot serve metrics on 127.0.0.1:{port}: another process listens there; "
+        "set QUEUEGATE_METRICS_PORT to a free port"
+    ], output[-3000:]
+    assert "restarting" not in output and "Traceback" not in output, output[-3000:]
+    assert re.search(r"process 1 \(pid \d+\) stopped: status 0", output), output[-3000:]
+
+
+@contextmanager
+def _taken_then_free() -> Iterator[int]:
+    """A port held by a listener while the context lasts, whose next port is free."""
+    while True:
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        port: int = taken.getsockname()[1]
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                taken.close()
+                continue
+        break
+    with taken:
+        taken.listen()
+        yield port
+
+
 async def test_a_restarted_worker_process_serves_a_team_deleted_since_it_started(
     settings: Settings,
 ) -> None:
@@ -140,9 +199,16 @@ async def test_a_restarted_worker_process_serves_a_team_deleted_since_it_started
             # (before: each new process checked the team again, refused, and was restarted)
             restarted = (await log.matches(SERVING, 3))[2]
             assert restarted[1] != first[1]
-            supervisor.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(supervisor.wait(), timeout=30)
         finally:
-            output = await log_once_ended(supervisor, log)
+            output = await _ended(supervisor, log)
     assert supervisor.returncode == 0, output[-3000:]
     assert "no team named" not in output, output[-3000:]
+
+
+async def _ended(supervisor: asyncio.subprocess.Process, log: LogLines) -> str:
+    """The supervisor's whole log once it has exited, stopped by SIGTERM if it still runs
+    (a test that failed before it ended): killed, it would leave its processes serving."""
+    if supervisor.returncode is None:
+        supervisor.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(supervisor.wait(), timeout=30)
+    return await log_once_ended(supervisor, log)
