@@ -478,7 +478,7 @@ def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, An
         "model": response.get("model") or "",
         "content": content,
         **anthropic_stop(choice),
-        "usage": anthropic_usage(response.get("usage") or {}),
+        "usage": anthropic_usage(response.get("usage")),
     }
     native = response.get(ANTHROPIC_BODY)
     if not isinstance(native, dict):
@@ -558,10 +558,14 @@ def _refusal(choice: dict[str, Any]) -> str:
     return refusal if isinstance(refusal, str) else ""
 
 
-def anthropic_usage(usage: dict[str, Any]) -> dict[str, Any]:
+def anthropic_usage(usage: Any) -> dict[str, Any]:
     """A ``chat.completion``'s usage as a Message's: Anthropic counts cache reads and writes
-    apart from ``input_tokens``, where OpenAI's ``prompt_tokens`` includes them."""
-    details = usage.get("prompt_tokens_details") or {}
+    apart from ``input_tokens``, where OpenAI's ``prompt_tokens`` includes them. A usage or
+    details of the wrong type are none, as the router reads them: an answer stored before it
+    left them out (``prompt_tokens_details: "x"``) failed every read of it with a 500."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
     cached = token_count(details.get("cached_tokens")) or 0
     written = token_count(details.get("cache_write_tokens")) or 0
     return {

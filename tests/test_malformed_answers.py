@@ -12,15 +12,24 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import httpx
 import pytest
 from aiohttp import web
+from anthropic.types import MessageParam
 
+import frontdoor.serve
 from mockprovider.catalog import mock_deployment
+from queuegate.provider_formats import anthropic_message
+from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
+from router import load_catalog
 from router.providers.anthropic import AnthropicAdapter
 from router.providers.base import ProviderError, ServerEvent
 from router.providers.openai import OpenAIAdapter
+from tests.frontdoor_support import issue_key
 from tests.support import running_gateway, serving
+from tests.teams import register
 
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 OPENING_DELTA = {"role": "assistant", "content": "Hi "}
@@ -45,33 +54,40 @@ MALFORMED: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
 SURROGATE = '{"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "a\\ud800b"}}]}'
 
 
-def _events(malformed: str) -> list[str]:
-    """The stream: an opening chunk, then the malformed one, then its end."""
+USAGE = {"prompt_tokens": 3, "completion_tokens": 5}
+
+
+def _events(malformed: str | None, usage: dict[str, Any]) -> list[str]:
+    """The stream: an opening chunk, then the malformed one (if any), then its end."""
     if malformed == "surrogate":
-        bad = SURROGATE
+        bad = [SURROGATE]
+    elif malformed is None:
+        bad = []
     else:
         head, choice, delta = MALFORMED[malformed]
-        bad = json.dumps({**HEAD, **head, "choices": [{"index": 0, "delta": delta, **choice}]})
+        bad = [json.dumps({**HEAD, **head, "choices": [{"index": 0, "delta": delta, **choice}]})]
     end = {**HEAD, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    usage = {**HEAD, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}
-    return [json.dumps(OPENING), bad, json.dumps(end), json.dumps(usage), "[DONE]"]
+    last = {**HEAD, "choices": [], "usage": usage}
+    return [json.dumps(OPENING), *bad, json.dumps(end), json.dumps(last), "[DONE]"]
 
 
 @contextlib.asynccontextmanager
-async def malformed_provider(malformed: str) -> AsyncIterator[str]:
-    """The URL of an OpenAI provider answering every call with a ``malformed`` value."""
+async def malformed_provider(
+    malformed: str | None, usage: dict[str, Any] = USAGE
+) -> AsyncIterator[str]:
+    """The URL of an OpenAI provider answering every call with a ``malformed`` value (none:
+    "Hi "), and ``usage``."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         if (await request.json()).get("stream") is not True:
-            head, fields, said = MALFORMED[malformed]
+            head, fields, said = MALFORMED[malformed] if malformed else ({}, {}, OPENING_DELTA)
             message = {"role": "assistant", **said}
             choice = {"index": 0, "message": message, "finish_reason": "stop", **fields}
-            return web.json_response(
-                {**HEAD, "object": "chat.completion", **head, "choices": [choice]}
-            )
+            body = {**HEAD, "object": "chat.completion", **head, "choices": [choice]}
+            return web.json_response(body | {"usage": usage})
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
-        for data in _events(malformed):
+        for data in _events(malformed, usage):
             await response.write(f"data: {data}\n\n".encode())
         await response.write_eof()
         return response
@@ -150,6 +166,74 @@ async def test_a_lone_surrogate_in_a_stream_is_relayed_as_a_replacement_characte
     assert result.content == "Hi a\ufffdb"
     assert [(a["status"], a["error"]) for a in row["attempt_log"]] == [(200, None)]
     assert row["cost_usd"] > 0
+
+
+@contextlib.asynccontextmanager
+async def door_to(settings: Settings, url: str, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """The front door's root URL and a key of team alpha, before a gateway whose model ``m``
+    the provider at ``url`` serves (OpenAI's format)."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        json.dumps({"models": {"m": {"deployments": [mock_deployment("d", "m", url)]}}})
+    )
+    await register(settings, "alpha", TeamConfig())
+    _, key = await issue_key(settings, "alpha")
+    async with (
+        running_gateway(settings, catalog=catalog),
+        frontdoor.serve.serving(settings, load_catalog(catalog, {})) as door,
+    ):
+        yield door, key
+
+
+@pytest.mark.parametrize(
+    ("details", "stream"),
+    [({"prompt_tokens_details": "x"}, False), ({"completion_tokens_details": 7}, True)],
+    ids=["whole-prompt-details-x", "streamed-completion-details-7"],
+)
+async def test_usage_details_of_the_wrong_type_are_read_as_absent_and_never_relayed(
+    settings: Settings, tmp_path: Path, details: dict[str, Any], stream: bool
+) -> None:
+    # Given an OpenAI provider whose usage holds details of the wrong type, its counts good,
+    # behind the front door
+    hello: list[MessageParam] = [{"role": "user", "content": "Hello"}]
+    async with (
+        malformed_provider(None, USAGE | details) as url,
+        door_to(settings, url, tmp_path) as (door, key),
+        anthropic.AsyncAnthropic(base_url=door, api_key=key, max_retries=0) as sdk,
+        httpx.AsyncClient(base_url=door, headers={"authorization": f"Bearer {key}"}) as http,
+    ):
+        # When an Anthropic SDK caller is answered by it, reads the answer again by id, and
+        # an OpenAI caller is answered too
+        if stream:
+            async with sdk.messages.stream(model="m", max_tokens=50, messages=hello) as said:
+                message = await said.get_final_message()
+        else:
+            message = await sdk.messages.create(model="m", max_tokens=50, messages=hello)
+        again = await http.get(f"/v1/jobs/{message.id.removeprefix('msg_')}")
+        chat = await http.post("/v1/chat/completions", json={"model": "m", "messages": hello})
+
+    # Expect each answered with the counts sent, the details of the wrong type left out
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (3, 5)
+    assert again.status_code == 200, again.text
+    assert again.json()["usage"]["input_tokens"] == 3
+    assert chat.status_code == 200, chat.text
+    usage = chat.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3, 5)
+    assert "tokens_estimated" not in again.json()["_gateway"]
+    for name in ("prompt_tokens_details", "completion_tokens_details"):
+        assert isinstance(usage.get(name, {}), dict), usage
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens_details": "x"}, "x"], ids=["details", "usage"])
+def test_an_answer_stored_with_usage_of_the_wrong_type_still_has_a_message_form(
+    usage: object,
+) -> None:
+    # Given an answer stored with a usage of the wrong type (before the router left it out)
+    answer = {"model": "m", "choices": [{"message": {"content": "Hi"}}], "usage": usage}
+
+    # When it is read as a Messages API answer, expect it read, its counts none
+    message = anthropic_message(answer, "msg_1")
+    assert message["usage"]["input_tokens"] == message["usage"]["cache_read_input_tokens"] == 0
 
 
 START = {"type": "message_start", "message": {"id": "msg_1", "model": "m", "content": []}}

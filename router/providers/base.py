@@ -192,7 +192,7 @@ def openai_usage(usage: Usage, sent: Any = None) -> dict[str, Any]:
     """``usage`` as a ``chat.completion``'s: cache and reasoning details when there are any.
     Over ``sent``, the provider's own usage object: its other fields and details kept, the
     counts it is billed by said as billed (``billed_counts``)."""
-    sent = sent if isinstance(sent, dict) else {}
+    sent = usage_kept(sent, ("prompt_tokens_details", "completion_tokens_details"))
     prompt = billed_counts(
         sent.get("prompt_tokens_details"),
         cached_tokens=usage.cached_tokens,
@@ -506,6 +506,19 @@ def whole_of(value: Any, what: str) -> int:
     if type(value) is not int or value < 0:
         raise ProviderError("bad_response", f"{what} is not a whole number")
     return value
+
+
+def usage_kept(sent: Any, objects: tuple[str, ...], texts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A provider's usage object ``sent`` ({} when it is none) without those of its
+    ``objects`` (details) that are no object, nor of its ``texts`` that are no string (null
+    kept): read as absent, as a count that is no count is (a usage is never refused: what
+    cannot be read is estimated), and so never relayed. Relayed, a caller's answer said
+    ``prompt_tokens_details: "x"``, which failed the front door's Messages answer of it."""
+    if not isinstance(sent, dict):
+        return {}
+    wrong = {name for name in objects if not isinstance(sent.get(name), dict | None)}
+    wrong |= {name for name in texts if not isinstance(sent.get(name), str | None)}
+    return {name: value for name, value in sent.items() if name not in wrong}
 
 
 def object_of(value: Any, what: str) -> dict[str, Any]:
