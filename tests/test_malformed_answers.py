@@ -50,7 +50,17 @@ MALFORMED: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "model 42": ({"model": 42}, {}, {}),
     "name 42": ({}, {}, {"tool_calls": [NAMED_42]}),
     "fingerprint object": ({"system_fingerprint": {"fp": 1}}, {}, {}),
+    "logprobs x": ({}, {"logprobs": "x"}, {}),
+    "logprobs content x": ({}, {"logprobs": {"content": "x", "refusal": None}}, {}),
+    "logprobs refusal 7": ({}, {"logprobs": {"content": None, "refusal": 7}}, {}),
+    "annotations x": ({}, {}, {"annotations": "x"}),
+    "audio x": ({}, {}, {"audio": "x"}),
+    "prompt filters x": ({"prompt_filter_results": "x"}, {}, {}),
+    "content filters x": ({}, {"content_filter_results": "x"}, {}),
 }
+RELAYED = ["logprobs x", "logprobs content x", "logprobs refusal 7", "annotations x"]
+RELAYED += ["audio x", "prompt filters x", "content filters x"]
+"""Fields relayed as they came, which the gateway itself reads not."""
 SURROGATE = '{"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "a\\ud800b"}}]}'
 
 
@@ -98,9 +108,9 @@ async def malformed_provider(
         yield url
 
 
-STREAMED = ["content 42", "arguments 5", "index zero", "index past n", "tool index x"]
+STREAMED = ["content 42", "arguments 5", "index zero", "index past n", "tool index x", *RELAYED]
 WHOLE = ["content 42", "finish_reason 5", "index zero", "index past n", "role 42", "model 42"]
-WHOLE += ["name 42", "fingerprint object"]
+WHOLE += ["name 42", "fingerprint object", *RELAYED]
 
 
 @pytest.mark.parametrize(
@@ -323,11 +333,15 @@ def _chunk(head: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]) 
         ({"system_fingerprint": {"fp": 1}}, {}, {}),
         ({"service_tier": 1}, {}, {}),
         ({"choices": [7]}, {}, {}),
+        *(MALFORMED[name] for name in RELAYED),
+        ({}, {"logprobs": {"content": 5}}, {}),
     ],
     ids=[
         *("index-zero", "index-true", "index-negative", "index-past-n", "tool-index-x"),
         *("tool-type-7", "role-42", "finish-5", "model-42", "id-42", "created-string"),
         *("fingerprint-object", "tier-1", "choice-7"),
+        *(name.replace(" ", "-") for name in RELAYED),
+        "logprobs-content-5",
     ],
 )
 def test_an_openai_chunk_of_the_wrong_type_is_a_bad_response_relaying_nothing(
@@ -343,3 +357,43 @@ def test_an_openai_chunk_of_the_wrong_type_is_a_bad_response_relaying_nothing(
     with pytest.raises(ProviderError) as raised:
         parser.feed(_chunk(head, choice, delta))
     assert raised.value.error_class == "bad_response"
+
+
+AZURE_FILTERS = {"hate": {"filtered": False, "severity": "safe"}}
+REAL_CHUNKS: list[dict[str, Any]] = [
+    # Azure's content filter chunk first: no id, model or time, no choices
+    {"id": "", "object": "", "created": 0, "model": "", "choices": []}
+    | {"prompt_filter_results": [{"prompt_index": 0, "content_filter_results": AZURE_FILTERS}]},
+    {
+        **HEAD,
+        "choices": [
+            {"index": 0, "delta": {"content": "Hi", "refusal": None, "annotations": None}}
+            | {"logprobs": None, "finish_reason": None, "content_filter_results": AZURE_FILTERS}
+        ],
+    },
+    {**HEAD, "choices": [{"index": 0, "delta": {}, "logprobs": {"content": None}}]},
+    # vLLM's stop_reason (the token or text it stopped at), llama.cpp's timings
+    {**HEAD, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": 7}]},
+    {**HEAD, "choices": [], "usage": USAGE, "timings": {"predicted_ms": 1.5}},
+]
+
+
+def test_what_real_servers_send_beside_the_documented_fields_is_read() -> None:
+    # Given an OpenAI-compatible stream holding what Azure, vLLM and llama.cpp add
+    parser = OpenAIAdapter().stream_parser("m", None)
+
+    # When it is read, expect its text relayed and its answer whole
+    pieces = [p for c in REAL_CHUNKS for p in parser.feed(ServerEvent(None, json.dumps(c)))]
+    assert [p.delta.get("content") for p in pieces] == ["Hi"]
+    assert parser.completion().response["choices"][0]["message"]["content"] == "Hi"
+
+    # Given a whole answer holding the same: nulls, vLLM's prompt_logprobs and stop_reason
+    message = {"role": "assistant", "content": "Hi", "refusal": None, "annotations": None}
+    choice = {"index": 0, "message": message | {"audio": None}, "finish_reason": "stop"}
+    choice |= {"logprobs": {"content": None, "refusal": None}, "stop_reason": None}
+    body = {**HEAD, "object": "chat.completion", "choices": [choice], "usage": USAGE}
+    body |= {"prompt_logprobs": [None, {"1": {"logprob": -1.0}}], "timings": {}}
+    body |= {"prompt_filter_results": [], "service_tier": None}
+
+    # When it is read, expect it read
+    assert OpenAIAdapter().parse_response(body, "m").usage is not None

@@ -508,6 +508,16 @@ def whole_of(value: Any, what: str) -> int:
     return value
 
 
+def list_of(value: Any, what: str) -> list[Any]:
+    """A list of a provider's answer or stream event, [] when absent or null; raises
+    ProviderError("bad_response") when it is no list, as ``text_of``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProviderError("bad_response", f"{what} is not a list")
+    return value
+
+
 def usage_kept(sent: Any, objects: tuple[str, ...], texts: tuple[str, ...] = ()) -> dict[str, Any]:
     """A provider's usage object ``sent`` ({} when it is none) without those of its
     ``objects`` (details) that are no object, nor of its ``texts`` that are no string (null

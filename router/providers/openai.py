@@ -43,6 +43,7 @@ from router.providers.base import (
     Usage,
     estimate_tokens,
     json_data,
+    list_of,
     object_of,
     request,
     stream_error,
@@ -114,7 +115,7 @@ class OpenAIAdapter:
         for entry in body["choices"]:
             choice = object_of(entry, "a choice")
             _choice_index(choice.get("index"), choices)
-            text_of(choice.get("finish_reason"), "a choice's finish_reason")
+            _check_choice(choice, "a choice")
             _check_message(choice.get("message"))
         # OpenAI-compatible servers may leave it out: counted from the text then.
         return Completion(response=body, usage=_usage(body.get("usage")))
@@ -210,6 +211,20 @@ def _check_head(body: dict[str, Any], what: str) -> None:
     ``created``, a whole number of seconds."""
     texts_of(body, _HEAD_TEXTS, what)
     whole_of(body.get("created"), f"{what}'s created")
+    # Azure's, the content filter's verdict on the prompt (a chunk of no choices brings it)
+    list_of(body.get("prompt_filter_results"), f"{what}'s prompt_filter_results")
+
+
+def _check_choice(choice: dict[str, Any], what: str) -> dict[str, Any]:
+    """A choice's (or a chunk's) logprobs, {} when null; raises ProviderError("bad_response")
+    for its own field of the wrong type, each relayed as it came: its finish_reason, its
+    logprobs (an object whose token lists are lists), Azure's content filter's verdict."""
+    text_of(choice.get("finish_reason"), f"{what}'s finish_reason")
+    object_of(choice.get("content_filter_results"), f"{what}'s content_filter_results")
+    logprobs = object_of(choice.get("logprobs"), f"{what}'s logprobs")
+    for field in ("content", "refusal"):
+        list_of(logprobs.get(field), f"{what}'s logprobs' {field}")
+    return logprobs
 
 
 def _choice_index(value: Any, choices: int) -> int:
@@ -226,22 +241,21 @@ def _check_message(message: Any) -> None:
     """Raises ProviderError("bad_response") for a whole answer's message whose role, text, or
     a tool call's, is no string: relayed, it was a caller's answer of content 42."""
     message = object_of(message, "a choice's message")
-    texts_of(message, ("role", *_TEXTS), "a message")
-    for entry in _list_of(message.get("tool_calls"), "a message's tool_calls"):
+    _check_said(message, "a message")
+    for entry in list_of(message.get("tool_calls"), "a message's tool_calls"):
         call = object_of(entry, "a tool call")
         texts_of(call, ("id", "type"), "a tool call")
         for kind, field in _CALL_TEXT.items():
             texts_of(object_of(call.get(kind), f"a tool call's {kind}"), ("name", field), kind)
 
 
-def _list_of(value: Any, what: str) -> list[Any]:
-    """A list of a stream chunk, [] when absent; raises ProviderError("bad_response") when
-    it is no list, as ``text_of``."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ProviderError("bad_response", f"{what} is not a list")
-    return value
+def _check_said(said: dict[str, Any], what: str) -> None:
+    """Raises ProviderError("bad_response") for a message's (or a delta's) field of the
+    wrong type, relayed as it came: its role and texts, its annotations (a list), its audio
+    (an object)."""
+    texts_of(said, ("role", *_TEXTS), what)
+    list_of(said.get("annotations"), f"{what}'s annotations")
+    object_of(said.get("audio"), f"{what}'s audio")
 
 
 def _usage(usage: Any) -> Usage | None:
@@ -387,24 +401,22 @@ class OpenAIStream:
         # type (content 42, arguments 5) failed the worker inside this parser, its call, which
         # the provider bills, recorded nowhere. A bad response instead: billed as a stream
         # broken after its first event, counted toward the breaker.
-        for entry in _list_of(chunk.get("choices"), "a chunk's choices"):
+        for entry in list_of(chunk.get("choices"), "a chunk's choices"):
             choice = object_of(entry, "a chunk's choice")
             index = _choice_index(choice.get("index"), self._asked)
-            state = self._choices.setdefault(index, _Choice())
-            finish = text_of(choice.get("finish_reason"), "a chunk's finish_reason")
-            state.finish = finish or state.finish
+            given = _check_choice(choice, "a chunk's choice")
             delta = object_of(choice.get("delta"), "a chunk's delta")
-            text_of(delta.get("role"), "a chunk's role")
+            _check_said(delta, "a chunk's delta")
+            state = self._choices.setdefault(index, _Choice())
+            state.finish = choice.get("finish_reason") or state.finish
             for field in _TEXTS:
-                if text := text_of(delta.get(field), f"a chunk's {field}"):
+                if text := delta.get(field):
                     state.texts[field].append(text)
                     self._received += len(text)
-            for call in _list_of(delta.get("tool_calls"), "a chunk's tool_calls"):
+            for call in list_of(delta.get("tool_calls"), "a chunk's tool_calls"):
                 self._received += state.add_call(object_of(call, "a streamed tool call"))
-            logprobs = choice.get("logprobs")
             # An opening chunk may carry empty lists: nothing to relay yet.
-            if not (isinstance(logprobs, dict) and any(logprobs.values())):
-                logprobs = None
+            logprobs = given if any(given.values()) else None
             if logprobs is not None:
                 state.add_logprobs(logprobs)
             if logprobs is not None or delta.get("tool_calls") or any(map(delta.get, _TEXTS)):
