@@ -20,13 +20,14 @@ from anthropic.types import MessageParam
 
 import frontdoor.serve
 from mockprovider.catalog import mock_deployment
-from queuegate.provider_formats import anthropic_message
+from queuegate.provider_formats import ANTHROPIC_BODY, anthropic_message
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
 from router import load_catalog
 from router.providers.anthropic import AnthropicAdapter
-from router.providers.base import ProviderError, ServerEvent
+from router.providers.base import ProviderError, ServerEvent, Usage
 from router.providers.openai import OpenAIAdapter
+from router.router import billed_answer
 from tests.frontdoor_support import issue_key
 from tests.support import running_gateway, serving
 from tests.teams import register
@@ -248,6 +249,19 @@ def test_an_answer_stored_with_usage_of_the_wrong_type_still_has_a_message_form(
 
 START = {"type": "message_start", "message": {"id": "msg_1", "model": "m", "content": []}}
 TEXT = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+THINKING = {"type": "thinking", "thinking": "", "signature": ""}
+BLOCKS_OF_THE_WRONG_TYPE: list[dict[str, Any]] = [
+    THINKING | {"thinking": 42},
+    THINKING | {"signature": 5},
+    {"type": "redacted_thinking", "data": 42},
+    {"type": "text", "text": "", "citations": "x"},
+    {"type": "server_tool_use", "id": "srvtoolu_1", "name": 42, "input": {}},
+    {"type": "tool_use", "id": "toolu_1", "name": 42, "input": {}},
+]
+"""Content blocks relayed as they came (a stream's content_block_start to an Anthropic
+caller) of a field of the wrong type."""
+BLOCK_IDS = ["thinking-42", "signature-5", "redacted-data-42", "citations-x"]
+BLOCK_IDS += ["server-tool-name-42", "tool-name-42"]
 
 
 @pytest.mark.parametrize(
@@ -268,10 +282,15 @@ TEXT = {"type": "content_block_start", "index": 0, "content_block": {"type": "te
         {"type": "message_delta", "delta": {"stop_reason": 42}, "usage": {"output_tokens": 1}},
         START | {"message": START["message"] | {"model": 42}},
         {"type": 7},
+        *(
+            {"type": "content_block_start", "index": 1, "content_block": block}
+            for block in BLOCKS_OF_THE_WRONG_TYPE
+        ),
     ],
     ids=[
         *("text-42", "delta-5", "tool-name-5", "index-far-ahead", "index-negative"),
         *("index-string", "delta-type-7", "block-type-7", "stop-reason-42", "model-42", "type-7"),
+        *(f"start-{name}" for name in BLOCK_IDS),
     ],
 )
 def test_an_anthropic_event_of_the_wrong_type_is_a_bad_response(event: dict[str, object]) -> None:
@@ -298,8 +317,12 @@ ANSWER = {"id": "msg_1", "model": "m", "content": [{"type": "text", "text": "Hi"
         ANSWER | {"content": [7]},
         ANSWER | {"model": 42},
         ANSWER | {"content": [{"type": "tool_use", "id": 5, "name": "f", "input": {}}]},
+        *(ANSWER | {"content": [block]} for block in BLOCKS_OF_THE_WRONG_TYPE),
     ],
-    ids=["text-42", "stop-reason-42", "block-type-7", "block-7", "model-42", "tool-id-5"],
+    ids=[
+        *("text-42", "stop-reason-42", "block-type-7", "block-7", "model-42", "tool-id-5"),
+        *BLOCK_IDS,
+    ],
 )
 def test_a_whole_anthropic_answer_of_the_wrong_type_is_a_bad_response(
     body: dict[str, Any],
@@ -397,3 +420,88 @@ def test_what_real_servers_send_beside_the_documented_fields_is_read() -> None:
 
     # When it is read, expect it read
     assert OpenAIAdapter().parse_response(body, "m").usage is not None
+
+
+@pytest.mark.parametrize(
+    "wrong", [{"service_tier": 42}, {"cache_creation": "x"}], ids=["tier-42", "cache-creation-x"]
+)
+def test_anthropic_usage_fields_of_the_wrong_type_are_read_as_absent_and_never_relayed(
+    wrong: dict[str, Any],
+) -> None:
+    # Given an Anthropic answer whose usage holds a field of the wrong type, its counts good
+    usage = {"input_tokens": 3, "output_tokens": 5, "service_tier": "standard"} | wrong
+
+    # When it is read whole and billed, expect its counts read, the field left out of what
+    # an Anthropic caller gets
+    completion = AnthropicAdapter().parse_response(ANSWER | {"usage": usage}, "m")
+    assert completion.usage == Usage(3, 5)
+    said = billed_answer(completion.response, completion.usage)[ANTHROPIC_BODY]["usage"]
+    assert (said["input_tokens"], said["output_tokens"]) == (3, 5)
+    assert said.get("service_tier", "standard") == "standard" and "cache_creation" not in said
+
+    # When it is streamed, expect the same of the message_start relayed
+    parser = AnthropicAdapter().stream_parser("m", None)
+    start = START | {"message": START["message"] | {"usage": usage}}
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}
+    events = [start, TEXT, delta | {"delta": delta["delta"] | {"text": "Hi"}}]
+    pieces = [p for e in events for p in parser.feed(ServerEvent(None, json.dumps(e)))]
+    [relayed] = [
+        e for p in pieces for e in p.anthropic_events or [] if e["type"] == "message_start"
+    ]
+    said = relayed["message"]["usage"]
+    assert said.get("service_tier", "standard") == "standard" and "cache_creation" not in said
+
+
+def test_what_anthropic_sends_beside_text_and_tools_is_read() -> None:
+    # Given an Anthropic stream of a search: a server tool's call and result, a text with a
+    # citation streamed, thinking sealed by its signature
+    search = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
+    found = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []}
+    cited = {"type": "text", "text": "", "citations": None}
+    citation = {"type": "web_search_result_location", "url": "https://a.example", "cited_text": "a"}
+    events = [
+        START,
+        {"type": "content_block_start", "index": 0, "content_block": THINKING},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "thinking_delta", "thinking": "t"},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "signature_delta", "signature": "s"},
+        },
+        {"type": "content_block_start", "index": 1, "content_block": search},
+        {"type": "content_block_start", "index": 2, "content_block": found},
+        {"type": "content_block_start", "index": 3, "content_block": cited},
+        {
+            "type": "content_block_delta",
+            "index": 3,
+            "delta": {"type": "citations_delta", "citation": citation},
+        },
+        {"type": "content_block_delta", "index": 3, "delta": {"type": "text_delta", "text": "Hi"}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 5},
+        },
+        {"type": "message_stop"},
+    ]
+    parser = AnthropicAdapter().stream_parser("m", None)
+
+    # When it is read, expect its text and thinking relayed and its answer whole
+    pieces = [p for e in events for p in parser.feed(ServerEvent(None, json.dumps(e)))]
+    assert [p.delta for p in pieces if p.delta] == [{"reasoning_content": "t"}, {"content": "Hi"}]
+    body = parser.completion().response[ANTHROPIC_BODY]
+    assert [block["type"] for block in body["content"]] == [
+        "thinking",
+        "server_tool_use",
+        "web_search_tool_result",
+        "text",
+    ]
+
+    # Given the same answer whole, its citations a list, expect it read
+    cited |= {"text": "Hi", "citations": [citation]}
+    content = [THINKING | {"thinking": "t", "signature": "s"}, search, found, cited]
+    assert AnthropicAdapter().parse_response(ANSWER | {"content": content}, "m").usage is None

@@ -62,12 +62,14 @@ from router.providers.base import (
     billed_counts,
     estimate_tokens,
     json_data,
+    list_of,
     object_of,
     openai_usage,
     request,
     stream_error,
     text_of,
     texts_of,
+    usage_kept,
     whole_of,
 )
 
@@ -144,15 +146,14 @@ class AnthropicAdapter:
         tool_calls: list[dict[str, Any]] = []
         for entry in body["content"]:
             block = object_of(entry, "a content block")
-            kind = text_of(block.get("type"), "a content block's type")
-            # A text of another type is a bad response, as a stream's (text_of).
+            # A text of another type is a bad response, as a stream's (_check_block).
+            kind = _check_block(block)
             if kind == "text":
-                texts.append(text_of(block.get("text"), "a text block's text"))
+                texts.append(block.get("text") or "")
             elif kind == "tool_use":
-                texts_of(block, ("id", "name"), "a tool_use block")
                 tool_calls.append(tool_call_of(block))
             elif kind == "thinking":
-                thoughts.append(text_of(block.get("thinking"), "a thinking block's thinking"))
+                thoughts.append(block.get("thinking") or "")
             # redacted_thinking is encrypted: nothing a caller could read
         message: dict[str, Any] = {
             "role": "assistant",
@@ -223,7 +224,7 @@ class AnthropicStream:
         data = json_data(event, self._secret)
         pieces = [Piece(delta) for delta in self._read(data)]
         if data.get("type") in _RELAYED:
-            self._pending.append(data)
+            self._pending.append(_relayed(data))
         if data.get("type") == "message_delta" and self._pending:
             pieces.append(Piece({}))  # the last events, relayed before the end
         if pieces and self._pending:
@@ -244,7 +245,7 @@ class AnthropicStream:
             self._usage |= _given(start.get("usage"))
         elif kind == "content_block_start":
             block = object_of(data.get("content_block"), "a content block")
-            text_of(block.get("type"), "a content block's type")
+            _check_block(block)
             return self._start(whole_of(data.get("index"), "a content block's index"), block)
         elif kind == "content_block_delta":
             delta = object_of(data.get("delta"), "a content block's delta")
@@ -274,11 +275,10 @@ class AnthropicStream:
         if block.get("type") == "tool_use":
             position = self._calls[index] = len(self._calls)
             self._json[index] = []
-            function = {"name": text_of(block.get("name"), "a tool_use block's name")}
-            call_id = text_of(block.get("id"), "a tool_use block's id")
-            call = {"index": position, "id": call_id, "type": "function"}
-            return [{"tool_calls": [call | {"function": function | {"arguments": ""}}]}]
-        text = text_of(block.get("text"), "a text block's text")
+            function = {"name": block.get("name") or "", "arguments": ""}
+            call = {"index": position, "id": block.get("id") or "", "type": "function"}
+            return [{"tool_calls": [call | {"function": function}]}]
+        text = block.get("text") or ""
         if block.get("type") == "text" and text:
             self._received += len(text)
             return [{"content": text}]
@@ -347,6 +347,42 @@ class AnthropicStream:
 
 _MESSAGE_TEXTS = ("id", "type", "role", "model", "stop_reason", "stop_sequence")
 """The text fields of a Message (the stop's nullable), read or kept as they came."""
+_BLOCK_TEXTS = {
+    "text": ("text",),
+    "thinking": ("thinking", "signature"),
+    "redacted_thinking": ("data",),
+    "tool_use": ("id", "name"),
+    "server_tool_use": ("id", "name"),
+}
+"""The text fields of each type of content block, read or relayed as they came."""
+_USAGE_OBJECTS = ("cache_creation", "server_tool_use", "output_tokens_details")
+_USAGE_TEXTS = ("service_tier",)
+"""A usage's fields beside its counts, relayed unless of the wrong type (``usage_kept``)."""
+
+
+def _check_block(block: Block) -> str:
+    """A content block's type; raises ProviderError("bad_response") when one of its fields,
+    read or relayed as it came (to an Anthropic caller, as a stream's content_block_start
+    is), is of the wrong type: its type, its texts (``_BLOCK_TEXTS``), its citations (a
+    list). Relayed, a caller's SDK read a thinking block of thinking 42."""
+    kind = text_of(block.get("type"), "a content block's type")
+    texts_of(block, _BLOCK_TEXTS.get(kind, ()), f"a {kind} block")
+    list_of(block.get("citations"), f"a {kind} block's citations")
+    return kind
+
+
+def _relayed(event: Block) -> Block:
+    """A stream ``event`` as an Anthropic caller gets it: as it came, but message_start's
+    usage without fields of the wrong type (``usage_kept``), as the whole answer's."""
+    message = event.get("message")
+    if event.get("type") != "message_start" or not isinstance(message, dict):
+        return event
+    if "usage" not in message:
+        return event
+    usage = usage_kept(message["usage"], _USAGE_OBJECTS, _USAGE_TEXTS)
+    return event | {"message": message | {"usage": usage}}
+
+
 _RELAYED = frozenset(
     {"message_start", "content_block_start", "content_block_delta", "content_block_stop"}
 )
@@ -696,7 +732,8 @@ def _given(usage: Any) -> dict[str, Any]:
 def native_usage(sent: dict[str, Any], usage: Usage) -> dict[str, Any]:
     """An answer's own usage object ``sent`` with the counts it is billed by (``usage``: read
     from it, clamped, or its output estimated), as a Messages API caller reads them; its
-    other fields kept."""
+    other fields kept, but for those of the wrong type (``usage_kept``)."""
+    sent = usage_kept(sent, _USAGE_OBJECTS, _USAGE_TEXTS)
     written, hour = usage.cache_write_tokens, usage.cache_write_1h_tokens
     counts = billed_counts(
         sent,
