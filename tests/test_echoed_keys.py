@@ -7,10 +7,11 @@ echoes whatever key it is called with."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,17 @@ def _json(said: dict[str, Any], key: str, escaped: str) -> str:
     return text.replace(key, written)
 
 
-async def _answer(request: web.Request, escaped: str) -> web.StreamResponse:
-    """The answer of a provider that echoes the key it was called with everywhere it can."""
+Said = Callable[[str, bool, bool], list[dict[str, Any]]]
+"""What a provider says, as the key it was called with, whether it streams and whether it
+speaks Anthropic's wire make it: the answer, or each event of its stream."""
+
+
+def _echoing(key: str, stream: bool, anthropic: bool) -> list[dict[str, Any]]:
+    """The answer of a provider that echoes the key everywhere it can."""
+    return (_anthropic if anthropic else _openai)(key, stream)
+
+
+async def _answer(request: web.Request, escaped: str, said_of: Said) -> web.StreamResponse:
     body = await request.json()
     anthropic = request.path == "/v1/messages"
     if anthropic:
@@ -103,7 +113,7 @@ async def _answer(request: web.Request, escaped: str) -> web.StreamResponse:
     else:
         key = request.headers["authorization"].removeprefix("Bearer ")
     stream = body.get("stream") is True
-    said = (_anthropic if anthropic else _openai)(key, stream)
+    said = said_of(key, stream, anthropic)
     if not stream:
         return web.json_response(text=_json(said[0], key, escaped))
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -117,12 +127,97 @@ async def _answer(request: web.Request, escaped: str) -> web.StreamResponse:
     return response
 
 
+WRITINGS = ["in-arguments", "nested-in-arguments", "twice-nested-in-arguments", "backslash-escaped"]
+"""How tool arguments (JSON text) write the key: their string holds it all in ``\\u``
+escapes, or that JSON text is itself inside one or two more levels of JSON strings, or their
+string holds the key's escapes as text, each one's backslash written as an escape
+(``\\u005cu0073``): decoded twice, the key."""
+
+
+def _arguments(key: str, writing: str) -> str:
+    """Tool arguments writing the key as ``writing`` says (``WRITINGS``)."""
+    escape = "\\u005cu{:04x}" if writing == "backslash-escaped" else "\\u{:04x}"
+    text = json.dumps({"k": key}).replace(key, "".join(escape.format(ord(c)) for c in key))
+    for _ in range(("nested" in writing) + ("twice" in writing)):
+        text = json.dumps({"j": text})
+    return text
+
+
+def _tool_calling(key: str, stream: bool, anthropic: bool, writing: str) -> list[dict[str, Any]]:
+    """An answer calling a tool with the key written in its arguments (``_arguments``), and
+    nowhere else: an Anthropic whole answer's input holds those arguments as a string."""
+    arguments = _arguments(key, writing)
+    if anthropic:
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "echo"}
+        block = {"type": "tool_use", "id": "toolu_1", "name": "lookup"}
+        if not stream:
+            return [
+                message
+                | {
+                    "content": [block | {"input": {"t": arguments}}],
+                    "stop_reason": "tool_use",
+                    "usage": {"input_tokens": 3, "output_tokens": 5},
+                }
+            ]
+        start = message | {"content": [], "stop_reason": None, "usage": {"input_tokens": 3}}
+        delta = {"type": "input_json_delta", "partial_json": arguments}
+        return [
+            {"type": "message_start", "message": start},
+            {"type": "content_block_start", "index": 0, "content_block": block | {"input": {}}},
+            {"type": "content_block_delta", "index": 0, "delta": delta},
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "tool_use"},
+                "usage": {"output_tokens": 5},
+            },
+            {"type": "message_stop"},
+        ]
+    head = {"id": "chatcmpl-1", "created": 1, "model": "echo"}
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup"}}
+    if not stream:
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        call["function"]["arguments"] = arguments
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        return [{**head, "object": "chat.completion", "choices": [choice], "usage": usage}]
+    chunk = {**head, "object": "chat.completion.chunk"}
+    opening = {"role": "assistant", "tool_calls": [{"index": 0, **call}]}
+    piece = {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}
+    return [
+        {**chunk, "choices": [{"index": 0, "delta": opening}]},
+        {**chunk, "choices": [{"index": 0, "delta": piece}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}},
+    ]
+
+
+def _read(value: Any) -> Iterator[str]:
+    """Every string of ``value``, and of the JSON text any of them is, however deep: what a
+    caller (or anyone reading a trace or a stored result) decoding what it got may read."""
+    if isinstance(value, str):
+        yield value
+        try:
+            inner = json.loads(value)
+        except ValueError:
+            return
+        if inner != value:
+            yield from _read(inner)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _read(item)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from _read(name)
+            yield from _read(item)
+
+
 @contextlib.asynccontextmanager
-async def echoing_provider(escaped: str = "literal") -> AsyncIterator[str]:
-    """The URL of a provider answering both wires, echoing the caller's key written as
-    ``escaped`` says (``ESCAPES``)."""
+async def echoing_provider(escaped: str = "literal", said: Said = _echoing) -> AsyncIterator[str]:
+    """The URL of a provider answering both wires, saying what ``said`` makes of the caller's
+    key, the key written as ``escaped`` says (``ESCAPES``)."""
     app = web.Application()
-    answer = functools.partial(_answer, escaped=escaped)
+    answer = functools.partial(_answer, escaped=escaped, said_of=said)
     app.router.add_post("/v1/chat/completions", answer)
     app.router.add_post("/v1/messages", answer)
     async with serving(app) as url:
@@ -175,13 +270,52 @@ async def test_a_key_echoed_in_a_successful_answer_reaches_neither_the_answer_no
     assert KEY not in said and "SENTINEL" not in said
 
 
-@pytest.mark.parametrize("escaped", ["literal", "all-escaped"])
+@pytest.mark.parametrize("writing", WRITINGS)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_key_written_in_escapes_inside_tool_arguments_is_redacted_where_they_decode(
+    settings: Settings, provider: str, stream: bool, writing: str
+) -> None:
+    # Given a provider calling a tool with the key in its arguments, JSON text whose string
+    # writes it in \u escapes, as WRITINGS says: one level of decoding shows the escapes, or
+    # escapes of them, not the key
+    deltas: list[Piece] = []
+
+    async def relay(piece: Piece, model: str, alias: str) -> None:
+        deltas.append(piece)
+
+    said = functools.partial(_tool_calling, writing=writing)
+    async with echoing_provider(said=said) as url:
+        entry = mock_deployment("d", "m", url, provider=provider)
+        catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+        # When a job is served from it, traced with its content
+        with in_memory(content=True) as exported:
+            async with open_router(catalog, {"QUEUEGATE_MOCK_KEY": KEY}, settings) as router:
+                routed = await router.complete(chat("m", stream=stream), on_delta=relay)
+            spans = exported.get_finished_spans()
+
+    # Expect the tool called with arguments still JSON, the key redacted in them, and no text
+    # of the answer, its deltas or its spans holding it however deeply it is decoded
+    [call] = routed.response["choices"][0]["message"]["tool_calls"]
+    arguments = json.loads(call["function"]["arguments"])
+    assert any("[redacted]" in text for text in _read(arguments))
+    assert stream == bool(deltas)
+    attributes = [dict(span.attributes or {}) for span in spans]
+    relayed = [dataclasses.asdict(piece) for piece in deltas]
+    assert [text for text in _read([routed.response, relayed, attributes]) if KEY in text] == []
+
+
+@pytest.mark.parametrize(
+    ("escaped", "said"),
+    [("literal", _echoing), ("all-escaped", _echoing)],
+    ids=["literal", "all-escaped"],
+)
 async def test_a_key_echoed_in_a_successful_answer_is_not_in_the_stored_result(
-    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, escaped: str
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, escaped: str, said: Said
 ) -> None:
     # Given a gateway whose deployments (one per wire) echo the key in their answers, written
     # as it is or with every character a JSON escape
-    async with echoing_provider(escaped) as url:
+    async with echoing_provider(escaped, said) as url:
         catalog = tmp_path / "catalog.yaml"
         entries = {
             alias: {"deployments": [mock_deployment(alias, alias, url, provider=alias)]}

@@ -610,8 +610,11 @@ def echoed(sent: str | bytes, secret: str, decoded: Any) -> bool:
     with some or all of its characters so (``sk-\\u0050ROV``), which no search of the raw
     text finds. Where ``sent`` holds one, ``decoded``'s strings are walked for the key: 14 µs
     more for an answer of 176 KB whose accents are all escaped, 0.5 µs more per such event.
-    Only the whole key is looked for: one cut across two stream events, or sent only
-    upper-cased, hex- or base64-encoded, passes."""
+    A string that holds a ``\\u`` escape as text (JSON text inside a string: tool arguments,
+    an Anthropic stream's ``partial_json``, whose escapes' backslashes are escaped) is looked
+    at with its escapes decoded too (``_revealed``): decoding it, the gateway or its caller
+    had the key. Only the whole key is looked for: one cut across two stream events, or sent
+    only upper-cased, hex- or base64-encoded, passes."""
     written = _written(secret)
     if written is None:
         return False
@@ -633,7 +636,7 @@ def _holds(value: Any, key: str) -> bool:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if key in item:
+            if key in item or ("\\u" in item and key in _revealed(item)):
                 return True
         elif isinstance(item, list):
             stack += item
@@ -665,12 +668,59 @@ def unechoed(answer: Any, secret: str) -> Any:
 
 def _unechoed(value: Any, key: str) -> Any:
     if isinstance(value, str):
-        return redact(value, key) if key in value else value
+        if key in value:
+            return redact(value, key)
+        if "\\u" in value and key in (revealed := _revealed(value)):
+            # Redacted where its escapes are decoded faithfully, the text means what it did;
+            # where only decoding loosely shows it (its escapes' backslashes escaped so), it
+            # is redacted there.
+            unescaped = _unescaped(value)
+            return redact(unescaped if key in unescaped else revealed, key)
+        return value
     if isinstance(value, list):
         return [_unechoed(item, key) for item in value]
     if isinstance(value, dict):
         return {_unechoed(name, key): _unechoed(item, key) for name, item in value.items()}
     return value
+
+
+def _unescaped(text: str) -> str:
+    """``text`` with its ``\\u`` escapes of printable characters (but ``"`` and ``\\``)
+    decoded, at whatever level of JSON text it holds they are: a string that is JSON text
+    (tool arguments, an Anthropic stream's ``partial_json``) writes its own escapes'
+    backslashes escaped, ``\\\\u0073``, and decoded there the key reached the caller as it
+    was sent (one level of decoding leaves ``\\u0073``: text, not the key). One pass, never
+    longer than ``text``; JSON text stays JSON text meaning the same at every level, so
+    arguments redacted stay valid."""
+    return _JSON_ESCAPE.sub(_decoded_escape, text)
+
+
+_JSON_ESCAPE = re.compile(r"(?<!\\)(\\+)u([0-9a-fA-F]{4})")
+"""A run of backslashes before a ``u`` and 4 hex digits, from its first: tried from each of
+its backslashes, a long run with no escape after it took time growing as its square."""
+
+
+def _decoded_escape(escape: re.Match[str]) -> str:
+    # A run of 2^k backslashes before the u is an escape k levels of JSON text deeper; more
+    # generally, the run's lowest set bit says the level, and the backslashes above it stand
+    # for backslashes of their own (escaped at each level), kept.
+    run = len(escape[1])
+    char = chr(int(escape[2], 16))
+    if char in '"\\' or not char.isprintable():
+        return escape[0]
+    return "\\" * (run - (run & -run)) + char
+
+
+def _revealed(text: str) -> str:
+    """``text`` with every ``\\u`` escape, however many backslashes before it, decoded to its
+    character, and one whose backslash is itself written as an escape (``\\u005cu0073``)
+    too: what ``_unescaped`` keeps as it was but decoding may still make of it. One pass,
+    never longer than ``text`` (a backslash written so stands for ever more of them, level by
+    level: decoded faithfully, a chain of them doubled the text at each)."""
+    return _LOOSE_ESCAPE.sub(lambda escape: chr(int(escape[1], 16)), text)
+
+
+_LOOSE_ESCAPE = re.compile(r"(?<!\\)\\+(?:u005[cC]\\*)*u([0-9a-fA-F]{4})")
 
 
 MIN_RUN = 12
