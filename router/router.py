@@ -62,6 +62,7 @@ from router.providers.base import (
     Usage,
     estimate_tokens,
     estimated_usage,
+    kept,
     openai_usage,
     within,
 )
@@ -780,7 +781,8 @@ class Router:
                 raise ProviderError(
                     err.error_class, err.detail, status=200, param=err.param
                 ) from err
-        return _answer(parser.completion, 200)  # its events came after a 2xx
+        # Its events came after a 2xx; the key cut across two of them is found in the whole.
+        return _answer(lambda: kept(parser.completion(), call.key), 200)
 
     async def _report(self, call: _Call, err: ProviderError) -> None:
         deployment = call.deployment

@@ -7,6 +7,7 @@ echoes whatever key it is called with."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -125,6 +126,21 @@ async def _answer(request: web.Request, escaped: str, said_of: Said) -> web.Stre
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+def _split(key: str, stream: bool, anthropic: bool) -> list[dict[str, Any]]:
+    """As ``_echoing``, a stream's text cut inside the key, across two events."""
+    said = _echoing(key, stream, anthropic)
+    if not stream:
+        return said
+    at = 2 if anthropic else 1  # the event whose text is the key
+    first, second = copy.deepcopy(said[at]), copy.deepcopy(said[at])
+    if anthropic:
+        first["delta"]["text"], second["delta"]["text"] = key[:8], key[8:]
+    else:
+        first["choices"][0]["delta"]["content"] = f"key is {key[:8]}"
+        second["choices"][0]["delta"]["content"] = key[8:]
+    return [*said[:at], first, second, *said[at + 1 :]]
 
 
 WRITINGS = ["in-arguments", "nested-in-arguments", "twice-nested-in-arguments", "backslash-escaped"]
@@ -305,16 +321,43 @@ async def test_a_key_written_in_escapes_inside_tool_arguments_is_redacted_where_
     assert [text for text in _read([routed.response, relayed, attributes]) if KEY in text] == []
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_key_cut_across_two_stream_events_is_relayed_in_its_pieces_and_not_kept(
+    settings: Settings, provider: str
+) -> None:
+    # Given a provider streaming its text with the key cut across two events
+    deltas: list[Piece] = []
+
+    async def relay(piece: Piece, model: str, alias: str) -> None:
+        deltas.append(piece)
+
+    async with echoing_provider(said=_split) as url:
+        entry = mock_deployment("d", "m", url, provider=provider)
+        catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+        # When a streamed job is served from it, traced with its content
+        with in_memory(content=True) as exported:
+            async with open_router(catalog, {"QUEUEGATE_MOCK_KEY": KEY}, settings) as router:
+                routed = await router.complete(chat("m", stream=True), on_delta=relay)
+            spans = exported.get_finished_spans()
+
+    # Expect its two pieces relayed as they came (no event held it whole), and the answer,
+    # which is kept, and its spans with the key redacted
+    assert KEY in "".join(piece.delta.get("content") or "" for piece in deltas)
+    assert routed.response["choices"][0]["message"]["content"].endswith("[redacted]")
+    attributes = [dict(span.attributes or {}) for span in spans]
+    assert [text for text in _read([routed.response, attributes]) if KEY in text] == []
+
+
 @pytest.mark.parametrize(
     ("escaped", "said"),
-    [("literal", _echoing), ("all-escaped", _echoing)],
-    ids=["literal", "all-escaped"],
+    [("literal", _echoing), ("all-escaped", _echoing), ("literal", _split)],
+    ids=["literal", "all-escaped", "cut-across-events"],
 )
 async def test_a_key_echoed_in_a_successful_answer_is_not_in_the_stored_result(
     settings: Settings, redis_client: aioredis.Redis, tmp_path: Path, escaped: str, said: Said
 ) -> None:
     # Given a gateway whose deployments (one per wire) echo the key in their answers, written
-    # as it is or with every character a JSON escape
+    # as it is or with every character a JSON escape, or cut across two events of a stream
     async with echoing_provider(escaped, said) as url:
         catalog = tmp_path / "catalog.yaml"
         entries = {

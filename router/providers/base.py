@@ -613,8 +613,9 @@ def echoed(sent: str | bytes, secret: str, decoded: Any) -> bool:
     A string that holds a ``\\u`` escape as text (JSON text inside a string: tool arguments,
     an Anthropic stream's ``partial_json``, whose escapes' backslashes are escaped) is looked
     at with its escapes decoded too (``_revealed``): decoding it, the gateway or its caller
-    had the key. Only the whole key is looked for: one cut across two stream events, or sent
-    only upper-cased, hex- or base64-encoded, passes."""
+    had the key. Only the whole key is looked for: one cut across two stream events passes
+    in the events (the answer they make is looked at whole, ``kept``), one sent only
+    upper-cased, hex- or base64-encoded passes."""
     written = _written(secret)
     if written is None:
         return False
@@ -664,6 +665,20 @@ def unechoed(answer: Any, secret: str) -> Any:
     if nests_deeper(answer, MAX_NESTING):
         return answer
     return _unechoed(answer, secret.strip())
+
+
+def kept(completion: Completion, secret: str | None) -> Completion:
+    """``completion``, a stream parser's, with the key redacted as ``unechoed`` does when a
+    string of it holds the key: each event was looked at alone (``json_data``), so a key cut
+    across two was relayed in its pieces, but the answer they make is kept, stored and traced
+    whole. Its strings are walked (``_holds``) rather than it written as JSON to be searched:
+    a few µs once per stream, and nothing a stream event could carry (an integer past 64
+    bits) fails it."""
+    if secret is None or _written(secret) is None:
+        return completion
+    if not _holds(completion.response, secret.strip()):
+        return completion
+    return replace(completion, response=unechoed(completion.response, secret))
 
 
 def _unechoed(value: Any, key: str) -> Any:
