@@ -29,7 +29,8 @@ from router.providers import Piece
 from tests.support import running_gateway, serving
 from tests.test_tracing import in_memory
 
-KEY = "sk-SENTINEL-echoed-0123456789abcdef"
+KEY = "sk-SENTINEL-echoed/0123456789abcdef"
+"""With a ``/``, as AWS-style secrets have, which JSON may write ``\\/``."""
 MOCK_KEY = "sk-test-mock"  # the key running_gateway gives the worker
 
 
@@ -81,9 +82,9 @@ def _anthropic(key: str, stream: bool) -> list[dict[str, Any]]:
     ]
 
 
-ESCAPES = ["literal", "one-escaped", "all-escaped"]
+ESCAPES = ["literal", "one-escaped", "all-escaped", "slash-escaped"]
 """How the key is written in the answer's JSON: as it is, its fourth character as a ``\\u``
-escape (``sk-\\u0053ENTINEL...``), or every character so."""
+escape (``sk-\\u0053ENTINEL...``), every character so, or its ``/`` as ``\\/``."""
 
 
 def _json(said: dict[str, Any], key: str, escaped: str) -> str:
@@ -91,6 +92,8 @@ def _json(said: dict[str, Any], key: str, escaped: str) -> str:
     text = json.dumps(said)
     if escaped == "literal":
         return text
+    if escaped == "slash-escaped":
+        return text.replace(key, key.replace("/", "\\/"))
     chosen = range(3, 4) if escaped == "one-escaped" else range(len(key))
     written = "".join(f"\\u{ord(c):04x}" if i in chosen else c for i, c in enumerate(key))
     return text.replace(key, written)
@@ -143,15 +146,24 @@ def _split(key: str, stream: bool, anthropic: bool) -> list[dict[str, Any]]:
     return [*said[:at], first, second, *said[at + 1 :]]
 
 
-WRITINGS = ["in-arguments", "nested-in-arguments", "twice-nested-in-arguments", "backslash-escaped"]
+WRITINGS = [
+    "in-arguments",
+    "nested-in-arguments",
+    "twice-nested-in-arguments",
+    "backslash-escaped",
+    "slash-escaped",
+]
 """How tool arguments (JSON text) write the key: their string holds it all in ``\\u``
 escapes, or that JSON text is itself inside one or two more levels of JSON strings, or their
 string holds the key's escapes as text, each one's backslash written as an escape
-(``\\u005cu0073``): decoded twice, the key."""
+(``\\u005cu0073``): decoded twice, the key; or it holds the key with its ``/`` escaped,
+nested once."""
 
 
 def _arguments(key: str, writing: str) -> str:
     """Tool arguments writing the key as ``writing`` says (``WRITINGS``)."""
+    if writing == "slash-escaped":
+        return json.dumps({"j": json.dumps({"k": key}).replace("/", "\\/")})
     escape = "\\u005cu{:04x}" if writing == "backslash-escaped" else "\\u{:04x}"
     text = json.dumps({"k": key}).replace(key, "".join(escape.format(ord(c)) for c in key))
     for _ in range(("nested" in writing) + ("twice" in writing)):

@@ -622,11 +622,11 @@ def echoed(sent: str | bytes, secret: str, decoded: Any) -> bool:
     if isinstance(sent, bytes):
         if written.encode() in sent:
             return True
-        escaped = b"\\u" in sent
+        escaped = b"\\u" in sent or b"\\/" in sent
     else:
         if written in sent:
             return True
-        escaped = "\\u" in sent
+        escaped = _escapes(sent)
     return escaped and _holds(decoded, secret.strip())
 
 
@@ -637,7 +637,7 @@ def _holds(value: Any, key: str) -> bool:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if key in item or ("\\u" in item and key in _revealed(item)):
+            if key in item or (_escapes(item) and key in _revealed(item)):
                 return True
         elif isinstance(item, list):
             stack += item
@@ -685,7 +685,7 @@ def _unechoed(value: Any, key: str) -> Any:
     if isinstance(value, str):
         if key in value:
             return redact(value, key)
-        if "\\u" in value and key in (revealed := _revealed(value)):
+        if _escapes(value) and key in (revealed := _revealed(value)):
             # Redacted where its escapes are decoded faithfully, the text means what it did;
             # where only decoding loosely shows it (its escapes' backslashes escaped so), it
             # is redacted there.
@@ -699,6 +699,13 @@ def _unechoed(value: Any, key: str) -> Any:
     return value
 
 
+def _escapes(text: str) -> bool:
+    """Whether ``text`` holds an escape the key may hide behind: a ``\\u`` one, or ``\\/``,
+    which JSON allows for a ``/`` (keys with one, as AWS-style secrets, were found only as
+    written plain)."""
+    return "\\u" in text or "\\/" in text
+
+
 def _unescaped(text: str) -> str:
     """``text`` with its ``\\u`` escapes of printable characters (but ``"`` and ``\\``)
     decoded, at whatever level of JSON text it holds they are: a string that is JSON text
@@ -710,8 +717,8 @@ def _unescaped(text: str) -> str:
     return _JSON_ESCAPE.sub(_decoded_escape, text)
 
 
-_JSON_ESCAPE = re.compile(r"(?<!\\)(\\+)u([0-9a-fA-F]{4})")
-"""A run of backslashes before a ``u`` and 4 hex digits, from its first: tried from each of
+_JSON_ESCAPE = re.compile(r"(?<!\\)(\\+)(?:u([0-9a-fA-F]{4})|/)")
+"""A run of backslashes before a ``u`` and 4 hex digits (or a ``/``), from its first: tried from each of
 its backslashes, a long run with no escape after it took time growing as its square."""
 
 
@@ -720,7 +727,7 @@ def _decoded_escape(escape: re.Match[str]) -> str:
     # generally, the run's lowest set bit says the level, and the backslashes above it stand
     # for backslashes of their own (escaped at each level), kept.
     run = len(escape[1])
-    char = chr(int(escape[2], 16))
+    char = "/" if escape[2] is None else chr(int(escape[2], 16))
     if char in '"\\' or not char.isprintable():
         return escape[0]
     return "\\" * (run - (run & -run)) + char
@@ -732,10 +739,10 @@ def _revealed(text: str) -> str:
     too: what ``_unescaped`` keeps as it was but decoding may still make of it. One pass,
     never longer than ``text`` (a backslash written so stands for ever more of them, level by
     level: decoded faithfully, a chain of them doubled the text at each)."""
-    return _LOOSE_ESCAPE.sub(lambda escape: chr(int(escape[1], 16)), text)
+    return _LOOSE_ESCAPE.sub(lambda e: "/" if e[1] is None else chr(int(e[1], 16)), text)
 
 
-_LOOSE_ESCAPE = re.compile(r"(?<!\\)\\+(?:u005[cC]\\*)*u([0-9a-fA-F]{4})")
+_LOOSE_ESCAPE = re.compile(r"(?<!\\)\\+(?:u005[cC]\\*)*(?:u([0-9a-fA-F]{4})|/)")
 
 
 MIN_RUN = 12
