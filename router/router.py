@@ -720,7 +720,8 @@ class Router:
         """What the provider generated before the stream broke, which it bills: its output
         within what the request allowed, as an answer's (``_counted``)."""
         deployment = call.deployment
-        usage = within(parser.received(_prompt_chars(run.job)), call.request.output_limit)
+        received = parser.received(_prompt_chars(run.job), prompt_cache_ttl(run.job))
+        usage = within(received, call.request.output_limit)
         return Billed(
             model_used=alias,
             deployment=deployment.name,

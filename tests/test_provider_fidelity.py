@@ -366,6 +366,32 @@ async def test_a_stream_broken_after_text_is_billed_for_what_was_received(
     assert billed.deployment == f"{alias}-dep"
 
 
+async def test_a_marked_prompt_of_a_stream_broken_before_its_counts_is_billed_as_written(
+    settings: Settings,
+) -> None:
+    # Given an OpenAI-format provider that cuts every stream after a few events, before the
+    # chunk with its counts, and a job marking its prompt for a cache
+    faults = MockConfig(models={"gpt-model": Behavior(stream_cut_after=4)})
+    system = [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Go on"}]
+
+    async def sink(piece: Piece, model: str, alias: str) -> None:
+        pass  # relayed: a stream broken once its caller has text is not tried again
+
+    async with (
+        MockProvider(faults) as mock,
+        open_router(catalog(mock.url), ENV, settings) as router,
+    ):
+        with pytest.raises(StreamInterrupted) as caught:
+            await router.complete(chat("gpt", stream=True, messages=messages), on_delta=sink)
+
+    # Expect its prompt estimated as written to the cache, as every other estimate of a call
+    # prices a marked prompt (before: as plain input, none of it written)
+    billed = caught.value.billed
+    assert billed is not None and billed.estimated and billed.input_tokens > 0
+    assert billed.cache_write_tokens == billed.input_tokens
+
+
 UNREADABLE_USAGE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # name: (an OpenAI wire's usage, an Anthropic wire's), each no counts to bill by
     "none": ({}, {}),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from queuegate.messages import ChatJob, ChatMessage, ChatParams
 from queuegate.openai_params import (
@@ -61,6 +61,7 @@ from router.providers.base import (
     Usage,
     billed_counts,
     estimate_tokens,
+    estimated_usage,
     json_data,
     list_of,
     object_of,
@@ -326,7 +327,7 @@ class AnthropicStream:
         usage = self._estimated(parsed.usage)
         return Completion(parsed.response | {"usage": openai_usage(usage)}, usage)
 
-    def received(self, prompt_chars: int) -> Usage:
+    def received(self, prompt_chars: int, ttl: Literal["5m", "1h"] | None) -> Usage:
         """The usage of a stream that broke: the counts a message_delta reported, else
         message_start's input count (Anthropic sends it first) and the output estimated from
         what arrived (message_start's output count is a placeholder)."""
@@ -335,7 +336,7 @@ class AnthropicStream:
             return usage
         if usage is not None:
             return self._estimated(usage)
-        return Usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), estimated=True)
+        return estimated_usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), ttl)
 
     def _estimated(self, usage: Usage) -> Usage:
         """``usage`` with its output counted from the text received: message_start's input

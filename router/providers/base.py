@@ -390,10 +390,11 @@ class StreamParser(Protocol):
         reported; raises ProviderError("bad_response") when the stream ended early."""
         ...
 
-    def received(self, prompt_chars: int) -> Usage:
+    def received(self, prompt_chars: int, ttl: Literal["5m", "1h"] | None) -> Usage:
         """What a stream that broke has used so far: the provider's counts where it sent
-        them, else estimated (``estimate_tokens``) from the text received and from
-        ``prompt_chars``, the characters of the prompt."""
+        them, else estimated (``estimated_usage``) from the text received and from
+        ``prompt_chars``, the characters of the prompt, written to a cache for ``ttl`` when
+        the job marks one (``prompt_cache_ttl``), as every estimate of a call prices it."""
         ...
 
 
@@ -718,8 +719,9 @@ def _unescaped(text: str) -> str:
 
 
 _JSON_ESCAPE = re.compile(r"(?<!\\)(\\+)(?:u([0-9a-fA-F]{4})|/)")
-"""A run of backslashes before a ``u`` and 4 hex digits (or a ``/``), from its first: tried from each of
-its backslashes, a long run with no escape after it took time growing as its square."""
+"""A run of backslashes before a ``u`` and 4 hex digits (or a ``/``), from its first: tried
+from each of its backslashes, a long run with no escape after it took time growing as its
+square."""
 
 
 def _decoded_escape(escape: re.Match[str]) -> str:

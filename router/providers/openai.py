@@ -19,7 +19,7 @@ with ``TOOL_ERROR`` before its content, and a tool result holding an image is re
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from queuegate.messages import ChatJob, ChatMessage
 from queuegate.openai_params import too_many_stops
@@ -42,6 +42,7 @@ from router.providers.base import (
     UpstreamRequest,
     Usage,
     estimate_tokens,
+    estimated_usage,
     json_data,
     list_of,
     object_of,
@@ -436,9 +437,9 @@ class OpenAIStream:
             body["usage"] = self._usage
         return self._adapter.parse_response(body, self._head["model"], choices=self._asked)
 
-    def received(self, prompt_chars: int) -> Usage:
+    def received(self, prompt_chars: int, ttl: Literal["5m", "1h"] | None) -> Usage:
         """OpenAI sends the usage only in the last chunk: a broken stream is estimated."""
         usage = _usage(self._usage)
         if usage is not None:
             return usage
-        return Usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), estimated=True)
+        return estimated_usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), ttl)
