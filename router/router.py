@@ -774,14 +774,11 @@ class Router:
                         # the caller (a chunk for it would be one more publish and confirm).
                         await run.emit(Piece({}), parser.model, alias)
             except ProviderError as err:
-                if not answered or err.status is not None:
+                if not answered:
                     raise
                 # Failed after the provider answered 2xx and began (Anthropic's message_start
-                # reports the prompt it read and wrote to its cache, which it bills): named
-                # so, a cut or bad stream is billed as an answer not read (workers.claims).
-                raise ProviderError(
-                    err.error_class, err.detail, status=200, param=err.param
-                ) from err
+                # reports the prompt it read and wrote to its cache, which it bills).
+                raise err.answered(200) from err
         # Its events came after a 2xx; the key cut across two of them is found in the whole.
         return _answer(lambda: kept(parser.completion(), call.key), 200)
 
@@ -906,9 +903,7 @@ def _answer(read: Callable[[], Completion], status: int) -> Completion:
                 "bad_response", f"the answer nests deeper than {MAX_NESTING} levels"
             )
     except ProviderError as err:
-        if err.status is not None:
-            raise
-        raise ProviderError(err.error_class, err.detail, status=status, param=err.param) from err
+        raise err.answered(status) from err
     except Exception as exc:  # a parser's own failure on an answer it did not expect
         raise ProviderError("bad_response", "the answer could not be read", status=status) from exc
     return completion

@@ -230,7 +230,7 @@ async def post(
         # Cut mid-body after its 2xx head, which comes once the answer is made: the provider
         # did the work, and bills it, so the call is billed as an answer not read
         # (workers.claims). Before, a connection error with no status, it was free.
-        raise ProviderError(err.error_class, err.detail, status=response.status) from err
+        raise err.answered(response.status) from err
     finally:
         upstream.done(response)
     try:

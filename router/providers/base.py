@@ -168,6 +168,18 @@ class ProviderError(GatewayError):
         head = f"{status} {error_class}" if status is not None else error_class
         super().__init__(f"{head}: {detail}" if detail else head)
 
+    def answered(self, status: int) -> ProviderError:
+        """This failure, of a call the provider answered with ``status`` (2xx) before it came
+        (a bad or cut answer), unless it names a status of its own: so named, it is billed
+        as an answer not read, the provider having made it (``workers.claims``)."""
+        return ProviderError(
+            self.error_class,
+            self.detail,
+            status=status if self.status is None else self.status,
+            retry_after=self.retry_after,
+            param=self.param,
+        )
+
 
 @dataclass(frozen=True)
 class Usage:
