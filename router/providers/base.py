@@ -18,6 +18,7 @@ import html
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -478,7 +479,7 @@ def _json_loads(text: str) -> Any:
         # Nested past the parser's depth, it failed the job as the worker's own fault, billed
         # nothing for the text already streamed: a stream that broke, billed as one.
         raise ProviderError("bad_response", "a stream event is not JSON") from exc
-    return _writable(data) if _SURROGATE_ESCAPE.search(text) else data
+    return _each_string(data, writable) if _SURROGATE_ESCAPE.search(text) else data
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -495,16 +496,6 @@ def writable(text: str) -> str:
     except UnicodeEncodeError:
         return _SURROGATE.sub("\ufffd", text)
     return text
-
-
-def _writable(value: Any) -> Any:
-    if isinstance(value, str):
-        return writable(value)
-    if isinstance(value, list):
-        return [_writable(item) for item in value]
-    if isinstance(value, dict):
-        return {writable(name): _writable(item) for name, item in value.items()}
-    return value
 
 
 def text_of(value: Any, what: str) -> str:
@@ -711,20 +702,30 @@ def kept(completion: Completion, secret: str | None) -> Completion:
 
 
 def _unechoed(value: Any, key: str) -> Any:
+    return _each_string(value, functools.partial(_unechoed_text, key=key))
+
+
+def _unechoed_text(text: str, key: str) -> str:
+    if key in text:
+        return redact(text, key)
+    if _escapes(text) and key in (revealed := _revealed(text)):
+        # Redacted where its escapes are decoded faithfully, the text means what it did;
+        # where only decoding loosely shows it (its escapes' backslashes escaped so), it is
+        # redacted there.
+        unescaped = _unescaped(text)
+        return redact(unescaped if key in unescaped else revealed, key)
+    return text
+
+
+def _each_string(value: Any, change: Callable[[str], str]) -> Any:
+    """``value`` (decoded JSON) with ``change`` made to each of its strings, an object's keys
+    too; the rest as it was."""
     if isinstance(value, str):
-        if key in value:
-            return redact(value, key)
-        if _escapes(value) and key in (revealed := _revealed(value)):
-            # Redacted where its escapes are decoded faithfully, the text means what it did;
-            # where only decoding loosely shows it (its escapes' backslashes escaped so), it
-            # is redacted there.
-            unescaped = _unescaped(value)
-            return redact(unescaped if key in unescaped else revealed, key)
-        return value
+        return change(value)
     if isinstance(value, list):
-        return [_unechoed(item, key) for item in value]
+        return [_each_string(item, change) for item in value]
     if isinstance(value, dict):
-        return {_unechoed(name, key): _unechoed(item, key) for name, item in value.items()}
+        return {change(name): _each_string(item, change) for name, item in value.items()}
     return value
 
 
