@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import annotated_types
 import typer
 
-from queuegate.settings import Settings
+from queuegate.settings import MAX_PORT, Settings
 from queuegate.signing import API_KEY_VARIABLES
 
 ApiKey = Annotated[
@@ -31,7 +31,7 @@ LogLevel = Annotated[
 ]
 """Every ``--log-level``: another is a usage error in one line listing these (exit 2), not
 logging's ``Unknown level`` raised as the command starts, a traceback of 190 lines."""
-Port = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")]
+Port = Annotated[int, typer.Option(min=0, max=MAX_PORT, help="Port to listen on.")]
 """Every ``--port``: refused in one line (exit 2) outside a TCP port's range, where binding
 would raise OverflowError, or the mock provider's server would listen on it modulo 65536."""
 

@@ -16,7 +16,7 @@ from cli.options import Host, LogLevel, Port, bounds, finite, make_settings, spl
 from queuegate import tracing
 from queuegate.errors import ConfigError, StartRefused
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
-from queuegate.settings import Settings
+from queuegate.settings import MAX_PORT, Settings
 
 if TYPE_CHECKING:
     from workers import Worker
@@ -130,6 +130,14 @@ def _supervise(
 ) -> NoReturn:
     from queuegate.supervisor import supervise
 
+    first = settings.metrics_port_of("worker")
+    if first + processes - 1 > MAX_PORT:
+        # Each process serves the next port: past the last, one would fail its start.
+        raise ConfigError(
+            f"{processes} worker processes serve metrics on ports {first} to "
+            f"{first + processes - 1}, past {MAX_PORT}: set QUEUEGATE_METRICS_PORT to at most "
+            f"{MAX_PORT - processes + 1} (or 0 for any free ones)"
+        )
     argv = [sys.executable, "-m", "cli", "worker", "--log-level", log_level, "--joining"]
     argv += ["--concurrency", str(settings.prefetch)]
     if teams:
@@ -138,7 +146,6 @@ def _supervise(
         argv += ["--catalog", str(catalog)]
 
     def command(slot: int) -> tuple[list[str], dict[str, str]]:
-        first = settings.metrics_port_of("worker")
         port = first + slot if first else 0
         return argv, {**os.environ, "QUEUEGATE_METRICS_PORT": str(port)}
 

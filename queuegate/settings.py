@@ -17,6 +17,9 @@ from queuegate.messages import MAX_OUTPUT_TOKENS
 from queuegate.redis_client import redis_connection
 from queuegate.urls import url_problem
 
+MAX_PORT = 65535
+"""The last TCP port."""
+
 METRICS_PORTS = {"worker": 9464, "accounting": 9463}
 """Each role's metrics port when ``metrics_port`` is unset: two, so that a worker and the
 accounting started on one host with the defaults do not both take 9464 (the second stopped);
@@ -267,7 +270,7 @@ class Settings(BaseSettings):
 
     metrics_host: str = "0.0.0.0"
     """Address ``/metrics``, ``/healthz`` and ``/readyz`` listen on."""
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=0, le=MAX_PORT)
     """Port of ``/metrics``, ``/healthz`` and ``/readyz`` in worker and accounting processes;
     unset, each role's own (``METRICS_PORTS``, read through ``metrics_port_of``)."""
     log_format: Literal["text", "json"] = "text"

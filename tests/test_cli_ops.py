@@ -340,6 +340,22 @@ async def test_a_worker_named_a_team_not_registered_refuses_to_start(settings: S
     assert not await exists(settings, Topology.of(settings).team_queue("gamma"))
 
 
+async def test_worker_processes_whose_metrics_ports_pass_the_last_are_refused_at_once(
+    settings: Settings,
+) -> None:
+    # When three worker processes are started from metrics port 65534
+    code, out, stderr = await _cli(
+        settings, "worker", "--processes", "3", QUEUEGATE_METRICS_PORT="65534"
+    )
+    # Expect it refused in one line saying what to set (before: the third process failed its
+    # settings at each start, and its supervisor started it again forever)
+    assert (code, out) == (1, ""), out + stderr
+    assert _one_error_line(stderr) == (
+        "error: 3 worker processes serve metrics on ports 65534 to 65536, past 65535: set "
+        "QUEUEGATE_METRICS_PORT to at most 65533 (or 0 for any free ones)"
+    )
+
+
 async def test_a_worker_named_teams_not_registered_names_each_in_its_order(
     settings: Settings,
 ) -> None:
