@@ -15,6 +15,8 @@ records no call, never will be: it expired in its queue uncalled (or a worker to
 and refused it), and ``look`` says so (``Expired``) rather than "pending" for as long as
 its id is remembered. One whose claim records a call (its worker died in it) is answered
 and billed by the next worker's sweep, whenever a worker runs: it stays "pending".
+A retry under its Idempotency-Key publishes an expired job again (``bind``), one a worker
+refused late, uncalled, as well as one that expired unseen.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from queuegate.keys import Keys
 from queuegate.messages import AnswerFormat, ChatJob, ChatResult, request_digest
 from queuegate.settings import Settings
 from workers.claims import binding, stored_outcome
+from workers.outcome import Outcome
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,13 @@ class Outcomes:
         same request is bound already (or answered), a different one is refused
         (IdempotencyConflict) and must never be published, nor wait for the job."""
         keys = [self._keys.claim(job.team, job.job_id), self._keys.result(job.team, job.job_id)]
+        args: list[str | int | bytes] = [request_digest(job), self._ttl]
         try:
-            reply = await self._bind(keys=keys, args=[request_digest(job), self._ttl])
+            reply = await self._bind(keys=keys, args=args)
+            if reply[0] == b"stored" and _expired_uncalled(stored_outcome(reply[1])):
+                # Published again, as a job expired unseen in its queue is: its stored
+                # outcome replaced only while it is still the one stored (bind.lua).
+                reply = await self._bind(keys=keys, args=[*args, reply[1]])
         except RedisError as exc:
             raise _unavailable(exc) from exc
         status = reply[0].decode()
@@ -142,6 +150,26 @@ class Outcomes:
             outcome = stored_outcome(reply[1])
             return Binding(None if outcome is None else outcome.result, retry=True)
         return Binding(None, retry=reply[1] == 0)
+
+
+def _expired_uncalled(outcome: Outcome | None) -> bool:
+    """Whether ``outcome`` is a job's that a worker took past its deadline and refused (or
+    held past it) with no call made and nothing billed: it expired as one unseen in its
+    queue does, and a retry under its Idempotency-Key publishes it again. One that ended
+    past its deadline after a call keeps its outcome: never called twice."""
+    if outcome is None:
+        return False
+    result, usage = outcome.result, outcome.usage
+    return (
+        result.error is not None
+        and result.error.code == "deadline_exceeded"
+        and not result.gateway.attempts
+        and not result.gateway.cost_usd
+        and not usage.attempts
+        and not usage.attempt_log
+        and not usage.covers
+        and not usage.cost_usd
+    )
 
 
 def _marker(job: ChatJob) -> bytes:

@@ -663,9 +663,11 @@ async def test_a_lapsed_claim_of_a_job_usage_log_records_is_not_swept(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:
     # Given a job past its deadline whose owner died with a call recorded, though its
-    # usage row is written (the store of its outcome was lost to a Redis fault)
+    # usage row, billing that call, is written (the store of its outcome was lost to a
+    # Redis fault)
     [job] = await _lapsed_jobs(_claims(settings, redis_client, pool, "dead"), 1)
-    await insert_usage(pool, [_expired(ClaimedJob.of(job)).usage])
+    usage = _expired(ClaimedJob.of(job)).usage
+    await insert_usage(pool, [usage.model_copy(update={"attempts": 1})])
 
     # When a worker sweeps
     swept = await _claims(settings, redis_client, pool, "sweeper").lapsed()

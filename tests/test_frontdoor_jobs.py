@@ -19,9 +19,10 @@ from frontdoor.outcomes import stored_by
 from mockprovider import Behavior, MockConfig
 from queuegate.keys import Keys
 from queuegate.settings import Settings
+from queuegate.topology import Topology
 from tests.chaos.harness import worker_env, workers_running
 from tests.frontdoor_support import HELLO, Door, open_door
-from tests.support import running_gateway
+from tests.support import consumers, depth, running_gateway
 
 SLOW = MockConfig(models={"flaky-gpt": Behavior(latency_ms=600)})
 BODY = {"model": "gpt-4o-mini", "messages": HELLO}
@@ -372,3 +373,94 @@ async def test_a_job_an_earlier_front_door_accepted_reads_as_queued(
         ]
     # Expect each queued, as it was
     assert [(r.status_code, r.json()["status"]) for r in read] == [(202, "queued")] * 2
+
+
+async def test_a_job_a_worker_refused_late_uncalled_is_published_again_by_a_retry_under_its_key(
+    settings: Settings,
+) -> None:
+    # Given an async job under an Idempotency-Key, due in 1 s, delivered to a worker process
+    # that is stopped (SIGSTOP) until its deadline passed, then taken and refused uncalled
+    key = {"Idempotency-Key": "refused-late"}
+    async with open_door(settings) as door:
+        await door.gateway.stop_worker()
+        mock = door.gateway.mock
+        team_queue = Topology(settings.namespace).team_queue("alpha")
+        async with (
+            workers_running(worker_env(settings, mock), ("alpha",)) as [worker],
+            door.client() as client,
+            httpx.AsyncClient(base_url=door.url, timeout=30) as http,
+        ):
+            await consumers(settings, ["alpha"], 1)
+            worker.send_signal(signal.SIGSTOP)
+            first = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=HELLO,
+                extra_headers={"prefer": "respond-async", "x-queuegate-timeout": "1", **key},
+            )
+            due = time.monotonic() + 1
+            # Polled: the broker announces no delivery
+            while await depth(settings, team_queue):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(due - time.monotonic() + 0.1)  # the deadline, a time alone
+            worker.send_signal(signal.SIGCONT)
+            [refusal] = await door.gateway.usage_rows(1, timeout=30)
+            job_id = first.headers["x-queuegate-job-id"]
+            refused = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+            # When it is sent again under its key with a longer deadline, twice at once
+            retried = await asyncio.gather(
+                *(
+                    client.chat.completions.with_raw_response.create(
+                        model="gpt-4o-mini",
+                        messages=HELLO,
+                        extra_headers={"x-queuegate-timeout": "30", **key},
+                    )
+                    for _ in range(2)
+                )
+            )
+            read = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+            rows = await door.gateway.usage_rows(2, timeout=30)
+    # Expect the late refusal uncalled and unbilled, then the job published again and
+    # answered to both retries from one call, billed on a row of its own, and read so since
+    assert first.status_code == 202
+    assert (refusal["error_code"], refusal["attempts"], refusal["cost_usd"]) == (
+        "deadline_exceeded",
+        0,
+        0,
+    )
+    assert refused.status_code == 504, refused.text
+    assert "passed before the job was served" in refused.json()["error"]["message"]
+    assert [r.status_code for r in retried] == [200, 200]
+    assert [r.headers["x-queuegate-job-id"] for r in retried] == [job_id, job_id]
+    assert len({r.parse().choices[0].message.content for r in retried}) == 1
+    assert read.status_code == 200 and read.json()["_gateway"]["request_id"] == job_id
+    assert mock.stats.calls == 1
+    assert sorted((r["error_code"], r["attempts"]) for r in rows if r["job_id"] != job_id) == [
+        (None, 1)
+    ]
+
+
+async def test_a_job_that_ended_past_its_deadline_after_a_call_is_not_called_again(
+    settings: Settings,
+) -> None:
+    # Given a job under an Idempotency-Key, due in 1 s, whose provider call outlasts it
+    key = {"Idempotency-Key": "called-late", "x-queuegate-timeout": "1"}
+    slow = MockConfig(default=Behavior(latency_ms=3000))
+    async with open_door(settings, mock_config=slow) as door, door.client() as client:
+        with pytest.raises(openai.InternalServerError) as late:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO, extra_headers=key
+            )
+        [row] = await door.gateway.usage_rows(1, timeout=30)
+        # When it is sent again under its key with a longer deadline
+        with pytest.raises(openai.InternalServerError) as again:
+            await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=HELLO,
+                extra_headers={**key, "x-queuegate-timeout": "30"},
+            )
+    # Expect its stored deadline_exceeded at once, its one call (cut at the deadline, so the
+    # mock counts no answer) never made again: made again, it would be answered
+    assert late.value.status_code == again.value.status_code == 504
+    assert (row["error_code"], row["attempts"]) == ("deadline_exceeded", 1)
+    assert again.value.code == "deadline_exceeded"
+    assert door.gateway.mock.stats.calls == 0

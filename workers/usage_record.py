@@ -59,7 +59,8 @@ class UsageRecord:
 
     async def accounted(self, team: str, job_id: str, *, until: float) -> Decimal | None:
         """What the job's usage row holds it cost, if it has one (it was answered, ok or
-        error, and accounted); None when it has none.
+        error, and accounted); None when it has none, or one of it expired uncalled, nothing
+        billed (``queuegate.usage_log.accounted``): a retry publishes that again.
 
         While PostgreSQL cannot tell, asked again with backoff up to ``until`` (a monotonic
         time), then ServiceUnavailable: the job goes back to its queue uncalled.
@@ -90,7 +91,9 @@ class UsageRecord:
             asked, self._asked = self._asked, {}
             try:
                 nothing: dict[tuple[str, str], Decimal] = {}
-                found = await self._read(partial(accounted, self._pool, list(asked)), nothing)
+                found = await self._read(
+                    partial(accounted, self._pool, list(asked), expired_uncalled=False), nothing
+                )
             except asyncio.CancelledError:
                 for answer in asked.values():
                     answer.cancel()

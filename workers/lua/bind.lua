@@ -6,6 +6,10 @@
 -- KEYS[2]  the job's stored outcome: its request fingerprint (64 hex) then the outcome JSON
 -- ARGV[1]  the request's fingerprint
 -- ARGV[2]  ttl of the binding, seconds (as long as a stored outcome lives)
+-- ARGV[3]  (optional) an outcome as stored that this request replaces: its job's, ended
+--          uncalled past its deadline, which this request publishes again. Replaced only
+--          while it is the one stored, so of retries racing to, one replaces it; the others
+--          find the id bound (or the new outcome, once stored).
 --
 -- Returns one of:
 --   {'conflict'}          the id is bound to, or answered, a different request
@@ -18,7 +22,10 @@ if stored then
   if string.sub(stored, 1, 1) ~= '{' and string.sub(stored, 1, 64) ~= ARGV[1] then
     return {'conflict'}
   end
-  return {'stored', stored}
+  if stored ~= ARGV[3] then
+    return {'stored', stored}
+  end
+  redis.call('DEL', KEYS[2])
 end
 
 local fp = redis.call('HGET', KEYS[1], 'fp')
