@@ -175,7 +175,9 @@ class BatchMeta(WireModel):
     """Submitted by the HTTP front door's batch runner (``frontdoor.batches.runner``), which
     deletes it once it ended the batch: the team's own ``queuegate batch collect`` of it
     leaves it be, so that runner, finding the lines that collect took written, ends the batch
-    with an error line for each (rather than failing it as a batch the gateway lost)."""
+    with an error line for each (rather than failing it as a batch the gateway lost); and the
+    gateway refuses a ``delete`` of it. The runner clears it, in the gateway's record, before
+    it deletes the batch, or when it gives the batch up to the team (the team's from then)."""
 
     @property
     def jobs(self) -> str:

@@ -31,9 +31,10 @@ from frontdoor.batches import files, records, runner
 from frontdoor.serve import serving
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
-from producer.batch import collect
+from producer.batch import batch_list, batch_status, collect, delete_batch
 from producer.batch.state import BatchState
 from queuegate.db import create_pool
+from queuegate.errors import ControlRefused
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.registry import TeamConfig
@@ -1129,6 +1130,7 @@ async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
         )
         rest = parse_jsonl((tmp_path / "rest.jsonl").read_bytes())
         calls = gateway.mock.stats.calls
+        kept = await batch_list(settings, team="alpha", api_key=keys["alpha"])
 
     # Expect the batch failed once, after MAX_FAULTS runs and a give-up that could not
     # collect either (the lock is held), its output file holding the two lines written
@@ -1145,6 +1147,9 @@ async def test_a_batch_that_keeps_failing_fails_once_keeping_what_it_wrote(
     # and the answers paid for but not collected reach the team all the same, once
     assert sorted(line["custom_id"] for line in rest) == ["slow-0", "slow-1", "slow-2"]
     assert report.counts.done == 5 and calls == 5
+    # and the batch, given up to the team, deleted by that collect once done (before: kept
+    # as the front door's, until it expired, and the team's delete of it refused)
+    assert kept == []
 
 
 async def _drop(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -1185,6 +1190,29 @@ async def _partly_collected(settings: Settings, gateway: Gateway, keys: dict[str
     return batch.id
 
 
+async def _collect_interrupted(
+    settings: Settings, keys: dict[str, str], batch_id: str, own: Path
+) -> set[str]:
+    """Run alpha's own collect of the batch into ``own`` until it took a line, then interrupt
+    it: the custom_ids it took."""
+    seen: list[int] = []
+
+    def interrupt(done: int, _: int) -> None:
+        # Called once lines are on disk and recorded written (the first call says how
+        # many the front door wrote): cancelled here, the collect stops before its next
+        # line, so each line in its file is one the gateway counts written
+        seen.append(done)
+        if done > seen[0]:
+            collecting.cancel()
+
+    collecting = asyncio.create_task(
+        collect(settings, batch_id, own, team="alpha", api_key=keys["alpha"], on_progress=interrupt)
+    )
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(collecting, 30)
+    return {line["custom_id"] for line in parse_jsonl(await asyncio.to_thread(own.read_bytes))}
+
+
 def expect_taken_as_error_lines(
     ended: Batch, output: list[dict[str, Any]], errors: list[dict[str, Any]], taken: set[str]
 ) -> None:
@@ -1209,25 +1237,7 @@ async def test_lines_the_teams_own_collect_took_are_error_lines_not_completed_on
         batch_id = await _partly_collected(settings, gateway, keys)
         # When, while no front door runs it, the team's own collect takes some results and
         # is interrupted, and a front door then ends the batch
-        own = tmp_path / "own.jsonl"
-        seen: list[int] = []
-
-        def interrupt(done: int, _: int) -> None:
-            # Called once lines are on disk and recorded written (the first call says how
-            # many the front door wrote): cancelled here, the collect stops before its next
-            # line, so each line in its file is one the gateway counts written
-            seen.append(done)
-            if done > seen[0]:
-                collecting.cancel()
-
-        collecting = asyncio.create_task(
-            collect(
-                settings, batch_id, own, team="alpha", api_key=keys["alpha"], on_progress=interrupt
-            )
-        )
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(collecting, 30)
-        taken = {line["custom_id"] for line in parse_jsonl(own.read_bytes())}
+        taken = await _collect_interrupted(settings, keys, batch_id, tmp_path / "own.jsonl")
         async with front_door(settings, gateway, keys) as second, second.openai() as client:
             ended, output, errors = await openai_ended_files(client, batch_id)
 
@@ -1257,3 +1267,33 @@ async def test_a_batch_the_teams_own_collect_took_to_its_end_ends_completed_not_
     # batch_lost, "no batch named", its counts 2/6 and no error file): its lines the
     # runner's, each line that collect took an error line saying where its answer went
     expect_taken_as_error_lines(ended, output, errors, taken)
+
+
+async def test_the_teams_delete_of_a_batch_the_front_door_runs_is_refused(
+    settings: Settings, keys: dict[str, str], tmp_path: Path
+) -> None:
+    # Given a batch of 6 of a team admitted one request a second, 2 collected by the front
+    # door, and, while no front door runs it, the team's own collect took some results and
+    # was interrupted, every request answered by now
+    await register(settings, "alpha", TeamConfig(rpm=60, burst=1))
+    async with running_gateway(settings, teams=("alpha",)) as gateway:
+        batch_id = await _partly_collected(settings, gateway, keys)
+        taken = await _collect_interrupted(settings, keys, batch_id, tmp_path / "own.jsonl")
+        team = {"team": "alpha", "api_key": keys["alpha"]}
+        await polled(lambda: batch_status(settings, batch_id, **team), lambda s: s.queued == 0)
+        # When the team deletes it with its own `queuegate batch delete`
+        with pytest.raises(ControlRefused) as refused:
+            await delete_batch(settings, batch_id, **team)
+        # and a front door then ends the batch
+        async with front_door(settings, gateway, keys) as second, second.openai() as client:
+            ended, output, errors = await openai_ended_files(client, batch_id)
+            row = await ended_row(gateway, batch_id)
+            kept = await batch_list(settings, **team)
+
+    # Expect the delete refused in one line saying how to cancel it instead (before: deleted,
+    # and the batch then failed batch_lost, its counts not adding up, 2 lines in no file)
+    assert f"cancel it there (POST /v1/batches/{batch_id}/cancel)" in str(refused.value)
+    # and the batch ended as one the team's collect took a part of, each line that collect
+    # took an error line, the front door then deleting the gateway's copy as it ended it
+    expect_taken_as_error_lines(ended, output, errors, taken)
+    assert row["phase"] == "done" and kept == []

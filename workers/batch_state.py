@@ -281,6 +281,12 @@ class BatchState:
             canceled_flag=bool(canceled),
         )
 
+    async def hand_over(self) -> None:
+        """The front door's runner gives the batch up to the team (``BatchMeta.front_door``
+        cleared): the team's own collect deletes it when done, and ``batch delete`` may.
+        HDEL, not HSET: a record gone meanwhile is not made again, without its fields."""
+        await self._call(self._r.hdel(self._meta, "front_door"))
+
     async def delete(self) -> None:
         """Forget the batch: its record, progress and cancel flag."""
         keys = (self._meta, self._lines, self._index, self._published, self._written)

@@ -494,6 +494,7 @@ class ControlPlane:
                 )
                 return lock.name
             case "delete":
+                _check_not_front_doors(meta)
                 await self._check_answered(state, meta)
                 await self._close(team, meta.reply_name, durable=True)
                 await state.delete()
@@ -554,6 +555,19 @@ class ControlPlane:
             if probe is not None and not probe.is_closed:
                 await probe.close()
         return depths
+
+
+def _check_not_front_doors(meta: BatchMeta) -> None:
+    """Refuse to delete a batch the HTTP front door runs: it would end it ``failed``, lost,
+    its counts not adding up and the lines the team's collect took in no file of it. Its
+    runner clears ``front_door`` (``BatchState.hand_over``, in Redis, which no team reaches)
+    before it deletes a batch it ended, or when it gives one up to the team."""
+    if meta.front_door:
+        path = "/v1/batches" if meta.format == "openai" else "/v1/messages/batches"
+        raise Refused(
+            f"batch {meta.name!r} is run by the HTTP front door, which deletes it once it "
+            f"ends it: cancel it there (POST {path}/{meta.name}/cancel) rather than delete it"
+        )
 
 
 def _is_direct_reply_to(reply_to: str) -> bool:

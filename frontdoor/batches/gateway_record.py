@@ -1,5 +1,6 @@
 """The gateway's record of a batch (``workers.batch_state``), read and written by the front
-door itself in Redis, for a batch whose API key was revoked.
+door itself in Redis, for a batch whose API key was revoked, and to give a batch's copy up
+to the team or let it go (``hand_over``), which the team's control requests cannot.
 
 A runner keeps a batch's state as the team does, through the control plane, proven by the
 key that created the batch (``producer.batch.state``). Once that key is revoked the gateway
@@ -76,6 +77,11 @@ class GatewayRecord:
     async def lock(self) -> None:
         """No collect lock: the runner's lease holds the batch."""
         return None
+
+    async def hand_over(self) -> None:
+        """The batch is no longer the front door's (``BatchMeta.front_door`` cleared): the
+        gateway deletes it at the team's request, and the team's own collect once done."""
+        await self._state.hand_over()
 
     async def delete(self) -> None:
         """Forget the batch's record; its results queue, empty once collected, expires unused

@@ -116,6 +116,9 @@ UNFOLLOWED: tuple[type[Exception], ...] = (*OUTAGES, ControlRefused)
 """What leaves a tick's progress unread: the steps meet an outage or a revoked key."""
 UNCOUNTED: tuple[type[Exception], ...] = (*DB_ERRORS, LeaseLost)
 """What keeps a fault from being counted: the batch is not this runner's to count."""
+UNCOUNTED_AT_FAULT: tuple[type[Exception], ...] = (*UNCOUNTED, ServiceUnavailable)
+"""And, at counting it, Redis down as the batch's copy is given up to the team: counted the
+next time, when that can be done."""
 STEPPING = ("submit", "collect")
 """Phases in which the gateway holds the batch and counts its progress."""
 SHOWN_PROBLEMS = 100
@@ -333,6 +336,8 @@ class BatchRunner:
                         batch_id,
                         cause,
                     )
+                    # Let go: the team's `queuegate batch delete` may drop it meanwhile.
+                    await _gateway_record(self._settings, self._redis, row).hand_over()
                     await records.update(conn, batch_id, self.name, faults=faults, phase="done")
                 elif faults == MAX_FAULTS:
                     log.error(
@@ -353,7 +358,10 @@ class BatchRunner:
                 else:
                     log.warning("batch %s: could not be wound up either: %s", batch_id, cause)
                     # The gateway's copy is left to expire rather than deleted: results
-                    # answered but not collected, already paid for, stay collectable there.
+                    # answered but not collected, already paid for, stay collectable there,
+                    # by the team's own collect, which deletes it once done (given up to the
+                    # team: no longer the front door's to end).
+                    await _gateway_record(self._settings, self._redis, row).hand_over()
                     reason = (
                         f"the batch could not be run ({cause}); answers not in its files stay "
                         f"with the gateway: `queuegate batch collect {row.id} --team "
@@ -363,7 +371,7 @@ class BatchRunner:
                     row = dataclasses.replace(row, errors=(row.errors or [])[:-1])
                     error = _error("batch_failed", reason)
                     await _fail(conn, row, self.name, error, phase="done", faults=faults)
-        except UNCOUNTED as lost:
+        except UNCOUNTED_AT_FAULT as lost:
             log.warning("batch %s: run failed (%s), not counted: %s", batch_id, exc, lost)
 
 
@@ -412,9 +420,7 @@ class _Run:
     def _stop_serving(self) -> GatewayRecord:
         """The key is revoked: from now on the batch is read in the gateway's record."""
         self._signer = None
-        record = GatewayRecord(
-            self._redis, Keys(self._settings.redis_prefix), self.row.team, self.row.id
-        )
+        record = _gateway_record(self._settings, self._redis, self.row)
         self._state = record
         return record
 
@@ -747,6 +753,9 @@ class _Run:
         if isinstance(self._state, GatewayRecord):
             await self._state.delete()
         else:
+            # The gateway refuses to delete a batch the front door runs (the team's `batch
+            # delete` would lose it): given up to the team first, as the runner alone can.
+            await _gateway_record(self._settings, self._redis, self.row).hand_over()
             with contextlib.suppress(BatchError):  # already forgotten
                 await delete_batch(self._settings, self.row.id, **self._who)
         await self._set(phase="done")
@@ -859,6 +868,10 @@ class _Run:
             row = await records.held_by(conn, self.row.id, self._runner)
             await _fail(conn, row, self._runner, _error("batch_lost", reason))
         self.row = await self._reload()
+
+
+def _gateway_record(settings: Settings, redis: aioredis.Redis, row: BatchRow) -> GatewayRecord:
+    return GatewayRecord(redis, Keys(settings.redis_prefix), row.team, row.id)
 
 
 async def _fail(

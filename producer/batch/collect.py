@@ -128,7 +128,7 @@ async def collect(
     from it, answered by the same ``checks`` (BatchError without them).
     """
     batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
-    async with batch as (state, meta, resend):
+    async with batch as (state, resend):
         with ResultFiles(Path(out), Path(errors) if errors else None) as files:
             where = Path(source) if source is not None else None
             refused = _RefusedLines(state, files, where, checks, settings)
@@ -142,7 +142,9 @@ async def collect(
                 resend=resend,
                 held=refused,
             )
-        if not meta.front_door:
+        # Read again: a front door's runner that gave the batch up to the team meanwhile
+        # cleared it (its answers kept for this collect).
+        if not (await state.require()).front_door:
             await state.delete()
     written = report.written + refused.written
     return dataclasses.replace(report, written=written, refused=refused.total)
@@ -252,7 +254,7 @@ async def collect_into(
     the caller can record the batch as collected before the gateway forgets it.
     ``source``: the submitted file, or how to fetch it should results be asked for again."""
     batch = _batch(settings, name, team, user_id=user_id, api_key=api_key, source=source)
-    async with batch as (state, _, resend):
+    async with batch as (state, resend):
         return await collect_state(
             settings,
             state,
@@ -305,9 +307,9 @@ async def _batch(
     user_id: str | None,
     api_key: ApiKey | None,
     source: Source | str | None,
-) -> AsyncIterator[tuple[BatchState, BatchMeta, Resend]]:
-    """The state of the team's batch ``name``, through a client of the gateway, what it is,
-    and how to ask again for its results, as the team that submitted it."""
+) -> AsyncIterator[tuple[BatchState, Resend]]:
+    """The state of the team's batch ``name``, through a client of the gateway, and how to
+    ask again for its results, as the team that submitted it."""
     name = check_batch_name(name)
     async with GatewayClient(
         settings, team=team, user_id=user_id, api_key=api_key, listen=False
@@ -323,7 +325,7 @@ async def _batch(
             source=Path(source) if isinstance(source, str) else source,
         )
         try:
-            yield state, meta, resend
+            yield state, resend
         finally:
             await resend.aclose()
 

@@ -225,10 +225,11 @@ async def submit_batch(
                 file, reader=reader, state=state, meta=meta, sender=sender, on_progress=on_progress
             )
         except BaseException:
-            if fresh and sender.reached == 0:
+            if fresh and sender.reached == 0 and not front_door:
                 # Nothing reached the broker: leave no batch behind to lock the name. Not
                 # counted by confirms recorded: jobs confirmed but not recorded yet (a cut
                 # connection, an interrupt) are queued, their results bound for its queue.
+                # A front door's batch stays (the gateway would refuse): its runner resumes it.
                 with contextlib.suppress(Exception):
                     await state.delete()
             raise
