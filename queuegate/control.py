@@ -236,11 +236,20 @@ class Counts(WireModel):
     def written(self) -> int:
         return self.done + self.failed + self.expired + self.canceled
 
+    def to_collect(self, waiting: int) -> int:
+        """Answers not collected yet, of ``waiting`` results in the batch's results queue: at
+        most one per published request without a line. The queue can hold more: a result
+        delivered again (each file's last line keeps its result unacknowledged until the next,
+        so a collect stopped leaves it there, its line written) or asked for again while its
+        first answer was on its way; counted all, a batch showed more answered than it has
+        requests."""
+        return max(0, min(waiting, self.published, self.total - self.written))
+
     def unanswered(self, waiting: int) -> int:
         """Published requests not answered yet, with ``waiting`` results in the batch's
         results queue: never more than were published."""
         left = min(self.published, self.total - self.written)
-        return max(0, left - waiting)
+        return max(0, left - self.to_collect(waiting))
 
 
 class BatchSummary(WireModel):
@@ -253,7 +262,20 @@ class BatchSummary(WireModel):
     canceled: bool
     deadline: AwareDatetime
     waiting: int = 0
-    """Results answered and not collected yet."""
+    """Results answered and not collected yet (``Counts.to_collect``)."""
+
+    @classmethod
+    def of(cls, meta: BatchMeta, counts: Counts, waiting: int) -> BatchSummary:
+        """The line of a batch with ``waiting`` results in its results queue."""
+        return cls(
+            name=meta.name,
+            format=meta.format,
+            total=meta.total,
+            written=counts.written,
+            canceled=counts.canceled_flag,
+            deadline=meta.deadline,
+            waiting=counts.to_collect(waiting),
+        )
 
     @property
     def state(self) -> str:

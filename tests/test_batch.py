@@ -1302,6 +1302,42 @@ async def test_a_fully_answered_batch_is_listed_to_collect_with_its_answers(
     assert "collected spend (USD)" in stdout.decode()
 
 
+async def test_a_stopped_collect_leaves_no_batch_answered_past_its_requests(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given 10 requests of a team admitted two a second, and their collect stopped once it
+    # wrote a line: that line's result, held back unacknowledged (a torn tail is written
+    # again from it), is in the batch's queue again, with the other 9 answers
+    await register(settings, "alpha", TeamConfig(rpm=120, burst=1))
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(10)])
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+
+        def stop(done: int, _: int) -> None:
+            if done:
+                collecting.cancel()
+
+        out = tmp_path / "out.jsonl"
+        collecting = asyncio.create_task(
+            collect(alpha.settings, "small", out, on_progress=stop, **alpha.who)
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(collecting, 30)
+        await gw.usage_rows(10)
+        while (await batch_status(alpha.settings, "small", **alpha.who)).queued:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+        # When its status and the team's batches are read
+        status = await batch_status(alpha.settings, "small", **alpha.who)
+        listed = await batch_list(alpha.settings, **alpha.who)
+
+    # Expect each request counted once, collected or answered (before: 1 + 10 answered, 11
+    # of a batch of 10, the held result counted again)
+    assert 0 < status.counts.written < 10
+    assert status.counts.written + status.waiting == 10
+    assert [(b.written + b.waiting, b.state) for b in listed] == [(10, "to collect")]
+
+
 async def test_an_empty_batch_name_is_refused_not_replaced_by_the_files(
     settings: Settings, tmp_path: Path, alpha: TeamIdentity
 ) -> None:

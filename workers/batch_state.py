@@ -23,7 +23,6 @@ from queuegate.control import (
     CATEGORIES,
     NANO,
     BatchMeta,
-    BatchSummary,
     Category,
     Counts,
     Outcome,
@@ -325,12 +324,12 @@ def _held(claim: list[Any], now_ms: float) -> bool:
 
 async def list_batches(
     client: aioredis.Redis, keys: Keys, team: str
-) -> list[tuple[BatchMeta, BatchSummary]]:
-    """The team's batches still recorded, oldest first, each its record and its line of the
-    list; those whose record expired are dropped from the list as they are found."""
+) -> list[tuple[BatchMeta, Counts]]:
+    """The team's batches still recorded, oldest first, each its record and its counts;
+    those whose record expired are dropped from the list as they are found."""
     raw: list[Any] = await client.zrange(keys.batches(team), 0, -1)
     names = [text(n) for n in raw]
-    summaries: list[tuple[BatchMeta, BatchSummary]] = []
+    batches: list[tuple[BatchMeta, Counts]] = []
     gone: list[str] = []
     for name in names:
         state = BatchState(client, keys, team, name)
@@ -338,20 +337,7 @@ async def list_batches(
         if meta is None:
             gone.append(name)
             continue
-        counts = await state.counts(meta)
-        summaries.append(
-            (
-                meta,
-                BatchSummary(
-                    name=name,
-                    format=meta.format,
-                    total=meta.total,
-                    written=counts.written,
-                    canceled=counts.canceled_flag,
-                    deadline=meta.deadline,
-                ),
-            )
-        )
+        batches.append((meta, await state.counts(meta)))
     if gone:
         await client.zrem(keys.batches(team), *gone)
-    return summaries
+    return batches

@@ -45,6 +45,7 @@ from queuegate.control import (
     BatchCall,
     BatchLockRole,
     BatchMeta,
+    BatchSummary,
     Category,
     CloseReplyQueue,
     ControlRequest,
@@ -433,8 +434,8 @@ class ControlPlane:
             batches = await list_batches(self._redis, self._keys, team)
             waiting = await self._waiting([meta for meta, _ in batches])
             return [
-                b.model_copy(update={"waiting": n}).model_dump(mode="json")
-                for (_, b), n in zip(batches, waiting, strict=True)
+                BatchSummary.of(meta, counts, n).model_dump(mode="json")
+                for (meta, counts), n in zip(batches, waiting, strict=True)
             ]
         if not call.batch:
             raise Refused(f"batch {call.call} needs a batch name")
@@ -523,7 +524,7 @@ class ControlPlane:
         return {
             "meta": meta.model_dump(mode="json"),
             "counts": counts.model_dump(mode="json"),
-            "waiting": (await self._waiting([meta]))[0],
+            "waiting": counts.to_collect((await self._waiting([meta]))[0]),
         }
 
     async def _waiting(self, batches: Sequence[BatchMeta]) -> list[int]:
