@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -47,3 +48,11 @@ def print_table(renderable: RenderableType, *, wide: bool) -> None:
         PipedConsole(width=max(console.width, needed), soft_wrap=True).print(renderable)
     else:
         out.print(renderable)
+
+
+def to_devnull(stream: TextIO) -> None:
+    """``stream``'s descriptor sent to /dev/null once its reader is gone: what it still
+    buffers, flushed later or as Python exits, then goes nowhere rather than fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from cli.audit import audit_app
 from cli.batch import batch_app
-from cli.console import err
+from cli.console import err, to_devnull
 from cli.dlq import dlq_app
 from cli.keys import admin_key_app
 from cli.replies import replies_app
@@ -42,8 +42,7 @@ class _Commands(TyperGroup):
         except BrokenPipeError:
             if not _stdout_closed():
                 raise  # a service's connection, not the reader: said as any failure is
-            # What stdout still buffers would fail again as Python exits: it goes nowhere.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            to_devnull(sys.stdout)
             sys.exit(0)
 
 

@@ -113,6 +113,24 @@ def start_cli(
     )
 
 
+def cli_to_a_gone_reader(
+    settings: Settings, *args: str, api_key: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A ``queuegate`` command whose stdout and stderr go to a pipe whose reader is gone, as
+    ``2>&1 | head -1`` once head has its line."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            env=cli_env(settings, api_key),
+            stdout=writer,
+            stderr=writer,
+        )
+    finally:
+        os.close(writer)
+
+
 def kill(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGKILL)
     process.communicate()

@@ -53,6 +53,7 @@ from queuegate.topology import Topology
 from tests.batch_files import (
     ANTHROPIC_EXAMPLE,
     OPENAI_EXAMPLE,
+    cli_to_a_gone_reader,
     kill,
     openai_line,
     read_jsonl,
@@ -838,6 +839,58 @@ async def test_a_collected_batch_is_gone_and_listed_until_then(
     assert [(b.name, b.total) for b in listed] == [("small", 3)]
     assert after == [] and results is None
     assert report.counts.done == 3 and report.counts.spend_usd > 0
+
+
+async def test_a_collect_whose_reader_left_still_collects_the_whole_batch(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given a batch submitted and answered
+    source = write_jsonl(tmp_path / "small.jsonl", [openai_line(i) for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    async with running_gateway(settings) as gw:
+        await submit_batch(alpha.settings, source, **alpha.who)
+        await wait_until_answered(alpha, "small", 3)
+        # When it is collected into a file, its progress and summary going to a pipe whose
+        # reader is gone (`2>&1 | head -1`)
+        collecting = cli_to_a_gone_reader(
+            alpha.settings, *("batch", "collect", "small", "--team", "alpha", "--out", str(out))
+        )
+        status = await asyncio.to_thread(collecting.wait, 60)
+        listed = await batch_list(alpha.settings, **alpha.who)
+        async with BrokerAdmin.of(settings) as admin:
+            results = await admin.queue(
+                gw.topology.results_queue("alpha", batch_reply_name("small"))
+            )
+
+    # Expect status 0, every line written once, and the batch collected: gone with its
+    # results queue (before: its first progress line ended it quietly, nothing acknowledged)
+    assert status == 0
+    expect_each_once(read_jsonl(out), 3)
+    assert listed == [] and results is None
+
+
+async def test_a_submit_whose_reader_left_still_publishes_the_whole_batch(
+    settings: Settings, tmp_path: Path, alpha: TeamIdentity
+) -> None:
+    # Given the file with 20 malformed lines among valid ones
+    source, _ = malformed_file(tmp_path / "bad.jsonl")
+    skipped = tmp_path / "skipped.jsonl"
+    async with nobody_serves(settings):
+        # When it is submitted with --skip-invalid, its progress, problems and summary going
+        # to a pipe whose reader is gone (`2>&1 | head -1`)
+        submitting = cli_to_a_gone_reader(
+            alpha.settings,
+            *("batch", "submit", str(source), "--team", "alpha", "--skip-invalid"),
+            *("--skipped", str(skipped)),
+        )
+        status = await asyncio.to_thread(submitting.wait, 60)
+        report = await batch_status(alpha.settings, "bad", **alpha.who)
+
+    # Expect status 0, every valid request published and the skipped lines listed in their
+    # file (before: its first progress line ended it quietly, the rest not published)
+    assert status == 0
+    assert report.counts.published == report.counts.total == 23
+    assert len(read_jsonl(skipped)) == 14
 
 
 @pytest.mark.parametrize("who", ["alpha", "beta"])
