@@ -38,7 +38,12 @@ class _Commands(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:  # typer's vendored click.Context, which is private
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                # What it left in a buffered stdout (a pipe's, unless PYTHONUNBUFFERED), sent
+                # here: at Python's exit a reader gone failed it, status 120, said on stderr.
+                sys.stdout.flush()
         except BrokenPipeError:
             if not _stdout_closed():
                 raise  # a service's connection, not the reader: said as any failure is

@@ -39,6 +39,14 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
+def _buffered_env(settings: Settings) -> dict[str, str]:
+    """An operator's environment: stdout buffered, as Python buffers it into a pipe unless
+    PYTHONUNBUFFERED is set (as it may be where the tests run)."""
+    env = {**os.environ, **_env(settings)}
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
 def test_migrate_applies_once_then_reports_up_to_date(settings: Settings) -> None:
     first = runner.invoke(app, ["migrate"], env=_env(settings))
     again = runner.invoke(app, ["migrate"], env=_env(settings))
@@ -310,23 +318,57 @@ def test_a_report_given_two_teams_is_refused_not_of_the_last_alone(
 @pytest.mark.usefixtures("pool")
 @pytest.mark.parametrize(
     "command",
-    [["status", "--watch", "--json"], ["usage", "--json"], ["usage"], ["audit", "log"]],
+    [
+        ["status", "--watch", "--json"],
+        ["usage", "--json"],
+        ["usage"],
+        ["audit", "log"],
+    ],
 )
 async def test_a_closed_stdout_ends_a_command_quietly(
     settings: Settings, command: list[str]
 ) -> None:
-    # Given a pipe whose reader is gone, as once head has read its lines
+    # When a command prints to a pipe whose reader is gone, as once head has read its lines
+    ended = await _into_a_gone_reader(settings, command)
+    # Expect it to end there, status 0, saying nothing (before: status 1; usage --json,
+    # its stdout buffered, 120 and "Exception ignored" as Python exited)
+    assert ended == (0, "")
+
+
+@pytest.mark.usefixtures("pool")
+async def test_a_stale_status_into_a_closed_stdout_ends_quietly(settings: Settings) -> None:
+    # Given no worker reporting: a status is stale
+    # When `status --json` prints to a pipe whose reader is gone
+    ended = await _into_a_gone_reader(settings, ["status", "--json"])
+    # Expect status 0, its note alone on stderr (before: status 3 asked for, and Python's
+    # exit, flushing stdout, failed it: status 120, "Exception ignored" on stderr)
+    assert ended == (0, "stale: no worker has reported in the last few seconds\n")
+
+
+async def _into_a_gone_reader(settings: Settings, command: list[str]) -> tuple[int, str]:
+    """``command`` run into a pipe whose reader is gone: its status and what it said on
+    stderr."""
     reader, writer = os.pipe()
     os.close(reader)
-    # When a command prints to it
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli", *command,
-        env={**os.environ, **_env(settings)}, stdout=writer, stderr=subprocess.PIPE,
+        env=_buffered_env(settings), stdout=writer, stderr=subprocess.PIPE,
     )  # fmt: skip
     os.close(writer)
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    # Expect it to end there, status 0, saying nothing (before: status 1)
-    assert (process.returncode, stderr.decode()) == (0, "")
+    return await _ending(process)
+
+
+async def _ending(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    """The status of ``process`` and what it said on stderr, once it ends; killed if it
+    has not within 60 s."""
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
 
 
 @pytest.mark.usefixtures("pool")
@@ -337,12 +379,11 @@ async def test_a_command_started_without_stdout_ends_quietly(
     # When a command is started with its stdout closed (a shell's >&-)
     process = await asyncio.create_subprocess_exec(
         "sh", "-c", 'exec "$0" -m cli "$@" >&-', sys.executable, *command,
-        env={**os.environ, **_env(settings)}, stderr=subprocess.PIPE,
+        env=_buffered_env(settings), stderr=subprocess.PIPE,
     )  # fmt: skip
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
     # Expect it to end status 0, saying nothing (before: uvloop, finding a socket at 1,
     # aborted it: status 134, an assertion on stderr)
-    assert (process.returncode, stderr.decode()) == (0, "")
+    assert await _ending(process) == (0, "")
 
 
 def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
