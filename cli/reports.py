@@ -114,7 +114,9 @@ def status(
     watch: Annotated[
         bool,
         typer.Option(
-            "--watch", help="Refresh in place until Ctrl-C; with --json, one JSON line each."
+            "--watch",
+            help="Refresh in place until Ctrl-C (into a pipe or file, each refresh whole after "
+            "the last); with --json, one JSON line each.",
         ),
     ] = False,
     interval: Annotated[
@@ -206,8 +208,10 @@ def status(
 def _refreshes(
     *, as_json: bool, wide: bool
 ) -> Iterator[Callable[[Status | None, str | None, datetime | None], None]]:
-    """How each refresh of ``status --watch`` is shown: the tables redrawn in place, or with
-    --json one document a line, flushed (a pipe to jq would see none until the end)."""
+    """How each refresh of ``status --watch`` is shown: the tables redrawn in place on a
+    terminal, else printed whole one after another (rich's Live, off a terminal, prints its
+    last frame only as it ends: a pipe got nothing, and never closed it); or with --json one
+    document a line, flushed (a pipe to jq would see none until the end)."""
     from queuegate.reporting import to_json, watch_view
     from queuegate.status import watch_record
 
@@ -218,6 +222,9 @@ def _refreshes(
             sys.stdout.flush()
 
         yield line
+        return
+    if not out.console.is_terminal:
+        yield lambda *seen: print_table(watch_view(*seen, wide=wide), wide=wide)
         return
     from rich.live import Live
 

@@ -320,6 +320,7 @@ def test_a_report_given_two_teams_is_refused_not_of_the_last_alone(
     "command",
     [
         ["status", "--watch", "--json"],
+        ["status", "--watch"],
         ["usage", "--json"],
         ["usage"],
         ["audit", "log"],
@@ -331,7 +332,8 @@ async def test_a_closed_stdout_ends_a_command_quietly(
     # When a command prints to a pipe whose reader is gone, as once head has read its lines
     ended = await _into_a_gone_reader(settings, command)
     # Expect it to end there, status 0, saying nothing (before: status 1; usage --json,
-    # its stdout buffered, 120 and "Exception ignored" as Python exited)
+    # its stdout buffered, 120 and "Exception ignored" as Python exited; status --watch,
+    # whose tables rich's Live printed off a terminal only as it ended, never ended)
     assert ended == (0, "")
 
 
@@ -369,6 +371,31 @@ async def _ending(process: asyncio.subprocess.Process) -> tuple[int, str]:
             await process.wait()
     assert process.returncode is not None
     return process.returncode, stderr.decode()
+
+
+@pytest.mark.usefixtures("pool")
+async def test_a_piped_status_watch_writes_each_refresh_as_it_is_read(settings: Settings) -> None:
+    # Given `status --watch` into a pipe, not a terminal
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "status", "--watch", "--interval", "0.2",
+        env=_buffered_env(settings), stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+
+    async def refreshes(wanted: int) -> None:
+        seen = 0
+        while seen < wanted:
+            line = await process.stdout.readline()
+            assert line, "status --watch ended"
+            seen += line.startswith(b"teams at ")
+
+    # When its reader reads it
+    try:
+        # Expect each refresh's tables as it is made (before: none until it ended)
+        await asyncio.wait_for(refreshes(2), timeout=30)
+    finally:
+        process.kill()
+        await process.wait()
 
 
 @pytest.mark.usefixtures("pool")
