@@ -221,16 +221,23 @@ _paragraphs_on_one_line(app)
 
 
 def _stand_in_for_closed_output() -> None:
-    """/dev/null on a standard descriptor the command was started without (``>&-``), so that
-    its output goes nowhere quietly, as into a pipe closed early: else the next file opened
-    takes the free number, and uvloop, finding a socket at 1, aborted the process (SIGABRT,
-    exit 134). Python found no stream there and set it None: it gets one again."""
+    """A stand-in on a standard descriptor the command was started without (``>&-``): else
+    the next file opened takes the free number, and uvloop, finding a socket at 1, aborted the
+    process (SIGABRT, exit 134). Stdout's is a pipe whose reader is gone: the command ends at
+    its first output, quietly with status 0, as when its reader closed it (``status --watch``
+    into /dev/null would never end); stdin's and stderr's are /dev/null. Python found no stream
+    there and set it None: it gets one again."""
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
         except OSError:
-            opened = os.open(os.devnull, os.O_RDWR)
-            if opened != fd:  # the lowest free number is this one unless one below is free too
-                os.dup2(opened, fd)
-                os.close(opened)
+            if fd == 1:
+                reader, writer = os.pipe()
+                ends = {reader, writer}
+            else:
+                writer = os.open(os.devnull, os.O_RDWR)
+                ends = {writer}
+            os.dup2(writer, fd)  # over the end that took the free number, if one did
+            for end in ends - {fd}:
+                os.close(end)
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (the process's own)

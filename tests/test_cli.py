@@ -399,7 +399,9 @@ async def test_a_piped_status_watch_writes_each_refresh_as_it_is_read(settings: 
 
 
 @pytest.mark.usefixtures("pool")
-@pytest.mark.parametrize("command", [["usage", "--json"], ["audit", "log"]])
+@pytest.mark.parametrize(
+    "command", [["usage", "--json"], ["audit", "log"], ["status", "--watch"], ["usage"]]
+)
 async def test_a_command_started_without_stdout_ends_quietly(
     settings: Settings, command: list[str]
 ) -> None:
@@ -408,8 +410,9 @@ async def test_a_command_started_without_stdout_ends_quietly(
         "sh", "-c", 'exec "$0" -m cli "$@" >&-', sys.executable, *command,
         env=_buffered_env(settings), stderr=subprocess.PIPE,
     )  # fmt: skip
-    # Expect it to end status 0, saying nothing (before: uvloop, finding a socket at 1,
-    # aborted it: status 134, an assertion on stderr)
+    # Expect it to end at its first output, status 0, saying nothing, as when its reader
+    # closed it (before: uvloop, finding a socket at 1, aborted it: status 134, an assertion
+    # on stderr; then, with /dev/null there, status --watch never ended)
     assert await _ending(process) == (0, "")
 
 
