@@ -360,6 +360,49 @@ async def test_a_key_cut_across_two_stream_events_is_relayed_in_its_pieces_and_n
     assert [text for text in _read([routed.response, attributes]) if KEY in text] == []
 
 
+BLOCKS = ["text", "thinking", "text-around-a-tool-call"]
+"""Which content blocks of an Anthropic whole answer the key is cut across: two text
+blocks, two thinking blocks, or two text blocks with a tool call between them."""
+
+
+def _blocks(key: str, stream: bool, anthropic: bool, cut: str) -> list[dict[str, Any]]:
+    """As ``_echoing``, an Anthropic whole answer's key cut across two content blocks, as
+    ``cut`` says (``BLOCKS``), which the gateway joins into one text of its own answer."""
+    said = _echoing(key, stream, anthropic)
+    if stream or not anthropic:
+        return said
+    kind = "thinking" if cut == "thinking" else "text"
+    first, second = ({"type": kind, kind: piece} for piece in (key[:8], key[8:]))
+    if kind == "thinking":
+        first["signature"] = second["signature"] = "sig"
+    between = [{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}]
+    blocks = [first, *between, second] if "tool" in cut else [first, second]
+    return [said[0] | {"content": blocks}]
+
+
+@pytest.mark.parametrize("cut", BLOCKS)
+async def test_a_key_cut_across_two_content_blocks_of_a_whole_answer_is_not_in_its_text(
+    settings: Settings, cut: str
+) -> None:
+    # Given an Anthropic provider whose whole answer cuts the key across two content blocks
+    async with echoing_provider(said=functools.partial(_blocks, cut=cut)) as url:
+        entry = mock_deployment("d", "m", url, provider="anthropic")
+        catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+        # When a job is served from it, traced with its content
+        with in_memory(content=True) as exported:
+            async with open_router(catalog, {"QUEUEGATE_MOCK_KEY": KEY}, settings) as router:
+                routed = await router.complete(chat("m", stream=False))
+            spans = exported.get_finished_spans()
+
+    # Expect the text the gateway joined of the two with the key redacted, in the answer and
+    # its spans (each block, in the native body beside it, holds only a piece of it)
+    message = routed.response["choices"][0]["message"]
+    joined = message["reasoning_content" if cut == "thinking" else "content"]
+    assert joined == "[redacted]"
+    attributes = [dict(span.attributes or {}) for span in spans]
+    assert [text for text in _read([routed.response, attributes]) if KEY in text] == []
+
+
 @pytest.mark.parametrize(
     ("escaped", "said"),
     [("literal", _echoing), ("all-escaped", _echoing), ("literal", _split)],

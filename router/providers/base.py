@@ -688,12 +688,14 @@ def unechoed(answer: Any, secret: str) -> Any:
 
 
 def kept(completion: Completion, secret: str | None) -> Completion:
-    """``completion``, a stream parser's, with the key redacted as ``unechoed`` does when a
-    string of it holds the key: each event was looked at alone (``json_data``), so a key cut
-    across two was relayed in its pieces, but the answer they make is kept, stored and traced
-    whole. Its strings are walked (``_holds``) rather than it written as JSON to be searched:
-    a few µs once per stream, and nothing a stream event could carry (an integer past 64
-    bits) fails it."""
+    """``completion``, a stream parser's or an adapter's of a whole answer, with the key
+    redacted as ``unechoed`` does when a string of it holds the key: each event was looked at
+    alone (``json_data``), so a key cut across two was relayed in its pieces, but the answer
+    they make is kept, stored and traced whole; a whole answer was looked at as sent
+    (``echoed``), but its adapter joins texts (an Anthropic answer's content blocks) into
+    one, which may hold the key cut across them. Its strings are walked (``_holds``) rather
+    than it written as JSON to be searched: a few µs once per answer, and nothing a stream
+    event could carry (an integer past 64 bits) fails it."""
     if secret is None or _written(secret) is None:
         return completion
     if not _holds(completion.response, secret.strip()):
