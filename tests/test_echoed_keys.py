@@ -403,6 +403,50 @@ async def test_a_key_cut_across_two_content_blocks_of_a_whole_answer_is_not_in_i
     assert [text for text in _read([routed.response, attributes]) if KEY in text] == []
 
 
+PAIR = "\\ud83d\\ude00"
+"""An emoji as JSON text writes it: a surrogate pair's two escapes, as text."""
+
+
+def _beside_a_pair(key: str, stream: bool, anthropic: bool, where: str) -> list[dict[str, Any]]:
+    """An OpenAI whole answer with the key written as escapes of escapes (``\\u005cu0073``,
+    only decoding loosely shows it) and an emoji as the escapes of its surrogate pair, both as
+    text: in the tool call's arguments (JSON text) or in the content (no JSON text)."""
+    said = _tool_calling(key, stream, anthropic, "backslash-escaped")
+    message = said[0]["choices"][0]["message"]
+    hidden = "".join(f"\\u005cu{ord(c):04x}" for c in key)
+    if where == "content":
+        message["content"] = f"{hidden} {PAIR}"
+    else:
+        message["tool_calls"][0]["function"]["arguments"] = f'{{"k":"{hidden}","q":"{PAIR}"}}'
+    return said
+
+
+@pytest.mark.parametrize("where", ["arguments", "content"])
+async def test_a_key_redacted_beside_a_surrogate_pair_leaves_the_answer_writable(
+    settings: Settings, where: str
+) -> None:
+    # Given a provider answering with the key hidden behind escapes of escapes, and an emoji
+    # written as its surrogate pair's escapes, as text
+    said = functools.partial(_beside_a_pair, where=where)
+    async with echoing_provider(said=said) as url:
+        entry = mock_deployment("d", "m", url, provider="openai")
+        catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+        # When a job is served from it
+        async with open_router(catalog, {"QUEUEGATE_MOCK_KEY": KEY}, settings) as router:
+            routed = await router.complete(chat("m", stream=False))
+
+    # Expect the key redacted, and the answer writable as UTF-8 (no half of the pair decoded
+    # alone), the emoji as it was
+    message = routed.response["choices"][0]["message"]
+    json.dumps(routed.response, ensure_ascii=False).encode()
+    if where == "content":
+        assert message["content"] == f"[redacted] {PAIR}"
+    else:
+        arguments = json.loads(message["tool_calls"][0]["function"]["arguments"])
+        assert arguments == {"k": "[redacted]", "q": "\U0001f600"}
+    assert [text for text in _read(routed.response) if KEY in text] == []
+
+
 @pytest.mark.parametrize(
     ("escaped", "said"),
     [("literal", _echoing), ("all-escaped", _echoing), ("literal", _split)],

@@ -771,8 +771,17 @@ def _revealed(text: str) -> str:
     character, and one whose backslash is itself written as an escape (``\\u005cu0073``)
     too: what ``_unescaped`` keeps as it was but decoding may still make of it. One pass,
     never longer than ``text`` (a backslash written so stands for ever more of them, level by
-    level: decoded faithfully, a chain of them doubled the text at each)."""
-    return _LOOSE_ESCAPE.sub(lambda e: "/" if e[1] is None else chr(int(e[1], 16)), text)
+    level: decoded faithfully, a chain of them doubled the text at each). A surrogate's
+    escape is kept as it is: decoded alone, half of a pair, it made the text unwritable (no
+    UTF-8 holds it), and the job's outcome with it, and no key has one."""
+    return _LOOSE_ESCAPE.sub(_loosely_decoded, text)
+
+
+def _loosely_decoded(escape: re.Match[str]) -> str:
+    if escape[1] is None:
+        return "/"
+    char = chr(int(escape[1], 16))
+    return escape[0] if _SURROGATE.match(char) else char
 
 
 _LOOSE_ESCAPE = re.compile(r"(?<!\\)\\+(?:u005[cC]\\*)*(?:u([0-9a-fA-F]{4})|/)")
