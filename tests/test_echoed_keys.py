@@ -173,8 +173,13 @@ def _arguments(key: str, writing: str) -> str:
 
 def _tool_calling(key: str, stream: bool, anthropic: bool, writing: str) -> list[dict[str, Any]]:
     """An answer calling a tool with the key written in its arguments (``_arguments``), and
-    nowhere else: an Anthropic whole answer's input holds those arguments as a string."""
-    arguments = _arguments(key, writing)
+    nowhere else."""
+    return _calling(_arguments(key, writing), stream, anthropic)
+
+
+def _calling(arguments: str, stream: bool, anthropic: bool) -> list[dict[str, Any]]:
+    """An answer calling a tool with ``arguments``: an Anthropic whole answer's input holds
+    them as a string."""
     if anthropic:
         message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "echo"}
         block = {"type": "tool_use", "id": "toolu_1", "name": "lookup"}
@@ -445,6 +450,59 @@ async def test_a_key_redacted_beside_a_surrogate_pair_leaves_the_answer_writable
         arguments = json.loads(message["tool_calls"][0]["function"]["arguments"])
         assert arguments == {"k": "[redacted]", "q": "\U0001f600"}
     assert [text for text in _read(routed.response) if KEY in text] == []
+
+
+SIBLINGS = {"c2": "\\u0041", "m": "\\\\u0041", "e": "\U0001f600", "n": [1.10, 10**20]}
+"""Arguments beside the key whose strings write escapes as text (``\\u0041``, ``\\\\u0041``),
+and what decoding loosely, or writing again, may change: an emoji, numbers."""
+
+
+def _with_siblings(key: str, stream: bool, anthropic: bool, nested: bool) -> list[dict[str, Any]]:
+    """An answer calling a tool whose arguments hold the key written all in ``\\u`` escapes
+    beside ``SIBLINGS``, or hold such JSON text as a string (``nested``)."""
+    written = json.dumps({"k": "KEY", **SIBLINGS}).replace(
+        "KEY", "".join(f"\\u{ord(c):04x}" for c in key)
+    )
+    return _calling(json.dumps({"j": written}) if nested else written, stream, anthropic)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_tool_arguments_with_the_key_redacted_mean_the_same_otherwise(
+    settings: Settings, provider: str, stream: bool, nested: bool
+) -> None:
+    # Given a provider calling a tool with the key in escapes beside other arguments that
+    # write escapes as text
+    deltas: list[Piece] = []
+
+    async def relay(piece: Piece, model: str, alias: str) -> None:
+        deltas.append(piece)
+
+    said = functools.partial(_with_siblings, nested=nested)
+    async with echoing_provider(said=said) as url:
+        entry = mock_deployment("d", "m", url, provider=provider)
+        catalog = Catalog.model_validate({"models": {"m": {"deployments": [entry]}}})
+        # When a job is served from it
+        async with open_router(catalog, {"QUEUEGATE_MOCK_KEY": KEY}, settings) as router:
+            routed = await router.complete(chat("m", stream=stream), on_delta=relay)
+
+    # Expect the key redacted, and every other argument as it was sent, in the answer and in
+    # what was relayed of it
+    assert stream == bool(deltas)
+    [call] = routed.response["choices"][0]["message"]["tool_calls"]
+    relayed = "".join(
+        called["function"].get("arguments") or ""
+        for piece in deltas
+        for called in piece.delta.get("tool_calls") or []
+    )
+    for written in [call["function"]["arguments"], *([relayed] if stream else [])]:
+        arguments = json.loads(written)
+        if provider == "anthropic" and not stream:  # its input, {"t": the arguments}
+            arguments = json.loads(arguments["t"])
+        if nested:
+            arguments = json.loads(arguments["j"])
+        assert arguments == {"k": "[redacted]", **SIBLINGS}
 
 
 @pytest.mark.parametrize(

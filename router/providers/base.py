@@ -709,14 +709,47 @@ def _unechoed(value: Any, key: str) -> Any:
 
 def _unechoed_text(text: str, key: str) -> str:
     if key in text:
-        return redact(text, key)
-    if _escapes(text) and key in (revealed := _revealed(text)):
-        # Redacted where its escapes are decoded faithfully, the text means what it did;
-        # where only decoding loosely shows it (its escapes' backslashes escaped so), it is
-        # redacted there.
-        unescaped = _unescaped(text)
-        return redact(unescaped if key in unescaped else revealed, key)
-    return text
+        text = redact(text, key)
+    if not (_escapes(text) and key in (revealed := _revealed(text))):
+        return text
+    # JSON text (tool arguments) is redacted string by string, each decoded: the rest of it
+    # means what it did. Decoding the whole text's escapes instead decoded its other
+    # strings' escapes written as text too (a string "\\u0041" of it came out "A").
+    redacted = _unechoed_json(text, key)
+    if redacted is not None and key not in _revealed(redacted):
+        return redacted
+    # Any other text is redacted where its escapes are decoded faithfully, so it means what
+    # it did but for the key; where only decoding loosely shows the key (its escapes'
+    # backslashes escaped so), it is redacted there.
+    unescaped = _unescaped(text)
+    return redact(unescaped if key in unescaped else revealed, key)
+
+
+def _unechoed_json(text: str, key: str) -> str | None:
+    """``text`` with each of its strings (an object's names too) redacted as
+    ``_unechoed_text`` does, decoded, when one holds ``key``, the rest as it was; None when
+    it is no JSON text."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return _JSON_STRING.sub(functools.partial(_unechoed_string, key=key), text)
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+"""A string of a JSON text: outside one, no JSON text holds a ``"``."""
+
+
+def _unechoed_string(written: re.Match[str], key: str) -> str:
+    if key not in written[0] and not _escapes(written[0]):
+        return written[0]
+    text = json.loads(written[0])
+    redacted = _unechoed_text(text, key)
+    if redacted == text:
+        return written[0]
+    # Its non-ASCII characters as they are, but a lone surrogate (escaped in the text, no
+    # UTF-8 holds it) escaped as it was.
+    return json.dumps(redacted, ensure_ascii=bool(_SURROGATE.search(redacted)))
 
 
 def _each_string(value: Any, change: Callable[[str], str]) -> Any:
@@ -740,12 +773,13 @@ def _escapes(text: str) -> bool:
 
 def _unescaped(text: str) -> str:
     """``text`` with its ``\\u`` escapes of printable characters (but ``"`` and ``\\``)
-    decoded, at whatever level of JSON text it holds they are: a string that is JSON text
-    (tool arguments, an Anthropic stream's ``partial_json``) writes its own escapes'
-    backslashes escaped, ``\\\\u0073``, and decoded there the key reached the caller as it
-    was sent (one level of decoding leaves ``\\u0073``: text, not the key). One pass, never
-    longer than ``text``; JSON text stays JSON text meaning the same at every level, so
-    arguments redacted stay valid."""
+    decoded, at whatever level of JSON text it holds they are: a string that holds JSON text
+    (an Anthropic stream's ``partial_json``, a piece of tool arguments) writes its own
+    escapes' backslashes escaped, ``\\\\u0073``, and decoded there the key reached the caller
+    as it was sent (one level of decoding leaves ``\\u0073``: text, not the key). One pass,
+    never longer than ``text``; JSON text stays valid at every level, though a string of it
+    writing an escape as text (``"\\\\u0041"``) is decoded too: a string that is JSON text
+    whole is redacted string by string instead (``_unechoed_json``)."""
     return _JSON_ESCAPE.sub(_decoded_escape, text)
 
 
