@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 from redis.exceptions import RedisError
 
 from queuegate.keys import Keys
@@ -82,9 +83,14 @@ class ResponseCache:
             provider=routed.provider,
         )
         try:
-            await self._client.set(
-                self._keys.cache(request_digest(job)), entry.model_dump_json(), ex=self._ttl
-            )
+            written = entry.model_dump_json()
+        except PydanticSerializationError:
+            # Raised, it failed the job in the worker, the call billed nowhere; its outcome,
+            # which cannot be written either, is answered as an error and billed.
+            log.warning("job %s: its answer cannot be written; it is not cached", job.job_id)
+            return
+        try:
+            await self._client.set(self._keys.cache(request_digest(job)), written, ex=self._ttl)
         except RedisError as exc:
             self._outage.failed(exc)
 

@@ -239,8 +239,10 @@ def served(
 
 def unwritable(outcome: Outcome) -> Outcome:
     """``outcome``, whose result could not be written as JSON (``as_json`` raised), as a
-    ``provider_error`` billed as it was served: its answer left out, its usage and cost kept.
-    Raised on, the job went back to its queue with its claim held, unanswered for good."""
+    ``provider_error`` billed as it was served: its answer left out, of its result and of the
+    content its usage event captures alike, its usage and cost kept. Raised on, the job went
+    back to its queue with its claim held, unanswered for good: so it went when only the
+    result's answer was left out, a team capturing content keeping the same answer there."""
     result = outcome.result
     error = ErrorInfo(
         code="provider_error",
@@ -248,7 +250,10 @@ def unwritable(outcome: Outcome) -> Outcome:
         "its operators have the details in the worker's log",
         attempts=len(result.gateway.attempts),
     )
-    usage = {"status": "error", "error_code": "provider_error"}
+    usage: dict[str, object] = {"status": "error", "error_code": "provider_error"}
+    content = outcome.usage.content
+    if content is not None:
+        usage["content"] = content.model_copy(update={"response": None})
     return Outcome(
         result=result.model_copy(update={"status": "error", "response": None, "error": error}),
         usage=outcome.usage.model_copy(update=usage),
