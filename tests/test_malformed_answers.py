@@ -257,11 +257,13 @@ BLOCKS_OF_THE_WRONG_TYPE: list[dict[str, Any]] = [
     {"type": "text", "text": "", "citations": "x"},
     {"type": "server_tool_use", "id": "srvtoolu_1", "name": 42, "input": {}},
     {"type": "tool_use", "id": "toolu_1", "name": 42, "input": {}},
+    {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": "x"},
+    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": 5},
 ]
 """Content blocks relayed as they came (a stream's content_block_start to an Anthropic
 caller) of a field of the wrong type."""
 BLOCK_IDS = ["thinking-42", "signature-5", "redacted-data-42", "citations-x"]
-BLOCK_IDS += ["server-tool-name-42", "tool-name-42"]
+BLOCK_IDS += ["server-tool-name-42", "tool-name-42", "server-tool-input-x", "search-content-5"]
 
 
 @pytest.mark.parametrize(
@@ -282,6 +284,11 @@ BLOCK_IDS += ["server-tool-name-42", "tool-name-42"]
         {"type": "message_delta", "delta": {"stop_reason": 42}, "usage": {"output_tokens": 1}},
         START | {"message": START["message"] | {"model": 42}},
         {"type": 7},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "citations_delta", "citation": 5},
+        },
         *(
             {"type": "content_block_start", "index": 1, "content_block": block}
             for block in BLOCKS_OF_THE_WRONG_TYPE
@@ -290,6 +297,7 @@ BLOCK_IDS += ["server-tool-name-42", "tool-name-42"]
     ids=[
         *("text-42", "delta-5", "tool-name-5", "index-far-ahead", "index-negative"),
         *("index-string", "delta-type-7", "block-type-7", "stop-reason-42", "model-42", "type-7"),
+        "citation-5",
         *(f"start-{name}" for name in BLOCK_IDS),
     ],
 )

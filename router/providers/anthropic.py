@@ -301,6 +301,9 @@ class AnthropicStream:
             if not text:
                 return []
             return [{"content": text}] if field == "text" else [{"reasoning_content": text}]
+        if kind == "citations_delta":  # relayed as it came, to an Anthropic caller only
+            object_of(delta.get("citation"), "a citations_delta's citation")
+            return []
         if kind == "input_json_delta" and index in self._calls:
             piece = text_of(delta.get("partial_json"), "an input_json_delta's partial_json")
             self._json[index].append(piece)
@@ -356,6 +359,12 @@ _BLOCK_TEXTS = {
     "server_tool_use": ("id", "name"),
 }
 """The text fields of each type of content block, read or relayed as they came."""
+_BLOCK_SHAPES: dict[str, dict[str, tuple[type, ...]]] = {
+    "server_tool_use": {"input": (dict,)},
+    "web_search_tool_result": {"content": (list, dict)},  # its results, or its error
+}
+"""The other fields of a content block relayed as it came, checked as the Messages API
+documents them (what is inside, passed as sent)."""
 _USAGE_OBJECTS = ("cache_creation", "server_tool_use", "output_tokens_details")
 _USAGE_TEXTS = ("service_tier",)
 """A usage's fields beside its counts, relayed unless of the wrong type (``usage_kept``)."""
@@ -369,6 +378,9 @@ def _check_block(block: Block) -> str:
     kind = text_of(block.get("type"), "a content block's type")
     texts_of(block, _BLOCK_TEXTS.get(kind, ()), f"a {kind} block")
     list_of(block.get("citations"), f"a {kind} block's citations")
+    for field, types in _BLOCK_SHAPES.get(kind, {}).items():
+        if not isinstance(block.get(field), (*types, type(None))):
+            raise ProviderError("bad_response", f"a {kind} block's {field} is of the wrong type")
     return kind
 
 
