@@ -41,6 +41,7 @@ from queuegate.provider_formats import (
     anthropic_id,
     anthropic_message,
     as_int,
+    custom_call,
 )
 
 Event = dict[str, Any]
@@ -262,6 +263,8 @@ class MessageEvents:
         events: list[Event] = []
         index = self._calls.get(number)
         if index is None:
+            if call.get("type") == "custom":
+                raise custom_call(call)  # before a tool_use block the SDK could not fill
             block: Event = {
                 "type": "tool_use",
                 "id": call.get("id") or "",

@@ -93,15 +93,26 @@ class NotAnObject(ValueError):
     must be (Anthropic's reference; its SDK's ``ToolUseBlock.input`` is a ``Dict``): an
     OpenAI model's ``arguments`` may be any text, not even JSON (OpenAI's reference warns
     of it: a call cut by ``max_tokens`` is), not even strict JSON (``strict_json``), a
-    misbehaving deployment's ``input`` an array. The message says which tool and what it
-    was called with."""
+    misbehaving deployment's ``input`` an array. An OpenAI custom tool's call (``custom``)
+    has no tool_use form whatever its text: its input is free text, which its tool takes
+    as it is, not an object. The message says which tool and what it was called with."""
 
-    def __init__(self, name: Any, called_with: Any) -> None:
+    def __init__(self, name: Any, called_with: Any, *, custom: bool = False) -> None:
         shown = called_with if isinstance(called_with, str) else json.dumps(called_with)
-        super().__init__(
-            f"the model called tool {clipped(str(name))!r} with input that is not a JSON "
-            f"object, which a tool_use block's input must be: {clipped(shown, CALLED_WITH)!r}"
+        said = (
+            f"custom tool {clipped(str(name))!r} with free-text input, which no tool_use "
+            "block holds (its input is a JSON object)"
+            if custom
+            else f"tool {clipped(str(name))!r} with input that is not a JSON object, which "
+            "a tool_use block's input must be"
         )
+        super().__init__(f"the model called {said}: {clipped(shown, CALLED_WITH)!r}")
+
+
+def custom_call(call: dict[str, Any]) -> NotAnObject:
+    """The NotAnObject of an OpenAI custom tool's call (or its first streamed piece)."""
+    custom = call.get("custom") or {}
+    return NotAnObject(custom.get("name"), custom.get("input") or "", custom=True)
 
 
 CALLED_WITH = 200
@@ -120,7 +131,9 @@ def strict_json(text: str) -> Any:
 
 def tool_use_block(call: dict[str, Any]) -> Block:
     """An OpenAI ``tool_calls`` entry as a ``tool_use`` block; NotAnObject when its arguments
-    are not a strict JSON object (Anthropic takes only objects)."""
+    are not a strict JSON object (Anthropic takes only objects), or it is a custom tool's."""
+    if call.get("type") == "custom":
+        raise custom_call(call)
     function = call.get("function") or {}
     return {
         "type": "tool_use",
@@ -506,13 +519,13 @@ def _check_inputs(content: Any) -> None:
 
 def has_message_form(response: dict[str, Any]) -> bool:
     """Whether a canonical ``response`` has a Messages API form (``anthropic_message`` raises
-    no NotAnObject): its tool inputs checked as that reads them, no message built (the
+    no NotAnObject): its tool calls read as that reads them, no message built (the
     front door builds the one its caller gets)."""
     _, message = _answer(response)
     native = response.get(ANTHROPIC_BODY)
     try:
         for call in message.get("tool_calls") or []:
-            _tool_input(call.get("function") or {})
+            tool_use_block(call)
         if isinstance(native, dict):
             _check_inputs(native.get("content"))
     except NotAnObject:

@@ -14,11 +14,11 @@ from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from frontdoor.anthropic_request import messages_job
-from frontdoor.anthropic_stream import MessageEvents
+from frontdoor.anthropic_stream import MessageEvents, message_of
 from frontdoor.chat_request import RequestOptions
 from frontdoor.errors import ApiError
 from queuegate.messages import ChatJob, ChatResult, ErrorInfo, GatewayInfo, StreamChunk
-from queuegate.provider_formats import anthropic_message
+from queuegate.provider_formats import anthropic_message, has_message_form
 from queuegate.request_limits import Limits
 from router.providers import AnthropicAdapter, OpenAIAdapter, Piece
 from router.providers.base import ProviderError
@@ -27,6 +27,7 @@ from tests.test_stream_translation import (
     ANTHROPIC_TOOL,
     OPENAI_TEXT,
     anthropic_events,
+    openai_events,
 )
 from workers.pii.policy import apply, screen_job
 
@@ -619,3 +620,45 @@ async def test_a_text_documents_text_is_screened_for_pii_as_any_text_is() -> Non
     redacted = apply(job, "redact", await screen_job(job))
     sent = AnthropicAdapter().build_request(redacted, "claude", "k").body["messages"]
     assert sent[0]["content"][0]["source"]["data"] == "Mail [EMAIL]"
+
+
+CUSTOM_CALL = {"id": "call_c", "type": "custom", "custom": {"name": "exec", "input": "ls -la"}}
+"""An OpenAI custom tool's call: its input is free text, which no tool_use block holds."""
+
+
+def test_a_custom_tool_call_has_no_message_form_and_is_refused_naming_it() -> None:
+    # Given an OpenAI answer calling a custom tool
+    response = _completion({"content": None, "tool_calls": [CUSTOM_CALL]}, "tool_calls")
+
+    # When it is answered to a Messages API caller, expect it refused, naming the tool and
+    # what it was called with (never a tool_use of name null and input {})
+    with pytest.raises(ApiError) as refused:
+        message_of(response, "j1")
+    assert refused.value.code == "provider_error"
+    assert "custom tool 'exec'" in refused.value.message and "'ls -la'" in refused.value.message
+    assert not has_message_form(response)
+
+
+def test_a_streamed_custom_tool_call_ends_the_stream_with_an_error_naming_it() -> None:
+    # Given an OpenAI stream calling a custom tool
+    called = CUSTOM_CALL | {"index": 0, "custom": {"name": "exec", "input": ""}}
+    upstream = openai_events(
+        _chunk({"role": "assistant", "content": None, "tool_calls": [called]}),
+        _chunk({"tool_calls": [{"index": 0, "custom": {"input": "ls -la"}}]}),
+        _chunk({}, "tool_calls"),
+        "[DONE]",
+    )
+    pieces, result = relay(OpenAIAdapter().stream_parser("gpt-4o-mini", None), upstream)
+
+    # When the front door streams it to a Messages API caller
+    events = translate(pieces, result)
+
+    # Expect an error event naming the tool in place of any tool_use block
+    error = ErrorResponse.model_validate(events[-1]).error
+    assert error.type == "api_error" and "custom tool 'exec'" in error.message
+    assert all(e["type"] != "content_block_start" for e in events)
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [choice]}
