@@ -42,10 +42,13 @@ from queuegate.provider_formats import (
     anthropic_message,
     as_int,
     custom_call,
+    function_call_id,
 )
 
 Event = dict[str, Any]
 BlockKind = Literal["text", "thinking", "tool_use"]
+_FUNCTION_CALL = -1
+"""The position of a legacy ``function_call`` among the tool calls (theirs are from 0)."""
 
 
 def message_of(response: dict[str, Any], job_id: str) -> Event:
@@ -217,6 +220,10 @@ class MessageEvents:
         for position, call in enumerate(delta.get("tool_calls") or []):
             if isinstance(call, dict):
                 events.extend(self._tool_call(position, call))
+        legacy = delta.get("function_call")
+        if isinstance(legacy, dict):
+            call = {"id": function_call_id(self._id), "type": "function", "function": legacy}
+            events.extend(self._tool_call(_FUNCTION_CALL, call))
         return events
 
     def end_events(self, message: Event) -> list[Event]:

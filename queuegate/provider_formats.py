@@ -176,6 +176,7 @@ FINISH_REASONS = {
 """Anthropic's ``stop_reason`` as OpenAI's ``finish_reason``; read backwards, the first
 ``stop_reason`` of each ``finish_reason`` is the one it stands for."""
 _STOP_REASONS = {finish: stop for stop, finish in reversed(FINISH_REASONS.items())}
+_STOP_REASONS["function_call"] = "tool_use"  # OpenAI's legacy finish of a function_call
 STOP_SEQUENCE = "stop_sequence"
 """The canonical choice's field naming the stop sequence the provider stopped at, when it
 said which (Anthropic does; OpenAI's ``finish_reason: stop`` does not tell)."""
@@ -483,7 +484,7 @@ def anthropic_message(response: dict[str, Any], message_id: str) -> dict[str, An
     for text in (message.get("content"), _refusal(choice)):
         if isinstance(text, str) and text:
             content.append({"type": "text", "text": text})
-    content.extend(tool_use_block(call) for call in message.get("tool_calls") or [])
+    content.extend(tool_use_block(call) for call in tool_calls_of(message, message_id))
     translated = {
         "id": message_id,
         "type": "message",
@@ -507,6 +508,23 @@ def _answer(response: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return choice, choice.get("message") or {}
 
 
+def tool_calls_of(message: dict[str, Any], message_id: str) -> list[dict[str, Any]]:
+    """A canonical message's tool calls, its legacy ``function_call`` (OpenAI's answer to
+    ``functions``, the old form of one tool call) last, as a call of id
+    ``function_call_id(message_id)``."""
+    calls = list(message.get("tool_calls") or [])
+    legacy = message.get("function_call")
+    if isinstance(legacy, dict):
+        calls.append({"id": function_call_id(message_id), "type": "function", "function": legacy})
+    return calls
+
+
+def function_call_id(message_id: str) -> str:
+    """The id of the tool_use block of a legacy ``function_call`` in the Messages API answer
+    ``message_id``: OpenAI's has none, a tool_use block must (its tool_result names it)."""
+    return "toolu_" + message_id.removeprefix("msg_")
+
+
 def _check_inputs(content: Any) -> None:
     """NotAnObject when an Anthropic deployment's own ``content`` holds a tool_use block
     whose input is not an object: passed on as sent, but only in the Messages API's form
@@ -524,7 +542,7 @@ def has_message_form(response: dict[str, Any]) -> bool:
     _, message = _answer(response)
     native = response.get(ANTHROPIC_BODY)
     try:
-        for call in message.get("tool_calls") or []:
+        for call in tool_calls_of(message, ""):
             tool_use_block(call)
         if isinstance(native, dict):
             _check_inputs(native.get("content"))

@@ -662,3 +662,53 @@ def test_a_streamed_custom_tool_call_ends_the_stream_with_an_error_naming_it() -
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     choice = {"index": 0, "delta": delta, "finish_reason": finish}
     return {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [choice]}
+
+
+FUNCTION_CALL = {"name": "f", "arguments": '{"a": 1}'}
+"""OpenAI's legacy answer to ``functions``: one call, under ``message.function_call``."""
+
+
+def test_a_legacy_function_call_becomes_a_tool_use_block() -> None:
+    # Given an OpenAI answer calling a function the legacy way
+    response = _completion({"content": None, "function_call": FUNCTION_CALL}, "function_call")
+
+    # When it is answered to a Messages API caller
+    message = Message.model_validate(anthropic_message(response, "msg_j1"))
+
+    # Expect the call as a tool_use block of an id of the answer's own, and its stop
+    assert message.model_dump(exclude_none=True)["content"] == [
+        {"type": "tool_use", "id": "toolu_j1", "name": "f", "input": {"a": 1}}
+    ]
+    assert message.stop_reason == "tool_use"
+    unreadable = {"content": None, "function_call": FUNCTION_CALL | {"arguments": "[1]"}}
+    assert has_message_form(response) and not has_message_form(_completion(unreadable, "stop"))
+
+
+def test_a_streamed_legacy_function_call_is_relayed_and_becomes_a_tool_use_block() -> None:
+    # Given an OpenAI stream calling a function the legacy way
+    upstream = openai_events(
+        _chunk({"role": "assistant", "content": None, "function_call": {"name": "f"}}),
+        _chunk({"function_call": {"arguments": '{"a": '}}),
+        _chunk({"function_call": {"arguments": "1}"}}),
+        _chunk({}, "function_call"),
+        "[DONE]",
+    )
+
+    # When a worker relays it
+    pieces, result = relay(OpenAIAdapter().stream_parser("gpt-4o-mini", None), upstream)
+
+    # Expect its pieces relayed to an OpenAI caller, and the call in its whole answer
+    assert [p.delta["function_call"] for p in pieces] == [
+        {"name": "f"},
+        {"arguments": '{"a": '},
+        {"arguments": "1}"},
+    ]
+    assert result.response is not None
+    assert result.response["choices"][0]["message"]["function_call"] == FUNCTION_CALL
+
+    # When the front door streams it to a Messages API caller, expect a tool_use block
+    message = replay(translate(pieces, result))
+    [block] = message.content
+    assert block.type == "tool_use"
+    assert (block.id, block.name, block.input) == ("toolu_j1", "f", {"a": 1})
+    assert message.stop_reason == "tool_use"

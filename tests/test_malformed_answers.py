@@ -342,6 +342,26 @@ def test_a_whole_anthropic_answer_of_the_wrong_type_is_a_bad_response(
     assert raised.value.error_class == "bad_response"
 
 
+FUNCTION_CALLS: list[Any] = ["x", {"name": 42}, {"name": "f", "arguments": 5}]
+"""Legacy function calls (read, and translated as a tool_use) of the wrong type."""
+FUNCTION_CALL_IDS = ["function-call-x", "function-name-42", "function-arguments-5"]
+
+
+@pytest.mark.parametrize("called", FUNCTION_CALLS, ids=FUNCTION_CALL_IDS)
+def test_a_whole_openai_answer_of_a_legacy_function_call_of_the_wrong_type_is_a_bad_response(
+    called: Any,
+) -> None:
+    # Given a chat.completion whose legacy function call is of the wrong type
+    message = {"role": "assistant", "content": None, "function_call": called}
+    choice = {"index": 0, "message": message, "finish_reason": "function_call"}
+    body = {**HEAD, "object": "chat.completion", "choices": [choice], "usage": USAGE}
+
+    # When it is read, expect a bad response
+    with pytest.raises(ProviderError) as raised:
+        OpenAIAdapter().parse_response(body, "m")
+    assert raised.value.error_class == "bad_response"
+
+
 def _chunk(head: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]) -> ServerEvent:
     said = {"index": 0, "delta": {"content": "a"} | delta} | choice
     return ServerEvent(None, json.dumps({**HEAD, "choices": [said], **head}))
@@ -366,6 +386,7 @@ def _chunk(head: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]) 
         ({"choices": [7]}, {}, {}),
         *(MALFORMED[name] for name in RELAYED),
         ({}, {"logprobs": {"content": 5}}, {}),
+        *(({}, {}, {"function_call": called}) for called in FUNCTION_CALLS),
     ],
     ids=[
         *("index-zero", "index-true", "index-negative", "index-past-n", "tool-index-x"),
@@ -373,6 +394,7 @@ def _chunk(head: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]) 
         *("fingerprint-object", "tier-1", "choice-7"),
         *(name.replace(" ", "-") for name in RELAYED),
         "logprobs-content-5",
+        *FUNCTION_CALL_IDS,
     ],
 )
 def test_an_openai_chunk_of_the_wrong_type_is_a_bad_response_relaying_nothing(

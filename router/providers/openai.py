@@ -252,9 +252,12 @@ def _check_message(message: Any) -> None:
 
 def _check_said(said: dict[str, Any], what: str) -> None:
     """Raises ProviderError("bad_response") for a message's (or a delta's) field of the
-    wrong type, relayed as it came: its role and texts, its annotations (a list), its audio
-    (an object)."""
+    wrong type, relayed as it came: its role and texts, its legacy function_call's, its
+    annotations (a list), its audio (an object)."""
     texts_of(said, ("role", *_TEXTS), what)
+    # The legacy answer to ``functions``, translated as a tool call for Anthropic callers
+    called = object_of(said.get("function_call"), f"{what}'s function_call")
+    texts_of(called, ("name", "arguments"), f"{what}'s function_call")
     list_of(said.get("annotations"), f"{what}'s annotations")
     object_of(said.get("audio"), f"{what}'s audio")
 
@@ -296,6 +299,8 @@ class _Choice:
     def __init__(self) -> None:
         self.texts: dict[str, list[str]] = {field: [] for field in _TEXTS}
         self.calls: dict[int, dict[str, Any]] = {}
+        self.function_call: dict[str, str] | None = None
+        """A legacy ``function_call`` (the answer to ``functions``), its pieces joined."""
         self.logprobs: dict[str, list[Any]] = {}
         """Each stream of logprobs (``content``, ``refusal``) joined, as a whole answer has."""
         self.finish: str | None = None
@@ -319,6 +324,14 @@ class _Choice:
         call[kind][_CALL_TEXT[kind]] += text
         return len(text)
 
+    def add_function_call(self, said: dict[str, Any]) -> int:
+        """The legacy function call ``said`` (checked: ``_check_said``) adds to; the
+        characters of arguments it brings."""
+        call = self.function_call = self.function_call or {"name": "", "arguments": ""}
+        call["name"] = said.get("name") or call["name"]
+        call["arguments"] += said.get("arguments") or ""
+        return len(said.get("arguments") or "")
+
     def add_logprobs(self, logprobs: dict[str, Any]) -> None:
         for field, entries in logprobs.items():
             if isinstance(entries, list):
@@ -328,11 +341,14 @@ class _Choice:
         content, reasoning, refusal = ("".join(self.texts[field]) for field in _TEXTS)
         # As OpenAI's whole answer: content None when the answer is only tool calls or a
         # refusal, refusal None unless it is one.
+        called = self.calls or self.function_call
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": content if content or not (self.calls or refusal) else None,
+            "content": content if content or not (called or refusal) else None,
             "refusal": refusal or None,
         }
+        if self.function_call:
+            message["function_call"] = self.function_call
         if reasoning:
             message["reasoning_content"] = reasoning
         if self.calls:
@@ -350,6 +366,8 @@ class _Choice:
 
 _TEXTS = ("content", "reasoning_content", "refusal")
 """The text fields of a delta, joined into the message's own."""
+_RELAYED = (*_TEXTS, "tool_calls", "function_call")
+"""The fields of a delta that make it a piece to relay, when one is not empty."""
 _HEAD_TEXTS = ("id", "object", "model", *CHUNK_FIELDS)
 """The text fields of a whole answer and of a chunk, beside their choices."""
 _CALL_TEXT = {"function": "arguments", "custom": "input"}
@@ -416,11 +434,13 @@ class OpenAIStream:
                     self._received += len(text)
             for call in list_of(delta.get("tool_calls"), "a chunk's tool_calls"):
                 self._received += state.add_call(object_of(call, "a streamed tool call"))
+            if delta.get("function_call"):
+                self._received += state.add_function_call(delta["function_call"])
             # An opening chunk may carry empty lists: nothing to relay yet.
             logprobs = given if any(given.values()) else None
             if logprobs is not None:
                 state.add_logprobs(logprobs)
-            if logprobs is not None or delta.get("tool_calls") or any(map(delta.get, _TEXTS)):
+            if logprobs is not None or any(map(delta.get, _RELAYED)):
                 pieces.append(Piece(delta, index, logprobs, sent))
         return pieces
 
