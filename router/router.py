@@ -973,15 +973,17 @@ def billed_answer(response: dict[str, Any], usage: Usage) -> dict[str, Any]:
 
 def _answer_chars(response: dict[str, Any]) -> int:
     """Characters of an answer's text: every choice's content, refusal, reasoning and tool
-    calls (names and arguments)."""
+    calls (names and arguments; a legacy ``function_call``'s too)."""
     chars = 0
     for choice in response.get("choices") or []:
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
         chars += sum(_text_chars(message.get(name)) for name in _ANSWER_TEXTS)
+        calls = [message.get("function_call")]
         for call in message.get("tool_calls") or []:
-            called = isinstance(call, dict) and (call.get("function") or call.get("custom"))
+            calls.append(isinstance(call, dict) and (call.get("function") or call.get("custom")))
+        for called in calls:
             if isinstance(called, dict):
                 chars += sum(len(str(value)) for value in called.values())
     return chars

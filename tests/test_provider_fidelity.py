@@ -4,6 +4,7 @@ real HTTP against the mock, which checks requests as strictly as the real APIs."
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from mockprovider.catalog import mock_deployment
@@ -28,7 +30,7 @@ from queuegate.spend import ledger_spent
 from router import Catalog, open_router
 from router.providers import Delta, Piece
 from router.providers.anthropic import DEFAULT_MAX_TOKENS, THINKING_BUDGETS
-from tests.support import running_gateway
+from tests.support import running_gateway, serving
 from tests.teams import register
 from workers.admission.estimate import prompt_tokens
 
@@ -390,6 +392,41 @@ async def test_a_marked_prompt_of_a_stream_broken_before_its_counts_is_billed_as
     billed = caught.value.billed
     assert billed is not None and billed.estimated and billed.input_tokens > 0
     assert billed.cache_write_tokens == billed.input_tokens
+
+
+async def test_a_legacy_function_call_answered_without_counts_bills_its_call_as_output(
+    settings: Settings,
+) -> None:
+    # Given an OpenAI-compatible server answering a legacy function_call, with no usage
+    arguments = json.dumps({"city": "Paris", "days": 3, "notes": "x" * 400})
+    message = {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "weather", "arguments": arguments},
+    }
+    answer = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": message, "finish_reason": "function_call"}],
+    }
+
+    async def answered(request: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answered)
+    async with serving(app) as url:
+        entries = {"m": {"deployments": [mock_deployment("d", "m", url)]}}
+        async with open_router(
+            Catalog.model_validate({"models": entries}), ENV, settings
+        ) as router:
+            routed = await router.complete(chat("m"))
+
+    # Expect its output estimated from the call it made (before: from no text, 0 tokens)
+    assert routed.estimated
+    assert routed.output_tokens == -(-(len("weather") + len(arguments)) // 4)
 
 
 UNREADABLE_USAGE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
