@@ -89,7 +89,7 @@ def _serve(settings: Settings, named: list[str] | None, started: list[Worker]) -
     async def serve() -> None:
         stop = stop_on_signals()
         async with open_router(cat, os.environ, settings) as router:
-            serving = Worker(settings, router, teams=named)
+            serving = Worker(settings, router, teams=named, registered_only=True)
             started.append(serving)
             async with MetricsServer(
                 settings.metrics_host, settings.metrics_port_of("worker"), serving.is_ready

@@ -23,6 +23,9 @@ from tests.support import LogLines, log_once_ended, running_gateway, wait_until
 JOBS = 60
 STARTED = re.compile(r"process (\d) started \(pid (\d+)\)")
 SERVING = re.compile(r"worker \S+:(\d+) serving alpha")
+SERVING_ALPHA_ALONE = re.compile(r"worker \S+:(\d+) serving alpha$", re.MULTILINE)
+SERVING_BETA = re.compile(r"now serving team beta with")
+STOPPED_BETA = re.compile(r"stopped serving team beta \(not in the registry\)")
 ALL_STOPPED = re.compile(r"all 2 processes stopped")
 ENDS_WITHIN = 0.05
 """Seconds from the supervisor's last line to its exit: 4-9 ms measured; Python's finalisation
@@ -173,36 +176,94 @@ def _taken_then_free() -> Iterator[int]:
         yield port
 
 
-async def test_a_restarted_worker_process_serves_a_team_deleted_since_it_started(
+async def test_a_pool_named_a_team_stops_serving_it_once_its_rows_are_deleted_until_it_is_added(
     settings: Settings,
 ) -> None:
-    # Given a supervisor running two worker processes for alpha, checked at its start
+    # Given a supervisor running two worker processes for alpha and beta, checked at its start
     async with MockProvider(MockConfig()) as mock:
-        await declare_teams(settings, ("alpha",))
+        await declare_teams(settings, ("alpha", "beta"))
         supervisor = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "worker", "--processes", "2", "--teams", "alpha",
-            env=worker_env(settings, mock), stderr=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "cli", "worker", "--processes", "2", "--teams", "alpha,beta",
+            env=_refreshing(settings, mock), stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert supervisor.stderr is not None
         log = LogLines(supervisor.stderr)
         try:
             first, _ = await log.matches(SERVING, 2)
-            # When alpha's row is deleted, and then one of its processes killed
-            pool = await create_pool(settings)
-            try:
-                await pool.execute("DELETE FROM teams WHERE name = 'alpha'")
-            finally:
-                await pool.close()
-            os.kill(int(first[1]), signal.SIGKILL)
+            # When beta's rows are deleted by hand
+            await _delete_rows(settings, "beta")
 
-            # Expect it started again and serving alpha, as told at the supervisor's start
-            # (before: each new process checked the team again, refused, and was restarted)
-            restarted = (await log.matches(SERVING, 3))[2]
-            assert restarted[1] != first[1]
+            # Expect each process to stop serving it, as if disabled (before: served on with
+            # no config, its budget gone)
+            await log.matches(STOPPED_BETA, 2)
+
+            # When one process is killed, and started again by the supervisor
+            os.kill(int(first[1]), signal.SIGKILL)
+            # Expect it to serve alpha alone, not refusing to start for beta either
+            await log.matches(SERVING_ALPHA_ALONE, 1)
+
+            # When beta is added again, expect both processes to serve it again
+            await declare_teams(settings, ("beta",))
+            await log.matches(SERVING_BETA, 4)
         finally:
             output = await _ended(supervisor, log)
     assert supervisor.returncode == 0, output[-3000:]
     assert "no team named" not in output, output[-3000:]
+    assert len(STOPPED_BETA.findall(output)) == 2, output[-3000:]
+
+
+async def test_a_pool_named_a_team_disabled_and_then_deleted_never_serves_it_again(
+    settings: Settings,
+) -> None:
+    # Given a supervisor running two worker processes for alpha and beta
+    async with MockProvider(MockConfig()) as mock:
+        await declare_teams(settings, ("alpha", "beta"))
+        env = _refreshing(settings, mock)
+        supervisor = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--processes", "2", "--teams", "alpha,beta",
+            env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert supervisor.stderr is not None
+        log = LogLines(supervisor.stderr)
+        try:
+            await log.matches(SERVING, 2)
+            # When beta is disabled (said once no process serves it), then its rows deleted,
+            # and then alpha's config changed, said once every process serves under it: each
+            # has read the registry since beta's rows went
+            await _cli(env, "teams", "disable", "beta")
+            await _delete_rows(settings, "beta")
+            await _cli(env, "teams", "set", "alpha", "--rpm", "6000")
+        finally:
+            output = await _ended(supervisor, log)
+
+    # Expect beta served by neither since (before: both served it again, with no budget)
+    assert supervisor.returncode == 0, output[-3000:]
+    assert len(SERVING_BETA.findall(output)) == 2, output[-3000:]
+
+
+def _refreshing(settings: Settings, mock: MockProvider) -> dict[str, str]:
+    """A worker's environment reading the registry every 0.2 s: a row deleted by hand, told
+    to no process, is seen at the next read."""
+    return worker_env(settings, mock, QUEUEGATE_TEAMS_REFRESH="0.2")
+
+
+async def _delete_rows(settings: Settings, team: str) -> None:
+    pool = await create_pool(settings)
+    try:
+        await pool.execute("DELETE FROM team_security WHERE team = $1", team)
+        await pool.execute("DELETE FROM teams WHERE name = $1", team)
+    finally:
+        await pool.close()
+
+
+async def _cli(env: dict[str, str], *args: str) -> None:
+    """``queuegate args`` run to its end, succeeding."""
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    said, _ = await asyncio.wait_for(cli.communicate(), timeout=30)
+    assert cli.returncode == 0, said.decode()
 
 
 async def _ended(supervisor: asyncio.subprocess.Process, log: LogLines) -> str:

@@ -109,10 +109,15 @@ class Worker:
         *,
         teams: Sequence[str] | None = None,
         name: str | None = None,
+        registered_only: bool = False,
     ) -> None:
         self._settings = settings
         self._router = router
         self._fixed_teams = [check_team_name(team) for team in teams] if teams else None
+        self._registered_only = registered_only
+        """Whether a team of ``teams`` is served only while the registry has an enabled row
+        for it (``queuegate worker --teams``), as every team of a worker without ``teams``
+        is: a row deleted by hand left it served with no config, its budget gone."""
         self._disabled: set[str] = set()
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._topology = Topology.of(settings)
@@ -355,9 +360,12 @@ class Worker:
         wanted = self._fixed_teams or (list(registry) if registry is not None else None)
         if wanted is None:
             return
-        # A team named is served without a registry row (the demo's, before it registers
-        # them; ``queuegate worker --teams`` refuses a name the registry lacks), but not once
-        # an operator disabled it.
+        if self._registered_only:
+            if registry is None:
+                return  # the registry unread: served as they were
+            wanted = [team for team in wanted if team in registry]
+        # Else a team named is served without a registry row (the demo's, before it
+        # registers them), but not once an operator disabled it.
         wanted = [team for team in wanted if team not in self._disabled]
         if self._retrying - set(wanted):
             # A team tried again is no longer to be served: its consumer, if the retry makes
@@ -412,7 +420,7 @@ class Worker:
             retry.result()
 
     async def _stop_serving(self, team: str) -> None:
-        """Cancel the consumer of ``team``, disabled."""
+        """Cancel the consumer of ``team``, disabled or no longer in the registry."""
         assert self._admission is not None
         served = self._consumers.pop(team)
         try:
@@ -428,7 +436,8 @@ class Worker:
         # again. Its connection stays until the jobs it holds are settled on it (closed by a
         # sweep: _holding).
         self._admission.stopped(team)
-        log.info("stopped serving team %s (disabled)", team)
+        why = "disabled" if team in self._disabled else "not in the registry"
+        log.info("stopped serving team %s (%s)", team, why)
 
     async def _serve_each(self, teams: list[str], stop: asyncio.Event) -> None:
         """Consume each of ``teams`` not yet consumed with its slots, ``SERVE_AT_ONCE`` at a
