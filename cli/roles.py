@@ -19,6 +19,7 @@ from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import MAX_PORT, Settings
 
 if TYPE_CHECKING:
+    from router import Catalog
     from workers import Worker
 
 
@@ -59,6 +60,8 @@ def worker(
         # after a team named was deleted, a process would refuse to start, again and again.
         run(partial(_registered, settings, named))
     if processes > 1:
+        # Once, here, as the teams are: else each process said the same line.
+        _catalog(settings)
         # Never returns: the process exits once its processes stopped.
         _supervise(settings, processes, teams, catalog, log_level)
     started: list[Worker] = []
@@ -80,10 +83,10 @@ def _serve(settings: Settings, named: list[str] | None, started: list[Worker]) -
     )
 
     from queuegate.metrics_server import MetricsServer
-    from router import load_catalog, open_router
+    from router import open_router
     from workers import Worker
 
-    cat = load_catalog(settings.catalog, os.environ)
+    cat = _catalog(settings)
     tune_gc()
 
     async def serve() -> None:
@@ -97,6 +100,13 @@ def _serve(settings: Settings, named: list[str] | None, started: list[Worker]) -
                 await serving.run(stop)
 
     run(serve)
+
+
+def _catalog(settings: Settings) -> Catalog:
+    """The model catalog of ``settings``, read and checked (ConfigError in one line)."""
+    from router import load_catalog
+
+    return load_catalog(settings.catalog, os.environ)
 
 
 async def _registered(settings: Settings, teams: list[str]) -> None:

@@ -12,6 +12,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
 
 from mockprovider import Behavior, MockConfig, MockProvider
 from producer import GatewayClient
@@ -27,6 +30,7 @@ SERVING_ALPHA_ALONE = re.compile(r"worker \S+:(\d+) serving alpha$", re.MULTILIN
 SERVING_BETA = re.compile(r"now serving team beta with")
 STOPPED_BETA = re.compile(r"stopped serving team beta \(not in the registry\)")
 ALL_STOPPED = re.compile(r"all 2 processes stopped")
+MOCK_CATALOG = Path(__file__).resolve().parent.parent / "router" / "catalogs" / "mock.yaml"
 ENDS_WITHIN = 0.05
 """Seconds from the supervisor's last line to its exit: 4-9 ms measured; Python's finalisation
 of its modules, which it skips, took 0.11-0.27 s more (the more, the busier the machine)."""
@@ -273,3 +277,32 @@ async def _ended(supervisor: asyncio.subprocess.Process, log: LogLines) -> str:
         supervisor.send_signal(signal.SIGTERM)
         await asyncio.wait_for(supervisor.wait(), timeout=30)
     return await log_once_ended(supervisor, log)
+
+
+@pytest.mark.parametrize("catalog", ["missing", "infinite timeout"])
+async def test_a_worker_pool_with_a_bad_catalog_says_so_once_and_starts_no_process(
+    settings: Settings, tmp_path: Path, catalog: str
+) -> None:
+    # Given a catalog that cannot be read, or one whose timeout is infinite
+    path = tmp_path / "catalog.yaml"
+    if catalog == "infinite timeout":
+        path.write_text(MOCK_CATALOG.read_text().replace("timeout: 30", "timeout: .inf", 1))
+    async with MockProvider(MockConfig()) as mock:
+        env = worker_env(settings, mock, QUEUEGATE_CATALOG=str(path))
+        # When a pool of two worker processes is started with it
+        supervisor = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--processes", "2",
+            env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert supervisor.stderr is not None
+        log = LogLines(supervisor.stderr)
+        try:
+            await asyncio.wait_for(supervisor.wait(), timeout=30)
+        finally:
+            output = await _ended(supervisor, log)
+
+    # Expect it to exit 1 having said why once, no process started (before: each said it)
+    assert supervisor.returncode == 1, output[-3000:]
+    said = [line for line in output.splitlines() if "error:" in line]
+    assert len(said) == 1 and f"{path}:" in said[0], output[-3000:]
+    assert not STARTED.search(output), output[-3000:]
