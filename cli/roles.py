@@ -50,7 +50,8 @@ def worker(
 
     With --processes N, a supervisor runs N worker processes, restarts one that dies, and
     stops them all gracefully; process i serves metrics on QUEUEGATE_METRICS_PORT + i (9464 + i
-    if unset). One that cannot start as configured (its metrics port taken) stops them all.
+    if unset). One that cannot start as configured at its first start (its metrics port
+    taken) stops them all.
     """
     settings = make_settings(prefetch=concurrency, catalog=catalog)
     configure_logging(log_level, form=settings.log_format)

@@ -9,8 +9,10 @@ or, inside an event loop of one's own (a test's)::
 A process that exits on its own is started again after a backoff that doubles while it keeps
 crashing soon after start (so a broken config does not spin) and resets once it has run for
 a while. One that exits with ``StartRefused.status`` (it cannot start as configured, and
-said why) would fail the same way again: every other process is stopped as below, and
-``supervise`` exits 1. On stop every process gets SIGTERM and ``grace`` seconds (plus a
+said why) at the first start of its slot would fail the same way again: every other process
+is stopped as below, and ``supervise`` exits 1. Started again in a slot whose process ran,
+the same refusal is a moment's (its metrics port grabbed while it was down): restarted as a
+crash is. On stop every process gets SIGTERM and ``grace`` seconds (plus a
 margin) to drain; one still running then gets SIGKILL, and the broker requeues what it held.
 
 With ``shared_metrics`` the processes share one Prometheus registry (they share one port, so
@@ -102,6 +104,7 @@ class Supervisor:
 
     async def _keep(self, slot: int, stop: asyncio.Event, metrics_dir: str | None) -> None:
         delay = BACKOFF_FIRST
+        first = True
         while not stop.is_set():
             argv, given = self._command(slot)
             env = dict(given)
@@ -121,13 +124,14 @@ class Supervisor:
             stopping.cancel()
             code = exited.result()
             _forget(process.pid, metrics_dir)
-            if code == StartRefused.status:
+            if code == StartRefused.status and first:
                 # Its one line said why and what to do: said again at each restart, it only
                 # scrolled away while the command looked alive.
                 log.info("process %d cannot start as configured: stopping all", slot)
                 self.refused = True
                 stop.set()
                 return
+            first = False
             if time.monotonic() - started > STABLE_AFTER:
                 delay = BACKOFF_FIRST
             log.warning(

@@ -27,6 +27,7 @@ JOBS = 60
 STARTED = re.compile(r"process (\d) started \(pid (\d+)\)")
 SERVING = re.compile(r"worker \S+:(\d+) serving alpha")
 SERVING_ALPHA_ALONE = re.compile(r"worker \S+:(\d+) serving alpha$", re.MULTILINE)
+RESTART_REFUSED = re.compile(r"process 0 \(pid \d+\) exited with status 78; restarting")
 SERVING_BETA = re.compile(r"now serving team beta with")
 STOPPED_BETA = re.compile(r"stopped serving team beta \(not in the registry\)")
 ALL_STOPPED = re.compile(r"all 2 processes stopped")
@@ -178,6 +179,55 @@ def _taken_then_free() -> Iterator[int]:
     with taken:
         taken.listen()
         yield port
+
+
+async def test_a_restarted_worker_process_finding_its_metrics_port_taken_is_restarted_again(
+    settings: Settings,
+) -> None:
+    # Given a supervisor serving alpha with two worker processes, on metrics ports of their own
+    async with MockProvider(MockConfig()) as mock:
+        await declare_teams(settings, ("alpha",))
+        with _taken_then_free() as port:
+            pass  # free once left, as is the next
+        env = worker_env(
+            settings, mock, QUEUEGATE_METRICS_HOST="127.0.0.1", QUEUEGATE_METRICS_PORT=str(port)
+        )
+        supervisor = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--processes", "2", "--teams", "alpha",
+            env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert supervisor.stderr is not None
+        log = LogLines(supervisor.stderr)
+        grab = socket.socket()
+        try:
+            started = await log.matches(STARTED, 2)
+            await log.matches(SERVING, 2)
+            # When the process of slot 0 is killed, and its metrics port taken at once by
+            # another, before the supervisor starts it again
+            os.kill(next(int(m[2]) for m in started if m[1] == "0"), signal.SIGKILL)
+            await wait_until(lambda: _bound(grab, port))
+            grab.listen()
+
+            # Expect the new process's refusal restarted with backoff, as a crash is
+            # (before: the supervisor stopped the serving pool and exited 1)
+            await log.matches(RESTART_REFUSED, 1)
+            # ... and once the port is free again, a process of slot 0 serving again
+            grab.close()
+            await log.matches(SERVING, 3)
+        finally:
+            grab.close()
+            output = await _ended(supervisor, log)
+    assert supervisor.returncode == 0, output[-3000:]
+    assert "stopping all" not in output and "Traceback" not in output, output[-3000:]
+
+
+def _bound(listener: socket.socket, port: int) -> bool:
+    """Whether ``listener`` could be bound to ``port`` now (free once its holder died)."""
+    try:
+        listener.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 async def test_a_pool_named_a_team_stops_serving_it_once_its_rows_are_deleted_until_it_is_added(
