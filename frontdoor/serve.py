@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -46,12 +45,11 @@ from frontdoor.connections import (
     guarded_protocol,
 )
 from frontdoor.service import FrontDoor
-from queuegate import tracing
+from queuegate import listening, tracing
 from queuegate.errors import ConfigError, GatewayError
 from queuegate.runtime import default_stop_signals, run, tune_gc
 from queuegate.settings import Settings, trusted_proxies
 from queuegate.supervisor import supervise
-from queuegate.visible import clipped
 from router import Catalog
 
 log = logging.getLogger(__name__)
@@ -265,16 +263,10 @@ def check_free(host: str, port: int) -> None:
 
 
 def cannot_listen(host: str, port: int, exc: OSError) -> str:
-    """Why the front door cannot listen on ``host:port``, in one line saying what to do: only
-    a port in use is another process's doing (the host is clipped: an operator typed it)."""
-    where = f"cannot serve the front door on {clipped(host)}:{port}"
-    if exc.errno == errno.EADDRINUSE:
-        return f"{where}: another process listens there; set --port to a free port"
-    if isinstance(exc, socket.gaierror):
-        return f"{where}: the host does not resolve; give an address of this machine"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{where}: no interface of this machine has that address; give one it has"
-    return f"{where} ({exc.strerror}): pick another --host or --port"
+    """Why the front door cannot listen on ``host:port``, in one line saying what to do."""
+    return listening.cannot_listen(
+        "the front door", host, port, exc, host_is="--host", port_is="--port"
+    )
 
 
 def _supervise(

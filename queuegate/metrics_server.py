@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 from collections.abc import Callable
 from typing import Self
@@ -24,6 +23,7 @@ from typing import Self
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from queuegate.errors import ConfigError
+from queuegate.listening import cannot_listen
 from queuegate.metrics import exposition
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,15 @@ class MetricsServer:
         try:
             self._server = await asyncio.start_server(self._handle, self._host, self._port)
         except OSError as exc:
-            # uvloop's own strerror of a taken port repeats the address, at length.
-            why = "another process listens there" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise ConfigError(
-                f"cannot serve metrics on {self._host}:{self._port}: {why}; "
-                "set QUEUEGATE_METRICS_PORT to a free port"
+                cannot_listen(
+                    "metrics",
+                    self._host,
+                    self._port,
+                    exc,
+                    host_is="QUEUEGATE_METRICS_HOST",
+                    port_is="QUEUEGATE_METRICS_PORT",
+                )
             ) from exc
         log.info("metrics, /healthz and /readyz on http://%s:%d", self._host, self.port)
         return self

@@ -555,3 +555,37 @@ async def test_the_demo_prints_the_dashboard_and_a_key_that_signs_in(settings: S
             demo.kill()
             await demo.wait()
         await drop_namespace(demo_settings, ["research", "support"])
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("256.1.1.1", "the host does not resolve"),
+        ("192.0.2.7", "no interface of this machine has that address"),  # TEST-NET-1
+    ],
+)
+def test_a_worker_whose_metrics_host_it_cannot_listen_on_is_told_to_set_the_host(
+    settings: Settings, host: str, why: str
+) -> None:
+    # Given a metrics host that is no address, or none of this machine's
+    env = {
+        **os.environ,
+        **_env(
+            settings,
+            QUEUEGATE_METRICS_HOST=host,
+            QUEUEGATE_METRICS_PORT="9464",
+            QUEUEGATE_MOCK_KEY="sk-test",
+        ),
+    }
+    # When a worker is started
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "worker"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+    # Expect one line naming the host as the problem and what to set, not the port
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"{host}:9464: {why}; set QUEUEGATE_METRICS_HOST to" in lines[0], lines[0]
+    assert "QUEUEGATE_METRICS_PORT" not in lines[0], lines[0]
