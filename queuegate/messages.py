@@ -153,7 +153,8 @@ LATE_MARK = "/late/"
 """What the usage row of a stalled owner's calls has in its id, ``<job id>/late/<claim>``
 (``workers.outcome.outcome_of_late``): another delivery billed them as lost, at their
 estimates, while the owner was stalled; this row bills what they really cost past that
-(less, when they cost less), with their tokens. No job id may hold it either."""
+(less, when they cost less), with their tokens past the estimated ones that row counts. No
+job id may hold it either."""
 
 
 def _job_id(text: str) -> str:

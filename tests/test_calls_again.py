@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from accounting.store import insert_usage
 from mockprovider import Behavior, MockConfig
-from queuegate.errors import DeadlineExceeded
+from queuegate.errors import Billed, DeadlineExceeded
 from queuegate.messages import Attempt, ChatJob, UsageEvent
 from queuegate.registry import TeamConfig
 from queuegate.settings import Settings
@@ -217,8 +217,8 @@ async def test_a_job_in_flight_when_redis_lost_its_claim_is_billed_for_both_call
 
 
 def test_a_late_delivery_whose_calls_another_billed_as_lost_bills_what_they_cost_past_it() -> None:
-    # Given a job's stored outcome, billing as lost (at $0.002) the call of a claim whose
-    # owner stalled
+    # Given a job's stored outcome, billing as lost (at $0.002, with its estimated 10 prompt
+    # and 256 output tokens) the call of a claim whose owner stalled
     timing = Timing(0.0, "w1")
     call = DeadlineExceeded("past its deadline", [CALL])
     stored = failed("job-1", "alpha", "gpt-mini", call, timing)
@@ -226,21 +226,27 @@ def test_a_late_delivery_whose_calls_another_billed_as_lost_bills_what_they_cost
         update={"usage": stored.usage.model_copy(update={"claim": "w2/b", "covers": ["w1/a"]})}
     )
     own = failed("job-1", "alpha", "gpt-mini", call, timing)
-    own = own.model_copy(update={"usage": own.usage.model_copy(update={"cost_usd": Decimal(5)})})
+    counts = {"cost_usd": Decimal(5), "input_tokens": 12, "output_tokens": 4000}
+    own = own.model_copy(update={"usage": own.usage.model_copy(update=counts)})
+    lost = Billed("gpt-mini", "openai-main", "openai", 10, 256, 0, Decimal("0.002"), True)
 
-    # Expect that owner, finishing after all (its call cost $5), to announce the stored result
-    # and bill on a row of its own what its call cost past the estimate; another delivery that
-    # called (Redis lost the claim under it) bills its own call, under its claim; one that
-    # made no call, nothing
-    stalled = outcome_of_late(stored, own, "w1/a", Decimal("0.002"))
+    # Expect that owner, finishing after all (its call cost $5, for 12 and 4,000 tokens), to
+    # announce the stored result and bill on a row of its own what its call cost past the
+    # estimate, with its tokens past the estimated ones the stored row counts (before: whole,
+    # the job's rows counting them twice); another delivery that called (Redis lost the claim
+    # under it) bills its own call, under its claim; one that made no call, nothing
+    stalled = outcome_of_late(stored, own, "w1/a", lost)
     assert stalled.result == stored.result
     assert (stalled.usage.job_id, stalled.usage.claim) == ("job-1/late/w1/a", "w1/a")
     assert stalled.usage.cost_usd == Decimal("4.998")
-    late = outcome_of_late(stored, own, "w3/c", Decimal(0))
+    assert (stalled.usage.input_tokens, stalled.usage.output_tokens) == (2, 3744)
+    assert stalled.usage.tokens_estimated is True
+    late = outcome_of_late(stored, own, "w3/c", None)
     assert (late.result, late.usage.claim, late.usage.attempts) == (stored.result, "w3/c", 1)
     assert (late.usage.job_id, late.usage.cost_usd) == ("job-1", Decimal(5))
+    assert (late.usage.output_tokens, late.usage.tokens_estimated) == (4000, None)
     uncalled = failed("job-1", "alpha", "gpt-mini", DeadlineExceeded("past its deadline"), timing)
-    assert outcome_of_late(stored, uncalled, "w3/c", Decimal(0)) is stored
+    assert outcome_of_late(stored, uncalled, "w3/c", None) is stored
     # ... and no job can take such a row's id (its call would be billed against the row)
     job = {"job_id": "job-1/late/w1/a", "team": "alpha", "model": "gpt-mini", "messages": []}
     with pytest.raises(ValueError, match="may not contain '/late/'"):

@@ -34,14 +34,24 @@ from queuegate.script_calls import TurnScript
 from queuegate.settings import Settings
 from queuegate.spend import current_month, ledger_spent, ledgers_in_force, to_nano
 from queuegate.topology import HEADER_DEAD_DETAIL, HEADER_DEAD_REASON
-from router import health
+from router import health, load_catalog
 from router.router import Routed
 from tests.support import Gateway, running_accountant, running_gateway, wait_until
 from tests.teams import register
 from tests.test_script_calls import connections_named, named_client
 from workers.admission.budgets import Budgets
+from workers.admission.estimate import estimate
 from workers.admission.scripts import Call, Scripts
-from workers.claims import Busy, Claim, ClaimedJob, Claims, Duplicate, Lapsed, LostCall
+from workers.claims import (
+    Busy,
+    Claim,
+    ClaimedJob,
+    Claims,
+    Duplicate,
+    Lapsed,
+    LostCall,
+    planned_call,
+)
 from workers.outcome import Announcement, Outcome, Timing, as_json, failed, unwritable
 from workers.outcome import served as served_outcome
 from workers.usage_record import UsageRecord
@@ -538,6 +548,84 @@ async def test_a_job_its_dead_owner_reserved_ends_uncalled_leaving_no_reservatio
     assert row["cost_usd"] == 0 and gw.mock.stats.calls == 0
     assert await ledger_spent(redis_client, keys, "alpha", month) == 0
     assert await ledgers_in_force(redis_client, keys, "alpha", month, [None]) == [0]
+
+
+MARKED = [
+    {
+        "role": "system",
+        "content": [
+            {"type": "text", "text": "Be brief. " * 40, "cache_control": {"type": "ephemeral"}}
+        ],
+    },
+    *HELLO,
+]
+"""A prompt marked to be written to a cache."""
+
+
+@pytest.mark.parametrize("ending", ["answered", "failed", "swept", "recorded without tokens"])
+async def test_a_job_ended_after_a_lost_call_has_its_estimated_tokens_on_its_row(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, ending: str
+) -> None:
+    # Given a job marking its prompt for a cache whose dead owner recorded its call (at the
+    # job's estimate, as a worker does; or as a worker did before tokens were kept, at its
+    # cost alone), its lease then lapsing; past its deadline when it is to be swept (its
+    # queue has expired it: no delivery comes back), and a sweep five times a second
+    settings = settings.model_copy(update={"teams_refresh": 0.2})
+    refused = MockConfig(default=Behavior(error_rate=1, error_status=400))
+    mock_config = refused if ending == "failed" else None
+    async with (
+        running_gateway(settings, mock_config=mock_config) as gw,
+        gw.client("alpha") as client,
+    ):
+        passed = datetime.now(UTC) - timedelta(seconds=10)
+        deadline = passed if ending == "swept" else None
+        job = client.job("gpt-4o-mini", MARKED, max_tokens=50, deadline=deadline)
+        catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": gw.mock.url})
+        needed = estimate(job, catalog, TeamConfig(), 256)
+        call = planned_call(job.model, catalog.resolve(job.model).deployments[0], needed)
+        if ending == "recorded without tokens":
+            kept = {"model", "deployment", "provider", "cost_usd"}
+            call = LostCall.model_validate_json(call.model_dump_json(include=kept))
+        dead = _claims(settings, redis_client, pool, "dead")
+        await dead.start()
+        claim = await dead.take(job, redelivered=False, first=call)
+        assert isinstance(claim, Claim) and claim.recorded
+        await claim.abandon()
+
+        # When the job is delivered again and answered, or fails (the provider refuses the
+        # call), or is swept
+        result = None
+        if ending != "swept":
+            result = await (await client.submit(job)).result(timeout=10)
+        [row] = await gw.usage_rows(1)
+
+    # Expect its row to bill the lost call at its estimate and to count its estimated tokens
+    # (the prompt as written to the cache) beside the answer's own, tokens_estimated, as the
+    # client is told (before: its cost alone, tokens_estimated None); a call recorded
+    # without its tokens billed at its cost alone, as then
+    assert row["attempt_log"][0]["error"] == "lost"
+    answered = result.response["usage"] if result and result.response else {}
+    own = (answered.get("prompt_tokens", 0), answered.get("completion_tokens", 0), 0)
+    lost = (call.input_tokens, call.output_tokens, call.cache_write_tokens)
+    tokens = (row["input_tokens"], row["output_tokens"], row["cache_write_tokens"])
+    if ending == "recorded without tokens":
+        assert lost == (0, 0, 0) and tokens == own
+        assert row["tokens_estimated"] is None
+    else:
+        assert lost == (needed.prompt_tokens, 50, needed.prompt_tokens)
+        assert tokens == tuple(map(sum, zip(own, lost, strict=True)))
+        assert row["tokens_estimated"] is True
+    if result is not None:
+        assert result.status == ("error" if ending == "failed" else "ok")
+        assert result.gateway is not None
+        assert result.gateway.tokens_estimated == row["tokens_estimated"]
+        assert result.gateway.cost_usd == Decimal(row["cost_usd"])
+    assert call.cost_usd > 0
+    codes = {"failed": "invalid_request", "swept": "deadline_exceeded"}
+    if ending in codes:  # billed for the lost call alone
+        assert (row["error_code"], Decimal(row["cost_usd"])) == (codes[ending], call.cost_usd)
+    else:
+        assert row["error_code"] is None and Decimal(row["cost_usd"]) > call.cost_usd
 
 
 def _expired(job: ClaimedJob) -> Outcome:

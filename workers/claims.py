@@ -200,6 +200,11 @@ class LostCall(Attempt):
 
     cost_usd: Decimal = Decimal(0)
     """Its estimate: the job's estimated tokens at the deployment's prices."""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_tokens: int = 0
+    """Those tokens (``Estimate.usage``), billed on the job's row with its cost; 0 in a record
+    made before they were kept (billed at its cost alone, as then)."""
     claim: str | None = None
     """The claim whose delivery made it (its owner), recorded with it: an owner that lives
     after all finds its calls billed by the taker's outcome (``UsageEvent.covers``)."""
@@ -747,10 +752,9 @@ class Claim:
         self.recorded = recorded
         """The deployment of the job's first call when that call was recorded with the claim
         (``Claims.take``'s ``first``): the call to it needs no record of its own."""
-        self.sent: dict[str, Decimal] = {}
-        """Deployment → the estimate of a call to it, for each this delivery let go."""
-        self.estimate: Estimate | None = None
-        """The job's estimate those calls were priced at (set with the first)."""
+        self.sent: dict[str, LostCall] = {}
+        """Deployment → the record of a call to it (``planned_call``: its estimate), for each
+        this delivery let go."""
 
     async def take_up(self, job: ChatJob) -> bool:
         """Claim a job that ``missed`` its claim before its end is stored: the duplicates of
@@ -800,35 +804,17 @@ class Claim:
         made, or 0 (the entry removed); None when no other owner may have left one."""
         return self.lost_usd if self.lost or self.taken_over else None
 
-    def estimated(self, attempts: Sequence[Attempt] | None) -> Decimal:
-        """The estimates of ``attempts`` this delivery made: what a delivery taking its claim
-        over billed them as lost (each was recorded at its estimate before it left)."""
-        return sum((self.sent.get(a.deployment, Decimal(0)) for a in attempts or ()), Decimal(0))
+    def estimated(self, attempts: Sequence[Attempt] | None) -> Billed | None:
+        """The estimates of ``attempts`` this delivery made, their cost and tokens
+        (``_estimated_bill``): what a delivery taking its claim over billed them as lost
+        (each was recorded at its estimate before it left)."""
+        sent = self.sent
+        return _estimated_bill([sent[a.deployment] for a in attempts or () if a.deployment in sent])
 
     def _unread_bill(self, attempts: Sequence[Attempt]) -> Billed | None:
         """What the calls of ``attempts`` the provider may bill though no answer was read
-        (``_unread``) cost, named after the last of them: each priced as a lost call is, at
-        its estimate, with the estimate's tokens (the prompt as written to a cache when the
-        job marks one), so that a row's tokens are what its cost bills. None when none of
-        them is billed."""
-        unread = [a for a in attempts if _unread(a)]
-        usd = self.estimated(unread)
-        estimate = self.estimate
-        if not usd or estimate is None:
-            return None
-        last = unread[-1]
-        prompt = estimate.prompt_tokens * len(unread)
-        return Billed(
-            model_used=last.model,
-            deployment=last.deployment,
-            provider=last.provider,
-            input_tokens=prompt,
-            output_tokens=estimate.output_tokens * len(unread),
-            cached_tokens=0,
-            cost_usd=usd,
-            estimated=True,
-            cache_write_tokens=prompt if estimate.cache_ttl else 0,
-        )
+        (``_unread``) cost: each billed as a lost call is (``estimated``)."""
+        return self.estimated([a for a in attempts if _unread(a)])
 
     def served(self, routed: Routed) -> Routed:
         """``routed`` billing also the calls before the one that answered whose answers
@@ -897,16 +883,28 @@ class Claim:
         if not self.lost:
             return outcome.model_copy(update={"usage": usage.model_copy(update={"claim": claim})})
         lost = [call.attempt() for call in self.lost]
-        cost = usage.cost_usd + self.lost_usd
-        update = {
+        update: dict[str, Any] = {
             "attempt_log": lost + (usage.attempt_log or []),
             "attempts": usage.attempts + len(lost),
-            "cost_usd": cost,
             "claim": claim,
             "covers": sorted({call.claim for call in self.lost if call.claim}) or None,
         }
         gateway = outcome.result.gateway
-        gateway = gateway.model_copy(update={"attempts": lost + gateway.attempts, "cost_usd": cost})
+        billed: dict[str, Any] = {"attempts": lost + gateway.attempts}
+        bill = _estimated_bill(self.lost)
+        if bill is not None:
+            # Their estimated tokens too, as calls whose answers went unread have on a row
+            # (``_unread_bill``): its tokens are what its cost bills (before, its cost alone).
+            update |= {
+                "cost_usd": usage.cost_usd + bill.cost_usd,
+                "input_tokens": usage.input_tokens + bill.input_tokens,
+                "output_tokens": usage.output_tokens + bill.output_tokens,
+                "cache_write_tokens": usage.cache_write_tokens + bill.cache_write_tokens,
+            }
+            billed["cost_usd"] = update["cost_usd"]
+            if bill.estimated:
+                update["tokens_estimated"] = billed["tokens_estimated"] = True
+        gateway = gateway.model_copy(update=billed)
         result = outcome.result.model_copy(update={"gateway": gateway})
         return outcome.model_copy(
             update={"usage": usage.model_copy(update=update), "result": result}
@@ -963,8 +961,7 @@ class _Recording:
         )
         # Held while the call is recorded (most jobs wait there for a Redis connection).
         call = shared_fields(planned_call(alias, deployment, self._ticket.estimate))
-        self._claim.sent[deployment.name] = call.cost_usd
-        self._claim.estimate = self._ticket.estimate
+        self._claim.sent[deployment.name] = call
         # Recorded with the claim already (the first call only), or in the round trip of the
         # deployment's take when that lets it go at once; recorded on its own otherwise, and
         # when that record found the claim another's (``record`` then stops the call).
@@ -1016,18 +1013,46 @@ def _plus(bill: Bill, unread: Billed) -> Bill:
         output_tokens=bill.output_tokens + unread.output_tokens,
         cache_write_tokens=bill.cache_write_tokens + unread.cache_write_tokens,
         cost_usd=bill.cost_usd + unread.cost_usd,
-        estimated=True,
+        estimated=bill.estimated or unread.estimated,
+    )
+
+
+def _estimated_bill(calls: Sequence[LostCall]) -> Billed | None:
+    """What ``calls`` cost, lost or their answers unread, named after the last of them: each
+    billed at its estimate, with the estimate's tokens (the prompt as written to a cache when
+    the job marks one), so that a row's tokens are what its cost bills (``estimated``; a
+    record kept without its tokens adds its cost alone). None when they cost nothing."""
+    usd = sum((call.cost_usd for call in calls), Decimal(0))
+    if not usd:
+        return None
+    last = calls[-1]
+    prompt = sum(call.input_tokens for call in calls)
+    output = sum(call.output_tokens for call in calls)
+    return Billed(
+        model_used=last.model,
+        deployment=last.deployment,
+        provider=last.provider,
+        input_tokens=prompt,
+        output_tokens=output,
+        cached_tokens=0,
+        cost_usd=usd,
+        estimated=bool(prompt or output),
+        cache_write_tokens=sum(call.cache_write_tokens for call in calls),
     )
 
 
 def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> LostCall:
     """The record of a call of ``alias`` about to leave for ``deployment``, priced at the
-    job's ``estimate``."""
+    job's ``estimate``, with its tokens."""
+    usage = estimate.usage
     return LostCall(
         model=alias,
         deployment=deployment.name,
         provider=deployment.provider,
         cost_usd=estimate.usd_at(deployment),
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
     )
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ConfigDict
 
-from queuegate.errors import BAD_INPUT, JobError
+from queuegate.errors import BAD_INPUT, Billed, JobError
 from queuegate.messages import (
     LATE_MARK,
     REFUSED_MARK,
@@ -105,7 +105,7 @@ class Announcement(NamedTuple):
 
 
 def outcome_of_late(
-    stored: Outcome, own: Outcome, claim: str | None, billed_as_lost: Decimal
+    stored: Outcome, own: Outcome, claim: str | None, billed_as_lost: Billed | None
 ) -> Outcome:
     """What a delivery that finished after another stored the job's outcome announces: that
     outcome's result (the job's answer is the first stored), with this delivery's own calls
@@ -116,19 +116,26 @@ def outcome_of_late(
 
     When the stored outcome bills them already as lost (``UsageEvent.covers``: it took them
     over from this delivery's owner, stalled past its lease), at their estimates
-    (``billed_as_lost``), its row bills what they really cost past that, with their tokens
+    (``billed_as_lost``: their cost and estimated tokens), its row bills what they really
+    cost past that, with their tokens past the estimated ones that row counts
     (``LATE_MARK``): billed at the estimates alone, the call of a job without ``max_tokens``
-    that ran on while its owner was stopped cost the provider 16 times its row."""
+    that ran on while its owner was stopped cost the provider 16 times its row; and its
+    tokens whole beside the estimated ones, the job's rows counted them twice."""
     usage = own.usage
     if not usage.attempts or claim is None:
         return stored
     if claim in (stored.usage.covers or ()):
-        usage = usage.model_copy(
-            update={
-                "job_id": f"{usage.job_id}{LATE_MARK}{claim}",
-                "cost_usd": usage.cost_usd - billed_as_lost,
+        update: dict[str, Any] = {"job_id": f"{usage.job_id}{LATE_MARK}{claim}"}
+        if billed_as_lost is not None:
+            update |= {
+                "cost_usd": usage.cost_usd - billed_as_lost.cost_usd,
+                "input_tokens": usage.input_tokens - billed_as_lost.input_tokens,
+                "output_tokens": usage.output_tokens - billed_as_lost.output_tokens,
+                "cache_write_tokens": usage.cache_write_tokens - billed_as_lost.cache_write_tokens,
             }
-        )
+            if billed_as_lost.estimated:
+                update["tokens_estimated"] = True
+        usage = usage.model_copy(update=update)
     return stored.model_copy(update={"usage": usage.model_copy(update={"claim": claim})})
 
 

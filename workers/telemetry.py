@@ -80,10 +80,11 @@ class Telemetry:
             series = self._series[key] = _JobSeries.of(*key)
         series.jobs.inc()
         series.wait.observe(usage.queued_ms / 1000)
-        series.input.inc(usage.input_tokens)
-        series.output.inc(usage.output_tokens)
         # A counter only rises: a stalled owner's row billing less than the estimate its call
-        # was billed at as lost (``outcome_of_late``) leaves it; usage_log holds the refund.
+        # was billed at as lost (``outcome_of_late``), or fewer tokens than its estimated
+        # ones, leaves it; usage_log holds the refund.
+        series.input.inc(max(usage.input_tokens, 0))
+        series.output.inc(max(usage.output_tokens, 0))
         series.cost.inc(max(float(usage.cost_usd), 0.0))
         if len(attempts) > 1:
             metrics.RETRIES.labels(team, model).inc(len(attempts) - 1)

@@ -2,7 +2,7 @@
 duplicate delivery, or answered past its deadline by another worker's sweep, either billing
 the stopped call as lost at its estimate, bills that call's real cost once it resumes (its
 answer read, though the job's deadline passed while it was stopped): its row (``<job
-id>/late/<claim>``) carries the call's tokens and what it cost past the estimate, so the
+id>/late/<claim>``) carries what the call cost and its tokens past the estimate's, so the
 job's rows sum to what the provider served, and the budget ledger and the live spend agree
 with them, the ledger keeping the stopped call's excess until then."""
 
@@ -87,11 +87,14 @@ async def test_a_stalled_owners_call_billed_as_lost_is_billed_at_its_real_cost_o
     taker, stopped = billed
     assert [a["error"] for a in taker["attempt_log"]] == ["lost", None]
     assert taker["covers"] == [stopped["claim"]]
-    # ... and the stopped worker's row, under its claim, carrying its call's tokens and what it
-    # cost past that estimate, so the job's rows sum to two calls at what one costs alone
+    # ... and the stopped worker's row, under its claim, carrying what its call cost and its
+    # tokens past that estimate (the taker's row counting the estimated tokens), so the job's
+    # rows sum to two calls at what one costs alone, and to their tokens (before: the
+    # stopped call's counted twice, estimated and whole)
     assert stopped["job_id"] == f"{job.job_id}/late/{stopped['claim']}"
     assert single["cost_usd"] > 0
-    assert taker["output_tokens"] == stopped["output_tokens"] == single["output_tokens"]
+    assert taker["output_tokens"] > single["output_tokens"] and taker["tokens_estimated"]
+    assert taker["output_tokens"] + stopped["output_tokens"] == 2 * single["output_tokens"]
     assert taker["cost_usd"] + stopped["cost_usd"] == 2 * single["cost_usd"]
     # ... which the live spend (`queuegate status`'s, for a team without a budget) counts too
     assert live is not None and from_nano(int(live)) == total
@@ -162,7 +165,8 @@ async def test_a_stalled_owners_call_swept_past_its_deadline_is_billed_at_its_re
     assert sweep["covers"] == [stopped["claim"]]
     assert stopped["job_id"] == f"{job.job_id}/late/{stopped['claim']}"
     assert [a["error"] for a in stopped["attempt_log"]] == [None]
-    assert stopped["output_tokens"] == single["output_tokens"]
+    assert sweep["output_tokens"] > 0 and sweep["tokens_estimated"]
+    assert sweep["output_tokens"] + stopped["output_tokens"] == single["output_tokens"]
     assert sweep["cost_usd"] + stopped["cost_usd"] == single["cost_usd"]
     # ... the budget ledger keeping the stopped call's excess (what it may cost past the
     # sweep's estimate) while its worker was stopped, so that the jobs beside it near the

@@ -20,7 +20,7 @@ from queuegate.registry import TeamConfig
 from queuegate.spend import capped_fallback, to_nano
 from router.catalog import Catalog, Deployment
 from router.pricing import cost
-from router.providers.base import estimated_usage
+from router.providers.base import Usage, estimated_usage
 
 PER_MESSAGE = 3
 """Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
@@ -51,8 +51,13 @@ class Estimate:
         not read is billed, its prompt written to a cache for as long as the job marks it,
         as an answer without counts is (before: at an hour's write price for a five-minute
         mark, 2x the input price at Anthropic for 1.25x)."""
-        usage = estimated_usage(self.prompt_tokens, self.output_tokens, self.cache_ttl)
-        return cost(deployment, usage)
+        return cost(deployment, self.usage)
+
+    @property
+    def usage(self) -> Usage:
+        """The estimated tokens as a call's usage (``estimated_usage``): the tokens a call
+        lost or not read is billed for, on its job's row."""
+        return estimated_usage(self.prompt_tokens, self.output_tokens, self.cache_ttl)
 
 
 def _usd(deployment: Deployment, prompt: int, output: int, caches: bool) -> Decimal:
