@@ -22,7 +22,11 @@ Several requests may wait for one job id (a retry under the same Idempotency-Key
 gets the result (each stream every chunk), and the job is forgotten when the last of them
 stops waiting. A job submitted ``bound`` (its id bound to its request before publishing,
 ``Outcomes.bind``) is never answered ``idempotency_conflict`` here: such an answer is another
-request's, published under the id past the binding, and is dropped.
+request's, published under the id past the binding, and is dropped. Nor is one refusing the
+job ``deadline_exceeded`` uncalled, nothing billed, while the latest deadline it was
+published with here has yet to pass: that answers an earlier delivery of it, published with
+an earlier deadline (a retry under its Idempotency-Key publishes an expired job again), and
+the delivery waited for is still to be answered.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Self
 
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
@@ -43,6 +48,7 @@ from queuegate.errors import ConfigError
 from queuegate.messages import ChatJob, ChatResult
 from queuegate.settings import Settings
 from queuegate.topology import Topology
+from workers.outcome import refused_late_uncalled
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +60,12 @@ class Bridge(ReplyingConnection):
         self._process_id = uuid.uuid4().hex
         self.reply_queue = self._topology.frontdoor_queue(self._process_id)
         self._user_id = settings.amqp_user
-        self._inbox = Inbox(keep_unexpected=False, ignore=self._foreign)
+        self._inbox = Inbox(keep_unexpected=False, ignore=self._ignored)
         self._replies = ReplyQueue(self._inbox, declare=self._declare, delete=self._delete)
         self._waiting: Counter[str] = Counter()
         self._bound: set[str] = set()
+        self._deadlines: dict[str, datetime | None] = {}
+        """The latest deadline each job waited for was published with here (None: none)."""
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -122,7 +130,7 @@ class Bridge(ReplyingConnection):
     async def submit(self, job: ChatJob, caller: Caller, *, bound: bool = False) -> None:
         """Publish the job and expect its result (take it with ``wait``); ``bound``: its id
         is bound to this very request (see the module's docstring)."""
-        self._expect(job.job_id, bound=bound)
+        self._expect(job, bound=bound)
         try:
             await self.publish(job, caller)
         except BaseException:
@@ -157,10 +165,15 @@ class Bridge(ReplyingConnection):
         if self._waiting[job_id] > 0:
             self._done(job_id)
 
-    def _expect(self, job_id: str, *, bound: bool) -> None:
+    def _expect(self, job: ChatJob, *, bound: bool) -> None:
+        job_id = job.job_id
         self._waiting[job_id] += 1
         if bound:
             self._bound.add(job_id)
+        latest = self._deadlines.get(job_id, job.deadline)
+        self._deadlines[job_id] = (
+            None if latest is None or job.deadline is None else max(latest, job.deadline)
+        )
         self._inbox.expect(job_id)
 
     def _done(self, job_id: str) -> None:
@@ -168,7 +181,27 @@ class Bridge(ReplyingConnection):
         if self._waiting[job_id] <= 0:
             del self._waiting[job_id]
             self._bound.discard(job_id)
+            del self._deadlines[job_id]
             self._inbox.forget(job_id)
+
+    def _ignored(self, result: ChatResult) -> bool:
+        return self._foreign(result) or self._stale(result)
+
+    def _stale(self, result: ChatResult) -> bool:
+        """Whether ``result`` refuses an earlier delivery of its job late, uncalled: the
+        latest one published here is not late yet (see the module's docstring). A worker
+        whose clock runs ahead may refuse that one too: its caller's own wait ends it then."""
+        if result.job_id not in self._deadlines or not refused_late_uncalled(result):
+            return False
+        deadline = self._deadlines[result.job_id]
+        if deadline is not None and datetime.now(UTC) >= deadline:
+            return False
+        log.info(
+            "dropped a late refusal of job %s: it answers an earlier delivery of the job, "
+            "published with an earlier deadline than the one waited for here",
+            result.job_id,
+        )
+        return True
 
     def _foreign(self, result: ChatResult) -> bool:
         """Whether ``result`` answers another request than the one bound to its job id."""

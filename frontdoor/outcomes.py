@@ -35,7 +35,7 @@ from queuegate.keys import Keys
 from queuegate.messages import AnswerFormat, ChatJob, ChatResult, request_digest
 from queuegate.settings import Settings
 from workers.claims import binding, stored_outcome
-from workers.outcome import Outcome
+from workers.outcome import expired_uncalled
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Outcomes:
         args: list[str | int | bytes] = [request_digest(job), self._ttl]
         try:
             reply = await self._bind(keys=keys, args=args)
-            if reply[0] == b"stored" and _expired_uncalled(stored_outcome(reply[1])):
+            if reply[0] == b"stored" and expired_uncalled(stored_outcome(reply[1])):
                 # Published again, as a job expired unseen in its queue is: its stored
                 # outcome replaced only while it is still the one stored (bind.lua).
                 reply = await self._bind(keys=keys, args=[*args, reply[1]])
@@ -150,26 +150,6 @@ class Outcomes:
             outcome = stored_outcome(reply[1])
             return Binding(None if outcome is None else outcome.result, retry=True)
         return Binding(None, retry=reply[1] == 0)
-
-
-def _expired_uncalled(outcome: Outcome | None) -> bool:
-    """Whether ``outcome`` is a job's that a worker took past its deadline and refused (or
-    held past it) with no call made and nothing billed: it expired as one unseen in its
-    queue does, and a retry under its Idempotency-Key publishes it again. One that ended
-    past its deadline after a call keeps its outcome: never called twice."""
-    if outcome is None:
-        return False
-    result, usage = outcome.result, outcome.usage
-    return (
-        result.error is not None
-        and result.error.code == "deadline_exceeded"
-        and not result.gateway.attempts
-        and not result.gateway.cost_usd
-        and not usage.attempts
-        and not usage.attempt_log
-        and not usage.covers
-        and not usage.cost_usd
-    )
 
 
 def _marker(job: ChatJob) -> bytes:

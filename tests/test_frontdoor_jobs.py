@@ -439,6 +439,65 @@ async def test_a_job_a_worker_refused_late_uncalled_is_published_again_by_a_retr
     ]
 
 
+async def test_a_retry_waiting_for_a_job_published_again_is_not_answered_its_late_refusal(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    # Given an async job under an Idempotency-Key, due in 1 s, delivered to a worker process
+    # that is stopped (SIGSTOP) past its deadline
+    key = {"Idempotency-Key": "refused-while-retried"}
+    async with open_door(settings) as door:
+        await door.gateway.stop_worker()
+        mock = door.gateway.mock
+        team_queue = Topology(settings.namespace).team_queue("alpha")
+        async with (
+            workers_running(worker_env(settings, mock), ("alpha",)) as [worker],
+            door.client() as client,
+            httpx.AsyncClient(base_url=door.url, timeout=30) as http,
+        ):
+            await consumers(settings, ["alpha"], 1)
+            worker.send_signal(signal.SIGSTOP)
+            first = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=HELLO,
+                extra_headers={"prefer": "respond-async", "x-queuegate-timeout": "1", **key},
+            )
+            job_id = first.headers["x-queuegate-job-id"]
+            accepted = Keys(settings.redis_prefix).accepted("alpha", job_id)
+            marker = await redis_client.get(accepted)
+            due = time.monotonic() + 1
+            # Polled: the broker announces no delivery
+            while await depth(settings, team_queue):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(due - time.monotonic() + 0.1)  # the deadline, a time alone
+            # When it is sent again under its key, waited for (not async), due in 30 s, and
+            # the worker goes on once that is published: it refuses the first delivery late
+            retry = asyncio.create_task(
+                client.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini",
+                    messages=HELLO,
+                    extra_headers={"x-queuegate-timeout": "30", **key},
+                )
+            )
+            # Polled: nothing announces the publish (its accepted marker is written first)
+            while await redis_client.get(accepted) == marker:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            worker.send_signal(signal.SIGCONT)
+            retried = await retry
+            rows = await door.gateway.usage_rows(2, timeout=30)
+            read = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+    # Expect the retry answered by the job's one call, not by the first delivery's refusal
+    # (uncalled, unbilled), and the job read so since
+    assert retried.status_code == 200, retried.text
+    assert retried.headers["x-queuegate-job-id"] == job_id
+    assert retried.parse().choices[0].message.content
+    assert mock.stats.calls == 1
+    assert sorted((r["error_code"] or "", r["attempts"], r["cost_usd"]) for r in rows) == [
+        ("", 1, rows[0]["cost_usd"] or rows[1]["cost_usd"]),
+        ("deadline_exceeded", 0, 0),
+    ]
+    assert read.status_code == 200 and read.json()["_gateway"]["request_id"] == job_id
+
+
 async def test_a_job_that_ended_past_its_deadline_after_a_call_is_not_called_again(
     settings: Settings,
 ) -> None:

@@ -88,7 +88,7 @@ from router.router import AttemptGate
 from workers.admission import Ahead, Settlement, Ticket
 from workers.admission.estimate import Estimate
 from workers.admission.scripts import Call, Scripts
-from workers.outcome import Outcome, as_json
+from workers.outcome import Outcome, as_json, expired_uncalled
 from workers.usage_record import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -357,22 +357,15 @@ class Claims:
             if status == "conflict":
                 raise _conflict(job.job_id, reply)
             if status == "poison":
-                lost = _lost(reply[2])
-                held = None
-                if lost:
-                    held = Claim(self, claimed, fingerprint, key, owner=owner, lost=lost)
-                    self._held[key] = owner
-                raise Poison(
-                    f"job {job.job_id} failed {int(reply[1])} deliveries (died in a provider "
-                    f"call, or returned on a failure), past the delivery limit of {self._limit}",
-                    held,
-                )
+                raise self._poison(job, claimed, owner, reply)
             if status == "stored":
-                stored = stored_outcome(reply[1])
-                if stored is not None:
-                    return stored
-                log.warning("stored outcome of job %s is unreadable; serving it", job.job_id)
-                return Claim(self, claimed, fingerprint, key)
+                taken = self._stored(job, claimed, reply[1], replacing=len(args) > CLAIM_ARGV)
+                if taken is not None:
+                    return taken
+                # Its refusal is an earlier delivery's, this one due later: replaced only
+                # while it is the one stored (claim.lua), and this one served.
+                args = [*args, reply[1].decode()]  # as read: a stored outcome is UTF-8
+                continue
             if status == "claimed":
                 break
             left = give_up - time.monotonic()
@@ -404,8 +397,41 @@ class Claims:
             raise
         return claim
 
+    def _poison(self, job: ChatJob, claimed: ClaimedJob, owner: str, reply: Any) -> Poison:
+        """The job's refusal past the delivery limit (claim.lua's ``poison``), with its claim
+        held to bill the calls its dead owners made, if any."""
+        key = self._keys.claim(job.team, job.job_id)
+        lost = _lost(reply[2])
+        held = None
+        if lost:
+            held = Claim(self, claimed, request_digest(job), key, owner=owner, lost=lost)
+            self._held[key] = owner
+        return Poison(
+            f"job {job.job_id} failed {int(reply[1])} deliveries (died in a provider "
+            f"call, or returned on a failure), past the delivery limit of {self._limit}",
+            held,
+        )
+
+    def _stored(
+        self, job: ChatJob, claimed: ClaimedJob, raw: bytes, *, replacing: bool
+    ) -> Claim | Outcome | None:
+        """What a delivery of ``job`` does with its outcome stored as ``raw``: answer with it,
+        serve the job unclaimed (it is unreadable), or None: replace it, unless ``replacing``
+        it already (``_published_again``)."""
+        stored = stored_outcome(raw)
+        if not replacing and _published_again(job, stored):
+            return None
+        if stored is not None:
+            return stored
+        log.warning("stored outcome of job %s is unreadable; serving it", job.job_id)
+        return Claim(self, claimed, request_digest(job), self._keys.claim(job.team, job.job_id))
+
     async def _try(
-        self, keys: list[str], args: list[str | int], ahead: Ahead | None, recording: Call | None
+        self,
+        keys: list[str],
+        args: list[str | int],
+        ahead: Ahead | None,
+        recording: Call | None,
     ) -> tuple[Any, bool]:
         """One try at the claim, and whether ``recording`` ran with it: ``ahead``'s calls,
         then ``recording``, ride with it, each run only if the claim is won and every call
@@ -1053,6 +1079,19 @@ def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> Lost
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cache_write_tokens=usage.cache_write_tokens,
+    )
+
+
+CLAIM_ARGV = 5
+"""The ARGV a claim takes (lua/claim.lua); a sixth names the stored outcome it replaces."""
+
+
+def _published_again(job: ChatJob, stored: Outcome | None) -> bool:
+    """Whether ``stored`` refuses an earlier delivery of ``job`` late, uncalled, nothing
+    billed, while this one is due still: the job published again under its id with a later
+    deadline (a retry under its Idempotency-Key, ``frontdoor.outcomes``)."""
+    return (
+        job.deadline is not None and datetime.now(UTC) < job.deadline and expired_uncalled(stored)
     )
 
 

@@ -40,6 +40,34 @@ class Outcome(BaseModel):
     usage: UsageEvent
 
 
+def refused_late_uncalled(result: ChatResult) -> bool:
+    """Whether ``result`` says its job's deadline passed before any call, nothing billed."""
+    return (
+        result.error is not None
+        and result.error.code == "deadline_exceeded"
+        and not result.gateway.attempts
+        and not result.gateway.cost_usd
+    )
+
+
+def expired_uncalled(outcome: Outcome | None) -> bool:
+    """Whether ``outcome`` is a job's that a worker took past its deadline and refused (or
+    held past it) with no call made and nothing billed: it expired as one unseen in its
+    queue does, and a retry under its Idempotency-Key publishes it again
+    (``frontdoor.outcomes``), with a later deadline. One that ended past its deadline after
+    a call keeps its outcome: never called twice."""
+    if outcome is None:
+        return False
+    usage = outcome.usage
+    return (
+        refused_late_uncalled(outcome.result)
+        and not usage.attempts
+        and not usage.attempt_log
+        and not usage.covers
+        and not usage.cost_usd
+    )
+
+
 class Announcement(NamedTuple):
     """A finished job as the bytes it is announced with, and nothing else of it.
 

@@ -12,6 +12,9 @@
 -- ARGV[3]  the request's fingerprint
 -- ARGV[4]  ttl of the claim, seconds (as long as a stored outcome lives)
 -- ARGV[5]  the delivery limit: failures a job may have before it is dead-lettered
+-- ARGV[6]  (optional) an outcome as stored that this delivery replaces: an earlier
+--          delivery's, refused uncalled past its deadline, this one due later (the job
+--          published again). Replaced only while it is the one stored, as bind.lua does.
 --
 -- Returns one of:
 --   {'conflict', outcome}               the id is used by a different request; outcome: as
@@ -56,11 +59,14 @@ if stored then
   if string.sub(stored, 1, 1) ~= '{' and string.sub(stored, 1, 64) ~= ARGV[3] then
     return {'conflict', stored}
   end
-  local failures = poisoned()
-  if failures then
-    return {'poison', failures, ''}
+  if stored ~= ARGV[6] then
+    local failures = poisoned()
+    if failures then
+      return {'poison', failures, ''}
+    end
+    return {'stored', stored}
   end
-  return {'stored', stored}
+  redis.call('DEL', KEYS[2])
 end
 
 local claim = redis.call('HMGET', KEYS[1], 'fp', 'owner', 'lease', 'attempt', 'lost')
