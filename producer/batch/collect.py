@@ -504,7 +504,11 @@ class _Run:
         return Answer(custom_id, result.job_id, category, result)
 
     async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
-        await asyncio.gather(*(settle(m.ack(), "acknowledge results", log) for m in messages))
+        # One after another: an ack only writes a frame, and each is made as it is awaited, so
+        # a collect cancelled here (Ctrl-C) leaves no ack made and never awaited (a gather's
+        # were, and Python warned of each).
+        for message in messages:
+            await settle(message.ack(), "acknowledge results", log)
 
     async def unanswerable(
         self,
