@@ -747,11 +747,15 @@ class Router:
             )
             adapter = ADAPTERS[deployment.provider]
             choices = run.job.params.choices
-            return _answer(
-                lambda: adapter.parse_response(body, deployment.model, choices=choices),
-                status,
-                call.key,
-            )
+
+            def read() -> Completion:
+                completion = adapter.parse_response(body, deployment.model, choices=choices)
+                # An answer passed on as the provider wrote it was looked through as sent
+                # (transport.post); one the adapter built, joining an Anthropic message's
+                # blocks into one text, is looked through whole.
+                return completion if completion.response is body else kept(completion, call.key)
+
+            return _answer(read, status)
         events = transport.events(
             upstream,
             call.request,
@@ -782,7 +786,8 @@ class Router:
                 # reports the prompt it read and wrote to its cache, which it bills).
                 raise err.answered(200) from err
         # Its events came after a 2xx.
-        return _answer(parser.completion, 200, call.key)
+        # Its events were looked through one by one: a key cut across two is in the whole.
+        return _answer(lambda: kept(parser.completion(), call.key), 200)
 
     async def _report(self, call: _Call, err: ProviderError) -> None:
         deployment = call.deployment
@@ -891,12 +896,8 @@ def _failure(run: _Job, tried: list[str]) -> Exception:
     )
 
 
-def _answer(read: Callable[[], Completion], status: int, key: str | None) -> Completion:
-    """The completion ``read`` makes of an answer the provider sent with ``status`` (2xx),
-    with ``key``, the one the call carried, redacted where a string of it holds it (``kept``):
-    the key cut across two stream events, or two content blocks of a whole answer, which the
-    adapter joins into one text, is found only there. Before, a whole answer's was not looked
-    at, its joined text relayed, stored, traced and cached with the key.
+def _answer(read: Callable[[], Completion], status: int) -> Completion:
+    """The completion ``read`` makes of an answer the provider sent with ``status`` (2xx).
     One whose answer nests deeper than a job's JSON may (``MAX_NESTING``) is a bad response:
     taken, the worker failed writing its outcome after the call, and the job went back to its
     queue, its claim held, unanswered and unbilled for good. A bad response is raised naming
@@ -908,7 +909,6 @@ def _answer(read: Callable[[], Completion], status: int, key: str | None) -> Com
             raise ProviderError(
                 "bad_response", f"the answer nests deeper than {MAX_NESTING} levels"
             )
-        completion = kept(completion, key)
     except ProviderError as err:
         raise err.answered(status) from err
     except Exception as exc:  # a parser's own failure on an answer it did not expect
