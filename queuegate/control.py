@@ -243,13 +243,17 @@ class Counts(WireModel):
         so a collect stopped leaves it there, its line written) or asked for again while its
         first answer was on its way; counted all, a batch showed more answered than it has
         requests."""
-        return max(0, min(waiting, self.published, self.total - self.written))
+        return max(0, min(waiting, self._unwritten))
 
     def unanswered(self, waiting: int) -> int:
         """Published requests not answered yet, with ``waiting`` results in the batch's
         results queue: never more than were published."""
-        left = min(self.published, self.total - self.written)
-        return max(0, left - self.to_collect(waiting))
+        return max(0, self._unwritten - waiting)
+
+    @property
+    def _unwritten(self) -> int:
+        """Published requests without a line yet."""
+        return min(self.published, self.total - self.written)
 
 
 class BatchSummary(WireModel):
