@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from cli.console import out
-from cli.options import Host, LogLevel, Port, bounds, finite, make_settings, split_teams
+from cli.options import Host, Joining, LogLevel, Port, bounds, finite, make_settings, split_teams
 from queuegate import tracing
 from queuegate.errors import ConfigError, StartRefused
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
@@ -42,9 +42,7 @@ def worker(
     ] = 1,
     catalog: Annotated[Path | None, typer.Option(help="Model catalog YAML.")] = None,
     log_level: LogLevel = "info",
-    joining: Annotated[
-        bool, typer.Option("--joining", hidden=True, help="Started by a supervisor.")
-    ] = False,
+    joining: Joining = False,
 ) -> None:
     """Consume team queues and serve their jobs until SIGTERM or Ctrl-C.
 
@@ -168,9 +166,7 @@ def api(
     port: Port = 8080,
     processes: Annotated[int, typer.Option(min=1, help="Processes under one supervisor.")] = 1,
     log_level: LogLevel = "info",
-    joining: Annotated[
-        bool, typer.Option("--joining", hidden=True, help="Started by a supervisor.")
-    ] = False,
+    joining: Joining = False,
 ) -> None:
     """Serve the HTTP front door (OpenAI's and Anthropic's APIs; docs at /docs) until SIGTERM
     or Ctrl-C."""
