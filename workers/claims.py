@@ -343,6 +343,7 @@ class Claims:
         give_up = time.monotonic() + self._wait
         pause = FIRST_POLL
         claim_keys, riding = [key, result, *self._epoch_keys, failures], ahead
+        replacing = False
         recording = None if first is None else self.hold_call(key, owner, claimed, first)
         while True:
             try:
@@ -359,12 +360,12 @@ class Claims:
             if status == "poison":
                 raise self._poison(job, claimed, owner, reply)
             if status == "stored":
-                taken = self._stored(job, claimed, reply[1], replacing=len(args) > CLAIM_ARGV)
+                taken = self._stored(job, claimed, reply[1], replacing=replacing)
                 if taken is not None:
                     return taken
                 # Its refusal is an earlier delivery's, this one due later: replaced only
                 # while it is the one stored (claim.lua), and this one served.
-                args = [*args, reply[1].decode()]  # as read: a stored outcome is UTF-8
+                args, replacing = [*args, reply[1].decode()], True  # a stored outcome is UTF-8
                 continue
             if status == "claimed":
                 break
@@ -1080,10 +1081,6 @@ def planned_call(alias: str, deployment: Deployment, estimate: Estimate) -> Lost
         output_tokens=usage.output_tokens,
         cache_write_tokens=usage.cache_write_tokens,
     )
-
-
-CLAIM_ARGV = 5
-"""The ARGV a claim takes (lua/claim.lua); a sixth names the stored outcome it replaces."""
 
 
 def _published_again(job: ChatJob, stored: Outcome | None) -> bool:
