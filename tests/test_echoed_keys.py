@@ -23,6 +23,7 @@ from aiohttp import web
 from mockprovider.catalog import mock_deployment
 from queuegate.keys import Keys
 from queuegate.messages import ChatJob
+from queuegate.provider_formats import anthropic_message
 from queuegate.settings import Settings
 from router import Catalog, open_router
 from router.providers import Piece
@@ -406,6 +407,11 @@ async def test_a_key_cut_across_two_content_blocks_of_a_whole_answer_is_not_in_i
     assert joined == "[redacted]"
     attributes = [dict(span.attributes or {}) for span in spans]
     assert [text for text in _read([routed.response, attributes]) if KEY in text] == []
+    # ... and in the message an Anthropic caller is answered, stored and cached with
+    # (before: the provider's blocks as sent, each holding a piece of the key)
+    said = anthropic_message(routed.response, "msg_1")["content"]
+    pieces = "".join(block.get("text") or block.get("thinking") or "" for block in said)
+    assert KEY not in pieces
 
 
 PAIR = "\\ud83d\\ude00"

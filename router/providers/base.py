@@ -26,6 +26,7 @@ import orjson
 
 from queuegate.errors import GatewayError
 from queuegate.messages import ChatJob
+from queuegate.provider_formats import ANTHROPIC_BODY
 from queuegate.request_limits import MAX_NESTING, nests_deeper
 
 MAX_DETAIL = 160
@@ -700,7 +701,13 @@ def kept(completion: Completion, secret: str | None) -> Completion:
         return completion
     if not _holds(completion.response, secret.strip()):
         return completion
-    return replace(completion, response=unechoed(completion.response, secret))
+    response = unechoed(completion.response, secret)
+    # The provider's own message, kept beside it for an Anthropic caller, holds the key cut
+    # across the blocks the text was joined of, which no walk finds: left out, that caller's
+    # answer is made from the redacted text, as another provider's is. Before, it and its
+    # copies in the stored result and the cache served the pieces.
+    response.pop(ANTHROPIC_BODY, None)
+    return replace(completion, response=response)
 
 
 def _unechoed(value: Any, key: str) -> Any:
