@@ -25,6 +25,9 @@ from types import FrameType
 
 SERVING = frozenset({"worker", "accounting", "api"})
 """The commands that serve until SIGTERM or Ctrl-C; the others keep Python's handling."""
+UNTIL_STOPPED = SERVING | {"mock-provider", "demo"}
+"""The commands that run until stopped: started without stdout, their output goes nowhere
+and they serve on, where a one-shot command ends at its first output (``cli.main``)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOGGER = "queuegate.runtime"
 """The logger whose line (``say_stopped_starting``) a stop in the event loop's start writes."""

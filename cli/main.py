@@ -19,6 +19,7 @@ from cli.audit import audit_app
 from cli.batch import batch_app
 from cli.console import err, to_devnull
 from cli.dlq import dlq_app
+from cli.entry import UNTIL_STOPPED
 from cli.keys import admin_key_app
 from cli.replies import replies_app
 from cli.reports import deployments, status, usage
@@ -87,7 +88,7 @@ app.command()(demo)
 
 
 def main() -> None:
-    _stand_in_for_closed_output()
+    _stand_in_for_closed_output(serves=sys.argv[1:2] != [] and sys.argv[1] in UNTIL_STOPPED)
     # One-shot commands say what went wrong in one line of their own; long-running ones
     # (worker, accounting) configure logging again at the level they are given.
     configure_logging("warning", libraries=logging.CRITICAL)
@@ -220,18 +221,19 @@ def _paragraphs_on_one_line(commands: typer.Typer) -> None:
 _paragraphs_on_one_line(app)
 
 
-def _stand_in_for_closed_output() -> None:
+def _stand_in_for_closed_output(*, serves: bool) -> None:
     """A stand-in on a standard descriptor the command was started without (``>&-``): else
     the next file opened takes the free number, and uvloop, finding a socket at 1, aborted the
     process (SIGABRT, exit 134). Stdout's is a pipe whose reader is gone: the command ends at
     its first output, quietly with status 0, as when its reader closed it (``status --watch``
-    into /dev/null would never end); stdin's and stderr's are /dev/null. Python found no stream
-    there and set it None: it gets one again."""
+    into /dev/null would never end); but for a command that ``serves`` until stopped, whose
+    first line (its address) would end it before it served: /dev/null, as stdin's and
+    stderr's. Python found no stream there and set it None: it gets one again."""
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
         except OSError:
-            if fd == 1:
+            if fd == 1 and not serves:
                 reader, writer = os.pipe()
                 ends = {reader, writer}
             else:

@@ -416,6 +416,36 @@ async def test_a_command_started_without_stdout_ends_quietly(
     assert await _ending(process) == (0, "")
 
 
+async def test_a_mock_provider_started_without_stdout_serves_on() -> None:
+    # Given a free port
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # When the mock provider, which serves until stopped, is started with stdout closed
+    mock = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'exec "$0" -m cli mock-provider --port "$1" >&-', sys.executable, str(port),
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            for _ in range(500):  # the line is printed just before it listens
+                try:
+                    answered = await http.post("/v1/chat/completions", json=body)
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the mock provider never listened")
+        # Expect it serving, its first line gone nowhere (before: that line ended it, status
+        # 0, as a reader gone ends a one-shot command, before it listened)
+        assert answered.status_code == 200 and mock.returncode is None
+    finally:
+        if mock.returncode is None:
+            mock.terminate()
+        await mock.wait()
+
+
 def test_help_paragraphs_are_wrapped_by_the_terminal_not_the_source() -> None:
     # When an operator reads the help of commands with long descriptions at 80 columns
     for command in (["submit"], ["worker"], ["teams", "add"], ["teams", "set"], ["status"]):
