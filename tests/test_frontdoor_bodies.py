@@ -419,5 +419,11 @@ async def test_a_malformed_upload_is_400_and_logs_nothing(
         assert "send one file as the multipart field `file`" in error["message"]
         writer.close()
 
-    # ... and nothing in the log: a client sending them by the thousand floods nothing
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # ... and nothing in the log: a client sending them by the thousand floods nothing. (A
+    # loaded machine may make the wrong-key counter's Redis wait time out, which is logged
+    # as Redis's outage whatever the request, so that logger's lines are not the upload's.)
+    assert [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name != "frontdoor.failed_keys"
+    ] == []
