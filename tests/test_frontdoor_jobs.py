@@ -5,9 +5,11 @@ call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import anthropic
 import httpx
@@ -375,18 +377,27 @@ async def test_a_job_an_earlier_front_door_accepted_reads_as_queued(
     assert [(r.status_code, r.json()["status"]) for r in read] == [(202, "queued")] * 2
 
 
-async def test_a_job_a_worker_refused_late_uncalled_is_published_again_by_a_retry_under_its_key(
-    settings: Settings,
-) -> None:
-    # Given an async job under an Idempotency-Key, due in 1 s, delivered to a worker process
-    # that is stopped (SIGSTOP) until its deadline passed, then taken and refused uncalled
-    key = {"Idempotency-Key": "refused-late"}
+@dataclass
+class LateJob:
+    """An async job under an Idempotency-Key, due in 1 s, held by a stopped worker past its
+    deadline (``late_job``)."""
+
+    door: Door
+    worker: asyncio.subprocess.Process
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+    job_id: str
+
+
+@contextlib.asynccontextmanager
+async def late_job(settings: Settings, key: dict[str, str]) -> AsyncIterator[LateJob]:
+    """An async job under ``key``, due in 1 s, delivered to a worker process stopped
+    (SIGSTOP) until its deadline passed; the worker is left stopped."""
     async with open_door(settings) as door:
         await door.gateway.stop_worker()
-        mock = door.gateway.mock
         team_queue = Topology(settings.namespace).team_queue("alpha")
         async with (
-            workers_running(worker_env(settings, mock), ("alpha",)) as [worker],
+            workers_running(worker_env(settings, door.gateway.mock), ("alpha",)) as [worker],
             door.client() as client,
             httpx.AsyncClient(base_url=door.url, timeout=30) as http,
         ):
@@ -397,31 +408,41 @@ async def test_a_job_a_worker_refused_late_uncalled_is_published_again_by_a_retr
                 messages=HELLO,
                 extra_headers={"prefer": "respond-async", "x-queuegate-timeout": "1", **key},
             )
+            assert first.status_code == 202
             due = time.monotonic() + 1
             # Polled: the broker announces no delivery
             while await depth(settings, team_queue):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
             await asyncio.sleep(due - time.monotonic() + 0.1)  # the deadline, a time alone
-            worker.send_signal(signal.SIGCONT)
-            [refusal] = await door.gateway.usage_rows(1, timeout=30)
-            job_id = first.headers["x-queuegate-job-id"]
-            refused = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
-            # When it is sent again under its key with a longer deadline, twice at once
-            retried = await asyncio.gather(
-                *(
-                    client.chat.completions.with_raw_response.create(
-                        model="gpt-4o-mini",
-                        messages=HELLO,
-                        extra_headers={"x-queuegate-timeout": "30", **key},
-                    )
-                    for _ in range(2)
+            yield LateJob(door, worker, client, http, first.headers["x-queuegate-job-id"])
+
+
+async def test_a_job_a_worker_refused_late_uncalled_is_published_again_by_a_retry_under_its_key(
+    settings: Settings,
+) -> None:
+    # Given an async job under an Idempotency-Key, due in 1 s, delivered to a worker process
+    # that is stopped (SIGSTOP) until its deadline passed, then taken and refused uncalled
+    key = {"Idempotency-Key": "refused-late"}
+    async with late_job(settings, key) as late:
+        door, client, job_id = late.door, late.client, late.job_id
+        late.worker.send_signal(signal.SIGCONT)
+        [refusal] = await door.gateway.usage_rows(1, timeout=30)
+        refused = await late.http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+        # When it is sent again under its key with a longer deadline, twice at once
+        retried = await asyncio.gather(
+            *(
+                client.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini",
+                    messages=HELLO,
+                    extra_headers={"x-queuegate-timeout": "30", **key},
                 )
+                for _ in range(2)
             )
-            read = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
-            rows = await door.gateway.usage_rows(2, timeout=30)
+        )
+        read = await late.http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+        rows = await door.gateway.usage_rows(2, timeout=30)
     # Expect the late refusal uncalled and unbilled, then the job published again and
     # answered to both retries from one call, billed on a row of its own, and read so since
-    assert first.status_code == 202
     assert (refusal["error_code"], refusal["attempts"], refusal["cost_usd"]) == (
         "deadline_exceeded",
         0,
@@ -433,7 +454,7 @@ async def test_a_job_a_worker_refused_late_uncalled_is_published_again_by_a_retr
     assert [r.headers["x-queuegate-job-id"] for r in retried] == [job_id, job_id]
     assert len({r.parse().choices[0].message.content for r in retried}) == 1
     assert read.status_code == 200 and read.json()["_gateway"]["request_id"] == job_id
-    assert mock.stats.calls == 1
+    assert door.gateway.mock.stats.calls == 1
     assert sorted((r["error_code"], r["attempts"]) for r in rows if r["job_id"] != job_id) == [
         (None, 1)
     ]
@@ -445,52 +466,32 @@ async def test_a_retry_waiting_for_a_job_published_again_is_not_answered_its_lat
     # Given an async job under an Idempotency-Key, due in 1 s, delivered to a worker process
     # that is stopped (SIGSTOP) past its deadline
     key = {"Idempotency-Key": "refused-while-retried"}
-    async with open_door(settings) as door:
-        await door.gateway.stop_worker()
-        mock = door.gateway.mock
-        team_queue = Topology(settings.namespace).team_queue("alpha")
-        async with (
-            workers_running(worker_env(settings, mock), ("alpha",)) as [worker],
-            door.client() as client,
-            httpx.AsyncClient(base_url=door.url, timeout=30) as http,
-        ):
-            await consumers(settings, ["alpha"], 1)
-            worker.send_signal(signal.SIGSTOP)
-            first = await client.chat.completions.with_raw_response.create(
+    async with late_job(settings, key) as late:
+        door, job_id = late.door, late.job_id
+        accepted = Keys(settings.redis_prefix).accepted("alpha", job_id)
+        marker = await redis_client.get(accepted)
+        # When it is sent again under its key, waited for (not async), due in 30 s, and
+        # the worker goes on once that is published: it refuses the first delivery late
+        retry = asyncio.create_task(
+            late.client.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini",
                 messages=HELLO,
-                extra_headers={"prefer": "respond-async", "x-queuegate-timeout": "1", **key},
+                extra_headers={"x-queuegate-timeout": "30", **key},
             )
-            job_id = first.headers["x-queuegate-job-id"]
-            accepted = Keys(settings.redis_prefix).accepted("alpha", job_id)
-            marker = await redis_client.get(accepted)
-            due = time.monotonic() + 1
-            # Polled: the broker announces no delivery
-            while await depth(settings, team_queue):  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(due - time.monotonic() + 0.1)  # the deadline, a time alone
-            # When it is sent again under its key, waited for (not async), due in 30 s, and
-            # the worker goes on once that is published: it refuses the first delivery late
-            retry = asyncio.create_task(
-                client.chat.completions.with_raw_response.create(
-                    model="gpt-4o-mini",
-                    messages=HELLO,
-                    extra_headers={"x-queuegate-timeout": "30", **key},
-                )
-            )
-            # Polled: nothing announces the publish (its accepted marker is written first)
-            while await redis_client.get(accepted) == marker:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            worker.send_signal(signal.SIGCONT)
-            retried = await retry
-            rows = await door.gateway.usage_rows(2, timeout=30)
-            read = await http.get(f"/v1/jobs/{job_id}", headers=auth(door))
+        )
+        # Polled: nothing announces the publish (its accepted marker is written first)
+        while await redis_client.get(accepted) == marker:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        late.worker.send_signal(signal.SIGCONT)
+        retried = await retry
+        rows = await door.gateway.usage_rows(2, timeout=30)
+        read = await late.http.get(f"/v1/jobs/{job_id}", headers=auth(door))
     # Expect the retry answered by the job's one call, not by the first delivery's refusal
     # (uncalled, unbilled), and the job read so since
     assert retried.status_code == 200, retried.text
     assert retried.headers["x-queuegate-job-id"] == job_id
     assert retried.parse().choices[0].message.content
-    assert mock.stats.calls == 1
+    assert door.gateway.mock.stats.calls == 1
     assert sorted((r["error_code"] or "", r["attempts"], r["cost_usd"]) for r in rows) == [
         ("", 1, rows[0]["cost_usd"] or rows[1]["cost_usd"]),
         ("deadline_exceeded", 0, 0),
