@@ -268,7 +268,7 @@ class GatewayClient(ReplyingConnection):
         try:
             await self._send(job, message)
         except (ServiceUnavailable, ClientError):
-            self._inbox.forget(job.job_id)
+            self._inbox.unexpect(job.job_id)
             raise
         return JobHandle(job.job_id, self)
 

@@ -93,6 +93,10 @@ class ReplyBook:
         """Each wait's own future, settled along with its job's (``_settle``): awaited, not
         the job's, so that a wait that times out or is cancelled cancels nothing another
         wait of the job awaits."""
+        self._handles: dict[str, int] = {}
+        """The handles of each job published here not yet answered to them: its future keeps
+        its result until the last takes it (a duplicate of it, the answer to its second
+        publish, may have come already, and is not handed over again)."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._keep_unexpected = keep_unexpected
         self.duplicates = 0
@@ -114,6 +118,7 @@ class ReplyBook:
             if message is not None:
                 self._name(job_id, names)
                 self._unnamed[job_id] = message
+                self._handles[job_id] = self._handles.get(job_id, 0) + 1
         future = self._futures.get(job_id)
         if future is not None and future.done() and self._answers_another(future.result()):
             # Arrived before the job was published: the answer to an earlier request.
@@ -198,17 +203,31 @@ class ReplyBook:
                 waiters.discard(future)
                 if not waiters:
                     del self._waiters[job_id]
-        self._futures.pop(job_id, None)
-        self._requests.pop(job_id, None)
-        self._unnamed.pop(job_id, None)
+        if self._handles.get(job_id, 0) > 1:
+            self._handles[job_id] -= 1  # another handle takes the same result
+        else:
+            self._forget(job_id)
         return future.result()
 
+    def unexpect(self, job_id: str) -> bool:
+        """A handle of the job's that will not take its result (its publish failed): the
+        job is forgotten with its last, and True then."""
+        if self._handles.get(job_id, 0) > 1:
+            self._handles[job_id] -= 1
+            return False
+        self.forget(job_id)
+        return True
+
     def forget(self, job_id: str) -> None:
-        self._requests.pop(job_id, None)
-        self._unnamed.pop(job_id, None)
-        future = self._futures.pop(job_id, None)
+        future = self._forget(job_id)
         if future is not None:
             self._settle(job_id, future, None)
+
+    def _forget(self, job_id: str) -> asyncio.Future[ChatResult] | None:
+        self._handles.pop(job_id, None)
+        self._requests.pop(job_id, None)
+        self._unnamed.pop(job_id, None)
+        return self._futures.pop(job_id, None)
 
     def give_up(self) -> None:
         """End every wait under way with ``GaveUp``: its job runs on, unawaited."""
@@ -345,6 +364,12 @@ class Inbox:
         """Stop waiting for the job (its stream too)."""
         self.replies.forget(job_id)
         self.streams.close(job_id)
+
+    def unexpect(self, job_id: str) -> None:
+        """Stop waiting for the job for one of its handles, whose publish failed: for good
+        with the last (``ReplyBook.unexpect``)."""
+        if self.replies.unexpect(job_id):
+            self.streams.close(job_id)
 
     async def handle(self, message: DeliveredMessage) -> None:
         properties, tag = message.header.properties, message.delivery_tag

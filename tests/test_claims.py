@@ -102,6 +102,8 @@ async def test_a_job_published_twice_at_once_is_called_once(
         # with the same result and acknowledged, and one usage row per job
         assert all(r.status == "ok" for r in results)
         await wait_until(lambda: client.duplicates == 20, timeout=30)
+        again = [await h.result(timeout=10) for h in handles[20:]]
+        assert [r.response for r in again] == [r.response for r in results]
         assert gw.mock.stats.calls == 20
         await wait_until(lambda: gw.worker.in_flight == 0)
         assert await _queue_is_empty(gw)
@@ -189,6 +191,30 @@ async def test_each_handle_of_a_client_gets_the_answer_to_its_own_request(
         again = await same.result(10)
         assert again.status == "ok" and again.response == answered.response
         assert gw.mock.stats.calls == 1
+
+
+async def test_each_handle_of_a_job_submitted_twice_gets_its_answer_however_late_it_asks(
+    broker_team: Credentials, settings: Settings
+) -> None:
+    # Given a team added the default way, whose client submits the same job twice
+    assert broker_team.amqp_url is not None
+    team_settings = settings.model_copy(update={"amqp_url": broker_team.amqp_url})
+    async with (
+        running_gateway(settings) as gw,
+        GatewayClient(team_settings, team="alpha") as client,
+    ):
+        job = client.job("gpt-4o-mini", HELLO, job_id="x-twice")
+        first, second = [await client.submit(job) for _ in range(2)]
+
+        # When both answers are in (the second, from the stored outcome) before either
+        # handle asks for its result
+        await wait_until(lambda: client.duplicates == 1)
+        answers = [await handle.result(10) for handle in (first, second)]
+
+    # Expect each handle answered, with the one call's answer
+    assert [a.status for a in answers] == ["ok", "ok"]
+    assert answers[0].response == answers[1].response
+    assert gw.mock.stats.calls == 1
 
 
 async def test_a_named_queue_keeps_no_other_requests_answer_for_a_job_id(
