@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.keys import Keys
-from queuegate.messages import ChatJob, ChatResult
+from queuegate.messages import ChatJob, ChatParams, ChatResult
 from queuegate.registry import ModelLimits, TeamConfig, default_burst, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent, ledgers_in_force, to_nano
@@ -27,7 +27,7 @@ from router import load_catalog
 from tests.support import Gateway, depth, running_gateway, wait_until
 from tests.teams import register
 from workers.admission import Admission, Ahead, Settlement
-from workers.admission.estimate import Estimate, estimate
+from workers.admission.estimate import IMAGE_TOKENS, Estimate, estimate, prompt_tokens
 from workers.admission.gate import Ticket
 from workers.admission.scripts import Call, Scripts
 
@@ -268,6 +268,66 @@ def test_a_jobs_estimate_holds_every_choice_and_the_completion_limit_it_asks_for
     job = ChatJob(job_id="j", team="alpha", model="gpt-4o-mini", messages=WORDS, params=asked)
     catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
     assert estimate(job, catalog, TeamConfig(), 256).output_tokens == output
+
+
+SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "s", "schema": {"description": "q" * 40_000}},
+}
+"""A response format whose schema the provider bills as 10,000 prompt tokens."""
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        {"response_format": SCHEMA},
+        {"functions": [{"name": "f", "description": "q" * 40_000}]},
+        {"prediction": {"type": "content", "content": "q" * 40_000}},
+        {"stop": ["q" * 10_000] * 4},
+        {"something_new": "q" * 40_000},
+    ],
+    ids=["response_format", "functions", "prediction", "stop", "an unknown parameter"],
+)
+def test_a_jobs_estimate_counts_what_its_parameters_send_the_provider(sent: dict[str, Any]) -> None:
+    # Given a job, and the same job sending 40,000 characters more in a parameter
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    plain = ChatJob(job_id="j", team="alpha", model="gpt-4o-mini", messages=WORDS)
+    more = plain.model_copy(update={"params": ChatParams(**sent)})
+    # Expect its prompt estimated at 10,000 tokens more, as the provider bills it
+    added = (
+        e.prompt_tokens for e in (estimate(j, catalog, TeamConfig(), 256) for j in (plain, more))
+    )
+    assert -next(added) + next(added) >= 10_000
+
+
+def test_an_image_by_url_is_estimated_at_the_most_a_provider_bills_for_one() -> None:
+    # Given a job with three images given by URL, and one inline
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    inline = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    content = [{"type": "text", "text": "what are these?"}, image, image, image, inline]
+    job = ChatJob(
+        job_id="j",
+        team="alpha",
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": content}],
+    )
+    # Expect each image by URL estimated at IMAGE_TOKENS, the inline one by its characters
+    assert 3 * IMAGE_TOKENS < prompt_tokens(job) < 3 * IMAGE_TOKENS + 100
+
+
+async def test_a_job_whose_response_format_passes_its_budget_is_refused_uncalled(
+    settings: Settings,
+) -> None:
+    # Given a team whose budget holds a small job of gpt-4o-mini, not 10,000 prompt tokens
+    await register(settings, "alpha", TeamConfig(budget_usd=Decimal("0.001")))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When a job asks for a response format whose schema is 40,000 characters
+        job = client.job("gpt-4o-mini", WORDS, fallbacks=[], max_tokens=10, response_format=SCHEMA)
+        result = await (await client.submit(job)).result(timeout=30)
+
+    # Expect it refused for its budget, and no call made
+    assert result.error is not None and result.error.code == "budget_exhausted"
+    assert gw.mock.stats.calls == 0
 
 
 def test_a_jobs_estimate_leaves_out_the_fallbacks_its_team_caps() -> None:
