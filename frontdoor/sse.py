@@ -24,7 +24,7 @@ import orjson
 
 from producer.streams import ChatStream
 from queuegate.api_errors import openai_error
-from queuegate.errors import ResultTimeout
+from queuegate.errors import ResultTimeout, StreamBroken, StreamInterrupted
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.provider_formats import CHUNK_FIELDS, STOP_SEQUENCE, as_int, openai_id
 from queuegate.stored_stream import ANSWER, choice_deltas
@@ -169,6 +169,11 @@ async def sse_events(
     except ResultTimeout:
         message = f"the stream stopped: job {stream.job_id} sent nothing more in time"
         yield writer.error("deadline_exceeded", message)
+        return
+    except StreamBroken as exc:
+        # As a provider failing mid-stream ends it (``StreamInterrupted``): the caller holds
+        # part of an answer that no later call continues.
+        yield writer.error(StreamInterrupted.code, str(exc))
         return
     assert stream.result is not None
     yield writer.end(stream.result)

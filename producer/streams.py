@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Self
 
-from queuegate.errors import GaveUp, ResultTimeout
+from queuegate.errors import GaveUp, ResultTimeout, StreamBroken
 from queuegate.messages import ChatResult, StreamChunk
 
 
@@ -28,6 +28,13 @@ class ChatStream:
     on (its ``deadline`` bounds it). A stream opened after its
     job's chunks began (a second reader of a job already streaming) yields none: it missed
     the start, and its result holds the whole answer.
+
+    A stream's chunks are of one call. Should the worker streaming it be lost mid-stream
+    and the job be called again, that call's chunks or its answer name another stream
+    (``StreamChunk.stream``), and the stream ends there with StreamBroken, after the chunks
+    of the first: joined, they would be an answer no model gave, unlike the job's answer
+    (the later call's). That answer is ``result`` when it is what broke the stream, and else
+    comes to ``GatewayClient.wait``.
     """
 
     def __init__(
@@ -47,11 +54,20 @@ class ChatStream:
         self._items: asyncio.Queue[StreamChunk | ChatResult | Exception] = asyncio.Queue()
         self._next_seq = 0
         self._joined_late = False
+        self._stream: str | None = None
+        """The stream its chunks are of, named by the first (None: none named yet)."""
+        self._answer: ChatResult | None = None
+        """The job's answer, when it is another stream's and so broke this one."""
+        self.broken = False
+        """Whether another stream's chunk or answer came (StreamBroken): nothing more of the
+        job comes through it."""
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> StreamChunk:
+        if self.broken and self._items.empty():
+            raise StopAsyncIteration
         if self._start is not None:
             start, self._start = self._start, None
             await start()
@@ -66,10 +82,12 @@ class ChatStream:
                     f"no chunk of job {self.job_id} within {self._timeout} s; "
                     "check the workers (queuegate status)"
                 ) from exc
+            if isinstance(item, StreamBroken) and self._answer is not None:
+                self.result = self._viewed(self._answer)
             if isinstance(item, Exception):
                 raise item
             if isinstance(item, ChatResult):
-                self.result = item if self._view is None else self._view(item)
+                self.result = self._viewed(item)
             elif self._next_seq == 0 and item.seq > 0:
                 self._joined_late = True  # its result alone ends it
             elif item.seq >= self._next_seq and not self._joined_late:
@@ -78,8 +96,24 @@ class ChatStream:
                 return item
         raise StopAsyncIteration
 
+    def _viewed(self, result: ChatResult) -> ChatResult:
+        return result if self._view is None else self._view(result)
+
     def put(self, item: StreamChunk | ChatResult | Exception) -> None:
-        """Its next item; an exception, raised to its reader in its turn."""
+        """Its next item; an exception, raised to its reader in its turn. A chunk or result
+        of another stream than its chunks' breaks it (StreamBroken, in their turn)."""
+        if self.broken:
+            return
+        named = item.gateway.stream if isinstance(item, ChatResult) else None
+        if isinstance(item, StreamChunk):
+            named = item.stream
+            if self._stream is None and item.seq == 0:
+                self._stream = named  # a reader that joined late reads none, and pins none
+        if self._stream is not None and named is not None and named != self._stream:
+            self.broken = True
+            if isinstance(item, ChatResult):
+                self._answer = item
+            item = StreamBroken(self.job_id)
         self._items.put_nowait(item)
 
 
@@ -108,10 +142,14 @@ class StreamBook:
                 stream.put(GaveUp(job_id))
 
     def finish(self, result: ChatResult) -> bool:
-        """Hand the result to the job's streams, if it has any; False otherwise."""
+        """Hand the result to the job's streams, if it has any; False otherwise, and when
+        every one was broken before it came (StreamBroken), whose readers wait for it
+        apart (``GatewayClient.wait``)."""
         streams = self._streams.pop(result.job_id, None)
         if not streams:
             return False
+        taken = False
         for stream in streams:
+            taken |= not stream.broken
             stream.put(result)
-        return True
+        return taken

@@ -21,6 +21,7 @@
     │   └── AllProvidersFailed       every deployment in the fallback chain failed (502)
     └── ClientError                  raised to producers
         ├── ResultTimeout            no result arrived within the timeout
+        ├── StreamBroken             a stream's deltas went on from another call of its job
         ├── QueueFull                the broker refused the job: the team's queue is full (503)
         ├── PublishRefused           the broker did not accept the job (unroutable or nacked)
         ├── JobIdInFlight            the client awaits the job id for a different request
@@ -240,6 +241,20 @@ class ClientError(GatewayError):
 
 class ResultTimeout(ClientError):
     """No result arrived for a job within the timeout; the job may still be answered later."""
+
+
+class StreamBroken(ClientError):
+    """A streamed job's worker was lost mid-stream and the job was called again: that call's
+    deltas, or its answer, are not those of the deltas already read, so the stream ends
+    here. The job's answer is its result, whole (``GatewayClient.wait``)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"the stream of job {job_id} broke: the worker streaming it was lost, and the job "
+            "was answered by another call; read its answer whole (wait for job "
+            f"{job_id}'s result, or GET /v1/jobs/{job_id})"
+        )
+        self.job_id = job_id
 
 
 class GaveUp(Exception):

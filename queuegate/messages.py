@@ -514,6 +514,9 @@ class GatewayInfo(WireModel):
     from the text, characters / 4."""
     trace_id: str | None = None
     """The OpenTelemetry trace the job ran in (32 hex digits), when the worker traces."""
+    stream: str | None = None
+    """The stream of deltas this answer was relayed as (``StreamChunk.stream``), for a
+    streamed job; None otherwise, and from a worker that predates it."""
 
 
 class ChatResult(WireModel):
@@ -574,6 +577,12 @@ class StreamChunk(WireModel):
     """An Anthropic deployment's own stream events the delta was read from, for Anthropic
     callers (``frontdoor.anthropic_stream``); ``[]`` for its cached answer, whose blocks are
     written whole at the end; None from any other provider."""
+    stream: str | None = None
+    """The delivery streaming it, a random id: a job's deltas are of one call. Should its
+    worker be lost mid-stream and the job be called again, the next delivery's chunks, and
+    its result (``GatewayInfo.stream``), name another, and the reader ends the stream broken
+    rather than join two answers (``producer.streams``); None from a worker that predates
+    it."""
 
 
 class AuditContent(WireModel):

@@ -207,12 +207,13 @@ def served(
     *,
     cached: bool = False,
     marks: Marks | None = None,
+    stream: str | None = None,
 ) -> Outcome:
-    """A job answered. Its caller reading Anthropic's Messages API gets an error for an
-    answer a message has no form for (a tool called with input that is not a JSON object),
-    which the front door and a Message Batch's results give it: recorded as that error
-    (billed, not ``ok``), as a call that failed after it was billed is. Its result keeps the
-    answer, readable in OpenAI's format."""
+    """A job answered (relayed as ``stream``, if streamed). Its caller reading Anthropic's
+    Messages API gets an error for an answer a message has no form for (a tool called with
+    input that is not a JSON object), which the front door and a Message Batch's results give
+    it: recorded as that error (billed, not ``ok``), as a call that failed after it was billed
+    is. Its result keeps the answer, readable in OpenAI's format."""
     unreadable = job.answer_format == "anthropic" and not has_message_form(routed.response)
     gateway = GatewayInfo(
         model_requested=job.model,
@@ -230,6 +231,7 @@ def served(
         params_changed=list(routed.params_changed) or None,
         tokens_estimated=routed.estimated or None,
         trace_id=timing.trace_id,
+        stream=stream,
     )
     result = ChatResult(
         job_id=job.job_id,

@@ -680,14 +680,15 @@ class JobProcessor:
         relay = relay_for(job, reply_to, self._publisher, held)
         cache = wanted(job, self._admission.config(job.team))
         hit = await self._cache.get(job) if cache else None
+        stream = None if relay is None else relay.stream
         if hit is not None:
             if relay is not None:
                 await relay.replay(hit.response, hit.model_used)
-            return served(job, hit, timing, cached=True, marks=marks)
+            return served(job, hit, timing, cached=True, marks=marks, stream=stream)
         routed = await self._serve(job, relay, claim, ahead)
         if cache:
             await self._cache.put(job, routed)
-        return served(job, routed, timing, marks=marks)
+        return served(job, routed, timing, marks=marks, stream=stream)
 
     async def _serve(
         self, job: ChatJob, relay: StreamRelay | None, claim: Claim, ahead: Ahead | None

@@ -7,6 +7,7 @@ arrive in ``seq`` order and always before the result, which is published after t
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,8 @@ class StreamRelay:
         self._job_id = job_id
         self._held = held
         """Whether the job's delivery is still open (``Publisher.chunk``)."""
+        self.stream = secrets.token_hex(6)
+        """This delivery's stream: its chunks and its answer name it (``StreamChunk.stream``)."""
         self._seq = 0
         self._gone = False
         self._cached = False
@@ -55,6 +58,7 @@ class StreamRelay:
             index=piece.index,
             logprobs=piece.logprobs,
             anthropic_events=piece.anthropic_events,
+            stream=self.stream,
             **sent,
         )
         self._seq += 1
