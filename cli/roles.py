@@ -3,6 +3,7 @@ the demo that runs them all at once."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from functools import partial
@@ -17,6 +18,7 @@ from queuegate import tracing
 from queuegate.errors import ConfigError, StartRefused
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import MAX_PORT, Settings
+from queuegate.urls import redact_url
 
 if TYPE_CHECKING:
     from router import Catalog
@@ -54,10 +56,12 @@ def worker(
     settings = make_settings(prefetch=concurrency, catalog=catalog)
     configure_logging(log_level, form=settings.log_format)
     named = split_teams(teams)
-    if named is not None and not joining:
+    if not joining:
         # Once, by the process started, not by each its supervisor starts: started again
         # after a team named was deleted, a process would refuse to start, again and again.
-        run(partial(_registered, settings, named))
+        if named is not None:
+            run(partial(_registered, settings, named))
+        run(partial(_keeps_keys, settings))
     if processes > 1:
         # Once, here, as the teams are: else each process said the same line.
         _catalog(settings)
@@ -131,6 +135,30 @@ async def _registered(settings: Settings, teams: list[str]) -> None:
         raise ConfigError(
             f"no teams named {', '.join(missing)}: add each with queuegate teams add NAME, then "
             "start the worker"
+        )
+
+
+async def _keeps_keys(settings: Settings) -> None:
+    """ConfigError when Redis evicts keys once full (``eviction_policy``): jobs would be
+    called and answered twice. Not asked of a Redis that does not answer at once (the worker
+    serves through an outage) or refuses INFO (a managed one may)."""
+    from redis.exceptions import RedisError
+
+    from queuegate.redis_client import eviction_policy, redis_for
+
+    client = redis_for(settings, connect_timeout=5)
+    try:
+        async with asyncio.timeout(5):
+            policy = await eviction_policy(client)
+    except (RedisError, OSError, TimeoutError):
+        return
+    finally:
+        await client.aclose()
+    if policy is not None:
+        raise ConfigError(
+            f"Redis at {redact_url(settings.redis_url)} evicts keys when full (maxmemory-policy "
+            f"{policy}), and a job whose claim or stored outcome it evicts is called and "
+            "answered again: set its maxmemory-policy to noeviction, then start the worker"
         )
 
 

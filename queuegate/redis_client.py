@@ -339,3 +339,13 @@ def text(raw: object) -> str:
 def lua_source(package: str, name: str) -> str:
     """The Lua script ``<package>/lua/<name>.lua``, read once per process."""
     return resources.files(package).joinpath(f"lua/{name}.lua").read_text("utf-8")
+
+
+async def eviction_policy(client: aioredis.Redis) -> str | None:
+    """The ``maxmemory-policy`` of a Redis that evicts keys once full (a ``maxmemory`` set and
+    a policy other than ``noeviction``), None for one that never does: a claim or a stored
+    outcome evicted is a job called and answered again, as the memory epoch, kept without an
+    expiry, outlives what a ``volatile-*`` policy evicts and tells nothing."""
+    info = await client.info("memory")
+    policy = str(info.get("maxmemory_policy", "noeviction"))
+    return policy if int(info.get("maxmemory", 0)) and policy != "noeviction" else None

@@ -20,6 +20,7 @@ import pytest
 from accounting import migrate
 from admin.keys import issue_admin_key
 from admin.teams import add, quota_policy
+from bench.chaos import PrivateRedis
 from cli.reports import STALE_EXIT
 from queuegate.broker import connect
 from queuegate.db import create_pool
@@ -622,3 +623,26 @@ async def test_a_team_turned_api_key_is_told_its_broker_user_is_deleted(
     assert f"broker user {user} is deleted" in stdout
     async with BrokerAdmin.of(settings) as admin:
         assert not await admin.user_exists(user)
+
+
+async def test_a_worker_refuses_to_start_on_a_redis_that_evicts_keys(settings: Settings) -> None:
+    # Given a Redis of its own that evicts keys with an expiry once past 30 MB (as a managed
+    # one may): it would evict a job's stored outcome and leave the memory epoch, and the
+    # job sent again was called and answered again
+    await add(settings, "alpha", identity="queue")
+    options = ("--maxmemory", "30mb", "--maxmemory-policy", "volatile-lru")
+    async with PrivateRedis(*options) as evicting:
+        # When a worker is started on it
+        code, out, stderr = await _cli(
+            settings,
+            "worker",
+            "--teams",
+            "alpha",
+            QUEUEGATE_METRICS_PORT="0",
+            QUEUEGATE_REDIS_URL=evicting.url,
+        )
+    # Expect it refused in one line naming the policy and what to set
+    assert (code, out) == (1, ""), out + stderr
+    line = _one_error_line(stderr)
+    assert "evicts keys when full (maxmemory-policy volatile-lru)" in line
+    assert line.endswith("set its maxmemory-policy to noeviction, then start the worker")
