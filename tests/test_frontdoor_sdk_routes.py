@@ -39,6 +39,18 @@ async def test_a_model_is_retrieved_by_its_alias_and_an_unknown_one_is_not_found
     assert "GET /v1/models" in missing.value.message
 
 
+async def test_the_anthropic_sdk_lists_and_retrieves_models_in_its_own_shape(door: Door) -> None:
+    # When the anthropic SDK lists the models, and retrieves one (the same routes as OpenAI's)
+    async with claude(door) as sdk:
+        listed = [model async for model in sdk.models.list()]
+        one = await sdk.models.retrieve("claude-haiku")
+    # Expect Anthropic's fields filled, as its API sends them (before: None, OpenAI's shape)
+    assert {"gpt-4o-mini", "claude-haiku"} <= {m.id for m in listed}
+    assert all(m.type == "model" and m.display_name == m.id for m in listed)
+    assert (one.id, one.type, one.display_name) == ("claude-haiku", "model", "claude-haiku")
+    assert one.created_at.year == 1970  # no date to give: OpenAI's `created` 0 alike
+
+
 async def test_count_tokens_is_the_gateways_estimate_and_publishes_nothing(door: Door) -> None:
     async with claude(door) as sdk:
         plain = await sdk.messages.count_tokens(model="claude-haiku", messages=HELLO)

@@ -41,7 +41,16 @@ async def chat(request: Request, door: Door, caller: Calling) -> Response:
 
 @router.get("/v1/models", summary="The model aliases this gateway serves (OpenAI list)")
 async def models(door: Door, caller: Calling) -> dict[str, Any]:
-    return {"object": "list", "data": [_model(alias) for alias in sorted(door.catalog.models)]}
+    # OpenAI's list and Anthropic's at once (``has_more``, ``first_id``, ``last_id``): both
+    # SDKs read the same route, and each ignores the other's fields.
+    aliases = sorted(door.catalog.models)
+    return {
+        "object": "list",
+        "data": [_model(alias) for alias in aliases],
+        "has_more": False,
+        "first_id": aliases[0] if aliases else None,
+        "last_id": aliases[-1] if aliases else None,
+    }
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model alias this gateway serves")
@@ -52,7 +61,16 @@ async def model(model_id: str, door: Door, caller: Calling) -> dict[str, Any]:
 
 
 def _model(alias: str) -> dict[str, Any]:
-    return {"id": alias, "object": "model", "created": 0, "owned_by": "queuegate"}
+    """OpenAI's model and Anthropic's at once; no date of its own to give (``created`` 0)."""
+    return {
+        "id": alias,
+        "object": "model",
+        "created": 0,
+        "owned_by": "queuegate",
+        "type": "model",
+        "display_name": alias,
+        "created_at": "1970-01-01T00:00:00Z",
+    }
 
 
 async def _chat(request: Request, door: Door, caller: Caller, *, gateway: bool) -> Response:
