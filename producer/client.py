@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
@@ -61,15 +61,21 @@ def _answered(result: ChatResult) -> ChatResult:
     return result.model_copy(update={"response": response})
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobHandle:
-    """A published job: ``await handle.result()`` waits for its answer."""
+    """A published job: ``await handle.result()`` waits for its answer, and gives it again
+    when awaited again."""
 
     job_id: str
     _client: GatewayClient
+    _answer: ChatResult | None = field(default=None, repr=False)
 
     async def result(self, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
-        return await self._client.wait(self.job_id, timeout)
+        # Kept: the client gives a job's answer once to each handle (``ReplyBook``), and a
+        # second wait was for an answer that had come and gone, until its timeout.
+        if self._answer is None:
+            self._answer = await self._client.wait(self.job_id, timeout)
+        return self._answer
 
 
 class GatewayClient(ReplyingConnection):
