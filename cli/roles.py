@@ -4,8 +4,10 @@ the demo that runs them all at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -23,6 +25,8 @@ from queuegate.urls import redact_url
 if TYPE_CHECKING:
     from router import Catalog
     from workers import Worker
+
+log = logging.getLogger(__name__)
 
 
 def worker(
@@ -140,25 +144,52 @@ async def _registered(settings: Settings, teams: list[str]) -> None:
 
 async def _keeps_keys(settings: Settings) -> None:
     """ConfigError when Redis evicts keys once full (``eviction_policy``): jobs would be
-    called and answered twice. Not asked of a Redis that does not answer at once (the worker
-    serves through an outage) or refuses INFO (a managed one may)."""
-    from redis.exceptions import RedisError
+    called and answered twice; or when it refuses the worker's credentials. Waited for while
+    it does not answer, as PostgreSQL is at start: a worker started before its Redis
+    (compose, a pod) would otherwise serve on one that evicts, unseen. Not waited for with
+    ``QUEUEGATE_REDIS_OUTAGE=fail_open``, which serves through an outage; not asked of a Redis
+    that refuses INFO (a managed one may)."""
+    from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
+    from queuegate.db import START_LOG_EVERY, START_RETRY_MAX
     from queuegate.redis_client import eviction_policy, redis_for
 
-    client = redis_for(settings, connect_timeout=5)
-    try:
-        async with asyncio.timeout(5):
-            policy = await eviction_policy(client)
-    except (RedisError, OSError, TimeoutError):
-        return
-    finally:
-        await client.aclose()
+    url = redact_url(settings.redis_url)
+    delay, said = 0.5, -START_LOG_EVERY
+    while True:
+        client = redis_for(settings, connect_timeout=5)
+        try:
+            async with asyncio.timeout(5):
+                policy = await eviction_policy(client)
+            break
+        except AuthenticationError as exc:
+            raise ConfigError(
+                f"Redis at {url} refused the worker's credentials ({exc}): set the password "
+                "(and user) it expects in QUEUEGATE_REDIS_URL, redis://USER:PASSWORD@HOST"
+            ) from None
+        except NoPermissionError:
+            return
+        except (RedisError, OSError, TimeoutError) as exc:
+            if settings.redis_outage == "fail_open":
+                return
+            if time.monotonic() - said >= START_LOG_EVERY:
+                said = time.monotonic()
+                log.warning(
+                    "Redis at %s does not answer (%s); waiting for it (retrying every %.0f s "
+                    "at most)",
+                    url,
+                    type(exc).__name__,
+                    START_RETRY_MAX,
+                )
+        finally:
+            await client.aclose()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, START_RETRY_MAX)
     if policy is not None:
         raise ConfigError(
-            f"Redis at {redact_url(settings.redis_url)} evicts keys when full (maxmemory-policy "
-            f"{policy}), and a job whose claim or stored outcome it evicts is called and "
-            "answered again: set its maxmemory-policy to noeviction, then start the worker"
+            f"Redis at {url} evicts keys when full (maxmemory-policy {policy}), and a job "
+            "whose claim or stored outcome it evicts is called and answered again: set its "
+            "maxmemory-policy to noeviction, then start the worker"
         )
 
 

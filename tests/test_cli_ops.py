@@ -7,6 +7,8 @@ import asyncio
 import io
 import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from accounting import migrate
 from admin.keys import issue_admin_key
@@ -646,3 +649,60 @@ async def test_a_worker_refuses_to_start_on_a_redis_that_evicts_keys(settings: S
     line = _one_error_line(stderr)
     assert "evicts keys when full (maxmemory-policy volatile-lru)" in line
     assert line.endswith("set its maxmemory-policy to noeviction, then start the worker")
+
+
+async def test_a_worker_started_before_its_redis_waits_and_refuses_one_that_evicts(
+    settings: Settings,
+) -> None:
+    # Given a worker started while its Redis is not there yet (compose, a pod's start order)
+    await add(settings, "alpha", identity="queue")
+    later = PrivateRedis("--maxmemory", "30mb", "--maxmemory-policy", "allkeys-lru")
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "QUEUEGATE_METRICS_PORT": "0",
+        "QUEUEGATE_REDIS_URL": later.url,
+    }
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "worker", "--teams", "alpha",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert worker.stderr is not None
+    try:
+        waiting = await asyncio.wait_for(worker.stderr.readline(), timeout=30)
+        assert b"does not answer" in waiting and b"waiting for it" in waiting, waiting
+        # When that Redis comes, evicting keys once full
+        async with later:
+            code = await asyncio.wait_for(worker.wait(), timeout=30)
+            said = (await worker.stderr.read()).decode()
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+    # Expect the worker to refuse it then, in one line, never having served
+    assert code == 1, said
+    assert "evicts keys when full (maxmemory-policy allkeys-lru)" in _one_error_line(said)
+
+
+async def test_a_worker_refused_by_its_redis_says_so_in_one_line(settings: Settings) -> None:
+    # Given a Redis that asks for a password, and a worker given the wrong one
+    await add(settings, "alpha", identity="queue")
+    async with PrivateRedis() as guarded:
+        admin = aioredis.Redis.from_url(guarded.url)
+        await admin.config_set("requirepass", "right-one")
+        await admin.aclose()
+        wrong = guarded.url.replace("redis://", "redis://:wrong-one@")
+        # When it is started
+        code, out, stderr = await _cli(
+            settings,
+            "worker",
+            "--teams",
+            "alpha",
+            QUEUEGATE_METRICS_PORT="0",
+            QUEUEGATE_REDIS_URL=wrong,
+        )
+    # Expect it refused in one line saying what to set, the password never shown
+    assert (code, out) == (1, ""), out + stderr
+    line = _one_error_line(stderr)
+    assert "refused the worker's credentials" in line and "wrong-one" not in line
