@@ -628,6 +628,18 @@ async def test_a_team_turned_api_key_is_told_its_broker_user_is_deleted(
         assert not await admin.user_exists(user)
 
 
+async def _worker_on(settings: Settings, redis_url: str) -> tuple[int, str, str]:
+    """A worker of team alpha started on the Redis at ``redis_url``, run to its exit."""
+    return await _cli(
+        settings,
+        "worker",
+        "--teams",
+        "alpha",
+        QUEUEGATE_METRICS_PORT="0",
+        QUEUEGATE_REDIS_URL=redis_url,
+    )
+
+
 async def test_a_worker_refuses_to_start_on_a_redis_that_evicts_keys(settings: Settings) -> None:
     # Given a Redis of its own that evicts keys with an expiry once past 30 MB (as a managed
     # one may): it would evict a job's stored outcome and leave the memory epoch, and the
@@ -636,14 +648,7 @@ async def test_a_worker_refuses_to_start_on_a_redis_that_evicts_keys(settings: S
     options = ("--maxmemory", "30mb", "--maxmemory-policy", "volatile-lru")
     async with PrivateRedis(*options) as evicting:
         # When a worker is started on it
-        code, out, stderr = await _cli(
-            settings,
-            "worker",
-            "--teams",
-            "alpha",
-            QUEUEGATE_METRICS_PORT="0",
-            QUEUEGATE_REDIS_URL=evicting.url,
-        )
+        code, out, stderr = await _worker_on(settings, evicting.url)
     # Expect it refused in one line naming the policy and what to set
     assert (code, out) == (1, ""), out + stderr
     line = _one_error_line(stderr)
@@ -694,14 +699,7 @@ async def test_a_worker_refused_by_its_redis_says_so_in_one_line(settings: Setti
         await admin.aclose()
         wrong = guarded.url.replace("redis://", "redis://:wrong-one@")
         # When it is started
-        code, out, stderr = await _cli(
-            settings,
-            "worker",
-            "--teams",
-            "alpha",
-            QUEUEGATE_METRICS_PORT="0",
-            QUEUEGATE_REDIS_URL=wrong,
-        )
+        code, out, stderr = await _worker_on(settings, wrong)
     # Expect it refused in one line saying what to set, the password never shown
     assert (code, out) == (1, ""), out + stderr
     line = _one_error_line(stderr)
