@@ -28,9 +28,9 @@ IMAGE_TOKENS = 2_700
 """What an image given by its URL is estimated at: the URL says nothing of the image, which
 the providers bill by its pixels, up to about 1,600 tokens at Anthropic, 1,105 at OpenAI's
 tile-priced models (high detail), and 1,536 patches times 1.62-1.72 (2,490-2,650) at its
-patch-priced ones. Counted as its URL's characters, it was 20 tokens: 200 such images a job
-spent 12 budgets. An image sent inline (a data URL) is counted by its characters, which
-are more."""
+patch-priced ones; gpt-4o-mini bills up to 48,169, which the README names as a gap. Counted
+as its URL's characters, it was 20 tokens: 200 such images a job spent 12 budgets. An image
+sent inline (a data URL) is counted by its characters, which are more."""
 _PER_MTOK = Decimal(1_000_000)
 
 
