@@ -73,6 +73,13 @@ async def broker_team(settings: Settings) -> AsyncIterator[Credentials]:
                 await admin.delete_user(credentials.user)
 
 
+@pytest.fixture
+def broker_settings(settings: Settings, broker_team: Credentials) -> Settings:
+    """The settings of ``broker_team``'s own client: its broker user's URL."""
+    assert broker_team.amqp_url is not None
+    return settings.model_copy(update={"amqp_url": broker_team.amqp_url})
+
+
 async def _queue_is_empty(gw: Gateway) -> bool:
     connection = await aio_pika.connect(gw.settings.amqp_url)
     async with connection:
@@ -82,14 +89,12 @@ async def _queue_is_empty(gw: Gateway) -> bool:
 
 
 async def test_a_job_published_twice_at_once_is_called_once(
-    settings: Settings, broker_team: Credentials
+    settings: Settings, broker_team: Credentials, broker_settings: Settings
 ) -> None:
     # Given a slow provider and team alpha connected as its own broker user
-    assert broker_team.amqp_url is not None
-    team_settings = settings.model_copy(update={"amqp_url": broker_team.amqp_url})
     async with (
         running_gateway(settings, mock_config=SLOW) as gw,
-        GatewayClient(team_settings, team="alpha") as client,
+        GatewayClient(broker_settings, team="alpha") as client,
     ):
         # When each of 20 jobs is published twice at once (a producer's resend)
         jobs = [
@@ -194,14 +199,12 @@ async def test_each_handle_of_a_client_gets_the_answer_to_its_own_request(
 
 
 async def test_each_handle_of_a_job_submitted_twice_gets_its_answer_however_late_it_asks(
-    broker_team: Credentials, settings: Settings
+    settings: Settings, broker_settings: Settings
 ) -> None:
     # Given a team added the default way, whose client submits the same job twice
-    assert broker_team.amqp_url is not None
-    team_settings = settings.model_copy(update={"amqp_url": broker_team.amqp_url})
     async with (
         running_gateway(settings) as gw,
-        GatewayClient(team_settings, team="alpha") as client,
+        GatewayClient(broker_settings, team="alpha") as client,
     ):
         job = client.job("gpt-4o-mini", HELLO, job_id="x-twice")
         first, second = [await client.submit(job) for _ in range(2)]
