@@ -32,11 +32,11 @@ LogLevel = Annotated[
 """Every ``--log-level``: another is a usage error in one line listing these (exit 2), not
 logging's ``Unknown level`` raised as the command starts, a traceback of 190 lines."""
 Port = Annotated[int, typer.Option(min=0, max=MAX_PORT, help="Port to listen on.")]
+"""Every ``--port``: refused in one line (exit 2) outside a TCP port's range, where binding
+would raise OverflowError, or the mock provider's server would listen on it modulo 65536."""
 Joining = Annotated[bool, typer.Option("--joining", hidden=True, help="Started by a supervisor.")]
 """A process its supervisor started (``--processes``): checks made once by the supervisor
 are not made again."""
-"""Every ``--port``: refused in one line (exit 2) outside a TCP port's range, where binding
-would raise OverflowError, or the mock provider's server would listen on it modulo 65536."""
 
 
 def resolvable(host: str) -> str:

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -151,46 +150,39 @@ async def _keeps_keys(settings: Settings) -> None:
     that refuses INFO (a managed one may)."""
     from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
-    from queuegate.db import START_LOG_EVERY, START_RETRY_MAX
     from queuegate.redis_client import eviction_policy, redis_for
+    from queuegate.start_wait import StartWait
 
     url = redact_url(settings.redis_url)
-    delay, said = 0.5, -START_LOG_EVERY
-    while True:
-        client = redis_for(settings, connect_timeout=5)
-        try:
-            async with asyncio.timeout(5):
-                policy = await eviction_policy(client)
-            break
-        except AuthenticationError as exc:
-            raise ConfigError(
-                f"Redis at {url} refused the worker's credentials ({exc}): set the password "
-                "(and user) it expects in QUEUEGATE_REDIS_URL, redis://USER:PASSWORD@HOST"
-            ) from None
-        except NoPermissionError:
-            return
-        except (RedisError, OSError, TimeoutError) as exc:
-            if settings.redis_outage == "fail_open":
+    waiting = StartWait(log, "Redis")
+    client = redis_for(settings, connect_timeout=5)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(5):
+                    policy = await eviction_policy(client)
+                break
+            except AuthenticationError as exc:
+                raise ConfigError(
+                    f"Redis at {url} refused the worker's credentials ({exc}): set the "
+                    "password (and user) it expects in QUEUEGATE_REDIS_URL, "
+                    "redis://USER:PASSWORD@HOST"
+                ) from None
+            except NoPermissionError:
                 return
-            if time.monotonic() - said >= START_LOG_EVERY:
-                said = time.monotonic()
-                log.warning(
-                    "Redis at %s does not answer (%s); waiting for it (retrying every %.0f s "
-                    "at most)",
-                    url,
-                    type(exc).__name__,
-                    START_RETRY_MAX,
-                )
-        finally:
-            await client.aclose()
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, START_RETRY_MAX)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if settings.redis_outage == "fail_open":
+                    return
+                await waiting.failed(f"Redis at {url} does not answer ({type(exc).__name__})")
+    finally:
+        await client.aclose()
     if policy is not None:
         raise ConfigError(
             f"Redis at {url} evicts keys when full (maxmemory-policy {policy}), and a job "
             "whose claim or stored outcome it evicts is called and answered again: set its "
             "maxmemory-policy to noeviction, then start the worker"
         )
+    waiting.answered()
 
 
 def _supervise(

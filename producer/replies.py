@@ -203,15 +203,13 @@ class ReplyBook:
                 waiters.discard(future)
                 if not waiters:
                     del self._waiters[job_id]
-        if self._handles.get(job_id, 0) > 1:
-            self._handles[job_id] -= 1  # another handle takes the same result
-        else:
-            self._forget(job_id)
+        self.unexpect(job_id)  # this wait's handle has its result
         return future.result()
 
     def unexpect(self, job_id: str) -> bool:
-        """A handle of the job's that will not take its result (its publish failed): the
-        job is forgotten with its last, and True then."""
+        """One handle of the job's done with it: its result taken, or never to come (its
+        publish failed). The job is forgotten with its last, and True then; until then its
+        future keeps its result for the others."""
         if self._handles.get(job_id, 0) > 1:
             self._handles[job_id] -= 1
             return False
@@ -219,15 +217,12 @@ class ReplyBook:
         return True
 
     def forget(self, job_id: str) -> None:
-        future = self._forget(job_id)
-        if future is not None:
-            self._settle(job_id, future, None)
-
-    def _forget(self, job_id: str) -> asyncio.Future[ChatResult] | None:
         self._handles.pop(job_id, None)
         self._requests.pop(job_id, None)
         self._unnamed.pop(job_id, None)
-        return self._futures.pop(job_id, None)
+        future = self._futures.pop(job_id, None)
+        if future is not None:
+            self._settle(job_id, future, None)
 
     def give_up(self) -> None:
         """End every wait under way with ``GaveUp``: its job runs on, unawaited."""

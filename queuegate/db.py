@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
 from queuegate.errors import ServiceUnavailable
 from queuegate.settings import Settings
+from queuegate.start_wait import StartWait
 from queuegate.urls import redact_quoted, redact_url
 
 log = logging.getLogger(__name__)
 
-START_RETRY_MAX = 10.0
-"""Seconds between a starting process's attempts to reach PostgreSQL, at most."""
-START_LOG_EVERY = 60.0
-"""Seconds between the lines a process waiting for PostgreSQL logs."""
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for a connection; asyncpg's default (60 s) hides an outage for a minute."""
@@ -183,10 +178,8 @@ async def wait_for_pool(
     prepare: Prepare | None = None,
     application_name: str | None = None,
 ) -> asyncpg.Pool:
-    """``create_pool``, waiting while PostgreSQL is unreachable (0.5 s doubling to
-    ``START_RETRY_MAX``): a long-running process started during an outage, or restarted by
-    its supervisor, waits for it instead of exiting. One line, then one a minute, says so."""
-    delay, said, since = 0.5, -START_LOG_EVERY, time.monotonic()
+    """``create_pool``, waiting while PostgreSQL is unreachable (``StartWait``)."""
+    waiting = StartWait(log, "PostgreSQL")
     while True:
         try:
             pool = await create_pool(
@@ -198,17 +191,10 @@ async def wait_for_pool(
                 application_name=application_name,
             )
         except ServiceUnavailable as exc:
-            if time.monotonic() - said >= START_LOG_EVERY:
-                said = time.monotonic()
-                log.warning(
-                    "%s; waiting for it (retrying every %.0f s at most)", exc, START_RETRY_MAX
-                )
+            await waiting.failed(str(exc))
         else:
-            if said >= 0:
-                log.info("PostgreSQL answers after %.1f s; starting", time.monotonic() - since)
+            waiting.answered()
             return pool
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, START_RETRY_MAX)
 
 
 def database_unreachable(

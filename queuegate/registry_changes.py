@@ -29,8 +29,9 @@ from typing import Self
 
 import asyncpg
 
-from queuegate.db import CONNECT_TIMEOUT, DB_ERRORS, NAME_BYTES, START_RETRY_MAX
+from queuegate.db import CONNECT_TIMEOUT, DB_ERRORS, NAME_BYTES
 from queuegate.settings import Settings
+from queuegate.start_wait import START_RETRY_MAX
 from queuegate.urls import redact_url
 
 log = logging.getLogger(__name__)
