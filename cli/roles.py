@@ -341,4 +341,6 @@ def demo(
     from cli.demo import run_demo
 
     configure_logging(log_level)
-    run(lambda: run_demo(make_settings(), out.console, once=once))
+    settings = make_settings()
+    run(partial(_keeps_keys, settings))  # its worker's, as any worker's
+    run(lambda: run_demo(settings, out.console, once=once))

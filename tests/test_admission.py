@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.keys import Keys
-from queuegate.messages import ChatJob, ChatParams, ChatResult
+from queuegate.messages import ChatJob, ChatMessage, ChatParams, ChatResult
 from queuegate.registry import ModelLimits, TeamConfig, default_burst, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import NANO, current_month, ledger_spent, ledgers_in_force, to_nano
@@ -298,6 +298,25 @@ def test_a_jobs_estimate_counts_what_its_parameters_send_the_provider(sent: dict
         e.prompt_tokens for e in (estimate(j, catalog, TeamConfig(), 256) for j in (plain, more))
     )
     assert -next(added) + next(added) >= 10_000
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": "hi", "name": "x" * 40_000},
+        {"role": "assistant", "content": "no", "refusal": "x" * 40_000},
+    ],
+    ids=["name", "refusal"],
+)
+def test_a_jobs_estimate_counts_every_field_its_messages_send(message: dict[str, Any]) -> None:
+    # Given a job, and the same job with a message holding 40,000 characters more in a
+    # field beside its content (a name OpenAI bills, a refusal given back)
+    catalog = load_catalog(None, {"QUEUEGATE_MOCK_URL": "http://127.0.0.1:9"})
+    plain = ChatJob(job_id="j", team="alpha", model="gpt-4o-mini", messages=WORDS)
+    more = plain.model_copy(update={"messages": [*plain.messages, ChatMessage(**message)]})
+    # Expect its prompt estimated at 10,000 tokens more
+    before, after = (estimate(j, catalog, TeamConfig(), 256) for j in (plain, more))
+    assert after.prompt_tokens - before.prompt_tokens >= 10_000
 
 
 def test_an_image_by_url_is_estimated_at_the_most_a_provider_bills_for_one() -> None:

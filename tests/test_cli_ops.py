@@ -704,3 +704,15 @@ async def test_a_worker_refused_by_its_redis_says_so_in_one_line(settings: Setti
     assert (code, out) == (1, ""), out + stderr
     line = _one_error_line(stderr)
     assert "refused the worker's credentials" in line and "wrong-one" not in line
+
+
+async def test_the_demo_refuses_a_redis_that_evicts_keys_as_a_worker_does(
+    settings: Settings,
+) -> None:
+    # Given a Redis that evicts keys once full
+    async with PrivateRedis("--maxmemory", "30mb", "--maxmemory-policy", "allkeys-lru") as lru:
+        # When the demo, whose worker would store outcomes there, is run on it
+        code, out, stderr = await _cli(settings, "demo", "--once", QUEUEGATE_REDIS_URL=lru.url)
+    # Expect it refused in one line before anything ran, as a worker is
+    assert (code, out) == (1, ""), out + stderr
+    assert "evicts keys when full (maxmemory-policy allkeys-lru)" in _one_error_line(stderr)

@@ -100,19 +100,25 @@ def prompt_tokens(job: ChatJob) -> int:
         elif content is not None:
             chars += len(orjson.dumps(content))
             images += sum(map(_image_by_url, content))
-        if message.tool_calls:
-            chars += len(orjson.dumps(message.tool_calls))
+        # Every other field but its role is sent too: a ``name`` (which OpenAI bills), tool
+        # calls, an assistant's ``refusal`` or ``audio`` given back (30,000 characters of a
+        # name went uncounted, through a tpm of 3,000).
+        extra = (message.model_extra or {}).values()
+        chars += _json_chars(message.name, message.tool_calls, message.tool_call_id, *extra)
     params = job.params
-    for value in (
+    chars += _json_chars(
         params.stop,
         params.tools,
         params.tool_choice,
         params.response_format,
         *(params.model_extra or {}).values(),
-    ):
-        if value is not None:
-            chars += len(orjson.dumps(value))
+    )
     return math.ceil(chars / 4) + PER_MESSAGE * len(job.messages) + IMAGE_TOKENS * images
+
+
+def _json_chars(*values: object) -> int:
+    """The characters of ``values``' JSON, those set."""
+    return sum(len(orjson.dumps(value)) for value in values if value is not None)
 
 
 def _image_by_url(part: dict[str, object]) -> bool:
