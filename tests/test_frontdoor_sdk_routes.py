@@ -51,6 +51,22 @@ async def test_the_anthropic_sdk_lists_and_retrieves_models_in_its_own_shape(doo
     assert one.created_at.year == 1970  # no date to give: OpenAI's `created` 0 alike
 
 
+async def test_the_anthropic_sdk_pages_through_the_models(door: Door) -> None:
+    # When the anthropic SDK lists the models a page of one at a time (following after_id),
+    # and asks for those after the last, and the page before the last
+    async with claude(door) as sdk:
+        paged = [model.id async for model in sdk.models.list(limit=1)]
+        first = await sdk.models.list(limit=1)
+        after_last = await sdk.models.list(after_id=paged[-1])
+        before_last = await sdk.models.list(before_id=paged[-1], limit=1)
+    # Expect every alias once, in order, one a page while more follow; none past the last;
+    # and the one before it (before: every page was the whole list, has_more false)
+    assert paged == sorted(set(paged)) and {"gpt-4o-mini", "claude-haiku"} <= set(paged)
+    assert [m.id for m in first.data] == paged[:1] and first.has_more
+    assert after_last.data == [] and not after_last.has_more
+    assert [m.id for m in before_last.data] == [paged[-2]] and before_last.has_more
+
+
 async def test_count_tokens_is_the_gateways_estimate_and_publishes_nothing(door: Door) -> None:
     async with claude(door) as sdk:
         plain = await sdk.messages.count_tokens(model="claude-haiku", messages=HELLO)

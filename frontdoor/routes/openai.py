@@ -11,14 +11,15 @@ the answer (routes/jobs.py; ``frontdoor.async_answers``).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontdoor.answers import gateway_block, gateway_headers, note_job
 from frontdoor.async_answers import respond_async
 from frontdoor.auth import Caller, Calling
+from frontdoor.batches.objects import anthropic_page
 from frontdoor.calls import open_stream, run_job, streamed
 from frontdoor.chat_request import RequestOptions, chat_job, check_chat, unknown_model, wants_stream
 from frontdoor.service import Door, FrontDoor
@@ -40,17 +41,27 @@ async def chat(request: Request, door: Door, caller: Calling) -> Response:
 
 
 @router.get("/v1/models", summary="The model aliases this gateway serves (OpenAI list)")
-async def models(door: Door, caller: Calling) -> dict[str, Any]:
-    # OpenAI's list and Anthropic's at once (``has_more``, ``first_id``, ``last_id``): both
-    # SDKs read the same route, and each ignores the other's fields.
-    aliases = sorted(door.catalog.models)
-    return {
-        "object": "list",
-        "data": [_model(alias) for alias in aliases],
-        "has_more": False,
-        "first_id": aliases[0] if aliases else None,
-        "last_id": aliases[-1] if aliases else None,
-    }
+async def models(
+    door: Door,
+    caller: Calling,
+    *,
+    after_id: str | None = None,
+    before_id: str | None = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+) -> dict[str, Any]:
+    """OpenAI's list and Anthropic's page at once: both SDKs read this route, and each
+    ignores the other's fields. Anthropic's SDK pages by ``after_id``/``before_id`` and
+    ``limit``; OpenAI's sends none, and gets every alias (no ``limit``: all of them)."""
+    aliases = [
+        alias
+        for alias in sorted(door.catalog.models)
+        if (after_id is None or alias > after_id) and (before_id is None or alias < before_id)
+    ]
+    page = aliases
+    if limit is not None and len(aliases) > limit:
+        page = aliases[-limit:] if before_id is not None else aliases[:limit]
+    more = len(page) < len(aliases)
+    return {"object": "list", **anthropic_page([_model(a) for a in page], has_more=more)}
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model alias this gateway serves")
