@@ -28,7 +28,7 @@ from redis.exceptions import (
     RedisError,
 )
 
-from queuegate.urls import redact_url
+from queuegate.urls import UrlRefused, redact_url
 
 if TYPE_CHECKING:  # the settings check their Redis URL with redis_connection
     from queuegate.settings import Settings
@@ -277,33 +277,41 @@ def redis_for(settings: Settings, *, connect_timeout: float | None = None) -> ai
     return client
 
 
-OWN_OPTIONS = frozenset(
-    {"max_connections", "timeout", "socket_timeout", "socket_connect_timeout", "decode_responses"}
-)
-"""Connection options a Redis URL may not set (see redis_connection)."""
+OWN_OPTIONS = {
+    "max_connections": "",
+    "timeout": "QUEUEGATE_REDIS_TIMEOUT",
+    "socket_timeout": "QUEUEGATE_REDIS_TIMEOUT",
+    "socket_connect_timeout": "QUEUEGATE_REDIS_TIMEOUT",
+    "decode_responses": "",
+}
+"""Connection options a Redis URL may not set (see redis_connection), each with the setting
+that sets it instead, if any."""
 
 
 def redis_connection(url: str) -> object:
     """The connection redis-py makes of ``url``, unopened: its URL parser and connection class
     raise on what they cannot take (an option they do not know, such as libpq's
     ``?options=``; a value of the wrong type), which they would otherwise raise with a
-    traceback at the first command. ValueError too for what they take but Redis or the
-    client fails on later, as Redis being unreachable or with a traceback: a path that is
-    not a database number (redis-py ignores it: database 0), or a number in the query that
-    is negative or not finite (``?db=-1``, ``?socket_timeout=nan``)."""
-    connection: object = aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    traceback at the first command. UrlRefused, saying what, for an option the gateway sets
+    itself, and for what they take but Redis or the client fails on later, as Redis being
+    unreachable or with a traceback: a path that is not a database number (redis-py ignores
+    it: database 0), or a number in the query that is negative or not finite (``?db=-1``,
+    ``?socket_timeout=nan``)."""
     # What redis_for sets itself: in the URL they would silently beat QUEUEGATE_REDIS_TIMEOUT
     # and the pool's size (redis-py lets a URL's options win), or clash with them through
     # Sentinel (a TypeError at start); decoded replies would break every script's reader.
-    owned = sorted(OWN_OPTIONS.intersection(parse_url(url)))
+    owned = sorted(OWN_OPTIONS.keys() & parse_url(url).keys())
     if owned:
-        raise ValueError(f"its query sets {', '.join(owned)}, which the gateway sets itself")
+        instead = sorted({OWN_OPTIONS[option] for option in owned} - {""})
+        through = f" (from {' and '.join(instead)})" if instead else ""
+        raise UrlRefused(f"its query sets {', '.join(owned)}, which the gateway sets{through}")
+    connection: object = aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
     database = unquote(urlsplit(url).path).strip("/")
     if not url.startswith("unix:") and database and not database.isdecimal():
-        raise ValueError("its path is not a database number")
+        raise UrlRefused("its path is not a database number")
     for value in parse_url(url).values():
         if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
-            raise ValueError("a number in the query is negative or not finite")
+            raise UrlRefused("a number in the query is negative or not finite")
     return connection
 
 

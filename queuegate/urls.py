@@ -18,6 +18,12 @@ from queuegate.visible import clipped
 UNPARSABLE = "<unparsable URL>"
 """What a message shows of a URL it cannot be sure to show without its password."""
 
+
+class UrlRefused(ValueError):
+    """A client check's refusal in words that quote none of the URL: shown as it is, where any
+    other error of a client is replaced by a general line (its message may quote a password)."""
+
+
 ENCODE = "percent-encode a '/', '?', '#' or '@' in the user or password (%2F, %3F, %23, %40)"
 
 
@@ -33,7 +39,8 @@ def url_problem(
     when nothing is. ``schemes``: those allowed (None: any). ``several_hosts``: its host part
     may list ``host:port`` comma-separated. ``hostless``: it may name no host (a local
     socket, given in its path or query). ``client``: the client's own parser, which raises
-    on what it cannot read (its message is never shown: it may quote the password)."""
+    on what it cannot read (its message is shown only when it is a ``UrlRefused``: any other
+    may quote the password)."""
     scheme, sep, rest = url.partition("://")
     if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
         example = f"{schemes[0] if schemes else 'SCHEME'}://USER:PASSWORD@HOST:PORT/"
@@ -63,6 +70,8 @@ def url_problem(
     if client is not None:
         try:
             client(url)
+        except UrlRefused as refused:
+            return str(refused)
         except Exception:  # its message may quote the password: say what to check instead
             return "its client cannot read it: check its port, path and query options"
     return None

@@ -149,6 +149,29 @@ def test_a_url_setting_its_client_would_misread_is_refused_without_its_password(
 
 
 @pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        (
+            "0?socket_timeout=5",
+            "its query sets socket_timeout, which the gateway sets (from "
+            "QUEUEGATE_REDIS_TIMEOUT): correct it",
+        ),
+        ("0?max_connections=5&timeout=2", "sets max_connections, timeout, which the gateway"),
+        ("0?decode_responses=1", "sets decode_responses, which the gateway sets: correct it"),
+        ("abc", "its path is not a database number"),
+        ("0?db=-1", "a number in the query is negative or not finite"),
+    ],
+)
+def test_a_redis_url_the_gateway_refuses_says_why(query: str, says: str) -> None:
+    # Before, each said only "its client cannot read it": an option a user may well set
+    # (?socket_timeout=5) was refused without a word of which, or what to set instead.
+    said = _refused(redis_url=f"redis://u:{PASSWORD}@127.0.0.1:6379/{query}")
+    assert said.startswith("invalid QUEUEGATE_REDIS_URL: "), said
+    assert says in said, said
+    assert "Sek" not in said and "r1tA" not in said, said
+
+
+@pytest.mark.parametrize(
     "values",
     [
         {"amqp_url": "amqps://u:p%2Fq@node-1,node-2:5671/vh?heartbeat=5"},
