@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from producer.streams import ChatStream, StreamBook
 from queuegate.broker import CONNECTION_LOST, Consumer, Outgoing, connect, consume, settle
-from queuegate.errors import ClientError, GaveUp, ServiceUnavailable
+from queuegate.errors import AnswerTaken, ClientError, GaveUp, ServiceUnavailable
 from queuegate.messages import ChatResult, StreamChunk
 from queuegate.signing import message_digest
 from queuegate.topology import MESSAGE_TYPE_CHUNK, MESSAGE_TYPE_RESULT
@@ -187,7 +187,11 @@ class ReplyBook:
                 waiter.set_result(result)
 
     async def wait(self, job_id: str, timeout: float | None) -> ChatResult:
-        """The job's result; on TimeoutError the job stays expected, for a later wait."""
+        """The job's result; on TimeoutError the job stays expected, for a later wait.
+        AnswerTaken, at once, for a job answered here and forgotten since: its answer is not
+        kept after it was taken, and no other comes (a wait for it waited out its timeout)."""
+        if job_id in self._seen and job_id not in self._futures:
+            raise AnswerTaken(job_id)
         future = self.expect(job_id)
         if not future.done():  # a result already here is taken without a wait's task
             # A future of this wait's own, settled by ``_settle`` as the job's is: the result

@@ -243,6 +243,19 @@ class ResultTimeout(ClientError):
     """No result arrived for a job within the timeout; the job may still be answered later."""
 
 
+class AnswerTaken(ClientError):
+    """A wait for a job whose answer this client has handed over already (to a handle, a
+    stream or an earlier wait) or dropped as nobody's: a client keeps an answer until it is
+    taken, not after, and a second one never comes unless the job is submitted again."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"the answer to job {job_id} was taken already on this client (by its handle, its "
+            "stream or an earlier wait): keep it from there, or submit the job again"
+        )
+        self.job_id = job_id
+
+
 class StreamBroken(ClientError):
     """A streamed job's worker was lost mid-stream and the job was called again: that call's
     deltas, or its answer, are not those of the deltas already read, so the stream ends

@@ -24,7 +24,7 @@ from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate import dlq
-from queuegate.errors import DeadlineExceeded, IdempotencyConflict, JobIdInFlight
+from queuegate.errors import AnswerTaken, DeadlineExceeded, IdempotencyConflict, JobIdInFlight
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.messages import Attempt, ChatJob, ChatResult
@@ -217,6 +217,28 @@ async def test_each_handle_of_a_job_submitted_twice_gets_its_answer_however_late
     # Expect each handle answered, with the one call's answer, and again when awaited again
     assert [a.status for a in answers] == ["ok"] * 4
     assert all(a.response == answers[0].response for a in answers)
+    assert gw.mock.stats.calls == 1
+
+
+async def test_a_wait_for_an_answer_taken_already_says_so_at_once(
+    settings: Settings, broker_settings: Settings
+) -> None:
+    # Given a team added the default way, whose client took a job's answer through its handle
+    async with (
+        running_gateway(settings) as gw,
+        GatewayClient(broker_settings, team="alpha") as client,
+    ):
+        job = client.job("gpt-4o-mini", HELLO, job_id="x-taken")
+        answered = await (await client.submit(job)).result(10)
+
+        # When it waits for the job by id (before: it waited out its whole timeout)
+        with pytest.raises(AnswerTaken, match="job x-taken was taken already on this client"):
+            await asyncio.wait_for(client.wait("x-taken", timeout=600), 10)
+
+        # Expect the job submitted again answered again, from its stored outcome
+        again = await (await client.submit(job)).result(10)
+    assert again.status == answered.status == "ok"
+    assert again.response == answered.response
     assert gw.mock.stats.calls == 1
 
 
