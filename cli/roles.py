@@ -19,7 +19,6 @@ from queuegate import tracing
 from queuegate.errors import ConfigError, StartRefused
 from queuegate.runtime import configure_logging, run, stop_on_signals, tune_gc
 from queuegate.settings import MAX_PORT, Settings
-from queuegate.urls import redact_url
 
 if TYPE_CHECKING:
     from router import Catalog
@@ -150,10 +149,10 @@ async def _keeps_keys(settings: Settings) -> None:
     that refuses INFO (a managed one may)."""
     from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
-    from queuegate.redis_client import eviction_policy, redis_for
+    from queuegate.redis_client import eviction_policy, redis_for, redis_place
     from queuegate.start_wait import StartWait
 
-    url = redact_url(settings.redis_url)
+    place = redis_place(settings)
     waiting = StartWait(log, "Redis")
     client = redis_for(settings, connect_timeout=5)
     try:
@@ -164,7 +163,7 @@ async def _keeps_keys(settings: Settings) -> None:
                 break
             except AuthenticationError as exc:
                 raise ConfigError(
-                    f"Redis at {url} refused the worker's credentials ({exc}): set the "
+                    f"{place} refused the worker's credentials ({exc}): set the "
                     "password (and user) it expects in QUEUEGATE_REDIS_URL, "
                     "redis://USER:PASSWORD@HOST"
                 ) from None
@@ -173,12 +172,12 @@ async def _keeps_keys(settings: Settings) -> None:
             except (RedisError, OSError, TimeoutError) as exc:
                 if settings.redis_outage == "fail_open":
                     return
-                await waiting.failed(f"Redis at {url} does not answer ({type(exc).__name__})")
+                await waiting.failed(f"{place} does not answer ({type(exc).__name__})")
     finally:
         await client.aclose()
     if policy is not None:
         raise ConfigError(
-            f"Redis at {url} evicts keys when full (maxmemory-policy {policy}), and a job "
+            f"{place} evicts keys when full (maxmemory-policy {policy}), and a job "
             "whose claim or stored outcome it evicts is called and answered again: set its "
             "maxmemory-policy to noeviction, then start the worker"
         )

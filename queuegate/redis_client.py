@@ -315,6 +315,17 @@ def redis_connection(url: str) -> object:
     return connection
 
 
+def redis_place(settings: Settings) -> str:
+    """The Redis ``settings`` reach, for a message: its URL without the password, or the
+    primary the Sentinels name (the URL's host is not the one asked then)."""
+    if settings.redis_sentinels:
+        return (
+            f"Redis primary {settings.redis_master_name!r} of the Sentinels at "
+            f"{settings.redis_sentinels}"
+        )
+    return f"Redis at {redact_url(settings.redis_url)}"
+
+
 def redis_unreachable(
     settings: Settings, how: str = "start it", cause: BaseException | None = None
 ) -> str:
@@ -323,7 +334,7 @@ def redis_unreachable(
     refused the credentials, that (starting it again would not help)."""
     if isinstance(cause, AuthenticationError | AuthenticationWrongNumberOfArgsError):
         return (
-            f"Redis at {redact_url(settings.redis_url)} refused the credentials ({cause}): "
+            f"{redis_place(settings)} refused the credentials ({cause}): "
             "set the right user and password in QUEUEGATE_REDIS_URL"
         )
     if settings.redis_sentinels:

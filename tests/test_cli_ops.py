@@ -36,6 +36,7 @@ from queuegate.runtime import configure_logging
 from queuegate.settings import Settings
 from queuegate.status import NO_WORKER
 from queuegate.topology import Topology
+from tests.chaos.private_sentinel import MASTER, PrivateSentinels
 from tests.dashboard_browser import signed_in
 from tests.frontdoor_support import open_door
 from tests.proxy import TcpProxy
@@ -654,6 +655,34 @@ async def test_a_worker_refuses_to_start_on_a_redis_that_evicts_keys(settings: S
     line = _one_error_line(stderr)
     assert "evicts keys when full (maxmemory-policy volatile-lru)" in line
     assert line.endswith("set its maxmemory-policy to noeviction, then start the worker")
+
+
+async def test_a_worker_on_sentinels_names_the_primary_that_evicts(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given Redis behind Sentinels, whose primary evicts keys once full
+    await add(settings, "alpha", identity="queue")
+    async with PrivateSentinels(tmp_path) as group:
+        async with aioredis.Redis.from_url((await group.primary()).url) as primary:
+            await primary.config_set("maxmemory", "30mb")
+            await primary.config_set("maxmemory-policy", "allkeys-lru")
+        sentinels = group.settings(settings)
+        # When a worker is started through them
+        code, out, stderr = await _cli(
+            settings,
+            "worker",
+            "--teams",
+            "alpha",
+            QUEUEGATE_METRICS_PORT="0",
+            QUEUEGATE_REDIS_SENTINELS=str(sentinels.redis_sentinels),
+            QUEUEGATE_REDIS_MASTER_NAME=sentinels.redis_master_name,
+        )
+    # Expect it refused naming that primary and its Sentinels (before: the address of
+    # QUEUEGATE_REDIS_URL, a Redis it never asked)
+    assert (code, out) == (1, ""), out + stderr
+    line = _one_error_line(stderr)
+    where = f"Redis primary {MASTER!r} of the Sentinels at {sentinels.redis_sentinels}"
+    assert line.startswith(f"error: {where} evicts keys when full"), line
 
 
 async def test_a_worker_started_before_its_redis_waits_and_refuses_one_that_evicts(
