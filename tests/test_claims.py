@@ -80,6 +80,18 @@ def broker_settings(settings: Settings, broker_team: Credentials) -> Settings:
     return settings.model_copy(update={"amqp_url": broker_team.amqp_url})
 
 
+@pytest.fixture
+async def alpha_gateway(
+    settings: Settings, broker_settings: Settings
+) -> AsyncIterator[tuple[Gateway, GatewayClient]]:
+    """A gateway, and the client of ``broker_team`` (added the default way) on it."""
+    async with (
+        running_gateway(settings) as gw,
+        GatewayClient(broker_settings, team="alpha") as client,
+    ):
+        yield gw, client
+
+
 async def _queue_is_empty(gw: Gateway) -> bool:
     connection = await aio_pika.connect(gw.settings.amqp_url)
     async with connection:
@@ -199,20 +211,17 @@ async def test_each_handle_of_a_client_gets_the_answer_to_its_own_request(
 
 
 async def test_each_handle_of_a_job_submitted_twice_gets_its_answer_however_late_it_asks(
-    settings: Settings, broker_settings: Settings
+    alpha_gateway: tuple[Gateway, GatewayClient],
 ) -> None:
     # Given a team added the default way, whose client submits the same job twice
-    async with (
-        running_gateway(settings) as gw,
-        GatewayClient(broker_settings, team="alpha") as client,
-    ):
-        job = client.job("gpt-4o-mini", HELLO, job_id="x-twice")
-        first, second = [await client.submit(job) for _ in range(2)]
+    gw, client = alpha_gateway
+    job = client.job("gpt-4o-mini", HELLO, job_id="x-twice")
+    first, second = [await client.submit(job) for _ in range(2)]
 
-        # When both answers are in (the second, from the stored outcome) before either
-        # handle asks for its result
-        await wait_until(lambda: client.duplicates == 1)
-        answers = [await handle.result(10) for handle in (first, second, first, second)]
+    # When both answers are in (the second, from the stored outcome) before either
+    # handle asks for its result
+    await wait_until(lambda: client.duplicates == 1)
+    answers = [await handle.result(10) for handle in (first, second, first, second)]
 
     # Expect each handle answered, with the one call's answer, and again when awaited again
     assert [a.status for a in answers] == ["ok"] * 4
@@ -221,22 +230,19 @@ async def test_each_handle_of_a_job_submitted_twice_gets_its_answer_however_late
 
 
 async def test_a_wait_for_an_answer_taken_already_says_so_at_once(
-    settings: Settings, broker_settings: Settings
+    alpha_gateway: tuple[Gateway, GatewayClient],
 ) -> None:
     # Given a team added the default way, whose client took a job's answer through its handle
-    async with (
-        running_gateway(settings) as gw,
-        GatewayClient(broker_settings, team="alpha") as client,
-    ):
-        job = client.job("gpt-4o-mini", HELLO, job_id="x-taken")
-        answered = await (await client.submit(job)).result(10)
+    gw, client = alpha_gateway
+    job = client.job("gpt-4o-mini", HELLO, job_id="x-taken")
+    answered = await (await client.submit(job)).result(10)
 
-        # When it waits for the job by id (before: it waited out its whole timeout)
-        with pytest.raises(AnswerTaken, match="job x-taken was taken already on this client"):
-            await asyncio.wait_for(client.wait("x-taken", timeout=600), 10)
+    # When it waits for the job by id (before: it waited out its whole timeout)
+    with pytest.raises(AnswerTaken, match="job x-taken was taken already on this client"):
+        await asyncio.wait_for(client.wait("x-taken", timeout=600), 10)
 
-        # Expect the job submitted again answered again, from its stored outcome
-        again = await (await client.submit(job)).result(10)
+    # Expect the job submitted again answered again, from its stored outcome
+    again = await (await client.submit(job)).result(10)
     assert again.status == answered.status == "ok"
     assert again.response == answered.response
     assert gw.mock.stats.calls == 1
