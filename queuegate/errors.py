@@ -171,7 +171,7 @@ class Billed:
     cached_tokens: int
     cost_usd: Decimal
     estimated: bool
-    """The provider sent no usage: the tokens were counted from the text, characters / 4."""
+    """The provider sent no usage: the tokens were counted from the text, UTF-8 bytes / 4."""
     cache_write_tokens: int = 0
     """Of ``input_tokens``, written to a prompt cache (a broken stream's message_start says
     so): priced in ``cost_usd``, and recorded as a whole answer's are."""

@@ -511,7 +511,7 @@ class GatewayInfo(WireModel):
     tokens_estimated: bool | None = None
     """True when the provider reported no usage to bill by for what it generated (a stream
     that broke; an answer without counts, or with none readable) and the tokens were counted
-    from the text, characters / 4."""
+    from the text, UTF-8 bytes / 4."""
     trace_id: str | None = None
     """The OpenTelemetry trace the job ran in (32 hex digits), when the worker traces."""
     stream: str | None = None

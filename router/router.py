@@ -64,6 +64,7 @@ from router.providers.base import (
     estimated_usage,
     kept,
     openai_usage,
+    text_size,
     within,
 )
 from router.selection import Slots
@@ -720,7 +721,7 @@ class Router:
         """What the provider generated before the stream broke, which it bills: its output
         within what the request allowed, as an answer's (``_counted``)."""
         deployment = call.deployment
-        received = parser.received(_prompt_chars(run.job), prompt_cache_ttl(run.job))
+        received = parser.received(_prompt_size(run.job), prompt_cache_ttl(run.job))
         usage = within(received, call.request.output_limit)
         return Billed(
             model_used=alias,
@@ -954,10 +955,10 @@ def _counted(
 
 def _by_text(job: ChatJob, response: dict[str, Any]) -> Usage:
     """The usage of an answer with no counts to bill by: its prompt's and its text's."""
-    prompt = estimate_tokens(_prompt_chars(job))
+    prompt = estimate_tokens(_prompt_size(job))
     # A prompt marked for a cache counted as written to it, as the estimate reserved it: a
     # provider that wrote it may have said so in a count that is no count.
-    return estimated_usage(prompt, estimate_tokens(_answer_chars(response)), prompt_cache_ttl(job))
+    return estimated_usage(prompt, estimate_tokens(_answer_size(response)), prompt_cache_ttl(job))
 
 
 def billed_answer(response: dict[str, Any], usage: Usage) -> dict[str, Any]:
@@ -971,38 +972,40 @@ def billed_answer(response: dict[str, Any], usage: Usage) -> dict[str, Any]:
     return response
 
 
-def _answer_chars(response: dict[str, Any]) -> int:
-    """Characters of an answer's text: every choice's content, refusal, reasoning and tool
-    calls (names and arguments; a legacy ``function_call``'s too)."""
-    chars = 0
+def _answer_size(response: dict[str, Any]) -> int:
+    """The ``text_size`` of an answer's text: every choice's content, refusal, reasoning and
+    tool calls (names and arguments; a legacy ``function_call``'s too)."""
+    size = 0
     for choice in response.get("choices") or []:
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
-        chars += sum(_text_chars(message.get(name)) for name in _ANSWER_TEXTS)
+        size += sum(_text_size(message.get(name)) for name in _ANSWER_TEXTS)
         calls = [message.get("function_call")]
         for call in message.get("tool_calls") or []:
             calls.append(isinstance(call, dict) and (call.get("function") or call.get("custom")))
         for called in calls:
             if isinstance(called, dict):
-                chars += sum(len(str(value)) for value in called.values())
-    return chars
+                size += sum(text_size(str(value)) for value in called.values())
+    return size
 
 
 _ANSWER_TEXTS = ("content", "refusal", "reasoning_content")
 
 
-def _prompt_chars(job: ChatJob) -> int:
-    """Characters of the job's message text (to estimate its tokens when none were counted)."""
-    return sum(_text_chars(message.content) for message in job.messages)
+def _prompt_size(job: ChatJob) -> int:
+    """The ``text_size`` of the job's message text (to estimate its tokens when none were
+    counted)."""
+    return sum(_text_size(message.content) for message in job.messages)
 
 
-def _text_chars(content: Any) -> int:
-    """Characters of a message's text: a string, or the text of its content parts."""
+def _text_size(content: Any) -> int:
+    """The ``text_size`` of a message's text: a string, or the text of its content parts."""
     if isinstance(content, str):
-        return len(content)
+        return text_size(content)
     if isinstance(content, list):
-        return sum(len(str(part.get("text") or "")) for part in content if isinstance(part, dict))
+        parts = (part for part in content if isinstance(part, dict))
+        return sum(text_size(str(part.get("text") or "")) for part in parts)
     return 0
 
 

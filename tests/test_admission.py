@@ -319,6 +319,29 @@ def test_a_jobs_estimate_counts_every_field_its_messages_send(message: dict[str,
     assert after.prompt_tokens - before.prompt_tokens >= 10_000
 
 
+CJK = "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0" * 2_000
+"""12,000 CJK characters, each a token or more at the providers."""
+
+
+@pytest.mark.parametrize(
+    "content",
+    [CJK, [{"type": "text", "text": CJK}], "\U0001f600" * 12_000],
+    ids=["CJK text", "CJK in a content part", "emoji"],
+)
+def test_text_of_other_scripts_is_estimated_near_what_providers_bill(content: object) -> None:
+    # Given a job of 12,000 characters of CJK text or emoji (as a string, or a content
+    # part), which the providers bill at about a token each, or more
+    job = ChatJob(
+        job_id="j",
+        team="alpha",
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": content}],
+    )
+    # Expect it estimated at three quarters of a token a character or more (before, as a
+    # string: characters / 4, 3,000 tokens, which let a team pass its tpm and budget fourfold)
+    assert prompt_tokens(job) >= 9_000
+
+
 def test_an_image_by_url_is_estimated_at_the_most_a_provider_bills_for_one() -> None:
     # Given a job with three images given by URL, and one inline
     image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}

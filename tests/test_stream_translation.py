@@ -374,6 +374,24 @@ def test_an_anthropic_stream_without_its_output_count_is_counted_from_its_text()
     assert completion.response["usage"]["completion_tokens"] == 2
 
 
+def test_a_broken_streams_cjk_text_is_counted_by_its_bytes() -> None:
+    # Given an Anthropic stream that breaks after 3,000 CJK characters of text, no output
+    # count sent yet (the providers bill about a token a character)
+    start = next(e for e in ANTHROPIC_TEXT if e.name == "message_start")
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    text = {"type": "text_delta", "text": "\u6f22\u5b57\u3067\u3059" * 750}
+    delta = {"type": "content_block_delta", "index": 0, "delta": text}
+    parser = AnthropicAdapter().stream_parser(CLAUDE, None)
+    feed(parser, [start, *anthropic_events(block, delta)])
+
+    # Expect its output counted at three quarters of a token a character (before: a quarter)
+    assert parser.received(0, None).output_tokens == 2_250
+
+
 def test_a_stream_event_nested_past_the_parsers_depth_is_a_bad_response() -> None:
     # Before, its RecursionError failed the job as the worker's own fault, nothing billed
     deep = '{"type": "message_delta", "usage": ' + "[" * 100_000 + "]" * 100_000 + "}"

@@ -69,6 +69,7 @@ from router.providers.base import (
     request,
     stream_error,
     text_of,
+    text_size,
     texts_of,
     usage_kept,
     whole_of,
@@ -209,7 +210,7 @@ class AnthropicStream:
         self._final = False
         """A message_delta brought the real output count."""
         self._received = 0
-        """Characters of text, thinking and tool input received so far."""
+        """``text_size`` of text, thinking and tool input received so far."""
         self._pending: list[Block] = []
         """Events read and not yet relayed on a delta."""
 
@@ -281,7 +282,7 @@ class AnthropicStream:
             return [{"tool_calls": [call | {"function": function}]}]
         text = block.get("text") or ""
         if block.get("type") == "text" and text:
-            self._received += len(text)
+            self._received += text_size(text)
             return [{"content": text}]
         return []
 
@@ -297,7 +298,7 @@ class AnthropicStream:
             field = "text" if kind == "text_delta" else "thinking"
             text = text_of(delta.get(field), f"a {kind}'s {field}")
             blocks[index][field] = blocks[index].get(field, "") + text
-            self._received += len(text)
+            self._received += text_size(text)
             if not text:
                 return []
             return [{"content": text}] if field == "text" else [{"reasoning_content": text}]
@@ -307,7 +308,7 @@ class AnthropicStream:
         if kind == "input_json_delta" and index in self._calls:
             piece = text_of(delta.get("partial_json"), "an input_json_delta's partial_json")
             self._json[index].append(piece)
-            self._received += len(piece)
+            self._received += text_size(piece)
             function = {"arguments": piece}
             return [{"tool_calls": [{"index": self._calls[index], "function": function}]}]
         return []
@@ -330,7 +331,7 @@ class AnthropicStream:
         usage = self._estimated(parsed.usage)
         return Completion(parsed.response | {"usage": openai_usage(usage)}, usage)
 
-    def received(self, prompt_chars: int, ttl: Literal["5m", "1h"] | None) -> Usage:
+    def received(self, prompt_size: int, ttl: Literal["5m", "1h"] | None) -> Usage:
         """The usage of a stream that broke: the counts a message_delta reported, else
         message_start's input count (Anthropic sends it first) and the output estimated from
         what arrived (message_start's output count is a placeholder)."""
@@ -339,7 +340,7 @@ class AnthropicStream:
             return usage
         if usage is not None:
             return self._estimated(usage)
-        return estimated_usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), ttl)
+        return estimated_usage(estimate_tokens(prompt_size), estimate_tokens(self._received), ttl)
 
     def _estimated(self, usage: Usage) -> Usage:
         """``usage`` with its output counted from the text received: message_start's input

@@ -49,6 +49,7 @@ from router.providers.base import (
     request,
     stream_error,
     text_of,
+    text_size,
     texts_of,
     whole_of,
 )
@@ -306,8 +307,8 @@ class _Choice:
         self.finish: str | None = None
 
     def add_call(self, part: dict[str, Any]) -> int:
-        """The tool call ``part`` adds to; the characters of arguments (or input) it brings.
-        A custom tool's call comes under its own type, as a whole answer has it."""
+        """The tool call ``part`` adds to; the ``text_size`` of the arguments (or input) it
+        brings. A custom tool's call comes under its own type, as a whole answer has it."""
         index = whole_of(part.get("index"), "a streamed tool call's index")
         if index not in self.calls:
             custom = text_of(part.get("type"), "a streamed tool call's type") == "custom"
@@ -322,15 +323,15 @@ class _Choice:
             call[kind]["name"] = name
         text = text_of(said.get(_CALL_TEXT[kind]), f"a streamed tool call's {_CALL_TEXT[kind]}")
         call[kind][_CALL_TEXT[kind]] += text
-        return len(text)
+        return text_size(text)
 
     def add_function_call(self, said: dict[str, Any]) -> int:
         """The legacy function call ``said`` (checked: ``_check_said``) adds to; the
-        characters of arguments it brings."""
+        ``text_size`` of the arguments it brings."""
         call = self.function_call = self.function_call or {"name": "", "arguments": ""}
         call["name"] = said.get("name") or call["name"]
         call["arguments"] += said.get("arguments") or ""
-        return len(said.get("arguments") or "")
+        return text_size(said.get("arguments") or "")
 
     def add_logprobs(self, logprobs: dict[str, Any]) -> None:
         for field, entries in logprobs.items():
@@ -388,7 +389,7 @@ class OpenAIStream:
         """The choices (``n``) the job asked for: a chunk of another is a bad response."""
         self._head: dict[str, Any] = {"model": model}
         self._received = 0
-        """Characters of content, reasoning, refusal and tool arguments received so far."""
+        """``text_size`` of content, reasoning, refusal and tool arguments received so far."""
         self._choices: dict[int, _Choice] = {}
         self._usage: Any = None
         self._done = False
@@ -431,7 +432,7 @@ class OpenAIStream:
             for field in _TEXTS:
                 if text := delta.get(field):
                     state.texts[field].append(text)
-                    self._received += len(text)
+                    self._received += text_size(text)
             for call in list_of(delta.get("tool_calls"), "a chunk's tool_calls"):
                 self._received += state.add_call(object_of(call, "a streamed tool call"))
             if delta.get("function_call"):
@@ -457,9 +458,9 @@ class OpenAIStream:
             body["usage"] = self._usage
         return self._adapter.parse_response(body, self._head["model"], choices=self._asked)
 
-    def received(self, prompt_chars: int, ttl: Literal["5m", "1h"] | None) -> Usage:
+    def received(self, prompt_size: int, ttl: Literal["5m", "1h"] | None) -> Usage:
         """OpenAI sends the usage only in the last chunk: a broken stream is estimated."""
         usage = _usage(self._usage)
         if usage is not None:
             return usage
-        return estimated_usage(estimate_tokens(prompt_chars), estimate_tokens(self._received), ttl)
+        return estimated_usage(estimate_tokens(prompt_size), estimate_tokens(self._received), ttl)

@@ -1,14 +1,14 @@
 """What a job will cost before it runs: tokens and USD, reserved now and settled after.
 
-Prompt tokens are estimated as characters / 4 plus a few per message, with no tokenizer:
-one tokenizer would be wrong for every other provider (Anthropic and self-hosted models count
-differently), the rule is OpenAI's own rule of thumb for English, and any error only affects
-the reservation, which is settled with the provider's real usage after the call.
+Prompt tokens are estimated as UTF-8 bytes / 4 (``text_size``) plus a few per message, with
+no tokenizer: one tokenizer would be wrong for every other provider (Anthropic and self-hosted
+models count differently), the rule is OpenAI's own rule of thumb for English (where a byte is
+a character) and near enough for other scripts, and any error only affects the reservation,
+which is settled with the provider's real usage after the call.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
@@ -20,7 +20,7 @@ from queuegate.registry import TeamConfig
 from queuegate.spend import capped_fallback, to_nano
 from router.catalog import Catalog, Deployment
 from router.pricing import cost
-from router.providers.base import Usage, estimated_usage
+from router.providers.base import Usage, estimate_tokens, estimated_usage, text_size
 
 PER_MESSAGE = 3
 """Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
@@ -30,7 +30,7 @@ the providers bill by its pixels, up to about 1,600 tokens at Anthropic, 1,105 a
 tile-priced models (high detail), and 1,536 patches times 1.62-1.72 (2,490-2,650) at its
 patch-priced ones; gpt-4o-mini bills up to 48,169, which the README names as a gap. Counted
 as its URL's characters, it was 20 tokens: 200 such images a job spent 12 budgets. An image
-sent inline (a data URL) is counted by its characters, which are more."""
+sent inline (a data URL) is counted by its bytes, which are more."""
 _PER_MTOK = Decimal(1_000_000)
 
 
@@ -92,32 +92,32 @@ def prompt_tokens(job: ChatJob) -> int:
     schema, ``functions``, a ``prediction`` as they bill ``tools``, and an unknown parameter,
     passed through, may be read as any other. Left out, 400 KB of a schema was estimated as
     an empty request: a team spent 40 times its budget, and 333 times its tpm in a second."""
-    chars, images = 0, 0
+    size, images = 0, 0
     for message in job.messages:
         content = message.content
         if isinstance(content, str):
-            chars += len(content)
+            size += text_size(content)
         elif content is not None:
-            chars += len(orjson.dumps(content))
+            size += len(orjson.dumps(content))
             images += sum(map(_image_by_url, content))
         # Every other field but its role is sent too: a ``name`` (which OpenAI bills), tool
         # calls, an assistant's ``refusal`` or ``audio`` given back (30,000 characters of a
         # name went uncounted, through a tpm of 3,000).
         extra = (message.model_extra or {}).values()
-        chars += _json_chars(message.name, message.tool_calls, message.tool_call_id, *extra)
+        size += _json_size(message.name, message.tool_calls, message.tool_call_id, *extra)
     params = job.params
-    chars += _json_chars(
+    size += _json_size(
         params.stop,
         params.tools,
         params.tool_choice,
         params.response_format,
         *(params.model_extra or {}).values(),
     )
-    return math.ceil(chars / 4) + PER_MESSAGE * len(job.messages) + IMAGE_TOKENS * images
+    return estimate_tokens(size) + PER_MESSAGE * len(job.messages) + IMAGE_TOKENS * images
 
 
-def _json_chars(*values: object) -> int:
-    """The characters of ``values``' JSON, those set."""
+def _json_size(*values: object) -> int:
+    """The UTF-8 bytes of ``values``' JSON, those set (orjson writes it as UTF-8)."""
     return sum(len(orjson.dumps(value)) for value in values if value is not None)
 
 
