@@ -149,7 +149,7 @@ async def _keeps_keys(settings: Settings) -> None:
     that refuses INFO (a managed one may)."""
     from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
-    from queuegate.redis_client import eviction_policy, redis_for, redis_place
+    from queuegate.redis_client import evicting, eviction_policy, redis_for, redis_place
     from queuegate.start_wait import StartWait
 
     place = redis_place(settings)
@@ -176,11 +176,7 @@ async def _keeps_keys(settings: Settings) -> None:
     finally:
         await client.aclose()
     if policy is not None:
-        raise ConfigError(
-            f"{place} evicts keys when full (maxmemory-policy {policy}), and a job "
-            "whose claim or stored outcome it evicts is called and answered again: set its "
-            "maxmemory-policy to noeviction, then start the worker"
-        )
+        raise ConfigError(f"{evicting(place, policy)}, then start the worker")
     waiting.answered()
 
 

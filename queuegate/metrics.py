@@ -139,6 +139,14 @@ ACCOUNTING_LAG = Gauge(
     multiprocess_mode="livemax",
 )
 
+REDIS_EVICTS_KEYS = Gauge(
+    "queuegate_redis_evicts_keys",
+    "1 while the worker's Redis evicts keys once full (a maxmemory and a maxmemory-policy "
+    "other than noeviction), asked every minute: a job whose claim or stored outcome it "
+    "evicts is called and answered again. 0 otherwise.",
+    multiprocess_mode="livemax",
+)
+
 SPEND_DRIFT = Gauge(
     "queuegate_spend_drift_usd",
     "What the last reconciliation corrected in a spend ledger, USD: Redis's count minus "

@@ -368,3 +368,13 @@ async def eviction_policy(client: aioredis.Redis) -> str | None:
     info = await client.info("memory")
     policy = str(info.get("maxmemory_policy", "noeviction"))
     return policy if int(info.get("maxmemory", 0)) and policy != "noeviction" else None
+
+
+def evicting(place: str, policy: str) -> str:
+    """What a Redis at ``place`` (``redis_place``) evicting keys by ``policy`` means, and
+    what to set: the worker's refusal at start and its error line while running."""
+    return (
+        f"{place} evicts keys when full (maxmemory-policy {policy}), and a job whose claim or "
+        "stored outcome it evicts is called and answered again: set its maxmemory-policy to "
+        "noeviction"
+    )

@@ -33,6 +33,7 @@ from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.metrics import BROKER_RECONNECTS
 from queuegate.outage import OutageLog
+from queuegate.redis_client import redis_place
 from queuegate.registry import TeamConfig, Version, check_team_name, read_registry
 from queuegate.registry_changes import RegistryChanges
 from queuegate.runtime import serving, until_set
@@ -44,6 +45,7 @@ from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache
 from workers.claims import Claims
 from workers.control import ControlPlane
+from workers.eviction_watch import watch_eviction
 from workers.gate import Gate
 from workers.held_results import HeldResults
 from workers.identity import Identities
@@ -228,6 +230,7 @@ class Worker:
         live_stop = asyncio.Event()
         live_task = asyncio.create_task(live.run(live_stop))
         claims_task = asyncio.create_task(claims.run(live_stop))
+        evictions = asyncio.create_task(watch_eviction(redis, redis_place(s), live_stop))
         held = HeldResults(s, redis)
         held_task: asyncio.Task[None] | None = None
         try:
@@ -293,6 +296,7 @@ class Worker:
             await claims_task
             # Not awaited to its end: a look may wait out a hanging Redis or management API.
             await _cancel(held_task)
+            await _cancel(evictions)
             # Left only by a fault (raised already): any consumer it made goes with its
             # connection, and what it raised is the same fault's.
             with contextlib.suppress(Exception):
