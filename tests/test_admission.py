@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -355,6 +356,38 @@ def test_an_image_by_url_is_estimated_at_the_most_a_provider_bills_for_one() -> 
     )
     # Expect each image by URL estimated at IMAGE_TOKENS, the inline one by its characters
     assert 3 * IMAGE_TOKENS < prompt_tokens(job) < 3 * IMAGE_TOKENS + 100
+
+
+PHOTO = {
+    "type": "image_url",
+    "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(bytes(600_000)).decode()},
+}
+"""A 600 KB photo sent inline, which the providers bill at most about 2,700 tokens."""
+
+
+def test_an_inline_image_is_estimated_at_no_more_than_an_image_is_billed() -> None:
+    job = ChatJob(
+        job_id="j",
+        team="alpha",
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "what is it?"}, PHOTO]}],
+    )
+    # Before: by its 800,000 characters, 200,000 tokens
+    assert IMAGE_TOKENS <= prompt_tokens(job) < IMAGE_TOKENS + 100
+
+
+async def test_an_inline_photo_passes_a_tpm_smaller_than_its_bytes(settings: Settings) -> None:
+    # Given a team with a tpm of 100,000
+    await register(settings, "alpha", TeamConfig(tpm=100_000))
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When it asks about a 600 KB photo sent inline (200,000 tokens by its bytes / 4)
+        content = [{"type": "text", "text": "what is it?"}, PHOTO]
+        job = client.job("gpt-4o-mini", [{"role": "user", "content": content}], max_tokens=10)
+        result = await (await client.submit(job)).result(timeout=30)
+
+    # Expect it answered (before: refused as larger than the team's bucket), and called once
+    assert result.status == "ok", result.error
+    assert gw.mock.stats.calls == 1
 
 
 async def test_a_job_whose_response_format_passes_its_budget_is_refused_uncalled(

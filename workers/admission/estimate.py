@@ -25,12 +25,14 @@ from router.providers.base import Usage, estimate_tokens, estimated_usage, text_
 PER_MESSAGE = 3
 """Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
 IMAGE_TOKENS = 2_700
-"""What an image given by its URL is estimated at: the URL says nothing of the image, which
-the providers bill by its pixels, up to about 1,600 tokens at Anthropic, 1,105 at OpenAI's
-tile-priced models (high detail), and 1,536 patches times 1.62-1.72 (2,490-2,650) at its
-patch-priced ones; gpt-4o-mini bills up to 48,169, which the README names as a gap. Counted
-as its URL's characters, it was 20 tokens: 200 such images a job spent 12 budgets. An image
-sent inline (a data URL) is counted by its bytes, which are more."""
+"""What an image given by its URL is estimated at, and the most an image sent inline is: the
+providers bill an image by its pixels, up to about 1,600 tokens at Anthropic, 1,105 at
+OpenAI's tile-priced models (high detail), and 1,536 patches times 1.62-1.72 (2,490-2,650) at
+its patch-priced ones; gpt-4o-mini bills up to 48,169, which the README names as a gap. The
+URL says nothing of the image: counted as its characters, it was 20 tokens, and 200 such
+images a job spent 12 budgets. An inline image (a data URL) is counted by its bytes up to
+this: by its bytes alone, a 600 KB photo was 200,000 tokens, more than a tpm of 100,000
+takes at once (refused as larger than the bucket), for a call billed 1,600."""
 _PER_MTOK = Decimal(1_000_000)
 
 
@@ -92,14 +94,20 @@ def prompt_tokens(job: ChatJob) -> int:
     schema, ``functions``, a ``prediction`` as they bill ``tools``, and an unknown parameter,
     passed through, may be read as any other. Left out, 400 KB of a schema was estimated as
     an empty request: a team spent 40 times its budget, and 333 times its tpm in a second."""
-    size, images = 0, 0
+    size, image_tokens = 0, 0
     for message in job.messages:
         content = message.content
         if isinstance(content, str):
             size += text_size(content)
         elif content is not None:
-            size += len(orjson.dumps(content))
-            images += sum(map(_image_by_url, content))
+            for part in content:
+                url = _image_url(part)
+                if url is None:
+                    size += len(orjson.dumps(part))
+                elif url.startswith("data:"):
+                    image_tokens += min(estimate_tokens(len(url)), IMAGE_TOKENS)
+                else:
+                    image_tokens += IMAGE_TOKENS
         # Every other field but its role is sent too: a ``name`` (which OpenAI bills), tool
         # calls, an assistant's ``refusal`` or ``audio`` given back (30,000 characters of a
         # name went uncounted, through a tpm of 3,000).
@@ -113,7 +121,7 @@ def prompt_tokens(job: ChatJob) -> int:
         params.response_format,
         *(params.model_extra or {}).values(),
     )
-    return estimate_tokens(size) + PER_MESSAGE * len(job.messages) + IMAGE_TOKENS * images
+    return estimate_tokens(size) + PER_MESSAGE * len(job.messages) + image_tokens
 
 
 def _json_size(*values: object) -> int:
@@ -121,13 +129,13 @@ def _json_size(*values: object) -> int:
     return sum(len(orjson.dumps(value)) for value in values if value is not None)
 
 
-def _image_by_url(part: dict[str, object]) -> bool:
-    """Whether a content part is an image the provider fetches by its URL."""
+def _image_url(part: dict[str, object]) -> str | None:
+    """The URL of a content part that is an image (a ``data:`` URL for one sent inline)."""
     image = part.get("image_url")
     if part.get("type") != "image_url" or not isinstance(image, dict):
-        return False
+        return None
     url = image.get("url")
-    return isinstance(url, str) and not url.startswith("data:")
+    return url if isinstance(url, str) else None
 
 
 def estimate(
