@@ -21,6 +21,7 @@ from queuegate.spend import capped_fallback, to_nano
 from router.catalog import Catalog, Deployment
 from router.pricing import cost
 from router.providers.base import Usage, estimate_tokens, estimated_usage, text_size
+from workers.admission.pdf_pages import PAGE_TOKENS, pdf_pages
 
 PER_MESSAGE = 3
 """Tokens the chat format adds around each message (role, separators) on OpenAI's models."""
@@ -94,20 +95,19 @@ def prompt_tokens(job: ChatJob) -> int:
     schema, ``functions``, a ``prediction`` as they bill ``tools``, and an unknown parameter,
     passed through, may be read as any other. Left out, 400 KB of a schema was estimated as
     an empty request: a team spent 40 times its budget, and 333 times its tpm in a second."""
-    size, image_tokens = 0, 0
+    # The bytes of text and JSON; the tokens of images and PDFs (``_media_tokens``).
+    size, media = 0, 0
     for message in job.messages:
         content = message.content
         if isinstance(content, str):
             size += text_size(content)
         elif content is not None:
             for part in content:
-                url = _image_url(part)
-                if url is None:
+                tokens = _media_tokens(part)
+                if tokens is None:
                     size += len(orjson.dumps(part))
-                elif url.startswith("data:"):
-                    image_tokens += min(estimate_tokens(len(url)), IMAGE_TOKENS)
                 else:
-                    image_tokens += IMAGE_TOKENS
+                    media += tokens
         # Every other field but its role is sent too: a ``name`` (which OpenAI bills), tool
         # calls, an assistant's ``refusal`` or ``audio`` given back (30,000 characters of a
         # name went uncounted, through a tpm of 3,000).
@@ -121,12 +121,32 @@ def prompt_tokens(job: ChatJob) -> int:
         params.response_format,
         *(params.model_extra or {}).values(),
     )
-    return estimate_tokens(size) + PER_MESSAGE * len(job.messages) + image_tokens
+    return estimate_tokens(size) + PER_MESSAGE * len(job.messages) + media
 
 
 def _json_size(*values: object) -> int:
     """The UTF-8 bytes of ``values``' JSON, those set (orjson writes it as UTF-8)."""
     return sum(len(orjson.dumps(value)) for value in values if value is not None)
+
+
+def _media_tokens(part: dict[str, object]) -> int | None:
+    """What a content part that is an image or a PDF is estimated at: the providers bill them
+    by what their bytes do not show (an image by its pixels, a PDF by its pages). None for
+    any other part, and for a PDF whose pages could not be counted (by its bytes, then)."""
+    url = _image_url(part)
+    if url is not None:
+        inline = url.startswith("data:")
+        return min(estimate_tokens(len(url)), IMAGE_TOKENS) if inline else IMAGE_TOKENS
+    pages = _pdf_pages(part)
+    return None if pages is None else pages * PAGE_TOKENS
+
+
+def _pdf_pages(part: dict[str, object]) -> int | None:
+    """The pages of a content part that is a PDF sent inline (a ``file`` part, as an
+    Anthropic document is carried too), where they could be counted."""
+    file = part.get("file")
+    data = file.get("file_data") if part.get("type") == "file" and isinstance(file, dict) else None
+    return pdf_pages(data) if isinstance(data, str) else None
 
 
 def _image_url(part: dict[str, object]) -> str | None:
