@@ -59,6 +59,17 @@ def check_reply_queue_name(name: str) -> str:
 
 
 BATCH_RESULTS_SUFFIX = ":results"
+MAX_CUSTOM_ID = 64
+"""A batch request's custom_id at most: Anthropic's limit, applied to both formats so a job
+id always fits."""
+STEP_MAX = 1_000
+"""Custom ids one batch step (a control request: ``index``, ``line_numbers``, ...) carries
+at most; a client sends more in several. A worker refuses a larger one unread: 10 steps of
+200,000 ids, 5 MB each, held a worker 11 s and another team's jobs with it."""
+CONTROL_BODY_MAX = 1 << 20
+"""Bytes of a control request a worker reads at most: a step of ``STEP_MAX`` custom ids is
+about 100 KB (400 KB were every character of its ids escaped); a larger one is refused
+unparsed."""
 """Ends the last part of a batch's own results queue's name: ``:`` is outside QUEUE_NAME, so
 no named reply queue of a pipeline is ever one."""
 

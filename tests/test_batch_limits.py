@@ -20,9 +20,9 @@ import orjson
 import pytest
 from anthropic.types.messages import MessageBatchResult
 
-from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.jobs import JobReader
 from producer.batch.submitted import SubmittedFile
+from queuegate.control import MAX_CUSTOM_ID
 from queuegate.request_limits import MAX_NESTING
 from queuegate.settings import Settings
 from tests.batch_files import openai_line, read_jsonl, write_jsonl

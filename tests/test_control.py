@@ -28,10 +28,13 @@ from admin.teams import (
     with_user,
 )
 from producer import GatewayClient
+from producer.batch.state import BatchState
 from producer.reply_queues import delete_reply_queue
 from queuegate.control import (
     DIRECT_REPLY_TO,
     HEADER_REQUEST,
+    MAX_CUSTOM_ID,
+    STEP_MAX,
     BatchCall,
     CloseReplyQueue,
     ControlRequest,
@@ -538,6 +541,38 @@ async def test_a_malformed_batch_step_is_refused_in_one_line_naming_what_is_miss
         assert await client.control.batch("create", "raw", meta=meta, run="ab12") == ""
         assert (await client.control.batch("load", "raw"))["total"] == 1
         await client.control.batch("delete", "raw")
+
+
+async def test_a_batch_step_past_what_a_worker_takes_is_refused_unread_and_stores_nothing(
+    settings: Settings, teams: dict[str, Credentials], redis_client: aioredis.Redis
+) -> None:
+    # Given a team added the default way, its app sending raw batch steps (the CLI sends
+    # STEP_MAX custom ids a step at most)
+    async with (
+        running_gateway(settings, teams=("alpha",)),
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as client,
+    ):
+        index = [[f"id-{i:08d}", i + 1] for i in range(200_000)]
+        # When one index step holds 200,000 custom ids (5 MB: ten such held a worker, and
+        # every other team's jobs with it, for 11 s, and stored 12 MB each in Redis), one
+        # 1,001, and one an id past MAX_CUSTOM_ID
+        steps = [index, index[: STEP_MAX + 1], [["x" * (MAX_CUSTOM_ID + 1), 1]]]
+        said = []
+        for entries in steps:
+            with pytest.raises(ControlRefused) as refused:
+                await client.control.batch("index", "flood", entries=entries, run="ab12")
+            said.append(str(refused.value))
+        # Expect each refused in one line saying what a worker takes, nothing stored
+        assert "is larger than the 1,048,576 a worker reads" in said[0], said[0]
+        assert "1,000 at a time" in said[0]
+        assert "argument entries is not valid: List should have at most 1000 items" in said[1]
+        assert "argument entries.0.0 is not valid" in said[2], said[2]
+        assert all("\n" not in s for s in said), said
+        assert not [key async for key in redis_client.scan_iter(f"{settings.redis_prefix}*flood*")]
+        # ... and STEP_MAX at once taken, and more through a batch's state, in steps
+        assert await client.control.batch("index", "flood", entries=index[:STEP_MAX], run="ab12")
+        lines = [(f"s-{i}", i + 1) for i in range(2_500)]
+        assert await BatchState(client.control, "split").index(lines) == list(range(1, 2_501))
 
 
 UNDECODABLE = "amq.rabbitmq.reply-to.g1h2AA5yZWJiaXRAdm0AAAAAAAAAAQAAAAA=.abc"

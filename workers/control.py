@@ -29,18 +29,21 @@ import orjson
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
-from pydantic import StringConstraints, TypeAdapter, ValidationError
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from queuegate.broker import Consumer, Incoming, consume, json_message, settle
 from queuegate.control import (
     BATCH_ERROR,
+    CONTROL_BODY_MAX,
     CONTROL_WAIT,
     DIRECT_REPLY_TO,
     HEADER_REQUEST,
+    MAX_CUSTOM_ID,
     MESSAGE_TYPE_CONTROL_REPLY,
     REQUEST_ID,
+    STEP_MAX,
     TEAM_DISABLED,
     BatchCall,
     BatchLockRole,
@@ -85,9 +88,12 @@ DECLARING_FOR = 60.0
 """Seconds a reply queue being declared keeps its slot from reclaim (lua/reply_reclaim.lua)
 at most, should its worker die before saying the declare is over."""
 
-_IDS = TypeAdapter(list[str])
-_INDEX = TypeAdapter(list[tuple[str, int]])
-_WRITTEN = TypeAdapter(list[tuple[str, Category, int]])
+_CUSTOM_ID = Annotated[str, StringConstraints(max_length=MAX_CUSTOM_ID)]
+_IDS = TypeAdapter(Annotated[list[_CUSTOM_ID], Field(max_length=STEP_MAX)])
+_INDEX = TypeAdapter(Annotated[list[tuple[_CUSTOM_ID, int]], Field(max_length=STEP_MAX)])
+_WRITTEN = TypeAdapter(
+    Annotated[list[tuple[_CUSTOM_ID, Category, int]], Field(max_length=STEP_MAX)]
+)
 _CURSOR = TypeAdapter(int)
 _LOCK_ROLE: TypeAdapter[BatchLockRole] = TypeAdapter(BatchLockRole)
 _META = TypeAdapter(BatchMeta)
@@ -269,6 +275,13 @@ class ControlPlane:
                     TEAM_DISABLED,
                     f"team {team} is disabled: ask an operator to enable it again "
                     f"(queuegate teams add {team})",
+                )
+            if len(message.body) > CONTROL_BODY_MAX:
+                return _error(
+                    "invalid_request",
+                    f"a control request of {len(message.body):,} bytes is larger than the "
+                    f"{CONTROL_BODY_MAX:,} a worker reads: send a batch step's custom ids "
+                    f"{STEP_MAX:,} at a time",
                 )
             request = ControlRequest.model_validate_json(message.body).request
             return ControlResponse(ok=True, result=await self._do(team, request))

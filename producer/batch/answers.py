@@ -12,9 +12,6 @@ from queuegate.numbers import plain_decimal
 Category = Literal["done", "failed", "expired", "canceled"]
 CATEGORIES: tuple[Category, ...] = ("done", "failed", "expired", "canceled")
 
-MAX_CUSTOM_ID = 64
-"""Anthropic's limit, applied to both formats so a job id always fits."""
-
 
 @dataclass(frozen=True)
 class Request:

@@ -10,9 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.batch.answers import MAX_CUSTOM_ID
 from producer.batch.formats import FORMATS, FormatName, detect
-from queuegate.control import BatchMeta, job_id
+from queuegate.control import MAX_CUSTOM_ID, BatchMeta, job_id
 from queuegate.errors import BatchError, InvalidRequest
 from queuegate.messages import ChatJob, ChatParams, ErrorInfo, storable_problem
 from queuegate.request_errors import job_refusal, refusal

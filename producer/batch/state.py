@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from producer.control import ControlClient
 from queuegate.control import (
+    STEP_MAX,
     BatchLockRole,
     BatchMeta,
     BatchSummary,
@@ -65,6 +66,15 @@ class BatchState:
     async def _call(self, call: Any, **args: Any) -> Any:
         return await self._control.batch(call, self.name, **args)
 
+    async def _steps(self, call: Any, name: str, items: Sequence[Any], **args: Any) -> list[Any]:
+        """A step over many custom ids, sent ``STEP_MAX`` at a time (the most a worker takes
+        in one): its answers, joined."""
+        answers: list[Any] = []
+        for start in range(0, len(items), STEP_MAX):
+            answer = await self._call(call, **{name: list(items[start : start + STEP_MAX])}, **args)
+            answers += answer or []
+        return answers
+
     async def load(self) -> BatchMeta | None:
         raw = await self._call("load")
         return None if raw is None else decoded(BatchMeta, raw)
@@ -87,39 +97,29 @@ class BatchState:
 
     async def index(self, entries: Sequence[tuple[str, int]]) -> list[int]:
         """Add (custom_id, line) pairs; for each, the line that holds the custom_id first."""
-        return [int(n) for n in await self._call("index", entries=list(entries), run=self._run)]
+        return [int(n) for n in await self._steps("index", "entries", entries, run=self._run)]
 
     async def line_numbers(self, custom_ids: Sequence[str]) -> list[int | None]:
-        if not custom_ids:
-            return []
-        raw = await self._call("line_numbers", ids=list(custom_ids))
+        raw = await self._steps("line_numbers", "ids", custom_ids)
         return [None if n is None else int(n) for n in raw]
 
     async def published_among(self, custom_ids: Sequence[str]) -> list[bool]:
-        if not custom_ids:
-            return []
-        return [bool(b) for b in await self._call("published_among", ids=list(custom_ids))]
+        return [bool(b) for b in await self._steps("published_among", "ids", custom_ids)]
 
     async def written_among(self, custom_ids: Sequence[str]) -> list[bool]:
-        if not custom_ids:
-            return []
-        return [bool(b) for b in await self._call("written_among", ids=list(custom_ids))]
+        return [bool(b) for b in await self._steps("written_among", "ids", custom_ids)]
 
     async def outcomes_among(self, custom_ids: Sequence[str]) -> list[Outcome | None]:
         """Per request, whether its job's outcome is stored or its claim held."""
-        if not custom_ids:
-            return []
-        raw = await self._call("outcomes_among", ids=list(custom_ids))
+        raw = await self._steps("outcomes_among", "ids", custom_ids)
         return [OUTCOMES.get(o) if isinstance(o, str) else None for o in raw]
 
     async def mark_published(self, custom_ids: Sequence[str]) -> None:
-        if custom_ids:
-            await self._call("mark_published", ids=list(custom_ids))
+        await self._steps("mark_published", "ids", custom_ids)
 
     async def mark_written(self, entries: Sequence[tuple[str, Category, int]]) -> None:
         """Record (custom_id, category, nano-dollars) of lines now on disk, all new ones."""
-        if entries:
-            await self._call("mark_written", entries=list(entries))
+        await self._steps("mark_written", "entries", entries)
 
     async def unwritten(self) -> AsyncGenerator[list[tuple[str, bool]], None]:
         """Chunks of (custom_id, published) for every request without a result line."""
