@@ -31,9 +31,10 @@ class ChatStream:
 
     A stream's chunks are of one call. Should the worker streaming it be lost mid-stream
     and the job be called again, that call's chunks or its answer name another stream
-    (``StreamChunk.stream``), and the stream ends there with StreamBroken, after the chunks
-    of the first: joined, they would be an answer no model gave, unlike the job's answer
-    (the later call's). That answer is ``result`` when it is what broke the stream, and else
+    (``StreamChunk.stream``), or none (a call that did not stream: a copy of the job sent
+    unstreamed), and the stream ends there with StreamBroken, after the chunks of the
+    first: joined, they would be an answer no model gave, unlike the job's answer (the
+    later call's). That answer is ``result`` when it is what broke the stream, and else
     comes to ``GatewayClient.wait``.
     """
 
@@ -109,7 +110,9 @@ class ChatStream:
             named = item.stream
             if self._stream is None and item.seq == 0:
                 self._stream = named  # a reader that joined late reads none, and pins none
-        if self._stream is not None and named is not None and named != self._stream:
+        # Pinned, anything naming another stream, or none, is of another delivery: a
+        # takeover that did not stream names none (a copy of the job sent unstreamed).
+        if self._stream is not None and named != self._stream:
             self.broken = True
             if isinstance(item, ChatResult):
                 self._answer = item

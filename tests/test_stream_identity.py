@@ -28,19 +28,22 @@ async def _read(stream: ChatStream) -> list[str]:
     return [chunk.delta["content"] async for chunk in stream]
 
 
-async def test_an_answer_of_another_stream_breaks_it_and_is_its_result() -> None:
+@pytest.mark.parametrize("other", ["b", None], ids=["another stream", "no stream"])
+async def test_an_answer_of_another_stream_breaks_it_and_is_its_result(other: str | None) -> None:
     # Given a stream that read two chunks of stream "a" (its worker stalled past its lease)
     stream = ChatStream("j", _started, timeout=5)
-    for item in (_chunk(0, "a"), _chunk(1, "a"), _answer("b"), _chunk(2, "a")):
+    for item in (_chunk(0, "a"), _chunk(1, "a"), _answer(other), _chunk(2, "a")):
         stream.put(item)
-    # When the job's answer comes from stream "b", the delivery that took the job over
+    # When the job's answer comes from stream "b", the delivery that took the job over, or
+    # from none: a copy of the job sent unstreamed took it over (before: read as the end of
+    # the stream, "w0 w1" ending whole with another call's answer)
     # Expect the stream broken after the first two chunks, that answer its result
     read: list[str] = []
     with pytest.raises(StreamBroken):
         async for chunk in stream:
             read.append(chunk.delta["content"])
     assert read == ["w0 ", "w1 "]
-    assert stream.result is not None and stream.result.gateway.stream == "b"
+    assert stream.result is not None and stream.result.gateway.stream == other
     assert await _read(stream) == []
 
 
