@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -69,13 +71,32 @@ class JobHandle:
     job_id: str
     _client: GatewayClient
     _answer: ChatResult | None = field(default=None, repr=False)
+    _share: weakref.finalize = field(init=False, repr=False)  # type: ignore[type-arg]
+    """Its share of the job's answer, which the client keeps for it (``ReplyBook``) until it
+    has taken it, or is dropped unawaited: a wait by id or a stream of the job may take the
+    answer first (before, this handle then waited out its timeout, or was told AnswerTaken),
+    and a handle nobody awaits must not keep it for ever."""
+
+    def __post_init__(self) -> None:
+        release = self._client._inbox.replies.unexpect
+        loop = asyncio.get_running_loop()
+        self._share = weakref.finalize(self, _later, loop, release, self.job_id)
 
     async def result(self, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
         # Kept: the client gives a job's answer once to each handle (``ReplyBook``), and a
         # second wait was for an answer that had come and gone, until its timeout.
         if self._answer is None:
             self._answer = await self._client.wait(self.job_id, timeout)
+            if self._share.detach() is not None:
+                self._client._inbox.replies.unexpect(self.job_id)
         return self._answer
+
+
+def _later(loop: asyncio.AbstractEventLoop, release: Callable[[str], object], job_id: str) -> None:
+    """``release(job_id)`` in ``loop``'s next turn: a handle may be collected in the middle
+    of anything, the book's own work too."""
+    if not loop.is_closed():  # else the client is gone with it: nothing left to release
+        loop.call_soon(release, job_id)
 
 
 class GatewayClient(ReplyingConnection):
@@ -261,6 +282,12 @@ class GatewayClient(ReplyingConnection):
         Raises JobIdInFlight for a job id this client still awaits for a different request:
         both answers would come under the id, and each handle must get its own. The same
         request again shares the answer."""
+        await self._submit(job, handle=True)
+        return JobHandle(job.job_id, self)
+
+    async def _submit(self, job: ChatJob, *, handle: bool) -> None:
+        """Publish a job whose answer this client awaits: for a handle, or for a stream
+        (not ``handle``), which takes its answer as it comes."""
         request = request_digest(job)
         if self._inbox.replies.request(job.job_id) not in (None, request):
             raise JobIdInFlight(
@@ -270,13 +297,12 @@ class GatewayClient(ReplyingConnection):
         message = self._message(job, reply_to=self.reply_to)
         # The refusal of this very message names its digest (sent before the broker's
         # confirm, it may come first): a refusal of anyone else's under the id is a stray.
-        self._inbox.expect(job.job_id, request, message)
+        self._inbox.expect(job.job_id, request, message, handle=handle)
         try:
             await self._send(job, message)
         except (ServiceUnavailable, ClientError):
-            self._inbox.unexpect(job.job_id)
+            self._inbox.unexpect(job.job_id, handle=handle)
             raise
-        return JobHandle(job.job_id, self)
 
     async def publish(self, job: ChatJob, *, reply_to: str, expires: bool = True) -> None:
         """Publish a job, proven as the team (``user_id``, API key), its result to go to
@@ -284,8 +310,15 @@ class GatewayClient(ReplyingConnection):
 
         ``expires=False``: no TTL from its deadline, for a job sent again to be answered
         from its stored outcome after the deadline (the worker, not the broker, refuses it
-        uncalled when it has none)."""
-        await self._send(job, self._message(job, reply_to=reply_to, expires=expires))
+        uncalled when it has none).
+
+        To this client's own queue, its answer is awaited by id (``wait``), which takes only
+        a result of this request or a refusal of this message: another's under the id (a
+        copy someone publishing as the team sent changed) is a stray."""
+        message = self._message(job, reply_to=reply_to, expires=expires)
+        if reply_to == self._reply_queue:
+            self._inbox.replies.expect(job.job_id, request_digest(job), message, handle=False)
+        await self._send(job, message)
 
     def _message(self, job: ChatJob, *, reply_to: str, expires: bool = True) -> Outgoing:
         return job_message(
@@ -323,7 +356,7 @@ class GatewayClient(ReplyingConnection):
     ) -> ChatResult:
         """Publish one chat job and await its result."""
         handle = await self.submit(self.job(model, messages, **params))
-        return await self.wait(handle.job_id, timeout)
+        return await handle.result(timeout)
 
     def stream(
         self,
@@ -347,7 +380,7 @@ class GatewayClient(ReplyingConnection):
 
     async def _submit_stream(self, stream: ChatStream, job: ChatJob) -> None:
         self._inbox.open(stream)
-        await self.submit(job)
+        await self._submit(job, handle=False)
 
     async def _open_reply_queue(self, channel: AbstractRobustChannel) -> str:
         # Asked of the gateway (a team may not declare queues), on the control channel, not

@@ -94,20 +94,27 @@ class ReplyBook:
         the job's, so that a wait that times out or is cancelled cancels nothing another
         wait of the job awaits."""
         self._handles: dict[str, int] = {}
-        """The handles of each job published here not yet answered to them: its future keeps
-        its result until the last takes it (a duplicate of it, the answer to its second
-        publish, may have come already, and is not handed over again)."""
+        """The handles of each job published here that have not taken its answer (nor been
+        dropped): its future keeps its result until the last has (a duplicate of it, the
+        answer to its second publish, may have come already, and is not handed over again),
+        whatever a wait by id or a stream of the job took meanwhile."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._keep_unexpected = keep_unexpected
         self.duplicates = 0
         self.strays = 0
 
     def expect(
-        self, job_id: str, request: str | None = None, message: Outgoing | None = None
+        self,
+        job_id: str,
+        request: str | None = None,
+        message: Outgoing | None = None,
+        *,
+        handle: bool = True,
     ) -> asyncio.Future[ChatResult]:
         """The job's future; ``request``, its digest, and ``message``, the message it is
         published in, when this side publishes it (before: a refusal may come back before
-        the broker's confirm)."""
+        the broker's confirm), for a handle (``unexpect`` once it has the answer), or for
+        no handle (``handle=False``: a job published to be awaited by id)."""
         if request is not None:
             names = self._requests.get(job_id)
             if names is None or names[0] != request:
@@ -118,7 +125,8 @@ class ReplyBook:
             if message is not None:
                 self._name(job_id, names)
                 self._unnamed[job_id] = message
-                self._handles[job_id] = self._handles.get(job_id, 0) + 1
+                if handle:
+                    self._handles[job_id] = self._handles.get(job_id, 0) + 1
         future = self._futures.get(job_id)
         if future is not None and future.done() and self._answers_another(future.result()):
             # Arrived before the job was published: the answer to an earlier request.
@@ -207,15 +215,27 @@ class ReplyBook:
                 waiters.discard(future)
                 if not waiters:
                     del self._waiters[job_id]
-        self.unexpect(job_id)  # this wait's handle has its result
+        self.drop(job_id)
         return future.result()
+
+    def drop(self, job_id: str) -> bool:
+        """The job's answer taken by a wait or a stream: forgotten, and True then, unless a
+        handle of the job has not taken it yet."""
+        if self._handles.get(job_id):
+            return False
+        self.forget(job_id)
+        return True
 
     def unexpect(self, job_id: str) -> bool:
         """One handle of the job's done with it: its result taken, or never to come (its
-        publish failed). The job is forgotten with its last, and True then; until then its
-        future keeps its result for the others."""
-        if self._handles.get(job_id, 0) > 1:
-            self._handles[job_id] -= 1
+        publish failed, or the handle was dropped unawaited). The job is forgotten with its
+        last, and True then, unless a wait by id waits for it (which forgets it once
+        answered); until then its future keeps its result for the others."""
+        left = self._handles.pop(job_id, 0) - 1
+        if left > 0:
+            self._handles[job_id] = left
+            return False
+        if self._waiters.get(job_id):
             return False
         self.forget(job_id)
         return True
@@ -337,9 +357,14 @@ class Inbox:
         """Results that reach this queue but answer none of its waiters: dropped."""
 
     def expect(
-        self, job_id: str, request: str | None = None, message: Outgoing | None = None
+        self,
+        job_id: str,
+        request: str | None = None,
+        message: Outgoing | None = None,
+        *,
+        handle: bool = True,
     ) -> None:
-        self.replies.expect(job_id, request, message)
+        self.replies.expect(job_id, request, message, handle=handle)
 
     def wait(self, job_id: str, timeout: float | None) -> Coroutine[Any, Any, ChatResult]:
         """The job's result, to await; TimeoutError when none came within ``timeout``.
@@ -364,10 +389,10 @@ class Inbox:
         self.replies.forget(job_id)
         self.streams.close(job_id)
 
-    def unexpect(self, job_id: str) -> None:
-        """Stop waiting for the job for one of its handles, whose publish failed: for good
-        with the last (``ReplyBook.unexpect``)."""
-        if self.replies.unexpect(job_id):
+    def unexpect(self, job_id: str, *, handle: bool = True) -> None:
+        """Stop waiting for the job for one of its handles (or a stream: not ``handle``) whose
+        publish failed: for good with the last (``ReplyBook.unexpect``), its streams too."""
+        if self.replies.unexpect(job_id) if handle else self.replies.drop(job_id):
             self.streams.close(job_id)
 
     async def handle(self, message: DeliveredMessage) -> None:
@@ -384,10 +409,10 @@ class Inbox:
                     and self.streams.finish(result)
                     and self._keep_unexpected
                 ):
-                    # Nobody waits for a streamed job's future. (An owner that drops
-                    # unexpected results forgets each job itself, once no request waits
-                    # for it, streamed or not.)
-                    self.replies.forget(result.job_id)
+                    # Nobody waits for a streamed job's future but a handle of the same
+                    # request submitted meanwhile. (An owner that drops unexpected results
+                    # forgets each job itself, once no request waits for it, streamed or not.)
+                    self.replies.drop(result.job_id)
             elif properties.message_type == MESSAGE_TYPE_CHUNK:
                 self.streams.chunk(StreamChunk.model_validate_json(message.body))
         except ValidationError:

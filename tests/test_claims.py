@@ -248,6 +248,39 @@ async def test_a_wait_for_an_answer_taken_already_says_so_at_once(
     assert gw.mock.stats.calls == 1
 
 
+async def test_a_handle_gets_its_answer_whatever_took_it_first_and_lets_it_go_dropped(
+    alpha_gateway: tuple[Gateway, GatewayClient],
+) -> None:
+    gw, client = alpha_gateway
+    # Given a job submitted, its answer taken by a wait by id first
+    job = client.job("gpt-4o-mini", HELLO, job_id="x-first")
+    handle = await client.submit(job)
+    by_id = await client.wait(job.job_id, 10)
+    # Expect its handle answered all the same (before: AnswerTaken), then the job let go
+    assert (await handle.result(10)).response == by_id.response
+    with pytest.raises(AnswerTaken):
+        await client.wait(job.job_id, 10)
+
+    # Given another, streamed, and the same request submitted while it streams
+    streamed = client.job("gpt-4o-mini", HELLO, job_id="x-streamed")
+    stream = client.stream("gpt-4o-mini", HELLO, job_id="x-streamed")
+    first = await anext(stream)
+    same = await client.submit(streamed)
+    read = [first, *[chunk async for chunk in stream]]
+    # Expect the handle answered once the stream took the answer (before: AnswerTaken)
+    assert read and stream.result is not None
+    assert (await same.result(10)).response == stream.result.response
+
+    # When a handle is dropped unawaited, expect its job's answer let go with it: a wait by
+    # id takes it, and the client keeps it no longer
+    job = client.job("gpt-4o-mini", HELLO, job_id="x-dropped")
+    await client.submit(job)
+    assert (await client.wait(job.job_id, 10)).status == "ok"
+    with pytest.raises(AnswerTaken):
+        await client.wait(job.job_id, 10)
+    assert gw.mock.stats.calls == 3
+
+
 async def test_a_named_queue_keeps_no_other_requests_answer_for_a_job_id(
     settings: Settings,
 ) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
+import pytest
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractExchange
 
@@ -48,13 +49,19 @@ ANOTHER_KEY: dict[str, Change] = {
 }
 
 
+@pytest.mark.parametrize("published", [False, True], ids=["submitted", "published"])
 async def test_a_bad_message_under_an_awaited_job_id_is_a_stray(
-    settings: Settings, redis_client: aioredis.Redis, teams: dict[str, Credentials]
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    teams: dict[str, Credentials],
+    published: bool,
 ) -> None:
-    # (team alpha added the default way: its apps publish as its own broker user)
+    # (team alpha added the default way: its apps publish as its own broker user; a job
+    # published to the client's own queue and awaited by id is the client's message too:
+    # before, the refusal of a bad copy was that wait's answer)
     assert teams["alpha"].amqp_url is not None
     apps = settings.model_copy(update={"amqp_url": teams["alpha"].amqp_url})
-    await _stray(settings, redis_client, apps, UNREADABLE)
+    await _stray(settings, redis_client, apps, UNREADABLE, published=published)
 
 
 async def test_a_bad_message_under_an_awaited_job_id_is_a_stray_for_an_api_key_team(
@@ -72,6 +79,8 @@ async def _stray(
     apps: Settings,
     bad: dict[str, Change],
     key: str | None = None,
+    *,
+    published: bool = False,
 ) -> None:
     async with (
         running_gateway(settings, mock_config=HELD) as gw,
@@ -81,7 +90,10 @@ async def _stray(
         for n, (how, change) in enumerate(bad.items()):
             # Given a client awaiting a job held in its provider call
             job = client.job("gpt-4o-mini", HELLO, job_id=f"held-{n}")
-            handle = await client.submit(job)
+            if published:
+                await client.publish(job, reply_to=client.reply_to)
+            else:
+                handle = await client.submit(job)
             await _claimed(redis, settings, job.job_id)
 
             # When someone publishing as the team sends a message under its id that no
@@ -92,7 +104,7 @@ async def _stray(
 
             # Expect the refusal dropped as a stray, and the job answered with its own
             await wait_until(lambda n=n: client.strays == n + 1)
-            result = await handle.result(10)
+            result = await (client.wait(job.job_id, 10) if published else handle.result(10))
             assert result.status == "ok", (how, result.error)
             assert result.content is not None
         assert gw.mock.stats.calls == len(bad)
