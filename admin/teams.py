@@ -60,7 +60,7 @@ from queuegate.tenancy import (
     put_security,
     revoke_api_keys,
 )
-from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, Bound, Topology
 from queuegate.visible import clipped
 
 
@@ -140,11 +140,6 @@ async def register(
     from accounting import migrate
 
     check_team_name(name)
-    if name in RESERVED_NAMES:
-        raise ConfigError(
-            f"team name {name!r} is one of the gateway's own names "
-            f"({', '.join(sorted(RESERVED_NAMES))}): pick another"
-        )
     pool = await create_pool(settings)
     try:
         await migrate(pool, settings.database_schema)

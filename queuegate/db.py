@@ -238,9 +238,22 @@ async def _init_then(prepare: Prepare, conn: asyncpg.Connection) -> None:
     await prepare(conn)
 
 
+class TooDeep(str):
+    """A json or jsonb value nested deeper than Python's parser reads, kept as its text: raised
+    from the codec (RecursionError), it failed the whole query, and one registry row of 3,000
+    nested arrays (6 KB, written with SQL) stopped every worker of every team."""
+
+
+def _json_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return TooDeep(text)
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb (teams.config) reads and writes as Python dicts and lists instead of strings.
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(
-            typename, schema="pg_catalog", encoder=json.dumps, decoder=json.loads
+            typename, schema="pg_catalog", encoder=json.dumps, decoder=_json_value
         )

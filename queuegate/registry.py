@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import asyncpg
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from queuegate.db import TooDeep
 from queuegate.errors import ConfigError
 from queuegate.messages import MAX_OUTPUT_TOKENS, UnsupportedParams
 from queuegate.numbers import Money
@@ -62,11 +63,26 @@ def default_burst(rpm: int) -> int:
     return max(1, rpm * BURST_SECONDS // 60)
 
 
+RESERVED_NAMES = frozenset(
+    {"jobs", "results", "replies", "control", "usage", "accounting", "dead", "frontdoor", "in"}
+)
+"""The namespace's own words (``<ns>.<word>...``): no team is named after one, so no team's
+broker user (``<ns>.<team>``) or routing key reads as one of the gateway's names."""
+
+
 def check_team_name(name: str) -> str:
+    """``name``, if a team may be named so; ConfigError saying why not otherwise (a row
+    written with SQL under one of the gateway's own names is skipped as any bad row is: served,
+    ``dead`` was a team whose queues were ``<ns>.jobs.dead`` and ``<ns>.dead.dead``)."""
     if not TEAM_NAME.fullmatch(name):
         raise ConfigError(
             f"team name {clipped(name)!r} is invalid: use 1-64 lowercase letters, digits, '-' "
             "or '_', starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        raise ConfigError(
+            f"team name {name!r} is one of the gateway's own names "
+            f"({', '.join(sorted(RESERVED_NAMES))}): pick another"
         )
     return name
 
@@ -134,7 +150,12 @@ class Team:
     config: TeamConfig = field(default_factory=TeamConfig)
 
 
-_JSON_KINDS = {list: "a JSON array", str: "a JSON string", bool: "a JSON boolean"}
+_JSON_KINDS = {
+    list: "a JSON array",
+    str: "a JSON string",
+    bool: "a JSON boolean",
+    TooDeep: "JSON nested too deep to read",
+}
 
 
 def unreadable(raw: Any) -> str | None:
@@ -294,12 +315,17 @@ async def set_team_config(
     """
     check_team_name(name)
     async with pool.acquire() as connection, connection.transaction():
+        # Read as the gateway reads it: an object nested too deep to read is replaced too.
+        stored = await connection.fetchval(
+            "SELECT config FROM teams WHERE name = $1 FOR UPDATE", name
+        )
         change = await connection.fetchval(
             "UPDATE teams SET config = jsonb_strip_nulls("
-            "CASE jsonb_typeof(config) WHEN 'object' THEN config ELSE '{}' END || $2::jsonb),"
+            "CASE WHEN $3 THEN '{}' ELSE config END || $2::jsonb),"
             f" updated_at = now() WHERE name = $1 RETURNING {_CHANGE}",
             name,
             config.model_dump(mode="json"),
+            unreadable(stored) is not None,
         )
         if change is not None:
             await connection.execute(NOTIFY, name)

@@ -149,13 +149,6 @@ def batch_of_results_queue(name: str) -> str | None:
     return batch if suffix and not rest else None
 
 
-RESERVED_NAMES = frozenset(
-    {"jobs", "results", "replies", "control", "usage", "accounting", "dead", "frontdoor", "in"}
-)
-"""The namespace's own words (``<ns>.<word>...``): no team is named after one, so no team's
-broker user (``<ns>.<team>``) or routing key reads as one of the gateway's names."""
-
-
 def header_text(value: object) -> str | None:
     """A header's string value (the broker may hand one back as bytes); None if not a string."""
     if isinstance(value, bytes):

@@ -199,6 +199,21 @@ async def test_a_config_that_is_no_object_is_named_repaired_and_disabled(
     assert [row["enabled"] for row in enabled] == [False, False]
 
 
+async def test_a_config_nested_too_deep_to_read_is_named_and_repaired(settings: Settings) -> None:
+    # Given a row written with SQL whose config nests 3,000 arrays (before: every command
+    # reading the registry, and every worker, stopped with a RecursionError's traceback)
+    await _store_config(settings, "eta", '{"x": ' + "[" * 3000 + "]" * 3000 + "}")
+    # When an operator lists the teams, looks at the row and sets it
+    listed = await _cli(settings, "teams", "list")
+    shown = await _cli(settings, "teams", "show", "eta")
+    repaired = await _cli(settings, "teams", "set", "eta", "--rpm", "5")
+    # Expect the list, one line naming the problem, and the config replaced by what is set
+    assert listed[0] == 0, listed[2]
+    assert "it is JSON nested too deep to read" in _one_error_line(shown[2])
+    assert repaired[0] == 0 and "is replaced by what is set" in repaired[2], repaired[2]
+    assert await _stored(settings, "eta") == {"rpm": 5}
+
+
 async def test_unset_refuses_unknown_fields_and_takes_a_list(settings: Settings) -> None:
     await add(settings, "alpha", identity="queue")
     await _cli(settings, "teams", "set", "alpha", "--rpm", "60", "--budget", "5", "--tpm", "9000")

@@ -26,10 +26,10 @@ from cli.main import app
 from queuegate import tracing
 from queuegate.management import BrokerAdmin
 from queuegate.namespace import drop_namespace
-from queuegate.registry import TEAM_NAME
+from queuegate.registry import RESERVED_NAMES, TEAM_NAME
 from queuegate.settings import Settings
 from queuegate.tenancy import broker_user
-from queuegate.topology import RESERVED_NAMES, Topology
+from queuegate.topology import Topology
 from router import load_catalog
 from tests.support import running_gateway
 

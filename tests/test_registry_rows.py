@@ -36,14 +36,21 @@ def test_a_reply_queue_name_is_matched_whole(name: str) -> None:
 async def test_a_worker_serving_every_team_skips_bad_registry_rows_and_serves_the_rest(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given a good team, and rows written around `teams add`: a name with a trailing newline
-    # and a team whose config no version accepts
+    # Given a good team, and rows written around `teams add`: a name with a trailing newline,
+    # one of the gateway's own names, a team whose config no version accepts, and one whose
+    # config nests 3,000 arrays (6 KB: before, its read failed every registry read, and no
+    # worker of any team served)
     await register(settings, "alpha", TeamConfig())
+    deep = '{"x": ' + "[" * 3000 + "]" * 3000 + "}"
     pool = await create_pool(settings)
     try:
-        await pool.execute("INSERT INTO teams (name) VALUES ($1)", "evil\n")
+        for name in ("evil\n", "dead"):
+            await pool.execute("INSERT INTO teams (name) VALUES ($1)", name)
         await pool.execute(
             "INSERT INTO teams (name, config) VALUES ('beta', '{\"rpm\": -1}'::jsonb)"
+        )
+        await pool.execute(
+            "INSERT INTO teams (name, config) VALUES ('gamma', $1::text::jsonb)", deep
         )
     finally:
         await pool.close()
@@ -54,5 +61,6 @@ async def test_a_worker_serving_every_team_skips_bad_registry_rows_and_serves_th
         result = await client.chat("gpt-4o-mini", HELLO, timeout=10)
         assert result.status == "ok", result.error
     skipped = [r.getMessage() for r in caplog.records if "is not served" in r.getMessage()]
-    assert any("'evil\\n'" in line for line in skipped)
-    assert any("'beta'" in line for line in skipped)
+    for name in ("'evil\\n'", "'dead'", "'beta'", "'gamma'"):
+        assert any(name in line for line in skipped), (name, skipped)
+    assert any("JSON nested too deep to read" in line for line in skipped), skipped

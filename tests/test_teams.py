@@ -51,7 +51,7 @@ from queuegate.livestats import read_workers
 from queuegate.management import BrokerAdmin
 from queuegate.messages import UsageEvent
 from queuegate.redis_client import redis_for
-from queuegate.registry import TeamConfig, read_registry, sees, set_team_config
+from queuegate.registry import RESERVED_NAMES, TeamConfig, read_registry, sees, set_team_config
 from queuegate.settings import Settings
 from queuegate.spend import (
     Scope,
@@ -64,7 +64,7 @@ from queuegate.spend import (
 )
 from queuegate.status import NO_WORKER, DrainingWorker, Status, StatusReader
 from queuegate.tenancy import broker_user
-from queuegate.topology import CONTROL_MAX_BYTES, RESERVED_NAMES, Bound, Topology
+from queuegate.topology import CONTROL_MAX_BYTES, Bound, Topology
 from queuegate.urls import redact_url
 from tests.chaos.harness import start_worker, stop_workers, worker_env
 from tests.conftest import TEST_TEAMS
