@@ -16,11 +16,12 @@ import asyncpg
 
 from accounting.reports import month_costs, team_budgets
 from queuegate.db import UNREACHABLE, database_unreachable
-from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.errors import ServiceUnavailable
 from queuegate.registry import list_teams
 from queuegate.settings import Settings
 from queuegate.status import Accounted
 from queuegate.urls import redact_url
+from queuegate.visible import visible
 
 REGISTRY_WAIT = 2.0
 """Seconds a refresh gives PostgreSQL to answer, as it gives Redis each round trip
@@ -38,6 +39,8 @@ class Registered:
     """The month's spend per team in usage_log; None when it was not read (as ``teams``)."""
     unread: str | None = None
     """Why PostgreSQL could not be read, in one line saying what to do; None when it was."""
+    invalid: list[str] = field(default_factory=list)
+    """Rows no worker serves, their name or config invalid (as shown: ``visible``)."""
 
 
 UNREADABLE: tuple[type[Exception], ...] = (*UNREACHABLE, ServiceUnavailable)
@@ -55,18 +58,17 @@ def unreadable(settings: Settings, exc: BaseException) -> str:
     return database_unreachable(settings, exc)
 
 
-def _skipped(name: str, error: ConfigError) -> None:
-    """A row workers cannot serve is left out, as they leave it out; ``teams show`` says
-    what is wrong with it (logged here, it would repeat at every refresh)."""
-
-
 async def registered(pool: asyncpg.Pool, settings: Settings) -> Registered:
     """The registry's teams, enabled and disabled, budgets and month's spend, or why they
     could not be read."""
     today = datetime.now(UTC).date()
     try:
+        # A row workers cannot serve is left out, as they leave it out, and named apart;
+        # ``teams show`` says what is wrong with it (logged here, it would repeat at every
+        # refresh).
+        invalid: list[str] = []
         async with asyncio.timeout(REGISTRY_WAIT):
-            teams = await list_teams(pool, on_invalid=_skipped)
+            teams = await list_teams(pool, on_invalid=lambda name, _: invalid.append(visible(name)))
             budgets = await team_budgets(pool)
             spent = await month_costs(pool, today)
     except asyncpg.UndefinedTableError:  # not migrated yet: no team, no budget
@@ -75,4 +77,5 @@ async def registered(pool: asyncpg.Pool, settings: Settings) -> Registered:
         return Registered(unread=unreadable(settings, exc))
     enabled = [team.name for team in teams if team.enabled]
     disabled = [team.name for team in teams if not team.enabled]
-    return Registered(enabled, disabled, budgets, Accounted(f"{today:%Y-%m}", spent))
+    accounted = Accounted(f"{today:%Y-%m}", spent)
+    return Registered(enabled, disabled, budgets, accounted, invalid=invalid)

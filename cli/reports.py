@@ -137,6 +137,8 @@ def status(
     worker reports; --watch marks itself stale with the reason and goes on refreshing
     (--watch --json: "stale": true, the "reason" and "stale_since" in each line).
     """
+    from rich.markup import escape
+
     from queuegate.reporting import status_view, to_json
     from queuegate.status import StatusReader, status_record
     from router import load_catalog
@@ -165,7 +167,8 @@ def status(
             await registry.check_known(
                 [t.team for t in current.teams if t.team in named and t.team not in known]
             )
-        return current
+        invalid = [team for team in found.invalid if wanted is None or team in wanted]
+        return dataclasses.replace(current, invalid_teams=invalid)
 
     async def once() -> Status:
         async with StatusReader(settings) as reader, _Registry(settings) as registry:
@@ -197,9 +200,13 @@ def status(
         sys.stdout.write(to_json(status_record(current)))
     else:
         print_table(status_view(current, wide=wide), wide=wide)
+    if current.invalid_teams:
+        err.print(
+            f"[yellow]not served:[/] {escape(', '.join(current.invalid_teams))}: their registry "
+            "rows are invalid; queuegate teams show NAME says what to correct",
+            highlight=False,
+        )
     if current.reason is not None:
-        from rich.markup import escape
-
         err.print(f"[yellow]stale:[/] {escape(visible(current.reason))}", highlight=False)
         raise typer.Exit(STALE_EXIT)
 

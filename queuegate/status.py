@@ -118,6 +118,9 @@ class Status:
     """Why the status is stale: some figures could not be read (PostgreSQL's budgets), in
     one line that says what to do, or no worker reports (``NO_WORKER``: none serves, none
     drains); None when every figure is current."""
+    invalid_teams: list[str] = field(default_factory=list)
+    """Registry rows no worker serves, their name or config invalid (``teams show`` says
+    what is wrong): not in ``teams``, which workers' figures fill."""
 
     @property
     def budgets_read(self) -> bool:
@@ -136,9 +139,14 @@ class Accounted:
 
 
 def status_record(status: Status) -> dict[str, Any]:
-    """The status for programs (``--json``, the Live page's ``live.json``): its fields, and
-    ``stale`` with the ``reason`` when some figures could not be read."""
-    return {**dataclasses.asdict(status), "stale": status.reason is not None}
+    """The status for programs (``--json``, the Live page's ``live.json``): its fields,
+    ``stale`` with the ``reason`` when some figures could not be read, and ``budgets_read``:
+    false when a team's ``budget_usd`` null is unknown, not "no budget"."""
+    return {
+        **dataclasses.asdict(status),
+        "stale": status.reason is not None,
+        "budgets_read": status.budgets_read,
+    }
 
 
 def watch_record(last: Status | None, reason: str | None, since: datetime | None) -> dict[str, Any]:

@@ -310,3 +310,37 @@ async def test_status_lists_a_disabled_teams_backlog_marked_disabled(settings: S
     assert (teams["beta"]["enabled"], teams["beta"]["queue_depth"]) == (False, 2)
     assert (teams["alpha"]["enabled"], teams["alpha"]["queue_depth"]) == (True, 0)
     assert "beta (disabled)" in said[1] and "gamma" not in said[1]
+
+
+async def test_status_names_the_registry_rows_no_worker_serves(settings: Settings) -> None:
+    # Given enabled alpha, and rows written with SQL that no worker serves: delta's rpm not a
+    # number, epsilon's config a JSON string
+    await register(settings, "alpha", TeamConfig())
+    pool = await create_pool(settings)
+    try:
+        for team, config in (("delta", '{"rpm": "abc"}'), ("epsilon", '"text"')):
+            await pool.execute(
+                "INSERT INTO teams (name, config) VALUES ($1, $2::text::jsonb)", team, config
+            )
+    finally:
+        await pool.close()
+    env = {
+        **os.environ,
+        "QUEUEGATE_NAMESPACE": settings.namespace,
+        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+    }
+    # When an operator asks for the status, as JSON and as a table
+    said = []
+    for shape in (["--json"], []):
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "status", *shape,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
+        said.append((stdout.decode(), stderr.decode()))
+    # Expect both named as not served, what to run said (before: left out without a word)
+    status = json.loads(said[0][0])
+    assert status["invalid_teams"] == ["delta", "epsilon"]
+    assert [t["team"] for t in status["teams"]] == ["alpha"]
+    assert "not served: delta, epsilon: their registry rows are invalid" in said[1][1]
+    assert "queuegate teams show NAME" in said[1][1]

@@ -80,6 +80,7 @@ async def test_status_with_postgres_unreachable_says_so_and_shows_budgets_unknow
     assert status["stale"] is True
     assert status["reason"].startswith(reason)
     assert [team["budget_usd"] for team in status["teams"]] == [None]
+    assert status["budgets_read"] is False  # before: a null budget read as "no budget"
     assert (code, table_code) == (3, 3)
     for err in (stderr, table_stderr):
         [line] = err.strip().splitlines()
@@ -185,7 +186,7 @@ async def test_watch_marks_itself_stale_while_redis_is_away_and_recovers(
             screen.close()
 
 
-STATUS_FIELDS = {f.name for f in dataclasses.fields(Status)} | {"stale"}
+STATUS_FIELDS = {f.name for f in dataclasses.fields(Status)} | {"stale", "budgets_read"}
 """The fields of the document ``status --json`` prints."""
 
 
