@@ -286,22 +286,11 @@ async def test_status_lists_a_disabled_teams_backlog_marked_disabled(settings: S
         await pool.close()
 
     # When an operator asks for the status, as JSON and as a table
-    env = {
-        **os.environ,
-        "QUEUEGATE_NAMESPACE": settings.namespace,
-        "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
-        "COLUMNS": "160",
-    }
     said = []
     for shape in (["--json"], []):
-        cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "status", *shape,
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
-        # (stale: no worker runs)
-        assert cli.returncode == 3, stderr.decode()
-        said.append(stdout.decode())
+        code, stdout, stderr = await _status_cli(settings, *shape)
+        assert code == 3, stderr  # (stale: no worker runs)
+        said.append(stdout)
 
     # Expect beta listed, marked disabled, with its 2 jobs; alpha listed as ever; gamma,
     # disabled with nothing waiting, left out
@@ -324,23 +313,28 @@ async def test_status_names_the_registry_rows_no_worker_serves(settings: Setting
             )
     finally:
         await pool.close()
+    # When an operator asks for the status, as JSON and as a table
+    _, as_json, _ = await _status_cli(settings, "--json")
+    _, _, stderr = await _status_cli(settings)
+    # Expect both named as not served, what to run said (before: left out without a word)
+    status = json.loads(as_json)
+    assert status["invalid_teams"] == ["delta", "epsilon"]
+    assert [t["team"] for t in status["teams"]] == ["alpha"]
+    assert "not served: delta, epsilon: their registry rows are invalid" in stderr
+    assert "queuegate teams show NAME" in stderr
+
+
+async def _status_cli(settings: Settings, *options: str) -> tuple[int | None, str, str]:
+    """``queuegate status`` of the test's namespace and schema: exit status, stdout, stderr."""
     env = {
         **os.environ,
         "QUEUEGATE_NAMESPACE": settings.namespace,
         "QUEUEGATE_DATABASE_SCHEMA": settings.database_schema,
+        "COLUMNS": "160",
     }
-    # When an operator asks for the status, as JSON and as a table
-    said = []
-    for shape in (["--json"], []):
-        cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "status", *shape,
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
-        said.append((stdout.decode(), stderr.decode()))
-    # Expect both named as not served, what to run said (before: left out without a word)
-    status = json.loads(said[0][0])
-    assert status["invalid_teams"] == ["delta", "epsilon"]
-    assert [t["team"] for t in status["teams"]] == ["alpha"]
-    assert "not served: delta, epsilon: their registry rows are invalid" in said[1][1]
-    assert "queuegate teams show NAME" in said[1][1]
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "status", *options,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(cli.communicate(), timeout=20)
+    return cli.returncode, stdout.decode(), stderr.decode()
