@@ -715,6 +715,18 @@ async def connect(url: str, *, name: str) -> AbstractRobustConnection:
                 f"RabbitMQ at {redact_url(url)} refused the user's password: check it (a "
                 "team's is shown once by queuegate teams add; rotate-credentials makes a new one)"
             ) from exc
+        except aiormq.exceptions.InvalidFrameError as exc:
+            await connection.close()
+            if "Connection.OpenOk" not in str(exc) or "Connection.Close" not in str(exc):
+                failure = exc
+                continue
+            # The broker closed the connection as it was opened (NOT_ALLOWED: aiormq keeps
+            # only this of it): no node would open it. Before: said as RabbitMQ being down.
+            raise ServiceUnavailable(
+                f"RabbitMQ at {redact_url(url)} refused to open vhost {vhost_of(url)!r} for "
+                "the user: create the vhost and give the user permissions on it "
+                "(rabbitmqctl add_vhost, set_permissions), or set QUEUEGATE_AMQP_URL"
+            ) from exc
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
             await connection.close()
             failure = exc

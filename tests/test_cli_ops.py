@@ -627,6 +627,20 @@ async def test_a_user_postgresql_refuses_is_hidden_in_its_message(settings: Sett
     assert "SECRETKEY1" not in line, line
 
 
+async def test_a_vhost_the_broker_refuses_is_said_so_not_as_rabbitmq_down(
+    settings: Settings,
+) -> None:
+    # When a command's broker URL names a vhost the broker does not have
+    parts = urlsplit(settings.amqp_url)
+    url = urlunsplit(parts._replace(path="/no-such-vhost"))
+    code, _, stderr = await _cli(settings, "status", QUEUEGATE_AMQP_URL=url)
+    # Expect one line saying the broker refused the vhost and what to do (before: "RabbitMQ
+    # is not reachable ...: start it", for a broker that answered)
+    assert code == 1
+    line = _one_error_line(stderr)
+    assert "refused to open vhost 'no-such-vhost' for the user: create the vhost" in line, line
+
+
 async def test_a_team_turned_api_key_is_told_its_broker_user_is_deleted(
     settings: Settings,
 ) -> None:
