@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import Any, Self
 
 import aiormq
@@ -167,6 +168,19 @@ class GatewayClient(ReplyingConnection):
         tracing.start("queuegate-producer", heed_callers=True)
         await self._connect(self._settings.amqp_url, name=f"producer:{self.team}")
         return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The waits under way end now, with GaveUp (before: each waited out its timeout, one
+        # without a timeout for ever), and a publish after this is refused at once (it waited
+        # 60 s for a connection closed for good).
+        self._inbox.give_up()
+        self._exchange = self._channel = None
+        await super().__aexit__(exc_type, exc, tb)
 
     async def _setup(self, connection: AbstractRobustConnection) -> None:
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -338,6 +352,12 @@ class GatewayClient(ReplyingConnection):
         )
 
     async def wait(self, job_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> ChatResult:
+        if self._reply_queue is None or self._channel is None:
+            # No reply queue read: no answer would come (before: waited out its timeout).
+            raise ClientError(
+                f"this client reads no results, so no answer to job {job_id} comes to it: "
+                "await it in a client opened with listen=True (the default), inside `async with`"
+            )
         try:
             return _answered(await self._inbox.wait(job_id, timeout))
         except TimeoutError as exc:

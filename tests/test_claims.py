@@ -24,7 +24,14 @@ from admin.teams import Credentials, add, set_security
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate import dlq
-from queuegate.errors import AnswerTaken, DeadlineExceeded, IdempotencyConflict, JobIdInFlight
+from queuegate.errors import (
+    AnswerTaken,
+    ClientError,
+    DeadlineExceeded,
+    GaveUp,
+    IdempotencyConflict,
+    JobIdInFlight,
+)
 from queuegate.keys import Keys
 from queuegate.management import BrokerAdmin
 from queuegate.messages import Attempt, ChatJob, ChatResult
@@ -279,6 +286,32 @@ async def test_a_handle_gets_its_answer_whatever_took_it_first_and_lets_it_go_dr
     with pytest.raises(AnswerTaken):
         await client.wait(job.job_id, 10)
     assert gw.mock.stats.calls == 3
+
+
+async def test_a_client_closed_ends_its_waits_and_refuses_more_at_once(
+    settings: Settings, broker_settings: Settings
+) -> None:
+    # Given a team added the default way, its client awaiting a job held 300 ms at the
+    # provider, by its handle and by id without a timeout
+    async with running_gateway(settings, mock_config=SLOW):
+        async with GatewayClient(broker_settings, team="alpha") as client:
+            handle = await client.submit(client.job("gpt-4o-mini", HELLO, job_id="x-closed"))
+            waits = [
+                asyncio.ensure_future(handle.result(600)),
+                asyncio.ensure_future(client.wait("x-closed", timeout=None)),
+            ]
+            await asyncio.sleep(0)
+        # When the client closes, expect each wait ended at once (before: each waited out
+        # its timeout, the one without for ever)
+        done, _ = await asyncio.wait(waits, timeout=10)
+        assert done == set(waits)
+        assert all(isinstance(wait.exception(), GaveUp) for wait in waits)
+        # ... and a wait or a submit on it refused at once (before: 60 s, then "lost the
+        # RabbitMQ connection")
+        with pytest.raises(ClientError, match="this client reads no results"):
+            await client.wait("x-closed", 10)
+        with pytest.raises(RuntimeError, match="inside `async with`"):
+            await client.submit(client.job("gpt-4o-mini", HELLO))
 
 
 async def test_a_named_queue_keeps_no_other_requests_answer_for_a_job_id(
