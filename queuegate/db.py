@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
-from queuegate.errors import ServiceUnavailable
+from queuegate.errors import ConfigError, ServiceUnavailable
 from queuegate.settings import Settings
 from queuegate.start_wait import StartWait
 from queuegate.urls import redact_quoted, redact_url
@@ -120,6 +120,14 @@ async def create_pool(
             init=_init_connection if prepare is None else functools.partial(_init_then, prepare),
             reset=None if reset_sessions else _keep_session,
         )
+    except asyncpg.ClientConfigurationError as exc:
+        # An option asyncpg cannot use (?sslmode=bogus): no wait helps, where it was waited
+        # for and said as PostgreSQL not reachable.
+        said = redact_quoted(str(exc), settings.database_url)
+        raise ConfigError(
+            f"invalid QUEUEGATE_DATABASE_URL: its client cannot use it ({said}): correct it "
+            "and run again"
+        ) from None
     except _CONNECT_ERRORS as exc:
         raise ServiceUnavailable(database_unreachable(settings, exc)) from exc
     try:
@@ -152,6 +160,14 @@ async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
             timeout=CONNECT_TIMEOUT,
             server_settings={"search_path": settings.database_schema},
         )
+    except asyncpg.ClientConfigurationError as exc:
+        # An option asyncpg cannot use (?sslmode=bogus): no wait helps, where it was waited
+        # for and said as PostgreSQL not reachable.
+        said = redact_quoted(str(exc), settings.database_url)
+        raise ConfigError(
+            f"invalid QUEUEGATE_DATABASE_URL: its client cannot use it ({said}): correct it "
+            "and run again"
+        ) from None
     except _CONNECT_ERRORS as exc:
         raise ServiceUnavailable(database_unreachable(settings, exc)) from exc
     try:

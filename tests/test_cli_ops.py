@@ -641,6 +641,22 @@ async def test_a_vhost_the_broker_refuses_is_said_so_not_as_rabbitmq_down(
     assert "refused to open vhost 'no-such-vhost' for the user: create the vhost" in line, line
 
 
+@pytest.mark.parametrize("command", [["usage"], ["worker", "--teams", "alpha"]])
+async def test_a_database_url_its_client_cannot_use_is_refused_not_waited_for(
+    settings: Settings, command: list[str]
+) -> None:
+    # When a command's database URL holds an option asyncpg cannot use
+    url = f"{settings.database_url}?sslmode=bogus"
+    code, _, stderr = await _cli(
+        settings, *command, QUEUEGATE_DATABASE_URL=url, QUEUEGATE_METRICS_PORT="0"
+    )
+    # Expect one line saying so (before: "PostgreSQL is not reachable ...: start it", and a
+    # worker waited for it as for an outage)
+    assert code != 0
+    line = _one_error_line(stderr)
+    assert "invalid QUEUEGATE_DATABASE_URL: its client cannot use it (`sslmode`" in line, line
+
+
 async def test_a_team_turned_api_key_is_told_its_broker_user_is_deleted(
     settings: Settings,
 ) -> None:
