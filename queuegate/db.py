@@ -121,13 +121,7 @@ async def create_pool(
             reset=None if reset_sessions else _keep_session,
         )
     except asyncpg.ClientConfigurationError as exc:
-        # An option asyncpg cannot use (?sslmode=bogus): no wait helps, where it was waited
-        # for and said as PostgreSQL not reachable.
-        said = redact_quoted(str(exc), settings.database_url)
-        raise ConfigError(
-            f"invalid QUEUEGATE_DATABASE_URL: its client cannot use it ({said}): correct it "
-            "and run again"
-        ) from None
+        raise _unusable(settings, exc) from None
     except _CONNECT_ERRORS as exc:
         raise ServiceUnavailable(database_unreachable(settings, exc)) from exc
     try:
@@ -161,13 +155,7 @@ async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
             server_settings={"search_path": settings.database_schema},
         )
     except asyncpg.ClientConfigurationError as exc:
-        # An option asyncpg cannot use (?sslmode=bogus): no wait helps, where it was waited
-        # for and said as PostgreSQL not reachable.
-        said = redact_quoted(str(exc), settings.database_url)
-        raise ConfigError(
-            f"invalid QUEUEGATE_DATABASE_URL: its client cannot use it ({said}): correct it "
-            "and run again"
-        ) from None
+        raise _unusable(settings, exc) from None
     except _CONNECT_ERRORS as exc:
         raise ServiceUnavailable(database_unreachable(settings, exc)) from exc
     try:
@@ -211,6 +199,16 @@ async def wait_for_pool(
         else:
             waiting.answered()
             return pool
+
+
+def _unusable(settings: Settings, exc: asyncpg.ClientConfigurationError) -> ConfigError:
+    """A URL with an option asyncpg cannot use (``?sslmode=bogus``), said so: no wait helps
+    (it was waited for, and said as PostgreSQL not reachable)."""
+    said = redact_quoted(str(exc), settings.database_url)
+    return ConfigError(
+        f"invalid QUEUEGATE_DATABASE_URL: its client cannot use it ({said}): correct it and "
+        "run again"
+    )
 
 
 def database_unreachable(
