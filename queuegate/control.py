@@ -66,6 +66,12 @@ STEP_MAX = 1_000
 """Custom ids one batch step (a control request: ``index``, ``line_numbers``, ...) carries
 at most; a client sends more in several. A worker refuses a larger one unread: 10 steps of
 200,000 ids, 5 MB each, held a worker 11 s and another team's jobs with it."""
+BATCH_IDS_PER_HOUR = 2_000_000
+"""Custom ids a team's batch steps may record in the gateway's Redis in an hour (``index``,
+``mark_published``, ``mark_written``: about 660,000 requests submitted and collected, 13
+times Anthropic's largest batch): steps cost a team nothing, and without a bound one team's
+steps of any ids, under any batch names and runs, grew the shared Redis without end (eight
+of 200,000 ids took it from 23 to 70 MB; steps of 1,000, about 100 KB each, still would)."""
 CONTROL_BODY_MAX = 1 << 20
 """Bytes of a control request a worker reads at most: a step of ``STEP_MAX`` custom ids is
 about 100 KB (400 KB were every character of its ids escaped); a larger one is refused

@@ -221,6 +221,11 @@ class Keys:
         """custom_ids whose result line is on disk (set)."""
         return f"{self.prefix}:batch:{team}:{name}:written"
 
+    def batch_ids(self, team: str, hour: int) -> str:
+        """Custom ids the team's batch steps recorded in ``hour`` (hours since the epoch),
+        counted against ``BATCH_IDS_PER_HOUR``."""
+        return f"{self.prefix}:batch-ids:{team}:{hour}"
+
     def batch_canceled(self, team: str, name: str) -> str:
         """Set when a batch is canceled; workers answer its remaining jobs ``canceled``."""
         return f"{self.prefix}:batch:{team}:{name}:canceled"

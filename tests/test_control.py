@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
 
+import workers.control
 from admin.teams import (
     Credentials,
     create_broker_user,
@@ -573,6 +574,36 @@ async def test_a_batch_step_past_what_a_worker_takes_is_refused_unread_and_store
         assert await client.control.batch("index", "flood", entries=index[:STEP_MAX], run="ab12")
         lines = [(f"s-{i}", i + 1) for i in range(2_500)]
         assert await BatchState(client.control, "split").index(lines) == list(range(1, 2_501))
+
+
+async def test_a_teams_batch_steps_record_no_more_ids_an_hour_than_its_bound(
+    settings: Settings,
+    teams: dict[str, Credentials],
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a bound of 2,500 custom ids an hour (2,000,000 in earnest)
+    monkeypatch.setattr(workers.control, "BATCH_IDS_PER_HOUR", 2_500)
+    async with (
+        running_gateway(settings, teams=("alpha", "beta")),
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as alpha,
+        GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta,
+    ):
+        entries = [[f"id-{i:05d}", i + 1] for i in range(STEP_MAX)]
+        # When alpha's app sends index steps of 1,000 new ids under runs of its choosing (before:
+        # any number, each stored for an hour: 80 MB a second of the shared Redis)
+        for run in ("aa01", "aa02"):
+            await alpha.control.batch("index", "flood", entries=entries, run=run)
+        with pytest.raises(ControlRefused) as refused:
+            await alpha.control.batch("index", "flood", entries=entries, run="aa03")
+        # Expect the third refused in one line saying when it may go on, nothing of it stored,
+        # and another team's steps taken as ever
+        said = str(refused.value)
+        assert "batch steps recorded 2,500 custom ids this hour, the most a team may" in said
+        assert "\n" not in said
+        key = Keys(settings.redis_prefix).batch_index("alpha", "flood", "aa03")
+        assert not await redis_client.exists(key)
+        assert await beta.control.batch("index", "flood", entries=entries, run="bb01")
 
 
 UNDECODABLE = "amq.rabbitmq.reply-to.g1h2AA5yZWJiaXRAdm0AAAAAAAAAAQAAAAA=.abc"

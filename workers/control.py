@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,7 @@ from redis.exceptions import RedisError
 from queuegate.broker import Consumer, Incoming, consume, json_message, settle
 from queuegate.control import (
     BATCH_ERROR,
+    BATCH_IDS_PER_HOUR,
     CONTROL_BODY_MAX,
     CONTROL_WAIT,
     DIRECT_REPLY_TO,
@@ -468,7 +470,9 @@ class ControlPlane:
                 await state.reset_index()
                 return None
             case "index":
-                return await state.index(_arg(call, "entries", _INDEX))
+                entries = _arg(call, "entries", _INDEX)
+                await self._charge(team, len(entries))
+                return await state.index(entries)
             case "is_canceled":
                 return await state.is_canceled()
         # Every other step is on a recorded batch, whose expiry its keys then take: its record
@@ -484,10 +488,14 @@ class ControlPlane:
             case "outcomes_among":
                 return await state.outcomes_among(meta, _arg(call, "ids", _IDS))
             case "mark_published":
-                await state.mark_published(_arg(call, "ids", _IDS))
+                ids = _arg(call, "ids", _IDS)
+                await self._charge(team, len(ids))
+                await state.mark_published(ids)
                 return None
             case "mark_written":
-                await state.mark_written(_arg(call, "entries", _WRITTEN))
+                written = _arg(call, "entries", _WRITTEN)
+                await self._charge(team, len(written))
+                await state.mark_written(written)
                 return None
             case "unwritten":
                 return await state.unwritten(_arg(call, "cursor", _CURSOR, 0))
@@ -514,6 +522,24 @@ class ControlPlane:
                 await state.delete()
                 return None
         raise Refused(f"unknown batch call {call.call!r}")  # pragma: no cover - Literal
+
+    async def _charge(self, team: str, ids: int) -> None:
+        """Count ``ids`` custom ids a batch step of ``team`` is about to record against its
+        hour (``BATCH_IDS_PER_HOUR``); Refused past it, nothing counted nor recorded."""
+        now = time.time()
+        hour = int(now // 3600)
+        key = self._keys.batch_ids(team, hour)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, ids)
+            pipe.expire(key, 7200)
+            total, _ = await pipe.execute()
+        if int(total) > BATCH_IDS_PER_HOUR:
+            await self._redis.decrby(key, ids)
+            minutes = math.ceil(((hour + 1) * 3600 - now) / 60)
+            raise Refused(
+                f"team {team}'s batch steps recorded {BATCH_IDS_PER_HOUR:,} custom ids this "
+                f"hour, the most a team may: go on in {minutes} minutes (the hour's end)"
+            )
 
     async def _check_answered(self, state: BatchState, meta: BatchMeta) -> None:
         """Refuse to delete a batch whose published requests are not all answered.
