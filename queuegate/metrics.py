@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from datetime import UTC, datetime
+from functools import cache
 from typing import Literal
 
 from prometheus_client import (
@@ -110,12 +111,6 @@ IN_FLIGHT = Gauge(
     ["team"],
     multiprocess_mode="livesum",
 )
-USAGE_BATCH = Histogram(
-    "queuegate_usage_batch_size",
-    "Usage events per message a worker sent (the jobs that finished while its previous batch "
-    "awaited the broker's confirm).",
-    buckets=_BATCH_BUCKETS,
-)
 BROKER_RECONNECTS = Counter(
     "queuegate_broker_reconnects",
     "Times a worker's broker connection was lost and made again: its own (worker, team empty), "
@@ -127,25 +122,56 @@ ACCOUNTING_EVENTS = Counter(
     "Usage events handled by accounting, by outcome (written or rejected).",
     ["outcome"],
 )
-ACCOUNTING_BATCH = Histogram(
-    "queuegate_accounting_batch_size",
-    "Usage events per batch written to PostgreSQL.",
-    buckets=_BATCH_BUCKETS,
-)
-ACCOUNTING_LAG = Gauge(
-    "queuegate_accounting_lag_seconds",
-    "Age of the oldest usage event accounting holds unwritten (0 when it holds none): grows "
-    "while accounting is behind or PostgreSQL is down.",
-    multiprocess_mode="livemax",
-)
 
-REDIS_EVICTS_KEYS = Gauge(
-    "queuegate_redis_evicts_keys",
-    "1 while the worker's Redis evicts keys once full (a maxmemory and a maxmemory-policy "
-    "other than noeviction), asked every minute: a job whose claim or stored outcome it "
-    "evicts is called and answered again. 0 otherwise.",
-    multiprocess_mode="livemax",
-)
+
+# Metrics without labels, made by the process whose role feeds them, when it first does: one
+# is exported from its making, at 0 until set, so made here with the rest every process
+# exported every role's (a worker's /metrics an accounting lag of 0, and accounting's a
+# usage batch size), and an alert on the lag's absence never fired while accounting was down.
+
+
+@cache
+def _usage_batch() -> Histogram:
+    return Histogram(
+        "queuegate_usage_batch_size",
+        "Usage events per message a worker sent (the jobs that finished while its previous batch "
+        "awaited the broker's confirm).",
+        buckets=_BATCH_BUCKETS,
+    )
+
+
+@cache
+def _accounting_batch() -> Histogram:
+    return Histogram(
+        "queuegate_accounting_batch_size",
+        "Usage events per batch written to PostgreSQL.",
+        buckets=_BATCH_BUCKETS,
+    )
+
+
+@cache
+def _accounting_lag() -> Gauge:
+    return Gauge(
+        "queuegate_accounting_lag_seconds",
+        "Age of the oldest usage event accounting holds unwritten (0 when it holds none): grows "
+        "while accounting is behind or PostgreSQL is down.",
+        multiprocess_mode="livemax",
+    )
+
+
+@cache
+def _redis_evicts_keys() -> Gauge:
+    return Gauge(
+        "queuegate_redis_evicts_keys",
+        "1 while the worker's Redis evicts keys once full (a maxmemory and a maxmemory-policy "
+        "other than noeviction), asked every minute: a job whose claim or stored outcome it "
+        "evicts is called and answered again. 0 otherwise.",
+        multiprocess_mode="livemax",
+    )
+
+
+ROLE_METRICS = (_usage_batch, _accounting_batch, _accounting_lag, _redis_evicts_keys)
+"""What makes each metric of one role's (above), for a reader of every metric's name."""
 
 SPEND_DRIFT = Gauge(
     "queuegate_spend_drift_usd",
@@ -248,12 +274,12 @@ def set_breaker_state(deployment: str, state: BreakerState) -> None:
 
 def observe_usage_batch(events: int) -> None:
     """A worker's batch of usage events was confirmed by the broker."""
-    USAGE_BATCH.observe(events)
+    _usage_batch().observe(events)
 
 
 def observe_accounting_batch(written: int, rejected: int) -> None:
     """A batch committed: its size."""
-    ACCOUNTING_BATCH.observe(written + rejected)
+    _accounting_batch().observe(written + rejected)
     ACCOUNTING_EVENTS.labels("written").inc(written)
     if rejected:
         ACCOUNTING_EVENTS.labels("rejected").inc(rejected)
@@ -263,11 +289,16 @@ def set_accounting_lag(oldest: datetime | None) -> None:
     """Accounting holds events unwritten since ``oldest`` (the earliest of their jobs' ends),
     or none (None): the lag is the time since then, or 0."""
     if oldest is None:
-        ACCOUNTING_LAG.set(0.0)
+        _accounting_lag().set(0.0)
         return
     if oldest.tzinfo is None:  # an event's time without an offset is UTC, as accounting stores it
         oldest = oldest.replace(tzinfo=UTC)
-    ACCOUNTING_LAG.set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+    _accounting_lag().set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+
+
+def set_redis_evicts_keys(evicts: bool) -> None:
+    """The worker's Redis evicts keys once full (``workers.eviction_watch``), or not."""
+    _redis_evicts_keys().set(evicts)
 
 
 def gauge_values(gauge: Gauge) -> dict[str, float]:

@@ -263,7 +263,10 @@ def test_every_metric_the_dashboard_plots_is_exported() -> None:
     used = {name for expr in exprs for name in re.findall(r"queuegate_[a-z_]+", expr)}
     exported = {
         sample_name
-        for metric in vars(queuegate.metrics).values()
+        for metric in [
+            *vars(queuegate.metrics).values(),
+            *(make() for make in queuegate.metrics.ROLE_METRICS),
+        ]
         if isinstance(metric, MetricWrapperBase)
         for family in metric.describe()
         for sample_name in _sample_names(family.name, family.type)

@@ -133,6 +133,12 @@ async def test_the_accounting_beside_a_worker_on_one_host_serves_on_a_port_of_it
                 while said and "/readyz on" not in said:
                     said = (await accounting.stderr.readline()).decode()
             assert said.rstrip().endswith("/readyz on http://0.0.0.0:9463"), said
+            # ... and none of a worker's metrics there (before: its usage batch size and, as
+            # a worker's carried accounting's lag, exported at 0 by every process)
+            async with httpx.AsyncClient() as http:
+                text = (await http.get("http://127.0.0.1:9463/metrics")).text
+            for workers_own in ("queuegate_usage_batch_size", "queuegate_redis_evicts_keys"):
+                assert workers_own not in text
         finally:
             accounting.terminate()
             await accounting.communicate()

@@ -13,7 +13,7 @@ import logging
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, RedisError
 
-from queuegate.metrics import REDIS_EVICTS_KEYS
+from queuegate.metrics import set_redis_evicts_keys
 from queuegate.redis_client import evicting, eviction_policy
 from queuegate.runtime import until_set
 
@@ -43,5 +43,5 @@ async def watch_eviction(redis: aioredis.Redis, place: str, stop: asyncio.Event)
         elif policy is None and evicts:
             log.info("%s no longer evicts keys", place)
         evicts = policy is not None
-        REDIS_EVICTS_KEYS.set(evicts)
+        set_redis_evicts_keys(evicts)
         await until_set(EVICTION_CHECK_EVERY, stop)
