@@ -99,6 +99,10 @@ class ReplyBook:
         answer to its second publish, may have come already, and is not handed over again),
         whatever a wait by id or a stream of the job took meanwhile."""
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._let_go: OrderedDict[str, None] = OrderedDict()
+        """Jobs whose every handle was dropped before their answer came (``unexpect``): the
+        answer is dropped as it comes, not kept for a wait by id nobody will make (a client
+        that submitted and dropped its handles kept every answer for its whole life)."""
         self._keep_unexpected = keep_unexpected
         self.duplicates = 0
         self.strays = 0
@@ -115,6 +119,7 @@ class ReplyBook:
         published in, when this side publishes it (before: a refusal may come back before
         the broker's confirm), for a handle (``unexpect`` once it has the answer), or for
         no handle (``handle=False``: a job published to be awaited by id)."""
+        self._let_go.pop(job_id, None)  # expected again: its answer is wanted
         if request is not None:
             names = self._requests.get(job_id)
             if names is None or names[0] != request:
@@ -172,7 +177,9 @@ class ReplyBook:
         self._seen[result.job_id] = None
         if len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
-        if not self._keep_unexpected and result.job_id not in self._futures:
+        let_go = result.job_id in self._let_go
+        self._let_go.pop(result.job_id, None)
+        if result.job_id not in self._futures and (not self._keep_unexpected or let_go):
             return True
         future = self.expect(result.job_id)
         if not future.done():
@@ -237,6 +244,11 @@ class ReplyBook:
             return False
         if self._waiters.get(job_id):
             return False
+        future = self._futures.get(job_id)
+        if future is None or not future.done():
+            self._let_go[job_id] = None
+            if len(self._let_go) > SEEN_LIMIT:
+                self._let_go.popitem(last=False)
         self.forget(job_id)
         return True
 

@@ -285,7 +285,17 @@ async def test_a_handle_gets_its_answer_whatever_took_it_first_and_lets_it_go_dr
     assert (await client.wait(job.job_id, 10)).status == "ok"
     with pytest.raises(AnswerTaken):
         await client.wait(job.job_id, 10)
-    assert gw.mock.stats.calls == 3
+    # ... and when nobody waits for it, expect the answer dropped as it comes (before: kept
+    # for the client's whole life, one a job)
+    kept = client.duplicates + client.strays
+    for n in range(20):
+        await client.submit(client.job("gpt-4o-mini", HELLO, job_id=f"x-gone-{n}"))
+    await wait_until(lambda: gw.mock.stats.calls == 23)
+    await wait_until(lambda: all(f"x-gone-{n}" in client._inbox.replies._seen for n in range(20)))
+    for n in range(20):
+        with pytest.raises(AnswerTaken):
+            await client.wait(f"x-gone-{n}", 10)
+    assert client.duplicates + client.strays == kept
 
 
 async def test_a_client_closed_ends_its_waits_and_refuses_more_at_once(
