@@ -305,7 +305,9 @@ def failed(
     timing: Timing,
     *,
     marks: Marks | None = None,
+    stream: str | None = None,
 ) -> Outcome:
+    """A job that failed (``error``); relayed as ``stream``, if streamed, as ``served``."""
     attempts = error.attempts
     gateway = GatewayInfo(
         model_requested=model,
@@ -313,6 +315,7 @@ def failed(
         attempts=attempts,
         worker=timing.worker,
         trace_id=timing.trace_id,
+        stream=stream,
     )
     info = ErrorInfo(
         code=error.code,

@@ -365,18 +365,21 @@ class JobProcessor:
         Its outcome is built with the gate's marks (``Admitted.marks``, once screened: the
         PII found is among them), as ``_ended`` expects."""
         error: JobError | None = None
+        # Made here: a streamed job that fails names the stream its chunks went in, as one
+        # served does (its reader takes an answer of another stream, or none, as broken).
+        relay = relay_for(job, reply_to, self._publisher, _held_by(message))
+        stream = None if relay is None else relay.stream
         try:
             try:
                 sent = await admitted.screen()
                 marks = admitted.marks(claim.fingerprint)
-                held = _held_by(message)
-                outcome = await self._answer(
-                    sent, reply_to, timing, claim, ahead, marks=marks, held=held
-                )
+                outcome = await self._answer(sent, relay, timing, claim, ahead, marks=marks)
             except JobError as exc:
                 error = exc
                 marks = admitted.marks(claim.fingerprint)
-                outcome = failed(job.job_id, job.team, job.model, exc, timing, marks=marks)
+                outcome = failed(
+                    job.job_id, job.team, job.model, exc, timing, marks=marks, stream=stream
+                )
                 # Its end is stored as the job's outcome: not before another delivery's, which
                 # may be calling (one refused over budget would answer a job that was called).
                 await claim.take_up(job)
@@ -392,7 +395,9 @@ class JobProcessor:
             # the job (taken up once admitted), or it is dead-lettered, as from the first take.
             error = _error_of(exc, job.job_id)
             marks = admitted.marks(claim.fingerprint)
-            outcome = failed(job.job_id, job.team, job.model, error, timing, marks=marks)
+            outcome = failed(
+                job.job_id, job.team, job.model, error, timing, marks=marks, stream=stream
+            )
         except BaseException:
             await claim.abandon()
             raise
@@ -666,18 +671,15 @@ class JobProcessor:
     async def _answer(
         self,
         job: ChatJob,
-        reply_to: str | None,
+        relay: StreamRelay | None,
         timing: Timing,
         claim: Claim,
         ahead: Ahead | None,
         *,
         marks: Marks | None,
-        held: Callable[[], bool],
     ) -> Outcome:
         """From the response cache when the job (or its team) wants it, else from the router
-        (streamed to ``reply_to`` when the job asks for it, while its delivery is ``held``);
-        built with ``marks``."""
-        relay = relay_for(job, reply_to, self._publisher, held)
+        (streamed through ``relay`` when the job asks for it); built with ``marks``."""
         cache = wanted(job, self._admission.config(job.team))
         hit = await self._cache.get(job) if cache else None
         stream = None if relay is None else relay.stream
