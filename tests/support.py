@@ -219,7 +219,12 @@ async def queuegate_cli(settings: Settings, *args: str, **env: str) -> tuple[int
         },
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:  # timed out or cancelled: not left running
+            process.kill()
+            await process.wait()
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
 
