@@ -60,11 +60,22 @@ async def test_a_team_whose_queue_declare_is_slow_is_served_before_the_worker_is
                 # (TEAM_RETRY), within the fixture's wait, not at the refresh (the line it
                 # says it is ready with names the teams it serves then)
                 await answered_again
-                said = [r.getMessage() for r in caplog.records]
+                said = _worker_said(caplog)
                 ready = [line for line in said if line.startswith("worker test-worker serving")]
-                assert ready == ["worker test-worker serving alpha, beta"]
+                # (beta too, unless the broker closed the connection it shares with alpha,
+                # as it may an API-key team's, as the stall ended: beta is tried again later)
+                assert ready in (
+                    ["worker test-worker serving alpha, beta"],
+                    ["worker test-worker serving alpha"],
+                ), said
                 assert "alpha" in gw.worker.teams
                 assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
+
+
+def _worker_said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The worker's own log lines (aio-pika's may not format: its OneShotCallback's repr
+    raised AttributeError once its callback had run)."""
+    return [r.getMessage() for r in caplog.records if r.name == "workers.worker"]
 
 
 async def _answer_again(broker: TcpProxy, left_out: asyncio.Event) -> None:
@@ -120,7 +131,7 @@ async def test_a_team_whose_connection_stalls_holds_back_no_other_team(
     async with _beta_stalled(settings, teams, identity) as alpha:
         # Expect alpha served while beta's serve waits on the stall, not after it gave up on
         # beta (TEAM_SERVE_WAIT; one after another, alpha waited there)
-        said = [r.getMessage() for r in caplog.records]
+        said = _worker_said(caplog)
         served = _first(said, "now serving team alpha")
         assert served < _first(said, "team beta not served for now"), said
         assert (await alpha.chat("gpt-4o-mini", HELLO, timeout=30)).status == "ok"
