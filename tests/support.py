@@ -281,8 +281,16 @@ class LogLines:
         def found() -> list[re.Match[str]]:
             return [m for line in self.lines if (m := pattern.search(line))]
 
-        async with asyncio.timeout(30), self._changed:
-            await self._changed.wait_for(lambda: len(found()) >= count)
+        try:
+            # A guard, not a target: two processes starting on the loaded machine of a full
+            # run once took more than 30 s to say so.
+            async with asyncio.timeout(60), self._changed:
+                await self._changed.wait_for(lambda: len(found()) >= count)
+        except TimeoutError:
+            said = "".join(self.lines)
+            raise AssertionError(
+                f"{count} lines like {pattern.pattern!r} not seen: {said}"
+            ) from None
         return found()[:count]
 
     async def closed(self) -> str:
