@@ -47,7 +47,8 @@ ACK_EVERY = REPLY_PREFETCH // 4
 so the broker never stops delivering for want of acks."""
 
 SEEN_LIMIT = 100_000
-"""Answered job ids remembered to drop redelivered duplicates; older ones are forgotten."""
+"""Job ids remembered, answered (to drop redelivered duplicates) or let go (to drop their
+answers as they come); older ones are forgotten."""
 REDECLARE_FIRST, REDECLARE_MAX = 0.5, 10.0
 """Seconds between tries to declare a deleted reply queue again: the first, doubling to the
 last (the gateway may be unable to declare it for a while: its Redis away)."""
@@ -174,9 +175,7 @@ class ReplyBook:
             if waiting is not None and not waiting.done():
                 self._settle(result.job_id, waiting, result)
             return True
-        self._seen[result.job_id] = None
-        if len(self._seen) > SEEN_LIMIT:
-            self._seen.popitem(last=False)
+        _remember(self._seen, result.job_id)
         let_go = result.job_id in self._let_go
         self._let_go.pop(result.job_id, None)
         if result.job_id not in self._futures and (not self._keep_unexpected or let_go):
@@ -246,9 +245,7 @@ class ReplyBook:
             return False
         future = self._futures.get(job_id)
         if future is None or not future.done():
-            self._let_go[job_id] = None
-            if len(self._let_go) > SEEN_LIMIT:
-                self._let_go.popitem(last=False)
+            _remember(self._let_go, job_id)
         self.forget(job_id)
         return True
 
@@ -266,6 +263,13 @@ class ReplyBook:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(GaveUp(job_id))
+
+
+def _remember(ids: OrderedDict[str, None], job_id: str) -> None:
+    """Add ``job_id`` to ``ids``, forgetting the oldest past ``SEEN_LIMIT``."""
+    ids[job_id] = None
+    if len(ids) > SEEN_LIMIT:
+        ids.popitem(last=False)
 
 
 class ReplyAcks:
