@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
 
 import workers.control
+import workers.control_pace
 from admin.teams import (
     Credentials,
     create_broker_user,
@@ -474,6 +476,37 @@ async def test_a_teams_flood_of_control_requests_does_not_hold_up_another_teams(
     # refused what went past alpha's bound
     assert backlog > 0
     assert any(isinstance(result, DeliveryError) for result in sent)
+
+
+async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not(
+    settings: Settings, teams: dict[str, Credentials], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker that carries out 12 KB of a team's control requests a second, with a
+    # burst of 12 KB (1 MB and 4 MB in earnest), each request costing 4 KB beside its bytes
+    monkeypatch.setattr(workers.control_pace, "RATE", 12 * 1024)
+    monkeypatch.setattr(workers.control_pace, "BURST", 12 * 1024)
+    async with (
+        running_gateway(settings, teams=("alpha", "beta")),
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as alpha,
+        GatewayClient(as_team(settings, teams["beta"]), team="beta") as beta,
+    ):
+        answered: dict[str, float] = {}
+
+        async def ask(client: GatewayClient, name: str) -> None:
+            await client.control.batch("list")
+            answered[name] = time.monotonic()
+
+        # When alpha's app sends 12 requests at once (before: carried out back to back, and
+        # a flood of them took a worker from every other team), then beta's app one
+        started = time.monotonic()
+        flood = [asyncio.create_task(ask(alpha, f"alpha-{i}")) for i in range(12)]
+        await ask(beta, "beta")
+        await asyncio.gather(*flood)
+    # Expect alpha's carried out at its pace: the last no sooner than 51 KB less the burst at
+    # 12 KB/s (3.2 s) after they were sent, and beta's answered while alpha's still waited
+    last = max(at for name, at in answered.items() if name.startswith("alpha"))
+    assert last - started >= 2.5, last - started
+    assert answered["beta"] < last
 
 
 async def test_a_client_whose_control_request_the_broker_refuses_says_so_in_one_line(

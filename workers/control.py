@@ -2,7 +2,8 @@
 
 Every worker consumes the ``<ns>.control.<team>`` of each team it serves or the registry
 holds, a few requests at a time (``PREFETCH``), so a team flooding its own queue holds at
-most those slots. A request is answered, and carried out, only when its ``reply_to`` is a
+most those slots, each request waiting its turn by what it costs (workers/control_pace.py).
+A request is answered, and carried out, only when its ``reply_to`` is a
 direct reply-to name: the answer goes out under the worker's identity on the default
 exchange, where any other name could be another team's queue, on the team's own connection
 (``TeamConnections``: a name the broker cannot decode closes the connection it is published
@@ -70,6 +71,7 @@ from queuegate.settings import Settings
 from queuegate.topology import Bound, Topology
 from queuegate.visible import clipped
 from workers.batch_state import BatchState, list_batches
+from workers.control_pace import REQUEST_COST, Pace
 from workers.identity import Identities
 from workers.team_connections import TeamConnections
 
@@ -132,6 +134,8 @@ class ControlPlane:
         self._served: dict[str, Consumer] = {}
         self._disabled: frozenset[str] = frozenset()
         self._dropped_logged: dict[str, float] = {}
+        self._paces: dict[str, Pace] = {}
+        """Each team's turn for its next control request (workers/control_pace.py)."""
         self._reply_slot: AsyncScript = redis.register_script(lua_source("workers", "reply_slot"))
         self._reply_reclaim: AsyncScript = redis.register_script(
             lua_source("workers", "reply_reclaim")
@@ -164,6 +168,13 @@ class ControlPlane:
             self._served[team] = await self._consume(channel, team)
         for team in set(self._served) - wanted if only else ():
             await self._served.pop(team).cancel()
+            self._paces.pop(team, None)
+
+    def _pace(self, team: str) -> Pace:
+        pace = self._paces.get(team)
+        if pace is None:
+            pace = self._paces[team] = Pace()
+        return pace
 
     async def _consume(self, channel: AbstractRobustChannel, team: str) -> Consumer:
         async def on_request(delivered: DeliveredMessage) -> None:
@@ -182,6 +193,9 @@ class ControlPlane:
         """Answer a request in ``team``'s control queue, for that team: never for the one its
         routing key names, which a ``CC`` header's copy does not have (it keeps the key it
         was published under)."""
+        wait = self._pace(team).wait(len(delivered.body))
+        if wait > 0:
+            await asyncio.sleep(wait)
         message = Incoming(delivered)
         reply_to = message.reply_to
         request = _request_of(message)
@@ -409,7 +423,7 @@ class ControlPlane:
         counted = cast(
             list[tuple[bytes | str, float]], await self._redis.zrange(key, 0, -1, withscores=True)
         )
-        depths = await self._depths([text(member) for member, _ in counted])
+        depths = await self._depths(team, [text(member) for member, _ in counted])
         gone: list[str | float] = [
             value
             for (member, score), depth in zip(counted, depths, strict=True)
@@ -433,7 +447,7 @@ class ControlPlane:
             if durable
             else self._topology.replies_queue(team, name)
         )
-        if (await self._depths([queue]))[0] is None:
+        if (await self._depths(team, [queue]))[0] is None:
             await self._redis.zrem(self._keys.reply_queues(team), queue)
             return None
         deleted = await self._require_channel().queue_delete(queue)
@@ -447,7 +461,7 @@ class ControlPlane:
     async def _batch(self, team: str, call: BatchCall) -> Any:
         if call.call == "list":
             batches = await list_batches(self._redis, self._keys, team)
-            waiting = await self._waiting([meta for meta, _ in batches])
+            waiting = await self._waiting(team, [meta for meta, _ in batches])
             return [
                 BatchSummary.of(meta, counts, n).model_dump(mode="json")
                 for (meta, counts), n in zip(batches, waiting, strict=True)
@@ -550,7 +564,7 @@ class ControlPlane:
         the record (delete drops it with the rest, or the jobs are served) and would then
         cancel a batch submitted again under the name. After ``batch cancel`` its jobs are
         answered ``canceled`` within a second or so, and the batch can go."""
-        left = (await state.counts(meta)).unanswered((await self._waiting([meta]))[0])
+        left = (await state.counts(meta)).unanswered((await self._waiting(state.team, [meta]))[0])
         if left:
             raise Refused(
                 f"batch {meta.name!r} has {left:,} requests not answered yet, which workers "
@@ -563,20 +577,23 @@ class ControlPlane:
         return {
             "meta": meta.model_dump(mode="json"),
             "counts": counts.model_dump(mode="json"),
-            "waiting": counts.to_collect((await self._waiting([meta]))[0]),
+            "waiting": counts.to_collect((await self._waiting(state.team, [meta]))[0]),
         }
 
-    async def _waiting(self, batches: Sequence[BatchMeta]) -> list[int]:
+    async def _waiting(self, team: str, batches: Sequence[BatchMeta]) -> list[int]:
         """Results in each batch's results queue: answered, not collected yet."""
         queues = [self._topology.batch_results_queue(meta) for meta in batches]
-        return [depth or 0 for depth in await self._depths(queues)]
+        return [depth or 0 for depth in await self._depths(team, queues)]
 
-    async def _depths(self, queues: Sequence[str]) -> list[int | None]:
-        """Messages ready in each of ``queues``; None for one the broker has not.
+    async def _depths(self, team: str, queues: Sequence[str]) -> list[int | None]:
+        """Messages ready in each of ``queues`` of ``team``; None for one the broker has
+        not. Each looked up is charged to the team's pace as a request: a reclaim or a
+        ``batch list`` looks up every queue the team has.
 
         Looked up by passive declares on one channel of their own, not the consumers': the
         broker closes a channel on a passive declare of a missing queue, so another is opened
         only after one was missing."""
+        self._pace(team).charge(REQUEST_COST * len(queues))
         connection = (await self._require_channel().get_underlay_channel()).connection
         depths: list[int | None] = []
         probe: AbstractChannel | None = None
