@@ -336,6 +336,12 @@ def load_catalog(path: Path | None, env: Mapping[str, str]) -> Catalog:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}: invalid YAML{where}") from exc
+    if not isinstance(raw, dict):
+        # Any text file is YAML of some kind: /etc/passwd is one string.
+        raise ConfigError(
+            f"{source}: not a catalog (a YAML mapping with models: at its top): give the path "
+            "of a catalog YAML (--catalog or QUEUEGATE_CATALOG)"
+        )
     try:
         return Catalog.model_validate(_interpolate(raw, env, source, ""))
     except ValidationError as exc:

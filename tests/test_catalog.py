@@ -157,6 +157,15 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
     assert "invalid YAML at line 3" in load_error(bad)  # where the list was left open
 
 
+@pytest.mark.parametrize("text", ["root:x:0:0:root:/root:/bin/bash\n", "", "- models\n"])
+def test_a_file_that_is_no_catalog_says_so_and_what_to_give(tmp_path: Path, text: str) -> None:
+    # Given a file of another kind given as the catalog (a path mistyped: /etc/passwd, an
+    # empty file, a list); before, "Input should be a valid dictionary or instance of Catalog"
+    said = load_error(catalog_yaml(tmp_path, text))
+    assert "not a catalog (a YAML mapping with models: at its top)" in said, said
+    assert "--catalog or QUEUEGATE_CATALOG" in said and "\n" not in said
+
+
 # --- validation --------------------------------------------------------------------------------
 
 
