@@ -82,7 +82,8 @@ def check_team_name(name: str) -> str:
     if name in RESERVED_NAMES:
         raise ConfigError(
             f"team name {name!r} is one of the gateway's own names "
-            f"({', '.join(sorted(RESERVED_NAMES))}): pick another"
+            f"({', '.join(sorted(RESERVED_NAMES))}): pick another; a registry row of that "
+            f"name is never served: delete it (DELETE FROM teams WHERE name = '{name}')"
         )
     return name
 

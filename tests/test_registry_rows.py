@@ -64,3 +64,7 @@ async def test_a_worker_serving_every_team_skips_bad_registry_rows_and_serves_th
     for name in ("'evil\\n'", "'dead'", "'beta'", "'gamma'"):
         assert any(name in line for line in skipped), (name, skipped)
     assert any("JSON nested too deep to read" in line for line in skipped), skipped
+    # and the row under the gateway's own name with how to remove it, which no `teams`
+    # command takes (before: "pick another", and `queuegate status` sent the operator to
+    # `teams show dead`, which refused the name)
+    assert any("DELETE FROM teams WHERE name = 'dead'" in line for line in skipped), skipped
