@@ -17,6 +17,7 @@ import aio_pika
 import pytest
 import redis.asyncio as aioredis
 
+import workers.admission.gate
 from mockprovider import Behavior, MockConfig
 from producer import GatewayClient
 from queuegate.keys import Keys
@@ -1069,3 +1070,28 @@ async def test_a_draining_worker_returns_its_jobs_waiting_for_admission_at_once_
         if rate:
             assert float(await redis_client.hget(bucket, "r") or 0) >= 0
         assert await redis_client.hget(ledger, "reserved") == held
+
+
+@pytest.mark.parametrize("budget", [None, Decimal(100)])
+async def test_a_jobs_estimate_is_made_once_however_it_is_admitted(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, budget: Decimal | None
+) -> None:
+    # Given a team without limits (its first call recorded with its claim, priced at the
+    # job's estimate) or with a budget (reserved with its claim at the estimate), and the
+    # estimates counted (a PDF's pages are counted in one, about 10 ms for the largest)
+    await register(settings, "alpha", TeamConfig(budget_usd=budget))
+    made: list[str] = []
+
+    def counted(job: ChatJob, *args: Any) -> Estimate:
+        made.append(job.job_id)
+        return estimate(job, *args)
+
+    monkeypatch.setattr(workers.admission.gate, "estimate", counted)
+    async with running_gateway(settings) as gw, gw.client("alpha") as client:
+        # When three jobs are served
+        for _ in range(3):
+            result = await client.chat("gpt-4o-mini", WORDS, timeout=10)
+            assert result.status == "ok", result.error
+    # Expect one estimate each (before: two for the team without limits, one for its first
+    # call's record and one for its admission)
+    assert sorted(made.count(job) for job in set(made)) == [1, 1, 1], made

@@ -57,6 +57,7 @@ from queuegate.visible import clipped
 from router import Routed, Router
 from workers import spans
 from workers.admission import Admission, Ahead, TeamStopped
+from workers.admission.estimate import Estimate
 from workers.batch_cancel import BatchCancels
 from workers.cache import ResponseCache, wanted
 from workers.claims import (
@@ -304,11 +305,12 @@ class JobProcessor:
             # None too for a model the catalog lacks (its estimate walks the chain): refused in
             # its turn, before admission.
             ahead = self._admission.ahead(job) if straight else None
+            first = self._first_call(job, ahead) if straight else None
             claim = await self._claims.take(
                 job,
                 redelivered=bool(message.redelivered),
                 ahead=ahead,
-                first=self._first_call(job, ahead) if straight else None,
+                first=None if first is None else first[0],
                 reply_to=reply_to,
             )
         except Exception as exc:  # a different request under the id, answered before, a fault
@@ -347,7 +349,14 @@ class JobProcessor:
             log.info("job %s was already answered; sending the stored result again", job.job_id)
             return Announcement.of(claim, reply_to, lapsing=self._claims.lapsing(job))
         return await self._held(
-            message, job, claim, admitted=admitted, ahead=ahead, reply_to=reply_to, timing=timing
+            message,
+            job,
+            claim,
+            admitted=admitted,
+            ahead=ahead,
+            estimate=None if first is None else first[1],
+            reply_to=reply_to,
+            timing=timing,
         )
 
     async def _held(
@@ -358,12 +367,14 @@ class JobProcessor:
         *,
         admitted: Admitted,
         ahead: Ahead | None,
+        estimate: Estimate | None = None,
         reply_to: str | None,
         timing: Timing,
     ) -> Announcement:
         """Answer a job this delivery holds (or missed the claim of: ``Claim.take_up``).
         Its outcome is built with the gate's marks (``Admitted.marks``, once screened: the
-        PII found is among them), as ``_ended`` expects."""
+        PII found is among them), as ``_ended`` expects. ``estimate``: the job's, made for
+        its first call's record (``_first_call``), which admission takes as its own."""
         error: JobError | None = None
         # Made here: a streamed job that fails names the stream its chunks went in, as one
         # served does (its reader takes an answer of another stream, or none, as broken).
@@ -373,7 +384,9 @@ class JobProcessor:
             try:
                 sent = await admitted.screen()
                 marks = admitted.marks(claim.fingerprint)
-                outcome = await self._answer(sent, relay, timing, claim, ahead, marks=marks)
+                outcome = await self._answer(
+                    sent, relay, timing, claim, ahead, estimate=estimate, marks=marks
+                )
             except JobError as exc:
                 error = exc
                 marks = admitted.marks(claim.fingerprint)
@@ -653,7 +666,7 @@ class JobProcessor:
             or wanted(job, self._admission.config(job.team))
         )
 
-    def _first_call(self, job: ChatJob, ahead: Ahead | None) -> LostCall | None:
+    def _first_call(self, job: ChatJob, ahead: Ahead | None) -> tuple[LostCall, Estimate] | None:
         """The record of the job's first call, to write with its claim, when the call goes
         as soon as it is admitted: to the one deployment the router would pick (``first_call``)
         with nothing of admission to wait for (no bucket of its team's or the deployment's, or
@@ -666,7 +679,7 @@ class JobProcessor:
             return None
         alias, deployment = first
         needed = self._admission.straight(job, deployment, ahead)
-        return None if needed is None else planned_call(alias, deployment, needed)
+        return None if needed is None else (planned_call(alias, deployment, needed), needed)
 
     async def _answer(
         self,
@@ -676,6 +689,7 @@ class JobProcessor:
         claim: Claim,
         ahead: Ahead | None,
         *,
+        estimate: Estimate | None,
         marks: Marks | None,
     ) -> Outcome:
         """From the response cache when the job (or its team) wants it, else from the router
@@ -687,13 +701,18 @@ class JobProcessor:
             if relay is not None:
                 await relay.replay(hit.response, hit.model_used)
             return served(job, hit, timing, cached=True, marks=marks, stream=stream)
-        routed = await self._serve(job, relay, claim, ahead)
+        routed = await self._serve(job, relay, claim, ahead, estimate)
         if cache:
             await self._cache.put(job, routed)
         return served(job, routed, timing, marks=marks, stream=stream)
 
     async def _serve(
-        self, job: ChatJob, relay: StreamRelay | None, claim: Claim, ahead: Ahead | None
+        self,
+        job: ChatJob,
+        relay: StreamRelay | None,
+        claim: Claim,
+        ahead: Ahead | None,
+        estimate: Estimate | None,
     ) -> Routed:
         deadline = _monotonic_deadline(job.deadline)
         if _past(deadline):
@@ -708,7 +727,7 @@ class JobProcessor:
         if ahead is not None and ahead.replies:
             claim.settle_with(None)  # what ran with the claim is admission's to settle now
         admitting = self._admission.admit(
-            job, deadline, self._cancels.watch(job), claim.owed_usd, ahead
+            job, deadline, self._cancels.watch(job), claim.owed_usd, ahead, estimated=estimate
         )
         if tracing.ON:
             attributes = {"queuegate.team": job.team, "queuegate.job_id": job.job_id}

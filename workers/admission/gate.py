@@ -466,11 +466,15 @@ class Admission:
         check: Check | None = None,
         lost: Decimal | None = None,
         ahead: Ahead | None = None,
+        *,
+        estimated: Estimate | None = None,
     ) -> Ticket:
         """Reserve the job's budget, then wait until the team's buckets admit it.
 
         ``ahead``: its reserve and first take, as they ran with the job's claim
         (``Admission.ahead``); admitting the job takes them over from the claim's undo.
+        ``estimated``: the job's estimate, made already (``straight``), for a job without
+        ``ahead``: not made twice (a PDF's pages are counted in it).
 
         ``check`` runs while the job waits for a bucket and once it is admitted: what it
         raises ends the wait, and gives back what the job took. ``lost``: the estimates of
@@ -484,7 +488,9 @@ class Admission:
         if deadline is not None:
             until = min(until, deadline)
         try:
-            needed = ahead.estimate if ahead is not None else self._estimate(job, config)
+            needed = (
+                ahead.estimate if ahead is not None else estimated or self._estimate(job, config)
+            )
             ticket = Ticket(
                 self,
                 job.team,
