@@ -1,7 +1,7 @@
 """``python -m bench [SCENARIO ...]``: measure the gateway and print a table per scenario.
 
 Scenarios: floor, overhead, throughput, latency, goodput, accounting, litellm, frontdoor,
-tracing, cluster (default: all). ``litellm`` and ``frontdoor`` install LiteLLM Proxy into its
+tracing, cluster, flood (default: all). ``litellm`` and ``frontdoor`` install LiteLLM Proxy into its
 own virtual environment on first use; ``cluster`` boots RabbitMQ nodes of its own.
 Figures are also written as JSON to bench/results/. Every scenario is bounded in count,
 runs on loopback only, and starts and removes its own namespace and schema.
@@ -24,6 +24,7 @@ from rich.table import Table
 
 from bench.accounting import accounting
 from bench.cluster import cluster
+from bench.flood import flood
 from bench.floor import floor
 from bench.frontdoor import frontdoor
 from bench.gateway import overhead, throughput, tracing_cost
@@ -70,6 +71,7 @@ def scenarios(jobs: int) -> dict[str, Callable[[], Awaitable[list[Figure]]]]:
         "frontdoor": lambda: frontdoor(jobs=jobs),
         "tracing": lambda: tracing_cost(jobs=jobs * 2),
         "cluster": lambda: cluster(jobs=jobs * 2),
+        "flood": lambda: flood(jobs=jobs),
     }
 
 
