@@ -479,7 +479,10 @@ async def test_a_teams_flood_of_control_requests_does_not_hold_up_another_teams(
 
 
 async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not(
-    settings: Settings, teams: dict[str, Credentials], monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    teams: dict[str, Credentials],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a worker that carries out 12 KB of a team's control requests a second, with a
     # burst of 12 KB (1 MB and 4 MB in earnest), each request costing 4 KB beside its bytes
@@ -507,6 +510,9 @@ async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not
     last = max(at for name, at in answered.items() if name.startswith("alpha"))
     assert last - started >= 2.5, last - started
     assert answered["beta"] < last
+    # and the operator told, once, whose requests wait, and not beta's
+    paced = [r.getMessage() for r in caplog.records if "wait their turn" in r.getMessage()]
+    assert len(paced) == 1 and "team alpha" in paced[0], paced
 
 
 async def test_a_client_whose_control_request_the_broker_refuses_says_so_in_one_line(

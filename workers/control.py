@@ -84,8 +84,8 @@ FIRST_COPY_WAIT = 0.25
 MARKED_FOR = int(CONTROL_WAIT) + 60
 """Seconds a request's first copy stays marked: past its client's wait, a copy is dropped
 as waited out anyway (``_waited_out``)."""
-DROPPED_LOG_INTERVAL = 60.0
-"""Seconds between two log lines about one team's dropped control requests."""
+LOG_INTERVAL = 60.0
+"""Seconds between two log lines of one kind about one team's control requests."""
 LOCK_EXPIRES = 60.0
 """Seconds a batch's lock queue outlives its collector or submitter."""
 DECLARING_FOR = 60.0
@@ -133,7 +133,7 @@ class ControlPlane:
         self._channel: AbstractRobustChannel | None = None
         self._served: dict[str, Consumer] = {}
         self._disabled: frozenset[str] = frozenset()
-        self._dropped_logged: dict[str, float] = {}
+        self._logged: dict[tuple[str, str], float] = {}
         self._paces: dict[str, Pace] = {}
         """Each team's turn for its next control request (workers/control_pace.py)."""
         self._reply_slot: AsyncScript = redis.register_script(lua_source("workers", "reply_slot"))
@@ -193,8 +193,16 @@ class ControlPlane:
         """Answer a request in ``team``'s control queue, for that team: never for the one its
         routing key names, which a ``CC`` header's copy does not have (it keeps the key it
         was published under)."""
-        wait = self._pace(team).wait(len(delivered.body))
+        pace = self._pace(team)
+        wait = pace.wait(len(delivered.body))
         if wait > 0:
+            self._once(
+                team,
+                "paced",
+                "control requests of team %s wait their turn: more than %s a second, or "
+                "queues looked up (said once per %.0f s)",
+                f"{pace.rate / 1e6:g} MB",
+            )
             await asyncio.sleep(wait)
         message = Incoming(delivered)
         reply_to = message.reply_to
@@ -258,7 +266,7 @@ class ControlPlane:
             return True
 
     def _dropped(self, team: str, why: str) -> None:
-        """Say, once per team and ``DROPPED_LOG_INTERVAL``, that requests were dropped,
+        """Say, once per team and ``LOG_INTERVAL``, that requests were dropped,
         unanswered and not carried out, and ``why``.
 
         A ``reply_to`` other than direct reply-to: the worker publishes its answer under its
@@ -267,16 +275,22 @@ class ControlPlane:
         request whose client stopped waiting (``_waited_out``): told it failed, the client
         may have done the step again or undone it since.
         """
-        now = time.monotonic()
-        if now - self._dropped_logged.get(team, -DROPPED_LOG_INTERVAL) < DROPPED_LOG_INTERVAL:
-            return
-        self._dropped_logged[team] = now
-        log.warning(
-            "control requests of team %s dropped unanswered: %s (said once per %.0f s)",
+        self._once(
             team,
+            "dropped",
+            "control requests of team %s dropped unanswered: %s (said once per %.0f s)",
             why,
-            DROPPED_LOG_INTERVAL,
         )
+
+    def _once(self, team: str, what: str, line: str, detail: str) -> None:
+        """Log ``line`` (of the team, ``detail`` and the interval) once per team, ``what``
+        and ``LOG_INTERVAL``: a flood would write one a request."""
+        now = time.monotonic()
+        key = (team, what)
+        if now - self._logged.get(key, -LOG_INTERVAL) < LOG_INTERVAL:
+            return
+        self._logged[key] = now
+        log.warning(line, team, detail, LOG_INTERVAL)
 
     async def _answer(self, message: Incoming, team: str) -> ControlResponse:
         try:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import time
 
-RATE = 1024 * 1024
+RATE = 1_000_000
 """Bytes a second of one team's control requests a worker carries out."""
-BURST = 4 * 1024 * 1024
+BURST = 4_000_000
 """Bytes of one team's requests carried out at once after a quiet spell: a collect's steps
 after a pause are not held up."""
-REQUEST_COST = 4 * 1024
+REQUEST_COST = 4_000
 """What a request costs beside its bytes: its proof, its answer and its first Redis round
-trips, about as much work as reading 4 KB of a step (so at most 256 small requests a
+trips, about as much work as reading 4 KB of a step (so at most 250 small requests a
 second)."""
 
 
@@ -38,7 +38,8 @@ class Pace:
     """
 
     def __init__(self) -> None:
-        self._rate = RATE
+        self.rate = RATE
+        """Bytes a second."""
         self._burst = BURST / RATE
         """Seconds of requests carried out ahead of the rate."""
         self._due = 0.0
@@ -48,10 +49,10 @@ class Pace:
     def wait(self, size: int) -> float:
         """Seconds the next request, of ``size`` bytes, waits for its turn; its turn taken."""
         now = time.monotonic()
-        self._due = max(self._due, now) + (size + REQUEST_COST) / self._rate
+        self._due = max(self._due, now) + (size + REQUEST_COST) / self.rate
         return max(0.0, self._due - self._burst - now)
 
     def charge(self, cost: float) -> None:
         """Count ``cost`` bytes' worth of work a request turned out to make, against the
         requests still to come."""
-        self._due += cost / self._rate
+        self._due += cost / self.rate
