@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, DeliveryError
 
+import workers.batch_state
 import workers.control
 import workers.control_pace
 from admin.teams import (
@@ -39,6 +40,7 @@ from queuegate.control import (
     MAX_CUSTOM_ID,
     STEP_MAX,
     BatchCall,
+    BatchMeta,
     CloseReplyQueue,
     ControlRequest,
     ControlResponse,
@@ -513,6 +515,51 @@ async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not
     # and the operator told, once, whose requests wait, and not beta's
     paced = [r.getMessage() for r in caplog.records if "wait their turn" in r.getMessage()]
     assert len(paced) == 1 and "team alpha" in paced[0], paced
+
+
+async def test_a_step_of_a_few_bytes_with_a_large_answer_waits_for_what_it_answers(
+    settings: Settings,
+    teams: dict[str, Credentials],
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given alpha's batch of 1,000 lines, custom ids of 64 characters, none written yet, and
+    # a worker carrying out 200 KB of a team's control requests a second, 200 KB at once
+    keys = Keys(settings.redis_prefix)
+    state = workers.batch_state.BatchState(redis_client, keys, "alpha", "big", "ab12")
+    await state.index([(f"{i:064d}", i + 1) for i in range(1_000)])
+    meta = BatchMeta(
+        name="big",
+        team="alpha",
+        format="openai",
+        total=1_000,
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+        fingerprint="f" * 64,
+        submission="s1",
+    )
+
+    async def declared() -> None:
+        pass
+
+    await state.create(meta, declared)
+    monkeypatch.setattr(workers.control_pace, "RATE", 200_000)
+    monkeypatch.setattr(workers.control_pace, "BURST", 200_000)
+    async with (
+        running_gateway(settings, teams=("alpha",)),
+        GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as alpha,
+    ):
+        # When alpha's app sends 8 `unwritten` steps at once: 90 bytes each, each answered
+        # with its 1,000 ids (about 70 KB)
+        started = time.monotonic()
+        pages = await asyncio.gather(
+            *(alpha.control.batch("unwritten", "big", cursor=0) for _ in range(8))
+        )
+        took = time.monotonic() - started
+    # Expect each answered whole, at the pace of what they answered: the last four (the
+    # worker takes 4 at once) wait for the first four's answers, 4 x 78 KB and 8 x 4 KB less
+    # the burst, at 200 KB/s: 0.7 s (before, charged by their requests alone, 30 ms)
+    assert all(len(page[1]) == 1_000 for page in pages)
+    assert took >= 0.6, took
 
 
 async def test_a_client_whose_control_request_the_broker_refuses_says_so_in_one_line(

@@ -4,15 +4,16 @@ A worker serves every team's control queue on one event loop, beside every team'
 only by its prefetch, one team sending batch steps back to back kept a worker busy with them
 (1,000-id index steps at 67 a second took 79 % of its CPU) and another team's jobs, one at a
 time, went from a p50 of 6 ms to 22 ms and a p99 of 10 ms to 109 ms. Each team's requests
-now wait their turn by what they cost: the bytes the worker reads, and a fixed share for the
-proof, the answer and the Redis round trips of a request of any size. What waits holds one of
-the team's control slots (``workers.control.PREFETCH``), so the rest of a flood waits in the
-team's own bounded control queue, which refuses it once full.
+now wait their turn by what they cost: the bytes the worker reads and answers, and a fixed
+share for the proof and the Redis round trips of a request of any size. What waits holds one
+of the team's control slots (``workers.control.PREFETCH``), so the rest of a flood waits in
+the team's own bounded control queue, which refuses it once full. An answer is charged once
+sent, to the requests that follow.
 
 The rate is far above what a team's tools need: a batch of a million lines with 64-character
-custom ids sends about 400 MB of steps over its submit and collect, 5 minutes of a worker's
-pace, against the hours its calls take at any team's rate; with several workers each paces
-its own share.
+custom ids sends and is answered about 500 MB over its submit and collect, 8 minutes of one
+worker's pace, against the hours its calls take at any team's rate; with several workers
+each paces its own share.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import time
 
 RATE = 1_000_000
-"""Bytes a second of one team's control requests a worker carries out."""
+"""Bytes a second of one team's control requests and their answers a worker carries out."""
 BURST = 4_000_000
 """Bytes of one team's requests carried out at once after a quiet spell: a collect's steps
 after a pause are not held up."""
