@@ -188,7 +188,10 @@ async def test_a_job_served_unclaimed_then_called_again_is_billed_for_both_calls
 async def test_a_job_in_flight_when_redis_lost_its_claim_is_billed_for_both_calls(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    slow = MockConfig(default=Behavior(latency_ms=1500))
+    # Long enough for the copy sent below to be claimed while the first call is out, on a
+    # loaded machine too (with 1.5 s, the first stored its outcome first once, and the copy
+    # was answered from it)
+    slow = MockConfig(default=Behavior(latency_ms=4000))
     async with (
         running_gateway(settings, mock_config=slow) as gw,
         gw.client("alpha") as first_client,
