@@ -490,6 +490,7 @@ async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not
     # burst of 12 KB (1 MB and 4 MB in earnest), each request costing 4 KB beside its bytes
     monkeypatch.setattr(workers.control_pace, "RATE", 12 * 1024)
     monkeypatch.setattr(workers.control_pace, "BURST", 12 * 1024)
+    caplog.set_level(logging.INFO, logger="workers.control")
     async with (
         running_gateway(settings, teams=("alpha", "beta")),
         GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as alpha,

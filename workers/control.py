@@ -196,7 +196,9 @@ class ControlPlane:
         pace = self._pace(team)
         wait = pace.wait(len(delivered.body))
         if wait > 0:
+            # Info: a large batch's collect may wait its turn too.
             self._once(
+                logging.INFO,
                 team,
                 "paced",
                 "control requests of team %s wait their turn: more than %s a second of "
@@ -281,21 +283,22 @@ class ControlPlane:
         may have done the step again or undone it since.
         """
         self._once(
+            logging.WARNING,
             team,
             "dropped",
             "control requests of team %s dropped unanswered: %s (said once per %.0f s)",
             why,
         )
 
-    def _once(self, team: str, what: str, line: str, detail: str) -> None:
-        """Log ``line`` (of the team, ``detail`` and the interval) once per team, ``what``
-        and ``LOG_INTERVAL``: a flood would write one a request."""
+    def _once(self, level: int, team: str, what: str, line: str, detail: str) -> None:
+        """Log ``line`` (of the team, ``detail`` and the interval) at ``level``, once per
+        team, ``what`` and ``LOG_INTERVAL``: a flood would write one a request."""
         now = time.monotonic()
         key = (team, what)
         if now - self._logged.get(key, -LOG_INTERVAL) < LOG_INTERVAL:
             return
         self._logged[key] = now
-        log.warning(line, team, detail, LOG_INTERVAL)
+        log.log(level, line, team, detail, LOG_INTERVAL)
 
     async def _answer(self, message: Incoming, team: str) -> ControlResponse:
         try:
