@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 
-from bench.gateway import MESSAGES
+from bench.gateway import timed_chat
 from bench.measure import Figure, latency_figures, run_lanes
 from bench.stack import TEAM, running_stack
 from producer import GatewayClient
@@ -43,13 +43,7 @@ async def flood(*, jobs: int) -> list[Figure]:
         finally:
             await pool.close()
 
-        async def one() -> float:
-            started = time.perf_counter()
-            result = await client.chat("gpt-4o-mini", MESSAGES, max_tokens=16, timeout=60)
-            if result.status != "ok":
-                raise RuntimeError(f"bench job failed: {result.error}")
-            return (time.perf_counter() - started) * 1000
-
+        one = timed_chat(client)
         await run_lanes(one, 200, 4)  # connections, pools and caches warm
         quiet = latency_figures(await run_lanes(one, jobs, 1))
         flooder = await asyncio.create_subprocess_exec(

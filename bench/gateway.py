@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +39,21 @@ models:
          api_base: "${QUEUEGATE_MOCK_URL}", api_key_env: QUEUEGATE_MOCK_KEY,
          input_per_mtok: 0.15, output_per_mtok: 0.60, rpm: 10000000, tpm: 10000000000}
 """
+
+
+def timed_chat(
+    client: GatewayClient, messages: list[dict[str, str]] = MESSAGES
+) -> Callable[[], Awaitable[float]]:
+    """One chat job of ``messages`` through ``client``, answered ``ok``: its milliseconds."""
+
+    async def one() -> float:
+        started = time.perf_counter()
+        result = await client.chat("gpt-4o-mini", messages, max_tokens=16, timeout=60)
+        if result.status != "ok":
+            raise RuntimeError(f"bench job failed: {result.error}")
+        return (time.perf_counter() - started) * 1000
+
+    return one
 
 
 def cpu_with_producer(stack: Stack) -> dict[str, float]:

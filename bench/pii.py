@@ -31,6 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.gateway import timed_chat
 from bench.measure import latency_figures, percentile
 from bench.stack import TEAM, running_stack
 from producer import GatewayClient
@@ -171,13 +172,7 @@ async def other_teams_latency(jobs: int = 200, large_jobs: int = 5) -> dict[str,
                 GatewayClient(stack.settings, team=TEAM) as small,
                 GatewayClient(stack.settings, team=LARGE_TEAM) as large,
             ):
-
-                async def one() -> float:
-                    started = time.perf_counter()
-                    result = await small.chat("gpt-4o-mini", SMALL_JOB, max_tokens=16, timeout=60)
-                    if result.status != "ok":
-                        raise RuntimeError(f"bench job failed: {result.error}")
-                    return (time.perf_counter() - started) * 1000
+                one = timed_chat(small, SMALL_JOB)
 
                 async def series(until: Callable[[], bool]) -> list[float]:
                     ms: list[float] = []
