@@ -65,6 +65,7 @@ from queuegate.errors import (
     JobError,
     ServiceUnavailable,
 )
+from queuegate.header_bound import HEADERS_DROPPED, header_bytes, too_many_headers
 from queuegate.keys import Keys
 from queuegate.redis_client import lua_source, text
 from queuegate.settings import Settings
@@ -194,7 +195,7 @@ class ControlPlane:
         routing key names, which a ``CC`` header's copy does not have (it keeps the key it
         was published under)."""
         pace = self._pace(team)
-        wait = pace.wait(len(delivered.body))
+        wait = pace.wait(len(delivered.body) + header_bytes(delivered.header))
         if wait > 0:
             # Info: a large batch's collect may wait its turn too.
             self._once(
@@ -302,6 +303,10 @@ class ControlPlane:
 
     async def _answer(self, message: Incoming, team: str) -> ControlResponse:
         try:
+            dropped = message.headers.get(HEADERS_DROPPED)
+            if dropped is not None:
+                # Before the proof: an API key's is among the headers dropped.
+                return _error("invalid_request", too_many_headers(dropped))
             await self._identities.prove(
                 message, team, message.message_id or "", check_reply_to=False
             )

@@ -48,6 +48,7 @@ from queuegate.errors import (
     Unauthorized,
     WorkerFault,
 )
+from queuegate.header_bound import HEADERS_DROPPED, too_many_headers
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.openai_params import refused_param
 from queuegate.request_limits import JOB_OWN_BYTES, request_bytes
@@ -592,6 +593,9 @@ class JobProcessor:
         return self._finished(outcome, reply_to, error)
 
     def _decode(self, message: AbstractIncomingMessage) -> ChatJob:
+        dropped = message.headers.get(HEADERS_DROPPED)
+        if dropped is not None:
+            raise InvalidRequest(too_many_headers(dropped))
         content_type = (message.content_type or CONTENT_TYPE).split(";")[0].strip().lower()
         if content_type != CONTENT_TYPE:
             raise InvalidRequest(

@@ -29,6 +29,7 @@ from queuegate.broker import (
 )
 from queuegate.db import DB_ERRORS, wait_for_pool, worker_application_name
 from queuegate.errors import ConfigError, ServiceUnavailable
+from queuegate.header_bound import bound_headers
 from queuegate.keys import Keys
 from queuegate.livestats import LiveStatsWriter
 from queuegate.metrics import BROKER_RECONNECTS
@@ -113,6 +114,8 @@ class Worker:
         name: str | None = None,
         registered_only: bool = False,
     ) -> None:
+        # Before any connection: every team's messages are read on its loop.
+        bound_headers()
         self._settings = settings
         self._router = router
         self._fixed_teams = [check_team_name(team) for team in teams] if teams else None
