@@ -486,10 +486,10 @@ async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Given a worker that carries out 12 KB of a team's control requests a second, with a
-    # burst of 12 KB (1 MB and 4 MB in earnest), each request costing 4 KB beside its bytes
-    monkeypatch.setattr(workers.control_pace, "RATE", 12 * 1024)
-    monkeypatch.setattr(workers.control_pace, "BURST", 12 * 1024)
+    # Given a worker that carries out 30 KB of a team's control requests a second, with a
+    # burst of 30 KB (1 MB and 4 MB in earnest), each request costing 10 KB beside its bytes
+    monkeypatch.setattr(workers.control_pace, "RATE", 30_000)
+    monkeypatch.setattr(workers.control_pace, "BURST", 30_000)
     caplog.set_level(logging.INFO, logger="workers.control")
     async with (
         running_gateway(settings, teams=("alpha", "beta")),
@@ -508,8 +508,8 @@ async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not
         flood = [asyncio.create_task(ask(alpha, f"alpha-{i}")) for i in range(12)]
         await ask(beta, "beta")
         await asyncio.gather(*flood)
-    # Expect alpha's carried out at its pace: the last no sooner than 51 KB less the burst at
-    # 12 KB/s (3.2 s) after they were sent, and beta's answered while alpha's still waited
+    # Expect alpha's carried out at its pace: the last no sooner than 122 KB less the burst
+    # at 30 KB/s (3.1 s) after they were sent, and beta's answered while alpha's still waited
     last = max(at for name, at in answered.items() if name.startswith("alpha"))
     assert last - started >= 2.5, last - started
     assert answered["beta"] < last
@@ -557,8 +557,8 @@ async def test_a_step_of_a_few_bytes_with_a_large_answer_waits_for_what_it_answe
         )
         took = time.monotonic() - started
     # Expect each answered whole, at the pace of what they answered: the last four (the
-    # worker takes 4 at once) wait for the first four's answers, 4 x 78 KB and 8 x 4 KB less
-    # the burst, at 200 KB/s: 0.7 s (before, charged by their requests alone, 30 ms)
+    # worker takes 4 at once) wait for the first four's answers, 4 x 78 KB and 8 x 10 KB less
+    # the burst, at 200 KB/s: 1 s (before, charged by their requests alone, 30 ms)
     assert all(len(page[1]) == 1_000 for page in pages)
     assert took >= 0.6, took
 
