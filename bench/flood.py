@@ -24,6 +24,7 @@ from bench.stack import TEAM, running_stack
 from producer import GatewayClient
 from queuegate.db import create_pool
 from queuegate.errors import GatewayError
+from queuegate.namespace import drop_namespace
 from queuegate.registry import add_team
 from queuegate.settings import Settings
 
@@ -62,6 +63,8 @@ async def flood(*, jobs: int) -> list[Figure]:
         flooder.terminate()
         done, refused = (int(n) for n in (await flooder.stdout.read()).split()[-2:])
         await flooder.wait()
+    # The stack drops its own team's queues; the worker declared the flood team's too.
+    await drop_namespace(stack.settings, [FLOODER])
     return [
         Figure("control flood", "quiet, c=1", quiet),
         Figure(
