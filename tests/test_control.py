@@ -480,6 +480,13 @@ async def test_a_teams_flood_of_control_requests_does_not_hold_up_another_teams(
     assert any(isinstance(result, DeliveryError) for result in sent)
 
 
+def pace_at(monkeypatch: pytest.MonkeyPatch, rate: int) -> None:
+    """Workers started after this pace each team's control requests at ``rate`` bytes a
+    second, ``rate`` bytes at once after a quiet spell."""
+    monkeypatch.setattr(workers.control_pace, "RATE", rate)
+    monkeypatch.setattr(workers.control_pace, "BURST", rate)
+
+
 async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not(
     settings: Settings,
     teams: dict[str, Credentials],
@@ -488,8 +495,7 @@ async def test_a_teams_control_requests_wait_their_turn_and_another_teams_do_not
 ) -> None:
     # Given a worker that carries out 30 KB of a team's control requests a second, with a
     # burst of 30 KB (1 MB and 4 MB in earnest), each request costing 10 KB beside its bytes
-    monkeypatch.setattr(workers.control_pace, "RATE", 30_000)
-    monkeypatch.setattr(workers.control_pace, "BURST", 30_000)
+    pace_at(monkeypatch, 30_000)
     caplog.set_level(logging.INFO, logger="workers.control")
     async with (
         running_gateway(settings, teams=("alpha", "beta")),
@@ -543,8 +549,7 @@ async def test_a_step_of_a_few_bytes_with_a_large_answer_waits_for_what_it_answe
         pass
 
     await state.create(meta, declared)
-    monkeypatch.setattr(workers.control_pace, "RATE", 200_000)
-    monkeypatch.setattr(workers.control_pace, "BURST", 200_000)
+    pace_at(monkeypatch, 200_000)
     async with (
         running_gateway(settings, teams=("alpha",)),
         GatewayClient(as_team(settings, teams["alpha"]), team="alpha") as alpha,
