@@ -17,10 +17,14 @@ A check costs a few byte reads a frame; each header read is marked with its size
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pamqp.frame
 from pamqp.encode import field_table
 from pamqp.frame import FrameTypes
 from pamqp.header import ContentHeader
+
+from queuegate.errors import InvalidRequest
 
 HEADERS_MAX = 8192
 """Bytes of a message's header table a process decodes at most (about 3 ms of CPU)."""
@@ -39,11 +43,15 @@ def bound_headers() -> None:
     pamqp.frame.unmarshal = _bounded
 
 
-def too_many_headers(dropped: object) -> str:
-    """Why a message whose header table was dropped (``HEADERS_DROPPED``: ``dropped``, or
-    what a sender put under that name itself) is refused."""
+def check_headers_read(headers: Mapping[str, object]) -> None:
+    """InvalidRequest for a message whose header table was dropped (``HEADERS_DROPPED``, or
+    a header a sender put under that name itself): what reads a job or a control request
+    refuses it so, before anything reads its headers (an API key's proof is among them)."""
+    dropped = headers.get(HEADERS_DROPPED)
+    if dropped is None:
+        return
     size = f"{dropped:,} bytes" if isinstance(dropped, int) else "too large"
-    return (
+    raise InvalidRequest(
         f"the message's headers are {size}, more than the {HEADERS_MAX:,} bytes the gateway "
         "reads: send fewer or smaller headers (a job's request goes in its body)"
     )

@@ -48,7 +48,7 @@ from queuegate.errors import (
     Unauthorized,
     WorkerFault,
 )
-from queuegate.header_bound import HEADERS_DROPPED, too_many_headers
+from queuegate.header_bound import check_headers_read
 from queuegate.messages import CONTENT_TYPE, SCHEMA_VERSION, ChatJob, shared_fields
 from queuegate.openai_params import refused_param
 from queuegate.request_limits import JOB_OWN_BYTES, request_bytes
@@ -368,7 +368,7 @@ class JobProcessor:
         *,
         admitted: Admitted,
         ahead: Ahead | None,
-        estimate: Estimate | None = None,
+        estimate: Estimate | None,
         reply_to: str | None,
         timing: Timing,
     ) -> Announcement:
@@ -593,9 +593,7 @@ class JobProcessor:
         return self._finished(outcome, reply_to, error)
 
     def _decode(self, message: AbstractIncomingMessage) -> ChatJob:
-        dropped = message.headers.get(HEADERS_DROPPED)
-        if dropped is not None:
-            raise InvalidRequest(too_many_headers(dropped))
+        check_headers_read(message.headers)
         content_type = (message.content_type or CONTENT_TYPE).split(";")[0].strip().lower()
         if content_type != CONTENT_TYPE:
             raise InvalidRequest(
