@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Protocol, TypeVar, cast
 
@@ -65,7 +66,7 @@ from queuegate.errors import (
     JobError,
     ServiceUnavailable,
 )
-from queuegate.header_bound import HEADERS_DROPPED, header_bytes, too_many_headers
+from queuegate.header_bound import check_headers_read, header_bytes
 from queuegate.keys import Keys
 from queuegate.redis_client import lua_source, text
 from queuegate.settings import Settings
@@ -135,7 +136,7 @@ class ControlPlane:
         self._served: dict[str, Consumer] = {}
         self._disabled: frozenset[str] = frozenset()
         self._logged: dict[tuple[str, str], float] = {}
-        self._paces: dict[str, Pace] = {}
+        self._paces: defaultdict[str, Pace] = defaultdict(Pace)
         """Each team's turn for its next control request (workers/control_pace.py)."""
         self._reply_slot: AsyncScript = redis.register_script(lua_source("workers", "reply_slot"))
         self._reply_reclaim: AsyncScript = redis.register_script(
@@ -171,12 +172,6 @@ class ControlPlane:
             await self._served.pop(team).cancel()
             self._paces.pop(team, None)
 
-    def _pace(self, team: str) -> Pace:
-        pace = self._paces.get(team)
-        if pace is None:
-            pace = self._paces[team] = Pace()
-        return pace
-
     async def _consume(self, channel: AbstractRobustChannel, team: str) -> Consumer:
         async def on_request(delivered: DeliveredMessage) -> None:
             await self._on_request(team, delivered)
@@ -194,7 +189,7 @@ class ControlPlane:
         """Answer a request in ``team``'s control queue, for that team: never for the one its
         routing key names, which a ``CC`` header's copy does not have (it keeps the key it
         was published under)."""
-        pace = self._pace(team)
+        pace = self._paces[team]
         wait = pace.wait(len(delivered.body) + header_bytes(delivered.header))
         if wait > 0:
             # Info: a large batch's collect may wait its turn too.
@@ -303,10 +298,7 @@ class ControlPlane:
 
     async def _answer(self, message: Incoming, team: str) -> ControlResponse:
         try:
-            dropped = message.headers.get(HEADERS_DROPPED)
-            if dropped is not None:
-                # Before the proof: an API key's is among the headers dropped.
-                return _error("invalid_request", too_many_headers(dropped))
+            check_headers_read(message.headers)
             await self._identities.prove(
                 message, team, message.message_id or "", check_reply_to=False
             )
@@ -620,7 +612,7 @@ class ControlPlane:
         Looked up by passive declares on one channel of their own, not the consumers': the
         broker closes a channel on a passive declare of a missing queue, so another is opened
         only after one was missing."""
-        self._pace(team).charge(REQUEST_COST * len(queues))
+        self._paces[team].charge(REQUEST_COST * len(queues))
         connection = (await self._require_channel().get_underlay_channel()).connection
         depths: list[int | None] = []
         probe: AbstractChannel | None = None
