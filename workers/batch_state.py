@@ -12,11 +12,13 @@ publishes or writes again at most what was in flight, and drops the duplicates b
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, WatchError
 
 from queuegate.control import (
@@ -39,8 +41,11 @@ KEEP_S = 7 * 24 * 3600
 SCRIPT_SHARE = 250
 """Requests of a step one script call takes: a call holds every other client of Redis
 while it runs, about 1 ms for 250 new custom ids (lua/batch_index.lua)."""
-_INDEX = lua_source("workers", "batch_index")
-_OUTCOMES = lua_source("workers", "batch_outcomes")
+_SCRIPTS: weakref.WeakKeyDictionary[aioredis.Redis, tuple[AsyncScript, AsyncScript]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Each Redis client's lua/batch_index.lua and lua/batch_outcomes.lua, made once: a batch
+state is made for each control request."""
 _OUTCOME: tuple[Outcome | None, ...] = (None, "stored", "held")
 """What lua/batch_outcomes.lua's answers stand for."""
 
@@ -153,7 +158,7 @@ class BatchState:
 
     async def index(self, entries: Sequence[tuple[str, int]]) -> list[int]:
         """Add (custom_id, line) pairs; for each, the line that holds the custom_id first."""
-        script = self._r.register_script(_INDEX)
+        script = _scripts(self._r)[0]
         firsts: list[int] = []
         for start in range(0, len(entries), SCRIPT_SHARE):
             pairs = [value for entry in entries[start : start + SCRIPT_SHARE] for value in entry]
@@ -185,7 +190,7 @@ class BatchState:
         any call of a job that then expired) brings no answer."""
         if not custom_ids:
             return []
-        script = self._r.register_script(_OUTCOMES)
+        script = _scripts(self._r)[1]
         outcomes: list[Outcome | None] = []
         for start in range(0, len(custom_ids), SCRIPT_SHARE):
             keys = [
@@ -321,6 +326,17 @@ class BatchState:
                 f"({type(exc).__name__}); check QUEUEGATE_REDIS_URL and re-run: "
                 "the batch resumes where it stopped"
             ) from exc
+
+
+def _scripts(client: aioredis.Redis) -> tuple[AsyncScript, AsyncScript]:
+    """``client``'s index and outcomes scripts (``_SCRIPTS``)."""
+    scripts = _SCRIPTS.get(client)
+    if scripts is None:
+        scripts = _SCRIPTS[client] = (
+            client.register_script(lua_source("workers", "batch_index")),
+            client.register_script(lua_source("workers", "batch_outcomes")),
+        )
+    return scripts
 
 
 async def list_batches(
